@@ -1,0 +1,223 @@
+"""The public Python API: plan a merge, run it."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .engine.executor import Executor, MemorySink, RunStats
+from .engine.plan import Plan, format_size, parse_size
+from .errors import CheckpointError, ConfigError, TiesMergeError
+from .io.align import align
+from .io.card import hash_files, model_card
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files
+from .methods.base import MergeMethod
+from .recipe import MergeRecipe, parse_dtype
+from .registry import make_method
+
+__all__ = ["merge", "plan_merge", "describe_plan"]
+
+Source = str | os.PathLike | Mapping[str, torch.Tensor]
+DEFAULT_MEMORY_BUDGET = "2GiB"
+
+
+def _method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMethod:
+    if isinstance(method, str):
+        return make_method(method, options)
+    if options:
+        raise ConfigError(f"options {sorted(options)} given beside a method object; set them on the object",
+                          hint=f"e.g. dataclasses.replace(method, {next(iter(options))}=...)")
+    if not dataclasses.is_dataclass(method) or not hasattr(method, "merge"):
+        raise ConfigError(f"method must be a name or a method config such as tiesmerge.methods.Ties(), got {method!r}")
+    return method
+
+
+def _identity(source: Source) -> Any:
+    return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(source).resolve())
+
+
+def _check_inputs(base: Source, models: Sequence[Source]) -> None:
+    if isinstance(models, (str, os.PathLike, Mapping)) or not len(models):
+        raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
+    seen: dict[Any, int] = {}
+    base_id = _identity(base)
+    for k, m in enumerate(models):
+        ident = _identity(m)
+        if ident == base_id:
+            raise ConfigError(f"model {k} ({m if not isinstance(m, Mapping) else 'state dict'}) is the base itself",
+                              hint="list only the fine-tuned models after the base")
+        if ident in seen:
+            raise ConfigError(f"model {k} is listed twice (also model {seen[ident]}): "
+                              f"{m if not isinstance(m, Mapping) else 'the same state dict object'}",
+                              hint="each fine-tuned model should appear once; use weights to count one more")
+        seen[ident] = k
+
+
+def _open_all(stack: ExitStack, base: Source, models: Sequence[Source], allow_pickle: bool
+              ) -> tuple[Checkpoint, list[Checkpoint]]:
+    def label(source: Source, default: str) -> str:
+        return default if isinstance(source, Mapping) else str(source)
+
+    opened = [open_checkpoint(base, allow_pickle=allow_pickle, label=label(base, "base state dict"))]
+    stack.callback(opened[0].close)
+    for k, m in enumerate(models):
+        ckpt = open_checkpoint(m, allow_pickle=allow_pickle, label=label(m, f"models[{k}] state dict"))
+        stack.callback(ckpt.close)
+        opened.append(ckpt)
+    return opened[0], opened[1:]
+
+
+def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: MergeMethod, *, device: str,
+             memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
+             allow_pickle: bool, progress: Any = None) -> tuple[Checkpoint, list[Checkpoint], Executor]:
+    _check_inputs(base, models)
+    problems = method.check(len(models))
+    if problems:
+        raise ConfigError(problems)
+    device_t = torch.device(device)
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available", hint="use --device cpu")
+    if device_t.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not cpu or cuda")
+    try:
+        budget = parse_size(memory_budget if memory_budget is not None else DEFAULT_MEMORY_BUDGET)
+    except ValueError as exc:
+        raise ConfigError(f"memory_budget: {exc}") from None
+    out_dtype = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
+    base_ckpt, model_ckpts = _open_all(stack, base, models, allow_pickle)
+    alignment = align(base_ckpt, model_ckpts, vocab_policy=vocab_policy)
+    executor = Executor(base_ckpt, model_ckpts, alignment, method, device=device_t, memory_budget=budget,
+                        out_dtype=out_dtype, progress=progress)
+    return base_ckpt, model_ckpts, executor
+
+
+def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *, device: str = "cpu",
+               memory_budget: int | str | None = None, dtype: str | torch.dtype | None = None,
+               vocab_policy: str = "error", allow_pickle: bool = False, **method_options: Any) -> Plan:
+    """What :func:`merge` would do, without reading any tensor data: tensors, bytes, peak memory."""
+    m = _method(method, method_options)
+    with ExitStack() as stack:
+        return _prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
+                        vocab_policy=vocab_policy, allow_pickle=allow_pickle)[2].plan
+
+
+def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
+    merged = [j for j in plan.jobs if j.merge]
+    copied = [j for j in plan.jobs if not j.merge]
+    lines = [
+        f"method           {method.name} ({', '.join(f'{f.name}={getattr(method, f.name)}' for f in dataclasses.fields(method))})",
+        f"models           base + {n_models}",
+        f"tensors          {len(merged)} merged, {len(copied)} copied from the base, "
+        f"{sum(len(j.aliases) for j in plan.jobs)} tied alias(es)",
+        f"parameters       {sum(j.numel for j in merged):,} merged",
+        f"passes           {plan.passes} over the merged tensors"
+        + (" (2 top-k selection passes, then the merge)" if plan.passes == 3 else ""),
+        f"bytes to read    {format_size(plan.bytes_to_read)}",
+        f"output size      {format_size(plan.output_bytes)}",
+        f"peak memory      {format_size(plan.peak_bytes)} estimated (budget {format_size(plan.memory_budget)})",
+    ]
+    lines += [f"note             {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,
+          output: str | os.PathLike | None = None, device: str = "cpu", memory_budget: int | str | None = None,
+          dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB", force: bool = False,
+          allow_pickle: bool = False, vocab_policy: str = "error", progress: bool = False,
+          **method_options: Any) -> Path | dict[str, torch.Tensor]:
+    """Merge fine-tuned ``models`` of ``base`` and write an HF directory (or return a state dict).
+
+    ``base`` and ``models`` are paths (HF directories, .safetensors files) or state dicts.
+    ``method`` is a name with its options as keywords, or a method config object.
+
+    >>> import tiesmerge                                                      # doctest: +SKIP
+    >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
+    PosixPath('merged')
+    >>> tiesmerge.merge(base_sd, [sd_a, sd_b], tiesmerge.methods.Ties(lam=1.2))  # -> state dict
+    """
+    started = time.perf_counter()
+    m = _method(method, method_options)
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as exc:
+        raise ConfigError(f"shard_size: {exc}") from None
+    with ExitStack() as stack:
+        bar = None
+        if progress:
+            bar = stack.enter_context(tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
+                                           desc=f"merging ({m.name})", dynamic_ncols=True))
+        base_ckpt, model_ckpts, executor = _prepare(
+            stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
+            vocab_policy=vocab_policy, allow_pickle=allow_pickle, progress=bar.update if bar else None)
+        if bar is not None:
+            bar.reset(total=executor.plan.bytes_to_read)
+        prepared = time.perf_counter()
+        if output is None:
+            sink = MemorySink(executor.alignment.jobs, executor.out_dtype)
+            executor.run(sink)
+            return sink.state
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash"))
+        inputs = [base_ckpt, *model_ckpts]
+        digests = [hash_files(c.files(), pool) for c in inputs]
+        groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype) if j.merge else j.dtype)
+                   for n in (j.name, *j.aliases)] for j in executor.alignment.jobs]
+        with atomic_directory(output, force=force, needed_bytes=executor.plan.output_bytes) as tmp:
+            writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__})
+            stats = executor.run(writer)
+            writer.close()
+            clock = time.perf_counter()
+            copied = copy_model_files(base_ckpt.directory(), tmp,
+                                      dtype=executor.out_dtype if executor.out_dtype else None)
+            hashed = [[f.result() for f in d] for d in digests]
+            stats.seconds["hash_wait"] = time.perf_counter() - clock
+            stats.seconds["prepare"] = prepared - started
+            recipe = MergeRecipe(method=m, base=base_ckpt.label, models=tuple(c.label for c in model_ckpts),
+                                 dtype=str(executor.out_dtype).removeprefix("torch.") if executor.out_dtype else None,
+                                 shard_size=str(shard_size), memory_budget=str(memory_budget or DEFAULT_MEMORY_BUDGET),
+                                 device=str(device), vocab_policy=vocab_policy)
+            (tmp / "README.md").write_text(model_card(
+                base_label=base_ckpt.label, model_labels=[c.label for c in model_ckpts], recipe_yaml=recipe.to_yaml(),
+                method_name=m.name, paper=m.paper, summary=m.summary, version=__version__))
+            stats.seconds["total"] = time.perf_counter() - started
+            manifest = _manifest(recipe, executor, stats, hashed, writer.files, copied)
+            (tmp / "tiesmerge.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        return Path(output)
+
+
+def _manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: list[list[dict]],
+              files: list[str], copied: list[str]) -> dict[str, Any]:
+    return {
+        "tiesmerge_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.to_dict(),
+        "method": {"name": recipe.method.name, "paper": recipe.method.paper,
+                   "options": recipe.to_dict()["parameters"]},
+        "inputs": {"base": {"label": recipe.base, "files": hashed[0]},
+                   "models": [{"label": label, "files": h} for label, h in zip(recipe.models, hashed[1:])]},
+        "alignment": {"tied": [list(g) for g in executor.alignment.tied],
+                      "truncated": list(executor.alignment.truncated), "vocab_policy": recipe.vocab_policy},
+        "tensors": {"merged": stats.tensors_merged, "copied": stats.tensors_copied, "tied_aliases": stats.tensors_tied},
+        "thresholds": stats.thresholds,
+        "output": {"files": files, "copied_from_base": copied, "dtype": recipe.dtype or "same as base"},
+        "engine": {"device": str(executor.device), "memory_budget_bytes": executor.plan.memory_budget,
+                   "estimated_peak_bytes": executor.plan.peak_bytes, "passes": executor.plan.passes,
+                   "bytes_read": stats.bytes_read},
+        "seconds": {k: round(v, 4) for k, v in stats.seconds.items()},
+    }
+
+
+# CheckpointError, TiesMergeError are part of this module's contract for callers catching them.
+_ = (CheckpointError, TiesMergeError)

@@ -1,0 +1,134 @@
+"""A merge plan as plain data: which tensors, in which row chunks, how many bytes, how much memory.
+
+The chunk planner keeps every chunk's working set under the memory budget: for a chunk of
+E entries it holds, at once, the raw rows of the base and the n models (twice: the chunk being
+merged and the one read ahead), the float32 task vectors (n, E), a few float32 temporaries
+of the same size in the method, the float32 base and merged values, and the output cast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..io.align import Alignment, TensorJob
+
+__all__ = ["Chunk", "Plan", "bytes_per_entry", "rows_per_chunk", "make_plan", "parse_size", "format_size"]
+
+FIXED_OVERHEAD = 64 << 20  # histograms, Python, small buffers: accounted once, not per chunk
+_TEMPORARIES = 3  # float32 (n, E) temporaries a method keeps alive besides tau (masks, signs, products)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    job: TensorJob
+    rows: slice | None  # None for 0-d tensors
+    offset: int  # flat index of the chunk's first entry in its tensor
+    numel: int
+
+
+def bytes_per_entry(n_models: int, in_itemsize: int, out_itemsize: int) -> int:
+    """Peak working bytes per tensor entry of one chunk (see the module docstring)."""
+    raw = 2 * (n_models + 1) * in_itemsize  # current + read-ahead
+    work = (1 + _TEMPORARIES) * n_models * 4  # tau and temporaries, float32
+    return raw + work + 4 + 4 + out_itemsize  # base32, merged32, output
+
+
+def rows_per_chunk(shape: tuple[int, ...], per_entry: int, budget: int) -> int:
+    """Rows of a tensor that fit in ``budget`` bytes (at least one)."""
+    if not shape:
+        return 1
+    row_entries = 1
+    for s in shape[1:]:
+        row_entries *= s
+    return max(1, min(shape[0], budget // max(1, row_entries * per_entry)))
+
+
+@dataclass(frozen=True)
+class Plan:
+    chunks_by_job: dict[str, tuple[Chunk, ...]]
+    jobs: tuple[TensorJob, ...]
+    bytes_per_pass: int  # bytes read by one pass over every merged tensor (all inputs)
+    copy_bytes: int  # bytes of tensors copied from the base
+    passes: int  # passes over the merged tensors (selection + merge)
+    peak_bytes: int  # estimated peak working memory
+    memory_budget: int
+    output_bytes: int
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def bytes_to_read(self) -> int:
+        return self.bytes_per_pass * self.passes + self.copy_bytes
+
+
+def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dtype: torch.dtype | None,
+              selection_passes: int, chunked_scope_passes: int = 0) -> Plan:
+    """Cut every merged tensor into row chunks under the budget.
+
+    ``selection_passes``: whole-stream passes before the merge (2 for a global radix select,
+    +1 for a global majority sign). ``chunked_scope_passes``: extra passes over a per-tensor
+    scope's own chunks when a tensor is too large for one chunk.
+    """
+    # tiny budgets (tests) keep half for the chunk; real ones set the fixed overhead aside
+    work_budget = memory_budget - FIXED_OVERHEAD if memory_budget > 2 * FIXED_OVERHEAD else memory_budget // 2
+    chunks: dict[str, tuple[Chunk, ...]] = {}
+    bytes_per_pass = copy_bytes = output_bytes = peak = extra = 0
+    for job in alignment.jobs:
+        itemsize = job.dtype.itemsize
+        out_size = (out_dtype or job.dtype).itemsize if job.merge else itemsize
+        output_bytes += job.numel * out_size * (1 + len(job.aliases))
+        if not job.merge:
+            copy_bytes += job.numel * itemsize
+            peak = max(peak, job.numel * itemsize)
+            continue
+        per_entry = bytes_per_entry(n_models, itemsize, out_size)
+        rows = rows_per_chunk(job.shape, per_entry, work_budget)
+        row_entries = job.numel // job.shape[0] if job.shape and job.shape[0] else 0
+        if not job.shape:
+            pieces = [Chunk(job, None, 0, 1)]
+        elif job.numel == 0:
+            pieces = [Chunk(job, slice(0, job.shape[0]), 0, 0)]
+        else:
+            pieces = [Chunk(job, slice(r, min(r + rows, job.shape[0])), r * row_entries,
+                            (min(r + rows, job.shape[0]) - r) * row_entries)
+                      for r in range(0, job.shape[0], rows)]
+        chunks[job.name] = tuple(pieces)
+        read = job.numel * itemsize * (n_models + 1)
+        bytes_per_pass += read
+        if len(pieces) > 1:
+            extra += read * chunked_scope_passes
+        peak = max(peak, max(c.numel for c in pieces) * per_entry)
+    notes = []
+    chunked = [name for name, c in chunks.items() if len(c) > 1]
+    if chunked:
+        notes.append(f"{len(chunked)} tensor(s) merged in row chunks, e.g. {chunked[0]!r} in {len(chunks[chunked[0]])}")
+    return Plan(chunks, alignment.jobs, bytes_per_pass, copy_bytes + extra, selection_passes + 1,
+                peak + FIXED_OVERHEAD, memory_budget, output_bytes, tuple(notes))
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' -> 2147483648, '5GB' -> 5000000000, 1024 -> 1024."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    s = str(text).strip().lower().replace(" ", "")
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(number):]
+    if unit not in _UNITS or not number:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)")
+    value = float(number) * _UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return int(value)
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

@@ -1,0 +1,60 @@
+"""Typed errors. Every message says what is wrong and, in ``hint``, what to do next.
+
+The CLI prints ``error: <message>`` and ``hint: <hint>``; usage and recipe errors
+(``ConfigError``) exit with status 2, everything else with status 1.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "TiesMergeError",
+    "ConfigError",
+    "CheckpointError",
+    "IncompatibleCheckpointsError",
+    "InvalidTensorError",
+    "OutputError",
+]
+
+
+class TiesMergeError(Exception):
+    """Base class of every error tiesmerge raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\nhint: {self.hint}"
+
+
+class ConfigError(TiesMergeError, ValueError):
+    """A method option, recipe or command-line value is invalid. Holds every problem found."""
+
+    exit_code = 2
+
+    def __init__(self, problems: str | list[str], *, hint: str | None = None) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            message = self.problems[0]
+        else:
+            message = f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message, hint=hint)
+
+
+class CheckpointError(TiesMergeError):
+    """A checkpoint cannot be found or read (missing path, corrupt header, truncated shard, pickle)."""
+
+
+class IncompatibleCheckpointsError(TiesMergeError):
+    """The inputs cannot be merged together (names, shapes or dtypes differ)."""
+
+
+class InvalidTensorError(TiesMergeError):
+    """A tensor's values are unusable (NaN or Inf)."""
+
+
+class OutputError(TiesMergeError):
+    """The output location cannot be written (exists, is a file, not writable)."""

@@ -1,0 +1,175 @@
+"""Which tensors merge, which are copied, and how the inputs line up.
+
+Rules: every input has the base's floating tensor names and shapes (else a typed error that
+names the first differing tensors with every model's shape); integer and bool tensors are
+copied from the base; tied tensors (an output head sharing the input embedding) merge once
+and are written under every name; a vocabulary-size mismatch is an error unless the policy
+``truncate`` keeps the base's rows, which the manifest records.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError, IncompatibleCheckpointsError
+from .checkpoint import Checkpoint, StateDictCheckpoint
+
+__all__ = ["TensorJob", "Alignment", "align", "VOCAB_POLICIES"]
+
+VOCAB_POLICIES = ("error", "truncate")
+_HEAD_SUFFIXES = ("lm_head.weight", "predictions.decoder.weight", "embed_out.weight")
+_EMBED_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight", "embed_in.weight")
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor (or group of tied tensors) and how to produce it."""
+
+    name: str  # the name read from every input
+    shape: tuple[int, ...]  # output shape: the base's
+    dtype: torch.dtype  # the base's dtype
+    merge: bool  # False: copied from the base
+    aliases: tuple[str, ...] = ()  # tied names written with the same values
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Alignment:
+    jobs: tuple[TensorJob, ...]
+    tied: tuple[tuple[str, ...], ...] = ()
+    truncated: tuple[dict, ...] = field(default=())  # {"tensor", "model", "from_rows", "to_rows"}
+
+    def merged_numel(self) -> int:
+        return sum(j.numel for j in self.jobs if j.merge)
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def _read_config(ckpt: Checkpoint) -> dict:
+    directory = ckpt.directory()
+    if directory is None or not (directory / "config.json").is_file():
+        return {}
+    try:
+        return json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _tied_groups(base: Checkpoint, names: list[str]) -> list[tuple[str, ...]]:
+    """Groups of names that are one tensor: aliasing memory, or an output head tied by config."""
+    if isinstance(base, StateDictCheckpoint):
+        groups: dict[tuple, list[str]] = {}
+        for name in names:
+            key = base.storage_key(name)
+            if key is not None:
+                groups.setdefault(key, []).append(name)
+        return [tuple(g) for g in groups.values() if len(g) > 1]
+    if _read_config(base).get("tie_word_embeddings", True) is False:
+        return []
+    heads = [n for n in names if n.endswith(_HEAD_SUFFIXES)]
+    embeds = [n for n in names if n.endswith(_EMBED_SUFFIXES)]
+    out = []
+    for head in heads:
+        same = [e for e in embeds if base.info(e).shape == base.info(head).shape]
+        if len(same) == 1:
+            out.append((same[0], head))
+    return out
+
+
+def _same_values(ckpts: list[Checkpoint], a: str, b: str) -> bool:
+    """Cheap check that two names hold one tensor: compare the first rows in every input."""
+    for ckpt in ckpts:
+        rows = slice(0, min(4, ckpt.info(a).shape[0])) if ckpt.info(a).shape else None
+        if ckpt.info(a) != ckpt.info(b) or not torch.equal(ckpt.read(a, rows), ckpt.read(b, rows)):
+            return False
+    return True
+
+
+def _shapes_table(name: str, base: Checkpoint, models: list[Checkpoint]) -> str:
+    def show(c: Checkpoint) -> str:
+        if name not in c.names():
+            return "missing"
+        i = c.info(name)
+        return f"{tuple(i.shape)} {str(i.dtype).removeprefix('torch.')}"
+
+    lines = [f"    base    {show(base):<28} {base.label}"]
+    lines += [f"    model {k:<2} {show(m):<28} {m.label}" for k, m in enumerate(models)]
+    return "\n".join(lines)
+
+
+def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "error") -> Alignment:
+    if vocab_policy not in VOCAB_POLICIES:
+        raise ConfigError(f"vocab_policy={vocab_policy!r} is not one of {', '.join(VOCAB_POLICIES)}")
+    names = base.names()
+    base_set = set(names)
+    # -- names: every floating base tensor must be in every model, and no model has extras
+    for k, model in enumerate(models):
+        have = set(model.names())
+        missing = [n for n in names if n not in have and _is_float(base.info(n).dtype)]
+        extra = [n for n in model.names() if n not in base_set]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} of the base's tensors, first {missing[0]!r}")
+            if extra:
+                parts.append(f"has {len(extra)} tensor(s) the base lacks, first {extra[0]!r}")
+            first = (missing or extra)[0]
+            raise IncompatibleCheckpointsError(
+                f"tensor names differ: model {k} ({model.label}) " + " and ".join(parts)
+                + f"\n  {first!r} in each input:\n" + _shapes_table(first, base, models),
+                hint="all models must be fine-tunes of the same base architecture",
+            )
+    # -- tied tensors
+    tied = [g for g in _tied_groups(base, names) if _same_values([base, *models], g[0], g[1])]
+    alias_of = {n: g[0] for g in tied for n in g[1:]}
+    # -- shapes, dtypes, vocabulary policy
+    jobs: list[TensorJob] = []
+    truncated: list[dict] = []
+    for name in names:
+        if name in alias_of:
+            continue
+        info = base.info(name)
+        aliases = next((g[1:] for g in tied if g[0] == name), ())
+        if not _is_float(info.dtype):
+            jobs.append(TensorJob(name, info.shape, info.dtype, merge=False, aliases=aliases))
+            continue
+        for k, model in enumerate(models):
+            mi = model.info(name)
+            if not _is_float(mi.dtype):
+                raise IncompatibleCheckpointsError(
+                    f"tensor {name!r} must merge but model {k} ({model.location(name)}) stores it as "
+                    f"{str(mi.dtype).removeprefix('torch.')}, not a floating dtype\n" + _shapes_table(name, base, models),
+                    hint="floating tensors of the base are merged; the model's tensor must be floating too",
+                )
+            if mi.shape == info.shape:
+                continue
+            rows_only = len(mi.shape) == len(info.shape) >= 1 and mi.shape[1:] == info.shape[1:]
+            if rows_only and vocab_policy == "truncate" and mi.shape[0] > info.shape[0]:
+                truncated.append({"tensor": name, "model": k, "from_rows": mi.shape[0], "to_rows": info.shape[0]})
+                continue
+            hint = "all models must share the base's architecture"
+            if rows_only:
+                hint = ("the vocabulary sizes differ; --vocab-policy truncate (vocab_policy='truncate') keeps the "
+                        "base's first rows of every model, if the added tokens come after the base's")
+            raise IncompatibleCheckpointsError(
+                f"tensor {name!r}: shapes differ between the base and model {k}\n" + _shapes_table(name, base, models),
+                hint=hint,
+            )
+        jobs.append(TensorJob(name, info.shape, info.dtype, merge=True, aliases=aliases))
+    return Alignment(tuple(jobs), tuple(tied), tuple(truncated))
+
+
+def base_directory(base: Checkpoint) -> Path | None:
+    return base.directory()

@@ -1,0 +1,110 @@
+"""What a merge method is, as the engine sees it.
+
+A method is a frozen dataclass (its fields are at once the config schema, the CLI flags,
+the recipe keys and the tuning space) with a ``merge`` that maps one chunk of stacked task
+vectors to one chunk of the merged task vector. Methods never read files: the engine feeds
+them, and computes the global quantities they ask for (trim thresholds, majority sign) in
+reduction passes over the same stream before the merge pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["ChunkContext", "TrimSpec", "MergeMethod", "option", "check_choice", "check_weights"]
+
+
+@dataclass(frozen=True)
+class TrimSpec:
+    """A method trims each task vector to its top ``density`` fraction by magnitude."""
+
+    density: float
+    scope: str  # "global": one threshold per model over its whole model; "per_tensor"
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What the engine knows about the chunk it hands to ``merge``.
+
+    thresholds: (n,) magnitude at or above which model t's entries are kept, or None.
+    majority:   sign (+1/-1/0) of the summed elected signs over the trim scope, or None.
+    weights:    (n,) per-model weights, or None for all ones.
+    stream:     a stable integer for (tensor name); with ``offset`` (flat index of the chunk's
+                first entry in its tensor) it addresses the counter-based random numbers.
+    """
+
+    thresholds: torch.Tensor | None = None
+    majority: float | None = None
+    weights: torch.Tensor | None = None
+    stream: int = 0
+    offset: int = 0
+
+
+@runtime_checkable
+class MergeMethod(Protocol):
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    summary: ClassVar[str]
+
+    def trim_spec(self) -> TrimSpec | None: ...
+
+    def needs_majority_sign(self) -> bool: ...
+
+    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float: ...
+
+    def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor: ...
+
+    def check(self, n_models: int) -> list[str]: ...
+
+
+def option(default: Any, help: str, *, unit: str = "", choices: tuple[str, ...] = ()) -> Any:
+    """A method field with its help text, unit and choices, read by the CLI and `tiesmerge methods`."""
+    return field(default=default, metadata={"help": help, "unit": unit, "choices": choices})
+
+
+def check_choice(problems: list[str], method: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        problems.append(f"{method}: {name}={value!r} is not one of {', '.join(choices)}")
+
+
+def check_finite(problems: list[str], method: str, name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        problems.append(f"{method}: {name} must be a finite number, got {value!r}")
+
+
+def check_fraction(problems: list[str], method: str, name: str, value: object, *, closed_low: bool = False,
+                   closed_high: bool = True) -> None:
+    """value in (0, 1] by default."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value >= 0 if closed_low else value > 0) and (value <= 1 if closed_high else value < 1)
+    if not ok:
+        lo, hi = "[" if closed_low else "(", "]" if closed_high else ")"
+        problems.append(f"{method}: {name} must be a fraction in {lo}0, 1{hi}, got {value!r}"
+                        + (" (it is a fraction, not a percent)" if isinstance(value, (int, float)) and value > 1 else ""))
+
+
+def check_weights(problems: list[str], method: str, weights: object, n_models: int | None) -> None:
+    if weights is None:
+        return
+    if not isinstance(weights, tuple) or not all(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
+    ):
+        problems.append(f"{method}: weights must be a list of finite numbers, got {weights!r}")
+        return
+    if n_models is not None and len(weights) != n_models:
+        problems.append(f"{method}: {len(weights)} weights given for {n_models} models")
+
+
+def as_tuple(value: Any) -> Any:
+    """Lists from YAML or the CLI become tuples, so configs stay hashable and frozen."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def fields_of(method_cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(method_cls))

@@ -1,0 +1,138 @@
+"""Named tensor operations that the merge methods compose. Pure math, no I/O.
+
+Shapes: ``tau`` is the stack of task-vector chunks, ``(n, *S)`` float32, one row per model;
+every function returns ``(*S)`` or ``(n, *S)`` as stated. ``weights`` is ``(n,)`` float32.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+__all__ = [
+    "keep_count",
+    "broadcast_per_model",
+    "trim_at",
+    "elect",
+    "resolve_zero_sign",
+    "disjoint_aggregate",
+    "hash_uniform",
+    "dare_drop",
+]
+
+
+def keep_count(numel: int, density: float) -> int:
+    """How many entries of a trim scope of ``numel`` entries survive at ``density``.
+
+    ``floor(density * numel)`` in exact rational arithmetic (``density`` as written, so
+    0.29 of 100 keeps 29, where the float product would give 28).
+
+    >>> keep_count(100, 0.29)
+    29
+    """
+    return min(numel, math.floor(Fraction(repr(float(density))) * numel))
+
+
+def broadcast_per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` -> ``(n, 1, ..., 1)`` so it broadcasts against ``like`` of shape ``(n, *S)``."""
+    return values.reshape(values.shape[0], *([1] * (like.dim() - 1)))
+
+
+def trim_at(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Zero, in place, every entry of model t with ``|tau| < thresholds[t]``; return ``tau``.
+
+    Entries equal to the threshold are kept (ties are kept, so the result does not depend on
+    the order of the entries). A threshold of +inf keeps nothing.
+    tau: (n, *S); thresholds: (n,).
+    """
+    keep = tau.abs() >= broadcast_per_model(thresholds, tau)  # (n, *S) bool
+    return tau.mul_(keep)
+
+
+def resolve_zero_sign(gamma: torch.Tensor, zero_sign: str, majority: float | None = None) -> torch.Tensor:
+    """Give entries whose elected sign is exactly 0 the sign ``zero_sign`` asks for, in place.
+
+    ``zero``: stay 0 (the paper: nothing is elected, the merged value is 0).
+    ``positive``: +1 (PEFT, mergekit).
+    ``majority``: ``majority``, the sign of the sum of elected signs over the whole trim scope
+    (the authors' code); the engine computes it in a reduction pass.
+    """
+    if zero_sign == "zero":
+        return gamma
+    fill = 1.0 if zero_sign == "positive" else majority
+    if fill is None:
+        raise ValueError("zero_sign='majority' needs the scope's majority sign")
+    return gamma.masked_fill_(gamma == 0, fill)
+
+
+def elect(trimmed: torch.Tensor, weights: torch.Tensor | None, rule: str) -> torch.Tensor:
+    """Elected sign per entry, in {-1, 0, +1}: ``(n, *S) -> (*S)``.
+
+    ``mass``: sgn(sum_t w_t tau_t), the sign with the larger total magnitude (paper).
+    ``count``: sgn(sum_t w_t sgn(tau_t)), the majority of signs (PEFT's "frequency").
+    """
+    votes = trimmed if rule == "mass" else trimmed.sign()
+    if weights is not None:
+        votes = votes * broadcast_per_model(weights, votes)
+    return votes.sum(dim=0).sign_()
+
+
+def disjoint_aggregate(
+    trimmed: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor | None, aggregate: str
+) -> torch.Tensor:
+    """Aggregate, per entry, only the non-zero values whose sign equals ``gamma``: ``(n, *S) -> (*S)``.
+
+    ``mean``: sum_{t in A} w_t tau_t / sum_{t in A} w_t, A = models agreeing with gamma (paper,
+    weights 1); zeros never count and an entry with no agreeing value is 0.
+    ``sum``: sum_{t in A} w_t tau_t (FusionBench's default).
+    ``max``: gamma * max_{t in A} |w_t tau_t|.
+    """
+    agree = (trimmed.sign() == gamma) & (trimmed != 0)  # (n, *S)
+    w = None if weights is None else broadcast_per_model(weights, trimmed)
+    selected = trimmed * agree if w is None else trimmed * w * agree  # (n, *S)
+    if aggregate == "sum":
+        return selected.sum(dim=0)
+    if aggregate == "max":
+        return selected.abs().amax(dim=0).mul_(gamma)
+    total = selected.sum(dim=0)
+    denom = agree.sum(dim=0, dtype=trimmed.dtype) if w is None else (agree * w).sum(dim=0)
+    empty = denom == 0  # no agreeing value: the merged entry stays 0
+    return total.div_(denom.masked_fill_(empty, 1.0)).masked_fill_(empty, 0.0)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x85EBCA6B) & _MASK32
+    x = x ^ (x >> 13)
+    x = (x * 0xC2B2AE35) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: int, stream: int, offset: int, numel: int, device: torch.device | str) -> torch.Tensor:
+    """``numel`` uniform floats in [0, 1) for flat positions ``offset .. offset+numel-1``.
+
+    Counter-based: the value at a position depends only on (seed, stream, position), never on
+    how the tensor is chunked or on the device, so a row-chunked merge on CPU and a whole-tensor
+    merge on a GPU drop exactly the same entries.
+    """
+    key = _fmix32(torch.tensor([(seed * 0x9E3779B1 + stream) & _MASK32], dtype=torch.int64, device=device))
+    pos = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
+    x = _fmix32(((pos & _MASK32) ^ key) & _MASK32)
+    x = _fmix32((x + (pos >> 32) * 0x27D4EB2F + key) & _MASK32)
+    return x.to(torch.float64).mul_(2.0**-32).to(torch.float32)
+
+
+def dare_drop(tau: torch.Tensor, drop_rate: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """DARE (Yu et al. 2023): drop each entry with probability ``drop_rate``, rescale the rest
+    by 1 / (1 - drop_rate) so the expected task vector is unchanged. In place on ``tau``.
+
+    tau: (n, *S); uniforms: (n, *S) from :func:`hash_uniform`.
+    """
+    keep = uniforms >= drop_rate
+    return tau.mul_(keep).mul_(1.0 / (1.0 - drop_rate))

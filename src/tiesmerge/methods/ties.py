@@ -1,0 +1,75 @@
+"""TIES-Merging: trim, elect sign, disjoint merge (Yadav et al., NeurIPS 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from . import ops
+from .base import ChunkContext, TrimSpec, as_tuple, check_choice, check_finite, check_fraction, check_weights, option
+
+SCOPES = ("global", "per_tensor")
+ELECT_RULES = ("mass", "count")
+ZERO_SIGNS = ("zero", "positive", "majority")
+AGGREGATES = ("mean", "sum", "max")
+
+
+@dataclass(frozen=True)
+class Ties:
+    """theta = base + lam * disjoint_aggregate(trim(tau), elect(trim(tau))).
+
+    Weights w_t (default all 1) scale model t's trimmed task vector before the election and
+    the aggregation; with ``aggregate="mean"`` the result is the w-weighted mean of the
+    agreeing values (mergekit's ``normalize: true``). Trimming ranks each model's own
+    |tau|, so weights never change which entries are kept.
+    """
+
+    name: ClassVar[str] = "ties"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2306.01708"
+    summary: ClassVar[str] = "TIES-Merging: trim each task vector, elect a sign per entry, average the agreeing values"
+
+    density: float = option(0.2, "fraction of each task vector's entries kept, by magnitude", unit="fraction kept, (0, 1]")
+    lam: float = option(1.0, "scale of the merged task vector (lambda)", unit="multiplier")
+    scope: str = option("global", "trim threshold over each model's whole model or per tensor", choices=SCOPES)
+    elect: str = option("mass", "sign election: total mass (paper) or count of signs", choices=ELECT_RULES)
+    zero_sign: str = option("zero", "sign elected where the vote is exactly 0", choices=ZERO_SIGNS)
+    aggregate: str = option("mean", "how agreeing values combine", choices=AGGREGATES)
+    weights: tuple[float, ...] | None = option(None, "per-model weights (see the docstring)", unit="one per model")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", as_tuple(self.weights))
+        problems: list[str] = []
+        check_fraction(problems, self.name, "density", self.density)
+        check_finite(problems, self.name, "lam", self.lam)
+        check_choice(problems, self.name, "scope", self.scope, SCOPES)
+        check_choice(problems, self.name, "elect", self.elect, ELECT_RULES)
+        check_choice(problems, self.name, "zero_sign", self.zero_sign, ZERO_SIGNS)
+        check_choice(problems, self.name, "aggregate", self.aggregate, AGGREGATES)
+        check_weights(problems, self.name, self.weights, None)
+        if problems:
+            raise ConfigError(problems)
+
+    def check(self, n_models: int) -> list[str]:
+        problems: list[str] = []
+        check_weights(problems, self.name, self.weights, n_models)
+        return problems
+
+    def trim_spec(self) -> TrimSpec:
+        return TrimSpec(self.density, self.scope)
+
+    def needs_majority_sign(self) -> bool:
+        return self.zero_sign == "majority"
+
+    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
+        """Sum of the elected signs (zeros left 0) of one chunk: the majority reduction."""
+        trimmed = ops.trim_at(tau, ctx.thresholds)  # (n, *S)
+        return float(ops.elect(trimmed, ctx.weights, self.elect).sum())
+
+    def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        trimmed = ops.trim_at(tau, ctx.thresholds)  # (n, *S), in place
+        gamma = ops.resolve_zero_sign(ops.elect(trimmed, ctx.weights, self.elect), self.zero_sign, ctx.majority)
+        merged = ops.disjoint_aggregate(trimmed, gamma, ctx.weights, self.aggregate)  # (*S)
+        return merged.mul_(self.lam)

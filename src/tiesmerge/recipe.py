@@ -1,0 +1,169 @@
+"""YAML recipes -> a typed, frozen MergeRecipe. Every problem is collected into one ConfigError.
+
+    method: ties
+    base: ./llama-base
+    models:
+      - ./llama-math
+      - path: ./llama-code
+        weight: 0.5          # becomes the method's per-model weights
+    parameters: {density: 0.2, lam: 1.0, scope: global}
+    dtype: bfloat16          # optional: output dtype (default: the base's)
+    shard_size: 5GB
+    memory_budget: 2GiB
+    device: cpu
+    vocab_policy: error
+
+Relative paths are resolved against the recipe file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .engine.plan import parse_size
+from .errors import ConfigError
+from .io.align import VOCAB_POLICIES
+from .methods.base import MergeMethod
+from .registry import METHODS, did_you_mean, make_method
+
+__all__ = ["MergeRecipe", "load_recipe", "recipe_from_dict", "DTYPES", "parse_dtype"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memory_budget", "device", "vocab_policy",
+         "allow_pickle")
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not one of {', '.join(DTYPES)}{did_you_mean(str(name), list(DTYPES))}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    method: MergeMethod
+    base: str
+    models: tuple[str, ...]
+    dtype: str | None = None
+    shard_size: str = "5GB"
+    memory_budget: str = "2GiB"
+    device: str = "cpu"
+    vocab_policy: str = "error"
+    allow_pickle: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        params = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)}
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items() if v is not None}
+        out: dict[str, Any] = {"method": self.method.name, "base": self.base, "models": list(self.models),
+                               "parameters": params}
+        for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy"):
+            out[key] = getattr(self, key)
+        return {k: v for k, v in out.items() if v is not None}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _path(value: Any, root: Path | None) -> str:
+    p = Path(os.path.expanduser(str(value)))
+    return str(p if p.is_absolute() or root is None else root / p)
+
+
+def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "recipe") -> MergeRecipe:
+    """Validate a parsed recipe; raise one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+    if "merge_method" in data:
+        raise ConfigError(f"{source}: this is a mergekit recipe (merge_method:); tiesmerge reads its own recipe format "
+                          "for now", hint="write method:, base:, models:, parameters: (see tiesmerge merge --help)")
+    problems: list[str] = []
+    for key in data:
+        if key not in _KEYS:
+            problems.append(f"unknown key {key!r}{did_you_mean(str(key), _KEYS)}")
+    name = data.get("method")
+    if name is None:
+        problems.append(f"'method' is missing (one of {', '.join(METHODS)})")
+    elif name not in METHODS:
+        problems.append(f"unknown method {name!r}{did_you_mean(str(name), list(METHODS))}")
+    base = data.get("base")
+    if base is None:
+        problems.append("'base' is missing: the path of the model the others were fine-tuned from")
+    models_raw = data.get("models")
+    paths: list[str] = []
+    weights: list[float | None] = []
+    if not isinstance(models_raw, list) or not models_raw:
+        problems.append("'models' must be a non-empty list of paths (or of {path:, weight:})")
+        models_raw = []
+    for i, entry in enumerate(models_raw):
+        if isinstance(entry, (str, os.PathLike)):
+            paths.append(_path(entry, root))
+            weights.append(None)
+        elif isinstance(entry, dict) and "path" in entry:
+            extra = [k for k in entry if k not in ("path", "weight")]
+            if extra:
+                problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path and weight)")
+            paths.append(_path(entry["path"], root))
+            weights.append(entry.get("weight"))
+        else:
+            problems.append(f"models[{i}]: expected a path or {{path:, weight:}}, got {entry!r}")
+    params = data.get("parameters") or {}
+    if not isinstance(params, dict):
+        problems.append("'parameters' must be a mapping of method options")
+        params = {}
+    params = dict(params)
+    if any(w is not None for w in weights):
+        if "weights" in params:
+            problems.append("weights are given both per model and in parameters.weights; keep one")
+        elif any(w is None for w in weights):
+            problems.append("give a weight to every model or to none")
+        else:
+            params["weights"] = weights
+    for key, check in (("shard_size", parse_size), ("memory_budget", parse_size)):
+        if key in data:
+            try:
+                check(data[key])
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
+    if data.get("dtype") is not None and data["dtype"] not in DTYPES:
+        problems.append(f"dtype {data['dtype']!r} is not one of {', '.join(DTYPES)}")
+    if data.get("vocab_policy", "error") not in VOCAB_POLICIES:
+        problems.append(f"vocab_policy {data['vocab_policy']!r} is not one of {', '.join(VOCAB_POLICIES)}")
+    if str(data.get("device", "cpu")).split(":")[0] not in ("cpu", "cuda"):
+        problems.append(f"device {data['device']!r} is not cpu or cuda")
+    method = None
+    if name in METHODS:
+        try:
+            method = make_method(name, params)
+            problems += method.check(len(paths))
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    assert method is not None
+    return MergeRecipe(method=method, base=_path(base, root), models=tuple(paths), dtype=data.get("dtype"),
+                       shard_size=str(data.get("shard_size", "5GB")), memory_budget=str(data.get("memory_budget", "2GiB")),
+                       device=str(data.get("device", "cpu")), vocab_policy=data.get("vocab_policy", "error"),
+                       allow_pickle=bool(data.get("allow_pickle", False)))
+
+
+def load_recipe(path: str | os.PathLike) -> MergeRecipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return recipe_from_dict(data, root=path.parent, source=str(path))
