@@ -1,0 +1,5 @@
+"""The `tiesmerge` command."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,234 @@
+"""`tiesmerge`: one command, subcommands merge, methods, validate, demo.
+
+The CLI only calls the public API; every option of a method is a flag generated from the
+method's dataclass fields, so the flags, the recipe keys and the Python API never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..api import describe_plan, merge, plan_merge
+from ..engine.plan import format_size
+from ..errors import ConfigError, TiesMergeError
+from ..io.align import VOCAB_POLICIES
+from ..recipe import DTYPES, load_recipe, recipe_from_dict
+from ..registry import METHODS, method_class
+
+MERGE_EXAMPLES = """\
+examples:
+  # TIES with the paper's defaults (density 0.2, lam 1.0, one threshold per model)
+  tiesmerge merge --base ./base --model ./ft-math --model ./ft-code -o ./merged
+
+  # per-tensor trimming and PEFT/mergekit's zero-sign rule, bf16 output in 2 GB shards
+  tiesmerge merge --base ./base --model ./a --model ./b --scope per_tensor --zero-sign positive \\
+      --dtype bfloat16 --shard-size 2GB -o ./merged
+
+  # task arithmetic, the paper's no-validation lambda
+  tiesmerge merge --base ./base --model ./a --model ./b --method task_arithmetic --lam 0.4 -o ./ta
+
+  # what would happen, without reading any weights
+  tiesmerge merge recipe.yaml -o ./merged --dry-run
+
+recipe.yaml:
+  method: ties
+  base: ./base
+  models: [./ft-math, {path: ./ft-code, weight: 0.5}]
+  parameters: {density: 0.2, lam: 1.0}
+"""
+
+
+def _method_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Add one flag per method field (union over methods). Returns flag dest -> field name."""
+    group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
+    seen: dict[str, str] = {}
+    for cls in METHODS.values():
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen[f.name] = f.name
+            flag = "--" + f.name.replace("_", "-")
+            meta = f.metadata
+            kwargs: dict[str, Any] = {"dest": f"opt_{f.name}", "default": argparse.SUPPRESS,
+                                      "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+            elif f.name == "weights":
+                kwargs.update(type=float, nargs="+", metavar="W")
+            elif f.name == "seed":
+                kwargs.update(type=int, metavar="N")
+            else:
+                kwargs.update(type=float, metavar="X")
+            group.add_argument(flag, **kwargs)
+    return seen
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tiesmerge",
+        description="Merge models fine-tuned from one base (TIES-Merging and baselines), streamed tensor by tensor.",
+        epilog="run 'tiesmerge COMMAND --help' for a command's options and examples",
+    )
+    parser.add_argument("--version", action="version", version=f"tiesmerge {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    m = sub.add_parser("merge", help="merge fine-tuned models into one", epilog=MERGE_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("recipe", nargs="?", help="a YAML recipe (flags given too override it)")
+    m.add_argument("--base", help="the model the others were fine-tuned from (HF directory or .safetensors)")
+    m.add_argument("--model", action="append", dest="models", metavar="PATH", help="a fine-tuned model; repeat")
+    m.add_argument("--method", help=f"one of {', '.join(METHODS)} (default ties)")
+    m.add_argument("-o", "--output", help="output directory (an HF model directory)")
+    m.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's)")
+    m.add_argument("--shard-size", help="largest output shard, e.g. 5GB (default 5GB)")
+    m.add_argument("--memory-budget", help="working memory for tensor chunks, e.g. 2GiB (default 2GiB)")
+    m.add_argument("--device", help="cpu or cuda (default cpu)")
+    m.add_argument("--vocab-policy", choices=VOCAB_POLICIES, help="on embedding rows that differ (default error)")
+    m.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
+    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _method_flags(m)
+
+    ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
+    ms.add_argument("name", nargs="?", help="show one method")
+
+    v = sub.add_parser("validate", help="check a recipe and report every problem at once",
+                       epilog="example:\n  tiesmerge validate recipe.yaml", formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("recipe")
+
+    d = sub.add_parser("demo", help="make small synthetic fine-tunes, merge them, print what happened",
+                       epilog="example:\n  tiesmerge demo --workdir /tmp/tiesmerge-demo",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--workdir", help="where to write the demo models (default: a temporary directory)")
+    d.add_argument("--params", type=float, default=50.0, help="size of the synthetic model, millions of parameters")
+    return parser
+
+
+def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe as a dict: the YAML file, if any, with command-line flags on top."""
+    data: dict[str, Any] = {}
+    if args.recipe:  # paths in the file are resolved against its folder here
+        data = load_recipe(args.recipe).to_dict()
+    if args.base:
+        data["base"] = args.base
+    if args.models:
+        data["models"] = args.models
+    if args.method:
+        if data.get("method") not in (None, args.method):
+            data["parameters"] = {}  # the recipe's options belong to its own method
+        data["method"] = args.method
+    data.setdefault("method", "ties")
+    for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy"):
+        if getattr(args, key) is not None:
+            data[key] = getattr(args, key)
+    given = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
+    if given:
+        fields = [f.name for f in dataclasses.fields(method_class(data["method"]))]
+        wrong = [k for k in given if k not in fields]
+        if wrong:
+            raise ConfigError([f"--{k.replace('_', '-')} does not apply to method {data['method']!r}" for k in wrong],
+                              hint=f"{data['method']} takes: {', '.join('--' + f.replace('_', '-') for f in fields)}")
+        data["parameters"] = {**data.get("parameters", {}), **given}
+    missing = [flag for flag, key in (("--base", "base"), ("--model", "models")) if not data.get(key)]
+    if missing:
+        raise ConfigError(f"missing {' and '.join(missing)} (or a recipe file)",
+                          hint="tiesmerge merge --base BASE --model FT1 --model FT2 -o OUT")
+    return data
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    data = _recipe_data(args)
+    recipe = recipe_from_dict(data, source=args.recipe or "command line")
+    common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
+                  vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle)
+    if args.dry_run:
+        plan = plan_merge(recipe.base, list(recipe.models), recipe.method, **common)
+        print(describe_plan(plan, recipe.method, len(recipe.models)))
+        if args.output:
+            print(f"output           {args.output} (not written: dry run)")
+        return 0
+    if not args.output:
+        raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")
+    started = time.perf_counter()
+    out = merge(recipe.base, list(recipe.models), recipe.method, output=args.output, shard_size=recipe.shard_size,
+                force=args.force, progress=not args.no_progress and sys.stderr.isatty(), **common)
+    seconds = time.perf_counter() - started
+    manifest = json.loads((Path(out) / "tiesmerge.json").read_text())
+    read = manifest["engine"]["bytes_read"]
+    t = manifest["tensors"]
+    print(f"merged {len(recipe.models)} models with {recipe.method.name} into {out}")
+    print(f"  {t['merged']} tensors merged, {t['copied']} copied, {t['tied_aliases']} tied; "
+          f"{format_size(read)} read in {seconds:.1f} s ({read / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
+    print(f"  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in manifest["seconds"].items()))
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    classes = [method_class(args.name)] if args.name else list(METHODS.values())
+    for cls in classes:
+        print(f"{cls.name}  —  {cls.summary}")
+        print(f"  paper: {cls.paper}")
+        for f in dataclasses.fields(cls):
+            meta = f.metadata
+            default = f.default
+            extra = f" one of {'|'.join(meta['choices'])}" if meta.get("choices") else ""
+            unit = f" [{meta['unit']}]" if meta.get("unit") else ""
+            print(f"  --{f.name.replace('_', '-'):<12} default {default!s:<8} {meta.get('help', '')}{unit}{extra}")
+        print()
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe)
+    print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
+    for key, value in recipe.to_dict()["parameters"].items():
+        print(f"  {key} = {value}")
+    missing = [p for p in (recipe.base, *recipe.models) if not Path(p).exists()]
+    for p in missing:
+        print(f"  warning: {p} does not exist (yet)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(workdir=args.workdir, million_params=args.params)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    handler = {"merge": _cmd_merge, "methods": _cmd_methods, "validate": _cmd_validate, "demo": _cmd_demo}
+    try:
+        return handler[args.command](args)
+    except TiesMergeError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:  # e.g. `tiesmerge methods | head`
+        return 0
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print("error: interrupted; no output directory was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
