@@ -33,7 +33,7 @@ from .io.align import VOCAB_POLICIES
 from .methods.base import MergeMethod
 from .registry import METHODS, did_you_mean, make_method
 
-__all__ = ["MergeRecipe", "load_recipe", "recipe_from_dict", "DTYPES", "parse_dtype"]
+__all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict", "DTYPES", "parse_dtype"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -157,6 +157,12 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
 
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
+    """Read and validate a YAML recipe file."""
+    return recipe_from_dict(read_recipe_data(path), source=str(path))
+
+
+def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
+    """The recipe file as a mapping, its relative paths resolved against the file's folder."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -166,4 +172,13 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    return recipe_from_dict(data, root=path.parent, source=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    data = dict(data)
+    if isinstance(data.get("base"), (str, os.PathLike)):
+        data["base"] = _path(data["base"], path.parent)
+    if isinstance(data.get("models"), list):
+        data["models"] = [_path(m, path.parent) if isinstance(m, (str, os.PathLike)) else
+                          {**m, "path": _path(m["path"], path.parent)} if isinstance(m, dict) and "path" in m else m
+                          for m in data["models"]]
+    return data

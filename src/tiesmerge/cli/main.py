@@ -20,7 +20,7 @@ from ..api import describe_plan, merge, plan_merge
 from ..engine.plan import format_size
 from ..errors import ConfigError, TiesMergeError
 from ..io.align import VOCAB_POLICIES
-from ..recipe import DTYPES, load_recipe, recipe_from_dict
+from ..recipe import DTYPES, load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, method_class
 
 MERGE_EXAMPLES = """\
@@ -118,7 +118,7 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe as a dict: the YAML file, if any, with command-line flags on top."""
     data: dict[str, Any] = {}
     if args.recipe:  # paths in the file are resolved against its folder here
-        data = load_recipe(args.recipe).to_dict()
+        data = read_recipe_data(args.recipe)
     if args.base:
         data["base"] = args.base
     if args.models:

@@ -118,7 +118,10 @@ class Executor:
 
     def _task_vectors(self, chunk: Chunk, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(base32 (*S), tau (n, *S)) float32 on the device, checked finite on first sight."""
-        base32 = raw[0].to(self.device, non_blocking=True).to(torch.float32)
+        # copy=True: a float32 CPU base read from a state dict (or an mmap'd pickle) is the
+        # caller's own tensor, and the merge adds into base32 in place; without the copy,
+        # merging would overwrite the caller's base weights.
+        base32 = raw[0].to(self.device, torch.float32, non_blocking=True, copy=True)
         tau = torch.empty((self.n, *base32.shape), dtype=torch.float32, device=self.device)
         for t, model_raw in enumerate(raw[1:]):
             tau[t].copy_(model_raw.to(self.device, non_blocking=True)).sub_(base32)

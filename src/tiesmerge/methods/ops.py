@@ -125,7 +125,9 @@ def hash_uniform(seed: int, stream: int, offset: int, numel: int, device: torch.
     pos = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     x = _fmix32(((pos & _MASK32) ^ key) & _MASK32)
     x = _fmix32((x + (pos >> 32) * 0x27D4EB2F + key) & _MASK32)
-    return x.to(torch.float64).mul_(2.0**-32).to(torch.float32)
+    # the top 24 bits: float32 holds k * 2^-24 exactly, so the result stays below 1 (rounding
+    # x * 2^-32 to float32 gives 1.0 for the 128 largest hashes)
+    return (x >> 8).to(torch.float32).mul_(2.0**-24)
 
 
 def dare_drop(tau: torch.Tensor, drop_rate: float, uniforms: torch.Tensor) -> torch.Tensor:

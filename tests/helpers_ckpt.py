@@ -1,0 +1,144 @@
+"""Builders of tiny checkpoints for the I/O, output, CLI and error tests.
+
+Everything is written by the tests themselves (no network): small state dicts, Hugging Face
+style directories (one ``model.safetensors`` or shards plus ``model.safetensors.index.json``,
+``config.json`` and tokenizer-ish files), single ``.safetensors`` files and pickle files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = [
+    "SHAPES",
+    "make_base",
+    "finetune",
+    "make_family",
+    "write_safetensors",
+    "write_hf_dir",
+    "write_pickle",
+    "leftovers",
+    "assert_no_output",
+    "TOKENIZER_FILES",
+]
+
+# A small "transformer": embeddings, a 2-layer stack, a norm, an int64 buffer. 2-D tensors have
+# enough rows that row-slice reads and chunking are exercised.
+SHAPES: dict[str, tuple[int, ...]] = {
+    "model.embed_tokens.weight": (32, 8),
+    "model.layers.0.self_attn.q_proj.weight": (8, 8),
+    "model.layers.0.mlp.up_proj.weight": (16, 8),
+    "model.layers.0.input_layernorm.weight": (8,),
+    "model.layers.1.self_attn.q_proj.weight": (8, 8),
+    "model.layers.1.mlp.up_proj.weight": (16, 8),
+    "model.layers.1.input_layernorm.weight": (8,),
+    "model.norm.weight": (8,),
+    "lm_head.weight": (32, 8),
+}
+
+TOKENIZER_FILES: dict[str, str] = {
+    "tokenizer.json": json.dumps({"version": "1.0", "model": {"type": "WordLevel", "vocab": {"a": 0}}}),
+    "tokenizer_config.json": json.dumps({"model_max_length": 128}),
+    "special_tokens_map.json": json.dumps({"unk_token": "a"}),
+    "generation_config.json": json.dumps({"do_sample": False}),
+}
+
+
+def make_base(seed: int = 0, *, dtype: torch.dtype = torch.float32, shapes: Mapping[str, tuple[int, ...]] = SHAPES,
+              with_int: bool = True) -> dict[str, torch.Tensor]:
+    """A random base state dict (plus an int64 ``position_ids`` buffer when ``with_int``)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {name: torch.randn(shape, generator=g).to(dtype) for name, shape in shapes.items()}
+    if with_int:
+        state["model.position_ids"] = torch.arange(16, dtype=torch.int64).unsqueeze(0)
+    return state
+
+
+def finetune(base: Mapping[str, torch.Tensor], seed: int, *, scale: float = 0.1) -> dict[str, torch.Tensor]:
+    """The base plus a random task vector on every floating tensor (integer tensors kept)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    out = {}
+    for name, t in base.items():
+        if t.is_floating_point():
+            out[name] = (t.float() + scale * torch.randn(t.shape, generator=g)).to(t.dtype)
+        else:
+            out[name] = t.clone()
+    return out
+
+
+def make_family(n_models: int = 2, *, dtype: torch.dtype = torch.float32, seed: int = 0,
+                shapes: Mapping[str, tuple[int, ...]] = SHAPES, with_int: bool = True
+                ) -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    base = make_base(seed, dtype=dtype, shapes=shapes, with_int=with_int)
+    return base, [finetune(base, seed * 100 + k) for k in range(n_models)]
+
+
+def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory; files hold independent copies
+    return {k: v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def write_safetensors(path: str | Path, state: Mapping[str, torch.Tensor]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(_contiguous(state), str(path), metadata={"format": "pt"})
+    return path
+
+
+def write_hf_dir(path: str | Path, state: Mapping[str, torch.Tensor], *, shards: int = 1,
+                 config: Mapping | None = None, tokenizer: bool = True, extra_files: Mapping[str, str] | None = None,
+                 weight_name: str = "model.safetensors") -> Path:
+    """A Hugging Face model directory: ``shards`` == 1 writes ``weight_name``, more writes
+    ``model-0000i-of-0000n.safetensors`` shards and ``model.safetensors.index.json``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    names = list(state)
+    if shards <= 1:
+        save_file(_contiguous(state), str(path / weight_name), metadata={"format": "pt"})
+    else:
+        per = -(-len(names) // shards)
+        weight_map = {}
+        total = 0
+        for i in range(shards):
+            part = names[i * per:(i + 1) * per]
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file(_contiguous({k: state[k] for k in part}), str(path / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in part})
+            total += sum(state[k].numel() * state[k].element_size() for k in part)
+        (path / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = {"model_type": "llama", "torch_dtype": "float32", "tie_word_embeddings": False}
+    cfg.update(config or {})
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer:
+        for name, text in TOKENIZER_FILES.items():
+            (path / name).write_text(text)
+    for name, text in (extra_files or {}).items():
+        (path / name).write_text(text)
+    return path
+
+
+def write_pickle(path: str | Path, state: Mapping[str, torch.Tensor]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.clone() for k, v in state.items()}, path)
+    return path
+
+
+def leftovers(output: str | Path) -> list[Path]:
+    """The output directory, if it exists, and any temporary sibling tiesmerge made for it."""
+    output = Path(output).absolute()
+    found = [output] if output.exists() else []
+    if output.parent.is_dir():
+        found += sorted(output.parent.glob(f".{output.name}.tiesmerge-*"))
+    return found
+
+
+def assert_no_output(output: str | Path) -> None:
+    left = leftovers(output)
+    assert not left, f"output or temporary directories left behind: {left}"

@@ -1,0 +1,32 @@
+"""CUDA path: same tensors as the CPU merge. Skipped without a GPU; run them on a GPU machine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiesmerge
+from tiesmerge.methods import DareTies, TaskArithmetic, Ties
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _models(n: int = 3, dtype: torch.dtype = torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    shapes = {"emb": (257, 64), "w": (64, 96), "b": (96,), "norm": (64,)}
+    base = {k: torch.randn(s, generator=g).to(dtype) for k, s in shapes.items()}
+    models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 0.1).to(dtype) for k, v in base.items()}
+              for _ in range(n)]
+    return base, models
+
+
+@pytest.mark.parametrize("method", [Ties(), Ties(scope="per_tensor", zero_sign="majority"), TaskArithmetic(),
+                                    DareTies(drop_rate=0.5, seed=3)])
+@pytest.mark.parametrize("budget", [None, 8192])
+def test_cuda_matches_cpu(method, budget):
+    base, models = _models()
+    cpu = tiesmerge.merge(base, models, method, memory_budget=budget)
+    gpu = tiesmerge.merge(base, models, method, device="cuda", memory_budget=budget)
+    for name in cpu:
+        # float32 arithmetic on both; reductions may sum in another order, so allow one bf16 ulp
+        torch.testing.assert_close(gpu[name].float(), cpu[name].float(), rtol=2**-7, atol=1e-6)

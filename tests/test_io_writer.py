@@ -1,0 +1,196 @@
+"""The streaming safetensors writer, shard planning, the atomic output directory, file copying."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+from helpers_ckpt import TOKENIZER_FILES, assert_no_output, leftovers, write_hf_dir
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from tiesmerge.errors import OutputError
+from tiesmerge.io.writer import (
+    OutputEntry,
+    SafetensorsStreamWriter,
+    ShardedWriter,
+    atomic_directory,
+    copy_model_files,
+    plan_shards,
+)
+
+
+def _entries(state):
+    return [OutputEntry(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_stream_writer_chunks_load_back_exactly(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    state = {
+        "a": (torch.randn(7, 3, generator=g) * 10).to(dtype),
+        "scalar": torch.tensor(3).to(dtype),
+        "b": (torch.randn(5, generator=g) * 10).to(dtype),
+        "empty": torch.zeros(0, 4, dtype=dtype),
+    }
+    path = tmp_path / "x.safetensors"
+    w = SafetensorsStreamWriter(path, _entries(state), metadata={"format": "pt", "k": "v"})
+    w.write("a", state["a"][:2])
+    w.write("a", state["a"][2:3])
+    w.write("a", state["a"][3:])
+    w.write("scalar", state["scalar"])
+    w.write("b", state["b"])
+    w.write("empty", state["empty"])
+    w.close()
+    back = load_file(str(path))
+    assert set(back) == set(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "k": "v"}
+
+
+def test_stream_writer_refuses_out_of_order_and_short_writes(tmp_path):
+    state = {"a": torch.ones(2, 2), "b": torch.ones(3)}
+    w = SafetensorsStreamWriter(tmp_path / "x.safetensors", _entries(state))
+    with pytest.raises(RuntimeError, match="'b'"):
+        w.write("b", state["b"])  # b's bytes come after a's
+    w.write("a", state["a"])
+    with pytest.raises(RuntimeError, match="closed after"):
+        w.close()
+
+
+def test_stream_writer_duplicate_copies_bytes(tmp_path):
+    emb = torch.randn(4, 3)
+    entries = [OutputEntry("emb", (4, 3), torch.float32), OutputEntry("head", (4, 3), torch.float32)]
+    w = SafetensorsStreamWriter(tmp_path / "t.safetensors", entries)
+    w.write("emb", emb)
+    w.duplicate("head", "emb")
+    w.close()
+    back = load_file(str(tmp_path / "t.safetensors"))
+    assert torch.equal(back["emb"], emb) and torch.equal(back["head"], emb)
+
+
+def test_plan_shards_respects_size_and_groups():
+    e = [OutputEntry(f"t{i}", (10,), torch.float32) for i in range(6)]  # 40 bytes each
+    shards = plan_shards(e, 100)
+    assert [len(s) for s in shards] == [2, 2, 2]
+    big = [OutputEntry("big", (100,), torch.float32)]
+    assert [len(s) for s in plan_shards(big + e[:1], 100)] == [1, 1]  # a larger tensor gets a shard alone
+    groups = [[e[0]], [e[1], e[2]], [e[3]]]  # e1+e2 tied: never split
+    assert [[x.name for x in s] for s in plan_shards(e[:4], 100, groups)] == [["t0"], ["t1", "t2"], ["t3"]]
+    assert plan_shards([], 100) == []
+
+
+def test_sharded_writer_index_covers_every_tensor(tmp_path):
+    state = {f"layer{i}.weight": torch.full((4, 4), float(i)) for i in range(5)}
+    w = ShardedWriter(tmp_path, [[e] for e in _entries(state)], shard_size=100)
+    for k, v in state.items():
+        w.write(k, None, v)
+    w.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(state)
+    assert index["metadata"]["total_size"] == sum(v.numel() * 4 for v in state.values())
+    assert sorted(set(index["weight_map"].values())) == w.files == [f"model-{i:05d}-of-00005.safetensors"
+                                                                    for i in range(1, 6)]
+    for k, f in index["weight_map"].items():
+        assert torch.equal(load_file(str(tmp_path / f))[k], state[k])
+
+
+def test_sharded_writer_one_file_has_no_index(tmp_path):
+    state = {"a": torch.ones(2), "b": torch.zeros(3)}
+    w = ShardedWriter(tmp_path, [[e] for e in _entries(state)], shard_size=10**9)
+    for k, v in state.items():
+        w.write(k, None, v)
+    w.close()
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]
+
+
+# ------------------------------------------------------------------ atomic_directory
+
+
+def test_atomic_directory_renames_temp_sibling_into_place(tmp_path):
+    final = tmp_path / "out"
+    with atomic_directory(final) as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".out.tiesmerge-tmp-")
+        assert not final.exists()  # nothing at the final path until complete
+        (tmp / "f.txt").write_text("x")
+    assert (final / "f.txt").read_text() == "x"
+    assert leftovers(final) == [final]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_atomic_directory_removes_temp_on_any_error(tmp_path, exc):
+    final = tmp_path / "out"
+    with pytest.raises(type(exc)):
+        with atomic_directory(final) as tmp:
+            (tmp / "half.safetensors").write_bytes(b"123")
+            raise exc
+    assert_no_output(final)
+
+
+def test_atomic_directory_existing_output(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    with pytest.raises(OutputError, match="exists and is not empty") as info:
+        with atomic_directory(final):
+            pytest.fail("must not start")
+    assert "--force" in info.value.hint
+    # force: replaced only at the end; a failure leaves the old one intact
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("fail")
+    assert sorted(os.listdir(final)) == ["old.txt"] and leftovers(final) == [final]
+    with atomic_directory(final, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(os.listdir(final)) == ["new.txt"] and leftovers(final) == [final]
+
+
+def test_atomic_directory_empty_existing_dir_is_fine(tmp_path):
+    final = tmp_path / "out"
+    final.mkdir()
+    with atomic_directory(final) as tmp:
+        (tmp / "a").write_text("a")
+    assert (final / "a").is_file()
+
+
+def test_atomic_directory_output_is_a_file(tmp_path):
+    final = tmp_path / "out"
+    final.write_text("I am a file")
+    for force in (False, True):
+        with pytest.raises(OutputError, match="is a file"):
+            with atomic_directory(final, force=force):
+                pass
+    assert final.read_text() == "I am a file"
+
+
+def test_atomic_directory_not_enough_space(tmp_path):
+    with pytest.raises(OutputError, match="GiB"):
+        with atomic_directory(tmp_path / "out", needed_bytes=1 << 62):
+            pass
+    assert_no_output(tmp_path / "out")
+
+
+# ------------------------------------------------------------------ copy_model_files
+
+
+def test_copy_model_files_skips_weights_and_follows_dtype(tmp_path):
+    src = write_hf_dir(tmp_path / "src", {"w": torch.ones(2)}, shards=1,
+                       config={"torch_dtype": "float32"}, extra_files={"README.md": "card", ".gitattributes": "x"})
+    (src / "training_args.bin").write_bytes(b"pickle")
+    (src / "sub").mkdir()
+    (src / "sub" / "vocab.txt").write_text("a\nb\n")
+    (src / "ckpt").mkdir()
+    (src / "ckpt" / "model.safetensors").write_bytes(b"weights")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    copied = copy_model_files(src, dst, dtype=torch.bfloat16)
+    assert sorted(copied) == sorted(["config.json", "sub", *TOKENIZER_FILES])
+    assert sorted(os.listdir(dst)) == sorted(copied)
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert json.loads((src / "config.json").read_text())["torch_dtype"] == "float32"
+    assert copy_model_files(None, dst) == []
