@@ -175,3 +175,15 @@ def test_dare_drop_rescales_kept_entries() -> None:
     out = ops.dare_drop(tau.clone(), 0.5, uniforms)
     assert torch.equal(out, torch.tensor([[0.0, 4.0, 0.0, 8.0]]))
     assert torch.equal(ops.dare_drop(tau.clone(), 0.0, uniforms), tau)
+
+
+def test_negative_weight_votes_and_agrees_on_the_weighted_value():
+    # weights (-1, 1), tau = (+1, +0.5): the weighted values (-1, +0.5) elect -1, and model 0
+    # (whose weighted value is -1) is the agreeing one; the mean divides by the sum of the
+    # agreeing weights (mergekit's normalize), giving (-1 * 1) / (-1) = +1
+    trimmed = torch.tensor([[1.0], [0.5]])
+    weights = torch.tensor([-1.0, 1.0])
+    gamma = ops.elect(trimmed, weights, "mass")
+    assert gamma.tolist() == [-1.0]
+    assert ops.disjoint_aggregate(trimmed, gamma, weights, "sum").tolist() == [-1.0]
+    assert ops.disjoint_aggregate(trimmed, gamma, weights, "mean").tolist() == [1.0]

@@ -8,6 +8,7 @@ of the same size in the method, the float32 base and merged values, and the outp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -114,16 +115,19 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
 def parse_size(text: str | int) -> int:
     """'2GiB' -> 2147483648, '5GB' -> 5000000000, 1024 -> 1024."""
     if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    s = str(text).strip().lower().replace(" ", "")
-    number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(number):]
-    if unit not in _UNITS or not number:
-        raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)")
-    value = float(number) * _UNITS[unit]
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return int(value)
+        value = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(number):]
+        try:
+            value = float(number) * _UNITS[unit]
+        except (KeyError, ValueError):
+            raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)") from None
+    # checked after truncation to whole bytes: '0.5' would otherwise become a budget of 0
+    if not math.isfinite(value) or int(value) <= 0:
+        raise ValueError(f"size must be a positive, finite number of bytes: {text!r}")
+    return int(text) if isinstance(text, int) else int(value)
 
 
 def format_size(n: float) -> str:

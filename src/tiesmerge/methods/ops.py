@@ -84,14 +84,17 @@ def disjoint_aggregate(
 ) -> torch.Tensor:
     """Aggregate, per entry, only the non-zero values whose sign equals ``gamma``: ``(n, *S) -> (*S)``.
 
-    ``mean``: sum_{t in A} w_t tau_t / sum_{t in A} w_t, A = models agreeing with gamma (paper,
-    weights 1); zeros never count and an entry with no agreeing value is 0.
+    ``mean``: sum_{t in A} w_t tau_t / sum_{t in A} w_t, A = models whose weighted value
+    w_t tau_t agrees with gamma (paper: weights 1); zeros never count and an entry with no
+    agreeing value is 0. Agreement is judged on the weighted value, the same quantity the
+    election summed, so a negative weight votes and agrees consistently (as mergekit does).
     ``sum``: sum_{t in A} w_t tau_t (FusionBench's default).
     ``max``: gamma * max_{t in A} |w_t tau_t|.
     """
-    agree = (trimmed.sign() == gamma) & (trimmed != 0)  # (n, *S)
     w = None if weights is None else broadcast_per_model(weights, trimmed)
-    selected = trimmed * agree if w is None else trimmed * w * agree  # (n, *S)
+    weighted = trimmed if w is None else trimmed * w  # (n, *S)
+    agree = (weighted.sign() == gamma) & (weighted != 0)  # (n, *S)
+    selected = weighted * agree  # (n, *S)
     if aggregate == "sum":
         return selected.sum(dim=0)
     if aggregate == "max":

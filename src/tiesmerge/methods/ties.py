@@ -22,9 +22,10 @@ class Ties:
     """theta = base + lam * disjoint_aggregate(trim(tau), elect(trim(tau))).
 
     Weights w_t (default all 1) scale model t's trimmed task vector before the election and
-    the aggregation; with ``aggregate="mean"`` the result is the w-weighted mean of the
-    agreeing values (mergekit's ``normalize: true``). Trimming ranks each model's own
-    |tau|, so weights never change which entries are kept.
+    the aggregation; a model agrees when its weighted value has the elected sign; with
+    ``aggregate="mean"`` the result is sum_A w_t tau_t / sum_A w_t over the agreeing models A
+    (mergekit's ``normalize: true``). Trimming ranks each model's own |tau|, so weights never
+    change which entries are kept.
     """
 
     name: ClassVar[str] = "ties"

@@ -1,0 +1,229 @@
+"""The chunk planner's arithmetic, and sizes as text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tiesmerge
+from tiesmerge.engine import plan as plan_mod
+from tiesmerge.engine.plan import bytes_per_entry, format_size, make_plan, parse_size, rows_per_chunk
+from tiesmerge.io.align import Alignment, TensorJob
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+# ---------------------------------------------------------------------------------------------- per-entry bytes
+
+
+def test_bytes_per_entry_counts_every_buffer() -> None:
+    # n=3 bf16 inputs, bf16 output: raw rows 2 * (3+1) * 2 = 16 (current + read-ahead);
+    # tau + 3 temporaries 4 * 3 * 4 = 48 (float32); base32 4, merged32 4, output 2
+    assert bytes_per_entry(3, 2, 2) == 16 + 48 + 4 + 4 + 2
+    # n=1 float32 in, float64 out
+    assert bytes_per_entry(1, 4, 8) == 2 * 2 * 4 + 4 * 1 * 4 + 4 + 4 + 8
+    # grows linearly with the number of models
+    assert bytes_per_entry(11, 2, 2) - bytes_per_entry(10, 2, 2) == 2 * 2 + 4 * 4
+
+
+# ---------------------------------------------------------------------------------------------- rows per chunk
+
+
+def test_rows_per_chunk() -> None:
+    assert rows_per_chunk((), 100, 1) == 1  # 0-d: one "row"
+    assert rows_per_chunk((10, 5), 10, 120) == 2  # 120 // (5 * 10)
+    assert rows_per_chunk((10, 5), 10, 99) == 1
+    assert rows_per_chunk((10, 5), 10, 1) == 1  # at least one row, even over budget
+    assert rows_per_chunk((10, 5), 10, 10**9) == 10  # never more than the tensor
+    assert rows_per_chunk((7,), 4, 12) == 3  # 1-d: one entry per row
+    assert rows_per_chunk((4, 0, 3), 10, 5) == 4  # empty rows cost nothing
+
+
+def _alignment(*jobs: TensorJob) -> Alignment:
+    return Alignment(tuple(jobs))
+
+
+def _check_cover(plan: plan_mod.Plan, job: TensorJob) -> None:
+    """The chunks of ``job`` are contiguous row ranges covering it once, offsets/numels consistent."""
+    chunks = plan.chunks_by_job[job.name]
+    if not job.shape:
+        assert len(chunks) == 1 and chunks[0].rows is None and chunks[0].numel == 1
+        return
+    row_entries = job.numel // job.shape[0] if job.shape[0] else 0
+    start = 0
+    for c in chunks:
+        assert c.rows is not None and c.rows.start == start and c.rows.stop > start
+        assert c.offset == start * row_entries
+        assert c.numel == (c.rows.stop - c.rows.start) * row_entries
+        start = c.rows.stop
+    assert start == job.shape[0]
+    assert sum(c.numel for c in chunks) == job.numel
+
+
+@pytest.mark.parametrize("n_models", [1, 2, 5])
+@pytest.mark.parametrize("budget", [128 * MiB, 256 * MiB, 1 * GiB])
+def test_large_tensors_chunk_under_the_budget(n_models: int, budget: int) -> None:
+    jobs = [
+        TensorJob("embed", (151_936, 4096), torch.bfloat16, merge=True),
+        TensorJob("proj", (4096, 11_008), torch.float32, merge=True),
+        TensorJob("norm", (4096,), torch.float16, merge=True),
+        TensorJob("scale", (), torch.float32, merge=True),
+        TensorJob("ids", (1, 4096), torch.int64, merge=False),
+    ]
+    plan = make_plan(_alignment(*jobs), n_models, memory_budget=budget, out_dtype=None, selection_passes=2)
+    work = budget - plan_mod.FIXED_OVERHEAD
+    for job in jobs:
+        if not job.merge:
+            assert job.name not in plan.chunks_by_job
+            continue
+        _check_cover(plan, job)
+        per_entry = bytes_per_entry(n_models, job.dtype.itemsize, job.dtype.itemsize)
+        for c in plan.chunks_by_job[job.name]:
+            assert c.numel * per_entry <= work
+    assert len(plan.chunks_by_job["embed"]) > 1
+    assert plan.peak_bytes <= budget
+    assert plan.passes == 3
+    merged_bytes = sum(j.numel * j.dtype.itemsize for j in jobs if j.merge)
+    assert plan.bytes_per_pass == merged_bytes * (n_models + 1)
+    assert plan.copy_bytes == 4096 * 8
+    assert plan.bytes_to_read == plan.bytes_per_pass * 3 + plan.copy_bytes
+    assert any("row chunks" in note for note in plan.notes)
+
+
+def test_a_row_larger_than_the_budget_still_gets_one_row_per_chunk() -> None:
+    job = TensorJob("wide", (3, 1_000_000), torch.float32, merge=True)
+    plan = make_plan(_alignment(job), 2, memory_budget=4096, out_dtype=None, selection_passes=0)
+    chunks = plan.chunks_by_job["wide"]
+    assert [c.rows for c in chunks] == [slice(0, 1), slice(1, 2), slice(2, 3)]
+    # the estimate is honest about exceeding the budget
+    assert plan.peak_bytes >= 1_000_000 * bytes_per_entry(2, 4, 4)
+
+
+def test_tiny_budget_keeps_half_for_the_chunk() -> None:
+    job = TensorJob("w", (100, 10), torch.float32, merge=True)
+    per_entry = bytes_per_entry(2, 4, 4)
+    plan = make_plan(_alignment(job), 2, memory_budget=4096, out_dtype=None, selection_passes=2)
+    rows = 2048 // (10 * per_entry)
+    assert rows >= 1
+    assert all(c.numel <= rows * 10 for c in plan.chunks_by_job["w"])
+    assert len(plan.chunks_by_job["w"]) == -(-100 // rows)
+    _check_cover(plan, job)
+
+
+def test_out_dtype_and_aliases_in_output_bytes() -> None:
+    jobs = [
+        TensorJob("emb", (10, 4), torch.float32, merge=True, aliases=("head",)),
+        TensorJob("ids", (5,), torch.int64, merge=False),
+    ]
+    plan = make_plan(_alignment(*jobs), 2, memory_budget=GiB, out_dtype=torch.bfloat16, selection_passes=0)
+    assert plan.output_bytes == 40 * 2 * 2 + 5 * 8  # merged tensor twice (alias) in bf16; ids as stored
+    assert plan.passes == 1
+
+
+def test_chunked_per_tensor_scope_passes_are_counted() -> None:
+    jobs = [TensorJob("big", (64, 32), torch.float32, merge=True), TensorJob("small", (3,), torch.float32, merge=True)]
+    plan = make_plan(_alignment(*jobs), 2, memory_budget=4096, out_dtype=None, selection_passes=0,
+                     chunked_scope_passes=3)
+    assert len(plan.chunks_by_job["big"]) > 1 and len(plan.chunks_by_job["small"]) == 1
+    # the chunked tensor is read 3 extra times; the single-chunk one is not
+    assert plan.copy_bytes == 64 * 32 * 4 * 3 * 3
+
+
+def test_empty_tensors_plan_one_empty_chunk() -> None:
+    jobs = [TensorJob("e", (0, 5), torch.float32, merge=True), TensorJob("f", (5, 0), torch.float32, merge=True)]
+    plan = make_plan(_alignment(*jobs), 2, memory_budget=4096, out_dtype=None, selection_passes=2)
+    for job in jobs:
+        chunks = plan.chunks_by_job[job.name]
+        assert len(chunks) == 1 and chunks[0].numel == 0
+
+
+# ---------------------------------------------------------------------------------------------- passes via the API
+
+
+def _family() -> tuple[dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:
+    base = {"w": torch.zeros(64, 32), "b": torch.zeros(3), "ids": torch.arange(3)}
+    return base, [{k: v + (k2 + 1) if v.is_floating_point() else v for k, v in base.items()} for k2 in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("method", "opts", "passes"),
+    [
+        ("ties", {}, 3),
+        ("ties", {"zero_sign": "majority"}, 4),
+        ("ties", {"scope": "per_tensor"}, 1),
+        ("ties", {"scope": "per_tensor", "zero_sign": "majority"}, 1),
+        ("magnitude_prune", {}, 3),
+        ("task_arithmetic", {}, 1),
+        ("average", {}, 1),
+        ("dare_ties", {}, 1),
+        ("dare_linear", {}, 1),
+    ],
+)
+def test_plan_merge_passes(method: str, opts: dict, passes: int) -> None:
+    base, models = _family()
+    plan = tiesmerge.plan_merge(base, models, method, **opts)
+    assert plan.passes == passes
+    assert plan.bytes_per_pass == (64 * 32 + 3) * 4 * 3
+    assert plan.copy_bytes == 3 * 8
+
+
+@pytest.mark.parametrize(("opts", "extra_passes"), [({}, 2), ({"zero_sign": "majority"}, 3)])
+def test_plan_merge_per_tensor_chunked_extra_reads(opts: dict, extra_passes: int) -> None:
+    base, models = _family()
+    plan = tiesmerge.plan_merge(base, models, "ties", scope="per_tensor", memory_budget=4096, **opts)
+    assert len(plan.chunks_by_job["w"]) > 1
+    assert plan.copy_bytes == 3 * 8 + 64 * 32 * 4 * 3 * extra_passes
+
+
+# ---------------------------------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("2GiB", 2 * GiB),
+        ("5GB", 5_000_000_000),
+        ("512MiB", 512 * MiB),
+        ("512 MiB", 512 * MiB),
+        (" 1.5kib ", 1536),
+        ("1.5k", 1500),
+        ("4096", 4096),
+        ("4096b", 4096),
+        ("1TiB", 1 << 40),
+        ("2tb", 2 * 10**12),
+        (1024, 1024),
+        ("3m", 3_000_000),
+    ],
+)
+def test_parse_size(text: str | int, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "GiB", "5XB", "-1", "0", "0GiB", "1..5MB", "0.5", "0.1b", 0, -4096, True])
+def test_parse_size_rejects(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (3 * MiB // 2, "1.50 MiB"),
+        (2 * GiB, "2.00 GiB"),
+        (1 << 40, "1.00 TiB"),
+        (1 << 50, "1024.00 TiB"),
+    ],
+)
+def test_format_size(n: int, text: str) -> None:
+    assert format_size(n) == text
+
+
+def test_format_then_parse_round_trips_within_rounding() -> None:
+    for n in (1, 1000, 123_456, 7 * GiB + 12345):
+        text = format_size(n).replace(" ", "")
+        assert abs(parse_size(text) - n) <= max(1, n * 0.005)
