@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers_ckpt import make_family, write_hf_dir, write_pickle, write_safetensors
 
 import tiesmerge
+from helpers_ckpt import make_family, write_hf_dir, write_pickle, write_safetensors
 from tiesmerge.errors import CheckpointError
 from tiesmerge.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, open_checkpoint
 

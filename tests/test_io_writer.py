@@ -7,10 +7,10 @@ import os
 
 import pytest
 import torch
-from helpers_ckpt import TOKENIZER_FILES, assert_no_output, leftovers, write_hf_dir
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from helpers_ckpt import TOKENIZER_FILES, assert_no_output, leftovers, write_hf_dir
 from tiesmerge.errors import OutputError
 from tiesmerge.io.writer import (
     OutputEntry,
@@ -194,3 +194,39 @@ def test_copy_model_files_skips_weights_and_follows_dtype(tmp_path):
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert json.loads((src / "config.json").read_text())["torch_dtype"] == "float32"
     assert copy_model_files(None, dst) == []
+
+
+def test_atomic_directory_restores_old_output_if_final_rename_fails(tmp_path, monkeypatch):
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(src).find(".out.tiesmerge-tmp-") >= 0:
+            raise OSError(18, "Invalid cross-device link")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr("tiesmerge.io.writer.os.replace", replace)
+    with pytest.raises(OSError, match="cross-device"):
+        with atomic_directory(final, force=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert sorted(os.listdir(final)) == ["old.txt"]
+    assert leftovers(final) == [final]
+
+
+def test_atomic_directory_removes_parents_it_created_on_failure(tmp_path):
+    final = tmp_path / "a" / "b" / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final):
+            raise RuntimeError("fail")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep").write_text("k")  # an existing parent is never removed
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final):
+            raise RuntimeError("fail")
+    assert sorted(os.listdir(tmp_path / "a")) == ["keep"]
+    with atomic_directory(final) as tmp:
+        (tmp / "x").write_text("x")
+    assert (final / "x").is_file()

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .engine.executor import Executor, MemorySink, RunStats
 from .engine.plan import Plan, format_size, parse_size
-from .errors import CheckpointError, ConfigError, TiesMergeError
+from .errors import CheckpointError, ConfigError, OutputError, TiesMergeError
 from .io.align import align
 from .io.card import hash_files, model_card
 from .io.checkpoint import Checkpoint, open_checkpoint
@@ -66,6 +66,21 @@ def _check_inputs(base: Source, models: Sequence[Source]) -> None:
         seen[ident] = k
 
 
+def _check_output_not_input(output: str | os.PathLike, base: Source, models: Sequence[Source]) -> None:
+    """The output directory is replaced as a whole (with force=True), so it must not be, or
+    contain, an input model: that would delete the model being merged."""
+    final = Path(output).resolve()
+    for k, source in enumerate([base, *models]):
+        if isinstance(source, Mapping):
+            continue
+        src = Path(source).resolve()
+        if src == final or final in src.parents:
+            who = "the base" if k == 0 else f"model {k - 1}"
+            raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
+                              "writing there would replace the model being merged",
+                              hint="choose an output directory outside the input models")
+
+
 def _open_all(stack: ExitStack, base: Source, models: Sequence[Source], allow_pickle: bool
               ) -> tuple[Checkpoint, list[Checkpoint]]:
     def label(source: Source, default: str) -> str:
@@ -87,7 +102,10 @@ def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: M
     problems = method.check(len(models))
     if problems:
         raise ConfigError(problems)
-    device_t = torch.device(device)
+    try:
+        device_t = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own message lists every backend it knows, not what we take
+        raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda") from None
     if device_t.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device 'cuda' was asked for but no CUDA device is available", hint="use --device cpu")
     if device_t.type not in ("cpu", "cuda"):
@@ -154,6 +172,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:
         raise ConfigError(f"shard_size: {exc}") from None
+    if output is not None:
+        _check_output_not_input(output, base, models)
     with ExitStack() as stack:
         bar = None
         if progress:
@@ -169,7 +189,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             sink = MemorySink(executor.alignment.jobs, executor.out_dtype)
             executor.run(sink)
             return sink.state
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash"))
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash")
+        # on an error or Ctrl-C, skip the files not hashed yet: a plain `with pool` would hash every
+        # remaining input (minutes for a large model) before the error is shown
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         inputs = [base_ckpt, *model_ckpts]
         digests = [hash_files(c.files(), pool) for c in inputs]
         groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype) if j.merge else j.dtype)
@@ -206,7 +229,7 @@ def _manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: 
         "method": {"name": recipe.method.name, "paper": recipe.method.paper,
                    "options": recipe.to_dict()["parameters"]},
         "inputs": {"base": {"label": recipe.base, "files": hashed[0]},
-                   "models": [{"label": label, "files": h} for label, h in zip(recipe.models, hashed[1:])]},
+                   "models": [{"label": label, "files": h} for label, h in zip(recipe.models, hashed[1:], strict=True)]},
         "alignment": {"tied": [list(g) for g in executor.alignment.tied],
                       "truncated": list(executor.alignment.truncated), "vocab_policy": recipe.vocab_policy},
         "tensors": {"merged": stats.tensors_merged, "copied": stats.tensors_copied, "tied_aliases": stats.tensors_tied},

@@ -44,7 +44,7 @@ _KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memor
 def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:  # a YAML list is unhashable: check the type first
         raise ConfigError(f"dtype {name!r} is not one of {', '.join(DTYPES)}{did_you_mean(str(name), list(DTYPES))}")
     return DTYPES[name]
 
@@ -93,7 +93,7 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     name = data.get("method")
     if name is None:
         problems.append(f"'method' is missing (one of {', '.join(METHODS)})")
-    elif name not in METHODS:
+    elif not isinstance(name, str) or name not in METHODS:  # a YAML list or mapping is unhashable
         problems.append(f"unknown method {name!r}{did_you_mean(str(name), list(METHODS))}")
     base = data.get("base")
     if base is None:
@@ -134,19 +134,29 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
                 check(data[key])
             except ValueError as exc:
                 problems.append(f"{key}: {exc}")
-    if data.get("dtype") is not None and data["dtype"] not in DTYPES:
+    if data.get("dtype") is not None and (not isinstance(data["dtype"], str) or data["dtype"] not in DTYPES):
         problems.append(f"dtype {data['dtype']!r} is not one of {', '.join(DTYPES)}")
     if data.get("vocab_policy", "error") not in VOCAB_POLICIES:
         problems.append(f"vocab_policy {data['vocab_policy']!r} is not one of {', '.join(VOCAB_POLICIES)}")
     if str(data.get("device", "cpu")).split(":")[0] not in ("cpu", "cuda"):
         problems.append(f"device {data['device']!r} is not cpu or cuda")
+    if not isinstance(data.get("allow_pickle", False), bool):  # bool("no") would be True
+        problems.append(f"allow_pickle must be true or false, got {data['allow_pickle']!r}")
     method = None
-    if name in METHODS:
+    if isinstance(name, str) and name in METHODS:
         try:
             method = make_method(name, params)
             problems += method.check(len(paths))
         except ConfigError as exc:
             problems += exc.problems
+            # unknown options stop make_method before the known ones are checked: check those too,
+            # so one run reports every problem
+            known = {f.name for f in dataclasses.fields(METHODS[name])}
+            if any(k not in known for k in params):
+                try:
+                    problems += make_method(name, {k: v for k, v in params.items() if k in known}).check(len(paths))
+                except ConfigError as inner:
+                    problems += inner.problems
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
     assert method is not None

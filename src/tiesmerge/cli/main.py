@@ -138,7 +138,10 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         if wrong:
             raise ConfigError([f"--{k.replace('_', '-')} does not apply to method {data['method']!r}" for k in wrong],
                               hint=f"{data['method']} takes: {', '.join('--' + f.replace('_', '-') for f in fields)}")
-        data["parameters"] = {**data.get("parameters", {}), **given}
+        recipe_params = data.get("parameters") or {}
+        if not isinstance(recipe_params, dict):
+            raise ConfigError(f"{args.recipe}: 'parameters' must be a mapping of method options")
+        data["parameters"] = {**recipe_params, **given}
     missing = [flag for flag, key in (("--base", "base"), ("--model", "models")) if not data.get(key)]
     if missing:
         raise ConfigError(f"missing {' and '.join(missing)} (or a recipe file)",
@@ -169,7 +172,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     print(f"merged {len(recipe.models)} models with {recipe.method.name} into {out}")
     print(f"  {t['merged']} tensors merged, {t['copied']} copied, {t['tied_aliases']} tied; "
           f"{format_size(read)} read in {seconds:.1f} s ({read / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
-    print(f"  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in manifest["seconds"].items()))
+    print("  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in manifest["seconds"].items()))
     return 0
 
 
@@ -180,7 +183,7 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         print(f"  paper: {cls.paper}")
         for f in dataclasses.fields(cls):
             meta = f.metadata
-            default = f.default
+            default = "—" if f.default is None else f.default
             extra = f" one of {'|'.join(meta['choices'])}" if meta.get("choices") else ""
             unit = f" [{meta['unit']}]" if meta.get("unit") else ""
             print(f"  --{f.name.replace('_', '-'):<12} default {default!s:<8} {meta.get('help', '')}{unit}{extra}")

@@ -133,7 +133,7 @@ class Executor:
         return base32, tau
 
     def _raise_not_finite(self, chunk: Chunk, raw: list[torch.Tensor]) -> None:
-        for ckpt, value in zip([self.base, *self.models], raw):
+        for ckpt, value in zip([self.base, *self.models], raw, strict=True):
             bad = ~torch.isfinite(value.float())
             if bool(bad.any()):
                 first = int(bad.reshape(-1).nonzero()[0]) + chunk.offset

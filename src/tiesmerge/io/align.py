@@ -104,7 +104,7 @@ def _shapes_table(name: str, base: Checkpoint, models: list[Checkpoint]) -> str:
         i = c.info(name)
         return f"{tuple(i.shape)} {str(i.dtype).removeprefix('torch.')}"
 
-    lines = [f"    base    {show(base):<28} {base.label}"]
+    lines = [f"    base     {show(base):<28} {base.label}"]  # as wide as "model k "
     lines += [f"    model {k:<2} {show(m):<28} {m.label}" for k, m in enumerate(models)]
     return "\n".join(lines)
 

@@ -174,15 +174,19 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
     (Ctrl-C included) remove it, so no half-written output ever looks complete."""
     final = Path(final).absolute()
     _check_output_path(final, force)
+    # parent folders this call creates are removed again on failure, like the output itself
+    created = [p for p in final.parents if not p.exists()]  # innermost first
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tiesmerge-tmp-", dir=final.parent))
     except OSError as exc:
+        _remove_empty(created)
         raise OutputError(f"{final}: cannot create the output directory ({exc.strerror or exc})",
                           hint="choose a location you can write to") from None
     free = shutil.disk_usage(tmp).free
     if needed_bytes > free:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise OutputError(f"{final}: the merge needs {needed_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB "
                           "is free there", hint="free some space or write elsewhere")
     try:
@@ -192,12 +196,28 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         if final.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{final.name}.tiesmerge-old-", dir=final.parent))
             os.replace(final, old / "replaced")
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            if old is not None:  # put the previous output back instead of leaving it hidden in a dot-folder
+                os.replace(old / "replaced", final)
+                shutil.rmtree(old, ignore_errors=True)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove folders (innermost first) that are still empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def copy_model_files(source: Path | None, target: Path, *, dtype: torch.dtype | None = None) -> list[str]:

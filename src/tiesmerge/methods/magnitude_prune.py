@@ -9,7 +9,16 @@ import torch
 
 from ..errors import ConfigError
 from . import ops
-from .base import ChunkContext, TrimSpec, as_tuple, check_choice, check_finite, check_fraction, check_weights, option
+from .base import (
+    ChunkContext,
+    TrimSpec,
+    as_tuple,
+    check_choice,
+    check_finite,
+    check_fraction,
+    check_weights,
+    option,
+)
 from .ties import SCOPES
 
 
