@@ -9,7 +9,9 @@ are refused unless the caller opts in, and then loaded with ``weights_only=True`
 from __future__ import annotations
 
 import json
+import math
 import os
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,44 +84,60 @@ class Checkpoint(Protocol):
 
 
 class SafetensorsCheckpoint:
-    """One ``.safetensors`` file, or a directory with one file or with shards and an index."""
+    """One ``.safetensors`` file, or a directory with one file or with shards and an index.
+
+    Each file is validated once by ``safe_open`` (header, dtypes, that the data covers the
+    file exactly), then read with ``pread`` through one descriptor per file: a read copies
+    just the requested rows into fresh memory. Reading through the memory map instead would
+    leave every touched page of every input resident in the process, so peak RSS would grow
+    with the model size rather than stay under the memory budget.
+    """
 
     def __init__(self, path: Path, weight_files: list[Path], weight_map: dict[str, Path], label: str) -> None:
         self.label = label
         self.path = path
         self._files = weight_files
-        self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, int] = {}
         self._where: dict[str, Path] = {}
         self._info: dict[str, TensorInfo] = {}
-        for file in weight_files:
-            handle = self._open(file)
-            for name in handle.keys():
-                if weight_map and weight_map.get(name) != file:
-                    continue  # the index decides which shard owns a name
-                piece = handle.get_slice(name)
-                dtype_name = piece.get_dtype()
-                if dtype_name not in SAFETENSORS_DTYPES:
-                    raise CheckpointError(f"{file}: tensor {name!r} has dtype {dtype_name}, which tiesmerge cannot read")
-                self._where[name] = file
-                self._info[name] = TensorInfo(tuple(piece.get_shape()), SAFETENSORS_DTYPES[dtype_name])
+        self._start: dict[str, int] = {}  # absolute file offset of each tensor's first byte
+        try:
+            for file in weight_files:
+                self._index_file(file, weight_map)
+        except BaseException:
+            self.close()
+            raise
         missing = [name for name in weight_map if name not in self._where]
         if missing:
+            self.close()
             raise CheckpointError(
                 f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, first {missing[0]!r} "
                 f"(expected in {weight_map[missing[0]].name})",
                 hint="the download is incomplete or the index belongs to another model; fetch the shards again",
             )
 
-    def _open(self, file: Path):
+    def _index_file(self, file: Path, weight_map: dict[str, Path]) -> None:
         try:
-            handle = safe_open(str(file), framework="pt", device="cpu")
-        except (SafetensorError, OSError) as exc:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:  # validates the whole layout
+                names = list(handle.keys())
+            with open(file, "rb") as f:
+                header_len = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(header_len))
+        except (SafetensorError, OSError, ValueError, struct.error) as exc:
             raise CheckpointError(
                 f"{file}: not a readable safetensors file ({exc})",
                 hint="the file is truncated or corrupt; download or copy it again",
             ) from None
-        self._handles[file] = handle
-        return handle
+        for name in names:
+            if weight_map and weight_map.get(name) != file:
+                continue  # the index decides which shard owns a name
+            entry = header[name]
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which tiesmerge cannot read")
+            self._where[name] = file
+            self._info[name] = TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
+            self._start[name] = 8 + header_len + entry["data_offsets"][0]
+        self._fds[file] = os.open(file, os.O_RDONLY)
 
     def names(self) -> list[str]:
         return list(self._info)
@@ -131,13 +149,32 @@ class SafetensorsCheckpoint:
         return str(self._where.get(name, self.path))
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        handle = self._handles[self._where[name]]
+        info = self._info[name]
+        shape = list(info.shape)
+        row_bytes = info.dtype.itemsize * (info.numel // shape[0] if shape and shape[0] else 0)
+        offset = self._start[name]
+        if rows is not None and shape:
+            first, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("row slices must be contiguous")
+            shape[0] = max(0, stop - first)
+            offset += first * row_bytes
+        nbytes = info.dtype.itemsize * math.prod(shape)
+        buffer = bytearray(nbytes)
+        view = memoryview(buffer)
+        done = 0
         try:
-            if rows is None or not self._info[name].shape:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[rows]
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{self.location(name)}: cannot read tensor {name!r} ({exc})") from None
+            while done < nbytes:  # pread may return less than asked (2 GiB cap, signals)
+                got = os.preadv(self._fds[self._where[name]], [view[done:]], offset + done)
+                if got == 0:
+                    raise OSError(f"unexpected end of file after {done} of {nbytes} bytes")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"{self.location(name)}: cannot read tensor {name!r} ({exc})",
+                                  hint="the file changed or was truncated while tiesmerge read it") from None
+        if not nbytes:
+            return torch.empty(shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).view(shape)
 
     def files(self) -> list[Path]:
         return list(self._files)
@@ -146,7 +183,9 @@ class SafetensorsCheckpoint:
         return self.path if self.path.is_dir() else None
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class StateDictCheckpoint:
