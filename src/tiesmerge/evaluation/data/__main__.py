@@ -1,0 +1,60 @@
+"""``python -m tiesmerge.evaluation.data``: fetch the benchmark sources and print per-task counts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from ...errors import TiesMergeError
+from .fetch import default_cache_dir
+from .suite import DEFAULT_SIZES, describe, fetch_sources, load_suite
+from .tasks import TASK_NAMES
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tiesmerge.evaluation.data", description=__doc__)
+    parser.add_argument("--tasks", nargs="+", choices=TASK_NAMES, help="tasks to load (default: all)")
+    parser.add_argument("--cache-dir", help=f"download cache (default: {default_cache_dir()})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sizes", type=int, nargs=3, default=DEFAULT_SIZES, metavar=("TRAIN", "VAL", "TEST"))
+    parser.add_argument("--fetch-only", action="store_true", help="only fetch/verify the sources")
+    parser.add_argument("--json", action="store_true", help="print the counts as JSON")
+    args = parser.parse_args(argv)
+    try:
+        start = time.perf_counter()
+        fetched = fetch_sources(args.tasks, cache_dir=args.cache_dir)
+        fetch_s = time.perf_counter() - start
+        for key, src in fetched.items():
+            how = "cached" if src.reused else "fetched"
+            print(f"{key}: {how} {src.archive.path} ({src.archive.size} bytes) in {src.seconds:.1f}s", file=sys.stderr)
+        print(f"sources ready in {fetch_s:.1f}s", file=sys.stderr)
+        if args.fetch_only:
+            return 0
+        start = time.perf_counter()
+        suite = load_suite(args.tasks, cache_dir=args.cache_dir, seed=args.seed, sizes=args.sizes)
+        print(f"tasks built in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+    except TiesMergeError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        summary = {
+            name: {
+                "classes": list(task.classes),
+                "pool": task.pool_size,
+                "splits": {s: task.class_counts(s) for s in ("train", "validation", "test")},
+                "sources": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in task.sources],
+            }
+            for name, task in suite.items()
+        }
+        print(json.dumps(summary, indent=2))
+    else:
+        describe(suite)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Sentence encoders with frozen cosine heads: the benchmark's stand-in for CLIP's text heads.
+
+An encoder is a BERT-style model + attention-masked mean pooling + L2 normalisation (the
+all-MiniLM-L6-v2 recipe). Each task's classifier is frozen: the normalised embeddings, by the
+*base* encoder, of one description per class; logits = scale * cosine. Only the encoder is
+fine-tuned and merged, as the paper's vision setting keeps CLIP's zero-shot heads fixed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["SentenceEncoder", "CosineHead", "mean_pool", "build_head", "LOGIT_SCALE"]
+
+LOGIT_SCALE = 20.0  # cosine similarities live in [-1, 1]; x20 gives a usable softmax temperature
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, D), (B, T) -> (B, D): the mean of the real tokens' states."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
+
+
+class SentenceEncoder(torch.nn.Module):
+    """A transformers encoder that maps texts to unit vectors.
+
+    >>> enc = SentenceEncoder.from_pretrained("path/to/all-MiniLM-L6-v2")   # doctest: +SKIP
+    >>> enc.encode(["a sentence"]).shape                                    # doctest: +SKIP
+    torch.Size([1, 384])
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int = 128) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, state: Mapping[str, torch.Tensor] | None = None,
+                        max_length: int = 128, device: str | torch.device = "cpu") -> SentenceEncoder:
+        """Load an HF encoder directory; ``state`` (e.g. a merged state dict) replaces its weights."""
+        from transformers import AutoModel, AutoTokenizer
+
+        directory = Path(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModel.from_pretrained(directory, add_pooling_layer=False) \
+            if _is_bert(directory) else AutoModel.from_pretrained(directory)
+        if state is not None:
+            missing, unexpected = model.load_state_dict(dict(state), strict=False)
+            real_missing = [k for k in missing if "position_ids" not in k]
+            if real_missing or unexpected:
+                raise ValueError(f"state does not fit {directory}: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+        return cls(model.to(device), tokenizer, max_length=max_length)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        batch = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenized batch -> (B, D) unit vectors (differentiable, for fine-tuning)."""
+        hidden = self.model(**batch).last_hidden_state  # (B, T, D)
+        return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
+        """(N, D) unit vectors; texts are batched by length so padding stays small."""
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        chunks = []
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            chunks.append((idx, self(self.tokenize([texts[j] for j in idx])).float().cpu()))
+        width = chunks[0][1].shape[1] if chunks else self.model.config.hidden_size
+        out = torch.empty(len(texts), width)
+        for idx, emb in chunks:
+            out[idx] = emb
+        self.train(was_training)
+        return out
+
+
+def _is_bert(directory: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((directory / "config.json").read_text()).get("model_type") == "bert"
+    except (OSError, ValueError):
+        return False
+
+
+@dataclass(frozen=True)
+class CosineHead:
+    """A frozen classifier: logits = scale * (unit embedding @ class_embeddings.T)."""
+
+    class_embeddings: torch.Tensor  # (C, D), unit rows
+    scale: float = LOGIT_SCALE
+
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B, C)."""
+        return self.scale * embeddings @ self.class_embeddings.to(embeddings.device, embeddings.dtype).T
+
+
+def build_head(base_encoder: SentenceEncoder, descriptions: Sequence[str], *, scale: float = LOGIT_SCALE) -> CosineHead:
+    """The zero-shot head of one task, from the *base* encoder's embeddings of its class descriptions."""
+    return CosineHead(base_encoder.encode(list(descriptions)), scale)

@@ -1,0 +1,89 @@
+"""Rank classification for language models: the paper's text-task protocol.
+
+Every answer choice is scored by the sum of its tokens' log-probabilities given the prompt;
+the prediction is the highest-scoring choice. Works for causal LMs (prompt and choice are one
+sequence; only the choice's tokens are scored) and for encoder-decoder LMs (the prompt is the
+encoder input, the choice the decoder target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["ChoiceExample", "score_choices", "rank_classification_accuracy"]
+
+
+@dataclass(frozen=True)
+class ChoiceExample:
+    prompt: str
+    choices: tuple[str, ...]
+    label: int  # index of the correct choice
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+@torch.no_grad()
+def _score_causal(model, tokenizer, pairs: list[tuple[str, str]], device: torch.device) -> list[float]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows, starts = [], []
+    for prompt, choice in pairs:
+        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        c = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        rows.append(p + c)
+        starts.append(len(p))
+    ids = _pad(rows, pad).to(device)  # (B, T)
+    mask = _pad([[1] * len(r) for r in rows], 0).to(device)
+    logprobs = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # (B, T, V)
+    # token t is predicted by position t-1
+    token_lp = logprobs[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)  # (B, T-1)
+    scores = []
+    for b, (row, start) in enumerate(zip(rows, starts)):
+        scores.append(float(token_lp[b, start - 1:len(row) - 1].sum()))
+    return scores
+
+
+@torch.no_grad()
+def _score_seq2seq(model, tokenizer, pairs: list[tuple[str, str]], device: torch.device) -> list[float]:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    enc = tokenizer([p for p, _ in pairs], return_tensors="pt", padding=True).to(device)
+    targets = [tokenizer(c, add_special_tokens=True)["input_ids"] for _, c in pairs]
+    labels = _pad(targets, -100).to(device)  # (B, L), -100 ignored
+    logits = model(**enc, labels=labels).logits.float()  # (B, L, V)
+    logprobs = logits.log_softmax(-1)
+    safe = labels.clamp_min(0)
+    token_lp = logprobs.gather(2, safe[:, :, None]).squeeze(2) * (labels != -100)  # (B, L)
+    del pad
+    return token_lp.sum(1).tolist()
+
+
+def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], *, batch_size: int = 16,
+                  device: str | torch.device | None = None) -> list[list[float]]:
+    """Per example, the summed log-probability of each choice."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    scorer = _score_seq2seq if seq2seq else _score_causal
+    pairs = [(ex.prompt, choice) for ex in examples for choice in ex.choices]
+    flat: list[float] = []
+    model.eval()
+    for i in range(0, len(pairs), batch_size):
+        flat += scorer(model, tokenizer, pairs[i:i + batch_size], device)
+    out, k = [], 0
+    for ex in examples:
+        out.append(flat[k:k + len(ex.choices)])
+        k += len(ex.choices)
+    return out
+
+
+def rank_classification_accuracy(model, tokenizer, examples: Sequence[ChoiceExample], **kwargs) -> float:
+    """Share of examples whose correct choice has the highest summed log-probability."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    scores = score_choices(model, tokenizer, examples, **kwargs)
+    hits = sum(int(max(range(len(s)), key=s.__getitem__) == ex.label) for s, ex in zip(scores, examples))
+    return hits / len(examples)
