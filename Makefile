@@ -4,27 +4,34 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
-STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean venv
+.PHONY: demo test lint bench clean
 
-venv: $(STAMP)
-
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
-	touch $(STAMP)
 
-demo: $(STAMP)
+# one stamp per set of extras: the test suite needs [dev], the demo and benchmark [bench] too
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $@ $(VENV)/.installed-dev
+
+demo: $(VENV)/.installed-bench
 	$(BIN)/tiesmerge demo
 
-test: $(STAMP)
+test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/ruff check src tests
+bench: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/minilm/run.py
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check src tests benchmarks
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -6,7 +6,7 @@ from tiesmerge.cli.main import main
 
 
 def test_demo_prints_a_table(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo"), "--params", "3"]) == 0
+    assert main(["demo", "--synthetic", "--workdir", str(tmp_path / "demo"), "--params", "3"]) == 0
     out = capsys.readouterr().out
     for row in ("ties", "task_arithmetic", "average", "skill kept"):
         assert row in out

@@ -19,7 +19,7 @@ from tiesmerge.evaluation.encoder import CosineHead, SentenceEncoder, build_head
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
 
 CACHE = Path(os.environ.get("TIESMERGE_BENCH_CACHE", Path.home() / ".cache" / "tiesmerge" / "bench"))
-MAX_LENGTH = 128
+MAX_LENGTH = int(os.environ.get("TIESMERGE_BENCH_MAX_LENGTH", "128"))  # tokens; the CPU run uses 64
 
 
 def package_model_dir() -> Path:
@@ -56,25 +56,27 @@ def make_heads(tasks: dict[str, TaskData], device: str) -> dict[str, CosineHead]
     return {name: build_head(base, task.descriptions) for name, task in tasks.items()}
 
 
-def _key(tasks: list[TaskData], config: TrainConfig) -> str:
+def _key(tasks: list[TaskData], config: TrainConfig, train_limit: int | None) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
+    digest.update(json.dumps({**asdict(config), "max_length": MAX_LENGTH, "train_limit": train_limit},
+                             sort_keys=True).encode())
     for task in tasks:
         digest.update(task.name.encode())
-        for text, label in task.train:
+        for text, label in task.train[:train_limit]:
             digest.update(text.encode())
             digest.update(str(label).encode())
     return digest.hexdigest()[:12]
 
 
 def finetuned_dir(name: str, tasks: list[TaskData], heads: dict[str, CosineHead], config: TrainConfig,
-                  device: str, log=print) -> Path:
-    """Fine-tune (or reuse) one encoder on the train split(s) of ``tasks``; return its HF directory."""
-    out = CACHE / "models" / f"{name}-{_key(tasks, config)}"
+                  device: str, *, train_limit: int | None = None, log=print) -> Path:
+    """Fine-tune (or reuse) one encoder on the train split(s) of ``tasks`` (the first ``train_limit``
+    examples of each, the splits being shuffled already); return its HF directory."""
+    out = CACHE / "models" / f"{name}-{_key(tasks, config, train_limit)}"
     if (out / "model.safetensors").is_file() and (out / "train_log.json").is_file():
         return out
     encoder = load_encoder(base_dir(), device)
-    examples = {t.name: t.train for t in tasks}
+    examples = {t.name: t.train[:train_limit] for t in tasks}
     every = max(1, sum(len(v) for v in examples.values()) // config.batch_size // 10)
 
     def report(step: int, total: int, loss: float) -> None:
@@ -84,6 +86,7 @@ def finetuned_dir(name: str, tasks: list[TaskData], heads: dict[str, CosineHead]
     result = finetune(encoder, heads, examples, config, on_step=report)
     _save(encoder, out)
     (out / "train_log.json").write_text(json.dumps({**asdict(result), "config": asdict(config),
+                                                    "max_length": MAX_LENGTH, "train_limit": train_limit,
                                                     "tasks": [t.name for t in tasks], "device": device}, indent=2))
     return out
 

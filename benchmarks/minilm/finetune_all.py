@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASK_NAMES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--train-limit", type=int, default=None, help="train examples per task (default: all)")
     parser.add_argument("--no-multitask", action="store_true")
     args = parser.parse_args()
     suite = load_suite(args.tasks)
@@ -30,11 +31,12 @@ def main() -> None:
     config = TrainConfig(epochs=args.epochs)
     for name, task in suite.items():
         t0 = time.perf_counter()
-        path = finetuned_dir(name, [task], heads, config, args.device)
+        path = finetuned_dir(name, [task], heads, config, args.device, train_limit=args.train_limit)
         print(f"{name}: {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
     if not args.no_multitask:
         t0 = time.perf_counter()
-        path = finetuned_dir("multitask", list(suite.values()), heads, config, args.device)
+        path = finetuned_dir("multitask", list(suite.values()), heads, config, args.device,
+                             train_limit=args.train_limit)
         print(f"multitask: {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 

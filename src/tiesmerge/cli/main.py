@@ -46,6 +46,23 @@ recipe.yaml:
 """
 
 
+TUNE_EXAMPLES = """\
+examples:
+  # the paper's grid for TIES (k in 0.1, 0.2, 0.3; lam 0.8..3.0), scored by your function
+  tiesmerge tune --base ./base --model ./a --model ./b --evaluator my_eval:validation_accuracy -o ./best
+
+  # task arithmetic, a custom lam grid
+  tiesmerge tune --base ./base --model ./a --model ./b --method task_arithmetic \\
+      --grid lam=0.1:1.0:0.05 --evaluator my_eval:validation_accuracy --json grid.json
+
+my_eval.py:
+  def validation_accuracy(state_dict) -> float:   # higher is better
+      model.load_state_dict(state_dict); return accuracy(model, validation_data)
+
+tau_m is merged once per density (or drop rate) and every lam is swept on top of it.
+"""
+
+
 def _method_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Add one flag per method field (union over methods). Returns flag dest -> field name."""
     group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
@@ -106,12 +123,93 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="example:\n  tiesmerge validate recipe.yaml", formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("recipe")
 
-    d = sub.add_parser("demo", help="make small synthetic fine-tunes, merge them, print what happened",
-                       epilog="example:\n  tiesmerge demo --workdir /tmp/tiesmerge-demo",
+    t = sub.add_parser("tune", help="search a method's (density, lam) grid on validation data",
+                       epilog=TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--base", required=True, help="the base model")
+    t.add_argument("--model", action="append", dest="models", required=True, metavar="PATH", help="a fine-tuned model; repeat")
+    t.add_argument("--method", default="ties", help="ties (default), task_arithmetic, magnitude_prune, dare_ties, dare_linear")
+    t.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION",
+                   help="a function taking a state dict and returning a validation score (higher is better)")
+    t.add_argument("--grid", action="append", default=[], metavar="NAME=VALUES",
+                   help="override one axis: density=0.1,0.2,0.3 or lam=0.8:3.0:0.1 (start:stop:step); "
+                        "default: the paper's grid")
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--memory-budget", default=None)
+    t.add_argument("-o", "--output", help="write the best merge here as an HF directory")
+    t.add_argument("--json", type=Path, help="write every grid point's score here")
+    t.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+    d = sub.add_parser("demo", help="fine-tune MiniLM on 3 real tasks, merge, print a table (or --synthetic)",
+                       epilog="examples:\n  tiesmerge demo\n  tiesmerge demo --synthetic --params 50",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--workdir", help="where to write the demo models (default: a temporary directory)")
-    d.add_argument("--params", type=float, default=50.0, help="size of the synthetic model, millions of parameters")
+    d.add_argument("--synthetic", action="store_true",
+                   help="no downloads: synthetic Llama-shaped fine-tunes with known sparse skills")
+    d.add_argument("--params", type=float, default=50.0, help="--synthetic: model size, millions of parameters")
     return parser
+
+
+def _parse_grid(items: list[str], method: str) -> dict[str, tuple[float, ...]]:
+    from ..tuning import lam_grid, paper_grid
+
+    grid = dict(paper_grid(method)) if method in ("ties", "task_arithmetic", "magnitude_prune", "dare_ties",
+                                                  "dare_linear") else {}
+    problems = []
+    for item in items:
+        name, _, values = item.partition("=")
+        try:
+            if ":" in values:
+                start, stop, step = (float(x) for x in values.split(":"))
+                grid[name.replace("-", "_")] = lam_grid(start, stop, step)
+            else:
+                grid[name.replace("-", "_")] = tuple(float(x) for x in values.split(","))
+        except ValueError:
+            problems.append(f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step")
+    if problems:
+        raise ConfigError(problems)
+    return grid
+
+
+def _load_callable(spec: str):
+    import importlib
+
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ConfigError(f"--evaluator {spec!r}: expected MODULE:FUNCTION", hint="e.g. --evaluator my_eval:score")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # so a module in the current directory can be named
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"--evaluator {spec!r}: cannot load it ({exc})") from None
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from ..tuning import tune
+
+    method_class(args.method)  # unknown names fail before anything is read
+    evaluate = _load_callable(args.evaluator)
+    grid = _parse_grid(args.grid, args.method)
+
+    def show(point) -> None:
+        options = " ".join(f"{k}={v}" for k, v in point.options.items())
+        print(f"  {options} lam={point.lam:.2f}  score {point.score:.4f}", flush=True)
+
+    result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,
+                  memory_budget=args.memory_budget, on_point=show)
+    best = result.best
+    print(f"best: {' '.join(f'{k}={v}' for k, v in best.options.items())} lam={best.lam} score {best.score:.4f} "
+          f"({len(result.points)} points, {result.merges} merges, {result.seconds:.1f} s)")
+    if args.json:
+        args.json.write_text(json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
+                                                                           "score": best.score},
+                                         "points": [{**p.options, "lam": p.lam, "score": p.score}
+                                                    for p in result.points]}, indent=2) + "\n")
+    if args.output:
+        merge(args.base, args.models, args.method, output=args.output, device=args.device,
+              memory_budget=args.memory_budget, force=args.force, **best.options, lam=best.lam)
+        print(f"wrote the best merge to {args.output}")
+    return 0
 
 
 def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
@@ -203,9 +301,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    if args.synthetic:
+        from .demo import run_demo
 
-    return run_demo(workdir=args.workdir, million_params=args.params)
+        return run_demo(workdir=args.workdir, million_params=args.params)
+    from .demo_text import run_text_demo
+
+    return run_text_demo(workdir=args.workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"merge": _cmd_merge, "methods": _cmd_methods, "validate": _cmd_validate, "demo": _cmd_demo}
+    handler = {"merge": _cmd_merge, "methods": _cmd_methods, "validate": _cmd_validate, "tune": _cmd_tune,
+               "demo": _cmd_demo}
     try:
         return handler[args.command](args)
     except TiesMergeError as exc:

@@ -1,6 +1,13 @@
-"""Evaluation: offline benchmark data and scoring of merged models.
+"""Evaluation: task data, frozen-head encoders, rank classification, suite results.
 
-The real-text task data lives in :mod:`tiesmerge.evaluation.data`.
+Submodules: ``data`` (the eight offline text tasks), ``encoder`` (sentence encoder + frozen
+cosine heads), ``finetune``, ``suite_eval`` (accuracy, normalized accuracy), ``results``
+(tables), ``rank_classification`` (the paper's protocol for language models).
 """
 
-__all__: list[str] = []
+from .rank_classification import ChoiceExample, rank_classification_accuracy, score_choices
+from .results import ResultRow, ResultsTable
+from .suite_eval import SuiteResult, evaluate_encoder, task_accuracy
+
+__all__ = ["ChoiceExample", "ResultRow", "ResultsTable", "SuiteResult", "evaluate_encoder",
+           "rank_classification_accuracy", "score_choices", "task_accuracy"]

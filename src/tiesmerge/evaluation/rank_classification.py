@@ -35,6 +35,9 @@ def _score_causal(model, tokenizer, pairs: list[tuple[str, str]], device: torch.
     for prompt, choice in pairs:
         p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
         c = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        if not p:  # the first choice token would have no position predicting it (the slice below wraps to -1)
+            raise ValueError(f"prompt {prompt!r} has no tokens, so the choice {choice!r} cannot be scored; "
+                             "give a non-empty prompt or a tokenizer that adds a BOS token")
         rows.append(p + c)
         starts.append(len(p))
     ids = _pad(rows, pad).to(device)  # (B, T)

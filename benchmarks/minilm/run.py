@@ -1,0 +1,208 @@
+"""Table 1 in miniature: fine-tune MiniLM on 8 real tasks, merge, evaluate. Run from the repo root:
+
+    python benchmarks/minilm/run.py                  # everything; reuses cached data and models
+    python benchmarks/minilm/run.py --device cuda    # the same on a GPU, with the full protocol
+
+Writes benchmarks/results/table1.md + .json and fig5.md + .png + .json. Every merge goes
+through tiesmerge.merge; hyperparameters with validation come from tiesmerge.tuning.tune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import common  # noqa: E402
+from common import base_dir, finetuned_dir, hardware, load_encoder, make_heads  # noqa: E402
+
+import tiesmerge  # noqa: E402
+from tiesmerge.evaluation import ResultRow, ResultsTable, SuiteResult, evaluate_encoder  # noqa: E402
+from tiesmerge.evaluation.data import TASK_NAMES, load_suite  # noqa: E402
+from tiesmerge.evaluation.finetune import TrainConfig  # noqa: E402
+from tiesmerge.methods import Average, TaskArithmetic, Ties  # noqa: E402
+from tiesmerge.tuning import paper_grid, tune  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--train-limit", type=int, default=None, help="train examples per task (default all: 2000)")
+    p.add_argument("--test-limit", type=int, default=None, help="test examples per task (default all: 1000)")
+    p.add_argument("--val-limit", type=int, default=None, help="validation examples per task used for tuning")
+    p.add_argument("--fig5-limit", type=int, default=None, help="test examples per task in the Fig. 5 sweep")
+    p.add_argument("--fig5-subsets", type=int, default=10, help="subsets per number of tasks (paper: 10)")
+    p.add_argument("--skip-fig5", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="table1", help="file stem of the table (table1 -> table1.md/.json)")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    # -- data and heads
+    suite = load_suite(args.tasks, seed=args.seed)
+    tasks = list(suite)
+    test = {t: suite[t].test[:args.test_limit] for t in tasks}
+    val = {t: suite[t].validation[:args.val_limit] for t in tasks}
+    heads = make_heads(suite, args.device)
+    seconds["data"] = time.perf_counter() - clock
+    log(f"data: {', '.join(f'{t} {len(suite[t].train)}/{len(val[t])}/{len(test[t])}' for t in tasks)}")
+
+    # -- fine-tuning (cached)
+    clock = time.perf_counter()
+    config = TrainConfig(epochs=args.epochs, seed=args.seed)
+    ft_dirs = {t: finetuned_dir(t, [suite[t]], heads, config, args.device, train_limit=args.train_limit, log=log)
+               for t in tasks}
+    multi_dir = finetuned_dir("multitask", [suite[t] for t in tasks], heads, config, args.device,
+                              train_limit=args.train_limit, log=log)
+    seconds["finetune"] = time.perf_counter() - clock
+    base = base_dir()
+
+    def evaluate_state(state, splits) -> SuiteResult:
+        return evaluate_encoder(load_encoder(base, args.device, state=state), splits, heads)
+
+    table = ResultsTable(tasks=tasks)
+    clock = time.perf_counter()
+    table.add(ResultRow("zero-shot", evaluate_encoder(load_encoder(base, args.device), test, heads)))
+    own = {t: evaluate_encoder(load_encoder(ft_dirs[t], args.device), {t: test[t]}, heads).accuracy[t] for t in tasks}
+    table.add(ResultRow("fine-tuned", SuiteResult(own), note="each task's own model"))
+    table.add(ResultRow("multitask", evaluate_encoder(load_encoder(multi_dir, args.device), test, heads)))
+    seconds["evaluate_references"] = time.perf_counter() - clock
+    log(f"references: zero-shot {table.rows[0].result.mean:.3f}, fine-tuned {table.rows[1].result.mean:.3f}, "
+        f"multitask {table.rows[2].result.mean:.3f}")
+
+    # -- merges without validation (paper defaults)
+    models = [ft_dirs[t] for t in tasks]
+    clock = time.perf_counter()
+    for label, method in (("averaging", Average()), ("task arithmetic", TaskArithmetic(lam=0.4)),
+                          ("TIES", Ties(density=0.2, lam=1.0))):
+        merged = tiesmerge.merge(base, models, method, device=args.device)
+        note = {"averaging": "", "task arithmetic": "λ=0.4", "TIES": "k=0.2, λ=1"}[label]
+        table.add(ResultRow(label, evaluate_state(merged, test), note=note))
+        log(f"{label}: {table.rows[-1].result.mean:.3f}")
+    seconds["merge_and_evaluate"] = time.perf_counter() - clock
+
+    # -- with validation: lam (and density) tuned on validation, evaluated on test
+    clock = time.perf_counter()
+    tuning = {}
+    for label, name in (("task arithmetic", "task_arithmetic"), ("TIES", "ties")):
+        result = tune(base, models, name, lambda state: evaluate_state(state, val).mean, grid=paper_grid(name),
+                      device=args.device)
+        best = result.best
+        note = ", ".join(f"{k}={v}" for k, v in {**best.options, "λ": best.lam}.items()).replace("density", "k")
+        table.add(ResultRow(label, evaluate_state(result.best_state, test), validation=True, note=note))
+        tuning[name] = {"best": {**best.options, "lam": best.lam, "validation_score": best.score},
+                        "merges": result.merges, "points": len(result.points), "seconds": result.seconds,
+                        "grid": [{**pt.options, "lam": pt.lam, "score": pt.score} for pt in result.points]}
+        log(f"{label} (val): {note} -> test {table.rows[-1].result.mean:.3f} "
+            f"({len(result.points)} points, {result.merges} merges)")
+    seconds["tune"] = time.perf_counter() - clock
+
+    meta = {"seed": args.seed, "device": args.device, "hardware": hardware(), "max_length": common.MAX_LENGTH,
+            "epochs": args.epochs, "lr": config.lr, "batch_size": config.batch_size,
+            "train_per_task": {t: len(suite[t].train[:args.train_limit]) for t in tasks},
+            "validation_per_task_for_tuning": {t: len(val[t]) for t in tasks},
+            "test_per_task": {t: len(test[t]) for t in tasks},
+            "sources": {t: [{"path": s.path, "sha256": s.sha256, "size": s.size} for s in suite[t].sources]
+                        for t in tasks},
+            "tuning": tuning, "seconds": seconds, "tiesmerge_version": tiesmerge.__version__}
+    table.meta = meta
+    _write_table(table, args, meta)
+
+    if not args.skip_fig5:
+        clock = time.perf_counter()
+        fig5(args, suite, ft_dirs, base, heads, evaluate_state, table)
+        seconds["fig5"] = time.perf_counter() - clock
+        _write_table(table, args, meta)
+    log(f"done: {json.dumps({k: round(v) for k, v in seconds.items()})}")
+
+
+def _write_table(table: ResultsTable, args, meta) -> None:
+    m = meta
+    pre = (f"# Table 1 in miniature: all-MiniLM-L6-v2 fine-tuned on {len(table.tasks)} real tasks\n\n"
+           f"Accuracy (%) on each task's test split ({', '.join(f'{t} {n}' for t, n in m['test_per_task'].items())} "
+           f"examples). Rows with val = yes chose their hyperparameters on validation data "
+           f"({sum(m['validation_per_task_for_tuning'].values())} examples over all tasks; TIES: k ∈ {{0.1, 0.2, 0.3}} × "
+           "λ ∈ 0.8…3.0 step 0.1; task arithmetic: λ ∈ 0.1…1.0). Normalized mean: each task's accuracy ÷ its own "
+           "fine-tuned model's, averaged.\n\n")
+    post = (f"\nSettings: seed {m['seed']}, device {m['device']} ({m['hardware'].get('gpu') or m['hardware']['processor']}, "
+            f"{m['hardware']['cpu_count']} CPUs, torch {m['hardware']['torch']}), max length {m['max_length']} tokens, "
+            f"{m['epochs']} epochs, lr {m['lr']}, batch {m['batch_size']}, "
+            f"train examples per task {sorted(set(m['train_per_task'].values()))}.\n\n"
+            "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items()) + "\n")
+    table.write(args.out / f"{args.name}.md", args.out / f"{args.name}.json", preamble=pre, epilogue=post)
+    log(f"wrote {args.out / (args.name + '.md')}")
+
+
+def fig5(args, suite, ft_dirs, base, heads, evaluate_state, table: ResultsTable) -> None:
+    """Normalized accuracy vs number of tasks merged (Fig. 5): every size 2..n, up to K subsets each."""
+    tasks = list(suite)
+    test = {t: suite[t].test[:args.fig5_limit] for t in tasks}
+    reference = {t: evaluate_encoder(load_encoder(ft_dirs[t], args.device), {t: test[t]}, heads).accuracy[t]
+                 for t in tasks}
+    rng = random.Random(args.seed)
+    methods = {"averaging": Average(), "task arithmetic": TaskArithmetic(lam=0.4), "TIES": Ties(density=0.2, lam=1.0)}
+    points = []
+    for size in range(2, len(tasks) + 1):
+        subsets = list(itertools.combinations(tasks, size))
+        if len(subsets) > args.fig5_subsets:
+            subsets = rng.sample(subsets, args.fig5_subsets)
+        for subset in subsets:
+            for label, method in methods.items():
+                merged = tiesmerge.merge(base, [ft_dirs[t] for t in subset], method, device=args.device)
+                result = evaluate_state(merged, {t: test[t] for t in subset})
+                norm = sum(result.accuracy[t] / reference[t] for t in subset) / len(subset)
+                points.append({"size": size, "tasks": list(subset), "method": label, "normalized": norm,
+                               "accuracy": dict(result.accuracy)})
+        log(f"fig5: size {size} done ({len(subsets)} subsets)")
+    summary = {}
+    for label in methods:
+        summary[label] = {size: sum(p["normalized"] for p in points if p["method"] == label and p["size"] == size)
+                          / max(1, sum(1 for p in points if p["method"] == label and p["size"] == size))
+                          for size in range(2, len(tasks) + 1)}
+    (args.out / "fig5.json").write_text(json.dumps({"reference": reference, "points": points, "summary": summary,
+                                                    "test_per_task": {t: len(test[t]) for t in tasks},
+                                                    "subsets_per_size": args.fig5_subsets}, indent=2) + "\n")
+    sizes = list(range(2, len(tasks) + 1))
+    lines = ["# Fig. 5 analogue: normalized accuracy vs number of tasks merged\n",
+             f"Mean over up to {args.fig5_subsets} seeded subsets per size; normalized = merged accuracy ÷ the task's "
+             f"own fine-tuned accuracy, on {len(next(iter(test.values())))} test examples per task.\n",
+             "| method | " + " | ".join(str(s) for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for label in methods:
+        lines.append(f"| {label} | " + " | ".join(f"{100 * summary[label][s]:.1f}" for s in sizes) + " |")
+    (args.out / "fig5.md").write_text("\n".join(lines) + "\n\n![fig5](fig5.png)\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, marker in zip(methods, "osD"):
+        ax.plot(sizes, [100 * summary[label][s] for s in sizes], marker=marker, label=label)
+    ax.set_xlabel("number of tasks merged")
+    ax.set_ylabel("normalized accuracy (%)")
+    ax.set_title("MiniLM, 8 text tasks (cf. paper Fig. 5)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out / "fig5.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
