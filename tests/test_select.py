@@ -156,3 +156,22 @@ def test_property_matches_sort(data: list[float], keep_frac: float, cuts: list[i
     points = sorted({min(c, d) for c in cuts} | {0, d})
     splits = [b - a for a, b in zip(points, points[1:], strict=False)]
     assert_thresholds(values, [keep, max(0, d - keep)], splits)
+
+
+def test_blocks_inside_a_chunk_give_the_same_threshold(monkeypatch):
+    from tiesmerge.engine import select as select_module
+
+    x = torch.randn(3, 5000, generator=torch.Generator().manual_seed(7))
+    keep = [1, 1000, 4999]
+
+    def run() -> torch.Tensor:
+        sel = select_module.RadixSelect(keep, "cpu")
+        while not sel.done:
+            sel.observe(x)
+            sel.end_pass()
+        return sel.thresholds()
+
+    whole = run()
+    monkeypatch.setattr(select_module, "_BLOCK", 333)  # many uneven blocks per chunk
+    assert torch.equal(run(), whole)
+    assert torch.equal(whole, torch.stack([x[t].abs().kthvalue(5000 - k + 1).values for t, k in enumerate(keep)]))

@@ -14,6 +14,7 @@ import torch
 __all__ = ["RadixSelect", "kth_largest"]
 
 _BINS = 1 << 16
+_BLOCK = 1 << 18  # columns per histogram block: about 9 n MB of temporaries for n models
 
 
 def kth_largest(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
@@ -56,12 +57,19 @@ class RadixSelect:
 
     def observe(self, tau: torch.Tensor) -> None:
         """Count one chunk. tau: (n, *S) float32 (signs are ignored)."""
-        bits = tau.reshape(self.n, -1).abs().view(torch.int32).to(torch.int64)  # (n, L), sign bit is 0
-        high = bits >> 16  # (n, L) in [0, 2^15)
+        flat = tau.reshape(self.n, -1)  # (n, L)
+        # int64 bin indices cost 8 bytes per entry and model; blocks of columns keep those
+        # temporaries at a fixed size whatever the chunk's size
+        for start in range(0, flat.shape[1], _BLOCK):
+            self._observe_block(flat[:, start:start + _BLOCK])
+
+    def _observe_block(self, block: torch.Tensor) -> None:
+        bits = block.abs().view(torch.int32).to(torch.int64)  # (n, B), sign bit is 0
+        high = bits >> 16  # (n, B) in [0, 2^15)
         if self._stage == 0:
             index = high + self._offsets
         else:
-            match = high == self._high.to(self.device).view(self.n, 1)  # (n, L)
+            match = high == self._high.to(self.device).view(self.n, 1)  # (n, B)
             index = ((bits & 0xFFFF) + self._offsets)[match]
         self._hist += torch.bincount(index.reshape(-1), minlength=self.n * _BINS)
 
