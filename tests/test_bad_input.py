@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import tiesmerge
+from tiesmerge.engine import kernels
 from helpers_ckpt import (
     assert_no_output,
     leftovers,
@@ -427,6 +428,15 @@ class _Interrupt:
 
         return wrapper
 
+    def function(self):
+        def wrapper(*args, **kwargs):
+            self.calls += 1
+            if self.calls > self.after:
+                raise KeyboardInterrupt
+            return self.real(*args, **kwargs)
+
+        return wrapper
+
 
 @pytest.mark.parametrize("where", ["writer", "method"])
 def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, where):
@@ -434,6 +444,9 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, where):
     if where == "writer":
         spy = _Interrupt(writer_mod.SafetensorsStreamWriter.write, after=4)
         monkeypatch.setattr(writer_mod.SafetensorsStreamWriter, "write", spy.method())
+    elif kernels.available():  # the fused CPU kernel does TIES's arithmetic
+        spy = _Interrupt(kernels.ties_merge_chunk, after=4)
+        monkeypatch.setattr(kernels, "ties_merge_chunk", spy.function())
     else:
         spy = _Interrupt(tiesmerge.methods.Ties.merge, after=4)
         monkeypatch.setattr(tiesmerge.methods.Ties, "merge", spy.method())

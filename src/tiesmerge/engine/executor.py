@@ -21,6 +21,8 @@ from ..io.align import Alignment, TensorJob
 from ..io.checkpoint import Checkpoint
 from ..methods import ops
 from ..methods.base import ChunkContext, MergeMethod
+from ..methods.ties import Ties
+from . import kernels
 from .plan import Chunk, Plan, make_plan
 from .select import RadixSelect, kth_largest
 
@@ -58,6 +60,7 @@ class RunStats:
     tensors_copied: int = 0
     tensors_tied: int = 0
     thresholds: list[float] | None = None  # global scope: one per model
+    engine: str = "torch"  # which arithmetic ran: the torch ops or the fused CPU kernels
 
 
 def _stream_id(name: str) -> int:
@@ -72,7 +75,7 @@ class Executor:
     def __init__(self, base: Checkpoint, models: list[Checkpoint], alignment: Alignment, method: MergeMethod, *,
                  device: str | torch.device = "cpu", memory_budget: int = 2 << 30,
                  out_dtype: torch.dtype | None = None, weights: torch.Tensor | None = None,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, fused: bool = True) -> None:
         self.base, self.models, self.alignment, self.method = base, models, alignment, method
         self.device = torch.device(device)
         self.out_dtype = out_dtype
@@ -92,6 +95,11 @@ class Executor:
         self._progress = progress or (lambda nbytes: None)
         self._checked: set[tuple[str, int]] = set()
         self.stats = RunStats()
+        # fused numba kernels on the CPU: histograms for every trimming method, the merge for TIES
+        self._fused_select = fused and kernels.available() and self.device.type == "cpu"
+        self._fused_ties = self._fused_select and isinstance(method, Ties)
+        self.stats.engine = "fused CPU kernels (numba)" if self._fused_select else "torch"
+
 
     # ------------------------------------------------------------------ reading
     def _read(self, chunk: Chunk) -> list[torch.Tensor]:
@@ -116,24 +124,31 @@ class Executor:
                     pending = pool.submit(self._read, chunks[i + 1])
                 yield chunk, raw
 
-    def _task_vectors(self, chunk: Chunk, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(base32 (*S), tau (n, *S)) float32 on the device, checked finite on first sight."""
+    def _inputs(self, chunk: Chunk, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base32 (*S), models32 (n, *S)) float32 on the device, checked finite on first sight."""
         # copy=True: a float32 CPU base read from a state dict (or an mmap'd pickle) is the
         # caller's own tensor, and the merge adds into base32 in place; without the copy,
         # merging would overwrite the caller's base weights.
         base32 = raw[0].to(self.device, torch.float32, non_blocking=True, copy=True)
-        tau = torch.empty((self.n, *base32.shape), dtype=torch.float32, device=self.device)
+        models32 = torch.empty((self.n, *base32.shape), dtype=torch.float32, device=self.device)
         for t, model_raw in enumerate(raw[1:]):
-            # one kernel: the model's rows are widened to float32 inside the subtraction
-            torch.sub(model_raw.to(self.device, non_blocking=True), base32, out=tau[t])
+            models32[t].copy_(model_raw.to(self.device, non_blocking=True))  # widened to float32 in the copy
         key = (chunk.job.name, chunk.offset)
         if key not in self._checked:
             self._checked.add(key)
             # NaN and Inf survive a sum, so a finite sum proves every entry finite without a
             # mask as large as the chunk; only a non-finite sum (or an overflow) looks closer
-            if not (bool(torch.isfinite(tau.sum())) and bool(torch.isfinite(base32.sum()))):
-                if not (bool(torch.isfinite(tau).all()) and bool(torch.isfinite(base32).all())):
+            if not (bool(torch.isfinite(models32.sum())) and bool(torch.isfinite(base32.sum()))):
+                if not (bool(torch.isfinite(models32).all()) and bool(torch.isfinite(base32).all())):
                     self._raise_not_finite(chunk, raw)
+        return base32, models32
+
+    def _task_vectors(self, chunk: Chunk, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base32 (*S), tau (n, *S)) float32 on the device."""
+        base32, models32 = self._inputs(chunk, raw)
+        tau = models32.sub_(base32)  # (n, *S), in place: the models' values are not needed again
+        if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
+            self._raise_not_finite(chunk, raw)
         return base32, tau
 
     def _raise_not_finite(self, chunk: Chunk, raw: list[torch.Tensor]) -> None:
@@ -160,7 +175,11 @@ class Executor:
         selector = RadixSelect([keep] * self.n, self.device)
         while not selector.done:
             for chunk, raw in self._stream(chunks):
-                selector.observe(self._task_vectors(chunk, raw)[1])
+                if self._fused_select:
+                    selector.add_counts(lambda hist, chunk=chunk, raw=raw: kernels.histogram_pass(
+                        *self._inputs(chunk, raw), selector.stage, selector.chosen_high, hist))
+                else:
+                    selector.observe(self._task_vectors(chunk, raw)[1])
             selector.end_pass()
         return selector.thresholds().to(self.device)
 
@@ -170,6 +189,16 @@ class Executor:
             ctx = ChunkContext(thresholds=thresholds, weights=self.weights)
             total += self.method.elected_sign_sum(self._task_vectors(chunk, raw)[1], ctx)
         return float(torch.tensor(total).sign())
+
+    def _select_in_memory(self, base32: torch.Tensor, models32: torch.Tensor, numel: int) -> torch.Tensor:
+        """Thresholds of a per-tensor scope held in one chunk, from the fused histograms."""
+        assert self.trim is not None
+        selector = RadixSelect([ops.keep_count(numel, self.trim.density)] * self.n, self.device)
+        while not selector.done:
+            selector.add_counts(lambda hist: kernels.histogram_pass(base32, models32, selector.stage,
+                                                                    selector.chosen_high, hist))
+            selector.end_pass()
+        return selector.thresholds()
 
     def _inline_thresholds(self, tau: torch.Tensor, numel: int) -> torch.Tensor:
         assert self.trim is not None
@@ -216,6 +245,15 @@ class Executor:
                 majority = self._majority(chunks, thresholds)
         stream = _stream_id(job.name)
         for chunk, raw in self._stream(chunks):
+            if self._fused_ties and not self.majority:
+                base32, models32 = self._inputs(chunk, raw)
+                if per_tensor and len(chunks) == 1:
+                    thresholds = self._select_in_memory(base32, models32, job.numel)
+                merged32 = kernels.ties_merge_chunk(base32, models32, thresholds, self.weights, self.method.lam,
+                                                    self.method.elect, self.method.zero_sign, majority,
+                                                    self.method.aggregate)
+                sink.write(job.name, chunk.rows, merged32.to(self.out_dtype or job.dtype))
+                continue
             base32, tau = self._task_vectors(chunk, raw)
             chunk_thresholds, chunk_majority = thresholds, majority
             if per_tensor and len(chunks) == 1:

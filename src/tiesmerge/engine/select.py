@@ -9,6 +9,8 @@ model size, and the answer is exact, so ties at the threshold are all kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["RadixSelect", "kth_largest"]
@@ -72,6 +74,21 @@ class RadixSelect:
             match = high == self._high.to(self.device).view(self.n, 1)  # (n, B)
             index = ((bits & 0xFFFF) + self._offsets)[match]
         self._hist += torch.bincount(index.reshape(-1), minlength=self.n * _BINS)
+
+    @property
+    def stage(self) -> int:
+        """0 while counting high 16 bits, 1 while counting low 16 bits inside the chosen bins."""
+        return self._stage
+
+    @property
+    def chosen_high(self) -> torch.Tensor:
+        """(n,) int64: the high-16-bit bin of each model's threshold (meaningful in stage 1)."""
+        return self._high
+
+    def add_counts(self, count: Callable[[torch.Tensor], None]) -> None:
+        """Let ``count(hist)`` add a chunk's counts to the (n, 2^16) int64 histogram of the
+        current stage (a fused kernel computes them without materialising |tau|)."""
+        count(self._hist.view(self.n, _BINS))
 
     def end_pass(self) -> None:
         hist = self._hist.view(self.n, _BINS).cpu()

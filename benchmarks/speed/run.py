@@ -1,0 +1,664 @@
+"""Speed and memory of tiesmerge against the read floor and mergekit, on synthetic Llama checkpoints.
+
+One command, same inputs, one run:
+
+* read floor: ``cat`` every input weight file to /dev/null (page cache warm);
+* tiesmerge TIES, global trimming (the paper's default);
+* tiesmerge TIES, per-tensor trimming;
+* tiesmerge TIES, per-tensor trimming with ``--zero-sign positive`` (mergekit's semantics; its
+  output is compared with mergekit's, tensor by tensor);
+* tiesmerge task arithmetic;
+* mergekit ``ties`` (``mergekit-yaml``), from its own virtual environment;
+* a memory-budget run: tiesmerge global TIES with ``--memory-budget 256MiB`` on the ~1 B model.
+
+Each run is timed by ``/usr/bin/time -v`` (wall seconds, peak RSS), after the inputs were read once
+so that every run starts from the same warm page cache. Results go to
+``benchmarks/results/speed.json`` and ``benchmarks/results/speed.md``.
+
+    python benchmarks/speed/run.py                       # small set, 3 fine-tunes, all runs
+    python benchmarks/speed/run.py --repeat 3 --n 8
+    python benchmarks/speed/run.py --no-budget-run       # skip the ~1 B memory-budget run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+
+import make_models  # noqa: E402
+
+DEFAULT_RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_MERGEKIT_VENV = Path("/tmp/mergekit-venv")
+TIME = "/usr/bin/time"
+GB = 1e9
+MiB = 1 << 20
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_size(text: str) -> int:
+    """'256MiB' -> 268435456; '2GB' -> 2000000000 (the units tiesmerge's --memory-budget takes)."""
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+# ---------------------------------------------------------------- machine
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _cmd_out(argv: list[str]) -> str:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info(tiesmerge_python: Path, mergekit_python: Path | None, root: Path) -> dict:
+    cpuinfo = _read("/proc/cpuinfo")
+    model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
+    meminfo = _read("/proc/meminfo")
+    mem = re.search(r"MemTotal:\s*(\d+) kB", meminfo)
+    probe = ("import json, torch, safetensors, tiesmerge; print(json.dumps({'torch': torch.__version__, "
+             "'torch_threads': torch.get_num_threads(), 'safetensors': safetensors.__version__, "
+             "'tiesmerge': tiesmerge.__version__}))")
+    versions = {}
+    out = _cmd_out([str(tiesmerge_python), "-c", probe])
+    if out:
+        versions["tiesmerge_env"] = json.loads(out.splitlines()[-1])
+    if mergekit_python is not None and mergekit_python.exists():
+        probe_mk = ("import json, torch, transformers, safetensors; from importlib.metadata import version; "
+                    "print(json.dumps({'mergekit': version('mergekit'), 'torch': torch.__version__, "
+                    "'torch_threads': torch.get_num_threads(), 'transformers': transformers.__version__, "
+                    "'safetensors': safetensors.__version__}))")
+        out = _cmd_out([str(mergekit_python), "-c", probe_mk])
+        if out:
+            versions["mergekit_env"] = json.loads(out.splitlines()[-1])
+    git = _cmd_out(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    dirty = _cmd_out(["git", "-C", str(REPO), "status", "--porcelain", "--", "src"])
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": model.group(1).strip() if model else platform.processor(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "ram_gib": round(int(mem.group(1)) / (1 << 20), 1) if mem else None,
+        "filesystem": _cmd_out(["df", "-hT", str(root)]).splitlines()[-1:] or None,
+        "git_commit": git,
+        "src_modified": bool(dirty),
+        "loadavg_at_start": os.getloadavg(),
+        **versions,
+    }
+
+
+# ---------------------------------------------------------------- timing
+
+
+def warm(files: list[Path]) -> float:
+    """Read every file once (fills the page cache); returns seconds."""
+    buf = bytearray(16 * MiB)
+    view = memoryview(buf)
+    started = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(view):
+                pass
+    return time.perf_counter() - started
+
+
+def parse_time_v(text: str) -> dict:
+    def grab(pattern: str) -> str | None:
+        m = re.search(pattern, text)
+        return m.group(1).strip() if m else None
+
+    elapsed = grab(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\):\s*(\S+)")
+    wall = None
+    if elapsed:
+        parts = [float(p) for p in elapsed.split(":")]
+        wall = 0.0
+        for p in parts:
+            wall = wall * 60 + p
+    rss = grab(r"Maximum resident set size \(kbytes\):\s*(\d+)")
+    cpu = grab(r"Percent of CPU this job got:\s*(\d+)%")
+    user = grab(r"User time \(seconds\):\s*([\d.]+)")
+    system = grab(r"System time \(seconds\):\s*([\d.]+)")
+    status = grab(r"Exit status:\s*(\d+)")
+    major = grab(r"Major \(requiring I/O\) page faults:\s*(\d+)")
+    return {
+        "wall_s": wall,
+        "peak_rss_bytes": int(rss) * 1024 if rss else None,
+        "cpu_percent": int(cpu) if cpu else None,
+        "user_s": float(user) if user else None,
+        "sys_s": float(system) if system else None,
+        "exit_status": int(status) if status else None,
+        "major_page_faults": int(major) if major else None,
+    }
+
+
+def timed(argv: list[str], log_path: Path, env: dict | None = None, stdout_to_devnull: bool = False) -> dict:
+    """Run argv under /usr/bin/time -v; returns the parsed measurements (and rc, log path)."""
+    time_path = log_path.with_suffix(".time")
+    full = [TIME, "-v", "-o", str(time_path), *argv]
+    started = time.perf_counter()
+    with open(log_path, "w") as logf:
+        proc = subprocess.run(full, stdout=subprocess.DEVNULL if stdout_to_devnull else logf, stderr=logf,
+                              env=env, check=False)
+    perf_wall = time.perf_counter() - started
+    result = parse_time_v(_read(str(time_path)))
+    if not result["wall_s"]:  # /usr/bin/time rounds to 10 ms; a faster run takes the wall clock here
+        result["wall_s"] = round(perf_wall, 3)
+    result.update({"rc": proc.returncode, "perf_counter_wall_s": round(perf_wall, 3), "log": str(log_path)})
+    if proc.returncode != 0:
+        result["log_tail"] = _read(str(log_path))[-3000:]
+    return result
+
+
+# ---------------------------------------------------------------- runs
+
+
+def tiesmerge_argv(tiesmerge: Path, base: Path, models: list[Path], out: Path, *extra: str) -> list[str]:
+    argv = [str(tiesmerge), "merge", "--base", str(base)]
+    for m in models:
+        argv += ["--model", str(m)]
+    return argv + [*extra, "-o", str(out), "--force", "--no-progress"]
+
+
+def mergekit_yaml(base: Path, models: list[Path]) -> str:
+    lines = ["merge_method: ties", f"base_model: {base}", "models:"]
+    for m in models:
+        lines += [f"  - model: {m}", "    parameters: {density: 0.2, weight: 1.0}"]
+    lines += ["parameters: {normalize: true}", "dtype: bfloat16", ""]
+    return "\n".join(lines)
+
+
+def manifest_of(out: Path) -> dict | None:
+    path = out / "tiesmerge.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def run_one(key: str, label: str, argv: list[str], inputs: list[Path], work: Path, repeat: int,
+            out: Path | None, env: dict | None = None, is_floor: bool = False) -> dict:
+    input_bytes = sum(f.stat().st_size for f in inputs)
+    reps = []
+    for r in range(repeat):
+        warm_s = warm(inputs)
+        if out is not None and not is_floor:
+            shutil.rmtree(out, ignore_errors=True)  # the same fresh start for every tool
+        load = os.getloadavg()
+        log(f"{label}: run {r + 1}/{repeat} (load {load[0]:.2f})")
+        res = timed(argv, work / f"{key}-{r + 1}.log", env=env, stdout_to_devnull=is_floor)
+        res["loadavg_before"] = [round(x, 2) for x in load]
+        res["warm_read_s"] = round(warm_s, 3)
+        if out is not None and res["rc"] == 0:
+            man = manifest_of(out)
+            if man is not None:
+                eng = man.get("engine", {})
+                res["engine_bytes_read"] = eng.get("bytes_read")
+                res["engine_passes"] = eng.get("passes")
+                res["engine_estimated_peak_bytes"] = eng.get("estimated_peak_bytes")
+                res["engine_memory_budget_bytes"] = eng.get("memory_budget_bytes")
+                res["manifest_seconds"] = man.get("seconds")
+                res["thresholds"] = man.get("thresholds")
+            res["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        if res["rc"] != 0:
+            log(f"  FAILED (rc {res['rc']}); see {res['log']}")
+        else:
+            log(f"  {res['wall_s']:.2f} s wall, peak RSS {res['peak_rss_bytes'] / MiB:.0f} MiB, "
+                f"CPU {res['cpu_percent']}%")
+        reps.append(res)
+    ok = [r for r in reps if r["rc"] == 0]
+    summary: dict = {"key": key, "label": label, "command": shlex.join(argv), "argv": argv,
+                     "input_bytes": input_bytes, "repeats": reps, "ok": bool(ok) and len(ok) == len(reps)}
+    if ok:
+        summary["wall_s"] = statistics.median(r["wall_s"] for r in ok)
+        summary["wall_s_min"] = min(r["wall_s"] for r in ok)
+        summary["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
+        summary["cpu_percent"] = statistics.median(r["cpu_percent"] for r in ok)
+        summary["input_gb_per_s"] = input_bytes / GB / summary["wall_s"] if summary["wall_s"] else None
+        eb = [r.get("engine_bytes_read") for r in ok if r.get("engine_bytes_read") is not None]
+        if eb:
+            summary["engine_bytes_read"] = eb[0]
+            summary["engine_gb_per_s"] = eb[0] / GB / summary["wall_s"]
+            summary["engine_passes"] = ok[0].get("engine_passes")
+            summary["engine_estimated_peak_bytes"] = ok[0].get("engine_estimated_peak_bytes")
+            summary["engine_memory_budget_bytes"] = ok[0].get("engine_memory_budget_bytes")
+            summary["manifest_seconds"] = ok[0].get("manifest_seconds")
+    return summary
+
+
+# ---------------------------------------------------------------- output comparison
+
+
+def _tensor_files(directory: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    owner: dict[str, Path] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                owner[name] = f
+    return owner
+
+
+def compare_outputs(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
+    """Tensor by tensor: max |a - b|, entries that differ, entries beyond one bf16 ulp of max(|a|, |b|)."""
+    import torch
+    from safetensors import safe_open
+
+    a_files, b_files, base_files = _tensor_files(a_dir), _tensor_files(b_dir), _tensor_files(base_dir)
+    only_a = sorted(set(a_files) - set(b_files))
+    only_b = sorted(set(b_files) - set(a_files))
+    per_tensor = []
+    totals = {"entries": 0, "entries_differing": 0, "entries_beyond_1ulp": 0}
+    max_abs = 0.0
+    max_delta = 0.0
+    handles: dict[Path, object] = {}
+
+    def get(path: Path, name: str):
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(name)  # type: ignore[attr-defined]
+
+    by_file: dict[Path, list[str]] = {}
+    for name in sorted(set(a_files) & set(b_files)):
+        by_file.setdefault(a_files[name], []).append(name)
+    for path in sorted(by_file):  # shard by shard of the first output
+        for name in by_file[path]:
+            a = get(a_files[name], name)
+            b = get(b_files[name], name)
+            if a.shape != b.shape:
+                per_tensor.append({"name": name, "shape_a": list(a.shape), "shape_b": list(b.shape)})
+                continue
+            af, bf = a.float(), b.float()
+            diff = (af - bf).abs()
+            mag = torch.maximum(af.abs(), bf.abs()).clamp_min(2.0 ** -126)
+            ulp = torch.exp2(torch.floor(torch.log2(mag)) - 7)  # bf16: 8 significant bits
+            n_diff = int((diff > 0).sum())
+            n_ulp = int((diff > ulp).sum())
+            mx = float(diff.max()) if diff.numel() else 0.0
+            if name in base_files:
+                max_delta = max(max_delta, float((af - get(base_files[name], name).float()).abs().max()))
+            max_abs = max(max_abs, mx)
+            totals["entries"] += a.numel()
+            totals["entries_differing"] += n_diff
+            totals["entries_beyond_1ulp"] += n_ulp
+            per_tensor.append({"name": name, "dtype_a": str(a.dtype).removeprefix("torch."),
+                               "dtype_b": str(b.dtype).removeprefix("torch."), "numel": a.numel(),
+                               "max_abs_diff": mx, "entries_differing": n_diff, "entries_beyond_1ulp": n_ulp})
+            del a, b, af, bf, diff, mag, ulp
+        for h in list(handles):
+            handles.pop(h)
+    compared = [t for t in per_tensor if "max_abs_diff" in t]
+    return {
+        "a": str(a_dir), "b": str(b_dir),
+        "tensors_compared": len(compared),
+        "tensors_identical": sum(1 for t in compared if t["entries_differing"] == 0),
+        "tensors_beyond_1ulp": sum(1 for t in compared if t["entries_beyond_1ulp"] > 0),
+        "shape_mismatches": [t for t in per_tensor if "max_abs_diff" not in t],
+        "only_in_a": only_a, "only_in_b": only_b,
+        "max_abs_diff": max_abs,
+        "max_abs_merged_minus_base": max_delta,
+        **totals,
+        "fraction_differing": totals["entries_differing"] / max(1, totals["entries"]),
+        "fraction_beyond_1ulp": totals["entries_beyond_1ulp"] / max(1, totals["entries"]),
+        "worst_tensors": sorted(compared, key=lambda t: -t["entries_beyond_1ulp"])[:5],
+        "per_tensor": compared,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+
+def _fmt(x, spec: str = ".2f", none: str = "—") -> str:
+    return none if x is None else format(x, spec)
+
+
+def ratios(runs: dict[str, dict]) -> dict:
+    def r(num: str, den: str, field: str) -> float | None:
+        a, b = runs.get(num, {}), runs.get(den, {})
+        if a.get(field) and b.get(field):
+            return a[field] / b[field]
+        return None
+
+    out = {
+        "mergekit_over_tiesmerge_per_tensor_positive_time": r("mergekit_ties", "ties_per_tensor_positive", "wall_s"),
+        "mergekit_over_tiesmerge_per_tensor_time": r("mergekit_ties", "ties_per_tensor", "wall_s"),
+        "mergekit_over_tiesmerge_global_time": r("mergekit_ties", "ties_global", "wall_s"),
+        "mergekit_over_tiesmerge_per_tensor_positive_rss": r("mergekit_ties", "ties_per_tensor_positive",
+                                                             "peak_rss_bytes"),
+        "mergekit_over_tiesmerge_global_rss": r("mergekit_ties", "ties_global", "peak_rss_bytes"),
+        "global_over_per_tensor_time": r("ties_global", "ties_per_tensor", "wall_s"),
+        "global_over_per_tensor_rss": r("ties_global", "ties_per_tensor", "peak_rss_bytes"),
+    }
+    for key in ("ties_global", "ties_per_tensor", "ties_per_tensor_positive", "task_arithmetic", "mergekit_ties"):
+        out[f"{key}_over_read_floor_time"] = r(key, "read_floor", "wall_s")
+    return out
+
+
+def what_this_shows(results: dict) -> str:
+    """A short paragraph generated from the numbers (so a rerun never leaves a stale one)."""
+    runs, rt = results["runs"], results["ratios"]
+    inp = results["set"]["input_bytes"]
+    parts = []
+    floor = runs.get("read_floor", {})
+    if floor.get("ok"):
+        parts.append(f"Reading the {inp / GB:.2f} GB of inputs from a warm page cache takes {floor['wall_s']:.2f} s "
+                     f"({floor['input_gb_per_s']:.2f} GB/s): no merge can beat that.")
+    g, pt = runs.get("ties_global", {}), runs.get("ties_per_tensor", {})
+    if g.get("ok"):
+        passes = g.get("engine_bytes_read", 0) / inp if g.get("engine_bytes_read") else None
+        parts.append(f"tiesmerge's global TIES (the paper's one threshold per model) takes {g['wall_s']:.1f} s, "
+                     f"{_fmt(rt.get('ties_global_over_read_floor_time'), '.1f')}× the read floor; it reads the "
+                     f"inputs {_fmt(passes, '.1f')} times (two radix-select passes, then the merge pass), at "
+                     f"{g['cpu_percent']:.0f} % CPU, so it is bound by compute on this machine, not by reading.")
+    if g.get("ok") and pt.get("ok"):
+        parts.append(f"Per-tensor trimming reads once and takes {pt['wall_s']:.1f} s: global costs "
+                     f"{rt['global_over_per_tensor_time']:.2f}× per-tensor in time and "
+                     f"{rt['global_over_per_tensor_rss']:.2f}× in peak RSS.")
+    mk, ptp = runs.get("mergekit_ties", {}), runs.get("ties_per_tensor_positive", {})
+    if mk.get("ok") and ptp.get("ok"):
+        parts.append(f"mergekit's ties takes {mk['wall_s']:.1f} s and peaks at {mk['peak_rss_bytes'] / MiB:,.0f} MiB: "
+                     f"{rt['mergekit_over_tiesmerge_per_tensor_positive_time']:.2f}× the time and "
+                     f"{rt['mergekit_over_tiesmerge_per_tensor_positive_rss']:.2f}× the peak RSS of tiesmerge with "
+                     f"the same semantics (per tensor, zero votes elect +), and "
+                     f"{_fmt(rt.get('mergekit_over_tiesmerge_global_time'))}× the time of tiesmerge's global TIES.")
+    elif results.get("mergekit_note"):
+        parts.append(f"mergekit: {results['mergekit_note']}")
+    c = results.get("comparison") or {}
+    if "tensors_compared" in c:
+        parts.append(f"Outputs: {c['tensors_beyond_1ulp']} of {c['tensors_compared']} tensors have entries more than "
+                     f"one bf16 ulp from mergekit's ({100 * c['fraction_beyond_1ulp']:.4f} % of all entries, max |Δ| "
+                     f"{c['max_abs_diff']:.3g} against merged task-vector entries up to "
+                     f"{c['max_abs_merged_minus_base']:.3g}). Expected sources: mergekit computes the task vectors, "
+                     "the sum and the division in bf16 (tiesmerge in float32, rounding once), and it keeps exactly k "
+                     "entries per tensor, breaking ties at the threshold by sort order, where tiesmerge keeps every "
+                     "entry equal to the threshold; bf16 task vectors are coarsely quantized, so ties are common.")
+    b = results.get("budget_run") or {}
+    if b.get("ok"):
+        idle = runs.get("import_floor", {}).get("peak_rss_bytes")
+        extra = (f" ({(b['peak_rss_bytes'] - idle) / MiB:,.0f} MiB above the {idle / MiB:,.0f} MiB that importing "
+                 "tiesmerge and torch costs)") if idle else ""
+        parts.append(f"Under `--memory-budget {b['budget']}` the {b['params'] / 1e9:.2f} B-parameter merge "
+                     f"({b['input_bytes'] / GB:.1f} GB of inputs) peaks at {b['peak_rss_bytes'] / MiB:,.0f} MiB RSS"
+                     f"{extra}, {b['peak_rss_over_budget']:.2f}× the budget, in {b['wall_s']:.0f} s.")
+    return " ".join(parts)
+
+
+def write_report(results: dict, md_path: Path, json_path: Path) -> None:
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    m = results["machine"]
+    s = results["set"]
+    lines = [
+        "# Speed and memory: tiesmerge vs the read floor and mergekit",
+        "",
+        f"Written by `benchmarks/speed/run.py` on {m['date_utc']} (see `benchmarks/speed/README.md`). "
+        f"Inputs: synthetic Llama checkpoints from `benchmarks/speed/make_models.py` — "
+        f"**{s['size']}** ({s['params'] / 1e9:.3f} B parameters, bf16, {s['shards_per_model']} shards of ≤ 500 MB "
+        f"per model), base + **{s['n']}** fine-tunes, {s['input_bytes'] / GB:.2f} GB of weights read per merge. "
+        f"Page cache warmed before every run; {results['repeat']} repeat(s), median wall time, max peak RSS.",
+        "",
+        f"Machine: {m['cpu_model']}, {m['usable_cpus']} usable CPU(s), {m['ram_gib']} GiB RAM, {m['platform']}; "
+        f"tiesmerge {m.get('tiesmerge_env', {}).get('tiesmerge', '?')} (commit {m['git_commit'][:10]}"
+        f"{', src/ modified' if m['src_modified'] else ''}), torch {m.get('tiesmerge_env', {}).get('torch', '?')}"
+        + (f"; mergekit {m['mergekit_env']['mergekit']} (torch {m['mergekit_env']['torch']}, "
+           f"transformers {m['mergekit_env']['transformers']})" if m.get("mergekit_env") else "")
+        + ".",
+        "",
+        "| run | wall s | peak RSS MiB | CPU % | input GB/s | × read floor | engine bytes read (passes) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    floor = results["runs"].get("read_floor", {})
+    for key, run in results["runs"].items():
+        if not run.get("ok"):
+            lines.append(f"| {run['label']} | failed | | | | | rc {[r['rc'] for r in run.get('repeats', [])]} |")
+            continue
+        vs_floor = run["wall_s"] / floor["wall_s"] if floor.get("wall_s") and key != "read_floor" else None
+        eng = (f"{run['engine_bytes_read'] / GB:.2f} GB ({run.get('engine_passes')})"
+               if run.get("engine_bytes_read") else "—")
+        lines.append(f"| {run['label']} | {run['wall_s']:.2f} | {run['peak_rss_bytes'] / MiB:,.0f} | "
+                     f"{run['cpu_percent']:.0f} | {_fmt(run.get('input_gb_per_s'))} | {_fmt(vs_floor, '.1f')} | {eng} |")
+    if results.get("mergekit_note"):
+        lines += ["", f"mergekit: {results['mergekit_note']}"]
+    rt = results["ratios"]
+    lines += [
+        "",
+        "Ratios (wall time unless marked RSS):",
+        "",
+        "| ratio | value |",
+        "|---|---:|",
+    ]
+    names = {
+        "mergekit_over_tiesmerge_per_tensor_positive_time": "mergekit / tiesmerge per-tensor (mergekit semantics)",
+        "mergekit_over_tiesmerge_per_tensor_time": "mergekit / tiesmerge per-tensor",
+        "mergekit_over_tiesmerge_global_time": "mergekit / tiesmerge global",
+        "mergekit_over_tiesmerge_per_tensor_positive_rss": "mergekit / tiesmerge per-tensor (mergekit semantics), RSS",
+        "mergekit_over_tiesmerge_global_rss": "mergekit / tiesmerge global, RSS",
+        "global_over_per_tensor_time": "tiesmerge global / per-tensor",
+        "global_over_per_tensor_rss": "tiesmerge global / per-tensor, RSS",
+    }
+    for k, label in names.items():
+        lines.append(f"| {label} | {_fmt(rt.get(k))} |")
+    for k, v in rt.items():
+        if k.endswith("_over_read_floor_time"):
+            lines.append(f"| {results['runs'].get(k.removesuffix('_over_read_floor_time'), {}).get('label', k)}"
+                         f" / read floor | {_fmt(v, '.1f')} |")
+    budget = results.get("budget_run")
+    if budget:
+        lines += ["", "## Memory budget", ""]
+        if budget.get("ok"):
+            b = budget["budget_bytes"]
+            lines += [
+                f"tiesmerge global TIES, `--memory-budget {budget['budget']}`, on the **{budget['size']}** set "
+                f"({budget['params'] / 1e9:.3f} B parameters, base + {budget['n']} fine-tunes, "
+                f"{budget['input_bytes'] / GB:.2f} GB of weights: {budget['input_bytes'] / b:.0f}× the budget; "
+                f"one model is {budget['input_bytes'] / (budget['n'] + 1) / b:.1f}× the budget).",
+                "",
+                "| run | wall s | peak RSS MiB | budget MiB | RSS − interpreter MiB | engine estimate MiB | input GB/s |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            idle = results["runs"].get("import_floor", {}).get("peak_rss_bytes")
+            lines.append(
+                f"| {budget['label']} | {budget['wall_s']:.2f} | {budget['peak_rss_bytes'] / MiB:,.0f} | {b / MiB:,.0f} | "
+                f"{_fmt((budget['peak_rss_bytes'] - idle) / MiB if idle else None, ',.0f')} | "
+                f"{_fmt(budget['engine_estimated_peak_bytes'] / MiB if budget.get('engine_estimated_peak_bytes') else None, ',.0f')} | "
+                f"{_fmt(budget.get('input_gb_per_s'))} |")
+            lines += ["", "RSS − interpreter subtracts the peak RSS of `python -c 'import tiesmerge'` "
+                          "(Python, torch and its libraries) measured in the same run."]
+        else:
+            lines.append(f"failed or skipped: {budget.get('note', 'see speed.json')}")
+    cmp_ = results.get("comparison")
+    lines += ["", "## tiesmerge per-tensor (`--zero-sign positive`) vs mergekit, tensor by tensor", ""]
+    if cmp_ and "tensors_compared" in cmp_:
+        lines += [
+            f"Informative, not a gate. {cmp_['tensors_compared']} tensors compared: "
+            f"{cmp_['tensors_identical']} bit-identical, {cmp_['tensors_beyond_1ulp']} with at least one entry more "
+            f"than one bf16 ulp apart. Max |Δ| = {cmp_['max_abs_diff']:.3g} (the largest |merged − base| is "
+            f"{cmp_['max_abs_merged_minus_base']:.3g}); entries that differ at all: "
+            f"{100 * cmp_['fraction_differing']:.3f} %; beyond one ulp: {100 * cmp_['fraction_beyond_1ulp']:.4f} %.",
+        ]
+        if cmp_.get("worst_tensors"):
+            lines += ["", "| tensor | entries | differ | beyond 1 ulp | max abs diff |", "|---|---:|---:|---:|---:|"]
+            for t in cmp_["worst_tensors"]:
+                lines.append(f"| {t['name']} | {t['numel']:,} | {t['entries_differing']:,} | "
+                             f"{t['entries_beyond_1ulp']:,} | {t['max_abs_diff']:.3g} |")
+    else:
+        lines.append(f"not compared: {(cmp_ or {}).get('note', 'one of the two outputs is missing')}")
+    if results.get("what_this_shows"):
+        lines += ["", "## What this shows", "", results["what_this_shows"]]
+    lines += ["", "## Commands", "", "```bash", results["invocation"]]
+    for run in results["runs"].values():
+        lines.append(run["command"])
+    if budget and budget.get("command"):
+        lines.append(budget["command"])
+    lines += ["```"]
+    if results.get("mergekit_yaml"):
+        lines += ["", "mergekit config (`mergekit.yml`):", "", "```yaml", results["mergekit_yaml"].rstrip(), "```"]
+    md_path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--root", type=Path, default=make_models.DEFAULT_ROOT, help="models and outputs live here")
+    p.add_argument("--size", choices=sorted(make_models.SIZES), default="small")
+    p.add_argument("--n", type=int, default=3, help="fine-tunes to merge (default 3)")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--tiesmerge", type=Path, default=REPO / ".venv" / "bin" / "tiesmerge")
+    p.add_argument("--mergekit-venv", type=Path, default=DEFAULT_MERGEKIT_VENV)
+    p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--only", nargs="+", metavar="KEY",
+                   help="run only these: read_floor import_floor ties_global ties_per_tensor "
+                        "ties_per_tensor_positive task_arithmetic mergekit_ties")
+    p.add_argument("--no-budget-run", action="store_true", help="skip the memory-budget run")
+    p.add_argument("--budget-size", choices=sorted(make_models.SIZES), default="large")
+    p.add_argument("--budget-n", type=int, default=3)
+    p.add_argument("--budget", default="256MiB")
+    p.add_argument("--no-compare", action="store_true")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--name", default="speed", help="results file stem (default speed)")
+    args = p.parse_args(argv)
+
+    invocation = shlex.join(["python", "benchmarks/speed/run.py", *(sys.argv[1:] if argv is None else argv)])
+    work = args.root / "runs"
+    work.mkdir(parents=True, exist_ok=True)
+    outs = args.root / "out"
+    outs.mkdir(parents=True, exist_ok=True)
+    mk_bin = args.mergekit_venv / "bin" / "mergekit-yaml"
+    mk_py = args.mergekit_venv / "bin" / "python"
+    tm_py = args.tiesmerge.parent / "python"
+
+    base, models = make_models.make_set(args.root, args.size, args.n, log=log)
+    inputs = make_models.weight_files(base) + [f for m in models for f in make_models.weight_files(m)]
+    shape = make_models.SIZES[args.size]
+    results: dict = {
+        "invocation": invocation,
+        "repeat": args.repeat,
+        "machine": machine_info(tm_py, mk_py if mk_py.exists() else None, args.root),
+        "set": {"size": args.size, "n": args.n, "params": make_models.n_params(shape), "shape": vars(shape),
+                "base": str(base), "models": [str(m) for m in models],
+                "shards_per_model": len(make_models.weight_files(base)),
+                "input_files": len(inputs), "input_bytes": sum(f.stat().st_size for f in inputs)},
+        "runs": {},
+    }
+    want = set(args.only) if args.only else None
+
+    def enabled(key: str) -> bool:
+        return want is None or key in want
+
+    # the runs, in order
+    plan: list[tuple[str, str, list[str], Path | None, dict | None, bool]] = []
+    plan.append(("read_floor", "read floor: cat inputs > /dev/null", ["cat", *map(str, inputs)], None, None, True))
+    plan.append(("import_floor", "python -c 'import tiesmerge' (RSS floor)",
+                 [str(tm_py), "-c", "import tiesmerge"], None, None, False))
+    out = {k: outs / k for k in ("ties_global", "ties_per_tensor", "ties_per_tensor_positive", "task_arithmetic",
+                                 "mergekit_ties", "budget")}
+    tm = args.tiesmerge
+    plan.append(("ties_global", "tiesmerge TIES, global (paper)",
+                 tiesmerge_argv(tm, base, models, out["ties_global"], "--method", "ties", "--density", "0.2"),
+                 out["ties_global"], None, False))
+    plan.append(("ties_per_tensor", "tiesmerge TIES, per tensor",
+                 tiesmerge_argv(tm, base, models, out["ties_per_tensor"], "--method", "ties", "--density", "0.2",
+                                "--scope", "per_tensor"), out["ties_per_tensor"], None, False))
+    plan.append(("ties_per_tensor_positive", "tiesmerge TIES, per tensor, --zero-sign positive",
+                 tiesmerge_argv(tm, base, models, out["ties_per_tensor_positive"], "--method", "ties", "--density",
+                                "0.2", "--scope", "per_tensor", "--zero-sign", "positive"),
+                 out["ties_per_tensor_positive"], None, False))
+    plan.append(("task_arithmetic", "tiesmerge task arithmetic",
+                 tiesmerge_argv(tm, base, models, out["task_arithmetic"], "--method", "task_arithmetic"),
+                 out["task_arithmetic"], None, False))
+    yaml_text = mergekit_yaml(base, models)
+    results["mergekit_yaml"] = yaml_text
+    if args.skip_mergekit:
+        results["mergekit_note"] = "skipped (--skip-mergekit)"
+    elif not mk_bin.exists():
+        results["mergekit_note"] = (f"not run: {mk_bin} does not exist (create it as benchmarks/speed/README.md says: "
+                                    "pip install torch==2.13.0, then mergekit==0.1.5)")
+    else:
+        cfg = work / "mergekit.yml"
+        cfg.write_text(yaml_text)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        plan.append(("mergekit_ties", "mergekit ties (mergekit-yaml)", [str(mk_bin), str(cfg), str(out["mergekit_ties"])],
+                     out["mergekit_ties"], env, False))
+
+    for key, label, cmd, o, env, is_floor in plan:
+        if not enabled(key):
+            continue
+        results["runs"][key] = run_one(key, label, cmd, inputs, work, args.repeat, o, env=env, is_floor=is_floor)
+        results["runs"][key]["output_dir"] = str(o) if o else None
+    results["ratios"] = ratios(results["runs"])
+
+    # output comparison: tiesmerge per-tensor with mergekit's zero-sign rule vs mergekit
+    a, b = out["ties_per_tensor_positive"], out["mergekit_ties"]
+    if args.no_compare:
+        results["comparison"] = {"note": "skipped (--no-compare)"}
+    elif results["runs"].get("ties_per_tensor_positive", {}).get("ok") and results["runs"].get(
+            "mergekit_ties", {}).get("ok"):
+        log("comparing tiesmerge per-tensor (--zero-sign positive) with mergekit, tensor by tensor")
+        results["comparison"] = compare_outputs(a, b, base)
+        c = results["comparison"]
+        log(f"  max |Δ| {c['max_abs_diff']:.3g}; {c['tensors_beyond_1ulp']}/{c['tensors_compared']} tensors "
+            f"beyond one bf16 ulp; {100 * c['fraction_beyond_1ulp']:.4f} % of entries")
+    else:
+        results["comparison"] = {"note": "one of the two runs did not run or failed"}
+
+    # memory-budget run on the larger set
+    if not args.no_budget_run:
+        bbase, bmodels = make_models.make_set(args.root, args.budget_size, args.budget_n, log=log)
+        binputs = make_models.weight_files(bbase) + [f for m in bmodels for f in make_models.weight_files(m)]
+        bargv = tiesmerge_argv(tm, bbase, bmodels, out["budget"], "--method", "ties", "--density", "0.2",
+                               "--memory-budget", args.budget)
+        label = f"tiesmerge TIES, global, --memory-budget {args.budget}"
+        br = run_one("budget", label, bargv, binputs, work, 1, out["budget"])
+        br.update({"budget": args.budget, "budget_bytes": parse_size(args.budget), "size": args.budget_size,
+                   "n": args.budget_n, "params": make_models.n_params(make_models.SIZES[args.budget_size])})
+        if br.get("ok"):
+            br["peak_rss_over_budget"] = br["peak_rss_bytes"] / br["budget_bytes"]
+        results["budget_run"] = br
+        shutil.rmtree(out["budget"], ignore_errors=True)  # 2 GB; nothing reads it
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    md_path, json_path = args.results / f"{args.name}.md", args.results / f"{args.name}.json"
+    results["what_this_shows"] = what_this_shows(results)
+    write_report(results, md_path, json_path)
+    log(f"wrote {md_path} and {json_path}")
+    return 0 if all(r.get("ok") for r in results["runs"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
