@@ -13,7 +13,6 @@ import pytest
 import torch
 
 import tiesmerge
-from tiesmerge.engine import kernels
 from helpers_ckpt import (
     assert_no_output,
     leftovers,
@@ -23,6 +22,7 @@ from helpers_ckpt import (
     write_safetensors,
 )
 from tiesmerge import errors
+from tiesmerge.engine import kernels
 from tiesmerge.errors import (
     CheckpointError,
     ConfigError,

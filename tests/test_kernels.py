@@ -72,7 +72,7 @@ def test_histogram_kernel_counts_like_the_radix_select():
     for keep in ([1, 20_000, 49_999], [0, 10, 50_000]):
         fused, plain = RadixSelect(keep, "cpu"), RadixSelect(keep, "cpu")
         while not plain.done:
-            fused.add_counts(lambda h: kernels.histogram_pass(base, models, fused.stage, fused.chosen_high, h))
+            fused.add_counts(lambda h, s=fused: kernels.histogram_pass(base, models, s.stage, s.chosen_high, h))
             fused.end_pass()
             plain.observe(models - base)
             plain.end_pass()
