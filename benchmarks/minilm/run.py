@@ -10,6 +10,7 @@ through tiesmerge.merge; hyperparameters with validation come from tiesmerge.tun
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import random
@@ -30,6 +31,24 @@ from tiesmerge.methods import Average, TaskArithmetic, Ties  # noqa: E402
 from tiesmerge.tuning import paper_grid, tune  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+class EvalCache:
+    """Results already computed under the same settings, so a rerun only does what is missing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+        self.reused: list[str] = []
+
+    def get(self, key: str, compute):
+        if key in self.data:
+            self.reused.append(key)
+        else:
+            self.data[key] = compute()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.data, indent=1))
+        return self.data[key]
 
 
 def log(msg: str) -> None:
@@ -77,12 +96,23 @@ def main() -> None:
     def evaluate_state(state, splits) -> SuiteResult:
         return evaluate_encoder(load_encoder(base, args.device, state=state), splits, heads)
 
+    settings = json.dumps([common.MAX_LENGTH, args.train_limit, args.test_limit, args.val_limit, args.seed,
+                           args.epochs, [str(d) for d in ft_dirs.values()], str(multi_dir)])
+    cache = EvalCache(common.CACHE / "evals" / f"{hashlib.sha256(settings.encode()).hexdigest()[:12]}.json")
+
+    def accuracy(key: str, compute) -> SuiteResult:
+        return SuiteResult(cache.get(key, lambda: dict(compute().accuracy)))
+
     table = ResultsTable(tasks=tasks)
     clock = time.perf_counter()
-    table.add(ResultRow("zero-shot", evaluate_encoder(load_encoder(base, args.device), test, heads)))
-    own = {t: evaluate_encoder(load_encoder(ft_dirs[t], args.device), {t: test[t]}, heads).accuracy[t] for t in tasks}
-    table.add(ResultRow("fine-tuned", SuiteResult(own), note="each task's own model"))
-    table.add(ResultRow("multitask", evaluate_encoder(load_encoder(multi_dir, args.device), test, heads)))
+    table.add(ResultRow("zero-shot", accuracy("zero-shot", lambda: evaluate_encoder(load_encoder(base, args.device),
+                                                                                    test, heads))))
+    own = accuracy("fine-tuned", lambda: SuiteResult({t: evaluate_encoder(load_encoder(ft_dirs[t], args.device),
+                                                                          {t: test[t]}, heads).accuracy[t]
+                                                      for t in tasks}))
+    table.add(ResultRow("fine-tuned", own, note="each task's own model"))
+    table.add(ResultRow("multitask", accuracy("multitask", lambda: evaluate_encoder(
+        load_encoder(multi_dir, args.device), test, heads))))
     seconds["evaluate_references"] = time.perf_counter() - clock
     log(f"references: zero-shot {table.rows[0].result.mean:.3f}, fine-tuned {table.rows[1].result.mean:.3f}, "
         f"multitask {table.rows[2].result.mean:.3f}")
@@ -92,9 +122,9 @@ def main() -> None:
     clock = time.perf_counter()
     for label, method in (("averaging", Average()), ("task arithmetic", TaskArithmetic(lam=0.4)),
                           ("TIES", Ties(density=0.2, lam=1.0))):
-        merged = tiesmerge.merge(base, models, method, device=args.device)
         note = {"averaging": "", "task arithmetic": "λ=0.4", "TIES": "k=0.2, λ=1"}[label]
-        table.add(ResultRow(label, evaluate_state(merged, test), note=note))
+        table.add(ResultRow(label, accuracy(f"merge:{label}", lambda method=method: evaluate_state(
+            tiesmerge.merge(base, models, method, device=args.device), test)), note=note))
         log(f"{label}: {table.rows[-1].result.mean:.3f}")
     seconds["merge_and_evaluate"] = time.perf_counter() - clock
 
@@ -102,16 +132,22 @@ def main() -> None:
     clock = time.perf_counter()
     tuning = {}
     for label, name in (("task arithmetic", "task_arithmetic"), ("TIES", "ties")):
-        result = tune(base, models, name, lambda state: evaluate_state(state, val).mean, grid=paper_grid(name),
-                      device=args.device)
-        best = result.best
-        note = ", ".join(f"{k}={v}" for k, v in {**best.options, "λ": best.lam}.items()).replace("density", "k")
-        table.add(ResultRow(label, evaluate_state(result.best_state, test), validation=True, note=note))
-        tuning[name] = {"best": {**best.options, "lam": best.lam, "validation_score": best.score},
-                        "merges": result.merges, "points": len(result.points), "seconds": result.seconds,
-                        "grid": [{**pt.options, "lam": pt.lam, "score": pt.score} for pt in result.points]}
+        def search(name=name) -> dict:
+            result = tune(base, models, name, lambda state: evaluate_state(state, val).mean, grid=paper_grid(name),
+                          device=args.device)
+            best = result.best
+            return {"best": {**best.options, "lam": best.lam, "validation_score": best.score},
+                    "merges": result.merges, "points": len(result.points), "seconds": result.seconds,
+                    "grid": [{**pt.options, "lam": pt.lam, "score": pt.score} for pt in result.points],
+                    "test": dict(evaluate_state(result.best_state, test).accuracy)}
+
+        tuning[name] = cache.get(f"tune:{name}", search)
+        best = tuning[name]["best"]
+        note = ", ".join(f"{k}={v}" for k, v in best.items() if k != "validation_score").replace("density", "k")
+        note = note.replace("lam", "λ")
+        table.add(ResultRow(label, SuiteResult(tuning[name]["test"]), validation=True, note=note))
         log(f"{label} (val): {note} -> test {table.rows[-1].result.mean:.3f} "
-            f"({len(result.points)} points, {result.merges} merges)")
+            f"({tuning[name]['points']} points, {tuning[name]['merges']} merges)")
     seconds["tune"] = time.perf_counter() - clock
 
     meta = {"seed": args.seed, "device": args.device, "hardware": hardware(), "max_length": common.MAX_LENGTH,
@@ -122,12 +158,13 @@ def main() -> None:
             "sources": {t: [{"path": s.path, "sha256": s.sha256, "size": s.size} for s in suite[t].sources]
                         for t in tasks},
             "tuning": tuning, "seconds": seconds, "tiesmerge_version": tiesmerge.__version__}
+    meta["reused_from_cache"] = cache.reused  # results computed by an earlier run with the same settings
     table.meta = meta
     _write_table(table, args, meta)
 
     if not args.skip_fig5:
         clock = time.perf_counter()
-        fig5(args, suite, ft_dirs, base, heads, evaluate_state, table)
+        fig5(args, suite, ft_dirs, base, heads, evaluate_state, cache)
         seconds["fig5"] = time.perf_counter() - clock
         _write_table(table, args, meta)
     log(f"done: {json.dumps({k: round(v) for k, v in seconds.items()})}")
@@ -145,17 +182,19 @@ def _write_table(table: ResultsTable, args, meta) -> None:
             f"{m['hardware']['cpu_count']} CPUs, torch {m['hardware']['torch']}), max length {m['max_length']} tokens, "
             f"{m['epochs']} epochs, lr {m['lr']}, batch {m['batch_size']}, "
             f"train examples per task {sorted(set(m['train_per_task'].values()))}.\n\n"
-            "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items()) + "\n")
+            "Seconds per stage in this run: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items())
+            + (f" ({len(m['reused_from_cache'])} results reused from an earlier run with the same settings, "
+               "listed in the JSON)" if m.get("reused_from_cache") else "") + "\n")
     table.write(args.out / f"{args.name}.md", args.out / f"{args.name}.json", preamble=pre, epilogue=post)
     log(f"wrote {args.out / (args.name + '.md')}")
 
 
-def fig5(args, suite, ft_dirs, base, heads, evaluate_state, table: ResultsTable) -> None:
+def fig5(args, suite, ft_dirs, base, heads, evaluate_state, cache: EvalCache) -> None:
     """Normalized accuracy vs number of tasks merged (Fig. 5): every size 2..n, up to K subsets each."""
     tasks = list(suite)
     test = {t: suite[t].test[:args.fig5_limit] for t in tasks}
-    reference = {t: evaluate_encoder(load_encoder(ft_dirs[t], args.device), {t: test[t]}, heads).accuracy[t]
-                 for t in tasks}
+    reference = cache.get(f"fig5:reference:{args.fig5_limit}", lambda: {
+        t: evaluate_encoder(load_encoder(ft_dirs[t], args.device), {t: test[t]}, heads).accuracy[t] for t in tasks})
     rng = random.Random(args.seed)
     methods = {"averaging": Average(), "task arithmetic": TaskArithmetic(lam=0.4), "TIES": Ties(density=0.2, lam=1.0)}
     points = []
@@ -165,11 +204,13 @@ def fig5(args, suite, ft_dirs, base, heads, evaluate_state, table: ResultsTable)
             subsets = rng.sample(subsets, args.fig5_subsets)
         for subset in subsets:
             for label, method in methods.items():
-                merged = tiesmerge.merge(base, [ft_dirs[t] for t in subset], method, device=args.device)
-                result = evaluate_state(merged, {t: test[t] for t in subset})
-                norm = sum(result.accuracy[t] / reference[t] for t in subset) / len(subset)
+                acc = cache.get(f"fig5:{args.fig5_limit}:{label}:{','.join(subset)}", lambda subset=subset, method=method:
+                                dict(evaluate_state(tiesmerge.merge(base, [ft_dirs[t] for t in subset], method,
+                                                                    device=args.device),
+                                                    {t: test[t] for t in subset}).accuracy))
+                norm = sum(acc[t] / reference[t] for t in subset) / len(subset)
                 points.append({"size": size, "tasks": list(subset), "method": label, "normalized": norm,
-                               "accuracy": dict(result.accuracy)})
+                               "accuracy": acc})
         log(f"fig5: size {size} done ({len(subsets)} subsets)")
     summary = {}
     for label in methods:

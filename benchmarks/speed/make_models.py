@@ -2,7 +2,7 @@
 
 Each model is a Hugging Face directory a ``LlamaForCausalLM`` loads: ``config.json``
 (``tie_word_embeddings: false``), bf16 weights with the real Llama tensor names in sharded
-safetensors (at most ``--shard-size`` bytes each) and ``model.safetensors.index.json``.
+safetensors (at most ``--shard-size`` bytes each, default 200 MB) and ``model.safetensors.index.json``.
 
 The weights are generated tensor by tensor and streamed to disk (each shard's safetensors
 header is written first, then the tensors behind it), so memory stays at a few copies of the
@@ -43,9 +43,9 @@ from pathlib import Path
 
 import torch
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 DEFAULT_ROOT = Path(os.environ.get("TIESMERGE_SPEED_ROOT", "/tmp/tiesmerge-speed"))
-DEFAULT_SHARD_SIZE = 500_000_000  # bytes
+DEFAULT_SHARD_SIZE = 200_000_000  # bytes: 3 shards for small, 11 for large
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ SIZES = {
     "small": LlamaShape(hidden=1024, intermediate=2816, layers=16, heads=16, kv_heads=4, vocab=32000),
     # 1.01 B parameters (TinyLlama's width, 20 layers instead of 22)
     "large": LlamaShape(hidden=2048, intermediate=5632, layers=20, heads=32, kv_heads=4, vocab=32000),
+    # 0.4 M parameters: for warming up (numba's compile cache, imports) and smoke tests
+    "tiny": LlamaShape(hidden=64, intermediate=176, layers=2, heads=4, kv_heads=2, vocab=1000),
 }
 
 # the fine-tune recipe (see the module docstring)
@@ -170,33 +172,36 @@ def _gen(seed: int, *parts: object) -> torch.Generator:
     return g
 
 
-def base_tensor(seed: int, name: str, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base weights as bf16, the per-entry uniform that places the shared sparse changes)."""
+def base_tensor(seed: int, name: str, dims: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(base weights as bf16, flat indices of the shared sparse entries, their consensus signs)."""
     g = _gen(seed, "base", name)
     if len(dims) == 1:  # RMSNorm scales: around 1
         w = torch.randn(dims, generator=g).mul_(0.05).add_(1.0)
     else:
         w = torch.randn(dims, generator=g).mul_(WEIGHT_STD)
-    v = torch.rand(dims, generator=g)
-    return w.to(torch.bfloat16), v
+    v = torch.rand(_numel(dims), generator=g)
+    shared = (v < SHARED_FRACTION).nonzero().squeeze(1)
+    consensus = torch.where(v[shared] < SHARED_FRACTION / 2, 1.0, -1.0)
+    return w.to(torch.bfloat16), shared, consensus
 
 
-def finetune_tensor(seed: int, t: int, name: str, base_bf16: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def finetune_tensor(seed: int, t: int, name: str, base_bf16: torch.Tensor, shared: torch.Tensor,
+                    consensus: torch.Tensor) -> torch.Tensor:
     """Fine-tune t's weights (bf16): base + dense noise + shared and own sparse changes."""
     g = _gen(seed, "finetune", t, name)
-    z = torch.randn(base_bf16.shape, generator=g)
-    u = torch.rand(base_bf16.shape, generator=g)
-    # sparse magnitude from the same normal draw: floor + |z| * std
-    sparse = z.abs().mul_(SPARSE_STD).add_(SPARSE_FLOOR)
-    shared = v < SHARED_FRACTION
-    consensus = torch.where(v < SHARED_FRACTION / 2, 1.0, -1.0)
-    shared_sign = torch.where(u < AGREE_PROBABILITY, consensus, -consensus)
-    own = (~shared) & (u < OWN_FRACTION)
-    own_sign = torch.where(u < OWN_FRACTION / 2, 1.0, -1.0)
-    delta = z.mul_(DENSE_STD)  # dense noise (z is reused in place; sparse was taken above)
-    delta = torch.where(shared, shared_sign * sparse, delta)
-    delta = torch.where(own, own_sign * sparse, delta)
-    return (base_bf16.float() + delta).to(torch.bfloat16)
+    z = torch.randn(base_bf16.numel(), generator=g)
+    u = torch.rand(base_bf16.numel(), generator=g)
+    # shared entries: the consensus sign with probability AGREE_PROBABILITY, else flipped
+    agree = torch.where(u[shared] < AGREE_PROBABILITY, 1.0, -1.0)
+    shared_val = (z[shared].abs() * SPARSE_STD + SPARSE_FLOOR) * consensus * agree
+    # own entries: OWN_FRACTION of the rest, random sign (u < OWN_FRACTION / 2 is +)
+    u[shared] = 1.0
+    own = (u < OWN_FRACTION).nonzero().squeeze(1)
+    own_val = (z[own].abs() * SPARSE_STD + SPARSE_FLOOR) * torch.where(u[own] < OWN_FRACTION / 2, 1.0, -1.0)
+    delta = z.mul_(DENSE_STD)  # dense noise
+    delta[shared] = shared_val
+    delta[own] = own_val
+    return delta.view(base_bf16.shape).add_(base_bf16).to(torch.bfloat16)
 
 
 class ShardedSafetensorsWriter:
@@ -310,14 +315,14 @@ def make_set(root: Path = DEFAULT_ROOT, size: str = "small", n: int = 3, seed: i
         writers[role] = ShardedSafetensorsWriter(tmp, shards)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for idx, (name, dims) in enumerate(specs):
-        base_bf16, v = base_tensor(seed, name, dims)
+        base_bf16, shared, consensus = base_tensor(seed, name, dims)
         for role, _ in todo:
             if role == "base":
                 writers[role].write(name, base_bf16)
             else:
                 t = int(role.split("-")[1])
-                writers[role].write(name, finetune_tensor(seed, t, name, base_bf16, v))
-        del base_bf16, v
+                writers[role].write(name, finetune_tensor(seed, t, name, base_bf16, shared, consensus))
+        del base_bf16, shared, consensus
         if idx % 40 == 0 or idx == len(specs) - 1:
             log(f"  {idx + 1}/{len(specs)} tensors, {time.perf_counter() - started:.0f} s")
     for role, d in todo:
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=sorted(SIZES), default="small")
     p.add_argument("--n", type=int, default=3, help="number of fine-tunes (default 3)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="largest shard in bytes (default 500e6)")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="largest shard in bytes (default 200e6)")
     p.add_argument("--print-sizes", action="store_true", help="print each size's parameter count and stop")
     args = p.parse_args(argv)
     if args.print_sizes:

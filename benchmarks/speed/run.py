@@ -47,6 +47,7 @@ DEFAULT_MERGEKIT_VENV = Path("/tmp/mergekit-venv")
 TIME = "/usr/bin/time"
 GB = 1e9
 MiB = 1 << 20
+WAIT_IDLE = {"max_busy": 1.0, "timeout": 0.0}  # set from --wait-idle
 
 
 def log(msg: str) -> None:
@@ -116,8 +117,49 @@ def machine_info(tiesmerge_python: Path, mergekit_python: Path | None, root: Pat
         "git_commit": git,
         "src_modified": bool(dirty),
         "loadavg_at_start": os.getloadavg(),
+        "busy_processes_at_start": busy_processes(),
         **versions,
     }
+
+
+def cpu_busy(seconds: float = 2.0) -> float | None:
+    """Fraction of all CPUs busy over the next ``seconds`` (from /proc/stat): is anything else running?"""
+    def sample() -> tuple[int, int] | None:
+        line = _read("/proc/stat").splitlines()[:1]
+        if not line or not line[0].startswith("cpu "):
+            return None
+        v = [int(x) for x in line[0].split()[1:]]
+        idle = v[3] + (v[4] if len(v) > 4 else 0)
+        return sum(v), idle
+
+    a = sample()
+    time.sleep(seconds)
+    b = sample()
+    if a is None or b is None or b[0] == a[0]:
+        return None
+    return round(1 - (b[1] - a[1]) / (b[0] - a[0]), 3)
+
+
+def busy_processes() -> list[str]:
+    """Other processes using CPU right now (ps), for the record."""
+    out = _cmd_out(["ps", "-eo", "pid,pcpu,etime,args", "--sort=-pcpu"])
+    rows = []
+    for line in out.splitlines()[1:6]:
+        parts = line.split(None, 3)
+        if len(parts) == 4 and float(parts[1]) >= 10 and int(parts[0]) != os.getpid():
+            rows.append(line[:200])
+    return rows
+
+
+def wait_idle(max_busy: float, timeout: float) -> float | None:
+    """Wait (up to ``timeout`` s) until the CPUs are at most ``max_busy`` busy; returns the last reading."""
+    deadline = time.monotonic() + timeout
+    busy = cpu_busy()
+    while busy is not None and busy > max_busy and time.monotonic() < deadline:
+        log(f"CPUs {100 * busy:.0f} % busy before the run; waiting ({', '.join(busy_processes()) or '?'})")
+        time.sleep(15)
+        busy = cpu_busy()
+    return busy
 
 
 # ---------------------------------------------------------------- timing
@@ -218,10 +260,17 @@ def run_one(key: str, label: str, argv: list[str], inputs: list[Path], work: Pat
         warm_s = warm(inputs)
         if out is not None and not is_floor:
             shutil.rmtree(out, ignore_errors=True)  # the same fresh start for every tool
+            os.sync()
+        busy = wait_idle(WAIT_IDLE["max_busy"], WAIT_IDLE["timeout"])
         load = os.getloadavg()
-        log(f"{label}: run {r + 1}/{repeat} (load {load[0]:.2f})")
+        log(f"{label}: run {r + 1}/{repeat} (CPUs {_fmt(100 * busy if busy is not None else None, '.0f')} % busy "
+            f"before, load {load[0]:.2f})")
         res = timed(argv, work / f"{key}-{r + 1}.log", env=env, stdout_to_devnull=is_floor)
+        os.sync()  # the output's dirty pages go to disk now, not during the next run
         res["loadavg_before"] = [round(x, 2) for x in load]
+        res["cpu_busy_before"] = busy
+        if busy is not None and busy > WAIT_IDLE["max_busy"]:
+            res["busy_processes_before"] = busy_processes()
         res["warm_read_s"] = round(warm_s, 3)
         if out is not None and res["rc"] == 0:
             man = manifest_of(out)
@@ -241,7 +290,8 @@ def run_one(key: str, label: str, argv: list[str], inputs: list[Path], work: Pat
                 f"CPU {res['cpu_percent']}%")
         reps.append(res)
     ok = [r for r in reps if r["rc"] == 0]
-    summary: dict = {"key": key, "label": label, "command": shlex.join(argv), "argv": argv,
+    command = shlex.join(argv) + (" > /dev/null" if is_floor else "")
+    summary: dict = {"key": key, "label": label, "command": command, "argv": argv,
                      "input_bytes": input_bytes, "repeats": reps, "ok": bool(ok) and len(ok) == len(reps)}
     if ok:
         summary["wall_s"] = statistics.median(r["wall_s"] for r in ok)
@@ -338,6 +388,69 @@ def compare_outputs(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
         "worst_tensors": sorted(compared, key=lambda t: -t["entries_beyond_1ulp"])[:5],
         "per_tensor": compared,
     }
+
+
+def _emulate(base, fts, dtype, exact_k: bool, density: float = 0.2):
+    """TIES per tensor, zero votes elect +, mean of agreeing (mergekit's normalize: true), lambda 1.
+
+    dtype=bfloat16, exact_k=True is mergekit 0.1.5's arithmetic (task vectors, sum and division in
+    bf16; exactly k entries kept via argsort); dtype=float32, exact_k=False is tiesmerge's (float32,
+    every entry equal to the k-th largest |tau| kept)."""
+    import torch
+
+    b = base.to(dtype)
+    kept = []
+    for f in fts:
+        d = f.to(dtype) - b
+        k = max(1, int(density * d.numel()))
+        w = d.abs().reshape(-1).float()
+        if exact_k:
+            mask = torch.zeros_like(w)
+            mask[torch.argsort(w, descending=True)[:k]] = 1
+        else:
+            mask = (w >= w.kthvalue(w.numel() - k + 1).values).float()
+        kept.append(d * mask.reshape(d.shape).to(dtype))
+    deltas = torch.stack(kept)
+    sign = (deltas.sum(0) >= 0).to(dtype) * 2 - 1
+    agree = deltas.sign() == sign
+    mixed = (deltas * agree).sum(0)
+    div = agree.to(dtype).sum(0)
+    div[div == 0] = 1
+    return (b + mixed / div).to(base.dtype)
+
+
+def attribute(names: list[str], a_dir: Path, b_dir: Path, base_dir: Path, model_dirs: list[Path]) -> list[dict]:
+    """For a few tensors: do two emulations reproduce the two outputs bit for bit, and how many entries
+    does each difference alone (bf16 arithmetic; exactly-k tie breaking) change?"""
+    from safetensors import safe_open
+
+    files = {d: _tensor_files(d) for d in (a_dir, b_dir, base_dir, *model_dirs)}
+
+    def get(d: Path, name: str):
+        with safe_open(str(files[d][name]), framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    import torch
+
+    rows = []
+    for name in names:
+        base = get(base_dir, name)
+        fts = [get(d, name) for d in model_dirs]
+        a, b = get(a_dir, name), get(b_dir, name)
+        tm_emul = _emulate(base, fts, torch.float32, exact_k=False)
+        mk_emul = _emulate(base, fts, torch.bfloat16, exact_k=True)
+        f32_exact = _emulate(base, fts, torch.float32, exact_k=True)
+        bf16_ties = _emulate(base, fts, torch.bfloat16, exact_k=False)
+        rows.append({
+            "name": name, "numel": base.numel(),
+            "tiesmerge_equals_float32_keep_ties_emulation": bool(torch.equal(a, tm_emul)),
+            "mergekit_equals_bf16_exact_k_emulation": bool(torch.equal(b, mk_emul)),
+            "entries_changed_by_bf16_arithmetic_alone": int((bf16_ties != tm_emul).sum()),
+            "entries_changed_by_exact_k_tie_breaking_alone": int((f32_exact != tm_emul).sum()),
+            "entries_differing_tiesmerge_vs_mergekit": int((a != b).sum()),
+        })
+        del base, fts, a, b, tm_emul, mk_emul, f32_exact, bf16_ties
+    return rows
 
 
 # ---------------------------------------------------------------- report
@@ -446,11 +559,15 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         if not run.get("ok"):
             lines.append(f"| {run['label']} | failed | | | | | rc {[r['rc'] for r in run.get('repeats', [])]} |")
             continue
-        vs_floor = run["wall_s"] / floor["wall_s"] if floor.get("wall_s") and key != "read_floor" else None
+        vs_floor = run["wall_s"] / floor["wall_s"] if floor.get("wall_s") and key not in ("read_floor", "import_floor") else None
         eng = (f"{run['engine_bytes_read'] / GB:.2f} GB ({run.get('engine_passes')})"
                if run.get("engine_bytes_read") else "—")
         lines.append(f"| {run['label']} | {run['wall_s']:.2f} | {run['peak_rss_bytes'] / MiB:,.0f} | "
                      f"{run['cpu_percent']:.0f} | {_fmt(run.get('input_gb_per_s'))} | {_fmt(vs_floor, '.1f')} | {eng} |")
+    busy = [r.get("cpu_busy_before") for run in results["runs"].values() for r in run.get("repeats", [])]
+    busy = [b for b in busy if b is not None]
+    if busy:
+        lines += ["", f"CPUs busy in the 2 s before each run (other processes): at most {100 * max(busy):.0f} %."]
     if results.get("mergekit_note"):
         lines += ["", f"mergekit: {results['mergekit_note']}"]
     rt = results["ratios"]
@@ -515,11 +632,26 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
             for t in cmp_["worst_tensors"]:
                 lines.append(f"| {t['name']} | {t['numel']:,} | {t['entries_differing']:,} | "
                              f"{t['entries_beyond_1ulp']:,} | {t['max_abs_diff']:.3g} |")
+        if cmp_.get("attribution"):
+            lines += ["", "Where the differences come from, on a few tensors: `_emulate` in run.py re-runs per-tensor "
+                      "TIES in float32 keeping every entry tied at the threshold (tiesmerge's arithmetic) and in bf16 "
+                      "keeping exactly k entries by argsort (mergekit 0.1.5's), then changes one thing at a time.", "",
+                      "| tensor | tiesmerge = f32/keep-ties emulation | mergekit = bf16/exact-k emulation | "
+                      "entries changed by bf16 arithmetic alone | by exact-k tie breaking alone | differ in the outputs |",
+                      "|---|---|---|---:|---:|---:|"]
+            for t in cmp_["attribution"]:
+                lines.append(f"| {t['name']} | {'yes' if t['tiesmerge_equals_float32_keep_ties_emulation'] else 'no'} | "
+                             f"{'yes' if t['mergekit_equals_bf16_exact_k_emulation'] else 'no'} | "
+                             f"{t['entries_changed_by_bf16_arithmetic_alone']:,} | "
+                             f"{t['entries_changed_by_exact_k_tie_breaking_alone']:,} | "
+                             f"{t['entries_differing_tiesmerge_vs_mergekit']:,} |")
     else:
         lines.append(f"not compared: {(cmp_ or {}).get('note', 'one of the two outputs is missing')}")
     if results.get("what_this_shows"):
         lines += ["", "## What this shows", "", results["what_this_shows"]]
-    lines += ["", "## Commands", "", "```bash", results["invocation"]]
+    lines += ["", "## Commands", "",
+              "The runner, then each measured command (each run as `/usr/bin/time -v -o RUN.time COMMAND`, "
+              "after reading every input file once):", "", "```bash", results["invocation"]]
     for run in results["runs"].values():
         lines.append(run["command"])
     if budget and budget.get("command"):
@@ -536,7 +668,7 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=make_models.DEFAULT_ROOT, help="models and outputs live here")
-    p.add_argument("--size", choices=sorted(make_models.SIZES), default="small")
+    p.add_argument("--size", choices=sorted(make_models.SIZES), default="small", help="small (default), large; tiny is a smoke test")
     p.add_argument("--n", type=int, default=3, help="fine-tunes to merge (default 3)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--tiesmerge", type=Path, default=REPO / ".venv" / "bin" / "tiesmerge")
@@ -552,7 +684,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compare", action="store_true")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--name", default="speed", help="results file stem (default speed)")
+    p.add_argument("--wait-idle", type=float, default=600, metavar="SECONDS",
+                   help="before each run, wait up to this long for the CPUs to be at most 10%% busy (default 600)")
     args = p.parse_args(argv)
+    WAIT_IDLE.update(max_busy=0.10, timeout=args.wait_idle)
 
     invocation = shlex.join(["python", "benchmarks/speed/run.py", *(sys.argv[1:] if argv is None else argv)])
     work = args.root / "runs"
@@ -616,6 +751,29 @@ def main(argv: list[str] | None = None) -> int:
         plan.append(("mergekit_ties", "mergekit ties (mergekit-yaml)", [str(mk_bin), str(cfg), str(out["mergekit_ties"])],
                      out["mergekit_ties"], env, False))
 
+    # warm-up, untimed: every command once on the tiny set, so numba's compile cache (tiesmerge's
+    # fused kernels), Python's imports and the tools' files are warm before anything is timed
+    tbase, tmodels = make_models.make_set(args.root, "tiny", args.n, log=log)
+    warmups = {}
+    for key, _label, cmd, o, env, is_floor in plan:
+        if is_floor or not enabled(key) or o is None:
+            continue
+        wcmd = [str(tbase) if c == str(base) else c for c in cmd]
+        for m_real, m_tiny in zip(models, tmodels):
+            wcmd = [str(m_tiny) if c == str(m_real) else c for c in wcmd]
+        wcmd = [str(outs / "warmup") if c == str(o) else c for c in wcmd]
+        if key == "mergekit_ties":
+            wcfg = work / "mergekit-warmup.yml"
+            wcfg.write_text(mergekit_yaml(tbase, tmodels))
+            wcmd = [str(mk_bin), str(wcfg), str(outs / "warmup")]
+        shutil.rmtree(outs / "warmup", ignore_errors=True)
+        started = time.perf_counter()
+        rc = subprocess.run(wcmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=False).returncode
+        warmups[key] = {"rc": rc, "seconds": round(time.perf_counter() - started, 2)}
+        log(f"warm-up {key}: {warmups[key]['seconds']} s (rc {rc})")
+    shutil.rmtree(outs / "warmup", ignore_errors=True)
+    results["warmup"] = warmups
+
     for key, label, cmd, o, env, is_floor in plan:
         if not enabled(key):
             continue
@@ -632,6 +790,11 @@ def main(argv: list[str] | None = None) -> int:
         log("comparing tiesmerge per-tensor (--zero-sign positive) with mergekit, tensor by tensor")
         results["comparison"] = compare_outputs(a, b, base)
         c = results["comparison"]
+        worst = [t["name"] for t in c["worst_tensors"][:2]]
+        picks = list(dict.fromkeys(worst + ["model.layers.0.self_attn.k_proj.weight", "model.norm.weight"]))
+        picks = [n for n in picks if any(t["name"] == n for t in c["per_tensor"])]
+        log(f"  attributing the differences on {', '.join(picks)}")
+        c["attribution"] = attribute(picks, a, b, base, models)
         log(f"  max |Δ| {c['max_abs_diff']:.3g}; {c['tensors_beyond_1ulp']}/{c['tensors_compared']} tensors "
             f"beyond one bf16 ulp; {100 * c['fraction_beyond_1ulp']:.4f} % of entries")
     else:

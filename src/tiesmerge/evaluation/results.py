@@ -35,7 +35,8 @@ class ResultsTable:
         extra = [t for t in row.result.accuracy if t not in self.tasks]
         if missing or extra:  # a row's mean and normalized mean must be over exactly the table's tasks
             raise ValueError(f"row {row.name!r}: tasks differ from the table's (missing {missing}, extra {extra})")
-        self.rows = [r for r in self.rows if r.name != row.name] + [row]
+        # a row is its name plus whether validation chose it: "TIES" appears once each way
+        self.rows = [r for r in self.rows if (r.name, r.validation) != (row.name, row.validation)] + [row]
 
     def _reference(self) -> SuiteResult | None:
         return next((r.result for r in self.rows if r.name == self.reference), None)
