@@ -264,11 +264,16 @@ def test_results_markdown_without_reference():
 
 def test_results_add_replaces_same_name_and_rejects_missing_task():
     table = _table()
-    table.add(ResultRow("ties", SuiteResult({"a": 0.1, "b": 0.2})))
+    table.add(ResultRow("ties", SuiteResult({"a": 0.1, "b": 0.2}), validation=True))
     assert [r.name for r in table.rows] == ["fine-tuned", "average", "ties"]
     assert table.rows[-1].result.accuracy == {"a": 0.1, "b": 0.2}
-    with pytest.raises(ValueError, match="lacks tasks"):
+    # the same method without validation is another row (Table 1 has both)
+    table.add(ResultRow("ties", SuiteResult({"a": 0.3, "b": 0.4})))
+    assert [(r.name, r.validation) for r in table.rows][-2:] == [("ties", True), ("ties", False)]
+    with pytest.raises(ValueError, match="missing"):
         table.add(ResultRow("broken", SuiteResult({"a": 0.5})))
+    with pytest.raises(ValueError, match="extra"):
+        table.add(ResultRow("broken", SuiteResult({"a": 0.5, "b": 0.5, "c": 0.5})))
     assert "broken" not in [r.name for r in table.rows]
 
 

@@ -184,7 +184,8 @@ def _write_table(table: ResultsTable, args, meta) -> None:
             f"train examples per task {sorted(set(m['train_per_task'].values()))}.\n\n"
             "Seconds per stage in this run: " + ", ".join(f"{k} {v:.0f}" for k, v in m["seconds"].items())
             + (f" ({len(m['reused_from_cache'])} results reused from an earlier run with the same settings, "
-               "listed in the JSON)" if m.get("reused_from_cache") else "") + "\n")
+               "listed in the JSON; benchmarks/README.md gives the times of the run that computed them)"
+               if m.get("reused_from_cache") else "") + "\n")
     table.write(args.out / f"{args.name}.md", args.out / f"{args.name}.json", preamble=pre, epilogue=post)
     log(f"wrote {args.out / (args.name + '.md')}")
 

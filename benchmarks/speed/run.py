@@ -540,7 +540,7 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         "",
         f"Written by `benchmarks/speed/run.py` on {m['date_utc']} (see `benchmarks/speed/README.md`). "
         f"Inputs: synthetic Llama checkpoints from `benchmarks/speed/make_models.py` — "
-        f"**{s['size']}** ({s['params'] / 1e9:.3f} B parameters, bf16, {s['shards_per_model']} shards of ≤ 500 MB "
+        f"**{s['size']}** ({s['params'] / 1e9:.3f} B parameters, bf16, {s['shards_per_model']} shards of ≤ {s['shard_size'] / 1e6:.0f} MB "
         f"per model), base + **{s['n']}** fine-tunes, {s['input_bytes'] / GB:.2f} GB of weights read per merge. "
         f"Page cache warmed before every run; {results['repeat']} repeat(s), median wall time, max peak RSS.",
         "",
@@ -708,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         "set": {"size": args.size, "n": args.n, "params": make_models.n_params(shape), "shape": vars(shape),
                 "base": str(base), "models": [str(m) for m in models],
                 "shards_per_model": len(make_models.weight_files(base)),
+                "shard_size": make_models.DEFAULT_SHARD_SIZE,
                 "input_files": len(inputs), "input_bytes": sum(f.stat().st_size for f in inputs)},
         "runs": {},
     }
