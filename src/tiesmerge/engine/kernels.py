@@ -9,6 +9,8 @@ installed, or for a method or device they do not cover, the engine uses the torc
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -27,7 +29,9 @@ _BLOCK = 16384  # entries per work item: small enough to balance threads, large 
 
 
 def available() -> bool:
-    return numba is not None
+    """True when numba is importable and TIESMERGE_KERNELS is not "0" (the switch lets a
+    benchmark time the torch path on the same machine)."""
+    return numba is not None and os.environ.get("TIESMERGE_KERNELS", "1") != "0"
 
 
 if numba is not None:
