@@ -2,22 +2,25 @@
 
 One command, same inputs, one run:
 
-* read floor: ``cat`` every input weight file to /dev/null (page cache warm);
-* tiesmerge TIES, global trimming (the paper's default);
-* tiesmerge TIES, per-tensor trimming;
+* floors: ``cat`` every input weight file to /dev/null (page cache warm); ``python -c 'import
+  tiesmerge'`` (RSS); the global TIES merge of the tiny set (RSS of a merge holding no data);
+* tiesmerge TIES, global trimming (the paper's default), and per-tensor trimming;
 * tiesmerge TIES, per-tensor trimming with ``--zero-sign positive`` (mergekit's semantics; its
   output is compared with mergekit's, tensor by tensor);
 * tiesmerge task arithmetic;
+* tiesmerge TIES global and per tensor with TIESMERGE_KERNELS=0 (the torch path, no numba kernels);
 * mergekit ``ties`` (``mergekit-yaml``), from its own virtual environment;
-* a memory-budget run: tiesmerge global TIES with ``--memory-budget 256MiB`` on the ~1 B model.
+* memory-budget runs: tiesmerge global TIES on the ~1 B model with ``--memory-budget 256MiB``
+  (also on the torch path) and ``2GiB`` (the default).
 
 Each run is timed by ``/usr/bin/time -v`` (wall seconds, peak RSS), after the inputs were read once
 so that every run starts from the same warm page cache. Results go to
 ``benchmarks/results/speed.json`` and ``benchmarks/results/speed.md``.
 
-    python benchmarks/speed/run.py                       # small set, 3 fine-tunes, all runs
-    python benchmarks/speed/run.py --repeat 3 --n 8
-    python benchmarks/speed/run.py --no-budget-run       # skip the ~1 B memory-budget run
+    .venv/bin/python benchmarks/speed/run.py                  # small set, 3 fine-tunes, all runs
+    .venv/bin/python benchmarks/speed/run.py --repeat 3 --n 8
+    .venv/bin/python benchmarks/speed/run.py --no-budget-run  # skip the ~1 B memory-budget runs
+    .venv/bin/python benchmarks/speed/run.py --report-only    # rewrite speed.md from speed.json
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ TIME = "/usr/bin/time"
 GB = 1e9
 MiB = 1 << 20
 WAIT_IDLE = {"max_busy": 1.0, "timeout": 0.0}  # set from --wait-idle
+FLOORS = ("read_floor", "import_floor", "merge_floor", "merge_floor_torch")
+TORCH_ENV = dict(os.environ, TIESMERGE_KERNELS="0")  # tiesmerge's torch path instead of its fused numba kernels
 
 
 def log(msg: str) -> None:
@@ -333,7 +338,7 @@ def compare_outputs(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
     only_a = sorted(set(a_files) - set(b_files))
     only_b = sorted(set(b_files) - set(a_files))
     per_tensor = []
-    totals = {"entries": 0, "entries_differing": 0, "entries_beyond_1ulp": 0}
+    totals = {"entries": 0, "entries_differing": 0, "entries_beyond_1ulp": 0, "entries_opposite_sign": 0}
     max_abs = 0.0
     max_delta = 0.0
     handles: dict[Path, object] = {}
@@ -360,15 +365,22 @@ def compare_outputs(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
             n_diff = int((diff > 0).sum())
             n_ulp = int((diff > ulp).sum())
             mx = float(diff.max()) if diff.numel() else 0.0
+            n_opp = 0
             if name in base_files:
-                max_delta = max(max_delta, float((af - get(base_files[name], name).float()).abs().max()))
+                base32 = get(base_files[name], name).float()
+                max_delta = max(max_delta, float((af - base32).abs().max()))
+                # merged deltas of opposite signs: the two elections disagreed there
+                n_opp = int((((af - base32).sign() * (bf - base32).sign()) < 0).sum())
+                del base32
             max_abs = max(max_abs, mx)
             totals["entries"] += a.numel()
             totals["entries_differing"] += n_diff
             totals["entries_beyond_1ulp"] += n_ulp
+            totals["entries_opposite_sign"] += n_opp
             per_tensor.append({"name": name, "dtype_a": str(a.dtype).removeprefix("torch."),
                                "dtype_b": str(b.dtype).removeprefix("torch."), "numel": a.numel(),
-                               "max_abs_diff": mx, "entries_differing": n_diff, "entries_beyond_1ulp": n_ulp})
+                               "max_abs_diff": mx, "entries_differing": n_diff, "entries_beyond_1ulp": n_ulp,
+                               "entries_opposite_sign": n_opp})
             del a, b, af, bf, diff, mag, ulp
         for h in list(handles):
             handles.pop(h)
@@ -453,6 +465,19 @@ def attribute(names: list[str], a_dir: Path, b_dir: Path, base_dir: Path, model_
     return rows
 
 
+def compare_and_attribute(a: Path, b: Path, base: Path, models: list[Path]) -> dict:
+    log("comparing tiesmerge per-tensor (--zero-sign positive) with mergekit, tensor by tensor")
+    c = compare_outputs(a, b, base)
+    worst = [t["name"] for t in c["worst_tensors"][:2]]
+    picks = list(dict.fromkeys(worst + ["model.layers.0.self_attn.k_proj.weight", "model.norm.weight"]))
+    picks = [n for n in picks if any(t["name"] == n for t in c["per_tensor"])]
+    log(f"  attributing the differences on {', '.join(picks)}")
+    c["attribution"] = attribute(picks, a, b, base, models)
+    log(f"  max |Δ| {c['max_abs_diff']:.3g}; {c['tensors_beyond_1ulp']}/{c['tensors_compared']} tensors "
+        f"beyond one bf16 ulp; {100 * c['fraction_beyond_1ulp']:.4f} % of entries")
+    return c
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -476,8 +501,12 @@ def ratios(runs: dict[str, dict]) -> dict:
         "mergekit_over_tiesmerge_global_rss": r("mergekit_ties", "ties_global", "peak_rss_bytes"),
         "global_over_per_tensor_time": r("ties_global", "ties_per_tensor", "wall_s"),
         "global_over_per_tensor_rss": r("ties_global", "ties_per_tensor", "peak_rss_bytes"),
+        "torch_path_over_fused_global_time": r("ties_global_torch", "ties_global", "wall_s"),
+        "torch_path_over_fused_per_tensor_time": r("ties_per_tensor_torch", "ties_per_tensor", "wall_s"),
+        "torch_path_over_fused_global_rss": r("ties_global_torch", "ties_global", "peak_rss_bytes"),
     }
-    for key in ("ties_global", "ties_per_tensor", "ties_per_tensor_positive", "task_arithmetic", "mergekit_ties"):
+    for key in ("ties_global", "ties_per_tensor", "ties_per_tensor_positive", "task_arithmetic",
+                "ties_global_torch", "ties_per_tensor_torch", "mergekit_ties"):
         out[f"{key}_over_read_floor_time"] = r(key, "read_floor", "wall_s")
     return out
 
@@ -499,7 +528,11 @@ def what_this_shows(results: dict) -> str:
                      f"inputs {_fmt(passes, '.1f')} times (two radix-select passes, then the merge pass), at "
                      f"{g['cpu_percent']:.0f} % CPU, so it is bound by compute on this machine, not by reading.")
     if g.get("ok") and pt.get("ok"):
-        parts.append(f"Per-tensor trimming reads once and takes {pt['wall_s']:.1f} s: global costs "
+        pt_reads = pt.get("engine_bytes_read", 0) / inp
+        why = (" (each tensor larger than one chunk is read three times: "
+               "two selection passes over that tensor, then the merge)") if pt_reads > 1.05 else ""
+        parts.append(f"Per-tensor trimming reads {pt_reads:.2f}× the inputs{why} and takes {pt['wall_s']:.1f} s: "
+                     f"global costs "
                      f"{rt['global_over_per_tensor_time']:.2f}× per-tensor in time and "
                      f"{rt['global_over_per_tensor_rss']:.2f}× in peak RSS.")
     mk, ptp = runs.get("mergekit_ties", {}), runs.get("ties_per_tensor_positive", {})
@@ -514,18 +547,37 @@ def what_this_shows(results: dict) -> str:
     c = results.get("comparison") or {}
     if "tensors_compared" in c:
         parts.append(f"Outputs: {c['tensors_beyond_1ulp']} of {c['tensors_compared']} tensors have entries more than "
-                     f"one bf16 ulp from mergekit's ({100 * c['fraction_beyond_1ulp']:.4f} % of all entries, max |Δ| "
-                     f"{c['max_abs_diff']:.3g} against merged task-vector entries up to "
-                     f"{c['max_abs_merged_minus_base']:.3g}). Expected sources: mergekit computes the task vectors, "
-                     "the sum and the division in bf16 (tiesmerge in float32, rounding once), and it keeps exactly k "
-                     "entries per tensor, breaking ties at the threshold by sort order, where tiesmerge keeps every "
-                     "entry equal to the threshold; bf16 task vectors are coarsely quantized, so ties are common.")
-    b = results.get("budget_run") or {}
-    if b.get("ok"):
-        idle = runs.get("import_floor", {}).get("peak_rss_bytes")
-        extra = (f" ({(b['peak_rss_bytes'] - idle) / MiB:,.0f} MiB above the {idle / MiB:,.0f} MiB that importing "
-                 "tiesmerge and torch costs)") if idle else ""
-        parts.append(f"Under `--memory-budget {b['budget']}` the {b['params'] / 1e9:.2f} B-parameter merge "
+                     f"one bf16 ulp from mergekit's ({100 * c['fraction_beyond_1ulp']:.4f} % of all entries; max |Δ| "
+                     f"{c['max_abs_diff']:.3g}, where tiesmerge's largest |merged − base| is "
+                     f"{c['max_abs_merged_minus_base']:.3g}; {c.get('entries_opposite_sign', 0):,} entries, "
+                     f"{100 * c.get('entries_opposite_sign', 0) / max(1, c['entries']):.4f} %, moved the base in "
+                     "opposite directions).")
+        att = c.get("attribution") or []
+        if att:
+            both = all(t["tiesmerge_equals_float32_keep_ties_emulation"] and t["mergekit_equals_bf16_exact_k_emulation"]
+                       for t in att)
+            bf = sum(t["entries_changed_by_bf16_arithmetic_alone"] for t in att)
+            tie = sum(t["entries_changed_by_exact_k_tie_breaking_alone"] for t in att)
+            parts.append(("Both outputs are reproduced bit for bit" if both else "The outputs are not both reproduced")
+                         + f" on the {len(att)} tensors checked by a plain-torch emulation: mergekit 0.1.5 forms the "
+                         "task vectors, the sum and the division in bf16 and keeps exactly k entries per tensor (sort "
+                         "order breaks ties at the threshold); tiesmerge computes in float32 and keeps every entry equal "
+                         f"to the threshold. Of the two, bf16 arithmetic alone changes {bf:,} entries there and the "
+                         f"exact-k tie breaking alone {tie:,}: the differences come from mergekit's bf16 rounding (of the "
+                         "task vectors too, which moves entries across the top-k threshold and can flip an election), "
+                         "not from a different algorithm.")
+    gt = runs.get("ties_global_torch", {})
+    if gt.get("ok") and g.get("ok"):
+        parts.append(f"With its fused numba kernels switched off (TIESMERGE_KERNELS=0) the same global TIES takes "
+                     f"{gt['wall_s']:.1f} s ({rt['torch_path_over_fused_global_time']:.2f}× the fused path).")
+    for b in results.get("budget_runs") or []:
+        if not b.get("ok"):
+            continue
+        floor_rss = runs.get("merge_floor_torch" if b.get("torch_path") else "merge_floor", {}).get("peak_rss_bytes")
+        extra = (f" ({(b['peak_rss_bytes'] - floor_rss) / MiB:,.0f} MiB above the {floor_rss / MiB:,.0f} MiB peak of "
+                 "the same merge on the tiny set)") if floor_rss else ""
+        path = " on the torch path" if b.get("torch_path") else ""
+        parts.append(f"Under `--memory-budget {b['budget']}`{path} the {b['params'] / 1e9:.2f} B-parameter merge "
                      f"({b['input_bytes'] / GB:.1f} GB of inputs) peaks at {b['peak_rss_bytes'] / MiB:,.0f} MiB RSS"
                      f"{extra}, {b['peak_rss_over_budget']:.2f}× the budget, in {b['wall_s']:.0f} s.")
     return " ".join(parts)
@@ -559,11 +611,12 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         if not run.get("ok"):
             lines.append(f"| {run['label']} | failed | | | | | rc {[r['rc'] for r in run.get('repeats', [])]} |")
             continue
-        vs_floor = run["wall_s"] / floor["wall_s"] if floor.get("wall_s") and key not in ("read_floor", "import_floor") else None
+        vs_floor = run["wall_s"] / floor["wall_s"] if floor.get("wall_s") and key not in FLOORS else None
         eng = (f"{run['engine_bytes_read'] / GB:.2f} GB ({run.get('engine_passes')})"
                if run.get("engine_bytes_read") else "—")
+        gbs = run.get("input_gb_per_s") if key == "read_floor" or key not in FLOORS else None
         lines.append(f"| {run['label']} | {run['wall_s']:.2f} | {run['peak_rss_bytes'] / MiB:,.0f} | "
-                     f"{run['cpu_percent']:.0f} | {_fmt(run.get('input_gb_per_s'))} | {_fmt(vs_floor, '.1f')} | {eng} |")
+                     f"{run['cpu_percent']:.0f} | {_fmt(gbs)} | {_fmt(vs_floor, '.1f')} | {eng} |")
     busy = [r.get("cpu_busy_before") for run in results["runs"].values() for r in run.get("repeats", [])]
     busy = [b for b in busy if b is not None]
     if busy:
@@ -586,6 +639,9 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         "mergekit_over_tiesmerge_global_rss": "mergekit / tiesmerge global, RSS",
         "global_over_per_tensor_time": "tiesmerge global / per-tensor",
         "global_over_per_tensor_rss": "tiesmerge global / per-tensor, RSS",
+        "torch_path_over_fused_global_time": "tiesmerge torch path / fused kernels, global",
+        "torch_path_over_fused_per_tensor_time": "tiesmerge torch path / fused kernels, per tensor",
+        "torch_path_over_fused_global_rss": "tiesmerge torch path / fused kernels, global, RSS",
     }
     for k, label in names.items():
         lines.append(f"| {label} | {_fmt(rt.get(k))} |")
@@ -593,45 +649,52 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         if k.endswith("_over_read_floor_time"):
             lines.append(f"| {results['runs'].get(k.removesuffix('_over_read_floor_time'), {}).get('label', k)}"
                          f" / read floor | {_fmt(v, '.1f')} |")
-    budget = results.get("budget_run")
-    if budget:
-        lines += ["", "## Memory budget", ""]
-        if budget.get("ok"):
-            b = budget["budget_bytes"]
-            lines += [
-                f"tiesmerge global TIES, `--memory-budget {budget['budget']}`, on the **{budget['size']}** set "
-                f"({budget['params'] / 1e9:.3f} B parameters, base + {budget['n']} fine-tunes, "
-                f"{budget['input_bytes'] / GB:.2f} GB of weights: {budget['input_bytes'] / b:.0f}× the budget; "
-                f"one model is {budget['input_bytes'] / (budget['n'] + 1) / b:.1f}× the budget).",
-                "",
-                "| run | wall s | peak RSS MiB | budget MiB | RSS − interpreter MiB | engine estimate MiB | input GB/s |",
-                "|---|---:|---:|---:|---:|---:|---:|",
-            ]
-            idle = results["runs"].get("import_floor", {}).get("peak_rss_bytes")
+    budgets = results.get("budget_runs") or []
+    if budgets:
+        first = budgets[0]
+        lines += ["", "## Memory budget", "",
+                  f"tiesmerge global TIES on the **{first['size']}** set ({first['params'] / 1e9:.3f} B parameters, "
+                  f"base + {first['n']} fine-tunes, {first['input_bytes'] / GB:.2f} GB of weights: "
+                  f"{first['input_bytes'] / first['budget_bytes']:.0f}× a {first['budget']} budget; one model is "
+                  f"{first['input_bytes'] / (first['n'] + 1) / first['budget_bytes']:.1f}× it).", "",
+                  "| run | wall s | peak RSS MiB | budget MiB | RSS / budget | RSS − import floor MiB | "
+                  "RSS − merge floor MiB | engine estimate MiB | input GB/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        idle = results["runs"].get("import_floor", {}).get("peak_rss_bytes")
+        for b in budgets:
+            floor_rss = results["runs"].get("merge_floor_torch" if b.get("torch_path") else "merge_floor",
+                                            {}).get("peak_rss_bytes")
+            if not b.get("ok"):
+                lines.append(f"| {b['label']} | failed | | | | | | | |")
+                continue
+            est = b.get("engine_estimated_peak_bytes")
             lines.append(
-                f"| {budget['label']} | {budget['wall_s']:.2f} | {budget['peak_rss_bytes'] / MiB:,.0f} | {b / MiB:,.0f} | "
-                f"{_fmt((budget['peak_rss_bytes'] - idle) / MiB if idle else None, ',.0f')} | "
-                f"{_fmt(budget['engine_estimated_peak_bytes'] / MiB if budget.get('engine_estimated_peak_bytes') else None, ',.0f')} | "
-                f"{_fmt(budget.get('input_gb_per_s'))} |")
-            lines += ["", "RSS − interpreter subtracts the peak RSS of `python -c 'import tiesmerge'` "
-                          "(Python, torch and its libraries) measured in the same run."]
-        else:
-            lines.append(f"failed or skipped: {budget.get('note', 'see speed.json')}")
+                f"| {b['label']} | {b['wall_s']:.2f} | {b['peak_rss_bytes'] / MiB:,.0f} | {b['budget_bytes'] / MiB:,.0f} | "
+                f"{b['peak_rss_over_budget']:.2f} | "
+                f"{_fmt((b['peak_rss_bytes'] - idle) / MiB if idle else None, ',.0f')} | "
+                f"{_fmt((b['peak_rss_bytes'] - floor_rss) / MiB if floor_rss else None, ',.0f')} | "
+                f"{_fmt(est / MiB if est else None, ',.0f')} | {_fmt(b.get('input_gb_per_s'))} |")
+        lines += ["", "Import floor: peak RSS of `python -c 'import tiesmerge'`; merge floor: peak RSS of the same "
+                      "merge on the tiny set, on the same path (interpreter, torch, numba and its compiled kernels, thread pools). "
+                      "Engine estimate: `engine.estimated_peak_bytes` from the output's tiesmerge.json."]
     cmp_ = results.get("comparison")
     lines += ["", "## tiesmerge per-tensor (`--zero-sign positive`) vs mergekit, tensor by tensor", ""]
     if cmp_ and "tensors_compared" in cmp_:
         lines += [
             f"Informative, not a gate. {cmp_['tensors_compared']} tensors compared: "
             f"{cmp_['tensors_identical']} bit-identical, {cmp_['tensors_beyond_1ulp']} with at least one entry more "
-            f"than one bf16 ulp apart. Max |Δ| = {cmp_['max_abs_diff']:.3g} (the largest |merged − base| is "
+            f"than one bf16 ulp apart. Max |Δ| = {cmp_['max_abs_diff']:.3g} (tiesmerge's largest |merged − base| is "
             f"{cmp_['max_abs_merged_minus_base']:.3g}); entries that differ at all: "
-            f"{100 * cmp_['fraction_differing']:.3f} %; beyond one ulp: {100 * cmp_['fraction_beyond_1ulp']:.4f} %.",
+            f"{100 * cmp_['fraction_differing']:.3f} %; beyond one ulp: {100 * cmp_['fraction_beyond_1ulp']:.4f} %; "
+            f"merged − base of opposite signs: {cmp_.get('entries_opposite_sign', 0):,} entries.",
         ]
         if cmp_.get("worst_tensors"):
-            lines += ["", "| tensor | entries | differ | beyond 1 ulp | max abs diff |", "|---|---:|---:|---:|---:|"]
+            lines += ["", "| tensor | entries | differ | beyond 1 ulp | opposite signs | max abs diff |",
+                      "|---|---:|---:|---:|---:|---:|"]
             for t in cmp_["worst_tensors"]:
                 lines.append(f"| {t['name']} | {t['numel']:,} | {t['entries_differing']:,} | "
-                             f"{t['entries_beyond_1ulp']:,} | {t['max_abs_diff']:.3g} |")
+                             f"{t['entries_beyond_1ulp']:,} | {t.get('entries_opposite_sign', 0):,} | "
+                             f"{t['max_abs_diff']:.3g} |")
         if cmp_.get("attribution"):
             lines += ["", "Where the differences come from, on a few tensors: `_emulate` in run.py re-runs per-tensor "
                       "TIES in float32 keeping every entry tied at the threshold (tiesmerge's arithmetic) and in bf16 "
@@ -654,8 +717,9 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
               "after reading every input file once):", "", "```bash", results["invocation"]]
     for run in results["runs"].values():
         lines.append(run["command"])
-    if budget and budget.get("command"):
-        lines.append(budget["command"])
+    for b in budgets:
+        if b.get("command"):
+            lines.append(b["command"])
     lines += ["```"]
     if results.get("mergekit_yaml"):
         lines += ["", "mergekit config (`mergekit.yml`):", "", "```yaml", results["mergekit_yaml"].rstrip(), "```"]
@@ -675,21 +739,44 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mergekit-venv", type=Path, default=DEFAULT_MERGEKIT_VENV)
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument("--only", nargs="+", metavar="KEY",
-                   help="run only these: read_floor import_floor ties_global ties_per_tensor "
-                        "ties_per_tensor_positive task_arithmetic mergekit_ties")
+                   help="run only these: read_floor import_floor merge_floor ties_global ties_per_tensor "
+                        "ties_per_tensor_positive task_arithmetic ties_global_torch ties_per_tensor_torch "
+                        "mergekit_ties")
     p.add_argument("--no-budget-run", action="store_true", help="skip the memory-budget run")
     p.add_argument("--budget-size", choices=sorted(make_models.SIZES), default="large")
     p.add_argument("--budget-n", type=int, default=3)
-    p.add_argument("--budget", default="256MiB")
+    p.add_argument("--budget", nargs="+", default=["256MiB", "2GiB"],
+                   help="memory budgets for the budget runs (default 256MiB 2GiB; 2GiB is tiesmerge's default)")
+    p.add_argument("--no-torch-path", action="store_true",
+                   help="skip the TIESMERGE_KERNELS=0 runs (tiesmerge's torch path instead of its fused kernels)")
     p.add_argument("--no-compare", action="store_true")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--name", default="speed", help="results file stem (default speed)")
+    p.add_argument("--compare-only", action="store_true",
+                   help="measure nothing: redo the output comparison on the outputs on disk, then the report")
+    p.add_argument("--report-only", action="store_true",
+                   help="measure nothing: rewrite the .md (and the derived fields of the .json) from the .json")
     p.add_argument("--wait-idle", type=float, default=600, metavar="SECONDS",
                    help="before each run, wait up to this long for the CPUs to be at most 10%% busy (default 600)")
     args = p.parse_args(argv)
     WAIT_IDLE.update(max_busy=0.10, timeout=args.wait_idle)
+    if args.report_only or args.compare_only:
+        md_path, json_path = args.results / f"{args.name}.md", args.results / f"{args.name}.json"
+        results = json.loads(json_path.read_text())
+        if args.compare_only:
+            a = Path(results["runs"]["ties_per_tensor_positive"]["output_dir"])
+            b = Path(results["runs"]["mergekit_ties"]["output_dir"])
+            results["comparison"] = compare_and_attribute(a, b, Path(results["set"]["base"]),
+                                                          [Path(m) for m in results["set"]["models"]])
+        results["ratios"] = ratios(results["runs"])
+        results["what_this_shows"] = what_this_shows(results)
+        write_report(results, md_path, json_path)
+        log(f"rewrote {md_path} from {json_path}")
+        return 0
 
-    invocation = shlex.join(["python", "benchmarks/speed/run.py", *(sys.argv[1:] if argv is None else argv)])
+    exe = Path(sys.executable)
+    exe_text = os.path.relpath(exe, REPO) if exe.is_relative_to(REPO) else "python"
+    invocation = shlex.join([exe_text, "benchmarks/speed/run.py", *(sys.argv[1:] if argv is None else argv)])
     work = args.root / "runs"
     work.mkdir(parents=True, exist_ok=True)
     outs = args.root / "out"
@@ -723,8 +810,20 @@ def main(argv: list[str] | None = None) -> int:
     plan.append(("import_floor", "python -c 'import tiesmerge' (RSS floor)",
                  [str(tm_py), "-c", "import tiesmerge"], None, None, False))
     out = {k: outs / k for k in ("ties_global", "ties_per_tensor", "ties_per_tensor_positive", "task_arithmetic",
-                                 "mergekit_ties", "budget")}
+                                 "mergekit_ties", "budget", "merge_floor", "ties_global_torch",
+                                 "ties_per_tensor_torch")}
     tm = args.tiesmerge
+    # the fixed cost of a merge (interpreter, torch, numba and its cached kernels, threads): the same
+    # command on the tiny set, whose weights are 1.8 MB
+    tbase, tmodels = make_models.make_set(args.root, "tiny", args.n, log=log)
+    tinputs = make_models.weight_files(tbase) + [f for m in tmodels for f in make_models.weight_files(m)]
+    plan.append(("merge_floor", "tiesmerge TIES, global, on the tiny set (merge floor)",
+                 tiesmerge_argv(tm, tbase, tmodels, out["merge_floor"], "--method", "ties", "--density", "0.2"),
+                 out["merge_floor"], None, False))
+    if not args.no_torch_path:
+        plan.append(("merge_floor_torch", "the same, torch path (TIESMERGE_KERNELS=0)",
+                     tiesmerge_argv(tm, tbase, tmodels, out["merge_floor"], "--method", "ties", "--density", "0.2"),
+                     out["merge_floor"], TORCH_ENV, False))
     plan.append(("ties_global", "tiesmerge TIES, global (paper)",
                  tiesmerge_argv(tm, base, models, out["ties_global"], "--method", "ties", "--density", "0.2"),
                  out["ties_global"], None, False))
@@ -738,6 +837,13 @@ def main(argv: list[str] | None = None) -> int:
     plan.append(("task_arithmetic", "tiesmerge task arithmetic",
                  tiesmerge_argv(tm, base, models, out["task_arithmetic"], "--method", "task_arithmetic"),
                  out["task_arithmetic"], None, False))
+    if not args.no_torch_path:
+        plan.append(("ties_global_torch", "tiesmerge TIES, global, torch path (TIESMERGE_KERNELS=0)",
+                     tiesmerge_argv(tm, base, models, out["ties_global_torch"], "--method", "ties", "--density", "0.2"),
+                     out["ties_global_torch"], TORCH_ENV, False))
+        plan.append(("ties_per_tensor_torch", "tiesmerge TIES, per tensor, torch path (TIESMERGE_KERNELS=0)",
+                     tiesmerge_argv(tm, base, models, out["ties_per_tensor_torch"], "--method", "ties", "--density",
+                                    "0.2", "--scope", "per_tensor"), out["ties_per_tensor_torch"], TORCH_ENV, False))
     yaml_text = mergekit_yaml(base, models)
     results["mergekit_yaml"] = yaml_text
     if args.skip_mergekit:
@@ -754,10 +860,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # warm-up, untimed: every command once on the tiny set, so numba's compile cache (tiesmerge's
     # fused kernels), Python's imports and the tools' files are warm before anything is timed
-    tbase, tmodels = make_models.make_set(args.root, "tiny", args.n, log=log)
     warmups = {}
     for key, _label, cmd, o, env, is_floor in plan:
-        if is_floor or not enabled(key) or o is None:
+        if is_floor or not enabled(key) or o is None or key.startswith("merge_floor"):
             continue
         wcmd = [str(tbase) if c == str(base) else c for c in cmd]
         for m_real, m_tiny in zip(models, tmodels):
@@ -778,8 +883,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, label, cmd, o, env, is_floor in plan:
         if not enabled(key):
             continue
-        results["runs"][key] = run_one(key, label, cmd, inputs, work, args.repeat, o, env=env, is_floor=is_floor)
+        run_inputs = tinputs if key.startswith("merge_floor") else inputs
+        results["runs"][key] = run_one(key, label, cmd, run_inputs, work, args.repeat, o, env=env, is_floor=is_floor)
         results["runs"][key]["output_dir"] = str(o) if o else None
+        if env is TORCH_ENV:
+            results["runs"][key]["command"] = "TIESMERGE_KERNELS=0 " + results["runs"][key]["command"]
     results["ratios"] = ratios(results["runs"])
 
     # output comparison: tiesmerge per-tensor with mergekit's zero-sign rule vs mergekit
@@ -788,32 +896,32 @@ def main(argv: list[str] | None = None) -> int:
         results["comparison"] = {"note": "skipped (--no-compare)"}
     elif results["runs"].get("ties_per_tensor_positive", {}).get("ok") and results["runs"].get(
             "mergekit_ties", {}).get("ok"):
-        log("comparing tiesmerge per-tensor (--zero-sign positive) with mergekit, tensor by tensor")
-        results["comparison"] = compare_outputs(a, b, base)
-        c = results["comparison"]
-        worst = [t["name"] for t in c["worst_tensors"][:2]]
-        picks = list(dict.fromkeys(worst + ["model.layers.0.self_attn.k_proj.weight", "model.norm.weight"]))
-        picks = [n for n in picks if any(t["name"] == n for t in c["per_tensor"])]
-        log(f"  attributing the differences on {', '.join(picks)}")
-        c["attribution"] = attribute(picks, a, b, base, models)
-        log(f"  max |Δ| {c['max_abs_diff']:.3g}; {c['tensors_beyond_1ulp']}/{c['tensors_compared']} tensors "
-            f"beyond one bf16 ulp; {100 * c['fraction_beyond_1ulp']:.4f} % of entries")
+        results["comparison"] = compare_and_attribute(a, b, base, models)
     else:
         results["comparison"] = {"note": "one of the two runs did not run or failed"}
 
-    # memory-budget run on the larger set
+    # memory-budget runs on the larger set: each budget with the fused kernels, the first also on the torch path
     if not args.no_budget_run:
         bbase, bmodels = make_models.make_set(args.root, args.budget_size, args.budget_n, log=log)
         binputs = make_models.weight_files(bbase) + [f for m in bmodels for f in make_models.weight_files(m)]
-        bargv = tiesmerge_argv(tm, bbase, bmodels, out["budget"], "--method", "ties", "--density", "0.2",
-                               "--memory-budget", args.budget)
-        label = f"tiesmerge TIES, global, --memory-budget {args.budget}"
-        br = run_one("budget", label, bargv, binputs, work, 1, out["budget"])
-        br.update({"budget": args.budget, "budget_bytes": parse_size(args.budget), "size": args.budget_size,
-                   "n": args.budget_n, "params": make_models.n_params(make_models.SIZES[args.budget_size])})
-        if br.get("ok"):
-            br["peak_rss_over_budget"] = br["peak_rss_bytes"] / br["budget_bytes"]
-        results["budget_run"] = br
+        variants = [(b, False) for b in args.budget]
+        if not args.no_torch_path:
+            variants.insert(1, (args.budget[0], True))
+        results["budget_runs"] = []
+        for budget, torch_path in variants:
+            bargv = tiesmerge_argv(tm, bbase, bmodels, out["budget"], "--method", "ties", "--density", "0.2",
+                                   "--memory-budget", budget)
+            label = f"tiesmerge TIES, global, --memory-budget {budget}" + (", torch path" if torch_path else "")
+            key = f"budget_{budget}" + ("_torch" if torch_path else "")
+            br = run_one(key, label, bargv, binputs, work, 1, out["budget"], env=TORCH_ENV if torch_path else None)
+            if torch_path:
+                br["command"] = "TIESMERGE_KERNELS=0 " + br["command"]
+            br.update({"budget": budget, "budget_bytes": parse_size(budget), "size": args.budget_size,
+                       "n": args.budget_n, "params": make_models.n_params(make_models.SIZES[args.budget_size]),
+                       "torch_path": torch_path})
+            if br.get("ok"):
+                br["peak_rss_over_budget"] = br["peak_rss_bytes"] / br["budget_bytes"]
+            results["budget_runs"].append(br)
         shutil.rmtree(out["budget"], ignore_errors=True)  # 2 GB; nothing reads it
 
     args.results.mkdir(parents=True, exist_ok=True)
