@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tiesmerge
+from helpers_merge import clone_state, run
 from tiesmerge.engine.executor import Executor, MemorySink
 from tiesmerge.io.align import align
 from tiesmerge.io.checkpoint import StateDictCheckpoint
@@ -40,16 +41,6 @@ def family(seed: int = 0, n: int = 3, *, coarse: bool = False) -> tuple[State, l
         m["position_ids"] = torch.arange(8, dtype=torch.int64) * (t + 2)
         models.append(m)
     return base, models
-
-
-def clone_state(sd: State) -> State:
-    return {k: v.clone() for k, v in sd.items()}
-
-
-def run(base: State, models: list[State], method: Any, **opts: Any) -> State:
-    out = tiesmerge.merge(clone_state(base), [clone_state(m) for m in models], method, **opts)
-    assert isinstance(out, dict)
-    return out
 
 
 def assert_same(a: State, b: State) -> None:

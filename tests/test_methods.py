@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import tiesmerge
+from helpers_merge import run
 from tiesmerge.errors import ConfigError
 from tiesmerge.methods import Average, DareLinear, DareTies, MagnitudePrune, TaskArithmetic, Ties
 
@@ -193,17 +194,6 @@ def grid_family(seed: int, n: int, *, coarse: bool = True, flip: bool = False) -
         m["mask"] = torch.tensor([False, True, False])
         models.append(m)
     return base, models
-
-
-def clone_state(sd: State) -> State:
-    return {k: v.clone() for k, v in sd.items()}
-
-
-def run(base: State, models: list[State], method: Any, **opts: Any) -> State:
-    """The public API, returning a state dict. Inputs are cloned so no test sees another's writes."""
-    out = tiesmerge.merge(clone_state(base), [clone_state(m) for m in models], method, **opts)
-    assert isinstance(out, dict)
-    return out
 
 
 def assert_matches(out: State, ref: State) -> None:

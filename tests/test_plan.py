@@ -127,7 +127,7 @@ def test_chunked_per_tensor_scope_passes_are_counted() -> None:
                      chunked_scope_passes=3)
     assert len(plan.chunks_by_job["big"]) > 1 and len(plan.chunks_by_job["small"]) == 1
     # the chunked tensor is read 3 extra times; the single-chunk one is not
-    assert plan.copy_bytes == 64 * 32 * 4 * 3 * 3
+    assert plan.reduce_bytes == 64 * 32 * 4 * 3 * 3 and plan.copy_bytes == 0
 
 
 def test_empty_tensors_plan_one_empty_chunk() -> None:
@@ -173,7 +173,8 @@ def test_plan_merge_per_tensor_chunked_extra_reads(opts: dict, extra_passes: int
     base, models = _family()
     plan = tiesmerge.plan_merge(base, models, "ties", scope="per_tensor", memory_budget=4096, **opts)
     assert len(plan.chunks_by_job["w"]) > 1
-    assert plan.copy_bytes == 3 * 8 + 64 * 32 * 4 * 3 * extra_passes
+    assert plan.copy_bytes == 3 * 8
+    assert plan.reduce_bytes == 64 * 32 * 4 * 3 * extra_passes
 
 
 # ---------------------------------------------------------------------------------------------- sizes

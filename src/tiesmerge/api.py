@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .engine.executor import Executor, MemorySink, RunStats
 from .engine.plan import Plan, format_size, parse_size
-from .errors import CheckpointError, ConfigError, OutputError, TiesMergeError
+from .errors import ConfigError, OutputError
 from .io.align import align
 from .io.card import hash_files, model_card
 from .io.checkpoint import Checkpoint, open_checkpoint
@@ -242,6 +242,3 @@ def _manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: 
         "seconds": {k: round(v, 4) for k, v in stats.seconds.items()},
     }
 
-
-# CheckpointError, TiesMergeError are part of this module's contract for callers catching them.
-_ = (CheckpointError, TiesMergeError)

@@ -58,9 +58,11 @@ class Plan:
     output_bytes: int
     notes: tuple[str, ...] = field(default=())
 
+    reduce_bytes: int = 0  # extra reads of per-tensor scopes too large for one chunk (reduced first)
+
     @property
     def bytes_to_read(self) -> int:
-        return self.bytes_per_pass * self.passes + self.copy_bytes
+        return self.bytes_per_pass * self.passes + self.reduce_bytes + self.copy_bytes
 
 
 def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dtype: torch.dtype | None,
@@ -104,8 +106,8 @@ def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dt
     chunked = [name for name, c in chunks.items() if len(c) > 1]
     if chunked:
         notes.append(f"{len(chunked)} tensor(s) merged in row chunks, e.g. {chunked[0]!r} in {len(chunks[chunked[0]])}")
-    return Plan(chunks, alignment.jobs, bytes_per_pass, copy_bytes + extra, selection_passes + 1,
-                peak + FIXED_OVERHEAD, memory_budget, output_bytes, tuple(notes))
+    return Plan(chunks, alignment.jobs, bytes_per_pass, copy_bytes, selection_passes + 1,
+                peak + FIXED_OVERHEAD, memory_budget, output_bytes, tuple(notes), extra)
 
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,

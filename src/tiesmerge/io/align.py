@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -170,6 +169,3 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
         jobs.append(TensorJob(name, info.shape, info.dtype, merge=True, aliases=aliases))
     return Alignment(tuple(jobs), tuple(tied), tuple(truncated))
 
-
-def base_directory(base: Checkpoint) -> Path | None:
-    return base.directory()
