@@ -163,6 +163,9 @@ class Executor:
         self._buffers = _Buffers()
         self._raw_ok: dict[str, bool] = {}
         self._passes_made = 0
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending_write: Future | None = None
+        self._out_slot = 0
         self.stats = RunStats()
         # fused numba kernels on the CPU: counting for every trimming method, the merge for
         # TIES, task arithmetic and averaging; the torch path for the rest
@@ -353,7 +356,27 @@ class Executor:
         return torch.stack([kth_largest(flat[t], keep) for t in range(self.n)]).to(torch.float32)
 
     # ------------------------------------------------------------------ passes
+    def _write(self, fn: Callable[..., None], *args: object) -> None:
+        """Queue a sink call on the writer thread, in order, after the previous one finished.
+
+        At most one write is in flight: while chunk i is written, chunk i+1 is computed into
+        the other output buffer, and chunk i+2 waits here until chunk i's buffer is free.
+        """
+        if self._pending_write is not None:
+            self._pending_write.result()  # re-raises the writer's error here
+        self._pending_write = self._writer.submit(fn, *args)
+
     def run(self, sink: Sink) -> RunStats:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-write") as writer:
+            self._writer, self._pending_write = writer, None
+            try:
+                return self._run(sink)
+            finally:
+                if self._pending_write is not None:
+                    pending, self._pending_write = self._pending_write, None
+                    pending.result()
+
+    def _run(self, sink: Sink) -> RunStats:
         merged_jobs = [j for j in self.alignment.jobs if j.merge]
         clock = time.perf_counter()
         thresholds = majority = None
@@ -376,10 +399,10 @@ class Executor:
                 value = self.base.read(job.name)
                 self.stats.bytes_read += value.numel() * value.element_size()
                 self._progress(value.numel() * value.element_size())
-                sink.write(job.name, None, value)
+                self._write(sink.write, job.name, None, value)
                 self.stats.tensors_copied += 1
             for alias in job.aliases:
-                sink.alias(alias, job.name)
+                self._write(sink.alias, alias, job.name)
                 self.stats.tensors_tied += 1
         self.stats.passes += 1
         self.stats.seconds["merge"] = time.perf_counter() - clock
@@ -400,7 +423,9 @@ class Executor:
             if isinstance(payload, RawRows) and self._fused_merge and not (per_tensor and self.majority and len(chunks) == 1):
                 if per_tensor and len(chunks) == 1:
                     thresholds = self._select_in_memory(chunk, payload, job.numel)
-                sink.write(job.name, chunk.rows, self._fused_chunk(chunk, payload, thresholds, majority, out_dtype))
+                self._out_slot ^= 1  # the other output buffer: the last chunk may still be being written
+                merged = self._fused_chunk(chunk, payload, thresholds, majority, out_dtype, self._out_slot)
+                self._write(sink.write, job.name, chunk.rows, merged)
                 continue
             base32, tau = self._task_vectors(chunk, payload)
             chunk_thresholds, chunk_majority = thresholds, majority
@@ -413,14 +438,14 @@ class Executor:
                                stream=stream, offset=chunk.offset)
             delta = self.method.merge(tau, ctx)  # (*S) float32
             merged = base32.add_(delta).to(out_dtype)
-            sink.write(job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)
+            self._write(sink.write, job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)
 
     def _fused_chunk(self, chunk: Chunk, raw: RawRows, thresholds: torch.Tensor | None, majority: float | None,
-                     out_dtype: torch.dtype) -> torch.Tensor:
-        """One chunk through a fused kernel, into the reusable output buffer: (*S) ``out_dtype``."""
+                     out_dtype: torch.dtype, slot: int) -> torch.Tensor:
+        """One chunk through a fused kernel, into output buffer ``slot``: (*S) ``out_dtype``."""
         direct = out_dtype in kernels.OUT_DTYPES  # bfloat16 and float32 are written by the kernel
         kernel_dtype = out_dtype if direct else torch.float32
-        buffer = self._buffers.take("out", chunk.numel * kernel_dtype.itemsize)
+        buffer = self._buffers.take(f"out{slot}", chunk.numel * kernel_dtype.itemsize)
         out = torch.from_numpy(buffer).view(kernel_dtype)
         target = kernels.out_view(out)
         m = self.method

@@ -4,7 +4,8 @@ The chunk planner keeps every chunk's working set under the memory budget. For a
 entries the working set is, at once:
 
 * fused CPU kernels: the raw rows of the base and the n models twice (the chunk being merged
-  and the one read ahead, both in reused buffers) and the output rows (one reused buffer);
+  and the one read ahead, both in reused buffers) and the output rows twice (the chunk being
+  merged and the one being written out by the writer thread);
 * torch path: the same raw rows, plus the float32 task vectors (n, E), a few float32
   temporaries of that size in the method, the float32 base and merged values, and the cast.
 
@@ -40,12 +41,12 @@ class Chunk:
 def bytes_per_entry(n_models: int, in_itemsize: int, out_itemsize: int, *, fused: bool = False) -> int:
     """Peak working bytes per tensor entry of one chunk (see the module docstring).
 
-    >>> bytes_per_entry(3, 2, 2, fused=True)  # bf16 in and out: 2 slots x 4 inputs x 2 B + 2 B
-    18
+    >>> bytes_per_entry(3, 2, 2, fused=True)  # bf16 in and out: 2 x 4 inputs x 2 B + 2 x 2 B
+    20
     """
     raw = 2 * (n_models + 1) * in_itemsize  # current + read-ahead
-    if fused:
-        return raw + (out_itemsize if out_itemsize in (2, 4) else 4 + out_itemsize)  # float32, then the cast
+    if fused:  # two output buffers: one being written out while the next chunk is merged
+        return raw + 2 * (out_itemsize if out_itemsize in (2, 4) else 4 + out_itemsize)  # float32, then the cast
     work = (1 + _TEMPORARIES) * n_models * 4  # tau and temporaries, float32
     return raw + work + 4 + 4 + out_itemsize  # base32, merged32, output
 

@@ -50,7 +50,9 @@ def bracket_from_sample(sample: np.ndarray, groups: np.ndarray, keep: list[int],
     n, size = sample.shape
     lo = np.zeros(n, np.uint32)
     hi = np.full(n, MAX_FINITE_BITS, np.uint32)
-    labels = np.unique(groups)
+    order = np.argsort(groups, kind="stable")  # once: each group's entries become one slice
+    labels, starts = np.unique(groups[order], return_index=True)
+    bounds = list(zip(starts, [*starts[1:], size], strict=True))
     for t in range(n):
         if keep[t] <= 0 or size == 0:
             continue
@@ -62,7 +64,8 @@ def bracket_from_sample(sample: np.ndarray, groups: np.ndarray, keep: list[int],
         part = np.partition(sample[t], [k_lo, k_hi])  # O(S): no full sort
         low_v, high_v = float(part[k_lo]), float(part[k_hi])
         if len(labels) >= 4:
-            per_group = np.array([np.quantile(sample[t, groups == g], 1.0 - frac) for g in labels])
+            by_group = sample[t, order]
+            per_group = np.array([np.quantile(by_group[a:b], 1.0 - frac) for a, b in bounds])
             center = float(np.quantile(part, 1.0 - frac))
             half = z * float(per_group.std()) / np.sqrt(len(labels))
             low_v, high_v = min(low_v, center - half), max(high_v, center + half)
