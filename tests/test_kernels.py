@@ -68,7 +68,7 @@ def test_fused_is_chunking_invariant(scope):
 
 def _count_with_kernel(selector, base, models):
     def run(*counts):
-        assert kernels.count_pass(kernels.raw_view(base), kernels.raw_view(models), *counts)
+        assert kernels.count_pass([kernels.raw_view(base), *kernels.raw_view(models)], *counts)
     selector.add_counts(run)
 
 
@@ -167,3 +167,42 @@ def test_global_merge_makes_one_counting_pass_with_a_sample_bracket(monkeypatch)
         plain = tiesmerge.merge(base, models, Ties())
     for name in plain:
         assert torch.equal(sink.state[name], plain[name]), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_tensor_scope_brackets_large_tensors_in_memory(dtype):
+    """Tensors of >= 4 x 64 x 512 entries get a bracket sampled in memory; exact all the same."""
+    g = torch.Generator().manual_seed(5)
+    base = {"big": (torch.randn(400, 512, generator=g) * 0.02).to(dtype), "small": torch.randn(30, 7).to(dtype)}
+    models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 1e-3).to(dtype) for k, v in base.items()}
+              for _ in range(3)]
+    fused, plain = _both(base, models, Ties(scope="per_tensor"))
+    for name in plain:
+        assert torch.equal(fused[name], plain[name]), name
+
+
+@pytest.mark.parametrize("mapped", ["1", "0"])
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_files_merge_like_state_dicts_mapped_or_read(tmp_path, monkeypatch, mapped, scope):
+    """Rows are mapped from the files (TIESMERGE_MMAP=0: read into buffers); either way the
+    merge equals the in-memory one, bit for bit."""
+    from helpers_ckpt import write_hf_dir
+    from tiesmerge.engine import executor
+
+    monkeypatch.setenv("TIESMERGE_MMAP", mapped)
+    monkeypatch.setattr(executor, "_MAP_MIN_BYTES", 1)  # map every chunk, however small
+    mapped_rows = []
+    real_map = tiesmerge.io.checkpoint.SafetensorsCheckpoint.map_rows
+    monkeypatch.setattr(tiesmerge.io.checkpoint.SafetensorsCheckpoint, "map_rows",
+                        lambda self, name, rows: mapped_rows.append(name) or real_map(self, name, rows))
+    g = torch.Generator().manual_seed(6)
+    base = {"big": (torch.randn(1200, 512, generator=g) * 0.02).bfloat16(), "norm": torch.ones(512).bfloat16()}
+    models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 1e-3).bfloat16() for k, v in base.items()}
+              for _ in range(3)]
+    b = write_hf_dir(tmp_path / "base", base, shards=2)
+    ms = [write_hf_dir(tmp_path / f"m{i}", m, shards=2) for i, m in enumerate(models)]
+    from_files = tiesmerge.merge(b, ms, Ties(scope=scope), memory_budget=3 << 20)  # several chunks of 'big'
+    in_memory = tiesmerge.merge(base, models, Ties(scope=scope))
+    for name in in_memory:
+        assert torch.equal(from_files[name], in_memory[name]), name
+    assert bool(mapped_rows) == (mapped == "1")

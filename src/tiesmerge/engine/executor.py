@@ -18,6 +18,7 @@ pass usually finds the exact thresholds (see :mod:`.select`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,7 +30,7 @@ import torch
 
 from ..errors import InvalidTensorError
 from ..io.align import Alignment, TensorJob
-from ..io.checkpoint import Checkpoint, read_flat_range, read_rows_into
+from ..io.checkpoint import Checkpoint, read_rows_into
 from ..methods import ops
 from ..methods.average import Average
 from ..methods.base import ChunkContext, MergeMethod
@@ -41,9 +42,11 @@ from .select import WindowSelect, bracket_from_sample, kth_largest
 
 __all__ = ["Sink", "MemorySink", "RunStats", "Executor", "RawRows"]
 
+_MAP_MIN_BYTES = 1 << 20  # rows smaller than this are read (a mapping costs a few syscalls)
 SAMPLE_RUNS = 1024  # runs of neighbouring entries drawn to bracket a global threshold
 SAMPLE_RUN = 1024  # entries per run: one short pread per input
 SAMPLE_GROUPS = 32  # run groups whose quantiles measure the estimate's spread
+MEMORY_SAMPLE_RUNS, MEMORY_SAMPLE_RUN = 64, 512  # the same for a tensor held in memory (per-tensor scope)
 _KERNEL_HIST_BYTES = 32 << 20  # cap on the per-thread window histograms of a counting pass
 
 
@@ -86,18 +89,20 @@ class RunStats:
 
 @dataclass(frozen=True)
 class RawRows:
-    """One chunk's rows as stored, in a reused buffer: base (E,) and models (n, E), as the
-    kernels' raw views (:func:`kernels.raw_view`), and the chunk's shape and dtype."""
+    """One chunk's rows as stored: ``inputs`` holds the base's E raw values, then each model's
+    (the kernels' views, :func:`kernels.raw_view`), in reused buffers or in file mappings (a
+    mapping is unmapped when the last view of it is dropped, after its chunk);
+    ``shape`` and ``dtype`` are the chunk's."""
 
-    base: np.ndarray
-    models: np.ndarray
+    inputs: list[np.ndarray]
     dtype: torch.dtype
     shape: tuple[int, ...]
 
     def tensors(self) -> list[torch.Tensor]:
         """The same bytes as torch tensors in the stored dtype (no copy): base, then models."""
-        as_torch = (lambda a: torch.from_numpy(a).view(self.dtype)) if self.dtype != torch.float32 else torch.from_numpy
-        return [as_torch(self.base).view(self.shape)] + [as_torch(m).view(self.shape) for m in self.models]
+        if self.dtype == torch.float32:
+            return [torch.from_numpy(a).view(self.shape) for a in self.inputs]
+        return [torch.from_numpy(a).view(self.dtype).view(self.shape) for a in self.inputs]
 
 
 class _Buffers:
@@ -162,6 +167,7 @@ class Executor:
         self._checked: set[tuple[str, int]] = set()
         self._buffers = _Buffers()
         self._raw_ok: dict[str, bool] = {}
+        self._mmap = os.environ.get("TIESMERGE_MMAP", "1") != "0"  # 0: read every chunk with pread
         self._passes_made = 0
         self._writer: ThreadPoolExecutor | None = None
         self._pending_write: Future | None = None
@@ -171,6 +177,7 @@ class Executor:
         # TIES, task arithmetic and averaging; the torch path for the rest
         self._fused_merge = self._kernels and type(method) in (Ties, TaskArithmetic, Average)
         self.stats.engine = "fused CPU kernels (numba)" if self._kernels else "torch"
+
 
     # ------------------------------------------------------------------ reading
     def _raw(self, job: TensorJob) -> bool:
@@ -189,16 +196,23 @@ class Executor:
         inputs = [self.base, *self.models]
         if self._raw(chunk.job):
             dtype = chunk.job.dtype
+            view_dtype = kernels.raw_view(torch.empty(0, dtype=dtype)).dtype
             size = chunk.numel * dtype.itemsize
-            buffer = self._buffers.take(f"read{slot}", size * len(inputs))
-            for i, ckpt in enumerate(inputs):
-                read_rows_into(ckpt, name, rows, memoryview(buffer[i * size:(i + 1) * size]))
-            typed = buffer.view(kernels.raw_view(torch.empty(0, dtype=dtype)).dtype).reshape(len(inputs), chunk.numel)
             shape = chunk.job.shape
             if rows is not None and shape:
                 first, stop, _ = rows.indices(shape[0])
                 shape = (max(0, stop - first), *shape[1:])
-            payload: RawRows | list[torch.Tensor] = RawRows(typed[0], typed[1:], dtype, tuple(shape))
+            if self._mmap and size >= _MAP_MIN_BYTES and all(hasattr(c, "map_rows") for c in inputs):
+                # file mappings: the kernels read the page cache in place (no copy); unmapped
+                # after the chunk, so they never pile up in RSS
+                views = [ckpt.map_rows(name, rows).view(view_dtype) for ckpt in inputs]
+                payload: RawRows | list[torch.Tensor] = RawRows(views, dtype, tuple(shape))
+            else:
+                buffer = self._buffers.take(f"read{slot}", size * len(inputs))
+                for i, ckpt in enumerate(inputs):
+                    read_rows_into(ckpt, name, rows, memoryview(buffer[i * size:(i + 1) * size]))
+                typed = buffer.view(view_dtype).reshape(len(inputs), chunk.numel)
+                payload = RawRows(list(typed), dtype, tuple(shape))
             nbytes = size * len(inputs)
         else:
             payload = [ckpt.read(name, rows) for ckpt in inputs]
@@ -218,7 +232,9 @@ class Executor:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-read") as pool:
             pending: Future = pool.submit(self._read, chunks[0], 0)
             for i, chunk in enumerate(chunks):
+                clock = time.perf_counter()
                 payload = pending.result()
+                self._tally("wait_read", clock)
                 if i + 1 < len(chunks):
                     pending = pool.submit(self._read, chunks[i + 1], (i + 1) % 2)
                 yield chunk, payload
@@ -285,9 +301,11 @@ class Executor:
             finite = [True]
 
             def run(*counts):
-                finite[0] = kernels.count_pass(payload.base, payload.models, *counts)
+                finite[0] = kernels.count_pass(payload.inputs, *counts)
 
+            clock = time.perf_counter()
             selector.add_counts(run)
+            self._tally("count_kernel", clock)
             if not finite[0]:
                 self._raise_not_finite(chunk, payload.tensors())
         else:
@@ -301,18 +319,31 @@ class Executor:
         starts = np.cumsum([0] + [j.numel for j in jobs])  # flat offset of each job in the scope
         rng = np.random.default_rng(numel)
         picks = np.sort(rng.integers(0, numel, SAMPLE_RUNS))
-        values, groups = [], []
-        for r, flat in enumerate(picks):
-            j = int(np.searchsorted(starts, flat, side="right")) - 1
-            job, local = jobs[j], int(flat - starts[j])
-            count = min(SAMPLE_RUN, job.numel - local)
-            reads = [read_flat_range(ckpt, job.name, local, count) for ckpt in (self.base, *self.models)]
-            self.stats.sample_bytes += sum(t.numel() * t.element_size() for t in reads)
-            base32 = reads[0].float()
-            values.append(torch.stack([(m.float() - base32).abs() for m in reads[1:]]))  # (n, count)
-            groups.append(np.full(count, r % SAMPLE_GROUPS))
-        sample = torch.cat(values, dim=1).numpy()
-        return np.nan_to_num(sample, nan=np.inf), np.concatenate(groups)
+        inputs = [self.base, *self.models]
+        values = torch.empty((len(inputs), SAMPLE_RUNS * SAMPLE_RUN), dtype=torch.float32)  # widened as copied
+        groups = np.empty(SAMPLE_RUNS * SAMPLE_RUN, np.int64)
+        which = np.searchsorted(starts, picks, side="right") - 1  # job of each run
+        filled = 0
+        for j in np.unique(which):
+            job = jobs[j]
+            local = picks[which == j] - starts[j]  # run starts inside this tensor
+            counts = np.minimum(SAMPLE_RUN, job.numel - local)
+            # entries of every run of this tensor, as one gather: (runs * counts) flat indices
+            index = np.concatenate([np.arange(a, a + c) for a, c in zip(local, counts, strict=True)])
+            for i, ckpt in enumerate(inputs):
+                if hasattr(ckpt, "map_rows") and job.numel * job.dtype.itemsize >= _MAP_MIN_BYTES:
+                    raw = ckpt.map_rows(job.name, None, populate=False)  # only the sampled pages are read
+                    flat = torch.from_numpy(raw.view(np.uint8)).view(ckpt.info(job.name).dtype)
+                else:
+                    flat = ckpt.read(job.name).reshape(-1)
+                picked = flat[torch.from_numpy(index)]
+                self.stats.sample_bytes += picked.numel() * picked.element_size()
+                values[i, filled:filled + len(index)].copy_(picked)
+                del flat, picked  # unmaps the tensor
+            groups[filled:filled + len(index)] = np.repeat(np.nonzero(which == j)[0] % SAMPLE_GROUPS, counts)
+            filled += len(index)
+        sample = (values[1:, :filled] - values[0, :filled]).abs_().numpy()  # (n, S)
+        return np.nan_to_num(sample, nan=np.inf), groups[:filled]
 
     def _select(self, chunks: list[Chunk], numel: int) -> torch.Tensor:
         """Exact per-model thresholds over the scope made of ``chunks`` (``numel`` entries)."""
@@ -320,8 +351,10 @@ class Executor:
         keep = [ops.keep_count(numel, self.trim.density)] * self.n
         bracket = None
         if numel > _sampled_numel() and keep[0] > 0:  # smaller scopes: two passes cost little
+            clock = time.perf_counter()
             sample, groups = self._sample(chunks, numel)
             bracket = bracket_from_sample(sample, groups, keep, numel)
+            self._tally("sample", clock)
         use_kernels = any(self._raw(c.job) for c in chunks)
         selector = WindowSelect(keep, self.device, bins=self._kernel_bins() if use_kernels else 1 << 16,
                                 bracket=bracket)
@@ -340,10 +373,26 @@ class Executor:
         return float(torch.tensor(total).sign())
 
     def _select_in_memory(self, chunk: Chunk, raw: RawRows, numel: int) -> torch.Tensor:
-        """Thresholds of a per-tensor scope held in one chunk: counting passes over memory."""
+        """Thresholds of a per-tensor scope held in one chunk: counting passes over memory,
+        from a bracket sampled in memory when the tensor is large enough to be worth it."""
         assert self.trim is not None
-        selector = WindowSelect([ops.keep_count(numel, self.trim.density)] * self.n, self.device,
-                                bins=self._kernel_bins())
+        keep = [ops.keep_count(numel, self.trim.density)] * self.n
+        bracket = None
+        if numel >= 4 * MEMORY_SAMPLE_RUNS * MEMORY_SAMPLE_RUN and keep[0] > 0:
+            rng = np.random.default_rng(numel)
+            starts = rng.integers(0, numel - MEMORY_SAMPLE_RUN, MEMORY_SAMPLE_RUNS)
+            tensors = raw.tensors()
+            flat = [t.reshape(-1) for t in tensors]
+            pieces = []
+            for s in starts:
+                base32 = flat[0][s:s + MEMORY_SAMPLE_RUN].float()
+                pieces.append(torch.stack([(m[s:s + MEMORY_SAMPLE_RUN].float() - base32).abs() for m in flat[1:]]))
+            sample = np.nan_to_num(torch.cat(pieces, dim=1).numpy(), nan=np.inf)
+            groups = np.repeat(np.arange(MEMORY_SAMPLE_RUNS) % 16, MEMORY_SAMPLE_RUN)
+            bracket = bracket_from_sample(sample, groups, keep, numel)
+        # a histogram larger than a sixteenth of the tensor costs more to clear than it saves
+        bins = min(self._kernel_bins(), max(1 << 10, 1 << max(0, (numel // 16).bit_length() - 1)))
+        selector = WindowSelect(keep, self.device, bins=bins, bracket=bracket)
         while not selector.done:
             self._count(selector, chunk, raw)
             selector.end_pass()
@@ -356,6 +405,11 @@ class Executor:
         return torch.stack([kth_largest(flat[t], keep) for t in range(self.n)]).to(torch.float32)
 
     # ------------------------------------------------------------------ passes
+    def _tally(self, what: str, since: float) -> None:
+        """Add the time since ``since`` to the profile in ``stats.seconds`` (reported, not gated)."""
+        key = f"profile.{what}"
+        self.stats.seconds[key] = self.stats.seconds.get(key, 0.0) + time.perf_counter() - since
+
     def _write(self, fn: Callable[..., None], *args: object) -> None:
         """Queue a sink call on the writer thread, in order, after the previous one finished.
 
@@ -363,7 +417,9 @@ class Executor:
         the other output buffer, and chunk i+2 waits here until chunk i's buffer is free.
         """
         if self._pending_write is not None:
+            clock = time.perf_counter()
             self._pending_write.result()  # re-raises the writer's error here
+            self._tally("wait_write", clock)
         self._pending_write = self._writer.submit(fn, *args)
 
     def run(self, sink: Sink) -> RunStats:
@@ -424,7 +480,9 @@ class Executor:
                 if per_tensor and len(chunks) == 1:
                     thresholds = self._select_in_memory(chunk, payload, job.numel)
                 self._out_slot ^= 1  # the other output buffer: the last chunk may still be being written
+                clock = time.perf_counter()
                 merged = self._fused_chunk(chunk, payload, thresholds, majority, out_dtype, self._out_slot)
+                self._tally("merge_kernel", clock)
                 self._write(sink.write, job.name, chunk.rows, merged)
                 continue
             base32, tau = self._task_vectors(chunk, payload)
@@ -451,14 +509,14 @@ class Executor:
         m = self.method
         if isinstance(m, Ties):
             w = np.ones(self.n, np.float32) if self.weights is None else self.weights.cpu().numpy()
-            finite = kernels.ties_merge(raw.base, raw.models, thresholds.cpu().numpy(), w, m.lam, m.elect,
+            finite = kernels.ties_merge(raw.inputs, thresholds.cpu().numpy(), w, m.lam, m.elect,
                                         m.zero_sign, majority, m.aggregate, target)
         elif isinstance(m, TaskArithmetic):
             coef = None if self.weights is None else self.weights.cpu().numpy()
-            finite = kernels.linear_merge(raw.base, raw.models, coef, m.lam, 1, target)
+            finite = kernels.linear_merge(raw.inputs, coef, m.lam, 1, target)
         else:  # Average: the torch path's mean (sum / n), or sum of w_t / sum(w) * tau_t
             coef = None if self.weights is None else (self.weights / self.weights.sum()).cpu().numpy()
-            finite = kernels.linear_merge(raw.base, raw.models, coef, float(self.n), 2 if coef is None else 0, target)
+            finite = kernels.linear_merge(raw.inputs, coef, float(self.n), 2 if coef is None else 0, target)
         if not finite:
             self._raise_not_finite(chunk, raw.tensors())
         out = out.view(raw.shape)

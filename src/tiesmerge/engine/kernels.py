@@ -15,6 +15,7 @@ block each loop runs over contiguous float32 scratch without branches, so LLVM v
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -84,6 +85,21 @@ if numba is not None:
             return builder.bitcast(args[0], ir.IntType(32))
         return types.uint32(types.float32), codegen
 
+    @intrinsic
+    def _pointer(typingctx, address, proto):  # pragma: no cover - compiled
+        # a uint64 address as a pointer to proto's element type (the rows live in separate
+        # buffers or file mappings, so the kernels take their addresses, not one 2-d array)
+        pointer = types.CPointer(proto.dtype)
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], context.get_value_type(pointer))
+        return pointer(types.uint64, proto), codegen
+
+    @njit(inline="always")
+    def _rows(proto, addrs, which, start, count):  # pragma: no cover - compiled
+        # entries start .. start + count of input ``which`` (0: base, 1 + t: model t)
+        return numba.carray(_pointer(addrs[which] + np.uint64(start * proto.itemsize), proto), count)
+
     def _widen(x, table):  # pragma: no cover - replaced by the overload in compiled code
         raise NotImplementedError
 
@@ -114,38 +130,53 @@ if numba is not None:
         return None
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _count_kernel(base, models, table, lo, hi, shift, above, window, wmin, wmax, worst):  # pragma: no cover
-        # base (E,) raw, models (n, E) raw; per model t: lo[t]..hi[t] (uint32, inclusive) is a
+    def _count_kernel(proto, addrs, size, table, lo, hi, shift, above, window, wmin, wmax, worst):  # pragma: no cover
+        # rows: addrs[0] the base's E raw values, addrs[1 + t] model t's (proto: their dtype); per model t: lo[t]..hi[t] (uint32, inclusive) is a
         # window of |tau| bit patterns (non-negative float32 order like their bits);
         # above (T, n) i64 += entries with bits > hi; window (T, n, B) i64 bins (bits - lo) >> shift,
-        # wmin/wmax (T, n, B) u32 the smallest/largest bits in each bin (a bin holding one value,
-        # as bf16 task vectors' bins mostly do, pins the threshold without another pass);
+        # wmin/wmax (T, n, B) u32 the smallest/largest bits in each bin of a narrow window
+        # (shift <= 8; a bin holding one value, as bf16 task vectors' bins mostly do, pins the
+        # threshold without another pass);
         # worst (T,) u32 = max bits seen (>= 0x7F800000 means a non-finite task vector)
-        n, size = models.shape
+        n = len(addrs) - 1
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
             tid = numba.get_thread_id()
             start = blk * _BLOCK
-            m = min(size, start + _BLOCK) - start
+            stop = min(size, start + _BLOCK)
+            m = stop - start
             b32 = np.empty(m, np.float32)
             bits = np.empty(m, np.uint32)
+            block = _rows(proto, addrs, 0, start, m)  # 1-d rows: indexing them vectorises
             for j in range(m):
-                b32[j] = _widen(base[start + j], table)
+                b32[j] = _widen(block[j], table)
             top = np.uint32(0)
             for t in range(n):
                 h = hi[t]
+                low = lo[t]
+                span = np.uint32(h - low)  # u is in the window iff u - low <= span, in wrapping uint32
                 count = 0
+                inside = 0
+                row = _rows(proto, addrs, 1 + t, start, m)
                 for j in range(m):  # vectorised: widen, subtract, compare, count
-                    u = _f32_to_bits(abs(_widen(models[t, start + j], table) - b32[j]))
+                    u = _f32_to_bits(abs(_widen(row[j], table) - b32[j]))
                     bits[j] = u
                     count += u > h
+                    inside += np.uint32(u - low) <= span
                     top = max(top, u)
                 above[tid, t] += count
-                low = lo[t]
+                if inside == 0 or low > h:
+                    continue
                 s = shift[t]
-                for j in range(m):  # rarely taken: the window is a sliver of the values
+                if s > 8:  # a coarse window (select.TRACK_MAX_SHIFT; the first radix pass): counts only
+                    for j in range(m):
+                        u = bits[j]
+                        if np.uint32(u - low) <= span:
+                            window[tid, t, (u - low) >> s] += 1
+                    continue
+                for j in range(m):  # a narrow window: a sliver of the values, tracked exactly
                     u = bits[j]
-                    if u >= low and u <= h:
+                    if np.uint32(u - low) <= span:
                         b = (u - low) >> s
                         window[tid, t, b] += 1
                         wmin[tid, t, b] = min(wmin[tid, t, b], u)
@@ -153,16 +184,20 @@ if numba is not None:
             worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ties_kernel(base, models, table, thresholds, weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
-        # base (E,) raw, models (n, E) raw, thresholds/weights (n,) f32, out (E,) bf16 bits or f32
-        n, size = models.shape
+    def _ties_kernel(proto, addrs, size, table, thresholds, weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
+        # rows at addrs (base, then models; proto: their dtype), thresholds/weights (n,) f32,
+        # out (E,) bf16 bits or f32
+        n = len(addrs) - 1
         lam32 = np.float32(lam)
         fill32 = np.float32(fill)
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
             tid = numba.get_thread_id()
             start = blk * _BLOCK
-            m = min(size, start + _BLOCK) - start
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            block = _rows(proto, addrs, 0, start, m)  # 1-d rows: indexing them vectorises
+            target = out[start:stop]
             b32 = np.empty(m, np.float32)
             vote = np.zeros(m, np.float32)
             gamma = np.empty(m, np.float32)
@@ -172,12 +207,13 @@ if numba is not None:
             kept = np.empty((n, m), np.float32)  # trimmed task vectors of this block
             top = np.uint32(0)
             for j in range(m):
-                b32[j] = _widen(base[start + j], table)
+                b32[j] = _widen(block[j], table)
             for t in range(n):
                 thr = thresholds[t]
                 w = weights[t]
+                row = _rows(proto, addrs, 1 + t, start, m)
                 for j in range(m):
-                    v = _widen(models[t, start + j], table) - b32[j]
+                    v = _widen(row[j], table) - b32[j]
                     top = max(top, _f32_to_bits(abs(v)))
                     kv = v if abs(v) >= thr else np.float32(0.0)
                     kept[t, j] = kv
@@ -207,71 +243,86 @@ if numba is not None:
                     merged = total[j]
                 else:
                     merged = best[j] * gamma[j]
-                _store(out, start + j, b32[j] + lam32 * merged)
+                _store(target, j, b32[j] + lam32 * merged)
             worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _linear_kernel(base, models, table, coef, use_coef, post, post_mode, out, worst):  # pragma: no cover
+    def _linear_kernel(proto, addrs, size, table, coef, use_coef, post, post_mode, out, worst):  # pragma: no cover
         # out = base + post(sum_t coef[t] * tau_t); post_mode 0: none, 1: * post, 2: / post
-        n, size = models.shape
+        n = len(addrs) - 1
         post32 = np.float32(post)
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
             tid = numba.get_thread_id()
             start = blk * _BLOCK
-            m = min(size, start + _BLOCK) - start
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            block = _rows(proto, addrs, 0, start, m)  # 1-d rows: indexing them vectorises
+            target = out[start:stop]
             b32 = np.empty(m, np.float32)
             acc = np.zeros(m, np.float32)
             top = np.uint32(0)
             for j in range(m):
-                b32[j] = _widen(base[start + j], table)
+                b32[j] = _widen(block[j], table)
             for t in range(n):
                 c = coef[t]
+                row = _rows(proto, addrs, 1 + t, start, m)
                 for j in range(m):
-                    v = _widen(models[t, start + j], table) - b32[j]
+                    v = _widen(row[j], table) - b32[j]
                     top = max(top, _f32_to_bits(abs(v)))
                     acc[j] += v * c if use_coef else v
             for j in range(m):
                 s = acc[j] * post32 if post_mode == 1 else (acc[j] / post32 if post_mode == 2 else acc[j])
-                _store(out, start + j, b32[j] + s)
+                _store(target, j, b32[j] + s)
             worst[tid] = max(worst[tid], top)
 
 
 _NONFINITE = 0x7F800000  # |tau| bit patterns at or above this are Inf or NaN
 
 
+def _rows_of(inputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(proto, addresses, size) of the base's and models' rows: equal-length contiguous raw views."""
+    size = inputs[0].size
+    for a in inputs:
+        if a.size != size or not a.flags.c_contiguous or a.dtype != inputs[0].dtype:
+            raise ValueError("kernel inputs must be contiguous rows of one dtype and length")
+    # a fresh, writable proto: mapped (read-only) and buffered rows share one compiled kernel
+    return np.empty(0, inputs[0].dtype), np.array([a.ctypes.data for a in inputs], dtype=np.uint64), size
+
+
 def _worst() -> np.ndarray:
     return np.zeros(numba.config.NUMBA_NUM_THREADS, np.uint32)
 
 
-def count_pass(base: np.ndarray, models: np.ndarray, lo: np.ndarray, hi: np.ndarray, shift: np.ndarray,
+def count_pass(inputs: Sequence[np.ndarray], lo: np.ndarray, hi: np.ndarray, shift: np.ndarray,
                above: np.ndarray, window: np.ndarray, wmin: np.ndarray, wmax: np.ndarray) -> bool:
     """Add one chunk's counts (see ``_count_kernel``); False when a task vector is not finite.
 
-    base (E,) and models (n, E) are raw views (:func:`raw_view`); above (T, n) int64, window
-    (T, n, B) int64, wmin/wmax (T, n, B) uint32, T = numba.config.NUMBA_NUM_THREADS.
+    inputs: the base's rows, then each model's, as raw views (:func:`raw_view`) of E entries;
+    above (T, n) int64, window (T, n, B) int64, wmin/wmax (T, n, B) uint32, with
+    T = numba.config.NUMBA_NUM_THREADS.
     """
     worst = _worst()
-    _count_kernel(base, models, _f16_table(), lo, hi, shift, above, window, wmin, wmax, worst)
+    _count_kernel(*_rows_of(inputs), _f16_table(), lo, hi, shift, above, window, wmin, wmax, worst)
     return bool(worst.max() < _NONFINITE)
 
 
-def ties_merge(base: np.ndarray, models: np.ndarray, thresholds: np.ndarray, weights: np.ndarray, lam: float,
+def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray, weights: np.ndarray, lam: float,
                elect: str, zero_sign: str, majority: float | None, aggregate: str, out: np.ndarray) -> bool:
     """out = base + lam * TIES(models - base) for one chunk; False when a task vector is not finite."""
     worst = _worst()
-    _ties_kernel(base, models, _f16_table(), thresholds.astype(np.float32), weights.astype(np.float32), float(lam),
-                 ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0), AGGREGATE_CODES[aggregate],
-                 out, worst)
+    _ties_kernel(*_rows_of(inputs), _f16_table(), thresholds.astype(np.float32), weights.astype(np.float32),
+                 float(lam), ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0),
+                 AGGREGATE_CODES[aggregate], out, worst)
     return bool(worst.max() < _NONFINITE)
 
 
-def linear_merge(base: np.ndarray, models: np.ndarray, coef: np.ndarray | None, post: float, post_mode: int,
+def linear_merge(inputs: Sequence[np.ndarray], coef: np.ndarray | None, post: float, post_mode: int,
                  out: np.ndarray) -> bool:
     """out = base + post(sum_t coef_t * tau_t) (task arithmetic, averaging); False when not finite."""
     worst = _worst()
-    n = models.shape[0]
+    n = len(inputs) - 1
     use = coef is not None
     c = coef.astype(np.float32) if use else np.ones(n, np.float32)
-    _linear_kernel(base, models, _f16_table(), c, use, float(post), post_mode, out, worst)
+    _linear_kernel(*_rows_of(inputs), _f16_table(), c, use, float(post), post_mode, out, worst)
     return bool(worst.max() < _NONFINITE)

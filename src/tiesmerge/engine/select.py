@@ -21,6 +21,7 @@ import torch
 __all__ = ["WindowSelect", "RadixSelect", "kth_largest", "bracket_from_sample", "MAX_FINITE_BITS"]
 
 MAX_FINITE_BITS = 0x7F7FFFFF  # the largest finite float32, as bits
+TRACK_MAX_SHIFT = 8  # bins at most 2^8 patterns wide also record their smallest and largest value
 _BLOCK = 1 << 18  # columns per torch histogram block: about 9 n MB of temporaries for n models
 
 
@@ -37,7 +38,7 @@ def _bits(value: float) -> int:
 
 
 def bracket_from_sample(sample: np.ndarray, groups: np.ndarray, keep: list[int], numel: int,
-                        z: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+                        z: float = 4.5) -> tuple[np.ndarray, np.ndarray]:
     """A window of bit patterns ``(lo, hi)`` per model that very likely holds the threshold.
 
     sample: (n, S) float32 |tau| drawn from the scope (runs of neighbouring entries);
@@ -121,15 +122,19 @@ class WindowSelect:
         # the smallest shift that maps each window into the bins
         self.shift = np.array([max(0, int(w - 1).bit_length() - (self._bins.bit_length() - 1)) for w in width],
                               dtype=np.uint32)
-        self._above = torch.zeros(self.n, dtype=torch.int64, device=self.device)
-        self._hist = torch.zeros(self.n * self._bins, dtype=torch.int64, device=self.device)
-        self._hmin = torch.full((self.n * self._bins,), 1 << 32, dtype=torch.int64, device=self.device)
-        self._hmax = torch.zeros(self.n * self._bins, dtype=torch.int64, device=self.device)
-        self._kernel_counts: tuple[np.ndarray, ...] | None = None
+        self._torch_counts: tuple[torch.Tensor, ...] | None = None  # made by the first observe()
+        self._kernel_counts: tuple[np.ndarray, ...] | None = None  # made by the first add_counts()
 
     # ------------------------------------------------------------------ counting
     def observe(self, tau: torch.Tensor) -> None:
         """Count one chunk. tau: (n, *S) float32 (signs are ignored)."""
+        if self._torch_counts is None:
+            size = self.n * self._bins
+            self._torch_counts = (torch.zeros(self.n, dtype=torch.int64, device=self.device),
+                                  torch.zeros(size, dtype=torch.int64, device=self.device),
+                                  torch.full((size,), 1 << 32, dtype=torch.int64, device=self.device),
+                                  torch.zeros(size, dtype=torch.int64, device=self.device))
+        above, hist, hmin, hmax = self._torch_counts
         flat = tau.reshape(self.n, -1)  # (n, L)
         lo = torch.from_numpy(self.lo.astype(np.int64)).to(self.device).view(self.n, 1)
         hi = torch.from_numpy(self.hi.astype(np.int64)).to(self.device).view(self.n, 1)
@@ -139,13 +144,13 @@ class WindowSelect:
         # temporaries at a fixed size whatever the chunk's size
         for start in range(0, flat.shape[1], _BLOCK):
             bits = flat[:, start:start + _BLOCK].abs().view(torch.int32).to(torch.int64)  # (n, B), sign bit 0
-            self._above += (bits > hi).sum(1)
+            above += (bits > hi).sum(1)
             inside = (bits >= lo) & (bits <= hi)
             index = (((bits - lo) >> shift) + offsets)[inside]
             values = bits[inside]
-            self._hist += torch.bincount(index, minlength=self.n * self._bins)
-            self._hmin.scatter_reduce_(0, index, values, "amin")
-            self._hmax.scatter_reduce_(0, index, values, "amax")
+            hist += torch.bincount(index, minlength=self.n * self._bins)
+            hmin.scatter_reduce_(0, index, values, "amin")
+            hmax.scatter_reduce_(0, index, values, "amax")
 
     def add_counts(self, count: Callable[..., None]) -> None:
         """Let a fused kernel count a chunk: ``count(lo, hi, shift, above, window, wmin, wmax)``
@@ -166,16 +171,26 @@ class WindowSelect:
 
     # ------------------------------------------------------------------ narrowing
     def end_pass(self) -> None:
-        above = self._above.cpu().numpy()
-        hist = self._hist.view(self.n, self._bins).cpu().numpy()
-        hmin = self._hmin.view(self.n, self._bins).cpu().numpy()
-        hmax = self._hmax.view(self.n, self._bins).cpu().numpy()
+        # per model: entries above the window, the window's histogram, and (looked up only for
+        # the chosen bin) the bin's smallest and largest value, from the torch or kernel counts
+        above = np.zeros(self.n, np.int64)
+        hist = np.zeros((self.n, self._bins), np.int64)
+        extremes: list[Callable[[int, int], tuple[int, int]]] = []
+        if self._torch_counts is not None:
+            t_above, t_hist, t_min, t_max = (x.cpu().numpy() for x in self._torch_counts)
+            above += t_above
+            hist += t_hist.reshape(self.n, self._bins)
+            extremes.append(lambda t, b: (int(t_min[t * self._bins + b]), int(t_max[t * self._bins + b])))
         if self._kernel_counts is not None:
             k_above, k_hist, k_min, k_max = self._kernel_counts
-            above = above + k_above.sum(0)
-            hist = hist + k_hist.sum(0)
-            hmin = np.minimum(hmin, k_min.min(0).astype(np.int64))
-            hmax = np.maximum(hmax, k_max.max(0).astype(np.int64))
+            above += k_above.sum(0)
+            hist += k_hist.sum(0)
+            extremes.append(lambda t, b: (int(k_min[:, t, b].min()), int(k_max[:, t, b].max())))
+
+        def bin_extremes(t: int, b: int) -> tuple[int, int]:
+            pairs = [f(t, b) for f in extremes]
+            return min(p[0] for p in pairs), max(p[1] for p in pairs)
+
         self.passes += 1
         for t in range(self.n):
             if self._found[t]:
@@ -195,7 +210,11 @@ class WindowSelect:
                 continue
             chosen = int(holding[-1])
             rank = need - (int(at_or_above[chosen]) - int(hist[t, chosen]))  # rank inside the chosen bin
-            smallest, largest = int(hmin[t, chosen]), int(hmax[t, chosen])
+            if self.shift[t] > TRACK_MAX_SHIFT:  # a coarse window: the whole bin is the next window
+                low = int(self.lo[t]) + (chosen << int(self.shift[t]))
+                self.lo[t], self.hi[t] = low, min(int(self.hi[t]), low + (1 << int(self.shift[t])) - 1)
+                continue
+            smallest, largest = bin_extremes(t, chosen)
             if smallest == largest or rank == 1 or rank == int(hist[t, chosen]):
                 # one value in the bin, or the bin's largest/smallest is the one wanted: exact
                 self._bits[t] = largest if rank == 1 else smallest if rank == int(hist[t, chosen]) else largest
