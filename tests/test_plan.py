@@ -18,13 +18,15 @@ GiB = 1 << 30
 
 
 def test_bytes_per_entry_counts_every_buffer() -> None:
-    # n=3 bf16 inputs, bf16 output: raw rows 2 * (3+1) * 2 = 16 (current + read-ahead);
-    # tau + 3 temporaries 4 * 3 * 4 = 48 (float32); base32 4, merged32 4, output 2
-    assert bytes_per_entry(3, 2, 2) == 16 + 48 + 4 + 4 + 2
+    from tiesmerge.engine.plan import _TEMPORARIES as k
+
+    # torch path, n=3 bf16 inputs, bf16 output: raw rows 2 * (3+1) * 2 = 16 (current + read-ahead);
+    # tau + k temporaries (1 + k) * 3 * 4 (float32); base32 4, merged32 4, output 2
+    assert bytes_per_entry(3, 2, 2) == 16 + (1 + k) * 3 * 4 + 4 + 4 + 2
     # n=1 float32 in, float64 out
-    assert bytes_per_entry(1, 4, 8) == 2 * 2 * 4 + 4 * 1 * 4 + 4 + 4 + 8
+    assert bytes_per_entry(1, 4, 8) == 2 * 2 * 4 + (1 + k) * 1 * 4 + 4 + 4 + 8
     # grows linearly with the number of models
-    assert bytes_per_entry(11, 2, 2) - bytes_per_entry(10, 2, 2) == 2 * 2 + 4 * 4
+    assert bytes_per_entry(11, 2, 2) - bytes_per_entry(10, 2, 2) == 2 * 2 + (1 + k) * 4
 
 
 # ---------------------------------------------------------------------------------------------- rows per chunk
@@ -240,8 +242,6 @@ def test_bytes_per_entry_of_either_path() -> None:
     assert bytes_per_entry(3, 2, 2, fused=True) == 2 * 4 * 2 + 2 * 2
     assert bytes_per_entry(8, 4, 2, fused=True) == 2 * 9 * 4 + 2 * 2
     assert bytes_per_entry(3, 2, 8, fused=True) == 2 * 4 * 2 + 2 * (4 + 8)  # float32, then the cast
-    # torch: raw rows + tau and 3 temporaries (n x float32 each) + base32 + merged32 + output
-    assert bytes_per_entry(3, 2, 2) == 2 * 4 * 2 + 4 * 3 * 4 + 4 + 4 + 2
 
 
 @pytest.mark.parametrize("fused", [False, True])

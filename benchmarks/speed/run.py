@@ -527,14 +527,20 @@ def what_this_shows(results: dict) -> str:
     g, pt = runs.get("ties_global", {}), runs.get("ties_per_tensor", {})
     if g.get("ok"):
         passes = g.get("engine_bytes_read", 0) / inp if g.get("engine_bytes_read") else None
+        how = {1: "the merge pass only", 2: "one counting pass from a sampled bracket, then the merge pass",
+               3: "two counting passes, then the merge pass"}.get(round(passes or 0), "counting passes, then the merge")
         parts.append(f"tiesmerge's global TIES (the paper's one threshold per model) takes {g['wall_s']:.1f} s, "
                      f"{_fmt(rt.get('ties_global_over_read_floor_time'), '.1f')}× the read floor; it reads the "
-                     f"inputs {_fmt(passes, '.1f')} times (two radix-select passes, then the merge pass), at "
+                     f"inputs {_fmt(passes, '.1f')} times ({how}), at "
                      f"{g['cpu_percent']:.0f} % CPU, so it is bound by compute on this machine, not by reading.")
+    cold = runs.get("ties_global_cold_digests", {})
+    if g.get("ok") and cold.get("ok"):
+        parts.append(f"Hashing every input again for the manifest (a first merge of new files; later merges "
+                     f"reuse the digests) makes it {cold['wall_s']:.1f} s.")
     if g.get("ok") and pt.get("ok"):
         pt_reads = pt.get("engine_bytes_read", 0) / inp
-        why = (" (each tensor larger than one chunk is read three times: "
-               "two selection passes over that tensor, then the merge)") if pt_reads > 1.05 else ""
+        why = (" (each tensor larger than one chunk is read again for its threshold before the merge)"
+               if pt_reads > 1.05 else " (each tensor's threshold is found in memory, then merged)")
         parts.append(f"Per-tensor trimming reads {pt_reads:.2f}× the inputs{why} and takes {pt['wall_s']:.1f} s: "
                      f"global costs "
                      f"{rt['global_over_per_tensor_time']:.2f}× per-tensor in time and "

@@ -27,7 +27,8 @@ __all__ = ["Chunk", "Plan", "bytes_per_entry", "rows_per_chunk", "make_plan", "p
 
 FIXED_OVERHEAD = 64 << 20  # histograms, the top-k sample, small buffers: accounted once, not per chunk
 SPEED_CHUNK_ENTRIES = 1 << 23  # chunks beyond this many entries are no faster
-_TEMPORARIES = 3  # float32 (n, E) temporaries a method keeps alive besides tau (masks, signs, products)
+_TEMPORARIES = 10  # float32 (n, E) temporaries of the torch path besides tau: masks, signs, products and
+# what the allocator keeps (measured: 3 undercounted a 256 MiB budget run 2.3x, benchmarks/speed/NOTES.md)
 
 
 @dataclass(frozen=True)
