@@ -46,7 +46,7 @@ _MAP_MIN_BYTES = 1 << 20  # rows smaller than this are read (a mapping costs a f
 SAMPLE_RUNS = 1024  # runs of neighbouring entries drawn to bracket a global threshold
 SAMPLE_RUN = 1024  # entries per run: one short pread per input
 SAMPLE_GROUPS = 32  # run groups whose quantiles measure the estimate's spread
-MEMORY_SAMPLE_RUNS, MEMORY_SAMPLE_RUN = 64, 512  # the same for a tensor held in memory (per-tensor scope)
+MEMORY_SAMPLE_RUNS, MEMORY_SAMPLE_RUN = 256, 256  # the same for a tensor held in memory (per-tensor scope)
 _KERNEL_HIST_BYTES = 32 << 20  # cap on the per-thread window histograms of a counting pass
 
 
@@ -381,17 +381,15 @@ class Executor:
         if numel >= 4 * MEMORY_SAMPLE_RUNS * MEMORY_SAMPLE_RUN and keep[0] > 0:
             rng = np.random.default_rng(numel)
             starts = rng.integers(0, numel - MEMORY_SAMPLE_RUN, MEMORY_SAMPLE_RUNS)
-            tensors = raw.tensors()
-            flat = [t.reshape(-1) for t in tensors]
-            pieces = []
-            for s in starts:
-                base32 = flat[0][s:s + MEMORY_SAMPLE_RUN].float()
-                pieces.append(torch.stack([(m[s:s + MEMORY_SAMPLE_RUN].float() - base32).abs() for m in flat[1:]]))
-            sample = np.nan_to_num(torch.cat(pieces, dim=1).numpy(), nan=np.inf)
+            index = (starts[:, None] + np.arange(MEMORY_SAMPLE_RUN)).reshape(-1)  # one gather for all runs
+            picked = torch.from_numpy(np.stack([a[index] for a in raw.inputs]))  # (n + 1, S) raw
+            values = (picked.view(raw.dtype) if raw.dtype != torch.float32 else picked).float()
+            sample = np.nan_to_num((values[1:] - values[0]).abs_().numpy(), nan=np.inf)
             groups = np.repeat(np.arange(MEMORY_SAMPLE_RUNS) % 16, MEMORY_SAMPLE_RUN)
             bracket = bracket_from_sample(sample, groups, keep, numel)
-        # a histogram larger than a sixteenth of the tensor costs more to clear than it saves
-        bins = min(self._kernel_bins(), max(1 << 10, 1 << max(0, (numel // 16).bit_length() - 1)))
+        # per-thread histograms are cleared and summed per tensor: one bin per 256 entries keeps
+        # that under the counting itself, and bins of up to 2^8 patterns still record min/max
+        bins = min(self._kernel_bins(), max(1 << 10, 1 << max(0, (numel // 256).bit_length() - 1)))
         selector = WindowSelect(keep, self.device, bins=bins, bracket=bracket)
         while not selector.done:
             self._count(selector, chunk, raw)
