@@ -95,8 +95,11 @@ class Executor:
         self._progress = progress or (lambda nbytes: None)
         self._checked: set[tuple[str, int]] = set()
         self.stats = RunStats()
-        # fused numba kernels on the CPU: histograms for every trimming method, the merge for TIES
-        self._fused_select = fused and kernels.available() and self.device.type == "cpu"
+        # models whose rows are already task vectors (PEFT adapters, io/adapters.py)
+        self._direct = frozenset(t for t, m in enumerate(models) if getattr(m, "yields_task_vector", False))
+        # fused numba kernels on the CPU: histograms for every trimming method, the merge for TIES;
+        # they form τ = model − base themselves, so adapters take the torch path
+        self._fused_select = fused and kernels.available() and self.device.type == "cpu" and not self._direct
         self._fused_ties = self._fused_select and isinstance(method, Ties)
         self.stats.engine = "fused CPU kernels (numba)" if self._fused_select else "torch"
 
@@ -146,7 +149,13 @@ class Executor:
     def _task_vectors(self, chunk: Chunk, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(base32 (*S), tau (n, *S)) float32 on the device."""
         base32, models32 = self._inputs(chunk, raw)
-        tau = models32.sub_(base32)  # (n, *S), in place: the models' values are not needed again
+        if self._direct:  # adapters yield τ itself; only full models subtract the base
+            for t in range(self.n):
+                if t not in self._direct:
+                    models32[t].sub_(base32)
+            tau = models32
+        else:
+            tau = models32.sub_(base32)  # (n, *S), in place: the models' values are not needed again
         if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
             self._raise_not_finite(chunk, raw)
         return base32, tau
