@@ -168,7 +168,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
           output: str | os.PathLike | None = None, device: str = "cpu", memory_budget: int | str | None = None,
           dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB", force: bool = False,
           allow_pickle: bool = False, vocab_policy: str = "error", progress: bool = False,
-          output_format: str = "model", rank: int | None = None,
+          output_format: str = "model", rank: int | None = None, origin: Mapping[str, Any] | None = None,
           **method_options: Any) -> Path | dict[str, torch.Tensor]:
     """Merge fine-tuned ``models`` of ``base`` and write an HF directory (or return a state dict).
 
@@ -176,6 +176,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     adapter directories) or state dicts. ``method`` is a name with its options as keywords, or a
     method config object. ``output_format="adapter"`` writes a merged adapter instead of a full
     model (LoRA: re-factored by truncated SVD at ``rank``, default the largest input rank).
+    ``origin`` (e.g. a translated mergekit recipe's format and semantics) goes into the manifest.
 
     >>> import tiesmerge                                                      # doctest: +SKIP
     >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
@@ -237,7 +238,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             recipe = MergeRecipe(method=m, base=base_ckpt.label, models=tuple(c.label for c in model_ckpts),
                                  dtype=str(executor.out_dtype).removeprefix("torch.") if executor.out_dtype else None,
                                  shard_size=str(shard_size), memory_budget=str(memory_budget or DEFAULT_MEMORY_BUDGET),
-                                 device=str(device), vocab_policy=vocab_policy)
+                                 device=str(device), vocab_policy=vocab_policy, output_format=output_format,
+                                 rank=rank, origin=dict(origin) if origin else None)
             (tmp / "README.md").write_text(model_card(
                 base_label=base_ckpt.label, model_labels=[c.label for c in model_ckpts], recipe_yaml=recipe.to_yaml(),
                 method_name=m.name, paper=m.paper, summary=m.summary, version=__version__))

@@ -19,7 +19,6 @@ import torch
 from ..errors import InvalidTensorError
 from ..io.align import Alignment, TensorJob
 from ..io.checkpoint import Checkpoint
-from ..methods import ops
 from ..methods.base import ChunkContext, MergeMethod
 from ..methods.ties import Ties
 from . import kernels
@@ -180,8 +179,7 @@ class Executor:
     # ------------------------------------------------------------------ reductions
     def _select(self, chunks: list[Chunk], numel: int) -> torch.Tensor:
         assert self.trim is not None
-        keep = ops.keep_count(numel, self.trim.density)
-        selector = RadixSelect([keep] * self.n, self.device)
+        selector = RadixSelect(self.trim.keep_counts(numel, self.n), self.device)
         while not selector.done:
             for chunk, raw in self._stream(chunks):
                 if self._fused_select:
@@ -202,7 +200,7 @@ class Executor:
     def _select_in_memory(self, base32: torch.Tensor, models32: torch.Tensor, numel: int) -> torch.Tensor:
         """Thresholds of a per-tensor scope held in one chunk, from the fused histograms."""
         assert self.trim is not None
-        selector = RadixSelect([ops.keep_count(numel, self.trim.density)] * self.n, self.device)
+        selector = RadixSelect(self.trim.keep_counts(numel, self.n), self.device)
         while not selector.done:
             selector.add_counts(lambda hist: kernels.histogram_pass(base32, models32, selector.stage,
                                                                     selector.chosen_high, hist))
@@ -211,9 +209,9 @@ class Executor:
 
     def _inline_thresholds(self, tau: torch.Tensor, numel: int) -> torch.Tensor:
         assert self.trim is not None
-        keep = ops.keep_count(numel, self.trim.density)
+        keeps = self.trim.keep_counts(numel, self.n)
         flat = tau.reshape(self.n, -1).abs()  # (n, numel)
-        return torch.stack([kth_largest(flat[t], keep) for t in range(self.n)]).to(torch.float32)
+        return torch.stack([kth_largest(flat[t], keeps[t]) for t in range(self.n)]).to(torch.float32)
 
     # ------------------------------------------------------------------ passes
     def run(self, sink: Sink) -> RunStats:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["ChunkContext", "TrimSpec", "MergeMethod", "option", "check_choice", "check_weights"]
+__all__ = ["ChunkContext", "TrimSpec", "MergeMethod", "option", "check_choice", "check_weights", "check_densities"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,13 @@ class TrimSpec:
 
     density: float
     scope: str  # "global": one threshold per model over its whole model; "per_tensor"
+    densities: tuple[float, ...] | None = None  # per model, overriding density (mergekit's per-model density)
+
+    def keep_counts(self, numel: int, n_models: int) -> list[int]:
+        """Entries each model keeps of a trim scope of ``numel`` entries."""
+        from .ops import keep_count  # ops imports nothing of ours; imported here to keep base.py first
+
+        return [keep_count(numel, d) for d in (self.densities or (self.density,) * n_models)]
 
 
 @dataclass(frozen=True)
@@ -99,6 +106,19 @@ def check_weights(problems: list[str], method: str, weights: object, n_models: i
         return
     if n_models is not None and len(weights) != n_models:
         problems.append(f"{method}: {len(weights)} weights given for {n_models} models")
+
+
+def check_densities(problems: list[str], method: str, densities: object, n_models: int | None) -> None:
+    """Per-model densities: one fraction in (0, 1] per model, or None."""
+    if densities is None:
+        return
+    if not isinstance(densities, tuple):
+        problems.append(f"{method}: densities must be a list of fractions, got {densities!r}")
+        return
+    for d in densities:
+        check_fraction(problems, method, "densities", d)
+    if n_models is not None and len(densities) != n_models:
+        problems.append(f"{method}: {len(densities)} densities given for {n_models} models")
 
 
 def as_tuple(value: Any) -> Any:

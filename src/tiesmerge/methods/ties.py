@@ -14,6 +14,7 @@ from .base import (
     TrimSpec,
     as_tuple,
     check_choice,
+    check_densities,
     check_finite,
     check_fraction,
     check_weights,
@@ -48,9 +49,12 @@ class Ties:
     zero_sign: str = option("zero", "sign elected where the vote is exactly 0", choices=ZERO_SIGNS)
     aggregate: str = option("mean", "how agreeing values combine", choices=AGGREGATES)
     weights: tuple[float, ...] | None = option(None, "per-model weights (see the docstring)", unit="one per model")
+    densities: tuple[float, ...] | None = option(None, "per-model fractions kept, overriding density "
+                                                 "(mergekit's per-model density)", unit="one per model, (0, 1]")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", as_tuple(self.weights))
+        object.__setattr__(self, "densities", as_tuple(self.densities))
         problems: list[str] = []
         check_fraction(problems, self.name, "density", self.density)
         check_finite(problems, self.name, "lam", self.lam)
@@ -59,16 +63,18 @@ class Ties:
         check_choice(problems, self.name, "zero_sign", self.zero_sign, ZERO_SIGNS)
         check_choice(problems, self.name, "aggregate", self.aggregate, AGGREGATES)
         check_weights(problems, self.name, self.weights, None)
+        check_densities(problems, self.name, self.densities, None)
         if problems:
             raise ConfigError(problems)
 
     def check(self, n_models: int) -> list[str]:
         problems: list[str] = []
         check_weights(problems, self.name, self.weights, n_models)
+        check_densities(problems, self.name, self.densities, n_models)
         return problems
 
     def trim_spec(self) -> TrimSpec:
-        return TrimSpec(self.density, self.scope)
+        return TrimSpec(self.density, self.scope, self.densities)
 
     def needs_majority_sign(self) -> bool:
         return self.zero_sign == "majority"
