@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import yaml
-from helpers_ckpt import write_hf_dir
 from safetensors.torch import load_file
 
+from helpers_ckpt import write_hf_dir
 from tiesmerge.cli.main import main
 from tiesmerge.errors import ConfigError
 from tiesmerge.methods import DareTies, TaskArithmetic, Ties
@@ -212,3 +212,32 @@ def test_mergekit_lora_reference_on_the_base_is_the_adapter(tmp_path):
     for module in LORA_MODULES:
         name = module + ".weight"
         torch.testing.assert_close(merged[name], base[name] + 0.5 * delta[name], atol=1e-6, rtol=1e-5)
+
+
+def test_exact_k_trim_keeps_exactly_k_with_ties_at_the_threshold():
+    from tiesmerge.methods import ops
+
+    tau = torch.tensor([[3.0, 1.0, -1.0, 1.0, 2.0, -1.0, 0.5, 1.0]])  # five entries tie at |1|
+    keep = torch.tensor([4])
+    kept = ops.trim_sorted_k(tau.clone(), keep)
+    assert int((kept != 0).sum()) == 4  # 3, 2 and two of the five ties
+    assert kept[0, 0] == 3.0 and kept[0, 4] == 2.0 and kept[0, 6] == 0.0
+    # the default keeps every tie: seven entries
+    assert int((ops.trim_at(tau.clone(), torch.tensor([1.0])) != 0).sum()) == 7
+
+
+def test_exact_k_needs_per_tensor_scope_and_whole_tensors():
+    import tiesmerge
+    from helpers_ckpt import make_family
+
+    with pytest.raises(ConfigError, match="per_tensor"):
+        Ties(threshold_ties="sort")
+    base, models = make_family(1)
+    method = Ties(scope="per_tensor", threshold_ties="sort", density=0.3)
+    merged = tiesmerge.merge(base, models, method)  # one model: the merged τ is its trimmed τ
+    for name, value in base.items():
+        if value.is_floating_point():
+            expected = max(1, int(0.3 * value.numel()))
+            assert int(((merged[name] - value) != 0).sum()) == expected, name
+    with pytest.raises(ConfigError, match="one chunk"):
+        tiesmerge.merge(base, models, method, memory_budget=2048)

@@ -43,7 +43,6 @@ models:
   - {{model: {m2}, parameters: {{weight: 0.4}}}}
   - {{model: {m3}, parameters: {{weight: 0.3}}}}
 parameters: {{lambda: 0.8}}
-tokenizer_source: base
 dtype: bfloat16
 """),
     "ties": ("ties, densities 0.2/0.3/0.5, weights 1/0.7/0.5, normalize", """
@@ -65,6 +64,26 @@ models:
   - {{model: {m3}, parameters: {{density: 0.2, weight: 0.5}}}}
 parameters: {{normalize: false, lambda: 1.5}}
 dtype: bfloat16
+"""),
+    "ties_f32": ("ties as above, computed in float32 (dtype float32, out_dtype bfloat16)", """
+merge_method: ties
+base_model: {base}
+models:
+  - {{model: {m1}, parameters: {{density: 0.2, weight: 1.0}}}}
+  - {{model: {m2}, parameters: {{density: 0.3, weight: 0.7}}}}
+  - {{model: {m3}, parameters: {{density: 0.5, weight: 0.5}}}}
+parameters: {{normalize: true}}
+dtype: float32
+out_dtype: bfloat16
+"""),
+    "linear_f32": ("linear as above, computed in float32 (out_dtype bfloat16)", """
+merge_method: linear
+models:
+  - {{model: {m1}, parameters: {{weight: 0.5}}}}
+  - {{model: {m2}, parameters: {{weight: 0.3}}}}
+  - {{model: {m3}, parameters: {{weight: 0.2}}}}
+dtype: float32
+out_dtype: bfloat16
 """),
     "dare_ties": ("dare_ties, density 0.5, weight 0.5 (random masks)", """
 merge_method: dare_ties

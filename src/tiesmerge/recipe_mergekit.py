@@ -8,7 +8,8 @@ mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5,
   + where the sum is exactly 0; a model agrees when its weighted delta has the elected sign;
   ``normalize`` (default true) divides by the sum of the agreeing models' weights, else sums;
   ``lambda`` scales the result.  ->  ``ties`` with ``scope=per_tensor, elect=mass,
-  zero_sign=positive, aggregate=mean|sum, weights, densities, lam``.
+  zero_sign=positive, aggregate=mean|sum, weights, densities, lam, threshold_ties=sort`` (exactly
+  max(1, k) entries per tensor, ties at the threshold in torch.argsort's order, as mergekit).
 - ``task_arithmetic``: base + λ Σ w τ (``normalize`` default false divides by Σ w).
   ->  ``task_arithmetic`` with ``weights`` (divided by Σ w when normalizing), ``lam``.
 - ``linear``: Σ w θ / Σ w over the listed models (``normalize`` default true).
@@ -19,9 +20,10 @@ mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5,
   (counter-based here, ``torch.bernoulli`` there) and so does the rescale: 1/density here (the
   DARE paper), each tensor's L1 norm there; outputs agree in expectation, not entry by entry.
 
-Known entrywise differences in ``ties``: mergekit keeps max(1, int(density·n)) entries and
-breaks ties at the threshold by sort order; tiesmerge keeps ⌊density·n⌋ and every entry equal
-to the threshold. A model entry that is the base itself (mergekit lists it) has τ = 0 and is
+Known entrywise differences in ``ties``: mergekit computes in the recipe's ``dtype`` (bf16
+rounding of every intermediate), tiesmerge in float32 with one rounding at the end; k is
+int(density·n) there and ⌊density·n⌋ of the density as written here (they differ only where the
+float product rounds across an integer). A model entry that is the base itself (mergekit lists it) has τ = 0 and is
 dropped. ``model+adapter`` references whose model is the base become the PEFT adapter itself.
 
 Anything else (slices, gradients, per-tensor filters, other methods or keys) is an error that
@@ -229,13 +231,15 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     if method == "ties":
         params: dict[str, Any] = {"scope": "per_tensor", "elect": "mass", "zero_sign": "positive",
                                   "aggregate": "mean" if normalize else "sum", "lam": lam, "weights": weights,
-                                  "density": 1.0, "densities": [min(1.0, d) for d in density_values]}
+                                  "density": 1.0, "densities": [min(1.0, d) for d in density_values],
+                                  "threshold_ties": "sort"}
         bad = [d for d in density_values if not 0 < d]
         if bad:
             problems.append(f"ties: density {bad[0]} keeps nothing; use a fraction in (0, 1]")
         if options.get("rescale"):
             problems.append("ties with rescale: true (norm-preserving trim) is not supported")
-        return "ties", params, ("mergekit ties: per-tensor magnitude trim at each model's density, sign elected "
+        return "ties", params, ("mergekit ties: per-tensor magnitude trim at each model's density (exactly k "
+                                "entries, ties at the threshold in torch.argsort's order), sign elected "
                                 "on the weighted deltas by their sum (+ on a zero sum), "
                                 + ("normalized by the sum of agreeing weights" if normalize else
                                    "agreeing weighted deltas summed") + ", × λ")

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import InvalidTensorError
+from ..errors import ConfigError, InvalidTensorError
 from ..io.align import Alignment, TensorJob
 from ..io.checkpoint import Checkpoint
 from ..methods.base import ChunkContext, MergeMethod
@@ -99,7 +99,7 @@ class Executor:
         # fused numba kernels on the CPU: histograms for every trimming method, the merge for TIES;
         # they form τ = model − base themselves, so adapters take the torch path
         self._fused_select = fused and kernels.available() and self.device.type == "cpu" and not self._direct
-        self._fused_ties = self._fused_select and isinstance(method, Ties)
+        self._fused_ties = self._fused_select and isinstance(method, Ties) and method.threshold_ties == "keep"
         self.stats.engine = "fused CPU kernels (numba)" if self._fused_select else "torch"
 
 
@@ -246,6 +246,11 @@ class Executor:
     def _merge_job(self, job: TensorJob, sink: Sink, thresholds: torch.Tensor | None, majority: float | None) -> None:
         chunks = list(self.plan.chunks_by_job[job.name])
         per_tensor = self.trim is not None and self.trim.scope == "per_tensor"
+        exact_k = getattr(self.method, "threshold_ties", "keep") == "sort"
+        if exact_k and len(chunks) > 1:
+            raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory "
+                              "budget, and threshold_ties='sort' (mergekit's exact k) needs it whole",
+                              hint="raise --memory-budget, or use threshold_ties='keep'")
         if per_tensor and len(chunks) > 1:  # a per-tensor scope too large for one chunk: reduce first
             thresholds = self._select(chunks, job.numel)
             if self.majority:
@@ -268,8 +273,9 @@ class Executor:
                 if self.majority:
                     ctx = ChunkContext(thresholds=chunk_thresholds, weights=self.weights)
                     chunk_majority = float(torch.tensor(self.method.elected_sign_sum(tau, ctx)).sign())
+            keep = torch.tensor(self.trim.keep_counts(job.numel, self.n), device=self.device) if exact_k else None
             ctx = ChunkContext(thresholds=chunk_thresholds, majority=chunk_majority, weights=self.weights,
-                               stream=stream, offset=chunk.offset)
+                               stream=stream, offset=chunk.offset, keep=keep)
             delta = self.method.merge(tau, ctx)  # (*S) float32
             merged = base32.add_(delta).to(self.out_dtype or job.dtype)
             sink.write(job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)

@@ -26,12 +26,14 @@ class TrimSpec:
     density: float
     scope: str  # "global": one threshold per model over its whole model; "per_tensor"
     densities: tuple[float, ...] | None = None  # per model, overriding density (mergekit's per-model density)
+    at_least_one: bool = False  # mergekit's exact-k rule keeps max(1, k) entries of a non-empty tensor
 
     def keep_counts(self, numel: int, n_models: int) -> list[int]:
         """Entries each model keeps of a trim scope of ``numel`` entries."""
         from .ops import keep_count  # ops imports nothing of ours; imported here to keep base.py first
 
-        return [keep_count(numel, d) for d in (self.densities or (self.density,) * n_models)]
+        counts = [keep_count(numel, d) for d in (self.densities or (self.density,) * n_models)]
+        return [max(1, k) if self.at_least_one and numel else k for k in counts]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class ChunkContext:
     thresholds: (n,) magnitude at or above which model t's entries are kept, or None.
     majority:   sign (+1/-1/0) of the summed elected signs over the trim scope, or None.
     weights:    (n,) per-model weights, or None for all ones.
+    keep:       (n,) how many entries each model keeps, given when the chunk is its whole trim
+                scope (per-tensor trimming of a tensor held in one chunk), else None.
     stream:     a stable integer for (tensor name); with ``offset`` (flat index of the chunk's
                 first entry in its tensor) it addresses the counter-based random numbers.
     """
@@ -50,6 +54,7 @@ class ChunkContext:
     weights: torch.Tensor | None = None
     stream: int = 0
     offset: int = 0
+    keep: torch.Tensor | None = None  # (n,) entries kept per model when the chunk is a whole trim scope
 
 
 @runtime_checkable
