@@ -217,3 +217,21 @@ def test_adapter_errors(tmp_path):
     write_hf_dir(tmp_path / "wrong", wrong)
     with pytest.raises(IncompatibleCheckpointsError, match="trained on another base"):
         tiesmerge.merge(tmp_path / "wrong", [good], "ties")
+
+
+def test_cli_merges_adapters_into_an_adapter(lora_family, tmp_path, capsys):
+    from tiesmerge.cli.main import main
+
+    base, base_dir, dirs, deltas = lora_family
+    argv = ["merge", "--base", str(base_dir), *[a for d in dirs for a in ("--model", str(d))], "--scope", "per_tensor",
+            "--output-format", "adapter", "--rank", "2", "-o", str(tmp_path / "cli")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "LoRA adapter at rank 2: relative reconstruction error at most" in out
+    manifest = json.loads((tmp_path / "cli" / "tiesmerge.json").read_text())
+    assert manifest["recipe"]["output_format"] == "adapter" and manifest["recipe"]["rank"] == 2
+    errors = manifest["adapters"]["relative_reconstruction_error"]
+    assert set(errors) == set(LORA_MODULES) and all(0 < e < 1 for e in errors.values())
+    # the dry run plans the merge of the adapters' ΔW (the adapted tensors only)
+    assert main(["merge", "--base", str(base_dir), "--model", str(dirs[0]), "--model", str(dirs[1]), "--dry-run"]) == 0
+    assert f"tensors          {len(TARGETS)} merged" in capsys.readouterr().out
