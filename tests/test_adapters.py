@@ -235,3 +235,36 @@ def test_cli_merges_adapters_into_an_adapter(lora_family, tmp_path, capsys):
     # the dry run plans the merge of the adapters' ΔW (the adapted tensors only)
     assert main(["merge", "--base", str(base_dir), "--model", str(dirs[0]), "--model", str(dirs[1]), "--dry-run"]) == 0
     assert f"tensors          {len(TARGETS)} merged" in capsys.readouterr().out
+
+
+def test_alpha_pattern_sets_a_module_scale(tmp_path):
+    base = make_base(3)
+    write_hf_dir(tmp_path / "base", base)
+    factors = random_lora(base, 2, seed=5)
+    adapter = write_lora_dir(tmp_path / "a", factors, alpha=2.0, config={"alpha_pattern": {"up_proj": 8.0}})
+    merged = tiesmerge.merge(tmp_path / "base", [adapter], TaskArithmetic(lam=1.0))
+    plain, boosted = lora_delta(factors, 2.0), lora_delta(factors, 8.0)
+    for module in LORA_MODULES:
+        name = module + ".weight"
+        expected = base[name] + (boosted if module.endswith("up_proj") else plain)[name]
+        torch.testing.assert_close(merged[name], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_embedding_lora_matches_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=40, tie_word_embeddings=False)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                peft.LoraConfig(r=3, lora_alpha=6, target_modules=["embed_tokens", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_embedding_A" in name or "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+    model.save_pretrained(tmp_path / "lora")
+    reference = model.merge_and_unload().state_dict()
+    ours = tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], TaskArithmetic(lam=1.0))
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.weight"):
+        torch.testing.assert_close(ours[name], reference[name], atol=1e-6, rtol=1e-5)

@@ -159,7 +159,9 @@ class LoraCheckpoint:
                     self._factors[module] = (key, b_key, embedding)
             if ".lora_" not in key:
                 # modules_to_save and trained biases are stored whole
-                self._full[key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")] = key
+                # (PEFT also saves an adapted embedding's own weight, as <module>.base_layer.weight)
+                plain = key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
+                self._full[plain.replace(".base_layer.", ".")] = key
         if not self._factors and not self._full:
             self._file.close()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds no LoRA factors")
@@ -212,7 +214,7 @@ class LoraCheckpoint:
     # ------------------------------------------------------------------ the Checkpoint protocol
     def names(self) -> list[str]:
         self._require_bound()
-        return [*self.targets, *self._full_bound]
+        return [*self.targets, *(n for n in self._full_bound if n not in self.targets)]
 
     def info(self, name: str) -> TensorInfo:
         return TensorInfo(tuple(self._require_bound().info(name).shape), torch.float32)
@@ -221,17 +223,21 @@ class LoraCheckpoint:
         """τ's rows in float32: s · B[rows] · A (or its transpose), saved − base, or zeros."""
         base = self._require_bound()
         target = self.targets.get(name)
+        key = self._full_bound.get(name)
+        saved = None if key is None else self._file.read(key, rows).float().sub_(base.read(name, rows).float())
         if target is not None:
             if target.transposed:  # ΔW = s (B A)^T: rows of ΔW are columns of A
                 a = self._file.read(target.a_key).float()  # (r, rows_total)
                 a = a if rows is None else a[:, rows]
                 b = self._file.read(target.b_key).float()  # (cols, r)
-                return (a.T @ b.T).mul_(target.scale)  # (rows, cols)
-            b = self._file.read(target.b_key, rows).float()  # (rows, r)
-            return (b @ self._file.read(target.a_key).float()).mul_(target.scale)  # (rows, in)
-        key = self._full_bound.get(name)
-        if key is not None:
-            return self._file.read(key, rows).float().sub_(base.read(name, rows).float())
+                delta = (a.T @ b.T).mul_(target.scale)  # (rows, cols)
+            else:
+                b = self._file.read(target.b_key, rows).float()  # (rows, r)
+                delta = (b @ self._file.read(target.a_key).float()).mul_(target.scale)  # (rows, in)
+            # a saved copy of the adapted weight (an embedding's base_layer) adds its own change
+            return delta if saved is None else delta.add_(saved)
+        if saved is not None:
+            return saved
         shape = list(base.info(name).shape)
         if rows is not None and shape:
             shape[0] = len(range(*rows.indices(shape[0])))
