@@ -324,6 +324,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
+    if recipe.origin:
+        print(f"  read as a {recipe.origin.get('format')} recipe: {recipe.origin.get('semantics')}")
+        for warning in recipe.origin.get("warnings", []):
+            print(f"  warning: {warning}")
     for key, value in recipe.to_dict()["parameters"].items():
         print(f"  {key} = {value}")
     missing = [p for p in (recipe.base, *recipe.models) if not Path(p).exists()]

@@ -22,7 +22,7 @@ from ..io.checkpoint import Checkpoint
 from ..methods.base import ChunkContext, MergeMethod
 from ..methods.ties import Ties
 from . import kernels
-from .plan import Chunk, Plan, make_plan
+from .plan import FIXED_OVERHEAD, Chunk, Plan, bytes_per_entry, format_size, make_plan
 from .select import RadixSelect, kth_largest
 
 __all__ = ["Sink", "MemorySink", "RunStats", "Executor"]
@@ -248,9 +248,12 @@ class Executor:
         per_tensor = self.trim is not None and self.trim.scope == "per_tensor"
         exact_k = getattr(self.method, "threshold_ties", "keep") == "sort"
         if exact_k and len(chunks) > 1:
+            out_size = (self.out_dtype or job.dtype).itemsize
+            needed = job.numel * bytes_per_entry(self.n, job.dtype.itemsize, out_size) + FIXED_OVERHEAD
             raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory "
                               "budget, and threshold_ties='sort' (mergekit's exact k) needs it whole",
-                              hint="raise --memory-budget, or use threshold_ties='keep'")
+                              hint=f"raise --memory-budget to {format_size(needed)} or more, or use "
+                                   "threshold_ties='keep'")
         if per_tensor and len(chunks) > 1:  # a per-tensor scope too large for one chunk: reduce first
             thresholds = self._select(chunks, job.numel)
             if self.majority:
