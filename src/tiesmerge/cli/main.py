@@ -302,7 +302,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
               f"{adapter['max_relative_reconstruction_error']:.3g} (per module in tiesmerge.json)")
     print(f"  {t['merged']} tensors merged, {t['copied']} copied, {t['tied_aliases']} tied; "
           f"{format_size(read)} read in {seconds:.1f} s ({read / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
-    print("  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in manifest["seconds"].items()))
+    seconds = manifest["seconds"]
+    print("  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items() if not k.startswith("profile.")))
+    profile = {k.removeprefix("profile."): v for k, v in seconds.items() if k.startswith("profile.")}
+    if profile:  # where the merge thread spent its time (the reader and writer threads overlap it)
+        print("  profile: " + ", ".join(f"{k} {v:.2f} s" for k, v in profile.items()))
     return 0
 
 

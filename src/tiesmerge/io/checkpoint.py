@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -28,9 +31,14 @@ __all__ = [
     "SafetensorsCheckpoint",
     "PickleCheckpoint",
     "StateDictCheckpoint",
+    "read_rows_into",
     "open_checkpoint",
     "SAFETENSORS_DTYPES",
 ]
+
+# fault a mapping's pages in at once (on the read-ahead thread, not in the kernels): Linux 5.14+;
+# Python names the constant from 3.12, its value is 22
+_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -148,7 +156,8 @@ class SafetensorsCheckpoint:
     def location(self, name: str) -> str:
         return str(self._where.get(name, self.path))
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def _span(self, name: str, rows: slice | None) -> tuple[list[int], int, int]:
+        """(shape, file offset, bytes) of ``rows`` of tensor ``name``."""
         info = self._info[name]
         shape = list(info.shape)
         row_bytes = info.dtype.itemsize * (info.numel // shape[0] if shape and shape[0] else 0)
@@ -159,10 +168,10 @@ class SafetensorsCheckpoint:
                 raise ValueError("row slices must be contiguous")
             shape[0] = max(0, stop - first)
             offset += first * row_bytes
-        nbytes = info.dtype.itemsize * math.prod(shape)
-        buffer = bytearray(nbytes)
-        view = memoryview(buffer)
-        done = 0
+        return shape, offset, info.dtype.itemsize * math.prod(shape)
+
+    def _pread(self, name: str, offset: int, view: memoryview) -> None:
+        done, nbytes = 0, len(view)
         try:
             while done < nbytes:  # pread may return less than asked (2 GiB cap, signals)
                 got = os.preadv(self._fds[self._where[name]], [view[done:]], offset + done)
@@ -172,9 +181,47 @@ class SafetensorsCheckpoint:
         except OSError as exc:
             raise CheckpointError(f"{self.location(name)}: cannot read tensor {name!r} ({exc})",
                                   hint="the file changed or was truncated while tiesmerge read it") from None
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        shape, offset, nbytes = self._span(name, rows)
+        dtype = self._info[name].dtype
         if not nbytes:
-            return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).view(shape)
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(nbytes)
+        self._pread(name, offset, memoryview(buffer))
+        return torch.frombuffer(buffer, dtype=dtype).view(shape)
+
+    def read_into(self, name: str, rows: slice | None, out: memoryview) -> None:
+        """Read ``rows`` of ``name`` as stored into ``out`` (exactly their size in bytes): the
+        engine's reusable buffers, so no pass allocates or zeroes memory per chunk."""
+        _, offset, nbytes = self._span(name, rows)
+        if len(out) != nbytes:
+            raise ValueError(f"{name}: buffer of {len(out)} bytes for {nbytes} bytes of rows")
+        self._pread(name, offset, out)
+
+    def map_rows(self, name: str, rows: slice | None, *, populate: bool = True) -> np.ndarray:
+        """``rows`` of ``name`` as stored, mapped from the file, not copied: a uint8 array over
+        the page cache. The mapping lives as long as the array (and views of it) do; the
+        engine drops it after the chunk, so mapped pages never pile up in RSS."""
+        _, offset, nbytes = self._span(name, rows)
+        if not nbytes:
+            return np.empty(0, np.uint8)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            # private and writable (copy-on-write, never written): numpy and torch see an
+            # ordinary array, while the pages stay the page cache's until someone writes
+            mapping = mmap.mmap(self._fds[self._where[name]], offset + nbytes - start, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.location(name)}: cannot map tensor {name!r} ({exc})",
+                                  hint="the file changed or was truncated while tiesmerge read it") from None
+        global _POPULATE
+        if populate and _POPULATE is not None:
+            try:
+                mapping.madvise(_POPULATE)  # fault the pages in now, on the reading thread
+            except OSError:  # an older kernel: the kernels fault them in as they read
+                _POPULATE = None
+        return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset - start)
 
     def files(self) -> list[Path]:
         return list(self._files)
@@ -338,3 +385,12 @@ def open_checkpoint(
         f"{path}: no model weights found (looked for model.safetensors.index.json, model.safetensors, *.safetensors); "
         f"the directory holds: {found}",
     )
+
+
+def read_rows_into(ckpt: Checkpoint, name: str, rows: slice | None, out: memoryview) -> None:
+    """``ckpt.read_into`` where a reader has it (files: one pread, no copy), else a copy."""
+    if hasattr(ckpt, "read_into"):
+        ckpt.read_into(name, rows, out)
+        return
+    value = ckpt.read(name, rows).contiguous()
+    out[:] = value.reshape(-1).view(torch.uint8).numpy().data if value.numel() else b""
