@@ -176,12 +176,17 @@ def report(result: dict) -> str:
         f"{r['key']} {r['compare']['max_abs_merged_minus_base']:.3g}" for r in result["rows"] if "compare" in r), "",
         "What each recipe became in tiesmerge (the manifest's `recipe.origin.semantics`):", ""]
     lines += [f"- `{r['key']}`: {r.get('semantics')}" for r in result["rows"]]
-    lines += ["", "Where the outputs differ: mergekit computes in the recipe's `dtype` (bf16 here: task vectors, "
-              "sums and the division are rounded to bf16), tiesmerge in float32 with one rounding at the end; "
-              "mergekit keeps exactly max(1, int(density·n)) entries per tensor, breaking ties at the threshold by "
-              "sort order, tiesmerge keeps every entry equal to the threshold (bf16 task vectors tie often). "
-              "`dare_ties` draws different random masks in the two tools and rescales differently "
-              "(1/density vs the tensor's L1 norm), so only its timing is comparable.", ""]
+    lines += ["", "Where the outputs differ: the ties recipes run with mergekit's own trim (exactly max(1, k) entries "
+              "per tensor, ties at the threshold in `torch.argsort`'s order: `threshold_ties: sort`), so computed in "
+              "float32 (`ties_f32`) the two outputs are bit-identical. With `dtype: bfloat16` mergekit rounds the task "
+              "vectors, the election sums and the division to bf16 before the final cast; tiesmerge computes in "
+              "float32 and rounds once, and the differences in the bf16 rows are that intermediate rounding (it "
+              "flips the elected sign where the weighted sum is near 0). `linear` and `task_arithmetic` differ by "
+              "the order of float32 operations (θ_0 + Σ (w_i/Σw)(θ_i − θ_0) vs Σ w_i θ_i / Σ w) and mergekit's bf16 "
+              "task vectors: one bf16 ulp at most but for a few entries at a binade edge. `dare_ties` draws different "
+              "random masks in the two tools and rescales differently (1/density vs the tensor's L1 norm), so only its "
+              "timing is comparable. tiesmerge's exact-k trim runs on the torch path (a sort per tensor and model), "
+              "which is why its ties times are mergekit's rather than the fused kernels' (`results/speed.md`).", ""]
     return "\n".join(lines)
 
 
