@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, adapter_merge
 from .engine.executor import Executor, MemorySink, RunStats
 from .engine.plan import Plan, format_size, parse_size
 from .errors import ConfigError, OutputError
@@ -24,6 +24,7 @@ from .io.align import align
 from .io.card import hash_files, model_card
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files
+from .methods import TaskArithmetic
 from .methods.base import MergeMethod
 from .recipe import MergeRecipe, parse_dtype
 from .registry import make_method
@@ -97,7 +98,8 @@ def _open_all(stack: ExitStack, base: Source, models: Sequence[Source], allow_pi
 
 def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: MergeMethod, *, device: str,
              memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
-             allow_pickle: bool, progress: Any = None) -> tuple[Checkpoint, list[Checkpoint], Executor]:
+             allow_pickle: bool, progress: Any = None, output_format: str = "model"
+             ) -> tuple[Checkpoint, list[Checkpoint], Executor]:
     _check_inputs(base, models)
     problems = method.check(len(models))
     if problems:
@@ -116,20 +118,31 @@ def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: M
         raise ConfigError(f"memory_budget: {exc}") from None
     out_dtype = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
     base_ckpt, model_ckpts = _open_all(stack, base, models, allow_pickle)
-    alignment = align(base_ckpt, model_ckpts, vocab_policy=vocab_policy)
-    executor = Executor(base_ckpt, model_ckpts, alignment, method, device=device_t, memory_budget=budget,
+
+    def make_executor(engine_base: Checkpoint, engine_models: list[Checkpoint], m: MergeMethod) -> Executor:
+        alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
+        return Executor(engine_base, engine_models, alignment, m, device=device_t, memory_budget=budget,
                         out_dtype=out_dtype, progress=progress)
+
+    # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
+    executor = make_executor(*adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format), method)
+    if adapter_merge.needs_fold(model_ckpts, output_format):
+        executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
+                                             lambda b, ms: make_executor(b, ms, TaskArithmetic(lam=1.0)))
     return base_ckpt, model_ckpts, executor
 
 
 def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *, device: str = "cpu",
                memory_budget: int | str | None = None, dtype: str | torch.dtype | None = None,
-               vocab_policy: str = "error", allow_pickle: bool = False, **method_options: Any) -> Plan:
-    """What :func:`merge` would do, without reading any tensor data: tensors, bytes, peak memory."""
+               vocab_policy: str = "error", allow_pickle: bool = False, output_format: str = "model",
+               **method_options: Any) -> Plan:
+    """What :func:`merge` would do, without reading any tensor data: tensors, bytes, peak memory.
+
+    (Merging (IA)³ adapters into a full model merges their small vectors first, to plan the fold.)"""
     m = _method(method, method_options)
     with ExitStack() as stack:
         return _prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
-                        vocab_policy=vocab_policy, allow_pickle=allow_pickle)[2].plan
+                        vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format)[2].plan
 
 
 def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
@@ -155,11 +168,15 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
           output: str | os.PathLike | None = None, device: str = "cpu", memory_budget: int | str | None = None,
           dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB", force: bool = False,
           allow_pickle: bool = False, vocab_policy: str = "error", progress: bool = False,
+          output_format: str = "model", rank: int | None = None, origin: Mapping[str, Any] | None = None,
           **method_options: Any) -> Path | dict[str, torch.Tensor]:
     """Merge fine-tuned ``models`` of ``base`` and write an HF directory (or return a state dict).
 
-    ``base`` and ``models`` are paths (HF directories, .safetensors files) or state dicts.
-    ``method`` is a name with its options as keywords, or a method config object.
+    ``base`` and ``models`` are paths (HF directories, .safetensors files, PEFT LoRA or (IA)³
+    adapter directories) or state dicts. ``method`` is a name with its options as keywords, or a
+    method config object. ``output_format="adapter"`` writes a merged adapter instead of a full
+    model (LoRA: re-factored by truncated SVD at ``rank``, default the largest input rank).
+    ``origin`` (e.g. a translated mergekit recipe's format and semantics) goes into the manifest.
 
     >>> import tiesmerge                                                      # doctest: +SKIP
     >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
@@ -181,11 +198,14 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                                            desc=f"merging ({m.name})", dynamic_ncols=True))
         base_ckpt, model_ckpts, executor = _prepare(
             stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
-            vocab_policy=vocab_policy, allow_pickle=allow_pickle, progress=bar.update if bar else None)
+            vocab_policy=vocab_policy, allow_pickle=allow_pickle, progress=bar.update if bar else None,
+            output_format=output_format)
         if bar is not None:
             bar.reset(total=executor.plan.bytes_to_read)
         prepared = time.perf_counter()
         if output is None:
+            if output_format == "adapter":
+                raise ConfigError("a merged adapter is written to a directory", hint="pass output=DIR")
             sink = MemorySink(executor.alignment.jobs, executor.out_dtype)
             executor.run(sink)
             return sink.state
@@ -198,24 +218,36 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype) if j.merge else j.dtype)
                    for n in (j.name, *j.aliases)] for j in executor.alignment.jobs]
         with atomic_directory(output, force=force, needed_bytes=executor.plan.output_bytes) as tmp:
-            writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__})
-            stats = executor.run(writer)
-            writer.close()
+            adapter_part = None
+            if output_format == "adapter":
+                stats, adapter_part = adapter_merge.write_adapter(tmp, executor, base_ckpt, model_ckpts, rank=rank,
+                                                                  dtype=executor.out_dtype)
+                files, copied = adapter_part["files"], []
+            else:
+                writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__})
+                stats = executor.run(writer)
+                writer.close()
+                files = writer.files
             clock = time.perf_counter()
-            copied = copy_model_files(base_ckpt.directory(), tmp,
-                                      dtype=executor.out_dtype if executor.out_dtype else None)
+            if output_format != "adapter":
+                copied = copy_model_files(base_ckpt.directory(), tmp,
+                                          dtype=executor.out_dtype if executor.out_dtype else None)
             hashed = [[f.result() for f in d] for d in digests]
             stats.seconds["hash_wait"] = time.perf_counter() - clock
             stats.seconds["prepare"] = prepared - started
             recipe = MergeRecipe(method=m, base=base_ckpt.label, models=tuple(c.label for c in model_ckpts),
                                  dtype=str(executor.out_dtype).removeprefix("torch.") if executor.out_dtype else None,
                                  shard_size=str(shard_size), memory_budget=str(memory_budget or DEFAULT_MEMORY_BUDGET),
-                                 device=str(device), vocab_policy=vocab_policy)
+                                 device=str(device), vocab_policy=vocab_policy, output_format=output_format,
+                                 rank=rank, origin=dict(origin) if origin else None)
             (tmp / "README.md").write_text(model_card(
                 base_label=base_ckpt.label, model_labels=[c.label for c in model_ckpts], recipe_yaml=recipe.to_yaml(),
                 method_name=m.name, paper=m.paper, summary=m.summary, version=__version__))
             stats.seconds["total"] = time.perf_counter() - started
-            manifest = _manifest(recipe, executor, stats, hashed, writer.files, copied)
+            manifest = _manifest(recipe, executor, stats, hashed, files, copied)
+            kind = next((getattr(c, "adapter_kind", None) for c in model_ckpts if hasattr(c, "adapter_kind")), None)
+            if kind is not None:
+                manifest["adapters"] = {"inputs": kind, "output_format": output_format, **(adapter_part or {})}
             (tmp / "tiesmerge.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return Path(output)
 

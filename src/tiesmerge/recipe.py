@@ -14,6 +14,9 @@
     vocab_policy: error
 
 Relative paths are resolved against the recipe file's folder.
+
+A mergekit recipe (``merge_method:``) is accepted as it is, for the methods both tools share;
+see :mod:`tiesmerge.recipe_mergekit` for the translation and its semantics.
 """
 
 from __future__ import annotations
@@ -31,14 +34,17 @@ from .engine.plan import parse_size
 from .errors import ConfigError
 from .io.align import VOCAB_POLICIES
 from .methods.base import MergeMethod
+from .recipe_mergekit import is_mergekit, translate_mergekit
 from .registry import METHODS, did_you_mean, make_method
 
-__all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict", "DTYPES", "parse_dtype"]
+__all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict", "from_mergekit", "DTYPES",
+           "parse_dtype"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memory_budget", "device", "vocab_policy",
-         "allow_pickle")
+         "allow_pickle", "output_format", "rank", "origin")
+OUTPUT_FORMATS = ("model", "adapter")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -60,6 +66,9 @@ class MergeRecipe:
     device: str = "cpu"
     vocab_policy: str = "error"
     allow_pickle: bool = False
+    output_format: str = "model"  # "adapter": a merged PEFT adapter (adapters in)
+    rank: int | None = None  # LoRA adapter output: the rank of the SVD re-factoring
+    origin: dict[str, Any] | None = None  # a translated recipe's source format and semantics (mergekit)
 
     def to_dict(self) -> dict[str, Any]:
         params = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)}
@@ -68,6 +77,9 @@ class MergeRecipe:
                                "parameters": params}
         for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy"):
             out[key] = getattr(self, key)
+        if self.output_format != "model":
+            out.update(output_format=self.output_format, rank=self.rank)
+        out["origin"] = self.origin
         return {k: v for k, v in out.items() if v is not None}
 
     def to_yaml(self) -> str:
@@ -83,9 +95,8 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     """Validate a parsed recipe; raise one ConfigError listing every problem."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
-    if "merge_method" in data:
-        raise ConfigError(f"{source}: this is a mergekit recipe (merge_method:); tiesmerge reads its own recipe format "
-                          "for now", hint="write method:, base:, models:, parameters: (see tiesmerge merge --help)")
+    if is_mergekit(data):
+        data = from_mergekit(data, source=source)
     problems: list[str] = []
     for key in data:
         if key not in _KEYS:
@@ -140,6 +151,13 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         problems.append(f"vocab_policy {data['vocab_policy']!r} is not one of {', '.join(VOCAB_POLICIES)}")
     if str(data.get("device", "cpu")).split(":")[0] not in ("cpu", "cuda"):
         problems.append(f"device {data['device']!r} is not cpu or cuda")
+    if data.get("output_format", "model") not in OUTPUT_FORMATS:
+        problems.append(f"output_format {data['output_format']!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    rank = data.get("rank")
+    if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
+        problems.append(f"rank must be a positive integer, got {rank!r}")
+    if data.get("origin") is not None and not isinstance(data["origin"], dict):
+        problems.append("origin must be a mapping (it records where a translated recipe came from)")
     if not isinstance(data.get("allow_pickle", False), bool):  # bool("no") would be True
         problems.append(f"allow_pickle must be true or false, got {data['allow_pickle']!r}")
     method = None
@@ -163,7 +181,14 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     return MergeRecipe(method=method, base=_path(base, root), models=tuple(paths), dtype=data.get("dtype"),
                        shard_size=str(data.get("shard_size", "5GB")), memory_budget=str(data.get("memory_budget", "2GiB")),
                        device=str(data.get("device", "cpu")), vocab_policy=data.get("vocab_policy", "error"),
-                       allow_pickle=bool(data.get("allow_pickle", False)))
+                       allow_pickle=bool(data.get("allow_pickle", False)),
+                       output_format=data.get("output_format", "model"), rank=rank, origin=data.get("origin"))
+
+
+def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, Any]:
+    """A mergekit recipe as a tiesmerge recipe dict, its source and semantics under ``origin``."""
+    recipe, origin = translate_mergekit(data, source=source)
+    return {**recipe, "origin": origin}
 
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
@@ -184,6 +209,8 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+    if is_mergekit(data):  # mergekit's paths are relative to the working directory, as mergekit reads them
+        return from_mergekit(data, source=str(path))
     data = dict(data)
     if isinstance(data.get("base"), (str, os.PathLike)):
         data["base"] = _path(data["base"], path.parent)

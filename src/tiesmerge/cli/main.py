@@ -39,11 +39,29 @@ examples:
   # what would happen, without reading any weights
   tiesmerge merge recipe.yaml -o ./merged --dry-run
 
+  # PEFT LoRA adapters in, a merged LoRA adapter out (truncated SVD at rank 16)
+  tiesmerge merge --base ./base --model ./lora-math --model ./lora-code --output-format adapter \
+      --rank 16 -o ./merged-lora
+
+  # a mergekit recipe, as it is (linear, task_arithmetic, ties, dare_ties, dare_linear)
+  tiesmerge merge mergekit.yaml -o ./merged
+
 recipe.yaml:
   method: ties
   base: ./base
   models: [./ft-math, {path: ./ft-code, weight: 0.5}]
   parameters: {density: 0.2, lam: 1.0}
+
+mergekit.yaml:
+  merge_method: ties
+  base_model: ./base
+  models:
+    - model: ./ft-math
+      parameters: {density: 0.5, weight: 0.5}
+    - model: ./ft-code
+      parameters: {density: 0.5, weight: 0.5}
+  parameters: {normalize: true}
+  dtype: bfloat16
 """
 
 
@@ -79,7 +97,7 @@ def _method_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
                                       "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
-            elif f.name == "weights":
+            elif f.name in ("weights", "densities"):
                 kwargs.update(type=float, nargs="+", metavar="W")
             elif f.name == "seed":
                 kwargs.update(type=int, metavar="N")
@@ -115,6 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.add_argument("--output-format", choices=("model", "adapter"),
+                   help="model (default): a full HF model; adapter: a merged PEFT adapter (adapters in)")
+    m.add_argument("--rank", type=int, help="--output-format adapter with LoRA: rank of the SVD re-factoring "
+                                            "(default: the largest input rank)")
     _method_flags(m)
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
@@ -216,8 +238,10 @@ def _cmd_tune(args: argparse.Namespace) -> int:
 def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe as a dict: the YAML file, if any, with command-line flags on top."""
     data: dict[str, Any] = {}
-    if args.recipe:  # paths in the file are resolved against its folder here
+    if args.recipe:  # paths in the file are resolved against its folder here; mergekit's are translated
         data = read_recipe_data(args.recipe)
+        for warning in (data.get("origin") or {}).get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
     if args.base:
         data["base"] = args.base
     if args.models:
@@ -227,7 +251,7 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
             data["parameters"] = {}  # the recipe's options belong to its own method
         data["method"] = args.method
     data.setdefault("method", "ties")
-    for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy"):
+    for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy", "output_format", "rank"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
     given = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
@@ -254,7 +278,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
                   vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle)
     if args.dry_run:
-        plan = plan_merge(recipe.base, list(recipe.models), recipe.method, **common)
+        plan = plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
+                          **common)
         print(describe_plan(plan, recipe.method, len(recipe.models)))
         if args.output:
             print(f"output           {args.output} (not written: dry run)")
@@ -263,12 +288,19 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")
     started = time.perf_counter()
     out = merge(recipe.base, list(recipe.models), recipe.method, output=args.output, shard_size=recipe.shard_size,
-                force=args.force, progress=not args.no_progress and sys.stderr.isatty(), **common)
+                force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
+                output_format=recipe.output_format, rank=recipe.rank, origin=recipe.origin, **common)
     seconds = time.perf_counter() - started
     manifest = json.loads((Path(out) / "tiesmerge.json").read_text())
     read = manifest["engine"]["bytes_read"]
     t = manifest["tensors"]
     print(f"merged {len(recipe.models)} models with {recipe.method.name} into {out}")
+    if recipe.origin:
+        print(f"  semantics: {recipe.origin.get('semantics')}")
+    adapter = manifest.get("adapters", {})
+    if "max_relative_reconstruction_error" in adapter:
+        print(f"  LoRA adapter at rank {adapter['rank']}: relative reconstruction error at most "
+              f"{adapter['max_relative_reconstruction_error']:.3g} (per module in tiesmerge.json)")
     print(f"  {t['merged']} tensors merged, {t['copied']} copied, {t['tied_aliases']} tied; "
           f"{format_size(read)} read in {seconds:.1f} s ({read / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
     seconds = manifest["seconds"]
@@ -297,6 +329,10 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
+    if recipe.origin:
+        print(f"  read as a {recipe.origin.get('format')} recipe: {recipe.origin.get('semantics')}")
+        for warning in recipe.origin.get("warnings", []):
+            print(f"  warning: {warning}")
     for key, value in recipe.to_dict()["parameters"].items():
         print(f"  {key} = {value}")
     missing = [p for p in (recipe.base, *recipe.models) if not Path(p).exists()]

@@ -28,16 +28,15 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ..errors import InvalidTensorError
+from ..errors import ConfigError, InvalidTensorError
 from ..io.align import Alignment, TensorJob
 from ..io.checkpoint import Checkpoint, read_rows_into
-from ..methods import ops
 from ..methods.average import Average
 from ..methods.base import ChunkContext, MergeMethod
 from ..methods.task_arithmetic import TaskArithmetic
 from ..methods.ties import Ties
 from . import kernels
-from .plan import Chunk, Plan, make_plan
+from .plan import FIXED_OVERHEAD, Chunk, Plan, bytes_per_entry, format_size, make_plan
 from .select import WindowSelect, bracket_from_sample, kth_largest
 
 __all__ = ["Sink", "MemorySink", "RunStats", "Executor", "RawRows"]
@@ -147,7 +146,10 @@ class Executor:
         self.n = len(models)
         self.trim = method.trim_spec()
         self.majority = method.needs_majority_sign()
-        self._kernels = fused and kernels.available() and self.device.type == "cpu"
+        # models whose rows are already task vectors (PEFT adapters, io/adapters.py): the kernels
+        # form τ = model − base from raw rows themselves, so adapters take the torch path
+        self._direct = frozenset(t for t, m in enumerate(models) if getattr(m, "yields_task_vector", False))
+        self._kernels = fused and kernels.available() and self.device.type == "cpu" and not self._direct
         global_scope = self.trim is not None and self.trim.scope == "global"
         # a sampled bracket usually pins the thresholds in one counting pass; small scopes take
         # the two radix passes (fewer when a bin holds a single value)
@@ -175,7 +177,8 @@ class Executor:
         self.stats = RunStats()
         # fused numba kernels on the CPU: counting for every trimming method, the merge for
         # TIES, task arithmetic and averaging; the torch path for the rest
-        self._fused_merge = self._kernels and type(method) in (Ties, TaskArithmetic, Average)
+        self._fused_merge = (self._kernels and type(method) in (Ties, TaskArithmetic, Average)
+                             and getattr(method, "threshold_ties", "keep") == "keep")
         self.stats.engine = "fused CPU kernels (numba)" if self._kernels else "torch"
 
 
@@ -266,7 +269,13 @@ class Executor:
     def _task_vectors(self, chunk: Chunk, payload: RawRows | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(base32 (*S), tau (n, *S)) float32 on the device."""
         base32, models32 = self._inputs(chunk, payload)
-        tau = models32.sub_(base32)  # (n, *S), in place: the models' values are not needed again
+        if self._direct:  # adapters yield τ itself; only full models subtract the base
+            for t in range(self.n):
+                if t not in self._direct:
+                    models32[t].sub_(base32)
+            tau = models32
+        else:
+            tau = models32.sub_(base32)  # (n, *S), in place: the models' values are not needed again
         if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
             self._raise_not_finite(chunk, self._tensors(payload))
         return base32, tau
@@ -342,13 +351,15 @@ class Executor:
                 del flat, picked  # unmaps the tensor
             groups[filled:filled + len(index)] = np.repeat(np.nonzero(which == j)[0] % SAMPLE_GROUPS, counts)
             filled += len(index)
-        sample = (values[1:, :filled] - values[0, :filled]).abs_().numpy()  # (n, S)
+        # |τ| per model: model − base, or an adapter's rows as they are (they are τ already)
+        from_base = torch.tensor([t not in self._direct for t in range(self.n)], dtype=torch.float32)[:, None]
+        sample = (values[1:, :filled] - from_base * values[0, :filled]).abs_().numpy()  # (n, S)
         return np.nan_to_num(sample, nan=np.inf), groups[:filled]
 
     def _select(self, chunks: list[Chunk], numel: int) -> torch.Tensor:
         """Exact per-model thresholds over the scope made of ``chunks`` (``numel`` entries)."""
         assert self.trim is not None
-        keep = [ops.keep_count(numel, self.trim.density)] * self.n
+        keep = self.trim.keep_counts(numel, self.n)
         bracket = None
         if numel > _sampled_numel() and keep[0] > 0:  # smaller scopes: two passes cost little
             clock = time.perf_counter()
@@ -376,7 +387,7 @@ class Executor:
         """Thresholds of a per-tensor scope held in one chunk: counting passes over memory,
         from a bracket sampled in memory when the tensor is large enough to be worth it."""
         assert self.trim is not None
-        keep = [ops.keep_count(numel, self.trim.density)] * self.n
+        keep = self.trim.keep_counts(numel, self.n)
         bracket = None
         if numel >= 4 * MEMORY_SAMPLE_RUNS * MEMORY_SAMPLE_RUN and keep[0] > 0:
             rng = np.random.default_rng(numel)
@@ -398,9 +409,9 @@ class Executor:
 
     def _inline_thresholds(self, tau: torch.Tensor, numel: int) -> torch.Tensor:
         assert self.trim is not None
-        keep = ops.keep_count(numel, self.trim.density)
+        keeps = self.trim.keep_counts(numel, self.n)
         flat = tau.reshape(self.n, -1).abs()  # (n, numel)
-        return torch.stack([kth_largest(flat[t], keep) for t in range(self.n)]).to(torch.float32)
+        return torch.stack([kth_largest(flat[t], keeps[t]) for t in range(self.n)]).to(torch.float32)
 
     # ------------------------------------------------------------------ passes
     def _tally(self, what: str, since: float) -> None:
@@ -465,6 +476,14 @@ class Executor:
     def _merge_job(self, job: TensorJob, sink: Sink, thresholds: torch.Tensor | None, majority: float | None) -> None:
         chunks = list(self.plan.chunks_by_job[job.name])
         per_tensor = self.trim is not None and self.trim.scope == "per_tensor"
+        exact_k = getattr(self.method, "threshold_ties", "keep") == "sort"
+        if exact_k and len(chunks) > 1:
+            out_size = (self.out_dtype or job.dtype).itemsize
+            needed = job.numel * bytes_per_entry(self.n, job.dtype.itemsize, out_size) + FIXED_OVERHEAD
+            raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory "
+                              "budget, and threshold_ties='sort' (mergekit's exact k) needs it whole",
+                              hint=f"raise --memory-budget to {format_size(needed)} or more, or use "
+                                   "threshold_ties='keep'")
         if per_tensor and len(chunks) > 1:  # a per-tensor scope too large for one chunk: reduce first
             before = self.stats.bytes_read
             thresholds = self._select(chunks, job.numel)
@@ -490,8 +509,9 @@ class Executor:
                 if self.majority:
                     ctx = ChunkContext(thresholds=chunk_thresholds, weights=self.weights)
                     chunk_majority = float(torch.tensor(self.method.elected_sign_sum(tau, ctx)).sign())
+            keep = torch.tensor(self.trim.keep_counts(job.numel, self.n), device=self.device) if exact_k else None
             ctx = ChunkContext(thresholds=chunk_thresholds, majority=chunk_majority, weights=self.weights,
-                               stream=stream, offset=chunk.offset)
+                               stream=stream, offset=chunk.offset, keep=keep)
             delta = self.method.merge(tau, ctx)  # (*S) float32
             merged = base32.add_(delta).to(out_dtype)
             self._write(sink.write, job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)

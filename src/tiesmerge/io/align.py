@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigError, IncompatibleCheckpointsError
+from .adapters import yields_task_vector
 from .checkpoint import Checkpoint, StateDictCheckpoint
 
 __all__ = ["TensorJob", "Alignment", "align", "VOCAB_POLICIES"]
@@ -108,15 +109,30 @@ def _shapes_table(name: str, base: Checkpoint, models: list[Checkpoint]) -> str:
     return "\n".join(lines)
 
 
+def _covered(base: Checkpoint, models: list[Checkpoint]) -> set[str]:
+    """Base tensors that some input changes: all of them if any input is a full model, else the
+    union of the adapters' targets. The rest are copied from the base (every τ there is 0), so
+    a global trim ranks only the real weight changes."""
+    if any(not yields_task_vector(m) for m in models):
+        return set(base.names())
+    return {name for m in models for name in m.names()}
+
+
 def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "error") -> Alignment:
     if vocab_policy not in VOCAB_POLICIES:
         raise ConfigError(f"vocab_policy={vocab_policy!r} is not one of {', '.join(VOCAB_POLICIES)}")
     names = base.names()
     base_set = set(names)
+    # -- adapters yield task vectors over the base's tensors they target (τ = 0 elsewhere)
+    for model in models:
+        if yields_task_vector(model):
+            model.bind(base)  # type: ignore[attr-defined]
+    covered = _covered(base, models)
     # -- names: every floating base tensor must be in every model, and no model has extras
     for k, model in enumerate(models):
         have = set(model.names())
-        missing = [n for n in names if n not in have and _is_float(base.info(n).dtype)]
+        missing = [] if yields_task_vector(model) else \
+            [n for n in names if n not in have and _is_float(base.info(n).dtype)]
         extra = [n for n in model.names() if n not in base_set]
         if missing or extra:
             parts = []
@@ -141,10 +157,12 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             continue
         info = base.info(name)
         aliases = next((g[1:] for g in tied if g[0] == name), ())
-        if not _is_float(info.dtype):
+        if not _is_float(info.dtype) or name not in covered:
             jobs.append(TensorJob(name, info.shape, info.dtype, merge=False, aliases=aliases))
             continue
         for k, model in enumerate(models):
+            if yields_task_vector(model):
+                continue  # bind() checked the adapter's shapes against the base
             mi = model.info(name)
             if not _is_float(mi.dtype):
                 raise IncompatibleCheckpointsError(

@@ -334,8 +334,9 @@ def open_checkpoint(
     """Open a model for lazy reading.
 
     ``source`` is a Hugging Face model directory (sharded safetensors with
-    ``model.safetensors.index.json``, or one ``model.safetensors``), a single ``.safetensors``
-    file, or an in-memory state dict.
+    ``model.safetensors.index.json``, or one ``model.safetensors``), a PEFT adapter directory
+    (``adapter_config.json``: LoRA or (IA)³, read as task vectors, see ``io.adapters``), a single
+    ``.safetensors`` file, or an in-memory state dict.
 
     >>> ckpt = open_checkpoint("path/to/model")            # doctest: +SKIP
     >>> ckpt.read("model.embed_tokens.weight", rows=slice(0, 8)).shape  # doctest: +SKIP
@@ -355,6 +356,10 @@ def open_checkpoint(
                 raise _refuse_pickle(path)
             return PickleCheckpoint(path, [path], label)
         raise CheckpointError(f"{path}: not a .safetensors file or a model directory")
+    if (path / "adapter_config.json").is_file():  # a PEFT adapter: read as task vectors
+        from .adapters import open_adapter
+
+        return open_adapter(path, label)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = _read_index(index)

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["ChunkContext", "TrimSpec", "MergeMethod", "option", "check_choice", "check_weights"]
+__all__ = ["ChunkContext", "TrimSpec", "MergeMethod", "option", "check_choice", "check_weights", "check_densities"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,15 @@ class TrimSpec:
 
     density: float
     scope: str  # "global": one threshold per model over its whole model; "per_tensor"
+    densities: tuple[float, ...] | None = None  # per model, overriding density (mergekit's per-model density)
+    at_least_one: bool = False  # mergekit's exact-k rule keeps max(1, k) entries of a non-empty tensor
+
+    def keep_counts(self, numel: int, n_models: int) -> list[int]:
+        """Entries each model keeps of a trim scope of ``numel`` entries."""
+        from .ops import keep_count  # ops imports nothing of ours; imported here to keep base.py first
+
+        counts = [keep_count(numel, d) for d in (self.densities or (self.density,) * n_models)]
+        return [max(1, k) if self.at_least_one and numel else k for k in counts]
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,8 @@ class ChunkContext:
     thresholds: (n,) magnitude at or above which model t's entries are kept, or None.
     majority:   sign (+1/-1/0) of the summed elected signs over the trim scope, or None.
     weights:    (n,) per-model weights, or None for all ones.
+    keep:       (n,) how many entries each model keeps, given when the chunk is its whole trim
+                scope (per-tensor trimming of a tensor held in one chunk), else None.
     stream:     a stable integer for (tensor name); with ``offset`` (flat index of the chunk's
                 first entry in its tensor) it addresses the counter-based random numbers.
     """
@@ -43,6 +54,7 @@ class ChunkContext:
     weights: torch.Tensor | None = None
     stream: int = 0
     offset: int = 0
+    keep: torch.Tensor | None = None  # (n,) entries kept per model when the chunk is a whole trim scope
 
 
 @runtime_checkable
@@ -99,6 +111,19 @@ def check_weights(problems: list[str], method: str, weights: object, n_models: i
         return
     if n_models is not None and len(weights) != n_models:
         problems.append(f"{method}: {len(weights)} weights given for {n_models} models")
+
+
+def check_densities(problems: list[str], method: str, densities: object, n_models: int | None) -> None:
+    """Per-model densities: one fraction in (0, 1] per model, or None."""
+    if densities is None:
+        return
+    if not isinstance(densities, tuple):
+        problems.append(f"{method}: densities must be a list of fractions, got {densities!r}")
+        return
+    for d in densities:
+        check_fraction(problems, method, "densities", d)
+    if n_models is not None and len(densities) != n_models:
+        problems.append(f"{method}: {len(densities)} densities given for {n_models} models")
 
 
 def as_tuple(value: Any) -> Any:

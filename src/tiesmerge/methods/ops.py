@@ -15,6 +15,7 @@ __all__ = [
     "keep_count",
     "broadcast_per_model",
     "trim_at",
+    "trim_sorted_k",
     "elect",
     "resolve_zero_sign",
     "disjoint_aggregate",
@@ -49,6 +50,23 @@ def trim_at(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """
     keep = tau.abs() >= broadcast_per_model(thresholds, tau)  # (n, *S) bool
     return tau.mul_(keep)
+
+
+def trim_sorted_k(tau: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Keep exactly ``keep[t]`` entries of model t, the first ``keep[t]`` of its entries sorted
+    by descending |tau| with ``torch.argsort`` (mergekit's magnitude trim, ties at the threshold
+    in the sort's own order); zero the rest, in place; return ``tau``.
+
+    Entries equal to the threshold are chosen by the sort, so which of them survive is torch's
+    choice, not a property of the values: use this only to reproduce mergekit.
+    tau: (n, *S), the whole trim scope; keep: (n,).
+    """
+    flat = tau.reshape(tau.shape[0], -1)  # (n, numel), a view
+    for t in range(flat.shape[0]):
+        mask = torch.zeros(flat.shape[1], dtype=flat.dtype, device=flat.device)  # (numel,)
+        mask[torch.argsort(flat[t].abs(), descending=True)[: int(keep[t])]] = 1
+        flat[t].mul_(mask)
+    return tau
 
 
 def resolve_zero_sign(gamma: torch.Tensor, zero_sign: str, majority: float | None = None) -> torch.Tensor:

@@ -14,6 +14,7 @@ from .base import (
     TrimSpec,
     as_tuple,
     check_choice,
+    check_densities,
     check_finite,
     check_fraction,
     check_weights,
@@ -24,6 +25,7 @@ SCOPES = ("global", "per_tensor")
 ELECT_RULES = ("mass", "count")
 ZERO_SIGNS = ("zero", "positive", "majority")
 AGGREGATES = ("mean", "sum", "max")
+THRESHOLD_TIES = ("keep", "sort")
 
 
 @dataclass(frozen=True)
@@ -48,9 +50,15 @@ class Ties:
     zero_sign: str = option("zero", "sign elected where the vote is exactly 0", choices=ZERO_SIGNS)
     aggregate: str = option("mean", "how agreeing values combine", choices=AGGREGATES)
     weights: tuple[float, ...] | None = option(None, "per-model weights (see the docstring)", unit="one per model")
+    densities: tuple[float, ...] | None = option(None, "per-model fractions kept, overriding density "
+                                                 "(mergekit's per-model density)", unit="one per model, (0, 1]")
+    threshold_ties: str = option("keep", "entries equal to the trim threshold: keep them all (paper, order-free) "
+                                 "or keep exactly max(1, k) in torch.argsort's order (mergekit; per-tensor scope)",
+                                 choices=THRESHOLD_TIES)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "weights", as_tuple(self.weights))
+        object.__setattr__(self, "densities", as_tuple(self.densities))
         problems: list[str] = []
         check_fraction(problems, self.name, "density", self.density)
         check_finite(problems, self.name, "lam", self.lam)
@@ -59,27 +67,39 @@ class Ties:
         check_choice(problems, self.name, "zero_sign", self.zero_sign, ZERO_SIGNS)
         check_choice(problems, self.name, "aggregate", self.aggregate, AGGREGATES)
         check_weights(problems, self.name, self.weights, None)
+        check_densities(problems, self.name, self.densities, None)
+        check_choice(problems, self.name, "threshold_ties", self.threshold_ties, THRESHOLD_TIES)
+        if self.threshold_ties == "sort" and self.scope != "per_tensor":
+            problems.append(f"{self.name}: threshold_ties='sort' (mergekit's exact k) needs scope='per_tensor'")
         if problems:
             raise ConfigError(problems)
 
     def check(self, n_models: int) -> list[str]:
         problems: list[str] = []
         check_weights(problems, self.name, self.weights, n_models)
+        check_densities(problems, self.name, self.densities, n_models)
         return problems
 
     def trim_spec(self) -> TrimSpec:
-        return TrimSpec(self.density, self.scope)
+        return TrimSpec(self.density, self.scope, self.densities, at_least_one=self.threshold_ties == "sort")
 
     def needs_majority_sign(self) -> bool:
         return self.zero_sign == "majority"
 
     def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
         """Sum of the elected signs (zeros left 0) of one chunk: the majority reduction."""
-        trimmed = ops.trim_at(tau, ctx.thresholds)  # (n, *S)
+        trimmed = self._trim(tau, ctx)  # (n, *S)
         return float(ops.elect(trimmed, ctx.weights, self.elect).sum())
 
+    def _trim(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        if self.threshold_ties == "keep":
+            return ops.trim_at(tau, ctx.thresholds)
+        if ctx.keep is None:
+            raise ValueError("threshold_ties='sort' needs the whole tensor in one chunk (its keep counts)")
+        return ops.trim_sorted_k(tau, ctx.keep)
+
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        trimmed = ops.trim_at(tau, ctx.thresholds)  # (n, *S), in place
+        trimmed = self._trim(tau, ctx)  # (n, *S), in place
         gamma = ops.resolve_zero_sign(ops.elect(trimmed, ctx.weights, self.elect), self.zero_sign, ctx.majority)
         merged = ops.disjoint_aggregate(trimmed, gamma, ctx.weights, self.aggregate)  # (*S)
         return merged.mul_(self.lam)

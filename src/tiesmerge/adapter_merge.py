@@ -1,0 +1,145 @@
+"""Merging PEFT adapters: what the engine sees, and the two adapter outputs.
+
+- LoRA in, full model out: the engine merges the adapters' ΔW against the real base (no change
+  here beyond ``io.adapters``): θ = base + λ·τ_m.
+- LoRA in, LoRA out: the engine runs against a zero base, so it yields λ·τ_m itself, which
+  :class:`~tiesmerge.io.adapter_writer.LoraFactorSink` re-factors by truncated SVD.
+- (IA)³ in: the engine merges τ = l − 1 against an all-ones identity, giving l_m = 1 + λ·τ_m;
+  written back as an adapter, or folded into the base's weights (PEFT's merge: W·l, and the
+  bias·l of a module whose outputs are scaled) by a second, one-model pass of the engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .engine.executor import Executor, MemorySink, RunStats
+from .errors import ConfigError
+from .io.adapter_writer import LoraFactorSink, write_ia3_adapter, write_lora_adapter
+from .io.adapters import (
+    Ia3Checkpoint,
+    LoraCheckpoint,
+    ZeroBase,
+    adapter_kind,
+    ia3_identity,
+    yields_task_vector,
+)
+from .io.checkpoint import Checkpoint, TensorInfo
+
+__all__ = ["OUTPUT_FORMATS", "engine_inputs", "needs_fold", "Ia3Fold", "fold_ia3", "write_adapter"]
+
+OUTPUT_FORMATS = ("model", "adapter")
+
+
+def _unwrap(model: Checkpoint) -> Checkpoint:
+    return getattr(model, "adapter", model)  # an (IA)³ adapter seen over the union of vectors
+
+
+def engine_inputs(base: Checkpoint, models: list[Checkpoint], output_format: str
+                  ) -> tuple[Checkpoint, list[Checkpoint]]:
+    """The base and models the engine merges, for this output format."""
+    if output_format not in OUTPUT_FORMATS:
+        raise ConfigError(f"output_format {output_format!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    kind = adapter_kind(models)
+    if output_format == "adapter":
+        full = [m.label for m in models if not yields_task_vector(m)]
+        if kind is None or full:
+            raise ConfigError(f"output_format='adapter' needs PEFT adapters as inputs; {full[0] if full else 'none'} "
+                              "is a full model", hint="write a full model (output_format='model', the default)")
+    if kind == "ia3":
+        identity, unions = ia3_identity(base, [m for m in models if isinstance(m, Ia3Checkpoint)])
+        return identity, list(unions)
+    if kind == "lora" and output_format == "adapter":
+        for m in models:
+            m.bind(base)  # type: ignore[attr-defined]  # saved whole tensors need the real base
+        return ZeroBase(base), models
+    return base, models
+
+
+def needs_fold(models: list[Checkpoint], output_format: str) -> bool:
+    return output_format == "model" and adapter_kind(models) == "ia3"
+
+
+class Ia3Fold:
+    """The task vector of folding merged (IA)³ vectors into the base: W·l − W = W·(l − 1) for
+    each scaled weight, and b·(l − 1) for the bias of a module whose outputs are scaled."""
+
+    yields_task_vector = True
+    label = "merged (IA)³ vectors, folded"
+
+    def __init__(self, base: Checkpoint, vectors: dict[str, torch.Tensor]) -> None:
+        self.base = base
+        self._scales: dict[str, torch.Tensor] = {}  # base tensor -> l − 1, shaped to broadcast against it
+        for name, l_merged in vectors.items():
+            self._scales[name] = l_merged.float() - 1.0  # (out, 1) or (1, in)
+            bias = name.removesuffix(".weight") + ".bias"
+            if l_merged.shape[1] == 1 and bias in base.names():
+                self._scales[bias] = (l_merged.float() - 1.0).reshape(-1)  # (out,)
+
+    def bind(self, base: Checkpoint) -> None:
+        pass
+
+    def names(self) -> list[str]:
+        return list(self._scales)
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo(tuple(self.base.info(name).shape), torch.float32)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        scale = self._scales[name]
+        if rows is not None and scale.dim() >= 1 and scale.shape[0] > 1:
+            scale = scale[rows]  # (rows, 1) or (rows,): output scaling follows the rows
+        return self.base.read(name, rows).float().mul_(scale)
+
+    def location(self, name: str) -> str:
+        return self.label
+
+    def files(self) -> list[Path]:
+        return []
+
+    def directory(self) -> Path | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def fold_ia3(base: Checkpoint, l_executor: Executor, make_executor: Callable[[Checkpoint, list[Checkpoint]], Executor]
+             ) -> tuple[Executor, RunStats]:
+    """Merge the (IA)³ vectors (small: in memory), then return the executor that writes
+    base ⊙ l_m: task arithmetic (λ = 1) of the one folded task vector."""
+    sink = MemorySink(l_executor.alignment.jobs, torch.float32)
+    stats = l_executor.run(sink)
+    return make_executor(base, [Ia3Fold(base, dict(sink.state))]), stats
+
+
+def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models: list[Checkpoint], *,
+                  rank: int | None, dtype: torch.dtype | None) -> tuple[RunStats, dict]:
+    """Run the engine into a merged adapter in ``directory``; return its stats and manifest part."""
+    adapters = [_unwrap(m) for m in models]
+    out_dtype = dtype or torch.float32
+    if all(isinstance(a, Ia3Checkpoint) for a in adapters):
+        sink = MemorySink(executor.alignment.jobs, torch.float32)
+        stats = executor.run(sink)
+        modules = {n: m for a in adapters for n, m in a.modules.items()}  # type: ignore[attr-defined]
+        part = write_ia3_adapter(directory, adapters[0].config, {n: sink.state[n] for n in modules},  # type: ignore
+                                 modules, out_dtype)
+        return stats, part
+    loras = [a for a in adapters if isinstance(a, LoraCheckpoint)]
+    targets = {n: t for a in loras for n, t in a.targets.items()}
+    full = {n for a in loras for n in a.names() if n not in a.targets}
+    rank = rank if rank is not None else max(t.rank for a in loras for t in a.targets.values())
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    shapes = {n: tuple(base.info(n).shape) for n in [*targets, *full]}
+    sink = LoraFactorSink(targets, shapes, full, rank)
+    stats = executor.run(sink)
+    clock = time.perf_counter()
+    base_values = {n: base.read(n) for n in full}
+    part = write_lora_adapter(directory, loras[0], loras, sink, base_values, out_dtype)
+    stats.seconds["factor_write"] = time.perf_counter() - clock
+    return stats, part

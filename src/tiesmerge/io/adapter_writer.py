@@ -1,0 +1,134 @@
+"""Merged adapters out: LoRA re-factored by truncated SVD, (IA)³ vectors written back.
+
+A merged LoRA task vector τ_m of one module is generally of full rank; the adapter written
+keeps its best rank-r approximation (Eckart–Young): τ_m = U S Vᵀ, B = U_r √S_r, A = √S_r V_rᵀ,
+with lora_alpha = r so PEFT's scale α/r is 1. The relative reconstruction error
+‖τ_m − B A‖_F / ‖τ_m‖_F = √(Σ_{i>r} s_i²) / √(Σ s_i²) is recorded per module. Modules whose
+matrices have fewer than r singular values get zero-padded factors, so one r fits all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint, LoraTarget
+
+__all__ = ["Factored", "truncated_factors", "LoraFactorSink", "write_lora_adapter", "write_ia3_adapter"]
+
+
+@dataclass(frozen=True)
+class Factored:
+    a: torch.Tensor  # (r, in)
+    b: torch.Tensor  # (out, r)
+    relative_error: float  # ‖τ − B A‖_F / ‖τ‖_F (0 for τ = 0)
+    singular_values: int  # how many the matrix has: min(out, in)
+
+
+def truncated_factors(tau: torch.Tensor, rank: int) -> Factored:
+    """Best rank-``rank`` factors of ``tau`` (out, in) by SVD, in float64 for an exact full rank."""
+    u, s, vh = torch.linalg.svd(tau.double(), full_matrices=False)  # (out, m), (m,), (m, in)
+    keep = min(rank, s.numel())
+    root = s[:keep].sqrt()
+    b = torch.zeros(tau.shape[0], rank, dtype=torch.float64)
+    a = torch.zeros(rank, tau.shape[1], dtype=torch.float64)
+    b[:, :keep] = u[:, :keep] * root  # (out, keep)
+    a[:keep] = root[:, None] * vh[:keep]  # (keep, in)
+    total = float(s.square().sum())
+    error = (float(s[keep:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
+    return Factored(a.float(), b.float(), error, int(s.numel()))
+
+
+class LoraFactorSink:
+    """Receives the merged task vector (the engine run against a zero base) tensor by tensor,
+    factors each LoRA target once its last rows arrive, and keeps only the factors: one module's
+    τ_m is held at a time. Tensors stored whole (modules_to_save) are kept as they are."""
+
+    def __init__(self, targets: dict[str, LoraTarget], shapes: dict[str, tuple[int, ...]],
+                 full_names: Iterable[str], rank: int) -> None:
+        self.targets, self.rank = targets, rank
+        self.full_names = set(full_names)
+        self._shapes = shapes  # every target's and whole tensor's shape
+        self.factors: dict[str, Factored] = {}
+        self.full: dict[str, torch.Tensor] = {}  # merged τ of tensors stored whole
+        self._held: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (τ being filled (out, in), rows filled)
+
+    def write(self, name: str, rows: slice | None, chunk: torch.Tensor) -> None:
+        if name not in self.targets and name not in self.full_names:
+            return  # a tensor no adapter changes: not part of the adapter
+        shape = self._shapes[name]
+        held, filled = self._held.get(name) or (torch.empty(shape, dtype=torch.float32), 0)
+        if rows is None or not shape:
+            held.copy_(chunk)
+            filled = shape[0] if shape else 1
+        else:
+            held[rows].copy_(chunk)
+            filled += chunk.shape[0]
+        if filled < (shape[0] if shape else 1):
+            self._held[name] = (held, filled)
+            return
+        self._held.pop(name, None)
+        if name in self.full_names:
+            self.full[name] = held
+            return
+        target = self.targets[name]
+        self.factors[name] = truncated_factors(held.T if target.transposed else held, self.rank)  # B A = τ or τᵀ
+
+    def alias(self, name: str, source: str) -> None:
+        pass  # tied tensors are not LoRA targets
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[LoraCheckpoint],
+                       sink: LoraFactorSink, base_values: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """adapter_config.json + adapter_model.safetensors in ``directory``; returns the manifest part."""
+    tensors: dict[str, torch.Tensor] = {}
+    modules: list[str] = []
+    errors: dict[str, float] = {}
+    for name, factored in sink.factors.items():
+        target = sink.targets[name]
+        modules.append(target.module)
+        key = PEFT_PREFIX + target.module
+        a_suffix, b_suffix = (".lora_embedding_A", ".lora_embedding_B") if target.embedding else \
+            (".lora_A.weight", ".lora_B.weight")
+        tensors[key + a_suffix] = factored.a.to(dtype).contiguous()
+        tensors[key + b_suffix] = factored.b.to(dtype).contiguous()
+        errors[target.module] = factored.relative_error
+    saved_whole: list[str] = []
+    for name, tau in sink.full.items():
+        key = next(k for a in adapters if (k := a.full_key(name)) is not None)
+        tensors[key] = (base_values[name].float() + tau).to(dtype).contiguous()
+        saved_whole.append(key)
+    config = dict(first.config)
+    to_save = sorted({m for a in adapters for m in (a.config.get("modules_to_save") or [])})
+    config.update({"r": sink.rank, "lora_alpha": sink.rank, "use_rslora": False, "rank_pattern": {},
+                   "alpha_pattern": {}, "target_modules": sorted(modules), "modules_to_save": to_save or None,
+                   "inference_mode": True, "fan_in_fan_out": any(sink.targets[n].transposed and not
+                                                                 sink.targets[n].embedding for n in sink.factors)})
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    _atomic_json(directory / ADAPTER_CONFIG, config)
+    return {"kind": "lora", "rank": sink.rank, "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS],
+            "relative_reconstruction_error": dict(sorted(errors.items())),
+            "max_relative_reconstruction_error": max(errors.values(), default=0.0),
+            "saved_whole": sorted(saved_whole)}
+
+
+def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, torch.Tensor],
+                      modules: dict[str, str], dtype: torch.dtype) -> dict:
+    """The merged (IA)³ vectors l_m (names: base weights) under PEFT's keys; returns the manifest part."""
+    tensors = {f"{PEFT_PREFIX}{modules[name]}.ia3_l": value.to(dtype).contiguous() for name, value in vectors.items()}
+    feedforward = sorted(modules[n] for n, v in vectors.items() if v.shape[0] == 1)
+    config = dict(first_config)
+    config.update({"target_modules": sorted(modules[n] for n in vectors), "feedforward_modules": feedforward,
+                   "inference_mode": True})
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    _atomic_json(directory / ADAPTER_CONFIG, config)
+    return {"kind": "ia3", "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS], "vectors": len(tensors)}

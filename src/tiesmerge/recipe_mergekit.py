@@ -1,0 +1,272 @@
+"""mergekit YAML recipes, read as they are, translated to tiesmerge methods with mergekit's semantics.
+
+mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5, its
+``generalized_task_arithmetic`` and ``linear`` merges):
+
+- ``ties``: per-tensor magnitude trim at each model's own ``density`` (default 1: no trim); the
+  weights multiply the trimmed deltas; the sign is elected on the weighted deltas by their sum,
+  + where the sum is exactly 0; a model agrees when its weighted delta has the elected sign;
+  ``normalize`` (default true) divides by the sum of the agreeing models' weights, else sums;
+  ``lambda`` scales the result.  ->  ``ties`` with ``scope=per_tensor, elect=mass,
+  zero_sign=positive, aggregate=mean|sum, weights, densities, lam, threshold_ties=sort`` (exactly
+  max(1, k) entries per tensor, ties at the threshold in torch.argsort's order, as mergekit).
+- ``task_arithmetic``: base + λ Σ w τ (``normalize`` default false divides by Σ w).
+  ->  ``task_arithmetic`` with ``weights`` (divided by Σ w when normalizing), ``lam``.
+- ``linear``: Σ w θ / Σ w over the listed models (``normalize`` default true).
+  ->  ``task_arithmetic`` on the first listed model (or ``base_model``): θ_0 + Σ (w_i/Σw)(θ_i − θ_0),
+  the same weighted mean, with ``lam = 1``.
+- ``dare_ties`` / ``dare_linear``: random drop at ``density`` kept, then TIES's steps / a sum.
+  ->  ``dare_ties`` / ``dare_linear`` with ``drop_rate = 1 − density``. The random masks differ
+  (counter-based here, ``torch.bernoulli`` there) and so does the rescale: 1/density here (the
+  DARE paper), each tensor's L1 norm there; outputs agree in expectation, not entry by entry.
+
+Known entrywise differences in ``ties``: mergekit computes in the recipe's ``dtype`` (bf16
+rounding of every intermediate), tiesmerge in float32 with one rounding at the end; k is
+int(density·n) there and ⌊density·n⌋ of the density as written here (they differ only where the
+float product rounds across an integer). A model entry that is the base itself (mergekit lists it) has τ = 0 and is
+dropped. ``model+adapter`` references whose model is the base become the PEFT adapter itself.
+
+Anything else (slices, gradients, per-tensor filters, other methods or keys) is an error that
+lists what is not supported.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
+
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+_TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+_NOT_SUPPORTED_TOP = {
+    "slices": "slices (layer ranges, frankenmerges)",
+    "modules": "per-module merges (modules:)",
+    "tokenizer": "tokenizer surgery (tokenizer:)",
+    "chat_template": "chat_template",
+}
+# the options each method reads, with mergekit's defaults
+_OPTIONS: dict[str, dict[str, Any]] = {
+    "linear": {"weight": None, "normalize": True},
+    "task_arithmetic": {"weight": None, "normalize": False, "lambda": 1.0, "int8_mask": False},
+    "ties": {"weight": None, "density": 1.0, "normalize": True, "lambda": 1.0, "int8_mask": False, "rescale": False},
+    "dare_ties": {"weight": None, "density": 1.0, "normalize": False, "lambda": 1.0, "int8_mask": False,
+                  "rescale": True},
+    "dare_linear": {"weight": None, "density": 1.0, "normalize": False, "lambda": 1.0, "int8_mask": False,
+                    "rescale": True},
+}
+_PER_MODEL = ("weight", "density")
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32",
+           "fp16": "float16", "bf16": "bfloat16"}
+
+
+def is_mergekit(data: Any) -> bool:
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def _path(value: str) -> str:
+    # mergekit resolves local paths against the working directory, not the recipe's folder
+    return os.path.expanduser(value)
+
+
+def _scalar(value: Any, where: str, problems: list[str]) -> Any:
+    """mergekit parameters may be gradients (lists) or per-tensor filters; only scalars are read."""
+    if isinstance(value, (list, dict)):
+        problems.append(f"{where}: {value!r} is a gradient or a per-tensor filter; tiesmerge reads one value "
+                        "per model and parameter")
+        return None
+    return value
+
+
+def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> str | None:
+    if not isinstance(ref, str):
+        problems.append(f"{where}: a model is a path, got {ref!r}")
+        return None
+    if "+" in ref:  # mergekit's model+lora: the model with a LoRA applied
+        model, adapter = ref.split("+", 1)
+        if base is not None and Path(_path(model)).resolve() == Path(base).resolve():
+            return _path(adapter)  # the adapter's ΔW is this model's task vector
+        problems.append(f"{where}: {ref!r} applies a LoRA to a model other than base_model; tiesmerge reads "
+                        "an adapter as a task vector of the base it was trained on")
+        return None
+    return _path(ref)
+
+
+def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A mergekit recipe -> (a tiesmerge recipe dict, the origin record for the manifest).
+
+    Raises one ConfigError listing every unsupported key, method or value."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    for key in data:
+        if key in _NOT_SUPPORTED_TOP:
+            problems.append(f"{_NOT_SUPPORTED_TOP[key]} is not supported")
+        elif key not in _TOP_KEYS:
+            problems.append(f"unknown mergekit key {key!r}")
+    method = data.get("merge_method")
+    if method not in MERGEKIT_METHODS:
+        problems.append(f"merge_method {method!r} is not supported (tiesmerge reads {', '.join(MERGEKIT_METHODS)})")
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    defaults = dict(_OPTIONS[method])
+    base = data.get("base_model")
+    base = _model_ref(base, None, "base_model", problems) if base is not None else None
+    if base is None and method != "linear":
+        problems.append(f"base_model is required by {method}")
+    tok = data.get("tokenizer_source")
+    if tok not in (None, "base"):
+        problems.append(f"tokenizer_source {tok!r} is not supported (tiesmerge copies the base's tokenizer: "
+                        "tokenizer_source: base)")
+    # -- global parameters: defaults for every model
+    shared = data.get("parameters") or {}
+    if not isinstance(shared, dict):
+        problems.append("parameters must be a mapping")
+        shared = {}
+    values: dict[str, Any] = {}
+    for key, value in shared.items():
+        if key not in defaults:
+            problems.append(f"parameters.{key} is not a parameter of mergekit's {method} that tiesmerge supports")
+            continue
+        values[key] = _scalar(value, f"parameters.{key}", problems)
+    # -- models
+    entries = data.get("models")
+    if not isinstance(entries, list) or not entries:
+        problems.append("models must be a non-empty list of {model: PATH, parameters: {...}}")
+        entries = []
+    paths: list[str] = []
+    per_model: dict[str, list[Any]] = {"weight": [], "density": []}
+    dropped_base = False
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "model" not in entry:
+            problems.append(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+            continue
+        extra = [k for k in entry if k not in ("model", "parameters")]
+        if extra:
+            problems.append(f"models[{i}]: key {extra[0]!r} is not supported (a model takes model and parameters)")
+        path = _model_ref(entry["model"], base, f"models[{i}].model", problems)
+        if path is None:
+            continue
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            problems.append(f"models[{i}].parameters must be a mapping")
+            params = {}
+        for key in params:
+            if key not in _PER_MODEL or key not in defaults:
+                problems.append(f"models[{i}].parameters.{key} is not a per-model parameter of {method} that "
+                                "tiesmerge supports")
+        if base is not None and Path(path).resolve() == Path(base).resolve() and method != "linear":
+            dropped_base = True  # mergekit lists the base among the models; its delta is 0
+            continue
+        paths.append(path)
+        for key in _PER_MODEL:
+            if key in defaults:
+                value = params.get(key, values.get(key, defaults[key]))
+                per_model[key].append(_scalar(value, f"models[{i}].parameters.{key}", problems))
+    if "weight" in defaults and any(w is None for w in per_model["weight"]):
+        problems.append(f"every model needs a weight (mergekit's {method} requires one: "
+                        "models[i].parameters.weight or parameters.weight)")
+    options = {k: values.get(k, v) for k, v in defaults.items() if k not in _PER_MODEL}
+    for key, value in options.items():
+        if key in ("normalize", "int8_mask", "rescale") and not isinstance(value, bool):
+            problems.append(f"parameters.{key} must be true or false, got {value!r}")
+    if options.get("int8_mask"):
+        warnings.append("int8_mask is ignored: tiesmerge's masks are never materialised in a chosen dtype")
+    dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None and value not in _DTYPES:
+            problems.append(f"{key} {value!r} is not one of {', '.join(_DTYPES)}")
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems],
+                          hint="tiesmerge reads mergekit's linear, task_arithmetic, ties, dare_ties and dare_linear "
+                               "with scalar parameters; see tiesmerge merge --help")
+    weights = [float(w) for w in per_model["weight"]] if "weight" in defaults else []
+    method_name, params, semantics = _translate(method, options, weights, per_model["density"], paths, base,
+                                                problems, warnings)
+    if problems:
+        raise ConfigError([f"{source}: {p}" for p in problems])
+    if method == "linear":
+        base, paths = params.pop("_anchor"), params.pop("_models")
+    out_name = out_dtype or dtype
+    if dtype is not None:
+        warnings.append(f"arithmetic runs in float32 (mergekit computes in dtype={dtype}); the output is "
+                        f"{_DTYPES[out_name]}")
+    recipe = {"method": method_name, "base": base, "models": paths, "parameters": params}
+    if out_name is not None:
+        recipe["dtype"] = _DTYPES[out_name]
+    origin = {"format": "mergekit", "merge_method": method, "semantics": semantics,
+              "base_listed_among_models": dropped_base, "warnings": warnings}
+    return recipe, origin
+
+
+def _translate(method: str, options: dict[str, Any], weights: list[float], densities: list[Any], paths: list[str],
+               base: str | None, problems: list[str], warnings: list[str]) -> tuple[str, dict[str, Any], str]:
+    lam = options.get("lambda", 1.0)
+    normalize = options["normalize"]
+    total = sum(weights)
+    if method == "linear":
+        if normalize and math.isclose(total, 0.0, abs_tol=1e-8):
+            problems.append("linear: the weights sum to 0, so normalize has nothing to divide by")
+            return "", {}, ""
+        if not normalize and not math.isclose(total, 1.0):
+            problems.append("linear with normalize: false and weights not summing to 1 scales the whole model; "
+                            "tiesmerge merges task vectors on a base and cannot express it")
+            return "", {}, ""
+        anchor = base if base is not None else paths[0]
+        pairs = [(p, w / total) for p, w in zip(paths, weights)
+                 if Path(p).resolve() != Path(anchor).resolve()]  # the anchor's own τ is 0
+        if not pairs:
+            problems.append("linear needs at least one model besides the base")
+            return "", {}, ""
+        params = {"lam": 1.0, "weights": [w for _, w in pairs], "_anchor": anchor, "_models": [p for p, _ in pairs]}
+        return "task_arithmetic", params, ("mergekit linear: Σ w_i θ_i / Σ w_i, as θ_0 + Σ (w_i/Σw)(θ_i − θ_0) "
+                                           f"on {anchor}, float32")
+    if method == "task_arithmetic":
+        scale = total if normalize and abs(total) >= 1e-8 else 1.0
+        return "task_arithmetic", {"lam": lam, "weights": [w / scale for w in weights]}, (
+            "mergekit task_arithmetic: base + λ Σ w_t τ_t" + (" / Σ w" if normalize else ""))
+    density_values = [float(d) for d in densities]
+    if method == "ties":
+        params: dict[str, Any] = {"scope": "per_tensor", "elect": "mass", "zero_sign": "positive",
+                                  "aggregate": "mean" if normalize else "sum", "lam": lam, "weights": weights,
+                                  "density": 1.0, "densities": [min(1.0, d) for d in density_values],
+                                  "threshold_ties": "sort"}
+        bad = [d for d in density_values if not 0 < d]
+        if bad:
+            problems.append(f"ties: density {bad[0]} keeps nothing; use a fraction in (0, 1]")
+        if options.get("rescale"):
+            problems.append("ties with rescale: true (norm-preserving trim) is not supported")
+        return "ties", params, ("mergekit ties: per-tensor magnitude trim at each model's density (exactly k "
+                                "entries, ties at the threshold in torch.argsort's order), sign elected "
+                                "on the weighted deltas by their sum (+ on a zero sum), "
+                                + ("normalized by the sum of agreeing weights" if normalize else
+                                   "agreeing weighted deltas summed") + ", × λ")
+    # dare_ties / dare_linear
+    if len(set(density_values)) > 1:
+        problems.append(f"{method}: per-model densities {density_values} differ; tiesmerge's DARE drops every "
+                        "model at one rate")
+        return "", {}, ""
+    if not options.get("rescale", True):
+        problems.append(f"{method} with rescale: false (drop without rescaling) is not supported")
+        return "", {}, ""
+    density = density_values[0] if density_values else 1.0
+    if not 0 < density <= 1:
+        problems.append(f"{method}: density {density} must be a fraction in (0, 1]")
+        return "", {}, ""
+    warnings.append(f"{method}: the random masks differ from mergekit's (torch.bernoulli) and the survivors are "
+                    "rescaled by 1/density (DARE's rule) where mergekit keeps each tensor's L1 norm; the two "
+                    "agree in expectation, not entry by entry")
+    if method == "dare_ties":  # normalize divides by the agreeing weights, as in ties
+        params = {"drop_rate": 1.0 - density, "lam": lam, "weights": weights, "elect": "mass",
+                  "aggregate": "mean" if normalize else "sum"}
+        warnings.append("dare_ties: where the weighted deltas sum to exactly 0, tiesmerge elects no sign and "
+                        "mergekit elects +")
+        return "dare_ties", params, ("mergekit dare_ties: random drop at 1 − density with 1/density rescale, sign "
+                                     "elected on the weighted deltas by their sum, agreeing deltas "
+                                     + ("averaged by weight" if normalize else "summed") + ", × λ")
+    scale = total if normalize and abs(total) >= 1e-8 else 1.0
+    params = {"drop_rate": 1.0 - density, "lam": lam, "weights": [w / scale for w in weights]}
+    return "dare_linear", params, "mergekit dare_linear: random drop at 1 − density with 1/density rescale, " \
+                                  "Σ w_t dare(τ_t)" + (" / Σ w" if normalize else "") + ", × λ"
