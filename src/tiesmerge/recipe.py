@@ -6,6 +6,8 @@
       - ./llama-math
       - path: ./llama-code
         weight: 0.5          # becomes the method's per-model weights
+        stats: ./stats-code  # fisher, regmean: the model's statistics (tiesmerge stats); or a
+                             # top-level list `stats: [dir, ...]`, one per model
     parameters: {density: 0.2, lam: 1.0, scope: global}
     dtype: bfloat16          # optional: output dtype (default: the base's)
     shard_size: 5GB
@@ -38,7 +40,7 @@ __all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict",
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memory_budget", "device", "vocab_policy",
-         "allow_pickle")
+         "allow_pickle", "stats")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -60,6 +62,11 @@ class MergeRecipe:
     device: str = "cpu"
     vocab_policy: str = "error"
     allow_pickle: bool = False
+    stats: tuple[str, ...] | None = None  # fisher, regmean: one statistics directory per model
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stats, list):
+            object.__setattr__(self, "stats", tuple(self.stats))
 
     def to_dict(self) -> dict[str, Any]:
         params = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)}
@@ -68,6 +75,8 @@ class MergeRecipe:
                                "parameters": params}
         for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy"):
             out[key] = getattr(self, key)
+        if self.stats:
+            out["models"] = [{"path": m, "stats": s} for m, s in zip(self.models, self.stats, strict=True)]
         return {k: v for k, v in out.items() if v is not None}
 
     def to_yaml(self) -> str:
@@ -101,6 +110,7 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     models_raw = data.get("models")
     paths: list[str] = []
     weights: list[float | None] = []
+    stats: list[str | None] = []
     if not isinstance(models_raw, list) or not models_raw:
         problems.append("'models' must be a non-empty list of paths (or of {path:, weight:})")
         models_raw = []
@@ -108,12 +118,14 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         if isinstance(entry, (str, os.PathLike)):
             paths.append(_path(entry, root))
             weights.append(None)
+            stats.append(None)
         elif isinstance(entry, dict) and "path" in entry:
-            extra = [k for k in entry if k not in ("path", "weight")]
+            extra = [k for k in entry if k not in ("path", "weight", "stats")]
             if extra:
-                problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path and weight)")
+                problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path, weight and stats)")
             paths.append(_path(entry["path"], root))
             weights.append(entry.get("weight"))
+            stats.append(_path(entry["stats"], root) if entry.get("stats") is not None else None)
         else:
             problems.append(f"models[{i}]: expected a path or {{path:, weight:}}, got {entry!r}")
     params = data.get("parameters") or {}
@@ -128,6 +140,18 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             problems.append("give a weight to every model or to none")
         else:
             params["weights"] = weights
+    top_stats = data.get("stats")
+    if top_stats is not None:
+        if not isinstance(top_stats, list) or not all(isinstance(x, (str, os.PathLike)) for x in top_stats):
+            problems.append("'stats' must be a list of statistics directories, one per model")
+        elif any(x is not None for x in stats):
+            problems.append("statistics are given both per model (stats:) and in the top-level stats list; keep one")
+        elif len(top_stats) != len(paths):
+            problems.append(f"'stats' lists {len(top_stats)} directories for {len(paths)} models")
+        else:
+            stats = [_path(x, root) for x in top_stats]
+    if any(x is not None for x in stats) and any(x is None for x in stats):
+        problems.append("give statistics to every model or to none")
     for key, check in (("shard_size", parse_size), ("memory_budget", parse_size)):
         if key in data:
             try:
@@ -163,7 +187,8 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     return MergeRecipe(method=method, base=_path(base, root), models=tuple(paths), dtype=data.get("dtype"),
                        shard_size=str(data.get("shard_size", "5GB")), memory_budget=str(data.get("memory_budget", "2GiB")),
                        device=str(data.get("device", "cpu")), vocab_policy=data.get("vocab_policy", "error"),
-                       allow_pickle=bool(data.get("allow_pickle", False)))
+                       allow_pickle=bool(data.get("allow_pickle", False)),
+                       stats=tuple(stats) if stats and all(x is not None for x in stats) else None)
 
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
@@ -189,6 +214,10 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
         data["base"] = _path(data["base"], path.parent)
     if isinstance(data.get("models"), list):
         data["models"] = [_path(m, path.parent) if isinstance(m, (str, os.PathLike)) else
-                          {**m, "path": _path(m["path"], path.parent)} if isinstance(m, dict) and "path" in m else m
+                          {**m, "path": _path(m["path"], path.parent),
+                           **({"stats": _path(m["stats"], path.parent)} if m.get("stats") is not None else {})}
+                          if isinstance(m, dict) and "path" in m else m
                           for m in data["models"]]
+    if isinstance(data.get("stats"), list):
+        data["stats"] = [_path(x, path.parent) if isinstance(x, (str, os.PathLike)) else x for x in data["stats"]]
     return data

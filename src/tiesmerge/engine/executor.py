@@ -25,6 +25,7 @@ from ..methods.ties import Ties
 from . import kernels
 from .plan import Chunk, Plan, make_plan
 from .select import RadixSelect, kth_largest
+from .side import SideInputs
 
 __all__ = ["Sink", "MemorySink", "RunStats", "Executor"]
 
@@ -75,7 +76,8 @@ class Executor:
     def __init__(self, base: Checkpoint, models: list[Checkpoint], alignment: Alignment, method: MergeMethod, *,
                  device: str | torch.device = "cpu", memory_budget: int = 2 << 30,
                  out_dtype: torch.dtype | None = None, weights: torch.Tensor | None = None,
-                 progress: Callable[[int], None] | None = None, fused: bool = True) -> None:
+                 progress: Callable[[int], None] | None = None, fused: bool = True,
+                 side: SideInputs | None = None) -> None:
         self.base, self.models, self.alignment, self.method = base, models, alignment, method
         self.device = torch.device(device)
         self.out_dtype = out_dtype
@@ -86,7 +88,11 @@ class Executor:
         selection_passes = (2 if global_scope else 0) + (1 if global_scope and self.majority else 0)
         chunked_passes = 0 if global_scope or self.trim is None else 2 + int(self.majority)
         self.plan: Plan = make_plan(alignment, self.n, memory_budget=memory_budget, out_dtype=out_dtype,
-                                    selection_passes=selection_passes, chunked_scope_passes=chunked_passes)
+                                    selection_passes=selection_passes, chunked_scope_passes=chunked_passes,
+                                    extra_bytes_per_entry=side.extra_bytes_per_entry() if side else 0)
+        self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
+        if side is not None:
+            self.plan = side.adjust_plan(self.plan)
         raw_weights = getattr(method, "weights", None)
         self.weights = (weights if weights is not None else
                         torch.tensor(raw_weights, dtype=torch.float32) if raw_weights is not None else None)
@@ -262,7 +268,8 @@ class Executor:
                     ctx = ChunkContext(thresholds=chunk_thresholds, weights=self.weights)
                     chunk_majority = float(torch.tensor(self.method.elected_sign_sum(tau, ctx)).sign())
             ctx = ChunkContext(thresholds=chunk_thresholds, majority=chunk_majority, weights=self.weights,
-                               stream=stream, offset=chunk.offset)
+                               stream=stream, offset=chunk.offset,
+                               side=self.side.read(chunk) if self.side is not None else None)
             delta = self.method.merge(tau, ctx)  # (*S) float32
             merged = base32.add_(delta).to(self.out_dtype or job.dtype)
             sink.write(job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)

@@ -66,12 +66,13 @@ class Plan:
 
 
 def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dtype: torch.dtype | None,
-              selection_passes: int, chunked_scope_passes: int = 0) -> Plan:
+              selection_passes: int, chunked_scope_passes: int = 0, extra_bytes_per_entry: int = 0) -> Plan:
     """Cut every merged tensor into row chunks under the budget.
 
     ``selection_passes``: whole-stream passes before the merge (2 for a global radix select,
     +1 for a global majority sign). ``chunked_scope_passes``: extra passes over a per-tensor
-    scope's own chunks when a tensor is too large for one chunk.
+    scope's own chunks when a tensor is too large for one chunk. ``extra_bytes_per_entry``:
+    working bytes per entry beyond the usual (row-shaped statistics of data-aware methods).
     """
     # tiny budgets (tests) keep half for the chunk; real ones set the fixed overhead aside
     work_budget = memory_budget - FIXED_OVERHEAD if memory_budget > 2 * FIXED_OVERHEAD else memory_budget // 2
@@ -85,7 +86,7 @@ def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dt
             copy_bytes += job.numel * itemsize
             peak = max(peak, job.numel * itemsize)
             continue
-        per_entry = bytes_per_entry(n_models, itemsize, out_size)
+        per_entry = bytes_per_entry(n_models, itemsize, out_size) + extra_bytes_per_entry
         rows = rows_per_chunk(job.shape, per_entry, work_budget)
         row_entries = job.numel // job.shape[0] if job.shape and job.shape[0] else 0
         if not job.shape:

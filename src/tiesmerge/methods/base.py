@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["ChunkContext", "TrimSpec", "MergeMethod", "option", "check_choice", "check_weights"]
+__all__ = ["ChunkContext", "TrimSpec", "SideInput", "MergeMethod", "DataAwareMethod", "option", "check_choice",
+           "check_weights"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,22 @@ class TrimSpec:
 
 
 @dataclass(frozen=True)
+class SideInput:
+    """Per-model statistics a data-aware method merges with (Fisher diagonals, Gram matrices).
+
+    kind:      the statistics kind every model's statistics must hold ("fisher" or "gram").
+    rows:      True: a statistic has its parameter's shape and the engine reads the chunk's
+               rows of it; False: one (in, in) matrix per 2-D parameter, read whole.
+    normalize: "none", or "l2": the engine divides each model's statistics by their L2 norm
+               over the whole model (a reduction pass over the statistics files).
+    """
+
+    kind: str
+    rows: bool
+    normalize: str = "none"
+
+
+@dataclass(frozen=True)
 class ChunkContext:
     """What the engine knows about the chunk it hands to ``merge``.
 
@@ -36,6 +53,9 @@ class ChunkContext:
     weights:    (n,) per-model weights, or None for all ones.
     stream:     a stable integer for (tensor name); with ``offset`` (flat index of the chunk's
                 first entry in its tensor) it addresses the counter-based random numbers.
+    side:       data-aware methods only: one float32 statistic per model, stacked (n, ...) —
+                the chunk's rows of a Fisher diagonal, or a whole (in, in) Gram matrix — or
+                None when some model has no statistic for this tensor (the method averages).
     """
 
     thresholds: torch.Tensor | None = None
@@ -43,6 +63,7 @@ class ChunkContext:
     weights: torch.Tensor | None = None
     stream: int = 0
     offset: int = 0
+    side: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -60,6 +81,13 @@ class MergeMethod(Protocol):
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor: ...
 
     def check(self, n_models: int) -> list[str]: ...
+
+
+@runtime_checkable
+class DataAwareMethod(MergeMethod, Protocol):
+    """A method that also merges with per-model statistics computed from data (tiesmerge.stats)."""
+
+    def side_input(self) -> SideInput: ...
 
 
 def option(default: Any, help: str, *, unit: str = "", choices: tuple[str, ...] = ()) -> Any:

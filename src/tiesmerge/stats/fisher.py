@@ -1,0 +1,161 @@
+"""The diagonal Fisher information of a classifier, per parameter, as Fisher merging defines it.
+
+    F = E_x E_{y ~ p(y|x)} (d log p(y|x) / d theta)^2
+
+``kind="exact"`` (default) computes it per example with the expectation over y taken
+exactly: a sum over the classes weighted by the model's own probabilities, so no sampling
+noise (cost: one backward pass per class and example). Two common approximations are
+offered under their own names:
+
+- ``empirical``: y is the true label, F = E_x (d log p(y_true|x) / d theta)^2. It measures
+  the fit to the labels, not the model's own uncertainty.
+- ``batched``: the square of a batch-summed gradient, F = (1/N) sum_b (sum_{i in b} g_i)^2
+  with g_i = d log p(y_i|x_i) / d theta and y_i the true label. It equals ``empirical``
+  for batches of one; larger batches add the cross-example terms 2 g_i g_j.
+
+Per-example gradients come from ``torch.func`` (``vmap`` over one ``vjp`` per example) or,
+for models that cannot run under ``vmap`` (data-dependent Python control flow), from a loop
+over the examples with ordinary autograd (``per_example="loop"``): the same numbers, slower.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.func import functional_call, vjp, vmap
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .batches import batch_size, example, map_tensors
+from .files import Statistics, StatsManifest, model_digest
+
+__all__ = ["FISHER_KINDS", "PER_EXAMPLE", "fisher_information"]
+
+FISHER_KINDS = ("exact", "empirical", "batched")
+PER_EXAMPLE = ("vmap", "loop")
+
+# logits_fn(module, batch) -> (B, C) logits or log-probabilities (log_softmax is applied;
+# on log-probabilities it changes nothing)
+LogitsFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+TargetsFn = Callable[[Any], torch.Tensor]  # batch -> (B,) integer class labels
+
+
+class _Bound(torch.nn.Module):
+    """``logits_fn`` bound to its module, so functional_call can swap the module's parameters."""
+
+    def __init__(self, module: torch.nn.Module, logits_fn: LogitsFn) -> None:
+        super().__init__()
+        self.module = module
+        self.logits_fn = logits_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return torch.log_softmax(self.logits_fn(self.module, batch).float(), dim=-1)  # (B, C)
+
+
+def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_fn: LogitsFn, *,
+                       kind: str = "exact", targets: TargetsFn | None = None, per_example: str = "vmap",
+                       progress: bool = False, model: str | os.PathLike | None = None) -> Statistics:
+    """The diagonal Fisher of every trainable parameter of ``module``, keyed by parameter name.
+
+    ``batches`` yields inputs for ``logits_fn(module, batch) -> (B, C)``; ``targets(batch) -> (B,)``
+    gives the true labels (``empirical`` and ``batched`` only). With ``per_example="vmap"``
+    the function runs under ``torch.func.vmap`` on one example at a time (a batch of one) and
+    must not branch on tensor values. The module is put in eval mode (no dropout).
+
+    >>> stats = fisher_information(model, loader, lambda m, b: m(b["x"]))      # doctest: +SKIP
+    >>> stats.save("stats/fisher-task-a")                                      # doctest: +SKIP
+    """
+    if kind not in FISHER_KINDS:
+        raise ConfigError(f"fisher kind {kind!r} is not one of {', '.join(FISHER_KINDS)}")
+    if per_example not in PER_EXAMPLE:
+        raise ConfigError(f"per_example {per_example!r} is not one of {', '.join(PER_EXAMPLE)}")
+    if kind != "exact" and targets is None:
+        raise ConfigError(f"the {kind} Fisher needs the true labels: pass targets=(batch -> (B,) labels)")
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    if not names:
+        raise ConfigError("the module has no trainable parameters to compute a Fisher for")
+    was_training = module.training
+    module.eval()
+    bound = _Bound(module, logits_fn)
+    params = {f"module.{n}": p for n, p in module.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    examples = 0
+    try:
+        for batch in tqdm(batches, desc=f"fisher ({kind})", unit="batch", disable=not progress):
+            size = batch_size(batch)
+            labels = targets(batch) if targets is not None else None
+            if kind == "batched":
+                _add_batched(bound, params, batch, labels, total)
+            elif per_example == "vmap":
+                _add_vmap(bound, params, batch, labels, total)
+            else:
+                _add_loop(bound, params, batch, labels, total, size)
+            examples += size
+    finally:
+        module.train(was_training)
+    if not examples:
+        raise ConfigError("no examples: the batches were empty")
+    tensors = {n.removeprefix("module."): (t / examples) for n, t in total.items()}
+    manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": per_example},
+                             model_digest=model_digest(module, model), model=str(model) if model is not None else None)
+    return Statistics(manifest, tensors)
+
+
+def _add_vmap(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
+              total: dict[str, torch.Tensor]) -> None:
+    """Per-example squared gradients summed into ``total``: vmap over examples of one vjp each."""
+    detached = {n: p.detach() for n, p in params.items()}
+
+    def one(p: dict[str, torch.Tensor], x: Any, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        x1 = map_tensors(x, lambda t: t.unsqueeze(0))  # a batch of one
+        logp, pullback = vjp(lambda q: functional_call(bound, q, (x1,))[0], p)  # (C,)
+        classes = logp.shape[0]
+        out = {n: torch.zeros_like(v) for n, v in p.items()}
+        if labels is not None:  # empirical: the true label's gradient only
+            (g,) = pullback((torch.arange(classes, device=logp.device) == label).to(logp.dtype))
+            return {n: g[n] ** 2 for n in out}
+        probs = logp.detach().exp()  # (C,)
+        for c in range(classes):  # E_y exactly: sum_c p_c (d log p_c)^2
+            (g,) = pullback((torch.arange(classes, device=logp.device) == c).to(logp.dtype))
+            for n in out:
+                out[n] = out[n] + probs[c] * g[n] ** 2
+        return out
+
+    size = batch_size(batch)
+    label_arg = labels if labels is not None else torch.zeros(size, dtype=torch.long)
+    label_arg = label_arg.to(next(iter(detached.values())).device)
+    squared = vmap(one, in_dims=(None, 0, 0))(detached, batch, label_arg)  # name -> (B, *shape)
+    for n, value in squared.items():
+        total[n] += value.sum(dim=0)
+
+
+def _add_loop(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
+              total: dict[str, torch.Tensor], size: int) -> None:
+    """The same per-example sums with ordinary autograd, one example at a time."""
+    names = list(params)
+    tensors = [params[n] for n in names]
+    for i in range(size):
+        logp = bound(example(batch, i))[0]  # (C,)
+        classes = [int(labels[i])] if labels is not None else range(logp.shape[0])
+        probs = logp.detach().exp()
+        for c in classes:
+            grads = torch.autograd.grad(logp[c], tensors, retain_graph=True, allow_unused=True)
+            weight = 1.0 if labels is not None else probs[c]
+            for n, g in zip(names, grads):
+                if g is not None:
+                    total[n] += weight * g.float() ** 2
+
+
+def _add_batched(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor,
+                 total: dict[str, torch.Tensor]) -> None:
+    """The shortcut: the square of the gradient of the batch's summed log-likelihood."""
+    names = list(params)
+    logp = bound(batch)  # (B, C)
+    picked = logp.gather(1, labels.reshape(-1, 1).to(logp.device)).sum()
+    grads = torch.autograd.grad(picked, [params[n] for n in names], allow_unused=True)
+    for n, g in zip(names, grads):
+        if g is not None:
+            total[n] += g.float() ** 2
