@@ -57,13 +57,18 @@ class _Bound(torch.nn.Module):
 
 def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_fn: LogitsFn, *,
                        kind: str = "exact", targets: TargetsFn | None = None, per_example: str = "vmap",
-                       progress: bool = False, model: str | os.PathLike | None = None) -> Statistics:
+                       class_chunk: int = 8, progress: bool = False,
+                       model: str | os.PathLike | None = None) -> Statistics:
     """The diagonal Fisher of every trainable parameter of ``module``, keyed by parameter name.
 
     ``batches`` yields inputs for ``logits_fn(module, batch) -> (B, C)``; ``targets(batch) -> (B,)``
     gives the true labels (``empirical`` and ``batched`` only). With ``per_example="vmap"``
     the function runs under ``torch.func.vmap`` on one example at a time (a batch of one) and
     must not branch on tensor values. The module is put in eval mode (no dropout).
+    ``class_chunk``: with ``per_example="loop"``, classes whose backward passes run as one
+    batched backward (memory: that many gradients of the whole module at once).
+    ``model``: the directory the module was loaded from; its files' digest goes in the manifest
+    and is checked again when the statistics are merged.
 
     >>> stats = fisher_information(model, loader, lambda m, b: m(b["x"]))      # doctest: +SKIP
     >>> stats.save("stats/fisher-task-a")                                      # doctest: +SKIP
@@ -92,7 +97,7 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
             elif per_example == "vmap":
                 _add_vmap(bound, params, batch, labels, total)
             else:
-                _add_loop(bound, params, batch, labels, total, size)
+                _add_loop(bound, params, batch, labels, total, size, class_chunk)
             examples += size
     finally:
         module.train(was_training)
@@ -133,20 +138,26 @@ def _add_vmap(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels
 
 
 def _add_loop(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
-              total: dict[str, torch.Tensor], size: int) -> None:
-    """The same per-example sums with ordinary autograd, one example at a time."""
+              total: dict[str, torch.Tensor], size: int, class_chunk: int) -> None:
+    """The same per-example sums with ordinary autograd, one example at a time; the classes'
+    backward passes run ``class_chunk`` at a time as one batched backward."""
     names = list(params)
     tensors = [params[n] for n in names]
     for i in range(size):
         logp = bound(example(batch, i))[0]  # (C,)
-        classes = [int(labels[i])] if labels is not None else range(logp.shape[0])
-        probs = logp.detach().exp()
-        for c in classes:
-            grads = torch.autograd.grad(logp[c], tensors, retain_graph=True, allow_unused=True)
-            weight = 1.0 if labels is not None else probs[c]
+        eye = torch.eye(logp.shape[0], device=logp.device, dtype=logp.dtype)  # (C, C): one class per row
+        if labels is not None:
+            rows, weights = eye[int(labels[i])].unsqueeze(0), torch.ones(1, device=logp.device)
+        else:
+            rows, weights = eye, logp.detach().exp()  # E_y exactly: sum_c p_c (d log p_c)^2
+        for start in range(0, rows.shape[0], class_chunk):
+            cotangents = rows[start:start + class_chunk]  # (k, C)
+            w = weights[start:start + class_chunk]  # (k,)
+            grads = torch.autograd.grad(logp, tensors, grad_outputs=cotangents, retain_graph=True,
+                                        is_grads_batched=True, allow_unused=True)  # each (k, *shape)
             for n, g in zip(names, grads):
-                if g is not None:
-                    total[n] += weight * g.float() ** 2
+                if g is not None:  # total += sum_k w_k g_k^2, one pass over the (k, *shape) squares
+                    total[n] += torch.tensordot(w.to(g.dtype), g.square_(), dims=1).float()
 
 
 def _add_batched(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor,
