@@ -91,7 +91,7 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     try:
         for batch in tqdm(batches, desc=f"fisher ({kind})", unit="batch", disable=not progress):
             size = batch_size(batch)
-            labels = targets(batch) if targets is not None else None
+            labels = targets(batch) if kind != "exact" and targets is not None else None  # exact: y ~ p
             if kind == "batched":
                 _add_batched(bound, params, batch, labels, total)
             elif per_example == "vmap":
