@@ -158,3 +158,46 @@ def test_statistics_errors(tmp_path):
     with pytest.raises(ConfigError, match="not a floating"):
         save_stats(tmp_path / "ints", Statistics(StatsManifest("gram", 1), {"a": torch.ones(2, dtype=torch.int64)}))
     assert_no_output(tmp_path / "ints")
+
+
+class TokenClassifier(torch.nn.Module):
+    """Embedding -> masked mean -> tanh -> Linear; ``tie`` shares the embedding with the head."""
+
+    def __init__(self, vocab: int, tie: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.embed = torch.nn.Embedding(vocab, 3 if tie else 4, padding_idx=0)
+        self.head = torch.nn.Linear(3 if tie else 4, 3, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight  # (3, 3): vocabulary of 3, 3 classes
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).float().unsqueeze(-1)  # (B, T, 1)
+        pooled = (self.embed(ids) * mask).sum(1) / mask.sum(1).clamp_min(1)  # (B, D)
+        return self.head(torch.tanh(pooled + self.embed(ids[:, :1]).squeeze(1)))  # the embedding used twice
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_embedding_rows_match_the_dense_gradient(tie):
+    vocab = 3 if tie else 12
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(1, vocab, (6, 5), generator=g)
+    ids[:, 3:] = 0  # padding
+    ids[0, 1] = ids[0, 2]  # a repeated token: its row gets the sum of both positions' gradients
+    model = TokenClassifier(vocab, tie)
+    dense = fisher_information(model, [ids[:3], ids[3:]], lambda m, b: m(b), per_example="loop")
+    rowwise = fisher_information(model, [ids[:3], ids[3:]], lambda m, b: m(b), per_example="loop",
+                                 embedding_rows=True, class_chunk=2)
+    reference = TokenClassifier(vocab, tie).double()
+    for name, p in reference.named_parameters():
+        acc = torch.zeros_like(p)
+        for i in range(len(ids)):
+            for c in range(3):
+                reference.zero_grad()
+                logp = torch.log_softmax(reference(ids[i:i + 1]), -1)[0]
+                logp[c].backward()
+                acc += float(logp[c].detach().exp()) * p.grad ** 2
+        torch.testing.assert_close(rowwise.tensors[name], (acc / len(ids)).float(), rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(dense.tensors[name], rowwise.tensors[name], rtol=1e-5, atol=1e-9)
+    if not tie:  # (tied, row 0 is also the head's weight of class 0)
+        assert rowwise.tensors["embed.weight"][0].abs().sum() == 0  # the padding row never trains
