@@ -62,9 +62,10 @@ def stats_dir(kind: str, task: str, model_dir: Path, head: CosineHead, examples:
     batches = _batches(encoder, examples)
     if kind == "fisher":
         # per_example="loop": on the CPU, torch has no vmap batching rule for SDPA attention, so a
-        # loop with batched per-class backward passes is faster here; both give the same numbers
-        stats = fisher_information(encoder.model, batches, _logits_fn(head), kind="exact", per_example="loop", embedding_rows=True,
-                                   model=model_dir, progress=True)
+        # loop with batched per-class backward passes is faster here; both give the same numbers.
+        # embedding_rows: BertModel uses its embeddings only through nn.Embedding (no tied head)
+        stats = fisher_information(encoder.model, batches, _logits_fn(head), kind="exact", per_example="loop",
+                                   embedding_rows=True, model=model_dir, progress=True)
     else:
         def forward(bert: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
             bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
