@@ -84,7 +84,6 @@ class SideInputs:
             total = 0.0
             for stored in self.names[k].values():
                 value = stats.read(stored)
-                self._progress(value.numel() * value.element_size())
                 total += float(value.double().pow(2).sum())
             if not total > 0:
                 raise InvalidTensorError(f"{stats.label}: every {self.spec.kind} value is 0, so it cannot be "
@@ -128,8 +127,9 @@ class SideInputs:
         return 3 * 4 * len(self.stats) if self.spec.rows else 0
 
     def adjust_plan(self, plan: Plan) -> Plan:
-        """The plan with the statistics' reads, and (Gram matrices) their memory, accounted for."""
-        reads = self.bytes_per_pass() * (1 + (self.spec.normalize == "l2"))
+        """The plan with the statistics' reads in the merge pass, and (Gram matrices) their memory,
+        accounted for. (normalize="l2" read them once more already, to find each model's norm.)"""
+        reads = self.bytes_per_pass()
         peak = plan.peak_bytes
         if not self.spec.rows:  # per model: the float32 stack, float64 copy and shrunk copy, plus the sums
             widest = max((job.shape[1] for job in self._jobs.values() if len(job.shape) == 2), default=0)
