@@ -201,3 +201,14 @@ def test_embedding_rows_match_the_dense_gradient(tie):
         torch.testing.assert_close(dense.tensors[name], rowwise.tensors[name], rtol=1e-5, atol=1e-9)
     if not tie:  # (tied, row 0 is also the head's weight of class 0)
         assert rowwise.tensors["embed.weight"][0].abs().sum() == 0  # the padding row never trains
+
+
+def test_a_model_vmap_cannot_run_gets_a_typed_error():
+    def branching(module, batch):
+        logits = module(batch[0])
+        return logits if bool((logits > 0).any()) else -logits  # data-dependent control flow
+
+    model, (x, y) = tiny_classifier(), data()
+    with pytest.raises(ConfigError, match="per_example='loop'"):
+        fisher_information(model, batches(x, y, 5), branching, per_example="vmap")
+    assert fisher_information(model, batches(x, y, 5), branching, per_example="loop").manifest.examples == 10

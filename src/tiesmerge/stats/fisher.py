@@ -101,7 +101,14 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
             if kind == "batched":
                 _add_batched(bound, params, batch, labels, total)
             elif per_example == "vmap":
-                _add_vmap(bound, params, batch, labels, total)
+                try:
+                    _add_vmap(bound, params, batch, labels, total)
+                except RuntimeError as exc:
+                    if "vmap" not in str(exc):
+                        raise
+                    raise ConfigError(f"the model cannot run under torch.func.vmap ({str(exc).splitlines()[0][:160]})",
+                                      hint="use per_example='loop' (--per-example loop): the same numbers, "
+                                           "with ordinary autograd") from None
             else:
                 _add_loop(bound, params, batch, labels, total, size, class_chunk, embedding_rows)
             examples += size
