@@ -67,7 +67,7 @@ def test_stats_then_merge_with_fisher_and_regmean(classifiers, tmp_path, capsys)
     gram = load_stats(tmp_path / "gram0")
     assert gram.tensors["bert.encoder.layer.0.intermediate.dense.weight"].shape == (16, 16)
     assert gram.tensors["classifier.weight"].shape == (16, 16)  # the head on the pooled vector
-    for method, kind, extra in (("fisher", "fisher", ["--normalize", "l2"]), ("regmean", "gram", ["--alpha", "0.9"])):
+    for method, kind, extra in (("fisher", "fisher", ["--normalize", "rms"]), ("regmean", "gram", ["--alpha", "0.9"])):
         out = tmp_path / f"out-{method}"
         argv = ["merge", "--method", method, "--base", str(base), *extra, "-o", str(out)]
         for k, ft in enumerate(fts):

@@ -196,7 +196,7 @@ def _write_table(table: ResultsTable, args, meta) -> None:
            "statistics with each task's own model on the first examples of its validation split "
            f"(exact Fisher: {m['validation_per_task_for_statistics']['fisher']} per task; Gram matrices: "
            f"{m['validation_per_task_for_statistics']['gram']} per task, padding excluded) and choose one option "
-           "on the tuning examples (Fisher: normalize ∈ {none, l2}, ε = 1e-6; RegMean: α ∈ {0.5, 0.7, 0.9, 0.95, 1}). "
+           "on the tuning examples (Fisher: normalize ∈ {none, rms}, ε = 1e-6; RegMean: α ∈ {0.5, 0.7, 0.9, 0.95, 1}). "
            "Normalized mean: each task's accuracy ÷ its own fine-tuned model's, averaged.\n\n")
     post = (f"\nSettings: seed {m['seed']}, device {m['device']} ({m['hardware'].get('gpu') or m['hardware']['processor']}, "
             f"{m['hardware']['cpu_count']} CPUs, torch {m['hardware']['torch']}), max length {m['max_length']} tokens, "
@@ -217,7 +217,7 @@ def data_aware_rows(args, suite, tasks, ft_dirs, base, heads, models, val, test,
 
     n_fisher = args.fisher_examples or args.stats_examples
     searches = (("RegMean", "regmean", "gram", [{"alpha": a} for a in (0.5, 0.7, 0.9, 0.95, 1.0)], args.stats_examples),
-                ("Fisher merging", "fisher", "fisher", [{"normalize": "none"}, {"normalize": "l2"}], n_fisher))
+                ("Fisher merging", "fisher", "fisher", [{"normalize": "none"}, {"normalize": "rms"}], n_fisher))
     rows = {}
     for label, name, kind, grid, examples in searches:
         dirs = [stats_dir(kind, t, ft_dirs[t], heads[t], suite[t].validation[:examples], args.device, log)

@@ -172,7 +172,7 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
                **method_options: Any) -> Plan:
     """What :func:`merge` would do, without reading any tensor data: tensors, bytes, peak memory.
 
-    (With ``normalize="l2"``, Fisher merging reads its statistics once to plan.)"""
+    (With ``normalize="rms"``, Fisher merging reads its statistics once to plan.)"""
     m = _method(method, method_options)
     with ExitStack() as stack:
         return _prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,

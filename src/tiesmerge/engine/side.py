@@ -39,7 +39,7 @@ class SideInputs:
         self.names: list[dict[str, str]] = [self._validate(k, s, models[k]) for k, s in enumerate(stats)]
         self.missing = sorted({name for k in range(len(stats)) for name, job in self._jobs.items()
                                if name not in self.names[k] and self.expected_shape(job) is not None})
-        self.scales = self._l2_scales() if spec.normalize == "l2" else [1.0] * len(stats)
+        self.scales = self._rms_scales() if spec.normalize == "rms" else [1.0] * len(stats)
         self._cached: tuple[str, torch.Tensor | None] | None = None  # whole Gram matrices of the last job
 
     # ------------------------------------------------------------------ checks
@@ -77,18 +77,19 @@ class SideInputs:
                 hint="the statistics belong to another model; recompute them with this model")
         return found
 
-    def _l2_scales(self) -> list[float]:
-        """1 / (L2 norm of each model's statistics over the whole model): one streaming pass."""
+    def _rms_scales(self) -> list[float]:
+        """1 / (root mean square of each model's statistics over the whole model): one streaming pass."""
         scales = []
         for k, stats in enumerate(self.stats):
-            total = 0.0
+            total, count = 0.0, 0
             for stored in self.names[k].values():
                 value = stats.read(stored)
                 total += float(value.double().pow(2).sum())
+                count += value.numel()
             if not total > 0:
                 raise InvalidTensorError(f"{stats.label}: every {self.spec.kind} value is 0, so it cannot be "
-                                         "normalized by its L2 norm", hint="use normalize: none, or recompute them")
-            scales.append(total ** -0.5)
+                                         "normalized by its scale", hint="use normalize: none, or recompute them")
+            scales.append((total / count) ** -0.5)
         return scales
 
     # ------------------------------------------------------------------ reading
@@ -128,7 +129,7 @@ class SideInputs:
 
     def adjust_plan(self, plan: Plan) -> Plan:
         """The plan with the statistics' reads in the merge pass, and (Gram matrices) their memory,
-        accounted for. (normalize="l2" read them once more already, to find each model's norm.)"""
+        accounted for. (normalize="rms" read them once more already, to find each model's scale.)"""
         reads = self.bytes_per_pass()
         peak = plan.peak_bytes
         if not self.spec.rows:  # per model: the float32 stack, float64 copy and shrunk copy, plus the sums

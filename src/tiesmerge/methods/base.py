@@ -35,8 +35,8 @@ class SideInput:
     kind:      the statistics kind every model's statistics must hold ("fisher" or "gram").
     rows:      True: a statistic has its parameter's shape and the engine reads the chunk's
                rows of it; False: one (in, in) matrix per 2-D parameter, read whole.
-    normalize: "none", or "l2": the engine divides each model's statistics by their L2 norm
-               over the whole model (a reduction pass over the statistics files).
+    normalize: "none", or "rms": the engine divides each model's statistics by their root
+               mean square over the whole model (a reduction pass over the statistics files).
     """
 
     kind: str

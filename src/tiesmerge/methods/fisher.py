@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigError
 from .base import ChunkContext, SideInput, check_choice, option
 
-NORMALIZATIONS = ("none", "l2")
+NORMALIZATIONS = ("none", "rms")
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,11 @@ class Fisher:
 
     F_t is model t's diagonal Fisher information (``tiesmerge stats fisher``). The floor keeps
     the quotient defined where no model's Fisher is positive: there every model weighs
-    epsilon, so the entry is the plain mean. ``normalize="l2"`` first divides each model's
-    Fisher by its L2 norm over the whole model, so a model whose log-likelihood has larger
-    gradients overall (fewer classes, a harder task) does not outweigh the others
-    everywhere. A tensor that some model has no Fisher for is averaged.
+    epsilon, so the entry is the plain mean. ``normalize="rms"`` first divides each model's
+    Fisher by its root mean square over the whole model, so a model whose log-likelihood has
+    larger gradients overall (fewer classes, a harder task) does not outweigh the others
+    everywhere; every model's Fisher then has mean square 1, and epsilon is the same relative
+    floor for each. A tensor that some model has no Fisher for is averaged.
     Computed on task vectors: sum_t F_t theta_t / sum_t F_t = base + sum_t F_t tau_t / sum_t F_t.
     """
 
@@ -33,7 +34,7 @@ class Fisher:
 
     epsilon: float = option(1e-6, "floor on every Fisher value (where all are below it, the mean)",
                             unit="Fisher units (after normalize)")
-    normalize: str = option("none", "divide each model's Fisher by its L2 norm over the whole model first",
+    normalize: str = option("none", "divide each model's Fisher by its root mean square over the whole model first",
                             choices=NORMALIZATIONS)
 
     def __post_init__(self) -> None:
