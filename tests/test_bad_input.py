@@ -445,8 +445,8 @@ def test_interrupt_mid_write_leaves_nothing(tmp_path, monkeypatch, where):
         spy = _Interrupt(writer_mod.SafetensorsStreamWriter.write, after=4)
         monkeypatch.setattr(writer_mod.SafetensorsStreamWriter, "write", spy.method())
     elif kernels.available():  # the fused CPU kernel does TIES's arithmetic
-        spy = _Interrupt(kernels.ties_merge_chunk, after=4)
-        monkeypatch.setattr(kernels, "ties_merge_chunk", spy.function())
+        spy = _Interrupt(kernels.ties_merge, after=4)
+        monkeypatch.setattr(kernels, "ties_merge", spy.function())
     else:
         spy = _Interrupt(tiesmerge.methods.Ties.merge, after=4)
         monkeypatch.setattr(tiesmerge.methods.Ties, "merge", spy.method())

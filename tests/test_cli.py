@@ -220,7 +220,7 @@ def test_keyboard_interrupt_exit_130_leaves_nothing(models, tmp_path, capsys, mo
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tiesmerge.methods.Ties, "merge", interrupted)
-    monkeypatch.setattr(kernels, "ties_merge_chunk", lambda *a, **k: interrupted(None))  # the fused CPU path
+    monkeypatch.setattr(kernels, "ties_merge", lambda *a, **k: interrupted(None))  # the fused CPU path
     rc, _, err = _run(["merge", *_flags(b, ms), "-o", tmp_path / "out"], capsys)
     assert rc == 130 and "interrupted" in err
     assert_no_output(tmp_path / "out")

@@ -8,7 +8,9 @@ import torch
 
 import tiesmerge
 from tiesmerge.engine import kernels
-from tiesmerge.methods import MagnitudePrune, Ties
+from tiesmerge.io.align import align
+from tiesmerge.io.checkpoint import StateDictCheckpoint
+from tiesmerge.methods import Average, MagnitudePrune, TaskArithmetic, Ties
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -43,9 +45,10 @@ def _both(base, models, method, **kwargs):
     Ties(), Ties(scope="per_tensor"), Ties(density=0.7, elect="count"), Ties(zero_sign="positive"),
     Ties(aggregate="sum", lam=1.3), Ties(aggregate="max"), Ties(weights=(0.5, 2.0, 1.0)),
     Ties(weights=(-1.0, 1.0, 0.5), scope="per_tensor"), Ties(density=1.0), Ties(density=0.01),
-    Ties(zero_sign="majority"), MagnitudePrune(),
+    Ties(zero_sign="majority"), Ties(zero_sign="majority", scope="per_tensor"), MagnitudePrune(),
+    TaskArithmetic(), TaskArithmetic(lam=0.7, weights=(0.5, -1.0, 2.0)), Average(), Average(weights=(1.0, 3.0, 0.5)),
 ])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_equals_torch_path(method, dtype):
     base, models = _family(3, dtype)
     fused, plain = _both(base, models, method)
@@ -63,17 +66,104 @@ def test_fused_is_chunking_invariant(scope):
         assert torch.equal(whole[name], chunked[name]), name
 
 
-def test_histogram_kernel_counts_like_the_radix_select():
-    from tiesmerge.engine.select import RadixSelect
+def _count_with_kernel(selector, base, models):
+    def run(*counts):
+        assert kernels.count_pass(kernels.raw_view(base), kernels.raw_view(models), *counts)
+    selector.add_counts(run)
+
+
+def _exact(base, models, keep):
+    tau = (models.float() - base.float()).abs()
+    return torch.stack([torch.tensor(float("inf")) if k <= 0 else tau[t].kthvalue(tau.shape[1] - k + 1).values
+                        for t, k in enumerate(keep)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_counting_kernel_finds_the_exact_threshold_like_the_torch_count(dtype):
+    from tiesmerge.engine.select import WindowSelect
 
     g = torch.Generator().manual_seed(1)
-    base = torch.randn(50_000, generator=g)
-    models = base + torch.randn(3, 50_000, generator=g) * torch.tensor([[0.1], [1.0], [0.01]])
+    base = torch.randn(50_000, generator=g).to(dtype)
+    models = (base.float() + torch.randn(3, 50_000, generator=g) * torch.tensor([[0.1], [1.0], [0.01]])).to(dtype)
+    models[0, :100] = base[:100]  # exact zeros
     for keep in ([1, 20_000, 49_999], [0, 10, 50_000]):
-        fused, plain = RadixSelect(keep, "cpu"), RadixSelect(keep, "cpu")
+        fused, plain = WindowSelect(keep, "cpu"), WindowSelect(keep, "cpu")
         while not plain.done:
-            fused.add_counts(lambda h, s=fused: kernels.histogram_pass(base, models, s.stage, s.chosen_high, h))
+            _count_with_kernel(fused, base, models)
             fused.end_pass()
-            plain.observe(models - base)
+            plain.observe(models.float() - base.float())
             plain.end_pass()
+        assert fused.done and fused.passes == plain.passes <= 2
         assert torch.equal(fused.thresholds(), plain.thresholds())
+        assert torch.equal(fused.thresholds(), _exact(base, models, keep))
+
+
+@pytest.mark.parametrize("where", ["inside", "above", "below", "narrow-bins"])
+def test_a_bracket_that_misses_costs_passes_never_exactness(where):
+    """Brackets from a sample usually hold the threshold (one pass); any that does not, or
+    that is wider than the bins, still ends at the exact value."""
+    import numpy as np
+
+    from tiesmerge.engine.select import WindowSelect
+
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(40_000, generator=g)
+    models = base + torch.randn(2, 40_000, generator=g) * 0.05
+    keep = [8_000, 8_000]
+    exact = _exact(base, models, keep)
+    bits = exact.numpy().view(np.uint32).astype(np.int64)
+    lo, hi, bins = {"inside": (bits - 50, bits + 50, 1 << 12), "above": (bits - 900, bits - 100, 1 << 12),
+                    "below": (bits + 100, bits + 900, 1 << 12), "narrow-bins": (bits - 200_000, bits + 200_000, 1 << 4)}[where]
+    for counter in ("kernel", "torch"):
+        sel = WindowSelect(keep, "cpu", bins=bins, bracket=(lo, hi))
+        while not sel.done:
+            if counter == "kernel":
+                _count_with_kernel(sel, base, models)
+            else:
+                sel.observe(models - base)
+            sel.end_pass()
+        assert torch.equal(sel.thresholds(), exact), (where, counter)
+        assert sel.passes == (1 if where == "inside" else sel.passes)
+        assert sel.passes > 1 or where == "inside"
+
+
+def test_a_sample_bracket_holds_the_threshold_of_a_heterogeneous_scope():
+    """Rows of very different scales widen the bracket (group spread), so it still holds."""
+    import numpy as np
+
+    from tiesmerge.engine.select import bracket_from_sample
+
+    g = torch.Generator().manual_seed(3)
+    scales = torch.logspace(-4, -1, 64).repeat_interleave(4096)  # 64 blocks of rows, 3 decades apart
+    tau = (torch.randn(2, scales.numel(), generator=g) * scales).abs()
+    keep = [scales.numel() // 5] * 2
+    exact = torch.stack([tau[t].kthvalue(tau.shape[1] - keep[t] + 1).values for t in range(2)]).numpy()
+    runs = torch.randint(0, scales.numel() - 256, (64,), generator=g)
+    sample = torch.cat([tau[:, r:r + 256] for r in runs], dim=1).numpy()
+    groups = np.repeat(np.arange(64) % 16, 256)
+    lo, hi = bracket_from_sample(sample, groups, keep, scales.numel())
+    bits = exact.view(np.uint32)
+    assert ((lo <= bits) & (bits <= hi)).all()
+
+
+def test_global_merge_makes_one_counting_pass_with_a_sample_bracket(monkeypatch):
+    from tiesmerge.engine import executor as ex
+
+    monkeypatch.setattr(ex, "SAMPLE_RUNS", 64)
+    monkeypatch.setattr(ex, "SAMPLE_RUN", 256)
+    g = torch.Generator().manual_seed(4)
+    base = {"a": torch.randn(300, 256, generator=g).bfloat16(), "b": torch.randn(100, 64, generator=g).bfloat16()}
+    models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 0.01).bfloat16() for k, v in base.items()}
+              for _ in range(3)]
+    base_ck = StateDictCheckpoint(base, "base")
+    model_cks = [StateDictCheckpoint(m, f"m{i}") for i, m in enumerate(models)]
+
+    executor = ex.Executor(base_ck, model_cks, align(base_ck, model_cks), Ties())
+    sink = ex.MemorySink(executor.alignment.jobs, None)
+    stats = executor.run(sink)
+    assert stats.passes == 2 and stats.sample_bytes > 0  # one counting pass + the merge pass
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "available", lambda: False)
+        plain = tiesmerge.merge(base, models, Ties())
+    for name in plain:
+        assert torch.equal(sink.state[name], plain[name]), name

@@ -228,3 +228,44 @@ def test_format_then_parse_round_trips_within_rounding() -> None:
     for n in (1, 1000, 123_456, 7 * GiB + 12345):
         text = format_size(n).replace(" ", "")
         assert abs(parse_size(text) - n) <= max(1, n * 0.005)
+
+
+# ---------------------------------------------------------------------------------------------- memory arithmetic
+
+
+def test_bytes_per_entry_of_either_path() -> None:
+    from tiesmerge.engine.plan import bytes_per_entry
+
+    # fused: 2 read slots x (base + n models) x itemsize + 2 output buffers
+    assert bytes_per_entry(3, 2, 2, fused=True) == 2 * 4 * 2 + 2 * 2
+    assert bytes_per_entry(8, 4, 2, fused=True) == 2 * 9 * 4 + 2 * 2
+    assert bytes_per_entry(3, 2, 8, fused=True) == 2 * 4 * 2 + 2 * (4 + 8)  # float32, then the cast
+    # torch: raw rows + tau and 3 temporaries (n x float32 each) + base32 + merged32 + output
+    assert bytes_per_entry(3, 2, 2) == 2 * 4 * 2 + 4 * 3 * 4 + 4 + 4 + 2
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("budget", [200 * MiB, 512 * MiB, 2 * GiB])
+@pytest.mark.parametrize("whole", [False, True])
+def test_every_chunk_fits_the_budget(fused: bool, budget: int, whole: bool) -> None:
+    """A model larger than the budget is cut so that each chunk's working set, plus the
+    fixed overhead, stays under the budget; chunks stop at the speed cap unless kept whole."""
+    from tiesmerge.engine.plan import FIXED_OVERHEAD, SPEED_CHUNK_ENTRIES, bytes_per_entry, make_plan
+    from tiesmerge.io.align import Alignment, TensorJob
+
+    jobs = tuple(TensorJob(f"w{i}", shape, torch.bfloat16, True) for i, shape in
+                 enumerate([(32000, 4096), (11008, 4096), (4096, 4096), (4096,)]))
+    n = 8
+    plan = make_plan(Alignment(jobs), n, memory_budget=budget, out_dtype=None, selection_passes=1,
+                     fused=fused, whole_tensors=whole)
+    per_entry = bytes_per_entry(n, 2, 2, fused=fused)
+    assert sum(j.numel for j in jobs) * 2 * (n + 1) > budget  # the inputs are larger than the budget
+    for job in jobs:
+        chunks = plan.chunks_by_job[job.name]
+        assert sum(c.numel for c in chunks) == job.numel
+        row = job.numel // job.shape[0]
+        for c in chunks:
+            assert c.numel * per_entry + FIXED_OVERHEAD <= budget or c.numel == row  # one row is the floor
+            if not whole:
+                assert c.numel <= max(SPEED_CHUNK_ENTRIES, row)
+    assert plan.peak_bytes <= budget

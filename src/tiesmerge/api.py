@@ -292,8 +292,9 @@ def _manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: 
         "output": {"files": files, "copied_from_base": copied, "dtype": recipe.dtype or "same as base"},
         "engine": {"device": str(executor.device), "arithmetic": stats.engine,
                    "memory_budget_bytes": executor.plan.memory_budget,
-                   "estimated_peak_bytes": executor.plan.peak_bytes, "passes": executor.plan.passes,
-                   "bytes_read": stats.bytes_read},
+                   "estimated_peak_bytes": executor.plan.peak_bytes, "passes": stats.passes,
+                   "planned_passes": executor.plan.passes, "bytes_read": stats.bytes_read,
+                   "per_tensor_reduction_bytes": stats.reduce_bytes, "sample_bytes": stats.sample_bytes},
         "seconds": {k: round(v, 4) for k, v in stats.seconds.items()},
     }
 

@@ -1,9 +1,19 @@
 """Runs a plan: reduction passes (top-k thresholds, majority sign), then the merge pass.
 
 Each pass streams the merged tensors chunk by chunk: read the base's and every model's rows
-(the next chunk is read ahead on a thread while this one computes), form the float32 task
-vectors on the device, hand them to the method, add the result to the base, cast, and give it
-to the sink. Nothing larger than a chunk is ever held.
+(the next chunk is read ahead on a thread while this one computes), merge, cast, and hand the
+result to the sink. Nothing larger than a chunk is ever held.
+
+Two ways to compute a chunk:
+
+* the fused CPU path (numba, :mod:`.kernels`): rows are read as stored into two reusable
+  buffers (one computed on, one being read ahead) and the kernels widen, subtract, trim, elect,
+  merge and round to the output dtype in one pass, writing into a reusable output buffer;
+* the torch path (any device, any method): float32 task vectors ``(n, *S)`` on the device,
+  handed to the method's ``merge``.
+
+Global top-k starts from a bracket estimated on a sample of runs of entries, so one counting
+pass usually finds the exact thresholds (see :mod:`.select`).
 """
 
 from __future__ import annotations
@@ -14,20 +24,28 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from ..errors import InvalidTensorError
 from ..io.align import Alignment, TensorJob
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, read_flat_range, read_rows_into
 from ..methods import ops
+from ..methods.average import Average
 from ..methods.base import ChunkContext, MergeMethod
+from ..methods.task_arithmetic import TaskArithmetic
 from ..methods.ties import Ties
 from . import kernels
 from .plan import Chunk, Plan, make_plan
-from .select import RadixSelect, kth_largest
+from .select import WindowSelect, bracket_from_sample, kth_largest
 from .side import SideInputs
 
-__all__ = ["Sink", "MemorySink", "RunStats", "Executor"]
+__all__ = ["Sink", "MemorySink", "RunStats", "Executor", "RawRows"]
+
+SAMPLE_RUNS = 1024  # runs of neighbouring entries drawn to bracket a global threshold
+SAMPLE_RUN = 1024  # entries per run: one short pread per input
+SAMPLE_GROUPS = 32  # run groups whose quantiles measure the estimate's spread
+_KERNEL_HIST_BYTES = 32 << 20  # cap on the per-thread window histograms of a counting pass
 
 
 class Sink(Protocol):
@@ -62,6 +80,48 @@ class RunStats:
     tensors_tied: int = 0
     thresholds: list[float] | None = None  # global scope: one per model
     engine: str = "torch"  # which arithmetic ran: the torch ops or the fused CPU kernels
+    passes: int = 0  # passes actually made over all merged tensors (the plan's is an estimate)
+    reduce_bytes: int = 0  # bytes read by the reductions of per-tensor scopes too large for one chunk
+    sample_bytes: int = 0  # bytes read to bracket global thresholds
+
+
+@dataclass(frozen=True)
+class RawRows:
+    """One chunk's rows as stored, in a reused buffer: base (E,) and models (n, E), as the
+    kernels' raw views (:func:`kernels.raw_view`), and the chunk's shape and dtype."""
+
+    base: np.ndarray
+    models: np.ndarray
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The same bytes as torch tensors in the stored dtype (no copy): base, then models."""
+        as_torch = (lambda a: torch.from_numpy(a).view(self.dtype)) if self.dtype != torch.float32 else torch.from_numpy
+        return [as_torch(self.base).view(self.shape)] + [as_torch(m).view(self.shape) for m in self.models]
+
+
+class _Buffers:
+    """Reusable byte buffers, grown on demand: two read slots and one output buffer.
+
+    Reusing them means each pass faults its pages in once, not once per chunk, and the
+    memory the budget pays for is exactly these three buffers.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def take(self, key: str, nbytes: int) -> np.ndarray:
+        array = self._arrays.get(key)
+        if array is None or array.size < nbytes:
+            self._arrays.pop(key, None)  # free the old one before allocating the larger
+            array = self._arrays[key] = np.empty(max(nbytes, 64), np.uint8)
+        return array[:nbytes]
+
+
+def _sampled_numel() -> int:
+    """Scopes above this many entries get a sampled bracket (their sample is under a quarter)."""
+    return 4 * SAMPLE_RUNS * SAMPLE_RUN
 
 
 def _stream_id(name: str) -> int:
@@ -84,11 +144,17 @@ class Executor:
         self.n = len(models)
         self.trim = method.trim_spec()
         self.majority = method.needs_majority_sign()
+        self._kernels = fused and kernels.available() and self.device.type == "cpu"
         global_scope = self.trim is not None and self.trim.scope == "global"
-        selection_passes = (2 if global_scope else 0) + (1 if global_scope and self.majority else 0)
+        # a sampled bracket usually pins the thresholds in one counting pass; small scopes take
+        # the two radix passes (fewer when a bin holds a single value)
+        counting = 1 if alignment.merged_numel() > _sampled_numel() else 2
+        selection_passes = (counting if global_scope else 0) + (1 if global_scope and self.majority else 0)
         chunked_passes = 0 if global_scope or self.trim is None else 2 + int(self.majority)
         self.plan: Plan = make_plan(alignment, self.n, memory_budget=memory_budget, out_dtype=out_dtype,
                                     selection_passes=selection_passes, chunked_scope_passes=chunked_passes,
+                                    fused=self._kernels,
+                                    whole_tensors=self.trim is not None and self.trim.scope == "per_tensor",
                                     extra_bytes_per_entry=side.extra_bytes_per_entry() if side else 0)
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
@@ -100,38 +166,76 @@ class Executor:
             self.weights = self.weights.to(self.device)
         self._progress = progress or (lambda nbytes: None)
         self._checked: set[tuple[str, int]] = set()
+        self._buffers = _Buffers()
+        self._raw_ok: dict[str, bool] = {}
+        self._passes_made = 0
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending_write: Future | None = None
+        self._out_slot = 0
         self.stats = RunStats()
-        # fused numba kernels on the CPU: histograms for every trimming method, the merge for TIES
-        self._fused_select = fused and kernels.available() and self.device.type == "cpu"
-        self._fused_ties = self._fused_select and isinstance(method, Ties)
-        self.stats.engine = "fused CPU kernels (numba)" if self._fused_select else "torch"
-
+        # fused numba kernels on the CPU: counting for every trimming method, the merge for
+        # TIES, task arithmetic and averaging; the torch path for the rest
+        self._fused_merge = self._kernels and type(method) in (Ties, TaskArithmetic, Average)
+        self.stats.engine = "fused CPU kernels (numba)" if self._kernels else "torch"
 
     # ------------------------------------------------------------------ reading
-    def _read(self, chunk: Chunk) -> list[torch.Tensor]:
-        """Raw rows of the base and of every model, on the CPU, in their stored dtypes."""
-        rows = chunk.rows
-        out = [self.base.read(chunk.job.name, rows)]
-        out += [m.read(chunk.job.name, rows) for m in self.models]
-        nbytes = sum(t.numel() * t.element_size() for t in out)
+    def _raw(self, job: TensorJob) -> bool:
+        """Whether a job's rows go to the kernels as stored: all inputs share one dtype they read."""
+        ok = self._raw_ok.get(job.name)
+        if ok is None:
+            ok = self._raw_ok[job.name] = (
+                self._kernels and job.dtype in kernels.RAW_DTYPES
+                and all(m.info(job.name).dtype == job.dtype for m in self.models))
+        return ok
+
+    def _read(self, chunk: Chunk, slot: int) -> RawRows | list[torch.Tensor]:
+        """The chunk's rows of the base and of every model, as stored: into read slot ``slot``
+        for the kernels, or as fresh CPU tensors for the torch path."""
+        name, rows = chunk.job.name, chunk.rows
+        inputs = [self.base, *self.models]
+        if self._raw(chunk.job):
+            dtype = chunk.job.dtype
+            size = chunk.numel * dtype.itemsize
+            buffer = self._buffers.take(f"read{slot}", size * len(inputs))
+            for i, ckpt in enumerate(inputs):
+                read_rows_into(ckpt, name, rows, memoryview(buffer[i * size:(i + 1) * size]))
+            typed = buffer.view(kernels.raw_view(torch.empty(0, dtype=dtype)).dtype).reshape(len(inputs), chunk.numel)
+            shape = chunk.job.shape
+            if rows is not None and shape:
+                first, stop, _ = rows.indices(shape[0])
+                shape = (max(0, stop - first), *shape[1:])
+            payload: RawRows | list[torch.Tensor] = RawRows(typed[0], typed[1:], dtype, tuple(shape))
+            nbytes = size * len(inputs)
+        else:
+            payload = [ckpt.read(name, rows) for ckpt in inputs]
+            nbytes = sum(t.numel() * t.element_size() for t in payload)
         self.stats.bytes_read += nbytes
         self._progress(nbytes)
-        return out
+        return payload
 
-    def _stream(self, chunks: list[Chunk]) -> Iterator[tuple[Chunk, list[torch.Tensor]]]:
-        """Yield (chunk, raw inputs), reading the next chunk on a thread while the caller computes."""
+    def _stream(self, chunks: list[Chunk]) -> Iterator[tuple[Chunk, RawRows | list[torch.Tensor]]]:
+        """Yield (chunk, inputs), reading the next chunk on a thread while the caller computes.
+
+        The two read slots alternate: chunk i+1 is read into the slot chunk i-1 used, which
+        the caller finished with when it asked for chunk i.
+        """
         if not chunks:
             return
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-read") as pool:
-            pending: Future = pool.submit(self._read, chunks[0])
+            pending: Future = pool.submit(self._read, chunks[0], 0)
             for i, chunk in enumerate(chunks):
-                raw = pending.result()
+                payload = pending.result()
                 if i + 1 < len(chunks):
-                    pending = pool.submit(self._read, chunks[i + 1])
-                yield chunk, raw
+                    pending = pool.submit(self._read, chunks[i + 1], (i + 1) % 2)
+                yield chunk, payload
 
-    def _inputs(self, chunk: Chunk, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _tensors(payload: RawRows | list[torch.Tensor]) -> list[torch.Tensor]:
+        return payload.tensors() if isinstance(payload, RawRows) else payload
+
+    def _inputs(self, chunk: Chunk, payload: RawRows | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(base32 (*S), models32 (n, *S)) float32 on the device, checked finite on first sight."""
+        raw = self._tensors(payload)
         # copy=True: a float32 CPU base read from a state dict (or an mmap'd pickle) is the
         # caller's own tensor, and the merge adds into base32 in place; without the copy,
         # merging would overwrite the caller's base weights.
@@ -149,12 +253,12 @@ class Executor:
                     self._raise_not_finite(chunk, raw)
         return base32, models32
 
-    def _task_vectors(self, chunk: Chunk, raw: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _task_vectors(self, chunk: Chunk, payload: RawRows | list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(base32 (*S), tau (n, *S)) float32 on the device."""
-        base32, models32 = self._inputs(chunk, raw)
+        base32, models32 = self._inputs(chunk, payload)
         tau = models32.sub_(base32)  # (n, *S), in place: the models' values are not needed again
         if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
-            self._raise_not_finite(chunk, raw)
+            self._raise_not_finite(chunk, self._tensors(payload))
         return base32, tau
 
     def _raise_not_finite(self, chunk: Chunk, raw: list[torch.Tensor]) -> None:
@@ -175,34 +279,79 @@ class Executor:
         return [c for job in jobs for c in self.plan.chunks_by_job[job.name]]
 
     # ------------------------------------------------------------------ reductions
+    def _kernel_bins(self) -> int:
+        """Window bins per model for the counting kernel: the per-thread histograms stay
+        under ``_KERNEL_HIST_BYTES`` (2^18 bins for a few models on a few cores)."""
+        per_bin = 24 * self.n * max(1, kernels.numba.config.NUMBA_NUM_THREADS if kernels.numba else 1)
+        bins = 1 << max(12, min(18, (_KERNEL_HIST_BYTES // per_bin).bit_length() - 1))
+        return bins
+
+    def _count(self, selector: WindowSelect, chunk: Chunk, payload: RawRows | list[torch.Tensor]) -> None:
+        if isinstance(payload, RawRows):
+            finite = [True]
+
+            def run(*counts):
+                finite[0] = kernels.count_pass(payload.base, payload.models, *counts)
+
+            selector.add_counts(run)
+            if not finite[0]:
+                self._raise_not_finite(chunk, payload.tensors())
+        else:
+            selector.observe(self._task_vectors(chunk, payload)[1])
+
+    def _sample(self, chunks: list[Chunk], numel: int) -> tuple[np.ndarray, np.ndarray]:
+        """|tau| at ``SAMPLE_RUNS`` runs of ``SAMPLE_RUN`` neighbouring entries drawn uniformly
+        over the scope (seeded: the same merge draws the same runs): (n, S) float32, and each
+        entry's run group (S,)."""
+        jobs = list(dict.fromkeys(c.job for c in chunks))
+        starts = np.cumsum([0] + [j.numel for j in jobs])  # flat offset of each job in the scope
+        rng = np.random.default_rng(numel)
+        picks = np.sort(rng.integers(0, numel, SAMPLE_RUNS))
+        values, groups = [], []
+        for r, flat in enumerate(picks):
+            j = int(np.searchsorted(starts, flat, side="right")) - 1
+            job, local = jobs[j], int(flat - starts[j])
+            count = min(SAMPLE_RUN, job.numel - local)
+            reads = [read_flat_range(ckpt, job.name, local, count) for ckpt in (self.base, *self.models)]
+            self.stats.sample_bytes += sum(t.numel() * t.element_size() for t in reads)
+            base32 = reads[0].float()
+            values.append(torch.stack([(m.float() - base32).abs() for m in reads[1:]]))  # (n, count)
+            groups.append(np.full(count, r % SAMPLE_GROUPS))
+        sample = torch.cat(values, dim=1).numpy()
+        return np.nan_to_num(sample, nan=np.inf), np.concatenate(groups)
+
     def _select(self, chunks: list[Chunk], numel: int) -> torch.Tensor:
+        """Exact per-model thresholds over the scope made of ``chunks`` (``numel`` entries)."""
         assert self.trim is not None
-        keep = ops.keep_count(numel, self.trim.density)
-        selector = RadixSelect([keep] * self.n, self.device)
+        keep = [ops.keep_count(numel, self.trim.density)] * self.n
+        bracket = None
+        if numel > _sampled_numel() and keep[0] > 0:  # smaller scopes: two passes cost little
+            sample, groups = self._sample(chunks, numel)
+            bracket = bracket_from_sample(sample, groups, keep, numel)
+        use_kernels = any(self._raw(c.job) for c in chunks)
+        selector = WindowSelect(keep, self.device, bins=self._kernel_bins() if use_kernels else 1 << 16,
+                                bracket=bracket)
         while not selector.done:
-            for chunk, raw in self._stream(chunks):
-                if self._fused_select:
-                    selector.add_counts(lambda hist, chunk=chunk, raw=raw: kernels.histogram_pass(
-                        *self._inputs(chunk, raw), selector.stage, selector.chosen_high, hist))
-                else:
-                    selector.observe(self._task_vectors(chunk, raw)[1])
+            for chunk, payload in self._stream(chunks):
+                self._count(selector, chunk, payload)
             selector.end_pass()
+        self._passes_made = selector.passes
         return selector.thresholds().to(self.device)
 
     def _majority(self, chunks: list[Chunk], thresholds: torch.Tensor) -> float:
         total = 0.0
-        for chunk, raw in self._stream(chunks):
+        for chunk, payload in self._stream(chunks):
             ctx = ChunkContext(thresholds=thresholds, weights=self.weights)
-            total += self.method.elected_sign_sum(self._task_vectors(chunk, raw)[1], ctx)
+            total += self.method.elected_sign_sum(self._task_vectors(chunk, payload)[1], ctx)
         return float(torch.tensor(total).sign())
 
-    def _select_in_memory(self, base32: torch.Tensor, models32: torch.Tensor, numel: int) -> torch.Tensor:
-        """Thresholds of a per-tensor scope held in one chunk, from the fused histograms."""
+    def _select_in_memory(self, chunk: Chunk, raw: RawRows, numel: int) -> torch.Tensor:
+        """Thresholds of a per-tensor scope held in one chunk: counting passes over memory."""
         assert self.trim is not None
-        selector = RadixSelect([ops.keep_count(numel, self.trim.density)] * self.n, self.device)
+        selector = WindowSelect([ops.keep_count(numel, self.trim.density)] * self.n, self.device,
+                                bins=self._kernel_bins())
         while not selector.done:
-            selector.add_counts(lambda hist: kernels.histogram_pass(base32, models32, selector.stage,
-                                                                    selector.chosen_high, hist))
+            self._count(selector, chunk, raw)
             selector.end_pass()
         return selector.thresholds()
 
@@ -213,17 +362,39 @@ class Executor:
         return torch.stack([kth_largest(flat[t], keep) for t in range(self.n)]).to(torch.float32)
 
     # ------------------------------------------------------------------ passes
+    def _write(self, fn: Callable[..., None], *args: object) -> None:
+        """Queue a sink call on the writer thread, in order, after the previous one finished.
+
+        At most one write is in flight: while chunk i is written, chunk i+1 is computed into
+        the other output buffer, and chunk i+2 waits here until chunk i's buffer is free.
+        """
+        if self._pending_write is not None:
+            self._pending_write.result()  # re-raises the writer's error here
+        self._pending_write = self._writer.submit(fn, *args)
+
     def run(self, sink: Sink) -> RunStats:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-write") as writer:
+            self._writer, self._pending_write = writer, None
+            try:
+                return self._run(sink)
+            finally:
+                if self._pending_write is not None:
+                    pending, self._pending_write = self._pending_write, None
+                    pending.result()
+
+    def _run(self, sink: Sink) -> RunStats:
         merged_jobs = [j for j in self.alignment.jobs if j.merge]
         clock = time.perf_counter()
         thresholds = majority = None
         if self.trim is not None and self.trim.scope == "global":
             thresholds = self._select(self._chunks(merged_jobs), self.alignment.merged_numel())
+            self.stats.passes += self._passes_made
             self.stats.thresholds = [float(x) for x in thresholds.cpu()]
             self.stats.seconds["select"] = time.perf_counter() - clock
             clock = time.perf_counter()
             if self.majority:
                 majority = self._majority(self._chunks(merged_jobs), thresholds)
+                self.stats.passes += 1
                 self.stats.seconds["majority"] = time.perf_counter() - clock
                 clock = time.perf_counter()
         for job in self.alignment.jobs:
@@ -234,11 +405,12 @@ class Executor:
                 value = self.base.read(job.name)
                 self.stats.bytes_read += value.numel() * value.element_size()
                 self._progress(value.numel() * value.element_size())
-                sink.write(job.name, None, value)
+                self._write(sink.write, job.name, None, value)
                 self.stats.tensors_copied += 1
             for alias in job.aliases:
-                sink.alias(alias, job.name)
+                self._write(sink.alias, alias, job.name)
                 self.stats.tensors_tied += 1
+        self.stats.passes += 1
         self.stats.seconds["merge"] = time.perf_counter() - clock
         return self.stats
 
@@ -246,21 +418,22 @@ class Executor:
         chunks = list(self.plan.chunks_by_job[job.name])
         per_tensor = self.trim is not None and self.trim.scope == "per_tensor"
         if per_tensor and len(chunks) > 1:  # a per-tensor scope too large for one chunk: reduce first
+            before = self.stats.bytes_read
             thresholds = self._select(chunks, job.numel)
             if self.majority:
                 majority = self._majority(chunks, thresholds)
+            self.stats.reduce_bytes += self.stats.bytes_read - before
         stream = _stream_id(job.name)
-        for chunk, raw in self._stream(chunks):
-            if self._fused_ties and not self.majority:
-                base32, models32 = self._inputs(chunk, raw)
+        out_dtype = self.out_dtype or job.dtype
+        for chunk, payload in self._stream(chunks):
+            if isinstance(payload, RawRows) and self._fused_merge and not (per_tensor and self.majority and len(chunks) == 1):
                 if per_tensor and len(chunks) == 1:
-                    thresholds = self._select_in_memory(base32, models32, job.numel)
-                merged32 = kernels.ties_merge_chunk(base32, models32, thresholds, self.weights, self.method.lam,
-                                                    self.method.elect, self.method.zero_sign, majority,
-                                                    self.method.aggregate)
-                sink.write(job.name, chunk.rows, merged32.to(self.out_dtype or job.dtype))
+                    thresholds = self._select_in_memory(chunk, payload, job.numel)
+                self._out_slot ^= 1  # the other output buffer: the last chunk may still be being written
+                merged = self._fused_chunk(chunk, payload, thresholds, majority, out_dtype, self._out_slot)
+                self._write(sink.write, job.name, chunk.rows, merged)
                 continue
-            base32, tau = self._task_vectors(chunk, raw)
+            base32, tau = self._task_vectors(chunk, payload)
             chunk_thresholds, chunk_majority = thresholds, majority
             if per_tensor and len(chunks) == 1:
                 chunk_thresholds = self._inline_thresholds(tau, job.numel)
@@ -271,5 +444,29 @@ class Executor:
                                stream=stream, offset=chunk.offset,
                                side=self.side.read(chunk) if self.side is not None else None)
             delta = self.method.merge(tau, ctx)  # (*S) float32
-            merged = base32.add_(delta).to(self.out_dtype or job.dtype)
-            sink.write(job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)
+            merged = base32.add_(delta).to(out_dtype)
+            self._write(sink.write, job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)
+
+    def _fused_chunk(self, chunk: Chunk, raw: RawRows, thresholds: torch.Tensor | None, majority: float | None,
+                     out_dtype: torch.dtype, slot: int) -> torch.Tensor:
+        """One chunk through a fused kernel, into output buffer ``slot``: (*S) ``out_dtype``."""
+        direct = out_dtype in kernels.OUT_DTYPES  # bfloat16 and float32 are written by the kernel
+        kernel_dtype = out_dtype if direct else torch.float32
+        buffer = self._buffers.take(f"out{slot}", chunk.numel * kernel_dtype.itemsize)
+        out = torch.from_numpy(buffer).view(kernel_dtype)
+        target = kernels.out_view(out)
+        m = self.method
+        if isinstance(m, Ties):
+            w = np.ones(self.n, np.float32) if self.weights is None else self.weights.cpu().numpy()
+            finite = kernels.ties_merge(raw.base, raw.models, thresholds.cpu().numpy(), w, m.lam, m.elect,
+                                        m.zero_sign, majority, m.aggregate, target)
+        elif isinstance(m, TaskArithmetic):
+            coef = None if self.weights is None else self.weights.cpu().numpy()
+            finite = kernels.linear_merge(raw.base, raw.models, coef, m.lam, 1, target)
+        else:  # Average: the torch path's mean (sum / n), or sum of w_t / sum(w) * tau_t
+            coef = None if self.weights is None else (self.weights / self.weights.sum()).cpu().numpy()
+            finite = kernels.linear_merge(raw.base, raw.models, coef, float(self.n), 2 if coef is None else 0, target)
+        if not finite:
+            self._raise_not_finite(chunk, raw.tensors())
+        out = out.view(raw.shape)
+        return out if direct else out.to(out_dtype)

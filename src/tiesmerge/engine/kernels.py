@@ -1,10 +1,15 @@
-"""Fused CPU kernels (numba) for the hot paths: the top-k histograms and the TIES merge.
+"""Fused CPU kernels (numba): the top-k counting pass, the TIES merge, the linear merges.
 
-The torch path runs a merge as a dozen elementwise passes over (n, E) float32 temporaries;
-these kernels make one pass per chunk, element by element, with nothing larger than the
-output allocated, and use every core. They compute exactly what :mod:`tiesmerge.methods.ops`
-computes (float32, same rules); the tests hold the two paths to each other. When numba is not
-installed, or for a method or device they do not cover, the engine uses the torch path.
+The kernels read the checkpoints' raw rows as stored (bfloat16 bit patterns as ``uint16``,
+float16 bit patterns as ``int16``, float32 as is), widen each value to float32 in a register,
+and write the output in its final dtype (bfloat16 rounded to nearest even, as torch does). So a
+pass over a chunk touches each input byte once and allocates nothing larger than a block of
+scratch. They compute exactly what :mod:`tiesmerge.methods.ops` computes (float32, same
+operation order); tests/test_kernels.py holds the two paths to each other bit for bit. Without
+numba, or for a method or device they do not cover, the engine uses the torch path.
+
+Work is split into blocks of ``_BLOCK`` entries handed to threads by ``prange``; inside a
+block each loop runs over contiguous float32 scratch without branches, so LLVM vectorises it.
 """
 
 from __future__ import annotations
@@ -16,16 +21,26 @@ import torch
 
 try:  # optional: the engine falls back to torch without it
     import numba
-    from numba import njit, prange
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.extending import intrinsic, overload
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
-__all__ = ["available", "histogram_pass", "ties_merge_chunk", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES"]
+__all__ = [
+    "available", "raw_view", "out_view", "RAW_DTYPES", "OUT_DTYPES", "threads",
+    "count_pass", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
+]
 
 ELECT_CODES = {"mass": 0, "count": 1}
 ZERO_CODES = {"zero": 0, "positive": 1, "majority": 2}
 AGGREGATE_CODES = {"mean": 0, "sum": 1, "max": 2}
-_BLOCK = 16384  # entries per work item: small enough to balance threads, large enough to amortise
+_BLOCK = 8192  # entries per work item: (n + 3) float32 scratch rows of it stay in L1/L2
+
+# how each stored dtype reaches a kernel: a numpy view of the same bytes
+RAW_DTYPES = {torch.bfloat16: torch.uint16, torch.float16: torch.int16, torch.float32: torch.float32}
+OUT_DTYPES = {torch.bfloat16: torch.uint16, torch.float32: torch.float32}  # others: float32, then torch casts
+_F16_TABLE = None  # float16 bit pattern -> float32 value, built on first use (256 KiB)
 
 
 def available() -> bool:
@@ -34,102 +49,229 @@ def available() -> bool:
     return numba is not None and os.environ.get("TIESMERGE_KERNELS", "1") != "0"
 
 
+def threads() -> int:
+    return numba.get_num_threads() if numba is not None else 1
+
+
+def raw_view(t: torch.Tensor) -> np.ndarray:
+    """The kernels' view of a CPU tensor stored as bfloat16, float16 or float32 (no copy)."""
+    return t.view(RAW_DTYPES[t.dtype]).numpy() if t.dtype != torch.float32 else t.numpy()
+
+
+def out_view(t: torch.Tensor) -> np.ndarray:
+    """The kernels' view of an output tensor in bfloat16 or float32 (no copy)."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _f16_table() -> np.ndarray:
+    global _F16_TABLE
+    if _F16_TABLE is None:
+        _F16_TABLE = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    return _F16_TABLE
+
+
 if numba is not None:
 
+    @intrinsic
+    def _bits_to_f32(typingctx, bits):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+        return types.float32(types.uint32), codegen
+
+    @intrinsic
+    def _f32_to_bits(typingctx, value):  # pragma: no cover - compiled
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return types.uint32(types.float32), codegen
+
+    def _widen(x, table):  # pragma: no cover - replaced by the overload in compiled code
+        raise NotImplementedError
+
+    @overload(_widen, inline="always")
+    def _widen_impl(x, table):  # pragma: no cover - compiled
+        if x == types.uint16:  # bfloat16: the high half of a float32
+            return lambda x, table: _bits_to_f32(np.uint32(x) << np.uint32(16))
+        if x == types.int16:  # float16: exact through the table
+            return lambda x, table: table[np.uint16(x)]
+        if x == types.float32:
+            return lambda x, table: x
+        return None
+
+    def _store(out, i, value):  # pragma: no cover - replaced by the overload in compiled code
+        raise NotImplementedError
+
+    @overload(_store, inline="always")
+    def _store_impl(out, i, value):  # pragma: no cover - compiled
+        if out.dtype == types.uint16:  # bfloat16, round to nearest even (NaN never reaches here)
+            def store_bf16(out, i, value):
+                bits = _f32_to_bits(value)
+                out[i] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+            return store_bf16
+        if out.dtype == types.float32:
+            def store_f32(out, i, value):
+                out[i] = value
+            return store_f32
+        return None
+
     @njit(parallel=True, cache=True, nogil=True)
-    def _hist_kernel(base, models, stage, high, hist):  # pragma: no cover - compiled
-        # base (E,) f32, models (n, E) f32, high (n,) i64, hist (threads, n, 65536) i64
+    def _count_kernel(base, models, table, lo, hi, shift, above, window, wmin, wmax, worst):  # pragma: no cover
+        # base (E,) raw, models (n, E) raw; per model t: lo[t]..hi[t] (uint32, inclusive) is a
+        # window of |tau| bit patterns (non-negative float32 order like their bits);
+        # above (T, n) i64 += entries with bits > hi; window (T, n, B) i64 bins (bits - lo) >> shift,
+        # wmin/wmax (T, n, B) u32 the smallest/largest bits in each bin (a bin holding one value,
+        # as bf16 task vectors' bins mostly do, pins the threshold without another pass);
+        # worst (T,) u32 = max bits seen (>= 0x7F800000 means a non-finite task vector)
         n, size = models.shape
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
             tid = numba.get_thread_id()
             start = blk * _BLOCK
-            stop = min(size, start + _BLOCK)
-            buf = np.empty(stop - start, np.float32)
-            bits = buf.view(np.uint32)
+            m = min(size, start + _BLOCK) - start
+            b32 = np.empty(m, np.float32)
+            bits = np.empty(m, np.uint32)
+            for j in range(m):
+                b32[j] = _widen(base[start + j], table)
+            top = np.uint32(0)
             for t in range(n):
-                for i in range(start, stop):
-                    buf[i - start] = abs(models[t, i] - base[i])
-                if stage == 0:
-                    for j in range(stop - start):
-                        hist[tid, t, bits[j] >> 16] += 1
-                else:
-                    want = high[t]
-                    for j in range(stop - start):
-                        if (bits[j] >> 16) == want:
-                            hist[tid, t, bits[j] & 0xFFFF] += 1
+                h = hi[t]
+                count = 0
+                for j in range(m):  # vectorised: widen, subtract, compare, count
+                    u = _f32_to_bits(abs(_widen(models[t, start + j], table) - b32[j]))
+                    bits[j] = u
+                    count += u > h
+                    top = max(top, u)
+                above[tid, t] += count
+                low = lo[t]
+                s = shift[t]
+                for j in range(m):  # rarely taken: the window is a sliver of the values
+                    u = bits[j]
+                    if u >= low and u <= h:
+                        b = (u - low) >> s
+                        window[tid, t, b] += 1
+                        wmin[tid, t, b] = min(wmin[tid, t, b], u)
+                        wmax[tid, t, b] = max(wmax[tid, t, b], u)
+            worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ties_kernel(base, models, thresholds, weights, lam, elect, zero, fill, aggregate, out):  # pragma: no cover
-        # base (E,) f32, models (n, E) f32, thresholds/weights (n,) f32, out (E,) f32
+    def _ties_kernel(base, models, table, thresholds, weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
+        # base (E,) raw, models (n, E) raw, thresholds/weights (n,) f32, out (E,) bf16 bits or f32
         n, size = models.shape
+        lam32 = np.float32(lam)
+        fill32 = np.float32(fill)
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
+            tid = numba.get_thread_id()
             start = blk * _BLOCK
-            stop = min(size, start + _BLOCK)
-            for i in range(start, stop):
-                b = base[i]
-                vote = np.float32(0.0)
-                for t in range(n):
-                    v = models[t, i] - b
-                    if abs(v) >= thresholds[t]:
-                        if elect == 0:
-                            vote += weights[t] * v
-                        elif v != 0:
-                            vote += weights[t] * (np.float32(1.0) if v > 0 else np.float32(-1.0))
-                gamma = np.float32(1.0) if vote > 0 else (np.float32(-1.0) if vote < 0 else np.float32(0.0))
-                if gamma == 0:
-                    if zero == 0:
-                        out[i] = b
-                        continue
-                    gamma = np.float32(1.0) if zero == 1 else np.float32(fill)
-                    if gamma == 0:
-                        out[i] = b
-                        continue
-                total = np.float32(0.0)
-                denom = np.float32(0.0)
-                best = np.float32(0.0)
-                for t in range(n):
-                    v = models[t, i] - b
-                    if abs(v) >= thresholds[t]:
-                        wv = weights[t] * v
-                        if wv != 0 and (wv > 0) == (gamma > 0):
-                            total += wv
-                            denom += weights[t]
-                            if abs(wv) > best:
-                                best = abs(wv)
+            m = min(size, start + _BLOCK) - start
+            b32 = np.empty(m, np.float32)
+            vote = np.zeros(m, np.float32)
+            gamma = np.empty(m, np.float32)
+            total = np.zeros(m, np.float32)
+            denom = np.zeros(m, np.float32)
+            best = np.zeros(m, np.float32)
+            kept = np.empty((n, m), np.float32)  # trimmed task vectors of this block
+            top = np.uint32(0)
+            for j in range(m):
+                b32[j] = _widen(base[start + j], table)
+            for t in range(n):
+                thr = thresholds[t]
+                w = weights[t]
+                for j in range(m):
+                    v = _widen(models[t, start + j], table) - b32[j]
+                    top = max(top, _f32_to_bits(abs(v)))
+                    kv = v if abs(v) >= thr else np.float32(0.0)
+                    kept[t, j] = kv
+                    if elect == 0:  # loop-invariant: LLVM unswitches it
+                        vote[j] += w * kv
+                    else:
+                        vote[j] += w * (np.float32(1.0) if kv > 0 else (np.float32(-1.0) if kv < 0 else np.float32(0.0)))
+            for j in range(m):
+                g = np.float32(1.0) if vote[j] > 0 else (np.float32(-1.0) if vote[j] < 0 else np.float32(0.0))
+                if g == 0 and zero != 0:
+                    g = np.float32(1.0) if zero == 1 else fill32
+                gamma[j] = g
+            for t in range(n):
+                w = weights[t]
+                for j in range(m):
+                    wv = w * kept[t, j]
+                    g = gamma[j]
+                    # only values of the elected sign count (a zero never does, nor a zero sign)
+                    agree = (wv != 0) & ((wv > 0) == (g > 0)) & (g != 0)
+                    total[j] += wv if agree else np.float32(0.0)
+                    denom[j] += w if agree else np.float32(0.0)
+                    best[j] = max(best[j], abs(wv) if agree else np.float32(0.0))
+            for j in range(m):
                 if aggregate == 0:
-                    merged = total / denom if denom != 0 else np.float32(0.0)
+                    merged = total[j] / denom[j] if denom[j] != 0 else np.float32(0.0)
                 elif aggregate == 1:
-                    merged = total
+                    merged = total[j]
                 else:
-                    merged = best * gamma
-                out[i] = b + np.float32(lam) * merged
+                    merged = best[j] * gamma[j]
+                _store(out, start + j, b32[j] + lam32 * merged)
+            worst[tid] = max(worst[tid], top)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _linear_kernel(base, models, table, coef, use_coef, post, post_mode, out, worst):  # pragma: no cover
+        # out = base + post(sum_t coef[t] * tau_t); post_mode 0: none, 1: * post, 2: / post
+        n, size = models.shape
+        post32 = np.float32(post)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            tid = numba.get_thread_id()
+            start = blk * _BLOCK
+            m = min(size, start + _BLOCK) - start
+            b32 = np.empty(m, np.float32)
+            acc = np.zeros(m, np.float32)
+            top = np.uint32(0)
+            for j in range(m):
+                b32[j] = _widen(base[start + j], table)
+            for t in range(n):
+                c = coef[t]
+                for j in range(m):
+                    v = _widen(models[t, start + j], table) - b32[j]
+                    top = max(top, _f32_to_bits(abs(v)))
+                    acc[j] += v * c if use_coef else v
+            for j in range(m):
+                s = acc[j] * post32 if post_mode == 1 else (acc[j] / post32 if post_mode == 2 else acc[j])
+                _store(out, start + j, b32[j] + s)
+            worst[tid] = max(worst[tid], top)
 
 
-def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+_NONFINITE = 0x7F800000  # |tau| bit patterns at or above this are Inf or NaN
 
 
-def histogram_pass(base32: torch.Tensor, models32: torch.Tensor, stage: int, high: torch.Tensor,
-                   hist: torch.Tensor) -> None:
-    """Add one chunk's counts to ``hist`` (n, 65536) int64: high 16 bits of |m - b| (stage 0),
-    or the low 16 bits of the entries whose high bits equal ``high[t]`` (stage 1)."""
-    n = models32.shape[0]
-    local = np.zeros((numba.config.NUMBA_NUM_THREADS, n, 65536), np.int64)
-    _hist_kernel(_numpy(base32.reshape(-1)), _numpy(models32.reshape(n, -1)), stage,
-                 _numpy(high.to(torch.int64)), local)
-    hist += torch.from_numpy(local.sum(0))
+def _worst() -> np.ndarray:
+    return np.zeros(numba.config.NUMBA_NUM_THREADS, np.uint32)
 
 
-def ties_merge_chunk(base32: torch.Tensor, models32: torch.Tensor, thresholds: torch.Tensor,
-                     weights: torch.Tensor | None, lam: float, elect: str, zero_sign: str, majority: float | None,
-                     aggregate: str) -> torch.Tensor:
-    """base + lam * TIES(models - base) for one chunk, in float32: (*S), (n, *S) -> (*S)."""
-    n = models32.shape[0]
-    w = torch.ones(n, dtype=torch.float32) if weights is None else weights.to(torch.float32).cpu()
-    out = np.empty(base32.numel(), np.float32)
-    _ties_kernel(_numpy(base32.reshape(-1)), _numpy(models32.reshape(n, -1)), _numpy(thresholds.cpu().float()),
-                 _numpy(w), float(lam), ELECT_CODES[elect], ZERO_CODES[zero_sign],
-                 float(majority or 0.0), AGGREGATE_CODES[aggregate], out)
-    return torch.from_numpy(out).view(base32.shape)
+def count_pass(base: np.ndarray, models: np.ndarray, lo: np.ndarray, hi: np.ndarray, shift: np.ndarray,
+               above: np.ndarray, window: np.ndarray, wmin: np.ndarray, wmax: np.ndarray) -> bool:
+    """Add one chunk's counts (see ``_count_kernel``); False when a task vector is not finite.
+
+    base (E,) and models (n, E) are raw views (:func:`raw_view`); above (T, n) int64, window
+    (T, n, B) int64, wmin/wmax (T, n, B) uint32, T = numba.config.NUMBA_NUM_THREADS.
+    """
+    worst = _worst()
+    _count_kernel(base, models, _f16_table(), lo, hi, shift, above, window, wmin, wmax, worst)
+    return bool(worst.max() < _NONFINITE)
+
+
+def ties_merge(base: np.ndarray, models: np.ndarray, thresholds: np.ndarray, weights: np.ndarray, lam: float,
+               elect: str, zero_sign: str, majority: float | None, aggregate: str, out: np.ndarray) -> bool:
+    """out = base + lam * TIES(models - base) for one chunk; False when a task vector is not finite."""
+    worst = _worst()
+    _ties_kernel(base, models, _f16_table(), thresholds.astype(np.float32), weights.astype(np.float32), float(lam),
+                 ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0), AGGREGATE_CODES[aggregate],
+                 out, worst)
+    return bool(worst.max() < _NONFINITE)
+
+
+def linear_merge(base: np.ndarray, models: np.ndarray, coef: np.ndarray | None, post: float, post_mode: int,
+                 out: np.ndarray) -> bool:
+    """out = base + post(sum_t coef_t * tau_t) (task arithmetic, averaging); False when not finite."""
+    worst = _worst()
+    n = models.shape[0]
+    use = coef is not None
+    c = coef.astype(np.float32) if use else np.ones(n, np.float32)
+    _linear_kernel(base, models, _f16_table(), c, use, float(post), post_mode, out, worst)
+    return bool(worst.max() < _NONFINITE)

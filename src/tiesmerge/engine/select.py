@@ -1,22 +1,27 @@
 """Exact streaming top-k thresholds: the m-th largest |tau| of each model, over any number of chunks.
 
-Non-negative float32 values order like their bit patterns read as integers, so the m-th
-largest value can be found digit by digit: one pass histograms the high 16 bits of every
-|tau| (2^16 bins per model), which pins the bin that holds the m-th largest; a second pass
-histograms the low 16 bits of the entries in that bin. Memory is O(n * 2^16) whatever the
-model size, and the answer is exact, so ties at the threshold are all kept.
+Non-negative float32 values order like their bit patterns read as integers, so the m-th largest
+value can be found by counting bit patterns. Each pass over the scope counts, per model, the
+entries above a window of bit patterns ``[lo, hi]`` and histograms the entries inside it into
+``bins`` bins; the bin that holds the m-th largest becomes the next window. Starting from the
+whole float32 range with 2^16 bins this is a two-pass radix select. Starting from a *bracket*,
+a narrow window estimated from a small sample of the scope (:func:`bracket_from_sample`), the
+first pass usually pins the exact bit pattern at once: one pass instead of two. The answer is
+exact either way (a bracket that misses only costs another pass), and ties at the threshold
+are all kept. Memory: O(n * bins), whatever the model size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-__all__ = ["RadixSelect", "kth_largest"]
+__all__ = ["WindowSelect", "RadixSelect", "kth_largest", "bracket_from_sample", "MAX_FINITE_BITS"]
 
-_BINS = 1 << 16
-_BLOCK = 1 << 18  # columns per histogram block: about 9 n MB of temporaries for n models
+MAX_FINITE_BITS = 0x7F7FFFFF  # the largest finite float32, as bits
+_BLOCK = 1 << 18  # columns per torch histogram block: about 9 n MB of temporaries for n models
 
 
 def kth_largest(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
@@ -26,90 +31,185 @@ def kth_largest(magnitudes: torch.Tensor, keep: int) -> torch.Tensor:
     return magnitudes.kthvalue(magnitudes.numel() - keep + 1).values
 
 
-class RadixSelect:
+def _bits(value: float) -> int:
+    """The bit pattern of ``value`` rounded to float32."""
+    return int(np.array(value, dtype=np.float32).view(np.uint32))
+
+
+def bracket_from_sample(sample: np.ndarray, groups: np.ndarray, keep: list[int], numel: int,
+                        z: float = 6.0) -> tuple[np.ndarray, np.ndarray]:
+    """A window of bit patterns ``(lo, hi)`` per model that very likely holds the threshold.
+
+    sample: (n, S) float32 |tau| drawn from the scope (runs of neighbouring entries);
+    groups: (S,) int, the run-group of each sampled entry. The threshold's estimate is the
+    sample quantile at the kept fraction; its spread is measured, not assumed: the quantile
+    is recomputed in each group, and the window is ``z`` standard errors of the pooled
+    estimate either side (or ``z`` binomial standard errors of the rank, if wider), so rows
+    or tensors that differ in scale widen the window instead of breaking it.
+    """
+    n, size = sample.shape
+    lo = np.zeros(n, np.uint32)
+    hi = np.full(n, MAX_FINITE_BITS, np.uint32)
+    order = np.argsort(groups, kind="stable")  # once: each group's entries become one slice
+    labels, starts = np.unique(groups[order], return_index=True)
+    bounds = list(zip(starts, [*starts[1:], size], strict=True))
+    for t in range(n):
+        if keep[t] <= 0 or size == 0:
+            continue
+        frac = keep[t] / numel  # kept fraction: the threshold is the (1 - frac) quantile
+        rank = size * (1.0 - frac)
+        spread = z * np.sqrt(size * frac * (1.0 - frac)) + 1.0  # binomial, in sample ranks
+        k_lo = int(np.clip(np.floor(rank - spread), 0, size - 1))
+        k_hi = int(np.clip(np.ceil(rank + spread), 0, size - 1))
+        part = np.partition(sample[t], [k_lo, k_hi])  # O(S): no full sort
+        low_v, high_v = float(part[k_lo]), float(part[k_hi])
+        if len(labels) >= 4:
+            by_group = sample[t, order]
+            per_group = np.array([np.quantile(by_group[a:b], 1.0 - frac) for a, b in bounds])
+            center = float(np.quantile(part, 1.0 - frac))
+            half = z * float(per_group.std()) / np.sqrt(len(labels))
+            low_v, high_v = min(low_v, center - half), max(high_v, center + half)
+        lo[t] = _bits(max(0.0, low_v))
+        hi[t] = min(_bits(min(high_v, 3.4e38)), MAX_FINITE_BITS)
+    return lo, hi
+
+
+class WindowSelect:
     """Find, for model t, the ``keep[t]``-th largest |tau_t| over a stream of chunks.
 
-    Usage: for every pass while ``not done``: call ``observe`` on every chunk of the scope,
-    then ``end_pass``; finally read ``thresholds``. At most two passes.
+    Usage: while ``not done``: count every chunk of the scope (``observe`` with torch, or
+    ``add_counts`` with a fused kernel), then ``end_pass``; finally read ``thresholds``.
 
-    >>> sel = RadixSelect([2], device="cpu")
+    >>> sel = WindowSelect([2], device="cpu")
     >>> x = torch.tensor([[0.5, -3.0, 2.0, 1.0]])
     >>> while not sel.done:
     ...     sel.observe(x); sel.end_pass()
-    >>> sel.thresholds()
-    tensor([2.])
+    >>> sel.thresholds(), sel.passes
+    (tensor([2.]), 2)
     """
 
-    def __init__(self, keep: list[int], device: torch.device | str) -> None:
-        self.keep = torch.tensor(keep, dtype=torch.int64)
+    def __init__(self, keep: list[int], device: torch.device | str, *, bins: int = 1 << 16,
+                 bracket: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        self.keep = np.asarray(keep, dtype=np.int64)
         self.n = len(keep)
         self.device = torch.device(device)
-        self._stage = 0  # 0: high 16 bits, 1: low 16 bits, 2: done
-        self._hist = torch.zeros(self.n * _BINS, dtype=torch.int64, device=self.device)
-        self._offsets = (torch.arange(self.n, device=self.device) * _BINS).view(self.n, 1)  # (n, 1)
-        self._high = torch.zeros(self.n, dtype=torch.int64)  # chosen high bin per model
-        self._rank = torch.zeros(self.n, dtype=torch.int64)  # rank still to find inside that bin
-        self._bits = torch.zeros(self.n, dtype=torch.int64)
-        if bool((self.keep <= 0).all()):
-            self._stage = 2
+        self.max_bins = int(bins)
+        self.lo = np.zeros(self.n, np.uint32)
+        self.hi = np.full(self.n, MAX_FINITE_BITS, np.uint32)
+        if bracket is not None:
+            self.lo, self.hi = (np.asarray(b, dtype=np.uint32).copy() for b in bracket)
+        self._found = self.keep <= 0  # nothing kept: the threshold is +inf, no pass needed
+        self._bits = np.zeros(self.n, np.uint32)
+        self.passes = 0
+        self._window_changed()
 
+    # ------------------------------------------------------------------ state
     @property
     def done(self) -> bool:
-        return self._stage == 2
+        return bool(self._found.all())
 
+    @property
+    def bins(self) -> int:
+        """Bins of the current pass: enough for the widest window, at most ``max_bins``."""
+        return self._bins
+
+    def _window_changed(self) -> None:
+        # a model whose threshold is found counts into an empty window (lo > hi) from now on
+        self.lo[self._found], self.hi[self._found] = 1, 0
+        width = (self.hi.astype(np.int64) - self.lo.astype(np.int64) + 1).clip(min=1)
+        self._bins = int(min(self.max_bins, 1 << int(np.ceil(np.log2(width.max())))))
+        # the smallest shift that maps each window into the bins
+        self.shift = np.array([max(0, int(w - 1).bit_length() - (self._bins.bit_length() - 1)) for w in width],
+                              dtype=np.uint32)
+        self._above = torch.zeros(self.n, dtype=torch.int64, device=self.device)
+        self._hist = torch.zeros(self.n * self._bins, dtype=torch.int64, device=self.device)
+        self._hmin = torch.full((self.n * self._bins,), 1 << 32, dtype=torch.int64, device=self.device)
+        self._hmax = torch.zeros(self.n * self._bins, dtype=torch.int64, device=self.device)
+        self._kernel_counts: tuple[np.ndarray, ...] | None = None
+
+    # ------------------------------------------------------------------ counting
     def observe(self, tau: torch.Tensor) -> None:
         """Count one chunk. tau: (n, *S) float32 (signs are ignored)."""
         flat = tau.reshape(self.n, -1)  # (n, L)
+        lo = torch.from_numpy(self.lo.astype(np.int64)).to(self.device).view(self.n, 1)
+        hi = torch.from_numpy(self.hi.astype(np.int64)).to(self.device).view(self.n, 1)
+        shift = torch.from_numpy(self.shift.astype(np.int64)).to(self.device).view(self.n, 1)
+        offsets = (torch.arange(self.n, device=self.device) * self._bins).view(self.n, 1)
         # int64 bin indices cost 8 bytes per entry and model; blocks of columns keep those
         # temporaries at a fixed size whatever the chunk's size
         for start in range(0, flat.shape[1], _BLOCK):
-            self._observe_block(flat[:, start:start + _BLOCK])
+            bits = flat[:, start:start + _BLOCK].abs().view(torch.int32).to(torch.int64)  # (n, B), sign bit 0
+            self._above += (bits > hi).sum(1)
+            inside = (bits >= lo) & (bits <= hi)
+            index = (((bits - lo) >> shift) + offsets)[inside]
+            values = bits[inside]
+            self._hist += torch.bincount(index, minlength=self.n * self._bins)
+            self._hmin.scatter_reduce_(0, index, values, "amin")
+            self._hmax.scatter_reduce_(0, index, values, "amax")
 
-    def _observe_block(self, block: torch.Tensor) -> None:
-        bits = block.abs().view(torch.int32).to(torch.int64)  # (n, B), sign bit is 0
-        high = bits >> 16  # (n, B) in [0, 2^15)
-        if self._stage == 0:
-            index = high + self._offsets
-        else:
-            match = high == self._high.to(self.device).view(self.n, 1)  # (n, B)
-            index = ((bits & 0xFFFF) + self._offsets)[match]
-        self._hist += torch.bincount(index.reshape(-1), minlength=self.n * _BINS)
+    def add_counts(self, count: Callable[..., None]) -> None:
+        """Let a fused kernel count a chunk: ``count(lo, hi, shift, above, window, wmin, wmax)``
+        adds to ``above`` (T, n) and ``window`` (T, n, bins), int64, and lowers/raises the
+        bins' smallest/largest bit patterns ``wmin``/``wmax`` (T, n, bins), uint32; one row per
+        kernel thread. The arrays live for the whole pass (allocated and reduced once)."""
+        if self._kernel_counts is None:
+            shape = (self._threads(), self.n, self._bins)
+            self._kernel_counts = (np.zeros(shape[:2], np.int64), np.zeros(shape, np.int64),
+                                   np.full(shape, 0xFFFFFFFF, np.uint32), np.zeros(shape, np.uint32))
+        count(self.lo, self.hi, self.shift, *self._kernel_counts)
 
-    @property
-    def stage(self) -> int:
-        """0 while counting high 16 bits, 1 while counting low 16 bits inside the chosen bins."""
-        return self._stage
+    @staticmethod
+    def _threads() -> int:
+        from . import kernels  # the kernels' per-thread rows
 
-    @property
-    def chosen_high(self) -> torch.Tensor:
-        """(n,) int64: the high-16-bit bin of each model's threshold (meaningful in stage 1)."""
-        return self._high
+        return kernels.numba.config.NUMBA_NUM_THREADS if kernels.numba is not None else 1
 
-    def add_counts(self, count: Callable[[torch.Tensor], None]) -> None:
-        """Let ``count(hist)`` add a chunk's counts to the (n, 2^16) int64 histogram of the
-        current stage (a fused kernel computes them without materialising |tau|)."""
-        count(self._hist.view(self.n, _BINS))
-
+    # ------------------------------------------------------------------ narrowing
     def end_pass(self) -> None:
-        hist = self._hist.view(self.n, _BINS).cpu()
-        # at_or_above[t, b] = number of entries of model t in bins >= b
-        at_or_above = hist.flip(1).cumsum(1).flip(1)  # (n, 2^16)
-        target = self.keep if self._stage == 0 else self._rank
-        chosen = (at_or_above >= target.view(-1, 1)).sum(1) - 1  # last bin still holding the target rank
-        chosen = chosen.clamp_min(0)
-        above = at_or_above.gather(1, chosen.view(-1, 1)).view(-1) - hist.gather(1, chosen.view(-1, 1)).view(-1)
-        if self._stage == 0:
-            self._high = chosen
-            self._rank = self.keep - above  # rank of the threshold among the chosen bin's entries
-            self._stage = 1
-        else:
-            self._bits = (self._high << 16) | chosen
-            self._stage = 2
-        self._hist.zero_()
+        above = self._above.cpu().numpy()
+        hist = self._hist.view(self.n, self._bins).cpu().numpy()
+        hmin = self._hmin.view(self.n, self._bins).cpu().numpy()
+        hmax = self._hmax.view(self.n, self._bins).cpu().numpy()
+        if self._kernel_counts is not None:
+            k_above, k_hist, k_min, k_max = self._kernel_counts
+            above = above + k_above.sum(0)
+            hist = hist + k_hist.sum(0)
+            hmin = np.minimum(hmin, k_min.min(0).astype(np.int64))
+            hmax = np.maximum(hmax, k_max.max(0).astype(np.int64))
+        self.passes += 1
+        for t in range(self.n):
+            if self._found[t]:
+                continue
+            need = int(self.keep[t] - above[t])  # rank of the threshold counted from the window's top
+            if need <= 0:  # the threshold lies above the window
+                if self.hi[t] >= MAX_FINITE_BITS:
+                    raise RuntimeError(f"top-k select: {above[t]} entries above every finite value (model {t})")
+                self.lo[t], self.hi[t] = self.hi[t] + 1, MAX_FINITE_BITS
+                continue
+            at_or_above = np.cumsum(hist[t, ::-1])[::-1]  # entries in bins >= b
+            holding = np.nonzero(at_or_above >= need)[0]
+            if len(holding) == 0:  # the threshold lies below the window
+                if self.lo[t] == 0:
+                    raise RuntimeError(f"top-k select: fewer than {self.keep[t]} entries counted for model {t}")
+                self.lo[t], self.hi[t] = 0, self.lo[t] - 1
+                continue
+            chosen = int(holding[-1])
+            rank = need - (int(at_or_above[chosen]) - int(hist[t, chosen]))  # rank inside the chosen bin
+            smallest, largest = int(hmin[t, chosen]), int(hmax[t, chosen])
+            if smallest == largest or rank == 1 or rank == int(hist[t, chosen]):
+                # one value in the bin, or the bin's largest/smallest is the one wanted: exact
+                self._bits[t] = largest if rank == 1 else smallest if rank == int(hist[t, chosen]) else largest
+                self._found[t] = True
+            else:  # the next window: the chosen bin, shrunk to the values seen in it
+                self.lo[t], self.hi[t] = smallest, largest
+        self._window_changed()
 
     def thresholds(self) -> torch.Tensor:
         """(n,) float32: keep entries with |tau| >= threshold; +inf where nothing is kept."""
         if not self.done:
-            raise RuntimeError("RadixSelect.thresholds() before the passes finished")
-        values = self._bits.to(torch.int32).view(torch.float32).clone()
-        return values.masked_fill_(self.keep <= 0, float("inf"))
+            raise RuntimeError("WindowSelect.thresholds() before the passes finished")
+        values = torch.from_numpy(self._bits.view(np.float32).copy())
+        return values.masked_fill_(torch.from_numpy(self.keep <= 0), float("inf"))
+
+
+RadixSelect = WindowSelect  # the bracket-free form is the classic two-pass radix select

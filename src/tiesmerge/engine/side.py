@@ -139,4 +139,4 @@ class SideInputs:
         if self.missing:
             notes = (*notes, f"{len(self.missing)} tensor(s) averaged for want of {self.spec.kind} statistics in "
                              f"some model, e.g. {self.missing[0]!r}")
-        return dataclasses.replace(plan, reduce_bytes=plan.reduce_bytes + reads, peak_bytes=peak, notes=notes)
+        return dataclasses.replace(plan, side_bytes=plan.side_bytes + reads, peak_bytes=peak, notes=notes)

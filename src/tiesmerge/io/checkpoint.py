@@ -28,6 +28,8 @@ __all__ = [
     "SafetensorsCheckpoint",
     "PickleCheckpoint",
     "StateDictCheckpoint",
+    "read_rows_into",
+    "read_flat_range",
     "open_checkpoint",
     "SAFETENSORS_DTYPES",
 ]
@@ -148,7 +150,8 @@ class SafetensorsCheckpoint:
     def location(self, name: str) -> str:
         return str(self._where.get(name, self.path))
 
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+    def _span(self, name: str, rows: slice | None) -> tuple[list[int], int, int]:
+        """(shape, file offset, bytes) of ``rows`` of tensor ``name``."""
         info = self._info[name]
         shape = list(info.shape)
         row_bytes = info.dtype.itemsize * (info.numel // shape[0] if shape and shape[0] else 0)
@@ -159,10 +162,10 @@ class SafetensorsCheckpoint:
                 raise ValueError("row slices must be contiguous")
             shape[0] = max(0, stop - first)
             offset += first * row_bytes
-        nbytes = info.dtype.itemsize * math.prod(shape)
-        buffer = bytearray(nbytes)
-        view = memoryview(buffer)
-        done = 0
+        return shape, offset, info.dtype.itemsize * math.prod(shape)
+
+    def _pread(self, name: str, offset: int, view: memoryview) -> None:
+        done, nbytes = 0, len(view)
         try:
             while done < nbytes:  # pread may return less than asked (2 GiB cap, signals)
                 got = os.preadv(self._fds[self._where[name]], [view[done:]], offset + done)
@@ -172,9 +175,31 @@ class SafetensorsCheckpoint:
         except OSError as exc:
             raise CheckpointError(f"{self.location(name)}: cannot read tensor {name!r} ({exc})",
                                   hint="the file changed or was truncated while tiesmerge read it") from None
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        shape, offset, nbytes = self._span(name, rows)
+        dtype = self._info[name].dtype
         if not nbytes:
-            return torch.empty(shape, dtype=info.dtype)
-        return torch.frombuffer(buffer, dtype=info.dtype).view(shape)
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(nbytes)
+        self._pread(name, offset, memoryview(buffer))
+        return torch.frombuffer(buffer, dtype=dtype).view(shape)
+
+    def read_into(self, name: str, rows: slice | None, out: memoryview) -> None:
+        """Read ``rows`` of ``name`` as stored into ``out`` (exactly their size in bytes): the
+        engine's reusable buffers, so no pass allocates or zeroes memory per chunk."""
+        _, offset, nbytes = self._span(name, rows)
+        if len(out) != nbytes:
+            raise ValueError(f"{name}: buffer of {len(out)} bytes for {nbytes} bytes of rows")
+        self._pread(name, offset, out)
+
+    def read_range(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Flat entries ``start .. start + count`` of ``name`` (samples for the top-k bracket)."""
+        dtype = self._info[name].dtype
+        buffer = bytearray(count * dtype.itemsize)
+        if count:
+            self._pread(name, self._start[name] + start * dtype.itemsize, memoryview(buffer))
+        return torch.frombuffer(buffer, dtype=dtype) if count else torch.empty(0, dtype=dtype)
 
     def files(self) -> list[Path]:
         return list(self._files)
@@ -333,3 +358,20 @@ def open_checkpoint(
         f"{path}: no model weights found (looked for model.safetensors.index.json, model.safetensors, *.safetensors); "
         f"the directory holds: {found}",
     )
+
+
+def read_rows_into(ckpt: Checkpoint, name: str, rows: slice | None, out: memoryview) -> None:
+    """``ckpt.read_into`` where a reader has it (files: one pread, no copy), else a copy."""
+    if hasattr(ckpt, "read_into"):
+        ckpt.read_into(name, rows, out)
+        return
+    value = ckpt.read(name, rows).contiguous()
+    out[:] = value.reshape(-1).view(torch.uint8).numpy().data if value.numel() else b""
+
+
+def read_flat_range(ckpt: Checkpoint, name: str, start: int, count: int) -> torch.Tensor:
+    """Flat entries ``start .. start + count`` of ``name``, as stored."""
+    if hasattr(ckpt, "read_range"):
+        return ckpt.read_range(name, start, count)
+    value = ckpt.read(name)
+    return value.reshape(-1)[start:start + count]

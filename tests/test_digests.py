@@ -1,0 +1,51 @@
+"""Input digests in the manifest are remembered by file identity and never go stale."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from tiesmerge.io import card
+
+
+def _digests(paths):
+    with ThreadPoolExecutor(1) as pool:
+        return [f.result() for f in card.hash_files(paths, pool)]
+
+
+def test_a_remembered_digest_is_reused_until_the_file_changes(tmp_path, monkeypatch):
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"a" * 1000)
+    calls = []
+    real = card._sha256
+    monkeypatch.setattr(card, "_sha256", lambda p: calls.append(p) or real(p))
+    first, = _digests([f])
+    again, = _digests([f])
+    assert first["sha256"] == again["sha256"] == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert len(calls) == 1 and again["remembered"] and "remembered" not in first
+    f.write_bytes(b"b" * 1000)  # same size; mtime/ctime change
+    os.utime(f, ns=(1, 1))  # even an mtime put back by hand: ctime still moves
+    changed, = _digests([f])
+    assert changed["sha256"] == hashlib.sha256(b"b" * 1000).hexdigest() and len(calls) == 2
+
+
+def test_the_digest_cache_can_be_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIESMERGE_DIGEST_CACHE", "0")
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"x")
+    _digests([f])
+    assert "remembered" not in _digests([f])[0]
+    assert not (tmp_path / "digests.json").exists()
+
+
+@pytest.mark.parametrize("garbage", [b"not json", b"[1, 2]", b'{"k": 3}'])
+def test_a_damaged_cache_file_is_ignored(tmp_path, monkeypatch, garbage):
+    monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(tmp_path / "c"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "digests.json").write_bytes(garbage)
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"y")
+    assert _digests([f])[0]["sha256"] == hashlib.sha256(b"y").hexdigest()
