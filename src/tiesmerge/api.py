@@ -250,6 +250,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__})
             run_stats = executor.run(writer)
             writer.close()
+            if executor.side is not None:
+                run_stats.bytes_read += executor.side.bytes_read
             clock = time.perf_counter()
             copied = copy_model_files(base_ckpt.directory(), tmp,
                                       dtype=executor.out_dtype if executor.out_dtype else None)

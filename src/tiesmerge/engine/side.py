@@ -41,6 +41,7 @@ class SideInputs:
                                if name not in self.names[k] and self.expected_shape(job) is not None})
         self.scales = self._rms_scales() if spec.normalize == "rms" else [1.0] * len(stats)
         self._cached: tuple[str, torch.Tensor | None] | None = None  # whole Gram matrices of the last job
+        self.bytes_read = 0  # by the merge pass
 
     # ------------------------------------------------------------------ checks
     def expected_shape(self, job: TensorJob) -> tuple[int, ...] | None:
@@ -105,6 +106,7 @@ class SideInputs:
         values = []
         for k, stats in enumerate(self.stats):
             raw = stats.read(self.names[k][name], rows)
+            self.bytes_read += raw.numel() * raw.element_size()
             self._progress(raw.numel() * raw.element_size())
             values.append(raw.to(self.device, torch.float32).mul_(self.scales[k]))
         side = torch.stack(values)  # (n, ...)
