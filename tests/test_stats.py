@@ -212,3 +212,22 @@ def test_a_model_vmap_cannot_run_gets_a_typed_error():
     with pytest.raises(ConfigError, match="per_example='loop'"):
         fisher_information(model, batches(x, y, 5), branching, per_example="vmap")
     assert fisher_information(model, batches(x, y, 5), branching, per_example="loop").manifest.examples == 10
+
+
+@pytest.mark.parametrize("per_example", ["vmap", "loop"])
+def test_log_likelihood_functions_give_the_empirical_fisher(per_example):
+    """logits_fn may return (B,) log p(y_i|x_i) (a language model's answer log-likelihood): the
+    empirical and batched Fishers need nothing else; the exact one is refused."""
+    model, (x, y) = tiny_classifier(), data()
+
+    def loglik(module, batch):
+        return torch.log_softmax(module(batch[0]), -1).gather(1, batch[1][:, None])[:, 0]  # (B,)
+
+    from_logits = fisher_information(model, batches(x, y, 4), logits, kind="empirical", targets=lambda b: b[1])
+    from_loglik = fisher_information(model, batches(x, y, 4), loglik, kind="empirical", per_example=per_example)
+    batched = fisher_information(model, batches(x, y, 1), loglik, kind="batched")
+    for name, value in from_logits.tensors.items():
+        torch.testing.assert_close(from_loglik.tensors[name], value, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(batched.tensors[name], value, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ConfigError, match="exact Fisher needs .B, C. logits"):
+        fisher_information(model, batches(x, y, 4), loglik, per_example=per_example)

@@ -37,8 +37,9 @@ __all__ = ["FISHER_KINDS", "PER_EXAMPLE", "fisher_information"]
 FISHER_KINDS = ("exact", "empirical", "batched")
 PER_EXAMPLE = ("vmap", "loop")
 
-# logits_fn(module, batch) -> (B, C) logits or log-probabilities (log_softmax is applied;
-# on log-probabilities it changes nothing)
+# logits_fn(module, batch) -> (B, C) logits or log-probabilities (log_softmax is applied; on
+# log-probabilities it changes nothing), or (B,) log-likelihoods log p(y_i|x_i) of each example's
+# own target (e.g. a language model's summed token log-probabilities of a reference answer)
 LogitsFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 TargetsFn = Callable[[Any], torch.Tensor]  # batch -> (B,) integer class labels
 
@@ -52,7 +53,26 @@ class _Bound(torch.nn.Module):
         self.logits_fn = logits_fn
 
     def forward(self, batch: Any) -> torch.Tensor:
-        return torch.log_softmax(self.logits_fn(self.module, batch).float(), dim=-1)  # (B, C)
+        out = self.logits_fn(self.module, batch).float()
+        return out if out.dim() == 1 else torch.log_softmax(out, dim=-1)  # (B,) or (B, C)
+
+
+def _directions(logp: torch.Tensor, label: torch.Tensor | None, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one example's log p: the cotangents (k, *logp.shape) whose gradients are squared, and
+    their weights (k,). (C,) log-probabilities: exact, every class weighted by its probability;
+    otherwise the true label's. A () log-likelihood: its own gradient."""
+    ones = torch.ones(1, device=logp.device)
+    if logp.dim() == 0:
+        if kind == "exact":
+            raise ConfigError("the exact Fisher needs (B, C) logits over the classes, but logits_fn returned (B,) "
+                              "log-likelihoods", hint="use kind='empirical' (or 'batched') for log-likelihoods")
+        return ones.to(logp.dtype), ones
+    eye = torch.eye(logp.shape[0], device=logp.device, dtype=logp.dtype)  # (C, C): one class per row
+    if kind == "exact":
+        return eye, logp.detach().exp()  # E_y exactly: sum_c p_c (d log p_c)^2
+    if label is None:
+        raise ConfigError(f"the {kind} Fisher of (B, C) logits needs the true labels: pass targets=(batch -> (B,))")
+    return eye[int(label)].unsqueeze(0), ones
 
 
 def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_fn: LogitsFn, *,
@@ -61,8 +81,9 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
                        model: str | os.PathLike | None = None) -> Statistics:
     """The diagonal Fisher of every trainable parameter of ``module``, keyed by parameter name.
 
-    ``batches`` yields inputs for ``logits_fn(module, batch) -> (B, C)``; ``targets(batch) -> (B,)``
-    gives the true labels (``empirical`` and ``batched`` only). With ``per_example="vmap"``
+    ``batches`` yields inputs for ``logits_fn(module, batch)``, which returns (B, C) logits or
+    (B,) log-likelihoods of each example's own target (``empirical`` and ``batched`` only);
+    ``targets(batch) -> (B,)`` gives the true labels for (B, C) logits (``empirical``, ``batched``). With ``per_example="vmap"``
     the function runs under ``torch.func.vmap`` on one example at a time (a batch of one) and
     must not branch on tensor values. The module is put in eval mode (no dropout).
     ``class_chunk``: with ``per_example="loop"``, classes whose backward passes run as one
@@ -83,10 +104,9 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
         raise ConfigError(f"per_example {per_example!r} is not one of {', '.join(PER_EXAMPLE)}")
     if embedding_rows and per_example != "loop":
         raise ConfigError("embedding_rows works with per_example='loop'")
-    if kind != "exact" and targets is None:
-        raise ConfigError(f"the {kind} Fisher needs the true labels: pass targets=(batch -> (B,) labels)")
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    if not names:
+    if class_chunk < 1:
+        raise ConfigError(f"class_chunk must be at least 1, got {class_chunk}")
+    if not any(p.requires_grad for p in module.parameters()):
         raise ConfigError("the module has no trainable parameters to compute a Fisher for")
     was_training = module.training
     module.eval()
@@ -99,10 +119,10 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
             size = batch_size(batch)
             labels = targets(batch) if kind != "exact" and targets is not None else None  # exact: y ~ p
             if kind == "batched":
-                _add_batched(bound, params, batch, labels, total)
+                _add_batched(bound, params, batch, labels, total, kind)
             elif per_example == "vmap":
                 try:
-                    _add_vmap(bound, params, batch, labels, total)
+                    _add_vmap(bound, params, batch, labels, total, kind)
                 except RuntimeError as exc:
                     if "vmap" not in str(exc):
                         raise
@@ -110,7 +130,7 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
                                       hint="use per_example='loop' (--per-example loop): the same numbers, "
                                            "with ordinary autograd") from None
             else:
-                _add_loop(bound, params, batch, labels, total, size, class_chunk, embedding_rows)
+                _add_loop(bound, params, batch, labels, total, size, class_chunk, embedding_rows, kind)
             examples += size
     finally:
         module.train(was_training)
@@ -124,16 +144,22 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
 
 
 def _add_vmap(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
-              total: dict[str, torch.Tensor]) -> None:
+              total: dict[str, torch.Tensor], kind: str) -> None:
     """Per-example squared gradients summed into ``total``: vmap over examples of one vjp each."""
     detached = {n: p.detach() for n, p in params.items()}
 
     def one(p: dict[str, torch.Tensor], x: Any, label: torch.Tensor) -> dict[str, torch.Tensor]:
         x1 = map_tensors(x, lambda t: t.unsqueeze(0))  # a batch of one
         logp, pullback = vjp(lambda q: functional_call(bound, q, (x1,))[0], p)  # (C,)
+        if logp.dim() == 0:  # a log-likelihood: its own gradient
+            _directions(logp, None, kind)  # refuses the exact kind
+            (g,) = pullback(torch.ones_like(logp))
+            return {n: g[n] ** 2 for n in g}
         classes = logp.shape[0]
         out = {n: torch.zeros_like(v) for n, v in p.items()}
-        if labels is not None:  # empirical: the true label's gradient only
+        if kind != "exact":  # empirical: the true label's gradient only
+            if labels is None:
+                _directions(logp, None, kind)  # raises: no labels
             (g,) = pullback((torch.arange(classes, device=logp.device) == label).to(logp.dtype))
             return {n: g[n] ** 2 for n in out}
         probs = logp.detach().exp()  # (C,)
@@ -168,7 +194,7 @@ def _row_embeddings(bound: _Bound, params: dict[str, torch.Tensor]) -> dict[str,
 
 
 def _add_loop(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
-              total: dict[str, torch.Tensor], size: int, class_chunk: int, embedding_rows: bool) -> None:
+              total: dict[str, torch.Tensor], size: int, class_chunk: int, embedding_rows: bool, kind: str) -> None:
     """The same per-example sums with ordinary autograd, one example at a time; the classes'
     backward passes run ``class_chunk`` at a time as one batched backward.
 
@@ -185,15 +211,11 @@ def _add_loop(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels
         for i in range(size):
             for calls in captured.values():
                 calls.clear()
-            logp = bound(example(batch, i))[0]  # (C,)
-            eye = torch.eye(logp.shape[0], device=logp.device, dtype=logp.dtype)  # (C, C): one class per row
-            if labels is not None:
-                rows, weights = eye[int(labels[i])].unsqueeze(0), torch.ones(1, device=logp.device)
-            else:
-                rows, weights = eye, logp.detach().exp()  # E_y exactly: sum_c p_c (d log p_c)^2
+            logp = bound(example(batch, i))[0]  # (C,) log-probabilities, or () a log-likelihood
+            rows, weights = _directions(logp, labels[i] if labels is not None else None, kind)  # (k, *), (k,)
             outputs = [out for key in rowwise for _, out in captured[key]]
             for start in range(0, rows.shape[0], class_chunk):
-                cotangents = rows[start:start + class_chunk]  # (k, C)
+                cotangents = rows[start:start + class_chunk]  # (k, *logp.shape)
                 w = weights[start:start + class_chunk]  # (k,)
                 grads = torch.autograd.grad(logp, [params[n] for n in dense] + outputs, grad_outputs=cotangents,
                                             retain_graph=True, is_grads_batched=True, allow_unused=True)
@@ -226,12 +248,17 @@ def _add_embedding_rows(rowwise: dict[str, torch.nn.Embedding], captured: dict[s
         total[key].index_add_(0, unique, torch.tensordot(w.to(g.dtype), per_row.square_(), dims=1))
 
 
-def _add_batched(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor,
-                 total: dict[str, torch.Tensor]) -> None:
+def _add_batched(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
+                 total: dict[str, torch.Tensor], kind: str) -> None:
     """The shortcut: the square of the gradient of the batch's summed log-likelihood."""
     names = list(params)
-    logp = bound(batch)  # (B, C)
-    picked = logp.gather(1, labels.reshape(-1, 1).to(logp.device)).sum()
+    logp = bound(batch)  # (B, C) or (B,)
+    if logp.dim() == 1:
+        picked = logp.sum()
+    else:
+        if labels is None:
+            _directions(logp[0], None, kind)  # raises: no labels
+        picked = logp.gather(1, labels.reshape(-1, 1).to(logp.device)).sum()
     grads = torch.autograd.grad(picked, [params[n] for n in names], allow_unused=True)
     for n, g in zip(names, grads):
         if g is not None:
