@@ -67,6 +67,11 @@ def main() -> None:
     p.add_argument("--fig5-limit", type=int, default=None, help="test examples per task in the Fig. 5 sweep")
     p.add_argument("--fig5-subsets", type=int, default=10, help="subsets per number of tasks (paper: 10)")
     p.add_argument("--skip-fig5", action="store_true")
+    p.add_argument("--stats-examples", type=int, default=256,
+                   help="validation examples per task for the Gram matrices (RegMean) and the Fisher")
+    p.add_argument("--fisher-examples", type=int, default=None,
+                   help="validation examples per task for the exact Fisher (default: --stats-examples); "
+                        "each costs one backward pass per class")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="table1", help="file stem of the table (table1 -> table1.md/.json)")
     args = p.parse_args()
@@ -150,10 +155,21 @@ def main() -> None:
             f"({tuning[name]['points']} points, {tuning[name]['merges']} merges)")
     seconds["tune"] = time.perf_counter() - clock
 
+    # -- data-aware baselines: statistics from validation data, one option chosen on validation
+    clock = time.perf_counter()
+    data_aware = data_aware_rows(args, suite, tasks, ft_dirs, base, heads, models, val, test, evaluate_state, cache)
+    for label, entry in data_aware.items():
+        table.add(ResultRow(label, SuiteResult(entry["test"]), validation=True, note=entry["note"]))
+        log(f"{label} (val): {entry['note']} -> test {table.rows[-1].result.mean:.3f}")
+    tuning.update({k: {kk: vv for kk, vv in v.items() if kk != "test"} for k, v in data_aware.items()})
+    seconds["fisher_regmean"] = time.perf_counter() - clock
+
     meta = {"seed": args.seed, "device": args.device, "hardware": hardware(), "max_length": common.MAX_LENGTH,
             "epochs": args.epochs, "lr": config.lr, "batch_size": config.batch_size,
             "train_per_task": {t: len(suite[t].train[:args.train_limit]) for t in tasks},
             "validation_per_task_for_tuning": {t: len(val[t]) for t in tasks},
+            "validation_per_task_for_statistics": {"fisher": args.fisher_examples or args.stats_examples,
+                                                   "gram": args.stats_examples},
             "test_per_task": {t: len(test[t]) for t in tasks},
             "sources": {t: [{"path": s.path, "sha256": s.sha256, "size": s.size} for s in suite[t].sources]
                         for t in tasks},
@@ -176,8 +192,12 @@ def _write_table(table: ResultsTable, args, meta) -> None:
            f"Accuracy (%) on each task's test split ({', '.join(f'{t} {n}' for t, n in m['test_per_task'].items())} "
            f"examples). Rows with val = yes chose their hyperparameters on validation data "
            f"({sum(m['validation_per_task_for_tuning'].values())} examples over all tasks; TIES: k ∈ {{0.1, 0.2, 0.3}} × "
-           "λ ∈ 0.8…3.0 step 0.1; task arithmetic: λ ∈ 0.1…1.0). Normalized mean: each task's accuracy ÷ its own "
-           "fine-tuned model's, averaged.\n\n")
+           "λ ∈ 0.8…3.0 step 0.1; task arithmetic: λ ∈ 0.1…1.0). Fisher merging and RegMean compute their "
+           "statistics with each task's own model on the first examples of its validation split "
+           f"(exact Fisher: {m['validation_per_task_for_statistics']['fisher']} per task; Gram matrices: "
+           f"{m['validation_per_task_for_statistics']['gram']} per task, padding excluded) and choose one option "
+           "on the tuning examples (Fisher: normalize ∈ {none, rms}, ε = 1e-6; RegMean: α ∈ {0.5, 0.7, 0.9, 0.95, 1}). "
+           "Normalized mean: each task's accuracy ÷ its own fine-tuned model's, averaged.\n\n")
     post = (f"\nSettings: seed {m['seed']}, device {m['device']} ({m['hardware'].get('gpu') or m['hardware']['processor']}, "
             f"{m['hardware']['cpu_count']} CPUs, torch {m['hardware']['torch']}), max length {m['max_length']} tokens, "
             f"{m['epochs']} epochs, lr {m['lr']}, batch {m['batch_size']}, "
@@ -188,6 +208,39 @@ def _write_table(table: ResultsTable, args, meta) -> None:
                if m.get("reused_from_cache") else "") + "\n")
     table.write(args.out / f"{args.name}.md", args.out / f"{args.name}.json", preamble=pre, epilogue=post)
     log(f"wrote {args.out / (args.name + '.md')}")
+
+
+def data_aware_rows(args, suite, tasks, ft_dirs, base, heads, models, val, test, evaluate_state,
+                    cache: EvalCache) -> dict[str, dict]:
+    """Fisher merging and RegMean: statistics per task model (cached), an option chosen on validation."""
+    from stats import stats_dir
+
+    n_fisher = args.fisher_examples or args.stats_examples
+    searches = (("RegMean", "regmean", "gram", [{"alpha": a} for a in (0.5, 0.7, 0.9, 0.95, 1.0)], args.stats_examples),
+                ("Fisher merging", "fisher", "fisher", [{"normalize": "none"}, {"normalize": "rms"}], n_fisher))
+    rows = {}
+    for label, name, kind, grid, examples in searches:
+        dirs = [stats_dir(kind, t, ft_dirs[t], heads[t], suite[t].validation[:examples], args.device, log)
+                for t in tasks]
+
+        def search(name=name, grid=grid, dirs=dirs, examples=examples) -> dict:
+            points, best, best_state = [], None, None
+            started = time.perf_counter()
+            for options in grid:
+                state = tiesmerge.merge(base, models, name, stats=dirs, device=args.device, **options)
+                score = evaluate_state(state, val).mean
+                points.append({**options, "score": score})
+                log(f"  {name} {options}: validation {score:.4f}")
+                if best is None or score > best["score"]:
+                    best, best_state = points[-1], state
+            return {"best": best, "grid": points, "statistics_examples": examples, "merges": len(points),
+                    "seconds": time.perf_counter() - started,
+                    "test": dict(evaluate_state(best_state, test).accuracy)}
+
+        entry = cache.get(f"{name}:stats{examples}", search)
+        options = ", ".join(f"{k}={v}" for k, v in entry["best"].items() if k != "score").replace("alpha", "α")
+        rows[label] = {**entry, "note": f"{options}; {examples} val. ex./task"}
+    return rows
 
 
 def fig5(args, suite, ft_dirs, base, heads, evaluate_state, cache: EvalCache) -> None:

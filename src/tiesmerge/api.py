@@ -19,19 +19,22 @@ from tqdm.auto import tqdm
 from . import __version__, adapter_merge
 from .engine.executor import Executor, MemorySink, RunStats
 from .engine.plan import Plan, format_size, parse_size
-from .errors import ConfigError, OutputError
+from .engine.side import SideInputs
+from .errors import ConfigError, IncompatibleCheckpointsError, OutputError
 from .io.align import align
 from .io.card import hash_files, model_card
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files
 from .methods import TaskArithmetic
-from .methods.base import MergeMethod
+from .methods.base import DataAwareMethod, MergeMethod
 from .recipe import MergeRecipe, parse_dtype
 from .registry import make_method
+from .stats.files import Statistics, StatsSource, combine_digests, open_stats
 
 __all__ = ["merge", "plan_merge", "describe_plan"]
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor]
+StatsInput = str | os.PathLike | Statistics | Mapping[str, torch.Tensor]
 DEFAULT_MEMORY_BUDGET = "2GiB"
 
 
@@ -96,10 +99,50 @@ def _open_all(stack: ExitStack, base: Source, models: Sequence[Source], allow_pi
     return opened[0], opened[1:]
 
 
+def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[StatsInput] | None, models: list[Checkpoint],
+               alignment: Any, device: torch.device, progress: Any) -> tuple[SideInputs | None, list[StatsSource]]:
+    """The per-model statistics of a data-aware method (Fisher, RegMean), opened and checked."""
+    if not isinstance(method, DataAwareMethod):
+        if stats:
+            raise ConfigError(f"statistics were given, but method {method.name!r} does not use them",
+                              hint="statistics serve the data-aware methods: fisher, regmean")
+        return None, []
+    spec = method.side_input()
+    if not stats:
+        raise ConfigError(f"method {method.name!r} needs {spec.kind} statistics of every model",
+                          hint=f"compute them with 'tiesmerge stats {spec.kind} --model MODEL --data DATA -o DIR', "
+                               "then pass one --stats DIR per --model, in the same order (stats=[...] in Python)")
+    if isinstance(stats, (str, os.PathLike, Mapping, Statistics)):
+        raise ConfigError("stats must be a list: one statistics directory (or object) per model")
+    opened = []
+    for k, source in enumerate(stats):
+        label = f"stats[{k}]" if isinstance(source, (Mapping, Statistics)) else str(source)
+        src = open_stats(source, kind=spec.kind, label=label)
+        stack.callback(src.close)
+        opened.append(src)
+    side = SideInputs(spec, [o.checkpoint for o in opened], models, alignment, device=device, progress=progress)
+    return side, opened
+
+
+def _check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict]], labels: list[str]) -> None:
+    """Statistics computed from a model directory record its files' digest: they must be this model's."""
+    for k, (src, files) in enumerate(zip(opened, hashed_models)):  # opened is empty for other methods
+        recorded = src.manifest.model_digest if src.manifest is not None else None
+        if not recorded or not recorded.startswith("files:") or not files:
+            continue
+        actual = "files:" + combine_digests([(Path(f["path"]).name, f["sha256"]) for f in files])
+        if actual != recorded:
+            raise IncompatibleCheckpointsError(
+                f"{src.label}: these statistics were computed with another model ({src.manifest.model}), "
+                f"not model {k} ({labels[k]}): the weight files' digests differ",
+                hint="give each model its own statistics, in the models' order, or recompute them")
+
+
 def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: MergeMethod, *, device: str,
              memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
-             allow_pickle: bool, progress: Any = None, output_format: str = "model"
-             ) -> tuple[Checkpoint, list[Checkpoint], Executor]:
+             allow_pickle: bool, progress: Any = None, output_format: str = "model",
+             stats: Sequence[StatsInput] | None = None
+             ) -> tuple[Checkpoint, list[Checkpoint], Executor, list[StatsSource]]:
     _check_inputs(base, models)
     problems = method.check(len(models))
     if problems:
@@ -119,30 +162,36 @@ def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: M
     out_dtype = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
     base_ckpt, model_ckpts = _open_all(stack, base, models, allow_pickle)
 
-    def make_executor(engine_base: Checkpoint, engine_models: list[Checkpoint], m: MergeMethod) -> Executor:
-        alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
+    def make_executor(engine_base: Checkpoint, engine_models: list[Checkpoint], m: MergeMethod,
+                      side: SideInputs | None = None, alignment: Any = None) -> Executor:
+        alignment = alignment or align(engine_base, engine_models, vocab_policy=vocab_policy)
         return Executor(engine_base, engine_models, alignment, m, device=device_t, memory_budget=budget,
-                        out_dtype=out_dtype, progress=progress)
+                        out_dtype=out_dtype, progress=progress, side=side)
 
     # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
-    executor = make_executor(*adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format), method)
+    engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
+    alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
+    side, opened = _open_side(stack, method, stats, model_ckpts, alignment, device_t, progress)
+    executor = make_executor(engine_base, engine_models, method, side, alignment)
     if adapter_merge.needs_fold(model_ckpts, output_format):
         executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
                                              lambda b, ms: make_executor(b, ms, TaskArithmetic(lam=1.0)))
-    return base_ckpt, model_ckpts, executor
+    return base_ckpt, model_ckpts, executor, opened
 
 
 def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *, device: str = "cpu",
                memory_budget: int | str | None = None, dtype: str | torch.dtype | None = None,
                vocab_policy: str = "error", allow_pickle: bool = False, output_format: str = "model",
-               **method_options: Any) -> Plan:
+               stats: Sequence[StatsInput] | None = None, **method_options: Any) -> Plan:
     """What :func:`merge` would do, without reading any tensor data: tensors, bytes, peak memory.
 
-    (Merging (IA)³ adapters into a full model merges their small vectors first, to plan the fold.)"""
+    (Merging (IA)³ adapters into a full model merges their small vectors first, to plan the fold;
+    with ``normalize="rms"``, Fisher merging reads its statistics once to plan.)"""
     m = _method(method, method_options)
     with ExitStack() as stack:
         return _prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
-                        vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format)[2].plan
+                        vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format,
+                        stats=stats)[2].plan
 
 
 def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
@@ -169,7 +218,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
           dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB", force: bool = False,
           allow_pickle: bool = False, vocab_policy: str = "error", progress: bool = False,
           output_format: str = "model", rank: int | None = None, origin: Mapping[str, Any] | None = None,
-          **method_options: Any) -> Path | dict[str, torch.Tensor]:
+          stats: Sequence[StatsInput] | None = None, **method_options: Any) -> Path | dict[str, torch.Tensor]:
     """Merge fine-tuned ``models`` of ``base`` and write an HF directory (or return a state dict).
 
     ``base`` and ``models`` are paths (HF directories, .safetensors files, PEFT LoRA or (IA)³
@@ -177,6 +226,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     method config object. ``output_format="adapter"`` writes a merged adapter instead of a full
     model (LoRA: re-factored by truncated SVD at ``rank``, default the largest input rank).
     ``origin`` (e.g. a translated mergekit recipe's format and semantics) goes into the manifest.
+    ``stats``: the data-aware methods (``fisher``, ``regmean``) take one statistics directory
+    (``tiesmerge stats``) or :class:`tiesmerge.stats.Statistics` per model, in the models' order.
 
     >>> import tiesmerge                                                      # doctest: +SKIP
     >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
@@ -196,10 +247,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         if progress:
             bar = stack.enter_context(tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024,
                                            desc=f"merging ({m.name})", dynamic_ncols=True))
-        base_ckpt, model_ckpts, executor = _prepare(
+        base_ckpt, model_ckpts, executor, opened_stats = _prepare(
             stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
             vocab_policy=vocab_policy, allow_pickle=allow_pickle, progress=bar.update if bar else None,
-            output_format=output_format)
+            output_format=output_format, stats=stats)
         if bar is not None:
             bar.reset(total=executor.plan.bytes_to_read)
         prepared = time.perf_counter()
@@ -220,34 +271,42 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         with atomic_directory(output, force=force, needed_bytes=executor.plan.output_bytes) as tmp:
             adapter_part = None
             if output_format == "adapter":
-                stats, adapter_part = adapter_merge.write_adapter(tmp, executor, base_ckpt, model_ckpts, rank=rank,
-                                                                  dtype=executor.out_dtype)
+                run_stats, adapter_part = adapter_merge.write_adapter(tmp, executor, base_ckpt, model_ckpts,
+                                                                      rank=rank, dtype=executor.out_dtype)
                 files, copied = adapter_part["files"], []
             else:
                 writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__})
-                stats = executor.run(writer)
+                run_stats = executor.run(writer)
                 writer.close()
                 files = writer.files
+            if executor.side is not None:
+                run_stats.bytes_read += executor.side.bytes_read
             clock = time.perf_counter()
             if output_format != "adapter":
                 copied = copy_model_files(base_ckpt.directory(), tmp,
                                           dtype=executor.out_dtype if executor.out_dtype else None)
             hashed = [[f.result() for f in d] for d in digests]
-            stats.seconds["hash_wait"] = time.perf_counter() - clock
-            stats.seconds["prepare"] = prepared - started
+            _check_stats_digests(opened_stats, hashed[1:], [c.label for c in model_ckpts])
+            run_stats.seconds["hash_wait"] = time.perf_counter() - clock
+            run_stats.seconds["prepare"] = prepared - started
             recipe = MergeRecipe(method=m, base=base_ckpt.label, models=tuple(c.label for c in model_ckpts),
                                  dtype=str(executor.out_dtype).removeprefix("torch.") if executor.out_dtype else None,
                                  shard_size=str(shard_size), memory_budget=str(memory_budget or DEFAULT_MEMORY_BUDGET),
                                  device=str(device), vocab_policy=vocab_policy, output_format=output_format,
-                                 rank=rank, origin=dict(origin) if origin else None)
+                                 rank=rank, origin=dict(origin) if origin else None,
+                                 stats=tuple(s.label for s in opened_stats) or None)
             (tmp / "README.md").write_text(model_card(
                 base_label=base_ckpt.label, model_labels=[c.label for c in model_ckpts], recipe_yaml=recipe.to_yaml(),
                 method_name=m.name, paper=m.paper, summary=m.summary, version=__version__))
-            stats.seconds["total"] = time.perf_counter() - started
-            manifest = _manifest(recipe, executor, stats, hashed, files, copied)
+            run_stats.seconds["total"] = time.perf_counter() - started
+            manifest = _manifest(recipe, executor, run_stats, hashed, files, copied)
             kind = next((getattr(c, "adapter_kind", None) for c in model_ckpts if hasattr(c, "adapter_kind")), None)
             if kind is not None:
                 manifest["adapters"] = {"inputs": kind, "output_format": output_format, **(adapter_part or {})}
+            if opened_stats:
+                manifest["statistics"] = [{"label": s.label, "manifest": s.manifest.to_dict() if s.manifest else None}
+                                          for s in opened_stats]
+                manifest["statistics_missing"] = executor.side.missing if executor.side else []
             (tmp / "tiesmerge.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return Path(output)
 

@@ -6,6 +6,8 @@
       - ./llama-math
       - path: ./llama-code
         weight: 0.5          # becomes the method's per-model weights
+        stats: ./stats-code  # fisher, regmean: the model's statistics (tiesmerge stats); or a
+                             # top-level list `stats: [dir, ...]`, one per model
     parameters: {density: 0.2, lam: 1.0, scope: global}
     dtype: bfloat16          # optional: output dtype (default: the base's)
     shard_size: 5GB
@@ -43,7 +45,7 @@ __all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict",
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memory_budget", "device", "vocab_policy",
-         "allow_pickle", "output_format", "rank", "origin")
+         "allow_pickle", "output_format", "rank", "origin", "stats")
 OUTPUT_FORMATS = ("model", "adapter")
 
 
@@ -69,6 +71,11 @@ class MergeRecipe:
     output_format: str = "model"  # "adapter": a merged PEFT adapter (adapters in)
     rank: int | None = None  # LoRA adapter output: the rank of the SVD re-factoring
     origin: dict[str, Any] | None = None  # a translated recipe's source format and semantics (mergekit)
+    stats: tuple[str, ...] | None = None  # fisher, regmean: one statistics directory per model
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stats, list):
+            object.__setattr__(self, "stats", tuple(self.stats))
 
     def to_dict(self) -> dict[str, Any]:
         params = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)}
@@ -80,6 +87,8 @@ class MergeRecipe:
         if self.output_format != "model":
             out.update(output_format=self.output_format, rank=self.rank)
         out["origin"] = self.origin
+        if self.stats:
+            out["models"] = [{"path": m, "stats": s} for m, s in zip(self.models, self.stats, strict=True)]
         return {k: v for k, v in out.items() if v is not None}
 
     def to_yaml(self) -> str:
@@ -112,6 +121,7 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     models_raw = data.get("models")
     paths: list[str] = []
     weights: list[float | None] = []
+    stats: list[str | None] = []
     if not isinstance(models_raw, list) or not models_raw:
         problems.append("'models' must be a non-empty list of paths (or of {path:, weight:})")
         models_raw = []
@@ -119,12 +129,14 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         if isinstance(entry, (str, os.PathLike)):
             paths.append(_path(entry, root))
             weights.append(None)
+            stats.append(None)
         elif isinstance(entry, dict) and "path" in entry:
-            extra = [k for k in entry if k not in ("path", "weight")]
+            extra = [k for k in entry if k not in ("path", "weight", "stats")]
             if extra:
-                problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path and weight)")
+                problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path, weight and stats)")
             paths.append(_path(entry["path"], root))
             weights.append(entry.get("weight"))
+            stats.append(_path(entry["stats"], root) if entry.get("stats") is not None else None)
         else:
             problems.append(f"models[{i}]: expected a path or {{path:, weight:}}, got {entry!r}")
     params = data.get("parameters") or {}
@@ -139,6 +151,18 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             problems.append("give a weight to every model or to none")
         else:
             params["weights"] = weights
+    top_stats = data.get("stats")
+    if top_stats is not None:
+        if not isinstance(top_stats, list) or not all(isinstance(x, (str, os.PathLike)) for x in top_stats):
+            problems.append("'stats' must be a list of statistics directories, one per model")
+        elif any(x is not None for x in stats):
+            problems.append("statistics are given both per model (stats:) and in the top-level stats list; keep one")
+        elif len(top_stats) != len(paths):
+            problems.append(f"'stats' lists {len(top_stats)} directories for {len(paths)} models")
+        else:
+            stats = [_path(x, root) for x in top_stats]
+    if any(x is not None for x in stats) and any(x is None for x in stats):
+        problems.append("give statistics to every model or to none")
     for key, check in (("shard_size", parse_size), ("memory_budget", parse_size)):
         if key in data:
             try:
@@ -182,7 +206,8 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
                        shard_size=str(data.get("shard_size", "5GB")), memory_budget=str(data.get("memory_budget", "2GiB")),
                        device=str(data.get("device", "cpu")), vocab_policy=data.get("vocab_policy", "error"),
                        allow_pickle=bool(data.get("allow_pickle", False)),
-                       output_format=data.get("output_format", "model"), rank=rank, origin=data.get("origin"))
+                       output_format=data.get("output_format", "model"), rank=rank, origin=data.get("origin"),
+                       stats=tuple(stats) if stats and all(x is not None for x in stats) else None)
 
 
 def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, Any]:
@@ -216,6 +241,10 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
         data["base"] = _path(data["base"], path.parent)
     if isinstance(data.get("models"), list):
         data["models"] = [_path(m, path.parent) if isinstance(m, (str, os.PathLike)) else
-                          {**m, "path": _path(m["path"], path.parent)} if isinstance(m, dict) and "path" in m else m
+                          {**m, "path": _path(m["path"], path.parent),
+                           **({"stats": _path(m["stats"], path.parent)} if m.get("stats") is not None else {})}
+                          if isinstance(m, dict) and "path" in m else m
                           for m in data["models"]]
+    if isinstance(data.get("stats"), list):
+        data["stats"] = [_path(x, path.parent) if isinstance(x, (str, os.PathLike)) else x for x in data["stats"]]
     return data

@@ -8,7 +8,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from .errors import ConfigError
-from .methods import Average, DareLinear, DareTies, MagnitudePrune, MergeMethod, TaskArithmetic, Ties
+from .methods import (
+    Average,
+    DareLinear,
+    DareTies,
+    Fisher,
+    MagnitudePrune,
+    MergeMethod,
+    RegMean,
+    TaskArithmetic,
+    Ties,
+)
 
 __all__ = ["METHODS", "method_class", "make_method", "did_you_mean"]
 
@@ -22,7 +32,7 @@ def _build(classes: list[type]) -> dict[str, type]:
     return table
 
 
-METHODS: Mapping[str, type] = _build([Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune])
+METHODS: Mapping[str, type] = _build([Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune, Fisher, RegMean])
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:

@@ -38,6 +38,7 @@ from ..methods.ties import Ties
 from . import kernels
 from .plan import FIXED_OVERHEAD, Chunk, Plan, bytes_per_entry, format_size, make_plan
 from .select import WindowSelect, bracket_from_sample, kth_largest
+from .side import SideInputs
 
 __all__ = ["Sink", "MemorySink", "RunStats", "Executor", "RawRows"]
 
@@ -139,7 +140,8 @@ class Executor:
     def __init__(self, base: Checkpoint, models: list[Checkpoint], alignment: Alignment, method: MergeMethod, *,
                  device: str | torch.device = "cpu", memory_budget: int = 2 << 30,
                  out_dtype: torch.dtype | None = None, weights: torch.Tensor | None = None,
-                 progress: Callable[[int], None] | None = None, fused: bool = True) -> None:
+                 progress: Callable[[int], None] | None = None, fused: bool = True,
+                 side: SideInputs | None = None) -> None:
         self.base, self.models, self.alignment, self.method = base, models, alignment, method
         self.device = torch.device(device)
         self.out_dtype = out_dtype
@@ -159,7 +161,11 @@ class Executor:
         self.plan: Plan = make_plan(alignment, self.n, memory_budget=memory_budget, out_dtype=out_dtype,
                                     selection_passes=selection_passes, chunked_scope_passes=chunked_passes,
                                     fused=self._kernels,
-                                    whole_tensors=self.trim is not None and self.trim.scope == "per_tensor")
+                                    whole_tensors=self.trim is not None and self.trim.scope == "per_tensor",
+                                    extra_bytes_per_entry=side.extra_bytes_per_entry() if side else 0)
+        self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
+        if side is not None:
+            self.plan = side.adjust_plan(self.plan)
         raw_weights = getattr(method, "weights", None)
         self.weights = (weights if weights is not None else
                         torch.tensor(raw_weights, dtype=torch.float32) if raw_weights is not None else None)
@@ -511,7 +517,8 @@ class Executor:
                     chunk_majority = float(torch.tensor(self.method.elected_sign_sum(tau, ctx)).sign())
             keep = torch.tensor(self.trim.keep_counts(job.numel, self.n), device=self.device) if exact_k else None
             ctx = ChunkContext(thresholds=chunk_thresholds, majority=chunk_majority, weights=self.weights,
-                               stream=stream, offset=chunk.offset, keep=keep)
+                               stream=stream, offset=chunk.offset, keep=keep,
+                               side=self.side.read(chunk) if self.side is not None else None)
             delta = self.method.merge(tau, ctx)  # (*S) float32
             merged = base32.add_(delta).to(out_dtype)
             self._write(sink.write, job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)

@@ -75,15 +75,16 @@ class Plan:
     notes: tuple[str, ...] = field(default=())
 
     reduce_bytes: int = 0  # extra reads of per-tensor scopes too large for one chunk (reduced first)
+    side_bytes: int = 0  # statistics read beside the models by data-aware methods (Fisher, RegMean)
 
     @property
     def bytes_to_read(self) -> int:
-        return self.bytes_per_pass * self.passes + self.reduce_bytes + self.copy_bytes
+        return self.bytes_per_pass * self.passes + self.reduce_bytes + self.copy_bytes + self.side_bytes
 
 
 def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dtype: torch.dtype | None,
               selection_passes: int, chunked_scope_passes: int = 0, fused: bool = False,
-              whole_tensors: bool = False) -> Plan:
+              whole_tensors: bool = False, extra_bytes_per_entry: int = 0) -> Plan:
     """Cut every merged tensor into row chunks under the budget.
 
     ``selection_passes``: whole-stream passes before the merge (2 for a global radix select,
@@ -91,6 +92,8 @@ def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dt
     scope's own chunks when a tensor is too large for one chunk. ``fused``: the fused CPU
     kernels' working set. ``whole_tensors``: keep tensors whole when the budget allows (a
     per-tensor trimming scope); otherwise chunks stop at ``SPEED_CHUNK_ENTRIES``.
+    ``extra_bytes_per_entry``: working bytes per entry beyond the usual (row-shaped statistics
+    of data-aware methods).
     """
     # tiny budgets (tests) keep half for the chunk; real ones set the fixed overhead aside
     work_budget = memory_budget - FIXED_OVERHEAD if memory_budget > 2 * FIXED_OVERHEAD else memory_budget // 2
@@ -104,7 +107,7 @@ def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dt
             copy_bytes += job.numel * itemsize
             peak = max(peak, job.numel * itemsize)
             continue
-        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused)
+        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused) + extra_bytes_per_entry
         budget = work_budget if whole_tensors else min(work_budget, SPEED_CHUNK_ENTRIES * per_entry)
         rows = rows_per_chunk(job.shape, per_entry, budget)
         row_entries = job.numel // job.shape[0] if job.shape and job.shape[0] else 0

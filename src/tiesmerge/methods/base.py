@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["ChunkContext", "TrimSpec", "MergeMethod", "option", "check_choice", "check_weights", "check_densities"]
+__all__ = ["ChunkContext", "TrimSpec", "SideInput", "MergeMethod", "DataAwareMethod", "option", "check_choice",
+           "check_weights", "check_densities"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,22 @@ class TrimSpec:
 
 
 @dataclass(frozen=True)
+class SideInput:
+    """Per-model statistics a data-aware method merges with (Fisher diagonals, Gram matrices).
+
+    kind:      the statistics kind every model's statistics must hold ("fisher" or "gram").
+    rows:      True: a statistic has its parameter's shape and the engine reads the chunk's
+               rows of it; False: one (in, in) matrix per 2-D parameter, read whole.
+    normalize: "none", or "rms": the engine divides each model's statistics by their root
+               mean square over the whole model (a reduction pass over the statistics files).
+    """
+
+    kind: str
+    rows: bool
+    normalize: str = "none"
+
+
+@dataclass(frozen=True)
 class ChunkContext:
     """What the engine knows about the chunk it hands to ``merge``.
 
@@ -47,6 +64,9 @@ class ChunkContext:
                 scope (per-tensor trimming of a tensor held in one chunk), else None.
     stream:     a stable integer for (tensor name); with ``offset`` (flat index of the chunk's
                 first entry in its tensor) it addresses the counter-based random numbers.
+    side:       data-aware methods only: one float32 statistic per model, stacked (n, ...) —
+                the chunk's rows of a Fisher diagonal, or a whole (in, in) Gram matrix — or
+                None when some model has no statistic for this tensor (the method averages).
     """
 
     thresholds: torch.Tensor | None = None
@@ -55,6 +75,7 @@ class ChunkContext:
     stream: int = 0
     offset: int = 0
     keep: torch.Tensor | None = None  # (n,) entries kept per model when the chunk is a whole trim scope
+    side: torch.Tensor | None = None
 
 
 @runtime_checkable
@@ -72,6 +93,13 @@ class MergeMethod(Protocol):
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor: ...
 
     def check(self, n_models: int) -> list[str]: ...
+
+
+@runtime_checkable
+class DataAwareMethod(MergeMethod, Protocol):
+    """A method that also merges with per-model statistics computed from data (tiesmerge.stats)."""
+
+    def side_input(self) -> SideInput: ...
 
 
 def option(default: Any, help: str, *, unit: str = "", choices: tuple[str, ...] = ()) -> Any:

@@ -1,0 +1,144 @@
+"""Side inputs: per-model statistics read beside the models, chunk by chunk (Fisher, RegMean).
+
+A data-aware method declares a :class:`~tiesmerge.methods.base.SideInput`; the executor asks
+this module for each chunk's statistics: the same rows of every model's Fisher diagonal, or
+every model's whole (in, in) Gram matrix of a Linear weight. Statistics are ordinary
+checkpoints (safetensors keyed like the model), checked up front against the alignment, so
+a statistics file that does not fit its model is a typed error before anything is merged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+from ..errors import IncompatibleCheckpointsError, InvalidTensorError
+from ..io.align import Alignment, TensorJob
+from ..io.checkpoint import Checkpoint
+from ..methods.base import SideInput
+from .plan import Chunk, Plan
+
+__all__ = ["SideInputs"]
+
+
+class SideInputs:
+    """One statistics checkpoint per model, validated against the merge's tensors."""
+
+    def __init__(self, spec: SideInput, stats: list[Checkpoint], models: list[Checkpoint], alignment: Alignment, *,
+                 device: torch.device, progress: Callable[[int], None] | None = None) -> None:
+        if len(stats) != len(models):
+            raise IncompatibleCheckpointsError(
+                f"{len(stats)} statistics given for {len(models)} models",
+                hint="give one statistics directory per model, in the models' order (--stats once per --model)")
+        self.spec, self.stats, self.device = spec, stats, device
+        self._progress = progress or (lambda nbytes: None)
+        self._jobs = {job.name: job for job in alignment.jobs if job.merge}
+        # which stored name holds each merged tensor's statistic (tied tensors may use an alias)
+        self.names: list[dict[str, str]] = [self._validate(k, s, models[k]) for k, s in enumerate(stats)]
+        self.missing = sorted({name for k in range(len(stats)) for name, job in self._jobs.items()
+                               if name not in self.names[k] and self.expected_shape(job) is not None})
+        self.scales = self._rms_scales() if spec.normalize == "rms" else [1.0] * len(stats)
+        self._cached: tuple[str, torch.Tensor | None] | None = None  # whole Gram matrices of the last job
+        self.bytes_read = 0  # by the merge pass
+
+    # ------------------------------------------------------------------ checks
+    def expected_shape(self, job: TensorJob) -> tuple[int, ...] | None:
+        """The statistic's shape for ``job``, or None where this kind has none (a 1-D tensor's Gram)."""
+        if self.spec.rows:
+            return job.shape
+        return (job.shape[1], job.shape[1]) if len(job.shape) == 2 else None
+
+    def _validate(self, k: int, stats: Checkpoint, model: Checkpoint) -> dict[str, str]:
+        owner = {alias: job for job in self._jobs.values() for alias in (job.name, *job.aliases)}
+        found: dict[str, str] = {}
+        for name in stats.names():
+            info = stats.info(name)
+            job = owner.get(name)
+            if job is None:
+                why = "is not a tensor of the model" if name not in model.names() else "is not merged (not floating)"
+                raise IncompatibleCheckpointsError(
+                    f"{stats.location(name)}: statistic {name!r} {tuple(info.shape)} {why} "
+                    f"(model {k}: {model.label})",
+                    hint="statistics must be computed with the model they are given for, in the models' order")
+            want = self.expected_shape(job)
+            if want is None or info.shape != want or not info.dtype.is_floating_point:
+                what = (f"a {self.spec.kind} statistic of shape {want}" if want is not None
+                        else f"no {self.spec.kind} statistic (only 2-D weights have Gram matrices)")
+                raise IncompatibleCheckpointsError(
+                    f"{stats.location(name)}: statistic {name!r} is {tuple(info.shape)} "
+                    f"{str(info.dtype).removeprefix('torch.')}, but tensor {name!r} of model {k} ({model.label}) "
+                    f"is {job.shape}, which takes {what}",
+                    hint="the statistics belong to another model or architecture; recompute them with this model")
+            found[job.name] = name
+        if not found:
+            raise IncompatibleCheckpointsError(
+                f"{stats.label}: holds no statistic for any tensor of model {k} ({model.label})",
+                hint="the statistics belong to another model; recompute them with this model")
+        return found
+
+    def _rms_scales(self) -> list[float]:
+        """1 / (root mean square of each model's statistics over the whole model): one streaming pass."""
+        scales = []
+        for k, stats in enumerate(self.stats):
+            total, count = 0.0, 0
+            for stored in self.names[k].values():
+                value = stats.read(stored)
+                total += float(value.double().pow(2).sum())
+                count += value.numel()
+            if not total > 0:
+                raise InvalidTensorError(f"{stats.label}: every {self.spec.kind} value is 0, so it cannot be "
+                                         "normalized by its scale", hint="use normalize: none, or recompute them")
+            scales.append((total / count) ** -0.5)
+        return scales
+
+    # ------------------------------------------------------------------ reading
+    def read(self, chunk: Chunk) -> torch.Tensor | None:
+        """(n, *rows of the chunk) Fisher values, or (n, in, in) Gram matrices, float32 on the
+        device; None when some model has no statistic for this tensor (the method averages)."""
+        name = chunk.job.name
+        if name in self.missing or self.expected_shape(chunk.job) is None:
+            return None
+        if not self.spec.rows and self._cached is not None and self._cached[0] == name:
+            return self._cached[1]
+        rows = chunk.rows if self.spec.rows else None
+        values = []
+        for k, stats in enumerate(self.stats):
+            raw = stats.read(self.names[k][name], rows)
+            self.bytes_read += raw.numel() * raw.element_size()
+            self._progress(raw.numel() * raw.element_size())
+            values.append(raw.to(self.device, torch.float32).mul_(self.scales[k]))
+        side = torch.stack(values)  # (n, ...)
+        if not bool(torch.isfinite(side.sum())) or (self.spec.kind == "fisher" and bool((side < 0).any())):
+            bad = next(k for k, v in enumerate(values) if not bool(torch.isfinite(v).all()) or
+                       (self.spec.kind == "fisher" and bool((v < 0).any())))
+            raise InvalidTensorError(f"{self.stats[bad].location(self.names[bad][name])}: {self.spec.kind} statistic "
+                                     f"{name!r} holds NaN, Inf or negative values",
+                                     hint="the statistics file is damaged; recompute it")
+        if not self.spec.rows:
+            self._cached = (name, side)
+        return side
+
+    # ------------------------------------------------------------------ planning
+    def bytes_per_pass(self) -> int:
+        return sum(self.stats[k].info(stored).nbytes for k in range(len(self.stats)) for stored in self.names[k].values())
+
+    def extra_bytes_per_entry(self) -> int:
+        """Working bytes per entry of a chunk that row-shaped statistics add: the float32 stack and
+        the method's floored copy and product (3 float32 values per model)."""
+        return 3 * 4 * len(self.stats) if self.spec.rows else 0
+
+    def adjust_plan(self, plan: Plan) -> Plan:
+        """The plan with the statistics' reads in the merge pass, and (Gram matrices) their memory,
+        accounted for. (normalize="rms" read them once more already, to find each model's scale.)"""
+        reads = self.bytes_per_pass()
+        peak = plan.peak_bytes
+        if not self.spec.rows:  # per model: the float32 stack, float64 copy and shrunk copy, plus the sums
+            widest = max((job.shape[1] for job in self._jobs.values() if len(job.shape) == 2), default=0)
+            peak += (20 * len(self.stats) + 24) * widest * widest
+        notes = plan.notes
+        if self.missing:
+            notes = (*notes, f"{len(self.missing)} tensor(s) averaged for want of {self.spec.kind} statistics in "
+                             f"some model, e.g. {self.missing[0]!r}")
+        return dataclasses.replace(plan, side_bytes=plan.side_bytes + reads, peak_bytes=peak, notes=notes)

@@ -1,0 +1,69 @@
+"""Fisher merging (Matena & Raffel, NeurIPS 2022): a Fisher-weighted mean of the models."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from .base import ChunkContext, SideInput, check_choice, option
+
+NORMALIZATIONS = ("none", "rms")
+
+
+@dataclass(frozen=True)
+class Fisher:
+    """theta = sum_t F_t theta_t / sum_t F_t, per entry, with F_t floored at ``epsilon``.
+
+    F_t is model t's diagonal Fisher information (``tiesmerge stats fisher``). The floor keeps
+    the quotient defined where no model's Fisher is positive: there every model weighs
+    epsilon, so the entry is the plain mean. ``normalize="rms"`` first divides each model's
+    Fisher by its root mean square over the whole model, so a model whose log-likelihood has
+    larger gradients overall (fewer classes, a harder task) does not outweigh the others
+    everywhere; every model's Fisher then has mean square 1, and epsilon is the same relative
+    floor for each. A tensor that some model has no Fisher for is averaged.
+    Computed on task vectors: sum_t F_t theta_t / sum_t F_t = base + sum_t F_t tau_t / sum_t F_t.
+    """
+
+    name: ClassVar[str] = "fisher"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2111.09832"
+    summary: ClassVar[str] = "Fisher merging: each entry a mean of the models weighted by their diagonal Fisher"
+
+    epsilon: float = option(1e-6, "floor on every Fisher value (where all are below it, the mean)",
+                            unit="Fisher units (after normalize)")
+    normalize: str = option("none", "divide each model's Fisher by its root mean square over the whole model first",
+                            choices=NORMALIZATIONS)
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        ok = isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool)
+        if not ok or not math.isfinite(self.epsilon) or self.epsilon <= 0:
+            problems.append(f"fisher: epsilon must be a positive, finite number, got {self.epsilon!r}")
+        check_choice(problems, self.name, "normalize", self.normalize, NORMALIZATIONS)
+        if problems:
+            raise ConfigError(problems)
+
+    def check(self, n_models: int) -> list[str]:
+        return []
+
+    def side_input(self) -> SideInput:
+        return SideInput("fisher", rows=True, normalize=self.normalize)
+
+    def trim_spec(self) -> None:
+        return None
+
+    def needs_majority_sign(self) -> bool:
+        return False
+
+    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
+        raise NotImplementedError("Fisher merging elects no sign")
+
+    def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """tau (n, *S), ctx.side (n, *S) Fisher values -> (*S)."""
+        if ctx.side is None:
+            return tau.mean(dim=0)
+        fisher = ctx.side.clamp_min(self.epsilon)  # (n, *S)
+        return (fisher * tau).sum(dim=0).div_(fisher.sum(dim=0))

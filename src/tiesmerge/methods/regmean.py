@@ -1,0 +1,80 @@
+"""RegMean (Jin et al., ICLR 2023): merge linear layers by regression on their inputs' Gram matrices."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from ..errors import ConfigError
+from .base import ChunkContext, SideInput, option
+
+
+def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(..., d, d) -> alpha * G + (1 - alpha) * diag(G): off-diagonal entries times alpha."""
+    diagonal = torch.diagonal(gram, dim1=-2, dim2=-1)  # (..., d)
+    return (gram * alpha).diagonal_scatter(diagonal, dim1=-2, dim2=-1)
+
+
+@dataclass(frozen=True)
+class RegMean:
+    """For each linear weight W (out, in): W = (sum_t W_t G~_t)(sum_t G~_t)^-1.
+
+    G_t = X_t^T X_t / N_t is the Gram matrix of the layer's inputs on model t's data
+    (``tiesmerge stats gram``); G~_t multiplies its off-diagonal entries by ``alpha``
+    (alpha = 1 is exact RegMean: the weight that best reproduces every model's outputs on its
+    own inputs, in least squares). Solved with ``torch.linalg.solve`` in float64, never by an
+    explicit inverse. Every other parameter (biases, norms, embeddings, layers without a
+    Gram matrix in some model) is averaged. An input feature that no model's data ever
+    activates (a zero row and column of sum_t G~_t) has no regression target; its column is
+    averaged too.
+    Row chunks need only the same rows of each W_t and each full Gram matrix, and the solve
+    runs on task vectors: W = base + (sum_t tau_t G~_t)(sum_t G~_t)^-1.
+    """
+
+    name: ClassVar[str] = "regmean"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2212.09849"
+    summary: ClassVar[str] = "RegMean: linear layers by least squares on their inputs' Gram matrices, the rest averaged"
+
+    alpha: float = option(0.95, "scale of the Gram matrices' off-diagonal entries (1 = exact RegMean)",
+                          unit="fraction, [0, 1]")
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and math.isfinite(self.alpha)
+        if not ok or not 0 <= self.alpha <= 1:
+            raise ConfigError(f"regmean: alpha must be a number in [0, 1], got {self.alpha!r}")
+
+    def check(self, n_models: int) -> list[str]:
+        return []
+
+    def side_input(self) -> SideInput:
+        return SideInput("gram", rows=False)
+
+    def trim_spec(self) -> None:
+        return None
+
+    def needs_majority_sign(self) -> bool:
+        return False
+
+    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
+        raise NotImplementedError("RegMean elects no sign")
+
+    def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """tau (n, rows, in), ctx.side (n, in, in) Gram matrices -> (rows, in)."""
+        if ctx.side is None or tau.dim() != 3:
+            return tau.mean(dim=0)
+        n = tau.shape[0]
+        grams = shrink_off_diagonal(ctx.side.double(), self.alpha)  # (n, in, in)
+        tau64 = tau.double()
+        lhs = grams.sum(dim=0)  # (in, in)
+        rhs = torch.einsum("tij,trj->ir", grams, tau64)  # (in, rows) = sum_t G~_t tau_t^T
+        unseen = torch.diagonal(lhs) == 0  # (in,): features no model's data activates
+        if bool(unseen.any()):
+            # their rows and columns of lhs are zero (a PSD matrix with a zero diagonal entry);
+            # n * x = sum_t tau_t there makes those columns the plain mean
+            lhs[unseen, unseen] = float(n)
+            rhs[unseen] = tau64[:, :, unseen].sum(dim=0).T
+        solution = torch.linalg.solve(lhs, rhs)  # (in, rows)
+        return solution.T.to(tau.dtype)

@@ -1,0 +1,193 @@
+"""Statistics as files: safetensors keyed like the model, plus a small JSON manifest.
+
+A statistics directory holds ``model.safetensors`` (or shards and an index, like a model)
+and ``tiesmerge_stats.json``: the kind (``fisher`` or ``gram``), the digest of the model the
+statistics were computed with, the number of examples and the options. It is written
+atomically (a temporary sibling renamed into place), so an interrupted run leaves nothing
+that looks complete. Because the tensors are an ordinary checkpoint, the merge engine reads
+them chunk by chunk with the same readers as the models.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..engine.plan import parse_size
+from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
+from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
+
+__all__ = ["STATS_KINDS", "MANIFEST_NAME", "StatsManifest", "Statistics", "StatsSource", "save_stats", "load_stats",
+           "open_stats", "model_digest", "files_digest", "combine_digests"]
+
+STATS_KINDS = ("fisher", "gram")
+MANIFEST_NAME = "tiesmerge_stats.json"
+
+
+@dataclass(frozen=True)
+class StatsManifest:
+    kind: str  # "fisher": diagonal Fisher, shaped like each parameter; "gram": (in, in) per Linear weight
+    examples: int  # examples the statistics average over
+    options: dict[str, Any] = field(default_factory=dict)  # how they were computed (method options)
+    model_digest: str | None = None  # "files:<sha256>" of the model's weight files, or "tensors:<sha256>"
+    model: str | None = None  # where the model was read from, for people
+    tiesmerge_version: str = __version__
+    created: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str) -> StatsManifest:
+        known = {f for f in cls.__dataclass_fields__}
+        if not isinstance(data, Mapping) or data.get("kind") not in STATS_KINDS or not isinstance(
+                data.get("examples"), int):
+            raise CheckpointError(f"{source}: not a tiesmerge statistics manifest (needs kind "
+                                  f"{'|'.join(STATS_KINDS)} and examples)",
+                                  hint="statistics directories are written by tiesmerge stats fisher|gram")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Statistics:
+    """Statistics in memory: tensors keyed like the model's parameters, and their manifest."""
+
+    manifest: StatsManifest
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    def save(self, directory: str | os.PathLike, *, force: bool = False, shard_size: int | str = "5GB") -> Path:
+        return save_stats(directory, self, force=force, shard_size=shard_size)
+
+
+@dataclass
+class StatsSource:
+    """Opened statistics for a merge: a lazily read checkpoint and the manifest, if any."""
+
+    checkpoint: Checkpoint
+    manifest: StatsManifest | None
+    label: str
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+def combine_digests(named: list[tuple[str, str]]) -> str:
+    """One sha256 over (name, sha256) pairs, in name order: a model's digest from its files'."""
+    digest = hashlib.sha256()
+    for name, sha in sorted(named):
+        digest.update(f"{name}\0{sha}\n".encode())
+    return digest.hexdigest()
+
+
+def files_digest(source: str | os.PathLike) -> str:
+    """``files:<sha256>`` over the weight files of a model directory or file (names and contents):
+    the digest a merge can check for free, since it hashes its inputs' files anyway."""
+    ckpt = open_checkpoint(source)
+    try:
+        files = ckpt.files()
+    finally:
+        ckpt.close()
+    named = []
+    for path in files:
+        sha = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                sha.update(block)
+        named.append((path.name, sha.hexdigest()))
+    return "files:" + combine_digests(named)
+
+
+def model_digest(module: torch.nn.Module, model: str | os.PathLike | None = None) -> str:
+    """The digest a statistics manifest records: of ``model``'s weight files when the module was
+    loaded from that directory (checked again when merging), else ``tensors:<sha256>`` over the
+    module's state dict (provenance only)."""
+    if model is not None and Path(model).exists():
+        return files_digest(model)
+    named = []
+    for name, tensor in module.state_dict().items():
+        raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        named.append((name, hashlib.sha256(str((tuple(tensor.shape), str(tensor.dtype))).encode() + raw).hexdigest()))
+    return "tensors:" + combine_digests(named)
+
+
+def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool = False,
+               shard_size: int | str = "5GB") -> Path:
+    """Write ``stats`` to ``directory`` atomically (safetensors + ``tiesmerge_stats.json``)."""
+    bad = [k for k, v in stats.tensors.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
+    if bad:
+        raise ConfigError(f"statistics tensor {bad[0]!r} is not a floating torch.Tensor")
+    manifest = stats.manifest
+    if not manifest.created:
+        manifest = StatsManifest(**{**manifest.to_dict(),
+                                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in stats.tensors.items()}
+    groups = [[OutputEntry(k, tuple(v.shape), v.dtype)] for k, v in tensors.items()]
+    with atomic_directory(directory, force=force, needed_bytes=sum(v.numel() * 4 for v in tensors.values())) as tmp:
+        writer = ShardedWriter(tmp, groups, parse_size(shard_size),
+                               metadata={"format": "pt", "tiesmerge_stats": manifest.kind})
+        for name, value in tensors.items():
+            writer.write(name, None, value)
+        writer.close()
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return Path(directory)
+
+
+def _read_manifest(directory: Path) -> StatsManifest:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {MANIFEST_NAME}; this is not a statistics directory",
+                              hint="compute statistics with tiesmerge stats fisher|gram --model ... -o DIR")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable statistics manifest ({exc})") from None
+    return StatsManifest.from_dict(data, str(path))
+
+
+def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tensor], *, kind: str | None = None,
+               label: str | None = None) -> StatsSource:
+    """Open statistics for reading: a directory written by :func:`save_stats`, a
+    :class:`Statistics` object, or a plain mapping of tensors (no manifest, so no checks of
+    kind or model digest). ``kind`` given: statistics of another kind are a ConfigError."""
+    if isinstance(source, Statistics):
+        manifest: StatsManifest | None = source.manifest
+        ckpt: Checkpoint = StateDictCheckpoint(source.tensors, label or f"{source.kind} statistics")
+    elif isinstance(source, Mapping):
+        manifest, ckpt = None, StateDictCheckpoint(source, label or "statistics state dict")
+    else:
+        path = Path(source)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a statistics directory" + (" (no such path)" if not path.exists() else ""),
+                                  hint="pass the directory written by tiesmerge stats fisher|gram")
+        manifest = _read_manifest(path)
+        ckpt = open_checkpoint(path, label=label or str(path))
+    where = label or getattr(ckpt, "label", "statistics")
+    if kind is not None and manifest is not None and manifest.kind != kind:
+        ckpt.close()
+        raise ConfigError(f"{where}: holds {manifest.kind} statistics, but the method needs {kind} statistics",
+                          hint=f"compute them with: tiesmerge stats {kind} --model MODEL --data DATA -o DIR")
+    return StatsSource(ckpt, manifest, where)
+
+
+def load_stats(directory: str | os.PathLike) -> Statistics:
+    """Read a statistics directory fully into memory."""
+    opened = open_stats(directory)
+    try:
+        assert opened.manifest is not None
+        return Statistics(opened.manifest, {n: opened.checkpoint.read(n) for n in opened.checkpoint.names()})
+    finally:
+        opened.close()

@@ -1,0 +1,265 @@
+"""The diagonal Fisher information of a classifier, per parameter, as Fisher merging defines it.
+
+    F = E_x E_{y ~ p(y|x)} (d log p(y|x) / d theta)^2
+
+``kind="exact"`` (default) computes it per example with the expectation over y taken
+exactly: a sum over the classes weighted by the model's own probabilities, so no sampling
+noise (cost: one backward pass per class and example). Two common approximations are
+offered under their own names:
+
+- ``empirical``: y is the true label, F = E_x (d log p(y_true|x) / d theta)^2. It measures
+  the fit to the labels, not the model's own uncertainty.
+- ``batched``: the square of a batch-summed gradient, F = (1/N) sum_b (sum_{i in b} g_i)^2
+  with g_i = d log p(y_i|x_i) / d theta and y_i the true label. It equals ``empirical``
+  for batches of one; larger batches add the cross-example terms 2 g_i g_j.
+
+Per-example gradients come from ``torch.func`` (``vmap`` over one ``vjp`` per example) or,
+for models that cannot run under ``vmap`` (data-dependent Python control flow), from a loop
+over the examples with ordinary autograd (``per_example="loop"``): the same numbers, slower.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch.func import functional_call, vjp, vmap
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .batches import batch_size, example, map_tensors
+from .files import Statistics, StatsManifest, model_digest
+
+__all__ = ["FISHER_KINDS", "PER_EXAMPLE", "fisher_information"]
+
+FISHER_KINDS = ("exact", "empirical", "batched")
+PER_EXAMPLE = ("vmap", "loop")
+
+# logits_fn(module, batch) -> (B, C) logits or log-probabilities (log_softmax is applied; on
+# log-probabilities it changes nothing), or (B,) log-likelihoods log p(y_i|x_i) of each example's
+# own target (e.g. a language model's summed token log-probabilities of a reference answer)
+LogitsFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+TargetsFn = Callable[[Any], torch.Tensor]  # batch -> (B,) integer class labels
+
+
+class _Bound(torch.nn.Module):
+    """``logits_fn`` bound to its module, so functional_call can swap the module's parameters."""
+
+    def __init__(self, module: torch.nn.Module, logits_fn: LogitsFn) -> None:
+        super().__init__()
+        self.module = module
+        self.logits_fn = logits_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        out = self.logits_fn(self.module, batch).float()
+        return out if out.dim() == 1 else torch.log_softmax(out, dim=-1)  # (B,) or (B, C)
+
+
+def _directions(logp: torch.Tensor, label: torch.Tensor | None, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one example's log p: the cotangents (k, *logp.shape) whose gradients are squared, and
+    their weights (k,). (C,) log-probabilities: exact, every class weighted by its probability;
+    otherwise the true label's. A () log-likelihood: its own gradient."""
+    ones = torch.ones(1, device=logp.device)
+    if logp.dim() == 0:
+        if kind == "exact":
+            raise ConfigError("the exact Fisher needs (B, C) logits over the classes, but logits_fn returned (B,) "
+                              "log-likelihoods", hint="use kind='empirical' (or 'batched') for log-likelihoods")
+        return ones.to(logp.dtype), ones
+    eye = torch.eye(logp.shape[0], device=logp.device, dtype=logp.dtype)  # (C, C): one class per row
+    if kind == "exact":
+        return eye, logp.detach().exp()  # E_y exactly: sum_c p_c (d log p_c)^2
+    if label is None:
+        raise ConfigError(f"the {kind} Fisher of (B, C) logits needs the true labels: pass targets=(batch -> (B,))")
+    return eye[int(label)].unsqueeze(0), ones
+
+
+def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_fn: LogitsFn, *,
+                       kind: str = "exact", targets: TargetsFn | None = None, per_example: str = "vmap",
+                       class_chunk: int = 8, embedding_rows: bool = False, progress: bool = False,
+                       model: str | os.PathLike | None = None) -> Statistics:
+    """The diagonal Fisher of every trainable parameter of ``module``, keyed by parameter name.
+
+    ``batches`` yields inputs for ``logits_fn(module, batch)``, which returns (B, C) logits or
+    (B,) log-likelihoods of each example's own target (``empirical`` and ``batched`` only);
+    ``targets(batch) -> (B,)`` gives the true labels for (B, C) logits (``empirical``, ``batched``). With ``per_example="vmap"``
+    the function runs under ``torch.func.vmap`` on one example at a time (a batch of one) and
+    must not branch on tensor values. The module is put in eval mode (no dropout).
+    ``class_chunk``: with ``per_example="loop"``, classes whose backward passes run as one
+    batched backward (memory: that many gradients of the whole module at once).
+    ``embedding_rows`` (loop only): gather each ``nn.Embedding`` weight's per-example gradient
+    from the module's outputs, row by row: the same numbers, much faster for a large vocabulary,
+    provided the weight is used only through its Embedding modules (a weight tied to another
+    registered layer is detected and handled densely; one used by plain tensor code is not).
+    ``model``: the directory the module was loaded from; its files' digest goes in the manifest
+    and is checked again when the statistics are merged.
+
+    >>> stats = fisher_information(model, loader, lambda m, b: m(b["x"]))      # doctest: +SKIP
+    >>> stats.save("stats/fisher-task-a")                                      # doctest: +SKIP
+    """
+    if kind not in FISHER_KINDS:
+        raise ConfigError(f"fisher kind {kind!r} is not one of {', '.join(FISHER_KINDS)}")
+    if per_example not in PER_EXAMPLE:
+        raise ConfigError(f"per_example {per_example!r} is not one of {', '.join(PER_EXAMPLE)}")
+    if embedding_rows and per_example != "loop":
+        raise ConfigError("embedding_rows works with per_example='loop'")
+    if class_chunk < 1:
+        raise ConfigError(f"class_chunk must be at least 1, got {class_chunk}")
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ConfigError("the module has no trainable parameters to compute a Fisher for")
+    was_training = module.training
+    module.eval()
+    bound = _Bound(module, logits_fn)
+    params = {f"module.{n}": p for n, p in module.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    examples = 0
+    try:
+        for batch in tqdm(batches, desc=f"fisher ({kind})", unit="batch", disable=not progress):
+            size = batch_size(batch)
+            labels = targets(batch) if kind != "exact" and targets is not None else None  # exact: y ~ p
+            if kind == "batched":
+                _add_batched(bound, params, batch, labels, total, kind)
+            elif per_example == "vmap":
+                try:
+                    _add_vmap(bound, params, batch, labels, total, kind)
+                except RuntimeError as exc:
+                    if "vmap" not in str(exc):
+                        raise
+                    raise ConfigError(f"the model cannot run under torch.func.vmap ({str(exc).splitlines()[0][:160]})",
+                                      hint="use per_example='loop' (--per-example loop): the same numbers, "
+                                           "with ordinary autograd") from None
+            else:
+                _add_loop(bound, params, batch, labels, total, size, class_chunk, embedding_rows, kind)
+            examples += size
+    finally:
+        module.train(was_training)
+    if not examples:
+        raise ConfigError("no examples: the batches were empty")
+    tensors = {n.removeprefix("module."): (t / examples) for n, t in total.items()}
+    manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": per_example,
+                                                  "embedding_rows": embedding_rows},
+                             model_digest=model_digest(module, model), model=str(model) if model is not None else None)
+    return Statistics(manifest, tensors)
+
+
+def _add_vmap(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
+              total: dict[str, torch.Tensor], kind: str) -> None:
+    """Per-example squared gradients summed into ``total``: vmap over examples of one vjp each."""
+    detached = {n: p.detach() for n, p in params.items()}
+
+    def one(p: dict[str, torch.Tensor], x: Any, label: torch.Tensor) -> dict[str, torch.Tensor]:
+        x1 = map_tensors(x, lambda t: t.unsqueeze(0))  # a batch of one
+        logp, pullback = vjp(lambda q: functional_call(bound, q, (x1,))[0], p)  # (C,)
+        if logp.dim() == 0:  # a log-likelihood: its own gradient
+            _directions(logp, None, kind)  # refuses the exact kind
+            (g,) = pullback(torch.ones_like(logp))
+            return {n: g[n] ** 2 for n in g}
+        classes = logp.shape[0]
+        out = {n: torch.zeros_like(v) for n, v in p.items()}
+        if kind != "exact":  # empirical: the true label's gradient only
+            if labels is None:
+                _directions(logp, None, kind)  # raises: no labels
+            (g,) = pullback((torch.arange(classes, device=logp.device) == label).to(logp.dtype))
+            return {n: g[n] ** 2 for n in out}
+        probs = logp.detach().exp()  # (C,)
+        for c in range(classes):  # E_y exactly: sum_c p_c (d log p_c)^2
+            (g,) = pullback((torch.arange(classes, device=logp.device) == c).to(logp.dtype))
+            for n in out:
+                out[n] = out[n] + probs[c] * g[n] ** 2
+        return out
+
+    size = batch_size(batch)
+    label_arg = labels if labels is not None else torch.zeros(size, dtype=torch.long)
+    label_arg = label_arg.to(next(iter(detached.values())).device)
+    squared = vmap(one, in_dims=(None, 0, 0))(detached, batch, label_arg)  # name -> (B, *shape)
+    for n, value in squared.items():
+        total[n] += value.sum(dim=0)
+
+
+def _row_embeddings(bound: _Bound, params: dict[str, torch.Tensor]) -> dict[str, torch.nn.Embedding]:
+    """Parameter key -> Embedding module, for the weights whose gradient can be gathered row by
+    row from the module's outputs: registered once (not tied to another layer), no max_norm
+    renormalisation, no scaling by frequency."""
+    uses: dict[int, int] = {}
+    for _, p in bound.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    found = {}
+    for name, m in bound.named_modules():
+        key = f"{name}.weight"
+        if (isinstance(m, torch.nn.Embedding) and key in params and uses.get(id(m.weight)) == 1
+                and m.max_norm is None and not m.scale_grad_by_freq):
+            found[key] = m
+    return found
+
+
+def _add_loop(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
+              total: dict[str, torch.Tensor], size: int, class_chunk: int, embedding_rows: bool, kind: str) -> None:
+    """The same per-example sums with ordinary autograd, one example at a time; the classes'
+    backward passes run ``class_chunk`` at a time as one batched backward.
+
+    ``embedding_rows``: an Embedding's weight gradient is the sum of the gradients of its
+    output positions, added into the rows of their token ids, so the backward stops at the
+    (T, D) outputs and only the example's own rows are squared, instead of a dense
+    (vocabulary, D) gradient per class that is zero almost everywhere."""
+    rowwise = _row_embeddings(bound, params) if embedding_rows else {}
+    dense = [n for n in params if n not in rowwise]
+    captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {key: [] for key in rowwise}
+    hooks = [m.register_forward_hook(lambda mod, inputs, out, key=key: captured[key].append((inputs[0], out)))
+             for key, m in rowwise.items()]
+    try:
+        for i in range(size):
+            for calls in captured.values():
+                calls.clear()
+            logp = bound(example(batch, i))[0]  # (C,) log-probabilities, or () a log-likelihood
+            rows, weights = _directions(logp, labels[i] if labels is not None else None, kind)  # (k, *), (k,)
+            outputs = [out for key in rowwise for _, out in captured[key]]
+            for start in range(0, rows.shape[0], class_chunk):
+                cotangents = rows[start:start + class_chunk]  # (k, *logp.shape)
+                w = weights[start:start + class_chunk]  # (k,)
+                grads = torch.autograd.grad(logp, [params[n] for n in dense] + outputs, grad_outputs=cotangents,
+                                            retain_graph=True, is_grads_batched=True, allow_unused=True)
+                for n, g in zip(dense, grads):
+                    if g is not None:  # total += sum_k w_k g_k^2, one pass over the (k, *shape) squares
+                        total[n] += torch.tensordot(w.to(g.dtype), g.square_(), dims=1).float()
+                _add_embedding_rows(rowwise, captured, list(grads[len(dense):]), w, total)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _add_embedding_rows(rowwise: dict[str, torch.nn.Embedding], captured: dict[str, list], grads: list,
+                        w: torch.Tensor, total: dict[str, torch.Tensor]) -> None:
+    """total[weight][rows] += sum_k w_k (per-class gradient of those rows)^2, from output gradients."""
+    for key, module in rowwise.items():
+        calls = captured[key]
+        mine, grads = grads[:len(calls)], grads[len(calls):]
+        pairs = [(ids.reshape(-1), g.reshape(g.shape[0], -1, g.shape[-1]))  # (L,), (k, L, D)
+                 for (ids, _), g in zip(calls, mine) if g is not None]
+        if not pairs:
+            continue
+        ids = torch.cat([p[0] for p in pairs])  # (L,)
+        g = torch.cat([p[1] for p in pairs], dim=1).float()  # (k, L, D)
+        if module.padding_idx is not None:  # nn.Embedding never trains its padding row
+            keep = ids != module.padding_idx
+            ids, g = ids[keep], g[:, keep]
+        unique, inverse = ids.unique(return_inverse=True)  # (U,), (L,)
+        per_row = g.new_zeros(g.shape[0], unique.numel(), g.shape[-1]).index_add_(1, inverse, g)  # (k, U, D)
+        total[key].index_add_(0, unique, torch.tensordot(w.to(g.dtype), per_row.square_(), dims=1))
+
+
+def _add_batched(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
+                 total: dict[str, torch.Tensor], kind: str) -> None:
+    """The shortcut: the square of the gradient of the batch's summed log-likelihood."""
+    names = list(params)
+    logp = bound(batch)  # (B, C) or (B,)
+    if logp.dim() == 1:
+        picked = logp.sum()
+    else:
+        if labels is None:
+            _directions(logp[0], None, kind)  # raises: no labels
+        picked = logp.gather(1, labels.reshape(-1, 1).to(logp.device)).sum()
+    grads = torch.autograd.grad(picked, [params[n] for n in names], allow_unused=True)
+    for n, g in zip(names, grads):
+        if g is not None:
+            total[n] += g.float() ** 2

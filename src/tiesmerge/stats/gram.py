@@ -1,0 +1,79 @@
+"""Gram matrices of the inputs of every ``nn.Linear``, for RegMean, collected with forward hooks.
+
+For a Linear layer y = x W^T + b with inputs x in R^in, the statistic is the running mean
+G = X^T X / N over every input row the layer sees (N rows: tokens, or examples for a layer
+applied to pooled vectors). It is stored under the name of the layer's weight, shape (in, in).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+from .batches import batch_size
+from .files import Statistics, StatsManifest, model_digest
+
+__all__ = ["gram_matrices"]
+
+ForwardFn = Callable[[torch.nn.Module, Any], Any]  # runs the model on a batch; the output is ignored
+TokenMaskFn = Callable[[Any], torch.Tensor]  # batch -> (B, T) bool: which positions are real tokens
+
+
+@torch.no_grad()
+def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: ForwardFn, *,
+                  token_mask: TokenMaskFn | None = None, progress: bool = False,
+                  model: str | os.PathLike | None = None) -> Statistics:
+    """X^T X / N of the inputs of every ``nn.Linear`` inside ``module``, keyed ``<layer>.weight``.
+
+    ``token_mask(batch)`` (e.g. the attention mask) drops padding: it applies to every layer
+    input whose leading dimensions equal the mask's shape (B, T); inputs of another shape
+    (a head on pooled vectors, one row per example) count every row. Sums run in float64.
+
+    >>> stats = gram_matrices(model, loader, lambda m, b: m(**b),                # doctest: +SKIP
+    ...                       token_mask=lambda b: b["attention_mask"].bool())
+    """
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+    if not linears:
+        raise ConfigError("the module has no nn.Linear layers: RegMean has nothing to collect")
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook(name: str) -> Callable:
+        def collect(layer: torch.nn.Module, inputs: tuple, output: Any) -> None:
+            x = inputs[0].detach()  # (*lead, in)
+            mask = current_mask[0]
+            if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+                x = x[mask.to(x.device)]  # (real rows, in)
+            x = x.reshape(-1, x.shape[-1]).double()
+            if name not in sums:
+                sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
+                rows[name] = 0
+            sums[name].addmm_(x.T, x)
+            rows[name] += x.shape[0]
+        return collect
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in linears.items()]
+    was_training = module.training
+    module.eval()
+    examples = 0
+    try:
+        for batch in tqdm(batches, desc="gram", unit="batch", disable=not progress):
+            current_mask[0] = token_mask(batch).bool() if token_mask is not None else None
+            forward_fn(module, batch)
+            examples += batch_size(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        module.train(was_training)
+    if not examples:
+        raise ConfigError("no examples: the batches were empty")
+    tensors = {f"{name}.weight": (sums[name] / max(rows[name], 1)).float() for name in sums if rows[name]}
+    options = {"token_mask": token_mask is not None, "rows": {f"{n}.weight": rows[n] for n in sums}}
+    return Statistics(StatsManifest("gram", examples, options, model_digest=model_digest(module, model), model=str(model) if model is not None else None),
+                      tensors)
