@@ -191,4 +191,7 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
         data["models"] = [_path(m, path.parent) if isinstance(m, (str, os.PathLike)) else
                           {**m, "path": _path(m["path"], path.parent)} if isinstance(m, dict) and "path" in m else m
                           for m in data["models"]]
+    params = data.get("parameters")
+    if isinstance(params, dict) and isinstance(params.get("sign_from"), (str, os.PathLike)):
+        data["parameters"] = {**params, "sign_from": _path(params["sign_from"], path.parent)}
     return data

@@ -97,7 +97,7 @@ class Executor:
         self.stats = RunStats()
         # fused numba kernels on the CPU: histograms for every trimming method, the merge for TIES
         self._fused_select = fused and kernels.available() and self.device.type == "cpu"
-        self._fused_ties = self._fused_select and isinstance(method, Ties)
+        self._fused_ties = self._fused_select and isinstance(method, Ties) and method.sign_from is None
         self.stats.engine = "fused CPU kernels (numba)" if self._fused_select else "torch"
 
 
