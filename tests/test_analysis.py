@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers_ckpt import make_family, write_hf_dir
 
 import tiesmerge
+from helpers_ckpt import make_family, write_hf_dir
 from tiesmerge.analysis import stats
 from tiesmerge.analysis.summary import percent
 from tiesmerge.cli.main import main
