@@ -13,6 +13,8 @@ sign-conflict question about every subset of the models exactly, with one pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -21,10 +23,12 @@ from ..methods import ops
 __all__ = [
     "MAX_MODELS",
     "MAGNITUDE_BINS",
-    "magnitude_histograms",
+    "magnitude_counts",
+    "bin_midpoints",
     "kept_mask",
     "sign_pattern_codes",
-    "pattern_signs",
+    "PatternTables",
+    "pattern_tables",
     "subset_conflicts",
     "tensor_conflicts",
     "mask_intersections",
@@ -41,23 +45,28 @@ MAGNITUDE_BINS = 1 << 16  # the high 16 bits of a float32: sign, exponent, 7 man
 VARIANTS = ("averaging", "trim + disjoint mean", "elect + disjoint mean", "TIES")
 
 
-def magnitude_histograms(tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per model, the count, L1 mass and squared-L2 mass of |tau| in each of 2^16 bins.
+def magnitude_counts(tau: torch.Tensor) -> torch.Tensor:
+    """(n, 2^16) int64: per model, how many |tau| fall in each magnitude bin.
 
     A bin is the high 16 bits of |tau|'s float32 bit pattern: non-negative floats order like
     their bits, so bins are ordered by magnitude and one bin spans a relative width of 2^-7.
-    Returns three ``(n, 2^16)`` tensors: int64 counts, float64 sums of |tau| and of tau^2.
+    These are exactly the counts of the radix select's first pass.
     """
     n = tau.shape[0]
-    magnitude = tau.abs()  # (n, B)
-    bins = (magnitude.view(torch.int32) >> 16).to(torch.int64)  # (n, B) in [0, 2^15)
-    index = (bins + torch.arange(n, device=tau.device).view(n, 1) * MAGNITUDE_BINS).reshape(-1)  # (n * B,)
-    size = n * MAGNITUDE_BINS
-    m64 = magnitude.reshape(-1).to(torch.float64)  # (n * B,)
-    counts = torch.bincount(index, minlength=size)
-    l1 = torch.bincount(index, weights=m64, minlength=size)
-    l2 = torch.bincount(index, weights=m64 * m64, minlength=size)
-    return counts.view(n, -1), l1.view(n, -1), l2.view(n, -1)
+    bins = (tau.abs().view(torch.int32) >> 16).to(torch.int64)  # (n, B) in [0, 2^15)
+    index = bins + torch.arange(n, device=tau.device).view(n, 1) * MAGNITUDE_BINS  # (n, B)
+    return torch.bincount(index.reshape(-1), minlength=n * MAGNITUDE_BINS).view(n, MAGNITUDE_BINS)
+
+
+def bin_midpoints() -> np.ndarray:
+    """(2^16,) float64: the middle of each magnitude bin's range (its lower edge where the upper
+    one is not finite); a bin's mass is its count times this, to within half the bin's width."""
+    edges = (torch.arange(MAGNITUDE_BINS + 1, dtype=torch.int64) << 16).to(torch.int32)  # 2^31 wraps: sign bit
+    values = edges.view(torch.float32).double().numpy()
+    low, high = values[:-1], values[1:]
+    with np.errstate(invalid="ignore"):  # the Inf and NaN bit patterns at the top
+        mid = np.where(np.isfinite(high) & (high > low), (low + high) / 2, low)
+    return np.where(np.isfinite(mid), mid, 0.0)  # they weigh nothing (inputs are checked finite)
 
 
 def kept_mask(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -70,25 +79,38 @@ def sign_pattern_codes(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """(B,) int64: each entry's sign pattern sum_t state_t * 3^t (state 0 not kept, 1 kept
     positive, 2 kept negative)."""
     n = tau.shape[0]
-    state = kept.to(torch.int64) * torch.where(tau > 0, 1, 2)  # (n, B) in {0, 1, 2}
-    powers = (3 ** torch.arange(n, dtype=torch.int64, device=tau.device)).view(n, 1)  # (n, 1)
-    return (state * powers).sum(0)
+    # int32 arithmetic: 3^12 fits, and it halves the temporaries of the widest step
+    state = kept.to(torch.int32) + (kept & (tau < 0)).to(torch.int32)  # (n, B) in {0, 1, 2}
+    powers = (3 ** torch.arange(n, dtype=torch.int32, device=tau.device)).view(n, 1)  # (n, 1)
+    return (state * powers).sum(0, dtype=torch.int64)
 
 
-def pattern_signs(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """For every one of the 3^n patterns, bit masks of the models kept positive and kept negative."""
+@dataclass(frozen=True)
+class PatternTables:
+    """Per sign pattern (index = code, 3^n of them): which models keep it positive and negative
+    (bit masks), how many keep it, and whether all n models' kept values conflict."""
+
+    positive: np.ndarray  # (3^n,) int64 bit masks
+    negative: np.ndarray  # (3^n,) int64 bit masks
+    kept_count: torch.Tensor  # (3^n,) int64
+    conflict: torch.Tensor  # (3^n,) bool: both signs among the kept values of all n models
+
+
+def pattern_tables(n: int, device: torch.device | str = "cpu") -> PatternTables:
     codes = np.arange(3**n, dtype=np.int64)
     positive = np.zeros(3**n, dtype=np.int64)
     negative = np.zeros(3**n, dtype=np.int64)
+    count = np.zeros(3**n, dtype=np.int64)
     for t in range(n):
         state = (codes // 3**t) % 3
         positive |= (state == 1).astype(np.int64) << t
         negative |= (state == 2).astype(np.int64) << t
-    return positive, negative
+        count += state > 0
+    conflict = (positive != 0) & (negative != 0)
+    return PatternTables(positive, negative, torch.from_numpy(count).to(device), torch.from_numpy(conflict).to(device))
 
 
-def subset_conflicts(pattern_counts: np.ndarray, signs: tuple[np.ndarray, np.ndarray], subset: tuple[int, ...]
-                     ) -> dict[str, int]:
+def subset_conflicts(pattern_counts: np.ndarray, tables: PatternTables, subset: tuple[int, ...]) -> dict[str, int]:
     """Counts, over every entry, for the models in ``subset``:
 
     ``conflicts``: entries where the subset's kept values hold both signs;
@@ -96,9 +118,8 @@ def subset_conflicts(pattern_counts: np.ndarray, signs: tuple[np.ndarray, np.nda
     entries where a conflict is possible);
     ``kept_by_any``: entries kept by at least one.
     """
-    positive, negative = signs
     mask = sum(1 << t for t in subset)
-    pos, neg = positive & mask, negative & mask
+    pos, neg = tables.positive & mask, tables.negative & mask
     kept = pos | neg
     two = (kept & (kept - 1)) != 0  # at least two bits set
     return {"conflicts": int(pattern_counts[(pos != 0) & (neg != 0)].sum()),
@@ -106,12 +127,11 @@ def subset_conflicts(pattern_counts: np.ndarray, signs: tuple[np.ndarray, np.nda
             "kept_by_any": int(pattern_counts[kept != 0].sum())}
 
 
-def tensor_conflicts(tau: torch.Tensor, kept: torch.Tensor) -> dict[str, int]:
-    """For all n models at once: entries with kept values of both signs, and entries kept by >= 2."""
-    positive = (kept & (tau > 0)).any(0)  # (B,)
-    negative = (kept & (tau < 0)).any(0)  # (B,)
-    return {"conflicts": int((positive & negative).sum()),
-            "kept_by_two_or_more": int((kept.sum(0) >= 2).sum())}
+def tensor_conflicts(pattern_counts: torch.Tensor, tables: PatternTables) -> dict[str, int]:
+    """From a block's pattern histogram (3^n,), for all n models at once: entries with kept
+    values of both signs, and entries kept by >= 2."""
+    return {"conflicts": int(pattern_counts[tables.conflict].sum()),
+            "kept_by_two_or_more": int(pattern_counts[tables.kept_count >= 2].sum())}
 
 
 def mask_intersections(kept: torch.Tensor) -> torch.Tensor:
@@ -120,10 +140,13 @@ def mask_intersections(kept: torch.Tensor) -> torch.Tensor:
     return (k @ k.T).round().to(torch.int64)
 
 
-def kept_mass(tau: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(n,) float64 each: the L1 mass and squared L2 mass of each model's kept entries."""
-    magnitude = (tau.abs() * kept).to(torch.float64)  # (n, B)
-    return magnitude.sum(1), (magnitude * magnitude).sum(1)
+def kept_mass(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """(4, n) float64: per model, the L1 mass and squared L2 mass of its kept entries, then of
+    all its entries. (Summed in float32 within the block, whose sums are short enough.)"""
+    magnitude = tau.abs()  # (n, B)
+    kept_magnitude = magnitude * kept
+    return torch.stack([kept_magnitude.sum(1), kept_magnitude.square().sum(1), magnitude.sum(1),
+                        magnitude.square().sum(1)]).to(torch.float64)
 
 
 def merge_variants(tau: torch.Tensor, kept: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -144,9 +167,9 @@ def merge_variants(tau: torch.Tensor, kept: torch.Tensor) -> dict[str, torch.Ten
     return dict(zip(VARIANTS, (tau.mean(0), trim_mean, elect_mean, ties)))
 
 
-def influence_groups(kept: torch.Tensor) -> torch.Tensor:
+def influence_groups(codes: torch.Tensor, tables: PatternTables) -> torch.Tensor:
     """(B,) int64: how many models find the entry influential (keep it), capped at 2 (">1")."""
-    return kept.sum(0).clamp_max(2).to(torch.int64)
+    return tables.kept_count[codes].clamp_max(2)
 
 
 def agreement_groups(tau: torch.Tensor) -> torch.Tensor:
@@ -158,20 +181,23 @@ def agreement_groups(tau: torch.Tensor) -> torch.Tensor:
 
 
 def group_moments(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> torch.Tensor:
-    """(3, n_groups) float64: per group, the count, the sum of |values| and the sum of values^2
-    (mean and standard deviation of the magnitude follow from them)."""
-    magnitude = values.abs().to(torch.float64)
-    return torch.stack([torch.bincount(groups, minlength=n_groups).to(torch.float64),
-                        torch.bincount(groups, weights=magnitude, minlength=n_groups),
-                        torch.bincount(groups, weights=magnitude * magnitude, minlength=n_groups)])
+    """(3, V, n_groups) float64: for each of V rows of ``values`` (V, B) and each group, the
+    count, the sum of |values| and the sum of values^2 (mean and standard deviation of the
+    magnitude follow from them). ``groups``: (B,) int64 in [0, n_groups)."""
+    one_hot = torch.zeros(values.shape[1], n_groups, dtype=values.dtype, device=values.device)  # (B, G)
+    one_hot.scatter_(1, groups.view(-1, 1), 1.0)
+    magnitude = values.abs()  # (V, B)
+    sums = torch.cat([magnitude, magnitude.square()]) @ one_hot  # (2V, G): one matmul for every variant
+    counts = one_hot.sum(0).expand(values.shape[0], n_groups)  # (V, G)
+    return torch.stack([counts, *sums.view(2, values.shape[0], n_groups)]).to(torch.float64)
 
 
 def topk_mass_share(counts: np.ndarray, mass: np.ndarray, keep: int) -> float:
     """Share of one model's total mass held by its ``keep`` largest |tau|, from its magnitude
-    histogram (``counts``, ``mass``: (2^16,) as from :func:`magnitude_histograms`).
+    histogram: ``counts`` (2^16,) from :func:`magnitude_counts`, ``mass`` (2^16,) each bin's
+    mass (e.g. counts x midpoint for L1, counts x midpoint^2 for L2).
 
-    Bins above the k-th largest value count whole; the bin holding it counts pro rata, so the
-    answer is exact up to the spread of magnitudes inside that one bin (relative width 2^-7).
+    Bins above the k-th largest value count whole; the bin holding it counts pro rata.
     """
     total = float(mass.sum())
     if total == 0 or keep <= 0:
