@@ -158,6 +158,21 @@ def _close(a, b) -> bool:
     return a == b
 
 
+def test_fused_and_torch_histograms_agree(monkeypatch):
+    base, models = make_family(3, seed=5)
+    fused = tiesmerge.analyze(base, models)
+    monkeypatch.setenv("TIESMERGE_KERNELS", "0")
+    plain = tiesmerge.analyze(base, models)
+    for key in ("thresholds", "redundancy", "sign_conflicts"):
+        assert fused[key] == plain[key], key
+    # exact: each model's k-th largest |tau| over its whole model
+    names = [k for k, v in base.items() if v.is_floating_point()]
+    for t, m in enumerate(models):
+        tau = torch.cat([(m[k] - base[k]).flatten() for k in names]).abs()
+        keep = int(0.2 * tau.numel())
+        assert fused["thresholds"][t] == float(tau.sort(descending=True).values[keep - 1])
+
+
 def test_subset_sample_is_seeded_and_bounded():
     base, models = make_family(6, seed=1)
     a = tiesmerge.analyze(base, models, subsets_per_size=4, seed=7)

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from ..engine import kernels
 from ..engine.plan import Chunk, Plan, make_plan
 from ..engine.select import RadixSelect
 from ..errors import ConfigError, InvalidTensorError
@@ -151,9 +152,13 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     # -- pass 1: magnitude histograms = radix select's first pass + the redundancy curves
     clock = time.perf_counter()
     counts = torch.zeros(n, stats.MAGNITUDE_BINS, dtype=torch.int64, device=device)
+    fused = kernels.available() and device.type == "cpu"  # the engine's numba histogram kernel
     for _, tau in stream.task_vectors(chunks):
-        for block in _blocks(tau):
-            counts += stats.magnitude_counts(block)
+        if fused:  # |tau - 0| = |tau| exactly: the kernel's stage-0 counts are the magnitude counts
+            kernels.histogram_pass(tau.new_zeros(tau.shape[1]), tau, 0, torch.zeros(n, dtype=torch.int64), counts)
+        else:
+            for block in _blocks(tau):
+                counts += stats.magnitude_counts(block)
     keep = ops.keep_count(numel, settings.density)
     selector = RadixSelect([keep] * n, device)
     if not selector.done:
@@ -165,7 +170,11 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     clock = time.perf_counter()
     while not selector.done:
         for _, tau in stream.task_vectors(chunks):
-            selector.observe(tau)
+            if fused:
+                selector.add_counts(lambda hist, tau=tau: kernels.histogram_pass(
+                    tau.new_zeros(tau.shape[1]), tau, selector.stage, selector.chosen_high, hist))
+            else:
+                selector.observe(tau)
         selector.end_pass()
     thresholds = selector.thresholds().to(device)  # (n,)
     seconds["select"] = time.perf_counter() - clock
