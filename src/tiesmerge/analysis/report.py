@@ -82,7 +82,7 @@ def _plot_layers(plt, data: dict) -> bytes | None:
     ax.set_yticks(range(len(layers)))
     ax.set_yticklabels([str(layer) for layer in layers], fontsize=7)
     ax.set_ylabel("layer")
-    fig.colorbar(image, ax=ax, label="% of the tensor's parameters in conflict")
+    fig.colorbar(image, ax=ax, label="% of the tensor in conflict")
     ax.set_title(f"Sign conflicts, all {data['n_models']} models")
     return _png(fig)
 
