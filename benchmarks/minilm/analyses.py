@@ -58,6 +58,7 @@ class Bench:
         self.base = base_dir()
         self.cache = eval_cache(args, self.ft, self.multi)
         self.small_test = {t: self.suite[t].test[:args.small_test] for t in self.tasks}
+        self.fig7_test = {t: self.suite[t].test[:args.fig7_test] for t in self.tasks}
         self.test = {t: self.suite[t].test[:args.test_limit] for t in self.tasks}
         self.val = {t: self.suite[t].validation[:args.val_limit] for t in self.tasks}
 
@@ -71,10 +72,10 @@ class Bench:
     def merge(self, models: list[Path], method):
         return tiesmerge.merge(self.base, models, method, device=self.args.device)
 
-    def own_accuracy(self) -> dict[str, float]:
-        """Each fine-tuned model on its own task, on the small test subset (shared with Fig. 5)."""
-        return self.cache.get(f"fig5:reference:{self.args.small_test}", lambda: {
-            t: self.evaluate_dir(self.ft[t], {t: self.small_test[t]})[t] for t in self.tasks})
+    def own_accuracy(self, limit: int) -> dict[str, float]:
+        """Each fine-tuned model on its own task, on the first ``limit`` test examples (shared with Fig. 5)."""
+        return self.cache.get(f"fig5:reference:{limit}", lambda: {
+            t: self.evaluate_dir(self.ft[t], {t: self.suite[t].test[:limit]})[t] for t in self.tasks})
 
     def tuned(self, key: str, method, grid: dict) -> dict:
         """tune() on validation (cached): every grid point's score and the best point."""
@@ -122,7 +123,7 @@ def _settings_line(b: Bench, what: str) -> str:
 def fig3(b: Bench) -> None:
     """Each fine-tuned model with its task vector trimmed to its top k (global threshold)."""
     n_test = b.args.small_test
-    own = b.own_accuracy()
+    own = b.own_accuracy(n_test)
     zero = b.cache.get(f"fig3:zero-shot:{n_test}", lambda: b.evaluate(None, b.small_test))
     acc = {t: {0.0: zero[t], 1.0: own[t]} for t in b.tasks}
     for t in b.tasks:
@@ -167,8 +168,8 @@ def _flip_label(k: float, region: str) -> str:
 
 def fig7(b: Bench) -> None:
     """Flip the sign of each top-k (or each bottom) entry with probability p."""
-    n_test = b.args.small_test
-    own = b.own_accuracy()
+    n_test = b.args.fig7_test
+    own = b.own_accuracy(n_test)
     runs = []
     for k in FIG7_DENSITIES:
         for region in ("top", "bottom"):
@@ -176,7 +177,7 @@ def fig7(b: Bench) -> None:
                 for seed in FIG7_SEEDS if p < 1 else (0,):  # p = 1 flips every entry: no randomness left
                     acc = {t: b.cache.get(f"fig7:{n_test}:{t}:{k}:{region}:{p}:{seed}", lambda t=t, k=k, region=region,
                                           p=p, seed=seed: b.evaluate(b.merge([b.ft[t]], SignFlip(k, p, region, seed)),
-                                                                     {t: b.small_test[t]})[t]) for t in b.tasks}
+                                                                     {t: b.fig7_test[t]})[t]) for t in b.tasks}
                     runs.append({"density": k, "region": region, "p": p, "seed": seed, "accuracy": acc,
                                  "normalized_mean": _mean(acc[t] / own[t] for t in b.tasks)})
             log(f"fig7: k={k} {region} done")
@@ -390,7 +391,8 @@ def main() -> None:
     p.add_argument("--train-limit", type=int, default=None, help="as the run whose models are reused (CPU run: 1000)")
     p.add_argument("--test-limit", type=int, default=None, help="test examples per task for Tables 3 and 5")
     p.add_argument("--val-limit", type=int, default=None, help="validation examples per task (CPU run: 100)")
-    p.add_argument("--small-test", type=int, default=200, help="test examples per task for Fig. 3 and Fig. 7")
+    p.add_argument("--small-test", type=int, default=200, help="test examples per task for Fig. 3")
+    p.add_argument("--fig7-test", type=int, default=100, help="test examples per task for Fig. 7 (224 merges)")
     p.add_argument("--few-shot-epochs", type=int, default=5)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
