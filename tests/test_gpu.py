@@ -30,3 +30,17 @@ def test_cuda_matches_cpu(method, budget):
     for name in cpu:
         # float32 arithmetic on both; reductions may sum in another order, so allow one bf16 ulp
         torch.testing.assert_close(gpu[name].float(), cpu[name].float(), rtol=2**-7, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [None, 8192])
+def test_cuda_analysis_matches_cpu(budget):
+    base, models = _models()
+    cpu = tiesmerge.analyze(base, models, memory_budget=budget)
+    gpu = tiesmerge.analyze(base, models, device="cuda", memory_budget=budget)
+    # counts are exact on both devices; masses are float sums in another order
+    assert gpu["thresholds"] == cpu["thresholds"]
+    assert gpu["sign_conflicts"] == cpu["sign_conflicts"]
+    assert gpu["overlap"] == cpu["overlap"]
+    assert gpu["magnitudes"]["by_influence"]["count"] == cpu["magnitudes"]["by_influence"]["count"]
+    for t, share in enumerate(cpu["redundancy"]["at_density"]["l1_share"]):
+        assert gpu["redundancy"]["at_density"]["l1_share"][t] == pytest.approx(share, rel=1e-5)

@@ -51,6 +51,13 @@ class EvalCache:
         return self.data[key]
 
 
+def eval_cache(args, ft_dirs: dict[str, Path], multi_dir: Path) -> EvalCache:
+    """The cache of every result computed under these settings (data limits, models, seed)."""
+    settings = json.dumps([common.MAX_LENGTH, args.train_limit, args.test_limit, args.val_limit, args.seed,
+                           args.epochs, [str(d) for d in ft_dirs.values()], str(multi_dir)])
+    return EvalCache(common.CACHE / "evals" / f"{hashlib.sha256(settings.encode()).hexdigest()[:12]}.json")
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -101,9 +108,7 @@ def main() -> None:
     def evaluate_state(state, splits) -> SuiteResult:
         return evaluate_encoder(load_encoder(base, args.device, state=state), splits, heads)
 
-    settings = json.dumps([common.MAX_LENGTH, args.train_limit, args.test_limit, args.val_limit, args.seed,
-                           args.epochs, [str(d) for d in ft_dirs.values()], str(multi_dir)])
-    cache = EvalCache(common.CACHE / "evals" / f"{hashlib.sha256(settings.encode()).hexdigest()[:12]}.json")
+    cache = eval_cache(args, ft_dirs, multi_dir)
 
     def accuracy(key: str, compute) -> SuiteResult:
         return SuiteResult(cache.get(key, lambda: dict(compute().accuracy)))

@@ -7,8 +7,8 @@
 __version__ = "0.1.0"
 
 from . import errors, methods  # noqa: E402
-from .api import merge, plan_merge  # noqa: E402
+from .api import analyze, merge, plan_merge  # noqa: E402
 from .io.checkpoint import open_checkpoint  # noqa: E402
 from .registry import METHODS  # noqa: E402
 
-__all__ = ["METHODS", "errors", "merge", "methods", "open_checkpoint", "plan_merge", "__version__"]
+__all__ = ["METHODS", "analyze", "errors", "merge", "methods", "open_checkpoint", "plan_merge", "__version__"]

@@ -25,13 +25,14 @@ from .io.align import align
 from .io.card import hash_files, model_card
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files
+from .io.writer import _check_output_path as check_output_path
 from .methods import TaskArithmetic
 from .methods.base import DataAwareMethod, MergeMethod
 from .recipe import MergeRecipe, parse_dtype
 from .registry import make_method
 from .stats.files import Statistics, StatsSource, combine_digests, open_stats
 
-__all__ = ["merge", "plan_merge", "describe_plan"]
+__all__ = ["merge", "analyze", "plan_merge", "describe_plan"]
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor]
 StatsInput = str | os.PathLike | Statistics | Mapping[str, torch.Tensor]
@@ -138,6 +139,25 @@ def _check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dic
                 hint="give each model its own statistics, in the models' order, or recompute them")
 
 
+def _device(device: str) -> torch.device:
+    try:
+        device_t = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own message lists every backend it knows, not what we take
+        raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda") from None
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available", hint="use --device cpu")
+    if device_t.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not cpu or cuda")
+    return device_t
+
+
+def _budget(memory_budget: int | str | None) -> int:
+    try:
+        return parse_size(memory_budget if memory_budget is not None else DEFAULT_MEMORY_BUDGET)
+    except ValueError as exc:
+        raise ConfigError(f"memory_budget: {exc}") from None
+
+
 def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: MergeMethod, *, device: str,
              memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
              allow_pickle: bool, progress: Any = None, output_format: str = "model",
@@ -147,18 +167,7 @@ def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: M
     problems = method.check(len(models))
     if problems:
         raise ConfigError(problems)
-    try:
-        device_t = torch.device(device)
-    except (RuntimeError, TypeError):  # torch's own message lists every backend it knows, not what we take
-        raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda") from None
-    if device_t.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA device is available", hint="use --device cpu")
-    if device_t.type not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not cpu or cuda")
-    try:
-        budget = parse_size(memory_budget if memory_budget is not None else DEFAULT_MEMORY_BUDGET)
-    except ValueError as exc:
-        raise ConfigError(f"memory_budget: {exc}") from None
+    device_t, budget = _device(device), _budget(memory_budget)
     out_dtype = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
     base_ckpt, model_ckpts = _open_all(stack, base, models, allow_pickle)
 
@@ -168,8 +177,10 @@ def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: M
         return Executor(engine_base, engine_models, alignment, m, device=device_t, memory_budget=budget,
                         out_dtype=out_dtype, progress=progress, side=side)
 
-    # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
+    # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py);
+    # TIES sign_from: the reference model is streamed after the merged ones
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
+    engine_models = engine_models + _open_reference(stack, method, base, allow_pickle)
     alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
     side, opened = _open_side(stack, method, stats, model_ckpts, alignment, device_t, progress)
     executor = make_executor(engine_base, engine_models, method, side, alignment)
@@ -177,6 +188,19 @@ def _prepare(stack: ExitStack, base: Source, models: Sequence[Source], method: M
         executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
                                              lambda b, ms: make_executor(b, ms, TaskArithmetic(lam=1.0)))
     return base_ckpt, model_ckpts, executor, opened
+
+
+def _open_reference(stack: ExitStack, method: MergeMethod, base: Source, allow_pickle: bool) -> list[Checkpoint]:
+    """The model a method reads beside the merged ones (TIES's ``sign_from``), streamed after them."""
+    reference = getattr(method, "reference_model", lambda: None)()
+    if reference is None:
+        return []
+    if not isinstance(base, Mapping) and Path(reference).resolve() == Path(base).resolve():
+        raise ConfigError(f"sign_from {reference} is the base itself: its task vector is 0, so no sign would be taken",
+                          hint="point sign_from at a model fine-tuned from the base, e.g. a multitask model")
+    ckpt = open_checkpoint(reference, allow_pickle=allow_pickle, label=f"{reference} (sign_from)")
+    stack.callback(ckpt.close)
+    return [ckpt]
 
 
 def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *, device: str = "cpu",
@@ -264,7 +288,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         # on an error or Ctrl-C, skip the files not hashed yet: a plain `with pool` would hash every
         # remaining input (minutes for a large model) before the error is shown
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        inputs = [base_ckpt, *model_ckpts]
+        reference = executor.models[-1:] if getattr(m, "sign_from", None) else []  # streamed last
+        inputs = [base_ckpt, *model_ckpts, *reference]  # the merged models, then any sign_from reference
         digests = [hash_files(c.files(), pool) for c in inputs]
         groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype) if j.merge else j.dtype)
                    for n in (j.name, *j.aliases)] for j in executor.alignment.jobs]
@@ -313,14 +338,19 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
 
 def _manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: list[list[dict]],
               files: list[str], copied: list[str]) -> dict[str, Any]:
+    n = len(recipe.models)
+    inputs: dict[str, Any] = {"base": {"label": recipe.base, "files": hashed[0]},
+                              "models": [{"label": label, "files": h}
+                                         for label, h in zip(recipe.models, hashed[1:1 + n], strict=True)]}
+    if len(hashed) > 1 + n:  # TIES sign_from: the reference model read beside the merged ones
+        inputs["sign_from"] = {"label": executor.models[n].label, "files": hashed[1 + n]}
     return {
         "tiesmerge_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "recipe": recipe.to_dict(),
         "method": {"name": recipe.method.name, "paper": recipe.method.paper,
                    "options": recipe.to_dict()["parameters"]},
-        "inputs": {"base": {"label": recipe.base, "files": hashed[0]},
-                   "models": [{"label": label, "files": h} for label, h in zip(recipe.models, hashed[1:], strict=True)]},
+        "inputs": inputs,
         "alignment": {"tied": [list(g) for g in executor.alignment.tied],
                       "truncated": list(executor.alignment.truncated), "vocab_policy": recipe.vocab_policy},
         "tensors": {"merged": stats.tensors_merged, "copied": stats.tensors_copied, "tied_aliases": stats.tensors_tied},
@@ -334,3 +364,51 @@ def _manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: 
         "seconds": {k: round(v, 4) for k, v in stats.seconds.items()},
     }
 
+
+
+def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike | None = None, density: float = 0.2,
+            subsets_per_size: int | None = 10, seed: int = 0, curve: Sequence[float] | None = None,
+            device: str = "cpu", memory_budget: int | str | None = None, vocab_policy: str = "error",
+            allow_pickle: bool = False, force: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Measure interference between fine-tuned ``models`` of ``base``: sign conflicts after
+    trimming to the top ``density`` (for 2..n models, ``subsets_per_size`` seeded subsets per
+    size, None for all), the share of each task vector's mass in its top-k, the overlap of the
+    top-k masks, and merged magnitudes by influence and sign agreement. Streamed like a merge.
+
+    Returns the statistics as a JSON-ready dict; with ``output``, also writes ``analysis.json``,
+    PNG plots and a self-contained ``report.html`` there.
+
+    >>> import tiesmerge                                                      # doctest: +SKIP
+    >>> report = tiesmerge.analyze("base", ["ft-a", "ft-b", "ft-c"], output="interference")
+    >>> report["summary"][0]
+    'With all 3 models trimmed to their top 20.0%, 41.2% of the parameters that two or more ...'
+    """
+    from .analysis import AnalysisSettings, run_analysis, summarise, write_report
+
+    started = time.perf_counter()
+    _check_inputs(base, models)
+    settings = AnalysisSettings(density=density, subsets_per_size=subsets_per_size, seed=seed,
+                                **({"curve": tuple(curve)} if curve is not None else {}))
+    settings.check(len(models))
+    device_t, budget = _device(device), _budget(memory_budget)
+    if output is not None:
+        _check_output_not_input(output, base, models)
+        check_output_path(Path(output).absolute(), force)  # fail before the passes, not after them
+    with ExitStack() as stack:
+        base_ckpt, model_ckpts = _open_all(stack, base, models, allow_pickle)
+        alignment = align(base_ckpt, model_ckpts, vocab_policy=vocab_policy)
+        bar = None
+        if progress:
+            bar = stack.enter_context(tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="analyzing",
+                                           dynamic_ncols=True))
+            bar.reset(total=3 * sum(j.numel * j.dtype.itemsize for j in alignment.jobs if j.merge) * (len(models) + 1))
+        data = run_analysis(base_ckpt, model_ckpts, alignment, settings, device=device_t, memory_budget=budget,
+                            progress=bar.update if bar is not None else None)
+        data["inputs"] = {"base": base_ckpt.label, "models": [c.label for c in model_ckpts]}
+    data["tiesmerge_version"] = __version__
+    data["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    data["summary"] = summarise(data)
+    data["seconds"]["total"] = round(time.perf_counter() - started, 3)
+    if output is not None:
+        write_report(data, output, force=force)
+    return data

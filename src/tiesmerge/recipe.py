@@ -247,4 +247,7 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
                           for m in data["models"]]
     if isinstance(data.get("stats"), list):
         data["stats"] = [_path(x, path.parent) if isinstance(x, (str, os.PathLike)) else x for x in data["stats"]]
+    params = data.get("parameters")
+    if isinstance(params, dict) and isinstance(params.get("sign_from"), (str, os.PathLike)):
+        data["parameters"] = {**params, "sign_from": _path(params["sign_from"], path.parent)}
     return data

@@ -1,4 +1,4 @@
-"""`tiesmerge`: one command, subcommands merge, methods, validate, tune, stats, demo.
+"""`tiesmerge`: one command, subcommands merge, analyze, methods, validate, tune, stats, demo.
 
 The CLI only calls the public API; every option of a method is a flag generated from the
 method's dataclass fields, so the flags, the recipe keys and the Python API never drift apart.
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__
-from ..api import describe_plan, merge, plan_merge
+from ..api import analyze, describe_plan, merge, plan_merge
 from ..engine.plan import format_size
 from ..errors import ConfigError, TiesMergeError
 from ..io.align import VOCAB_POLICIES
@@ -105,6 +105,18 @@ tau_m is merged once per density (or drop rate) and every lam is swept on top of
 """
 
 
+ANALYZE_EXAMPLES = """\
+examples:
+  # sign conflicts, redundancy and merged magnitudes of three fine-tunes, at the paper's top 20%
+  tiesmerge analyze --base ./base --model ./ft-math --model ./ft-code --model ./ft-chat -o ./interference
+
+  # a 7B family on a small machine: every subset of the models, 1 GiB of working memory
+  tiesmerge analyze --base ./llama --model ./a --model ./b --subsets-per-size 0 --memory-budget 1GiB -o ./r
+
+writes analysis.json, one PNG per figure and report.html (self-contained: open it in a browser)
+"""
+
+
 def _method_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
     """Add one flag per method field (union over methods). Returns flag dest -> field name."""
     group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
@@ -124,6 +136,8 @@ def _method_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
                 kwargs.update(type=float, nargs="+", metavar="W")
             elif f.name == "seed":
                 kwargs.update(type=int, metavar="N")
+            elif f.name == "sign_from":
+                kwargs.update(type=str, metavar="DIR")
             else:
                 kwargs.update(type=float, metavar="X")
             group.add_argument(flag, **kwargs)
@@ -163,6 +177,24 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--rank", type=int, help="--output-format adapter with LoRA: rank of the SVD re-factoring "
                                             "(default: the largest input rank)")
     _method_flags(m)
+
+    a = sub.add_parser("analyze", help="measure interference (sign conflicts, redundancy) between fine-tuned models",
+                       epilog=ANALYZE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--base", required=True, help="the model the others were fine-tuned from")
+    a.add_argument("--model", action="append", dest="models", required=True, metavar="PATH",
+                   help="a fine-tuned model; repeat (2 to 12)")
+    a.add_argument("-o", "--output", required=True, help="report directory: analysis.json, PNGs, report.html")
+    a.add_argument("--density", type=float, default=0.2,
+                   help="top-k fraction of each task vector that counts as kept (default 0.2, the paper's k)")
+    a.add_argument("--subsets-per-size", type=int, default=10, metavar="N",
+                   help="sign conflicts: seeded sample of N subsets per number of models; 0 = every subset (default 10)")
+    a.add_argument("--seed", type=int, default=0, help="seed of the subset sample (default 0)")
+    a.add_argument("--memory-budget", help="working memory for tensor chunks, e.g. 2GiB (default 2GiB)")
+    a.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    a.add_argument("--vocab-policy", default="error", choices=VOCAB_POLICIES, help="on embedding rows that differ")
+    a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
+    a.add_argument("--force", action="store_true", help="replace a non-empty report directory")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
     ms.add_argument("name", nargs="?", help="show one method")
@@ -374,6 +406,21 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    if args.subsets_per_size < 0:
+        raise ConfigError(f"--subsets-per-size must be 0 (every subset) or more, got {args.subsets_per_size}")
+    data = analyze(args.base, args.models, output=args.output, density=args.density,
+                   subsets_per_size=args.subsets_per_size or None, seed=args.seed, device=args.device,
+                   memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
+                   force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+    for line in data["summary"]:
+        print(f"- {line}")
+    engine = data["engine"]
+    print(f"wrote {Path(args.output) / 'report.html'} (and analysis.json, PNGs): {format_size(engine['bytes_read'])} "
+          f"read in {data['seconds']['total']:.1f} s")
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     classes = [method_class(args.name)] if args.name else list(METHODS.values())
     for cls in classes:
@@ -420,8 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    handler = {"merge": _cmd_merge, "methods": _cmd_methods, "validate": _cmd_validate, "tune": _cmd_tune,
-               "stats": _cmd_stats, "demo": _cmd_demo}
+    handler = {"merge": _cmd_merge, "analyze": _cmd_analyze, "methods": _cmd_methods, "validate": _cmd_validate,
+               "tune": _cmd_tune, "stats": _cmd_stats, "demo": _cmd_demo}
     try:
         return handler[args.command](args)
     except TiesMergeError as exc:

@@ -182,9 +182,11 @@ class Executor:
         self._out_slot = 0
         self.stats = RunStats()
         # fused numba kernels on the CPU: counting for every trimming method, the merge for
-        # TIES, task arithmetic and averaging; the torch path for the rest
+        # TIES, task arithmetic and averaging; the torch path for the rest (and for TIES with a
+        # sign_from reference: the kernel would merge the reference as one more model)
         self._fused_merge = (self._kernels and type(method) in (Ties, TaskArithmetic, Average)
-                             and getattr(method, "threshold_ties", "keep") == "keep")
+                             and getattr(method, "threshold_ties", "keep") == "keep"
+                             and getattr(method, "sign_from", None) is None)
         self.stats.engine = "fused CPU kernels (numba)" if self._kernels else "torch"
 
 

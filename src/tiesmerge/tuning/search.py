@@ -8,6 +8,7 @@ of 3 densities x 23 lams costs 3 merges, not 69. The tuner takes any evaluator c
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,10 +78,13 @@ def tune(base: Source, models: Sequence[Source], method: str, evaluate: Evaluato
     """Find the grid point with the best ``evaluate`` score on validation data.
 
     ``grid`` maps option names to candidate values and must include ``lam`` (default: the
-    paper's grid for ``method``); ``fixed`` sets other options. Returns every point's score
-    and the best merged state dict (``best_state``), ready to evaluate on test data.
+    paper's grid for ``method``); ``fixed`` sets other options. ``method`` is a name or a method
+    config object, whose fields the grid then overrides (e.g. an ablation that is no registered
+    method). Returns every point's score and the best merged state dict (``best_state``), ready
+    to evaluate on test data.
     """
-    grid = dict(grid or paper_grid(method))
+    name = method if isinstance(method, str) else method.name
+    grid = dict(grid or paper_grid(name))
     if "lam" not in grid:
         raise ConfigError("the grid must include lam (the values swept on top of each merge)")
     lams = tuple(float(x) for x in grid.pop("lam"))
@@ -90,7 +94,8 @@ def tune(base: Source, models: Sequence[Source], method: str, evaluate: Evaluato
     for key, values in grid.items():
         combos = [{**c, key: v} for c in combos for v in values]
     # validate every combination up front, so a bad grid fails before the first merge
-    methods: list[MergeMethod] = [make_method(method, {**fixed, **c, "lam": 1.0}) for c in combos]
+    methods: list[MergeMethod] = [make_method(method, {**fixed, **c, "lam": 1.0}) if isinstance(method, str)
+                                  else dataclasses.replace(method, **{**fixed, **c, "lam": 1.0}) for c in combos]
     points: list[GridPoint] = []
     best: GridPoint | None = None
     best_state: dict[str, torch.Tensor] = {}
@@ -111,7 +116,7 @@ def tune(base: Source, models: Sequence[Source], method: str, evaluate: Evaluato
             if best is None or point.score > best.score:
                 best, best_state = point, state
     assert best is not None
-    return TuningResult(method, best, tuple(points), len(combos), time.perf_counter() - started, best_state)
+    return TuningResult(name, best, tuple(points), len(combos), time.perf_counter() - started, best_state)
 
 
 def _as_state(source: Source) -> dict[str, torch.Tensor]:

@@ -1,0 +1,304 @@
+"""Stream base and task models through the interference statistics, like a merge: row chunks
+under the memory budget, the next chunk read on a thread while this one is counted.
+
+Three passes over the merged tensors: (1) magnitude histograms of every task vector (they are
+the first radix-select pass and the redundancy curves at once), (2) the second radix-select
+pass, which pins each model's exact top-k threshold, (3) every statistic that needs the
+thresholds: sign patterns, per-tensor conflicts, mask overlaps, kept mass, merged magnitudes.
+Memory: one chunk of every input (twice, for the read-ahead), its float32 task vectors, and
+fixed-size blocks of temporaries, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from ..engine import kernels
+from ..engine.plan import Chunk, Plan, make_plan
+from ..engine.select import WindowSelect
+from ..errors import ConfigError, InvalidTensorError
+from ..io.align import Alignment
+from ..io.checkpoint import Checkpoint
+from ..methods import ops
+from . import stats
+
+__all__ = ["AnalysisSettings", "run_analysis", "DEFAULT_CURVE"]
+
+DEFAULT_CURVE = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+_BLOCK = 1 << 18  # entries per block of statistics: bounded temporaries (about 40 n MB)
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    density: float = 0.2  # top-k fraction that counts as "kept" / "influential" (the paper's k)
+    curve: tuple[float, ...] = DEFAULT_CURVE  # densities of the redundancy curves
+    subsets_per_size: int | None = 10  # sign conflicts: seeded sample per subset size; None = every subset
+    seed: int = 0
+
+    def check(self, n_models: int) -> None:
+        problems: list[str] = []
+        if not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
+            problems.append(f"density must be a fraction in (0, 1], got {self.density!r}"
+                            + (" (a fraction, not a percent)" if isinstance(self.density, (int, float))
+                               and self.density > 1 else ""))
+        if not self.curve or not all(isinstance(k, (int, float)) and 0 < k <= 1 for k in self.curve):
+            problems.append(f"curve densities must be fractions in (0, 1], got {self.curve!r}")
+        if self.subsets_per_size is not None and self.subsets_per_size < 1:
+            problems.append(f"subsets_per_size must be at least 1 (or None for all), got {self.subsets_per_size}")
+        if n_models < 2:
+            problems.append(f"interference needs at least 2 fine-tuned models, got {n_models}")
+        if n_models > stats.MAX_MODELS:
+            problems.append(f"{n_models} models given; the analysis counts 3^n sign patterns and takes at most "
+                            f"{stats.MAX_MODELS}")
+        if problems:
+            raise ConfigError(problems, hint="e.g. tiesmerge analyze --base B --model A --model C --density 0.2 -o R")
+
+
+def _layer_and_module(name: str) -> tuple[int | None, str]:
+    """'model.layers.3.mlp.up_proj.weight' -> (3, 'model.layers.*.mlp.up_proj.weight')."""
+    match = re.search(r"(?:^|\.)(\d+)(?=\.|$)", name)
+    if match is None:
+        return None, name
+    start, end = match.span(1)
+    return int(match.group(1)), name[:start] + "*" + name[end:]
+
+
+def _subsets(n: int, per_size: int | None, seed: int) -> dict[int, list[tuple[int, ...]]]:
+    rng = random.Random(seed)
+    chosen = {}
+    for size in range(2, n + 1):
+        every = list(itertools.combinations(range(n), size))
+        chosen[size] = sorted(rng.sample(every, per_size)) if per_size is not None and len(every) > per_size else every
+    return chosen
+
+
+class _Stream:
+    """Chunks of the base and every model, raw, with one chunk read ahead on a thread."""
+
+    def __init__(self, base: Checkpoint, models: list[Checkpoint], device: torch.device,
+                 progress: Callable[[int], None]) -> None:
+        self.inputs = [base, *models]
+        self.device = device
+        self.progress = progress
+        self.bytes_read = 0
+
+    def _read(self, chunk: Chunk) -> list[torch.Tensor]:
+        raw = [ckpt.read(chunk.job.name, chunk.rows) for ckpt in self.inputs]
+        nbytes = sum(t.numel() * t.element_size() for t in raw)
+        self.bytes_read += nbytes
+        self.progress(nbytes)
+        return raw
+
+    def task_vectors(self, chunks: list[Chunk]) -> Iterator[tuple[Chunk, torch.Tensor]]:
+        """Yield (chunk, tau (n, E) float32 on the device)."""
+        if not chunks:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-analyze") as pool:
+            pending = pool.submit(self._read, chunks[0])
+            for i, chunk in enumerate(chunks):
+                raw = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self._read, chunks[i + 1])
+                base32 = raw[0].to(self.device, torch.float32).reshape(1, -1)  # (1, E)
+                tau = torch.empty(len(raw) - 1, base32.shape[1], dtype=torch.float32, device=self.device)  # (n, E)
+                for t, model_raw in enumerate(raw[1:]):
+                    tau[t].copy_(model_raw.reshape(-1))  # widened to float32 in the copy: no temporary
+                tau.sub_(base32)
+                if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
+                    self._raise_not_finite(chunk, raw)
+                yield chunk, tau
+
+    def _raise_not_finite(self, chunk: Chunk, raw: list[torch.Tensor]) -> None:
+        for ckpt, value in zip(self.inputs, raw, strict=True):
+            bad = ~torch.isfinite(value.float())
+            if bool(bad.any()):
+                raise InvalidTensorError(
+                    f"{ckpt.location(chunk.job.name)}: tensor {chunk.job.name!r} {tuple(chunk.job.shape)} holds "
+                    f"{int(bad.sum())} NaN/Inf value(s) in rows {chunk.rows}",
+                    hint="the checkpoint is damaged or was saved after a diverged training step; leave it out")
+        raise InvalidTensorError(f"tensor {chunk.job.name!r}: a task vector overflows float32")
+
+
+def _blocks(tau: torch.Tensor) -> Iterator[torch.Tensor]:
+    for start in range(0, tau.shape[1], _BLOCK):
+        yield tau[:, start:start + _BLOCK]  # (n, <= _BLOCK)
+
+
+def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignment, settings: AnalysisSettings, *,
+                 device: torch.device, memory_budget: int, progress: Callable[[int], None] | None = None
+                 ) -> dict:
+    """Every statistic of the report, as a JSON-ready dict (see analysis/report.py for its reading)."""
+    started = time.perf_counter()
+    n = len(models)
+    settings.check(n)
+    plan: Plan = make_plan(alignment, n, memory_budget=memory_budget, out_dtype=torch.float32, selection_passes=2)
+    merged_jobs = [j for j in alignment.jobs if j.merge]
+    chunks = [c for j in merged_jobs for c in plan.chunks_by_job[j.name]]
+    numel = alignment.merged_numel()
+    if numel == 0:
+        raise ConfigError("the models have no floating-point tensors to compare")
+    stream = _Stream(base, models, device, progress or (lambda nbytes: None))
+    seconds: dict[str, float] = {}
+
+    # -- pass 1: magnitude histograms = radix select's first pass + the redundancy curves
+    clock = time.perf_counter()
+    counts = torch.zeros(n, stats.MAGNITUDE_BINS, dtype=torch.int64, device=device)
+    for _, tau in stream.task_vectors(chunks):
+        for block in _blocks(tau):
+            counts += stats.magnitude_counts(block)
+    keep = ops.keep_count(numel, settings.density)
+    # the magnitude bins are the high 16 bits of |tau|: the bin holding each model's k-th largest
+    # brackets its threshold, and one counting pass inside that bin finds it exactly
+    at_or_above = counts.cpu().flip(1).cumsum(1).flip(1)  # (n, 2^16) entries in bins >= b
+    chosen = ((at_or_above >= keep).sum(1) - 1).clamp_min(0).numpy().astype(np.uint32)
+    selector = WindowSelect([keep] * n, device, bracket=(chosen << 16, (chosen << 16) | 0xFFFF))
+    seconds["histograms"] = time.perf_counter() - clock
+
+    # -- pass 2: inside each model's threshold bin
+    clock = time.perf_counter()
+    fused = kernels.available() and device.type == "cpu"  # the engine's numba counting kernel
+    while not selector.done:
+        for _, tau in stream.task_vectors(chunks):
+            if fused:  # |tau - 0| = |tau|: zeros as the base, the task vectors as the models
+                flat = tau.reshape(tau.shape[0], -1).contiguous()  # (n, L)
+                rows = [np.zeros(flat.shape[1], np.float32), *flat.numpy()]
+                selector.add_counts(lambda *c, rows=rows: kernels.count_pass(rows, *c))
+            else:
+                selector.observe(tau)
+        selector.end_pass()
+    thresholds = selector.thresholds().to(device)  # (n,)
+    seconds["select"] = time.perf_counter() - clock
+
+    # -- pass 3: everything that depends on what each model keeps
+    clock = time.perf_counter()
+    patterns = torch.zeros(3**n, dtype=torch.int64, device=device)
+    intersections = torch.zeros(n, n, dtype=torch.int64, device=device)
+    mass = torch.zeros(4, n, dtype=torch.float64, device=device)  # kept L1, kept L2^2, total L1, total L2^2
+    tables = stats.pattern_tables(n, device)
+    groups = 3 * (n + 1)  # influence (0, 1, >1) x agreement (0..n): one joint bincount, marginals at the end
+    moments = torch.zeros(3, len(stats.VARIANTS), groups, dtype=torch.float64, device=device)
+    per_tensor: dict[str, dict[str, int]] = {}
+    for chunk, tau in stream.task_vectors(chunks):
+        row = per_tensor.setdefault(chunk.job.name, {"numel": 0, "conflicts": 0, "kept_by_two_or_more": 0})
+        for block in _blocks(tau):
+            kept = stats.kept_mask(block, thresholds)  # (n, B)
+            codes = stats.sign_pattern_codes(block, kept)  # (B,)
+            block_patterns = torch.bincount(codes, minlength=3**n)  # (3^n,)
+            patterns += block_patterns
+            intersections += stats.mask_intersections(kept)
+            mass += stats.kept_mass(block, kept)
+            row["numel"] += block.shape[1]
+            for key, value in stats.tensor_conflicts(block_patterns, tables).items():
+                row[key] += value
+            joint = stats.influence_groups(codes, tables) * (n + 1) + stats.agreement_groups(block)  # (B,)
+            merged = torch.stack(list(stats.merge_variants(block, kept).values()))  # (V, B)
+            moments += stats.group_moments(merged, joint, groups)
+    seconds["statistics"] = time.perf_counter() - clock
+
+    data = {
+        "settings": {**asdict(settings), "curve": list(settings.curve)},
+        "n_models": n,
+        "parameters": numel,
+        "kept_per_model": keep,
+        "thresholds": [float(x) for x in thresholds.cpu()],
+        "sign_conflicts": _conflicts(patterns.cpu().numpy(), n, numel, settings),
+        "by_tensor": _by_tensor(per_tensor),
+        "redundancy": _redundancy(counts.cpu().numpy(), mass.cpu().numpy(), numel, settings),
+        "overlap": _overlap(intersections.cpu().numpy(), numel),
+        "magnitudes": {"by_influence": _moments(moments.view(3, -1, 3, n + 1).sum(3), ["0", "1", ">1"]),
+                       "by_agreement": _moments(moments.view(3, -1, 3, n + 1).sum(2),
+                                                [f"{j}/{n}" for j in range(n + 1)])},
+        "engine": {"device": str(device), "memory_budget_bytes": memory_budget,
+                   "estimated_peak_bytes": plan.peak_bytes + _block_bytes(n), "passes": 3,
+                   "bytes_read": stream.bytes_read, "chunks_per_pass": len(chunks)},
+    }
+    seconds["total"] = time.perf_counter() - started
+    data["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    return data
+
+
+def _block_bytes(n: int) -> int:
+    """Temporaries of one block of statistics: about ten (n, B) float32/bool/int64 arrays."""
+    return 40 * n * _BLOCK
+
+
+def _conflicts(patterns: np.ndarray, n: int, numel: int, settings: AnalysisSettings) -> dict:
+    tables = stats.pattern_tables(n)
+    sizes = []
+    for size, subsets in _subsets(n, settings.subsets_per_size, settings.seed).items():
+        rows = []
+        for subset in subsets:
+            c = stats.subset_conflicts(patterns, tables, subset)
+            rows.append({"models": list(subset), **c, "of_parameters": c["conflicts"] / numel,
+                         "of_kept_by_two_or_more": c["conflicts"] / max(1, c["kept_by_two_or_more"])})
+        of_params = [r["of_parameters"] for r in rows]
+        of_contested = [r["of_kept_by_two_or_more"] for r in rows]
+        sizes.append({"size": size, "subsets": rows, "total_subsets": len(list(itertools.combinations(range(n), size))),
+                      "mean_of_parameters": float(np.mean(of_params)), "min_of_parameters": float(np.min(of_params)),
+                      "max_of_parameters": float(np.max(of_params)),
+                      "mean_of_kept_by_two_or_more": float(np.mean(of_contested)),
+                      "min_of_kept_by_two_or_more": float(np.min(of_contested)),
+                      "max_of_kept_by_two_or_more": float(np.max(of_contested))})
+    return {"by_size": sizes,
+            "denominators": {"of_parameters": "all merged parameters (the paper's Fig. 4)",
+                             "of_kept_by_two_or_more": "parameters that two or more of the subset's models keep "
+                                                       "(the only ones where signs can conflict)"}}
+
+
+def _by_tensor(per_tensor: dict[str, dict[str, int]]) -> list[dict]:
+    rows = []
+    for name, row in per_tensor.items():
+        layer, module = _layer_and_module(name)
+        rows.append({"name": name, "layer": layer, "module": module, **row,
+                     "of_parameters": row["conflicts"] / max(1, row["numel"]),
+                     "of_kept_by_two_or_more": row["conflicts"] / max(1, row["kept_by_two_or_more"])})
+    return rows
+
+
+def _redundancy(counts: np.ndarray, mass: np.ndarray, numel: int, settings: AnalysisSettings) -> dict:
+    kept1, kept2, total1, total2 = mass  # (n,) each, exact
+    mid = stats.bin_midpoints()  # (2^16,)
+    l1, l2 = counts * mid, counts * mid**2  # (n, 2^16) mass per bin, to within half a bin's width
+    curve = sorted(set(settings.curve))
+    keeps = [ops.keep_count(numel, k) for k in curve]
+    return {"densities": curve,
+            "l1_share": [[stats.topk_mass_share(counts[t], l1[t], m) for m in keeps] for t in range(len(counts))],
+            "l2_share": [[stats.topk_mass_share(counts[t], l2[t], m) for m in keeps] for t in range(len(counts))],
+            "at_density": {"density": settings.density,
+                           "l1_share": [float(a / b) if b else 0.0 for a, b in zip(kept1, total1)],
+                           "l2_share": [float(a / b) if b else 0.0 for a, b in zip(kept2, total2)]},
+            "note": "curves from 2^16-bin magnitude histograms (each bin's mass = count x bin midpoint, within "
+                    "0.4% of the exact value; the bin holding the k-th value counts pro rata); at_density is exact"}
+
+
+def _overlap(intersections: np.ndarray, numel: int) -> dict:
+    kept = np.diag(intersections).astype(np.float64)
+    union = kept[:, None] + kept[None, :] - intersections
+    jaccard = np.where(union > 0, intersections / np.maximum(union, 1), 0.0)
+    n = len(kept)
+    pairs = [jaccard[s, t] for s in range(n) for t in range(s + 1, n)]
+    density = float(kept.mean() / numel)
+    return {"intersections": intersections.tolist(), "jaccard": jaccard.tolist(),
+            "mean_pairwise_jaccard": float(np.mean(pairs)) if pairs else 0.0,
+            # two independent random masks of density k overlap in k^2 of the entries: Jaccard k / (2 - k)
+            "independent_masks_jaccard": density / (2 - density) if density < 2 else 1.0}
+
+
+def _moments(moments: torch.Tensor, labels: list[str]) -> dict:
+    """moments: (3, V, G) count, sum |x|, sum x^2 per variant and group."""
+    count, total, squares = (m.cpu().numpy() for m in moments)  # (V, G) each
+    mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+    var = np.divide(squares, count, out=np.zeros_like(total), where=count > 0) - mean**2
+    std = np.sqrt(np.maximum(var, 0))
+    return {"groups": labels, "count": [int(c) for c in count[0]],
+            "mean": {v: [float(x) for x in mean[i]] for i, v in enumerate(stats.VARIANTS)},
+            "std": {v: [float(x) for x in std[i]] for i, v in enumerate(stats.VARIANTS)}}

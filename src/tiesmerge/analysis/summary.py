@@ -1,0 +1,54 @@
+"""A short plain-language reading of the analysis numbers, one sentence per finding.
+
+Every number in a sentence is formatted from the analysis dict by :func:`percent`, so the
+report's text and its JSON cannot disagree.
+"""
+
+from __future__ import annotations
+
+__all__ = ["percent", "summarise"]
+
+
+def percent(fraction: float) -> str:
+    """0.3812 -> '38.1%'."""
+    return f"{100 * fraction:.1f}%"
+
+
+def summarise(data: dict) -> list[str]:
+    n = data["n_models"]
+    k = data["settings"]["density"]
+    sizes = data["sign_conflicts"]["by_size"]
+    everyone = sizes[-1]
+    first = sizes[0]
+    lines = [
+        f"With all {n} models trimmed to their top {percent(k)}, {percent(everyone['mean_of_kept_by_two_or_more'])} of "
+        f"the parameters that two or more models keep conflict in sign; that is "
+        f"{percent(everyone['mean_of_parameters'])} of all {data['parameters']:,} parameters.",
+        f"Conflicts {'grow' if everyone['mean_of_parameters'] > first['mean_of_parameters'] else 'do not grow'} with "
+        f"the number of models merged: {percent(first['mean_of_parameters'])} of all parameters "
+        f"for pairs of models (mean over {len(first['subsets'])} pair(s)), {percent(everyone['mean_of_parameters'])} "
+        f"for all {n}.",
+    ]
+    at = data["redundancy"]["at_density"]
+    l1, l2 = at["l1_share"], at["l2_share"]
+    lines.append(f"Density {k:g} keeps {percent(sum(l1) / len(l1))} of each task vector's L1 mass "
+                 f"(from {percent(min(l1))} to {percent(max(l1))} across models) and {percent(sum(l2) / len(l2))} "
+                 "of its L2 mass (squared norm): most of a task vector sits in its largest entries.")
+    overlap = data["overlap"]
+    lines.append(f"The models' top-{percent(k)} masks overlap with a mean pairwise Jaccard index of "
+                 f"{overlap['mean_pairwise_jaccard']:.3f}, against {overlap['independent_masks_jaccard']:.3f} for "
+                 "independent random masks of the same density.")
+    influence = data["magnitudes"]["by_influence"]
+    one = influence["groups"].index("1")
+    if influence["count"][one]:
+        avg, ties = influence["mean"]["averaging"][one], influence["mean"]["TIES"][one]
+        lines.append(f"Where exactly one model finds a parameter influential, plain averaging leaves a mean merged "
+                     f"magnitude of {avg:.3g}, TIES {ties:.3g} ({ties / avg:.1f}× larger): averaging dilutes a "
+                     "value that only one model needs." if avg else
+                     f"Where exactly one model finds a parameter influential, TIES keeps a mean magnitude of {ties:.3g}.")
+    tensors = [t for t in data["by_tensor"] if t["numel"] >= 1]
+    if tensors:
+        worst = max(tensors, key=lambda t: t["of_parameters"])
+        lines.append(f"The most conflicted tensor is {worst['name']} ({percent(worst['of_parameters'])} of its "
+                     f"{worst['numel']:,} parameters, all {n} models).")
+    return lines
