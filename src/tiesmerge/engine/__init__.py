@@ -2,6 +2,6 @@
 
 from .executor import Executor, MemorySink, RunStats
 from .plan import Plan, format_size, make_plan, parse_size
-from .select import RadixSelect
+from .select import RadixSelect, WindowSelect
 
-__all__ = ["Executor", "MemorySink", "Plan", "RadixSelect", "RunStats", "format_size", "make_plan", "parse_size"]
+__all__ = ["Executor", "MemorySink", "Plan", "RadixSelect", "RunStats", "WindowSelect", "format_size", "make_plan", "parse_size"]

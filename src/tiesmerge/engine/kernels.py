@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
 __all__ = [
-    "available", "raw_view", "out_view", "RAW_DTYPES", "OUT_DTYPES", "threads",
+    "available", "raw_view", "out_view", "RAW_DTYPES", "OUT_DTYPES",
     "count_pass", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
@@ -48,10 +48,6 @@ def available() -> bool:
     """True when numba is importable and TIESMERGE_KERNELS is not "0" (the switch lets a
     benchmark time the torch path on the same machine)."""
     return numba is not None and os.environ.get("TIESMERGE_KERNELS", "1") != "0"
-
-
-def threads() -> int:
-    return numba.get_num_threads() if numba is not None else 1
 
 
 def raw_view(t: torch.Tensor) -> np.ndarray:
