@@ -288,6 +288,18 @@ def test_sign_from_takes_the_reference_signs(tmp_path):
     torch.testing.assert_close(taken["b"], torch.tensor([1.0, 0.0]))
 
 
+@pytest.mark.parametrize("scope", ["global", "per_tensor"])
+def test_sign_from_with_per_model_densities(tmp_path, scope):
+    """Per-model densities count the merged models only; the reference is streamed untrimmed."""
+    base, models, ref = _sign_family(tmp_path)
+    both = tiesmerge.merge(base, models, "ties", densities=(1.0, 1.0), scope=scope, sign_from=str(ref))
+    torch.testing.assert_close(both["w"], torch.tensor([1.0, 1.0, 0.0]))
+    # model 1 keeps 1 of 5 entries (global) / 1 of 3 in w: its -3 only; model 0 keeps everything
+    sparse = tiesmerge.merge(base, models, "ties", densities=(1.0, 0.2 if scope == "global" else 0.34),
+                             scope=scope, sign_from=str(ref))
+    torch.testing.assert_close(sparse["w"], torch.tensor([1.0, 0.0, 0.0]))
+
+
 def test_sign_from_cli_and_manifest(tmp_path):
     base, models, ref = _sign_family(tmp_path)
     args = ["merge", "--base", str(base), "--model", str(models[0]), "--model", str(models[1]),

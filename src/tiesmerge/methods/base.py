@@ -33,7 +33,10 @@ class TrimSpec:
         """Entries each model keeps of a trim scope of ``numel`` entries."""
         from .ops import keep_count  # ops imports nothing of ours; imported here to keep base.py first
 
-        counts = [keep_count(numel, d) for d in (self.densities or (self.density,) * n_models)]
+        # models past the per-model densities (a TIES sign_from reference, streamed last and never
+        # trimmed) take the common density: every streamed input gets a count
+        densities = (tuple(self.densities or ()) + (self.density,) * n_models)[:n_models]
+        counts = [keep_count(numel, d) for d in densities]
         return [max(1, k) if self.at_least_one and numel else k for k in counts]
 
 
