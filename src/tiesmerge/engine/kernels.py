@@ -125,6 +125,15 @@ if numba is not None:
             return store_f32
         return None
 
+    @njit(inline="always")
+    def _base_block(proto, addrs, start, count, table):  # pragma: no cover - compiled
+        # the base's entries start .. start + count, widened to float32 (count,)
+        block = _rows(proto, addrs, 0, start, count)  # 1-d rows: indexing them vectorises
+        b32 = np.empty(count, np.float32)
+        for j in range(count):
+            b32[j] = _widen(block[j], table)
+        return b32
+
     @njit(parallel=True, cache=True, nogil=True)
     def _count_kernel(proto, addrs, size, table, lo, hi, shift, above, window, wmin, wmax, worst):  # pragma: no cover
         # rows: addrs[0] the base's E raw values, addrs[1 + t] model t's (proto: their dtype); per model t: lo[t]..hi[t] (uint32, inclusive) is a
@@ -141,11 +150,8 @@ if numba is not None:
             start = blk * _BLOCK
             stop = min(size, start + _BLOCK)
             m = stop - start
-            b32 = np.empty(m, np.float32)
+            b32 = _base_block(proto, addrs, start, m, table)
             bits = np.empty(m, np.uint32)
-            block = _rows(proto, addrs, 0, start, m)  # 1-d rows: indexing them vectorises
-            for j in range(m):
-                b32[j] = _widen(block[j], table)
             top = np.uint32(0)
             for t in range(n):
                 h = hi[t]
@@ -192,9 +198,8 @@ if numba is not None:
             start = blk * _BLOCK
             stop = min(size, start + _BLOCK)
             m = stop - start
-            block = _rows(proto, addrs, 0, start, m)  # 1-d rows: indexing them vectorises
             target = out[start:stop]
-            b32 = np.empty(m, np.float32)
+            b32 = _base_block(proto, addrs, start, m, table)
             vote = np.zeros(m, np.float32)
             gamma = np.empty(m, np.float32)
             total = np.zeros(m, np.float32)
@@ -202,8 +207,6 @@ if numba is not None:
             best = np.zeros(m, np.float32)
             kept = np.empty((n, m), np.float32)  # trimmed task vectors of this block
             top = np.uint32(0)
-            for j in range(m):
-                b32[j] = _widen(block[j], table)
             for t in range(n):
                 thr = thresholds[t]
                 w = weights[t]
@@ -253,13 +256,10 @@ if numba is not None:
             start = blk * _BLOCK
             stop = min(size, start + _BLOCK)
             m = stop - start
-            block = _rows(proto, addrs, 0, start, m)  # 1-d rows: indexing them vectorises
             target = out[start:stop]
-            b32 = np.empty(m, np.float32)
+            b32 = _base_block(proto, addrs, start, m, table)
             acc = np.zeros(m, np.float32)
             top = np.uint32(0)
-            for j in range(m):
-                b32[j] = _widen(block[j], table)
             for t in range(n):
                 c = coef[t]
                 row = _rows(proto, addrs, 1 + t, start, m)
