@@ -29,10 +29,10 @@ from .io.adapters import (
     yields_task_vector,
 )
 from .io.checkpoint import Checkpoint, TensorInfo
+from .sizes import OUTPUT_FORMATS
 
-__all__ = ["OUTPUT_FORMATS", "engine_inputs", "needs_fold", "Ia3Fold", "fold_ia3", "write_adapter"]
+__all__ = ["engine_inputs", "needs_fold", "Ia3Fold", "fold_ia3", "write_adapter"]
 
-OUTPUT_FORMATS = ("model", "adapter")
 
 
 def _unwrap(model: Checkpoint) -> Checkpoint:

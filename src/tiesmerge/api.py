@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import __version__, adapter_merge
 from .engine.executor import Executor, MemorySink, RunStats
-from .engine.plan import Plan, format_size, parse_size
+from .engine.plan import Plan
 from .engine.side import SideInputs
 from .errors import ConfigError, IncompatibleCheckpointsError, OutputError
 from .io.align import align
@@ -30,13 +30,13 @@ from .methods import TaskArithmetic
 from .methods.base import DataAwareMethod, MergeMethod
 from .recipe import MergeRecipe, parse_dtype
 from .registry import make_method
+from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, format_size, parse_size
 from .stats.files import Statistics, StatsSource, combine_digests, open_stats
 
 __all__ = ["merge", "analyze", "plan_merge", "describe_plan"]
 
 Source = str | os.PathLike | Mapping[str, torch.Tensor]
 StatsInput = str | os.PathLike | Statistics | Mapping[str, torch.Tensor]
-DEFAULT_MEMORY_BUDGET = "2GiB"
 
 
 def _method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMethod:
@@ -239,7 +239,7 @@ def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
 
 def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,
           output: str | os.PathLike | None = None, device: str = "cpu", memory_budget: int | str | None = None,
-          dtype: str | torch.dtype | None = None, shard_size: int | str = "5GB", force: bool = False,
+          dtype: str | torch.dtype | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False,
           allow_pickle: bool = False, vocab_policy: str = "error", progress: bool = False,
           output_format: str = "model", rank: int | None = None, origin: Mapping[str, Any] | None = None,
           stats: Sequence[StatsInput] | None = None, **method_options: Any) -> Path | dict[str, torch.Tensor]:

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 import yaml
 
-from .engine.plan import parse_size
 from .errors import ConfigError
 from .io.align import VOCAB_POLICIES
 from .methods.base import MergeMethod
 from .recipe_mergekit import is_mergekit, translate_mergekit
 from .registry import METHODS, did_you_mean, make_method
+from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, parse_size
 
 __all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict", "from_mergekit", "DTYPES",
            "parse_dtype"]
@@ -46,7 +46,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memory_budget", "device", "vocab_policy",
          "allow_pickle", "output_format", "rank", "origin", "stats")
-OUTPUT_FORMATS = ("model", "adapter")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -63,8 +62,8 @@ class MergeRecipe:
     base: str
     models: tuple[str, ...]
     dtype: str | None = None
-    shard_size: str = "5GB"
-    memory_budget: str = "2GiB"
+    shard_size: str = DEFAULT_SHARD_SIZE
+    memory_budget: str = DEFAULT_MEMORY_BUDGET
     device: str = "cpu"
     vocab_policy: str = "error"
     allow_pickle: bool = False
@@ -203,7 +202,8 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         raise ConfigError([f"{source}: {p}" for p in problems])
     assert method is not None
     return MergeRecipe(method=method, base=_path(base, root), models=tuple(paths), dtype=data.get("dtype"),
-                       shard_size=str(data.get("shard_size", "5GB")), memory_budget=str(data.get("memory_budget", "2GiB")),
+                       shard_size=str(data.get("shard_size", DEFAULT_SHARD_SIZE)),
+                       memory_budget=str(data.get("memory_budget", DEFAULT_MEMORY_BUDGET)),
                        device=str(data.get("device", "cpu")), vocab_policy=data.get("vocab_policy", "error"),
                        allow_pickle=bool(data.get("allow_pickle", False)),
                        output_format=data.get("output_format", "model"), rank=rank, origin=data.get("origin"),

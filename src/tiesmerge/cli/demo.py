@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 
 from ..api import describe_plan, merge, plan_merge
-from ..engine.plan import format_size
 from ..methods import Average, TaskArithmetic, Ties
+from ..sizes import format_size
 
 __all__ = ["synthetic_llama_shapes", "make_demo_models", "run_demo"]
 

@@ -18,11 +18,11 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..api import analyze, describe_plan, merge, plan_merge
-from ..engine.plan import format_size
 from ..errors import ConfigError, TiesMergeError
 from ..io.align import VOCAB_POLICIES
 from ..recipe import DTYPES, load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, method_class
+from ..sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, format_size
 
 MERGE_EXAMPLES = """\
 examples:
@@ -164,15 +164,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--method", help=f"one of {', '.join(METHODS)} (default ties)")
     m.add_argument("-o", "--output", help="output directory (an HF model directory)")
     m.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's)")
-    m.add_argument("--shard-size", help="largest output shard, e.g. 5GB (default 5GB)")
-    m.add_argument("--memory-budget", help="working memory for tensor chunks, e.g. 2GiB (default 2GiB)")
+    m.add_argument("--shard-size", help=f"largest output shard, e.g. 2GB (default {DEFAULT_SHARD_SIZE})")
+    m.add_argument("--memory-budget", help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
     m.add_argument("--device", help="cpu or cuda (default cpu)")
     m.add_argument("--vocab-policy", choices=VOCAB_POLICIES, help="on embedding rows that differ (default error)")
     m.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
     m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
-    m.add_argument("--output-format", choices=("model", "adapter"),
+    m.add_argument("--output-format", choices=OUTPUT_FORMATS,
                    help="model (default): a full HF model; adapter: a merged PEFT adapter (adapters in)")
     m.add_argument("--rank", type=int, help="--output-format adapter with LoRA: rank of the SVD re-factoring "
                                             "(default: the largest input rank)")
@@ -189,7 +189,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--subsets-per-size", type=int, default=10, metavar="N",
                    help="sign conflicts: seeded sample of N subsets per number of models; 0 = every subset (default 10)")
     a.add_argument("--seed", type=int, default=0, help="seed of the subset sample (default 0)")
-    a.add_argument("--memory-budget", help="working memory for tensor chunks, e.g. 2GiB (default 2GiB)")
+    a.add_argument("--memory-budget", help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
     a.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     a.add_argument("--vocab-policy", default="error", choices=VOCAB_POLICIES, help="on embedding rows that differ")
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")

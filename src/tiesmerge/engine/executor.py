@@ -35,8 +35,9 @@ from ..methods.average import Average
 from ..methods.base import ChunkContext, MergeMethod
 from ..methods.task_arithmetic import TaskArithmetic
 from ..methods.ties import Ties
+from ..sizes import DEFAULT_MEMORY_BUDGET, format_size, parse_size
 from . import kernels
-from .plan import FIXED_OVERHEAD, Chunk, Plan, bytes_per_entry, format_size, make_plan
+from .plan import FIXED_OVERHEAD, Chunk, Plan, bytes_per_entry, make_plan
 from .select import WindowSelect, bracket_from_sample, kth_largest
 from .side import SideInputs
 
@@ -138,7 +139,7 @@ def _stream_id(name: str) -> int:
 
 class Executor:
     def __init__(self, base: Checkpoint, models: list[Checkpoint], alignment: Alignment, method: MergeMethod, *,
-                 device: str | torch.device = "cpu", memory_budget: int = 2 << 30,
+                 device: str | torch.device = "cpu", memory_budget: int = parse_size(DEFAULT_MEMORY_BUDGET),
                  out_dtype: torch.dtype | None = None, weights: torch.Tensor | None = None,
                  progress: Callable[[int], None] | None = None, fused: bool = True,
                  side: SideInputs | None = None) -> None:

@@ -16,14 +16,13 @@ keeps a tensor whole when the budget allows, so its threshold is found in memory
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from ..io.align import Alignment, TensorJob
 
-__all__ = ["Chunk", "Plan", "bytes_per_entry", "rows_per_chunk", "make_plan", "parse_size", "format_size"]
+__all__ = ["Chunk", "Plan", "bytes_per_entry", "rows_per_chunk", "make_plan"]
 
 FIXED_OVERHEAD = 64 << 20  # histograms, the top-k sample, small buffers: accounted once, not per chunk
 SPEED_CHUNK_ENTRIES = 1 << 23  # chunks beyond this many entries are no faster
@@ -131,33 +130,3 @@ def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dt
         notes.append(f"{len(chunked)} tensor(s) merged in row chunks, e.g. {chunked[0]!r} in {len(chunks[chunked[0]])}")
     return Plan(chunks, alignment.jobs, bytes_per_pass, copy_bytes, selection_passes + 1,
                 peak + FIXED_OVERHEAD, memory_budget, output_bytes, tuple(notes), extra)
-
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(text: str | int) -> int:
-    """'2GiB' -> 2147483648, '5GB' -> 5000000000, 1024 -> 1024."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        value = float(text)
-    else:
-        s = str(text).strip().lower().replace(" ", "")
-        number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-        unit = s[len(number):]
-        try:
-            value = float(number) * _UNITS[unit]
-        except (KeyError, ValueError):
-            raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)") from None
-    # checked after truncation to whole bytes: '0.5' would otherwise become a budget of 0
-    if not math.isfinite(value) or int(value) <= 0:
-        raise ValueError(f"size must be a positive, finite number of bytes: {text!r}")
-    return int(text) if isinstance(text, int) else int(value)
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"

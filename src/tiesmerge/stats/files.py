@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from .. import __version__
-from ..engine.plan import parse_size
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
+from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 
 __all__ = ["STATS_KINDS", "MANIFEST_NAME", "StatsManifest", "Statistics", "StatsSource", "save_stats", "load_stats",
            "open_stats", "model_digest", "files_digest", "combine_digests"]
@@ -69,7 +69,7 @@ class Statistics:
     def kind(self) -> str:
         return self.manifest.kind
 
-    def save(self, directory: str | os.PathLike, *, force: bool = False, shard_size: int | str = "5GB") -> Path:
+    def save(self, directory: str | os.PathLike, *, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
         return save_stats(directory, self, force=force, shard_size=shard_size)
 
 
@@ -125,7 +125,7 @@ def model_digest(module: torch.nn.Module, model: str | os.PathLike | None = None
 
 
 def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool = False,
-               shard_size: int | str = "5GB") -> Path:
+               shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write ``stats`` to ``directory`` atomically (safetensors + ``tiesmerge_stats.json``)."""
     bad = [k for k, v in stats.tensors.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
     if bad:

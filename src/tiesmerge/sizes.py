@@ -1,0 +1,49 @@
+"""Sizes and the defaults written in sizes, in one place: parsed once, printed one way.
+
+A size is a number of bytes, written with a unit: ``2GiB`` (binary, 2^30) or ``5GB``
+(decimal, 10^9), as people write memory and file sizes. Memory budgets default to
+``DEFAULT_MEMORY_BUDGET`` and output shards to ``DEFAULT_SHARD_SIZE``.
+
+>>> parse_size("2GiB"), parse_size("5GB"), format_size(3 << 20)
+(2147483648, 5000000000, '3.00 MiB')
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = ["DEFAULT_MEMORY_BUDGET", "DEFAULT_SHARD_SIZE", "OUTPUT_FORMATS", "parse_size", "format_size"]
+
+DEFAULT_MEMORY_BUDGET = "2GiB"  # working memory for tensor chunks
+DEFAULT_SHARD_SIZE = "5GB"  # largest output shard (Hugging Face's own default)
+OUTPUT_FORMATS = ("model", "adapter")  # a full HF model, or a merged PEFT adapter (adapters in)
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' -> 2147483648, '5GB' -> 5000000000, 1024 -> 1024; ValueError for anything else."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = s[len(number):]
+        try:
+            value = float(number) * _UNITS[unit]
+        except (KeyError, ValueError):
+            raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)") from None
+    # checked after truncation to whole bytes: '0.5' would otherwise become a budget of 0
+    if not math.isfinite(value) or int(value) <= 0:
+        raise ValueError(f"size must be a positive, finite number of bytes: {text!r}")
+    return int(text) if isinstance(text, int) else int(value)
+
+
+def format_size(n: float) -> str:
+    """Bytes in binary units: 1536 -> '1.50 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"

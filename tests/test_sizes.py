@@ -1,0 +1,67 @@
+"""Sizes as text: parsed once, printed one way."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiesmerge import sizes
+from tiesmerge.sizes import format_size, parse_size
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def test_defaults_parse() -> None:
+    assert parse_size(sizes.DEFAULT_MEMORY_BUDGET) == 2 * GiB
+    assert parse_size(sizes.DEFAULT_SHARD_SIZE) == 5_000_000_000
+
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("2GiB", 2 * GiB),
+        ("5GB", 5_000_000_000),
+        ("512MiB", 512 * MiB),
+        ("512 MiB", 512 * MiB),
+        (" 1.5kib ", 1536),
+        ("1.5k", 1500),
+        ("4096", 4096),
+        ("4096b", 4096),
+        ("1TiB", 1 << 40),
+        ("2tb", 2 * 10**12),
+        (1024, 1024),
+        ("3m", 3_000_000),
+    ],
+)
+def test_parse_size(text: str | int, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "GiB", "5XB", "-1", "0", "0GiB", "1..5MB", "0.5", "0.1b", 0, -4096, True])
+def test_parse_size_rejects(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(text)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (3 * MiB // 2, "1.50 MiB"),
+        (2 * GiB, "2.00 GiB"),
+        (1 << 40, "1.00 TiB"),
+        (1 << 50, "1024.00 TiB"),
+    ],
+)
+def test_format_size(n: int, text: str) -> None:
+    assert format_size(n) == text
+
+
+def test_format_then_parse_round_trips_within_rounding() -> None:
+    for n in (1, 1000, 123_456, 7 * GiB + 12345):
+        text = format_size(n).replace(" ", "")
+        assert abs(parse_size(text) - n) <= max(1, n * 0.005)
