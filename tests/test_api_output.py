@@ -148,7 +148,7 @@ def test_manifest_records_recipe_hashes_counts_and_timings(hf, tmp_path):
         assert re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
     n_float = sum(t.is_floating_point() for t in base.values())
     assert man["tensors"] == {"merged": n_float, "copied": len(base) - n_float, "tied_aliases": 0}
-    assert {"prepare", "select", "merge", "total"} <= set(man["seconds"])
+    assert {"prepare", "reduce", "merge", "total"} <= set(man["seconds"])
     assert all(isinstance(v, (int, float)) and v >= 0 for v in man["seconds"].values())
     assert man["engine"]["bytes_read"] > 0
     assert man["output"]["files"] == ["model.safetensors"]

@@ -11,6 +11,7 @@ import torch
 import tiesmerge
 from helpers_merge import clone_state, run
 from tiesmerge.engine.executor import Executor, MemorySink
+from tiesmerge.engine.reader import EngineInputs
 from tiesmerge.io.align import align
 from tiesmerge.io.checkpoint import StateDictCheckpoint
 from tiesmerge.methods import DareLinear, DareTies, MagnitudePrune, Ties
@@ -189,7 +190,7 @@ def test_merging_twice_gives_the_same_result() -> None:
 def _executor(base: State, models: list[State], method: Any, **kwargs: Any) -> Executor:
     b = StateDictCheckpoint(clone_state(base), "base")
     ms = [StateDictCheckpoint(clone_state(m), f"m{k}") for k, m in enumerate(models)]
-    return Executor(b, ms, align(b, ms), method, **kwargs)
+    return Executor(EngineInputs(b, tuple(ms)), align(b, ms), method, **kwargs)
 
 
 def _global_thresholds(base: State, models: list[State], density: float) -> list[float]:
@@ -232,12 +233,3 @@ def test_bytes_read_match_the_plan(method: Any, budget: int) -> None:
     assert stats.bytes_read == ex.plan.bytes_per_pass * stats.passes + stats.reduce_bytes + ex.plan.copy_bytes
     assert stats.passes <= ex.plan.passes and stats.reduce_bytes <= ex.plan.reduce_bytes
     assert sum(seen) == stats.bytes_read
-
-
-def test_executor_weights_argument_overrides_the_method() -> None:
-    base, models = family(11)
-    w = (2.0, 0.5, 1.5)
-    ex = _executor(base, models, Ties(density=0.4), weights=torch.tensor(w))
-    sink = MemorySink(ex.alignment.jobs, None)
-    ex.run(sink)
-    assert_same(sink.state, run(base, models, Ties(density=0.4, weights=w)))

@@ -148,9 +148,11 @@ def test_a_sample_bracket_holds_the_threshold_of_a_heterogeneous_scope():
 
 def test_global_merge_makes_one_counting_pass_with_a_sample_bracket(monkeypatch):
     from tiesmerge.engine import executor as ex
+    from tiesmerge.engine import reader, reduce
 
-    monkeypatch.setattr(ex, "SAMPLE_RUNS", 64)
-    monkeypatch.setattr(ex, "SAMPLE_RUN", 256)
+    monkeypatch.setattr(reader, "SAMPLE_RUNS", 64)
+    monkeypatch.setattr(reader, "SAMPLE_RUN", 256)
+    monkeypatch.setattr(reduce, "SAMPLED_NUMEL", 4 * 64 * 256)  # scopes above it are bracketed by a sample
     g = torch.Generator().manual_seed(4)
     base = {"a": torch.randn(300, 256, generator=g).bfloat16(), "b": torch.randn(100, 64, generator=g).bfloat16()}
     models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 0.01).bfloat16() for k, v in base.items()}
@@ -158,7 +160,7 @@ def test_global_merge_makes_one_counting_pass_with_a_sample_bracket(monkeypatch)
     base_ck = StateDictCheckpoint(base, "base")
     model_cks = [StateDictCheckpoint(m, f"m{i}") for i, m in enumerate(models)]
 
-    executor = ex.Executor(base_ck, model_cks, align(base_ck, model_cks), Ties())
+    executor = ex.Executor(reader.EngineInputs(base_ck, tuple(model_cks)), align(base_ck, model_cks), Ties())
     sink = ex.MemorySink(executor.alignment.jobs, None)
     stats = executor.run(sink)
     assert stats.passes == 2 and stats.sample_bytes > 0  # one counting pass + the merge pass
@@ -187,10 +189,10 @@ def test_files_merge_like_state_dicts_mapped_or_read(tmp_path, monkeypatch, mapp
     """Rows are mapped from the files (TIESMERGE_MMAP=0: read into buffers); either way the
     merge equals the in-memory one, bit for bit."""
     from helpers_ckpt import write_hf_dir
-    from tiesmerge.engine import executor
+    from tiesmerge.engine import reader
 
     monkeypatch.setenv("TIESMERGE_MMAP", mapped)
-    monkeypatch.setattr(executor, "_MAP_MIN_BYTES", 1)  # map every chunk, however small
+    monkeypatch.setattr(reader, "_MAP_MIN_BYTES", 1)  # map every chunk, however small
     mapped_rows = []
     real_map = tiesmerge.io.checkpoint.SafetensorsCheckpoint.map_rows
     monkeypatch.setattr(tiesmerge.io.checkpoint.SafetensorsCheckpoint, "map_rows",

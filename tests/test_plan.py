@@ -9,9 +9,15 @@ import tiesmerge
 from tiesmerge.engine import plan as plan_mod
 from tiesmerge.engine.plan import bytes_per_entry, make_plan, rows_per_chunk
 from tiesmerge.io.align import Alignment, TensorJob
+from tiesmerge.methods.base import Reduction, Requirements, TopK
 
 MiB = 1 << 20
 GiB = 1 << 30
+_TRIM = Requirements(trim=TopK(0.2))  # a global trim: counting passes, then the merge
+
+
+def _sum(tau: torch.Tensor, ctx: object) -> torch.Tensor:
+    return tau.sum()
 
 
 # ---------------------------------------------------------------------------------------------- per-entry bytes
@@ -73,7 +79,7 @@ def test_large_tensors_chunk_under_the_budget(n_models: int, budget: int) -> Non
         TensorJob("scale", (), torch.float32, merge=True),
         TensorJob("ids", (1, 4096), torch.int64, merge=False),
     ]
-    plan = make_plan(_alignment(*jobs), n_models, memory_budget=budget, out_dtype=None, selection_passes=2)
+    plan = make_plan(_alignment(*jobs), n_models, _TRIM, memory_budget=budget, out_dtype=None)
     work = budget - plan_mod.FIXED_OVERHEAD
     for job in jobs:
         if not job.merge:
@@ -85,17 +91,17 @@ def test_large_tensors_chunk_under_the_budget(n_models: int, budget: int) -> Non
             assert c.numel * per_entry <= work
     assert len(plan.chunks_by_job["embed"]) > 1
     assert plan.peak_bytes <= budget
-    assert plan.passes == 3
+    assert plan.passes == 2 and plan.pass_names == ("count (trim)", "merge")  # a sampled bracket: one count
     merged_bytes = sum(j.numel * j.dtype.itemsize for j in jobs if j.merge)
     assert plan.bytes_per_pass == merged_bytes * (n_models + 1)
     assert plan.copy_bytes == 4096 * 8
-    assert plan.bytes_to_read == plan.bytes_per_pass * 3 + plan.copy_bytes
+    assert plan.bytes_to_read == plan.bytes_per_pass * 2 + plan.copy_bytes
     assert any("row chunks" in note for note in plan.notes)
 
 
 def test_a_row_larger_than_the_budget_still_gets_one_row_per_chunk() -> None:
     job = TensorJob("wide", (3, 1_000_000), torch.float32, merge=True)
-    plan = make_plan(_alignment(job), 2, memory_budget=4096, out_dtype=None, selection_passes=0)
+    plan = make_plan(_alignment(job), 2, memory_budget=4096, out_dtype=None)
     chunks = plan.chunks_by_job["wide"]
     assert [c.rows for c in chunks] == [slice(0, 1), slice(1, 2), slice(2, 3)]
     # the estimate is honest about exceeding the budget
@@ -105,7 +111,7 @@ def test_a_row_larger_than_the_budget_still_gets_one_row_per_chunk() -> None:
 def test_tiny_budget_keeps_half_for_the_chunk() -> None:
     job = TensorJob("w", (100, 10), torch.float32, merge=True)
     per_entry = bytes_per_entry(2, 4, 4)
-    plan = make_plan(_alignment(job), 2, memory_budget=4096, out_dtype=None, selection_passes=2)
+    plan = make_plan(_alignment(job), 2, _TRIM, memory_budget=4096, out_dtype=None)
     rows = 2048 // (10 * per_entry)
     assert rows >= 1
     assert all(c.numel <= rows * 10 for c in plan.chunks_by_job["w"])
@@ -118,23 +124,24 @@ def test_out_dtype_and_aliases_in_output_bytes() -> None:
         TensorJob("emb", (10, 4), torch.float32, merge=True, aliases=("head",)),
         TensorJob("ids", (5,), torch.int64, merge=False),
     ]
-    plan = make_plan(_alignment(*jobs), 2, memory_budget=GiB, out_dtype=torch.bfloat16, selection_passes=0)
+    plan = make_plan(_alignment(*jobs), 2, memory_budget=GiB, out_dtype=torch.bfloat16)
     assert plan.output_bytes == 40 * 2 * 2 + 5 * 8  # merged tensor twice (alias) in bf16; ids as stored
     assert plan.passes == 1
 
 
 def test_chunked_per_tensor_scope_passes_are_counted() -> None:
     jobs = [TensorJob("big", (64, 32), torch.float32, merge=True), TensorJob("small", (3,), torch.float32, merge=True)]
-    plan = make_plan(_alignment(*jobs), 2, memory_budget=4096, out_dtype=None, selection_passes=0,
-                     chunked_scope_passes=3)
+    per_tensor = Requirements(trim=TopK(0.2), scope="per_tensor", reductions=(Reduction("majority", _sum),))
+    plan = make_plan(_alignment(*jobs), 2, per_tensor, memory_budget=4096, out_dtype=None)
     assert len(plan.chunks_by_job["big"]) > 1 and len(plan.chunks_by_job["small"]) == 1
-    # the chunked tensor is read 3 extra times; the single-chunk one is not
+    # the chunked tensor is read 3 extra times (2 counting passes, 1 for the sum); the single-chunk one is not
     assert plan.reduce_bytes == 64 * 32 * 4 * 3 * 3 and plan.copy_bytes == 0
+    assert plan.pass_names == ("merge",)
 
 
 def test_empty_tensors_plan_one_empty_chunk() -> None:
     jobs = [TensorJob("e", (0, 5), torch.float32, merge=True), TensorJob("f", (5, 0), torch.float32, merge=True)]
-    plan = make_plan(_alignment(*jobs), 2, memory_budget=4096, out_dtype=None, selection_passes=2)
+    plan = make_plan(_alignment(*jobs), 2, _TRIM, memory_budget=4096, out_dtype=None)
     for job in jobs:
         chunks = plan.chunks_by_job[job.name]
         assert len(chunks) == 1 and chunks[0].numel == 0
@@ -203,8 +210,8 @@ def test_every_chunk_fits_the_budget(fused: bool, budget: int, whole: bool) -> N
     jobs = tuple(TensorJob(f"w{i}", shape, torch.bfloat16, True) for i, shape in
                  enumerate([(32000, 4096), (11008, 4096), (4096, 4096), (4096,)]))
     n = 8
-    plan = make_plan(Alignment(jobs), n, memory_budget=budget, out_dtype=None, selection_passes=1,
-                     fused=fused, whole_tensors=whole)
+    req = Requirements(trim=TopK(0.2), scope="per_tensor") if whole else Requirements()
+    plan = make_plan(Alignment(jobs), n, req, memory_budget=budget, out_dtype=None, fused=fused)
     per_entry = bytes_per_entry(n, 2, 2, fused=fused)
     assert sum(j.numel for j in jobs) * 2 * (n + 1) > budget  # the inputs are larger than the budget
     for job in jobs:

@@ -11,7 +11,7 @@ import torch
 import tiesmerge
 from tiesmerge.errors import ConfigError
 from tiesmerge.methods import TaskArithmetic, Ties
-from tiesmerge.tuning import GridPoint, TuningResult, lam_grid, paper_grid, search, tune
+from tiesmerge.tuning import GridPoint, TuningResult, paper_grid, search, steps, tune
 
 PAPER_LAMS = tuple(float(Decimal("0.8") + Decimal("0.1") * i) for i in range(23))
 
@@ -40,13 +40,13 @@ def merges(monkeypatch):
 
 
 def test_lam_grid_exact_decimals():
-    grid = lam_grid(0.8, 3.0, 0.1)
+    grid = steps(0.8, 3.0, 0.1)
     assert len(grid) == 23
     assert grid[0] == 0.8 and grid[-1] == 3.0
     assert grid == PAPER_LAMS  # 0.8 + 0.1 * 3 would be 1.1000000000000003 without rounding
     assert [repr(x) for x in grid[:4]] == ["0.8", "0.9", "1.0", "1.1"]
-    assert lam_grid(0.1, 1.0, 0.1) == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-    assert lam_grid(1.0, 1.0, 0.1) == (1.0,)
+    assert steps(0.1, 1.0, 0.1) == (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    assert steps(1.0, 1.0, 0.1) == (1.0,)
 
 
 def test_paper_grids():

@@ -34,7 +34,7 @@ import yaml
 
 from .errors import ConfigError
 from .io.align import VOCAB_POLICIES
-from .methods.base import MergeMethod
+from .methods.base import MergeMethod, ModelPath, check_models, option_types
 from .recipe_mergekit import is_mergekit, translate_mergekit
 from .registry import METHODS, did_you_mean, make_method
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, parse_size
@@ -187,7 +187,7 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     if isinstance(name, str) and name in METHODS:
         try:
             method = make_method(name, params)
-            problems += method.check(len(paths))
+            problems += check_models(method, len(paths))
         except ConfigError as exc:
             problems += exc.problems
             # unknown options stop make_method before the known ones are checked: check those too,
@@ -195,7 +195,7 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             known = {f.name for f in dataclasses.fields(METHODS[name])}
             if any(k not in known for k in params):
                 try:
-                    problems += make_method(name, {k: v for k, v in params.items() if k in known}).check(len(paths))
+                    problems += check_models(make_method(name, {k: v for k, v in params.items() if k in known}), len(paths))
                 except ConfigError as inner:
                     problems += inner.problems
     if problems:
@@ -248,6 +248,9 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(data.get("stats"), list):
         data["stats"] = [_path(x, path.parent) if isinstance(x, (str, os.PathLike)) else x for x in data["stats"]]
     params = data.get("parameters")
-    if isinstance(params, dict) and isinstance(params.get("sign_from"), (str, os.PathLike)):
-        data["parameters"] = {**params, "sign_from": _path(params["sign_from"], path.parent)}
+    if isinstance(params, dict) and isinstance(data.get("method"), str) and data["method"] in METHODS:
+        # a method's path options (e.g. ties' sign_from) are relative to the recipe's folder too
+        types = option_types(METHODS[data["method"]])
+        data["parameters"] = {k: _path(v, path.parent) if types.get(k) is ModelPath and isinstance(v, (str, os.PathLike))
+                              else v for k, v in params.items()}
     return data

@@ -1,38 +1,95 @@
-"""Method names -> method classes. Built from an explicit list: no registration side effects."""
+"""Method names -> method classes: the built-in methods, listed here, and the methods other
+packages declare, found through the ``tiesmerge.methods`` entry-point group. No import has a
+registration side effect; the table is read afresh, so a package installed (or a test's
+distribution put on ``sys.path``) after start-up is seen.
+
+A package adds a method with one line of its ``pyproject.toml``::
+
+    [project.entry-points."tiesmerge.methods"]
+    my_method = "my_package.my_module:MyMethod"
+
+Everything else follows from the class: ``tiesmerge methods``, the CLI flags, the recipe keys
+and the tuning grid (see CONTRIBUTING.md).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from importlib import metadata
 from typing import Any
 
 from .errors import ConfigError
-from .methods import (
-    Average,
-    DareLinear,
-    DareTies,
-    Fisher,
-    MagnitudePrune,
-    MergeMethod,
-    RegMean,
-    TaskArithmetic,
-    Ties,
-)
+from .methods import Average, DareLinear, DareTies, Fisher, MagnitudePrune, RegMean, TaskArithmetic, Ties
+from .methods.base import MergeMethod, option_types
 
-__all__ = ["METHODS", "method_class", "make_method", "did_you_mean"]
+__all__ = ["METHODS", "BUILTIN", "ENTRY_POINT_GROUP", "method_class", "make_method", "did_you_mean", "check_method_class"]
+
+ENTRY_POINT_GROUP = "tiesmerge.methods"
+BUILTIN: tuple[type, ...] = (Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune, Fisher, RegMean)
 
 
-def _build(classes: list[type]) -> dict[str, type]:
-    table: dict[str, type] = {}
-    for cls in classes:
-        if cls.name in table:
-            raise RuntimeError(f"two methods are named {cls.name!r}")
+def check_method_class(cls: Any, where: str) -> None:
+    """A class the registry can serve: a dataclass with a name, a paper, a summary,
+    ``requirements`` and ``merge``, whose option types the CLI can parse."""
+    missing = [a for a in ("name", "paper", "summary", "requirements", "merge") if not hasattr(cls, a)]
+    if not isinstance(cls, type) or not dataclasses.is_dataclass(cls) or missing:
+        raise ConfigError(f"{where}: {cls!r} is not a merge method"
+                          + (f" (it lacks {', '.join(missing)})" if missing else " (not a dataclass)"),
+                          hint="a method is a class made with tiesmerge.methods.method_config (see CONTRIBUTING.md)")
+    try:
+        option_types(cls)
+    except (TypeError, NameError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _plugins() -> list[tuple[str, type]]:
+    found = []
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        where = f"entry point {entry.name} = {entry.value} (group {ENTRY_POINT_GROUP})"
+        try:
+            cls = entry.load()
+        except Exception as exc:  # a broken plugin names itself instead of breaking every command
+            raise ConfigError(f"{where}: cannot be loaded ({type(exc).__name__}: {exc})",
+                              hint="fix or uninstall the package that declares it") from None
+        check_method_class(cls, where)
+        if cls.name != entry.name:
+            raise ConfigError(f"{where}: the entry point's name must be the method's name {cls.name!r}")
+        found.append((where, cls))
+    return found
+
+
+def _table() -> dict[str, type]:
+    table: dict[str, type] = {cls.name: cls for cls in BUILTIN}
+    for where, cls in _plugins():
+        if cls.name in table and table[cls.name] is not cls:
+            raise ConfigError(f"{where}: a method named {cls.name!r} exists already ({table[cls.name].__module__})",
+                              hint="give the plugin method another name")
         table[cls.name] = cls
     return table
 
 
-METHODS: Mapping[str, type] = _build([Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune, Fisher, RegMean])
+class _Methods(Mapping):
+    """The method table, read afresh on each use (built-ins first, then plugins)."""
+
+    def __getitem__(self, name: str) -> type:
+        return _table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_table())
+
+    def __len__(self) -> int:
+        return len(_table())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in _table()
+
+    def __repr__(self) -> str:
+        return f"METHODS({', '.join(self)})"
+
+
+METHODS: Mapping[str, type] = _Methods()
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -41,13 +98,13 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 
 def method_class(name: str) -> type:
-    try:
-        return METHODS[name]
-    except KeyError:
+    table = _table()
+    if not isinstance(name, str) or name not in table:
         raise ConfigError(
-            f"unknown method {name!r}{did_you_mean(name, list(METHODS))}",
-            hint=f"available methods: {', '.join(METHODS)} (tiesmerge methods lists their options)",
-        ) from None
+            f"unknown method {name!r}{did_you_mean(str(name), list(table))}",
+            hint=f"available methods: {', '.join(table)} (tiesmerge methods lists their options)",
+        )
+    return table[name]
 
 
 def make_method(name: str, options: Mapping[str, Any] | None = None) -> MergeMethod:

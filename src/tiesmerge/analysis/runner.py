@@ -15,20 +15,22 @@ import itertools
 import random
 import re
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from ..engine import kernels
 from ..engine.plan import Chunk, Plan, make_plan
+from ..engine.reader import EngineInputs, Reader
+from ..engine.reduce import Reducer
 from ..engine.select import WindowSelect
-from ..errors import ConfigError, InvalidTensorError
+from ..errors import ConfigError
 from ..io.align import Alignment
 from ..io.checkpoint import Checkpoint
+from ..lazy import torch
 from ..methods import ops
+from ..methods.base import Requirements, TopK
 from . import stats
 
 __all__ = ["AnalysisSettings", "run_analysis", "DEFAULT_CURVE"]
@@ -81,51 +83,10 @@ def _subsets(n: int, per_size: int | None, seed: int) -> dict[int, list[tuple[in
     return chosen
 
 
-class _Stream:
-    """Chunks of the base and every model, raw, with one chunk read ahead on a thread."""
-
-    def __init__(self, base: Checkpoint, models: list[Checkpoint], device: torch.device,
-                 progress: Callable[[int], None]) -> None:
-        self.inputs = [base, *models]
-        self.device = device
-        self.progress = progress
-        self.bytes_read = 0
-
-    def _read(self, chunk: Chunk) -> list[torch.Tensor]:
-        raw = [ckpt.read(chunk.job.name, chunk.rows) for ckpt in self.inputs]
-        nbytes = sum(t.numel() * t.element_size() for t in raw)
-        self.bytes_read += nbytes
-        self.progress(nbytes)
-        return raw
-
-    def task_vectors(self, chunks: list[Chunk]) -> Iterator[tuple[Chunk, torch.Tensor]]:
-        """Yield (chunk, tau (n, E) float32 on the device)."""
-        if not chunks:
-            return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-analyze") as pool:
-            pending = pool.submit(self._read, chunks[0])
-            for i, chunk in enumerate(chunks):
-                raw = pending.result()
-                if i + 1 < len(chunks):
-                    pending = pool.submit(self._read, chunks[i + 1])
-                base32 = raw[0].to(self.device, torch.float32).reshape(1, -1)  # (1, E)
-                tau = torch.empty(len(raw) - 1, base32.shape[1], dtype=torch.float32, device=self.device)  # (n, E)
-                for t, model_raw in enumerate(raw[1:]):
-                    tau[t].copy_(model_raw.reshape(-1))  # widened to float32 in the copy: no temporary
-                tau.sub_(base32)
-                if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
-                    self._raise_not_finite(chunk, raw)
-                yield chunk, tau
-
-    def _raise_not_finite(self, chunk: Chunk, raw: list[torch.Tensor]) -> None:
-        for ckpt, value in zip(self.inputs, raw, strict=True):
-            bad = ~torch.isfinite(value.float())
-            if bool(bad.any()):
-                raise InvalidTensorError(
-                    f"{ckpt.location(chunk.job.name)}: tensor {chunk.job.name!r} {tuple(chunk.job.shape)} holds "
-                    f"{int(bad.sum())} NaN/Inf value(s) in rows {chunk.rows}",
-                    hint="the checkpoint is damaged or was saved after a diverged training step; leave it out")
-        raise InvalidTensorError(f"tensor {chunk.job.name!r}: a task vector overflows float32")
+def _task_vectors(reader: Reader, chunks: Sequence[Chunk]) -> Iterator[tuple[Chunk, torch.Tensor]]:
+    """Yield (chunk, tau (n, E) float32 on the device), read ahead on a thread."""
+    for chunk, payload in reader.stream(chunks):
+        yield chunk, reader.task_vectors(chunk, payload).tau.reshape(reader.n, -1)
 
 
 def _blocks(tau: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -140,19 +101,23 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     started = time.perf_counter()
     n = len(models)
     settings.check(n)
-    plan: Plan = make_plan(alignment, n, memory_budget=memory_budget, out_dtype=torch.float32, selection_passes=2)
+    plan: Plan = make_plan(alignment, n, Requirements(trim=TopK(settings.density)), memory_budget=memory_budget,
+                           out_dtype=torch.float32)
     merged_jobs = [j for j in alignment.jobs if j.merge]
     chunks = [c for j in merged_jobs for c in plan.chunks_by_job[j.name]]
     numel = alignment.merged_numel()
     if numel == 0:
         raise ConfigError("the models have no floating-point tensors to compare")
-    stream = _Stream(base, models, device, progress or (lambda nbytes: None))
+    # the engine's reader: raw rows where the counting kernel can read them, task vectors for the rest
+    reader = Reader(EngineInputs(base, tuple(models)), raw=kernels.available() and device.type == "cpu",
+                    device=device, progress=progress)
+    reducer = Reducer(reader)
     seconds: dict[str, float] = {}
 
     # -- pass 1: magnitude histograms = radix select's first pass + the redundancy curves
     clock = time.perf_counter()
     counts = torch.zeros(n, stats.MAGNITUDE_BINS, dtype=torch.int64, device=device)
-    for _, tau in stream.task_vectors(chunks):
+    for _, tau in _task_vectors(reader, chunks):
         for block in _blocks(tau):
             counts += stats.magnitude_counts(block)
     keep = ops.keep_count(numel, settings.density)
@@ -165,15 +130,9 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
 
     # -- pass 2: inside each model's threshold bin
     clock = time.perf_counter()
-    fused = kernels.available() and device.type == "cpu"  # the engine's numba counting kernel
     while not selector.done:
-        for _, tau in stream.task_vectors(chunks):
-            if fused:  # |tau - 0| = |tau|: zeros as the base, the task vectors as the models
-                flat = tau.reshape(tau.shape[0], -1).contiguous()  # (n, L)
-                rows = [np.zeros(flat.shape[1], np.float32), *flat.numpy()]
-                selector.add_counts(lambda *c, rows=rows: kernels.count_pass(rows, *c))
-            else:
-                selector.observe(tau)
+        for chunk, payload in reader.stream(chunks):
+            reducer.count(selector, chunk, payload)  # the engine's counting kernel on raw rows, or torch
         selector.end_pass()
     thresholds = selector.thresholds().to(device)  # (n,)
     seconds["select"] = time.perf_counter() - clock
@@ -187,7 +146,7 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     groups = 3 * (n + 1)  # influence (0, 1, >1) x agreement (0..n): one joint bincount, marginals at the end
     moments = torch.zeros(3, len(stats.VARIANTS), groups, dtype=torch.float64, device=device)
     per_tensor: dict[str, dict[str, int]] = {}
-    for chunk, tau in stream.task_vectors(chunks):
+    for chunk, tau in _task_vectors(reader, chunks):
         row = per_tensor.setdefault(chunk.job.name, {"numel": 0, "conflicts": 0, "kept_by_two_or_more": 0})
         for block in _blocks(tau):
             kept = stats.kept_mask(block, thresholds)  # (n, B)
@@ -219,7 +178,7 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
                                                 [f"{j}/{n}" for j in range(n + 1)])},
         "engine": {"device": str(device), "memory_budget_bytes": memory_budget,
                    "estimated_peak_bytes": plan.peak_bytes + _block_bytes(n), "passes": 3,
-                   "bytes_read": stream.bytes_read, "chunks_per_pass": len(chunks)},
+                   "bytes_read": reader.bytes_read, "chunks_per_pass": len(chunks)},
     }
     seconds["total"] = time.perf_counter() - started
     data["seconds"] = {k: round(v, 3) for k, v in seconds.items()}

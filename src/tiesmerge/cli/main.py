@@ -20,6 +20,7 @@ from .. import __version__
 from ..api import analyze, describe_plan, merge, plan_merge
 from ..errors import ConfigError, TiesMergeError
 from ..io.align import VOCAB_POLICIES
+from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES, load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, format_size
@@ -117,31 +118,49 @@ writes analysis.json, one PNG per figure and report.html (self-contained: open i
 """
 
 
-def _method_flags(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """Add one flag per method field (union over methods). Returns flag dest -> field name."""
+def _number(text: str) -> int | float:
+    """A flag value for an option whose type differs between methods: an int if it reads as one."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+_FLAG_TYPES: dict[Any, dict[str, Any]] = {
+    float: {"type": float, "metavar": "X"},
+    int: {"type": int, "metavar": "N"},
+    str: {"type": str, "metavar": "TEXT"},
+    ModelPath: {"type": str, "metavar": "DIR"},
+    tuple: {"type": float, "nargs": "+", "metavar": "W"},
+    bool: {"action": argparse.BooleanOptionalAction},
+}
+
+
+def _method_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per method option (the union over the methods), typed by its annotation: an int
+    option gets an int flag, a path a DIR, a per-model tuple one value per model."""
     group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
-    seen: dict[str, str] = {}
+    kinds: dict[str, Any] = {}
+    first: dict[str, dataclasses.Field] = {}
     for cls in METHODS.values():
+        types = option_types(cls)
         for f in dataclasses.fields(cls):
-            if f.name in seen:
-                continue
-            seen[f.name] = f.name
-            flag = "--" + f.name.replace("_", "-")
-            meta = f.metadata
-            kwargs: dict[str, Any] = {"dest": f"opt_{f.name}", "default": argparse.SUPPRESS,
-                                      "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
-            if meta.get("choices"):
-                kwargs["choices"] = meta["choices"]
-            elif f.name in ("weights", "densities"):
-                kwargs.update(type=float, nargs="+", metavar="W")
-            elif f.name == "seed":
-                kwargs.update(type=int, metavar="N")
-            elif f.name == "sign_from":
-                kwargs.update(type=str, metavar="DIR")
+            if f.name in kinds and kinds[f.name] != types[f.name]:
+                kinds[f.name] = "mixed"
             else:
-                kwargs.update(type=float, metavar="X")
-            group.add_argument(flag, **kwargs)
-    return seen
+                kinds.setdefault(f.name, types[f.name])
+                first.setdefault(f.name, f)
+    for name, f in first.items():
+        meta = f.metadata
+        kwargs: dict[str, Any] = {"dest": f"opt_{name}", "default": argparse.SUPPRESS,
+                                  "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
+        if meta.get("choices") and kinds[name] is str:
+            kwargs["choices"] = meta["choices"]
+        elif kinds[name] == "mixed":
+            kwargs.update(type=_number, metavar="X")
+        else:
+            kwargs.update(_FLAG_TYPES[kinds[name]])
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -207,7 +226,8 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--base", required=True, help="the base model")
     t.add_argument("--model", action="append", dest="models", required=True, metavar="PATH", help="a fine-tuned model; repeat")
-    t.add_argument("--method", default="ties", help="ties (default), task_arithmetic, magnitude_prune, dare_ties, dare_linear")
+    t.add_argument("--method", default="ties", help="a method whose options declare a paper grid (tiesmerge methods "
+                                                    "shows it), or any method with --grid axes (default ties)")
     t.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION",
                    help="a function taking a state dict and returning a validation score (higher is better)")
     t.add_argument("--grid", action="append", default=[], metavar="NAME=VALUES",
@@ -246,27 +266,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_grid(items: list[str], method: str) -> dict[str, tuple[float, ...]]:
-    from ..tuning import lam_grid, paper_grid
-
-    grid = dict(paper_grid(method)) if method in ("ties", "task_arithmetic", "magnitude_prune", "dare_ties",
-                                                  "dare_linear") else {}
-    problems = []
-    for item in items:
-        name, _, values = item.partition("=")
-        try:
-            if ":" in values:
-                start, stop, step = (float(x) for x in values.split(":"))
-                grid[name.replace("-", "_")] = lam_grid(start, stop, step)
-            else:
-                grid[name.replace("-", "_")] = tuple(float(x) for x in values.split(","))
-        except ValueError:
-            problems.append(f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step")
-    if problems:
-        raise ConfigError(problems)
-    return grid
-
-
 def _load_callable(spec: str):
     import importlib
 
@@ -282,11 +281,10 @@ def _load_callable(spec: str):
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from ..tuning import tune
+    from ..tuning import parse_grid, tune
 
-    method_class(args.method)  # unknown names fail before anything is read
+    grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
     evaluate = _load_callable(args.evaluator)
-    grid = _parse_grid(args.grid, args.method)
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
@@ -426,14 +424,27 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     for cls in classes:
         print(f"{cls.name}  —  {cls.summary}")
         print(f"  paper: {cls.paper}")
+        types = option_types(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata
             default = "—" if f.default is None else f.default
-            extra = f" one of {'|'.join(meta['choices'])}" if meta.get("choices") else ""
+            kind = {float: "number", int: "integer", str: "text", bool: "true|false", ModelPath: "path",
+                    tuple: "list, one per model"}[types[f.name]]
+            extra = f" one of {'|'.join(meta['choices'])}" if meta.get("choices") else f" ({kind})"
             unit = f" [{meta['unit']}]" if meta.get("unit") else ""
-            print(f"  --{f.name.replace('_', '-'):<12} default {default!s:<8} {meta.get('help', '')}{unit}{extra}")
+            grid = meta.get("grid")
+            searched = f"; tune searches {_axis(grid)}" if grid else ""
+            print(f"  --{f.name.replace('_', '-'):<15} default {default!s:<8} {meta.get('help', '')}{unit}{extra}{searched}")
         print()
     return 0
+
+
+def _axis(values: tuple) -> str:
+    """A grid axis in few characters: 0.8..3.0 step 0.1, or the values themselves."""
+    if len(values) > 4:
+        step = round(values[1] - values[0], 6)
+        return f"{values[0]}..{values[-1]} step {step}"
+    return ", ".join(str(v) for v in values)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

@@ -11,21 +11,33 @@ entries the working set is, at once:
 
 Chunks are also capped at ``SPEED_CHUNK_ENTRIES`` where the scope allows it: larger chunks are
 no faster (reads overlap compute either way) and only cost memory. A per-tensor trimming scope
-keeps a tensor whole when the budget allows, so its threshold is found in memory.
+keeps a tensor whole when the budget allows, so its threshold is found in memory; a method that
+needs whole tensors (exact k, SVD, SLERP) gets them, or an error that names the budget it needs.
+
+The passes come from the method's :class:`~tiesmerge.methods.base.Requirements`: with the
+global scope, one counting pass per cut (two for a small model, which takes no sampled
+bracket), one pass for the reductions, then the merge; with the per-tensor scope, a tensor
+too large for one chunk is read again for its own cuts and reductions before it is merged.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
+from ..errors import ConfigError
 from ..io.align import Alignment, TensorJob
+from ..methods.base import Requirements
+from ..sizes import format_size
 
-__all__ = ["Chunk", "Plan", "bytes_per_entry", "rows_per_chunk", "make_plan"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Chunk", "Plan", "bytes_per_entry", "rows_per_chunk", "make_plan", "SAMPLED_NUMEL"]
 
 FIXED_OVERHEAD = 64 << 20  # histograms, the top-k sample, small buffers: accounted once, not per chunk
 SPEED_CHUNK_ENTRIES = 1 << 23  # chunks beyond this many entries are no faster
+SAMPLED_NUMEL = 1 << 22  # scopes above this many entries get a sampled bracket: one counting pass, not two
 _TEMPORARIES = 10  # float32 (n, E) temporaries of the torch path besides tau: masks, signs, products and
 # what the allocator keeps (measured: 3 undercounted a 256 MiB budget run 2.3x, benchmarks/speed/NOTES.md)
 
@@ -38,16 +50,19 @@ class Chunk:
     numel: int
 
 
-def bytes_per_entry(n_models: int, in_itemsize: int, out_itemsize: int, *, fused: bool = False) -> int:
+def bytes_per_entry(n_models: int, in_itemsize: int, out_itemsize: int, *, fused: bool = False,
+                    extra_inputs: int = 0) -> int:
     """Peak working bytes per tensor entry of one chunk (see the module docstring).
+    ``extra_inputs``: rows read beside the base and the models (a reference model, and the
+    real base when the engine's base stands in for it), each also widened to float32.
 
     >>> bytes_per_entry(3, 2, 2, fused=True)  # bf16 in and out: 2 x 4 inputs x 2 B + 2 x 2 B
     20
     """
-    raw = 2 * (n_models + 1) * in_itemsize  # current + read-ahead
+    raw = 2 * (n_models + 1 + extra_inputs) * in_itemsize  # current + read-ahead
     if fused:  # two output buffers: one being written out while the next chunk is merged
         return raw + 2 * (out_itemsize if out_itemsize in (2, 4) else 4 + out_itemsize)  # float32, then the cast
-    work = (1 + _TEMPORARIES) * n_models * 4  # tau and temporaries, float32
+    work = (1 + _TEMPORARIES) * n_models * 4 + 4 * extra_inputs  # tau and temporaries, float32
     return raw + work + 4 + 4 + out_itemsize  # base32, merged32, output
 
 
@@ -67,35 +82,50 @@ class Plan:
     jobs: tuple[TensorJob, ...]
     bytes_per_pass: int  # bytes read by one pass over every merged tensor (all inputs)
     copy_bytes: int  # bytes of tensors copied from the base
-    passes: int  # passes over the merged tensors (selection + merge)
+    passes: int  # passes over the merged tensors (selection + reductions + merge)
     peak_bytes: int  # estimated peak working memory
     memory_budget: int
     output_bytes: int
     notes: tuple[str, ...] = field(default=())
-
     reduce_bytes: int = 0  # extra reads of per-tensor scopes too large for one chunk (reduced first)
     side_bytes: int = 0  # statistics read beside the models by data-aware methods (Fisher, RegMean)
+    pass_names: tuple[str, ...] = ("merge",)  # what each whole-stream pass does, in order
 
     @property
     def bytes_to_read(self) -> int:
         return self.bytes_per_pass * self.passes + self.reduce_bytes + self.copy_bytes + self.side_bytes
 
 
-def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dtype: torch.dtype | None,
-              selection_passes: int, chunked_scope_passes: int = 0, fused: bool = False,
-              whole_tensors: bool = False, extra_bytes_per_entry: int = 0) -> Plan:
-    """Cut every merged tensor into row chunks under the budget.
+def stream_passes(requirements: Requirements, merged_numel: int) -> tuple[str, ...]:
+    """The whole-stream passes of a merge, named: counting passes for the cuts (global scope),
+    the reductions, then the merge."""
+    names: list[str] = []
+    if requirements.scope == "global":
+        per_cut = 1 if merged_numel > SAMPLED_NUMEL else 2  # a sampled bracket, or a two-pass radix select
+        for cut in requirements.all_cuts:
+            names += [f"count ({cut.name})"] * per_cut
+        if requirements.reductions:
+            names.append("reduce (" + ", ".join(r.name for r in requirements.reductions) + ")")
+    return (*names, "merge")
 
-    ``selection_passes``: whole-stream passes before the merge (2 for a global radix select,
-    +1 for a global majority sign). ``chunked_scope_passes``: extra passes over a per-tensor
-    scope's own chunks when a tensor is too large for one chunk. ``fused``: the fused CPU
-    kernels' working set. ``whole_tensors``: keep tensors whole when the budget allows (a
-    per-tensor trimming scope); otherwise chunks stop at ``SPEED_CHUNK_ENTRIES``.
+
+def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | None = None, *,
+              memory_budget: int, out_dtype: torch.dtype | None, fused: bool = False, extra_inputs: int = 0,
+              extra_bytes_per_entry: int = 0) -> Plan:
+    """Cut every merged tensor into row chunks under the budget, and count the passes.
+
+    ``fused``: the fused CPU kernels merge (their working set). ``extra_inputs``: rows read
+    beside the base and the models (a reference model; the real base beside a stand-in).
     ``extra_bytes_per_entry``: working bytes per entry beyond the usual (row-shaped statistics
     of data-aware methods).
     """
+    req = requirements or Requirements()
     # tiny budgets (tests) keep half for the chunk; real ones set the fixed overhead aside
     work_budget = memory_budget - FIXED_OVERHEAD if memory_budget > 2 * FIXED_OVERHEAD else memory_budget // 2
+    per_tensor_cuts = req.scope == "per_tensor" and bool(req.all_cuts or req.reductions)
+    prefer_whole = req.keeps_tensors_whole or per_tensor_cuts  # found in memory when the budget allows
+    # a tensor too large for one chunk and a per-tensor scope: its own counting and reduction passes first
+    chunked_scope_passes = 2 * len(req.all_cuts) + int(bool(req.reductions)) if per_tensor_cuts else 0
     chunks: dict[str, tuple[Chunk, ...]] = {}
     bytes_per_pass = copy_bytes = output_bytes = peak = extra = 0
     for job in alignment.jobs:
@@ -106,9 +136,16 @@ def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dt
             copy_bytes += job.numel * itemsize
             peak = max(peak, job.numel * itemsize)
             continue
-        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused) + extra_bytes_per_entry
-        budget = work_budget if whole_tensors else min(work_budget, SPEED_CHUNK_ENTRIES * per_entry)
-        rows = rows_per_chunk(job.shape, per_entry, budget)
+        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs) \
+            + extra_bytes_per_entry
+        if req.keeps_tensors_whole and job.numel * per_entry > work_budget:
+            needed = job.numel * per_entry + FIXED_OVERHEAD
+            why = "threshold_ties='sort' (mergekit's exact k)" if req.exact_k else "the method"
+            raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory budget "
+                              f"of {format_size(memory_budget)}, and {why} needs each tensor whole",
+                              hint=f"raise --memory-budget to {format_size(needed)} or more")
+        budget = work_budget if prefer_whole else min(work_budget, SPEED_CHUNK_ENTRIES * per_entry)
+        rows = job.shape[0] if req.keeps_tensors_whole and job.shape else rows_per_chunk(job.shape, per_entry, budget)
         row_entries = job.numel // job.shape[0] if job.shape and job.shape[0] else 0
         if not job.shape:
             pieces = [Chunk(job, None, 0, 1)]
@@ -119,7 +156,7 @@ def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dt
                             (min(r + rows, job.shape[0]) - r) * row_entries)
                       for r in range(0, job.shape[0], rows)]
         chunks[job.name] = tuple(pieces)
-        read = job.numel * itemsize * (n_models + 1)
+        read = job.numel * itemsize * (n_models + 1 + extra_inputs)
         bytes_per_pass += read
         if len(pieces) > 1:
             extra += read * chunked_scope_passes
@@ -128,5 +165,6 @@ def make_plan(alignment: Alignment, n_models: int, *, memory_budget: int, out_dt
     chunked = [name for name, c in chunks.items() if len(c) > 1]
     if chunked:
         notes.append(f"{len(chunked)} tensor(s) merged in row chunks, e.g. {chunked[0]!r} in {len(chunks[chunked[0]])}")
-    return Plan(chunks, alignment.jobs, bytes_per_pass, copy_bytes, selection_passes + 1,
-                peak + FIXED_OVERHEAD, memory_budget, output_bytes, tuple(notes), extra)
+    names = stream_passes(req, alignment.merged_numel())
+    return Plan(chunks, alignment.jobs, bytes_per_pass, copy_bytes, len(names), peak + FIXED_OVERHEAD,
+                memory_budget, output_bytes, tuple(notes), extra, pass_names=names)

@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
+
+from ..lazy import torch
 
 __all__ = ["WindowSelect", "RadixSelect", "kth_largest", "bracket_from_sample", "MAX_FINITE_BITS"]
 
@@ -93,7 +94,7 @@ class WindowSelect:
                  bracket: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         self.keep = np.asarray(keep, dtype=np.int64)
         self.n = len(keep)
-        self.device = torch.device(device)
+        self.device = device  # where the torch path counts (the kernels count on the CPU)
         self.max_bins = int(bins)
         self.lo = np.zeros(self.n, np.uint32)
         self.hi = np.full(self.n, MAX_FINITE_BITS, np.uint32)
@@ -223,12 +224,17 @@ class WindowSelect:
                 self.lo[t], self.hi[t] = smallest, largest
         self._window_changed()
 
-    def thresholds(self) -> torch.Tensor:
+    def thresholds_array(self) -> np.ndarray:
         """(n,) float32: keep entries with |tau| >= threshold; +inf where nothing is kept."""
         if not self.done:
             raise RuntimeError("WindowSelect.thresholds() before the passes finished")
-        values = torch.from_numpy(self._bits.view(np.float32).copy())
-        return values.masked_fill_(torch.from_numpy(self.keep <= 0), float("inf"))
+        values = self._bits.view(np.float32).copy()
+        values[self.keep <= 0] = np.inf
+        return values
+
+    def thresholds(self) -> torch.Tensor:
+        """:meth:`thresholds_array` as a torch tensor."""
+        return torch.from_numpy(self.thresholds_array())
 
 
 RadixSelect = WindowSelect  # the bracket-free form is the classic two-pass radix select

@@ -12,13 +12,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import torch
-
 from ..errors import IncompatibleCheckpointsError, InvalidTensorError
 from ..io.align import Alignment, TensorJob
 from ..io.checkpoint import Checkpoint
+from ..lazy import torch
 from ..methods.base import SideInput
 from .plan import Chunk, Plan
+from .reduce import rms_scales
 
 __all__ = ["SideInputs"]
 
@@ -39,7 +39,7 @@ class SideInputs:
         self.names: list[dict[str, str]] = [self._validate(k, s, models[k]) for k, s in enumerate(stats)]
         self.missing = sorted({name for k in range(len(stats)) for name, job in self._jobs.items()
                                if name not in self.names[k] and self.expected_shape(job) is not None})
-        self.scales = self._rms_scales() if spec.normalize == "rms" else [1.0] * len(stats)
+        self.scales = rms_scales(spec.kind, stats, self.names) if spec.normalize == "rms" else [1.0] * len(stats)
         self._cached: tuple[str, torch.Tensor | None] | None = None  # whole Gram matrices of the last job
         self.bytes_read = 0  # by the merge pass
 
@@ -77,21 +77,6 @@ class SideInputs:
                 f"{stats.label}: holds no statistic for any tensor of model {k} ({model.label})",
                 hint="the statistics belong to another model; recompute them with this model")
         return found
-
-    def _rms_scales(self) -> list[float]:
-        """1 / (root mean square of each model's statistics over the whole model): one streaming pass."""
-        scales = []
-        for k, stats in enumerate(self.stats):
-            total, count = 0.0, 0
-            for stored in self.names[k].values():
-                value = stats.read(stored)
-                total += float(value.double().pow(2).sum())
-                count += value.numel()
-            if not total > 0:
-                raise InvalidTensorError(f"{stats.label}: every {self.spec.kind} value is 0, so it cannot be "
-                                         "normalized by its scale", hint="use normalize: none, or recompute them")
-            scales.append((total / count) ** -0.5)
-        return scales
 
     # ------------------------------------------------------------------ reading
     def read(self, chunk: Chunk) -> torch.Tensor | None:

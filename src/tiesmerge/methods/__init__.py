@@ -1,7 +1,20 @@
 """Merge methods: frozen dataclasses of pure tensor math. See :mod:`tiesmerge.methods.base`."""
 
 from .average import Average
-from .base import ChunkContext, DataAwareMethod, MergeMethod, SideInput, TrimSpec
+from .base import (
+    ChunkContext,
+    Cut,
+    LinearKernel,
+    MergeMethod,
+    ModelPath,
+    Reduction,
+    Requirements,
+    SideInput,
+    TiesKernel,
+    TopK,
+    method_config,
+    option,
+)
 from .dare import DareLinear, DareTies
 from .fisher import Fisher
 from .magnitude_prune import MagnitudePrune
@@ -12,15 +25,22 @@ from .ties import Ties
 __all__ = [
     "Average",
     "ChunkContext",
+    "Cut",
     "DareLinear",
     "DareTies",
-    "DataAwareMethod",
     "Fisher",
+    "LinearKernel",
     "MagnitudePrune",
     "MergeMethod",
+    "ModelPath",
+    "Reduction",
     "RegMean",
+    "Requirements",
     "SideInput",
     "TaskArithmetic",
     "Ties",
-    "TrimSpec",
+    "TiesKernel",
+    "TopK",
+    "method_config",
+    "option",
 ]

@@ -1,43 +1,93 @@
-"""What a merge method is, as the engine sees it.
+"""What a merge method is, as the engine sees it: one declaration, one pure function.
 
-A method is a frozen dataclass (its fields are at once the config schema, the CLI flags,
-the recipe keys and the tuning space) with a ``merge`` that maps one chunk of stacked task
-vectors to one chunk of the merged task vector. Methods never read files: the engine feeds
-them, and computes the global quantities they ask for (trim thresholds, majority sign) in
-reduction passes over the same stream before the merge pass.
+A method is a frozen dataclass made with :func:`method_config`. Its fields, declared with
+:func:`option`, are at once its config schema, its CLI flags, its recipe keys and its tuning
+space: their annotations give the flag types (``float``, ``int``, ``str``, a tuple of floats
+one per model, or a :data:`ModelPath`), their metadata the help, unit, choices and checks.
+
+It says once, in ``requirements()``, what it needs (:class:`Requirements`: cuts by magnitude,
+sums over the stream, statistics, a reference model, whole tensors, the base's values, a fused
+CPU kernel that computes it exactly), and the engine provides exactly that in the
+:class:`ChunkContext` of each ``merge(tau, ctx)`` call, which maps one chunk of stacked task
+vectors ``(n, *S)`` to one chunk of the merged task vector ``(*S)``. Methods never read files
+and the engine never asks a method anything else: adding a method is one module.
+
+Nothing here imports torch: ``tiesmerge methods``, ``--help`` and ``validate`` start without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
+import types as types_module
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, NewType, Protocol, runtime_checkable
 
-import torch
+from ..errors import ConfigError
 
-__all__ = ["ChunkContext", "TrimSpec", "SideInput", "MergeMethod", "DataAwareMethod", "option", "check_choice",
-           "check_weights", "check_densities"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "ModelPath", "SCOPES", "TopK", "Cut", "Reduction", "SideInput", "TiesKernel", "LinearKernel", "Requirements",
+    "ChunkContext", "MergeMethod", "method_config", "option", "option_types", "paper_grid", "check_options", "check_models",
+    "steps", "fraction", "probability", "unit_interval", "finite", "positive", "non_negative_int", "nonzero_sum",
+]
+
+ModelPath = NewType("ModelPath", str)  # a field holding a model directory: a path flag, resolved like a path
+SCOPES = ("global", "per_tensor")  # where cuts and reductions run: each model's whole model, or each tensor
+
+
+# ---------------------------------------------------------------------------------------------- declarations
 
 
 @dataclass(frozen=True)
-class TrimSpec:
-    """A method trims each task vector to its top ``density`` fraction by magnitude."""
+class TopK:
+    """Each model's top ``density`` fraction of entries by |tau| over the scope.
+
+    The engine finds the exact threshold per model (ties at the threshold kept) and hands it
+    to ``merge``; ``densities`` (one per model) override ``density``.
+    """
 
     density: float
-    scope: str  # "global": one threshold per model over its whole model; "per_tensor"
-    densities: tuple[float, ...] | None = None  # per model, overriding density (mergekit's per-model density)
-    at_least_one: bool = False  # mergekit's exact-k rule keeps max(1, k) entries of a non-empty tensor
+    densities: tuple[float, ...] | None = None
 
-    def keep_counts(self, numel: int, n_models: int) -> list[int]:
-        """Entries each model keeps of a trim scope of ``numel`` entries."""
-        from .ops import keep_count  # ops imports nothing of ours; imported here to keep base.py first
+    def keep_counts(self, numel: int, n_models: int, *, at_least_one: bool = False) -> list[int]:
+        """Entries each model keeps of a scope of ``numel`` entries (``at_least_one``: mergekit's
+        exact-k rule keeps max(1, k) of a non-empty tensor)."""
+        from .ops import keep_count  # exact rational arithmetic; ops is pure math
 
-        # models past the per-model densities (a TIES sign_from reference, streamed last and never
-        # trimmed) take the common density: every streamed input gets a count
-        densities = (tuple(self.densities or ()) + (self.density,) * n_models)[:n_models]
+        densities = self.densities if self.densities is not None else (self.density,) * n_models
         counts = [keep_count(numel, d) for d in densities]
-        return [max(1, k) if self.at_least_one and numel else k for k in counts]
+        return [max(1, k) if at_least_one and numel else k for k in counts]
+
+
+@dataclass(frozen=True)
+class Cut:
+    """A further cut by magnitude beside the trim, handed to ``merge`` as ``ctx.cuts[name]``
+    (e.g. Breadcrumbs' outliers: the top ``beta`` fraction that it drops)."""
+
+    name: str
+    top: TopK
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A sum over the scope, computed in a pass after the cuts and before the merge.
+
+    ``per_chunk(tau, ctx)`` returns one chunk's partial sum (a tensor of any fixed shape; the
+    context holds the cuts); the engine adds the partial sums in float64 over the scope and
+    hands ``finish(total)`` to ``merge`` as ``ctx.reduced[name]``. TIES's majority sign is
+    one: the sign of the summed elected signs.
+    """
+
+    name: str
+    per_chunk: Callable[[torch.Tensor, ChunkContext], torch.Tensor]
+    finish: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -47,8 +97,8 @@ class SideInput:
     kind:      the statistics kind every model's statistics must hold ("fisher" or "gram").
     rows:      True: a statistic has its parameter's shape and the engine reads the chunk's
                rows of it; False: one (in, in) matrix per 2-D parameter, read whole.
-    normalize: "none", or "rms": the engine divides each model's statistics by their root
-               mean square over the whole model (a reduction pass over the statistics files).
+    normalize: "none", or "rms": each model's statistics are divided by their root mean
+               square over the whole model (a reduction pass over the statistics files).
     """
 
     kind: str
@@ -57,110 +107,288 @@ class SideInput:
 
 
 @dataclass(frozen=True)
-class ChunkContext:
-    """What the engine knows about the chunk it hands to ``merge``.
+class TiesKernel:
+    """The fused CPU kernel computes ``base + lam * TIES(tau)`` exactly as ``merge`` does
+    (same float32 operations, same order): the engine may run it instead of ``merge``.
+    ``majority_from``: the reduction whose value fills zero votes (``zero_sign="majority"``)."""
 
-    thresholds: (n,) magnitude at or above which model t's entries are kept, or None.
-    majority:   sign (+1/-1/0) of the summed elected signs over the trim scope, or None.
-    weights:    (n,) per-model weights, or None for all ones.
-    keep:       (n,) how many entries each model keeps, given when the chunk is its whole trim
-                scope (per-tensor trimming of a tensor held in one chunk), else None.
-    stream:     a stable integer for (tensor name); with ``offset`` (flat index of the chunk's
-                first entry in its tensor) it addresses the counter-based random numbers.
-    side:       data-aware methods only: one float32 statistic per model, stacked (n, ...) —
-                the chunk's rows of a Fisher diagonal, or a whole (in, in) Gram matrix — or
-                None when some model has no statistic for this tensor (the method averages).
+    lam: float
+    elect: str
+    zero_sign: str
+    aggregate: str
+    majority_from: str | None = None
+
+
+@dataclass(frozen=True)
+class LinearKernel:
+    """The fused CPU kernel computes ``base + post(sum_t c_t tau_t)`` exactly as ``merge``
+    does: ``coefficients`` c (None: 1 each), then ``* scale``, or ``/ n`` with ``mean``
+    (the mean over the n models, as ``tau.mean(0)`` computes it)."""
+
+    coefficients: tuple[float, ...] | None = None
+    scale: float = 1.0
+    mean: bool = False
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """Everything a method needs from the engine, with the defaults of a plain elementwise method.
+
+    trim:          a cut by magnitude -> ``ctx.thresholds`` (n,); ``cuts`` more of them.
+    scope:         where cuts and reductions run: "global" (each model's whole model, the
+                   paper) or "per_tensor" (mergekit, PEFT).
+    exact_k:       keep exactly max(1, k) entries per tensor in sort order -> ``ctx.keep``
+                   (n,) (mergekit's trim); needs whole tensors and the per-tensor scope.
+    reductions:    sums over the scope -> ``ctx.reduced[name]``.
+    statistics:    per-model statistics -> ``ctx.statistics``.
+    reference:     a model read beside the others -> ``ctx.reference`` = theta_ref - theta_base
+                   over the real base (also when adapters merge against a zero base): never
+                   trimmed, weighted or merged, recorded under its own name in the manifest.
+    whole_tensors: every tensor in one chunk (SVD, SLERP, angles): planned whole, and a tensor
+                   too large for the memory budget is an error naming the budget it needs.
+    base_values:   ``ctx.base`` = the base's values (float32), not only tau.
+    weights:       per-model weights -> ``ctx.weights`` (n,).
+    kernel:        a fused CPU kernel that computes this merge bit for bit (else torch only).
     """
 
-    thresholds: torch.Tensor | None = None
-    majority: float | None = None
-    weights: torch.Tensor | None = None
-    stream: int = 0
+    trim: TopK | None = None
+    cuts: tuple[Cut, ...] = ()
+    scope: str = "global"
+    exact_k: bool = False
+    reductions: tuple[Reduction, ...] = ()
+    statistics: SideInput | None = None
+    reference: str | None = None
+    whole_tensors: bool = False
+    base_values: bool = False
+    weights: tuple[float, ...] | None = None
+    kernel: TiesKernel | LinearKernel | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.scope not in SCOPES:
+            problems.append(f"scope={self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.exact_k and (self.trim is None or self.scope != "per_tensor"):
+            problems.append("exact k (threshold_ties='sort', mergekit's trim) needs a trim and scope='per_tensor'")
+        names = [c.name for c in self.cuts] + [r.name for r in self.reductions]
+        if len(set(names)) != len(names):
+            problems.append(f"cut and reduction names must differ, got {names}")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def keeps_tensors_whole(self) -> bool:
+        """Whether each tensor is planned as one chunk (declared, or implied by exact k)."""
+        return self.whole_tensors or self.exact_k
+
+    @property
+    def all_cuts(self) -> tuple[Cut, ...]:
+        """The trim (named "trim") and the further cuts, in the order they are selected."""
+        return ((Cut("trim", self.trim),) if self.trim is not None else ()) + self.cuts
+
+
+@dataclass(frozen=True)
+class ChunkContext:
+    """What the engine hands to ``merge`` with one chunk: exactly what the method required.
+
+    name, shape:  the tensor's name and whole shape (a chunk holds rows of it); offset: flat
+                  index of the chunk's first entry in the tensor; stream: a stable 32-bit id of
+                  the name (with offset it addresses counter-based random numbers).
+    thresholds:   (n,) keep |tau| >= thresholds[t] (+inf keeps nothing); cuts: the same per cut.
+    reduced:      each reduction's finished value.
+    weights:      (n,) per-model weights, or None for all ones.
+    keep:         (n,) entries each model keeps (exact k; the chunk is the whole tensor).
+    statistics:   (n, ...) float32: the chunk's rows of each model's Fisher diagonal, or each
+                  model's whole (in, in) Gram matrix; None where some model has none.
+    reference:    (*S) float32 theta_ref - theta_base.
+    base:         (*S) float32 base values.
+    """
+
+    name: str = ""
+    shape: tuple[int, ...] = ()
     offset: int = 0
-    keep: torch.Tensor | None = None  # (n,) entries kept per model when the chunk is a whole trim scope
-    side: torch.Tensor | None = None
+    stream: int = 0
+    thresholds: torch.Tensor | None = None
+    cuts: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    reduced: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    weights: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    statistics: torch.Tensor | None = None
+    reference: torch.Tensor | None = None
+    base: torch.Tensor | None = None
 
 
 @runtime_checkable
 class MergeMethod(Protocol):
+    """A method config: ``name``, ``paper``, ``summary``, ``requirements()`` and ``merge``."""
+
     name: ClassVar[str]
     paper: ClassVar[str]
     summary: ClassVar[str]
 
-    def trim_spec(self) -> TrimSpec | None: ...
-
-    def needs_majority_sign(self) -> bool: ...
-
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float: ...
+    def requirements(self) -> Requirements: ...
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor: ...
 
-    def check(self, n_models: int) -> list[str]: ...
+
+# ---------------------------------------------------------------------------------------------- options and checks
+
+Check = Callable[[Any], "str | None"]  # a value -> what is wrong with it, or None
+OPTION_TYPES = (float, int, str, bool, ModelPath, tuple)  # what a field's annotation may be (None allowed)
 
 
-@runtime_checkable
-class DataAwareMethod(MergeMethod, Protocol):
-    """A method that also merges with per-model statistics computed from data (tiesmerge.stats)."""
-
-    def side_input(self) -> SideInput: ...
-
-
-def option(default: Any, help: str, *, unit: str = "", choices: tuple[str, ...] = ()) -> Any:
-    """A method field with its help text, unit and choices, read by the CLI and `tiesmerge methods`."""
-    return field(default=default, metadata={"help": help, "unit": unit, "choices": choices})
-
-
-def check_choice(problems: list[str], method: str, name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        problems.append(f"{method}: {name}={value!r} is not one of {', '.join(choices)}")
+def option(default: Any, help: str, *, unit: str = "", choices: tuple[str, ...] = (), check: Check | None = None,
+           per_model: bool = False, check_all: Check | None = None, grid: tuple[Any, ...] = ()) -> Any:
+    """A method field: its default, help text, unit and choices (read by the CLI, ``tiesmerge
+    methods`` and the recipe), the ``check`` its value must pass, ``per_model``: a tuple of
+    floats with one value per model (each passing ``check``, the whole passing ``check_all``),
+    or None; and ``grid``: the values the method's paper searched on validation data (the
+    default axis of ``tiesmerge tune``)."""
+    return field(default=default, metadata={"help": help, "unit": unit, "choices": choices, "check": check,
+                                            "per_model": per_model, "check_all": check_all, "grid": tuple(grid)})
 
 
-def check_finite(problems: list[str], method: str, name: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        problems.append(f"{method}: {name} must be a finite number, got {value!r}")
+def paper_grid(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The validation grid the method declares on its options (empty if none)."""
+    return {f.name: f.metadata["grid"] for f in dataclasses.fields(cls) if f.metadata.get("grid")}
 
 
-def check_fraction(problems: list[str], method: str, name: str, value: object, *, closed_low: bool = False,
-                   closed_high: bool = True) -> None:
-    """value in (0, 1] by default."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = (value >= 0 if closed_low else value > 0) and (value <= 1 if closed_high else value < 1)
-    if not ok:
-        lo, hi = "[" if closed_low else "(", "]" if closed_high else ")"
-        problems.append(f"{method}: {name} must be a fraction in {lo}0, 1{hi}, got {value!r}"
-                        + (" (it is a fraction, not a percent)" if isinstance(value, (int, float)) and value > 1 else ""))
+@functools.cache
+def option_types(cls: type) -> dict[str, Any]:
+    """Each option's type from its annotation, one of :data:`OPTION_TYPES` (``X | None`` gives
+    X; ``tuple[float, ...]`` gives tuple): what the CLI flag parses and the tuner sweeps."""
+    hints = typing.get_type_hints(cls)
+    types: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+            typing.Union, types_module.UnionType) else [hint]
+        kind = typing.get_origin(args[0]) or args[0] if len(args) == 1 else None
+        if kind not in OPTION_TYPES:
+            raise TypeError(f"{cls.__name__}.{f.name}: options are float, int, str, bool, ModelPath or "
+                            f"tuple[float, ...] (optionally | None), not {hint}")
+        types[f.name] = kind
+    return types
 
 
-def check_weights(problems: list[str], method: str, weights: object, n_models: int | None) -> None:
-    if weights is None:
-        return
-    if not isinstance(weights, tuple) or not all(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights
-    ):
-        problems.append(f"{method}: weights must be a list of finite numbers, got {weights!r}")
-        return
-    if n_models is not None and len(weights) != n_models:
-        problems.append(f"{method}: {len(weights)} weights given for {n_models} models")
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_densities(problems: list[str], method: str, densities: object, n_models: int | None) -> None:
-    """Per-model densities: one fraction in (0, 1] per model, or None."""
-    if densities is None:
-        return
-    if not isinstance(densities, tuple):
-        problems.append(f"{method}: densities must be a list of fractions, got {densities!r}")
-        return
-    for d in densities:
-        check_fraction(problems, method, "densities", d)
-    if n_models is not None and len(densities) != n_models:
-        problems.append(f"{method}: {len(densities)} densities given for {n_models} models")
+def finite(value: Any) -> str | None:
+    return None if _number(value) else "must be a finite number"
 
 
-def as_tuple(value: Any) -> Any:
-    """Lists from YAML or the CLI become tuples, so configs stay hashable and frozen."""
-    return tuple(value) if isinstance(value, list) else value
+def positive(value: Any) -> str | None:
+    return None if _number(value) and value > 0 else "must be a positive, finite number"
 
 
-def fields_of(method_cls: type) -> list[dataclasses.Field]:
-    return list(dataclasses.fields(method_cls))
+def fraction(value: Any) -> str | None:
+    """(0, 1]: a density, the fraction kept."""
+    if _number(value) and 0 < value <= 1:
+        return None
+    return "must be a fraction in (0, 1]" + (" (it is a fraction, not a percent)" if _number(value) and value > 1 else "")
+
+
+def probability(value: Any) -> str | None:
+    """[0, 1): e.g. a drop rate (1 would drop everything)."""
+    return None if _number(value) and 0 <= value < 1 else "must be a fraction in [0, 1)"
+
+
+def unit_interval(value: Any) -> str | None:
+    return None if _number(value) and 0 <= value <= 1 else "must be a number in [0, 1]"
+
+
+def non_negative_int(value: Any) -> str | None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return None if ok else "must be a non-negative integer"
+
+
+def nonzero_sum(values: tuple) -> str | None:
+    """Per-model weights that are normalised by their sum."""
+    return "must not sum to 0" if sum(values) == 0 else None
+
+
+_TYPE_CHECKS: dict[Any, Check] = {
+    float: finite,
+    int: lambda v: None if isinstance(v, int) and not isinstance(v, bool) else "must be an integer",
+    bool: lambda v: None if isinstance(v, bool) else "must be true or false",
+    str: lambda v: None if isinstance(v, str) else "must be a string",
+    ModelPath: lambda v: None if isinstance(v, str) and v else "must be the path of a model directory",
+}
+
+
+def steps(start: float, stop: float, step: float) -> tuple[float, ...]:
+    """An inclusive grid, rounded so that 0.8 + 0.1 * k prints as it should (a tuning axis).
+
+    >>> steps(0.8, 1.0, 0.1)
+    (0.8, 0.9, 1.0)
+    """
+    count = int(round((stop - start) / step)) + 1
+    return tuple(round(start + i * step, 6) for i in range(count))
+
+
+def method_config(cls: type) -> type:
+    """Make ``cls`` a method config: a frozen dataclass whose options are normalised (lists to
+    tuples, path-like objects to str) and checked when it is built, every problem at once, and
+    whose ``requirements()`` is checked too (a contradictory declaration fails here, not in
+    the middle of a merge)."""
+
+    def __post_init__(self: Any) -> None:
+        check_options(self)
+
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+    return dataclass(frozen=True)(cls)
+
+
+def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
+    """What is wrong with one option's (normalised) value, or None."""
+    meta = f.metadata
+    if meta.get("per_model"):
+        if not isinstance(value, tuple) or not value:
+            return f"must be a list with one value per model, got {value!r}"
+        for v in value:
+            why = meta["check"](v) if meta.get("check") else finite(v)
+            if why:
+                return f"{why}, got {v!r} in {list(value)}"
+        why = meta["check_all"](value) if meta.get("check_all") else None
+        return f"{why}, got {list(value)}" if why else None
+    if meta.get("choices"):
+        ok = isinstance(value, str) and value in meta["choices"]
+        return None if ok else f"={value!r} is not one of {', '.join(meta['choices'])}"
+    why = meta["check"](value) if meta.get("check") else _TYPE_CHECKS[kind](value)  # a check includes the type's
+    return f"{why}, got {value!r}" if why else None
+
+
+def check_options(method: Any) -> None:
+    """Normalise and check every option of ``method`` (see :func:`option`); raise one ConfigError."""
+    problems: list[str] = []
+    kinds = option_types(type(method))
+    for f in dataclasses.fields(method):
+        value = getattr(method, f.name)
+        if isinstance(value, list):
+            value = tuple(value)
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        object.__setattr__(method, f.name, value)
+        if value is None and f.default is None:
+            continue
+        why = _problem(f, kinds[f.name], value)
+        if why:
+            problems.append(f"{method.name}: {f.name}{'' if why.startswith('=') else ' '}{why}")
+    if not problems:
+        try:
+            method.requirements()
+        except ConfigError as exc:
+            problems += [f"{method.name}: {p}" for p in exc.problems]
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_models(method: Any, n_models: int) -> list[str]:
+    """Problems of ``method`` with ``n_models`` models: per-model options of another length."""
+    problems = []
+    for f in dataclasses.fields(method):
+        value = getattr(method, f.name)
+        if f.metadata.get("per_model") and isinstance(value, tuple) and len(value) != n_models:
+            problems.append(f"{method.name}: {len(value)} {f.name} given for {n_models} models")
+    return problems

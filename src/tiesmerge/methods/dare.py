@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from ..errors import ConfigError
+from ..lazy import torch
 from . import ops
-from .base import ChunkContext, as_tuple, check_choice, check_finite, check_fraction, check_weights, option
+from .base import (
+    ChunkContext,
+    Requirements,
+    finite,
+    method_config,
+    non_negative_int,
+    option,
+    probability,
+    steps,
+)
 from .ties import AGGREGATES, ELECT_RULES
 
 _DARE_PAPER = "https://arxiv.org/abs/2311.03099"
+_DROP_GRID, _LAM_GRID = (0.7, 0.8, 0.9), steps(0.5, 2.0, 0.1)
 
 
 def _dare(tau: torch.Tensor, drop_rate: float, seed: int, ctx: ChunkContext) -> torch.Tensor:
@@ -29,13 +36,7 @@ def _dare(tau: torch.Tensor, drop_rate: float, seed: int, ctx: ChunkContext) -> 
     return ops.dare_drop(tau, drop_rate, uniforms)
 
 
-def _check_dare(problems: list[str], name: str, drop_rate: object, seed: object) -> None:
-    check_fraction(problems, name, "drop_rate", drop_rate, closed_low=True, closed_high=False)
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        problems.append(f"{name}: seed must be a non-negative integer, got {seed!r}")
-
-
-@dataclass(frozen=True)
+@method_config
 class DareLinear:
     """theta = base + lam * sum_t w_t dare(tau_t)."""
 
@@ -43,33 +44,16 @@ class DareLinear:
     paper: ClassVar[str] = _DARE_PAPER
     summary: ClassVar[str] = "randomly drop task-vector entries, rescale the rest, then sum"
 
-    drop_rate: float = option(0.9, "probability of dropping each task-vector entry", unit="probability, [0, 1)")
-    lam: float = option(1.0, "scale of the summed task vectors (lambda)", unit="multiplier")
-    seed: int = option(0, "seed of the counter-based random numbers", unit="integer")
-    weights: tuple[float, ...] | None = option(None, "per-model weights multiplying each task vector", unit="one per model")
+    drop_rate: float = option(0.9, "probability of dropping each task-vector entry", unit="probability, [0, 1)",
+                              check=probability, grid=_DROP_GRID)
+    lam: float = option(1.0, "scale of the summed task vectors (lambda)", unit="multiplier", check=finite,
+                        grid=_LAM_GRID)
+    seed: int = option(0, "seed of the counter-based random numbers", unit="integer", check=non_negative_int)
+    weights: tuple[float, ...] | None = option(None, "per-model weights multiplying each task vector",
+                                               unit="one per model", per_model=True)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", as_tuple(self.weights))
-        problems: list[str] = []
-        _check_dare(problems, self.name, self.drop_rate, self.seed)
-        check_finite(problems, self.name, "lam", self.lam)
-        check_weights(problems, self.name, self.weights, None)
-        if problems:
-            raise ConfigError(problems)
-
-    def check(self, n_models: int) -> list[str]:
-        problems: list[str] = []
-        check_weights(problems, self.name, self.weights, n_models)
-        return problems
-
-    def trim_spec(self) -> None:
-        return None
-
-    def needs_majority_sign(self) -> bool:
-        return False
-
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
-        raise NotImplementedError("dare_linear elects no sign")
+    def requirements(self) -> Requirements:
+        return Requirements(weights=self.weights)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         dropped = _dare(tau, self.drop_rate, self.seed, ctx)  # (n, *S)
@@ -78,7 +62,7 @@ class DareLinear:
         return dropped.sum(dim=0).mul_(self.lam)
 
 
-@dataclass(frozen=True)
+@method_config
 class DareTies:
     """theta = base + lam * disjoint_aggregate(dare(tau), elect(dare(tau))): DARE in place of
     TIES's magnitude trim. An exact-zero vote elects 0 (as TIES's default)."""
@@ -87,37 +71,18 @@ class DareTies:
     paper: ClassVar[str] = _DARE_PAPER
     summary: ClassVar[str] = "randomly drop and rescale, then TIES's sign election and disjoint mean"
 
-    drop_rate: float = option(0.9, "probability of dropping each task-vector entry", unit="probability, [0, 1)")
-    lam: float = option(1.0, "scale of the merged task vector (lambda)", unit="multiplier")
-    seed: int = option(0, "seed of the counter-based random numbers", unit="integer")
+    drop_rate: float = option(0.9, "probability of dropping each task-vector entry", unit="probability, [0, 1)",
+                              check=probability, grid=_DROP_GRID)
+    lam: float = option(1.0, "scale of the merged task vector (lambda)", unit="multiplier", check=finite,
+                        grid=_LAM_GRID)
+    seed: int = option(0, "seed of the counter-based random numbers", unit="integer", check=non_negative_int)
     elect: str = option("mass", "sign election: total mass or count of signs", choices=ELECT_RULES)
     aggregate: str = option("mean", "how agreeing values combine", choices=AGGREGATES)
-    weights: tuple[float, ...] | None = option(None, "per-model weights, as in ties", unit="one per model")
+    weights: tuple[float, ...] | None = option(None, "per-model weights, as in ties", unit="one per model",
+                                               per_model=True)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", as_tuple(self.weights))
-        problems: list[str] = []
-        _check_dare(problems, self.name, self.drop_rate, self.seed)
-        check_finite(problems, self.name, "lam", self.lam)
-        check_choice(problems, self.name, "elect", self.elect, ELECT_RULES)
-        check_choice(problems, self.name, "aggregate", self.aggregate, AGGREGATES)
-        check_weights(problems, self.name, self.weights, None)
-        if problems:
-            raise ConfigError(problems)
-
-    def check(self, n_models: int) -> list[str]:
-        problems: list[str] = []
-        check_weights(problems, self.name, self.weights, n_models)
-        return problems
-
-    def trim_spec(self) -> None:
-        return None
-
-    def needs_majority_sign(self) -> bool:
-        return False
-
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
-        raise NotImplementedError("dare_ties resolves zero votes to 0")
+    def requirements(self) -> Requirements:
+        return Requirements(weights=self.weights)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         dropped = _dare(tau, self.drop_rate, self.seed, ctx)  # (n, *S)

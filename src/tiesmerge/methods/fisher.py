@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
+from .base import ChunkContext, Requirements, SideInput, method_config, option, positive
 
-from ..errors import ConfigError
-from .base import ChunkContext, SideInput, check_choice, option
+if TYPE_CHECKING:
+    import torch
 
 NORMALIZATIONS = ("none", "rms")
 
 
-@dataclass(frozen=True)
+@method_config
 class Fisher:
     """theta = sum_t F_t theta_t / sum_t F_t, per entry, with F_t floored at ``epsilon``.
 
@@ -33,37 +31,16 @@ class Fisher:
     summary: ClassVar[str] = "Fisher merging: each entry a mean of the models weighted by their diagonal Fisher"
 
     epsilon: float = option(1e-6, "floor on every Fisher value (where all are below it, the mean)",
-                            unit="Fisher units (after normalize)")
+                            unit="Fisher units (after normalize)", check=positive)
     normalize: str = option("none", "divide each model's Fisher by its root mean square over the whole model first",
                             choices=NORMALIZATIONS)
 
-    def __post_init__(self) -> None:
-        problems: list[str] = []
-        ok = isinstance(self.epsilon, (int, float)) and not isinstance(self.epsilon, bool)
-        if not ok or not math.isfinite(self.epsilon) or self.epsilon <= 0:
-            problems.append(f"fisher: epsilon must be a positive, finite number, got {self.epsilon!r}")
-        check_choice(problems, self.name, "normalize", self.normalize, NORMALIZATIONS)
-        if problems:
-            raise ConfigError(problems)
-
-    def check(self, n_models: int) -> list[str]:
-        return []
-
-    def side_input(self) -> SideInput:
-        return SideInput("fisher", rows=True, normalize=self.normalize)
-
-    def trim_spec(self) -> None:
-        return None
-
-    def needs_majority_sign(self) -> bool:
-        return False
-
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
-        raise NotImplementedError("Fisher merging elects no sign")
+    def requirements(self) -> Requirements:
+        return Requirements(statistics=SideInput("fisher", rows=True, normalize=self.normalize))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        """tau (n, *S), ctx.side (n, *S) Fisher values -> (*S)."""
-        if ctx.side is None:
+        """tau (n, *S), ctx.statistics (n, *S) Fisher values -> (*S)."""
+        if ctx.statistics is None:
             return tau.mean(dim=0)
-        fisher = ctx.side.clamp_min(self.epsilon)  # (n, *S)
+        fisher = ctx.statistics.clamp_min(self.epsilon)  # (n, *S)
         return (fisher * tau).sum(dim=0).div_(fisher.sum(dim=0))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
-import torch
+from ..lazy import torch
 
 __all__ = [
     "keep_count",
@@ -21,6 +21,7 @@ __all__ = [
     "disjoint_aggregate",
     "hash_uniform",
     "dare_drop",
+    "sign",
 ]
 
 
@@ -159,3 +160,8 @@ def dare_drop(tau: torch.Tensor, drop_rate: float, uniforms: torch.Tensor) -> to
     """
     keep = uniforms >= drop_rate
     return tau.mul_(keep).mul_(1.0 / (1.0 - drop_rate))
+
+
+def sign(total: torch.Tensor) -> torch.Tensor:
+    """sgn of a reduction's total (TIES's majority sign: the sign of the summed elected signs)."""
+    return total.sign()

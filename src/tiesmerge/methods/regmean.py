@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
-from ..errors import ConfigError
-from .base import ChunkContext, SideInput, option
+from ..lazy import torch
+from .base import ChunkContext, Requirements, SideInput, method_config, option, unit_interval
 
 
 def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -18,7 +14,7 @@ def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return (gram * alpha).diagonal_scatter(diagonal, dim1=-2, dim2=-1)
 
 
-@dataclass(frozen=True)
+@method_config
 class RegMean:
     """For each linear weight W (out, in): W = (sum_t W_t G~_t)(sum_t G~_t)^-1.
 
@@ -39,34 +35,17 @@ class RegMean:
     summary: ClassVar[str] = "RegMean: linear layers by least squares on their inputs' Gram matrices, the rest averaged"
 
     alpha: float = option(0.95, "scale of the Gram matrices' off-diagonal entries (1 = exact RegMean)",
-                          unit="fraction, [0, 1]")
+                          unit="fraction, [0, 1]", check=unit_interval)
 
-    def __post_init__(self) -> None:
-        ok = isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and math.isfinite(self.alpha)
-        if not ok or not 0 <= self.alpha <= 1:
-            raise ConfigError(f"regmean: alpha must be a number in [0, 1], got {self.alpha!r}")
-
-    def check(self, n_models: int) -> list[str]:
-        return []
-
-    def side_input(self) -> SideInput:
-        return SideInput("gram", rows=False)
-
-    def trim_spec(self) -> None:
-        return None
-
-    def needs_majority_sign(self) -> bool:
-        return False
-
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
-        raise NotImplementedError("RegMean elects no sign")
+    def requirements(self) -> Requirements:
+        return Requirements(statistics=SideInput("gram", rows=False))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        """tau (n, rows, in), ctx.side (n, in, in) Gram matrices -> (rows, in)."""
-        if ctx.side is None or tau.dim() != 3:
+        """tau (n, rows, in), ctx.statistics (n, in, in) Gram matrices -> (rows, in)."""
+        if ctx.statistics is None or tau.dim() != 3:
             return tau.mean(dim=0)
         n = tau.shape[0]
-        grams = shrink_off_diagonal(ctx.side.double(), self.alpha)  # (n, in, in)
+        grams = shrink_off_diagonal(ctx.statistics.double(), self.alpha)  # (n, in, in)
         tau64 = tau.double()
         lhs = grams.sum(dim=0)  # (in, in)
         rhs = torch.einsum("tij,trj->ir", grams, tau64)  # (in, rows) = sum_t G~_t tau_t^T

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..errors import ConfigError
 from . import ops
-from .base import ChunkContext, as_tuple, check_finite, check_weights, option
+from .base import ChunkContext, LinearKernel, Requirements, finite, method_config, option, steps
+
+if TYPE_CHECKING:
+    import torch
 
 
-@dataclass(frozen=True)
+@method_config
 class TaskArithmetic:
     """theta = base + lam * sum_t w_t tau_t. The TIES paper's no-validation lam is 0.4."""
 
@@ -20,30 +19,13 @@ class TaskArithmetic:
     paper: ClassVar[str] = "https://arxiv.org/abs/2212.04089"
     summary: ClassVar[str] = "add the scaled sum of the task vectors to the base"
 
-    lam: float = option(0.4, "scale of the summed task vectors (lambda)", unit="multiplier")
-    weights: tuple[float, ...] | None = option(None, "per-model weights multiplying each task vector", unit="one per model")
+    lam: float = option(0.4, "scale of the summed task vectors (lambda)", unit="multiplier", check=finite,
+                        grid=steps(0.1, 1.0, 0.1))  # the TIES paper's search for this baseline
+    weights: tuple[float, ...] | None = option(None, "per-model weights multiplying each task vector",
+                                               unit="one per model", per_model=True)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", as_tuple(self.weights))
-        problems: list[str] = []
-        check_finite(problems, self.name, "lam", self.lam)
-        check_weights(problems, self.name, self.weights, None)
-        if problems:
-            raise ConfigError(problems)
-
-    def check(self, n_models: int) -> list[str]:
-        problems: list[str] = []
-        check_weights(problems, self.name, self.weights, n_models)
-        return problems
-
-    def trim_spec(self) -> None:
-        return None
-
-    def needs_majority_sign(self) -> bool:
-        return False
-
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
-        raise NotImplementedError("task arithmetic elects no sign")
+    def requirements(self) -> Requirements:
+        return Requirements(weights=self.weights, kernel=LinearKernel(self.weights, scale=self.lam))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         if ctx.weights is not None:

@@ -2,35 +2,34 @@
 
 from __future__ import annotations
 
-import dataclasses
-import os
-from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-
-from ..errors import ConfigError
 from . import ops
 from .base import (
+    SCOPES,
     ChunkContext,
-    TrimSpec,
-    as_tuple,
-    check_choice,
-    check_densities,
-    check_finite,
-    check_fraction,
-    check_weights,
+    ModelPath,
+    Reduction,
+    Requirements,
+    TiesKernel,
+    TopK,
+    finite,
+    fraction,
+    method_config,
     option,
+    steps,
 )
 
-SCOPES = ("global", "per_tensor")
+if TYPE_CHECKING:
+    import torch
+
 ELECT_RULES = ("mass", "count")
 ZERO_SIGNS = ("zero", "positive", "majority")
 AGGREGATES = ("mean", "sum", "max")
 THRESHOLD_TIES = ("keep", "sort")
 
 
-@dataclass(frozen=True)
+@method_config
 class Ties:
     """theta = base + lam * disjoint_aggregate(trim(tau), elect(trim(tau))).
 
@@ -42,93 +41,60 @@ class Ties:
 
     ``sign_from`` replaces the election with a sign vector from elsewhere (the paper's
     Tables 3 and 5): gamma = sgn(theta_ref - theta_base) of another model fine-tuned from the
-    same base, e.g. a multitask model. The engine then reads that model beside the others and
-    hands its task vector to ``merge`` as the last row of ``tau`` (see :meth:`reference_model`);
-    it is never trimmed, weighted or averaged in.
+    same base, e.g. a multitask model. The engine reads it as the named reference input
+    (``ctx.reference``): never trimmed, weighted or averaged in.
     """
 
     name: ClassVar[str] = "ties"
     paper: ClassVar[str] = "https://arxiv.org/abs/2306.01708"
     summary: ClassVar[str] = "TIES-Merging: trim each task vector, elect a sign per entry, average the agreeing values"
 
-    density: float = option(0.2, "fraction of each task vector's entries kept, by magnitude", unit="fraction kept, (0, 1]")
-    lam: float = option(1.0, "scale of the merged task vector (lambda)", unit="multiplier")
+    density: float = option(0.2, "fraction of each task vector's entries kept, by magnitude",
+                            unit="fraction kept, (0, 1]", check=fraction,
+                            grid=(0.1, 0.2, 0.3))  # the paper's validation search (Appendix B.4)
+    lam: float = option(1.0, "scale of the merged task vector (lambda)", unit="multiplier", check=finite,
+                        grid=steps(0.8, 3.0, 0.1))
     scope: str = option("global", "trim threshold over each model's whole model or per tensor", choices=SCOPES)
     elect: str = option("mass", "sign election: total mass (paper) or count of signs", choices=ELECT_RULES)
     zero_sign: str = option("zero", "sign elected where the vote is exactly 0", choices=ZERO_SIGNS)
     aggregate: str = option("mean", "how agreeing values combine", choices=AGGREGATES)
-    weights: tuple[float, ...] | None = option(None, "per-model weights (see the docstring)", unit="one per model")
+    weights: tuple[float, ...] | None = option(None, "per-model weights (see the docstring)", unit="one per model",
+                                               per_model=True)
     densities: tuple[float, ...] | None = option(None, "per-model fractions kept, overriding density "
-                                                 "(mergekit's per-model density)", unit="one per model, (0, 1]")
+                                                 "(mergekit's per-model density)", unit="one per model, (0, 1]",
+                                                 check=fraction, per_model=True)
     threshold_ties: str = option("keep", "entries equal to the trim threshold: keep them all (paper, order-free) "
                                  "or keep exactly max(1, k) in torch.argsort's order (mergekit; per-tensor scope)",
                                  choices=THRESHOLD_TIES)
-    sign_from: str | None = option(None, "take the elected sign from this model's task vector instead of electing "
-                                   "(e.g. a multitask model; paper Tables 3 and 5)", unit="model directory")
+    sign_from: ModelPath | None = option(None, "take the elected sign from this model's task vector instead of "
+                                         "electing (e.g. a multitask model; paper Tables 3 and 5)",
+                                         unit="model directory")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "weights", as_tuple(self.weights))
-        object.__setattr__(self, "densities", as_tuple(self.densities))
-        if isinstance(self.sign_from, os.PathLike):
-            object.__setattr__(self, "sign_from", os.fspath(self.sign_from))
-        problems: list[str] = []
-        check_fraction(problems, self.name, "density", self.density)
-        check_finite(problems, self.name, "lam", self.lam)
-        check_choice(problems, self.name, "scope", self.scope, SCOPES)
-        check_choice(problems, self.name, "elect", self.elect, ELECT_RULES)
-        check_choice(problems, self.name, "zero_sign", self.zero_sign, ZERO_SIGNS)
-        check_choice(problems, self.name, "aggregate", self.aggregate, AGGREGATES)
-        check_weights(problems, self.name, self.weights, None)
-        check_densities(problems, self.name, self.densities, None)
-        check_choice(problems, self.name, "threshold_ties", self.threshold_ties, THRESHOLD_TIES)
-        if self.threshold_ties == "sort" and self.scope != "per_tensor":
-            problems.append(f"{self.name}: threshold_ties='sort' (mergekit's exact k) needs scope='per_tensor'")
-        if self.sign_from is not None and (not isinstance(self.sign_from, str) or not str(self.sign_from)):
-            problems.append(f"{self.name}: sign_from must be the path of a model directory, got {self.sign_from!r}")
-        if problems:
-            raise ConfigError(problems)
-
-    def check(self, n_models: int) -> list[str]:
-        problems: list[str] = []
-        check_weights(problems, self.name, self.weights, n_models)
-        check_densities(problems, self.name, self.densities, n_models)
-        return problems
-
-    def reference_model(self) -> str | None:
-        """A model the engine reads after the merged ones and passes as the last row of tau."""
-        return None if self.sign_from is None else str(self.sign_from)
-
-    def trim_spec(self) -> TrimSpec:
-        return TrimSpec(self.density, self.scope, self.densities, at_least_one=self.threshold_ties == "sort")
-
-    def needs_majority_sign(self) -> bool:
-        return self.zero_sign == "majority"
+    def requirements(self) -> Requirements:
+        exact_k = self.threshold_ties == "sort"
+        majority = self.zero_sign == "majority"
+        # the kernel elects; with a reference or mergekit's sort order the torch path runs
+        kernel = None if exact_k or self.sign_from is not None else TiesKernel(
+            self.lam, self.elect, self.zero_sign, self.aggregate, majority_from="majority" if majority else None)
+        return Requirements(
+            trim=TopK(self.density, self.densities), scope=self.scope, exact_k=exact_k,
+            reductions=(Reduction("majority", self._elected_sign_sum, ops.sign),) if majority else (),
+            reference=self.sign_from, weights=self.weights, kernel=kernel)
 
     def _trim_and_elect(self, tau: torch.Tensor, ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """(trimmed (n, *S), gamma (*S) before the zero-sign rule); tau is (n, *S), or (n + 1, *S)
-        with the reference model's task vector last when ``sign_from`` is set."""
-        if self.sign_from is None:
-            trimmed = self._trim(tau, ctx)  # (n, *S), in place
-            return trimmed, ops.elect(trimmed, ctx.weights, self.elect)
-        gamma = tau[-1].sign()  # (*S): the reference's signs, untrimmed
-        merged_only = dataclasses.replace(  # the reference is never trimmed: drop its row of each count
-            ctx, thresholds=None if ctx.thresholds is None else ctx.thresholds[:-1],
-            keep=None if ctx.keep is None else ctx.keep[:-1])
-        return self._trim(tau[:-1], merged_only), gamma  # trimmed (n, *S)
+        """(trimmed (n, *S) in place, gamma (*S) before the zero-sign rule)."""
+        trimmed = ops.trim_sorted_k(tau, ctx.keep) if self.threshold_ties == "sort" else ops.trim_at(tau, ctx.thresholds)
+        if self.sign_from is not None:
+            return trimmed, ctx.reference.sign()  # the reference's signs, untrimmed
+        return trimmed, ops.elect(trimmed, ctx.weights, self.elect)
 
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
-        """Sum of the elected signs (zeros left 0) of one chunk: the majority reduction."""
-        return float(self._trim_and_elect(tau, ctx)[1].sum())
-
-    def _trim(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        if self.threshold_ties == "keep":
-            return ops.trim_at(tau, ctx.thresholds)
-        if ctx.keep is None:
-            raise ValueError("threshold_ties='sort' needs the whole tensor in one chunk (its keep counts)")
-        return ops.trim_sorted_k(tau, ctx.keep)
+    def _elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """The majority reduction's partial sum: the chunk's elected signs (zeros left 0), summed."""
+        return self._trim_and_elect(tau, ctx)[1].sum()
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         trimmed, gamma = self._trim_and_elect(tau, ctx)
-        gamma = ops.resolve_zero_sign(gamma, self.zero_sign, ctx.majority)
+        majority = ctx.reduced.get("majority")
+        gamma = ops.resolve_zero_sign(gamma, self.zero_sign, None if majority is None else float(majority))
         merged = ops.disjoint_aggregate(trimmed, gamma, ctx.weights, self.aggregate)  # (*S)
         return merged.mul_(self.lam)

@@ -1,5 +1,5 @@
 """Validation-set search over a method's (density, lam) grid; see :mod:`tiesmerge.tuning.search`."""
 
-from .search import GridPoint, TuningResult, lam_grid, paper_grid, tune
+from .search import GridPoint, TuningResult, paper_grid, parse_grid, steps, tune
 
-__all__ = ["GridPoint", "TuningResult", "lam_grid", "paper_grid", "tune"]
+__all__ = ["GridPoint", "TuningResult", "paper_grid", "parse_grid", "steps", "tune"]

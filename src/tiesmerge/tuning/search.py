@@ -18,29 +18,58 @@ import torch
 
 from ..api import Source, merge
 from ..errors import ConfigError
-from ..methods.base import MergeMethod
-from ..registry import make_method
+from ..methods.base import MergeMethod, option_types, steps
+from ..methods.base import paper_grid as declared_grid
+from ..registry import make_method, method_class
 
-__all__ = ["GridPoint", "TuningResult", "lam_grid", "paper_grid", "tune"]
+__all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], float]
 
 
-def lam_grid(start: float, stop: float, step: float) -> tuple[float, ...]:
-    """Inclusive grid, rounded so 0.8 + 0.1 * k prints as it should."""
-    count = int(round((stop - start) / step)) + 1
-    return tuple(round(start + i * step, 6) for i in range(count))
+def paper_grid(method: str | type) -> dict[str, tuple[float, ...]]:
+    """The validation grid the method's paper (or the TIES paper, for its baselines) searched:
+    TIES k in {0.1, 0.2, 0.3} x lam 0.8..3.0; task arithmetic lam 0.1..1.0 (a method's ``grid``)."""
+    cls = method_class(method) if isinstance(method, str) else method
+    grid = declared_grid(cls)
+    if not grid:
+        raise ConfigError(f"no paper grid for method {cls.name!r}; pass grid= explicitly "
+                          "(--grid NAME=v1,v2 or NAME=start:stop:step)")
+    return grid
 
 
-def paper_grid(method: str) -> dict[str, tuple[float, ...]]:
-    """The paper's validation grid: TIES k in {0.1, 0.2, 0.3}, lam 0.8..3.0; task arithmetic lam 0.1..1.0."""
-    if method in ("ties", "magnitude_prune"):
-        return {"density": (0.1, 0.2, 0.3), "lam": lam_grid(0.8, 3.0, 0.1)}
-    if method == "task_arithmetic":
-        return {"lam": lam_grid(0.1, 1.0, 0.1)}
-    if method in ("dare_ties", "dare_linear"):
-        return {"drop_rate": (0.7, 0.8, 0.9), "lam": lam_grid(0.5, 2.0, 0.1)}
-    raise ConfigError(f"no paper grid for method {method!r}; pass grid= explicitly")
+def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any, ...]]:
+    """The method's paper grid with ``NAME=v1,v2,...`` or ``NAME=start:stop:step`` axes on top,
+    each value parsed as its option's type (an int option takes integers)."""
+    cls = method_class(method) if isinstance(method, str) else method
+    types = option_types(cls)
+    grid: dict[str, tuple[Any, ...]] = declared_grid(cls)
+    problems = []
+    for item in items:
+        name, _, values = item.partition("=")
+        name = name.strip().replace("-", "_")
+        kind = types.get(name)
+        if kind not in (float, int):
+            problems.append(f"--grid {item!r}: {cls.name} has no numeric option {name!r} to sweep "
+                            f"(it has: {', '.join(k for k, t in types.items() if t in (float, int))})")
+            continue
+        try:
+            if ":" in values:
+                start, stop, step = (float(x) for x in values.split(":"))
+                axis = steps(start, stop, step)
+            else:
+                axis = tuple(float(x) for x in values.split(","))
+            if kind is int:
+                if any(v != int(v) for v in axis):
+                    raise ValueError
+                axis = tuple(int(v) for v in axis)
+            grid[name] = axis
+        except ValueError:
+            problems.append(f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step"
+                            + (" with integers" if kind is int else ""))
+    if problems:
+        raise ConfigError(problems)
+    return grid
 
 
 @dataclass(frozen=True)
@@ -71,7 +100,7 @@ def _scaled(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
     return {k: (base[k] + lam * delta[k]).to(dtypes[k]) if k in delta else base[k] for k in base}
 
 
-def tune(base: Source, models: Sequence[Source], method: str, evaluate: Evaluator, *,
+def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, evaluate: Evaluator, *,
          grid: Mapping[str, Sequence[float]] | None = None, fixed: Mapping[str, Any] | None = None,
          device: str = "cpu", memory_budget: int | str | None = None,
          on_point: Callable[[GridPoint], None] | None = None) -> TuningResult:
@@ -84,7 +113,7 @@ def tune(base: Source, models: Sequence[Source], method: str, evaluate: Evaluato
     to evaluate on test data.
     """
     name = method if isinstance(method, str) else method.name
-    grid = dict(grid or paper_grid(name))
+    grid = dict(grid or paper_grid(method if isinstance(method, str) else type(method)))
     if "lam" not in grid:
         raise ConfigError("the grid must include lam (the values swept on top of each merge)")
     lams = tuple(float(x) for x in grid.pop("lam"))

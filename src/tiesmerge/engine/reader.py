@@ -1,0 +1,295 @@
+"""Reading: every input's rows of each chunk, as stored, with the next chunk read ahead.
+
+The inputs of a merge have roles (:class:`EngineInputs`): the base, the models, and named
+extras: a reference model (TIES's ``sign_from``), and the real base when the engine's base
+stands in for it (adapters merged against a zero base). A chunk's rows come either
+
+* raw, for the fused CPU kernels (:class:`RawRows`): mapped from the page cache (private
+  mmap, faulted in on the read-ahead thread, unmapped after the chunk) or read with pread
+  into two reused buffers (``TIESMERGE_MMAP=0``, and rows under 1 MiB); or
+* as torch tensors in the stored dtype, widened to float32 task vectors on the device by
+  :meth:`Reader.task_vectors` for the torch path (any method, any device).
+
+The reader also draws the seeded sample that brackets a global top-k threshold
+(:meth:`Reader.sample`), and names the checkpoint, tensor and index of any NaN or Inf.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidTensorError
+from ..io.adapters import yields_task_vector
+from ..io.align import TensorJob
+from ..io.checkpoint import Checkpoint, read_rows_into
+from ..lazy import torch
+from . import kernels
+from .plan import Chunk
+
+__all__ = ["EngineInputs", "RawRows", "ChunkRows", "Reader", "widen", "SAMPLE_RUNS", "SAMPLE_RUN", "SAMPLE_GROUPS"]
+
+_MAP_MIN_BYTES = 1 << 20  # rows smaller than this are read (a mapping costs a few syscalls)
+SAMPLE_RUNS = 1024  # runs of neighbouring entries drawn to bracket a global threshold
+SAMPLE_RUN = 1024  # entries per run: one short pread per input
+SAMPLE_GROUPS = 32  # run groups whose quantiles measure the estimate's spread
+
+
+@dataclass(frozen=True)
+class EngineInputs:
+    """The checkpoints a merge reads, by role; rows are read in the order of :attr:`all`."""
+
+    base: Checkpoint  # what tau is taken against (a zero or identity base stands in for adapter outputs)
+    models: tuple[Checkpoint, ...]
+    reference: Checkpoint | None = None  # read beside the models: theta_ref - theta_base, never merged
+    reference_base: Checkpoint | None = None  # the real base, where ``base`` stands in for it
+    direct: frozenset[int] = field(init=False)  # models whose rows are task vectors already (adapters)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", tuple(self.models))
+        object.__setattr__(self, "direct", frozenset(t for t, m in enumerate(self.models) if yields_task_vector(m)))
+
+    @property
+    def all(self) -> list[Checkpoint]:
+        extras = [c for c in (self.reference, self.reference_base) if c is not None]
+        return [self.base, *self.models, *extras]
+
+
+@dataclass(frozen=True)
+class RawRows:
+    """One chunk's rows as stored: ``inputs`` holds each input's E raw values (the kernels'
+    views, :func:`kernels.raw_view`), in reused buffers or in file mappings (a mapping is
+    unmapped when the last view of it is dropped, after its chunk); ``shape`` and ``dtype``
+    are the chunk's."""
+
+    inputs: list[np.ndarray]
+    dtype: Any  # torch.dtype
+    shape: tuple[int, ...]
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The same bytes as torch tensors in the stored dtype (no copy), in input order."""
+        if self.dtype == torch.float32:
+            return [torch.from_numpy(a).view(self.shape) for a in self.inputs]
+        return [torch.from_numpy(a).view(self.dtype).view(self.shape) for a in self.inputs]
+
+
+def widen(values: np.ndarray, dtype: Any) -> np.ndarray:
+    """Raw stored values (the kernels' views) as float32: bfloat16 bits are a float32's high half."""
+    if dtype == torch.bfloat16:
+        return (values.astype(np.uint32) << 16).view(np.float32)
+    if dtype == torch.float16:
+        return values.view(np.float16).astype(np.float32)
+    return values.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class ChunkRows:
+    """One chunk as the torch path computes on it, float32 on the device."""
+
+    base: torch.Tensor  # (*S) the engine base's values
+    tau: torch.Tensor  # (n, *S) task vectors
+    reference: torch.Tensor | None = None  # (*S) theta_ref - theta_base
+
+
+class _Buffers:
+    """Reusable byte buffers, grown on demand: two read slots and the output buffers.
+
+    Reusing them means each pass faults its pages in once, not once per chunk, and the
+    memory the budget pays for is exactly these buffers.
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def take(self, key: str, nbytes: int) -> np.ndarray:
+        array = self._arrays.get(key)
+        if array is None or array.size < nbytes:
+            self._arrays.pop(key, None)  # free the old one before allocating the larger
+            array = self._arrays[key] = np.empty(max(nbytes, 64), np.uint8)
+        return array[:nbytes]
+
+
+class Reader:
+    """Reads chunks of every input (raw for the kernels where they can, else as tensors)."""
+
+    def __init__(self, inputs: EngineInputs, *, raw: bool, device: torch.device | str = "cpu",
+                 progress: Callable[[int], None] | None = None, tally: Callable[[str, float], None] | None = None
+                 ) -> None:
+        self.inputs = inputs
+        self.n = len(inputs.models)
+        self.device = device
+        self.buffers = _Buffers()
+        self._raw_wanted = raw and not inputs.direct  # adapters' rows are computed, never stored
+        self._raw_ok: dict[str, bool] = {}
+        self._mmap = os.environ.get("TIESMERGE_MMAP", "1") != "0"  # 0: read every chunk with pread
+        self._progress = progress or (lambda nbytes: None)
+        self._tally = tally or (lambda what, since: None)
+        self._checked: set[tuple[str, int]] = set()
+        self.bytes_read = 0
+        self.sample_bytes = 0
+
+    # ------------------------------------------------------------------ chunks
+    def raw(self, job: TensorJob) -> bool:
+        """Whether a job's rows go to the kernels as stored: every input holds it in one dtype they read."""
+        ok = self._raw_ok.get(job.name)
+        if ok is None:
+            ok = self._raw_ok[job.name] = (
+                self._raw_wanted and job.dtype in kernels.RAW_DTYPES
+                and all(c.info(job.name).dtype == job.dtype for c in self.inputs.all))
+        return ok
+
+    def read(self, chunk: Chunk, slot: int = 0) -> RawRows | list[torch.Tensor]:
+        """The chunk's rows of every input, as stored: into read slot ``slot`` for the kernels,
+        or as fresh CPU tensors for the torch path."""
+        name, rows = chunk.job.name, chunk.rows
+        inputs = self.inputs.all
+        if self.raw(chunk.job):
+            dtype = chunk.job.dtype
+            view_dtype = kernels.raw_view(torch.empty(0, dtype=dtype)).dtype
+            size = chunk.numel * dtype.itemsize
+            shape = chunk.job.shape
+            if rows is not None and shape:
+                first, stop, _ = rows.indices(shape[0])
+                shape = (max(0, stop - first), *shape[1:])
+            if self._mmap and size >= _MAP_MIN_BYTES and all(hasattr(c, "map_rows") for c in inputs):
+                # file mappings: the kernels read the page cache in place (no copy); unmapped
+                # after the chunk, so they never pile up in RSS
+                views = [ckpt.map_rows(name, rows).view(view_dtype) for ckpt in inputs]
+                payload: RawRows | list[torch.Tensor] = RawRows(views, dtype, tuple(shape))
+            else:
+                buffer = self.buffers.take(f"read{slot}", size * len(inputs))
+                for i, ckpt in enumerate(inputs):
+                    read_rows_into(ckpt, name, rows, memoryview(buffer[i * size:(i + 1) * size]))
+                typed = buffer.view(view_dtype).reshape(len(inputs), chunk.numel)
+                payload = RawRows(list(typed), dtype, tuple(shape))
+            nbytes = size * len(inputs)
+        else:
+            payload = [ckpt.read(name, rows) for ckpt in inputs]
+            nbytes = sum(t.numel() * t.element_size() for t in payload)
+        self.account(nbytes)
+        return payload
+
+    def account(self, nbytes: int) -> None:
+        """Count bytes read (here, or by the caller for what it read itself) and report progress."""
+        self.bytes_read += nbytes
+        self._progress(nbytes)
+
+    def stream(self, chunks: Sequence[Chunk]) -> Iterator[tuple[Chunk, RawRows | list[torch.Tensor]]]:
+        """Yield (chunk, rows), reading the next chunk on a thread while the caller computes.
+
+        The two read slots alternate: chunk i+1 is read into the slot chunk i-1 used, which
+        the caller finished with when it asked for chunk i.
+        """
+        if not chunks:
+            return
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-read") as pool:
+            pending: Future = pool.submit(self.read, chunks[0], 0)
+            for i, chunk in enumerate(chunks):
+                clock = time.perf_counter()
+                payload = pending.result()
+                self._tally("wait_read", clock)
+                if i + 1 < len(chunks):
+                    pending = pool.submit(self.read, chunks[i + 1], (i + 1) % 2)
+                yield chunk, payload
+
+    # ------------------------------------------------------------------ tensors
+    @staticmethod
+    def tensors(payload: RawRows | list[torch.Tensor]) -> list[torch.Tensor]:
+        return payload.tensors() if isinstance(payload, RawRows) else payload
+
+    def task_vectors(self, chunk: Chunk, payload: RawRows | list[torch.Tensor]) -> ChunkRows:
+        """The chunk as float32 on the device: the base, the task vectors (n, *S) and the
+        reference's task vector, each checked finite on first sight of the chunk."""
+        raw = self.tensors(payload)
+        n = self.n
+        # copy=True: a float32 CPU base read from a state dict (or an mmap'd pickle) is the
+        # caller's own tensor, and the merge adds into base32 in place; without the copy,
+        # merging would overwrite the caller's base weights.
+        base32 = raw[0].to(self.device, torch.float32, non_blocking=True, copy=True)
+        tau = torch.empty((n, *base32.shape), dtype=torch.float32, device=self.device)
+        for t, model_raw in enumerate(raw[1:1 + n]):
+            tau[t].copy_(model_raw.to(self.device, non_blocking=True))  # widened to float32 in the copy
+        key = (chunk.job.name, chunk.offset)
+        if key not in self._checked:
+            self._checked.add(key)
+            # NaN and Inf survive a sum, so a finite sum proves every entry finite without a
+            # mask as large as the chunk; only a non-finite sum (or an overflow) looks closer
+            if not (bool(torch.isfinite(tau.sum())) and bool(torch.isfinite(base32.sum()))):
+                if not (bool(torch.isfinite(tau).all()) and bool(torch.isfinite(base32).all())):
+                    self.raise_not_finite(chunk, raw)
+        for t in range(n):  # adapters yield tau itself; only full models subtract the base
+            if t not in self.inputs.direct:
+                tau[t].sub_(base32)
+        if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
+            self.raise_not_finite(chunk, raw)
+        return ChunkRows(base32, tau, self._reference(chunk, raw, base32))
+
+    def _reference(self, chunk: Chunk, raw: list[torch.Tensor], base32: torch.Tensor) -> torch.Tensor | None:
+        """theta_ref - theta_base over the real base (the stand-in base is not it), or the
+        reference's own rows where it is an adapter (they are tau already)."""
+        if self.inputs.reference is None:
+            return None
+        reference = raw[1 + self.n].to(self.device, torch.float32, copy=True)  # (*S)
+        if not yields_task_vector(self.inputs.reference):
+            real_base = base32 if self.inputs.reference_base is None else raw[2 + self.n].to(self.device, torch.float32)
+            reference.sub_(real_base)
+        if not bool(torch.isfinite(reference.sum())) and not bool(torch.isfinite(reference).all()):
+            self.raise_not_finite(chunk, raw)
+        return reference
+
+    def raise_not_finite(self, chunk: Chunk, raw: list[torch.Tensor]) -> None:
+        for ckpt, value in zip(self.inputs.all, raw, strict=True):
+            bad = ~torch.isfinite(value.float())
+            if bool(bad.any()):
+                first = int(bad.reshape(-1).nonzero()[0]) + chunk.offset
+                kind = "NaN" if bool(torch.isnan(value.float()).any()) else "Inf"
+                raise InvalidTensorError(
+                    f"{ckpt.location(chunk.job.name)}: tensor {chunk.job.name!r} {tuple(chunk.job.shape)} holds {kind} "
+                    f"({int(bad.sum())} non-finite value(s) in this chunk, first at flat index {first})",
+                    hint="the checkpoint is damaged or was saved after a diverged training step; merge another one",
+                )
+        raise InvalidTensorError(f"tensor {chunk.job.name!r}: the task vector overflows float32 "
+                                 "(base and model values differ by more than float32 can hold)")
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, chunks: Sequence[Chunk], numel: int) -> tuple[np.ndarray, np.ndarray]:
+        """|tau| at ``SAMPLE_RUNS`` runs of ``SAMPLE_RUN`` neighbouring entries drawn uniformly
+        over the scope made of ``chunks`` (seeded: the same merge draws the same runs):
+        (n, S) float32, and each entry's run group (S,)."""
+        jobs = list(dict.fromkeys(c.job for c in chunks))
+        starts = np.cumsum([0] + [j.numel for j in jobs])  # flat offset of each job in the scope
+        rng = np.random.default_rng(numel)
+        picks = np.sort(rng.integers(0, numel, SAMPLE_RUNS))
+        inputs = [self.inputs.base, *self.inputs.models]
+        values = torch.empty((len(inputs), SAMPLE_RUNS * SAMPLE_RUN), dtype=torch.float32)  # widened as copied
+        groups = np.empty(SAMPLE_RUNS * SAMPLE_RUN, np.int64)
+        which = np.searchsorted(starts, picks, side="right") - 1  # job of each run
+        filled = 0
+        for j in np.unique(which):
+            job = jobs[j]
+            local = picks[which == j] - starts[j]  # run starts inside this tensor
+            counts = np.minimum(SAMPLE_RUN, job.numel - local)
+            # entries of every run of this tensor, as one gather: (runs * counts) flat indices
+            index = np.concatenate([np.arange(a, a + c) for a, c in zip(local, counts, strict=True)])
+            for i, ckpt in enumerate(inputs):
+                if hasattr(ckpt, "map_rows") and job.numel * job.dtype.itemsize >= _MAP_MIN_BYTES:
+                    raw = ckpt.map_rows(job.name, None, populate=False)  # only the sampled pages are read
+                    flat = torch.from_numpy(raw.view(np.uint8)).view(ckpt.info(job.name).dtype)
+                else:
+                    flat = ckpt.read(job.name).reshape(-1)
+                picked = flat[torch.from_numpy(index)]
+                self.sample_bytes += picked.numel() * picked.element_size()
+                values[i, filled:filled + len(index)].copy_(picked)
+                del flat, picked  # unmaps the tensor
+            groups[filled:filled + len(index)] = np.repeat(np.nonzero(which == j)[0] % SAMPLE_GROUPS, counts)
+            filled += len(index)
+        # |tau| per model: model - base, or an adapter's rows as they are (they are tau already)
+        from_base = torch.tensor([t not in self.inputs.direct for t in range(self.n)], dtype=torch.float32)[:, None]
+        sample = (values[1:, :filled] - from_base * values[0, :filled]).abs_().numpy()  # (n, S)
+        return np.nan_to_num(sample, nan=np.inf), groups[:filled]

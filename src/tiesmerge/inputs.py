@@ -1,0 +1,234 @@
+"""A merge's inputs, opened by role and checked before anything is read: the base, the models,
+the method's reference model and its statistics, and the executor that will merge them.
+
+Roles never mix: the reference (TIES's ``sign_from``) is read beside the models against the
+real base, never aligned, trimmed or counted as a model; statistics are checked against the
+models they belong to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import adapter_merge
+from .engine.executor import Executor
+from .engine.reader import EngineInputs
+from .engine.side import SideInputs
+from .errors import ConfigError, IncompatibleCheckpointsError, OutputError
+from .io.adapters import adapter_kind, yields_task_vector
+from .io.align import Alignment, align
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .lazy import torch
+from .methods import TaskArithmetic
+from .methods.base import MergeMethod, check_models
+from .recipe import parse_dtype
+from .registry import make_method
+from .sizes import DEFAULT_MEMORY_BUDGET, parse_size
+from .stats.files import Statistics, StatsSource, open_stats
+
+__all__ = ["Source", "StatsInput", "Prepared", "as_method", "check_inputs", "check_output_not_input", "device_of",
+           "budget_of", "open_models", "prepare"]
+
+Source = "str | os.PathLike | Mapping[str, torch.Tensor]"  # a path, or a state dict
+StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"
+
+
+def as_method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMethod:
+    if isinstance(method, str):
+        return make_method(method, options)
+    if options:
+        raise ConfigError(f"options {sorted(options)} given beside a method object; set them on the object",
+                          hint=f"e.g. dataclasses.replace(method, {next(iter(options))}=...)")
+    if not isinstance(method, MergeMethod):
+        raise ConfigError(f"method must be a name or a method config such as tiesmerge.methods.Ties(), got {method!r}")
+    return method
+
+
+def _identity(source: Any) -> Any:
+    return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(source).resolve())
+
+
+def check_inputs(base: Any, models: Sequence[Any]) -> None:
+    if isinstance(models, (str, os.PathLike, Mapping)) or not len(models):
+        raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
+    seen: dict[Any, int] = {}
+    base_id = _identity(base)
+    for k, m in enumerate(models):
+        ident = _identity(m)
+        if ident == base_id:
+            raise ConfigError(f"model {k} ({m if not isinstance(m, Mapping) else 'state dict'}) is the base itself",
+                              hint="list only the fine-tuned models after the base")
+        if ident in seen:
+            raise ConfigError(f"model {k} is listed twice (also model {seen[ident]}): "
+                              f"{m if not isinstance(m, Mapping) else 'the same state dict object'}",
+                              hint="each fine-tuned model should appear once; use weights to count one more")
+        seen[ident] = k
+
+
+def check_output_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]]) -> None:
+    """The output directory is replaced as a whole (with force=True), so it must not be, or
+    contain, an input (``named``: (role, source) pairs): that would delete what is merged."""
+    final = Path(output).resolve()
+    for who, source in named:
+        if source is None or isinstance(source, (Mapping, Statistics)):
+            continue
+        src = Path(source).resolve()
+        if src == final or final in src.parents:
+            raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
+                              "writing there would replace an input of the merge",
+                              hint="choose an output directory outside the inputs")
+
+
+def device_of(device: str) -> torch.device:
+    if not isinstance(device, (str, torch.device)) or str(device).split(":")[0] not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda")
+    try:
+        device_t = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own message lists every backend it knows, not what we take
+        raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda") from None
+    if device_t.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available", hint="use --device cpu")
+    return device_t
+
+
+def budget_of(memory_budget: int | str | None) -> int:
+    try:
+        return parse_size(memory_budget if memory_budget is not None else DEFAULT_MEMORY_BUDGET)
+    except ValueError as exc:
+        raise ConfigError(f"memory_budget: {exc}") from None
+
+
+def _label(source: Any, default: str) -> str:
+    return default if isinstance(source, Mapping) else str(source)
+
+
+def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str) -> Checkpoint:
+    ckpt = open_checkpoint(source, allow_pickle=allow_pickle, label=label)
+    stack.callback(ckpt.close)
+    return ckpt
+
+
+def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle: bool
+                ) -> tuple[Checkpoint, list[Checkpoint]]:
+    """The base and the models, opened (and closed by ``stack``)."""
+    base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"))
+    return base_ckpt, [_open(stack, m, allow_pickle, _label(m, f"models[{k}] state dict")) for k, m in enumerate(models)]
+
+
+def _open_reference(stack: ExitStack, path: str | None, base: Any, base_ckpt: Checkpoint, models: list[Checkpoint],
+                    allow_pickle: bool) -> Checkpoint | None:
+    """The method's reference model (TIES's ``sign_from``), bound to the real base if an adapter."""
+    if path is None:
+        return None
+    if not isinstance(base, Mapping) and Path(path).resolve() == Path(base).resolve():
+        raise ConfigError(f"the reference {path} is the base itself: its task vector is 0, so it says nothing",
+                          hint="point sign_from at a model fine-tuned from the base, e.g. a multitask model")
+    if adapter_kind(models) == "ia3":
+        raise ConfigError("a reference model (sign_from) cannot be used with (IA)³ adapters: they merge scaling "
+                          "vectors, not weight changes", hint="fold each (IA)³ adapter into its base model first")
+    reference = _open(stack, path, allow_pickle, f"{path} (reference)")
+    if yields_task_vector(reference):
+        if getattr(reference, "adapter_kind", None) != "lora":
+            raise ConfigError(f"{path}: an (IA)³ adapter cannot be a reference model")
+        reference.bind(base_ckpt)  # type: ignore[attr-defined]
+    return reference
+
+
+def _check_reference(reference: Checkpoint, alignment: Alignment) -> None:
+    """The reference must hold every merged tensor with its shape (it is never aligned as a model,
+    so its other tensors, and tensors the models do not change, do not matter)."""
+    names = set(reference.names())
+    for job in alignment.jobs:
+        if not job.merge or yields_task_vector(reference):
+            continue
+        if job.name not in names:
+            raise IncompatibleCheckpointsError(
+                f"{reference.label}: the reference lacks tensor {job.name!r} {job.shape}, which is merged",
+                hint="the reference must be fine-tuned from the same base as the models")
+        info = reference.info(job.name)
+        if tuple(info.shape) != tuple(job.shape) or not info.dtype.is_floating_point:
+            raise IncompatibleCheckpointsError(
+                f"{reference.location(job.name)}: tensor {job.name!r} of the reference is {tuple(info.shape)} "
+                f"{str(info.dtype).removeprefix('torch.')}, but the base's is {job.shape}",
+                hint="the reference must be fine-tuned from the same base as the models")
+
+
+def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | None, models: list[Checkpoint],
+               alignment: Alignment, device: torch.device, progress: Any) -> tuple[SideInputs | None, list[StatsSource]]:
+    """The per-model statistics of a data-aware method (Fisher, RegMean), opened and checked."""
+    spec = method.requirements().statistics
+    if spec is None:
+        if stats:
+            raise ConfigError(f"statistics were given, but method {method.name!r} does not use them",
+                              hint="statistics serve the data-aware methods: fisher, regmean")
+        return None, []
+    if not stats:
+        raise ConfigError(f"method {method.name!r} needs {spec.kind} statistics of every model",
+                          hint=f"compute them with 'tiesmerge stats {spec.kind} --model MODEL --data DATA -o DIR', "
+                               "then pass one --stats DIR per --model, in the same order (stats=[...] in Python)")
+    if isinstance(stats, (str, os.PathLike, Mapping, Statistics)):
+        raise ConfigError("stats must be a list: one statistics directory (or object) per model")
+    opened = []
+    for k, source in enumerate(stats):
+        label = f"stats[{k}]" if isinstance(source, (Mapping, Statistics)) else str(source)
+        src = open_stats(source, kind=spec.kind, label=label)
+        stack.callback(src.close)
+        opened.append(src)
+    side = SideInputs(spec, [o.checkpoint for o in opened], models, alignment, device=device, progress=progress)
+    return side, opened
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything a merge needs, opened and checked: the checkpoints by role and the executor."""
+
+    base: Checkpoint
+    models: list[Checkpoint]
+    reference: Checkpoint | None
+    executor: Executor
+    stats: list[StatsSource]
+
+
+def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMethod, *, device: str,
+            memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
+            allow_pickle: bool, progress: Any = None, output_format: str = "model",
+            stats: Sequence[Any] | None = None) -> Prepared:
+    """Open the inputs (closed by ``stack``), align them, check every role, plan the merge."""
+    check_inputs(base, models)
+    problems = check_models(method, len(models))
+    if problems:
+        raise ConfigError(problems)
+    req = method.requirements()
+    device_t, budget = device_of(device), budget_of(memory_budget)
+    out_dtype = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
+    base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
+    if req.base_values and output_format == "adapter":
+        raise ConfigError(f"method {method.name!r} needs the base's values, which a merged adapter does not hold",
+                          hint="write a full model (output_format='model', the default)")
+    # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
+    engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
+    reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
+    alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
+    if reference is not None:
+        _check_reference(reference, alignment)
+    side, opened = _open_side(stack, method, stats, model_ckpts, alignment, device_t, progress)
+
+    def make_executor(inputs: EngineInputs, m: MergeMethod, side: SideInputs | None = None,
+                      alignment: Alignment | None = None) -> Executor:
+        alignment = alignment or align(inputs.base, list(inputs.models), vocab_policy=vocab_policy)
+        return Executor(inputs, alignment, m, device=device_t, memory_budget=budget, out_dtype=out_dtype,
+                        progress=progress, side=side)
+
+    inputs = EngineInputs(engine_base, tuple(engine_models), reference,
+                          reference_base=base_ckpt if reference is not None and engine_base is not base_ckpt else None)
+    executor = make_executor(inputs, method, side, alignment)
+    if adapter_merge.needs_fold(model_ckpts, output_format):
+        executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
+                                             lambda b, ms: make_executor(EngineInputs(b, tuple(ms)),
+                                                                         TaskArithmetic(lam=1.0)))
+    return Prepared(base_ckpt, model_ckpts, reference, executor, opened)

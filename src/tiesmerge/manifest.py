@@ -1,0 +1,77 @@
+"""The ``tiesmerge.json`` manifest of a merge: what was merged, from which files (sha256), how.
+
+Every input is listed under its role: the base, the models in order, and the method's
+reference model under the name of the option that gave it (TIES's ``sign_from``); then the
+recipe, the thresholds found (one per model), the alignment, the output and the engine's
+figures (bytes read, passes made against planned, estimated peak memory, seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .engine.executor import Executor, RunStats
+from .errors import IncompatibleCheckpointsError
+from .methods.base import ModelPath, option_types
+from .recipe import MergeRecipe
+from .stats.files import StatsSource, combine_digests
+
+__all__ = ["merge_manifest", "reference_option", "check_stats_digests"]
+
+
+def reference_option(method: Any) -> str:
+    """The name of the option holding the method's reference model (e.g. ``sign_from``)."""
+    reference = method.requirements().reference
+    types = option_types(type(method))
+    return next((f.name for f in dataclasses.fields(method)
+                 if types[f.name] is ModelPath and getattr(method, f.name) == reference), "reference")
+
+
+def check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict]], labels: list[str]) -> None:
+    """Statistics computed from a model directory record its files' digest: they must be this model's."""
+    for k, (src, files) in enumerate(zip(opened, hashed_models)):  # opened is empty for other methods
+        recorded = src.manifest.model_digest if src.manifest is not None else None
+        if not recorded or not recorded.startswith("files:") or not files:
+            continue
+        actual = "files:" + combine_digests([(Path(f["path"]).name, f["sha256"]) for f in files])
+        if actual != recorded:
+            raise IncompatibleCheckpointsError(
+                f"{src.label}: these statistics were computed with another model ({src.manifest.model}), "
+                f"not model {k} ({labels[k]}): the weight files' digests differ",
+                hint="give each model its own statistics, in the models' order, or recompute them")
+
+
+def merge_manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: dict[str, Any],
+                   files: list[str], copied: list[str]) -> dict[str, Any]:
+    """``hashed``: {"base": files, "models": [files, ...], "reference": files or None}."""
+    inputs: dict[str, Any] = {"base": {"label": recipe.base, "files": hashed["base"]},
+                              "models": [{"label": label, "files": h}
+                                         for label, h in zip(recipe.models, hashed["models"], strict=True)]}
+    if executor.inputs.reference is not None:  # a named input, never one of the models
+        inputs[reference_option(recipe.method)] = {"label": executor.inputs.reference.label,
+                                                   "files": hashed["reference"]}
+    return {
+        "tiesmerge_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.to_dict(),
+        "method": {"name": recipe.method.name, "paper": recipe.method.paper,
+                   "options": recipe.to_dict()["parameters"]},
+        "inputs": inputs,
+        "alignment": {"tied": [list(g) for g in executor.alignment.tied],
+                      "truncated": list(executor.alignment.truncated), "vocab_policy": recipe.vocab_policy},
+        "tensors": {"merged": stats.tensors_merged, "copied": stats.tensors_copied, "tied_aliases": stats.tensors_tied},
+        "thresholds": stats.thresholds,
+        "output": {"files": files, "copied_from_base": copied, "dtype": recipe.dtype or "same as base"},
+        "engine": {"device": str(executor.device), "arithmetic": stats.engine,
+                   "memory_budget_bytes": executor.plan.memory_budget,
+                   "estimated_peak_bytes": executor.plan.peak_bytes, "passes": stats.passes,
+                   "planned_passes": executor.plan.passes, "pass_names": list(executor.plan.pass_names),
+                   "bytes_read": stats.bytes_read, "per_tensor_reduction_bytes": stats.reduce_bytes,
+                   "sample_bytes": stats.sample_bytes, "fused_chunks": stats.fused_chunks,
+                   "torch_chunks": stats.torch_chunks},
+        "seconds": {k: round(v, 4) for k, v in stats.seconds.items()},
+    }
