@@ -22,6 +22,7 @@ from helpers_adapters import (
 from helpers_ckpt import make_base, write_hf_dir
 from tiesmerge.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
 from tiesmerge.io.adapter_writer import truncated_factors
+from tiesmerge.io.adapters import ZeroBase, ia3_identity
 from tiesmerge.methods import DareTies, TaskArithmetic, Ties
 
 TARGETS = [m + ".weight" for m in LORA_MODULES]
@@ -268,3 +269,26 @@ def test_embedding_lora_matches_peft(tmp_path):
     ours = tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], TaskArithmetic(lam=1.0))
     for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.v_proj.weight"):
         torch.testing.assert_close(ours[name], reference[name], atol=1e-6, rtol=1e-5)
+
+
+def test_zero_base_and_ia3_identity_values(tmp_path):
+    """The stand-in bases of adapter merges: zeros (as stored bytes too) and all-ones vectors."""
+    base = make_base(0)
+    base_ckpt = tiesmerge.open_checkpoint(write_hf_dir(tmp_path / "base", base))
+    zero = ZeroBase(base_ckpt)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert zero.info(name) == base_ckpt.info(name) and torch.equal(zero.read(name, slice(2, 5)), torch.zeros(3, 8))
+    out = bytearray(b"\xff" * 3 * 8 * 4)
+    zero.read_into(name, slice(2, 5), memoryview(out))
+    assert out == bytes(len(out))
+    with pytest.raises(ValueError, match="buffer of 4 bytes"):
+        zero.read_into(name, slice(2, 5), memoryview(bytearray(4)))
+
+    adapter = tiesmerge.open_checkpoint(write_ia3_dir(tmp_path / "ia3", random_ia3(base, seed=1)))
+    identity, (union,) = ia3_identity(base_ckpt, [adapter])
+    assert sorted(identity.names()) == sorted(adapter.names()) == sorted(union.names())
+    for n in identity.names():
+        shape = adapter.info(n).shape
+        assert identity.info(n) == adapter.info(n) and identity.info(n).dtype is torch.float32
+        assert torch.equal(identity.read(n), torch.ones(shape)) and identity.storage_key(n) is None
+        assert identity.read(n, slice(0, 1)).shape == (1, *shape[1:])

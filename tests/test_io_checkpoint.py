@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import tiesmerge
 from helpers_ckpt import make_family, write_hf_dir, write_pickle, write_safetensors
+from tiesmerge.dtypes import BY_CODE
 from tiesmerge.errors import CheckpointError
-from tiesmerge.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, open_checkpoint
+from tiesmerge.io.checkpoint import PickleCheckpoint, SafetensorsCheckpoint, TensorInfo, open_checkpoint
 
 
 @pytest.fixture
@@ -175,3 +177,44 @@ def test_row_chunked_merge_equals_whole_tensor_merge(tmp_path, family):
         whole = tiesmerge.merge(base, fts, method, **opts)
         for k in whole:
             torch.testing.assert_close(chunked[k], whole[k], rtol=0, atol=1e-6, msg=f"{method} {opts} {k}")
+
+
+# ------------------------------------------------------------------ tensor facts without torch
+
+
+def test_tensor_info_takes_any_dtype_spelling_and_answers_torch_on_demand():
+    infos = {TensorInfo((4, 3), d) for d in (torch.bfloat16, "bf16", BY_CODE["BF16"])}
+    assert len(infos) == 1
+    (info,) = infos
+    assert (info.shape, info.itemsize, info.is_floating, info.numel, info.nbytes) == ((4, 3), 2, True, 12, 24)
+    assert info.dtype is torch.bfloat16 and info.dtype_info.code == "BF16"
+    scalar = TensorInfo(torch.Size([]), torch.int64)
+    assert scalar.shape == () and (scalar.numel, scalar.nbytes, scalar.is_floating) == (1, 8, False)
+    assert TensorInfo((2,), torch.float32) != TensorInfo((2,), torch.float16)
+
+
+def test_file_infos_are_the_stored_dtypes(tmp_path):
+    state = {"w": torch.ones(3, 2, dtype=torch.bfloat16), "ids": torch.arange(4), "mask": torch.ones(2, dtype=torch.bool)}
+    ckpt = open_checkpoint(write_safetensors(tmp_path / "m.safetensors", state))
+    assert {n: ckpt.info(n).dtype_info.code for n in state} == {"w": "BF16", "ids": "I64", "mask": "BOOL"}
+    assert {n: ckpt.info(n).dtype for n in state} == {n: t.dtype for n, t in state.items()}
+
+
+def test_unknown_dtype_code_is_refused_by_name(tmp_path):
+    """A dtype safetensors knows but tiesmerge does not read (uint16) names the tensor and the code."""
+    path = tmp_path / "u16.safetensors"
+    save_file({"w": torch.zeros(2, dtype=torch.uint16)}, str(path))
+    with pytest.raises(CheckpointError, match=r"u16.safetensors: tensor 'w' has dtype U16, which tiesmerge cannot read"):
+        open_checkpoint(path)
+
+
+def test_rows_read_into_a_buffer_and_mapped_are_the_stored_bytes(tmp_path, family):
+    base, _ = family
+    ckpt = open_checkpoint(write_hf_dir(tmp_path / "m", base, shards=2))
+    name = "model.layers.0.mlp.up_proj.weight"
+    want = base[name][3:7].contiguous().view(torch.uint8).numpy().tobytes()
+    out = bytearray(len(want))
+    ckpt.read_into(name, slice(3, 7), memoryview(out))
+    assert bytes(out) == want == ckpt.map_rows(name, slice(3, 7)).tobytes()
+    with pytest.raises(ValueError, match="buffer of 3 bytes"):
+        ckpt.read_into(name, slice(3, 7), memoryview(bytearray(3)))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 from helpers_ckpt import TOKENIZER_FILES, assert_no_output, leftovers, write_hf_dir
+from tiesmerge.dtypes import BY_CODE, from_torch
 from tiesmerge.errors import OutputError
 from tiesmerge.io.writer import (
     OutputEntry,
@@ -50,6 +52,56 @@ def test_stream_writer_chunks_load_back_exactly(tmp_path, dtype):
         assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v), k
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"format": "pt", "k": "v"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+def test_numpy_chunks_of_the_stored_bytes_write_the_same_file_as_tensors(tmp_path, dtype):
+    """The torch-free path hands the writer numpy views of the stored bytes (bfloat16 as uint16)."""
+    g = torch.Generator().manual_seed(1)
+    state = {"a": (torch.randn(6, 3, generator=g) * 10).to(dtype), "scalar": torch.tensor(2).to(dtype),
+             "empty": torch.zeros(0, 2, dtype=dtype)}
+    view = from_torch(dtype).numpy
+    files = []
+    for kind in ("torch", "numpy"):
+        path = tmp_path / f"{kind}.safetensors"
+        entries = [OutputEntry(e.name, e.shape, from_torch(dtype) if kind == "numpy" else dtype)
+                   for e in _entries(state)]
+        w = SafetensorsStreamWriter(path, entries)
+        for name, value in state.items():
+            chunks = [value[:2], value[2:]] if name == "a" else [value]
+            for chunk in chunks:
+                raw = chunk.reshape(-1).view(torch.uint8).numpy().view(view).reshape(chunk.shape)
+                w.write(name, chunk if kind == "torch" else raw)
+        w.close()
+        files.append(path.read_bytes())
+    assert files[0] == files[1]
+    back = load_file(str(tmp_path / "numpy.safetensors"))
+    assert all(torch.equal(back[k], v) and back[k].dtype == dtype for k, v in state.items())
+
+
+def test_stream_writer_refuses_a_chunk_of_another_width(tmp_path):
+    """8 bytes of float32 for a bfloat16 tensor of 4 entries fill its range exactly: refused."""
+    w = SafetensorsStreamWriter(tmp_path / "x.safetensors", [OutputEntry("w", (4,), "bf16")])
+    with pytest.raises(ValueError, match=r"'w' holds 2-byte entries, but a chunk of 4-byte entries \(float32\)"):
+        w.write("w", np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="4-byte entries"):
+        w.write("w", torch.ones(2))
+    w.write("w", np.zeros(4, np.uint16))
+    w.close()
+    assert torch.equal(load_file(str(tmp_path / "x.safetensors"))["w"], torch.zeros(4, dtype=torch.bfloat16))
+
+
+def test_writer_refuses_a_dtype_safetensors_files_cannot_hold(tmp_path):
+    with pytest.raises(OutputError, match=r"tensor 'c' has dtype complex64") as info:
+        SafetensorsStreamWriter(tmp_path / "x.safetensors", [OutputEntry("c", (2,), torch.complex64)])
+    assert "convert" in info.value.hint and not (tmp_path / "x.safetensors").exists()
+
+
+def test_output_entry_takes_any_dtype_spelling():
+    entries = {OutputEntry("w", [3, 2], d) for d in (torch.bfloat16, "bf16", "bfloat16", BY_CODE["BF16"])}
+    assert len(entries) == 1
+    (entry,) = entries
+    assert entry.shape == (3, 2) and entry.nbytes == 12 and entry.dtype is torch.bfloat16
 
 
 def test_stream_writer_refuses_out_of_order_and_short_writes(tmp_path):
@@ -194,6 +246,15 @@ def test_copy_model_files_skips_weights_and_follows_dtype(tmp_path):
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert json.loads((src / "config.json").read_text())["torch_dtype"] == "float32"
     assert copy_model_files(None, dst) == []
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "float16", BY_CODE["F16"], torch.float16])
+def test_copy_model_files_takes_a_descriptor_or_a_name(tmp_path, dtype):
+    src = write_hf_dir(tmp_path / "src", {"w": torch.ones(2)}, config={"torch_dtype": "float32"}, tokenizer=False)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    assert copy_model_files(src, dst, dtype=dtype) == ["config.json"]
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "float16"
 
 
 def test_atomic_directory_restores_old_output_if_final_rename_fails(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 The verbs: :func:`merge`, :func:`plan_merge`, :func:`analyze`, :func:`tune`, and the statistics
 of the data-aware methods (:func:`fisher_information`, :func:`gram_matrices`, :func:`save_stats`,
 :func:`load_stats`); :func:`open_checkpoint` reads a model lazily; :data:`METHODS` lists the
-methods. They are imported on first use, so ``import tiesmerge`` stays light.
+methods. They are imported when first used (PEP 562), so ``import tiesmerge.io.checkpoint`` or
+``tiesmerge --version`` does not pay for torch and numba.
 
 >>> import tiesmerge                                                           # doctest: +SKIP
 >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
@@ -12,12 +13,12 @@ methods. They are imported on first use, so ``import tiesmerge`` stays light.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it (PEP 562: resolved on first access)
-_LAZY = {
+# public name -> the module that defines it (None: the name is a submodule)
+_WHERE = {
     "merge": "api", "plan_merge": "api", "analyze": "api", "describe_plan": "api",
     "tune": "tuning", "open_checkpoint": "io.checkpoint", "METHODS": "registry",
     "fisher_information": "stats", "gram_matrices": "stats", "save_stats": "stats", "load_stats": "stats",
@@ -27,17 +28,24 @@ _LAZY = {
 __all__ = ["METHODS", "analyze", "describe_plan", "errors", "fisher_information", "gram_matrices", "load_stats",
            "merge", "methods", "open_checkpoint", "plan_merge", "save_stats", "tune", "__version__"]
 
+if TYPE_CHECKING:
+    from . import errors, methods
+    from .api import analyze, describe_plan, merge, plan_merge
+    from .io.checkpoint import open_checkpoint
+    from .registry import METHODS
+    from .stats import fisher_information, gram_matrices, load_stats, save_stats
+    from .tuning import tune
+
 
 def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'tiesmerge' has no attribute {name!r}")
-    module = _LAZY[name]
-    value = importlib.import_module(f".{name}" if module is None else f".{module}", __name__)
-    if module is not None:
-        value = getattr(value, name)
-    globals()[name] = value
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _WHERE[name]
+    value = importlib.import_module(f".{name if module is None else module}", __name__)
+    value = value if module is None else getattr(value, name)
+    globals()[name] = value  # later lookups are plain attribute hits
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted({*globals(), *__all__})

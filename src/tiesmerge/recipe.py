@@ -27,11 +27,11 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
+from .dtypes import BY_NAME
 from .errors import ConfigError
 from .io.align import VOCAB_POLICIES
 from .methods.base import MergeMethod, ModelPath, check_models, option_types
@@ -39,21 +39,25 @@ from .recipe_mergekit import is_mergekit, translate_mergekit
 from .registry import METHODS, did_you_mean, make_method
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, parse_size
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict", "from_mergekit", "DTYPES",
            "parse_dtype"]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = BY_NAME  # the output dtype names a recipe or the command line accepts -> tiesmerge.dtypes.DType
 _KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memory_budget", "device", "vocab_policy",
          "allow_pickle", "output_format", "rank", "origin", "stats")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
+    """An output dtype name (``bf16``) as a torch dtype (imports torch); ``DTYPES[name]`` is the
+    torch-free descriptor."""
     if name is None:
         return None
     if not isinstance(name, str) or name not in DTYPES:  # a YAML list is unhashable: check the type first
         raise ConfigError(f"dtype {name!r} is not one of {', '.join(DTYPES)}{did_you_mean(str(name), list(DTYPES))}")
-    return DTYPES[name]
+    return DTYPES[name].torch
 
 
 @dataclass(frozen=True)

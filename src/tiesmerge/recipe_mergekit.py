@@ -37,6 +37,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .dtypes import BY_NAME
 from .errors import ConfigError
 
 __all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
@@ -60,8 +61,8 @@ _OPTIONS: dict[str, dict[str, Any]] = {
                     "rescale": True},
 }
 _PER_MODEL = ("weight", "density")
-_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "fp32": "float32",
-           "fp16": "float16", "bf16": "bfloat16"}
+# the dtype names mergekit recipes use, as tiesmerge's canonical names
+_DTYPES = {name: BY_NAME[name].name for name in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")}
 
 
 def is_mergekit(data: Any) -> bool:

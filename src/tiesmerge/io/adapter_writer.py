@@ -14,9 +14,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from ..dtypes import DType, as_dtype
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint, LoraTarget
 
 __all__ = ["Factored", "truncated_factors", "LoraFactorSink", "write_lora_adapter", "write_ia3_adapter"]
@@ -58,9 +60,14 @@ class LoraFactorSink:
         self.full: dict[str, torch.Tensor] = {}  # merged τ of tensors stored whole
         self._held: dict[str, tuple[torch.Tensor, int]] = {}  # name -> (τ being filled (out, in), rows filled)
 
-    def write(self, name: str, rows: slice | None, chunk: torch.Tensor) -> None:
+    def write(self, name: str, rows: slice | None, chunk: np.ndarray | torch.Tensor) -> None:
         if name not in self.targets and name not in self.full_names:
             return  # a tensor no adapter changes: not part of the adapter
+        if isinstance(chunk, np.ndarray):
+            if chunk.dtype.kind != "f":  # raw bits (bfloat16 as uint16) would be taken as numbers
+                raise TypeError(f"{name}: the LoRA factor sink takes τ's values, not a {chunk.dtype} array of "
+                                "stored bits; pass a float array or a torch tensor")
+            chunk = torch.from_numpy(chunk)
         shape = self._shapes[name]
         held, filled = self._held.get(name) or (torch.empty(shape, dtype=torch.float32), 0)
         if rows is None or not shape:
@@ -88,8 +95,10 @@ def _atomic_json(path: Path, data: dict) -> None:
 
 
 def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[LoraCheckpoint],
-                       sink: LoraFactorSink, base_values: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+                       sink: LoraFactorSink, base_values: dict[str, torch.Tensor],
+                       dtype: DType | torch.dtype) -> dict:
     """adapter_config.json + adapter_model.safetensors in ``directory``; returns the manifest part."""
+    out_dtype = as_dtype(dtype).torch
     tensors: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     errors: dict[str, float] = {}
@@ -99,13 +108,13 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
         key = PEFT_PREFIX + target.module
         a_suffix, b_suffix = (".lora_embedding_A", ".lora_embedding_B") if target.embedding else \
             (".lora_A.weight", ".lora_B.weight")
-        tensors[key + a_suffix] = factored.a.to(dtype).contiguous()
-        tensors[key + b_suffix] = factored.b.to(dtype).contiguous()
+        tensors[key + a_suffix] = factored.a.to(out_dtype).contiguous()
+        tensors[key + b_suffix] = factored.b.to(out_dtype).contiguous()
         errors[target.module] = factored.relative_error
     saved_whole: list[str] = []
     for name, tau in sink.full.items():
         key = next(k for a in adapters if (k := a.full_key(name)) is not None)
-        tensors[key] = (base_values[name].float() + tau).to(dtype).contiguous()
+        tensors[key] = (base_values[name].float() + tau).to(out_dtype).contiguous()
         saved_whole.append(key)
     config = dict(first.config)
     to_save = sorted({m for a in adapters for m in (a.config.get("modules_to_save") or [])})
@@ -122,9 +131,10 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
 
 
 def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, torch.Tensor],
-                      modules: dict[str, str], dtype: torch.dtype) -> dict:
+                      modules: dict[str, str], dtype: DType | torch.dtype) -> dict:
     """The merged (IA)³ vectors l_m (names: base weights) under PEFT's keys; returns the manifest part."""
-    tensors = {f"{PEFT_PREFIX}{modules[name]}.ia3_l": value.to(dtype).contiguous() for name, value in vectors.items()}
+    out_dtype = as_dtype(dtype).torch
+    tensors = {f"{PEFT_PREFIX}{modules[name]}.ia3_l": value.to(out_dtype).contiguous() for name, value in vectors.items()}
     feedforward = sorted(modules[n] for n, v in vectors.items() if v.shape[0] == 1)
     config = dict(first_config)
     config.update({"target_modules": sorted(modules[n] for n in vectors), "feedforward_modules": feedforward,

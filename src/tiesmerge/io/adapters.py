@@ -13,9 +13,9 @@ every shape. A base tensor the adapter does not target has τ = 0.
   module), r the module's own rank, so adapters of different ranks merge together. Embedding
   LoRA and ``fan_in_fan_out`` layers store the transpose: ΔW = s · (B · A)ᵀ. Full tensors saved
   beside the factors (``modules_to_save``, trained biases) give τ = saved − base.
-- (IA)³: the learned scaling vectors l start at 1, so τ = l − 1 (the paper's PEFT experiments
-  merge these). Merging happens in l-space against an all-ones "base" (``ia3_identity``);
-  the merged vectors can be written back as an adapter or folded into the base's weights.
+- (IA)³: τ = l − 1 of the learned scaling vectors; see :mod:`tiesmerge.io.ia3`.
+
+Opening and binding read only headers and configs, never torch; ``read`` computes with torch.
 """
 
 from __future__ import annotations
@@ -25,18 +25,31 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
+from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError
-from .checkpoint import Checkpoint, SafetensorsCheckpoint, StateDictCheckpoint, TensorInfo
+from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
+from .peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_PREFIX,
+    adapter_kind,
+    read_adapter_dir,
+    resolve_name,
+    strip_key,
+    yields_task_vector,
+)
+from .protocol import Checkpoint, TensorInfo, rows_shape
 
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "is_adapter_dir", "open_adapter", "LoraCheckpoint",
-           "Ia3Checkpoint", "LoraTarget", "ia3_identity", "ZeroBase", "yields_task_vector", "adapter_kind"]
+if TYPE_CHECKING:
+    import torch
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "open_adapter", "LoraCheckpoint", "Ia3Checkpoint",
+           "Ia3Identity", "LoraTarget", "ia3_identity", "ZeroBase", "yields_task_vector", "adapter_kind"]
+
 _UNSUPPORTED_LORA = {  # config keys whose non-default value changes what ΔW is
     "use_dora": "DoRA adds a learned magnitude vector, so ΔW is not s·B·A",
     "target_parameters": "LoRA on raw parameters (target_parameters) has no module weight to add to",
@@ -45,71 +58,12 @@ _UNSUPPORTED_LORA = {  # config keys whose non-default value changes what ΔW is
 }
 
 
-def is_adapter_dir(path: Path) -> bool:
-    return path.is_dir() and (path / ADAPTER_CONFIG).is_file()
-
-
-def yields_task_vector(ckpt: Checkpoint) -> bool:
-    return bool(getattr(ckpt, "yields_task_vector", False))
-
-
-def adapter_kind(models: list[Checkpoint]) -> str | None:
-    """"lora", "ia3" or None (no adapters); mixing (IA)³ with anything else is an error."""
-    kinds = {getattr(m, "adapter_kind", None) for m in models}
-    if "ia3" in kinds and len(kinds) > 1:
-        raise IncompatibleCheckpointsError(
-            "(IA)³ adapters merge only with other (IA)³ adapters: their task vectors are scaling vectors, "
-            "not weight changes",
-            hint="merge the (IA)³ adapters on their own, or fold each into its base model first")
-    return "ia3" if "ia3" in kinds else "lora" if "lora" in kinds else None
-
-
-def _strip(key: str, suffix: str) -> str:
-    module = key[: -len(suffix)] if suffix and key.endswith(suffix) else key
-    return module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
-
-
-def _resolve(module: str, suffix: str, base: Checkpoint, label: str, key: str) -> str:
-    """The base tensor name of ``module + suffix``: exact, else with leading module components
-    dropped (an adapter trained on a task head wrapper, e.g. ``bert.``), else the one base name
-    ending with it (a base saved under a wrapper prefix)."""
-    names = set(base.names())
-    parts = module.split(".")
-    for start in range(len(parts)):
-        candidate = ".".join(parts[start:]) + suffix
-        if candidate in names:
-            return candidate
-    ending = [n for n in names if n.endswith("." + module + suffix)]
-    if len(ending) == 1:
-        return ending[0]
-    raise IncompatibleCheckpointsError(
-        f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({base.label}) has "
-        + (f"{len(ending)} tensors ending in {module + suffix!r}" if ending else f"no tensor {module + suffix!r}"),
-        hint="the adapter was trained on another base model; pass the base it was trained from")
-
-
 def _pattern_value(patterns: dict, module: str, default: float) -> float:
     """PEFT's rank/alpha pattern lookup: a key matches a module name ending with it (a regex)."""
     for key, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({key})$", module):
             return float(value)
     return default
-
-
-def _read_adapter_dir(path: Path, label: str) -> tuple[dict, SafetensorsCheckpoint]:
-    try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: not a readable JSON file ({exc})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a mapping")
-    weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        pickled = path / "adapter_model.bin"
-        raise CheckpointError(
-            f"{path}: no {ADAPTER_WEIGHTS}" + (" (only adapter_model.bin, a pickle)" if pickled.is_file() else ""),
-            hint="save the adapter with safe_serialization=True (PEFT's default) or convert it to safetensors")
-    return config, SafetensorsCheckpoint(weights, [weights], {}, label)
 
 
 @dataclass(frozen=True)
@@ -134,7 +88,7 @@ class LoraCheckpoint:
     def __init__(self, path: Path, label: str) -> None:
         self.label = label
         self.path = path
-        self.config, self._file = _read_adapter_dir(path, label)
+        self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
             raise CheckpointError(f"{path}: peft_type is {self.config.get('peft_type')!r}, expected LORA")
@@ -151,7 +105,7 @@ class LoraCheckpoint:
             for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
                                                   (".lora_embedding_A", ".lora_embedding_B", True)):
                 if key.endswith(a_suffix):
-                    module = _strip(key, a_suffix)
+                    module = strip_key(key, a_suffix)
                     b_key = key[: -len(a_suffix)] + b_suffix
                     if b_key not in keys:
                         self._file.close()
@@ -179,7 +133,7 @@ class LoraCheckpoint:
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         targets: dict[str, LoraTarget] = {}
         for module, (a_key, b_key, embedding) in self._factors.items():
-            name = _resolve(module, ".weight", base, self.label, a_key)
+            name = resolve_name(module, ".weight", base, self.label, a_key)
             a, b = self._file.info(a_key).shape, self._file.info(b_key).shape
             rank = a[0]
             if len(a) != 2 or len(b) != 2 or b[1] != rank:
@@ -198,7 +152,7 @@ class LoraCheckpoint:
             targets[name] = LoraTarget(module, a_key, b_key, rank, scale, transposed, embedding)
         full_bound: dict[str, str] = {}
         for plain, key in self._full.items():
-            name = _resolve(_strip(plain, ""), "", base, self.label, key)
+            name = resolve_name(strip_key(plain, ""), "", base, self.label, key)
             if tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: saved tensor {key!r} {tuple(self._file.info(key).shape)} does not fit the base "
@@ -217,7 +171,7 @@ class LoraCheckpoint:
         return [*self.targets, *(n for n in self._full_bound if n not in self.targets)]
 
     def info(self, name: str) -> TensorInfo:
-        return TensorInfo(tuple(self._require_bound().info(name).shape), torch.float32)
+        return TensorInfo(tuple(self._require_bound().info(name).shape), FLOAT32)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         """τ's rows in float32: s · B[rows] · A (or its transpose), saved − base, or zeros."""
@@ -238,10 +192,9 @@ class LoraCheckpoint:
             return delta if saved is None else delta.add_(saved)
         if saved is not None:
             return saved
-        shape = list(base.info(name).shape)
-        if rows is not None and shape:
-            shape[0] = len(range(*rows.indices(shape[0])))
-        return torch.zeros(shape, dtype=torch.float32)
+        import torch
+
+        return torch.zeros(rows_shape(base.info(name).shape, rows), dtype=torch.float32)
 
     def location(self, name: str) -> str:
         return str(self.path / ADAPTER_WEIGHTS)
@@ -260,144 +213,6 @@ class LoraCheckpoint:
         self._file.close()
 
 
-class Ia3Checkpoint:
-    """A PEFT (IA)³ adapter directory, read as τ = l − 1 of its scaling vectors.
-
-    Names are the base weights the vectors scale; shapes are the vectors' own: (out, 1) for a
-    module whose output is scaled, (1, in) for a feed-forward module whose input is scaled.
-    """
-
-    yields_task_vector = True
-    adapter_kind = "ia3"
-
-    def __init__(self, path: Path, label: str) -> None:
-        self.label = label
-        self.path = path
-        self.config, self._file = _read_adapter_dir(path, label)
-        if str(self.config.get("peft_type", "")).upper() != "IA3":
-            self._file.close()
-            raise CheckpointError(f"{path}: peft_type is {self.config.get('peft_type')!r}, expected IA3")
-        self._vectors = {_strip(k, ".ia3_l"): k for k in self._file.names() if k.endswith(".ia3_l")}
-        other = [k for k in self._file.names() if not k.endswith(".ia3_l")]
-        if other:
-            self._file.close()
-            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds {len(other)} tensor(s) that are not (IA)³ vectors, "
-                                  f"first {other[0]!r} (modules_to_save are not supported for (IA)³)")
-        if not self._vectors:
-            self._file.close()
-            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds no (IA)³ vectors (keys ending in .ia3_l)")
-        self.modules: dict[str, str] = {}  # base weight name -> module path, after bind
-        self._keys: dict[str, str] = {}  # base weight name -> adapter key
-        self.bound = False
-
-    def bind(self, base: Checkpoint) -> None:
-        """Map every vector to the base weight it scales; check it broadcasts against the weight.
-
-        Binding against an (IA)³ identity (names already the base's, shapes the vectors') only
-        checks the shapes, so the same adapter can be aligned against either."""
-        if self.bound:
-            for name, key in self._keys.items():
-                if name not in base.names() or tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
-                    raise IncompatibleCheckpointsError(f"{self.label}: (IA)³ vector {key!r} does not fit {name!r}")
-            return
-        for module, key in self._vectors.items():
-            name = _resolve(module, ".weight", base, self.label, key)
-            weight = tuple(base.info(name).shape)
-            shape = tuple(self._file.info(key).shape)
-            fits = len(weight) == 2 and shape in ((weight[0], 1), (1, weight[1]))
-            if not fits:
-                raise IncompatibleCheckpointsError(
-                    f"{self.label}: (IA)³ vector {key!r} {shape} does not scale the rows or the columns of the base "
-                    f"tensor {name!r} {weight}",
-                    hint="the adapter was trained on another base model; pass the base it was trained from")
-            self.modules[name] = module
-            self._keys[name] = key
-        self.bound = True
-
-    def names(self) -> list[str]:
-        return list(self._keys)
-
-    def info(self, name: str) -> TensorInfo:
-        return TensorInfo(tuple(self._file.info(self._keys[name]).shape), torch.float32)
-
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        if name not in self._keys:  # a vector another adapter has and this one lacks: l = 1
-            raise KeyError(name)
-        return self._file.read(self._keys[name], rows).float().sub_(1.0)
-
-    def location(self, name: str) -> str:
-        return str(self.path / ADAPTER_WEIGHTS)
-
-    def files(self) -> list[Path]:
-        return [self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS]
-
-    def directory(self) -> Path | None:
-        return self.path
-
-    def is_feedforward(self, name: str) -> bool:
-        return self._file.info(self._keys[name]).shape[0] == 1
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _Ia3Union:
-    """An (IA)³ adapter seen over the union of every adapter's vectors: a vector it lacks is
-    l = 1, so τ = 0."""
-
-    yields_task_vector = True
-    adapter_kind = "ia3"
-
-    def __init__(self, adapter: Ia3Checkpoint, shapes: dict[str, tuple[int, ...]]) -> None:
-        self.adapter, self._shapes, self.label = adapter, shapes, adapter.label
-
-    def bind(self, base: Checkpoint) -> None:
-        pass  # bound when the identity was built
-
-    def names(self) -> list[str]:
-        return self.adapter.names()
-
-    def info(self, name: str) -> TensorInfo:
-        return TensorInfo(self._shapes[name], torch.float32)
-
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        if name in self.adapter.names():
-            return self.adapter.read(name, rows)
-        shape = list(self._shapes[name])
-        if rows is not None:
-            shape[0] = len(range(*rows.indices(shape[0])))
-        return torch.zeros(shape, dtype=torch.float32)
-
-    def location(self, name: str) -> str:
-        return self.adapter.location(name)
-
-    def files(self) -> list[Path]:
-        return self.adapter.files()
-
-    def directory(self) -> Path | None:
-        return self.adapter.directory()
-
-    def close(self) -> None:
-        self.adapter.close()
-
-
-def ia3_identity(base: Checkpoint, adapters: list[Ia3Checkpoint]) -> tuple[StateDictCheckpoint, list[_Ia3Union]]:
-    """The l-space "base" of an (IA)³ merge, all ones over the union of the adapters' vectors,
-    and each adapter seen over that union. Merging against it gives l_m = 1 + λ·τ_m."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for adapter in adapters:
-        adapter.bind(base)
-        for name in adapter.names():
-            shape = tuple(adapter.info(name).shape)
-            if shapes.setdefault(name, shape) != shape:
-                raise IncompatibleCheckpointsError(
-                    f"(IA)³ vectors for {name!r} differ in shape: {shapes[name]} and {shape} ({adapter.label}); "
-                    "one adapter scales the module's inputs, the other its outputs",
-                    hint="list the module under feedforward_modules in both adapters' configs, or in neither")
-    ones = {name: torch.ones(shape, dtype=torch.float32) for name, shape in shapes.items()}
-    return StateDictCheckpoint(ones, "(IA)³ identity (l = 1)"), [_Ia3Union(a, shapes) for a in adapters]
-
-
 class ZeroBase:
     """The base's names, shapes and dtypes, with every value 0.
 
@@ -414,11 +229,18 @@ class ZeroBase:
         return self.base.info(name)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        import torch
+
         info = self.base.info(name)
-        shape = list(info.shape)
-        if rows is not None and shape:
-            shape[0] = len(range(*rows.indices(shape[0])))
-        return torch.zeros(shape, dtype=info.dtype)
+        return torch.zeros(rows_shape(info.shape, rows), dtype=info.dtype)
+
+    def read_into(self, name: str, rows: slice | None, out: memoryview) -> None:
+        """Zeros as stored bytes (0 is all zero bits in every dtype), without torch."""
+        info = self.base.info(name)
+        nbytes = math.prod(rows_shape(info.shape, rows)) * info.itemsize
+        if len(out) != nbytes:
+            raise ValueError(f"{name}: buffer of {len(out)} bytes for {nbytes} bytes of rows")
+        np.frombuffer(out, dtype=np.uint8).fill(0)
 
     def location(self, name: str) -> str:
         return self.base.location(name)

@@ -10,13 +10,18 @@ and are written under every name; a vocabulary-size mismatch is an error unless 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
+from ..dtypes import DType, as_dtype
 from ..errors import ConfigError, IncompatibleCheckpointsError
-from .adapters import yields_task_vector
-from .checkpoint import Checkpoint, StateDictCheckpoint
+from .peft import yields_task_vector
+from .protocol import Checkpoint, read_rows_into, rows_shape
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["TensorJob", "Alignment", "align", "VOCAB_POLICIES"]
 
@@ -25,22 +30,48 @@ _HEAD_SUFFIXES = ("lm_head.weight", "predictions.decoder.weight", "embed_out.wei
 _EMBED_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight", "embed_in.weight")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TensorJob:
-    """One output tensor (or group of tied tensors) and how to produce it."""
+    """One output tensor (or group of tied tensors) and how to produce it.
+
+    Built with a ``DType``, a torch dtype or a dtype name; planning reads ``dtype_info``,
+    ``itemsize`` and ``nbytes`` (no torch), computing code ``dtype`` (a torch dtype).
+    """
 
     name: str  # the name read from every input
     shape: tuple[int, ...]  # output shape: the base's
-    dtype: torch.dtype  # the base's dtype
+    dtype_info: DType  # the base's dtype
     merge: bool  # False: copied from the base
     aliases: tuple[str, ...] = ()  # tied names written with the same values
 
+    def __init__(self, name: str, shape: Sequence[int], dtype: DType | str | torch.dtype, merge: bool,
+                 aliases: Sequence[str] = ()) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "shape", tuple(shape))
+        object.__setattr__(self, "dtype_info", as_dtype(dtype))
+        object.__setattr__(self, "merge", merge)
+        object.__setattr__(self, "aliases", tuple(aliases))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        return self.dtype_info.torch
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype_info.itemsize
+
+    @property
+    def is_floating(self) -> bool:
+        return self.dtype_info.is_floating
+
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype_info.itemsize
 
 
 @dataclass(frozen=True)
@@ -51,10 +82,6 @@ class Alignment:
 
     def merged_numel(self) -> int:
         return sum(j.numel for j in self.jobs if j.merge)
-
-
-def _is_float(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
 
 
 def _read_config(ckpt: Checkpoint) -> dict:
@@ -69,7 +96,7 @@ def _read_config(ckpt: Checkpoint) -> dict:
 
 def _tied_groups(base: Checkpoint, names: list[str]) -> list[tuple[str, ...]]:
     """Groups of names that are one tensor: aliasing memory, or an output head tied by config."""
-    if isinstance(base, StateDictCheckpoint):
+    if hasattr(base, "storage_key"):  # in memory: tensors that view the same memory are one
         groups: dict[tuple, list[str]] = {}
         for name in names:
             key = base.storage_key(name)
@@ -88,11 +115,23 @@ def _tied_groups(base: Checkpoint, names: list[str]) -> list[tuple[str, ...]]:
     return out
 
 
+def _first_rows(ckpt: Checkpoint, name: str, rows: slice | None) -> bytes:
+    info = ckpt.info(name)
+    out = bytearray(math.prod(rows_shape(info.shape, rows)) * info.itemsize)
+    read_rows_into(ckpt, name, rows, memoryview(out))
+    return bytes(out)
+
+
 def _same_values(ckpts: list[Checkpoint], a: str, b: str) -> bool:
-    """Cheap check that two names hold one tensor: compare the first rows in every input."""
+    """Cheap check that two names hold one tensor: compare the first rows' bytes in every input
+    (files: read as stored, no torch)."""
     for ckpt in ckpts:
+        if ckpt.info(a) != ckpt.info(b):
+            return False
+        if yields_task_vector(ckpt) and a not in ckpt.names() and b not in ckpt.names():
+            continue  # an adapter that changes neither: τ = 0 for both
         rows = slice(0, min(4, ckpt.info(a).shape[0])) if ckpt.info(a).shape else None
-        if ckpt.info(a) != ckpt.info(b) or not torch.equal(ckpt.read(a, rows), ckpt.read(b, rows)):
+        if _first_rows(ckpt, a, rows) != _first_rows(ckpt, b, rows):
             return False
     return True
 
@@ -102,7 +141,7 @@ def _shapes_table(name: str, base: Checkpoint, models: list[Checkpoint]) -> str:
         if name not in c.names():
             return "missing"
         i = c.info(name)
-        return f"{tuple(i.shape)} {str(i.dtype).removeprefix('torch.')}"
+        return f"{tuple(i.shape)} {i.dtype_info.name}"
 
     lines = [f"    base     {show(base):<28} {base.label}"]  # as wide as "model k "
     lines += [f"    model {k:<2} {show(m):<28} {m.label}" for k, m in enumerate(models)]
@@ -132,7 +171,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
     for k, model in enumerate(models):
         have = set(model.names())
         missing = [] if yields_task_vector(model) else \
-            [n for n in names if n not in have and _is_float(base.info(n).dtype)]
+            [n for n in names if n not in have and base.info(n).is_floating]
         extra = [n for n in model.names() if n not in base_set]
         if missing or extra:
             parts = []
@@ -157,17 +196,17 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             continue
         info = base.info(name)
         aliases = next((g[1:] for g in tied if g[0] == name), ())
-        if not _is_float(info.dtype) or name not in covered:
-            jobs.append(TensorJob(name, info.shape, info.dtype, merge=False, aliases=aliases))
+        if not info.is_floating or name not in covered:
+            jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=False, aliases=aliases))
             continue
         for k, model in enumerate(models):
             if yields_task_vector(model):
                 continue  # bind() checked the adapter's shapes against the base
             mi = model.info(name)
-            if not _is_float(mi.dtype):
+            if not mi.is_floating:
                 raise IncompatibleCheckpointsError(
                     f"tensor {name!r} must merge but model {k} ({model.location(name)}) stores it as "
-                    f"{str(mi.dtype).removeprefix('torch.')}, not a floating dtype\n" + _shapes_table(name, base, models),
+                    f"{mi.dtype_info.name}, not a floating dtype\n" + _shapes_table(name, base, models),
                     hint="floating tensors of the base are merged; the model's tensor must be floating too",
                 )
             if mi.shape == info.shape:
@@ -184,6 +223,6 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 f"tensor {name!r}: shapes differ between the base and model {k}\n" + _shapes_table(name, base, models),
                 hint=hint,
             )
-        jobs.append(TensorJob(name, info.shape, info.dtype, merge=True, aliases=aliases))
+        jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=True, aliases=aliases))
     return Alignment(tuple(jobs), tuple(tied), tuple(truncated))
 

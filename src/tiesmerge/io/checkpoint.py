@@ -1,29 +1,28 @@
-"""Checkpoints read lazily: tensor names, shapes and dtypes up front, data only when asked.
+"""Opening a checkpoint: which reader a path (or an in-memory state dict) needs.
 
-Safetensors files are opened once with ``safe_open`` (memory-mapped) and kept open; a read
-takes a whole tensor or a slice of rows through ``get_slice``, so a merge never holds more
-than the chunk it works on. PyTorch pickle files can run arbitrary code when loaded, so they
-are refused unless the caller opts in, and then loaded with ``weights_only=True``.
+The readers live in their own modules and are re-exported here, where callers look for them:
+safetensors files (``SafetensorsCheckpoint``, torch-free), PEFT adapters (``io.adapters``),
+in-memory state dicts and PyTorch pickles (``StateDictCheckpoint``, ``PickleCheckpoint``, torch).
+Pickle files can run arbitrary code when loaded, so they are refused unless the caller opts in.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
 import os
-import struct
-import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
-
-import numpy as np
-import torch
-from safetensors import SafetensorError, safe_open
+from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from .adapters import open_adapter
+from .peft import ADAPTER_CONFIG
+from .protocol import Checkpoint, TensorInfo, read_rows_into
+from .safetensors_reader import SafetensorsCheckpoint
+from .state_dict import PICKLE_SUFFIXES, PickleCheckpoint, StateDictCheckpoint
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "TensorInfo",
@@ -33,277 +32,8 @@ __all__ = [
     "StateDictCheckpoint",
     "read_rows_into",
     "open_checkpoint",
-    "SAFETENSORS_DTYPES",
+    "PICKLE_SUFFIXES",
 ]
-
-# fault a mapping's pages in at once (on the read-ahead thread, not in the kernels): Linux 5.14+;
-# Python names the constant from 3.12, its value is 22
-_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-CONFIG_FILES = ("config.json", "generation_config.json")
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
-
-
-@runtime_checkable
-class Checkpoint(Protocol):
-    """What the engine needs of an input model."""
-
-    label: str  # how errors and progress name this checkpoint
-
-    def names(self) -> list[str]: ...
-
-    def info(self, name: str) -> TensorInfo: ...
-
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor: ...
-
-    def location(self, name: str) -> str: ...
-
-    def files(self) -> list[Path]: ...
-
-    def directory(self) -> Path | None: ...
-
-    def close(self) -> None: ...
-
-
-class SafetensorsCheckpoint:
-    """One ``.safetensors`` file, or a directory with one file or with shards and an index.
-
-    Each file is validated once by ``safe_open`` (header, dtypes, that the data covers the
-    file exactly), then read with ``pread`` through one descriptor per file: a read copies
-    just the requested rows into fresh memory. Reading through the memory map instead would
-    leave every touched page of every input resident in the process, so peak RSS would grow
-    with the model size rather than stay under the memory budget.
-    """
-
-    def __init__(self, path: Path, weight_files: list[Path], weight_map: dict[str, Path], label: str) -> None:
-        self.label = label
-        self.path = path
-        self._files = weight_files
-        self._fds: dict[Path, int] = {}
-        self._where: dict[str, Path] = {}
-        self._info: dict[str, TensorInfo] = {}
-        self._start: dict[str, int] = {}  # absolute file offset of each tensor's first byte
-        try:
-            for file in weight_files:
-                self._index_file(file, weight_map)
-        except BaseException:
-            self.close()
-            raise
-        missing = [name for name in weight_map if name not in self._where]
-        if missing:
-            self.close()
-            raise CheckpointError(
-                f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, first {missing[0]!r} "
-                f"(expected in {weight_map[missing[0]].name})",
-                hint="the download is incomplete or the index belongs to another model; fetch the shards again",
-            )
-
-    def _index_file(self, file: Path, weight_map: dict[str, Path]) -> None:
-        try:
-            with safe_open(str(file), framework="pt", device="cpu") as handle:  # validates the whole layout
-                names = list(handle.keys())
-            with open(file, "rb") as f:
-                header_len = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(header_len))
-        except (SafetensorError, OSError, ValueError, struct.error) as exc:
-            raise CheckpointError(
-                f"{file}: not a readable safetensors file ({exc})",
-                hint="the file is truncated or corrupt; download or copy it again",
-            ) from None
-        for name in names:
-            if weight_map and weight_map.get(name) != file:
-                continue  # the index decides which shard owns a name
-            entry = header[name]
-            if entry["dtype"] not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which tiesmerge cannot read")
-            self._where[name] = file
-            self._info[name] = TensorInfo(tuple(entry["shape"]), SAFETENSORS_DTYPES[entry["dtype"]])
-            self._start[name] = 8 + header_len + entry["data_offsets"][0]
-        self._fds[file] = os.open(file, os.O_RDONLY)
-
-    def names(self) -> list[str]:
-        return list(self._info)
-
-    def info(self, name: str) -> TensorInfo:
-        return self._info[name]
-
-    def location(self, name: str) -> str:
-        return str(self._where.get(name, self.path))
-
-    def _span(self, name: str, rows: slice | None) -> tuple[list[int], int, int]:
-        """(shape, file offset, bytes) of ``rows`` of tensor ``name``."""
-        info = self._info[name]
-        shape = list(info.shape)
-        row_bytes = info.dtype.itemsize * (info.numel // shape[0] if shape and shape[0] else 0)
-        offset = self._start[name]
-        if rows is not None and shape:
-            first, stop, step = rows.indices(shape[0])
-            if step != 1:
-                raise ValueError("row slices must be contiguous")
-            shape[0] = max(0, stop - first)
-            offset += first * row_bytes
-        return shape, offset, info.dtype.itemsize * math.prod(shape)
-
-    def _pread(self, name: str, offset: int, view: memoryview) -> None:
-        done, nbytes = 0, len(view)
-        try:
-            while done < nbytes:  # pread may return less than asked (2 GiB cap, signals)
-                got = os.preadv(self._fds[self._where[name]], [view[done:]], offset + done)
-                if got == 0:
-                    raise OSError(f"unexpected end of file after {done} of {nbytes} bytes")
-                done += got
-        except OSError as exc:
-            raise CheckpointError(f"{self.location(name)}: cannot read tensor {name!r} ({exc})",
-                                  hint="the file changed or was truncated while tiesmerge read it") from None
-
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        shape, offset, nbytes = self._span(name, rows)
-        dtype = self._info[name].dtype
-        if not nbytes:
-            return torch.empty(shape, dtype=dtype)
-        buffer = bytearray(nbytes)
-        self._pread(name, offset, memoryview(buffer))
-        return torch.frombuffer(buffer, dtype=dtype).view(shape)
-
-    def read_into(self, name: str, rows: slice | None, out: memoryview) -> None:
-        """Read ``rows`` of ``name`` as stored into ``out`` (exactly their size in bytes): the
-        engine's reusable buffers, so no pass allocates or zeroes memory per chunk."""
-        _, offset, nbytes = self._span(name, rows)
-        if len(out) != nbytes:
-            raise ValueError(f"{name}: buffer of {len(out)} bytes for {nbytes} bytes of rows")
-        self._pread(name, offset, out)
-
-    def map_rows(self, name: str, rows: slice | None, *, populate: bool = True) -> np.ndarray:
-        """``rows`` of ``name`` as stored, mapped from the file, not copied: a uint8 array over
-        the page cache. The mapping lives as long as the array (and views of it) do; the
-        engine drops it after the chunk, so mapped pages never pile up in RSS."""
-        _, offset, nbytes = self._span(name, rows)
-        if not nbytes:
-            return np.empty(0, np.uint8)
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            # private and writable (copy-on-write, never written): numpy and torch see an
-            # ordinary array, while the pages stay the page cache's until someone writes
-            mapping = mmap.mmap(self._fds[self._where[name]], offset + nbytes - start, flags=mmap.MAP_PRIVATE,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{self.location(name)}: cannot map tensor {name!r} ({exc})",
-                                  hint="the file changed or was truncated while tiesmerge read it") from None
-        global _POPULATE
-        if populate and _POPULATE is not None:
-            try:
-                mapping.madvise(_POPULATE)  # fault the pages in now, on the reading thread
-            except OSError:  # an older kernel: the kernels fault them in as they read
-                _POPULATE = None
-        return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset - start)
-
-    def files(self) -> list[Path]:
-        return list(self._files)
-
-    def directory(self) -> Path | None:
-        return self.path if self.path.is_dir() else None
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-class StateDictCheckpoint:
-    """An in-memory ``{name: tensor}`` mapping, read through the same interface as files."""
-
-    def __init__(self, state: Mapping[str, torch.Tensor], label: str) -> None:
-        self.label = label
-        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise CheckpointError(f"{label}: entry {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a torch.Tensor")
-        self._state = dict(state)
-
-    def names(self) -> list[str]:
-        return list(self._state)
-
-    def info(self, name: str) -> TensorInfo:
-        t = self._state[name]
-        return TensorInfo(tuple(t.shape), t.dtype)
-
-    def location(self, name: str) -> str:
-        return self.label
-
-    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        t = self._state[name].detach()
-        t = t if rows is None or t.dim() == 0 else t[rows]
-        return t.cpu() if t.device.type != "cpu" else t
-
-    def files(self) -> list[Path]:
-        return []
-
-    def directory(self) -> Path | None:
-        return None
-
-    def storage_key(self, name: str) -> tuple[int, int, tuple[int, ...], tuple[int, ...]] | None:
-        """Identity of the memory a tensor views, so tied (aliased) tensors can be found."""
-        t = self._state[name]
-        if t.numel() == 0:
-            return None
-        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
-
-    def close(self) -> None:
-        pass
-
-
-class PickleCheckpoint(StateDictCheckpoint):
-    """PyTorch pickle files, loaded with ``weights_only=True`` (no arbitrary code) and mmap."""
-
-    def __init__(self, path: Path, files: list[Path], label: str) -> None:
-        state: dict[str, torch.Tensor] = {}
-        for file in files:
-            try:
-                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as exc:  # torch raises many kinds here
-                raise CheckpointError(f"{file}: cannot load with weights_only=True ({type(exc).__name__}: {exc})") from None
-            if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
-                loaded = loaded["state_dict"]
-            if not isinstance(loaded, Mapping):
-                raise CheckpointError(f"{file}: holds a {type(loaded).__name__}, not a state dict")
-            state.update(loaded)
-        super().__init__(state, label)
-        self.path = path
-        self._files = files
-
-    def files(self) -> list[Path]:
-        return list(self._files)
-
-    def location(self, name: str) -> str:
-        return str(self.path)
-
-    def directory(self) -> Path | None:
-        return self.path if self.path.is_dir() else None
 
 
 def _refuse_pickle(path: Path) -> CheckpointError:
@@ -356,9 +86,7 @@ def open_checkpoint(
                 raise _refuse_pickle(path)
             return PickleCheckpoint(path, [path], label)
         raise CheckpointError(f"{path}: not a .safetensors file or a model directory")
-    if (path / "adapter_config.json").is_file():  # a PEFT adapter: read as task vectors
-        from .adapters import open_adapter
-
+    if (path / ADAPTER_CONFIG).is_file():  # a PEFT adapter: read as task vectors
         return open_adapter(path, label)
     index = path / "model.safetensors.index.json"
     if index.is_file():
@@ -385,12 +113,3 @@ def open_checkpoint(
         f"{path}: no model weights found (looked for model.safetensors.index.json, model.safetensors, *.safetensors); "
         f"the directory holds: {found}",
     )
-
-
-def read_rows_into(ckpt: Checkpoint, name: str, rows: slice | None, out: memoryview) -> None:
-    """``ckpt.read_into`` where a reader has it (files: one pread, no copy), else a copy."""
-    if hasattr(ckpt, "read_into"):
-        ckpt.read_into(name, rows, out)
-        return
-    value = ckpt.read(name, rows).contiguous()
-    out[:] = value.reshape(-1).view(torch.uint8).numpy().data if value.numel() else b""

@@ -3,46 +3,63 @@
 The safetensors header lists every tensor's dtype, shape and byte range, all known from the
 plan before the first value is computed; so each shard's header is written first and the
 data streams in behind it, chunk by chunk. No shard is ever held in memory.
+
+Chunks arrive as numpy arrays of the stored bytes (bfloat16 as a uint16 view: see
+``DType.numpy``), which needs no torch, or as torch tensors in the output dtype.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
+from ..dtypes import DType, as_dtype
 from ..errors import OutputError
-from .checkpoint import PICKLE_SUFFIXES, SAFETENSORS_DTYPES
+from .state_dict import PICKLE_SUFFIXES
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["OutputEntry", "plan_shards", "SafetensorsStreamWriter", "ShardedWriter", "atomic_directory",
-           "copy_model_files", "DTYPE_NAMES"]
+           "copy_model_files"]
 
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _NOT_COPIED = {"README.md", "tiesmerge.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
                ".gitattributes"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class OutputEntry:
+    """One tensor of the output: built with a ``DType``, a torch dtype or a dtype name."""
+
     name: str
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype_info: DType
+
+    def __init__(self, name: str, shape: Sequence[int], dtype: DType | str | torch.dtype) -> None:
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "shape", tuple(shape))
+        object.__setattr__(self, "dtype_info", as_dtype(dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The torch dtype (imports torch)."""
+        return self.dtype_info.torch
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return self.dtype_info.itemsize * math.prod(self.shape)
 
 
 def plan_shards(entries: list[OutputEntry], shard_size: int,
@@ -67,10 +84,17 @@ class SafetensorsStreamWriter:
     def __init__(self, path: Path, entries: list[OutputEntry], metadata: dict[str, str] | None = None) -> None:
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
         self._ranges: dict[str, tuple[int, int]] = {}
+        self._itemsize: dict[str, int] = {}
         offset = 0
         for e in entries:
+            if e.dtype_info.code is None:
+                raise OutputError(f"{path.name}: tensor {e.name!r} has dtype {e.dtype_info.name}, which safetensors "
+                                  "files written by tiesmerge cannot hold",
+                                  hint="convert the tensor to a floating, integer or bool dtype before merging")
             self._ranges[e.name] = (offset, offset + e.nbytes)
-            header[e.name] = {"dtype": DTYPE_NAMES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            self._itemsize[e.name] = e.dtype_info.itemsize
+            header[e.name] = {"dtype": e.dtype_info.code, "shape": list(e.shape),
+                              "data_offsets": [offset, offset + e.nbytes]}
             offset += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
@@ -88,12 +112,23 @@ class SafetensorsStreamWriter:
         if not begin <= self._written <= self._written + nbytes <= end:
             raise RuntimeError(f"{self.path.name}: {nbytes} bytes of {name!r} arrived at data offset {self._written}")
 
-    def write(self, name: str, chunk: torch.Tensor) -> None:
-        """Append ``chunk``: the next rows of tensor ``name``, already in its output dtype."""
-        nbytes = chunk.numel() * chunk.element_size()
+    def write(self, name: str, chunk: np.ndarray | torch.Tensor) -> None:
+        """Append ``chunk``: the next rows of tensor ``name``, already in its output dtype: a
+        numpy array of the stored bytes (bfloat16 as uint16) or a torch tensor."""
+        if isinstance(chunk, np.ndarray):
+            itemsize, data = chunk.itemsize, np.ascontiguousarray(chunk).reshape(-1).view(np.uint8)
+        else:  # a torch tensor: torch is loaded already
+            import torch
+
+            itemsize = chunk.element_size()
+            data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if itemsize != self._itemsize.get(name, itemsize):  # a float32 chunk for a bfloat16 tensor
+            raise ValueError(f"{self.path.name}: tensor {name!r} holds {self._itemsize[name]}-byte entries, but a "
+                             f"chunk of {itemsize}-byte entries ({chunk.dtype}) arrived")
+        nbytes = data.nbytes
         self._expect(name, nbytes)
         if nbytes:
-            self._file.write(chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._file.write(data)
         self._written += nbytes
 
     def duplicate(self, name: str, source: str) -> None:
@@ -142,7 +177,8 @@ class ShardedWriter:
                                                          self._metadata))
         return self._open[1]
 
-    def write(self, name: str, rows: slice | None, chunk: torch.Tensor) -> None:
+    def write(self, name: str, rows: slice | None, chunk: np.ndarray | torch.Tensor) -> None:
+        """The next rows of ``name`` (see ``SafetensorsStreamWriter.write``)."""
         self._file_for(name).write(name, chunk)
 
     def alias(self, name: str, source: str) -> None:
@@ -220,10 +256,12 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def copy_model_files(source: Path | None, target: Path, *, dtype: torch.dtype | None = None) -> list[str]:
+def copy_model_files(source: Path | None, target: Path, *,
+                     dtype: DType | str | torch.dtype | None = None) -> list[str]:
     """Copy config, tokenizer and other non-weight files of the base model. Returns their names.
 
-    When the output dtype differs from the base's, config.json's ``torch_dtype`` follows it.
+    When the output dtype differs from the base's, config.json's ``torch_dtype`` follows it
+    (``dtype``: a ``DType``, a torch dtype or a name such as ``bf16``).
     """
     if source is None:
         return []
@@ -244,7 +282,7 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: torch.dtype | 
             data = json.loads(config.read_text())
         except ValueError:
             return copied
-        name = str(dtype).removeprefix("torch.")
+        name = as_dtype(dtype).name
         for key in ("torch_dtype", "dtype"):
             if key in data:
                 data[key] = name

@@ -1,0 +1,193 @@
+"""PEFT (IA)³ adapters read as task vectors τ = l − 1 of their learned scaling vectors.
+
+The vectors l start at 1, so τ = l − 1 (the paper's PEFT experiments merge these). Merging
+happens in l-space against an all-ones "base" (``ia3_identity``); the merged vectors can be
+written back as an adapter or folded into the base's weights. Binding and shapes need no
+torch; the values (``read``) do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..dtypes import FLOAT32
+from ..errors import CheckpointError, IncompatibleCheckpointsError
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_dir, resolve_name, strip_key
+from .protocol import Checkpoint, TensorInfo, rows_shape
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Ia3Checkpoint", "Ia3Identity", "ia3_identity"]
+
+
+class Ia3Checkpoint:
+    """A PEFT (IA)³ adapter directory, read as τ = l − 1 of its scaling vectors.
+
+    Names are the base weights the vectors scale; shapes are the vectors' own: (out, 1) for a
+    module whose output is scaled, (1, in) for a feed-forward module whose input is scaled.
+    """
+
+    yields_task_vector = True
+    adapter_kind = "ia3"
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.label = label
+        self.path = path
+        self.config, self._file = read_adapter_dir(path, label)
+        if str(self.config.get("peft_type", "")).upper() != "IA3":
+            self._file.close()
+            raise CheckpointError(f"{path}: peft_type is {self.config.get('peft_type')!r}, expected IA3")
+        self._vectors = {strip_key(k, ".ia3_l"): k for k in self._file.names() if k.endswith(".ia3_l")}
+        other = [k for k in self._file.names() if not k.endswith(".ia3_l")]
+        if other:
+            self._file.close()
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds {len(other)} tensor(s) that are not (IA)³ vectors, "
+                                  f"first {other[0]!r} (modules_to_save are not supported for (IA)³)")
+        if not self._vectors:
+            self._file.close()
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds no (IA)³ vectors (keys ending in .ia3_l)")
+        self.modules: dict[str, str] = {}  # base weight name -> module path, after bind
+        self._keys: dict[str, str] = {}  # base weight name -> adapter key
+        self.bound = False
+
+    def bind(self, base: Checkpoint) -> None:
+        """Map every vector to the base weight it scales; check it broadcasts against the weight.
+
+        Binding against an (IA)³ identity (names already the base's, shapes the vectors') only
+        checks the shapes, so the same adapter can be aligned against either."""
+        if self.bound:
+            for name, key in self._keys.items():
+                if name not in base.names() or tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
+                    raise IncompatibleCheckpointsError(f"{self.label}: (IA)³ vector {key!r} does not fit {name!r}")
+            return
+        for module, key in self._vectors.items():
+            name = resolve_name(module, ".weight", base, self.label, key)
+            weight = tuple(base.info(name).shape)
+            shape = tuple(self._file.info(key).shape)
+            fits = len(weight) == 2 and shape in ((weight[0], 1), (1, weight[1]))
+            if not fits:
+                raise IncompatibleCheckpointsError(
+                    f"{self.label}: (IA)³ vector {key!r} {shape} does not scale the rows or the columns of the base "
+                    f"tensor {name!r} {weight}",
+                    hint="the adapter was trained on another base model; pass the base it was trained from")
+            self.modules[name] = module
+            self._keys[name] = key
+        self.bound = True
+
+    def names(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo(tuple(self._file.info(self._keys[name]).shape), FLOAT32)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        if name not in self._keys:  # a vector another adapter has and this one lacks: l = 1
+            raise KeyError(name)
+        return self._file.read(self._keys[name], rows).float().sub_(1.0)
+
+    def location(self, name: str) -> str:
+        return str(self.path / ADAPTER_WEIGHTS)
+
+    def files(self) -> list[Path]:
+        return [self.path / ADAPTER_CONFIG, self.path / ADAPTER_WEIGHTS]
+
+    def directory(self) -> Path | None:
+        return self.path
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _Ia3Union:
+    """An (IA)³ adapter seen over the union of every adapter's vectors: a vector it lacks is
+    l = 1, so τ = 0."""
+
+    yields_task_vector = True
+    adapter_kind = "ia3"
+
+    def __init__(self, adapter: Ia3Checkpoint, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.adapter, self._shapes, self.label = adapter, shapes, adapter.label
+
+    def bind(self, base: Checkpoint) -> None:
+        pass  # bound when the identity was built
+
+    def names(self) -> list[str]:
+        return self.adapter.names()
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo(self._shapes[name], FLOAT32)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        if name in self.adapter.names():
+            return self.adapter.read(name, rows)
+        import torch
+
+        return torch.zeros(rows_shape(self._shapes[name], rows), dtype=torch.float32)
+
+    def location(self, name: str) -> str:
+        return self.adapter.location(name)
+
+    def files(self) -> list[Path]:
+        return self.adapter.files()
+
+    def directory(self) -> Path | None:
+        return self.adapter.directory()
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
+class Ia3Identity:
+    """The l-space "base" of an (IA)³ merge: every vector of the union, all ones, in float32.
+
+    Built from shapes alone, so aligning and planning an (IA)³ merge never import torch; the
+    ones are made when the engine reads them. No two names share memory (no tied tensors)."""
+
+    label = "(IA)³ identity (l = 1)"
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        self._shapes = dict(shapes)
+
+    def names(self) -> list[str]:
+        return list(self._shapes)
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo(self._shapes[name], FLOAT32)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        import torch
+
+        return torch.ones(rows_shape(self._shapes[name], rows), dtype=torch.float32)
+
+    def storage_key(self, name: str) -> None:
+        return None  # every vector is its own tensor: none is tied to another
+
+    def location(self, name: str) -> str:
+        return self.label
+
+    def files(self) -> list[Path]:
+        return []
+
+    def directory(self) -> Path | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def ia3_identity(base: Checkpoint, adapters: list[Ia3Checkpoint]) -> tuple[Ia3Identity, list[_Ia3Union]]:
+    """The l-space "base" of an (IA)³ merge, all ones over the union of the adapters' vectors,
+    and each adapter seen over that union. Merging against it gives l_m = 1 + λ·τ_m."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for adapter in adapters:
+        adapter.bind(base)
+        for name in adapter.names():
+            shape = tuple(adapter.info(name).shape)
+            if shapes.setdefault(name, shape) != shape:
+                raise IncompatibleCheckpointsError(
+                    f"(IA)³ vectors for {name!r} differ in shape: {shapes[name]} and {shape} ({adapter.label}); "
+                    "one adapter scales the module's inputs, the other its outputs",
+                    hint="list the module under feedforward_modules in both adapters' configs, or in neither")
+    return Ia3Identity(shapes), [_Ia3Union(a, shapes) for a in adapters]

@@ -1,0 +1,182 @@
+"""Safetensors files read lazily, without torch: a header up front, rows of a tensor on demand.
+
+Every file is validated once by safetensors' own parser (header, dtypes, that the data covers
+the file exactly) through its numpy front end, which never imports torch; then rows are read
+with ``pread`` into fresh or caller-owned memory, or mapped from the page cache. Only ``read``,
+which returns a torch tensor, imports torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from ..dtypes import BY_CODE
+from ..errors import CheckpointError
+from .protocol import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SafetensorsCheckpoint"]
+
+# fault a mapping's pages in at once (on the read-ahead thread, not in the kernels): Linux 5.14+;
+# Python names the constant from 3.12, its value is 22
+_POPULATE = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform.startswith("linux") else None)
+
+
+class SafetensorsCheckpoint:
+    """One ``.safetensors`` file, or a directory with one file or with shards and an index.
+
+    Each file is validated once by ``safe_open`` (header, dtypes, that the data covers the
+    file exactly), then read with ``pread`` through one descriptor per file: a read copies
+    just the requested rows into fresh memory. Reading through the memory map instead would
+    leave every touched page of every input resident in the process, so peak RSS would grow
+    with the model size rather than stay under the memory budget.
+    """
+
+    def __init__(self, path: Path, weight_files: list[Path], weight_map: dict[str, Path], label: str) -> None:
+        self.label = label
+        self.path = path
+        self._files = weight_files
+        self._fds: dict[Path, int] = {}
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, TensorInfo] = {}
+        self._start: dict[str, int] = {}  # absolute file offset of each tensor's first byte
+        try:
+            for file in weight_files:
+                self._index_file(file, weight_map)
+        except BaseException:
+            self.close()
+            raise
+        missing = [name for name in weight_map if name not in self._where]
+        if missing:
+            self.close()
+            raise CheckpointError(
+                f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, first {missing[0]!r} "
+                f"(expected in {weight_map[missing[0]].name})",
+                hint="the download is incomplete or the index belongs to another model; fetch the shards again",
+            )
+
+    def _index_file(self, file: Path, weight_map: dict[str, Path]) -> None:
+        try:
+            # the numpy front end validates the same layout as torch's, without importing torch
+            with safe_open(str(file), framework="numpy") as handle:
+                names = list(handle.keys())
+            with open(file, "rb") as f:
+                header_len = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(header_len))
+        except (SafetensorError, OSError, ValueError, struct.error) as exc:
+            raise CheckpointError(
+                f"{file}: not a readable safetensors file ({exc})",
+                hint="the file is truncated or corrupt; download or copy it again",
+            ) from None
+        for name in names:
+            if weight_map and weight_map.get(name) != file:
+                continue  # the index decides which shard owns a name
+            entry = header[name]
+            if entry["dtype"] not in BY_CODE:
+                raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which tiesmerge cannot read")
+            self._where[name] = file
+            self._info[name] = TensorInfo(tuple(entry["shape"]), BY_CODE[entry["dtype"]])
+            self._start[name] = 8 + header_len + entry["data_offsets"][0]
+        self._fds[file] = os.open(file, os.O_RDONLY)
+
+    def names(self) -> list[str]:
+        return list(self._info)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info[name]
+
+    def location(self, name: str) -> str:
+        return str(self._where.get(name, self.path))
+
+    def _span(self, name: str, rows: slice | None) -> tuple[list[int], int, int]:
+        """(shape, file offset, bytes) of ``rows`` of tensor ``name``."""
+        info = self._info[name]
+        shape = list(info.shape)
+        row_bytes = info.itemsize * (info.numel // shape[0] if shape and shape[0] else 0)
+        offset = self._start[name]
+        if rows is not None and shape:
+            first, stop, step = rows.indices(shape[0])
+            if step != 1:
+                raise ValueError("row slices must be contiguous")
+            shape[0] = max(0, stop - first)
+            offset += first * row_bytes
+        return shape, offset, info.itemsize * math.prod(shape)
+
+    def _pread(self, name: str, offset: int, view: memoryview) -> None:
+        done, nbytes = 0, len(view)
+        try:
+            while done < nbytes:  # pread may return less than asked (2 GiB cap, signals)
+                got = os.preadv(self._fds[self._where[name]], [view[done:]], offset + done)
+                if got == 0:
+                    raise OSError(f"unexpected end of file after {done} of {nbytes} bytes")
+                done += got
+        except OSError as exc:
+            raise CheckpointError(f"{self.location(name)}: cannot read tensor {name!r} ({exc})",
+                                  hint="the file changed or was truncated while tiesmerge read it") from None
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """``rows`` of ``name`` as a torch tensor in its stored dtype (imports torch)."""
+        import torch
+
+        shape, offset, nbytes = self._span(name, rows)
+        dtype = self._info[name].dtype
+        if not nbytes:
+            return torch.empty(shape, dtype=dtype)
+        buffer = bytearray(nbytes)
+        self._pread(name, offset, memoryview(buffer))
+        return torch.frombuffer(buffer, dtype=dtype).view(shape)
+
+    def read_into(self, name: str, rows: slice | None, out: memoryview) -> None:
+        """Read ``rows`` of ``name`` as stored into ``out`` (exactly their size in bytes): the
+        engine's reusable buffers, so no pass allocates or zeroes memory per chunk."""
+        _, offset, nbytes = self._span(name, rows)
+        if len(out) != nbytes:
+            raise ValueError(f"{name}: buffer of {len(out)} bytes for {nbytes} bytes of rows")
+        self._pread(name, offset, out)
+
+    def map_rows(self, name: str, rows: slice | None, *, populate: bool = True) -> np.ndarray:
+        """``rows`` of ``name`` as stored, mapped from the file, not copied: a uint8 array over
+        the page cache. The mapping lives as long as the array (and views of it) do; the
+        engine drops it after the chunk, so mapped pages never pile up in RSS."""
+        _, offset, nbytes = self._span(name, rows)
+        if not nbytes:
+            return np.empty(0, np.uint8)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        try:
+            # private and writable (copy-on-write, never written): numpy and torch see an
+            # ordinary array, while the pages stay the page cache's until someone writes
+            mapping = mmap.mmap(self._fds[self._where[name]], offset + nbytes - start, flags=mmap.MAP_PRIVATE,
+                                prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.location(name)}: cannot map tensor {name!r} ({exc})",
+                                  hint="the file changed or was truncated while tiesmerge read it") from None
+        global _POPULATE
+        if populate and _POPULATE is not None:
+            try:
+                mapping.madvise(_POPULATE)  # fault the pages in now, on the reading thread
+            except OSError:  # an older kernel: the kernels fault them in as they read
+                _POPULATE = None
+        return np.frombuffer(mapping, dtype=np.uint8, count=nbytes, offset=offset - start)
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def directory(self) -> Path | None:
+        return self.path if self.path.is_dir() else None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

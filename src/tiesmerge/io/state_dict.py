@@ -1,0 +1,97 @@
+"""Checkpoints that are torch tensors already: in-memory state dicts and PyTorch pickle files.
+
+Both hold torch tensors, so both import torch, when one is built (never at import). Pickle
+files can run arbitrary code when loaded, so they are refused unless the caller opts in (see
+``open_checkpoint``), and then loaded with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import CheckpointError
+from .protocol import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["StateDictCheckpoint", "PickleCheckpoint", "PICKLE_SUFFIXES"]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class StateDictCheckpoint:
+    """An in-memory ``{name: tensor}`` mapping, read through the same interface as files."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], label: str) -> None:
+        import torch
+
+        self.label = label
+        bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{label}: entry {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a torch.Tensor")
+        self._state = dict(state)
+
+    def names(self) -> list[str]:
+        return list(self._state)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._state[name]
+        return TensorInfo(tuple(t.shape), t.dtype)
+
+    def location(self, name: str) -> str:
+        return self.label
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        t = self._state[name].detach()
+        t = t if rows is None or t.dim() == 0 else t[rows]
+        return t.cpu() if t.device.type != "cpu" else t
+
+    def files(self) -> list[Path]:
+        return []
+
+    def directory(self) -> Path | None:
+        return None
+
+    def storage_key(self, name: str) -> tuple[int, int, tuple[int, ...], tuple[int, ...]] | None:
+        """Identity of the memory a tensor views, so tied (aliased) tensors can be found."""
+        t = self._state[name]
+        if t.numel() == 0:
+            return None
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+    def close(self) -> None:
+        pass
+
+
+class PickleCheckpoint(StateDictCheckpoint):
+    """PyTorch pickle files, loaded with ``weights_only=True`` (no arbitrary code) and mmap."""
+
+    def __init__(self, path: Path, files: list[Path], label: str) -> None:
+        import torch
+
+        state: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many kinds here
+                raise CheckpointError(f"{file}: cannot load with weights_only=True ({type(exc).__name__}: {exc})") from None
+            if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
+                loaded = loaded["state_dict"]
+            if not isinstance(loaded, Mapping):
+                raise CheckpointError(f"{file}: holds a {type(loaded).__name__}, not a state dict")
+            state.update(loaded)
+        super().__init__(state, label)
+        self.path = path
+        self._files = files
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def location(self, name: str) -> str:
+        return str(self.path)
+
+    def directory(self) -> Path | None:
+        return self.path if self.path.is_dir() else None
