@@ -28,10 +28,10 @@ from variants import SignFlip, TrimDisjointMean  # noqa: E402
 
 import tiesmerge  # noqa: E402
 from tiesmerge.evaluation import SuiteResult, evaluate_encoder  # noqa: E402
-from tiesmerge.evaluation.data import TASK_NAMES, load_suite  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
 from tiesmerge.methods import Average, MagnitudePrune, Ties  # noqa: E402
 from tiesmerge.tuning import tune  # noqa: E402
+from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
 
 FIG3_DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 FIG7_DENSITIES = (0.2, 0.3)

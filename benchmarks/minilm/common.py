@@ -14,9 +14,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from tiesmerge.evaluation.data import TaskData  # noqa: E402
 from tiesmerge.evaluation.encoder import CosineHead, SentenceEncoder, build_head  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
+from tiesmerge_bench import TaskData  # noqa: E402
 
 CACHE = Path(os.environ.get("TIESMERGE_BENCH_CACHE", Path.home() / ".cache" / "tiesmerge" / "bench"))
 MAX_LENGTH = int(os.environ.get("TIESMERGE_BENCH_MAX_LENGTH", "128"))  # tokens; the CPU run uses 64

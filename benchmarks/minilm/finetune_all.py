@@ -14,8 +14,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from common import finetuned_dir, make_heads  # noqa: E402
 
-from tiesmerge.evaluation.data import TASK_NAMES, load_suite  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig  # noqa: E402
+from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
 
 
 def main() -> None:

@@ -36,9 +36,9 @@ from run import EvalCache, log  # noqa: E402
 
 import tiesmerge  # noqa: E402
 from tiesmerge.evaluation import ResultRow, ResultsTable, SuiteResult, evaluate_encoder  # noqa: E402
-from tiesmerge.evaluation.data import TASK_NAMES, load_suite  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
 from tiesmerge.methods import TaskArithmetic, Ties  # noqa: E402
+from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGETS = ["query", "key", "value", "dense"]  # BERT: dense = attention output, intermediate, output (MLP)

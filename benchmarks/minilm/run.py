@@ -25,10 +25,10 @@ from common import base_dir, finetuned_dir, hardware, load_encoder, make_heads  
 
 import tiesmerge  # noqa: E402
 from tiesmerge.evaluation import ResultRow, ResultsTable, SuiteResult, evaluate_encoder  # noqa: E402
-from tiesmerge.evaluation.data import TASK_NAMES, load_suite  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig  # noqa: E402
 from tiesmerge.methods import Average, TaskArithmetic, Ties  # noqa: E402
 from tiesmerge.tuning import paper_grid, tune  # noqa: E402
+from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 

@@ -36,8 +36,10 @@ def run_text_demo(workdir: str | None = None, *, train: int = 256, test: int = 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     package_dir = _model_dir()
+    # the benchmark's data package ships beside the library; only this command loads it
+    from tiesmerge_bench import load_suite
+
     from ..evaluation import ResultRow, ResultsTable, SuiteResult, evaluate_encoder
-    from ..evaluation.data import load_suite
     from ..evaluation.encoder import SentenceEncoder, build_head
     from ..evaluation.finetune import TrainConfig, finetune
 

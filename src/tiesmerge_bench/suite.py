@@ -12,7 +12,7 @@ from .splits import dedup_examples, stratified_split, task_rng
 from .tasks import TASK_NAMES, TaskSpec, get_task
 from .types import DataSourceError, Example, LabeledText, SourceFile, TaskData
 
-__all__ = ["DEFAULT_SIZES", "build_task", "load_task", "load_suite", "fetch_sources", "describe"]
+__all__ = ["DEFAULT_SIZES", "build_task", "load_suite", "fetch_sources", "describe"]
 
 DEFAULT_SIZES: tuple[int, int, int] = (2000, 500, 1000)
 
@@ -85,13 +85,6 @@ def _load(spec: TaskSpec, fetched: FetchedSource, cache: Path, seed: int, sizes:
     if not examples:
         raise DataSourceError(f"task {spec.name}: the parser found no examples in {fetched.root}")
     return build_task(spec, examples, seed=seed, sizes=sizes, sources=sources)
-
-
-def load_task(
-    name: str, *, cache_dir: str | Path | None = None, seed: int = 0, sizes: Sequence[int] = DEFAULT_SIZES
-) -> TaskData:
-    """One task, fetched into the cache if needed (see :func:`load_suite`)."""
-    return load_suite([name], cache_dir=cache_dir, seed=seed, sizes=sizes)[name]
 
 
 def load_suite(

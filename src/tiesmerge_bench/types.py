@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from ...errors import TiesMergeError
+from tiesmerge.errors import TiesMergeError
 
 __all__ = ["Example", "LabeledText", "SourceFile", "TaskData", "DataSourceError"]
 

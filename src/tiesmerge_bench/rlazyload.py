@@ -80,7 +80,7 @@ def decode_lazyload_blob(blob: bytes, compression: int, *, where: str = "<blob>"
             else:
                 raise DataSourceError(
                     f"{where}: unknown lazy-load compression byte {kind!r}",
-                    hint="the R package format changed; update tiesmerge.evaluation.data.rlazyload",
+                    hint="the R package format changed; update tiesmerge_bench.rlazyload",
                 )
         else:
             raise DataSourceError(f"{where}: unknown lazy-load compression type {compression}")

