@@ -1,4 +1,4 @@
-"""Merge methods that exist only for the paper's analyses: each is a frozen dataclass that the
+"""Merge methods that exist only for the paper's analyses: each is a method config that the
 engine runs like any registered method (global top-k thresholds, row chunks, the same stream).
 
 - ``TrimDisjointMean``: TIES without the sign election (Table 4, "-elect"; Fig. 6's "trim +
@@ -10,35 +10,35 @@ engine runs like any registered method (global top-k thresholds, row chunks, the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from tiesmerge.methods import ops
-from tiesmerge.methods.base import ChunkContext, TrimSpec
+from tiesmerge.methods.base import (
+    ChunkContext,
+    Requirements,
+    TopK,
+    finite,
+    fraction,
+    method_config,
+    non_negative_int,
+    option,
+    unit_interval,
+)
 
 
-@dataclass(frozen=True)
+@method_config
 class TrimDisjointMean:
     name: ClassVar[str] = "trim_disjoint_mean"
     paper: ClassVar[str] = "https://arxiv.org/abs/2306.01708"
     summary: ClassVar[str] = "TIES without the election: the mean of the kept values of every sign"
 
-    density: float = 0.2
-    lam: float = 1.0
+    density: float = option(0.2, "fraction of each task vector kept", check=fraction)
+    lam: float = option(1.0, "scale of the merged task vector", check=finite)
 
-    def check(self, n_models: int) -> list[str]:
-        return []
-
-    def trim_spec(self) -> TrimSpec:
-        return TrimSpec(self.density, "global")
-
-    def needs_majority_sign(self) -> bool:
-        return False
-
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
-        return 0.0
+    def requirements(self) -> Requirements:
+        return Requirements(trim=TopK(self.density))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         trimmed = ops.trim_at(tau, ctx.thresholds)  # (n, *S)
@@ -46,30 +46,24 @@ class TrimDisjointMean:
         return trimmed.sum(0).div_(count.clamp_min_(1)).mul_(self.lam)
 
 
-@dataclass(frozen=True)
+@method_config
 class SignFlip:
     name: ClassVar[str] = "sign_flip"
     paper: ClassVar[str] = "https://arxiv.org/abs/2306.01708"
     summary: ClassVar[str] = "flip the sign of a model's top-k (or bottom) task-vector entries with probability p"
 
-    density: float = 0.2  # the top-k fraction that separates "top" from "bottom"
-    p: float = 0.5
-    region: str = "top"  # "top": entries with |tau| at or above the top-k threshold; "bottom": the rest
-    seed: int = 0
+    density: float = option(0.2, "the top-k fraction that separates top from bottom", check=fraction)
+    p: float = option(0.5, "probability of flipping an entry's sign", check=unit_interval)
+    region: str = option("top", "top: entries at or above the top-k threshold; bottom: the rest",
+                         choices=("top", "bottom"))
+    seed: int = option(0, "seed of the counter-based random numbers", check=non_negative_int)
 
-    def check(self, n_models: int) -> list[str]:
-        return [] if n_models == 1 else [f"sign_flip takes one model, got {n_models}"]
-
-    def trim_spec(self) -> TrimSpec:
-        return TrimSpec(self.density, "global")
-
-    def needs_majority_sign(self) -> bool:
-        return False
-
-    def elected_sign_sum(self, tau: torch.Tensor, ctx: ChunkContext) -> float:
-        return 0.0
+    def requirements(self) -> Requirements:
+        return Requirements(trim=TopK(self.density))  # one model: ctx.thresholds (1,)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        if tau.shape[0] != 1:
+            raise ValueError(f"sign_flip takes one model, got {tau.shape[0]}")
         top = tau.abs() >= ops.broadcast_per_model(ctx.thresholds, tau)  # (1, *S)
         region = top if self.region == "top" else ~top
         uniforms = ops.hash_uniform(self.seed, ctx.stream, ctx.offset, tau.numel(), tau.device).view(tau.shape)
