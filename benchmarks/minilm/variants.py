@@ -59,11 +59,9 @@ class SignFlip:
     seed: int = option(0, "seed of the counter-based random numbers", check=non_negative_int)
 
     def requirements(self) -> Requirements:
-        return Requirements(trim=TopK(self.density))  # one model: ctx.thresholds (1,)
+        return Requirements(trim=TopK(self.density), n_models=1)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        if tau.shape[0] != 1:
-            raise ValueError(f"sign_flip takes one model, got {tau.shape[0]}")
         top = tau.abs() >= ops.broadcast_per_model(ctx.thresholds, tau)  # (1, *S)
         region = top if self.region == "top" else ~top
         uniforms = ops.hash_uniform(self.seed, ctx.stream, ctx.offset, tau.numel(), tau.device).view(tau.shape)

@@ -15,11 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
+from .dtypes import FLOAT32, DType
 from .engine.executor import Executor, MemorySink, RunStats
 from .errors import ConfigError
-from .io.adapter_writer import LoraFactorSink, write_ia3_adapter, write_lora_adapter
 from .io.adapters import (
     Ia3Checkpoint,
     LoraCheckpoint,
@@ -29,6 +27,7 @@ from .io.adapters import (
     yields_task_vector,
 )
 from .io.checkpoint import Checkpoint, TensorInfo
+from .lazy import torch
 from .sizes import OUTPUT_FORMATS
 
 __all__ = ["engine_inputs", "needs_fold", "Ia3Fold", "fold_ia3", "write_adapter"]
@@ -87,7 +86,7 @@ class Ia3Fold:
         return list(self._scales)
 
     def info(self, name: str) -> TensorInfo:
-        return TensorInfo(tuple(self.base.info(name).shape), torch.float32)
+        return TensorInfo(tuple(self.base.info(name).shape), FLOAT32)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         scale = self._scales[name]
@@ -112,18 +111,20 @@ def fold_ia3(base: Checkpoint, l_executor: Executor, make_executor: Callable[[Ch
              ) -> tuple[Executor, RunStats]:
     """Merge the (IA)³ vectors (small: in memory), then return the executor that writes
     base ⊙ l_m: task arithmetic (λ = 1) of the one folded task vector."""
-    sink = MemorySink(l_executor.alignment.jobs, torch.float32)
+    sink = MemorySink(l_executor.alignment.jobs, FLOAT32)
     stats = l_executor.run(sink)
     return make_executor(base, [Ia3Fold(base, dict(sink.state))]), stats
 
 
 def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models: list[Checkpoint], *,
-                  rank: int | None, dtype: torch.dtype | None) -> tuple[RunStats, dict]:
+                  rank: int | None, dtype: DType | None) -> tuple[RunStats, dict]:
     """Run the engine into a merged adapter in ``directory``; return its stats and manifest part."""
     adapters = [_unwrap(m) for m in models]
-    out_dtype = dtype or torch.float32
+    from .io.adapter_writer import LoraFactorSink, write_ia3_adapter, write_lora_adapter  # SVD: torch
+
+    out_dtype = dtype or FLOAT32
     if all(isinstance(a, Ia3Checkpoint) for a in adapters):
-        sink = MemorySink(executor.alignment.jobs, torch.float32)
+        sink = MemorySink(executor.alignment.jobs, FLOAT32)
         stats = executor.run(sink)
         modules = {n: m for a in adapters for n, m in a.modules.items()}  # type: ignore[attr-defined]
         part = write_ia3_adapter(directory, adapters[0].config, {n: sink.state[n] for n in modules},  # type: ignore

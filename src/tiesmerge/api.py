@@ -12,7 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from . import __version__, adapter_merge
+from . import adapter_merge
 from .engine.executor import MemorySink
 from .engine.plan import Plan
 from .errors import ConfigError
@@ -36,6 +36,7 @@ from .manifest import check_stats_digests, merge_manifest, reference_option
 from .methods.base import MergeMethod
 from .recipe import MergeRecipe
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, format_size, parse_size
+from .version import __version__
 
 __all__ = ["merge", "analyze", "plan_merge", "describe_plan"]
 
@@ -139,7 +140,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         digests = {"base": hash_files(prepared.base.files(), pool),
                    "models": [hash_files(c.files(), pool) for c in prepared.models],
                    "reference": hash_files(prepared.reference.files(), pool) if prepared.reference else None}
-        groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype) if j.merge else j.dtype)
+        groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype_info) if j.merge else j.dtype_info)
                    for n in (j.name, *j.aliases)] for j in executor.alignment.jobs]
         with atomic_directory(output, force=force, needed_bytes=executor.plan.output_bytes) as tmp:
             adapter_part = None
@@ -165,7 +166,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             run_stats.seconds["hash_wait"] = time.perf_counter() - clock
             run_stats.seconds["prepare"] = prepared_at - started
             recipe = MergeRecipe(method=m, base=prepared.base.label, models=tuple(c.label for c in prepared.models),
-                                 dtype=str(executor.out_dtype).removeprefix("torch.") if executor.out_dtype else None,
+                                 dtype=executor.out_dtype.name if executor.out_dtype else None,
                                  shard_size=str(shard_size), memory_budget=str(memory_budget or DEFAULT_MEMORY_BUDGET),
                                  device=str(device), vocab_policy=vocab_policy, output_format=output_format,
                                  rank=rank, origin=dict(origin) if origin else None,
@@ -224,7 +225,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
 
             bar = stack.enter_context(tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="analyzing",
                                            dynamic_ncols=True))
-            bar.reset(total=3 * sum(j.numel * j.dtype.itemsize for j in alignment.jobs if j.merge) * (len(models) + 1))
+            bar.reset(total=3 * sum(j.nbytes for j in alignment.jobs if j.merge) * (len(models) + 1))
         data = run_analysis(base_ckpt, model_ckpts, alignment, settings, device=device_t, memory_budget=budget,
                             progress=bar.update if bar is not None else None)
         data["inputs"] = {"base": base_ckpt.label, "models": [c.label for c in model_ckpts]}

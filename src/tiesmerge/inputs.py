@@ -13,9 +13,10 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import adapter_merge
+from .dtypes import BY_NAME, DType, as_dtype
 from .engine.executor import Executor
 from .engine.reader import EngineInputs
 from .engine.side import SideInputs
@@ -26,16 +27,17 @@ from .io.checkpoint import Checkpoint, open_checkpoint
 from .lazy import torch
 from .methods import TaskArithmetic
 from .methods.base import MergeMethod, check_models
-from .recipe import parse_dtype
 from .registry import make_method
 from .sizes import DEFAULT_MEMORY_BUDGET, parse_size
-from .stats.files import Statistics, StatsSource, open_stats
+
+if TYPE_CHECKING:
+    from .stats.files import StatsSource
 
 __all__ = ["Source", "StatsInput", "Prepared", "as_method", "check_inputs", "check_output_not_input", "device_of",
            "budget_of", "open_models", "prepare"]
 
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"  # a path, or a state dict
-StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"
+StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"  # a directory, or statistics in memory
 
 
 def as_method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMethod:
@@ -75,7 +77,7 @@ def check_output_not_input(output: str | os.PathLike, named: Sequence[tuple[str,
     contain, an input (``named``: (role, source) pairs): that would delete what is merged."""
     final = Path(output).resolve()
     for who, source in named:
-        if source is None or isinstance(source, (Mapping, Statistics)):
+        if not isinstance(source, (str, os.PathLike)):  # state dicts and statistics in memory
             continue
         src = Path(source).resolve()
         if src == final or final in src.parents:
@@ -84,9 +86,12 @@ def check_output_not_input(output: str | os.PathLike, named: Sequence[tuple[str,
                               hint="choose an output directory outside the inputs")
 
 
-def device_of(device: str) -> torch.device:
-    if not isinstance(device, (str, torch.device)) or str(device).split(":")[0] not in ("cpu", "cuda"):
+def device_of(device: Any) -> str | torch.device:
+    """"cpu" (a string: the fused CPU path never imports torch), or a CUDA torch.device."""
+    if str(device).split(":")[0] not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda")
+    if str(device) == "cpu":
+        return "cpu"
     try:
         device_t = torch.device(device)
     except (RuntimeError, TypeError):  # torch's own message lists every backend it knows, not what we take
@@ -159,7 +164,7 @@ def _check_reference(reference: Checkpoint, alignment: Alignment) -> None:
 
 
 def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | None, models: list[Checkpoint],
-               alignment: Alignment, device: torch.device, progress: Any) -> tuple[SideInputs | None, list[StatsSource]]:
+               alignment: Alignment, device: Any, progress: Any) -> tuple[SideInputs | None, list[StatsSource]]:
     """The per-model statistics of a data-aware method (Fisher, RegMean), opened and checked."""
     spec = method.requirements().statistics
     if spec is None:
@@ -171,6 +176,8 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
         raise ConfigError(f"method {method.name!r} needs {spec.kind} statistics of every model",
                           hint=f"compute them with 'tiesmerge stats {spec.kind} --model MODEL --data DATA -o DIR', "
                                "then pass one --stats DIR per --model, in the same order (stats=[...] in Python)")
+    from .stats.files import Statistics, open_stats  # torch: only data-aware methods read statistics
+
     if isinstance(stats, (str, os.PathLike, Mapping, Statistics)):
         raise ConfigError("stats must be a list: one statistics directory (or object) per model")
     opened = []
@@ -181,6 +188,19 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
         opened.append(src)
     side = SideInputs(spec, [o.checkpoint for o in opened], models, alignment, device=device, progress=progress)
     return side, opened
+
+
+def _out_dtype(dtype: Any) -> DType | None:
+    """The output dtype: a name (bf16, float32, ...), a torch dtype or a descriptor; floating."""
+    if dtype is None:
+        return None
+    try:
+        out = as_dtype(dtype)
+    except (TypeError, ValueError):
+        out = None
+    if out not in BY_NAME.values():
+        raise ConfigError(f"dtype {dtype!r} is not an output dtype", hint=f"use one of {', '.join(BY_NAME)}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -205,7 +225,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         raise ConfigError(problems)
     req = method.requirements()
     device_t, budget = device_of(device), budget_of(memory_budget)
-    out_dtype = dtype if isinstance(dtype, torch.dtype) or dtype is None else parse_dtype(dtype)
+    out_dtype = _out_dtype(dtype)
     base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
     if req.base_values and output_format == "adapter":
         raise ConfigError(f"method {method.name!r} needs the base's values, which a merged adapter does not hold",

@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from .engine.executor import Executor, RunStats
 from .errors import IncompatibleCheckpointsError
 from .methods.base import ModelPath, option_types
 from .recipe import MergeRecipe
-from .stats.files import StatsSource, combine_digests
+
+if TYPE_CHECKING:
+    from .stats.files import StatsSource
+from .version import __version__
 
 __all__ = ["merge_manifest", "reference_option", "check_stats_digests"]
 
@@ -33,6 +35,10 @@ def reference_option(method: Any) -> str:
 
 def check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict]], labels: list[str]) -> None:
     """Statistics computed from a model directory record its files' digest: they must be this model's."""
+    if not opened:  # only data-aware methods read statistics (and the module needs torch)
+        return
+    from .stats.files import combine_digests
+
     for k, (src, files) in enumerate(zip(opened, hashed_models)):  # opened is empty for other methods
         recorded = src.manifest.model_digest if src.manifest is not None else None
         if not recorded or not recorded.startswith("files:") or not files:

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ..engine import kernels
+from ..engine import fused
 from ..engine.plan import Chunk, Plan, make_plan
 from ..engine.reader import EngineInputs, Reader
 from ..engine.reduce import Reducer
@@ -99,6 +99,7 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
                  ) -> dict:
     """Every statistic of the report, as a JSON-ready dict (see analysis/report.py for its reading)."""
     started = time.perf_counter()
+    device = torch.device(device)  # the analysis computes with torch everywhere
     n = len(models)
     settings.check(n)
     plan: Plan = make_plan(alignment, n, Requirements(trim=TopK(settings.density)), memory_budget=memory_budget,
@@ -109,7 +110,7 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     if numel == 0:
         raise ConfigError("the models have no floating-point tensors to compare")
     # the engine's reader: raw rows where the counting kernel can read them, task vectors for the rest
-    reader = Reader(EngineInputs(base, tuple(models)), raw=kernels.available() and device.type == "cpu",
+    reader = Reader(EngineInputs(base, tuple(models)), raw=fused.available() and device.type == "cpu",
                     device=device, progress=progress)
     reducer = Reducer(reader)
     seconds: dict[str, float] = {}

@@ -16,14 +16,13 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .. import __version__
-from ..api import analyze, describe_plan, merge, plan_merge
 from ..errors import ConfigError, TiesMergeError
 from ..io.align import VOCAB_POLICIES
 from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES, load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, format_size
+from ..version import __version__
 
 MERGE_EXAMPLES = """\
 examples:
@@ -281,6 +280,7 @@ def _load_callable(spec: str):
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
+    from ..api import merge
     from ..tuning import parse_grid, tune
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
@@ -347,6 +347,8 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
+    from ..api import describe_plan, merge, plan_merge  # the engine: imported by the commands that merge
+
     data = _recipe_data(args)
     recipe = recipe_from_dict(data, source=args.recipe or "command line")
     common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
@@ -405,6 +407,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    from ..api import analyze
+
     if args.subsets_per_size < 0:
         raise ConfigError(f"--subsets-per-size must be 0 (every subset) or more, got {args.subsets_per_size}")
     data = analyze(args.base, args.models, output=args.output, density=args.density,
@@ -473,7 +477,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        parser = _parser()  # reads the method table: a broken plugin is an error, not a traceback
+    except TiesMergeError as exc:
+        return _report(exc, debug)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
@@ -483,12 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler[args.command](args)
     except TiesMergeError as exc:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return exc.exit_code
+        return _report(exc, args.debug)
     except BrokenPipeError:  # e.g. `tiesmerge methods | head`
         return 0
     except KeyboardInterrupt:
@@ -496,6 +499,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print("error: interrupted; no output directory was left behind", file=sys.stderr)
         return 130
+
+
+def _report(exc: TiesMergeError, debug: bool) -> int:
+    """``error: ...`` and ``hint: ...`` on stderr; the exit status of the error's kind."""
+    if debug:
+        traceback.print_exc()
+    print(f"error: {exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"hint: {exc.hint}", file=sys.stderr)
+    return exc.exit_code
 
 
 def entry() -> NoReturn:  # pragma: no cover - exercised by the installed `tiesmerge` script

@@ -25,11 +25,12 @@ from typing import Protocol
 
 import numpy as np
 
+from ..dtypes import DType, as_dtype
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
 from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TiesKernel
 from ..sizes import DEFAULT_MEMORY_BUDGET, parse_size
-from . import kernels
+from . import fused
 from .plan import Chunk, Plan, make_plan
 from .reader import ChunkRows, EngineInputs, RawRows, Reader
 from .reduce import Reducer
@@ -39,7 +40,11 @@ __all__ = ["Sink", "MemorySink", "RunStats", "Executor"]
 
 
 class Sink(Protocol):
-    def write(self, name: str, rows: slice | None, chunk: torch.Tensor) -> None: ...
+    """Where merged chunks go. A chunk is a torch tensor, or (from the fused CPU path, which
+    never imports torch) a numpy array of the stored bytes: the values, or a bfloat16's bits as
+    uint16."""
+
+    def write(self, name: str, rows: slice | None, chunk: torch.Tensor | np.ndarray) -> None: ...
 
     def alias(self, name: str, source: str) -> None: ...
 
@@ -47,15 +52,19 @@ class Sink(Protocol):
 class MemorySink:
     """Collects the merged model as a state dict; tied names share one tensor, as in a module."""
 
-    def __init__(self, jobs: Iterable[TensorJob], out_dtype: torch.dtype | None) -> None:
+    def __init__(self, jobs: Iterable[TensorJob], out_dtype: DType | torch.dtype | None) -> None:
         self.state: dict[str, torch.Tensor] = {}
+        out = as_dtype(out_dtype) if out_dtype is not None else None
         for job in jobs:
-            dtype = (out_dtype or job.dtype) if job.merge else job.dtype
-            self.state[job.name] = torch.empty(job.shape, dtype=dtype)
+            dtype = (out or job.dtype_info) if job.merge else job.dtype_info
+            self.state[job.name] = torch.empty(job.shape, dtype=dtype.torch)
 
-    def write(self, name: str, rows: slice | None, chunk: torch.Tensor) -> None:
+    def write(self, name: str, rows: slice | None, chunk: torch.Tensor | np.ndarray) -> None:
         target = self.state[name]
-        (target if rows is None or target.dim() == 0 else target[rows]).copy_(chunk)
+        if isinstance(chunk, np.ndarray):  # stored bytes: viewed as the target's dtype, no copy
+            chunk = torch.from_numpy(chunk.reshape(-1).view(np.uint8)).view(target.dtype)
+        part = target if rows is None or target.dim() == 0 else target[rows]
+        part.copy_(chunk.view(part.shape) if chunk.numel() == part.numel() else chunk)
 
     def alias(self, name: str, source: str) -> None:
         self.state[name] = self.state[source]
@@ -96,15 +105,16 @@ class _Scope:
 class Executor:
     def __init__(self, inputs: EngineInputs, alignment: Alignment, method: MergeMethod, *,
                  device: str | torch.device = "cpu", memory_budget: int = parse_size(DEFAULT_MEMORY_BUDGET),
-                 out_dtype: torch.dtype | None = None, progress: Callable[[int], None] | None = None,
-                 fused: bool = True, side: SideInputs | None = None) -> None:
+                 out_dtype: DType | torch.dtype | str | None = None, progress: Callable[[int], None] | None = None,
+                 use_kernels: bool = True, side: SideInputs | None = None) -> None:
         self.inputs, self.alignment, self.method = inputs, alignment, method
         self.req: Requirements = method.requirements()
-        self.device = device if isinstance(device, torch.device) else torch.device(device)
-        self.out_dtype = out_dtype
+        self.device = device  # "cpu" stays a string: the fused CPU path never imports torch
+        self.out_dtype: DType | None = as_dtype(out_dtype) if out_dtype is not None else None
         self.n = len(inputs.models)
         self.stats = RunStats()
-        kernels_on = fused and kernels.available() and self.device.type == "cpu" and not inputs.direct
+        on_cpu = (device if isinstance(device, str) else device.type).split(":")[0] == "cpu"
+        kernels_on = use_kernels and fused.available() and on_cpu and not inputs.direct
         self.reader = Reader(inputs, raw=kernels_on, device=self.device, progress=progress, tally=self._tally)
         self.reducer = Reducer(self.reader, tally=self._tally)
         # the fused merge: a kernel the method declared, on rows that need nothing else
@@ -117,8 +127,7 @@ class Executor:
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
             self.plan = side.adjust_plan(self.plan)
-        self.weights = (torch.tensor(self.req.weights, dtype=torch.float32, device=self.device)
-                        if self.req.weights is not None else None)
+        self._weights: torch.Tensor | None = None
         self._writer: ThreadPoolExecutor | None = None
         self._pending_write: Future | None = None
         self._out_slot = 0
@@ -146,6 +155,13 @@ class Executor:
         return [c for job in jobs for c in self.plan.chunks_by_job[job.name]]
 
     # ------------------------------------------------------------------ context
+    @property
+    def weights(self) -> torch.Tensor | None:
+        """The per-model weights (n,) float32 on the device, made when the torch path first asks."""
+        if self._weights is None and self.req.weights is not None:
+            self._weights = torch.tensor(self.req.weights, dtype=torch.float32, device=self.device)
+        return self._weights
+
     def _context(self, chunk: Chunk, rows: ChunkRows, scope: _Scope) -> ChunkContext:
         """What the method declared it needs, for one chunk."""
         req, job = self.req, chunk.job
@@ -190,6 +206,9 @@ class Executor:
 
     # ------------------------------------------------------------------ passes
     def run(self, sink: Sink) -> RunStats:
+        if self.reader.raw_wanted and fused.load() is None:  # numba installed but not importable: torch
+            self.reader.raw_wanted = self._fused_merge = False
+            self.stats.engine = "torch"
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-write") as writer:
             self._writer, self._pending_write = writer, None
             try:
@@ -215,9 +234,7 @@ class Executor:
                 self._merge_job(job, sink, scope)
                 self.stats.tensors_merged += 1
             else:
-                value = self.inputs.base.read(job.name)
-                self.reader.account(value.numel() * value.element_size())
-                self._write(sink.write, job.name, None, value)
+                self._write(sink.write, job.name, None, self.reader.read_whole(self.inputs.base, job))
                 self.stats.tensors_copied += 1
             for alias in job.aliases:
                 self._write(sink.alias, alias, job.name)
@@ -235,7 +252,7 @@ class Executor:
             before = self.reader.bytes_read
             scope, _ = self._reduce_streamed(chunks, job.numel)  # passes over this tensor only
             self.stats.reduce_bytes += self.reader.bytes_read - before
-        out_dtype = self.out_dtype or job.dtype
+        out_dtype = self.out_dtype or job.dtype_info
         for chunk, payload in self.reader.stream(chunks):
             chunk_scope = self._reduce_in_memory(chunk, payload) if per_tensor and len(chunks) == 1 else scope
             if isinstance(payload, RawRows) and self._fused_merge:
@@ -247,19 +264,18 @@ class Executor:
             else:
                 rows = self.reader.task_vectors(chunk, payload)
                 delta = self.method.merge(rows.tau, self._context(chunk, rows, chunk_scope))  # (*S) float32
-                merged = rows.base.add_(delta).to(out_dtype)
+                merged = rows.base.add_(delta).to(out_dtype.torch)
                 merged = merged.cpu() if merged.device.type != "cpu" else merged
                 self.stats.torch_chunks += 1
             self._write(sink.write, job.name, chunk.rows, merged)
 
-    def _fused_chunk(self, chunk: Chunk, raw: RawRows, scope: _Scope, out_dtype: torch.dtype,
-                     slot: int) -> torch.Tensor:
-        """One chunk through the method's fused kernel, into output buffer ``slot``: (*S) ``out_dtype``."""
-        direct = out_dtype in kernels.OUT_DTYPES  # bfloat16 and float32 are written by the kernel
-        kernel_dtype = out_dtype if direct else torch.float32
-        buffer = self.reader.buffers.take(f"out{slot}", chunk.numel * kernel_dtype.itemsize)
-        out = torch.from_numpy(buffer).view(kernel_dtype)
-        target = kernels.out_view(out)
+    def _fused_chunk(self, chunk: Chunk, raw: RawRows, scope: _Scope, out_dtype: DType, slot: int) -> np.ndarray:
+        """One chunk through the method's fused kernel, into output buffer ``slot``: (*S) stored
+        bytes of ``out_dtype`` (numpy; a bfloat16's bits as uint16)."""
+        kernels = fused.load()
+        direct = out_dtype.code in fused.OUT_VIEWS  # bfloat16 and float32 are written by the kernel
+        view = fused.OUT_VIEWS[out_dtype.code] if direct else np.dtype(np.float32)
+        target = self.reader.buffers.take(f"out{slot}", chunk.numel * view.itemsize).view(view)
         spec = self.req.kernel
         inputs = raw.inputs[:1 + self.n]
         if isinstance(spec, TiesKernel):
@@ -276,5 +292,6 @@ class Executor:
                 finite = kernels.linear_merge(inputs, coef, spec.scale, 1, target)
         if not finite:
             self.reader.raise_not_finite(chunk, raw.tensors())
-        out = out.view(raw.shape)
-        return out if direct else out.to(out_dtype)
+        target = target.reshape(raw.shape)
+        # float16 and float64 outputs: numpy's casts round as torch's do (to nearest, ties to even)
+        return target if direct else target.astype(out_dtype.numpy)

@@ -18,7 +18,9 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
-import torch
+
+from ..lazy import torch
+from .fused import OUT_VIEWS, RAW_VIEWS
 
 try:  # optional: the engine falls back to torch without it
     import numba
@@ -29,7 +31,7 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
 __all__ = [
-    "available", "raw_view", "out_view", "RAW_DTYPES", "OUT_DTYPES",
+    "available", "raw_view", "out_view", "RAW_VIEWS", "OUT_VIEWS",
     "count_pass", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
@@ -38,9 +40,6 @@ ZERO_CODES = {"zero": 0, "positive": 1, "majority": 2}
 AGGREGATE_CODES = {"mean": 0, "sum": 1, "max": 2}
 _BLOCK = 8192  # entries per work item: (n + 3) float32 scratch rows of it stay in L1/L2
 
-# how each stored dtype reaches a kernel: a numpy view of the same bytes
-RAW_DTYPES = {torch.bfloat16: torch.uint16, torch.float16: torch.int16, torch.float32: torch.float32}
-OUT_DTYPES = {torch.bfloat16: torch.uint16, torch.float32: torch.float32}  # others: float32, then torch casts
 _F16_TABLE = None  # float16 bit pattern -> float32 value, built on first use (256 KiB)
 
 
@@ -50,14 +49,18 @@ def available() -> bool:
     return numba is not None and os.environ.get("TIESMERGE_KERNELS", "1") != "0"
 
 
+_TORCH_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
 def raw_view(t: torch.Tensor) -> np.ndarray:
     """The kernels' view of a CPU tensor stored as bfloat16, float16 or float32 (no copy)."""
-    return t.view(RAW_DTYPES[t.dtype]).numpy() if t.dtype != torch.float32 else t.numpy()
+    code = _TORCH_CODES[str(t.dtype).removeprefix("torch.")]
+    return t.numpy() if code == "F32" else t.view(torch.int16).numpy().view(RAW_VIEWS[code])
 
 
 def out_view(t: torch.Tensor) -> np.ndarray:
     """The kernels' view of an output tensor in bfloat16 or float32 (no copy)."""
-    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _f16_table() -> np.ndarray:

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..dtypes import DType
 from ..errors import ConfigError
 from ..io.align import Alignment, TensorJob
 from ..methods.base import Requirements
@@ -110,7 +111,7 @@ def stream_passes(requirements: Requirements, merged_numel: int) -> tuple[str, .
 
 
 def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | None = None, *,
-              memory_budget: int, out_dtype: torch.dtype | None, fused: bool = False, extra_inputs: int = 0,
+              memory_budget: int, out_dtype: DType | torch.dtype | None, fused: bool = False, extra_inputs: int = 0,
               extra_bytes_per_entry: int = 0) -> Plan:
     """Cut every merged tensor into row chunks under the budget, and count the passes.
 
@@ -129,8 +130,8 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
     chunks: dict[str, tuple[Chunk, ...]] = {}
     bytes_per_pass = copy_bytes = output_bytes = peak = extra = 0
     for job in alignment.jobs:
-        itemsize = job.dtype.itemsize
-        out_size = (out_dtype or job.dtype).itemsize if job.merge else itemsize
+        itemsize = job.itemsize
+        out_size = out_dtype.itemsize if out_dtype is not None and job.merge else itemsize
         output_bytes += job.numel * out_size * (1 + len(job.aliases))
         if not job.merge:
             copy_bytes += job.numel * itemsize

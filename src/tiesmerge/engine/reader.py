@@ -21,16 +21,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from ..dtypes import DType
 from ..errors import InvalidTensorError
 from ..io.adapters import yields_task_vector
 from ..io.align import TensorJob
 from ..io.checkpoint import Checkpoint, read_rows_into
 from ..lazy import torch
-from . import kernels
+from . import fused
 from .plan import Chunk
 
 __all__ = ["EngineInputs", "RawRows", "ChunkRows", "Reader", "widen", "SAMPLE_RUNS", "SAMPLE_RUN", "SAMPLE_GROUPS"]
@@ -64,28 +64,34 @@ class EngineInputs:
 @dataclass(frozen=True)
 class RawRows:
     """One chunk's rows as stored: ``inputs`` holds each input's E raw values (the kernels'
-    views, :func:`kernels.raw_view`), in reused buffers or in file mappings (a mapping is
+    views, :data:`fused.RAW_VIEWS`), in reused buffers or in file mappings (a mapping is
     unmapped when the last view of it is dropped, after its chunk); ``shape`` and ``dtype``
     are the chunk's."""
 
     inputs: list[np.ndarray]
-    dtype: Any  # torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     def tensors(self) -> list[torch.Tensor]:
         """The same bytes as torch tensors in the stored dtype (no copy), in input order."""
-        if self.dtype == torch.float32:
-            return [torch.from_numpy(a).view(self.shape) for a in self.inputs]
-        return [torch.from_numpy(a).view(self.dtype).view(self.shape) for a in self.inputs]
+        if self.dtype.code == "BF16":  # numpy has no bfloat16: its bits, viewed as torch's
+            return [torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).view(self.shape) for a in self.inputs]
+        return [torch.from_numpy(a.view(self.dtype.numpy)).view(self.shape) for a in self.inputs]
 
 
-def widen(values: np.ndarray, dtype: Any) -> np.ndarray:
-    """Raw stored values (the kernels' views) as float32: bfloat16 bits are a float32's high half."""
-    if dtype == torch.bfloat16:
-        return (values.astype(np.uint32) << 16).view(np.float32)
-    if dtype == torch.float16:
+WIDENED = ("BF16", "F16", "F32", "F64")  # the stored floats :func:`widen` reads without torch
+
+
+def widen(values: np.ndarray, dtype: DType) -> np.ndarray:
+    """Stored values (raw bits or values) of a floating ``dtype`` in :data:`WIDENED` as float32:
+    bfloat16's bits are a float32's high half; float16 and float64 are numpy's own."""
+    if dtype.code not in WIDENED:
+        raise TypeError(f"cannot widen {dtype.name} without torch")
+    if dtype.code == "BF16":
+        return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    if dtype.code == "F16":
         return values.view(np.float16).astype(np.float32)
-    return values.astype(np.float32, copy=False)
+    return values.view(dtype.numpy).astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,7 @@ class Reader:
         self.n = len(inputs.models)
         self.device = device
         self.buffers = _Buffers()
-        self._raw_wanted = raw and not inputs.direct  # adapters' rows are computed, never stored
+        self.raw_wanted = raw and not inputs.direct  # adapters' rows are computed, never stored
         self._raw_ok: dict[str, bool] = {}
         self._mmap = os.environ.get("TIESMERGE_MMAP", "1") != "0"  # 0: read every chunk with pread
         self._progress = progress or (lambda nbytes: None)
@@ -140,8 +146,8 @@ class Reader:
         ok = self._raw_ok.get(job.name)
         if ok is None:
             ok = self._raw_ok[job.name] = (
-                self._raw_wanted and job.dtype in kernels.RAW_DTYPES
-                and all(c.info(job.name).dtype == job.dtype for c in self.inputs.all))
+                self.raw_wanted and job.dtype_info.code in fused.RAW_VIEWS
+                and all(c.info(job.name).dtype_info == job.dtype_info for c in self.inputs.all))
         return ok
 
     def read(self, chunk: Chunk, slot: int = 0) -> RawRows | list[torch.Tensor]:
@@ -150,8 +156,8 @@ class Reader:
         name, rows = chunk.job.name, chunk.rows
         inputs = self.inputs.all
         if self.raw(chunk.job):
-            dtype = chunk.job.dtype
-            view_dtype = kernels.raw_view(torch.empty(0, dtype=dtype)).dtype
+            dtype = chunk.job.dtype_info
+            view_dtype = fused.RAW_VIEWS[dtype.code]
             size = chunk.numel * dtype.itemsize
             shape = chunk.job.shape
             if rows is not None and shape:
@@ -174,6 +180,18 @@ class Reader:
             nbytes = sum(t.numel() * t.element_size() for t in payload)
         self.account(nbytes)
         return payload
+
+    def read_whole(self, ckpt: Checkpoint, job: TensorJob) -> np.ndarray | torch.Tensor:
+        """A whole tensor as stored (a tensor copied from the base): its bytes where the reader
+        has them (numpy, no torch), else the checkpoint's tensor."""
+        if hasattr(ckpt, "read_into"):
+            value = np.empty(job.nbytes, np.uint8)
+            ckpt.read_into(job.name, None, memoryview(value))
+            value = value.view(job.dtype_info.numpy).reshape(job.shape)
+        else:
+            value = ckpt.read(job.name)
+        self.account(job.nbytes)
+        return value
 
     def account(self, nbytes: int) -> None:
         """Count bytes read (here, or by the caller for what it read itself) and report progress."""
@@ -267,7 +285,7 @@ class Reader:
         rng = np.random.default_rng(numel)
         picks = np.sort(rng.integers(0, numel, SAMPLE_RUNS))
         inputs = [self.inputs.base, *self.inputs.models]
-        values = torch.empty((len(inputs), SAMPLE_RUNS * SAMPLE_RUN), dtype=torch.float32)  # widened as copied
+        values = np.empty((len(inputs), SAMPLE_RUNS * SAMPLE_RUN), dtype=np.float32)
         groups = np.empty(SAMPLE_RUNS * SAMPLE_RUN, np.int64)
         which = np.searchsorted(starts, picks, side="right") - 1  # job of each run
         filled = 0
@@ -278,18 +296,28 @@ class Reader:
             # entries of every run of this tensor, as one gather: (runs * counts) flat indices
             index = np.concatenate([np.arange(a, a + c) for a, c in zip(local, counts, strict=True)])
             for i, ckpt in enumerate(inputs):
-                if hasattr(ckpt, "map_rows") and job.numel * job.dtype.itemsize >= _MAP_MIN_BYTES:
-                    raw = ckpt.map_rows(job.name, None, populate=False)  # only the sampled pages are read
-                    flat = torch.from_numpy(raw.view(np.uint8)).view(ckpt.info(job.name).dtype)
-                else:
-                    flat = ckpt.read(job.name).reshape(-1)
-                picked = flat[torch.from_numpy(index)]
-                self.sample_bytes += picked.numel() * picked.element_size()
-                values[i, filled:filled + len(index)].copy_(picked)
-                del flat, picked  # unmaps the tensor
+                picked = self._gather(ckpt, job, index)  # float32
+                self.sample_bytes += len(index) * ckpt.info(job.name).itemsize
+                values[i, filled:filled + len(index)] = picked
             groups[filled:filled + len(index)] = np.repeat(np.nonzero(which == j)[0] % SAMPLE_GROUPS, counts)
             filled += len(index)
         # |tau| per model: model - base, or an adapter's rows as they are (they are tau already)
-        from_base = torch.tensor([t not in self.inputs.direct for t in range(self.n)], dtype=torch.float32)[:, None]
-        sample = (values[1:, :filled] - from_base * values[0, :filled]).abs_().numpy()  # (n, S)
+        from_base = np.array([t not in self.inputs.direct for t in range(self.n)], np.float32)[:, None]
+        sample = np.abs(values[1:, :filled] - from_base * values[0, :filled])  # (n, S)
         return np.nan_to_num(sample, nan=np.inf), groups[:filled]
+
+    @staticmethod
+    def _gather(ckpt: Checkpoint, job: TensorJob, index: np.ndarray) -> np.ndarray:
+        """Entries ``index`` (flat) of a tensor, as float32: mapped (only the sampled pages are
+        read) or read whole where the tensor is small; computed by torch for adapters."""
+        info = ckpt.info(job.name)
+        if info.dtype_info.code not in WIDENED:  # float8 and the like: torch widens them
+            return ckpt.read(job.name).reshape(-1)[torch.from_numpy(index)].float().numpy()
+        if hasattr(ckpt, "map_rows") and info.nbytes >= _MAP_MIN_BYTES:
+            raw = ckpt.map_rows(job.name, None, populate=False)
+        elif hasattr(ckpt, "read_into"):
+            raw = np.empty(info.nbytes, np.uint8)
+            ckpt.read_into(job.name, None, memoryview(raw))
+        else:  # state dicts and adapters hold (or compute) torch tensors
+            return ckpt.read(job.name).reshape(-1)[torch.from_numpy(index)].float().numpy()
+        return widen(raw.view(info.dtype_info.numpy)[index], info.dtype_info)  # unmaps with ``raw``

@@ -22,7 +22,7 @@ from ..errors import InvalidTensorError
 from ..io.checkpoint import Checkpoint
 from ..lazy import torch
 from ..methods.base import ChunkContext, Reduction, TopK
-from . import kernels
+from . import fused
 from .plan import SAMPLED_NUMEL, Chunk
 from .reader import ChunkRows, RawRows, Reader, widen
 from .select import WindowSelect, bracket_from_sample, kth_largest
@@ -46,7 +46,8 @@ class Reducer:
     def _kernel_bins(self) -> int:
         """Window bins per model for the counting kernel: the per-thread histograms stay
         under ``_KERNEL_HIST_BYTES`` (2^18 bins for a few models on a few cores)."""
-        per_bin = 24 * self.n * max(1, kernels.numba.config.NUMBA_NUM_THREADS if kernels.numba else 1)
+        kernels = fused.load()
+        per_bin = 24 * self.n * max(1, kernels.numba.config.NUMBA_NUM_THREADS if kernels else 1)
         return 1 << max(12, min(18, (_KERNEL_HIST_BYTES // per_bin).bit_length() - 1))
 
     def count(self, selector: WindowSelect, chunk: Chunk, payload: RawRows | list[torch.Tensor]) -> None:
@@ -56,7 +57,7 @@ class Reducer:
             models = payload.inputs[:1 + self.n]  # the base and the models: never the reference
 
             def run(*counts: np.ndarray) -> None:
-                finite[0] = kernels.count_pass(models, *counts)
+                finite[0] = fused.load().count_pass(models, *counts)
 
             clock = time.perf_counter()
             selector.add_counts(run)

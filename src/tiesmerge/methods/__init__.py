@@ -1,7 +1,10 @@
-"""Merge methods: frozen dataclasses of pure tensor math. See :mod:`tiesmerge.methods.base`."""
+"""Merge methods: frozen dataclasses of pure tensor math. See :mod:`tiesmerge.methods.base` for
+the protocol (what a method declares, what the engine hands it) and CONTRIBUTING.md for how a
+method is added."""
 
 from .average import Average
 from .base import (
+    SCOPES,
     ChunkContext,
     Cut,
     LinearKernel,
@@ -12,8 +15,16 @@ from .base import (
     SideInput,
     TiesKernel,
     TopK,
+    finite,
+    fraction,
     method_config,
+    non_negative_int,
+    nonzero_sum,
     option,
+    positive,
+    probability,
+    steps,
+    unit_interval,
 )
 from .dare import DareLinear, DareTies
 from .fisher import Fisher
@@ -23,24 +34,8 @@ from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 
 __all__ = [
-    "Average",
-    "ChunkContext",
-    "Cut",
-    "DareLinear",
-    "DareTies",
-    "Fisher",
-    "LinearKernel",
-    "MagnitudePrune",
-    "MergeMethod",
-    "ModelPath",
-    "Reduction",
-    "RegMean",
-    "Requirements",
-    "SideInput",
-    "TaskArithmetic",
-    "Ties",
-    "TiesKernel",
-    "TopK",
-    "method_config",
-    "option",
+    "SCOPES", "Average", "ChunkContext", "Cut", "DareLinear", "DareTies", "Fisher", "LinearKernel", "MagnitudePrune",
+    "MergeMethod", "ModelPath", "Reduction", "RegMean", "Requirements", "SideInput", "TaskArithmetic", "Ties",
+    "TiesKernel", "TopK", "finite", "fraction", "method_config", "non_negative_int", "nonzero_sum", "option",
+    "positive", "probability", "steps", "unit_interval",
 ]

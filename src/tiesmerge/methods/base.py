@@ -149,6 +149,7 @@ class Requirements:
     base_values:   ``ctx.base`` = the base's values (float32), not only tau.
     weights:       per-model weights -> ``ctx.weights`` (n,).
     kernel:        a fused CPU kernel that computes this merge bit for bit (else torch only).
+    n_models:      how many models the method merges, if it takes a fixed number (SLERP: 2).
     """
 
     trim: TopK | None = None
@@ -162,6 +163,7 @@ class Requirements:
     base_values: bool = False
     weights: tuple[float, ...] | None = None
     kernel: TiesKernel | LinearKernel | None = None
+    n_models: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -385,8 +387,12 @@ def check_options(method: Any) -> None:
 
 
 def check_models(method: Any, n_models: int) -> list[str]:
-    """Problems of ``method`` with ``n_models`` models: per-model options of another length."""
+    """Problems of ``method`` with ``n_models`` models: per-model options of another length, or
+    another number of models than the method takes."""
     problems = []
+    wanted = method.requirements().n_models
+    if wanted is not None and wanted != n_models:
+        problems.append(f"{method.name} merges exactly {wanted} model{'s' if wanted != 1 else ''}, got {n_models}")
     for f in dataclasses.fields(method):
         value = getattr(method, f.name)
         if f.metadata.get("per_model") and isinstance(value, tuple) and len(value) != n_models:

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from .. import __version__
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
+from ..version import __version__
 
 __all__ = ["STATS_KINDS", "MANIFEST_NAME", "StatsManifest", "Statistics", "StatsSource", "save_stats", "load_stats",
            "open_stats", "model_digest", "files_digest", "combine_digests"]

@@ -1,0 +1,43 @@
+"""The fused CPU kernels' front door: whether they can run, and how stored rows reach them.
+
+:mod:`.kernels` imports numba and compiles (or loads from numba's cache) on import, 0.2 to 0.5 s
+on the machines we measure; planning a merge (``--dry-run``) needs to know only whether they
+would run. So the engine asks here, and the kernels are imported when a merge first calls one
+(:func:`load`). If numba is installed but fails to import, the merge falls back to torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import numpy as np
+
+__all__ = ["RAW_VIEWS", "OUT_VIEWS", "available", "load"]
+
+# how each stored dtype (by its safetensors code) reaches a kernel: a numpy view of the same bytes
+RAW_VIEWS = {"BF16": np.dtype(np.uint16), "F16": np.dtype(np.int16), "F32": np.dtype(np.float32)}
+OUT_VIEWS = {"BF16": np.dtype(np.uint16), "F32": np.dtype(np.float32)}  # others: float32, then a cast
+
+
+def available() -> bool:
+    """True when numba is installed and TIESMERGE_KERNELS is not "0" (the switch lets a benchmark
+    time the torch path on the same machine). Does not import numba."""
+    if os.environ.get("TIESMERGE_KERNELS", "1") == "0":
+        return False
+    loaded = _loaded()
+    return loaded.numba is not None if loaded is not None else importlib.util.find_spec("numba") is not None
+
+
+def _loaded() -> ModuleType | None:
+    import sys
+
+    return sys.modules.get(f"{__package__}.kernels")
+
+
+def load() -> ModuleType | None:
+    """The kernels module, imported now if it was not; None where numba cannot be imported."""
+    from . import kernels
+
+    return kernels if kernels.numba is not None and available() else None
