@@ -19,7 +19,20 @@ from .base import (
 from .ties import AGGREGATES, ELECT_RULES
 
 _DARE_PAPER = "https://arxiv.org/abs/2311.03099"
-_DROP_GRID, _LAM_GRID = (0.7, 0.8, 0.9), steps(0.5, 2.0, 0.1)
+
+
+def _drop_rate() -> float:
+    """DARE's drop rate, the same option in both methods (a field object cannot be shared)."""
+    return option(0.9, "probability of dropping each task-vector entry", unit="probability, [0, 1)",
+                  check=probability, grid=(0.7, 0.8, 0.9))
+
+
+def _seed() -> int:
+    return option(0, "seed of the counter-based random numbers", unit="integer", check=non_negative_int)
+
+
+def _lam(what: str) -> float:
+    return option(1.0, f"scale of the {what} (lambda)", unit="multiplier", check=finite, grid=steps(0.5, 2.0, 0.1))
 
 
 def _dare(tau: torch.Tensor, drop_rate: float, seed: int, ctx: ChunkContext) -> torch.Tensor:
@@ -44,11 +57,9 @@ class DareLinear:
     paper: ClassVar[str] = _DARE_PAPER
     summary: ClassVar[str] = "randomly drop task-vector entries, rescale the rest, then sum"
 
-    drop_rate: float = option(0.9, "probability of dropping each task-vector entry", unit="probability, [0, 1)",
-                              check=probability, grid=_DROP_GRID)
-    lam: float = option(1.0, "scale of the summed task vectors (lambda)", unit="multiplier", check=finite,
-                        grid=_LAM_GRID)
-    seed: int = option(0, "seed of the counter-based random numbers", unit="integer", check=non_negative_int)
+    drop_rate: float = _drop_rate()
+    lam: float = _lam("summed task vectors")
+    seed: int = _seed()
     weights: tuple[float, ...] | None = option(None, "per-model weights multiplying each task vector",
                                                unit="one per model", per_model=True)
 
@@ -71,11 +82,9 @@ class DareTies:
     paper: ClassVar[str] = _DARE_PAPER
     summary: ClassVar[str] = "randomly drop and rescale, then TIES's sign election and disjoint mean"
 
-    drop_rate: float = option(0.9, "probability of dropping each task-vector entry", unit="probability, [0, 1)",
-                              check=probability, grid=_DROP_GRID)
-    lam: float = option(1.0, "scale of the merged task vector (lambda)", unit="multiplier", check=finite,
-                        grid=_LAM_GRID)
-    seed: int = option(0, "seed of the counter-based random numbers", unit="integer", check=non_negative_int)
+    drop_rate: float = _drop_rate()
+    lam: float = _lam("merged task vector")
+    seed: int = _seed()
     elect: str = option("mass", "sign election: total mass or count of signs", choices=ELECT_RULES)
     aggregate: str = option("mean", "how agreeing values combine", choices=AGGREGATES)
     weights: tuple[float, ...] | None = option(None, "per-model weights, as in ties", unit="one per model",
