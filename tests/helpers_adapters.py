@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-__all__ = ["LORA_MODULES", "IA3_MODULES", "random_lora", "write_lora_dir", "lora_delta", "random_ia3",
+__all__ = ["LORA_MODULES", "TARGETS", "IA3_MODULES", "random_lora", "write_lora_dir", "lora_delta", "random_ia3",
            "write_ia3_dir"]
 
 PREFIX = "base_model.model."
 LORA_MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj",
                 "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj")
+TARGETS = [m + ".weight" for m in LORA_MODULES]  # the base tensors the LoRA adapters change
 IA3_MODULES = {"model.layers.0.self_attn.q_proj": False, "model.layers.1.self_attn.q_proj": False,
                "model.layers.0.mlp.up_proj": True}  # True: feed-forward (inputs scaled)
 

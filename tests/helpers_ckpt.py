@@ -1,4 +1,5 @@
-"""Builders of tiny checkpoints for the I/O, output, CLI and error tests.
+"""Builders of tiny checkpoints for the I/O, output, CLI and error tests, and the readers of
+what a merge wrote.
 
 Everything is written by the tests themselves (no network): small state dicts, Hugging Face
 style directories (one ``model.safetensors`` or shards plus ``model.safetensors.index.json``,
@@ -12,7 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+
+from tiesmerge.cli.main import main
 
 __all__ = [
     "SHAPES",
@@ -24,6 +27,12 @@ __all__ = [
     "write_pickle",
     "leftovers",
     "assert_no_output",
+    "load_dir",
+    "assert_same_state",
+    "write_layouts",
+    "sign_family",
+    "cli_flags",
+    "run_cli",
     "TOKENIZER_FILES",
 ]
 
@@ -142,3 +151,70 @@ def leftovers(output: str | Path) -> list[Path]:
 def assert_no_output(output: str | Path) -> None:
     left = leftovers(output)
     assert not left, f"output or temporary directories left behind: {left}"
+
+
+# ------------------------------------------------------------------ reading outputs back
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an output directory: one ``model.safetensors``, or the shards of its index."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = load_file(str(path / f))
+        assert not set(part) & set(state), f"tensor in two shards: {set(part) & set(state)}"
+        state.update(part)
+    return state
+
+
+def assert_same_state(got, want):
+    """The same names, dtypes and values, bit for bit."""
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        assert torch.equal(got[k], want[k]), k
+
+
+# ------------------------------------------------------------------ one state dict in every layout
+
+
+def write_layouts(tmp_path, state):
+    """The same state dict in every supported on-disk layout."""
+    return {
+        "sharded_dir": write_hf_dir(tmp_path / "sharded", state, shards=3),
+        "single_dir": write_hf_dir(tmp_path / "single", state),
+        "file": write_safetensors(tmp_path / "weights.safetensors", state),
+        "odd_name_dir": write_hf_dir(tmp_path / "odd", state, weight_name="weights.safetensors"),
+    }
+
+
+# ------------------------------------------------------------------ a reference model (--sign-from)
+
+
+def sign_family(tmp_path: Path) -> tuple[Path, list[Path], Path]:
+    """(base, [t0, t1], reference) HF directories of two tensors, signs worked out by hand."""
+    base = {"w": torch.zeros(3), "b": torch.ones(2)}
+    t0 = {"w": torch.tensor([1.0, -2.0, 3.0]), "b": torch.tensor([2.0, 1.5])}
+    t1 = {"w": torch.tensor([-3.0, 1.0, 1.0]), "b": torch.tensor([1.5, 0.0])}
+    ref = {"w": torch.tensor([1.0, 1.0, -1.0]), "b": torch.tensor([1.0, 0.0])}  # b: task vector 0, -1
+    paths = [write_hf_dir(tmp_path / name, sd) for name, sd in (("t0", t0), ("t1", t1))]
+    return write_hf_dir(tmp_path / "base", base), paths, write_hf_dir(tmp_path / "ref", ref)
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def cli_flags(b, ms):
+    """``--base B --model M1 --model M2 ...``"""
+    return ["--base", str(b), *[x for m in ms for x in ("--model", str(m))]]
+
+
+def run_cli(argv, capsys):
+    """``tiesmerge ARGV`` in this process: (exit status, stdout, stderr)."""
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -1,5 +1,8 @@
-"""Every bad input gets a typed error that names the file and/or tensor, and leaves no output
-directory (nor a temporary sibling) behind."""
+"""Hostile input through the API and the CLI: every bad input gets a typed error that names the
+file and/or tensor, and leaves no output directory (nor a temporary sibling) behind.
+
+Cross-cutting (not one source module): inputs, readers, alignment, options, the writer, exit codes.
+"""
 
 from __future__ import annotations
 

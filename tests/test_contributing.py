@@ -1,5 +1,9 @@
 """CONTRIBUTING.md's worked example stays true: its method, dropped in as one file and declared
-as a plugin (an entry point), merges through the CLI with no other file touched."""
+as a plugin (an entry point), merges through the CLI with no other file touched.
+
+Cross-cutting (not one source module): the guide, the registry's plugins, the CLI and the engine.
+(The registry's own plugin rules are tested in test_registry.py.)
+"""
 
 from __future__ import annotations
 

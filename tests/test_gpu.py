@@ -1,4 +1,5 @@
-"""CUDA path: same tensors as the CPU merge. Skipped without a GPU; run them on a GPU machine."""
+"""CUDA path: same tensors as the CPU merge, for the streamed methods and the data-aware ones.
+Cross-cutting (the engine on a device). Skipped without a GPU; run them on a GPU machine."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 import tiesmerge
-from tiesmerge.methods import DareTies, TaskArithmetic, Ties
+from helpers_merge import fisher_stats, gram_stats, linear_family, merge
+from tiesmerge.methods import DareTies, Fisher, RegMean, TaskArithmetic, Ties
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -44,3 +46,17 @@ def test_cuda_analysis_matches_cpu(budget):
     assert gpu["magnitudes"]["by_influence"]["count"] == cpu["magnitudes"]["by_influence"]["count"]
     for t, share in enumerate(cpu["redundancy"]["at_density"]["l1_share"]):
         assert gpu["redundancy"]["at_density"]["l1_share"][t] == pytest.approx(share, rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_fisher_and_regmean_on_cuda_match_cpu():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    base, models = linear_family()
+    grams = [gram_stats({"layer.weight": (lambda x: x.T @ x / 9)(torch.randn(9, 5))}) for _ in models]
+    fishers = [fisher_stats({n: torch.rand(v.shape) for n, v in base.items()}) for _ in models]
+    for method, stats in ((RegMean(), grams), (Fisher(), fishers)):
+        cpu = merge(base, models, method, stats)
+        gpu = merge(base, models, method, stats, device="cuda")
+        for n in cpu:
+            torch.testing.assert_close(gpu[n], cpu[n], rtol=1e-5, atol=1e-5)

@@ -1,10 +1,12 @@
-"""A merge's inputs by role: the reference model (TIES's sign_from) is a named input, read
-against the real base, never aligned, trimmed or counted as a model — for adapters too."""
+"""A merge's inputs by role (inputs.py): the reference model (TIES's sign_from) is a named input, read
+against the real base, never aligned, trimmed or counted as a model — for adapters too — and
+recorded under its own name; the base itself is refused as a reference."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from safetensors.torch import load_file
 
 import tiesmerge
 from helpers_adapters import LORA_MODULES, lora_delta, random_lora, write_lora_dir
-from helpers_ckpt import make_base, write_hf_dir
+from helpers_ckpt import make_base, sign_family, write_hf_dir
+from tiesmerge.cli.main import main
 from tiesmerge.errors import ConfigError, IncompatibleCheckpointsError, OutputError
 from tiesmerge.methods import Ties
 
@@ -142,3 +145,23 @@ def test_reference_errors(lora_and_reference, tmp_path):
     with pytest.raises(OutputError, match="the reference model"):
         tiesmerge.merge(base_dir, dirs, Ties(sign_from=reference_dir), output=reference_dir, force=True)
     assert (reference_dir / "config.json").is_file()  # the reference is untouched
+
+
+def test_sign_from_cli_and_manifest(tmp_path):
+    base, models, ref = sign_family(tmp_path)
+    args = ["merge", "--base", str(base), "--model", str(models[0]), "--model", str(models[1]),
+            "--density", "1", "--sign-from", str(ref), "-o", str(tmp_path / "out"), "--no-progress"]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "tiesmerge.json").read_text())
+    assert manifest["inputs"]["sign_from"]["label"].startswith(str(ref))
+    assert len(manifest["inputs"]["models"]) == 2
+    assert manifest["method"]["options"]["sign_from"] == str(ref)
+    assert re.search(r"sign_from", (tmp_path / "out" / "README.md").read_text())
+
+
+def test_sign_from_the_base_is_refused(tmp_path):
+    base, models, _ = sign_family(tmp_path)
+    with pytest.raises(ConfigError, match="base itself"):
+        tiesmerge.merge(base, models, "ties", sign_from=str(base))
+    with pytest.raises(ConfigError, match="sign_from"):
+        tiesmerge.methods.Ties(sign_from=3)

@@ -1,6 +1,9 @@
 """The I/O layer without torch or numba: a fresh interpreter opens, aligns, reads, writes and
 hashes safetensors models, binds adapters and translates a mergekit recipe, and never imports
-either. The files are made (and the output checked) here, with torch."""
+either. The files are made (and the output checked) here, with torch.
+
+Cross-cutting (not one source module): every module of the io layer, and recipe_mergekit.
+"""
 
 from __future__ import annotations
 

@@ -3,6 +3,8 @@
 ``tiesmerge_bench`` (fetchers and parsers of the benchmark's Debian and npm data) ships in the
 same distribution and may import ``tiesmerge``; the reverse would put the benchmark back into
 the library. The one exception is the bundled demo, which loads it inside the command.
+
+Cross-cutting (not one source module): the imports of every module of both packages.
 """
 
 from __future__ import annotations

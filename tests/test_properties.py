@@ -1,4 +1,7 @@
-"""Properties every merge must have, checked on small random state dicts with hypothesis."""
+"""Properties every merge must have, checked on small random state dicts with hypothesis.
+
+Cross-cutting (not one source module): every method through the public API and the engine.
+"""
 
 from __future__ import annotations
 

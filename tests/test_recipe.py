@@ -1,4 +1,5 @@
-"""YAML recipes: parsing, path resolution, per-model weights, round trips, every problem at once."""
+"""YAML recipes (recipe.py): parsing, path resolution, per-model weights and statistics, round trips,
+every problem at once."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from tiesmerge.cli.main import main
 from tiesmerge.errors import ConfigError
 from tiesmerge.methods import Average, Ties
 from tiesmerge.recipe import MergeRecipe, load_recipe, parse_dtype, read_recipe_data, recipe_from_dict
@@ -178,3 +180,18 @@ def test_parse_dtype():
         parse_dtype("bfloat")
     with pytest.raises(ConfigError, match="not one of"):
         parse_dtype(["bf16"])
+
+
+def test_recipe_with_per_model_statistics(classifiers, tmp_path, capsys):
+    root, base, fts, data = classifiers
+    for k, ft in enumerate(fts):
+        assert main(["stats", "gram", "--model", str(ft), "--data", str(data), "-o", str(tmp_path / f"g{k}")]) == 0
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: regmean\nbase: {base}\nmodels:\n"
+                      + "".join(f"  - {{path: {ft}, stats: g{k}}}\n" for k, ft in enumerate(fts)))
+    assert main(["validate", str(recipe)]) == 0
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    recipe.write_text(f"method: regmean\nbase: {base}\nmodels: [{fts[0]}, {fts[1]}]\nstats: [g0]\n")
+    assert main(["validate", str(recipe)]) == 2
+    assert "'stats' lists 1 directories for 2 models" in capsys.readouterr().err

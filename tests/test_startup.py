@@ -3,6 +3,8 @@ a CPU merge of safetensors files through the fused kernels never imports torch.
 
 Each command runs in a fresh interpreter (``python -c``), which then reports the heavy modules
 it loaded. (How fast they start is measured by ``benchmarks/speed/startup.py``, not here.)
+
+Cross-cutting (not one source module): the lazy imports of every layer, the CLI to the kernels.
 """
 
 from __future__ import annotations

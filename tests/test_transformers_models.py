@@ -1,6 +1,9 @@
 """Real (tiny, randomly initialised) transformers models saved with save_pretrained, merged from
 their directories: the output loads with AutoModel*.from_pretrained, runs, and holds exactly the
-weights of an in-memory merge of the same state dicts."""
+weights of an in-memory merge of the same state dicts.
+
+Cross-cutting (not one source module): real model directories through the API, the engine and the writer.
+"""
 
 from __future__ import annotations
 

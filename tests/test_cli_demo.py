@@ -1,4 +1,4 @@
-"""`tiesmerge demo` runs end to end on a tiny model and prints its table."""
+"""`tiesmerge demo --synthetic` (cli/demo.py) runs end to end on a tiny model and prints its table."""
 
 from __future__ import annotations
 

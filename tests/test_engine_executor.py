@@ -1,4 +1,5 @@
-"""The streaming engine: chunked == in-memory, buffers, passes, bytes, and what it leaves alone."""
+"""The executor (engine/executor.py): chunked == in-memory for every method, buffers, passes,
+bytes read against the plan, and the inputs it leaves alone."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tiesmerge.io.checkpoint import StateDictCheckpoint
 from tiesmerge.methods import DareLinear, DareTies, MagnitudePrune, Ties
 
 State = dict[str, torch.Tensor]
+
 
 TINY = 1024  # bytes: forces one-row chunks for every tensor below (either arithmetic path)
 
@@ -105,9 +107,6 @@ def test_dare_drops_do_not_depend_on_chunking_or_tensor_order() -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-# ---------------------------------------------------------------------------------------------- buffers, dtypes
-
-
 def test_buffers_are_copied_from_the_base_and_dtypes_kept() -> None:
     base, models = family(4)
     base["mask"] = torch.tensor([True, False])
@@ -159,9 +158,6 @@ def test_tied_state_dict_tensors_share_one_output() -> None:
     assert out["lm_head.weight"] is out["embed_tokens.weight"]
 
 
-# ---------------------------------------------------------------------------------------------- inputs untouched
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("budget", [None, TINY])
 def test_merge_leaves_the_base_and_models_unchanged(dtype: torch.dtype, budget: int | None) -> None:
@@ -182,9 +178,6 @@ def test_merging_twice_gives_the_same_result() -> None:
     first = tiesmerge.merge(base, models, "ties", density=0.5)
     second = tiesmerge.merge(base, models, "ties", density=0.5)
     assert_same(first, second)
-
-
-# ---------------------------------------------------------------------------------------------- the executor
 
 
 def _executor(base: State, models: list[State], method: Any, **kwargs: Any) -> Executor:

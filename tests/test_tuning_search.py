@@ -1,4 +1,4 @@
-"""Validation grid search (tiesmerge.tuning): the paper's grids, one engine merge per non-lam grid
+"""Validation grid search (tuning/search.py): the paper's grids, one engine merge per non-lam grid
 point, an exact lam sweep on top of tau_m, best-point selection, and up-front validation."""
 
 from __future__ import annotations

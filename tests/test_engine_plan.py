@@ -1,4 +1,4 @@
-"""The chunk planner's arithmetic."""
+"""The chunk planner's arithmetic (engine/plan.py), and the passes plan_merge counts."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RadixSelect: the exact streaming m-th largest |tau| per model, against a sort."""
+"""RadixSelect (engine/select.py): the exact streaming m-th largest |tau| per model, against a sort."""
 
 from __future__ import annotations
 

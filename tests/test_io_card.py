@@ -1,14 +1,36 @@
-"""Input digests in the manifest are remembered by file identity and never go stale."""
+"""The model card (io/card.py), and the input digests it and the manifest record: remembered by file
+identity, never stale."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import yaml
 
+import tiesmerge
 from tiesmerge.io import card
+
+
+def test_model_card_front_matter_and_recipe(hf, tmp_path):
+    _, _, b, ms = hf
+    out = tiesmerge.merge(b, ms, "ties", output=tmp_path / "out", density=0.3, lam=1.5)
+    card = (out / "README.md").read_text()
+    m = re.match(r"^---\n(.*?)\n---\n", card, re.S)
+    assert m, card[:200]
+    front = yaml.safe_load(m.group(1))
+    assert front["base_model"] == str(b)
+    assert {"merge", "tiesmerge"} <= set(front["tags"])
+    recipe = yaml.safe_load(re.search(r"```yaml\n(.*?)```", card, re.S).group(1))
+    assert recipe["method"] == "ties"
+    assert recipe["base"] == str(b) and recipe["models"] == [str(p) for p in ms]
+    assert recipe["parameters"]["density"] == 0.3 and recipe["parameters"]["lam"] == 1.5
+    for p in ms:
+        assert str(p) in card
+    assert "arxiv.org/abs/2306.01708" in card
 
 
 def _digests(paths):

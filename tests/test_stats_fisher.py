@@ -1,43 +1,14 @@
-"""Statistics for the data-aware methods: the Fisher against brute-force loops, Gram matrices
-against their definition, the files' round trip, and typed errors for files that do not fit."""
+"""Diagonal Fisher information (stats/fisher.py) against brute-force loops: per example (vmap and
+loop), exact, empirical and batched, embedding rows, log-likelihood functions, typed errors."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from helpers_ckpt import assert_no_output
-from tiesmerge.errors import CheckpointError, ConfigError
-from tiesmerge.stats import (
-    MANIFEST_NAME,
-    Statistics,
-    StatsManifest,
-    fisher_information,
-    gram_matrices,
-    load_stats,
-    open_stats,
-    save_stats,
-)
-
-
-def tiny_classifier(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
-
-
-def data(seed: int = 1, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-def batches(x: torch.Tensor, y: torch.Tensor, size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
-
-
-def logits(module: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return module(batch[0])
+from helpers_models import batches, data, logits, tiny_classifier
+from tiesmerge.errors import ConfigError
+from tiesmerge.stats import fisher_information
 
 
 def brute_fisher(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
@@ -105,59 +76,6 @@ def test_fisher_option_errors():
         fisher_information(model, batches(x, y, 5), logits, kind="sampled")
     with pytest.raises(ConfigError, match="no examples"):
         fisher_information(model, [], logits)
-
-
-def test_gram_is_mean_of_input_outer_products_over_real_tokens():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
-    x = torch.randn(2, 4, 3)  # (B, T, in)
-    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)  # padding at the end
-    stats = gram_matrices(model, [{"x": x, "mask": mask}], lambda m, b: m(b["x"]), token_mask=lambda b: b["mask"])
-    real = x[mask]  # (5, 3)
-    torch.testing.assert_close(stats.tensors["0.weight"], real.T @ real / 5)
-    hidden = torch.relu(model[0](real))
-    torch.testing.assert_close(stats.tensors["2.weight"], hidden.T @ hidden / 5, rtol=1e-5, atol=1e-6)
-    assert stats.manifest.options["rows"] == {"0.weight": 5, "2.weight": 5}
-    assert set(stats.tensors) == {"0.weight", "2.weight"} and stats.manifest.examples == 2
-    # running mean over batches = the mean over all rows
-    split = gram_matrices(model, [{"x": x[:1], "mask": mask[:1]}, {"x": x[1:], "mask": mask[1:]}],
-                          lambda m, b: m(b["x"]), token_mask=lambda b: b["mask"])
-    torch.testing.assert_close(split.tensors["0.weight"], stats.tensors["0.weight"])
-
-
-def test_statistics_round_trip(tmp_path):
-    model, (x, y) = tiny_classifier(), data()
-    stats = fisher_information(model, batches(x, y, 5), logits)
-    out = save_stats(tmp_path / "fisher", stats)
-    manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["kind"] == "fisher" and manifest["examples"] == 10
-    assert manifest["options"]["kind"] == "exact" and manifest["model_digest"].startswith("tensors:")
-    back = load_stats(out)
-    assert back.manifest.kind == "fisher" and back.manifest.model_digest == stats.manifest.model_digest
-    assert set(back.tensors) == set(stats.tensors)
-    for name, value in stats.tensors.items():
-        assert torch.equal(back.tensors[name], value)
-    with pytest.raises(Exception, match="not empty"):
-        save_stats(out, stats)  # never overwritten silently
-    save_stats(out, stats, force=True)
-
-
-def test_statistics_errors(tmp_path):
-    with pytest.raises(CheckpointError, match="not a statistics directory"):
-        open_stats(tmp_path / "nowhere")
-    (tmp_path / "plain").mkdir()
-    with pytest.raises(CheckpointError, match=MANIFEST_NAME):
-        open_stats(tmp_path / "plain")
-    gram = Statistics(StatsManifest("gram", 3), {"0.weight": torch.eye(4)})
-    save_stats(tmp_path / "gram", gram)
-    with pytest.raises(ConfigError, match="holds gram statistics, but the method needs fisher"):
-        open_stats(tmp_path / "gram", kind="fisher")
-    (tmp_path / "gram" / MANIFEST_NAME).write_text('{"kind": "hessian", "examples": 1}')
-    with pytest.raises(CheckpointError, match="not a tiesmerge statistics manifest"):
-        open_stats(tmp_path / "gram")
-    with pytest.raises(ConfigError, match="not a floating"):
-        save_stats(tmp_path / "ints", Statistics(StatsManifest("gram", 1), {"a": torch.ones(2, dtype=torch.int64)}))
-    assert_no_output(tmp_path / "ints")
 
 
 class TokenClassifier(torch.nn.Module):

@@ -1,0 +1,90 @@
+"""Fine-tuning the encoder under frozen heads (evaluation/finetune.py): the loss falls, only the
+encoder trains, a seed fixes the run."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from helpers_models import tiny_bert_encoder
+from tiesmerge.evaluation.encoder import build_head
+from tiesmerge.evaluation.finetune import TrainConfig, finetune
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+
+FT_DATA = {
+    "animals": [("the cat sat", 0), ("a cat ran", 0), ("cat on a mat", 0), ("the old cat", 0),
+                ("the dog sat", 1), ("a dog ran", 1), ("dog on a mat", 1), ("the old dog", 1)],
+    "weather": [("cold rain", 0), ("snow at night", 0), ("cold snow", 0), ("rain and snow", 0),
+                ("warm sun", 1), ("sun on a day", 1), ("warm day", 1), ("the sun", 1)],
+}
+
+
+FT_DESCRIPTIONS = {"animals": ["a cat", "a dog"], "weather": ["cold", "warm"]}
+
+
+FT_CONFIG = TrainConfig(epochs=4, lr=3e-3, batch_size=4, warmup_fraction=0.1, seed=3)
+
+
+def _ft_setup(tokenizer):
+    enc = tiny_bert_encoder(tokenizer, seed=5)
+    heads = {t: build_head(enc, d) for t, d in FT_DESCRIPTIONS.items()}
+    return enc, heads
+
+
+@torch.no_grad()
+def _dataset_loss(enc, heads) -> float:
+    enc.eval()
+    losses = []
+    for task, rows in FT_DATA.items():
+        emb = enc.encode([t for t, _ in rows])
+        labels = torch.tensor([y for _, y in rows])
+        losses.append(torch.nn.functional.cross_entropy(heads[task].logits(emb), labels))
+    return float(torch.stack(losses).mean())
+
+
+def test_finetune_lowers_loss_and_trains_only_the_encoder(bert_tokenizer):
+    enc, heads = _ft_setup(bert_tokenizer)
+    head_before = {t: h.class_embeddings.clone() for t, h in heads.items()}
+    weights_before = {k: v.clone() for k, v in enc.state_dict().items()}
+    loss_before = _dataset_loss(enc, heads)
+    steps = []
+    log = finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=lambda s, total, loss: steps.append((s, total, loss)))
+    # 2 tasks x 8 examples / batch 4 = 4 batches per epoch
+    assert log.steps == 4 * 4 == len(steps)
+    assert log.examples == 4 * 16
+    assert [s for s, _, _ in steps] == list(range(1, 17)) and {t for _, t, _ in steps} == {16}
+    assert log.final_loss == steps[-1][2]
+    assert not enc.training
+    loss_after = _dataset_loss(enc, heads)
+    assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
+    first_epoch = sum(x for _, _, x in steps[:4]) / 4
+    last_epoch = sum(x for _, _, x in steps[-4:]) / 4
+    assert last_epoch < first_epoch
+    for t, h in heads.items():
+        assert torch.equal(h.class_embeddings, head_before[t])
+        assert not h.class_embeddings.requires_grad
+    changed = [k for k, v in enc.state_dict().items() if not torch.equal(v, weights_before[k])]
+    assert any("encoder.layer.0" in k for k in changed) and any("embeddings" in k for k in changed)
+
+
+def test_finetune_is_deterministic_for_a_seed(bert_tokenizer):
+    config = TrainConfig(epochs=2, lr=3e-3, batch_size=4, seed=3)
+    enc, heads = _ft_setup(bert_tokenizer)
+    twin, other = copy.deepcopy(enc), copy.deepcopy(enc)
+    torch.manual_seed(111)  # the global RNG differs between the runs: finetune must seed its own
+    finetune(enc, heads, FT_DATA, config)
+    torch.manual_seed(222)
+    finetune(twin, heads, FT_DATA, config)
+    a, b = enc.state_dict(), twin.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # another seed trains differently (dropout and batch order depend on it)
+    finetune(other, heads, FT_DATA, dataclasses.replace(config, seed=4))
+    assert any(not torch.equal(a[k], v) for k, v in other.state_dict().items())

@@ -1,0 +1,25 @@
+"""Gram matrices of Linear inputs (stats/gram.py) against their definition."""
+
+from __future__ import annotations
+
+import torch
+
+from tiesmerge.stats import gram_matrices
+
+
+def test_gram_is_mean_of_input_outer_products_over_real_tokens():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    x = torch.randn(2, 4, 3)  # (B, T, in)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)  # padding at the end
+    stats = gram_matrices(model, [{"x": x, "mask": mask}], lambda m, b: m(b["x"]), token_mask=lambda b: b["mask"])
+    real = x[mask]  # (5, 3)
+    torch.testing.assert_close(stats.tensors["0.weight"], real.T @ real / 5)
+    hidden = torch.relu(model[0](real))
+    torch.testing.assert_close(stats.tensors["2.weight"], hidden.T @ hidden / 5, rtol=1e-5, atol=1e-6)
+    assert stats.manifest.options["rows"] == {"0.weight": 5, "2.weight": 5}
+    assert set(stats.tensors) == {"0.weight", "2.weight"} and stats.manifest.examples == 2
+    # running mean over batches = the mean over all rows
+    split = gram_matrices(model, [{"x": x[:1], "mask": mask[:1]}, {"x": x[1:], "mask": mask[1:]}],
+                          lambda m, b: m(b["x"]), token_mask=lambda b: b["mask"])
+    torch.testing.assert_close(split.tensors["0.weight"], stats.tensors["0.weight"])
