@@ -1,5 +1,5 @@
-"""The tiesmerge.json manifest (manifest.py): recipe, input digests, counts, timings; statistics
-checked against their models' digests."""
+"""The tiesmerge.json manifest (manifest.py): recipe, input digests, counts, timings; the name a
+reference model is recorded under; statistics checked against their models' digests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -14,7 +15,12 @@ import torch
 import tiesmerge
 from helpers_ckpt import assert_no_output, make_family, write_hf_dir
 from tiesmerge.errors import IncompatibleCheckpointsError
-from tiesmerge.stats import gram_matrices, save_stats
+from tiesmerge.io.checkpoint import open_checkpoint
+from tiesmerge.manifest import check_stats_digests, reference_option
+from tiesmerge.methods import Requirements, TaskArithmetic, Ties, method_config, option
+from tiesmerge.methods.base import ModelPath
+from tiesmerge.stats import StatsManifest, StatsSource, gram_matrices, save_stats
+from tiesmerge.stats.files import combine_digests
 
 
 def test_manifest_records_recipe_hashes_counts_and_timings(hf, tmp_path):
@@ -60,3 +66,69 @@ def test_statistics_of_another_model_are_refused_by_digest(tmp_path):
         tiesmerge.merge(tmp_path / "base", dirs, "regmean", stats=[tmp_path / "g1", tmp_path / "g0"],
                         output=tmp_path / "swapped")
     assert_no_output(tmp_path / "swapped")
+
+
+# ---------------------------------------------------------------------------------------------- reference_option
+
+
+@method_config
+class Distil:
+    """Two model options; the reference is the second one."""
+
+    name: ClassVar[str] = "distil"
+    paper: ClassVar[str] = "https://example.org/distil"
+    summary: ClassVar[str] = "a method with two model options"
+
+    teacher: ModelPath | None = option(None, "a model read for its own sake")
+    anchor: ModelPath | None = option(None, "the reference model")
+    via_requirements_only: bool = option(False, "name the reference in requirements() only")
+
+    def requirements(self) -> Requirements:
+        return Requirements(reference="/elsewhere" if self.via_requirements_only else self.anchor)
+
+    def merge(self, tau, ctx):
+        return tau.sum(0)
+
+
+def test_reference_option_names_the_option_holding_the_reference(tmp_path):
+    assert reference_option(Ties(sign_from=tmp_path / "multitask")) == "sign_from"  # a path, normalised
+    assert reference_option(Distil(teacher="/t", anchor="/a")) == "anchor"
+    assert reference_option(Distil(teacher="/t", via_requirements_only=True)) == "reference"
+    assert reference_option(TaskArithmetic()) == "reference"  # no model option at all
+
+
+# ---------------------------------------------------------------------------------------------- check_stats_digests
+
+
+def _source(label: str, digest: str | None) -> StatsSource:
+    manifest = None if digest == "no manifest" else StatsManifest("fisher", 4, model_digest=digest, model=f"{label}-model")
+    return StatsSource(open_checkpoint({}, label=label), manifest, label)
+
+
+FILES = [[{"path": "/m0/model-00001.safetensors", "sha256": "a" * 64}, {"path": "/m0/model-00002.safetensors",
+                                                                          "sha256": "b" * 64}],
+         [{"path": "/m1/model.safetensors", "sha256": "c" * 64}]]
+DIGESTS = ["files:" + combine_digests([(Path(f["path"]).name, f["sha256"]) for f in files]) for files in FILES]
+
+
+def test_statistics_of_their_own_models_pass():
+    check_stats_digests([_source("s0", DIGESTS[0]), _source("s1", DIGESTS[1])], FILES, ["m0", "m1"])
+    check_stats_digests([], FILES, ["m0", "m1"])  # methods without statistics
+
+
+@pytest.mark.parametrize("digest", [None, "no manifest", "tensors:" + "0" * 64])
+def test_statistics_without_a_files_digest_are_not_checked(digest):
+    """Statistics of a module in memory record its tensors' digest (provenance only), or none."""
+    check_stats_digests([_source("s0", DIGESTS[0]), _source("s1", digest)], FILES, ["m0", "m1"])
+
+
+def test_statistics_of_another_model_name_both():
+    with pytest.raises(IncompatibleCheckpointsError) as info:
+        check_stats_digests([_source("s0", DIGESTS[0]), _source("s1", DIGESTS[0])], FILES, ["m0", "m1"])
+    assert info.value.message == ("s1: these statistics were computed with another model (s1-model), not model 1 "
+                                  "(m1): the weight files' digests differ")
+    assert "in the models' order" in info.value.hint
+    renamed = [[dict(FILES[0][0], path="/m0/renamed.safetensors"), FILES[0][1]], FILES[1]]  # names count too
+    with pytest.raises(IncompatibleCheckpointsError, match="s0: these statistics were computed with another model"):
+        check_stats_digests([_source("s0", DIGESTS[0])], renamed, ["m0"])
+    check_stats_digests([_source("s0", DIGESTS[0])], [[]], ["state dict"])  # a model without files: nothing to check

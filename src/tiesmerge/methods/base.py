@@ -171,7 +171,7 @@ class Requirements:
             problems.append(f"scope={self.scope!r} is not one of {', '.join(SCOPES)}")
         if self.exact_k and (self.trim is None or self.scope != "per_tensor"):
             problems.append("exact k (threshold_ties='sort', mergekit's trim) needs a trim and scope='per_tensor'")
-        names = [c.name for c in self.cuts] + [r.name for r in self.reductions]
+        names = [c.name for c in self.all_cuts] + [r.name for r in self.reductions]  # the trim is cut "trim"
         if len(set(names)) != len(names):
             problems.append(f"cut and reduction names must differ, got {names}")
         if problems:
