@@ -32,7 +32,8 @@ def random_lora(base: Mapping[str, torch.Tensor], rank: int, seed: int, modules=
     out = {}
     for module in modules:
         rows, cols = base[module + ".weight"].shape
-        out[module] = (torch.randn(rank, cols, generator=g) / math.sqrt(cols), 0.1 * torch.randn(rows, rank, generator=g))
+        out[module] = (torch.randn(rank, cols, generator=g) / math.sqrt(cols),
+                       0.1 * torch.randn(rows, rank, generator=g))
     return out
 
 

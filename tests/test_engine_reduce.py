@@ -64,7 +64,8 @@ def reducer_of(tmp_path):
 
 def chunks(alignment, budget: int, names: list[str] | None = None) -> list:
     plan = make_plan(alignment, N, memory_budget=budget, out_dtype=None)
-    return [c for j in alignment.jobs if j.merge and (names is None or j.name in names) for c in plan.chunks_by_job[j.name]]
+    return [c for j in alignment.jobs if j.merge and (names is None or j.name in names)
+            for c in plan.chunks_by_job[j.name]]
 
 
 def sorted_thresholds(base: State, models: list[State], names: list[str], top: TopK) -> np.ndarray:

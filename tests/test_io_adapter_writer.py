@@ -83,7 +83,8 @@ def test_ia3_adapter_output_loads_with_peft(tmp_path):
     dirs = []
     for k in range(2):
         model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
-                                    peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]))
+                                    peft.IA3Config(target_modules=["k_proj", "down_proj"],
+                                                   feedforward_modules=["down_proj"]))
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "ia3_l" in name:

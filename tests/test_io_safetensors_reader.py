@@ -32,7 +32,8 @@ def test_safetensors_scalar_tensor_row_read(tmp_path):
 
 
 def test_file_infos_are_the_stored_dtypes(tmp_path):
-    state = {"w": torch.ones(3, 2, dtype=torch.bfloat16), "ids": torch.arange(4), "mask": torch.ones(2, dtype=torch.bool)}
+    state = {"w": torch.ones(3, 2, dtype=torch.bfloat16), "ids": torch.arange(4),
+             "mask": torch.ones(2, dtype=torch.bool)}
     ckpt = open_checkpoint(write_safetensors(tmp_path / "m.safetensors", state))
     assert {n: ckpt.info(n).dtype_info.code for n in state} == {"w": "BF16", "ids": "I64", "mask": "BOOL"}
     assert {n: ckpt.info(n).dtype for n in state} == {n: t.dtype for n, t in state.items()}
@@ -42,7 +43,8 @@ def test_unknown_dtype_code_is_refused_by_name(tmp_path):
     """A dtype safetensors knows but tiesmerge does not read (uint16) names the tensor and the code."""
     path = tmp_path / "u16.safetensors"
     save_file({"w": torch.zeros(2, dtype=torch.uint16)}, str(path))
-    with pytest.raises(CheckpointError, match=r"u16.safetensors: tensor 'w' has dtype U16, which tiesmerge cannot read"):
+    with pytest.raises(CheckpointError,
+                       match=r"u16.safetensors: tensor 'w' has dtype U16, which tiesmerge cannot read"):
         open_checkpoint(path)
 
 

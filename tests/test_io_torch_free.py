@@ -43,7 +43,8 @@ CHILD = textwrap.dedent('''
     models = [open_checkpoint(m0_dir), open_checkpoint(m1_dir)]
     assert isinstance(base, SafetensorsCheckpoint) and len(base.files()) == 3
     info = base.info("model.layers.0.mlp.up_proj.weight")
-    assert (info.shape, info.dtype_info.code, info.itemsize, info.is_floating, info.nbytes) == ((16, 8), "BF16", 2, True, 256)
+    assert (info.shape, info.dtype_info.code, info.itemsize, info.is_floating, info.nbytes) == (
+        (16, 8), "BF16", 2, True, 256)
     assert not base.info("model.position_ids").is_floating
 
     # -- align: the tied head is found by comparing raw bytes of its first rows in every input

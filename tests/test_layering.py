@@ -58,7 +58,8 @@ def test_the_demo_command_imports_it_only_inside_the_command() -> None:
 
 
 def test_the_scan_sees_module_level_and_lazy_imports() -> None:
-    source = "import tiesmerge_bench.fetch\ndef f():\n    from tiesmerge_bench import load_suite\nimport tiesmerge_benchmarks\n"
+    source = ("import tiesmerge_bench.fetch\ndef f():\n    from tiesmerge_bench import load_suite\n"
+              "import tiesmerge_benchmarks\n")
     assert _bench_imports(ast.parse(source)) == [(1, False), (3, True)]
 
 

@@ -32,7 +32,8 @@ def test_manifest_records_recipe_hashes_counts_and_timings(hf, tmp_path):
     assert man["recipe"]["base"] == str(b)
     # sha256 of every input weight file
     base_files = man["inputs"]["base"]["files"]
-    assert sorted(Path(f["path"]).name for f in base_files) == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(Path(f["path"]).name for f in base_files) == [f"model-{i:05d}-of-00003.safetensors"
+                                                                for i in (1, 2, 3)]
     assert [len(m["files"]) for m in man["inputs"]["models"]] == [1, 2]
     one = Path(man["inputs"]["models"][1]["files"][1]["path"])
     assert man["inputs"]["models"][1]["files"][1]["sha256"] == hashlib.sha256(one.read_bytes()).hexdigest()
@@ -101,7 +102,8 @@ def test_reference_option_names_the_option_holding_the_reference(tmp_path):
 
 
 def _source(label: str, digest: str | None) -> StatsSource:
-    manifest = None if digest == "no manifest" else StatsManifest("fisher", 4, model_digest=digest, model=f"{label}-model")
+    manifest = None if digest == "no manifest" else StatsManifest("fisher", 4, model_digest=digest,
+                                                                  model=f"{label}-model")
     return StatsSource(open_checkpoint({}, label=label), manifest, label)
 
 

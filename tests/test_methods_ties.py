@@ -46,7 +46,8 @@ def test_ties_density_sweep(density: float, scope: str) -> None:
 
 def test_ties_defaults_are_the_papers() -> None:
     m = Ties()
-    assert (m.density, m.lam, m.scope, m.elect, m.zero_sign, m.aggregate) == (0.2, 1.0, "global", "mass", "zero", "mean")
+    assert (m.density, m.lam, m.scope, m.elect, m.zero_sign, m.aggregate) == (
+        0.2, 1.0, "global", "mass", "zero", "mean")
     base, models = grid_family(6, 3, coarse=False)
     assert_matches(run(base, models, "ties"), ref_ties(base, models))
 

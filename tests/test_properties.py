@@ -72,8 +72,8 @@ def grid_base(seed: int, shapes: int, dtype: torch.dtype) -> State:
 
 
 def merge(base: State, models: list[State], method: Any, **opts: Any) -> State:
-    out = tiesmerge.merge({k: v.clone() for k, v in base.items()}, [{k: v.clone() for k, v in m.items()} for m in models],
-                          method, **opts)
+    out = tiesmerge.merge({k: v.clone() for k, v in base.items()},
+                          [{k: v.clone() for k, v in m.items()} for m in models], method, **opts)
     assert isinstance(out, dict)
     return out
 

@@ -141,9 +141,11 @@ def test_a_plugin_is_seen_through_the_table_and_merges(install) -> None:
     ("entries", "source", "message"),
     [
         ({"gone": "no_such_module_here:Gone"}, None,
-         "entry point gone = no_such_module_here:Gone (group tiesmerge.methods): cannot be loaded (ModuleNotFoundError"),
+         "entry point gone = no_such_module_here:Gone (group tiesmerge.methods): "
+         "cannot be loaded (ModuleNotFoundError"),
         ({"boom": "boom_plugin:Scaled"}, "raise RuntimeError('boom at import')\n",
-         "entry point boom = boom_plugin:Scaled (group tiesmerge.methods): cannot be loaded (RuntimeError: boom at import)"),
+         "entry point boom = boom_plugin:Scaled (group tiesmerge.methods): "
+         "cannot be loaded (RuntimeError: boom at import)"),
         ({"missing": "boom_plugin:Missing"}, None,
          "entry point missing = boom_plugin:Missing (group tiesmerge.methods): cannot be loaded (AttributeError"),
     ],

@@ -52,8 +52,8 @@ def family(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("args", [["--version"], ["--help"], ["methods"], ["merge", "--help"], ["validate", "recipe.yaml"],
-                                  ["merge", "recipe.yaml", "--dry-run"]],
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["methods"], ["merge", "--help"],
+                                  ["validate", "recipe.yaml"], ["merge", "recipe.yaml", "--dry-run"]],
                          ids=["version", "help", "methods", "merge-help", "validate", "dry-run"])
 def test_commands_without_tensor_math_load_neither_torch_nor_numba(family, args):
     assert _run(family, *args)["heavy"] == []

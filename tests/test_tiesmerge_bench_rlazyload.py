@@ -68,7 +68,8 @@ def _write_lazyload_db(rdata: object, folder: Path, objects: dict[str, object], 
         blobs.append(blob)
         offset += len(blob)
     (folder / "Rdata.rdb").write_bytes(b"".join(blobs))
-    index = {"variables": spans, "references": {}, "compressed": True if compression == 1 else np.array([3], dtype=np.int32)}
+    index = {"variables": spans, "references": {},
+             "compressed": True if compression == 1 else np.array([3], dtype=np.int32)}
     rdata.write_rds(folder / "Rdata.rdx", index)  # type: ignore[attr-defined]
     return folder / "Rdata.rdx"
 
@@ -81,9 +82,11 @@ def test_read_lazyload_object_roundtrip(tmp_path: Path, compression: int) -> Non
         pytest.skip("this rdata cannot write the fixture (write_rds needs rdata>=0.12)")
 
     frame = pd.DataFrame(
-        {"product": ["a", "b", "c"], "review": ["Tasty!", "Stale.", "Fine"], "score": pd.Categorical(["great", "other", "other"])}
+        {"product": ["a", "b", "c"], "review": ["Tasty!", "Stale.", "Fine"],
+         "score": pd.Categorical(["great", "other", "other"])}
     )
-    rdx = _write_lazyload_db(rdata, tmp_path, {"training_data": frame, "emma": ["CHAPTER I", "Emma was here."]}, compression)
+    rdx = _write_lazyload_db(rdata, tmp_path, {"training_data": frame, "emma": ["CHAPTER I", "Emma was here."]},
+                             compression)
     index = read_lazyload_index(rdx)
     assert set(index.variables) == {"training_data", "emma"} and index.compression == compression
     assert foods_examples(read_lazyload_object(rdx, "training_data")) == [

@@ -195,13 +195,14 @@ def fig7(b: Bench) -> None:
              "÷ the fine-tuned accuracy, mean over the 8 tasks; ± the standard deviation over 3 seeds (p < 1).\n",
              "| entries flipped | " + " | ".join(f"p={p:g}" for p in ps) + " |", "|---|" + "---|" * len(ps)]
     for label, row in summary.items():
-        lines.append(f"| {label} | " + " | ".join(f"{100 * row[p][0]:.1f}" + (f" ± {100 * row[p][1]:.1f}" if row[p][1] else "")
-                                  for p in ps) + " |")
+        cells = (f"{100 * row[p][0]:.1f}" + (f" ± {100 * row[p][1]:.1f}" if row[p][1] else "") for p in ps)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     top20, bottom20 = summary[_flip_label(0.2, "top")], summary[_flip_label(0.2, "bottom")]
     lines += ["", f"**Against the paper** (Fig. 7: accuracy collapses when the top 20–30% are flipped and barely "
               f"moves for the bottom 70–80%): flipping each top-20% entry with p = 0.5 leaves "
               f"{100 * top20[0.5][0]:.1f}% of the fine-tuned accuracy and p = 1 {100 * top20[1.0][0]:.1f}%; flipping "
-              f"the bottom 80% leaves {100 * bottom20[0.5][0]:.1f}% (p = 0.5) and {100 * bottom20[1.0][0]:.1f}% (p = 1).",
+              f"the bottom 80% leaves {100 * bottom20[0.5][0]:.1f}% (p = 0.5) and "
+              f"{100 * bottom20[1.0][0]:.1f}% (p = 1).",
               "", _settings_line(b, f"{n_test} test examples per task")]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(FIG7_DENSITIES), figsize=(10, 4), sharey=True)
@@ -246,7 +247,8 @@ def table4(b: Bench) -> dict:
     n_val = b.args.val_limit
     lines = ["# Table 4 analogue: TIES with one step removed at a time (validation)\n",
              f"Mean validation accuracy (%) over the 8 tasks ({n_val} validation examples per task), each variant "
-             f"with its own k ∈ {{{', '.join(f'{k:g}' for k in DENSITIES)}}} and λ ∈ {{{', '.join(f'{x:g}' for x in LAMS)}}} "
+             f"with its own k ∈ {{{', '.join(f'{k:g}' for k in DENSITIES)}}} and "
+             f"λ ∈ {{{', '.join(f'{x:g}' for x in LAMS)}}} "
              "chosen on that validation set (as the paper's Table 4 does).\n",
              "| variant | k | λ | validation | paper T5-base | paper (IA)³ |", "|---|---|---|---|---|---|"]
     for label, best in rows.items():
@@ -324,12 +326,13 @@ def table3(b: Bench) -> None:
     lines = ["# Table 3 analogue: TIES with the oracle sign of the multitask model\n",
              f"Test accuracy (%), {n_test} examples per task. The oracle sign is γ = sgn(θ_multitask − θ_base), "
              "passed as `--sign-from` (TIES's `sign_from` option); rows marked val chose k and λ on "
-             f"{b.args.val_limit} validation examples per task (k ∈ {{0.1, 0.2, 0.3}}, λ ∈ {{{', '.join(f'{x:g}' for x in LAMS)}}}).\n",
+             f"{b.args.val_limit} validation examples per task (k ∈ {{0.1, 0.2, 0.3}}, "
+             f"λ ∈ {{{', '.join(f'{x:g}' for x in LAMS)}}}).\n",
              *_table_lines(b, rows), "",
              f"**Against the paper** (Table 3, (IA)³: oracle sign 72.0 vs elected 66.4, multitask 73.1): here the "
-             f"oracle sign gives {means['TIES, oracle sign (val)']:.1f} vs elected {means['TIES, elected sign (val)']:.1f} "
-             f"(multitask {means['multitask model']:.1f}); without validation {means['TIES, oracle sign (k=0.2, λ=1)']:.1f} "
-             f"vs {means['TIES, elected sign (k=0.2, λ=1)']:.1f}.", "",
+             f"oracle sign gives {means['TIES, oracle sign (val)']:.1f} vs elected "
+             f"{means['TIES, elected sign (val)']:.1f} (multitask {means['multitask model']:.1f}); without validation "
+             f"{means['TIES, oracle sign (k=0.2, λ=1)']:.1f} vs {means['TIES, elected sign (k=0.2, λ=1)']:.1f}.", "",
              _settings_line(b, f"{n_test} test examples per task")]
     _write(b.args.out, "table3", lines, {"rows": rows, "means": means, "paper": {"oracle": 72.0, "elected": 66.4,
                                                                                  "multitask": 73.1}})

@@ -92,7 +92,8 @@ def own_adapter_state(adapter: Path, device: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)

@@ -63,7 +63,8 @@ def log(msg: str) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -196,14 +197,16 @@ def _write_table(table: ResultsTable, args, meta) -> None:
     pre = (f"# Table 1 in miniature: all-MiniLM-L6-v2 fine-tuned on {len(table.tasks)} real tasks\n\n"
            f"Accuracy (%) on each task's test split ({', '.join(f'{t} {n}' for t, n in m['test_per_task'].items())} "
            f"examples). Rows with val = yes chose their hyperparameters on validation data "
-           f"({sum(m['validation_per_task_for_tuning'].values())} examples over all tasks; TIES: k ∈ {{0.1, 0.2, 0.3}} × "
+           f"({sum(m['validation_per_task_for_tuning'].values())} examples over all tasks; "
+           "TIES: k ∈ {0.1, 0.2, 0.3} × "
            "λ ∈ 0.8…3.0 step 0.1; task arithmetic: λ ∈ 0.1…1.0). Fisher merging and RegMean compute their "
            "statistics with each task's own model on the first examples of its validation split "
            f"(exact Fisher: {m['validation_per_task_for_statistics']['fisher']} per task; Gram matrices: "
            f"{m['validation_per_task_for_statistics']['gram']} per task, padding excluded) and choose one option "
            "on the tuning examples (Fisher: normalize ∈ {none, rms}, ε = 1e-6; RegMean: α ∈ {0.5, 0.7, 0.9, 0.95, 1}). "
            "Normalized mean: each task's accuracy ÷ its own fine-tuned model's, averaged.\n\n")
-    post = (f"\nSettings: seed {m['seed']}, device {m['device']} ({m['hardware'].get('gpu') or m['hardware']['processor']}, "
+    post = (f"\nSettings: seed {m['seed']}, device {m['device']} "
+            f"({m['hardware'].get('gpu') or m['hardware']['processor']}, "
             f"{m['hardware']['cpu_count']} CPUs, torch {m['hardware']['torch']}), max length {m['max_length']} tokens, "
             f"{m['epochs']} epochs, lr {m['lr']}, batch {m['batch_size']}, "
             f"train examples per task {sorted(set(m['train_per_task'].values()))}.\n\n"
@@ -263,7 +266,8 @@ def fig5(args, suite, ft_dirs, base, heads, evaluate_state, cache: EvalCache) ->
             subsets = rng.sample(subsets, args.fig5_subsets)
         for subset in subsets:
             for label, method in methods.items():
-                acc = cache.get(f"fig5:{args.fig5_limit}:{label}:{','.join(subset)}", lambda subset=subset, method=method:
+                acc = cache.get(f"fig5:{args.fig5_limit}:{label}:{','.join(subset)}",
+                                lambda subset=subset, method=method:
                                 dict(evaluate_state(tiesmerge.merge(base, [ft_dirs[t] for t in subset], method,
                                                                     device=args.device),
                                                     {t: test[t] for t in subset}).accuracy))

@@ -111,6 +111,7 @@ def as_dtype(value: DType | str | torch.dtype) -> DType:
     if isinstance(value, str):
         found = BY_NAME.get(value) or _BY_CANONICAL.get(value)
         if found is None:
-            raise ValueError(f"unknown dtype name {value!r}; known: {', '.join(dict.fromkeys([*BY_NAME, *_BY_CANONICAL]))}")
+            known = ", ".join(dict.fromkeys([*BY_NAME, *_BY_CANONICAL]))
+            raise ValueError(f"unknown dtype name {value!r}; known: {known}")
         return found
     return from_torch(value)

@@ -122,7 +122,8 @@ def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle
                 ) -> tuple[Checkpoint, list[Checkpoint]]:
     """The base and the models, opened (and closed by ``stack``)."""
     base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"))
-    return base_ckpt, [_open(stack, m, allow_pickle, _label(m, f"models[{k}] state dict")) for k, m in enumerate(models)]
+    return base_ckpt, [_open(stack, m, allow_pickle, _label(m, f"models[{k}] state dict"))
+                       for k, m in enumerate(models)]
 
 
 def _open_reference(stack: ExitStack, path: str | None, base: Any, base_ckpt: Checkpoint, models: list[Checkpoint],

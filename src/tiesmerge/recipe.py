@@ -199,7 +199,8 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             known = {f.name for f in dataclasses.fields(METHODS[name])}
             if any(k not in known for k in params):
                 try:
-                    problems += check_models(make_method(name, {k: v for k, v in params.items() if k in known}), len(paths))
+                    known_only = make_method(name, {k: v for k, v in params.items() if k in known})
+                    problems += check_models(known_only, len(paths))
                 except ConfigError as inner:
                     problems += inner.problems
     if problems:
@@ -255,6 +256,7 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     if isinstance(params, dict) and isinstance(data.get("method"), str) and data["method"] in METHODS:
         # a method's path options (e.g. ties' sign_from) are relative to the recipe's folder too
         types = option_types(METHODS[data["method"]])
-        data["parameters"] = {k: _path(v, path.parent) if types.get(k) is ModelPath and isinstance(v, (str, os.PathLike))
-                              else v for k, v in params.items()}
+        data["parameters"] = {k: _path(v, path.parent)
+                              if types.get(k) is ModelPath and isinstance(v, (str, os.PathLike)) else v
+                              for k, v in params.items()}
     return data

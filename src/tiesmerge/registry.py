@@ -24,7 +24,8 @@ from .errors import ConfigError
 from .methods import Average, DareLinear, DareTies, Fisher, MagnitudePrune, RegMean, TaskArithmetic, Ties
 from .methods.base import MergeMethod, option_types
 
-__all__ = ["METHODS", "BUILTIN", "ENTRY_POINT_GROUP", "method_class", "make_method", "did_you_mean", "check_method_class"]
+__all__ = ["METHODS", "BUILTIN", "ENTRY_POINT_GROUP", "method_class", "make_method", "did_you_mean",
+           "check_method_class"]
 
 ENTRY_POINT_GROUP = "tiesmerge.methods"
 BUILTIN: tuple[type, ...] = (Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune, Fisher, RegMean)

@@ -134,7 +134,8 @@ def _run_client(argv: list[str], cwd: Path, what: str) -> str:
     exe = shutil.which(argv[0])
     if exe is None:
         hints = {
-            "apt-get": "run on Debian/Ubuntu, or place the .deb (apt-get download on another machine) in the cache's downloads/",
+            "apt-get": "run on Debian/Ubuntu, or place the .deb (apt-get download on another machine) "
+                       "in the cache's downloads/",
             "npm": "install Node.js/npm (apt-get install npm), or place the npm pack .tgz in the cache's downloads/",
             "dpkg-deb": "install dpkg (Debian/Ubuntu have it) to unpack .deb files",
         }
@@ -152,7 +153,8 @@ def _run_client(argv: list[str], cwd: Path, what: str) -> str:
             hint = "run `apt-get update` (as root) so apt knows the package, then retry"
         elif argv[0] == "npm":
             hint = "check the package name/version with `npm view <package> version`"
-        raise DataSourceError(f"`{' '.join(argv)}` failed (exit {proc.returncode}) while trying to {what}:\n{tail}", hint=hint)
+        raise DataSourceError(f"`{' '.join(argv)}` failed (exit {proc.returncode}) while trying to {what}:\n{tail}",
+                              hint=hint)
     return proc.stdout
 
 

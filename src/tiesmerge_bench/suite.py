@@ -30,7 +30,8 @@ def _check_sizes(sizes: Sequence[int]) -> tuple[int, int, int]:
     return (int(sizes[0]), int(sizes[1]), int(sizes[2]))
 
 
-def fetch_sources(tasks: Iterable[str] | None = None, *, cache_dir: str | Path | None = None) -> dict[str, FetchedSource]:
+def fetch_sources(tasks: Iterable[str] | None = None, *,
+                  cache_dir: str | Path | None = None) -> dict[str, FetchedSource]:
     """Fetch (or find in the cache) every package the given tasks need; keyed by source key."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     fetched: dict[str, FetchedSource] = {}
@@ -57,7 +58,8 @@ def build_task(
     index = {c: i for i, c in enumerate(spec.classes)}
     unknown = sorted({label for _, label in kept} - set(index))
     if unknown:
-        raise DataSourceError(f"task {spec.name}: parser produced unknown labels {unknown}; expected {list(spec.classes)}")
+        raise DataSourceError(f"task {spec.name}: parser produced unknown labels {unknown}; "
+                              f"expected {list(spec.classes)}")
     labelled: list[LabeledText] = [(text, index[label]) for text, label in kept]
     present = {label for _, label in labelled}
     missing = [c for c, i in index.items() if i not in present]

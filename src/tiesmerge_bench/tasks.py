@@ -54,7 +54,8 @@ class TaskSpec:
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise DataSourceError(f"{path}: expected file missing from the unpacked package", hint="the package layout changed?")
+        raise DataSourceError(f"{path}: expected file missing from the unpacked package",
+                              hint="the package layout changed?")
     # Old text files mix ASCII with a little Latin-1/UTF-8; never fail on one odd byte.
     return path.read_bytes().decode("utf-8", errors="replace")
 

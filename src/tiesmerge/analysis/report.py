@@ -173,7 +173,8 @@ def render_html(data: dict, figures: dict[str, bytes], labels: list[str]) -> str
                  + ".</p>")
     parts.append(_table(["models", "subsets", "conflicts, of all parameters (mean)", "min", "max",
                          "conflicts, of parameters kept by ≥2 (mean)"],
-                        [[str(s["size"]), f"{len(s['subsets'])} of {s['total_subsets']}", percent(s["mean_of_parameters"]),
+                        [[str(s["size"]), f"{len(s['subsets'])} of {s['total_subsets']}",
+                          percent(s["mean_of_parameters"]),
                           percent(s["min_of_parameters"]), percent(s["max_of_parameters"]),
                           percent(s["mean_of_kept_by_two_or_more"])] for s in sc["by_size"]]))
     red = data["redundancy"]

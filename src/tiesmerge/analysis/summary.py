@@ -45,7 +45,8 @@ def summarise(data: dict) -> list[str]:
         lines.append(f"Where exactly one model finds a parameter influential, plain averaging leaves a mean merged "
                      f"magnitude of {avg:.3g}, TIES {ties:.3g} ({ties / avg:.1f}× larger): averaging dilutes a "
                      "value that only one model needs." if avg else
-                     f"Where exactly one model finds a parameter influential, TIES keeps a mean magnitude of {ties:.3g}.")
+                     "Where exactly one model finds a parameter influential, TIES keeps a mean magnitude of "
+                     f"{ties:.3g}.")
     tensors = [t for t in data["by_tensor"] if t["numel"] >= 1]
     if tensors:
         worst = max(tensors, key=lambda t: t["of_parameters"])

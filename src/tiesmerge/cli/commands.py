@@ -193,7 +193,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
             unit = f" [{meta['unit']}]" if meta.get("unit") else ""
             grid = meta.get("grid")
             searched = f"; tune searches {_axis(grid)}" if grid else ""
-            print(f"  --{f.name.replace('_', '-'):<15} default {default!s:<8} {meta.get('help', '')}{unit}{extra}{searched}")
+            print(f"  --{f.name.replace('_', '-'):<15} default {default!s:<8} "
+                  f"{meta.get('help', '')}{unit}{extra}{searched}")
         print()
     return 0
 

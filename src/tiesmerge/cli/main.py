@@ -91,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output", help="output directory (an HF model directory)")
     m.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's)")
     m.add_argument("--shard-size", help=f"largest output shard, e.g. 2GB (default {DEFAULT_SHARD_SIZE})")
-    m.add_argument("--memory-budget", help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
+    m.add_argument("--memory-budget",
+                   help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
     m.add_argument("--device", help="cpu or cuda (default cpu)")
     m.add_argument("--vocab-policy", choices=VOCAB_POLICIES, help="on embedding rows that differ (default error)")
     m.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
@@ -113,9 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--density", type=float, default=0.2,
                    help="top-k fraction of each task vector that counts as kept (default 0.2, the paper's k)")
     a.add_argument("--subsets-per-size", type=int, default=10, metavar="N",
-                   help="sign conflicts: seeded sample of N subsets per number of models; 0 = every subset (default 10)")
+                   help="sign conflicts: seeded sample of N subsets per number of models; "
+                        "0 = every subset (default 10)")
     a.add_argument("--seed", type=int, default=0, help="seed of the subset sample (default 0)")
-    a.add_argument("--memory-budget", help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
+    a.add_argument("--memory-budget",
+                   help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
     a.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     a.add_argument("--vocab-policy", default="error", choices=VOCAB_POLICIES, help="on embedding rows that differ")
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
@@ -126,13 +129,15 @@ def _parser() -> argparse.ArgumentParser:
     ms.add_argument("name", nargs="?", help="show one method")
 
     v = sub.add_parser("validate", help="check a recipe and report every problem at once",
-                       epilog="example:\n  tiesmerge validate recipe.yaml", formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog="example:\n  tiesmerge validate recipe.yaml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("recipe")
 
     t = sub.add_parser("tune", help="search a method's (density, lam) grid on validation data",
                        epilog=TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--base", required=True, help="the base model")
-    t.add_argument("--model", action="append", dest="models", required=True, metavar="PATH", help="a fine-tuned model; repeat")
+    t.add_argument("--model", action="append", dest="models", required=True, metavar="PATH",
+                   help="a fine-tuned model; repeat")
     t.add_argument("--method", default="ties", help="a method whose options declare a paper grid (tiesmerge methods "
                                                     "shows it), or any method with --grid axes (default ties)")
     t.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION",

@@ -107,7 +107,8 @@ class SideInputs:
 
     # ------------------------------------------------------------------ planning
     def bytes_per_pass(self) -> int:
-        return sum(self.stats[k].info(stored).nbytes for k in range(len(self.stats)) for stored in self.names[k].values())
+        return sum(self.stats[k].info(stored).nbytes
+                   for k in range(len(self.stats)) for stored in self.names[k].values())
 
     def extra_bytes_per_entry(self) -> int:
         """Working bytes per entry of a chunk that row-shaped statistics add: the float32 stack and

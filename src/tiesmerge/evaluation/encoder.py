@@ -54,7 +54,8 @@ class SentenceEncoder(torch.nn.Module):
             missing, unexpected = model.load_state_dict(dict(state), strict=False)
             real_missing = [k for k in missing if "position_ids" not in k]
             if real_missing or unexpected:
-                raise ValueError(f"state does not fit {directory}: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
+                raise ValueError(f"state does not fit {directory}: missing {real_missing[:3]}, "
+                                 f"unexpected {unexpected[:3]}")
         return cls(model.to(device), tokenizer, max_length=max_length)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

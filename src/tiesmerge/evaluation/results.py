@@ -71,7 +71,9 @@ class ResultsTable:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ResultsTable:
-        table = cls(tasks=list(data["tasks"]), reference=data.get("reference", "fine-tuned"), meta=dict(data.get("meta", {})))
+        table = cls(tasks=list(data["tasks"]), reference=data.get("reference", "fine-tuned"),
+                    meta=dict(data.get("meta", {})))
         for r in data["rows"]:
-            table.add(ResultRow(r["name"], SuiteResult(dict(r["accuracy"])), r.get("validation", False), r.get("note", "")))
+            table.add(ResultRow(r["name"], SuiteResult(dict(r["accuracy"])), r.get("validation", False),
+                                r.get("note", "")))
         return table

@@ -134,7 +134,8 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
                       modules: dict[str, str], dtype: DType | torch.dtype) -> dict:
     """The merged (IA)³ vectors l_m (names: base weights) under PEFT's keys; returns the manifest part."""
     out_dtype = as_dtype(dtype).torch
-    tensors = {f"{PEFT_PREFIX}{modules[name]}.ia3_l": value.to(out_dtype).contiguous() for name, value in vectors.items()}
+    tensors = {f"{PEFT_PREFIX}{modules[name]}.ia3_l": value.to(out_dtype).contiguous()
+               for name, value in vectors.items()}
     feedforward = sorted(modules[n] for n, v in vectors.items() if v.shape[0] == 1)
     config = dict(first_config)
     config.update({"target_modules": sorted(modules[n] for n in vectors), "feedforward_modules": feedforward,

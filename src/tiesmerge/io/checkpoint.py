@@ -38,7 +38,8 @@ __all__ = [
 
 def _refuse_pickle(path: Path) -> CheckpointError:
     return CheckpointError(
-        f"{path}: is a PyTorch pickle file; loading pickles can run arbitrary code, so tiesmerge refuses them by default",
+        f"{path}: is a PyTorch pickle file; loading pickles can run arbitrary code, "
+        "so tiesmerge refuses them by default",
         hint="convert it to safetensors, or pass --allow-pickle (allow_pickle=True) to load it with weights_only=True",
     )
 

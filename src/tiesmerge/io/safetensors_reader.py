@@ -85,7 +85,8 @@ class SafetensorsCheckpoint:
                 continue  # the index decides which shard owns a name
             entry = header[name]
             if entry["dtype"] not in BY_CODE:
-                raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, which tiesmerge cannot read")
+                raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, "
+                                      "which tiesmerge cannot read")
             self._where[name] = file
             self._info[name] = TensorInfo(tuple(entry["shape"]), BY_CODE[entry["dtype"]])
             self._start[name] = 8 + header_len + entry["data_offsets"][0]

@@ -77,7 +77,8 @@ class PickleCheckpoint(StateDictCheckpoint):
             try:
                 loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many kinds here
-                raise CheckpointError(f"{file}: cannot load with weights_only=True ({type(exc).__name__}: {exc})") from None
+                raise CheckpointError(f"{file}: cannot load with weights_only=True "
+                                      f"({type(exc).__name__}: {exc})") from None
             if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
                 loaded = loaded["state_dict"]
             if not isinstance(loaded, Mapping):

@@ -34,8 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ModelPath", "SCOPES", "TopK", "Cut", "Reduction", "SideInput", "TiesKernel", "LinearKernel", "Requirements",
-    "ChunkContext", "MergeMethod", "method_config", "option", "option_types", "paper_grid", "check_options", "check_models",
-    "steps", "fraction", "probability", "unit_interval", "finite", "positive", "non_negative_int", "nonzero_sum",
+    "ChunkContext", "MergeMethod", "method_config", "option", "option_types", "paper_grid", "check_options",
+    "check_models", "steps", "fraction", "probability", "unit_interval", "finite", "positive", "non_negative_int",
+    "nonzero_sum",
 ]
 
 ModelPath = NewType("ModelPath", str)  # a field holding a model directory: a path flag, resolved like a path
@@ -288,7 +289,8 @@ def fraction(value: Any) -> str | None:
     """(0, 1]: a density, the fraction kept."""
     if _number(value) and 0 < value <= 1:
         return None
-    return "must be a fraction in (0, 1]" + (" (it is a fraction, not a percent)" if _number(value) and value > 1 else "")
+    percent = _number(value) and value > 1
+    return "must be a fraction in (0, 1]" + (" (it is a fraction, not a percent)" if percent else "")
 
 
 def probability(value: Any) -> str | None:

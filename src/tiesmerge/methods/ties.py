@@ -83,7 +83,10 @@ class Ties:
 
     def _trim_and_elect(self, tau: torch.Tensor, ctx: ChunkContext) -> tuple[torch.Tensor, torch.Tensor]:
         """(trimmed (n, *S) in place, gamma (*S) before the zero-sign rule)."""
-        trimmed = ops.trim_sorted_k(tau, ctx.keep) if self.threshold_ties == "sort" else ops.trim_at(tau, ctx.thresholds)
+        if self.threshold_ties == "sort":
+            trimmed = ops.trim_sorted_k(tau, ctx.keep)
+        else:
+            trimmed = ops.trim_at(tau, ctx.thresholds)
         if self.sign_from is not None:
             return trimmed, ctx.reference.sign()  # the reference's signs, untrimmed
         return trimmed, ops.elect(trimmed, ctx.weights, self.elect)

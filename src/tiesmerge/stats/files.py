@@ -69,7 +69,8 @@ class Statistics:
     def kind(self) -> str:
         return self.manifest.kind
 
-    def save(self, directory: str | os.PathLike, *, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
+    def save(self, directory: str | os.PathLike, *, force: bool = False,
+             shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
         return save_stats(directory, self, force=force, shard_size=shard_size)
 
 
@@ -171,7 +172,8 @@ def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tenso
     else:
         path = Path(source)
         if not path.is_dir():
-            raise CheckpointError(f"{path}: not a statistics directory" + (" (no such path)" if not path.exists() else ""),
+            why = " (no such path)" if not path.exists() else ""
+            raise CheckpointError(f"{path}: not a statistics directory{why}",
                                   hint="pass the directory written by tiesmerge stats fisher|gram")
         manifest = _read_manifest(path)
         ckpt = open_checkpoint(path, label=label or str(path))

@@ -83,8 +83,8 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
 
     ``batches`` yields inputs for ``logits_fn(module, batch)``, which returns (B, C) logits or
     (B,) log-likelihoods of each example's own target (``empirical`` and ``batched`` only);
-    ``targets(batch) -> (B,)`` gives the true labels for (B, C) logits (``empirical``, ``batched``). With ``per_example="vmap"``
-    the function runs under ``torch.func.vmap`` on one example at a time (a batch of one) and
+    ``targets(batch) -> (B,)`` gives the true labels for (B, C) logits (``empirical``, ``batched``). With
+    ``per_example="vmap"`` the function runs under ``torch.func.vmap`` on one example at a time (a batch of one) and
     must not branch on tensor values. The module is put in eval mode (no dropout).
     ``class_chunk``: with ``per_example="loop"``, classes whose backward passes run as one
     batched backward (memory: that many gradients of the whole module at once).

@@ -75,5 +75,6 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
         raise ConfigError("no examples: the batches were empty")
     tensors = {f"{name}.weight": (sums[name] / max(rows[name], 1)).float() for name in sums if rows[name]}
     options = {"token_mask": token_mask is not None, "rows": {f"{n}.weight": rows[n] for n in sums}}
-    return Statistics(StatsManifest("gram", examples, options, model_digest=model_digest(module, model), model=str(model) if model is not None else None),
-                      tensors)
+    manifest = StatsManifest("gram", examples, options, model_digest=model_digest(module, model),
+                             model=str(model) if model is not None else None)
+    return Statistics(manifest, tensors)
