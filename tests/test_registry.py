@@ -15,7 +15,15 @@ import tiesmerge
 from helpers_merge import grid_family, run
 from tiesmerge.errors import ConfigError
 from tiesmerge.methods import Ties
-from tiesmerge.registry import BUILTIN, ENTRY_POINT_GROUP, METHODS, did_you_mean, make_method, method_class
+from tiesmerge.registry import (
+    BUILTIN,
+    ENTRY_POINT_GROUP,
+    METHODS,
+    broken_plugins,
+    did_you_mean,
+    make_method,
+    method_class,
+)
 
 PLUGIN = '''
 from typing import ClassVar
@@ -152,10 +160,16 @@ def test_a_plugin_is_seen_through_the_table_and_merges(install) -> None:
 )
 def test_a_broken_plugin_names_its_entry_point(install, entries, source, message) -> None:
     install("boom_plugin", entries, source or PLUGIN)
+    (name,) = entries
     with pytest.raises(ConfigError) as info:
-        METHODS["ties"]  # every lookup reads the whole table
+        method_class(name)  # asked for by name: the reason
     assert str(info.value).startswith(message)
     assert info.value.hint == "fix or uninstall the package that declares it"
+    with pytest.raises(ConfigError):
+        METHODS[name]
+    # set aside: every other method still works, and the table does not list it
+    assert METHODS["ties"] is Ties and name not in METHODS and name not in list(METHODS)
+    assert str(broken_plugins()[name]).startswith(message)
 
 
 def test_a_plugin_named_like_a_builtin_is_refused(install) -> None:
@@ -164,13 +178,15 @@ def test_a_plugin_named_like_a_builtin_is_refused(install) -> None:
                                           r"a method named 'ties' exists already \(tiesmerge.methods.ties\)") as info:
         method_class("ties")
     assert info.value.hint == "give the plugin method another name"
+    assert "ties" not in METHODS and METHODS["task_arithmetic"]  # the clash makes only that name ambiguous
 
 
 def test_the_entry_point_name_must_be_the_methods_name(install) -> None:
     install("misnamed_plugin", {"scaled": "misnamed_plugin:Scaled"})
     with pytest.raises(ConfigError, match="entry point scaled = misnamed_plugin:Scaled .*: the entry point's name "
                                           "must be the method's name 'scaled_sum'"):
-        list(METHODS)
+        method_class("scaled")
+    assert "scaled" not in METHODS and "scaled_sum" not in METHODS
 
 
 @pytest.mark.parametrize(
@@ -184,7 +200,8 @@ def test_the_entry_point_name_must_be_the_methods_name(install) -> None:
 def test_a_plugin_that_is_not_a_method_is_refused(install, entry: str, message: str) -> None:
     install("odd_plugin", {"odd": f"odd_plugin:{entry}"})
     with pytest.raises(ConfigError, match=rf"entry point odd = odd_plugin:{entry} .*{message}"):
-        len(METHODS)
+        method_class("odd")
+    assert len(METHODS) == len(BUILTIN)
 
 
 def test_make_method_reports_every_unknown_option_with_suggestions() -> None:
@@ -205,3 +222,15 @@ def test_unknown_method_names_suggest_and_list() -> None:
         method_class(3)  # type: ignore[arg-type]
     assert info.value.message == "unknown method 3"
     assert did_you_mean("xyz", ["ties", "average"]) == ""
+
+
+def test_the_methods_command_lists_the_rest_and_warns_of_a_broken_plugin(install, capsys) -> None:
+    from tiesmerge.cli.main import main
+
+    install("boom_plugin", {"boom": "boom_plugin:Scaled"}, "raise RuntimeError('boom at import')\n")
+    assert main(["methods"]) == 0
+    out, err = capsys.readouterr()
+    assert "ties  —" in out and "boom" not in out
+    assert "warning: method 'boom' is not available: entry point boom = boom_plugin:Scaled" in err
+    assert main(["merge", "--method", "boom", "--base", "b", "--model", "m", "-o", "o"]) == 2
+    assert "RuntimeError: boom at import" in capsys.readouterr().err

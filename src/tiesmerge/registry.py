@@ -25,7 +25,7 @@ from .methods import Average, DareLinear, DareTies, Fisher, MagnitudePrune, RegM
 from .methods.base import MergeMethod, option_types
 
 __all__ = ["METHODS", "BUILTIN", "ENTRY_POINT_GROUP", "method_class", "make_method", "did_you_mean",
-           "check_method_class"]
+           "check_method_class", "broken_plugins"]
 
 ENTRY_POINT_GROUP = "tiesmerge.methods"
 BUILTIN: tuple[type, ...] = (Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune, Fisher, RegMean)
@@ -45,37 +45,51 @@ def check_method_class(cls: Any, where: str) -> None:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def _plugins() -> list[tuple[str, type]]:
-    found = []
+def _plugins() -> tuple[dict[str, type], dict[str, ConfigError]]:
+    """The plugin methods that load and check out, and for every other entry point the error
+    that says why not: a broken plugin is set aside, so it breaks only the command that asks
+    for it by name, never the built-in methods or other plugins."""
+    good: dict[str, type] = {}
+    broken: dict[str, ConfigError] = {}
+    builtin = {cls.name: cls for cls in BUILTIN}
     for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
         where = f"entry point {entry.name} = {entry.value} (group {ENTRY_POINT_GROUP})"
         try:
-            cls = entry.load()
-        except Exception as exc:  # a broken plugin names itself instead of breaking every command
-            raise ConfigError(f"{where}: cannot be loaded ({type(exc).__name__}: {exc})",
-                              hint="fix or uninstall the package that declares it") from None
-        check_method_class(cls, where)
-        if cls.name != entry.name:
-            raise ConfigError(f"{where}: the entry point's name must be the method's name {cls.name!r}")
-        found.append((where, cls))
-    return found
+            try:
+                cls = entry.load()
+            except Exception as exc:  # whatever the plugin's import raises
+                raise ConfigError(f"{where}: cannot be loaded ({type(exc).__name__}: {exc})",
+                                  hint="fix or uninstall the package that declares it") from None
+            check_method_class(cls, where)
+            if cls.name != entry.name:
+                raise ConfigError(f"{where}: the entry point's name must be the method's name {cls.name!r}")
+            if cls.name in builtin or cls.name in good:
+                owner = builtin.get(cls.name) or good[cls.name]
+                raise ConfigError(f"{where}: a method named {cls.name!r} exists already ({owner.__module__})",
+                                  hint="give the plugin method another name")
+            good[cls.name] = cls
+        except ConfigError as exc:
+            broken[entry.name] = exc
+    return good, broken
 
 
-def _table() -> dict[str, type]:
-    table: dict[str, type] = {cls.name: cls for cls in BUILTIN}
-    for where, cls in _plugins():
-        if cls.name in table and table[cls.name] is not cls:
-            raise ConfigError(f"{where}: a method named {cls.name!r} exists already ({table[cls.name].__module__})",
-                              hint="give the plugin method another name")
-        table[cls.name] = cls
+def _table(plugins: tuple[dict[str, type], dict[str, ConfigError]] | None = None) -> dict[str, type]:
+    good, broken = plugins or _plugins()
+    table = {cls.name: cls for cls in BUILTIN if cls.name not in broken}  # a clash makes the name ambiguous
+    table.update(good)
     return table
+
+
+def broken_plugins() -> dict[str, ConfigError]:
+    """Entry points of the group that could not be served, by name, with the reason."""
+    return _plugins()[1]
 
 
 class _Methods(Mapping):
     """The method table, read afresh on each use (built-ins first, then plugins)."""
 
     def __getitem__(self, name: str) -> type:
-        return _table()[name]
+        return method_class(name) if name in broken_plugins() else _table()[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(_table())
@@ -99,7 +113,10 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 
 def method_class(name: str) -> type:
-    table = _table()
+    plugins = _plugins()
+    if name in plugins[1]:
+        raise plugins[1][name]
+    table = _table(plugins)
     if not isinstance(name, str) or name not in table:
         raise ConfigError(
             f"unknown method {name!r}{did_you_mean(str(name), list(table))}",

@@ -14,7 +14,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..methods.base import ModelPath, option_types
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
-from ..registry import METHODS, method_class
+from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import format_size
 
 __all__ = ["HANDLERS"]
@@ -196,6 +196,9 @@ def cmd_methods(args: argparse.Namespace) -> int:
             print(f"  --{f.name.replace('_', '-'):<15} default {default!s:<8} "
                   f"{meta.get('help', '')}{unit}{extra}{searched}")
         print()
+    if not args.name:
+        for name, problem in broken_plugins().items():  # set aside: the other methods still work
+            print(f"warning: method {name!r} is not available: {problem.message}", file=sys.stderr)
     return 0
 
 

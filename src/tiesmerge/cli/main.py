@@ -181,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     try:
-        parser = _parser()  # reads the method table: a broken plugin is an error, not a traceback
+        parser = _parser()  # reads the method table (broken plugins are set aside, never a traceback)
     except TiesMergeError as exc:
         return _report(exc, debug)
     args = parser.parse_args(argv)
