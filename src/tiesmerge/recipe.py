@@ -36,7 +36,7 @@ from .errors import ConfigError
 from .io.align import VOCAB_POLICIES
 from .methods.base import MergeMethod, ModelPath, check_models, option_types
 from .recipe_mergekit import is_mergekit, translate_mergekit
-from .registry import METHODS, did_you_mean, make_method
+from .registry import METHODS, broken_plugins, did_you_mean, make_method
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, parse_size
 
 if TYPE_CHECKING:
@@ -117,7 +117,9 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     if name is None:
         problems.append(f"'method' is missing (one of {', '.join(METHODS)})")
     elif not isinstance(name, str) or name not in METHODS:  # a YAML list or mapping is unhashable
-        problems.append(f"unknown method {name!r}{did_you_mean(str(name), list(METHODS))}")
+        broken = broken_plugins().get(name) if isinstance(name, str) else None  # a plugin that cannot load: why
+        unknown = f"unknown method {name!r}{did_you_mean(str(name), list(METHODS))}"
+        problems.append(broken.message if broken else unknown)
     base = data.get("base")
     if base is None:
         problems.append("'base' is missing: the path of the model the others were fine-tuned from")
