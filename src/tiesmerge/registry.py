@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import sys
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from typing import Any
@@ -46,6 +48,13 @@ def check_method_class(cls: Any, where: str) -> None:
 
 
 def _plugins() -> tuple[dict[str, type], dict[str, ConfigError]]:
+    # scanning the installed distributions costs ~5 ms and a command asks a dozen times: read
+    # once per sys.path (a package put on the path, by a test or at run time, is seen)
+    return _plugins_on(tuple(sys.path))
+
+
+@functools.lru_cache(maxsize=8)
+def _plugins_on(path: tuple[str, ...]) -> tuple[dict[str, type], dict[str, ConfigError]]:
     """The plugin methods that load and check out, and for every other entry point the error
     that says why not: a broken plugin is set aside, so it breaks only the command that asks
     for it by name, never the built-in methods or other plugins."""
