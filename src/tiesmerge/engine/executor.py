@@ -86,6 +86,8 @@ class RunStats:
     passes: int = 0  # passes actually made over all merged tensors (the plan's is an estimate)
     reduce_bytes: int = 0  # bytes read by the reductions of per-tensor scopes too large for one chunk
     sample_bytes: int = 0  # bytes read to bracket global thresholds
+    fused_chunks: int = 0  # chunks merged by a fused CPU kernel
+    torch_chunks: int = 0  # chunks merged by the torch path (the method's merge)
 
 
 @dataclass(frozen=True)
@@ -509,6 +511,7 @@ class Executor:
                 clock = time.perf_counter()
                 merged = self._fused_chunk(chunk, payload, thresholds, majority, out_dtype, self._out_slot)
                 self._tally("merge_kernel", clock)
+                self.stats.fused_chunks += 1
                 self._write(sink.write, job.name, chunk.rows, merged)
                 continue
             base32, tau = self._task_vectors(chunk, payload)
@@ -523,6 +526,7 @@ class Executor:
                                stream=stream, offset=chunk.offset, keep=keep,
                                side=self.side.read(chunk) if self.side is not None else None)
             delta = self.method.merge(tau, ctx)  # (*S) float32
+            self.stats.torch_chunks += 1
             merged = base32.add_(delta).to(out_dtype)
             self._write(sink.write, job.name, chunk.rows, merged.cpu() if merged.device.type != "cpu" else merged)
 
