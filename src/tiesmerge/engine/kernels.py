@@ -152,37 +152,44 @@ if numba is not None:
             m = stop - start
             b32 = _base_block(proto, addrs, start, m, table)
             bits = np.empty(m, np.uint32)
+            hits = np.empty(m, np.uint32)
             top = np.uint32(0)
             for t in range(n):
                 h = hi[t]
                 low = lo[t]
                 span = np.uint32(h - low)  # u is in the window iff u - low <= span, in wrapping uint32
-                count = 0
-                inside = 0
+                # 32-bit counts (a block holds at most _BLOCK entries): numba's int64 sums would
+                # let the loop use only 4 lanes of a 256-bit register
+                count = np.uint32(0)
+                inside = np.uint32(0)
                 row = _rows(proto, addrs, 1 + t, start, m)
                 for j in range(m):  # vectorised: widen, subtract, compare, count
                     u = _f32_to_bits(abs(_widen(row[j], table) - b32[j]))
                     bits[j] = u
-                    count += u > h
-                    inside += np.uint32(u - low) <= span
+                    count = np.uint32(count + (u > h))
+                    inside = np.uint32(inside + (np.uint32(u - low) <= span))
                     top = max(top, u)
                 above[tid, t] += count
                 if inside == 0 or low > h:
                     continue
+                # the window's entries packed to the front of ``hits`` without a branch (the window
+                # holds a few % of the entries, so a branch per entry mispredicts), then binned
+                k = np.uint64(0)  # unsigned: no negative-index check on hits[k]
+                for j in range(m):
+                    u = bits[j]
+                    hits[k] = u
+                    k = np.uint64(k + (np.uint32(u - low) <= span))
                 s = shift[t]
                 if s > 8:  # a coarse window (select.TRACK_MAX_SHIFT; the first radix pass): counts only
-                    for j in range(m):
-                        u = bits[j]
-                        if np.uint32(u - low) <= span:
-                            window[tid, t, (u - low) >> s] += 1
+                    for i in range(k):
+                        window[tid, t, (hits[i] - low) >> s] += 1
                     continue
-                for j in range(m):  # a narrow window: a sliver of the values, tracked exactly
-                    u = bits[j]
-                    if np.uint32(u - low) <= span:
-                        b = (u - low) >> s
-                        window[tid, t, b] += 1
-                        wmin[tid, t, b] = min(wmin[tid, t, b], u)
-                        wmax[tid, t, b] = max(wmax[tid, t, b], u)
+                for i in range(k):  # a narrow window: a sliver of the values, tracked exactly
+                    u = hits[i]
+                    b = (u - low) >> s
+                    window[tid, t, b] += 1
+                    wmin[tid, t, b] = min(wmin[tid, t, b], u)
+                    wmax[tid, t, b] = max(wmax[tid, t, b], u)
             worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
