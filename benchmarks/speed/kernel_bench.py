@@ -315,6 +315,8 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         first = run["rounds"][0]
         lines.append(f"| {key} | `{run['env']}` | {first['target']['cpu_name']} "
                      f"({', '.join(first['target']['vector_features']) or '—'}) | {first['threading_layer']} |")
+    if results.get("sources"):  # what each --src copy held, noted by hand after the run
+        lines += ["", "Sources: " + "; ".join(f"`{k}`: {v}" for k, v in results["sources"].items()) + "."]
     runs = results["runs"]
 
     def find(src: str, target: str, k: int) -> str | None:
@@ -362,9 +364,11 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
                       "(`--asm`: compiled afresh per target):", "",
                   "| target | kernel | zmm (512-bit) | ymm (256-bit) | xmm (128-bit) | with a k-mask |",
                   "|---|---|---:|---:|---:|---:|"]
+        stored = {"[uint16]": " (bf16 rows)", "[int16]": " (f16 rows)", "[float32]": " (f32 rows)"}
         for target, a in results["asm"].items():
             for k, v in a["asm"].items():
-                lines.append(f"| {target} | {k} | {v['zmm']} | {v['ymm']} | {v['xmm']} | {v['kmask']} |")
+                name = next((k.replace(raw, text) for raw, text in stored.items() if raw in k), k)
+                lines.append(f"| {target} | {name} | {v['zmm']} | {v['ymm']} | {v['xmm']} | {v['kmask']} |")
     lines += ["", "```bash", results["invocation"], "```"]
     md_path.write_text("\n".join(lines) + "\n")
 
@@ -386,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="before each variant, wait up to this long for the CPUs to be at most 10%% busy")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--name", default="kernels", help="results file stem (default kernels)")
+    p.add_argument("--report-only", action="store_true", help="measure nothing: rewrite the .md from the .json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--asm-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -393,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         return child(args)
     if args.asm_child:
         return asm_child()
+    md_path, json_path = args.results / f"{args.name}.md", args.results / f"{args.name}.json"
+    if args.report_only:
+        write_report(json.loads(json_path.read_text()), md_path, json_path)
+        speed.log(f"rewrote {md_path} from {json_path}")
+        return 0
     exe = Path(sys.executable)
     exe_text = os.path.relpath(exe, REPO) if exe.is_relative_to(REPO) else "python"
     results = {
@@ -405,7 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     results["runs"] = run_variants(args)
     results["table"] = summarize(results["runs"])
     args.results.mkdir(parents=True, exist_ok=True)
-    md_path, json_path = args.results / f"{args.name}.md", args.results / f"{args.name}.json"
     write_report(results, md_path, json_path)
     print(md_path.read_text())
     speed.log(f"wrote {md_path} and {json_path}")
