@@ -9,7 +9,10 @@ operation order); tests/test_kernels.py holds the two paths to each other bit fo
 numba, or for a method or device they do not cover, the engine uses the torch path.
 
 Work is split into blocks of ``_BLOCK`` entries handed to threads by ``prange``; inside a
-block each loop runs over contiguous float32 scratch without branches, so LLVM vectorises it.
+block the loops that widen, compute and count run over contiguous scratch without branches, so
+LLVM vectorises them, with 256-bit registers on AVX2 as on AVX-512 (only the counting window's
+entries are binned one by one). ``benchmarks/speed/kernel_bench.py`` times them per code target
+and thread count, and counts the vector registers they use.
 """
 
 from __future__ import annotations
