@@ -167,7 +167,8 @@ def report(result: dict) -> str:
         c = r.get("compare")
         t, m = r["tiesmerge"], r["mergekit"]
         if c is None:
-            lines.append(f"| {r['label']} | {t['wall_s']} (rc {t['rc']}) | {m['wall_s']} (rc {m['rc']}) | — | — | — | — |")
+            lines.append(f"| {r['label']} | {t['wall_s']} (rc {t['rc']}) | {m['wall_s']} (rc {m['rc']}) "
+                         "| — | — | — | — |")
             continue
         lines.append(f"| {r['label']} | {t['wall_s']:.1f} | {m['wall_s']:.1f} | {c['max_abs_diff']:.3g} | "
                      f"{100 * c['fraction_differing']:.3f} % | {100 * c['fraction_beyond_1ulp']:.4f} % | "

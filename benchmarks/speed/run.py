@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import filecmp
 import json
 import os
 import platform
@@ -52,11 +53,31 @@ GB = 1e9
 MiB = 1 << 20
 WAIT_IDLE = {"max_busy": 1.0, "timeout": 0.0}  # set from --wait-idle
 FLOORS = ("read_floor", "import_floor", "merge_floor", "merge_floor_torch")
-TORCH_ENV = dict(os.environ, TIESMERGE_KERNELS="0")  # tiesmerge's torch path instead of its fused numba kernels
+# variables a run adds to this process's environment (written before its command in the record)
+TORCH_ENV = {"TIESMERGE_KERNELS": "0"}  # tiesmerge's torch path instead of its fused numba kernels
 # tiesmerge remembers input digests by file identity (io/card.py): an untimed warm-up merge of the
 # real inputs fills that cache for the timed runs, and one timed run hashes every input again
-DIGEST_ENV = dict(os.environ)
-COLD_DIGEST_ENV = dict(os.environ, TIESMERGE_DIGEST_CACHE="0")
+COLD_DIGEST_ENV = {"TIESMERGE_DIGEST_CACHE": "0"}
+MERGEKIT_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # the synthetic models have no tokenizer
+# tiesmerge rows that --cpu-name runs again with numba generating code for another CPU
+CODEGEN_ROWS = ("ties_global", "ties_per_tensor", "ties_per_tensor_positive", "task_arithmetic")
+# the x86 vector extensions worth recording (from /proc/cpuinfo's flags)
+VECTOR_FLAGS = re.compile(r"sse4_1|sse4_2|avx|avx2|fma|f16c|avx512\w*|avx_vnni\w*|amx\w*")
+
+
+def codegen_env(cpu_name: str) -> dict[str, str]:
+    """numba generating code for ``cpu_name`` with LLVM's features for that CPU (haswell: AVX2 + FMA,
+    no AVX-512). NUMBA_CPU_NAME alone is not enough: numba then still hands LLVM the host's
+    feature string, and on an AVX-512 host LLVM emits AVX-512 code (512-bit wide for haswell)."""
+    return {"NUMBA_CPU_NAME": cpu_name, "NUMBA_CPU_FEATURES": ""}
+
+
+AVX2_ENV = codegen_env("haswell")
+
+
+def env_prefix(extra: dict[str, str] | None) -> str:
+    """``K=V`` words to write before a command run with ``extra`` added to the environment."""
+    return "".join(f"{k}={shlex.quote(v) if v else ''} " for k, v in (extra or {}).items())
 
 
 def log(msg: str) -> None:
@@ -85,13 +106,57 @@ def _read(path: str) -> str:
 
 
 def _cmd_out(argv: list[str]) -> str:
+    return _cmd_out_env(argv, None)
+
+
+def _cmd_out_env(argv: list[str], env: dict | None) -> str:
     try:
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
-def machine_info(tiesmerge_python: Path, mergekit_python: Path | None, root: Path) -> dict:
+def numba_target() -> dict:
+    """numba's code-generation target in this process: the CPU name and the features LLVM is given
+    (numba's own rule: NUMBA_CPU_NAME / NUMBA_CPU_FEATURES, else the host's)."""
+    import llvmlite.binding as ll
+    from numba.core import config
+    from numba.core.codegen import get_host_cpu_features
+
+    name = config.CPU_NAME or ll.get_host_cpu_name()
+    features = config.CPU_FEATURES if config.CPU_FEATURES is not None else get_host_cpu_features()
+    enabled = [f[1:] for f in features.split(",")
+               if f.startswith("+") and VECTOR_FLAGS.fullmatch(f[1:].replace("-", "_").replace(".", "_"))]
+    return {"cpu_name": name, "features": features or None,
+            "vector_features": enabled if features else [f"LLVM's defaults for {name}"]}
+
+
+def cpu_info() -> dict:
+    """Cores, threads per core and vector extensions, from /proc/cpuinfo and sysfs."""
+    cpuinfo = _read("/proc/cpuinfo")
+    flags = re.search(r"^flags\s*:\s*(.*)$", cpuinfo, re.MULTILINE)
+    cores = set(re.findall(r"physical id\s*:\s*(\d+)\s*\n(?:.*\n)*?core id\s*:\s*(\d+)", cpuinfo))
+    siblings = _read("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").strip()  # "0", "0-1", "0,64"
+    per_core = 0
+    for part in filter(None, siblings.split(",")):
+        first, _, last = part.partition("-")
+        per_core += int(last or first) - int(first) + 1
+    return {"physical_cores": len(cores) or None, "threads_per_core": per_core or None,
+            "vector_extensions": [f for f in (flags.group(1).split() if flags else []) if VECTOR_FLAGS.fullmatch(f)]}
+
+
+def numba_targets(tiesmerge_python: Path, cpu_names: list[str]) -> dict:
+    """numba's target in the tiesmerge environment: by default, and with each --cpu-name."""
+    code = f"import json, sys; sys.path.insert(0, {str(HERE)!r}); import run; print(json.dumps(run.numba_target()))"
+    out = {}
+    for label, extra in [("default", {}), *((name, codegen_env(name)) for name in cpu_names)]:
+        text = _cmd_out_env([str(tiesmerge_python), "-c", code], dict(os.environ, **extra))
+        out[label] = json.loads(text.splitlines()[-1]) if text else None
+    return out
+
+
+def machine_info(tiesmerge_python: Path, mergekit_python: Path | None, root: Path,
+                 cpu_names: list[str] | None = None) -> dict:
     cpuinfo = _read("/proc/cpuinfo")
     model = re.search(r"model name\s*:\s*(.*)", cpuinfo)
     meminfo = _read("/proc/meminfo")
@@ -121,6 +186,8 @@ def machine_info(tiesmerge_python: Path, mergekit_python: Path | None, root: Pat
         "cpu_model": model.group(1).strip() if model else platform.processor(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": cpu_info(),
+        "numba_target": numba_targets(tiesmerge_python, cpu_names or []),
         "ram_gib": round(int(mem.group(1)) / (1 << 20), 1) if mem else None,
         "filesystem": _cmd_out(["df", "-hT", str(root)]).splitlines()[-1:] or None,
         "git_commit": git,
@@ -261,46 +328,51 @@ def manifest_of(out: Path) -> dict | None:
         return None
 
 
-def run_one(key: str, label: str, argv: list[str], inputs: list[Path], work: Path, repeat: int,
-            out: Path | None, env: dict | None = None, is_floor: bool = False) -> dict:
+def run_rep(key: str, label: str, argv: list[str], inputs: list[Path], work: Path, r: int, repeat: int,
+            out: Path | None, extra: dict | None = None, is_floor: bool = False) -> dict:
+    """One timed run (repeat ``r`` of ``repeat``), with ``extra`` added to the environment."""
+    warm_s = warm(inputs)
+    if out is not None and not is_floor:
+        shutil.rmtree(out, ignore_errors=True)  # the same fresh start for every tool
+        os.sync()
+    busy = wait_idle(WAIT_IDLE["max_busy"], WAIT_IDLE["timeout"])
+    load = os.getloadavg()
+    log(f"{label}: run {r + 1}/{repeat} (CPUs {_fmt(100 * busy if busy is not None else None, '.0f')} % busy "
+        f"before, load {load[0]:.2f})")
+    res = timed(argv, work / f"{key}-{r + 1}.log", env=dict(os.environ, **extra) if extra else None,
+                stdout_to_devnull=is_floor)
+    os.sync()  # the output's dirty pages go to disk now, not during the next run
+    res["loadavg_before"] = [round(x, 2) for x in load]
+    res["cpu_busy_before"] = busy
+    if busy is not None and busy > WAIT_IDLE["max_busy"]:
+        res["busy_processes_before"] = busy_processes()
+    res["warm_read_s"] = round(warm_s, 3)
+    if out is not None and res["rc"] == 0:
+        man = manifest_of(out)
+        if man is not None:
+            eng = man.get("engine", {})
+            res["engine_bytes_read"] = eng.get("bytes_read")
+            res["engine_passes"] = eng.get("passes")
+            res["engine_estimated_peak_bytes"] = eng.get("estimated_peak_bytes")
+            res["engine_memory_budget_bytes"] = eng.get("memory_budget_bytes")
+            res["manifest_seconds"] = man.get("seconds")
+            res["thresholds"] = man.get("thresholds")
+        res["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+    if res["rc"] != 0:
+        log(f"  FAILED (rc {res['rc']}); see {res['log']}")
+    else:
+        log(f"  {res['wall_s']:.2f} s wall, peak RSS {res['peak_rss_bytes'] / MiB:.0f} MiB, "
+            f"CPU {res['cpu_percent']}%")
+    return res
+
+
+def summarize(key: str, label: str, argv: list[str], inputs: list[Path], reps: list[dict],
+              extra: dict | None = None, is_floor: bool = False) -> dict:
+    """A run's record: every repeat, the median wall time, the largest peak RSS."""
     input_bytes = sum(f.stat().st_size for f in inputs)
-    reps = []
-    for r in range(repeat):
-        warm_s = warm(inputs)
-        if out is not None and not is_floor:
-            shutil.rmtree(out, ignore_errors=True)  # the same fresh start for every tool
-            os.sync()
-        busy = wait_idle(WAIT_IDLE["max_busy"], WAIT_IDLE["timeout"])
-        load = os.getloadavg()
-        log(f"{label}: run {r + 1}/{repeat} (CPUs {_fmt(100 * busy if busy is not None else None, '.0f')} % busy "
-            f"before, load {load[0]:.2f})")
-        res = timed(argv, work / f"{key}-{r + 1}.log", env=env, stdout_to_devnull=is_floor)
-        os.sync()  # the output's dirty pages go to disk now, not during the next run
-        res["loadavg_before"] = [round(x, 2) for x in load]
-        res["cpu_busy_before"] = busy
-        if busy is not None and busy > WAIT_IDLE["max_busy"]:
-            res["busy_processes_before"] = busy_processes()
-        res["warm_read_s"] = round(warm_s, 3)
-        if out is not None and res["rc"] == 0:
-            man = manifest_of(out)
-            if man is not None:
-                eng = man.get("engine", {})
-                res["engine_bytes_read"] = eng.get("bytes_read")
-                res["engine_passes"] = eng.get("passes")
-                res["engine_estimated_peak_bytes"] = eng.get("estimated_peak_bytes")
-                res["engine_memory_budget_bytes"] = eng.get("memory_budget_bytes")
-                res["manifest_seconds"] = man.get("seconds")
-                res["thresholds"] = man.get("thresholds")
-            res["output_bytes"] = sum(p.stat().st_size for p in out.glob("*.safetensors"))
-        if res["rc"] != 0:
-            log(f"  FAILED (rc {res['rc']}); see {res['log']}")
-        else:
-            log(f"  {res['wall_s']:.2f} s wall, peak RSS {res['peak_rss_bytes'] / MiB:.0f} MiB, "
-                f"CPU {res['cpu_percent']}%")
-        reps.append(res)
     ok = [r for r in reps if r["rc"] == 0]
-    command = shlex.join(argv) + (" > /dev/null" if is_floor else "")
-    summary: dict = {"key": key, "label": label, "command": command, "argv": argv,
+    command = env_prefix(extra) + shlex.join(argv) + (" > /dev/null" if is_floor else "")
+    summary: dict = {"key": key, "label": label, "command": command, "argv": argv, "env": extra or {},
                      "input_bytes": input_bytes, "repeats": reps, "ok": bool(ok) and len(ok) == len(reps)}
     if ok:
         summary["wall_s"] = statistics.median(r["wall_s"] for r in ok)
@@ -317,6 +389,18 @@ def run_one(key: str, label: str, argv: list[str], inputs: list[Path], work: Pat
             summary["engine_memory_budget_bytes"] = ok[0].get("engine_memory_budget_bytes")
             summary["manifest_seconds"] = ok[0].get("manifest_seconds")
     return summary
+
+
+def run_one(key: str, label: str, argv: list[str], inputs: list[Path], work: Path, repeat: int,
+            out: Path | None, extra: dict | None = None, is_floor: bool = False) -> dict:
+    reps = [run_rep(key, label, argv, inputs, work, r, repeat, out, extra, is_floor) for r in range(repeat)]
+    return summarize(key, label, argv, inputs, reps, extra, is_floor)
+
+
+def same_files(a: Path, b: Path) -> bool:
+    """Whether two output directories hold byte-identical safetensors files."""
+    fa, fb = sorted(p.name for p in a.glob("*.safetensors")), sorted(p.name for p in b.glob("*.safetensors"))
+    return bool(fa) and fa == fb and all(filecmp.cmp(a / f, b / f, shallow=False) for f in fa)
 
 
 # ---------------------------------------------------------------- output comparison
@@ -512,6 +596,10 @@ def ratios(runs: dict[str, dict]) -> dict:
     for key in ("ties_global", "ties_per_tensor", "ties_per_tensor_positive", "task_arithmetic",
                 "ties_global_torch", "ties_per_tensor_torch", "mergekit_ties"):
         out[f"{key}_over_read_floor_time"] = r(key, "read_floor", "wall_s")
+    for key in (k for k in runs if "@" in k):  # --cpu-name / --numba-threads twins
+        out[f"{key}_over_default_time"] = r(key, key.partition("@")[0], "wall_s")
+        out[f"mergekit_over_{key}_time"] = r("mergekit_ties", key, "wall_s")
+        out[f"mergekit_over_{key}_rss"] = r("mergekit_ties", key, "peak_rss_bytes")
     return out
 
 
@@ -571,11 +659,23 @@ def what_this_shows(results: dict) -> str:
             parts.append(("Both outputs are reproduced bit for bit" if both else "The outputs are not both reproduced")
                          + f" on the {len(att)} tensors checked by a plain-torch emulation: mergekit 0.1.5 forms the "
                          "task vectors, the sum and the division in bf16 and keeps exactly k entries per tensor (sort "
-                         "order breaks ties at the threshold); tiesmerge computes in float32 and keeps every entry equal "
-                         f"to the threshold. Of the two, bf16 arithmetic alone changes {bf:,} entries there and the "
-                         f"exact-k tie breaking alone {tie:,}: the differences come from mergekit's bf16 rounding (of the "
-                         "task vectors too, which moves entries across the top-k threshold and can flip an election), "
-                         "not from a different algorithm.")
+                         "order breaks ties at the threshold); tiesmerge computes in float32 and keeps every entry "
+                         f"equal to the threshold. Of the two, bf16 arithmetic alone changes {bf:,} entries there and "
+                         f"the exact-k tie breaking alone {tie:,}: the differences come from mergekit's bf16 rounding "
+                         "(of the task vectors too, which moves entries across the top-k threshold and can flip an "
+                         "election), not from a different algorithm.")
+    for key, twin in runs.items():
+        if not key.startswith("ties_global@") or not twin.get("ok") or not g.get("ok"):
+            continue
+        env = " ".join(f"{k}={v}" for k, v in twin.get("env", {}).items())
+        vs_mk = ""
+        if rt.get(f"mergekit_over_{key}_time"):
+            vs_mk = (f", {rt[f'mergekit_over_{key}_time']:.2f}× faster than mergekit at "
+                     f"{1 / rt[f'mergekit_over_{key}_rss']:.2f}× its peak RSS")
+        same = {True: "; its output is byte-identical to the default's", False: "; its output DIFFERS from the "
+                "default's"}.get(twin.get("same_output_as_default"), "")
+        parts.append(f"With `{env}` global TIES takes {twin['wall_s']:.1f} s "
+                     f"({rt[f'{key}_over_default_time']:.2f}× the default run){vs_mk}{same}.")
     gt = runs.get("ties_global_torch", {})
     if gt.get("ok") and g.get("ok"):
         parts.append(f"With its fused numba kernels switched off (TIESMERGE_KERNELS=0) the same global TIES takes "
@@ -593,6 +693,43 @@ def what_this_shows(results: dict) -> str:
     return " ".join(parts)
 
 
+def profile_table(runs: dict[str, dict]) -> list[str]:
+    """Where global TIES spends its time (the manifest's seconds, from its fastest, least disturbed run),
+    for the default row and its --cpu-name / --numba-threads twins: what the kernels' code and
+    threads can change, and what they cannot (start-up, sampling, reading and writing)."""
+    rows = []
+    for key, run in runs.items():
+        if key.partition("@")[0] != "ties_global" or not run.get("ok"):
+            continue
+        reps = sorted((r for r in run["repeats"] if r.get("manifest_seconds")), key=lambda r: r["wall_s"])
+        if not reps:
+            continue
+        rep = reps[0]
+        sec = rep["manifest_seconds"]
+        total = sec.get("total", 0.0)
+        count, merge = sec.get("profile.count_kernel", 0.0), sec.get("profile.merge_kernel", 0.0)
+        sample = sec.get("profile.sample", 0.0)
+        rows.append(f"| {run['label']} | {rep['wall_s']:.2f} | {rep['wall_s'] - total:.2f} | {sample:.2f} | "
+                    f"{count:.2f} | {merge:.2f} | {total - sample - count - merge:.2f} |")
+    if not rows:
+        return []
+    return ["", "Where global TIES spends its time (seconds, from the manifest of each row's fastest run):", "",
+            "| run | wall | outside the merge (start-up, exit) | sampling | counting kernel | merge kernel | "
+            "rest of the merge (reading, writing, Python) |", "|---|---:|---:|---:|---:|---:|---:|", *rows]
+
+
+def cpu_line(m: dict) -> str:
+    """The CPU's cores and vector extensions, and the code numba generated for each variant."""
+    cpu = m.get("cpu")
+    if not cpu:  # a record from before the CPU was recorded
+        return "CPU details not recorded."
+    targets = "; ".join(f"{label}: {t['cpu_name']} ({', '.join(t['vector_features']) or 'no vector features'})"
+                        for label, t in (m.get("numba_target") or {}).items() if t)
+    return (f"CPU: {cpu['physical_cores'] or '?'} core(s), {cpu['threads_per_core'] or '?'} thread(s) per core; "
+            f"vector extensions: {', '.join(cpu['vector_extensions']) or 'none listed'}. "
+            f"numba's code generation target — {targets or 'not recorded'}.")
+
+
 def write_report(results: dict, md_path: Path, json_path: Path) -> None:
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     m = results["machine"]
@@ -602,7 +739,8 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         "",
         f"Written by `benchmarks/speed/run.py` on {m['date_utc']} (see `benchmarks/speed/README.md`). "
         f"Inputs: synthetic Llama checkpoints from `benchmarks/speed/make_models.py` — "
-        f"**{s['size']}** ({s['params'] / 1e9:.3f} B parameters, bf16, {s['shards_per_model']} shards of ≤ {s['shard_size'] / 1e6:.0f} MB "
+        f"**{s['size']}** ({s['params'] / 1e9:.3f} B parameters, bf16, {s['shards_per_model']} shards of "
+        f"≤ {s['shard_size'] / 1e6:.0f} MB "
         f"per model), base + **{s['n']}** fine-tunes, {s['input_bytes'] / GB:.2f} GB of weights read per merge. "
         f"Page cache warmed before every run; {results['repeat']} repeat(s), median wall time, max peak RSS.",
         "",
@@ -612,6 +750,8 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         + (f"; mergekit {m['mergekit_env']['mergekit']} (torch {m['mergekit_env']['torch']}, "
            f"transformers {m['mergekit_env']['transformers']})" if m.get("mergekit_env") else "")
         + ".",
+        "",
+        cpu_line(m),
         "",
         "| run | wall s | peak RSS MiB | CPU % | input GB/s | × read floor | engine bytes read (passes) |",
         "|---|---:|---:|---:|---:|---:|---|",
@@ -633,6 +773,7 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         lines += ["", f"CPUs busy in the 2 s before each run (other processes): at most {100 * max(busy):.0f} %."]
     if results.get("mergekit_note"):
         lines += ["", f"mergekit: {results['mergekit_note']}"]
+    lines += profile_table(results["runs"])
     rt = results["ratios"]
     lines += [
         "",
@@ -655,6 +796,16 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
     }
     for k, label in names.items():
         lines.append(f"| {label} | {_fmt(rt.get(k))} |")
+    for k, v in rt.items():
+        twin = next((key for key in results["runs"] if "@" in key and key in k), None)
+        if twin is None:
+            continue
+        label = results["runs"][twin]["label"]
+        what = {f"{twin}_over_default_time": f"{label} / the default run",
+                f"mergekit_over_{twin}_time": f"mergekit / {label}",
+                f"mergekit_over_{twin}_rss": f"mergekit / {label}, RSS"}.get(k)
+        if what:
+            lines.append(f"| {what} | {_fmt(v)} |")
     for k, v in rt.items():
         if k.endswith("_over_read_floor_time"):
             lines.append(f"| {results['runs'].get(k.removesuffix('_over_read_floor_time'), {}).get('label', k)}"
@@ -679,13 +830,15 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
                 continue
             est = b.get("engine_estimated_peak_bytes")
             lines.append(
-                f"| {b['label']} | {b['wall_s']:.2f} | {b['peak_rss_bytes'] / MiB:,.0f} | {b['budget_bytes'] / MiB:,.0f} | "
+                f"| {b['label']} | {b['wall_s']:.2f} | {b['peak_rss_bytes'] / MiB:,.0f} | "
+                f"{b['budget_bytes'] / MiB:,.0f} | "
                 f"{b['peak_rss_over_budget']:.2f} | "
                 f"{_fmt((b['peak_rss_bytes'] - idle) / MiB if idle else None, ',.0f')} | "
                 f"{_fmt((b['peak_rss_bytes'] - floor_rss) / MiB if floor_rss else None, ',.0f')} | "
                 f"{_fmt(est / MiB if est else None, ',.0f')} | {_fmt(b.get('input_gb_per_s'))} |")
         lines += ["", "Import floor: peak RSS of `python -c 'import tiesmerge'`; merge floor: peak RSS of the same "
-                      "merge on the tiny set, on the same path (interpreter, torch, numba and its compiled kernels, thread pools). "
+                      "merge on the tiny set, on the same path (interpreter, torch, numba and its compiled kernels, "
+                      "thread pools). "
                       "Engine estimate: `engine.estimated_peak_bytes` from the output's tiesmerge.json."]
     cmp_ = results.get("comparison")
     lines += ["", "## tiesmerge per-tensor (`--zero-sign positive`) vs mergekit, tensor by tensor", ""]
@@ -710,10 +863,12 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
                       "TIES in float32 keeping every entry tied at the threshold (tiesmerge's arithmetic) and in bf16 "
                       "keeping exactly k entries by argsort (mergekit 0.1.5's), then changes one thing at a time.", "",
                       "| tensor | tiesmerge = f32/keep-ties emulation | mergekit = bf16/exact-k emulation | "
-                      "entries changed by bf16 arithmetic alone | by exact-k tie breaking alone | differ in the outputs |",
+                      "entries changed by bf16 arithmetic alone | by exact-k tie breaking alone | "
+                      "differ in the outputs |",
                       "|---|---|---|---:|---:|---:|"]
             for t in cmp_["attribution"]:
-                lines.append(f"| {t['name']} | {'yes' if t['tiesmerge_equals_float32_keep_ties_emulation'] else 'no'} | "
+                ours = "yes" if t["tiesmerge_equals_float32_keep_ties_emulation"] else "no"
+                lines.append(f"| {t['name']} | {ours} | "
                              f"{'yes' if t['mergekit_equals_bf16_exact_k_emulation'] else 'no'} | "
                              f"{t['entries_changed_by_bf16_arithmetic_alone']:,} | "
                              f"{t['entries_changed_by_exact_k_tie_breaking_alone']:,} | "
@@ -742,7 +897,8 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", type=Path, default=make_models.DEFAULT_ROOT, help="models and outputs live here")
-    p.add_argument("--size", choices=sorted(make_models.SIZES), default="small", help="small (default), large; tiny is a smoke test")
+    p.add_argument("--size", choices=sorted(make_models.SIZES), default="small",
+                   help="small (default), large; tiny is a smoke test")
     p.add_argument("--n", type=int, default=3, help="fine-tunes to merge (default 3)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--tiesmerge", type=Path, default=REPO / ".venv" / "bin" / "tiesmerge")
@@ -768,6 +924,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure nothing: rewrite the .md (and the derived fields of the .json) from the .json")
     p.add_argument("--wait-idle", type=float, default=600, metavar="SECONDS",
                    help="before each run, wait up to this long for the CPUs to be at most 10%% busy (default 600)")
+    p.add_argument("--cpu-name", nargs="+", default=[], metavar="CPU",
+                   help=f"also run the fused tiesmerge rows ({', '.join(CODEGEN_ROWS)}) with numba generating code "
+                        "for CPU, e.g. haswell (AVX2 + FMA, no AVX-512): NUMBA_CPU_NAME=CPU NUMBA_CPU_FEATURES=, "
+                        "each right after its default row")
+    p.add_argument("--numba-threads", nargs="+", type=int, default=[], metavar="N",
+                   help="also run those rows with NUMBA_NUM_THREADS=N (the kernels' threads)")
     args = p.parse_args(argv)
     WAIT_IDLE.update(max_busy=0.10, timeout=args.wait_idle)
     if args.report_only or args.compare_only:
@@ -801,7 +963,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "invocation": invocation,
         "repeat": args.repeat,
-        "machine": machine_info(tm_py, mk_py if mk_py.exists() else None, args.root),
+        "machine": machine_info(tm_py, mk_py if mk_py.exists() else None, args.root, args.cpu_name),
         "set": {"size": args.size, "n": args.n, "params": make_models.n_params(shape), "shape": vars(shape),
                 "base": str(base), "models": [str(m) for m in models],
                 "shards_per_model": len(make_models.weight_files(base)),
@@ -812,7 +974,7 @@ def main(argv: list[str] | None = None) -> int:
     want = set(args.only) if args.only else None
 
     def enabled(key: str) -> bool:
-        return want is None or key in want
+        return want is None or key.partition("@")[0] in want
 
     # the runs, in order
     plan: list[tuple[str, str, list[str], Path | None, dict | None, bool]] = []
@@ -867,9 +1029,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cfg = work / "mergekit.yml"
         cfg.write_text(yaml_text)
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        plan.append(("mergekit_ties", "mergekit ties (mergekit-yaml)", [str(mk_bin), str(cfg), str(out["mergekit_ties"])],
-                     out["mergekit_ties"], env, False))
+        command = [str(mk_bin), str(cfg), str(out["mergekit_ties"])]
+        plan.append(("mergekit_ties", "mergekit ties (mergekit-yaml)", command, out["mergekit_ties"], MERGEKIT_ENV,
+                     False))
+    # the fused rows again under other code generation or thread counts, each right after its own
+    variants = [(f"@{c}", f", numba code for {c}", codegen_env(c)) for c in args.cpu_name]
+    variants += [(f"@{k}t", f", {k} numba thread(s)", {"NUMBA_NUM_THREADS": str(k)}) for k in args.numba_threads]
+    for suffix, what, extra in variants:
+        for row in [row for row in plan if row[0] in CODEGEN_ROWS]:
+            key, label, cmd, o, _, is_floor = row
+            twin_out = outs / (key + suffix)
+            plan.insert(plan.index(row) + 1 + sum(r[0].startswith(key + "@") for r in plan),
+                        (key + suffix, label + what, [str(twin_out) if c == str(o) else c for c in cmd],
+                         twin_out, extra, is_floor))
 
     # warm-up, untimed: every command once on the tiny set, so numba's compile cache (tiesmerge's
     # fused kernels), Python's imports and the tools' files are warm before anything is timed
@@ -887,30 +1059,37 @@ def main(argv: list[str] | None = None) -> int:
             wcmd = [str(mk_bin), str(wcfg), str(outs / "warmup")]
         shutil.rmtree(outs / "warmup", ignore_errors=True)
         started = time.perf_counter()
-        rc = subprocess.run(wcmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, check=False).returncode
+        rc = subprocess.run(wcmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, **env) if env else None, check=False).returncode
         warmups[key] = {"rc": rc, "seconds": round(time.perf_counter() - started, 2)}
         log(f"warm-up {key}: {warmups[key]['seconds']} s (rc {rc})")
     # the real inputs' digests, remembered for the timed runs (one timed run hashes them again)
     digest_cmd = tiesmerge_argv(tm, base, models, outs / "warmup", "--method", "task_arithmetic")
     shutil.rmtree(outs / "warmup", ignore_errors=True)
     started = time.perf_counter()
-    rc = subprocess.run(digest_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=DIGEST_ENV,
-                        check=False).returncode
+    rc = subprocess.run(digest_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False).returncode
     warmups["input_digests"] = {"rc": rc, "seconds": round(time.perf_counter() - started, 2)}
     log(f"warm-up input digests: {warmups['input_digests']['seconds']} s (rc {rc})")
     shutil.rmtree(outs / "warmup", ignore_errors=True)
     results["warmup"] = warmups
 
-    for key, label, cmd, o, env, is_floor in plan:
-        if not enabled(key):
-            continue
+    # repeats interleaved: every run once per round, so a change in the machine's load hits all alike
+    todo = [row for row in plan if enabled(row[0])]
+    reps: dict[str, list[dict]] = {row[0]: [] for row in todo}
+    for r in range(args.repeat):
+        for key, label, cmd, o, env, is_floor in todo:
+            run_inputs = tinputs if key.startswith("merge_floor") else inputs
+            reps[key].append(run_rep(key, label, cmd, run_inputs, work, r, args.repeat, o, env, is_floor))
+    for key, label, cmd, o, env, is_floor in todo:
         run_inputs = tinputs if key.startswith("merge_floor") else inputs
-        results["runs"][key] = run_one(key, label, cmd, run_inputs, work, args.repeat, o, env=env, is_floor=is_floor)
+        results["runs"][key] = summarize(key, label, cmd, run_inputs, reps[key], env, is_floor)
         results["runs"][key]["output_dir"] = str(o) if o else None
-        if env is TORCH_ENV:
-            results["runs"][key]["command"] = "TIESMERGE_KERNELS=0 " + results["runs"][key]["command"]
-        if env is COLD_DIGEST_ENV:
-            results["runs"][key]["command"] = "TIESMERGE_DIGEST_CACHE=0 " + results["runs"][key]["command"]
+        default = results["runs"].get(key.partition("@")[0], {})
+        if "@" in key and default.get("ok") and results["runs"][key]["ok"]:
+            results["runs"][key]["same_output_as_default"] = same_files(o, Path(default["output_dir"]))
+    for key in reps:
+        if "@" in key:
+            shutil.rmtree(outs / key, ignore_errors=True)  # 0.5 GB each; compared above
     results["ratios"] = ratios(results["runs"])
 
     # output comparison: tiesmerge per-tensor with mergekit's zero-sign rule vs mergekit
@@ -936,9 +1115,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "--memory-budget", budget)
             label = f"tiesmerge TIES, global, --memory-budget {budget}" + (", torch path" if torch_path else "")
             key = f"budget_{budget}" + ("_torch" if torch_path else "")
-            br = run_one(key, label, bargv, binputs, work, 1, out["budget"], env=TORCH_ENV if torch_path else None)
-            if torch_path:
-                br["command"] = "TIESMERGE_KERNELS=0 " + br["command"]
+            br = run_one(key, label, bargv, binputs, work, 1, out["budget"], TORCH_ENV if torch_path else None)
             br.update({"budget": budget, "budget_bytes": parse_size(budget), "size": args.budget_size,
                        "n": args.budget_n, "params": make_models.n_params(make_models.SIZES[args.budget_size]),
                        "torch_path": torch_path})

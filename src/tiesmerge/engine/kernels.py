@@ -9,7 +9,10 @@ operation order); tests/test_kernels.py holds the two paths to each other bit fo
 numba, or for a method or device they do not cover, the engine uses the torch path.
 
 Work is split into blocks of ``_BLOCK`` entries handed to threads by ``prange``; inside a
-block each loop runs over contiguous float32 scratch without branches, so LLVM vectorises it.
+block the loops that widen, compute and count run over contiguous scratch without branches, so
+LLVM vectorises them, with 256-bit registers on AVX2 as on AVX-512 (only the counting window's
+entries are binned one by one). ``benchmarks/speed/kernel_bench.py`` times them per code target
+and thread count, and counts the vector registers they use.
 """
 
 from __future__ import annotations
@@ -120,7 +123,8 @@ if numba is not None:
         if out.dtype == types.uint16:  # bfloat16, round to nearest even (NaN never reaches here)
             def store_bf16(out, i, value):
                 bits = _f32_to_bits(value)
-                out[i] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+                rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))  # to nearest even
+                out[i] = np.uint16(rounded >> np.uint32(16))
             return store_bf16
         if out.dtype == types.float32:
             def store_f32(out, i, value):
@@ -139,8 +143,9 @@ if numba is not None:
 
     @njit(parallel=True, cache=True, nogil=True)
     def _count_kernel(proto, addrs, size, table, lo, hi, shift, above, window, wmin, wmax, worst):  # pragma: no cover
-        # rows: addrs[0] the base's E raw values, addrs[1 + t] model t's (proto: their dtype); per model t: lo[t]..hi[t] (uint32, inclusive) is a
-        # window of |tau| bit patterns (non-negative float32 order like their bits);
+        # rows: addrs[0] the base's E raw values, addrs[1 + t] model t's (proto: their dtype); per model t:
+        # lo[t]..hi[t] (uint32, inclusive) is a window of |tau| bit patterns (non-negative float32 order
+        # like their bits);
         # above (T, n) i64 += entries with bits > hi; window (T, n, B) i64 bins (bits - lo) >> shift,
         # wmin/wmax (T, n, B) u32 the smallest/largest bits in each bin of a narrow window
         # (shift <= 8; a bin holding one value, as bf16 task vectors' bins mostly do, pins the
@@ -155,41 +160,49 @@ if numba is not None:
             m = stop - start
             b32 = _base_block(proto, addrs, start, m, table)
             bits = np.empty(m, np.uint32)
+            hits = np.empty(m, np.uint32)
             top = np.uint32(0)
             for t in range(n):
                 h = hi[t]
                 low = lo[t]
                 span = np.uint32(h - low)  # u is in the window iff u - low <= span, in wrapping uint32
-                count = 0
-                inside = 0
+                # 32-bit counts (a block holds at most _BLOCK entries): numba's int64 sums would
+                # let the loop use only 4 lanes of a 256-bit register
+                count = np.uint32(0)
+                inside = np.uint32(0)
                 row = _rows(proto, addrs, 1 + t, start, m)
                 for j in range(m):  # vectorised: widen, subtract, compare, count
                     u = _f32_to_bits(abs(_widen(row[j], table) - b32[j]))
                     bits[j] = u
-                    count += u > h
-                    inside += np.uint32(u - low) <= span
+                    count = np.uint32(count + (u > h))
+                    inside = np.uint32(inside + (np.uint32(u - low) <= span))
                     top = max(top, u)
                 above[tid, t] += count
                 if inside == 0 or low > h:
                     continue
+                # the window's entries packed to the front of ``hits`` without a branch (the window
+                # holds a few % of the entries, so a branch per entry mispredicts), then binned
+                k = np.uint64(0)  # unsigned: no negative-index check on hits[k]
+                for j in range(m):
+                    u = bits[j]
+                    hits[k] = u
+                    k = np.uint64(k + (np.uint32(u - low) <= span))
                 s = shift[t]
                 if s > 8:  # a coarse window (select.TRACK_MAX_SHIFT; the first radix pass): counts only
-                    for j in range(m):
-                        u = bits[j]
-                        if np.uint32(u - low) <= span:
-                            window[tid, t, (u - low) >> s] += 1
+                    for i in range(k):
+                        window[tid, t, (hits[i] - low) >> s] += 1
                     continue
-                for j in range(m):  # a narrow window: a sliver of the values, tracked exactly
-                    u = bits[j]
-                    if np.uint32(u - low) <= span:
-                        b = (u - low) >> s
-                        window[tid, t, b] += 1
-                        wmin[tid, t, b] = min(wmin[tid, t, b], u)
-                        wmax[tid, t, b] = max(wmax[tid, t, b], u)
+                for i in range(k):  # a narrow window: a sliver of the values, tracked exactly
+                    u = hits[i]
+                    b = (u - low) >> s
+                    window[tid, t, b] += 1
+                    wmin[tid, t, b] = min(wmin[tid, t, b], u)
+                    wmax[tid, t, b] = max(wmax[tid, t, b], u)
             worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ties_kernel(proto, addrs, size, table, thresholds, weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
+    def _ties_kernel(proto, addrs, size, table, thresholds, weights, lam, elect, zero, fill, aggregate, out,
+                     worst):  # pragma: no cover
         # rows at addrs (base, then models; proto: their dtype), thresholds/weights (n,) f32,
         # out (E,) bf16 bits or f32
         n = len(addrs) - 1
@@ -222,7 +235,8 @@ if numba is not None:
                     if elect == 0:  # loop-invariant: LLVM unswitches it
                         vote[j] += w * kv
                     else:
-                        vote[j] += w * (np.float32(1.0) if kv > 0 else (np.float32(-1.0) if kv < 0 else np.float32(0.0)))
+                        sign = np.float32(1.0) if kv > 0 else (np.float32(-1.0) if kv < 0 else np.float32(0.0))
+                        vote[j] += w * sign
             for j in range(m):
                 g = np.float32(1.0) if vote[j] > 0 else (np.float32(-1.0) if vote[j] < 0 else np.float32(0.0))
                 if g == 0 and zero != 0:
