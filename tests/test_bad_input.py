@@ -2,6 +2,9 @@
 file and/or tensor, and leaves no output directory (nor a temporary sibling) behind.
 
 Cross-cutting (not one source module): inputs, readers, alignment, options, the writer, exit codes.
+
+Why over 400 lines: every bad input of the CLI and the API, in one place where a hostile-input
+review can read them all.
 """
 
 from __future__ import annotations

@@ -8,6 +8,9 @@ are reused):
 Writes benchmarks/results/{fig3,fig7,table3,table4,table5}.md + .json (+ .png for the figures).
 Every merge goes through tiesmerge.merge / tiesmerge.tuning.tune; evaluations are cached with
 those of run.py, so a rerun recomputes only what is missing.
+
+Why over 400 lines: five of the paper's analyses share one evaluation cache and one set of models;
+each has its own function, in the paper's order.
 """
 
 from __future__ import annotations

@@ -33,6 +33,9 @@ string (``+avx512f,...``) to LLVM, which then emits AVX-512 code, 512-bit wide; 
         .venv/bin/python benchmarks/speed/kernel_bench.py --src base=/tmp/base/src this=src
 
 Results: ``benchmarks/results/kernels.{json,md}`` (``--name`` changes the stem).
+
+Why over 400 lines: the parent (scheduling, idle waits, the report) and the child (one variant's
+timings and its assembly census) are one script so that both sides of a comparison run the same code.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ so that every run starts from the same warm page cache. Results go to
     .venv/bin/python benchmarks/speed/run.py --repeat 3 --n 8
     .venv/bin/python benchmarks/speed/run.py --no-budget-run  # skip the ~1 B memory-budget runs
     .venv/bin/python benchmarks/speed/run.py --report-only    # rewrite speed.md from speed.json
+
+Why one long file: it is the one command anyone reruns to reproduce the speed table, and it reads
+top to bottom as the run does — inputs, floors, tiesmerge rows, mergekit, the output comparison,
+the report — so nothing of the comparison hides in a helper module.
 """
 
 from __future__ import annotations
