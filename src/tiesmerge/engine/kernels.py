@@ -23,7 +23,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..lazy import torch
-from .fused import OUT_VIEWS, RAW_VIEWS
 
 try:  # optional: the engine falls back to torch without it
     import numba
@@ -34,7 +33,7 @@ except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
 __all__ = [
-    "available", "raw_view", "out_view", "RAW_VIEWS", "OUT_VIEWS",
+    "available", "raw_view", "out_view",
     "count_pass", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
@@ -52,13 +51,16 @@ def available() -> bool:
     return numba is not None and os.environ.get("TIESMERGE_KERNELS", "1") != "0"
 
 
-_TORCH_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# a CPU tensor's bytes as the kernels read them (engine.fused.RAW_VIEWS names the same views by code)
+_RAW_BITS = {"bfloat16": np.uint16, "float16": np.int16}
 
 
 def raw_view(t: torch.Tensor) -> np.ndarray:
     """The kernels' view of a CPU tensor stored as bfloat16, float16 or float32 (no copy)."""
-    code = _TORCH_CODES[str(t.dtype).removeprefix("torch.")]
-    return t.numpy() if code == "F32" else t.view(torch.int16).numpy().view(RAW_VIEWS[code])
+    name = str(t.dtype).removeprefix("torch.")
+    if name == "float32":
+        return t.numpy()
+    return t.view(torch.int16).numpy().view(_RAW_BITS[name])
 
 
 def out_view(t: torch.Tensor) -> np.ndarray:
