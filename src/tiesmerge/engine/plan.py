@@ -138,7 +138,7 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             peak = max(peak, job.numel * itemsize)
             continue
         per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs) \
-            + extra_bytes_per_entry
+            + extra_bytes_per_entry + (4 * n_models if req.model_values else 0)  # the models' own values
         if req.keeps_tensors_whole and job.numel * per_entry > work_budget:
             needed = job.numel * per_entry + FIXED_OVERHEAD
             why = "threshold_ties='sort' (mergekit's exact k)" if req.exact_k else "the method"
