@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from ..errors import ConfigError
 from ..lazy import torch
-from .base import ChunkContext, Requirements, method_config, option
+from .base import ChunkContext, Requirements, finite, method_config, option
 
-OF = ("task_vectors", "models")
+OF = ("task_vectors", "models", "base_and_model")
 _EPS = 1e-8  # colinear where 1 - cos^2 <= eps^2
 
 
@@ -38,8 +39,9 @@ def nuslerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bo
 @method_config
 class NuSlerp:
     """theta = base + nuslerp(t, tau_0, tau_1) (``of=task_vectors``, mergekit with a base_model) or
-    nuslerp(t, theta_0, theta_1) (``of=models``, mergekit without one), t = w_1 / (w_0 + w_1)
-    (0.5 when the weights sum to less than 1e-6 in magnitude).
+    nuslerp(t, theta_0, theta_1) (``of=models``, mergekit without one; ``of=base_and_model``: the
+    base is theta_0 and one model theta_1), t = w_1 / (w_0 + w_1) (0.5 when the weights sum to
+    less than 1e-6 in magnitude), or ``t`` as given.
 
     Follows mergekit 0.1.5's ``nuslerp`` operation for operation (float32, bit for bit):
     ``flatten`` (mergekit's nuslerp_flatten, default true) interpolates each tensor as one
@@ -52,16 +54,24 @@ class NuSlerp:
 
     weights: tuple[float, ...] | None = option(None, "the two models' weights; t = w_1 / (w_0 + w_1) "
                                                "(default equal: t = 0.5)", unit="one per model", per_model=True)
-    of: str = option("task_vectors", "interpolate the task vectors and add the base (mergekit with a "
-                     "base_model) or the models themselves", choices=OF)
+    t: float | None = option(None, "the interpolation weight itself (0: the first, 1: the second), "
+                             "instead of weights", unit="fraction", check=finite)
+    of: str = option("task_vectors", "interpolate the two task vectors and add the base (mergekit with a "
+                     "base_model), the two models themselves, or the base and one model", choices=OF)
     flatten: bool = option(True, "each tensor as one vector (mergekit's nuslerp_flatten)")
     row_wise: bool = option(False, "without flatten: per column, not per row (mergekit's nuslerp_row_wise)")
 
     def requirements(self) -> Requirements:
-        return Requirements(whole_tensors=True, model_values=self.of == "models", n_models=2)
+        if self.t is not None and self.weights is not None:
+            raise ConfigError("give t or weights, not both")
+        one = self.of == "base_and_model"
+        return Requirements(whole_tensors=True, model_values=self.of != "task_vectors", base_values=one,
+                            n_models=1 if one else 2)
 
-    @property
-    def t(self) -> float:
+    def interpolation(self) -> float:
+        """t: as given, else w_1 / (w_0 + w_1) with mergekit's arithmetic."""
+        if self.t is not None:
+            return self.t
         if self.weights is None:
             return 0.5
         total = sum(self.weights)
@@ -69,5 +79,9 @@ class NuSlerp:
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """tau (2, *S) -> the merged task vector (*S); with of=models ctx.models -> the merged model."""
-        pair = ctx.models if self.of == "models" else tau
-        return nuslerp_tensor(self.t, pair[0], pair[1], row_wise=self.row_wise, flatten=self.flatten)
+        if self.of == "base_and_model":
+            v0, v1 = ctx.base, ctx.models[0]
+        else:
+            pair = ctx.models if self.of == "models" else tau
+            v0, v1 = pair[0], pair[1]
+        return nuslerp_tensor(self.interpolation(), v0, v1, row_wise=self.row_wise, flatten=self.flatten)
