@@ -33,7 +33,7 @@ def keep_probabilities(tau_t: torch.Tensor, density: float, epsilon: float) -> t
     |tau| in torch.argsort's ascending order, the rank r in 1..m mapped linearly onto
     [density - epsilon, density + epsilon]. A row of one entry gets density (mergekit divides
     0 by 0 there)."""
-    rows = tau_t.unsqueeze(0) if tau_t.dim() < 2 else tau_t
+    rows = tau_t.reshape(1, -1) if tau_t.dim() < 2 else tau_t  # (rows, m, ...)
     ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     spread = (ranks - low) / (high - low)
