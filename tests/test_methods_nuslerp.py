@@ -58,7 +58,8 @@ def mergekit_nuslerp_f32(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wi
 
 def _family() -> tuple[dict, list[dict]]:
     g = torch.Generator().manual_seed(5)
-    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g), "c": torch.randn(2, 3, 4, generator=g)}
+    base = {"w": torch.randn(6, 5, generator=g), "b": torch.randn(5, generator=g),
+            "c": torch.randn(2, 3, 4, generator=g)}
     models = [{k: v + torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
     models[1]["b"] = base["b"] + 2 * (models[0]["b"] - base["b"])  # parallel task vectors: the lerp branch
     return base, models
