@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
     a.add_argument("--force", action="store_true", help="replace a non-empty report directory")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.add_argument("--method", action="append", dest="methods", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="also merge with this method (e.g. slerp:t=0.3 or breadcrumbs:density=0.3,gamma=0.02) and "
+                        "add its merged magnitudes to the magnitude section; repeat")
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
     ms.add_argument("name", nargs="?", help="show one method")
