@@ -45,12 +45,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
-        print(f"  {options} lam={point.lam:.2f}  score {point.score:.4f}", flush=True)
+        lam = f" lam={point.lam:.2f}" if point.lam is not None else ""
+        print(f"  {options}{lam}  score {point.score:.4f}", flush=True)
 
     result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,
                   memory_budget=args.memory_budget, on_point=show)
     best = result.best
-    print(f"best: {' '.join(f'{k}={v}' for k, v in best.options.items())} lam={best.lam} score {best.score:.4f} "
+    lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
+    print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {best.score:.4f} "
           f"({len(result.points)} points, {result.merges} merges, {result.seconds:.1f} s)")
     if args.json:
         args.json.write_text(json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
@@ -59,7 +61,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                                     for p in result.points]}, indent=2) + "\n")
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
-              memory_budget=args.memory_budget, force=args.force, **best.options, lam=best.lam)
+              memory_budget=args.memory_budget, force=args.force, **best.options, **lam)
         print(f"wrote the best merge to {args.output}")
     return 0
 
