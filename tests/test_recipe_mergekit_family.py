@@ -85,8 +85,8 @@ def test_each_family_method_translates_with_mergekits_defaults(tmp_path):
              "  - {{model: {m2}, parameters: {{weight: 0.5}}}}\n"
     bc = _load(tmp_path, "merge_method: breadcrumbs\n" + common + "parameters: {{density: 0.3}}\n", **paths).method
     assert isinstance(bc, Breadcrumbs)
-    assert (bc.density, bc.gamma, bc.normalize, bc.rescale, bc.scope, bc.threshold_ties) == \
-        (0.3, 0.01, False, False, "per_tensor", "sort")
+    assert (bc.density, bc.gamma, bc.normalize_weights, bc.rescale, bc.scope, bc.threshold_ties) == \
+        (0.3, 0.01, False, "none", "per_tensor", "sort")
     bt = _load(tmp_path, "merge_method: breadcrumbs_ties\n" + common + "parameters: {{density: 0.3, gamma: 0.05, "
                "normalize: true}}\n", **paths).method
     assert isinstance(bt, BreadcrumbsTies) and (bt.aggregate, bt.zero_sign, bt.gamma) == ("mean", "positive", 0.05)
@@ -96,7 +96,7 @@ def test_each_family_method_translates_with_mergekits_defaults(tmp_path):
     assert any("random draws differ" in w for w in de.origin["warnings"])
     dl = _load(tmp_path, "merge_method: della_linear\n" + common + "parameters: {{density: 0.5, epsilon: 0.1, "
                "rescale: false}}\n", **paths).method
-    assert isinstance(dl, DellaLinear) and (dl.normalize, dl.rescale, dl.epsilon) == (False, "none", 0.1)
+    assert isinstance(dl, DellaLinear) and (dl.normalize_weights, dl.rescale, dl.epsilon) == (False, "none", 0.1)
     ms = _load(tmp_path, "merge_method: model_stock\nbase_model: {base}\nmodels: [{{model: {m1}}}, {{model: {m2}}}]\n"
                "parameters: {{filter_wise: true}}\n", **paths).method
     assert isinstance(ms, ModelStock) and ms.filter_wise

@@ -429,8 +429,8 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         if problems:
             return "", {}, ""
         params = {"density": min(1.0, density), "gamma": gamma, "lam": lam, "weights": weights, "scope": "per_tensor",
-                  "threshold_ties": "sort", "rescale": options["rescale"]}
-        params.update(agreement if ties else {"normalize": normalize})
+                  "threshold_ties": "sort", "rescale": "l1" if options["rescale"] else "none"}
+        params.update(agreement if ties else {"normalize_weights": normalize})
         return method, params, (f"mergekit {method}: per tensor, the int(gamma n) largest |delta| and the smallest "
                                 "dropped (exact counts in torch.sort's order), then " + (
                                     "sign election on the weighted deltas, agreeing ones " if ties else
@@ -441,7 +441,7 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         return "", {}, ""
     params = {"density": min(1.0, density), "epsilon": epsilon, "lam": lam, "weights": weights,
               "rescale": "l1" if options["rescale"] else "none"}
-    params.update(agreement if ties else {"normalize": normalize})
+    params.update(agreement if ties else {"normalize_weights": normalize})
     if density < 1:
         warnings.append(f"{method}: the random draws differ from mergekit's (torch.bernoulli); the keep "
                         "probabilities and the rescale are mergekit's, so the two agree in distribution, not "

@@ -49,6 +49,7 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
     kinds: dict[str, Any] = {}
     first: dict[str, dataclasses.Field] = {}
+    choices: dict[str, tuple[str, ...]] = {}  # a text option's choices, over every method that has it
     for cls in METHODS.values():
         types = option_types(cls)
         for f in dataclasses.fields(cls):
@@ -57,12 +58,14 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
             else:
                 kinds.setdefault(f.name, types[f.name])
                 first.setdefault(f.name, f)
+            known = choices.setdefault(f.name, ())
+            choices[f.name] = known + tuple(c for c in f.metadata.get("choices", ()) if c not in known)
     for name, f in first.items():
         meta = f.metadata
         kwargs: dict[str, Any] = {"dest": f"opt_{name}", "default": argparse.SUPPRESS,
                                   "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
         if meta.get("choices") and kinds[name] is str:
-            kwargs["choices"] = meta["choices"]
+            kwargs["choices"] = choices[name]  # each method checks its own
         elif kinds[name] == "mixed":
             kwargs.update(type=_number, metavar="X")
         else:
