@@ -133,3 +133,21 @@ def test_analyze_adds_each_methods_merged_magnitudes(family, tmp_path, capsys):
     assert any(v > 0 for spec in specs for v in influence["mean"][spec])
     rc, _, err = run_cli([*argv, "--force", "--method", "slerp:t"], capsys)
     assert rc == 2 and "KEY=VALUE" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_matches_cpu(name):
+    """Each method, whole tensors included, on the device as on the CPU (distinct magnitudes: the
+    sorts of breadcrumbs' and DELLA's ranks have no ties whose order a device could choose)."""
+    import tiesmerge
+
+    g = torch.Generator().manual_seed(1)
+    base = {"emb": torch.randn(257, 64, generator=g), "w": torch.randn(64, 96, generator=g),
+            "b": torch.randn(96, generator=g)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    cpu = tiesmerge.merge(base, models, name, **CASES[name])
+    gpu = tiesmerge.merge(base, models, name, device="cuda", **CASES[name])
+    for k in cpu:
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-5, atol=1e-6)

@@ -31,7 +31,9 @@ semantics, bit for bit in float32 where no randomness enters):
   ``nuslerp_row_wise``; with a base_model their task vectors, else the models  ->  ``nuslerp``.
 - ``breadcrumbs`` / ``breadcrumbs_ties``: ``density`` (default 1: nothing dropped), ``gamma``
   (0.01), ``normalize`` (false), ``rescale`` (false), ``lambda``  ->  the method of that name with
-  ``scope=per_tensor, threshold_ties=sort`` (mergekit's exact counts in torch.sort's order).
+  ``scope=per_tensor, threshold_ties=sort`` (mergekit's exact counts in torch.sort's order),
+  ``normalize`` as ``normalize_weights`` (or ``aggregate=mean|sum`` for the TIES variant) and
+  ``rescale`` as ``rescale=l1|none``.
 - ``della`` / ``della_linear``: ``density``, ``epsilon`` (0.15), ``normalize`` (true / false),
   ``rescale`` (true: each tensor's L1 norm restored)  ->  ``della`` / ``della_linear`` with
   ``rescale=l1|none``; the random draws differ (counter-based here, torch.bernoulli there):
