@@ -265,7 +265,8 @@ def main() -> int:
              f"{data['mergekit_torch']}) against tiesmerge (torch {data['tiesmerge_torch']}), a tiny float32 Llama "
              f"(hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}), three fine-tunes; each recipe run as is by both. "
              f"In {rounds} entries of m1, base + (m1 - base) is not m1 in float32: the interpolations read the "
-             "models' own values.",
+             "models' own values. Times: one run each, process start-up included, on a shared machine: a check of "
+             "equality, not a speed benchmark (`mergekit_recipes.py` is one).",
              "", "| recipe | entries | entries whose bits differ | max abs diff | tiesmerge s | mergekit s |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:
