@@ -67,7 +67,7 @@ def test_breadcrumbs_keeps_the_middle_band(density: float, gamma: float) -> None
     out = run(base, models, Breadcrumbs(density=density, gamma=gamma, lam=0.7, weights=weights))
     assert_matches(out, ref_breadcrumbs(base, models, density=density, gamma=gamma, lam=0.7, weights=weights))
     out = run(base, models, Breadcrumbs(density=density, gamma=gamma, lam=0.7, normalize_weights=True))
-    assert_matches(out, ref_breadcrumbs(base, models, density=density, gamma=gamma, lam=0.7, normalize_weights=True))
+    assert_matches(out, ref_breadcrumbs(base, models, density=density, gamma=gamma, lam=0.7, normalize=True))
 
 
 @pytest.mark.parametrize("aggregate", ["sum", "mean"])
