@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
             searched = f"; tune searches {_axis(grid)}" if grid else ""
             print(f"  --{f.name.replace('_', '-'):<15} default {default!s:<8} "
                   f"{meta.get('help', '')}{unit}{extra}{searched}")
+        if args.name and cls.__doc__:  # one method asked for: its semantics, reference and deviations too
+            print(textwrap.indent(inspect.cleandoc(cls.__doc__), "  "))
         print()
     if not args.name:
         for name, problem in broken_plugins().items():  # set aside: the other methods still work

@@ -12,7 +12,8 @@ entries the working set is, at once:
 Chunks are also capped at ``SPEED_CHUNK_ENTRIES`` where the scope allows it: larger chunks are
 no faster (reads overlap compute either way) and only cost memory. A per-tensor trimming scope
 keeps a tensor whole when the budget allows, so its threshold is found in memory; a method that
-needs whole tensors (exact k, SVD, SLERP) gets them, or an error that names the budget it needs.
+needs whole tensors (exact k, SVD, SLERP) gets them, or an error that names the budget it needs;
+its declared ``workspace`` (an SVD's factors and LAPACK's work arrays) is counted in.
 
 The passes come from the method's :class:`~tiesmerge.methods.base.Requirements`: with the
 global scope, one counting pass per cut (two for a small model, which takes no sampled
@@ -139,8 +140,9 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             continue
         per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs) \
             + extra_bytes_per_entry
-        if req.keeps_tensors_whole and job.numel * per_entry > work_budget:
-            needed = job.numel * per_entry + FIXED_OVERHEAD
+        workspace = req.workspace(tuple(job.shape), n_models) if req.workspace is not None else 0
+        if req.keeps_tensors_whole and job.numel * per_entry + workspace > work_budget:
+            needed = job.numel * per_entry + workspace + FIXED_OVERHEAD
             why = "threshold_ties='sort' (mergekit's exact k)" if req.exact_k else "the method"
             raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory budget "
                               f"of {format_size(memory_budget)}, and {why} needs each tensor whole",
@@ -161,7 +163,7 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
         bytes_per_pass += read
         if len(pieces) > 1:
             extra += read * chunked_scope_passes
-        peak = max(peak, max(c.numel for c in pieces) * per_entry)
+        peak = max(peak, max(c.numel for c in pieces) * per_entry + workspace)
     notes = []
     chunked = [name for name, c in chunks.items() if len(c) > 1]
     if chunked:
