@@ -17,21 +17,21 @@ def _decomposed(name: str, b: torch.Tensor, exclude: str) -> bool:
     return b.dim() == 2 and not (exclude and re.search(exclude, name))
 
 
-def ref_iso_c(base, models, *, alpha=1.0, exclude="text_projection"):
+def ref_iso_c(base, models, *, lam=1.0, exclude="text_projection"):
     merged = {}
     for name, b in base.items():
         if not b.is_floating_point():
             continue
         taus = task_vectors64(base, models, name)
         if not _decomposed(name, b, exclude):
-            merged[name] = alpha * sum(taus) / len(taus)
+            merged[name] = lam * sum(taus) / len(taus)
             continue
         u, s, vh = torch.linalg.svd(sum(taus), full_matrices=False)
-        merged[name] = alpha * u @ torch.diag(torch.full_like(s, float(s.mean()))) @ vh
+        merged[name] = lam * u @ torch.diag(torch.full_like(s, float(s.mean()))) @ vh
     return assemble(base, merged)
 
 
-def ref_iso_cts(base, models, *, alpha=1.0, common_fraction=0.8, exclude="text_projection"):
+def ref_iso_cts(base, models, *, lam=1.0, common_fraction=0.8, exclude="text_projection"):
     n = len(models)
     merged = {}
     for name, b in base.items():
@@ -39,7 +39,7 @@ def ref_iso_cts(base, models, *, alpha=1.0, common_fraction=0.8, exclude="text_p
             continue
         taus = task_vectors64(base, models, name)
         if not _decomposed(name, b, exclude):
-            merged[name] = alpha * sum(taus) / n
+            merged[name] = lam * sum(taus) / n
             continue
         r = min(b.shape)
         common = int(r * common_fraction)
@@ -56,23 +56,23 @@ def ref_iso_cts(base, models, *, alpha=1.0, common_fraction=0.8, exclude="text_p
         cu[:, n * per_task:] = uc
         cs[n * per_task:] = s[:common]
         cv[n * per_task:] = vh[:common]
-        merged[name] = alpha * polar64(cu) @ torch.diag(torch.full_like(cs, float(cs.mean()))) @ polar64(cv)
+        merged[name] = lam * polar64(cu) @ torch.diag(torch.full_like(cs, float(cs.mean()))) @ polar64(cv)
     return assemble(base, merged)
 
 
-@pytest.mark.parametrize("opts", [{}, {"alpha": 1.3}, {"alpha": 0.5, "exclude": ""}])
+@pytest.mark.parametrize("opts", [{}, {"lam": 1.3}, {"lam": 0.5, "exclude": ""}])
 def test_iso_c_matches_the_float64_reference(opts) -> None:
     base, models = svd_family(3, seed=5)
     assert_close_state(tiesmerge.merge(base, models, "iso_c", **opts), ref_iso_c(base, models, **opts))
 
 
-@pytest.mark.parametrize("opts", [{}, {"alpha": 1.5, "common_fraction": 0.5}, {"exclude": "", "alpha": 0.9}])
+@pytest.mark.parametrize("opts", [{}, {"lam": 1.5, "common_fraction": 0.5}, {"exclude": "", "lam": 0.9}])
 def test_iso_cts_matches_the_float64_reference(opts) -> None:
     base, models = svd_family(3, seed=6)
     assert_close_state(tiesmerge.merge(base, models, "iso_cts", **opts), ref_iso_cts(base, models, **opts))
 
 
-@pytest.mark.parametrize("method", [IsoC(alpha=1.2), IsoCTS(alpha=1.2)])
+@pytest.mark.parametrize("method", [IsoC(lam=1.2), IsoCTS(lam=1.2)])
 def test_the_merged_spectrum_is_flat_and_vectors_are_averaged(method) -> None:
     base, models = svd_family(4, seed=7)
     out = tiesmerge.merge(base, models, method)

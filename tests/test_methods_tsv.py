@@ -17,7 +17,7 @@ from tiesmerge.methods import TsvMerge
 from tiesmerge.sizes import format_size
 
 
-def ref_tsv_m(base, models, *, alpha=1.0, rank_fraction=None, exclude="text_projection"):
+def ref_tsv_m(base, models, *, lam=1.0, rank_fraction=None, exclude="text_projection"):
     """The authors' compute_and_sum_svd_mem_reduction in float64, with our one documented change:
     a matrix with fewer singular values than tasks (k = 0) is averaged, not zeroed."""
     n = len(models)
@@ -32,7 +32,7 @@ def ref_tsv_m(base, models, *, alpha=1.0, rank_fraction=None, exclude="text_proj
             r = min(rows, cols)
             k = r // n if rank_fraction is None else int(r * rank_fraction)
         if k == 0:
-            merged[name] = alpha * sum(taus) / n
+            merged[name] = lam * sum(taus) / n
             continue
         sum_u = torch.zeros(rows, r, dtype=torch.float64)
         sum_s = torch.zeros(r, dtype=torch.float64)
@@ -42,11 +42,11 @@ def ref_tsv_m(base, models, *, alpha=1.0, rank_fraction=None, exclude="text_proj
             sum_u[:, i * k:(i + 1) * k] = u[:, :k]
             sum_s[i * k:(i + 1) * k] = s[:k]
             sum_v[i * k:(i + 1) * k] = vh[:k]
-        merged[name] = alpha * polar64(sum_u) @ torch.diag(sum_s) @ polar64(sum_v)
+        merged[name] = lam * polar64(sum_u) @ torch.diag(sum_s) @ polar64(sum_v)
     return assemble(base, merged)
 
 
-@pytest.mark.parametrize("opts", [{}, {"alpha": 0.7, "rank_fraction": 0.25}, {"exclude": "", "alpha": 2.0}])
+@pytest.mark.parametrize("opts", [{}, {"lam": 0.7, "rank_fraction": 0.25}, {"exclude": "", "lam": 2.0}])
 def test_tsv_m_matches_the_float64_reference(opts) -> None:
     base, models = svd_family(3)
     out = tiesmerge.merge(base, models, "tsv_m", **opts)
@@ -55,7 +55,7 @@ def test_tsv_m_matches_the_float64_reference(opts) -> None:
 
 def test_tsv_m_averages_what_it_does_not_decompose() -> None:
     base, models = svd_family(3, seed=1)
-    out = tiesmerge.merge(base, models, TsvMerge(alpha=1.5))
+    out = tiesmerge.merge(base, models, TsvMerge(lam=1.5))
     for name in ("layer.bias", "conv.weight", "head.weight", "text_projection"):  # vector, n-D, r < T, excluded
         want = base[name].double() + 1.5 * sum(t for t in task_vectors64(base, models, name)) / 3
         torch.testing.assert_close(out[name].double(), want, rtol=1e-6, atol=1e-6)

@@ -9,7 +9,7 @@ from typing import ClassVar
 from ..lazy import torch
 from . import svd as linalg
 from .base import ChunkContext, Requirements, finite, fraction, method_config, option
-from .tsv import ALPHA_GRID
+from .tsv import LAM_GRID
 
 
 def _exclude(pattern: str) -> re.Pattern[str] | None:
@@ -31,13 +31,13 @@ def _common_dims(r: int, n_models: int, common_fraction: float) -> tuple[int, in
 @method_config
 class IsoC:
     """Per 2-D weight: the summed task matrix M = sum_t tau_t, its singular values all replaced
-    by their mean: delta = alpha * mean(S) U V^T for M = U S V^T (thin SVD, r = min(rows, cols)
+    by their mean: delta = lam * mean(S) U V^T for M = U S V^T (thin SVD, r = min(rows, cols)
     values averaged). The spectrum becomes isotropic, so no direction of M dominates. Every
-    other tensor, and every name matched by ``exclude``, is averaged, then scaled by alpha.
+    other tensor, and every name matched by ``exclude``, is averaged, then scaled by lam.
 
     Follows the authors' code (github.com/danielm1405/iso-merging, src/utils/iso.py, ``iso_c``);
-    FusionBench's port has the same semantics. Deliberate differences: the default alpha is
-    1.0 (FusionBench's default); the authors select alpha on validation over 0.1..3.0 (their
+    FusionBench's port has the same semantics. Deliberate differences: the default lam is
+    1.0 (FusionBench's default); the authors select lam on validation over 0.1..3.0 (their
     ``linspace(0, 3, 31)[1:]``), the grid of ``tiesmerge tune``; SVDs run in float32 with a
     float64 retry where ill-conditioned. Every singular vector of M is used, so a randomized
     SVD would save nothing here: none is offered.
@@ -47,7 +47,8 @@ class IsoC:
     paper: ClassVar[str] = "https://arxiv.org/abs/2502.04959"
     summary: ClassVar[str] = "Iso-C: the summed task matrices with their singular values flattened to the mean"
 
-    alpha: float = option(1.0, "scale of the merged task vector", unit="multiplier", check=finite, grid=ALPHA_GRID)
+    lam: float = option(1.0, "scale of the merged task vector (the paper's alpha)", unit="multiplier", check=finite,
+                        grid=LAM_GRID)
     exclude: str = option("text_projection", "regular expression of 2-D tensor names to average instead "
                           "(the reference averages CLIP's text_projection); empty: none", unit="regex",
                           check=linalg.regex)
@@ -67,10 +68,10 @@ class IsoC:
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """tau (T, rows, cols) or (T, *S) -> (rows, cols) or (*S)."""
         if linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, _exclude(self.exclude)) is None:
-            return tau.mean(dim=0).mul_(self.alpha)
+            return tau.mean(dim=0).mul_(self.lam)
         # (rows, r), (r,), (r, cols)
         u, s, vh = linalg.svd(tau.sum(dim=0), precision=self.svd_precision, what=repr(ctx.name))
-        return (u @ vh).mul_(s.mean() * self.alpha)
+        return (u @ vh).mul_(s.mean() * self.lam)
 
 
 @method_config
@@ -81,13 +82,13 @@ class IsoCTS:
     (tau_t - U_c U_c^T tau_t), gives its top (r - k_c) / T triplets; the task-specific and common
     left vectors, concatenated (rows, r), and right vectors (r, cols) are replaced by their
     orthogonal polar factors, and every singular value by the mean of the r concatenated ones:
-    delta = alpha * mean(S) polar(U) polar(V). Every other tensor, and every name matched by
-    ``exclude``, is averaged, then scaled by alpha.
+    delta = lam * mean(S) polar(U) polar(V). Every other tensor, and every name matched by
+    ``exclude``, is averaged, then scaled by lam.
 
     Follows the authors' code (github.com/danielm1405/iso-merging, src/utils/iso.py, ``iso_cts``,
     common_space_fraction 0.8 as their README runs it); FusionBench's port has the same
-    semantics. Deliberate differences: the default alpha is 1.0 (FusionBench's default); the
-    authors select alpha on validation over 0.1..3.0, the grid of ``tiesmerge tune``; where the
+    semantics. Deliberate differences: the default lam is 1.0 (FusionBench's default); the
+    authors select lam on validation over 0.1..3.0, the grid of ``tiesmerge tune``; where the
     rest of r would round up past r (tiny matrices, tiny fractions) it is rounded down; SVDs
     run in float32 with a float64 retry where ill-conditioned. 80 % of M's spectrum is used,
     so a randomized SVD would save little: none is offered.
@@ -98,7 +99,8 @@ class IsoCTS:
     summary: ClassVar[str] = ("Iso-CTS: the summed task matrices' top subspace plus each task's own, "
                               "orthogonalised, with a flat spectrum")
 
-    alpha: float = option(1.0, "scale of the merged task vector", unit="multiplier", check=finite, grid=ALPHA_GRID)
+    lam: float = option(1.0, "scale of the merged task vector (the paper's alpha)", unit="multiplier", check=finite,
+                        grid=LAM_GRID)
     common_fraction: float = option(0.8, "fraction of each matrix's rank given to the common subspace (the rest "
                                     "is shared equally by the tasks)", unit="fraction, (0, 1]", check=fraction)
     exclude: str = option("text_projection", "regular expression of 2-D tensor names to average instead "
@@ -123,7 +125,7 @@ class IsoCTS:
         """tau (T, rows, cols) or (T, *S) -> (rows, cols) or (*S)."""
         dims = linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, _exclude(self.exclude))
         if dims is None:
-            return tau.mean(dim=0).mul_(self.alpha)
+            return tau.mean(dim=0).mul_(self.lam)
         n, r = tau.shape[0], min(dims)
         common, per_task = _common_dims(r, n, self.common_fraction)
         prec = self.svd_precision
@@ -144,4 +146,4 @@ class IsoCTS:
         mean = torch.cat([*ss, s[:common]]).mean()
         u_orth = linalg.polar(u_all, precision=prec, what=f"{ctx.name!r} U")
         v_orth = linalg.polar(v_all, precision=prec, what=f"{ctx.name!r} V")
-        return (u_orth @ v_orth).mul_(mean * self.alpha)
+        return (u_orth @ v_orth).mul_(mean * self.lam)

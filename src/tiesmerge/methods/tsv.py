@@ -11,8 +11,8 @@ from ..lazy import torch
 from . import svd as linalg
 from .base import ChunkContext, Requirements, finite, fraction, method_config, non_negative_int, option, steps
 
-# the authors' code selects alpha on validation over numpy.linspace(0, 3, 31)[1:]
-ALPHA_GRID = steps(0.1, 3.0, 0.1)
+# the authors' code selects alpha (our lam) on validation over numpy.linspace(0, 3, 31)[1:]
+LAM_GRID = steps(0.1, 3.0, 0.1)
 
 
 @method_config
@@ -22,8 +22,8 @@ class TsvMerge:
     concatenated left vectors U = [U_1..U_T] (rows, T k) and right vectors V = [V_1; ..; V_T]
     (T k, cols) replaced by their orthogonal polar factors (U = P S Q^T -> P Q^T, the whitening
     the reference computes with a second SVD), recombined with the concatenated singular values:
-    delta = alpha * polar(U) diag(S_1..S_T) polar(V). Every other tensor (biases, norms, 1-D and
-    n-D parameters) and every name matched by ``exclude`` is averaged, then scaled by alpha.
+    delta = lam * polar(U) diag(S_1..S_T) polar(V). Every other tensor (biases, norms, 1-D and
+    n-D parameters) and every name matched by ``exclude`` is averaged, then scaled by lam.
 
     Follows the authors' code (github.com/AntoAndGar/task_singular_vectors, TSVM_utils.py,
     ``compute_and_sum_svd_mem_reduction``); the same function is in the Iso-C authors' code.
@@ -31,9 +31,9 @@ class TsvMerge:
     blocks instead of the zero-padded (rows, r) and (r, cols) matrices (the same product when
     the blocks have full rank; it differs only where the padded SVD picks arbitrary vectors);
     (2) a matrix with r < T (no triplet per task; e.g. a 2-class head with 8 tasks) is averaged,
-    where the reference returns zero for it; (3) the default alpha is 1.0 (FusionBench's
+    where the reference returns zero for it; (3) the default lam is 1.0 (FusionBench's
     default, the scale at which each task keeps its own singular values); the authors select
-    alpha on validation over 0.1..3.0, the grid of ``tiesmerge tune``; (4) SVDs run in float32
+    lam on validation over 0.1..3.0, the grid of ``tiesmerge tune``; (4) SVDs run in float32
     with a float64 retry where ill-conditioned, and optionally randomized above a size.
 
     TSV-C (the paper's compression: each task's truncated factors stored, one reconstructed
@@ -44,7 +44,8 @@ class TsvMerge:
     paper: ClassVar[str] = "https://arxiv.org/abs/2412.00081"
     summary: ClassVar[str] = "TSV-M: each task's top singular vectors, decorrelated by orthogonalisation, summed"
 
-    alpha: float = option(1.0, "scale of the merged task vector", unit="multiplier", check=finite, grid=ALPHA_GRID)
+    lam: float = option(1.0, "scale of the merged task vector (the paper's alpha)", unit="multiplier", check=finite,
+                        grid=LAM_GRID)
     rank_fraction: float | None = option(None, "fraction of each matrix's rank kept per task (default 1/T for T "
                                                "tasks, the paper's choice)", unit="fraction, (0, 1]",
                                          check=fraction)
@@ -84,7 +85,7 @@ class TsvMerge:
         dims = linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, re.compile(self.exclude) if self.exclude else None)
         k = self.rank_per_task(min(dims), n) if dims else 0
         if dims is None or k == 0:
-            return tau.mean(dim=0).mul_(self.alpha)
+            return tau.mean(dim=0).mul_(self.lam)
         us, ss, vs = [], [], []
         generator = None
         for t in range(n):
@@ -101,4 +102,4 @@ class TsvMerge:
             vs.append(vh[:k])  # (k, cols)
         u_orth = linalg.polar(torch.cat(us, dim=1), precision=self.svd_precision, what=f"{ctx.name!r} U")  # (rows, T k)
         v_orth = linalg.polar(torch.cat(vs, dim=0), precision=self.svd_precision, what=f"{ctx.name!r} V")  # (T k, cols)
-        return (u_orth * torch.cat(ss)).matmul(v_orth).mul_(self.alpha)  # (rows, cols)
+        return (u_orth * torch.cat(ss)).matmul(v_orth).mul_(self.lam)  # (rows, cols)
