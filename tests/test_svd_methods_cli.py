@@ -84,3 +84,31 @@ def test_a_dry_run_refuses_a_budget_too_small_for_the_svd(family, tmp_path, caps
     rc, out, err = run_cli(["merge", *cli_flags(b, ms), "--method", name, "-o", tmp_path / "out", "--dry-run"],
                            capsys)
     assert rc == 0, err
+
+
+def test_analyze_shows_the_methods_merged_magnitudes(family, tmp_path, capsys) -> None:
+    base, models, b, ms = family
+    rc, out, err = run_cli(["analyze", *cli_flags(b, ms), "-o", tmp_path / "r", "--no-progress",
+                            "--method", "tsv_m", "--method", "iso_cts"], capsys)
+    assert rc == 0, err
+    data = json.loads((tmp_path / "r" / "analysis.json").read_text())
+    section = data["magnitudes"]["by_influence"]
+    assert {"averaging", "TIES", "tsv_m", "iso_cts"} <= set(section["mean"])
+    assert data["magnitudes"]["methods"]["iso_cts"]["common_fraction"] == 0.8
+    html = (tmp_path / "r" / "report.html").read_text()
+    assert "tsv_m" in html and "iso_cts" in html
+    # the groups partition every merged entry: their count-weighted mean is the merge's mean |delta|
+    for name in ("tsv_m", "iso_cts"):
+        merged = tiesmerge.merge(base, models, name)
+        deltas = torch.cat([(merged[k].double() - base[k].double()).reshape(-1) for k in base
+                            if base[k].is_floating_point()])
+        counts = torch.tensor(section["count"], dtype=torch.float64)
+        pooled = float((counts * torch.tensor(section["mean"][name], dtype=torch.float64)).sum() / counts.sum())
+        assert pooled == pytest.approx(float(deltas.abs().mean()), rel=1e-5)
+
+
+def test_analyze_refuses_a_method_it_cannot_run(family, tmp_path, capsys) -> None:
+    _, _, b, ms = family
+    rc, _, err = run_cli(["analyze", *cli_flags(b, ms), "-o", tmp_path / "r", "--method", "ties"], capsys)
+    assert rc == 2 and "ties needs cuts by magnitude" in err
+    assert not (tmp_path / "r").exists()

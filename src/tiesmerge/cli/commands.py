@@ -171,7 +171,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     data = analyze(args.base, args.models, output=args.output, density=args.density,
                    subsets_per_size=args.subsets_per_size or None, seed=args.seed, device=args.device,
                    memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
-                   force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+                   force=args.force, progress=not args.no_progress and sys.stderr.isatty(), methods=args.methods)
     for line in data["summary"]:
         print(f"- {line}")
     engine = data["engine"]
