@@ -98,6 +98,7 @@ def test_the_planner_counts_the_svd_workspace_and_names_the_budget_it_needs() ->
         tiesmerge.merge(base, models, "tsv_m", memory_budget=budget)
     message = str(caught.value)
     assert "'w' (96, 64)" in message and "needs each tensor whole" in message
+    assert f"with {format_size(workspace)} of workspace" in message
     assert f"raise --memory-budget to {format_size(96 * 64 * per_entry + workspace + FIXED_OVERHEAD)}" in message
     # the same budget is enough for a method without the workspace
     tiesmerge.merge(base, models, "task_arithmetic", memory_budget=budget)
