@@ -53,10 +53,12 @@ class Chunk:
 
 
 def bytes_per_entry(n_models: int, in_itemsize: int, out_itemsize: int, *, fused: bool = False,
-                    extra_inputs: int = 0) -> int:
+                    extra_inputs: int = 0, temporaries: int | None = None) -> int:
     """Peak working bytes per tensor entry of one chunk (see the module docstring).
     ``extra_inputs``: rows read beside the base and the models (a reference model, and the
     real base when the engine's base stands in for it), each also widened to float32.
+    ``temporaries``: float32 (n, E) temporaries of the method on the torch path (None: the
+    elementwise methods' default; the SVD methods declare 0 and plan their memory as workspace).
 
     >>> bytes_per_entry(3, 2, 2, fused=True)  # bf16 in and out: 2 x 4 inputs x 2 B + 2 x 2 B
     20
@@ -64,7 +66,8 @@ def bytes_per_entry(n_models: int, in_itemsize: int, out_itemsize: int, *, fused
     raw = 2 * (n_models + 1 + extra_inputs) * in_itemsize  # current + read-ahead
     if fused:  # two output buffers: one being written out while the next chunk is merged
         return raw + 2 * (out_itemsize if out_itemsize in (2, 4) else 4 + out_itemsize)  # float32, then the cast
-    work = (1 + _TEMPORARIES) * n_models * 4 + 4 * extra_inputs  # tau and temporaries, float32
+    temps = _TEMPORARIES if temporaries is None else temporaries
+    work = (1 + temps) * n_models * 4 + 4 * extra_inputs  # tau and temporaries, float32
     return raw + work + 4 + 4 + out_itemsize  # base32, merged32, output
 
 
@@ -138,7 +141,8 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             copy_bytes += job.numel * itemsize
             peak = max(peak, job.numel * itemsize)
             continue
-        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs) \
+        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs,
+                                    temporaries=req.temporaries) \
             + extra_bytes_per_entry
         workspace = req.workspace(tuple(job.shape), n_models) if req.workspace is not None else 0
         if req.keeps_tensors_whole and job.numel * per_entry + workspace > work_budget:

@@ -149,6 +149,8 @@ class Requirements:
                    too large for the memory budget is an error naming the budget it needs.
     workspace:     (shape, n_models) -> bytes a whole tensor's merge needs beyond the planner's
                    per-entry working set (an SVD's factors and LAPACK's workspace); planned in.
+    temporaries:   float32 (n, E) temporaries ``merge`` holds besides tau (None: the planner's
+                   default for elementwise methods; 0 for a method whose memory is its workspace).
     base_values:   ``ctx.base`` = the base's values (float32), not only tau.
     weights:       per-model weights -> ``ctx.weights`` (n,).
     kernel:        a fused CPU kernel that computes this merge bit for bit (else torch only).
@@ -164,6 +166,7 @@ class Requirements:
     reference: str | None = None
     whole_tensors: bool = False
     workspace: Callable[[tuple[int, ...], int], int] | None = None
+    temporaries: int | None = None
     base_values: bool = False
     weights: tuple[float, ...] | None = None
     kernel: TiesKernel | LinearKernel | None = None

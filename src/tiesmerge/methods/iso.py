@@ -56,7 +56,7 @@ class IsoC:
                                 "or one forced", choices=linalg.PRECISIONS)
 
     def requirements(self) -> Requirements:
-        return Requirements(whole_tensors=True, workspace=self.workspace)
+        return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)
 
     def workspace(self, shape: tuple[int, ...], n_models: int) -> int:
         """Bytes beyond the planner's working set: the sum, its SVD, the recombination."""
@@ -110,7 +110,7 @@ class IsoCTS:
                                 "or one forced", choices=linalg.PRECISIONS)
 
     def requirements(self) -> Requirements:
-        return Requirements(whole_tensors=True, workspace=self.workspace)
+        return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)
 
     def workspace(self, shape: tuple[int, ...], n_models: int) -> int:
         """Bytes beyond the planner's working set: the sum, the concatenated factors, the

@@ -61,7 +61,7 @@ class TsvMerge:
                        check=non_negative_int)
 
     def requirements(self) -> Requirements:
-        return Requirements(whole_tensors=True, workspace=self.workspace)
+        return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)
 
     def workspace(self, shape: tuple[int, ...], n_models: int) -> int:
         """Bytes beyond the planner's working set: the concatenated factors, the largest SVD
