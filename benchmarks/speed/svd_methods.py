@@ -5,8 +5,8 @@ real fine-tuned model's).
 Rows (each `tiesmerge merge` under /usr/bin/time -v, page cache warmed first, as run.py does):
 TIES global (the paper's defaults, fused kernels), TSV-M, TSV-M with the randomized SVD for the
 two embedding-sized matrices (--randomized-above), Iso-C, Iso-CTS. The SVD methods need each
-tensor whole with its SVD workspace, so they run with --memory-budget (default 8GiB: the
-32000 x 1024 embeddings need about 6 GiB by the planner's count).
+tensor whole with its SVD workspace, so they run with --memory-budget (default 8GiB; the
+32000 x 1024 embeddings need about 2.4 GiB by the planner's count).
 
 Error rows: for a matrix A (a fine-tune's task vector) and k = r // n (TSV-M's rank per task),
 ||A - A_k(randomized)||_F / ||A - A_k(exact)||_F (1 is optimal, Eckart-Young), the largest
