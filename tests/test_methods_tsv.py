@@ -111,3 +111,11 @@ def test_the_planner_counts_the_svd_workspace_and_names_the_budget_it_needs() ->
 def test_bad_options_are_refused(bad, needle) -> None:
     with pytest.raises(ConfigError, match=needle):
         TsvMerge(**bad)
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_models_equal_to_the_base_merge_to_the_base(method) -> None:
+    # zero task vectors: zero spectra, arbitrary singular vectors, and still exactly no change
+    base, _ = svd_family(1, seed=12)
+    out = tiesmerge.merge(base, [dict(base), dict(base), dict(base)], method, lam=2.0)
+    assert all(torch.equal(out[k], base[k]) for k in base)

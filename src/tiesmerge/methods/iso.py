@@ -34,6 +34,7 @@ class IsoC:
     by their mean: delta = lam * mean(S) U V^T for M = U S V^T (thin SVD, r = min(rows, cols)
     values averaged). The spectrum becomes isotropic, so no direction of M dominates. Every
     other tensor, and every name matched by ``exclude``, is averaged, then scaled by lam.
+    Embedding matrices are decomposed like any 2-D weight, as in the reference.
 
     Follows the authors' code (github.com/danielm1405/iso-merging, src/utils/iso.py, ``iso_c``);
     FusionBench's port has the same semantics. Deliberate differences: the default lam is
@@ -83,7 +84,8 @@ class IsoCTS:
     left vectors, concatenated (rows, r), and right vectors (r, cols) are replaced by their
     orthogonal polar factors, and every singular value by the mean of the r concatenated ones:
     delta = lam * mean(S) polar(U) polar(V). Every other tensor, and every name matched by
-    ``exclude``, is averaged, then scaled by lam.
+    ``exclude``, is averaged, then scaled by lam. Embedding matrices are decomposed like any
+    2-D weight, as in the reference.
 
     Follows the authors' code (github.com/danielm1405/iso-merging, src/utils/iso.py, ``iso_cts``,
     common_space_fraction 0.8 as their README runs it); FusionBench's port has the same

@@ -24,6 +24,9 @@ class TsvMerge:
     the reference computes with a second SVD), recombined with the concatenated singular values:
     delta = lam * polar(U) diag(S_1..S_T) polar(V). Every other tensor (biases, norms, 1-D and
     n-D parameters) and every name matched by ``exclude`` is averaged, then scaled by lam.
+    Embedding matrices are 2-D and decomposed like any weight, as the reference does with CLIP's
+    positional and token embeddings (``exclude`` "embed" averages them instead;
+    ``randomized_above`` makes their SVDs cheaper).
 
     Follows the authors' code (github.com/AntoAndGar/task_singular_vectors, TSVM_utils.py,
     ``compute_and_sum_svd_mem_reduction``); the same function is in the Iso-C authors' code.
