@@ -4,7 +4,9 @@ under the memory budget, the next chunk read on a thread while this one is count
 Three passes over the merged tensors: (1) magnitude histograms of every task vector (they are
 the first radix-select pass and the redundancy curves at once), (2) the second radix-select
 pass, which pins each model's exact top-k threshold, (3) every statistic that needs the
-thresholds: sign patterns, per-tensor conflicts, mask overlaps, kept mass, merged magnitudes.
+thresholds: sign patterns, per-tensor conflicts, mask overlaps, kept mass, merged magnitudes
+(of averaging, TIES's steps and any method compared with ``methods``, e.g. the SVD methods,
+which then get each tensor whole).
 Memory: one chunk of every input (twice, for the read-ahead), its float32 task vectors, and
 fixed-size blocks of temporaries, whatever the model size.
 """
