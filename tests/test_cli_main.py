@@ -74,3 +74,18 @@ def test_console_script_subprocess(models, tmp_path):
     run = subprocess.run([str(TIESMERGE_BIN), "merge", *map(str, cli_flags(b, ms)), "--method", "average",
                           "--density", "0.5", "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("argv,method,expected", [
+    (["--method", "fisher", "--normalize", "rms"], "fisher", "rms"),
+    (["--method", "breadcrumbs", "--normalize"], "breadcrumbs", True),
+    (["--method", "breadcrumbs", "--normalize", "false"], "breadcrumbs", False),
+])
+def test_a_flag_shared_by_methods_of_different_types(argv, method, expected):
+    """--normalize is a word for fisher and a switch for breadcrumbs: one flag serves both."""
+    from tiesmerge.cli.main import _parser
+    from tiesmerge.registry import make_method
+
+    args = _parser().parse_args(["merge", *argv])
+    assert args.opt_normalize == expected
+    assert make_method(method, {"normalize": args.opt_normalize}).normalize == expected

@@ -185,6 +185,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for cls in classes:
         print(f"{cls.name}  —  {cls.summary}")
         print(f"  paper: {cls.paper}")
+        if args.name and cls.__doc__:  # one method: its semantics, the reference it follows, where it differs
+            print(textwrap.indent(inspect.cleandoc(cls.__doc__), "  "))
         types = option_types(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata

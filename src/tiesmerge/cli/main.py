@@ -25,12 +25,21 @@ from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
 
 
-def _number(text: str) -> int | float:
-    """A flag value for an option whose type differs between methods: an int if it reads as one."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+def _number(text: str) -> int | float | bool | str:
+    """A flag value for an option whose type differs between methods (``--normalize`` is a word
+    for fisher, a switch for breadcrumbs): an int if it reads as one, else a float, true/false as
+    a bool, else the word; the chosen method's own checks then say whether it fits."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    return text
 
 
 _FLAG_TYPES: dict[Any, dict[str, Any]] = {
@@ -48,10 +57,13 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
     option gets an int flag, a path a DIR, a per-model tuple one value per model."""
     group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
     kinds: dict[str, Any] = {}
+    switches: set[str] = set()  # options that are a bool for at least one method
     first: dict[str, dataclasses.Field] = {}
     for cls in METHODS.values():
         types = option_types(cls)
         for f in dataclasses.fields(cls):
+            if types[f.name] is bool:
+                switches.add(f.name)
             if f.name in kinds and kinds[f.name] != types[f.name]:
                 kinds[f.name] = "mixed"
             else:
@@ -63,6 +75,9 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
                                   "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
         if meta.get("choices") and kinds[name] is str:
             kwargs["choices"] = meta["choices"]
+        elif kinds[name] == "mixed" and name in switches:
+            # a bare --normalize switches it on; --normalize false / --normalize rms give a value
+            kwargs.update(type=_number, metavar="X", nargs="?", const=True)
         elif kinds[name] == "mixed":
             kwargs.update(type=_number, metavar="X")
         else:
