@@ -76,16 +76,19 @@ def test_console_script_subprocess(models, tmp_path):
     assert run.returncode == 2 and run.stderr.startswith("error: ")
 
 
+
 @pytest.mark.parametrize("argv,method,expected", [
-    (["--method", "fisher", "--normalize", "rms"], "fisher", "rms"),
-    (["--method", "breadcrumbs", "--normalize"], "breadcrumbs", True),
-    (["--method", "breadcrumbs", "--normalize", "false"], "breadcrumbs", False),
+    (["--method", "fisher", "--normalize", "rms"], "fisher", {"normalize": "rms"}),
+    (["--method", "breadcrumbs", "--normalize-weights"], "breadcrumbs", {"normalize_weights": True}),
+    (["--method", "breadcrumbs", "--no-normalize-weights"], "breadcrumbs", {"normalize_weights": False}),
 ])
-def test_a_flag_shared_by_methods_of_different_types(argv, method, expected):
-    """--normalize is a word for fisher and a switch for breadcrumbs: one flag serves both."""
+def test_method_flags_of_different_types(argv, method, expected):
+    """fisher's normalize is a word and breadcrumbs' normalize_weights a switch: each its own flag."""
     from tiesmerge.cli.main import _parser
     from tiesmerge.registry import make_method
 
     args = _parser().parse_args(["merge", *argv])
-    assert args.opt_normalize == expected
-    assert make_method(method, {"normalize": args.opt_normalize}).normalize == expected
+    given = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
+    assert given == expected
+    config = make_method(method, given)
+    assert all(getattr(config, k) == v for k, v in expected.items())

@@ -66,8 +66,8 @@ def test_breadcrumbs_keeps_the_middle_band(density: float, gamma: float) -> None
     weights = (1.0, 0.5, 2.0)
     out = run(base, models, Breadcrumbs(density=density, gamma=gamma, lam=0.7, weights=weights))
     assert_matches(out, ref_breadcrumbs(base, models, density=density, gamma=gamma, lam=0.7, weights=weights))
-    out = run(base, models, Breadcrumbs(density=density, gamma=gamma, lam=0.7, normalize=True))
-    assert_matches(out, ref_breadcrumbs(base, models, density=density, gamma=gamma, lam=0.7, normalize=True))
+    out = run(base, models, Breadcrumbs(density=density, gamma=gamma, lam=0.7, normalize_weights=True))
+    assert_matches(out, ref_breadcrumbs(base, models, density=density, gamma=gamma, lam=0.7, normalize_weights=True))
 
 
 @pytest.mark.parametrize("aggregate", ["sum", "mean"])
@@ -99,7 +99,7 @@ def test_sort_mode_is_mergekits_exact_count_on_distinct_magnitudes() -> None:
 
 def test_rescale_restores_each_tensors_l1_norm() -> None:
     base, models = grid_family(23, 1, coarse=False)
-    out = run(base, models, Breadcrumbs(density=0.4, gamma=0.05, rescale=True, threshold_ties="sort"))
+    out = run(base, models, Breadcrumbs(density=0.4, gamma=0.05, rescale="l1", threshold_ties="sort"))
     for k in ("weight", "conv", "double2d"):
         tau = models[0][k].double() - base[k].double()
         merged = out[k].double() - base[k].double()
@@ -111,7 +111,7 @@ def test_breadcrumbs_checks_its_options() -> None:
     with pytest.raises(ConfigError, match="per_tensor"):
         Breadcrumbs(threshold_ties="sort", scope="global")
     with pytest.raises(ConfigError, match="per_tensor"):
-        Breadcrumbs(rescale=True, scope="global")
+        Breadcrumbs(rescale="l1", scope="global")
     with pytest.raises(ConfigError, match="gamma"):
         Breadcrumbs(gamma=1.5)
     with pytest.raises(ConfigError, match="zero_sign"):

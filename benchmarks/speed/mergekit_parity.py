@@ -152,8 +152,10 @@ def llama_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def write_family(root: Path, seed: int = 0) -> dict[str, Path]:
-    """base, m1..m3: float32; each fine-tune's delta on a grid of 2^-9 (ties in |delta|), one
-    fine-tune's layer norms equal to the base's (a zero task vector: SLERP's lerp branch)."""
+    """base, m1..m3: float32; each fine-tune's delta on a grid of 2^-9 (ties in |delta|); m1's and
+    m2's layer norms drawn afresh near 0 (on a base near 1, base + (model - base) rounds away the
+    model's low bits: SLERP and Model Stock must read the models' own values), m3's equal to the
+    base's (a zero task vector: SLERP's lerp branch)."""
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
               "intermediate_size": INTERMEDIATE, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
               "num_key_value_heads": KV_HEADS, "vocab_size": VOCAB, "max_position_embeddings": 256,
@@ -174,6 +176,8 @@ def write_family(root: Path, seed: int = 0) -> dict[str, Path]:
                 if name == "m3" and v.dim() == 1:
                     delta = torch.zeros_like(v)
                 state[k] = (v + delta).float()
+                if name != "m3" and v.dim() == 1:
+                    state[k] = 0.1 * torch.randn(v.shape, generator=gen)
         save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
                   metadata={"format": "pt"})
         (out / "config.json").write_text(json.dumps(config, indent=1))
@@ -226,6 +230,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
     paths = write_family(args.root / "models")
+    base, model = tensors(paths["base"]), tensors(paths["m1"])
+    rounds = sum(int((base[k] + (model[k] - base[k]) != model[k]).sum()) for k in base)
+    print(f"entries where base + (m1 - base) != m1 in float32: {rounds}", flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     results = []
     for key in args.recipes:
@@ -249,13 +256,17 @@ def main() -> int:
                          " numpy.__version__)"], capture_output=True, text=True, check=False).stdout.split()
     data = {"mergekit": mk[0] if mk else None, "mergekit_torch": mk[1] if len(mk) > 1 else None,
             "tiesmerge_torch": torch.__version__, "shapes": {"hidden": HIDDEN, "layers": LAYERS, "vocab": VOCAB},
+            "entries_where_base_plus_tau_is_not_the_model": rounds,
             "results": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "mergekit_parity.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = ["# mergekit 0.1.5 parity of the issue-12 methods (float32, bit for bit)", "",
              f"Written by `benchmarks/speed/mergekit_parity.py`: mergekit {data['mergekit']} (torch "
              f"{data['mergekit_torch']}) against tiesmerge (torch {data['tiesmerge_torch']}), a tiny float32 Llama "
-             f"(hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}), three fine-tunes; each recipe run as is by both.",
+             f"(hidden {HIDDEN}, {LAYERS} layers, vocab {VOCAB}), three fine-tunes; each recipe run as is by both. "
+             f"In {rounds} entries of m1, base + (m1 - base) is not m1 in float32: the interpolations read the "
+             "models' own values. Times: one run each, process start-up included, on a shared machine: a check of "
+             "equality, not a speed benchmark (`mergekit_recipes.py` is one).",
              "", "| recipe | entries | entries whose bits differ | max abs diff | tiesmerge s | mergekit s |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in results:

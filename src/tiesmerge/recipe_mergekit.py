@@ -31,7 +31,9 @@ semantics, bit for bit in float32 where no randomness enters):
   ``nuslerp_row_wise``; with a base_model their task vectors, else the models  ->  ``nuslerp``.
 - ``breadcrumbs`` / ``breadcrumbs_ties``: ``density`` (default 1: nothing dropped), ``gamma``
   (0.01), ``normalize`` (false), ``rescale`` (false), ``lambda``  ->  the method of that name with
-  ``scope=per_tensor, threshold_ties=sort`` (mergekit's exact counts in torch.sort's order).
+  ``scope=per_tensor, threshold_ties=sort`` (mergekit's exact counts in torch.sort's order),
+  ``normalize`` as ``normalize_weights`` (or ``aggregate=mean|sum`` for the TIES variant) and
+  ``rescale`` as ``rescale=l1|none``.
 - ``della`` / ``della_linear``: ``density``, ``epsilon`` (0.15), ``normalize`` (true / false),
   ``rescale`` (true: each tensor's L1 norm restored)  ->  ``della`` / ``della_linear`` with
   ``rescale=l1|none``; the random draws differ (counter-based here, torch.bernoulli there):
@@ -429,8 +431,8 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         if problems:
             return "", {}, ""
         params = {"density": min(1.0, density), "gamma": gamma, "lam": lam, "weights": weights, "scope": "per_tensor",
-                  "threshold_ties": "sort", "rescale": options["rescale"]}
-        params.update(agreement if ties else {"normalize": normalize})
+                  "threshold_ties": "sort", "rescale": "l1" if options["rescale"] else "none"}
+        params.update(agreement if ties else {"normalize_weights": normalize})
         return method, params, (f"mergekit {method}: per tensor, the int(gamma n) largest |delta| and the smallest "
                                 "dropped (exact counts in torch.sort's order), then " + (
                                     "sign election on the weighted deltas, agreeing ones " if ties else
@@ -441,7 +443,7 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         return "", {}, ""
     params = {"density": min(1.0, density), "epsilon": epsilon, "lam": lam, "weights": weights,
               "rescale": "l1" if options["rescale"] else "none"}
-    params.update(agreement if ties else {"normalize": normalize})
+    params.update(agreement if ties else {"normalize_weights": normalize})
     if density < 1:
         warnings.append(f"{method}: the random draws differ from mergekit's (torch.bernoulli); the keep "
                         "probabilities and the rescale are mergekit's, so the two agree in distribution, not "

@@ -45,12 +45,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
-        print(f"  {options} lam={point.lam:.2f}  score {point.score:.4f}", flush=True)
+        lam = f" lam={point.lam:.2f}" if point.lam is not None else ""
+        print(f"  {options}{lam}  score {point.score:.4f}", flush=True)
 
     result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,
                   memory_budget=args.memory_budget, on_point=show)
     best = result.best
-    print(f"best: {' '.join(f'{k}={v}' for k, v in best.options.items())} lam={best.lam} score {best.score:.4f} "
+    lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
+    print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {best.score:.4f} "
           f"({len(result.points)} points, {result.merges} merges, {result.seconds:.1f} s)")
     if args.json:
         args.json.write_text(json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
@@ -59,7 +61,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                                     for p in result.points]}, indent=2) + "\n")
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
-              memory_budget=args.memory_budget, force=args.force, **best.options, lam=best.lam)
+              memory_budget=args.memory_budget, force=args.force, **best.options, **lam)
         print(f"wrote the best merge to {args.output}")
     return 0
 
@@ -171,7 +173,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     data = analyze(args.base, args.models, output=args.output, density=args.density,
                    subsets_per_size=args.subsets_per_size or None, seed=args.seed, device=args.device,
                    memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
-                   force=args.force, progress=not args.no_progress and sys.stderr.isatty(), methods=args.methods)
+                   force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
+                   methods=args.methods)
     for line in data["summary"]:
         print(f"- {line}")
     engine = data["engine"]
@@ -199,8 +202,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
             searched = f"; tune searches {_axis(grid)}" if grid else ""
             print(f"  --{f.name.replace('_', '-'):<15} default {default!s:<8} "
                   f"{meta.get('help', '')}{unit}{extra}{searched}")
-        if args.name and cls.__doc__:  # one method asked for: its semantics, reference and deviations too
-            print(textwrap.indent(inspect.cleandoc(cls.__doc__), "  "))
         print()
     if not args.name:
         for name, problem in broken_plugins().items():  # set aside: the other methods still work

@@ -26,9 +26,9 @@ from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, STATS_EXAMPLES, TUNE_EXA
 
 
 def _number(text: str) -> int | float | bool | str:
-    """A flag value for an option whose type differs between methods (``--normalize`` is a word
-    for fisher, a switch for breadcrumbs): an int if it reads as one, else a float, true/false as
-    a bool, else the word; the chosen method's own checks then say whether it fits."""
+    """A flag value for an option whose type differs between methods: an int if it reads as one,
+    else a float, true/false as a bool, else the word; the chosen method's own checks then say
+    whether it fits (a clearer message than argparse's "invalid value")."""
     for convert in (int, float):
         try:
             return convert(text)
@@ -57,27 +57,24 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
     option gets an int flag, a path a DIR, a per-model tuple one value per model."""
     group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
     kinds: dict[str, Any] = {}
-    switches: set[str] = set()  # options that are a bool for at least one method
     first: dict[str, dataclasses.Field] = {}
+    choices: dict[str, tuple[str, ...]] = {}  # a text option's choices, over every method that has it
     for cls in METHODS.values():
         types = option_types(cls)
         for f in dataclasses.fields(cls):
-            if types[f.name] is bool:
-                switches.add(f.name)
             if f.name in kinds and kinds[f.name] != types[f.name]:
                 kinds[f.name] = "mixed"
             else:
                 kinds.setdefault(f.name, types[f.name])
                 first.setdefault(f.name, f)
+            known = choices.setdefault(f.name, ())
+            choices[f.name] = known + tuple(c for c in f.metadata.get("choices", ()) if c not in known)
     for name, f in first.items():
         meta = f.metadata
         kwargs: dict[str, Any] = {"dest": f"opt_{name}", "default": argparse.SUPPRESS,
                                   "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
         if meta.get("choices") and kinds[name] is str:
-            kwargs["choices"] = meta["choices"]
-        elif kinds[name] == "mixed" and name in switches:
-            # a bare --normalize switches it on; --normalize false / --normalize rms give a value
-            kwargs.update(type=_number, metavar="X", nargs="?", const=True)
+            kwargs["choices"] = choices[name]  # each method checks its own
         elif kinds[name] == "mixed":
             kwargs.update(type=_number, metavar="X")
         else:
@@ -139,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
     a.add_argument("--force", action="store_true", help="replace a non-empty report directory")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a.add_argument("--method", action="append", dest="methods", default=[], metavar="NAME",
-                   help="also show this method's merged magnitudes (default options; e.g. tsv_m); repeat")
+    a.add_argument("--method", action="append", dest="methods", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="also merge with this method (e.g. slerp:t=0.3 or breadcrumbs:density=0.3,gamma=0.02) and "
+                        "add its merged magnitudes to the magnitude section; repeat")
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
     ms.add_argument("name", nargs="?", help="show one method")

@@ -25,6 +25,7 @@ from .ties import AGGREGATES, ELECT_RULES, ZERO_SIGNS
 
 _PAPER = "https://arxiv.org/abs/2312.06795"
 THRESHOLD_TIES = ("keep", "sort")
+RESCALES = ("none", "l1")
 
 
 def _density() -> float:
@@ -105,7 +106,7 @@ class _BreadcrumbsBase:
         problems = []
         if self.threshold_ties == "sort" and self.scope != "per_tensor":
             problems.append("threshold_ties='sort' (mergekit's exact counts) needs scope='per_tensor'")
-        if self.rescale and self.scope != "per_tensor":
+        if self.rescale == "l1" and self.scope != "per_tensor":
             problems.append("rescale (mergekit's per-tensor L1 rescale) needs scope='per_tensor'")
         return problems
 
@@ -115,7 +116,7 @@ class _BreadcrumbsBase:
         problems = self._problems()
         if problems:
             raise ConfigError(problems)
-        whole = self.threshold_ties == "sort" or self.rescale
+        whole = self.threshold_ties == "sort" or self.rescale == "l1"
         if self.threshold_ties == "sort" or self.density >= 1:
             return Requirements(scope=self.scope, whole_tensors=whole, weights=self.weights, **extra)
         cuts = (Cut("outliers", TopK(self.gamma)),) if self.gamma > 0 else ()
@@ -126,7 +127,7 @@ class _BreadcrumbsBase:
         """Each model's middle band, in place on tau (n, *S); rescaled with ``rescale``."""
         if self.density >= 1:  # mergekit: a density of 1 keeps the tensor as it is, outliers too
             return tau
-        original = tau.clone() if self.rescale else None
+        original = tau.clone() if self.rescale == "l1" else None
         if self.threshold_ties == "sort":
             for t in range(tau.shape[0]):
                 tau[t].mul_(mergekit_outlier_mask(tau[t], self.density, self.gamma))
@@ -143,11 +144,11 @@ class _BreadcrumbsBase:
 
 @method_config
 class Breadcrumbs(_BreadcrumbsBase):
-    """theta = base + lam * sum_t w_t m_t * tau_t (/ sum_t w_t with ``normalize``), m_t keeping the
+    """theta = base + lam * sum_t w_t m_t * tau_t (/ sum_t w_t with ``normalize_weights``), m_t keeping the
     entries of tau_t between its smallest (1 - density - gamma) and its largest gamma by |tau|.
 
     Follows mergekit 0.1.5's ``breadcrumbs`` with ``scope=per_tensor, threshold_ties=sort`` (bit
-    for bit in float32, ``rescale`` its L1 rescale); the default (``keep``) cuts at exact
+    for bit in float32, ``rescale=l1`` its rescale: true); the default (``keep``) cuts at exact
     thresholds, keeps every entry tied at a threshold and may run over the whole model (the
     paper masks per layer). Where mergekit keeps k = int(density n) exactly, ``keep`` keeps
     floor((density + gamma) n) minus the outliers. A density of 1 keeps everything, outliers
@@ -163,17 +164,18 @@ class Breadcrumbs(_BreadcrumbsBase):
     lam: float = option(1.0, "scale of the summed masked task vectors (lambda)", unit="multiplier", check=finite,
                         grid=steps(0.3, 1.5, 0.1))
     weights: tuple[float, ...] | None = _weights()
-    normalize: bool = option(False, "divide by the sum of the weights (mergekit's normalize)")
+    normalize_weights: bool = option(False, "divide by the sum of the weights (mergekit's normalize)")
     scope: str = option("per_tensor", "masks per tensor (mergekit, the paper's per layer) or over each "
                         "model's whole model", choices=SCOPES)
     threshold_ties: str = _threshold_ties()
-    rescale: bool = option(False, "scale each masked tensor back to its L1 norm (mergekit's rescale)")
+    rescale: str = option("none", "after the mask: nothing, or scale each tensor back to its L1 norm (mergekit's "
+                          "rescale: true)", choices=RESCALES)
 
     def requirements(self) -> Requirements:
         return self._requirements()
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        return combine(self._mask(tau, ctx), ctx, lam=self.lam, normalize=self.normalize, ties=None)
+        return combine(self._mask(tau, ctx), ctx, lam=self.lam, normalize=self.normalize_weights, ties=None)
 
 
 @method_config
@@ -203,7 +205,8 @@ class BreadcrumbsTies(_BreadcrumbsBase):
                             choices=AGGREGATES)
     scope: str = option("per_tensor", "masks per tensor (mergekit) or over each model's whole model", choices=SCOPES)
     threshold_ties: str = _threshold_ties()
-    rescale: bool = option(False, "scale each masked tensor back to its L1 norm (mergekit's rescale)")
+    rescale: str = option("none", "after the mask: nothing, or scale each tensor back to its L1 norm (mergekit's "
+                          "rescale: true)", choices=RESCALES)
 
     def requirements(self) -> Requirements:
         return self._requirements()

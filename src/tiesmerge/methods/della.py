@@ -138,9 +138,10 @@ class Della(_DellaBase):
 
 @method_config
 class DellaLinear(_DellaBase):
-    """theta = base + lam * sum_t w_t magprune(tau_t) (/ sum_t w_t with ``normalize``).
+    """theta = base + lam * sum_t w_t magprune(tau_t) (/ sum_t w_t with ``normalize_weights``).
 
-    Follows mergekit 0.1.5's ``della_linear`` (``normalize`` default false); differs as ``della``.
+    Follows mergekit 0.1.5's ``della_linear`` (its ``normalize``, default false, is
+    ``normalize_weights``); differs as ``della``.
     """
 
     name: ClassVar[str] = "della_linear"
@@ -154,10 +155,10 @@ class DellaLinear(_DellaBase):
     rescale: str = _rescale()
     seed: int = _seed()
     weights: tuple[float, ...] | None = _weights()
-    normalize: bool = option(False, "divide by the sum of the weights (mergekit's normalize)")
+    normalize_weights: bool = option(False, "divide by the sum of the weights (mergekit's normalize)")
 
     def requirements(self) -> Requirements:
         return self._requirements()
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        return combine(self._magprune(tau, ctx), ctx, lam=self.lam, normalize=self.normalize, ties=None)
+        return combine(self._magprune(tau, ctx), ctx, lam=self.lam, normalize=self.normalize_weights, ties=None)

@@ -26,7 +26,8 @@ class ModelStock:
     paper: ClassVar[str] = "https://arxiv.org/abs/2403.19522"
     summary: ClassVar[str] = "interpolate base and fine-tunes' average by the angle between the fine-tunes"
 
-    filter_wise: bool = option(False, "one t per row (output filter) instead of per tensor (mergekit's filter_wise)")
+    filter_wise: bool = option(False, "one t per row (output filter) instead of per tensor (mergekit's filter_wise)",
+                               grid=(False, True))
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, base_values=True, model_values=True)

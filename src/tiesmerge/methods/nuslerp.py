@@ -55,7 +55,7 @@ class NuSlerp:
     weights: tuple[float, ...] | None = option(None, "the two models' weights; t = w_1 / (w_0 + w_1) "
                                                "(default equal: t = 0.5)", unit="one per model", per_model=True)
     t: float | None = option(None, "the interpolation weight itself (0: the first, 1: the second), "
-                             "instead of weights", unit="fraction", check=finite)
+                             "instead of weights", unit="fraction", check=finite, grid=(0.1, 0.3, 0.5, 0.7, 0.9))
     of: str = option("task_vectors", "interpolate the two task vectors and add the base (mergekit with a "
                      "base_model), the two models themselves, or the base and one model", choices=OF)
     flatten: bool = option(True, "each tensor as one vector (mergekit's nuslerp_flatten)")
