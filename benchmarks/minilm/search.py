@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--val-limit", type=int, default=100, help="validation examples per task (the search's score)")
     p.add_argument("--test-limit", type=int, default=500, help="test examples per task")
     p.add_argument("--lams", type=float, nargs="+", help="the grid's lam values (default the paper's 23)")
+    p.add_argument("--popsize", type=int, default=8, help="CMA-ES generation size")
     p.add_argument("--workers", type=int, nargs="+", default=[2, 1], help="Ray workers of the timed CMA-ES runs")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
@@ -120,7 +121,8 @@ def main() -> None:
             try:
                 clock = time.perf_counter()
                 result = run_search(base, ft, "ties", on_val, strategy="cmaes", budget=budget, seed=args.seed,
-                                    axes=AXES, start=start, executor=executor, log=str(Path(tmp) / "log.jsonl"),
+                                    axes=AXES, start=start, popsize=args.popsize, executor=executor,
+                                    log=str(Path(tmp) / "log.jsonl"),
                                     device=args.device, on_trial=lambda t: log(f"  cmaes [{t.index}] {t.score:.4f}"))
                 seconds = time.perf_counter() - clock
             finally:
@@ -143,6 +145,7 @@ def main() -> None:
         "grid": {"best": {**gb.options, "lam": gb.lam}, "validation": gb.score, "test": grid_test,
                  "test_mean": sum(grid_test.values()) / n, "seconds": grid_seconds, "merges": grid_result.merges},
         "cmaes": {"best": {k: list(v) if isinstance(v, tuple) else v for k, v in cmaes.best.options.items()},
+                  "space": cmaes.space.describe(), "popsize": args.popsize,
                   "validation": cmaes.best.score, "test": cmaes_test, "test_mean": sum(cmaes_test.values()) / n,
                   "runs": {str(k): v for k, v in runs.items()},
                   "trials": [{"options": {k: list(v) if isinstance(v, tuple) else v for k, v in t.options.items()},
@@ -168,6 +171,7 @@ def render(d: dict, report: Path) -> str:
             f"| CMA-ES (per-model densities, weights, λ) | {opts(c['best'])} | {pct(c['validation'])} | "
             + " | ".join(pct(c["test"][t]) for t in tasks) + f" | **{pct(c['test_mean'])}** |"]
     runs = c["runs"]
+    ranges = ", ".join(f"{a['name']} [{a['low']:g}, {a['high']:g}]" for a in c["space"]["axes"])
     timing = [f"| {w} | {r['seconds']:.0f} | {r['evaluations']} | {r['merges']} | {r['eval_seconds_sum']:.0f} |"
               for w, r in sorted(runs.items())]
     p = d["protocol"]
@@ -184,9 +188,9 @@ def render(d: dict, report: Path) -> str:
         "|---|---|---|" + "---|" * len(tasks) + "---|",
         *rows,
         "",
-        f"CMA-ES (`cma`, started from TIES's defaults: densities 0.2, weights 1, λ 1; ranges densities "
-        f"[0.05, 1], weights [0.1, 1], λ [0.8, 3.0]) ran on a local Ray cluster. Wall time of the whole "
-        "search (merges and evaluations, one Ray task each):",
+        f"CMA-ES (`cma`, generations of {c['popsize']}, started from TIES's defaults: densities 0.2, weights 1, "
+        f"λ 1; ranges {ranges}) ran on a local Ray cluster. Wall time of the whole search (merges and "
+        "evaluations, one Ray task each; a fresh cluster and log per run):",
         "",
         "| Ray workers | wall s | evaluations | merges | evaluation s summed over tasks |",
         "|---|---|---|---|---|",
