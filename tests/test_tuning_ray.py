@@ -78,6 +78,7 @@ def test_grid_on_ray_picks_the_same_candidate_with_the_same_scores(cluster, fami
     remote = run_search(base, models, "ties", score, grid=GRID, executor=cluster)
     _same(remote, local)
     assert remote.best.options == {"density": 0.2, "lam": 1.7} and remote.merges == 3
+    assert cluster.gpus_per_task == (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
     pids = set(_calls(score))
     assert len(_calls(score)) == 24 and os.getpid() not in {int(p) for p in pids}  # scored in the workers
 
