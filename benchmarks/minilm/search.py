@@ -6,7 +6,7 @@ of evaluations (the paper's TIES grid: 3 densities x 23 lams = 69). The grid run
 Ray cluster, once with 2 workers and once with 1 (the same candidates and scores: only the wall
 time differs). Both winners are then scored on the test splits. Run from the repo root:
 
-    python benchmarks/minilm/search.py              # ~30-40 min on 2 CPU cores, fine-tunes cached
+    python benchmarks/minilm/search.py   # see benchmarks/README.md for the committed CPU run
 
 Writes benchmarks/results/search.md + .json, and the CMA-ES report in benchmarks/results/search/.
 """
