@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
@@ -263,6 +264,9 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
         data = run_analysis(base_ckpt, model_ckpts, alignment, settings, device=device_t, memory_budget=budget,
                             progress=bar.update if bar is not None else None, merged=merged)
         data["inputs"] = {"base": base_ckpt.label, "models": [c.label for c in model_ckpts]}
+    # each compared merge's options, so the report says which variant it shows
+    data["magnitudes"]["methods"] = {label: {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+                                     for label, method in extra}
     data["tiesmerge_version"] = __version__
     data["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     data["summary"] = summarise(data)

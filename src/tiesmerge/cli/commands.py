@@ -66,6 +66,45 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from ..api import merge
+    from ..tuning import LocalExecutor, RayExecutor, parse_grid, parse_ranges, run_search, write_report
+    from ..tuning.space import parse_fixed
+
+    grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
+    ranges, fixed = parse_ranges(args.ranges), parse_fixed(args.method, args.fixed)
+    evaluate = _load_callable(args.evaluator)
+    if args.output:
+        from ..io.writer import _check_output_path
+
+        _check_output_path(Path(args.output).absolute(), args.force)  # fail now, not after the search
+    if args.workers is not None and (args.ray is None or args.ray):
+        raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")
+    executor = RayExecutor(args.ray or None, workers=args.workers) if args.ray is not None else LocalExecutor()
+
+    def show(trial) -> None:
+        options = " ".join(f"{k}={v}" for k, v in trial.options.items() if k not in fixed)
+        print(f"  [{trial.index}] {options}  score {trial.score:.4f}", flush=True)
+
+    try:
+        result = run_search(args.base, args.models, args.method, evaluate, strategy=args.strategy, budget=args.budget,
+                            seed=args.seed, axes=args.axes, grid=grid, ranges=ranges, fixed=fixed, popsize=args.popsize,
+                            executor=executor, log=args.dir / "log.jsonl", device=args.device,
+                            memory_budget=args.memory_budget, on_trial=show)
+    finally:
+        executor.close()
+    best = result.best
+    print(f"best: [{best.index}] {' '.join(f'{k}={v}' for k, v in best.options.items())} score {best.score:.4f} "
+          f"({len(result.trials)} candidates, {result.evaluations} scored and {result.merges} merges in this run, "
+          f"{result.seconds:.1f} s)")
+    print(f"wrote {write_report(result, args.dir)} and {args.dir / 'results.md'} beside {args.dir / 'log.jsonl'}")
+    if args.output:
+        merge(args.base, args.models, args.method, output=args.output, device=args.device,
+              memory_budget=args.memory_budget, force=args.force, **best.options)
+        print(f"wrote the best merge to {args.output}")
+    return 0
+
+
 def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     """The recipe as a dict: the YAML file, if any, with command-line flags on top."""
     data: dict[str, Any] = {}
@@ -243,4 +282,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"merge": cmd_merge, "analyze": cmd_analyze, "methods": cmd_methods, "validate": cmd_validate,
-            "tune": cmd_tune, "stats": cmd_stats, "demo": cmd_demo}
+            "tune": cmd_tune, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo}
