@@ -99,7 +99,7 @@ class _BreadcrumbsBase:
     gamma: float
     scope: str
     threshold_ties: str
-    rescale: bool
+    rescale: str
     weights: tuple[float, ...] | None
 
     def _problems(self) -> list[str]:
