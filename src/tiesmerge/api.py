@@ -29,11 +29,12 @@ from .inputs import (
 )
 from .io.align import align
 from .io.card import hash_files, model_card
-from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files
+from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files, model_files
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
 from .manifest import check_stats_digests, merge_manifest, reference_option
 from .methods.base import MergeMethod
+from .paths import FileStamps
 from .recipe import MergeRecipe
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, format_size, parse_size
 from .version import __version__
@@ -113,6 +114,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
                                         (f"the reference model ({reference_option(m)})", reference),
                                         *((f"the statistics of model {k}", s) for k, s in enumerate(stats or ()))])
+        check_output_path(Path(output).absolute(), force)  # fail before anything is opened, not after the merge
     with ExitStack() as stack:
         bar = None
         if progress:
@@ -124,6 +126,11 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                            vocab_policy=vocab_policy, allow_pickle=allow_pickle,
                            progress=bar.update if bar else None, output_format=output_format, stats=stats)
         executor = prepared.executor
+        # checked now, before the first heavy read: the files copied beside the weights at the end, and
+        # what every input file looks like (a model another process is still writing is refused)
+        extra = model_files(prepared.base.directory()) if output is not None and output_format != "adapter" else []
+        inputs_read = [prepared.base, *prepared.models, *([prepared.reference] if prepared.reference else [])]
+        stamps = FileStamps.of(f for c in inputs_read for f in c.files())
         if bar is not None:
             bar.reset(total=executor.plan.bytes_to_read)
         prepared_at = time.perf_counter()
@@ -142,14 +149,17 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                    "reference": hash_files(prepared.reference.files(), pool) if prepared.reference else None}
         groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype_info) if j.merge else j.dtype_info)
                    for n in (j.name, *j.aliases)] for j in executor.alignment.jobs]
-        with atomic_directory(output, force=force, needed_bytes=executor.plan.output_bytes) as tmp:
+        needed = executor.plan.output_bytes + sum(os.stat(f).st_size for f in extra)
+        merged_names = [n for j in executor.alignment.jobs if j.merge for n in (j.name, *j.aliases)]
+        with atomic_directory(output, force=force, needed_bytes=needed) as tmp:
             adapter_part = None
             if output_format == "adapter":
                 run_stats, adapter_part = adapter_merge.write_adapter(tmp, executor, prepared.base, prepared.models,
                                                                       rank=rank, dtype=executor.out_dtype)
                 files, copied = adapter_part["files"], []
             else:
-                writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__})
+                writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__},
+                                       finite=merged_names)
                 run_stats = executor.run(writer)
                 writer.close()
                 files = writer.files
@@ -157,8 +167,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 run_stats.bytes_read += executor.side.bytes_read
             clock = time.perf_counter()
             if output_format != "adapter":
-                copied = copy_model_files(prepared.base.directory(), tmp,
+                copied = copy_model_files(prepared.base.directory(), tmp, files=extra,
                                           dtype=executor.out_dtype if executor.out_dtype else None)
+            stamps.check("an input file")
             hashed = {"base": [f.result() for f in digests["base"]],
                       "models": [[f.result() for f in d] for d in digests["models"]],
                       "reference": [f.result() for f in digests["reference"]] if digests["reference"] else None}

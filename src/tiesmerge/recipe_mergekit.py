@@ -115,7 +115,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     defaults = dict(_OPTIONS[method])
     base = data.get("base_model")
     base = _model_ref(base, None, "base_model", problems) if base is not None else None
-    if base is None and method != "linear":
+    if data.get("base_model") is None and method != "linear":  # a wrong value was reported just above
         problems.append(f"base_model is required by {method}")
     tok = data.get("tokenizer_source")
     if tok not in (None, "base"):

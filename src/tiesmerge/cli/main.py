@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import TiesMergeError
+from ..errors import InternalError, TiesMergeError
 from ..io.align import VOCAB_POLICIES
 from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES
@@ -188,17 +189,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = _terminate_like_interrupt()
     try:
         return HANDLERS[args.command](args)
     except TiesMergeError as exc:
         return _report(exc, args.debug)
     except BrokenPipeError:  # e.g. `tiesmerge methods | head`
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             traceback.print_exc()
-        print("error: interrupted; no output directory was left behind", file=sys.stderr)
-        return 130
+        print(f"error: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
+              "no output directory was left behind", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _report(InternalError(f"{where}{exc.strerror or exc}",
+                                     hint="nothing was written at the output; fix the cause and run again"), args.debug)
+    except Exception as exc:  # a bug of ours (RecursionError and MemoryError included): a message, never a traceback
+        return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",
+                                     hint="this is a bug in tiesmerge; run again with --debug for the traceback "
+                                          "and report it"), args.debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so every cleanup (the temporary output) runs as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _terminate_like_interrupt() -> Any:
+    """Handle SIGTERM as Ctrl-C for the command's duration (only the main thread may set handlers)."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: the caller's handlers stay
+        return None
 
 
 def _report(exc: TiesMergeError, debug: bool) -> int:
