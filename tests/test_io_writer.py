@@ -267,7 +267,7 @@ def test_atomic_directory_restores_old_output_if_final_rename_fails(tmp_path, mo
     real_replace = os.replace
 
     def replace(src, dst):
-        if Path(src).name.startswith(".tiesmerge-tmp-"):
+        if os.path.basename(src).startswith(".tiesmerge-tmp-"):
             raise OSError(18, "Invalid cross-device link")
         return real_replace(src, dst)
 
