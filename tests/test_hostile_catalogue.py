@@ -254,7 +254,7 @@ def test_float16_overflow_is_an_error_suggesting_a_wider_dtype(tmp_path, capsys,
 # ------------------------------------------------------------------ 4. no hang (subprocess with a timeout)
 
 
-def _cli_subprocess(argv, cwd, timeout=120):
+def _cli_subprocess(argv, cwd, timeout=60):
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "tiesmerge.cli.main", *map(str, argv)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)

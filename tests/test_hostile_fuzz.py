@@ -26,7 +26,6 @@ from tiesmerge.errors import TiesMergeError
 from tiesmerge.io.adapters import open_adapter
 from tiesmerge.io.align import align
 from tiesmerge.io.checkpoint import open_checkpoint
-from tiesmerge.io.writer import model_files
 from tiesmerge.recipe import load_recipe
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
@@ -94,6 +93,8 @@ def test_configs(workdir, config):
     if not model.exists():
         write_hf_dir(model, {"model.embed_tokens.weight": torch.ones(4, 2), "lm_head.weight": torch.ones(4, 2)})
     (model / "config.json").write_text(json.dumps(config))
+    from tiesmerge.io.writer import model_files  # the files copied into the output, checked up front
+
     try:
         model_files(model)
         ckpt = open_checkpoint(model)
