@@ -163,3 +163,29 @@ def test_recipes(workdir, recipe, text):
         load_recipe(path)
     except TiesMergeError:
         pass
+
+
+@FUZZ
+@given(key=st.text(alphabet="aq._*+?|()[]{}1,^$\\d", min_size=1, max_size=10),
+       names=st.lists(st.text(alphabet="aq._1", max_size=10), min_size=1, max_size=5))
+def test_pattern_automaton_agrees_with_re(key, names):
+    """alpha_pattern keys run on an automaton: the same answers as Python's re (PEFT's matcher),
+    on names short enough that re's backtracking stays cheap."""
+    import re
+
+    from tiesmerge.io.patterns import ModulePattern
+
+    try:
+        re.compile(key)  # on its own first: ")(" would pass inside PEFT's wrapper
+        compiled = re.compile(rf"(.*\.)?({key})$")
+    except re.error:
+        with pytest.raises(TiesMergeError):
+            ModulePattern.compile(key, "fuzz")
+        return
+    try:
+        pattern = ModulePattern.compile(key, "fuzz")
+    except TiesMergeError as exc:  # only what needs backtracking (or a huge repeat) is refused
+        assert "does not run" in exc.message
+        return
+    for name in names:
+        assert pattern.matches(name) == bool(compiled.match(name)), (key, name)

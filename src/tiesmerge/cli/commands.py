@@ -70,8 +70,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _check_writes(args.output, args.force, inputs)
     if args.json:
         check_not_input(args.json, inputs)
-        if args.json.is_dir():
-            raise OutputError(f"{args.json}: --json names a directory", hint="name a file, e.g. --json scores.json")
+        if args.json.exists() and not args.json.is_file():  # a directory, or a FIFO that would block the write
+            raise OutputError(f"{args.json}: --json names something other than a file",
+                              hint="name a file, e.g. --json scores.json")
     evaluate = _guarded(_load_callable(args.evaluator), args.evaluator)
 
     def show(point) -> None:
