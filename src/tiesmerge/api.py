@@ -229,6 +229,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
         check_output_path(Path(output).absolute(), force)  # fail before the passes, not after them
     with ExitStack() as stack:
         base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
+        stamps = FileStamps.of(f for c in (base_ckpt, *model_ckpts) for f in c.files())
         alignment = align(base_ckpt, model_ckpts, vocab_policy=vocab_policy)
         bar = None
         if progress:
@@ -239,6 +240,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
             bar.reset(total=3 * sum(j.nbytes for j in alignment.jobs if j.merge) * (len(models) + 1))
         data = run_analysis(base_ckpt, model_ckpts, alignment, settings, device=device_t, memory_budget=budget,
                             progress=bar.update if bar is not None else None)
+        stamps.check("an input file")  # a model still being written would make the figures mean nothing
         data["inputs"] = {"base": base_ckpt.label, "models": [c.label for c in model_ckpts]}
     data["tiesmerge_version"] = __version__
     data["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
