@@ -74,7 +74,8 @@ def test_safetensors_headers(workdir, entries, data_len, claimed, extra, tail):
 
 
 @FUZZ
-@given(index=_json | st.fixed_dictionaries({"weight_map": _json}) | st.fixed_dictionaries(
+@given(index=_json | st.fixed_dictionaries({"weight_map": _json | st.lists(_json, max_size=3)}) | st.fixed_dictionaries(
+    {"weight_map": st.dictionaries(st.text(max_size=6), _json, max_size=3)}) | st.fixed_dictionaries(
     {"weight_map": st.dictionaries(st.text(max_size=6), st.sampled_from(
         ["model.safetensors", "../model.safetensors", "/etc/passwd", "", "sub/x.safetensors", "config.json",
          "nope.safetensors", "."]), max_size=4)}))
@@ -93,15 +94,18 @@ def test_configs(workdir, config):
     if not model.exists():
         write_hf_dir(model, {"model.embed_tokens.weight": torch.ones(4, 2), "lm_head.weight": torch.ones(4, 2)})
     (model / "config.json").write_text(json.dumps(config))
-    from tiesmerge.io.writer import model_files  # the files copied into the output, checked up front
-
     try:
-        model_files(model)
         ckpt = open_checkpoint(model)
         try:
             align(ckpt, [ckpt])
         finally:
             ckpt.close()
+    except TiesMergeError:
+        pass
+    from tiesmerge.io.writer import model_files  # the files copied into the output, checked up front
+
+    try:
+        model_files(model)
     except TiesMergeError:
         pass
 

@@ -111,10 +111,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         raise ConfigError(f"shard_size: {exc}") from None
     if output is not None:
         reference = m.requirements().reference
-        check_output_path(Path(output).absolute(), force)  # fail before anything is opened, not after the merge
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
                                         (f"the reference model ({reference_option(m)})", reference),
                                         *((f"the statistics of model {k}", s) for k, s in enumerate(stats or ()))])
+        check_output_path(Path(output).absolute(), force)  # fail before anything is opened, not after the merge
     with ExitStack() as stack:
         bar = None
         if progress:

@@ -57,8 +57,8 @@ def _guarded(evaluate: Any, spec: str) -> Any:
 def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]) -> None:
     """Before any work: the output may be written (see tiesmerge.paths) and is none of the inputs."""
     if output:
-        check_output_location(output, force)
         check_not_input(output, inputs)
+        check_output_location(output, force)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
