@@ -97,7 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="cpu or cuda (default cpu)")
     m.add_argument("--vocab-policy", choices=VOCAB_POLICIES, help="on embedding rows that differ (default error)")
     m.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
-    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m.add_argument("--force", action="store_true",
+                   help="replace an output directory tiesmerge wrote before (never an input)")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--output-format", choices=OUTPUT_FORMATS,
@@ -123,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     a.add_argument("--vocab-policy", default="error", choices=VOCAB_POLICIES, help="on embedding rows that differ")
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
-    a.add_argument("--force", action="store_true", help="replace a non-empty report directory")
+    a.add_argument("--force", action="store_true",
+                   help="replace a report directory tiesmerge wrote before (never an input)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
@@ -150,7 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-budget", default=None)
     t.add_argument("-o", "--output", help="write the best merge here as an HF directory")
     t.add_argument("--json", type=Path, help="write every grid point's score here")
-    t.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    t.add_argument("--force", action="store_true",
+                   help="replace an output directory tiesmerge wrote before (never an input)")
 
     st = sub.add_parser("stats", help="compute a model's Fisher or Gram statistics from data (for fisher, regmean)",
                         epilog=STATS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--batch-size", type=int, default=8)
     st.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
     st.add_argument("--device", default="cpu")
-    st.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    st.add_argument("--force", action="store_true",
+                    help="replace an output directory tiesmerge wrote before (never an input)")
 
     d = sub.add_parser("demo", help="fine-tune MiniLM on 3 real tasks, merge, print a table (or --synthetic)",
                        epilog="examples:\n  tiesmerge demo\n  tiesmerge demo --synthetic --params 50",
