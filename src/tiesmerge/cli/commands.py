@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -36,22 +38,26 @@ def _load_callable(spec: str):
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
-def _guarded(evaluate: Any, spec: str) -> Any:
-    """The evaluator, whose errors and non-scores become a typed error naming it."""
-    def call(state: Any) -> float:
+class _Guarded:
+    """The evaluator, whose errors and non-scores become a typed error naming it. A class, not a
+    closure, so that it pickles wherever the evaluator does (search's Ray workers)."""
+
+    def __init__(self, evaluate: Any, spec: str) -> None:
+        self.evaluate, self.spec = evaluate, spec
+
+    def __call__(self, state: Any) -> float:
         try:
-            score = evaluate(state)
+            score = self.evaluate(state)
         except (TiesMergeError, KeyboardInterrupt):
             raise
         except Exception as exc:
-            raise EvaluatorError(f"--evaluator {spec}: raised {type(exc).__name__}: {str(exc)[:300]}",
+            raise EvaluatorError(f"--evaluator {self.spec}: raised {type(exc).__name__}: {str(exc)[:300]}",
                                  hint="fix the evaluator (--debug shows its traceback)") from exc
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise EvaluatorError(f"--evaluator {spec}: returned {str(score)[:80]!r} "
+            raise EvaluatorError(f"--evaluator {self.spec}: returned {str(score)[:80]!r} "
                                  f"({type(score).__name__}), not a finite number",
                                  hint="the evaluator must return a validation score, higher is better")
         return float(score)
-    return call
 
 
 def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]) -> None:
@@ -73,16 +79,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.json.exists() and not args.json.is_file():  # a directory, or a FIFO that would block the write
             raise OutputError(f"{args.json}: --json names something other than a file",
                               hint="name a file, e.g. --json scores.json")
-    evaluate = _guarded(_load_callable(args.evaluator), args.evaluator)
+    evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
-        print(f"  {options} lam={point.lam:.2f}  score {point.score:.4f}", flush=True)
+        lam = f" lam={point.lam:.2f}" if point.lam is not None else ""
+        print(f"  {options}{lam}  score {point.score:.4f}", flush=True)
 
     result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,
                   memory_budget=args.memory_budget, on_point=show)
     best = result.best
-    print(f"best: {' '.join(f'{k}={v}' for k, v in best.options.items())} lam={best.lam} score {best.score:.4f} "
+    lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
+    print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {best.score:.4f} "
           f"({len(result.points)} points, {result.merges} merges, {result.seconds:.1f} s)")
     if args.json:
         try:
@@ -94,7 +102,45 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise OutputError(f"{args.json}: cannot write the scores ({exc.strerror or exc})") from None
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
-              memory_budget=args.memory_budget, force=args.force, **best.options, lam=best.lam)
+              memory_budget=args.memory_budget, force=args.force, **best.options, **lam)
+        print(f"wrote the best merge to {args.output}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ..api import merge
+    from ..tuning import LocalExecutor, RayExecutor, parse_grid, parse_ranges, run_search, write_report
+    from ..tuning.space import parse_fixed
+
+    grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
+    ranges, fixed = parse_ranges(args.ranges), parse_fixed(args.method, args.fixed)
+    inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
+    _check_writes(args.output, args.force, inputs)  # fail now, not after the search
+    check_not_input(args.dir, inputs)  # the log and the report are written there
+    evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
+    if args.workers is not None and (args.ray is None or args.ray):
+        raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")
+    executor = RayExecutor(args.ray or None, workers=args.workers) if args.ray is not None else LocalExecutor()
+
+    def show(trial) -> None:
+        options = " ".join(f"{k}={v}" for k, v in trial.options.items() if k not in fixed)
+        print(f"  [{trial.index}] {options}  score {trial.score:.4f}", flush=True)
+
+    try:
+        result = run_search(args.base, args.models, args.method, evaluate, strategy=args.strategy, budget=args.budget,
+                            seed=args.seed, axes=args.axes, grid=grid, ranges=ranges, fixed=fixed, popsize=args.popsize,
+                            executor=executor, log=args.dir / "log.jsonl", device=args.device,
+                            memory_budget=args.memory_budget, on_trial=show)
+    finally:
+        executor.close()
+    best = result.best
+    print(f"best: [{best.index}] {' '.join(f'{k}={v}' for k, v in best.options.items())} score {best.score:.4f} "
+          f"({len(result.trials)} candidates, {result.evaluations} scored and {result.merges} merges in this run, "
+          f"{result.seconds:.1f} s)")
+    print(f"wrote {write_report(result, args.dir)} and {args.dir / 'results.md'} beside {args.dir / 'log.jsonl'}")
+    if args.output:
+        merge(args.base, args.models, args.method, output=args.output, device=args.device,
+              memory_budget=args.memory_budget, force=args.force, **best.options)
         print(f"wrote the best merge to {args.output}")
     return 0
 
@@ -210,7 +256,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     data = analyze(args.base, args.models, output=args.output, density=args.density,
                    subsets_per_size=args.subsets_per_size or None, seed=args.seed, device=args.device,
                    memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
-                   force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+                   force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
+                   methods=args.methods)
     for line in data["summary"]:
         print(f"- {line}")
     engine = data["engine"]
@@ -224,6 +271,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for cls in classes:
         print(f"{cls.name}  —  {cls.summary}")
         print(f"  paper: {cls.paper}")
+        if args.name and cls.__doc__:  # one method: its semantics, the reference it follows, where it differs
+            print(textwrap.indent(inspect.cleandoc(cls.__doc__), "  "))
         types = option_types(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata
@@ -277,4 +326,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"merge": cmd_merge, "analyze": cmd_analyze, "methods": cmd_methods, "validate": cmd_validate,
-            "tune": cmd_tune, "stats": cmd_stats, "demo": cmd_demo}
+            "tune": cmd_tune, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo}
