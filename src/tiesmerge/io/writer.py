@@ -272,7 +272,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
     """Yield a temporary sibling of ``final``; on success rename it into place, on any error
     (Ctrl-C and SIGTERM included) remove it, so no half-written output ever looks complete.
     ``final`` may replace (``force``) only a directory tiesmerge wrote (see ``tiesmerge.paths``)."""
-    final = Path(final).absolute()
+    final = Path(os.path.abspath(final))  # "out/.." is its parent, as the checks resolve it
     _check_output_path(final, force)
     # parent folders this call creates are removed again on failure, like the output itself
     created = [p for p in final.parents if not p.exists()]  # innermost first
