@@ -61,7 +61,8 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import BY_NAME
-from .errors import ConfigError
+from .errors import ConfigError, TiesMergeError
+from .limits import read_json
 
 __all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
 
@@ -153,7 +154,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     defaults = dict(_OPTIONS[method])
     base = data.get("base_model")
     base = _model_ref(base, None, "base_model", problems) if base is not None else None
-    if base is None and method not in _NEEDS_NO_BASE:
+    if data.get("base_model") is None and method not in _NEEDS_NO_BASE:  # a wrong value was reported just above
         problems.append(f"base_model is required by {method}")
     tok = data.get("tokenizer_source")
     if tok not in (None, "base"):
@@ -334,13 +335,13 @@ def _one(values: list[Any], key: str, method: str, problems: list[str]) -> float
 
 def _layers(base: str | None) -> int | None:
     """The base's number of layers from its config.json (mergekit's num_layers), or None."""
-    import json
-
-    if base is None:
+    if base is None or not os.path.lexists(Path(base) / "config.json"):
         return None
-    try:
-        config = json.loads((Path(base) / "config.json").read_text())
-    except (OSError, ValueError):
+    try:  # the limited reader: a FIFO, a huge or deeply nested file is refused, never hangs
+        config = read_json(Path(base) / "config.json", "the base's config")
+    except TiesMergeError:
+        return None
+    if not isinstance(config, dict):
         return None
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int):
