@@ -117,12 +117,15 @@ FUSED_MERGES = [
     Ties(aggregate="sum", lam=1.3), Ties(aggregate="max"), Ties(weights=(0.5, 2.0, 1.0)),
     Ties(weights=(-1.0, 1.0, 0.5), scope="per_tensor"), Ties(density=1.0), Ties(density=0.01),
     Ties(zero_sign="majority"), Ties(zero_sign="majority", scope="per_tensor"),  # per tensor: majority by torch
+    Ties(threshold_ties="sort", scope="per_tensor"),  # mergekit's exact k: the sort's choice replayed (engine.exactk)
+    Ties(threshold_ties="sort", scope="per_tensor", densities=(0.2, 0.3, 0.5), weights=(1.0, 0.7, 0.5),
+         zero_sign="positive"),
     TaskArithmetic(), TaskArithmetic(lam=0.7, weights=(0.5, -1.0, 2.0)), Average(), Average(weights=(1.0, 3.0, 0.5)),
 ]
 # merged by the torch path even with the kernels on; only their thresholds are counted by a kernel
 COUNTED_ONLY = [MagnitudePrune()]
-# no kernel at all: mergekit's exact k keeps counts, not thresholds; DARE drops at random
-TORCH_ONLY = [Ties(threshold_ties="sort", scope="per_tensor"), DareTies(drop_rate=0.5, seed=1)]
+# no kernel at all: DARE drops at random
+TORCH_ONLY = [DareTies(drop_rate=0.5, seed=1)]
 
 
 @pytest.mark.parametrize("method", FUSED_MERGES, ids=repr)

@@ -32,9 +32,11 @@ try:  # optional: the engine falls back to torch without it
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
+from . import exactk
+
 __all__ = [
     "available", "raw_view", "out_view",
-    "count_pass", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
+    "count_pass", "exact_k_masks", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
 ELECT_CODES = {"mass": 0, "count": 1}
@@ -203,10 +205,31 @@ if numba is not None:
             worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ties_kernel(proto, addrs, size, table, thresholds, weights, lam, elect, zero, fill, aggregate, out,
-                     worst):  # pragma: no cover
+    def _exact_k_kernel(proto, addrs, size, table, keep, iproto, masks, worst):  # pragma: no cover
+        # per model t (in parallel): |tau_t| (E,) float32 as the torch path computes it, then
+        # masks[t] (E,) u8 := the entries torch.argsort(|tau_t|, descending=True)[:keep[t]] keeps;
+        # worst (n,) u32 = max |tau_t| bits (a non-finite model is left unselected)
+        n = len(addrs) - 1
+        for t in prange(n):
+            base = _rows(proto, addrs, 0, 0, size)
+            row = _rows(proto, addrs, 1 + t, 0, size)
+            keys = np.empty(size, np.float32)
+            top = np.uint32(0)
+            for j in range(size):
+                a = abs(_widen(row[j], table) - _widen(base[j], table))
+                keys[j] = a
+                top = max(top, _f32_to_bits(a))
+            worst[t] = top
+            if top >= np.uint32(0x7F800000):
+                continue
+            idx = np.empty(size, iproto.dtype)
+            exactk.keep_mask(keys, idx, keep[t], masks[t])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, weights, lam, elect, zero, fill,
+                     aggregate, out, worst):  # pragma: no cover
         # rows at addrs (base, then models; proto: their dtype), thresholds/weights (n,) f32,
-        # out (E,) bf16 bits or f32
+        # masks (n, E) u8 (use_masks: an exact-k selection replaces the thresholds), out (E,) bf16 bits or f32
         n = len(addrs) - 1
         lam32 = np.float32(lam)
         fill32 = np.float32(fill)
@@ -232,7 +255,10 @@ if numba is not None:
                 for j in range(m):
                     v = _widen(row[j], table) - b32[j]
                     top = max(top, _f32_to_bits(abs(v)))
-                    kv = v if abs(v) >= thr else np.float32(0.0)
+                    if use_masks:  # loop-invariant: LLVM unswitches it
+                        kv = v if masks[t, start + j] != 0 else np.float32(0.0)
+                    else:
+                        kv = v if abs(v) >= thr else np.float32(0.0)
                     kept[t, j] = kv
                     if elect == 0:  # loop-invariant: LLVM unswitches it
                         vote[j] += w * kv
@@ -322,13 +348,31 @@ def count_pass(inputs: Sequence[np.ndarray], lo: np.ndarray, hi: np.ndarray, shi
     return bool(worst.max() < _NONFINITE)
 
 
-def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray, weights: np.ndarray, lam: float,
-               elect: str, zero_sign: str, majority: float | None, aggregate: str, out: np.ndarray) -> bool:
-    """out = base + lam * TIES(models - base) for one chunk; False when a task vector is not finite."""
+def exact_k_masks(inputs: Sequence[np.ndarray], keep: Sequence[int]) -> np.ndarray | None:
+    """(n, E) uint8 masks of the entries mergekit's trim keeps: model t's first ``keep[t]`` of
+    ``torch.argsort(|tau_t|, descending=True)`` (:mod:`.exactk`), without sorting; None when a
+    task vector is not finite. inputs: the base's rows, then each model's, of one whole tensor."""
+    proto, addrs, size = _rows_of(inputs)
+    n = len(inputs) - 1
+    masks = np.zeros((n, size), np.uint8)
+    worst = np.zeros(n, np.uint32)
+    iproto = np.empty(0, np.int32 if size < 2**31 else np.int64)
+    _exact_k_kernel(proto, addrs, size, _f16_table(), np.asarray(keep, np.int64), iproto, masks, worst)
+    return masks if n == 0 or worst.max() < _NONFINITE else None
+
+
+def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray | None, weights: np.ndarray, lam: float,
+               elect: str, zero_sign: str, majority: float | None, aggregate: str, out: np.ndarray,
+               masks: np.ndarray | None = None) -> bool:
+    """out = base + lam * TIES(models - base) for one chunk; False when a task vector is not finite.
+    ``masks`` (n, E) uint8 (from :func:`exact_k_masks`) replace the thresholds' trim."""
     worst = _worst()
-    _ties_kernel(*_rows_of(inputs), _f16_table(), thresholds.astype(np.float32), weights.astype(np.float32),
-                 float(lam), ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0),
-                 AGGREGATE_CODES[aggregate], out, worst)
+    n = len(inputs) - 1
+    use_masks = masks is not None
+    thr = np.zeros(n, np.float32) if thresholds is None else thresholds.astype(np.float32)
+    _ties_kernel(*_rows_of(inputs), _f16_table(), thr, masks if use_masks else np.zeros((n, 0), np.uint8),
+                 use_masks, weights.astype(np.float32), float(lam), ELECT_CODES[elect], ZERO_CODES[zero_sign],
+                 float(majority or 0.0), AGGREGATE_CODES[aggregate], out, worst)
     return bool(worst.max() < _NONFINITE)
 
 
