@@ -59,12 +59,14 @@ class TopK:
 
     def keep_counts(self, numel: int, n_models: int, *, at_least_one: bool = False) -> list[int]:
         """Entries each model keeps of a scope of ``numel`` entries (``at_least_one``: mergekit's
-        exact-k rule keeps max(1, k) of a non-empty tensor)."""
+        exact-k rule, max(1, int(density * numel)) of a non-empty tensor with mergekit's float
+        product, so 0.29 of 100 keeps 28 there and 29 elsewhere)."""
         from .ops import keep_count  # exact rational arithmetic; ops is pure math
 
         densities = self.densities if self.densities is not None else (self.density,) * n_models
-        counts = [keep_count(numel, d) for d in densities]
-        return [max(1, k) if at_least_one and numel else k for k in counts]
+        if at_least_one:
+            return [min(numel, max(1, int(float(d) * numel))) if numel else 0 for d in densities]
+        return [keep_count(numel, d) for d in densities]
 
 
 @dataclass(frozen=True)
