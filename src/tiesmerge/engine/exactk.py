@@ -106,6 +106,35 @@ if njit is not None:
             idx[j] = vi
 
     @njit(cache=True, nogil=True)
+    def _partition(keys, idx, first, last, left, right):  # pragma: no cover - compiled
+        # std::__unguarded_partition(first + 1, last, first) with the pivot at first, in three
+        # branch-free passes instead of its data-dependent scans: the i-th swap exchanges the
+        # i-th entry <= pivot from the left (left[i]) with the i-th entry >= pivot from the right
+        # (right[i]) while left[i] < right[i] (entries between the scans are untouched, so the
+        # original positions are the scans' stops); the cut is where the left scan stops next:
+        # left[s], or the last swapped right position if that comes first.
+        pivot = keys[first]
+        na = 0
+        for j in range(first + 1, last):
+            left[na] = j
+            na += keys[j] <= pivot
+        nb = 0
+        for j in range(last - 1, first - 1, -1):  # the pivot itself stops the right scan at last
+            right[nb] = j
+            nb += keys[j] >= pivot
+        s = 0
+        m = min(na, nb)
+        while s < m and left[s] < right[s]:
+            s += 1
+        for j in range(s):
+            _swap(keys, idx, left[j], right[j])
+        if s == 0:
+            return left[0]  # median-of-three: an entry <= pivot exists right of first
+        if s < na:
+            return min(left[s], right[s - 1])
+        return right[s - 1]
+
+    @njit(cache=True, nogil=True)
     def _floor_log2(n):  # pragma: no cover - compiled
         r = 0
         while n > 1:
@@ -114,10 +143,10 @@ if njit is not None:
         return r
 
     @njit(cache=True, nogil=True)
-    def sort_topk(keys, idx, k):  # pragma: no cover - compiled
+    def sort_topk(keys, idx, k, left, right):  # pragma: no cover - compiled
         """Rearrange (keys, idx) (E,) as std::sort(desc) would, only where it decides position k:
         afterwards idx[:k] holds the indices of the first k entries of the sorted order. keys must
-        be finite (the NaN-first comparator is not replayed)."""
+        be finite (the NaN-first comparator is not replayed); left, right: (E,) scratch like idx."""
         first = 0
         last = keys.shape[0]
         depth = 2 * _floor_log2(last) if last > 0 else 0
@@ -146,20 +175,7 @@ if njit is not None:
                 _swap(keys, idx, first, c)
             else:
                 _swap(keys, idx, first, b)
-            # std::__unguarded_partition(first + 1, last, first): the pivot stays at first
-            pivot = keys[first]
-            lo = first + 1
-            hi = last
-            while True:
-                while keys[lo] > pivot:
-                    lo += 1
-                hi -= 1
-                while pivot > keys[hi]:
-                    hi -= 1
-                if lo >= hi:
-                    break
-                _swap(keys, idx, lo, hi)
-                lo += 1
+            lo = _partition(keys, idx, first, last, left, right)
             if k <= lo:  # [first, lo) holds position k's side, or ends at it
                 last = lo
             else:
@@ -171,6 +187,6 @@ if njit is not None:
         finite float32 and idx (E,) scratch (int32 below 2**31 entries, else int64) are consumed."""
         for j in range(keys.shape[0]):
             idx[j] = j
-        sort_topk(keys, idx, k)
+        sort_topk(keys, idx, k, np.empty_like(idx), np.empty_like(idx))
         for j in range(k):
             mask[idx[j]] = 1

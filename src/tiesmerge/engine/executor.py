@@ -38,7 +38,7 @@ from .side import SideInputs
 
 __all__ = ["Sink", "MemorySink", "RunStats", "Executor"]
 
-EXACT_K_BYTES_PER_ENTRY = 9  # the fused exact-k selection's working bytes per entry and model (engine.exactk)
+EXACT_K_BYTES_PER_ENTRY = 17  # the fused exact-k selection's working bytes per entry and model (engine.exactk)
 
 
 class Sink(Protocol):
@@ -125,7 +125,7 @@ class Executor:
                              and inputs.reference is None and not self.req.base_values)
         extra_inputs = len(inputs.all) - 1 - self.n
         extra_bytes = side.extra_bytes_per_entry() if side else 0
-        if self._fused_merge and self.req.exact_k:  # per model: the float32 keys, int32 positions, a mask byte
+        if self._fused_merge and self.req.exact_k:  # per model: float32 keys, 3 int32 position arrays, a mask byte
             extra_bytes += self.n * EXACT_K_BYTES_PER_ENTRY
         self.plan: Plan = make_plan(alignment, self.n, self.req, memory_budget=memory_budget, out_dtype=out_dtype,
                                     fused=self._fused_merge, extra_inputs=extra_inputs,
