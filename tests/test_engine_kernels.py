@@ -20,7 +20,7 @@ from tiesmerge.engine import kernels
 from tiesmerge.engine.executor import Executor, RunStats
 from tiesmerge.io.align import align
 from tiesmerge.io.checkpoint import StateDictCheckpoint
-from tiesmerge.methods import Average, DareTies, MagnitudePrune, TaskArithmetic, Ties
+from tiesmerge.methods import Average, DareLinear, DareTies, MagnitudePrune, TaskArithmetic, Ties
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -120,12 +120,14 @@ FUSED_MERGES = [
     Ties(threshold_ties="sort", scope="per_tensor"),  # mergekit's exact k: the sort's choice replayed (engine.exactk)
     Ties(threshold_ties="sort", scope="per_tensor", densities=(0.2, 0.3, 0.5), weights=(1.0, 0.7, 0.5),
          zero_sign="positive"),
+    DareTies(drop_rate=0.5, seed=1), DareTies(drop_rate=0.9, seed=3, aggregate="sum", weights=(0.5, 1.0, -0.3)),
+    DareTies(drop_rate=0.3, seed=2, elect="count", lam=1.7),
     TaskArithmetic(), TaskArithmetic(lam=0.7, weights=(0.5, -1.0, 2.0)), Average(), Average(weights=(1.0, 3.0, 0.5)),
 ]
 # merged by the torch path even with the kernels on; only their thresholds are counted by a kernel
 COUNTED_ONLY = [MagnitudePrune()]
-# no kernel at all: DARE drops at random
-TORCH_ONLY = [DareTies(drop_rate=0.5, seed=1)]
+# no kernel at all
+TORCH_ONLY = [DareLinear(drop_rate=0.5, seed=1)]
 
 
 @pytest.mark.parametrize("method", FUSED_MERGES, ids=repr)

@@ -295,8 +295,12 @@ class Executor:
         if isinstance(spec, TiesKernel):
             w = np.ones(self.n, np.float32) if self.req.weights is None else np.asarray(self.req.weights, np.float32)
             fill = float(scope.reduced[spec.majority_from]) if spec.majority_from else None
+            dare = None
+            if spec.dare is not None:  # counter-based: model t's stream at the chunk's flat offset
+                drop, seed = spec.dare
+                dare = (kernels.dare_keys(seed, _stream_id(chunk.job.name), self.n), drop, chunk.offset)
             finite = kernels.ties_merge(inputs, scope.cuts.get("trim"), w, spec.lam, spec.elect, spec.zero_sign, fill,
-                                        spec.aggregate, target, scope.masks)
+                                        spec.aggregate, target, scope.masks, dare)
         else:
             assert isinstance(spec, LinearKernel)
             coef = None if spec.coefficients is None else np.asarray(spec.coefficients, np.float32)

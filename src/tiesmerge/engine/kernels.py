@@ -36,7 +36,7 @@ from . import exactk
 
 __all__ = [
     "available", "raw_view", "out_view",
-    "count_pass", "exact_k_masks", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
+    "count_pass", "exact_k_masks", "dare_keys", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
 ELECT_CODES = {"mass": 0, "count": 1}
@@ -137,6 +137,24 @@ if numba is not None:
         return None
 
     @njit(inline="always")
+    def _fmix32(x):  # pragma: no cover - compiled
+        # MurmurHash3's finaliser on a uint64 holding a 32-bit value (methods.ops._fmix32)
+        m = np.uint64(0xFFFFFFFF)
+        x = x ^ (x >> np.uint64(16))
+        x = (x * np.uint64(0x85EBCA6B)) & m
+        x = x ^ (x >> np.uint64(13))
+        x = (x * np.uint64(0xC2B2AE35)) & m
+        return x ^ (x >> np.uint64(16))
+
+    @njit(inline="always")
+    def _hash_uniform(key, pos):  # pragma: no cover - compiled
+        # methods.ops.hash_uniform at flat position pos (uint64) of the stream whose key is given
+        m = np.uint64(0xFFFFFFFF)
+        x = _fmix32((pos & m) ^ key)
+        x = _fmix32((x + (pos >> np.uint64(32)) * np.uint64(0x27D4EB2F) + key) & m)
+        return np.float32(x >> np.uint64(8)) * np.float32(2.0**-24)
+
+    @njit(inline="always")
     def _base_block(proto, addrs, start, count, table):  # pragma: no cover - compiled
         # the base's entries start .. start + count, widened to float32 (count,)
         block = _rows(proto, addrs, 0, start, count)  # 1-d rows: indexing them vectorises
@@ -226,13 +244,18 @@ if numba is not None:
             exactk.keep_mask(keys, idx, keep[t], masks[t])
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, weights, lam, elect, zero, fill,
-                     aggregate, out, worst):  # pragma: no cover
+    def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, dare_keys, drop, rescale, offset,
+                     weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
         # rows at addrs (base, then models; proto: their dtype), thresholds/weights (n,) f32,
-        # masks (n, E) u8 (use_masks: an exact-k selection replaces the thresholds), out (E,) bf16 bits or f32
+        # masks (n, E) u8 (use_masks: an exact-k selection replaces the thresholds), out (E,) bf16 bits or f32;
+        # dare_keys (n,) u64 (non-empty: DARE drops entries whose hash uniform at offset + j is below drop
+        # and rescales the rest by rescale, as methods.dare does)
         n = len(addrs) - 1
         lam32 = np.float32(lam)
         fill32 = np.float32(fill)
+        dare = len(dare_keys) > 0
+        drop32 = np.float32(drop)
+        rescale32 = np.float32(rescale)
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
             tid = numba.get_thread_id()
@@ -259,6 +282,9 @@ if numba is not None:
                         kv = v if masks[t, start + j] != 0 else np.float32(0.0)
                     else:
                         kv = v if abs(v) >= thr else np.float32(0.0)
+                    if dare:  # loop-invariant: LLVM unswitches it
+                        u = _hash_uniform(dare_keys[t], np.uint64(offset + start + j))
+                        kv = kv * rescale32 if u >= drop32 else np.float32(0.0)
                     kept[t, j] = kv
                     if elect == 0:  # loop-invariant: LLVM unswitches it
                         vote[j] += w * kv
@@ -361,18 +387,36 @@ def exact_k_masks(inputs: Sequence[np.ndarray], keep: Sequence[int]) -> np.ndarr
     return masks if n == 0 or worst.max() < _NONFINITE else None
 
 
+def dare_keys(seed: int, stream: int, n_models: int) -> np.ndarray:
+    """(n,) uint64: the key of model t's random stream in :func:`methods.ops.hash_uniform`, with
+    methods.dare's per-model seed ``seed + 7919 t``."""
+    def fmix32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    return np.array([fmix32(((seed + 7919 * t) * 0x9E3779B1 + stream) & 0xFFFFFFFF) for t in range(n_models)],
+                    np.uint64)
+
+
 def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray | None, weights: np.ndarray, lam: float,
                elect: str, zero_sign: str, majority: float | None, aggregate: str, out: np.ndarray,
-               masks: np.ndarray | None = None) -> bool:
+               masks: np.ndarray | None = None, dare: tuple[np.ndarray, float, int] | None = None) -> bool:
     """out = base + lam * TIES(models - base) for one chunk; False when a task vector is not finite.
-    ``masks`` (n, E) uint8 (from :func:`exact_k_masks`) replace the thresholds' trim."""
+    ``masks`` (n, E) uint8 (from :func:`exact_k_masks`) replace the thresholds' trim; ``dare``
+    (keys from :func:`dare_keys`, drop rate, flat offset of the chunk) drops and rescales first."""
     worst = _worst()
     n = len(inputs) - 1
     use_masks = masks is not None
     thr = np.zeros(n, np.float32) if thresholds is None else thresholds.astype(np.float32)
+    keys, drop, offset = dare if dare is not None else (np.zeros(0, np.uint64), 0.0, 0)
+    rescale = 1.0 / (1.0 - drop) if dare is not None else 1.0  # the torch path's python-float factor
     _ties_kernel(*_rows_of(inputs), _f16_table(), thr, masks if use_masks else np.zeros((n, 0), np.uint8),
-                 use_masks, weights.astype(np.float32), float(lam), ELECT_CODES[elect], ZERO_CODES[zero_sign],
-                 float(majority or 0.0), AGGREGATE_CODES[aggregate], out, worst)
+                 use_masks, keys, float(drop), float(rescale), int(offset), weights.astype(np.float32), float(lam),
+                 ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0), AGGREGATE_CODES[aggregate], out,
+                 worst)
     return bool(worst.max() < _NONFINITE)
 
 

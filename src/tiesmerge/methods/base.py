@@ -113,13 +113,16 @@ class SideInput:
 class TiesKernel:
     """The fused CPU kernel computes ``base + lam * TIES(tau)`` exactly as ``merge`` does
     (same float32 operations, same order): the engine may run it instead of ``merge``.
-    ``majority_from``: the reduction whose value fills zero votes (``zero_sign="majority"``)."""
+    ``majority_from``: the reduction whose value fills zero votes (``zero_sign="majority"``).
+    ``dare``: (drop rate, seed): DARE's random drop and 1/(1 - drop) rescale in place of the trim
+    (methods.dare's counter-based streams)."""
 
     lam: float
     elect: str
     zero_sign: str
     aggregate: str
     majority_from: str | None = None
+    dare: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True)
