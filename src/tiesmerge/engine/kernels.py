@@ -36,7 +36,8 @@ from . import exactk
 
 __all__ = [
     "available", "raw_view", "out_view",
-    "count_pass", "exact_k_masks", "dare_keys", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
+    "count_pass", "exact_k_masks", "dare_keys", "ties_merge", "linear_merge",
+    "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
 ELECT_CODES = {"mass": 0, "count": 1}
