@@ -24,7 +24,8 @@ def _torch_mask(w: np.ndarray, k: int) -> np.ndarray:
 
 def _replayed_mask(w: np.ndarray, k: int) -> np.ndarray:
     mask = np.zeros(w.size, np.uint8)
-    exactk.keep_mask(w.astype(np.float32).copy(), np.empty(w.size, np.int32), k, mask)
+    scratch = [np.empty(w.size, np.int32) for _ in range(3)]
+    exactk.keep_mask(w.astype(np.float32).copy(), scratch[0], k, mask, scratch[1], scratch[2])
     return mask.astype(bool)
 
 
@@ -94,6 +95,9 @@ def test_exact_k_masks_read_raw_rows():
               for _ in range(3)]
     keep = [10_000, 15_000, 25_000]
     masks = kernels.exact_k_masks([kernels.raw_view(t) for t in [base, *models]], keep)
+    reused = np.empty(kernels.exact_k_scratch_bytes(3, 50_000), np.uint8)
+    reused[:] = 7  # stale bytes: the masks are zeroed before use
+    assert (kernels.exact_k_masks([kernels.raw_view(t) for t in [base, *models]], keep, reused) == masks).all()
     for t, m in enumerate(models):
         tau = (m.float() - base.float()).abs().numpy()
         assert (masks[t].astype(bool) == _torch_mask(tau, keep[t])).all()

@@ -182,11 +182,12 @@ if njit is not None:
                 first = lo
 
     @njit(cache=True, nogil=True)
-    def keep_mask(keys, idx, k, mask):  # pragma: no cover - compiled
-        """mask (E,) uint8 := 1 where torch.argsort(keys, descending=True)[:k] points. keys (E,)
-        finite float32 and idx (E,) scratch (int32 below 2**31 entries, else int64) are consumed."""
+    def keep_mask(keys, idx, k, mask, left, right):  # pragma: no cover - compiled
+        """mask (E,) uint8 (zeroed) := 1 where torch.argsort(keys, descending=True)[:k] points. keys (E,)
+        finite float32 and idx, left, right (E,) scratch (int32 below 2**31 entries, else int64) are
+        consumed."""
         for j in range(keys.shape[0]):
             idx[j] = j
-        sort_topk(keys, idx, k, np.empty_like(idx), np.empty_like(idx))
+        sort_topk(keys, idx, k, left, right)
         for j in range(k):
             mask[idx[j]] = 1

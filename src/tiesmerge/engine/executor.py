@@ -209,7 +209,9 @@ class Executor:
             # mergekit's exact k in torch.argsort's order, found without sorting (engine.exactk)
             clock = time.perf_counter()
             keep = self.req.trim.keep_counts(chunk.job.numel, self.n, at_least_one=True)
-            scope.masks = fused.load().exact_k_masks(payload.inputs[:1 + self.n], keep)
+            kernels = fused.load()
+            scratch = self.reader.buffers.take("exact_k", kernels.exact_k_scratch_bytes(self.n, chunk.numel))
+            scope.masks = kernels.exact_k_masks(payload.inputs[:1 + self.n], keep, scratch)
             self._tally("exact_k", clock)
             if scope.masks is None:
                 self.reader.raise_not_finite(chunk, payload.tensors())

@@ -36,7 +36,7 @@ from . import exactk
 
 __all__ = [
     "available", "raw_view", "out_view",
-    "count_pass", "exact_k_masks", "dare_keys", "ties_merge", "linear_merge",
+    "count_pass", "exact_k_scratch_bytes", "exact_k_masks", "dare_keys", "ties_merge", "linear_merge",
     "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
@@ -224,25 +224,23 @@ if numba is not None:
             worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _exact_k_kernel(proto, addrs, size, table, keep, iproto, masks, worst):  # pragma: no cover
-        # per model t (in parallel): |tau_t| (E,) float32 as the torch path computes it, then
-        # masks[t] (E,) u8 := the entries torch.argsort(|tau_t|, descending=True)[:keep[t]] keeps;
-        # worst (n,) u32 = max |tau_t| bits (a non-finite model is left unselected)
+    def _exact_k_kernel(proto, addrs, size, table, keep, keys, idx, left, right, masks, worst):  # pragma: no cover
+        # per model t (in parallel): keys[t] := |tau_t| (E,) float32 as the torch path computes it, then
+        # masks[t] (E,) u8 (zeroed) := the entries torch.argsort(|tau_t|, descending=True)[:keep[t]] keeps;
+        # idx/left/right (n, E) int scratch; worst (n,) u32 = max |tau_t| bits (a non-finite model is skipped)
         n = len(addrs) - 1
         for t in prange(n):
             base = _rows(proto, addrs, 0, 0, size)
             row = _rows(proto, addrs, 1 + t, 0, size)
-            keys = np.empty(size, np.float32)
+            kt = keys[t]
             top = np.uint32(0)
             for j in range(size):
                 a = abs(_widen(row[j], table) - _widen(base[j], table))
-                keys[j] = a
+                kt[j] = a
                 top = max(top, _f32_to_bits(a))
             worst[t] = top
-            if top >= np.uint32(0x7F800000):
-                continue
-            idx = np.empty(size, iproto.dtype)
-            exactk.keep_mask(keys, idx, keep[t], masks[t])
+            if top < np.uint32(0x7F800000):
+                exactk.keep_mask(kt, idx[t], keep[t], masks[t], left[t], right[t])
 
     @njit(parallel=True, cache=True, nogil=True)
     def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, dare_keys, drop, rescale, offset,
@@ -375,16 +373,39 @@ def count_pass(inputs: Sequence[np.ndarray], lo: np.ndarray, hi: np.ndarray, shi
     return bool(worst.max() < _NONFINITE)
 
 
-def exact_k_masks(inputs: Sequence[np.ndarray], keep: Sequence[int]) -> np.ndarray | None:
+def _aligned(nbytes: int) -> int:
+    return (nbytes + 63) // 64 * 64
+
+
+def exact_k_scratch_bytes(n_models: int, size: int) -> int:
+    """Working bytes :func:`exact_k_masks` needs for n models' whole tensors of ``size`` entries:
+    three position arrays, the float32 keys and the masks (engine.executor.EXACT_K_BYTES_PER_ENTRY)."""
+    isz = 4 if size < 2**31 else 8
+    return 3 * _aligned(n_models * size * isz) + _aligned(n_models * size * 4) + n_models * size
+
+
+def exact_k_masks(inputs: Sequence[np.ndarray], keep: Sequence[int], scratch: np.ndarray | None = None
+                  ) -> np.ndarray | None:
     """(n, E) uint8 masks of the entries mergekit's trim keeps: model t's first ``keep[t]`` of
     ``torch.argsort(|tau_t|, descending=True)`` (:mod:`.exactk`), without sorting; None when a
-    task vector is not finite. inputs: the base's rows, then each model's, of one whole tensor."""
+    task vector is not finite. inputs: the base's rows, then each model's, of one whole tensor;
+    scratch: a reused uint8 buffer of at least :func:`exact_k_scratch_bytes` (the masks live in it
+    until the next call), else fresh memory."""
     proto, addrs, size = _rows_of(inputs)
     n = len(inputs) - 1
-    masks = np.zeros((n, size), np.uint8)
+    need = exact_k_scratch_bytes(n, size)
+    buf = scratch if scratch is not None and scratch.size >= need else np.empty(need, np.uint8)
+    ind = np.dtype(np.int32 if size < 2**31 else np.int64)
+    views, at = [], 0
+    for dtype in (ind, ind, ind, np.dtype(np.float32), np.dtype(np.uint8)):  # widest first: each view aligned
+        nbytes = n * size * dtype.itemsize
+        views.append(buf[at:at + nbytes].view(dtype).reshape(n, size))
+        at += _aligned(nbytes)
+    idx, left, right, keys, masks = views
+    masks.fill(0)
     worst = np.zeros(n, np.uint32)
-    iproto = np.empty(0, np.int32 if size < 2**31 else np.int64)
-    _exact_k_kernel(proto, addrs, size, _f16_table(), np.asarray(keep, np.int64), iproto, masks, worst)
+    _exact_k_kernel(proto, addrs, size, _f16_table(), np.asarray(keep, np.int64), keys, idx, left, right, masks,
+                    worst)
     return masks if n == 0 or worst.max() < _NONFINITE else None
 
 
