@@ -22,8 +22,6 @@ rest with a stable insertion sort of its own. The result equals torch's bit for 
 
 from __future__ import annotations
 
-import numpy as np
-
 try:  # optional: without numba the engine runs the torch sort
     from numba import njit
 except ImportError:  # pragma: no cover - exercised where numba is absent
