@@ -113,6 +113,7 @@ def main() -> int:
     p.add_argument("--mergekit-venv", type=Path, default=DEFAULT_MERGEKIT_VENV)
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--memory-budget", default="4GiB", help="tiesmerge's --memory-budget (default 4GiB)")
+    p.add_argument("--work", type=Path, default=None, help="recipes, outputs and logs (default ROOT/mergekit-recipes)")
     p.add_argument("--repeat", type=int, default=2, help="tiesmerge runs per recipe (the fastest is reported; "
                    "mergekit runs once)")
     args = p.parse_args()
@@ -120,7 +121,7 @@ def main() -> int:
     base, fts = models_dir / "base", [models_dir / f"ft-{i:02d}" for i in (1, 2, 3)]
     if not all(d.is_dir() for d in (base, *fts)):
         raise SystemExit(f"missing models under {models_dir}: run benchmarks/speed/make_models.py --size {args.size}")
-    work = args.root / "mergekit-recipes"
+    work = args.work or args.root / "mergekit-recipes"
     work.mkdir(parents=True, exist_ok=True)
     previous = _previous_rows(args.out / "mergekit_recipes.json") if args.only else {}
     fresh = {key: run_recipe(key, args, work, base, fts) for key in (args.only or list(RECIPES))}
