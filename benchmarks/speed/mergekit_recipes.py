@@ -124,14 +124,16 @@ def main() -> int:
     work = args.work or args.root / "mergekit-recipes"
     work.mkdir(parents=True, exist_ok=True)
     previous = _previous_rows(args.out / "mergekit_recipes.json") if args.only else {}
-    fresh = {key: run_recipe(key, args, work, base, fts) for key in (args.only or list(RECIPES))}
-    rows = [fresh.get(key) or previous[key] for key in RECIPES if key in fresh or key in previous]
     spec = json.loads((base / "speed-model.json").read_text()) if (base / "speed-model.json").is_file() else {}
-    result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": str(models_dir), "model_spec": spec,
-              "tiesmerge_memory_budget": args.memory_budget, "cpus": os.cpu_count(), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "mergekit_recipes.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "mergekit_recipes.md").write_text(report(result))
+    fresh: dict[str, dict] = {}
+    for key in args.only or list(RECIPES):  # the results are rewritten after each row: a cut-short run keeps its rows
+        fresh[key] = run_recipe(key, args, work, base, fts)
+        rows = [fresh.get(k) or previous[k] for k in RECIPES if k in fresh or k in previous]
+        result = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "models": str(models_dir), "model_spec": spec,
+                  "tiesmerge_memory_budget": args.memory_budget, "cpus": os.cpu_count(), "rows": rows}
+        (args.out / "mergekit_recipes.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "mergekit_recipes.md").write_text(report(result))
     print(report(result))
     return 0 if all(r["tiesmerge"]["rc"] == 0 and r["mergekit"]["rc"] == 0 for r in rows) else 1
 
