@@ -112,7 +112,8 @@ def main() -> int:
     p.add_argument("--tiesmerge", type=Path, default=REPO / ".venv" / "bin" / "tiesmerge")
     p.add_argument("--mergekit-venv", type=Path, default=DEFAULT_MERGEKIT_VENV)
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
-    p.add_argument("--memory-budget", default="4GiB", help="tiesmerge's --memory-budget (default 4GiB)")
+    p.add_argument("--memory-budget", default="8GiB", help="tiesmerge's --memory-budget (default 8GiB: whole-tensor "
+                   "methods hold the 32000 x 1024 embedding of every model at once)")
     p.add_argument("--work", type=Path, default=None, help="recipes, outputs and logs (default ROOT/mergekit-recipes)")
     p.add_argument("--repeat", type=int, default=2, help="tiesmerge runs per recipe (the fastest is reported; "
                    "mergekit runs once)")
@@ -166,15 +167,19 @@ def run_recipe(key: str, args: argparse.Namespace, work: Path, base: Path, fts: 
         runs.append(timed([str(args.tiesmerge), "merge", str(recipe), "-o", str(ours), "--no-progress",
                            "--memory-budget", args.memory_budget], work / f"{key}-tiesmerge.log"))
     t_run = min(runs, key=lambda r: (r["rc"] != 0, r["wall_s"] or 0.0))
-    log(f"{key}: mergekit ({t_run['wall_s']} s for tiesmerge)")
-    mergekit = args.mergekit_venv / "bin" / "mergekit-yaml"
-    m_run = timed([str(mergekit), str(recipe), str(theirs)], work / f"{key}-mergekit.log")
+    if t_run["rc"] != 0:  # nothing to compare: do not spend mergekit's minutes
+        log(f"{key}: tiesmerge failed (rc {t_run['rc']}), see {work / f'{key}-tiesmerge.log'}")
+        m_run = {"rc": None, "wall_s": None}
+    else:
+        log(f"{key}: mergekit ({t_run['wall_s']} s for tiesmerge)")
+        mergekit = args.mergekit_venv / "bin" / "mergekit-yaml"
+        m_run = timed([str(mergekit), str(recipe), str(theirs)], work / f"{key}-mergekit.log")
     keys = ("rc", "wall_s", "user_s", "sys_s", "peak_rss_bytes", "log_tail")
     row = {"key": key, "label": label, "recipe": recipe.read_text(),
            "tiesmerge": {k: t_run.get(k) for k in keys} | {"cpu_s": _cpu_s(t_run),
                                                           "all_wall_s": [r["wall_s"] for r in runs]},
            "mergekit": {k: m_run.get(k) for k in keys} | {"cpu_s": _cpu_s(m_run)},
-           "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+           "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)], "memory_budget": args.memory_budget}
     if t_run["rc"] == 0 and m_run["rc"] == 0:
         compared = compare_outputs(ours, theirs, base)
         compared.pop("per_tensor")
@@ -190,6 +195,12 @@ def run_recipe(key: str, args: argparse.Namespace, work: Path, base: Path, fts: 
     return row
 
 
+def _budgets(result: dict) -> str:
+    """The --memory-budget of the rows (older rows did not record theirs: the run's)."""
+    used = {r.get("memory_budget", result["tiesmerge_memory_budget"]) for r in result["rows"]}
+    return ", ".join(sorted(used)) + ("` (per row in the .json)" if len(used) > 1 else "`")
+
+
 def _ratio(m: float | None, t: float | None) -> float | None:
     return m / t if m and t else None
 
@@ -201,7 +212,7 @@ def report(result: dict) -> str:
              "from `benchmarks/speed/make_models.py`). Written by `benchmarks/speed/mergekit_recipes.py` on "
              f"{result['created']} ({result.get('cpus', 2)} CPU cores shared with other work: the load average "
              "is recorded per row in the .json); tiesmerge with `--memory-budget "
-             f"{result['tiesmerge_memory_budget']}`, the fastest of its runs, mergekit run once. Speed-up = "
+             f"{_budgets(result)}, the fastest of its runs, mergekit run once. Speed-up = "
              "mergekit / tiesmerge, by wall time and by CPU time (user + system, less sensitive to the "
              "machine's load).", "",
              "| recipe | tiesmerge s | mergekit s | speed-up | CPU s tiesmerge / mergekit | CPU speed-up | "
