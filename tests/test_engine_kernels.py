@@ -20,7 +20,7 @@ from tiesmerge.engine import kernels
 from tiesmerge.engine.executor import Executor, RunStats
 from tiesmerge.io.align import align
 from tiesmerge.io.checkpoint import StateDictCheckpoint
-from tiesmerge.methods import Average, DareTies, MagnitudePrune, TaskArithmetic, Ties
+from tiesmerge.methods import Average, DareLinear, DareTies, MagnitudePrune, TaskArithmetic, Ties
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -117,12 +117,17 @@ FUSED_MERGES = [
     Ties(aggregate="sum", lam=1.3), Ties(aggregate="max"), Ties(weights=(0.5, 2.0, 1.0)),
     Ties(weights=(-1.0, 1.0, 0.5), scope="per_tensor"), Ties(density=1.0), Ties(density=0.01),
     Ties(zero_sign="majority"), Ties(zero_sign="majority", scope="per_tensor"),  # per tensor: majority by torch
+    Ties(threshold_ties="sort", scope="per_tensor"),  # mergekit's exact k: the sort's choice replayed (engine.exactk)
+    Ties(threshold_ties="sort", scope="per_tensor", densities=(0.2, 0.3, 0.5), weights=(1.0, 0.7, 0.5),
+         zero_sign="positive"),
+    DareTies(drop_rate=0.5, seed=1), DareTies(drop_rate=0.9, seed=3, aggregate="sum", weights=(0.5, 1.0, -0.3)),
+    DareTies(drop_rate=0.3, seed=2, elect="count", lam=1.7),
     TaskArithmetic(), TaskArithmetic(lam=0.7, weights=(0.5, -1.0, 2.0)), Average(), Average(weights=(1.0, 3.0, 0.5)),
 ]
 # merged by the torch path even with the kernels on; only their thresholds are counted by a kernel
 COUNTED_ONLY = [MagnitudePrune()]
-# no kernel at all: mergekit's exact k keeps counts, not thresholds; DARE drops at random
-TORCH_ONLY = [Ties(threshold_ties="sort", scope="per_tensor"), DareTies(drop_rate=0.5, seed=1)]
+# no kernel at all
+TORCH_ONLY = [DareLinear(drop_rate=0.5, seed=1)]
 
 
 @pytest.mark.parametrize("method", FUSED_MERGES, ids=repr)
@@ -160,12 +165,14 @@ def test_what_the_kernels_do_not_cover_runs_on_torch_without_a_kernel_call(metho
     assert not calls
 
 
-@pytest.mark.parametrize("scope", ["global", "per_tensor"])
-def test_fused_is_chunking_invariant(scope):
+@pytest.mark.parametrize("method", [Ties(scope="global"), Ties(scope="per_tensor"), DareTies(drop_rate=0.6, seed=5)],
+                         ids=repr)
+def test_fused_is_chunking_invariant(method):
+    # DARE: the kernel's random streams are addressed by flat position, so row chunks drop the same entries
     base, models = _family(4, torch.bfloat16, seed=3)
     with _watch() as (runs, _):
-        whole = tiesmerge.merge(base, models, Ties(scope=scope))
-        chunked = tiesmerge.merge(base, models, Ties(scope=scope), memory_budget=2048)
+        whole = tiesmerge.merge(base, models, method)
+        chunked = tiesmerge.merge(base, models, method, memory_budget=2048)
     for run in runs:
         _assert_fused(run)
     assert runs[1].merged_chunks > runs[0].merged_chunks  # the budget did split tensors

@@ -9,7 +9,8 @@ mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5,
   ``normalize`` (default true) divides by the sum of the agreeing models' weights, else sums;
   ``lambda`` scales the result.  ->  ``ties`` with ``scope=per_tensor, elect=mass,
   zero_sign=positive, aggregate=mean|sum, weights, densities, lam, threshold_ties=sort`` (exactly
-  max(1, k) entries per tensor, ties at the threshold in torch.argsort's order, as mergekit).
+  max(1, int(density * numel)) entries per tensor, ties at the threshold in torch.argsort's order, as
+  mergekit; the fused engine replays that order without sorting, engine/exactk.py).
 - ``task_arithmetic``: base + λ Σ w τ (``normalize`` default false divides by Σ w).
   ->  ``task_arithmetic`` with ``weights`` (divided by Σ w when normalizing), ``lam``.
 - ``linear``: Σ w θ / Σ w over the listed models (``normalize`` default true).
@@ -285,8 +286,9 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
             problems.append(f"ties: density {bad[0]} keeps nothing; use a fraction in (0, 1]")
         if options.get("rescale"):
             problems.append("ties with rescale: true (norm-preserving trim) is not supported")
-        return "ties", params, ("mergekit ties: per-tensor magnitude trim at each model's density (exactly k "
-                                "entries, ties at the threshold in torch.argsort's order), sign elected "
+        return "ties", params, ("mergekit ties: per-tensor magnitude trim at each model's density (exactly "
+                                "max(1, int(density·numel)) entries, ties at the threshold in torch.argsort's "
+                                "order), sign elected "
                                 "on the weighted deltas by their sum (+ on a zero sum), "
                                 + ("normalized by the sum of agreeing weights" if normalize else
                                    "agreeing weighted deltas summed") + ", × λ")

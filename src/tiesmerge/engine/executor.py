@@ -38,6 +38,8 @@ from .side import SideInputs
 
 __all__ = ["Sink", "MemorySink", "RunStats", "Executor"]
 
+EXACT_K_BYTES_PER_ENTRY = 17  # the fused exact-k selection's working bytes per entry and model (engine.exactk)
+
 
 class Sink(Protocol):
     """Where merged chunks go. A chunk is a torch tensor, or (from the fused CPU path, which
@@ -100,6 +102,7 @@ class _Scope:
 
     cuts: dict[str, np.ndarray] = field(default_factory=dict)
     reduced: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: np.ndarray | None = None  # (n, E) uint8: the exact-k trim of a whole tensor, for the fused merge
 
 
 class Executor:
@@ -121,9 +124,12 @@ class Executor:
         self._fused_merge = (kernels_on and self.req.kernel is not None and side is None
                              and inputs.reference is None and not self.req.base_values)
         extra_inputs = len(inputs.all) - 1 - self.n
+        extra_bytes = side.extra_bytes_per_entry() if side else 0
+        if self._fused_merge and self.req.exact_k:  # per model: float32 keys, 3 int32 position arrays, a mask byte
+            extra_bytes += self.n * EXACT_K_BYTES_PER_ENTRY
         self.plan: Plan = make_plan(alignment, self.n, self.req, memory_budget=memory_budget, out_dtype=out_dtype,
                                     fused=self._fused_merge, extra_inputs=extra_inputs,
-                                    extra_bytes_per_entry=side.extra_bytes_per_entry() if side else 0)
+                                    extra_bytes_per_entry=extra_bytes)
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
             self.plan = side.adjust_plan(self.plan)
@@ -200,6 +206,16 @@ class Executor:
         for cut in self.req.all_cuts:
             if not (cut.name == "trim" and self.req.exact_k):
                 scope.cuts[cut.name] = self.reducer.thresholds_in_memory(chunk, payload, rows, cut.top)
+        if self.req.exact_k and self._fused_merge and isinstance(payload, RawRows):
+            # mergekit's exact k in torch.argsort's order, found without sorting (engine.exactk)
+            clock = time.perf_counter()
+            keep = self.req.trim.keep_counts(chunk.job.numel, self.n, at_least_one=True)
+            kernels = fused.load()
+            scratch = self.reader.buffers.take("exact_k", kernels.exact_k_scratch_bytes(self.n, chunk.numel))
+            scope.masks = kernels.exact_k_masks(payload.inputs[:1 + self.n], keep, scratch)
+            self._tally("exact_k", clock)
+            if scope.masks is None:
+                self.reader.raise_not_finite(chunk, payload.tensors())
         if self.req.reductions:
             partial = self.reducer.sums_of(rows, self.req.reductions, self._context(chunk, rows, scope))
             scope.reduced = self.reducer.finish(self.req.reductions, partial)
@@ -283,8 +299,12 @@ class Executor:
         if isinstance(spec, TiesKernel):
             w = np.ones(self.n, np.float32) if self.req.weights is None else np.asarray(self.req.weights, np.float32)
             fill = float(scope.reduced[spec.majority_from]) if spec.majority_from else None
-            finite = kernels.ties_merge(inputs, scope.cuts["trim"], w, spec.lam, spec.elect, spec.zero_sign, fill,
-                                        spec.aggregate, target)
+            dare = None
+            if spec.dare is not None:  # counter-based: model t's stream at the chunk's flat offset
+                drop, seed = spec.dare
+                dare = (kernels.dare_keys(seed, _stream_id(chunk.job.name), self.n), drop, chunk.offset)
+            finite = kernels.ties_merge(inputs, scope.cuts.get("trim"), w, spec.lam, spec.elect, spec.zero_sign, fill,
+                                        spec.aggregate, target, scope.masks, dare)
         else:
             assert isinstance(spec, LinearKernel)
             coef = None if spec.coefficients is None else np.asarray(spec.coefficients, np.float32)

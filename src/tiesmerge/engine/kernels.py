@@ -32,9 +32,12 @@ try:  # optional: the engine falls back to torch without it
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
 
+from . import exactk
+
 __all__ = [
     "available", "raw_view", "out_view",
-    "count_pass", "ties_merge", "linear_merge", "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
+    "count_pass", "exact_k_scratch_bytes", "exact_k_masks", "dare_keys", "ties_merge", "linear_merge",
+    "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
 ELECT_CODES = {"mass": 0, "count": 1}
@@ -135,6 +138,24 @@ if numba is not None:
         return None
 
     @njit(inline="always")
+    def _fmix32(x):  # pragma: no cover - compiled
+        # MurmurHash3's finaliser on a uint64 holding a 32-bit value (methods.ops._fmix32)
+        m = np.uint64(0xFFFFFFFF)
+        x = x ^ (x >> np.uint64(16))
+        x = (x * np.uint64(0x85EBCA6B)) & m
+        x = x ^ (x >> np.uint64(13))
+        x = (x * np.uint64(0xC2B2AE35)) & m
+        return x ^ (x >> np.uint64(16))
+
+    @njit(inline="always")
+    def _hash_uniform(key, pos):  # pragma: no cover - compiled
+        # methods.ops.hash_uniform at flat position pos (uint64) of the stream whose key is given
+        m = np.uint64(0xFFFFFFFF)
+        x = _fmix32((pos & m) ^ key)
+        x = _fmix32((x + (pos >> np.uint64(32)) * np.uint64(0x27D4EB2F) + key) & m)
+        return np.float32(x >> np.uint64(8)) * np.float32(2.0**-24)
+
+    @njit(inline="always")
     def _base_block(proto, addrs, start, count, table):  # pragma: no cover - compiled
         # the base's entries start .. start + count, widened to float32 (count,)
         block = _rows(proto, addrs, 0, start, count)  # 1-d rows: indexing them vectorises
@@ -203,13 +224,37 @@ if numba is not None:
             worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ties_kernel(proto, addrs, size, table, thresholds, weights, lam, elect, zero, fill, aggregate, out,
-                     worst):  # pragma: no cover
+    def _exact_k_kernel(proto, addrs, size, table, keep, keys, idx, left, right, masks, worst):  # pragma: no cover
+        # per model t (in parallel): keys[t] := |tau_t| (E,) float32 as the torch path computes it, then
+        # masks[t] (E,) u8 (zeroed) := the entries torch.argsort(|tau_t|, descending=True)[:keep[t]] keeps;
+        # idx/left/right (n, E) int scratch; worst (n,) u32 = max |tau_t| bits (a non-finite model is skipped)
+        n = len(addrs) - 1
+        for t in prange(n):
+            base = _rows(proto, addrs, 0, 0, size)
+            row = _rows(proto, addrs, 1 + t, 0, size)
+            kt = keys[t]
+            top = np.uint32(0)
+            for j in range(size):
+                a = abs(_widen(row[j], table) - _widen(base[j], table))
+                kt[j] = a
+                top = max(top, _f32_to_bits(a))
+            worst[t] = top
+            if top < np.uint32(0x7F800000):
+                exactk.keep_mask(kt, idx[t], keep[t], masks[t], left[t], right[t])
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, dare_keys, drop, rescale, offset,
+                     weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
         # rows at addrs (base, then models; proto: their dtype), thresholds/weights (n,) f32,
-        # out (E,) bf16 bits or f32
+        # masks (n, E) u8 (use_masks: an exact-k selection replaces the thresholds), out (E,) bf16 bits or f32;
+        # dare_keys (n,) u64 (non-empty: DARE drops entries whose hash uniform at offset + j is below drop
+        # and rescales the rest by rescale, as methods.dare does)
         n = len(addrs) - 1
         lam32 = np.float32(lam)
         fill32 = np.float32(fill)
+        dare = len(dare_keys) > 0
+        drop32 = np.float32(drop)
+        rescale32 = np.float32(rescale)
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
             tid = numba.get_thread_id()
@@ -232,7 +277,13 @@ if numba is not None:
                 for j in range(m):
                     v = _widen(row[j], table) - b32[j]
                     top = max(top, _f32_to_bits(abs(v)))
-                    kv = v if abs(v) >= thr else np.float32(0.0)
+                    if use_masks:  # loop-invariant: LLVM unswitches it
+                        kv = v if masks[t, start + j] != 0 else np.float32(0.0)
+                    else:
+                        kv = v if abs(v) >= thr else np.float32(0.0)
+                    if dare:  # loop-invariant: LLVM unswitches it
+                        u = _hash_uniform(dare_keys[t], np.uint64(offset + start + j))
+                        kv = kv * rescale32 if u >= drop32 else np.float32(0.0)
                     kept[t, j] = kv
                     if elect == 0:  # loop-invariant: LLVM unswitches it
                         vote[j] += w * kv
@@ -322,13 +373,72 @@ def count_pass(inputs: Sequence[np.ndarray], lo: np.ndarray, hi: np.ndarray, shi
     return bool(worst.max() < _NONFINITE)
 
 
-def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray, weights: np.ndarray, lam: float,
-               elect: str, zero_sign: str, majority: float | None, aggregate: str, out: np.ndarray) -> bool:
-    """out = base + lam * TIES(models - base) for one chunk; False when a task vector is not finite."""
+def _aligned(nbytes: int) -> int:
+    return (nbytes + 63) // 64 * 64
+
+
+def exact_k_scratch_bytes(n_models: int, size: int) -> int:
+    """Working bytes :func:`exact_k_masks` needs for n models' whole tensors of ``size`` entries:
+    three position arrays, the float32 keys and the masks (engine.executor.EXACT_K_BYTES_PER_ENTRY)."""
+    isz = 4 if size < 2**31 else 8
+    return 3 * _aligned(n_models * size * isz) + _aligned(n_models * size * 4) + n_models * size
+
+
+def exact_k_masks(inputs: Sequence[np.ndarray], keep: Sequence[int], scratch: np.ndarray | None = None
+                  ) -> np.ndarray | None:
+    """(n, E) uint8 masks of the entries mergekit's trim keeps: model t's first ``keep[t]`` of
+    ``torch.argsort(|tau_t|, descending=True)`` (:mod:`.exactk`), without sorting; None when a
+    task vector is not finite. inputs: the base's rows, then each model's, of one whole tensor;
+    scratch: a reused uint8 buffer of at least :func:`exact_k_scratch_bytes` (the masks live in it
+    until the next call), else fresh memory."""
+    proto, addrs, size = _rows_of(inputs)
+    n = len(inputs) - 1
+    need = exact_k_scratch_bytes(n, size)
+    buf = scratch if scratch is not None and scratch.size >= need else np.empty(need, np.uint8)
+    ind = np.dtype(np.int32 if size < 2**31 else np.int64)
+    views, at = [], 0
+    for dtype in (ind, ind, ind, np.dtype(np.float32), np.dtype(np.uint8)):  # widest first: each view aligned
+        nbytes = n * size * dtype.itemsize
+        views.append(buf[at:at + nbytes].view(dtype).reshape(n, size))
+        at += _aligned(nbytes)
+    idx, left, right, keys, masks = views
+    masks.fill(0)
+    worst = np.zeros(n, np.uint32)
+    _exact_k_kernel(proto, addrs, size, _f16_table(), np.asarray(keep, np.int64), keys, idx, left, right, masks,
+                    worst)
+    return masks if n == 0 or worst.max() < _NONFINITE else None
+
+
+def dare_keys(seed: int, stream: int, n_models: int) -> np.ndarray:
+    """(n,) uint64: the key of model t's random stream in :func:`methods.ops.hash_uniform`, with
+    methods.dare's per-model seed ``seed + 7919 t``."""
+    def fmix32(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+        x ^= x >> 13
+        x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    return np.array([fmix32(((seed + 7919 * t) * 0x9E3779B1 + stream) & 0xFFFFFFFF) for t in range(n_models)],
+                    np.uint64)
+
+
+def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray | None, weights: np.ndarray, lam: float,
+               elect: str, zero_sign: str, majority: float | None, aggregate: str, out: np.ndarray,
+               masks: np.ndarray | None = None, dare: tuple[np.ndarray, float, int] | None = None) -> bool:
+    """out = base + lam * TIES(models - base) for one chunk; False when a task vector is not finite.
+    ``masks`` (n, E) uint8 (from :func:`exact_k_masks`) replace the thresholds' trim; ``dare``
+    (keys from :func:`dare_keys`, drop rate, flat offset of the chunk) drops and rescales first."""
     worst = _worst()
-    _ties_kernel(*_rows_of(inputs), _f16_table(), thresholds.astype(np.float32), weights.astype(np.float32),
-                 float(lam), ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0),
-                 AGGREGATE_CODES[aggregate], out, worst)
+    n = len(inputs) - 1
+    use_masks = masks is not None
+    thr = np.zeros(n, np.float32) if thresholds is None else thresholds.astype(np.float32)
+    keys, drop, offset = dare if dare is not None else (np.zeros(0, np.uint64), 0.0, 0)
+    rescale = 1.0 / (1.0 - drop) if dare is not None else 1.0  # the torch path's python-float factor
+    _ties_kernel(*_rows_of(inputs), _f16_table(), thr, masks if use_masks else np.zeros((n, 0), np.uint8),
+                 use_masks, keys, float(drop), float(rescale), int(offset), weights.astype(np.float32), float(lam),
+                 ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0), AGGREGATE_CODES[aggregate], out,
+                 worst)
     return bool(worst.max() < _NONFINITE)
 
 

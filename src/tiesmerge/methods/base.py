@@ -59,12 +59,14 @@ class TopK:
 
     def keep_counts(self, numel: int, n_models: int, *, at_least_one: bool = False) -> list[int]:
         """Entries each model keeps of a scope of ``numel`` entries (``at_least_one``: mergekit's
-        exact-k rule keeps max(1, k) of a non-empty tensor)."""
+        exact-k rule, max(1, int(density * numel)) of a non-empty tensor with mergekit's float
+        product, so 0.29 of 100 keeps 28 there and 29 elsewhere)."""
         from .ops import keep_count  # exact rational arithmetic; ops is pure math
 
         densities = self.densities if self.densities is not None else (self.density,) * n_models
-        counts = [keep_count(numel, d) for d in densities]
-        return [max(1, k) if at_least_one and numel else k for k in counts]
+        if at_least_one:
+            return [min(numel, max(1, int(float(d) * numel))) if numel else 0 for d in densities]
+        return [keep_count(numel, d) for d in densities]
 
 
 @dataclass(frozen=True)
@@ -111,13 +113,16 @@ class SideInput:
 class TiesKernel:
     """The fused CPU kernel computes ``base + lam * TIES(tau)`` exactly as ``merge`` does
     (same float32 operations, same order): the engine may run it instead of ``merge``.
-    ``majority_from``: the reduction whose value fills zero votes (``zero_sign="majority"``)."""
+    ``majority_from``: the reduction whose value fills zero votes (``zero_sign="majority"``).
+    ``dare``: (drop rate, seed): DARE's random drop and 1/(1 - drop) rescale in place of the trim
+    (methods.dare's counter-based streams)."""
 
     lam: float
     elect: str
     zero_sign: str
     aggregate: str
     majority_from: str | None = None
+    dare: tuple[float, int] | None = None
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from . import ops
 from .base import (
     ChunkContext,
     Requirements,
+    TiesKernel,
     finite,
     method_config,
     non_negative_int,
@@ -91,7 +92,9 @@ class DareTies:
                                                per_model=True)
 
     def requirements(self) -> Requirements:
-        return Requirements(weights=self.weights)
+        # the fused TIES kernel draws the same counter-based uniforms (engine.kernels._hash_uniform)
+        return Requirements(weights=self.weights, kernel=TiesKernel(self.lam, self.elect, "zero", self.aggregate,
+                                                                    dare=(self.drop_rate, self.seed)))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         dropped = _dare(tau, self.drop_rate, self.seed, ctx)  # (n, *S)

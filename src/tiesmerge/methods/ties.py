@@ -73,8 +73,9 @@ class Ties:
     def requirements(self) -> Requirements:
         exact_k = self.threshold_ties == "sort"
         majority = self.zero_sign == "majority"
-        # the kernel elects; with a reference or mergekit's sort order the torch path runs
-        kernel = None if exact_k or self.sign_from is not None else TiesKernel(
+        # the kernel elects (with mergekit's sort order too: the engine replays the sort's choice,
+        # engine.exactk); with a reference the torch path runs
+        kernel = None if self.sign_from is not None else TiesKernel(
             self.lam, self.elect, self.zero_sign, self.aggregate, majority_from="majority" if majority else None)
         return Requirements(
             trim=TopK(self.density, self.densities), scope=self.scope, exact_k=exact_k,
