@@ -45,6 +45,24 @@ MARK_END = "<!-- svd_methods.py: end -->"
 RANDOMIZED_ABOVE = 4_000_000  # entries: the two 32000 x 1024 matrices of the small set, nothing else
 
 
+COST = {"ties_global": 0, "iso_c": 1, "tsv_m_randomized": 2, "iso_cts": 3, "tsv_m": 4}  # --resume's order
+
+
+def resumed(key: str, label: str, argv: list[str], inputs: list[Path], work: Path, repeat: int) -> dict | None:
+    """A row an earlier run of this script measured (every repeat's /usr/bin/time record in the work
+    directory, exit status 0), summarised as run.py does; None if it is missing or failed."""
+    reps = []
+    for r in range(repeat):
+        time_path = work / f"{key}-{r + 1}.time"
+        record = speed.parse_time_v(time_path.read_text()) if time_path.is_file() else {}
+        if record.get("exit_status") != 0 or not record.get("wall_s"):
+            return None
+        reps.append({**record, "rc": 0, "log": str(time_path.with_suffix(".log")), "resumed": True,
+                     "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time_path.stat().st_mtime))})
+    speed.log(f"{label}: kept the earlier run's record ({reps[0]['wall_s']:.1f} s)")
+    return speed.summarize(key, label, argv, inputs, reps)
+
+
 def rows(budget: str) -> list[tuple[str, str, list[str]]]:
     """(key, label, extra flags) of each timed merge."""
     svd = ["--memory-budget", budget]
@@ -130,8 +148,16 @@ def write_section(results: dict, md_path: Path) -> None:
             continue
         ratio = f"{run['wall_s'] / ties:.1f}" if ties else "—"
         busy = run["repeats"][0].get("cpu_busy_before")
-        lines.append(f"| {run['label']} | {run['wall_s']:.1f} | {ratio} | {run['peak_rss_bytes'] / speed.MiB:,.0f} | "
-                     f"{run['cpu_percent']} | {'—' if busy is None else f'{100 * busy:.0f} %'} |")
+        mark = " †" if run["repeats"][0].get("resumed") else ""
+        lines.append(f"| {run['label']}{mark} | {run['wall_s']:.1f} | {ratio} | "
+                     f"{run['peak_rss_bytes'] / speed.MiB:,.0f} | {run['cpu_percent']} | "
+                     f"{'—' if busy is None else f'{100 * busy:.0f} %'} |")
+    if any(run.get("repeats") and run["repeats"][0].get("resumed") for run in runs.values()):
+        lines += ["", "† measured by an earlier, interrupted run of this script (its /usr/bin/time record, kept "
+                  "with --resume); the CPUs' load before it was not recorded."]
+    missing = [label for key, label, _ in rows(results["memory_budget"]) if key not in runs]
+    if missing:
+        lines += ["", "Not measured in this run: " + ", ".join(missing) + "."]
     lines += ["", "Randomized SVD (seeded Gaussian sketch, k + 10 columns, q power iterations) against the full "
               "SVD at TSV-M's rank per task k = r // n: the error ratio is ||A - A_k|| of the randomized "
               "factors over that of the exact ones (1 is optimal).", "",
@@ -168,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-base", type=Path, help="a real base model directory, for the randomized SVD's error")
     p.add_argument("--real-model", type=Path, help="a model fine-tuned from --real-base")
     p.add_argument("--results", type=Path, default=speed.DEFAULT_RESULTS)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an earlier run found in the work directory (their /usr/bin/time records); "
+                        "run the rest, cheapest first")
     args = p.parse_args(argv)
     speed.WAIT_IDLE.update(max_busy=0.10, timeout=args.wait_idle)
 
@@ -180,12 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": speed.machine_info(REPO / ".venv" / "bin" / "python", None, args.root),
                      "size": args.size, "n": args.n, "repeat": args.repeat, "memory_budget": args.memory_budget,
                      "runs": {}}
-    for key, label, extra in rows(args.memory_budget):
-        if args.only and key not in args.only:
-            continue
-        argv_ = speed.tiesmerge_argv(tiesmerge, base, fts, outs / key, *extra)
-        results["runs"][key] = speed.run_one(key, label, argv_, inputs, work, args.repeat, outs / key)
-
+    json_path = args.results / "speed_svd.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    # the randomized SVD's error first (minutes): the timed rows may be stopped, this is kept
     embeddings = [n for n in _names(base) if "embed_tokens" in n or n == "lm_head.weight"]
     mlp = [n for n in _names(base) if n.endswith("layers.0.mlp.up_proj.weight")]
     results["svd_error"] = error_rows(base, fts[0], [*mlp, *embeddings[:1]], lambda a: min(a.shape) // args.n,
@@ -195,10 +221,20 @@ def main(argv: list[str] | None = None) -> int:
                                                                    "layer.0.intermediate.dense.weight"))]
         results["svd_error"] += error_rows(args.real_base, args.real_model, names,
                                            lambda a: min(a.shape) // args.n, f"real: {args.real_model.name}", (0, 2))
+    todo = [r for r in rows(args.memory_budget) if not args.only or r[0] in args.only]
+    if args.resume:
+        todo.sort(key=lambda r: COST[r[0]])
+    for key, label, extra in todo:
+        argv_ = speed.tiesmerge_argv(tiesmerge, base, fts, outs / key, *extra)
+        earlier = resumed(key, label, argv_, inputs, work, args.repeat) if args.resume else None
+        results["runs"][key] = earlier or speed.run_one(key, label, argv_, inputs, work, args.repeat, outs / key)
+        # written after every row: a run stopped early keeps what it measured
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_section(results, args.results / "speed.md")
+    results["runs"] = {k: results["runs"][k] for k, _, _ in rows(args.memory_budget) if k in results["runs"]}
+
     if (outs / "tsv_m").is_dir() and (outs / "tsv_m_randomized").is_dir():
         results["merged_difference"] = merged_difference(outs / "tsv_m", outs / "tsv_m_randomized", base, embeddings)
-    args.results.mkdir(parents=True, exist_ok=True)
-    json_path = args.results / "speed_svd.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     write_section(results, args.results / "speed.md")
     speed.log(f"wrote {json_path} and a section of {args.results / 'speed.md'}")
