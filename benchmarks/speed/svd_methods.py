@@ -38,7 +38,10 @@ sys.path.insert(0, str(HERE))
 import make_models  # noqa: E402
 import run as speed  # noqa: E402
 
+from tiesmerge.engine.executor import _stream_id  # noqa: E402
+from tiesmerge.methods import IsoC, IsoCTS, TsvMerge  # noqa: E402
 from tiesmerge.methods import svd as linalg  # noqa: E402
+from tiesmerge.methods.base import ChunkContext  # noqa: E402
 
 MARK_START = "<!-- svd_methods.py: start -->"
 MARK_END = "<!-- svd_methods.py: end -->"
@@ -130,6 +133,38 @@ def merged_difference(exact: Path, randomized: Path, base: Path, names: list[str
     return out
 
 
+def shapes_of(directory: Path) -> dict[tuple[int, ...], list[str]]:
+    """The model's 2-D tensor names grouped by shape (the SVD methods' work; vectors are averaged)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for name in fh.keys():
+                shape = tuple(fh.get_slice(name).get_shape())
+                if len(shape) == 2:
+                    groups.setdefault(shape, []).append(name)
+    return groups
+
+
+def per_tensor_projection(base: Path, fts: list[Path], key: str, label: str, method) -> dict:
+    """The method's merge of one tensor of every 2-D shape of the model, timed in this process
+    (wall and CPU seconds, all threads), times the number of tensors of that shape."""
+    shapes = []
+    for shape, names in shapes_of(base).items():
+        name = names[0]
+        b = _tensor(base, name).float()
+        tau = torch.stack([_tensor(ft, name).float() - b for ft in fts])  # (n, rows, cols)
+        ctx = ChunkContext(name=name, shape=shape, stream=_stream_id(name))
+        speed.log(f"{label}: {name} {shape} (x{len(names)})")
+        wall, cpu = time.perf_counter(), time.process_time()
+        method.merge(tau, ctx)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        shapes.append({"shape": list(shape), "tensor": name, "count": len(names), "wall_s": round(wall, 3),
+                       "cpu_s": round(cpu, 3)})
+    return {"key": key, "label": label, "per_shape": shapes, "ok": True,
+            "projected_wall_s": sum(x["wall_s"] * x["count"] for x in shapes),
+            "projected_cpu_s": sum(x["cpu_s"] * x["count"] for x in shapes)}
+
+
 def write_section(results: dict, md_path: Path) -> None:
     """Insert (or replace) this script's section of speed.md; the rest of the file is left as it is."""
     runs = results["runs"]
@@ -152,6 +187,24 @@ def write_section(results: dict, md_path: Path) -> None:
         lines.append(f"| {run['label']}{mark} | {run['wall_s']:.1f} | {ratio} | "
                      f"{run['peak_rss_bytes'] / speed.MiB:,.0f} | {run['cpu_percent']} | "
                      f"{'—' if busy is None else f'{100 * busy:.0f} %'} |")
+    projections = results.get("per_tensor", {})
+    if projections:
+        ties_run = runs.get("ties_global", {}).get("repeats", [{}])[0]
+        ties_cpu = (ties_run.get("user_s") or 0) + (ties_run.get("sys_s") or 0)
+        lines += ["", "Per-tensor projection (`--per-tensor`): each SVD method's `merge` of one tensor of every "
+                  "2-D shape of the small set (real task vectors of the 3 fine-tunes), timed in one process, times "
+                  "the number of tensors of that shape: the method's SVD compute for the whole model, without the "
+                  "reads and writes (which TIES's row includes). CPU s counts every thread.", "",
+                  "| method | projected wall s | projected CPU s | CPU × TIES's whole merge |" + "".join(
+                      f" {s['shape'][0]}×{s['shape'][1]} (×{s['count']}) CPU s |"
+                      for s in next(iter(projections.values()))["per_shape"]),
+                  "|---|---:|---:|---:|" + "---:|" * len(next(iter(projections.values()))["per_shape"])]
+        for pr in projections.values():
+            ratio = f"{pr['projected_cpu_s'] / ties_cpu:.1f}" if ties_cpu else "—"
+            lines.append(f"| {pr['label']} | {pr['projected_wall_s']:.0f} | {pr['projected_cpu_s']:.0f} | {ratio} |"
+                         + "".join(f" {s['cpu_s']:.1f} |" for s in pr["per_shape"]))
+        if ties_cpu:
+            lines += ["", f"TIES's whole merge (reads, merge, writes): {ties_cpu:.1f} CPU s (user + sys)."]
     if any(run.get("repeats") and run["repeats"][0].get("resumed") for run in runs.values()):
         lines += ["", "† measured by an earlier, interrupted run of this script (its /usr/bin/time record, kept "
                   "with --resume); the CPUs' load before it was not recorded."]
@@ -194,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-base", type=Path, help="a real base model directory, for the randomized SVD's error")
     p.add_argument("--real-model", type=Path, help="a model fine-tuned from --real-base")
     p.add_argument("--results", type=Path, default=speed.DEFAULT_RESULTS)
+    p.add_argument("--per-tensor", action="store_true",
+                   help="time each SVD method's merge of one tensor per 2-D shape and project the whole model, "
+                        "instead of whole merges (for a machine too loaded to finish them)")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier run found in the work directory (their /usr/bin/time records); "
                         "run the rest, cheapest first")
@@ -222,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         results["svd_error"] += error_rows(args.real_base, args.real_model, names,
                                            lambda a: min(a.shape) // args.n, f"real: {args.real_model.name}", (0, 2))
     todo = [r for r in rows(args.memory_budget) if not args.only or r[0] in args.only]
+    if args.per_tensor:
+        todo = [r for r in todo if r[0] == "ties_global"]
     if args.resume:
         todo.sort(key=lambda r: COST[r[0]])
     for key, label, extra in todo:
@@ -232,6 +290,17 @@ def main(argv: list[str] | None = None) -> int:
         json_path.write_text(json.dumps(results, indent=2) + "\n")
         write_section(results, args.results / "speed.md")
     results["runs"] = {k: results["runs"][k] for k, _, _ in rows(args.memory_budget) if k in results["runs"]}
+    if args.per_tensor:
+        results["per_tensor"] = {}
+        for key, label, method in (("iso_c", "Iso-C", IsoC()),
+                                   ("tsv_m_randomized", "TSV-M, randomized SVD above 4,000,000 entries",
+                                    TsvMerge(randomized_above=RANDOMIZED_ABOVE)),
+                                   ("iso_cts", "Iso-CTS", IsoCTS()), ("tsv_m", "TSV-M", TsvMerge())):
+            if args.only and key not in args.only:
+                continue
+            results["per_tensor"][key] = per_tensor_projection(base, fts, key, label, method)
+            json_path.write_text(json.dumps(results, indent=2) + "\n")
+            write_section(results, args.results / "speed.md")
 
     if (outs / "tsv_m").is_dir() and (outs / "tsv_m_randomized").is_dir():
         results["merged_difference"] = merged_difference(outs / "tsv_m", outs / "tsv_m_randomized", base, embeddings)
