@@ -95,12 +95,10 @@ def _names(directory: Path) -> list[str]:
     return names
 
 
-def svd_error(a: torch.Tensor, k: int, *, power_iters: int, seed: int = 0) -> dict:
-    """Randomized vs full SVD of one matrix at rank k (see the module docstring)."""
+def svd_error(a: torch.Tensor, k: int, *, power_iters: int, full: tuple, seed: int = 0) -> dict:
+    """Randomized vs full SVD (``full``: (U, S, Vh, seconds)) of one matrix at rank k."""
     a = a.float()
-    clock = time.perf_counter()
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    full_s = time.perf_counter() - clock
+    u, s, vh, full_s = full
     best = float(torch.linalg.matrix_norm(a.double() - (u[:, :k].double() * s[:k].double()) @ vh[:k].double()))
     clock = time.perf_counter()
     ur, sr, vhr = linalg.randomized_svd(a, k, generator=torch.Generator().manual_seed(seed), power_iters=power_iters)
@@ -117,9 +115,11 @@ def error_rows(base: Path, model: Path, names: list[str], k_of, label: str, powe
     out = []
     for name in names:
         a = _tensor(model, name).float() - _tensor(base, name).float()
+        clock = time.perf_counter()
+        full = (*torch.linalg.svd(a, full_matrices=False), time.perf_counter() - clock)  # once per matrix
         for q in power_iters:
             speed.log(f"randomized SVD error: {label} {name} {tuple(a.shape)}, {q} power iterations")
-            out.append({"set": label, "tensor": name, **svd_error(a, k_of(a), power_iters=q)})
+            out.append({"set": label, "tensor": name, **svd_error(a, k_of(a), power_iters=q, full=full)})
     return out
 
 
@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-tensor", action="store_true",
                    help="time each SVD method's merge of one tensor per 2-D shape and project the whole model, "
                         "instead of whole merges (for a machine too loaded to finish them)")
+    p.add_argument("--quick", action="store_true", help="no error row for the synthetic 32000 x 1024 embedding")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier run found in the work directory (their /usr/bin/time records); "
                         "run the rest, cheapest first")
@@ -270,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     # the randomized SVD's error first (minutes): the timed rows may be stopped, this is kept
     embeddings = [n for n in _names(base) if "embed_tokens" in n or n == "lm_head.weight"]
     mlp = [n for n in _names(base) if n.endswith("layers.0.mlp.up_proj.weight")]
-    results["svd_error"] = error_rows(base, fts[0], [*mlp, *embeddings[:1]], lambda a: min(a.shape) // args.n,
-                                      "small set, ft-01", (0, 2))
+    # the synthetic embedding's full SVD takes minutes on a loaded machine: --quick leaves it out
+    results["svd_error"] = error_rows(base, fts[0], [*mlp, *([] if args.quick else embeddings[:1])],
+                                      lambda a: min(a.shape) // args.n, "small set, ft-01", (0, 2))
     if args.real_base and args.real_model:
         names = [n for n in _names(args.real_model) if n.endswith(("word_embeddings.weight",
                                                                    "layer.0.intermediate.dense.weight"))]
@@ -292,10 +294,10 @@ def main(argv: list[str] | None = None) -> int:
     results["runs"] = {k: results["runs"][k] for k, _, _ in rows(args.memory_budget) if k in results["runs"]}
     if args.per_tensor:
         results["per_tensor"] = {}
-        for key, label, method in (("iso_c", "Iso-C", IsoC()),
+        for key, label, method in (("iso_c", "Iso-C", IsoC()), ("tsv_m", "TSV-M", TsvMerge()),
+                                   ("iso_cts", "Iso-CTS", IsoCTS()),
                                    ("tsv_m_randomized", "TSV-M, randomized SVD above 4,000,000 entries",
-                                    TsvMerge(randomized_above=RANDOMIZED_ABOVE)),
-                                   ("iso_cts", "Iso-CTS", IsoCTS()), ("tsv_m", "TSV-M", TsvMerge())):
+                                    TsvMerge(randomized_above=RANDOMIZED_ABOVE))):
             if args.only and key not in args.only:
                 continue
             results["per_tensor"][key] = per_tensor_projection(base, fts, key, label, method)
