@@ -38,11 +38,32 @@ sys.path.insert(0, str(HERE))
 import make_models  # noqa: E402
 import run as speed  # noqa: E402
 
+from tiesmerge.engine.executor import _stream_id  # noqa: E402
+from tiesmerge.methods import IsoC, IsoCTS, TsvMerge  # noqa: E402
 from tiesmerge.methods import svd as linalg  # noqa: E402
+from tiesmerge.methods.base import ChunkContext  # noqa: E402
 
 MARK_START = "<!-- svd_methods.py: start -->"
 MARK_END = "<!-- svd_methods.py: end -->"
 RANDOMIZED_ABOVE = 4_000_000  # entries: the two 32000 x 1024 matrices of the small set, nothing else
+
+
+COST = {"ties_global": 0, "iso_c": 1, "tsv_m_randomized": 2, "iso_cts": 3, "tsv_m": 4}  # --resume's order
+
+
+def resumed(key: str, label: str, argv: list[str], inputs: list[Path], work: Path, repeat: int) -> dict | None:
+    """A row an earlier run of this script measured (every repeat's /usr/bin/time record in the work
+    directory, exit status 0), summarised as run.py does; None if it is missing or failed."""
+    reps = []
+    for r in range(repeat):
+        time_path = work / f"{key}-{r + 1}.time"
+        record = speed.parse_time_v(time_path.read_text()) if time_path.is_file() else {}
+        if record.get("exit_status") != 0 or not record.get("wall_s"):
+            return None
+        reps.append({**record, "rc": 0, "log": str(time_path.with_suffix(".log")), "resumed": True,
+                     "recorded_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time_path.stat().st_mtime))})
+    speed.log(f"{label}: kept the earlier run's record ({reps[0]['wall_s']:.1f} s)")
+    return speed.summarize(key, label, argv, inputs, reps)
 
 
 def rows(budget: str) -> list[tuple[str, str, list[str]]]:
@@ -74,12 +95,10 @@ def _names(directory: Path) -> list[str]:
     return names
 
 
-def svd_error(a: torch.Tensor, k: int, *, power_iters: int, seed: int = 0) -> dict:
-    """Randomized vs full SVD of one matrix at rank k (see the module docstring)."""
+def svd_error(a: torch.Tensor, k: int, *, power_iters: int, full: tuple, seed: int = 0) -> dict:
+    """Randomized vs full SVD (``full``: (U, S, Vh, seconds)) of one matrix at rank k."""
     a = a.float()
-    clock = time.perf_counter()
-    u, s, vh = torch.linalg.svd(a, full_matrices=False)
-    full_s = time.perf_counter() - clock
+    u, s, vh, full_s = full
     best = float(torch.linalg.matrix_norm(a.double() - (u[:, :k].double() * s[:k].double()) @ vh[:k].double()))
     clock = time.perf_counter()
     ur, sr, vhr = linalg.randomized_svd(a, k, generator=torch.Generator().manual_seed(seed), power_iters=power_iters)
@@ -96,9 +115,11 @@ def error_rows(base: Path, model: Path, names: list[str], k_of, label: str, powe
     out = []
     for name in names:
         a = _tensor(model, name).float() - _tensor(base, name).float()
+        clock = time.perf_counter()
+        full = (*torch.linalg.svd(a, full_matrices=False), time.perf_counter() - clock)  # once per matrix
         for q in power_iters:
             speed.log(f"randomized SVD error: {label} {name} {tuple(a.shape)}, {q} power iterations")
-            out.append({"set": label, "tensor": name, **svd_error(a, k_of(a), power_iters=q)})
+            out.append({"set": label, "tensor": name, **svd_error(a, k_of(a), power_iters=q, full=full)})
     return out
 
 
@@ -110,6 +131,38 @@ def merged_difference(exact: Path, randomized: Path, base: Path, names: list[str
         d_exact, d_rand = _tensor(exact, name).double() - b, _tensor(randomized, name).double() - b
         out.append({"tensor": name, "relative_difference": float((d_rand - d_exact).norm() / d_exact.norm())})
     return out
+
+
+def shapes_of(directory: Path) -> dict[tuple[int, ...], list[str]]:
+    """The model's 2-D tensor names grouped by shape (the SVD methods' work; vectors are averaged)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            for name in fh.keys():
+                shape = tuple(fh.get_slice(name).get_shape())
+                if len(shape) == 2:
+                    groups.setdefault(shape, []).append(name)
+    return groups
+
+
+def per_tensor_projection(base: Path, fts: list[Path], key: str, label: str, method) -> dict:
+    """The method's merge of one tensor of every 2-D shape of the model, timed in this process
+    (wall and CPU seconds, all threads), times the number of tensors of that shape."""
+    shapes = []
+    for shape, names in shapes_of(base).items():
+        name = names[0]
+        b = _tensor(base, name).float()
+        tau = torch.stack([_tensor(ft, name).float() - b for ft in fts])  # (n, rows, cols)
+        ctx = ChunkContext(name=name, shape=shape, stream=_stream_id(name))
+        speed.log(f"{label}: {name} {shape} (x{len(names)})")
+        wall, cpu = time.perf_counter(), time.process_time()
+        method.merge(tau, ctx)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        shapes.append({"shape": list(shape), "tensor": name, "count": len(names), "wall_s": round(wall, 3),
+                       "cpu_s": round(cpu, 3)})
+    return {"key": key, "label": label, "per_shape": shapes, "ok": True,
+            "projected_wall_s": sum(x["wall_s"] * x["count"] for x in shapes),
+            "projected_cpu_s": sum(x["cpu_s"] * x["count"] for x in shapes)}
 
 
 def write_section(results: dict, md_path: Path) -> None:
@@ -130,8 +183,34 @@ def write_section(results: dict, md_path: Path) -> None:
             continue
         ratio = f"{run['wall_s'] / ties:.1f}" if ties else "—"
         busy = run["repeats"][0].get("cpu_busy_before")
-        lines.append(f"| {run['label']} | {run['wall_s']:.1f} | {ratio} | {run['peak_rss_bytes'] / speed.MiB:,.0f} | "
-                     f"{run['cpu_percent']} | {'—' if busy is None else f'{100 * busy:.0f} %'} |")
+        mark = " †" if run["repeats"][0].get("resumed") else ""
+        lines.append(f"| {run['label']}{mark} | {run['wall_s']:.1f} | {ratio} | "
+                     f"{run['peak_rss_bytes'] / speed.MiB:,.0f} | {run['cpu_percent']} | "
+                     f"{'—' if busy is None else f'{100 * busy:.0f} %'} |")
+    projections = results.get("per_tensor", {})
+    if projections:
+        ties_run = runs.get("ties_global", {}).get("repeats", [{}])[0]
+        ties_cpu = (ties_run.get("user_s") or 0) + (ties_run.get("sys_s") or 0)
+        lines += ["", "Per-tensor projection (`--per-tensor`): each SVD method's `merge` of one tensor of every "
+                  "2-D shape of the small set (real task vectors of the 3 fine-tunes), timed in one process, times "
+                  "the number of tensors of that shape: the method's SVD compute for the whole model, without the "
+                  "reads and writes (which TIES's row includes). CPU s counts every thread.", "",
+                  "| method | projected wall s | projected CPU s | CPU × TIES's whole merge |" + "".join(
+                      f" {s['shape'][0]}×{s['shape'][1]} (×{s['count']}) CPU s |"
+                      for s in next(iter(projections.values()))["per_shape"]),
+                  "|---|---:|---:|---:|" + "---:|" * len(next(iter(projections.values()))["per_shape"])]
+        for pr in projections.values():
+            ratio = f"{pr['projected_cpu_s'] / ties_cpu:.1f}" if ties_cpu else "—"
+            lines.append(f"| {pr['label']} | {pr['projected_wall_s']:.0f} | {pr['projected_cpu_s']:.0f} | {ratio} |"
+                         + "".join(f" {s['cpu_s']:.1f} |" for s in pr["per_shape"]))
+        if ties_cpu:
+            lines += ["", f"TIES's whole merge (reads, merge, writes): {ties_cpu:.1f} CPU s (user + sys)."]
+    if any(run.get("repeats") and run["repeats"][0].get("resumed") for run in runs.values()):
+        lines += ["", "† measured by an earlier, interrupted run of this script (its /usr/bin/time record, kept "
+                  "with --resume); the CPUs' load before it was not recorded."]
+    missing = [label for key, label, _ in rows(results["memory_budget"]) if key not in runs]
+    if missing:
+        lines += ["", "Not measured in this run: " + ", ".join(missing) + "."]
     lines += ["", "Randomized SVD (seeded Gaussian sketch, k + 10 columns, q power iterations) against the full "
               "SVD at TSV-M's rank per task k = r // n: the error ratio is ||A - A_k|| of the randomized "
               "factors over that of the exact ones (1 is optimal).", "",
@@ -168,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--real-base", type=Path, help="a real base model directory, for the randomized SVD's error")
     p.add_argument("--real-model", type=Path, help="a model fine-tuned from --real-base")
     p.add_argument("--results", type=Path, default=speed.DEFAULT_RESULTS)
+    p.add_argument("--per-tensor", action="store_true",
+                   help="time each SVD method's merge of one tensor per 2-D shape and project the whole model, "
+                        "instead of whole merges (for a machine too loaded to finish them)")
+    p.add_argument("--quick", action="store_true", help="no error row for the synthetic 32000 x 1024 embedding")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows of an earlier run found in the work directory (their /usr/bin/time records); "
+                        "run the rest, cheapest first")
     args = p.parse_args(argv)
     speed.WAIT_IDLE.update(max_busy=0.10, timeout=args.wait_idle)
 
@@ -180,25 +266,46 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"machine": speed.machine_info(REPO / ".venv" / "bin" / "python", None, args.root),
                      "size": args.size, "n": args.n, "repeat": args.repeat, "memory_budget": args.memory_budget,
                      "runs": {}}
-    for key, label, extra in rows(args.memory_budget):
-        if args.only and key not in args.only:
-            continue
-        argv_ = speed.tiesmerge_argv(tiesmerge, base, fts, outs / key, *extra)
-        results["runs"][key] = speed.run_one(key, label, argv_, inputs, work, args.repeat, outs / key)
-
+    json_path = args.results / "speed_svd.json"
+    args.results.mkdir(parents=True, exist_ok=True)
+    # the randomized SVD's error first (minutes): the timed rows may be stopped, this is kept
     embeddings = [n for n in _names(base) if "embed_tokens" in n or n == "lm_head.weight"]
     mlp = [n for n in _names(base) if n.endswith("layers.0.mlp.up_proj.weight")]
-    results["svd_error"] = error_rows(base, fts[0], [*mlp, *embeddings[:1]], lambda a: min(a.shape) // args.n,
-                                      "small set, ft-01", (0, 2))
+    # the synthetic embedding's full SVD takes minutes on a loaded machine: --quick leaves it out
+    results["svd_error"] = error_rows(base, fts[0], [*mlp, *([] if args.quick else embeddings[:1])],
+                                      lambda a: min(a.shape) // args.n, "small set, ft-01", (0, 2))
     if args.real_base and args.real_model:
         names = [n for n in _names(args.real_model) if n.endswith(("word_embeddings.weight",
                                                                    "layer.0.intermediate.dense.weight"))]
         results["svd_error"] += error_rows(args.real_base, args.real_model, names,
                                            lambda a: min(a.shape) // args.n, f"real: {args.real_model.name}", (0, 2))
+    todo = [r for r in rows(args.memory_budget) if not args.only or r[0] in args.only]
+    if args.per_tensor:
+        todo = [r for r in todo if r[0] == "ties_global"]
+    if args.resume:
+        todo.sort(key=lambda r: COST[r[0]])
+    for key, label, extra in todo:
+        argv_ = speed.tiesmerge_argv(tiesmerge, base, fts, outs / key, *extra)
+        earlier = resumed(key, label, argv_, inputs, work, args.repeat) if args.resume else None
+        results["runs"][key] = earlier or speed.run_one(key, label, argv_, inputs, work, args.repeat, outs / key)
+        # written after every row: a run stopped early keeps what it measured
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        write_section(results, args.results / "speed.md")
+    results["runs"] = {k: results["runs"][k] for k, _, _ in rows(args.memory_budget) if k in results["runs"]}
+    if args.per_tensor:
+        results["per_tensor"] = {}
+        for key, label, method in (("iso_c", "Iso-C", IsoC()), ("tsv_m", "TSV-M", TsvMerge()),
+                                   ("iso_cts", "Iso-CTS", IsoCTS()),
+                                   ("tsv_m_randomized", "TSV-M, randomized SVD above 4,000,000 entries",
+                                    TsvMerge(randomized_above=RANDOMIZED_ABOVE))):
+            if args.only and key not in args.only:
+                continue
+            results["per_tensor"][key] = per_tensor_projection(base, fts, key, label, method)
+            json_path.write_text(json.dumps(results, indent=2) + "\n")
+            write_section(results, args.results / "speed.md")
+
     if (outs / "tsv_m").is_dir() and (outs / "tsv_m_randomized").is_dir():
         results["merged_difference"] = merged_difference(outs / "tsv_m", outs / "tsv_m_randomized", base, embeddings)
-    args.results.mkdir(parents=True, exist_ok=True)
-    json_path = args.results / "speed_svd.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     write_section(results, args.results / "speed.md")
     speed.log(f"wrote {json_path} and a section of {args.results / 'speed.md'}")

