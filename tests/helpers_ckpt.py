@@ -144,7 +144,8 @@ def leftovers(output: str | Path) -> list[Path]:
     output = Path(output).absolute()
     found = [output] if output.exists() else []
     if output.parent.is_dir():
-        found += sorted(output.parent.glob(f".{output.name}.tiesmerge-*"))
+        # temporary siblings are named for the process (.tiesmerge-tmp-...), older ones for the output
+        found += sorted([*output.parent.glob(f".{output.name}.tiesmerge-*"), *output.parent.glob(".tiesmerge-*")])
     return found
 
 

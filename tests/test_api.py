@@ -43,7 +43,7 @@ def test_output_written_in_temp_sibling_then_renamed(hf, tmp_path, monkeypatch):
     result = tiesmerge.merge(b, ms, "ties", output=out)
     assert result == out
     assert seen["dir"].parent == out.parent.absolute()
-    assert re.fullmatch(r"\.merged\.tiesmerge-tmp-.+", seen["dir"].name)
+    assert re.fullmatch(r"\.tiesmerge-tmp-[0-9a-f]{8}-\d+-.+", seen["dir"].name)
     assert seen["final_existed"] is False
     assert not seen["dir"].exists()
     assert leftovers(out) == [out.absolute()]
@@ -87,6 +87,7 @@ def test_existing_output_refused_unless_force(hf, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    (out / "tiesmerge.json").write_text("{}")  # a previous merge: --force replaces only those
     with pytest.raises(OutputError, match="not empty") as info:
         tiesmerge.merge(b, ms, "ties", output=out)
     assert str(out) in str(info.value)

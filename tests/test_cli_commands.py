@@ -116,6 +116,7 @@ def test_existing_output_and_force(models, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "x").write_text("x")
+    (out / "tiesmerge.json").write_text("{}")  # a previous merge: --force replaces only those
     rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out], capsys)
     assert rc == 1 and "not empty" in err and "--force" in err
     rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)

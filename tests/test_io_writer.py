@@ -166,7 +166,7 @@ def test_sharded_writer_one_file_has_no_index(tmp_path):
 def test_atomic_directory_renames_temp_sibling_into_place(tmp_path):
     final = tmp_path / "out"
     with atomic_directory(final) as tmp:
-        assert tmp.parent == final.parent and tmp.name.startswith(".out.tiesmerge-tmp-")
+        assert tmp.parent == final.parent and tmp.name.startswith(".tiesmerge-tmp-")
         assert not final.exists()  # nothing at the final path until complete
         (tmp / "f.txt").write_text("x")
     assert (final / "f.txt").read_text() == "x"
@@ -187,6 +187,7 @@ def test_atomic_directory_existing_output(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
+    (final / "tiesmerge.json").write_text("{}")  # a previous output: --force replaces only those
     with pytest.raises(OutputError, match="exists and is not empty") as info:
         with atomic_directory(final):
             pytest.fail("must not start")
@@ -196,7 +197,7 @@ def test_atomic_directory_existing_output(tmp_path):
         with atomic_directory(final, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
             raise RuntimeError("fail")
-    assert sorted(os.listdir(final)) == ["old.txt"] and leftovers(final) == [final]
+    assert sorted(os.listdir(final)) == ["old.txt", "tiesmerge.json"] and leftovers(final) == [final]
     with atomic_directory(final, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(os.listdir(final)) == ["new.txt"] and leftovers(final) == [final]
@@ -241,7 +242,8 @@ def test_copy_model_files_skips_weights_and_follows_dtype(tmp_path):
     dst = tmp_path / "dst"
     dst.mkdir()
     copied = copy_model_files(src, dst, dtype=torch.bfloat16)
-    assert sorted(copied) == sorted(["config.json", "sub", *TOKENIZER_FILES])
+    # only what a model needs: no folders (sub/), no pickles, no card
+    assert sorted(copied) == sorted(["config.json", *TOKENIZER_FILES])
     assert sorted(os.listdir(dst)) == sorted(copied)
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert json.loads((src / "config.json").read_text())["torch_dtype"] == "float32"
@@ -261,10 +263,11 @@ def test_atomic_directory_restores_old_output_if_final_rename_fails(tmp_path, mo
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
+    (final / "tiesmerge.json").write_text("{}")  # a previous output: --force replaces only those
     real_replace = os.replace
 
     def replace(src, dst):
-        if str(src).find(".out.tiesmerge-tmp-") >= 0:
+        if os.path.basename(src).startswith(".tiesmerge-tmp-"):
             raise OSError(18, "Invalid cross-device link")
         return real_replace(src, dst)
 
@@ -272,7 +275,7 @@ def test_atomic_directory_restores_old_output_if_final_rename_fails(tmp_path, mo
     with pytest.raises(OSError, match="cross-device"):
         with atomic_directory(final, force=True) as tmp:
             (tmp / "new.txt").write_text("new")
-    assert sorted(os.listdir(final)) == ["old.txt"]
+    assert sorted(os.listdir(final)) == ["old.txt", "tiesmerge.json"]
     assert leftovers(final) == [final]
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
+import re
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,11 +32,13 @@ from .inputs import (
 )
 from .io.align import align
 from .io.card import hash_files, model_card
-from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files
+from .io.checkpoint import Checkpoint
+from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files, model_files
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
 from .manifest import check_stats_digests, merge_manifest, reference_option
 from .methods.base import MergeMethod
+from .paths import FileStamps
 from .recipe import MergeRecipe
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, format_size, parse_size
 from .version import __version__
@@ -113,6 +118,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
                                         (f"the reference model ({reference_option(m)})", reference),
                                         *((f"the statistics of model {k}", s) for k, s in enumerate(stats or ()))])
+        check_output_path(Path(output).absolute(), force)  # fail before anything is opened, not after the merge
     with ExitStack() as stack:
         bar = None
         if progress:
@@ -124,6 +130,11 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                            vocab_policy=vocab_policy, allow_pickle=allow_pickle,
                            progress=bar.update if bar else None, output_format=output_format, stats=stats)
         executor = prepared.executor
+        # checked now, before the first heavy read: the files copied beside the weights at the end, and
+        # what every input file looks like (a model another process is still writing is refused)
+        extra = model_files(prepared.base.directory()) if output is not None and output_format != "adapter" else []
+        inputs_read = [prepared.base, *prepared.models, *([prepared.reference] if prepared.reference else [])]
+        stamps = FileStamps.of(f for c in inputs_read for f in c.files())
         if bar is not None:
             bar.reset(total=executor.plan.bytes_to_read)
         prepared_at = time.perf_counter()
@@ -142,14 +153,17 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                    "reference": hash_files(prepared.reference.files(), pool) if prepared.reference else None}
         groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype_info) if j.merge else j.dtype_info)
                    for n in (j.name, *j.aliases)] for j in executor.alignment.jobs]
-        with atomic_directory(output, force=force, needed_bytes=executor.plan.output_bytes) as tmp:
+        needed = executor.plan.output_bytes + sum(os.stat(f).st_size for f in extra)
+        merged_names = [n for j in executor.alignment.jobs if j.merge for n in (j.name, *j.aliases)]
+        with atomic_directory(output, force=force, needed_bytes=needed) as tmp:
             adapter_part = None
             if output_format == "adapter":
                 run_stats, adapter_part = adapter_merge.write_adapter(tmp, executor, prepared.base, prepared.models,
                                                                       rank=rank, dtype=executor.out_dtype)
                 files, copied = adapter_part["files"], []
             else:
-                writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__})
+                writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__},
+                                       finite=merged_names)
                 run_stats = executor.run(writer)
                 writer.close()
                 files = writer.files
@@ -157,8 +171,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 run_stats.bytes_read += executor.side.bytes_read
             clock = time.perf_counter()
             if output_format != "adapter":
-                copied = copy_model_files(prepared.base.directory(), tmp,
+                copied = copy_model_files(prepared.base.directory(), tmp, files=extra,
                                           dtype=executor.out_dtype if executor.out_dtype else None)
+            stamps.check("an input file")
             hashed = {"base": [f.result() for f in digests["base"]],
                       "models": [[f.result() for f in d] for d in digests["models"]],
                       "reference": [f.result() for f in digests["reference"]] if digests["reference"] else None}
@@ -188,14 +203,37 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         return Path(output)
 
 
+def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
+    """A method config from ``"name"`` or ``"name:key=value,key=value"`` (values read as JSON where
+    they parse: numbers, true/false, [lists]; else as text), or the config itself."""
+    from .registry import make_method
+
+    if not isinstance(spec, str):
+        return spec
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in re.split(r",(?![^\[]*\])", rest) if rest else []:  # commas inside [...] stay
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"method {spec!r}: {item!r} is not KEY=VALUE", hint="e.g. slerp:t=0.3,anchor=models")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return make_method(name.strip(), options)
+
+
 def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike | None = None, density: float = 0.2,
             subsets_per_size: int | None = 10, seed: int = 0, curve: Sequence[float] | None = None,
             device: str = "cpu", memory_budget: int | str | None = None, vocab_policy: str = "error",
-            allow_pickle: bool = False, force: bool = False, progress: bool = False) -> dict[str, Any]:
+            allow_pickle: bool = False, force: bool = False, progress: bool = False,
+            methods: Sequence[str | MergeMethod] = ()) -> dict[str, Any]:
     """Measure interference between fine-tuned ``models`` of ``base``: sign conflicts after
     trimming to the top ``density`` (for 2..n models, ``subsets_per_size`` seeded subsets per
     size, None for all), the share of each task vector's mass in its top-k, the overlap of the
     top-k masks, and merged magnitudes by influence and sign agreement. Streamed like a merge.
+    ``methods`` (configs, or specs ``"name"`` / ``"name:key=value,..."``) are merged too (into a
+    temporary float32 directory) and their merged magnitudes join the paper's four merges.
 
     Returns the statistics as a JSON-ready dict; with ``output``, also writes ``analysis.json``,
     PNG plots and a self-contained ``report.html`` there.
@@ -216,8 +254,17 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     if output is not None:
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models))])
         check_output_path(Path(output).absolute(), force)  # fail before the passes, not after them
+    extra = [(spec if isinstance(spec, str) else spec.name, method_of_spec(spec)) for spec in methods]
     with ExitStack() as stack:
+        merged: list[tuple[str, Checkpoint]] = []
+        if extra:  # each extra method's merge, float32, read back beside the models in the statistics pass
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesmerge-analyze-")))
+            for i, (label, method) in enumerate(extra):
+                path = merge(base, models, method, output=scratch / f"m{i}", device=device, memory_budget=budget,
+                             dtype="float32", allow_pickle=allow_pickle, vocab_policy=vocab_policy)
+                merged.append((label, open_models(stack, path, [], False)[0]))
         base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
+        stamps = FileStamps.of(f for c in (base_ckpt, *model_ckpts) for f in c.files())
         alignment = align(base_ckpt, model_ckpts, vocab_policy=vocab_policy)
         bar = None
         if progress:
@@ -227,8 +274,12 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                                            dynamic_ncols=True))
             bar.reset(total=3 * sum(j.nbytes for j in alignment.jobs if j.merge) * (len(models) + 1))
         data = run_analysis(base_ckpt, model_ckpts, alignment, settings, device=device_t, memory_budget=budget,
-                            progress=bar.update if bar is not None else None)
+                            progress=bar.update if bar is not None else None, merged=merged)
+        stamps.check("an input file")  # a model still being written would make the figures mean nothing
         data["inputs"] = {"base": base_ckpt.label, "models": [c.label for c in model_ckpts]}
+    # each compared merge's options, so the report says which variant it shows
+    data["magnitudes"]["methods"] = {label: {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+                                     for label, method in extra}
     data["tiesmerge_version"] = __version__
     data["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     data["summary"] = summarise(data)

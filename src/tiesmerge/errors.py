@@ -13,6 +13,8 @@ __all__ = [
     "IncompatibleCheckpointsError",
     "InvalidTensorError",
     "OutputError",
+    "EvaluatorError",
+    "InternalError",
 ]
 
 
@@ -58,3 +60,11 @@ class InvalidTensorError(TiesMergeError):
 
 class OutputError(TiesMergeError):
     """The output location cannot be written (exists, is a file, not writable)."""
+
+
+class EvaluatorError(TiesMergeError):
+    """A user's evaluator (``tune --evaluator``) raised or returned something that is not a score."""
+
+
+class InternalError(TiesMergeError):
+    """An error tiesmerge did not foresee, wrapped by the CLI so that it prints a message, not a traceback."""

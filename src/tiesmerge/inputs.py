@@ -20,13 +20,14 @@ from .dtypes import BY_NAME, DType, as_dtype
 from .engine.executor import Executor
 from .engine.reader import EngineInputs
 from .engine.side import SideInputs
-from .errors import ConfigError, IncompatibleCheckpointsError, OutputError
+from .errors import ConfigError, IncompatibleCheckpointsError
 from .io.adapters import adapter_kind, yields_task_vector
 from .io.align import Alignment, align
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .lazy import torch
 from .methods import TaskArithmetic
 from .methods.base import MergeMethod, check_models
+from .paths import check_not_input
 from .registry import make_method
 from .sizes import DEFAULT_MEMORY_BUDGET, parse_size
 
@@ -73,17 +74,9 @@ def check_inputs(base: Any, models: Sequence[Any]) -> None:
 
 
 def check_output_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]]) -> None:
-    """The output directory is replaced as a whole (with force=True), so it must not be, or
-    contain, an input (``named``: (role, source) pairs): that would delete what is merged."""
-    final = Path(output).resolve()
-    for who, source in named:
-        if not isinstance(source, (str, os.PathLike)):  # state dicts and statistics in memory
-            continue
-        src = Path(source).resolve()
-        if src == final or final in src.parents:
-            raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
-                              "writing there would replace an input of the merge",
-                              hint="choose an output directory outside the inputs")
+    """The output directory is replaced as a whole (with force=True), so it must not be, contain,
+    or lie inside an input (``named``: (role, source) pairs), links followed: see ``tiesmerge.paths``."""
+    check_not_input(output, named)
 
 
 def device_of(device: Any) -> str | torch.device:

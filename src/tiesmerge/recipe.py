@@ -24,6 +24,7 @@ see :mod:`tiesmerge.recipe_mergekit` for the translation and its semantics.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import yaml
 from .dtypes import BY_NAME
 from .errors import ConfigError
 from .io.align import VOCAB_POLICIES
+from .limits import read_yaml
 from .methods.base import MergeMethod, ModelPath, check_models, option_types
 from .recipe_mergekit import is_mergekit, translate_mergekit
 from .registry import METHODS, broken_plugins, did_you_mean, make_method
@@ -103,6 +105,25 @@ def _path(value: Any, root: Path | None) -> str:
     return str(p if p.is_absolute() or root is None else root / p)
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """A value as an error message shows it: its repr, cut (a hostile recipe may hold a huge one)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
+def _suggest_key(key: str, method: Any) -> str:
+    """The nearest recipe key, or the method option that was meant (``densty`` -> parameters.density):
+    options are compared first, with a strict cutoff, since they belong under ``parameters``."""
+    classes = [METHODS[method]] if isinstance(method, str) and method in METHODS else list(METHODS.values())
+    options = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
+    if key in options:
+        return f" ({key!r} is a method option: put it under parameters)"
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.75)
+    if close:
+        return f" (did you mean the method option parameters.{close[0]}?)"
+    return did_you_mean(key, _KEYS)
+
+
 def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "recipe") -> MergeRecipe:
     """Validate a parsed recipe; raise one ConfigError listing every problem."""
     if not isinstance(data, dict):
@@ -110,15 +131,15 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     if is_mergekit(data):
         data = from_mergekit(data, source=source)
     problems: list[str] = []
+    name = data.get("method")
     for key in data:
         if key not in _KEYS:
-            problems.append(f"unknown key {key!r}{did_you_mean(str(key), _KEYS)}")
-    name = data.get("method")
+            problems.append(f"unknown key {_short(key)}{_suggest_key(str(key), name)}")
     if name is None:
         problems.append(f"'method' is missing (one of {', '.join(METHODS)})")
     elif not isinstance(name, str) or name not in METHODS:  # a YAML list or mapping is unhashable
         broken = broken_plugins().get(name) if isinstance(name, str) else None  # a plugin that cannot load: why
-        unknown = f"unknown method {name!r}{did_you_mean(str(name), list(METHODS))}"
+        unknown = f"unknown method {_short(name)}{did_you_mean(str(name)[:100], list(METHODS))}"
         problems.append(broken.message if broken else unknown)
     base = data.get("base")
     if base is None:
@@ -143,7 +164,7 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             weights.append(entry.get("weight"))
             stats.append(_path(entry["stats"], root) if entry.get("stats") is not None else None)
         else:
-            problems.append(f"models[{i}]: expected a path or {{path:, weight:}}, got {entry!r}")
+            problems.append(f"models[{i}]: expected a path or {{path:, weight:}}, got {_short(entry)}")
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         problems.append("'parameters' must be a mapping of method options")
@@ -175,20 +196,20 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             except ValueError as exc:
                 problems.append(f"{key}: {exc}")
     if data.get("dtype") is not None and (not isinstance(data["dtype"], str) or data["dtype"] not in DTYPES):
-        problems.append(f"dtype {data['dtype']!r} is not one of {', '.join(DTYPES)}")
+        problems.append(f"dtype {_short(data['dtype'])} is not one of {', '.join(DTYPES)}")
     if data.get("vocab_policy", "error") not in VOCAB_POLICIES:
-        problems.append(f"vocab_policy {data['vocab_policy']!r} is not one of {', '.join(VOCAB_POLICIES)}")
+        problems.append(f"vocab_policy {_short(data['vocab_policy'])} is not one of {', '.join(VOCAB_POLICIES)}")
     if str(data.get("device", "cpu")).split(":")[0] not in ("cpu", "cuda"):
-        problems.append(f"device {data['device']!r} is not cpu or cuda")
+        problems.append(f"device {_short(data['device'])} is not cpu or cuda")
     if data.get("output_format", "model") not in OUTPUT_FORMATS:
-        problems.append(f"output_format {data['output_format']!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+        problems.append(f"output_format {_short(data['output_format'])} is not one of {', '.join(OUTPUT_FORMATS)}")
     rank = data.get("rank")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
-        problems.append(f"rank must be a positive integer, got {rank!r}")
+        problems.append(f"rank must be a positive integer, got {_short(rank)}")
     if data.get("origin") is not None and not isinstance(data["origin"], dict):
         problems.append("origin must be a mapping (it records where a translated recipe came from)")
     if not isinstance(data.get("allow_pickle", False), bool):  # bool("no") would be True
-        problems.append(f"allow_pickle must be true or false, got {data['allow_pickle']!r}")
+        problems.append(f"allow_pickle must be true or false, got {_short(data['allow_pickle'])}")
     method = None
     if isinstance(name, str) and name in METHODS:
         try:
@@ -231,14 +252,9 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
 def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe file as a mapping, its relative paths resolved against the file's folder."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the recipe ({exc.strerror or exc})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    # the safe loader with size, depth and alias limits: a recipe never runs code, and a
+    # "billion laughs" of aliases is refused before it is built (or printed in an error)
+    data = read_yaml(path, "the recipe", error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
     if is_mergekit(data):  # mergekit's paths are relative to the working directory, as mergekit reads them

@@ -95,9 +95,12 @@ def _blocks(tau: torch.Tensor) -> Iterator[torch.Tensor]:
 
 
 def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignment, settings: AnalysisSettings, *,
-                 device: torch.device, memory_budget: int, progress: Callable[[int], None] | None = None
-                 ) -> dict:
-    """Every statistic of the report, as a JSON-ready dict (see analysis/report.py for its reading)."""
+                 device: torch.device, memory_budget: int, progress: Callable[[int], None] | None = None,
+                 merged: Sequence[tuple[str, Checkpoint]] = ()) -> dict:
+    """Every statistic of the report, as a JSON-ready dict (see analysis/report.py for its reading).
+
+    ``merged``: (label, checkpoint) of merges by other methods, read beside the models in the
+    statistics pass: their merged task vectors join the four merges of the magnitude section."""
     started = time.perf_counter()
     device = torch.device(device)  # the analysis computes with torch everywhere
     n = len(models)
@@ -145,11 +148,16 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     mass = torch.zeros(4, n, dtype=torch.float64, device=device)  # kept L1, kept L2^2, total L1, total L2^2
     tables = stats.pattern_tables(n, device)
     groups = 3 * (n + 1)  # influence (0, 1, >1) x agreement (0..n): one joint bincount, marginals at the end
-    moments = torch.zeros(3, len(stats.VARIANTS), groups, dtype=torch.float64, device=device)
+    variants = [*stats.VARIANTS, *(label for label, _ in merged)]
+    moments = torch.zeros(3, len(variants), groups, dtype=torch.float64, device=device)
     per_tensor: dict[str, dict[str, int]] = {}
-    for chunk, tau in _task_vectors(reader, chunks):
+    # the other methods' merges, chunk by chunk in step with the models: (M, E) merged - base
+    others = Reader(EngineInputs(base, tuple(c for _, c in merged)), raw=False, device=device) if merged else None
+    extra_rows = _task_vectors(others, chunks) if others is not None else itertools.repeat((None, None))
+    for (chunk, tau), (_, others_tau) in zip(_task_vectors(reader, chunks), extra_rows):
         row = per_tensor.setdefault(chunk.job.name, {"numel": 0, "conflicts": 0, "kept_by_two_or_more": 0})
-        for block in _blocks(tau):
+        others_blocks = _blocks(others_tau) if others_tau is not None else itertools.repeat(None)
+        for block, others_block in zip(_blocks(tau), others_blocks):
             kept = stats.kept_mask(block, thresholds)  # (n, B)
             codes = stats.sign_pattern_codes(block, kept)  # (B,)
             block_patterns = torch.bincount(codes, minlength=3**n)  # (3^n,)
@@ -160,8 +168,10 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
             for key, value in stats.tensor_conflicts(block_patterns, tables).items():
                 row[key] += value
             joint = stats.influence_groups(codes, tables) * (n + 1) + stats.agreement_groups(block)  # (B,)
-            merged = torch.stack(list(stats.merge_variants(block, kept).values()))  # (V, B)
-            moments += stats.group_moments(merged, joint, groups)
+            values = torch.stack(list(stats.merge_variants(block, kept).values()))  # (4, B)
+            if others_block is not None:
+                values = torch.cat([values, others_block])  # (4 + M, B)
+            moments += stats.group_moments(values, joint, groups)
     seconds["statistics"] = time.perf_counter() - clock
 
     data = {
@@ -174,9 +184,10 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
         "by_tensor": _by_tensor(per_tensor),
         "redundancy": _redundancy(counts.cpu().numpy(), mass.cpu().numpy(), numel, settings),
         "overlap": _overlap(intersections.cpu().numpy(), numel),
-        "magnitudes": {"by_influence": _moments(moments.view(3, -1, 3, n + 1).sum(3), ["0", "1", ">1"]),
-                       "by_agreement": _moments(moments.view(3, -1, 3, n + 1).sum(2),
-                                                [f"{j}/{n}" for j in range(n + 1)])},
+        "magnitudes": {"by_influence": _moments(moments.view(3, len(variants), 3, n + 1).sum(3), ["0", "1", ">1"],
+                                                variants),
+                       "by_agreement": _moments(moments.view(3, len(variants), 3, n + 1).sum(2),
+                                                [f"{j}/{n}" for j in range(n + 1)], variants)},
         "engine": {"device": str(device), "memory_budget_bytes": memory_budget,
                    "estimated_peak_bytes": plan.peak_bytes + _block_bytes(n), "passes": 3,
                    "bytes_read": reader.bytes_read, "chunks_per_pass": len(chunks)},
@@ -253,12 +264,12 @@ def _overlap(intersections: np.ndarray, numel: int) -> dict:
             "independent_masks_jaccard": density / (2 - density) if density < 2 else 1.0}
 
 
-def _moments(moments: torch.Tensor, labels: list[str]) -> dict:
+def _moments(moments: torch.Tensor, labels: list[str], variants: Sequence[str] = stats.VARIANTS) -> dict:
     """moments: (3, V, G) count, sum |x|, sum x^2 per variant and group."""
     count, total, squares = (m.cpu().numpy() for m in moments)  # (V, G) each
     mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)
     var = np.divide(squares, count, out=np.zeros_like(total), where=count > 0) - mean**2
     std = np.sqrt(np.maximum(var, 0))
     return {"groups": labels, "count": [int(c) for c in count[0]],
-            "mean": {v: [float(x) for x in mean[i]] for i, v in enumerate(stats.VARIANTS)},
-            "std": {v: [float(x) for x in std[i]] for i, v in enumerate(stats.VARIANTS)}}
+            "mean": {v: [float(x) for x in mean[i]] for i, v in enumerate(variants)},
+            "std": {v: [float(x) for x in std[i]] for i, v in enumerate(variants)}}

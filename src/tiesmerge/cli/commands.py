@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
+import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EvaluatorError, OutputError, TiesMergeError
 from ..methods.base import ModelPath, option_types
+from ..paths import check_not_input, check_output_location
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import format_size
@@ -30,8 +34,37 @@ def _load_callable(spec: str):
         sys.path.insert(0, str(Path.cwd()))  # so a module in the current directory can be named
     try:
         return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"--evaluator {spec!r}: cannot load it ({exc})") from None
+    except Exception as exc:  # an import runs the module: any error of it is the evaluator's
+        raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+class _Guarded:
+    """The evaluator, whose errors and non-scores become a typed error naming it. A class, not a
+    closure, so that it pickles wherever the evaluator does (search's Ray workers)."""
+
+    def __init__(self, evaluate: Any, spec: str) -> None:
+        self.evaluate, self.spec = evaluate, spec
+
+    def __call__(self, state: Any) -> float:
+        try:
+            score = self.evaluate(state)
+        except (TiesMergeError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise EvaluatorError(f"--evaluator {self.spec}: raised {type(exc).__name__}: {str(exc)[:300]}",
+                                 hint="fix the evaluator (--debug shows its traceback)") from exc
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+            raise EvaluatorError(f"--evaluator {self.spec}: returned {str(score)[:80]!r} "
+                                 f"({type(score).__name__}), not a finite number",
+                                 hint="the evaluator must return a validation score, higher is better")
+        return float(score)
+
+
+def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]) -> None:
+    """Before any work: the output may be written (see tiesmerge.paths) and is none of the inputs."""
+    if output:
+        check_not_input(output, inputs)
+        check_output_location(output, force)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -39,25 +72,37 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..tuning import parse_grid, tune
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
-    evaluate = _load_callable(args.evaluator)
+    inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
+    _check_writes(args.output, args.force, inputs)
+    if args.json:
+        check_not_input(args.json, inputs)
+        if args.json.exists() and not args.json.is_file():  # a directory, or a FIFO that would block the write
+            raise OutputError(f"{args.json}: --json names something other than a file",
+                              hint="name a file, e.g. --json scores.json")
+    evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
-        print(f"  {options} lam={point.lam:.2f}  score {point.score:.4f}", flush=True)
+        lam = f" lam={point.lam:.2f}" if point.lam is not None else ""
+        print(f"  {options}{lam}  score {point.score:.4f}", flush=True)
 
     result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,
                   memory_budget=args.memory_budget, on_point=show)
     best = result.best
-    print(f"best: {' '.join(f'{k}={v}' for k, v in best.options.items())} lam={best.lam} score {best.score:.4f} "
+    lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
+    print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {best.score:.4f} "
           f"({len(result.points)} points, {result.merges} merges, {result.seconds:.1f} s)")
     if args.json:
-        args.json.write_text(json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
-                                                                           "score": best.score},
-                                         "points": [{**p.options, "lam": p.lam, "score": p.score}
-                                                    for p in result.points]}, indent=2) + "\n")
+        try:
+            args.json.write_text(json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
+                                                                               "score": best.score},
+                                             "points": [{**p.options, "lam": p.lam, "score": p.score}
+                                                        for p in result.points]}, indent=2) + "\n")
+        except OSError as exc:
+            raise OutputError(f"{args.json}: cannot write the scores ({exc.strerror or exc})") from None
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
-              memory_budget=args.memory_budget, force=args.force, **best.options, lam=best.lam)
+              memory_budget=args.memory_budget, force=args.force, **best.options, **lam)
         print(f"wrote the best merge to {args.output}")
     return 0
 
@@ -69,11 +114,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
     ranges, fixed = parse_ranges(args.ranges), parse_fixed(args.method, args.fixed)
-    evaluate = _load_callable(args.evaluator)
-    if args.output:
-        from ..io.writer import _check_output_path
-
-        _check_output_path(Path(args.output).absolute(), args.force)  # fail now, not after the search
+    inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
+    _check_writes(args.output, args.force, inputs)  # fail now, not after the search
+    check_not_input(args.dir, inputs)  # the log and the report are written there
+    evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
     if args.workers is not None and (args.ray is None or args.ray):
         raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")
     executor = RayExecutor(args.ray or None, workers=args.workers) if args.ray is not None else LocalExecutor()
@@ -156,6 +200,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         return 0
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")
+    check_not_input(args.output, [("the recipe", args.recipe)])  # the merge's own inputs are checked by merge()
     started = time.perf_counter()
     out = merge(recipe.base, list(recipe.models), recipe.method, output=args.output, shard_size=recipe.shard_size,
                 force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
@@ -189,6 +234,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be a positive number, got {value}")
+    _check_writes(args.output, args.force, [("the model", args.model), ("the data file", args.data)])
     started = time.perf_counter()
     stats = hf_statistics(args.kind, args.model, args.data, fisher=args.fisher, per_example=args.per_example,
                           batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, device=args.device,
@@ -203,12 +249,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from ..api import analyze
 
+    _check_writes(args.output, args.force,
+                  [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))])
     if args.subsets_per_size < 0:
         raise ConfigError(f"--subsets-per-size must be 0 (every subset) or more, got {args.subsets_per_size}")
     data = analyze(args.base, args.models, output=args.output, density=args.density,
                    subsets_per_size=args.subsets_per_size or None, seed=args.seed, device=args.device,
                    memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
-                   force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+                   force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
+                   methods=args.methods)
     for line in data["summary"]:
         print(f"- {line}")
     engine = data["engine"]
@@ -222,6 +271,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for cls in classes:
         print(f"{cls.name}  —  {cls.summary}")
         print(f"  paper: {cls.paper}")
+        if args.name and cls.__doc__:  # one method: its semantics, the reference it follows, where it differs
+            print(textwrap.indent(inspect.cleandoc(cls.__doc__), "  "))
         types = option_types(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import TiesMergeError
+from ..errors import InternalError, TiesMergeError
 from ..io.align import VOCAB_POLICIES
 from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES
@@ -25,12 +26,21 @@ from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
 
 
-def _number(text: str) -> int | float:
-    """A flag value for an option whose type differs between methods: an int if it reads as one."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+def _number(text: str) -> int | float | bool | str:
+    """A flag value for an option whose type differs between methods: an int if it reads as one,
+    else a float, true/false as a bool, else the word; the chosen method's own checks then say
+    whether it fits (a clearer message than argparse's "invalid value")."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    return text
 
 
 _FLAG_TYPES: dict[Any, dict[str, Any]] = {
@@ -49,6 +59,7 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
     kinds: dict[str, Any] = {}
     first: dict[str, dataclasses.Field] = {}
+    choices: dict[str, tuple[str, ...]] = {}  # a text option's choices, over every method that has it
     for cls in METHODS.values():
         types = option_types(cls)
         for f in dataclasses.fields(cls):
@@ -57,12 +68,14 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
             else:
                 kinds.setdefault(f.name, types[f.name])
                 first.setdefault(f.name, f)
+            known = choices.setdefault(f.name, ())
+            choices[f.name] = known + tuple(c for c in f.metadata.get("choices", ()) if c not in known)
     for name, f in first.items():
         meta = f.metadata
         kwargs: dict[str, Any] = {"dest": f"opt_{name}", "default": argparse.SUPPRESS,
                                   "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
         if meta.get("choices") and kinds[name] is str:
-            kwargs["choices"] = meta["choices"]
+            kwargs["choices"] = choices[name]  # each method checks its own
         elif kinds[name] == "mixed":
             kwargs.update(type=_number, metavar="X")
         else:
@@ -96,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--device", help="cpu or cuda (default cpu)")
     m.add_argument("--vocab-policy", choices=VOCAB_POLICIES, help="on embedding rows that differ (default error)")
     m.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
-    m.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    m.add_argument("--force", action="store_true",
+                   help="replace an output directory tiesmerge wrote before (never an input)")
     m.add_argument("--dry-run", action="store_true", help="print the plan (tensors, bytes, peak memory) and stop")
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--output-format", choices=OUTPUT_FORMATS,
@@ -122,8 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     a.add_argument("--vocab-policy", default="error", choices=VOCAB_POLICIES, help="on embedding rows that differ")
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
-    a.add_argument("--force", action="store_true", help="replace a non-empty report directory")
+    a.add_argument("--force", action="store_true",
+                   help="replace a report directory tiesmerge wrote before (never an input)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.add_argument("--method", action="append", dest="methods", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="also merge with this method (e.g. slerp:t=0.3 or breadcrumbs:density=0.3,gamma=0.02) and "
+                        "add its merged magnitudes to the magnitude section; repeat")
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
     ms.add_argument("name", nargs="?", help="show one method")
@@ -149,7 +167,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-budget", default=None)
     t.add_argument("-o", "--output", help="write the best merge here as an HF directory")
     t.add_argument("--json", type=Path, help="write every grid point's score here")
-    t.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    t.add_argument("--force", action="store_true",
+                   help="replace an output directory tiesmerge wrote before (never an input)")
 
     _search_parser(sub)
 
@@ -168,7 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--batch-size", type=int, default=8)
     st.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
     st.add_argument("--device", default="cpu")
-    st.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    st.add_argument("--force", action="store_true",
+                    help="replace an output directory tiesmerge wrote before (never an input)")
 
     d = sub.add_parser("demo", help="fine-tune MiniLM on 3 real tasks, merge, print a table (or --synthetic)",
                        epilog="examples:\n  tiesmerge demo\n  tiesmerge demo --synthetic --params 50",
@@ -224,17 +244,46 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = _terminate_like_interrupt()
     try:
         return HANDLERS[args.command](args)
     except TiesMergeError as exc:
         return _report(exc, args.debug)
     except BrokenPipeError:  # e.g. `tiesmerge methods | head`
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             traceback.print_exc()
-        print("error: interrupted; no output directory was left behind", file=sys.stderr)
-        return 130
+        print(f"error: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
+              "no output directory was left behind", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _report(InternalError(f"{where}{exc.strerror or exc}",
+                                     hint="nothing was written at the output; fix the cause and run again"), args.debug)
+    except Exception as exc:  # a bug of ours (RecursionError and MemoryError included): a message, never a traceback
+        return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",
+                                     hint="this is a bug in tiesmerge; run again with --debug for the traceback "
+                                          "and report it"), args.debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so every cleanup (the temporary output) runs as on Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _terminate_like_interrupt() -> Any:
+    """Handle SIGTERM as Ctrl-C for the command's duration (only the main thread may set handlers)."""
+    try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: the caller's handlers stay
+        return None
 
 
 def _report(exc: TiesMergeError, debug: bool) -> int:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..dtypes import DType, as_dtype
+from ..finite import check_finite
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint, LoraTarget
 
 __all__ = ["Factored", "truncated_factors", "LoraFactorSink", "write_lora_adapter", "write_ia3_adapter"]
@@ -80,6 +81,7 @@ class LoraFactorSink:
             self._held[name] = (held, filled)
             return
         self._held.pop(name, None)
+        check_finite(name, held, "F32")  # an overflowed τ (a huge lam or lora_alpha): an error, not an SVD failure
         if name in self.full_names:
             self.full[name] = held
             return
@@ -122,6 +124,8 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
                    "alpha_pattern": {}, "target_modules": sorted(modules), "modules_to_save": to_save or None,
                    "inference_mode": True, "fan_in_fan_out": any(sink.targets[n].transposed and not
                                                                  sink.targets[n].embedding for n in sink.factors)})
+    for key, value in tensors.items():  # the output dtype may overflow where float32 did not
+        check_finite(key, value, as_dtype(dtype).code or "")
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     _atomic_json(directory / ADAPTER_CONFIG, config)
     return {"kind": "lora", "rank": sink.rank, "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS],
@@ -140,6 +144,8 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
     config = dict(first_config)
     config.update({"target_modules": sorted(modules[n] for n in vectors), "feedforward_modules": feedforward,
                    "inference_mode": True})
+    for key, value in tensors.items():
+        check_finite(key, value, as_dtype(dtype).code or "")
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     _atomic_json(directory / ADAPTER_CONFIG, config)
     return {"kind": "ia3", "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS], "vectors": len(tensors)}

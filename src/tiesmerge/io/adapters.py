@@ -20,9 +20,7 @@ Opening and binding read only headers and configs, never torch; ``read`` compute
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,7 +29,9 @@ import numpy as np
 
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError
+from ..limits import read_json
 from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
+from .patterns import ModulePattern
 from .peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -58,11 +58,29 @@ _UNSUPPORTED_LORA = {  # config keys whose non-default value changes what ΔW is
 }
 
 
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    """PEFT's rank/alpha pattern lookup: a key matches a module name ending with it (a regex)."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return float(value)
+def _number(value: object, what: str, source: str) -> float:
+    """A config number (LoRA's alpha): an int or float, finite; a string or bool is refused, not guessed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CheckpointError(f"{source}: {what} is {str(value)[:80]!r} ({type(value).__name__}), not a finite number",
+                              hint="fix the adapter config (PEFT writes lora_alpha as a number)")
+    return float(value)
+
+
+def _patterns(config: dict, key: str, source: str) -> list[tuple[ModulePattern, float]]:
+    """PEFT's per-module pattern table (``alpha_pattern``), each key compiled to a matcher that
+    never backtracks, each value checked as a number."""
+    table = config.get(key) or {}
+    if not isinstance(table, dict):
+        raise CheckpointError(f"{source}: {key} is a {type(table).__name__}, not a mapping of module patterns")
+    return [(ModulePattern.compile(k, f"{source}: {key}"), _number(v, f"{key}[{str(k)[:80]!r}]", source))
+            for k, v in table.items()]
+
+
+def _pattern_value(patterns: list[tuple[ModulePattern, float]], module: str, default: float) -> float:
+    """PEFT's rank/alpha pattern lookup: the first key a module name ends with (a regex)."""
+    for pattern, value in patterns:
+        if pattern.matches(module):
+            return value
     return default
 
 
@@ -128,18 +146,20 @@ class LoraCheckpoint:
         """Map every adapted module to a base tensor and check the shapes (raises on mismatch)."""
         if self._base is not None:
             return  # bound once, to the real base (a zero base stands in for it in some merges)
-        alpha = float(self.config.get("lora_alpha", 8))
+        source = str(self.path / ADAPTER_CONFIG)
+        alpha = _number(self.config.get("lora_alpha", 8), "lora_alpha", source)
+        alpha_pattern = _patterns(self.config, "alpha_pattern", source)
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         targets: dict[str, LoraTarget] = {}
         for module, (a_key, b_key, embedding) in self._factors.items():
             name = resolve_name(module, ".weight", base, self.label, a_key)
             a, b = self._file.info(a_key).shape, self._file.info(b_key).shape
-            rank = a[0]
-            if len(a) != 2 or len(b) != 2 or b[1] != rank:
+            rank = a[0] if a else 0
+            if len(a) != 2 or len(b) != 2 or b[1] != rank or rank < 1:
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA factors of {module!r} have shapes A {tuple(a)} and B {tuple(b)}; "
-                    "expected A (r, in) and B (out, r)")
+                    "expected A (r, in) and B (out, r) with a rank r of at least 1")
             transposed = embedding or fan_in_fan_out
             full = (a[1], b[0]) if transposed else (b[0], a[1])
             if tuple(base.info(name).shape) != full:
@@ -147,7 +167,7 @@ class LoraCheckpoint:
                     f"{self.label}: LoRA of {module!r} has B·A of shape {(b[0], a[1])}, which does not fit the base "
                     f"tensor {name!r} {tuple(base.info(name).shape)}",
                     hint="the adapter was trained on another base model; pass the base it was trained from")
-            module_alpha = _pattern_value(self.config.get("alpha_pattern"), module, alpha)
+            module_alpha = _pattern_value(alpha_pattern, module, alpha)
             scale = module_alpha / (math.sqrt(rank) if rs else rank)
             targets[name] = LoraTarget(module, a_key, b_key, rank, scale, transposed, embedding)
         full_bound: dict[str, str] = {}
@@ -257,10 +277,11 @@ class ZeroBase:
 
 def open_adapter(path: Path, label: str) -> LoraCheckpoint | Ia3Checkpoint:
     """A PEFT adapter directory, by its ``peft_type``."""
-    try:
-        kind = str(json.loads((path / ADAPTER_CONFIG).read_text()).get("peft_type", "")).upper()
-    except (OSError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: not a readable adapter config ({exc})") from None
+    config = read_json(path / ADAPTER_CONFIG, "the adapter config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a JSON object",
+                              hint="an adapter config is the adapter_config.json PEFT writes")
+    kind = str(config.get("peft_type", ""))[:40].upper()
     if kind == "LORA":
         return LoraCheckpoint(path, label)
     if kind == "IA3":

@@ -9,14 +9,15 @@ and are written under every name; a vocabulary-size mismatch is an error unless 
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..dtypes import DType, as_dtype
-from ..errors import ConfigError, IncompatibleCheckpointsError
+from ..errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
+from ..limits import read_json
 from .peft import yields_task_vector
 from .protocol import Checkpoint, read_rows_into, rows_shape
 
@@ -86,12 +87,13 @@ class Alignment:
 
 def _read_config(ckpt: Checkpoint) -> dict:
     directory = ckpt.directory()
-    if directory is None or not (directory / "config.json").is_file():
+    if directory is None or not os.path.lexists(directory / "config.json"):
         return {}
-    try:
-        return json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    config = read_json(directory / "config.json", "the model's config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{directory / 'config.json'}: holds a {type(config).__name__}, not a JSON object, "
+                              "so it is not a model config", hint="fix or remove the model's config.json")
+    return config
 
 
 def _tied_groups(base: Checkpoint, names: list[str]) -> list[tuple[str, ...]]:
@@ -122,17 +124,30 @@ def _first_rows(ckpt: Checkpoint, name: str, rows: slice | None) -> bytes:
     return bytes(out)
 
 
+_COMPARE_BYTES = 16 << 20  # rows compared per read: memory stays bounded for any embedding
+
+
 def _same_values(ckpts: list[Checkpoint], a: str, b: str) -> bool:
-    """Cheap check that two names hold one tensor: compare the first rows' bytes in every input
-    (files: read as stored, no torch)."""
+    """Whether two names hold one tensor in every input: every row's bytes compared, in chunks
+    (files: read as stored, no torch). Only files that store both names pay this; a model
+    saved with tied weights usually stores one. Comparing only a few rows would let a head that
+    differs further down be merged as a copy of the embedding."""
     for ckpt in ckpts:
         if ckpt.info(a) != ckpt.info(b):
             return False
         if yields_task_vector(ckpt) and a not in ckpt.names() and b not in ckpt.names():
             continue  # an adapter that changes neither: τ = 0 for both
-        rows = slice(0, min(4, ckpt.info(a).shape[0])) if ckpt.info(a).shape else None
-        if _first_rows(ckpt, a, rows) != _first_rows(ckpt, b, rows):
-            return False
+        info = ckpt.info(a)
+        if not info.shape:
+            if _first_rows(ckpt, a, None) != _first_rows(ckpt, b, None):
+                return False
+            continue
+        row_bytes = max(1, math.prod(info.shape[1:]) * info.itemsize)
+        step = max(1, _COMPARE_BYTES // row_bytes)
+        for first in range(0, info.shape[0], step):
+            rows = slice(first, min(first + step, info.shape[0]))
+            if _first_rows(ckpt, a, rows) != _first_rows(ckpt, b, rows):
+                return False
     return True
 
 

@@ -8,13 +8,14 @@ Pickle files can run arbitrary code when loaded, so they are refused unless the 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
+from ..limits import read_json
+from ..paths import check_input, inside
 from .adapters import open_adapter
 from .peft import ADAPTER_CONFIG
 from .protocol import Checkpoint, TensorInfo, read_rows_into
@@ -45,15 +46,35 @@ def _refuse_pickle(path: Path) -> CheckpointError:
 
 
 def _read_index(index: Path) -> dict[str, Path]:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a valid index file ({type(exc).__name__}: {exc})") from None
-    files = {name: index.parent / shard for name, shard in weight_map.items()}
-    missing = sorted({str(p) for p in files.values() if not p.is_file()})
+    """An index's weight_map: tensor name -> shard, every shard a regular file inside the model's
+    directory (a ``../`` or absolute entry, or a link leaving the directory, is refused)."""
+    data = read_json(index, "the index file")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        got = f"a {type(weight_map).__name__} weight_map" if isinstance(data, dict) else f"a {type(data).__name__}"
+        raise CheckpointError(f"{index}: not a valid index file (it needs a 'weight_map' mapping tensor names to "
+                              f"shard files; got {got})",
+                              hint="the download is incomplete or corrupt; fetch the index again")
+    bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise CheckpointError(f"{index}: weight_map entry {bad[0][:200]!r} names {str(bad[1])[:80]!r}, not a shard "
+                              "file name", hint="the index is corrupt; fetch it again")
+    root = index.parent
+    files: dict[str, Path] = {}
+    real: dict[str, Path] = {}
+    for name, shard in weight_map.items():
+        if shard not in real:
+            if os.path.isabs(shard) or ".." in Path(shard).parts:
+                raise CheckpointError(f"{index}: weight_map entry {name[:200]!r} names {shard[:200]!r}, a path outside "
+                                      "the model's directory", hint="shards must lie inside the model's own directory")
+            if not os.path.lexists(root / shard):
+                continue  # listed as missing below, all at once
+            real[shard] = inside(root / shard, root, "a shard")
+        files[name] = root / shard
+    missing = sorted({str(root / s) for s in weight_map.values() if s not in real})
     if missing:
         raise CheckpointError(
-            f"{index}: names shard(s) that do not exist: {', '.join(missing)}",
+            f"{index}: names shard(s) that do not exist: {', '.join(missing[:8])}",
             hint="the download is incomplete; fetch the missing shard(s) again",
         )
     return files
@@ -77,8 +98,7 @@ def open_checkpoint(
         return StateDictCheckpoint(source, label or "state dict")
     path = Path(source)
     label = label or str(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory", hint="check the path of the model")
+    check_input(path, "the model")  # loops, dangling links, FIFOs and devices: typed errors, never a hang
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsCheckpoint(path, [path], {}, label)

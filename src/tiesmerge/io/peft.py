@@ -3,10 +3,11 @@ base model's tensor names. Pure metadata: nothing here reads a tensor or imports
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError
+from ..limits import read_json
 from .protocol import Checkpoint
 from .safetensors_reader import SafetensorsCheckpoint
 
@@ -60,14 +61,11 @@ def resolve_name(module: str, suffix: str, base: Checkpoint, label: str, key: st
 
 def read_adapter_dir(path: Path, label: str) -> tuple[dict, SafetensorsCheckpoint]:
     """An adapter directory's config and its (opened, validated) weights file."""
-    try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path / ADAPTER_CONFIG}: not a readable JSON file ({exc})") from None
+    config = read_json(path / ADAPTER_CONFIG, "the adapter config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a mapping")
     weights = path / ADAPTER_WEIGHTS
-    if not weights.is_file():
+    if not os.path.lexists(weights):
         pickled = path / "adapter_model.bin"
         raise CheckpointError(
             f"{path}: no {ADAPTER_WEIGHTS}" + (" (only adapter_model.bin, a pickle)" if pickled.is_file() else ""),

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..dtypes import BY_CODE
 from ..errors import CheckpointError
+from ..paths import open_regular
 from .protocol import TensorInfo
 
 if TYPE_CHECKING:
@@ -68,18 +69,25 @@ class SafetensorsCheckpoint:
             )
 
     def _index_file(self, file: Path, weight_map: dict[str, Path]) -> None:
+        fd = open_regular(file, "a weights file")  # a FIFO or device is refused here, never read (it would block)
         try:
             # the numpy front end validates the same layout as torch's, without importing torch
             with safe_open(str(file), framework="numpy") as handle:
                 names = list(handle.keys())
-            with open(file, "rb") as f:
-                header_len = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(header_len))
-        except (SafetensorError, OSError, ValueError, struct.error) as exc:
+            header_len = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+            header = json.loads(os.pread(fd, header_len, 8))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (SafetensorError, OSError, ValueError, struct.error, RecursionError) as exc:
+            os.close(fd)
             raise CheckpointError(
-                f"{file}: not a readable safetensors file ({exc})",
+                f"{file}: not a readable safetensors file ({str(exc)[:300]})",
                 hint="the file is truncated or corrupt; download or copy it again",
             ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fds[file] = fd  # closed by close(), also when a tensor below is refused
         for name in names:
             if weight_map and weight_map.get(name) != file:
                 continue  # the index decides which shard owns a name
@@ -90,7 +98,6 @@ class SafetensorsCheckpoint:
             self._where[name] = file
             self._info[name] = TensorInfo(tuple(entry["shape"]), BY_CODE[entry["dtype"]])
             self._start[name] = 8 + header_len + entry["data_offsets"][0]
-        self._fds[file] = os.open(file, os.O_RDONLY)
 
     def names(self) -> list[str]:
         return list(self._info)

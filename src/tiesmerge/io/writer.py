@@ -10,13 +10,17 @@ Chunks arrive as numpy arrays of the stored bytes (bfloat16 as a uint16 view: se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
+import socket
+import stat
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,18 +29,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..dtypes import DType, as_dtype
-from ..errors import OutputError
-from .state_dict import PICKLE_SUFFIXES
+from ..errors import CheckpointError, OutputError
+from ..finite import check_finite
+from ..limits import loads_json, read_json
+from ..paths import check_output_location, inside, open_regular
+from ..sizes import format_size
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["OutputEntry", "plan_shards", "SafetensorsStreamWriter", "ShardedWriter", "atomic_directory",
-           "copy_model_files"]
+           "copy_model_files", "model_files", "remove_stale", "MODEL_FILES"]
 
-_WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-_NOT_COPIED = {"README.md", "tiesmerge.json", "model.safetensors.index.json", "pytorch_model.bin.index.json",
-               ".gitattributes"}
+# what a model needs beside its weights: config, generation config, tokenizer, chat template, processor
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.json",
+               "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
+_MODEL_SUFFIXES = (".tiktoken",)
 
 
 @dataclass(frozen=True, init=False)
@@ -81,8 +91,10 @@ def plan_shards(entries: list[OutputEntry], shard_size: int,
 class SafetensorsStreamWriter:
     """Writes one safetensors file whose tensors arrive in order, possibly in row chunks."""
 
-    def __init__(self, path: Path, entries: list[OutputEntry], metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, path: Path, entries: list[OutputEntry], metadata: dict[str, str] | None = None,
+                 finite: Collection[str] = ()) -> None:
         header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+        self._finite = {e.name: e.dtype_info.code for e in entries if e.name in finite}  # checked before written
         self._ranges: dict[str, tuple[int, int]] = {}
         self._itemsize: dict[str, int] = {}
         offset = 0
@@ -127,6 +139,8 @@ class SafetensorsStreamWriter:
                              f"chunk of {itemsize}-byte entries ({chunk.dtype}) arrived")
         nbytes = data.nbytes
         self._expect(name, nbytes)
+        if name in self._finite:  # merged values: an overflow stops the merge before the bytes land
+            check_finite(name, chunk, self._finite[name], (self._written - self._ranges[name][0]) // itemsize)
         if nbytes:
             self._file.write(data)
         self._written += nbytes
@@ -156,8 +170,10 @@ class ShardedWriter:
     """A Hugging Face weight layout: ``model.safetensors`` or shards plus their index."""
 
     def __init__(self, directory: Path, groups: list[list[OutputEntry]], shard_size: int,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, finite: Collection[str] = ()) -> None:
+        """``finite``: names of the tensors whose values must be finite (the merged ones)."""
         self.directory = directory
+        self._check = frozenset(finite)
         entries = [e for g in groups for e in g]
         self.shards = plan_shards(entries, shard_size, groups)
         count = len(self.shards)
@@ -174,7 +190,7 @@ class ShardedWriter:
             if self._open is not None:
                 self._open[1].close()
             self._open = (shard, SafetensorsStreamWriter(self.directory / self.files[shard], self.shards[shard],
-                                                         self._metadata))
+                                                         self._metadata, self._check))
         return self._open[1]
 
     def write(self, name: str, rows: slice | None, chunk: np.ndarray | torch.Tensor) -> None:
@@ -197,24 +213,73 @@ class ShardedWriter:
 
 
 def _check_output_path(final: Path, force: bool) -> None:
-    if final.exists() and not final.is_dir():
-        raise OutputError(f"{final}: the output path is a file", hint="choose a directory path for the merged model")
-    if final.is_dir() and any(final.iterdir()) and not force:
-        raise OutputError(f"{final}: the output directory exists and is not empty",
-                          hint="choose another path, or pass --force (force=True) to replace it")
+    check_output_location(final, force)
+
+
+# Temporary siblings are named for the process, not the output, so that any legal output name
+# (up to 255 bytes) works: ".tiesmerge-tmp-<host>-<pid>-<random>". A run killed outright (SIGKILL,
+# a power cut) leaves one behind; a later run in the same folder removes those whose process is
+# dead (on this host: pids of other machines sharing the folder mean nothing here).
+_TMP = re.compile(r"^\.tiesmerge-(tmp|old)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
+
+
+def _host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _sibling(parent: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f".tiesmerge-{kind}-{_host()}-{os.getpid()}-", dir=parent))
+
+
+def remove_stale(parent: Path) -> list[str]:
+    """Remove temporary siblings left in ``parent`` by runs of this host whose process is dead.
+    A replaced output parked by a run killed between its two renames is put back if its place
+    is still free, else removed. Returns what was cleaned."""
+    cleaned = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return cleaned
+    host = _host()
+    for entry in entries:
+        m = _TMP.match(entry.name)
+        if not m or m.group(2) != host or int(m.group(3)) == os.getpid() or _alive(int(m.group(3))):
+            continue
+        if not entry.is_dir(follow_symlinks=False):
+            continue
+        path = Path(entry.path)
+        if m.group(1) == "old":
+            for parked in path.iterdir():
+                if not os.path.lexists(parent / parked.name):
+                    os.replace(parked, parent / parked.name)  # the previous output, back where it was
+        shutil.rmtree(path, ignore_errors=True)
+        cleaned.append(entry.name)
+    return cleaned
 
 
 @contextmanager
 def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_bytes: int = 0) -> Iterator[Path]:
     """Yield a temporary sibling of ``final``; on success rename it into place, on any error
-    (Ctrl-C included) remove it, so no half-written output ever looks complete."""
-    final = Path(final).absolute()
+    (Ctrl-C and SIGTERM included) remove it, so no half-written output ever looks complete.
+    ``final`` may replace (``force``) only a directory tiesmerge wrote (see ``tiesmerge.paths``)."""
+    final = Path(os.path.abspath(final))  # "out/.." is its parent, as the checks resolve it
     _check_output_path(final, force)
     # parent folders this call creates are removed again on failure, like the output itself
     created = [p for p in final.parents if not p.exists()]  # innermost first
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tiesmerge-tmp-", dir=final.parent))
+        remove_stale(final.parent)
+        tmp = _sibling(final.parent, "tmp")
     except OSError as exc:
         _remove_empty(created)
         raise OutputError(f"{final}: cannot create the output directory ({exc.strerror or exc})",
@@ -223,20 +288,20 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
     if needed_bytes > free:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
-        raise OutputError(f"{final}: the merge needs {needed_bytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB "
+        raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} but only {format_size(free)} "
                           "is free there", hint="free some space or write elsewhere")
     try:
         yield tmp
         _check_output_path(final, force)  # the path may have changed while we worked
         old = None
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.tiesmerge-old-", dir=final.parent))
-            os.replace(final, old / "replaced")
+        if os.path.lexists(final):
+            old = _sibling(final.parent, "old")
+            os.replace(final, old / final.name)
         try:
             os.replace(tmp, final)
         except BaseException:
             if old is not None:  # put the previous output back instead of leaving it hidden in a dot-folder
-                os.replace(old / "replaced", final)
+                os.replace(old / final.name, final)
                 shutil.rmtree(old, ignore_errors=True)
             raise
         if old is not None:
@@ -256,35 +321,64 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def copy_model_files(source: Path | None, target: Path, *,
-                     dtype: DType | str | torch.dtype | None = None) -> list[str]:
-    """Copy config, tokenizer and other non-weight files of the base model. Returns their names.
+def model_files(source: Path | None) -> list[Path]:
+    """The files of the base model's directory that the output needs beside its weights (config,
+    generation config, tokenizer files, chat template), checked before anything heavy is read:
+    each must be a regular file inside the directory (a link leaving it, a loop, a dangling link
+    or a FIFO is an error now, not after the merge). Anything else there is left alone."""
+    if source is None:
+        return []
+    try:
+        names = sorted(os.listdir(source))
+    except OSError as exc:
+        raise CheckpointError(f"{source}: cannot list the model directory ({exc.strerror or exc})") from None
+    files = []
+    for name in names:
+        if name not in MODEL_FILES and not name.endswith(_MODEL_SUFFIXES):
+            continue
+        path = source / name
+        real = inside(path, source, f"the base's {name}")
+        if not stat.S_ISREG(os.stat(real).st_mode):
+            raise CheckpointError(f"{path}: the base's {name} is not a regular file, so it cannot be copied into "
+                                  "the output", hint="replace it with the file itself")
+        files.append(path)
+    config = source / "config.json"
+    if config in files and not isinstance(read_json(config, "the base's config"), dict):
+        raise CheckpointError(f"{config}: holds no JSON object, so it is not a model config",
+                              hint="fix or remove the base's config.json")
+    return files
+
+
+def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | torch.dtype | None = None,
+                     files: Sequence[Path] | None = None) -> list[str]:
+    """Copy ``files`` (default: :func:`model_files` of ``source``) into ``target`` as new regular
+    files: contents only, never a link, never what a link outside the directory points at.
+    Returns their names (the manifest lists them).
 
     When the output dtype differs from the base's, config.json's ``torch_dtype`` follows it
     (``dtype``: a ``DType``, a torch dtype or a name such as ``bf16``).
     """
     if source is None:
         return []
+    files = model_files(source) if files is None else files
     copied = []
-    for item in sorted(source.iterdir()):
-        if item.name in _NOT_COPIED or item.suffix in _WEIGHT_SUFFIXES or item.name.startswith("."):
-            continue
-        if item.is_dir():
-            if any(p.suffix in _WEIGHT_SUFFIXES for p in item.rglob("*")):
-                continue
-            shutil.copytree(item, target / item.name)
-        else:
-            shutil.copy2(item, target / item.name)
-        copied.append(item.name)
-    config = target / "config.json"
-    if dtype is not None and config.is_file():
+    for path in files:
+        inside(path, source, f"the base's {path.name}")  # checked again: the folder may have changed since
+        fd = open_regular(path, f"the base's {path.name}")
         try:
-            data = json.loads(config.read_text())
-        except ValueError:
-            return copied
-        name = as_dtype(dtype).name
-        for key in ("torch_dtype", "dtype"):
-            if key in data:
-                data[key] = name
-        config.write_text(json.dumps(data, indent=2) + "\n")
+            with os.fdopen(fd, "rb") as src, open(target / path.name, "xb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except OSError as exc:
+            raise OutputError(f"{target / path.name}: cannot copy the base's {path.name} into the output "
+                              f"({exc.strerror or exc})", hint="free some space or write elsewhere") from None
+        copied.append(path.name)
+    config = target / "config.json"
+    if dtype is not None and "config.json" in copied:
+        data = loads_json(config.read_bytes(), str(config))
+        if isinstance(data, dict):
+            name = as_dtype(dtype).name
+            for key in ("torch_dtype", "dtype"):
+                if key in data:
+                    data[key] = name
+            config.write_text(json.dumps(data, indent=2) + "\n")
     return copied

@@ -24,6 +24,8 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
+from ..limits import read_json
+from ..paths import check_input
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 from ..version import __version__
 
@@ -55,6 +57,12 @@ class StatsManifest:
             raise CheckpointError(f"{source}: not a tiesmerge statistics manifest (needs kind "
                                   f"{'|'.join(STATS_KINDS)} and examples)",
                                   hint="statistics directories are written by tiesmerge stats fisher|gram")
+        types = {"options": dict, "model_digest": (str, type(None)), "model": (str, type(None)),
+                 "tiesmerge_version": str, "created": str}
+        wrong = [k for k, t in types.items() if k in data and not isinstance(data[k], t)]
+        if wrong or isinstance(data["examples"], bool) or data["examples"] < 0:
+            raise CheckpointError(f"{source}: statistics manifest field {(wrong or ['examples'])[0]!r} has the wrong "
+                                  "type or value", hint="recompute the statistics with tiesmerge stats fisher|gram")
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -149,14 +157,10 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
 
 def _read_manifest(directory: Path) -> StatsManifest:
     path = directory / MANIFEST_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CheckpointError(f"{directory}: no {MANIFEST_NAME}; this is not a statistics directory",
                               hint="compute statistics with tiesmerge stats fisher|gram --model ... -o DIR")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable statistics manifest ({exc})") from None
-    return StatsManifest.from_dict(data, str(path))
+    return StatsManifest.from_dict(read_json(path, "the statistics manifest"), str(path))
 
 
 def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tensor], *, kind: str | None = None,
@@ -171,6 +175,8 @@ def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tenso
         manifest, ckpt = None, StateDictCheckpoint(source, label or "statistics state dict")
     else:
         path = Path(source)
+        if os.path.lexists(path):
+            check_input(path, "the statistics")  # loops, dangling links, FIFOs: typed errors
         if not path.is_dir():
             why = " (no such path)" if not path.exists() else ""
             raise CheckpointError(f"{path}: not a statistics directory{why}",

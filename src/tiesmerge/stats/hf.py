@@ -9,7 +9,6 @@ and losses go through the Python API (:func:`tiesmerge.stats.fisher_information`
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,28 +16,32 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..io.checkpoint import open_checkpoint
+from ..limits import loads_json, read_json
+from ..paths import check_input, read_regular
 from .files import Statistics
 from .fisher import fisher_information
 from .gram import gram_matrices
 
 __all__ = ["read_jsonl", "hf_statistics"]
 
+_MAX_DATA_BYTES = 4 << 30  # a JSON-lines file of examples, read whole
+
 
 def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels: bool = False) -> list[dict]:
     """The examples of a JSON-lines file, checked line by line."""
     path = Path(path)
+    raw = read_regular(path, "the data file", max_bytes=_MAX_DATA_BYTES, error=ConfigError)
     try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the data file ({exc.strerror or exc})") from None
+        lines = raw.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: the data file is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                          hint='a JSON-lines file: one {"text": ..., "label": ...} object per line') from None
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({exc})") from None
+        row = loads_json(line, f"{path}:{number}", error=ConfigError)
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise ConfigError(f"{path}:{number}: each line must be an object with a string 'text'",
                               hint='e.g. {"text": "a review", "label": 1}')
@@ -54,11 +57,25 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
 
 
 def _config(model_dir: Path) -> dict:
+    """The model's config.json, after checking that its weights are safetensors tiesmerge can read
+    (a pickle is refused: loading one can run code; a truncated file fails here, not in transformers)."""
+    check_input(model_dir, "the model")
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a directory", hint="--model takes a Hugging Face model directory")
     try:
-        return json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{model_dir}: no readable config.json ({exc})",
-                              hint="--model takes a Hugging Face model directory") from None
+        open_checkpoint(model_dir).close()
+    except CheckpointError as exc:
+        if "pickle" in exc.message:
+            raise CheckpointError(f"{model_dir}: holds PyTorch pickle weights; loading pickles can run arbitrary "
+                                  "code, so tiesmerge stats reads only safetensors models",
+                                  hint="convert the model to safetensors (save_pretrained(safe_serialization=True))"
+                                  ) from None
+        raise
+    config = read_json(model_dir / "config.json", "the model's config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{model_dir / 'config.json'}: holds a {type(config).__name__}, not a JSON object",
+                              hint="--model takes a Hugging Face model directory")
+    return config
 
 
 def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, fisher: str = "exact",

@@ -1,0 +1,64 @@
+"""The check of merged values: a chunk about to be written must hold only finite numbers.
+
+A merge overflows when its values exceed the output dtype (float16 tops out at 65504) or when
+λ is absurd (``--lam 1e300``); the writer checks each chunk as it arrives, on its own thread,
+before the bytes reach the file, so an overflow is an error naming the tensor and the output
+is never renamed into place. Chunks are the stored bytes (a bfloat16 as its uint16 bits) or
+torch tensors; the check works on the bits in blocks that stay in cache, without torch.
+
+>>> import numpy as np
+>>> first_nonfinite(np.array([1.0, np.inf], np.float32), "F32")
+1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidTensorError
+
+__all__ = ["first_nonfinite", "check_finite"]
+
+# (signed view, unsigned view, exponent mask) per floating safetensors code. A value is Inf or
+# NaN exactly when every exponent bit is set: as a signed integer, a positive one is then at least
+# the mask, and as an unsigned integer a negative one is at least sign bit | mask. So two max
+# reductions (SIMD, no temporaries) decide a chunk; the position is looked for only on failure.
+_VIEWS = {"F16": (np.int16, np.uint16, 0x7C00), "BF16": (np.int16, np.uint16, 0x7F80),
+          "F32": (np.int32, np.uint32, 0x7F800000), "F64": (np.int64, np.uint64, 0x7FF0000000000000)}
+
+
+def first_nonfinite(chunk: Any, code: str) -> int | None:
+    """Index (flat) of the first Inf or NaN in ``chunk`` of dtype ``code`` (safetensors' name),
+    or None. ``chunk``: a numpy array of the values or stored bits, or a torch tensor."""
+    spec = _VIEWS.get(code)
+    if spec is None:  # integers, bool, float8: nothing to check (float8 has no Inf to overflow into)
+        return None
+    if not isinstance(chunk, np.ndarray):  # a torch tensor in the output dtype (torch is loaded)
+        import torch
+
+        bad = ~torch.isfinite(chunk.detach())
+        if not bool(bad.any()):
+            return None
+        return int(bad.reshape(-1).nonzero()[0, 0])
+    signed, unsigned, mask = spec
+    flat = np.ascontiguousarray(chunk).reshape(-1)
+    if not flat.size:
+        return None
+    as_signed, as_unsigned = flat.view(signed), flat.view(unsigned)
+    sign = 1 << (8 * flat.itemsize - 1)
+    if as_signed.max() < mask and as_unsigned.max() < sign | mask:
+        return None
+    return int(np.flatnonzero((as_unsigned & unsigned(mask)) == unsigned(mask))[0])
+
+
+def check_finite(name: str, chunk: Any, code: str, offset: int = 0) -> None:
+    """Raise InvalidTensorError when ``chunk`` (elements ``offset``.. of tensor ``name``) is not finite."""
+    where = first_nonfinite(chunk, code)
+    if where is None:
+        return
+    raise InvalidTensorError(
+        f"tensor {name!r}: the merged value at element {offset + where:,} is not finite (Inf or NaN) in the output "
+        f"dtype {code}; the merge overflowed, so nothing was written",
+        hint="write a wider dtype (--dtype float32 or bfloat16) or use a smaller lam (scaling factor)")

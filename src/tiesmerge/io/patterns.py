@@ -1,0 +1,179 @@
+"""PEFT's ``alpha_pattern`` / ``rank_pattern`` keys, matched without backtracking.
+
+PEFT reads each key as a regular expression that a module name must end with
+(``re.match(rf"(.*\\.)?({key})$", module)``). An adapter config comes from whoever trained the
+adapter, and a key like ``(a+)+$`` makes a backtracking engine take exponential time. So the
+pattern is parsed with Python's own regex parser (same syntax, same errors) and run as a
+Thompson automaton over the module name: time linear in the name for any pattern. Features that
+need backtracking (backreferences, lookarounds) and flags are refused with a typed error.
+
+>>> ModulePattern.compile("q_proj|v_proj", "adapter_config.json").matches("model.layers.0.self_attn.q_proj")
+True
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..errors import CheckpointError
+
+try:  # Python 3.11+: the parser moved under re
+    from re import _parser as _sre  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre  # type: ignore[no-redef]
+
+__all__ = ["ModulePattern", "MAX_PATTERN_CHARS", "MAX_STATES"]
+
+MAX_PATTERN_CHARS = 1000  # real keys are module paths of a few dozen characters
+MAX_STATES = 20_000  # automaton size, after {m,n} repeats are expanded
+
+_CATEGORIES: dict[object, Callable[[str], bool]] = {}
+for _name, _test in (("DIGIT", str.isdecimal), ("SPACE", str.isspace), ("WORD", lambda c: c.isalnum() or c == "_"),
+                     ("LINEBREAK", lambda c: c == "\n")):
+    for _prefix in ("", "UNI_", "LOC_"):
+        if hasattr(_sre, f"CATEGORY_{_prefix}{_name}"):
+            _CATEGORIES[getattr(_sre, f"CATEGORY_{_prefix}{_name}")] = _test
+            _CATEGORIES[getattr(_sre, f"CATEGORY_{_prefix}NOT_{_name}")] = (lambda t: lambda c: not t(c))(_test)
+
+
+class _Refused(Exception):
+    """A pattern feature the automaton does not run (it needs backtracking)."""
+
+
+def _char_test(op: object, av: object) -> Callable[[str], bool]:
+    if op is _sre.LITERAL:
+        return chr(av).__eq__  # type: ignore[arg-type]
+    if op is _sre.NOT_LITERAL:
+        return chr(av).__ne__  # type: ignore[arg-type]
+    if op is _sre.ANY:
+        return lambda c: c != "\n"
+    if op is _sre.IN:
+        items = list(av)  # type: ignore[call-overload]
+        negate = bool(items) and items[0][0] is _sre.NEGATE
+        tests = [_set_item(o, a) for o, a in (items[1:] if negate else items)]
+        return lambda c: any(t(c) for t in tests) != negate
+    raise _Refused(f"{op}: backreferences and lookarounds need backtracking")
+
+
+def _set_item(op: object, av: object) -> Callable[[str], bool]:
+    if op is _sre.LITERAL:
+        return chr(av).__eq__  # type: ignore[arg-type]
+    if op is _sre.RANGE:
+        lo, hi = av  # type: ignore[misc]
+        return lambda c: lo <= ord(c) <= hi
+    if op is _sre.CATEGORY and av in _CATEGORIES:
+        return _CATEGORIES[av]
+    raise _Refused(f"{op} {av} in a character set")
+
+
+@dataclass
+class _State:
+    kind: str  # "char", "split", "end" ($), "begin" (^), "match"
+    test: Callable[[str], bool] | None = None
+    out: list[int] | None = None
+
+
+class _Builder:
+    """Thompson's construction, back to front: ``build(seq, next)`` returns the start state."""
+
+    def __init__(self) -> None:
+        self.states: list[_State] = [_State("match")]
+
+    def add(self, state: _State) -> int:
+        if len(self.states) >= MAX_STATES:
+            raise _Refused(f"repeat counts too large: more than {MAX_STATES} automaton states")
+        self.states.append(state)
+        return len(self.states) - 1
+
+    def build(self, seq: list, nxt: int) -> int:
+        for op, av in reversed(list(seq)):
+            nxt = self.item(op, av, nxt)
+        return nxt
+
+    def item(self, op: object, av: object, nxt: int) -> int:
+        if op is _sre.SUBPATTERN:
+            group, add_flags, del_flags, sub = av  # type: ignore[misc]
+            if add_flags or del_flags:
+                raise _Refused("inline flags")
+            return self.build(sub, nxt)
+        if op is _sre.BRANCH:
+            starts = [self.build(alt, nxt) for alt in av[1]]  # type: ignore[index]
+            return self.add(_State("split", out=starts))
+        if op in (_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", None)):
+            low, high, sub = av  # type: ignore[misc]
+            if high == _sre.MAXREPEAT:  # sub{low,}: a loop after low copies
+                loop = self.add(_State("split"))
+                self.states[loop].out = [self.build(sub, loop), nxt]
+                tail = loop
+            else:  # sub{low,high}: high - low optional copies
+                tail = nxt
+                for _ in range(high - low):
+                    tail = self.add(_State("split", out=[self.build(sub, tail), nxt]))
+            for _ in range(low):
+                tail = self.build(sub, tail)
+            return tail
+        if op is _sre.AT:
+            if av in (_sre.AT_END, _sre.AT_END_STRING):
+                return self.add(_State("end", out=[nxt]))
+            if av in (_sre.AT_BEGINNING, _sre.AT_BEGINNING_STRING):
+                return self.add(_State("begin", out=[nxt]))
+            raise _Refused(f"the anchor {av}")
+        return self.add(_State("char", test=_char_test(op, av), out=[nxt]))
+
+
+@dataclass(frozen=True)
+class ModulePattern:
+    """One pattern key, compiled to an automaton that matches PEFT's ``(.*\\.)?(key)$``."""
+
+    key: str
+    states: tuple[_State, ...]
+    start: int
+
+    @classmethod
+    def compile(cls, key: object, source: str) -> ModulePattern:
+        if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
+            raise CheckpointError(f"{source}: pattern key {str(key)[:80]!r} is not a module name pattern "
+                                  f"(a non-empty string of at most {MAX_PATTERN_CHARS} characters)")
+        try:
+            re.compile(key)
+            parsed = _sre.parse(rf"(.*\.)?({key})$")
+            if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
+                raise _Refused("inline flags")
+            builder = _Builder()
+            start = builder.build(parsed, 0)
+        except re.error as exc:
+            raise CheckpointError(f"{source}: pattern key {key[:80]!r} is not a valid regular expression ({exc})",
+                                  hint="alpha_pattern and rank_pattern keys are regexes a module name ends with"
+                                  ) from None
+        except _Refused as exc:
+            raise CheckpointError(f"{source}: pattern key {key[:80]!r} uses a feature tiesmerge does not run "
+                                  f"({exc})",
+                                  hint="write the key as a module name or a plain regex (| . * + ? [] {m,n})"
+                                  ) from None
+        return cls(key, tuple(builder.states), start)
+
+    def _closure(self, states: set[int], pos: int, end: int) -> set[int]:
+        seen, todo = set(), list(states)
+        while todo:
+            s = todo.pop()
+            if s in seen:
+                continue
+            seen.add(s)
+            st = self.states[s]
+            if st.kind == "split":
+                todo.extend(st.out or ())
+            elif (st.kind == "end" and pos == end) or (st.kind == "begin" and pos == 0):
+                todo.extend(st.out or ())
+        return seen
+
+    def matches(self, module: str) -> bool:
+        """Whether ``module`` ends with a match of the key at a ``.`` boundary (PEFT's rule)."""
+        current = self._closure({self.start}, 0, len(module))
+        for pos, c in enumerate(module):
+            step = {st.out[0] for s in current if (st := self.states[s]).kind == "char" and st.test(c)}  # type: ignore
+            if not step:
+                return False
+            current = self._closure(step, pos + 1, len(module))
+        return 0 in current

@@ -1,0 +1,133 @@
+"""JSON and YAML read with limits: size, nesting depth, and (YAML) what aliases expand to.
+
+Configs, indexes, adapter configs and recipes are small; a file that is huge, nested
+thousands deep, or a YAML "billion laughs" (aliases of aliases, a few hundred bytes that
+expand to gigabytes) is refused with a typed error, whose message never echoes the document.
+YAML is read with the safe loader only: no tag can construct a Python object.
+
+>>> loads_json('{"a": [1, 2]}', "x.json")
+{'a': [1, 2]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import yaml
+
+from .errors import CheckpointError, TiesMergeError
+from .paths import read_regular
+
+__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "loads_yaml", "read_yaml",
+           "depth_of"]
+
+MAX_CONFIG_BYTES = 64 << 20  # an index of a huge model is a few MB; tokenizer.json tens of MB
+MAX_DEPTH = 64  # real configs nest under 10 deep
+MAX_YAML_NODES = 100_000  # nodes after alias expansion; a recipe has tens
+
+
+def depth_of(data: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of parsed JSON/YAML (iterative: no recursion limit), stopping past ``limit``."""
+    deepest, stack, seen = 0, [(data, 1)], 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
+def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = CheckpointError,
+               max_depth: int = MAX_DEPTH) -> Any:
+    """Parse JSON text: a typed error for bad syntax, bad encoding or nesting deeper than ``max_depth``."""
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise error(f"{source}: JSON nested too deep to read (more than {max_depth} levels)") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise error(f"{source}: not valid JSON ({str(exc)[:200]})") from None
+    if depth_of(data, max_depth) > max_depth:
+        raise error(f"{source}: JSON nested more than {max_depth} levels deep; no config is", hint="check the file")
+    return data
+
+
+def read_json(path: str | os.PathLike, what: str, *, error: type[TiesMergeError] = CheckpointError,
+              max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """A JSON file (a regular file, at most ``max_bytes``), parsed with :func:`loads_json`."""
+    return loads_json(read_regular(path, what, max_bytes=max_bytes, error=error), f"{path}", error=error)
+
+
+class _CountingLoader(yaml.SafeLoader):
+    """The safe loader, with the composed graph measured before anything is constructed."""
+
+
+def _expanded_size(node: yaml.Node, limit: int, max_depth: int, source: str, error: type[TiesMergeError]) -> int:
+    """Nodes ``node`` stands for once every alias is expanded (memoized per node, so a
+    billion-laughs document is measured in a few hundred steps), refused past ``limit``."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, int, bool]] = [(node, 1, False)]
+    while stack:
+        item, depth, done = stack.pop()
+        if depth > max_depth:
+            raise error(f"{source}: YAML nested more than {max_depth} levels deep; no recipe is")
+        if id(item) in sizes:
+            continue
+        children: list[yaml.Node] = []
+        if isinstance(item, yaml.SequenceNode):
+            children = list(item.value)
+        elif isinstance(item, yaml.MappingNode):
+            children = [n for pair in item.value for n in pair]
+        if done or not children:
+            total = 1 + sum(sizes.get(id(c), 0) for c in children)
+            if total > limit:
+                raise error(f"{source}: the YAML expands to more than {limit:,} values (aliases of aliases?); "
+                            "a recipe holds a few dozen", hint="write the recipe without nested aliases")
+            sizes[id(item)] = total
+            continue
+        stack.append((item, depth, True))
+        stack.extend((c, depth + 1, False) for c in children if id(c) not in sizes)
+    return sizes[id(node)]
+
+
+def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = CheckpointError,
+               max_nodes: int = MAX_YAML_NODES, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse YAML with the safe loader, measuring the composed graph first (aliases expanded,
+    depth) so that nothing huge is ever built or printed."""
+    loader = _CountingLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, max_nodes, max_depth, source, error)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise error(f"{source}: YAML nested too deep to read (more than {max_depth} levels)") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise error(f"{source}: not valid YAML ({str(problem)[:200]}{where})") from None
+    except (ValueError, TypeError) as exc:  # e.g. an unhashable key, a bad timestamp
+        raise error(f"{source}: YAML that tiesmerge cannot read ({type(exc).__name__}: {str(exc)[:200]})") from None
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | os.PathLike, what: str, *, error: type[TiesMergeError] = CheckpointError,
+              max_bytes: int = 1 << 20) -> Any:
+    """A YAML file (a regular file of at most ``max_bytes``), parsed with :func:`loads_yaml`."""
+    raw = read_regular(path, what, max_bytes=max_bytes, error=error)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return loads_yaml(text, str(path), error=error)

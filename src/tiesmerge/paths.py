@@ -1,0 +1,229 @@
+"""Every path a command reads or writes, resolved and checked in one place.
+
+Reading: an input is followed through its links to a regular file or a directory; a loop, a
+dangling link, a FIFO, a device or a socket is a typed error before anything is opened (a FIFO
+named ``*.safetensors`` would block the reader forever). Files a model names (index shards,
+the config and tokenizer files copied into the output) must resolve inside the model's own
+directory, so a hostile index or a link cannot make tiesmerge read ``~/.ssh``.
+
+Writing: the output replaces a directory only when that directory was written by tiesmerge
+(it holds a ``tiesmerge.json``, a statistics manifest or an analysis report) and is none of
+the command's inputs, nor inside one, nor holds one, after links are followed; ``.``, ``~``,
+``/`` and the folders above the working directory are never replaced.
+
+>>> check_input("path/to/model", "the base")            # doctest: +SKIP
+PosixPath('/abs/path/to/model')
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, OutputError, TiesMergeError
+
+__all__ = ["OUTPUT_MARKERS", "resolve", "check_input", "open_regular", "read_regular", "inside", "FileStamps",
+           "check_output_location", "check_not_input"]
+
+# a directory holding one of these (as a regular file) was written by tiesmerge: merge, stats, analyze
+OUTPUT_MARKERS = ("tiesmerge.json", "tiesmerge_stats.json", "analysis.json")
+
+_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+          stat.S_IFSOCK: "a socket"}
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = CheckpointError) -> Path:
+    """``path`` with every link followed (it must exist): typed errors for loops and dangling links."""
+    try:
+        return Path(os.path.realpath(path, strict=True))
+    except (OSError, RuntimeError) as exc:  # RuntimeError: pathlib's own loop detection
+        code = getattr(exc, "errno", None)
+        if code == errno.ELOOP or isinstance(exc, RuntimeError):
+            raise error(f"{path}: {what} is a symbolic link loop", hint="fix or remove the link") from None
+        if code == errno.ENOENT and os.path.lexists(path):
+            raise error(f"{path}: {what} is a link to {os.readlink(path) if os.path.islink(path) else 'a path'}, "
+                        "which does not exist", hint="fix or remove the dangling link") from None
+        if code in (errno.ENOENT, errno.ENOTDIR):
+            raise error(f"{path}: no such file or directory (cannot read {what})",
+                        hint=f"check the path of {what}") from None
+        raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
+def check_input(path: str | os.PathLike, what: str, error: type[TiesMergeError] = CheckpointError) -> Path:
+    """An input that exists and is, after its links, a regular file or a directory. Returns it resolved."""
+    real = resolve(path, what, error)
+    mode = os.stat(real).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise error(f"{path}: {what} is {_kind(mode)}, not a file or a directory",
+                    hint="pass a model directory or a .safetensors file")
+    return real
+
+
+def open_regular(path: str | os.PathLike, what: str, error: type[TiesMergeError] = CheckpointError) -> int:
+    """A read-only descriptor of a regular file. A FIFO or device is refused without blocking:
+    it is opened non-blocking and checked with fstat before anything is read."""
+    resolve(path, what, error)  # loops and dangling links, named as such
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise error(f"{path}: cannot open {what} ({exc.strerror or exc})") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise error(f"{path}: {what} is {_kind(mode) if not stat.S_ISDIR(mode) else 'a directory'}, "
+                    "not a regular file", hint="tiesmerge reads only regular files")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def read_regular(path: str | os.PathLike, what: str, *, max_bytes: int,
+                 error: type[TiesMergeError] = CheckpointError) -> bytes:
+    """A regular file's bytes, refused (unread) when larger than ``max_bytes``."""
+    fd = open_regular(path, what, error)
+    try:
+        size = os.fstat(fd).st_size
+        if size > max_bytes:
+            from .sizes import format_size
+
+            raise error(f"{path}: {what} is {format_size(size)}, more than the {format_size(max_bytes)} such a file "
+                        "can sensibly hold; refusing to read it", hint="check that this is the file you meant")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(max_bytes + 1)[:max_bytes]
+    finally:
+        os.close(fd)
+
+
+def _roots(root: str | os.PathLike) -> list[Path]:
+    """Where a model directory's files may live: the directory itself and, for a snapshot of the
+    Hugging Face cache (``models--org--name/snapshots/<revision>``, whose files are links into
+    ``models--org--name/blobs``), that repository's blobs folder."""
+    plain = Path(os.path.abspath(root))
+    roots = [Path(os.path.realpath(root))]
+    if plain.parent.name == "snapshots":
+        roots.append(Path(os.path.realpath(plain.parent.parent / "blobs")))
+    return roots
+
+
+def inside(path: str | os.PathLike, root: str | os.PathLike, what: str,
+           error: type[TiesMergeError] = CheckpointError) -> Path:
+    """``path`` resolved, which must lie inside the model directory ``root``: a model's files never
+    reach outside it through ``../``, an absolute path or a link (the Hugging Face cache's own
+    links into its blobs folder excepted)."""
+    real = resolve(path, what, error)
+    if not any(real == top or top in real.parents for top in _roots(root)):
+        raise error(f"{path}: {what} resolves to {real}, outside {root}",
+                    hint="a model's files must lie inside its own directory; fix the index or the link")
+    return real
+
+
+@dataclass(frozen=True)
+class FileStamps:
+    """What must not change while a file is read: (device, inode, size, mtime) per file. A model
+    that another process is writing (a download, a copy still running) is refused, not merged."""
+
+    stamps: tuple[tuple[Path, tuple[int, int, int, int]], ...]
+
+    @staticmethod
+    def _stamp(path: Path) -> tuple[int, int, int, int]:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    @classmethod
+    def of(cls, files: Iterable[Path]) -> FileStamps:
+        return cls(tuple((Path(f), cls._stamp(Path(f))) for f in files))
+
+    def check(self, label: str = "input") -> None:
+        for path, before in self.stamps:
+            try:
+                now = self._stamp(path)
+            except OSError:
+                now = None
+            if now != before:
+                what = "disappeared" if now is None else (
+                    f"changed size ({before[2]} -> {now[2]} bytes)" if now[2] != before[2] else "was modified")
+                raise CheckpointError(f"{path}: {label} {what} while tiesmerge read it",
+                                      hint="wait until the download or copy has finished, then run again")
+
+
+def _protected() -> list[Path]:
+    """Folders that are never an output: the root, the home folder, the working folder and
+    every folder above them (replacing one would delete the user's files, or the shell's cwd)."""
+    out: list[Path] = []
+    for p in (Path.cwd(), Path.home()):
+        try:
+            real = Path(os.path.realpath(p))
+        except OSError:
+            continue
+        out += [real, *real.parents]
+    return out
+
+
+def _final(output: str | os.PathLike) -> Path:
+    try:
+        return Path(os.path.realpath(output))
+    except (OSError, RuntimeError):
+        raise OutputError(f"{output}: the output path is a symbolic link loop", hint="choose another path") from None
+
+
+def check_output_location(output: str | os.PathLike, force: bool) -> None:
+    """The output may be created, or (``force``) replace a directory tiesmerge wrote; never a
+    protected folder, a file, or a folder of someone else's files."""
+    final = _final(output)
+    if final in _protected():
+        raise OutputError(f"{output}: the output would replace {final}, which holds the working, home or root "
+                          "folder; tiesmerge never replaces it", hint="name a new directory, e.g. -o ./merged")
+    try:
+        st = os.stat(final)
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise OutputError(f"{output}: cannot create the output directory: a folder on its path is a file",
+                          hint="choose a location you can write to") from None
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot check the output path ({exc.strerror or exc})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{output}: the output path is {'a file' if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)}",
+                          hint="choose a directory path for the output")
+    try:
+        entries = os.listdir(final)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot list the output directory ({exc.strerror or exc})") from None
+    if not entries:
+        return
+    if not force:
+        raise OutputError(f"{output}: the output directory exists and is not empty",
+                          hint="choose another path, or pass --force (force=True) to replace it")
+    if not any(os.path.isfile(final / m) and not os.path.islink(final / m) for m in OUTPUT_MARKERS):
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
+                          f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
+                          hint="choose another path, or remove that directory yourself if you mean it")
+
+
+def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]]) -> None:
+    """The output must not be, hold, or lie inside any input (``named``: (role, source) pairs;
+    sources that are not paths, e.g. state dicts, are skipped), links followed."""
+    final = _final(output)
+    for who, source in named:
+        if not isinstance(source, (str, os.PathLike)):
+            continue
+        try:
+            src = Path(os.path.realpath(source))
+        except (OSError, RuntimeError):
+            continue  # an unreadable input is reported when it is opened
+        if src == final or final in src.parents:
+            raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
+                              "writing there would replace an input of the merge",
+                              hint="choose an output directory outside the inputs")
+        if src in final.parents:
+            raise OutputError(f"{output}: the output lies inside {who} ({source}); writing there would change an "
+                              "input", hint="choose an output directory outside the inputs")
