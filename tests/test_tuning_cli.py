@@ -7,6 +7,7 @@ import json
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -71,3 +72,26 @@ def test_search_rejects_bad_flags_before_reading_anything(tmp_path, capsys):
     assert main([*common, "--strategy", "cmaes", "--axis", "densities"]) == 2  # no budget
     assert "budget" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_search_on_a_local_ray_cluster_scores_like_in_process(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("ray")
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(6, 6, generator=g)}
+    models = [{"w": base["w"] + torch.randn(6, 6, generator=g)} for _ in range(2)]
+    b = _write(tmp_path / "base.safetensors", base)
+    ms = [_write(tmp_path / f"m{i}.safetensors", m) for i, m in enumerate(models)]
+    (tmp_path / "ray_eval.py").write_text("def score(state):\n    return -float(state['w'].abs().sum())\n")
+    monkeypatch.chdir(tmp_path)  # the workers import ray_eval from here, as the driver does
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["search", "--base", b, "--model", ms[0], "--model", ms[1], "--evaluator", "ray_eval:score",
+            "--grid", "density=0.1,0.3", "--grid", "lam=0.5,1.0"]
+    assert main([*args, "--dir", str(tmp_path / "local")]) == 0
+    assert main([*args, "--dir", str(tmp_path / "ray"), "--ray", "--workers", "2"]) == 0
+    capsys.readouterr()
+
+    def scores(name):
+        return [(r["options"], r["score"]) for r in map(json.loads, (tmp_path / name / "log.jsonl").read_text()
+                                                         .splitlines()[1:])]
+
+    assert sorted(scores("ray"), key=str) == sorted(scores("local"), key=str) and len(scores("ray")) == 4

@@ -158,3 +158,15 @@ def test_report(family, tmp_path):
     md = (tmp_path / "r" / "results.md").read_text()
     assert f"Best: candidate {result.best.index}" in md and md.count("\n| ") == 1 + 6
     assert "**best**" in md and "densities" in md
+
+
+def test_a_method_without_lam_scores_each_merge_as_it_is(family):
+    base, models, _ = family
+    seen = []
+    result = run_search(base, models[:2], "slerp", lambda s: seen.append(s) or 0.0, axes=("t",),
+                        grid={"t": (0.25, 0.5)})
+    assert result.merges == 2 and [t.options for t in result.trials] == [{"t": 0.25}, {"t": 0.5}]
+    for trial, state in zip(result.trials, seen, strict=True):
+        expected = tiesmerge.merge(base, models[:2], "slerp", t=trial.options["t"])
+        for k in base:
+            assert torch.equal(state[k], expected[k]) and state[k].dtype == base[k].dtype

@@ -23,7 +23,8 @@ from ..methods.base import MergeMethod
 from ..registry import make_method, method_class
 from .space import canonical
 
-__all__ = ["Candidate", "Job", "merge_key", "merged_delta", "scaled_state", "score_state", "as_state", "float32"]
+__all__ = ["Candidate", "Job", "merge_key", "merged_delta", "candidate_state", "scaled_state", "score_state",
+           "as_state", "float32"]
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], float]
 
@@ -84,7 +85,8 @@ class Job:
 def merged_delta(job: Job, base32: Mapping[str, torch.Tensor], options: Mapping[str, Any],
                  base: Any = None, models: Sequence[Any] | None = None) -> dict[str, torch.Tensor]:
     """tau_m (float32) of the candidates with ``options``' merge key: the engine's merge at lam = 1
-    minus the base. ``base``/``models`` replace the job's sources (e.g. a worker's local copies)."""
+    minus the base (for a method without lam, the merged floating tensors themselves).
+    ``base``/``models`` replace the job's sources (e.g. a worker's local copies)."""
     from ..api import merge
 
     merge_options = {k: v for k, v in options.items() if k != "lam"}
@@ -93,7 +95,17 @@ def merged_delta(job: Job, base32: Mapping[str, torch.Tensor], options: Mapping[
     merged = merge(job.base if base is None else base, list(job.models if models is None else models),
                    job.method_at(merge_options), device=job.device, memory_budget=job.memory_budget,
                    dtype=torch.float32)
+    if not job.has_lam:  # nothing scales it: the merge itself (base + (merged - base) could round)
+        return {k: v for k, v in merged.items() if v.is_floating_point()}
     return {k: merged[k].float() - base32[k] for k in merged if merged[k].is_floating_point()}
+
+
+def candidate_state(job: Job, base32: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
+                    options: Mapping[str, Any], dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """The candidate's state dict from its merge key's :func:`merged_delta`."""
+    if not job.has_lam:
+        return {k: delta[k].to(dtypes[k]) if k in delta else base32[k] for k in base32}
+    return scaled_state(base32, delta, job.lam_of(options), dtypes)
 
 
 def scaled_state(base32: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], lam: float,

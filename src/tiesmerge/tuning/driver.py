@@ -18,7 +18,7 @@ import torch
 from ..errors import ConfigError
 from ..methods.base import MergeMethod, check_models
 from ..registry import method_class
-from .candidates import Candidate, Evaluator, Job, as_state, better, float32, merged_delta, scaled_state
+from .candidates import Candidate, Evaluator, Job, as_state, better, candidate_state, float32, merged_delta
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
 from .space import SearchSpace, build_space, canonical
@@ -189,4 +189,4 @@ def _winner_state(executor: Executor, job: Job, base32: Mapping[str, torch.Tenso
     delta = executor.delta(probe.merge_key)
     if delta is None:
         delta = merged_delta(job, base32, best.options)
-    return scaled_state(base32, delta, job.lam_of(best.options), dtypes)
+    return candidate_state(job, base32, delta, best.options, dtypes)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, TiesMergeError
-from .candidates import Candidate, Evaluator, Job, better, merged_delta, scaled_state, score_state
+from .candidates import Candidate, Evaluator, Job, better, candidate_state, merged_delta, score_state
 
 __all__ = ["Executor", "LocalExecutor", "RayExecutor", "ray_available"]
 
@@ -72,7 +72,7 @@ class LocalExecutor:
             delta = merged_delta(self._job, self._base32, group[0].options)
             self.merges += 1
             for c in group:
-                state = scaled_state(self._base32, delta, self._job.lam_of(c.options), self._dtypes)
+                state = candidate_state(self._job, self._base32, delta, c.options, self._dtypes)
                 score, seconds = score_state(self._evaluate, state)
                 del state
                 if better(score, None if self._best is None else self._best[0]):
@@ -127,10 +127,10 @@ def _merge_task(job: Job, base32: Mapping[str, np.ndarray], options: dict[str, A
     return _to_numpy(merged_delta(job, _from_numpy(base32), options, base=base, models=models))
 
 
-def _score_task(evaluate: Evaluator, base32: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], lam: float,
-                dtypes: Mapping[str, torch.dtype]) -> tuple[float, float]:
+def _score_task(evaluate: Evaluator, job: Job, base32: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray],
+                options: dict[str, Any], dtypes: Mapping[str, torch.dtype]) -> tuple[float, float]:
     """A Ray task: one candidate's (score, seconds)."""
-    return score_state(evaluate, scaled_state(_from_numpy(base32), _from_numpy(delta), lam, dtypes))
+    return score_state(evaluate, candidate_state(job, _from_numpy(base32), _from_numpy(delta), options, dtypes))
 
 
 class RayExecutor:
@@ -187,8 +187,7 @@ class RayExecutor:
                 delta = self._merge.remote(self._job, self._base32, options, *self._sources)
                 self.merges += 1
                 for c in group:
-                    ref = self._score.remote(self._evaluate, self._base32, delta, self._job.lam_of(c.options),
-                                             self._dtypes)
+                    ref = self._score.remote(self._evaluate, self._job, self._base32, delta, c.options, self._dtypes)
                     pending[ref] = (c, delta, key)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
