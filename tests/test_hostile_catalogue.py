@@ -463,8 +463,8 @@ def test_sigterm_removes_the_temporary_output(family, tmp_path):
     code = ("import sys, time\n"
             "from tiesmerge.io import writer\n"
             "real = writer.SafetensorsStreamWriter.write\n"
-            "def slow(self, name, chunk):\n"
-            "    print('writing', flush=True); time.sleep(30); return real(self, name, chunk)\n"
+            "def slow(self, name, chunk):\n"  # every chunk takes 0.5 s: the signal lands mid-write
+            "    print('writing', flush=True); time.sleep(0.5); return real(self, name, chunk)\n"
             "writer.SafetensorsStreamWriter.write = slow\n"
             "from tiesmerge.cli.main import main\n"
             "sys.exit(main(sys.argv[1:]))\n")
