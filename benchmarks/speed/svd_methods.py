@@ -145,11 +145,13 @@ def shapes_of(directory: Path) -> dict[tuple[int, ...], list[str]]:
     return groups
 
 
-def per_tensor_projection(base: Path, fts: list[Path], key: str, label: str, method) -> dict:
+def per_tensor_projection(base: Path, fts: list[Path], key: str, label: str, method, max_entries: int = 0) -> dict:
     """The method's merge of one tensor of every 2-D shape of the model, timed in this process
     (wall and CPU seconds, all threads), times the number of tensors of that shape."""
     shapes = []
     for shape, names in shapes_of(base).items():
+        if max_entries and shape[0] * shape[1] > max_entries:
+            continue
         name = names[0]
         b = _tensor(base, name).float()
         tau = torch.stack([_tensor(ft, name).float() - b for ft in fts])  # (n, rows, cols)
@@ -163,6 +165,20 @@ def per_tensor_projection(base: Path, fts: list[Path], key: str, label: str, met
     return {"key": key, "label": label, "per_shape": shapes, "ok": True,
             "projected_wall_s": sum(x["wall_s"] * x["count"] for x in shapes),
             "projected_cpu_s": sum(x["cpu_s"] * x["count"] for x in shapes)}
+
+
+def merged_difference_in_process(base: Path, fts: list[Path], names: list[str]) -> list[dict]:
+    """TSV-M's merge of each named tensor with the exact and with the randomized SVD, in this
+    process: the relative Frobenius difference of the two merged task vectors."""
+    out = []
+    for name in names:
+        b = _tensor(base, name).float()
+        tau = torch.stack([_tensor(ft, name).float() - b for ft in fts])
+        ctx = ChunkContext(name=name, shape=tuple(b.shape), stream=_stream_id(name))
+        exact = TsvMerge().merge(tau.clone(), ctx).double()
+        fast = TsvMerge(randomized_above=RANDOMIZED_ABOVE).merge(tau.clone(), ctx).double()
+        out.append({"tensor": name, "relative_difference": float((fast - exact).norm() / exact.norm())})
+    return out
 
 
 def write_section(results: dict, md_path: Path) -> None:
@@ -194,7 +210,10 @@ def write_section(results: dict, md_path: Path) -> None:
         lines += ["", "Per-tensor projection (`--per-tensor`): each SVD method's `merge` of one tensor of every "
                   "2-D shape of the small set (real task vectors of the 3 fine-tunes), timed in one process, times "
                   "the number of tensors of that shape: the method's SVD compute for the whole model, without the "
-                  "reads and writes (which TIES's row includes). CPU s counts every thread.", "",
+                  f"reads and writes (which TIES's row includes); torch with {results.get('per_tensor_threads')} "
+                  "thread(s), CPU s counts every thread"
+                  + (f"; shapes above {results['per_tensor_max_entries']:,} entries (the embeddings) left out."
+                     if results.get("per_tensor_max_entries") else "."), "",
                   "| method | projected wall s | projected CPU s | CPU × TIES's whole merge |" + "".join(
                       f" {s['shape'][0]}×{s['shape'][1]} (×{s['count']}) CPU s |"
                       for s in next(iter(projections.values()))["per_shape"]),
@@ -208,7 +227,8 @@ def write_section(results: dict, md_path: Path) -> None:
     if any(run.get("repeats") and run["repeats"][0].get("resumed") for run in runs.values()):
         lines += ["", "† measured by an earlier, interrupted run of this script (its /usr/bin/time record, kept "
                   "with --resume); the CPUs' load before it was not recorded."]
-    missing = [label for key, label, _ in rows(results["memory_budget"]) if key not in runs]
+    missing = [label for key, label, _ in rows(results["memory_budget"])
+               if key not in runs and key not in results.get("per_tensor", {})]
     if missing:
         lines += ["", "Not measured in this run: " + ", ".join(missing) + "."]
     lines += ["", "Randomized SVD (seeded Gaussian sketch, k + 10 columns, q power iterations) against the full "
@@ -250,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-tensor", action="store_true",
                    help="time each SVD method's merge of one tensor per 2-D shape and project the whole model, "
                         "instead of whole merges (for a machine too loaded to finish them)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads of the --per-tensor timings (0: torch's default); 1 keeps an "
+                        "oversubscribed machine's spinning threads out of the CPU seconds")
+    p.add_argument("--max-entries", type=int, default=0,
+                   help="--per-tensor: leave out shapes with more entries than this (0: none)")
+    p.add_argument("--skip-error", action="store_true", help="no randomized SVD error rows")
     p.add_argument("--quick", action="store_true", help="no error row for the synthetic 32000 x 1024 embedding")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows of an earlier run found in the work directory (their /usr/bin/time records); "
@@ -272,9 +298,13 @@ def main(argv: list[str] | None = None) -> int:
     embeddings = [n for n in _names(base) if "embed_tokens" in n or n == "lm_head.weight"]
     mlp = [n for n in _names(base) if n.endswith("layers.0.mlp.up_proj.weight")]
     # the synthetic embedding's full SVD takes minutes on a loaded machine: --quick leaves it out
-    results["svd_error"] = error_rows(base, fts[0], [*mlp, *([] if args.quick else embeddings[:1])],
-                                      lambda a: min(a.shape) // args.n, "small set, ft-01", (0, 2))
-    if args.real_base and args.real_model:
+    if args.skip_error:  # the earlier run's error rows, if any, are kept
+        earlier = json.loads(json_path.read_text()) if json_path.is_file() else {}
+        results["svd_error"] = earlier.get("svd_error", [])
+    else:
+        results["svd_error"] = error_rows(base, fts[0], [*mlp, *([] if args.quick else embeddings[:1])],
+                                          lambda a: min(a.shape) // args.n, "small set, ft-01", (0, 2))
+    if args.real_base and args.real_model and not args.skip_error:
         names = [n for n in _names(args.real_model) if n.endswith(("word_embeddings.weight",
                                                                    "layer.0.intermediate.dense.weight"))]
         results["svd_error"] += error_rows(args.real_base, args.real_model, names,
@@ -293,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         write_section(results, args.results / "speed.md")
     results["runs"] = {k: results["runs"][k] for k, _, _ in rows(args.memory_budget) if k in results["runs"]}
     if args.per_tensor:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        results["per_tensor_threads"] = torch.get_num_threads()
+        results["per_tensor_max_entries"] = args.max_entries
         results["per_tensor"] = {}
         for key, label, method in (("iso_c", "Iso-C", IsoC()), ("tsv_m", "TSV-M", TsvMerge()),
                                    ("iso_cts", "Iso-CTS", IsoCTS()),
@@ -300,9 +334,13 @@ def main(argv: list[str] | None = None) -> int:
                                     TsvMerge(randomized_above=RANDOMIZED_ABOVE))):
             if args.only and key not in args.only:
                 continue
-            results["per_tensor"][key] = per_tensor_projection(base, fts, key, label, method)
+            if key == "tsv_m_randomized" and args.max_entries and args.max_entries < RANDOMIZED_ABOVE:
+                continue  # it differs from TSV-M only on the shapes left out
+            results["per_tensor"][key] = per_tensor_projection(base, fts, key, label, method, args.max_entries)
             json_path.write_text(json.dumps(results, indent=2) + "\n")
             write_section(results, args.results / "speed.md")
+        if not args.max_entries and "tsv_m_randomized" in results["per_tensor"]:
+            results["merged_difference"] = merged_difference_in_process(base, fts, embeddings)
 
     if (outs / "tsv_m").is_dir() and (outs / "tsv_m_randomized").is_dir():
         results["merged_difference"] = merged_difference(outs / "tsv_m", outs / "tsv_m_randomized", base, embeddings)
