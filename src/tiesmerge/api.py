@@ -191,11 +191,14 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
 def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike | None = None, density: float = 0.2,
             subsets_per_size: int | None = 10, seed: int = 0, curve: Sequence[float] | None = None,
             device: str = "cpu", memory_budget: int | str | None = None, vocab_policy: str = "error",
-            allow_pickle: bool = False, force: bool = False, progress: bool = False) -> dict[str, Any]:
+            allow_pickle: bool = False, force: bool = False, progress: bool = False,
+            methods: Sequence[str | MergeMethod] = ()) -> dict[str, Any]:
     """Measure interference between fine-tuned ``models`` of ``base``: sign conflicts after
     trimming to the top ``density`` (for 2..n models, ``subsets_per_size`` seeded subsets per
     size, None for all), the share of each task vector's mass in its top-k, the overlap of the
     top-k masks, and merged magnitudes by influence and sign agreement. Streamed like a merge.
+    ``methods`` (names, with their default options, or method configs): merges whose merged
+    magnitudes the report shows beside averaging and TIES's steps (e.g. "tsv_m", "iso_c").
 
     Returns the statistics as a JSON-ready dict; with ``output``, also writes ``analysis.json``,
     PNG plots and a self-contained ``report.html`` there.
@@ -212,6 +215,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     settings = AnalysisSettings(density=density, subsets_per_size=subsets_per_size, seed=seed,
                                 **({"curve": tuple(curve)} if curve is not None else {}))
     settings.check(len(models))
+    compared = [as_method(m, {}) for m in methods]
     device_t, budget = device_of(device), budget_of(memory_budget)
     if output is not None:
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models))])
@@ -227,7 +231,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                                            dynamic_ncols=True))
             bar.reset(total=3 * sum(j.nbytes for j in alignment.jobs if j.merge) * (len(models) + 1))
         data = run_analysis(base_ckpt, model_ckpts, alignment, settings, device=device_t, memory_budget=budget,
-                            progress=bar.update if bar is not None else None)
+                            progress=bar.update if bar is not None else None, methods=compared)
         data["inputs"] = {"base": base_ckpt.label, "models": [c.label for c in model_ckpts]}
     data["tiesmerge_version"] = __version__
     data["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

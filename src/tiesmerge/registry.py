@@ -25,12 +25,15 @@ from typing import Any
 from .errors import ConfigError
 from .methods import Average, DareLinear, DareTies, Fisher, MagnitudePrune, RegMean, TaskArithmetic, Ties
 from .methods.base import MergeMethod, option_types
+from .methods.iso import IsoC, IsoCTS
+from .methods.tsv import TsvMerge
 
 __all__ = ["METHODS", "BUILTIN", "ENTRY_POINT_GROUP", "method_class", "make_method", "did_you_mean",
            "check_method_class", "broken_plugins"]
 
 ENTRY_POINT_GROUP = "tiesmerge.methods"
-BUILTIN: tuple[type, ...] = (Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune, Fisher, RegMean)
+BUILTIN: tuple[type, ...] = (Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune, Fisher, RegMean,
+                             TsvMerge, IsoC, IsoCTS)
 
 
 def check_method_class(cls: Any, where: str) -> None:

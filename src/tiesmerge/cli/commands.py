@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -169,7 +171,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     data = analyze(args.base, args.models, output=args.output, density=args.density,
                    subsets_per_size=args.subsets_per_size or None, seed=args.seed, device=args.device,
                    memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
-                   force=args.force, progress=not args.no_progress and sys.stderr.isatty())
+                   force=args.force, progress=not args.no_progress and sys.stderr.isatty(), methods=args.methods)
     for line in data["summary"]:
         print(f"- {line}")
     engine = data["engine"]
@@ -195,6 +197,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
             searched = f"; tune searches {_axis(grid)}" if grid else ""
             print(f"  --{f.name.replace('_', '-'):<15} default {default!s:<8} "
                   f"{meta.get('help', '')}{unit}{extra}{searched}")
+        if args.name and cls.__doc__:  # one method asked for: its semantics, reference and deviations too
+            print(textwrap.indent(inspect.cleandoc(cls.__doc__), "  "))
         print()
     if not args.name:
         for name, problem in broken_plugins().items():  # set aside: the other methods still work

@@ -124,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
     a.add_argument("--force", action="store_true", help="replace a non-empty report directory")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.add_argument("--method", action="append", dest="methods", default=[], metavar="NAME",
+                   help="also show this method's merged magnitudes (default options; e.g. tsv_m); repeat")
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
     ms.add_argument("name", nargs="?", help="show one method")

@@ -12,7 +12,8 @@ entries the working set is, at once:
 Chunks are also capped at ``SPEED_CHUNK_ENTRIES`` where the scope allows it: larger chunks are
 no faster (reads overlap compute either way) and only cost memory. A per-tensor trimming scope
 keeps a tensor whole when the budget allows, so its threshold is found in memory; a method that
-needs whole tensors (exact k, SVD, SLERP) gets them, or an error that names the budget it needs.
+needs whole tensors (exact k, SVD, SLERP) gets them, or an error that names the budget it needs;
+its declared ``workspace`` (an SVD's factors and LAPACK's work arrays) is counted in.
 
 The passes come from the method's :class:`~tiesmerge.methods.base.Requirements`: with the
 global scope, one counting pass per cut (two for a small model, which takes no sampled
@@ -52,10 +53,12 @@ class Chunk:
 
 
 def bytes_per_entry(n_models: int, in_itemsize: int, out_itemsize: int, *, fused: bool = False,
-                    extra_inputs: int = 0) -> int:
+                    extra_inputs: int = 0, temporaries: int | None = None) -> int:
     """Peak working bytes per tensor entry of one chunk (see the module docstring).
     ``extra_inputs``: rows read beside the base and the models (a reference model, and the
     real base when the engine's base stands in for it), each also widened to float32.
+    ``temporaries``: float32 (n, E) temporaries of the method on the torch path (None: the
+    elementwise methods' default; the SVD methods declare 0 and plan their memory as workspace).
 
     >>> bytes_per_entry(3, 2, 2, fused=True)  # bf16 in and out: 2 x 4 inputs x 2 B + 2 x 2 B
     20
@@ -63,7 +66,8 @@ def bytes_per_entry(n_models: int, in_itemsize: int, out_itemsize: int, *, fused
     raw = 2 * (n_models + 1 + extra_inputs) * in_itemsize  # current + read-ahead
     if fused:  # two output buffers: one being written out while the next chunk is merged
         return raw + 2 * (out_itemsize if out_itemsize in (2, 4) else 4 + out_itemsize)  # float32, then the cast
-    work = (1 + _TEMPORARIES) * n_models * 4 + 4 * extra_inputs  # tau and temporaries, float32
+    temps = _TEMPORARIES if temporaries is None else temporaries
+    work = (1 + temps) * n_models * 4 + 4 * extra_inputs  # tau and temporaries, float32
     return raw + work + 4 + 4 + out_itemsize  # base32, merged32, output
 
 
@@ -137,13 +141,16 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             copy_bytes += job.numel * itemsize
             peak = max(peak, job.numel * itemsize)
             continue
-        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs) \
+        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs,
+                                    temporaries=req.temporaries) \
             + extra_bytes_per_entry
-        if req.keeps_tensors_whole and job.numel * per_entry > work_budget:
-            needed = job.numel * per_entry + FIXED_OVERHEAD
+        workspace = req.workspace(tuple(job.shape), n_models) if req.workspace is not None else 0
+        if req.keeps_tensors_whole and job.numel * per_entry + workspace > work_budget:
+            needed = job.numel * per_entry + workspace + FIXED_OVERHEAD
             why = "threshold_ties='sort' (mergekit's exact k)" if req.exact_k else "the method"
+            held = f" (with {format_size(workspace)} of workspace, e.g. for its SVDs)" if workspace else ""
             raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory budget "
-                              f"of {format_size(memory_budget)}, and {why} needs each tensor whole",
+                              f"of {format_size(memory_budget)}, and {why} needs each tensor whole{held}",
                               hint=f"raise --memory-budget to {format_size(needed)} or more")
         budget = work_budget if prefer_whole else min(work_budget, SPEED_CHUNK_ENTRIES * per_entry)
         rows = job.shape[0] if req.keeps_tensors_whole and job.shape else rows_per_chunk(job.shape, per_entry, budget)
@@ -161,7 +168,7 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
         bytes_per_pass += read
         if len(pieces) > 1:
             extra += read * chunked_scope_passes
-        peak = max(peak, max(c.numel for c in pieces) * per_entry)
+        peak = max(peak, max(c.numel for c in pieces) * per_entry + workspace)
     notes = []
     chunked = [name for name, c in chunks.items() if len(c) > 1]
     if chunked:

@@ -147,6 +147,10 @@ class Requirements:
                    trimmed, weighted or merged, recorded under its own name in the manifest.
     whole_tensors: every tensor in one chunk (SVD, SLERP, angles): planned whole, and a tensor
                    too large for the memory budget is an error naming the budget it needs.
+    workspace:     (shape, n_models) -> bytes a whole tensor's merge needs beyond the planner's
+                   per-entry working set (an SVD's factors and LAPACK's workspace); planned in.
+    temporaries:   float32 (n, E) temporaries ``merge`` holds besides tau (None: the planner's
+                   default for elementwise methods; 0 for a method whose memory is its workspace).
     base_values:   ``ctx.base`` = the base's values (float32), not only tau.
     weights:       per-model weights -> ``ctx.weights`` (n,).
     kernel:        a fused CPU kernel that computes this merge bit for bit (else torch only).
@@ -161,6 +165,8 @@ class Requirements:
     statistics: SideInput | None = None
     reference: str | None = None
     whole_tensors: bool = False
+    workspace: Callable[[tuple[int, ...], int], int] | None = None
+    temporaries: int | None = None
     base_values: bool = False
     weights: tuple[float, ...] | None = None
     kernel: TiesKernel | LinearKernel | None = None
@@ -170,6 +176,8 @@ class Requirements:
         problems = []
         if self.scope not in SCOPES:
             problems.append(f"scope={self.scope!r} is not one of {', '.join(SCOPES)}")
+        if self.workspace is not None and not self.whole_tensors:
+            problems.append("a workspace is planned per whole tensor: it needs whole_tensors=True")
         if self.exact_k and (self.trim is None or self.scope != "per_tensor"):
             problems.append("exact k (threshold_ties='sort', mergekit's trim) needs a trim and scope='per_tensor'")
         names = [c.name for c in self.all_cuts] + [r.name for r in self.reductions]  # the trim is cut "trim"

@@ -1,0 +1,137 @@
+"""Singular value decompositions for the SVD merge methods (TSV-M, Iso-C, Iso-CTS). Pure math.
+
+* :func:`svd`: the thin SVD in float32, redone in float64 when float32 fails to converge, gives
+  non-finite factors, or the spectrum the caller uses is ill-conditioned (its smallest used
+  singular value below :data:`ILL_CONDITIONED` of the largest: float32's absolute error,
+  about eps * s_max, is then more than 0.1 % of that value, and its singular vectors are
+  unreliable). The factors come back in float32 either way: rounding accurate float64 vectors
+  to float32 costs eps per entry, not eps * s_max / s_i.
+* :func:`randomized_svd`: a seeded randomized range finder (Halko, Martinsson and Tropp 2011,
+  Alg. 4.4: Gaussian sketch, power iterations re-orthonormalised by QR) for the top-k triplets
+  of large matrices such as embeddings.
+* :func:`polar`: the orthogonal polar factor P Q^T of X = P S Q^T, the orthogonal matrix
+  nearest to X (Procrustes): how TSV-M and Iso-CTS orthogonalise concatenated singular vectors.
+* :func:`svd_bytes`: the memory one SVD of an (m, n) matrix may need, for the planner.
+
+Shapes: x (m, n); r = min(m, n); U (m, r), S (r,), Vh (r, n).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING
+
+from ..lazy import torch
+
+if TYPE_CHECKING:
+    import torch as torch_types
+
+__all__ = ["ILL_CONDITIONED", "PRECISIONS", "svd", "randomized_svd", "polar", "svd_bytes", "regex",
+           "matrix_shape", "OVERSAMPLE"]
+
+ILL_CONDITIONED = 1e-4  # s_used / s_max below this: redo in float64 (see the module docstring)
+PRECISIONS = ("auto", "float32", "float64")  # auto: float32, float64 where needed
+OVERSAMPLE = 10  # extra sketch columns of the randomized SVD (Halko et al. recommend 5-10)
+
+log = logging.getLogger(__name__)
+
+
+def _converges(x: torch_types.Tensor) -> tuple[torch_types.Tensor, ...] | None:
+    """The thin SVD of x in its own dtype, or None where LAPACK/cuSOLVER did not converge."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError: no convergence
+        return None
+
+
+def svd(x: torch_types.Tensor, *, used: int | None = None, precision: str = "auto",
+        what: str = "") -> tuple[torch_types.Tensor, torch_types.Tensor, torch_types.Tensor]:
+    """x (m, n) -> U (m, r), S (r,), Vh (r, n), float32 (see the module docstring).
+
+    ``used``: how many leading singular triplets the caller uses (None: all r); only their
+    conditioning decides the float64 retry. ``precision``: "auto", or "float32"/"float64" to
+    force one. ``what`` names the matrix in the log and in the error where both precisions fail.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    x32 = x.float()
+    if precision != "float64":
+        factors = _converges(x32)
+        if precision == "float32" and factors is not None:
+            return factors
+        if factors is not None and _trustworthy(*factors, used):
+            return factors
+        log.debug("svd of %s %s: float32 %s, redone in float64", what or "a matrix", tuple(x.shape),
+                  "did not converge" if factors is None else "ill-conditioned")
+    factors = _converges(x.double())
+    if factors is None:
+        raise FloatingPointError(f"the SVD of {what or 'a matrix'} {tuple(x.shape)} did not converge in float64 "
+                                 "either (non-finite or degenerate values?)")
+    u, s, vh = factors
+    return u.float(), s.float(), vh.float()
+
+
+def _trustworthy(u: torch_types.Tensor, s: torch_types.Tensor, vh: torch_types.Tensor, used: int | None) -> bool:
+    """Whether float32 factors are finite and the used spectrum is well-conditioned."""
+    if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(u).all()) and bool(torch.isfinite(vh).all())):
+        return False
+    k = s.numel() if used is None else min(used, s.numel())
+    if k == 0:
+        return True
+    largest = float(s[0])
+    return largest == 0.0 or float(s[k - 1]) >= ILL_CONDITIONED * largest
+
+
+def randomized_svd(x: torch_types.Tensor, k: int, *, generator: torch_types.Generator, power_iters: int = 2,
+                   precision: str = "auto", what: str = "") -> tuple[torch_types.Tensor, ...]:
+    """x (m, n) -> the top-k U (m, k), S (k,), Vh (k, n), float32, from a seeded Gaussian sketch.
+
+    Sketch width l = k + OVERSAMPLE (at most r); each power iteration multiplies by x^T then x
+    and re-orthonormalises by QR, sharpening the spectrum (error ~ (s_{l+1} / s_k)^(2q+1)).
+    The small (l, n) projection is decomposed by :func:`svd`.
+    """
+    m, n = x.shape
+    width = min(k + OVERSAMPLE, m, n)
+    x32 = x.float()
+    omega = torch.randn(n, width, generator=generator, device=x.device, dtype=torch.float32)  # (n, l)
+    q, _ = torch.linalg.qr(x32 @ omega)  # (m, l)
+    for _ in range(power_iters):
+        z, _ = torch.linalg.qr(x32.T @ q)  # (n, l)
+        q, _ = torch.linalg.qr(x32 @ z)  # (m, l)
+    u_small, s, vh = svd(q.T @ x32, used=k, precision=precision, what=what)  # (l, l), (l,), (l, n)
+    return (q @ u_small)[:, :k], s[:k], vh[:k]
+
+
+def polar(x: torch_types.Tensor, *, precision: str = "auto", what: str = "") -> torch_types.Tensor:
+    """x (m, n) -> P Q^T (m, n), x = P S Q^T: the nearest matrix with orthonormal columns (m >= n)
+    or rows (m < n). Every singular vector is used, so its conditioning is that of all of S."""
+    p, _, qt = svd(x, precision=precision, what=what)
+    return p @ qt
+
+
+def svd_bytes(m: int, n: int) -> int:
+    """Peak bytes of one :func:`svd` of an (m, n) matrix: the float32 attempt and the float64
+    retry (12 bytes per element), each of the input's copy, U, S, Vh and LAPACK's divide and
+    conquer workspace (gesdd: about 7 r^2 + max(m, n) + 10 r elements)."""
+    r = min(m, n)
+    return 12 * (m * n + m * r + r * n + 7 * r * r + max(m, n) + 11 * r)
+
+
+def matrix_shape(shape: tuple[int, ...], name: str, exclude: re.Pattern[str] | None) -> tuple[int, int] | None:
+    """(m, n) if the SVD methods decompose a tensor of this shape and name: 2-D, non-empty and not
+    matched by ``exclude``; else None (the tensor is averaged, as the references do)."""
+    if len(shape) != 2 or 0 in shape or (exclude is not None and exclude.search(name)):
+        return None
+    return shape[0], shape[1]
+
+
+def regex(value: object) -> str | None:
+    """An option check: an empty string (nothing excluded) or a valid regular expression."""
+    if not isinstance(value, str):
+        return "must be a regular expression (a string)"
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"is not a valid regular expression ({exc})"
+    return None
