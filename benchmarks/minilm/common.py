@@ -78,7 +78,7 @@ def _key(tasks: list[TaskData], config: TrainConfig, train_limit: int | None, va
 
 def finetuned_dir(name: str, tasks: list[TaskData], heads: dict[str, CosineHead], config: TrainConfig,
                   device: str, *, train_limit: int | None = None, early_stopping: bool = False,
-                  val_limit: int | None = None, log=print) -> Path:
+                  val_limit: int | None = None, train: bool = True, log=print) -> Path:
     """Fine-tune (or reuse) one encoder on the train split(s) of ``tasks`` (the first ``train_limit``
     examples of each, the splits being shuffled already); return its HF directory.
 
@@ -88,6 +88,9 @@ def finetuned_dir(name: str, tasks: list[TaskData], heads: dict[str, CosineHead]
     out = CACHE / "models" / f"{name}-{_key(tasks, config, train_limit, val_limit, early_stopping)}"
     if (out / "model.safetensors").is_file() and (out / "train_log.json").is_file():
         return out
+    if not train:
+        raise NotCached(f"no cached model {out.name} in {out.parent}: run benchmarks/minilm/finetune_all.py "
+                        "with the same settings first")
     encoder = load_encoder(base_dir(), device)
     examples = {t.name: t.train[:train_limit] for t in tasks}
     every = max(1, sum(len(v) for v in examples.values()) // config.batch_size // 10)
@@ -114,6 +117,10 @@ def finetuned_dir(name: str, tasks: list[TaskData], heads: dict[str, CosineHead]
                                                     "tasks": [t.name for t in tasks], "device": device,
                                                     "torch_threads": torch.get_num_threads()}, indent=2))
     return out
+
+
+class NotCached(LookupError):
+    """A model the caller asked not to train is not in the cache."""
 
 
 def train_log(directory: Path) -> dict:
@@ -144,12 +151,14 @@ class Protocol:
                            patience=self.patience)
 
 
-def _run(name: str, tasks: list[TaskData], heads, config: TrainConfig, protocol: Protocol, device: str, log) -> Path:
+def _run(name: str, tasks: list[TaskData], heads, config: TrainConfig, protocol: Protocol, device: str, log,
+         train: bool = True) -> Path:
     return finetuned_dir(name, tasks, heads, config, device, train_limit=protocol.train_limit, early_stopping=True,
-                         val_limit=protocol.val_limit, log=log)
+                         val_limit=protocol.val_limit, train=train, log=log)
 
 
-def chosen_lr(task: TaskData, heads, protocol: Protocol, device: str, log=print) -> tuple[float, dict[float, float]]:
+def chosen_lr(task: TaskData, heads, protocol: Protocol, device: str, log=print, train: bool = True
+              ) -> tuple[float, dict[float, float]]:
     """The learning rate with the best validation accuracy for ``task`` at the selection seed, and
     every tried candidate's score. The candidates form a ladder, tried in order: the next (larger)
     rate is trained only while the best run so far was still improving at its last epoch, since a
@@ -158,7 +167,7 @@ def chosen_lr(task: TaskData, heads, protocol: Protocol, device: str, log=print)
     scores: dict[float, float] = {}
     for lr in protocol.lrs:
         config = protocol.config(lr, protocol.select_seed)
-        path = _run(task.name, [task], heads, config, protocol, device, log)
+        path = _run(task.name, [task], heads, config, protocol, device, log, train)
         record = train_log(path)
         scores[lr] = record["best_validation"]
         still_improving = record["best_epoch"] == config.epochs
@@ -168,15 +177,24 @@ def chosen_lr(task: TaskData, heads, protocol: Protocol, device: str, log=print)
     return best, scores
 
 
-def task_model(task: TaskData, heads, protocol: Protocol, seed: int, device: str, log=print) -> Path:
-    """Task ``task``'s converged model for fine-tuning seed ``seed`` (trained unless cached)."""
-    lr, _ = chosen_lr(task, heads, protocol, device, log)
-    return _run(task.name, [task], heads, protocol.config(lr, seed), protocol, device, log)
+def first_rung(task: TaskData, heads, protocol: Protocol, device: str, log=print, train: bool = True) -> Path:
+    """``task``'s run at the ladder's first learning rate and the selection seed."""
+    return _run(task.name, [task], heads, protocol.config(protocol.lrs[0], protocol.select_seed), protocol, device,
+                log, train)
 
 
-def multitask_model(tasks: list[TaskData], heads, protocol: Protocol, seed: int, device: str, log=print) -> Path:
+def task_model(task: TaskData, heads, protocol: Protocol, seed: int, device: str, log=print,
+               train: bool = True) -> Path:
+    """Task ``task``'s converged model for fine-tuning seed ``seed`` (trained unless cached; with
+    ``train=False`` a missing model raises :class:`NotCached`)."""
+    lr, _ = chosen_lr(task, heads, protocol, device, log, train)
+    return _run(task.name, [task], heads, protocol.config(lr, seed), protocol, device, log, train)
+
+
+def multitask_model(tasks: list[TaskData], heads, protocol: Protocol, seed: int, device: str, log=print,
+                    train: bool = True) -> Path:
     config = replace(protocol.config(protocol.multitask_lr, seed), epochs=protocol.multitask_epochs)
-    return _run("multitask", tasks, heads, config, protocol, device, log)
+    return _run("multitask", tasks, heads, config, protocol, device, log, train)
 
 
 def hardware() -> dict:

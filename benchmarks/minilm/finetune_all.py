@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from common import Protocol, make_heads, multitask_model, task_model  # noqa: E402
+from common import Protocol, first_rung, make_heads, multitask_model, task_model  # noqa: E402
 
 from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
 
@@ -64,6 +64,14 @@ def main() -> None:
     suite = load_suite(None)  # the heads and the multitask model always see all eight tasks
     heads = make_heads(suite, args.device)
     if not args.multitask_only:
+        if protocol.select_seed in args.seeds:
+            # first every task at the ladder's first rate, so that one complete set of models exists
+            # (on a slow machine) before any task climbs the ladder
+            for name in args.tasks:
+                t0 = time.perf_counter()
+                path = first_rung(suite[name], heads, protocol, args.device, log)
+                log(f"{name} seed {protocol.select_seed} lr {protocol.lrs[0]:g}: {path} "
+                    f"({time.perf_counter() - t0:.0f} s)")
         for seed in args.seeds:
             for name in args.tasks:
                 t0 = time.perf_counter()

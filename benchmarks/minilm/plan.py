@@ -69,6 +69,20 @@ def _default(cls: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
+def thin(grid: Mapping[str, Sequence[Any]], most: int | None) -> dict[str, tuple[Any, ...]]:
+    """Every axis longer than ``most`` cut to ``most`` evenly spaced values, both ends kept."""
+    if not most or most < 2:
+        return {k: tuple(v) for k, v in grid.items()}
+    out = {}
+    for key, values in grid.items():
+        values = tuple(values)
+        if len(values) > most:
+            picks = sorted({round(i * (len(values) - 1) / (most - 1)) for i in range(most)})
+            values = tuple(values[i] for i in picks)
+        out[key] = values
+    return out
+
+
 def describe(options: Mapping[str, Any]) -> str:
     """``density=0.1, lam=1.5`` -> ``k=0.1, λ=1.5`` (the table's notes)."""
     return ", ".join(f"{SYMBOLS.get(k, k)}={_fmt(v)}" for k, v in options.items())

@@ -16,8 +16,11 @@ rerun after a new method lands computes only that method's rows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import curves  # noqa: E402
 import fig5  # noqa: E402
-from common import base_dir, hardware, load_encoder, make_heads, multitask_model, task_model  # noqa: E402
+from common import NotCached, base_dir, hardware, load_encoder, make_heads, multitask_model, task_model  # noqa: E402
 from finetune_all import protocol_args, protocol_from  # noqa: E402
-from plan import DATA_AWARE, describe, plan, search  # noqa: E402
+from plan import DATA_AWARE, describe, plan, search, thin  # noqa: E402
 from seedtable import GOAL_FLOOR, GOAL_MEAN, SeedTable  # noqa: E402
 
 import tiesmerge  # noqa: E402
@@ -41,23 +44,36 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 
 
 class EvalCache:
-    """Results already computed under the same settings, so a rerun only does what is missing."""
+    """Results already computed under the same settings, so a rerun only does what is missing.
+
+    Several run.py processes (e.g. one per --methods subset, to use more cores) may share one
+    cache file: each write re-reads the file under a lock and adds its key, so none is lost."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.data = json.loads(path.read_text()) if path.is_file() else {}
         self.reused: list[str] = []
 
+    def _reload(self) -> None:
+        if self.path.is_file():
+            self.data.update(json.loads(self.path.read_text()))
+
     def get(self, key: str, compute):
+        if key not in self.data:
+            self._reload()
         if key in self.data:
             self.reused.append(key)
-        else:
-            self.data[key] = compute()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_suffix(".tmp")
+            return self.data[key]
+        value = compute()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._reload()
+            self.data[key] = value
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.data, indent=1))
             tmp.replace(self.path)
-        return self.data[key]
+        return value
 
 
 def log(msg: str) -> None:
@@ -78,10 +94,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=None, help="registered methods to run (default: all)")
     p.add_argument("--test-limit", type=int, default=None, help="test examples per task (default all: 1000)")
     p.add_argument("--val-limit", type=int, default=None, help="validation examples per task used for tuning")
+    p.add_argument("--max-axis-values", type=int, default=None,
+                   help="thin every grid axis longer than this to this many evenly spaced values, ends kept "
+                        "(a coarser search for a slow machine; the widening still runs past the ends)")
     p.add_argument("--widen-rounds", type=int, default=2, help="times a grid is widened past an edge")
     p.add_argument("--fig5-limit", type=int, default=None, help="test examples per task in the Fig. 5 sweep")
     p.add_argument("--fig5-subsets", type=int, default=10, help="subsets per number of tasks (paper: 10)")
     p.add_argument("--skip-fig5", action="store_true")
+    p.add_argument("--cached-only", action="store_true",
+                   help="train nothing: a seed whose models are not all cached is left out (and said so)")
     p.add_argument("--skip-data-aware", action="store_true", help="no Fisher / RegMean rows")
     p.add_argument("--stats-examples", type=int, default=256,
                    help="validation examples per task for the Gram matrices (RegMean) and the Fisher")
@@ -103,8 +124,9 @@ class Bench:
         self.tasks = list(suite)
         self.test = {t: suite[t].test[:args.test_limit] for t in self.tasks}
         self.val = {t: suite[t].validation[:args.val_limit] for t in self.tasks}
-        self.ft = {t: task_model(suite[t], heads, protocol, seed, args.device, log) for t in self.tasks}
-        self.multi = multitask_model(list(suite.values()), heads, protocol, seed, args.device, log)
+        train = not args.cached_only
+        self.ft = {t: task_model(suite[t], heads, protocol, seed, args.device, log, train) for t in self.tasks}
+        self.multi = multitask_model(list(suite.values()), heads, protocol, seed, args.device, log, train)
         self.base = base_dir()
         self.models = [self.ft[t] for t in self.tasks]
         settings = json.dumps([common.MAX_LENGTH, args.test_limit, args.val_limit, args.data_seed,
@@ -224,7 +246,7 @@ def main() -> None:
     tasks = list(suite)
     heads = make_heads(suite, args.device)
     protocol = protocol_from(args)
-    plans = plan(len(tasks), args.methods)
+    plans = [dataclasses.replace(p, grid=thin(p.grid, args.max_axis_values)) for p in plan(len(tasks), args.methods)]
     seconds["data"] = time.perf_counter() - clock
 
     table = SeedTable(tasks)
@@ -238,11 +260,17 @@ def main() -> None:
             table.row(p.label, validation=True)
     choices: dict[str, dict] = {}
     searches: dict[str, dict] = {}
-    benches = {}
+    benches: dict[int, Bench] = {}
+    missing_seeds: dict[int, str] = {}
     # the tuning seeds first: the other seeds reuse their choices
     for seed in sorted(args.seeds, key=lambda s: (s not in args.tune_seeds, s)):
         clock = time.perf_counter()
-        bench = benches[seed] = Bench(args, suite, heads, protocol, seed)
+        try:
+            bench = benches[seed] = Bench(args, suite, heads, protocol, seed)
+        except NotCached as exc:
+            missing_seeds[seed] = str(exc)
+            log(f"seed {seed} left out: {exc}")
+            continue
         seconds[f"seed{seed}:models"] = time.perf_counter() - clock
         clock = time.perf_counter()
         reference_rows(bench, table)
@@ -253,7 +281,9 @@ def main() -> None:
             data_aware_rows(bench, table, choices, searches)
             seconds[f"seed{seed}:fisher_regmean"] = time.perf_counter() - clock
         _flag_edges(table, searches)
-        _write(table, args, plans, protocol, suite, searches, seconds, benches)
+        _write(table, args, plans, protocol, suite, searches, seconds, benches, missing_seeds)
+    if not benches:
+        raise SystemExit(f"no seed has all its models cached: {missing_seeds}")
     clock = time.perf_counter()
     curves.write(args.out, protocol, suite, heads, args.seeds, args.device)
     seconds["curves"] = time.perf_counter() - clock
@@ -261,7 +291,7 @@ def main() -> None:
         clock = time.perf_counter()
         fig5.run(args, benches[args.seeds[0]], table, searches, choices, plans, log)
         seconds["fig5"] = time.perf_counter() - clock
-    _write(table, args, plans, protocol, suite, searches, seconds, benches)
+    _write(table, args, plans, protocol, suite, searches, seconds, benches, missing_seeds)
     log(f"done: {json.dumps({k: round(v) for k, v in seconds.items()})}")
 
 
@@ -274,7 +304,7 @@ def _flag_edges(table: SeedTable, searches: dict) -> None:
             table.row(label(name), validation=True).flag = "; ".join(edges)
 
 
-def _write(table: SeedTable, args, plans, protocol, suite, searches, seconds, benches) -> None:
+def _write(table: SeedTable, args, plans, protocol, suite, searches, seconds, benches, missing_seeds) -> None:
     tasks = table.tasks
     tuned = {p.name: describe(choices) for p in plans if (choices := _first(searches.get(p.name)))}
     for r in table.rows:
@@ -290,10 +320,11 @@ def _write(table: SeedTable, args, plans, protocol, suite, searches, seconds, be
             "validation_per_task_for_tuning": {t: len(any_bench.val[t]) for t in tasks},
             "skipped_methods": {p.name: p.skip for p in plans if p.skip},
             "grids": {p.name: {k: list(v) for k, v in p.grid.items()} for p in plans if p.grid},
-            "searches": searches, "seconds": seconds, "tiesmerge_version": tiesmerge.__version__,
+            "searches": searches, "seconds": seconds, "seeds_left_out": missing_seeds,
+            "tiesmerge_version": tiesmerge.__version__,
             "reused_from_cache": sorted({k for b in benches.values() for k in b.cache.reused})}
     table.meta = meta
-    pre = (f"# Table 1 in miniature: all-MiniLM-L6-v2, converged task models, {len(args.seeds)} fine-tuning "
+    pre = (f"# Table 1 in miniature: all-MiniLM-L6-v2, converged task models, {len(benches)} fine-tuning "
            f"seed(s) ({', '.join(map(str, sorted(benches)))})\n\n"
            f"Accuracy (%) on each task's test split ({', '.join(f'{t} {n}' for t, n in meta['test_per_task'].items())} "
            "examples), mean ± std over the fine-tuning seeds. Normalized mean: each task's accuracy ÷ the same "
@@ -307,7 +338,9 @@ def _write(table: SeedTable, args, plans, protocol, suite, searches, seconds, be
               f"the other seeds. " if set(args.tune_seeds) != set(args.seeds) else "")
            + "Fisher merging and RegMean compute their statistics with each task's own model on the first "
            "examples of its validation split.\n\n")
-    post = "\n" + _goal(table) + "\n" + _protocol_text(meta, protocol, suite) + _skipped(meta) + (
+    left_out = (f"\nSeeds left out (models not cached; `--cached-only`): {sorted(missing_seeds)}.\n"
+                if missing_seeds else "")
+    post = "\n" + _goal(table) + "\n" + _protocol_text(meta, protocol, suite) + _skipped(meta) + left_out + (
         "\nSeconds per stage in this run: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
         + (f" ({len(meta['reused_from_cache'])} results reused from an earlier run with the same settings)"
            if meta["reused_from_cache"] else "") + ".\n")
