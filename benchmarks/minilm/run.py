@@ -126,11 +126,15 @@ class Bench:
         self.val = {t: suite[t].validation[:args.val_limit] for t in self.tasks}
         train = not args.cached_only
         self.ft = {t: task_model(suite[t], heads, protocol, seed, args.device, log, train) for t in self.tasks}
-        self.multi = multitask_model(list(suite.values()), heads, protocol, seed, args.device, log, train)
+        try:  # the upper reference, not an input of any merge: a seed without it still has its merge rows
+            self.multi = multitask_model(list(suite.values()), heads, protocol, seed, args.device, log, train)
+        except NotCached as exc:
+            log(f"seed {seed}: no multitask row ({exc})")
+            self.multi = None
         self.base = base_dir()
         self.models = [self.ft[t] for t in self.tasks]
         settings = json.dumps([common.MAX_LENGTH, args.test_limit, args.val_limit, args.data_seed,
-                               [str(d) for d in self.models], str(self.multi)])
+                               [str(d) for d in self.models]])
         self.cache = EvalCache(common.CACHE / "evals" / f"{hashlib.sha256(settings.encode()).hexdigest()[:12]}.json")
 
     def evaluate_state(self, state, splits) -> dict[str, float]:
@@ -150,8 +154,9 @@ def reference_rows(bench: Bench, table: SeedTable) -> None:
     table.row("fine-tuned").per_seed[seed] = b.cache.get("fine-tuned", lambda: {
         t: evaluate_encoder(load_encoder(b.ft[t], b.args.device), {t: b.test[t]}, b.heads).accuracy[t]
         for t in b.tasks})
-    table.row("multitask").per_seed[seed] = b.cache.get("multitask", lambda: dict(evaluate_encoder(
-        load_encoder(b.multi, b.args.device), b.test, b.heads).accuracy))
+    if b.multi is not None:
+        table.row("multitask").per_seed[seed] = b.cache.get("multitask", lambda: dict(evaluate_encoder(
+            load_encoder(b.multi, b.args.device), b.test, b.heads).accuracy))
 
 
 def method_rows(bench: Bench, table: SeedTable, plans, choices: dict, searches: dict) -> None:
