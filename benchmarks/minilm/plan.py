@@ -147,14 +147,24 @@ def _numeric(values: Sequence[Any]) -> bool:
 
 def _beyond(name: str, options: Mapping[str, Any], axis: str, values: Sequence[Any], up: bool,
             count: int = 3) -> list[Any]:
-    """Up to ``count`` valid values past the edge of ``values`` (the method's own checks decide)."""
+    """Up to ``count`` valid values past the edge of ``values`` (the method's own checks decide).
+
+    An axis of positive values stays positive (a negative scale or density means another
+    method): below its lowest value it steps down while above zero, else halves."""
     ordered = sorted(values)
     step = (ordered[-1] - ordered[-2]) if up else (ordered[1] - ordered[0])
     edge = ordered[-1] if up else ordered[0]
+    if up:
+        candidates = [edge + i * step for i in range(1, count + 1)]
+    else:
+        candidates = [edge - i * step for i in range(1, count + 1)]
+        if edge > 0:
+            candidates = [v for v in candidates if v > 0] or [edge / 2 ** i for i in range(1, count + 1)]
     out = []
-    for i in range(1, count + 1):
-        value = edge + i * step if up else edge - i * step
+    for value in candidates:
         value = int(value) if isinstance(edge, int) else round(value, 10)
+        if isinstance(edge, int) and (value in out or value == edge):
+            continue
         try:
             make_method(name, {**options, axis: value})
         except ConfigError:
