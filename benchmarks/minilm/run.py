@@ -103,7 +103,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-fig5", action="store_true")
     p.add_argument("--cached-only", action="store_true",
                    help="train nothing: a seed whose models are not all cached is left out (and said so)")
-    p.add_argument("--skip-data-aware", action="store_true", help="no Fisher / RegMean rows")
+    p.add_argument("--data-aware", nargs="*", default=["regmean", "fisher"], choices=["regmean", "fisher"],
+                   help="which statistics-based rows to compute (none: --data-aware with no value)")
     p.add_argument("--stats-examples", type=int, default=256,
                    help="validation examples per task for the Gram matrices (RegMean) and the Fisher")
     p.add_argument("--fisher-examples", type=int, default=None,
@@ -193,7 +194,7 @@ def method_rows(bench: Bench, table: SeedTable, plans, choices: dict, searches: 
         log(f"seed {seed} {p.label} (validation): {_mean(accuracy):.4f}")
 
 
-def data_aware_rows(bench: Bench, table: SeedTable, choices: dict, searches: dict) -> None:
+def data_aware_rows(bench: Bench, table: SeedTable, plans, choices: dict, searches: dict) -> None:
     """Fisher merging and RegMean: statistics per task model (cached), an option chosen on validation."""
     from stats import stats_dir
 
@@ -202,6 +203,8 @@ def data_aware_rows(bench: Bench, table: SeedTable, choices: dict, searches: dic
     for name, kind, grid, examples in (
             ("regmean", "gram", [{"alpha": a} for a in (0.5, 0.7, 0.9, 0.95, 1.0)], args.stats_examples),
             ("fisher", "fisher", [{"normalize": "none"}, {"normalize": "rms"}], n_fisher)):
+        if name not in args.data_aware or name not in {p.name for p in plans if not p.skip}:
+            continue
         dirs = [stats_dir(kind, t, b.ft[t], b.heads[t], b.suite[t].validation[:examples], args.device, log)
                 for t in b.tasks]
 
@@ -281,9 +284,9 @@ def main() -> None:
         reference_rows(bench, table)
         method_rows(bench, table, plans, choices, searches)
         seconds[f"seed{seed}:merges"] = time.perf_counter() - clock
-        if not args.skip_data_aware and any(p.name in DATA_AWARE and not p.skip for p in plans):
+        if any(p.name in args.data_aware and not p.skip for p in plans):
             clock = time.perf_counter()
-            data_aware_rows(bench, table, choices, searches)
+            data_aware_rows(bench, table, plans, choices, searches)
             seconds[f"seed{seed}:fisher_regmean"] = time.perf_counter() - clock
         _flag_edges(table, searches)
         _write(table, args, plans, protocol, suite, searches, seconds, benches, missing_seeds)
