@@ -74,3 +74,21 @@ def test_console_script_subprocess(models, tmp_path):
     run = subprocess.run([str(TIESMERGE_BIN), "merge", *map(str, cli_flags(b, ms)), "--method", "average",
                           "--density", "0.5", "--dry-run"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2 and run.stderr.startswith("error: ")
+
+
+
+@pytest.mark.parametrize("argv,method,expected", [
+    (["--method", "fisher", "--normalize", "rms"], "fisher", {"normalize": "rms"}),
+    (["--method", "breadcrumbs", "--normalize-weights"], "breadcrumbs", {"normalize_weights": True}),
+    (["--method", "breadcrumbs", "--no-normalize-weights"], "breadcrumbs", {"normalize_weights": False}),
+])
+def test_method_flags_of_different_types(argv, method, expected):
+    """fisher's normalize is a word and breadcrumbs' normalize_weights a switch: each its own flag."""
+    from tiesmerge.cli.main import _parser
+    from tiesmerge.registry import make_method
+
+    args = _parser().parse_args(["merge", *argv])
+    given = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
+    assert given == expected
+    config = make_method(method, given)
+    assert all(getattr(config, k) == v for k, v in expected.items())

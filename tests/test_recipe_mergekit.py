@@ -133,7 +133,7 @@ def test_documentation_dare_ties(tmp_path):
 
 
 @pytest.mark.parametrize("extra,needle", [
-    ({"merge_method": "slerp"}, "merge_method 'slerp' is not supported"),
+    ({"merge_method": "passthrough"}, "merge_method 'passthrough' is not supported"),
     ({"slices": []}, "slices"),
     ({"tokenizer_source": "union"}, "tokenizer_source 'union'"),
     ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon"),

@@ -107,8 +107,8 @@ def test_analyze_shows_the_methods_merged_magnitudes(family, tmp_path, capsys) -
         assert pooled == pytest.approx(float(deltas.abs().mean()), rel=1e-5)
 
 
-def test_analyze_refuses_a_method_it_cannot_run(family, tmp_path, capsys) -> None:
+def test_analyze_refuses_an_unknown_method_before_reading(family, tmp_path, capsys) -> None:
     _, _, b, ms = family
-    rc, _, err = run_cli(["analyze", *cli_flags(b, ms), "-o", tmp_path / "r", "--method", "ties"], capsys)
-    assert rc == 2 and "ties needs cuts by magnitude" in err
+    rc, _, err = run_cli(["analyze", *cli_flags(b, ms), "-o", tmp_path / "r", "--method", "tsv_n"], capsys)
+    assert rc == 2 and "unknown method 'tsv_n'" in err and "tsv_m" in err
     assert not (tmp_path / "r").exists()

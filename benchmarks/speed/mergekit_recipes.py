@@ -97,6 +97,81 @@ dtype: bfloat16
 }
 
 
+# --- issue 12: the mergekit family, each recipe as mergekit's documentation writes it (float32 arithmetic,
+# bf16 output). della draws random masks in both tools (differently): compare its time, not its entries.
+RECIPES.update({
+    "slerp": ("slerp from the base, t by filter and layer gradient", """
+merge_method: slerp
+base_model: {base}
+models: [{{model: {base}}}, {{model: {m1}}}]
+parameters:
+  t:
+    - {{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}}
+    - {{filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}}
+    - {{value: 0.5}}
+dtype: float32
+out_dtype: bfloat16
+"""),
+    "nuslerp": ("nuslerp of two task vectors, weights 0.7/0.3", """
+merge_method: nuslerp
+base_model: {base}
+models: [{{model: {m1}, parameters: {{weight: 0.7}}}}, {{model: {m2}, parameters: {{weight: 0.3}}}}]
+dtype: float32
+out_dtype: bfloat16
+"""),
+    "breadcrumbs": ("breadcrumbs, density 0.3, gamma 0.01, weights 1/0.7/0.5", """
+merge_method: breadcrumbs
+base_model: {base}
+models:
+  - {{model: {m1}, parameters: {{weight: 1.0}}}}
+  - {{model: {m2}, parameters: {{weight: 0.7}}}}
+  - {{model: {m3}, parameters: {{weight: 0.5}}}}
+parameters: {{density: 0.3, gamma: 0.01}}
+dtype: float32
+out_dtype: bfloat16
+"""),
+    "breadcrumbs_ties": ("breadcrumbs_ties, density 0.3, gamma 0.01, normalize", """
+merge_method: breadcrumbs_ties
+base_model: {base}
+models:
+  - {{model: {m1}, parameters: {{weight: 1.0}}}}
+  - {{model: {m2}, parameters: {{weight: 0.7}}}}
+  - {{model: {m3}, parameters: {{weight: 0.5}}}}
+parameters: {{density: 0.3, gamma: 0.01, normalize: true}}
+dtype: float32
+out_dtype: bfloat16
+"""),
+    "della": ("della, density 0.5, epsilon 0.15 (random masks)", """
+merge_method: della
+base_model: {base}
+models:
+  - {{model: {m1}, parameters: {{weight: 1.0}}}}
+  - {{model: {m2}, parameters: {{weight: 0.7}}}}
+  - {{model: {m3}, parameters: {{weight: 0.5}}}}
+parameters: {{density: 0.5, epsilon: 0.15}}
+dtype: float32
+out_dtype: bfloat16
+"""),
+    "della_linear": ("della_linear, density 1 (the deterministic part)", """
+merge_method: della_linear
+base_model: {base}
+models:
+  - {{model: {m1}, parameters: {{weight: 0.5}}}}
+  - {{model: {m2}, parameters: {{weight: 0.3}}}}
+  - {{model: {m3}, parameters: {{weight: 0.2}}}}
+parameters: {{density: 1.0, normalize: true}}
+dtype: float32
+out_dtype: bfloat16
+"""),
+    "model_stock": ("model_stock of three fine-tunes", """
+merge_method: model_stock
+base_model: {base}
+models: [{{model: {m1}}}, {{model: {m2}}}, {{model: {m3}}}]
+dtype: float32
+out_dtype: bfloat16
+"""),
+})
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--root", type=Path, default=make_models.DEFAULT_ROOT)

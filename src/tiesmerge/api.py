@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import json
 import os
+import re
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +32,7 @@ from .inputs import (
 )
 from .io.align import align
 from .io.card import hash_files, model_card
+from .io.checkpoint import Checkpoint
 from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
@@ -188,6 +192,26 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         return Path(output)
 
 
+def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
+    """A method config from ``"name"`` or ``"name:key=value,key=value"`` (values read as JSON where
+    they parse: numbers, true/false, [lists]; else as text), or the config itself."""
+    from .registry import make_method
+
+    if not isinstance(spec, str):
+        return spec
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in re.split(r",(?![^\[]*\])", rest) if rest else []:  # commas inside [...] stay
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"method {spec!r}: {item!r} is not KEY=VALUE", hint="e.g. slerp:t=0.3,anchor=models")
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value.strip()
+    return make_method(name.strip(), options)
+
+
 def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike | None = None, density: float = 0.2,
             subsets_per_size: int | None = 10, seed: int = 0, curve: Sequence[float] | None = None,
             device: str = "cpu", memory_budget: int | str | None = None, vocab_policy: str = "error",
@@ -197,8 +221,8 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     trimming to the top ``density`` (for 2..n models, ``subsets_per_size`` seeded subsets per
     size, None for all), the share of each task vector's mass in its top-k, the overlap of the
     top-k masks, and merged magnitudes by influence and sign agreement. Streamed like a merge.
-    ``methods`` (names, with their default options, or method configs): merges whose merged
-    magnitudes the report shows beside averaging and TIES's steps (e.g. "tsv_m", "iso_c").
+    ``methods`` (configs, or specs ``"name"`` / ``"name:key=value,..."``) are merged too (into a
+    temporary float32 directory) and their merged magnitudes join the paper's four merges.
 
     Returns the statistics as a JSON-ready dict; with ``output``, also writes ``analysis.json``,
     PNG plots and a self-contained ``report.html`` there.
@@ -215,12 +239,19 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     settings = AnalysisSettings(density=density, subsets_per_size=subsets_per_size, seed=seed,
                                 **({"curve": tuple(curve)} if curve is not None else {}))
     settings.check(len(models))
-    compared = [as_method(m, {}) for m in methods]
     device_t, budget = device_of(device), budget_of(memory_budget)
     if output is not None:
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models))])
         check_output_path(Path(output).absolute(), force)  # fail before the passes, not after them
+    extra = [(spec if isinstance(spec, str) else spec.name, method_of_spec(spec)) for spec in methods]
     with ExitStack() as stack:
+        merged: list[tuple[str, Checkpoint]] = []
+        if extra:  # each extra method's merge, float32, read back beside the models in the statistics pass
+            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesmerge-analyze-")))
+            for i, (label, method) in enumerate(extra):
+                path = merge(base, models, method, output=scratch / f"m{i}", device=device, memory_budget=budget,
+                             dtype="float32", allow_pickle=allow_pickle, vocab_policy=vocab_policy)
+                merged.append((label, open_models(stack, path, [], False)[0]))
         base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
         alignment = align(base_ckpt, model_ckpts, vocab_policy=vocab_policy)
         bar = None
@@ -231,8 +262,11 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                                            dynamic_ncols=True))
             bar.reset(total=3 * sum(j.nbytes for j in alignment.jobs if j.merge) * (len(models) + 1))
         data = run_analysis(base_ckpt, model_ckpts, alignment, settings, device=device_t, memory_budget=budget,
-                            progress=bar.update if bar is not None else None, methods=compared)
+                            progress=bar.update if bar is not None else None, merged=merged)
         data["inputs"] = {"base": base_ckpt.label, "models": [c.label for c in model_ckpts]}
+    # each compared merge's options, so the report says which variant it shows
+    data["magnitudes"]["methods"] = {label: {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
+                                     for label, method in extra}
     data["tiesmerge_version"] = __version__
     data["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     data["summary"] = summarise(data)

@@ -20,6 +20,29 @@ mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5,
   (counter-based here, ``torch.bernoulli`` there) and so does the rescale: 1/density here (the
   DARE paper), each tensor's L1 norm there; outputs agree in expectation, not entry by entry.
 
+Issue 12 added the mergekit family (each the tiesmerge method of the same name, mergekit 0.1.5's
+semantics, bit for bit in float32 where no randomness enters):
+
+- ``slerp``: base_model and one other model, ``t`` (a scalar, or mergekit's filters and
+  gradients: ``t: [{filter: self_attn, value: [0, 0.5, 1]}, {value: 0.5}]``, read with the
+  base's number of layers from its config.json)  ->  ``slerp`` with ``anchor=base``, ``t`` or
+  ``t_by_name`` + ``layers``.
+- ``nuslerp``: two models and their ``weight`` s, ``nuslerp_flatten`` (default true),
+  ``nuslerp_row_wise``; with a base_model their task vectors, else the models  ->  ``nuslerp``.
+- ``breadcrumbs`` / ``breadcrumbs_ties``: ``density`` (default 1: nothing dropped), ``gamma``
+  (0.01), ``normalize`` (false), ``rescale`` (false), ``lambda``  ->  the method of that name with
+  ``scope=per_tensor, threshold_ties=sort`` (mergekit's exact counts in torch.sort's order),
+  ``normalize`` as ``normalize_weights`` (or ``aggregate=mean|sum`` for the TIES variant) and
+  ``rescale`` as ``rescale=l1|none``.
+- ``della`` / ``della_linear``: ``density``, ``epsilon`` (0.15), ``normalize`` (true / false),
+  ``rescale`` (true: each tensor's L1 norm restored)  ->  ``della`` / ``della_linear`` with
+  ``rescale=l1|none``; the random draws differ (counter-based here, torch.bernoulli there):
+  equal to mergekit's only at density 1.
+- ``model_stock``: base_model and two or more models, ``filter_wise``  ->  ``model_stock``.
+
+Per-model density, gamma and epsilon must be equal across the models for these (tiesmerge's
+Breadcrumbs and DELLA take one value); ``embed_slerp`` is not a parameter of mergekit 0.1.5.
+
 Known entrywise differences in ``ties``: mergekit computes in the recipe's ``dtype`` (bf16
 rounding of every intermediate), tiesmerge in float32 with one rounding at the end; k is
 int(density·n) there and ⌊density·n⌋ of the density as written here (they differ only where the
@@ -42,7 +65,8 @@ from .errors import ConfigError
 
 __all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
 
-MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear")
+MERGEKIT_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear",
+                    "slerp", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock")
 _TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 _NOT_SUPPORTED_TOP = {
     "slices": "slices (layer ranges, frankenmerges)",
@@ -59,8 +83,22 @@ _OPTIONS: dict[str, dict[str, Any]] = {
                   "rescale": True},
     "dare_linear": {"weight": None, "density": 1.0, "normalize": False, "lambda": 1.0, "int8_mask": False,
                     "rescale": True},
+    # issue 12: mergekit 0.1.5's defaults (merge_methods/*.py, generalized_task_arithmetic.py's registry)
+    "slerp": {"t": None},
+    "nuslerp": {"weight": None, "nuslerp_flatten": True, "nuslerp_row_wise": False},
+    "breadcrumbs": {"weight": None, "density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0,
+                    "int8_mask": False, "rescale": False},
+    "breadcrumbs_ties": {"weight": None, "density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0,
+                         "int8_mask": False, "rescale": False},
+    "della": {"weight": None, "density": 1.0, "epsilon": 0.15, "normalize": True, "lambda": 1.0, "int8_mask": False,
+              "rescale": True},
+    "della_linear": {"weight": None, "density": 1.0, "epsilon": 0.15, "normalize": False, "lambda": 1.0,
+                     "int8_mask": False, "rescale": True},
+    "model_stock": {"filter_wise": False},
 }
-_PER_MODEL = ("weight", "density")
+_PER_MODEL = ("weight", "density", "gamma", "epsilon")
+_NEEDS_NO_BASE = ("linear", "nuslerp")  # the methods whose base_model is optional
+_BOOLS = ("normalize", "int8_mask", "rescale", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise")
 # the dtype names mergekit recipes use, as tiesmerge's canonical names
 _DTYPES = {name: BY_NAME[name].name for name in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")}
 
@@ -115,7 +153,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     defaults = dict(_OPTIONS[method])
     base = data.get("base_model")
     base = _model_ref(base, None, "base_model", problems) if base is not None else None
-    if base is None and method != "linear":
+    if base is None and method not in _NEEDS_NO_BASE:
         problems.append(f"base_model is required by {method}")
     tok = data.get("tokenizer_source")
     if tok not in (None, "base"):
@@ -131,6 +169,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         if key not in defaults:
             problems.append(f"parameters.{key} is not a parameter of mergekit's {method} that tiesmerge supports")
             continue
+        if method == "slerp" and key == "t" and isinstance(value, (list, dict)):
+            values[key] = value  # filters and gradients: translated into t_by_name below
+            continue
         values[key] = _scalar(value, f"parameters.{key}", problems)
     # -- models
     entries = data.get("models")
@@ -138,7 +179,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         problems.append("models must be a non-empty list of {model: PATH, parameters: {...}}")
         entries = []
     paths: list[str] = []
-    per_model: dict[str, list[Any]] = {"weight": [], "density": []}
+    per_model: dict[str, list[Any]] = {key: [] for key in _PER_MODEL}
     dropped_base = False
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "model" not in entry:
@@ -158,7 +199,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
             if key not in _PER_MODEL or key not in defaults:
                 problems.append(f"models[{i}].parameters.{key} is not a per-model parameter of {method} that "
                                 "tiesmerge supports")
-        if base is not None and Path(path).resolve() == Path(base).resolve() and method != "linear":
+        if base is not None and Path(path).resolve() == Path(base).resolve() and method not in ("linear",):
             dropped_base = True  # mergekit lists the base among the models; its delta is 0
             continue
         paths.append(path)
@@ -171,7 +212,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                         "models[i].parameters.weight or parameters.weight)")
     options = {k: values.get(k, v) for k, v in defaults.items() if k not in _PER_MODEL}
     for key, value in options.items():
-        if key in ("normalize", "int8_mask", "rescale") and not isinstance(value, bool):
+        if key in _BOOLS and not isinstance(value, bool):
             problems.append(f"parameters.{key} must be true or false, got {value!r}")
     if options.get("int8_mask"):
         warnings.append("int8_mask is ignored: tiesmerge's masks are never materialised in a chosen dtype")
@@ -181,14 +222,18 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
             problems.append(f"{key} {value!r} is not one of {', '.join(_DTYPES)}")
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems],
-                          hint="tiesmerge reads mergekit's linear, task_arithmetic, ties, dare_ties and dare_linear "
-                               "with scalar parameters; see tiesmerge merge --help")
+                          hint=f"tiesmerge reads mergekit's {', '.join(MERGEKIT_METHODS)} with scalar parameters "
+                               "(slerp's t also with filters and gradients); see tiesmerge merge --help")
     weights = [float(w) for w in per_model["weight"]] if "weight" in defaults else []
-    method_name, params, semantics = _translate(method, options, weights, per_model["density"], paths, base,
-                                                problems, warnings)
+    if method in _FAMILY:
+        method_name, params, semantics = _translate_family(method, options, weights, per_model, paths, base,
+                                                           problems, warnings)
+    else:
+        method_name, params, semantics = _translate(method, options, weights, per_model["density"], paths, base,
+                                                    problems, warnings)
     if problems:
         raise ConfigError([f"{source}: {p}" for p in problems])
-    if method == "linear":
+    if "_anchor" in params:
         base, paths = params.pop("_anchor"), params.pop("_models")
     out_name = out_dtype or dtype
     if dtype is not None:
@@ -271,3 +316,139 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     params = {"drop_rate": 1.0 - density, "lam": lam, "weights": [w / scale for w in weights]}
     return "dare_linear", params, "mergekit dare_linear: random drop at 1 − density with 1/density rescale, " \
                                   "Σ w_t dare(τ_t)" + (" / Σ w" if normalize else "") + ", × λ"
+
+
+# ------------------------------------------------------------------------------------------------ issue 12
+
+_FAMILY = ("slerp", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock")
+
+
+def _one(values: list[Any], key: str, method: str, problems: list[str]) -> float | None:
+    """The one value every model shares (tiesmerge's Breadcrumbs and DELLA take one)."""
+    numbers = [float(v) for v in values if v is not None]
+    if len(set(numbers)) > 1:
+        problems.append(f"{method}: per-model {key} values {numbers} differ; tiesmerge's {method} takes one {key}")
+        return None
+    return numbers[0] if numbers else None
+
+
+def _layers(base: str | None) -> int | None:
+    """The base's number of layers from its config.json (mergekit's num_layers), or None."""
+    import json
+
+    if base is None:
+        return None
+    try:
+        config = json.loads((Path(base) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _schedule(setting: Any, problems: list[str]) -> str | None:
+    """mergekit's filters / gradient for t -> tiesmerge's t_by_name text (see methods/schedule.py)."""
+    rules = setting if isinstance(setting, list) and setting and isinstance(setting[0], dict) else [{"value": setting}]
+    if isinstance(setting, dict):
+        rules = [setting]
+    parts = []
+    for rule in rules:
+        if not isinstance(rule, dict) or "value" not in rule or set(rule) - {"filter", "value"}:
+            problems.append(f"parameters.t: {rule!r} is not a {{filter: NAME, value: V}} rule")
+            return None
+        pattern = rule.get("filter") or "*"
+        if not isinstance(pattern, str) or any(c in pattern for c in ";=,"):
+            problems.append(f"parameters.t: filter {pattern!r} must be a name fragment without ';', '=' or ','")
+            return None
+        value = rule["value"]
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            problems.append(f"parameters.t: {value!r} must be a number or a list of numbers")
+            return None
+        parts.append(f"{pattern}=" + ",".join(repr(float(v)) for v in values))
+    if not any(p.startswith("*=") for p in parts):
+        problems.append("parameters.t: no rule matches every tensor; end the list with {value: V}")
+        return None
+    return ";".join(parts)
+
+
+def _translate_family(method: str, options: dict[str, Any], weights: list[float], per_model: dict[str, list[Any]],
+                      paths: list[str], base: str | None, problems: list[str], warnings: list[str]
+                      ) -> tuple[str, dict[str, Any], str]:
+    """The issue-12 methods: slerp, nuslerp, breadcrumbs(_ties), della(_linear), model_stock."""
+    if method == "slerp":
+        if len(paths) != 1:
+            problems.append(f"slerp merges base_model with exactly one other model; got {len(paths)} besides the base")
+            return "", {}, ""
+        t = options.get("t")
+        if t is None:
+            problems.append("slerp needs parameters.t")
+            return "", {}, ""
+        if not isinstance(t, (list, dict)):
+            return "slerp", {"anchor": "base", "t": float(t)}, (
+                f"mergekit slerp: each tensor interpolated on the sphere from base_model (t = 0) at t = {t}, "
+                "a lerp where |cos| > 0.9995, float32")
+        text = _schedule(t, problems)
+        if text is None:
+            return "", {}, ""
+        params: dict[str, Any] = {"anchor": "base", "t": 0.5, "t_by_name": text}
+        if any("," in part for part in text.split(";")):
+            layers = _layers(base)
+            if layers is None:
+                problems.append(f"slerp: t has a gradient, and {base}/config.json gives no num_hidden_layers")
+                return "", {}, ""
+            params["layers"] = layers
+        return "slerp", params, f"mergekit slerp from base_model with t per tensor: {text}"
+    if method == "nuslerp":
+        if len(paths) != 2:
+            problems.append(f"nuslerp merges exactly two models besides the base; got {len(paths)}")
+            return "", {}, ""
+        params = {"weights": weights, "flatten": options["nuslerp_flatten"], "row_wise": options["nuslerp_row_wise"],
+                  "of": "task_vectors"}
+        if base is None:  # the engine needs a base: the first model stands as it, the first endpoint
+            total = sum(weights)  # mergekit's t, in its arithmetic
+            t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+            params.update(of="base_and_model", weights=None, t=t, _anchor=paths[0], _models=paths[1:])
+        return "nuslerp", params, ("mergekit nuslerp of the two " + ("task vectors, added to base_model"
+                                                                     if base is not None else "models"))
+    if method == "model_stock":
+        if len(paths) < 2:
+            problems.append(f"model_stock needs at least two models besides base_model; got {len(paths)}")
+            return "", {}, ""
+        return "model_stock", {"filter_wise": options["filter_wise"]}, (
+            "mergekit model_stock: t = k cos / (1 + (k-1) cos) per " + ("row" if options["filter_wise"] else "tensor")
+            + ", cos the mean pairwise cosine of the task vectors")
+    density = _one(per_model["density"], "density", method, problems)
+    if density is not None and density <= 0:
+        problems.append(f"{method}: density {density} keeps nothing; use a fraction in (0, 1]")
+    lam, normalize = options["lambda"], options["normalize"]
+    ties = method in ("breadcrumbs_ties", "della")
+    agreement = {"elect": "mass", "zero_sign": "positive", "aggregate": "mean" if normalize else "sum"}
+    if method.startswith("breadcrumbs"):
+        gamma = _one(per_model["gamma"], "gamma", method, problems)
+        if problems:
+            return "", {}, ""
+        params = {"density": min(1.0, density), "gamma": gamma, "lam": lam, "weights": weights, "scope": "per_tensor",
+                  "threshold_ties": "sort", "rescale": "l1" if options["rescale"] else "none"}
+        params.update(agreement if ties else {"normalize_weights": normalize})
+        return method, params, (f"mergekit {method}: per tensor, the int(gamma n) largest |delta| and the smallest "
+                                "dropped (exact counts in torch.sort's order), then " + (
+                                    "sign election on the weighted deltas, agreeing ones " if ties else
+                                    "the weighted deltas ") + ("averaged by weight" if normalize else "summed")
+                                + ", × λ")
+    epsilon = _one(per_model["epsilon"], "epsilon", method, problems)
+    if problems:
+        return "", {}, ""
+    params = {"density": min(1.0, density), "epsilon": epsilon, "lam": lam, "weights": weights,
+              "rescale": "l1" if options["rescale"] else "none"}
+    params.update(agreement if ties else {"normalize_weights": normalize})
+    if density < 1:
+        warnings.append(f"{method}: the random draws differ from mergekit's (torch.bernoulli); the keep "
+                        "probabilities and the rescale are mergekit's, so the two agree in distribution, not "
+                        "entry by entry")
+    return method, params, (f"mergekit {method}: MagPrune keep probabilities from each row's magnitude ranks in "
+                            "[density - ε, density + ε], " + ("L1 rescale, " if options["rescale"] else "")
+                            + ("sign election, agreeing deltas " if ties else "weighted deltas ")
+                            + ("averaged by weight" if normalize else "summed") + ", × λ")

@@ -23,7 +23,24 @@ from importlib import metadata
 from typing import Any
 
 from .errors import ConfigError
-from .methods import Average, DareLinear, DareTies, Fisher, MagnitudePrune, RegMean, TaskArithmetic, Ties
+from .methods import (
+    Average,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    Consensus,
+    DareLinear,
+    DareTies,
+    Della,
+    DellaLinear,
+    Fisher,
+    MagnitudePrune,
+    ModelStock,
+    NuSlerp,
+    RegMean,
+    Slerp,
+    TaskArithmetic,
+    Ties,
+)
 from .methods.base import MergeMethod, option_types
 from .methods.iso import IsoC, IsoCTS
 from .methods.tsv import TsvMerge
@@ -33,7 +50,8 @@ __all__ = ["METHODS", "BUILTIN", "ENTRY_POINT_GROUP", "method_class", "make_meth
 
 ENTRY_POINT_GROUP = "tiesmerge.methods"
 BUILTIN: tuple[type, ...] = (Ties, TaskArithmetic, Average, DareTies, DareLinear, MagnitudePrune, Fisher, RegMean,
-                             TsvMerge, IsoC, IsoCTS)
+                             TsvMerge, IsoC, IsoCTS,
+                             Breadcrumbs, BreadcrumbsTies, Della, DellaLinear, ModelStock, Slerp, NuSlerp, Consensus)
 
 
 def check_method_class(cls: Any, where: str) -> None:

@@ -4,16 +4,13 @@ under the memory budget, the next chunk read on a thread while this one is count
 Three passes over the merged tensors: (1) magnitude histograms of every task vector (they are
 the first radix-select pass and the redundancy curves at once), (2) the second radix-select
 pass, which pins each model's exact top-k threshold, (3) every statistic that needs the
-thresholds: sign patterns, per-tensor conflicts, mask overlaps, kept mass, merged magnitudes
-(of averaging, TIES's steps and any method compared with ``methods``, e.g. the SVD methods,
-which then get each tensor whole).
+thresholds: sign patterns, per-tensor conflicts, mask overlaps, kept mass, merged magnitudes.
 Memory: one chunk of every input (twice, for the read-ahead), its float32 task vectors, and
 fixed-size blocks of temporaries, whatever the model size.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
 import re
@@ -24,7 +21,6 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..engine import fused
-from ..engine.executor import _stream_id as stream_id  # the engine's per-tensor random stream id
 from ..engine.plan import Chunk, Plan, make_plan
 from ..engine.reader import EngineInputs, Reader
 from ..engine.reduce import Reducer
@@ -34,7 +30,7 @@ from ..io.align import Alignment
 from ..io.checkpoint import Checkpoint
 from ..lazy import torch
 from ..methods import ops
-from ..methods.base import ChunkContext, MergeMethod, Requirements, TopK
+from ..methods.base import Requirements, TopK
 from . import stats
 
 __all__ = ["AnalysisSettings", "run_analysis", "DEFAULT_CURVE"]
@@ -88,53 +84,9 @@ def _subsets(n: int, per_size: int | None, seed: int) -> dict[int, list[tuple[in
 
 
 def _task_vectors(reader: Reader, chunks: Sequence[Chunk]) -> Iterator[tuple[Chunk, torch.Tensor]]:
-    """Yield (chunk, tau (n, *rows) float32 on the device), read ahead on a thread."""
+    """Yield (chunk, tau (n, E) float32 on the device), read ahead on a thread."""
     for chunk, payload in reader.stream(chunks):
-        yield chunk, reader.task_vectors(chunk, payload).tau
-
-
-def method_requirements(methods: Sequence[MergeMethod], density: float, n_models: int) -> Requirements:
-    """What the analysis plans with: its own trim, and whole tensors (with the largest workspace)
-    where a compared method needs them. A method compared in the magnitude section must need
-    nothing else of the engine (no cuts, sums, statistics, reference or base values): the
-    analysis hands it each chunk's task vectors and their names only."""
-    problems = []
-    whole, workspaces = False, []
-    for method in methods:
-        req = method.requirements()
-        needs = [what for what, wanted in (("cuts by magnitude", req.all_cuts), ("sums over the scope", req.reductions),
-                                            ("statistics", req.statistics), ("a reference model", req.reference),
-                                            ("the base's values", req.base_values)) if wanted]
-        if needs:
-            problems.append(f"{method.name} needs {', '.join(needs)}, which the analysis does not provide")
-        if req.n_models is not None and req.n_models != n_models:
-            problems.append(f"{method.name} merges exactly {req.n_models} models, got {n_models}")
-        whole = whole or req.keeps_tensors_whole
-        if req.workspace is not None:
-            workspaces.append(req.workspace)
-    if problems:
-        raise ConfigError(problems, hint="compare methods such as tsv_m, iso_c, iso_cts, task_arithmetic; TIES and "
-                                         "its steps are in the section already")
-
-    def workspace(shape: tuple[int, ...], n: int) -> int:
-        return max(w(shape, n) for w in workspaces)
-
-    return Requirements(trim=TopK(density), whole_tensors=whole, workspace=workspace if workspaces else None)
-
-
-def _method_values(methods: Sequence[MergeMethod], chunk: Chunk, tau: torch.Tensor) -> list[torch.Tensor]:
-    """Each compared method's merged task vector of one chunk, flattened: (E,) each."""
-    if not methods:
-        return []
-    job = chunk.job
-    out = []
-    for method in methods:
-        weights = method.requirements().weights
-        ctx = ChunkContext(name=job.name, shape=job.shape, offset=chunk.offset, stream=stream_id(job.name),
-                           weights=None if weights is None else torch.tensor(weights, dtype=torch.float32,
-                                                                             device=tau.device))
-        out.append(method.merge(tau.clone(), ctx).reshape(-1).float())  # merge may work in place
-    return out
+        yield chunk, reader.task_vectors(chunk, payload).tau.reshape(reader.n, -1)
 
 
 def _blocks(tau: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -144,15 +96,17 @@ def _blocks(tau: torch.Tensor) -> Iterator[torch.Tensor]:
 
 def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignment, settings: AnalysisSettings, *,
                  device: torch.device, memory_budget: int, progress: Callable[[int], None] | None = None,
-                 methods: Sequence[MergeMethod] = ()) -> dict:
-    """Every statistic of the report, as a JSON-ready dict (see analysis/report.py for its reading)."""
+                 merged: Sequence[tuple[str, Checkpoint]] = ()) -> dict:
+    """Every statistic of the report, as a JSON-ready dict (see analysis/report.py for its reading).
+
+    ``merged``: (label, checkpoint) of merges by other methods, read beside the models in the
+    statistics pass: their merged task vectors join the four merges of the magnitude section."""
     started = time.perf_counter()
     device = torch.device(device)  # the analysis computes with torch everywhere
     n = len(models)
     settings.check(n)
-    # methods compared in the magnitude section (whole tensors for the SVD methods, with their workspace)
-    plan: Plan = make_plan(alignment, n, method_requirements(methods, settings.density, n),
-                           memory_budget=memory_budget, out_dtype=torch.float32)
+    plan: Plan = make_plan(alignment, n, Requirements(trim=TopK(settings.density)), memory_budget=memory_budget,
+                           out_dtype=torch.float32)
     merged_jobs = [j for j in alignment.jobs if j.merge]
     chunks = [c for j in merged_jobs for c in plan.chunks_by_job[j.name]]
     numel = alignment.merged_numel()
@@ -168,7 +122,7 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     clock = time.perf_counter()
     counts = torch.zeros(n, stats.MAGNITUDE_BINS, dtype=torch.int64, device=device)
     for _, tau in _task_vectors(reader, chunks):
-        for block in _blocks(tau.reshape(n, -1)):
+        for block in _blocks(tau):
             counts += stats.magnitude_counts(block)
     keep = ops.keep_count(numel, settings.density)
     # the magnitude bins are the high 16 bits of |tau|: the bin holding each model's k-th largest
@@ -194,14 +148,16 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     mass = torch.zeros(4, n, dtype=torch.float64, device=device)  # kept L1, kept L2^2, total L1, total L2^2
     tables = stats.pattern_tables(n, device)
     groups = 3 * (n + 1)  # influence (0, 1, >1) x agreement (0..n): one joint bincount, marginals at the end
-    variants = [*stats.VARIANTS, *(m.name for m in methods)]
+    variants = [*stats.VARIANTS, *(label for label, _ in merged)]
     moments = torch.zeros(3, len(variants), groups, dtype=torch.float64, device=device)
     per_tensor: dict[str, dict[str, int]] = {}
-    for chunk, tau in _task_vectors(reader, chunks):
+    # the other methods' merges, chunk by chunk in step with the models: (M, E) merged - base
+    others = Reader(EngineInputs(base, tuple(c for _, c in merged)), raw=False, device=device) if merged else None
+    extra_rows = _task_vectors(others, chunks) if others is not None else itertools.repeat((None, None))
+    for (chunk, tau), (_, others_tau) in zip(_task_vectors(reader, chunks), extra_rows):
         row = per_tensor.setdefault(chunk.job.name, {"numel": 0, "conflicts": 0, "kept_by_two_or_more": 0})
-        by_method = _method_values(methods, chunk, tau)  # (E,) each
-        tau = tau.reshape(n, -1)
-        for start, block in zip(itertools.count(0, _BLOCK), _blocks(tau)):
+        others_blocks = _blocks(others_tau) if others_tau is not None else itertools.repeat(None)
+        for block, others_block in zip(_blocks(tau), others_blocks):
             kept = stats.kept_mask(block, thresholds)  # (n, B)
             codes = stats.sign_pattern_codes(block, kept)  # (B,)
             block_patterns = torch.bincount(codes, minlength=3**n)  # (3^n,)
@@ -212,9 +168,10 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
             for key, value in stats.tensor_conflicts(block_patterns, tables).items():
                 row[key] += value
             joint = stats.influence_groups(codes, tables) * (n + 1) + stats.agreement_groups(block)  # (B,)
-            merged = torch.stack([*stats.merge_variants(block, kept).values(),
-                                  *(v[start:start + block.shape[1]] for v in by_method)])  # (V, B)
-            moments += stats.group_moments(merged, joint, groups)
+            values = torch.stack(list(stats.merge_variants(block, kept).values()))  # (4, B)
+            if others_block is not None:
+                values = torch.cat([values, others_block])  # (4 + M, B)
+            moments += stats.group_moments(values, joint, groups)
     seconds["statistics"] = time.perf_counter() - clock
 
     data = {
@@ -227,10 +184,10 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
         "by_tensor": _by_tensor(per_tensor),
         "redundancy": _redundancy(counts.cpu().numpy(), mass.cpu().numpy(), numel, settings),
         "overlap": _overlap(intersections.cpu().numpy(), numel),
-        "magnitudes": {"by_influence": _moments(moments.view(3, -1, 3, n + 1).sum(3), ["0", "1", ">1"], variants),
-                       "by_agreement": _moments(moments.view(3, -1, 3, n + 1).sum(2),
-                                                [f"{j}/{n}" for j in range(n + 1)], variants),
-                       "methods": {m.name: _options(m) for m in methods}},
+        "magnitudes": {"by_influence": _moments(moments.view(3, len(variants), 3, n + 1).sum(3), ["0", "1", ">1"],
+                                                variants),
+                       "by_agreement": _moments(moments.view(3, len(variants), 3, n + 1).sum(2),
+                                                [f"{j}/{n}" for j in range(n + 1)], variants)},
         "engine": {"device": str(device), "memory_budget_bytes": memory_budget,
                    "estimated_peak_bytes": plan.peak_bytes + _block_bytes(n), "passes": 3,
                    "bytes_read": reader.bytes_read, "chunks_per_pass": len(chunks)},
@@ -307,12 +264,7 @@ def _overlap(intersections: np.ndarray, numel: int) -> dict:
             "independent_masks_jaccard": density / (2 - density) if density < 2 else 1.0}
 
 
-def _options(method: MergeMethod) -> dict:
-    """A compared method's options, JSON-ready."""
-    return {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
-
-
-def _moments(moments: torch.Tensor, labels: list[str], variants: Sequence[str]) -> dict:
+def _moments(moments: torch.Tensor, labels: list[str], variants: Sequence[str] = stats.VARIANTS) -> dict:
     """moments: (3, V, G) count, sum |x|, sum x^2 per variant and group."""
     count, total, squares = (m.cpu().numpy() for m in moments)  # (V, G) each
     mean = np.divide(total, count, out=np.zeros_like(total), where=count > 0)

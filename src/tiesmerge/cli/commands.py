@@ -45,12 +45,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
-        print(f"  {options} lam={point.lam:.2f}  score {point.score:.4f}", flush=True)
+        lam = f" lam={point.lam:.2f}" if point.lam is not None else ""
+        print(f"  {options}{lam}  score {point.score:.4f}", flush=True)
 
     result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,
                   memory_budget=args.memory_budget, on_point=show)
     best = result.best
-    print(f"best: {' '.join(f'{k}={v}' for k, v in best.options.items())} lam={best.lam} score {best.score:.4f} "
+    lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
+    print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {best.score:.4f} "
           f"({len(result.points)} points, {result.merges} merges, {result.seconds:.1f} s)")
     if args.json:
         args.json.write_text(json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
@@ -59,7 +61,46 @@ def cmd_tune(args: argparse.Namespace) -> int:
                                                     for p in result.points]}, indent=2) + "\n")
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
-              memory_budget=args.memory_budget, force=args.force, **best.options, lam=best.lam)
+              memory_budget=args.memory_budget, force=args.force, **best.options, **lam)
+        print(f"wrote the best merge to {args.output}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from ..api import merge
+    from ..tuning import LocalExecutor, RayExecutor, parse_grid, parse_ranges, run_search, write_report
+    from ..tuning.space import parse_fixed
+
+    grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
+    ranges, fixed = parse_ranges(args.ranges), parse_fixed(args.method, args.fixed)
+    evaluate = _load_callable(args.evaluator)
+    if args.output:
+        from ..io.writer import _check_output_path
+
+        _check_output_path(Path(args.output).absolute(), args.force)  # fail now, not after the search
+    if args.workers is not None and (args.ray is None or args.ray):
+        raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")
+    executor = RayExecutor(args.ray or None, workers=args.workers) if args.ray is not None else LocalExecutor()
+
+    def show(trial) -> None:
+        options = " ".join(f"{k}={v}" for k, v in trial.options.items() if k not in fixed)
+        print(f"  [{trial.index}] {options}  score {trial.score:.4f}", flush=True)
+
+    try:
+        result = run_search(args.base, args.models, args.method, evaluate, strategy=args.strategy, budget=args.budget,
+                            seed=args.seed, axes=args.axes, grid=grid, ranges=ranges, fixed=fixed, popsize=args.popsize,
+                            executor=executor, log=args.dir / "log.jsonl", device=args.device,
+                            memory_budget=args.memory_budget, on_trial=show)
+    finally:
+        executor.close()
+    best = result.best
+    print(f"best: [{best.index}] {' '.join(f'{k}={v}' for k, v in best.options.items())} score {best.score:.4f} "
+          f"({len(result.trials)} candidates, {result.evaluations} scored and {result.merges} merges in this run, "
+          f"{result.seconds:.1f} s)")
+    print(f"wrote {write_report(result, args.dir)} and {args.dir / 'results.md'} beside {args.dir / 'log.jsonl'}")
+    if args.output:
+        merge(args.base, args.models, args.method, output=args.output, device=args.device,
+              memory_budget=args.memory_budget, force=args.force, **best.options)
         print(f"wrote the best merge to {args.output}")
     return 0
 
@@ -171,7 +212,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     data = analyze(args.base, args.models, output=args.output, density=args.density,
                    subsets_per_size=args.subsets_per_size or None, seed=args.seed, device=args.device,
                    memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
-                   force=args.force, progress=not args.no_progress and sys.stderr.isatty(), methods=args.methods)
+                   force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
+                   methods=args.methods)
     for line in data["summary"]:
         print(f"- {line}")
     engine = data["engine"]
@@ -185,6 +227,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
     for cls in classes:
         print(f"{cls.name}  —  {cls.summary}")
         print(f"  paper: {cls.paper}")
+        if args.name and cls.__doc__:  # one method: its semantics, the reference it follows, where it differs
+            print(textwrap.indent(inspect.cleandoc(cls.__doc__), "  "))
         types = option_types(cls)
         for f in dataclasses.fields(cls):
             meta = f.metadata
@@ -197,8 +241,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
             searched = f"; tune searches {_axis(grid)}" if grid else ""
             print(f"  --{f.name.replace('_', '-'):<15} default {default!s:<8} "
                   f"{meta.get('help', '')}{unit}{extra}{searched}")
-        if args.name and cls.__doc__:  # one method asked for: its semantics, reference and deviations too
-            print(textwrap.indent(inspect.cleandoc(cls.__doc__), "  "))
         print()
     if not args.name:
         for name, problem in broken_plugins().items():  # set aside: the other methods still work
@@ -240,4 +282,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"merge": cmd_merge, "analyze": cmd_analyze, "methods": cmd_methods, "validate": cmd_validate,
-            "tune": cmd_tune, "stats": cmd_stats, "demo": cmd_demo}
+            "tune": cmd_tune, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo}

@@ -81,6 +81,28 @@ tau_m is merged once per density (or drop rate) and every lam is swept on top of
 """
 
 
+SEARCH_EXAMPLES = """\
+examples:
+  # CMA-ES over per-model densities and weights and lam, 60 candidates, in this process
+  tiesmerge search --base ./base --model ./a --model ./b --model ./c --evaluator my_eval:validation_accuracy \\
+      --strategy cmaes --budget 60 --axis densities --axis weights --axis lam --dir ./search -o ./best
+
+  # the same on this machine's local Ray cluster (one task per CPU, or per GPU where there are GPUs)
+  tiesmerge search ... --ray
+
+  # on a running cluster (ray start --head on one node, ray start --address HEAD:6379 on the others)
+  tiesmerge search ... --ray HEAD:6379
+
+  # the paper's grid (the default strategy), or random search within ranges
+  tiesmerge search --base ./base --model ./a --model ./b --evaluator my_eval:validation_accuracy
+  tiesmerge search ... --strategy random --budget 40 --axis density --axis lam --range lam=0.5:2.0
+
+Run the same command again to resume: every scored candidate is in DIR/log.jsonl and is not
+scored again (a larger --budget goes on from there). DIR also gets results.md and report.html.
+On a cluster the model paths and the evaluator's module must be readable on every node.
+"""
+
+
 ANALYZE_EXAMPLES = """\
 examples:
   # sign conflicts, redundancy and merged magnitudes of three fine-tunes, at the paper's top 20%

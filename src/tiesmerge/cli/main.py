@@ -22,15 +22,24 @@ from ..registry import METHODS
 from ..sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS
 from ..version import __version__
 from .commands import HANDLERS
-from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
+from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
 
 
-def _number(text: str) -> int | float:
-    """A flag value for an option whose type differs between methods: an int if it reads as one."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+def _number(text: str) -> int | float | bool | str:
+    """A flag value for an option whose type differs between methods: an int if it reads as one,
+    else a float, true/false as a bool, else the word; the chosen method's own checks then say
+    whether it fits (a clearer message than argparse's "invalid value")."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    return text
 
 
 _FLAG_TYPES: dict[Any, dict[str, Any]] = {
@@ -49,6 +58,7 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("method options (tiesmerge methods lists which method takes which)")
     kinds: dict[str, Any] = {}
     first: dict[str, dataclasses.Field] = {}
+    choices: dict[str, tuple[str, ...]] = {}  # a text option's choices, over every method that has it
     for cls in METHODS.values():
         types = option_types(cls)
         for f in dataclasses.fields(cls):
@@ -57,12 +67,14 @@ def _method_flags(parser: argparse.ArgumentParser) -> None:
             else:
                 kinds.setdefault(f.name, types[f.name])
                 first.setdefault(f.name, f)
+            known = choices.setdefault(f.name, ())
+            choices[f.name] = known + tuple(c for c in f.metadata.get("choices", ()) if c not in known)
     for name, f in first.items():
         meta = f.metadata
         kwargs: dict[str, Any] = {"dest": f"opt_{name}", "default": argparse.SUPPRESS,
                                   "help": meta.get("help", "") + (f" [{meta['unit']}]" if meta.get("unit") else "")}
         if meta.get("choices") and kinds[name] is str:
-            kwargs["choices"] = meta["choices"]
+            kwargs["choices"] = choices[name]  # each method checks its own
         elif kinds[name] == "mixed":
             kwargs.update(type=_number, metavar="X")
         else:
@@ -124,8 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
     a.add_argument("--force", action="store_true", help="replace a non-empty report directory")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a.add_argument("--method", action="append", dest="methods", default=[], metavar="NAME",
-                   help="also show this method's merged magnitudes (default options; e.g. tsv_m); repeat")
+    a.add_argument("--method", action="append", dest="methods", default=[], metavar="NAME[:KEY=VALUE,...]",
+                   help="also merge with this method (e.g. slerp:t=0.3 or breadcrumbs:density=0.3,gamma=0.02) and "
+                        "add its merged magnitudes to the magnitude section; repeat")
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
     ms.add_argument("name", nargs="?", help="show one method")
@@ -153,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--json", type=Path, help="write every grid point's score here")
     t.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
+    _search_parser(sub)
+
     st = sub.add_parser("stats", help="compute a model's Fisher or Gram statistics from data (for fisher, regmean)",
                         epilog=STATS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     st.add_argument("kind", choices=("fisher", "gram"), help="fisher: diagonal Fisher; gram: Linear inputs' X^T X / N")
@@ -178,6 +193,40 @@ def _parser() -> argparse.ArgumentParser:
                    help="no downloads: synthetic Llama-shaped fine-tunes with known sparse skills")
     d.add_argument("--params", type=float, default=50.0, help="--synthetic: model size, millions of parameters")
     return parser
+
+
+def _search_parser(sub) -> None:
+    s = sub.add_parser("search", help="search per-model weights, densities and lam (grid, random, CMA-ES), on Ray too",
+                       epilog=SEARCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--base", required=True, help="the base model")
+    s.add_argument("--model", action="append", dest="models", required=True, metavar="PATH",
+                   help="a fine-tuned model; repeat")
+    s.add_argument("--method", default="ties", help="the method whose options are searched (default ties)")
+    s.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION",
+                   help="a function taking a state dict and returning a validation score (higher is better)")
+    s.add_argument("--strategy", default="grid", choices=("grid", "random", "cmaes"), help="default grid")
+    s.add_argument("--budget", type=int, help="candidates to score (random, cmaes; grid: the first N points)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random and CMA-ES proposals (default 0)")
+    s.add_argument("--axis", action="append", dest="axes", metavar="OPTION",
+                   help="an option to search, e.g. densities, weights (per model), density, lam; repeat "
+                        "(default: the grid's axes)")
+    s.add_argument("--grid", action="append", default=[], metavar="NAME=VALUES",
+                   help="an axis' grid values: density=0.1,0.2 or lam=0.8:3.0:0.1 (default: the paper's)")
+    s.add_argument("--range", action="append", dest="ranges", default=[], metavar="NAME=LO:HI",
+                   help="an axis' range for random and CMA-ES (default: its grid's, or [0.05, 1] for a fraction, "
+                        "[0.1, 1] for per-model weights)")
+    s.add_argument("--set", action="append", dest="fixed", default=[], metavar="NAME=VALUE",
+                   help="hold an option, e.g. --set scope=per_tensor")
+    s.add_argument("--popsize", type=int, help="CMA-ES generation size (default 4 + 3 ln d)")
+    s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run on Ray: join the cluster at ADDRESS, or without one start a local cluster")
+    s.add_argument("--workers", type=int, help="--ray without ADDRESS: CPUs of the local cluster (default all)")
+    s.add_argument("--dir", default="tiesmerge-search", type=Path,
+                   help="log.jsonl (resumable), results.md and report.html go here (default ./tiesmerge-search)")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--memory-budget", default=None)
+    s.add_argument("-o", "--output", help="write the best merge here as an HF directory")
+    s.add_argument("--force", action="store_true", help="replace a non-empty output directory")
 
 
 def main(argv: list[str] | None = None) -> int:

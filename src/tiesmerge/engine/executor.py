@@ -173,7 +173,8 @@ class Executor:
             name=job.name, shape=job.shape, offset=chunk.offset, stream=_stream_id(job.name),
             thresholds=on_device.pop("trim", None), cuts=on_device, reduced=scope.reduced, weights=self.weights,
             keep=keep, statistics=self.side.read(chunk) if self.side is not None else None,
-            reference=rows.reference, base=rows.base if req.base_values else None)
+            reference=rows.reference, base=rows.base if req.base_values else None,
+            models=rows.models if req.model_values else None)
 
     # ------------------------------------------------------------------ reductions
     def _reduce_streamed(self, chunks: list[Chunk], numel: int) -> tuple[_Scope, int]:
@@ -262,9 +263,10 @@ class Executor:
                 self._tally("merge_kernel", clock)
                 self.stats.fused_chunks += 1
             else:
-                rows = self.reader.task_vectors(chunk, payload)
+                rows = self.reader.task_vectors(chunk, payload, model_values=self.req.model_values)
                 delta = self.method.merge(rows.tau, self._context(chunk, rows, chunk_scope))  # (*S) float32
-                merged = rows.base.add_(delta).to(out_dtype.torch)
+                # model_values: merge returned the merged model itself, not a task vector
+                merged = (delta if self.req.model_values else rows.base.add_(delta)).to(out_dtype.torch)
                 merged = merged.cpu() if merged.device.type != "cpu" else merged
                 self.stats.torch_chunks += 1
             self._write(sink.write, job.name, chunk.rows, merged)

@@ -143,7 +143,7 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             continue
         per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs,
                                     temporaries=req.temporaries) \
-            + extra_bytes_per_entry
+            + extra_bytes_per_entry + (4 * n_models if req.model_values else 0)  # the models' own values
         workspace = req.workspace(tuple(job.shape), n_models) if req.workspace is not None else 0
         if req.keeps_tensors_whole and job.numel * per_entry + workspace > work_budget:
             needed = job.numel * per_entry + workspace + FIXED_OVERHEAD

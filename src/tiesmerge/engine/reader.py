@@ -101,6 +101,7 @@ class ChunkRows:
     base: torch.Tensor  # (*S) the engine base's values
     tau: torch.Tensor  # (n, *S) task vectors
     reference: torch.Tensor | None = None  # (*S) theta_ref - theta_base
+    models: torch.Tensor | None = None  # (n, *S) the models' own values (Requirements.model_values)
 
 
 class _Buffers:
@@ -221,9 +222,11 @@ class Reader:
     def tensors(payload: RawRows | list[torch.Tensor]) -> list[torch.Tensor]:
         return payload.tensors() if isinstance(payload, RawRows) else payload
 
-    def task_vectors(self, chunk: Chunk, payload: RawRows | list[torch.Tensor]) -> ChunkRows:
+    def task_vectors(self, chunk: Chunk, payload: RawRows | list[torch.Tensor], *,
+                     model_values: bool = False) -> ChunkRows:
         """The chunk as float32 on the device: the base, the task vectors (n, *S) and the
-        reference's task vector, each checked finite on first sight of the chunk."""
+        reference's task vector, each checked finite on first sight of the chunk; with
+        ``model_values`` also the models' own values (n, *S), before the base is subtracted."""
         raw = self.tensors(payload)
         n = self.n
         # copy=True: a float32 CPU base read from a state dict (or an mmap'd pickle) is the
@@ -241,12 +244,15 @@ class Reader:
             if not (bool(torch.isfinite(tau.sum())) and bool(torch.isfinite(base32.sum()))):
                 if not (bool(torch.isfinite(tau).all()) and bool(torch.isfinite(base32).all())):
                     self.raise_not_finite(chunk, raw)
+        models = tau.clone() if model_values else None  # (n, *S) as read: base + (model - base) can round
         for t in range(n):  # adapters yield tau itself; only full models subtract the base
             if t not in self.inputs.direct:
                 tau[t].sub_(base32)
+            elif models is not None:
+                models[t].add_(base32)  # an adapter's model is base + its delta
         if not bool(torch.isfinite(tau.sum())) and not bool(torch.isfinite(tau).all()):
             self.raise_not_finite(chunk, raw)
-        return ChunkRows(base32, tau, self._reference(chunk, raw, base32))
+        return ChunkRows(base32, tau, self._reference(chunk, raw, base32), models)
 
     def _reference(self, chunk: Chunk, raw: list[torch.Tensor], base32: torch.Tensor) -> torch.Tensor | None:
         """theta_ref - theta_base over the real base (the stand-in base is not it), or the

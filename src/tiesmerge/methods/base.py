@@ -152,6 +152,10 @@ class Requirements:
     temporaries:   float32 (n, E) temporaries ``merge`` holds besides tau (None: the planner's
                    default for elementwise methods; 0 for a method whose memory is its workspace).
     base_values:   ``ctx.base`` = the base's values (float32), not only tau.
+    model_values:  ``ctx.models`` = the models' own values (n, *S) float32, as read (base + tau
+                   rounds, model - base - base does not give the model back), and ``merge``
+                   returns the merged model's values, not a task vector: interpolations of
+                   models (SLERP, Model Stock) that must equal mergekit's bit for bit.
     weights:       per-model weights -> ``ctx.weights`` (n,).
     kernel:        a fused CPU kernel that computes this merge bit for bit (else torch only).
     n_models:      how many models the method merges, if it takes a fixed number (SLERP: 2).
@@ -168,6 +172,7 @@ class Requirements:
     workspace: Callable[[tuple[int, ...], int], int] | None = None
     temporaries: int | None = None
     base_values: bool = False
+    model_values: bool = False
     weights: tuple[float, ...] | None = None
     kernel: TiesKernel | LinearKernel | None = None
     n_models: int | None = None
@@ -212,6 +217,7 @@ class ChunkContext:
                   model's whole (in, in) Gram matrix; None where some model has none.
     reference:    (*S) float32 theta_ref - theta_base.
     base:         (*S) float32 base values.
+    models:       (n, *S) float32 the models' own values (``model_values``; an adapter's is base + tau).
     """
 
     name: str = ""
@@ -226,6 +232,7 @@ class ChunkContext:
     statistics: torch.Tensor | None = None
     reference: torch.Tensor | None = None
     base: torch.Tensor | None = None
+    models: torch.Tensor | None = None
 
 
 @runtime_checkable

@@ -75,7 +75,7 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
 @dataclass(frozen=True)
 class GridPoint:
     options: dict[str, Any]  # every grid option except lam
-    lam: float
+    lam: float | None  # None: the method has no lam (SLERP, Model Stock): each point is one merge
     score: float
 
 
@@ -91,7 +91,8 @@ class TuningResult:
     def table(self) -> str:
         keys = sorted(self.best.options)
         head = " ".join(f"{k:>9}" for k in keys) + f" {'lam':>6} {'score':>8}"
-        rows = [" ".join(f"{p.options[k]:>9}" for k in keys) + f" {p.lam:>6.2f} {p.score:>8.4f}" for p in self.points]
+        rows = [" ".join(f"{p.options[k]!s:>9}" for k in keys)
+                + (f" {p.lam:>6.2f}" if p.lam is not None else f" {'—':>6}") + f" {p.score:>8.4f}" for p in self.points]
         return "\n".join([head, *rows])
 
 
@@ -113,18 +114,22 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     to evaluate on test data.
     """
     name = method if isinstance(method, str) else method.name
-    grid = dict(grid or paper_grid(method if isinstance(method, str) else type(method)))
-    if "lam" not in grid:
+    cls = method_class(method) if isinstance(method, str) else type(method)
+    grid = dict(grid or paper_grid(cls))
+    has_lam = "lam" in {f.name for f in dataclasses.fields(cls)}
+    if has_lam and "lam" not in grid:
         raise ConfigError("the grid must include lam (the values swept on top of each merge)")
-    lams = tuple(float(x) for x in grid.pop("lam"))
+    # a method without lam (SLERP, Model Stock) is merged and scored once per grid point
+    lams: tuple[float | None, ...] = tuple(float(x) for x in grid.pop("lam")) if has_lam else (None,)
+    unit = {"lam": 1.0} if has_lam else {}
     fixed = dict(fixed or {})
     started = time.perf_counter()
     combos: list[dict[str, Any]] = [{}]
     for key, values in grid.items():
         combos = [{**c, key: v} for c in combos for v in values]
     # validate every combination up front, so a bad grid fails before the first merge
-    methods: list[MergeMethod] = [make_method(method, {**fixed, **c, "lam": 1.0}) if isinstance(method, str)
-                                  else dataclasses.replace(method, **{**fixed, **c, "lam": 1.0}) for c in combos]
+    methods: list[MergeMethod] = [make_method(method, {**fixed, **c, **unit}) if isinstance(method, str)
+                                  else dataclasses.replace(method, **{**fixed, **c, **unit}) for c in combos]
     points: list[GridPoint] = []
     best: GridPoint | None = None
     best_state: dict[str, torch.Tensor] = {}
@@ -134,10 +139,14 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     for combo, m in zip(combos, methods):
         # lam = 1 and float32 output: base + tau_m without a rounding that lam would amplify
         merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32)
-        delta = {k: merged[k].float() - base32[k] for k in merged if merged[k].is_floating_point()}
+        if not has_lam:  # the merge as it is (base + (merged - base) could round)
+            delta = {}
+            whole = {k: merged[k].to(dtypes[k]) if k in dtypes else merged[k] for k in merged}
+        else:
+            delta = {k: merged[k].float() - base32[k] for k in merged if merged[k].is_floating_point()}
         del merged
         for lam in lams:
-            state = _scaled(base32, delta, lam, dtypes)
+            state = whole if lam is None else _scaled(base32, delta, lam, dtypes)
             point = GridPoint(dict(combo), lam, float(evaluate(state)))
             points.append(point)
             if on_point is not None:

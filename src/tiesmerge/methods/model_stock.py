@@ -1,0 +1,63 @@
+"""Model Stock (Jang, Yun & Han, ECCV 2024): move from the base toward the fine-tunes' average by
+t = k cos / (1 + (k - 1) cos), cos the angle between the fine-tunes' task vectors, per tensor."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..errors import ConfigError
+from ..lazy import torch
+from .base import ChunkContext, Requirements, method_config, option
+
+
+@method_config
+class ModelStock:
+    """theta = t * mean_t(theta_t) + (1 - t) * theta_0, t = k cos / (1 + (k - 1) cos) per tensor
+    (per row with ``filter_wise``), cos the mean over pairs of fine-tunes of the cosine between
+    their task vectors (each clamped to [-1, 1], norms' product at least 1e-6), k the number of
+    fine-tunes; where 1 + (k - 1) cos is below 1e-6 in magnitude, t = 0 (the base).
+
+    Follows mergekit 0.1.5's ``model_stock`` operation for operation (float32, bit for bit; the
+    models' own values are averaged). The paper defines the angle for two fine-tunes; the mean
+    of pairwise cosines for more is mergekit's choice. Needs at least two fine-tuned models.
+    """
+
+    name: ClassVar[str] = "model_stock"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2403.19522"
+    summary: ClassVar[str] = "interpolate base and fine-tunes' average by the angle between the fine-tunes"
+
+    filter_wise: bool = option(False, "one t per row (output filter) instead of per tensor (mergekit's filter_wise)",
+                               grid=(False, True))
+
+    def requirements(self) -> Requirements:
+        return Requirements(whole_tensors=True, base_values=True, model_values=True)
+
+    def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """tau, ctx.models (k, *S), ctx.base (*S) -> the merged model's values (*S)."""
+        k = tau.shape[0]
+        if k < 2:
+            raise ConfigError(f"model_stock needs at least two fine-tuned models, got {k}",
+                              hint="list two or more models besides the base")
+        shape = ctx.base.shape
+
+        def lift(x: torch.Tensor) -> torch.Tensor:
+            """Rows the angle is taken over: the whole tensor, or each row (a vector is one row)."""
+            if not self.filter_wise:
+                return x.reshape(-1)
+            return x.unsqueeze(0) if x.dim() == 1 else x
+
+        w0 = lift(ctx.base)
+        ws = [lift(ctx.models[i]) for i in range(k)]
+        offsets = [lift(tau[i]) for i in range(k)]  # theta_t - theta_0, as mergekit subtracts them
+        cosines = []
+        for i in range(k):
+            for j in range(i + 1, k):
+                norms = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
+                cosines.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+        cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+        denominator = 1 + (k - 1) * cos
+        singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
+        t = torch.where(singular, torch.zeros_like(cos),
+                        (k * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+        average = sum(ws) / k
+        return (t * average + (1 - t) * w0).reshape(shape)

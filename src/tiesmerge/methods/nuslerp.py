@@ -1,0 +1,87 @@
+"""NuSLERP: mergekit's spherical interpolation of two models or of their two task vectors, over
+whole tensors, rows or columns, the interpolation weight from per-model weights."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..errors import ConfigError
+from ..lazy import torch
+from .base import ChunkContext, Requirements, finite, method_config, option
+
+OF = ("task_vectors", "models", "base_and_model")
+_EPS = 1e-8  # colinear where 1 - cos^2 <= eps^2
+
+
+def nuslerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool) -> torch.Tensor:
+    """mergekit 0.1.5's ``nuslerp`` operations on two tensors (*S) float32: flattened (``flatten``),
+    else a SLERP per row of the last dimension, or per column with ``row_wise`` (mergekit's
+    naming: dim 0 moved last); each vector normalised by its norm (at least 1e-7), a lerp where
+    1 - cos^2 <= 1e-16."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif row_wise:
+        v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= _EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    sin_theta = torch.sin(theta)
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if row_wise and not flatten:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+@method_config
+class NuSlerp:
+    """theta = base + nuslerp(t, tau_0, tau_1) (``of=task_vectors``, mergekit with a base_model) or
+    nuslerp(t, theta_0, theta_1) (``of=models``, mergekit without one; ``of=base_and_model``: the
+    base is theta_0 and one model theta_1), t = w_1 / (w_0 + w_1) (0.5 when the weights sum to
+    less than 1e-6 in magnitude), or ``t`` as given.
+
+    Follows mergekit 0.1.5's ``nuslerp`` operation for operation (float32, bit for bit):
+    ``flatten`` (mergekit's nuslerp_flatten, default true) interpolates each tensor as one
+    vector, else each row, or with ``row_wise`` (nuslerp_row_wise) each column.
+    """
+
+    name: ClassVar[str] = "nuslerp"
+    paper: ClassVar[str] = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
+    summary: ClassVar[str] = "spherical interpolation of two models or their task vectors (mergekit's nuslerp)"
+
+    weights: tuple[float, ...] | None = option(None, "the two models' weights; t = w_1 / (w_0 + w_1) "
+                                               "(default equal: t = 0.5)", unit="one per model", per_model=True)
+    t: float | None = option(None, "the interpolation weight itself (0: the first, 1: the second), "
+                             "instead of weights", unit="fraction", check=finite, grid=(0.1, 0.3, 0.5, 0.7, 0.9))
+    of: str = option("task_vectors", "interpolate the two task vectors and add the base (mergekit with a "
+                     "base_model), the two models themselves, or the base and one model", choices=OF)
+    flatten: bool = option(True, "each tensor as one vector (mergekit's nuslerp_flatten)")
+    row_wise: bool = option(False, "without flatten: per column, not per row (mergekit's nuslerp_row_wise)")
+
+    def requirements(self) -> Requirements:
+        if self.t is not None and self.weights is not None:
+            raise ConfigError("give t or weights, not both")
+        one = self.of == "base_and_model"
+        return Requirements(whole_tensors=True, model_values=self.of != "task_vectors", base_values=one,
+                            n_models=1 if one else 2)
+
+    def interpolation(self) -> float:
+        """t: as given, else w_1 / (w_0 + w_1) with mergekit's arithmetic."""
+        if self.t is not None:
+            return self.t
+        if self.weights is None:
+            return 0.5
+        total = sum(self.weights)
+        return 0.5 if abs(total) < 1e-6 else self.weights[1] / total
+
+    def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """tau (2, *S) -> the merged task vector (*S); with of=models ctx.models -> the merged model."""
+        if self.of == "base_and_model":
+            v0, v1 = ctx.base, ctx.models[0]
+        else:
+            pair = ctx.models if self.of == "models" else tau
+            v0, v1 = pair[0], pair[1]
+        return nuslerp_tensor(self.interpolation(), v0, v1, row_wise=self.row_wise, flatten=self.flatten)

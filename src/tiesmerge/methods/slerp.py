@@ -1,0 +1,94 @@
+"""SLERP: spherical linear interpolation of two models, each tensor whole (Shoemake, SIGGRAPH 1985),
+with mergekit 0.1.5's operations so that a mergekit ``slerp`` recipe merges bit for bit."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..errors import ConfigError
+from ..lazy import torch
+from .base import ChunkContext, Requirements, finite, method_config, non_negative_int, option
+from .schedule import parse_schedule, schedule_problem
+
+ANCHORS = ("models", "base")
+_CHUNK = 1 << 20  # mergekit 0.1.5 sums norms and dots in chunks of 2^20 entries: the same order, the same bits
+_DOT_THRESHOLD = 0.9995  # |cos| above this: the tensors are (anti)parallel and SLERP is a lerp
+_EPS = 1e-8
+
+
+def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """SLERP of two whole tensors (*S), float32, with mergekit 0.1.5's ``slerp`` operations: each
+    tensor flattened, its norm the norm of 2^20-entry chunk norms (1 where <= 1e-8), the cosine
+    the sum of chunk sums of the normalised products clamped to [-1, 1], a lerp where |cos| >
+    0.9995, else sin((1-t)w)/sin(w) v0 + sin(tw)/sin(w) v1 in float32."""
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)  # (1, numel): mergekit's batch of one output
+    tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)  # (1, 1)
+    if not a.shape[1]:
+        return ((1 - tt) * a + tt * b).reshape(v0.shape)
+    spans = range(0, a.shape[1], _CHUNK)
+    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, s:s + _CHUNK], dim=1, keepdim=True)
+                                                   for s in spans]), dim=0)  # (1, 1)
+    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, s:s + _CHUNK], dim=1, keepdim=True)
+                                                   for s in spans]), dim=0)
+    norm_a = torch.where(norm_a > _EPS, norm_a, 1)
+    norm_b = torch.where(norm_b > _EPS, norm_b, 1)
+    dot = torch.stack([((a[:, s:s + _CHUNK] / norm_a) * (b[:, s:s + _CHUNK] / norm_b)).sum(dim=1, keepdim=True)
+                       for s in spans]).sum(dim=0).clamp(-1, 1)  # (1, 1)
+    linear = dot.abs() > _DOT_THRESHOLD
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
+    coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    out = torch.empty_like(a)
+    for s in spans:
+        out[:, s:s + _CHUNK] = coef_a * a[:, s:s + _CHUNK] + coef_b * b[:, s:s + _CHUNK]
+    return out.reshape(v0.shape)
+
+
+@method_config
+class Slerp:
+    """theta = sin((1-t) w)/sin(w) theta_0 + sin(t w)/sin(w) theta_1 per tensor, w the angle between
+    the two (flattened) tensors; a lerp (1-t) theta_0 + t theta_1 where they are nearly parallel.
+
+    ``anchor=models`` (default): the two listed models, t = 0 the first. ``anchor=base``: the base
+    and one model, t = 0 the base (mergekit's ``slerp``, whose base_model is one endpoint).
+    ``t_by_name`` gives t per tensor as mergekit's filters and gradients do (see
+    ``tiesmerge.methods.schedule``: ``self_attn=0,0.5,1;mlp=1,0.5,0;*=0.5`` with ``layers``).
+
+    Follows mergekit 0.1.5's ``slerp`` operation for operation (float32, bit for bit); the
+    models' own values are interpolated, not base + task vector. Differs on purpose: two
+    models without a base as an endpoint (``anchor=models``).
+    """
+
+    name: ClassVar[str] = "slerp"
+    paper: ClassVar[str] = "https://doi.org/10.1145/325165.325242"
+    summary: ClassVar[str] = "spherical interpolation between two models, each tensor whole (mergekit's slerp)"
+
+    t: float = option(0.5, "where between the two endpoints: 0 is the first, 1 the second (mergekit's t)",
+                      unit="fraction", check=finite, grid=(0.1, 0.3, 0.5, 0.7, 0.9))
+    anchor: str = option("models", "the endpoints: the two listed models, or the base and one model "
+                         "(mergekit: base_model is t = 0)", choices=ANCHORS)
+    t_by_name: str | None = option(None, "t per tensor, mergekit's filters and gradients: "
+                                   "'FILTER=V[,V...];...;*=V', first matching filter (a substring of the "
+                                   "name) wins, a list is a gradient over the layers", unit="schedule",
+                                   check=schedule_problem)
+    layers: int = option(0, "the model's number of layers, where t_by_name has a gradient "
+                         "(e.g. num_hidden_layers)", unit="layers", check=non_negative_int)
+
+    def requirements(self) -> Requirements:
+        if self.t_by_name is not None and self.layers == 0:
+            if any(len(values) > 1 for _, values in parse_schedule(self.t_by_name).rules):
+                raise ConfigError("t_by_name has a gradient: give the model's number of layers (layers)")
+        return Requirements(whole_tensors=True, model_values=True, base_values=self.anchor == "base",
+                            n_models=1 if self.anchor == "base" else 2)
+
+    def t_for(self, name: str) -> float:
+        """t for the tensor ``name``: the schedule's value, else ``t``."""
+        if self.t_by_name is None:
+            return self.t
+        return parse_schedule(self.t_by_name).value(name, self.layers, self.t)
+
+    def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """ctx.models (n, *S) [, ctx.base (*S)] -> the merged model's values (*S)."""
+        v0 = ctx.base if self.anchor == "base" else ctx.models[0]
+        return slerp_tensor(self.t_for(ctx.name), v0, ctx.models[-1])

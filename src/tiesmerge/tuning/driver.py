@@ -1,0 +1,192 @@
+"""The search loop: a strategy proposes, an executor merges and scores, the log remembers.
+
+``run_search`` asks the strategy for a batch, takes the scores of candidates already in the
+log (a resumed search) or seen earlier in this one, has the executor score the rest, appends each
+new score to the log as it arrives, tells the strategy the batch's scores in candidate order, and
+repeats until the strategy is done. The best candidate is the first with the highest score.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..methods.base import MergeMethod, check_models
+from ..registry import method_class
+from .candidates import Candidate, Evaluator, Job, as_state, better, float32, merged_delta, scaled_state
+from .executors import Executor, LocalExecutor
+from .results_log import ResultsLog
+from .space import SearchSpace, build_space, canonical
+from .strategies import make_strategy
+
+__all__ = ["Trial", "SearchResult", "run_search"]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One scored candidate: its options (lam included), score, seconds its evaluation took, and
+    whether the score came from the log of an earlier run (``reused``)."""
+
+    index: int
+    options: dict[str, Any]
+    score: float
+    seconds: float
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    method: str
+    strategy: str
+    space: SearchSpace
+    best: Trial
+    trials: tuple[Trial, ...]
+    merges: int  # merges this run did (candidates differing in lam only share one)
+    evaluations: int  # candidates this run scored (the others came from the log)
+    seconds: float
+    best_state: dict[str, torch.Tensor] = field(repr=False, compare=False, default_factory=dict)
+
+    def table(self) -> str:
+        """Every trial as a Markdown table, the best one in bold."""
+        names = [a.name for a in self.space.axes]
+        head = ["#", *names, "score", "eval s", ""]
+        rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for t in self.trials:
+            mark = "**best**" if t.index == self.best.index else ("from log" if t.reused else "")
+            cells = [str(t.index), *(_cell(t.options[n]) for n in names), f"{t.score:.4f}", f"{t.seconds:.2f}", mark]
+            rows.append("| " + " | ".join(cells) + " |")
+        return "\n".join(rows)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ", ".join(f"{v:g}" for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _label(source: Any) -> str | None:
+    return None if isinstance(source, Mapping) else str(source)
+
+
+def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, evaluate: Evaluator, *,
+               strategy: str = "grid", budget: int | None = None, seed: int = 0, axes: Sequence[str] | None = None,
+               grid: Mapping[str, Sequence[float]] | None = None,
+               ranges: Mapping[str, tuple[float, float]] | None = None, fixed: Mapping[str, Any] | None = None,
+               start: Mapping[str, Any] | None = None, popsize: int | None = None,
+               executor: Executor | None = None, log: str | None = None, device: str = "cpu",
+               memory_budget: int | str | None = None,
+               on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
+    """Search ``method``'s options for the best ``evaluate`` score (higher is better) on validation data.
+
+    strategy: "grid" (the axes' values: the paper's grid by default), "random" or "cmaes" (both
+    ``budget`` candidates from ``seed``, within the axes' ranges). axes: the options searched
+    (default: the grid's), e.g. ``("densities", "weights", "lam")`` for per-model TIES; ``grid``
+    gives values, ``ranges`` {name: (lo, hi)}, ``fixed`` holds options. ``start``: CMA-ES's first
+    mean (default: the method's defaults). ``executor``: :class:`LocalExecutor` (default) or
+    :class:`RayExecutor`, which scores the same candidates to the same numbers. ``log``: a JSONL
+    file every score is appended to; a search run again with it resumes without re-scoring.
+
+    >>> result = run_search("base", ["ft-a", "ft-b"], "ties", score, strategy="cmaes", budget=60,
+    ...                     axes=("densities", "weights", "lam"), log="search.jsonl")  # doctest: +SKIP
+    >>> result.best.options, result.best.score                                       # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    cls = method_class(method) if isinstance(method, str) else type(method)
+    space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
+    job = Job(method, base, tuple(models), device, memory_budget)
+    if start is None:
+        start = space.defaults()
+    chooser = make_strategy(strategy, space, budget=budget, seed=seed, popsize=popsize, start=dict(start))
+    header = {"space": space.describe(), "strategy": strategy, "seed": seed,
+              **({"popsize": popsize} if popsize else {}),
+              "base": _label(base), "models": [_label(m) for m in models]}
+    results = ResultsLog(log, header) if log is not None else None
+    base32, dtypes = float32(as_state(base))
+    owned = executor is None
+    executor = executor or LocalExecutor()
+    executor.start(job, evaluate, base32, dtypes)
+    try:
+        return _loop(chooser, executor, results, job, space, base32, dtypes, strategy, started, on_trial)
+    finally:
+        if owned:
+            executor.close()
+
+
+def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, space: SearchSpace,
+          base32: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], strategy: str, started: float,
+          on_trial: Callable[[Trial], None] | None) -> SearchResult:
+    n_models = len(job.models)
+    trials: list[Trial] = []
+    seen: dict[str, Trial] = {}  # scores of this run by candidate key: nothing is scored twice
+    best: Trial | None = None
+    merges_before, evaluations = executor.merges, 0
+    while batch := chooser.ask():
+        candidates = [Candidate(len(trials) + i, options) for i, options in enumerate(batch)]
+        _check(job, candidates, n_models)  # a bad candidate fails before a merge
+        scored: dict[int, Trial] = {}
+        todo = []
+        for c in candidates:
+            known = seen.get(c.key)
+            record = results.get(c.key) if results is not None and known is None else None
+            if known is not None or record is not None:
+                score = known.score if known is not None else float(record["score"])
+                seconds = known.seconds if known is not None else float(record["seconds"])
+                scored[c.index] = Trial(c.index, c.options, score, seconds, reused=True)
+            elif all(c.key != t.key for t in todo):
+                todo.append(c)
+
+        def on_scored(c: Candidate, score: float, seconds: float, scored: dict[int, Trial] = scored) -> None:
+            nonlocal evaluations
+            evaluations += 1
+            trial = Trial(c.index, c.options, score, seconds)
+            scored[c.index] = trial
+            if results is not None:
+                results.append({"key": c.key, "index": c.index, "options": canonical(c.options), "score": score,
+                                "seconds": round(seconds, 4)})
+            if on_trial is not None:
+                on_trial(trial)
+
+        executor.score(todo, on_scored)
+        for c in candidates:  # duplicates within the batch take their first twin's score
+            if c.index not in scored:
+                twin = next(t for t in todo if t.key == c.key)
+                scored[c.index] = Trial(c.index, c.options, scored[twin.index].score, scored[twin.index].seconds, True)
+        new = [scored[c.index] for c in candidates]
+        for c, t in zip(candidates, new):
+            seen.setdefault(c.key, t)
+            if better(t.score, None if best is None else best.score):
+                best = t
+        trials += new
+        chooser.tell(batch, [t.score for t in new])
+    if best is None:
+        raise ConfigError("no candidate got a finite score", hint="check the evaluator on one merge first")
+    best_state = _winner_state(executor, job, base32, dtypes, best)
+    return SearchResult(space.method, strategy, space, best, tuple(trials), executor.merges - merges_before,
+                        evaluations, time.perf_counter() - started, best_state)
+
+
+def _check(job: Job, candidates: Sequence[Candidate], n_models: int) -> None:
+    problems = []
+    for c in candidates:
+        try:
+            problems += [f"candidate {c.index}: {p}" for p in check_models(job.method_at(c.options), n_models)]
+        except ConfigError as exc:
+            problems += [f"candidate {c.index}: {p}" for p in exc.problems]
+    if problems:
+        raise ConfigError(problems)
+
+
+def _winner_state(executor: Executor, job: Job, base32: Mapping[str, torch.Tensor],
+                  dtypes: Mapping[str, torch.dtype], best: Trial) -> dict[str, torch.Tensor]:
+    """The best candidate's state: from the executor's kept merge, else merged once more here (its
+    score came from the log, or a tie kept another candidate's merge)."""
+    probe = Candidate(best.index, best.options)
+    delta = executor.delta(probe.merge_key)
+    if delta is None:
+        delta = merged_delta(job, base32, best.options)
+    return scaled_state(base32, delta, job.lam_of(best.options), dtypes)

@@ -1,0 +1,223 @@
+"""Where candidates are merged and scored: in this process, or as Ray tasks on a cluster.
+
+Both executors take a batch of candidates, merge once per merge key (candidates that differ in
+lam only share it), score every candidate with the same functions (:mod:`.candidates`), and
+report each score as it arrives. Each keeps the merged task vector of the best candidate so far
+(in memory, or in Ray's object store) and drops the others, so only the winner's state is kept.
+
+On Ray a merge is one task and each candidate's evaluation another, that takes the merge's
+result (an object in the object store) as its input: evaluations spread over every worker as
+soon as their merge is done. Tasks ask for one GPU each where the cluster has GPUs (Ray then
+shows each task only its GPU, as ``cuda:0``), and a task whose worker dies is run again
+(``max_retries``); an exception raised by the evaluator is not retried (it would fail again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, TiesMergeError
+from .candidates import Candidate, Evaluator, Job, better, merged_delta, scaled_state, score_state
+
+__all__ = ["Executor", "LocalExecutor", "RayExecutor", "ray_available"]
+
+OnScored = Callable[[Candidate, float, float], None]  # (candidate, score, seconds of its evaluation)
+
+
+class Executor(Protocol):
+    """start() once per search, score() per batch, delta() for the winner, close() at the end."""
+
+    merges: int
+
+    def start(self, job: Job, evaluate: Evaluator, base32: Mapping[str, torch.Tensor],
+              dtypes: Mapping[str, torch.dtype]) -> None: ...
+
+    def score(self, batch: Sequence[Candidate], on_scored: OnScored) -> None: ...
+
+    def delta(self, merge_key: str) -> dict[str, torch.Tensor] | None: ...
+
+    def close(self) -> None: ...
+
+
+def _groups(batch: Sequence[Candidate]) -> dict[str, list[Candidate]]:
+    """Candidates by merge key, in the order each key first appears."""
+    groups: dict[str, list[Candidate]] = {}
+    for c in batch:
+        groups.setdefault(c.merge_key, []).append(c)
+    return groups
+
+
+class LocalExecutor:
+    """Every merge and evaluation in this process, one after another (the search without Ray)."""
+
+    def __init__(self) -> None:
+        self.merges = 0
+        self._best: tuple[float, str, dict[str, torch.Tensor]] | None = None
+
+    def start(self, job: Job, evaluate: Evaluator, base32: Mapping[str, torch.Tensor],
+              dtypes: Mapping[str, torch.dtype]) -> None:
+        self._job, self._evaluate, self._base32, self._dtypes = job, evaluate, base32, dtypes
+        self._best = None
+
+    def score(self, batch: Sequence[Candidate], on_scored: OnScored) -> None:
+        for key, group in _groups(batch).items():
+            delta = merged_delta(self._job, self._base32, group[0].options)
+            self.merges += 1
+            for c in group:
+                state = scaled_state(self._base32, delta, self._job.lam_of(c.options), self._dtypes)
+                score, seconds = score_state(self._evaluate, state)
+                del state
+                if better(score, None if self._best is None else self._best[0]):
+                    self._best = (score, key, delta)
+                on_scored(c, score, seconds)
+            del delta  # freed unless it is the best so far
+
+    def delta(self, merge_key: str) -> dict[str, torch.Tensor] | None:
+        return self._best[2] if self._best is not None and self._best[1] == merge_key else None
+
+    def close(self) -> None:
+        self._best = None
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("running the search on Ray needs ray",
+                          hint="pip install 'tiesmerge[distributed]'; without --ray the search runs in one process"
+                          ) from None
+    return ray
+
+
+# The object store shares numpy arrays between the workers of a node without copying them (torch
+# tensors would be unpickled into a copy per task), so states travel as arrays. Every state here is
+# float32 or an integer/bool buffer: dtypes numpy has.
+def _to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in state.items()}
+
+
+def _from_numpy(state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    with warnings.catch_warnings():  # the object store's arrays are read-only; nothing here writes to them
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return {k: torch.from_numpy(v) for k, v in state.items()}
+
+
+def _merge_task(job: Job, base32: Mapping[str, np.ndarray], options: dict[str, Any], base: Any,
+                *models: Any) -> dict[str, np.ndarray]:
+    """A Ray task: one merge's float32 task vector tau_m (the base and models as the job names them,
+    or as state dicts from the object store)."""
+    base = _from_numpy(base) if isinstance(base, Mapping) else base
+    models = [_from_numpy(m) if isinstance(m, Mapping) else m for m in models]
+    return _to_numpy(merged_delta(job, _from_numpy(base32), options, base=base, models=models))
+
+
+def _score_task(evaluate: Evaluator, base32: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray], lam: float,
+                dtypes: Mapping[str, torch.dtype]) -> tuple[float, float]:
+    """A Ray task: one candidate's (score, seconds)."""
+    return score_state(evaluate, scaled_state(_from_numpy(base32), _from_numpy(delta), lam, dtypes))
+
+
+class RayExecutor:
+    """Merges and evaluations as Ray tasks. ``address``: a cluster to join (``ray start --head``
+    prints it; "auto" finds a local one); None starts a local cluster of ``workers`` CPUs (default
+    all). If Ray is already initialised in this process, that connection is used as it is.
+
+    >>> executor = RayExecutor(workers=2)                                          # doctest: +SKIP
+    >>> tiesmerge.tuning.search(base, models, "ties", score, executor=executor)    # doctest: +SKIP
+    """
+
+    def __init__(self, address: str | None = None, *, workers: int | None = None, gpus_per_task: float | None = None,
+                 max_retries: int = 3) -> None:
+        ray = _import_ray()
+        self._ray = ray
+        self._owned = False
+        if not ray.is_initialized():
+            # the workers import the evaluator's module as the driver does (e.g. a module in the current
+            # directory): they get the driver's import path
+            path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))
+            kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}, "log_to_driver": True}
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=workers, include_dashboard=False, **kwargs)
+            self._owned = True
+        if gpus_per_task is None:  # one GPU per task where the cluster has GPUs
+            gpus_per_task = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        self.gpus_per_task = gpus_per_task
+        self.merges = 0
+        common = {"num_gpus": gpus_per_task, "max_retries": max_retries, "retry_exceptions": False}
+        self._merge = ray.remote(_merge_task).options(**common)
+        self._score = ray.remote(_score_task).options(**common)
+        self._best: tuple[float, str, Any] | None = None  # (score, merge key, the object ref of its tau_m)
+
+    def start(self, job: Job, evaluate: Evaluator, base32: Mapping[str, torch.Tensor],
+              dtypes: Mapping[str, torch.dtype]) -> None:
+        ray = self._ray
+        # the tasks get the sources as arguments (object refs Ray resolves), not inside the job
+        self._job, self._dtypes = dataclasses.replace(job, base=None, models=()), dict(dtypes)
+        self._base32 = ray.put(_to_numpy(base32))  # once per search: every evaluation reads it
+        self._evaluate = ray.put(evaluate)
+        self._best = None
+        # state dicts go to the object store once; paths are read by each merge (a cluster needs them
+        # on a filesystem every node sees)
+        self._sources = [ray.put(_to_numpy(s)) if isinstance(s, Mapping) else s for s in (job.base, *job.models)]
+
+    def score(self, batch: Sequence[Candidate], on_scored: OnScored) -> None:
+        ray = self._ray
+        pending: dict[Any, tuple[Candidate, Any, str]] = {}
+        try:
+            for key, group in _groups(batch).items():
+                options = {k: v for k, v in group[0].options.items() if k != "lam"}
+                delta = self._merge.remote(self._job, self._base32, options, *self._sources)
+                self.merges += 1
+                for c in group:
+                    ref = self._score.remote(self._evaluate, self._base32, delta, self._job.lam_of(c.options),
+                                             self._dtypes)
+                    pending[ref] = (c, delta, key)
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    c, delta, key = pending.pop(ref)
+                    score, seconds = self._get(ref)
+                    if better(score, None if self._best is None else self._best[0]):
+                        self._best = (score, key, delta)
+                    on_scored(c, score, seconds)
+        finally:
+            for ref in pending:  # interrupted or failed: stop what is still queued
+                ray.cancel(ref)
+
+    def _get(self, ref: Any) -> Any:
+        """ray.get, with an error raised in a task (a bad option, the evaluator's own) re-raised as itself."""
+        try:
+            return self._ray.get(ref)
+        except self._ray.exceptions.RayTaskError as exc:
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, TiesMergeError):
+                raise cause from None
+            raise
+
+    def delta(self, merge_key: str) -> dict[str, torch.Tensor] | None:
+        if self._best is None or self._best[1] != merge_key:
+            return None
+        return {k: torch.from_numpy(np.array(v)) for k, v in self._ray.get(self._best[2]).items()}
+
+    def close(self) -> None:
+        self._best = None
+        if self._owned and self._ray.is_initialized():
+            self._ray.shutdown()

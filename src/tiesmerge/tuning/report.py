@@ -1,0 +1,135 @@
+"""A search's report: the results table (Markdown) and an HTML page with its plots.
+
+Score against candidate (with the best so far), and each option's effect: the score against the
+option's value, one panel per option (per-model options: one panel per model). The files go beside
+the search's JSONL log, each written to a temporary name and renamed, so a report is never half there.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from pathlib import Path
+
+from ..errors import ConfigError
+from .driver import SearchResult
+
+__all__ = ["write_report", "render_figures"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ConfigError("the search report's plots need matplotlib",
+                          hint="pip install 'tiesmerge[analyze]' (or matplotlib), or write no report") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    fig.clf()
+    return buffer.getvalue()
+
+
+def _effects(result: SearchResult) -> list[tuple[str, list[float]]]:
+    """(panel title, the option's value per trial) for every searched coordinate."""
+    panels = []
+    for axis in result.space.axes:
+        if axis.per_model:
+            panels += [(f"{axis.name}[{t}]", [float(tr.options[axis.name][t]) for tr in result.trials])
+                       for t in range(axis.per_model)]
+        else:
+            panels.append((axis.name, [float(tr.options[axis.name]) for tr in result.trials]))
+    return panels
+
+
+def render_figures(result: SearchResult) -> dict[str, bytes]:
+    plt = _pyplot()
+    scores = [t.score for t in result.trials]
+    finite = [s if math.isfinite(s) else float("nan") for s in scores]
+    running, best = [], -math.inf
+    for s in scores:
+        best = max(best, s) if math.isfinite(s) else best
+        running.append(best if math.isfinite(best) else float("nan"))
+    fig = plt.figure(figsize=(7, 3.4))
+    ax = fig.add_subplot()
+    ax.plot(range(len(scores)), finite, "o", ms=3, alpha=0.7, label="candidate")
+    ax.plot(range(len(scores)), running, "-", color="C3", label="best so far")
+    ax.axvline(result.best.index, color="C3", ls=":", lw=1)
+    ax.set_xlabel("candidate")
+    ax.set_ylabel("validation score")
+    ax.set_title(f"{result.method}: {result.strategy} search, {len(scores)} candidates")
+    ax.legend(loc="lower right")
+    figures = {"score.png": _png(fig)}
+    plt.close(fig)
+    panels = _effects(result)
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = plt.figure(figsize=(3.2 * cols, 2.8 * rows))
+    for n, (title, values) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, n + 1)
+        ax.scatter(values, finite, s=10, alpha=0.7, c=range(len(values)), cmap="viridis")
+        ax.scatter([values[result.best.index]], [result.best.score], marker="*", s=120, color="C3")
+        ax.set_xlabel(title)
+        ax.set_ylabel("score")
+    figures["effects.png"] = _png(fig)
+    plt.close(fig)
+    return figures
+
+
+def _markdown(result: SearchResult) -> str:
+    best = result.best
+    options = ", ".join(f"{k}={v}" for k, v in sorted(best.options.items()))
+    reused = sum(t.reused for t in result.trials)
+    return (f"# {result.method}: {result.strategy} search\n\n"
+            f"Best: candidate {best.index}, score {best.score:.4f} ({options}).\n\n"
+            f"{len(result.trials)} candidates; {result.evaluations} scored and {result.merges} merges in this run, "
+            f"{reused} scores taken from the log or an identical candidate; {result.seconds:.1f} s.\n\n"
+            f"{result.table()}\n")
+
+
+def _html(result: SearchResult, figures: dict[str, bytes], markdown: str) -> str:
+    head = markdown.split("\n\n")
+    lines = result.table().splitlines()
+    rows = [line.strip("|").split("|") for k, line in enumerate(lines) if k != 1]  # line 1: the Markdown rule
+
+    def row(cells: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in cells) + "</tr>"
+
+    cells = row(rows[0], "th") + "".join(row(r, "td") for r in rows[1:])
+    imgs = "".join(f"<figure><img alt=\"{name}\" src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">"
+                   f"</figure>" for name, png in figures.items())
+    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>tiesmerge search</title><style>"
+            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
+            "font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}"
+            "</style></head><body>"
+            f"<h1>{html.escape(head[0].lstrip('# '))}</h1>"
+            + "".join(f"<p>{html.escape(p)}</p>" for p in head[1:3])
+            + f"<h2>Score by candidate, and each option's effect</h2>{imgs}<h2>Every candidate</h2>"
+            f"<table>{cells}</table></body></html>\n")
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(result: SearchResult, directory: str | os.PathLike) -> Path:
+    """Write ``results.md`` and ``report.html`` (plots inline) into ``directory``; return the HTML's path."""
+    out = Path(directory)
+    figures = render_figures(result)
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = _markdown(result)
+    _write(out / "results.md", markdown)
+    _write(out / "report.html", _html(result, figures, markdown))
+    return out / "report.html"

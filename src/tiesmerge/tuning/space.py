@@ -1,0 +1,226 @@
+"""The search space of a merge: axes taken from a method's option fields.
+
+An axis is one numeric option (``lam``, ``density``) or one per-model option (``weights``,
+``densities``: one coordinate per model). Each has a range, for the random and CMA-ES
+strategies, which see the space as the unit cube [0, 1]^d, and may have grid values, for the
+grid strategy. Ranges come from ``--range NAME=LO:HI``, else the option's paper grid (its
+smallest and largest value), else its check (a fraction kept: [0.05, 1]; a per-model weight:
+[0.1, 1]); an axis with none of these is an error that names the flag to pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+from ..methods.base import fraction, option_types
+from ..methods.base import paper_grid as declared_grid
+
+__all__ = ["Axis", "SearchSpace", "build_space", "parse_ranges", "parse_fixed", "canonical"]
+
+DECIMALS = 6  # candidates are rounded to this many decimals: readable logs, stable keys for resuming
+# a per-model option without a fraction check or a grid is a relative weight: 0.1..1 lets one model count
+# ten times another without letting every weight reach 0 (a mean over weights 0 is undefined)
+WEIGHT_RANGE = (0.1, 1.0)
+FRACTION_RANGE = (0.05, 1.0)  # a density below 5% keeps too little to be worth a candidate
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One option searched: ``low..high`` for sampling, ``values`` for the grid, ``per_model``
+    coordinates (0: one scalar), ``integer`` options rounded to integers."""
+
+    name: str
+    low: float
+    high: float
+    values: tuple[float, ...] = ()
+    per_model: int = 0
+    integer: bool = False
+
+    @property
+    def size(self) -> int:
+        """Coordinates of the unit cube this axis takes."""
+        return self.per_model or 1
+
+    def value(self, u: Sequence[float]) -> Any:
+        """The option's value at unit coordinates ``u`` (each clipped into [0, 1])."""
+        out = [self._scale(min(1.0, max(0.0, float(x)))) for x in u]
+        return tuple(out) if self.per_model else out[0]
+
+    def unit(self, value: Any) -> list[float]:
+        """The unit coordinates of an option value (the inverse of :meth:`value`)."""
+        values = value if self.per_model else (value,)
+        span = self.high - self.low
+        return [min(1.0, max(0.0, (float(v) - self.low) / span)) if span else 0.5 for v in values]
+
+    def _scale(self, x: float) -> float:
+        v = self.low + x * (self.high - self.low)
+        return int(round(v)) if self.integer else round(v, DECIMALS)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The axes searched, and the options held fixed (the rest keep the method's defaults)."""
+
+    method: str
+    axes: tuple[Axis, ...]
+    fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dimension(self) -> int:
+        return sum(a.size for a in self.axes)
+
+    def from_unit(self, u: Sequence[float]) -> dict[str, Any]:
+        """Options (fixed ones included) at a point of the unit cube [0, 1]^dimension."""
+        if len(u) != self.dimension:
+            raise ValueError(f"expected {self.dimension} coordinates, got {len(u)}")
+        options, at = dict(self.fixed), 0
+        for axis in self.axes:
+            options[axis.name] = axis.value(u[at:at + axis.size])
+            at += axis.size
+        return options
+
+    def to_unit(self, options: Mapping[str, Any]) -> list[float]:
+        """Unit coordinates of ``options``; an axis they do not set (or set to None) sits at its centre."""
+        return [x for axis in self.axes
+                for x in (axis.unit(options[axis.name]) if options.get(axis.name) is not None else [0.5] * axis.size)]
+
+    def defaults(self) -> dict[str, Any]:
+        """The method's default for each axis (None where it has none, e.g. per-model options)."""
+        from ..registry import method_class
+
+        fields = {f.name: f.default for f in dataclasses.fields(method_class(self.method))}
+        return {a.name: fields.get(a.name) for a in self.axes}
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every combination of the axes' grid values, the last axis varying fastest."""
+        missing = [a.name for a in self.axes if not a.values]
+        if missing:
+            raise ConfigError(f"the grid strategy needs values for {', '.join(missing)}",
+                              hint="pass --grid NAME=v1,v2,... or NAME=start:stop:step for each")
+        return [{**self.fixed, **{a.name: v for a, v in zip(self.axes, combo)}}
+                for combo in itertools.product(*(a.values for a in self.axes))]
+
+    def describe(self) -> dict[str, Any]:
+        """The space as JSON (the results log's header: a resumed search must search the same space)."""
+        return {"method": self.method, "fixed": canonical(self.fixed),
+                "axes": [{"name": a.name, "low": a.low, "high": a.high, "values": list(a.values),
+                          "per_model": a.per_model, "integer": a.integer} for a in self.axes]}
+
+
+def canonical(options: Mapping[str, Any]) -> dict[str, Any]:
+    """Options as JSON values, keys sorted (tuples as lists): the form logs and keys use."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())}
+
+
+def parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
+    """``NAME=LO:HI`` items as {name: (lo, hi)}."""
+    ranges, problems = {}, []
+    for item in items:
+        name, _, text = item.partition("=")
+        try:
+            low, high = (float(x) for x in text.split(":"))
+            if not low < high:
+                raise ValueError
+            ranges[name.strip().replace("-", "_")] = (low, high)
+        except ValueError:
+            problems.append(f"--range {item!r}: expected NAME=LO:HI with LO < HI")
+    if problems:
+        raise ConfigError(problems)
+    return ranges
+
+
+def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` items as options, each value parsed as its option's type."""
+    from ..registry import method_class
+
+    cls = method_class(method) if isinstance(method, str) else method
+    types = option_types(cls)
+    fixed, problems = {}, []
+    for item in items:
+        name, _, text = item.partition("=")
+        name = name.strip().replace("-", "_")
+        kind = types.get(name)
+        try:
+            if kind is None:
+                raise KeyError
+            if kind is bool:
+                if text.lower() not in ("true", "false"):
+                    raise ValueError
+                value: Any = text.lower() == "true"
+            elif kind is tuple:
+                value = tuple(float(x) for x in text.split(","))
+            elif kind in (float, int):
+                value = kind(text)
+            else:
+                value = text
+            fixed[name] = value
+        except KeyError:
+            problems.append(f"--set {item!r}: {cls.name} has no option {name!r} (it has: {', '.join(types)})")
+        except ValueError:
+            problems.append(f"--set {item!r}: not a valid {getattr(kind, '__name__', kind)} for {name}")
+    if problems:
+        raise ConfigError(problems)
+    return fixed
+
+
+def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None = None,
+                grid: Mapping[str, Sequence[float]] | None = None,
+                ranges: Mapping[str, tuple[float, float]] | None = None,
+                fixed: Mapping[str, Any] | None = None) -> SearchSpace:
+    """The space of ``axes`` (default: the grid's axes, else the method's paper grid) for a
+    method merging ``n_models`` models. ``grid`` gives axes' values (overriding the paper's),
+    ``ranges`` their sampling ranges; ``fixed`` options are held (and may not be searched)."""
+    from ..registry import method_class
+
+    cls = method_class(method) if isinstance(method, str) else method
+    types = option_types(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    grid = {**declared_grid(cls), **dict(grid or {})}
+    ranges = dict(ranges or {})
+    fixed = dict(fixed or {})
+    names = list(axes) if axes else list(grid)
+    problems = []
+    searchable = [n for n, f in fields.items()
+                  if types[n] in (float, int) or (types[n] is tuple and f.metadata.get("per_model"))]
+    for name in [*names, *ranges]:
+        if name not in searchable:
+            problems.append(f"{cls.name} has no numeric or per-model option {name!r} to search "
+                            f"(it has: {', '.join(searchable)})")
+    for name in names:
+        if name in fixed:
+            problems.append(f"{name!r} is both searched and fixed; drop one")
+    if len(set(names)) != len(names):
+        problems.append(f"an option is named twice in the axes {names}")
+    if problems:
+        raise ConfigError(problems)
+    built = []
+    for name in names:
+        meta = fields[name].metadata
+        per_model = n_models if types[name] is tuple else 0
+        values = tuple(grid.get(name, ()))
+        if name in ranges:
+            low, high = ranges[name]
+        elif values and len(values) > 1:
+            low, high = float(min(values)), float(max(values))
+        elif meta.get("check") is fraction:
+            low, high = FRACTION_RANGE
+        elif per_model:
+            low, high = WEIGHT_RANGE
+        else:
+            problems.append(f"no range for {name!r}: pass --range {name}=LO:HI (or --grid {name}=v1,v2,...)")
+            continue
+        if per_model and values:
+            problems.append(f"{name!r} is per model: it has a range (--range), not grid values")
+            continue
+        built.append(Axis(name, float(low), float(high), tuple(values), per_model, types[name] is int))
+    if problems:
+        raise ConfigError(problems)
+    if not built:
+        raise ConfigError(f"nothing to search for {cls.name}: name the options with axes=/--axis",
+                          hint=f"searchable options: {', '.join(searchable)}")
+    return SearchSpace(cls.name, tuple(built), fixed)

@@ -1,0 +1,125 @@
+"""The search on Ray (tuning/executors.RayExecutor) against the same search in one process, on a
+local cluster of 2 CPUs started once for the module: the same candidates and scores, a worker
+killed mid-evaluation retried with the result unchanged, an interrupted search resumed without
+re-scoring. Skipped where ray is not installed (the [distributed] extra)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import tiesmerge
+from tiesmerge.methods import Ties
+from tiesmerge.tuning import LocalExecutor, RayExecutor, run_search
+
+ray = pytest.importorskip("ray")
+
+GRID = {"density": (0.1, 0.2, 0.3), "lam": (0.8, 1.0, 1.2, 1.5, 1.7, 2.0, 2.5, 3.0)}  # 24 points, 3 merges
+
+
+def _states():
+    g = torch.Generator().manual_seed(0)
+    base = {"layer.weight": torch.randn(12, 10, generator=g), "layer.bias": torch.randn(10, generator=g),
+            "position_ids": torch.arange(7)}
+    models = [{k: v + 0.1 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+               for k, v in base.items()} for _ in range(3)]
+    return base, models
+
+
+class Distance:
+    """Minus the squared distance to a target merge; each call appends a line to ``calls`` (the
+    workers are other processes: a file counts their calls). With ``die``: the first call, in a
+    worker, kills its process (os._exit) after leaving the marker file, so the retry lives."""
+
+    def __init__(self, target, calls: Path, die: Path | None = None):
+        self.target, self.calls, self.die = target, calls, die
+
+    def __call__(self, state):
+        with open(self.calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if self.die is not None and not self.die.exists():
+            self.die.write_text(str(os.getpid()))
+            os._exit(1)
+        return -sum(float(((state[k].float() - self.target[k].float()) ** 2).sum()) for k in self.target)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    executor = RayExecutor(workers=2)  # one local cluster for the module: starting one costs seconds
+    yield executor
+    executor.close()
+
+
+@pytest.fixture
+def family(tmp_path):
+    base, models = _states()
+    target = tiesmerge.merge(base, models, Ties(density=0.2, lam=1.7))
+    return base, models, lambda **kw: Distance(target, tmp_path / f"calls-{len(list(tmp_path.iterdir()))}", **kw)
+
+
+def _calls(score: Distance) -> list[str]:
+    return score.calls.read_text().splitlines() if score.calls.exists() else []
+
+
+def _same(a, b):
+    assert [(t.index, t.options, t.score) for t in a.trials] == [(t.index, t.options, t.score) for t in b.trials]
+    assert (a.best.index, a.best.options, a.best.score) == (b.best.index, b.best.options, b.best.score)
+    for k in a.best_state:
+        assert torch.equal(a.best_state[k], b.best_state[k]) and a.best_state[k].dtype == b.best_state[k].dtype
+
+
+def test_grid_on_ray_picks_the_same_candidate_with_the_same_scores(cluster, family):
+    base, models, make = family
+    local = run_search(base, models, "ties", make(), grid=GRID, executor=LocalExecutor())
+    score = make()
+    remote = run_search(base, models, "ties", score, grid=GRID, executor=cluster)
+    _same(remote, local)
+    assert remote.best.options == {"density": 0.2, "lam": 1.7} and remote.merges == 3
+    assert cluster.gpus_per_task == (1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0)
+    pids = set(_calls(score))
+    assert len(_calls(score)) == 24 and os.getpid() not in {int(p) for p in pids}  # scored in the workers
+
+
+def test_cmaes_on_ray_equals_in_process_for_the_same_seed(cluster, family):
+    base, models, make = family
+    kwargs = dict(strategy="cmaes", budget=16, seed=5, axes=("densities", "weights", "lam"), popsize=8)
+    _same(run_search(base, models, "ties", make(), executor=cluster, **kwargs),
+          run_search(base, models, "ties", make(), **kwargs))
+
+
+def test_a_worker_killed_mid_evaluation_is_retried(cluster, family, tmp_path):
+    base, models, make = family
+    local = run_search(base, models, "ties", make(), grid={"density": (0.1, 0.2), "lam": (1.0, 1.7, 2.0)})
+    marker = tmp_path / "died"
+    score = make(die=marker)
+    remote = run_search(base, models, "ties", score, grid={"density": (0.1, 0.2), "lam": (1.0, 1.7, 2.0)},
+                        executor=cluster)
+    assert marker.exists()  # a worker did die, in the middle of an evaluation
+    assert len(_calls(score)) == 6 + 1  # the killed evaluation ran again
+    _same(remote, local)
+
+
+def test_an_interrupted_search_on_ray_resumes_without_rescoring(cluster, family, tmp_path):
+    base, models, make = family
+    log = tmp_path / "log.jsonl"
+    full = run_search(base, models, "ties", make(), grid=GRID)
+
+    def stop(trial):
+        if len(log.read_text().splitlines()) > 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(base, models, "ties", make(), grid=GRID, executor=cluster, log=str(log), on_trial=stop)
+    logged = len(log.read_text().splitlines()) - 1
+    assert 8 <= logged < 24
+    score = make()
+    resumed = run_search(base, models, "ties", score, grid=GRID, executor=cluster, log=str(log))
+    assert resumed.evaluations == 24 - logged == len(_calls(score))  # nothing in the log is scored again
+    assert sum(t.reused for t in resumed.trials) == logged
+    assert [(t.options, t.score) for t in resumed.trials] == [(t.options, t.score) for t in full.trials]
+    assert (resumed.best.index, resumed.best.score) == (full.best.index, full.best.score)
+    for k in full.best_state:
+        assert torch.equal(resumed.best_state[k], full.best_state[k])

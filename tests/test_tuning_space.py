@@ -1,0 +1,106 @@
+"""The search space from a method's option fields (tuning/space.py) and the strategies that walk it
+(tuning/strategies.py): ranges, grids, unit-cube mapping, seeded proposals, CMA-ES convergence."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiesmerge.errors import ConfigError
+from tiesmerge.tuning import build_space, parse_ranges
+from tiesmerge.tuning.space import parse_fixed
+from tiesmerge.tuning.strategies import CmaesStrategy, GridStrategy, RandomStrategy, make_strategy
+
+
+def test_default_space_is_the_paper_grid():
+    space = build_space("ties", 3)
+    assert [a.name for a in space.axes] == ["density", "lam"]
+    density, lam = space.axes
+    assert density.values == (0.1, 0.2, 0.3) and (density.low, density.high) == (0.1, 0.3)
+    assert (lam.low, lam.high) == (0.8, 3.0) and len(lam.values) == 23
+    grid = space.grid()
+    assert len(grid) == 69 and grid[0] == {"density": 0.1, "lam": 0.8} and grid[1] == {"density": 0.1, "lam": 0.9}
+
+
+def test_per_model_axes_and_their_default_ranges():
+    space = build_space("ties", 3, axes=("densities", "weights", "lam"), ranges={"lam": (0.5, 2.0)},
+                        fixed={"scope": "per_tensor"})
+    densities, weights, lam = space.axes
+    assert (densities.per_model, densities.low, densities.high) == (3, 0.05, 1.0)  # a fraction kept
+    assert (weights.per_model, weights.low, weights.high) == (3, 0.1, 1.0)
+    assert (lam.low, lam.high) == (0.5, 2.0)
+    assert space.dimension == 7
+    options = space.from_unit([0.0, 0.5, 1.0, 0.0, 1.0, 0.5, 1.0])
+    assert options == {"scope": "per_tensor", "densities": (0.05, 0.525, 1.0), "weights": (0.1, 1.0, 0.55),
+                       "lam": 2.0}
+    assert space.to_unit(options) == pytest.approx([0.0, 0.5, 1.0, 0.0, 1.0, 0.5, 1.0])
+    assert space.from_unit([-3.0] * 7)["lam"] == 0.5  # clipped into the range
+    with pytest.raises(ConfigError, match="grid strategy needs values for densities"):
+        space.grid()
+
+
+def test_bad_axes_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        build_space("ties", 2, axes=("elect", "lam", "lam", "density"), fixed={"density": 0.2},
+                    ranges={"nope": (0.0, 1.0)})
+    text = str(info.value)
+    assert "'elect'" in text and "'nope'" in text and "both searched and fixed" in text and "named twice" in text
+    with pytest.raises(ConfigError, match="--range lam"):
+        build_space("task_arithmetic", 2, axes=("lam",), grid={"lam": (1.0,)})  # one value: no range
+    with pytest.raises(ConfigError, match="LO < HI"):
+        parse_ranges(["lam=2:1"])
+    assert parse_ranges(["lam=0.5:2"]) == {"lam": (0.5, 2.0)}
+
+
+def test_parse_fixed_takes_each_options_type():
+    assert parse_fixed("ties", ["scope=per_tensor", "density=0.3", "weights=1,0.5"]) == {
+        "scope": "per_tensor", "density": 0.3, "weights": (1.0, 0.5)}
+    with pytest.raises(ConfigError, match="no option 'nope'"):
+        parse_fixed("ties", ["nope=1"])
+    with pytest.raises(ConfigError, match="not a valid float"):
+        parse_fixed("ties", ["density=high"])
+
+
+def test_random_is_seeded_and_a_longer_budget_extends_it():
+    space = build_space("ties", 2, axes=("densities", "lam"))
+    a = RandomStrategy(space, 10, seed=3).ask()
+    assert a == RandomStrategy(space, 10, seed=3).ask() and len(a) == 10
+    assert a != RandomStrategy(space, 10, seed=4).ask()
+    assert RandomStrategy(space, 15, seed=3).ask()[:10] == a  # resuming with a larger budget goes on
+    batched = RandomStrategy(space, 10, seed=3, batch=4)
+    got = []
+    while batch := batched.ask():
+        got += batch
+    assert got == a
+
+
+def test_grid_takes_the_budget_from_the_front():
+    space = build_space("ties", 2)
+    assert GridStrategy(space, 5).ask() == space.grid()[:5]
+    assert make_strategy("grid", space, budget=None).ask() == space.grid()
+
+
+def test_cmaes_finds_a_quadratic_peak_within_the_budget():
+    space = build_space("ties", 2, axes=("densities", "lam"))
+    target = {"densities": (0.3, 0.7), "lam": 1.9}
+
+    def score(o):
+        return -sum((a - b) ** 2 for a, b in zip(space.to_unit(o), space.to_unit(target)))
+
+    es = CmaesStrategy(space, 200, seed=1, start={"lam": 1.0})
+    best = -1e9
+    while batch := es.ask():
+        scores = [score(o) for o in batch]
+        best = max(best, *scores)
+        es.tell(batch, scores)
+    assert best > -1e-3
+    again = CmaesStrategy(space, 200, seed=1, start={"lam": 1.0})
+    assert again.ask() == CmaesStrategy(space, 200, seed=1, start={"lam": 1.0}).ask()  # seeded
+
+
+def test_cmaes_needs_two_dimensions_and_a_budget():
+    with pytest.raises(ConfigError, match="2 or more dimensions"):
+        make_strategy("cmaes", build_space("task_arithmetic", 2), budget=10)
+    with pytest.raises(ConfigError, match="budget"):
+        make_strategy("random", build_space("ties", 2), budget=None)
+    with pytest.raises(ConfigError, match="unknown strategy"):
+        make_strategy("anneal", build_space("ties", 2), budget=3)
