@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,21 @@ def thin(grid: Mapping[str, Sequence[Any]], most: int | None) -> dict[str, tuple
             values = tuple(values[i] for i in picks)
         out[key] = values
     return out
+
+
+def shrink(grid: Mapping[str, Sequence[Any]], most_points: int | None) -> dict[str, tuple[Any, ...]]:
+    """Thin the longest numeric axes (evenly, ends kept) until the grid has at most ``most_points``
+    points or every numeric axis is down to its two ends (a slow machine's search)."""
+    out = {k: tuple(v) for k, v in grid.items()}
+    if not most_points:
+        return out
+    counts = {k: len(v) for k, v in out.items()}
+    while math.prod(counts.values()) > most_points:
+        axes = [k for k in counts if counts[k] > 2 and _numeric(out[k])]
+        if not axes:
+            break
+        counts[max(axes, key=lambda k: counts[k])] -= 1
+    return {k: thin({k: v}, counts[k])[k] for k, v in out.items()}
 
 
 def describe(options: Mapping[str, Any]) -> str:

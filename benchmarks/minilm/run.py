@@ -32,7 +32,7 @@ import curves  # noqa: E402
 import fig5  # noqa: E402
 from common import NotCached, base_dir, hardware, load_encoder, make_heads, multitask_model, task_model  # noqa: E402
 from finetune_all import protocol_args, protocol_from  # noqa: E402
-from plan import DATA_AWARE, describe, plan, search, thin  # noqa: E402
+from plan import DATA_AWARE, describe, plan, search, shrink, thin  # noqa: E402
 from seedtable import GOAL_FLOOR, GOAL_MEAN, SeedTable  # noqa: E402
 
 import tiesmerge  # noqa: E402
@@ -97,6 +97,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-axis-values", type=int, default=None,
                    help="thin every grid axis longer than this to this many evenly spaced values, ends kept "
                         "(a coarser search for a slow machine; the widening still runs past the ends)")
+    p.add_argument("--max-grid-points", type=int, default=None,
+                   help="thin the longest axes until a grid has at most this many points (slow machines)")
     p.add_argument("--widen-rounds", type=int, default=2, help="times a grid is widened past an edge")
     p.add_argument("--fig5-limit", type=int, default=None, help="test examples per task in the Fig. 5 sweep")
     p.add_argument("--fig5-subsets", type=int, default=10, help="subsets per number of tasks (paper: 10)")
@@ -254,7 +256,8 @@ def main() -> None:
     tasks = list(suite)
     heads = make_heads(suite, args.device)
     protocol = protocol_from(args)
-    plans = [dataclasses.replace(p, grid=thin(p.grid, args.max_axis_values)) for p in plan(len(tasks), args.methods)]
+    plans = [dataclasses.replace(p, grid=shrink(thin(p.grid, args.max_axis_values), args.max_grid_points))
+             for p in plan(len(tasks), args.methods)]
     seconds["data"] = time.perf_counter() - clock
 
     table = SeedTable(tasks)
