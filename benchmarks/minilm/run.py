@@ -392,7 +392,7 @@ def _protocol_text(meta, protocol, suite) -> str:
             f"linear warm-up and decay over at most {protocol.max_epochs} epochs, early stopping on validation "
             f"accuracy (patience {protocol.patience}, the best epoch kept); learning rate per task from the "
             f"ladder {list(protocol.lrs)} on seed {protocol.select_seed}, reused for the other seeds; multitask: lr "
-            f"{protocol.multitask_lr}, at most {protocol.multitask_epochs} epoch(s) of all eight tasks. Curves: "
+            f"{protocol.multitask_lr}, at most {protocol.multitask_epochs} epoch(s) of all {len(suite)} tasks. Curves: "
             "finetune_curves.md. Device "
             f"{meta['device']} ({meta['hardware'].get('gpu') or meta['hardware']['processor']}, "
             f"{meta['hardware']['cpu_count']} CPUs, torch {meta['hardware']['torch']}).\n")
