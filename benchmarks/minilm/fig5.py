@@ -61,8 +61,8 @@ def run(args, bench, table, searches, choices, plans, log) -> None:
              f"Fine-tuning seed {bench.seed}. Mean over up to {args.fig5_subsets} seeded subsets per size; normalized "
              "= merged accuracy ÷ the task's own fine-tuned accuracy, on "
              f"{len(next(iter(test.values())))} test examples per task. Methods: TIES and task arithmetic, and the "
-             "three other methods with the best validation score on all eight tasks (table1.md), each with the "
-             "options validation chose there.\n",
+             f"three other methods with the best validation score on all {len(tasks)} tasks ({args.name}.md), each "
+             "with the options validation chose there.\n",
              "| method | " + " | ".join(str(s) for s in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for name, options in methods.items():
         lines.append(f"| {label(name)} ({describe(options)}) | "

@@ -234,8 +234,9 @@ def data_aware_rows(bench: Bench, table: SeedTable, plans, choices: dict, search
         row = table.row({"regmean": "RegMean", "fisher": "Fisher merging"}[name], validation=True)
         row.per_seed[seed] = accuracy
         row.note = f"{describe(choices[name])}; {examples} val. ex./task"
-        if name == "regmean" and choices[name].get("alpha") == 1.0:
-            row.flag = "α=1 is the top of its valid range (exact RegMean)"
+        if name == "regmean" and choices[name].get("alpha") in (0.5, 1.0):
+            row.flag = {1.0: "α=1 is the top of its valid range (exact RegMean)",
+                        0.5: "α=0.5 is the bottom of the searched grid"}[choices[name]["alpha"]]
         log(f"seed {seed} {row.name} (validation): {_mean(accuracy):.4f}")
 
 
@@ -387,8 +388,10 @@ def _goal(table: SeedTable) -> str:
 
 
 def _protocol_text(meta, protocol, suite) -> str:
-    return (f"\nFine-tuning (common.Protocol): full train split ({sorted({len(t.train) for t in suite.values()})} "
-            f"examples per task), max length {meta['max_length']} tokens, batch {protocol.batch_size}, AdamW, "
+    train = sorted({len(t.train[:protocol.train_limit]) for t in suite.values()})
+    return (f"\nFine-tuning (common.Protocol): {'the first ' if protocol.train_limit else 'the full train split, '}"
+            f"{train} training examples per task, max length {meta['max_length']} tokens, "
+            f"batch {protocol.batch_size}, AdamW, "
             f"linear warm-up and decay over at most {protocol.max_epochs} epochs, early stopping on validation "
             f"accuracy (patience {protocol.patience}, the best epoch kept); learning rate per task from the "
             f"ladder {list(protocol.lrs)} on seed {protocol.select_seed}, reused for the other seeds; multitask: lr "
