@@ -88,3 +88,39 @@ def test_finetune_is_deterministic_for_a_seed(bert_tokenizer):
     # another seed trains differently (dropout and batch order depend on it)
     finetune(other, heads, FT_DATA, dataclasses.replace(config, seed=4))
     assert any(not torch.equal(a[k], v) for k, v in other.state_dict().items())
+
+
+def test_early_stopping_keeps_the_best_epoch_and_records_the_curve(bert_tokenizer):
+    enc, heads = _ft_setup(bert_tokenizer)
+    scores = iter([0.5, 0.8, 0.6, 0.7, 0.9])  # epoch 2 is best until 2 stale epochs stop the run
+    snapshots = []
+
+    def validate(encoder):
+        assert not encoder.training  # scored in eval mode (no dropout)
+        snapshots.append({k: v.clone() for k, v in encoder.state_dict().items()})
+        return next(scores)
+
+    epochs = []
+    config = dataclasses.replace(FT_CONFIG, epochs=5, patience=2)
+    log = finetune(enc, heads, FT_DATA, config, validate=validate, on_epoch=epochs.append)
+    assert [r.epoch for r in log.curve] == [1, 2, 3, 4] and list(log.curve) == epochs
+    assert [r.validation for r in log.curve] == [0.5, 0.8, 0.6, 0.7]
+    assert log.best_epoch == 2 and log.best_validation == 0.8
+    assert log.steps == 4 * 4  # 4 epochs of 4 batches ran; the fifth never started
+    assert all(r.train_loss > 0 and r.seconds > 0 for r in log.curve)
+    assert log.curve[-1].train_loss < log.curve[0].train_loss
+    state = enc.state_dict()
+    assert all(torch.equal(state[k], snapshots[1][k]) for k in state)  # epoch 2's weights, not epoch 4's
+    assert not all(torch.equal(state[k], snapshots[3][k]) for k in state)
+    assert not enc.training
+
+
+def test_without_patience_every_epoch_runs_and_a_last_best_is_kept(bert_tokenizer):
+    enc, heads = _ft_setup(bert_tokenizer)
+    scores = iter([0.9, 0.1, 0.95])
+    log = finetune(enc, heads, FT_DATA, dataclasses.replace(FT_CONFIG, epochs=3), validate=lambda e: next(scores))
+    assert len(log.curve) == 3 and log.best_epoch == 3 and log.best_validation == 0.95
+    plain = finetune(_ft_setup(bert_tokenizer)[0], heads, FT_DATA, dataclasses.replace(FT_CONFIG, epochs=2))
+    assert plain.best_epoch is None and [r.validation for r in plain.curve] == [None, None]
+    with pytest.raises(ValueError, match="patience"):
+        finetune(enc, heads, FT_DATA, dataclasses.replace(FT_CONFIG, patience=-1))

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is offline; fail fast on a hub call
@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from tiesmerge.evaluation import evaluate_encoder  # noqa: E402
 from tiesmerge.evaluation.encoder import CosineHead, SentenceEncoder, build_head  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
 from tiesmerge_bench import TaskData  # noqa: E402
@@ -56,39 +57,144 @@ def make_heads(tasks: dict[str, TaskData], device: str) -> dict[str, CosineHead]
     return {name: build_head(base, task.descriptions) for name, task in tasks.items()}
 
 
-def _key(tasks: list[TaskData], config: TrainConfig, train_limit: int | None) -> str:
+def _key(tasks: list[TaskData], config: TrainConfig, train_limit: int | None, val_limit: int | None = None,
+         early_stopping: bool = False) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps({**asdict(config), "max_length": MAX_LENGTH, "train_limit": train_limit},
-                             sort_keys=True).encode())
+    settings = {**asdict(config), "max_length": MAX_LENGTH, "train_limit": train_limit}
+    if early_stopping:  # older cache keys (no validation) stay valid
+        settings["early_stopping_val_limit"] = val_limit
+    digest.update(json.dumps(settings, sort_keys=True).encode())
     for task in tasks:
         digest.update(task.name.encode())
         for text, label in task.train[:train_limit]:
             digest.update(text.encode())
             digest.update(str(label).encode())
+        if early_stopping:
+            for text, label in task.validation[:val_limit]:
+                digest.update(text.encode())
+                digest.update(str(label).encode())
     return digest.hexdigest()[:12]
 
 
 def finetuned_dir(name: str, tasks: list[TaskData], heads: dict[str, CosineHead], config: TrainConfig,
-                  device: str, *, train_limit: int | None = None, log=print) -> Path:
+                  device: str, *, train_limit: int | None = None, early_stopping: bool = False,
+                  val_limit: int | None = None, train: bool = True, log=print) -> Path:
     """Fine-tune (or reuse) one encoder on the train split(s) of ``tasks`` (the first ``train_limit``
-    examples of each, the splits being shuffled already); return its HF directory."""
-    out = CACHE / "models" / f"{name}-{_key(tasks, config, train_limit)}"
+    examples of each, the splits being shuffled already); return its HF directory.
+
+    With ``early_stopping`` every epoch is scored on the first ``val_limit`` validation examples of
+    each task (mean accuracy over the tasks) and the best epoch's weights are kept; the per-epoch
+    curve goes to ``train_log.json``."""
+    out = CACHE / "models" / f"{name}-{_key(tasks, config, train_limit, val_limit, early_stopping)}"
     if (out / "model.safetensors").is_file() and (out / "train_log.json").is_file():
         return out
+    if not train:
+        raise NotCached(f"no cached model {out.name} in {out.parent}: run benchmarks/minilm/finetune_all.py "
+                        "with the same settings first")
     encoder = load_encoder(base_dir(), device)
     examples = {t.name: t.train[:train_limit] for t in tasks}
     every = max(1, sum(len(v) for v in examples.values()) // config.batch_size // 10)
+    val = {t.name: t.validation[:val_limit] for t in tasks}
 
     def report(step: int, total: int, loss: float) -> None:
         if step % every == 0 or step == total:
             log(f"    [{name}] step {step}/{total} loss {loss:.3f}")
 
-    result = finetune(encoder, heads, examples, config, on_step=report)
+    def validate(enc: SentenceEncoder) -> float:
+        return evaluate_encoder(enc, val, heads).mean
+
+    def epoch_done(record) -> None:
+        log(f"    [{name}] epoch {record.epoch}: train loss {record.train_loss:.4f}, validation "
+            f"{record.validation if record.validation is None else round(record.validation, 4)} "
+            f"({record.seconds:.0f} s)")
+
+    result = finetune(encoder, heads, examples, config, on_step=report,
+                      validate=validate if early_stopping else None, on_epoch=epoch_done)
     _save(encoder, out)
     (out / "train_log.json").write_text(json.dumps({**asdict(result), "config": asdict(config),
                                                     "max_length": MAX_LENGTH, "train_limit": train_limit,
-                                                    "tasks": [t.name for t in tasks], "device": device}, indent=2))
+                                                    "early_stopping": early_stopping, "val_limit": val_limit,
+                                                    "tasks": [t.name for t in tasks], "device": device,
+                                                    "torch_threads": torch.get_num_threads()}, indent=2))
     return out
+
+
+class NotCached(LookupError):
+    """A model the caller asked not to train is not in the cache."""
+
+
+def train_log(directory: Path) -> dict:
+    return json.loads((directory / "train_log.json").read_text())
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The converged fine-tuning protocol (issue 12): each task's learning rate is chosen on
+    validation with fine-tuning seed ``select_seed`` from the ladder ``lrs`` (see
+    :func:`chosen_lr`) and reused for the other seeds; every run keeps its best-validation epoch
+    of at most ``max_epochs`` (stopping after ``patience`` epochs without a new best). The
+    multitask model uses ``multitask_lr`` for at most ``multitask_epochs`` (an epoch of it is 8x
+    a task's steps), with the same early stopping on the mean validation accuracy over tasks."""
+
+    lrs: tuple[float, ...] = (1e-4, 2e-4)
+    max_epochs: int = 3
+    patience: int = 1
+    multitask_lr: float = 1e-4
+    multitask_epochs: int = 1
+    batch_size: int = 32
+    select_seed: int = 0
+    train_limit: int | None = None  # all 2000 training examples
+    val_limit: int | None = None  # all 500 validation examples for early stopping and the lr choice
+
+    def config(self, lr: float, seed: int, epochs: int | None = None) -> TrainConfig:
+        return TrainConfig(epochs=epochs or self.max_epochs, lr=lr, batch_size=self.batch_size, seed=seed,
+                           patience=self.patience)
+
+
+def _run(name: str, tasks: list[TaskData], heads, config: TrainConfig, protocol: Protocol, device: str, log,
+         train: bool = True) -> Path:
+    return finetuned_dir(name, tasks, heads, config, device, train_limit=protocol.train_limit, early_stopping=True,
+                         val_limit=protocol.val_limit, train=train, log=log)
+
+
+def chosen_lr(task: TaskData, heads, protocol: Protocol, device: str, log=print, train: bool = True
+              ) -> tuple[float, dict[float, float]]:
+    """The learning rate with the best validation accuracy for ``task`` at the selection seed, and
+    every tried candidate's score. The candidates form a ladder, tried in order: the next (larger)
+    rate is trained only while the best run so far was still improving at its last epoch, since a
+    run that peaked earlier has converged and a larger step would only overshoot sooner. Runs
+    already cached are always counted."""
+    scores: dict[float, float] = {}
+    for lr in protocol.lrs:
+        config = protocol.config(lr, protocol.select_seed)
+        path = _run(task.name, [task], heads, config, protocol, device, log, train)
+        record = train_log(path)
+        scores[lr] = record["best_validation"]
+        still_improving = record["best_epoch"] == config.epochs
+        if not still_improving or scores[lr] < max(scores.values()):
+            break
+    best = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller step
+    return best, scores
+
+
+def first_rung(task: TaskData, heads, protocol: Protocol, device: str, log=print, train: bool = True) -> Path:
+    """``task``'s run at the ladder's first learning rate and the selection seed."""
+    return _run(task.name, [task], heads, protocol.config(protocol.lrs[0], protocol.select_seed), protocol, device,
+                log, train)
+
+
+def task_model(task: TaskData, heads, protocol: Protocol, seed: int, device: str, log=print,
+               train: bool = True) -> Path:
+    """Task ``task``'s converged model for fine-tuning seed ``seed`` (trained unless cached; with
+    ``train=False`` a missing model raises :class:`NotCached`)."""
+    lr, _ = chosen_lr(task, heads, protocol, device, log, train)
+    return _run(task.name, [task], heads, protocol.config(lr, seed), protocol, device, log, train)
+
+
+def multitask_model(tasks: list[TaskData], heads, protocol: Protocol, seed: int, device: str, log=print,
+                    train: bool = True) -> Path:
+    config = replace(protocol.config(protocol.multitask_lr, seed), epochs=protocol.multitask_epochs)
+    return _run("multitask", tasks, heads, config, protocol, device, log, train)
 
 
 def hardware() -> dict:

@@ -4,6 +4,10 @@ Only the encoder trains; each task's head stays the base encoder's embedding of 
 descriptions, so every fine-tuned encoder remains compatible with every head, as CLIP's
 text-derived heads are in the paper's vision experiments. Multitask training mixes
 single-task batches from every task.
+
+With a ``validate`` callable, every epoch ends with a validation score; the encoder keeps the
+weights of its best-scoring epoch (early stopping: training stops once ``patience`` epochs in a
+row fail to beat the best), and the log carries the per-epoch curve (mean train loss, score).
 """
 
 from __future__ import annotations
@@ -17,17 +21,26 @@ import torch
 
 from .encoder import CosineHead, SentenceEncoder
 
-__all__ = ["TrainConfig", "TrainLog", "finetune"]
+__all__ = ["TrainConfig", "TrainLog", "EpochRecord", "finetune"]
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 2  # the most epochs; early stopping may end sooner
     lr: float = 3e-5
     batch_size: int = 32
     weight_decay: float = 0.01
-    warmup_fraction: float = 0.1  # linear warm-up, then linear decay to 0
+    warmup_fraction: float = 0.1  # linear warm-up, then linear decay to 0 over all ``epochs``
     seed: int = 0
+    patience: int = 0  # with ``validate``: stop after this many epochs without a new best (0: never stop early)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int  # 1-based
+    train_loss: float  # mean over the epoch's batches
+    validation: float | None  # the ``validate`` score after this epoch (None without ``validate``)
+    seconds: float  # training + validation time of this epoch
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,9 @@ class TrainLog:
     seconds: float
     examples: int
     final_loss: float
+    curve: tuple[EpochRecord, ...] = ()
+    best_epoch: int | None = None  # the epoch whose weights the encoder holds (None: the last, no validation)
+    best_validation: float | None = None
 
 
 def _batches(examples: Mapping[str, Sequence[tuple[str, int]]], batch_size: int, rng: random.Random
@@ -52,10 +68,22 @@ def _batches(examples: Mapping[str, Sequence[tuple[str, int]]], batch_size: int,
 
 def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
              examples: Mapping[str, Sequence[tuple[str, int]]], config: TrainConfig = TrainConfig(), *,
-             on_step: Callable[[int, int, float], None] | None = None) -> TrainLog:
-    """Train ``encoder`` in place with AdamW on cross-entropy through the frozen heads."""
+             on_step: Callable[[int, int, float], None] | None = None,
+             validate: Callable[[SentenceEncoder], float] | None = None,
+             on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainLog:
+    """Train ``encoder`` in place with AdamW on cross-entropy through the frozen heads.
+
+    ``validate(encoder)`` (higher is better, e.g. validation accuracy) runs after every epoch in
+    eval mode; the encoder ends with its best epoch's weights. Without it, it ends with the last.
+    """
+    if config.epochs < 1:
+        raise ValueError(f"TrainConfig.epochs must be >= 1, got {config.epochs}")
+    if config.patience < 0:
+        raise ValueError(f"TrainConfig.patience must be >= 0, got {config.patience}")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
+    # every epoch's order is drawn up front, so a run stopped early saw the same batches as the
+    # first epochs of a longer run with the same seed
     epochs = [_batches(examples, config.batch_size, rng) for _ in range(config.epochs)]
     total = sum(len(e) for e in epochs)
     params = [p for p in encoder.parameters() if p.requires_grad]
@@ -66,13 +94,17 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     warmup = max(1, int(total * config.warmup_fraction))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    device = next(encoder.parameters()).device
     encoder.train()
     started = time.perf_counter()
     step, loss_value, seen = 0, float("nan"), 0
-    for batches in epochs:
+    curve: list[EpochRecord] = []
+    best_epoch, best_score, best_state, stale = None, None, None, 0
+    for index, batches in enumerate(epochs, start=1):
+        epoch_started, losses = time.perf_counter(), []
         for task, batch in batches:
             texts = [t for t, _ in batch]
-            labels = torch.tensor([y for _, y in batch], device=next(encoder.parameters()).device)
+            labels = torch.tensor([y for _, y in batch], device=device)
             logits = heads[task].logits(encoder(encoder.tokenize(texts)))  # (B, C)
             loss = torch.nn.functional.cross_entropy(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -83,7 +115,29 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
             step += 1
             seen += len(batch)
             loss_value = float(loss.detach())
+            losses.append(loss_value)
             if on_step is not None:
                 on_step(step, total, loss_value)
+        score = None
+        if validate is not None:
+            encoder.eval()
+            score = float(validate(encoder))
+            encoder.train()
+        record = EpochRecord(index, sum(losses) / max(1, len(losses)), score, time.perf_counter() - epoch_started)
+        curve.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        if score is None:
+            continue
+        if best_score is None or score > best_score:
+            best_epoch, best_score, stale = index, score, 0
+            # a CPU copy: the best weights must survive the epochs that follow
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in encoder.state_dict().items()}
+        else:
+            stale += 1
+            if config.patience and stale >= config.patience:
+                break
+    if best_state is not None and best_epoch != len(curve):
+        encoder.load_state_dict(best_state)
     encoder.eval()
-    return TrainLog(step, time.perf_counter() - started, seen, loss_value)
+    return TrainLog(step, time.perf_counter() - started, seen, loss_value, tuple(curve), best_epoch, best_score)
