@@ -102,14 +102,32 @@ def read_regular(path: str | os.PathLike, what: str, *, max_bytes: int,
         os.close(fd)
 
 
+def _blobs(root: str | os.PathLike) -> tuple[Path | None, str | None]:
+    """For a snapshot of the Hugging Face cache (``models--org--name/snapshots/<revision>``, whose
+    files are links into ``models--org--name/blobs``): that repository's blobs folder, resolved, when
+    ``<repo>/blobs`` itself (unresolved) is a real directory; else why it is not allowed."""
+    plain = Path(os.path.abspath(root))
+    if plain.parent.name != "snapshots":
+        return None, None
+    blobs = plain.parent.parent / "blobs"
+    try:
+        mode = os.lstat(blobs).st_mode
+    except OSError:
+        return None, None
+    if stat.S_ISLNK(mode):
+        return None, f"its cache folder {blobs} is a symbolic link (to {os.readlink(blobs)}), which is refused"
+    if not stat.S_ISDIR(mode):
+        return None, None
+    return Path(os.path.realpath(blobs)), None
+
+
 def _roots(root: str | os.PathLike) -> list[Path]:
     """Where a model directory's files may live: the directory itself and, for a snapshot of the
-    Hugging Face cache (``models--org--name/snapshots/<revision>``, whose files are links into
-    ``models--org--name/blobs``), that repository's blobs folder."""
-    plain = Path(os.path.abspath(root))
+    Hugging Face cache, that repository's blobs folder when it is a real directory (not a link)."""
     roots = [Path(os.path.realpath(root))]
-    if plain.parent.name == "snapshots":
-        roots.append(Path(os.path.realpath(plain.parent.parent / "blobs")))
+    blobs, _ = _blobs(root)
+    if blobs is not None:
+        roots.append(blobs)
     return roots
 
 
@@ -117,9 +135,13 @@ def inside(path: str | os.PathLike, root: str | os.PathLike, what: str,
            error: type[TiesMergeError] = CheckpointError) -> Path:
     """``path`` resolved, which must lie inside the model directory ``root``: a model's files never
     reach outside it through ``../``, an absolute path or a link (the Hugging Face cache's own
-    links into its blobs folder excepted)."""
+    links into its blobs folder excepted, when that folder is a real directory, not a link)."""
     real = resolve(path, what, error)
     if not any(real == top or top in real.parents for top in _roots(root)):
+        _, why = _blobs(root)
+        if why is not None:
+            raise error(f"{path}: {what} resolves to {real}, outside {root}; {why}",
+                        hint="a Hugging Face cache's blobs folder must be a real directory inside the repository")
         raise error(f"{path}: {what} resolves to {real}, outside {root}",
                     hint="a model's files must lie inside its own directory; fix the index or the link")
     return real

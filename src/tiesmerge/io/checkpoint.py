@@ -115,9 +115,11 @@ def open_checkpoint(
         shards = sorted(set(weight_map.values()))
         return SafetensorsCheckpoint(path, shards, weight_map, label)
     if (path / "model.safetensors").is_file():
+        inside(path / "model.safetensors", path, "the model's weights")  # a link may not leave the model
         return SafetensorsCheckpoint(path, [path / "model.safetensors"], {}, label)
     singles = sorted(path.glob("*.safetensors"))
     if len(singles) == 1:
+        inside(singles[0], path, "the model's weights")
         return SafetensorsCheckpoint(path, singles, {}, label)
     pickles = [path / "pytorch_model.bin.index.json"] if (path / "pytorch_model.bin.index.json").is_file() else []
     if pickles:
@@ -125,6 +127,8 @@ def open_checkpoint(
         pickle_files = sorted(set(weight_map.values()))
     else:
         pickle_files = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        for p in pickle_files:
+            inside(p, path, "the model's weights")
     if pickle_files:
         if not allow_pickle:
             raise _refuse_pickle(pickle_files[0])
