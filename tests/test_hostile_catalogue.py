@@ -168,6 +168,86 @@ def test_other_writing_commands_refuse_an_input_as_output(family, capsys, comman
     check(rc, err, want_rc=1, needle="input", output=None, inputs=inputs, before=before)
 
 
+def _evaluator(folder: Path, name: str) -> Path:
+    """A scoring module ``name`` in ``folder`` (a fresh name per test: imports are cached per name)."""
+    sys.modules.pop(name, None)
+    path = folder / f"{name}.py"
+    path.write_text("CALLS = []\n\ndef score(state):\n    CALLS.append(1)\n    return 1.0\n")
+    return path
+
+
+@pytest.mark.parametrize("case,needle", [("existing", "already exists"), ("evaluator", "evaluator"),
+                                         ("base_file", "the base"), ("inside_output", "inside the output"),
+                                         ("no_parent", "does not exist"), ("link", None)])
+def test_tune_json_never_overwrites_an_input_nor_writes_through_a_link(family, tmp_path, capsys, case, needle):
+    inputs, b, ms = family
+    work = Path.cwd()
+    ev = _evaluator(work, f"ev_json_{case}")
+    (tmp_path / "target.txt").write_text("someone else's file")
+    json_path = {"existing": work / "notes.txt", "evaluator": ev, "base_file": b / "config.json",
+                 "inside_output": tmp_path / "out" / "scores.json", "no_parent": tmp_path / "nowhere" / "s.json",
+                 "link": work / "scores.json"}[case]
+    if case == "link":
+        json_path.symlink_to(tmp_path / "target.txt")
+    force = [] if case == "existing" else ["--force"]
+    before, work_before = snapshot(inputs), snapshot(work)
+    rc, out, err = run_cli(["tune", *cli_flags(b, ms), "--evaluator", f"ev_json_{case}:score", "--grid",
+                            "density=0.5", "--json", str(json_path), "-o", str(tmp_path / "out"), *force], capsys)
+    if case == "link":  # the link itself is replaced by the scores; its target is untouched
+        assert rc == 0, err
+        assert not json_path.is_symlink() and json.loads(json_path.read_text())["method"]
+        assert (tmp_path / "target.txt").read_text() == "someone else's file"
+        assert snapshot(inputs) == before
+        return
+    check(rc, err, want_rc=1, needle=needle, output=tmp_path / "out", inputs=inputs, before=before)
+    assert "score" not in out and not getattr(sys.modules.get(f"ev_json_{case}"), "CALLS", [])  # before the tune
+    assert snapshot(work) == work_before and (tmp_path / "target.txt").read_text() == "someone else's file"
+
+
+@pytest.mark.parametrize("command", ["tune", "search"])
+def test_an_output_holding_the_evaluator_module_is_refused_before_anything(family, tmp_path, capsys, command):
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tiesmerge.json").write_text("{}")  # an earlier merge: --force may replace it, but not the evaluator
+    name = f"ev_in_out_{command}"
+    _evaluator(out, name)
+    sys.path.insert(0, str(out))
+    try:
+        before, out_before = snapshot(inputs), snapshot(out)
+        extra = ["--dir", str(tmp_path / "s")] if command == "search" else []
+        rc, err = _run([command, *cli_flags(b, ms), "--evaluator", f"{name}:score", "--grid", "density=0.5",
+                        *extra, "-o", str(out), "--force"], capsys)
+    finally:
+        sys.path.remove(str(out))
+    check(rc, err, want_rc=1, needle=("evaluator", "contains"), output=None, inputs=inputs, before=before)
+    assert snapshot(out) == out_before and not sys.modules[name].CALLS and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("case,needle", [("foreign", "not a tiesmerge search"), ("fifo", "FIFO"),
+                                         ("link", "symbolic link"), ("same_as_output", "same or one holds")])
+def test_search_dir_is_checked_before_the_search(family, tmp_path, capsys, case, needle):
+    inputs, b, ms = family
+    d = tmp_path / "s"
+    d.mkdir()
+    if case == "foreign":
+        (d / "thesis.tex").write_text("mine")
+    elif case == "fifo":
+        os.mkfifo(d / "log.jsonl")
+    elif case == "link":
+        (tmp_path / "elsewhere.jsonl").write_text('{"format": "tiesmerge-search/1"}\n')
+        (d / "log.jsonl").symlink_to(tmp_path / "elsewhere.jsonl")
+    name = f"ev_dir_{case}"
+    _evaluator(Path.cwd(), name)
+    out = d if case == "same_as_output" else tmp_path / "out"
+    before, d_before = snapshot(inputs), snapshot(d)
+    rc, err = _run(["search", *cli_flags(b, ms), "--evaluator", f"{name}:score", "--grid", "density=0.5",
+                    "--dir", str(d), "-o", str(out)], capsys)
+    check(rc, err, want_rc=1, needle=needle, output=None, inputs=inputs, before=before)
+    assert snapshot(d) == d_before and not (tmp_path / "out").exists()
+    assert not getattr(sys.modules.get(name), "CALLS", [])
+
+
 # ------------------------------------------------------------------ 2. nothing read or copied from outside the model
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from .errors import CheckpointError, OutputError, TiesMergeError
 
 __all__ = ["OUTPUT_MARKERS", "resolve", "check_input", "open_regular", "read_regular", "inside", "FileStamps",
-           "check_output_location", "check_not_input"]
+           "check_output_location", "check_not_input", "check_output_file", "write_file", "check_search_dir"]
 
 # a directory holding one of these (as a regular file) was written by tiesmerge: merge, stats, analyze
 OUTPUT_MARKERS = ("tiesmerge.json", "tiesmerge_stats.json", "analysis.json")
@@ -249,3 +249,94 @@ def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]])
         if src in final.parents:
             raise OutputError(f"{output}: the output lies inside {who} ({source}); writing there would change an "
                               "input", hint="choose an output directory outside the inputs")
+
+
+def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tuple[str, Any]], what: str) -> None:
+    """A single output file (``tune --json``), checked before any work: its folder exists; an existing
+    path (a link included: it is replaced, never followed) is replaced only with ``force``, only when it
+    is a regular file or a link, and never when it is, or lies inside, an input (``named``)."""
+    path = Path(path)
+    parent = Path(os.path.abspath(path)).parent
+    if not os.path.isdir(parent):
+        raise OutputError(f"{path}: {what}'s folder {parent} does not exist", hint="create it first or name another")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot check {what} ({exc.strerror or exc})") from None
+    if st is not None:
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            raise OutputError(f"{path}: {what} names something other than a file "
+                              f"({'a directory' if stat.S_ISDIR(st.st_mode) else _kind(st.st_mode)})",
+                              hint="name a file, e.g. --json scores.json")
+        if not force:
+            raise OutputError(f"{path}: {what} already exists",
+                              hint="choose another path, or pass --force to replace it")
+    for who, source in named:  # links followed: a link to an input is refused too
+        if not isinstance(source, (str, os.PathLike)):
+            continue
+        for cand in {Path(os.path.abspath(path)), _final(path)}:
+            src = Path(os.path.realpath(source))
+            if src == cand or src in cand.parents:
+                raise OutputError(f"{path}: {what} {'is' if src == cand else 'lies inside'} {who} ({source}); "
+                                  "writing there would change an input", hint="choose a path outside the inputs")
+
+
+def write_file(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary sibling, then rename it over ``path``: a link at ``path`` is
+    replaced itself, never written through."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=Path(os.path.abspath(path)).parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+SEARCH_LOG = "log.jsonl"
+_SEARCH_FILES = {SEARCH_LOG, "results.md", "report.html"}
+
+
+def check_search_dir(directory: str | os.PathLike) -> None:
+    """``search --dir``, before the search: new, empty, or a folder a search wrote (its log a regular
+    file, not a link, starting with a search log's header). Whether it is the log of the same search is
+    checked when the log is opened, before anything is merged."""
+    directory = Path(directory)
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise OutputError(f"{directory}: cannot check --dir ({exc.strerror or exc})") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError(f"{directory}: --dir is not a directory", hint="name a directory for the search's log")
+    entries = os.listdir(directory)
+    if not entries:
+        return
+    log = directory / SEARCH_LOG
+    try:
+        lst = os.lstat(log)
+    except FileNotFoundError:
+        lst = None
+    if lst is not None and not stat.S_ISREG(lst.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(lst.st_mode) else _kind(lst.st_mode)
+        raise OutputError(f"{log}: the search log is {kind}, not a regular file",
+                          hint="remove it, or choose another --dir")
+    header = b""
+    if lst is not None:
+        fd = open_regular(log, "the search log", OutputError)
+        try:
+            header = os.read(fd, 4096).split(b"\n", 1)[0]
+        finally:
+            os.close(fd)
+    if b'"tiesmerge-search/' not in header:
+        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputError(f"{directory}: --dir exists and holds files that are not a tiesmerge search's ({shown})",
+                          hint="choose a new or empty --dir, or the --dir of the same search to resume it")

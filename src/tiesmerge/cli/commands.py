@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError, EvaluatorError, OutputError, TiesMergeError
 from ..methods.base import ModelPath, option_types
-from ..paths import check_not_input, check_output_location
+from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, write_file
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import format_size
@@ -36,6 +36,24 @@ def _load_callable(spec: str):
         return getattr(importlib.import_module(module), name)
     except Exception as exc:  # an import runs the module: any error of it is the evaluator's
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})") from None
+
+
+def _evaluator_file(spec: str) -> list[tuple[str, Any]]:
+    """The loaded evaluator's module file, an input like the models: an output never replaces it."""
+    module = sys.modules.get(spec.partition(":")[0])
+    path = getattr(module, "__file__", None)
+    if not path:
+        return []
+    folder = Path(path).parent if Path(path).name == "__init__.py" else None
+    return [(f"the evaluator's module ({spec})", path), *([("the evaluator's package", folder)] if folder else [])]
+
+
+def _nested(a: Any, b: Any) -> bool:
+    """Whether paths ``a`` and ``b`` are the same or one lies inside the other (links followed)."""
+    import os
+
+    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    return ra == rb or ra in rb.parents or rb in ra.parents
 
 
 class _Guarded:
@@ -75,11 +93,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
     inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
     _check_writes(args.output, args.force, inputs)
     if args.json:
-        check_not_input(args.json, inputs)
-        if args.json.exists() and not args.json.is_file():  # a directory, or a FIFO that would block the write
-            raise OutputError(f"{args.json}: --json names something other than a file",
-                              hint="name a file, e.g. --json scores.json")
+        if args.output and _nested(args.json, args.output):
+            raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
+                              "the best merge replaces", hint="write the scores beside the output, not into it")
+        check_output_file(args.json, args.force, inputs, "--json")
     evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
+    module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
+    _check_writes(args.output, args.force, module)
+    if args.json:
+        check_output_file(args.json, args.force, module, "--json")
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
@@ -94,7 +116,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"({len(result.points)} points, {result.merges} merges, {result.seconds:.1f} s)")
     if args.json:
         try:
-            args.json.write_text(json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
+            write_file(args.json, json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
                                                                                "score": best.score},
                                              "points": [{**p.options, "lam": p.lam, "score": p.score}
                                                         for p in result.points]}, indent=2) + "\n")
@@ -117,7 +139,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
     _check_writes(args.output, args.force, inputs)  # fail now, not after the search
     check_not_input(args.dir, inputs)  # the log and the report are written there
+    check_search_dir(args.dir)
+    if args.output and _nested(args.dir, args.output):
+        raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other; "
+                          "the best merge would replace the search's log", hint="choose separate paths")
     evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
+    module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
+    _check_writes(args.output, args.force, module)
+    check_not_input(args.dir, module)
     if args.workers is not None and (args.ray is None or args.ray):
         raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")
     executor = RayExecutor(args.ray or None, workers=args.workers) if args.ray is not None else LocalExecutor()

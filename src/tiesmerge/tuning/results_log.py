@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 
 __all__ = ["ResultsLog", "FORMAT"]
 
@@ -29,6 +30,12 @@ class ResultsLog:
         self.path = Path(path)
         self.header = {"format": FORMAT, **header}
         self.records: dict[str, dict[str, Any]] = {}
+        if os.path.lexists(self.path):  # a FIFO would block the read, a link would be written through
+            mode = os.lstat(self.path).st_mode
+            if not stat.S_ISREG(mode):
+                raise OutputError(f"{self.path}: the search log is "
+                                  f"{'a symbolic link' if stat.S_ISLNK(mode) else 'not a regular file'}",
+                                  hint="remove it, or choose another --dir")
         if self.path.is_file() and self.path.stat().st_size:
             self._read()
         else:
