@@ -406,6 +406,31 @@ def test_pathological_alpha_pattern_does_not_hang(tmp_path):
     assert seconds < 60 and "Traceback" not in err and snapshot(inputs) == before
 
 
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts"])
+def test_pathological_exclude_regex_does_not_hang(family, tmp_path, method):
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    rc, err, seconds = _cli_subprocess(_merge(b, ms, tmp_path / "out", "--method", method,
+                                              "--exclude", r"((\w|\.)+)+!"), tmp_path)
+    assert rc == 0, err
+    assert seconds < 60 and "Traceback" not in err and snapshot(inputs) == before
+
+
+@pytest.mark.parametrize("how", ["merge", "dry_run", "validate"])
+def test_exclude_regex_the_automaton_cannot_run_is_refused_before_the_merge(family, tmp_path, capsys, how):
+    inputs, b, ms = family
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"method: tsv_m\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\nparameters:\n  exclude: '(?=a)b'\n")
+    argv = {"merge": _merge(b, ms, tmp_path / "out", "--method", "tsv_m", "--exclude", "(?=a)b"),
+            "dry_run": _merge(b, ms, tmp_path / "out", "--method", "tsv_m", "--exclude", "(?=a)b", "--dry-run"),
+            "validate": ["validate", str(recipe)]}[how]
+    before = snapshot(inputs)
+    rc, err = _run(argv, capsys)
+    assert rc != 0
+    check(rc, err, want_rc=rc, needle=("exclude", "lookarounds"), output=tmp_path / "out", inputs=inputs,
+          before=before)
+
+
 # ------------------------------------------------------------------ 5. typed errors, never a traceback
 
 

@@ -130,15 +130,17 @@ class ModulePattern:
     key: str
     states: tuple[_State, ...]
     start: int
+    anywhere: bool = False  # re.search's rule (a match anywhere in the name) instead of PEFT's
 
     @classmethod
-    def compile(cls, key: object, source: str) -> ModulePattern:
+    def compile(cls, key: object, source: str, *, anywhere: bool = False) -> ModulePattern:
+        """``anywhere``: match like ``re.search(key, name)`` (the SVD methods' ``exclude``)."""
         if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
             raise CheckpointError(f"{source}: pattern key {str(key)[:80]!r} is not a module name pattern "
                                   f"(a non-empty string of at most {MAX_PATTERN_CHARS} characters)")
         try:
             re.compile(key)
-            parsed = _sre.parse(rf"(.*\.)?({key})$")
+            parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"(.*\.)?({key})$")
             if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
                 raise _Refused("inline flags")
             builder = _Builder()
@@ -152,7 +154,7 @@ class ModulePattern:
                                   f"({exc})",
                                   hint="write the key as a module name or a plain regex (| . * + ? [] {m,n})"
                                   ) from None
-        return cls(key, tuple(builder.states), start)
+        return cls(key, tuple(builder.states), start, anywhere)
 
     def _closure(self, states: set[int], pos: int, end: int) -> set[int]:
         seen, todo = set(), list(states)
@@ -172,8 +174,14 @@ class ModulePattern:
         """Whether ``module`` ends with a match of the key at a ``.`` boundary (PEFT's rule)."""
         current = self._closure({self.start}, 0, len(module))
         for pos, c in enumerate(module):
+            if self.anywhere and 0 in current:
+                return True
             step = {st.out[0] for s in current if (st := self.states[s]).kind == "char" and st.test(c)}  # type: ignore
             if not step:
                 return False
             current = self._closure(step, pos + 1, len(module))
         return 0 in current
+
+    def search(self, name: str) -> bool:
+        """Same as :meth:`matches`: lets a pattern stand where a compiled ``re`` pattern's search is called."""
+        return self.matches(name)

@@ -3,17 +3,12 @@ ICML 2025)."""
 
 from __future__ import annotations
 
-import re
 from typing import ClassVar
 
 from ..lazy import torch
 from . import svd as linalg
 from .base import ChunkContext, Requirements, finite, fraction, method_config, option
 from .tsv import LAM_GRID
-
-
-def _exclude(pattern: str) -> re.Pattern[str] | None:
-    return re.compile(pattern) if pattern else None
 
 
 def _common_dims(r: int, n_models: int, common_fraction: float) -> tuple[int, int]:
@@ -68,7 +63,7 @@ class IsoC:
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """tau (T, rows, cols) or (T, *S) -> (rows, cols) or (*S)."""
-        if linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, _exclude(self.exclude)) is None:
+        if linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, linalg.exclude_pattern(self.exclude)) is None:
             return tau.mean(dim=0).mul_(self.lam)
         # (rows, r), (r,), (r, cols)
         u, s, vh = linalg.svd(tau.sum(dim=0), precision=self.svd_precision, what=repr(ctx.name))
@@ -125,7 +120,7 @@ class IsoCTS:
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """tau (T, rows, cols) or (T, *S) -> (rows, cols) or (*S)."""
-        dims = linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, _exclude(self.exclude))
+        dims = linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, linalg.exclude_pattern(self.exclude))
         if dims is None:
             return tau.mean(dim=0).mul_(self.lam)
         n, r = tau.shape[0], min(dims)

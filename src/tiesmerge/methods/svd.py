@@ -18,8 +18,8 @@ Shapes: x (m, n); r = min(m, n); U (m, r), S (r,), Vh (r, n).
 
 from __future__ import annotations
 
+import functools
 import logging
-import re
 from typing import TYPE_CHECKING
 
 from ..lazy import torch
@@ -27,8 +27,10 @@ from ..lazy import torch
 if TYPE_CHECKING:
     import torch as torch_types
 
+    from ..io.patterns import ModulePattern
+
 __all__ = ["ILL_CONDITIONED", "PRECISIONS", "svd", "randomized_svd", "polar", "svd_bytes", "regex",
-           "matrix_shape", "OVERSAMPLE"]
+           "matrix_shape", "exclude_pattern", "OVERSAMPLE"]
 
 ILL_CONDITIONED = 1e-4  # s_used / s_max below this: redo in float64 (see the module docstring)
 PRECISIONS = ("auto", "float32", "float64")  # auto: float32, float64 where needed
@@ -123,7 +125,7 @@ def svd_bytes(m: int, n: int) -> int:
     return 12 * (m * n + m * r + r * n + 7 * r * r + max(m, n) + 11 * r)
 
 
-def matrix_shape(shape: tuple[int, ...], name: str, exclude: re.Pattern[str] | None) -> tuple[int, int] | None:
+def matrix_shape(shape: tuple[int, ...], name: str, exclude: ModulePattern | None) -> tuple[int, int] | None:
     """(m, n) if the SVD methods decompose a tensor of this shape and name: 2-D, non-empty and not
     matched by ``exclude``; else None (the tensor is averaged, as the references do)."""
     if len(shape) != 2 or 0 in shape or (exclude is not None and exclude.search(name)):
@@ -132,11 +134,25 @@ def matrix_shape(shape: tuple[int, ...], name: str, exclude: re.Pattern[str] | N
 
 
 def regex(value: object) -> str | None:
-    """An option check: an empty string (nothing excluded) or a valid regular expression."""
+    """An option check: an empty string (nothing excluded) or a regular expression that the
+    backtracking-free automaton runs (a pattern like ``((\\w|\\.)+)+!`` cannot hang the merge)."""
     if not isinstance(value, str):
         return "must be a regular expression (a string)"
-    try:
-        re.compile(value)
-    except re.error as exc:
-        return f"is not a valid regular expression ({exc})"
+    if value:
+        from ..errors import CheckpointError
+        from ..io.patterns import ModulePattern
+
+        try:
+            ModulePattern.compile(value, "exclude", anywhere=True)
+        except CheckpointError as exc:
+            shown = repr(value[:80])  # the message names the key; the option check names the option
+            return exc.message[exc.message.find(shown) + len(shown) + 1:] if shown in exc.message else exc.message
     return None
+
+
+@functools.lru_cache(maxsize=64)
+def exclude_pattern(value: str) -> ModulePattern | None:
+    """``exclude``, compiled once, matched like ``re.search`` in time linear in the name."""
+    from ..io.patterns import ModulePattern
+
+    return ModulePattern.compile(value, "exclude", anywhere=True) if value else None

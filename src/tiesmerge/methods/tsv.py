@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from fractions import Fraction
 from typing import ClassVar
 
@@ -85,7 +84,7 @@ class TsvMerge:
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """tau (T, rows, cols) or (T, *S) -> (rows, cols) or (*S)."""
         n = tau.shape[0]
-        dims = linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, re.compile(self.exclude) if self.exclude else None)
+        dims = linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, linalg.exclude_pattern(self.exclude))
         k = self.rank_per_task(min(dims), n) if dims else 0
         if dims is None or k == 0:
             return tau.mean(dim=0).mul_(self.lam)
