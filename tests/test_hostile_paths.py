@@ -132,3 +132,14 @@ def test_a_parked_previous_output_of_a_killed_run_is_put_back(tmp_path):
     cleaned = remove_stale(tmp_path)
     assert sorted(cleaned) == sorted([parked.name, tmp.name])
     assert (tmp_path / "merged" / "tiesmerge.json").is_file() and other_host.exists()
+
+
+def test_write_file_replaces_a_link_never_writes_through_it(tmp_path):
+    from tiesmerge.paths import write_file
+
+    (tmp_path / "target.txt").write_text("someone else's")
+    (tmp_path / "results.md").symlink_to(tmp_path / "target.txt")
+    write_file(tmp_path / "results.md", "report")
+    assert not (tmp_path / "results.md").is_symlink() and (tmp_path / "results.md").read_text() == "report"
+    assert (tmp_path / "target.txt").read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md", "target.txt"]

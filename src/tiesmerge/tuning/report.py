@@ -119,9 +119,10 @@ def _html(result: SearchResult, figures: dict[str, bytes], markdown: str) -> str
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """A fresh temporary sibling renamed over ``path``: a planted link is replaced, never written through."""
+    from ..paths import write_file
+
+    write_file(path, text)
 
 
 def write_report(result: SearchResult, directory: str | os.PathLike) -> Path:
