@@ -7,8 +7,8 @@ from typing import ClassVar
 
 from ..lazy import torch
 from . import svd as linalg
-from .base import ChunkContext, Requirements, finite, fraction, method_config, option
-from .tsv import LAM_GRID
+from .base import ChunkContext, Requirements, fraction, method_config, option
+from .tsv import exclude_option, precision_option, scale_option
 
 
 def _common_dims(r: int, n_models: int, common_fraction: float) -> tuple[int, int]:
@@ -43,13 +43,9 @@ class IsoC:
     paper: ClassVar[str] = "https://arxiv.org/abs/2502.04959"
     summary: ClassVar[str] = "Iso-C: the summed task matrices with their singular values flattened to the mean"
 
-    lam: float = option(1.0, "scale of the merged task vector (the paper's alpha)", unit="multiplier", check=finite,
-                        grid=LAM_GRID)
-    exclude: str = option("text_projection", "regular expression of 2-D tensor names to average instead "
-                          "(the reference averages CLIP's text_projection); empty: none", unit="regex",
-                          check=linalg.regex)
-    svd_precision: str = option("auto", "SVD precision: float32 with a float64 retry where ill-conditioned, "
-                                "or one forced", choices=linalg.PRECISIONS)
+    lam: float = scale_option()
+    exclude: str = exclude_option()
+    svd_precision: str = precision_option()
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)
@@ -96,15 +92,11 @@ class IsoCTS:
     summary: ClassVar[str] = ("Iso-CTS: the summed task matrices' top subspace plus each task's own, "
                               "orthogonalised, with a flat spectrum")
 
-    lam: float = option(1.0, "scale of the merged task vector (the paper's alpha)", unit="multiplier", check=finite,
-                        grid=LAM_GRID)
+    lam: float = scale_option()
     common_fraction: float = option(0.8, "fraction of each matrix's rank given to the common subspace (the rest "
                                     "is shared equally by the tasks)", unit="fraction, (0, 1]", check=fraction)
-    exclude: str = option("text_projection", "regular expression of 2-D tensor names to average instead "
-                          "(the reference averages CLIP's text_projection); empty: none", unit="regex",
-                          check=linalg.regex)
-    svd_precision: str = option("auto", "SVD precision: float32 with a float64 retry where ill-conditioned, "
-                                "or one forced", choices=linalg.PRECISIONS)
+    exclude: str = exclude_option()
+    svd_precision: str = precision_option()
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)

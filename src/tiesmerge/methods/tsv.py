@@ -14,6 +14,22 @@ from .base import ChunkContext, Requirements, finite, fraction, method_config, n
 LAM_GRID = steps(0.1, 3.0, 0.1)
 
 
+# the options every SVD method (TSV-M, Iso-C, Iso-CTS) shares, declared once
+def scale_option() -> float:
+    return option(1.0, "scale of the merged task vector (the paper's alpha)", unit="multiplier", check=finite,
+                  grid=LAM_GRID)
+
+
+def exclude_option() -> str:
+    return option("text_projection", "regular expression of 2-D tensor names to average instead "
+                  "(the reference averages CLIP's text_projection); empty: none", unit="regex", check=linalg.regex)
+
+
+def precision_option() -> str:
+    return option("auto", "SVD precision: float32 with a float64 retry where ill-conditioned, or one forced",
+                  choices=linalg.PRECISIONS)
+
+
 @method_config
 class TsvMerge:
     """Per 2-D weight: each task's tau_t truncated to its top k = floor(r * rank_fraction) singular
@@ -46,16 +62,12 @@ class TsvMerge:
     paper: ClassVar[str] = "https://arxiv.org/abs/2412.00081"
     summary: ClassVar[str] = "TSV-M: each task's top singular vectors, decorrelated by orthogonalisation, summed"
 
-    lam: float = option(1.0, "scale of the merged task vector (the paper's alpha)", unit="multiplier", check=finite,
-                        grid=LAM_GRID)
+    lam: float = scale_option()
     rank_fraction: float | None = option(None, "fraction of each matrix's rank kept per task (default 1/T for T "
                                                "tasks, the paper's choice)", unit="fraction, (0, 1]",
                                          check=fraction)
-    exclude: str = option("text_projection", "regular expression of 2-D tensor names to average instead "
-                          "(the reference averages CLIP's text_projection); empty: none", unit="regex",
-                          check=linalg.regex)
-    svd_precision: str = option("auto", "SVD precision: float32 with a float64 retry where ill-conditioned, "
-                                "or one forced", choices=linalg.PRECISIONS)
+    exclude: str = exclude_option()
+    svd_precision: str = precision_option()
     randomized_above: int = option(0, "matrices with more entries than this use a seeded randomized SVD "
                                    "of the top triplets (0: never)", unit="entries", check=non_negative_int)
     power_iters: int = option(2, "power iterations of the randomized SVD", unit="count", check=non_negative_int)
