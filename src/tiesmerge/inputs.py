@@ -115,6 +115,11 @@ def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle
                 ) -> tuple[Checkpoint, list[Checkpoint]]:
     """The base and the models, opened (and closed by ``stack``)."""
     base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"))
+    if yields_task_vector(base_ckpt):  # an adapter holds changes to a model, not the model itself
+        kind = getattr(base_ckpt, "adapter_kind", None) or "adapter"
+        raise ConfigError(f"{base_ckpt.label}: the base is a PEFT {kind} adapter, not a model",
+                          hint="--base takes the full model the adapters were trained on (base_model_name_or_path); "
+                               "pass adapters with --model")
     return base_ckpt, [_open(stack, m, allow_pickle, _label(m, f"models[{k}] state dict"))
                        for k, m in enumerate(models)]
 

@@ -7,14 +7,13 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EvaluatorError, OutputError, TiesMergeError
+from ..errors import ConfigError, OutputError
 from ..methods.base import ModelPath, option_types
 from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, write_file
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
@@ -34,7 +33,7 @@ def _load_callable(spec: str):
         sys.path.insert(0, str(Path.cwd()))  # so a module in the current directory can be named
     try:
         return getattr(importlib.import_module(module), name)
-    except Exception as exc:  # an import runs the module: any error of it is the evaluator's
+    except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
@@ -56,28 +55,6 @@ def _nested(a: Any, b: Any) -> bool:
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 
-class _Guarded:
-    """The evaluator, whose errors and non-scores become a typed error naming it. A class, not a
-    closure, so that it pickles wherever the evaluator does (search's Ray workers)."""
-
-    def __init__(self, evaluate: Any, spec: str) -> None:
-        self.evaluate, self.spec = evaluate, spec
-
-    def __call__(self, state: Any) -> float:
-        try:
-            score = self.evaluate(state)
-        except (TiesMergeError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise EvaluatorError(f"--evaluator {self.spec}: raised {type(exc).__name__}: {str(exc)[:300]}",
-                                 hint="fix the evaluator (--debug shows its traceback)") from exc
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise EvaluatorError(f"--evaluator {self.spec}: returned {str(score)[:80]!r} "
-                                 f"({type(score).__name__}), not a finite number",
-                                 hint="the evaluator must return a validation score, higher is better")
-        return float(score)
-
-
 def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]) -> None:
     """Before any work: the output may be written (see tiesmerge.paths) and is none of the inputs."""
     if output:
@@ -88,6 +65,7 @@ def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..api import merge
     from ..tuning import parse_grid, tune
+    from ..tuning.evaluator import guard
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
     inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
@@ -97,7 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
                               "the best merge replaces", hint="write the scores beside the output, not into it")
         check_output_file(args.json, args.force, inputs, "--json")
-    evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
+    evaluate = guard(_load_callable(args.evaluator), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
     if args.json:
@@ -132,6 +110,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from ..api import merge
     from ..tuning import LocalExecutor, RayExecutor, parse_grid, parse_ranges, run_search, write_report
+    from ..tuning.evaluator import guard
     from ..tuning.space import parse_fixed
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
@@ -143,7 +122,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.output and _nested(args.dir, args.output):
         raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other; "
                           "the best merge would replace the search's log", hint="choose separate paths")
-    evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
+    evaluate = guard(_load_callable(args.evaluator), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
     _check_writes(args.output, args.force, module)
     check_not_input(args.dir, module)

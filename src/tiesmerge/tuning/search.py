@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..methods.base import MergeMethod, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
+from .evaluator import guard
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
 
@@ -115,6 +116,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     """
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
+    evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     grid = dict(grid or paper_grid(cls))
     has_lam = "lam" in {f.name for f in dataclasses.fields(cls)}
     if has_lam and "lam" not in grid:
