@@ -200,6 +200,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
                   vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle)
     if args.dry_run:
+        if args.output:  # the same checks as a real run: a dry run that says nothing wrong must mean it
+            reference = recipe.method.requirements().reference
+            _check_writes(args.output, args.force,
+                          [("the recipe", args.recipe), ("the base", recipe.base),
+                           *((f"model {k}", m) for k, m in enumerate(recipe.models)),
+                           ("the reference model", reference),
+                           *((f"the statistics of model {k}", s) for k, s in enumerate(recipe.stats or ()))])
         plan = plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
                           stats=recipe.stats, **common)
         print(describe_plan(plan, recipe.method, len(recipe.models)))
@@ -309,7 +316,14 @@ def _axis(values: tuple) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from ..api import plan_merge
+
     recipe = load_recipe(args.recipe)
+    # the checks of the merge's plan, short of reading any weights: every input exists and is a model
+    # (headers read), none is given twice, the shapes align, the statistics fit, the device exists
+    plan = plan_merge(recipe.base, list(recipe.models), recipe.method, device=recipe.device,
+                      memory_budget=recipe.memory_budget, dtype=recipe.dtype, vocab_policy=recipe.vocab_policy,
+                      allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats)
     print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
     if recipe.origin:
         print(f"  read as a {recipe.origin.get('format')} recipe: {recipe.origin.get('semantics')}")
@@ -317,9 +331,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  warning: {warning}")
     for key, value in recipe.to_dict()["parameters"].items():
         print(f"  {key} = {value}")
-    missing = [p for p in (recipe.base, *recipe.models) if not Path(p).exists()]
-    for p in missing:
-        print(f"  warning: {p} does not exist (yet)")
+    merged = [j for j in plan.jobs if j.merge]
+    print(f"  inputs checked: {len(merged)} tensors to merge, {format_size(plan.bytes_to_read)} to read, "
+          f"peak memory {format_size(plan.peak_bytes)}")
     return 0
 
 
