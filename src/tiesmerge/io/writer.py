@@ -336,7 +336,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         except OSError as exc:  # a file the caller wrote into tmp (the manifest, the card): name it and the space
             if exc.errno not in _SPACE:
                 raise
-            raise write_error(exc.filename or tmp, exc) from None
+            raise write_error(exc.filename or final, exc) from None
         _check_output_path(final, force)  # the path may have changed while we worked
         old = None
         if os.path.lexists(final):
