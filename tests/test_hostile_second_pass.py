@@ -654,3 +654,23 @@ def test_the_digest_cache_follows_xdg_and_can_be_switched_off(family, tmp_path, 
     assert _run(_merge(b, ms, tmp_path / "on"), capsys)[0] == 0
     remembered = json.loads((tmp_path / "xdg" / "tiesmerge" / "digests.json").read_text())
     assert str((b / "model.safetensors").resolve()) in remembered
+
+
+@pytest.mark.parametrize("command", ["merge", "search"])
+def test_a_hint_never_suggests_a_force_that_would_refuse(family, tmp_path, capsys, monkeypatch, command):
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", f"force_eval_{command}", "def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "me.jpg").write_bytes(b"\xff\xd8")
+    argv = (_merge(b, ms, out) if command == "merge" else
+            ["search", *cli_flags(b, ms), "--evaluator", f"force_eval_{command}:score", "--grid", "density=0.5",
+             "--dir", str(tmp_path / "s"), "-o", str(out)])
+    before = snapshot(inputs)
+    rc, err = _run(argv, capsys)
+    check(rc, err, want_rc=1, needle=("tiesmerge did not write it", "me.jpg", "--force replaces only"), output=out,
+          inputs=inputs, before=before, output_existed=True)
+    assert "pass --force" not in err and not (tmp_path / "s").exists()
+    rc, err = _run([*argv, "--force"], capsys)  # and --force says the same, not something else
+    assert rc == 1 and "--force replaces only a directory that tiesmerge wrote" in err

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from .stats.files import StatsSource
 
 __all__ = ["Source", "StatsInput", "Prepared", "as_method", "check_inputs", "check_output_not_input", "device_of",
-           "budget_of", "open_models", "prepare"]
+           "budget_of", "check_budget", "open_models", "prepare"]
 
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"  # a path, or a state dict
 StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"  # a directory, or statistics in memory
@@ -259,17 +259,18 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
                                              lambda b, ms: make_executor(EngineInputs(b, tuple(ms)),
                                                                          TaskArithmetic(lam=1.0)))
-    _check_budget(executor, budget)
     return Prepared(base_ckpt, model_ckpts, reference, executor, opened)
 
 
-def _check_budget(executor: Executor, budget: int) -> None:
+def check_budget(plan: Any) -> None:
     """The planner cuts tensors down to single rows, but no further: a budget below what the largest
-    such chunk needs (with its working copies) cannot be kept, and is refused with that number."""
+    such chunk needs (with its working copies) cannot be kept. The command line refuses it with that
+    number; the Python API lets a tiny budget force one-row chunks (the engine's tests do)."""
     from .engine.plan import FIXED_OVERHEAD
     from .sizes import format_size
 
-    floor = executor.plan.peak_bytes - FIXED_OVERHEAD  # the largest chunk as planned (rows cut to fit)
+    budget = plan.memory_budget
+    floor = plan.peak_bytes - FIXED_OVERHEAD  # the largest chunk as planned (rows cut to fit)
     if budget < floor:
         raise ConfigError(f"memory budget {format_size(budget)} is below the {format_size(floor)} this merge needs at "
                           "the least (its largest chunk, a row of a tensor or a tensor kept whole, with its working "

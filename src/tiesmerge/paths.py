@@ -228,11 +228,16 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
         raise OutputError(f"{output}: cannot list the output directory ({exc.strerror or exc})") from None
     if not entries:
         return
-    if not force:
-        raise OutputError(f"{output}: the output directory exists and is not empty",
+    ours = any(os.path.isfile(final / m) and not os.path.islink(final / m) for m in OUTPUT_MARKERS)
+    shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+    if not force and ours:
+        raise OutputError(f"{output}: the output directory exists and is not empty (an earlier tiesmerge output)",
                           hint="choose another path, or pass --force (force=True) to replace it")
-    if not any(os.path.isfile(final / m) and not os.path.islink(final / m) for m in OUTPUT_MARKERS):
-        shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
+    if not force:  # no hint at --force: it would refuse this folder too
+        raise OutputError(f"{output}: the output directory exists and is not empty, and tiesmerge did not write it "
+                          f"(it holds {shown})", hint="choose another path: --force replaces only a directory that "
+                                                      "tiesmerge wrote")
+    if not ours:
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
                           hint="choose another path, or remove that directory yourself if you mean it")

@@ -18,7 +18,7 @@ from ..methods.base import ModelPath, option_types
 from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, write_file
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
-from ..sizes import format_size
+from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
 
 __all__ = ["HANDLERS"]
 
@@ -194,6 +194,7 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..api import describe_plan, merge, plan_merge  # the engine: imported by the commands that merge
+    from ..inputs import check_budget
 
     data = _recipe_data(args)
     recipe = recipe_from_dict(data, source=args.recipe or "command line")
@@ -209,6 +210,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                            *((f"the statistics of model {k}", s) for k, s in enumerate(recipe.stats or ()))])
         plan = plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
                           stats=recipe.stats, **common)
+        check_budget(plan)
         print(describe_plan(plan, recipe.method, len(recipe.models)))
         if args.output:
             print(f"output           {args.output} (not written: dry run)")
@@ -216,6 +218,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")
     check_not_input(args.output, [("the recipe", args.recipe)])  # the merge's own inputs are checked by merge()
+    if recipe.memory_budget != DEFAULT_MEMORY_BUDGET:  # a budget the user set: one the plan cannot keep is refused
+        check_budget(plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
+                                stats=recipe.stats, **common))
     started = time.perf_counter()
     out = merge(recipe.base, list(recipe.models), recipe.method, output=args.output, shard_size=recipe.shard_size,
                 force=args.force, progress=not args.no_progress and sys.stderr.isatty(),

@@ -112,14 +112,15 @@ class SideInputs:
         if self.spec.kind == "fisher":
             return "holds negative values (a Fisher diagonal is a mean of squares)" if bool((value < 0).any()) else None
         if self.spec.kind == "gram" and value.dim() == 2 and value.shape[0] == value.shape[1] and value.numel():
-            # (in, in): symmetric, with a Cholesky factor once a tolerance for float32 rounding is added
-            # to its diagonal (a Gram matrix of real inputs has one; -I or a flipped sign has not)
-            g = value.double()
-            scale = float(g.diagonal().abs().max())
-            if not torch.allclose(g, g.T, rtol=1e-4, atol=1e-6 * max(scale, 1e-30)):
+            # (in, in): symmetric, with a Cholesky factor once a tolerance for float32 rounding is added to
+            # its diagonal (a Gram matrix of real inputs has one; -I or a flipped sign has not). A few
+            # (in, in) temporaries, one matrix at a time, like the merge's own solve.
+            scale = max(float(value.diagonal().abs().max()), 1e-30)
+            if float((value - value.T).abs_().max()) > 1e-4 * scale:
                 return "is not symmetric, so it is no Gram matrix X^T X / N"
-            if bool((g.diagonal() < 0).any()) or int(torch.linalg.cholesky_ex(
-                    g + (1e-6 * max(scale, 1e-30)) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)).info):
+            g = value.to(torch.float64)
+            g.diagonal().add_(1e-6 * scale)
+            if bool((value.diagonal() < 0).any()) or int(torch.linalg.cholesky_ex(g).info):
                 return "is not positive semi-definite, so it is no Gram matrix X^T X / N"
         return None
 
