@@ -322,6 +322,7 @@ def _axis(values: tuple) -> str:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from ..api import plan_merge
+    from ..inputs import check_budget
 
     recipe = load_recipe(args.recipe)
     # the checks of the merge's plan, short of reading any weights: every input exists and is a model
@@ -329,6 +330,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     plan = plan_merge(recipe.base, list(recipe.models), recipe.method, device=recipe.device,
                       memory_budget=recipe.memory_budget, dtype=recipe.dtype, vocab_policy=recipe.vocab_policy,
                       allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats)
+    check_budget(plan)
     print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
     if recipe.origin:
         print(f"  read as a {recipe.origin.get('format')} recipe: {recipe.origin.get('semantics')}")

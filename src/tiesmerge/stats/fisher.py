@@ -78,11 +78,14 @@ def _directions(logp: torch.Tensor, label: torch.Tensor | None, kind: str) -> tu
 def _check_labels(labels: Any, classes: int, first: int) -> None:
     """True labels must be classes of the model, 0 .. C - 1 (C = 0: log-likelihoods, no classes):
     a label of -1 would silently pick the last class, one of C or more no class at all."""
+    if not classes:  # (B,) log-likelihoods: each example's own target is inside them, no label is read
+        return
     labels = torch.as_tensor(labels)
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ConfigError(f"targets(batch) must give a (B,) integer tensor of class labels, got {tuple(labels.shape)} "
                           f"{str(labels.dtype).removeprefix('torch.')}")
-    if classes and labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
+    labels = labels.reshape(-1)
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
         bad = next(i for i, v in enumerate(labels.tolist()) if not 0 <= v < classes)
         raise ConfigError(f"example {first + bad}: label {labels[bad].item()} is not a class of the model, which has "
                           f"{classes} (labels 0 to {classes - 1})",
