@@ -29,7 +29,9 @@ def _load_callable(spec: str):
 
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ConfigError(f"--evaluator {spec!r}: expected MODULE:FUNCTION", hint="e.g. --evaluator my_eval:score")
+        raise ConfigError(f"--evaluator {spec!r}: expected MODULE:FUNCTION or a built-in NAME:FILE",
+                          hint="e.g. --evaluator my_eval:score, or --evaluator classifier-accuracy:val.jsonl "
+                               "(tiesmerge tune --help lists the built-ins)")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # so a module in the current directory can be named
     try:
@@ -38,9 +40,23 @@ def _load_callable(spec: str):
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
+def _evaluator(spec: str, base: Any, device: str) -> Any:
+    """A built-in evaluator (``NAME:FILE``, its file read and checked now) or the user's ``module:function``."""
+    from ..evaluation.builtin import builtin_evaluator
+
+    builtin = builtin_evaluator(spec, base, device=device)  # scored where the candidates are merged
+    return builtin if builtin is not None else _load_callable(spec)
+
+
 def _evaluator_file(spec: str) -> list[tuple[str, Any]]:
-    """The loaded evaluator's module file, an input like the models: an output never replaces it."""
-    module = sys.modules.get(spec.partition(":")[0])
+    """The loaded evaluator's module file, or a built-in's data file: an input like the models, which an
+    output never replaces."""
+    from ..evaluation.builtin import BUILTIN_EVALUATORS
+
+    name, _, argument = spec.partition(":")
+    if name in BUILTIN_EVALUATORS:
+        return [(f"the evaluator's file ({spec})", argument)]
+    module = sys.modules.get(name)
     path = getattr(module, "__file__", None)
     if not path:
         return []
@@ -97,7 +113,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
                               "the best merge replaces", hint="write the scores beside the output, not into it")
         check_output_file(args.json, args.force, inputs, "--json")
-    evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
+    evaluate = _Guarded(_evaluator(args.evaluator, args.base, args.device), args.evaluator)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
     if args.json:
@@ -143,7 +159,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.output and _nested(args.dir, args.output):
         raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other; "
                           "the best merge would replace the search's log", hint="choose separate paths")
-    evaluate = _Guarded(_load_callable(args.evaluator), args.evaluator)
+    evaluate = _Guarded(_evaluator(args.evaluator, args.base, args.device), args.evaluator)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
     _check_writes(args.output, args.force, module)
     check_not_input(args.dir, module)

@@ -25,6 +25,10 @@ from ..version import __version__
 from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
 
+EVALUATOR_HELP = ("a function taking a state dict and returning a validation score (higher is better), or a "
+                  "built-in: classifier-accuracy:FILE, choice-accuracy:FILE, encoder-accuracy:FILE, "
+                  "lm-perplexity:FILE (tiesmerge tune --help describes them)")
+
 
 def _number(text: str) -> int | float | bool | str:
     """A flag value for an option whose type differs between methods: an int if it reads as one,
@@ -158,8 +162,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a fine-tuned model; repeat")
     t.add_argument("--method", default="ties", help="a method whose options declare a paper grid (tiesmerge methods "
                                                     "shows it), or any method with --grid axes (default ties)")
-    t.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION",
-                   help="a function taking a state dict and returning a validation score (higher is better)")
+    t.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION|NAME:FILE",
+                   help=EVALUATOR_HELP)
     t.add_argument("--grid", action="append", default=[], metavar="NAME=VALUES",
                    help="override one axis: density=0.1,0.2,0.3 or lam=0.8:3.0:0.1 (start:stop:step); "
                         "default: the paper's grid")
@@ -207,8 +211,8 @@ def _search_parser(sub) -> None:
     s.add_argument("--model", action="append", dest="models", required=True, metavar="PATH",
                    help="a fine-tuned model; repeat")
     s.add_argument("--method", default="ties", help="the method whose options are searched (default ties)")
-    s.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION",
-                   help="a function taking a state dict and returning a validation score (higher is better)")
+    s.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION|NAME:FILE",
+                   help=EVALUATOR_HELP)
     s.add_argument("--strategy", default="grid", choices=("grid", "random", "cmaes"), help="default grid")
     s.add_argument("--budget", type=int, help="candidates to score (random, cmaes; grid: the first N points)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random and CMA-ES proposals (default 0)")
@@ -225,7 +229,8 @@ def _search_parser(sub) -> None:
     s.add_argument("--popsize", type=int, help="CMA-ES generation size (default 4 + 3 ln d)")
     s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on Ray: join the cluster at ADDRESS, or without one start a local cluster")
-    s.add_argument("--workers", type=int, help="--ray without ADDRESS: CPUs of the local cluster (default all)")
+    s.add_argument("--workers", type=int, help="--ray without ADDRESS: candidates scored at once on the local cluster, "
+                                               "each with CPUs / workers threads (default: one per CPU)")
     s.add_argument("--dir", default="tiesmerge-search", type=Path,
                    help="log.jsonl (resumable), results.md and report.html go here (default ./tiesmerge-search)")
     s.add_argument("--device", default="cpu")
