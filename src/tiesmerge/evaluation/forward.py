@@ -88,7 +88,8 @@ def checkpoint_names(forward: TaskForward) -> set[str]:
 def entropy(logits_: torch.Tensor) -> torch.Tensor:
     """(B, C) logits -> (B,) Shannon entropy (nats) of their softmax. Computed from log_softmax, so
     a zero probability contributes 0 with a finite gradient (p log p with p = 0, log p finite)."""
-    logp = torch.log_softmax(logits_.float(), dim=-1)  # (B, C)
+    x = logits_ if logits_.dtype == torch.float64 else logits_.float()  # half precision is upcast, double kept
+    logp = torch.log_softmax(x, dim=-1)  # (B, C)
     return -(logp.exp() * logp).sum(-1)
 
 
