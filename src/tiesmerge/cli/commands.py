@@ -20,6 +20,7 @@ from ..paths import check_not_input, check_output_file, check_output_location, c
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import format_size
+from .adapt import cmd_adapt
 
 __all__ = ["HANDLERS"]
 
@@ -371,4 +372,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"merge": cmd_merge, "analyze": cmd_analyze, "methods": cmd_methods, "validate": cmd_validate,
-            "tune": cmd_tune, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo}
+            "tune": cmd_tune, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo, "adapt": cmd_adapt}

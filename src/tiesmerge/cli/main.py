@@ -1,4 +1,4 @@
-"""`tiesmerge`: one command, subcommands merge, analyze, methods, validate, tune, stats, demo.
+"""`tiesmerge`: one command, subcommands merge, analyze, methods, validate, tune, stats, adapt, demo.
 
 The CLI only calls the public API; every option of a method is a flag generated from the
 method's dataclass fields, so the flags, the recipe keys and the Python API never drift apart.
@@ -22,6 +22,7 @@ from ..recipe import DTYPES
 from ..registry import METHODS
 from ..sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS
 from ..version import __version__
+from .adapt import add_adapt_parser
 from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
 
@@ -193,6 +194,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="cpu")
     st.add_argument("--force", action="store_true",
                     help="replace an output directory tiesmerge wrote before (never an input)")
+
+    add_adapt_parser(sub, _method_flags)
 
     d = sub.add_parser("demo", help="fine-tune MiniLM on 3 real tasks, merge, print a table (or --synthetic)",
                        epilog="examples:\n  tiesmerge demo\n  tiesmerge demo --synthetic --params 50",

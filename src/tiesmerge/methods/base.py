@@ -12,6 +12,12 @@ CPU kernel that computes it exactly), and the engine provides exactly that in th
 vectors ``(n, *S)`` to one chunk of the merged task vector ``(*S)``. Methods never read files
 and the engine never asks a method anything else: adding a method is one module.
 
+Optionally a method also defines ``task_vectors(tau, ctx) -> (n, *S)``: each model's *processed*
+task vector v_t, such that the method's merge is a fixed combination of them (task arithmetic:
+w_t tau_t; TIES: the trimmed values that agree with the elected sign). ``tiesmerge adapt``
+(AdaMerging) learns the combination theta = base + sum_t lambda_t v_t instead, so any method
+that defines it can be adapted; ``lam`` and any division by the weights' sum are left out of v_t.
+
 Nothing here imports torch: ``tiesmerge methods``, ``--help`` and ``validate`` start without it.
 """
 

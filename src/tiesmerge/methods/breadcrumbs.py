@@ -92,6 +92,16 @@ def combine(masked: torch.Tensor, ctx: ChunkContext, *, lam: float, normalize: b
     return total.mul_(lam)
 
 
+def per_task(masked: torch.Tensor, ctx: ChunkContext, *, ties: tuple[str, str] | None) -> torch.Tensor:
+    """The per-task vectors behind :func:`combine` (AdaMerging's), (n, *S) -> (n, *S): w_t masked_t,
+    with ``ties`` = (elect, zero_sign) only the values agreeing with the elected sign; no ``lam``
+    and no division by the weights' sum (the learned coefficients take their place)."""
+    if ties is None:
+        return masked if ctx.weights is None else masked.mul_(ops.broadcast_per_model(ctx.weights, masked))
+    gamma = ops.resolve_zero_sign(ops.elect(masked, ctx.weights, ties[0]), ties[1])
+    return ops.agreeing(masked, gamma, ctx.weights)
+
+
 class _BreadcrumbsBase:
     """The mask both methods share; fields are declared on the concrete classes."""
 
@@ -177,6 +187,9 @@ class Breadcrumbs(_BreadcrumbsBase):
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return combine(self._mask(tau, ctx), ctx, lam=self.lam, normalize=self.normalize_weights, ties=None)
 
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        return per_task(self._mask(tau, ctx), ctx, ties=None)
+
 
 @method_config
 class BreadcrumbsTies(_BreadcrumbsBase):
@@ -214,3 +227,6 @@ class BreadcrumbsTies(_BreadcrumbsBase):
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return combine(self._mask(tau, ctx), ctx, lam=self.lam, normalize=False,
                        ties=(self.elect, self.zero_sign, self.aggregate))
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        return per_task(self._mask(tau, ctx), ctx, ties=(self.elect, self.zero_sign))

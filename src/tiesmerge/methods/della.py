@@ -20,7 +20,7 @@ from .base import (
     steps,
     unit_interval,
 )
-from .breadcrumbs import combine, l1_rescale
+from .breadcrumbs import combine, l1_rescale, per_task
 from .ties import AGGREGATES, ELECT_RULES, ZERO_SIGNS
 
 _PAPER = "https://arxiv.org/abs/2406.11617"
@@ -135,6 +135,9 @@ class Della(_DellaBase):
         return combine(self._magprune(tau, ctx), ctx, lam=self.lam, normalize=False,
                        ties=(self.elect, self.zero_sign, self.aggregate))
 
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        return per_task(self._magprune(tau, ctx), ctx, ties=(self.elect, self.zero_sign))
+
 
 @method_config
 class DellaLinear(_DellaBase):
@@ -162,3 +165,6 @@ class DellaLinear(_DellaBase):
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return combine(self._magprune(tau, ctx), ctx, lam=self.lam, normalize=self.normalize_weights, ties=None)
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        return per_task(self._magprune(tau, ctx), ctx, ties=None)

@@ -98,6 +98,13 @@ def elect(trimmed: torch.Tensor, weights: torch.Tensor | None, rule: str) -> tor
     return votes.sum(dim=0).sign_()
 
 
+def agreeing(trimmed: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each model's weighted values that agree with ``gamma`` (others 0): ``(n, *S) -> (n, *S)``,
+    the per-task vectors whose sum is ``disjoint_aggregate(..., "sum")`` (AdaMerging++'s vectors)."""
+    weighted = trimmed if weights is None else trimmed * broadcast_per_model(weights, trimmed)
+    return weighted * ((weighted.sign() == gamma) & (weighted != 0))
+
+
 def disjoint_aggregate(
     trimmed: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor | None, aggregate: str
 ) -> torch.Tensor:
