@@ -33,6 +33,7 @@ from .inputs import (
 from .io.align import align
 from .io.card import hash_files, model_card
 from .io.checkpoint import Checkpoint
+from .io.vocab import write_tokenizer_files
 from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files, model_files
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
@@ -141,8 +142,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         if output is None:
             if output_format == "adapter":
                 raise ConfigError("a merged adapter is written to a directory", hint="pass output=DIR")
-            sink = MemorySink(executor.alignment.jobs, executor.out_dtype)
-            executor.run(sink)
+            sink = MemorySink(executor.alignment.outputs(), executor.out_dtype)
+            executor.run(executor.alignment.route(sink))
             return sink.state
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash")
         # on an error or Ctrl-C, skip the files not hashed yet: a plain `with pool` would hash every
@@ -152,9 +153,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                    "models": [hash_files(c.files(), pool) for c in prepared.models],
                    "reference": hash_files(prepared.reference.files(), pool) if prepared.reference else None}
         groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype_info) if j.merge else j.dtype_info)
-                   for n in (j.name, *j.aliases)] for j in executor.alignment.jobs]
+                   for n in (j.name, *j.aliases)] for j in executor.alignment.outputs()]
         needed = executor.plan.output_bytes + sum(os.stat(f).st_size for f in extra)
-        merged_names = [n for j in executor.alignment.jobs if j.merge for n in (j.name, *j.aliases)]
+        merged_names = [n for j in executor.alignment.outputs() if j.merge for n in (j.name, *j.aliases)]
         with atomic_directory(output, force=force, needed_bytes=needed) as tmp:
             adapter_part = None
             if output_format == "adapter":
@@ -164,7 +165,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             else:
                 writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__},
                                        finite=merged_names)
-                run_stats = executor.run(writer)
+                run_stats = executor.run(executor.alignment.route(writer))
                 writer.close()
                 files = writer.files
             if executor.side is not None:
@@ -173,6 +174,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             if output_format != "adapter":
                 copied = copy_model_files(prepared.base.directory(), tmp, files=extra,
                                           dtype=executor.out_dtype if executor.out_dtype else None)
+                if prepared.vocab is not None:  # the merged tokenizer and vocab_size replace the base's
+                    rows = next(ro for _, _, ro in prepared.vocab.tensors)
+                    vocab_files, chat_from = write_tokenizer_files(prepared.vocab.union, tmp, rows)
             stamps.check("an input file")
             hashed = {"base": [f.result() for f in digests["base"]],
                       "models": [[f.result() for f in d] for d in digests["models"]],
@@ -192,6 +196,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 version=__version__))
             run_stats.seconds["total"] = time.perf_counter() - started
             manifest = merge_manifest(recipe, executor, run_stats, hashed, files, copied)
+            if prepared.vocab is not None and output_format != "adapter":
+                manifest["alignment"]["vocabulary"].update(files_written=vocab_files, chat_template_from=chat_from)
             kind = next((getattr(c, "adapter_kind", None) for c in prepared.models if hasattr(c, "adapter_kind")), None)
             if kind is not None:
                 manifest["adapters"] = {"inputs": kind, "output_format": output_format, **(adapter_part or {})}
@@ -247,6 +253,9 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
 
     started = time.perf_counter()
     check_inputs(base, models)
+    if vocab_policy == "union":
+        raise ConfigError("analyze compares the models' rows as stored; --vocab-policy union is a merge policy",
+                          hint="use --vocab-policy truncate to compare the base's rows")
     settings = AnalysisSettings(density=density, subsets_per_size=subsets_per_size, seed=seed,
                                 **({"curve": tuple(curve)} if curve is not None else {}))
     settings.check(len(models))

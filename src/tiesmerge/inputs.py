@@ -22,7 +22,7 @@ from .engine.reader import EngineInputs
 from .engine.side import SideInputs
 from .errors import ConfigError, IncompatibleCheckpointsError
 from .io.adapters import adapter_kind, yields_task_vector
-from .io.align import Alignment, align
+from .io.align import Alignment, align, with_parts
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .lazy import torch
 from .methods import TaskArithmetic
@@ -206,6 +206,35 @@ class Prepared:
     reference: Checkpoint | None
     executor: Executor
     stats: list[StatsSource]
+    vocab: Any = None  # io.vocab_rows.VocabLayout of a vocabulary union that adds rows, else None
+
+
+def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMethod, stats: Sequence[Any] | None,
+                  out_dtype: DType | None) -> tuple[Checkpoint, list[Checkpoint], Any, dict[str, tuple[str, int]]]:
+    """``vocab_policy="union"``: the tokenizers read and united, the inputs seen through the union
+    (io.vocab, io.vocab_rows). Full model directories only: the tokenizers live beside the weights."""
+    from .io.vocab import read_vocab, union_of
+    from .io.vocab_rows import layout_of, views_of
+
+    req = method.requirements()
+    why = ("a PEFT adapter is among the inputs" if any(yields_task_vector(c) for c in models) else
+           f"method {method.name!r} reads a reference model" if req.reference is not None else
+           f"method {method.name!r} reads per-model statistics" if req.statistics is not None or stats else None)
+    if why:
+        raise ConfigError(f"--vocab-policy union cannot be used here: {why}",
+                          hint="merge full model directories with a method that reads only the models; or fold "
+                               "the adapters first")
+    unread = next((c for c in (base, *models) if c.directory() is None), None)
+    if unread is not None:
+        raise ConfigError(f"--vocab-policy union reads each model's tokenizer, but {unread.label} is not a model "
+                          "directory", hint="give the base and the models as Hugging Face model directories")
+    union = union_of(read_vocab(base.directory(), f"the base ({base.label})"),
+                     [read_vocab(m.directory(), m.label) for m in models])
+    layout = layout_of(base, models, union)
+    if layout is None:
+        return base, models, None, {}
+    base_view, model_views, routes = views_of(base, models, layout, out_dtype)
+    return base_view, model_views, layout, routes
 
 
 def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMethod, *, device: str,
@@ -227,7 +256,13 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
-    alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
+    layout, routes = None, {}
+    if vocab_policy == "union":
+        engine_base, engine_models, layout, routes = _union_inputs(engine_base, engine_models, method, stats,
+                                                                   out_dtype)
+    alignment = align(engine_base, engine_models, vocab_policy="error" if vocab_policy == "union" else vocab_policy)
+    if layout is not None:
+        alignment = with_parts(alignment, engine_base, routes, layout.manifest())
     if reference is not None:
         _check_reference(reference, alignment)
     side, opened = _open_side(stack, method, stats, model_ckpts, alignment, device_t, progress)
@@ -245,4 +280,4 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
                                              lambda b, ms: make_executor(EngineInputs(b, tuple(ms)),
                                                                          TaskArithmetic(lam=1.0)))
-    return Prepared(base_ckpt, model_ckpts, reference, executor, opened)
+    return Prepared(base_ckpt, model_ckpts, reference, executor, opened, layout)
