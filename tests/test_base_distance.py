@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from helpers_ckpt import cli_flags, load_dir, run_cli, write_hf_dir
 
 import tiesmerge
+from helpers_ckpt import cli_flags, load_dir, run_cli, write_hf_dir
 from tiesmerge import distance
 from tiesmerge.errors import IncompatibleCheckpointsError
 
@@ -21,8 +21,8 @@ SHAPES = {"model.embed_tokens.weight": (512, 1024), "model.layers.0.mlp.up_proj.
 
 def _random(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {n: (torch.ones(s) + 0.1 * torch.randn(s, generator=g)) if len(s) == 1 else 0.05 * torch.randn(s, generator=g)
-            for n, s in SHAPES.items()}
+    return {n: (torch.ones(s) + 0.1 * torch.randn(s, generator=g)) if len(s) == 1
+            else 0.05 * torch.randn(s, generator=g) for n, s in SHAPES.items()}
 
 
 def _finetune(base: dict[str, torch.Tensor], seed: int, scale: float = 0.03) -> dict[str, torch.Tensor]:
