@@ -35,6 +35,7 @@ from .io.align import align
 from .io.card import hash_files, model_card
 from .io.checkpoint import Checkpoint
 from .io.vocab import write_tokenizer_files
+from .io.vocab_rows import is_part
 from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files, model_files
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
@@ -88,7 +89,7 @@ def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str =
 def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
     """The plan as the lines ``tiesmerge merge --dry-run`` prints."""
     merged = [j for j in plan.jobs if j.merge]
-    copied = [j for j in plan.jobs if not j.merge]
+    copied = [j for j in plan.jobs if not j.merge and not is_part(j.name)]  # a union's rows are no copy
     options = ", ".join(f"{k}={v}" for k, v in MergeRecipe(method, "", ()).to_dict()["parameters"].items())
     lines = [
         f"method           {method.name} ({options})",
@@ -195,6 +196,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 files = writer.files
             if executor.side is not None:
                 run_stats.bytes_read += executor.side.bytes_read
+            run_stats.tensors_copied -= len(executor.alignment.routes)  # a union's new rows: part of merged tensors
             clock = time.perf_counter()
             if output_format != "adapter":
                 copied = copy_model_files(prepared.base.directory(), tmp, files=extra,

@@ -242,7 +242,7 @@ def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMetho
     if unread is not None:
         raise ConfigError(f"--vocab-policy union reads each model's tokenizer, but {unread.label} is not a model "
                           "directory", hint="give the base and the models as Hugging Face model directories")
-    union = union_of(read_vocab(base.directory(), f"the base ({base.label})"),
+    union = union_of(read_vocab(base.directory(), base.label),
                      [read_vocab(m.directory(), m.label) for m in models])
     layout = layout_of(base, models, union)
     if layout is None:
@@ -299,10 +299,10 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
                                              lambda b, ms: make_executor(EngineInputs(b, tuple(ms)),
                                                                          TaskArithmetic(lam=1.0)))
-    notes = [f"base distance    {d.line()}" for d in distances]
+    notes = [f"base distance of {d.line()}" for d in distances]
     if layout is not None:
         u = layout.union
-        notes.insert(0, f"vocabulary       union: {u.base_size} base tokens + {len(u.new)} added by the models = "
+        notes.insert(0, f"vocabulary union: {u.base_size} base tokens + {len(u.new)} added by the models = "
                         f"{u.size}; " + ", ".join(f"{n} {rb} -> {ro} rows" for n, rb, ro in layout.tensors)
                      + "; new rows: the mean of the models that have the token")
     executor.plan = dataclasses.replace(executor.plan, notes=(*executor.plan.notes, *notes))

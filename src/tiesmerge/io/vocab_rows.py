@@ -38,7 +38,7 @@ from .vocab import VocabUnion
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["VOCAB_SUFFIXES", "VocabLayout", "layout_of", "views_of", "part_name"]
+__all__ = ["VOCAB_SUFFIXES", "VocabLayout", "layout_of", "views_of", "part_name", "is_part"]
 
 # the tensors whose rows are tokens: input embeddings, output heads, the heads' vocabulary biases
 VOCAB_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight", "embed_in.weight",
@@ -49,6 +49,11 @@ VOCAB_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight",
 def part_name(name: str, first: int, stop: int) -> str:
     """The job name of a vocabulary tensor's rows ``[first, stop)`` (never a stored tensor's name)."""
     return f"{name} [union rows {first}:{stop}]"
+
+
+def is_part(name: str) -> bool:
+    """Whether a job name is a vocabulary part's (:func:`part_name`)."""
+    return name.endswith("]") and " [union rows " in name
 
 
 @dataclass(frozen=True)
