@@ -204,6 +204,8 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         data["models"] = args.models
     if args.stats:
         data["stats"] = args.stats
+    if getattr(args, "allow_distant", False):
+        data["allow_distant"] = True
     if args.method:
         if data.get("method") not in (None, args.method):
             data["parameters"] = {}  # the recipe's options belong to its own method
@@ -236,7 +238,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     data = _recipe_data(args)
     recipe = recipe_from_dict(data, source=args.recipe or "command line")
     common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
-                  vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle)
+                  vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle,
+                  allow_distant=recipe.allow_distant)
     if args.dry_run:
         plan = plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
                           stats=recipe.stats, **common)
@@ -355,9 +358,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  warning: {warning}")
     for key, value in recipe.to_dict()["parameters"].items():
         print(f"  {key} = {value}")
-    missing = [p for p in (recipe.base, *recipe.models) if not Path(p).exists()]
+    from ..hub import split_repo_id  # org/name[@revision]: read from the local Hugging Face cache
+
+    missing = [p for p in (recipe.base, *recipe.models) if not Path(p).exists() and not split_repo_id(p)]
     for p in missing:
         print(f"  warning: {p} does not exist (yet)")
+    if not missing:  # the inputs are there: how far each model is from the base (a small sample of rows)
+        from ..api import base_distance
+        from ..distance import check_distances
+
+        distances = base_distance(recipe.base, list(recipe.models), vocab_policy=recipe.vocab_policy,
+                                  allow_pickle=recipe.allow_pickle)
+        for d in distances:
+            print(f"  base distance: {d.line()}")
+        check_distances(distances, recipe.base, recipe.allow_distant)
     return 0
 
 

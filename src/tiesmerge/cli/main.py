@@ -101,8 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge fine-tuned models into one", epilog=MERGE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("recipe", nargs="?", help="a YAML recipe (flags given too override it)")
-    m.add_argument("--base", help="the model the others were fine-tuned from (HF directory or .safetensors)")
-    m.add_argument("--model", action="append", dest="models", metavar="PATH", help="a fine-tuned model; repeat")
+    m.add_argument("--base", help="the model the others were fine-tuned from: an HF directory, a .safetensors file, "
+                                  "or org/name[@revision] from the local Hugging Face cache (never downloaded; a "
+                                  "local path of the same name wins)")
+    m.add_argument("--model", action="append", dest="models", metavar="PATH",
+                   help="a fine-tuned model (a path or org/name[@revision], like --base); repeat")
     m.add_argument("--stats", action="append", metavar="DIR",
                    help="fisher, regmean: a model's statistics directory (tiesmerge stats); one per --model, in order")
     m.add_argument("--method", help=f"one of {', '.join(METHODS)} (default ties)")
@@ -112,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--memory-budget",
                    help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
     m.add_argument("--device", help="cpu or cuda (default cpu)")
-    m.add_argument("--vocab-policy", choices=VOCAB_POLICIES, help="on embedding rows that differ (default error)")
+    m.add_argument("--vocab-policy", choices=VOCAB_POLICIES,
+                   help="on vocabularies that differ (default error); truncate: the base's rows; union: a tokenizer "
+                        "holding every model's added tokens, their rows the mean of the models that have them")
+    m.add_argument("--allow-distant", action="store_true",
+                   help="merge models that do not look fine-tuned from the base (default: an error, see --dry-run)")
     m.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
     m.add_argument("--force", action="store_true",
                    help="replace an output directory tiesmerge wrote before (never an input)")
