@@ -21,11 +21,11 @@ from helpers_ckpt import (
     write_hf_dir,
     write_safetensors,
 )
-from helpers_merge import fisher_stats, float_names, merge
+from helpers_merge import float_names, merge
 from tiesmerge.errors import OutputError
 from tiesmerge.io import writer as writer_mod
 from tiesmerge.methods import Fisher
-from tiesmerge.stats import save_stats
+from tiesmerge.stats import Statistics, StatsManifest, files_digest, save_stats
 
 
 def test_output_written_in_temp_sibling_then_renamed(hf, tmp_path, monkeypatch):
@@ -154,8 +154,8 @@ def test_merge_from_statistics_directories_records_them(tmp_path):
     write_hf_dir(tmp_path / "base", base)
     dirs = [write_hf_dir(tmp_path / f"ft{k}", m) for k, m in enumerate(models)]
     names = float_names(base)
-    stats_dirs = [save_stats(tmp_path / f"fisher{k}", fisher_stats({n: torch.rand(base[n].shape) for n in names}))
-                  for k in range(2)]
+    stats_dirs = [save_stats(tmp_path / f"fisher{k}", Statistics(StatsManifest("fisher", 1, model_digest=files_digest(
+        dirs[k])), {n: torch.rand(base[n].shape) for n in names})) for k in range(2)]
     out = tiesmerge.merge(tmp_path / "base", dirs, "fisher", stats=stats_dirs, output=tmp_path / "out")
     manifest = (out / "tiesmerge.json").read_text()
     assert "fisher" in manifest and str(stats_dirs[0]) in manifest

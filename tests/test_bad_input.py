@@ -483,7 +483,7 @@ def test_error_after_weights_written_leaves_nothing(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("tiesmerge.api.copy_model_files", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="the disk is full"):  # named: the output, and the space left there
         tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
     assert_no_output(tmp_path / "out")
 

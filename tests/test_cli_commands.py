@@ -178,11 +178,14 @@ def test_methods_lists_the_data_aware_methods(capsys):
 
 def test_validate_ok(models, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("method: ties\nbase: base\nmodels: [ft0, missing-ft]\nparameters: {density: 0.4}\n")
+    recipe.write_text("method: ties\nbase: base\nmodels: [ft0, ft1]\nparameters: {density: 0.4}\n")
     rc, stdout, err = run_cli(["validate", recipe], capsys)
     assert rc == 0, err
-    assert "ok" in stdout and "density = 0.4" in stdout
-    assert "warning" in stdout and "missing-ft" in stdout
+    assert "ok" in stdout and "density = 0.4" in stdout and "inputs checked" in stdout
+    # validate runs the merge plan's checks: a missing model is an error, not a warning
+    recipe.write_text("method: ties\nbase: base\nmodels: [ft0, missing-ft]\nparameters: {density: 0.4}\n")
+    rc, stdout, err = run_cli(["validate", recipe], capsys)
+    assert rc == 1 and "missing-ft" in err and "ok" not in stdout
 
 
 def test_validate_reports_every_problem_and_exits_2(tmp_path, capsys):

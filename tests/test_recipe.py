@@ -126,7 +126,7 @@ def test_unknown_option_does_not_hide_other_option_problems():
 
 
 @pytest.mark.parametrize("data,needle", [
-    ({"method": ["ties"]}, "unknown method"),
+    ({"method": ["ties"]}, "must be one method name, got list ['ties'] (write method: ties)"),
     ({"dtype": ["bf16"]}, "dtype"),
     ({"allow_pickle": "no"}, "allow_pickle must be true or false"),
     ({"models": [{"path": "x", "weight": 1}, "y"]}, "give a weight to every model or to none"),

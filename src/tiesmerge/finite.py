@@ -60,5 +60,16 @@ def check_finite(name: str, chunk: Any, code: str, offset: int = 0) -> None:
         return
     raise InvalidTensorError(
         f"tensor {name!r}: the merged value at element {offset + where:,} is not finite (Inf or NaN) in the output "
-        f"dtype {code}; the merge overflowed, so nothing was written",
-        hint="write a wider dtype (--dtype float32 or bfloat16) or use a smaller lam (scaling factor)")
+        f"dtype {code}; the merge overflowed, so nothing was written", hint=_HINTS.get(code, _HINTS["F32"]))
+
+
+# What helps depends on the dtype: float16 stops at 65504, so a wider dtype holds what a sensible merge
+# makes; bfloat16, float32 and float64 reach 3.4e38 or more, where no sensible weight lies, so the cause
+# is the scaling (or the inputs), and a wider dtype would only store the absurd values.
+_WIDE = ("{dtype} already holds values up to {top}: a merged weight beyond that comes from the scaling, not the "
+         "dtype; use a smaller lam (scaling factor) or smaller per-model weights, and check the inputs for huge values")
+_HINTS = {"F16": "float16 holds values up to 65504 only: write a wider dtype (--dtype bfloat16 or float32), "
+                 "or use a smaller lam (scaling factor)",
+          "BF16": _WIDE.format(dtype="bfloat16", top="3.4e38"),
+          "F32": _WIDE.format(dtype="float32", top="3.4e38"),
+          "F64": _WIDE.format(dtype="float64", top="1.8e308")}

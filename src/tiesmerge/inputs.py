@@ -128,6 +128,11 @@ def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle
                 ) -> tuple[Checkpoint, list[Checkpoint]]:
     """The base and the models, opened (and closed by ``stack``)."""
     base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"))
+    if yields_task_vector(base_ckpt):  # an adapter holds changes to a model, not the model itself
+        kind = getattr(base_ckpt, "adapter_kind", None) or "adapter"
+        raise ConfigError(f"{base_ckpt.label}: the base is a PEFT {kind} adapter, not a model",
+                          hint="--base takes the full model the adapters were trained on (base_model_name_or_path); "
+                               "pass adapters with --model")
     return base_ckpt, [_open(stack, m, allow_pickle, _label(m, f"models[{k}] state dict"))
                        for k, m in enumerate(models)]
 
@@ -193,6 +198,15 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
         src = open_stats(source, kind=spec.kind, label=label)
         stack.callback(src.close)
         opened.append(src)
+        if (isinstance(source, (str, os.PathLike)) and src.manifest is not None and src.manifest.model_digest is None
+                and k < len(models) and models[k].files()):
+            # a statistics directory is checked against its model's files (see manifest.check_stats_digests);
+            # one whose manifest records no digest (model_digest: null) would switch that check off unseen
+            raise IncompatibleCheckpointsError(
+                f"{source}: the statistics manifest records no model digest (model_digest: null), so tiesmerge "
+                f"cannot check that these statistics belong to model {k} ({models[k].label})",
+                hint="recompute them with tiesmerge stats (which records the digest), or record it: "
+                     "StatsManifest(..., model_digest=tiesmerge.stats.files_digest(MODEL_DIR))")
     side = SideInputs(spec, [o.checkpoint for o in opened], models, alignment, device=device, progress=progress)
     return side, opened
 
@@ -306,4 +320,19 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
                         f"{u.size}; " + ", ".join(f"{n} {rb} -> {ro} rows" for n, rb, ro in layout.tensors)
                      + "; new rows: the mean of the models that have the token")
     executor.plan = dataclasses.replace(executor.plan, notes=(*executor.plan.notes, *notes))
+    _check_budget(executor, budget)
     return Prepared(base_ckpt, model_ckpts, reference, executor, opened, layout, distances)
+
+
+def _check_budget(executor: Executor, budget: int) -> None:
+    """The planner cuts tensors down to single rows, but no further: a budget below what the largest
+    such chunk needs (with its working copies) cannot be kept, and is refused with that number."""
+    from .engine.plan import FIXED_OVERHEAD
+    from .sizes import format_size
+
+    floor = executor.plan.peak_bytes - FIXED_OVERHEAD  # the largest chunk as planned (rows cut to fit)
+    if budget < floor:
+        raise ConfigError(f"memory budget {format_size(budget)} is below the {format_size(floor)} this merge needs at "
+                          "the least (its largest chunk, a row of a tensor or a tensor kept whole, with its working "
+                          "copies)", hint=f"raise --memory-budget to {format_size(floor)} or more (the default is "
+                                          f"{DEFAULT_MEMORY_BUDGET})")

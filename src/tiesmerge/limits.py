@@ -70,6 +70,21 @@ class _CountingLoader(yaml.SafeLoader):
     """The safe loader, with the composed graph measured before anything is constructed."""
 
 
+def _no_duplicate_keys(node: yaml.MappingNode, source: str, error: type[TiesMergeError]) -> None:
+    """A key given twice in one mapping is an error naming it and both lines: YAML loaders keep
+    the last silently, so ``density: 0.2`` further down would override the one the user reads."""
+    seen: dict[tuple[str, str], int] = {}
+    for key, _ in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":  # `<<:` merges
+            continue
+        line = key.start_mark.line + 1
+        if (key.tag, key.value) in seen:
+            shown = key.value if len(key.value) <= 80 else key.value[:80] + "..."
+            raise error(f"{source}: key {shown!r} is given twice in one mapping (lines {seen[key.tag, key.value]} "
+                        f"and {line})", hint="keep one of them: YAML would silently use the last")
+        seen[key.tag, key.value] = line
+
+
 def _expanded_size(node: yaml.Node, limit: int, max_depth: int, source: str, error: type[TiesMergeError]) -> int:
     """Nodes ``node`` stands for once every alias is expanded (memoized per node, so a
     billion-laughs document is measured in a few hundred steps), refused past ``limit``."""
@@ -85,6 +100,7 @@ def _expanded_size(node: yaml.Node, limit: int, max_depth: int, source: str, err
         if isinstance(item, yaml.SequenceNode):
             children = list(item.value)
         elif isinstance(item, yaml.MappingNode):
+            _no_duplicate_keys(item, source, error)
             children = [n for pair in item.value for n in pair]
         if done or not children:
             total = 1 + sum(sizes.get(id(c), 0) for c in children)

@@ -149,15 +149,17 @@ def inside(path: str | os.PathLike, root: str | os.PathLike, what: str,
 
 @dataclass(frozen=True)
 class FileStamps:
-    """What must not change while a file is read: (device, inode, size, mtime) per file. A model
-    that another process is writing (a download, a copy still running) is refused, not merged."""
+    """What must not change while a file is read: (device, inode, size, mtime, ctime) per file. A
+    model that another process is writing (a download, a copy still running) is refused, not merged.
+    The ctime catches a rewrite whose writer restored the mtime (``touch -r``, ``cp -p``, ``os.utime``):
+    no writer can set it back."""
 
-    stamps: tuple[tuple[Path, tuple[int, int, int, int]], ...]
+    stamps: tuple[tuple[Path, tuple[int, int, int, int, int]], ...]
 
     @staticmethod
-    def _stamp(path: Path) -> tuple[int, int, int, int]:
+    def _stamp(path: Path) -> tuple[int, int, int, int, int]:
         st = os.stat(path)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     @classmethod
     def of(cls, files: Iterable[Path]) -> FileStamps:
@@ -171,7 +173,11 @@ class FileStamps:
                 now = None
             if now != before:
                 what = "disappeared" if now is None else (
-                    f"changed size ({before[2]} -> {now[2]} bytes)" if now[2] != before[2] else "was modified")
+                    f"changed size ({before[2]} -> {now[2]} bytes)" if now[2] != before[2] else
+                    "was replaced by another file" if now[:2] != before[:2] else
+                    "was modified" if now[3] != before[3] else
+                    "was rewritten or its metadata changed (its change time moved, though its modification time "
+                    "did not)")
                 raise CheckpointError(f"{path}: {label} {what} while tiesmerge read it",
                                       hint="wait until the download or copy has finished, then run again")
 
@@ -206,6 +212,7 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     try:
         st = os.stat(final)
     except FileNotFoundError:
+        _check_writable_parent(output, final)
         return
     except NotADirectoryError:
         raise OutputError(f"{output}: cannot create the output directory: a folder on its path is a file",
@@ -229,6 +236,20 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
                           hint="choose another path, or remove that directory yourself if you mean it")
+
+
+def _check_writable_parent(output: str | os.PathLike, final: Path) -> None:
+    """A new output is created beside its folders: the nearest folder that exists must be a directory
+    this process may write, checked now rather than when the merge (or a whole tune) is done."""
+    folder = final.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not os.path.isdir(folder):
+        raise OutputError(f"{output}: cannot create the output directory: {folder} is not a folder",
+                          hint="choose a location you can write to")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{output}: cannot create the output directory: {folder} is not writable",
+                          hint="choose a location you can write to")
 
 
 def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]]) -> None:
@@ -320,6 +341,15 @@ def check_search_dir(directory: str | os.PathLike) -> None:
     entries = os.listdir(directory)
     if not entries:
         return
+    for name in sorted(_SEARCH_FILES - {SEARCH_LOG}):  # replaced at the end: checked now, not after the search
+        try:
+            mode = os.lstat(directory / name).st_mode
+        except FileNotFoundError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise OutputError(f"{directory / name}: the search writes its {name} there, but that is "
+                              f"{'a directory' if stat.S_ISDIR(mode) else _kind(mode)}",
+                              hint="remove it, or choose another --dir")
     log = directory / SEARCH_LOG
     try:
         lst = os.lstat(log)

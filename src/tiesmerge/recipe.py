@@ -146,13 +146,19 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             problems.append(f"unknown key {_short(key)}{_suggest_key(str(key), name)}")
     if name is None:
         problems.append(f"'method' is missing (one of {', '.join(METHODS)})")
-    elif not isinstance(name, str) or name not in METHODS:  # a YAML list or mapping is unhashable
+    elif not isinstance(name, str):  # e.g. `method: [ties]`: one name, not a list of them
+        example = f" (write method: {name[0]})" if isinstance(name, list) and len(name) == 1 and isinstance(
+            name[0], str) else ""
+        problems.append(f"'method' must be one method name, got {type(name).__name__} {_short(name)}{example}")
+    elif name not in METHODS:
         broken = broken_plugins().get(name) if isinstance(name, str) else None  # a plugin that cannot load: why
         unknown = f"unknown method {_short(name)}{did_you_mean(str(name)[:100], list(METHODS))}"
         problems.append(broken.message if broken else unknown)
     base = data.get("base")
     if base is None:
         problems.append("'base' is missing: the path of the model the others were fine-tuned from")
+    elif not isinstance(base, (str, os.PathLike)) or not str(base):  # `base: 5` is not the folder "5"
+        problems.append(f"'base' must be the path of a model (text), got {type(base).__name__} {_short(base)}")
     models_raw = data.get("models")
     paths: list[str] = []
     weights: list[float | None] = []
@@ -161,17 +167,22 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         problems.append("'models' must be a non-empty list of paths (or of {path:, weight:})")
         models_raw = []
     for i, entry in enumerate(models_raw):
-        if isinstance(entry, (str, os.PathLike)):
+        if isinstance(entry, (str, os.PathLike)) and str(entry):
             paths.append(_path(entry, root))
             weights.append(None)
             stats.append(None)
         elif isinstance(entry, dict) and "path" in entry:
+            if not isinstance(entry["path"], (str, os.PathLike)) or not str(entry["path"]):
+                problems.append(f"models[{i}].path must be the path of a model (text), got {_short(entry['path'])}")
+                continue
             extra = [k for k in entry if k not in ("path", "weight", "stats")]
             if extra:
                 problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path, weight and stats)")
             paths.append(_path(entry["path"], root))
             weights.append(entry.get("weight"))
-            stats.append(_path(entry["stats"], root) if entry.get("stats") is not None else None)
+            if entry.get("stats") is not None and not isinstance(entry["stats"], (str, os.PathLike)):
+                problems.append(f"models[{i}].stats must be a statistics directory, got {_short(entry['stats'])}")
+            stats.append(_path(entry["stats"], root) if isinstance(entry.get("stats"), (str, os.PathLike)) else None)
         else:
             problems.append(f"models[{i}]: expected a path or {{path:, weight:}}, got {_short(entry)}")
     params = data.get("parameters") or {}

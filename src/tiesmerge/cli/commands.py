@@ -7,14 +7,13 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
 import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, EvaluatorError, OutputError, TiesMergeError
+from ..errors import ConfigError, OutputError
 from ..methods.base import ModelPath, option_types
 from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, write_file
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
@@ -37,7 +36,7 @@ def _load_callable(spec: str):
         sys.path.insert(0, str(Path.cwd()))  # so a module in the current directory can be named
     try:
         return getattr(importlib.import_module(module), name)
-    except Exception as exc:  # an import runs the module: any error of it is the evaluator's
+    except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
@@ -73,28 +72,6 @@ def _nested(a: Any, b: Any) -> bool:
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 
-class _Guarded:
-    """The evaluator, whose errors and non-scores become a typed error naming it. A class, not a
-    closure, so that it pickles wherever the evaluator does (search's Ray workers)."""
-
-    def __init__(self, evaluate: Any, spec: str) -> None:
-        self.evaluate, self.spec = evaluate, spec
-
-    def __call__(self, state: Any) -> float:
-        try:
-            score = self.evaluate(state)
-        except (TiesMergeError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            raise EvaluatorError(f"--evaluator {self.spec}: raised {type(exc).__name__}: {str(exc)[:300]}",
-                                 hint="fix the evaluator (--debug shows its traceback)") from exc
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise EvaluatorError(f"--evaluator {self.spec}: returned {str(score)[:80]!r} "
-                                 f"({type(score).__name__}), not a finite number",
-                                 hint="the evaluator must return a validation score, higher is better")
-        return float(score)
-
-
 def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]) -> None:
     """Before any work: the output may be written (see tiesmerge.paths) and is none of the inputs."""
     if output:
@@ -105,6 +82,7 @@ def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..api import merge
     from ..tuning import parse_grid, tune
+    from ..tuning.evaluator import guard
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
     inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
@@ -114,7 +92,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
                               "the best merge replaces", hint="write the scores beside the output, not into it")
         check_output_file(args.json, args.force, inputs, "--json")
-    evaluate = _Guarded(_evaluator(args.evaluator, args.base, args.device), args.evaluator)
+    evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
     if args.json:
@@ -149,6 +127,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from ..api import merge
     from ..tuning import LocalExecutor, RayExecutor, parse_grid, parse_ranges, run_search, write_report
+    from ..tuning.evaluator import guard
     from ..tuning.space import parse_fixed
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
@@ -160,7 +139,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.output and _nested(args.dir, args.output):
         raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other; "
                           "the best merge would replace the search's log", hint="choose separate paths")
-    evaluate = _Guarded(_evaluator(args.evaluator, args.base, args.device), args.evaluator)
+    evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
     _check_writes(args.output, args.force, module)
     check_not_input(args.dir, module)
@@ -241,6 +220,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
                   vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle,
                   allow_distant=recipe.allow_distant)
     if args.dry_run:
+        if args.output:  # the same checks as a real run: a dry run that says nothing wrong must mean it
+            reference = recipe.method.requirements().reference
+            _check_writes(args.output, args.force,
+                          [("the recipe", args.recipe), ("the base", recipe.base),
+                           *((f"model {k}", m) for k, m in enumerate(recipe.models)),
+                           ("the reference model", reference),
+                           *((f"the statistics of model {k}", s) for k, s in enumerate(recipe.stats or ()))])
         plan = plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
                           stats=recipe.stats, **common)
         print(describe_plan(plan, recipe.method, len(recipe.models)))
@@ -350,7 +336,22 @@ def _axis(values: tuple) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from ..api import base_distance, plan_merge
+    from ..distance import check_distances
+
     recipe = load_recipe(args.recipe)
+    # the checks of the merge's plan, short of reading any weights: every input exists and is a model
+    # (headers read), none is given twice, the shapes align, the statistics fit, the device exists
+    plan = plan_merge(recipe.base, list(recipe.models), recipe.method, device=recipe.device,
+                      memory_budget=recipe.memory_budget, dtype=recipe.dtype, vocab_policy=recipe.vocab_policy,
+                      allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats,
+                      allow_distant=True)  # judged below, once the numbers are shown
+    # how far each model is from the base (a small sample of rows): shown, then judged
+    distances = base_distance(recipe.base, list(recipe.models), vocab_policy=recipe.vocab_policy,
+                              allow_pickle=recipe.allow_pickle)
+    for d in distances:
+        print(f"  base distance: {d.line()}")
+    check_distances(distances, recipe.base, recipe.allow_distant)
     print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
     if recipe.origin:
         print(f"  read as a {recipe.origin.get('format')} recipe: {recipe.origin.get('semantics')}")
@@ -358,20 +359,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  warning: {warning}")
     for key, value in recipe.to_dict()["parameters"].items():
         print(f"  {key} = {value}")
-    from ..hub import split_repo_id  # org/name[@revision]: read from the local Hugging Face cache
-
-    missing = [p for p in (recipe.base, *recipe.models) if not Path(p).exists() and not split_repo_id(p)]
-    for p in missing:
-        print(f"  warning: {p} does not exist (yet)")
-    if not missing:  # the inputs are there: how far each model is from the base (a small sample of rows)
-        from ..api import base_distance
-        from ..distance import check_distances
-
-        distances = base_distance(recipe.base, list(recipe.models), vocab_policy=recipe.vocab_policy,
-                                  allow_pickle=recipe.allow_pickle)
-        for d in distances:
-            print(f"  base distance: {d.line()}")
-        check_distances(distances, recipe.base, recipe.allow_distant)
+    merged = [j for j in plan.jobs if j.merge]
+    print(f"  inputs checked: {len(merged)} tensors to merge, {format_size(plan.bytes_to_read)} to read, "
+          f"peak memory {format_size(plan.peak_bytes)}")
     return 0
 
 

@@ -246,7 +246,8 @@ def _search_parser(sub) -> None:
     s.add_argument("--device", default="cpu")
     s.add_argument("--memory-budget", default=None)
     s.add_argument("-o", "--output", help="write the best merge here as an HF directory")
-    s.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    s.add_argument("--force", action="store_true",
+                   help="replace an output directory tiesmerge wrote before (never an input)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"error: {'terminated' if isinstance(exc, Terminated) else 'interrupted'}; "
-              "no output directory was left behind", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        if isinstance(exc, Terminated):
+            print(f"error: terminated by {exc.name}; no output directory was left behind", file=sys.stderr)
+            return 128 + exc.signum  # the shell's convention for a process ended by that signal
+        print("error: interrupted; no output directory was left behind", file=sys.stderr)
+        return 130
     except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
         where = f"{exc.filename}: " if exc.filename else ""
         return _report(InternalError(f"{where}{exc.strerror or exc}",
@@ -281,24 +284,43 @@ def main(argv: list[str] | None = None) -> int:
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "
                                           "and report it"), args.debug)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:  # None: a handler set outside Python, which cannot be put back from here
+                signal.signal(signum, handler)
+
+
+# Signals whose default action ends the process, sent to stop a job: kill's default (TERM), a closed
+# terminal or ssh session (HUP), Ctrl-\ (QUIT), and the user signals job schedulers send before
+# they kill a job (USR1, USR2). Each is handled as Ctrl-C (SIGINT), so the temporary output is removed.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+                     if hasattr(signal, name))
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so every cleanup (the temporary output) runs as on Ctrl-C."""
+    """A stop signal, raised where the program is, so every cleanup (the temporary output) runs as on Ctrl-C."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+        self.name = signal.Signals(signum).name
 
 
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    raise Terminated(signum)
 
 
-def _terminate_like_interrupt() -> Any:
-    """Handle SIGTERM as Ctrl-C for the command's duration (only the main thread may set handlers)."""
-    try:
-        return signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread: the caller's handlers stay
-        return None
+def _terminate_like_interrupt() -> dict[int, Any]:
+    """Handle the stop signals as Ctrl-C for the command's duration; the handlers they replace (only
+    the main thread may set handlers: elsewhere the caller's stay)."""
+    previous: dict[int, Any] = {}
+    for signum in STOP_SIGNALS:
+        try:
+            if signal.getsignal(signum) is signal.SIG_IGN:  # e.g. HUP under nohup: the user asked to ignore it
+                continue
+            previous[signum] = signal.signal(signum, _on_stop_signal)
+        except (ValueError, OSError):  # not the main thread, or a signal this platform will not let us handle
+            break
+    return previous
 
 
 def _report(exc: TiesMergeError, debug: bool) -> int:

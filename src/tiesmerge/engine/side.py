@@ -93,17 +93,35 @@ class SideInputs:
             raw = stats.read(self.names[k][name], rows)
             self.bytes_read += raw.numel() * raw.element_size()
             self._progress(raw.numel() * raw.element_size())
-            values.append(raw.to(self.device, torch.float32).mul_(self.scales[k]))
+            value = raw.to(self.device, torch.float32)
+            why = self._invalid(value)  # each model's own values, as stored (their sum may overflow; they may not)
+            if why:
+                raise InvalidTensorError(f"{stats.location(self.names[k][name])}: {self.spec.kind} statistic "
+                                         f"{name!r} {why}", hint="the statistics file is damaged; recompute it")
+            values.append(value.mul_(self.scales[k]))
         side = torch.stack(values)  # (n, ...)
-        if not bool(torch.isfinite(side.sum())) or (self.spec.kind == "fisher" and bool((side < 0).any())):
-            bad = next(k for k, v in enumerate(values) if not bool(torch.isfinite(v).all()) or
-                       (self.spec.kind == "fisher" and bool((v < 0).any())))
-            raise InvalidTensorError(f"{self.stats[bad].location(self.names[bad][name])}: {self.spec.kind} statistic "
-                                     f"{name!r} holds NaN, Inf or negative values",
-                                     hint="the statistics file is damaged; recompute it")
         if not self.spec.rows:
             self._cached = (name, side)
         return side
+
+    def _invalid(self, value: torch.Tensor) -> str | None:
+        """What makes one model's statistic unusable, or None: NaN or Inf; a negative Fisher value
+        (a mean of squares); a Gram matrix X^T X / N that is not positive semi-definite."""
+        if not bool(torch.isfinite(value).all()):
+            return "holds NaN or Inf values"
+        if self.spec.kind == "fisher":
+            return "holds negative values (a Fisher diagonal is a mean of squares)" if bool((value < 0).any()) else None
+        if self.spec.kind == "gram" and value.dim() == 2 and value.shape[0] == value.shape[1] and value.numel():
+            # (in, in): symmetric, with a Cholesky factor once a tolerance for float32 rounding is added
+            # to its diagonal (a Gram matrix of real inputs has one; -I or a flipped sign has not)
+            g = value.double()
+            scale = float(g.diagonal().abs().max())
+            if not torch.allclose(g, g.T, rtol=1e-4, atol=1e-6 * max(scale, 1e-30)):
+                return "is not symmetric, so it is no Gram matrix X^T X / N"
+            if bool((g.diagonal() < 0).any()) or int(torch.linalg.cholesky_ex(
+                    g + (1e-6 * max(scale, 1e-30)) * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)).info):
+                return "is not positive semi-definite, so it is no Gram matrix X^T X / N"
+        return None
 
     # ------------------------------------------------------------------ planning
     def bytes_per_pass(self) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
+import stat
+import tempfile
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,12 +25,16 @@ def _sha256(path: Path) -> dict:
 
 
 def _cache_file() -> Path | None:
-    """Where file digests are remembered, or None when TIESMERGE_DIGEST_CACHE=0."""
+    """Where file digests are remembered (``$TIESMERGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiesmerge``,
+    else ``~/.cache/tiesmerge``), or None when TIESMERGE_DIGEST_CACHE=0."""
     if os.environ.get("TIESMERGE_DIGEST_CACHE", "1") == "0":
         return None
     root = os.environ.get("TIESMERGE_CACHE_DIR") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tiesmerge")
     return Path(root) / "digests.json"
+
+
+_MAX_CACHE_BYTES = 64 << 20  # ~300,000 remembered files; a larger cache file is ignored (and replaced)
 
 
 def _stamp(path: Path) -> list[int]:
@@ -39,11 +44,52 @@ def _stamp(path: Path) -> list[int]:
 
 
 def _load_cache(file: Path) -> dict:
+    """The remembered digests, or {} when the cache is missing, damaged, too large, or not a regular
+    file: a link (never followed) or a FIFO (opened non-blocking, refused by fstat) is ignored."""
     try:
-        data = json.loads(file.read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
         return {}
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CACHE_BYTES:
+            return {}
+        data = json.loads(os.pread(fd, st.st_size, 0))
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+    finally:
+        os.close(fd)
+
+
+def _cache_dir(cache: Path) -> bool:
+    """Create the cache's folder; whether it is a real directory (a link there is never written through)."""
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        return stat.S_ISDIR(os.lstat(cache.parent).st_mode)
+    except OSError:
+        return False
+
+
+def _remember(cache: Path, key: str, stamp: list[int], sha256: str) -> None:
+    """Add one digest: the whole file is written to a fresh temporary file in the cache's own folder
+    and renamed over the old one (a link or FIFO at the cache's path is replaced, never followed), so
+    readers see the old or the new file, never half of one."""
+    if not _cache_dir(cache):
+        return
+    entries = _load_cache(cache)
+    entries[key] = {"stamp": stamp, "sha256": sha256}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(entries))
+        os.replace(tmp, cache)
+    except OSError:  # a full or read-only cache folder only costs hashing again next time
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def _digest(path: Path) -> dict:
@@ -59,15 +105,7 @@ def _digest(path: Path) -> dict:
         return {"path": str(path), "sha256": known["sha256"], "bytes": stamp[2], "remembered": True}
     result = _sha256(path)
     if _stamp(path) == stamp:  # unchanged while hashed: safe to remember
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            entries = _load_cache(cache)
-            entries[key] = {"stamp": stamp, "sha256": result["sha256"]}
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.{threading.get_ident()}")
-            tmp.write_text(json.dumps(entries))
-            os.replace(tmp, cache)  # readers see the old or the new file, never half of one
-        except OSError:
-            pass  # a read-only cache directory only costs hashing again next time
+        _remember(cache, key, stamp, result["sha256"])
     return result
 
 

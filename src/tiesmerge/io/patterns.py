@@ -68,6 +68,34 @@ def _set_item(op: object, av: object) -> Callable[[str], bool]:
     raise _Refused(f"{op} {av} in a character set")
 
 
+def _backreference(key: str) -> str | None:
+    """The first backreference in a regex (``\\1``, ``(?P=name)``, ``(?(1)...)``), or None; escapes
+    and character classes are skipped (``[\\1]`` is the character 1's octal escape, not a reference)."""
+    i, in_class = 0, False
+    while i < len(key):
+        c = key[i]
+        if c == "\\":
+            nxt = key[i + 1:i + 2]
+            if not in_class and nxt.isdigit() and nxt != "0":
+                return key[i:i + 3] if key[i + 2:i + 3].isdigit() else key[i:i + 2]
+            i += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if key[i + 1:i + 2] == "^":
+                i += 1
+            if key[i + 1:i + 2] == "]":  # a leading ] is a character of the class
+                i += 1
+        elif key.startswith("(?P=", i):
+            return key[i:key.find(")", i) + 1] or key[i:]
+        elif key.startswith("(?(", i):
+            return key[i:key.find(")", i) + 1] or key[i:]
+        i += 1
+    return None
+
+
 @dataclass
 class _State:
     kind: str  # "char", "split", "end" ($), "begin" (^), "match"
@@ -138,6 +166,13 @@ class ModulePattern:
         if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
             raise CheckpointError(f"{source}: pattern key {str(key)[:80]!r} is not a module name pattern "
                                   f"(a non-empty string of at most {MAX_PATTERN_CHARS} characters)")
+        what = ("exclude patterns are regexes searched in each tensor name" if anywhere else
+                "alpha_pattern and rank_pattern keys are regexes a module name ends with")
+        refers = _backreference(key)
+        if refers:  # refused before re's own message ("cannot refer to an open group") says something else
+            raise CheckpointError(f"{source}: pattern key {key[:80]!r} uses a backreference ({refers}); "
+                                  "backreferences are not supported (matching them needs backtracking)",
+                                  hint=f"{what}: write it without backreferences (| . * + ? [] {{m,n}})")
         try:
             re.compile(key)
             parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"(.*\.)?({key})$")
@@ -147,8 +182,7 @@ class ModulePattern:
             start = builder.build(parsed, 0)
         except re.error as exc:
             raise CheckpointError(f"{source}: pattern key {key[:80]!r} is not a valid regular expression ({exc})",
-                                  hint="alpha_pattern and rank_pattern keys are regexes a module name ends with"
-                                  ) from None
+                                  hint=what) from None
         except _Refused as exc:
             raise CheckpointError(f"{source}: pattern key {key[:80]!r} uses a feature tiesmerge does not run "
                                   f"({exc})",

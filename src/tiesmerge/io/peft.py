@@ -59,11 +59,20 @@ def resolve_name(module: str, suffix: str, base: Checkpoint, label: str, key: st
         hint="the adapter was trained on another base model; pass the base it was trained from")
 
 
+# the adapter config's flags that change what an adapter's weights mean (PEFT LoRA and (IA)³)
+_FLAGS = ("use_rslora", "fan_in_fan_out", "use_dora", "use_qalora", "inference_mode")
+
+
 def read_adapter_dir(path: Path, label: str) -> tuple[dict, SafetensorsCheckpoint]:
     """An adapter directory's config and its (opened, validated) weights file."""
     config = read_json(path / ADAPTER_CONFIG, "the adapter config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a mapping")
+    for key in _FLAGS:  # read as truth values: bool("no") and bool("false") would be True
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise CheckpointError(f"{path / ADAPTER_CONFIG}: {key} is {str(config[key])[:80]!r} "
+                                  f"({type(config[key]).__name__}), not true or false",
+                                  hint="fix the adapter config (PEFT writes its flags as JSON true/false)")
     weights = path / ADAPTER_WEIGHTS
     if not os.path.lexists(weights):
         pickled = path / "adapter_model.bin"

@@ -10,6 +10,7 @@ Chunks arrive as numpy arrays of the stored bytes (bfloat16 as a uint16 view: se
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -88,6 +89,29 @@ def plan_shards(entries: list[OutputEntry], shard_size: int,
     return shards if shards[0] else []
 
 
+_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+          errno.EFBIG: "the file is larger than this file system (or the process's file size limit) allows"}
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> OutputError:
+    """An OSError met while writing ``path``, as an error naming the file, what ran out and how much
+    space is left there (the OS's own message, "File too large", names neither)."""
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"; {format_size(shutil.disk_usage(folder).free)} is free there"
+    except OSError:
+        free = ""
+    why = _SPACE.get(exc.errno or 0)
+    if why is None:
+        return OutputError(f"{path}: cannot write it ({exc.strerror or exc}){free}",
+                           hint="fix the cause and run again; nothing was left at the output")
+    return OutputError(f"{path}: cannot write it: {why} ({exc.strerror}){free}",
+                       hint="free some space or write elsewhere" if exc.errno != errno.EFBIG else
+                       "write smaller shards (--shard-size) or to another file system")
+
+
 class SafetensorsStreamWriter:
     """Writes one safetensors file whose tensors arrive in order, possibly in row chunks."""
 
@@ -114,8 +138,11 @@ class SafetensorsStreamWriter:
         self._data_start = 8 + len(raw)
         self._total = offset
         self._written = 0  # data bytes written so far
-        self._file = open(path, "wb")  # noqa: SIM115 -- closed in close()
-        self._file.write(struct.pack("<Q", len(raw)) + raw)
+        try:
+            self._file = open(path, "wb")  # noqa: SIM115 -- closed in close()
+            self._file.write(struct.pack("<Q", len(raw)) + raw)
+        except OSError as exc:
+            raise write_error(path, exc) from None
 
     def _expect(self, name: str, nbytes: int) -> None:
         """Check that the next ``nbytes`` of the data section belong to tensor ``name``
@@ -142,7 +169,10 @@ class SafetensorsStreamWriter:
         if name in self._finite:  # merged values: an overflow stops the merge before the bytes land
             check_finite(name, chunk, self._finite[name], (self._written - self._ranges[name][0]) // itemsize)
         if nbytes:
-            self._file.write(data)
+            try:
+                self._file.write(data)
+            except OSError as exc:
+                raise write_error(self.path, exc) from None
         self._written += nbytes
 
     def duplicate(self, name: str, source: str) -> None:
@@ -150,18 +180,24 @@ class SafetensorsStreamWriter:
         (tied weights keep both names without holding the tensor in memory)."""
         begin, end = self._ranges[source]
         self._expect(name, end - begin)
-        self._file.flush()
-        with open(self.path, "rb") as src:
-            src.seek(self._data_start + begin)
-            left = end - begin
-            while left:
-                block = src.read(min(left, 64 << 20))
-                self._file.write(block)
-                left -= len(block)
+        try:
+            self._file.flush()
+            with open(self.path, "rb") as src:
+                src.seek(self._data_start + begin)
+                left = end - begin
+                while left:
+                    block = src.read(min(left, 64 << 20))
+                    self._file.write(block)
+                    left -= len(block)
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
         self._written += end - begin
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # flushes the last buffered bytes: a full disk may show only now
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
         if self._written != self._total:
             raise RuntimeError(f"{self.path}: closed after {self._written} of {self._total} data bytes")
 
@@ -209,7 +245,11 @@ class ShardedWriter:
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_size},
                      "weight_map": {e.name: self.files[i] for i, shard in enumerate(self.shards) for e in shard}}
-            (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            path = self.directory / "model.safetensors.index.json"
+            try:
+                path.write_text(json.dumps(index, indent=2) + "\n")
+            except OSError as exc:
+                raise write_error(path, exc) from None
 
 
 def _check_output_path(final: Path, force: bool) -> None:
@@ -291,7 +331,12 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} but only {format_size(free)} "
                           "is free there", hint="free some space or write elsewhere")
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:  # a file the caller wrote into tmp (the manifest, the card): name it and the space
+            if exc.errno not in _SPACE:
+                raise
+            raise write_error(exc.filename or final, exc) from None
         _check_output_path(final, force)  # the path may have changed while we worked
         old = None
         if os.path.lexists(final):
@@ -369,8 +414,7 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
             with os.fdopen(fd, "rb") as src, open(target / path.name, "xb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except OSError as exc:
-            raise OutputError(f"{target / path.name}: cannot copy the base's {path.name} into the output "
-                              f"({exc.strerror or exc})", hint="free some space or write elsewhere") from None
+            raise write_error(target / path.name, exc) from None
         copied.append(path.name)
     config = target / "config.json"
     if dtype is not None and "config.json" in copied:

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import types as types_module
 import typing
 from collections.abc import Callable, Mapping
@@ -42,7 +43,7 @@ __all__ = [
     "ModelPath", "SCOPES", "TopK", "Cut", "Reduction", "SideInput", "TiesKernel", "LinearKernel", "Requirements",
     "ChunkContext", "MergeMethod", "method_config", "option", "option_types", "paper_grid", "check_options",
     "check_models", "steps", "fraction", "probability", "unit_interval", "finite", "positive", "non_negative_int",
-    "nonzero_sum",
+    "nonzero_sum", "option_problem", "unit_range", "MODEL_COUNT_UNITS",
 ]
 
 ModelPath = NewType("ModelPath", str)  # a field holding a model directory: a path flag, resolved like a path
@@ -370,14 +371,49 @@ def method_config(cls: type) -> type:
     return dataclass(frozen=True)(cls)
 
 
+# The range an option's unit declares, enforced wherever an option is set (a method built from the
+# CLI, a recipe, a tune grid or a search space): "(0, 1]", "[0, 1)", ">= 0", or a bare "fraction" or
+# "probability", which mean [0, 1]. So a unit the help shows is a promise, not a comment.
+_INTERVAL = re.compile(r"([\[(])\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*([\])])")
+_AT_LEAST = re.compile(r">=\s*(-?[\d.]+)")
+_UNIT_INTERVALS = ("fraction", "probability")  # a bare unit of these words: [0, 1]
+MODEL_COUNT_UNITS = ("tasks", "models")  # an integer option counting models: at most the number merged
+
+
+def unit_range(unit: str) -> tuple[str, float, float, str] | None:
+    """The interval a unit declares, as (opening bracket, low, high, closing bracket), or None."""
+    m = _INTERVAL.search(unit)
+    if m:
+        return m.group(1), float(m.group(2)), float(m.group(3)), m.group(4)
+    m = _AT_LEAST.search(unit)
+    if m:
+        return "[", float(m.group(1)), math.inf, ")"
+    if unit.split(",")[0].strip() in _UNIT_INTERVALS:
+        return "[", 0.0, 1.0, "]"
+    return None
+
+
+def _out_of_range(unit: str, value: Any) -> str | None:
+    bounds = unit_range(unit)
+    if bounds is None or not _number(value):
+        return None
+    opening, low, high, closing = bounds
+    inside = (low <= value if opening == "[" else low < value) and (value <= high if closing == "]" else value < high)
+    if inside:
+        return None
+    shown = f">= {low:g}" if high == math.inf else f"in {opening}{low:g}, {high:g}{closing}"
+    return f"must be {shown} ({unit})"
+
+
 def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
     """What is wrong with one option's (normalised) value, or None."""
     meta = f.metadata
+    unit = meta.get("unit", "")
     if meta.get("per_model"):
         if not isinstance(value, tuple) or not value:
             return f"must be a list with one value per model, got {value!r}"
         for v in value:
-            why = meta["check"](v) if meta.get("check") else finite(v)
+            why = (meta["check"](v) if meta.get("check") else finite(v)) or _out_of_range(unit, v)
             if why:
                 return f"{why}, got {v!r} in {list(value)}"
         why = meta["check_all"](value) if meta.get("check_all") else None
@@ -386,7 +422,21 @@ def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
         ok = isinstance(value, str) and value in meta["choices"]
         return None if ok else f"={value!r} is not one of {', '.join(meta['choices'])}"
     why = meta["check"](value) if meta.get("check") else _TYPE_CHECKS[kind](value)  # a check includes the type's
+    why = why or _out_of_range(unit, value)
     return f"{why}, got {value!r}" if why else None
+
+
+def option_problem(cls: type, name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for option ``name`` of method class ``cls`` (its type, check and
+    declared range), or None: for values set outside a method object (a tune grid, a search range)."""
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    if f is None:
+        return f"{cls.name} has no option {name!r}"
+    if isinstance(value, list):
+        value = tuple(value)
+    if value is None and f.default is None:
+        return None
+    return _problem(f, option_types(cls)[name], value)
 
 
 def check_options(method: Any) -> None:
@@ -425,4 +475,7 @@ def check_models(method: Any, n_models: int) -> list[str]:
         value = getattr(method, f.name)
         if f.metadata.get("per_model") and isinstance(value, tuple) and len(value) != n_models:
             problems.append(f"{method.name}: {len(value)} {f.name} given for {n_models} models")
+        if f.metadata.get("unit") in MODEL_COUNT_UNITS and _number(value) and value > n_models:
+            problems.append(f"{method.name}: {f.name}={value} counts {f.metadata['unit']}, but only {n_models} "
+                            f"model{'s are' if n_models != 1 else ' is'} merged (at most {n_models})")
     return problems

@@ -11,6 +11,7 @@ from .files import (
     Statistics,
     StatsManifest,
     StatsSource,
+    files_digest,
     load_stats,
     model_digest,
     open_stats,
@@ -20,5 +21,5 @@ from .fisher import FISHER_KINDS, PER_EXAMPLE, fisher_information
 from .gram import gram_matrices
 
 __all__ = ["FISHER_KINDS", "MANIFEST_NAME", "PER_EXAMPLE", "STATS_KINDS", "Statistics", "StatsManifest",
-           "StatsSource", "fisher_information", "gram_matrices", "load_stats", "model_digest", "open_stats",
-           "save_stats"]
+           "StatsSource", "files_digest", "fisher_information", "gram_matrices", "load_stats", "model_digest",
+           "open_stats", "save_stats"]

@@ -75,6 +75,20 @@ def _directions(logp: torch.Tensor, label: torch.Tensor | None, kind: str) -> tu
     return eye[int(label)].unsqueeze(0), ones
 
 
+def _check_labels(labels: Any, classes: int, first: int) -> None:
+    """True labels must be classes of the model, 0 .. C - 1 (C = 0: log-likelihoods, no classes):
+    a label of -1 would silently pick the last class, one of C or more no class at all."""
+    labels = torch.as_tensor(labels)
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.dim() != 1:
+        raise ConfigError(f"targets(batch) must give a (B,) integer tensor of class labels, got {tuple(labels.shape)} "
+                          f"{str(labels.dtype).removeprefix('torch.')}")
+    if classes and labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
+        bad = next(i for i, v in enumerate(labels.tolist()) if not 0 <= v < classes)
+        raise ConfigError(f"example {first + bad}: label {labels[bad].item()} is not a class of the model, which has "
+                          f"{classes} (labels 0 to {classes - 1})",
+                          hint="map the data's labels to the model's classes")
+
+
 def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_fn: LogitsFn, *,
                        kind: str = "exact", targets: TargetsFn | None = None, per_example: str = "vmap",
                        class_chunk: int = 8, embedding_rows: bool = False, progress: bool = False,
@@ -114,10 +128,17 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     params = {f"module.{n}": p for n, p in module.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     examples = 0
+    classes: int | None = None
     try:
         for batch in tqdm(batches, desc=f"fisher ({kind})", unit="batch", disable=not progress):
             size = batch_size(batch)
             labels = targets(batch) if kind != "exact" and targets is not None else None  # exact: y ~ p
+            if labels is not None:
+                if classes is None:  # the number of classes, from one forward pass without gradients
+                    with torch.no_grad():
+                        out = bound(batch)
+                    classes = int(out.shape[-1]) if out.dim() == 2 else 0
+                _check_labels(labels, classes, examples)
             if kind == "batched":
                 _add_batched(bound, params, batch, labels, total, kind)
             elif per_example == "vmap":

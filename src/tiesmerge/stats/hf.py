@@ -28,8 +28,10 @@ __all__ = ["read_jsonl", "hf_statistics"]
 _MAX_DATA_BYTES = 4 << 30  # a JSON-lines file of examples, read whole
 
 
-def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels: bool = False) -> list[dict]:
-    """The examples of a JSON-lines file, checked line by line."""
+def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels: bool = False,
+               num_labels: int | None = None) -> list[dict]:
+    """The examples of a JSON-lines file, checked line by line (``num_labels``: each label must be
+    a class of the model, 0 .. num_labels - 1; -1 would silently pick the last class)."""
     path = Path(path)
     raw = read_regular(path, "the data file", max_bytes=_MAX_DATA_BYTES, error=ConfigError)
     try:
@@ -48,6 +50,11 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
         if need_labels and (not isinstance(row.get("label"), int) or isinstance(row.get("label"), bool)):
             raise ConfigError(f"{path}:{number}: this Fisher needs an integer 'label' on every line",
                               hint="or use --fisher exact, which needs no labels")
+        label = row.get("label")
+        if num_labels is not None and need_labels and not 0 <= label < num_labels:
+            raise ConfigError(f"{path}:{number}: label {label} is not a class of the model, which has {num_labels} "
+                              f"(labels 0 to {num_labels - 1})",
+                              hint="map the data's labels to the model's classes (its config's id2label)")
         rows.append(row)
         if limit is not None and len(rows) >= limit:
             break
@@ -78,20 +85,39 @@ def _config(model_dir: Path) -> dict:
     return config
 
 
+def _num_labels(model_dir: Path, config: dict) -> int:
+    """The classifier's number of classes, as transformers reads it: ``id2label``'s size, else
+    ``num_labels``, else 2 (PretrainedConfig's default)."""
+    id2label, num = config.get("id2label"), config.get("num_labels")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    if num is None:
+        return 2
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise CheckpointError(f"{model_dir / 'config.json'}: num_labels must be a positive integer, got {num!r}")
+    return num
+
+
 def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, fisher: str = "exact",
                   per_example: str = "loop", batch_size: int = 8, limit: int | None = None, max_length: int = 128,
                   device: str = "cpu", progress: bool = False) -> Statistics:
     """Fisher (``kind="fisher"``) or Gram (``"gram"``) statistics of an HF model on a JSONL file."""
+    from ..inputs import device_of
+
+    device = str(device_of(device))  # cpu, or a CUDA device that exists: checked before any model is loaded
     from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = Path(model_dir)
-    architectures = _config(model_dir).get("architectures") or []
+    config = _config(model_dir)
+    architectures = config.get("architectures") or []
     classifier = any(str(a).endswith("ForSequenceClassification") for a in architectures)
     if kind == "fisher" and not classifier:
         raise ConfigError(f"{model_dir}: the Fisher needs p(y|x), and this model is not a sequence classifier "
                           f"(architectures: {', '.join(architectures) or 'none'})",
                           hint="for other models use tiesmerge.stats.fisher_information with your own logits function")
-    rows = read_jsonl(data, limit=limit, need_labels=kind == "fisher" and fisher != "exact")
+    uses_labels = kind == "fisher" and fisher != "exact"
+    rows = read_jsonl(data, limit=limit, need_labels=uses_labels,
+                      num_labels=_num_labels(model_dir, config) if uses_labels else None)
     loader = AutoModelForSequenceClassification if classifier else AutoModel
     model = loader.from_pretrained(model_dir).to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..methods.base import MergeMethod, check_models
 from ..registry import method_class
 from .candidates import Candidate, Evaluator, Job, as_state, better, candidate_state, float32, merged_delta
+from .evaluator import guard
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
 from .space import SearchSpace, build_space, canonical
@@ -96,6 +97,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     >>> result.best.options, result.best.score                                       # doctest: +SKIP
     """
     started = time.perf_counter()
+    evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     cls = method_class(method) if isinstance(method, str) else type(method)
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
     job = Job(method, base, tuple(models), device, memory_budget)
@@ -115,6 +117,8 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     finally:
         if owned:
             executor.close()
+        if results is not None:
+            results.close()
 
 
 def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, space: SearchSpace,

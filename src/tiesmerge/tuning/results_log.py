@@ -30,41 +30,83 @@ class ResultsLog:
         self.path = Path(path)
         self.header = {"format": FORMAT, **header}
         self.records: dict[str, dict[str, Any]] = {}
-        if os.path.lexists(self.path):  # a FIFO would block the read, a link would be written through
-            mode = os.lstat(self.path).st_mode
-            if not stat.S_ISREG(mode):
-                raise OutputError(f"{self.path}: the search log is "
-                                  f"{'a symbolic link' if stat.S_ISLNK(mode) else 'not a regular file'}",
-                                  hint="remove it, or choose another --dir")
-        if self.path.is_file() and self.path.stat().st_size:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = self._open()
+        if os.fstat(self._fd).st_size:
             self._read()
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_line(self.header, mode="w")
+            self._write_line(self.header)
+
+    def _open(self) -> int:
+        """The log, opened once and checked through its descriptor (not its path, which another process
+        could swap between a check and the open): never through a link (O_NOFOLLOW), never blocking on
+        a FIFO (O_NONBLOCK until fstat says it is a regular file)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:
+            kind = "a symbolic link" if os.path.islink(self.path) else None
+            if kind is None:
+                raise OutputError(f"{self.path}: cannot open the search log ({exc.strerror or exc})",
+                                  hint="choose another --dir (log= in Python)") from None
+            raise OutputError(f"{self.path}: the search log is {kind}, which is never written through",
+                              hint="remove it, or choose another --dir (log= in Python)") from None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise OutputError(f"{self.path}: the search log is not a regular file (a FIFO, device or folder)",
+                              hint="remove it, or choose another --dir (log= in Python)")
+        os.set_blocking(fd, True)
+        return fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:  # the search closes it; an abandoned log must not leak its descriptor
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
+    def _corrupt(self, line: int, why: str) -> ConfigError:
+        return ConfigError(f"{self.path}:{line}: the search log is corrupt ({why})",
+                           hint="delete the log to start the search afresh (its scores are lost), or choose another "
+                                "--dir (log= in Python)" if line == 1 else
+                                "delete that line (its candidate is scored again), then run the search again")
 
     def _read(self) -> None:
-        raw = self.path.read_bytes()
+        size = os.fstat(self._fd).st_size
+        raw = os.pread(self._fd, size, 0)
         if not raw.endswith(b"\n"):
             # the last line was cut by an interruption mid-write: drop it (its candidate is scored again)
             raw = raw[:raw.rfind(b"\n") + 1]
-            with open(self.path, "r+b") as f:
-                f.truncate(len(raw))
-        lines = raw.decode().splitlines()
+            os.ftruncate(self._fd, len(raw))
         try:
-            found = json.loads(lines[0]) if lines else {}
+            lines = raw.decode("utf-8").splitlines()
+        except UnicodeDecodeError as exc:
+            raise self._corrupt(raw[:exc.start].count(b"\n") + 1, "not UTF-8 text") from None
+        if not lines:  # only a cut header: start afresh
+            self._write_line(self.header)
+            return
+        try:
+            found = json.loads(lines[0])
         except json.JSONDecodeError:
-            found = {}
+            found = None
+        if not isinstance(found, dict) or found.get("format") != FORMAT:
+            raise self._corrupt(1, f"its first line is not the header of a {FORMAT} log: {lines[0][:80]!r}")
         if found != json.loads(json.dumps(self.header)):
             different = sorted(k for k in {*found, *self.header} if found.get(k) != self.header.get(k))
             raise ConfigError(f"{self.path} is the log of another search (it differs in: {', '.join(different)})",
-                              hint="pass another --log file, or delete this one to start afresh")
+                              hint="choose another --dir (log= in Python) for this search, or delete this log to "
+                                   "start afresh")
         for n, line in enumerate(lines[1:], start=2):
             try:
                 record = json.loads(line)
                 self.records[record["key"]] = record
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ConfigError(f"{self.path}:{n}: not a scored candidate: {line[:120]!r}",
-                                  hint="the log is damaged; delete the line (its candidate is scored again)") from None
+                raise self._corrupt(n, f"not a scored candidate: {line[:120]!r}") from None
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.records.get(key)
@@ -72,13 +114,12 @@ class ResultsLog:
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one scored candidate and flush it to disk: a search killed later keeps its score."""
         self.records[record["key"]] = dict(record)
-        self._write_line(record, mode="a")
+        self._write_line(record)
 
-    def _write_line(self, data: Mapping[str, Any], *, mode: str) -> None:
-        with open(self.path, mode) as f:
-            f.write(json.dumps(data, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+    def _write_line(self, data: Mapping[str, Any]) -> None:
+        os.lseek(self._fd, 0, os.SEEK_END)
+        os.write(self._fd, (json.dumps(data, sort_keys=True) + "\n").encode())
+        os.fsync(self._fd)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records.values())

@@ -18,9 +18,10 @@ import torch
 
 from ..api import Source, merge
 from ..errors import ConfigError
-from ..methods.base import MergeMethod, option_types, steps
+from ..methods.base import MergeMethod, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
+from .evaluator import guard
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
 
@@ -63,6 +64,10 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
                 if any(v != int(v) for v in axis):
                     raise ValueError
                 axis = tuple(int(v) for v in axis)
+            bad = next(((v, why) for v in axis if (why := option_problem(cls, name, v))), None)
+            if bad is not None:  # out of the option's declared range: refused here, not after a merge
+                problems.append(f"--grid {item!r}: {name} {bad[1]}")
+                continue
             grid[name] = axis
         except ValueError:
             problems.append(f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step"
@@ -115,12 +120,16 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     """
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
+    evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     grid = dict(grid or paper_grid(cls))
     has_lam = "lam" in {f.name for f in dataclasses.fields(cls)}
     if has_lam and "lam" not in grid:
         raise ConfigError("the grid must include lam (the values swept on top of each merge)")
     # a method without lam (SLERP, Model Stock) is merged and scored once per grid point
     lams: tuple[float | None, ...] = tuple(float(x) for x in grid.pop("lam")) if has_lam else (None,)
+    wrong = [f"lam={lam!r}: {why}" for lam in lams if lam is not None and (why := option_problem(cls, "lam", lam))]
+    if wrong:  # the lams are swept on top of each merge, never set on a method: checked here
+        raise ConfigError(wrong)
     unit = {"lam": 1.0} if has_lam else {}
     fixed = dict(fixed or {})
     started = time.perf_counter()

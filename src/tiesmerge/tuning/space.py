@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..methods.base import fraction, option_types
+from ..methods.base import fraction, option_problem, option_types
 from ..methods.base import paper_grid as declared_grid
 
 __all__ = ["Axis", "SearchSpace", "build_space", "parse_ranges", "parse_fixed", "canonical"]
@@ -158,6 +158,10 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
                 value = kind(text)
             else:
                 value = text
+            why = option_problem(cls, name, value)
+            if why:
+                problems.append(f"--set {item!r}: {name} {why}")
+                continue
             fixed[name] = value
         except KeyError:
             problems.append(f"--set {item!r}: {cls.name} has no option {name!r} (it has: {', '.join(types)})")
@@ -219,6 +223,11 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         if per_model and values:
             problems.append(f"{name!r} is per model: it has a range (--range), not grid values")
             continue
+        for end in (low, high, *values):  # every value a candidate can take lies in [low, high] or the grid
+            why = option_problem(cls, name, (end,) * per_model if per_model else end)
+            if why:
+                problems.append(f"{name} {why.split(', got')[0]}, but the search would try {end!r}")
+                break
         built.append(Axis(name, float(low), float(high), tuple(values), per_model, types[name] is int))
     if problems:
         raise ConfigError(problems)

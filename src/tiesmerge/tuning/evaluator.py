@@ -1,0 +1,81 @@
+"""The user's evaluator, guarded: whatever it raises, or returns instead of a score, becomes an
+:class:`~tiesmerge.errors.EvaluatorError` naming it, with the original exception chained.
+
+Used by :func:`~tiesmerge.tuning.tune`, :func:`~tiesmerge.tuning.run_search` and the CLI alike,
+so the Python API and the command line report an evaluator's failure the same way. A
+``sys.exit()`` inside the evaluator is its failure too (it would otherwise end the tune silently
+with the evaluator's exit status); Ctrl-C and a termination signal still stop the run as such.
+
+>>> guard(lambda state: 0.5, "score")({})
+0.5
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..errors import EvaluatorError, TiesMergeError
+
+__all__ = ["GuardedEvaluator", "guard", "evaluator_name"]
+
+
+def evaluator_name(evaluate: Any) -> str:
+    """``module:function`` of a callable, as ``--evaluator`` names it (its repr otherwise)."""
+    module, name = getattr(evaluate, "__module__", None), getattr(evaluate, "__qualname__", None)
+    return f"{module}:{name}" if module and name else repr(evaluate)[:80]
+
+
+class GuardedEvaluator:
+    """``evaluate`` whose failures are typed. A class, not a closure, so that it pickles wherever
+    the evaluator does (search's Ray workers). ``finite``: a NaN or infinite score is an error too
+    (the CLI's rule); else a NaN score is kept and never wins (the API's)."""
+
+    def __init__(self, evaluate: Callable[[Mapping[str, Any]], float], label: str, *, finite: bool = False) -> None:
+        self.evaluate, self.label, self.finite = evaluate, label, finite
+
+    def __call__(self, state: Mapping[str, Any]) -> float:
+        try:
+            score = self.evaluate(state)
+        except (TiesMergeError, KeyboardInterrupt):  # ours already say what is wrong; Ctrl-C stays Ctrl-C
+            raise
+        except SystemExit as exc:
+            raise EvaluatorError(f"{self.label}: called sys.exit({exc.code!r}) instead of returning a score",
+                                 hint="an evaluator must return a number; raise an exception to report a failure"
+                                 ) from exc
+        except Exception as exc:
+            raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {str(exc)[:300]}",
+                                 hint="fix the evaluator (--debug, or the exception's __cause__, shows its "
+                                      "traceback)") from exc
+        if isinstance(score, bool) or not isinstance(score, (int, float)) and not _is_scalar(score):
+            raise EvaluatorError(f"{self.label}: returned {str(score)[:80]!r} ({type(score).__name__}), not a number",
+                                 hint="the evaluator must return a validation score, higher is better")
+        value = float(score)
+        if self.finite and not math.isfinite(value):
+            raise EvaluatorError(f"{self.label}: returned {value}, not a finite number",
+                                 hint="the evaluator must return a validation score, higher is better")
+        return value
+
+
+def _is_scalar(score: Any) -> bool:
+    """A numpy or torch scalar (a 0-d array or tensor), which float() reads exactly."""
+    shape = getattr(score, "shape", None)
+    if shape is None or tuple(shape) != ():
+        return False
+    try:
+        float(score)
+    except (TypeError, ValueError):
+        return False
+    return not getattr(getattr(score, "dtype", None), "is_complex", False)
+
+
+def guard(evaluate: Callable[[Mapping[str, Any]], float], label: str | None = None, *,
+          finite: bool = False) -> GuardedEvaluator:
+    """``evaluate`` guarded (once: a guarded evaluator is returned as it is)."""
+    if isinstance(evaluate, GuardedEvaluator):
+        return evaluate
+    if not callable(evaluate):
+        raise EvaluatorError(f"the evaluator {evaluate!r} is not callable",
+                             hint="pass a function taking a state dict and returning a score")
+    return GuardedEvaluator(evaluate, label or f"the evaluator {evaluator_name(evaluate)}", finite=finite)

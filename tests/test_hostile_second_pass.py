@@ -1,0 +1,656 @@
+"""The second hostile pass of issue 13: what an independent review found still open after the first
+round, one case per finding, checked as the first catalogue (``test_hostile_catalogue``) checks its
+cases: the exit status, the message, no traceback, nothing left at or beside the output path, and
+every input's bytes unchanged.
+
+Cross-cutting (CLI, recipes, statistics, tuning, signals, the digest cache): it is the catalogue the
+next hostile review reads. Cases that need a signal or could block run in a subprocess with a timeout.
+
+Why over 400 lines: one function per hostile case, each a few lines, kept in one catalogue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_adapters import random_lora, write_lora_dir
+from helpers_ckpt import cli_flags, leftovers, make_base, make_family, run_cli, write_hf_dir
+from test_hostile_catalogue import _merge, _run, check, snapshot
+from tiesmerge.errors import EvaluatorError
+from tiesmerge.stats.files import Statistics, StatsManifest, save_stats
+
+
+@pytest.fixture
+def family(tmp_path, monkeypatch):
+    """inputs/base, inputs/ft0, inputs/ft1 (HF dirs) and a working directory of the user's own (as the
+    first catalogue's fixture)."""
+    inputs = tmp_path / "inputs"
+    base, fts = make_family(2)
+    b = write_hf_dir(inputs / "base", base)
+    ms = [write_hf_dir(inputs / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("the user's own file")
+    monkeypatch.chdir(work)
+    return inputs, b, ms
+
+
+def _classifier(inputs: Path, num_labels: int = 2) -> tuple[Path, Path]:
+    """A sequence classifier's directory (tiny safetensors, config naming its classes) and a data file."""
+    config = {"architectures": ["BertForSequenceClassification"],
+              "id2label": {str(k): f"c{k}" for k in range(num_labels)}}
+    model = write_hf_dir(inputs / "clf", make_base(1), config=config)
+    data = inputs / "data.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+    return model, data
+
+
+def _evaluator_module(folder: Path, name: str, body: str) -> None:
+    sys.modules.pop(name, None)
+    (folder / f"{name}.py").write_text(body)
+
+
+# ------------------------------------------------------------------ 5. typed errors, before the heavy work
+
+
+@pytest.mark.parametrize("label", [-1, 2, 99])
+def test_stats_labels_must_be_classes_of_the_model(family, tmp_path, capsys, label):
+    inputs, _, _ = family
+    model, data = _classifier(inputs)
+    data.write_text(f'{{"text": "a", "label": 0}}\n{{"text": "b", "label": {label}}}\n')
+    before = snapshot(inputs)
+    rc, err = _run(["stats", "fisher", "--fisher", "empirical", "--model", str(model), "--data", str(data),
+                    "-o", str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=2, needle=("data.jsonl:2", f"label {label} is not a class", "2 (labels 0 to 1)"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+
+
+def test_fisher_information_refuses_labels_outside_the_classes():
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import fisher_information
+
+    module = torch.nn.Linear(3, 2)
+    batches = [{"x": torch.randn(2, 3), "y": torch.tensor([0, -1])}]
+    for per_example in ("vmap", "loop"):
+        with pytest.raises(ConfigError, match="label -1 is not a class of the model, which has 2"):
+            fisher_information(module, batches, lambda m, b: m(b["x"]), kind="empirical", targets=lambda b: b["y"],
+                               per_example=per_example)
+
+
+@pytest.mark.parametrize("device,needle", [("xyz", "not cpu or cuda"), ("cuda", "no CUDA device")])
+def test_stats_device_is_checked_before_the_model_is_loaded(family, tmp_path, capsys, monkeypatch, device, needle):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    inputs, _, _ = family
+    model, data = _classifier(inputs)
+    import transformers
+
+    loaded = []
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *a, **k: loaded.append(1))
+    before = snapshot(inputs)
+    rc, err = _run(["stats", "fisher", "--model", str(model), "--data", str(data), "--device", device,
+                    "-o", str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=2, needle=("device", needle), output=tmp_path / "out", inputs=inputs, before=before)
+    assert not loaded
+
+
+def _fisher_stats(inputs: Path, base: Path, value: float, models: list[Path] | None = None) -> list[Path]:
+    """Fisher statistics of ``value`` everywhere, recording ``models``' digests (None: no digest)."""
+    from tiesmerge.stats import files_digest
+
+    tensors = {n: torch.full(t.shape, value) for n, t in load_file(str(base / "model.safetensors")).items()
+               if t.is_floating_point()}
+    return [save_stats(inputs / f"stats{k}", Statistics(StatsManifest(
+        "fisher", 4, model_digest=files_digest(models[k]) if models else None), tensors)) for k in range(2)]
+
+
+def test_a_huge_but_finite_fisher_statistic_is_no_crash(family, tmp_path, capsys):
+    inputs, b, ms = family
+    stats = _fisher_stats(inputs, b, 1e38, ms)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "fisher", "--stats", str(stats[0]),
+                          "--stats", str(stats[1])), capsys)
+    assert "Traceback" not in err and "StopIteration" not in err and snapshot(inputs) == before
+    if rc == 0:  # equal Fisher weights: the plain average, finite
+        merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+        assert all(bool(torch.isfinite(t).all()) for t in merged.values() if t.is_floating_point())
+    else:
+        check(rc, err, want_rc=1, needle="tensor", output=tmp_path / "out", inputs=inputs, before=before)
+
+
+def test_an_adapter_given_as_the_base_is_refused(tmp_path, capsys, monkeypatch):
+    inputs = tmp_path / "inputs"
+    module = "model.layers.0.self_attn.q_proj"
+    base = make_base(0)
+    base[module + ".weight"] = torch.randn(8, 8)
+    write_hf_dir(inputs / "base", base)
+    loras = [write_lora_dir(inputs / f"lora{k}", random_lora(base, 2, k, modules=(module,)), alpha=4.0)
+             for k in range(3)]
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(loras[0], loras[1:], tmp_path / "out", "--method", "task_arithmetic"), capsys)
+    check(rc, err, want_rc=2, needle=("lora0", "the base is a PEFT lora adapter", "--base takes the full model"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+    assert "bind(" not in err
+
+
+@pytest.mark.parametrize("command", ["tune", "search"])
+def test_an_evaluator_that_calls_sys_exit_is_named(family, tmp_path, capsys, monkeypatch, command):
+    inputs, b, ms = family
+    name = f"exit_eval_{command}"
+    _evaluator_module(tmp_path / "work", name, "import sys\n\ndef score(state):\n    sys.exit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    extra = ["--dir", str(tmp_path / "s")] if command == "search" else ["--grid", "lam=1.0"]
+    before = snapshot(inputs)
+    rc, err = _run([command, *cli_flags(b, ms), "--evaluator", f"{name}:score", "--grid", "density=0.5", *extra],
+                   capsys)
+    check(rc, err, want_rc=1, needle=(f"--evaluator {name}:score", "sys.exit(3)"), output=None, inputs=inputs,
+          before=before)
+
+
+def test_an_evaluator_interrupted_by_ctrl_c_stops_as_an_interrupt(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", "ctrl_c_eval", "def score(state):\n    raise KeyboardInterrupt\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    rc, err = _run(["tune", *cli_flags(b, ms), "--evaluator", "ctrl_c_eval:score", "--grid", "density=0.5",
+                    "--grid", "lam=1.0", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err and not leftovers(tmp_path / "out")
+
+
+@pytest.mark.parametrize("api", ["tune", "run_search"])
+def test_the_python_api_wraps_an_evaluators_error_with_its_cause(tmp_path, api):
+    from tiesmerge.tuning import run_search, tune
+
+    base, fts = make_family(2)
+
+    def broken_score(state):
+        raise ZeroDivisionError("oops")
+
+    with pytest.raises(EvaluatorError) as info:
+        if api == "tune":
+            tune(base, fts, "ties", broken_score, grid={"density": (0.5,), "lam": (1.0,)})
+        else:
+            run_search(base, fts, "ties", broken_score, axes=("density",), grid={"density": (0.5,)})
+    assert "broken_score" in info.value.message and "ZeroDivisionError: oops" in info.value.message
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    with pytest.raises(EvaluatorError, match="not a number"):
+        tune(base, fts, "ties", lambda state: "high", grid={"density": (0.5,), "lam": (1.0,)})
+
+
+@pytest.mark.parametrize("what", ["results.md", "report.html"])
+def test_search_files_that_cannot_be_replaced_fail_before_the_search(family, tmp_path, capsys, monkeypatch, what):
+    inputs, b, ms = family
+    name = f"count_eval_{what.replace('.', '_')}"
+    _evaluator_module(tmp_path / "work", name, "CALLS = []\n\ndef score(state):\n    CALLS.append(1)\n"
+                                                "    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    d = tmp_path / "s"
+    d.mkdir()
+    (d / what).mkdir()  # a folder where the search writes a file at its end
+    before, d_before = snapshot(inputs), snapshot(d)
+    rc, err = _run(["search", *cli_flags(b, ms), "--evaluator", f"{name}:score", "--grid", "density=0.5",
+                    "--dir", str(d)], capsys)
+    check(rc, err, want_rc=1, needle=(what, "a directory"), output=None, inputs=inputs, before=before)
+    assert snapshot(d) == d_before and not getattr(sys.modules.get(name), "CALLS", [])
+
+
+# ------------------------------------------------------------------ 6. nothing left behind, whichever signal stops it
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
+def test_a_stop_signal_removes_the_temporary_output(family, tmp_path, signum):
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    code = ("import sys, time\n"
+            "from tiesmerge.io import writer\n"
+            "real = writer.SafetensorsStreamWriter.write\n"
+            "def slow(self, name, chunk):\n"  # every chunk takes 0.5 s: the signal lands mid-write
+            "    print('writing', flush=True); time.sleep(0.5); return real(self, name, chunk)\n"
+            "writer.SafetensorsStreamWriter.write = slow\n"
+            "from tiesmerge.cli.main import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    before = snapshot(inputs)
+    proc = subprocess.Popen([sys.executable, "-c", code, *_merge(b, ms, out)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    check(proc.returncode, err, want_rc=128 + signum, needle=f"terminated by {signal.Signals(signum).name}",
+          output=out, inputs=inputs, before=before)
+
+
+def test_a_hangup_ignored_by_nohup_stays_ignored(family, tmp_path):
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    code = ("import os, signal, sys\n"
+            "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"  # what nohup does
+            "from tiesmerge.io import writer\n"
+            "real = writer.SafetensorsStreamWriter.write\n"
+            "def hup(self, name, chunk):\n"
+            "    os.kill(os.getpid(), signal.SIGHUP); return real(self, name, chunk)\n"
+            "writer.SafetensorsStreamWriter.write = hup\n"
+            "from tiesmerge.cli.main import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, *_merge(b, ms, out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").is_file() and json.loads((out / "tiesmerge.json").read_text())
+    assert os.listdir(tmp_path).count("out") == 1 and len(leftovers(out)) == 1
+
+
+# ------------------------------------------------------------------ 7. true messages; nothing accepted silently
+
+
+def _recipe(inputs: Path, b: Path, ms: list[Path], body: str, name: str = "r.yaml") -> Path:
+    recipe = inputs / name
+    recipe.write_text(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\n" + body)
+    return recipe
+
+
+@pytest.mark.parametrize("where", ["parameters", "top"])
+def test_a_key_given_twice_in_a_recipe_is_an_error_naming_it(family, tmp_path, capsys, where):
+    inputs, b, ms = family
+    body = ("parameters:\n  density: 0.2\n  lam: 1.0\n  density: 0.9\n" if where == "parameters" else
+            "dtype: float32\ndtype: float16\n")
+    recipe = _recipe(inputs, b, ms, body)
+    key, lines = ("density", "lines 5 and 7") if where == "parameters" else ("dtype", "lines 4 and 5")
+    before = snapshot(inputs)
+    for argv in (["validate", str(recipe)], ["merge", str(recipe), "-o", str(tmp_path / "out")]):
+        rc, err = _run(argv, capsys)
+        check(rc, err, want_rc=2, needle=(f"key {key!r} is given twice", lines), output=tmp_path / "out",
+              inputs=inputs, before=before)
+
+
+@pytest.mark.parametrize("case,want_rc,needle", [("missing_base", 1, "no such file"), ("etc", 1, "/etc"),
+                                                 ("twice", 2, "listed twice"), ("adapter_base", 2, "PEFT")])
+def test_validate_runs_the_checks_of_the_merge_plan(family, tmp_path, capsys, case, want_rc, needle):
+    inputs, b, ms = family
+    models = [ms[0], ms[1]]
+    base = {"missing_base": inputs / "nope", "etc": Path("/etc")}.get(case, b)
+    if case == "twice":
+        models = [ms[0], ms[0]]
+    if case == "adapter_base":
+        base = write_lora_dir(inputs / "lora", random_lora(make_base(0), 2, 0,
+                                                           modules=("model.layers.0.self_attn.q_proj",)), alpha=4.0)
+    recipe = inputs / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{models[0]}, {models[1]}]\n")
+    before = snapshot(inputs)
+    rc, out, err = run_cli(["validate", str(recipe)], capsys)
+    check(rc, err, want_rc=want_rc, needle=needle, output=None, inputs=inputs, before=before)
+    assert "ok" not in out
+
+
+def test_validate_says_ok_only_after_the_plan_checks(family, capsys):
+    inputs, b, ms = family
+    rc, out, err = run_cli(["validate", str(_recipe(inputs, b, ms, ""))], capsys)
+    assert rc == 0, err
+    assert "ok" in out and "inputs checked: 9 tensors to merge" in out
+
+
+def _cli_flags() -> set[str]:
+    import argparse
+
+    from tiesmerge.cli.main import _parser
+
+    flags: set[str] = set()
+    todo = [_parser()]
+    while todo:
+        parser = todo.pop()
+        for action in parser._actions:
+            flags.update(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                todo.extend(action.choices.values())
+    return flags
+
+
+# options of other programs that messages may name, and the program each belongs to
+FOREIGN_OPTIONS = {"--head": "ray start", "--address": "ray start"}
+
+
+def test_every_option_a_message_or_hint_names_exists():
+    """Every ``--option`` written in the library's strings (errors, hints, help, examples) is a flag
+    of a tiesmerge command (a hint once sent users to a ``--log`` that never existed)."""
+    import ast
+    import re
+
+    import tiesmerge
+
+    flags, missing = _cli_flags(), []
+    for path in sorted(Path(tiesmerge.__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+                continue
+            for line in node.value.splitlines():
+                for match in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]*", line):
+                    option = match.group()
+                    program = FOREIGN_OPTIONS.get(option)
+                    if option in flags or (program is not None and program in line[:match.start()]):
+                        continue
+                    missing.append(f"{path.name}:{node.lineno}: {option}")
+    assert not missing, f"options named in messages that no tiesmerge command has: {missing}"
+    assert len(flags) > 60  # the scan saw the real parser
+
+
+def test_every_force_flag_says_what_it_replaces():
+    from tiesmerge.cli.main import _parser
+
+    helps = {name: next(a.help for a in sub._actions if "--force" in a.option_strings)
+             for name, sub in next(a for a in _parser()._actions if a.dest == "command").choices.items()
+             if any("--force" in a.option_strings for a in sub._actions)}
+    assert set(helps) >= {"merge", "analyze", "tune", "search", "stats"}
+    assert all("tiesmerge wrote" in h and "never an input" in h for h in helps.values()), helps
+
+
+@pytest.mark.parametrize("case", ["header", "record", "binary"])
+def test_a_corrupt_search_log_is_called_corrupt(family, tmp_path, capsys, monkeypatch, case):
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", f"log_eval_{case}", "def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    argv = ["search", *cli_flags(b, ms), "--evaluator", f"log_eval_{case}:score", "--grid", "density=0.5",
+            "--dir", str(tmp_path / "s")]
+    assert _run(argv, capsys)[0] == 0  # a first search writes its log
+    log = tmp_path / "s" / "log.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    if case == "header":
+        lines[0] = b'{"format": "tiesmerge-search/1", "space": {tru\n'
+    elif case == "record":
+        lines.append(b"{not json}\n")
+    else:
+        lines[0] = b"\xff\xfe" + lines[0]
+    log.write_bytes(b"".join(lines))
+    before, log_before = snapshot(inputs), log.read_bytes()
+    rc, err = _run(argv, capsys)
+    where = f"log.jsonl:{len(lines)}" if case == "record" else "log.jsonl:1"
+    check(rc, err, want_rc=2, needle=(where, "corrupt", "delete"), output=None, inputs=inputs, before=before)
+    assert "another search" not in err and "--log" not in err and log.read_bytes() == log_before
+
+
+@pytest.mark.parametrize("what", ["link", "fifo"])
+def test_the_search_log_is_opened_without_following_a_link_or_blocking(tmp_path, what):
+    from tiesmerge.errors import OutputError
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    target = tmp_path / "elsewhere.jsonl"
+    target.write_text("someone else's file\n")
+    log = tmp_path / "log.jsonl"
+    if what == "link":
+        log.symlink_to(target)
+    else:
+        os.mkfifo(log)
+    with pytest.raises(OutputError, match="symbolic link" if what == "link" else "not a regular file"):
+        ResultsLog(log, {"space": {}})
+    assert target.read_text() == "someone else's file\n"
+
+
+@pytest.mark.parametrize("dtype,code,wider", [("float16", "F16", True), ("bfloat16", "BF16", False),
+                                              ("float32", "F32", False)])
+def test_the_overflow_hint_fits_the_output_dtype(family, tmp_path, capsys, dtype, code, wider):
+    inputs, b, ms = family
+    lam = "1e7" if dtype == "float16" else "1e300"
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "task_arithmetic", "--lam", lam, "--dtype", dtype),
+                   capsys)
+    check(rc, err, want_rc=1, needle=("not finite", f"output dtype {code}", "smaller lam"), output=tmp_path / "out",
+          inputs=inputs, before=before)
+    assert ("wider dtype" in err) == wider
+
+
+def test_a_method_given_as_a_list_says_so(family, tmp_path, capsys):
+    inputs, b, ms = family
+    recipe = inputs / "r.yaml"
+    recipe.write_text(f"method: [ties]\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\n")
+    before = snapshot(inputs)
+    rc, err = _run(["validate", str(recipe)], capsys)
+    check(rc, err, want_rc=2, needle=("'method' must be one method name, got list", "write method: ties"), output=None,
+          inputs=inputs, before=before)
+    assert "unknown method" not in err
+
+
+@pytest.mark.parametrize("value", ["5", "[a, b]", "{path: x}"])
+def test_a_base_that_is_not_text_is_a_type_error(family, tmp_path, capsys, value):
+    inputs, b, ms = family
+    recipe = inputs / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {value}\nmodels: [{ms[0]}, {ms[1]}]\n")
+    before = snapshot(inputs)
+    rc, err = _run(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=2, needle="'base' must be the path of a model (text), got", output=tmp_path / "out",
+          inputs=inputs, before=before)
+    assert "no such file" not in err
+
+
+def test_a_file_too_large_names_the_file_and_the_free_space(family, tmp_path):
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))\n"  # Python ignores SIGXFSZ: writes get EFBIG
+            "from tiesmerge.cli.main import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    before = snapshot(inputs)
+    proc = subprocess.run([sys.executable, "-c", code, *_merge(b, ms, out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    check(proc.returncode, proc.stderr, want_rc=1, needle=("model.safetensors: cannot write it", "File too large",
+                                                          "is free there", "--shard-size"),
+          output=out, inputs=inputs, before=before)
+
+
+def test_a_full_disk_while_writing_a_shard_names_the_file(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    import builtins
+    import errno as errno_mod
+
+    from tiesmerge.io import writer
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno_mod.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(writer, "open", lambda path, mode="r", *a, **k: Full(builtins.open(path, mode, *a, **k))
+                        if str(path).endswith(".safetensors") and "w" in mode else builtins.open(path, mode, *a, **k),
+                        raising=False)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out"), capsys)
+    check(rc, err, want_rc=1, needle=("model.safetensors: cannot write it: the disk is full", "is free there"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+
+
+def test_a_memory_budget_below_what_the_plan_needs_is_refused(family, tmp_path, capsys):
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    for extra in ([], ["--dry-run"]):
+        rc, err = _run(_merge(b, ms, tmp_path / "out", "--memory-budget", "1B", *extra), capsys)
+        check(rc, err, want_rc=2, needle=("memory budget 1 B is below the", "raise --memory-budget to"),
+              output=tmp_path / "out", inputs=inputs, before=before)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", "--memory-budget", "4KiB"), capsys)  # tiny, but enough: rows
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("target", ["model", "base", "recipe", "user_folder"])
+def test_a_dry_run_checks_the_output_as_a_real_run_does(family, tmp_path, capsys, target):
+    inputs, b, ms = family
+    recipe = _recipe(inputs, b, ms, "")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "me.jpg").write_bytes(b"\xff\xd8")
+    out = {"model": ms[0], "base": b, "recipe": recipe, "user_folder": tmp_path / "photos"}[target]
+    needle = {"model": "is model 0", "base": "is the base", "recipe": "the recipe",
+              "user_folder": "only a directory that tiesmerge wrote"}[target]
+    before = snapshot(inputs)
+    rc, err = _run(["merge", str(recipe), "--dry-run", "-o", str(out), "--force"], capsys)
+    check(rc, err, want_rc=1, needle=needle, output=None, inputs=inputs, before=before)
+
+
+def test_statistics_without_a_model_digest_are_refused(family, tmp_path, capsys):
+    inputs, b, ms = family
+    stats = _fisher_stats(inputs, b, 1.0)  # written without a digest: model_digest null in the manifest
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "fisher", "--stats", str(stats[0]), "--stats",
+                          str(stats[1])), capsys)
+    check(rc, err, want_rc=1, needle=("model_digest: null", "cannot check", "model 0"), output=tmp_path / "out",
+          inputs=inputs, before=before)
+
+
+def test_a_gram_statistic_that_is_not_positive_semidefinite_is_refused(family, tmp_path, capsys):
+    from tiesmerge.stats import files_digest
+
+    inputs, b, ms = family
+    names = [n for n, t in load_file(str(b / "model.safetensors")).items() if t.dim() == 2 and t.is_floating_point()]
+    dirs = []
+    for k, m in enumerate(ms):
+        grams = {n: torch.eye(load_file(str(b / "model.safetensors"))[n].shape[1]) for n in names}
+        if k == 1:
+            grams["model.layers.0.mlp.up_proj.weight"] = -grams["model.layers.0.mlp.up_proj.weight"]
+        dirs.append(save_stats(inputs / f"gram{k}", Statistics(StatsManifest("gram", 4, model_digest=files_digest(m)),
+                                                               grams)))
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "regmean", "--stats", str(dirs[0]), "--stats",
+                          str(dirs[1])), capsys)
+    check(rc, err, want_rc=1, needle=("gram1", "'model.layers.0.mlp.up_proj.weight'", "not positive semi-definite"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+
+
+@pytest.mark.parametrize("flag,value", [("use_rslora", '"yes"'), ("fan_in_fan_out", '"false"'), ("use_dora", "0")])
+def test_adapter_config_flags_must_be_booleans(tmp_path, capsys, monkeypatch, flag, value):
+    inputs = tmp_path / "inputs"
+    module = "model.layers.0.self_attn.q_proj"
+    base = make_base(0)
+    base[module + ".weight"] = torch.randn(8, 8)
+    b = write_hf_dir(inputs / "base", base)
+    loras = [write_lora_dir(inputs / f"lora{k}", random_lora(base, 2, k, modules=(module,)), alpha=4.0)
+             for k in range(2)]
+    config = loras[1] / "adapter_config.json"
+    config.write_text(config.read_text().rstrip().rstrip("}") + f', "{flag}": {value}}}')
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, loras, tmp_path / "out", "--method", "task_arithmetic"), capsys)
+    check(rc, err, want_rc=1, needle=("adapter_config.json", flag, "not true or false"), output=tmp_path / "out",
+          inputs=inputs, before=before)
+
+
+def test_consensus_k_is_checked_against_the_number_of_models(family, tmp_path, capsys):
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "consensus", "--k", "99"), capsys)
+    check(rc, err, want_rc=2, needle=("k=99 counts tasks", "at most 2"), output=tmp_path / "out", inputs=inputs,
+          before=before)
+
+
+@pytest.mark.parametrize("where", ["cli", "recipe", "tune_grid", "search_range", "search_set", "api"])
+def test_an_option_outside_its_declared_range_is_refused_everywhere(family, tmp_path, capsys, monkeypatch, where):
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", f"range_eval_{where}", "def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    recipe = inputs / "r.yaml"
+    recipe.write_text(f"method: slerp\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\nparameters: {{t: 1.0e+30}}\n")
+    ev = ["--evaluator", f"range_eval_{where}:score"]
+    argv = {"cli": _merge(b, ms, tmp_path / "out", "--method", "slerp", "--t", "1e30"),
+            "recipe": ["merge", str(recipe), "-o", str(tmp_path / "out")],
+            "tune_grid": ["tune", *cli_flags(b, ms), "--method", "slerp", *ev, "--grid", "t=0.5,1e30"],
+            "search_range": ["search", *cli_flags(b, ms), "--method", "slerp", *ev, "--strategy", "random",
+                             "--budget", "2", "--axis", "t", "--range", "t=0:1e30", "--dir", str(tmp_path / "s")],
+            "search_set": ["search", *cli_flags(b, ms), "--method", "nuslerp", *ev, "--axis", "weights",
+                           "--set", "t=7", "--dir", str(tmp_path / "s")]}.get(where)
+    before = snapshot(inputs)
+    if argv is None:
+        from tiesmerge.errors import ConfigError
+        from tiesmerge.tuning import tune
+
+        with pytest.raises(ConfigError, match=r"t must be in \[0, 1\]"):
+            tune(b, ms, "slerp", lambda state: 1.0, grid={"t": (0.5, 1e30)})
+        return
+    rc, err = _run(argv, capsys)
+    check(rc, err, want_rc=2, needle=("t must be in [0, 1] (fraction)",), output=tmp_path / "out", inputs=inputs,
+          before=before)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_shard_rewritten_with_its_mtime_restored_is_detected(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    from tiesmerge.engine import executor
+
+    real = executor.Executor.run
+    shard = ms[1] / "model.safetensors"
+
+    def rewrite(self, sink):
+        result = real(self, sink)
+        st = os.stat(shard)
+        raw = bytearray(shard.read_bytes())
+        raw[-1] ^= 0xFF  # same size, other values
+        shard.write_bytes(bytes(raw))
+        os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # the writer hides its trace
+        return result
+
+    monkeypatch.setattr(executor.Executor, "run", rewrite)
+    rc, err = _run(_merge(b, ms, tmp_path / "out"), capsys)
+    assert rc == 1 and "model.safetensors: an input file was rewritten" in err and "Traceback" not in err, err
+    assert not leftovers(tmp_path / "out")
+
+
+def test_a_backreference_in_an_exclude_pattern_is_named_as_such(family, tmp_path, capsys):
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    for pattern in (r"(a\1)", r"(?P<x>q(?P=x))"):
+        rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "tsv_m", "--exclude", pattern), capsys)
+        check(rc, err, want_rc=2, needle=("exclude uses a backreference", "backreferences are not supported"),
+              output=tmp_path / "out", inputs=inputs, before=before)
+        assert rc != 0 and "open group" not in err and "alpha_pattern" not in err
+
+
+# ------------------------------------------------------------------ the digest cache: outside inputs and output, safe
+
+
+def _cached_merge(family, tmp_path, capsys, monkeypatch, cache: Path) -> tuple[int, str]:
+    inputs, b, ms = family
+    monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(cache))
+    return _run(_merge(b, ms, tmp_path / "out"), capsys)
+
+
+def test_a_link_at_the_digest_cache_is_replaced_never_followed(family, tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (tmp_path / "precious.txt").write_text("not a cache")
+    (cache / "digests.json").symlink_to(tmp_path / "precious.txt")
+    rc, err = _cached_merge(family, tmp_path, capsys, monkeypatch, cache)
+    assert rc == 0, err
+    assert (tmp_path / "precious.txt").read_text() == "not a cache"
+    assert not (cache / "digests.json").is_symlink() and json.loads((cache / "digests.json").read_text())
+    assert [p.name for p in cache.iterdir()] == ["digests.json"]  # no temporary file left beside it
+
+
+def test_a_fifo_at_the_digest_cache_does_not_block(family, tmp_path):
+    inputs, b, ms = family
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.mkfifo(cache / "digests.json")
+    env = {**os.environ, "TIESMERGE_CACHE_DIR": str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "tiesmerge.cli.main", *map(str, _merge(b, ms, tmp_path / "out"))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert (cache / "digests.json").is_file()  # replaced by the cache file, never opened for blocking reads
+
+
+def test_the_digest_cache_follows_xdg_and_can_be_switched_off(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    monkeypatch.delenv("TIESMERGE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("TIESMERGE_DIGEST_CACHE", "0")
+    assert _run(_merge(b, ms, tmp_path / "off"), capsys)[0] == 0
+    assert not (tmp_path / "xdg").exists()
+    monkeypatch.setenv("TIESMERGE_DIGEST_CACHE", "1")
+    assert _run(_merge(b, ms, tmp_path / "on"), capsys)[0] == 0
+    remembered = json.loads((tmp_path / "xdg" / "tiesmerge" / "digests.json").read_text())
+    assert str((b / "model.safetensors").resolve()) in remembered
