@@ -46,8 +46,9 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds")
     p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES))
-    p.add_argument("--vectors", nargs="+", default=list(VECTORS), choices=list(VECTORS))
-    p.add_argument("--granularities", nargs="+", default=["task", "layer"], choices=["task", "layer"])
+    p.add_argument("--runs", nargs="+", default=["ties:layer", "task_arithmetic:task", "task_arithmetic:layer",
+                                                 "ties:task"],
+                   help="VECTORS:GRANULARITY pairs, run in this order (vectors: task_arithmetic or ties)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=100, help="Adam steps per run (the paper: 500; see the report)")
     p.add_argument("--batch-size", type=int, default=16, help="unlabeled examples per task and step (paper: 16)")
@@ -76,11 +77,17 @@ def _row(method: str, variant: str, seed: int, acc: dict[str, float], ft: dict[s
 
 
 class Store:
-    """The JSON of finished rows: (method, variant, seed) -> row; rewritten after each row."""
+    """The JSON of finished rows: (method, variant, seed) -> row; rewritten after each row, under a
+    lock and re-read first, so several processes (e.g. one per input variant) can share it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data = json.loads(path.read_text()) if path.is_file() else {"rows": []}
+        self.data = {"rows": []}
+        self._reload()
+
+    def _reload(self) -> None:
+        if self.path.is_file():
+            self.data.update(json.loads(self.path.read_text()))
 
     def get(self, method: str, variant: str, seed: int, settings: dict) -> dict | None:
         for row in self.data["rows"]:
@@ -90,10 +97,17 @@ class Store:
         return None
 
     def put(self, row: dict) -> None:
-        self.data["rows"] = [r for r in self.data["rows"]
-                             if (r["method"], r["variant"], r["seed"]) != (row["method"], row["variant"], row["seed"])]
-        self.data["rows"].append(row)
-        self.path.write_text(json.dumps(self.data, indent=1) + "\n")
+        import fcntl
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._reload()
+            self.data["rows"] = [r for r in self.data["rows"] if (r["method"], r["variant"], r["seed"])
+                                 != (row["method"], row["variant"], row["seed"])]
+            self.data["rows"].append(row)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+            tmp.replace(self.path)
 
 
 def run_seed(args, suite, heads, seed: int, store: Store) -> None:
@@ -128,31 +142,31 @@ def run_seed(args, suite, heads, seed: int, store: Store) -> None:
     settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "init": 0.3,
                 "test_limit": args.test_limit, "val_limit": args.val_limit}
     for variant in args.variants:
-        for vectors in args.vectors:
-            for granularity in args.granularities:
-                name, options = VECTORS[vectors]
-                method = f"{name} ({granularity}-wise)"
-                if store.get(method, variant, seed, settings) is not None:
-                    continue
-                forward = EncoderHeadLogits(load_encoder(base, args.device), heads)
-                clock = time.perf_counter()
-                result = tiesmerge.adapt(base, models, inputs[variant], vectors, forward=forward, tasks=tasks,
-                                         granularity=granularity, steps=args.steps, lr=args.lr,
-                                         batch_size=args.batch_size, device=args.device, **options)
-                seconds = time.perf_counter() - clock
-                acc = evaluate(state=result.output)
-                c = result.coefficients
-                row = _row(method, VARIANTS[variant], seed, acc, ft_acc, vectors=vectors, granularity=granularity,
-                           settings=settings, seconds=round(seconds, 1),
-                           seconds_per_step=round(result.seconds["learn_steps"] / max(1, args.steps), 3),
-                           entropy_first=round(result.history.mean()[0], 4) if args.steps else None,
-                           entropy_last=round(result.history.mean()[-1], 4) if args.steps else None,
-                           coefficients={"tasks": result.tasks, "layers": result.layers if granularity == "layer"
-                                         else ["*"], "values": [[round(x, 4) for x in r] for r in c.tolist()]})
-                store.put(row)
-                log(f"seed {seed}: {method}, {VARIANTS[variant]}: {row['normalized_mean']}% normalized, "
-                    f"{seconds:.0f} s ({row['seconds_per_step']} s/step), entropy {row['entropy_first']} -> "
-                    f"{row['entropy_last']}")
+        for run in args.runs:
+            vectors, granularity = run.split(":")
+            name, options = VECTORS[vectors]
+            method = f"{name} ({granularity}-wise)"
+            if store.get(method, variant, seed, settings) is not None:
+                continue
+            forward = EncoderHeadLogits(load_encoder(base, args.device), heads)
+            clock = time.perf_counter()
+            result = tiesmerge.adapt(base, models, inputs[variant], vectors, forward=forward, tasks=tasks,
+                                     granularity=granularity, steps=args.steps, lr=args.lr,
+                                     batch_size=args.batch_size, device=args.device, **options)
+            seconds = time.perf_counter() - clock
+            acc = evaluate(state=result.output)
+            c = result.coefficients
+            row = _row(method, VARIANTS[variant], seed, acc, ft_acc, vectors=vectors, granularity=granularity,
+                       settings=settings, seconds=round(seconds, 1),
+                       seconds_per_step=round(result.seconds["learn_steps"] / max(1, args.steps), 3),
+                       entropy_first=round(result.history.mean()[0], 4) if args.steps else None,
+                       entropy_last=round(result.history.mean()[-1], 4) if args.steps else None,
+                       coefficients={"tasks": result.tasks, "layers": result.layers if granularity == "layer"
+                                     else ["*"], "values": [[round(x, 4) for x in r] for r in c.tolist()]})
+            store.put(row)
+            log(f"seed {seed}: {method}, {VARIANTS[variant]}: {row['normalized_mean']}% normalized, "
+                f"{seconds:.0f} s ({row['seconds_per_step']} s/step), entropy {row['entropy_first']} -> "
+                f"{row['entropy_last']}")
 
 
 def _run_py_evals(models: list[Path], test_limit: int) -> dict:
