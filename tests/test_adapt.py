@@ -34,7 +34,7 @@ def _encode(rows, task):
 
 
 def _forward(dtype=torch.float32) -> FunctionLogits:
-    return FunctionLogits(_net().to(dtype), lambda m, b, task: m(b.to(dtype)), encode=_encode)
+    return FunctionLogits(_net().to(dtype), lambda m, b, task: m(b.to(m[0].weight.device, dtype)), encode=_encode)
 
 
 def _rows(seed: int, n: int = 24) -> list[dict]:
@@ -189,3 +189,15 @@ def test_adapt_cli_on_a_bert_classifier(classifiers, tmp_path, capsys):
     got = tiesmerge.open_checkpoint(merged)
     for name in tv.names:
         torch.testing.assert_close(got.read(name), expected[name], rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_adapt_on_cuda_matches_the_cpu():
+    base, fts = _family()
+    kwargs = dict(granularity="layer", steps=5, lr=0.05, batch_size=8)
+    cpu = tiesmerge.adapt(base, fts, _data(), "ties", forward=_forward(), density=0.5, **kwargs)
+    gpu = tiesmerge.adapt(base, fts, _data(), "ties", forward=_forward(), density=0.5, device="cuda", **kwargs)
+    torch.testing.assert_close(gpu.coefficients, cpu.coefficients, rtol=1e-4, atol=1e-5)
+    for name, value in cpu.output.items():
+        torch.testing.assert_close(gpu.output[name].cpu(), value, rtol=1e-4, atol=1e-5)

@@ -94,12 +94,17 @@ class Merger:
         """One merged tensor: base + sum_t lam[t, layer] v_t, (*S). The same operations, in the same
         order, as the final merge's (run.LearnedMerge), so the written model is the one evaluated."""
         v = self.vectors[name]  # (T, *S)
-        coef = lam[:, self.layer[name]].to(v.dtype).view(-1, *([1] * (v.dim() - 1)))  # (T, 1, ...)
-        merged = self.base[name].to(v.dtype) + (v * coef).sum(0)
+        merged = self.base[name].to(v.dtype) + combine(lam[:, self.layer[name]].to(v.dtype), v)
         return merged.to(self.dtypes.get(name, merged.dtype))
 
     def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: self.tensor(name, lam) for name in self.names}
+
+
+def combine(coefficients: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(T,), (T, *S) -> (*S): sum_t c_t v_t as one matrix-vector product, with no (T, *S)
+    temporary forward or backward (the gradient of c is v @ grad, one more product)."""
+    return (coefficients @ vectors.reshape(vectors.shape[0], -1)).view(vectors.shape[1:])
 
 
 def check_forward_names(forward: TaskForward, names: Sequence[str]) -> None:
@@ -214,18 +219,23 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     try:
         for step in range(start, config.steps):
             clock = time.perf_counter()
-            params = merger.params(lam)  # the graph from lam to theta, shared by the tasks' backward passes
+            params = merger.params(lam)  # (graph) lam -> theta
+            # each task's backward stops at theta (leaves), its gradients summed there; one backward from
+            # theta to lam per step (it costs a pass over the T vectors: per task it would cost T of them)
+            leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
             row = []
             for t, task in enumerate(tasks):
                 batch = forward.encode(batch_rows(data[task], step, config.batch_size, config.seed, t), task)
-                h = entropy(logits(forward, batch, task, params)).mean()
+                h = entropy(logits(forward, batch, task, leaves)).mean()
                 if not torch.isfinite(h):
                     raise TrainingError(f"the entropy of task {task!r} at step {step} is {float(h)}: the merged "
                                         "model's logits are not finite",
                                         hint="lower --lr, or --clamp the coefficients; check the task's inputs "
                                         "and the forward")
-                h.backward(retain_graph=t < len(tasks) - 1)  # per task: one task's activations at a time
+                h.backward()  # one task's activations at a time
                 row.append(float(h.detach()))
+            used = [n for n in merger.names if leaves[n].grad is not None]
+            torch.autograd.backward([params[n] for n in used], [leaves[n].grad for n in used])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if config.clamp is not None:

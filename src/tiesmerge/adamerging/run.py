@@ -27,7 +27,7 @@ from ..lazy import torch
 from ..methods.base import ChunkContext, MergeMethod, Requirements
 from ..paths import write_file
 from ..sizes import format_size
-from .learn import AdaptConfig, History, Merger, learn
+from .learn import AdaptConfig, History, Merger, combine, learn
 from .report import summarise, write_report
 from .vectors import _Collect, collect_task_vectors, exposes_task_vectors
 
@@ -66,7 +66,7 @@ class LearnedMerge:
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         v = self._inner.task_vectors(tau, ctx).float()  # type: ignore[attr-defined]  # (T, *S)
         lam = self._table[:, self._layer[ctx.name]].to(v.device)  # type: ignore[attr-defined]  # (T,)
-        return (v * lam.view(-1, *([1] * (v.dim() - 1)))).sum(0)  # (*S), as Merger.tensor sums it
+        return combine(lam, v)  # (*S), as Merger.tensor computes it
 
 
 def method_spec(method: MergeMethod) -> str:
