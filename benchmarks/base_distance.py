@@ -185,7 +185,8 @@ def report(rows: list[dict], cost: dict) -> str:
               "sign election assume, whatever made it. The LLM end of this range is not measured here (no LLM "
               "pair is cached): `--allow-distant` is the way through where a real pair lands above it.",
               "- The noise rows show the boundary: base + α σ noise measures ≈ α; α above "
-              f"{distance.RELATIVE_NORM_LIMIT} is flagged. The share rule is a second, independent signal (fine-tunes: no tensor under a cosine of "
+              f"{distance.RELATIVE_NORM_LIMIT} is flagged. "
+              "The share rule is a second, independent signal (fine-tunes: no tensor under a cosine of "
               f"{min(r['min_cosine'] for r in close):.3f}; unrelated weights: most matrices near 0): it catches a "
               "model whose large tensors match while many others were swapped in from elsewhere, which the overall "
               "norm, dominated by the embedding, can miss (tests/test_base_distance.py builds one).",
