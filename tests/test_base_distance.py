@@ -104,7 +104,7 @@ def test_the_cli_dry_run_and_validate_show_the_distances_and_refuse(family, tmp_
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"method: ties\nbase: {family['base']}\nmodels: [{family['ft0']}, {family['other']}]\n")
     code, out, err = run_cli(["validate", recipe], capsys)
-    assert code != 0 and "base distance: model 1" in out and "DISTANT" in out
+    assert code != 0 and "base distance of model 1" in out and "DISTANT" in out
     recipe.write_text(recipe.read_text() + "allow_distant: true\n")
     code, out, err = run_cli(["validate", recipe], capsys)
     assert code == 0 and "DISTANT" in out

@@ -53,7 +53,7 @@ def _store_head(directory):
 
 
 def _family(tmp_path, *, tied=False, pad_to=None, added=(("<|im_start|>", "<|im_end|>"), ("<tool>", "<|im_start|>")),
-            chat_template=None):
+            chat_template=None, multiple=None):
     """A base and fine-tunes that each added special tokens (resizing the embedding like
     transformers users do, or filling the base's padding rows when ``pad_to`` leaves room)."""
     base_tok = _tokenizer()
@@ -71,7 +71,7 @@ def _family(tmp_path, *, tied=False, pad_to=None, added=(("<|im_start|>", "<|im_
         model = _model(pad_to or len(base_tok), bool(tied))
         model.load_state_dict(base.state_dict())
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(len(tok), mean_resizing=False)
+            model.resize_token_embeddings(len(tok), mean_resizing=False, pad_to_multiple_of=multiple)
         _fine_tune(model, seed=10 + k)
         model.save_pretrained(tmp_path / f"ft{k}")
         if tied == "stored":
@@ -153,6 +153,16 @@ def test_union_fills_a_padded_vocabulary_and_keeps_the_padding_rows(tmp_path):
     assert json.loads((out / "config.json").read_text())["vocab_size"] == vb + 6
 
 
+def test_union_ignores_the_rows_a_model_padded_its_embedding_with(tmp_path):
+    vb = len(WORDS)
+    base, fts = _family(tmp_path, multiple=8)  # each model: 20 tokens in 24 rows
+    assert load_dir(fts[0])[EMBED].shape[0] == 24
+    out = tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union")
+    got, b1 = load_dir(out), load_dir(fts[1])
+    assert got[EMBED].shape == (vb + 3, 16)  # the union's tokens; the models' padding is not carried
+    assert torch.equal(got[EMBED][vb + 2], b1[EMBED][vb])
+
+
 def test_union_takes_a_models_chat_template_when_the_base_has_none(tmp_path):
     base, fts = _family(tmp_path, chat_template="{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
     out = tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union")
@@ -214,3 +224,27 @@ def test_union_through_the_cli_and_its_error(tmp_path, capsys):
     code, out, err = run_cli(["merge", *cli_flags(base, fts), "-o", tmp_path / "out2"], capsys)
     assert code != 0
     assert "union" in err
+
+
+def test_union_of_slow_tokenizer_files_and_their_output(tmp_path):
+    """vocab.txt + added_tokens.json (no tokenizer.json): read, united, written, and loaded."""
+    from tiesmerge.io.vocab import write_tokenizer_files
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat"]
+    for name, added in (("b", {}), ("a0", {"<x>": 8}), ("a1", {"<y>": 8, "<x>": 9})):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "vocab.txt").write_text("\n".join(words) + "\n")
+        (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+        if added:
+            (d / "added_tokens.json").write_text(json.dumps(added))
+    u = union_of(read_vocab(tmp_path / "b", "b"), [read_vocab(tmp_path / n, n) for n in ("a0", "a1")])
+    assert [(t.id, t.content, t.sources) for t in u.new] == [(8, "<x>", ((0, 8), (1, 9))), (9, "<y>", ((1, 8),))]
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in (tmp_path / "b").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    written, _ = write_tokenizer_files(u, out, 10)
+    assert set(written) == {"tokenizer_config.json", "added_tokens.json"}
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 10 and tok.convert_tokens_to_ids(["<x>", "<y>"]) == [8, 9]

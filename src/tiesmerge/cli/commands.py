@@ -350,7 +350,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     distances = base_distance(recipe.base, list(recipe.models), vocab_policy=recipe.vocab_policy,
                               allow_pickle=recipe.allow_pickle)
     for d in distances:
-        print(f"  base distance: {d.line()}")
+        print(f"  base distance of {d.line()}")
     check_distances(distances, recipe.base, recipe.allow_distant)
     print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
     if recipe.origin:
