@@ -20,7 +20,16 @@ from tiesmerge.engine import kernels
 from tiesmerge.engine.executor import Executor, RunStats
 from tiesmerge.io.align import align
 from tiesmerge.io.checkpoint import StateDictCheckpoint
-from tiesmerge.methods import Average, DareLinear, DareTies, MagnitudePrune, TaskArithmetic, Ties
+from tiesmerge.methods import (
+    Average,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    DareLinear,
+    DareTies,
+    MagnitudePrune,
+    TaskArithmetic,
+    Ties,
+)
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -123,6 +132,14 @@ FUSED_MERGES = [
     DareTies(drop_rate=0.5, seed=1), DareTies(drop_rate=0.9, seed=3, aggregate="sum", weights=(0.5, 1.0, -0.3)),
     DareTies(drop_rate=0.3, seed=2, elect="count", lam=1.7),
     TaskArithmetic(), TaskArithmetic(lam=0.7, weights=(0.5, -1.0, 2.0)), Average(), Average(weights=(1.0, 3.0, 0.5)),
+    Average(weights=(0.3, 0.2, 0.7), base_weight=0.5),  # mergekit's linear: the models' own values, its order
+    # mergekit's Breadcrumbs band (exact counts in torch.sort's order, engine.exactk.band_mask)
+    Breadcrumbs(threshold_ties="sort", density=0.3, gamma=0.05, weights=(1.0, 0.7, 0.5)),
+    Breadcrumbs(threshold_ties="sort", density=0.5, gamma=0.0, lam=1.3, weights=(1.0, 0.7, 0.5),
+                normalize_weights=True),
+    Breadcrumbs(threshold_ties="sort", density=0.2, gamma=0.3),
+    BreadcrumbsTies(threshold_ties="sort", density=0.3, gamma=0.05, weights=(1.0, 0.7, 0.5), aggregate="mean"),
+    BreadcrumbsTies(threshold_ties="sort", density=0.6, gamma=0.1, lam=0.9),
 ]
 # merged by the torch path even with the kernels on; only their thresholds are counted by a kernel
 COUNTED_ONLY = [MagnitudePrune()]
@@ -139,6 +156,9 @@ def test_fused_equals_torch_path(method, dtype):
     for name in plain:
         assert fused[name].dtype == plain[name].dtype
         assert torch.equal(fused[name], plain[name]), name
+        if fused[name].is_floating_point():  # bit for bit: signed zeros too
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[fused[name].element_size()]
+            assert torch.equal(fused[name].view(bits), plain[name].view(bits)), name
 
 
 @pytest.mark.parametrize("method", COUNTED_ONLY, ids=repr)
