@@ -26,6 +26,8 @@ from tiesmerge.methods import (
     BreadcrumbsTies,
     DareLinear,
     DareTies,
+    Della,
+    DellaLinear,
     MagnitudePrune,
     TaskArithmetic,
     Ties,
@@ -140,6 +142,9 @@ FUSED_MERGES = [
     Breadcrumbs(threshold_ties="sort", density=0.2, gamma=0.3),
     BreadcrumbsTies(threshold_ties="sort", density=0.3, gamma=0.05, weights=(1.0, 0.7, 0.5), aggregate="mean"),
     BreadcrumbsTies(threshold_ties="sort", density=0.6, gamma=0.1, lam=0.9),
+    # DELLA at density 1 (nothing dropped): mergekit's deterministic della / della_linear
+    Della(density=1.0, weights=(1.0, 0.7, 0.5)),
+    DellaLinear(density=1.0, weights=(0.5, 0.3, 0.2), normalize_weights=True),
 ]
 # merged by the torch path even with the kernels on; only their thresholds are counted by a kernel
 COUNTED_ONLY = [MagnitudePrune()]

@@ -75,6 +75,19 @@ def l1_rescale(tau_t: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
+def sum_kernel(weights: tuple[float, ...] | None, lam: float, normalize: bool, band: Band | None = None
+               ) -> LinearKernel | None:
+    """The fused kernel of :func:`combine` without ``ties``: sum_t w_t tau_t (/ the weights' float32
+    sum, as torch computes it for fewer than 16 models), * lam; None (the torch path) where
+    normalizing without weights or with 16 or more."""
+    if not normalize:
+        return LinearKernel(weights, scale=lam, band=band)
+    if weights is None or len(weights) >= 16:
+        return None
+    divisor = ops.float32_sum(weights)
+    return LinearKernel(weights, scale=lam, divisor=1.0 if abs(divisor) < 1e-8 else divisor, band=band)
+
+
 def combine(masked: torch.Tensor, ctx: ChunkContext, *, lam: float, normalize: bool,
             ties: tuple[str, str, str] | None) -> torch.Tensor:
     """mergekit's generalized task arithmetic after the sparsification, (n, *S) -> (*S):
@@ -175,12 +188,7 @@ class Breadcrumbs(_BreadcrumbsBase):
                           "rescale: true)", choices=RESCALES)
 
     def requirements(self) -> Requirements:
-        kernel: LinearKernel | None = LinearKernel(self.weights, scale=self.lam, band=Band(self.density, self.gamma))
-        if self.normalize_weights:  # combine's divisor: the weights' float32 sum, as torch computes it
-            short = self.weights is not None and len(self.weights) < 16
-            divisor = ops.float32_sum(self.weights) if short else 0.0
-            kernel = LinearKernel(self.weights, scale=self.lam, divisor=1.0 if abs(divisor) < 1e-8 else divisor,
-                                  band=Band(self.density, self.gamma)) if short else None  # else: the torch path
+        kernel = sum_kernel(self.weights, self.lam, self.normalize_weights, Band(self.density, self.gamma))
         return self._requirements(kernel)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
