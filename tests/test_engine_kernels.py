@@ -29,6 +29,9 @@ from tiesmerge.methods import (
     Della,
     DellaLinear,
     MagnitudePrune,
+    ModelStock,
+    NuSlerp,
+    Slerp,
     TaskArithmetic,
     Ties,
 )
@@ -164,6 +167,68 @@ def test_fused_equals_torch_path(method, dtype):
         if fused[name].is_floating_point():  # bit for bit: signed zeros too
             bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[fused[name].element_size()]
             assert torch.equal(fused[name].view(bits), plain[name].view(bits)), name
+
+
+# whole-tensor interpolations: a reduction pass (torch's own sums of kernel-made products), one merge pass
+WHOLE_TENSOR_MERGES = [
+    (Slerp(anchor="base", t=0.3), 1), (Slerp(t=0.7), 2),
+    (Slerp(anchor="base", t_by_name="w=0,0.5,1;b=1,0;*=0.25", layers=3), 1),
+    (NuSlerp(weights=(0.7, 0.3)), 2), (NuSlerp(t=0.4, of="models"), 2), (NuSlerp(t=0.6, of="base_and_model"), 1),
+    (ModelStock(), 3), (ModelStock(), 2),
+]
+
+
+def _assert_same_bits(fused, plain):
+    for name in plain:
+        assert fused[name].dtype == plain[name].dtype
+        assert torch.equal(fused[name], plain[name]), name
+        if fused[name].is_floating_point():  # bit for bit: signed zeros too
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[fused[name].element_size()]
+            assert torch.equal(fused[name].view(bits), plain[name].view(bits)), name
+
+
+@pytest.mark.parametrize(("method", "n"), WHOLE_TENSOR_MERGES, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_tensor_kernels_equal_the_torch_path(method, n, dtype):
+    base, models = _family(n, dtype)
+    fused, plain, run = _both(base, models, method)
+    _assert_fused(run)
+    _assert_same_bits(fused, plain)
+
+
+@pytest.mark.parametrize("method", [Slerp(t=0.3), NuSlerp(weights=(0.7, 0.3)), NuSlerp(t=0.2, of="models")],
+                         ids=repr)
+def test_whole_tensor_kernels_take_the_lerp_of_parallel_tensors(method):
+    """(Anti)parallel endpoints: SLERP's |cos| > 0.9995 and NuSLERP's colinear branch (a lerp)."""
+    base, models = _family(2, torch.float32)
+    for name, value in base.items():
+        if value.is_floating_point():
+            models[1][name] = base[name] + 2.0 * (models[0][name] - base[name])  # tau_1 = 2 tau_0
+            if method.name == "slerp" or method.of == "models":
+                models[1][name] = 3.0 * models[0][name]
+    fused, plain, run = _both(base, models, method)
+    _assert_fused(run)
+    _assert_same_bits(fused, plain)
+
+
+@pytest.mark.parametrize(("method", "n"), [(Slerp(anchor="base", t=0.3), 1), (NuSlerp(weights=(0.7, 0.3)), 2),
+                                         (ModelStock(), 3)], ids=repr)
+def test_whole_tensor_kernels_on_a_tensor_of_several_mergekit_chunks(method, n):
+    """2^21 + 12345 entries: SLERP sums 2^20-entry chunks, and torch's reductions split across threads."""
+    g = torch.Generator().manual_seed(5)
+    base = {"emb": torch.randn(2**21 + 12345, generator=g).bfloat16()}
+    models = [{"emb": (base["emb"].float() + torch.randn(base["emb"].shape, generator=g) * 0.1).bfloat16()}
+              for _ in range(n)]
+    fused, plain, run = _both(base, models, method)
+    _assert_fused(run)
+    _assert_same_bits(fused, plain)
+
+
+def test_whole_tensor_kernels_name_a_non_finite_model():
+    base, models = _family(3, torch.float32)
+    models[1]["w"][3, 4] = float("nan")
+    with pytest.raises(tiesmerge.errors.InvalidTensorError, match="NaN"):
+        tiesmerge.merge(base, models, ModelStock())
 
 
 @pytest.mark.parametrize("method", COUNTED_ONLY, ids=repr)

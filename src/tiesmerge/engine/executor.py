@@ -28,9 +28,9 @@ import numpy as np
 from ..dtypes import DType, as_dtype
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
-from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TiesKernel
+from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
 from ..sizes import DEFAULT_MEMORY_BUDGET, parse_size
-from . import fused
+from . import fused, whole
 from .plan import Chunk, Plan, make_plan
 from .reader import ChunkRows, EngineInputs, RawRows, Reader
 from .reduce import Reducer
@@ -127,6 +127,8 @@ class Executor:
         extra_inputs = len(inputs.all) - 1 - self.n
         extra_bytes = side.extra_bytes_per_entry() if side else 0
         banded = getattr(self.req.kernel, "band", None) is not None  # Breadcrumbs' band: selected like exact k
+        if self._fused_merge and isinstance(self.req.kernel, TensorKernel):  # its float32 buffers, per entry
+            extra_bytes += whole.scratch_bytes(self.req.kernel, self.n, 1)
         if self._fused_merge and (self.req.exact_k or banded):  # per model: float32 keys, 3 int32 positions, a mask
             extra_bytes += self.n * EXACT_K_BYTES_PER_ENTRY
         self.plan: Plan = make_plan(alignment, self.n, self.req, memory_budget=memory_budget, out_dtype=out_dtype,
@@ -307,7 +309,11 @@ class Executor:
             self._tally("band", clock)
             if masks is None:
                 self.reader.raise_not_finite(chunk, raw.tensors())
-        if isinstance(spec, TiesKernel):
+        if isinstance(spec, TensorKernel):  # SLERP, NuSLERP, Model Stock: reductions, then one pass
+            clock = time.perf_counter()
+            finite = whole.merge(spec, chunk.job.name, inputs, target, self.reader.buffers.take)
+            self._tally("whole_tensor", clock)
+        elif isinstance(spec, TiesKernel):
             w = np.ones(self.n, np.float32) if self.req.weights is None else np.asarray(self.req.weights, np.float32)
             fill = float(scope.reduced[spec.majority_from]) if spec.majority_from else None
             dare = None

@@ -37,7 +37,7 @@ from . import exactk
 __all__ = [
     "available", "raw_view", "out_view",
     "count_pass", "exact_k_scratch_bytes", "exact_k_masks", "band_masks", "dare_keys", "ties_merge", "linear_merge",
-    "values_mean",
+    "values_mean", "values", "product", "interp", "stock",
     "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
@@ -410,6 +410,101 @@ if numba is not None:
             worst[tid] = max(worst[tid], top)
 
 
+    # ------------------------------------------------------------ whole-tensor merges (engine.whole)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _values_kernel(proto, addrs, size, table, which, relative, out, worst):  # pragma: no cover
+        # out (E,) f32 := input ``which``'s values (relative: minus the base's, its task vector), widened;
+        # worst (T,) u32 = max |value| bits (>= 0x7F800000: not finite)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            tid = numba.get_thread_id()
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            row = _rows(proto, addrs, which, start, m)
+            target = out[start:stop]
+            top = np.uint32(0)
+            if relative:
+                b32 = _base_block(proto, addrs, start, m, table)
+                for j in range(m):
+                    v = _widen(row[j], table) - b32[j]
+                    target[j] = v
+                    top = max(top, _f32_to_bits(abs(v)))
+            else:
+                for j in range(m):
+                    v = _widen(row[j], table)
+                    target[j] = v
+                    top = max(top, _f32_to_bits(abs(v)))
+            worst[tid] = max(worst[tid], top)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _product_kernel(x, y, sx, sy, scaled, out):  # pragma: no cover
+        # out (E,) f32 := (x / sx) * (y / sy) (scaled) or x * y, entry by entry, each operation rounded
+        size = x.shape[0]
+        sx32 = np.float32(sx)
+        sy32 = np.float32(sy)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            if scaled:
+                for j in range(start, stop):
+                    out[j] = (x[j] / sx32) * (y[j] / sy32)
+            else:
+                for j in range(start, stop):
+                    out[j] = x[j] * y[j]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _interp_kernel(proto, addrs, size, table, i0, i1, relative, c0, c1, divisor, divide, out):  # pragma: no cover
+        # out = c0 v0 + c1 v1 (/ divisor), v the values of inputs i0 and i1; relative: v their task
+        # vectors and out the base plus that (SLERP, NuSLERP; each operation rounded in float32)
+        c032 = np.float32(c0)
+        c132 = np.float32(c1)
+        d32 = np.float32(divisor)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            target = out[start:stop]
+            b32 = _base_block(proto, addrs, start, m, table)
+            r0 = _rows(proto, addrs, i0, start, m)
+            r1 = _rows(proto, addrs, i1, start, m)
+            for j in range(m):
+                v0 = _widen(r0[j], table)
+                v1 = _widen(r1[j], table)
+                if relative:  # loop-invariant: LLVM unswitches it
+                    v0 = v0 - b32[j]
+                    v1 = v1 - b32[j]
+                s = c032 * v0 + c132 * v1
+                if divide:
+                    s = s / d32
+                _store(target, j, b32[j] + s if relative else s)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _stock_kernel(proto, addrs, size, table, t, omt, out):  # pragma: no cover
+        # out = t * ((0 + sum_t theta_t) / k) + omt * base (Model Stock: python's sum from 0, then torch's ops)
+        k = len(addrs) - 1
+        t32 = np.float32(t)
+        omt32 = np.float32(omt)
+        kf = np.float32(k)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            target = out[start:stop]
+            b32 = _base_block(proto, addrs, start, m, table)
+            acc = np.zeros(m, np.float32)
+            for i in range(k):
+                row = _rows(proto, addrs, 1 + i, start, m)
+                for j in range(m):
+                    acc[j] += _widen(row[j], table)
+            for j in range(m):
+                _store(target, j, t32 * (acc[j] / kf) + omt32 * b32[j])
+
+
 _NONFINITE = 0x7F800000  # |tau| bit patterns at or above this are Inf or NaN
 
 
@@ -549,3 +644,30 @@ def band_masks(inputs: Sequence[np.ndarray], bounds: Sequence[tuple[int, int]], 
     hi = np.array([b[1] for b in bounds], np.int64)
     _band_kernel(proto, addrs, size, _f16_table(), lo, hi, keys, idx, left, right, masks, worst)
     return masks if n == 0 or worst.max() < _NONFINITE else None
+
+
+def values(inputs: Sequence[np.ndarray], which: int, relative: bool, out: np.ndarray) -> bool:
+    """out (E,) float32 := input ``which``'s values, or with ``relative`` its task vector (minus the
+    base, input 0), as the torch path widens and subtracts them; False when one is not finite."""
+    worst = _worst()
+    _values_kernel(*_rows_of(inputs), _f16_table(), int(which), bool(relative), out, worst)
+    return bool(worst.max() < _NONFINITE)
+
+
+def product(x: np.ndarray, y: np.ndarray, out: np.ndarray, sx: float | None = None, sy: float | None = None) -> None:
+    """out := x * y, or (x / sx) * (y / sy) with the float32 scales: (E,) float32 each."""
+    scaled = sx is not None
+    _product_kernel(x, y, float(sx if scaled else 1.0), float(sy if scaled else 1.0), scaled, out)
+
+
+def interp(inputs: Sequence[np.ndarray], pair: tuple[int, int], relative: bool, c0: float, c1: float,
+           divisor: float | None, out: np.ndarray) -> None:
+    """out = c0 v0 + c1 v1 (/ divisor) (+ the base with ``relative``, v then the task vectors) over the
+    inputs ``pair``; bfloat16 bits or float32 (the reduction pass checked the values finite)."""
+    _interp_kernel(*_rows_of(inputs), _f16_table(), int(pair[0]), int(pair[1]), bool(relative), float(c0), float(c1),
+                   float(divisor or 1.0), divisor is not None, out)
+
+
+def stock(inputs: Sequence[np.ndarray], t: float, one_minus_t: float, out: np.ndarray) -> None:
+    """out = t * mean of the models' values + (1 - t) * base (Model Stock's last step, torch's order)."""
+    _stock_kernel(*_rows_of(inputs), _f16_table(), float(t), float(one_minus_t), out)
