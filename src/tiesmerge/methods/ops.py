@@ -25,6 +25,20 @@ __all__ = [
 ]
 
 
+def float32_sum(values: tuple[float, ...] | list[float]) -> float:
+    """The float32 sum torch computes for a short float32 vector (under 16 entries: from 0, in
+    order), e.g. mergekit's ``weight.sum()``; a fused kernel's divisor must be these bits."""
+    import struct
+
+    def f32(x: float) -> float:
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    total = 0.0
+    for v in values:
+        total = f32(total + f32(v))  # the float32 operands' sum, exact in a double, rounded once
+    return total
+
+
 def keep_count(numel: int, density: float) -> int:
     """How many entries of a trim scope of ``numel`` entries survive at ``density``.
 
