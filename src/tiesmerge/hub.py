@@ -68,8 +68,8 @@ def split_repo_id(text: str) -> tuple[str, str, str | None] | None:
 
 
 def _fetch_hint(repo_id: str, revision: str | None) -> str:
-    rev = f" --revision {revision}" if revision else ""
-    return (f"fetch it once with network: hf download {repo_id}{rev} (or huggingface-cli download), or point "
+    command = f"hf download {repo_id} --revision {revision}" if revision else f"hf download {repo_id}"
+    return (f"fetch it once with network: {command} (or huggingface-cli download), or point "
             "HF_HUB_CACHE / HF_HOME at the cache that holds it; tiesmerge itself never downloads")
 
 

@@ -87,7 +87,8 @@ def add_adapt_parser(sub: Any, method_flags: Callable[[argparse.ArgumentParser],
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--memory-budget", help="the merge engine's working memory, e.g. 512MiB")
     p.add_argument("-o", "--output", help="output directory (an HF model directory)")
-    p.add_argument("--force", action="store_true", help="replace an output directory tiesmerge wrote before")
+    p.add_argument("--force", action="store_true",
+                   help="replace an output directory tiesmerge wrote before (never an input)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="coefficients and optimizer state, written each pass over the data "
                         "(default OUTPUT.adapt-checkpoint.pt beside the output)")
