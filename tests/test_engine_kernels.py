@@ -20,7 +20,21 @@ from tiesmerge.engine import kernels
 from tiesmerge.engine.executor import Executor, RunStats
 from tiesmerge.io.align import align
 from tiesmerge.io.checkpoint import StateDictCheckpoint
-from tiesmerge.methods import Average, DareLinear, DareTies, MagnitudePrune, TaskArithmetic, Ties
+from tiesmerge.methods import (
+    Average,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    DareLinear,
+    DareTies,
+    Della,
+    DellaLinear,
+    MagnitudePrune,
+    ModelStock,
+    NuSlerp,
+    Slerp,
+    TaskArithmetic,
+    Ties,
+)
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed")
 
@@ -123,6 +137,17 @@ FUSED_MERGES = [
     DareTies(drop_rate=0.5, seed=1), DareTies(drop_rate=0.9, seed=3, aggregate="sum", weights=(0.5, 1.0, -0.3)),
     DareTies(drop_rate=0.3, seed=2, elect="count", lam=1.7),
     TaskArithmetic(), TaskArithmetic(lam=0.7, weights=(0.5, -1.0, 2.0)), Average(), Average(weights=(1.0, 3.0, 0.5)),
+    Average(weights=(0.3, 0.2, 0.7), base_weight=0.5),  # mergekit's linear: the models' own values, its order
+    # mergekit's Breadcrumbs band (exact counts in torch.sort's order, engine.exactk.band_mask)
+    Breadcrumbs(threshold_ties="sort", density=0.3, gamma=0.05, weights=(1.0, 0.7, 0.5)),
+    Breadcrumbs(threshold_ties="sort", density=0.5, gamma=0.0, lam=1.3, weights=(1.0, 0.7, 0.5),
+                normalize_weights=True),
+    Breadcrumbs(threshold_ties="sort", density=0.2, gamma=0.3),
+    BreadcrumbsTies(threshold_ties="sort", density=0.3, gamma=0.05, weights=(1.0, 0.7, 0.5), aggregate="mean"),
+    BreadcrumbsTies(threshold_ties="sort", density=0.6, gamma=0.1, lam=0.9),
+    # DELLA at density 1 (nothing dropped): mergekit's deterministic della / della_linear
+    Della(density=1.0, weights=(1.0, 0.7, 0.5)),
+    DellaLinear(density=1.0, weights=(0.5, 0.3, 0.2), normalize_weights=True),
 ]
 # merged by the torch path even with the kernels on; only their thresholds are counted by a kernel
 COUNTED_ONLY = [MagnitudePrune()]
@@ -139,6 +164,71 @@ def test_fused_equals_torch_path(method, dtype):
     for name in plain:
         assert fused[name].dtype == plain[name].dtype
         assert torch.equal(fused[name], plain[name]), name
+        if fused[name].is_floating_point():  # bit for bit: signed zeros too
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[fused[name].element_size()]
+            assert torch.equal(fused[name].view(bits), plain[name].view(bits)), name
+
+
+# whole-tensor interpolations: a reduction pass (torch's own sums of kernel-made products), one merge pass
+WHOLE_TENSOR_MERGES = [
+    (Slerp(anchor="base", t=0.3), 1), (Slerp(t=0.7), 2),
+    (Slerp(anchor="base", t_by_name="w=0,0.5,1;b=1,0;*=0.25", layers=3), 1),
+    (NuSlerp(weights=(0.7, 0.3)), 2), (NuSlerp(t=0.4, of="models"), 2), (NuSlerp(t=0.6, of="base_and_model"), 1),
+    (ModelStock(), 3), (ModelStock(), 2),
+]
+
+
+def _assert_same_bits(fused, plain):
+    for name in plain:
+        assert fused[name].dtype == plain[name].dtype
+        assert torch.equal(fused[name], plain[name]), name
+        if fused[name].is_floating_point():  # bit for bit: signed zeros too
+            bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[fused[name].element_size()]
+            assert torch.equal(fused[name].view(bits), plain[name].view(bits)), name
+
+
+@pytest.mark.parametrize(("method", "n"), WHOLE_TENSOR_MERGES, ids=repr)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_tensor_kernels_equal_the_torch_path(method, n, dtype):
+    base, models = _family(n, dtype)
+    fused, plain, run = _both(base, models, method)
+    _assert_fused(run)
+    _assert_same_bits(fused, plain)
+
+
+@pytest.mark.parametrize("method", [Slerp(t=0.3), NuSlerp(weights=(0.7, 0.3)), NuSlerp(t=0.2, of="models")],
+                         ids=repr)
+def test_whole_tensor_kernels_take_the_lerp_of_parallel_tensors(method):
+    """(Anti)parallel endpoints: SLERP's |cos| > 0.9995 and NuSLERP's colinear branch (a lerp)."""
+    base, models = _family(2, torch.float32)
+    for name, value in base.items():
+        if value.is_floating_point():
+            models[1][name] = base[name] + 2.0 * (models[0][name] - base[name])  # tau_1 = 2 tau_0
+            if method.name == "slerp" or method.of == "models":
+                models[1][name] = 3.0 * models[0][name]
+    fused, plain, run = _both(base, models, method)
+    _assert_fused(run)
+    _assert_same_bits(fused, plain)
+
+
+@pytest.mark.parametrize(("method", "n"), [(Slerp(anchor="base", t=0.3), 1), (NuSlerp(weights=(0.7, 0.3)), 2),
+                                         (ModelStock(), 3)], ids=repr)
+def test_whole_tensor_kernels_on_a_tensor_of_several_mergekit_chunks(method, n):
+    """2^21 + 12345 entries: SLERP sums 2^20-entry chunks, and torch's reductions split across threads."""
+    g = torch.Generator().manual_seed(5)
+    base = {"emb": torch.randn(2**21 + 12345, generator=g).bfloat16()}
+    models = [{"emb": (base["emb"].float() + torch.randn(base["emb"].shape, generator=g) * 0.1).bfloat16()}
+              for _ in range(n)]
+    fused, plain, run = _both(base, models, method)
+    _assert_fused(run)
+    _assert_same_bits(fused, plain)
+
+
+def test_whole_tensor_kernels_name_a_non_finite_model():
+    base, models = _family(3, torch.float32)
+    models[1]["w"][3, 4] = float("nan")
+    with pytest.raises(tiesmerge.errors.InvalidTensorError, match="NaN"):
+        tiesmerge.merge(base, models, ModelStock())
 
 
 @pytest.mark.parametrize("method", COUNTED_ONLY, ids=repr)

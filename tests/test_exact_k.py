@@ -160,3 +160,39 @@ def test_keep_count_is_mergekits_float_product():
     assert TopK(0.001).keep_counts(10, 2, at_least_one=True) == [1, 1]
     assert TopK(1.0).keep_counts(7, 1, at_least_one=True) == [7]
     assert TopK(0.5).keep_counts(0, 1, at_least_one=True) == [0]
+
+
+# ---------------------------------------------------------------------------------------------- Breadcrumbs' band
+
+def _torch_band(w: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """mergekit's magnitude_outliers choice: positions lo..hi of torch.sort(|w|) ascending (stable=False)."""
+    mask = np.zeros(w.size, bool)
+    mask[torch.sort(torch.from_numpy(w), descending=False).indices[lo:hi].numpy()] = True
+    return mask
+
+
+def _replayed_band(w: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    mask = np.zeros(w.size, np.uint8)
+    scratch = [np.empty(w.size, np.int32) for _ in range(3)]
+    exactk.band_mask(-w.astype(np.float32), scratch[0], lo, hi, mask, scratch[1], scratch[2])
+    return mask.astype(bool)
+
+
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+@pytest.mark.parametrize("n", [1, 2, 15, 17, 33, 129, 1000, 4099, 65_537])
+def test_replayed_band_equals_ascending_sort(pattern, n):
+    rng = np.random.default_rng(n + 1)
+    w = PATTERNS[pattern](rng, n)
+    for density, gamma in ((0.3, 0.01), (0.1, 0.0), (0.5, 0.2), (0.9, 0.1), (1.0, 0.0), (0.01, 0.5), (0.2, 0.9)):
+        lo, hi = tiesmerge.methods.base.Band(density, gamma).positions(n)
+        assert (_replayed_band(w, lo, hi) == _torch_band(w, lo, hi)).all(), (pattern, n, density, gamma)
+
+
+def test_replayed_band_on_a_million_bf16_deltas():
+    n = 1_200_007
+    w = PATTERNS["bf16 deltas"](np.random.default_rng(11), n)
+    lo, hi = tiesmerge.methods.base.Band(0.3, 0.01).positions(n)
+    expected = _torch_band(w, lo, hi)
+    low_ties = w == np.sort(w)[lo]
+    assert 0 < (expected & low_ties).sum() < low_ties.sum()  # the lower cut splits a run of ties
+    assert (_replayed_band(w, lo, hi) == expected).all()

@@ -314,7 +314,8 @@ def _cli_flags() -> set[str]:
 
 
 # options of other programs that messages may name, and the program each belongs to
-FOREIGN_OPTIONS = {"--head": "ray start", "--address": "ray start"}
+FOREIGN_OPTIONS = {"--head": "ray start", "--address": "ray start", "--revision": "hf download",
+                   "--export": "python -m tiesmerge_bench"}
 
 
 def test_every_option_a_message_or_hint_names_exists():
@@ -327,16 +328,24 @@ def test_every_option_a_message_or_hint_names_exists():
 
     flags, missing = _cli_flags(), []
     for path in sorted(Path(tiesmerge.__file__).parent.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
-                continue
-            for line in node.value.splitlines():
+        tree = ast.parse(path.read_text(), str(path))
+        # an f-string is read whole (its fields as "{}"), so "hf download {id} --revision {rev}" is one line
+        texts: list[tuple[int, str]] = []
+        inside = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr):
+                texts.append((node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}"
+                                                   for v in node.values)))
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in inside:
+                texts.append((node.lineno, node.value))
+        for lineno, text in texts:
+            for line in text.splitlines():
                 for match in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]*", line):
                     option = match.group()
                     program = FOREIGN_OPTIONS.get(option)
                     if option in flags or (program is not None and program in line[:match.start()]):
                         continue
-                    missing.append(f"{path.name}:{node.lineno}: {option}")
+                    missing.append(f"{path.name}:{lineno}: {option}")
     assert not missing, f"options named in messages that no tiesmerge command has: {missing}"
     assert len(flags) > 60  # the scan saw the real parser
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from helpers_ckpt import write_hf_dir
 from tiesmerge.cli.main import main
 from tiesmerge.errors import ConfigError
-from tiesmerge.methods import DareTies, TaskArithmetic, Ties
+from tiesmerge.methods import Average, DareTies, TaskArithmetic, Ties
 from tiesmerge.recipe import load_recipe
 
 # Recipes in the shapes mergekit's README and examples use (paths made local).
@@ -111,9 +111,12 @@ def test_documentation_recipes_with_gradients_and_filters_list_every_problem(tmp
 
 def test_documentation_linear_becomes_a_weighted_mean_on_the_first_model(tmp_path):
     recipe = _load(tmp_path, DOC_LINEAR)
-    assert isinstance(recipe.method, TaskArithmetic)
+    assert isinstance(recipe.method, Average)
     assert recipe.base == "models/a" and recipe.models == ("models/b",)
-    assert recipe.method.weights == pytest.approx((0.3 / 1.3,)) and recipe.method.lam == 1.0
+    assert recipe.method.base_weight == 1.0 and recipe.method.weights == (0.3,)
+    text = DOC_LINEAR.replace("weight: 1.0", "weight: 0.7") + "parameters: {normalize: false}\n"
+    not_normalized = _load(tmp_path, text)
+    assert isinstance(not_normalized.method, TaskArithmetic) and not_normalized.method.weights == pytest.approx((0.3,))
 
 
 def test_documentation_task_arithmetic_drops_the_listed_base(tmp_path):
@@ -241,3 +244,32 @@ def test_exact_k_needs_per_tensor_scope_and_whole_tensors():
             assert int(((merged[name] - value) != 0).sum()) == expected, name
     with pytest.raises(ConfigError, match="one chunk"):
         tiesmerge.merge(base, models, method, memory_budget=2048)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("listed_base", [False, True])
+def test_mergekit_linear_equals_its_float32_operations_bit_for_bit(tmp_path, dtype, listed_base):
+    """mergekit 0.1.5's linear: result = 0; result.addcmul_(θ_i, w_i) in the models' order (float32,
+    bf16 values widened), then result / Σ w (float32), cast to the output dtype."""
+    g = torch.Generator().manual_seed(3)
+    stored = getattr(torch, dtype)
+    values = [(torch.randn(33, 17, generator=g) * s).to(stored) for s in (1.0, 0.7, 1.3)]
+    for k, value in enumerate(values):
+        write_hf_dir(tmp_path / f"m{k}", {"layer.weight": value})
+    weights = [0.5, 0.3, 0.2]
+    recipe = {"merge_method": "linear", "dtype": dtype,
+              "models": [{"model": str(tmp_path / f"m{k}"), "parameters": {"weight": w}}
+                         for k, w in enumerate(weights)]}
+    if listed_base:  # base_model among the models: it is read as the base and counts with its weight
+        recipe["base_model"] = str(tmp_path / "m1")
+    (tmp_path / "mk.yaml").write_text(yaml.safe_dump(recipe))
+    assert main(["merge", str(tmp_path / "mk.yaml"), "-o", str(tmp_path / "out")]) == 0
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))["layer.weight"]
+    w = torch.tensor(weights, dtype=torch.float32)
+    result = torch.zeros(33, 17)
+    for value, coefficient in zip(values, w.unbind(0), strict=True):
+        result.addcmul_(value, coefficient)
+    expected = result.div_(w.sum()).to(stored)
+    assert merged.dtype == stored
+    assert torch.equal(merged.view(torch.int16 if stored == torch.bfloat16 else torch.int32),
+                       expected.view(torch.int16 if stored == torch.bfloat16 else torch.int32))

@@ -48,3 +48,23 @@ def test_data_error_is_a_message_and_an_exit_status(cache: Path, capsys: pytest.
     assert main(["--tasks", "opinion", "--cache-dir", str(cache)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not match the manifest" in err
+
+
+def test_export_writes_the_encoder_accuracy_file_and_never_replaces_one(cache: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from tiesmerge.evaluation.builtin import EncoderAccuracy
+
+    out = tmp_path / "val.jsonl"
+    argv = ["--tasks", "opinion", "--cache-dir", str(cache), "--sizes", "40", "20", "20", "--export", str(out),
+            "--limit", "7"]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0]["task"] == "opinion" and len(lines[0]["classes"]) == 2 and len(lines) == 1 + 7
+    assert all(set(r) == {"task", "text", "label"} for r in lines[1:])
+    # the file is what the built-in evaluator reads (checked when it is made; the model is built on first use)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    assert len(EncoderAccuracy(tmp_path / "base", out).examples["opinion"]) == 7
+    before = out.read_bytes()
+    assert main(argv) == 1 and out.read_bytes() == before
+    assert "never replaced" in capsys.readouterr().err

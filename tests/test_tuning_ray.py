@@ -123,3 +123,25 @@ def test_an_interrupted_search_on_ray_resumes_without_rescoring(cluster, family,
     assert (resumed.best.index, resumed.best.score) == (full.best.index, full.best.score)
     for k in full.best_state:
         assert torch.equal(resumed.best_state[k], full.best_state[k])
+
+
+def _threads_score(state) -> float:
+    """The evaluation's torch threads as its score: what each Ray task runs with."""
+    return float(torch.get_num_threads())
+
+
+def test_each_task_runs_with_its_cpus_as_torch_threads(cluster, family):
+    base, models, _ = family
+    assert cluster.workers * cluster.cpus_per_task <= max(2, os.cpu_count() or 1)
+    result = run_search(base, models, "ties", _threads_score, grid={"density": (0.2,), "lam": (1.0, 2.0)},
+                        executor=cluster)
+    assert {t.score for t in result.trials} == {float(cluster.cpus_per_task)}
+
+
+def test_workers_and_cpus_per_task_are_checked_before_ray_starts():
+    from tiesmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="at least 1"):
+        RayExecutor(workers=0)
+    with pytest.raises(ConfigError, match="joined cluster"):
+        RayExecutor("auto", workers=2)

@@ -44,8 +44,11 @@ def test_bad_axes_are_reported_together():
                     ranges={"nope": (0.0, 1.0)})
     text = str(info.value)
     assert "'elect'" in text and "'nope'" in text and "both searched and fixed" in text and "named twice" in text
-    with pytest.raises(ConfigError, match="--range lam"):
-        build_space("task_arithmetic", 2, axes=("lam",), grid={"lam": (1.0,)})  # one value: no range
+    with pytest.raises(ConfigError, match="--range alpha"):
+        build_space("regmean", 2, axes=("alpha",), grid={})  # no grid, no range, no default range
+    # one grid value: the axis holds it (the grid strategy scores it; random and CMA-ES sample only it)
+    (axis,) = build_space("task_arithmetic", 2, axes=("lam",), grid={"lam": (1.0,)}).axes
+    assert (axis.low, axis.high, axis.values) == (1.0, 1.0, (1.0,))
     with pytest.raises(ConfigError, match="LO < HI"):
         parse_ranges(["lam=2:1"])
     assert parse_ranges(["lam=0.5:2"]) == {"lam": (0.5, 2.0)}

@@ -1,4 +1,4 @@
-"""Bit-for-bit parity of the issue-12 methods with the real mergekit 0.1.5, on tiny float32 Llamas.
+"""Bit-for-bit parity of the issue-12 methods (and linear) with the real mergekit 0.1.5, on tiny float32 Llamas.
 
     python benchmarks/speed/mergekit_parity.py [--mergekit-venv /tmp/mergekit-venv] [--root /tmp/tiesmerge-parity]
 
@@ -33,6 +33,14 @@ RESULTS = REPO / "benchmarks" / "results"
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 176, 4, 4, 2, 17000  # 17000 x 64 > 2^20 entries
 
 RECIPES: dict[str, str] = {
+    "linear": """
+merge_method: linear
+models:
+  - {{model: {m1}, parameters: {{weight: 0.5}}}}
+  - {{model: {m2}, parameters: {{weight: 0.3}}}}
+  - {{model: {m3}, parameters: {{weight: 0.2}}}}
+dtype: float32
+""",
     "slerp": """
 merge_method: slerp
 base_model: {base}

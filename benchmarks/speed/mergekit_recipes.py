@@ -323,11 +323,16 @@ def report(result: dict) -> str:
               "are bit-identical. With `dtype: bfloat16` mergekit rounds the task vectors, the election sums and "
               "the division to bf16 before the final cast; tiesmerge computes in float32 and rounds once, and the "
               "differences in the bf16 rows are that intermediate rounding (it flips the elected sign where the "
-              "weighted sum is near 0). `linear` and `task_arithmetic` differ by the order of float32 operations "
-              "(θ_0 + Σ (w_i/Σw)(θ_i − θ_0) vs Σ w_i θ_i / Σ w) and mergekit's bf16 task vectors: one bf16 ulp at "
-              "most but for a few entries at a binade edge. `dare_ties` draws different random masks in the two "
-              "tools and rescales differently (1/density vs the tensor's L1 norm), so only its timing is "
-              "comparable.", ""]
+              "weighted sum is near 0). `linear` runs mergekit's own float32 order (Σ w_i θ_i accumulated from 0 "
+              "with torch's fused multiply-add, then / Σ w; the first model read as the base): bit-identical, also "
+              "with `dtype: bfloat16`, where mergekit accumulates in float32 too. `task_arithmetic` differs by "
+              "mergekit's bf16 task vectors: one bf16 ulp at most but for a few entries at a binade edge. "
+              "`dare_ties` and `della` draw different random masks in the two tools (and DARE rescales "
+              "differently: 1/density vs the tensor's L1 norm), so only their timing is comparable. The whole-tensor "
+              "recipes (`slerp`, `nuslerp`, `model_stock`) take their scalars from the same torch reductions on the "
+              "same float32 values as mergekit (`src/tiesmerge/engine/whole.py`), and `breadcrumbs(_ties)` replays "
+              "torch.sort's ascending order at the band's two cuts (`exactk.band_mask`), so they are bit-identical.",
+              ""]
     return "\n".join(lines)
 
 

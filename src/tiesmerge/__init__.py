@@ -1,6 +1,7 @@
 """tiesmerge: merge models fine-tuned from one base with TIES-Merging, streamed tensor by tensor.
 
-The verbs: :func:`merge`, :func:`plan_merge`, :func:`analyze`, :func:`tune`, :func:`run_search`, and the statistics
+The verbs: :func:`merge`, :func:`plan_merge`, :func:`analyze`, :func:`tune`, :func:`run_search`, :func:`adapt`
+(AdaMerging: coefficients learned from unlabeled inputs), and the statistics
 of the data-aware methods (:func:`fisher_information`, :func:`gram_matrices`, :func:`save_stats`,
 :func:`load_stats`); :func:`open_checkpoint` reads a model lazily; :data:`METHODS` lists the
 methods. They are imported when first used (PEP 562), so ``import tiesmerge.io.checkpoint`` or
@@ -19,18 +20,21 @@ from .version import __version__
 
 # public name -> the module that defines it (None: the name is a submodule)
 _WHERE = {
-    "merge": "api", "plan_merge": "api", "analyze": "api", "describe_plan": "api",
+    "merge": "api", "plan_merge": "api", "analyze": "api", "describe_plan": "api", "base_distance": "api",
     "tune": "tuning", "run_search": "tuning", "open_checkpoint": "io.checkpoint", "METHODS": "registry",
     "fisher_information": "stats", "gram_matrices": "stats", "save_stats": "stats", "load_stats": "stats",
-    "errors": None, "methods": None,
+    "adapt": "adamerging", "errors": None, "methods": None,
 }
 
-__all__ = ["METHODS", "analyze", "describe_plan", "errors", "fisher_information", "gram_matrices", "load_stats",
-           "merge", "methods", "open_checkpoint", "plan_merge", "run_search", "save_stats", "tune", "__version__"]
+__all__ = ["METHODS", "adapt", "analyze", "base_distance", "describe_plan", "errors", "fisher_information",
+           "gram_matrices",
+           "load_stats", "merge", "methods", "open_checkpoint", "plan_merge", "run_search", "save_stats", "tune",
+           "__version__"]
 
 if TYPE_CHECKING:
     from . import errors, methods
-    from .api import analyze, describe_plan, merge, plan_merge
+    from .adamerging import adapt
+    from .api import analyze, base_distance, describe_plan, merge, plan_merge
     from .io.checkpoint import open_checkpoint
     from .registry import METHODS
     from .stats import fisher_information, gram_matrices, load_stats, save_stats

@@ -29,10 +29,13 @@ from .inputs import (
     device_of,
     open_models,
     prepare,
+    resolve_sources,
 )
 from .io.align import align
 from .io.card import hash_files, model_card
 from .io.checkpoint import Checkpoint
+from .io.vocab import write_tokenizer_files
+from .io.vocab_rows import is_part
 from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files, model_files
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
@@ -43,14 +46,15 @@ from .recipe import MergeRecipe
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, format_size, parse_size
 from .version import __version__
 
-__all__ = ["merge", "analyze", "plan_merge", "describe_plan"]
+__all__ = ["merge", "analyze", "plan_merge", "describe_plan", "base_distance"]
 
 
 def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *, device: str = "cpu",
                memory_budget: int | str | None = None, dtype: str | torch.dtype | None = None,
                vocab_policy: str = "error", allow_pickle: bool = False, output_format: str = "model",
-               stats: Sequence[StatsInput] | None = None, **method_options: Any) -> Plan:
-    """What :func:`merge` would do, without reading any tensor data: tensors, passes, bytes, peak memory.
+               stats: Sequence[StatsInput] | None = None, allow_distant: bool = False, **method_options: Any) -> Plan:
+    """What :func:`merge` would do: tensors, passes, bytes, peak memory, and (``plan.notes``) how
+    far each model is from the base. Reads no tensor data beyond that distance's small sample of rows.
 
     (Merging (IA)³ adapters into a full model merges their small vectors first, to plan the fold;
     with ``normalize="rms"``, Fisher merging reads its statistics once to plan.)
@@ -60,16 +64,32 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
     (('count (trim)', 'merge'), 2948201472, 402653184)
     """
     m = as_method(method, method_options)
+    base, models = resolve_sources(base, models)
     with ExitStack() as stack:
         return prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
                        vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format,
-                       stats=stats).executor.plan
+                       stats=stats, allow_distant=allow_distant).executor.plan
+
+
+def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str = "error",
+                  allow_pickle: bool = False) -> list:
+    """How far each model is from the base (:mod:`tiesmerge.distance`), measured on a sample of rows:
+    a list of ``ModelDistance`` (``.relative_norm``, ``.share_barely_matching``, ``.distant``, ``.line()``).
+
+    >>> [d.line() for d in tiesmerge.base_distance("base", ["ft-a", "other"])]   # doctest: +SKIP
+    ['model 0: ‖τ‖/‖θ_base‖ 0.0213, 0% of 101 tensors barely match — looks fine-tuned from the base', ...]
+    """
+    base, models = resolve_sources(base, models)
+    with ExitStack() as stack:
+        return list(prepare(stack, base, models, as_method("task_arithmetic", {}), device="cpu", memory_budget=None,
+                            dtype=None, vocab_policy=vocab_policy, allow_pickle=allow_pickle,
+                            allow_distant=True).distances)
 
 
 def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
     """The plan as the lines ``tiesmerge merge --dry-run`` prints."""
     merged = [j for j in plan.jobs if j.merge]
-    copied = [j for j in plan.jobs if not j.merge]
+    copied = [j for j in plan.jobs if not j.merge and not is_part(j.name)]  # a union's rows are no copy
     options = ", ".join(f"{k}={v}" for k, v in MergeRecipe(method, "", ()).to_dict()["parameters"].items())
     lines = [
         f"method           {method.name} ({options})",
@@ -91,7 +111,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
           dtype: str | torch.dtype | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False,
           allow_pickle: bool = False, vocab_policy: str = "error", progress: bool = False,
           output_format: str = "model", rank: int | None = None, origin: Mapping[str, Any] | None = None,
-          stats: Sequence[StatsInput] | None = None, **method_options: Any) -> Path | dict[str, torch.Tensor]:
+          stats: Sequence[StatsInput] | None = None, allow_distant: bool = False,
+          **method_options: Any) -> Path | dict[str, torch.Tensor]:
     """Merge fine-tuned ``models`` of ``base`` and write an HF directory (or return a state dict).
 
     ``base`` and ``models`` are paths (HF directories, .safetensors files, PEFT LoRA or (IA)³
@@ -101,6 +122,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     ``origin`` (e.g. a translated mergekit recipe's format and semantics) goes into the manifest.
     ``stats``: the data-aware methods (``fisher``, ``regmean``) take one statistics directory
     (``tiesmerge stats``) or :class:`tiesmerge.stats.Statistics` per model, in the models' order.
+    ``vocab_policy``: ``"error"`` on vocabulary sizes that differ, ``"truncate"`` (the base's rows),
+    ``"union"`` (a tokenizer holding every model's added tokens: :mod:`tiesmerge.io.vocab`).
+    A model that does not look fine-tuned from ``base`` is an error before anything merges unless
+    ``allow_distant`` (:mod:`tiesmerge.distance`).
 
     >>> import tiesmerge                                                      # doctest: +SKIP
     >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
@@ -109,6 +134,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     """
     started = time.perf_counter()
     m = as_method(method, method_options)
+    base, models = resolve_sources(base, models)  # org/name[@revision]: from the local Hugging Face cache
     try:
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:
@@ -128,7 +154,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                                            desc=f"merging ({m.name})", dynamic_ncols=True))
         prepared = prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
                            vocab_policy=vocab_policy, allow_pickle=allow_pickle,
-                           progress=bar.update if bar else None, output_format=output_format, stats=stats)
+                           progress=bar.update if bar else None, output_format=output_format, stats=stats,
+                           allow_distant=allow_distant)
         executor = prepared.executor
         # checked now, before the first heavy read: the files copied beside the weights at the end, and
         # what every input file looks like (a model another process is still writing is refused)
@@ -141,8 +168,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         if output is None:
             if output_format == "adapter":
                 raise ConfigError("a merged adapter is written to a directory", hint="pass output=DIR")
-            sink = MemorySink(executor.alignment.jobs, executor.out_dtype)
-            executor.run(sink)
+            sink = MemorySink(executor.alignment.outputs(), executor.out_dtype)
+            executor.run(executor.alignment.route(sink))
             return sink.state
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash")
         # on an error or Ctrl-C, skip the files not hashed yet: a plain `with pool` would hash every
@@ -152,9 +179,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                    "models": [hash_files(c.files(), pool) for c in prepared.models],
                    "reference": hash_files(prepared.reference.files(), pool) if prepared.reference else None}
         groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype_info) if j.merge else j.dtype_info)
-                   for n in (j.name, *j.aliases)] for j in executor.alignment.jobs]
+                   for n in (j.name, *j.aliases)] for j in executor.alignment.outputs()]
         needed = executor.plan.output_bytes + sum(os.stat(f).st_size for f in extra)
-        merged_names = [n for j in executor.alignment.jobs if j.merge for n in (j.name, *j.aliases)]
+        merged_names = [n for j in executor.alignment.outputs() if j.merge for n in (j.name, *j.aliases)]
         with atomic_directory(output, force=force, needed_bytes=needed) as tmp:
             adapter_part = None
             if output_format == "adapter":
@@ -164,15 +191,19 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             else:
                 writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__},
                                        finite=merged_names)
-                run_stats = executor.run(writer)
+                run_stats = executor.run(executor.alignment.route(writer))
                 writer.close()
                 files = writer.files
             if executor.side is not None:
                 run_stats.bytes_read += executor.side.bytes_read
+            run_stats.tensors_copied -= len(executor.alignment.routes)  # a union's new rows: part of merged tensors
             clock = time.perf_counter()
             if output_format != "adapter":
                 copied = copy_model_files(prepared.base.directory(), tmp, files=extra,
                                           dtype=executor.out_dtype if executor.out_dtype else None)
+                if prepared.vocab is not None:  # the merged tokenizer and vocab_size replace the base's
+                    rows = next(ro for _, _, ro in prepared.vocab.tensors)
+                    vocab_files, chat_from = write_tokenizer_files(prepared.vocab.union, tmp, rows)
             stamps.check("an input file")
             hashed = {"base": [f.result() for f in digests["base"]],
                       "models": [[f.result() for f in d] for d in digests["models"]],
@@ -185,13 +216,20 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                                  shard_size=str(shard_size), memory_budget=str(memory_budget or DEFAULT_MEMORY_BUDGET),
                                  device=str(device), vocab_policy=vocab_policy, output_format=output_format,
                                  rank=rank, origin=dict(origin) if origin else None,
-                                 stats=tuple(s.label for s in prepared.stats) or None)
+                                 stats=tuple(s.label for s in prepared.stats) or None, allow_distant=allow_distant)
             (tmp / "README.md").write_text(model_card(
-                base_label=prepared.base.label, model_labels=[c.label for c in prepared.models],
+                base_label=getattr(base, "repo_id", prepared.base.label), base_revision=getattr(base, "revision", None),
+                base_commit=getattr(base, "commit", None), model_labels=[c.label for c in prepared.models],
                 recipe_yaml=recipe.to_yaml(), method_name=m.name, paper=m.paper, summary=m.summary,
                 version=__version__))
             run_stats.seconds["total"] = time.perf_counter() - started
             manifest = merge_manifest(recipe, executor, run_stats, hashed, files, copied)
+            manifest["base_distance"] = [d.to_dict() for d in prepared.distances]
+            for entry, source in zip([manifest["inputs"]["base"], *manifest["inputs"]["models"]], [base, *models]):
+                if hasattr(source, "commit"):  # named by repo id: which snapshot of the cache was read
+                    entry["hub"] = {"repo_id": source.repo_id, "revision": source.revision, "commit": source.commit}
+            if prepared.vocab is not None and output_format != "adapter":
+                manifest["alignment"]["vocabulary"].update(files_written=vocab_files, chat_template_from=chat_from)
             kind = next((getattr(c, "adapter_kind", None) for c in prepared.models if hasattr(c, "adapter_kind")), None)
             if kind is not None:
                 manifest["adapters"] = {"inputs": kind, "output_format": output_format, **(adapter_part or {})}
@@ -246,7 +284,11 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     from .analysis import AnalysisSettings, run_analysis, summarise, write_report
 
     started = time.perf_counter()
+    base, models = resolve_sources(base, models)
     check_inputs(base, models)
+    if vocab_policy == "union":
+        raise ConfigError("analyze compares the models' rows as stored; --vocab-policy union is a merge policy",
+                          hint="use --vocab-policy truncate to compare the base's rows")
     settings = AnalysisSettings(density=density, subsets_per_size=subsets_per_size, seed=seed,
                                 **({"curve": tuple(curve)} if curve is not None else {}))
     settings.check(len(models))

@@ -15,6 +15,7 @@ __all__ = [
     "OutputError",
     "EvaluatorError",
     "InternalError",
+    "TrainingError",
 ]
 
 
@@ -68,3 +69,7 @@ class EvaluatorError(TiesMergeError):
 
 class InternalError(TiesMergeError):
     """An error tiesmerge did not foresee, wrapped by the CLI so that it prints a message, not a traceback."""
+
+
+class TrainingError(TiesMergeError):
+    """Learning merge coefficients failed (``tiesmerge adapt``): a loss that is not finite."""

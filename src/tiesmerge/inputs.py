@@ -8,6 +8,7 @@ models they belong to.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -16,13 +17,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import adapter_merge
+from .distance import check_distances, measure
 from .dtypes import BY_NAME, DType, as_dtype
 from .engine.executor import Executor
 from .engine.reader import EngineInputs
 from .engine.side import SideInputs
 from .errors import ConfigError, IncompatibleCheckpointsError
+from .hub import HubPath, resolve_source
 from .io.adapters import adapter_kind, yields_task_vector
-from .io.align import Alignment, align
+from .io.align import Alignment, align, with_parts
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .lazy import torch
 from .methods import TaskArithmetic
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from .stats.files import StatsSource
 
 __all__ = ["Source", "StatsInput", "Prepared", "as_method", "check_inputs", "check_output_not_input", "device_of",
-           "budget_of", "check_budget", "open_models", "prepare"]
+           "budget_of", "check_budget", "open_models", "prepare", "resolve_sources"]
 
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"  # a path, or a state dict
 StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"  # a directory, or statistics in memory
@@ -102,7 +105,17 @@ def budget_of(memory_budget: int | str | None) -> int:
 
 
 def _label(source: Any, default: str) -> str:
+    if isinstance(source, HubPath):
+        return source.label  # named by its repo id: the manifest and the card carry it
     return default if isinstance(source, Mapping) else str(source)
+
+
+def resolve_sources(base: Any, models: Any) -> tuple[Any, Any]:
+    """``org/name[@revision]`` names that are not local paths, resolved from the local Hugging Face
+    cache (tiesmerge.hub, no network); everything else as given."""
+    if isinstance(models, (str, os.PathLike, Mapping)):
+        return resolve_source(base), models  # check_inputs reports it
+    return resolve_source(base), [resolve_source(m) for m in models]
 
 
 def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str) -> Checkpoint:
@@ -220,13 +233,44 @@ class Prepared:
     reference: Checkpoint | None
     executor: Executor
     stats: list[StatsSource]
+    vocab: Any = None  # io.vocab_rows.VocabLayout of a vocabulary union that adds rows, else None
+    distances: tuple = ()  # distance.ModelDistance per model: how far each is from the base
+
+
+def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMethod, stats: Sequence[Any] | None,
+                  out_dtype: DType | None) -> tuple[Checkpoint, list[Checkpoint], Any, dict[str, tuple[str, int]]]:
+    """``vocab_policy="union"``: the tokenizers read and united, the inputs seen through the union
+    (io.vocab, io.vocab_rows). Full model directories only: the tokenizers live beside the weights."""
+    from .io.vocab import read_vocab, union_of
+    from .io.vocab_rows import layout_of, views_of
+
+    req = method.requirements()
+    why = ("a PEFT adapter is among the inputs" if any(yields_task_vector(c) for c in models) else
+           f"method {method.name!r} reads a reference model" if req.reference is not None else
+           f"method {method.name!r} reads per-model statistics" if req.statistics is not None or stats else None)
+    if why:
+        raise ConfigError(f"--vocab-policy union cannot be used here: {why}",
+                          hint="merge full model directories with a method that reads only the models; or fold "
+                               "the adapters first")
+    unread = next((c for c in (base, *models) if c.directory() is None), None)
+    if unread is not None:
+        raise ConfigError(f"--vocab-policy union reads each model's tokenizer, but {unread.label} is not a model "
+                          "directory", hint="give the base and the models as Hugging Face model directories")
+    union = union_of(read_vocab(base.directory(), base.label),
+                     [read_vocab(m.directory(), m.label) for m in models])
+    layout = layout_of(base, models, union)
+    if layout is None:
+        return base, models, None, {}
+    base_view, model_views, routes = views_of(base, models, layout, out_dtype)
+    return base_view, model_views, layout, routes
 
 
 def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMethod, *, device: str,
             memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
             allow_pickle: bool, progress: Any = None, output_format: str = "model",
-            stats: Sequence[Any] | None = None) -> Prepared:
-    """Open the inputs (closed by ``stack``), align them, check every role, plan the merge."""
+            stats: Sequence[Any] | None = None, allow_distant: bool = False) -> Prepared:
+    """Open the inputs (closed by ``stack``), align them, check every role, measure how far each
+    model is from the base (a distant model is an error unless ``allow_distant``), plan the merge."""
     check_inputs(base, models)
     problems = check_models(method, len(models))
     if problems:
@@ -241,9 +285,19 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
-    alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
+    layout, routes = None, {}
+    if vocab_policy == "union":
+        engine_base, engine_models, layout, routes = _union_inputs(engine_base, engine_models, method, stats,
+                                                                   out_dtype)
+    alignment = align(engine_base, engine_models, vocab_policy="error" if vocab_policy == "union" else vocab_policy)
+    if layout is not None:
+        alignment = with_parts(alignment, engine_base, routes, layout.manifest())
     if reference is not None:
         _check_reference(reference, alignment)
+    distances: tuple = ()
+    if engine_base is base_ckpt or layout is not None:  # adapters merged against a stand-in base: not measured
+        distances = tuple(measure(engine_base, engine_models, alignment.jobs))
+        check_distances(distances, base_ckpt.label, allow_distant)
     side, opened = _open_side(stack, method, stats, model_ckpts, alignment, device_t, progress)
 
     def make_executor(inputs: EngineInputs, m: MergeMethod, side: SideInputs | None = None,
@@ -259,7 +313,14 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
                                              lambda b, ms: make_executor(EngineInputs(b, tuple(ms)),
                                                                          TaskArithmetic(lam=1.0)))
-    return Prepared(base_ckpt, model_ckpts, reference, executor, opened)
+    notes = [f"base distance of {d.line()}" for d in distances]
+    if layout is not None:
+        u = layout.union
+        notes.insert(0, f"vocabulary union: {u.base_size} base tokens + {len(u.new)} added by the models = "
+                        f"{u.size}; " + ", ".join(f"{n} {rb} -> {ro} rows" for n, rb, ro in layout.tensors)
+                     + "; new rows: the mean of the models that have the token")
+    executor.plan = dataclasses.replace(executor.plan, notes=(*executor.plan.notes, *notes))
+    return Prepared(base_ckpt, model_ckpts, reference, executor, opened, layout, distances)
 
 
 def check_budget(plan: Any) -> None:

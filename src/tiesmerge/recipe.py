@@ -13,7 +13,8 @@
     shard_size: 5GB
     memory_budget: 2GiB
     device: cpu
-    vocab_policy: error
+    vocab_policy: error      # or truncate, or union (a tokenizer holding every model's added tokens)
+    allow_distant: false     # true: merge models that do not look fine-tuned from the base
 
 Relative paths are resolved against the recipe file's folder.
 
@@ -34,6 +35,7 @@ import yaml
 
 from .dtypes import BY_NAME
 from .errors import ConfigError
+from .hub import split_repo_id
 from .io.align import VOCAB_POLICIES
 from .limits import read_yaml
 from .methods.base import MergeMethod, ModelPath, check_models, option_types
@@ -49,7 +51,7 @@ __all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict",
 
 DTYPES = BY_NAME  # the output dtype names a recipe or the command line accepts -> tiesmerge.dtypes.DType
 _KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memory_budget", "device", "vocab_policy",
-         "allow_pickle", "output_format", "rank", "origin", "stats")
+         "allow_pickle", "output_format", "rank", "origin", "stats", "allow_distant")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -77,6 +79,7 @@ class MergeRecipe:
     rank: int | None = None  # LoRA adapter output: the rank of the SVD re-factoring
     origin: dict[str, Any] | None = None  # a translated recipe's source format and semantics (mergekit)
     stats: tuple[str, ...] | None = None  # fisher, regmean: one statistics directory per model
+    allow_distant: bool = False  # merge models that do not look fine-tuned from the base (tiesmerge.distance)
 
     def __post_init__(self) -> None:
         if isinstance(self.stats, list):
@@ -94,6 +97,8 @@ class MergeRecipe:
         out["origin"] = self.origin
         if self.stats:
             out["models"] = [{"path": m, "stats": s} for m, s in zip(self.models, self.stats, strict=True)]
+        if self.allow_distant:
+            out["allow_distant"] = True
         return {k: v for k, v in out.items() if v is not None}
 
     def to_yaml(self) -> str:
@@ -101,7 +106,11 @@ class MergeRecipe:
 
 
 def _path(value: Any, root: Path | None) -> str:
+    """A path, relative ones against the recipe's folder; an ``org/name[@revision]`` that is no
+    path there stays a Hugging Face repo id (resolved from the local cache when merged)."""
     p = Path(os.path.expanduser(str(value)))
+    if root is not None and not p.is_absolute() and not os.path.lexists(root / p) and split_repo_id(str(value)):
+        return str(value)
     return str(p if p.is_absolute() or root is None else root / p)
 
 
@@ -219,8 +228,9 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         problems.append(f"rank must be a positive integer, got {_short(rank)}")
     if data.get("origin") is not None and not isinstance(data["origin"], dict):
         problems.append("origin must be a mapping (it records where a translated recipe came from)")
-    if not isinstance(data.get("allow_pickle", False), bool):  # bool("no") would be True
-        problems.append(f"allow_pickle must be true or false, got {_short(data['allow_pickle'])}")
+    for key in ("allow_pickle", "allow_distant"):
+        if not isinstance(data.get(key, False), bool):  # bool("no") would be True
+            problems.append(f"{key} must be true or false, got {_short(data[key])}")
     method = None
     if isinstance(name, str) and name in METHODS:
         try:
@@ -246,7 +256,8 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
                        device=str(data.get("device", "cpu")), vocab_policy=data.get("vocab_policy", "error"),
                        allow_pickle=bool(data.get("allow_pickle", False)),
                        output_format=data.get("output_format", "model"), rank=rank, origin=data.get("origin"),
-                       stats=tuple(stats) if stats and all(x is not None for x in stats) else None)
+                       stats=tuple(stats) if stats and all(x is not None for x in stats) else None,
+                       allow_distant=bool(data.get("allow_distant", False)))
 
 
 def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, Any]:

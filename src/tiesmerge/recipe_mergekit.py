@@ -14,8 +14,11 @@ mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5,
 - ``task_arithmetic``: base + λ Σ w τ (``normalize`` default false divides by Σ w).
   ->  ``task_arithmetic`` with ``weights`` (divided by Σ w when normalizing), ``lam``.
 - ``linear``: Σ w θ / Σ w over the listed models (``normalize`` default true).
-  ->  ``task_arithmetic`` on the first listed model (or ``base_model``): θ_0 + Σ (w_i/Σw)(θ_i − θ_0),
-  the same weighted mean, with ``lam = 1``.
+  ->  ``average`` with ``base_weight``: the first listed model read as the base with its weight,
+  the others' weights (``base_model`` counts where the models list it); the models' own values summed
+  w_i θ_i from 0 in order, then / Σ w, in float32 as mergekit does (bit for bit in float32, and in
+  bfloat16 too, where mergekit also accumulates in float32). With ``normalize: false`` (weights
+  summing to 1): ``task_arithmetic`` on that model, θ_0 + Σ w_i (θ_i − θ_0), ``lam = 1``.
 - ``dare_ties`` / ``dare_linear``: random drop at ``density`` kept, then TIES's steps / a sum.
   ->  ``dare_ties`` / ``dare_linear`` with ``drop_rate = 1 − density``. The random masks differ
   (counter-based here, ``torch.bernoulli`` there) and so does the rescale: 1/density here (the
@@ -262,15 +265,24 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
             problems.append("linear with normalize: false and weights not summing to 1 scales the whole model; "
                             "tiesmerge merges task vectors on a base and cannot express it")
             return "", {}, ""
-        anchor = base if base is not None else paths[0]
-        pairs = [(p, w / total) for p, w in zip(paths, weights)
-                 if Path(p).resolve() != Path(anchor).resolve()]  # the anchor's own τ is 0
-        if not pairs:
+        # the engine needs a base: the first listed model stands as it, with its weight, so that the
+        # models' own values are summed in the list's order, as mergekit does (base_model counts only
+        # where the models list it, with its weight, like any model)
+        anchor, at = paths[0], 0
+        others = list(zip(paths, weights))[1:]
+        if not others:
             problems.append("linear needs at least one model besides the base")
             return "", {}, ""
+        if normalize:
+            params = {"base_weight": weights[at], "weights": [w for _, w in others], "_anchor": anchor,
+                      "_models": [p for p, _ in others]}
+            return "average", params, ("mergekit linear: Σ w_i θ_i / Σ w_i over the models' own values in "
+                                       f"mergekit's float32 order ({anchor} read as the base, weight "
+                                       f"{weights[at]:g})")
+        pairs = [(p, w / total) for p, w in others]  # weights summing to 1, no division: θ_0 + Σ w_i (θ_i − θ_0)
         params = {"lam": 1.0, "weights": [w for _, w in pairs], "_anchor": anchor, "_models": [p for p, _ in pairs]}
-        return "task_arithmetic", params, ("mergekit linear: Σ w_i θ_i / Σ w_i, as θ_0 + Σ (w_i/Σw)(θ_i − θ_0) "
-                                           f"on {anchor}, float32")
+        return "task_arithmetic", params, ("mergekit linear: Σ w_i θ_i (weights summing to 1), as "
+                                           f"θ_0 + Σ w_i (θ_i − θ_0) on {anchor}, float32")
     if method == "task_arithmetic":
         scale = total if normalize and abs(total) >= 1e-8 else 1.0
         return "task_arithmetic", {"lam": lam, "weights": [w / scale for w in weights]}, (

@@ -1,4 +1,5 @@
-"""``python -m tiesmerge_bench``: fetch the benchmark sources and print per-task counts."""
+"""``python -m tiesmerge_bench``: fetch the benchmark sources and print per-task counts, or export a split
+as the ``encoder-accuracy`` evaluator's JSON-lines file (``--export val.jsonl``)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs=3, default=DEFAULT_SIZES, metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--fetch-only", action="store_true", help="only fetch/verify the sources")
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
+    parser.add_argument("--export", metavar="FILE", help="write a split as JSON lines for "
+                        "`tiesmerge tune/search --evaluator encoder-accuracy:FILE` (each task's classes, then "
+                        "its examples)")
+    parser.add_argument("--split", default="validation", choices=("train", "validation", "test"),
+                        help="--export: the split (default validation)")
+    parser.add_argument("--limit", type=int, help="--export: the first N examples of each task (default all)")
     args = parser.parse_args(argv)
     try:
         start = time.perf_counter()
@@ -41,6 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         if exc.hint:
             print(f"hint: {exc.hint}", file=sys.stderr)
         return exc.exit_code
+    if args.export:
+        lines = export_lines(suite, args.split, args.limit)
+        try:
+            with open(args.export, "x", encoding="utf-8") as out:  # never over an existing file
+                out.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        except OSError as exc:
+            print(f"error: {args.export}: cannot write it ({exc.strerror or exc})", file=sys.stderr)
+            print("hint: name a new file (an existing one is never replaced)", file=sys.stderr)
+            return 1
+        print(f"wrote {args.export}: {len(lines) - len(suite)} {args.split} examples of {len(suite)} tasks",
+              file=sys.stderr)
+        return 0
     if args.json:
         summary = {
             name: {
@@ -55,6 +74,15 @@ def main(argv: list[str] | None = None) -> int:
     else:
         describe(suite)
     return 0
+
+
+def export_lines(suite: dict, split: str, limit: int | None = None) -> list[dict]:
+    """The encoder-accuracy evaluator's lines: per task, its class descriptions, then its examples."""
+    lines: list[dict] = []
+    for name, task in suite.items():
+        lines.append({"task": name, "classes": list(task.descriptions)})
+        lines += [{"task": name, "text": text, "label": label} for text, label in getattr(task, split)[:limit]]
+    return lines
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from ..paths import check_not_input, check_output_file, check_output_location, c
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
+from .adapt import cmd_adapt
 
 __all__ = ["HANDLERS"]
 
@@ -28,7 +29,9 @@ def _load_callable(spec: str):
 
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise ConfigError(f"--evaluator {spec!r}: expected MODULE:FUNCTION", hint="e.g. --evaluator my_eval:score")
+        raise ConfigError(f"--evaluator {spec!r}: expected MODULE:FUNCTION or a built-in NAME:FILE",
+                          hint="e.g. --evaluator my_eval:score, or --evaluator classifier-accuracy:val.jsonl "
+                               "(tiesmerge tune --help lists the built-ins)")
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # so a module in the current directory can be named
     try:
@@ -37,9 +40,23 @@ def _load_callable(spec: str):
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})") from None
 
 
+def _evaluator(spec: str, base: Any, device: str) -> Any:
+    """A built-in evaluator (``NAME:FILE``, its file read and checked now) or the user's ``module:function``."""
+    from ..evaluation.builtin import builtin_evaluator
+
+    builtin = builtin_evaluator(spec, base, device=device)  # scored where the candidates are merged
+    return builtin if builtin is not None else _load_callable(spec)
+
+
 def _evaluator_file(spec: str) -> list[tuple[str, Any]]:
-    """The loaded evaluator's module file, an input like the models: an output never replaces it."""
-    module = sys.modules.get(spec.partition(":")[0])
+    """The loaded evaluator's module file, or a built-in's data file: an input like the models, which an
+    output never replaces."""
+    from ..evaluation.builtin import BUILTIN_EVALUATORS
+
+    name, _, argument = spec.partition(":")
+    if name in BUILTIN_EVALUATORS:
+        return [(f"the evaluator's file ({spec})", argument)]
+    module = sys.modules.get(name)
     path = getattr(module, "__file__", None)
     if not path:
         return []
@@ -75,7 +92,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
                               "the best merge replaces", hint="write the scores beside the output, not into it")
         check_output_file(args.json, args.force, inputs, "--json")
-    evaluate = guard(_load_callable(args.evaluator), f"--evaluator {args.evaluator}", finite=True)
+    evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
     if args.json:
@@ -122,7 +139,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.output and _nested(args.dir, args.output):
         raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other; "
                           "the best merge would replace the search's log", hint="choose separate paths")
-    evaluate = guard(_load_callable(args.evaluator), f"--evaluator {args.evaluator}", finite=True)
+    evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
     _check_writes(args.output, args.force, module)
     check_not_input(args.dir, module)
@@ -166,6 +183,8 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         data["models"] = args.models
     if args.stats:
         data["stats"] = args.stats
+    if getattr(args, "allow_distant", False):
+        data["allow_distant"] = True
     if args.method:
         if data.get("method") not in (None, args.method):
             data["parameters"] = {}  # the recipe's options belong to its own method
@@ -199,7 +218,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     data = _recipe_data(args)
     recipe = recipe_from_dict(data, source=args.recipe or "command line")
     common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
-                  vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle)
+                  vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle,
+                  allow_distant=recipe.allow_distant)
     if args.dry_run:
         if args.output:  # the same checks as a real run: a dry run that says nothing wrong must mean it
             reference = recipe.method.requirements().reference
@@ -321,7 +341,8 @@ def _axis(values: tuple) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ..api import plan_merge
+    from ..api import base_distance, plan_merge
+    from ..distance import check_distances
     from ..inputs import check_budget
 
     recipe = load_recipe(args.recipe)
@@ -329,8 +350,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # (headers read), none is given twice, the shapes align, the statistics fit, the device exists
     plan = plan_merge(recipe.base, list(recipe.models), recipe.method, device=recipe.device,
                       memory_budget=recipe.memory_budget, dtype=recipe.dtype, vocab_policy=recipe.vocab_policy,
-                      allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats)
+                      allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats,
+                      allow_distant=True)  # judged below, once the numbers are shown
     check_budget(plan)
+    # how far each model is from the base (a small sample of rows): shown, then judged
+    distances = base_distance(recipe.base, list(recipe.models), vocab_policy=recipe.vocab_policy,
+                              allow_pickle=recipe.allow_pickle)
+    for d in distances:
+        print(f"  base distance of {d.line()}")
+    check_distances(distances, recipe.base, recipe.allow_distant)
     print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
     if recipe.origin:
         print(f"  read as a {recipe.origin.get('format')} recipe: {recipe.origin.get('semantics')}")
@@ -355,4 +383,4 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 HANDLERS = {"merge": cmd_merge, "analyze": cmd_analyze, "methods": cmd_methods, "validate": cmd_validate,
-            "tune": cmd_tune, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo}
+            "tune": cmd_tune, "search": cmd_search, "stats": cmd_stats, "demo": cmd_demo, "adapt": cmd_adapt}

@@ -73,11 +73,22 @@ examples:
   tiesmerge tune --base ./base --model ./a --model ./b --method task_arithmetic \\
       --grid lam=0.1:1.0:0.05 --evaluator my_eval:validation_accuracy --json grid.json
 
+  # no code: a built-in evaluator on a labeled validation file (see --evaluator)
+  tiesmerge tune --base ./base --model ./a --model ./b --evaluator classifier-accuracy:val.jsonl -o ./best
+
 my_eval.py:
   def validation_accuracy(state_dict) -> float:   # higher is better
       model.load_state_dict(state_dict); return accuracy(model, validation_data)
 
 tau_m is merged once per density (or drop rate) and every lam is swept on top of it.
+""" + "\n" + """\
+built-in evaluators (--evaluator NAME:FILE; the model is the base directory's architecture):
+  classifier-accuracy:FILE   sequence classifier accuracy; JSONL {"text", "label"} (+ "text_pair")
+  choice-accuracy:FILE       LM rank classification; JSONL {"prompt", "choices": [...], "label"}
+  encoder-accuracy:FILE      sentence encoder + zero-shot cosine heads, mean over tasks; JSONL
+                             {"task", "classes": [...]} then {"task", "text", "label"}
+                             (python -m tiesmerge_bench --export FILE writes the benchmark's)
+  lm-perplexity:FILE         minus a causal LM's perplexity on a UTF-8 text file
 """
 
 
@@ -89,6 +100,9 @@ examples:
 
   # the same on this machine's local Ray cluster (one task per CPU, or per GPU where there are GPUs)
   tiesmerge search ... --ray
+
+  # 2 candidates at once, each evaluation with half the CPUs' threads; a built-in evaluator
+  tiesmerge search ... --ray --workers 2 --evaluator classifier-accuracy:val.jsonl
 
   # on a running cluster (ray start --head on one node, ray start --address HEAD:6379 on the others)
   tiesmerge search ... --ray HEAD:6379

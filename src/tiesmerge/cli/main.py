@@ -1,4 +1,4 @@
-"""`tiesmerge`: one command, subcommands merge, analyze, methods, validate, tune, stats, demo.
+"""`tiesmerge`: one command, subcommands merge, analyze, methods, validate, tune, stats, adapt, demo.
 
 The CLI only calls the public API; every option of a method is a flag generated from the
 method's dataclass fields, so the flags, the recipe keys and the Python API never drift apart.
@@ -22,8 +22,13 @@ from ..recipe import DTYPES
 from ..registry import METHODS
 from ..sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS
 from ..version import __version__
+from .adapt import add_adapt_parser
 from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
+
+EVALUATOR_HELP = ("a function taking a state dict and returning a validation score (higher is better), or a "
+                  "built-in: classifier-accuracy:FILE, choice-accuracy:FILE, encoder-accuracy:FILE, "
+                  "lm-perplexity:FILE (tiesmerge tune --help describes them)")
 
 
 def _number(text: str) -> int | float | bool | str:
@@ -96,8 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="merge fine-tuned models into one", epilog=MERGE_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("recipe", nargs="?", help="a YAML recipe (flags given too override it)")
-    m.add_argument("--base", help="the model the others were fine-tuned from (HF directory or .safetensors)")
-    m.add_argument("--model", action="append", dest="models", metavar="PATH", help="a fine-tuned model; repeat")
+    m.add_argument("--base", help="the model the others were fine-tuned from: an HF directory, a .safetensors file, "
+                                  "or org/name[@revision] from the local Hugging Face cache (never downloaded; a "
+                                  "local path of the same name wins)")
+    m.add_argument("--model", action="append", dest="models", metavar="PATH",
+                   help="a fine-tuned model (a path or org/name[@revision], like --base); repeat")
     m.add_argument("--stats", action="append", metavar="DIR",
                    help="fisher, regmean: a model's statistics directory (tiesmerge stats); one per --model, in order")
     m.add_argument("--method", help=f"one of {', '.join(METHODS)} (default ties)")
@@ -107,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--memory-budget",
                    help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
     m.add_argument("--device", help="cpu or cuda (default cpu)")
-    m.add_argument("--vocab-policy", choices=VOCAB_POLICIES, help="on embedding rows that differ (default error)")
+    m.add_argument("--vocab-policy", choices=VOCAB_POLICIES,
+                   help="on vocabularies that differ (default error); truncate: the base's rows; union: a tokenizer "
+                        "holding every model's added tokens, their rows the mean of the models that have them")
+    m.add_argument("--allow-distant", action="store_true",
+                   help="merge models that do not look fine-tuned from the base (default: an error, see --dry-run)")
     m.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
     m.add_argument("--force", action="store_true",
                    help="replace an output directory tiesmerge wrote before (never an input)")
@@ -158,8 +170,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="a fine-tuned model; repeat")
     t.add_argument("--method", default="ties", help="a method whose options declare a paper grid (tiesmerge methods "
                                                     "shows it), or any method with --grid axes (default ties)")
-    t.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION",
-                   help="a function taking a state dict and returning a validation score (higher is better)")
+    t.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION|NAME:FILE",
+                   help=EVALUATOR_HELP)
     t.add_argument("--grid", action="append", default=[], metavar="NAME=VALUES",
                    help="override one axis: density=0.1,0.2,0.3 or lam=0.8:3.0:0.1 (start:stop:step); "
                         "default: the paper's grid")
@@ -190,6 +202,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--force", action="store_true",
                     help="replace an output directory tiesmerge wrote before (never an input)")
 
+    add_adapt_parser(sub, _method_flags)
+
     d = sub.add_parser("demo", help="fine-tune MiniLM on 3 real tasks, merge, print a table (or --synthetic)",
                        epilog="examples:\n  tiesmerge demo\n  tiesmerge demo --synthetic --params 50",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,8 +221,8 @@ def _search_parser(sub) -> None:
     s.add_argument("--model", action="append", dest="models", required=True, metavar="PATH",
                    help="a fine-tuned model; repeat")
     s.add_argument("--method", default="ties", help="the method whose options are searched (default ties)")
-    s.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION",
-                   help="a function taking a state dict and returning a validation score (higher is better)")
+    s.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION|NAME:FILE",
+                   help=EVALUATOR_HELP)
     s.add_argument("--strategy", default="grid", choices=("grid", "random", "cmaes"), help="default grid")
     s.add_argument("--budget", type=int, help="candidates to score (random, cmaes; grid: the first N points)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random and CMA-ES proposals (default 0)")
@@ -225,7 +239,8 @@ def _search_parser(sub) -> None:
     s.add_argument("--popsize", type=int, help="CMA-ES generation size (default 4 + 3 ln d)")
     s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on Ray: join the cluster at ADDRESS, or without one start a local cluster")
-    s.add_argument("--workers", type=int, help="--ray without ADDRESS: CPUs of the local cluster (default all)")
+    s.add_argument("--workers", type=int, help="--ray without ADDRESS: candidates scored at once on the local cluster, "
+                                               "each with CPUs / workers threads (default: one per CPU)")
     s.add_argument("--dir", default="tiesmerge-search", type=Path,
                    help="log.jsonl (resumable), results.md and report.html go here (default ./tiesmerge-search)")
     s.add_argument("--device", default="cpu")

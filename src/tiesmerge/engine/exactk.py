@@ -27,7 +27,7 @@ try:  # optional: without numba the engine runs the torch sort
 except ImportError:  # pragma: no cover - exercised where numba is absent
     njit = None
 
-__all__ = ["INTROSORT_THRESHOLD", "sort_topk", "keep_mask"]
+__all__ = ["INTROSORT_THRESHOLD", "sort_topk", "sort_two", "keep_mask", "band_mask"]
 
 INTROSORT_THRESHOLD = 16  # libstdc++'s _S_threshold: ranges this small wait for the final insertion sort
 
@@ -141,13 +141,29 @@ if njit is not None:
         return r
 
     @njit(cache=True, nogil=True)
-    def sort_topk(keys, idx, k, left, right):  # pragma: no cover - compiled
-        """Rearrange (keys, idx) (E,) as std::sort(desc) would, only where it decides position k:
-        afterwards idx[:k] holds the indices of the first k entries of the sorted order. keys must
-        be finite (the NaN-first comparator is not replayed); left, right: (E,) scratch like idx."""
-        first = 0
-        last = keys.shape[0]
-        depth = 2 * _floor_log2(last) if last > 0 else 0
+    def _median_to_first(keys, idx, first, last):  # pragma: no cover - compiled
+        # std::__move_median_to_first(first, first + 1, mid, last - 1)
+        a = first + 1
+        b = first + (last - first) // 2
+        c = last - 1
+        if keys[a] > keys[b]:
+            if keys[b] > keys[c]:
+                _swap(keys, idx, first, b)
+            elif keys[a] > keys[c]:
+                _swap(keys, idx, first, c)
+            else:
+                _swap(keys, idx, first, a)
+        elif keys[a] > keys[c]:
+            _swap(keys, idx, first, a)
+        elif keys[b] > keys[c]:
+            _swap(keys, idx, first, c)
+        else:
+            _swap(keys, idx, first, b)
+
+    @njit(cache=True, nogil=True)
+    def _topk_range(keys, idx, k, first, last, depth, left, right):  # pragma: no cover - compiled
+        # the introsort's steps on [first, last) with depth levels left, following only the side
+        # that holds position k, until the entries before k are the sort's
         while first < k < last:
             if last - first <= INTROSORT_THRESHOLD:
                 _insertion_sort(keys, idx, first, last)
@@ -156,28 +172,61 @@ if njit is not None:
                 _heap_sort(keys, idx, first, last)
                 return
             depth -= 1
-            # std::__move_median_to_first(first, first + 1, mid, last - 1)
-            a = first + 1
-            b = first + (last - first) // 2
-            c = last - 1
-            if keys[a] > keys[b]:
-                if keys[b] > keys[c]:
-                    _swap(keys, idx, first, b)
-                elif keys[a] > keys[c]:
-                    _swap(keys, idx, first, c)
-                else:
-                    _swap(keys, idx, first, a)
-            elif keys[a] > keys[c]:
-                _swap(keys, idx, first, a)
-            elif keys[b] > keys[c]:
-                _swap(keys, idx, first, c)
-            else:
-                _swap(keys, idx, first, b)
+            _median_to_first(keys, idx, first, last)
             lo = _partition(keys, idx, first, last, left, right)
             if k <= lo:  # [first, lo) holds position k's side, or ends at it
                 last = lo
             else:
                 first = lo
+
+    @njit(cache=True, nogil=True)
+    def sort_topk(keys, idx, k, left, right):  # pragma: no cover - compiled
+        """Rearrange (keys, idx) (E,) as std::sort(desc) would, only where it decides position k:
+        afterwards idx[:k] holds the indices of the first k entries of the sorted order. keys must
+        be finite (the NaN-first comparator is not replayed); left, right: (E,) scratch like idx."""
+        last = keys.shape[0]
+        _topk_range(keys, idx, k, 0, last, 2 * _floor_log2(last) if last > 0 else 0, left, right)
+
+    @njit(cache=True, nogil=True)
+    def sort_two(keys, idx, k1, k2, left, right):  # pragma: no cover - compiled
+        """As :func:`sort_topk` for two positions k1 <= k2: afterwards idx[:k1] and idx[:k2] hold
+        the first k1 and k2 entries of std::sort(desc)'s order. Both paths are followed from the
+        partition where they part (the sort treats the two sides independently, with the same
+        depth left), so the cost is about two selections."""
+        first = 0
+        last = keys.shape[0]
+        depth = 2 * _floor_log2(last) if last > 0 else 0
+        while first < k1 < last and first < k2 < last:
+            if last - first <= INTROSORT_THRESHOLD:
+                _insertion_sort(keys, idx, first, last)
+                return
+            if depth == 0:
+                _heap_sort(keys, idx, first, last)
+                return
+            depth -= 1
+            _median_to_first(keys, idx, first, last)
+            lo = _partition(keys, idx, first, last, left, right)
+            if k2 <= lo:
+                last = lo
+            elif k1 > lo:
+                first = lo
+            else:  # k1 <= lo < k2: the two sides go their own ways
+                _topk_range(keys, idx, k1, first, lo, depth, left, right)
+                _topk_range(keys, idx, k2, lo, last, depth, left, right)
+                return
+        _topk_range(keys, idx, k1, first, last, depth, left, right)
+        _topk_range(keys, idx, k2, first, last, depth, left, right)
+
+    @njit(cache=True, nogil=True)
+    def band_mask(keys, idx, lo, hi, mask, left, right):  # pragma: no cover - compiled
+        """mask (E,) uint8 (zeroed) := 1 where torch.argsort(keys, descending=True)[lo:hi] points
+        (with keys = -|tau|: positions lo..hi of torch.sort(|tau|)'s ascending order, as
+        a < b on |tau| is -a > -b on the negated keys). Scratch as :func:`keep_mask`."""
+        for j in range(keys.shape[0]):
+            idx[j] = j
+        sort_two(keys, idx, lo, hi, left, right)
+        for j in range(lo, hi):
+            mask[idx[j]] = 1
 
     @njit(cache=True, nogil=True)
     def keep_mask(keys, idx, k, mask, left, right):  # pragma: no cover - compiled

@@ -28,9 +28,9 @@ import numpy as np
 from ..dtypes import DType, as_dtype
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
-from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TiesKernel
+from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
 from ..sizes import DEFAULT_MEMORY_BUDGET, parse_size
-from . import fused
+from . import fused, whole
 from .plan import Chunk, Plan, make_plan
 from .reader import ChunkRows, EngineInputs, RawRows, Reader
 from .reduce import Reducer
@@ -121,11 +121,15 @@ class Executor:
         self.reader = Reader(inputs, raw=kernels_on, device=self.device, progress=progress, tally=self._tally)
         self.reducer = Reducer(self.reader, tally=self._tally)
         # the fused merge: a kernel the method declared, on rows that need nothing else
+        # (a kernel reads the base's and the models' own rows: base_values and model_values methods may declare one)
         self._fused_merge = (kernels_on and self.req.kernel is not None and side is None
-                             and inputs.reference is None and not self.req.base_values)
+                             and inputs.reference is None)
         extra_inputs = len(inputs.all) - 1 - self.n
         extra_bytes = side.extra_bytes_per_entry() if side else 0
-        if self._fused_merge and self.req.exact_k:  # per model: float32 keys, 3 int32 position arrays, a mask byte
+        banded = getattr(self.req.kernel, "band", None) is not None  # Breadcrumbs' band: selected like exact k
+        if self._fused_merge and isinstance(self.req.kernel, TensorKernel):  # its float32 buffers, per entry
+            extra_bytes += whole.scratch_bytes(self.req.kernel, self.n, 1)
+        if self._fused_merge and (self.req.exact_k or banded):  # per model: float32 keys, 3 int32 positions, a mask
             extra_bytes += self.n * EXACT_K_BYTES_PER_ENTRY
         self.plan: Plan = make_plan(alignment, self.n, self.req, memory_budget=memory_budget, out_dtype=out_dtype,
                                     fused=self._fused_merge, extra_inputs=extra_inputs,
@@ -296,7 +300,20 @@ class Executor:
         target = self.reader.buffers.take(f"out{slot}", chunk.numel * view.itemsize).view(view)
         spec = self.req.kernel
         inputs = raw.inputs[:1 + self.n]
-        if isinstance(spec, TiesKernel):
+        masks = scope.masks
+        if getattr(spec, "band", None) is not None:  # Breadcrumbs: each model's band of the whole tensor
+            clock = time.perf_counter()
+            bounds = [spec.band.positions(chunk.numel)] * self.n
+            scratch = self.reader.buffers.take("exact_k", kernels.exact_k_scratch_bytes(self.n, chunk.numel))
+            masks = kernels.band_masks(inputs, bounds, scratch)
+            self._tally("band", clock)
+            if masks is None:
+                self.reader.raise_not_finite(chunk, raw.tensors())
+        if isinstance(spec, TensorKernel):  # SLERP, NuSLERP, Model Stock: reductions, then one pass
+            clock = time.perf_counter()
+            finite = whole.merge(spec, chunk.job.name, inputs, target, self.reader.buffers.take)
+            self._tally("whole_tensor", clock)
+        elif isinstance(spec, TiesKernel):
             w = np.ones(self.n, np.float32) if self.req.weights is None else np.asarray(self.req.weights, np.float32)
             fill = float(scope.reduced[spec.majority_from]) if spec.majority_from else None
             dare = None
@@ -304,14 +321,19 @@ class Executor:
                 drop, seed = spec.dare
                 dare = (kernels.dare_keys(seed, _stream_id(chunk.job.name), self.n), drop, chunk.offset)
             finite = kernels.ties_merge(inputs, scope.cuts.get("trim"), w, spec.lam, spec.elect, spec.zero_sign, fill,
-                                        spec.aggregate, target, scope.masks, dare)
+                                        spec.aggregate, target, masks, dare)
         else:
             assert isinstance(spec, LinearKernel)
             coef = None if spec.coefficients is None else np.asarray(spec.coefficients, np.float32)
-            if spec.mean:  # the torch path's mean: sum / n
-                finite = kernels.linear_merge(inputs, coef, float(self.n), 2, target)
+            if spec.base_coefficient is not None:  # the models' own values, the base among them (mergekit's linear)
+                coef = np.asarray((spec.base_coefficient, *spec.coefficients), np.float32)
+                finite = kernels.values_mean(inputs, coef, spec.divisor, target)
+            elif spec.mean:  # the torch path's mean: sum / n
+                finite = kernels.linear_merge(inputs, coef, float(self.n), 2, target, masks)
+            elif spec.divisor is not None:
+                finite = kernels.linear_merge(inputs, coef, spec.scale, 3, target, masks, spec.divisor)
             else:
-                finite = kernels.linear_merge(inputs, coef, spec.scale, 1, target)
+                finite = kernels.linear_merge(inputs, coef, spec.scale, 1, target, masks)
         if not finite:
             self.reader.raise_not_finite(chunk, raw.tensors())
         target = target.reshape(raw.shape)

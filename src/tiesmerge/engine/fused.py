@@ -17,6 +17,14 @@ import numpy as np
 __all__ = ["RAW_VIEWS", "OUT_VIEWS", "available", "load"]
 
 # how each stored dtype (by its safetensors code) reaches a kernel: a numpy view of the same bytes
+# OpenMP's default wait policy keeps a pool's workers spinning for a while after each parallel region.
+# Whole-tensor merges alternate numba's pool (the kernels) and torch's (the reductions) tensor by
+# tensor, so each pool's spinning takes the cores the other needs: on 2 busy cores a SLERP recipe
+# spent 9.7 s of CPU spinning and computing, 4.2 s with passive waits. libgomp reads this when it
+# loads (with torch or numba's OpenMP layer), so it applies where neither is loaded yet and the
+# user set nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 RAW_VIEWS = {"BF16": np.dtype(np.uint16), "F16": np.dtype(np.int16), "F32": np.dtype(np.float32)}
 OUT_VIEWS = {"BF16": np.dtype(np.uint16), "F32": np.dtype(np.float32)}  # others: float32, then a cast
 

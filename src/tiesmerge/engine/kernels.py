@@ -36,7 +36,8 @@ from . import exactk
 
 __all__ = [
     "available", "raw_view", "out_view",
-    "count_pass", "exact_k_scratch_bytes", "exact_k_masks", "dare_keys", "ties_merge", "linear_merge",
+    "count_pass", "exact_k_scratch_bytes", "exact_k_masks", "band_masks", "dare_keys", "ties_merge", "linear_merge",
+    "values_mean", "values", "product", "interp", "stock",
     "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
@@ -91,6 +92,13 @@ if numba is not None:
         def codegen(context, builder, signature, args):
             return builder.bitcast(args[0], ir.IntType(32))
         return types.uint32(types.float32), codegen
+
+    @intrinsic
+    def _fma32(typingctx, a, b, c):  # pragma: no cover - compiled
+        # a * b + c rounded once: torch's CPU addcmul_ (Vectorized fmadd on AVX2 and AVX-512 builds)
+        def codegen(context, builder, signature, args):
+            return builder.fma(*args)
+        return types.float32(types.float32, types.float32, types.float32), codegen
 
     @intrinsic
     def _pointer(typingctx, address, proto):  # pragma: no cover - compiled
@@ -243,6 +251,25 @@ if numba is not None:
                 exactk.keep_mask(kt, idx[t], keep[t], masks[t], left[t], right[t])
 
     @njit(parallel=True, cache=True, nogil=True)
+    def _band_kernel(proto, addrs, size, table, lo, hi, keys, idx, left, right, masks, worst):  # pragma: no cover
+        # per model t (in parallel): keys[t] := -|tau_t| (E,) float32, then masks[t] (E,) u8 (zeroed) := the
+        # entries at positions lo[t]..hi[t] of torch.sort(|tau_t|)'s ascending order (exactk.band_mask);
+        # worst (n,) u32 = max |tau_t| bits (a non-finite model is skipped)
+        n = len(addrs) - 1
+        for t in prange(n):
+            base = _rows(proto, addrs, 0, 0, size)
+            row = _rows(proto, addrs, 1 + t, 0, size)
+            kt = keys[t]
+            top = np.uint32(0)
+            for j in range(size):
+                a = abs(_widen(row[j], table) - _widen(base[j], table))
+                kt[j] = -a
+                top = max(top, _f32_to_bits(a))
+            worst[t] = top
+            if top < np.uint32(0x7F800000):
+                exactk.band_mask(kt, idx[t], lo[t], hi[t], masks[t], left[t], right[t])
+
+    @njit(parallel=True, cache=True, nogil=True)
     def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, dare_keys, drop, rescale, offset,
                      weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
         # rows at addrs (base, then models; proto: their dtype), thresholds/weights (n,) f32,
@@ -316,10 +343,13 @@ if numba is not None:
             worst[tid] = max(worst[tid], top)
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _linear_kernel(proto, addrs, size, table, coef, use_coef, post, post_mode, out, worst):  # pragma: no cover
-        # out = base + post(sum_t coef[t] * tau_t); post_mode 0: none, 1: * post, 2: / post
+    def _linear_kernel(proto, addrs, size, table, coef, use_coef, masks, use_masks, divisor, post, post_mode, out,
+                       worst):  # pragma: no cover
+        # out = base + post(sum_t coef[t] * tau_t); post_mode 0: none, 1: * post, 2: / post, 3: / divisor * post;
+        # masks (n, E) u8 (use_masks): tau_t is 0 where masks[t] is 0 (Breadcrumbs' band)
         n = len(addrs) - 1
         post32 = np.float32(post)
+        divisor32 = np.float32(divisor)
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
             tid = numba.get_thread_id()
@@ -336,11 +366,143 @@ if numba is not None:
                 for j in range(m):
                     v = _widen(row[j], table) - b32[j]
                     top = max(top, _f32_to_bits(abs(v)))
+                    if use_masks:  # loop-invariant: LLVM unswitches it
+                        v = v if masks[t, start + j] != 0 else np.float32(0.0)
                     acc[j] += v * c if use_coef else v
             for j in range(m):
-                s = acc[j] * post32 if post_mode == 1 else (acc[j] / post32 if post_mode == 2 else acc[j])
+                a = acc[j]
+                if post_mode == 1:
+                    s = a * post32
+                elif post_mode == 2:
+                    s = a / post32
+                elif post_mode == 3:
+                    s = (a / divisor32) * post32
+                else:
+                    s = a
                 _store(target, j, b32[j] + s)
             worst[tid] = max(worst[tid], top)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _values_mean_kernel(proto, addrs, size, table, coef, divisor, out, worst):  # pragma: no cover
+        # out = (sum_i coef[i] * x_i) / divisor over every input's own values (the base is input 0),
+        # accumulated from 0 in input order with fused multiply-adds: mergekit's linear
+        # (result.addcmul_(x_i, w_i), then / sum w)
+        n_in = len(addrs)
+        divisor32 = np.float32(divisor)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            tid = numba.get_thread_id()
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            target = out[start:stop]
+            acc = np.zeros(m, np.float32)
+            top = np.uint32(0)
+            for i in range(n_in):
+                c = coef[i]
+                row = _rows(proto, addrs, i, start, m)
+                for j in range(m):
+                    x = _widen(row[j], table)
+                    top = max(top, _f32_to_bits(abs(x)))
+                    acc[j] = _fma32(x, c, acc[j])  # result.addcmul_(x, c): one rounding
+            for j in range(m):
+                _store(target, j, acc[j] / divisor32)
+            worst[tid] = max(worst[tid], top)
+
+
+    # ------------------------------------------------------------ whole-tensor merges (engine.whole)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _values_kernel(proto, addrs, size, table, which, relative, out, worst):  # pragma: no cover
+        # out (E,) f32 := input ``which``'s values (relative: minus the base's, its task vector), widened;
+        # worst (T,) u32 = max |value| bits (>= 0x7F800000: not finite)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            tid = numba.get_thread_id()
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            row = _rows(proto, addrs, which, start, m)
+            target = out[start:stop]
+            top = np.uint32(0)
+            if relative:
+                b32 = _base_block(proto, addrs, start, m, table)
+                for j in range(m):
+                    v = _widen(row[j], table) - b32[j]
+                    target[j] = v
+                    top = max(top, _f32_to_bits(abs(v)))
+            else:
+                for j in range(m):
+                    v = _widen(row[j], table)
+                    target[j] = v
+                    top = max(top, _f32_to_bits(abs(v)))
+            worst[tid] = max(worst[tid], top)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _product_kernel(x, y, sx, sy, scaled, out):  # pragma: no cover
+        # out (E,) f32 := (x / sx) * (y / sy) (scaled) or x * y, entry by entry, each operation rounded
+        size = x.shape[0]
+        sx32 = np.float32(sx)
+        sy32 = np.float32(sy)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            if scaled:
+                for j in range(start, stop):
+                    out[j] = (x[j] / sx32) * (y[j] / sy32)
+            else:
+                for j in range(start, stop):
+                    out[j] = x[j] * y[j]
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _interp_kernel(proto, addrs, size, table, i0, i1, relative, c0, c1, divisor, divide, out):  # pragma: no cover
+        # out = c0 v0 + c1 v1 (/ divisor), v the values of inputs i0 and i1; relative: v their task
+        # vectors and out the base plus that (SLERP, NuSLERP; each operation rounded in float32)
+        c032 = np.float32(c0)
+        c132 = np.float32(c1)
+        d32 = np.float32(divisor)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            target = out[start:stop]
+            b32 = _base_block(proto, addrs, start, m, table)
+            r0 = _rows(proto, addrs, i0, start, m)
+            r1 = _rows(proto, addrs, i1, start, m)
+            for j in range(m):
+                v0 = _widen(r0[j], table)
+                v1 = _widen(r1[j], table)
+                if relative:  # loop-invariant: LLVM unswitches it
+                    v0 = v0 - b32[j]
+                    v1 = v1 - b32[j]
+                s = c032 * v0 + c132 * v1
+                if divide:
+                    s = s / d32
+                _store(target, j, b32[j] + s if relative else s)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _stock_kernel(proto, addrs, size, table, t, omt, out):  # pragma: no cover
+        # out = t * ((0 + sum_t theta_t) / k) + omt * base (Model Stock: python's sum from 0, then torch's ops)
+        k = len(addrs) - 1
+        t32 = np.float32(t)
+        omt32 = np.float32(omt)
+        kf = np.float32(k)
+        blocks = (size + _BLOCK - 1) // _BLOCK
+        for blk in prange(blocks):
+            start = blk * _BLOCK
+            stop = min(size, start + _BLOCK)
+            m = stop - start
+            target = out[start:stop]
+            b32 = _base_block(proto, addrs, start, m, table)
+            acc = np.zeros(m, np.float32)
+            for i in range(k):
+                row = _rows(proto, addrs, 1 + i, start, m)
+                for j in range(m):
+                    acc[j] += _widen(row[j], table)
+            for j in range(m):
+                _store(target, j, t32 * (acc[j] / kf) + omt32 * b32[j])
 
 
 _NONFINITE = 0x7F800000  # |tau| bit patterns at or above this are Inf or NaN
@@ -384,6 +546,20 @@ def exact_k_scratch_bytes(n_models: int, size: int) -> int:
     return 3 * _aligned(n_models * size * isz) + _aligned(n_models * size * 4) + n_models * size
 
 
+def _exact_k_views(n: int, size: int, scratch: np.ndarray | None) -> list[np.ndarray]:
+    """(idx, left, right, keys, masks) (n, size) views of ``scratch`` (or fresh memory), the masks zeroed."""
+    need = exact_k_scratch_bytes(n, size)
+    buf = scratch if scratch is not None and scratch.size >= need else np.empty(need, np.uint8)
+    ind = np.dtype(np.int32 if size < 2**31 else np.int64)
+    views, at = [], 0
+    for dtype in (ind, ind, ind, np.dtype(np.float32), np.dtype(np.uint8)):  # widest first: each view aligned
+        nbytes = n * size * dtype.itemsize
+        views.append(buf[at:at + nbytes].view(dtype).reshape(n, size))
+        at += _aligned(nbytes)
+    views[-1].fill(0)
+    return views
+
+
 def exact_k_masks(inputs: Sequence[np.ndarray], keep: Sequence[int], scratch: np.ndarray | None = None
                   ) -> np.ndarray | None:
     """(n, E) uint8 masks of the entries mergekit's trim keeps: model t's first ``keep[t]`` of
@@ -393,16 +569,7 @@ def exact_k_masks(inputs: Sequence[np.ndarray], keep: Sequence[int], scratch: np
     until the next call), else fresh memory."""
     proto, addrs, size = _rows_of(inputs)
     n = len(inputs) - 1
-    need = exact_k_scratch_bytes(n, size)
-    buf = scratch if scratch is not None and scratch.size >= need else np.empty(need, np.uint8)
-    ind = np.dtype(np.int32 if size < 2**31 else np.int64)
-    views, at = [], 0
-    for dtype in (ind, ind, ind, np.dtype(np.float32), np.dtype(np.uint8)):  # widest first: each view aligned
-        nbytes = n * size * dtype.itemsize
-        views.append(buf[at:at + nbytes].view(dtype).reshape(n, size))
-        at += _aligned(nbytes)
-    idx, left, right, keys, masks = views
-    masks.fill(0)
+    idx, left, right, keys, masks = _exact_k_views(n, size, scratch)
     worst = np.zeros(n, np.uint32)
     _exact_k_kernel(proto, addrs, size, _f16_table(), np.asarray(keep, np.int64), keys, idx, left, right, masks,
                     worst)
@@ -443,11 +610,64 @@ def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray | None, weig
 
 
 def linear_merge(inputs: Sequence[np.ndarray], coef: np.ndarray | None, post: float, post_mode: int,
-                 out: np.ndarray) -> bool:
-    """out = base + post(sum_t coef_t * tau_t) (task arithmetic, averaging); False when not finite."""
+                 out: np.ndarray, masks: np.ndarray | None = None, divisor: float = 1.0) -> bool:
+    """out = base + post(sum_t coef_t * tau_t) (task arithmetic, averaging; post_mode 3: / divisor,
+    then * post); ``masks`` (n, E) uint8 (from :func:`band_masks`) zero tau first. False when not finite."""
     worst = _worst()
     n = len(inputs) - 1
     use = coef is not None
     c = coef.astype(np.float32) if use else np.ones(n, np.float32)
-    _linear_kernel(*_rows_of(inputs), _f16_table(), c, use, float(post), post_mode, out, worst)
+    use_masks = masks is not None
+    _linear_kernel(*_rows_of(inputs), _f16_table(), c, use, masks if use_masks else np.zeros((n, 0), np.uint8),
+                   use_masks, float(divisor), float(post), post_mode, out, worst)
     return bool(worst.max() < _NONFINITE)
+
+
+def values_mean(inputs: Sequence[np.ndarray], coef: np.ndarray, divisor: float, out: np.ndarray) -> bool:
+    """out = (sum_i coef_i * x_i) / divisor over the inputs' own values, the base (input 0) first, in
+    float32 from 0 in input order (mergekit's linear); False when a value is not finite."""
+    worst = _worst()
+    _values_mean_kernel(*_rows_of(inputs), _f16_table(), np.asarray(coef, np.float32), float(divisor), out, worst)
+    return bool(worst.max() < _NONFINITE)
+
+
+def band_masks(inputs: Sequence[np.ndarray], bounds: Sequence[tuple[int, int]], scratch: np.ndarray | None = None
+               ) -> np.ndarray | None:
+    """(n, E) uint8 masks of Breadcrumbs' band: model t's entries at positions bounds[t] = (lo, hi) of
+    ``torch.sort(|tau_t|)``'s ascending order (:func:`exactk.band_mask`), without sorting; None when a
+    task vector is not finite. inputs and scratch as :func:`exact_k_masks`."""
+    proto, addrs, size = _rows_of(inputs)
+    n = len(inputs) - 1
+    idx, left, right, keys, masks = _exact_k_views(n, size, scratch)
+    worst = np.zeros(n, np.uint32)
+    lo = np.array([b[0] for b in bounds], np.int64)
+    hi = np.array([b[1] for b in bounds], np.int64)
+    _band_kernel(proto, addrs, size, _f16_table(), lo, hi, keys, idx, left, right, masks, worst)
+    return masks if n == 0 or worst.max() < _NONFINITE else None
+
+
+def values(inputs: Sequence[np.ndarray], which: int, relative: bool, out: np.ndarray) -> bool:
+    """out (E,) float32 := input ``which``'s values, or with ``relative`` its task vector (minus the
+    base, input 0), as the torch path widens and subtracts them; False when one is not finite."""
+    worst = _worst()
+    _values_kernel(*_rows_of(inputs), _f16_table(), int(which), bool(relative), out, worst)
+    return bool(worst.max() < _NONFINITE)
+
+
+def product(x: np.ndarray, y: np.ndarray, out: np.ndarray, sx: float | None = None, sy: float | None = None) -> None:
+    """out := x * y, or (x / sx) * (y / sy) with the float32 scales: (E,) float32 each."""
+    scaled = sx is not None
+    _product_kernel(x, y, float(sx if scaled else 1.0), float(sy if scaled else 1.0), scaled, out)
+
+
+def interp(inputs: Sequence[np.ndarray], pair: tuple[int, int], relative: bool, c0: float, c1: float,
+           divisor: float | None, out: np.ndarray) -> None:
+    """out = c0 v0 + c1 v1 (/ divisor) (+ the base with ``relative``, v then the task vectors) over the
+    inputs ``pair``; bfloat16 bits or float32 (the reduction pass checked the values finite)."""
+    _interp_kernel(*_rows_of(inputs), _f16_table(), int(pair[0]), int(pair[1]), bool(relative), float(c0), float(c1),
+                   float(divisor or 1.0), divisor is not None, out)
+
+
+def stock(inputs: Sequence[np.ndarray], t: float, one_minus_t: float, out: np.ndarray) -> None:
+    """out = t * mean of the models' values + (1 - t) * base (Model Stock's last step, torch's order)."""
+    _stock_kernel(*_rows_of(inputs), _f16_table(), float(t), float(one_minus_t), out)

@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
@@ -24,9 +24,9 @@ from .protocol import Checkpoint, read_rows_into, rows_shape
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TensorJob", "Alignment", "align", "VOCAB_POLICIES"]
+__all__ = ["TensorJob", "Alignment", "align", "with_parts", "VOCAB_POLICIES"]
 
-VOCAB_POLICIES = ("error", "truncate")
+VOCAB_POLICIES = ("error", "truncate", "union")  # union: see io.vocab and io.vocab_rows
 _HEAD_SUFFIXES = ("lm_head.weight", "predictions.decoder.weight", "embed_out.weight")
 _EMBED_SUFFIXES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "shared.weight", "embed_in.weight")
 
@@ -80,9 +80,69 @@ class Alignment:
     jobs: tuple[TensorJob, ...]
     tied: tuple[tuple[str, ...], ...] = ()
     truncated: tuple[dict, ...] = field(default=())  # {"tensor", "model", "from_rows", "to_rows"}
+    # vocabulary union: part job -> (the output tensor it continues, its first row); the part's
+    # job follows the tensor's own, and holds the tensor's tied aliases (written after both)
+    routes: tuple[tuple[str, str, int], ...] = ()
+    vocab: dict | None = None  # the union, for the manifest
 
     def merged_numel(self) -> int:
         return sum(j.numel for j in self.jobs if j.merge)
+
+    def outputs(self) -> tuple[TensorJob, ...]:
+        """The output's tensors: each part folded into its tensor (full rows, the part's aliases)."""
+        if not self.routes:
+            return self.jobs
+        parts = {p: (name, first) for p, name, first in self.routes}
+        by_name = {j.name: j for j in self.jobs}
+        grown: dict[str, TensorJob] = {}
+        for p, (name, first) in parts.items():
+            job, part = by_name[name], by_name[p]
+            grown[name] = TensorJob(name, (first + part.shape[0], *job.shape[1:]), job.dtype_info, job.merge,
+                                    part.aliases)
+        return tuple(grown.get(j.name, j) for j in self.jobs if j.name not in parts)
+
+    def route(self, sink: Any) -> Any:
+        """``sink`` as the executor writes to it: a part's rows land in its tensor, after the base's."""
+        if not self.routes:
+            return sink
+        rows = {j.name: j.shape[0] for j in self.jobs}
+        return _Routed(sink, {p: (name, first, rows[p]) for p, name, first in self.routes})
+
+
+class _Routed:
+    """Writes a vocabulary part's rows into its tensor, and its aliases as the tensor's."""
+
+    def __init__(self, sink: Any, parts: dict[str, tuple[str, int, int]]) -> None:
+        self.sink, self.parts = sink, parts
+
+    def write(self, name: str, rows: slice | None, chunk: Any) -> None:
+        if name in self.parts:
+            name, first, count = self.parts[name]
+            lo, hi = (0, count) if rows is None else rows.indices(count)[:2]
+            rows = slice(first + lo, first + hi)
+        self.sink.write(name, rows, chunk)
+
+    def alias(self, name: str, source: str) -> None:
+        self.sink.alias(name, self.parts[source][0] if source in self.parts else source)
+
+
+def with_parts(alignment: Alignment, base: Checkpoint, routes: dict[str, tuple[str, int]], vocab: dict) -> Alignment:
+    """The alignment with each vocabulary part job right after its tensor's job (``base``: the
+    base's union view, which reads the parts); the tensor's tied aliases move onto its part."""
+    jobs: list[TensorJob] = []
+    have = {j.name for j in alignment.jobs}
+    routes = {p: r for p, r in routes.items() if r[0] in have}  # a tied head is written as its embedding
+    by_tensor = {name: p for p, (name, _) in routes.items()}
+    for job in alignment.jobs:
+        part = by_tensor.get(job.name)
+        if part is None:
+            jobs.append(job)
+            continue
+        info = base.info(part)
+        jobs.append(TensorJob(job.name, job.shape, job.dtype_info, job.merge))
+        jobs.append(TensorJob(part, info.shape, info.dtype_info, merge=False, aliases=job.aliases))
+    return Alignment(tuple(jobs), alignment.tied, alignment.truncated,
+                     tuple((p, name, first) for p, (name, first) in routes.items()), vocab)
 
 
 def _read_config(ckpt: Checkpoint) -> dict:

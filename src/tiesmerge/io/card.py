@@ -115,9 +115,14 @@ def hash_files(paths: Iterable[Path], pool: ThreadPoolExecutor) -> list[Future]:
 
 
 def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, method_name: str, paper: str,
-               summary: str, version: str) -> str:
+               summary: str, version: str, base_revision: str | None = None, base_commit: str | None = None) -> str:
+    """``base_label``: the base's path, or its Hugging Face repo id (then ``base_revision`` as asked
+    and the ``base_commit`` read from the local cache, when it was named by id)."""
     front = yaml.safe_dump({"base_model": base_label, "tags": ["merge", "tiesmerge", method_name],
                             "library_name": "transformers"}, sort_keys=False)
+    at = ""
+    if base_commit:
+        at = f" at revision `{base_revision or 'main'}` (commit `{base_commit}`)"
     models = "\n".join(f"- `{m}`" for m in model_labels)
     return f"""---
 {front}---
@@ -126,7 +131,7 @@ def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, me
 Made with [tiesmerge](https://pypi.org/project/tiesmerge/) {version} using **{method_name}** ({summary};
 paper: {paper}).
 
-Base model: `{base_label}`
+Base model: `{base_label}`{at}
 
 Models merged:
 {models}

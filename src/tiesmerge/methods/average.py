@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+from ..errors import ConfigError
 from . import ops
-from .base import ChunkContext, LinearKernel, Requirements, method_config, nonzero_sum, option
+from .base import ChunkContext, LinearKernel, Requirements, finite, method_config, nonzero_sum, option
 
 if TYPE_CHECKING:
     import torch
@@ -15,7 +16,9 @@ if TYPE_CHECKING:
 class Average:
     """theta = sum_t w_t theta_t / sum_t w_t (plain mean when no weights are given).
 
-    Computed as base + weighted mean of the task vectors, which is the same thing.
+    Computed as base + weighted mean of the task vectors, which is the same thing; with
+    ``base_weight`` the base counts as a model and the models' own values are averaged in
+    mergekit 0.1.5's float32 order (its ``linear``), so a mergekit recipe merges bit for bit.
     """
 
     name: ClassVar[str] = "average"
@@ -24,14 +27,36 @@ class Average:
 
     weights: tuple[float, ...] | None = option(None, "per-model weights, normalised to sum 1", unit="one per model",
                                                per_model=True, check_all=nonzero_sum)
+    base_weight: float | None = option(None, "count the base as one more model with this weight: theta = (w_0 "
+                                       "theta_base + sum_t w_t theta_t) / sum w over the models' own values, in "
+                                       "mergekit 0.1.5's float32 order (its linear merge, the first model as the "
+                                       "base); needs weights", unit="weight", check=finite)
 
     def requirements(self) -> Requirements:
+        if self.base_weight is not None:
+            if self.weights is None:
+                raise ConfigError("base_weight needs the models' weights too", hint="give weights, one per model")
+            w = (self.base_weight, *self.weights)
+            if abs(sum(w)) < 1e-8:
+                raise ConfigError(f"the weights {list(w)} (base_weight first) sum to 0: nothing to divide by")
+            return Requirements(weights=self.weights, base_values=True, model_values=True, kernel=LinearKernel(
+                self.weights, base_coefficient=self.base_weight, divisor=ops.float32_sum(w)))
         if self.weights is None:  # the mean: the sum over n, as torch's mean computes it
             return Requirements(kernel=LinearKernel(mean=True))
         normalised = tuple(w / sum(self.weights) for w in self.weights)
         return Requirements(weights=normalised, kernel=LinearKernel(normalised))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        if self.base_weight is not None:  # mergekit's linear, op for op: accumulate w_i * theta_i from 0, divide
+            from ..lazy import torch
+
+            w = torch.tensor((self.base_weight, *self.weights), dtype=torch.float32, device=ctx.base.device)  # (n + 1,)
+            result = torch.zeros_like(ctx.base)
+            result.addcmul_(ctx.base, w[0])
+            for t in range(ctx.models.shape[0]):
+                result.addcmul_(ctx.models[t], w[1 + t])
+            return result.div_(w.sum())  # (*S): the merged model itself (model_values)
         if ctx.weights is None:
             return tau.mean(dim=0)
         return (tau * ops.broadcast_per_model(ctx.weights, tau)).sum(dim=0)  # weights normalised to sum 1
+

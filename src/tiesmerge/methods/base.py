@@ -12,6 +12,12 @@ CPU kernel that computes it exactly), and the engine provides exactly that in th
 vectors ``(n, *S)`` to one chunk of the merged task vector ``(*S)``. Methods never read files
 and the engine never asks a method anything else: adding a method is one module.
 
+Optionally a method also defines ``task_vectors(tau, ctx) -> (n, *S)``: each model's *processed*
+task vector v_t, such that the method's merge is a fixed combination of them (task arithmetic:
+w_t tau_t; TIES: the trimmed values that agree with the elected sign). ``tiesmerge adapt``
+(AdaMerging) learns the combination theta = base + sum_t lambda_t v_t instead, so any method
+that defines it can be adapted; ``lam`` and any division by the weights' sum are left out of v_t.
+
 Nothing here imports torch: ``tiesmerge methods``, ``--help`` and ``validate`` start without it.
 """
 
@@ -34,7 +40,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
-    "ModelPath", "SCOPES", "TopK", "Cut", "Reduction", "SideInput", "TiesKernel", "LinearKernel", "Requirements",
+    "ModelPath", "SCOPES", "TopK", "Cut", "Reduction", "SideInput", "Band", "TiesKernel", "LinearKernel",
+    "TensorKernel", "Requirements",
     "ChunkContext", "MergeMethod", "method_config", "option", "option_types", "paper_grid", "check_options",
     "check_models", "steps", "fraction", "probability", "unit_interval", "finite", "positive", "non_negative_int",
     "nonzero_sum", "option_problem", "unit_range", "MODEL_COUNT_UNITS",
@@ -111,6 +118,21 @@ class SideInput:
 
 
 @dataclass(frozen=True)
+class Band:
+    """mergekit 0.1.5's ``magnitude_outliers`` band of one whole tensor (Breadcrumbs): of
+    ``torch.sort(|tau|)``'s ascending order, positions ``positions(numel)`` = [lo, hi) survive:
+    k = int(density n) kept, int(gamma n) outliers dropped (fewer if they would cut into k)."""
+
+    density: float
+    gamma: float
+
+    def positions(self, numel: int) -> tuple[int, int]:
+        kept = int(self.density * numel)  # mergekit's float products, truncated
+        bottom = max(0, numel - kept - int(self.gamma * numel))
+        return bottom, bottom + kept
+
+
+@dataclass(frozen=True)
 class TiesKernel:
     """The fused CPU kernel computes ``base + lam * TIES(tau)`` exactly as ``merge`` does
     (same float32 operations, same order): the engine may run it instead of ``merge``.
@@ -124,6 +146,7 @@ class TiesKernel:
     aggregate: str
     majority_from: str | None = None
     dare: tuple[float, int] | None = None
+    band: Band | None = None  # Breadcrumbs' band per whole tensor in place of the trim (exact counts, sort order)
 
 
 @dataclass(frozen=True)
@@ -135,6 +158,26 @@ class LinearKernel:
     coefficients: tuple[float, ...] | None = None
     scale: float = 1.0
     mean: bool = False
+    divisor: float | None = None  # sum / divisor, then * scale (mergekit's normalize, then lambda)
+    band: Band | None = None  # each tau_t masked to Breadcrumbs' band first (whole tensors)
+    base_coefficient: float | None = None  # models' own values: (c_0 theta_0 + sum_t c_t theta_t) / divisor,
+    # accumulated from 0 in this order (mergekit's linear, whose first model stands as the base)
+
+
+@dataclass(frozen=True)
+class TensorKernel:
+    """A whole-tensor method's fused CPU path (SLERP, NuSLERP, Model Stock): per tensor, the
+    engine computes float32 reductions of the stored rows (norms, dot products: the same torch
+    reductions on the same float32 values as ``merge``), hands them to ``coefficients`` for the
+    method's scalars, then one elementwise pass combines the raw rows with them
+    (:mod:`tiesmerge.engine.whole`). ``kind`` names the pass: "interp" (SLERP/NuSLERP: two
+    inputs ``pair``, 0 the base and 1 + t model t; ``relative``: their task vectors, added back
+    to the base) or "stock" (Model Stock). ``coefficients(name, reductions)`` -> the scalars."""
+
+    kind: str
+    coefficients: Callable[..., tuple[float, ...]]
+    pair: tuple[int, int] = (0, 1)
+    relative: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,7 +223,7 @@ class Requirements:
     base_values: bool = False
     model_values: bool = False
     weights: tuple[float, ...] | None = None
-    kernel: TiesKernel | LinearKernel | None = None
+    kernel: TiesKernel | LinearKernel | TensorKernel | None = None
     n_models: int | None = None
 
     def __post_init__(self) -> None:

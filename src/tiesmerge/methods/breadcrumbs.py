@@ -10,9 +10,12 @@ from ..lazy import torch
 from . import ops
 from .base import (
     SCOPES,
+    Band,
     ChunkContext,
     Cut,
+    LinearKernel,
     Requirements,
+    TiesKernel,
     TopK,
     finite,
     fraction,
@@ -54,14 +57,12 @@ def _weights() -> tuple[float, ...] | None:
 def mergekit_outlier_mask(tau_t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """mergekit 0.1.5's ``magnitude_outliers`` mask of one whole tensor (*S) -> (*S) 0/1 float32:
     k = int(density * numel) kept, int(gamma * numel) outliers dropped (fewer if they would cut
-    into k), the survivors a run of torch.sort's ascending |tau| order."""
+    into k), the survivors a run of torch.sort's ascending |tau| order (``Band.positions``)."""
     numel = tau_t.numel()
-    kept = int(density * numel)
-    n_top = int(gamma * numel)
-    n_bottom = max(0, numel - kept - n_top)
+    lo, hi = Band(density, gamma).positions(numel)
     order = torch.sort(tau_t.abs().reshape(-1), descending=False).indices  # (numel,)
     mask = torch.zeros(numel, dtype=tau_t.dtype, device=tau_t.device)
-    mask[order[n_bottom:n_bottom + kept]] = 1
+    mask[order[lo:hi]] = 1
     return mask.reshape(tau_t.shape)
 
 
@@ -72,6 +73,19 @@ def l1_rescale(tau_t: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     if before < 1e-7 or after < 1e-7:
         return masked
     return masked * (before / after)
+
+
+def sum_kernel(weights: tuple[float, ...] | None, lam: float, normalize: bool, band: Band | None = None
+               ) -> LinearKernel | None:
+    """The fused kernel of :func:`combine` without ``ties``: sum_t w_t tau_t (/ the weights' float32
+    sum, as torch computes it for fewer than 16 models), * lam; None (the torch path) where
+    normalizing without weights or with 16 or more."""
+    if not normalize:
+        return LinearKernel(weights, scale=lam, band=band)
+    if weights is None or len(weights) >= 16:
+        return None
+    divisor = ops.float32_sum(weights)
+    return LinearKernel(weights, scale=lam, divisor=1.0 if abs(divisor) < 1e-8 else divisor, band=band)
 
 
 def combine(masked: torch.Tensor, ctx: ChunkContext, *, lam: float, normalize: bool,
@@ -92,6 +106,16 @@ def combine(masked: torch.Tensor, ctx: ChunkContext, *, lam: float, normalize: b
     return total.mul_(lam)
 
 
+def per_task(masked: torch.Tensor, ctx: ChunkContext, *, ties: tuple[str, str] | None) -> torch.Tensor:
+    """The per-task vectors behind :func:`combine` (AdaMerging's), (n, *S) -> (n, *S): w_t masked_t,
+    with ``ties`` = (elect, zero_sign) only the values agreeing with the elected sign; no ``lam``
+    and no division by the weights' sum (the learned coefficients take their place)."""
+    if ties is None:
+        return masked if ctx.weights is None else masked.mul_(ops.broadcast_per_model(ctx.weights, masked))
+    gamma = ops.resolve_zero_sign(ops.elect(masked, ctx.weights, ties[0]), ties[1])
+    return ops.agreeing(masked, gamma, ctx.weights)
+
+
 class _BreadcrumbsBase:
     """The mask both methods share; fields are declared on the concrete classes."""
 
@@ -110,7 +134,8 @@ class _BreadcrumbsBase:
             problems.append("rescale (mergekit's per-tensor L1 rescale) needs scope='per_tensor'")
         return problems
 
-    def _requirements(self, **extra: object) -> Requirements:
+    def _requirements(self, kernel: TiesKernel | LinearKernel | None = None) -> Requirements:
+        """``kernel``: the fused merge of mergekit's band (exact counts, no rescale) where it applies."""
         from ..errors import ConfigError
 
         problems = self._problems()
@@ -118,10 +143,11 @@ class _BreadcrumbsBase:
             raise ConfigError(problems)
         whole = self.threshold_ties == "sort" or self.rescale == "l1"
         if self.threshold_ties == "sort" or self.density >= 1:
-            return Requirements(scope=self.scope, whole_tensors=whole, weights=self.weights, **extra)
+            fused = kernel if self.threshold_ties == "sort" and self.density < 1 and self.rescale == "none" else None
+            return Requirements(scope=self.scope, whole_tensors=whole, weights=self.weights, kernel=fused)
         cuts = (Cut("outliers", TopK(self.gamma)),) if self.gamma > 0 else ()
         return Requirements(trim=TopK(min(1.0, self.density + self.gamma)), cuts=cuts, scope=self.scope,
-                            whole_tensors=whole, weights=self.weights, **extra)
+                            whole_tensors=whole, weights=self.weights)
 
     def _mask(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """Each model's middle band, in place on tau (n, *S); rescaled with ``rescale``."""
@@ -172,10 +198,14 @@ class Breadcrumbs(_BreadcrumbsBase):
                           "rescale: true)", choices=RESCALES)
 
     def requirements(self) -> Requirements:
-        return self._requirements()
+        kernel = sum_kernel(self.weights, self.lam, self.normalize_weights, Band(self.density, self.gamma))
+        return self._requirements(kernel)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return combine(self._mask(tau, ctx), ctx, lam=self.lam, normalize=self.normalize_weights, ties=None)
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        return per_task(self._mask(tau, ctx), ctx, ties=None)
 
 
 @method_config
@@ -209,8 +239,12 @@ class BreadcrumbsTies(_BreadcrumbsBase):
                           "rescale: true)", choices=RESCALES)
 
     def requirements(self) -> Requirements:
-        return self._requirements()
+        return self._requirements(TiesKernel(self.lam, self.elect, self.zero_sign, self.aggregate,
+                                             band=Band(self.density, self.gamma)))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return combine(self._mask(tau, ctx), ctx, lam=self.lam, normalize=False,
                        ties=(self.elect, self.zero_sign, self.aggregate))
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        return per_task(self._mask(tau, ctx), ctx, ties=(self.elect, self.zero_sign))

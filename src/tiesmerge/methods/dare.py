@@ -73,6 +73,11 @@ class DareLinear:
             dropped = dropped.mul_(ops.broadcast_per_model(ctx.weights, dropped))
         return dropped.sum(dim=0).mul_(self.lam)
 
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """(n, *S) -> (n, *S): w_t dare(tau_t)."""
+        dropped = _dare(tau, self.drop_rate, self.seed, ctx)
+        return dropped if ctx.weights is None else dropped.mul_(ops.broadcast_per_model(ctx.weights, dropped))
+
 
 @method_config
 class DareTies:
@@ -100,3 +105,8 @@ class DareTies:
         dropped = _dare(tau, self.drop_rate, self.seed, ctx)  # (n, *S)
         gamma = ops.elect(dropped, ctx.weights, self.elect)
         return ops.disjoint_aggregate(dropped, gamma, ctx.weights, self.aggregate).mul_(self.lam)
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """(n, *S) -> (n, *S): each model's dropped, weighted values that agree with the elected sign."""
+        dropped = _dare(tau, self.drop_rate, self.seed, ctx)
+        return ops.agreeing(dropped, ops.elect(dropped, ctx.weights, self.elect), ctx.weights)

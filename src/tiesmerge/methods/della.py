@@ -11,7 +11,9 @@ from ..lazy import torch
 from . import ops
 from .base import (
     ChunkContext,
+    LinearKernel,
     Requirements,
+    TiesKernel,
     finite,
     fraction,
     method_config,
@@ -20,7 +22,7 @@ from .base import (
     steps,
     unit_interval,
 )
-from .breadcrumbs import combine, l1_rescale
+from .breadcrumbs import combine, l1_rescale, per_task, sum_kernel
 from .ties import AGGREGATES, ELECT_RULES, ZERO_SIGNS
 
 _PAPER = "https://arxiv.org/abs/2406.11617"
@@ -48,12 +50,15 @@ class _DellaBase:
     seed: int
     weights: tuple[float, ...] | None
 
-    def _requirements(self) -> Requirements:
+    def _requirements(self, kernel: TiesKernel | LinearKernel | None = None) -> Requirements:
+        """``kernel``: the fused merge where nothing is dropped (density 1: mergekit's deterministic case)."""
         if self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
             raise ConfigError(f"density {self.density} +/- epsilon {self.epsilon} must lie in (0, 1) "
                               "(keep probabilities)")
-        # ranks run along each row and the L1 rescale over the tensor: each tensor is merged whole
-        return Requirements(scope="per_tensor", whole_tensors=True, weights=self.weights)
+        # ranks run along each row and the L1 rescale over the tensor: each tensor is merged whole;
+        # the random drop stays on the torch path (its ranks need every entry's place in the sort)
+        return Requirements(scope="per_tensor", whole_tensors=True, weights=self.weights,
+                            kernel=kernel if self.density >= 1 else None)
 
     def _magprune(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """Drop each model's entries at random with MagPrune's probabilities, rescale; (n, *S) in place.
@@ -129,11 +134,14 @@ class Della(_DellaBase):
                             choices=AGGREGATES)
 
     def requirements(self) -> Requirements:
-        return self._requirements()
+        return self._requirements(TiesKernel(self.lam, self.elect, self.zero_sign, self.aggregate))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return combine(self._magprune(tau, ctx), ctx, lam=self.lam, normalize=False,
                        ties=(self.elect, self.zero_sign, self.aggregate))
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        return per_task(self._magprune(tau, ctx), ctx, ties=(self.elect, self.zero_sign))
 
 
 @method_config
@@ -158,7 +166,10 @@ class DellaLinear(_DellaBase):
     normalize_weights: bool = option(False, "divide by the sum of the weights (mergekit's normalize)")
 
     def requirements(self) -> Requirements:
-        return self._requirements()
+        return self._requirements(sum_kernel(self.weights, self.lam, self.normalize_weights))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return combine(self._magprune(tau, ctx), ctx, lam=self.lam, normalize=self.normalize_weights, ties=None)
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        return per_task(self._magprune(tau, ctx), ctx, ties=None)

@@ -3,11 +3,12 @@ t = k cos / (1 + (k - 1) cos), cos the angle between the fine-tunes' task vector
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from ..errors import ConfigError
 from ..lazy import torch
-from .base import ChunkContext, Requirements, method_config, option
+from .base import ChunkContext, Requirements, TensorKernel, method_config, option
 
 
 @method_config
@@ -30,7 +31,20 @@ class ModelStock:
                                grid=(False, True))
 
     def requirements(self) -> Requirements:
-        return Requirements(whole_tensors=True, base_values=True, model_values=True)
+        # per tensor: the fused engine (the same reductions on the same float32 values, one pass over the raw rows)
+        kernel = None if self.filter_wise else TensorKernel("stock", self._coefficients)
+        return Requirements(whole_tensors=True, base_values=True, model_values=True, kernel=kernel)
+
+    def _coefficients(self, name: str, offsets: list[torch.Tensor],
+                      products: Callable[[int, int], torch.Tensor]) -> tuple[float, float]:
+        """The fused pass's (t, 1 - t) for one tensor: offsets (numel,) float32 task vectors,
+        ``products(i, j)`` their entrywise product (numel,)."""
+        k = len(offsets)
+        if k < 2:
+            raise ConfigError(f"model_stock needs at least two fine-tuned models, got {k}",
+                              hint="list two or more models besides the base")
+        t = interpolation(offsets, products)
+        return float(t), float(1 - t)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """tau, ctx.models (k, *S), ctx.base (*S) -> the merged model's values (*S)."""
@@ -49,15 +63,24 @@ class ModelStock:
         w0 = lift(ctx.base)
         ws = [lift(ctx.models[i]) for i in range(k)]
         offsets = [lift(tau[i]) for i in range(k)]  # theta_t - theta_0, as mergekit subtracts them
-        cosines = []
-        for i in range(k):
-            for j in range(i + 1, k):
-                norms = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
-                cosines.append(((offsets[i] * offsets[j]).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-        cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-        denominator = 1 + (k - 1) * cos
-        singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
-        t = torch.where(singular, torch.zeros_like(cos),
-                        (k * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+        t = interpolation(offsets, lambda i, j: offsets[i] * offsets[j])
         average = sum(ws) / k
         return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def interpolation(offsets: list[torch.Tensor], products: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """mergekit 0.1.5's t = k cos / (1 + (k - 1) cos) (0 where the denominator is below 1e-6 in
+    magnitude), (..., 1): cos the mean over pairs of each pair's cosine along the last dimension of
+    the offsets (..., m), clamped to [-1, 1], norms' product at least 1e-6. ``products(i, j)``:
+    offsets[i] * offsets[j], entry by entry (float32)."""
+    k = len(offsets)
+    cosines = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            norms = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
+            cosines.append((products(i, j).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    denominator = 1 + (k - 1) * cos
+    singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
+    return torch.where(singular, torch.zeros_like(cos),
+                       (k * cos) / torch.where(singular, torch.ones_like(denominator), denominator))

@@ -3,31 +3,43 @@ whole tensors, rows or columns, the interpolation weight from per-model weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from ..errors import ConfigError
 from ..lazy import torch
-from .base import ChunkContext, Requirements, finite, method_config, option
+from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, option
 
 OF = ("task_vectors", "models", "base_and_model")
 _EPS = 1e-8  # colinear where 1 - cos^2 <= eps^2
 
 
+def nuslerp_angle(v0: torch.Tensor, v1: torch.Tensor,
+                  products: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(theta, colinear) of vectors along the last dimension of v0, v1 (..., m) float32, with mergekit
+    0.1.5's ``nuslerp`` operations: each normalised by its norm (at least 1e-7), cos the sum of the
+    products clamped to [-1, 1], colinear where 1 - cos^2 <= 1e-16 (theta 0 there). ``products(n0, n1)``:
+    (v0 / n0) * (v1 / n1) computed elsewhere (the fused engine), the same float32 values."""
+    n0 = torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    n1 = torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    product = (v0 / n0) * (v1 / n1) if products is None else products(n0, n1)
+    cos = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= _EPS**2
+    return torch.acos(torch.where(colinear, 0, cos)), colinear
+
+
 def nuslerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool) -> torch.Tensor:
     """mergekit 0.1.5's ``nuslerp`` operations on two tensors (*S) float32: flattened (``flatten``),
     else a SLERP per row of the last dimension, or per column with ``row_wise`` (mergekit's
-    naming: dim 0 moved last); each vector normalised by its norm (at least 1e-7), a lerp where
-    1 - cos^2 <= 1e-16."""
+    naming: dim 0 moved last); :func:`nuslerp_angle`, then (sin((1-t)θ) v0 + sin(tθ) v1) / sin θ,
+    a lerp where colinear."""
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif row_wise:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= _EPS**2
-    theta = torch.acos(torch.where(colinear, 0, cos))
+    theta, colinear = nuslerp_angle(v0, v1)
     sin_theta = torch.sin(theta)
     out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
     out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
@@ -65,8 +77,21 @@ class NuSlerp:
         if self.t is not None and self.weights is not None:
             raise ConfigError("give t or weights, not both")
         one = self.of == "base_and_model"
+        # flattened: the fused engine (the same reductions on the same float32 values, one pass over the raw rows)
+        kernel = TensorKernel("interp", self._coefficients, pair=(0, 1) if one else (1, 2),
+                              relative=self.of == "task_vectors") if self.flatten else None
         return Requirements(whole_tensors=True, model_values=self.of != "task_vectors", base_values=one,
-                            n_models=1 if one else 2)
+                            n_models=1 if one else 2, kernel=kernel)
+
+    def _coefficients(self, name: str, x: torch.Tensor, y: torch.Tensor,
+                      products: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+                      ) -> tuple[float, float, float | None]:
+        """The fused pass's (c_0, c_1, divisor) for a flattened tensor: x, y (numel,) float32 endpoints."""
+        t = self.interpolation()
+        theta, colinear = nuslerp_angle(x, y, products)
+        if bool(colinear):  # (1 - t) v0 + t v1: python scalars, rounded to float32 by torch
+            return float(torch.tensor(1 - t, dtype=torch.float32)), float(torch.tensor(t, dtype=torch.float32)), None
+        return float(torch.sin((1 - t) * theta)), float(torch.sin(t * theta)), float(torch.sin(theta))
 
     def interpolation(self) -> float:
         """t: as given, else w_1 / (w_0 + w_1) with mergekit's arithmetic."""

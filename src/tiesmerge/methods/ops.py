@@ -25,6 +25,20 @@ __all__ = [
 ]
 
 
+def float32_sum(values: tuple[float, ...] | list[float]) -> float:
+    """The float32 sum torch computes for a short float32 vector (under 16 entries: from 0, in
+    order), e.g. mergekit's ``weight.sum()``; a fused kernel's divisor must be these bits."""
+    import struct
+
+    def f32(x: float) -> float:
+        return struct.unpack("f", struct.pack("f", x))[0]
+
+    total = 0.0
+    for v in values:
+        total = f32(total + f32(v))  # the float32 operands' sum, exact in a double, rounded once
+    return total
+
+
 def keep_count(numel: int, density: float) -> int:
     """How many entries of a trim scope of ``numel`` entries survive at ``density``.
 
@@ -96,6 +110,13 @@ def elect(trimmed: torch.Tensor, weights: torch.Tensor | None, rule: str) -> tor
     if weights is not None:
         votes = votes * broadcast_per_model(weights, votes)
     return votes.sum(dim=0).sign_()
+
+
+def agreeing(trimmed: torch.Tensor, gamma: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Each model's weighted values that agree with ``gamma`` (others 0): ``(n, *S) -> (n, *S)``,
+    the per-task vectors whose sum is ``disjoint_aggregate(..., "sum")`` (AdaMerging++'s vectors)."""
+    weighted = trimmed if weights is None else trimmed * broadcast_per_model(weights, trimmed)
+    return weighted * ((weighted.sign() == gamma) & (weighted != 0))
 
 
 def disjoint_aggregate(

@@ -3,11 +3,12 @@ with mergekit 0.1.5's operations so that a mergekit ``slerp`` recipe merges bit 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 from ..errors import ConfigError
 from ..lazy import torch
-from .base import ChunkContext, Requirements, finite, method_config, non_negative_int, option
+from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, non_negative_int, option
 from .schedule import parse_schedule, schedule_problem
 
 ANCHORS = ("models", "base")
@@ -16,15 +17,15 @@ _DOT_THRESHOLD = 0.9995  # |cos| above this: the tensors are (anti)parallel and 
 _EPS = 1e-8
 
 
-def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """SLERP of two whole tensors (*S), float32, with mergekit 0.1.5's ``slerp`` operations: each
-    tensor flattened, its norm the norm of 2^20-entry chunk norms (1 where <= 1e-8), the cosine
-    the sum of chunk sums of the normalised products clamped to [-1, 1], a lerp where |cos| >
-    0.9995, else sin((1-t)w)/sin(w) v0 + sin(tw)/sin(w) v1 in float32."""
-    a, b = v0.reshape(1, -1), v1.reshape(1, -1)  # (1, numel): mergekit's batch of one output
-    tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)  # (1, 1)
-    if not a.shape[1]:
-        return ((1 - tt) * a + tt * b).reshape(v0.shape)
+def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor,
+                       products: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coef_a, coef_b), each (1, 1) float32, of mergekit 0.1.5's ``slerp`` of a, b (1, numel) float32
+    (numel > 0): each norm the norm of 2^20-entry chunk norms (1 where <= 1e-8), the cosine the sum
+    of chunk sums of the normalised products clamped to [-1, 1]; a lerp's (1 - t, t) where |cos| >
+    0.9995, else sin((1-t)w)/sin(w), sin(tw)/sin(w). ``products(norm_a, norm_b)``: (1, numel) =
+    (a / norm_a) * (b / norm_b) computed elsewhere (the fused engine), the same float32 values."""
+    tt = torch.tensor([t], dtype=torch.float32, device=a.device).reshape(-1, 1)  # (1, 1)
     spans = range(0, a.shape[1], _CHUNK)
     norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, s:s + _CHUNK], dim=1, keepdim=True)
                                                    for s in spans]), dim=0)  # (1, 1)
@@ -32,15 +33,30 @@ def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
                                                    for s in spans]), dim=0)
     norm_a = torch.where(norm_a > _EPS, norm_a, 1)
     norm_b = torch.where(norm_b > _EPS, norm_b, 1)
-    dot = torch.stack([((a[:, s:s + _CHUNK] / norm_a) * (b[:, s:s + _CHUNK] / norm_b)).sum(dim=1, keepdim=True)
-                       for s in spans]).sum(dim=0).clamp(-1, 1)  # (1, 1)
+    if products is None:
+        dot = torch.stack([((a[:, s:s + _CHUNK] / norm_a) * (b[:, s:s + _CHUNK] / norm_b)).sum(dim=1, keepdim=True)
+                           for s in spans]).sum(dim=0).clamp(-1, 1)  # (1, 1)
+    else:
+        p = products(norm_a, norm_b)  # (1, numel)
+        dot = torch.stack([p[:, s:s + _CHUNK].sum(dim=1, keepdim=True) for s in spans]).sum(dim=0).clamp(-1, 1)
     linear = dot.abs() > _DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
+    return coef_a, coef_b
+
+
+def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """SLERP of two whole tensors (*S), float32, with mergekit 0.1.5's ``slerp`` operations: each
+    tensor flattened, :func:`slerp_coefficients`, then coef_a v0 + coef_b v1 chunk by chunk, in float32."""
+    a, b = v0.reshape(1, -1), v1.reshape(1, -1)  # (1, numel): mergekit's batch of one output
+    if not a.shape[1]:
+        tt = torch.tensor([t], dtype=torch.float32, device=v0.device).reshape(-1, 1)  # (1, 1)
+        return ((1 - tt) * a + tt * b).reshape(v0.shape)
+    coef_a, coef_b = slerp_coefficients(t, a, b)
     out = torch.empty_like(a)
-    for s in spans:
+    for s in range(0, a.shape[1], _CHUNK):
         out[:, s:s + _CHUNK] = coef_a * a[:, s:s + _CHUNK] + coef_b * b[:, s:s + _CHUNK]
     return out.reshape(v0.shape)
 
@@ -79,8 +95,17 @@ class Slerp:
         if self.t_by_name is not None and self.layers == 0:
             if any(len(values) > 1 for _, values in parse_schedule(self.t_by_name).rules):
                 raise ConfigError("t_by_name has a gradient: give the model's number of layers (layers)")
+        # the fused engine: the same reductions on the same float32 values, then one pass over the raw rows
+        kernel = TensorKernel("interp", self._coefficients, pair=(0, 1) if self.anchor == "base" else (1, 2))
         return Requirements(whole_tensors=True, model_values=True, base_values=self.anchor == "base",
-                            n_models=1 if self.anchor == "base" else 2)
+                            n_models=1 if self.anchor == "base" else 2, kernel=kernel)
+
+    def _coefficients(self, name: str, x: torch.Tensor, y: torch.Tensor,
+                      products: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[float, float, None]:
+        """The fused pass's (c_0, c_1, no divisor) for tensor ``name``: x, y (numel,) float32 endpoints."""
+        coef_a, coef_b = slerp_coefficients(self.t_for(name), x.reshape(1, -1), y.reshape(1, -1),
+                                            lambda na, nb: products(na, nb).reshape(1, -1))
+        return float(coef_a), float(coef_b), None
 
     def t_for(self, name: str) -> float:
         """t for the tensor ``name``: the schedule's value, else ``t``."""

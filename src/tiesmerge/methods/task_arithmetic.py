@@ -31,3 +31,7 @@ class TaskArithmetic:
         if ctx.weights is not None:
             tau = tau.mul_(ops.broadcast_per_model(ctx.weights, tau))
         return tau.sum(dim=0).mul_(self.lam)
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """(n, *S) -> (n, *S): w_t tau_t (AdaMerging's vectors; ``lam`` is what it learns)."""
+        return tau if ctx.weights is None else tau * ops.broadcast_per_model(ctx.weights, tau)

@@ -102,3 +102,11 @@ class Ties:
         gamma = ops.resolve_zero_sign(gamma, self.zero_sign, None if majority is None else float(majority))
         merged = ops.disjoint_aggregate(trimmed, gamma, ctx.weights, self.aggregate)  # (*S)
         return merged.mul_(self.lam)
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """(n, *S) -> (n, *S): each model's trimmed, weighted values that agree with the elected sign
+        (AdaMerging++'s vectors: their sum is the ``aggregate="sum"`` merge before ``lam``)."""
+        trimmed, gamma = self._trim_and_elect(tau, ctx)
+        majority = ctx.reduced.get("majority")
+        gamma = ops.resolve_zero_sign(gamma, self.zero_sign, None if majority is None else float(majority))
+        return ops.agreeing(trimmed, gamma, ctx.weights)

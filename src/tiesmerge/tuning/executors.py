@@ -118,33 +118,56 @@ def _from_numpy(state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in state.items()}
 
 
-def _merge_task(job: Job, base32: Mapping[str, np.ndarray], options: dict[str, Any], base: Any,
+def _threads(count: int) -> None:
+    """A task uses the CPUs Ray gave it: one thread per CPU (Ray's worker may hold another setting from
+    its previous task, and torch's default is every core of the node, which oversubscribes them)."""
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+
+
+def _merge_task(threads: int, job: Job, base32: Mapping[str, np.ndarray], options: dict[str, Any], base: Any,
                 *models: Any) -> dict[str, np.ndarray]:
     """A Ray task: one merge's float32 task vector tau_m (the base and models as the job names them,
     or as state dicts from the object store)."""
+    _threads(threads)
     base = _from_numpy(base) if isinstance(base, Mapping) else base
     models = [_from_numpy(m) if isinstance(m, Mapping) else m for m in models]
     return _to_numpy(merged_delta(job, _from_numpy(base32), options, base=base, models=models))
 
 
-def _score_task(evaluate: Evaluator, job: Job, base32: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray],
-                options: dict[str, Any], dtypes: Mapping[str, torch.dtype]) -> tuple[float, float]:
+def _score_task(threads: int, evaluate: Evaluator, job: Job, base32: Mapping[str, np.ndarray],
+                delta: Mapping[str, np.ndarray], options: dict[str, Any], dtypes: Mapping[str, torch.dtype]
+                ) -> tuple[float, float]:
     """A Ray task: one candidate's (score, seconds)."""
+    _threads(threads)
     return score_state(evaluate, candidate_state(job, _from_numpy(base32), _from_numpy(delta), options, dtypes))
 
 
 class RayExecutor:
     """Merges and evaluations as Ray tasks. ``address``: a cluster to join (``ray start --head``
-    prints it; "auto" finds a local one); None starts a local cluster of ``workers`` CPUs (default
-    all). If Ray is already initialised in this process, that connection is used as it is.
+    prints it; "auto" finds a local one); None starts a local cluster on this machine's CPUs, where
+    ``workers`` tasks run at once (default one per CPU), each with ``cpus_per_task`` CPUs (default
+    CPUs // workers) and as many torch threads: one evaluation per CPU would oversubscribe the cores
+    when torch's own threads already use them all. On a joined cluster a task takes ``cpus_per_task``
+    CPUs (default 1). If Ray is already initialised in this process, that connection is used as it is.
 
     >>> executor = RayExecutor(workers=2)                                          # doctest: +SKIP
     >>> tiesmerge.tuning.search(base, models, "ties", score, executor=executor)    # doctest: +SKIP
     """
 
-    def __init__(self, address: str | None = None, *, workers: int | None = None, gpus_per_task: float | None = None,
-                 max_retries: int = 3) -> None:
+    def __init__(self, address: str | None = None, *, workers: int | None = None, cpus_per_task: int | None = None,
+                 gpus_per_task: float | None = None, max_retries: int = 3) -> None:
         ray = _import_ray()
+        if workers is not None and workers < 1 or cpus_per_task is not None and cpus_per_task < 1:
+            raise ConfigError(f"workers {workers}, cpus per task {cpus_per_task}: each must be at least 1")
+        if address and workers is not None:
+            raise ConfigError("workers sizes the local cluster; a joined cluster runs as many tasks as its CPUs "
+                              "(or GPUs) allow", hint="set cpus_per_task instead")
+        cores = os.cpu_count() or 1
+        workers = workers or max(1, cores // (cpus_per_task or 1))
+        if cpus_per_task is None:
+            cpus_per_task = 1 if address else max(1, cores // workers)
+        self.workers, self.cpus_per_task = workers, cpus_per_task
         self._ray = ray
         self._owned = False
         if not ray.is_initialized():
@@ -155,13 +178,14 @@ class RayExecutor:
             if address:
                 ray.init(address=address, **kwargs)
             else:
-                ray.init(num_cpus=workers, include_dashboard=False, **kwargs)
+                ray.init(num_cpus=workers * cpus_per_task, include_dashboard=False, **kwargs)
             self._owned = True
         if gpus_per_task is None:  # one GPU per task where the cluster has GPUs
             gpus_per_task = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self.gpus_per_task = gpus_per_task
         self.merges = 0
-        common = {"num_gpus": gpus_per_task, "max_retries": max_retries, "retry_exceptions": False}
+        common = {"num_cpus": cpus_per_task, "num_gpus": gpus_per_task, "max_retries": max_retries,
+                  "retry_exceptions": False}
         self._merge = ray.remote(_merge_task).options(**common)
         self._score = ray.remote(_score_task).options(**common)
         self._best: tuple[float, str, Any] | None = None  # (score, merge key, the object ref of its tau_m)
@@ -184,10 +208,11 @@ class RayExecutor:
         try:
             for key, group in _groups(batch).items():
                 options = {k: v for k, v in group[0].options.items() if k != "lam"}
-                delta = self._merge.remote(self._job, self._base32, options, *self._sources)
+                delta = self._merge.remote(self.cpus_per_task, self._job, self._base32, options, *self._sources)
                 self.merges += 1
                 for c in group:
-                    ref = self._score.remote(self._evaluate, self._job, self._base32, delta, c.options, self._dtypes)
+                    ref = self._score.remote(self.cpus_per_task, self._evaluate, self._job, self._base32, delta,
+                                             c.options, self._dtypes)
                     pending[ref] = (c, delta, key)
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)

@@ -215,6 +215,8 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
             low, high = FRACTION_RANGE
         elif per_model:
             low, high = WEIGHT_RANGE
+        elif values:  # one grid value: the axis holds it (random and CMA-ES sample nothing else)
+            low = high = float(values[0])
         else:
             problems.append(f"no range for {name!r}: pass --range {name}=LO:HI (or --grid {name}=v1,v2,...)")
             continue

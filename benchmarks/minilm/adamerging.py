@@ -1,0 +1,316 @@
+"""AdaMerging on the MiniLM benchmark: task-wise and layer-wise, over task arithmetic (AdaMerging)
+and over TIES (AdaMerging++), learned on each task's test inputs without labels (the paper) or,
+the honest variant, on its validation inputs only. Run from the repo root:
+
+    TIESMERGE_BENCH_MAX_LENGTH=32 python benchmarks/minilm/adamerging.py --seeds 0 --steps 100
+
+Uses the converged-protocol task models in the cache (finetune_all.py; lr 1e-4, 32 tokens) and
+never trains one; a seed whose eight models are not all cached is left out. Every run goes
+through tiesmerge.adapt with the benchmark's encoder and frozen heads as the forward
+(tiesmerge.evaluation.forward.EncoderHeadLogits). Writes benchmarks/results/adamerging.md +
+.json; finished runs are kept in the JSON and not run again (delete it to start over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TIESMERGE_BENCH_MAX_LENGTH", "32")  # the converged run's length (benchmarks/README)
+sys.path.insert(0, str(Path(__file__).parent))
+
+import torch  # noqa: E402
+from common import NotCached, Protocol, base_dir, hardware, load_encoder, make_heads, task_model  # noqa: E402
+
+import tiesmerge  # noqa: E402
+from tiesmerge.evaluation import evaluate_encoder  # noqa: E402
+from tiesmerge.evaluation.forward import EncoderHeadLogits  # noqa: E402
+from tiesmerge.methods import TaskArithmetic, Ties  # noqa: E402
+from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+VECTORS = {"task_arithmetic": ("AdaMerging", {}), "ties": ("AdaMerging++", {"density": 0.2})}
+VARIANTS = {"test": "test inputs, no labels (paper)", "val": "validation inputs only"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="fine-tuning seeds")
+    p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES))
+    p.add_argument("--runs", nargs="+", default=["ties:layer", "task_arithmetic:task", "task_arithmetic:layer",
+                                                 "ties:task"],
+                   help="VECTORS:GRANULARITY pairs, run in this order (vectors: task_arithmetic or ties)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=100, help="Adam steps per run (the paper: 500; see the report)")
+    p.add_argument("--batch-size", type=int, default=16, help="unlabeled examples per task and step (paper: 16)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--test-limit", type=int, default=300, help="test examples per task (evaluated, and the "
+                                                               "paper variant's unlabeled inputs)")
+    p.add_argument("--val-limit", type=int, default=300, help="validation examples per task (honest variant)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-4], help="the protocol's ladder (converged run: 1e-4)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    return p.parse_args()
+
+
+def _normalized(acc: dict[str, float], ft: dict[str, float]) -> dict[str, float]:
+    return {t: 100 * acc[t] / ft[t] for t in acc}
+
+
+def _row(method: str, variant: str, seed: int, acc: dict[str, float], ft: dict[str, float], **extra) -> dict:
+    norm = _normalized(acc, ft)
+    return {"method": method, "variant": variant, "seed": seed,
+            "accuracy": {t: round(100 * a, 2) for t, a in acc.items()},
+            "mean": round(100 * statistics.mean(acc.values()), 2),
+            "normalized": {t: round(v, 2) for t, v in norm.items()},
+            "normalized_mean": round(statistics.mean(norm.values()), 2), **extra}
+
+
+class Store:
+    """The JSON of finished rows: (method, variant, seed) -> row; rewritten after each row, under a
+    lock and re-read first, so several processes (e.g. one per input variant) can share it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = {"rows": []}
+        self._reload()
+
+    def _reload(self) -> None:
+        if self.path.is_file():
+            self.data.update(json.loads(self.path.read_text()))
+
+    def get(self, method: str, variant: str, seed: int, settings: dict) -> dict | None:
+        for row in self.data["rows"]:
+            if (row["method"], row["variant"], row["seed"]) == (method, variant, seed) and \
+                    row.get("settings", {}) == settings:
+                return row
+        return None
+
+    def put(self, row: dict) -> None:
+        import fcntl
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._reload()
+            self.data["rows"] = [r for r in self.data["rows"] if (r["method"], r["variant"], r["seed"])
+                                 != (row["method"], row["variant"], row["seed"])]
+            self.data["rows"].append(row)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+            tmp.replace(self.path)
+
+
+def run_seed(args, suite, heads, seed: int, store: Store) -> None:
+    tasks = list(suite)
+    protocol = Protocol(lrs=tuple(args.lrs))
+    models = [task_model(suite[t], heads, protocol, seed, args.device, log, train=False) for t in tasks]
+    base = base_dir()
+    test = {t: suite[t].test[:args.test_limit] for t in tasks}
+    inputs = {"test": [[{"text": x} for x, _ in test[t]] for t in tasks],
+              "val": [[{"text": x} for x, _ in suite[t].validation[:args.val_limit]] for t in tasks]}
+
+    cached = _run_py_evals(models, args.test_limit)
+
+    def evaluate(state=None, directory=None) -> dict[str, float]:
+        encoder = load_encoder(directory or base, args.device, state=state)
+        return dict(evaluate_encoder(encoder, test, heads).accuracy)
+
+    ft = store.get("fine-tuned", "-", seed, {})
+    if ft is None:
+        acc = cached.get("fine-tuned") or {t: evaluate(directory=m)[t] for t, m in zip(tasks, models)}
+        ft = _row("fine-tuned", "-", seed, acc, acc)
+        store.put(ft)
+    ft_acc = {t: a / 100 for t, a in ft["accuracy"].items()}
+    for label, method in (("TIES (k=0.2, λ=1)", Ties()), ("task arithmetic (λ=0.4)", TaskArithmetic())):
+        if store.get(label, "-", seed, {}) is None:
+            clock = time.perf_counter()
+            acc = cached.get(f"merge:{method.name}:{{}}")
+            if acc is None:
+                acc = evaluate(state=tiesmerge.merge(base, models, method, device=args.device))
+            store.put(_row(label, "-", seed, acc, ft_acc, seconds=round(time.perf_counter() - clock, 1)))
+            log(f"seed {seed}: {label} {store.get(label, '-', seed, {})['normalized_mean']}% normalized")
+    settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "init": 0.3,
+                "test_limit": args.test_limit, "val_limit": args.val_limit}
+    for variant in args.variants:
+        for run in args.runs:
+            vectors, granularity = run.split(":")
+            name, options = VECTORS[vectors]
+            method = f"{name} ({granularity}-wise)"
+            if store.get(method, variant, seed, settings) is not None:
+                continue
+            forward = EncoderHeadLogits(load_encoder(base, args.device), heads)
+            clock = time.perf_counter()
+            result = tiesmerge.adapt(base, models, inputs[variant], vectors, forward=forward, tasks=tasks,
+                                     granularity=granularity, steps=args.steps, lr=args.lr,
+                                     batch_size=args.batch_size, device=args.device, **options)
+            seconds = time.perf_counter() - clock
+            acc = evaluate(state=result.output)
+            c = result.coefficients
+            row = _row(method, VARIANTS[variant], seed, acc, ft_acc, vectors=vectors, granularity=granularity,
+                       settings=settings, seconds=round(seconds, 1),
+                       seconds_per_step=round(result.seconds["learn_steps"] / max(1, args.steps), 3),
+                       entropy_first=round(result.history.mean()[0], 4) if args.steps else None,
+                       entropy_last=round(result.history.mean()[-1], 4) if args.steps else None,
+                       coefficients={"tasks": result.tasks, "layers": result.layers if granularity == "layer"
+                                     else ["*"], "values": [[round(x, 4) for x in r] for r in c.tolist()]})
+            store.put(row)
+            log(f"seed {seed}: {method}, {VARIANTS[variant]}: {row['normalized_mean']}% normalized, "
+                f"{seconds:.0f} s ({row['seconds_per_step']} s/step), entropy {row['entropy_first']} -> "
+                f"{row['entropy_last']}")
+
+
+def _run_py_evals(models: list[Path], test_limit: int) -> dict:
+    """run.py's cached evaluations of the same models on the same test examples (its EvalCache, keyed by
+    the settings), so the fine-tuned, TIES and task-arithmetic rows are the ones of table1: any of the
+    validation limits run.py was run with gives the same test accuracies."""
+    import hashlib
+
+    import common
+
+    for val_limit in (40, 100, None, 300, 500):
+        key = json.dumps([common.MAX_LENGTH, test_limit, val_limit, 0, [str(d) for d in models]])
+        path = common.CACHE / "evals" / f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+        if path.is_file():
+            log(f"reusing run.py's evaluations in {path}")
+            return json.loads(path.read_text())
+    return {}
+
+
+def _fmt(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def _layer_group(name: str) -> str:
+    """A tensor name's block, for reading the layer-wise coefficients: embeddings, layer k, or other."""
+    parts = name.split(".")
+    if parts[0] == "embeddings":
+        return "embeddings"
+    if "layer" in parts:
+        k = parts[parts.index("layer") + 1]
+        kind = "attention" if "attention" in parts else "ffn"
+        return f"layer {k} {kind}"
+    return parts[0]
+
+
+def describe_coefficients(rows: list[dict]) -> list[str]:
+    lines = []
+    for row in rows:
+        if "coefficients" not in row:
+            continue
+        c = torch.tensor(row["coefficients"]["values"])  # (T, L)
+        tasks = row["coefficients"]["tasks"]
+        per_task = ", ".join(f"{t} {float(c[i].mean()):.2f}" for i, t in enumerate(tasks))
+        line = f"- **{row['method']}, {row['variant']}, seed {row['seed']}**: mean per task: {per_task}"
+        if c.shape[1] > 1:
+            groups: dict[str, list[float]] = {}
+            for j, name in enumerate(row["coefficients"]["layers"]):
+                groups.setdefault(_layer_group(name), []).append(float(c[:, j].mean()))
+            means = {g: statistics.mean(v) for g, v in groups.items()}
+            order = sorted(means, key=means.get, reverse=True)
+            line += ("; by block (mean over tasks): " + ", ".join(f"{g} {means[g]:.2f}" for g in order))
+            line += f"; range [{float(c.min()):.2f}, {float(c.max()):.2f}]"
+        lines.append(line + ".")
+    return lines
+
+
+def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
+    rows = store.data["rows"]
+    seeds = sorted({r["seed"] for r in rows})
+    order: list[tuple[str, str]] = []
+    for r in rows:
+        key = (r["method"], r["variant"])
+        if key not in order:
+            order.append(key)
+    fixed = [k for k in order if k[1] == "-"]
+    learned = sorted((k for k in order if k[1] != "-"), key=lambda k: (k[1], k[0]))
+    lines = [
+        "# AdaMerging on the MiniLM benchmark (issue 15)",
+        "",
+        f"all-MiniLM-L6-v2 task models of the converged protocol (lr 1e-4, 32 tokens, `common.Protocol`), "
+        f"fine-tuning seed(s) {', '.join(map(str, seeds))}; accuracy (%) on the first {args.test_limit} test "
+        "examples of each task; normalized = accuracy ÷ the same seed's own fine-tuned model's, averaged over "
+        "tasks (mean ± std over seeds where there are several). AdaMerging learns merge coefficients "
+        "(task-wise: one per task; layer-wise: one per task and parameter tensor, 101 tensors) by minimising "
+        "the entropy of the merged model's predictions on unlabeled inputs, with Adam (lr "
+        f"{args.lr}), batch {args.batch_size} per task and step, coefficients starting at 0.3, "
+        f"**{args.steps} steps** (the paper: 500; see *Steps*). AdaMerging++ does it over TIES's trimmed "
+        "(k = 0.2), sign-elected per-task vectors. *test inputs*: each task's evaluated test inputs without "
+        "their labels (the paper's protocol: test-time adaptation); *validation inputs*: the first "
+        f"{args.val_limit} validation inputs of each task only (no test input seen).",
+        "",
+        "| method | inputs | " + " | ".join(tasks) + " | mean | norm. mean | worst task (norm.) | s / run |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
+    ]
+    for method, variant in fixed + learned:
+        group = [r for r in rows if (r["method"], r["variant"]) == (method, variant)]
+        per_task = [_fmt([r["accuracy"][t] for r in group]) for t in tasks]
+        norm = {t: statistics.mean(r["normalized"][t] for r in group) for t in tasks}
+        worst = min(norm, key=norm.get)
+        secs = [r["seconds"] for r in group if "seconds" in r]
+        lines.append(f"| {method} | {variant} | " + " | ".join(per_task) +
+                     f" | **{_fmt([r['mean'] for r in group])}** | {_fmt([r['normalized_mean'] for r in group])} "
+                     f"| {worst} {norm[worst]:.1f} | {statistics.mean(secs):.0f} |" if secs else
+                     f"| {method} | {variant} | " + " | ".join(per_task) +
+                     f" | **{_fmt([r['mean'] for r in group])}** | {_fmt([r['normalized_mean'] for r in group])} "
+                     f"| {worst} {norm[worst]:.1f} | - |")
+    best = max((k for k in learned), default=None,
+               key=lambda k: statistics.mean(r["normalized_mean"] for r in rows if (r["method"], r["variant"]) == k))
+    lines += ["", "## The goal (issue 12): ≥ 95% normalized mean, no task below 85%", ""]
+    if best is not None:
+        group = [r for r in rows if (r["method"], r["variant"]) == best]
+        mean = statistics.mean(r["normalized_mean"] for r in group)
+        honest = [k for k in learned if k[1] == VARIANTS["val"]]
+        lines.append(f"Best learned merge: {best[0]} on {best[1]}: {mean:.1f}% normalized "
+                     f"({'reached' if mean >= 95 else f'{95 - mean:.1f} points short'}).")
+        if honest:
+            hb = max(honest, key=lambda k: statistics.mean(r["normalized_mean"] for r in rows
+                                                           if (r["method"], r["variant"]) == k))
+            hm = statistics.mean(r["normalized_mean"] for r in rows if (r["method"], r["variant"]) == hb)
+            lines.append(f"With validation inputs only (the honest variant): {hb[0]}, {hm:.1f}% normalized "
+                         f"({'reached' if hm >= 95 else f'{95 - hm:.1f} points short'}).")
+    lines += ["", "## What the learned coefficients look like", ""] + describe_coefficients(
+        [r for r in rows if r["variant"] != "-"])
+    lines += ["", "## Steps and time", "",
+              f"Measured on this machine (2 CPU cores shared with other jobs; torch threads {args.threads}): "
+              + ", ".join(f"{r['method']} ({r['variant']}, seed {r['seed']}) {r['seconds_per_step']} s/step"
+                          for r in rows if "seconds_per_step" in r) + ".",
+              "", f"Hardware: {json.dumps(hardware())}. Stage seconds: {json.dumps(seconds)}."]
+    (args.out / "adamerging.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    store = Store(args.out / "adamerging.json")
+    store.data["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    clock = time.perf_counter()
+    suite = load_suite(args.tasks, seed=0)
+    heads = make_heads(suite, args.device)
+    seconds = {"data": round(time.perf_counter() - clock)}
+    for seed in args.seeds:
+        clock = time.perf_counter()
+        try:
+            run_seed(args, suite, heads, seed, store)
+        except NotCached as exc:
+            log(f"seed {seed} left out: {exc}")
+            continue
+        seconds[f"seed{seed}"] = round(time.perf_counter() - clock)
+        write(args, store, list(suite), seconds)
+    write(args, store, list(suite), seconds)
+
+
+if __name__ == "__main__":
+    main()

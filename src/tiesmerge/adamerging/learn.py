@@ -1,0 +1,259 @@
+"""Learning the coefficients: entropy on unlabeled inputs, Adam, checkpoints that resume exactly.
+
+AdaMerging (Yang et al., ICLR 2024) merges theta = theta_0 + sum_t lambda_t v_t and learns the
+lambdas by minimising, summed over the tasks, the mean Shannon entropy of the merged model's
+predictions on a batch of each task's unlabeled inputs. Task-wise: one lambda per task, shape
+(T, 1); layer-wise: one per task and *parameter tensor*, shape (T, L), L the number of merged
+tensors (FusionBench's layer-wise grouping: every parameter tensor, weights, biases and norms
+alike, is its own "layer"). theta is a function of lambda (``torch.func.functional_call``), so
+memory is the base, the T vectors, theta and its gradient, and one task's activations.
+
+Batches are a function of (seed, task, step) only: each task's examples are reshuffled per
+pass with a generator seeded from (seed, task, pass), so a run resumed from a checkpoint draws
+the same batches as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, TrainingError
+from ..evaluation.forward import TaskForward, checkpoint_names, entropy, logits
+from ..lazy import torch
+
+__all__ = ["GRANULARITIES", "AdaptConfig", "Merger", "History", "learn", "batch_rows", "total_entropy"]
+
+GRANULARITIES = ("task", "layer")
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """The optimisation, with the paper's defaults (AdaMerging, Sec. 5 and its code; FusionBench
+    agrees except for 1000 steps)."""
+
+    granularity: str = "layer"  # "task": one coefficient per task; "layer": per task and parameter tensor
+    steps: int = 500  # optimizer steps; each sees one batch of every task
+    lr: float = 1e-3  # Adam's learning rate
+    batch_size: int = 16  # unlabeled examples per task and step
+    init: float = 0.3  # every coefficient's starting value
+    seed: int = 0  # of the batches' shuffling
+    clamp: tuple[float, float] | None = None  # keep every coefficient in [low, high] after each step (None: free)
+    checkpoint_every: int | None = None  # steps between checkpoints (None: one pass over the largest task's data)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.granularity not in GRANULARITIES:
+            out.append(f"granularity={self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        for key in ("steps", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "steps" else 1):
+                out.append(f"{key} must be an integer >= {0 if key == 'steps' else 1}, got {value!r}")
+        for key in ("lr", "init"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                out.append(f"{key} must be a finite number, got {value!r}")
+        if self.lr is not None and isinstance(self.lr, (int, float)) and self.lr <= 0:
+            out.append(f"lr must be positive, got {self.lr!r}")
+        if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
+            out.append(f"clamp must be (low, high) with low < high, got {self.clamp!r}")
+        if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
+                                                  or self.checkpoint_every < 1):
+            out.append(f"checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
+        return out
+
+
+class Merger:
+    """theta(lambda) = base + sum_t lambda[t, layer] v_t for every merged tensor, differentiable in lambda.
+
+    ``base``: name -> (*S) tensor, ``vectors``: name -> (T, *S), both on the device the forward
+    runs on; ``names`` the merged tensors in order; ``dtypes``: the dtype each merged tensor is
+    handed to the forward in (its module's, e.g. bfloat16), default float32."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], vectors: Mapping[str, torch.Tensor], names: Sequence[str],
+                 granularity: str, dtypes: Mapping[str, torch.dtype] | None = None) -> None:
+        if granularity not in GRANULARITIES:
+            raise ConfigError(f"granularity={granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        self.base, self.vectors, self.names = base, vectors, list(names)
+        self.granularity = granularity
+        self.layer = {name: (i if granularity == "layer" else 0) for i, name in enumerate(self.names)}
+        self.dtypes = dict(dtypes or {})
+        self.n_tasks = next(iter(vectors.values())).shape[0] if vectors else 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(T, L): L = 1 task-wise, the number of merged tensors layer-wise."""
+        return self.n_tasks, (len(self.names) if self.granularity == "layer" else 1)
+
+    def tensor(self, name: str, lam: torch.Tensor) -> torch.Tensor:
+        """One merged tensor: base + sum_t lam[t, layer] v_t, (*S). The same operations, in the same
+        order, as the final merge's (run.LearnedMerge), so the written model is the one evaluated."""
+        v = self.vectors[name]  # (T, *S)
+        merged = self.base[name].to(v.dtype) + combine(lam[:, self.layer[name]].to(v.dtype), v)
+        return merged.to(self.dtypes.get(name, merged.dtype))
+
+    def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: self.tensor(name, lam) for name in self.names}
+
+
+def combine(coefficients: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(T,), (T, *S) -> (*S): sum_t c_t v_t as one matrix-vector product, with no (T, *S)
+    temporary forward or backward (the gradient of c is v @ grad, one more product)."""
+    return (coefficients @ vectors.reshape(vectors.shape[0], -1)).view(vectors.shape[1:])
+
+
+def check_forward_names(forward: TaskForward, names: Sequence[str]) -> None:
+    """Every merged tensor must be a weight of the forward (else functional_call would ignore it)."""
+    held = checkpoint_names(forward)
+    missing = [n for n in names if n not in held]
+    if missing:
+        some = sorted(held)[:3]
+        raise ConfigError(f"{len(missing)} merged tensor(s) are not weights of the forward's model, e.g. "
+                          f"{missing[:3]} (the model's weights are named like {some})",
+                          hint="the forward must be the base's architecture, its weights named like the checkpoint "
+                          "(FunctionLogits: pass the module whose state_dict() keys are the checkpoint's names)")
+
+
+def batch_rows(rows: Sequence[Any], step: int, batch_size: int, seed: int, task_index: int) -> list[Any]:
+    """The rows of ``step``'s batch of one task: positions step*B .. step*B+B-1 of the endless
+    sequence of per-pass permutations (pass p shuffled by a generator seeded from (seed, task, p))."""
+    n = len(rows)
+    out, perms = [], {}
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        p, i = divmod(k, n)
+        if p not in perms:
+            g = torch.Generator().manual_seed((seed * 1_000_003 + task_index * 7919 + p) % (2 ** 63))
+            perms[p] = torch.randperm(n, generator=g).tolist()
+        out.append(rows[perms[p][i]])
+    return out
+
+
+def total_entropy(forward: TaskForward, merger: Merger, lam: torch.Tensor, batches: Mapping[str, Any]) -> torch.Tensor:
+    """sum over tasks of the mean entropy of the merged model on that task's batch (a scalar,
+    differentiable in ``lam``): the objective, for checks; :func:`learn` backpropagates per task."""
+    params = merger.params(lam)
+    return sum(entropy(logits(forward, batch, task, params)).mean() for task, batch in batches.items())
+
+
+@dataclass
+class History:
+    """Per step, each task's mean entropy on its batch (before that step's update)."""
+
+    tasks: list[str]
+    entropy: list[list[float]] = field(default_factory=list)  # (steps, T)
+
+    def mean(self) -> list[float]:
+        return [sum(row) / len(row) for row in self.entropy]
+
+
+def _fingerprint_check(saved: str, expected: str, path: Path) -> None:
+    if saved != expected:
+        raise ConfigError(f"{path}: this checkpoint is of another run (other models, data, method or settings)",
+                          hint="resume with the same command, or remove the checkpoint to start afresh")
+
+
+def _save(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]], config: AdaptConfig, *,
+          checkpoint: str | os.PathLike | None = None, resume: bool = False, fingerprint: str = "",
+          progress: bool = False, on_step: Callable[[int, list[float]], None] | None = None,
+          ) -> tuple[torch.Tensor, History, dict[str, float]]:
+    """Learn the (T, L) coefficients; return them (on the CPU), the entropy history and seconds.
+
+    ``data``: task -> its unlabeled rows, in the models' order. ``checkpoint``: a file written
+    every ``config.checkpoint_every`` steps and at the end; with ``resume`` an existing one (of the
+    same ``fingerprint``) is continued from its step, drawing the same batches as an unbroken run."""
+    problems = config.problems()
+    if problems:
+        raise ConfigError(problems)
+    tasks = list(data)
+    if len(tasks) != merger.n_tasks:
+        raise ConfigError(f"{len(tasks)} task(s) of data for {merger.n_tasks} model(s)",
+                          hint="give one data file per model, in the models' order")
+    for task, rows in data.items():
+        if not rows:
+            raise ConfigError(f"task {task!r}: no examples")
+    check_forward_names(forward, merger.names)
+    device = next(iter(merger.vectors.values())).device
+    lam = torch.full(merger.shape, float(config.init), dtype=torch.float32, device=device, requires_grad=True)
+    optimizer = torch.optim.Adam([lam], lr=config.lr)
+    history = History(tasks)
+    start = 0
+    path = Path(checkpoint) if checkpoint is not None else None
+    if resume and path is not None and path.is_file():
+        state = torch.load(path, map_location=device, weights_only=True)
+        _fingerprint_check(state.get("fingerprint", ""), fingerprint, path)
+        with torch.no_grad():
+            lam.copy_(state["coefficients"])
+        optimizer.load_state_dict(state["optimizer"])
+        history.entropy = [list(map(float, row)) for row in state["entropy"]]
+        start = int(state["step"])
+    every = config.checkpoint_every or max(1, math.ceil(max(len(r) for r in data.values()) / config.batch_size))
+    seconds = {"steps": 0.0, "checkpoints": 0.0}
+
+    def save(step: int) -> None:
+        if path is None:
+            return
+        clock = time.perf_counter()
+        _save(path, {"fingerprint": fingerprint, "step": step, "coefficients": lam.detach().cpu(),
+                     "optimizer": optimizer.state_dict(), "entropy": history.entropy, "config": asdict(config)})
+        seconds["checkpoints"] += time.perf_counter() - clock
+
+    bar = None
+    if progress and config.steps > start:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc=f"adamerging ({config.granularity}-wise)",
+                   dynamic_ncols=True)
+    was_training = forward.training  # type: ignore[attr-defined]
+    forward.eval()  # type: ignore[attr-defined]  # dropout off: the entropy of the model that will be written
+    try:
+        for step in range(start, config.steps):
+            clock = time.perf_counter()
+            params = merger.params(lam)  # (graph) lam -> theta
+            # each task's backward stops at theta (leaves), its gradients summed there; one backward from
+            # theta to lam per step (it costs a pass over the T vectors: per task it would cost T of them)
+            leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+            row = []
+            for t, task in enumerate(tasks):
+                batch = forward.encode(batch_rows(data[task], step, config.batch_size, config.seed, t), task)
+                h = entropy(logits(forward, batch, task, leaves)).mean()
+                if not torch.isfinite(h):
+                    raise TrainingError(f"the entropy of task {task!r} at step {step} is {float(h)}: the merged "
+                                        "model's logits are not finite",
+                                        hint="lower --lr, or --clamp the coefficients; check the task's inputs "
+                                        "and the forward")
+                h.backward()  # one task's activations at a time
+                row.append(float(h.detach()))
+            used = [n for n in merger.names if leaves[n].grad is not None]
+            torch.autograd.backward([params[n] for n in used], [leaves[n].grad for n in used])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if config.clamp is not None:
+                with torch.no_grad():
+                    lam.clamp_(*config.clamp)
+            history.entropy.append(row)
+            seconds["steps"] += time.perf_counter() - clock
+            if on_step is not None:
+                on_step(step, row)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(entropy=f"{sum(row) / len(row):.4f}")
+            if (step + 1) % every == 0 and step + 1 < config.steps:
+                save(step + 1)
+        if config.steps > start or (path is not None and not path.is_file()):
+            save(max(config.steps, start))
+    finally:
+        if bar is not None:
+            bar.close()
+        forward.train(was_training)  # type: ignore[attr-defined]
+    return lam.detach().cpu(), history, seconds

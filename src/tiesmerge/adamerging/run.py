@@ -1,0 +1,283 @@
+"""``tiesmerge.adapt``: learn the merge's coefficients on unlabeled inputs, write the merged model.
+
+The steps: the per-task vectors (the engine, :mod:`.vectors`), the forward (the evaluation's,
+:mod:`tiesmerge.evaluation.forward`), the coefficients (:mod:`.learn`), then the merged model,
+written by :func:`tiesmerge.merge` with :class:`LearnedMerge` (so the output directory, model card,
+hashes and manifest are a merge's), the coefficients and the entropy curve beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import ConfigError
+from ..evaluation.forward import TaskForward, as_rows, load_forward
+from ..inputs import Source, as_method, check_output_not_input, prepare
+from ..io.writer import _check_output_path as check_output_path
+from ..lazy import torch
+from ..methods.base import ChunkContext, MergeMethod, Requirements
+from ..paths import write_file
+from ..sizes import format_size
+from .learn import AdaptConfig, History, Merger, combine, learn
+from .report import summarise, write_report
+from .vectors import _Collect, collect_task_vectors, exposes_task_vectors
+
+__all__ = ["AdaptResult", "LearnedMerge", "adapt", "describe_adapt", "read_task_data"]
+
+PAPER = "https://arxiv.org/abs/2310.02575"  # Yang et al., AdaMerging, ICLR 2024
+
+
+@dataclass(frozen=True)
+class LearnedMerge:
+    """theta = base + sum_t lambda[t, layer] v_t, v_t the ``vectors`` method's per-task vectors:
+    a merge with learned coefficients, as ``tiesmerge adapt`` writes it. ``coefficients`` names
+    the JSON file beside the model that holds the values (the recipe records the file, not the
+    T x L numbers)."""
+
+    vectors: str  # the method of the per-task vectors, as "name:key=value,..."
+    granularity: str
+    coefficients: str
+    name: ClassVar[str] = "adamerging"
+    paper: ClassVar[str] = PAPER
+    summary: ClassVar[str] = "task vectors combined with coefficients learned by entropy minimisation on " \
+                             "unlabeled inputs (AdaMerging; over TIES vectors: AdaMerging++)"
+
+    @classmethod
+    def of(cls, inner: MergeMethod, table: torch.Tensor, layers: Sequence[str], granularity: str,
+           coefficients_file: str) -> LearnedMerge:
+        made = cls(method_spec(inner), granularity, coefficients_file)
+        object.__setattr__(made, "_inner", inner)
+        object.__setattr__(made, "_table", table.detach().float().cpu())  # (T, L)
+        object.__setattr__(made, "_layer", {n: (i if granularity == "layer" else 0) for i, n in enumerate(layers)})
+        return made
+
+    def requirements(self) -> Requirements:
+        return dataclasses.replace(self._inner.requirements(), kernel=None)  # type: ignore[attr-defined]
+
+    def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        v = self._inner.task_vectors(tau, ctx).float()  # type: ignore[attr-defined]  # (T, *S)
+        lam = self._table[:, self._layer[ctx.name]].to(v.device)  # type: ignore[attr-defined]  # (T,)
+        return combine(lam, v)  # (*S), as Merger.tensor computes it
+
+
+def method_spec(method: MergeMethod) -> str:
+    """``name:key=value,...`` of the options that differ from the defaults (JSON values)."""
+    changed = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)
+               if getattr(method, f.name) != f.default}
+    if not changed:
+        return method.name
+    return method.name + ":" + ",".join(f"{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}"
+                                        for k, v in changed.items())
+
+
+@dataclass
+class AdaptResult:
+    """coefficients: (T, L) on the CPU; layers: the merged tensors (L of them layer-wise);
+    output: the merged model's directory, or its state dict when no output was given."""
+
+    coefficients: torch.Tensor
+    tasks: list[str]
+    layers: list[str]
+    granularity: str
+    history: History
+    output: Path | dict[str, torch.Tensor]
+    seconds: dict[str, float]
+
+
+def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
+                   limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Task name -> rows, one entry of ``data`` per model: a JSON-lines file (read as ``tiesmerge
+    stats`` reads it: one ``{"text": ...}`` per line, labels ignored) or a list of rows/strings.
+    Tasks are named by ``tasks``, else by the files' stems (task0, task1, ... for lists)."""
+    from ..stats.hf import read_jsonl
+
+    if tasks is not None and len(tasks) != len(data):
+        raise ConfigError(f"{len(tasks)} task name(s) for {len(data)} data file(s)")
+    out: dict[str, list[dict[str, Any]]] = {}
+    for i, item in enumerate(data):
+        is_path = isinstance(item, (str, os.PathLike))
+        name = tasks[i] if tasks is not None else (Path(item).stem if is_path else f"task{i}")
+        if name in out:
+            raise ConfigError(f"two tasks are named {name!r}", hint="name the tasks (--task-names / tasks=)")
+        if is_path:
+            rows = read_jsonl(item, limit=limit)  # an empty file: ConfigError naming it
+        else:
+            rows = as_rows(list(item)[:limit] if limit is not None else list(item))
+            if not rows:
+                raise ConfigError(f"task {name!r}: no examples")
+        out[name] = rows
+    return out
+
+
+def _fingerprint(base: Source, models: Sequence[Source], spec: str, config: AdaptConfig, data: Mapping[str, list],
+                 forward: str) -> str:
+    """What a checkpoint must have been computed with to be resumed (the step count may grow)."""
+    settings = {**dataclasses.asdict(config), "steps": None, "checkpoint_every": None}
+    digest = hashlib.sha256(json.dumps({"base": str(base) if not isinstance(base, Mapping) else "state dict",
+                                        "models": [str(m) if not isinstance(m, Mapping) else f"state dict {k}"
+                                                   for k, m in enumerate(models)],
+                                        "method": spec, "config": settings, "forward": forward},
+                                       sort_keys=True, default=str).encode())
+    for task, rows in data.items():
+        digest.update(task.encode())
+        digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _forward_dtypes(forward: TaskForward, names: Sequence[str]) -> dict[str, torch.dtype]:
+    held = dict(forward.named_parameters())  # type: ignore[attr-defined]
+    held.update(dict(forward.named_buffers()))  # type: ignore[attr-defined]
+    return {n: held[forward.prefix + n].dtype for n in names if forward.prefix + n in held}
+
+
+def describe_adapt(base: Source, models: Sequence[Source], method: str | MergeMethod = "task_arithmetic", *,
+                   granularity: str = "layer", batch_size: int = 16, device: str = "cpu",
+                   allow_pickle: bool = False, vocab_policy: str = "error", **method_options: Any) -> str:
+    """What ``tiesmerge adapt --dry-run`` prints: the coefficients and the memory a run holds,
+    from the checkpoints' headers (no tensor data is read)."""
+    m = as_method(method, method_options)
+    if not exposes_task_vectors(m):
+        collect_task_vectors(base, models, m)  # raises the error naming the method
+    with ExitStack() as stack:
+        prepared = prepare(stack, base, models, _Collect(m), device=device, memory_budget=None, dtype="float32",
+                           vocab_policy=vocab_policy, allow_pickle=allow_pickle)
+        jobs = prepared.executor.alignment.jobs
+    merged = [j for j in jobs if j.merge]
+    n = len(models)
+    merged_numel = sum(j.numel for j in merged)
+    base_bytes = sum(j.numel * 4 if j.merge else j.nbytes for j in jobs)
+    vectors = n * merged_numel * 4
+    theta = 2 * merged_numel * 4  # the merged weights and their gradient, each step
+    total = 2 * base_bytes + vectors + theta
+    layers = len(merged) if granularity == "layer" else 1
+    return "\n".join([
+        f"method           adamerging over {method_spec(m)} ({granularity}-wise)",
+        f"models           base + {n}",
+        f"coefficients     {n} x {layers} = {n * layers:,} learned",
+        f"tensors          {len(merged)} merged, {len(jobs) - len(merged)} taken from the base",
+        f"base             {format_size(base_bytes)} (float32 where merged), and the forward's own copy of it",
+        f"task vectors     {format_size(vectors)} ({n} x {merged_numel:,} float32)",
+        f"merged weights   {format_size(theta)} (theta and its gradient)",
+        f"memory           {format_size(total)} on {device}, plus one task's activations for a batch of "
+        f"{batch_size} (model- and input-dependent, not estimated)",
+    ])
+
+
+def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: str | MergeMethod = "task_arithmetic",
+          *, forward: str | TaskForward = "classifier", tasks: Sequence[str] | None = None,
+          heads: Mapping[str, Sequence[str]] | None = None, choices: Mapping[str, Sequence[str]] | None = None,
+          granularity: str = "layer", steps: int = 500, lr: float = 1e-3, batch_size: int = 16, init: float = 0.3,
+          shuffle_seed: int = 0, clamp: tuple[float, float] | None = None, checkpoint_every: int | None = None,
+          limit: int | None = None, max_length: int = 128, device: str = "cpu",
+          memory_budget: int | str | None = None, output: str | os.PathLike | None = None, force: bool = False,
+          checkpoint: str | os.PathLike | None = None, resume: bool = False, progress: bool = False,
+          allow_pickle: bool = False, vocab_policy: str = "error", **method_options: Any) -> AdaptResult:
+    """Learn AdaMerging coefficients for ``models`` of ``base`` on one unlabeled data set per
+    model (``data``: JSON-lines files or lists of rows, in the models' order), and merge with them.
+
+    ``method`` gives the per-task vectors (``task_arithmetic``: AdaMerging; ``ties``:
+    AdaMerging++; any method defining ``task_vectors``), with its options as keywords.
+    ``forward``: ``"classifier"``, ``"encoder"`` (with ``heads``: class descriptions per task) or
+    ``"choice"`` (with ``choices`` per task, or per row), built from ``base``; or a task forward
+    module (:mod:`tiesmerge.evaluation.forward`, e.g. ``FunctionLogits``) holding the base's
+    weights. Defaults are the paper's: Adam, ``lr`` 1e-3, ``steps`` 500, ``batch_size`` 16 per
+    task, every coefficient starting at ``init`` 0.3; ``shuffle_seed`` seeds the batches' order (the
+    only randomness; ``seed`` is left to the methods' options, e.g. DARE's). ``output``: the merged model's directory
+    (as :func:`tiesmerge.merge` writes it, plus the coefficients and the entropy curve); without
+    it the merged state dict is returned. ``checkpoint`` (default: ``OUTPUT.adapt-checkpoint.pt``
+    beside the output): the coefficients and optimizer state, written each pass over the data;
+    ``resume`` continues from it.
+
+    >>> r = tiesmerge.adapt("base", ["ft-a", "ft-b"], ["a.jsonl", "b.jsonl"], "ties",   # doctest: +SKIP
+    ...                     forward="classifier", granularity="layer", output="merged")
+    >>> r.coefficients.shape                                                            # doctest: +SKIP
+    torch.Size([2, 101])
+    """
+    from ..api import merge
+
+    started = time.perf_counter()
+    config = AdaptConfig(granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,
+                         seed=shuffle_seed, clamp=tuple(clamp) if clamp is not None else None,
+                         checkpoint_every=checkpoint_every)
+    problems = config.problems()
+    if problems:
+        raise ConfigError(problems)
+    m = as_method(method, method_options)
+    if not exposes_task_vectors(m):
+        collect_task_vectors(base, models, m)  # the error naming the method, before anything is read
+    if len(data) != len(models):
+        raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
+                          hint="give one unlabeled data file per model, in the models' order")
+    if output is not None:
+        check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models))])
+        check_output_path(Path(output).absolute(), force)  # before the training, not after it
+        if checkpoint is None:
+            checkpoint = Path(output).with_name(Path(output).name + ".adapt-checkpoint.pt")
+    task_data = read_task_data(data, tasks, limit=limit)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+    if isinstance(forward, str):
+        if isinstance(base, Mapping):
+            raise ConfigError("a forward built from a directory needs the base as a directory",
+                              hint="pass forward= a task forward module holding the base's weights")
+        kind = forward
+        fwd: TaskForward = load_forward(forward, base, heads=heads, choices=choices, max_length=max_length,
+                                        device=device)  # type: ignore[assignment]
+    else:
+        kind, fwd = type(forward).__name__, forward
+        fwd.to(device)  # type: ignore[attr-defined]
+    seconds["forward"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    tv = collect_task_vectors(base, models, m, device=device, memory_budget=memory_budget, vocab_policy=vocab_policy,
+                              allow_pickle=allow_pickle)
+    seconds["task_vectors"] = time.perf_counter() - clock
+    merger = Merger({n: tv.base[n].to(device) for n in tv.names}, {n: v.to(device) for n, v in tv.vectors.items()},
+                    tv.names, granularity, _forward_dtypes(fwd, tv.names))
+    fingerprint = _fingerprint(base, models, method_spec(m), config, task_data, kind)
+    coefficients, history, learn_seconds = learn(fwd, merger, task_data, config, checkpoint=checkpoint, resume=resume,
+                                                 fingerprint=fingerprint, progress=progress)
+    seconds.update({f"learn_{k}": v for k, v in learn_seconds.items()})
+    layers = list(tv.names)
+    del merger, tv  # the final merge streams again: the vectors need not stay in memory
+    task_names = list(task_data)
+    learned = LearnedMerge.of(m, coefficients, layers, granularity, "adamerging_coefficients.json")
+    clock = time.perf_counter()
+    written = merge(base, models, learned, output=output, device=device, memory_budget=memory_budget, force=force,
+                    allow_pickle=allow_pickle, vocab_policy=vocab_policy, progress=progress)
+    seconds["merge"] = time.perf_counter() - clock
+    seconds["total"] = time.perf_counter() - started
+    if output is not None:
+        out = Path(output)
+        files = write_report(out, coefficients, task_names, layers, granularity, history)
+        manifest_path = out / "tiesmerge.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest["adamerging"] = {
+            "paper": PAPER, "vectors": method_spec(m), "vectors_paper": m.paper, "granularity": granularity,
+            "tasks": task_names, "data": [str(d) if isinstance(d, (str, os.PathLike)) else f"{len(task_data[t])} rows"
+                                          for d, t in zip(data, task_names)],
+            "examples": {t: len(r) for t, r in task_data.items()}, "forward": kind,
+            "config": {**dataclasses.asdict(config), "optimizer": "adam"}, "n_coefficients": int(coefficients.numel()),
+            "entropy": {"first": _mean_row(history, 0), "last": _mean_row(history, -1)},
+            "coefficients_summary": summarise(coefficients, task_names, layers, granularity),
+            "files": files, "checkpoint": str(checkpoint) if checkpoint is not None else None,
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+            "recipe_note": "recipe.parameters.coefficients names the JSON file holding the learned values",
+        }
+        write_file(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return AdaptResult(coefficients, task_names, layers, granularity, history, written, seconds)
+
+
+def _mean_row(history: History, index: int) -> float | None:
+    if not history.entropy:
+        return None
+    row = history.entropy[index]
+    return round(sum(row) / len(row), 6)

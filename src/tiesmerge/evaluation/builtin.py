@@ -1,0 +1,318 @@
+"""Built-in evaluators for ``tune`` and ``search``: a validation file in, a score out (higher is better).
+
+``--evaluator NAME:FILE`` picks one; the model they score is the base's architecture, loaded once
+per process from the base directory, with each candidate's merged state dict loaded into it:
+
+=======================  ===================================================================
+``classifier-accuracy``  a sequence classifier's accuracy; JSONL lines ``{"text", "label"}``
+                         (``text_pair`` for sentence pairs), as ``tiesmerge stats`` reads them
+``choice-accuracy``      a language model's rank classification accuracy (causal or
+                         encoder-decoder); JSONL lines ``{"prompt", "choices": [...], "label"}``
+``encoder-accuracy``     a sentence encoder with frozen zero-shot cosine heads, mean accuracy
+                         over tasks; JSONL lines ``{"task", "classes": [descriptions]}`` (one
+                         per task, the head) and ``{"task", "text", "label"}`` (the examples);
+                         ``python -m tiesmerge_bench export`` writes the benchmark's tasks so
+``lm-perplexity``        minus the perplexity of a causal LM on a UTF-8 text file: language
+                         ability kept (higher, i.e. a lower perplexity, is better)
+=======================  ===================================================================
+
+The names hold a hyphen, so none can be a Python module's: ``module:function`` still names a
+user's own evaluator. The evaluators are plain classes that pickle (search's Ray workers build
+their model once per worker process), read and check their file when they are made (a bad file
+fails before the search, not after it), and run on CUDA when it is there (``device="auto"``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..limits import loads_json
+from ..paths import read_regular
+from .rank_classification import ChoiceExample, rank_classification_accuracy
+
+__all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
+           "LMPerplexity", "builtin_names"]
+
+_MAX_DATA_BYTES = 1 << 30  # a validation file, read whole
+_MODELS: dict[tuple, Any] = {}  # (kind, model dir, device) -> the model this process loaded once
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _lines(path: Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-empty line of a JSON-lines file."""
+    raw = read_regular(path, what, max_bytes=_MAX_DATA_BYTES, error=ConfigError)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            row = loads_json(line, f"{path}:{number}", error=ConfigError)
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}")
+            rows.append((number, row))
+    if not rows:
+        raise ConfigError(f"{path}: {what} holds no examples")
+    return rows
+
+
+def _int_label(row: dict, where: str, classes: int | None = None) -> int:
+    label = row.get("label")
+    if not isinstance(label, int) or isinstance(label, bool) or label < 0 or (classes is not None and label >= classes):
+        allowed = f"0..{classes - 1}" if classes is not None else "an integer >= 0"
+        raise ConfigError(f"{where}: 'label' must be {allowed}, got {label!r}")
+    return label
+
+
+def _model_dir(base: Any) -> Path:
+    if isinstance(base, Mapping) or base is None:
+        raise ConfigError("a built-in evaluator builds its model from the base's directory, and the base is "
+                          "a state dict", hint="give the base as a Hugging Face model directory, or write your "
+                          "own evaluator (module:function)")
+    path = Path(base)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: a built-in evaluator needs the base as a Hugging Face model directory "
+                          "(with config.json), to build the model it scores",
+                          hint="give the base's directory, or write your own evaluator (module:function)")
+    return path
+
+
+def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: Path) -> None:
+    """The candidate's weights into ``model``: every tensor of ``state`` must land on a parameter or buffer
+    (missing ones are tied weights and non-persistent buffers, which keep the base's values)."""
+    result = model.load_state_dict(dict(state), strict=False)
+    if unexpected := result.unexpected_keys:
+        raise ConfigError(f"{where}: the merged model has tensors the model built from the base does not "
+                          f"({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''})",
+                          hint="the base directory's config must describe the merged models")
+
+
+@dataclass
+class _Scorer:
+    """What every built-in shares: the base directory, the device, and the model cache."""
+
+    model_dir: Path
+    data: Path
+    device: str = "auto"
+    batch_size: int = 32
+    limit: int | None = None  # the first examples of the file (encoder-accuracy: of each task)
+
+    def _model(self, kind: str, build) -> tuple[torch.nn.Module, Any]:
+        key = (kind, str(self.model_dir), str(_device(self.device)))
+        if key not in _MODELS:
+            from transformers import AutoTokenizer
+
+            model = build(self.model_dir).to(_device(self.device)).eval()
+            _MODELS[key] = (model, AutoTokenizer.from_pretrained(self.model_dir))
+        return _MODELS[key]
+
+
+@dataclass
+class ClassifierAccuracy(_Scorer):
+    """Accuracy of ``AutoModelForSequenceClassification`` (the base's) on labeled JSONL."""
+
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        self.model_dir, self.data = Path(self.model_dir), Path(self.data)
+        rows = _lines(self.data, "the validation file")[:self.limit]
+        self.examples: list[tuple[str, str | None, int]] = []
+        for number, row in rows:
+            where = f"{self.data}:{number}"
+            if not isinstance(row.get("text"), str) or not isinstance(row.get("text_pair", ""), str):
+                raise ConfigError(f"{where}: each line needs a string 'text' (and optionally 'text_pair')",
+                                  hint='e.g. {"text": "a review", "label": 1}')
+            self.examples.append((row["text"], row.get("text_pair"), _int_label(row, where)))
+
+    @torch.no_grad()
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
+        from transformers import AutoModelForSequenceClassification
+
+        model, tokenizer = self._model("seq-cls", AutoModelForSequenceClassification.from_pretrained)
+        _load_state(model, state, self.model_dir)
+        classes = model.config.num_labels
+        if max(label for *_, label in self.examples) >= classes:
+            raise ConfigError(f"{self.data}: a label is >= the model's {classes} classes")
+        hits = 0
+        for i in range(0, len(self.examples), self.batch_size):
+            chunk = self.examples[i:i + self.batch_size]
+            pairs = [p for _, p, _ in chunk] if all(p is not None for _, p, _ in chunk) else None
+            batch = tokenizer([t for t, _, _ in chunk], pairs, padding=True, truncation=True,
+                              max_length=self.max_length, return_tensors="pt").to(_device(self.device))
+            predictions = model(**batch).logits.argmax(-1)  # (B,)
+            hits += int((predictions.cpu() == torch.tensor([y for *_, y in chunk])).sum())
+        return hits / len(self.examples)
+
+
+@dataclass
+class ChoiceAccuracy(_Scorer):
+    """Rank classification accuracy of a causal or encoder-decoder LM (the paper's text protocol)."""
+
+    def __post_init__(self) -> None:
+        self.model_dir, self.data = Path(self.model_dir), Path(self.data)
+        self.examples: list[ChoiceExample] = []
+        for number, row in _lines(self.data, "the validation file")[:self.limit]:
+            where = f"{self.data}:{number}"
+            choices = row.get("choices")
+            if not isinstance(row.get("prompt"), str) or not isinstance(choices, list) or len(choices) < 2 \
+                    or not all(isinstance(c, str) and c for c in choices):
+                raise ConfigError(f"{where}: each line needs a string 'prompt' and 'choices', a list of at least "
+                                  "two non-empty strings", hint='e.g. {"prompt": "Is it spam? ", '
+                                  '"choices": ["yes", "no"], "label": 1}')
+            self.examples.append(ChoiceExample(row["prompt"], tuple(choices), _int_label(row, where, len(choices))))
+
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
+        model, tokenizer = self._model("lm", _lm_loader)
+        _load_state(model, state, self.model_dir)
+        return rank_classification_accuracy(model, tokenizer, self.examples, batch_size=self.batch_size,
+                                            device=_device(self.device))
+
+
+def _lm_loader(model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    loader = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    return loader.from_pretrained(model_dir)
+
+
+@dataclass
+class LMPerplexity(_Scorer):
+    """Minus the perplexity of a causal LM on a text file, in windows of ``max_length`` tokens
+    (each window scored on its own: no context carried across windows, so every token is scored once)."""
+
+    max_length: int = 256
+    max_tokens: int | None = 65536  # the first tokens of the file: a validation file need not be a book
+
+    def __post_init__(self) -> None:
+        self.model_dir, self.data = Path(self.model_dir), Path(self.data)
+        raw = read_regular(self.data, "the text file", max_bytes=_MAX_DATA_BYTES, error=ConfigError)
+        try:
+            self.text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{self.data}: the text file is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if not self.text.strip():
+            raise ConfigError(f"{self.data}: the text file is empty")
+        if self.max_length < 2:
+            raise ConfigError(f"max_length {self.max_length}: a window needs at least 2 tokens")
+
+    @torch.no_grad()
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
+        model, tokenizer = self._model("lm", _lm_loader)
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ConfigError(f"{self.model_dir}: lm-perplexity scores causal LMs, and this is an encoder-decoder")
+        _load_state(model, state, self.model_dir)
+        ids = tokenizer(self.text, add_special_tokens=False)["input_ids"][:self.max_tokens]
+        windows = [ids[i:i + self.max_length] for i in range(0, len(ids), self.max_length)]
+        windows = [w for w in windows if len(w) >= 2]
+        if not windows:
+            raise ConfigError(f"{self.data}: the text has fewer than 2 tokens")
+        total, count = 0.0, 0
+        for i in range(0, len(windows), self.batch_size):
+            chunk = windows[i:i + self.batch_size]
+            width = max(len(w) for w in chunk)
+            ids_t = torch.tensor([w + [0] * (width - len(w)) for w in chunk], device=_device(self.device))  # (B, T)
+            mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in chunk], device=ids_t.device)
+            logprobs = model(input_ids=ids_t, attention_mask=mask).logits.float().log_softmax(-1)  # (B, T, V)
+            token_lp = logprobs[:, :-1].gather(2, ids_t[:, 1:, None]).squeeze(2)  # (B, T-1): token t from t-1
+            scored = mask[:, 1:].bool()
+            total -= float(token_lp[scored].sum())
+            count += int(scored.sum())
+        perplexity = math.exp(total / count)
+        return -perplexity if math.isfinite(perplexity) else -math.inf
+
+
+@dataclass
+class EncoderAccuracy(_Scorer):
+    """Mean accuracy over tasks of a sentence encoder (mean pooling, unit vectors) with each task's frozen
+    zero-shot head: the base encoder's embeddings of the task's class descriptions (the benchmark's protocol)."""
+
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        self.model_dir, self.data = Path(self.model_dir), Path(self.data)
+        self.classes: dict[str, tuple[str, ...]] = {}
+        self.examples: dict[str, list[tuple[str, int]]] = {}
+        pending: list[tuple[str, dict, str]] = []
+        for number, row in _lines(self.data, "the validation file"):
+            where, task = f"{self.data}:{number}", row.get("task")
+            if not isinstance(task, str) or not task:
+                raise ConfigError(f"{where}: each line needs a string 'task'")
+            if "classes" in row:
+                classes = row["classes"]
+                if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c
+                                                                                for c in classes):
+                    raise ConfigError(f"{where}: 'classes' must list at least two class descriptions (strings)")
+                if task in self.classes:
+                    raise ConfigError(f"{where}: task {task!r} has its classes twice")
+                self.classes[task] = tuple(classes)
+            elif isinstance(row.get("text"), str):
+                pending.append((task, row, where))
+            else:
+                raise ConfigError(f"{where}: a line holds either 'classes' (a task's head) or 'text' and 'label'")
+        for task, row, where in pending:
+            if task not in self.classes:
+                raise ConfigError(f"{where}: task {task!r} has no 'classes' line",
+                                  hint='add {"task": "...", "classes": ["description of class 0", ...]}')
+            examples = self.examples.setdefault(task, [])
+            if self.limit is None or len(examples) < self.limit:
+                examples.append((row["text"], _int_label(row, where, len(self.classes[task]))))
+        if empty := [t for t in self.classes if not self.examples.get(t)]:
+            raise ConfigError(f"{self.data}: task(s) {', '.join(empty)} have classes but no examples")
+
+    def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
+        from .encoder import SentenceEncoder, build_head
+        from .suite_eval import evaluate_encoder
+
+        key = ("encoder", str(self.model_dir), str(_device(self.device)))
+        if key not in _MODELS:
+            base = SentenceEncoder.from_pretrained(self.model_dir, max_length=self.max_length,
+                                                   device=_device(self.device))
+            heads = {t: build_head(base, c) for t, c in self.classes.items()}  # from the base, before any state
+            _MODELS[key] = (base, heads)
+        encoder, heads = _MODELS[key]
+        _load_state(encoder.model, state, self.model_dir)
+        return evaluate_encoder(encoder, self.examples, {t: heads[t] for t in self.examples},
+                                batch_size=self.batch_size).mean
+
+
+BUILTIN_EVALUATORS: dict[str, type[_Scorer]] = {
+    "classifier-accuracy": ClassifierAccuracy,
+    "choice-accuracy": ChoiceAccuracy,
+    "encoder-accuracy": EncoderAccuracy,
+    "lm-perplexity": LMPerplexity,
+}
+
+
+def builtin_evaluator(spec: str, base: str | os.PathLike | Mapping[str, torch.Tensor], *,
+                      device: str = "auto", **options: Any) -> _Scorer | None:
+    """The built-in evaluator ``spec`` names (``NAME:FILE``) for models of ``base``'s architecture, or None when
+    ``spec`` names none (a ``module:function`` of the user's). Its file is read and checked here.
+
+    >>> score = builtin_evaluator("classifier-accuracy:val.jsonl", "base/")   # doctest: +SKIP
+    >>> tiesmerge.tune("base/", ["a/", "b/"], "ties", score)                     # doctest: +SKIP
+    """
+    name, _, argument = spec.partition(":")
+    if name not in BUILTIN_EVALUATORS:
+        return None
+    if not argument:
+        raise ConfigError(f"--evaluator {spec!r}: {name} needs its file, as {name}:FILE")
+    return BUILTIN_EVALUATORS[name](_model_dir(base), Path(argument), device=device, **options)
+
+
+def builtin_names() -> Sequence[str]:
+    return tuple(BUILTIN_EVALUATORS)

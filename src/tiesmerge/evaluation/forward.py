@@ -1,0 +1,294 @@
+"""Logits of a batch of inputs: the one forward that evaluation and AdaMerging share.
+
+A *task forward* is a ``torch.nn.Module`` whose ``forward(batch, task)`` returns the logits
+``(B, C)`` of a batch for one task, with two more members:
+
+- ``prefix``: its parameter holding checkpoint tensor ``name`` is called ``prefix + name``, so
+  merged weights (keyed like the checkpoint) can be swapped in with
+  :func:`torch.func.functional_call` (:func:`logits` with ``params``);
+- ``encode(rows, task)``: a batch from examples, each ``{"text": ...}`` as ``tiesmerge stats``
+  reads them from JSON lines (``text_pair`` for sentence pairs, ``choices`` for choice scoring).
+
+Four kinds:
+
+- :class:`ClassifierLogits`: a Hugging Face ``*ForSequenceClassification`` model; its logits.
+- :class:`EncoderHeadLogits`: the benchmark's :class:`SentenceEncoder` with one frozen
+  :class:`CosineHead` per task (the heads are not parameters: they are never merged).
+- :class:`ChoiceLogits`: a causal LM scoring each answer choice by the summed log-probability of
+  its tokens after the prompt, as rank classification does; the C scores are the logits, so the
+  softmax over them is the distribution over the choices.
+- :class:`FunctionLogits`: any ``torch.nn.Module`` with a function ``fn(module, batch, task)``
+  that returns logits.
+
+:func:`load_forward` builds the first three from a model directory (what ``tiesmerge adapt
+--forward`` names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..errors import CheckpointError, ConfigError
+from .encoder import CosineHead, SentenceEncoder, build_head
+
+__all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
+           "FunctionLogits", "Row", "as_rows", "checkpoint_names", "load_forward", "logits", "entropy"]
+
+FORWARD_KINDS = ("classifier", "encoder", "choice")  # what load_forward (and --forward) builds from a directory
+_PAD_SCORE = -1e9  # the score of a padded (absent) choice: softmax gives it 0, and log_softmax stays finite
+
+Row = Mapping[str, Any]  # {"text": str, "text_pair"?: str, "choices"?: [str, ...], "label"?: int}
+
+
+@runtime_checkable
+class TaskForward(Protocol):
+    """``forward(batch, task) -> (B, C)`` logits; ``prefix``; ``encode(rows, task) -> batch``."""
+
+    prefix: str
+
+    def encode(self, rows: Sequence[Row], task: str) -> Any: ...
+
+    def forward(self, batch: Any, task: str) -> torch.Tensor: ...
+
+    def __call__(self, batch: Any, task: str) -> torch.Tensor: ...
+
+
+def as_rows(examples: Sequence[Row | str]) -> list[dict[str, Any]]:
+    """Examples as rows: a plain string is ``{"text": string}``."""
+    return [{"text": e} if isinstance(e, str) else dict(e) for e in examples]
+
+
+def logits(forward: TaskForward, batch: Any, task: str,
+           params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """(B, C) logits of ``batch`` for ``task``; with ``params`` (keyed like the checkpoint), the
+    module's own weights are replaced by them for this call only (``torch.func.functional_call``:
+    gradients flow into ``params``, and weights not in ``params`` stay the module's)."""
+    if params is None:
+        return forward(batch, task)
+    named = {forward.prefix + name: value for name, value in params.items()}
+    return torch.func.functional_call(forward, named, (batch, task), strict=False, tie_weights=True)
+
+
+def checkpoint_names(forward: TaskForward) -> set[str]:
+    """The checkpoint names of the forward's weights (parameters and buffers): what ``params`` may
+    replace. A merged tensor outside this set would be ignored by ``functional_call``, so callers
+    check their names against it."""
+    module: torch.nn.Module = forward  # type: ignore[assignment]
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in module.named_buffers(remove_duplicate=False)]
+    return {n[len(forward.prefix):] for n in names if n.startswith(forward.prefix)}
+
+
+def entropy(logits_: torch.Tensor) -> torch.Tensor:
+    """(B, C) logits -> (B,) Shannon entropy (nats) of their softmax. Computed from log_softmax, so
+    a zero probability contributes 0 with a finite gradient (p log p with p = 0, log p finite)."""
+    x = logits_ if logits_.dtype == torch.float64 else logits_.float()  # half precision is upcast, double kept
+    logp = torch.log_softmax(x, dim=-1)  # (B, C)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _device_of_buffers(module: torch.nn.Module) -> torch.device:
+    try:
+        return _device(module)
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _texts(rows: Sequence[Row], key: str = "text") -> list[str]:
+    return [str(r[key]) for r in rows]
+
+
+class ClassifierLogits(torch.nn.Module):
+    """A Hugging Face sequence classifier: logits ``(B, num_labels)``, the same for every task."""
+
+    prefix = "model."
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_length: int = 128) -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+
+    def encode(self, rows: Sequence[Row], task: str) -> dict[str, torch.Tensor]:
+        pairs = _texts(rows, "text_pair") if rows and all("text_pair" in r for r in rows) else None
+        batch = self.tokenizer(_texts(rows), pairs, padding=True, truncation=True, max_length=self.max_length,
+                               return_tensors="pt")
+        device = _device_of_buffers(self.model)
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def forward(self, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
+        return self.model(**batch).logits  # (B, C)
+
+
+class EncoderHeadLogits(torch.nn.Module):
+    """A sentence encoder with one frozen cosine head per task: ``(B, C_task)``."""
+
+    prefix = "encoder.model."
+
+    def __init__(self, encoder: SentenceEncoder, heads: Mapping[str, CosineHead]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.heads = dict(heads)  # plain tensors, not parameters: never merged, never trained
+
+    def encode(self, rows: Sequence[Row], task: str) -> dict[str, torch.Tensor]:
+        self._head(task)  # an unknown task fails here, before a forward
+        return self.encoder.tokenize(_texts(rows))
+
+    def _head(self, task: str) -> CosineHead:
+        if task not in self.heads:
+            raise ConfigError(f"no head for task {task!r}; the heads are for {', '.join(sorted(self.heads))}",
+                              hint="give one head (class descriptions) per task, named like the data files")
+        return self.heads[task]
+
+    def forward(self, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
+        return self._head(task).logits(self.encoder(batch))  # (B, D) unit vectors -> (B, C)
+
+
+class ChoiceLogits(torch.nn.Module):
+    """A causal LM scoring answer choices: logits ``(B, C)`` = each choice's summed token
+    log-probability given the prompt (rank classification's score). A row's ``choices`` are its
+    own, else the task's from ``choices``; rows with fewer choices than the batch's widest are
+    padded with choices of probability 0. Choices are tokenized without special tokens and
+    appended to the prompt as they are (give them their leading space where the tokenizer needs
+    one); a prompt too long for ``max_length`` loses its first tokens."""
+
+    prefix = "model."
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, choices: Mapping[str, Sequence[str]] | None = None,
+                 max_length: int = 512) -> None:
+        super().__init__()
+        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.choices = {t: tuple(c) for t, c in (choices or {}).items()}
+
+    def _row_choices(self, row: Row, task: str) -> tuple[str, ...]:
+        own = row.get("choices")
+        if own is not None:
+            if not isinstance(own, (list, tuple)) or not own or not all(isinstance(c, str) for c in own):
+                raise ConfigError(f"task {task!r}: a row's 'choices' must be a non-empty list of strings, got {own!r}")
+            return tuple(own)
+        if task not in self.choices:
+            raise ConfigError(f"task {task!r}: no answer choices (rows carry no 'choices' and none were given "
+                              "for the task)", hint='add "choices": [...] to each row, or pass choices per task')
+        return self.choices[task]
+
+    def encode(self, rows: Sequence[Row], task: str) -> dict[str, torch.Tensor]:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        seqs, spans, width = [], [], 0
+        per_row = [self._row_choices(r, task) for r in rows]
+        width = max(len(c) for c in per_row)
+        present = torch.zeros(len(rows), width, dtype=torch.bool)  # (B, C)
+        for b, (row, choices) in enumerate(zip(rows, per_row)):
+            prompt = self.tokenizer(str(row["text"]), add_special_tokens=True)["input_ids"]
+            for c in range(width):
+                present[b, c] = c < len(choices)
+                tokens = self.tokenizer(choices[min(c, len(choices) - 1)], add_special_tokens=False)["input_ids"]
+                if not tokens:
+                    raise ConfigError(f"task {task!r}: choice {choices[min(c, len(choices) - 1)]!r} has no tokens")
+                keep = max(1, self.max_length - len(tokens))
+                p = prompt[-keep:]
+                if not p:  # the first choice token needs a position that predicts it
+                    raise ConfigError(f"task {task!r}: prompt {row['text']!r} has no tokens, so its choices cannot "
+                                      "be scored", hint="give a non-empty prompt or a tokenizer that adds a BOS token")
+                seqs.append(p + tokens)
+                spans.append((len(p), len(p) + len(tokens)))
+        longest = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), longest), pad, dtype=torch.long)  # (B*C, T), right-padded
+        mask = torch.zeros_like(ids)
+        scored = torch.zeros(len(seqs), longest - 1, dtype=torch.bool)  # (B*C, T-1): position t-1 predicts token t
+        for i, (s, (start, end)) in enumerate(zip(seqs, spans)):
+            ids[i, :len(s)] = torch.tensor(s)
+            mask[i, :len(s)] = 1
+            scored[i, start - 1:end - 1] = True
+        device = _device_of_buffers(self.model)
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "scored": scored.to(device),
+                "present": present.to(device)}
+
+    def forward(self, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
+        ids = batch["input_ids"]  # (B*C, T)
+        out = self.model(input_ids=ids, attention_mask=batch["attention_mask"]).logits  # (B*C, T, V)
+        logp = torch.log_softmax(out[:, :-1].float(), dim=-1)  # (B*C, T-1, V)
+        token = logp.gather(2, ids[:, 1:, None]).squeeze(2)  # (B*C, T-1)
+        scores = (token * batch["scored"]).sum(1)  # (B*C,)
+        present = batch["present"]  # (B, C)
+        scores = scores.view(present.shape)
+        return scores.masked_fill(~present, _PAD_SCORE)  # (B, C)
+
+
+class FunctionLogits(torch.nn.Module):
+    """Any module with ``fn(module, batch, task) -> (B, C)``; ``encode(rows, task)`` (default: the
+    rows themselves) turns examples into the batch ``fn`` takes."""
+
+    prefix = "module."
+
+    def __init__(self, module: torch.nn.Module, fn: Callable[[torch.nn.Module, Any, str], torch.Tensor],
+                 encode: Callable[[Sequence[Row], str], Any] | None = None) -> None:
+        super().__init__()
+        self.module, self.fn, self._encode = module, fn, encode
+
+    def encode(self, rows: Sequence[Row], task: str) -> Any:
+        return self._encode(rows, task) if self._encode is not None else list(rows)
+
+    def forward(self, batch: Any, task: str) -> torch.Tensor:
+        return self.fn(self.module, batch, task)
+
+
+def _architectures(model_dir: Path) -> list[str]:
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir}: no readable config.json ({exc})",
+                              hint="the forward is built from a Hugging Face model directory") from None
+    return [str(a) for a in config.get("architectures") or []] if isinstance(config, dict) else []
+
+
+def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str, Sequence[str]] | None = None,
+                 choices: Mapping[str, Sequence[str]] | None = None, max_length: int = 128,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The task forward ``kind`` (one of :data:`FORWARD_KINDS`) of the model in ``model_dir``, on
+    ``device``, in eval mode (dropout off).
+
+    - ``classifier``: ``AutoModelForSequenceClassification``;
+    - ``encoder``: a :class:`SentenceEncoder` with one frozen head per task, built (as the
+      benchmark does) from this model's embeddings of each task's class descriptions ``heads``;
+    - ``choice``: ``AutoModelForCausalLM`` scoring answer ``choices`` (per task, or per row).
+
+    >>> fwd = load_forward("encoder", "base", heads={"sentiment": ["negative", "positive"]})  # doctest: +SKIP
+    >>> logits(fwd, fwd.encode([{"text": "great"}], "sentiment"), "sentiment").shape           # doctest: +SKIP
+    torch.Size([1, 2])
+    """
+    if kind not in FORWARD_KINDS:
+        raise ConfigError(f"unknown forward kind {kind!r}; known: {', '.join(FORWARD_KINDS)}",
+                          hint="any other torch module goes through the Python API with FunctionLogits")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{model_dir}: not a model directory", hint="the forward is built from an HF directory")
+    forward: torch.nn.Module
+    if kind == "classifier":
+        archs = _architectures(model_dir)
+        if not any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ConfigError(f"{model_dir}: not a sequence classifier (architectures: {', '.join(archs) or 'none'})",
+                              hint="--forward encoder (with --heads) or choice (with answer choices) may fit")
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device)
+        forward = ClassifierLogits(model, AutoTokenizer.from_pretrained(model_dir), max_length=max_length)
+    elif kind == "encoder":
+        if not heads:
+            raise ConfigError("the encoder forward needs class descriptions per task (heads)",
+                              hint='--heads FILE with {"task": ["description of class 0", ...], ...}')
+        encoder = SentenceEncoder.from_pretrained(model_dir, max_length=max_length, device=device)
+        built = {task: build_head(encoder, list(desc)) for task, desc in heads.items()}
+        forward = EncoderHeadLogits(encoder, built)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+        forward = ChoiceLogits(model, tokenizer, choices=choices, max_length=max_length)
+    return forward.eval()

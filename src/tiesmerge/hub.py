@@ -1,0 +1,120 @@
+"""Models by name: ``org/name`` or ``org/name@revision`` resolved from the local Hugging Face cache.
+
+Never a network call: the cache's own layout is read (no huggingface_hub import, nothing that
+could download). The cache is ``$HF_HUB_CACHE``, else ``$HUGGINGFACE_HUB_CACHE``, else
+``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``; a repository lives in
+``models--org--name`` with ``refs/<branch or tag>`` (a file holding a commit hash) and
+``snapshots/<commit>/`` (files that link into ``blobs/``; tiesmerge.paths lets a snapshot's
+files resolve there). The revision is a branch or tag (default ``main``), or a commit hash or
+a prefix of at least 7 of its hex digits that names one snapshot.
+
+A local path of the same name always wins: ``./org/name`` existing beside you is read as a
+directory, never looked up in the cache.
+
+>>> split_repo_id("org/name@v1.0")
+('org', 'name', 'v1.0')
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+from .paths import read_regular
+
+__all__ = ["HubPath", "hub_cache", "split_repo_id", "resolve_repo", "resolve_source"]
+
+_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"  # the Hub's names: no "..", no leading "-"
+_REPO = re.compile(rf"^({_PART})/({_PART})(?:@([A-Za-z0-9._/-]{{1,200}}))?$")
+_COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
+
+
+class HubPath(str):
+    """A snapshot folder of the cache (the string is its path), remembering the id it was named by."""
+
+    repo_id: str
+    revision: str | None
+    commit: str
+
+    def __new__(cls, path: str, repo_id: str, revision: str | None, commit: str) -> HubPath:
+        self = super().__new__(cls, path)
+        self.repo_id, self.revision, self.commit = repo_id, revision, commit
+        return self
+
+    @property
+    def label(self) -> str:
+        """How the model is named in labels, manifests and the card: ``org/name`` or ``org/name@rev``."""
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def hub_cache() -> Path:
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expanduser(os.environ[var]))
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface")
+    return Path(os.path.expanduser(home)) / "hub"
+
+
+def split_repo_id(text: str) -> tuple[str, str, str | None] | None:
+    """(org, name, revision or None) when ``text`` is written as a repo id, else None."""
+    match = _REPO.match(text)
+    if match is None or ".." in (match.group(3) or "") or (match.group(3) or "").startswith("/"):
+        return None
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _fetch_hint(repo_id: str, revision: str | None) -> str:
+    command = f"hf download {repo_id} --revision {revision}" if revision else f"hf download {repo_id}"
+    return (f"fetch it once with network: {command} (or huggingface-cli download), or point "
+            "HF_HUB_CACHE / HF_HOME at the cache that holds it; tiesmerge itself never downloads")
+
+
+def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None = None) -> HubPath:
+    """The snapshot folder of ``repo_id`` at ``revision`` in the cache, or a typed error naming the
+    cache path and the command that fetches it."""
+    cache = cache or hub_cache()
+    org, name = repo_id.split("/")
+    repo = cache / f"models--{org}--{name}"
+    wanted = revision or "main"
+    if not repo.is_dir():
+        raise CheckpointError(f"{repo_id}: not a local path, and the Hugging Face cache {cache} does not hold it "
+                              f"(no {repo.name})", hint=_fetch_hint(repo_id, revision))
+    snapshots = repo / "snapshots"
+    commit = None
+    ref = repo / "refs" / wanted
+    if ref.is_file():
+        text = read_regular(ref, f"the cache's ref {wanted} of {repo_id}", max_bytes=256).decode("ascii", "replace")
+        commit = text.strip()
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):
+            raise CheckpointError(f"{ref}: holds {commit[:60]!r}, not a commit hash", hint="the cache is damaged; "
+                                  + _fetch_hint(repo_id, revision))
+    elif _COMMIT.match(wanted):
+        found = sorted(p.name for p in snapshots.iterdir() if p.name.startswith(wanted)) if snapshots.is_dir() else []
+        if len(found) > 1:
+            raise CheckpointError(f"{repo_id}@{wanted}: the commit prefix names {len(found)} snapshots in {snapshots} "
+                                  f"({', '.join(f[:12] for f in found)})", hint="give more digits of the commit")
+        commit = found[0] if found else None
+    if commit is None or not (snapshots / commit).is_dir():
+        have = sorted(p.name for p in (repo / "refs").iterdir()) if (repo / "refs").is_dir() else []
+        snaps = sorted(p.name[:12] for p in snapshots.iterdir()) if snapshots.is_dir() else []
+        raise CheckpointError(
+            f"{repo_id}@{wanted}: the Hugging Face cache {cache} holds {repo.name} but not this revision "
+            f"(refs: {', '.join(have) or 'none'}; snapshots: {', '.join(snaps) or 'none'})",
+            hint=_fetch_hint(repo_id, revision))
+    return HubPath(str(snapshots / commit), repo_id, revision, commit)
+
+
+def resolve_source(source: Any) -> Any:
+    """``source`` itself, unless it is a string written as a repo id that is not a local path:
+    then its snapshot in the cache (a :class:`HubPath`)."""
+    if not isinstance(source, str) or isinstance(source, HubPath) or os.path.lexists(source):
+        return source
+    parts = split_repo_id(source)
+    if parts is None:
+        return source
+    org, name, revision = parts
+    return resolve_repo(f"{org}/{name}", revision)

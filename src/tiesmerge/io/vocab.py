@@ -1,0 +1,365 @@
+"""Tokenizers read as data, and the union of the vocabularies of a base and its fine-tunes.
+
+A tokenizer is read from the model's own directory with the limited JSON reader (no code runs,
+no ``trust_remote_code``): ``tokenizer.json`` (its model vocabulary and ``added_tokens``), else
+``vocab.txt`` / ``vocab.json`` with ``added_tokens.json`` and ``tokenizer_config.json``'s
+``added_tokens_decoder``. Every file goes through :func:`tiesmerge.paths.inside`.
+
+The union (``--vocab-policy union``):
+
+* the base's ids ``0 .. V_b-1`` stay; every model must mean the same string at each of them,
+  else the error names the id, both strings and both inputs;
+* the tokens a model adds (its ids ``>= V_b``) are appended after the base's, model by model
+  in the order the models are given, each model's in its own id order; a string that several
+  models added gets one id (the first model's entry: special flag, strip options);
+* a model's tokenizer that grew its *base vocabulary* (new entries of the BPE/WordPiece model
+  itself, not added tokens) is refused: added tokens can carry them only as whole strings.
+
+The output's tokenizer files are the base's with the new tokens added (``tokenizer.json``'s
+``added_tokens``, ``tokenizer_config.json``'s ``added_tokens_decoder`` and
+``additional_special_tokens``, ``special_tokens_map.json``, ``added_tokens.json``), and
+``config.json``'s ``vocab_size`` follows the merged embedding. The chat template is the
+base's; where the base has none, the first model's that has one (recorded in the manifest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointError, IncompatibleCheckpointsError
+from ..limits import MAX_CONFIG_BYTES, loads_json, read_json
+from ..paths import inside, read_regular
+
+__all__ = ["TokenizerVocab", "NewToken", "VocabUnion", "read_vocab", "union_of", "write_tokenizer_files"]
+
+_ENTRY_KEYS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+@dataclass(frozen=True)
+class TokenizerVocab:
+    """One model's tokenizer as data: id -> string, and the added-token entries by id."""
+
+    label: str
+    directory: Path
+    tokens: dict[int, str]
+    added: dict[int, dict[str, Any]]  # id -> {"content", "special", "lstrip", ...} as tokenizer.json writes it
+    model_ids: frozenset[int]  # ids of the tokenizer model's own vocabulary (not added tokens)
+    source: str  # the file(s) read
+
+    @property
+    def size(self) -> int:
+        return max(self.tokens, default=-1) + 1
+
+
+def _file(directory: Path, name: str, label: str) -> Path | None:
+    path = directory / name
+    if not os.path.lexists(path):
+        return None
+    return inside(path, directory, f"{label}'s {name}")
+
+
+def _entry(raw: Any, where: str) -> dict[str, Any]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("content"), str):
+        raise CheckpointError(f"{where}: an added token is not an object with a 'content' string ({str(raw)[:80]})",
+                              hint="the tokenizer file is damaged; save the tokenizer again")
+    entry = {k: raw[k] for k in _ENTRY_KEYS if k in raw}
+    entry.setdefault("special", False)
+    return entry
+
+
+def _as_id(value: Any, where: str) -> int:
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        out = -1
+    if isinstance(value, bool) or out < 0:
+        raise CheckpointError(f"{where}: token id {str(value)[:40]!r} is not a non-negative integer",
+                              hint="the tokenizer file is damaged; save the tokenizer again")
+    return out
+
+
+def _put(tokens: dict[int, str], i: int, text: str, where: str) -> None:
+    if tokens.get(i, text) != text:
+        raise CheckpointError(f"{where}: id {i} is both {tokens[i]!r} and {text!r} in this tokenizer",
+                              hint="the tokenizer files disagree with each other; save the tokenizer again")
+    tokens[i] = text
+
+
+def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
+    """The tokenizer of a model directory, read as data (see the module's docstring)."""
+    directory = Path(directory)
+    tokens: dict[int, str] = {}
+    added: dict[int, dict[str, Any]] = {}
+    read: list[str] = []
+    model_ids: set[int] = set()
+    tj = _file(directory, "tokenizer.json", label)
+    if tj is not None:
+        data = read_json(tj, f"{label}'s tokenizer.json")
+        model = data.get("model") if isinstance(data, dict) else None
+        vocab = model.get("vocab") if isinstance(model, dict) else None
+        if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: string -> id
+            for text, i in vocab.items():
+                _put(tokens, _as_id(i, str(tj)), str(text), str(tj))
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...], the id is the position
+            for i, item in enumerate(vocab):
+                text = item[0] if isinstance(item, list) and item else item
+                _put(tokens, i, str(text), str(tj))
+        else:
+            raise CheckpointError(f"{tj}: no model vocabulary (model.vocab) in this tokenizer.json",
+                                  hint="save the tokenizer with a fast (tokenizers) backend")
+        model_ids = set(tokens)
+        for raw in data.get("added_tokens") or []:
+            entry = _entry(raw, str(tj))
+            i = _as_id(raw.get("id"), str(tj))
+            _put(tokens, i, entry["content"], str(tj))
+            added[i] = entry
+        read.append("tokenizer.json")
+    else:
+        for name in ("vocab.txt", "vocab.json"):
+            path = _file(directory, name, label)
+            if path is None:
+                continue
+            raw = read_regular(path, f"{label}'s {name}", max_bytes=MAX_CONFIG_BYTES)
+            if name == "vocab.txt":
+                try:
+                    lines = raw.decode("utf-8").split("\n")
+                except UnicodeDecodeError as exc:
+                    raise CheckpointError(f"{path}: not UTF-8 text ({exc.reason})") from None
+                if lines and lines[-1] == "":
+                    lines.pop()
+                for i, text in enumerate(lines):
+                    _put(tokens, i, text.rstrip("\r"), str(path))
+            else:
+                vocab = loads_json(raw, str(path))
+                if not isinstance(vocab, dict):
+                    raise CheckpointError(f"{path}: not a mapping of tokens to ids")
+                for text, i in vocab.items():
+                    _put(tokens, _as_id(i, str(path)), str(text), str(path))
+            model_ids = set(tokens)
+            read.append(name)
+            break
+        at = _file(directory, "added_tokens.json", label)
+        if at is not None:
+            data = read_json(at, f"{label}'s added_tokens.json")
+            if not isinstance(data, dict):
+                raise CheckpointError(f"{at}: not a mapping of tokens to ids")
+            for text, i in data.items():
+                i = _as_id(i, str(at))
+                _put(tokens, i, str(text), str(at))
+                added.setdefault(i, {"content": str(text), "special": False})
+            read.append("added_tokens.json")
+    tc = _file(directory, "tokenizer_config.json", label)
+    if tc is not None and read:
+        data = read_json(tc, f"{label}'s tokenizer_config.json")
+        decoder = data.get("added_tokens_decoder") if isinstance(data, dict) else None
+        if isinstance(decoder, dict):
+            for key, raw in decoder.items():
+                i = _as_id(key, str(tc))
+                entry = _entry(raw, str(tc))
+                _put(tokens, i, entry["content"], str(tc))
+                added[i] = {**added.get(i, {}), **entry}
+            read.append("tokenizer_config.json")
+    if not read:
+        raise CheckpointError(
+            f"{directory}: {label} has no tokenizer tiesmerge can read as data (looked for tokenizer.json, vocab.txt, "
+            "vocab.json); --vocab-policy union needs every model's tokenizer",
+            hint="save the tokenizer beside the weights (tokenizer.save_pretrained(DIR)); a sentencepiece-only "
+                 "tokenizer.model is not read: save it with a fast tokenizer to get tokenizer.json")
+    return TokenizerVocab(label, directory, tokens, added, frozenset(model_ids), "+".join(read))
+
+
+@dataclass(frozen=True)
+class NewToken:
+    """A token that some models added: its id in the union and where each model holds it."""
+
+    id: int
+    content: str
+    entry: dict[str, Any]
+    sources: tuple[tuple[int, int], ...]  # (model index, the model's id of it)
+
+
+@dataclass(frozen=True)
+class VocabUnion:
+    base: TokenizerVocab
+    models: tuple[TokenizerVocab, ...]
+    new: tuple[NewToken, ...]
+    maps: tuple[dict[int, int], ...]  # per model: its id -> the union's, for its ids >= the base's size
+    chat_template_from: str | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def base_size(self) -> int:
+        return self.base.size
+
+    @property
+    def size(self) -> int:
+        return self.base_size + len(self.new)
+
+    def manifest(self) -> dict[str, Any]:
+        return {"base_tokens": self.base_size, "tokens": self.size,
+                "new_tokens": [{"id": t.id, "content": t.content, "special": bool(t.entry.get("special")),
+                                "from_models": [k for k, _ in t.sources]} for t in self.new],
+                "id_maps": [{"model": k, "label": m.label, "unchanged_below": self.base_size,
+                             "moved": [[a, b] for a, b in sorted(self.maps[k].items()) if a != b]}
+                            for k, m in enumerate(self.models)],
+                "chat_template_from": self.chat_template_from, "notes": list(self.notes)}
+
+
+def _who(v: TokenizerVocab, k: int | None) -> str:
+    return f"the base ({v.label})" if k is None else f"model {k} ({v.label})"
+
+
+def union_of(base: TokenizerVocab, models: list[TokenizerVocab]) -> VocabUnion:
+    """The union vocabulary (see the module's docstring), or a typed error naming the id, the
+    strings and the inputs that disagree."""
+    vb = base.size
+    by_text = {t: i for i, t in base.tokens.items()}
+    for k, m in enumerate(models):
+        for i in range(vb):
+            mine, theirs = base.tokens.get(i), m.tokens.get(i)
+            if mine == theirs:
+                continue
+            if theirs is None:
+                raise IncompatibleCheckpointsError(
+                    f"token id {i} ({mine!r} in {_who(base, None)}) is missing from model {k}'s tokenizer "
+                    f"({m.label}: {m.size} tokens)", hint="every model must keep the base's tokens at their ids")
+            other = next((j for j, o in enumerate(models) if j != k and o.tokens.get(i) not in (None, theirs)), None)
+            if mine is None:
+                raise IncompatibleCheckpointsError(
+                    f"token id {i} is unused in {_who(base, None)} but model {k} ({m.label}) uses it for {theirs!r}; "
+                    f"the union places added tokens only after the base's {vb}",
+                    hint="these models do not share the base's tokenizer")
+            if other is not None:
+                o = models[other]
+                raise IncompatibleCheckpointsError(
+                    f"token id {i} means {theirs!r} in model {k} ({m.label}) but {o.tokens[i]!r} in model {other} "
+                    f"({o.label}); the base ({base.label}) has {mine!r}",
+                    hint="the models' tokenizers are not extensions of the base's; merge models that share it")
+            raise IncompatibleCheckpointsError(
+                f"token id {i} means {mine!r} in the base ({base.label}) but {theirs!r} in model {k} ({m.label})",
+                hint="the model was not fine-tuned with the base's tokenizer (another model family, or a re-trained "
+                     "tokenizer); merge models that share it")
+    new: dict[str, NewToken] = {}
+    maps: list[dict[int, int]] = []
+    for k, m in enumerate(models):
+        grown = sorted(i for i in m.model_ids if i >= vb)
+        if grown:
+            raise IncompatibleCheckpointsError(
+                f"model {k} ({m.label}) grew its tokenizer's own vocabulary: {len(grown)} entries at ids >= {vb}, "
+                f"first id {grown[0]} = {m.tokens[grown[0]]!r}, are in its {m.source} model vocabulary, not added "
+                "tokens", hint="the union merges added tokens (special, chat or tool tokens); a re-trained or "
+                               "extended BPE/WordPiece vocabulary cannot be carried as whole-string tokens")
+        mapping: dict[int, int] = {}
+        for i in sorted(j for j in m.tokens if j >= vb):
+            text = m.tokens[i]
+            if text in by_text:
+                raise IncompatibleCheckpointsError(
+                    f"model {k} ({m.label}) adds {text!r} at id {i}, but the base already has it at id "
+                    f"{by_text[text]}", hint="a model's tokenizer must not hold one string at two ids")
+            token = new.get(text)
+            if token is None:
+                entry = m.added.get(i, {"content": text, "special": False})
+                token = new[text] = NewToken(vb + len(new), text, entry, ())
+            new[text] = NewToken(token.id, text, token.entry, (*token.sources, (k, i)))
+            mapping[i] = new[text].id
+        maps.append(mapping)
+    return VocabUnion(base, tuple(models), tuple(new.values()), tuple(maps))
+
+
+# ------------------------------------------------------------------ the output's tokenizer files
+
+
+def _read_obj(directory: Path, name: str, label: str) -> dict[str, Any] | None:
+    path = _file(directory, name, label)
+    if path is None:
+        return None
+    data = read_json(path, f"{label}'s {name}")
+    return data if isinstance(data, dict) else None
+
+
+def _chat_template(directory: Path, label: str) -> tuple[str | None, str | None]:
+    """(the tokenizer_config key, chat_template.jinja's text) of a model, either may be None."""
+    config = _read_obj(directory, "tokenizer_config.json", label) or {}
+    key = config.get("chat_template") if isinstance(config.get("chat_template"), (str, list)) else None
+    path = _file(directory, "chat_template.jinja", label)
+    text = read_regular(path, f"{label}'s chat_template.jinja", max_bytes=MAX_CONFIG_BYTES).decode(
+        "utf-8", "replace") if path is not None else None
+    return key, text
+
+
+def _specials(union: VocabUnion) -> list[str]:
+    return [t.content for t in union.new if t.entry.get("special")]
+
+
+def write_tokenizer_files(union: VocabUnion, target: Path, vocab_rows: int) -> tuple[list[str], str | None]:
+    """Write the merged tokenizer into ``target`` (which holds the base's copied files) and set
+    ``config.json``'s ``vocab_size`` to ``vocab_rows``. Returns the files written and where the
+    chat template came from (None: the base's, or none)."""
+    base_dir, label = union.base.directory, union.base.label
+    written: list[str] = []
+    specials = _specials(union)
+
+    def dump(name: str, data: Any) -> None:
+        (target / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        written.append(name)
+
+    tj = _read_obj(base_dir, "tokenizer.json", label)
+    if tj is not None:
+        tj["added_tokens"] = list(tj.get("added_tokens") or []) + [
+            {"id": t.id, **{k: t.entry[k] for k in _ENTRY_KEYS if k in t.entry}} for t in union.new]
+        dump("tokenizer.json", tj)
+    tc = _read_obj(base_dir, "tokenizer_config.json", label)
+    chat_from = None
+    if tc is not None or tj is None:
+        tc = dict(tc or {})
+        decoder = dict(tc.get("added_tokens_decoder") or {})
+        for t in union.new:
+            decoder[str(t.id)] = {"content": t.content, "lstrip": bool(t.entry.get("lstrip", False)),
+                                  "normalized": bool(t.entry.get("normalized", not t.entry.get("special"))),
+                                  "rstrip": bool(t.entry.get("rstrip", False)),
+                                  "single_word": bool(t.entry.get("single_word", False)),
+                                  "special": bool(t.entry.get("special", False))}
+        tc["added_tokens_decoder"] = decoder
+        if specials:
+            extra = tc.get("additional_special_tokens") or []
+            tc["additional_special_tokens"] = list(extra) + [s for s in specials if s not in extra]
+        base_key, base_text = _chat_template(base_dir, label)
+        if base_key is None and base_text is None:
+            for m in union.models:
+                key, text = _chat_template(m.directory, m.label)
+                if key is not None or text is not None:
+                    chat_from = m.label
+                    if key is not None:
+                        tc["chat_template"] = key
+                    if text is not None:
+                        (target / "chat_template.jinja").write_text(text)
+                        written.append("chat_template.jinja")
+                    break
+        dump("tokenizer_config.json", tc)
+    stm = _read_obj(base_dir, "special_tokens_map.json", label)
+    if stm is not None and specials:
+        extra = stm.get("additional_special_tokens") or []
+        names = [e if isinstance(e, str) else e.get("content") for e in extra]
+        stm["additional_special_tokens"] = list(extra) + [s for s in specials if s not in names]
+        dump("special_tokens_map.json", stm)
+    at = _read_obj(base_dir, "added_tokens.json", label)
+    if at is not None or tj is None:
+        at = dict(at or {})
+        at.update({t.content: t.id for t in union.new})
+        dump("added_tokens.json", at)
+    config = _read_obj(base_dir, "config.json", label)
+    if config is not None:
+        config["vocab_size"] = vocab_rows
+        if isinstance(config.get("text_config"), dict) and "vocab_size" in config["text_config"]:
+            config["text_config"]["vocab_size"] = vocab_rows
+        if (target / "config.json").exists():
+            prev = loads_json((target / "config.json").read_bytes(), str(target / "config.json"))
+            for key in ("torch_dtype", "dtype"):  # the output dtype, set when the file was copied
+                if isinstance(prev, dict) and key in prev:
+                    config[key] = prev[key]
+        dump("config.json", config)
+    return written, chat_from

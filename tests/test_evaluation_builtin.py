@@ -1,0 +1,192 @@
+"""The built-in evaluators (evaluation/builtin.py): each scores a candidate state as an independent
+computation on the same model does, reads and checks its file when it is made, pickles (Ray), and
+works from `tiesmerge tune` and `search` by name; bad files are typed errors naming the line."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers_models import CLASSIFIER_WORDS, ENCODER_WORDS, TEXTS, save_word_tokenizer, tiny_bert_encoder
+from tiesmerge.errors import ConfigError
+from tiesmerge.evaluation import evaluate_encoder
+from tiesmerge.evaluation.builtin import builtin_evaluator
+from tiesmerge.evaluation.encoder import build_head
+from tiesmerge.evaluation.rank_classification import ChoiceExample, rank_classification_accuracy
+
+transformers = pytest.importorskip("transformers")
+
+
+def _state(directory) -> dict[str, torch.Tensor]:
+    return load_file(str(directory / "model.safetensors"))
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory):
+    """A tiny random Llama with the word-level tokenizer, and a perturbed copy."""
+    root = tmp_path_factory.mktemp("lm")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(CLASSIFIER_WORDS), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=32, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    dirs = []
+    for k in range(2):
+        m = copy.deepcopy(model)
+        if k:
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(0.3 * torch.randn_like(p))
+        m.save_pretrained(root / f"m{k}", safe_serialization=True)
+        save_word_tokenizer(root / f"m{k}")
+        dirs.append(root / f"m{k}")
+    return dirs
+
+
+def test_classifier_accuracy_is_the_models_accuracy_with_the_candidates_weights(classifiers):
+    _, base, (ft, _), data = classifiers
+    score = builtin_evaluator(f"classifier-accuracy:{data}", base, device="cpu")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(ft).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(ft)
+    with torch.no_grad():
+        predicted = model(**tok([t for t, _ in TEXTS], padding=True, return_tensors="pt")).logits.argmax(-1)
+    want = sum(int(p == y) for p, (_, y) in zip(predicted.tolist(), TEXTS)) / len(TEXTS)
+    assert score(_state(ft)) == pytest.approx(want)
+    # the model is built once per process and refilled: the base's own weights give the base's score
+    model0 = transformers.AutoModelForSequenceClassification.from_pretrained(base).eval()
+    with torch.no_grad():
+        p0 = model0(**tok([t for t, _ in TEXTS], padding=True, return_tensors="pt")).logits.argmax(-1)
+    assert score(_state(base)) == pytest.approx(sum(int(p == y) for p, (_, y) in zip(p0.tolist(), TEXTS)) / 5)
+
+
+def test_choice_accuracy_and_perplexity_match_independent_computations(causal_lm, tmp_path):
+    base, ft = causal_lm
+    rows = [{"prompt": "very", "choices": ["good film", "bad plot"], "label": 0},
+            {"prompt": "not", "choices": ["good", "bad"], "label": 1},
+            {"prompt": "film", "choices": ["plot", "very good", "not"], "label": 2}]
+    score = builtin_evaluator(f"choice-accuracy:{_jsonl(tmp_path / 'c.jsonl', rows)}", base, device="cpu")
+    model = transformers.AutoModelForCausalLM.from_pretrained(ft).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(ft)
+    examples = [ChoiceExample(r["prompt"], tuple(r["choices"]), r["label"]) for r in rows]
+    assert score(_state(ft)) == pytest.approx(rank_classification_accuracy(model, tok, examples))
+
+    text = tmp_path / "prose.txt"
+    text.write_text("very good film not bad plot very bad film good plot " * 3)
+    ppl = builtin_evaluator(f"lm-perplexity:{text}", base, device="cpu")
+    ppl.max_length = 64  # one window: the whole text, so transformers' own loss is the reference
+    ids = torch.tensor([tok(text.read_text(), add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        want = math.exp(float(model(input_ids=ids, labels=ids).loss))
+    assert ppl(_state(ft)) == pytest.approx(-want, rel=1e-5)
+    # windows: every token but each window's first is scored once, whatever the window
+    ppl.max_length = 8
+    assert ppl(_state(ft)) < 0 and ppl(_state(ft)) != pytest.approx(-want, rel=1e-5)
+
+
+def test_encoder_accuracy_is_the_benchmarks_protocol(tmp_path, bert_tokenizer):
+    base_dir, ft_dir = tmp_path / "base", tmp_path / "ft"
+    base = tiny_bert_encoder(bert_tokenizer, seed=0)
+    ft = tiny_bert_encoder(bert_tokenizer, seed=0)
+    with torch.no_grad():
+        for p in ft.model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    for enc, d in ((base, base_dir), (ft, ft_dir)):
+        enc.model.save_pretrained(d, safe_serialization=True)
+        bert_tokenizer.save_pretrained(d)
+    words = ENCODER_WORDS
+    tasks = {"colour": (["a red thing", "a blue thing"], [(f"the {w} sun", i % 2) for i, w in enumerate(words[:6])]),
+             "size": (["small", "big", "old"], [(f"a {w} house", i % 3) for i, w in enumerate(words[6:12])])}
+    rows = []
+    for task, (classes, examples) in tasks.items():
+        rows.append({"task": task, "classes": classes})
+        rows += [{"task": task, "text": t, "label": y} for t, y in examples]
+    score = builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'e.jsonl', rows)}", base_dir, device="cpu",
+                              max_length=32)
+    base.eval(), ft.eval()
+    heads = {t: build_head(base, c) for t, (c, _) in tasks.items()}  # heads from the base, as the benchmark
+    want = evaluate_encoder(ft, {t: ex for t, (_, ex) in tasks.items()}, heads).mean
+    assert score(_state(ft_dir)) == pytest.approx(want)
+
+
+def test_they_pickle_for_ray_workers_and_keep_their_examples(classifiers):
+    _, base, (ft, _), data = classifiers
+    score = builtin_evaluator(f"classifier-accuracy:{data}", base, device="cpu")
+    again = pickle.loads(pickle.dumps(score))
+    assert again.examples == score.examples and again(_state(ft)) == score(_state(ft))
+
+
+def test_a_user_module_function_is_not_a_builtin(classifiers):
+    _, base, _, _ = classifiers
+    assert builtin_evaluator("my_eval:score", base) is None
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], "holds no examples"),
+    ([{"text": "good", "label": "1"}], ":1: 'label' must be"),
+    ([{"text": "good", "label": 0}, {"text": 5, "label": 0}], ":2: each line needs a string 'text'"),
+    ([[1, 2]], ":1: each line must be a JSON object"),
+])
+def test_a_bad_classifier_file_names_the_line(classifiers, tmp_path, rows, message):
+    _, base, _, _ = classifiers
+    with pytest.raises(ConfigError, match=message):
+        builtin_evaluator(f"classifier-accuracy:{_jsonl(tmp_path / 'bad.jsonl', rows)}", base)
+
+
+@pytest.mark.parametrize("name, rows, message", [
+    ("choice-accuracy", [{"prompt": "x", "choices": ["a"], "label": 0}], "at least two"),
+    ("choice-accuracy", [{"prompt": "x", "choices": ["a", "b"], "label": 2}], r"'label' must be 0\.\.1"),
+    ("encoder-accuracy", [{"task": "t", "text": "x", "label": 0}], "task 't' has no 'classes' line"),
+    ("encoder-accuracy", [{"task": "t", "classes": ["a", "b"]}], "have classes but no examples"),
+    ("encoder-accuracy", [{"task": "t", "classes": ["a", "b"]}, {"task": "t", "text": "x", "label": 2}],
+     r"'label' must be 0\.\.1"),
+])
+def test_bad_choice_and_encoder_files_name_the_problem(classifiers, tmp_path, name, rows, message):
+    _, base, _, _ = classifiers
+    with pytest.raises(ConfigError, match=message):
+        builtin_evaluator(f"{name}:{_jsonl(tmp_path / 'bad.jsonl', rows)}", base)
+
+
+def test_files_and_bases_a_builtin_cannot_use(classifiers, tmp_path):
+    _, base, _, data = classifiers
+    with pytest.raises(ConfigError, match="needs its file"):
+        builtin_evaluator("classifier-accuracy:", base)
+    with pytest.raises(ConfigError, match="the base is a state dict"):
+        builtin_evaluator(f"classifier-accuracy:{data}", {"w": torch.zeros(2)})
+    with pytest.raises(ConfigError, match="with config.json"):
+        builtin_evaluator(f"classifier-accuracy:{data}", tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        builtin_evaluator(f"lm-perplexity:{tmp_path / 'latin1.txt'}", base)
+    with pytest.raises(ConfigError):
+        builtin_evaluator(f"classifier-accuracy:{tmp_path / 'missing.jsonl'}", base)
+
+
+def test_tune_and_search_take_a_builtin_by_name(classifiers, tmp_path, capsys):
+    from tiesmerge.cli.main import main
+
+    _, base, fts, data = classifiers
+    flags = ["--base", str(base), *sum((["--model", str(m)] for m in fts), [])]
+    code = main(["tune", *flags, "--evaluator", f"classifier-accuracy:{data}", "--grid", "density=0.2",
+                 "--grid", "lam=0.5,1.0", "--json", str(tmp_path / "grid.json")])
+    assert code == 0, capsys.readouterr().err
+    points = json.loads((tmp_path / "grid.json").read_text())["points"]
+    assert len(points) == 2 and all(0 <= p["score"] <= 1 for p in points)
+    code = main(["search", *flags, "--evaluator", f"classifier-accuracy:{data}", "--grid", "density=0.2",
+                 "--grid", "lam=1.0", "--dir", str(tmp_path / "search")])
+    assert code == 0, capsys.readouterr().err
+    # the evaluator's file is an input: an output over it is refused before any work
+    before = data.read_bytes()
+    code = main(["tune", *flags, "--evaluator", f"classifier-accuracy:{data}", "--json", str(data), "--force"])
+    assert code != 0 and data.read_bytes() == before
+    assert "evaluator's file" in capsys.readouterr().err

@@ -1,0 +1,250 @@
+"""--vocab-policy union: models that added tokens merge into one model whose tokenizer holds the
+union; base rows merge as usual, new rows are the mean of the models that have the token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiesmerge
+from helpers_ckpt import cli_flags, load_dir, run_cli
+from tiesmerge.errors import ConfigError, IncompatibleCheckpointsError
+from tiesmerge.io.vocab import read_vocab, union_of
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = ["<pad>", "<unk>", "<s>", "</s>", *"the cat sat on a mat dog ran far away bird sang song tree".split()]
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _tokenizer():
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                                bos_token="<s>", eos_token="</s>")
+
+
+def _model(rows: int, tied: bool, seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=rows, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied,
+                                      max_position_embeddings=32)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _fine_tune(model, seed: int, scale: float = 0.02):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def _store_head(directory):
+    """Store the tied head under its own name too (as some exporters do): the alias path."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(directory / "model.safetensors"))
+    state[HEAD] = state[EMBED].clone()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _family(tmp_path, *, tied=False, pad_to=None, added=(("<|im_start|>", "<|im_end|>"), ("<tool>", "<|im_start|>")),
+            chat_template=None, multiple=None):
+    """A base and fine-tunes that each added special tokens (resizing the embedding like
+    transformers users do, or filling the base's padding rows when ``pad_to`` leaves room)."""
+    base_tok = _tokenizer()
+    base = _model(pad_to or len(base_tok), bool(tied))
+    base.save_pretrained(tmp_path / "base")
+    if tied == "stored":
+        _store_head(tmp_path / "base")
+    base_tok.save_pretrained(tmp_path / "base")
+    paths = []
+    for k, tokens in enumerate(added):
+        tok = _tokenizer()
+        tok.add_special_tokens({"additional_special_tokens": list(tokens)})
+        if chat_template and k == 0:
+            tok.chat_template = chat_template
+        model = _model(pad_to or len(base_tok), bool(tied))
+        model.load_state_dict(base.state_dict())
+        if len(tok) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tok), mean_resizing=False, pad_to_multiple_of=multiple)
+        _fine_tune(model, seed=10 + k)
+        model.save_pretrained(tmp_path / f"ft{k}")
+        if tied == "stored":
+            _store_head(tmp_path / f"ft{k}")
+        tok.save_pretrained(tmp_path / f"ft{k}")
+        paths.append(tmp_path / f"ft{k}")
+    return tmp_path / "base", paths
+
+
+@pytest.mark.parametrize("tied", [False, True, "stored"])
+def test_union_merges_base_rows_as_usual_and_new_rows_as_the_mean(tmp_path, tied):
+    base, fts = _family(tmp_path, tied=tied)
+    out = tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union")
+    got = load_dir(out)
+    a, b = load_dir(fts[0]), load_dir(fts[1])
+    vb = len(WORDS)
+    assert got[EMBED].shape == (vb + 3, 16)
+    # base rows: bit for bit the truncate merge (which keeps the base's rows of every model)
+    trunc = load_dir(tiesmerge.merge(base, fts, "ties", output=tmp_path / "trunc", vocab_policy="truncate"))
+    assert torch.equal(got[EMBED][:vb], trunc[EMBED])
+    for name in trunc:
+        if name not in (EMBED, HEAD):
+            assert torch.equal(got[name], trunc[name]), name
+    # new tokens, in the models' order: <|im_start|> (both), <|im_end|> (model 0), <tool> (model 1)
+    assert torch.allclose(got[EMBED][vb], (a[EMBED][vb] + b[EMBED][vb + 1]) / 2)
+    assert torch.equal(got[EMBED][vb + 1], a[EMBED][vb + 1])
+    assert torch.equal(got[EMBED][vb + 2], b[EMBED][vb])
+    if tied == "stored":  # merged once, written under both names
+        assert torch.equal(got[HEAD], got[EMBED])
+        assert man_tied(out) == [[EMBED, HEAD]]
+    elif tied:
+        assert HEAD not in got
+    else:
+        assert got[HEAD].shape == (vb + 3, 16)
+        assert torch.equal(got[HEAD][vb + 2], b[HEAD][vb])
+        assert torch.equal(got[HEAD][:vb], trunc[HEAD])
+    # the tokenizer and the config follow; the model loads and runs
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == vb + 3
+    assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<tool>"]) == [vb, vb + 1, vb + 2]
+    assert tok("<tool> the cat")["input_ids"][0] == vb + 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == vb + 3
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.isfinite(model(torch.tensor([[vb + 2, 4, 5]])).logits).all()
+    man = json.loads((out / "tiesmerge.json").read_text())
+    vocab = man["alignment"]["vocabulary"]
+    assert vocab["tokens"] == vb + 3 and vocab["base_tokens"] == vb
+    assert vocab["id_maps"][1]["moved"] == [[vb, vb + 2], [vb + 1, vb]]
+    assert vocab["id_maps"][0]["moved"] == []
+    assert [t["content"] for t in vocab["new_tokens"]] == ["<|im_start|>", "<|im_end|>", "<tool>"]
+    assert "tokenizer.json" in vocab["files_written"]
+
+
+def man_tied(out):
+    return json.loads((out / "tiesmerge.json").read_text())["alignment"]["tied"]
+
+
+def test_union_in_memory_and_with_an_output_dtype(tmp_path):
+    base, fts = _family(tmp_path)
+    state = tiesmerge.merge(base, fts, "task_arithmetic", vocab_policy="union", lam=0.5)
+    assert state[EMBED].shape == (len(WORDS) + 3, 16)
+    out = tiesmerge.merge(base, fts, "task_arithmetic", output=tmp_path / "bf", vocab_policy="union", lam=0.5,
+                          dtype="bfloat16")
+    got = load_dir(out)
+    assert got[EMBED].dtype == torch.bfloat16
+    assert torch.equal(got[EMBED], state[EMBED].to(torch.bfloat16))
+
+
+def test_union_fills_a_padded_vocabulary_and_keeps_the_padding_rows(tmp_path):
+    vb = len(WORDS)
+    base, fts = _family(tmp_path, pad_to=vb + 6)  # rows for 6 more tokens: no resize needed
+    out = tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union")
+    got, b0, b1, bb = load_dir(out), load_dir(fts[0]), load_dir(fts[1]), load_dir(base)
+    assert got[EMBED].shape == (vb + 6, 16)  # the base's padded size is kept
+    assert torch.equal(got[EMBED][vb + 2], b1[EMBED][vb])  # <tool> moved from model 1's id vb
+    assert torch.allclose(got[EMBED][vb], (b0[EMBED][vb] + b1[EMBED][vb + 1]) / 2)
+    assert torch.equal(got[EMBED][vb + 3:], bb[EMBED][vb + 3:])  # padding: the base's rows
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vb + 6
+
+
+def test_union_ignores_the_rows_a_model_padded_its_embedding_with(tmp_path):
+    vb = len(WORDS)
+    base, fts = _family(tmp_path, multiple=8)  # each model: 20 tokens in 24 rows
+    assert load_dir(fts[0])[EMBED].shape[0] == 24
+    out = tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union")
+    got, b1 = load_dir(out), load_dir(fts[1])
+    assert got[EMBED].shape == (vb + 3, 16)  # the union's tokens; the models' padding is not carried
+    assert torch.equal(got[EMBED][vb + 2], b1[EMBED][vb])
+
+
+def test_union_takes_a_models_chat_template_when_the_base_has_none(tmp_path):
+    base, fts = _family(tmp_path, chat_template="{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
+    out = tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union")
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert json.loads((out / "tiesmerge.json").read_text())["alignment"]["vocabulary"]["chat_template_from"] == \
+        str(fts[0])
+
+
+def test_a_token_id_that_means_two_strings_is_an_error_naming_both(tmp_path):
+    base, fts = _family(tmp_path)
+    for name in ("tokenizer.json",):  # model 1 swaps "cat" for "cow" at id 5
+        path = fts[1] / name
+        path.write_text(path.read_text().replace('"cat"', '"cow"'))
+    with pytest.raises(IncompatibleCheckpointsError) as info:
+        tiesmerge.plan_merge(base, fts, "ties", vocab_policy="union")
+    text = str(info.value)
+    assert "token id 5" in text and "'cow'" in text and "'cat'" in text
+    assert "model 1" in text and str(fts[1]) in text and "model 0" in text and str(fts[0]) in text
+
+
+def test_a_grown_model_vocabulary_and_adapters_are_refused(tmp_path):
+    base, fts = _family(tmp_path)
+    path = fts[0] / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["model"]["vocab"]["newword"] = len(WORDS) + 5
+    path.write_text(json.dumps(data))
+    with pytest.raises(IncompatibleCheckpointsError, match="grew its tokenizer's own vocabulary"):
+        tiesmerge.plan_merge(base, fts, "ties", vocab_policy="union")
+    with pytest.raises(ConfigError, match="is a merge policy"):
+        tiesmerge.analyze(base, fts, vocab_policy="union")
+
+
+def test_union_without_a_tokenizer_names_the_model(tmp_path):
+    base, fts = _family(tmp_path)
+    for f in fts[1].glob("tokenizer*"):
+        f.unlink()
+    (fts[1] / "special_tokens_map.json").unlink(missing_ok=True)
+    with pytest.raises(tiesmerge.errors.CheckpointError, match="has no tokenizer"):
+        tiesmerge.plan_merge(base, fts, "ties", vocab_policy="union")
+
+
+def test_union_of_the_tokenizers_as_data(tmp_path):
+    base, fts = _family(tmp_path)
+    u = union_of(read_vocab(base, "base"), [read_vocab(f, str(f)) for f in fts])
+    assert u.size == len(WORDS) + 3
+    assert [(t.content, t.sources) for t in u.new] == [
+        ("<|im_start|>", ((0, len(WORDS)), (1, len(WORDS) + 1))), ("<|im_end|>", ((0, len(WORDS) + 1),)),
+        ("<tool>", ((1, len(WORDS)),))]
+    assert all(t.entry["special"] for t in u.new)
+
+
+def test_union_through_the_cli_and_its_error(tmp_path, capsys):
+    base, fts = _family(tmp_path)
+    code, out, err = run_cli(["merge", *cli_flags(base, fts), "--vocab-policy", "union", "-o", tmp_path / "out"],
+                             capsys)
+    assert code == 0, err
+    assert load_dir(tmp_path / "out")[EMBED].shape[0] == len(WORDS) + 3
+    code, out, err = run_cli(["merge", *cli_flags(base, fts), "-o", tmp_path / "out2"], capsys)
+    assert code != 0
+    assert "union" in err
+
+
+def test_union_of_slow_tokenizer_files_and_their_output(tmp_path):
+    """vocab.txt + added_tokens.json (no tokenizer.json): read, united, written, and loaded."""
+    from tiesmerge.io.vocab import write_tokenizer_files
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat"]
+    for name, added in (("b", {}), ("a0", {"<x>": 8}), ("a1", {"<y>": 8, "<x>": 9})):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "vocab.txt").write_text("\n".join(words) + "\n")
+        (d / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+        if added:
+            (d / "added_tokens.json").write_text(json.dumps(added))
+    u = union_of(read_vocab(tmp_path / "b", "b"), [read_vocab(tmp_path / n, n) for n in ("a0", "a1")])
+    assert [(t.id, t.content, t.sources) for t in u.new] == [(8, "<x>", ((0, 8), (1, 9))), (9, "<y>", ((1, 8),))]
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in (tmp_path / "b").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    written, _ = write_tokenizer_files(u, out, 10)
+    assert set(written) == {"tokenizer_config.json", "added_tokens.json"}
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 10 and tok.convert_tokens_to_ids(["<x>", "<y>"]) == [8, 9]
