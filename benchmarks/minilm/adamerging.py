@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-4], help="the protocol's ladder (converged run: 1e-4)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report-only", action="store_true", help="only rewrite adamerging.md from adamerging.json")
     return p.parse_args()
 
 
@@ -295,6 +296,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     store = Store(args.out / "adamerging.json")
+    if args.report_only:
+        write(args, store, list(args.tasks), store.data.get("seconds", {}))
+        return
     store.data["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     clock = time.perf_counter()
     suite = load_suite(args.tasks, seed=0)
