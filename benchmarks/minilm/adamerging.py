@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--lrs", nargs="+", type=float, default=[1e-4], help="the protocol's ladder (converged run: 1e-4)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--report-only", action="store_true", help="only rewrite adamerging.md from adamerging.json")
     return p.parse_args()
 
 
@@ -282,10 +283,26 @@ def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
                          f"({'reached' if hm >= 95 else f'{95 - hm:.1f} points short'}).")
     lines += ["", "## What the learned coefficients look like", ""] + describe_coefficients(
         [r for r in rows if r["variant"] != "-"])
+    done = {(r["method"], r["variant"], r["seed"]) for r in rows}
+    missing = [f"{VECTORS[run.split(':')[0]][0]} ({run.split(':')[1]}-wise), {VARIANTS[v]}, seed {s}"
+               for s in (0, 1, 2) for v in VARIANTS for run in ("ties:layer", "task_arithmetic:task",
+                                                                 "task_arithmetic:layer", "ties:task")
+               if (f"{VECTORS[run.split(':')[0]][0]} ({run.split(':')[1]}-wise)", VARIANTS[v], s) not in done]
     lines += ["", "## Steps and time", "",
-              f"Measured on this machine (2 CPU cores shared with other jobs; torch threads {args.threads}): "
-              + ", ".join(f"{r['method']} ({r['variant']}, seed {r['seed']}) {r['seconds_per_step']} s/step"
-                          for r in rows if "seconds_per_step" in r) + ".",
+              "A step is one forward and backward pass of a batch of every task (8 tasks) through the merged "
+              "encoder, plus one pass over the 8 task vectors to build θ(λ) and one to send the gradient back to "
+              "λ. Measured here (2 CPU cores shared with the other sessions' jobs, load average 12-21; torch "
+              f"threads {args.threads}): "
+              + ", ".join(f"{r['method']} ({r['variant']}, seed {r['seed']}) {r['seconds_per_step']} s/step, "
+                          f"{r['seconds']:.0f} s for the run" for r in rows if "seconds_per_step" in r) + ". "
+              "A first probe at the paper's batch of 16 took 64-72 s/step on the loaded machine (about 2 CPU-s "
+              "per task and step; the process got a quarter of a core), so the paper's 500 steps would take 9-10 "
+              f"hours a run. Chosen instead: **{args.steps} steps at batch {args.batch_size} with lr {args.lr}**, "
+              "i.e. about the paper's total coefficient travel (lr × steps: 0.5 in the paper, "
+              f"{args.lr * args.steps:g} here; Adam moves each coefficient by at most ~lr a step), on "
+              f"{args.steps * args.batch_size} unlabeled inputs per task instead of 8,000. "
+              "On an idle 2-core machine a step takes a few seconds; on a GPU, milliseconds.",
+              "", "Not run in this session (CPU time): " + ("; ".join(missing) if missing else "nothing") + ".",
               "", f"Hardware: {json.dumps(hardware())}. Stage seconds: {json.dumps(seconds)}."]
     (args.out / "adamerging.md").write_text("\n".join(lines) + "\n")
 
@@ -295,6 +312,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     store = Store(args.out / "adamerging.json")
+    if args.report_only:
+        write(args, store, list(args.tasks), store.data.get("seconds", {}))
+        return
     store.data["settings"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     clock = time.perf_counter()
     suite = load_suite(args.tasks, seed=0)
