@@ -74,10 +74,13 @@ def interpolation(offsets: list[torch.Tensor], products: Callable[[int, int], to
     the offsets (..., m), clamped to [-1, 1], norms' product at least 1e-6. ``products(i, j)``:
     offsets[i] * offsets[j], entry by entry (float32)."""
     k = len(offsets)
+    # each offset's norm once: the same call on the same values gives the same bits as mergekit's
+    # per-pair recomputation, for a third of the passes with three models
+    lengths = [torch.norm(offset, dim=-1) for offset in offsets]
     cosines = []
     for i in range(k):
         for j in range(i + 1, k):
-            norms = torch.norm(offsets[i], dim=-1) * torch.norm(offsets[j], dim=-1)
+            norms = lengths[i] * lengths[j]
             cosines.append((products(i, j).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     denominator = 1 + (k - 1) * cos
