@@ -65,6 +65,12 @@ def markdown(out: dict) -> str:
                   "finished row is cached): " + ", ".join(pending) + ".", ""]
     if out.get("skipped"):
         lines += ["Not run:", ""] + [f"- {s['mode']} `{s['method']}`: {s['why']}" for s in out["skipped"]] + [""]
+    n = proto["test"]
+    lines += [f"How much to read into it: each task's accuracy is over {n} test examples, so one example moves it "
+              f"{100 / n:.1f} points and its binomial standard error near 50 % is {100 * (0.25 / n) ** 0.5:.1f} "
+              f"points ({100 * (0.25 / (n * len(tasks))) ** 0.5:.1f} for the mean over {len(tasks)} tasks); the task "
+              f"models saw {proto['steps']} steps of {proto['train_batch']} examples. These sizes are what a CPU run "
+              "fits (times below); `--test`, `--steps` and `--val` scale the same protocol up on a faster machine.", ""]
     q = out.get("quantisation")
     if q:
         lines += ["## What the Q4_1 quantisation costs", "",
