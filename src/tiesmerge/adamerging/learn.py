@@ -30,6 +30,8 @@ from ..lazy import torch
 __all__ = ["GRANULARITIES", "AdaptConfig", "Merger", "History", "learn", "batch_rows", "total_entropy"]
 
 GRANULARITIES = ("task", "layer")
+MAX_LR = 10.0  # Adam moves each coefficient by about lr per step
+MAX_INIT = 1000.0
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,11 @@ class AdaptConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 out.append(f"{key} must be a finite number, got {value!r}")
-        if self.lr is not None and isinstance(self.lr, (int, float)) and self.lr <= 0:
-            out.append(f"lr must be positive, got {self.lr!r}")
+        if isinstance(self.lr, (int, float)) and not 0 < self.lr <= MAX_LR:
+            out.append(f"lr must be in (0, {MAX_LR:g}], got {self.lr!r} (coefficients live near 0.3 to 1: a larger "
+                       "step throws them past any useful merge)")
+        if isinstance(self.init, (int, float)) and abs(self.init) > MAX_INIT:
+            out.append(f"init must be within ±{MAX_INIT:g}, got {self.init!r}")
         if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
             out.append(f"clamp must be (low, high) with low < high, got {self.clamp!r}")
         if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
@@ -157,6 +162,24 @@ def _fingerprint_check(saved: str, expected: str, path: Path) -> None:
                           hint="resume with the same command, or remove the checkpoint to start afresh")
 
 
+def _load_checkpoint(path: Path, device: Any) -> dict:
+    """A checkpoint as ``_save`` wrote it, read with torch's weights-only loader (no code runs); anything
+    else (garbage, JSON, a pickle of other objects) is a typed error naming the file."""
+    from ..paths import check_input
+
+    check_input(path, "the checkpoint", error=ConfigError)
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a foreign file
+        raise ConfigError(f"{path}: not a checkpoint tiesmerge adapt wrote ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200] if str(exc) else 'unreadable'})",
+                          hint="remove it to start afresh, or name the right --checkpoint") from None
+    if not isinstance(state, dict) or not {"fingerprint", "coefficients", "optimizer", "entropy", "step"} <= set(state):
+        raise ConfigError(f"{path}: not a checkpoint tiesmerge adapt wrote (its fields are missing)",
+                          hint="remove it to start afresh, or name the right --checkpoint")
+    return state
+
+
 def _save(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
@@ -190,13 +213,18 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     start = 0
     path = Path(checkpoint) if checkpoint is not None else None
     if resume and path is not None and path.is_file():
-        state = torch.load(path, map_location=device, weights_only=True)
+        state = _load_checkpoint(path, device)
         _fingerprint_check(state.get("fingerprint", ""), fingerprint, path)
-        with torch.no_grad():
-            lam.copy_(state["coefficients"])
-        optimizer.load_state_dict(state["optimizer"])
-        history.entropy = [list(map(float, row)) for row in state["entropy"]]
-        start = int(state["step"])
+        try:
+            with torch.no_grad():
+                lam.copy_(state["coefficients"])
+            optimizer.load_state_dict(state["optimizer"])
+            history.entropy = [list(map(float, row)) for row in state["entropy"]]
+            start = int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"{path}: not a checkpoint tiesmerge adapt wrote for this run "
+                              f"({type(exc).__name__}: {str(exc)[:200]})",
+                              hint="remove it to start afresh, or name the right --checkpoint") from None
     every = config.checkpoint_every or max(1, math.ceil(max(len(r) for r in data.values()) / config.batch_size))
     seconds = {"steps": 0.0, "checkpoints": 0.0}
 

@@ -25,7 +25,7 @@ from ..inputs import Source, as_method, check_output_not_input, prepare
 from ..io.writer import _check_output_path as check_output_path
 from ..lazy import torch
 from ..methods.base import ChunkContext, MergeMethod, Requirements
-from ..paths import write_file
+from ..paths import check_output_file, write_file
 from ..sizes import format_size
 from .learn import AdaptConfig, History, Merger, combine, learn
 from .report import summarise, write_report
@@ -93,6 +93,12 @@ class AdaptResult:
     seconds: dict[str, float]
 
 
+def _check_data_list(data: Any) -> None:
+    if isinstance(data, (str, bytes, os.PathLike)) or not isinstance(data, Sequence):
+        raise ConfigError(f"data must list one data file (or list of rows) per model, got {type(data).__name__}",
+                          hint='e.g. data=["a.jsonl", "b.jsonl"], in the models\' order')
+
+
 def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
                    limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
     """Task name -> rows, one entry of ``data`` per model: a JSON-lines file (read as ``tiesmerge
@@ -100,6 +106,7 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
     Tasks are named by ``tasks``, else by the files' stems (task0, task1, ... for lists)."""
     from ..stats.hf import read_jsonl
 
+    _check_data_list(data)
     if tasks is not None and len(tasks) != len(data):
         raise ConfigError(f"{len(tasks)} task name(s) for {len(data)} data file(s)")
     out: dict[str, list[dict[str, Any]]] = {}
@@ -110,10 +117,18 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
             raise ConfigError(f"two tasks are named {name!r}", hint="name the tasks (--task-names / tasks=)")
         if is_path:
             rows = read_jsonl(item, limit=limit)  # an empty file: ConfigError naming it
-        else:
+        elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
             rows = as_rows(list(item)[:limit] if limit is not None else list(item))
             if not rows:
                 raise ConfigError(f"task {name!r}: no examples")
+        else:
+            raise ConfigError(f"task {name!r}: its data is a {type(item).__name__}, not a data file or a list of rows")
+        where = str(item) if is_path else f"task {name!r}"
+        for k, row in enumerate(rows):
+            # an empty text has no tokens: the forward could not score it (a tokenizer may even give (B, 0))
+            if not isinstance(row.get("text"), str) or not row["text"].strip():
+                raise ConfigError(f"{where}: example {k + 1} has an empty or missing 'text'",
+                                  hint="every example needs some text; drop the empty ones")
         out[name] = rows
     return out
 
@@ -214,14 +229,20 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     m = as_method(method, method_options)
     if not exposes_task_vectors(m):
         collect_task_vectors(base, models, m)  # the error naming the method, before anything is read
+    _check_data_list(data)
     if len(data) != len(models):
         raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
                           hint="give one unlabeled data file per model, in the models' order")
+    inputs = [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
+              *((f"data file {k}", d) for k, d in enumerate(data) if isinstance(d, (str, os.PathLike)))]
     if output is not None:
-        check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models))])
+        check_output_not_input(output, inputs)
         check_output_path(Path(output).absolute(), force)  # before the training, not after it
         if checkpoint is None:
             checkpoint = Path(output).with_name(Path(output).name + ".adapt-checkpoint.pt")
+    if checkpoint is not None:
+        # written each pass: never over an input, and an existing file only when resuming it or with force
+        check_output_file(checkpoint, force or resume, inputs, "the checkpoint")
     task_data = read_task_data(data, tasks, limit=limit)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()

@@ -1,0 +1,100 @@
+"""`tiesmerge adapt` against hostile and careless input (issue 13's classes, found by the second
+independent pass): the checkpoint never lands on an input, a foreign checkpoint file is a typed
+error, absurd settings and empty texts are refused before any work, and the data's type is checked."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+import tiesmerge
+from tiesmerge.errors import ConfigError, OutputError
+from tiesmerge.evaluation.forward import FunctionLogits
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _encode(rows, task):
+    return torch.tensor([r["x"] for r in rows], dtype=torch.float32)
+
+
+def _forward() -> FunctionLogits:
+    return FunctionLogits(_net(), lambda m, b, task: m(b), encode=_encode)
+
+
+def _setup(tmp_path):
+    base = {k: v.detach().clone() for k, v in _net().state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    fts = [{k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(2)]
+    files = []
+    for t in range(2):
+        path = tmp_path / f"task{t}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"ex {i}", "x": torch.randn(4, generator=g).tolist()}) + "\n"
+                                for i in range(6)))
+        files.append(path)
+    return base, fts, files
+
+
+def _digest(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_the_checkpoint_never_replaces_a_data_file_or_an_existing_file(tmp_path):
+    base, fts, files = _setup(tmp_path)
+    before = _digest(files[0])
+    with pytest.raises(OutputError, match="data file 0"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=files[0], force=True)
+    assert _digest(files[0]) == before
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(OutputError, match="already exists"):  # neither resuming it nor --force
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=notes)
+    assert notes.read_text() == "mine"
+    with pytest.raises(OutputError, match="does not exist"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=tmp_path / "no" / "ck.pt")
+
+
+@pytest.mark.parametrize("content", [b"garbage\x00\x01", b'{"step": 3}', b""])
+def test_a_foreign_checkpoint_is_a_typed_error(tmp_path, content):
+    base, fts, files = _setup(tmp_path)
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(content)
+    with pytest.raises(ConfigError, match="not a checkpoint tiesmerge adapt wrote"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=ck, resume=True)
+    assert ck.read_bytes() == content
+
+
+def test_a_checkpoint_of_other_objects_is_a_typed_error(tmp_path):
+    base, fts, files = _setup(tmp_path)
+    ck = tmp_path / "ck.pt"
+    torch.save({"coefficients": torch.zeros(3)}, ck)
+    with pytest.raises(ConfigError, match="its fields are missing"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=ck, resume=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [({"lr": 1e300}, r"lr must be in \(0, 10\]"),
+                                              ({"lr": 0.0}, "lr must be in"),
+                                              ({"init": 1e9}, "init must be within")])
+def test_absurd_settings_are_refused_before_any_work(tmp_path, kwargs, message):
+    base, fts, files = _setup(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, **kwargs)
+
+
+def test_empty_texts_and_wrong_data_types_name_the_problem(tmp_path):
+    base, fts, files = _setup(tmp_path)
+    files[1].write_text(files[1].read_text() + json.dumps({"text": "  ", "x": [0, 0, 0, 0]}) + "\n")
+    with pytest.raises(ConfigError, match=r"task1.jsonl: example 7 has an empty or missing 'text'"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1)
+    with pytest.raises(ConfigError, match="data must list one data file"):
+        tiesmerge.adapt(base, fts, 5, forward=_forward(), steps=1)
+    with pytest.raises(ConfigError, match="data must list one data file"):
+        tiesmerge.adapt(base, fts, str(files[0]), forward=_forward(), steps=1)
+    with pytest.raises(ConfigError, match="its data is a int"):
+        tiesmerge.adapt(base, fts, [files[0], 7], forward=_forward(), steps=1)
