@@ -683,3 +683,20 @@ def test_a_hint_never_suggests_a_force_that_would_refuse(family, tmp_path, capsy
     assert "pass --force" not in err and not (tmp_path / "s").exists()
     rc, err = _run([*argv, "--force"], capsys)  # and --force says the same, not something else
     assert rc == 1 and "--force replaces only a directory that tiesmerge wrote" in err
+
+
+# ------------------------------------------------------------------ third pass: --force needs tiesmerge's own manifest
+
+
+@pytest.mark.parametrize("marker", ["tiesmerge.json", "tiesmerge_stats.json", "analysis.json"])
+@pytest.mark.parametrize("text", ["{}", "[1]", "not json", '{"tiesmerge_version": "1", "output": {}}'])
+def test_force_needs_a_manifest_tiesmerge_wrote_not_a_file_of_that_name(family, tmp_path, capsys, marker, text):
+    inputs, b, ms = family
+    docs = tmp_path / "work" / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the user's notes")
+    (docs / marker).write_text(text)
+    before = snapshot(docs)
+    rc, err = _run(_merge(b, ms, docs, "--force"), capsys)
+    check(rc, err, want_rc=1, needle=("--force replaces only a directory that tiesmerge wrote", "a.txt"),
+          output=docs, inputs=docs, before=before, output_existed=True)
