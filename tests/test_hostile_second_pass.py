@@ -700,3 +700,44 @@ def test_force_needs_a_manifest_tiesmerge_wrote_not_a_file_of_that_name(family, 
     rc, err = _run(_merge(b, ms, docs, "--force"), capsys)
     check(rc, err, want_rc=1, needle=("--force replaces only a directory that tiesmerge wrote", "a.txt"),
           output=docs, inputs=docs, before=before, output_existed=True)
+
+
+# ------------------------------------------------------------------ third pass: a grid is counted before it is built
+
+
+def _sweep(command: str, b: Path, ms: list[Path], grid: list[str], tmp_path: Path) -> list[str]:
+    flags = [x for g in grid for x in ("--grid", g)]
+    tail = ["-o", str(tmp_path / "out")] if command == "tune" else ["--dir", str(tmp_path / "s")]
+    return [command, *cli_flags(b, ms), *flags, "--evaluator", "sweep_eval:score", *tail]
+
+
+@pytest.mark.parametrize("command", ["tune", "search"])
+@pytest.mark.parametrize("grid,needle", [
+    (["lam=0:1:0"], "the step must be a non-zero number"),
+    (["lam=1:0:0.1"], "the step leads away from stop"),
+    (["lam=0:1e308:1e-308"], "inf points, more than the 100,000"),
+    (["lam=0:1000:0.1", "density=0.01:0.99:0.01"], "the grid has 990,099 points")])
+def test_a_grid_range_that_is_empty_unbounded_or_huge_is_a_config_error(family, tmp_path, capsys, monkeypatch,
+                                                                        command, grid, needle):
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", "sweep_eval", "def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    before = snapshot(inputs)
+    rc, err = _run(_sweep(command, b, ms, grid, tmp_path), capsys)
+    check(rc, err, want_rc=2, needle=needle, output=tmp_path / "out", inputs=inputs, before=before)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_grid_of_1e18_points_is_refused_at_once(family, tmp_path):
+    """h30: 0:1e9:1e-9 was built point by point (in a subprocess with a memory cap: it must not run away)."""
+    import resource
+
+    inputs, b, ms = family
+    (tmp_path / "work" / "sweep_eval.py").write_text("def score(state):\n    return 1.0\n")
+    cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    proc = subprocess.run([sys.executable, "-m", "tiesmerge.cli.main",
+                           *map(str, _sweep("tune", b, ms, ["lam=0:1e9:1e-9"], tmp_path))],
+                          cwd=tmp_path / "work", capture_output=True, text=True, timeout=60, preexec_fn=cap,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "work")})
+    assert proc.returncode == 2, proc.stderr
+    assert "1e+18 points, more than the 100,000" in proc.stderr and "Traceback" not in proc.stderr
