@@ -741,3 +741,34 @@ def test_a_grid_of_1e18_points_is_refused_at_once(family, tmp_path):
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "work")})
     assert proc.returncode == 2, proc.stderr
     assert "1e+18 points, more than the 100,000" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ third pass: no Inf handed back or scored
+
+
+def test_the_state_dict_api_refuses_an_overflowed_merge_naming_the_tensor():
+    """n21: merge(state dicts) returned Inf tensors; now the same check as a written output."""
+    from tiesmerge import merge
+    from tiesmerge.errors import InvalidTensorError
+
+    base, fts = make_family(2)
+    kept = {k: v.clone() for k, v in base.items()}
+    with pytest.raises(InvalidTensorError, match=r"tensor '.+': the merged value at element \d+ is not finite"):
+        merge(base, fts, "task_arithmetic", lam=1e300)
+    assert all(torch.equal(kept[k], base[k]) for k in base)
+    assert all(torch.isfinite(v).all() for v in merge(base, fts, "task_arithmetic", lam=1.0).values())
+
+
+def test_tune_never_scores_a_candidate_that_lam_made_infinite(family, tmp_path, capsys, monkeypatch):
+    """n17: --grid lam=1e300 fed Inf weights to the evaluator and printed best lam=1e+300."""
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", "inf_eval", "SEEN = []\ndef score(state):\n"
+                      "    import torch\n    SEEN.append(all(bool(torch.isfinite(v).all()) for v in state.values()"
+                      " if v.is_floating_point()))\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    before = snapshot(inputs)
+    rc, err = _run(["tune", *cli_flags(b, ms), "--grid", "density=0.5", "--grid", "lam=1.0,1e300", "--evaluator",
+                    "inf_eval:score", "-o", str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=1, needle=("density=0.5 lam=1e+300", "is not finite", "cannot be scored"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+    assert "best:" not in err and sys.modules["inf_eval"].SEEN == [True]
