@@ -769,6 +769,24 @@ def test_tune_never_scores_a_candidate_that_lam_made_infinite(family, tmp_path, 
     before = snapshot(inputs)
     rc, err = _run(["tune", *cli_flags(b, ms), "--grid", "density=0.5", "--grid", "lam=1.0,1e300", "--evaluator",
                     "inf_eval:score", "-o", str(tmp_path / "out")], capsys)
-    check(rc, err, want_rc=1, needle=("density=0.5 lam=1e+300", "is not finite", "cannot be scored"),
+    check(rc, err, want_rc=1, needle=("candidate density=0.5 lam=1e+300", "is not finite", "cannot be scored"),
           output=tmp_path / "out", inputs=inputs, before=before)
     assert "best:" not in err and sys.modules["inf_eval"].SEEN == [True]
+
+
+# ------------------------------------------------------------------ third pass: a failed search leaves no log
+
+
+@pytest.mark.parametrize("why", ["raises", "overflow"])
+def test_a_search_that_fails_before_scoring_leaves_no_default_dir(family, tmp_path, capsys, monkeypatch, why):
+    """t36, D04, n18: ./tiesmerge-search/log.jsonl stayed behind with no scored candidate in it."""
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", f"fail_eval_{why}", "def score(state):\n    raise RuntimeError('boom')\n"
+                      if why == "raises" else "def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    before = snapshot(inputs)
+    rc, err = _run(["search", *cli_flags(b, ms), "--evaluator", f"fail_eval_{why}:score", "--grid", "density=0.5",
+                    "--grid", f"lam={'1.0' if why == 'raises' else '1e300'}"], capsys)
+    check(rc, err, want_rc=1, needle="boom" if why == "raises" else "is not finite", output=None, inputs=inputs,
+          before=before)
+    assert not (tmp_path / "work" / "tiesmerge-search").exists()

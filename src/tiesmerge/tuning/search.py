@@ -18,10 +18,11 @@ from typing import Any
 import torch
 
 from ..api import Source, merge
-from ..errors import ConfigError, InvalidTensorError
+from ..errors import ConfigError
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
+from .candidates import check_candidate
 from .evaluator import guard
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
@@ -113,22 +114,6 @@ def _scaled(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
     return {k: (base[k] + lam * delta[k]).to(dtypes[k]) if k in delta else base[k] for k in base}
 
 
-def _check_candidate(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], combo: Mapping[str, Any],
-                     lam: float) -> None:
-    """A scaled candidate is checked before it is scored, as a written output is (finite.py): Inf weights
-    would reach the evaluator, and could even score best. An error, not a skip: lam is the user's own
-    grid, and a sweep that silently drops its points would report a best over fewer than asked."""
-    from ..finite import first_nonfinite
-
-    for name in delta:  # only scaled tensors can overflow; the base's own were checked when read
-        if first_nonfinite(state[name], "F32") is not None:
-            where = " ".join(f"{k}={v}" for k, v in combo.items())
-            raise InvalidTensorError(
-                f"grid point {where + ' ' if where else ''}lam={lam:g}: tensor {name!r} is not finite (Inf or NaN) "
-                f"once the merge is scaled by lam, so this candidate cannot be scored",
-                hint="use smaller lam values (a sensible lam is a few units at most)")
-
-
 def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, evaluate: Evaluator, *,
          grid: Mapping[str, Sequence[float]] | None = None, fixed: Mapping[str, Any] | None = None,
          device: str = "cpu", memory_budget: int | str | None = None,
@@ -180,7 +165,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
         for lam in lams:
             state = whole if lam is None else _scaled(base32, delta, lam, dtypes)
             if lam is not None:
-                _check_candidate(state, delta, combo, lam)
+                check_candidate(state, delta, " ".join([*(f"{k}={v}" for k, v in combo.items()), f"lam={lam:g}"]))
             point = GridPoint(dict(combo), lam, float(evaluate(state)))
             points.append(point)
             if on_point is not None:
