@@ -790,3 +790,16 @@ def test_a_search_that_fails_before_scoring_leaves_no_default_dir(family, tmp_pa
     check(rc, err, want_rc=1, needle="boom" if why == "raises" else "is not finite", output=None, inputs=inputs,
           before=before)
     assert not (tmp_path / "work" / "tiesmerge-search").exists()
+
+
+@pytest.mark.parametrize("flag", ["allow_distant", "allow_pickle", "force", "progress"])
+def test_the_api_takes_only_true_or_false_for_its_switches(tmp_path, flag):
+    """D09: allow_distant='no' counted as true (the recipe already refuses a non-boolean)."""
+    from tiesmerge import merge
+    from tiesmerge.errors import ConfigError
+
+    base, fts = make_family(2)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=f"{flag}='no' must be True or False"):
+        merge(base, fts, "task_arithmetic", output=out, **{flag: "no"})
+    assert not out.exists()

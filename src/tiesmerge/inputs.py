@@ -265,12 +265,21 @@ def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMetho
     return base_view, model_views, layout, routes
 
 
+def check_booleans(**flags: Any) -> None:
+    """Switches of the Python API are true or false, as a recipe's are: ``allow_distant="no"`` is a
+    non-empty string, so truthy, and would merge the very models it meant to refuse."""
+    wrong = [f"{name}={value!r} must be True or False" for name, value in flags.items() if not isinstance(value, bool)]
+    if wrong:
+        raise ConfigError(wrong)
+
+
 def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMethod, *, device: str,
             memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
             allow_pickle: bool, progress: Any = None, output_format: str = "model",
             stats: Sequence[Any] | None = None, allow_distant: bool = False) -> Prepared:
     """Open the inputs (closed by ``stack``), align them, check every role, measure how far each
     model is from the base (a distant model is an error unless ``allow_distant``), plan the merge."""
+    check_booleans(allow_pickle=allow_pickle, allow_distant=allow_distant)
     check_inputs(base, models)
     problems = check_models(method, len(models))
     if problems:
