@@ -803,3 +803,27 @@ def test_the_api_takes_only_true_or_false_for_its_switches(tmp_path, flag):
     with pytest.raises(ConfigError, match=f"{flag}='no' must be True or False"):
         merge(base, fts, "task_arithmetic", output=out, **{flag: "no"})
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ third pass: another tokenizer of the same size
+
+
+def _tokenizer(folder: Path, words: list[str]) -> None:
+    (folder / "tokenizer.json").write_text(json.dumps(
+        {"version": "1.0", "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}}}))
+
+
+@pytest.mark.parametrize("policy", [[], ["--vocab-policy", "truncate"]])
+def test_a_model_whose_tokenizer_swaps_two_ids_is_refused(family, tmp_path, capsys, policy):
+    """t29h/t29i: same vocabulary size, w0 and w1 swapped: merged silently unless the policy was union."""
+    inputs, b, ms = family
+    words = [f"w{i}" for i in range(32)]
+    _tokenizer(b, words)
+    _tokenizer(ms[0], words)
+    _tokenizer(ms[1], [words[1], words[0], *words[2:]])
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", *policy), capsys)
+    check(rc, err, want_rc=1, needle=("model 1 (", "another tokenizer", "id 0: 'w0' in the base, 'w1' in model 1",
+                                      "--vocab-policy union"), output=tmp_path / "out", inputs=inputs, before=before)
+    _tokenizer(ms[1], [*words, "added"])  # a token added after the base's: no disagreement on shared ids
+    assert _run(_merge(b, ms, tmp_path / "out", "--vocab-policy", "truncate"), capsys)[0] == 0

@@ -237,6 +237,17 @@ class Prepared:
     distances: tuple = ()  # distance.ModelDistance per model: how far each is from the base
 
 
+def _check_tokenizers(base: Checkpoint, models: list[Checkpoint]) -> None:
+    """Model directories whose tokenizers give a shared id different strings: an error (io.vocab)."""
+    from .io.vocab import check_same_tokens
+
+    if base.directory() is None or yields_task_vector(base):
+        return
+    check_same_tokens((Path(base.directory()), base.label),
+                      [(k, Path(m.directory()), m.label) for k, m in enumerate(models)
+                       if m.directory() is not None and not yields_task_vector(m)])
+
+
 def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMethod, stats: Sequence[Any] | None,
                   out_dtype: DType | None) -> tuple[Checkpoint, list[Checkpoint], Any, dict[str, tuple[str, int]]]:
     """``vocab_policy="union"``: the tokenizers read and united, the inputs seen through the union
@@ -295,6 +306,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
     layout, routes = None, {}
+    if vocab_policy != "union":  # union compares the tokenizers itself (io.vocab.union_of)
+        _check_tokenizers(engine_base, engine_models)
     if vocab_policy == "union":
         engine_base, engine_models, layout, routes = _union_inputs(engine_base, engine_models, method, stats,
                                                                    out_dtype)

@@ -209,6 +209,42 @@ class VocabUnion:
                 "chat_template_from": self.chat_template_from, "notes": list(self.notes)}
 
 
+_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+
+
+def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]]) -> None:
+    """Without ``--vocab-policy union``, row i of every embedding is merged with row i: the same token
+    only when every tokenizer gives id i the same string. When the base and a model both hold a
+    tokenizer (read as data), the ids they share must agree; a swap of two ids (another tokenizer of the
+    same size) would otherwise merge silently into nonsense. A tokenizer not readable as data is
+    skipped: this check only refuses what it can see."""
+    def vocab(directory: Path, label: str) -> TokenizerVocab | None:
+        if not any(os.path.lexists(directory / n) for n in _VOCAB_FILES):
+            return None
+        try:
+            return read_vocab(directory, label)
+        except CheckpointError:
+            return None
+
+    vb = vocab(*base)
+    if vb is None:
+        return
+    for k, directory, label in models:  # k: the model's position among all the models
+        vm = vocab(directory, label)
+        if vm is None:
+            continue
+        differ = [i for i in sorted(vb.tokens) if i in vm.tokens and vm.tokens[i] != vb.tokens[i]]
+        if differ:
+            shown = ", ".join(f"id {i}: {vb.tokens[i]!r} in the base, {vm.tokens[i]!r} in model {k}"
+                              for i in differ[:3])
+            raise IncompatibleCheckpointsError(
+                f"model {k} ({label}) has another tokenizer than the base ({base[1]}): {shown}"
+                f"{f' ({len(differ)} ids differ)' if len(differ) > 3 else ''}; merging row by row would mix "
+                "different tokens' embeddings",
+                hint="merge models fine-tuned from this base with its tokenizer; --vocab-policy union handles tokens "
+                     "a model added after the base's, but ids the models give other strings mean another tokenizer")
+
+
 def _who(v: TokenizerVocab, k: int | None) -> str:
     return f"the base ({v.label})" if k is None else f"model {k} ({v.label})"
 
