@@ -827,3 +827,25 @@ def test_a_model_whose_tokenizer_swaps_two_ids_is_refused(family, tmp_path, caps
                                       "--vocab-policy union"), output=tmp_path / "out", inputs=inputs, before=before)
     _tokenizer(ms[1], [*words, "added"])  # a token added after the base's: no disagreement on shared ids
     assert _run(_merge(b, ms, tmp_path / "out", "--vocab-policy", "truncate"), capsys)[0] == 0
+
+
+# ------------------------------------------------------------------ third pass: an adapter's files stay inside it
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_an_adapter_file_linked_outside_its_directory_is_refused(tmp_path, capsys, monkeypatch, name):
+    """p28: the same link on model.safetensors was refused; on adapter_model.safetensors it was read."""
+    inputs = tmp_path / "inputs"
+    module = "model.layers.0.self_attn.q_proj"
+    base = make_base(0)
+    b = write_hf_dir(inputs / "base", base)
+    loras = [write_lora_dir(inputs / f"lora{k}", random_lora(base, 2, k, modules=(module,)), alpha=4.0)
+             for k in range(2)]
+    outside = inputs / f"elsewhere-{name}"
+    os.replace(loras[0] / name, outside)
+    (loras[0] / name).symlink_to(outside)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, loras, tmp_path / "out", "--method", "task_arithmetic"), capsys)
+    check(rc, err, want_rc=1, needle=(str(loras[0] / name), f"resolves to {outside}, outside {loras[0]}"),
+          output=tmp_path / "out", inputs=inputs, before=before)
