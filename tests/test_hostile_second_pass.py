@@ -849,3 +849,22 @@ def test_an_adapter_file_linked_outside_its_directory_is_refused(tmp_path, capsy
     rc, err = _run(_merge(b, loras, tmp_path / "out", "--method", "task_arithmetic"), capsys)
     check(rc, err, want_rc=1, needle=(str(loras[0] / name), f"resolves to {outside}, outside {loras[0]}"),
           output=tmp_path / "out", inputs=inputs, before=before)
+
+
+def test_a_cache_snapshot_that_is_a_link_out_of_the_cache_is_refused(family, tmp_path, capsys, monkeypatch):
+    """p22: models--org--n/snapshots/<commit> a link to ~/o2 was merged as org/n."""
+    inputs, b, ms = family
+    repo = tmp_path / "hf" / "hub" / "models--org--n"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "snapshots").mkdir()
+    commit = "a" * 40
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).symlink_to(ms[1])
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    before = snapshot(inputs)
+    rc, err = _run(["merge", "--base", str(b), "--model", str(ms[0]), "--model", "org/n", "-o", str(tmp_path / "out"),
+                    "--no-progress"], capsys)
+    check(rc, err, want_rc=1, needle=("the snapshot aaaaaaaaaaaa of org/n", f"resolves to {ms[1]}, outside {repo}"),
+          output=tmp_path / "out", inputs=inputs, before=before)
