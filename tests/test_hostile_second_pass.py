@@ -868,3 +868,17 @@ def test_a_cache_snapshot_that_is_a_link_out_of_the_cache_is_refused(family, tmp
                     "--no-progress"], capsys)
     check(rc, err, want_rc=1, needle=("the snapshot aaaaaaaaaaaa of org/n", f"resolves to {ms[1]}, outside {repo}"),
           output=tmp_path / "out", inputs=inputs, before=before)
+
+
+# ------------------------------------------------------------------ third pass: typed errors
+
+
+def test_a_model_that_is_a_symlink_loop_is_named(family, tmp_path, capsys):
+    """p12: 'unexpected RuntimeError: Symlink loop ... this is a bug'."""
+    inputs, b, ms = family
+    (inputs / "loopd").symlink_to(inputs / "loopd")
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, [ms[0], inputs / "loopd"], tmp_path / "out"), capsys)
+    check(rc, err, want_rc=1, needle=("loopd: the model is a symbolic link loop", "fix or remove the link"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+    assert "unexpected" not in err

@@ -56,7 +56,9 @@ def as_method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMet
 
 
 def _identity(source: Any) -> Any:
-    return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(source).resolve())
+    # os.path.realpath, not Path.resolve: a link loop is named by paths.resolve when the model is opened,
+    # not a RuntimeError here
+    return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(os.path.realpath(source)))
 
 
 def check_inputs(base: Any, models: Sequence[Any]) -> None:
