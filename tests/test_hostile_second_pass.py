@@ -882,3 +882,17 @@ def test_a_model_that_is_a_symlink_loop_is_named(family, tmp_path, capsys):
     check(rc, err, want_rc=1, needle=("loopd: the model is a symbolic link loop", "fix or remove the link"),
           output=tmp_path / "out", inputs=inputs, before=before)
     assert "unexpected" not in err
+
+
+def test_paths_of_undecodable_bytes_are_recorded_escaped(family, tmp_path, capsys):
+    """t108: a model and an output named with byte \\xff: 'unexpected UnicodeEncodeError' after the merge."""
+    inputs, b, ms = family
+    odd = Path(os.fsdecode(bytes(inputs / "bad") + b"\xff"))
+    os.rename(ms[1], odd)
+    out = Path(os.fsdecode(bytes(tmp_path / "o") + b"\xff"))
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, [ms[0], odd], out), capsys)
+    assert rc == 0 and "Traceback" not in err and "unexpected" not in err, err
+    assert snapshot(inputs) == before
+    assert "bad\\udcff" in (out / "README.md").read_text(encoding="utf-8")
+    assert json.loads((out / "tiesmerge.json").read_text())["inputs"]["models"][1]["label"].endswith("bad\udcff")
