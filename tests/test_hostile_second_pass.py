@@ -896,3 +896,30 @@ def test_paths_of_undecodable_bytes_are_recorded_escaped(family, tmp_path, capsy
     assert snapshot(inputs) == before
     assert "bad\\udcff" in (out / "README.md").read_text(encoding="utf-8")
     assert json.loads((out / "tiesmerge.json").read_text())["inputs"]["models"][1]["label"].endswith("bad\udcff")
+
+
+# ------------------------------------------------------------------ third pass: the adapter config's numbers
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"r": 0}, "r is 0, not a positive integer"),
+    ({"r": -4}, "r is -4, not a positive integer"),
+    ({"r": "2"}, "r is '2', not a positive integer"),
+    ({"r": 4}, "r is 4 but the LoRA factors of"),
+    ({"lora_alpha": 1e300}, "scale for 'model.layers.0.self_attn.q_proj' (lora_alpha 1e+300 / r 2) is 5e+299, out of "
+                            "range")])
+def test_an_adapter_config_whose_rank_or_scale_is_wrong_is_refused(tmp_path, capsys, monkeypatch, config, needle):
+    """r=0 and r=-4 merged silently (the rank came from the tensors); lora_alpha 1e300 blamed a damaged
+    checkpoint (n19)."""
+    inputs = tmp_path / "inputs"
+    module = "model.layers.0.self_attn.q_proj"
+    base = make_base(0)
+    b = write_hf_dir(inputs / "base", base)
+    loras = [write_lora_dir(inputs / f"lora{k}", random_lora(base, 2, k, modules=(module,)), alpha=4.0)
+             for k in range(2)]
+    cfg = json.loads((loras[1] / "adapter_config.json").read_text())
+    (loras[1] / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, loras, tmp_path / "out", "--method", "task_arithmetic"), capsys)
+    check(rc, err, want_rc=1, needle=("lora1", needle), output=tmp_path / "out", inputs=inputs, before=before)
