@@ -923,3 +923,22 @@ def test_an_adapter_config_whose_rank_or_scale_is_wrong_is_refused(tmp_path, cap
     before = snapshot(inputs)
     rc, err = _run(_merge(b, loras, tmp_path / "out", "--method", "task_arithmetic"), capsys)
     check(rc, err, want_rc=1, needle=("lora1", needle), output=tmp_path / "out", inputs=inputs, before=before)
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.json", "added_tokens.json"])
+def test_an_added_token_with_empty_content_is_refused(tmp_path, layout):
+    """u07: --vocab-policy union accepted an added token whose content is ''."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.vocab import read_vocab
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    if layout == "tokenizer.json":
+        _tokenizer(folder, ["a", "b"])
+        data = json.loads((folder / "tokenizer.json").read_text())
+        (folder / "tokenizer.json").write_text(json.dumps({**data, "added_tokens": [{"id": 2, "content": ""}]}))
+    else:
+        (folder / "vocab.txt").write_text("a\nb\n")
+        (folder / "added_tokens.json").write_text(json.dumps({"": 2}))
+    with pytest.raises(CheckpointError, match=r"an added token \(id 2\) has empty content"):
+        read_vocab(folder, "model 1")

@@ -66,6 +66,9 @@ def _entry(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("content"), str):
         raise CheckpointError(f"{where}: an added token is not an object with a 'content' string ({str(raw)[:80]})",
                               hint="the tokenizer file is damaged; save the tokenizer again")
+    if not raw["content"]:  # no text can produce it, and the union would give it a row of its own
+        raise CheckpointError(f"{where}: an added token (id {raw.get('id', '?')}) has empty content",
+                              hint="the tokenizer file is damaged; remove that token or save the tokenizer again")
     entry = {k: raw[k] for k in _ENTRY_KEYS if k in raw}
     entry.setdefault("special", False)
     return entry
@@ -148,6 +151,7 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
             if not isinstance(data, dict):
                 raise CheckpointError(f"{at}: not a mapping of tokens to ids")
             for text, i in data.items():
+                _entry({"content": text, "id": i}, str(at))  # an empty token is refused, as in tokenizer.json
                 i = _as_id(i, str(at))
                 _put(tokens, i, str(text), str(at))
                 added.setdefault(i, {"content": str(text), "special": False})
