@@ -942,3 +942,33 @@ def test_an_added_token_with_empty_content_is_refused(tmp_path, layout):
         (folder / "added_tokens.json").write_text(json.dumps({"": 2}))
     with pytest.raises(CheckpointError, match=r"an added token \(id 2\) has empty content"):
         read_vocab(folder, "model 1")
+
+
+# ------------------------------------------------------------------ third pass: a FIFO is named as one
+
+
+def test_an_index_that_is_a_fifo_is_named_as_one(family, tmp_path, capsys):
+    """h04: a FIFO model.safetensors.index.json gave 'no model weights found' (while listing the index)."""
+    inputs, b, ms = family
+    os.mkfifo(ms[1] / "model.safetensors.index.json")
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out"), capsys)
+    check(rc, err, want_rc=1, needle=("model.safetensors.index.json", "a FIFO (named pipe)", "not a regular file"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+
+
+def test_a_cache_ref_that_is_a_fifo_is_named_as_one(family, tmp_path, capsys, monkeypatch):
+    """t88g: refs/main a FIFO gave 'holds models--org--n but not this revision'."""
+    inputs, b, ms = family
+    repo = tmp_path / "hf" / "hub" / "models--org--n"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "snapshots").mkdir()
+    os.mkfifo(repo / "refs" / "main")
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    before = snapshot(inputs)
+    rc, err = _run(["merge", "--base", str(b), "--model", str(ms[0]), "--model", "org/n", "-o", str(tmp_path / "out"),
+                    "--no-progress"], capsys)
+    check(rc, err, want_rc=1, needle=("refs/main", "a FIFO (named pipe)"), output=tmp_path / "out", inputs=inputs,
+          before=before)

@@ -86,7 +86,7 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
     snapshots = repo / "snapshots"
     commit = None
     ref = repo / "refs" / wanted
-    if ref.is_file():
+    if os.path.lexists(ref):  # a FIFO or folder there is named by read_regular, not taken for a missing ref
         text = read_regular(ref, f"the cache's ref {wanted} of {repo_id}", max_bytes=256).decode("ascii", "replace")
         commit = text.strip()
         if not re.fullmatch(r"[0-9a-f]{40}", commit):
