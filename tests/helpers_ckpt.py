@@ -58,6 +58,11 @@ TOKENIZER_FILES: dict[str, str] = {
 }
 
 
+# an earlier merge's manifest, as far as ``--force`` checks it (the fields tiesmerge's writer always writes)
+EARLIER_MANIFEST = json.dumps({"tiesmerge_version": "0", "method": {"name": "ties"}, "inputs": {},
+                               "output": {"files": ["model.safetensors"]}})
+
+
 def make_base(seed: int = 0, *, dtype: torch.dtype = torch.float32, shapes: Mapping[str, tuple[int, ...]] = SHAPES,
               with_int: bool = True) -> dict[str, torch.Tensor]:
     """A random base state dict (plus an int64 ``position_ids`` buffer when ``with_int``)."""

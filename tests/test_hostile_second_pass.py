@@ -683,3 +683,292 @@ def test_a_hint_never_suggests_a_force_that_would_refuse(family, tmp_path, capsy
     assert "pass --force" not in err and not (tmp_path / "s").exists()
     rc, err = _run([*argv, "--force"], capsys)  # and --force says the same, not something else
     assert rc == 1 and "--force replaces only a directory that tiesmerge wrote" in err
+
+
+# ------------------------------------------------------------------ third pass: --force needs tiesmerge's own manifest
+
+
+@pytest.mark.parametrize("marker", ["tiesmerge.json", "tiesmerge_stats.json", "analysis.json"])
+@pytest.mark.parametrize("text", ["{}", "[1]", "not json", '{"tiesmerge_version": "1", "output": {}}'])
+def test_force_needs_a_manifest_tiesmerge_wrote_not_a_file_of_that_name(family, tmp_path, capsys, marker, text):
+    inputs, b, ms = family
+    docs = tmp_path / "work" / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the user's notes")
+    (docs / marker).write_text(text)
+    before = snapshot(docs)
+    rc, err = _run(_merge(b, ms, docs, "--force"), capsys)
+    check(rc, err, want_rc=1, needle=("--force replaces only a directory that tiesmerge wrote", "a.txt"),
+          output=docs, inputs=docs, before=before, output_existed=True)
+
+
+# ------------------------------------------------------------------ third pass: a grid is counted before it is built
+
+
+def _sweep(command: str, b: Path, ms: list[Path], grid: list[str], tmp_path: Path) -> list[str]:
+    flags = [x for g in grid for x in ("--grid", g)]
+    tail = ["-o", str(tmp_path / "out")] if command == "tune" else ["--dir", str(tmp_path / "s")]
+    return [command, *cli_flags(b, ms), *flags, "--evaluator", "sweep_eval:score", *tail]
+
+
+@pytest.mark.parametrize("command", ["tune", "search"])
+@pytest.mark.parametrize("grid,needle", [
+    (["lam=0:1:0"], "the step must be a non-zero number"),
+    (["lam=1:0:0.1"], "the step leads away from stop"),
+    (["lam=0:1e308:1e-308"], "inf points, more than the 100,000"),
+    (["lam=0:1000:0.1", "density=0.01:0.99:0.01"], "the grid has 990,099 points")])
+def test_a_grid_range_that_is_empty_unbounded_or_huge_is_a_config_error(family, tmp_path, capsys, monkeypatch,
+                                                                        command, grid, needle):
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", "sweep_eval", "def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    before = snapshot(inputs)
+    rc, err = _run(_sweep(command, b, ms, grid, tmp_path), capsys)
+    check(rc, err, want_rc=2, needle=needle, output=tmp_path / "out", inputs=inputs, before=before)
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_grid_of_1e18_points_is_refused_at_once(family, tmp_path):
+    """h30: 0:1e9:1e-9 was built point by point (in a subprocess with a memory cap: it must not run away)."""
+    import resource
+
+    inputs, b, ms = family
+    (tmp_path / "work" / "sweep_eval.py").write_text("def score(state):\n    return 1.0\n")
+    cap = lambda: resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))  # noqa: E731
+    proc = subprocess.run([sys.executable, "-m", "tiesmerge.cli.main",
+                           *map(str, _sweep("tune", b, ms, ["lam=0:1e9:1e-9"], tmp_path))],
+                          cwd=tmp_path / "work", capture_output=True, text=True, timeout=60, preexec_fn=cap,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "work")})
+    assert proc.returncode == 2, proc.stderr
+    assert "1e+18 points, more than the 100,000" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------ third pass: no Inf handed back or scored
+
+
+def test_the_state_dict_api_refuses_an_overflowed_merge_naming_the_tensor():
+    """n21: merge(state dicts) returned Inf tensors; now the same check as a written output."""
+    from tiesmerge import merge
+    from tiesmerge.errors import InvalidTensorError
+
+    base, fts = make_family(2)
+    kept = {k: v.clone() for k, v in base.items()}
+    with pytest.raises(InvalidTensorError, match=r"tensor '.+': the merged value at element \d+ is not finite"):
+        merge(base, fts, "task_arithmetic", lam=1e300)
+    assert all(torch.equal(kept[k], base[k]) for k in base)
+    assert all(torch.isfinite(v).all() for v in merge(base, fts, "task_arithmetic", lam=1.0).values())
+
+
+def test_tune_never_scores_a_candidate_that_lam_made_infinite(family, tmp_path, capsys, monkeypatch):
+    """n17: --grid lam=1e300 fed Inf weights to the evaluator and printed best lam=1e+300."""
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", "inf_eval", "SEEN = []\ndef score(state):\n"
+                      "    import torch\n    SEEN.append(all(bool(torch.isfinite(v).all()) for v in state.values()"
+                      " if v.is_floating_point()))\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    before = snapshot(inputs)
+    rc, err = _run(["tune", *cli_flags(b, ms), "--grid", "density=0.5", "--grid", "lam=1.0,1e300", "--evaluator",
+                    "inf_eval:score", "-o", str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=1, needle=("candidate density=0.5 lam=1e+300", "is not finite", "cannot be scored"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+    assert "best:" not in err and sys.modules["inf_eval"].SEEN == [True]
+
+
+# ------------------------------------------------------------------ third pass: a failed search leaves no log
+
+
+@pytest.mark.parametrize("why", ["raises", "overflow"])
+def test_a_search_that_fails_before_scoring_leaves_no_default_dir(family, tmp_path, capsys, monkeypatch, why):
+    """t36, D04, n18: ./tiesmerge-search/log.jsonl stayed behind with no scored candidate in it."""
+    inputs, b, ms = family
+    _evaluator_module(tmp_path / "work", f"fail_eval_{why}", "def score(state):\n    raise RuntimeError('boom')\n"
+                      if why == "raises" else "def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    before = snapshot(inputs)
+    rc, err = _run(["search", *cli_flags(b, ms), "--evaluator", f"fail_eval_{why}:score", "--grid", "density=0.5",
+                    "--grid", f"lam={'1.0' if why == 'raises' else '1e300'}"], capsys)
+    check(rc, err, want_rc=1, needle="boom" if why == "raises" else "is not finite", output=None, inputs=inputs,
+          before=before)
+    assert not (tmp_path / "work" / "tiesmerge-search").exists()
+
+
+@pytest.mark.parametrize("flag", ["allow_distant", "allow_pickle", "force", "progress"])
+def test_the_api_takes_only_true_or_false_for_its_switches(tmp_path, flag):
+    """D09: allow_distant='no' counted as true (the recipe already refuses a non-boolean)."""
+    from tiesmerge import merge
+    from tiesmerge.errors import ConfigError
+
+    base, fts = make_family(2)
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=f"{flag}='no' must be True or False"):
+        merge(base, fts, "task_arithmetic", output=out, **{flag: "no"})
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ third pass: another tokenizer of the same size
+
+
+def _tokenizer(folder: Path, words: list[str]) -> None:
+    (folder / "tokenizer.json").write_text(json.dumps(
+        {"version": "1.0", "model": {"type": "WordLevel", "vocab": {w: i for i, w in enumerate(words)}}}))
+
+
+@pytest.mark.parametrize("policy", [[], ["--vocab-policy", "truncate"]])
+def test_a_model_whose_tokenizer_swaps_two_ids_is_refused(family, tmp_path, capsys, policy):
+    """t29h/t29i: same vocabulary size, w0 and w1 swapped: merged silently unless the policy was union."""
+    inputs, b, ms = family
+    words = [f"w{i}" for i in range(32)]
+    _tokenizer(b, words)
+    _tokenizer(ms[0], words)
+    _tokenizer(ms[1], [words[1], words[0], *words[2:]])
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", *policy), capsys)
+    check(rc, err, want_rc=1, needle=("model 1 (", "another tokenizer", "id 0: 'w0' in the base, 'w1' in model 1",
+                                      "--vocab-policy union"), output=tmp_path / "out", inputs=inputs, before=before)
+    _tokenizer(ms[1], [*words, "added"])  # a token added after the base's: no disagreement on shared ids
+    assert _run(_merge(b, ms, tmp_path / "out", "--vocab-policy", "truncate"), capsys)[0] == 0
+
+
+# ------------------------------------------------------------------ third pass: an adapter's files stay inside it
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "adapter_config.json"])
+def test_an_adapter_file_linked_outside_its_directory_is_refused(tmp_path, capsys, monkeypatch, name):
+    """p28: the same link on model.safetensors was refused; on adapter_model.safetensors it was read."""
+    inputs = tmp_path / "inputs"
+    module = "model.layers.0.self_attn.q_proj"
+    base = make_base(0)
+    b = write_hf_dir(inputs / "base", base)
+    loras = [write_lora_dir(inputs / f"lora{k}", random_lora(base, 2, k, modules=(module,)), alpha=4.0)
+             for k in range(2)]
+    outside = inputs / f"elsewhere-{name}"
+    os.replace(loras[0] / name, outside)
+    (loras[0] / name).symlink_to(outside)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, loras, tmp_path / "out", "--method", "task_arithmetic"), capsys)
+    check(rc, err, want_rc=1, needle=(str(loras[0] / name), f"resolves to {outside}, outside {loras[0]}"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+
+
+def test_a_cache_snapshot_that_is_a_link_out_of_the_cache_is_refused(family, tmp_path, capsys, monkeypatch):
+    """p22: models--org--n/snapshots/<commit> a link to ~/o2 was merged as org/n."""
+    inputs, b, ms = family
+    repo = tmp_path / "hf" / "hub" / "models--org--n"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "snapshots").mkdir()
+    commit = "a" * 40
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).symlink_to(ms[1])
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    before = snapshot(inputs)
+    rc, err = _run(["merge", "--base", str(b), "--model", str(ms[0]), "--model", "org/n", "-o", str(tmp_path / "out"),
+                    "--no-progress"], capsys)
+    check(rc, err, want_rc=1, needle=("the snapshot aaaaaaaaaaaa of org/n", f"resolves to {ms[1]}, outside {repo}"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+
+
+# ------------------------------------------------------------------ third pass: typed errors
+
+
+def test_a_model_that_is_a_symlink_loop_is_named(family, tmp_path, capsys):
+    """p12: 'unexpected RuntimeError: Symlink loop ... this is a bug'."""
+    inputs, b, ms = family
+    (inputs / "loopd").symlink_to(inputs / "loopd")
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, [ms[0], inputs / "loopd"], tmp_path / "out"), capsys)
+    check(rc, err, want_rc=1, needle=("loopd: the model is a symbolic link loop", "fix or remove the link"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+    assert "unexpected" not in err
+
+
+def test_paths_of_undecodable_bytes_are_recorded_escaped(family, tmp_path, capsys):
+    """t108: a model and an output named with byte \\xff: 'unexpected UnicodeEncodeError' after the merge."""
+    inputs, b, ms = family
+    odd = Path(os.fsdecode(bytes(inputs / "bad") + b"\xff"))
+    os.rename(ms[1], odd)
+    out = Path(os.fsdecode(bytes(tmp_path / "o") + b"\xff"))
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, [ms[0], odd], out), capsys)
+    assert rc == 0 and "Traceback" not in err and "unexpected" not in err, err
+    assert snapshot(inputs) == before
+    assert "bad\\udcff" in (out / "README.md").read_text(encoding="utf-8")
+    assert json.loads((out / "tiesmerge.json").read_text())["inputs"]["models"][1]["label"].endswith("bad\udcff")
+
+
+# ------------------------------------------------------------------ third pass: the adapter config's numbers
+
+
+@pytest.mark.parametrize("config,needle", [
+    ({"r": 0}, "r is 0, not a positive integer"),
+    ({"r": -4}, "r is -4, not a positive integer"),
+    ({"r": "2"}, "r is '2', not a positive integer"),
+    ({"r": 4}, "r is 4 but the LoRA factors of"),
+    ({"lora_alpha": 1e300}, "scale for 'model.layers.0.self_attn.q_proj' (lora_alpha 1e+300 / r 2) is 5e+299, out of "
+                            "range")])
+def test_an_adapter_config_whose_rank_or_scale_is_wrong_is_refused(tmp_path, capsys, monkeypatch, config, needle):
+    """r=0 and r=-4 merged silently (the rank came from the tensors); lora_alpha 1e300 blamed a damaged
+    checkpoint (n19)."""
+    inputs = tmp_path / "inputs"
+    module = "model.layers.0.self_attn.q_proj"
+    base = make_base(0)
+    b = write_hf_dir(inputs / "base", base)
+    loras = [write_lora_dir(inputs / f"lora{k}", random_lora(base, 2, k, modules=(module,)), alpha=4.0)
+             for k in range(2)]
+    cfg = json.loads((loras[1] / "adapter_config.json").read_text())
+    (loras[1] / "adapter_config.json").write_text(json.dumps({**cfg, **config}))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, loras, tmp_path / "out", "--method", "task_arithmetic"), capsys)
+    check(rc, err, want_rc=1, needle=("lora1", needle), output=tmp_path / "out", inputs=inputs, before=before)
+
+
+@pytest.mark.parametrize("layout", ["tokenizer.json", "added_tokens.json"])
+def test_an_added_token_with_empty_content_is_refused(tmp_path, layout):
+    """u07: --vocab-policy union accepted an added token whose content is ''."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.vocab import read_vocab
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    if layout == "tokenizer.json":
+        _tokenizer(folder, ["a", "b"])
+        data = json.loads((folder / "tokenizer.json").read_text())
+        (folder / "tokenizer.json").write_text(json.dumps({**data, "added_tokens": [{"id": 2, "content": ""}]}))
+    else:
+        (folder / "vocab.txt").write_text("a\nb\n")
+        (folder / "added_tokens.json").write_text(json.dumps({"": 2}))
+    with pytest.raises(CheckpointError, match=r"an added token \(id 2\) has empty content"):
+        read_vocab(folder, "model 1")
+
+
+# ------------------------------------------------------------------ third pass: a FIFO is named as one
+
+
+def test_an_index_that_is_a_fifo_is_named_as_one(family, tmp_path, capsys):
+    """h04: a FIFO model.safetensors.index.json gave 'no model weights found' (while listing the index)."""
+    inputs, b, ms = family
+    os.mkfifo(ms[1] / "model.safetensors.index.json")
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out"), capsys)
+    check(rc, err, want_rc=1, needle=("model.safetensors.index.json", "a FIFO (named pipe)", "not a regular file"),
+          output=tmp_path / "out", inputs=inputs, before=before)
+
+
+def test_a_cache_ref_that_is_a_fifo_is_named_as_one(family, tmp_path, capsys, monkeypatch):
+    """t88g: refs/main a FIFO gave 'holds models--org--n but not this revision'."""
+    inputs, b, ms = family
+    repo = tmp_path / "hf" / "hub" / "models--org--n"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "snapshots").mkdir()
+    os.mkfifo(repo / "refs" / "main")
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    before = snapshot(inputs)
+    rc, err = _run(["merge", "--base", str(b), "--model", str(ms[0]), "--model", "org/n", "-o", str(tmp_path / "out"),
+                    "--no-progress"], capsys)
+    check(rc, err, want_rc=1, needle=("refs/main", "a FIFO (named pipe)"), output=tmp_path / "out", inputs=inputs,
+          before=before)

@@ -24,6 +24,7 @@ from .inputs import (
     StatsInput,
     as_method,
     budget_of,
+    check_booleans,
     check_inputs,
     check_output_not_input,
     device_of,
@@ -133,6 +134,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     >>> tiesmerge.merge(base_sd, [sd_a, sd_b], tiesmerge.methods.Ties(lam=1.2))  # -> state dict
     """
     started = time.perf_counter()
+    check_booleans(force=force, allow_pickle=allow_pickle, allow_distant=allow_distant, progress=progress)
     m = as_method(method, method_options)
     base, models = resolve_sources(base, models)  # org/name[@revision]: from the local Hugging Face cache
     try:
@@ -221,7 +223,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 base_label=getattr(base, "repo_id", prepared.base.label), base_revision=getattr(base, "revision", None),
                 base_commit=getattr(base, "commit", None), model_labels=[c.label for c in prepared.models],
                 recipe_yaml=recipe.to_yaml(), method_name=m.name, paper=m.paper, summary=m.summary,
-                version=__version__))
+                version=__version__), encoding="utf-8", errors="backslashreplace")  # a path's undecodable bytes: \xff
             run_stats.seconds["total"] = time.perf_counter() - started
             manifest = merge_manifest(recipe, executor, run_stats, hashed, files, copied)
             manifest["base_distance"] = [d.to_dict() for d in prepared.distances]

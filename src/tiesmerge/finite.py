@@ -60,7 +60,8 @@ def check_finite(name: str, chunk: Any, code: str, offset: int = 0) -> None:
         return
     raise InvalidTensorError(
         f"tensor {name!r}: the merged value at element {offset + where:,} is not finite (Inf or NaN) in the output "
-        f"dtype {code}; the merge overflowed, so nothing was written", hint=_HINTS.get(code, _HINTS["F32"]))
+        f"dtype {code}; the merge overflowed, so no merged model was written or returned",
+        hint=_HINTS.get(code, _HINTS["F32"]))
 
 
 # What helps depends on the dtype: float16 stops at 65504, so a wider dtype holds what a sensible merge

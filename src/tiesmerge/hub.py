@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
-from .paths import read_regular
+from .paths import inside, read_regular
 
 __all__ = ["HubPath", "hub_cache", "split_repo_id", "resolve_repo", "resolve_source"]
 
@@ -86,7 +86,7 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
     snapshots = repo / "snapshots"
     commit = None
     ref = repo / "refs" / wanted
-    if ref.is_file():
+    if os.path.lexists(ref):  # a FIFO or folder there is named by read_regular, not taken for a missing ref
         text = read_regular(ref, f"the cache's ref {wanted} of {repo_id}", max_bytes=256).decode("ascii", "replace")
         commit = text.strip()
         if not re.fullmatch(r"[0-9a-f]{40}", commit):
@@ -105,6 +105,9 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
             f"{repo_id}@{wanted}: the Hugging Face cache {cache} holds {repo.name} but not this revision "
             f"(refs: {', '.join(have) or 'none'}; snapshots: {', '.join(snaps) or 'none'})",
             hint=_fetch_hint(repo_id, revision))
+    # the snapshot folder itself must lie in the cache's repository folder: a snapshot that is a link
+    # to ~/elsewhere would make a repo id read whatever folder it names (its files are checked apart)
+    inside(snapshots / commit, repo, f"the snapshot {commit[:12]} of {repo_id}")
     return HubPath(str(snapshots / commit), repo_id, revision, commit)
 
 

@@ -56,7 +56,9 @@ def as_method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMet
 
 
 def _identity(source: Any) -> Any:
-    return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(source).resolve())
+    # os.path.realpath, not Path.resolve: a link loop is named by paths.resolve when the model is opened,
+    # not a RuntimeError here
+    return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(os.path.realpath(source)))
 
 
 def check_inputs(base: Any, models: Sequence[Any]) -> None:
@@ -237,6 +239,17 @@ class Prepared:
     distances: tuple = ()  # distance.ModelDistance per model: how far each is from the base
 
 
+def _check_tokenizers(base: Checkpoint, models: list[Checkpoint]) -> None:
+    """Model directories whose tokenizers give a shared id different strings: an error (io.vocab)."""
+    from .io.vocab import check_same_tokens
+
+    if base.directory() is None or yields_task_vector(base):
+        return
+    check_same_tokens((Path(base.directory()), base.label),
+                      [(k, Path(m.directory()), m.label) for k, m in enumerate(models)
+                       if m.directory() is not None and not yields_task_vector(m)])
+
+
 def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMethod, stats: Sequence[Any] | None,
                   out_dtype: DType | None) -> tuple[Checkpoint, list[Checkpoint], Any, dict[str, tuple[str, int]]]:
     """``vocab_policy="union"``: the tokenizers read and united, the inputs seen through the union
@@ -265,12 +278,21 @@ def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMetho
     return base_view, model_views, layout, routes
 
 
+def check_booleans(**flags: Any) -> None:
+    """Switches of the Python API are true or false, as a recipe's are: ``allow_distant="no"`` is a
+    non-empty string, so truthy, and would merge the very models it meant to refuse."""
+    wrong = [f"{name}={value!r} must be True or False" for name, value in flags.items() if not isinstance(value, bool)]
+    if wrong:
+        raise ConfigError(wrong)
+
+
 def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMethod, *, device: str,
             memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
             allow_pickle: bool, progress: Any = None, output_format: str = "model",
             stats: Sequence[Any] | None = None, allow_distant: bool = False) -> Prepared:
     """Open the inputs (closed by ``stack``), align them, check every role, measure how far each
     model is from the base (a distant model is an error unless ``allow_distant``), plan the merge."""
+    check_booleans(allow_pickle=allow_pickle, allow_distant=allow_distant)
     check_inputs(base, models)
     problems = check_models(method, len(models))
     if problems:
@@ -286,6 +308,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
     layout, routes = None, {}
+    if vocab_policy != "union":  # union compares the tokenizers itself (io.vocab.union_of)
+        _check_tokenizers(engine_base, engine_models)
     if vocab_policy == "union":
         engine_base, engine_models, layout, routes = _union_inputs(engine_base, engine_models, method, stats,
                                                                    out_dtype)

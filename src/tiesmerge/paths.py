@@ -33,6 +33,12 @@ __all__ = ["OUTPUT_MARKERS", "resolve", "check_input", "open_regular", "read_reg
 # a directory holding one of these (as a regular file) was written by tiesmerge: merge, stats, analyze
 OUTPUT_MARKERS = ("tiesmerge.json", "tiesmerge_stats.json", "analysis.json")
 
+# the fields each marker's writer always writes: a file merely named like a marker (``{}``) is no proof
+_MARKER_FIELDS = {"tiesmerge.json": ("tiesmerge_version", "output", "inputs", "method"),
+                  "tiesmerge_stats.json": ("kind", "examples", "tiesmerge_version"),
+                  "analysis.json": ("tiesmerge_version", "n_models")}
+_MARKER_MAX_BYTES = 256 << 20  # a manifest lists files and thresholds: far below this
+
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket"}
 
@@ -228,7 +234,7 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
         raise OutputError(f"{output}: cannot list the output directory ({exc.strerror or exc})") from None
     if not entries:
         return
-    ours = any(os.path.isfile(final / m) and not os.path.islink(final / m) for m in OUTPUT_MARKERS)
+    ours = any(_is_marker(final / m) for m in OUTPUT_MARKERS)
     shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
     if not force and ours:
         raise OutputError(f"{output}: the output directory exists and is not empty (an earlier tiesmerge output)",
@@ -241,6 +247,26 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
                           hint="choose another path, or remove that directory yourself if you mean it")
+
+
+def _is_marker(path: Path) -> bool:
+    """``path`` is a marker tiesmerge wrote: a regular file (not a link), JSON holding every field
+    its writer always writes (a merge's ``output`` with its ``files`` list). Read with the limited
+    reader: a FIFO, a huge file or garbage is simply not a marker."""
+    import json
+
+    if os.path.islink(path) or not os.path.isfile(path):
+        return False
+    try:
+        data = json.loads(read_regular(path, "the output marker", max_bytes=_MARKER_MAX_BYTES, error=OutputError))
+    except (TiesMergeError, ValueError, RecursionError):
+        return False
+    if not isinstance(data, dict) or not all(k in data for k in _MARKER_FIELDS[path.name]):
+        return False
+    if path.name == "tiesmerge.json":
+        output = data["output"]
+        return isinstance(output, dict) and isinstance(output.get("files"), list)
+    return isinstance(data["tiesmerge_version"], str)
 
 
 def _check_writable_parent(output: str | os.PathLike, final: Path) -> None:

@@ -252,6 +252,9 @@ def _search_parser(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a path of undecodable bytes (\xff) is printed escaped, never a crash
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         parser = _parser()  # reads the method table (broken plugins are set aside, never a traceback)
     except TiesMergeError as exc:

@@ -17,6 +17,7 @@ Two ways to merge a chunk:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from ..dtypes import DType, as_dtype
+from ..finite import check_finite
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
 from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
@@ -56,10 +58,15 @@ class MemorySink:
 
     def __init__(self, jobs: Iterable[TensorJob], out_dtype: DType | torch.dtype | None) -> None:
         self.state: dict[str, torch.Tensor] = {}
+        # merged tensors are checked as a written output's are (finite.py): an overflow is an error
+        # naming the tensor, never Inf handed back to the caller (or to a tuning evaluator)
+        self._finite: dict[str, str] = {}
         out = as_dtype(out_dtype) if out_dtype is not None else None
         for job in jobs:
             dtype = (out or job.dtype_info) if job.merge else job.dtype_info
             self.state[job.name] = torch.empty(job.shape, dtype=dtype.torch)
+            if job.merge and dtype.code:
+                self._finite[job.name] = dtype.code
 
     def write(self, name: str, rows: slice | None, chunk: torch.Tensor | np.ndarray) -> None:
         target = self.state[name]
@@ -67,6 +74,9 @@ class MemorySink:
             chunk = torch.from_numpy(chunk.reshape(-1).view(np.uint8)).view(target.dtype)
         part = target if rows is None or target.dim() == 0 else target[rows]
         part.copy_(chunk.view(part.shape) if chunk.numel() == part.numel() else chunk)
+        if name in self._finite:
+            row = math.prod(target.shape[1:])  # elements per row: the offset the error names
+            check_finite(name, part, self._finite[name], (rows.start or 0) * row if rows is not None else 0)
 
     def alias(self, name: str, source: str) -> None:
         self.state[name] = self.state[source]

@@ -66,6 +66,23 @@ def _number(value: object, what: str, source: str) -> float:
     return float(value)
 
 
+# a LoRA scale alpha / r is a few units (alpha 8..64, r 4..64); this bound only refuses nonsense
+# such as lora_alpha 1e300, whose products overflow, not any adapter someone trained
+MAX_LORA_SCALE = 1e6
+
+
+def _declared_rank(config: dict, source: str) -> int | None:
+    """The config's ``r``: a positive integer, or None when it is absent or per-module ranks
+    (``rank_pattern``) make the factors' own ranks the ones that count."""
+    r = config.get("r")
+    if r is None:
+        return None
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CheckpointError(f"{source}: r is {repr(r)[:80]}, not a positive integer (the LoRA rank)",
+                              hint="fix the adapter config (PEFT writes r as a positive integer)")
+    return None if config.get("rank_pattern") else r
+
+
 def _patterns(config: dict, key: str, source: str) -> list[tuple[ModulePattern, float]]:
     """PEFT's per-module pattern table (``alpha_pattern``), each key compiled to a matcher that
     never backtracks, each value checked as a number."""
@@ -151,6 +168,7 @@ class LoraCheckpoint:
         alpha_pattern = _patterns(self.config, "alpha_pattern", source)
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
+        declared = _declared_rank(self.config, source)
         targets: dict[str, LoraTarget] = {}
         for module, (a_key, b_key, embedding) in self._factors.items():
             name = resolve_name(module, ".weight", base, self.label, a_key)
@@ -167,8 +185,17 @@ class LoraCheckpoint:
                     f"{self.label}: LoRA of {module!r} has B·A of shape {(b[0], a[1])}, which does not fit the base "
                     f"tensor {name!r} {tuple(base.info(name).shape)}",
                     hint="the adapter was trained on another base model; pass the base it was trained from")
+            if declared is not None and rank != declared:  # the scale divides by r: which r is meant matters
+                raise IncompatibleCheckpointsError(
+                    f"{source}: r is {declared} but the LoRA factors of {module!r} have rank {rank} (A {tuple(a)})",
+                    hint="the config does not describe these weights; fix r (or give the module a rank_pattern entry)")
             module_alpha = _pattern_value(alpha_pattern, module, alpha)
             scale = module_alpha / (math.sqrt(rank) if rs else rank)
+            if not abs(scale) <= MAX_LORA_SCALE:  # lora_alpha 1e300: every product would overflow to Inf
+                raise CheckpointError(
+                    f"{source}: the adapter's scale for {module!r} (lora_alpha {module_alpha:g} / "
+                    f"{'sqrt(r)' if rs else 'r'} {rank}) is {scale:.3g}, out of range (at most {MAX_LORA_SCALE:g})",
+                    hint="fix lora_alpha in the adapter config (PEFT's default is 8; a scale is a few units)")
             targets[name] = LoraTarget(module, a_key, b_key, rank, scale, transposed, embedding)
         full_bound: dict[str, str] = {}
         for plain, key in self._full.items():

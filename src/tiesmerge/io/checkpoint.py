@@ -110,7 +110,7 @@ def open_checkpoint(
     if (path / ADAPTER_CONFIG).is_file():  # a PEFT adapter: read as task vectors
         return open_adapter(path, label)
     index = path / "model.safetensors.index.json"
-    if index.is_file():
+    if os.path.lexists(index):  # a FIFO or folder there is named by the limited reader, not "no weights found"
         weight_map = _read_index(index)
         shards = sorted(set(weight_map.values()))
         return SafetensorsCheckpoint(path, shards, weight_map, label)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError
 from ..limits import read_json
+from ..paths import inside
 from .protocol import Checkpoint
 from .safetensors_reader import SafetensorsCheckpoint
 
@@ -65,6 +66,9 @@ _FLAGS = ("use_rslora", "fan_in_fan_out", "use_dora", "use_qalora", "inference_m
 
 def read_adapter_dir(path: Path, label: str) -> tuple[dict, SafetensorsCheckpoint]:
     """An adapter directory's config and its (opened, validated) weights file."""
+    # the adapter's files must resolve inside its directory, as a model's weights must (paths.inside):
+    # a link to ~/secret.safetensors is refused, not read
+    inside(path / ADAPTER_CONFIG, path, "the adapter config")
     config = read_json(path / ADAPTER_CONFIG, "the adapter config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a mapping")
@@ -79,4 +83,5 @@ def read_adapter_dir(path: Path, label: str) -> tuple[dict, SafetensorsCheckpoin
         raise CheckpointError(
             f"{path}: no {ADAPTER_WEIGHTS}" + (" (only adapter_model.bin, a pickle)" if pickled.is_file() else ""),
             hint="save the adapter with safe_serialization=True (PEFT's default) or convert it to safetensors")
+    inside(weights, path, "the adapter's weights")
     return config, SafetensorsCheckpoint(weights, [weights], {}, label)

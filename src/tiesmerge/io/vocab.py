@@ -66,6 +66,9 @@ def _entry(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(raw, dict) or not isinstance(raw.get("content"), str):
         raise CheckpointError(f"{where}: an added token is not an object with a 'content' string ({str(raw)[:80]})",
                               hint="the tokenizer file is damaged; save the tokenizer again")
+    if not raw["content"]:  # no text can produce it, and the union would give it a row of its own
+        raise CheckpointError(f"{where}: an added token (id {raw.get('id', '?')}) has empty content",
+                              hint="the tokenizer file is damaged; remove that token or save the tokenizer again")
     entry = {k: raw[k] for k in _ENTRY_KEYS if k in raw}
     entry.setdefault("special", False)
     return entry
@@ -148,6 +151,7 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
             if not isinstance(data, dict):
                 raise CheckpointError(f"{at}: not a mapping of tokens to ids")
             for text, i in data.items():
+                _entry({"content": text, "id": i}, str(at))  # an empty token is refused, as in tokenizer.json
                 i = _as_id(i, str(at))
                 _put(tokens, i, str(text), str(at))
                 added.setdefault(i, {"content": str(text), "special": False})
@@ -207,6 +211,42 @@ class VocabUnion:
                              "moved": [[a, b] for a, b in sorted(self.maps[k].items()) if a != b]}
                             for k, m in enumerate(self.models)],
                 "chat_template_from": self.chat_template_from, "notes": list(self.notes)}
+
+
+_VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
+
+
+def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]]) -> None:
+    """Without ``--vocab-policy union``, row i of every embedding is merged with row i: the same token
+    only when every tokenizer gives id i the same string. When the base and a model both hold a
+    tokenizer (read as data), the ids they share must agree; a swap of two ids (another tokenizer of the
+    same size) would otherwise merge silently into nonsense. A tokenizer not readable as data is
+    skipped: this check only refuses what it can see."""
+    def vocab(directory: Path, label: str) -> TokenizerVocab | None:
+        if not any(os.path.lexists(directory / n) for n in _VOCAB_FILES):
+            return None
+        try:
+            return read_vocab(directory, label)
+        except CheckpointError:
+            return None
+
+    vb = vocab(*base)
+    if vb is None:
+        return
+    for k, directory, label in models:  # k: the model's position among all the models
+        vm = vocab(directory, label)
+        if vm is None:
+            continue
+        differ = [i for i in sorted(vb.tokens) if i in vm.tokens and vm.tokens[i] != vb.tokens[i]]
+        if differ:
+            shown = ", ".join(f"id {i}: {vb.tokens[i]!r} in the base, {vm.tokens[i]!r} in model {k}"
+                              for i in differ[:3])
+            raise IncompatibleCheckpointsError(
+                f"model {k} ({label}) has another tokenizer than the base ({base[1]}): {shown}"
+                f"{f' ({len(differ)} ids differ)' if len(differ) > 3 else ''}; merging row by row would mix "
+                "different tokens' embeddings",
+                hint="merge models fine-tuned from this base with its tokenizer; --vocab-policy union handles tokens "
+                     "a model added after the base's, but ids the models give other strings mean another tokenizer")
 
 
 def _who(v: TokenizerVocab, k: int | None) -> str:

@@ -385,14 +385,26 @@ _TYPE_CHECKS: dict[Any, Check] = {
 }
 
 
+MAX_AXIS_POINTS = 100_000  # each point is a whole merge (and an evaluation): far beyond any real sweep
+
+
 def steps(start: float, stop: float, step: float) -> tuple[float, ...]:
     """An inclusive grid, rounded so that 0.8 + 0.1 * k prints as it should (a tuning axis).
 
     >>> steps(0.8, 1.0, 0.1)
     (0.8, 0.9, 1.0)
     """
-    count = int(round((stop - start) / step)) + 1
-    return tuple(round(start + i * step, 6) for i in range(count))
+    bounds = f"start:stop:step {start:g}:{stop:g}:{step:g}"
+    if not all(math.isfinite(v) for v in (start, stop, step)) or step == 0:
+        raise ConfigError(f"{bounds}: the step must be a non-zero number and every bound finite")
+    if (stop - start) / step < 0:
+        raise ConfigError(f"{bounds}: the step leads away from stop (the grid would be empty); "
+                          "a falling grid takes a negative step")
+    count = (stop - start) / step + 1  # counted before anything is built: 0:1e9:1e-9 would be 1e18 points
+    if not count <= MAX_AXIS_POINTS:  # inf (0:1e308:1e-308) too
+        raise ConfigError(f"{bounds}: {count:.3g} points, more than the {MAX_AXIS_POINTS:,} a grid axis may hold",
+                          hint="use a larger step")
+    return tuple(round(start + i * step, 6) for i in range(round(count)))
 
 
 def method_config(cls: type) -> type:

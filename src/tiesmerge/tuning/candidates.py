@@ -23,8 +23,8 @@ from ..methods.base import MergeMethod
 from ..registry import make_method, method_class
 from .space import canonical
 
-__all__ = ["Candidate", "Job", "merge_key", "merged_delta", "candidate_state", "scaled_state", "score_state",
-           "as_state", "float32"]
+__all__ = ["Candidate", "Job", "merge_key", "merged_delta", "candidate_state", "check_candidate", "scaled_state",
+           "score_state", "as_state", "float32"]
 
 Evaluator = Callable[[Mapping[str, torch.Tensor]], float]
 
@@ -105,7 +105,26 @@ def candidate_state(job: Job, base32: Mapping[str, torch.Tensor], delta: Mapping
     """The candidate's state dict from its merge key's :func:`merged_delta`."""
     if not job.has_lam:
         return {k: delta[k].to(dtypes[k]) if k in delta else base32[k] for k in base32}
-    return scaled_state(base32, delta, job.lam_of(options), dtypes)
+    lam = job.lam_of(options)
+    state = scaled_state(base32, delta, lam, dtypes)
+    shown = {**options, "lam": lam}
+    check_candidate(state, delta, " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                                           for k, v in shown.items()))
+    return state
+
+
+def check_candidate(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], where: str) -> None:
+    """A lam-scaled candidate is checked before it is scored, as a written output is (finite.py): Inf
+    weights would reach the evaluator, and could even score best. An error, not a skip: lam is the
+    user's own choice, and a sweep that silently dropped points would report a best over fewer."""
+    from ..errors import InvalidTensorError
+    from ..finite import first_nonfinite
+
+    for name in delta:  # only scaled tensors can overflow; the base's own were checked when read
+        if first_nonfinite(state[name], "F32") is not None:
+            raise InvalidTensorError(
+                f"candidate {where}: tensor {name!r} is not finite (Inf or NaN) once the merge is scaled by lam, "
+                "so this candidate cannot be scored", hint="use smaller lam values (a sensible lam is a few units)")
 
 
 def scaled_state(base32: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], lam: float,

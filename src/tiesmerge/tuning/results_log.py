@@ -30,6 +30,13 @@ class ResultsLog:
         self.path = Path(path)
         self.header = {"format": FORMAT, **header}
         self.records: dict[str, dict[str, Any]] = {}
+        self._fd = -1
+        # a new log (and its folder) is created with the first scored candidate: a search that fails
+        # before scoring anything leaves no log.jsonl (nor ./tiesmerge-search) behind
+        if os.path.lexists(self.path):
+            self._start()
+
+    def _start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = self._open()
         if os.fstat(self._fd).st_size:
@@ -113,6 +120,8 @@ class ResultsLog:
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Write one scored candidate and flush it to disk: a search killed later keeps its score."""
+        if self._fd < 0:
+            self._start()
         self.records[record["key"]] = dict(record)
         self._write_line(record)
 

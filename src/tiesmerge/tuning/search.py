@@ -9,6 +9,7 @@ of 3 densities x 23 lams costs 3 merges, not 69. The tuner takes any evaluator c
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ import torch
 
 from ..api import Source, merge
 from ..errors import ConfigError
-from ..methods.base import MergeMethod, option_problem, option_types, steps
+from ..methods.base import MAX_AXIS_POINTS, MergeMethod, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
+from .candidates import check_candidate
 from .evaluator import guard
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
@@ -69,11 +71,17 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
                 problems.append(f"--grid {item!r}: {name} {bad[1]}")
                 continue
             grid[name] = axis
+        except ConfigError as exc:  # a range that is empty, unbounded or too long: its own words
+            problems += [f"--grid {item!r}: {p}" for p in exc.problems]
         except ValueError:
             problems.append(f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step"
                             + (" with integers" if kind is int else ""))
+    total = math.prod(len(axis) for axis in grid.values())
+    if not problems and total > MAX_AXIS_POINTS:  # every point is a merge: refused before the first
+        problems.append(f"--grid: the grid has {total:,} points (the product of its axes' lengths), more than "
+                        f"the {MAX_AXIS_POINTS:,} a sweep may hold")
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, hint="narrow the axes or use larger steps" if total > MAX_AXIS_POINTS else None)
     return grid
 
 
@@ -156,6 +164,8 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
         del merged
         for lam in lams:
             state = whole if lam is None else _scaled(base32, delta, lam, dtypes)
+            if lam is not None:
+                check_candidate(state, delta, " ".join([*(f"{k}={v}" for k, v in combo.items()), f"lam={lam:g}"]))
             point = GridPoint(dict(combo), lam, float(evaluate(state)))
             points.append(point)
             if on_point is not None:
