@@ -142,18 +142,19 @@ class ClassifierAccuracy(_Scorer):
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         from transformers import AutoModelForSequenceClassification
 
+        from .forward import ClassifierLogits
+
         model, tokenizer = self._model("seq-cls", AutoModelForSequenceClassification.from_pretrained)
         _load_state(model, state, self.model_dir)
         classes = model.config.num_labels
         if max(label for *_, label in self.examples) >= classes:
             raise ConfigError(f"{self.data}: a label is >= the model's {classes} classes")
+        forward = ClassifierLogits(model, tokenizer, max_length=self.max_length)  # the same forward adapt uses
         hits = 0
         for i in range(0, len(self.examples), self.batch_size):
             chunk = self.examples[i:i + self.batch_size]
-            pairs = [p for _, p, _ in chunk] if all(p is not None for _, p, _ in chunk) else None
-            batch = tokenizer([t for t, _, _ in chunk], pairs, padding=True, truncation=True,
-                              max_length=self.max_length, return_tensors="pt").to(_device(self.device))
-            predictions = model(**batch).logits.argmax(-1)  # (B,)
+            rows = [{"text": t, **({"text_pair": p} if p is not None else {})} for t, p, _ in chunk]
+            predictions = forward(forward.encode(rows, "validation"), "validation").argmax(-1)  # (B,)
             hits += int((predictions.cpu() == torch.tensor([y for *_, y in chunk])).sum())
         return hits / len(self.examples)
 
