@@ -179,6 +179,8 @@ def test_adapt_cli_on_a_bert_classifier(classifiers, tmp_path, capsys):
     coefficients = json.loads((merged / "adamerging_coefficients.json").read_text())
     assert len(coefficients["values"]) == 2 and len(coefficients["values"][0]) == len(coefficients["layers"]) > 10
     assert len(json.loads((merged / "adamerging_entropy.json").read_text())["mean"]) == 4
+    # the report files were written inside the atomic output, so its listing names them (--force relies on it)
+    assert {"adamerging_coefficients.json", "adamerging_entropy.json"} <= set(manifest["written"])
     assert (tmp_path / "merged.adapt-checkpoint.pt").is_file()
     if pytest.importorskip("matplotlib"):
         assert (merged / "adamerging_coefficients.png").is_file() and (merged / "adamerging_entropy.png").is_file()

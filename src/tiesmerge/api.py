@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -113,6 +113,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
           allow_pickle: bool = False, vocab_policy: str = "error", progress: bool = False,
           output_format: str = "model", rank: int | None = None, origin: Mapping[str, Any] | None = None,
           stats: Sequence[StatsInput] | None = None, allow_distant: bool = False,
+          finish: Callable[[Path, dict[str, Any]], None] | None = None,
           **method_options: Any) -> Path | dict[str, torch.Tensor]:
     """Merge fine-tuned ``models`` of ``base`` and write an HF directory (or return a state dict).
 
@@ -126,7 +127,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     ``vocab_policy``: ``"error"`` on vocabulary sizes that differ, ``"truncate"`` (the base's rows),
     ``"union"`` (a tokenizer holding every model's added tokens: :mod:`tiesmerge.io.vocab`).
     A model that does not look fine-tuned from ``base`` is an error before anything merges unless
-    ``allow_distant`` (:mod:`tiesmerge.distance`).
+    ``allow_distant`` (:mod:`tiesmerge.distance`). ``finish(staging_dir, manifest)``, for commands
+    built on a merge (``adapt``), adds its own files and manifest fields before the output is
+    renamed into place, so they are as atomic as the weights.
 
     >>> import tiesmerge                                                      # doctest: +SKIP
     >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
@@ -239,6 +242,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 manifest["statistics"] = [{"label": s.label, "manifest": s.manifest.to_dict() if s.manifest else None}
                                           for s in prepared.stats]
                 manifest["statistics_missing"] = executor.side.missing if executor.side else []
+            if finish is not None:
+                finish(tmp, manifest)
             (tmp / "tiesmerge.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return Path(output)
 

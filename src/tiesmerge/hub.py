@@ -60,11 +60,22 @@ def hub_cache() -> Path:
 
 
 def split_repo_id(text: str) -> tuple[str, str, str | None] | None:
-    """(org, name, revision or None) when ``text`` is written as a repo id, else None."""
+    """(org, name, revision or None) when ``text`` is written as a repo id, else None.
+
+    A repo id whose revision could walk out of the cache (``org/name@../..``, ``org/name@/etc``)
+    is an error naming the revision, not a path: read as a path, ``org/n@../../..`` would be the
+    working folder itself, and the user would be told about the output instead of the model."""
     match = _REPO.match(text)
-    if match is None or ".." in (match.group(3) or "") or (match.group(3) or "").startswith("/"):
+    if match is None:
         return None
-    return match.group(1), match.group(2), match.group(3)
+    revision = match.group(3)
+    if revision is not None and (".." in revision or "//" in revision or revision.startswith("/")
+                                 or revision.endswith("/")):
+        raise CheckpointError(f"{text}: {revision!r} is not a revision (a branch, tag or commit hash "
+                              "holds no '..', leading or trailing '/', or '//')",
+                              hint=f"name a branch, tag or commit of {match.group(1)}/{match.group(2)}, "
+                                   "or give the model's local folder")
+    return match.group(1), match.group(2), revision
 
 
 def _fetch_hint(repo_id: str, revision: str | None) -> str:

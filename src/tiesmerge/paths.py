@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, OutputError, TiesMergeError
+from .sizes import format_size
 
-__all__ = ["OUTPUT_MARKERS", "resolve", "check_input", "open_regular", "read_regular", "inside", "FileStamps",
-           "check_output_location", "check_not_input", "check_output_file", "write_file", "check_search_dir"]
+__all__ = ["write_error", "OUTPUT_MARKERS", "WRITTEN_FIELD", "listing", "unlisted_files", "resolve", "check_input",
+           "open_regular", "read_regular", "inside", "FileStamps", "check_output_location", "check_not_input",
+           "check_output_file", "write_file", "check_search_dir"]
 
 # a directory holding one of these (as a regular file) was written by tiesmerge: merge, stats, analyze
 OUTPUT_MARKERS = ("tiesmerge.json", "tiesmerge_stats.json", "analysis.json")
@@ -247,6 +250,50 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
                           hint="choose another path, or remove that directory yourself if you mean it")
+    added = unlisted_files(final)
+    if added:
+        more = ", ..." if len(added) > 5 else ""
+        raise OutputError(f"{output}: --force would delete {len(added)} file(s) that tiesmerge did not write there "
+                          f"(added since: {', '.join(added[:5])}{more})",
+                          hint="move them out of that directory first, or choose another path")
+
+
+# every marker of a finished output lists the output's files (``written``: paths relative to it),
+# recorded when the output is renamed into place (tiesmerge.io.writer.atomic_directory)
+WRITTEN_FIELD = "written"
+
+
+def listing(directory: str | os.PathLike) -> list[str]:
+    """Every entry under ``directory`` that is not a folder (files, links, FIFOs...), as sorted
+    paths relative to it; links are listed, never followed."""
+    root = str(directory)
+    out = []
+    for folder, dirs, files in os.walk(root):  # os.walk does not descend into linked folders
+        rel = os.path.relpath(folder, root)
+        out += [name if rel == "." else os.path.join(rel, name) for name in files]
+        out += [name if rel == "." else os.path.join(rel, name) for name in dirs
+                if os.path.islink(os.path.join(folder, name))]
+    return sorted(out)
+
+
+def unlisted_files(directory: Path) -> list[str]:
+    """The entries of a tiesmerge output that none of its markers lists as written: files a user
+    added (or renamed) since, which ``--force`` must not delete. An output whose markers hold no
+    listing (written before listings existed) is taken as it is."""
+    import json
+
+    written: set[str] | None = None
+    for name in OUTPUT_MARKERS:
+        if not _is_marker(directory / name):
+            continue
+        data = json.loads(read_regular(directory / name, "the output marker", max_bytes=_MARKER_MAX_BYTES,
+                                       error=OutputError))
+        listed = data.get(WRITTEN_FIELD)
+        if isinstance(listed, list) and all(isinstance(x, str) for x in listed):
+            written = (written or set()) | set(listed)
+    if written is None:
+        return []
+    return [p for p in listing(directory) if p not in written]
 
 
 def _is_marker(path: Path) -> bool:
@@ -335,6 +382,29 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
                                   "writing there would change an input", hint="choose a path outside the inputs")
 
 
+_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+          errno.EFBIG: "the file is larger than this file system (or the process's file size limit) allows"}
+
+
+def write_error(path: str | os.PathLike, exc: OSError, *, too_large_hint: str | None = None) -> OutputError:
+    """An OSError met while writing ``path``, as an error naming the file, what ran out and how much
+    space is left there (the OS's own message, "File too large", names neither)."""
+    folder = Path(os.path.abspath(path)).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = f"; {format_size(shutil.disk_usage(folder).free)} is free there"
+    except OSError:
+        free = ""
+    why = _SPACE.get(exc.errno or 0)
+    if why is None:
+        return OutputError(f"{path}: cannot write it ({exc.strerror or exc}){free}",
+                           hint="fix the cause and run again; nothing was left at the output")
+    return OutputError(f"{path}: cannot write it: {why} ({exc.strerror}){free}",
+                       hint="free some space or write elsewhere" if exc.errno != errno.EFBIG else
+                       too_large_hint or "write to another file system, or raise the file size limit (ulimit -f)")
+
+
 def write_file(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary sibling, then rename it over ``path``: a link at ``path`` is
     replaced itself, never written through."""
@@ -346,9 +416,11 @@ def write_file(path: str | os.PathLike, text: str) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise write_error(path, exc) from None
         raise
 
 

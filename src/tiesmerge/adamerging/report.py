@@ -10,6 +10,7 @@ from typing import Any
 
 from ..lazy import torch
 from ..paths import write_file
+from ..plotting import pyplot
 from .learn import History
 
 __all__ = ["COEFFICIENTS_JSON", "COEFFICIENTS_PNG", "ENTROPY_JSON", "ENTROPY_PNG", "coefficients_record",
@@ -47,14 +48,7 @@ def summarise(coefficients: torch.Tensor, tasks: Sequence[str], layers: Sequence
 
 
 def _plt():
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("the coefficients' heat map", required=False)
 
 
 def write_report(directory: Path, coefficients: torch.Tensor, tasks: Sequence[str], layers: Sequence[str],

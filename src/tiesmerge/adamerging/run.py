@@ -25,7 +25,7 @@ from ..inputs import Source, as_method, check_output_not_input, prepare
 from ..io.writer import _check_output_path as check_output_path
 from ..lazy import torch
 from ..methods.base import ChunkContext, MergeMethod, Requirements
-from ..paths import check_output_file, write_file
+from ..paths import check_output_file
 from ..sizes import format_size
 from .learn import AdaptConfig, History, Merger, combine, learn
 from .report import summarise, write_report
@@ -272,15 +272,13 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     task_names = list(task_data)
     learned = LearnedMerge.of(m, coefficients, layers, granularity, "adamerging_coefficients.json")
     clock = time.perf_counter()
-    written = merge(base, models, learned, output=output, device=device, memory_budget=memory_budget, force=force,
-                    allow_pickle=allow_pickle, vocab_policy=vocab_policy, progress=progress)
-    seconds["merge"] = time.perf_counter() - clock
-    seconds["total"] = time.perf_counter() - started
-    if output is not None:
-        out = Path(output)
-        files = write_report(out, coefficients, task_names, layers, granularity, history)
-        manifest_path = out / "tiesmerge.json"
-        manifest = json.loads(manifest_path.read_text())
+
+    def finish(staging: Path, manifest: dict[str, Any]) -> None:
+        """The coefficients, heat map and entropy curve, and the manifest's ``adamerging`` part,
+        written into the output before it is renamed into place (atomic with the weights)."""
+        seconds["merge"] = time.perf_counter() - clock
+        seconds["total"] = time.perf_counter() - started
+        files = write_report(staging, coefficients, task_names, layers, granularity, history)
         manifest["adamerging"] = {
             "paper": PAPER, "vectors": method_spec(m), "vectors_paper": m.paper, "granularity": granularity,
             "tasks": task_names, "data": [str(d) if isinstance(d, (str, os.PathLike)) else f"{len(task_data[t])} rows"
@@ -293,7 +291,12 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
             "recipe_note": "recipe.parameters.coefficients names the JSON file holding the learned values",
         }
-        write_file(manifest_path, json.dumps(manifest, indent=2) + "\n")
+
+    written = merge(base, models, learned, output=output, device=device, memory_budget=memory_budget, force=force,
+                    allow_pickle=allow_pickle, vocab_policy=vocab_policy, progress=progress,
+                    finish=finish if output is not None else None)
+    seconds["merge"] = time.perf_counter() - clock
+    seconds["total"] = time.perf_counter() - started
     return AdaptResult(coefficients, task_names, layers, granularity, history, written, seconds)
 
 

@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
 from ..io.writer import atomic_directory
+from ..plotting import pyplot
 from .summary import percent
 
 __all__ = ["write_report", "render_html", "FIGURES"]
@@ -29,15 +29,7 @@ FIGURES = {
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("the analysis plots need matplotlib",
-                          hint="pip install 'tiesmerge[analyze]' (or matplotlib)") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("the analysis plots")
 
 
 def _png(fig) -> bytes:

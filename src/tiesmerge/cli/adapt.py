@@ -116,6 +116,7 @@ def _json_mapping(path: str | None, what: str) -> dict[str, list[str]] | None:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from ..adamerging import adapt, describe_adapt  # torch: imported by the command that runs
     from ..registry import make_method
+    from .commands import check_memory_budget
 
     options = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
     method = make_method(args.method, options)
@@ -128,6 +129,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         return 0
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge adapt ... -o ./merged (or --dry-run)")
+    check_memory_budget(args.memory_budget, args.base, args.models, method)  # its final merge's
     started = time.perf_counter()
     result = adapt(args.base, args.models, args.data, method, forward=args.forward, tasks=args.task_names,
                    heads=_json_mapping(args.heads, "the heads"), choices=_json_mapping(args.choices, "the choices"),

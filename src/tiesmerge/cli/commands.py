@@ -72,6 +72,21 @@ def _nested(a: Any, b: Any) -> bool:
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def check_memory_budget(memory_budget: str | None, base: Any, models: list[Any], method: Any = "ties") -> None:
+    """A ``--memory-budget`` the user set that the plan cannot keep is refused before any work, with
+    the number it needs, in every command that merges (merge checks its own recipe's)."""
+    if memory_budget is None or memory_budget == DEFAULT_MEMORY_BUDGET:
+        return
+    from ..api import plan_merge
+    from ..inputs import check_budget
+
+    check_budget(plan_merge(base, list(models), method, memory_budget=memory_budget, allow_distant=True))
+
+
 def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]) -> None:
     """Before any work: the output may be written (see tiesmerge.paths) and is none of the inputs."""
     if output:
@@ -97,6 +112,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _check_writes(args.output, args.force, module)
     if args.json:
         check_output_file(args.json, args.force, module, "--json")
+    check_memory_budget(args.memory_budget, args.base, args.models, args.method)
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
@@ -108,7 +124,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     best = result.best
     lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
     print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {best.score:.4f} "
-          f"({len(result.points)} points, {result.merges} merges, {result.seconds:.1f} s)")
+          f"({_count(len(result.points), 'point')}, {_count(result.merges, 'merge')}, {result.seconds:.1f} s)")
     if args.json:
         try:
             write_file(args.json, json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
@@ -145,6 +161,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_not_input(args.dir, module)
     if args.workers is not None and (args.ray is None or args.ray):
         raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")
+    check_memory_budget(args.memory_budget, args.base, args.models, args.method)
     executor = RayExecutor(args.ray or None, workers=args.workers) if args.ray is not None else LocalExecutor()
 
     def show(trial) -> None:
@@ -293,6 +310,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                   [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))])
     if args.subsets_per_size < 0:
         raise ConfigError(f"--subsets-per-size must be 0 (every subset) or more, got {args.subsets_per_size}")
+    check_memory_budget(args.memory_budget, args.base, args.models)  # the analysis reads like a TIES merge
     data = analyze(args.base, args.models, output=args.output, density=args.density,
                    subsets_per_size=args.subsets_per_size or None, seed=args.seed, device=args.device,
                    memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,

@@ -20,6 +20,7 @@ from ..io.align import VOCAB_POLICIES
 from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES
 from ..registry import METHODS
+from ..scratch import private_folder_for, remove_private_folders
 from ..sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS
 from ..version import __version__
 from .adapt import add_adapt_parser
@@ -250,6 +251,14 @@ def _search_parser(sub) -> None:
                    help="replace an output directory tiesmerge wrote before (never an input)")
 
 
+def _private_torch_cache() -> None:
+    """torch creates ``$TMPDIR/torchinductor_<user>`` when torch._dynamo is first imported (the
+    Fisher statistics' and adapt's autograd reach it), though tiesmerge compiles nothing. Unless the
+    user chose a folder, give it a private one that is removed at exit, so a run leaves nothing
+    outside its output (README, Safety)."""
+    private_folder_for("TORCHINDUCTOR_CACHE_DIR", "tiesmerge-torch-")
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     for stream in (sys.stdout, sys.stderr):  # a path of undecodable bytes (\xff) is printed escaped, never a crash
@@ -264,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     previous = _terminate_like_interrupt()
+    _private_torch_cache()
     try:
         return HANDLERS[args.command](args)
     except TiesMergeError as exc:
@@ -344,6 +354,7 @@ def entry() -> NoReturn:  # pragma: no cover - exercised by the installed `tiesm
     returns, every output is closed and renamed into place and every thread pool has finished.
     """
     code = main()
+    remove_private_folders()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

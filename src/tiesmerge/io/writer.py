@@ -10,7 +10,6 @@ Chunks arrive as numpy arrays of the stored bytes (bfloat16 as a uint16 view: se
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -33,7 +32,16 @@ from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, OutputError
 from ..finite import check_finite
 from ..limits import loads_json, read_json
-from ..paths import check_output_location, inside, open_regular
+from ..paths import (
+    _SPACE,
+    OUTPUT_MARKERS,
+    WRITTEN_FIELD,
+    check_output_location,
+    inside,
+    listing,
+    open_regular,
+    write_error,
+)
 from ..sizes import format_size
 
 if TYPE_CHECKING:
@@ -89,27 +97,8 @@ def plan_shards(entries: list[OutputEntry], shard_size: int,
     return shards if shards[0] else []
 
 
-_SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
-          errno.EFBIG: "the file is larger than this file system (or the process's file size limit) allows"}
-
-
-def write_error(path: str | os.PathLike, exc: OSError) -> OutputError:
-    """An OSError met while writing ``path``, as an error naming the file, what ran out and how much
-    space is left there (the OS's own message, "File too large", names neither)."""
-    folder = Path(os.path.abspath(path)).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = f"; {format_size(shutil.disk_usage(folder).free)} is free there"
-    except OSError:
-        free = ""
-    why = _SPACE.get(exc.errno or 0)
-    if why is None:
-        return OutputError(f"{path}: cannot write it ({exc.strerror or exc}){free}",
-                           hint="fix the cause and run again; nothing was left at the output")
-    return OutputError(f"{path}: cannot write it: {why} ({exc.strerror}){free}",
-                       hint="free some space or write elsewhere" if exc.errno != errno.EFBIG else
-                       "write smaller shards (--shard-size) or to another file system")
+def _shard_error(path: str | os.PathLike, exc: OSError) -> OutputError:
+    return write_error(path, exc, too_large_hint="write smaller shards (--shard-size) or to another file system")
 
 
 class SafetensorsStreamWriter:
@@ -172,7 +161,7 @@ class SafetensorsStreamWriter:
             try:
                 self._file.write(data)
             except OSError as exc:
-                raise write_error(self.path, exc) from None
+                raise _shard_error(self.path, exc) from None
         self._written += nbytes
 
     def duplicate(self, name: str, source: str) -> None:
@@ -190,14 +179,14 @@ class SafetensorsStreamWriter:
                     self._file.write(block)
                     left -= len(block)
         except OSError as exc:
-            raise write_error(self.path, exc) from None
+            raise _shard_error(self.path, exc) from None
         self._written += end - begin
 
     def close(self) -> None:
         try:
             self._file.close()  # flushes the last buffered bytes: a full disk may show only now
         except OSError as exc:
-            raise write_error(self.path, exc) from None
+            raise _shard_error(self.path, exc) from None
         if self._written != self._total:
             raise RuntimeError(f"{self.path}: closed after {self._written} of {self._total} data bytes")
 
@@ -337,6 +326,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
             if exc.errno not in _SPACE:
                 raise
             raise write_error(exc.filename or final, exc) from None
+        _record_listing(tmp)
         _check_output_path(final, force)  # the path may have changed while we worked
         old = None
         if os.path.lexists(final):
@@ -355,6 +345,24 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+
+
+def _record_listing(tmp: Path) -> None:
+    """Write into each marker of the finished output (its manifest) the list of every file in it,
+    the marker itself included, so that a later ``--force`` can tell the files tiesmerge wrote
+    from ones a user added since, and delete only the former's folder (tiesmerge.paths)."""
+    names = listing(tmp)
+    for marker in OUTPUT_MARKERS:
+        path = tmp / marker
+        if os.path.islink(path) or not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        if isinstance(data, dict):
+            data[WRITTEN_FIELD] = names
+            try:
+                path.write_text(json.dumps(data, indent=2) + "\n")
+            except OSError as exc:
+                raise write_error(path, exc) from None
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -14,22 +14,14 @@ import math
 import os
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..plotting import pyplot
 from .driver import SearchResult
 
 __all__ = ["write_report", "render_figures"]
 
 
 def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ConfigError("the search report's plots need matplotlib",
-                          hint="pip install 'tiesmerge[analyze]' (or matplotlib), or write no report") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return pyplot("the search report's plots")
 
 
 def _png(fig) -> bytes:

@@ -1,0 +1,205 @@
+"""What the second independent hostile pass of issue 13 left open, one case each (checked as the
+catalogue checks its cases: exit status, message, no traceback, nothing left, inputs unchanged):
+
+- a repo id whose revision walks out of the cache is named as a bad revision, not blamed on -o;
+- ``--force`` deletes no file a user added to an earlier output (each output lists its files);
+- matplotlib and torch write their caches into private folders removed at exit, not under
+  ``~`` or ``$TMPDIR``;
+- a file-size limit (``ulimit -f``) met while writing a report names the file;
+- a ``--memory-budget`` the plan cannot keep is refused by every command that merges.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from helpers_ckpt import make_family, write_hf_dir
+from test_hostile_catalogue import _merge, _run, check, snapshot
+from tiesmerge.errors import CheckpointError
+from tiesmerge.hub import split_repo_id
+from tiesmerge.paths import unlisted_files
+
+
+@pytest.fixture
+def family(tmp_path, monkeypatch):
+    inputs = tmp_path / "inputs"
+    base, fts = make_family(2)
+    b = write_hf_dir(inputs / "base", base)
+    ms = [write_hf_dir(inputs / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return inputs, b, ms
+
+
+# ------------------------------------------------------------------ a revision that walks out
+
+
+@pytest.mark.parametrize("text", ["org/n@../../..", "org/n@main/../..", "org/n@/etc", "org/n@a//b", "org/n@main/"])
+def test_a_revision_that_walks_out_of_the_cache_is_named(text):
+    with pytest.raises(CheckpointError, match="is not a revision"):
+        split_repo_id(text)
+
+
+def test_a_revision_that_walks_out_is_blamed_on_the_model_not_the_output(family, capsys):
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    rc, err = _run(["merge", "--base", str(b), "--model", "org/n@../../..", "--model", str(ms[0]), "-o", "out",
+                    "--no-progress"], capsys)
+    check(rc, err, want_rc=1, needle=("org/n@../../..", "is not a revision"), output=Path("out"), inputs=inputs,
+          before=before)
+    assert "output" not in err.split("hint:")[0]
+
+
+# ------------------------------------------------------------------ --force and a user's files
+
+
+def test_force_keeps_an_earlier_output_that_holds_a_users_file(family, capsys):
+    inputs, b, ms = family
+    assert _run(_merge(b, ms, "out"), capsys)[0] == 0
+    manifest = json.loads(Path("out/tiesmerge.json").read_text())
+    assert "tiesmerge.json" in manifest["written"] and "README.md" in manifest["written"]
+    assert unlisted_files(Path("out").absolute()) == []
+    Path("out/my_eval_notes.txt").write_text("hours of the user's work")
+    (Path("out") / "plots").mkdir()
+    Path("out/plots/curve.png").write_bytes(b"png")
+    before, kept = snapshot(inputs), snapshot(Path("out"))
+    rc, err = _run(_merge(b, ms, "out", "--force"), capsys)
+    check(rc, err, want_rc=1, needle=("2 file(s) that tiesmerge did not write", "my_eval_notes.txt",
+                                      "plots/curve.png", "move them out"),
+          output=None, inputs=inputs, before=before)
+    assert snapshot(Path("out")) == kept
+    os.remove("out/my_eval_notes.txt")
+    os.remove("out/plots/curve.png")
+    os.rmdir("out/plots")
+    assert _run(_merge(b, ms, "out", "--force"), capsys)[0] == 0  # only tiesmerge's own files: replaced
+
+
+def test_force_keeps_a_statistics_folder_that_holds_a_users_file(tmp_path):
+    import torch
+
+    from tiesmerge.errors import OutputError
+    from tiesmerge.stats.files import Statistics, StatsManifest, save_stats
+
+    stats = Statistics(StatsManifest("fisher", 1), {"w": torch.ones(2)})
+    out = tmp_path / "fisher"
+    save_stats(out, stats)
+    assert unlisted_files(out) == []
+    (out / "notes.md").write_text("mine")
+    with pytest.raises(OutputError, match="notes.md"):
+        save_stats(out, stats, force=True)
+    assert (out / "notes.md").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ caches outside the output
+
+
+def _clean_env(tmp_path: Path) -> tuple[dict[str, str], list[Path]]:
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR",
+                                                            "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    env.update(HOME=str(home), TMPDIR=str(tmp), TIESMERGE_DIGEST_CACHE="0")
+    return env, [home, tmp]
+
+
+def test_the_console_script_leaves_no_matplotlib_or_torch_cache_behind(family, tmp_path):
+    pytest.importorskip("matplotlib")
+    inputs, b, ms = family
+    env, watched = _clean_env(tmp_path)
+    # the console script's own entry (it leaves with os._exit), plotting an analysis and reaching
+    # torch._dynamo, which creates $TMPDIR/torchinductor_<user> when first imported
+    script = textwrap.dedent(f"""
+        import sys
+        import importlib
+        cli = importlib.import_module("tiesmerge.cli.main")
+        sys.argv = ["tiesmerge", "analyze", "--base", {str(b)!r}, "--model", {str(ms[0])!r},
+                    "--model", {str(ms[1])!r}, "-o", "report", "--no-progress"]
+        real_main = cli.main
+        def main():
+            code = real_main()
+            import torch._dynamo  # noqa: F401
+            return code
+        cli.main = main
+        cli.entry()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert Path("report/report.html").is_file()
+    for folder in watched:
+        assert list(folder.rglob("*")) == [], f"written under {folder}: {list(folder.rglob('*'))}"
+
+
+def test_plotting_from_the_library_removes_its_folder_at_exit(tmp_path):
+    pytest.importorskip("matplotlib")
+    env, watched = _clean_env(tmp_path)
+    script = ("from tiesmerge.plotting import pyplot\nimport os\nplt = pyplot('a test')\n"
+              "fig = plt.figure(); fig.gca().plot([1, 2]); fig.savefig(os.devnull, format='png')\n"
+              "print(os.environ['MPLCONFIGDIR'])")
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().startswith(str(watched[1]))  # it was used: a private folder in $TMPDIR ...
+    for folder in watched:  # ... and removed at exit
+        assert list(folder.rglob("*")) == []
+
+
+def test_a_folder_the_user_chose_for_matplotlib_is_kept(tmp_path):
+    pytest.importorskip("matplotlib")
+    env, _ = _clean_env(tmp_path)
+    env["MPLCONFIGDIR"] = str(tmp_path / "mine")
+    script = "from tiesmerge.plotting import pyplot\nimport os\npyplot('a test')\nprint(os.environ['MPLCONFIGDIR'])"
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip() == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
+
+
+# ------------------------------------------------------------------ a file-size limit names the file
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics")
+def test_a_file_size_limit_met_while_writing_a_report_names_the_file(tmp_path):
+    script = textwrap.dedent(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16, 16))
+        from tiesmerge.errors import OutputError
+        from tiesmerge.paths import write_file
+        try:
+            write_file({str(tmp_path / 'report.html')!r}, "x" * 4096)
+        except OutputError as exc:
+            print(exc.message)
+            print(exc.hint)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "report.html: cannot write it" in done.stdout and "file size limit" in done.stdout, done
+    assert "ulimit -f" in done.stdout and "--shard-size" not in done.stdout
+    assert list(tmp_path.iterdir()) == []  # the temporary file is gone too
+
+
+# ------------------------------------------------------------------ the budget floor everywhere
+
+
+@pytest.mark.parametrize("command", ["tune", "search", "analyze"])
+def test_a_budget_below_the_floor_is_refused_by_every_command(family, tmp_path, capsys, command):
+    inputs, b, ms = family
+    (tmp_path / "work" / "ev_floor.py").write_text("def score(state):\n    return 0.5\n")
+    sys.path.insert(0, str(tmp_path / "work"))
+    try:
+        flags = ["--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--memory-budget", "16B"]
+        argv = {"tune": ["tune", *flags, "--evaluator", "ev_floor:score"],
+                "search": ["search", *flags, "--evaluator", "ev_floor:score", "--dir", "runs"],
+                "analyze": ["analyze", *flags, "-o", "report", "--no-progress"]}[command]
+        before = snapshot(inputs)
+        rc, err = _run(argv, capsys)
+    finally:
+        sys.path.remove(str(tmp_path / "work"))
+        sys.modules.pop("ev_floor", None)
+    check(rc, err, want_rc=2, needle=("memory budget 16 B is below", "--memory-budget"), output=Path("report"),
+          inputs=inputs, before=before)
+    assert not Path("runs/log.jsonl").exists()
