@@ -20,8 +20,8 @@ import yaml
 from .errors import CheckpointError, TiesMergeError
 from .paths import read_regular
 
-__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "loads_yaml", "read_yaml",
-           "depth_of"]
+__all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "read_json_lines",
+           "loads_yaml", "read_yaml", "depth_of"]
 
 MAX_CONFIG_BYTES = 64 << 20  # an index of a huge model is a few MB; tokenizer.json tens of MB
 MAX_DEPTH = 64  # real configs nest under 10 deep
@@ -64,6 +64,32 @@ def read_json(path: str | os.PathLike, what: str, *, error: type[TiesMergeError]
               max_bytes: int = MAX_CONFIG_BYTES) -> Any:
     """A JSON file (a regular file, at most ``max_bytes``), parsed with :func:`loads_json`."""
     return loads_json(read_regular(path, what, max_bytes=max_bytes, error=error), f"{path}", error=error)
+
+
+def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
+                    error: type[TiesMergeError] = CheckpointError, hint: str | None = None,
+                    limit: int | None = None) -> list[tuple[int, dict]]:
+    """(line number, object) of the non-empty lines of a JSON-lines file (a regular UTF-8 file of at
+    most ``max_bytes``; each line parsed with :func:`loads_json` and required to be an object), up to
+    ``limit`` rows; an error naming the file when it holds none."""
+    raw = read_regular(path, what, max_bytes=max_bytes, error=error)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=hint) from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if limit is not None and len(rows) >= limit:
+            break
+        if line.strip():
+            row = loads_json(line, f"{path}:{number}", error=error)
+            if not isinstance(row, dict):
+                raise error(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}",
+                            hint=hint)
+            rows.append((number, row))
+    if not rows:
+        raise error(f"{path}: {what} holds no examples", hint=hint)
+    return rows
 
 
 class _CountingLoader(yaml.SafeLoader):

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
-from ..limits import loads_json
+from ..limits import read_json_lines
 from ..paths import read_regular
 from .rank_classification import ChoiceExample, rank_classification_accuracy
 
@@ -53,21 +53,7 @@ def _device(device: str) -> torch.device:
 
 def _lines(path: Path, what: str) -> list[tuple[int, dict]]:
     """(line number, object) of every non-empty line of a JSON-lines file."""
-    raw = read_regular(path, what, max_bytes=_MAX_DATA_BYTES, error=ConfigError)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            row = loads_json(line, f"{path}:{number}", error=ConfigError)
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}")
-            rows.append((number, row))
-    if not rows:
-        raise ConfigError(f"{path}: {what} holds no examples")
-    return rows
+    return read_json_lines(path, what, max_bytes=_MAX_DATA_BYTES, error=ConfigError)
 
 
 def _int_label(row: dict, where: str, classes: int | None = None) -> int:

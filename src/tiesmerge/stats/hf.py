@@ -17,8 +17,8 @@ import torch
 
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import open_checkpoint
-from ..limits import loads_json, read_json
-from ..paths import check_input, read_regular
+from ..limits import read_json, read_json_lines
+from ..paths import check_input
 from .files import Statistics
 from .fisher import fisher_information
 from .gram import gram_matrices
@@ -33,18 +33,11 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
     """The examples of a JSON-lines file, checked line by line (``num_labels``: each label must be
     a class of the model, 0 .. num_labels - 1; -1 would silently pick the last class)."""
     path = Path(path)
-    raw = read_regular(path, "the data file", max_bytes=_MAX_DATA_BYTES, error=ConfigError)
-    try:
-        lines = raw.decode("utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: the data file is not UTF-8 text ({exc.reason} at byte {exc.start})",
-                          hint='a JSON-lines file: one {"text": ..., "label": ...} object per line') from None
+    hint = 'a JSON-lines file: one {"text": ..., "label": ...} object per line'
     rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        row = loads_json(line, f"{path}:{number}", error=ConfigError)
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+    for number, row in read_json_lines(path, "the data file", max_bytes=_MAX_DATA_BYTES, error=ConfigError, hint=hint,
+                                       limit=limit):
+        if not isinstance(row.get("text"), str):
             raise ConfigError(f"{path}:{number}: each line must be an object with a string 'text'",
                               hint='e.g. {"text": "a review", "label": 1}')
         if need_labels and (not isinstance(row.get("label"), int) or isinstance(row.get("label"), bool)):
@@ -56,10 +49,6 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
                               f"(labels 0 to {num_labels - 1})",
                               hint="map the data's labels to the model's classes (its config's id2label)")
         rows.append(row)
-        if limit is not None and len(rows) >= limit:
-            break
-    if not rows:
-        raise ConfigError(f"{path}: no examples")
     return rows
 
 
