@@ -135,7 +135,7 @@ def test_bad_inputs_name_what_is_wrong(tmp_path):
     empty.write_text("\n")
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"text": "hello"}) + "\n")
-    with pytest.raises(ConfigError, match="empty.jsonl: no examples"):
+    with pytest.raises(ConfigError, match="empty.jsonl: the data file holds no examples"):
         tiesmerge.adapt(base, fts, [good, empty], forward=_forward(), steps=1)
     with pytest.raises(ConfigError, match="3 data file.s. for 2 model"):
         tiesmerge.adapt(base, fts, _data(3), forward=_forward(), steps=1)
@@ -181,7 +181,7 @@ def test_adapt_cli_on_a_bert_classifier(classifiers, tmp_path, capsys):
     assert len(json.loads((merged / "adamerging_entropy.json").read_text())["mean"]) == 4
     # the report files were written inside the atomic output, so its listing names them (--force relies on it)
     assert {"adamerging_coefficients.json", "adamerging_entropy.json"} <= set(manifest["written"])
-    assert (tmp_path / "merged.adapt-checkpoint.pt").is_file()
+    assert (tmp_path / "merged.adapt-checkpoint.safetensors").is_file()
     if pytest.importorskip("matplotlib"):
         assert (merged / "adamerging_coefficients.png").is_file() and (merged / "adamerging_entropy.png").is_file()
     # the written model is the learned merge: the coefficients applied to TIES's vectors

@@ -70,12 +70,36 @@ def test_a_foreign_checkpoint_is_a_typed_error(tmp_path, content):
     assert ck.read_bytes() == content
 
 
-def test_a_checkpoint_of_other_objects_is_a_typed_error(tmp_path):
+def test_a_checkpoint_of_other_tensors_is_a_typed_error(tmp_path):
+    from safetensors.torch import save_file
+
     base, fts, files = _setup(tmp_path)
-    ck = tmp_path / "ck.pt"
-    torch.save({"coefficients": torch.zeros(3)}, ck)
+    ck = tmp_path / "ck.safetensors"
+    save_file({"coefficients": torch.zeros(3)}, str(ck))
     with pytest.raises(ConfigError, match="its fields are missing"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=ck, resume=True)
+
+
+class _Planted:
+    """A pickle that runs code when unpickled (touches a file): what a planted .pt checkpoint could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickled_checkpoint_is_never_unpickled(tmp_path):
+    import pickle
+
+    base, fts, files = _setup(tmp_path)
+    ck = tmp_path / "ck.pt"
+    marker = tmp_path / "code_ran"
+    ck.write_bytes(pickle.dumps({"fingerprint": "", "coefficients": _Planted(str(marker))}))
+    with pytest.raises(ConfigError, match="not a checkpoint tiesmerge adapt wrote"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=ck, resume=True)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("kwargs, message", [({"lr": 1e300}, r"lr must be in \(0, 10\]"),

@@ -162,28 +162,75 @@ def _fingerprint_check(saved: str, expected: str, path: Path) -> None:
                           hint="resume with the same command, or remove the checkpoint to start afresh")
 
 
-def _load_checkpoint(path: Path, device: Any) -> dict:
-    """A checkpoint as ``_save`` wrote it, read with torch's weights-only loader (no code runs); anything
-    else (garbage, JSON, a pickle of other objects) is a typed error naming the file."""
-    from ..paths import check_input
+# The checkpoint is a safetensors file: the coefficients and Adam's moments as tensors, everything
+# else (fingerprint, step, entropy history, Adam's settings) as JSON in its metadata. No pickle is
+# written or read, so a planted or damaged checkpoint can never run code.
+_CHECKPOINT_FORMAT = "tiesmerge-adapt-checkpoint/1"
+_CHECKPOINT_MAX_BYTES = 1 << 30  # a (T, L) table and two moments of it: far below this
+_ADAM_TENSORS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _load_checkpoint(path: Path) -> dict:
+    """A checkpoint as ``_save`` wrote it; anything else (garbage, JSON, a pickle, another
+    safetensors file) is a typed error naming the file."""
+    import json
+    import struct
+
+    from safetensors.torch import load as load_tensors
+
+    from ..limits import loads_json
+    from ..paths import check_input, read_regular
+
+    def foreign(why: str) -> ConfigError:
+        return ConfigError(f"{path}: not a checkpoint tiesmerge adapt wrote ({why})",
+                           hint="remove it to start afresh, or name the right --checkpoint")
 
     check_input(path, "the checkpoint", error=ConfigError)
+    raw = read_regular(path, "the checkpoint", max_bytes=_CHECKPOINT_MAX_BYTES, error=ConfigError)
+    if len(raw) < 8 or struct.unpack("<Q", raw[:8])[0] > len(raw) - 8:
+        raise foreign("not a safetensors file")
+    header = loads_json(raw[8:8 + struct.unpack("<Q", raw[:8])[0]], str(path), error=ConfigError)
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
+        raise foreign("its fields are missing: no tiesmerge adapt metadata")
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for a foreign file
-        raise ConfigError(f"{path}: not a checkpoint tiesmerge adapt wrote ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:200] if str(exc) else 'unreadable'})",
-                          hint="remove it to start afresh, or name the right --checkpoint") from None
-    if not isinstance(state, dict) or not {"fingerprint", "coefficients", "optimizer", "entropy", "step"} <= set(state):
-        raise ConfigError(f"{path}: not a checkpoint tiesmerge adapt wrote (its fields are missing)",
-                          hint="remove it to start afresh, or name the right --checkpoint")
+        tensors = load_tensors(raw)
+        state = {"fingerprint": meta["fingerprint"], "step": int(meta["step"]),
+                 "entropy": json.loads(meta["entropy"]), "config": json.loads(meta["config"]),
+                 "coefficients": tensors["coefficients"]}
+        groups = json.loads(meta["adam_param_groups"])
+        # on the CPU: lam.copy_ and Adam's load_state_dict move each to where it belongs (step stays)
+        moments = {k: tensors[f"adam.{k}"] for k in _ADAM_TENSORS if f"adam.{k}" in tensors}
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:  # safetensors: SafetensorError
+        raise foreign(f"its fields are missing or damaged: {type(exc).__name__}: {str(exc)[:160]}") from None
+    except Exception as exc:  # safetensors' own error type for a malformed header or body
+        raise foreign(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}") \
+            from None
+    state["optimizer"] = {"state": {0: moments} if moments else {}, "param_groups": groups}
     return state
 
 
 def _save(path: Path, state: dict) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    optimizer = state["optimizer"]
+    moments = optimizer["state"].get(0, {})
+    tensors = {"coefficients": state["coefficients"].contiguous(),
+               **{f"adam.{k}": torch.as_tensor(moments[k]).detach().cpu().contiguous()
+                  for k in _ADAM_TENSORS if k in moments}}
+    meta = {"format": _CHECKPOINT_FORMAT, "fingerprint": state["fingerprint"], "step": str(state["step"]),
+            "entropy": json.dumps(state["entropy"]), "config": json.dumps(state["config"]),
+            "adam_param_groups": json.dumps(optimizer["param_groups"])}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]], config: AdaptConfig, *,
@@ -213,7 +260,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     start = 0
     path = Path(checkpoint) if checkpoint is not None else None
     if resume and path is not None and path.is_file():
-        state = _load_checkpoint(path, device)
+        state = _load_checkpoint(path)
         _fingerprint_check(state.get("fingerprint", ""), fingerprint, path)
         try:
             with torch.no_grad():

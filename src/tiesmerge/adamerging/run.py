@@ -208,7 +208,7 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     task, every coefficient starting at ``init`` 0.3; ``shuffle_seed`` seeds the batches' order (the
     only randomness; ``seed`` is left to the methods' options, e.g. DARE's). ``output``: the merged model's directory
     (as :func:`tiesmerge.merge` writes it, plus the coefficients and the entropy curve); without
-    it the merged state dict is returned. ``checkpoint`` (default: ``OUTPUT.adapt-checkpoint.pt``
+    it the merged state dict is returned. ``checkpoint`` (default: ``OUTPUT.adapt-checkpoint.safetensors``
     beside the output): the coefficients and optimizer state, written each pass over the data;
     ``resume`` continues from it.
 
@@ -239,7 +239,7 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
         check_output_not_input(output, inputs)
         check_output_path(Path(output).absolute(), force)  # before the training, not after it
         if checkpoint is None:
-            checkpoint = Path(output).with_name(Path(output).name + ".adapt-checkpoint.pt")
+            checkpoint = Path(output).with_name(Path(output).name + ".adapt-checkpoint.safetensors")
     if checkpoint is not None:
         # written each pass: never over an input, and an existing file only when resuming it or with force
         check_output_file(checkpoint, force or resume, inputs, "the checkpoint")

@@ -35,7 +35,7 @@ examples:
   # what a run holds in memory, without running it
   tiesmerge adapt --base ./base --model ./ft-a --model ./ft-b --data a.jsonl --data b.jsonl --dry-run
 
-  # continue an interrupted run (or run more steps) from OUTPUT.adapt-checkpoint.pt
+  # continue an interrupted run (or run more steps) from OUTPUT.adapt-checkpoint.safetensors
   tiesmerge adapt ... --steps 1000 --resume -o ./merged --force
 
 data.jsonl, one unlabeled example per line (labels, if present, are ignored):
@@ -91,7 +91,7 @@ def add_adapt_parser(sub: Any, method_flags: Callable[[argparse.ArgumentParser],
                    help="replace an output directory tiesmerge wrote before (never an input)")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="coefficients and optimizer state, written each pass over the data "
-                        "(default OUTPUT.adapt-checkpoint.pt beside the output)")
+                        "(default OUTPUT.adapt-checkpoint.safetensors beside the output)")
     p.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default: a pass)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
     p.add_argument("--dry-run", action="store_true", help="print the coefficients and memory a run needs, and stop")
