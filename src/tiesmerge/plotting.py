@@ -1,4 +1,5 @@
-"""matplotlib for the reports' figures, without writes outside the output.
+"""The reports' figures and pages: matplotlib without writes outside the output, PNG bytes, and
+self-contained HTML (figures embedded) with one shared style.
 
 matplotlib keeps a config folder and a font cache (``~/.config/matplotlib``, ``~/.cache/matplotlib``,
 or ``$MPLCONFIGDIR``) and writes its font list there on first use. tiesmerge promises to write
@@ -15,7 +16,7 @@ from typing import Any
 from .errors import ConfigError
 from .scratch import private_folder_for
 
-__all__ = ["pyplot"]
+__all__ = ["pyplot", "png", "html_table", "html_figure", "html_page"]
 
 
 def pyplot(purpose: str, *, required: bool = True) -> Any:
@@ -36,3 +37,48 @@ def pyplot(purpose: str, *, required: bool = True) -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def png(fig: Any, dpi: int = 110) -> bytes:
+    """The figure as PNG bytes (laid out tight), then cleared."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    fig.clf()
+    return buffer.getvalue()
+
+
+# ---------------------------------------------------------------- self-contained HTML pages
+
+_STYLE = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+          "margin:1em 0;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
+          "td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{color:#555}.foot{color:#666}")
+
+
+def html_table(head: list[str], rows: list[list[str]]) -> str:
+    """A table of text cells (escaped), the first column left-aligned."""
+    import html
+
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def html_figure(image: bytes, alt: str, caption: str | None = None) -> str:
+    """A PNG embedded in the page (base64), so the report is one file that can be mailed or uploaded."""
+    import base64
+    import html
+
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return (f"<figure><img alt=\"{html.escape(alt)}\" src=\"data:image/png;base64,{base64.b64encode(image).decode()}\">"
+            f"{cap}</figure>")
+
+
+def html_page(title: str, parts: list[str]) -> str:
+    """One self-contained page of ``parts`` (HTML fragments) with the reports' shared style."""
+    import html
+
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")

@@ -6,15 +6,13 @@ The directory is written to a temporary sibling and renamed into place when comp
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import os
 from pathlib import Path
 
 from ..io.writer import atomic_directory
-from ..plotting import pyplot
+from ..plotting import html_figure, html_page, html_table, png, pyplot
 from .summary import percent
 
 __all__ = ["write_report", "render_html", "FIGURES"]
@@ -33,11 +31,7 @@ def _pyplot():
 
 
 def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=110)
-    fig.clf()
-    return buffer.getvalue()
+    return png(fig)
 
 
 def _plot_conflicts(plt, data: dict) -> bytes:
@@ -142,10 +136,7 @@ def render_figures(data: dict, labels: list[str]) -> dict[str, bytes]:
     return {name: png for name, png in figures.items() if png is not None}
 
 
-def _table(head: list[str], rows: list[list[str]]) -> str:
-    cells = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{cells}</tr></thead><tbody>{body}</tbody></table>"
+_table = html_table
 
 
 def render_html(data: dict, figures: dict[str, bytes], labels: list[str]) -> str:
@@ -157,9 +148,7 @@ def render_html(data: dict, figures: dict[str, bytes], labels: list[str]) -> str
              "<h2>Reading</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in data["summary"]) + "</ul>"]
     for name, caption in FIGURES.items():
         if name in figures:
-            encoded = base64.b64encode(figures[name]).decode()
-            parts.append(f"<figure><img alt=\"{html.escape(caption)}\" src=\"data:image/png;base64,{encoded}\">"
-                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append(html_figure(figures[name], caption, caption))
     parts.append("<h2>Sign conflicts by number of models</h2><p>Denominators: "
                  + "; ".join(f"<b>{html.escape(k)}</b>: {html.escape(v)}" for k, v in sc["denominators"].items())
                  + ".</p>")
@@ -196,11 +185,7 @@ def render_html(data: dict, figures: dict[str, bytes], labels: list[str]) -> str
                  f"{html.escape(engine['device'])}, memory budget {engine['memory_budget_bytes'] / 2**30:.2f} GiB; "
                  f"{data['seconds']['total']:.1f} s. Models: "
                  + ", ".join(f"{t}: <code>{html.escape(label)}</code>" for t, label in enumerate(labels)) + ".</p>")
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
-             "margin:1em 0;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}figcaption{color:#555}.foot{color:#666}")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>tiesmerge analysis</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return html_page("tiesmerge analysis", parts)
 
 
 def model_labels(data: dict) -> list[str]:

@@ -7,14 +7,12 @@ the search's JSONL log, each written to a temporary name and renamed, so a repor
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 import os
 from pathlib import Path
 
-from ..plotting import pyplot
+from ..plotting import html_figure, html_page, html_table, png, pyplot
 from .driver import SearchResult
 
 __all__ = ["write_report", "render_figures"]
@@ -25,11 +23,7 @@ def _pyplot():
 
 
 def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=100)
-    fig.clf()
-    return buffer.getvalue()
+    return png(fig, dpi=100)
 
 
 def _effects(result: SearchResult) -> list[tuple[str, list[float]]]:
@@ -92,22 +86,13 @@ def _markdown(result: SearchResult) -> str:
 def _html(result: SearchResult, figures: dict[str, bytes], markdown: str) -> str:
     head = markdown.split("\n\n")
     lines = result.table().splitlines()
-    rows = [line.strip("|").split("|") for k, line in enumerate(lines) if k != 1]  # line 1: the Markdown rule
-
-    def row(cells: list[str], tag: str) -> str:
-        return "<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in cells) + "</tr>"
-
-    cells = row(rows[0], "th") + "".join(row(r, "td") for r in rows[1:])
-    imgs = "".join(f"<figure><img alt=\"{name}\" src=\"data:image/png;base64,{base64.b64encode(png).decode()}\">"
-                   f"</figure>" for name, png in figures.items())
-    return ("<!doctype html><html><head><meta charset=\"utf-8\"><title>tiesmerge search</title><style>"
-            "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;"
-            "font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}"
-            "</style></head><body>"
-            f"<h1>{html.escape(head[0].lstrip('# '))}</h1>"
-            + "".join(f"<p>{html.escape(p)}</p>" for p in head[1:3])
-            + f"<h2>Score by candidate, and each option's effect</h2>{imgs}<h2>Every candidate</h2>"
-            f"<table>{cells}</table></body></html>\n")
+    # line 1 is the Markdown table's rule; "**best**" is Markdown emphasis, shown as plain text here
+    rows = [[c.strip().strip("*") for c in line.strip("|").split("|")] for k, line in enumerate(lines) if k != 1]
+    return html_page("tiesmerge search", [
+        f"<h1>{html.escape(head[0].lstrip('# '))}</h1>", *(f"<p>{html.escape(p)}</p>" for p in head[1:3]),
+        "<h2>Score by candidate, and each option's effect</h2>",
+        *(html_figure(image, name) for name, image in figures.items()),
+        "<h2>Every candidate</h2>", html_table(rows[0], rows[1:])])
 
 
 def _write(path: Path, text: str) -> None:
