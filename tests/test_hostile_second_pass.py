@@ -22,26 +22,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import test_hostile_catalogue
 from helpers_adapters import random_lora, write_lora_dir
 from helpers_ckpt import cli_flags, leftovers, make_base, make_family, run_cli, write_hf_dir
 from test_hostile_catalogue import _merge, _run, check, snapshot
 from tiesmerge.errors import EvaluatorError
 from tiesmerge.stats.files import Statistics, StatsManifest, save_stats
 
-
-@pytest.fixture
-def family(tmp_path, monkeypatch):
-    """inputs/base, inputs/ft0, inputs/ft1 (HF dirs) and a working directory of the user's own (as the
-    first catalogue's fixture)."""
-    inputs = tmp_path / "inputs"
-    base, fts = make_family(2)
-    b = write_hf_dir(inputs / "base", base)
-    ms = [write_hf_dir(inputs / f"ft{k}", ft) for k, ft in enumerate(fts)]
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "notes.txt").write_text("the user's own file")
-    monkeypatch.chdir(work)
-    return inputs, b, ms
+# the catalogue's fixture: inputs/base, inputs/ft0, inputs/ft1 and a working folder of the user's own
+family = test_hostile_catalogue.family
 
 
 def _classifier(inputs: Path, num_labels: int = 2) -> tuple[Path, Path]:

@@ -20,23 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers_ckpt import make_family, write_hf_dir
+import test_hostile_catalogue
 from test_hostile_catalogue import _merge, _run, check, snapshot
 from tiesmerge.errors import CheckpointError
 from tiesmerge.hub import split_repo_id
 from tiesmerge.paths import unlisted_files
 
-
-@pytest.fixture
-def family(tmp_path, monkeypatch):
-    inputs = tmp_path / "inputs"
-    base, fts = make_family(2)
-    b = write_hf_dir(inputs / "base", base)
-    ms = [write_hf_dir(inputs / f"ft{k}", ft) for k, ft in enumerate(fts)]
-    work = tmp_path / "work"
-    work.mkdir()
-    monkeypatch.chdir(work)
-    return inputs, b, ms
+# the catalogue's fixture: inputs/base, inputs/ft0, inputs/ft1 and a working folder of the user's own
+family = test_hostile_catalogue.family
 
 
 # ------------------------------------------------------------------ a revision that walks out
