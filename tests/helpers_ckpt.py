@@ -58,9 +58,11 @@ TOKENIZER_FILES: dict[str, str] = {
 }
 
 
-# an earlier merge's manifest, as far as ``--force`` checks it (the fields tiesmerge's writer always writes)
+# an earlier merge's manifest, as far as ``--force`` checks it (the fields tiesmerge's writer always writes,
+# and the listing of every file it wrote: the names the tests put beside it)
 EARLIER_MANIFEST = json.dumps({"tiesmerge_version": "0", "method": {"name": "ties"}, "inputs": {},
-                               "output": {"files": ["model.safetensors"]}})
+                               "output": {"files": ["model.safetensors"]},
+                               "written": ["tiesmerge.json", "model.safetensors", "keep.txt", "x", "old.txt"]})
 
 
 def make_base(seed: int = 0, *, dtype: torch.dtype = torch.float32, shapes: Mapping[str, tuple[int, ...]] = SHAPES,

@@ -53,9 +53,14 @@ def test_the_checkpoint_never_replaces_a_data_file_or_an_existing_file(tmp_path)
     assert _digest(files[0]) == before
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
-    with pytest.raises(OutputError, match="already exists"):  # neither resuming it nor --force
-        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=notes)
+    for force in (False, True):  # a user's file is never a checkpoint to replace, --force or not
+        with pytest.raises(OutputError, match="would replace a file tiesmerge did not write"):
+            tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=notes, force=force)
     assert notes.read_text() == "mine"
+    # the input check comes first: no hint at a --force that would not help
+    with pytest.raises(OutputError, match="is data file 0") as caught:
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=files[0])
+    assert "--force" not in str(caught.value)
     with pytest.raises(OutputError, match="does not exist"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=tmp_path / "no" / "ck.pt")
 

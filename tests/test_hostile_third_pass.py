@@ -194,3 +194,108 @@ def test_a_budget_below_the_floor_is_refused_by_every_command(family, tmp_path, 
     check(rc, err, want_rc=2, needle=("memory budget 16 B is below", "--memory-budget"), output=Path("report"),
           inputs=inputs, before=before)
     assert not Path("runs/log.jsonl").exists()
+
+
+# ------------------------------------------------------------------ the third pass: files transformers reads
+
+
+def _tampered_copy(src: Path, dest: Path, name: str, how: str) -> Path:
+    """A copy of the model directory ``src`` whose file ``name`` is a link to an outside copy
+    (``how="link"``) or a FIFO (``how="fifo"``)."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    (dest / name).unlink()
+    if how == "link":
+        outside = dest.parent / f"outside-{dest.name}-{name}"
+        shutil.copy(src / name, outside)
+        (dest / name).symlink_to(outside)
+    else:
+        os.mkfifo(dest / name)
+    return dest
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+@pytest.mark.parametrize("how", ["link", "fifo"])
+@pytest.mark.parametrize("command", ["stats", "tune", "adapt"])
+def test_model_files_that_leave_the_model_or_would_block_are_refused_before_transformers_reads_them(
+        classifiers, tmp_path, command, name, how):
+    """c047/c063-c073: transformers follows links (read outside the model) and blocks on a FIFO; every
+    command that hands a directory to transformers checks its files first, naming the file."""
+    root, base, fts, data = classifiers
+    model = _tampered_copy(base if command != "stats" else fts[0], tmp_path / "m", name, how)
+    out = tmp_path / "out"
+    if command == "stats":
+        argv = ["stats", "gram", "--model", model, "--data", data, "-o", out]
+    elif command == "tune":
+        argv = ["tune", "--base", model, "--model", fts[0], "--model", fts[1], "--grid", "density=0.5",
+                "--grid", "lam=1", "--evaluator", f"classifier-accuracy:{data}"]
+    else:
+        argv = ["adapt", "--base", model, "--model", fts[0], "--model", fts[1], "--data", data, "--data", data,
+                "--task-names", "a", "b", "--steps", "1", "-o", out]
+    # a subprocess with a timeout: a FIFO that is opened would block for ever
+    done = subprocess.run([sys.executable, "-m", "tiesmerge", *map(str, argv)], capture_output=True, text=True,
+                          timeout=240, cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    want = "outside" if how == "link" else "a FIFO"
+    assert f"{name} " in done.stderr and want in done.stderr, done.stderr
+    assert not out.exists()
+
+
+def test_a_dry_run_checks_the_files_it_would_copy(family, tmp_path, capsys):
+    """c061: a real run refused a config.json linked to outside the base; the dry run said nothing."""
+    inputs, b, ms = family
+    outside = tmp_path / "outside.json"
+    outside.write_text((b / "config.json").read_text())
+    (b / "config.json").unlink()
+    (b / "config.json").symlink_to(outside)
+    before = snapshot(inputs)
+    rc, err = _run(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "-o", "out",
+                    "--dry-run"], capsys)
+    check(rc, err, want_rc=1, needle=("config.json", "outside"), output=Path("out"), inputs=inputs, before=before)
+
+
+def test_an_output_inside_an_inputs_cache_blobs_is_refused(family, tmp_path, capsys, monkeypatch):
+    """c007: a model named by repo id lives in the cache's blobs folder (its snapshot holds links):
+    -o inside that blobs folder wrote into the input."""
+    import shutil
+
+    inputs, b, ms = family
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--a"
+    commit = "a" * 40
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for f in ms[0].iterdir():
+        blob = repo / "blobs" / f"blob-{f.name}"
+        shutil.copy(f, blob)
+        (snap / f.name).symlink_to(blob)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    before = snapshot(repo)
+    rc, err = _run(["merge", "--base", str(b), "--model", "org/a", "--model", str(ms[1]), "-o",
+                    str(repo / "blobs" / "x"), "--no-progress"], capsys)
+    check(rc, err, want_rc=1, needle=("lies inside model 0", "blobs"), output=repo / "blobs" / "x", inputs=repo,
+          before=before)
+
+
+def test_force_never_replaces_a_users_file_named_as_the_scores(family, tmp_path, capsys):
+    """c028/c029b: --json with --force overwrote a user's text file; --force replaces only our scores."""
+    inputs, b, ms = family
+    (tmp_path / "work" / "ev_keep.py").write_text("def score(state):\n    return 0.5\n")
+    sys.path.insert(0, str(tmp_path / "work"))
+    try:
+        Path("keep.txt").write_text("the user's results")
+        argv = ["tune", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator", "ev_keep:score",
+                "--grid", "density=0.5", "--grid", "lam=1", "--json", "keep.txt", "--force"]
+        rc, err = _run(argv, capsys)
+        assert rc == 1 and "tiesmerge did not write" in err and Path("keep.txt").read_text() == "the user's results"
+        argv[-2] = "scores.json"
+        assert _run(argv, capsys)[0] == 0
+        assert _run(argv, capsys)[0] == 0  # our own scores: replaced with --force
+        assert json.loads(Path("scores.json").read_text())["method"] == "ties"
+    finally:
+        sys.path.remove(str(tmp_path / "work"))
+        sys.modules.pop("ev_keep", None)

@@ -21,7 +21,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from typing import Any
 from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
-__all__ = ["write_error", "OUTPUT_MARKERS", "WRITTEN_FIELD", "listing", "unlisted_files", "resolve", "check_input",
+__all__ = ["write_error", "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES", "model_dir_files", "check_model_dir",
+           "OUTPUT_MARKERS", "WRITTEN_FIELD", "listing", "unlisted_files", "resolve", "check_input",
            "open_regular", "read_regular", "inside", "FileStamps", "check_output_location", "check_not_input",
            "check_output_file", "write_file", "check_search_dir"]
 
@@ -156,6 +157,50 @@ def inside(path: str | os.PathLike, root: str | os.PathLike, what: str,
     return real
 
 
+# The files a model directory's readers open by name (transformers' configs and tokenizers, and the
+# weights): they follow links, so each must be checked before a directory is handed to them.
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.json",
+               "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
+MODEL_SUFFIXES = (".tiktoken",)
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
+
+
+def model_dir_files(source: str | os.PathLike, role: str, error: type[TiesMergeError] = CheckpointError) -> list[Path]:
+    """The files of a model directory that transformers, a tokenizer or tiesmerge would open (configs,
+    tokenizer files, chat template, weights), each checked to be a regular file inside the directory:
+    a link leaving it, a loop, a dangling link, a FIFO or a device is an error naming the file, before
+    anything reads it (a FIFO would block a reader; a link would read someone else's file)."""
+    source = Path(source)
+    try:
+        names = sorted(os.listdir(source))
+    except OSError as exc:
+        raise error(f"{source}: cannot list {role}'s directory ({exc.strerror or exc})") from None
+    files = []
+    for name in names:
+        if name not in MODEL_FILES and not name.endswith(MODEL_SUFFIXES + WEIGHT_SUFFIXES):
+            continue
+        path = source / name
+        real = inside(path, source, f"{role}'s {name}", error)
+        mode = os.stat(real).st_mode
+        if not stat.S_ISREG(mode):
+            raise error(f"{path}: {role}'s {name} is {'a directory' if stat.S_ISDIR(mode) else _kind(mode)}, not a "
+                        "regular file", hint="replace it with the file itself")
+        files.append(path)
+    return files
+
+
+def check_model_dir(source: str | os.PathLike, role: str, error: type[TiesMergeError] = CheckpointError) -> Path:
+    """``source`` as a directory whose model files may be handed to transformers (see
+    :func:`model_dir_files`), or an error naming what is wrong."""
+    check_input(source, role, error)
+    if not os.path.isdir(source):
+        raise error(f"{source}: {role} is not a directory", hint="give the model's Hugging Face directory")
+    model_dir_files(source, role, error)
+    return Path(source)
+
+
 @dataclass(frozen=True)
 class FileStamps:
     """What must not change while a file is read: (device, inode, size, mtime, ctime) per file. A
@@ -251,6 +296,10 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
                           hint="choose another path, or remove that directory yourself if you mean it")
     added = unlisted_files(final)
+    if added is None:
+        raise OutputError(f"{output}: this output was written by an older tiesmerge, whose manifest does not list "
+                          "its files, so --force cannot tell them from files you added since",
+                          hint="remove that directory yourself if nothing in it is yours, or choose another path")
     if added:
         more = ", ..." if len(added) > 5 else ""
         raise OutputError(f"{output}: --force would delete {len(added)} file(s) that tiesmerge did not write there "
@@ -276,10 +325,10 @@ def listing(directory: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
-def unlisted_files(directory: Path) -> list[str]:
+def unlisted_files(directory: Path) -> list[str] | None:
     """The entries of a tiesmerge output that none of its markers lists as written: files a user
-    added (or renamed) since, which ``--force`` must not delete. An output whose markers hold no
-    listing (written before listings existed) is taken as it is."""
+    added (or renamed) since, which ``--force`` must not delete. None when no marker holds a listing
+    (an output of an older tiesmerge, or a marker copied from one): nothing can be told apart."""
     import json
 
     written: set[str] | None = None
@@ -292,7 +341,7 @@ def unlisted_files(directory: Path) -> list[str]:
         if isinstance(listed, list) and all(isinstance(x, str) for x in listed):
             written = (written or set()) | set(listed)
     if written is None:
-        return []
+        return None
     return [p for p in listing(directory) if p not in written]
 
 
@@ -335,26 +384,44 @@ def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]])
     sources that are not paths, e.g. state dicts, are skipped), links followed."""
     final = _final(output)
     for who, source in named:
-        if not isinstance(source, (str, os.PathLike)):
-            continue
-        try:
-            src = Path(os.path.realpath(source))
-        except (OSError, RuntimeError):
-            continue  # an unreadable input is reported when it is opened
-        if src == final or final in src.parents:
-            raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
-                              "writing there would replace an input of the merge",
-                              hint="choose an output directory outside the inputs")
-        if src in final.parents:
-            raise OutputError(f"{output}: the output lies inside {who} ({source}); writing there would change an "
-                              "input", hint="choose an output directory outside the inputs")
+        for src in _input_roots(source):
+            if src == final or final in src.parents:
+                raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
+                                  "writing there would replace an input of the merge",
+                                  hint="choose an output directory outside the inputs")
+            if src in final.parents:
+                raise OutputError(f"{output}: the output lies inside {who} ({source})"
+                                  + (f" (its files live in {src})" if src != _input_roots(source)[0] else "")
+                                  + "; writing there would change an input",
+                                  hint="choose an output directory outside the inputs")
 
 
-def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tuple[str, Any]], what: str) -> None:
-    """A single output file (``tune --json``), checked before any work: its folder exists; an existing
-    path (a link included: it is replaced, never followed) is replaced only with ``force``, only when it
-    is a regular file or a link, and never when it is, or lies inside, an input (``named``)."""
+def _input_roots(source: Any) -> list[Path]:
+    """Where an input's files live, links resolved: the path itself and, for a snapshot of the Hugging
+    Face cache, its repository's blobs folder (the snapshot's files are links into it). Not a path
+    (a state dict), or unreadable (reported when it is opened): none."""
+    if not isinstance(source, (str, os.PathLike)):
+        return []
+    try:
+        return _roots(source)
+    except (OSError, RuntimeError, ValueError):
+        return []
+
+
+def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tuple[str, Any]], what: str,
+                      ours: Callable[[Path], bool] | None = None) -> None:
+    """A single output file (``tune --json``, ``adapt --checkpoint``), checked before any work: it is
+    not, and does not lie inside, an input (``named``; links followed); its folder exists; an existing
+    path is replaced only with ``force``, and only when it is a link (replaced itself, never followed)
+    or a file that ``ours`` recognises as one tiesmerge wrote (no predicate: none is), never a
+    user's file that happens to sit at that path."""
     path = Path(path)
+    for who, source in named:  # links followed: a link to an input is refused too
+        for src in _input_roots(source):
+            for cand in {Path(os.path.abspath(path)), _final(path)}:
+                if src == cand or src in cand.parents:
+                    raise OutputError(f"{path}: {what} {'is' if src == cand else 'lies inside'} {who} ({source}); "
+                                      "writing there would change an input", hint="choose a path outside the inputs")
     parent = Path(os.path.abspath(path)).parent
     if not os.path.isdir(parent):
         raise OutputError(f"{path}: {what}'s folder {parent} does not exist", hint="create it first or name another")
@@ -369,17 +436,13 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
             raise OutputError(f"{path}: {what} names something other than a file "
                               f"({'a directory' if stat.S_ISDIR(st.st_mode) else _kind(st.st_mode)})",
                               hint="name a file, e.g. --json scores.json")
+        written_by_us = stat.S_ISLNK(st.st_mode) or (ours is not None and ours(path))
+        if not written_by_us:
+            raise OutputError(f"{path}: {what} would replace a file tiesmerge did not write",
+                              hint="choose another path (--force replaces only a file tiesmerge wrote there)")
         if not force:
-            raise OutputError(f"{path}: {what} already exists",
+            raise OutputError(f"{path}: {what} already exists (an earlier tiesmerge output)",
                               hint="choose another path, or pass --force to replace it")
-    for who, source in named:  # links followed: a link to an input is refused too
-        if not isinstance(source, (str, os.PathLike)):
-            continue
-        for cand in {Path(os.path.abspath(path)), _final(path)}:
-            src = Path(os.path.realpath(source))
-            if src == cand or src in cand.parents:
-                raise OutputError(f"{path}: {what} {'is' if src == cand else 'lies inside'} {who} ({source}); "
-                                  "writing there would change an input", hint="choose a path outside the inputs")
 
 
 _SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",

@@ -170,7 +170,7 @@ _CHECKPOINT_MAX_BYTES = 1 << 30  # a (T, L) table and two moments of it: far bel
 _ADAM_TENSORS = ("step", "exp_avg", "exp_avg_sq")
 
 
-def _load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict:
     """A checkpoint as ``_save`` wrote it; anything else (garbage, JSON, a pickle, another
     safetensors file) is a typed error naming the file."""
     import json
@@ -208,6 +208,15 @@ def _load_checkpoint(path: Path) -> dict:
             from None
     state["optimizer"] = {"state": {0: moments} if moments else {}, "param_groups": groups}
     return state
+
+
+def is_checkpoint(path: Path) -> bool:
+    """``path`` is a checkpoint tiesmerge adapt wrote (its header says so), which a run may replace."""
+    try:
+        load_checkpoint(path)
+    except ConfigError:
+        return False
+    return True
 
 
 def _save(path: Path, state: dict) -> None:
@@ -260,7 +269,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     start = 0
     path = Path(checkpoint) if checkpoint is not None else None
     if resume and path is not None and path.is_file():
-        state = _load_checkpoint(path)
+        state = load_checkpoint(path)
         _fingerprint_check(state.get("fingerprint", ""), fingerprint, path)
         try:
             with torch.no_grad():

@@ -27,7 +27,7 @@ from ..lazy import torch
 from ..methods.base import ChunkContext, MergeMethod, Requirements
 from ..paths import check_output_file
 from ..sizes import format_size
-from .learn import AdaptConfig, History, Merger, combine, learn
+from .learn import AdaptConfig, History, Merger, combine, is_checkpoint, learn, load_checkpoint
 from .report import summarise, write_report
 from .vectors import _Collect, collect_task_vectors, exposes_task_vectors
 
@@ -242,7 +242,9 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
             checkpoint = Path(output).with_name(Path(output).name + ".adapt-checkpoint.safetensors")
     if checkpoint is not None:
         # written each pass: never over an input, and an existing file only when resuming it or with force
-        check_output_file(checkpoint, force or resume, inputs, "the checkpoint")
+        if resume and os.path.isfile(checkpoint):
+            load_checkpoint(Path(checkpoint))  # a file that is no checkpoint of ours: say so, as resuming it would
+        check_output_file(checkpoint, force or resume, inputs, "the checkpoint", ours=is_checkpoint)
     task_data = read_task_data(data, tasks, limit=limit)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()

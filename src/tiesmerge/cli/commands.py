@@ -72,6 +72,18 @@ def _nested(a: Any, b: Any) -> bool:
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 
+def _is_scores_file(path: Path) -> bool:
+    """``path`` holds scores an earlier ``tune --json`` wrote (its three fields), so --force may replace it."""
+    from ..errors import TiesMergeError
+    from ..limits import read_json
+
+    try:
+        data = read_json(path, "--json", error=OutputError, max_bytes=64 << 20)
+    except (TiesMergeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"method", "best", "points"} <= set(data)
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
@@ -106,12 +118,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if args.output and _nested(args.json, args.output):
             raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
                               "the best merge replaces", hint="write the scores beside the output, not into it")
-        check_output_file(args.json, args.force, inputs, "--json")
     evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
     if args.json:
-        check_output_file(args.json, args.force, module, "--json")
+        check_output_file(args.json, args.force, [*inputs, *module], "--json", ours=_is_scores_file)
     check_memory_budget(args.memory_budget, args.base, args.models, args.method)
 
     def show(point) -> None:

@@ -35,7 +35,7 @@ import torch
 
 from ..errors import ConfigError
 from ..limits import read_json_lines
-from ..paths import read_regular
+from ..paths import check_model_dir, read_regular
 from .rank_classification import ChoiceExample, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
@@ -70,6 +70,8 @@ def _model_dir(base: Any) -> Path:
                           "a state dict", hint="give the base as a Hugging Face model directory, or write your "
                           "own evaluator (module:function)")
     path = Path(base)
+    if path.is_dir():  # its files are read by transformers, which follows links: each checked first
+        check_model_dir(path, "the base", ConfigError)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: a built-in evaluator needs the base as a Hugging Face model directory "
                           "(with config.json), to build the model it scores",

@@ -46,7 +46,9 @@ class SentenceEncoder(torch.nn.Module):
         """Load an HF encoder directory; ``state`` (e.g. a merged state dict) replaces its weights."""
         from transformers import AutoModel, AutoTokenizer
 
-        directory = Path(directory)
+        from ..paths import check_model_dir
+
+        directory = check_model_dir(directory, "the encoder")  # transformers follows links: files checked first
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModel.from_pretrained(directory, add_pooling_layer=False) \
             if _is_bert(directory) else AutoModel.from_pretrained(directory)

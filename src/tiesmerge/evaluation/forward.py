@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..paths import check_model_dir
 from .encoder import CosineHead, SentenceEncoder, build_head
 
 __all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
@@ -272,6 +273,7 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a model directory", hint="the forward is built from an HF directory")
+    check_model_dir(model_dir, "the base")  # transformers follows links: every file it opens checked first
     forward: torch.nn.Module
     if kind == "classifier":
         archs = _architectures(model_dir)

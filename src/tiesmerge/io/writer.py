@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import socket
-import stat
 import struct
 import tempfile
 from collections.abc import Collection, Iterator, Sequence
@@ -34,11 +33,14 @@ from ..finite import check_finite
 from ..limits import loads_json, read_json
 from ..paths import (
     _SPACE,
+    MODEL_FILES,
+    MODEL_SUFFIXES,
     OUTPUT_MARKERS,
     WRITTEN_FIELD,
     check_output_location,
     inside,
     listing,
+    model_dir_files,
     open_regular,
     write_error,
 )
@@ -51,11 +53,6 @@ __all__ = ["OutputEntry", "plan_shards", "SafetensorsStreamWriter", "ShardedWrit
            "copy_model_files", "model_files", "remove_stale", "MODEL_FILES"]
 
 # what a model needs beside its weights: config, generation config, tokenizer, chat template, processor
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.json",
-               "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
-_MODEL_SUFFIXES = (".tiktoken",)
 
 
 @dataclass(frozen=True, init=False)
@@ -381,20 +378,7 @@ def model_files(source: Path | None) -> list[Path]:
     or a FIFO is an error now, not after the merge). Anything else there is left alone."""
     if source is None:
         return []
-    try:
-        names = sorted(os.listdir(source))
-    except OSError as exc:
-        raise CheckpointError(f"{source}: cannot list the model directory ({exc.strerror or exc})") from None
-    files = []
-    for name in names:
-        if name not in MODEL_FILES and not name.endswith(_MODEL_SUFFIXES):
-            continue
-        path = source / name
-        real = inside(path, source, f"the base's {name}")
-        if not stat.S_ISREG(os.stat(real).st_mode):
-            raise CheckpointError(f"{path}: the base's {name} is not a regular file, so it cannot be copied into "
-                                  "the output", hint="replace it with the file itself")
-        files.append(path)
+    files = [f for f in model_dir_files(source, "the base") if f.name in MODEL_FILES or f.name.endswith(MODEL_SUFFIXES)]
     config = source / "config.json"
     if config in files and not isinstance(read_json(config, "the base's config"), dict):
         raise CheckpointError(f"{config}: holds no JSON object, so it is not a model config",
