@@ -11,7 +11,9 @@ import types
 
 import numpy as np
 import pytest
+import torch
 
+import tiesmerge
 from tiesmerge.dtypes import BY_CODE
 from tiesmerge.engine import fused
 
@@ -53,3 +55,17 @@ def test_the_views_keep_each_stored_width():
     for views in (fused.RAW_VIEWS, fused.OUT_VIEWS):
         for code, view in views.items():
             assert isinstance(view, np.dtype) and view.itemsize == BY_CODE[code].itemsize, code
+
+
+def test_a_merge_leaves_the_callers_torch_thread_count_alone(models):
+    """numba's OpenMP kernels share libgomp with torch and left torch at numba's thread count: an
+    evaluation the caller had set to one thread then ran on two spinning ones (4x the CPU, measured)."""
+    _, _, b, ms = models
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        tiesmerge.merge(b, ms, "ties", density=0.5)
+        tiesmerge.merge(b, ms, "task_arithmetic", lam=0.4)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
