@@ -299,3 +299,100 @@ def test_force_never_replaces_a_users_file_named_as_the_scores(family, tmp_path,
     finally:
         sys.path.remove(str(tmp_path / "work"))
         sys.modules.pop("ev_keep", None)
+
+
+# ------------------------------------------------------------------ the third pass: limits and messages
+
+
+def test_a_long_but_legal_scores_name_is_written(tmp_path):
+    """c183: the temporary sibling '.NAME.XXXX.tmp' of a 250-byte --json passed 255 bytes: the whole
+    tune ran, then its scores could not be written."""
+    from tiesmerge.paths import write_file
+
+    target = tmp_path / ("x" * 250 + ".json")
+    write_file(target, "{}\n")
+    assert target.read_text() == "{}\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+def test_the_default_checkpoint_of_a_long_output_name_fits_the_file_system(tmp_path):
+    """c184: a valid -o of 250 bytes made OUTPUT.adapt-checkpoint.safetensors too long to create."""
+    from tiesmerge.adamerging.run import default_checkpoint
+
+    out = tmp_path / ("é" * 125)  # 250 bytes
+    ck = default_checkpoint(out)
+    assert len(os.fsencode(ck.name)) <= 255 and ck.name.endswith(".adapt-checkpoint.safetensors")
+    ck.write_text("")  # the file system takes it
+    assert default_checkpoint(tmp_path / "merged").name == "merged.adapt-checkpoint.safetensors"
+    assert default_checkpoint(out) == ck and default_checkpoint(tmp_path / ("é" * 124 + "a")) != ck
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--device", "cpu:99"], "the CPU takes no index"),                                          # c203
+    (["--method", "dare_linear", "--seed", str(2 ** 64)], "seed must be an integer in [0, 2**63)"),  # c209
+])
+def test_values_that_would_be_silently_changed_are_refused(family, capsys, argv, needle):
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    rc, err = _run(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "-o", "out",
+                    "--no-progress", *argv], capsys)
+    check(rc, err, want_rc=rc or 1, needle=needle, output=Path("out"), inputs=inputs, before=before)
+    assert rc in (1, 2)
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--strategy", "random", "--budget", "999999999999", "--axis", "lam"], "more candidates than any search"),
+    (["--strategy", "random", "--budget", "4", "--range", "lam=-1e308:1e308", "--axis", "lam"],
+     "their difference must be finite"),
+])
+def test_a_search_that_could_never_run_is_refused_before_it_starts(family, tmp_path, capsys, extra, needle):
+    """c213/c222: a budget of 10**12 allocated 7 TiB of proposals (MemoryError, 'a bug'); c227: finite
+    bounds whose width overflows made every candidate infinite, blamed on the candidates."""
+    inputs, b, ms = family
+    (tmp_path / "work" / "ev_never.py").write_text("def score(state):\n    return 0.5\n")
+    sys.path.insert(0, str(tmp_path / "work"))
+    try:
+        before = snapshot(inputs)
+        rc, err = _run(["search", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
+                        "ev_never:score", "--dir", "runs", *extra], capsys)
+    finally:
+        sys.path.remove(str(tmp_path / "work"))
+        sys.modules.pop("ev_never", None)
+    check(rc, err, want_rc=rc or 2, needle=needle, output=None, inputs=inputs, before=before)
+    assert rc in (1, 2) and not Path("runs/log.jsonl").exists()
+
+
+def test_every_error_of_a_bad_file_or_evaluator_comes_with_a_hint(family, tmp_path, capsys):
+    """c029, c047, c138: errors with no hint line; c141: an alias bomb's message wrapped twice."""
+    inputs, b, ms = family
+    flags = ["--base", str(b), "--model", str(ms[0]), "--model", str(ms[1])]
+    rc, err = _run(["tune", *flags, "--evaluator", "no_such_module_here:score"], capsys)
+    assert rc == 2 and "hint: the module must be importable" in err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh")))
+    rc, err = _run(["validate", str(deep)], capsys)
+    assert rc == 2 and err.count("error:") == 1 and "YAML that tiesmerge cannot read" not in err
+    assert "hint:" in err and "hint:" not in err.split("\n")[0]
+    (b / "config.json").write_text("[" * 100 + "]" * 100)
+    rc, err = _run(["merge", *flags, "-o", "out", "--no-progress"], capsys)
+    assert rc != 0 and "nested" in err and "hint: the file is damaged" in err
+
+
+def test_a_local_folder_that_shadows_a_cached_repo_id_is_named(family, capsys):
+    """c096: ./org/a (empty) stood for the cached org/a, and the message did not say so."""
+    inputs, b, ms = family
+    Path("org/a").mkdir(parents=True)
+    rc, err = _run(["merge", "--base", str(b), "--model", "org/a", "--model", str(ms[1]), "-o", "out"], capsys)
+    assert rc == 1 and "no model weights found" in err and "a local path always wins" in err
+
+
+def test_a_meta_tensor_in_a_state_dict_is_named():
+    """c123: the API passed torch's 'Cannot copy out of meta tensor' through."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError as Err
+
+    base = {"w": torch.zeros(2, 2)}
+    with pytest.raises(Err, match="'w' is on the meta device"):
+        tiesmerge.merge(base, [{"w": torch.empty(2, 2, device="meta")}, {"w": torch.ones(2, 2)}])

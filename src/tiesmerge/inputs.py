@@ -90,6 +90,8 @@ def device_of(device: Any) -> str | torch.device:
         raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda")
     if str(device) == "cpu":
         return "cpu"
+    if str(device).startswith("cpu:"):  # torch takes and ignores an index for the CPU: a typo, not a device
+        raise ConfigError(f"device {device!r}: the CPU takes no index", hint="use --device cpu")
     try:
         device_t = torch.device(device)
     except (RuntimeError, TypeError):  # torch's own message lists every backend it knows, not what we take

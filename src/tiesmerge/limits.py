@@ -28,6 +28,11 @@ MAX_DEPTH = 64  # real configs nest under 10 deep
 MAX_YAML_NODES = 100_000  # nodes after alias expansion; a recipe has tens
 
 
+# what helps when a config, index, recipe or data file cannot be read: the file is damaged, or not what it
+# claims to be (its name says which one)
+_FIX_FILE = "the file is damaged or not the kind its name says: restore it from its source, or fix it"
+
+
 def depth_of(data: Any, limit: int = MAX_DEPTH) -> int:
     """Nesting depth of parsed JSON/YAML (iterative: no recursion limit), stopping past ``limit``."""
     deepest, stack, seen = 0, [(data, 1)], 0
@@ -50,13 +55,13 @@ def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
     try:
         data = json.loads(text)
     except RecursionError:
-        raise error(f"{source}: JSON nested too deep to read (more than {max_depth} levels)") from None
+        raise error(f"{source}: JSON nested too deep to read (more than {max_depth} levels)", hint=_FIX_FILE) from None
     except UnicodeDecodeError as exc:
-        raise error(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_FIX_FILE) from None
     except ValueError as exc:
-        raise error(f"{source}: not valid JSON ({str(exc)[:200]})") from None
+        raise error(f"{source}: not valid JSON ({str(exc)[:200]})", hint=_FIX_FILE) from None
     if depth_of(data, max_depth) > max_depth:
-        raise error(f"{source}: JSON nested more than {max_depth} levels deep; no config is", hint="check the file")
+        raise error(f"{source}: JSON nested more than {max_depth} levels deep; no config is", hint=_FIX_FILE)
     return data
 
 
@@ -151,15 +156,19 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
             return None
         _expanded_size(node, max_nodes, max_depth, source, error)
         return loader.construct_document(node)
+    except TiesMergeError:  # our own limits' errors (a ValueError too): already say what is wrong
+        raise
     except RecursionError:
-        raise error(f"{source}: YAML nested too deep to read (more than {max_depth} levels)") from None
+        raise error(f"{source}: YAML nested too deep to read (more than {max_depth} levels)",
+                    hint=_FIX_FILE) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise error(f"{source}: not valid YAML ({str(problem)[:200]}{where})") from None
+        raise error(f"{source}: not valid YAML ({str(problem)[:200]}{where})", hint=_FIX_FILE) from None
     except (ValueError, TypeError) as exc:  # e.g. an unhashable key, a bad timestamp
-        raise error(f"{source}: YAML that tiesmerge cannot read ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise error(f"{source}: YAML that tiesmerge cannot read ({type(exc).__name__}: {str(exc)[:200]})",
+                    hint=_FIX_FILE) from None
     finally:
         loader.dispose()
 

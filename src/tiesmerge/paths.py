@@ -474,7 +474,9 @@ def write_file(path: str | os.PathLike, text: str) -> None:
     import tempfile
 
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=Path(os.path.abspath(path)).parent)
+    # named for the process, not the file, so that any legal name (up to 255 bytes) can be written
+    fd, tmp = tempfile.mkstemp(prefix=f".tiesmerge-file-{os.getpid()}-", suffix=".tmp",
+                               dir=Path(os.path.abspath(path)).parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -232,7 +232,7 @@ def _save(path: Path, state: dict) -> None:
     meta = {"format": _CHECKPOINT_FORMAT, "fingerprint": state["fingerprint"], "step": str(state["step"]),
             "entropy": json.dumps(state["entropy"]), "config": json.dumps(state["config"]),
             "adam_param_groups": json.dumps(optimizer["param_groups"])}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".tiesmerge-file-{os.getpid()}.tmp")  # any legal name of the checkpoint itself works
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)

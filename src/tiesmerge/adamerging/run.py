@@ -239,7 +239,7 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
         check_output_not_input(output, inputs)
         check_output_path(Path(output).absolute(), force)  # before the training, not after it
         if checkpoint is None:
-            checkpoint = Path(output).with_name(Path(output).name + ".adapt-checkpoint.safetensors")
+            checkpoint = default_checkpoint(Path(output))
     if checkpoint is not None:
         # written each pass: never over an input, and an existing file only when resuming it or with force
         if resume and os.path.isfile(checkpoint):
@@ -300,6 +300,19 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     seconds["merge"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
     return AdaptResult(coefficients, task_names, layers, granularity, history, written, seconds)
+
+
+CHECKPOINT_SUFFIX = ".adapt-checkpoint.safetensors"
+
+
+def default_checkpoint(output: Path) -> Path:
+    """``OUTPUT.adapt-checkpoint.safetensors`` beside the output; for an output name so long that the
+    suffix would pass the file system's 255 bytes, its first bytes and a digest of the whole name."""
+    name = output.name
+    if len(os.fsencode(name + CHECKPOINT_SUFFIX)) > 255:
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+        name = os.fsencode(name)[:180].decode("utf-8", "ignore") + "-" + digest  # no character cut in two
+    return output.with_name(name + CHECKPOINT_SUFFIX)
 
 
 def _mean_row(history: History, index: int) -> float | None:

@@ -37,7 +37,10 @@ def _load_callable(spec: str):
     try:
         return getattr(importlib.import_module(module), name)
     except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
-        raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})") from None
+        raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})",
+                          hint=f"the module must be importable from here (run from its folder, or add that folder to "
+                               f"PYTHONPATH) and define {name!r}; a built-in is named NAME:FILE, e.g. "
+                               "classifier-accuracy:val.jsonl") from None
 
 
 def _evaluator(spec: str, base: Any, device: str) -> Any:

@@ -136,5 +136,20 @@ def open_checkpoint(
     found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
     raise CheckpointError(
         f"{path}: no model weights found (looked for model.safetensors.index.json, model.safetensors, *.safetensors); "
-        f"the directory holds: {found}",
+        f"the directory holds: {found}", hint=_shadow_hint(path) or "give the directory that holds the weights",
     )
+
+
+def _shadow_hint(path: Path) -> str | None:
+    """When a folder named like a repo id (``org/name``) stands where the user may have meant the
+    cached repository: say that a local path always wins over the Hugging Face cache."""
+    from ..hub import split_repo_id
+
+    try:
+        parts = split_repo_id(os.path.relpath(path))
+    except CheckpointError:
+        return None
+    if parts is None:
+        return None
+    return (f"./{parts[0]}/{parts[1]} is a local folder, and a local path always wins over the Hugging Face cache: "
+            f"rename or remove it to use the cached {parts[0]}/{parts[1]}")

@@ -32,6 +32,12 @@ class StateDictCheckpoint:
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{label}: entry {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a torch.Tensor")
+        empty = [k for k, v in state.items() if v.is_meta]
+        if empty:  # a model built on the meta device (init_empty_weights) holds shapes, not values
+            raise CheckpointError(f"{label}: tensor {empty[0]!r} is on the meta device: it has a shape but no values"
+                                  f"{f' ({len(empty)} such tensors)' if len(empty) > 1 else ''}",
+                                  hint="load the weights first (a model built with init_empty_weights or "
+                                       "device='meta' holds none), or pass the model's directory")
         self._state = dict(state)
 
     def names(self) -> list[str]:

@@ -44,7 +44,7 @@ __all__ = [
     "TensorKernel", "Requirements",
     "ChunkContext", "MergeMethod", "method_config", "option", "option_types", "paper_grid", "check_options",
     "check_models", "steps", "fraction", "probability", "unit_interval", "finite", "positive", "non_negative_int",
-    "nonzero_sum", "option_problem", "unit_range", "MODEL_COUNT_UNITS",
+    "seed_value", "nonzero_sum", "option_problem", "unit_range", "MODEL_COUNT_UNITS",
 ]
 
 ModelPath = NewType("ModelPath", str)  # a field holding a model directory: a path flag, resolved like a path
@@ -369,6 +369,13 @@ def unit_interval(value: Any) -> str | None:
 def non_negative_int(value: Any) -> str | None:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
     return None if ok else "must be a non-negative integer"
+
+
+def seed_value(value: Any) -> str | None:
+    """A random generator's seed: the counter-based generator takes 64 bits, and a larger seed would
+    silently wrap onto a smaller one (2**64 drew the same masks as 0)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2 ** 63
+    return None if ok else "must be an integer in [0, 2**63)"
 
 
 def nonzero_sum(values: tuple) -> str | None:

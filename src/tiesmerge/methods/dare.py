@@ -12,9 +12,9 @@ from .base import (
     TiesKernel,
     finite,
     method_config,
-    non_negative_int,
     option,
     probability,
+    seed_value,
     steps,
 )
 from .ties import AGGREGATES, ELECT_RULES
@@ -29,7 +29,7 @@ def _drop_rate() -> float:
 
 
 def _seed() -> int:
-    return option(0, "seed of the counter-based random numbers", unit="integer", check=non_negative_int)
+    return option(0, "seed of the counter-based random numbers", unit="integer", check=seed_value)
 
 
 def _lam(what: str) -> float:

@@ -17,8 +17,8 @@ from .base import (
     finite,
     fraction,
     method_config,
-    non_negative_int,
     option,
+    seed_value,
     steps,
     unit_interval,
 )
@@ -97,7 +97,7 @@ def _rescale() -> str:
 
 
 def _seed() -> int:
-    return option(0, "seed of the counter-based random numbers", unit="integer", check=non_negative_int)
+    return option(0, "seed of the counter-based random numbers", unit="integer", check=seed_value)
 
 
 def _weights() -> tuple[float, ...] | None:

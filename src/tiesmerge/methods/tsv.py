@@ -8,7 +8,17 @@ from typing import ClassVar
 
 from ..lazy import torch
 from . import svd as linalg
-from .base import ChunkContext, Requirements, finite, fraction, method_config, non_negative_int, option, steps
+from .base import (
+    ChunkContext,
+    Requirements,
+    finite,
+    fraction,
+    method_config,
+    non_negative_int,
+    option,
+    seed_value,
+    steps,
+)
 
 # the authors' code selects alpha (our lam) on validation over numpy.linspace(0, 3, 31)[1:]
 LAM_GRID = steps(0.1, 3.0, 0.1)
@@ -72,7 +82,7 @@ class TsvMerge:
                                    "of the top triplets (0: never)", unit="entries", check=non_negative_int)
     power_iters: int = option(2, "power iterations of the randomized SVD", unit="count", check=non_negative_int)
     seed: int = option(0, "seed of the randomized SVD's sketches (one stream per tensor)", unit="integer",
-                       check=non_negative_int)
+                       check=seed_value)
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,9 +127,14 @@ def parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
             low, high = (float(x) for x in text.split(":"))
             if not low < high:
                 raise ValueError
-            ranges[name.strip().replace("-", "_")] = (low, high)
         except ValueError:
             problems.append(f"--range {item!r}: expected NAME=LO:HI with LO < HI")
+            continue
+        if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
+            # candidates are drawn as low + u * (high - low): an infinite width makes them infinite
+            problems.append(f"--range {item!r}: the bounds and their difference must be finite numbers")
+            continue
+        ranges[name.strip().replace("-", "_")] = (low, high)
     if problems:
         raise ConfigError(problems)
     return ranges

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import ConfigError
+from ..methods.base import MAX_AXIS_POINTS
 from .space import SearchSpace
 
 __all__ = ["Strategy", "GridStrategy", "RandomStrategy", "CmaesStrategy", "STRATEGIES", "make_strategy"]
@@ -140,6 +141,10 @@ def make_strategy(name: str, space: SearchSpace, *, budget: int | None, seed: in
     if budget is None or budget < 1:
         raise ConfigError(f"the {name} strategy needs a budget: the number of candidates to score",
                           hint="pass --budget N (budget=N)")
+    if budget > MAX_AXIS_POINTS:  # each candidate is a merge and an evaluation; the proposals are made up front
+        raise ConfigError(f"--budget {budget:,} is more candidates than any search could score (at most "
+                          f"{MAX_AXIS_POINTS:,}: each is a whole merge and an evaluation)",
+                          hint="a few hundred candidates are plenty for the few options a method has")
     if name == "random":
         return RandomStrategy(space, budget, seed)
     if name == "cmaes":
