@@ -396,3 +396,95 @@ def test_a_meta_tensor_in_a_state_dict_is_named():
     base = {"w": torch.zeros(2, 2)}
     with pytest.raises(Err, match="'w' is on the meta device"):
         tiesmerge.merge(base, [{"w": torch.empty(2, 2, device="meta")}, {"w": torch.ones(2, 2)}])
+
+
+# ------------------------------------------------------------------ the third pass: demo, streams, adapters, cache
+
+
+@pytest.mark.parametrize("where", ["model", "user_folder", "cwd"])
+def test_the_demo_never_writes_into_a_model_or_a_folder_of_the_users(family, capsys, where):
+    """c299-c301: --workdir of an existing model (or '.') had the demo's base/config.json written over
+    the user's files."""
+    inputs, b, ms = family
+    if where == "user_folder":
+        Path("mine/base").mkdir(parents=True)
+        Path("mine/base/NOTES.txt").write_text("mine")
+    workdir = {"model": str(ms[0]), "user_folder": "mine", "cwd": "."}[where]
+    before, work = snapshot(inputs), snapshot(Path.cwd())
+    rc, err = _run(["demo", "--synthetic", "--params", "1", "--workdir", workdir], capsys)
+    assert rc == 1 and "Traceback" not in err and ("did not write" in err or "working" in err), err
+    assert snapshot(inputs) == before and snapshot(Path.cwd()) == work
+
+
+def test_the_demo_may_reuse_its_own_workdir_and_checks_its_size(capsys, tmp_path, monkeypatch):
+    """c302/c303: --params 1e12 started generating a trillion parameters; --params -1 ran silently."""
+    monkeypatch.chdir(tmp_path)
+    for params in ("-1", "1e12", "nan"):
+        rc, err = _run(["demo", "--synthetic", "--params", params], capsys)
+        assert rc == 2 and "between 0.01 and 10,000" in err, err
+    assert _run(["demo", "--synthetic", "--params", "0.05", "--workdir", "d"], capsys)[0] == 0
+    assert _run(["demo", "--synthetic", "--params", "0.05", "--workdir", "d"], capsys)[0] == 0  # its own folder
+
+
+def test_closed_or_full_standard_streams_are_no_crash(family, tmp_path):
+    """c320: `2>&-` (a cron job) crashed with 'NoneType has no attribute isatty' after the merge; c317: a
+    full standard output was reported as a disk error at the output."""
+    inputs, b, ms = family
+    script = ("import sys\nfrom tiesmerge.cli.main import main\nsys.stderr = None\n"
+              f"sys.exit(main(['merge', '--base', {str(b)!r}, '--model', {str(ms[0])!r}, '--model', {str(ms[1])!r}, "
+              f"'-o', {str(tmp_path / 'o')!r}]))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0 and (tmp_path / "o" / "tiesmerge.json").is_file(), done.stdout + done.stderr
+    if os.path.exists("/dev/full"):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "tiesmerge", "methods"], stdout=full, stderr=subprocess.PIPE,
+                                  text=True, timeout=240)
+        assert done.returncode == 1 and "cannot write to standard output" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("how", ["fifo", "dangling", "folder", "outside"])
+def test_an_adapter_config_that_is_not_a_regular_file_inside_is_named(lora_family, tmp_path, capsys, how):
+    """c279-c281: an adapter_config.json FIFO, dangling link or folder was skipped and the adapter
+    misread as a full model ('tensor names differ')."""
+    _, b, dirs, _ = lora_family
+    config = dirs[0] / "adapter_config.json"
+    saved = config.read_text()
+    config.unlink()
+    if how == "fifo":
+        os.mkfifo(config)
+    elif how == "dangling":
+        config.symlink_to(tmp_path / "nowhere.json")
+    elif how == "folder":
+        config.mkdir()
+    else:
+        (tmp_path / "elsewhere.json").write_text(saved)
+        config.symlink_to(tmp_path / "elsewhere.json")
+    rc, err = _run(["merge", "--base", str(b), "--model", str(dirs[0]), "--model", str(dirs[1]), "-o",
+                    str(tmp_path / "o"), "--no-progress"], capsys)
+    assert rc == 1 and "adapter_config.json" in err and "tensor names differ" not in err, err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_an_adapter_rank_above_the_matrices_and_an_option_given_twice_are_refused(lora_family, tmp_path, capsys):
+    """c282: --rank 999 on 16 x 16 modules wrote factors larger than the matrices; c261: 'ties:density=0.1,
+    density=0.3' silently took the last."""
+    _, b, dirs, _ = lora_family
+    rc, err = _run(["merge", "--base", str(b), "--model", str(dirs[0]), "--model", str(dirs[1]), "-o",
+                    str(tmp_path / "o"), "--output-format", "adapter", "--rank", "999", "--no-progress"], capsys)
+    assert rc == 2 and "rank 999 is more than" in err and not (tmp_path / "o").exists(), err
+    from tiesmerge.api import method_of_spec
+    from tiesmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="density is given twice"):
+        method_of_spec("ties:density=0.1,density=0.3")
+
+
+@pytest.mark.parametrize("where", ["model", "output"])
+def test_the_digest_cache_is_never_written_into_an_input_or_the_output(family, capsys, monkeypatch, where):
+    """c263-c266: TIESMERGE_CACHE_DIR (or XDG_CACHE_HOME) inside a model wrote digests.json into it;
+    at the output, it made the output look like someone else's folder."""
+    inputs, b, ms = family
+    monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(ms[0]) if where == "model" else str(Path("out").absolute()))
+    before = snapshot(inputs)
+    assert _run(_merge(b, ms, "out"), capsys)[0] == 0
+    assert snapshot(inputs) == before and not Path("out/digests.json").exists()

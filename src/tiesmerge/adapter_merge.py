@@ -137,6 +137,10 @@ def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models:
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     shapes = {n: tuple(base.info(n).shape) for n in [*targets, *full]}
+    largest = max((min(shapes[n][-2:]) for n in targets if len(shapes[n]) >= 2), default=None)
+    if largest is not None and rank > largest:  # factors larger than the matrices they factor: no adapter
+        raise ConfigError(f"rank {rank} is more than the largest rank any adapted matrix has ({largest}: the "
+                          "smaller side of the widest module)", hint=f"--rank {largest} or less")
     sink = LoraFactorSink(targets, shapes, full, rank)
     stats = executor.run(sink)
     clock = time.perf_counter()

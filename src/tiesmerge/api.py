@@ -33,7 +33,7 @@ from .inputs import (
     resolve_sources,
 )
 from .io.align import align
-from .io.card import hash_files, model_card
+from .io.card import digest_cache_kept_out_of, hash_files, model_card
 from .io.checkpoint import Checkpoint
 from .io.vocab import write_tokenizer_files
 from .io.vocab_rows import is_part
@@ -42,7 +42,7 @@ from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
 from .manifest import check_stats_digests, merge_manifest, reference_option
 from .methods.base import MergeMethod
-from .paths import FileStamps
+from .paths import FileStamps, input_roots
 from .recipe import MergeRecipe
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, format_size, parse_size
 from .version import __version__
@@ -176,6 +176,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             sink = MemorySink(executor.alignment.outputs(), executor.out_dtype)
             executor.run(executor.alignment.route(sink))
             return sink.state
+        # entered before the pool: it is left after the pool's last hash (an ExitStack unwinds in reverse)
+        stack.enter_context(digest_cache_kept_out_of(
+            [output, *{f.parent for c in inputs_read for f in c.files()},
+             *(r for c in inputs_read if c.directory() is not None for r in input_roots(c.directory()))]))
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash")
         # on an error or Ctrl-C, skip the files not hashed yet: a plain `with pool` would hash every
         # remaining input (minutes for a large model) before the error is shown
@@ -261,6 +265,8 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"method {spec!r}: {item!r} is not KEY=VALUE", hint="e.g. slerp:t=0.3,anchor=models")
+        if key.strip() in options:  # as a key given twice in a recipe: which one was meant cannot be told
+            raise ConfigError(f"method {spec!r}: {key.strip()} is given twice", hint="give each option once")
         try:
             options[key.strip()] = json.loads(value)
         except ValueError:

@@ -29,10 +29,11 @@ from typing import Any
 from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
-__all__ = ["write_error", "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES", "model_dir_files", "check_model_dir",
-           "OUTPUT_MARKERS", "WRITTEN_FIELD", "listing", "unlisted_files", "resolve", "check_input",
-           "open_regular", "read_regular", "inside", "FileStamps", "check_output_location", "check_not_input",
-           "check_output_file", "write_file", "check_search_dir"]
+__all__ = ["demo_workdir", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
+           "model_dir_files", "check_model_dir", "OUTPUT_MARKERS", "WRITTEN_FIELD", "listing",
+           "unlisted_files", "resolve", "check_input", "open_regular", "read_regular", "inside",
+           "FileStamps", "check_output_location", "check_not_input", "check_output_file", "write_file",
+           "check_search_dir"]
 
 # a directory holding one of these (as a regular file) was written by tiesmerge: merge, stats, analyze
 OUTPUT_MARKERS = ("tiesmerge.json", "tiesmerge_stats.json", "analysis.json")
@@ -249,6 +250,32 @@ def _protected() -> list[Path]:
     return out
 
 
+DEMO_MARKER = ".tiesmerge-demo"  # in a --workdir the demo made: a later demo may write there again
+
+
+def demo_workdir(workdir: str | os.PathLike) -> Path:
+    """``tiesmerge demo --workdir``: a new or empty folder, or one an earlier demo made (its marker
+    written first); never a model, the working, home or root folder, or a folder of the user's files,
+    whose config or weights a demo model would overwrite."""
+    final = _final(workdir)
+    if final in _protected():
+        raise OutputError(f"{workdir}: the demo would write its models into {final}, which holds the working, home "
+                          "or root folder", hint="name a new folder, e.g. --workdir ./tiesmerge-demo")
+    if os.path.lexists(final):
+        if not os.path.isdir(final):
+            raise OutputError(f"{workdir}: --workdir is not a folder", hint="name a new folder")
+        entries = sorted(os.listdir(final))
+        if entries and DEMO_MARKER not in entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise OutputError(f"{workdir}: --workdir holds files an earlier demo did not write ({shown})",
+                              hint="name a new or empty folder: the demo writes base/, ft-*/ and merged-*/ there")
+    else:
+        _check_writable_parent(workdir, final)
+    final.mkdir(parents=True, exist_ok=True)
+    (final / DEMO_MARKER).write_text("written by tiesmerge demo; a later demo may replace the models here\n")
+    return final
+
+
 def _final(output: str | os.PathLike) -> Path:
     try:
         return Path(os.path.realpath(output))
@@ -384,19 +411,19 @@ def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]])
     sources that are not paths, e.g. state dicts, are skipped), links followed."""
     final = _final(output)
     for who, source in named:
-        for src in _input_roots(source):
+        for src in input_roots(source):
             if src == final or final in src.parents:
                 raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
                                   "writing there would replace an input of the merge",
                                   hint="choose an output directory outside the inputs")
             if src in final.parents:
                 raise OutputError(f"{output}: the output lies inside {who} ({source})"
-                                  + (f" (its files live in {src})" if src != _input_roots(source)[0] else "")
+                                  + (f" (its files live in {src})" if src != input_roots(source)[0] else "")
                                   + "; writing there would change an input",
                                   hint="choose an output directory outside the inputs")
 
 
-def _input_roots(source: Any) -> list[Path]:
+def input_roots(source: Any) -> list[Path]:
     """Where an input's files live, links resolved: the path itself and, for a snapshot of the Hugging
     Face cache, its repository's blobs folder (the snapshot's files are links into it). Not a path
     (a state dict), or unreadable (reported when it is opened): none."""
@@ -417,7 +444,7 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     user's file that happens to sit at that path."""
     path = Path(path)
     for who, source in named:  # links followed: a link to an input is refused too
-        for src in _input_roots(source):
+        for src in input_roots(source):
             for cand in {Path(os.path.abspath(path)), _final(path)}:
                 if src == cand or src in cand.parents:
                     raise OutputError(f"{path}: {what} {'is' if src == cand else 'lies inside'} {who} ({source}); "

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import sys
 import textwrap
 import time
@@ -405,6 +406,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..paths import demo_workdir
+
+    if not (math.isfinite(args.params) and 0.01 <= args.params <= 10_000):
+        raise ConfigError(f"--params {args.params:g}: the synthetic model's size must be between 0.01 and 10,000 "
+                          "million parameters", hint="e.g. --params 50 (the default)")
+    if args.workdir:
+        args.workdir = str(demo_workdir(args.workdir))  # before anything is made: never over a user's files
     if args.synthetic:
         from .demo import run_demo
 

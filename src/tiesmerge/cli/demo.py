@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..api import describe_plan, merge, plan_merge
+from ..errors import OutputError
 from ..methods import Average, TaskArithmetic, Ties
 from ..sizes import format_size
 
@@ -125,6 +126,13 @@ def _skill_kept(merged: dict[str, torch.Tensor], base_dir: Path, skills: dict[st
 
 def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tiesmerge-demo-"))
+    needed = int(million_params * 1e6 * 2 * (1 + len(TASKS) + 3))  # bf16: the base, the fine-tunes, three merges
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        if not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+        raise OutputError(f"{root}: the demo's models need {format_size(needed)} but only {format_size(free)} is free "
+                          "there", hint="a smaller --params, or a --workdir on a larger disk")
     try:
         print(f"tiesmerge demo: {len(TASKS)} synthetic fine-tunes ({', '.join(TASKS)}) of a "
               f"~{million_params:g}M-parameter Llama-shaped bf16 model, in {root}")

@@ -261,6 +261,11 @@ def _private_torch_cache() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    # a standard stream closed by the caller (`2>&-` in a cron job) is None here: write nowhere, never crash
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the process
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115
     for stream in (sys.stdout, sys.stderr):  # a path of undecodable bytes (\xff) is printed escaped, never a crash
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -289,6 +294,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; no output directory was left behind", file=sys.stderr)
         return 130
     except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
+        if exc.filename is None and _is_stdout_error(exc):
+            return _report(InternalError(f"cannot write to standard output ({exc.strerror or exc})",
+                                         hint="standard output goes to a full disk or a closed pipe: redirect it "
+                                              "elsewhere"), args.debug)
         where = f"{exc.filename}: " if exc.filename else ""
         return _report(InternalError(f"{where}{exc.strerror or exc}",
                                      hint="nothing was written at the output; fix the cause and run again"), args.debug)
@@ -334,6 +343,14 @@ def _terminate_like_interrupt() -> dict[int, Any]:
         except (ValueError, OSError):  # not the main thread, or a signal this platform will not let us handle
             break
     return previous
+
+
+def _is_stdout_error(exc: OSError) -> bool:
+    """The error came from printing. Every file tiesmerge writes is named in its errors (write_error),
+    so a write error that names no file, raw at this level, is standard output's."""
+    import errno
+
+    return exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EBADF, errno.EDQUOT)
 
 
 def _report(exc: TiesMergeError, debug: bool) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError
 from ..limits import read_json
+from ..paths import inside
 from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
 from .patterns import ModulePattern
 from .peft import (
@@ -304,6 +305,7 @@ class ZeroBase:
 
 def open_adapter(path: Path, label: str) -> LoraCheckpoint | Ia3Checkpoint:
     """A PEFT adapter directory, by its ``peft_type``."""
+    inside(path / ADAPTER_CONFIG, path, "the adapter config")  # a link leaving the adapter is not read
     config = read_json(path / ADAPTER_CONFIG, "the adapter config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a JSON object",

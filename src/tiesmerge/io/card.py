@@ -7,8 +7,9 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -71,10 +72,31 @@ def _cache_dir(cache: Path) -> bool:
         return False
 
 
+# folders the digest cache must not be written into while a merge runs: its inputs and its output
+# (a TIESMERGE_CACHE_DIR or XDG_CACHE_HOME pointed into one of them would change an input, or leave a
+# file at the output). Hashing runs on a worker thread, so this is shared, not a context variable.
+_KEPT_OUT: list[Path] = []
+
+
+@contextmanager
+def digest_cache_kept_out_of(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
+    """While inside, no digest is remembered where the cache file would lie in one of ``paths``."""
+    roots = [Path(os.path.realpath(p)) for p in paths]
+    _KEPT_OUT.extend(roots)
+    try:
+        yield
+    finally:
+        for root in roots:
+            _KEPT_OUT.remove(root)
+
+
 def _remember(cache: Path, key: str, stamp: list[int], sha256: str) -> None:
     """Add one digest: the whole file is written to a fresh temporary file in the cache's own folder
     and renamed over the old one (a link or FIFO at the cache's path is replaced, never followed), so
     readers see the old or the new file, never half of one."""
+    folder = Path(os.path.realpath(cache.parent))
+    if any(folder == root or root in folder.parents for root in list(_KEPT_OUT)):
+        return  # hashing again next time costs less than writing into an input or the output
     if not _cache_dir(cache):
         return
     entries = _load_cache(cache)

@@ -107,8 +107,8 @@ def open_checkpoint(
                 raise _refuse_pickle(path)
             return PickleCheckpoint(path, [path], label)
         raise CheckpointError(f"{path}: not a .safetensors file or a model directory")
-    if (path / ADAPTER_CONFIG).is_file():  # a PEFT adapter: read as task vectors
-        return open_adapter(path, label)
+    if os.path.lexists(path / ADAPTER_CONFIG):  # a PEFT adapter: read as task vectors (a FIFO, a dangling link
+        return open_adapter(path, label)      # or a folder there is named by the limited reader, not misread)
     index = path / "model.safetensors.index.json"
     if os.path.lexists(index):  # a FIFO or folder there is named by the limited reader, not "no weights found"
         weight_map = _read_index(index)
