@@ -366,7 +366,9 @@ def test_every_error_of_a_bad_file_or_evaluator_comes_with_a_hint(family, tmp_pa
     inputs, b, ms = family
     flags = ["--base", str(b), "--model", str(ms[0]), "--model", str(ms[1])]
     rc, err = _run(["tune", *flags, "--evaluator", "no_such_module_here:score"], capsys)
-    assert rc == 2 and "hint: the module must be importable" in err
+    assert rc == 2 and "hint: the module must be importable" in err and "classifier-accuracy" in err
+    rc, err = _run(["tune", *flags, "--evaluator", "nope-accuracy:a.jsonl"], capsys)  # c333
+    assert rc == 2 and "'nope-accuracy' is not a built-in evaluator (they are classifier-accuracy," in err
     deep = tmp_path / "deep.yaml"
     deep.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
         f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh")))

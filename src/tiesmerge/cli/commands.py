@@ -38,10 +38,16 @@ def _load_callable(spec: str):
     try:
         return getattr(importlib.import_module(module), name)
     except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
+        from ..evaluation.builtin import BUILTIN_EVALUATORS
+
+        builtins = ", ".join(BUILTIN_EVALUATORS)
+        if "-" in module:  # no Python module has a hyphen: a built-in's name, mistyped
+            raise ConfigError(f"--evaluator {spec!r}: {module!r} is not a built-in evaluator (they are {builtins})",
+                              hint="e.g. --evaluator classifier-accuracy:val.jsonl") from None
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})",
                           hint=f"the module must be importable from here (run from its folder, or add that folder to "
-                               f"PYTHONPATH) and define {name!r}; a built-in is named NAME:FILE, e.g. "
-                               "classifier-accuracy:val.jsonl") from None
+                               f"PYTHONPATH) and define {name!r}; or name a built-in ({builtins}) as NAME:FILE"
+                          ) from None
 
 
 def _evaluator(spec: str, base: Any, device: str) -> Any:
