@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 import test_hostile_catalogue
+from helpers_ckpt import run_cli
 from test_hostile_catalogue import _merge, _run, check, snapshot
 from tiesmerge.errors import CheckpointError
 from tiesmerge.hub import split_repo_id
@@ -490,3 +491,13 @@ def test_the_digest_cache_is_never_written_into_an_input_or_the_output(family, c
     before = snapshot(inputs)
     assert _run(_merge(b, ms, "out"), capsys)[0] == 0
     assert snapshot(inputs) == before and not Path("out/digests.json").exists()
+
+
+def test_an_analysis_that_keeps_nothing_says_so_instead_of_zero_over_zero(family, capsys):
+    """c294: --density 1e-30 printed '0.0% of the parameters that two or more models keep conflict'
+    and named a 'most conflicted' tensor at 0.0%."""
+    inputs, b, ms = family
+    rc, out, err = run_cli(["analyze", "--base", b, "--model", ms[0], "--model", ms[1], "-o", "report",
+                            "--density", "1e-30", "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "nothing to compare" in out and "most conflicted" not in out and "keep conflict" not in out

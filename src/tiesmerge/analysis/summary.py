@@ -20,6 +20,9 @@ def summarise(data: dict) -> list[str]:
     sizes = data["sign_conflicts"]["by_size"]
     everyone = sizes[-1]
     first = sizes[0]
+    if k * data["parameters"] < 1:  # nothing is kept: every ratio below would be 0 / 0
+        return [f"At density {k:g} each model keeps less than one of its {data['parameters']:,} parameters, so "
+                "there is nothing to compare: no conflict, overlap or mass can be measured; use a larger --density."]
     lines = [
         f"With all {n} models trimmed to their top {percent(k)}, {percent(everyone['mean_of_kept_by_two_or_more'])} of "
         f"the parameters that two or more models keep conflict in sign; that is "
@@ -33,7 +36,9 @@ def summarise(data: dict) -> list[str]:
     l1, l2 = at["l1_share"], at["l2_share"]
     lines.append(f"Density {k:g} keeps {percent(sum(l1) / len(l1))} of each task vector's L1 mass "
                  f"(from {percent(min(l1))} to {percent(max(l1))} across models) and {percent(sum(l2) / len(l2))} "
-                 "of its L2 mass (squared norm): most of a task vector sits in its largest entries.")
+                 "of its L2 mass (squared norm): "
+                 + ("most of a task vector sits in its largest entries." if sum(l1) / len(l1) >= 0.5 else
+                    "a task vector's mass is spread over many entries, beyond the ones kept."))
     overlap = data["overlap"]
     lines.append(f"The models' top-{percent(k)} masks overlap with a mean pairwise Jaccard index of "
                  f"{overlap['mean_pairwise_jaccard']:.3f}, against {overlap['independent_masks_jaccard']:.3f} for "
@@ -48,7 +53,9 @@ def summarise(data: dict) -> list[str]:
                      "Where exactly one model finds a parameter influential, TIES keeps a mean magnitude of "
                      f"{ties:.3g}.")
     tensors = [t for t in data["by_tensor"] if t["numel"] >= 1]
-    if tensors:
+    if tensors and max(t["of_parameters"] for t in tensors) == 0:
+        lines.append("No tensor has a sign conflict among the parameters the models keep.")
+    elif tensors:
         worst = max(tensors, key=lambda t: t["of_parameters"])
         lines.append(f"The most conflicted tensor is {worst['name']} ({percent(worst['of_parameters'])} of its "
                      f"{worst['numel']:,} parameters, all {n} models).")
