@@ -501,3 +501,20 @@ def test_an_analysis_that_keeps_nothing_says_so_instead_of_zero_over_zero(family
                             "--density", "1e-30", "--no-progress"], capsys)
     assert rc == 0, err
     assert "nothing to compare" in out and "most conflicted" not in out and "keep conflict" not in out
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics")
+def test_a_file_size_limit_inside_an_output_names_the_file_and_no_merge_option(family, tmp_path):
+    """c273-c276: analyze under `ulimit -f` named the output folder and suggested merge's --shard-size."""
+    inputs, b, ms = family
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, (5 * 512, 5 * 512))
+        from tiesmerge.cli.main import main
+        sys.exit(main(["analyze", "--base", {str(b)!r}, "--model", {str(ms[0])!r}, "--model", {str(ms[1])!r},
+                       "-o", {str(tmp_path / 'uf')!r}, "--no-progress"]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 1, done.stderr
+    assert f"{tmp_path / 'uf'}/" in done.stderr and "--shard-size" not in done.stderr, done.stderr
+    assert not (tmp_path / "uf").exists() and not list(tmp_path.glob(".tiesmerge-*"))

@@ -322,7 +322,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         except OSError as exc:  # a file the caller wrote into tmp (the manifest, the card): name it and the space
             if exc.errno not in _SPACE:
                 raise
-            raise write_error(exc.filename or final, exc) from None
+            raise write_error(exc.filename or _being_written(tmp, final), exc) from None
         _record_listing(tmp)
         _check_output_path(final, force)  # the path may have changed while we worked
         old = None
@@ -342,6 +342,16 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
         raise
+
+
+def _being_written(tmp: Path, final: Path) -> Path:
+    """The file a write error without a file name was about (an OSError from ``write()`` names none):
+    the newest file in the temporary output, shown at its place in the final one."""
+    try:
+        newest = max((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: p.stat().st_mtime_ns, default=None)
+    except OSError:
+        newest = None
+    return final / newest.relative_to(tmp) if newest is not None else final
 
 
 def _record_listing(tmp: Path) -> None:
