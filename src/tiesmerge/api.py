@@ -67,9 +67,12 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
     m = as_method(method, method_options)
     base, models = resolve_sources(base, models)
     with ExitStack() as stack:
-        return prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
-                       vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format,
-                       stats=stats, allow_distant=allow_distant).executor.plan
+        prepared = prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
+                           vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format,
+                           stats=stats, allow_distant=allow_distant)
+        if output_format != "adapter":  # the files a merge copies beside the weights: checked as merge checks them
+            model_files(prepared.base.directory())
+        return prepared.executor.plan
 
 
 def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str = "error",
