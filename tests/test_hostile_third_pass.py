@@ -518,3 +518,38 @@ def test_a_file_size_limit_inside_an_output_names_the_file_and_no_merge_option(f
     assert done.returncode == 1, done.stderr
     assert f"{tmp_path / 'uf'}/" in done.stderr and "--shard-size" not in done.stderr, done.stderr
     assert not (tmp_path / "uf").exists() and not list(tmp_path.glob(".tiesmerge-*"))
+
+
+def test_a_search_resumed_with_another_evaluator_or_changed_weights_is_another_search(family, tmp_path, capsys):
+    """c351/c352: the log was resumed silently, mixing the old evaluator's (or the old weights') scores
+    with the new ones, and the best merge was chosen across both."""
+    from safetensors.torch import load_file, save_file
+
+    inputs, b, ms = family
+    work = tmp_path / "work"
+    (work / "ev_first.py").write_text("def score(state):\n    return 1.0\ndef other(state):\n    return -2.0\n")
+    sys.path.insert(0, str(work))
+    try:
+        argv = ["search", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--grid", "density=0.5",
+                "--grid", "lam=1", "--dir", "runs"]
+        assert _run([*argv, "--evaluator", "ev_first:score"], capsys)[0] == 0
+        rc, err = _run([*argv, "--evaluator", "ev_first:other"], capsys)
+        assert rc == 2 and "the log of another search" in err and "evaluator" in err, err
+        weights = ms[0] / "model.safetensors"
+        state = load_file(str(weights))
+        save_file({k: v * 1.5 for k, v in state.items()}, str(weights))  # replaced at the same path
+        rc, err = _run([*argv, "--evaluator", "ev_first:score"], capsys)
+        assert rc == 2 and "weights" in err, err
+    finally:
+        sys.path.remove(str(work))
+        sys.modules.pop("ev_first", None)
+
+
+def test_a_deleted_working_directory_is_named(tmp_path):
+    """c354/c355: a deleted working folder gave 'No such file or directory' or 'a symbolic link loop'."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = (f"import os, sys\nos.chdir({str(gone)!r})\nos.rmdir({str(gone)!r})\n"
+              "from tiesmerge.cli.main import main\nsys.exit(main(['methods']))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "the working directory no longer exists" in done.stderr, done.stderr

@@ -146,3 +146,24 @@ def test_resolving_never_imports_a_downloader(hub):
             "bad = [m for m in sys.modules if m.startswith(('huggingface_hub', 'requests', 'urllib3', 'httpx'))]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ}, cwd=os.getcwd())
+
+
+def test_every_command_takes_repo_ids(hub, tmp_path, capsys):
+    """Hostile pass 3 (c339-c345): merge took org/name, but tune, search, analyze, stats, adapt and
+    --sign-from said 'no such file'."""
+    (tmp_path / "work" / "ev_ids.py").write_text("def score(state):\n    return 0.5\n")
+    flags = ["--base", "org/base", "--model", "org/ft-0", "--model", "org/ft-1"]
+    runs = {"tune": ["tune", *flags, "--evaluator", "ev_ids:score", "--grid", "density=0.5", "--grid", "lam=1"],
+            "search": ["search", *flags, "--evaluator", "ev_ids:score", "--grid", "density=0.5", "--grid", "lam=1",
+                       "--dir", tmp_path / "s"],
+            "analyze": ["analyze", *flags, "-o", tmp_path / "a", "--no-progress"],
+            "sign_from": ["merge", *flags, "--method", "ties", "--sign-from", "org/ft-1", "-o", tmp_path / "m",
+                          "--no-progress"]}
+    try:
+        for name, argv in runs.items():
+            code, out, err = run_cli(argv, capsys)
+            assert code == 0, (name, err)
+    finally:
+        sys.modules.pop("ev_ids", None)
+    manifest = json.loads((tmp_path / "m" / "tiesmerge.json").read_text())
+    assert "org/ft-1" in json.dumps(manifest["recipe"])

@@ -87,7 +87,7 @@ class MergeRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         params = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)}
-        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in params.items() if v is not None}
+        params = {k: (list(v) if isinstance(v, tuple) else _named(v)) for k, v in params.items() if v is not None}
         out: dict[str, Any] = {"method": self.method.name, "base": self.base, "models": list(self.models),
                                "parameters": params}
         for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy"):
@@ -103,6 +103,13 @@ class MergeRecipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _named(value: Any) -> Any:
+    """A model read from the Hugging Face cache is recorded by the id it was named by (``org/name``,
+    which the recipe can be run with again), as plain text; anything else as it is."""
+    label = getattr(value, "label", None)
+    return label if isinstance(value, str) and isinstance(label, str) else value
 
 
 def _path(value: Any, root: Path | None) -> str:

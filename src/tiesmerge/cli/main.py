@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import InternalError, TiesMergeError
+from ..errors import ConfigError, InternalError, TiesMergeError
 from ..io.align import VOCAB_POLICIES
 from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES
@@ -251,6 +251,22 @@ def _search_parser(sub) -> None:
                    help="replace an output directory tiesmerge wrote before (never an input)")
 
 
+def _resolve_repo_ids(args: argparse.Namespace) -> None:
+    """Every model a command takes (``--base``, ``--model``, a method's model option such as
+    ``--sign-from``) may be named ``org/name[@revision]`` and is read from the local Hugging Face
+    cache, in every command alike (tiesmerge.hub; a local path of that name wins)."""
+    from ..hub import resolve_source
+
+    paths = {f"opt_{f.name}" for cls in METHODS.values() for f in dataclasses.fields(cls)
+             if option_types(cls)[f.name] is ModelPath}
+    for attr in ("base", "model", *paths):
+        value = getattr(args, attr, None)
+        if isinstance(value, str):
+            setattr(args, attr, resolve_source(value))
+    if isinstance(getattr(args, "models", None), list):
+        args.models = [resolve_source(m) if isinstance(m, str) else m for m in args.models]
+
+
 def _private_torch_cache() -> None:
     """torch creates ``$TMPDIR/torchinductor_<user>`` when torch._dynamo is first imported (the
     Fisher statistics' and adapt's autograd reach it), though tiesmerge compiles nothing. Unless the
@@ -277,9 +293,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # relative paths, and the check that -o is not the working folder, need it
+        return _report(ConfigError("the working directory no longer exists (it was deleted or moved away)",
+                                   hint="cd into an existing folder and run again"), args.debug)
     previous = _terminate_like_interrupt()
     _private_torch_cache()
     try:
+        _resolve_repo_ids(args)
         return HANDLERS[args.command](args)
     except TiesMergeError as exc:
         return _report(exc, args.debug)

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..methods.base import MergeMethod, check_models
 from ..registry import method_class
 from .candidates import Candidate, Evaluator, Job, as_state, better, candidate_state, float32, merged_delta
-from .evaluator import guard
+from .evaluator import GuardedEvaluator, evaluator_name, guard
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
 from .space import SearchSpace, build_space, canonical
@@ -74,6 +74,40 @@ def _label(source: Any) -> str | None:
     return None if isinstance(source, Mapping) else str(source)
 
 
+def _evaluator_name(evaluate: Any) -> str:
+    """What scored a log's candidates: a resumed search with another evaluator is another search
+    (its old scores are not comparable with the new ones). A built-in names its data file too."""
+    inner = evaluate.evaluate if isinstance(evaluate, GuardedEvaluator) else evaluate
+    if getattr(inner, "__qualname__", None):
+        return evaluator_name(inner)
+    data = getattr(inner, "data", None)  # a built-in: its class, and the file it scores on
+    return f"{type(inner).__module__}:{type(inner).__qualname__}" + (f" on {data}" if data is not None else "")
+
+
+def _weights_stamp(sources: Sequence[Any]) -> str:
+    """The size and modification time of every weight file of the inputs (their paths, not their
+    bytes: hashing gigabytes at every resume would cost more than the check saves). A model whose
+    weights were replaced at the same path makes the log another search's."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    rows = []
+    for source in sources:
+        if isinstance(source, Mapping):
+            continue
+        path = Path(source)
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt")) \
+            if path.is_dir() else [path]
+        for f in files:
+            try:
+                st = os.stat(f)
+            except OSError:
+                continue
+            rows.append([str(f), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
 def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, evaluate: Evaluator, *,
                strategy: str = "grid", budget: int | None = None, seed: int = 0, axes: Sequence[str] | None = None,
                grid: Mapping[str, Sequence[float]] | None = None,
@@ -97,6 +131,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     >>> result.best.options, result.best.score                                       # doctest: +SKIP
     """
     started = time.perf_counter()
+    evaluator_name = _evaluator_name(evaluate)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     cls = method_class(method) if isinstance(method, str) else type(method)
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
@@ -106,7 +141,8 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     chooser = make_strategy(strategy, space, budget=budget, seed=seed, popsize=popsize, start=dict(start))
     header = {"space": space.describe(), "strategy": strategy, "seed": seed,
               **({"popsize": popsize} if popsize else {}),
-              "base": _label(base), "models": [_label(m) for m in models]}
+              "base": _label(base), "models": [_label(m) for m in models],
+              "evaluator": evaluator_name, "weights": _weights_stamp([base, *models])}
     results = ResultsLog(log, header) if log is not None else None
     base32, dtypes = float32(as_state(base))
     owned = executor is None
