@@ -127,3 +127,33 @@ def test_empty_texts_and_wrong_data_types_name_the_problem(tmp_path):
         tiesmerge.adapt(base, fts, str(files[0]), forward=_forward(), steps=1)
     with pytest.raises(ConfigError, match="its data is a int"):
         tiesmerge.adapt(base, fts, [files[0], 7], forward=_forward(), steps=1)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    ("nan", "not finite"),                 # c359: resumed, then blamed the learning rate
+    ("shape", "the run's coefficients are"),  # c360: 'unexpected RuntimeError ... a bug'
+    ("step", "step -5 is negative"),        # c363: ran 9 steps silently
+    ("entropy", "entropy history"),         # c365: 'unexpected IndexError ... a bug'
+])
+def test_a_damaged_checkpoint_of_this_run_is_refused_before_it_is_used(tmp_path, damage, needle):
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    base, fts, files = _setup(tmp_path)
+    ck = tmp_path / "ck.safetensors"
+    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, checkpoint=ck)
+    with safe_open(str(ck), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    if damage == "nan":
+        tensors["adam.exp_avg"] = torch.full_like(tensors["adam.exp_avg"], float("nan"))
+    elif damage == "shape":
+        tensors["adam.exp_avg"] = torch.zeros(3)
+    elif damage == "step":
+        meta["step"] = "-5"
+    else:
+        meta["entropy"] = _json.dumps([[1.0]])
+    save_file(tensors, str(ck), metadata=meta)
+    with pytest.raises(ConfigError, match=needle):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True)

@@ -553,3 +553,31 @@ def test_a_deleted_working_directory_is_named(tmp_path):
               "from tiesmerge.cli.main import main\nsys.exit(main(['methods']))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "the working directory no longer exists" in done.stderr, done.stderr
+
+
+def test_a_model_read_as_text_without_a_tokenizer_is_refused(classifiers, tmp_path, capsys):
+    """c372: with no tokenizer files transformers built an empty tokenizer; statistics, scores and
+    adaptation ran on inputs of unknown tokens only, silently."""
+    import shutil
+
+    root, base, fts, data = classifiers
+    bare = tmp_path / "bare"
+    shutil.copytree(fts[0], bare)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (bare / name).exists():
+            (bare / name).unlink()
+    rc, err = _run(["stats", "gram", "--model", str(bare), "--data", str(data), "-o", str(tmp_path / "o")], capsys)
+    assert rc == 1 and "holds no tokenizer" in err and not (tmp_path / "o").exists(), err
+
+
+def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
+    """c358: SIGKILL left $TMPDIR/tiesmerge-torch-XXXX for ever."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"tiesmerge-torch-{dead.stdout.strip()}-abc123"
+    stale.mkdir()
+    (stale / "x").write_text("left by a killed run")
+    done = subprocess.run([sys.executable, "-m", "tiesmerge", "methods"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and not stale.exists() and list(tmp_path.iterdir()) == []

@@ -192,13 +192,24 @@ def model_dir_files(source: str | os.PathLike, role: str, error: type[TiesMergeE
     return files
 
 
-def check_model_dir(source: str | os.PathLike, role: str, error: type[TiesMergeError] = CheckpointError) -> Path:
+# a tokenizer's own files: without one, transformers builds an empty tokenizer and every word is unknown
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def check_model_dir(source: str | os.PathLike, role: str, error: type[TiesMergeError] = CheckpointError,
+                    *, tokenizer: bool = True) -> Path:
     """``source`` as a directory whose model files may be handed to transformers (see
-    :func:`model_dir_files`), or an error naming what is wrong."""
+    :func:`model_dir_files`) and, with ``tokenizer``, that holds a tokenizer (a model read as text
+    with none would score every input as unknown tokens, silently); or an error naming what is wrong."""
     check_input(source, role, error)
     if not os.path.isdir(source):
         raise error(f"{source}: {role} is not a directory", hint="give the model's Hugging Face directory")
-    model_dir_files(source, role, error)
+    names = {f.name for f in model_dir_files(source, role, error)}
+    if tokenizer and not names & set(TOKENIZER_FILES) and not any(n.endswith(MODEL_SUFFIXES) for n in names):
+        raise error(f"{source}: {role} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...), so its text "
+                    "inputs cannot be read", hint="copy the tokenizer files of the model's base into it "
+                    "(tokenizer.save_pretrained(DIR))")
     return Path(source)
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import shutil
 import tempfile
 
 __all__ = ["private_folder_for", "remove_private_folders"]
 
 _FOLDERS: list[str] = []
+# "<prefix><pid>-<random>": a folder whose process is dead (a run killed outright) is removed by the next run
+_OURS = re.compile(r"^tiesmerge-(torch|matplotlib)-(\d+)-[A-Za-z0-9_]+$")
 
 
 def private_folder_for(env_var: str, prefix: str) -> None:
@@ -19,9 +22,27 @@ def private_folder_for(env_var: str, prefix: str) -> None:
     first reads the variable."""
     if os.environ.get(env_var):
         return
-    folder = tempfile.mkdtemp(prefix=prefix)
+    _remove_stale(tempfile.gettempdir())
+    folder = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
     _FOLDERS.append(folder)
     os.environ[env_var] = folder
+
+
+def _remove_stale(parent: str) -> None:
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = _OURS.match(entry.name)
+        if m is None or int(m.group(2)) == os.getpid() or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(m.group(2)), 0)
+        except ProcessLookupError:  # dead: its folder is left from a run killed before it could remove it
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # alive, someone else's: leave it
+            pass
 
 
 @atexit.register

@@ -210,6 +210,31 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Path) -> None:
+    """A checkpoint of this run whose contents were damaged or edited (its fingerprint is only the
+    run's settings) is refused before it is used: shapes, a step within the run, finite values."""
+    def damaged(why: str) -> ConfigError:
+        return ConfigError(f"{path}: the checkpoint is damaged ({why})",
+                           hint="remove it to start afresh (the run's settings match, its contents do not)")
+
+    moments = state["optimizer"]["state"].get(0, {})
+    for name, tensor in [("coefficients", state["coefficients"]), *((f"adam.{k}", moments[k]) for k in
+                                                                   ("exp_avg", "exp_avg_sq") if k in moments)]:
+        if tuple(tensor.shape) != shape:
+            raise damaged(f"{name} is {tuple(tensor.shape)}, the run's coefficients are {shape}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise damaged(f"{name} holds values that are not finite")
+    step = state["step"]
+    entropy = state["entropy"]
+    if step < 0:  # past the run's steps is fine: nothing is left to learn
+        raise damaged(f"step {step} is negative")
+    if not (isinstance(entropy, list) and len(entropy) == step
+            and all(isinstance(r, list) and len(r) == n_tasks and all(isinstance(x, (int, float))
+                                                                     and math.isfinite(x) for x in r)
+                    for r in entropy)):
+        raise damaged(f"its entropy history is not {step} rows of {n_tasks} finite numbers")
+
+
 def is_checkpoint(path: Path) -> bool:
     """``path`` is a checkpoint tiesmerge adapt wrote (its header says so), which a run may replace."""
     try:
@@ -271,6 +296,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     if resume and path is not None and path.is_file():
         state = load_checkpoint(path)
         _fingerprint_check(state.get("fingerprint", ""), fingerprint, path)
+        _check_resumable(state, tuple(lam.shape), len(tasks), path)
         try:
             with torch.no_grad():
                 lam.copy_(state["coefficients"])

@@ -71,11 +71,12 @@ def _model_dir(base: Any) -> Path:
                           "own evaluator (module:function)")
     path = Path(base)
     if path.is_dir():  # its files are read by transformers, which follows links: each checked first
-        check_model_dir(path, "the base", ConfigError)
+        check_model_dir(path, "the base", ConfigError, tokenizer=False)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: a built-in evaluator needs the base as a Hugging Face model directory "
                           "(with config.json), to build the model it scores",
                           hint="give the base's directory, or write your own evaluator (module:function)")
+    check_model_dir(path, "the base", ConfigError)  # and a tokenizer: its data is text
     return path
 
 

@@ -18,7 +18,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import open_checkpoint
 from ..limits import read_json, read_json_lines
-from ..paths import check_input, model_dir_files
+from ..paths import check_input, check_model_dir
 from .files import Statistics
 from .fisher import fisher_information
 from .gram import gram_matrices
@@ -67,7 +67,7 @@ def _config(model_dir: Path) -> dict:
                                   hint="convert the model to safetensors (save_pretrained(safe_serialization=True))"
                                   ) from None
         raise
-    model_dir_files(model_dir, "the model")  # transformers follows links: every file it opens checked first
+    check_model_dir(model_dir, "the model")  # transformers follows links: its files checked first; a tokenizer
     config = read_json(model_dir / "config.json", "the model's config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{model_dir / 'config.json'}: holds a {type(config).__name__}, not a JSON object",
