@@ -581,3 +581,19 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
     done = subprocess.run([sys.executable, "-m", "tiesmerge", "methods"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and not stale.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_tokenizer_config_naming_a_missing_file_is_a_typed_error(classifiers, tmp_path, capsys):
+    """c371: tokenizer_config.json naming a tokenizer_file that is not there: 'unexpected ValueError ... a bug'."""
+    import shutil
+
+    root, base, fts, data = classifiers
+    model = tmp_path / "m"
+    shutil.copytree(fts[0], model)
+    (model / "tokenizer.json").unlink()
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["tokenizer_file"] = str(tmp_path / "nowhere" / "tokenizer.json")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nw0\n")
+    rc, err = _run(["stats", "gram", "--model", str(model), "--data", str(data), "-o", str(tmp_path / "o")], capsys)
+    assert rc in (0, 1) and "Traceback" not in err and "a bug" not in err, err

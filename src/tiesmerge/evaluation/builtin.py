@@ -36,6 +36,7 @@ import torch
 from ..errors import ConfigError
 from ..limits import read_json_lines
 from ..paths import check_model_dir, read_regular
+from .loading import from_pretrained
 from .rank_classification import ChoiceExample, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
@@ -105,8 +106,8 @@ class _Scorer:
         if key not in _MODELS:
             from transformers import AutoTokenizer
 
-            model = build(self.model_dir).to(_device(self.device)).eval()
-            _MODELS[key] = (model, AutoTokenizer.from_pretrained(self.model_dir))
+            model = from_pretrained(build, self.model_dir, "the base").to(_device(self.device)).eval()
+            _MODELS[key] = (model, from_pretrained(AutoTokenizer, self.model_dir, "its tokenizer"))
         return _MODELS[key]
 
 

@@ -49,9 +49,11 @@ class SentenceEncoder(torch.nn.Module):
         from ..paths import check_model_dir
 
         directory = check_model_dir(directory, "the encoder")  # transformers follows links: files checked first
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModel.from_pretrained(directory, add_pooling_layer=False) \
-            if _is_bert(directory) else AutoModel.from_pretrained(directory)
+        from .loading import from_pretrained
+
+        tokenizer = from_pretrained(AutoTokenizer, directory, "its tokenizer")
+        model = from_pretrained(AutoModel, directory, add_pooling_layer=False) \
+            if _is_bert(directory) else from_pretrained(AutoModel, directory)
         if state is not None:
             missing, unexpected = model.load_state_dict(dict(state), strict=False)
             real_missing = [k for k in missing if "position_ids" not in k]

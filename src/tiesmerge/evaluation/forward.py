@@ -37,6 +37,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..paths import check_model_dir
 from .encoder import CosineHead, SentenceEncoder, build_head
+from .loading import from_pretrained
 
 __all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
            "FunctionLogits", "Row", "as_rows", "checkpoint_names", "load_forward", "logits", "entropy"]
@@ -280,8 +281,9 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise ConfigError(f"{model_dir}: not a sequence classifier (architectures: {', '.join(archs) or 'none'})",
                               hint="--forward encoder (with --heads) or choice (with answer choices) may fit")
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir).to(device)
-        forward = ClassifierLogits(model, AutoTokenizer.from_pretrained(model_dir), max_length=max_length)
+        model = from_pretrained(AutoModelForSequenceClassification, model_dir).to(device)
+        forward = ClassifierLogits(model, from_pretrained(AutoTokenizer, model_dir, "its tokenizer"),
+                                   max_length=max_length)
     elif kind == "encoder":
         if not heads:
             raise ConfigError("the encoder forward needs class descriptions per task (heads)",
@@ -290,7 +292,7 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         built = {task: build_head(encoder, list(desc)) for task, desc in heads.items()}
         forward = EncoderHeadLogits(encoder, built)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+        tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
+        model = from_pretrained(AutoModelForCausalLM, model_dir).to(device)
         forward = ChoiceLogits(model, tokenizer, choices=choices, max_length=max_length)
     return forward.eval()

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..evaluation.loading import from_pretrained
 from ..io.checkpoint import open_checkpoint
 from ..limits import read_json, read_json_lines
 from ..paths import check_input, check_model_dir
@@ -109,8 +110,8 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     rows = read_jsonl(data, limit=limit, need_labels=uses_labels,
                       num_labels=_num_labels(model_dir, config) if uses_labels else None)
     loader = AutoModelForSequenceClassification if classifier else AutoModel
-    model = loader.from_pretrained(model_dir).to(device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = from_pretrained(loader, model_dir).to(device)
+    tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
     batches = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
