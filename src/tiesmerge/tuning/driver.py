@@ -85,7 +85,7 @@ def _evaluator_name(evaluate: Any) -> str:
 
 
 def _weights_stamp(sources: Sequence[Any]) -> str:
-    """The size and modification time of every weight file of the inputs (their paths, not their
+    """The inode, size, modification and change time of every weight file of the inputs (not their
     bytes: hashing gigabytes at every resume would cost more than the check saves). A model whose
     weights were replaced at the same path makes the log another search's."""
     import hashlib
@@ -104,7 +104,7 @@ def _weights_stamp(sources: Sequence[Any]) -> str:
                 st = os.stat(f)
             except OSError:
                 continue
-            rows.append([str(f), st.st_size, st.st_mtime_ns])
+            rows.append([str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])  # ctime: no writer sets it back
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
 
 
