@@ -104,7 +104,7 @@ def _weights_stamp(sources: Sequence[Any]) -> str:
                 st = os.stat(f)
             except OSError:
                 continue
-            rows.append([str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])  # ctime: no writer sets it back
+            rows.append([str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])  # no writer sets ctime back
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
 
 
