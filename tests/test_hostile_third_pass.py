@@ -597,3 +597,35 @@ def test_a_tokenizer_config_naming_a_missing_file_is_a_typed_error(classifiers, 
     (model / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nw0\n")
     rc, err = _run(["stats", "gram", "--model", str(model), "--data", str(data), "-o", str(tmp_path / "o")], capsys)
     assert rc in (0, 1) and "Traceback" not in err and "a bug" not in err, err
+
+
+def test_hints_on_the_last_messages_without_one(family, capsys):
+    """F13: `--shard-size 0` and an over-long output name printed no hint; F5: a base config.json
+    linked outside the model was parsed ('not valid JSON') before the link was refused."""
+    inputs, b, ms = family
+    flags = ["--base", str(b), "--model", str(ms[0]), "--model", str(ms[1])]
+    rc, err = _run(["merge", *flags, "-o", "out", "--shard-size", "0"], capsys)
+    assert rc == 2 and "hint: fix each value named" in err
+    rc, err = _run(["merge", *flags, "-o", "y" * 300], capsys)
+    assert rc == 1 and "hint: use a shorter name" in err
+    outside = Path("outside.txt")
+    outside.write_text("not json at all")
+    (b / "config.json").unlink()
+    (b / "config.json").symlink_to(outside.absolute())
+    rc, err = _run(["merge", *flags, "-o", "out", "--no-progress"], capsys)
+    assert rc == 1 and "outside" in err and "not valid JSON" not in err, err
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_FSIZE semantics")
+def test_a_shard_too_large_suggests_only_options_the_command_has(classifiers, tmp_path):
+    """F25: stats (and adapt) under `ulimit -f` suggested merge's --shard-size."""
+    root, base, fts, data = classifiers
+    script = textwrap.dedent(f"""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 * 512, 20 * 512))
+        from tiesmerge.cli.main import main
+        sys.exit(main(["stats", "gram", "--model", {str(fts[0])!r}, "--data", {str(data)!r},
+                       "-o", {str(tmp_path / "st")!r}]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert done.returncode != 0 and "--shard-size" not in done.stderr and "ulimit -f" in done.stderr, done.stderr

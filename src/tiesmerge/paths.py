@@ -310,7 +310,9 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
         raise OutputError(f"{output}: cannot create the output directory: a folder on its path is a file",
                           hint="choose a location you can write to") from None
     except OSError as exc:
-        raise OutputError(f"{output}: cannot check the output path ({exc.strerror or exc})") from None
+        raise OutputError(f"{output}: cannot check the output path ({exc.strerror or exc})",
+                          hint="use a shorter name (a file system allows 255 bytes per name)"
+                          if exc.errno == errno.ENAMETOOLONG else "choose a location you can write to") from None
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{output}: the output path is {'a file' if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)}",
                           hint="choose a directory path for the output")
@@ -441,7 +443,10 @@ def input_roots(source: Any) -> list[Path]:
     if not isinstance(source, (str, os.PathLike)):
         return []
     try:
-        return _roots(source)
+        roots = _roots(source)
+        if len(roots) > 1:  # a snapshot of the cache: its whole repository folder (refs, blobs, snapshots)
+            roots.append(Path(os.path.realpath(Path(os.path.abspath(source)).parent.parent)))
+        return roots
     except (OSError, RuntimeError, ValueError):
         return []
 

@@ -67,6 +67,7 @@ from typing import Any
 from .dtypes import BY_NAME
 from .errors import ConfigError, TiesMergeError
 from .limits import read_json
+from .paths import inside
 
 __all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
 
@@ -351,7 +352,8 @@ def _layers(base: str | None) -> int | None:
     """The base's number of layers from its config.json (mergekit's num_layers), or None."""
     if base is None or not os.path.lexists(Path(base) / "config.json"):
         return None
-    try:  # the limited reader: a FIFO, a huge or deeply nested file is refused, never hangs
+    try:  # the limited reader: a FIFO, a huge or deeply nested file is refused, never hangs; never through a link out
+        inside(Path(base) / "config.json", base, "the base's config")
         config = read_json(Path(base) / "config.json", "the base's config")
     except TiesMergeError:
         return None

@@ -47,3 +47,9 @@ def format_size(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
+
+
+# How the caller sets the shard size, for the hint when a shard is larger than a file may be: the
+# Python API's keyword by default; the command line sets the flag of the command that runs (merge has
+# --shard-size; stats, tune, adapt have none). A plain global: shards are written on another thread.
+shard_size_option: str | None = "shard_size="

@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                                    hint="cd into an existing folder and run again"), args.debug)
     previous = _terminate_like_interrupt()
     _private_torch_cache()
+    from .. import sizes
+
+    sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
     try:
         _resolve_repo_ids(args)
         return HANDLERS[args.command](args)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
 from ..limits import read_json
+from ..paths import inside
 from .peft import yields_task_vector
 from .protocol import Checkpoint, read_rows_into, rows_shape
 
@@ -149,6 +150,7 @@ def _read_config(ckpt: Checkpoint) -> dict:
     directory = ckpt.directory()
     if directory is None or not os.path.lexists(directory / "config.json"):
         return {}
+    inside(directory / "config.json", directory, "the model's config")  # a link leaving the model is not read
     config = read_json(directory / "config.json", "the model's config")
     if not isinstance(config, dict):
         raise CheckpointError(f"{directory / 'config.json'}: holds a {type(config).__name__}, not a JSON object, "

@@ -95,7 +95,11 @@ def plan_shards(entries: list[OutputEntry], shard_size: int,
 
 
 def _shard_error(path: str | os.PathLike, exc: OSError) -> OutputError:
-    return write_error(path, exc, too_large_hint="write smaller shards (--shard-size) or to another file system")
+    from .. import sizes
+
+    how = f"write smaller shards ({sizes.shard_size_option}), or " if sizes.shard_size_option else ""
+    return write_error(path, exc, too_large_hint=how + "write to another file system, or raise the file size "
+                                                        "limit (ulimit -f)")
 
 
 class SafetensorsStreamWriter:
