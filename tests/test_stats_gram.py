@@ -23,3 +23,21 @@ def test_gram_is_mean_of_input_outer_products_over_real_tokens():
     split = gram_matrices(model, [{"x": x[:1], "mask": mask[:1]}, {"x": x[1:], "mask": mask[1:]}],
                           lambda m, b: m(b["x"]), token_mask=lambda b: b["mask"])
     torch.testing.assert_close(split.tensors["0.weight"], stats.tensors["0.weight"])
+
+
+def test_a_head_tied_to_the_embedding_gets_no_gram_matrix():
+    """A causal LM's lm_head tied to the input embedding has no weight of its own in the checkpoint
+    (found by the LLM benchmark: the merge refused 'lm_head.weight is not a tensor of the model')."""
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(5, 4)
+            self.proj = torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.proj(self.embed(ids)))
+
+    stats = gram_matrices(Tied(), [torch.tensor([[0, 1, 2]])], lambda m, b: m(b))
+    assert set(stats.tensors) == {"proj.weight"}

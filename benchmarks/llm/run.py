@@ -42,6 +42,7 @@ from tiesmerge.registry import METHODS, make_method  # noqa: E402
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 # validation grids for tiesmerge.tune: coarser than the paper's (23 lams) because every point costs
 # a CPU evaluation of the 135M model; lam is swept on top of each merge for free
+MEMORY_BUDGET = "8GiB"
 TUNE_GRIDS = {"ties": {"density": (0.1, 0.2, 0.3), "lam": (1.0, 1.5)},
               "task_arithmetic": {"lam": (0.3, 0.6, 1.0)}}
 
@@ -178,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", default=list(common.TASKS))
     ap.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     ap.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
-    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--train-batch", type=int, default=4)
     ap.add_argument("--lr-full", type=float, default=5e-5)
     ap.add_argument("--lr-lora", type=float, default=1e-3)
-    ap.add_argument("--test", type=int, default=16, help="test examples per task")
-    ap.add_argument("--val", type=int, default=8, help="validation examples per task (tune)")
-    ap.add_argument("--ppl-passages", type=int, default=8)
-    ap.add_argument("--stats-examples", type=int, default=2, help="fisher / regmean statistics examples per task")
+    ap.add_argument("--test", type=int, default=48, help="test examples per task")
+    ap.add_argument("--val", type=int, default=12, help="validation examples per task (tune)")
+    ap.add_argument("--ppl-passages", type=int, default=12)
+    ap.add_argument("--stats-examples", type=int, default=4, help="fisher / regmean statistics examples per task")
     ap.add_argument("--batch", type=int, default=8, help="evaluation batch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--data-seed", type=int, default=0)
@@ -270,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
                 if needs is not None:
                     extra["stats"] = [statistics(needs.kind, models[n], tasks[n], args) for n in args.tasks]
                 try:
-                    state = tiesmerge.merge(base, paths, name, **extra)
+                    # whole-tensor methods (SVDs, DELLA) hold the 49152 x 576 embedding of every model at
+                    # once, with workspace: more than the default 2 GiB budget; the machine has 24 GiB
+                    state = tiesmerge.merge(base, paths, name, memory_budget=MEMORY_BUDGET, **extra)
                 except TiesMergeError as exc:
                     out["skipped"].append({"mode": mode, "method": name, "why": str(exc).splitlines()[0]})
                     continue

@@ -37,7 +37,11 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
     >>> stats = gram_matrices(model, loader, lambda m, b: m(**b),                # doctest: +SKIP
     ...                       token_mask=lambda b: b["attention_mask"].bool())
     """
-    linears = {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+    # a Linear whose weight is another parameter (a head tied to the embedding) has no tensor of its own
+    # in the checkpoint, and RegMean's closed form is for a Linear's own weight: it is left out
+    own = {id(p): n for n, p in module.named_parameters()}  # shared parameters listed once, by their first name
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+               and own.get(id(m.weight)) == (f"{name}.weight" if name else "weight")}
     if not linears:
         raise ConfigError("the module has no nn.Linear layers: RegMean has nothing to collect")
     sums: dict[str, torch.Tensor] = {}
