@@ -538,3 +538,20 @@ def test_avx2_code_computes_what_the_default_target_computes(tmp_path):
     assert sorted(avx2.files) == sorted(default)
     for key, value in default.items():
         assert np.array_equal(avx2[key], value), key
+
+
+@pytest.mark.parametrize("drop", [0.3, 0.5, 0.9, 0.1234567])
+def test_dare_kernel_drops_the_entries_of_the_torch_paths_hash_at_any_offset(drop):
+    """The kernel's 32-bit hash and integer keep test (kernels._hash_bits: bits >= ceil(float32(drop) 2^24))
+    keep exactly the entries methods.ops.hash_uniform keeps (u >= drop), past 2^32 too."""
+    from tiesmerge.methods import ops
+
+    n = 50_000
+    base, model = np.zeros(n, np.float32), np.ones(n, np.float32)
+    for offset in (0, 12345, 2**32 - 100, 2**32 + 17, 2**40 + 3):
+        out = np.empty(n, np.float32)
+        assert kernels.ties_merge([base, model], None, np.ones(1, np.float32), 1.0, "mass", "zero", None, "sum", out,
+                                  None, (kernels.dare_keys(11, 77, 1), drop, offset))
+        keep = ops.hash_uniform(11, 77, offset, n, "cpu") >= drop
+        assert np.array_equal(out != 0, keep.numpy()), offset
+        assert np.all(out[out != 0] == np.float32(1.0 / (1.0 - drop)))

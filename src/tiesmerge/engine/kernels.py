@@ -17,6 +17,7 @@ and thread count, and counts the vector registers they use.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -163,6 +164,33 @@ if numba is not None:
         x = _fmix32((x + (pos >> np.uint64(32)) * np.uint64(0x27D4EB2F) + key) & m)
         return np.float32(x >> np.uint64(8)) * np.float32(2.0**-24)
 
+    @intrinsic
+    def _fmix32_i32(typingctx, x):  # pragma: no cover - compiled
+        # _fmix32 of x's low 32 bits in 32-bit arithmetic (numba widens integer arithmetic to 64 bits,
+        # which keeps the multiplies out of the vector units); the same value
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            v = args[0]
+            v = builder.trunc(v, i32) if v.type.width > 32 else v
+
+            def c(value):
+                return ir.Constant(i32, value - (1 << 32) if value >= 1 << 31 else value)
+
+            v = builder.xor(v, builder.lshr(v, c(16)))
+            v = builder.mul(v, c(0x85EBCA6B))
+            v = builder.xor(v, builder.lshr(v, c(13)))
+            v = builder.mul(v, c(0xC2B2AE35))
+            return builder.xor(v, builder.lshr(v, c(16)))
+        return types.uint32(x), codegen
+
+    @njit(inline="always")
+    def _hash_bits(key, pos):  # pragma: no cover - compiled
+        # the top 24 bits of methods.ops.hash_uniform's hash at flat position pos (uint64) of the stream
+        # whose key is given (the uniform is this times 2^-24), in 32-bit arithmetic
+        x = _fmix32_i32(np.uint32(pos & np.uint64(0xFFFFFFFF)) ^ np.uint32(key))
+        x = _fmix32_i32(x + np.uint32(pos >> np.uint64(32)) * np.uint32(0x27D4EB2F) + np.uint32(key))
+        return x >> np.uint32(8)
+
     @njit(inline="always")
     def _base_block(proto, addrs, start, count, table):  # pragma: no cover - compiled
         # the base's entries start .. start + count, widened to float32 (count,)
@@ -270,7 +298,7 @@ if numba is not None:
                 exactk.band_mask(kt, idx[t], lo[t], hi[t], masks[t], left[t], right[t])
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, dare_keys, drop, rescale, offset,
+    def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, dare_keys, keep_from, rescale, offset,
                      weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
         # rows at addrs (base, then models; proto: their dtype), thresholds/weights (n,) f32,
         # masks (n, E) u8 (use_masks: an exact-k selection replaces the thresholds), out (E,) bf16 bits or f32;
@@ -280,7 +308,7 @@ if numba is not None:
         lam32 = np.float32(lam)
         fill32 = np.float32(fill)
         dare = len(dare_keys) > 0
-        drop32 = np.float32(drop)
+        keep_from32 = np.int32(keep_from)
         rescale32 = np.float32(rescale)
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
@@ -309,8 +337,9 @@ if numba is not None:
                     else:
                         kv = v if abs(v) >= thr else np.float32(0.0)
                     if dare:  # loop-invariant: LLVM unswitches it
-                        u = _hash_uniform(dare_keys[t], np.uint64(offset + start + j))
-                        kv = kv * rescale32 if u >= drop32 else np.float32(0.0)
+                        # the uniform u = bits * 2^-24 is kept where u >= drop, i.e. bits >= keep_from
+                        bits = np.int32(_hash_bits(dare_keys[t], np.uint64(offset + start + j)))
+                        kv = kv * rescale32 if bits >= keep_from32 else np.float32(0.0)
                     kept[t, j] = kv
                     if elect == 0:  # loop-invariant: LLVM unswitches it
                         vote[j] += w * kv
@@ -752,8 +781,11 @@ def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray | None, weig
     thr = np.zeros(n, np.float32) if thresholds is None else thresholds.astype(np.float32)
     keys, drop, offset = dare if dare is not None else (np.zeros(0, np.uint64), 0.0, 0)
     rescale = 1.0 / (1.0 - drop) if dare is not None else 1.0  # the torch path's python-float factor
+    # torch keeps u >= drop with u = k 2^-24 (k < 2^24, exact in float32) and drop rounded to float32:
+    # k >= ceil(float32(drop) 2^24), an integer comparison
+    keep_from = min(max(math.ceil(float(np.float32(drop)) * 2.0**24), 0), 1 << 24)
     _ties_kernel(*_rows_of(inputs), _f16_table(), thr, masks if use_masks else np.zeros((n, 0), np.uint8),
-                 use_masks, keys, float(drop), float(rescale), int(offset), weights.astype(np.float32), float(lam),
+                 use_masks, keys, keep_from, float(rescale), int(offset), weights.astype(np.float32), float(lam),
                  ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0), AGGREGATE_CODES[aggregate], out,
                  worst)
     return bool(worst.max() < _NONFINITE)
