@@ -74,15 +74,21 @@ class TorchOrder(Reductions):
         self.threads = torch.get_num_threads()
         self.finite = True
         self._take = take or (lambda key, nbytes: np.empty(nbytes, np.uint8))
+        self._norms: dict[int | None, np.ndarray] = {}  # span -> (operands, spans) norms
 
     def norms(self, i: int, span: int | None = None) -> torch.Tensor:
-        spans = _spans(self.numel, span)
-        out = self.kernels.torch_norms(self.inputs, np.full(len(spans), self.operands[i]), self.relative,
-                                       np.array([s for s, _ in spans]), np.array([e for _, e in spans]))
-        if not np.isfinite(out).all():  # a value that is not finite, or squares that overflow: which?
-            scratch = self._take("whole.check", 4 * self.numel).view(np.float32)
-            self.finite = self.finite and self.kernels.values(self.inputs, self.operands[i], self.relative, scratch)
-        return torch.from_numpy(out)
+        if span not in self._norms:  # every operand's at once: one job per (operand, span), in parallel
+            spans = _spans(self.numel, span)
+            k = len(self.operands)
+            out = self.kernels.torch_norms(self.inputs, np.repeat(self.operands, len(spans)), self.relative,
+                                           np.tile([s for s, _ in spans], k), np.tile([e for _, e in spans], k))
+            self._norms[span] = out.reshape(k, len(spans))
+            for j in range(k):
+                if not np.isfinite(self._norms[span][j]).all():  # a value not finite, or squares that overflow?
+                    scratch = self._take("whole.check", 4 * self.numel).view(np.float32)
+                    self.finite = self.finite and self.kernels.values(self.inputs, self.operands[j], self.relative,
+                                                                      scratch)
+        return torch.from_numpy(self._norms[span][i].copy())
 
     def sums(self, i: int, j: int, scales: tuple[float, float] | None = None, span: int | None = None
              ) -> torch.Tensor:
