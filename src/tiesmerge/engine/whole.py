@@ -169,7 +169,7 @@ def torch_order_ok() -> bool:
         return known
     ok = fused.load() is not None
     g = torch.Generator().manual_seed(12)
-    for numel in (5, 77, 1029, GRAIN, GRAIN + 77, 3 * GRAIN + 5, (1 << 20) + 3):
+    for numel in (5, 77, 1029, GRAIN, GRAIN + 77, 3 * GRAIN + 5):  # small: this runs in every merge
         if not ok:
             break
         rows = [torch.randn(numel, generator=g).bfloat16() for _ in range(3)]
