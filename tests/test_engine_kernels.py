@@ -224,6 +224,59 @@ def test_whole_tensor_kernels_on_a_tensor_of_several_mergekit_chunks(method, n):
     _assert_same_bits(fused, plain)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_torch_order_reductions_are_torchs_own_bits(threads):
+    """The fused reductions (engine.whole.TorchOrder: ATen's 8-lane norm and cascade sum, split over
+    torch's threads as at::parallel_for splits them) equal torch.linalg.vector_norm and torch.sum of
+    the same float32 values, for lengths through every branch, at several thread counts."""
+    from tiesmerge.engine import whole
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        if not whole.torch_order_ok():
+            pytest.skip("torch's reduction order is not the one TorchOrder replays on this build")
+        g = torch.Generator().manual_seed(threads)
+        for numel in (1, 7, 8, 9, 31, 33, 127, 1000, 4099, 32767, 32768, 32769, 98305, 3 * 2**20 + 11):
+            rows = [torch.randn(numel, generator=g).bfloat16() for _ in range(3)]
+            raw = [r.view(torch.int16).numpy().view(np.uint16) for r in rows]
+            for relative in (False, True):
+                x, y = (rows[i].float() - (rows[0].float() if relative else 0) for i in (1, 2))
+                order = whole.TorchOrder(raw, (1, 2), relative)
+                nx = torch.linalg.vector_norm(x.reshape(1, -1), dim=1)
+                assert torch.equal(order.norms(0), nx), numel
+                assert torch.equal(order.sums(0, 1), (x * y).sum().reshape(1)), numel
+                assert torch.equal(order.sums(0, 1, (float(nx), 0.7)),
+                                   ((x / nx) * (y / torch.tensor(0.7))).sum().reshape(1)), numel
+                span = 4099  # per span, as SLERP's 2^20-entry chunks
+                spans = range(0, numel, span)
+                assert torch.equal(order.norms(1, span), torch.stack(
+                    [torch.linalg.vector_norm(y[s:s + span].reshape(1, -1), dim=1) for s in spans]).reshape(-1))
+                assert torch.equal(order.sums(0, 1, None, span),
+                                   torch.stack([(x[s:s + span] * y[s:s + span]).sum() for s in spans]))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("method", "n"), [(Slerp(anchor="base", t=0.3), 1), (NuSlerp(weights=(0.7, 0.3)), 2),
+                                         (ModelStock(), 3)], ids=repr)
+def test_whole_tensor_kernels_fall_back_to_torch_reductions_on_widened_copies(method, n, monkeypatch):
+    """Where torch's order is not confirmed, the values are widened into buffers and reduced by torch
+    (engine.whole.Materialised): the same bits again."""
+    from tiesmerge.engine import whole
+
+    g = torch.Generator().manual_seed(7)
+    base = {"emb": torch.randn(2**20 + 4321, generator=g).bfloat16(), "w": torch.randn(33, 17, generator=g)}
+    models = [{k: (v.float() + torch.randn(v.shape, generator=g) * 0.1).to(v.dtype) for k, v in base.items()}
+              for _ in range(n)]
+    fused_order = tiesmerge.merge(base, models, method)
+    monkeypatch.setattr(whole, "torch_order_ok", lambda: False)
+    fused, plain, run = _both(base, models, method)
+    _assert_fused(run)
+    _assert_same_bits(fused, plain)
+    _assert_same_bits(fused_order, plain)
+
+
 def test_whole_tensor_kernels_name_a_non_finite_model():
     base, models = _family(3, torch.float32)
     models[1]["w"][3, 4] = float("nan")
@@ -485,3 +538,20 @@ def test_avx2_code_computes_what_the_default_target_computes(tmp_path):
     assert sorted(avx2.files) == sorted(default)
     for key, value in default.items():
         assert np.array_equal(avx2[key], value), key
+
+
+@pytest.mark.parametrize("drop", [0.3, 0.5, 0.9, 0.1234567])
+def test_dare_kernel_drops_the_entries_of_the_torch_paths_hash_at_any_offset(drop):
+    """The kernel's 32-bit hash and integer keep test (kernels._hash_bits: bits >= ceil(float32(drop) 2^24))
+    keep exactly the entries methods.ops.hash_uniform keeps (u >= drop), past 2^32 too."""
+    from tiesmerge.methods import ops
+
+    n = 50_000
+    base, model = np.zeros(n, np.float32), np.ones(n, np.float32)
+    for offset in (0, 12345, 2**32 - 100, 2**32 + 17, 2**40 + 3):
+        out = np.empty(n, np.float32)
+        assert kernels.ties_merge([base, model], None, np.ones(1, np.float32), 1.0, "mass", "zero", None, "sum", out,
+                                  None, (kernels.dare_keys(11, 77, 1), drop, offset))
+        keep = ops.hash_uniform(11, 77, offset, n, "cpu") >= drop
+        assert np.array_equal(out != 0, keep.numpy()), offset
+        assert np.all(out[out != 0] == np.float32(1.0 / (1.0 - drop)))

@@ -329,8 +329,10 @@ def report(result: dict) -> str:
               "mergekit's bf16 task vectors: one bf16 ulp at most but for a few entries at a binade edge. "
               "`dare_ties` and `della` draw different random masks in the two tools (and DARE rescales "
               "differently: 1/density vs the tensor's L1 norm), so only their timing is comparable. The whole-tensor "
-              "recipes (`slerp`, `nuslerp`, `model_stock`) take their scalars from the same torch reductions on the "
-              "same float32 values as mergekit (`src/tiesmerge/engine/whole.py`), and `breadcrumbs(_ties)` replays "
+              "recipes (`slerp`, `nuslerp`, `model_stock`) take their scalars from the norms and sums mergekit's torch "
+              "computes, on the same float32 values and in ATen's own order (8-lane norms, the cascade sum split as "
+              "torch's threads split it), straight from the stored rows (`src/tiesmerge/engine/whole.py`; checked "
+              "against torch once per run, else torch reduces widened copies), and `breadcrumbs(_ties)` replays "
               "torch.sort's ascending order at the band's two cuts (`exactk.band_mask`), so they are bit-identical.",
               ""]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ and thread count, and counts the vector registers they use.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -37,7 +38,7 @@ from . import exactk
 __all__ = [
     "available", "raw_view", "out_view",
     "count_pass", "exact_k_scratch_bytes", "exact_k_masks", "band_masks", "dare_keys", "ties_merge", "linear_merge",
-    "values_mean", "values", "product", "interp", "stock",
+    "values_mean", "values", "product", "interp", "stock", "torch_norms", "torch_sums",
     "ELECT_CODES", "ZERO_CODES", "AGGREGATE_CODES",
 ]
 
@@ -163,6 +164,33 @@ if numba is not None:
         x = _fmix32((x + (pos >> np.uint64(32)) * np.uint64(0x27D4EB2F) + key) & m)
         return np.float32(x >> np.uint64(8)) * np.float32(2.0**-24)
 
+    @intrinsic
+    def _fmix32_i32(typingctx, x):  # pragma: no cover - compiled
+        # _fmix32 of x's low 32 bits in 32-bit arithmetic (numba widens integer arithmetic to 64 bits,
+        # which keeps the multiplies out of the vector units); the same value
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            v = args[0]
+            v = builder.trunc(v, i32) if v.type.width > 32 else v
+
+            def c(value):
+                return ir.Constant(i32, value - (1 << 32) if value >= 1 << 31 else value)
+
+            v = builder.xor(v, builder.lshr(v, c(16)))
+            v = builder.mul(v, c(0x85EBCA6B))
+            v = builder.xor(v, builder.lshr(v, c(13)))
+            v = builder.mul(v, c(0xC2B2AE35))
+            return builder.xor(v, builder.lshr(v, c(16)))
+        return types.uint32(x), codegen
+
+    @njit(inline="always")
+    def _hash_bits(key, pos):  # pragma: no cover - compiled
+        # the top 24 bits of methods.ops.hash_uniform's hash at flat position pos (uint64) of the stream
+        # whose key is given (the uniform is this times 2^-24), in 32-bit arithmetic
+        x = _fmix32_i32(np.uint32(pos & np.uint64(0xFFFFFFFF)) ^ np.uint32(key))
+        x = _fmix32_i32(x + np.uint32(pos >> np.uint64(32)) * np.uint32(0x27D4EB2F) + np.uint32(key))
+        return x >> np.uint32(8)
+
     @njit(inline="always")
     def _base_block(proto, addrs, start, count, table):  # pragma: no cover - compiled
         # the base's entries start .. start + count, widened to float32 (count,)
@@ -270,7 +298,7 @@ if numba is not None:
                 exactk.band_mask(kt, idx[t], lo[t], hi[t], masks[t], left[t], right[t])
 
     @njit(parallel=True, cache=True, nogil=True)
-    def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, dare_keys, drop, rescale, offset,
+    def _ties_kernel(proto, addrs, size, table, thresholds, masks, use_masks, dare_keys, keep_from, rescale, offset,
                      weights, lam, elect, zero, fill, aggregate, out, worst):  # pragma: no cover
         # rows at addrs (base, then models; proto: their dtype), thresholds/weights (n,) f32,
         # masks (n, E) u8 (use_masks: an exact-k selection replaces the thresholds), out (E,) bf16 bits or f32;
@@ -280,7 +308,7 @@ if numba is not None:
         lam32 = np.float32(lam)
         fill32 = np.float32(fill)
         dare = len(dare_keys) > 0
-        drop32 = np.float32(drop)
+        keep_from32 = np.int32(keep_from)
         rescale32 = np.float32(rescale)
         blocks = (size + _BLOCK - 1) // _BLOCK
         for blk in prange(blocks):
@@ -309,8 +337,9 @@ if numba is not None:
                     else:
                         kv = v if abs(v) >= thr else np.float32(0.0)
                     if dare:  # loop-invariant: LLVM unswitches it
-                        u = _hash_uniform(dare_keys[t], np.uint64(offset + start + j))
-                        kv = kv * rescale32 if u >= drop32 else np.float32(0.0)
+                        # the uniform u = bits * 2^-24 is kept where u >= drop, i.e. bits >= keep_from
+                        bits = np.int32(_hash_bits(dare_keys[t], np.uint64(offset + start + j)))
+                        kv = kv * rescale32 if bits >= keep_from32 else np.float32(0.0)
                     kept[t, j] = kv
                     if elect == 0:  # loop-invariant: LLVM unswitches it
                         vote[j] += w * kv
@@ -504,6 +533,156 @@ if numba is not None:
             for j in range(m):
                 _store(target, j, t32 * (acc[j] / kf) + omt32 * b32[j])
 
+    # ------------------------------------------------------------ torch's float32 reductions, in torch's order
+    # (engine.whole): torch.linalg.vector_norm and torch.sum of a contiguous float32 row, as ATen's CPU
+    # kernels compute them (norm: 8 lane sums in order, then the lanes, then the tail; sum: cascade_sum's
+    # 4-level, 4-way, 8-lane accumulation), on values widened (and products formed) from the raw rows on
+    # the fly. torch splits a sum across its threads; the caller hands each thread's range here as one
+    # job and lets torch add the per-thread results (engine.whole.TorchOrder).
+
+    @njit(inline="always")
+    def _value(r, rb, relative, j, table):  # pragma: no cover - compiled
+        v = _widen(r[j], table)
+        if relative:  # loop-invariant: LLVM unswitches it
+            v = v - _widen(rb[j], table)
+        return v
+
+    @njit(inline="always")
+    def _ceil_log2(x):  # pragma: no cover - compiled
+        # c10's CeilLog2: 1 up to 2, else the bit length of x - 1
+        if x <= 2:
+            return 1
+        r = 0
+        v = x - 1
+        while v != 0:
+            r += 1
+            v >>= 1
+        return r
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _torch_norm_kernel(proto, addrs, size, table, which, relative, starts, stops, out):  # pragma: no cover
+        # job q: out[q] = torch.linalg.vector_norm of input which[q]'s values (relative: its task vector)
+        # over entries starts[q]..stops[q] (a value that is not finite makes it Inf or NaN)
+        for q in prange(len(which)):
+            out[q] = _torch_norm(proto, addrs, which[q], starts[q], stops[q] - starts[q], relative, table)
+
+    @njit(inline="always")
+    def _torch_norm(proto, addrs, which, start, count, relative, table):  # pragma: no cover - compiled
+        # one job of _torch_norm_kernel
+        r = _rows(proto, addrs, which, start, count)
+        rb = _rows(proto, addrs, 0, start, count)
+        n = np.uint64(count)
+        one = np.uint64(1)
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+        rows = n // np.uint64(8)
+        for i in range(rows):  # Vectorized<float> acc += x * x (no fused multiply-add); unsigned indices
+            d = np.uint64(i) * np.uint64(8)
+            v0 = _value(r, rb, relative, d, table)
+            v1 = _value(r, rb, relative, d + one, table)
+            v2 = _value(r, rb, relative, d + np.uint64(2), table)
+            v3 = _value(r, rb, relative, d + np.uint64(3), table)
+            v4 = _value(r, rb, relative, d + np.uint64(4), table)
+            v5 = _value(r, rb, relative, d + np.uint64(5), table)
+            v6 = _value(r, rb, relative, d + np.uint64(6), table)
+            v7 = _value(r, rb, relative, d + np.uint64(7), table)
+            a0 = a0 + v0 * v0
+            a1 = a1 + v1 * v1
+            a2 = a2 + v2 * v2
+            a3 = a3 + v3 * v3
+            a4 = a4 + v4 * v4
+            a5 = a5 + v5 * v5
+            a6 = a6 + v6 * v6
+            a7 = a7 + v7 * v7
+        b = a0 + a1
+        b = b + a2
+        b = b + a3
+        b = b + a4
+        b = b + a5
+        b = b + a6
+        b = b + a7
+        for d in range(rows * np.uint64(8), n):
+            v = _value(r, rb, relative, np.uint64(d), table)
+            b = b + v * v
+        return np.float32(np.sqrt(b))
+
+    @njit(inline="always")
+    def _term(r0, r1, rb, relative, scaled, s0, s1, j, table):  # pragma: no cover - compiled
+        x = _value(r0, rb, relative, j, table)
+        y = _value(r1, rb, relative, j, table)
+        if scaled:  # loop-invariant: LLVM unswitches it
+            return (x / s0) * (y / s1)
+        return x * y
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _torch_sum_kernel(proto, addrs, size, table, ia, ib, relative, scaled, sa, sb, starts, stops,
+                          out):  # pragma: no cover
+        # job q: out[q] = 0 + ATen's cascade sum (vectorized_inner_sum, 8 lanes) of the products
+        # (x / sa[q]) * (y / sb[q]) (scaled) or x * y, x and y the values of inputs ia[q], ib[q]
+        # (relative: task vectors), over entries starts[q]..stops[q]; unsigned indices throughout
+        # (no negative-index checks in the loops)
+        for q in prange(len(ia)):
+            out[q] = _torch_sum(proto, addrs, ia[q], ib[q], starts[q], stops[q] - starts[q], relative, scaled,
+                                sa[q], sb[q], table)
+
+    @njit(inline="always")
+    def _torch_sum(proto, addrs, i0, i1, start, size0, relative, scaled, s0, s1, table):  # pragma: no cover
+        # one job of _torch_sum_kernel
+        r0 = _rows(proto, addrs, i0, start, size0)
+        r1 = _rows(proto, addrs, i1, start, size0)
+        rb = _rows(proto, addrs, 0, start, size0)
+        w32 = np.uint64(32)
+        n = np.uint64(size0)
+        if size0 < 8:  # ATen's scalar path: row_sum with 4 partial sums
+            p = np.zeros(4, np.float32)
+            quads = n // np.uint64(4)
+            for i in range(quads):
+                for k in range(np.uint64(4)):
+                    p[k] += _term(r0, r1, rb, relative, scaled, s0, s1, np.uint64(i) * np.uint64(4) + k, table)
+            for i in range(quads * np.uint64(4), n):
+                p[0] += _term(r0, r1, rb, relative, scaled, s0, s1, np.uint64(i), table)
+            total = p[0] + p[1]
+            total = total + p[2]
+            total = total + p[3]
+            return np.float32(0.0) + total
+        vec_size = n // np.uint64(8)
+        size_ilp = vec_size // np.uint64(4)
+        power = max(4, _ceil_log2(np.int64(size_ilp)) // 4)
+        step = np.uint64(1) << np.uint64(power)
+        mask = step - np.uint64(1)
+        acc = np.zeros(128, np.float32)  # level l, ilp row k, lane m at l * 32 + k * 8 + m
+        i = np.uint64(0)
+        while i + step <= size_ilp:
+            for _ in range(step):
+                b = i * w32
+                for m in range(w32):
+                    acc[m] += _term(r0, r1, rb, relative, scaled, s0, s1, b + m, table)
+                i += np.uint64(1)
+            for lev in range(np.uint64(1), np.uint64(4)):
+                for m in range(w32):
+                    acc[lev * w32 + m] += acc[(lev - np.uint64(1)) * w32 + m]
+                    acc[(lev - np.uint64(1)) * w32 + m] = 0
+                if (i & (mask << (lev * np.uint64(power)))) != 0:
+                    break
+        while i < size_ilp:
+            b = i * w32
+            for m in range(w32):
+                acc[m] += _term(r0, r1, rb, relative, scaled, s0, s1, b + m, table)
+            i += np.uint64(1)
+        for lev in range(np.uint64(1), np.uint64(4)):
+            for m in range(w32):
+                acc[m] += acc[lev * w32 + m]
+        for v in range(size_ilp * np.uint64(4), vec_size):  # the vectors after the last group of 4
+            for m in range(np.uint64(8)):
+                acc[m] += _term(r0, r1, rb, relative, scaled, s0, s1, np.uint64(v) * np.uint64(8) + m, table)
+        for k in range(np.uint64(1), np.uint64(4)):
+            for m in range(np.uint64(8)):
+                acc[m] += acc[k * np.uint64(8) + m]
+        total = np.float32(0.0)
+        for k in range(vec_size * np.uint64(8), n):
+            total += _term(r0, r1, rb, relative, scaled, s0, s1, np.uint64(k), table)
+        for m in range(np.uint64(8)):
+            total += acc[m]
+        return np.float32(0.0) + total
 
 _NONFINITE = 0x7F800000  # |tau| bit patterns at or above this are Inf or NaN
 
@@ -602,8 +781,11 @@ def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray | None, weig
     thr = np.zeros(n, np.float32) if thresholds is None else thresholds.astype(np.float32)
     keys, drop, offset = dare if dare is not None else (np.zeros(0, np.uint64), 0.0, 0)
     rescale = 1.0 / (1.0 - drop) if dare is not None else 1.0  # the torch path's python-float factor
+    # torch keeps u >= drop with u = k 2^-24 (k < 2^24, exact in float32) and drop rounded to float32:
+    # k >= ceil(float32(drop) 2^24), an integer comparison
+    keep_from = min(max(math.ceil(float(np.float32(drop)) * 2.0**24), 0), 1 << 24)
     _ties_kernel(*_rows_of(inputs), _f16_table(), thr, masks if use_masks else np.zeros((n, 0), np.uint8),
-                 use_masks, keys, float(drop), float(rescale), int(offset), weights.astype(np.float32), float(lam),
+                 use_masks, keys, keep_from, float(rescale), int(offset), weights.astype(np.float32), float(lam),
                  ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0), AGGREGATE_CODES[aggregate], out,
                  worst)
     return bool(worst.max() < _NONFINITE)
@@ -671,3 +853,27 @@ def interp(inputs: Sequence[np.ndarray], pair: tuple[int, int], relative: bool, 
 def stock(inputs: Sequence[np.ndarray], t: float, one_minus_t: float, out: np.ndarray) -> None:
     """out = t * mean of the models' values + (1 - t) * base (Model Stock's last step, torch's order)."""
     _stock_kernel(*_rows_of(inputs), _f16_table(), float(t), float(one_minus_t), out)
+
+
+def torch_norms(inputs: Sequence[np.ndarray], which: np.ndarray, relative: bool, starts: np.ndarray,
+                stops: np.ndarray) -> np.ndarray:
+    """(J,) float32: job q's torch.linalg.vector_norm (2-norm, ATen's CPU order) of input which[q]'s values
+    (``relative``: minus the base's) over entries starts[q]..stops[q], the values widened from the raw
+    rows (Inf or NaN where a value is not finite, or where the squares overflow)."""
+    out = np.empty(len(which), np.float32)
+    _torch_norm_kernel(*_rows_of(inputs), _f16_table(), np.asarray(which, np.int64), bool(relative),
+                       np.asarray(starts, np.int64), np.asarray(stops, np.int64), out)
+    return out
+
+
+def torch_sums(inputs: Sequence[np.ndarray], ia: np.ndarray, ib: np.ndarray, relative: bool,
+               scales: tuple[np.ndarray, np.ndarray] | None, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
+    """(J,) float32: job q's 0 + ATen's cascade sum of (x / sa) * (y / sb) (``scales`` (sa, sb)) or x * y
+    over entries starts[q]..stops[q], x and y the values of inputs ia[q] and ib[q] (``relative``: task
+    vectors): what torch.sum computes on one thread's range of those products."""
+    out = np.empty(len(ia), np.float32)
+    sa, sb = scales if scales is not None else (np.ones(len(ia), np.float32),) * 2
+    _torch_sum_kernel(*_rows_of(inputs), _f16_table(), np.asarray(ia, np.int64), np.asarray(ib, np.int64),
+                      bool(relative), scales is not None, np.asarray(sa, np.float32), np.asarray(sb, np.float32),
+                      np.asarray(starts, np.int64), np.asarray(stops, np.int64), out)
+    return out

@@ -1,20 +1,25 @@
-"""Fused whole-tensor merges (SLERP, NuSLERP, Model Stock): a reduction pass, then one elementwise pass.
+"""Fused whole-tensor merges (SLERP, NuSLERP, Model Stock): reductions in torch's order, then one elementwise pass.
 
 These methods interpolate with scalars that depend on the whole tensor (norms, cosines). To merge
 bit for bit as their torch path (and so as mergekit 0.1.5), the scalars must come from the same
-float32 reductions in the same order. So the reduction pass widens the raw rows once into reused
-float32 buffers (:func:`kernels.values`), forms the entrywise products the method sums in a
-kernel (:func:`kernels.product`, each operation rounded as torch rounds it), and lets torch sum
-them with the very calls of the torch path (the method's ``coefficients``: torch's reduction
-order is its own, per CPU capability and thread count). What the fused path saves is everything
-else: the temporaries torch allocates per operation, the task-vector copies, the output cast. The
-elementwise pass (:func:`kernels.interp`, :func:`kernels.stock`) reads the raw rows again and
-writes the output dtype directly.
+float32 reductions in the same order. The method's ``coefficients(name, reductions)`` asks
+:class:`Reductions` for them: the 2-norms and the sums of products its torch path would compute
+(``torch.linalg.vector_norm``, ``torch.sum``), per tensor or per span of entries, and does the
+rest of its arithmetic (on a few scalars) with the very torch calls of its torch path.
+
+:class:`TorchOrder` computes those reductions straight from the raw rows in one pass each, with
+ATen's own CPU order (:func:`kernels.torch_norms`, :func:`kernels.torch_sums`: 8-lane norms, the
+4-level cascade sum, the split of a sum across torch's threads, whose per-thread results torch itself
+adds): no float32 copy of any tensor is made. Where that order cannot be confirmed on this machine
+(a calibration against torch on a few random rows, once per process and thread count; another
+torch build or vector width), :class:`Materialised` widens the values into reused float32 buffers and
+lets torch reduce them, as before. The elementwise pass (:func:`kernels.interp`,
+:func:`kernels.stock`) reads the raw rows again and writes the output dtype directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -22,13 +27,161 @@ from ..lazy import torch
 from ..methods.base import TensorKernel
 from . import fused
 
-__all__ = ["merge", "scratch_bytes"]
+__all__ = ["merge", "scratch_bytes", "Reductions", "TorchOrder", "Materialised", "torch_order_ok"]
+
+GRAIN = 32768  # at::internal::GRAIN_SIZE: a sum this long or longer is split across torch's threads
+_CALIBRATED: dict[int, bool] = {}  # torch thread count -> TorchOrder reproduces torch's reductions here
 
 
 def scratch_bytes(spec: TensorKernel, n_models: int, numel: int) -> int:
-    """The float32 buffers one tensor of ``numel`` entries needs: the two endpoints and their
-    products ("interp"), or every model's task vector and one product ("stock")."""
+    """The float32 buffers one tensor of ``numel`` entries may need (:class:`Materialised`, where
+    torch's order is not confirmed): the two endpoints and their products ("interp"), or every
+    model's task vector and one product ("stock"). :class:`TorchOrder` needs none."""
     return 4 * numel * (3 if spec.kind == "interp" else n_models + 1)
+
+
+class Reductions:
+    """The reductions of one tensor's values a whole-tensor method asks for. Operand ``i``: the
+    interpolation's endpoint i ("interp": inputs ``pair[i]``) or fine-tune i ("stock"), its values
+    or (``relative``) its task vector, float32 as the torch path widens them."""
+
+    operands: list[int]  # operand i is input operands[i] (0 the base, 1 + t model t)
+    finite: bool  # False once a value read was not finite
+
+    def norms(self, i: int, span: int | None = None) -> torch.Tensor:
+        """(S,) float32: torch.linalg.vector_norm of operand i's values, of each ``span`` entries (None: all)."""
+        raise NotImplementedError
+
+    def sums(self, i: int, j: int, scales: tuple[float, float] | None = None, span: int | None = None
+             ) -> torch.Tensor:
+        """(S,) float32: torch.sum of (v_i / s_i) * (v_j / s_j) (``scales``, float32) or v_i * v_j, per span."""
+        raise NotImplementedError
+
+
+def _spans(numel: int, span: int | None) -> list[tuple[int, int]]:
+    step = span or numel
+    return [(s, min(numel, s + step)) for s in range(0, numel, step)]
+
+
+class TorchOrder(Reductions):
+    """Reductions in ATen's order, computed by the kernels from the raw rows (no float32 copies)."""
+
+    def __init__(self, inputs: Sequence[np.ndarray], operands: Sequence[int], relative: bool,
+                 take: Callable[[str, int], np.ndarray] | None = None) -> None:
+        self.kernels = fused.load()
+        self.inputs, self.operands, self.relative = inputs, list(operands), relative
+        self.numel = inputs[0].size
+        self.threads = torch.get_num_threads()
+        self.finite = True
+        self._take = take or (lambda key, nbytes: np.empty(nbytes, np.uint8))
+        self._norms: dict[int | None, np.ndarray] = {}  # span -> (operands, spans) norms
+
+    def norms(self, i: int, span: int | None = None) -> torch.Tensor:
+        if span not in self._norms:  # every operand's at once: one job per (operand, span), in parallel
+            spans = _spans(self.numel, span)
+            k = len(self.operands)
+            out = self.kernels.torch_norms(self.inputs, np.repeat(self.operands, len(spans)), self.relative,
+                                           np.tile([s for s, _ in spans], k), np.tile([e for _, e in spans], k))
+            self._norms[span] = out.reshape(k, len(spans))
+            for j in range(k):
+                if not np.isfinite(self._norms[span][j]).all():  # a value not finite, or squares that overflow?
+                    scratch = self._take("whole.check", 4 * self.numel).view(np.float32)
+                    self.finite = self.finite and self.kernels.values(self.inputs, self.operands[j], self.relative,
+                                                                      scratch)
+        return torch.from_numpy(self._norms[span][i].copy())
+
+    def sums(self, i: int, j: int, scales: tuple[float, float] | None = None, span: int | None = None
+             ) -> torch.Tensor:
+        jobs, slots = [], []  # one job per (span, torch thread); slots: where each lands
+        for k, (s, e) in enumerate(_spans(self.numel, span)):
+            for slot, (a, b) in enumerate(thread_ranges(e - s, self.threads)):
+                jobs.append((s + a, s + b))
+                slots.append((k, slot))
+        n = len(jobs)
+        scale = None if scales is None else (np.full(n, scales[0], np.float32), np.full(n, scales[1], np.float32))
+        parts = self.kernels.torch_sums(self.inputs, np.full(n, self.operands[i]), np.full(n, self.operands[j]),
+                                        self.relative, scale, np.array([a for a, _ in jobs]),
+                                        np.array([b for _, b in jobs]))
+        count = len(_spans(self.numel, span))
+        per_thread = np.zeros((count, self.threads), np.float32)
+        for (k, slot), value in zip(slots, parts, strict=True):
+            per_thread[k, slot] = value
+        out = torch.empty(count, dtype=torch.float32)
+        for k, (s, e) in enumerate(_spans(self.numel, span)):
+            # torch's two-pass reduction adds its threads' results with the same sum (a serial one)
+            out[k] = torch.from_numpy(per_thread[k]).sum() if split(e - s, self.threads) else float(per_thread[k, 0])
+        return out
+
+
+def split(numel: int, threads: int) -> bool:
+    """Whether torch.sum of ``numel`` contiguous entries runs as a two-pass reduction over its threads."""
+    return numel >= GRAIN and threads > 1
+
+
+def thread_ranges(numel: int, threads: int) -> list[tuple[int, int]]:
+    """The ranges torch's threads sum (at::parallel_for with GRAIN_SIZE, OpenMP's even split), in
+    slot order; one range where the sum is not split."""
+    if not split(numel, threads) or numel <= GRAIN:
+        return [(0, numel)]
+    used = min(threads, -(-numel // GRAIN))
+    size = -(-numel // used)
+    return [(t * size, min(numel, (t + 1) * size)) for t in range(used) if t * size < numel]
+
+
+class Materialised(Reductions):
+    """Reductions by torch itself, on the values widened into reused float32 buffers (the fallback)."""
+
+    def __init__(self, inputs: Sequence[np.ndarray], operands: Sequence[int], relative: bool,
+                 take: Callable[[str, int], np.ndarray]) -> None:
+        self.kernels = fused.load()
+        self.numel = inputs[0].size
+        self.operands = list(operands)
+        self.finite = True
+        self.values: list[np.ndarray] = []
+        for k, which in enumerate(operands):
+            buf = take(f"whole.v{k}", 4 * self.numel).view(np.float32)
+            self.finite = self.finite and self.kernels.values(inputs, which, relative, buf)
+            self.values.append(buf)
+        self.product = take("whole.product", 4 * self.numel).view(np.float32)
+
+    def norms(self, i: int, span: int | None = None) -> torch.Tensor:
+        x = torch.from_numpy(self.values[i]).reshape(1, -1)
+        return torch.stack([torch.linalg.vector_norm(x[:, s:e], dim=1) for s, e in _spans(self.numel, span)]
+                           ).reshape(-1)
+
+    def sums(self, i: int, j: int, scales: tuple[float, float] | None = None, span: int | None = None
+             ) -> torch.Tensor:
+        if scales is None:
+            self.kernels.product(self.values[i], self.values[j], self.product)
+        else:
+            self.kernels.product(self.values[i], self.values[j], self.product, *scales)
+        p = torch.from_numpy(self.product).reshape(1, -1)
+        return torch.stack([p[:, s:e].sum(dim=1) for s, e in _spans(self.numel, span)]).reshape(-1)
+
+
+def torch_order_ok() -> bool:
+    """Whether :class:`TorchOrder` reproduces torch's norm and sum bit for bit in this process, at
+    torch's current thread count: checked once against torch on random bfloat16 rows whose lengths
+    take every branch (the scalar path, the tails, one thread and the split across threads)."""
+    threads = torch.get_num_threads()
+    known = _CALIBRATED.get(threads)
+    if known is not None:
+        return known
+    ok = fused.load() is not None
+    g = torch.Generator().manual_seed(12)
+    for numel in (5, 77, 1029, GRAIN, GRAIN + 77, 3 * GRAIN + 5):  # small: this runs in every merge
+        if not ok:
+            break
+        rows = [torch.randn(numel, generator=g).bfloat16() for _ in range(3)]
+        raw = [r.view(torch.int16).numpy().view(np.uint16) for r in rows]
+        x, y = rows[1].float() - rows[0].float(), rows[2].float() - rows[0].float()
+        order = TorchOrder(raw, (1, 2), relative=True)
+        nx = torch.linalg.vector_norm(x.reshape(1, -1), dim=1)
+        scaled = ((x / nx) * (y / 3.0)).sum()
+        ok = (torch.equal(order.norms(0), nx) and torch.equal(order.sums(0, 1), (x * y).sum().reshape(1))
+              and torch.equal(order.sums(0, 1, (float(nx), 3.0)), scaled.reshape(1)))
+    _CALIBRATED[threads] = ok
+    return ok
 
 
 def merge(spec: TensorKernel, name: str, inputs: Sequence[np.ndarray], out: np.ndarray, take) -> bool:
@@ -38,35 +191,23 @@ def merge(spec: TensorKernel, name: str, inputs: Sequence[np.ndarray], out: np.n
     numel = inputs[0].size
     if numel == 0:
         return True
-
-    def buffer(key: str) -> np.ndarray:
-        return take(f"whole.{key}", 4 * numel).view(np.float32)
-
-    product = buffer("product")
     if spec.kind == "interp":
-        x, y = buffer("x"), buffer("y")
-        if not (kernels.values(inputs, spec.pair[0], spec.relative, x)
-                and kernels.values(inputs, spec.pair[1], spec.relative, y)):
-            return False
-
-        def scaled(sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
-            kernels.product(x, y, product, float(sx.reshape(())), float(sy.reshape(())))
-            return torch.from_numpy(product)
-
-        c0, c1, divisor = spec.coefficients(name, torch.from_numpy(x), torch.from_numpy(y), scaled)
+        operands, relative = spec.pair, spec.relative
+    elif spec.kind == "stock":
+        operands, relative = range(1, len(inputs)), True
+    else:
+        raise ValueError(f"unknown whole-tensor kernel {spec.kind!r}")
+    reductions = TorchOrder(inputs, operands, relative, take) if torch_order_ok() else \
+        Materialised(inputs, operands, relative, take)
+    if not reductions.finite:
+        return False
+    scalars = spec.coefficients(name, reductions)
+    if not reductions.finite:
+        return False
+    if spec.kind == "interp":
+        c0, c1, divisor = scalars
         kernels.interp(inputs, spec.pair, spec.relative, c0, c1, divisor, out)
-        return True
-    if spec.kind == "stock":
-        offsets = [buffer(f"tau{t}") for t in range(len(inputs) - 1)]
-        for t, tau in enumerate(offsets):
-            if not kernels.values(inputs, 1 + t, True, tau):
-                return False
-
-        def products(i: int, j: int) -> torch.Tensor:
-            kernels.product(offsets[i], offsets[j], product)
-            return torch.from_numpy(product)
-
-        t, one_minus_t = spec.coefficients(name, [torch.from_numpy(tau) for tau in offsets], products)
+    else:
+        t, one_minus_t = scalars
         kernels.stock(inputs, t, one_minus_t, out)
-        return True
-    raise ValueError(f"unknown whole-tensor kernel {spec.kind!r}")
+    return True

@@ -4,11 +4,14 @@ t = k cos / (1 + (k - 1) cos), cos the angle between the fine-tunes' task vector
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, method_config, option
+
+if TYPE_CHECKING:
+    from ..engine.whole import Reductions
 
 
 @method_config
@@ -35,15 +38,14 @@ class ModelStock:
         kernel = None if self.filter_wise else TensorKernel("stock", self._coefficients)
         return Requirements(whole_tensors=True, base_values=True, model_values=True, kernel=kernel)
 
-    def _coefficients(self, name: str, offsets: list[torch.Tensor],
-                      products: Callable[[int, int], torch.Tensor]) -> tuple[float, float]:
-        """The fused pass's (t, 1 - t) for one tensor: offsets (numel,) float32 task vectors,
-        ``products(i, j)`` their entrywise product (numel,)."""
-        k = len(offsets)
+    def _coefficients(self, name: str, reductions: Reductions) -> tuple[float, float]:
+        """The fused pass's (t, 1 - t) for one tensor, from its task vectors' reductions (engine.whole)."""
+        k = len(reductions.operands)
         if k < 2:
             raise ConfigError(f"model_stock needs at least two fine-tuned models, got {k}",
                               hint="list two or more models besides the base")
-        t = interpolation(offsets, products)
+        t = interpolation_from([reductions.norms(i).reshape(()) for i in range(k)],
+                               lambda i, j: reductions.sums(i, j).reshape(()))
         return float(t), float(1 - t)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
@@ -73,15 +75,21 @@ def interpolation(offsets: list[torch.Tensor], products: Callable[[int, int], to
     magnitude), (..., 1): cos the mean over pairs of each pair's cosine along the last dimension of
     the offsets (..., m), clamped to [-1, 1], norms' product at least 1e-6. ``products(i, j)``:
     offsets[i] * offsets[j], entry by entry (float32)."""
-    k = len(offsets)
     # each offset's norm once: the same call on the same values gives the same bits as mergekit's
     # per-pair recomputation, for a third of the passes with three models
-    lengths = [torch.norm(offset, dim=-1) for offset in offsets]
+    return interpolation_from([torch.norm(offset, dim=-1) for offset in offsets],
+                              lambda i, j: products(i, j).sum(dim=-1))
+
+
+def interpolation_from(lengths: list[torch.Tensor], dots: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """:func:`interpolation` from its reductions: each offset's norm (...), ``dots(i, j)`` the sum of
+    offsets[i] * offsets[j] along the last dimension (...) (the fused engine's, engine.whole)."""
+    k = len(lengths)
     cosines = []
     for i in range(k):
         for j in range(i + 1, k):
             norms = lengths[i] * lengths[j]
-            cosines.append((products(i, j).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+            cosines.append((dots(i, j) / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < 1e-6  # no finite estimate: keep the base

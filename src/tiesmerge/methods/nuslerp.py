@@ -4,27 +4,34 @@ whole tensors, rows or columns, the interpolation weight from per-model weights.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, option
 
+if TYPE_CHECKING:
+    from ..engine.whole import Reductions
+
 OF = ("task_vectors", "models", "base_and_model")
 _EPS = 1e-8  # colinear where 1 - cos^2 <= eps^2
 
 
-def nuslerp_angle(v0: torch.Tensor, v1: torch.Tensor,
-                  products: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def nuslerp_angle(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(theta, colinear) of vectors along the last dimension of v0, v1 (..., m) float32, with mergekit
     0.1.5's ``nuslerp`` operations: each normalised by its norm (at least 1e-7), cos the sum of the
-    products clamped to [-1, 1], colinear where 1 - cos^2 <= 1e-16 (theta 0 there). ``products(n0, n1)``:
-    (v0 / n0) * (v1 / n1) computed elsewhere (the fused engine), the same float32 values."""
-    n0 = torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
-    n1 = torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
-    product = (v0 / n0) * (v1 / n1) if products is None else products(n0, n1)
-    cos = torch.sum(product, dim=-1, keepdim=True).clamp(-1, 1)
+    products clamped to [-1, 1], colinear where 1 - cos^2 <= 1e-16 (theta 0 there)."""
+    return nuslerp_angle_from(torch.norm(v0, dim=-1, keepdim=True), torch.norm(v1, dim=-1, keepdim=True),
+                              lambda n0, n1: torch.sum((v0 / n0) * (v1 / n1), dim=-1, keepdim=True))
+
+
+def nuslerp_angle_from(norm0: torch.Tensor, norm1: torch.Tensor,
+                       dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nuslerp_angle` from its reductions: the two norms (..., 1) and ``dot(n0, n1)``, the sum
+    of (v0 / n0) * (v1 / n1) (..., 1), n the clamped norms (the fused engine's, engine.whole)."""
+    n0 = norm0.clamp(min=1e-7)
+    n1 = norm1.clamp(min=1e-7)
+    cos = dot(n0, n1).clamp(-1, 1)
     colinear = (1 - cos.square()) <= _EPS**2
     return torch.acos(torch.where(colinear, 0, cos)), colinear
 
@@ -83,12 +90,11 @@ class NuSlerp:
         return Requirements(whole_tensors=True, model_values=self.of != "task_vectors", base_values=one,
                             n_models=1 if one else 2, kernel=kernel)
 
-    def _coefficients(self, name: str, x: torch.Tensor, y: torch.Tensor,
-                      products: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-                      ) -> tuple[float, float, float | None]:
-        """The fused pass's (c_0, c_1, divisor) for a flattened tensor: x, y (numel,) float32 endpoints."""
+    def _coefficients(self, name: str, reductions: Reductions) -> tuple[float, float, float | None]:
+        """The fused pass's (c_0, c_1, divisor) for a flattened tensor, from its reductions (engine.whole)."""
         t = self.interpolation()
-        theta, colinear = nuslerp_angle(x, y, products)
+        theta, colinear = nuslerp_angle_from(reductions.norms(0), reductions.norms(1),
+                                             lambda n0, n1: reductions.sums(0, 1, (float(n0), float(n1))))
         if bool(colinear):  # (1 - t) v0 + t v1: python scalars, rounded to float32 by torch
             return float(torch.tensor(1 - t, dtype=torch.float32)), float(torch.tensor(t, dtype=torch.float32)), None
         return float(torch.sin((1 - t) * theta)), float(torch.sin(t * theta)), float(torch.sin(theta))

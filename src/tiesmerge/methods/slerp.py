@@ -4,12 +4,15 @@ with mergekit 0.1.5's operations so that a mergekit ``slerp`` recipe merges bit 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, non_negative_int, option
 from .schedule import parse_schedule, schedule_problem
+
+if TYPE_CHECKING:
+    from ..engine.whole import Reductions
 
 ANCHORS = ("models", "base")
 _CHUNK = 1 << 20  # mergekit 0.1.5 sums norms and dots in chunks of 2^20 entries: the same order, the same bits
@@ -17,28 +20,29 @@ _DOT_THRESHOLD = 0.9995  # |cos| above this: the tensors are (anti)parallel and 
 _EPS = 1e-8
 
 
-def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor,
-                       products: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(coef_a, coef_b), each (1, 1) float32, of mergekit 0.1.5's ``slerp`` of a, b (1, numel) float32
     (numel > 0): each norm the norm of 2^20-entry chunk norms (1 where <= 1e-8), the cosine the sum
     of chunk sums of the normalised products clamped to [-1, 1]; a lerp's (1 - t, t) where |cos| >
-    0.9995, else sin((1-t)w)/sin(w), sin(tw)/sin(w). ``products(norm_a, norm_b)``: (1, numel) =
-    (a / norm_a) * (b / norm_b) computed elsewhere (the fused engine), the same float32 values."""
-    tt = torch.tensor([t], dtype=torch.float32, device=a.device).reshape(-1, 1)  # (1, 1)
+    0.9995, else sin((1-t)w)/sin(w), sin(tw)/sin(w)."""
     spans = range(0, a.shape[1], _CHUNK)
-    norm_a = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(a[:, s:s + _CHUNK], dim=1, keepdim=True)
-                                                   for s in spans]), dim=0)  # (1, 1)
-    norm_b = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(b[:, s:s + _CHUNK], dim=1, keepdim=True)
-                                                   for s in spans]), dim=0)
+    norms_a = torch.stack([torch.linalg.vector_norm(a[:, s:s + _CHUNK], dim=1, keepdim=True) for s in spans])
+    norms_b = torch.stack([torch.linalg.vector_norm(b[:, s:s + _CHUNK], dim=1, keepdim=True) for s in spans])
+    return slerp_scalars(t, norms_a, norms_b, lambda na, nb: torch.stack(
+        [((a[:, s:s + _CHUNK] / na) * (b[:, s:s + _CHUNK] / nb)).sum(dim=1, keepdim=True) for s in spans]))
+
+
+def slerp_scalars(t: float, norms_a: torch.Tensor, norms_b: torch.Tensor,
+                  dots: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`slerp_coefficients` from its reductions: norms_a, norms_b (C, 1, 1) float32, the 2^20-entry
+    chunks' norms; ``dots(norm_a, norm_b)`` (C, 1, 1): each chunk's sum of (a / norm_a) * (b / norm_b).
+    The fused engine hands in the same reductions computed from the stored rows (engine.whole)."""
+    tt = torch.tensor([t], dtype=torch.float32, device=norms_a.device).reshape(-1, 1)  # (1, 1)
+    norm_a = torch.linalg.vector_norm(norms_a, dim=0)  # (1, 1)
+    norm_b = torch.linalg.vector_norm(norms_b, dim=0)
     norm_a = torch.where(norm_a > _EPS, norm_a, 1)
     norm_b = torch.where(norm_b > _EPS, norm_b, 1)
-    if products is None:
-        dot = torch.stack([((a[:, s:s + _CHUNK] / norm_a) * (b[:, s:s + _CHUNK] / norm_b)).sum(dim=1, keepdim=True)
-                           for s in spans]).sum(dim=0).clamp(-1, 1)  # (1, 1)
-    else:
-        p = products(norm_a, norm_b)  # (1, numel)
-        dot = torch.stack([p[:, s:s + _CHUNK].sum(dim=1, keepdim=True) for s in spans]).sum(dim=0).clamp(-1, 1)
+    dot = dots(norm_a, norm_b).sum(dim=0).clamp(-1, 1)  # (1, 1)
     linear = dot.abs() > _DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
@@ -100,11 +104,13 @@ class Slerp:
         return Requirements(whole_tensors=True, model_values=True, base_values=self.anchor == "base",
                             n_models=1 if self.anchor == "base" else 2, kernel=kernel)
 
-    def _coefficients(self, name: str, x: torch.Tensor, y: torch.Tensor,
-                      products: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[float, float, None]:
-        """The fused pass's (c_0, c_1, no divisor) for tensor ``name``: x, y (numel,) float32 endpoints."""
-        coef_a, coef_b = slerp_coefficients(self.t_for(name), x.reshape(1, -1), y.reshape(1, -1),
-                                            lambda na, nb: products(na, nb).reshape(1, -1))
+    def _coefficients(self, name: str, reductions: Reductions) -> tuple[float, float, None]:
+        """The fused pass's (c_0, c_1, no divisor) for tensor ``name`` from its reductions (engine.whole)."""
+        def dots(norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
+            return reductions.sums(0, 1, (float(norm_a), float(norm_b)), _CHUNK).reshape(-1, 1, 1)
+
+        coef_a, coef_b = slerp_scalars(self.t_for(name), reductions.norms(0, _CHUNK).reshape(-1, 1, 1),
+                                       reductions.norms(1, _CHUNK).reshape(-1, 1, 1), dots)
         return float(coef_a), float(coef_b), None
 
     def t_for(self, name: str) -> float:
