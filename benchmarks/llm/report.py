@@ -142,4 +142,16 @@ def write(out: dict, results: Path) -> None:
     if quant.is_file():
         out = {**out, "quantisation": json.loads(quant.read_text())}
     write_file(results / "llm.json", json.dumps(out, indent=1, default=str) + "\n")
-    write_file(results / "llm.md", markdown(out))
+    write_file(results / "llm.md", markdown(out) + _hand_notes(results / "llm.md"))
+
+
+HAND_NOTES = "## Reading the table (by hand"
+
+
+def _hand_notes(path: Path) -> str:
+    """The section written by hand after a run (its heading starts with HAND_NOTES), kept when rows are rewritten."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    at = text.find("\n" + HAND_NOTES)
+    return "" if at < 0 else text[at:]

@@ -348,5 +348,9 @@ class Executor:
         if not finite:
             self.reader.raise_not_finite(chunk, raw.tensors())
         target = target.reshape(raw.shape)
-        # float16 and float64 outputs: numpy's casts round as torch's do (to nearest, ties to even)
-        return target if direct else target.astype(out_dtype.numpy)
+        # float16 and float64 outputs: numpy's casts round as torch's do (to nearest, ties to even). A value past
+        # float16's range becomes Inf quietly here: the output's finiteness check names the tensor and says what to do
+        if direct:
+            return target
+        with np.errstate(over="ignore", invalid="ignore"):
+            return target.astype(out_dtype.numpy)
