@@ -20,6 +20,13 @@ def _normalized(row: dict, individual: dict[str, float]) -> float | None:
     return _mean(100 * row["accuracy"][t] / individual[t] for t in row["accuracy"] if individual[t] > 0)
 
 
+def _seconds(row: dict) -> str:
+    """The merge's wall time (a tuned row: the whole search, every grid point merged and scored)."""
+    if row.get("merge_seconds") is not None:
+        return f"{row['merge_seconds']:.0f}"
+    return f"{row['tune_seconds']:.0f} (search)" if row.get("tune_seconds") is not None else ""
+
+
 def markdown(out: dict) -> str:
     proto = out["protocol"]
     tasks = proto["tasks"]
@@ -34,14 +41,14 @@ def markdown(out: dict) -> str:
         individual = {r["method"].split(": ", 1)[1]: r["accuracy"][r["method"].split(": ", 1)[1]]
                       for r in rows if r["method"].startswith("individual: ")}
         lines += [f"## {'Full fine-tuning' if mode == 'full' else 'LoRA (rank 8, α 16, all 7 projections)'}", "",
-                  "| method | val | " + " | ".join(tasks) + " | mean acc | normalized % | Austen ppl |",
-                  "|---|---|" + "---|" * len(tasks) + "---|---|---|"]
+                  "| method | val | " + " | ".join(tasks) + " | mean acc | normalized % | Austen ppl | merge s |",
+                  "|---|---|" + "---|" * len(tasks) + "---|---|---|---:|"]
         shown = [base] if base else []
         for r in shown + rows:
             if r["method"].startswith("individual: "):
                 task = r["method"].split(": ", 1)[1]
                 cells = [f"**{r['accuracy'][task] * 100:.1f}**" if t == task else "" for t in tasks]
-                lines.append(f"| {r['method']} | no | " + " | ".join(cells) + f" | | | {r['perplexity']:.2f} |")
+                lines.append(f"| {r['method']} | no | " + " | ".join(cells) + f" | | | {r['perplexity']:.2f} | |")
                 continue
             norm = _normalized(r, individual)
             chosen = ""
@@ -50,7 +57,8 @@ def markdown(out: dict) -> str:
             lines.append(f"| {r['method']}{chosen} | {'yes' if r.get('val') else 'no'} | "
                          + " | ".join(f"{r['accuracy'][t] * 100:.1f}" for t in tasks)
                          + f" | {_mean(r['accuracy'].values()) * 100:.1f} | "
-                         + (f"{norm:.1f}" if norm is not None else "") + f" | {r['perplexity']:.2f} |")
+                         + (f"{norm:.1f}" if norm is not None else "") + f" | {r['perplexity']:.2f} | "
+                         + _seconds(r) + " |")
         lines.append("")
     pending = []
     for mode, expected in out.get("expected", {}).items():
@@ -110,7 +118,8 @@ def markdown(out: dict) -> str:
               f"- Fisher / RegMean statistics: the first {proto['stats_examples']} validation examples of each task, "
               "computed on each full fine-tune through `tiesmerge.stats` (Fisher: exact over the answer choices, "
               "p(y|x) = softmax of the choices' summed log-probabilities; Gram: every choice sequence's real tokens).",
-              f"- Hardware: {out['hardware']}; wall time so far {out.get('seconds', 0) / 60:.1f} min.", ""]
+              f"- Hardware: {out['hardware']}; the last invocation took {out.get('seconds', 0) / 60:.1f} min (rows "
+              "cached by earlier invocations are reported, not re-timed; each row's own time is in its table).", ""]
     for mode, logs in out.get("train", {}).items():
         lines.append(f"- {mode} fine-tuning: " + ", ".join(f"{n} {v['seconds']:.0f} s ({v['s_per_step']:.1f} s/step)"
                                                       for n, v in logs.items()))
