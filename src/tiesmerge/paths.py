@@ -30,8 +30,9 @@ from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
 __all__ = ["demo_workdir", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
-           "model_dir_files", "check_model_dir", "OUTPUT_MARKERS", "WRITTEN_FIELD", "listing",
-           "unlisted_files", "resolve", "check_input", "open_regular", "read_regular", "inside",
+           "model_dir_files", "check_model_dir", "OUTPUT_MARKERS", "WRITTEN_FIELD", "STAMPS_FIELD", "listing",
+           "file_stamp", "unlisted_files", "changed_files", "nested", "resolve", "check_input", "open_regular",
+           "read_regular", "inside",
            "FileStamps", "check_output_location", "check_not_input", "check_output_file", "write_file",
            "check_search_dir"]
 
@@ -336,6 +337,12 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
                           hint="choose another path, or remove that directory yourself if you mean it")
     added = unlisted_files(final)
+    changed = changed_files(final)
+    if changed:
+        more = ", ..." if len(changed) > 5 else ""
+        raise OutputError(f"{output}: --force would discard your changes to {len(changed)} file(s) that tiesmerge "
+                          f"wrote there (changed since: {', '.join(changed[:5])}{more})",
+                          hint="copy them out of that directory first, or choose another path")
     if added is None:
         raise OutputError(f"{output}: this output was written by an older tiesmerge, whose manifest does not list "
                           "its files, so --force cannot tell them from files you added since",
@@ -350,6 +357,15 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
 # every marker of a finished output lists the output's files (``written``: paths relative to it),
 # recorded when the output is renamed into place (tiesmerge.io.writer.atomic_directory)
 WRITTEN_FIELD = "written"
+# and the size and modification time (ns) of each file but the markers, so that --force can tell a file
+# a user edited since (a model card with their results) from the one tiesmerge wrote
+STAMPS_FIELD = "written_stamps"
+
+
+def file_stamp(path: str | os.PathLike) -> list[int]:
+    """[size, mtime_ns] of ``path`` itself (a link is not followed)."""
+    st = os.lstat(path)
+    return [st.st_size, st.st_mtime_ns]
 
 
 def listing(directory: str | os.PathLike) -> list[str]:
@@ -383,6 +399,33 @@ def unlisted_files(directory: Path) -> list[str] | None:
     if written is None:
         return None
     return [p for p in listing(directory) if p not in written]
+
+
+def changed_files(directory: Path) -> list[str]:
+    """The files of a tiesmerge output whose size or modification time differs from what its markers
+    recorded when the output was finished: a user's edits, which ``--force`` must not discard. A file
+    removed since is not listed (nothing of the user's is in it); outputs without stamps give []."""
+    import json
+
+    changed: set[str] = set()
+    for name in OUTPUT_MARKERS:
+        if not _is_marker(directory / name):
+            continue
+        data = json.loads(read_regular(directory / name, "the output marker", max_bytes=_MARKER_MAX_BYTES,
+                                       error=OutputError))
+        stamps = data.get(STAMPS_FIELD)
+        if not isinstance(stamps, dict):
+            continue
+        for rel, recorded in stamps.items():
+            if not isinstance(rel, str) or rel in OUTPUT_MARKERS:
+                continue
+            try:
+                now = file_stamp(directory / rel)
+            except OSError:
+                continue  # removed since
+            if now != recorded:
+                changed.add(rel)
+    return sorted(changed)
 
 
 def _is_marker(path: Path) -> bool:
@@ -449,6 +492,12 @@ def input_roots(source: Any) -> list[Path]:
         return roots
     except (OSError, RuntimeError, ValueError):
         return []
+
+
+def nested(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether paths ``a`` and ``b`` are the same or one lies inside the other (links followed)."""
+    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
+    return ra == rb or ra in rb.parents or rb in ra.parents
 
 
 def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tuple[str, Any]], what: str,

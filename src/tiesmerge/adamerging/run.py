@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, OutputError
 from ..evaluation.forward import TaskForward, as_rows, load_forward
 from ..inputs import Source, as_method, check_output_not_input, prepare
 from ..io.writer import _check_output_path as check_output_path
 from ..lazy import torch
 from ..methods.base import ChunkContext, MergeMethod, Requirements
-from ..paths import check_output_file
+from ..paths import check_output_file, nested
 from ..sizes import format_size
 from .learn import AdaptConfig, History, Merger, combine, is_checkpoint, learn, load_checkpoint
 from .report import summarise, write_report
@@ -240,6 +240,10 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
         check_output_path(Path(output).absolute(), force)  # before the training, not after it
         if checkpoint is None:
             checkpoint = default_checkpoint(Path(output))
+        elif nested(checkpoint, output):  # the finished run writes the output whole (--force: replaces it)
+            raise OutputError(f"{checkpoint}: the checkpoint lies at or inside the output directory {output}, which "
+                              "the finished run writes as a whole", hint="write the checkpoint beside the output "
+                                                                         "(the default), not into it")
     if checkpoint is not None:
         # written each pass: never over an input, and an existing file only when resuming it or with force
         if resume and os.path.isfile(checkpoint):

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ConfigError, OutputError
 from ..methods.base import ModelPath, option_types
-from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, write_file
+from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, nested, write_file
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
@@ -74,14 +74,6 @@ def _evaluator_file(spec: str) -> list[tuple[str, Any]]:
     return [(f"the evaluator's module ({spec})", path), *([("the evaluator's package", folder)] if folder else [])]
 
 
-def _nested(a: Any, b: Any) -> bool:
-    """Whether paths ``a`` and ``b`` are the same or one lies inside the other (links followed)."""
-    import os
-
-    ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
-    return ra == rb or ra in rb.parents or rb in ra.parents
-
-
 def _is_scores_file(path: Path) -> bool:
     """``path`` holds scores an earlier ``tune --json`` wrote (its three fields), so --force may replace it."""
     from ..errors import TiesMergeError
@@ -125,7 +117,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
     _check_writes(args.output, args.force, inputs)
     if args.json:
-        if args.output and _nested(args.json, args.output):
+        if args.output and nested(args.json, args.output):
             raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
                               "the best merge replaces", hint="write the scores beside the output, not into it")
     evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
@@ -173,7 +165,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     _check_writes(args.output, args.force, inputs)  # fail now, not after the search
     check_not_input(args.dir, inputs)  # the log and the report are written there
     check_search_dir(args.dir)
-    if args.output and _nested(args.dir, args.output):
+    if args.output and nested(args.dir, args.output):
         raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other; "
                           "the best merge would replace the search's log", hint="choose separate paths")
     evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)

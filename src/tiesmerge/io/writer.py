@@ -36,8 +36,10 @@ from ..paths import (
     MODEL_FILES,
     MODEL_SUFFIXES,
     OUTPUT_MARKERS,
+    STAMPS_FIELD,
     WRITTEN_FIELD,
     check_output_location,
+    file_stamp,
     inside,
     listing,
     model_dir_files,
@@ -363,6 +365,7 @@ def _record_listing(tmp: Path) -> None:
     the marker itself included, so that a later ``--force`` can tell the files tiesmerge wrote
     from ones a user added since, and delete only the former's folder (tiesmerge.paths)."""
     names = listing(tmp)
+    stamps = {name: file_stamp(tmp / name) for name in names if name not in OUTPUT_MARKERS}
     for marker in OUTPUT_MARKERS:
         path = tmp / marker
         if os.path.islink(path) or not path.is_file():
@@ -370,6 +373,7 @@ def _record_listing(tmp: Path) -> None:
         data = json.loads(path.read_text())
         if isinstance(data, dict):
             data[WRITTEN_FIELD] = names
+            data[STAMPS_FIELD] = stamps
             try:
                 path.write_text(json.dumps(data, indent=2) + "\n")
             except OSError as exc:
