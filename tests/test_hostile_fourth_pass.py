@@ -4,7 +4,21 @@
 - an overflow to float16 is reported once, by the typed error, without numpy's RuntimeWarning printed first;
 - ``--force`` keeps an earlier output in which a user edited a file tiesmerge wrote (the model card with their
   results), naming the file: each output records its files' sizes and modification times;
-- ``adapt --checkpoint`` inside the output directory is refused before the training, not after it.
+- ``adapt --checkpoint`` inside the output directory is refused before the training, not after it;
+- a Hugging Face cache ref linked out of its repository folder is refused before it is read, and a damaged
+  ref's content is never echoed (it could be a token);
+- control characters in a name or path (an index's shard name, a folder name) never reach the terminal raw, and
+  a newline in a name cannot forge an ``error:`` line;
+- the base's ``additional_chat_templates/*.jinja`` (read by transformers with the tokenizer) are checked like
+  every other model file (no link out) and copied into the output;
+- config, tokenizer and template files larger than transformers can sensibly read are refused by size;
+- a pickle that would run code is named as such in one line with a hint (never torch's advice to load it with
+  weights_only=False);
+- the digest cache creates no folder in a home that does not exist, nor under a relative XDG_CACHE_HOME;
+- a folder holding a full model and a PEFT adapter is refused before transformers loads (and applies) it;
+- ``merge(base, "one/path", output=...)`` names the models argument, not the output;
+- a mergekit ``base_model: BASE+LORA`` is refused for what it is;
+- an output path whose files would pass PATH_MAX is refused before the work.
 """
 
 from __future__ import annotations
@@ -79,3 +93,173 @@ def test_an_adapt_checkpoint_inside_the_output_is_refused_before_the_training(tm
         with pytest.raises(OutputError, match="lies at or inside the output directory"):
             tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, output=out, checkpoint=checkpoint)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ the Hugging Face cache's refs
+
+
+def _cache_repo(tmp_path, monkeypatch) -> Path:
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--a"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "snapshots" / ("c" * 40)).mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return repo
+
+
+def test_a_cache_ref_linked_out_of_the_repository_is_refused_unread(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    repo = _cache_repo(tmp_path, monkeypatch)
+    secret = tmp_path / "token"
+    secret.write_text("hf_SECRETTOKEN123\n")
+    (repo / "refs" / "main").symlink_to(secret)
+    rc, err = _run(_merge(b, ["org/a", ms[0]], "out"), capsys)
+    assert rc != 0 and "Traceback" not in err
+    assert "outside" in err and "refs/main" in err and "SECRETTOKEN" not in err, err
+
+
+def test_a_damaged_cache_ref_is_not_echoed(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    repo = _cache_repo(tmp_path, monkeypatch)
+    (repo / "refs" / "main").write_text("hf_SECRETTOKEN123\n")
+    rc, err = _run(_merge(b, ["org/a", ms[0]], "out"), capsys)
+    assert rc != 0 and "not a commit hash" in err and "SECRETTOKEN" not in err, err
+
+
+# ------------------------------------------------------------------ control characters in messages
+
+
+def test_control_characters_in_a_shard_name_reach_the_terminal_escaped(family, capsys):
+    inputs, b, ms = family
+    evil = inputs / "evil"
+    evil.mkdir()
+    for f in ms[0].iterdir():
+        (evil / f.name).write_bytes(f.read_bytes())
+    weights = next(evil.glob("*.safetensors"))
+    from safetensors import safe_open
+    with safe_open(str(weights), "pt") as f:
+        names = list(f.keys())
+    shard = "x\x1b[2K\r\x1b[32mall good: merged OK\x1b[0m\u202e.safetensors"
+    (evil / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {names[0]: shard}}))
+    weights.unlink()
+    rc, err = _run(_merge(b, [evil, ms[1]], "out"), capsys)
+    assert rc != 0 and "Traceback" not in err
+    assert "\x1b" not in err and "\r" not in err and "\u202e" not in err, repr(err)
+    assert "\\x1b[2K" in err, err  # shown, as an escape
+
+
+def test_a_newline_in_a_folder_name_cannot_forge_an_error_line(family, capsys):
+    inputs, b, ms = family
+    odd = inputs / "nl\nerror: fake line"
+    odd.mkdir()
+    rc, err = _run(_merge(b, [odd, ms[1]], "out"), capsys)
+    assert rc != 0 and "Traceback" not in err
+    lines = err.splitlines()
+    assert sum(line.startswith("error:") for line in lines) == 1, err
+    assert any(line.startswith("  error: fake line") for line in lines), err
+
+
+# ------------------------------------------------------------------ chat templates and file sizes
+
+
+def test_a_chat_template_linked_out_of_the_base_is_refused(family, tmp_path, capsys):
+    inputs, b, ms = family
+    secret = tmp_path / "secret.jinja"
+    secret.write_text("{{ secret }}")
+    (b / "additional_chat_templates").mkdir()
+    (b / "additional_chat_templates" / "x.jinja").symlink_to(secret)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, "out"), capsys)
+    check(rc, err, want_rc=1, needle=("x.jinja", "outside"), output=Path("out"), inputs=inputs, before=before)
+
+
+def test_the_bases_chat_templates_are_copied_into_the_output(family, capsys):
+    inputs, b, ms = family
+    (b / "additional_chat_templates").mkdir()
+    (b / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    (b / "additional_chat_templates" / "notes.txt").write_text("not a template")
+    assert _run(_merge(b, ms, "out"), capsys)[0] == 0
+    assert (Path("out") / "additional_chat_templates" / "tool_use.jinja").read_text() == "{{ tools }}"
+    assert not (Path("out") / "additional_chat_templates" / "notes.txt").exists()
+    manifest = json.loads(Path("out/tiesmerge.json").read_text())
+    assert "additional_chat_templates/tool_use.jinja" in manifest["written"]
+
+
+def test_a_config_file_too_large_to_read_whole_is_refused_by_its_size(family, capsys):
+    inputs, b, ms = family
+    with open(b / "tokenizer_config.json", "wb") as f:  # sparse: no disk used
+        f.truncate(3 << 30)
+    rc, err = _run(_merge(b, ms, "out"), capsys)
+    assert rc == 1 and "tokenizer_config.json" in err and "3.00 GiB" in err and "Traceback" not in err, err
+    assert not Path("out").exists()
+
+
+# ------------------------------------------------------------------ pickles, caches, adapters, API, recipes, paths
+
+
+def test_a_pickle_that_would_run_code_is_named_in_one_line(family, tmp_path, capsys):
+    inputs, b, ms = family
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    evil = inputs / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text((ms[0] / "config.json").read_text())
+    torch.save({"x": Evil()}, evil / "pytorch_model.bin")
+    rc, err = _run(_merge(b, [evil, ms[1]], "out", "--allow-pickle"), capsys)
+    assert rc == 1 and "calls posix.system" in err and "hint:" in err, err
+    assert "weights_only" not in err and "Traceback" not in err, err
+    assert not (tmp_path / "PWNED").exists() and not Path("out").exists()
+
+
+def test_the_digest_cache_makes_no_folder_in_a_missing_home_or_under_a_relative_xdg(tmp_path, monkeypatch):
+    from tiesmerge.io.card import _cache_file
+
+    monkeypatch.delenv("TIESMERGE_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TIESMERGE_DIGEST_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relcache")
+    monkeypatch.setenv("HOME", str(tmp_path / "nonexistent"))
+    assert _cache_file() is None
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _cache_file() == tmp_path / ".cache" / "tiesmerge" / "digests.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _cache_file() == tmp_path / "xdg" / "tiesmerge" / "digests.json"
+
+
+def test_a_model_folder_holding_an_adapter_too_is_refused_before_transformers_loads_it(family):
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.paths import check_model_dir
+
+    inputs, b, ms = family
+    (ms[0] / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    with pytest.raises(CheckpointError, match="holds a PEFT adapter"):
+        check_model_dir(ms[0], "model 0", tokenizer=False)
+
+
+def test_a_single_path_as_models_is_named_not_blamed_on_the_output(family, tmp_path):
+    from tiesmerge.errors import ConfigError
+
+    inputs, b, ms = family
+    with pytest.raises(ConfigError, match="models must be a non-empty list"):
+        tiesmerge.merge(b, str(ms[0]), "ties", output=tmp_path / "api_out")
+
+
+def test_a_mergekit_lora_on_the_base_model_is_refused_for_what_it_is(family, capsys):
+    inputs, b, ms = family
+    recipe = Path("mk.yaml")
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}+{ms[0]}\nmodels:\n"
+                      + "".join(f"  - model: {m}\n    parameters: {{weight: 1, density: 0.5}}\n" for m in ms))
+    rc, err = _run(["validate", str(recipe)], capsys)
+    assert rc == 2 and "applies a LoRA to the base itself" in err and "other than base_model" not in err, err
+
+
+def test_an_output_path_near_path_max_is_refused_before_the_work(family, tmp_path, capsys):
+    inputs, b, ms = family
+    deep = tmp_path
+    while len(os.fsencode(str(deep))) < 3900:
+        deep = deep / ("d" * 200)
+    deep.mkdir(parents=True)
+    rc, err = _run(_merge(b, ms, deep / "out-with-a-long-name", "--dry-run"), capsys)
+    assert rc == 1 and "bytes long" in err and "shorter output path" in err, err

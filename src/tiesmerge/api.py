@@ -148,6 +148,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     except ValueError as exc:
         raise ConfigError(f"shard_size: {exc}") from None
     if output is not None:
+        check_inputs(base, models)  # first: a single path given as `models` would be read letter by letter
         reference = m.requirements().reference
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
                                         (f"the reference model ({reference_option(m)})", reference),

@@ -98,11 +98,13 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
     commit = None
     ref = repo / "refs" / wanted
     if os.path.lexists(ref):  # a FIFO or folder there is named by read_regular, not taken for a missing ref
-        text = read_regular(ref, f"the cache's ref {wanted} of {repo_id}", max_bytes=256).decode("ascii", "replace")
-        commit = text.strip()
-        if not re.fullmatch(r"[0-9a-f]{40}", commit):
-            raise CheckpointError(f"{ref}: holds {commit[:60]!r}, not a commit hash", hint="the cache is damaged; "
-                                  + _fetch_hint(repo_id, revision))
+        # a ref linked out of the repository folder (to a token file, say) is refused before it is read
+        inside(ref, repo, f"the cache's ref {wanted} of {repo_id}")
+        raw = read_regular(ref, f"the cache's ref {wanted} of {repo_id}", max_bytes=256)
+        commit = raw.decode("ascii", "replace").strip()
+        if not re.fullmatch(r"[0-9a-f]{40}", commit):  # its content is not shown: it may be anything
+            raise CheckpointError(f"{ref}: holds {len(raw)} bytes that are not a commit hash (40 hex digits)",
+                                  hint="the cache is damaged; " + _fetch_hint(repo_id, revision))
     elif _COMMIT.match(wanted):
         found = sorted(p.name for p in snapshots.iterdir() if p.name.startswith(wanted)) if snapshots.is_dir() else []
         if len(found) > 1:

@@ -30,7 +30,8 @@ from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
 __all__ = ["demo_workdir", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
-           "model_dir_files", "check_model_dir", "OUTPUT_MARKERS", "WRITTEN_FIELD", "STAMPS_FIELD", "listing",
+           "model_dir_files", "check_model_dir", "CHAT_TEMPLATES_DIR", "OUTPUT_MARKERS", "WRITTEN_FIELD",
+           "STAMPS_FIELD", "listing",
            "file_stamp", "unlisted_files", "changed_files", "nested", "resolve", "check_input", "open_regular",
            "read_regular", "inside",
            "FileStamps", "check_output_location", "check_not_input", "check_output_file", "write_file",
@@ -181,16 +182,48 @@ def model_dir_files(source: str | os.PathLike, role: str, error: type[TiesMergeE
         raise error(f"{source}: cannot list {role}'s directory ({exc.strerror or exc})") from None
     files = []
     for name in names:
+        if name == CHAT_TEMPLATES_DIR:  # transformers reads every *.jinja in it with the tokenizer
+            files += _chat_templates(source, role, error)
+            continue
         if name not in MODEL_FILES and not name.endswith(MODEL_SUFFIXES + WEIGHT_SUFFIXES):
             continue
-        path = source / name
-        real = inside(path, source, f"{role}'s {name}", error)
-        mode = os.stat(real).st_mode
-        if not stat.S_ISREG(mode):
-            raise error(f"{path}: {role}'s {name} is {'a directory' if stat.S_ISDIR(mode) else _kind(mode)}, not a "
-                        "regular file", hint="replace it with the file itself")
-        files.append(path)
+        files.append(_model_file(source / name, source, f"{role}'s {name}", error,
+                                 weights=name.endswith(WEIGHT_SUFFIXES) and not name.endswith(".json")))
     return files
+
+
+# a tokenizer's extra chat templates (tool use, RAG...), one file each: read by transformers, copied to the output
+CHAT_TEMPLATES_DIR = "additional_chat_templates"
+# configs, tokenizer files and templates are read whole by transformers: a multi-GB one would fill the memory
+MAX_MODEL_FILE_BYTES = 64 << 20
+
+
+def _model_file(path: Path, source: Path, what: str, error: type[TiesMergeError], *, weights: bool = False) -> Path:
+    """``path`` checked as a regular file inside ``source`` (and, unless it holds weights, of a size
+    transformers can read whole)."""
+    real = inside(path, source, what, error)
+    st = os.stat(real)
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{path}: {what} is {'a directory' if stat.S_ISDIR(st.st_mode) else _kind(st.st_mode)}, not a "
+                    "regular file", hint="replace it with the file itself")
+    if not weights and st.st_size > MAX_MODEL_FILE_BYTES:
+        raise error(f"{path}: {what} is {format_size(st.st_size)}, more than the {format_size(MAX_MODEL_FILE_BYTES)} "
+                    "a config, tokenizer or template file may hold", hint="the file is damaged or not what its name "
+                                                                         "says; replace it with the model's own")
+    return path
+
+
+def _chat_templates(source: Path, role: str, error: type[TiesMergeError]) -> list[Path]:
+    folder = source / CHAT_TEMPLATES_DIR
+    real = inside(folder, source, f"{role}'s {CHAT_TEMPLATES_DIR}", error)
+    if not os.path.isdir(real):
+        raise error(f"{folder}: {role}'s {CHAT_TEMPLATES_DIR} is not a folder", hint="remove it or make it a folder")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise error(f"{folder}: cannot list {role}'s {CHAT_TEMPLATES_DIR} ({exc.strerror or exc})") from None
+    return [_model_file(folder / n, source, f"{role}'s chat template {n}", error) for n in names
+            if n.endswith(".jinja")]
 
 
 # a tokenizer's own files: without one, transformers builds an empty tokenizer and every word is unknown
@@ -207,6 +240,10 @@ def check_model_dir(source: str | os.PathLike, role: str, error: type[TiesMergeE
     if not os.path.isdir(source):
         raise error(f"{source}: {role} is not a directory", hint="give the model's Hugging Face directory")
     names = {f.name for f in model_dir_files(source, role, error)}
+    if os.path.lexists(Path(source) / "adapter_config.json"):  # transformers would wrap the model with the adapter
+        raise error(f"{source}: {role} holds a PEFT adapter (adapter_config.json) beside its model files; "
+                    "transformers would apply the adapter when loading it, and tiesmerge's merge reads such a folder "
+                    "as the adapter alone", hint="keep the adapter in a folder of its own (and the model in another)")
     if tokenizer and not names & set(TOKENIZER_FILES) and not any(n.endswith(MODEL_SUFFIXES) for n in names):
         raise error(f"{source}: {role} holds no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...), so its text "
                     "inputs cannot be read", hint="copy the tokenizer files of the model's base into it "
@@ -302,6 +339,7 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     if final in _protected():
         raise OutputError(f"{output}: the output would replace {final}, which holds the working, home or root "
                           "folder; tiesmerge never replaces it", hint="name a new directory, e.g. -o ./merged")
+    _check_path_length(output, final)
     try:
         st = os.stat(final)
     except FileNotFoundError:
@@ -446,6 +484,29 @@ def _is_marker(path: Path) -> bool:
         output = data["output"]
         return isinstance(output, dict) and isinstance(output.get("files"), list)
     return isinstance(data["tiesmerge_version"], str)
+
+
+# what a path inside the output adds to the output's own: the temporary sibling it is written in
+# (".tiesmerge-tmp-<host>-<pid>-<random>", ~45 bytes) and the longest name tiesmerge writes there
+# ("additional_chat_templates/<name>.jinja", "model-00001-of-00099.safetensors", analysis files: < 200)
+_INNER_PATH_BYTES = 256
+
+
+def _check_path_length(output: str | os.PathLike, final: Path) -> None:
+    """An output whose files' paths would pass the system's PATH_MAX (4096 bytes on Linux) fails at its
+    first write, after the work: refused now instead, naming -o."""
+    folder = final.parent
+    while not os.path.isdir(folder) and folder != folder.parent:
+        folder = folder.parent
+    try:
+        limit = os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        limit = 4096
+    length = len(os.fsencode(str(final)))
+    if length + _INNER_PATH_BYTES > limit:
+        raise OutputError(f"{output}: the output path is {length} bytes long; with the files written inside it, "
+                          f"paths would pass the system's limit of {limit} bytes",
+                          hint="choose a shorter output path")
 
 
 def _check_writable_parent(output: str | os.PathLike, final: Path) -> None:

@@ -135,8 +135,13 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> s
         model, adapter = ref.split("+", 1)
         if base is not None and Path(_path(model)).resolve() == Path(base).resolve():
             return _path(adapter)  # the adapter's ΔW is this model's task vector
-        problems.append(f"{where}: {ref!r} applies a LoRA to a model other than base_model; tiesmerge reads "
-                        "an adapter as a task vector of the base it was trained on")
+        if where == "base_model":
+            problems.append(f"base_model: {ref!r} applies a LoRA to the base itself; tiesmerge reads an adapter "
+                            "only as a task vector of its base (list it under models as BASE+ADAPTER, or merge the "
+                            "adapter into the base first and give that folder)")
+        else:
+            problems.append(f"{where}: {ref!r} applies a LoRA to a model other than base_model; tiesmerge reads "
+                            "an adapter as a task vector of the base it was trained on")
         return None
     return _path(ref)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import sys
 import traceback
@@ -382,10 +383,24 @@ def _report(exc: TiesMergeError, debug: bool) -> int:
     """``error: ...`` and ``hint: ...`` on stderr; the exit status of the error's kind."""
     if debug:
         traceback.print_exc()
-    print(f"error: {exc.message}", file=sys.stderr)
+    print(f"error: {terminal_safe(exc.message)}", file=sys.stderr)
     if exc.hint:
-        print(f"hint: {exc.hint}", file=sys.stderr)
+        print(f"hint: {terminal_safe(exc.hint)}", file=sys.stderr)
     return exc.exit_code
+
+
+# C0 controls but newline and tab, DEL, C1 controls, and the bidirectional overrides that reorder what is shown
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` as it may reach a terminal: a file or tensor name from a hostile input holds escape sequences
+    that would erase or recolour the line, so every control character is shown as an escape (``\\x1b``), and
+    every line after the first is indented, so a newline in a name cannot forge an ``error:`` line of its own."""
+    text = _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                       else f"\\u{ord(m.group()):04x}", text)
+    first, *rest = text.split("\n")
+    return "\n".join([first, *(line if line.startswith((" ", "\t")) or not line else "  " + line for line in rest)])
 
 
 def entry() -> NoReturn:  # pragma: no cover - exercised by the installed `tiesmerge` script

@@ -30,9 +30,15 @@ def _cache_file() -> Path | None:
     else ``~/.cache/tiesmerge``), or None when TIESMERGE_DIGEST_CACHE=0."""
     if os.environ.get("TIESMERGE_DIGEST_CACHE", "1") == "0":
         return None
-    root = os.environ.get("TIESMERGE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tiesmerge")
-    return Path(root) / "digests.json"
+    if os.environ.get("TIESMERGE_CACHE_DIR"):
+        return Path(os.environ["TIESMERGE_CACHE_DIR"]) / "digests.json"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored (it would write into the cwd)
+        return Path(xdg) / "tiesmerge" / "digests.json"
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home) or not os.path.isdir(home):  # HOME=/nonexistent (system users): no cache, no folders
+        return None
+    return Path(home) / ".cache" / "tiesmerge" / "digests.json"
 
 
 _MAX_CACHE_BYTES = 64 << 20  # ~300,000 remembered files; a larger cache file is ignored (and replaced)

@@ -83,8 +83,7 @@ class PickleCheckpoint(StateDictCheckpoint):
             try:
                 loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many kinds here
-                raise CheckpointError(f"{file}: cannot load with weights_only=True "
-                                      f"({type(exc).__name__}: {exc})") from None
+                raise _pickle_error(file, exc) from None
             if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):
                 loaded = loaded["state_dict"]
             if not isinstance(loaded, Mapping):
@@ -102,3 +101,24 @@ class PickleCheckpoint(StateDictCheckpoint):
 
     def directory(self) -> Path | None:
         return self.path if self.path.is_dir() else None
+
+
+def _pickle_error(file: Path, exc: Exception) -> CheckpointError:
+    """A pickle weights_only=True refused, in one line: which code it names (``posix.system``: the file would
+    run a command) and what to do. torch's own text advises weights_only=False, which would run that code."""
+    import re
+
+    text = str(exc)
+    found = re.search(r"(?:Unsupported global|unsupported GLOBAL)[:\s]+(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if found:
+        return CheckpointError(f"{file}: the pickle calls {found.group(1)} when loaded (it would run code, not only "
+                               "hold tensors); tiesmerge refused it and ran nothing",
+                               hint="do not load this file; ask for the model as safetensors")
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = first.replace("Weights only load failed", "the weights-only loader refused it")
+    if "weights_only" in first and "False" in first:
+        first = type(exc).__name__
+    return CheckpointError(f"{file}: not a PyTorch state dict that can be read without running code "
+                           f"({type(exc).__name__}: {first[:200]})",
+                           hint="convert the model to safetensors, or check that the file is complete")
+

@@ -33,6 +33,7 @@ from ..finite import check_finite
 from ..limits import loads_json, read_json
 from ..paths import (
     _SPACE,
+    CHAT_TEMPLATES_DIR,
     MODEL_FILES,
     MODEL_SUFFIXES,
     OUTPUT_MARKERS,
@@ -396,7 +397,8 @@ def model_files(source: Path | None) -> list[Path]:
     or a FIFO is an error now, not after the merge). Anything else there is left alone."""
     if source is None:
         return []
-    files = [f for f in model_dir_files(source, "the base") if f.name in MODEL_FILES or f.name.endswith(MODEL_SUFFIXES)]
+    files = [f for f in model_dir_files(source, "the base")
+             if f.name in MODEL_FILES or f.name.endswith(MODEL_SUFFIXES) or f.parent.name == CHAT_TEMPLATES_DIR]
     config = source / "config.json"
     if config in files and not isinstance(read_json(config, "the base's config"), dict):
         raise CheckpointError(f"{config}: holds no JSON object, so it is not a model config",
@@ -418,14 +420,16 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
     files = model_files(source) if files is None else files
     copied = []
     for path in files:
-        inside(path, source, f"the base's {path.name}")  # checked again: the folder may have changed since
-        fd = open_regular(path, f"the base's {path.name}")
+        rel = path.relative_to(source) if path.parent != source else Path(path.name)  # chat templates: in their folder
+        inside(path, source, f"the base's {rel}")  # checked again: the folder may have changed since
+        fd = open_regular(path, f"the base's {rel}")
         try:
-            with os.fdopen(fd, "rb") as src, open(target / path.name, "xb") as dst:
+            (target / rel).parent.mkdir(exist_ok=True)
+            with os.fdopen(fd, "rb") as src, open(target / rel, "xb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except OSError as exc:
-            raise write_error(target / path.name, exc) from None
-        copied.append(path.name)
+            raise write_error(target / rel, exc) from None
+        copied.append(str(rel))
     config = target / "config.json"
     if dtype is not None and "config.json" in copied:
         data = loads_json(config.read_bytes(), str(config))
