@@ -18,7 +18,8 @@
 - a folder holding a full model and a PEFT adapter is refused before transformers loads (and applies) it;
 - ``merge(base, "one/path", output=...)`` names the models argument, not the output;
 - a mergekit ``base_model: BASE+LORA`` is refused for what it is;
-- an output path whose files would pass PATH_MAX is refused before the work.
+- an output path whose files would pass PATH_MAX is refused before the work;
+- ``validate`` and ``--dry-run`` list every input problem at once (missing, damaged, given twice).
 """
 
 from __future__ import annotations
@@ -263,3 +264,15 @@ def test_an_output_path_near_path_max_is_refused_before_the_work(family, tmp_pat
     deep.mkdir(parents=True)
     rc, err = _run(_merge(b, ms, deep / "out-with-a-long-name", "--dry-run"), capsys)
     assert rc == 1 and "bytes long" in err and "shorter output path" in err, err
+
+
+def test_validate_lists_every_input_problem_at_once(family, capsys):
+    inputs, b, ms = family
+    damaged = inputs / "damaged"
+    damaged.mkdir()
+    (damaged / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    recipe = Path("r.yaml")
+    recipe.write_text(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, /nope/b, {damaged}, {ms[0]}]\n")
+    rc, err = _run(["validate", str(recipe)], capsys)
+    assert rc == 1 and "3 problems with the inputs" in err, err
+    assert "/nope/b" in err and "damaged" in err and "listed twice" in err and "Traceback" not in err, err

@@ -66,6 +66,7 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
     """
     m = as_method(method, method_options)
     base, models = resolve_sources(base, models)
+    _all_input_problems(base, models, allow_pickle)
     with ExitStack() as stack:
         prepared = prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
                            vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format,
@@ -73,6 +74,33 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
         if output_format != "adapter":  # the files a merge copies beside the weights: checked as merge checks them
             model_files(prepared.base.directory())
         return prepared.executor.plan
+
+
+def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
+    """Every input that cannot be opened (missing, not a model, a damaged header) and every one given twice,
+    reported together when there are several: ``validate`` and ``--dry-run`` list all problems at once, as they
+    do for options. One problem is left to the checks that follow, which name it the usual way."""
+    from .errors import CheckpointError, TiesMergeError
+    from .io.checkpoint import open_checkpoint
+
+    if isinstance(models, (str, os.PathLike, Mapping)) or not models:
+        return  # check_inputs names that
+    errors: list[TiesMergeError] = []
+    for source in (base, *models):
+        if isinstance(source, Mapping):
+            continue
+        try:
+            open_checkpoint(source, allow_pickle=allow_pickle).close()
+        except TiesMergeError as exc:
+            errors.append(exc)
+    try:
+        check_inputs(base, models)
+    except TiesMergeError as exc:
+        errors.append(exc)
+    if len(errors) > 1:
+        raise CheckpointError(f"{len(errors)} problems with the inputs:\n"
+                              + "\n".join("  - " + e.message.replace("\n", "\n    ") for e in errors),
+                              hint=next((e.hint for e in errors if e.hint), None))
 
 
 def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str = "error",
