@@ -27,7 +27,6 @@ from typing import Protocol
 import numpy as np
 
 from ..dtypes import DType, as_dtype
-from ..errors import ConfigError
 from ..finite import check_finite
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
@@ -116,21 +115,6 @@ class _Scope:
     masks: np.ndarray | None = None  # (n, E) uint8: the exact-k trim of a whole tensor, for the fused merge
 
 
-def _check_trim_keeps_something(req: Requirements, alignment: Alignment, n: int, method: str) -> None:
-    """A density so small that the trim keeps no entry of any scope turns the merge into the base, silently
-    (``--density 1e-6`` on a small model): refused, with the smallest density that keeps one entry."""
-    if req.trim is None or req.exact_k:  # mergekit's exact k keeps at least one entry per tensor
-        return
-    sizes = [j.numel for j in alignment.jobs if j.merge]
-    if not sizes:
-        return
-    largest = sum(sizes) if req.scope == "global" else max(sizes)
-    if largest and not any(req.trim.keep_counts(largest, n)):
-        raise ConfigError(f"{method}: the density keeps no entry of any tensor (the largest scope holds {largest:,} "
-                          f"entries), so the merge would be the base itself",
-                          hint=f"use a density of at least {1 / largest:.3g}")
-
-
 class Executor:
     def __init__(self, inputs: EngineInputs, alignment: Alignment, method: MergeMethod, *,
                  device: str | torch.device = "cpu", memory_budget: int = parse_size(DEFAULT_MEMORY_BUDGET),
@@ -160,7 +144,6 @@ class Executor:
         self.plan: Plan = make_plan(alignment, self.n, self.req, memory_budget=memory_budget, out_dtype=out_dtype,
                                     fused=self._fused_merge, extra_inputs=extra_inputs,
                                     extra_bytes_per_entry=extra_bytes)
-        _check_trim_keeps_something(self.req, alignment, self.n, method.name)
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
             self.plan = side.adjust_plan(self.plan)
