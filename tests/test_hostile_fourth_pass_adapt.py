@@ -1,0 +1,162 @@
+"""Issue 13, the fourth independent hostile pass (hp4): its findings on ``adapt``, ``tune``, ``search``,
+``analyze`` and ``demo``, one case each, checked as the catalogue checks its cases (exit status, message, no
+traceback, nothing left, inputs unchanged).
+
+- dr9: ``adapt --dry-run -o`` checks the output as a real run does;
+- rs2/rs3/rs5: ``adapt --resume --checkpoint X`` checks X is no input before reading it, and never advises
+  removing a file that is no checkpoint of ours;
+- p7: ``adapt -o NEW/sub/out`` creates the default checkpoint's folder (the output's parent) instead of refusing;
+- a12: ``adapt --limit 0`` is an option error, not the data file's;
+- a7: ``adapt --forward choice`` on a classifier says the forward does not fit the model, before loading it;
+- ev3: an evaluator returning an integer too large for a float is the evaluator's error;
+- x1: ``search --ray`` gives Ray a private temporary folder, removed at exit;
+- x4/x12c/x13c: analyze, tune and search hint only at options they have (no ``--stats``);
+- 4l: a grid's size is printed exactly;
+- dm3: ``demo`` never hints at a ``--force`` it does not have.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import test_hostile_catalogue
+import tiesmerge
+from helpers_ckpt import cli_flags
+from test_adapt_hostile import _forward, _setup
+from test_hostile_catalogue import _run, check, snapshot
+from tiesmerge.errors import ConfigError, EvaluatorError
+
+family = test_hostile_catalogue.family
+
+
+def _adapt(classifiers, tmp_path, *extra):
+    root, base, fts, data = classifiers
+    files = []
+    for k in range(2):
+        path = tmp_path / f"task{k}.jsonl"
+        if not path.exists():
+            path.write_text(data.read_text())
+        files.append(path)
+    return ["adapt", *cli_flags(base, fts), *sum((["--data", str(f)] for f in files), []), "--steps", "1",
+            "--batch-size", "2", "--no-progress", *extra], files
+
+
+# ------------------------------------------------------------------ dr9: --dry-run -o checks the output
+
+
+def test_adapt_dry_run_checks_the_output_as_a_run_does(classifiers, tmp_path, capsys):
+    root, base, fts, data = classifiers
+    argv, files = _adapt(classifiers, tmp_path, "--dry-run")
+    before = snapshot(root)
+    rc, err = _run([*argv, "-o", str(fts[0])], capsys)
+    check(rc, err, want_rc=1, needle="model 0", output=None, inputs=root, before=before)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own")
+    for force in ((), ("--force",)):
+        rc, err = _run([*argv, "-o", str(mine), *force], capsys)
+        check(rc, err, want_rc=1, needle="tiesmerge wrote" if force else "tiesmerge did not write it", output=None,
+              inputs=root, before=before)
+    assert (mine / "notes.txt").read_text() == "the user's own"
+    rc, err = _run([*argv, "-o", str(tmp_path / "new" / "out")], capsys)  # a new output: fine, nothing created
+    assert rc == 0, err
+    assert not (tmp_path / "new").exists()
+    rc, err = _run([*argv, "-o", str(tmp_path / "out"), "--checkpoint", str(files[1])], capsys)
+    check(rc, err, want_rc=1, needle="is data file 1", output=tmp_path / "out", inputs=root, before=before)
+
+
+# ------------------------------------------------------------------ rs2/rs3/rs5: --resume reads no input
+
+
+@pytest.mark.parametrize("which", ["weights", "data"])
+def test_resume_never_reads_an_input_as_the_checkpoint(classifiers, tmp_path, capsys, which):
+    root, base, fts, data = classifiers
+    argv, files = _adapt(classifiers, tmp_path)
+    target = fts[0] / "model.safetensors" if which == "weights" else files[0]
+    watched = root if which == "weights" else tmp_path
+    before = snapshot(watched)
+    rc, err = _run([*argv, "-o", str(tmp_path / "out"), "--checkpoint", str(target), "--resume"], capsys)
+    check(rc, err, want_rc=1, needle="model 0" if which == "weights" else "is data file 0", output=tmp_path / "out",
+          inputs=watched, before=before)
+    assert "remove it" not in err and "not a checkpoint" not in err, err
+
+
+def test_resume_never_advises_removing_a_file_that_is_no_checkpoint(tmp_path):
+    base, fts, files = _setup(tmp_path)
+    merged = tmp_path / "merged.safetensors"  # another tool's (or tiesmerge merge's) weights, no input here
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in base.items()}, str(merged))
+    kept = merged.read_bytes()
+    with pytest.raises(ConfigError, match="not a checkpoint tiesmerge adapt wrote") as caught:
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, checkpoint=merged, resume=True)
+    assert "remove" not in (caught.value.hint or "") and merged.read_bytes() == kept
+
+
+# ------------------------------------------------------------------ p7: -o NEW/sub/out
+
+
+def test_adapt_creates_the_output_parent_for_the_default_checkpoint(tmp_path):
+    base, fts, files = _setup(tmp_path)
+    out = tmp_path / "new" / "sub" / "out"
+    result = tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, batch_size=2, output=out)
+    assert Path(result.output) == out and (out / "tiesmerge.json").is_file()
+    assert (tmp_path / "new" / "sub" / "out.adapt-checkpoint.safetensors").is_file()
+
+
+def test_a_failed_run_removes_the_folders_it_made_for_the_checkpoint(tmp_path):
+    base, fts, files = _setup(tmp_path)
+    files[1].write_text(json.dumps({"text": "  "}) + "\n")  # refused when the data is read, after the checks
+    with pytest.raises(ConfigError, match="empty or missing 'text'"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, output=tmp_path / "new" / "sub" / "out")
+    assert not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------ a12: --limit 0
+
+
+def test_adapt_limit_below_one_is_an_option_error(classifiers, tmp_path, capsys):
+    root, base, fts, data = classifiers
+    argv, files = _adapt(classifiers, tmp_path)
+    before = snapshot(root)
+    rc, err = _run([*argv, "--limit", "0", "-o", str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=2, needle="--limit must be a positive number, got 0", output=tmp_path / "out",
+          inputs=root, before=before)
+    assert "holds no examples" not in err
+    (tmp_path / "api").mkdir()
+    base_sd, fts_sd, files_sd = _setup(tmp_path / "api")
+    with pytest.raises(ConfigError, match="limit must be an integer >= 1, got 0"):
+        tiesmerge.adapt(base_sd, fts_sd, files_sd, forward=_forward(), steps=1, limit=0)
+
+
+# ------------------------------------------------------------------ a7: --forward choice on a classifier
+
+
+def test_choice_forward_on_a_classifier_names_the_forward_that_fits(classifiers, tmp_path, capsys):
+    root, base, fts, data = classifiers
+    argv, files = _adapt(classifiers, tmp_path)
+    before = snapshot(root)
+    rc, err = _run([*argv, "--forward", "choice", "-o", str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=2, needle=("needs a causal language model", "BertForSequenceClassification",
+                                      "--forward classifier"), output=tmp_path / "out", inputs=root, before=before)
+    assert "FunctionLogits" not in err and "tensor(s)" not in err, err
+
+
+# ------------------------------------------------------------------ ev3: an evaluator's huge int
+
+
+def test_an_evaluator_returning_a_huge_int_is_its_error(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    (tmp_path / "work" / "big_eval.py").write_text("def score(state):\n    return 10**400\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    before = snapshot(inputs)
+    rc, err = _run(["tune", *cli_flags(b, ms), "--evaluator", "big_eval:score", "--grid", "density=0.5",
+                    "--grid", "lam=1.0"], capsys)
+    check(rc, err, want_rc=1, needle=("big_eval:score", "about 401 digits"), output=None, inputs=inputs,
+          before=before)
+    assert "bug in tiesmerge" not in err, err
+    from tiesmerge.tuning.evaluator import guard
+    with pytest.raises(EvaluatorError, match="cannot be read as a score"):
+        guard(lambda state: 10 ** 5000, "ev")({})
