@@ -26,7 +26,7 @@ import test_hostile_catalogue
 import tiesmerge
 from helpers_ckpt import cli_flags
 from test_adapt_hostile import _forward, _setup
-from test_hostile_catalogue import _run, check, snapshot
+from test_hostile_catalogue import _merge, _run, check, snapshot
 from tiesmerge.errors import ConfigError, EvaluatorError
 
 family = test_hostile_catalogue.family
@@ -160,3 +160,55 @@ def test_an_evaluator_returning_a_huge_int_is_its_error(family, tmp_path, capsys
     from tiesmerge.tuning.evaluator import guard
     with pytest.raises(EvaluatorError, match="cannot be read as a score"):
         guard(lambda state: 10 ** 5000, "ev")({})
+
+
+# ------------------------------------------------------------------ x4/x12c/x13c: no hint at a --stats they lack
+
+
+def _score_evaluator(tmp_path, monkeypatch) -> str:
+    (tmp_path / "work" / "ok_eval.py").write_text("def score(state):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    return "ok_eval:score"
+
+
+@pytest.mark.parametrize("command", ["analyze", "tune", "search"])
+def test_commands_without_stats_never_hint_at_it(family, tmp_path, capsys, monkeypatch, command):
+    inputs, b, ms = family
+    ev = _score_evaluator(tmp_path, monkeypatch)
+    argv = {"analyze": ["analyze", *cli_flags(b, ms), "--method", "fisher", "-o", "r"],
+            "tune": ["tune", *cli_flags(b, ms), "--method", "fisher", "--grid", "epsilon=1e-8", "--evaluator", ev],
+            "search": ["search", *cli_flags(b, ms), "--method", "regmean", "--axis", "alpha", "--grid", "alpha=0.5",
+                       "--evaluator", ev, "--dir", "s"]}[command]
+    before = snapshot(inputs)
+    rc, err = _run(argv, capsys)
+    check(rc, err, want_rc=2, needle=("statistics", "takes no statistics", "tiesmerge merge"), output=None,
+          inputs=inputs, before=before)
+    assert f"{command} --stats" not in err and "pass one --stats" not in err, err
+
+
+def test_merge_and_the_api_keep_their_own_stats_hint(family, capsys, monkeypatch):
+    import tiesmerge.inputs
+
+    inputs, b, ms = family
+    rc, err = _run(_merge(b, ms, "out", "--method", "fisher"), capsys)
+    assert rc == 2 and "pass one --stats DIR per --model" in err, err
+    # a process that ran no command (the CLI sets the option per command, as sizes.shard_size_option)
+    monkeypatch.setattr(tiesmerge.inputs, "stats_option", "stats=")
+    with pytest.raises(ConfigError) as caught:
+        tiesmerge.merge(str(b), [str(m) for m in ms], "fisher")
+    assert "stats=[" in caught.value.hint and "--stats" not in caught.value.hint
+
+
+# ------------------------------------------------------------------ 4l: a grid's size, exactly
+
+
+def test_a_grid_one_point_too_long_says_how_many_exactly(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    ev = _score_evaluator(tmp_path, monkeypatch)
+    before = snapshot(inputs)
+    rc, err = _run(["tune", *cli_flags(b, ms), "--evaluator", ev, "--grid", "lam=0:10:0.0001"], capsys)
+    check(rc, err, want_rc=2, needle="100,001 points, more than the 100,000", output=None, inputs=inputs,
+          before=before)
+    assert "1e+05" not in err, err
+    from tiesmerge.methods.base import steps
+    assert len(steps(0, 9.9999, 0.0001)) == 100_000  # the limit itself is a grid
