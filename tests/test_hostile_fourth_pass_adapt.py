@@ -24,7 +24,7 @@ import pytest
 
 import test_hostile_catalogue
 import tiesmerge
-from helpers_ckpt import cli_flags
+from helpers_ckpt import cli_flags, run_cli
 from test_adapt_hostile import _forward, _setup
 from test_hostile_catalogue import _merge, _run, check, snapshot
 from tiesmerge.errors import ConfigError, EvaluatorError
@@ -212,3 +212,27 @@ def test_a_grid_one_point_too_long_says_how_many_exactly(family, tmp_path, capsy
     assert "1e+05" not in err, err
     from tiesmerge.methods.base import steps
     assert len(steps(0, 9.9999, 0.0001)) == 100_000  # the limit itself is a grid
+
+
+# ------------------------------------------------------------------ dm3: demo has no --force
+
+
+def test_demo_rerun_refusal_never_names_force(tmp_path, capsys):
+    work = tmp_path / "demo"
+    argv = ["demo", "--synthetic", "--params", "0.01", "--workdir", str(work)]
+    rc, err = _run(argv, capsys)
+    assert rc == 0, err
+    added, card = work / "merged-ties" / "results.txt", work / "merged-ties" / "README.md"
+    original = card.read_text()
+    for edit, named in (("added", "results.txt"), ("changed", "README.md")):
+        if edit == "added":
+            added.write_text("keep")
+        else:
+            added.unlink()
+            card.write_text(original + "\nmy notes\n")
+        kept = snapshot(work / "merged-ties")
+        rc, out, err = run_cli(argv, capsys)
+        assert rc == 1 and "Traceback" not in err, err
+        assert "--force" not in err and "the demo would" in err and named in err, err
+        assert snapshot(work / "merged-ties") == kept
+        assert "made the models" not in out, out  # refused before the models were made
