@@ -236,3 +236,62 @@ def test_demo_rerun_refusal_never_names_force(tmp_path, capsys):
         assert "--force" not in err and "the demo would" in err and named in err, err
         assert snapshot(work / "merged-ties") == kept
         assert "made the models" not in out, out  # refused before the models were made
+
+
+# ------------------------------------------------------------------ x1: Ray's session folder is private
+
+
+class _FakeRay:
+    """What RayExecutor calls of ray before any task runs, recording ray.init's arguments."""
+
+    def __init__(self):
+        self.inits: list[dict] = []
+        self.up = False
+
+    def is_initialized(self):
+        return self.up
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        self.up = True
+
+    def cluster_resources(self):
+        return {"CPU": 2}
+
+    def remote(self, fn):
+        return type("Remote", (), {"options": lambda self, **kw: fn})()
+
+    def shutdown(self):
+        self.up = False
+
+
+@pytest.mark.parametrize("user_dir", [False, True])
+def test_a_local_ray_cluster_gets_a_private_temp_dir(tmp_path, monkeypatch, user_dir):
+    import sys
+
+    from tiesmerge import scratch
+    from tiesmerge.tuning.executors import RayExecutor
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(scratch, "_FOLDERS", [])  # this test's folders only (the process's others stay)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    if user_dir:
+        monkeypatch.setenv("RAY_TMPDIR", str(tmp_path / "mine"))
+    else:
+        monkeypatch.delenv("RAY_TMPDIR", raising=False)
+    executor = RayExecutor(workers=1)
+    executor.close()
+    (kwargs,) = fake.inits
+    if user_dir:  # the user's choice of Ray's folder stands
+        assert "_temp_dir" not in kwargs and scratch._FOLDERS == []
+        return
+    folder = Path(kwargs["_temp_dir"])
+    assert folder.parent == tmp_path and folder.name.startswith("tiesmerge-ray-") and folder.is_dir()
+    assert scratch._FOLDERS == [str(folder)]  # removed at exit
+    scratch.remove_private_folders()
+    assert not folder.exists() and list(tmp_path.iterdir()) == []
+    fake.up = False
+    RayExecutor("auto")  # a cluster joined, not started: its folders are the cluster's
+    assert "_temp_dir" not in fake.inits[-1]
