@@ -51,8 +51,9 @@ def test_adapt_dry_run_checks_the_output_as_a_run_does(classifiers, tmp_path, ca
     root, base, fts, data = classifiers
     argv, files = _adapt(classifiers, tmp_path, "--dry-run")
     before = snapshot(root)
-    rc, err = _run([*argv, "-o", str(fts[0])], capsys)
+    rc, out, err = run_cli([*argv, "-o", str(fts[0])], capsys)
     check(rc, err, want_rc=1, needle="model 0", output=None, inputs=root, before=before)
+    assert "coefficients" not in out, out  # refused first, as a run would be: no plan printed before the error
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("the user's own")
