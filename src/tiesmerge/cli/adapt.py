@@ -126,12 +126,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     options = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
     method = make_method(args.method, options)
     if args.dry_run:
+        if args.output:  # the checks a real run makes before any work (nothing is created), refused as a run would be
+            check_adapt_outputs(args.base, args.models, args.data, output=args.output, force=args.force,
+                                checkpoint=args.checkpoint, resume=args.resume)
         print(describe_adapt(args.base, args.models, method, granularity=args.granularity,
                              batch_size=args.batch_size, device=args.device, allow_pickle=args.allow_pickle,
                              vocab_policy=args.vocab_policy))
-        if args.output:  # the checks a real run makes before any work (nothing is created or read but them)
-            check_adapt_outputs(args.base, args.models, args.data, output=args.output, force=args.force,
-                                checkpoint=args.checkpoint, resume=args.resume)
+        if args.output:
             print(f"output           {args.output} (not written: dry run)")
         return 0
     if not args.output:
