@@ -179,6 +179,24 @@ def _check_reference(reference: Checkpoint, alignment: Alignment) -> None:
                 hint="the reference must be fine-tuned from the same base as the models")
 
 
+# How the caller passes statistics, for the hint when a data-aware method has none: the Python API's keyword by
+# default; the command line sets what the running command takes ("--stats": merge; "stats:": validate, a recipe's
+# key; None: analyze, tune, search, adapt take none), so a hint never names an option the command lacks.
+stats_option: str | None = "stats="
+
+
+def _stats_hint(kind: str) -> str:
+    compute = f"compute them with 'tiesmerge stats {kind} --model MODEL --data DATA -o DIR'"
+    if stats_option is None:
+        return (f"this command takes no statistics, so this method cannot run here: choose one that needs none "
+                f"(e.g. ties), or {compute} and merge with 'tiesmerge merge' (one --stats DIR per --model)")
+    if stats_option == "stats=":
+        return f"{compute}, then pass stats=[one directory per model], in the models' order"
+    if stats_option == "stats:":
+        return f"{compute}, then list them in the recipe's stats: (one directory per model, in the models' order)"
+    return f"{compute}, then pass one {stats_option} DIR per --model, in the same order"
+
+
 def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | None, models: list[Checkpoint],
                alignment: Alignment, device: Any, progress: Any) -> tuple[SideInputs | None, list[StatsSource]]:
     """The per-model statistics of a data-aware method (Fisher, RegMean), opened and checked."""
@@ -190,8 +208,7 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
         return None, []
     if not stats:
         raise ConfigError(f"method {method.name!r} needs {spec.kind} statistics of every model",
-                          hint=f"compute them with 'tiesmerge stats {spec.kind} --model MODEL --data DATA -o DIR', "
-                               "then pass one --stats DIR per --model, in the same order (stats=[...] in Python)")
+                          hint=_stats_hint(spec.kind))
     from .stats.files import Statistics, open_stats  # torch: only data-aware methods read statistics
 
     if isinstance(stats, (str, os.PathLike, Mapping, Statistics)):

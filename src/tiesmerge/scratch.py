@@ -9,11 +9,11 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["private_folder_for", "remove_private_folders"]
+__all__ = ["private_folder", "private_folder_for", "remove_private_folders"]
 
 _FOLDERS: list[str] = []
 # "<prefix><pid>-<random>": a folder whose process is dead (a run killed outright) is removed by the next run
-_OURS = re.compile(r"^tiesmerge-(torch|matplotlib)-(\d+)-[A-Za-z0-9_]+$")
+_OURS = re.compile(r"^tiesmerge-(torch|matplotlib|ray)-(\d+)-[A-Za-z0-9_]+$")
 
 
 def private_folder_for(env_var: str, prefix: str) -> None:
@@ -22,10 +22,16 @@ def private_folder_for(env_var: str, prefix: str) -> None:
     first reads the variable."""
     if os.environ.get(env_var):
         return
+    os.environ[env_var] = private_folder(prefix)
+
+
+def private_folder(prefix: str) -> str:
+    """A new temporary folder ``<prefix><pid>-<random>`` (``prefix``: one of ``_OURS``'s), removed when the
+    process exits, for a library that takes its folder as an argument (Ray's ``_temp_dir``)."""
     _remove_stale(tempfile.gettempdir())
     folder = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
     _FOLDERS.append(folder)
-    os.environ[env_var] = folder
+    return folder
 
 
 def _remove_stale(parent: str) -> None:

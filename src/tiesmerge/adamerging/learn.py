@@ -182,8 +182,10 @@ def load_checkpoint(path: Path) -> dict:
     from ..paths import check_input, read_regular
 
     def foreign(why: str) -> ConfigError:
+        # no advice to remove it: it may be anyone's file (a model's weights, a data file), never ours to replace
         return ConfigError(f"{path}: not a checkpoint tiesmerge adapt wrote ({why})",
-                           hint="remove it to start afresh, or name the right --checkpoint")
+                           hint="name this run's checkpoint, or another path to start afresh (tiesmerge leaves this "
+                                "file as it is)")
 
     check_input(path, "the checkpoint", error=ConfigError)
     raw = read_regular(path, "the checkpoint", max_bytes=_CHECKPOINT_MAX_BYTES, error=ConfigError)

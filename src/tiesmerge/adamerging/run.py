@@ -23,6 +23,7 @@ from ..errors import ConfigError, OutputError
 from ..evaluation.forward import TaskForward, as_rows, load_forward
 from ..inputs import Source, as_method, check_output_not_input, prepare
 from ..io.writer import _check_output_path as check_output_path
+from ..io.writer import _remove_empty
 from ..lazy import torch
 from ..methods.base import ChunkContext, MergeMethod, Requirements
 from ..paths import check_output_file, nested
@@ -31,7 +32,7 @@ from .learn import AdaptConfig, History, Merger, combine, is_checkpoint, learn, 
 from .report import summarise, write_report
 from .vectors import _Collect, collect_task_vectors, exposes_task_vectors
 
-__all__ = ["AdaptResult", "LearnedMerge", "adapt", "describe_adapt", "read_task_data"]
+__all__ = ["AdaptResult", "LearnedMerge", "adapt", "check_adapt_outputs", "describe_adapt", "read_task_data"]
 
 PAPER = "https://arxiv.org/abs/2310.02575"  # Yang et al., AdaMerging, ICLR 2024
 
@@ -217,13 +218,13 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     >>> r.coefficients.shape                                                            # doctest: +SKIP
     torch.Size([2, 101])
     """
-    from ..api import merge
-
     started = time.perf_counter()
     config = AdaptConfig(granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,
                          seed=shuffle_seed, clamp=tuple(clamp) if clamp is not None else None,
                          checkpoint_every=checkpoint_every)
     problems = config.problems()
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        problems.append(f"limit must be an integer >= 1, got {limit!r} (the examples used of each data file)")
     if problems:
         raise ConfigError(problems)
     m = as_method(method, method_options)
@@ -233,6 +234,25 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     if len(data) != len(models):
         raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
                           hint="give one unlabeled data file per model, in the models' order")
+    checkpoint, created = check_adapt_outputs(base, models, data, output=output, force=force, checkpoint=checkpoint,
+                                              resume=resume, create=True)
+    try:
+        return _adapt(started, config, m, base, models, data, forward, tasks, heads, choices, limit, max_length, device,
+                      memory_budget, output, force, checkpoint, resume, progress, allow_pickle, vocab_policy)
+    except BaseException:
+        _remove_empty(created)  # the folders made for the default checkpoint, when the run left nothing in them
+        raise
+
+
+def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[Any], *,
+                        output: str | os.PathLike | None, force: bool, checkpoint: str | os.PathLike | None,
+                        resume: bool, create: bool = False) -> tuple[str | os.PathLike | None, list[Path]]:
+    """The checks of what a run writes, before any work (``tiesmerge adapt --dry-run -o`` runs them too): the
+    output and the checkpoint are no input, the output replaces only an earlier output (``force``), the checkpoint
+    lies beside the output, never inside it, and an existing one is replaced only with ``force`` or resumed
+    (``resume``: read now, so a file that is no checkpoint is refused before the training). Returns the checkpoint
+    (the default one beside the output when none is named) and the folders made for it (``create``): the default
+    checkpoint's folder is the output's parent, which the run creates."""
     inputs = [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
               *((f"data file {k}", d) for k, d in enumerate(data) if isinstance(d, (str, os.PathLike)))]
     if output is not None:
@@ -240,15 +260,48 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
         check_output_path(Path(output).absolute(), force)  # before the training, not after it
         if checkpoint is None:
             checkpoint = default_checkpoint(Path(output))
+            folder = Path(os.path.abspath(checkpoint)).parent
+            if not os.path.isdir(folder):
+                # the output's missing parent (checked above, as the output's): nothing can be there yet, and the
+                # output's checks cover it (the checkpoint is inside an input only if the output is)
+                created = [folder, *(p for p in folder.parents if not p.exists())]  # innermost first
+                if create:
+                    try:
+                        folder.mkdir(parents=True)
+                    except OSError as exc:
+                        raise OutputError(f"{output}: cannot create the output's folder {folder} "
+                                          f"({exc.strerror or exc})", hint="choose a location you can write to") \
+                            from None
+                    return checkpoint, created
+                return checkpoint, []
         elif nested(checkpoint, output):  # the finished run writes the output whole (--force: replaces it)
             raise OutputError(f"{checkpoint}: the checkpoint lies at or inside the output directory {output}, which "
                               "the finished run writes as a whole", hint="write the checkpoint beside the output "
                                                                          "(the default), not into it")
     if checkpoint is not None:
-        # written each pass: never over an input, and an existing file only when resuming it or with force
-        if resume and os.path.isfile(checkpoint):
-            load_checkpoint(Path(checkpoint))  # a file that is no checkpoint of ours: say so, as resuming it would
-        check_output_file(checkpoint, force or resume, inputs, "the checkpoint", ours=is_checkpoint)
+        # written each pass: never over an input (checked first: an input is never read as a checkpoint), and an
+        # existing file only when resuming it (a file that is no checkpoint: the error says so) or with force
+        ours = _resumable if resume else is_checkpoint
+        check_output_file(checkpoint, force or resume, inputs, "the checkpoint", ours=ours)
+        if resume and os.path.isfile(checkpoint):  # a link to a file, which check_output_file does not open
+            load_checkpoint(Path(checkpoint))
+    return checkpoint, []
+
+
+def _resumable(path: Path) -> bool:
+    load_checkpoint(path)  # a file that is no checkpoint of ours: say so, as resuming it would
+    return True
+
+
+def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, models: Sequence[Source],
+           data: Sequence[Any], forward: str | TaskForward, tasks: Sequence[str] | None,
+           heads: Mapping[str, Sequence[str]] | None, choices: Mapping[str, Sequence[str]] | None, limit: int | None,
+           max_length: int, device: str, memory_budget: int | str | None, output: str | os.PathLike | None,
+           force: bool, checkpoint: str | os.PathLike | None, resume: bool, progress: bool, allow_pickle: bool,
+           vocab_policy: str) -> AdaptResult:
+    from ..api import merge
+
+    granularity = config.granularity
     task_data = read_task_data(data, tasks, limit=limit)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()

@@ -115,12 +115,20 @@ def _json_mapping(path: str | None, what: str) -> dict[str, list[str]] | None:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from ..adamerging import adapt, describe_adapt  # torch: imported by the command that runs
+    from ..adamerging.run import check_adapt_outputs
     from ..registry import make_method
     from .commands import check_memory_budget
 
+    for flag, value in (("--limit", args.limit), ("--max-length", args.max_length),
+                        ("--checkpoint-every", args.checkpoint_every)):
+        if value is not None and value < 1:  # an option's value, not the data file's fault
+            raise ConfigError(f"{flag} must be a positive number, got {value}")
     options = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
     method = make_method(args.method, options)
     if args.dry_run:
+        if args.output:  # the checks a real run makes before any work (nothing is created), refused as a run would be
+            check_adapt_outputs(args.base, args.models, args.data, output=args.output, force=args.force,
+                                checkpoint=args.checkpoint, resume=args.resume)
         print(describe_adapt(args.base, args.models, method, granularity=args.granularity,
                              batch_size=args.batch_size, device=args.device, allow_pickle=args.allow_pickle,
                              vocab_policy=args.vocab_policy))

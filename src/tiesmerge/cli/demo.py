@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ..api import describe_plan, merge, plan_merge
 from ..errors import OutputError
 from ..methods import Average, TaskArithmetic, Ties
+from ..paths import check_output_location
 from ..sizes import format_size
 
 __all__ = ["synthetic_llama_shapes", "make_demo_models", "run_demo"]
@@ -124,6 +125,27 @@ def _skill_kept(merged: dict[str, torch.Tensor], base_dir: Path, skills: dict[st
     return sum(kept) / len(kept), off / max(total, 1e-30)
 
 
+METHODS = (("ties  (density 0.2, lam 1.0)", Ties()), ("task_arithmetic (lam 0.4)", TaskArithmetic()),
+           ("average", Average()))
+
+
+def _as_demo(exc: OutputError) -> OutputError:
+    """A refusal to replace a merged model of an earlier demo, worded for the demo, which replaces them on each
+    run and has no --force: the same reason, the demo named where the check names --force."""
+    hint = exc.hint.replace("choose another path", "choose another --workdir") if exc.hint else None
+    return OutputError(exc.message.replace("--force (force=True)", "the demo").replace("--force", "the demo"),
+                       hint=hint)
+
+
+def _check_merged_outputs(root: Path) -> None:
+    """Each merged model the demo will replace, checked before the models are made (not after)."""
+    for _, method in METHODS:
+        try:
+            check_output_location(root / f"merged-{method.name}", True)
+        except OutputError as exc:
+            raise _as_demo(exc) from None
+
+
 def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tiesmerge-demo-"))
     needed = int(million_params * 1e6 * 2 * (1 + len(TASKS) + 3))  # bf16: the base, the fine-tunes, three merges
@@ -134,6 +156,7 @@ def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
         raise OutputError(f"{root}: the demo's models need {format_size(needed)} but only {format_size(free)} is free "
                           "there", hint="a smaller --params, or a --workdir on a larger disk")
     try:
+        _check_merged_outputs(root)
         print(f"tiesmerge demo: {len(TASKS)} synthetic fine-tunes ({', '.join(TASKS)}) of a "
               f"~{million_params:g}M-parameter Llama-shaped bf16 model, in {root}")
         t0 = time.perf_counter()
@@ -149,12 +172,13 @@ def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
         for f in sorted(base_dir.glob("*.safetensors")):
             base_state.update(load_file(str(f)))
         rows = []
-        for label, method in (("ties  (density 0.2, lam 1.0)", Ties()),
-                              ("task_arithmetic (lam 0.4)", TaskArithmetic()),
-                              ("average", Average())):
+        for label, method in METHODS:
             out = root / f"merged-{method.name}"
             t0 = time.perf_counter()
-            merge(base_dir, model_dirs, method, output=out, force=True)
+            try:
+                merge(base_dir, model_dirs, method, output=out, force=True)
+            except OutputError as exc:  # a file added while the demo ran: the same refusal, in the demo's words
+                raise _as_demo(exc) from None
             seconds = time.perf_counter() - t0
             merged: dict[str, torch.Tensor] = {}
             for f in sorted(out.glob("*.safetensors")):

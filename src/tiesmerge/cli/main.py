@@ -301,9 +301,10 @@ def main(argv: list[str] | None = None) -> int:
                                    hint="cd into an existing folder and run again"), args.debug)
     previous = _terminate_like_interrupt()
     _private_torch_cache()
-    from .. import sizes
+    from .. import inputs, sizes
 
     sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
+    inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: the command has none
     try:
         _resolve_repo_ids(args)
         return HANDLERS[args.command](args)

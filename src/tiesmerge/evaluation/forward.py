@@ -251,6 +251,22 @@ def _architectures(model_dir: Path) -> list[str]:
     return [str(a) for a in config.get("architectures") or []] if isinstance(config, dict) else []
 
 
+def _check_causal_lm(model_dir: Path) -> None:
+    """The choice forward scores answers with a causal LM: a model whose config names only other architectures
+    (e.g. a ``BertForSequenceClassification``) is refused, saying which forward fits it (no architectures: let
+    transformers decide)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    archs = _architectures(model_dir)
+    causal = {name for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in ((v,) if isinstance(v, str) else v)}
+    if not archs or any(a in causal or a.endswith("ForCausalLM") for a in archs):
+        return
+    fits = ("--forward classifier fits it" if any(a.endswith("ForSequenceClassification") for a in archs)
+            else "--forward encoder (with --heads) may fit it")
+    raise ConfigError(f"{model_dir}: the choice forward needs a causal language model, and this model is a "
+                      f"{', '.join(archs)}", hint=f"{fits}; --forward choice is for models such as *ForCausalLM")
+
+
 def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str, Sequence[str]] | None = None,
                  choices: Mapping[str, Sequence[str]] | None = None, max_length: int = 128,
                  device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -292,6 +308,7 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         built = {task: build_head(encoder, list(desc)) for task, desc in heads.items()}
         forward = EncoderHeadLogits(encoder, built)
     else:
+        _check_causal_lm(model_dir)  # before loading: transformers would build a causal LM of a classifier's body
         tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
         model = from_pretrained(AutoModelForCausalLM, model_dir).to(device)
         forward = ChoiceLogits(model, tokenizer, choices=choices, max_length=max_length)

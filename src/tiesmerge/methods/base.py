@@ -408,10 +408,13 @@ def steps(start: float, stop: float, step: float) -> tuple[float, ...]:
         raise ConfigError(f"{bounds}: the step leads away from stop (the grid would be empty); "
                           "a falling grid takes a negative step")
     count = (stop - start) / step + 1  # counted before anything is built: 0:1e9:1e-9 would be 1e18 points
-    if not count <= MAX_AXIS_POINTS:  # inf (0:1e308:1e-308) too
-        raise ConfigError(f"{bounds}: {count:.3g} points, more than the {MAX_AXIS_POINTS:,} a grid axis may hold",
+    points = round(count) if count < 1e15 else None  # the grid's length, as built below; None: far too many
+    if points is None or points > MAX_AXIS_POINTS:  # inf (0:1e308:1e-308) too
+        # exact below 1e15 (100,001 must not read "1e+05", as if it were the limit)
+        shown = f"{points:,}" if points is not None else f"about {count:.3g}" if math.isfinite(count) else "inf"
+        raise ConfigError(f"{bounds}: {shown} points, more than the {MAX_AXIS_POINTS:,} a grid axis may hold",
                           hint="use a larger step")
-    return tuple(round(start + i * step, 6) for i in range(round(count)))
+    return tuple(round(start + i * step, 6) for i in range(points))
 
 
 def method_config(cls: type) -> type:

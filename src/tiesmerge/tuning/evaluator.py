@@ -51,7 +51,14 @@ class GuardedEvaluator:
         if isinstance(score, bool) or not isinstance(score, (int, float)) and not _is_scalar(score):
             raise EvaluatorError(f"{self.label}: returned {str(score)[:80]!r} ({type(score).__name__}), not a number",
                                  hint="the evaluator must return a validation score, higher is better")
-        value = float(score)
+        try:
+            value = float(score)
+        except (OverflowError, ValueError, TypeError) as exc:  # an int past float's range (10**400)
+            shown = (f"an integer of about {int(score.bit_length() * math.log10(2)) + 1:,} digits"
+                     if isinstance(score, int) else str(score)[:80])
+            raise EvaluatorError(f"{self.label}: returned {shown}, which cannot be read as a score ({exc})",
+                                 hint="the evaluator must return a validation score (a float), higher is better"
+                                 ) from None
         if self.finite and not math.isfinite(value):
             raise EvaluatorError(f"{self.label}: returned {value}, not a finite number",
                                  hint="the evaluator must return a validation score, higher is better")

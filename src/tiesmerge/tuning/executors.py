@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, TiesMergeError
+from ..scratch import private_folder
 from .candidates import Candidate, Evaluator, Job, better, candidate_state, merged_delta, score_state
 
 __all__ = ["Executor", "LocalExecutor", "RayExecutor", "ray_available"]
@@ -178,6 +179,10 @@ class RayExecutor:
             if address:
                 ray.init(address=address, **kwargs)
             else:
+                if not os.environ.get("RAY_TMPDIR"):  # the user's choice of Ray's folder stands
+                    # the local cluster's session folder (logs, sockets, ports): private, removed at exit, never
+                    # left in $TMPDIR/ray (README, Safety)
+                    kwargs["_temp_dir"] = private_folder("tiesmerge-ray-")
                 ray.init(num_cpus=workers * cpus_per_task, include_dashboard=False, **kwargs)
             self._owned = True
         if gpus_per_task is None:  # one GPU per task where the cluster has GPUs
