@@ -21,7 +21,7 @@ import errno
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -419,18 +419,22 @@ def listing(directory: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
+def _markers(directory: Path) -> Iterator[dict]:
+    """The contents of every output marker in ``directory`` (read with the limited reader)."""
+    import json
+
+    for name in OUTPUT_MARKERS:
+        if _is_marker(directory / name):
+            yield json.loads(read_regular(directory / name, "the output marker", max_bytes=_MARKER_MAX_BYTES,
+                                          error=OutputError))
+
+
 def unlisted_files(directory: Path) -> list[str] | None:
     """The entries of a tiesmerge output that none of its markers lists as written: files a user
     added (or renamed) since, which ``--force`` must not delete. None when no marker holds a listing
     (an output of an older tiesmerge, or a marker copied from one): nothing can be told apart."""
-    import json
-
     written: set[str] | None = None
-    for name in OUTPUT_MARKERS:
-        if not _is_marker(directory / name):
-            continue
-        data = json.loads(read_regular(directory / name, "the output marker", max_bytes=_MARKER_MAX_BYTES,
-                                       error=OutputError))
+    for data in _markers(directory):
         listed = data.get(WRITTEN_FIELD)
         if isinstance(listed, list) and all(isinstance(x, str) for x in listed):
             written = (written or set()) | set(listed)
@@ -443,14 +447,8 @@ def changed_files(directory: Path) -> list[str]:
     """The files of a tiesmerge output whose size or modification time differs from what its markers
     recorded when the output was finished: a user's edits, which ``--force`` must not discard. A file
     removed since is not listed (nothing of the user's is in it); outputs without stamps give []."""
-    import json
-
     changed: set[str] = set()
-    for name in OUTPUT_MARKERS:
-        if not _is_marker(directory / name):
-            continue
-        data = json.loads(read_regular(directory / name, "the output marker", max_bytes=_MARKER_MAX_BYTES,
-                                       error=OutputError))
+    for data in _markers(directory):
         stamps = data.get(STAMPS_FIELD)
         if not isinstance(stamps, dict):
             continue
