@@ -276,3 +276,36 @@ def test_validate_lists_every_input_problem_at_once(family, capsys):
     rc, err = _run(["validate", str(recipe)], capsys)
     assert rc == 1 and "3 problems with the inputs" in err, err
     assert "/nope/b" in err and "damaged" in err and "listed twice" in err and "Traceback" not in err, err
+
+
+def test_a_density_that_keeps_no_entry_merges_the_base_with_a_warning(tmp_path, capsys, monkeypatch):
+    """Pass 4's 5d2: ``--density 1e-9`` on a small model keeps nothing, so the merge is the base. k = 0 is defined
+    that way (the trim keeps nothing), so it runs, but the CLI says so in one ``warning:`` line with the density that
+    keeps an entry, and the API issues a MergeWarning."""
+    from safetensors.torch import load_file
+
+    from tiesmerge import merge
+    from tiesmerge.errors import MergeWarning
+
+    inputs = tmp_path / "inputs"
+    base = {"w": torch.zeros(8, 8), "b": torch.zeros(8)}
+    b = write_hf_dir(inputs / "base", base)
+    ms = [write_hf_dir(inputs / f"ft{k}", {"w": torch.randn(8, 8), "b": torch.randn(8)}) for k in range(2)]
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "ties", "--density", "1e-9"), capsys)
+    assert rc == 0, err
+    assert err.count("warning:") == 1 and "keeps no entry of any tensor" in err and "0.0139" in err, err
+    assert "Traceback" not in err and "MergeWarning" not in err and ".py:" not in err, err
+    merged = load_file(next((tmp_path / "out").glob("*.safetensors")))
+    assert all(torch.equal(merged[k], base[k]) for k in base)
+    assert snapshot(inputs) == before
+
+    # the density suggested keeps one entry of the largest scope (the paper's global one: all 72 entries)
+    rc, err = _run(_merge(b, ms, tmp_path / "out2", "--method", "ties", "--density", "0.0139"), capsys)
+    assert rc == 0 and "warning:" not in err, err
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        with pytest.raises(MergeWarning, match="keeps no entry"):
+            merge(b, ms, "ties", density=1e-9)

@@ -16,6 +16,7 @@ __all__ = [
     "EvaluatorError",
     "InternalError",
     "TrainingError",
+    "MergeWarning",
 ]
 
 
@@ -73,3 +74,11 @@ class InternalError(TiesMergeError):
 
 class TrainingError(TiesMergeError):
     """Learning merge coefficients failed (``tiesmerge adapt``): a loss that is not finite."""
+
+
+class MergeWarning(UserWarning):
+    """The merge runs, but probably not as meant (e.g. a density that keeps no entry: the output is the base).
+
+    The CLI prints ``warning: <message>``; the Python API issues it through :mod:`warnings`, so
+    ``warnings.simplefilter("error", MergeWarning)`` turns it into an exception.
+    """

@@ -13,10 +13,12 @@ import re
 import signal
 import sys
 import traceback
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from ..errors import ConfigError, InternalError, TiesMergeError
+from ..errors import ConfigError, InternalError, MergeWarning, TiesMergeError
 from ..io.align import VOCAB_POLICIES
 from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES
@@ -305,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
     inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: the command has none
+    shown_before = warnings.showwarning
+    warnings.showwarning = _warning_printer(shown_before)
     try:
         _resolve_repo_ids(args)
         return HANDLERS[args.command](args)
@@ -333,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "
                                           "and report it"), args.debug)
     finally:
+        warnings.showwarning = shown_before
         for signum, handler in previous.items():
             if handler is not None:  # None: a handler set outside Python, which cannot be put back from here
                 signal.signal(signum, handler)
@@ -378,6 +383,20 @@ def _is_stdout_error(exc: OSError) -> bool:
     import errno
 
     return exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EIO, errno.EBADF, errno.EDQUOT)
+
+
+def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command's duration: tiesmerge's own warnings as ``warning: ...`` lines on
+    stderr (no source line, no Python location), others as Python shows them."""
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if issubclass(category, MergeWarning):
+            print(f"warning: {terminal_safe(str(message))}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+
+    return show
 
 
 def _report(exc: TiesMergeError, debug: bool) -> int:

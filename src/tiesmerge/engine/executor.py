@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from ..dtypes import DType, as_dtype
+from ..errors import MergeWarning
 from ..finite import check_finite
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
@@ -115,6 +117,28 @@ class _Scope:
     masks: np.ndarray | None = None  # (n, E) uint8: the exact-k trim of a whole tensor, for the fused merge
 
 
+def _warn_if_trim_keeps_nothing(req: Requirements, alignment: Alignment, n: int, method: str) -> None:
+    """A density so small that the trim keeps no entry of any scope makes the merge the base itself. That is the
+    definition (k = 0 keeps nothing), so it runs, but never silently: ``--density 1e-6`` on a small model is a slip."""
+    if req.trim is None or req.exact_k:  # mergekit's exact k keeps at least one entry per tensor
+        return
+    sizes = [j.numel for j in alignment.jobs if j.merge]
+    if not sizes:
+        return
+    largest = sum(sizes) if req.scope == "global" else max(sizes)
+    if largest and not any(req.trim.keep_counts(largest, n)):
+        warnings.warn(MergeWarning(
+            f"{method}: the density keeps no entry of any tensor (the largest trim scope holds {largest:,} entries), "
+            f"so the merge is the base itself; a density of at least {_rounded_up(1 / largest):.3g} keeps one entry"),
+            stacklevel=3)
+
+
+def _rounded_up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits: the density suggested is never just below the one needed."""
+    unit = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / unit) * unit
+
+
 class Executor:
     def __init__(self, inputs: EngineInputs, alignment: Alignment, method: MergeMethod, *,
                  device: str | torch.device = "cpu", memory_budget: int = parse_size(DEFAULT_MEMORY_BUDGET),
@@ -144,6 +168,7 @@ class Executor:
         self.plan: Plan = make_plan(alignment, self.n, self.req, memory_budget=memory_budget, out_dtype=out_dtype,
                                     fused=self._fused_merge, extra_inputs=extra_inputs,
                                     extra_bytes_per_entry=extra_bytes)
+        _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
             self.plan = side.adjust_plan(self.plan)
