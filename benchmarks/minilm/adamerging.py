@@ -187,6 +187,21 @@ def _run_py_evals(models: list[Path], test_limit: int) -> dict:
     return {}
 
 
+def _times(rows: list[dict]) -> str:
+    """Seconds per step and per run of each method, as ranges over its runs (the machine's load varied)."""
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        if "seconds_per_step" in r:
+            by.setdefault(r["method"], []).append(r)
+    parts = []
+    for method, runs in by.items():
+        steps = [r["seconds_per_step"] for r in runs]
+        runs_s = [r["seconds"] for r in runs]
+        parts.append(f"{method} {min(steps):.1f}-{max(steps):.1f} s/step, {min(runs_s):.0f}-{max(runs_s):.0f} s a run "
+                     f"({len(runs)} runs)")
+    return "; ".join(parts)
+
+
 def _fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
@@ -291,10 +306,9 @@ def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
     lines += ["", "## Steps and time", "",
               "A step is one forward and backward pass of a batch of every task (8 tasks) through the merged "
               "encoder, plus one pass over the 8 task vectors to build θ(λ) and one to send the gradient back to "
-              "λ. Measured here (2 CPU cores shared with the other sessions' jobs, load average 12-21; torch "
-              f"threads {args.threads}): "
-              + ", ".join(f"{r['method']} ({r['variant']}, seed {r['seed']}) {r['seconds_per_step']} s/step, "
-                          f"{r['seconds']:.0f} s for the run" for r in rows if "seconds_per_step" in r) + ". "
+              "λ. Measured here (2 CPU cores shared with the other sessions' jobs, load average 3-21; torch "
+              f"threads {args.threads}), per method over its runs (seeds and input variants): "
+              + _times(rows) + ". "
               "A first probe at the paper's batch of 16 took 64-72 s/step on the loaded machine (about 2 CPU-s "
               "per task and step; the process got a quarter of a core), so the paper's 500 steps would take 9-10 "
               f"hours a run. Chosen instead: **{args.steps} steps at batch {args.batch_size} with lr {args.lr}**, "
@@ -302,7 +316,7 @@ def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
               f"{args.lr * args.steps:g} here; Adam moves each coefficient by at most ~lr a step), on "
               f"{args.steps * args.batch_size} unlabeled inputs per task instead of 8,000. "
               "On an idle 2-core machine a step takes a few seconds; on a GPU, milliseconds.",
-              "", "Not run in this session (CPU time): " + ("; ".join(missing) if missing else "nothing") + ".",
+              *(["", "Not run in this session (CPU time): " + "; ".join(missing) + "."] if missing else []),
               "", f"Hardware: {json.dumps(hardware())}. Stage seconds: {json.dumps(seconds)}."]
     (args.out / "adamerging.md").write_text("\n".join(lines) + "\n")
 

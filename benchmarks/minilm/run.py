@@ -107,6 +107,9 @@ def parse_args() -> argparse.Namespace:
                    help="train nothing: a seed whose models are not all cached is left out (and said so)")
     p.add_argument("--data-aware", nargs="*", default=["regmean", "fisher"], choices=["regmean", "fisher"],
                    help="which statistics-based rows to compute (none: --data-aware with no value)")
+    p.add_argument("--adamerging", type=Path, default=RESULTS / "adamerging.json",
+                   help="learned coefficients (adamerging.py's JSON) evaluated here as AdaMerging rows; a missing "
+                        "file adds none")
     p.add_argument("--stats-examples", type=int, default=256,
                    help="validation examples per task for the Gram matrices (RegMean) and the Fisher")
     p.add_argument("--fisher-examples", type=int, default=None,
@@ -240,6 +243,44 @@ def data_aware_rows(bench: Bench, table: SeedTable, plans, choices: dict, search
         log(f"seed {seed} {row.name} (validation): {_mean(accuracy):.4f}")
 
 
+def learned_rows(bench: Bench, table: SeedTable) -> None:
+    """AdaMerging rows: the coefficients adamerging.py learned for this seed's models (its JSON), merged here and
+    evaluated on this table's test examples, so the rows compare with the others (adamerging.md scores them on
+    its own, smaller test slice). The coefficients are stored to 4 decimals; the row is that merge."""
+    from adamerging import VARIANTS, VECTORS
+
+    from tiesmerge.adamerging import LearnedMerge
+
+    path = bench.args.adamerging
+    if path is None or not path.is_file():
+        return
+    import torch
+    from safetensors import safe_open
+
+    b, seed = bench, bench.seed
+    with safe_open(str(next(b.base.glob("*.safetensors"))), "pt") as f:
+        names = list(f.keys())
+    for r in json.loads(path.read_text())["rows"]:
+        c = r.get("coefficients")
+        if r["seed"] != seed or not c or c["tasks"] != b.tasks:
+            continue
+        inner_name, options = VECTORS[r["vectors"]][0], VECTORS[r["vectors"]][1]
+        inner = make_method(r["vectors"], options)
+        layers = c["layers"] if r["granularity"] == "layer" else names
+        values = torch.tensor(c["values"], dtype=torch.float32)  # (T, L) or (T, 1)
+        learned = LearnedMerge.of(inner, values, layers, r["granularity"], "adamerging_coefficients.json")
+        digest = hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:12]
+        accuracy = b.cache.get(f"learned:{r['method']}:{r['variant']}:{digest}", lambda learned=learned: (
+            b.evaluate_state(tiesmerge.merge(b.base, b.models, learned, device=b.args.device), b.test)))
+        on_validation = r["variant"] == VARIANTS["val"]
+        row = table.row(f"{r['method']} on {'validation' if on_validation else 'test'} inputs, unlabeled",
+                        validation=on_validation)
+        s = r["settings"]
+        row.note = f"{s['steps']} Adam steps, lr {s['lr']}, batch {s['batch_size']}; adamerging.md"
+        row.per_seed[seed] = accuracy
+        log(f"seed {seed} {row.name}: {_mean(accuracy):.4f} ({inner_name})")
+
+
 def _mean(accuracy: dict[str, float]) -> float:
     return sum(accuracy.values()) / len(accuracy)
 
@@ -288,6 +329,9 @@ def main() -> None:
         reference_rows(bench, table)
         method_rows(bench, table, plans, choices, searches)
         seconds[f"seed{seed}:merges"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        learned_rows(bench, table)
+        seconds[f"seed{seed}:adamerging_rows"] = time.perf_counter() - clock
         if any(p.name in args.data_aware and not p.skip for p in plans):
             clock = time.perf_counter()
             data_aware_rows(bench, table, plans, choices, searches)
