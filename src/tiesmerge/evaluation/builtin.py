@@ -173,12 +173,12 @@ class ChoiceAccuracy(_Scorer):
                                             device=_device(self.device))
 
 
-def _lm_loader(model_dir: Path) -> torch.nn.Module:
+def _lm_loader(model_dir: Path, **kwargs: Any) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    config = AutoConfig.from_pretrained(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, **kwargs)
     loader = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    return loader.from_pretrained(model_dir)
+    return loader.from_pretrained(model_dir, **kwargs)
 
 
 @dataclass

@@ -112,12 +112,17 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     loader = AutoModelForSequenceClassification if classifier else AutoModel
     model = from_pretrained(loader, model_dir).to(device)
     tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
+    padding = "right, with the tokenizer's pad token"
+    if tokenizer.pad_token_id is None:
+        # Llama/GPT tokenizers have none. Any stand-in would be read by a classifier's pooling (it finds the last
+        # real token by the pad id), so each example goes alone: exact, only slower
+        batch_size, padding = 1, "none: the tokenizer has no pad token, so one example per batch"
     batches = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         pairs = [r["text_pair"] for r in chunk] if all("text_pair" in r for r in chunk) else None
-        batch: dict[str, Any] = dict(tokenizer([r["text"] for r in chunk], pairs, padding=True, truncation=True,
-                                               max_length=max_length, return_tensors="pt"))
+        batch: dict[str, Any] = dict(tokenizer([r["text"] for r in chunk], pairs, padding=batch_size > 1,
+                                               truncation=True, max_length=max_length, return_tensors="pt"))
         if all(isinstance(r.get("label"), int) for r in chunk):
             batch["labels"] = torch.tensor([r["label"] for r in chunk])
         batches.append({k: v.to(device) for k, v in batch.items()})
@@ -132,5 +137,6 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     else:
         stats = gram_matrices(model, batches, lambda m, b: m(**inputs(b)),
                               token_mask=lambda b: b["attention_mask"].bool(), progress=progress, model=model_dir)
-    stats.manifest.options.update({"data": str(data), "max_length": max_length, "batch_size": batch_size})
+    stats.manifest.options.update({"data": str(data), "max_length": max_length, "batch_size": batch_size,
+                                   "padding": padding})
     return stats
