@@ -12,13 +12,16 @@ import io
 import json
 import shutil
 import sys
+import warnings
 
 import pytest
 import torch
 
-from helpers_ckpt import run_cli
-from test_hostile_catalogue import snapshot
+import test_hostile_catalogue
+from helpers_ckpt import cli_flags, run_cli
+from test_hostile_catalogue import _merge, check, snapshot
 
+family = test_hostile_catalogue.family
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -88,3 +91,94 @@ def test_stats_on_a_tokenizer_without_a_pad_token_runs_one_example_per_batch(tmp
     assert "no pad token" not in (tmp_path / "st_padded" / "tiesmerge_stats.json").read_text()
     assert snapshot(inputs) == before
     shutil.rmtree(tmp_path / "st")
+
+
+# ------------------------------------------------------------------ a model named by a method option is an input
+
+
+def _earlier_merge(b, ms, ref, capsys):
+    rc, _, err = run_cli(_merge(b, ms, ref), capsys)
+    assert rc == 0, err
+    return ref
+
+
+@pytest.mark.parametrize("command", ["analyze", "search"])
+def test_a_reference_model_named_by_an_option_is_never_replaced(family, tmp_path, capsys, command):
+    """Pass 5's an34: `analyze --method ties:sign_from=X -o X --force` deleted the model X the merge had just read
+    (merge refused it; analyze and search --set did not know that the option names an input)."""
+    inputs, b, ms = family
+    ref = _earlier_merge(b, ms, tmp_path / "ref", capsys)
+    before = snapshot(ref)
+    (tmp_path / "my_eval_ref.py").write_text("def score(state):\n    return 0.5\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        argv = {"analyze": ["analyze", *cli_flags(b, ms), "--method", f"ties:sign_from={ref}", "--no-progress"],
+                "search": ["search", *cli_flags(b, ms), "--evaluator", "my_eval_ref:score", "--grid", "lam=1",
+                           "--set", f"sign_from={ref}", "--dir", str(tmp_path / "s")]}[command]
+        rc, _, err = run_cli([*argv, "-o", str(ref), "--force"], capsys)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert rc != 0 and "reference model (sign_from)" in err and "Traceback" not in err, err
+    assert snapshot(ref) == before
+    assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------ values no path or float32 can hold
+
+
+def test_nul_bytes_and_empty_paths_in_recipes_are_named(family, tmp_path, capsys):
+    inputs, b, ms = family
+    cases = {"nul.yaml": (f'method: ties\nbase: {b}\nmodels: [{ms[0]}, "{ms[1]}\\0x"]\n', "NUL byte"),
+             "mk.yaml": (f'merge_method: ties\nbase_model: {b}\nmodels:\n  - model: "{ms[0]}\\0"\n'
+                         f'    parameters: {{density: 0.5, weight: 1}}\n  - model: {ms[1]}\n'
+                         f'    parameters: {{density: 0.5, weight: 1}}\n', "NUL byte"),
+             "empty_model.yaml": (f'method: ties\nbase: {b}\nmodels: ["", {ms[1]}]\n', "models[0] is empty"),
+             "empty.yaml": ("", "an empty file")}
+    for name, (text, needle) in cases.items():
+        (tmp_path / name).write_text(text)
+        before = snapshot(inputs)
+        for command in (["merge", str(tmp_path / name), "-o", str(tmp_path / "out"), "--no-progress"],
+                        ["validate", str(tmp_path / name)]):
+            rc, _, err = run_cli(command, capsys)
+            check(rc, err, want_rc=2, needle=(needle, "hint:"), output=tmp_path / "out", inputs=inputs,
+                  before=before)
+
+
+def test_the_api_names_a_source_that_is_no_model(tmp_path):
+    from tiesmerge import merge
+    from tiesmerge.errors import CheckpointError, ConfigError
+
+    dense = [{"w": torch.zeros(2, 2)}, {"w": torch.ones(2, 2)}]
+    with pytest.raises(ConfigError, match="base is a NoneType"):
+        merge(None, dense, "ties")
+    with pytest.raises(ConfigError, match="NUL byte"):
+        merge("a\0b", dense, "ties")
+    with pytest.raises(CheckpointError, match="sparse_coo layout"):
+        merge({"w": torch.zeros(2, 2).to_sparse()}, dense, "ties")
+
+
+@pytest.mark.parametrize("extra", [["--weights", "1e39", "1e39"], ["--lam", "1e39"],
+                                   ["--weights", "1e308", "1e308", "--dtype", "float64"]])
+def test_option_values_past_float32_are_refused_before_the_merge(family, tmp_path, capsys, extra):
+    """Pass 5's f3: weights past float32's range were cast with a numpy RuntimeWarning, then failed as an overflow
+    of the merged values; every merge computes in float32, so such a value is refused as an option."""
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    method = "task_arithmetic" if "--weights" in extra else "ties"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--method", method, *extra), capsys)
+    check(rc, err, want_rc=2, needle=("at most 3.4e38",), output=tmp_path / "out", inputs=inputs, before=before)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+# ------------------------------------------------------------------ what reaches the terminal
+
+
+def test_success_lines_escape_control_characters_and_newlines_of_names(family, tmp_path, capsys):
+    inputs, b, ms = family
+    out = tmp_path / "o\x1b[2J\x1b[31mRED\nerror: forged"
+    rc, stdout, err = run_cli(_merge(b, ms, out), capsys)
+    assert rc == 0, err
+    assert "\x1b" not in stdout and "\\x1b[2J" in stdout, stdout
+    assert not any(line.startswith("error:") for line in stdout.splitlines()), stdout

@@ -28,6 +28,7 @@ from .inputs import (
     check_inputs,
     check_output_not_input,
     device_of,
+    method_inputs,
     open_models,
     prepare,
     resolve_sources,
@@ -338,10 +339,11 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                                 **({"curve": tuple(curve)} if curve is not None else {}))
     settings.check(len(models))
     device_t, budget = device_of(device), budget_of(memory_budget)
-    if output is not None:
-        check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models))])
-        check_output_path(Path(output).absolute(), force)  # fail before the passes, not after them
     extra = [(spec if isinstance(spec, str) else spec.name, method_of_spec(spec)) for spec in methods]
+    if output is not None:  # the models the methods name (sign_from) are inputs too
+        check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
+                                        *(i for _, m in extra for i in method_inputs(m))])
+        check_output_path(Path(output).absolute(), force)  # fail before the passes, not after them
     with ExitStack() as stack:
         merged: list[tuple[str, Checkpoint]] = []
         if extra:  # each extra method's merge, float32, read back beside the models in the statistics pass

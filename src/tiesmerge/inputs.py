@@ -61,9 +61,23 @@ def _identity(source: Any) -> Any:
     return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(os.path.realpath(source)))
 
 
+def _check_source(role: str, source: Any) -> None:
+    """A model is a path (str or os.PathLike) or a state dict; a path holds no NUL byte (no file system takes one)."""
+    if not isinstance(source, (str, os.PathLike, Mapping)):
+        raise ConfigError(f"{role} is a {type(source).__name__}, not a path or a state dict",
+                          hint="pass a model directory, a .safetensors file or a {name: tensor} mapping")
+    if isinstance(source, str) and not source.strip():
+        raise ConfigError(f"{role} is an empty path", hint="give the model's directory or file")
+    if not isinstance(source, Mapping) and "\0" in os.fspath(source):
+        raise ConfigError(f"{role}: the path {os.fspath(source)!r} holds a NUL byte, which no file name can",
+                          hint="fix the path (in a YAML recipe, a \\0 escape writes one)")
+
+
 def check_inputs(base: Any, models: Sequence[Any]) -> None:
     if isinstance(models, (str, os.PathLike, Mapping)) or not len(models):
         raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
+    for role, source in (("base", base), *((f"models[{k}]", m) for k, m in enumerate(models))):
+        _check_source(role, source)
     seen: dict[Any, int] = {}
     base_id = _identity(base)
     for k, m in enumerate(models):
@@ -76,6 +90,28 @@ def check_inputs(base: Any, models: Sequence[Any]) -> None:
                               f"{m if not isinstance(m, Mapping) else 'the same state dict object'}",
                               hint="each fine-tuned model should appear once; use weights to count one more")
         seen[ident] = k
+
+
+def option_inputs(method: str | type, options: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """The models a method's options name (e.g. TIES' ``sign_from``): inputs too, which no output may replace.
+    ``options``: option -> value, or -> the values a grid tries."""
+    from .methods.base import ModelPath, option_types
+    from .registry import method_class
+
+    types = option_types(method_class(method) if isinstance(method, str) else method)
+    found = []
+    for name, value in options.items():
+        if types.get(name) is ModelPath:
+            values = value if isinstance(value, (list, tuple)) else (value,)
+            found += [(f"the reference model ({name})", v) for v in values if isinstance(v, (str, os.PathLike))]
+    return found
+
+
+def method_inputs(method: Any) -> list[tuple[str, Any]]:
+    """The models a configured method reads beside the base and the task models (its ModelPath options)."""
+    import dataclasses
+
+    return option_inputs(type(method), {f.name: getattr(method, f.name) for f in dataclasses.fields(method)})
 
 
 def check_output_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]]) -> None:

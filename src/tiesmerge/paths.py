@@ -58,6 +58,8 @@ def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = Ch
     """``path`` with every link followed (it must exist): typed errors for loops and dangling links."""
     try:
         return Path(os.path.realpath(path, strict=True))
+    except ValueError:  # an embedded NUL byte: no file system takes one
+        raise error(f"{os.fspath(path)!r}: the path of {what} holds a NUL byte", hint="fix the path") from None
     except (OSError, RuntimeError) as exc:  # RuntimeError: pathlib's own loop detection
         code = getattr(exc, "errno", None)
         if code == errno.ELOOP or isinstance(exc, RuntimeError):

@@ -280,6 +280,24 @@ def load_recipe(path: str | os.PathLike) -> MergeRecipe:
     return recipe_from_dict(read_recipe_data(path), source=str(path))
 
 
+def _check_strings(data: Any, path: Path, where: str = "") -> None:
+    """No value holds a NUL byte (a YAML ``\\0`` escape: no path or name can), and no model path is empty (it
+    would be read as the recipe's own folder)."""
+    if isinstance(data, dict):
+        for k, v in data.items():
+            _check_strings(v, path, f"{where}.{k}" if where else str(k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            _check_strings(v, path, f"{where}[{i}]")
+    elif isinstance(data, str):
+        if "\0" in data:
+            raise ConfigError(f"{path}: {where} = {data!r} holds a NUL byte, which no path or name can",
+                              hint="remove the \\0 escape")
+        if not data.strip() and where.split("[")[0].split(".")[-1] in ("base", "base_model", "models", "model",
+                                                                       "path", "stats"):
+            raise ConfigError(f"{path}: {where} is empty", hint="give the model's path")
+
+
 def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe file as a mapping, its relative paths resolved against the file's folder."""
     path = Path(path)
@@ -287,7 +305,10 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     # "billion laughs" of aliases is refused before it is built (or printed in an error)
     data = read_yaml(path, "the recipe", error=ConfigError)
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a recipe is a YAML mapping, got "
+                          f"{'an empty file' if data is None else type(data).__name__}",
+                          hint="start from an example: tiesmerge merge --help shows one (method:, base:, models:)")
+    _check_strings(data, path)
     if is_mergekit(data):  # mergekit's paths are relative to the working directory, as mergekit reads them
         return from_mergekit(data, source=str(path))
     data = dict(data)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError, OutputError
 from ..evaluation.forward import TaskForward, as_rows, load_forward
-from ..inputs import Source, as_method, check_output_not_input, prepare
+from ..inputs import Source, as_method, check_output_not_input, method_inputs, prepare
 from ..io.writer import _check_output_path as check_output_path
 from ..io.writer import _remove_empty
 from ..lazy import torch
@@ -235,7 +235,7 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
         raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
                           hint="give one unlabeled data file per model, in the models' order")
     checkpoint, created = check_adapt_outputs(base, models, data, output=output, force=force, checkpoint=checkpoint,
-                                              resume=resume, create=True)
+                                              resume=resume, create=True, method=m)
     try:
         return _adapt(started, config, m, base, models, data, forward, tasks, heads, choices, limit, max_length, device,
                       memory_budget, output, force, checkpoint, resume, progress, allow_pickle, vocab_policy)
@@ -246,7 +246,8 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
 
 def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[Any], *,
                         output: str | os.PathLike | None, force: bool, checkpoint: str | os.PathLike | None,
-                        resume: bool, create: bool = False) -> tuple[str | os.PathLike | None, list[Path]]:
+                        resume: bool, create: bool = False, method: MergeMethod | None = None
+                        ) -> tuple[str | os.PathLike | None, list[Path]]:
     """The checks of what a run writes, before any work (``tiesmerge adapt --dry-run -o`` runs them too): the
     output and the checkpoint are no input, the output replaces only an earlier output (``force``), the checkpoint
     lies beside the output, never inside it, and an existing one is replaced only with ``force`` or resumed
@@ -254,7 +255,8 @@ def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[A
     (the default one beside the output when none is named) and the folders made for it (``create``): the default
     checkpoint's folder is the output's parent, which the run creates."""
     inputs = [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
-              *((f"data file {k}", d) for k, d in enumerate(data) if isinstance(d, (str, os.PathLike)))]
+              *((f"data file {k}", d) for k, d in enumerate(data) if isinstance(d, (str, os.PathLike))),
+              *(method_inputs(method) if method is not None else ())]  # e.g. TIES' sign_from
     if output is not None:
         check_output_not_input(output, inputs)
         check_output_path(Path(output).absolute(), force)  # before the training, not after it

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..io.align import VOCAB_POLICIES
 from ..limits import read_json
+from .terminal import shown
 
 __all__ = ["ADAPT_EXAMPLES", "add_adapt_parser", "cmd_adapt"]
 
@@ -128,12 +129,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if args.dry_run:
         if args.output:  # the checks a real run makes before any work (nothing is created), refused as a run would be
             check_adapt_outputs(args.base, args.models, args.data, output=args.output, force=args.force,
-                                checkpoint=args.checkpoint, resume=args.resume)
+                                checkpoint=args.checkpoint, resume=args.resume, method=method)
         print(describe_adapt(args.base, args.models, method, granularity=args.granularity,
                              batch_size=args.batch_size, device=args.device, allow_pickle=args.allow_pickle,
                              vocab_policy=args.vocab_policy))
         if args.output:
-            print(f"output           {args.output} (not written: dry run)")
+            print(f"output           {shown(args.output)} (not written: dry run)")
         return 0
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge adapt ... -o ./merged (or --dry-run)")
@@ -151,10 +152,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     manifest = json.loads((Path(result.output) / "tiesmerge.json").read_text())["adamerging"]
     c = result.coefficients
     print(f"adapted {len(args.models)} models ({manifest['vectors']}, {args.granularity}-wise: {c.numel()} "
-          f"coefficients) into {result.output} in {time.perf_counter() - started:.1f} s")
-    print(f"  mean entropy {manifest['entropy']['first']} -> {manifest['entropy']['last']} over "
-          f"{len(result.history.entropy)} steps")
+          f"coefficients) into {shown(result.output)} in {time.perf_counter() - started:.1f} s")
+    if manifest["entropy"]["first"] is None:  # --steps 0: nothing learned, the merge is at the initial coefficients
+        print("  0 steps: the coefficients stay at their initial value (--init)")
+    else:
+        print(f"  mean entropy {manifest['entropy']['first']} -> {manifest['entropy']['last']} over "
+              f"{len(result.history.entropy)} steps")
     for task, row in zip(result.tasks, c.tolist()):
-        print(f"  {task}: coefficients mean {sum(row) / len(row):.3f}, range [{min(row):.3f}, {max(row):.3f}]")
+        print(f"  {shown(task)}: coefficients mean {sum(row) / len(row):.3f}, range [{min(row):.3f}, {max(row):.3f}]")
     print(f"  files: {', '.join(manifest['files'])}")
     return 0

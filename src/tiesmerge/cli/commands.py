@@ -21,6 +21,7 @@ from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
 from .adapt import cmd_adapt
+from .terminal import shown
 
 __all__ = ["HANDLERS"]
 
@@ -110,11 +111,13 @@ def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..api import merge
+    from ..inputs import option_inputs
     from ..tuning import parse_grid, tune
     from ..tuning.evaluator import guard
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
-    inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
+    inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models)),
+              *option_inputs(args.method, grid)]  # a grid of sign_from models: inputs too
     _check_writes(args.output, args.force, inputs)
     if args.json:
         if args.output and nested(args.json, args.output):
@@ -149,19 +152,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
               memory_budget=args.memory_budget, force=args.force, **best.options, **lam)
-        print(f"wrote the best merge to {args.output}")
+        print(f"wrote the best merge to {shown(args.output)}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from ..api import merge
+    from ..inputs import option_inputs
     from ..tuning import LocalExecutor, RayExecutor, parse_grid, parse_ranges, run_search, write_report
     from ..tuning.evaluator import guard
     from ..tuning.space import parse_fixed
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
     ranges, fixed = parse_ranges(args.ranges), parse_fixed(args.method, args.fixed)
-    inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))]
+    inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models)),
+              *option_inputs(args.method, {**grid, **fixed})]  # sign_from in --grid or --set: an input too
     _check_writes(args.output, args.force, inputs)  # fail now, not after the search
     check_not_input(args.dir, inputs)  # the log and the report are written there
     check_search_dir(args.dir)
@@ -192,11 +197,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"best: [{best.index}] {' '.join(f'{k}={v}' for k, v in best.options.items())} score {best.score:.4f} "
           f"({len(result.trials)} candidates, {result.evaluations} scored and {result.merges} merges in this run, "
           f"{result.seconds:.1f} s)")
-    print(f"wrote {write_report(result, args.dir)} and {args.dir / 'results.md'} beside {args.dir / 'log.jsonl'}")
+    print(f"wrote {shown(write_report(result, args.dir))} and {shown(args.dir / 'results.md')} beside "
+          f"{shown(args.dir / 'log.jsonl')}")
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
               memory_budget=args.memory_budget, force=args.force, **best.options)
-        print(f"wrote the best merge to {args.output}")
+        print(f"wrote the best merge to {shown(args.output)}")
     return 0
 
 
@@ -263,7 +269,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         check_budget(plan)
         print(describe_plan(plan, recipe.method, len(recipe.models)))
         if args.output:
-            print(f"output           {args.output} (not written: dry run)")
+            print(f"output           {shown(args.output)} (not written: dry run)")
         return 0
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")
@@ -280,7 +286,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     manifest = json.loads((Path(out) / "tiesmerge.json").read_text())
     read = manifest["engine"]["bytes_read"]
     t = manifest["tensors"]
-    print(f"merged {len(recipe.models)} models with {recipe.method.name} into {out}")
+    print(f"merged {len(recipe.models)} models with {recipe.method.name} into {shown(out)}")
     if recipe.origin:
         print(f"  semantics: {recipe.origin.get('semantics')}")
     adapter = manifest.get("adapters", {})
@@ -311,8 +317,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
                           progress=sys.stderr.isatty())
     out = save_stats(args.output, stats, force=args.force)
     size = sum(t.numel() * 4 for t in stats.tensors.values())
-    print(f"wrote {args.kind} statistics of {args.model} ({stats.manifest.examples} examples, {len(stats.tensors)} "
-          f"tensors, {format_size(size)}) to {out} in {time.perf_counter() - started:.1f} s")
+    print(f"wrote {args.kind} statistics of {shown(args.model)} ({stats.manifest.examples} examples, "
+          f"{len(stats.tensors)} tensors, {format_size(size)}) to {shown(out)} in "
+          f"{time.perf_counter() - started:.1f} s")
     return 0
 
 
@@ -332,8 +339,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for line in data["summary"]:
         print(f"- {line}")
     engine = data["engine"]
-    print(f"wrote {Path(args.output) / 'report.html'} (and analysis.json, PNGs): {format_size(engine['bytes_read'])} "
-          f"read in {data['seconds']['total']:.1f} s")
+    print(f"wrote {shown(Path(args.output) / 'report.html')} (and analysis.json, PNGs): "
+          f"{format_size(engine['bytes_read'])} read in {data['seconds']['total']:.1f} s")
     return 0
 
 
@@ -390,7 +397,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for d in distances:
         print(f"  base distance of {d.line()}")
     check_distances(distances, recipe.base, recipe.allow_distant)
-    print(f"{args.recipe}: ok — {recipe.method.name} of {len(recipe.models)} models onto {recipe.base}")
+    print(f"{shown(args.recipe)}: ok — {recipe.method.name} of {len(recipe.models)} models onto {shown(recipe.base)}")
     if recipe.origin:
         print(f"  read as a {recipe.origin.get('format')} recipe: {recipe.origin.get('semantics')}")
         for warning in recipe.origin.get("warnings", []):

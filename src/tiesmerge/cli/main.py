@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import signal
 import sys
 import traceback
@@ -29,6 +28,7 @@ from ..version import __version__
 from .adapt import add_adapt_parser
 from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
+from .terminal import SafeStream, terminal_safe
 
 EVALUATOR_HELP = ("a function taking a state dict and returning a validation score (higher is better), or a "
                   "built-in: classifier-accuracy:FILE, choice-accuracy:FILE, encoder-accuracy:FILE, "
@@ -309,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: the command has none
     shown_before = warnings.showwarning
     warnings.showwarning = _warning_printer(shown_before)
+    stdout = sys.stdout
+    sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
     try:
         _resolve_repo_ids(args)
         return HANDLERS[args.command](args)
@@ -338,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "and report it"), args.debug)
     finally:
         warnings.showwarning = shown_before
+        sys.stdout = stdout
         for signum, handler in previous.items():
             if handler is not None:  # None: a handler set outside Python, which cannot be put back from here
                 signal.signal(signum, handler)
@@ -407,20 +410,6 @@ def _report(exc: TiesMergeError, debug: bool) -> int:
     if exc.hint:
         print(f"hint: {terminal_safe(exc.hint)}", file=sys.stderr)
     return exc.exit_code
-
-
-# C0 controls but newline and tab, DEL, C1 controls, and the bidirectional overrides that reorder what is shown
-_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-def terminal_safe(text: str) -> str:
-    """``text`` as it may reach a terminal: a file or tensor name from a hostile input holds escape sequences
-    that would erase or recolour the line, so every control character is shown as an escape (``\\x1b``), and
-    every line after the first is indented, so a newline in a name cannot forge an ``error:`` line of its own."""
-    text = _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                       else f"\\u{ord(m.group()):04x}", text)
-    first, *rest = text.split("\n")
-    return "\n".join([first, *(line if line.startswith((" ", "\t")) or not line else "  " + line for line in rest)])
 
 
 def entry() -> NoReturn:  # pragma: no cover - exercised by the installed `tiesmerge` script

@@ -38,6 +38,11 @@ class StateDictCheckpoint:
                                   f"{f' ({len(empty)} such tensors)' if len(empty) > 1 else ''}",
                                   hint="load the weights first (a model built with init_empty_weights or "
                                        "device='meta' holds none), or pass the model's directory")
+        sparse = [k for k, v in state.items() if v.layout != torch.strided]
+        if sparse:  # sparse and quantized layouts have no flat storage to stream rows from
+            raise CheckpointError(f"{label}: tensor {sparse[0]!r} has the {state[sparse[0]].layout} layout, not a "
+                                  f"dense one{f' ({len(sparse)} such tensors)' if len(sparse) > 1 else ''}",
+                                  hint="pass dense tensors (tensor.to_dense())")
         self._state = dict(state)
 
     def names(self) -> list[str]:

@@ -337,12 +337,16 @@ def option_types(cls: type) -> dict[str, Any]:
     return types
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # every merge computes in float32: a larger option value is Inf there
+
+
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and abs(value) <= FLOAT32_MAX
 
 
 def finite(value: Any) -> str | None:
-    return None if _number(value) else "must be a finite number"
+    return None if _number(value) else "must be a finite number (at most 3.4e38 in magnitude: merges run in float32)"
 
 
 def positive(value: Any) -> str | None:

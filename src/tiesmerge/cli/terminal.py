@@ -1,0 +1,44 @@
+"""What the command line prints, made safe for a terminal: names from hostile inputs (a path, a tensor, a recipe
+entry) may hold escape sequences that clear or recolour the screen, or newlines that forge a line of their own."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TextIO
+
+__all__ = ["SafeStream", "shown", "terminal_safe"]
+
+# C0 controls but newline and tab, DEL, C1 controls, and the bidirectional overrides that reorder what is shown
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escaped(text: str) -> str:
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                       else f"\\u{ord(m.group()):04x}", text)
+
+
+def terminal_safe(text: str) -> str:
+    """``text`` as it may reach a terminal: every control character shown as an escape (``\\x1b``), and every
+    line after the first indented, so a newline in a name cannot forge an ``error:`` line of its own."""
+    first, *rest = _escaped(text).split("\n")
+    return "\n".join([first, *(line if line.startswith((" ", "\t")) or not line else "  " + line for line in rest)])
+
+
+def shown(value: Any) -> str:
+    """A name (path, tensor, option value) inside one printed line: control characters and newlines escaped."""
+    return _escaped(str(value)).replace("\n", "\\n")
+
+
+class SafeStream:
+    """Standard output for a command's duration: whatever is printed has its control characters escaped (tables
+    and newlines pass; an escape sequence inside a printed name does not reach the terminal)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(_escaped(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, buffer, ...
+        return getattr(self._stream, name)
