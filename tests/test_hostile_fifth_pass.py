@@ -182,3 +182,52 @@ def test_success_lines_escape_control_characters_and_newlines_of_names(family, t
     assert rc == 0, err
     assert "\x1b" not in stdout and "\\x1b[2J" in stdout, stdout
     assert not any(line.startswith("error:") for line in stdout.splitlines()), stdout
+
+
+def test_an_evaluator_folder_never_shadows_an_installed_module(family, tmp_path, capsys, monkeypatch):
+    """Pass 5's sh1: --evaluator MODULE:F put the working folder first on the import path, so a matplotlib.py
+    lying there (a downloaded model repo is a typical working folder) ran when the search's report imported the
+    real one. The folder now comes last: the evaluator is found, the installed module wins."""
+    inputs, b, ms = family
+    work = tmp_path / "w"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(work))])
+    for name in ("matplotlib", "scipy"):
+        (work / f"{name}.py").write_text(f"open({str(tmp_path / ('RAN_' + name))!r}, 'w').write('x')\n"
+                                         "raise ImportError('a shadow')\n")
+    (work / "my_eval_shadow.py").write_text("def score(state):\n    return 0.5\n")
+    rc, _, err = run_cli(["search", *cli_flags(b, ms), "--evaluator", "my_eval_shadow:score", "--grid", "lam=1,2",
+                          "--dir", str(tmp_path / "s")], capsys)
+    assert rc == 0, err
+    assert sys.path[-1] == str(work) and str(work) not in sys.path[:-1]
+    assert not list(tmp_path.glob("RAN_*"))
+
+
+@pytest.mark.parametrize("entry,needle", [({"_attn_implementation": "kernels-community/evil-attn"}, "never downloads"),
+                                          ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantized")])
+def test_configs_that_need_code_or_packages_beyond_the_folder_are_refused(tmp_path, capsys, entry, needle):
+    """Pass 5's ka1/qc: an attention implementation named as a Hub repo (transformers would fetch and run a
+    kernel), or a quantization_config, failed as "unexpected ImportError ... a bug in tiesmerge"."""
+    inputs = tmp_path / "inputs"
+    m = _tiny_llama(inputs / "m", pad=True)
+    config = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**config, **entry}))
+    data = _data(inputs / "d.jsonl", ["t1 t2 t3"] * 4)
+    before = snapshot(inputs)
+    rc, _, err = run_cli(["stats", "gram", "--model", str(m), "--data", str(data), "-o", str(tmp_path / "st")],
+                         capsys)
+    check(rc, err, want_rc=1, needle=(needle, "config.json", "hint:"), output=tmp_path / "st", inputs=inputs,
+          before=before)
+
+
+def test_a_recipes_origin_text_is_escaped(family, tmp_path, capsys):
+    """Pass 5's orig1: a recipe's origin strings (semantics, warnings) were printed raw by validate and merge."""
+    inputs, b, ms = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\n"
+                      'origin: {format: x, semantics: "a\\x1b[2Jb\\nerror: forged",\n'
+                      '         warnings: ["w\\x1b[31m\\nerror: w"]}\n')
+    rc, out, err = run_cli(["validate", str(recipe)], capsys)
+    text = out + err
+    assert "\x1b" not in text and not any(line.startswith("error:") for line in text.splitlines()), text

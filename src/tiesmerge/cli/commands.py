@@ -21,7 +21,7 @@ from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
 from .adapt import cmd_adapt
-from .terminal import shown
+from .terminal import shown, terminal_safe
 
 __all__ = ["HANDLERS"]
 
@@ -35,7 +35,9 @@ def _load_callable(spec: str):
                           hint="e.g. --evaluator my_eval:score, or --evaluator classifier-accuracy:val.jsonl "
                                "(tiesmerge tune --help lists the built-ins)")
     if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # so a module in the current directory can be named
+        # last, so a module in the current directory can be named but never shadows an installed one (a
+        # matplotlib.py or scipy.py lying there would otherwise run when the search imports the real one)
+        sys.path.append(str(Path.cwd()))
     try:
         return getattr(importlib.import_module(module), name)
     except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
@@ -212,7 +214,7 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     if args.recipe:  # paths in the file are resolved against its folder here; mergekit's are translated
         data = read_recipe_data(args.recipe)
         for warning in (data.get("origin") or {}).get("warnings", []):
-            print(f"warning: {warning}", file=sys.stderr)
+            print(f"warning: {terminal_safe(str(warning))}", file=sys.stderr)
     if args.base:
         data["base"] = args.base
     if args.models:
@@ -288,7 +290,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     t = manifest["tensors"]
     print(f"merged {len(recipe.models)} models with {recipe.method.name} into {shown(out)}")
     if recipe.origin:
-        print(f"  semantics: {recipe.origin.get('semantics')}")
+        print(f"  semantics: {terminal_safe(str(recipe.origin.get('semantics')))}")
     adapter = manifest.get("adapters", {})
     if "max_relative_reconstruction_error" in adapter:
         print(f"  LoRA adapter at rank {adapter['rank']}: relative reconstruction error at most "
@@ -399,9 +401,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_distances(distances, recipe.base, recipe.allow_distant)
     print(f"{shown(args.recipe)}: ok — {recipe.method.name} of {len(recipe.models)} models onto {shown(recipe.base)}")
     if recipe.origin:
-        print(f"  read as a {recipe.origin.get('format')} recipe: {recipe.origin.get('semantics')}")
+        semantics = terminal_safe(str(recipe.origin.get("semantics")))  # a recipe's own text: escaped
+        print(f"  read as a {shown(recipe.origin.get('format'))} recipe: {semantics}")
         for warning in recipe.origin.get("warnings", []):
-            print(f"  warning: {warning}")
+            print(f"  warning: {terminal_safe(str(warning))}")
     for key, value in recipe.to_dict()["parameters"].items():
         print(f"  {key} = {value}")
     merged = [j for j in plan.jobs if j.merge]

@@ -174,7 +174,8 @@ class RayExecutor:
         if not ray.is_initialized():
             # the workers import the evaluator's module as the driver does (e.g. a module in the current
             # directory): they get the driver's import path
-            path = os.pathsep.join(p for p in [os.getcwd(), *sys.path] if p and os.path.isdir(p))
+            # the working folder last: the user's evaluator module is found there, never a shadow of an installed one
+            path = os.pathsep.join(p for p in [*sys.path, os.getcwd()] if p and os.path.isdir(p))
             kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}, "log_to_driver": True}
             if address:
                 ray.init(address=address, **kwargs)
