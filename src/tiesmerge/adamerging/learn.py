@@ -224,8 +224,18 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
                                                                    ("exp_avg", "exp_avg_sq") if k in moments)]:
         if tuple(tensor.shape) != shape:
             raise damaged(f"{name} is {tuple(tensor.shape)}, the run's coefficients are {shape}")
+        if tensor.dtype != torch.float32:  # an integer table would resume from truncated coefficients
+            raise damaged(f"{name} is {str(tensor.dtype).removeprefix('torch.')}, not float32")
         if not bool(torch.isfinite(tensor).all()):
             raise damaged(f"{name} holds values that are not finite")
+    if "exp_avg_sq" in moments and bool((moments["exp_avg_sq"] < 0).any()):
+        raise damaged("adam.exp_avg_sq holds negative values (a mean of squares cannot be)")
+    for group in state["optimizer"]["param_groups"] if isinstance(state["optimizer"]["param_groups"], list) else [None]:
+        numbers = [v for k, v in group.items() if k != "params" for v in (v if isinstance(v, (list, tuple)) else [v])
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)] if isinstance(group, dict) else None
+        if numbers is None or not all(math.isfinite(x) and abs(x) <= 3.4e38 for x in numbers) \
+                or not (isinstance(group.get("lr"), (int, float)) and group["lr"] > 0):
+            raise damaged("the optimizer's settings (adam_param_groups) are not finite numbers with a positive lr")
     step = state["step"]
     entropy = state["entropy"]
     if step < 0:  # past the run's steps is fine: nothing is left to learn
