@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -265,3 +266,39 @@ def test_a_tampered_adapt_checkpoint_is_refused_as_damaged(tmp_path, tamper, nee
     save_file(tensors, str(ck), metadata=meta)
     with pytest.raises(ConfigError, match=needle):
         tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
+
+
+@pytest.mark.parametrize("extra,needle", [(["--strategy", "random", "--budget", "3", "--seed", "-1"], "--seed -1"),
+                                          (["--strategy", "cmaes", "--budget", "3", "--popsize", "1000000000"],
+                                           "--popsize 1000000000")])
+def test_search_seeds_and_generation_sizes_out_of_range_are_refused(family, tmp_path, capsys, extra, needle):
+    """Pass 5's se10 / se2d: --seed -1 failed as "a bug"; --popsize 10**9 ran out of memory making proposals."""
+    inputs, b, ms = family
+    (tmp_path / "my_eval_se.py").write_text("def score(state):\n    return 0.5\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        rc, _, err = run_cli(["search", *cli_flags(b, ms), "--evaluator", "my_eval_se:score", "--axis", "lam",
+                              "--axis", "density", *extra, "--dir", str(tmp_path / "s")], capsys)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert rc == 2 and needle in err and "Traceback" not in err and "bug" not in err, err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_cmaes_search_writes_no_matplotlib_cache_under_home(family, tmp_path, capsys, monkeypatch):
+    """Pass 5's se12: importing cma imported matplotlib, which wrote ~/.cache/matplotlib and ~/.config/matplotlib."""
+    pytest.importorskip("cma")
+    inputs, b, ms = family
+    import subprocess  # a fresh process: matplotlib reads its folder when first imported
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "my_eval_cma.py").write_text("def score(state):\n    return 0.5\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    env.update(HOME=str(home), PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+    done = subprocess.run([sys.executable, "-m", "tiesmerge", "search", *map(str, cli_flags(b, ms)), "--evaluator",
+                           "my_eval_cma:score", "--strategy", "cmaes", "--budget", "2", "--axis", "lam", "--axis",
+                           "density", "--dir", str(tmp_path / "s")], capture_output=True, text=True, cwd=tmp_path,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [p for p in home.rglob("*") if "matplotlib" in str(p)] == []

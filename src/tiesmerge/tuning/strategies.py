@@ -101,6 +101,12 @@ class CmaesStrategy:
     _xs: list = dataclasses.field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
+        import sys
+
+        if "matplotlib" not in sys.modules:  # cma imports matplotlib, which writes a font cache under ~ by default
+            from ..scratch import private_folder_for
+
+            private_folder_for("MPLCONFIGDIR", "tiesmerge-matplotlib-")
         try:
             import cma
         except ImportError:
@@ -145,6 +151,11 @@ def make_strategy(name: str, space: SearchSpace, *, budget: int | None, seed: in
         raise ConfigError(f"--budget {budget:,} is more candidates than any search could score (at most "
                           f"{MAX_AXIS_POINTS:,}: each is a whole merge and an evaluation)",
                           hint="a few hundred candidates are plenty for the few options a method has")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32 - 1:
+        raise ConfigError(f"--seed {seed!r}: a seed is a whole number from 0 to {2**32 - 2:,}")
+    if popsize is not None and not (isinstance(popsize, int) and 2 <= popsize <= budget):
+        raise ConfigError(f"--popsize {popsize!r}: a CMA-ES generation holds 2 to --budget ({budget:,}) candidates "
+                          "(each is a merge and an evaluation; cma's default is 4 + 3 ln d)")
     if name == "random":
         return RandomStrategy(space, budget, seed)
     if name == "cmaes":
