@@ -302,3 +302,19 @@ def test_a_cmaes_search_writes_no_matplotlib_cache_under_home(family, tmp_path, 
                           env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert [p for p in home.rglob("*") if "matplotlib" in str(p)] == []
+
+
+def test_a_statistics_manifest_linked_outside_its_folder_is_refused(family, tmp_path):
+    """Pass 5's sl2: a --stats folder's tiesmerge_stats.json was read through a link that left the folder, and its
+    contents went into the output's manifest."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.stats.files import Statistics, StatsManifest, load_stats, save_stats
+
+    stats = Statistics(StatsManifest(kind="gram", model_digest="0" * 64, examples=1), {"w": torch.eye(2)})
+    folder = save_stats(tmp_path / "st", stats)
+    outside = tmp_path / "outside.json"
+    outside.write_text((folder / "tiesmerge_stats.json").read_text())
+    (folder / "tiesmerge_stats.json").unlink()
+    (folder / "tiesmerge_stats.json").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="outside"):
+        load_stats(folder)

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
 from ..limits import read_json
-from ..paths import check_input
+from ..paths import check_input, inside
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 from ..version import __version__
 
@@ -160,6 +160,7 @@ def _read_manifest(directory: Path) -> StatsManifest:
     if not os.path.lexists(path):
         raise CheckpointError(f"{directory}: no {MANIFEST_NAME}; this is not a statistics directory",
                               hint="compute statistics with tiesmerge stats fisher|gram --model ... -o DIR")
+    inside(path, directory, "the statistics manifest")  # never read through a link that leaves the folder
     return StatsManifest.from_dict(read_json(path, "the statistics manifest"), str(path))
 
 
