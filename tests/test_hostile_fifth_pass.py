@@ -318,3 +318,28 @@ def test_a_statistics_manifest_linked_outside_its_folder_is_refused(family, tmp_
     (folder / "tiesmerge_stats.json").symlink_to(outside)
     with pytest.raises(CheckpointError, match="outside"):
         load_stats(folder)
+
+
+@pytest.mark.parametrize("first,second", [("SIGINT", "SIGTERM"), ("SIGTERM", "SIGINT"), ("SIGHUP", "SIGTERM")])
+def test_a_second_stop_signal_during_the_cleanup_is_let_through_quietly(first, second):
+    """Pass 5's dbl3: Ctrl-C and then a scheduler's SIGTERM 50 ms later raised a second exception inside the
+    first one's cleanup (a traceback printed, the second signal's exit status). The first signal stops the
+    command; any later one while its cleanup runs does nothing."""
+    import importlib
+    import signal
+
+    cli = importlib.import_module("tiesmerge.cli.main")
+
+    previous = cli._terminate_like_interrupt()
+    try:
+        with pytest.raises(KeyboardInterrupt) as stopped:
+            os.kill(os.getpid(), getattr(signal, first))
+            for _ in range(1000):  # the handler runs between bytecodes
+                pass
+        assert isinstance(stopped.value, cli.Terminated) == (first != "SIGINT")
+        os.kill(os.getpid(), getattr(signal, second))  # during the cleanup: nothing raised
+        for _ in range(1000):
+            pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -362,18 +362,33 @@ class Terminated(KeyboardInterrupt):
         self.name = signal.Signals(signum).name
 
 
+_stopping = False  # a stop signal (or Ctrl-C) arrived: its cleanup is running
+
+
 def _on_stop_signal(signum: int, frame: Any) -> None:
+    global _stopping
+    if _stopping:  # a second signal during the first one's cleanup (Ctrl-C, then the scheduler's TERM): let it finish
+        return
+    _stopping = True
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
     raise Terminated(signum)
 
 
 def _terminate_like_interrupt() -> dict[int, Any]:
-    """Handle the stop signals as Ctrl-C for the command's duration; the handlers they replace (only
-    the main thread may set handlers: elsewhere the caller's stay)."""
+    """Handle the stop signals as Ctrl-C for the command's duration, and any second one as nothing while the
+    first one's cleanup runs; the handlers they replace (only the main thread may set handlers: elsewhere the
+    caller's stay)."""
+    global _stopping
+    _stopping = False
     previous: dict[int, Any] = {}
-    for signum in STOP_SIGNALS:
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
         try:
-            if signal.getsignal(signum) is signal.SIG_IGN:  # e.g. HUP under nohup: the user asked to ignore it
+            current = signal.getsignal(signum)
+            if current is signal.SIG_IGN:  # e.g. HUP under nohup: the user asked to ignore it
                 continue
+            if signum == signal.SIGINT and current is not signal.default_int_handler:
+                continue  # a caller's own Ctrl-C handler stays
             previous[signum] = signal.signal(signum, _on_stop_signal)
         except (ValueError, OSError):  # not the main thread, or a signal this platform will not let us handle
             break
