@@ -344,10 +344,19 @@ def test_hf_cache_blobs_folder_that_is_a_link_is_refused(family, tmp_path, capsy
 # ------------------------------------------------------------------ 3. non-finite output is never written
 
 
-def test_lam_that_overflows_is_an_error_naming_the_tensor(family, tmp_path, capsys):
-    inputs, b, ms = family
+def big_step_family(tmp_path: Path) -> tuple[Path, Path, list[Path]]:
+    """A base and two fine-tunes 10 apart everywhere: a lam within float32's range (options past it are refused
+    up front) still takes the merged values past it."""
+    inputs = tmp_path / "big_inputs"
+    b = write_hf_dir(inputs / "base", {"w": torch.zeros(4, 4)})
+    ms = [write_hf_dir(inputs / f"ft{k}", {"w": torch.full((4, 4), 10.0)}) for k in range(2)]
+    return inputs, b, ms
+
+
+def test_lam_that_overflows_is_an_error_naming_the_tensor(tmp_path, capsys):
+    inputs, b, ms = big_step_family(tmp_path)
     before = snapshot(inputs)
-    rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "task_arithmetic", "--lam", "1e300"), capsys)
+    rc, err = _run(_merge(b, ms, tmp_path / "out", "--method", "task_arithmetic", "--lam", "1e38"), capsys)
     check(rc, err, want_rc=1, needle=("not finite", "tensor '", "smaller lam"), output=tmp_path / "out",
           inputs=inputs, before=before)
 

@@ -343,3 +343,31 @@ def test_a_second_stop_signal_during_the_cleanup_is_let_through_quietly(first, s
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("line,needle", [("[" * 100000 + "]" * 100000, "not JSON"),
+                                         ('{"index": 1, "key": "k", "options": {}, "score": "high"}', "finite score")])
+def test_a_damaged_search_log_line_is_named_as_corrupt(tmp_path, line, needle):
+    """Pass 5's lg3 / lg8: a log line nested 100,000 deep, or a score that is text, failed as "a bug"."""
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    path = tmp_path / "log.jsonl"
+    log = ResultsLog(path, {"method": "ties"})
+    log.append({"index": 0, "key": "a", "options": {}, "score": 0.5, "seconds": 0.1})
+    log.close()
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(Exception, match="corrupt") as raised:
+        ResultsLog(path, {"method": "ties"}).get("a")
+    assert needle in str(raised.value) and type(raised.value).__name__ == "ConfigError"
+
+
+def test_a_score_past_any_accuracy_or_loss_is_refused():
+    """Pass 5's bg1: a finite score of 1e308 was printed with 309 digits, then the search report failed to plot it
+    after all the scoring (and the best merge was never written)."""
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    assert guard(lambda state: 0.75, "e", finite=True)({}) == 0.75
+    with pytest.raises(EvaluatorError, match="past the"):
+        guard(lambda state: 1e308, "e", finite=True)({})

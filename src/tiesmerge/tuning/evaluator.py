@@ -62,7 +62,13 @@ class GuardedEvaluator:
         if self.finite and not math.isfinite(value):
             raise EvaluatorError(f"{self.label}: returned {value}, not a finite number",
                                  hint="the evaluator must return a validation score, higher is better")
+        if self.finite and abs(value) > MAX_SCORE:  # printed, compared and plotted: an overflow waiting to happen
+            raise EvaluatorError(f"{self.label}: returned {value:.3g}, past the ±{MAX_SCORE:.0e} a score may reach",
+                                 hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
         return value
+
+
+MAX_SCORE = 1e15  # a search's tables and plots stay readable and finite; no accuracy or loss comes near it
 
 
 def _is_scalar(score: Any) -> bool:

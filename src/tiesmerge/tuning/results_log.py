@@ -10,6 +10,7 @@ it: a search may be resumed with a larger budget to go on where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 from collections.abc import Iterator, Mapping
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, OutputError
+from ..limits import loads_json
 
 __all__ = ["ResultsLog", "FORMAT"]
 
@@ -110,10 +112,16 @@ class ResultsLog:
                                    "start afresh")
         for n, line in enumerate(lines[1:], start=2):
             try:
-                record = json.loads(line)
-                self.records[record["key"]] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise self._corrupt(n, f"not a scored candidate: {line[:120]!r}") from None
+                record = loads_json(line, str(self.path), error=ConfigError)
+            except ConfigError:  # bad syntax, or nested past the reader's depth limit
+                raise self._corrupt(n, f"not JSON of a scored candidate: {line[:120]!r}") from None
+            score = record.get("score") if isinstance(record, dict) else None
+            if not (isinstance(record, dict) and isinstance(record.get("key"), str)
+                    and isinstance(record.get("options"), dict) and isinstance(score, (int, float))
+                    and not isinstance(score, bool) and math.isfinite(score)):
+                raise self._corrupt(n, f"not a scored candidate (a key, its options and a finite score): "
+                                       f"{line[:120]!r}")
+            self.records[record["key"]] = record
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.records.get(key)
