@@ -371,3 +371,32 @@ def test_a_score_past_any_accuracy_or_loss_is_refused():
     assert guard(lambda state: 0.75, "e", finite=True)({}) == 0.75
     with pytest.raises(EvaluatorError, match="past the"):
         guard(lambda state: 1e308, "e", finite=True)({})
+
+
+def test_search_takes_whole_number_options_and_tune_refuses_a_bad_count_up_front(family, tmp_path, capsys):
+    """Pass 5's tg13/tg14: search turned consensus' k into 1.0 and refused it, so no consensus search could run;
+    tg3: tune --grid k=1,99 scored the whole k=1 part before refusing k=99; tm-fisher: tune --method fisher
+    advised --grid, which cannot help (tune takes no statistics)."""
+    inputs, b, ms = family
+    (tmp_path / "my_eval_k.py").write_text("CALLS = []\ndef score(state):\n    CALLS.append(1)\n    return 0.5\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import my_eval_k
+
+        rc, out, err = run_cli(["search", *cli_flags(b, ms), "--method", "consensus", "--evaluator", "my_eval_k:score",
+                                "--grid", "k=1,2", "--grid", "tall_lambda=0.4", "--grid", "lam=1",
+                                "--dir", str(tmp_path / "s")], capsys)
+        assert rc == 0 and "k=2" in out, err
+        my_eval_k.CALLS.clear()
+        rc, _, err = run_cli(["tune", *cli_flags(b, ms), "--method", "consensus", "--evaluator", "my_eval_k:score",
+                              "--grid", "k=1,99"], capsys)
+        assert rc == 2 and "k=99" in err and not my_eval_k.CALLS, err
+        rc, _, err = run_cli(["search", *cli_flags(b, ms), "--method", "consensus", "--evaluator", "my_eval_k:score",
+                              "--grid", "k=1,99", "--dir", str(tmp_path / "s2")], capsys)
+        assert rc == 2 and err.count("k=99 counts tasks") == 1 and "in all" in err, err
+        rc, _, err = run_cli(["tune", *cli_flags(b, ms), "--method", "fisher", "--evaluator", "my_eval_k:score"],
+                             capsys)
+        assert rc == 2 and "needs per-model statistics" in err and "--grid" not in err, err
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_eval_k", None)

@@ -742,25 +742,29 @@ def test_the_state_dict_api_refuses_an_overflowed_merge_naming_the_tensor():
     from tiesmerge import merge
     from tiesmerge.errors import InvalidTensorError
 
-    base, fts = make_family(2)
+    base = {"w": torch.zeros(4, 4)}  # task vectors of 10: lam 1e38 (within float32's range) overflows
+    fts = [{"w": torch.full((4, 4), 10.0)}, {"w": torch.full((4, 4), 10.0)}]
     kept = {k: v.clone() for k, v in base.items()}
     with pytest.raises(InvalidTensorError, match=r"tensor '.+': the merged value at element \d+ is not finite"):
-        merge(base, fts, "task_arithmetic", lam=1e300)
+        merge(base, fts, "task_arithmetic", lam=1e38)
     assert all(torch.equal(kept[k], base[k]) for k in base)
     assert all(torch.isfinite(v).all() for v in merge(base, fts, "task_arithmetic", lam=1.0).values())
 
 
 def test_tune_never_scores_a_candidate_that_lam_made_infinite(family, tmp_path, capsys, monkeypatch):
-    """n17: --grid lam=1e300 fed Inf weights to the evaluator and printed best lam=1e+300."""
-    inputs, b, ms = family
+    """n17: --grid lam=1e300 fed Inf weights to the evaluator and printed best lam=1e+300 (now: 1e38, within
+    float32's range, on task vectors of 10)."""
+    from test_hostile_catalogue import big_step_family
+
+    inputs, b, ms = big_step_family(tmp_path)
     _evaluator_module(tmp_path / "work", "inf_eval", "SEEN = []\ndef score(state):\n"
                       "    import torch\n    SEEN.append(all(bool(torch.isfinite(v).all()) for v in state.values()"
                       " if v.is_floating_point()))\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path / "work"))
     before = snapshot(inputs)
-    rc, err = _run(["tune", *cli_flags(b, ms), "--grid", "density=0.5", "--grid", "lam=1.0,1e300", "--evaluator",
+    rc, err = _run(["tune", *cli_flags(b, ms), "--grid", "density=0.5", "--grid", "lam=1.0,1e38", "--evaluator",
                     "inf_eval:score", "-o", str(tmp_path / "out")], capsys)
-    check(rc, err, want_rc=1, needle=("candidate density=0.5 lam=1e+300", "is not finite", "cannot be scored"),
+    check(rc, err, want_rc=1, needle=("candidate density=0.5 lam=1e+38", "is not finite", "cannot be scored"),
           output=tmp_path / "out", inputs=inputs, before=before)
     assert "best:" not in err and sys.modules["inf_eval"].SEEN == [True]
 
@@ -771,13 +775,15 @@ def test_tune_never_scores_a_candidate_that_lam_made_infinite(family, tmp_path, 
 @pytest.mark.parametrize("why", ["raises", "overflow"])
 def test_a_search_that_fails_before_scoring_leaves_no_default_dir(family, tmp_path, capsys, monkeypatch, why):
     """t36, D04, n18: ./tiesmerge-search/log.jsonl stayed behind with no scored candidate in it."""
-    inputs, b, ms = family
+    from test_hostile_catalogue import big_step_family
+
+    inputs, b, ms = big_step_family(tmp_path)
     _evaluator_module(tmp_path / "work", f"fail_eval_{why}", "def score(state):\n    raise RuntimeError('boom')\n"
                       if why == "raises" else "def score(state):\n    return 1.0\n")
     monkeypatch.syspath_prepend(str(tmp_path / "work"))
     before = snapshot(inputs)
     rc, err = _run(["search", *cli_flags(b, ms), "--evaluator", f"fail_eval_{why}:score", "--grid", "density=0.5",
-                    "--grid", f"lam={'1.0' if why == 'raises' else '1e300'}"], capsys)
+                    "--grid", f"lam={'1.0' if why == 'raises' else '1e38'}"], capsys)
     check(rc, err, want_rc=1, needle="boom" if why == "raises" else "is not finite", output=None, inputs=inputs,
           before=before)
     assert not (tmp_path / "work" / "tiesmerge-search").exists()

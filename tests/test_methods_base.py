@@ -176,10 +176,14 @@ def test_requirements_are_checked_once_the_options_pass() -> None:
     assert len(info.value.problems) == 1 and "rate must be a fraction" in info.value.problems[0]
 
 
+def test_a_finite_option_fits_float32_where_every_merge_computes() -> None:
+    assert finite(1e300) == finite(-1e39) == "must be at most 3.4e38 in magnitude (merges compute in float32)"
+
+
 @pytest.mark.parametrize(
     ("check", "good", "bad", "message"),
     [
-        (finite, [0, -3.5, 1e300], [float("inf"), float("nan"), "1", None, False], "must be a finite number"),
+        (finite, [0, -3.5, 3.4e38], [float("inf"), float("nan"), "1", None, False], "must be a finite number"),
         (positive, [1e-9, 2], [0, -1, float("inf"), True], "must be a positive, finite number"),
         (fraction, [1e-9, 0.5, 1], [0, -0.1, 1.5, True], "must be a fraction in (0, 1]"),
         (probability, [0, 0.5, 0.999], [1, -0.1, float("nan")], "must be a fraction in [0, 1)"),

@@ -346,7 +346,11 @@ def _number(value: Any) -> bool:
 
 
 def finite(value: Any) -> str | None:
-    return None if _number(value) else "must be a finite number (at most 3.4e38 in magnitude: merges run in float32)"
+    if _number(value):
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return "must be at most 3.4e38 in magnitude (merges compute in float32)"
+    return "must be a finite number"
 
 
 def positive(value: Any) -> str | None:

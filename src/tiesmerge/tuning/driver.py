@@ -211,14 +211,23 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
 
 
 def _check(job: Job, candidates: Sequence[Candidate], n_models: int) -> None:
-    problems = []
+    found: dict[str, list[int]] = {}  # a problem -> the candidates that have it (a grid repeats one many times)
     for c in candidates:
         try:
-            problems += [f"candidate {c.index}: {p}" for p in check_models(job.method_at(c.options), n_models)]
+            problems = check_models(job.method_at(c.options), n_models)
         except ConfigError as exc:
-            problems += [f"candidate {c.index}: {p}" for p in exc.problems]
-    if problems:
-        raise ConfigError(problems)
+            problems = exc.problems
+        for p in problems:
+            found.setdefault(p, []).append(c.index)
+    if found:
+        raise ConfigError([f"{_candidates(indices)}: {p}" for p, indices in found.items()])
+
+
+def _candidates(indices: list[int]) -> str:
+    if len(indices) == 1:
+        return f"candidate {indices[0]}"
+    shown = ", ".join(map(str, indices[:4]))
+    return f"candidates {shown}{f', ... ({len(indices)} in all)' if len(indices) > 4 else ''}"
 
 
 def _winner_state(executor: Executor, job: Job, base32: Mapping[str, torch.Tensor],

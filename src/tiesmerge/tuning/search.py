@@ -19,7 +19,7 @@ import torch
 
 from ..api import Source, merge
 from ..errors import ConfigError
-from ..methods.base import MAX_AXIS_POINTS, MergeMethod, option_problem, option_types, steps
+from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
 from .candidates import check_candidate
@@ -30,10 +30,23 @@ __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tu
 Evaluator = Callable[[Mapping[str, torch.Tensor]], float]
 
 
+def _check_tunable(cls: type) -> None:
+    """A method that needs per-model statistics (Fisher, RegMean) cannot be tuned or searched: neither takes them."""
+    try:
+        needs = cls().requirements().statistics
+    except (TypeError, ConfigError):  # no defaults to build it from: its own options are checked later
+        return
+    if needs is not None:
+        raise ConfigError(f"{cls.name} needs per-model statistics ({needs.kind}), which tune and search do not take",
+                          hint=f"compute them with tiesmerge stats {needs.kind} and merge with "
+                               f"tiesmerge merge --method {cls.name} --stats DIR ...; tune a method without statistics")
+
+
 def paper_grid(method: str | type) -> dict[str, tuple[float, ...]]:
     """The validation grid the method's paper (or the TIES paper, for its baselines) searched:
     TIES k in {0.1, 0.2, 0.3} x lam 0.8..3.0; task arithmetic lam 0.1..1.0 (a method's ``grid``)."""
     cls = method_class(method) if isinstance(method, str) else method
+    _check_tunable(cls)
     grid = declared_grid(cls)
     if not grid:
         raise ConfigError(f"no paper grid for method {cls.name!r}; pass grid= explicitly "
@@ -45,6 +58,7 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
     """The method's paper grid with ``NAME=v1,v2,...`` or ``NAME=start:stop:step`` axes on top,
     each value parsed as its option's type (an int option takes integers)."""
     cls = method_class(method) if isinstance(method, str) else method
+    _check_tunable(cls)
     types = option_types(cls)
     grid: dict[str, tuple[Any, ...]] = declared_grid(cls)
     problems = []
@@ -129,6 +143,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
+    _check_tunable(cls)
     grid = dict(grid or paper_grid(cls))
     has_lam = "lam" in {f.name for f in dataclasses.fields(cls)}
     if has_lam and "lam" not in grid:
@@ -147,6 +162,10 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     # validate every combination up front, so a bad grid fails before the first merge
     methods: list[MergeMethod] = [make_method(method, {**fixed, **c, **unit}) if isinstance(method, str)
                                   else dataclasses.replace(method, **{**fixed, **c, **unit}) for c in combos]
+    # and against the number of models (consensus' k counts them): before the first merge, each problem once
+    wrong = list(dict.fromkeys(p for m in methods for p in check_models(m, len(models))))
+    if wrong:
+        raise ConfigError(wrong)
     points: list[GridPoint] = []
     best: GridPoint | None = None
     best_state: dict[str, torch.Tensor] = {}

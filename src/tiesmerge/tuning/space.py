@@ -213,6 +213,12 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         meta = fields[name].metadata
         per_model = n_models if types[name] is tuple else 0
         values = tuple(grid.get(name, ()))
+        if types[name] is int:  # a whole-number option (consensus' k, a seed): its grid values are integers
+            whole = [v for v in values if isinstance(v, (int, float)) and float(v).is_integer()]
+            if len(whole) != len(values):
+                problems.append(f"{name} is a whole number, but the grid holds {[v for v in values if v not in whole]}")
+                continue
+            values = tuple(int(v) for v in values)
         if name in ranges:
             low, high = ranges[name]
         elif values and len(values) > 1:
@@ -230,6 +236,7 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
             problems.append(f"{name!r} is per model: it has a range (--range), not grid values")
             continue
         for end in (low, high, *values):  # every value a candidate can take lies in [low, high] or the grid
+            end = int(round(end)) if types[name] is int else end  # sampled values are rounded (Axis._scale)
             why = option_problem(cls, name, (end,) * per_model if per_model else end)
             if why:
                 problems.append(f"{name} {why.split(', got')[0]}, but the search would try {end!r}")
