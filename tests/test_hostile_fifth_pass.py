@@ -400,3 +400,50 @@ def test_search_takes_whole_number_options_and_tune_refuses_a_bad_count_up_front
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("my_eval_k", None)
+
+
+def test_a_model_given_as_its_folder_and_as_its_weights_file_is_one_model(family, tmp_path, capsys):
+    """Pass 5's dup4 / dup5: `--model a/model.safetensors --model a` merged a twice, and the base's own weights
+    file as a model was merged as a zero task vector, silently."""
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    weights = next(ms[0].glob("*.safetensors"))
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(weights), "--model", str(ms[0]), "-o",
+                          str(tmp_path / "o"), "--no-progress"], capsys)
+    check(rc, err, want_rc=2, needle="listed twice", output=tmp_path / "o", inputs=inputs, before=before)
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(next(b.glob("*.safetensors"))), "--model",
+                          str(ms[0]), "-o", str(tmp_path / "o"), "--no-progress"], capsys)
+    check(rc, err, want_rc=2, needle="is the base itself", output=tmp_path / "o", inputs=inputs, before=before)
+
+
+def test_an_empty_text_is_named_by_its_line(tmp_path, capsys):
+    """Pass 5's sv5 / sv9: a line {"text": ""} failed inside the model ("cannot reshape a tensor of 0 elements")."""
+    inputs = tmp_path / "inputs"
+    m = _tiny_llama(inputs / "m", pad=True)
+    data = _data(inputs / "d.jsonl", ["t1 t2", "", "t3"])
+    rc, _, err = run_cli(["stats", "gram", "--model", str(m), "--data", str(data), "-o", str(tmp_path / "st")],
+                         capsys)
+    assert rc == 2 and "d.jsonl:2: the text is empty" in err and "bug" not in err, err
+
+
+def test_the_default_search_folder_inside_a_model_names_dir(family, tmp_path, capsys, monkeypatch):
+    """Pass 5's k5: run from inside a model, the default ./tiesmerge-search was called "the output"."""
+    inputs, b, ms = family
+    monkeypatch.chdir(ms[0])
+    rc, _, err = run_cli(["search", "--base", str(b), "--model", ".", "--model", str(ms[1]), "--evaluator",
+                          "nowhere:score", "--grid", "lam=1"], capsys)
+    assert rc == 1 and "--dir tiesmerge-search" in err and "pass --dir" in err, err
+
+
+def test_a_path_with_backticks_stays_code_in_the_model_card(family, tmp_path, capsys):
+    """Pass 5's x4: a model path holding backticks closed the card's code span: the rest was raw HTML."""
+    import shutil
+
+    inputs, b, ms = family
+    odd = inputs / "x`<img src=x onerror=alert(3)>`y"
+    shutil.copytree(ms[1], odd)
+    rc, _, err = run_cli(_merge(b, [ms[0], odd], tmp_path / "o"), capsys)
+    assert rc == 0, err
+    card = (tmp_path / "o" / "README.md").read_text()
+    line = next(x for x in card.splitlines() if "onerror" in x)
+    assert line.startswith("- ``") and line.endswith("``"), line

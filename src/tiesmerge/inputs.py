@@ -58,7 +58,14 @@ def as_method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMet
 def _identity(source: Any) -> Any:
     # os.path.realpath, not Path.resolve: a link loop is named by paths.resolve when the model is opened,
     # not a RuntimeError here
-    return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(os.path.realpath(source)))
+    if isinstance(source, Mapping):
+        return ("memory", id(source))
+    real = Path(os.path.realpath(source))
+    # a folder's only weights file is that folder's model: `--model a/model.safetensors --model a` is one model
+    if real.suffix == ".safetensors" and real.is_file() and [p.name for p in real.parent.glob("*.safetensors")] \
+            == [real.name] and not any(real.parent.glob("*.index.json")):
+        return ("path", real.parent)
+    return ("path", real)
 
 
 def _check_source(role: str, source: Any) -> None:

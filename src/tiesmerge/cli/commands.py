@@ -170,7 +170,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models)),
               *option_inputs(args.method, {**grid, **fixed})]  # sign_from in --grid or --set: an input too
     _check_writes(args.output, args.force, inputs)  # fail now, not after the search
-    check_not_input(args.dir, inputs)  # the log and the report are written there
+    try:
+        check_not_input(args.dir, inputs)  # the log and the report are written there
+    except OutputError as exc:  # the folder is --dir's (./tiesmerge-search when not given), not "the output"
+        raise OutputError(f"--dir {args.dir}: {exc.message.removeprefix(f'{args.dir}: ')}",
+                          hint="pass --dir with a folder outside the inputs (the default is ./tiesmerge-search in "
+                               "the working folder)") from None
     check_search_dir(args.dir)
     if args.output and nested(args.dir, args.output):
         raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -142,6 +143,20 @@ def hash_files(paths: Iterable[Path], pool: ThreadPoolExecutor) -> list[Future]:
     return [pool.submit(_digest, p) for p in paths]
 
 
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span that no backtick, newline or HTML inside it can end early (a path is a
+    stranger's text: "x`<img onerror=...>`" would otherwise be raw HTML in the card)."""
+    text = str(text).replace("\r", "\\r").replace("\n", "\\n")
+    ticks = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{ticks}{pad}{text}{pad}{ticks}"
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any run of backticks in ``text``."""
+    return "`" * max(3, max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+
+
 def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, method_name: str, paper: str,
                summary: str, version: str, base_revision: str | None = None, base_commit: str | None = None) -> str:
     """``base_label``: the base's path, or its Hugging Face repo id (then ``base_revision`` as asked
@@ -150,8 +165,9 @@ def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, me
                             "library_name": "transformers"}, sort_keys=False)
     at = ""
     if base_commit:
-        at = f" at revision `{base_revision or 'main'}` (commit `{base_commit}`)"
-    models = "\n".join(f"- `{m}`" for m in model_labels)
+        at = f" at revision {_code(base_revision or 'main')} (commit {_code(base_commit)})"
+    models = "\n".join(f"- {_code(m)}" for m in model_labels)
+    fence = _fence(recipe_yaml)
     return f"""---
 {front}---
 # Merged model
@@ -159,7 +175,7 @@ def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, me
 Made with [tiesmerge](https://pypi.org/project/tiesmerge/) {version} using **{method_name}** ({summary};
 paper: {paper}).
 
-Base model: `{base_label}`{at}
+Base model: {_code(base_label)}{at}
 
 Models merged:
 {models}
@@ -168,9 +184,9 @@ Models merged:
 
 Re-run with `tiesmerge merge recipe.yaml -o OUT`:
 
-```yaml
+{fence}yaml
 {recipe_yaml.rstrip()}
-```
+{fence}
 
 `tiesmerge.json` beside this card records the sha256 of every input file, the options, and the
 time each phase took.
