@@ -447,3 +447,20 @@ def test_a_path_with_backticks_stays_code_in_the_model_card(family, tmp_path, ca
     card = (tmp_path / "o" / "README.md").read_text()
     line = next(x for x in card.splitlines() if "onerror" in x)
     assert line.startswith("- ``") and line.endswith("``"), line
+
+
+def test_gram_statistics_of_a_causal_lm_are_named_as_its_tensors(tmp_path, capsys):
+    """Pass 5's rg1: `stats gram` loaded a causal LM as its backbone (AutoModel), so the statistics were named
+    `layers.0...` where the checkpoint says `model.layers.0...`, and merge --method regmean refused them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    m = _tiny_llama(tmp_path / "m", pad=True)
+    data = _data(tmp_path / "d.jsonl", ["t1 t2 t3", "t4 t5"])
+    rc, _, err = run_cli(["stats", "gram", "--model", str(m), "--data", str(data), "-o", str(tmp_path / "st")],
+                         capsys)
+    assert rc == 0, err
+    names = set(load_file(next((tmp_path / "st").glob("*.safetensors"))))
+    with safe_open(str(next(m.glob("*.safetensors"))), "pt") as f:
+        weights = set(f.keys())
+    assert names and names <= weights, sorted(names - weights)[:3]

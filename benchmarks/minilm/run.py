@@ -110,6 +110,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--adamerging", type=Path, default=RESULTS / "adamerging.json",
                    help="learned coefficients (adamerging.py's JSON) evaluated here as AdaMerging rows; a missing "
                         "file adds none")
+    p.add_argument("--data-aware-seeds", nargs="+", type=int, default=None,
+                   help="seeds that get the Fisher and RegMean rows (default: all; their statistics cost minutes a "
+                        "task)")
     p.add_argument("--stats-examples", type=int, default=256,
                    help="validation examples per task for the Gram matrices (RegMean) and the Fisher")
     p.add_argument("--fisher-examples", type=int, default=None,
@@ -236,7 +239,9 @@ def data_aware_rows(bench: Bench, table: SeedTable, plans, choices: dict, search
                                    lambda name=name, merged=merged: b.evaluate_state(merged(choices[name]), b.test))
         row = table.row({"regmean": "RegMean", "fisher": "Fisher merging"}[name], validation=True)
         row.per_seed[seed] = accuracy
-        row.note = f"{describe(choices[name])}; {examples} val. ex./task"
+        row.note = f"{describe(choices[name])}; {examples} val. ex./task" + (
+            f"; seed(s) {', '.join(map(str, args.data_aware_seeds))} only" if args.data_aware_seeds is not None
+            and set(args.seeds) - set(args.data_aware_seeds) else "")
         if name == "regmean" and choices[name].get("alpha") in (0.5, 1.0):
             row.flag = {1.0: "α=1 is the top of its valid range (exact RegMean)",
                         0.5: "α=0.5 is the bottom of the searched grid"}[choices[name]["alpha"]]
@@ -332,7 +337,8 @@ def main() -> None:
         clock = time.perf_counter()
         learned_rows(bench, table)
         seconds[f"seed{seed}:adamerging_rows"] = time.perf_counter() - clock
-        if any(p.name in args.data_aware and not p.skip for p in plans):
+        if any(p.name in args.data_aware and not p.skip for p in plans) and \
+                (args.data_aware_seeds is None or seed in args.data_aware_seeds):
             clock = time.perf_counter()
             data_aware_rows(bench, table, plans, choices, searches)
             seconds[f"seed{seed}:fisher_regmean"] = time.perf_counter() - clock

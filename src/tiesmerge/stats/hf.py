@@ -98,7 +98,7 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     from ..inputs import device_of
 
     device = str(device_of(device))  # cpu, or a CUDA device that exists: checked before any model is loaded
-    from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     model_dir = Path(model_dir)
     config = _config(model_dir)
@@ -111,7 +111,10 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     uses_labels = kind == "fisher" and fisher != "exact"
     rows = read_jsonl(data, limit=limit, need_labels=uses_labels,
                       num_labels=_num_labels(model_dir, config) if uses_labels else None)
-    loader = AutoModelForSequenceClassification if classifier else AutoModel
+    # the class the checkpoint was saved from, so the statistics are named as its tensors are (a causal LM
+    # loaded as AutoModel drops the "model." prefix, and a RegMean merge would find no Gram matrix for its weights)
+    causal = any(str(a).endswith("ForCausalLM") for a in architectures)
+    loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM if causal else AutoModel
     model = from_pretrained(loader, model_dir).to(device)
     tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
     padding = "right, with the tokenizer's pad token"
