@@ -464,3 +464,23 @@ def test_gram_statistics_of_a_causal_lm_are_named_as_its_tensors(tmp_path, capsy
     with safe_open(str(next(m.glob("*.safetensors"))), "pt") as f:
         weights = set(f.keys())
     assert names and names <= weights, sorted(names - weights)[:3]
+
+
+def test_an_analysis_of_a_huge_but_finite_entry_stays_finite(tmp_path, capsys):
+    """Pass 5's an25: a fine-tune holding one 1e38 entry (merge accepts it) made the squared mass Inf in float32:
+    "nan% of its L2 mass", a numpy RuntimeWarning, and NaN literals in analysis.json (not JSON)."""
+    from helpers_ckpt import write_hf_dir
+
+    base = {"w": torch.zeros(8, 8)}
+    huge = torch.randn(8, 8)
+    huge[0, 0] = 1e38
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / "h", {"w": huge}), write_hf_dir(tmp_path / "a", {"w": torch.randn(8, 8)})]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, out, err = run_cli(["analyze", *cli_flags(b, ms), "-o", str(tmp_path / "r"), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "nan" not in (out + err).lower(), out + err
+    text = (tmp_path / "r" / "analysis.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in analysis.json"))
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]

@@ -142,11 +142,11 @@ def mask_intersections(kept: torch.Tensor) -> torch.Tensor:
 
 def kept_mass(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     """(4, n) float64: per model, the L1 mass and squared L2 mass of its kept entries, then of
-    all its entries. (Summed in float32 within the block, whose sums are short enough.)"""
-    magnitude = tau.abs()  # (n, B)
+    all its entries. (In float64: a square of a float32 value past 1.8e19 is Inf in float32.)"""
+    magnitude = tau.abs().double()  # (n, B)
     kept_magnitude = magnitude * kept
     return torch.stack([kept_magnitude.sum(1), kept_magnitude.square().sum(1), magnitude.sum(1),
-                        magnitude.square().sum(1)]).to(torch.float64)
+                        magnitude.square().sum(1)])
 
 
 def merge_variants(tau: torch.Tensor, kept: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -184,9 +184,10 @@ def group_moments(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> 
     """(3, V, n_groups) float64: for each of V rows of ``values`` (V, B) and each group, the
     count, the sum of |values| and the sum of values^2 (mean and standard deviation of the
     magnitude follow from them). ``groups``: (B,) int64 in [0, n_groups)."""
-    one_hot = torch.zeros(values.shape[1], n_groups, dtype=values.dtype, device=values.device)  # (B, G)
+    # in float64: a square of a float32 value past 1.8e19 is Inf in float32
+    one_hot = torch.zeros(values.shape[1], n_groups, dtype=torch.float64, device=values.device)  # (B, G)
     one_hot.scatter_(1, groups.view(-1, 1), 1.0)
-    magnitude = values.abs()  # (V, B)
+    magnitude = values.abs().double()  # (V, B)
     sums = torch.cat([magnitude, magnitude.square()]) @ one_hot  # (2V, G): one matmul for every variant
     counts = one_hot.sum(0).expand(values.shape[0], n_groups)  # (V, G)
     return torch.stack([counts, *sums.view(2, values.shape[0], n_groups)]).to(torch.float64)
