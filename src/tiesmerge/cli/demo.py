@@ -9,6 +9,7 @@ are known, the demo can say how much of each skill a merge kept.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -30,8 +31,9 @@ TASKS = ("math", "code", "chat")
 
 def synthetic_llama_shapes(million_params: float) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes of a small Llama-architecture model of about ``million_params``."""
-    hidden, vocab = 512, 8192
-    inter = 1408
+    # narrower models below 20M (and 1M) parameters: a 512-wide, 8192-token embedding alone holds 8.4M
+    hidden, vocab, inter = (512, 8192, 1408) if million_params >= 20 else (128, 2048, 352) if million_params >= 1 \
+        else (64, 512, 176)
     per_layer = 4 * hidden * hidden + 3 * hidden * inter + 2 * hidden
     layers = max(1, round((million_params * 1e6 - 2 * vocab * hidden) / per_layer))
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
@@ -157,8 +159,9 @@ def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
                           "there", hint="a smaller --params, or a --workdir on a larger disk")
     try:
         _check_merged_outputs(root)
+        actual = sum(math.prod(shape) for shape in synthetic_llama_shapes(million_params).values()) / 1e6
         print(f"tiesmerge demo: {len(TASKS)} synthetic fine-tunes ({', '.join(TASKS)}) of a "
-              f"~{million_params:g}M-parameter Llama-shaped bf16 model, in {root}")
+              f"{actual:.3g}M-parameter Llama-shaped bf16 model, in {root}")
         t0 = time.perf_counter()
         base_dir, model_dirs, skills = make_demo_models(root, million_params)
         print(f"  made the models in {time.perf_counter() - t0:.1f} s: each = base + dense noise + a sparse skill "
