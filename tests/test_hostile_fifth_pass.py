@@ -484,3 +484,21 @@ def test_an_analysis_of_a_huge_but_finite_entry_stays_finite(tmp_path, capsys):
     text = (tmp_path / "r" / "analysis.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in analysis.json"))
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def test_an_analysis_of_copies_of_the_base_says_so(family, tmp_path, capsys):
+    """Pass 5's z1: analyzing copies of the base wrote sentences about task-vector mass and mask overlap that does
+    not exist ("keeps 0.0% of each task vector's L1 mass", "Jaccard 0.000 against 0.000")."""
+    import shutil
+
+    inputs, b, ms = family
+    copies = [inputs / "copy0", inputs / "copy1"]
+    for c in copies:
+        shutil.copytree(b, c)
+    rc, out, err = run_cli(["analyze", "--base", str(b), "--model", str(copies[0]), "--model", str(copies[1]), "-o",
+                            str(tmp_path / "r"), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "identical to the base" in out and "L1 mass" not in out and "Jaccard" not in out, out
+    rc, out, err = run_cli(["analyze", "--base", str(b), "--model", str(copies[0]), "--model", str(ms[0]), "-o",
+                            str(tmp_path / "r2"), "--no-progress"], capsys)
+    assert rc == 0 and "Model(s) 0 are identical to the base" in out, out + err

@@ -246,7 +246,8 @@ def _redundancy(counts: np.ndarray, mass: np.ndarray, numel: int, settings: Anal
             "l2_share": [[stats.topk_mass_share(counts[t], l2[t], m) for m in keeps] for t in range(len(counts))],
             "at_density": {"density": settings.density,
                            "l1_share": [float(a / b) if b else 0.0 for a, b in zip(kept1, total1)],
-                           "l2_share": [float(a / b) if b else 0.0 for a, b in zip(kept2, total2)]},
+                           "l2_share": [float(a / b) if b else 0.0 for a, b in zip(kept2, total2)],
+                           "l1_total": [float(b) for b in total1]},
             "note": "curves from 2^16-bin magnitude histograms (each bin's mass = count x bin midpoint, within "
                     "0.4% of the exact value; the bin holding the k-th value counts pro rata); at_density is exact"}
 

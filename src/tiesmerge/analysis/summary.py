@@ -23,7 +23,14 @@ def summarise(data: dict) -> list[str]:
     if k * data["parameters"] < 1:  # nothing is kept: every ratio below would be 0 / 0
         return [f"At density {k:g} each model keeps less than one of its {data['parameters']:,} parameters, so "
                 "there is nothing to compare: no conflict, overlap or mass can be measured; use a larger --density."]
-    lines = [
+    totals = data["redundancy"]["at_density"].get("l1_total")
+    zero = [i for i, total in enumerate(totals or []) if total == 0]
+    if zero and len(zero) == n:  # copies of the base: every ratio below would be 0 / 0
+        return [f"Every model is identical to the base (all {n} task vectors are zero): there is nothing to merge, "
+                "and no conflict, overlap or mass to measure. Check that --model names the fine-tuned models."]
+    lines = [f"Model(s) {', '.join(map(str, zero))} are identical to the base (a zero task vector): they keep no "
+             "entry, and the figures below describe the others."] if zero else []
+    lines += [
         f"With all {n} models trimmed to their top {percent(k)}, {percent(everyone['mean_of_kept_by_two_or_more'])} of "
         f"the parameters that two or more models keep conflict in sign; that is "
         f"{percent(everyone['mean_of_parameters'])} of all {data['parameters']:,} parameters.",
