@@ -127,7 +127,7 @@ class ClassifierAccuracy(_Scorer):
                 raise ConfigError(f"{where}: each line needs a string 'text' (and optionally 'text_pair')",
                                   hint='e.g. {"text": "a review", "label": 1}')
             if not row["text"].strip():  # nothing to classify: refused now, not after the first merge
-                raise ConfigError(f"{where}: the text is empty", hint="remove the line, or give it a text")
+                raise ConfigError(f"{where}: empty or missing 'text'", hint="remove the line, or give it a text")
             self.examples.append((row["text"], row.get("text_pair"), _int_label(row, where)))
 
     @torch.no_grad()
@@ -255,7 +255,7 @@ class EncoderAccuracy(_Scorer):
                 self.classes[task] = tuple(classes)
             elif isinstance(row.get("text"), str):
                 if not row["text"].strip():
-                    raise ConfigError(f"{where}: the text is empty", hint="remove the line, or give it a text")
+                    raise ConfigError(f"{where}: empty or missing 'text'", hint="remove the line, or give it a text")
                 pending.append((task, row, where))
             else:
                 raise ConfigError(f"{where}: a line holds either 'classes' (a task's head) or 'text' and 'label'")

@@ -42,7 +42,7 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
             raise ConfigError(f"{path}:{number}: each line must be an object with a string 'text'",
                               hint='e.g. {"text": "a review", "label": 1}')
         if not row["text"].strip():  # tokenizes to nothing (or to special tokens only): no input to take statistics of
-            raise ConfigError(f"{path}:{number}: the text is empty", hint="remove the line, or give it a text")
+            raise ConfigError(f"{path}:{number}: empty or missing 'text'", hint="remove the line, or give it a text")
         if need_labels and (not isinstance(row.get("label"), int) or isinstance(row.get("label"), bool)):
             raise ConfigError(f"{path}:{number}: this Fisher needs an integer 'label' on every line",
                               hint="or use --fisher exact, which needs no labels")

@@ -114,7 +114,7 @@ class ResultsLog:
             try:
                 record = loads_json(line, str(self.path), error=ConfigError)
             except ConfigError:  # bad syntax, or nested past the reader's depth limit
-                raise self._corrupt(n, f"not JSON of a scored candidate: {line[:120]!r}") from None
+                raise self._corrupt(n, f"not a scored candidate (not JSON): {line[:120]!r}") from None
             score = record.get("score") if isinstance(record, dict) else None
             if not (isinstance(record, dict) and isinstance(record.get("key"), str)
                     and isinstance(record.get("options"), dict) and isinstance(score, (int, float))

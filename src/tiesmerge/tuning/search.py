@@ -37,7 +37,7 @@ def _check_tunable(cls: type) -> None:
     except (TypeError, ConfigError):  # no defaults to build it from: its own options are checked later
         return
     if needs is not None:
-        raise ConfigError(f"{cls.name} needs per-model statistics ({needs.kind}), which tune and search do not take",
+        raise ConfigError(f"{cls.name} needs per-model statistics ({needs.kind}); this command takes no statistics",
                           hint=f"compute them with tiesmerge stats {needs.kind} and merge with "
                                f"tiesmerge merge --method {cls.name} --stats DIR ...; tune a method without statistics")
 
