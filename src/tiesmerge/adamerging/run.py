@@ -117,7 +117,7 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
         if name in out:
             raise ConfigError(f"two tasks are named {name!r}", hint="name the tasks (--task-names / tasks=)")
         if is_path:
-            rows = read_jsonl(item, limit=limit)  # an empty file: ConfigError naming it
+            rows = read_jsonl(item, limit=limit, empty_texts=True)  # an empty file: ConfigError naming it
         elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
             rows = as_rows(list(item)[:limit] if limit is not None else list(item))
             if not rows:

@@ -30,9 +30,10 @@ _MAX_DATA_BYTES = 4 << 30  # a JSON-lines file of examples, read whole
 
 
 def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels: bool = False,
-               num_labels: int | None = None) -> list[dict]:
+               num_labels: int | None = None, empty_texts: bool = False) -> list[dict]:
     """The examples of a JSON-lines file, checked line by line (``num_labels``: each label must be
-    a class of the model, 0 .. num_labels - 1; -1 would silently pick the last class)."""
+    a class of the model, 0 .. num_labels - 1; -1 would silently pick the last class; ``empty_texts``: the caller
+    checks empty texts itself, in its own terms)."""
     path = Path(path)
     hint = 'a JSON-lines file: one {"text": ..., "label": ...} object per line'
     rows = []
@@ -41,7 +42,7 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
         if not isinstance(row.get("text"), str):
             raise ConfigError(f"{path}:{number}: each line must be an object with a string 'text'",
                               hint='e.g. {"text": "a review", "label": 1}')
-        if not row["text"].strip():  # tokenizes to nothing (or to special tokens only): no input to take statistics of
+        if not empty_texts and not row["text"].strip():  # tokenizes to nothing: no input to take statistics of
             raise ConfigError(f"{path}:{number}: empty or missing 'text'", hint="remove the line, or give it a text")
         if need_labels and (not isinstance(row.get("label"), int) or isinstance(row.get("label"), bool)):
             raise ConfigError(f"{path}:{number}: this Fisher needs an integer 'label' on every line",
