@@ -134,6 +134,10 @@ def test_nul_bytes_and_empty_paths_in_recipes_are_named(family, tmp_path, capsys
                          f'    parameters: {{density: 0.5, weight: 1}}\n  - model: {ms[1]}\n'
                          f'    parameters: {{density: 0.5, weight: 1}}\n', "NUL byte"),
              "empty_model.yaml": (f'method: ties\nbase: {b}\nmodels: ["", {ms[1]}]\n', "models[0] is empty"),
+             "empty_slice_model.yaml": (f"merge_method: slerp\nbase_model: {b}\nslices:\n  - sources:\n"
+                                        f"      - model: {b}\n        layer_range: [0, 1]\n      - model: ''\n"
+                                        f"        layer_range: [0, 1]\nparameters: {{t: 0.5}}\n",
+                                        "slices[0].sources[1].model is empty"),
              "empty.yaml": ("", "an empty file")}
     for name, (text, needle) in cases.items():
         (tmp_path / name).write_text(text)
@@ -154,6 +158,10 @@ def test_the_api_names_a_source_that_is_no_model(tmp_path):
         merge(None, dense, "ties")
     with pytest.raises(ConfigError, match="NUL byte"):
         merge("a\0b", dense, "ties")
+    from tiesmerge.tuning import tune
+
+    with pytest.raises(ConfigError, match="models must be a non-empty list"):  # not 6 "models", one per letter
+        tune(dense[0], "a/path", "ties", lambda state: 0.5)
     with pytest.raises(CheckpointError, match="sparse_coo layout"):
         merge({"w": torch.zeros(2, 2).to_sparse()}, dense, "ties")
 
@@ -362,15 +370,33 @@ def test_a_damaged_search_log_line_is_named_as_corrupt(tmp_path, line, needle):
     assert needle in str(raised.value) and type(raised.value).__name__ == "ConfigError"
 
 
-def test_a_score_past_any_accuracy_or_loss_is_refused():
+def test_a_score_too_large_to_plot_is_refused_and_large_ones_print_short():
     """Pass 5's bg1: a finite score of 1e308 was printed with 309 digits, then the search report failed to plot it
-    after all the scoring (and the best merge was never written)."""
+    after all the scoring (and the best merge was never written). A score the report can plot (a perplexity of
+    3e12, even 1e300) is kept: a bad candidate ranks low, it does not end the search."""
     from tiesmerge.errors import EvaluatorError
-    from tiesmerge.tuning.evaluator import guard
+    from tiesmerge.tuning.evaluator import format_score, guard
 
     assert guard(lambda state: 0.75, "e", finite=True)({}) == 0.75
+    assert guard(lambda state: -3e12, "e", finite=True)({}) == -3e12
     with pytest.raises(EvaluatorError, match="past the"):
         guard(lambda state: 1e308, "e", finite=True)({})
+    assert format_score(0.64125) == "0.6412" and format_score(-3e12) == "-3e+12" and format_score(1e300) == "1e+300"
+
+
+def test_a_search_keeps_and_reports_scores_up_to_the_plotting_limit(family, tmp_path, capsys):
+    inputs, b, ms = family
+    (tmp_path / "my_eval_big.py").write_text("import itertools\nC = itertools.count()\n"
+                                             "def score(state):\n    return [0.5, 1e300, -1e300][next(C) % 3]\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        rc, out, err = run_cli(["search", *cli_flags(b, ms), "--evaluator", "my_eval_big:score", "--grid",
+                                "lam=1,2,3", "--dir", str(tmp_path / "s")], capsys)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("my_eval_big", None)
+    assert rc == 0 and "score 1e+300" in out and max(map(len, out.splitlines())) < 300, out + err
+    assert (tmp_path / "s" / "report.html").is_file()
 
 
 def test_search_takes_whole_number_options_and_tune_refuses_a_bad_count_up_front(family, tmp_path, capsys):

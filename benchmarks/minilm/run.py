@@ -269,7 +269,7 @@ def learned_rows(bench: Bench, table: SeedTable) -> None:
         c = r.get("coefficients")
         if r["seed"] != seed or not c or c["tasks"] != b.tasks:
             continue
-        inner_name, options = VECTORS[r["vectors"]][0], VECTORS[r["vectors"]][1]
+        inner_name, options = VECTORS[r["vectors"]]
         inner = make_method(r["vectors"], options)
         layers = c["layers"] if r["granularity"] == "layer" else names
         values = torch.tensor(c["values"], dtype=torch.float32)  # (T, L) or (T, 1)
@@ -280,8 +280,9 @@ def learned_rows(bench: Bench, table: SeedTable) -> None:
         on_validation = r["variant"] == VARIANTS["val"]
         row = table.row(f"{r['method']} on {'validation' if on_validation else 'test'} inputs, unlabeled",
                         validation=on_validation)
-        s = r["settings"]
-        row.note = f"{s['steps']} Adam steps, lr {s['lr']}, batch {s['batch_size']}; adamerging.md"
+        learned_with = r["settings"]
+        row.note = (f"{learned_with['steps']} Adam steps, lr {learned_with['lr']}, batch {learned_with['batch_size']}; "
+                    "adamerging.md")
         row.per_seed[seed] = accuracy
         log(f"seed {seed} {row.name}: {_mean(accuracy):.4f} ({inner_name})")
 

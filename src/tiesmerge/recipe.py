@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -293,8 +294,8 @@ def _check_strings(data: Any, path: Path, where: str = "") -> None:
         if "\0" in data:
             raise ConfigError(f"{path}: {where} = {data!r} holds a NUL byte, which no path or name can",
                               hint="remove the \\0 escape")
-        if not data.strip() and where.split("[")[0].split(".")[-1] in ("base", "base_model", "models", "model",
-                                                                       "path", "stats"):
+        key = re.sub(r"\[\d+\]", "", where).rsplit(".", 1)[-1]  # "slices[0].sources[1].model" -> "model"
+        if not data.strip() and key in ("base", "base_model", "models", "model", "path", "stats"):
             raise ConfigError(f"{path}: {where} is empty", hint="give the model's path")
 
 

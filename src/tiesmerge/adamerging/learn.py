@@ -26,6 +26,7 @@ from typing import Any
 from ..errors import ConfigError, TrainingError
 from ..evaluation.forward import TaskForward, checkpoint_names, entropy, logits
 from ..lazy import torch
+from ..methods.base import FLOAT32_MAX
 
 __all__ = ["GRANULARITIES", "AdaptConfig", "Merger", "History", "learn", "batch_rows", "total_entropy"]
 
@@ -233,7 +234,7 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
     for group in state["optimizer"]["param_groups"] if isinstance(state["optimizer"]["param_groups"], list) else [None]:
         numbers = [v for k, v in group.items() if k != "params" for v in (v if isinstance(v, (list, tuple)) else [v])
                    if isinstance(v, (int, float)) and not isinstance(v, bool)] if isinstance(group, dict) else None
-        if numbers is None or not all(math.isfinite(x) and abs(x) <= 3.4e38 for x in numbers) \
+        if numbers is None or not all(math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in numbers) \
                 or not (isinstance(group.get("lr"), (int, float)) and group["lr"] > 0):
             raise damaged("the optimizer's settings (adam_param_groups) are not finite numbers with a positive lr")
     step = state["step"]

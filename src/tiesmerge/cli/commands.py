@@ -115,7 +115,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from ..api import merge
     from ..inputs import option_inputs
     from ..tuning import parse_grid, tune
-    from ..tuning.evaluator import guard
+    from ..tuning.evaluator import format_score, guard
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
     inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models)),
@@ -135,13 +135,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
         lam = f" lam={point.lam:.2f}" if point.lam is not None else ""
-        print(f"  {options}{lam}  score {point.score:.4f}", flush=True)
+        print(f"  {options}{lam}  score {format_score(point.score)}", flush=True)
 
     result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,
                   memory_budget=args.memory_budget, on_point=show)
     best = result.best
     lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
-    print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {best.score:.4f} "
+    print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {format_score(best.score)} "
           f"({_count(len(result.points), 'point')}, {_count(result.merges, 'merge')}, {result.seconds:.1f} s)")
     if args.json:
         try:
@@ -162,7 +162,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from ..api import merge
     from ..inputs import option_inputs
     from ..tuning import LocalExecutor, RayExecutor, parse_grid, parse_ranges, run_search, write_report
-    from ..tuning.evaluator import guard
+    from ..tuning.evaluator import format_score, guard
     from ..tuning.space import parse_fixed
 
     grid = parse_grid(args.method, args.grid)  # unknown methods and options fail before anything is read
@@ -191,7 +191,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     def show(trial) -> None:
         options = " ".join(f"{k}={v}" for k, v in trial.options.items() if k not in fixed)
-        print(f"  [{trial.index}] {options}  score {trial.score:.4f}", flush=True)
+        print(f"  [{trial.index}] {options}  score {format_score(trial.score)}", flush=True)
 
     try:
         result = run_search(args.base, args.models, args.method, evaluate, strategy=args.strategy, budget=args.budget,
@@ -201,7 +201,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     finally:
         executor.close()
     best = result.best
-    print(f"best: [{best.index}] {' '.join(f'{k}={v}' for k, v in best.options.items())} score {best.score:.4f} "
+    options = " ".join(f"{k}={v}" for k, v in best.options.items())
+    print(f"best: [{best.index}] {options} score {format_score(best.score)} "
           f"({len(result.trials)} candidates, {result.evaluations} scored and {result.merges} merges in this run, "
           f"{result.seconds:.1f} s)")
     print(f"wrote {shown(write_report(result, args.dir))} and {shown(args.dir / 'results.md')} beside "

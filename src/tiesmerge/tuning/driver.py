@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..methods.base import MergeMethod, check_models
 from ..registry import method_class
 from .candidates import Candidate, Evaluator, Job, as_state, better, candidate_state, float32, merged_delta
-from .evaluator import GuardedEvaluator, evaluator_name, guard
+from .evaluator import GuardedEvaluator, evaluator_name, format_score, guard
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
 from .space import SearchSpace, build_space, canonical
@@ -59,7 +59,8 @@ class SearchResult:
         rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for t in self.trials:
             mark = "**best**" if t.index == self.best.index else ("from log" if t.reused else "")
-            cells = [str(t.index), *(_cell(t.options[n]) for n in names), f"{t.score:.4f}", f"{t.seconds:.2f}", mark]
+            cells = [str(t.index), *(_cell(t.options[n]) for n in names), format_score(t.score), f"{t.seconds:.2f}",
+                     mark]
             rows.append("| " + " | ".join(cells) + " |")
         return "\n".join(rows)
 

@@ -62,13 +62,21 @@ class GuardedEvaluator:
         if self.finite and not math.isfinite(value):
             raise EvaluatorError(f"{self.label}: returned {value}, not a finite number",
                                  hint="the evaluator must return a validation score, higher is better")
-        if self.finite and abs(value) > MAX_SCORE:  # printed, compared and plotted: an overflow waiting to happen
+        if self.finite and abs(value) > MAX_SCORE:  # the report's axes span max - min: Inf past ~1.8e308
             raise EvaluatorError(f"{self.label}: returned {value:.3g}, past the ±{MAX_SCORE:.0e} a score may reach",
                                  hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
         return value
 
 
-MAX_SCORE = 1e15  # a search's tables and plots stay readable and finite; no accuracy or loss comes near it
+# A search plots its scores: a range of 2e308 (scores of +-1e308) is Inf there and the report failed after all the
+# scoring; +-1e300 was measured to plot. Any finite -perplexity (exp of at most 709 nats) stays far below.
+MAX_SCORE = 1e300
+
+
+def format_score(score: float) -> str:
+    """A score as the tables and progress lines print it: 4 decimals for accuracies and losses, 4 significant
+    digits past a million (a perplexity of 3e12 in full is 13 digits, a score of 1e300 would be 301)."""
+    return f"{score:.4f}" if abs(score) < 1e6 else f"{score:.4g}"
 
 
 def _is_scalar(score: Any) -> bool:

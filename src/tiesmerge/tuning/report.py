@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..plotting import html_figure, html_page, html_table, png, pyplot
 from .driver import SearchResult
+from .evaluator import format_score
 
 __all__ = ["write_report", "render_figures"]
 
@@ -77,7 +78,7 @@ def _markdown(result: SearchResult) -> str:
     options = ", ".join(f"{k}={v}" for k, v in sorted(best.options.items()))
     reused = sum(t.reused for t in result.trials)
     return (f"# {result.method}: {result.strategy} search\n\n"
-            f"Best: candidate {best.index}, score {best.score:.4f} ({options}).\n\n"
+            f"Best: candidate {best.index}, score {format_score(best.score)} ({options}).\n\n"
             f"{len(result.trials)} candidates; {result.evaluations} scored and {result.merges} merges in this run, "
             f"{reused} scores taken from the log or an identical candidate; {result.seconds:.1f} s.\n\n"
             f"{result.table()}\n")

@@ -19,6 +19,7 @@ import torch
 
 from ..api import Source, merge
 from ..errors import ConfigError
+from ..inputs import check_inputs
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
@@ -143,6 +144,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
+    check_inputs(base, models)  # before len(models) below: a single path would be counted letter by letter
     _check_tunable(cls)
     grid = dict(grid or paper_grid(cls))
     has_lam = "lam" in {f.name for f in dataclasses.fields(cls)}
