@@ -9,6 +9,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -18,7 +19,7 @@ from typing import Any
 from . import adapter_merge
 from .engine.executor import MemorySink
 from .engine.plan import Plan
-from .errors import ConfigError
+from .errors import ConfigError, MergeWarning
 from .inputs import (
     Source,
     StatsInput,
@@ -139,6 +140,18 @@ def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
     return "\n".join(lines)
 
 
+def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str]) -> None:
+    """A model whose weights files are byte for byte the base's has a zero task vector: it adds nothing and, in a
+    mean, dilutes the others. Usually the wrong folder was given, so say so (the merge itself is well defined)."""
+    base = sorted(d["sha256"] for d in hashed["base"])
+    same = [f"{k} ({labels[k]})" for k, files in enumerate(hashed["models"])
+            if base and sorted(d["sha256"] for d in files) == base]  # state dicts have no files: not compared
+    if same:
+        warnings.warn(f"model(s) {', '.join(same)} hold the same weights files as the base, byte for byte: a zero "
+                      "task vector, which adds nothing to the merge (was another folder meant?)", MergeWarning,
+                      stacklevel=3)
+
+
 def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,
           output: str | os.PathLike | None = None, device: str = "cpu", memory_budget: int | str | None = None,
           dtype: str | torch.dtype | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False,
@@ -243,6 +256,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             if output_format != "adapter":
                 copied = copy_model_files(prepared.base.directory(), tmp, files=extra,
                                           dtype=executor.out_dtype if executor.out_dtype else None)
+                if prepared.base.directory() is not None and not (tmp / "config.json").is_file():
+                    warnings.warn(f"the base ({prepared.base.label}) has no config.json, so the output has none: "
+                                  "transformers cannot load it as a model until one is put beside the weights",
+                                  MergeWarning, stacklevel=2)
                 if prepared.vocab is not None:  # the merged tokenizer and vocab_size replace the base's
                     rows = next(ro for _, _, ro in prepared.vocab.tensors)
                     vocab_files, chat_from = write_tokenizer_files(prepared.vocab.union, tmp, rows)
@@ -251,6 +268,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                       "models": [[f.result() for f in d] for d in digests["models"]],
                       "reference": [f.result() for f in digests["reference"]] if digests["reference"] else None}
             check_stats_digests(prepared.stats, hashed["models"], [c.label for c in prepared.models])
+            _warn_copies_of_base(hashed, [c.label for c in prepared.models])
             run_stats.seconds["hash_wait"] = time.perf_counter() - clock
             run_stats.seconds["prepare"] = prepared_at - started
             recipe = MergeRecipe(method=m, base=prepared.base.label, models=tuple(c.label for c in prepared.models),

@@ -68,6 +68,21 @@ def _identity(source: Any) -> Any:
     return ("path", real)
 
 
+def _weights_identity(source: Any) -> frozenset[tuple[int, int]] | None:
+    """The (device, inode) of each weights file a path source holds: a copy made with hard links (``cp -al``)
+    has another path but the same files. None for state dicts and paths that hold no weights file."""
+    if isinstance(source, Mapping):
+        return None
+    try:
+        path = Path(source)
+        files = [path] if path.suffix == ".safetensors" else sorted(path.glob("*.safetensors")) if path.is_dir() \
+            else []
+        found = frozenset((st.st_dev, st.st_ino) for st in (os.stat(f) for f in files))
+    except (OSError, ValueError):  # unreadable: the reader names the problem later
+        return None
+    return found or None
+
+
 def _check_source(role: str, source: Any) -> None:
     """A model is a path (str or os.PathLike) or a state dict; a path holds no NUL byte (no file system takes one)."""
     if not isinstance(source, (str, os.PathLike, Mapping)):
@@ -86,17 +101,23 @@ def check_inputs(base: Any, models: Sequence[Any]) -> None:
     for role, source in (("base", base), *((f"models[{k}]", m) for k, m in enumerate(models))):
         _check_source(role, source)
     seen: dict[Any, int] = {}
-    base_id = _identity(base)
+    files_seen: dict[frozenset, int] = {}
+    base_id, base_files = _identity(base), _weights_identity(base)
     for k, m in enumerate(models):
-        ident = _identity(m)
-        if ident == base_id:
-            raise ConfigError(f"model {k} ({m if not isinstance(m, Mapping) else 'state dict'}) is the base itself",
-                              hint="list only the fine-tuned models after the base")
-        if ident in seen:
-            raise ConfigError(f"model {k} is listed twice (also model {seen[ident]}): "
+        ident, files = _identity(m), _weights_identity(m)
+        if ident == base_id or (files is not None and files == base_files):
+            how = "" if ident == base_id else " (its weights files are the base's, hard-linked)"
+            raise ConfigError(f"model {k} ({m if not isinstance(m, Mapping) else 'state dict'}) is the base "
+                              f"itself{how}", hint="list only the fine-tuned models after the base")
+        if ident in seen or (files is not None and files in files_seen):
+            other = seen[ident] if ident in seen else files_seen[files]
+            how = "" if ident in seen else " (the same weights files, hard-linked)"
+            raise ConfigError(f"model {k} is listed twice (also model {other}){how}: "
                               f"{m if not isinstance(m, Mapping) else 'the same state dict object'}",
                               hint="each fine-tuned model should appear once; use weights to count one more")
         seen[ident] = k
+        if files is not None:
+            files_seen[files] = k
 
 
 def option_inputs(method: str | type, options: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -165,8 +186,8 @@ def resolve_sources(base: Any, models: Any) -> tuple[Any, Any]:
     return resolve_source(base), [resolve_source(m) for m in models]
 
 
-def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str) -> Checkpoint:
-    ckpt = open_checkpoint(source, allow_pickle=allow_pickle, label=label)
+def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str, role: str = "the model") -> Checkpoint:
+    ckpt = open_checkpoint(source, allow_pickle=allow_pickle, label=label, role=role)
     stack.callback(ckpt.close)
     return ckpt
 
@@ -195,7 +216,7 @@ def _open_reference(stack: ExitStack, path: str | None, base: Any, base_ckpt: Ch
     if adapter_kind(models) == "ia3":
         raise ConfigError("a reference model (sign_from) cannot be used with (IA)³ adapters: they merge scaling "
                           "vectors, not weight changes", hint="fold each (IA)³ adapter into its base model first")
-    reference = _open(stack, path, allow_pickle, f"{path} (reference)")
+    reference = _open(stack, path, allow_pickle, f"{path} (reference)", role="the reference model (sign_from)")
     if yields_task_vector(reference):
         if getattr(reference, "adapter_kind", None) != "lora":
             raise ConfigError(f"{path}: an (IA)³ adapter cannot be a reference model")

@@ -594,6 +594,10 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
             raise OutputError(f"{path}: {what} would replace a file tiesmerge did not write",
                               hint="choose another path (--force replaces only a file tiesmerge wrote there)")
         if not force:
+            if stat.S_ISLNK(st.st_mode):
+                raise OutputError(f"{path}: {what} already exists as a link (to {os.readlink(path)!r})",
+                                  hint="choose another path, or pass --force to replace the link itself (the file "
+                                       "it points to is left as it is)")
             raise OutputError(f"{path}: {what} already exists (an earlier tiesmerge output)",
                               hint="choose another path, or pass --force to replace it")
 

@@ -144,7 +144,9 @@ def _suggest_key(key: str, method: Any) -> str:
 def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "recipe") -> MergeRecipe:
     """Validate a parsed recipe; raise one ConfigError listing every problem."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
+        raise ConfigError(f"{source}: a recipe is a YAML mapping, got "
+                          f"{'nothing (empty)' if data is None else type(data).__name__}",
+                          hint="start from an example: tiesmerge merge --help shows one (method:, base:, models:)")
     if is_mergekit(data):
         data = from_mergekit(data, source=source)
     problems: list[str] = []

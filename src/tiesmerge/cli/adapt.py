@@ -70,8 +70,8 @@ def add_adapt_parser(sub: Any, method_flags: Callable[[argparse.ArgumentParser],
                    help="the model's logits: classifier (a *ForSequenceClassification, default), encoder (a "
                         "sentence encoder with frozen cosine heads: --heads), choice (a causal LM over answer "
                         "choices: --choices or rows' 'choices')")
-    p.add_argument("--heads", metavar="JSON", help="--forward encoder: {task: [class descriptions]}")
-    p.add_argument("--choices", metavar="JSON", help="--forward choice: {task: [answer choices]}")
+    p.add_argument("--heads", metavar="FILE", help="--forward encoder: a JSON file {task: [class descriptions]}")
+    p.add_argument("--choices", metavar="FILE", help="--forward choice: a JSON file {task: [answer choices]}")
     p.add_argument("--granularity", default="layer", choices=("task", "layer"),
                    help="one coefficient per task, or per task and parameter tensor (default layer)")
     p.add_argument("--steps", type=int, default=500, help="optimizer steps, each on one batch of every task (500)")

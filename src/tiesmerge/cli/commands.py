@@ -294,7 +294,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     manifest = json.loads((Path(out) / "tiesmerge.json").read_text())
     read = manifest["engine"]["bytes_read"]
     t = manifest["tensors"]
-    print(f"merged {len(recipe.models)} models with {recipe.method.name} into {shown(out)}")
+    n = len(recipe.models)
+    print(f"merged {n} model{'s' if n != 1 else ''} with {recipe.method.name} into {shown(out)}")
     if recipe.origin:
         print(f"  semantics: {terminal_safe(str(recipe.origin.get('semantics')))}")
     adapter = manifest.get("adapters", {})

@@ -84,6 +84,34 @@ def _declared_rank(config: dict, source: str) -> int | None:
     return None if config.get("rank_pattern") else r
 
 
+def _layers_to_transform(config: dict, source: str) -> tuple[frozenset[int], tuple[str, ...]] | None:
+    """PEFT's ``layers_to_transform`` (the layer indices adapted) and ``layers_pattern`` (the names of the
+    layer lists), or None when every layer may be adapted."""
+    layers = config.get("layers_to_transform")
+    if layers is None:
+        return None
+    listed = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+    if not isinstance(listed, list) or not listed or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                                                        for i in listed):
+        raise CheckpointError(f"{source}: layers_to_transform is {repr(layers)[:80]}, not a layer index or a list "
+                              "of them", hint="fix the adapter config (PEFT writes a list of non-negative integers)")
+    names = config.get("layers_pattern") or ()
+    names = (names,) if isinstance(names, str) else names
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{source}: layers_pattern is {repr(names)[:80]}, not a name or a list of names")
+    return frozenset(listed), tuple(names)
+
+
+def _layer_of(module: str, names: tuple[str, ...]) -> int | None:
+    """The layer index in a module path as PEFT finds it: the last ``<list>.<N>.`` inside the path (N followed by
+    more of the path), the list named one of ``names`` when given; None where the path has none."""
+    parts = module.split(".")
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i].isdigit() and parts[i].isascii() and (not names or parts[i - 1] in names):
+            return int(parts[i])
+    return None
+
+
 def _patterns(config: dict, key: str, source: str) -> list[tuple[ModulePattern, float]]:
     """PEFT's per-module pattern table (``alpha_pattern``), each key compiled to a matcher that
     never backtracks, each value checked as a number."""
@@ -170,8 +198,14 @@ class LoraCheckpoint:
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         declared = _declared_rank(self.config, source)
+        layers = _layers_to_transform(self.config, source)
         targets: dict[str, LoraTarget] = {}
         for module, (a_key, b_key, embedding) in self._factors.items():
+            if layers is not None and _layer_of(module, layers[1]) not in layers[0]:
+                raise IncompatibleCheckpointsError(
+                    f"{source}: layers_to_transform is {sorted(layers[0])[:20]}, but the adapter has LoRA factors "
+                    f"for {module!r} (layer {_layer_of(module, layers[1])})",
+                    hint="the config does not describe these weights: fix layers_to_transform (or layers_pattern)")
             name = resolve_name(module, ".weight", base, self.label, a_key)
             a, b = self._file.info(a_key).shape, self._file.info(b_key).shape
             rank = a[0] if a else 0
@@ -193,10 +227,11 @@ class LoraCheckpoint:
             module_alpha = _pattern_value(alpha_pattern, module, alpha)
             scale = module_alpha / (math.sqrt(rank) if rs else rank)
             if not abs(scale) <= MAX_LORA_SCALE:  # lora_alpha 1e300: every product would overflow to Inf
+                field = "alpha_pattern" if any(p.matches(module) for p, _ in alpha_pattern) else "lora_alpha"
                 raise CheckpointError(
-                    f"{source}: the adapter's scale for {module!r} (lora_alpha {module_alpha:g} / "
+                    f"{source}: the adapter's scale for {module!r} ({field} {module_alpha:g} / "
                     f"{'sqrt(r)' if rs else 'r'} {rank}) is {scale:.3g}, out of range (at most {MAX_LORA_SCALE:g})",
-                    hint="fix lora_alpha in the adapter config (PEFT's default is 8; a scale is a few units)")
+                    hint=f"fix {field} in the adapter config (PEFT's default lora_alpha is 8; a scale is a few units)")
             targets[name] = LoraTarget(module, a_key, b_key, rank, scale, transposed, embedding)
         full_bound: dict[str, str] = {}
         for plain, key in self._full.items():

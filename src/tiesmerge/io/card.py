@@ -8,12 +8,15 @@ import os
 import re
 import stat
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+
+from ..errors import MergeWarning
 
 __all__ = ["model_card", "hash_files"]
 
@@ -26,13 +29,26 @@ def _sha256(path: Path) -> dict:
     return {"path": str(path), "sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, MergeWarning, stacklevel=3)
+
+
 def _cache_file() -> Path | None:
     """Where file digests are remembered (``$TIESMERGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiesmerge``,
     else ``~/.cache/tiesmerge``), or None when TIESMERGE_DIGEST_CACHE=0."""
     if os.environ.get("TIESMERGE_DIGEST_CACHE", "1") == "0":
         return None
-    if os.environ.get("TIESMERGE_CACHE_DIR"):
-        return Path(os.environ["TIESMERGE_CACHE_DIR"]) / "digests.json"
+    chosen = os.environ.get("TIESMERGE_CACHE_DIR", "")
+    if os.path.isabs(chosen):
+        return Path(chosen) / "digests.json"
+    if chosen:  # relative: it would put a cache folder in whatever folder the command runs from
+        _warn_once(f"TIESMERGE_CACHE_DIR={chosen!r} is not an absolute path: ignored (file digests are "
+                   "remembered in the default cache folder; give an absolute path to move it)")
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored (it would write into the cwd)
         return Path(xdg) / "tiesmerge" / "digests.json"

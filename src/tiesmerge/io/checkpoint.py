@@ -81,14 +81,15 @@ def _read_index(index: Path) -> dict[str, Path]:
 
 
 def open_checkpoint(
-    source: str | os.PathLike | Mapping[str, torch.Tensor], *, allow_pickle: bool = False, label: str | None = None
+    source: str | os.PathLike | Mapping[str, torch.Tensor], *, allow_pickle: bool = False, label: str | None = None,
+    role: str = "the model",
 ) -> Checkpoint:
     """Open a model for lazy reading.
 
     ``source`` is a Hugging Face model directory (sharded safetensors with
     ``model.safetensors.index.json``, or one ``model.safetensors``), a PEFT adapter directory
     (``adapter_config.json``: LoRA or (IA)³, read as task vectors, see ``io.adapters``), a single
-    ``.safetensors`` file, or an in-memory state dict.
+    ``.safetensors`` file, or an in-memory state dict. ``role`` names it in errors ("the base", ...).
 
     >>> ckpt = open_checkpoint("path/to/model")            # doctest: +SKIP
     >>> ckpt.read("model.embed_tokens.weight", rows=slice(0, 8)).shape  # doctest: +SKIP
@@ -98,7 +99,7 @@ def open_checkpoint(
         return StateDictCheckpoint(source, label or "state dict")
     path = Path(source)
     label = label or str(path)
-    check_input(path, "the model")  # loops, dangling links, FIFOs and devices: typed errors, never a hang
+    check_input(path, role)  # loops, dangling links, FIFOs and devices: typed errors, never a hang
     if path.is_file():
         if path.suffix == ".safetensors":
             return SafetensorsCheckpoint(path, [path], {}, label)

@@ -173,7 +173,21 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
             "vocab.json); --vocab-policy union needs every model's tokenizer",
             hint="save the tokenizer beside the weights (tokenizer.save_pretrained(DIR)); a sentencepiece-only "
                  "tokenizer.model is not read: save it with a fast tokenizer to get tokenizer.json")
+    _check_added_once(tokens, added, directory, label)
     return TokenizerVocab(label, directory, tokens, added, frozenset(model_ids), "+".join(read))
+
+
+def _check_added_once(tokens: dict[int, str], added: dict[int, dict[str, Any]], directory: Path, label: str) -> None:
+    """An added token's text at a second id: the text encodes to one of them, so the union could keep only one row
+    and would drop the other's trained embedding silently."""
+    ids: dict[str, int] = {}
+    for i, text in tokens.items():
+        first = ids.setdefault(text, i)
+        if first != i and (i in added or first in added):
+            raise CheckpointError(
+                f"{directory}: {label}'s tokenizer gives the added token {text!r} two ids, {min(first, i)} and "
+                f"{max(first, i)}: text can reach only one of them, so merging vocabularies would drop the other's row",
+                hint="remove the duplicate from the tokenizer (added_tokens / added_tokens_decoder) and save it again")
 
 
 @dataclass(frozen=True)

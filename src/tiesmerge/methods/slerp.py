@@ -98,7 +98,8 @@ class Slerp:
     def requirements(self) -> Requirements:
         if self.t_by_name is not None and self.layers == 0:
             if any(len(values) > 1 for _, values in parse_schedule(self.t_by_name).rules):
-                raise ConfigError("t_by_name has a gradient: give the model's number of layers (layers)")
+                raise ConfigError("t_by_name has a gradient over the layers, and layers is 0 (not set): give layers, "
+                                  "the model's number of layers (at least 1, e.g. config.json's num_hidden_layers)")
         # the fused engine: the same reductions on the same float32 values, then one pass over the raw rows
         kernel = TensorKernel("interp", self._coefficients, pair=(0, 1) if self.anchor == "base" else (1, 2))
         return Requirements(whole_tensors=True, model_values=True, base_values=self.anchor == "base",

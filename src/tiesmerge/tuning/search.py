@@ -63,10 +63,16 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
     types = option_types(cls)
     grid: dict[str, tuple[Any, ...]] = declared_grid(cls)
     problems = []
+    given: dict[str, str] = {}  # option -> the --grid item that swept it first
     for item in items:
         name, _, values = item.partition("=")
         name = name.strip().replace("-", "_")
         kind = types.get(name)
+        if name in given and kind in (float, int):  # a second axis would silently replace the first
+            problems.append(f"--grid {item!r}: {name} is already swept by --grid {given[name]!r}; give each "
+                            "option one --grid (list every value there)")
+            continue
+        given.setdefault(name, item)
         if kind not in (float, int):
             problems.append(f"--grid {item!r}: {cls.name} has no numeric option {name!r} to sweep "
                             f"(it has: {', '.join(k for k, t in types.items() if t in (float, int))})")
