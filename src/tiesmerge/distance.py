@@ -52,6 +52,7 @@ SHARE_LIMIT = 0.25  # of tensors barely matching: fine-tunes measured 0 %, unrel
 MIN_PARAMETERS = 1_000_000  # fewer merged parameters: measured, not judged
 ROWS = 16  # rows sampled per matrix
 VECTOR_ENTRIES = 65536  # entries read of a vector (a prefix)
+WHOLE_READ_BYTES = 1 << 20  # a matrix this small is read whole (one read, not 16) and its rows picked in memory
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,12 @@ def _rows_of(shape: tuple[int, ...]) -> list[slice | None]:
         return [None]
     if len(shape) == 1:
         return [slice(0, min(shape[0], VECTOR_ENTRIES))]
-    picks = np.unique(np.linspace(0, shape[0] - 1, min(shape[0], ROWS)).round().astype(np.int64))
-    return [slice(int(r), int(r) + 1) for r in picks]
+    return [slice(int(r), int(r) + 1) for r in _picks(shape[0])]
+
+
+def _picks(n_rows: int) -> np.ndarray:
+    """The :data:`ROWS` evenly spaced rows sampled of a matrix of ``n_rows`` rows."""
+    return np.unique(np.linspace(0, n_rows - 1, min(n_rows, ROWS)).round().astype(np.int64))
 
 
 def _values(ckpt: Checkpoint, name: str, rows: slice | None) -> np.ndarray:
@@ -127,45 +132,66 @@ def _values(ckpt: Checkpoint, name: str, rows: slice | None) -> np.ndarray:
     return ckpt.read(name, rows).double().reshape(-1).numpy()
 
 
-def _measure_one(base: Checkpoint, model: Checkpoint, k: int, jobs: Sequence[TensorJob]) -> ModelDistance:
-    tensors: list[TensorDistance] = []
-    tau2 = base2 = 0.0
-    nbytes = params = 0
-    for job in jobs:
-        b_sq = t_sq = dot = m_sq = 0.0
-        sampled = 0
-        for rows in _rows_of(job.shape):
-            b, m = _values(base, job.name, rows), _values(model, job.name, rows)
-            nbytes += b.size * (base.info(job.name).itemsize + model.info(job.name).itemsize)
-            sampled += b.size
-            b_sq += float(b @ b)
-            m_sq += float(m @ m)
-            dot += float(b @ m)
-            t_sq += float((m - b) @ (m - b))
-        if not sampled:
-            continue
-        params += job.numel
-        scale = job.numel / sampled
-        tau2 += t_sq * scale
-        base2 += b_sq * scale
-        rel = math.sqrt(t_sq / b_sq) if b_sq > 0 else (math.inf if t_sq > 0 else 0.0)
-        cos = dot / math.sqrt(b_sq * m_sq) if b_sq > 0 and m_sq > 0 else (1.0 if b_sq == m_sq == 0 else 0.0)
-        tensors.append(TensorDistance(job.name, rel, max(-1.0, min(1.0, cos)), sampled))
-    overall = math.sqrt(tau2 / base2) if base2 > 0 else (math.inf if tau2 > 0 else 0.0)
-    share = sum(t.cosine < COSINE_FLOOR for t in tensors) / max(1, len(tensors))
-    return ModelDistance(k, model.label, overall, share, tuple(tensors), params, nbytes)
+def _sample(ckpt: Checkpoint, job: TensorJob) -> np.ndarray:
+    """(S,) float64: the entries of tensor ``job`` that the distance compares (see the module's docstring).
+    A matrix no larger than :data:`WHOLE_READ_BYTES` is read in one piece and its rows picked here: a
+    model of 10^5 small tensors (a mixture of experts) would otherwise cost 16 reads a tensor, each
+    mostly Python (2 ms a tensor in all, minutes before the merge started)."""
+    shape = tuple(job.shape)
+    if not job.numel:
+        return np.zeros(0)
+    if len(shape) >= 2 and job.numel * ckpt.info(job.name).itemsize <= WHOLE_READ_BYTES:
+        whole = _values(ckpt, job.name, None).reshape(shape[0], -1)  # (rows, rest)
+        return whole[_picks(shape[0])].reshape(-1)
+    parts = [_values(ckpt, job.name, rows) for rows in _rows_of(shape)]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@dataclass
+class _Sums:
+    """One model's running sums over the tensors measured so far."""
+
+    tensors: list[TensorDistance]
+    tau2: float = 0.0
+    base2: float = 0.0
+    nbytes: int = 0
+    params: int = 0
 
 
 def measure(base: Checkpoint, models: Sequence[Checkpoint], jobs: Sequence[TensorJob]) -> list[ModelDistance]:
-    """Each model's distance from the base over the merged tensors ``jobs`` (see the module's docstring)."""
+    """Each model's distance from the base over the merged tensors ``jobs`` (see the module's docstring).
+    Tensor by tensor: the base's sample is read once for all the models."""
     merged = [j for j in jobs if j.merge]
+    measured = [k for k, model in enumerate(models) if not yields_task_vector(model)]
+    sums = {k: _Sums([]) for k in measured}
+    for job in merged if measured else ():
+        b = _sample(base, job)
+        if not b.size:
+            continue
+        b_sq = float(b @ b)
+        for k in measured:
+            model, acc = models[k], sums[k]
+            m = _sample(model, job)
+            acc.nbytes += b.size * (base.info(job.name).itemsize + model.info(job.name).itemsize)
+            m_sq, dot = float(m @ m), float(b @ m)
+            t_sq = float((m - b) @ (m - b))
+            acc.params += job.numel
+            scale = job.numel / b.size
+            acc.tau2 += t_sq * scale
+            acc.base2 += b_sq * scale
+            rel = math.sqrt(t_sq / b_sq) if b_sq > 0 else (math.inf if t_sq > 0 else 0.0)
+            cos = dot / math.sqrt(b_sq * m_sq) if b_sq > 0 and m_sq > 0 else (1.0 if b_sq == m_sq == 0 else 0.0)
+            acc.tensors.append(TensorDistance(job.name, rel, max(-1.0, min(1.0, cos)), int(b.size)))
     out = []
     for k, model in enumerate(models):
-        if yields_task_vector(model):
+        if k not in sums:
             out.append(ModelDistance(k, model.label, 0.0, 0.0, (), 0, 0,
                                      skipped="a PEFT adapter: its task vector is defined against the base"))
             continue
-        out.append(_measure_one(base, model, k, merged))
+        acc = sums[k]
+        overall = math.sqrt(acc.tau2 / acc.base2) if acc.base2 > 0 else (math.inf if acc.tau2 > 0 else 0.0)
+        share = sum(t.cosine < COSINE_FLOOR for t in acc.tensors) / max(1, len(acc.tensors))
+        out.append(ModelDistance(k, model.label, overall, share, tuple(acc.tensors), acc.params, acc.nbytes))
     return out
 
 

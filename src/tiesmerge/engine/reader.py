@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,6 +123,14 @@ class _Buffers:
         return array[:nbytes]
 
 
+def _settle(pending: Future) -> None:
+    """Wait for a read ahead that already started; its error (if any) belongs to a chunk nobody asked for."""
+    try:
+        pending.result()
+    except BaseException:  # noqa: BLE001 - the caller's own error is the one being raised
+        pass
+
+
 class Reader:
     """Reads chunks of every input (raw for the kernels where they can, else as tensors)."""
 
@@ -140,6 +149,18 @@ class Reader:
         self._checked: set[tuple[str, int]] = set()
         self.bytes_read = 0
         self.sample_bytes = 0
+        self._pool: ThreadPoolExecutor | None = None  # the read-ahead thread of a whole run (see :meth:`reading`)
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """One read-ahead thread for every :meth:`stream` inside: a thread started per tensor cost
+        0.3 ms each, 1.5 s of a merge of 5,000 small tensors (mixture-of-experts checkpoints hold 10^5)."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-read") as pool:
+            self._pool = pool
+            try:
+                yield
+            finally:
+                self._pool = None
 
     # ------------------------------------------------------------------ chunks
     def raw(self, job: TensorJob) -> bool:
@@ -207,15 +228,20 @@ class Reader:
         """
         if not chunks:
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-read") as pool:
+        with ExitStack() as stack:
+            pool = self._pool or stack.enter_context(ThreadPoolExecutor(max_workers=1,
+                                                                         thread_name_prefix="tiesmerge-read"))
             pending: Future = pool.submit(self.read, chunks[0], 0)
-            for i, chunk in enumerate(chunks):
-                clock = time.perf_counter()
-                payload = pending.result()
-                self._tally("wait_read", clock)
-                if i + 1 < len(chunks):
-                    pending = pool.submit(self.read, chunks[i + 1], (i + 1) % 2)
-                yield chunk, payload
+            try:
+                for i, chunk in enumerate(chunks):
+                    clock = time.perf_counter()
+                    payload = pending.result()
+                    self._tally("wait_read", clock)
+                    if i + 1 < len(chunks):
+                        pending = pool.submit(self.read, chunks[i + 1], (i + 1) % 2)
+                    yield chunk, payload
+            finally:  # a caller that stops early (an error): the read ahead must not write a slot in use later
+                pending.cancel() or _settle(pending)
 
     # ------------------------------------------------------------------ tensors
     @staticmethod
