@@ -575,12 +575,17 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f"tiesmerge-torch-{dead.stdout.strip()}-abc123"
+    from tiesmerge.scratch import host_tag
+
+    stale = tmp_path / f"tiesmerge-torch-{host_tag()}-{dead.stdout.strip()}-abc123"
     stale.mkdir()
     (stale / "x").write_text("left by a killed run")
+    # sixth pass (pf1): a folder of another host sharing TMPDIR (its pid means nothing here) is never removed
+    elsewhere = tmp_path / f"tiesmerge-torch-{'0' * 8 if host_tag() != '0' * 8 else '1' * 8}-{dead.stdout.strip()}-abc"
+    elsewhere.mkdir()
     done = subprocess.run([sys.executable, "-m", "tiesmerge", "methods"], env=env, capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 0 and not stale.exists() and list(tmp_path.iterdir()) == []
+    assert done.returncode == 0 and not stale.exists() and list(tmp_path.iterdir()) == [elsewhere]
 
 
 def test_a_tokenizer_config_naming_a_missing_file_is_a_typed_error(classifiers, tmp_path, capsys):

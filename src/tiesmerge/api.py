@@ -225,7 +225,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         # entered before the pool: it is left after the pool's last hash (an ExitStack unwinds in reverse)
         stack.enter_context(digest_cache_kept_out_of(
             [output, *{f.parent for c in inputs_read for f in c.files()},
-             *(r for c in inputs_read if c.directory() is not None for r in input_roots(c.directory()))]))
+             *(r for c in inputs_read if c.directory() is not None for r in input_roots(c.directory())),
+             *(f.parent for s in prepared.stats for f in s.checkpoint.files())]))  # --stats folders are inputs too
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash")
         # on an error or Ctrl-C, skip the files not hashed yet: a plain `with pool` would hash every
         # remaining input (minutes for a large model) before the error is shown

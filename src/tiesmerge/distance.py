@@ -137,11 +137,12 @@ def _sample(ckpt: Checkpoint, job: TensorJob) -> np.ndarray:
     A matrix no larger than :data:`WHOLE_READ_BYTES` is read in one piece and its rows picked here: a
     model of 10^5 small tensors (a mixture of experts) would otherwise cost 16 reads a tensor, each
     mostly Python (2 ms a tensor in all, minutes before the merge started)."""
-    shape = tuple(job.shape)
+    shape = tuple(job.shape)  # the base's: a model may hold more rows (a vocabulary truncated to the base's)
     if not job.numel:
         return np.zeros(0)
-    if len(shape) >= 2 and job.numel * ckpt.info(job.name).itemsize <= WHOLE_READ_BYTES:
-        whole = _values(ckpt, job.name, None).reshape(shape[0], -1)  # (rows, rest)
+    info = ckpt.info(job.name)
+    if len(shape) >= 2 and math.prod(info.shape) * info.itemsize <= WHOLE_READ_BYTES:
+        whole = _values(ckpt, job.name, None).reshape(info.shape[0], -1)  # (its rows, rest)
         return whole[_picks(shape[0])].reshape(-1)
     parts = [_values(ckpt, job.name, rows) for rows in _rows_of(shape)]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

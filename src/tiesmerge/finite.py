@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InvalidTensorError
 
-__all__ = ["first_nonfinite", "check_finite"]
+__all__ = ["first_nonfinite", "check_finite", "check_fits_float8"]
 
 # (signed view, unsigned view, exponent mask) per floating safetensors code. A value is Inf or
 # NaN exactly when every exponent bit is set: as a signed integer, a positive one is then at least
@@ -74,3 +74,21 @@ _HINTS = {"F16": "float16 holds values up to 65504 only: write a wider dtype (--
           "BF16": _WIDE.format(dtype="bfloat16", top="3.4e38"),
           "F32": _WIDE.format(dtype="float32", top="3.4e38"),
           "F64": _WIDE.format(dtype="float64", top="1.8e308")}
+
+
+def check_fits_float8(name: str, values: Any, dtype: Any, offset: int = 0) -> None:
+    """Before a cast to a float8 dtype (``dtype``: torch's): ``values`` (float32, torch) must be finite and within the
+    dtype's range. torch's cast saturates (e4m3fn has no Inf: 768 is written as 448), so after it nothing would show
+    the overflow; checked here instead, as the writer checks the other dtypes' bits."""
+    import torch
+
+    top = torch.finfo(dtype).max
+    flat = values.detach().reshape(-1)
+    bad = ~torch.isfinite(flat) | (flat.abs() > top)
+    if not bool(bad.any()):
+        return
+    where = int(bad.nonzero()[0, 0])
+    raise InvalidTensorError(
+        f"tensor {name!r}: the merged value at element {offset + where:,} is {float(flat[where]):.6g}, past the "
+        f"output dtype {dtype} (largest value {top:g}, where a cast would silently clip it); no merged model was "
+        "written or returned", hint="write a wider dtype (--dtype bfloat16 or float32), or use a smaller lam")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import yaml
@@ -49,6 +50,30 @@ def depth_of(data: Any, limit: int = MAX_DEPTH) -> int:
     return deepest
 
 
+def huge_int(data: Any) -> int | None:
+    """The first integer of parsed JSON/YAML past the float range (a 400-digit number, a long hex in YAML), or None.
+    Every number tiesmerge reads becomes a float somewhere, and float() of such an int raises OverflowError: refused
+    here, once, for every file, naming the file, rather than wherever a value happens to be converted."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > sys.float_info.max:
+            return item
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _check_numbers(data: Any, source: str, error: type[TiesMergeError]) -> None:
+    big = huge_int(data)
+    if big is not None:
+        digits = len(str(abs(big))) if abs(big) < 10 ** 4300 else "thousands of"
+        raise error(f"{source}: holds an integer of {digits} digits, past the range of any number tiesmerge uses "
+                    "(about 1.8e308)", hint="fix that value: weights, densities and sizes are small numbers")
+
+
 def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = CheckpointError,
                max_depth: int = MAX_DEPTH) -> Any:
     """Parse JSON text: a typed error for bad syntax, bad encoding or nesting deeper than ``max_depth``."""
@@ -62,6 +87,7 @@ def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         raise error(f"{source}: not valid JSON ({str(exc)[:200]})", hint=_FIX_FILE) from None
     if depth_of(data, max_depth) > max_depth:
         raise error(f"{source}: JSON nested more than {max_depth} levels deep; no config is", hint=_FIX_FILE)
+    _check_numbers(data, source, error)
     return data
 
 
@@ -155,7 +181,9 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         if node is None:
             return None
         _expanded_size(node, max_nodes, max_depth, source, error)
-        return loader.construct_document(node)
+        data = loader.construct_document(node)
+        _check_numbers(data, source, error)
+        return data
     except TiesMergeError:  # our own limits' errors (a ValueError too): already say what is wrong
         raise
     except RecursionError:

@@ -117,11 +117,23 @@ def read_regular(path: str | os.PathLike, what: str, *, max_bytes: int,
         os.close(fd)
 
 
+def physical(path: str | os.PathLike) -> Path:
+    """``path`` made absolute the way the kernel resolves it: its folder with links and ".." followed
+    (``realpath``), its last name kept as given (a link there is seen, not followed). Lexical
+    ``abspath`` is wrong after a link: with ``l -> a/b``, ``l/../x`` is ``a/x`` to the kernel but
+    ``./x`` to ``abspath``, and an output checked at one and written at the other replaced an input."""
+    text = os.fspath(path)
+    head, tail = os.path.split(text.rstrip(os.sep) or text)
+    if tail in ("", ".", ".."):  # "-o ." or "-o out/..": the folder itself
+        return Path(os.path.realpath(text))
+    return Path(os.path.realpath(head or os.curdir)) / tail
+
+
 def _blobs(root: str | os.PathLike) -> tuple[Path | None, str | None]:
     """For a snapshot of the Hugging Face cache (``models--org--name/snapshots/<revision>``, whose
     files are links into ``models--org--name/blobs``): that repository's blobs folder, resolved, when
     ``<repo>/blobs`` itself (unresolved) is a real directory; else why it is not allowed."""
-    plain = Path(os.path.abspath(root))
+    plain = physical(root)
     if plain.parent.name != "snapshots":
         return None, None
     blobs = plain.parent.parent / "blobs"
@@ -194,6 +206,31 @@ def model_dir_files(source: str | os.PathLike, role: str, error: type[TiesMergeE
     return files
 
 
+def _check_other_entries(source: Path, checked: set[str], role: str, error: type[TiesMergeError]) -> None:
+    """Every other top-level entry of a folder handed to transformers: each tokenizer class opens files of its own
+    names (Whisper's normalizer.json, LUKE's entity_vocab.json, spm.model, ...), which no fixed list covers. A link
+    leaving the folder, a dangling link, a FIFO or a device there is refused, whatever its name; regular files and
+    folders inside are left to transformers."""
+    try:
+        names = sorted(os.listdir(source))
+    except OSError as exc:
+        raise error(f"{source}: cannot list {role}'s directory ({exc.strerror or exc})") from None
+    for name in names:
+        if name in checked or name == CHAT_TEMPLATES_DIR:
+            continue
+        path = source / name
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+            continue
+        if stat.S_ISLNK(mode):
+            real = inside(path, source, f"{role}'s {name}", error)  # a link leaving the folder: refused here
+            if os.path.isdir(real) or stat.S_ISREG(os.stat(real).st_mode):
+                continue
+            mode = os.stat(real).st_mode
+        raise error(f"{path}: {role}'s {name} is {_kind(mode)}, which transformers may open and block on",
+                    hint="remove it from the model folder (or replace it with the file itself)")
+
+
 # a tokenizer's extra chat templates (tool use, RAG...), one file each: read by transformers, copied to the output
 CHAT_TEMPLATES_DIR = "additional_chat_templates"
 # configs, tokenizer files and templates are read whole by transformers: a multi-GB one would fill the memory
@@ -242,6 +279,7 @@ def check_model_dir(source: str | os.PathLike, role: str, error: type[TiesMergeE
     if not os.path.isdir(source):
         raise error(f"{source}: {role} is not a directory", hint="give the model's Hugging Face directory")
     names = {f.name for f in model_dir_files(source, role, error)}
+    _check_other_entries(Path(source), names, role, error)
     if os.path.lexists(Path(source) / "adapter_config.json"):  # transformers would wrap the model with the adapter
         raise error(f"{source}: {role} holds a PEFT adapter (adapter_config.json) beside its model files; "
                     "transformers would apply the adapter when loading it, and tiesmerge's merge reads such a folder "
@@ -549,7 +587,7 @@ def input_roots(source: Any) -> list[Path]:
     try:
         roots = _roots(source)
         if len(roots) > 1:  # a snapshot of the cache: its whole repository folder (refs, blobs, snapshots)
-            roots.append(Path(os.path.realpath(Path(os.path.abspath(source)).parent.parent)))
+            roots.append(Path(os.path.realpath(physical(source).parent.parent)))
         return roots
     except (OSError, RuntimeError, ValueError):
         return []
@@ -571,11 +609,11 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     path = Path(path)
     for who, source in named:  # links followed: a link to an input is refused too
         for src in input_roots(source):
-            for cand in {Path(os.path.abspath(path)), _final(path)}:
+            for cand in {physical(path), _final(path)}:
                 if src == cand or src in cand.parents:
                     raise OutputError(f"{path}: {what} {'is' if src == cand else 'lies inside'} {who} ({source}); "
                                       "writing there would change an input", hint="choose a path outside the inputs")
-    parent = Path(os.path.abspath(path)).parent
+    parent = physical(path).parent
     if not os.path.isdir(parent):
         raise OutputError(f"{path}: {what}'s folder {parent} does not exist", hint="create it first or name another")
     try:
@@ -609,7 +647,7 @@ _SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is use
 def write_error(path: str | os.PathLike, exc: OSError, *, too_large_hint: str | None = None) -> OutputError:
     """An OSError met while writing ``path``, as an error naming the file, what ran out and how much
     space is left there (the OS's own message, "File too large", names neither)."""
-    folder = Path(os.path.abspath(path)).parent
+    folder = physical(path).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
@@ -630,10 +668,9 @@ def write_file(path: str | os.PathLike, text: str) -> None:
     replaced itself, never written through."""
     import tempfile
 
-    path = Path(path)
+    path = physical(path)
     # named for the process, not the file, so that any legal name (up to 255 bytes) can be written
-    fd, tmp = tempfile.mkstemp(prefix=f".tiesmerge-file-{os.getpid()}-", suffix=".tmp",
-                               dir=Path(os.path.abspath(path)).parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".tiesmerge-file-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -647,7 +684,8 @@ def write_file(path: str | os.PathLike, text: str) -> None:
 
 
 SEARCH_LOG = "log.jsonl"
-_SEARCH_FILES = {SEARCH_LOG, "results.md", "report.html"}
+SEARCH_STAMPS = ".tiesmerge-report-stamps.json"  # [size, mtime_ns] of the report files as the search wrote them
+_SEARCH_FILES = {SEARCH_LOG, "results.md", "report.html", SEARCH_STAMPS}
 
 
 def check_search_dir(directory: str | os.PathLike) -> None:
@@ -695,3 +733,32 @@ def check_search_dir(directory: str | os.PathLike) -> None:
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise OutputError(f"{directory}: --dir exists and holds files that are not a tiesmerge search's ({shown})",
                           hint="choose a new or empty --dir, or the --dir of the same search to resume it")
+    _check_report_unchanged(directory)
+
+
+def _check_report_unchanged(directory: Path) -> None:
+    """The report files a search rewrites at its end, as it wrote them: a results.md with the user's notes (changed
+    since, by its size or time) stops the run now, not after the search replaced it."""
+    from .limits import read_json
+
+    stamps_file = directory / SEARCH_STAMPS
+    if not os.path.lexists(stamps_file):
+        stamped: dict = {}
+    else:
+        try:
+            stamped = read_json(stamps_file, "the search's report stamps", error=OutputError)
+        except OutputError:
+            stamped = {}
+        stamped = stamped if isinstance(stamped, dict) else {}
+    changed = []
+    for name in ("results.md", "report.html"):
+        path = directory / name
+        if not os.path.lexists(path) or os.path.islink(path):
+            continue  # a link is replaced itself, never written through
+        if stamped.get(name) != file_stamp(path):
+            changed.append(name)
+    if changed:
+        them = "it" if len(changed) == 1 else "them"
+        raise OutputError(f"{directory}: {', '.join(changed)} changed since the search wrote {them} (or the search "
+                          f"did not write {them}), and this run would replace {them} at its end",
+                          hint="copy your changes out of --dir first (or rename the file), then run the search again")

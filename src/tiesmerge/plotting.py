@@ -22,10 +22,14 @@ __all__ = ["pyplot", "png", "html_table", "html_figure", "html_page"]
 def pyplot(purpose: str, *, required: bool = True) -> Any:
     """``matplotlib.pyplot`` with the Agg backend (no screen), or a typed error naming ``purpose``
     when matplotlib is not installed (``required=False``: None instead)."""
+    import os
     import sys
 
     if "matplotlib" not in sys.modules:  # the folder is read when matplotlib is first imported
         private_folder_for("MPLCONFIGDIR", "tiesmerge-matplotlib-")
+    # tiesmerge draws with Agg whatever the environment says: a user's MPLBACKEND naming a backend that does not
+    # exist made the import itself fail (a ValueError from matplotlib's settings), reported as a bug of ours
+    backend = os.environ.pop("MPLBACKEND", None) if "matplotlib" not in sys.modules else None
     try:
         import matplotlib
     except ImportError:
@@ -33,6 +37,9 @@ def pyplot(purpose: str, *, required: bool = True) -> Any:
             return None
         raise ConfigError(f"{purpose} need matplotlib",
                           hint="pip install 'tiesmerge[analyze]' (or matplotlib)") from None
+    finally:
+        if backend is not None:
+            os.environ["MPLBACKEND"] = backend  # the user's setting stays theirs (other code in the process)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -9,11 +9,13 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["private_folder", "private_folder_for", "remove_private_folders"]
+__all__ = ["private_folder", "private_folder_for", "remove_private_folders", "host_tag"]
 
 _FOLDERS: list[str] = []
-# "<prefix><pid>-<random>": a folder whose process is dead (a run killed outright) is removed by the next run
-_OURS = re.compile(r"^tiesmerge-(torch|matplotlib|ray)-(\d+)-[A-Za-z0-9_]+$")
+# "<prefix><host>-<pid>-<random>": a folder of this host whose process is dead (a run killed outright) is removed by
+# the next run; another host's (a TMPDIR shared by a cluster's nodes, or by containers) is never touched, since its
+# pid means nothing here
+_OURS = re.compile(r"^tiesmerge-(torch|matplotlib|ray)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
 def private_folder_for(env_var: str, prefix: str) -> None:
@@ -26,25 +28,34 @@ def private_folder_for(env_var: str, prefix: str) -> None:
 
 
 def private_folder(prefix: str) -> str:
-    """A new temporary folder ``<prefix><pid>-<random>`` (``prefix``: one of ``_OURS``'s), removed when the
+    """A new temporary folder ``<prefix><host>-<pid>-<random>`` (``prefix``: one of ``_OURS``'s), removed when the
     process exits, for a library that takes its folder as an argument (Ray's ``_temp_dir``)."""
     _remove_stale(tempfile.gettempdir())
-    folder = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+    folder = tempfile.mkdtemp(prefix=f"{prefix}{host_tag()}-{os.getpid()}-")
     _FOLDERS.append(folder)
     return folder
 
 
+def host_tag() -> str:
+    """This machine, as temporary names record it (8 hex digits of its name's sha256, as io.writer's)."""
+    import hashlib
+    import socket
+
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
 def _remove_stale(parent: str) -> None:
+    host = host_tag()
     try:
         entries = list(os.scandir(parent))
     except OSError:
         return
     for entry in entries:
         m = _OURS.match(entry.name)
-        if m is None or int(m.group(2)) == os.getpid() or not entry.is_dir(follow_symlinks=False):
+        if m is None or m.group(2) != host or int(m.group(3)) == os.getpid() or not entry.is_dir(follow_symlinks=False):
             continue
         try:
-            os.kill(int(m.group(2)), 0)
+            os.kill(int(m.group(3)), 0)
         except ProcessLookupError:  # dead: its folder is left from a run killed before it could remove it
             shutil.rmtree(entry.path, ignore_errors=True)
         except OSError:  # alive, someone else's: leave it

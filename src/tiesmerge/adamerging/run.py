@@ -26,7 +26,7 @@ from ..io.writer import _check_output_path as check_output_path
 from ..io.writer import _remove_empty
 from ..lazy import torch
 from ..methods.base import ChunkContext, MergeMethod, Requirements
-from ..paths import check_output_file, nested
+from ..paths import check_output_file, nested, physical
 from ..sizes import format_size
 from .learn import AdaptConfig, History, Merger, combine, is_checkpoint, learn, load_checkpoint
 from .report import summarise, write_report
@@ -262,7 +262,7 @@ def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[A
         check_output_path(Path(output).absolute(), force)  # before the training, not after it
         if checkpoint is None:
             checkpoint = default_checkpoint(Path(output))
-            folder = Path(os.path.abspath(checkpoint)).parent
+            folder = physical(checkpoint).parent
             if not os.path.isdir(folder):
                 # the output's missing parent (checked above, as the output's): nothing can be there yet, and the
                 # output's checks cover it (the checkpoint is inside an input only if the output is)

@@ -249,7 +249,7 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{args.recipe}: 'parameters' must be a mapping of method options")
         data["parameters"] = {**recipe_params, **given}
     missing = [flag for flag, key in (("--base", "base"), ("--model", "models")) if not data.get(key)]
-    if missing:
+    if missing and not args.recipe:  # a recipe's own check lists what it lacks, beside its other problems
         raise ConfigError(f"missing {' and '.join(missing)} (or a recipe file)",
                           hint="tiesmerge merge --base BASE --model FT1 --model FT2 -o OUT")
     return data

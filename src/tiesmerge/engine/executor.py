@@ -29,7 +29,7 @@ import numpy as np
 
 from ..dtypes import DType, as_dtype
 from ..errors import MergeWarning
-from ..finite import check_finite
+from ..finite import check_finite, check_fits_float8
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
 from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
@@ -322,7 +322,10 @@ class Executor:
                 rows = self.reader.task_vectors(chunk, payload, model_values=self.req.model_values)
                 delta = self.method.merge(rows.tau, self._context(chunk, rows, chunk_scope))  # (*S) float32
                 # model_values: merge returned the merged model itself, not a task vector
-                merged = (delta if self.req.model_values else rows.base.add_(delta)).to(out_dtype.torch)
+                merged = delta if self.req.model_values else rows.base.add_(delta)  # (*S) float32
+                if out_dtype.code.startswith("F8"):  # the cast saturates: check the range before it
+                    check_fits_float8(job.name, merged, out_dtype.torch, chunk.offset)
+                merged = merged.to(out_dtype.torch)
                 merged = merged.cpu() if merged.device.type != "cpu" else merged
                 self.stats.torch_chunks += 1
             self._write(sink.write, job.name, chunk.rows, merged)

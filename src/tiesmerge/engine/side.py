@@ -97,7 +97,9 @@ class SideInputs:
             why = self._invalid(value)  # each model's own values, as stored (their sum may overflow; they may not)
             if why:
                 raise InvalidTensorError(f"{stats.location(self.names[k][name])}: {self.spec.kind} statistic "
-                                         f"{name!r} {why}", hint="the statistics file is damaged; recompute it")
+                                         f"{name!r} {why}",
+                                         hint="the statistics file is damaged, or an older tiesmerge wrote statistics "
+                                              "that overflow (it now refuses them, naming the tensor): recompute them")
             values.append(value.mul_(self.scales[k]))
         side = torch.stack(values)  # (n, ...)
         if not self.spec.rows:

@@ -38,7 +38,9 @@ class SentenceEncoder(torch.nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        from .loading import fitted_length
+
+        self.max_length = fitted_length(model, max_length)  # never past the model's position table
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, state: Mapping[str, torch.Tensor] | None = None,

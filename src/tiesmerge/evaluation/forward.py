@@ -37,7 +37,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..paths import check_model_dir
 from .encoder import CosineHead, SentenceEncoder, build_head
-from .loading import from_pretrained
+from .loading import fitted_length, forward_checked, from_pretrained
 
 __all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
            "FunctionLogits", "Row", "as_rows", "checkpoint_names", "load_forward", "logits", "entropy"]
@@ -117,7 +117,7 @@ class ClassifierLogits(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_length: int = 128) -> None:
         super().__init__()
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.model, self.tokenizer, self.max_length = model, tokenizer, fitted_length(model, max_length)
 
     def encode(self, rows: Sequence[Row], task: str) -> dict[str, torch.Tensor]:
         pairs = _texts(rows, "text_pair") if rows and all("text_pair" in r for r in rows) else None
@@ -127,7 +127,8 @@ class ClassifierLogits(torch.nn.Module):
         return {k: v.to(device) for k, v in batch.items()}
 
     def forward(self, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
-        return self.model(**batch).logits  # (B, C)
+        with forward_checked(None):
+            return self.model(**batch).logits  # (B, C)
 
 
 class EncoderHeadLogits(torch.nn.Module):
@@ -167,7 +168,7 @@ class ChoiceLogits(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, choices: Mapping[str, Sequence[str]] | None = None,
                  max_length: int = 512) -> None:
         super().__init__()
-        self.model, self.tokenizer, self.max_length = model, tokenizer, max_length
+        self.model, self.tokenizer, self.max_length = model, tokenizer, fitted_length(model, max_length)
         self.choices = {t: tuple(c) for t, c in (choices or {}).items()}
 
     def _row_choices(self, row: Row, task: str) -> tuple[str, ...]:
@@ -215,7 +216,8 @@ class ChoiceLogits(torch.nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
         ids = batch["input_ids"]  # (B*C, T)
-        out = self.model(input_ids=ids, attention_mask=batch["attention_mask"]).logits  # (B*C, T, V)
+        with forward_checked(None):
+            out = self.model(input_ids=ids, attention_mask=batch["attention_mask"]).logits  # (B*C, T, V)
         logp = torch.log_softmax(out[:, :-1].float(), dim=-1)  # (B*C, T-1, V)
         token = logp.gather(2, ids[:, 1:, None]).squeeze(2)  # (B*C, T-1)
         scores = (token * batch["scored"]).sum(1)  # (B*C,)

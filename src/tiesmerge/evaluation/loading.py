@@ -4,10 +4,12 @@ transformers cannot make sense of is the user's input to fix, named as such, not
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TiesMergeError
 from ..limits import read_json
 
 __all__ = ["from_pretrained"]
@@ -48,7 +50,10 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
     kwargs["trust_remote_code"] = False
     try:
         return load(directory, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, ImportError) as exc:
+    except (TiesMergeError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - a config's values reach transformers' code: ZeroDivisionError,
+        # AssertionError, huggingface_hub's validation errors... all say the folder cannot be loaded
         what = getattr(loader, "__name__", "transformers")
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
             raise CheckpointError(f"{directory}: {role} needs code shipped in the model folder (an auto_map in its "
@@ -59,3 +64,39 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
         raise CheckpointError(f"{directory}: {what} cannot load {role} ({type(exc).__name__}: {first})",
                               hint="check its config.json and tokenizer files (a tokenizer_config.json naming a "
                                    "file that is not there, a config of another architecture)") from None
+
+
+# encoders whose position ids start past the padding index (RoBERTa's create_position_ids_from_input_ids):
+# a sequence of max_position_embeddings - 2 tokens already uses the last position
+_POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "xlm-roberta-xl": 2, "camembert": 2, "longformer": 2,
+                    "mpnet": 2, "ibert": 2, "luke": 2, "esm": 2, "data2vec-text": 2, "xmod": 2,
+                    "roberta-prelayernorm": 2, "markuplm": 2, "bart": 2, "mbart": 2}
+
+
+def fitted_length(model: Any, max_length: int) -> int:
+    """``max_length`` capped at what the model's position table holds (``config.max_position_embeddings``, less the
+    offset some encoders start their positions at): a text truncated only at ``max_length`` could index past the
+    table and fail inside the model's forward (a 32-position model with the default 128 did)."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0:
+        return max_length
+    usable = positions - _POSITION_OFFSET.get(str(getattr(config, "model_type", "")), 0)
+    return max(1, min(max_length, usable))
+
+
+@contextmanager
+def forward_checked(directory: str | os.PathLike | None, role: str = "the model") -> Iterator[None]:
+    """Errors of a model's own forward pass as a typed error naming it: a config.json whose values transformers
+    accepts when loading but cannot run (a negative layer count, zero heads, a pad id past the vocabulary, an
+    epsilon given as text) fails inside the model, which is no bug of tiesmerge's."""
+    try:
+        yield
+    except (TiesMergeError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the model's code raises, with its own words
+        first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else ""
+        where = f"{directory}: " if directory is not None else ""
+        raise CheckpointError(f"{where}{role} fails in its forward pass ({type(exc).__name__}: {first})",
+                              hint="its config.json likely does not describe these weights (a layer or head count, a "
+                                   "token id or an epsilon out of range): use the model's original config") from None

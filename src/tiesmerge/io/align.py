@@ -21,6 +21,7 @@ from ..limits import read_json
 from ..paths import inside
 from .peft import yields_task_vector
 from .protocol import Checkpoint, read_rows_into, rows_shape
+from .vocab_rows import VOCAB_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
@@ -288,7 +289,10 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 )
             if mi.shape == info.shape:
                 continue
-            rows_only = len(mi.shape) == len(info.shape) >= 1 and mi.shape[1:] == info.shape[1:]
+            # only a tensor whose rows are tokens (an embedding, an output head) may differ in rows: another
+            # tensor with more rows is another architecture, and cutting it would merge it silently
+            rows_only = len(mi.shape) == len(info.shape) >= 1 and mi.shape[1:] == info.shape[1:] \
+                and name.endswith(VOCAB_SUFFIXES)
             if rows_only and vocab_policy == "truncate" and mi.shape[0] > info.shape[0]:
                 truncated.append({"tensor": name, "model": k, "from_rows": mi.shape[0], "to_rows": info.shape[0]})
                 continue

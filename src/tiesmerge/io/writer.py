@@ -10,13 +10,11 @@ Chunks arrive as numpy arrays of the stored bytes (bfloat16 as a uint16 view: se
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import socket
 import struct
 import tempfile
 from collections.abc import Collection, Iterator, Sequence
@@ -45,8 +43,10 @@ from ..paths import (
     listing,
     model_dir_files,
     open_regular,
+    physical,
     write_error,
 )
+from ..scratch import host_tag
 from ..sizes import format_size
 
 if TYPE_CHECKING:
@@ -256,10 +256,6 @@ def _check_output_path(final: Path, force: bool) -> None:
 _TMP = re.compile(r"^\.tiesmerge-(tmp|old)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
-def _host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -271,7 +267,7 @@ def _alive(pid: int) -> bool:
 
 
 def _sibling(parent: Path, kind: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".tiesmerge-{kind}-{_host()}-{os.getpid()}-", dir=parent))
+    return Path(tempfile.mkdtemp(prefix=f".tiesmerge-{kind}-{host_tag()}-{os.getpid()}-", dir=parent))
 
 
 def remove_stale(parent: Path) -> list[str]:
@@ -283,7 +279,7 @@ def remove_stale(parent: Path) -> list[str]:
         entries = list(os.scandir(parent))
     except OSError:
         return cleaned
-    host = _host()
+    host = host_tag()
     for entry in entries:
         m = _TMP.match(entry.name)
         if not m or m.group(2) != host or int(m.group(3)) == os.getpid() or _alive(int(m.group(3))):
@@ -305,7 +301,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
     """Yield a temporary sibling of ``final``; on success rename it into place, on any error
     (Ctrl-C and SIGTERM included) remove it, so no half-written output ever looks complete.
     ``final`` may replace (``force``) only a directory tiesmerge wrote (see ``tiesmerge.paths``)."""
-    final = Path(os.path.abspath(final))  # "out/.." is its parent, as the checks resolve it
+    final = physical(final)  # where the kernel puts it: "l/../out" after a link l is not "./out"
     _check_output_path(final, force)
     # parent folders this call creates are removed again on failure, like the output itself
     created = [p for p in final.parents if not p.exists()]  # innermost first

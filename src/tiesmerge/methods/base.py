@@ -340,15 +340,21 @@ def option_types(cls: type) -> dict[str, Any]:
 FLOAT32_MAX = 3.4028234663852886e38  # every merge computes in float32: a larger option value is Inf there
 
 
+def _real(value: Any) -> bool:
+    """A finite int or float. An int is never converted: 10**400 is finite, and math.isfinite(10**400) would
+    raise OverflowError (an int past the float range)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        (isinstance(value, int) or math.isfinite(value))
+
+
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and abs(value) <= FLOAT32_MAX
+    return _real(value) and abs(value) <= FLOAT32_MAX  # an int compares with a float exactly, any size
 
 
 def finite(value: Any) -> str | None:
     if _number(value):
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+    if _real(value):
         return "must be at most 3.4e38 in magnitude (merges compute in float32)"
     return "must be a finite number"
 
@@ -472,25 +478,35 @@ def _out_of_range(unit: str, value: Any) -> str | None:
     return f"must be {shown} ({unit})"
 
 
+def _shown(value: Any) -> str:
+    """A value as an error shows it: a 400-digit number or a huge list cut short."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 40:
+        digits = len(str(abs(value))) if abs(value) < 10 ** 4000 else "thousands of"
+        text = f"{float(value):.3g}" if abs(value) <= 1.7e308 else f"an integer of {digits} digits"
+    else:
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
     """What is wrong with one option's (normalised) value, or None."""
     meta = f.metadata
     unit = meta.get("unit", "")
     if meta.get("per_model"):
         if not isinstance(value, tuple) or not value:
-            return f"must be a list with one value per model, got {value!r}"
+            return f"must be a list with one value per model, got {_shown(value)}"
         for v in value:
             why = (meta["check"](v) if meta.get("check") else finite(v)) or _out_of_range(unit, v)
             if why:
-                return f"{why}, got {v!r} in {list(value)}"
+                return f"{why}, got {_shown(v)} in {_shown(list(value))}"
         why = meta["check_all"](value) if meta.get("check_all") else None
-        return f"{why}, got {list(value)}" if why else None
+        return f"{why}, got {_shown(list(value))}" if why else None
     if meta.get("choices"):
         ok = isinstance(value, str) and value in meta["choices"]
-        return None if ok else f"={value!r} is not one of {', '.join(meta['choices'])}"
+        return None if ok else f"={_shown(value)} is not one of {', '.join(meta['choices'])}"
     why = meta["check"](value) if meta.get("check") else _TYPE_CHECKS[kind](value)  # a check includes the type's
     why = why or _out_of_range(unit, value)
-    return f"{why}, got {value!r}" if why else None
+    return f"{why}, got {_shown(value)}" if why else None
 
 
 def option_problem(cls: type, name: str, value: Any) -> str | None:

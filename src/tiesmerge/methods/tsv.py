@@ -80,7 +80,9 @@ class TsvMerge:
     svd_precision: str = precision_option()
     randomized_above: int = option(0, "matrices with more entries than this use a seeded randomized SVD "
                                    "of the top triplets (0: never)", unit="entries", check=non_negative_int)
-    power_iters: int = option(2, "power iterations of the randomized SVD", unit="count", check=non_negative_int)
+    power_iters: int = option(2, "power iterations of the randomized SVD (each multiplies the matrix twice; a few "
+                              "suffice: the error falls geometrically)", unit="count, [0, 100]",
+                              check=non_negative_int)
     seed: int = option(0, "seed of the randomized SVD's sketches (one stream per tensor)", unit="integer",
                        check=seed_value)
 

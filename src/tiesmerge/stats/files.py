@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, InvalidTensorError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
 from ..limits import read_json
@@ -144,6 +144,13 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
         manifest = StatsManifest(**{**manifest.to_dict(),
                                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in stats.tensors.items()}
+    for name, value in tensors.items():  # before anything is written: statistics a merge would refuse are no output
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise InvalidTensorError(
+                f"{manifest.kind} statistic {name!r} {tuple(value.shape)}: {bad:,} entries are not finite (Inf or NaN) "
+                "in float32", hint="the model's activations (or gradients) overflow float32 on these texts: its "
+                "weights are likely damaged (check the model); statistics that overflow cannot weigh a merge")
     groups = [[OutputEntry(k, tuple(v.shape), v.dtype)] for k, v in tensors.items()]
     with atomic_directory(directory, force=force, needed_bytes=sum(v.numel() * 4 for v in tensors.values())) as tmp:
         writer = ShardedWriter(tmp, groups, parse_size(shard_size),

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..evaluation.loading import from_pretrained
+from ..evaluation.loading import fitted_length, forward_checked, from_pretrained
 from ..io.checkpoint import open_checkpoint
 from ..limits import read_json, read_json_lines
 from ..paths import check_input, check_model_dir
@@ -118,6 +118,7 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM if causal else AutoModel
     model = from_pretrained(loader, model_dir).to(device)
     tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
+    max_length = fitted_length(model, max_length)  # never past the model's position table
     padding = "right, with the tokenizer's pad token"
     if tokenizer.pad_token_id is None:
         # Llama/GPT tokenizers have none. Any stand-in would be read by a classifier's pooling (it finds the last
@@ -136,13 +137,14 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v for k, v in batch.items() if k != "labels"}
 
-    if kind == "fisher":
-        stats = fisher_information(model, batches, lambda m, b: m(**inputs(b)).logits, kind=fisher,
-                                   targets=(lambda b: b["labels"]) if fisher != "exact" else None,
-                                   per_example=per_example, progress=progress, model=model_dir)
-    else:
-        stats = gram_matrices(model, batches, lambda m, b: m(**inputs(b)),
-                              token_mask=lambda b: b["attention_mask"].bool(), progress=progress, model=model_dir)
+    with forward_checked(model_dir):
+        if kind == "fisher":
+            stats = fisher_information(model, batches, lambda m, b: m(**inputs(b)).logits, kind=fisher,
+                                       targets=(lambda b: b["labels"]) if fisher != "exact" else None,
+                                       per_example=per_example, progress=progress, model=model_dir)
+        else:
+            stats = gram_matrices(model, batches, lambda m, b: m(**inputs(b)),
+                                  token_mask=lambda b: b["attention_mask"].bool(), progress=progress, model=model_dir)
     stats.manifest.options.update({"data": str(data), "max_length": max_length, "batch_size": batch_size,
                                    "padding": padding})
     return stats

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -36,9 +37,10 @@ class Candidate:
     index: int
     options: dict[str, Any]
 
-    @property
+    @cached_property
     def key(self) -> str:
-        """Identifies the candidate in the results log (a resumed search matches on it)."""
+        """Identifies the candidate in the results log (a resumed search matches on it). Cached: a search
+        compares the keys of every candidate of a batch, and a grid asks its whole grid as one batch."""
         return json.dumps(canonical(self.options), sort_keys=True)
 
     @property

@@ -171,6 +171,7 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
         _check(job, candidates, n_models)  # a bad candidate fails before a merge
         scored: dict[int, Trial] = {}
         todo = []
+        first: dict[str, Candidate] = {}  # key -> the batch's first candidate with it (linear, not pairwise)
         for c in candidates:
             known = seen.get(c.key)
             record = results.get(c.key) if results is not None and known is None else None
@@ -178,7 +179,8 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
                 score = known.score if known is not None else float(record["score"])
                 seconds = known.seconds if known is not None else float(record["seconds"])
                 scored[c.index] = Trial(c.index, c.options, score, seconds, reused=True)
-            elif all(c.key != t.key for t in todo):
+            elif c.key not in first:
+                first[c.key] = c
                 todo.append(c)
 
         def on_scored(c: Candidate, score: float, seconds: float, scored: dict[int, Trial] = scored) -> None:
@@ -195,7 +197,7 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
         executor.score(todo, on_scored)
         for c in candidates:  # duplicates within the batch take their first twin's score
             if c.index not in scored:
-                twin = next(t for t in todo if t.key == c.key)
+                twin = first[c.key]
                 scored[c.index] = Trial(c.index, c.options, scored[twin.index].score, scored[twin.index].seconds, True)
         new = [scored[c.index] for c in candidates]
         for c, t in zip(candidates, new):

@@ -96,7 +96,10 @@ def ray_available() -> bool:
     return True
 
 
-def _import_ray():
+def _import_ray(local: bool = False):
+    """``ray``; ``local``: a local cluster will be started, so give it a private token first (see _private_token)."""
+    if local and "ray" not in sys.modules:  # Ray reads the token settings when it is imported
+        _private_token()
     try:
         import ray
     except ImportError:
@@ -109,6 +112,37 @@ def _import_ray():
 # The object store shares numpy arrays between the workers of a node without copying them (torch
 # tensors would be unpickled into a copy per task), so states travel as arrays. Every state here is
 # float32 or an integer/bool buffer: dtypes numpy has.
+# Ray's longest socket path under its folder: "session_<date>_<time>_<micro>_<pid>/sockets/plasma_store"; a Unix
+# socket's path holds 107 bytes at most, so a longer folder fails inside ray.init with Ray's own words
+_RAY_SOCKET_TAIL = 64
+_SOCKET_PATH_MAX = 107
+
+
+def _ray_folder() -> str:
+    """The local cluster's private session folder, short enough for Ray's socket paths (checked up front)."""
+    folder = private_folder("tiesmerge-ray-")
+    if len(os.fsencode(folder)) + 1 + _RAY_SOCKET_TAIL > _SOCKET_PATH_MAX:
+        raise ConfigError(f"{folder}: the temporary folder's path is {len(os.fsencode(folder))} bytes long, and Ray's "
+                          f"socket paths under it would pass the {_SOCKET_PATH_MAX} bytes a Unix socket path holds",
+                          hint="set RAY_TMPDIR (or TMPDIR) to a short folder, e.g. RAY_TMPDIR=/tmp/ray-me")
+    return folder
+
+
+def _private_token() -> None:
+    """Ray 2.60 starts a local cluster with token authentication and saves a new token to ~/.ray/auth_token: a file
+    written outside the command's output and folders. Where the user has no token or mode of their own, the cluster
+    gets a random token through the environment (the workers inherit it) and nothing is written to the home folder.
+    Only before Ray is imported: set later, the driver would not present it and the cluster would refuse it."""
+    if any(os.environ.get(v) for v in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")):
+        return  # the user's own choice
+    if os.path.exists(os.path.join(os.path.expanduser("~"), ".ray", "auth_token")):
+        return  # the user's token: Ray reads it as before
+    import secrets
+
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _to_numpy(state: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in state.items()}
 
@@ -158,7 +192,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, *, workers: int | None = None, cpus_per_task: int | None = None,
                  gpus_per_task: float | None = None, max_retries: int = 3) -> None:
-        ray = _import_ray()
+        ray = _import_ray(local=not address)
         if workers is not None and workers < 1 or cpus_per_task is not None and cpus_per_task < 1:
             raise ConfigError(f"workers {workers}, cpus per task {cpus_per_task}: each must be at least 1")
         if address and workers is not None:
@@ -183,7 +217,7 @@ class RayExecutor:
                 if not os.environ.get("RAY_TMPDIR"):  # the user's choice of Ray's folder stands
                     # the local cluster's session folder (logs, sockets, ports): private, removed at exit, never
                     # left in $TMPDIR/ray (README, Safety)
-                    kwargs["_temp_dir"] = private_folder("tiesmerge-ray-")
+                    kwargs["_temp_dir"] = _ray_folder()
                 ray.init(num_cpus=workers * cpus_per_task, include_dashboard=False, **kwargs)
             self._owned = True
         if gpus_per_task is None:  # one GPU per task where the cluster has GPUs

@@ -8,6 +8,7 @@ the search's JSONL log, each written to a temporary name and renamed, so a repor
 from __future__ import annotations
 
 import html
+import json
 import math
 import os
 from pathlib import Path
@@ -111,4 +112,9 @@ def write_report(result: SearchResult, directory: str | os.PathLike) -> Path:
     markdown = _markdown(result)
     _write(out / "results.md", markdown)
     _write(out / "report.html", _html(result, figures, markdown))
+    from ..paths import SEARCH_STAMPS, file_stamp
+
+    # what was written, so that a later run of the same search can tell a report the user edited since (their notes
+    # in results.md) from its own, and stop before replacing it (paths.check_search_dir)
+    _write(out / SEARCH_STAMPS, json.dumps({name: file_stamp(out / name) for name in ("results.md", "report.html")}))
     return out / "report.html"
