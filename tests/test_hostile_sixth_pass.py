@@ -242,3 +242,62 @@ def test_a_local_ray_cluster_gets_a_private_token_and_a_short_folder(tmp_path, m
     monkeypatch.setattr("tempfile.tempdir", str(long))
     with pytest.raises(ConfigError, match="RAY_TMPDIR"):
         executors._ray_folder()
+
+
+@pytest.mark.parametrize("flag", ["--stats", "--model", "-o"])
+def test_an_empty_option_value_is_named_not_taken_for_the_working_folder(family, tmp_path, capsys, flag):
+    inputs, b, ms = family
+    argv = ["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "-o", str(tmp_path / "out")]
+    argv += [flag, ""]
+    before = snapshot(inputs)
+    rc, _, err = run_cli(argv, capsys)
+    check(rc, err, want_rc=2, needle=f"error: {flag} is empty", output=tmp_path / "out", inputs=inputs, before=before)
+
+
+def test_debug_after_the_command_is_accepted(family, tmp_path, capsys):
+    inputs, b, ms = family
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--debug"), capsys)
+    assert rc == 0, err
+
+
+def test_a_recipe_cannot_consent_to_unpickling_for_the_user(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    (tmp_path / "r.yaml").write_text(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\nallow_pickle: true\n")
+    for command in (["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out")],
+                    ["validate", str(tmp_path / "r.yaml")]):
+        rc, _, err = run_cli(command, capsys)
+        assert rc == 2 and "only --allow-pickle on the command line" in err, err
+    rc, _, err = run_cli(["validate", str(tmp_path / "r.yaml"), "--allow-pickle"], capsys)
+    assert rc == 0, err
+
+
+def test_a_recipe_path_under_an_existing_folder_is_not_taken_for_a_repo_id(family, tmp_path, capsys, monkeypatch):
+    inputs, b, ms = family
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "work" / "rdir").mkdir()
+    (tmp_path / "work" / "rdir" / "t.yaml").write_text("method: ties\nbase: base\nmodels: [a, b]\n")
+    rc, _, err = run_cli(["merge", "rdir/t.yaml", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 1 and "rdir/base: no such file or directory" in err and "hf download" not in err, err
+
+
+def test_a_quantized_base_under_float_fine_tunes_is_refused(tmp_path):
+    import tiesmerge
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    base, fts = make_family(2)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base[name] = base[name].to(torch.int8)
+    with pytest.raises(IncompatibleCheckpointsError, match="the base stores it as int8 but model 0 as float32"):
+        tiesmerge.merge(base, fts, "ties")
+
+
+def test_api_output_and_origin_are_checked_before_any_work(family, tmp_path):
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    inputs, b, ms = family
+    with pytest.raises(ConfigError, match="output is a bytes, not a path"):
+        tiesmerge.merge(b, ms, "ties", output=b"out")
+    with pytest.raises(ConfigError, match="origin holds a value that cannot be written"):
+        tiesmerge.merge(b, ms, "ties", output=tmp_path / "out", origin={"x": object()})
+    assert not (tmp_path / "out").exists()

@@ -189,6 +189,17 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:
         raise ConfigError(f"shard_size: {exc}") from None
+    if output is not None and not isinstance(output, (str, os.PathLike)) or isinstance(output, bytes):
+        raise ConfigError(f"output is a {type(output).__name__}, not a path", hint="pass a str or pathlib.Path")
+    if origin is not None:  # written into the manifest and the card at the end: a value YAML cannot hold fails now
+        import yaml
+
+        try:
+            yaml.safe_dump(dict(origin)), json.dumps(dict(origin))
+        except (TypeError, ValueError, yaml.YAMLError) as exc:
+            raise ConfigError(f"origin holds a value that cannot be written to the manifest ({type(exc).__name__}: "
+                              f"{str(exc)[:120]})", hint="give origin plain strings, numbers, lists and mappings") \
+                from None
     if output is not None:
         check_inputs(base, models)  # first: a single path given as `models` would be read letter by letter
         reference = m.requirements().reference

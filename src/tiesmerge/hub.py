@@ -133,4 +133,12 @@ def resolve_source(source: Any) -> Any:
     if parts is None:
         return source
     org, name, revision = parts
+    if os.path.isdir(org) and not _cached(org, name):  # "rdir/base": a folder rdir exists here, no such repo cached
+        raise CheckpointError(f"{source}: no such file or directory (the folder {org} exists here, but holds no "
+                              f"{name}; and no Hugging Face repo {org}/{name} is cached)",
+                              hint="check the path (paths in a tiesmerge recipe are relative to the recipe's folder)")
     return resolve_repo(f"{org}/{name}", revision)
+
+
+def _cached(org: str, name: str) -> bool:
+    return (hub_cache() / f"models--{org}--{name}").is_dir()

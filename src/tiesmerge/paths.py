@@ -626,7 +626,8 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise OutputError(f"{path}: {what} names something other than a file "
                               f"({'a directory' if stat.S_ISDIR(st.st_mode) else _kind(st.st_mode)})",
-                              hint="name a file, e.g. --json scores.json")
+                              hint=f"name a file for {what}"
+                              + (", e.g. --json scores.json" if what == "--json" else ""))
         written_by_us = stat.S_ISLNK(st.st_mode) or (ours is not None and ours(path))
         if not written_by_us:
             raise OutputError(f"{path}: {what} would replace a file tiesmerge did not write",

@@ -255,14 +255,25 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def _recipe_pickle_consent(recipe: Any, args: argparse.Namespace) -> None:
+    """Unpickling runs a file's code: the person running the command opts in (--allow-pickle), never a recipe that
+    may come from someone else."""
+    if recipe.allow_pickle and not args.allow_pickle:
+        raise ConfigError(f"{args.recipe}: the recipe sets allow_pickle: true, but only --allow-pickle on the command "
+                          "line lets tiesmerge read pickled weights (.bin/.pt)",
+                          hint="pass --allow-pickle if you trust every model the recipe names, or convert them to "
+                               "safetensors")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..api import describe_plan, merge, plan_merge  # the engine: imported by the commands that merge
     from ..inputs import check_budget
 
     data = _recipe_data(args)
     recipe = recipe_from_dict(data, source=args.recipe or "command line")
+    _recipe_pickle_consent(recipe, args)
     common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
-                  vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle or recipe.allow_pickle,
+                  vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle,
                   allow_distant=recipe.allow_distant)
     if args.dry_run:
         if args.output:  # the same checks as a real run: a dry run that says nothing wrong must mean it
@@ -393,6 +404,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..inputs import check_budget
 
     recipe = load_recipe(args.recipe)
+    _recipe_pickle_consent(recipe, args)
     # the checks of the merge's plan, short of reading any weights: every input exists and is a model
     # (headers read), none is given twice, the shapes align, the statistics fit, the device exists
     plan = plan_merge(recipe.base, list(recipe.models), recipe.method, device=recipe.device,

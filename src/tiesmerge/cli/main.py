@@ -166,6 +166,8 @@ def _parser() -> argparse.ArgumentParser:
                        epilog="example:\n  tiesmerge validate recipe.yaml",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("recipe")
+    v.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True); a "
+                   "recipe's own allow_pickle: true counts only with this flag")
 
     t = sub.add_parser("tune", help="search a method's (density, lam) grid on validation data",
                        epilog=TUNE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -278,6 +280,21 @@ def _private_torch_cache() -> None:
     private_folder_for("TORCHINDUCTOR_CACHE_DIR", "tiesmerge-torch-")
 
 
+def _empty_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The options (and positional arguments) given an empty string: `--stats ''` was taken for the working folder
+    ("the output lies inside the statistics (.)") and `-o ''` for nothing at all."""
+    empty = []
+    for k, arg in enumerate(argv):
+        if arg != "":
+            continue
+        before = argv[k - 1] if k else ""
+        empty.append(before if before.startswith("-") else f"argument {k + 1}")
+    for arg in argv:
+        if arg.startswith("--") and arg.endswith("=") and "=" not in arg[:-1]:  # --stats=
+            empty.append(arg[:-1])
+    return empty
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     # a standard stream closed by the caller (`2>&-` in a cron job) is None here: write nowhere, never crash
@@ -292,10 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         parser = _parser()  # reads the method table (broken plugins are set aside, never a traceback)
     except TiesMergeError as exc:
         return _report(exc, debug)
-    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in given[1:]:  # after the command, where the hints' "run again with --debug" gets appended
+        given.remove("--debug")
+        given.insert(0, "--debug")
+    args = parser.parse_args(given)
     if args.command is None:
         parser.print_help()
         return 2
+    empty = _empty_values(parser, given)
+    if empty:
+        return _report(ConfigError([f"{flag} is empty" for flag in empty],
+                                   hint="give a value (a path, a name or a number), or leave the option out"), debug)
     try:
         os.getcwd()
     except FileNotFoundError:  # relative paths, and the check that -o is not the working folder, need it
