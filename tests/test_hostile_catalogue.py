@@ -629,7 +629,7 @@ def test_sigterm_removes_the_temporary_output(family, tmp_path):
 
 def test_a_killed_runs_temporary_directory_is_removed_later(family, tmp_path, capsys):
     inputs, b, ms = family
-    from tiesmerge.io.writer import _host
+    from tiesmerge.scratch import host_tag as _host
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

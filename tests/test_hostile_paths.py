@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 import tiesmerge
 from helpers_ckpt import EARLIER_MANIFEST, make_family, write_hf_dir
 from tiesmerge.errors import CheckpointError, ConfigError, OutputError
-from tiesmerge.io.writer import _host, remove_stale
+from tiesmerge.io.writer import remove_stale
 from tiesmerge.limits import loads_json, loads_yaml, read_json
 from tiesmerge.paths import FileStamps, check_input, check_not_input, check_output_location, inside
+from tiesmerge.scratch import host_tag as _host
 
 
 def _hf_cache_snapshot(root: Path, state: dict, name: str) -> Path:
