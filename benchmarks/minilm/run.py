@@ -113,6 +113,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--data-aware-seeds", nargs="+", type=int, default=None,
                    help="seeds that get the Fisher and RegMean rows (default: all; their statistics cost minutes a "
                         "task)")
+    p.add_argument("--fisher-seeds", nargs="+", type=int, default=None,
+                   help="fine-tuning seeds of the Fisher merging row (default: --data-aware-seeds); its exact "
+                        "statistics take minutes per task on a CPU")
     p.add_argument("--stats-examples", type=int, default=256,
                    help="validation examples per task for the Gram matrices (RegMean) and the Fisher")
     p.add_argument("--fisher-examples", type=int, default=None,
@@ -213,6 +216,9 @@ def data_aware_rows(bench: Bench, table: SeedTable, plans, choices: dict, search
             ("fisher", "fisher", [{"normalize": "none"}, {"normalize": "rms"}], n_fisher)):
         if name not in args.data_aware or name not in {p.name for p in plans if not p.skip}:
             continue
+        only = args.fisher_seeds if name == "fisher" and args.fisher_seeds is not None else args.data_aware_seeds
+        if only is not None and seed not in only:  # the exact Fisher costs minutes per task: fewer seeds
+            continue
         dirs = [stats_dir(kind, t, b.ft[t], b.heads[t], b.suite[t].validation[:examples], args.device, log)
                 for t in b.tasks]
 
@@ -240,8 +246,7 @@ def data_aware_rows(bench: Bench, table: SeedTable, plans, choices: dict, search
         row = table.row({"regmean": "RegMean", "fisher": "Fisher merging"}[name], validation=True)
         row.per_seed[seed] = accuracy
         row.note = f"{describe(choices[name])}; {examples} val. ex./task" + (
-            f"; seed(s) {', '.join(map(str, args.data_aware_seeds))} only" if args.data_aware_seeds is not None
-            and set(args.seeds) - set(args.data_aware_seeds) else "")
+            f"; seed(s) {', '.join(map(str, only))} only" if only is not None and set(args.seeds) - set(only) else "")
         if name == "regmean" and choices[name].get("alpha") in (0.5, 1.0):
             row.flag = {1.0: "α=1 is the top of its valid range (exact RegMean)",
                         0.5: "α=0.5 is the bottom of the searched grid"}[choices[name]["alpha"]]
