@@ -301,3 +301,25 @@ def test_api_output_and_origin_are_checked_before_any_work(family, tmp_path):
     with pytest.raises(ConfigError, match="origin holds a value that cannot be written"):
         tiesmerge.merge(b, ms, "ties", output=tmp_path / "out", origin={"x": object()})
     assert not (tmp_path / "out").exists()
+
+
+class PanicException(BaseException):  # as pyo3 raises a Rust panic (the tokenizers library): not an Exception
+    pass
+
+
+def test_a_tokenizer_panic_is_a_typed_error_not_a_traceback(family, tmp_path, capsys, monkeypatch):
+    from tiesmerge.cli import commands as cli
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation.loading import forward_checked
+
+    with pytest.raises(CheckpointError, match=r"m: the model's tokenizer fails on the text \(PanicException: Onig"):
+        with forward_checked("m"):
+            raise PanicException("Onig: Regex search error: retry-limit-in-match over")
+
+    def panics(args):
+        raise PanicException("Onig: Regex search error")
+
+    monkeypatch.setitem(cli.HANDLERS, "methods", panics)
+    rc, _, err = run_cli(["methods"], capsys)
+    assert rc == 1 and "error: a library tiesmerge called stopped with PanicException" in err, err
+    assert "Traceback" not in err

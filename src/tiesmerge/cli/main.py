@@ -363,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "
                                           "and report it"), args.debug)
+    except BaseException as exc:  # noqa: BLE001 - a Rust library's panic (pyo3's PanicException) is no Exception
+        if isinstance(exc, (SystemExit, GeneratorExit)):
+            raise
+        return _report(InternalError(f"a library tiesmerge called stopped with {type(exc).__name__}: "
+                                     f"{str(exc)[:300]}",
+                                     hint="an input likely holds what that library cannot process (e.g. a tokenizer "
+                                          "whose regex backtracks without end); run again with --debug for the "
+                                          "traceback"), args.debug)
     finally:
         warnings.showwarning = shown_before
         sys.stdout = stdout

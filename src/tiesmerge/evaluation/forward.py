@@ -121,8 +121,9 @@ class ClassifierLogits(torch.nn.Module):
 
     def encode(self, rows: Sequence[Row], task: str) -> dict[str, torch.Tensor]:
         pairs = _texts(rows, "text_pair") if rows and all("text_pair" in r for r in rows) else None
-        batch = self.tokenizer(_texts(rows), pairs, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+        with forward_checked(None):
+            batch = self.tokenizer(_texts(rows), pairs, padding=True, truncation=True, max_length=self.max_length,
+                                   return_tensors="pt")
         device = _device_of_buffers(self.model)
         return {k: v.to(device) for k, v in batch.items()}
 

@@ -92,11 +92,16 @@ def forward_checked(directory: str | os.PathLike | None, role: str = "the model"
     epsilon given as text) fails inside the model, which is no bug of tiesmerge's."""
     try:
         yield
-    except (TiesMergeError, KeyboardInterrupt, MemoryError):
+    except (TiesMergeError, KeyboardInterrupt, MemoryError, SystemExit, GeneratorExit):
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever the model's code raises, with its own words
+    except BaseException as exc:  # noqa: BLE001 - whatever the model's code raises; a tokenizer's Rust panic too
         first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else ""
         where = f"{directory}: " if directory is not None else ""
+        if type(exc).__name__ == "PanicException" or "tokeniz" in type(exc).__module__.lower():
+            raise CheckpointError(f"{where}{role}'s tokenizer fails on the text ({type(exc).__name__}: {first})",
+                                  hint="its tokenizer files hold something the tokenizers library cannot run (e.g. a "
+                                       "pre-tokenizer regex that backtracks): use the model's original tokenizer") \
+                from None
         raise CheckpointError(f"{where}{role} fails in its forward pass ({type(exc).__name__}: {first})",
                               hint="its config.json likely does not describe these weights (a layer or head count, a "
                                    "token id or an epsilon out of range): use the model's original config") from None

@@ -128,8 +128,9 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         pairs = [r["text_pair"] for r in chunk] if all("text_pair" in r for r in chunk) else None
-        batch: dict[str, Any] = dict(tokenizer([r["text"] for r in chunk], pairs, padding=batch_size > 1,
-                                               truncation=True, max_length=max_length, return_tensors="pt"))
+        with forward_checked(model_dir):  # a tokenizer's own failure (a Rust panic) named as the model's
+            batch: dict[str, Any] = dict(tokenizer([r["text"] for r in chunk], pairs, padding=batch_size > 1,
+                                                   truncation=True, max_length=max_length, return_tensors="pt"))
         if all(isinstance(r.get("label"), int) for r in chunk):
             batch["labels"] = torch.tensor([r["label"] for r in chunk])
         batches.append({k: v.to(device) for k, v in batch.items()})
