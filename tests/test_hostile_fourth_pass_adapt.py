@@ -271,10 +271,12 @@ def test_a_local_ray_cluster_gets_a_private_temp_dir(tmp_path, monkeypatch, user
     import sys
 
     from tiesmerge import scratch
+    from tiesmerge.tuning import executors
     from tiesmerge.tuning.executors import RayExecutor
 
     fake = _FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setattr(executors, "_SOCKET_PATH_MAX", 1 << 20)  # a fake Ray opens no socket under pytest's long path
     monkeypatch.setattr(scratch, "_FOLDERS", [])  # this test's folders only (the process's others stay)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr("tempfile.tempdir", None)

@@ -227,16 +227,17 @@ def test_a_local_ray_cluster_gets_a_private_token_and_a_short_folder(tmp_path, m
     from tiesmerge.errors import ConfigError
     from tiesmerge.tuning import executors
 
-    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    # a private copy of the environment: a token left in this process's own would be presented to the Ray clusters
+    # that later tests start (Ray is imported already), which would refuse them
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(tmp_path / "home")
+    monkeypatch.setattr(os, "environ", env)
     executors._private_token()
-    assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) == 64
+    assert env["RAY_AUTH_MODE"] == "token" and len(env["RAY_AUTH_TOKEN"]) == 64
     assert not (tmp_path / "home").exists()  # nothing written to ~/.ray
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "")
+    env.update(RAY_AUTH_MODE="disabled", RAY_AUTH_TOKEN="")
     executors._private_token()
-    assert os.environ["RAY_AUTH_MODE"] == "disabled"  # the user's choice stands
+    assert env["RAY_AUTH_MODE"] == "disabled"  # the user's choice stands
     long = tmp_path / ("t" * 60)
     long.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(long))

@@ -274,7 +274,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             continue
         info = base.info(name)
         aliases = next((g[1:] for g in tied if g[0] == name), ())
-        if not info.is_floating:
+        if not info.is_floating and info.dtype_info.code in ("I8", "U8"):  # quantized weights, not a buffer
             floating = [k for k, m in enumerate(models) if not yields_task_vector(m) and name in m.names()
                         and m.info(name).is_floating]  # a model may lack an integer buffer: the base's is kept
             if floating:  # a quantized base (int8) under float fine-tunes: nothing would merge, the base copied
