@@ -196,7 +196,9 @@ def test_search_files_that_cannot_be_replaced_fail_before_the_search(family, tmp
 # ------------------------------------------------------------------ 6. nothing left behind, whichever signal stops it
 
 
-@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1])
+# SIGXCPU (`ulimit -t`, SGE's s_cpu), SIGALRM and SIGVTALRM: the seventh pass found them leaving the partial output
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGXCPU, signal.SIGALRM,
+                                    signal.SIGVTALRM])
 def test_a_stop_signal_removes_the_temporary_output(family, tmp_path, signum):
     inputs, b, ms = family
     out = tmp_path / "out"

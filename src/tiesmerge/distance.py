@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IncompatibleCheckpointsError
+from .errors import IncompatibleCheckpointsError, InvalidTensorError
 from .io.adapters import yields_task_vector
 from .io.align import TensorJob
 from .io.protocol import Checkpoint, read_rows_into, rows_shape
@@ -148,6 +148,18 @@ def _sample(ckpt: Checkpoint, job: TensorJob) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def _check_finite(ckpt: Checkpoint, job: TensorJob, values: np.ndarray) -> None:
+    """A NaN or Inf in the sample: the merge would refuse the tensor later (its engine checks every chunk); named now,
+    so that --dry-run and validate say it too instead of printing a distance of inf."""
+    if np.isfinite(values).all():
+        return
+    kind = "NaN" if np.isnan(values).any() else "Inf"
+    raise InvalidTensorError(
+        f"{ckpt.location(job.name)}: tensor {job.name!r} {tuple(job.shape)} holds {kind} (found in the rows sampled "
+        "to measure its distance from the base)",
+        hint="the checkpoint is damaged or was saved after a diverged training step; merge another one")
+
+
 @dataclass
 class _Sums:
     """One model's running sums over the tensors measured so far."""
@@ -169,10 +181,12 @@ def measure(base: Checkpoint, models: Sequence[Checkpoint], jobs: Sequence[Tenso
         b = _sample(base, job)
         if not b.size:
             continue
+        _check_finite(base, job, b)
         b_sq = float(b @ b)
         for k in measured:
             model, acc = models[k], sums[k]
             m = _sample(model, job)
+            _check_finite(model, job, m)
             acc.nbytes += b.size * (base.info(job.name).itemsize + model.info(job.name).itemsize)
             m_sq, dot = float(m @ m), float(b @ m)
             t_sq = float((m - b) @ (m - b))

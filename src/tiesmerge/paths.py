@@ -383,6 +383,11 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     try:
         st = os.stat(final)
     except FileNotFoundError:
+        where = physical(output)
+        if os.path.islink(where) and not force:  # a dangling link: the user's, replaced only when asked
+            raise OutputError(f"{output}: the output path is a link (to {os.readlink(where)!r}) whose target does not "
+                              "exist", hint="choose another path, or pass --force to replace the link itself (nothing "
+                                            "is written at its target)") from None
         _check_writable_parent(output, final)
         return
     except NotADirectoryError:

@@ -319,9 +319,9 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
         data["base"] = _path(data["base"], path.parent)
     if isinstance(data.get("models"), list):
         data["models"] = [_path(m, path.parent) if isinstance(m, (str, os.PathLike)) else
-                          {**m, "path": _path(m["path"], path.parent),
-                           **({"stats": _path(m["stats"], path.parent)} if m.get("stats") is not None else {})}
-                          if isinstance(m, dict) and "path" in m else m
+                          {**m, **({"path": _path(m["path"], path.parent)} if isinstance(m["path"], str) else {}),
+                           **({"stats": _path(m["stats"], path.parent)} if isinstance(m.get("stats"), str) else {})}
+                          if isinstance(m, dict) and "path" in m else m  # not text: left for the check to name
                           for m in data["models"]]
     if isinstance(data.get("stats"), list):
         data["stats"] = [_path(x, path.parent) if isinstance(x, (str, os.PathLike)) else x for x in data["stats"]]

@@ -380,9 +380,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Signals whose default action ends the process, sent to stop a job: kill's default (TERM), a closed
-# terminal or ssh session (HUP), Ctrl-\ (QUIT), and the user signals job schedulers send before
-# they kill a job (USR1, USR2). Each is handled as Ctrl-C (SIGINT), so the temporary output is removed.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+# terminal or ssh session (HUP), Ctrl-\ (QUIT), the user signals job schedulers send before they kill a
+# job (USR1, USR2), and the limits' signals: a CPU-time limit (XCPU: `ulimit -t`, SGE's s_cpu), a timer
+# (ALRM, VTALRM). Each is handled as Ctrl-C (SIGINT), so the temporary output is removed.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
+                                                         "SIGXCPU", "SIGALRM", "SIGVTALRM")
                      if hasattr(signal, name))
 
 

@@ -246,6 +246,18 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             model.bind(base)  # type: ignore[attr-defined]
     covered = _covered(base, models)
     # -- names: every floating base tensor must be in every model, and no model has extras
+    for ckpt, role in ((base, "the base"), *((m, f"model {k}") for k, m in enumerate(models))):
+        unlisted = getattr(ckpt, "unindexed", {})
+        if not unlisted:
+            continue
+        held = set(names) if ckpt is not base else {n for m in models for n in m.names()}
+        lost = [n for n in unlisted if n in held]  # a tensor the merge needs, which only the index leaves out
+        if lost:
+            raise IncompatibleCheckpointsError(
+                f"{ckpt.location(lost[0])}: {role}'s index (model.safetensors.index.json) does not list "
+                f"{len(lost)} tensor(s) its shards hold, first {lost[0]!r} in {unlisted[lost[0]].name}",
+                hint="the index is incomplete: regenerate it (or fetch it again) so that weight_map names every "
+                     "tensor")
     for k, model in enumerate(models):
         have = set(model.names())
         missing = [] if yields_task_vector(model) else \

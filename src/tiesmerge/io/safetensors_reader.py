@@ -51,6 +51,7 @@ class SafetensorsCheckpoint:
         self._files = weight_files
         self._fds: dict[Path, int] = {}
         self._where: dict[str, Path] = {}
+        self.unindexed: dict[str, Path] = {}  # tensors a shard holds that the index does not list
         self._info: dict[str, TensorInfo] = {}
         self._start: dict[str, int] = {}  # absolute file offset of each tensor's first byte
         try:
@@ -90,6 +91,8 @@ class SafetensorsCheckpoint:
         self._fds[file] = fd  # closed by close(), also when a tensor below is refused
         for name in names:
             if weight_map and weight_map.get(name) != file:
+                if name not in weight_map:  # held by a shard but not listed: named if a merge misses it
+                    self.unindexed.setdefault(name, file)
                 continue  # the index decides which shard owns a name
             entry = header[name]
             if entry["dtype"] not in BY_CODE:

@@ -1,0 +1,59 @@
+"""Issue 13, the seventh independent hostile pass: one case per finding, checked as the catalogue checks its cases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import test_hostile_catalogue
+from helpers_ckpt import make_family, run_cli, write_hf_dir
+from test_hostile_catalogue import _merge, check, snapshot
+
+family = test_hostile_catalogue.family
+
+
+def test_a_dangling_link_at_the_output_is_kept_without_force(family, tmp_path, capsys):
+    inputs, b, ms = family
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "out" / "dangl"
+    link.symlink_to("../elsewhere")
+    before = snapshot(inputs)
+    rc, _, err = run_cli(_merge(b, ms, link), capsys)
+    check(rc, err, want_rc=1, needle=("is a link (to '../elsewhere') whose target does not exist", "--force"),
+          output=None, inputs=inputs, before=before)
+    assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
+
+
+def test_dry_run_names_a_non_finite_weight_instead_of_an_infinite_distance(tmp_path, capsys):
+    base, fts = make_family(2)
+    fts[1]["model.layers.0.mlp.up_proj.weight"][3, 2] = float("inf")
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    rc, out, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--dry-run"],
+                           capsys)
+    assert rc == 1 and "'model.layers.0.mlp.up_proj.weight' (16, 8) holds Inf" in err and "ft1" in err, out + err
+
+
+@pytest.mark.parametrize("path", ["[../m/a]", "null", "{x: 1}"])
+def test_a_recipe_model_path_that_is_not_text_is_named(family, tmp_path, capsys, monkeypatch, path):
+    inputs, b, ms = family
+    rc_dir = tmp_path / "work" / "rc"
+    rc_dir.mkdir()
+    (rc_dir / "None").mkdir()  # where a stringified null would have pointed
+    (rc_dir / "r.yaml").write_text(f"method: ties\nbase: {b}\nmodels: [{{path: {path}}}, {ms[1]}]\n")
+    rc, _, err = run_cli(["merge", "rc/r.yaml", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "models[0].path must be the path of a model (text)" in err, err
+
+
+def test_an_index_that_leaves_out_a_tensor_its_shard_holds_is_named(tmp_path, capsys):
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base, shards=2)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft, shards=2) for k, ft in enumerate(fts)]
+    index = ms[1] / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"].pop("lm_head.weight")
+    index.write_text(json.dumps(data))
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out"), capsys)
+    assert rc == 1 and "model 1's index (model.safetensors.index.json) does not list 1 tensor(s)" in err, err
+    assert "'lm_head.weight'" in err and "regenerate it" in err
