@@ -57,3 +57,11 @@ def test_an_index_that_leaves_out_a_tensor_its_shard_holds_is_named(tmp_path, ca
     rc, _, err = run_cli(_merge(b, ms, tmp_path / "out"), capsys)
     assert rc == 1 and "model 1's index (model.safetensors.index.json) does not list 1 tensor(s)" in err, err
     assert "'lm_head.weight'" in err and "regenerate it" in err
+
+
+def test_breadcrumbs_gamma_one_warns_once_that_the_merge_is_the_base(family, tmp_path, capsys):
+    inputs, b, ms = family
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--method", "breadcrumbs", "--gamma", "1"), capsys)
+    assert rc == 0 and err.count("warning: breadcrumbs: gamma 1 drops every entry as an outlier") == 1, err
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out2", "--method", "breadcrumbs", "--gamma", "0.5"), capsys)
+    assert rc == 0 and "warning" not in err, err

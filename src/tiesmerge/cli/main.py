@@ -442,10 +442,14 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
     """``warnings.showwarning`` for the command's duration: tiesmerge's own warnings as ``warning: ...`` lines on
     stderr (no source line, no Python location), others as Python shows them."""
 
+    shown: set[str] = set()
+
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:
         if issubclass(category, MergeWarning):
-            print(f"warning: {terminal_safe(str(message))}", file=sys.stderr)
+            if str(message) not in shown:  # once per command, however often the merge's steps meet the cause
+                shown.add(str(message))
+                print(f"warning: {terminal_safe(str(message))}", file=sys.stderr)
         else:
             fallback(message, category, filename, lineno, file, line)
 

@@ -145,6 +145,14 @@ class _BreadcrumbsBase:
         if self.threshold_ties == "sort" or self.density >= 1:
             fused = kernel if self.threshold_ties == "sort" and self.density < 1 and self.rescale == "none" else None
             return Requirements(scope=self.scope, whole_tensors=whole, weights=self.weights, kernel=fused)
+        if self.gamma >= 1:  # every entry is among the largest gamma: all dropped as outliers
+            import warnings
+
+            from ..errors import MergeWarning
+
+            warnings.warn(MergeWarning(f"{getattr(self, 'name', 'breadcrumbs')}: gamma {self.gamma:g} drops every "
+                                       "entry as an outlier, so the merge is the base itself; a gamma below 1 keeps "
+                                       "the band under the largest entries (mergekit uses 0.01)"), stacklevel=3)
         cuts = (Cut("outliers", TopK(self.gamma)),) if self.gamma > 0 else ()
         return Requirements(trim=TopK(min(1.0, self.density + self.gamma)), cuts=cuts, scope=self.scope,
                             whole_tensors=whole, weights=self.weights)
