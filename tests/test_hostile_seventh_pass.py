@@ -65,3 +65,20 @@ def test_breadcrumbs_gamma_one_warns_once_that_the_merge_is_the_base(family, tmp
     assert rc == 0 and err.count("warning: breadcrumbs: gamma 1 drops every entry as an outlier") == 1, err
     rc, _, err = run_cli(_merge(b, ms, tmp_path / "out2", "--method", "breadcrumbs", "--gamma", "0.5"), capsys)
     assert rc == 0 and "warning" not in err, err
+
+
+@pytest.mark.parametrize("reader", ["loads_json", "loads_yaml"])
+def test_an_integer_of_thousands_of_digits_is_named_without_pythons_remedy(reader):
+    from tiesmerge import limits
+    from tiesmerge.errors import CheckpointError
+
+    with pytest.raises(CheckpointError) as info:
+        getattr(limits, reader)('{"a": ' + "1" * 5001 + "}", "x.json")
+    assert "more than 4,300 digits" in str(info.value) and "set_int_max_str_digits" not in str(info.value)
+
+
+def test_a_huge_text_is_cut_before_it_is_tokenized():
+    from tiesmerge.evaluation.loading import CHARS_PER_TOKEN_BOUND, clipped
+
+    assert clipped("a b c", 8) == "a b c"
+    assert len(clipped("x" * 10_000_000, 8)) == 8 * CHARS_PER_TOKEN_BOUND

@@ -66,6 +66,11 @@ def huge_int(data: Any) -> int | None:
     return None
 
 
+def _too_many_digits(source: str, error: type[TiesMergeError]) -> TiesMergeError:
+    return error(f"{source}: holds an integer of more than 4,300 digits, past the range of any number tiesmerge uses "
+                 "(about 1.8e308)", hint="fix that value: weights, densities and sizes are small numbers")
+
+
 def _check_numbers(data: Any, source: str, error: type[TiesMergeError]) -> None:
     big = huge_int(data)
     if big is not None:
@@ -84,6 +89,8 @@ def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
     except UnicodeDecodeError as exc:
         raise error(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_FIX_FILE) from None
     except ValueError as exc:
+        if "int_max_str_digits" in str(exc):  # Python's own remedy is no advice for a data file
+            raise _too_many_digits(source, error) from None
         raise error(f"{source}: not valid JSON ({str(exc)[:200]})", hint=_FIX_FILE) from None
     if depth_of(data, max_depth) > max_depth:
         raise error(f"{source}: JSON nested more than {max_depth} levels deep; no config is", hint=_FIX_FILE)
@@ -195,6 +202,8 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         problem = getattr(exc, "problem", None) or type(exc).__name__
         raise error(f"{source}: not valid YAML ({str(problem)[:200]}{where})", hint=_FIX_FILE) from None
     except (ValueError, TypeError) as exc:  # e.g. an unhashable key, a bad timestamp
+        if "int_max_str_digits" in str(exc):
+            raise _too_many_digits(source, error) from None
         raise error(f"{source}: YAML that tiesmerge cannot read ({type(exc).__name__}: {str(exc)[:200]})",
                     hint=_FIX_FILE) from None
     finally:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..evaluation.loading import fitted_length, forward_checked, from_pretrained
+from ..evaluation.loading import clipped, fitted_length, forward_checked, from_pretrained
 from ..io.checkpoint import open_checkpoint
 from ..limits import read_json, read_json_lines
 from ..paths import check_input, check_model_dir
@@ -129,7 +129,9 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
         chunk = rows[i:i + batch_size]
         pairs = [r["text_pair"] for r in chunk] if all("text_pair" in r for r in chunk) else None
         with forward_checked(model_dir):  # a tokenizer's own failure (a Rust panic) named as the model's
-            batch: dict[str, Any] = dict(tokenizer([r["text"] for r in chunk], pairs, padding=batch_size > 1,
+            texts = [clipped(r["text"], max_length) for r in chunk]
+            pairs = [clipped(t, max_length) for t in pairs] if pairs is not None else None
+            batch: dict[str, Any] = dict(tokenizer(texts, pairs, padding=batch_size > 1,
                                                    truncation=True, max_length=max_length, return_tensors="pt"))
         if all(isinstance(r.get("label"), int) for r in chunk):
             batch["labels"] = torch.tensor([r["label"] for r in chunk])
