@@ -82,3 +82,22 @@ def test_a_huge_text_is_cut_before_it_is_tokenized():
 
     assert clipped("a b c", 8) == "a b c"
     assert len(clipped("x" * 10_000_000, 8)) == 8 * CHARS_PER_TOKEN_BOUND
+
+
+def test_a_merged_adapter_names_the_base_it_was_merged_on(tmp_path, capsys):
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base
+
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    stranger = {"base_model_name_or_path": "evil-org/backdoored-base", "revision": "deadbeef",
+                "auto_mapping": {"parent_library": "evil_pkg", "base_model_class": "X"}}
+    loras = [write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, k), alpha=4.0,
+                            config=stranger if k == 0 else None) for k in range(2)]
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(loras[0]), "--model", str(loras[1]),
+                          "--method", "task_arithmetic", "--output-format", "adapter", "-o", str(tmp_path / "out"),
+                          "--no-progress"], capsys)
+    assert rc == 0, err
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(b) and config["revision"] is None
+    assert "auto_mapping" not in config

@@ -128,7 +128,7 @@ def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models:
         stats = executor.run(sink)
         modules = {n: m for a in adapters for n, m in a.modules.items()}  # type: ignore[attr-defined]
         part = write_ia3_adapter(directory, adapters[0].config, {n: sink.state[n] for n in modules},  # type: ignore
-                                 modules, out_dtype)
+                                 modules, out_dtype, base_label=base.label)
         return stats, part
     loras = [a for a in adapters if isinstance(a, LoraCheckpoint)]
     targets = {n: t for a in loras for n, t in a.targets.items()}
@@ -145,6 +145,6 @@ def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models:
     stats = executor.run(sink)
     clock = time.perf_counter()
     base_values = {n: base.read(n) for n in full}
-    part = write_lora_adapter(directory, loras[0], loras, sink, base_values, out_dtype)
+    part = write_lora_adapter(directory, loras[0], loras, sink, base_values, out_dtype, base_label=base.label)
     stats.seconds["factor_write"] = time.perf_counter() - clock
     return stats, part

@@ -96,9 +96,20 @@ def _atomic_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _merged_config(config: dict, base_label: str | None) -> dict:
+    """A merged adapter's config from the first adapter's: it describes the base the merge used, not what that
+    adapter named (another repo, a revision, an ``auto_mapping`` naming a package AutoPeftModel would import)."""
+    out = dict(config)
+    if base_label is not None:
+        out["base_model_name_or_path"] = base_label
+    out["revision"] = None  # the base above is named as merged: a local folder or the cache snapshot read
+    out.pop("auto_mapping", None)
+    return out
+
+
 def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[LoraCheckpoint],
                        sink: LoraFactorSink, base_values: dict[str, torch.Tensor],
-                       dtype: DType | torch.dtype) -> dict:
+                       dtype: DType | torch.dtype, base_label: str | None = None) -> dict:
     """adapter_config.json + adapter_model.safetensors in ``directory``; returns the manifest part."""
     out_dtype = as_dtype(dtype).torch
     tensors: dict[str, torch.Tensor] = {}
@@ -118,7 +129,7 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
         key = next(k for a in adapters if (k := a.full_key(name)) is not None)
         tensors[key] = (base_values[name].float() + tau).to(out_dtype).contiguous()
         saved_whole.append(key)
-    config = dict(first.config)
+    config = _merged_config(first.config, base_label)
     to_save = sorted({m for a in adapters for m in (a.config.get("modules_to_save") or [])})
     config.update({"r": sink.rank, "lora_alpha": sink.rank, "use_rslora": False, "rank_pattern": {},
                    "alpha_pattern": {}, "target_modules": sorted(modules), "modules_to_save": to_save or None,
@@ -135,13 +146,13 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
 
 
 def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, torch.Tensor],
-                      modules: dict[str, str], dtype: DType | torch.dtype) -> dict:
+                      modules: dict[str, str], dtype: DType | torch.dtype, base_label: str | None = None) -> dict:
     """The merged (IA)³ vectors l_m (names: base weights) under PEFT's keys; returns the manifest part."""
     out_dtype = as_dtype(dtype).torch
     tensors = {f"{PEFT_PREFIX}{modules[name]}.ia3_l": value.to(out_dtype).contiguous()
                for name, value in vectors.items()}
     feedforward = sorted(modules[n] for n, v in vectors.items() if v.shape[0] == 1)
-    config = dict(first_config)
+    config = _merged_config(first_config, base_label)
     config.update({"target_modules": sorted(modules[n] for n in vectors), "feedforward_modules": feedforward,
                    "inference_mode": True})
     for key, value in tensors.items():
