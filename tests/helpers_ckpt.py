@@ -34,6 +34,7 @@ __all__ = [
     "cli_flags",
     "run_cli",
     "TOKENIZER_FILES",
+    "write_earlier_manifest",
 ]
 
 # A small "transformer": embeddings, a 2-layer stack, a norm, an int64 buffer. 2-D tensors have
@@ -63,6 +64,19 @@ TOKENIZER_FILES: dict[str, str] = {
 EARLIER_MANIFEST = json.dumps({"tiesmerge_version": "0", "method": {"name": "ties"}, "inputs": {},
                                "output": {"files": ["model.safetensors"]},
                                "written": ["tiesmerge.json", "model.safetensors", "keep.txt", "x", "old.txt"]})
+
+
+def write_earlier_manifest(folder: str | Path) -> Path:
+    """EARLIER_MANIFEST in ``folder``, with the stamps tiesmerge records for the listed files that exist now (an
+    output's own files, as its writer would have stamped them; a listed file without a stamp is not vouched for)."""
+    from tiesmerge.paths import file_stamp
+
+    folder = Path(folder)
+    data = json.loads(EARLIER_MANIFEST)
+    data["written_stamps"] = {rel: file_stamp(folder / rel) for rel in data["written"]
+                              if rel != "tiesmerge.json" and (folder / rel).exists()}
+    (folder / "tiesmerge.json").write_text(json.dumps(data))
+    return folder / "tiesmerge.json"
 
 
 def make_base(seed: int = 0, *, dtype: torch.dtype = torch.float32, shapes: Mapping[str, tuple[int, ...]] = SHAPES,

@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 
 import tiesmerge
 from helpers_ckpt import (
-    EARLIER_MANIFEST,
     TOKENIZER_FILES,
     assert_no_output,
     assert_same_state,
     leftovers,
     load_dir,
     make_family,
+    write_earlier_manifest,
     write_hf_dir,
     write_safetensors,
 )
@@ -88,7 +88,7 @@ def test_existing_output_refused_unless_force(hf, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    (out / "tiesmerge.json").write_text(EARLIER_MANIFEST)  # a previous merge: --force replaces only those
+    write_earlier_manifest(out)  # a previous merge: --force replaces only those
     with pytest.raises(OutputError, match="not empty") as info:
         tiesmerge.merge(b, ms, "ties", output=out)
     assert str(out) in str(info.value)

@@ -13,7 +13,14 @@ from safetensors.torch import load_file, save_file
 
 import tiesmerge
 from helpers_adapters import LORA_MODULES, TARGETS
-from helpers_ckpt import EARLIER_MANIFEST, assert_no_output, cli_flags, make_family, run_cli, write_hf_dir
+from helpers_ckpt import (
+    assert_no_output,
+    cli_flags,
+    make_family,
+    run_cli,
+    write_earlier_manifest,
+    write_hf_dir,
+)
 from tiesmerge.cli.main import main
 from tiesmerge.registry import METHODS
 
@@ -116,7 +123,7 @@ def test_existing_output_and_force(models, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "x").write_text("x")
-    (out / "tiesmerge.json").write_text(EARLIER_MANIFEST)  # a previous merge: --force replaces only those
+    write_earlier_manifest(out)  # a previous merge: --force replaces only those
     rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out], capsys)
     assert rc == 1 and "not empty" in err and "--force" in err
     rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)

@@ -28,12 +28,12 @@ from safetensors.torch import load_file
 
 from helpers_adapters import random_lora, write_lora_dir
 from helpers_ckpt import (
-    EARLIER_MANIFEST,
     cli_flags,
     leftovers,
     make_base,
     make_family,
     run_cli,
+    write_earlier_manifest,
     write_hf_dir,
     write_pickle,
 )
@@ -102,7 +102,7 @@ def _run(argv, capsys):
 def test_force_never_replaces_or_writes_into_an_input(family, tmp_path, capsys, target):
     inputs, b, ms = family
     ref = write_hf_dir(inputs / "ref", make_family(2, seed=3)[1][0])
-    (ref / "tiesmerge.json").write_text(EARLIER_MANIFEST)  # a merged model used as the reference: still an input
+    write_earlier_manifest(ref)  # a merged model used as the reference: still an input
     (inputs / "link").symlink_to(b)
     out = {"sign_from": ref, "base_link": inputs / "link", "inside_base": b / "merged"}[target]
     before = snapshot(inputs)
@@ -160,7 +160,7 @@ def test_stats_output_that_is_its_model_is_refused_before_anything(family, capsy
     rc, err = _run(["stats", "fisher", "--model", str(ms[0]), "--data", str(data), "-o", str(ms[0]), "--force"],
                    capsys)
     check(rc, err, want_rc=1, needle=("is the model", "input"), output=None, inputs=inputs, before=before)
-    (ms[1] / "tiesmerge.json").write_text(EARLIER_MANIFEST)  # a merged model: written by tiesmerge, and still an input
+    write_earlier_manifest(ms[1])  # a merged model: written by tiesmerge, and still an input
     before = snapshot(inputs)
     rc, err = _run(["stats", "fisher", "--model", str(ms[1]), "--data", str(data), "-o", str(ms[1]), "--force"],
                    capsys)
@@ -220,7 +220,7 @@ def test_an_output_holding_the_evaluator_module_is_refused_before_anything(famil
     inputs, b, ms = family
     out = tmp_path / "out"
     out.mkdir()
-    (out / "tiesmerge.json").write_text(EARLIER_MANIFEST)  # an earlier merge: --force may replace it, not the evaluator
+    write_earlier_manifest(out)  # an earlier merge: --force may replace it, not the evaluator
     name = f"ev_in_out_{command}"
     _evaluator(out, name)
     sys.path.insert(0, str(out))

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiesmerge
-from helpers_ckpt import EARLIER_MANIFEST, make_family, write_hf_dir
+from helpers_ckpt import make_family, write_earlier_manifest, write_hf_dir
 from tiesmerge.errors import CheckpointError, ConfigError, OutputError
 from tiesmerge.io.writer import remove_stale
 from tiesmerge.limits import loads_json, loads_yaml, read_json
@@ -125,7 +125,7 @@ def test_a_parked_previous_output_of_a_killed_run_is_put_back(tmp_path):
     dead.wait()
     parked = tmp_path / f".tiesmerge-old-{_host()}-{dead.pid}-q1"
     (parked / "merged").mkdir(parents=True)
-    (parked / "merged" / "tiesmerge.json").write_text(EARLIER_MANIFEST)
+    write_earlier_manifest(parked / "merged")
     tmp = tmp_path / f".tiesmerge-tmp-{_host()}-{dead.pid}-q2"
     tmp.mkdir()
     other_host = tmp_path / f".tiesmerge-tmp-00000000-{dead.pid}-q3"  # another machine's run: not ours to judge

@@ -101,3 +101,41 @@ def test_a_merged_adapter_names_the_base_it_was_merged_on(tmp_path, capsys):
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(b) and config["revision"] is None
     assert "auto_mapping" not in config
+
+
+def test_a_link_at_the_output_is_never_replaced_without_force(family, tmp_path, capsys):
+    inputs, b, ms = family
+    target = tmp_path / "empty"
+    target.mkdir()
+    link = tmp_path / "lnk"
+    link.symlink_to(target)
+    rc, _, err = run_cli(_merge(b, ms, link), capsys)
+    assert rc == 1 and "the output path is a link (to" in err and "--force" in err, err
+    assert link.is_symlink() and list(target.iterdir()) == []
+
+
+def test_force_keeps_a_file_the_manifest_lists_but_never_stamped(family, tmp_path, capsys):
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    rc, _, err = run_cli(_merge(b, ms, out), capsys)
+    assert rc == 0, err
+    (out / "notes.txt").write_text("the user's notes")
+    manifest = json.loads((out / "tiesmerge.json").read_text())
+    manifest["written"].append("notes.txt")  # an edited manifest vouching for the user's file
+    (out / "tiesmerge.json").write_text(json.dumps(manifest))
+    rc, _, err = run_cli(_merge(b, ms, out, "--force"), capsys)
+    assert rc == 1 and "notes.txt" in err, err
+    assert (out / "notes.txt").read_text() == "the user's notes"
+
+
+def test_figures_with_control_characters_print_no_matplotlib_warnings(capsys):
+    import warnings
+
+    from tiesmerge.plotting import png, pyplot
+
+    plt = pyplot("a test")
+    fig, ax = plt.subplots()
+    ax.set_title("a\x1b]0;PWN\x07\x1b[2J")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert png(fig).startswith(b"\x89PNG")

@@ -11,7 +11,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers_ckpt import EARLIER_MANIFEST, TOKENIZER_FILES, assert_no_output, leftovers, write_hf_dir
+from helpers_ckpt import (
+    TOKENIZER_FILES,
+    assert_no_output,
+    leftovers,
+    write_earlier_manifest,
+    write_hf_dir,
+)
 from tiesmerge.dtypes import BY_CODE, from_torch
 from tiesmerge.errors import OutputError
 from tiesmerge.io.writer import (
@@ -187,7 +193,7 @@ def test_atomic_directory_existing_output(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    (final / "tiesmerge.json").write_text(EARLIER_MANIFEST)  # a previous output: --force replaces only those
+    write_earlier_manifest(final)  # a previous output: --force replaces only those
     with pytest.raises(OutputError, match="exists and is not empty") as info:
         with atomic_directory(final):
             pytest.fail("must not start")
@@ -263,7 +269,7 @@ def test_atomic_directory_restores_old_output_if_final_rename_fails(tmp_path, mo
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
-    (final / "tiesmerge.json").write_text(EARLIER_MANIFEST)  # a previous output: --force replaces only those
+    write_earlier_manifest(final)  # a previous output: --force replaces only those
     real_replace = os.replace
 
     def replace(src, dst):

@@ -376,6 +376,13 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     """The output may be created, or (``force``) replace a directory tiesmerge wrote; never a
     protected folder, a file, or a folder of someone else's files."""
     final = _final(output)
+    where = physical(output)
+    if os.path.islink(where) and not force:  # the user's link (dangling or not) is replaced only when asked
+        target = os.readlink(where)
+        dangling = "" if os.path.exists(where) else " whose target does not exist"
+        raise OutputError(f"{output}: the output path is a link (to {target!r}){dangling}",
+                          hint="choose another path, or pass --force to replace the link itself (the output is "
+                               "written there, in place of the link, never into its target)")
     if final in _protected():
         raise OutputError(f"{output}: the output would replace {final}, which holds the working, home or root "
                           "folder; tiesmerge never replaces it", hint="name a new directory, e.g. -o ./merged")
@@ -383,11 +390,6 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     try:
         st = os.stat(final)
     except FileNotFoundError:
-        where = physical(output)
-        if os.path.islink(where) and not force:  # a dangling link: the user's, replaced only when asked
-            raise OutputError(f"{output}: the output path is a link (to {os.readlink(where)!r}) whose target does not "
-                              "exist", hint="choose another path, or pass --force to replace the link itself (nothing "
-                                            "is written at its target)") from None
         _check_writable_parent(output, final)
         return
     except NotADirectoryError:
@@ -491,12 +493,19 @@ def unlisted_files(directory: Path) -> list[str] | None:
 def changed_files(directory: Path) -> list[str]:
     """The files of a tiesmerge output whose size or modification time differs from what its markers
     recorded when the output was finished: a user's edits, which ``--force`` must not discard. A file
-    removed since is not listed (nothing of the user's is in it); outputs without stamps give []."""
+    removed since is not listed (nothing of the user's is in it); a file listed as written but never stamped
+    is (nothing vouches for it)."""
     changed: set[str] = set()
     for data in _markers(directory):
         stamps = data.get(STAMPS_FIELD)
-        if not isinstance(stamps, dict):
-            continue
+        stamps = stamps if isinstance(stamps, dict) else {}
+        written = data.get(WRITTEN_FIELD)
+        for rel in written if isinstance(written, list) else ():
+            # listed as written but never stamped: nothing vouches that tiesmerge wrote what lies there now (an
+            # edited manifest could list a user's notes.txt), so --force must not delete it
+            if isinstance(rel, str) and rel not in OUTPUT_MARKERS and rel not in stamps and \
+                    os.path.lexists(directory / rel):
+                changed.add(rel)
         for rel, recorded in stamps.items():
             if not isinstance(rel, str) or rel in OUTPUT_MARKERS:
                 continue

@@ -49,10 +49,13 @@ def pyplot(purpose: str, *, required: bool = True) -> Any:
 def png(fig: Any, dpi: int = 110) -> bytes:
     """The figure as PNG bytes (laid out tight), then cleared."""
     import io
+    import warnings
 
     buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=dpi)
+    with warnings.catch_warnings():  # a label holding a control character (a task named by a stranger) has no glyph:
+        warnings.simplefilter("ignore", UserWarning)  # one matplotlib warning per glyph would flood stderr
+        fig.tight_layout()
+        fig.savefig(buffer, format="png", dpi=dpi)
     fig.clf()
     return buffer.getvalue()
 
