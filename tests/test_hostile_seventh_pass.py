@@ -139,3 +139,12 @@ def test_figures_with_control_characters_print_no_matplotlib_warnings(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert png(fig).startswith(b"\x89PNG")
+
+
+def test_a_byte_identical_copy_of_a_model_warns_that_it_counts_twice(family, tmp_path, capsys):
+    import shutil
+
+    inputs, b, ms = family
+    twin = shutil.copytree(ms[0], inputs / "twin")
+    rc, _, err = run_cli(_merge(b, [ms[0], ms[1], twin], tmp_path / "out"), capsys)
+    assert rc == 0 and "models 0 (" in err and "and 2 (" in err and "counts twice" in err, err

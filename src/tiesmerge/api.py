@@ -150,6 +150,14 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str]) -> No
         warnings.warn(f"model(s) {', '.join(same)} hold the same weights files as the base, byte for byte: a zero "
                       "task vector, which adds nothing to the merge (was another folder meant?)", MergeWarning,
                       stacklevel=3)
+    seen: dict[tuple[str, ...], int] = {}
+    for k, files in enumerate(hashed["models"]):
+        key = tuple(sorted(d["sha256"] for d in files))
+        if key and key != tuple(base) and key in seen:  # a copy in another folder: its task vector counted twice
+            warnings.warn(f"models {seen[key]} ({labels[seen[key]]}) and {k} ({labels[k]}) hold the same weights "
+                          "files, byte for byte: that task vector counts twice in the merge (give a weight instead "
+                          "if that is meant)", MergeWarning, stacklevel=3)
+        seen.setdefault(key, k)
 
 
 def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,
