@@ -17,7 +17,7 @@ import torch  # noqa: E402
 from tiesmerge.evaluation import evaluate_encoder  # noqa: E402
 from tiesmerge.evaluation.encoder import CosineHead, SentenceEncoder, build_head  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
-from tiesmerge_bench import TaskData  # noqa: E402
+from tiesmerge_bench import TaskData, load_suite  # noqa: E402
 
 CACHE = Path(os.environ.get("TIESMERGE_BENCH_CACHE", Path.home() / ".cache" / "tiesmerge" / "bench"))
 MAX_LENGTH = int(os.environ.get("TIESMERGE_BENCH_MAX_LENGTH", "128"))  # tokens; the CPU run uses 64
@@ -203,3 +203,17 @@ def hardware() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def start_run(args) -> tuple[dict[str, TaskData], list[str], dict[str, CosineHead], dict[str, float]]:
+    """What every benchmark run begins with: torch's threads (``--threads``), the results folder, the tasks' data
+    and the frozen heads; returns (suite, task names, heads, seconds per stage so far)."""
+    import time
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    clock = time.perf_counter()
+    suite = load_suite(args.tasks, seed=args.data_seed)
+    heads = make_heads(suite, args.device)
+    return suite, list(suite), heads, {"data": time.perf_counter() - clock}

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import common  # noqa: E402
 import torch  # noqa: E402
-from common import NotCached, base_dir, hardware, load_encoder, make_heads  # noqa: E402
+from common import NotCached, base_dir, hardware, load_encoder  # noqa: E402
 from plan import describe, plan, search, shrink, thin  # noqa: E402
 from run import Bench, EvalCache, _first, _flag_edges, log, method_rows  # noqa: E402
 from seedtable import SeedTable  # noqa: E402
@@ -53,7 +53,7 @@ from tiesmerge.evaluation import evaluate_encoder  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
 from tiesmerge.methods import Ties  # noqa: E402
 from tiesmerge.registry import make_method  # noqa: E402
-from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
+from tiesmerge_bench import TASK_NAMES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 TARGETS = ["query", "key", "value", "dense"]  # BERT: dense = attention output, intermediate, output (MLP)
@@ -553,16 +553,8 @@ def _times(table, train_seconds, ladder_seconds, merge_seconds, searches, second
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-    suite = load_suite(args.tasks, seed=args.data_seed)
-    tasks = list(suite)
-    heads = make_heads(suite, args.device)
+    suite, tasks, heads, seconds = common.start_run(args)
     ladder = Ladder(args, heads)
-    seconds["data"] = time.perf_counter() - clock
     if not args.cached_only:
         clock = time.perf_counter()
         train_all(args, ladder, suite)

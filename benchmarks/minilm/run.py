@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 import curves  # noqa: E402
 import fig5  # noqa: E402
-from common import NotCached, base_dir, hardware, load_encoder, make_heads, multitask_model, task_model  # noqa: E402
+from common import NotCached, base_dir, hardware, load_encoder, multitask_model, task_model  # noqa: E402
 from finetune_all import protocol_args, protocol_from  # noqa: E402
 from plan import DATA_AWARE, describe, plan, search, shrink, thin  # noqa: E402
 from seedtable import GOAL_FLOOR, GOAL_MEAN, SeedTable  # noqa: E402
@@ -38,7 +38,7 @@ from seedtable import GOAL_FLOOR, GOAL_MEAN, SeedTable  # noqa: E402
 import tiesmerge  # noqa: E402
 from tiesmerge.evaluation import evaluate_encoder  # noqa: E402
 from tiesmerge.registry import make_method  # noqa: E402
-from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
+from tiesmerge_bench import TASK_NAMES  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -298,20 +298,10 @@ def _mean(accuracy: dict[str, float]) -> float:
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-    suite = load_suite(args.tasks, seed=args.data_seed)
-    tasks = list(suite)
-    heads = make_heads(suite, args.device)
+    suite, tasks, heads, seconds = common.start_run(args)
     protocol = protocol_from(args)
     plans = [dataclasses.replace(p, grid=shrink(thin(p.grid, args.max_axis_values), args.max_grid_points))
              for p in plan(len(tasks), args.methods)]
-    seconds["data"] = time.perf_counter() - clock
 
     table = SeedTable(tasks)
     for name in ("zero-shot", "fine-tuned", "multitask"):
