@@ -148,3 +148,14 @@ def test_a_byte_identical_copy_of_a_model_warns_that_it_counts_twice(family, tmp
     twin = shutil.copytree(ms[0], inputs / "twin")
     rc, _, err = run_cli(_merge(b, [ms[0], ms[1], twin], tmp_path / "out"), capsys)
     assert rc == 0 and "models 0 (" in err and "and 2 (" in err and "counts twice" in err, err
+
+
+def test_force_keeps_an_empty_folder_the_user_made_in_an_output(family, tmp_path, capsys):
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    rc, _, err = run_cli(_merge(b, ms, out), capsys)
+    assert rc == 0, err
+    (out / "my-results").mkdir()
+    rc, _, err = run_cli(_merge(b, ms, out, "--force"), capsys)
+    assert rc == 1 and "my-results" in err, err
+    assert (out / "my-results").is_dir()

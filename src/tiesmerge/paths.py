@@ -487,7 +487,16 @@ def unlisted_files(directory: Path) -> list[str] | None:
             written = (written or set()) | set(listed)
     if written is None:
         return None
-    return [p for p in listing(directory) if p not in written]
+    added = [p for p in listing(directory) if p not in written]
+    # a folder holding no written file (an empty one the user made, for their results) is theirs too
+    parents = {str(Path(w).parent) for w in written} | {str(q) for w in written for q in Path(w).parents}
+    for folder, dirs, _ in os.walk(directory):
+        for name in dirs:
+            rel = os.path.relpath(os.path.join(folder, name), directory)
+            if rel not in parents and not os.path.islink(os.path.join(folder, name)) and \
+                    not any(a.startswith(rel + os.sep) for a in added):
+                added.append(rel + os.sep)
+    return sorted(added)
 
 
 def changed_files(directory: Path) -> list[str]:
