@@ -141,23 +141,26 @@ def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
 
 
 def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str]) -> None:
-    """A model whose weights files are byte for byte the base's has a zero task vector: it adds nothing and, in a
-    mean, dilutes the others. Usually the wrong folder was given, so say so (the merge itself is well defined)."""
-    base = sorted(d["sha256"] for d in hashed["base"])
-    same = [f"{k} ({labels[k]})" for k, files in enumerate(hashed["models"])
-            if base and sorted(d["sha256"] for d in files) == base]  # state dicts have no files: not compared
-    if same:
-        warnings.warn(f"model(s) {', '.join(same)} hold the same weights files as the base, byte for byte: a zero "
-                      "task vector, which adds nothing to the merge (was another folder meant?)", MergeWarning,
-                      stacklevel=3)
-    seen: dict[tuple[str, ...], int] = {}
+    """Models whose weights files are byte for byte the base's (a zero task vector, which adds nothing and in a mean
+    dilutes the others) or another model's (that task vector counts twice): usually the wrong folder was given, so
+    say so; the merge itself is well defined. State dicts have no files and are not compared."""
+    base = tuple(sorted(d["sha256"] for d in hashed["base"]))
+    same, seen = [], {}
     for k, files in enumerate(hashed["models"]):
         key = tuple(sorted(d["sha256"] for d in files))
-        if key and key != tuple(base) and key in seen:  # a copy in another folder: its task vector counted twice
+        if not key:
+            continue
+        if key == base:
+            same.append(f"{k} ({labels[k]})")
+        elif key in seen:
             warnings.warn(f"models {seen[key]} ({labels[seen[key]]}) and {k} ({labels[k]}) hold the same weights "
                           "files, byte for byte: that task vector counts twice in the merge (give a weight instead "
                           "if that is meant)", MergeWarning, stacklevel=3)
         seen.setdefault(key, k)
+    if same:
+        warnings.warn(f"model(s) {', '.join(same)} hold the same weights files as the base, byte for byte: a zero "
+                      "task vector, which adds nothing to the merge (was another folder meant?)", MergeWarning,
+                      stacklevel=3)
 
 
 def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,

@@ -89,7 +89,7 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
     cache path and the command that fetches it."""
     cache = cache or hub_cache()
     org, name = repo_id.split("/")
-    repo = cache / f"models--{org}--{name}"
+    repo = _repo_dir(cache, org, name)
     wanted = revision or "main"
     if not repo.is_dir():
         raise CheckpointError(f"{repo_id}: not a local path, and the Hugging Face cache {cache} does not hold it "
@@ -133,12 +133,14 @@ def resolve_source(source: Any) -> Any:
     if parts is None:
         return source
     org, name, revision = parts
-    if os.path.isdir(org) and not _cached(org, name):  # "rdir/base": a folder rdir exists here, no such repo cached
+    # "rdir/base" where a folder rdir exists here and no such repo is cached: a path that is missing, no repo id
+    if os.path.isdir(org) and not _repo_dir(hub_cache(), org, name).is_dir():
         raise CheckpointError(f"{source}: no such file or directory (the folder {org} exists here, but holds no "
                               f"{name}; and no Hugging Face repo {org}/{name} is cached)",
                               hint="check the path (paths in a tiesmerge recipe are relative to the recipe's folder)")
     return resolve_repo(f"{org}/{name}", revision)
 
 
-def _cached(org: str, name: str) -> bool:
-    return (hub_cache() / f"models--{org}--{name}").is_dir()
+def _repo_dir(cache: Path, org: str, name: str) -> Path:
+    """A repository's folder in the Hugging Face cache (which may not exist)."""
+    return cache / f"models--{org}--{name}"

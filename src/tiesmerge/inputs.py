@@ -58,19 +58,13 @@ def as_method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMet
 def _identity(source: Any) -> Any:
     # os.path.realpath, not Path.resolve: a link loop is named by paths.resolve when the model is opened,
     # not a RuntimeError here
-    if isinstance(source, Mapping):
-        return ("memory", id(source))
-    real = Path(os.path.realpath(source))
-    # a folder's only weights file is that folder's model: `--model a/model.safetensors --model a` is one model
-    if real.suffix == ".safetensors" and real.is_file() and [p.name for p in real.parent.glob("*.safetensors")] \
-            == [real.name] and not any(real.parent.glob("*.index.json")):
-        return ("path", real.parent)
-    return ("path", real)
+    return ("memory", id(source)) if isinstance(source, Mapping) else ("path", Path(os.path.realpath(source)))
 
 
 def _weights_identity(source: Any) -> frozenset[tuple[int, int]] | None:
-    """The (device, inode) of each weights file a path source holds: a copy made with hard links (``cp -al``)
-    has another path but the same files. None for state dicts and paths that hold no weights file."""
+    """The (device, inode) of each weights file a path source holds, so that one model given two ways is seen:
+    a folder and its only weights file (`--model a/model.safetensors --model a`), or a copy made with hard links
+    (``cp -al``). None for state dicts and paths that hold no weights file."""
     if isinstance(source, Mapping):
         return None
     try:
@@ -106,12 +100,12 @@ def check_inputs(base: Any, models: Sequence[Any]) -> None:
     for k, m in enumerate(models):
         ident, files = _identity(m), _weights_identity(m)
         if ident == base_id or (files is not None and files == base_files):
-            how = "" if ident == base_id else " (its weights files are the base's, hard-linked)"
+            how = "" if ident == base_id else " (its weights files are the base's)"
             raise ConfigError(f"model {k} ({m if not isinstance(m, Mapping) else 'state dict'}) is the base "
                               f"itself{how}", hint="list only the fine-tuned models after the base")
         if ident in seen or (files is not None and files in files_seen):
             other = seen[ident] if ident in seen else files_seen[files]
-            how = "" if ident in seen else " (the same weights files, hard-linked)"
+            how = "" if ident in seen else " (the same weights files)"
             raise ConfigError(f"model {k} is listed twice (also model {other}){how}: "
                               f"{m if not isinstance(m, Mapping) else 'the same state dict object'}",
                               hint="each fine-tuned model should appear once; use weights to count one more")

@@ -22,7 +22,7 @@ from .errors import CheckpointError, TiesMergeError
 from .paths import read_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "read_json_lines",
-           "loads_yaml", "read_yaml", "depth_of"]
+           "loads_yaml", "read_yaml", "scan"]
 
 MAX_CONFIG_BYTES = 64 << 20  # an index of a huge model is a few MB; tokenizer.json tens of MB
 MAX_DEPTH = 64  # real configs nest under 10 deep
@@ -34,49 +34,36 @@ MAX_YAML_NODES = 100_000  # nodes after alias expansion; a recipe has tens
 _FIX_FILE = "the file is damaged or not the kind its name says: restore it from its source, or fix it"
 
 
-def depth_of(data: Any, limit: int = MAX_DEPTH) -> int:
-    """Nesting depth of parsed JSON/YAML (iterative: no recursion limit), stopping past ``limit``."""
-    deepest, stack, seen = 0, [(data, 1)], 0
+def scan(data: Any, limit: int = MAX_DEPTH) -> tuple[int, int | None]:
+    """One pass over parsed JSON/YAML (iterative: no recursion limit): its nesting depth, stopping past ``limit``,
+    and the first integer past the float range (a 400-digit number, a long hex in YAML), or None. Every number
+    tiesmerge reads becomes a float somewhere, and float() of such an int raises OverflowError: refused here, for
+    every file and naming it, rather than wherever a value happens to be converted."""
+    deepest, stack, big = 0, [(data, 1)], None
     while stack:
         item, depth = stack.pop()
-        seen += 1
         deepest = max(deepest, depth)
         if deepest > limit:
-            return deepest
+            break
         if isinstance(item, dict):
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list):
             stack.extend((v, depth + 1) for v in item)
-    return deepest
+        elif big is None and isinstance(item, int) and not isinstance(item, bool) and abs(item) > sys.float_info.max:
+            big = item
+    return deepest, big
 
 
-def huge_int(data: Any) -> int | None:
-    """The first integer of parsed JSON/YAML past the float range (a 400-digit number, a long hex in YAML), or None.
-    Every number tiesmerge reads becomes a float somewhere, and float() of such an int raises OverflowError: refused
-    here, once, for every file, naming the file, rather than wherever a value happens to be converted."""
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, int) and not isinstance(item, bool) and abs(item) > sys.float_info.max:
-            return item
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return None
-
-
-def _too_many_digits(source: str, error: type[TiesMergeError]) -> TiesMergeError:
-    return error(f"{source}: holds an integer of more than 4,300 digits, past the range of any number tiesmerge uses "
+def _huge_number(source: str, error: type[TiesMergeError], digits: int | None = None) -> TiesMergeError:
+    """A number no weight, density or size can be: past the float range (``digits`` None: past Python's 4,300)."""
+    size = f"{digits:,}" if digits is not None else "more than 4,300"
+    return error(f"{source}: holds an integer of {size} digits, past the range of any number tiesmerge uses "
                  "(about 1.8e308)", hint="fix that value: weights, densities and sizes are small numbers")
 
 
-def _check_numbers(data: Any, source: str, error: type[TiesMergeError]) -> None:
-    big = huge_int(data)
-    if big is not None:
-        digits = len(str(abs(big))) if abs(big) < 10 ** 4300 else "thousands of"
-        raise error(f"{source}: holds an integer of {digits} digits, past the range of any number tiesmerge uses "
-                    "(about 1.8e308)", hint="fix that value: weights, densities and sizes are small numbers")
+def _check_numbers(big: int | None, source: str, error: type[TiesMergeError]) -> None:
+    if big is not None:  # parsed, so below the 4,300 digits Python converts to text
+        raise _huge_number(source, error, len(str(abs(big))))
 
 
 def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = CheckpointError,
@@ -90,11 +77,12 @@ def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         raise error(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_FIX_FILE) from None
     except ValueError as exc:
         if "int_max_str_digits" in str(exc):  # Python's own remedy is no advice for a data file
-            raise _too_many_digits(source, error) from None
+            raise _huge_number(source, error) from None
         raise error(f"{source}: not valid JSON ({str(exc)[:200]})", hint=_FIX_FILE) from None
-    if depth_of(data, max_depth) > max_depth:
+    deepest, big = scan(data, max_depth)
+    if deepest > max_depth:
         raise error(f"{source}: JSON nested more than {max_depth} levels deep; no config is", hint=_FIX_FILE)
-    _check_numbers(data, source, error)
+    _check_numbers(big, source, error)
     return data
 
 
@@ -189,7 +177,7 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
             return None
         _expanded_size(node, max_nodes, max_depth, source, error)
         data = loader.construct_document(node)
-        _check_numbers(data, source, error)
+        _check_numbers(scan(data, max_depth)[1], source, error)  # the depth was measured on the nodes above
         return data
     except TiesMergeError:  # our own limits' errors (a ValueError too): already say what is wrong
         raise
@@ -203,7 +191,7 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         raise error(f"{source}: not valid YAML ({str(problem)[:200]}{where})", hint=_FIX_FILE) from None
     except (ValueError, TypeError) as exc:  # e.g. an unhashable key, a bad timestamp
         if "int_max_str_digits" in str(exc):
-            raise _too_many_digits(source, error) from None
+            raise _huge_number(source, error) from None
         raise error(f"{source}: YAML that tiesmerge cannot read ({type(exc).__name__}: {str(exc)[:200]})",
                     hint=_FIX_FILE) from None
     finally:

@@ -489,7 +489,7 @@ def unlisted_files(directory: Path) -> list[str] | None:
         return None
     added = [p for p in listing(directory) if p not in written]
     # a folder holding no written file (an empty one the user made, for their results) is theirs too
-    parents = {str(Path(w).parent) for w in written} | {str(q) for w in written for q in Path(w).parents}
+    parents = {str(q) for w in written for q in Path(w).parents}  # every folder that holds a written file
     for folder, dirs, _ in os.walk(directory):
         for name in dirs:
             rel = os.path.relpath(os.path.join(folder, name), directory)

@@ -280,7 +280,7 @@ def _private_torch_cache() -> None:
     private_folder_for("TORCHINDUCTOR_CACHE_DIR", "tiesmerge-torch-")
 
 
-def _empty_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+def _empty_values(argv: list[str]) -> list[str]:
     """The options (and positional arguments) given an empty string: `--stats ''` was taken for the working folder
     ("the output lies inside the statistics (.)") and `-o ''` for nothing at all."""
     empty = []
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    empty = _empty_values(parser, given)
+    empty = _empty_values(given)
     if empty:
         return _report(ConfigError([f"{flag} is empty" for flag in empty],
                                    hint="give a value (a path, a name or a number), or leave the option out"), debug)

@@ -66,11 +66,9 @@ class SentenceEncoder(torch.nn.Module):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
-        from .loading import clipped, forward_checked
+        from .loading import encode
 
-        with forward_checked(None):  # a tokenizer's own failure (a Rust panic): a typed error
-            batch = self.tokenizer([clipped(t, self.max_length) for t in texts], padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt")
+        batch = encode(self.tokenizer, list(texts), max_length=self.max_length)
         return {k: v.to(device) for k, v in batch.items()}
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

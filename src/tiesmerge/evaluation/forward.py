@@ -37,7 +37,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..paths import check_model_dir
 from .encoder import CosineHead, SentenceEncoder, build_head
-from .loading import clipped, fitted_length, forward_checked, from_pretrained
+from .loading import encode, fitted_length, forward_checked, from_pretrained
 
 __all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
            "FunctionLogits", "Row", "as_rows", "checkpoint_names", "load_forward", "logits", "entropy"]
@@ -121,11 +121,7 @@ class ClassifierLogits(torch.nn.Module):
 
     def encode(self, rows: Sequence[Row], task: str) -> dict[str, torch.Tensor]:
         pairs = _texts(rows, "text_pair") if rows and all("text_pair" in r for r in rows) else None
-        pairs = [clipped(t, self.max_length) for t in pairs] if pairs is not None else None
-        texts = [clipped(t, self.max_length) for t in _texts(rows)]
-        with forward_checked(None):
-            batch = self.tokenizer(texts, pairs, padding=True, truncation=True, max_length=self.max_length,
-                                   return_tensors="pt")
+        batch = encode(self.tokenizer, _texts(rows), pairs, max_length=self.max_length)
         device = _device_of_buffers(self.model)
         return {k: v.to(device) for k, v in batch.items()}
 

@@ -116,3 +116,15 @@ def clipped(text: str, max_length: int) -> str:
     that were kept (the sixth pass's jc_d). The cut lies far past those tokens (100 characters each)."""
     limit = max_length * CHARS_PER_TOKEN_BOUND
     return text if len(text) <= limit else text[:limit]
+
+
+def encode(tokenizer: Any, texts: list[str], pairs: list[str] | None = None, *, max_length: int,
+           padding: bool = True, directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``texts`` (and ``pairs``) as the model's input tensors: each cut first (:func:`clipped`), truncated at
+    ``max_length`` tokens, padded; a tokenizer's own failure (a Rust panic) is a typed error naming ``directory``.
+    The one place statistics, the encoders and adapt's forward tokenize."""
+    texts = [clipped(t, max_length) for t in texts]
+    pairs = [clipped(t, max_length) for t in pairs] if pairs is not None else None
+    with forward_checked(directory):
+        return dict(tokenizer(texts, pairs, padding=padding, truncation=True, max_length=max_length,
+                              return_tensors="pt"))

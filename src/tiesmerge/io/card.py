@@ -29,15 +29,6 @@ def _sha256(path: Path) -> dict:
     return {"path": str(path), "sha256": digest.hexdigest(), "bytes": path.stat().st_size}
 
 
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warnings.warn(message, MergeWarning, stacklevel=3)
-
-
 def _cache_file() -> Path | None:
     """Where file digests are remembered (``$TIESMERGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiesmerge``,
     else ``~/.cache/tiesmerge``), or None when TIESMERGE_DIGEST_CACHE=0."""
@@ -47,8 +38,9 @@ def _cache_file() -> Path | None:
     if os.path.isabs(chosen):
         return Path(chosen) / "digests.json"
     if chosen:  # relative: it would put a cache folder in whatever folder the command runs from
-        _warn_once(f"TIESMERGE_CACHE_DIR={chosen!r} is not an absolute path: ignored (file digests are "
-                   "remembered in the default cache folder; give an absolute path to move it)")
+        # Python's warning filter shows it once per place, and the CLI prints each warning once
+        warnings.warn(f"TIESMERGE_CACHE_DIR={chosen!r} is not an absolute path: ignored (file digests are remembered "
+                      "in the default cache folder; give an absolute path to move it)", MergeWarning, stacklevel=2)
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored (it would write into the cwd)
         return Path(xdg) / "tiesmerge" / "digests.json"

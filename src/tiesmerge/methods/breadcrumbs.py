@@ -150,7 +150,7 @@ class _BreadcrumbsBase:
 
             from ..errors import MergeWarning
 
-            warnings.warn(MergeWarning(f"{getattr(self, 'name', 'breadcrumbs')}: gamma {self.gamma:g} drops every "
+            warnings.warn(MergeWarning(f"{self.name}: gamma {self.gamma:g} drops every "
                                        "entry as an outlier, so the merge is the base itself; a gamma below 1 keeps "
                                        "the band under the largest entries (mergekit uses 0.01)"), stacklevel=3)
         cuts = (Cut("outliers", TopK(self.gamma)),) if self.gamma > 0 else ()

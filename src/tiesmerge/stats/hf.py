@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..evaluation.loading import clipped, fitted_length, forward_checked, from_pretrained
+from ..evaluation.loading import encode, fitted_length, forward_checked, from_pretrained
 from ..io.checkpoint import open_checkpoint
 from ..limits import read_json, read_json_lines
 from ..paths import check_input, check_model_dir
@@ -128,26 +128,23 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         pairs = [r["text_pair"] for r in chunk] if all("text_pair" in r for r in chunk) else None
-        with forward_checked(model_dir):  # a tokenizer's own failure (a Rust panic) named as the model's
-            texts = [clipped(r["text"], max_length) for r in chunk]
-            pairs = [clipped(t, max_length) for t in pairs] if pairs is not None else None
-            batch: dict[str, Any] = dict(tokenizer(texts, pairs, padding=batch_size > 1,
-                                                   truncation=True, max_length=max_length, return_tensors="pt"))
+        batch = encode(tokenizer, [r["text"] for r in chunk], pairs, max_length=max_length, padding=batch_size > 1,
+                       directory=model_dir)
         if all(isinstance(r.get("label"), int) for r in chunk):
             batch["labels"] = torch.tensor([r["label"] for r in chunk])
         batches.append({k: v.to(device) for k, v in batch.items()})
 
-    def inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k != "labels"}
+    def forward(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        with forward_checked(model_dir):  # only the model's own code: an error of ours stays ours
+            return m(**{k: v for k, v in batch.items() if k != "labels"})
 
-    with forward_checked(model_dir):
-        if kind == "fisher":
-            stats = fisher_information(model, batches, lambda m, b: m(**inputs(b)).logits, kind=fisher,
-                                       targets=(lambda b: b["labels"]) if fisher != "exact" else None,
-                                       per_example=per_example, progress=progress, model=model_dir)
-        else:
-            stats = gram_matrices(model, batches, lambda m, b: m(**inputs(b)),
-                                  token_mask=lambda b: b["attention_mask"].bool(), progress=progress, model=model_dir)
+    if kind == "fisher":
+        stats = fisher_information(model, batches, lambda m, b: forward(m, b).logits, kind=fisher,
+                                   targets=(lambda b: b["labels"]) if fisher != "exact" else None,
+                                   per_example=per_example, progress=progress, model=model_dir)
+    else:
+        stats = gram_matrices(model, batches, forward, token_mask=lambda b: b["attention_mask"].bool(),
+                              progress=progress, model=model_dir)
     stats.manifest.options.update({"data": str(data), "max_length": max_length, "batch_size": batch_size,
                                    "padding": padding})
     return stats
