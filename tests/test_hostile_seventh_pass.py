@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 import test_hostile_catalogue
 from helpers_ckpt import make_family, run_cli, write_hf_dir
@@ -159,3 +160,48 @@ def test_force_keeps_an_empty_folder_the_user_made_in_an_output(family, tmp_path
     rc, _, err = run_cli(_merge(b, ms, out, "--force"), capsys)
     assert rc == 1 and "my-results" in err, err
     assert (out / "my-results").is_dir()
+
+
+def _lora_family(tmp_path, base):
+    from helpers_adapters import random_lora, write_lora_dir
+
+    b = write_hf_dir(tmp_path / "base", base)
+    loras = [write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    return b, loras
+
+
+def test_dtype_casts_the_tensors_copied_from_the_base_too(tmp_path, capsys):
+    """F12: with LoRA adapters, ``--dtype`` reached only the adapted tensors; the rest stayed float32."""
+    import tiesmerge
+    from helpers_adapters import TARGETS
+    from helpers_ckpt import load_dir, make_base
+
+    base = make_base()
+    base["model.position_ids"] = torch.arange(32, dtype=torch.int64)  # an integer buffer keeps its dtype
+    b, loras = _lora_family(tmp_path, base)
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(loras[0]), "--model", str(loras[1]),
+                          "--dtype", "fp16", "-o", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert rc == 0, err
+    out = load_dir(tmp_path / "out")
+    assert {n for n, v in out.items() if v.dtype != torch.float16} == {"model.position_ids"}
+    assert out["model.position_ids"].dtype == torch.int64
+    for name in set(base) - set(TARGETS) - {"model.position_ids"}:  # copied: the base's values, rounded once
+        assert torch.equal(out[name], base[name].half()), name
+    state = tiesmerge.merge(b, loras, "ties", dtype="float16")  # the API's state dict alike
+    assert {n for n, v in state.items() if v.dtype != torch.float16} == {"model.position_ids"}
+
+
+def test_a_copied_tensor_past_the_output_dtype_is_an_error_naming_it(tmp_path, capsys):
+    """F12's other half: a base value that a float16 copy would turn into Inf stops the merge."""
+    from helpers_ckpt import make_base
+
+    base = make_base()
+    base["model.norm.weight"][5] = 7e4  # no adapter targets model.norm
+    inputs = tmp_path / "in"
+    b, loras = _lora_family(inputs, base)
+    before = snapshot(inputs)
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(loras[0]), "--model", str(loras[1]),
+                          "--dtype", "fp16", "-o", str(tmp_path / "out"), "--no-progress"], capsys)
+    check(rc, err, want_rc=1, needle=("tensor 'model.norm.weight' (copied from the base, not merged)",
+                                      "element 5", "70000", "--dtype bfloat16"),
+          output=tmp_path / "out", inputs=inputs, before=before)

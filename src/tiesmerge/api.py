@@ -256,8 +256,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         digests = {"base": hash_files(prepared.base.files(), pool),
                    "models": [hash_files(c.files(), pool) for c in prepared.models],
                    "reference": hash_files(prepared.reference.files(), pool) if prepared.reference else None}
-        groups = [[OutputEntry(n, j.shape, (executor.out_dtype or j.dtype_info) if j.merge else j.dtype_info)
-                   for n in (j.name, *j.aliases)] for j in executor.alignment.outputs()]
+        groups = [[OutputEntry(n, j.shape, j.output_dtype(executor.out_dtype)) for n in (j.name, *j.aliases)]
+                  for j in executor.alignment.outputs()]
         needed = executor.plan.output_bytes + sum(os.stat(f).st_size for f in extra)
         merged_names = [n for j in executor.alignment.outputs() if j.merge for n in (j.name, *j.aliases)]
         with atomic_directory(output, force=force, needed_bytes=needed) as tmp:

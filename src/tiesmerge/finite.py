@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InvalidTensorError
 
-__all__ = ["first_nonfinite", "check_finite", "check_fits_float8"]
+__all__ = ["first_nonfinite", "check_finite", "check_fits_float8", "check_copy_fits"]
 
 # (signed view, unsigned view, exponent mask) per floating safetensors code. A value is Inf or
 # NaN exactly when every exponent bit is set: as a signed integer, a positive one is then at least
@@ -92,3 +92,23 @@ def check_fits_float8(name: str, values: Any, dtype: Any, offset: int = 0) -> No
         f"tensor {name!r}: the merged value at element {offset + where:,} is {float(flat[where]):.6g}, past the "
         f"output dtype {dtype} (largest value {top:g}, where a cast would silently clip it); no merged model was "
         "written or returned", hint="write a wider dtype (--dtype bfloat16 or float32), or use a smaller lam")
+
+
+def check_copy_fits(name: str, values: Any, dtype: Any) -> None:
+    """Before a tensor copied from the base is cast to the output dtype (``dtype``: torch's; ``values``:
+    float32 or wider, torch): every finite value must stay finite and unclipped. A base weight past
+    float16's 65504 would become Inf (float8: be clipped) with no merge to blame; the values that are
+    not finite in the base itself are the base's, and pass as they are."""
+    import torch
+
+    top = torch.finfo(dtype).max
+    flat = values.detach().reshape(-1)
+    bad = torch.isfinite(flat) & (flat.abs() > top)
+    if not bool(bad.any()):
+        return
+    where = int(bad.nonzero()[0, 0])
+    raise InvalidTensorError(
+        f"tensor {name!r} (copied from the base, not merged): its value at element {where:,} is "
+        f"{float(flat[where]):.6g}, past the output dtype {dtype} (largest value {top:g}); no merged model was "
+        "written or returned", hint="write a wider dtype (--dtype bfloat16 or float32), or leave --dtype out to "
+                                    "keep the base's dtype")

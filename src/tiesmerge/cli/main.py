@@ -114,7 +114,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="fisher, regmean: a model's statistics directory (tiesmerge stats); one per --model, in order")
     m.add_argument("--method", help=f"one of {', '.join(METHODS)} (default ties)")
     m.add_argument("-o", "--output", help="output directory (an HF model directory)")
-    m.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base's)")
+    m.add_argument("--dtype", choices=sorted(DTYPES),
+                   help="dtype of every floating tensor written, merged or copied from the base; integer "
+                        "buffers keep theirs (default: the base's)")
     m.add_argument("--shard-size", help=f"largest output shard, e.g. 2GB (default {DEFAULT_SHARD_SIZE})")
     m.add_argument("--memory-budget",
                    help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")

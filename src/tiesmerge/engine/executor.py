@@ -29,7 +29,7 @@ import numpy as np
 
 from ..dtypes import DType, as_dtype
 from ..errors import MergeWarning
-from ..finite import check_finite, check_fits_float8
+from ..finite import check_copy_fits, check_finite, check_fits_float8
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
 from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
@@ -65,7 +65,7 @@ class MemorySink:
         self._finite: dict[str, str] = {}
         out = as_dtype(out_dtype) if out_dtype is not None else None
         for job in jobs:
-            dtype = (out or job.dtype_info) if job.merge else job.dtype_info
+            dtype = job.output_dtype(out)
             self.state[job.name] = torch.empty(job.shape, dtype=dtype.torch)
             if job.merge and dtype.code:
                 self._finite[job.name] = dtype.code
@@ -82,6 +82,18 @@ class MemorySink:
 
     def alias(self, name: str, source: str) -> None:
         self.state[name] = self.state[source]
+
+
+def _cast_copy(job: TensorJob, value: np.ndarray | torch.Tensor, out: DType) -> torch.Tensor:
+    """A floating tensor copied from the base, cast to the output dtype ``out`` after a range check.
+
+    ``value``: (*S) as ``read_whole`` gives it, the stored bytes (numpy) or a tensor."""
+    if isinstance(value, np.ndarray):  # stored bytes: reinterpreted as the stored dtype, no copy
+        raw = torch.from_numpy(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+        value = raw.view(job.dtype_info.torch).reshape(job.shape)
+    wide = value if value.dtype == torch.float64 else value.float()  # (*S)
+    check_copy_fits(job.name, wide, out.torch)
+    return wide.to(out.torch)
 
 
 @dataclass
@@ -291,7 +303,10 @@ class Executor:
                 self._merge_job(job, sink, scope)
                 self.stats.tensors_merged += 1
             else:
-                self._write(sink.write, job.name, None, self.reader.read_whole(self.inputs.base, job))
+                value = self.reader.read_whole(self.inputs.base, job)
+                if job.cast_on_copy(self.out_dtype):
+                    value = _cast_copy(job, value, job.output_dtype(self.out_dtype))
+                self._write(sink.write, job.name, None, value)
                 self.stats.tensors_copied += 1
             for alias in job.aliases:
                 self._write(sink.alias, alias, job.name)

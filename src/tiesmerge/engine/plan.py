@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ..dtypes import DType
+from ..dtypes import DType, as_dtype
 from ..errors import ConfigError
 from ..io.align import Alignment, TensorJob
 from ..methods.base import Requirements
@@ -133,13 +133,16 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
     chunked_scope_passes = 2 * len(req.all_cuts) + int(bool(req.reductions)) if per_tensor_cuts else 0
     chunks: dict[str, tuple[Chunk, ...]] = {}
     bytes_per_pass = copy_bytes = output_bytes = peak = extra = 0
+    out = as_dtype(out_dtype) if out_dtype is not None else None
     for job in alignment.jobs:
         itemsize = job.itemsize
-        out_size = out_dtype.itemsize if out_dtype is not None and job.merge else itemsize
+        out_size = job.output_dtype(out).itemsize
         output_bytes += job.numel * out_size * (1 + len(job.aliases))
         if not job.merge:
             copy_bytes += job.numel * itemsize
-            peak = max(peak, job.numel * itemsize)
+            # a copy cast to the output dtype holds the stored bytes, a float32 view and the cast
+            held = job.numel * (itemsize + 4 + out_size) if job.cast_on_copy(out) else job.numel * itemsize
+            peak = max(peak, held)
             continue
         per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs,
                                     temporaries=req.temporaries) \

@@ -76,6 +76,17 @@ class TensorJob:
     def nbytes(self) -> int:
         return self.numel * self.dtype_info.itemsize
 
+    def output_dtype(self, out: DType | None) -> DType:
+        """The dtype this tensor is written in, given the requested output dtype ``out`` (None: as
+        stored). Merged tensors and floating tensors copied from the base take ``out``, so a
+        ``--dtype float16`` output holds no float32 leftovers (the config's torch_dtype says
+        float16); integer and bool tensors (position ids, masks) keep theirs."""
+        return out if out is not None and (self.merge or self.is_floating) else self.dtype_info
+
+    def cast_on_copy(self, out: DType | None) -> bool:
+        """Whether a tensor copied from the base changes dtype on the way out (see ``output_dtype``)."""
+        return not self.merge and self.output_dtype(out) != self.dtype_info
+
 
 @dataclass(frozen=True)
 class Alignment:
