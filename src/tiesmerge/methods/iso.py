@@ -35,7 +35,12 @@ class IsoC:
     FusionBench's port has the same semantics. Deliberate differences: the default lam is
     1.0 (FusionBench's default); the authors select lam on validation over 0.1..3.0 (their
     ``linspace(0, 3, 31)[1:]``), the grid of ``tiesmerge tune``; SVDs run in float32 with a
-    float64 retry where ill-conditioned. Every singular vector of M is used, so a randomized
+    float64 retry where ill-conditioned; only M's numerical rank is flattened
+    (``svd.numerical_rank``): for LoRA updates (M of rank T x 8 in a 384-wide matrix) the
+    reference would give every null direction of M the mean singular value, adding arbitrary
+    full-rank noise whose vectors depend on the SVD's precision; here the mean of the nonzero
+    spectrum goes to M's own directions (the same nuclear norm). Full fine-tunes, whose M has
+    full numerical rank, are unaffected. Every singular vector of M is used, so a randomized
     SVD would save nothing here: none is offered.
     """
 
@@ -63,7 +68,10 @@ class IsoC:
             return tau.mean(dim=0).mul_(self.lam)
         # (rows, r), (r,), (r, cols)
         u, s, vh = linalg.svd(tau.sum(dim=0), precision=self.svd_precision, what=repr(ctx.name))
-        return (u @ vh).mul_(s.mean() * self.lam)
+        rank = linalg.numerical_rank(s, tuple(tau.shape[1:]))  # r for a full fine-tune; sum of ranks for LoRA
+        if rank == 0:
+            return tau.mean(dim=0).mul_(self.lam)  # zeros
+        return (u[:, :rank] @ vh[:rank]).mul_(s[:rank].mean() * self.lam)  # (rows, cols)
 
 
 @method_config
@@ -83,7 +91,9 @@ class IsoCTS:
     semantics. Deliberate differences: the default lam is 1.0 (FusionBench's default); the
     authors select lam on validation over 0.1..3.0, the grid of ``tiesmerge tune``; where the
     rest of r would round up past r (tiny matrices, tiny fractions) it is rounded down; SVDs
-    run in float32 with a float64 retry where ill-conditioned. 80 % of M's spectrum is used,
+    run in float32 with a float64 retry where ill-conditioned; the common space and each task's
+    share stop at their matrices' numerical rank (``svd.numerical_rank``; see Iso-C: only
+    low-rank updates such as LoRA's are affected). 80 % of M's spectrum is used,
     so a randomized SVD would save little: none is offered.
     """
 
@@ -119,6 +129,7 @@ class IsoCTS:
         common, per_task = _common_dims(r, n, self.common_fraction)
         prec = self.svd_precision
         u, s, vh = linalg.svd(tau.sum(dim=0), used=common, precision=prec, what=repr(ctx.name))
+        common = min(common, linalg.numerical_rank(s, dims))  # never M's rounding-noise directions
         u_c = u[:, :common]  # (rows, k_c)
         us, ss, vs = [], [], []
         for t in range(n):
@@ -126,12 +137,16 @@ class IsoCTS:
                 break
             specific = tau[t] - u_c @ (u_c.T @ tau[t])  # (rows, cols): off the common left subspace
             u_t, s_t, vh_t = linalg.svd(specific, used=per_task, precision=prec, what=f"{ctx.name!r} (task {t})")
-            us.append(u_t[:, :per_task])
-            ss.append(s_t[:per_task])
-            vs.append(vh_t[:per_task])
+            # what the common space leaves of a low-rank task: its numerical rank, not rounding noise
+            kept = min(per_task, linalg.numerical_rank(s_t, dims, scale=float(s[0])))
+            us.append(u_t[:, :kept])
+            ss.append(s_t[:kept])
+            vs.append(vh_t[:kept])
+        if common + sum(len(x) for x in ss) == 0:  # every task vector of this matrix is zero
+            return tau.mean(dim=0).mul_(self.lam)
         # the reference's order: task-specific blocks first, then the common space
-        u_all = torch.cat([*us, u_c], dim=1)  # (rows, r)
-        v_all = torch.cat([*vs, vh[:common]], dim=0)  # (r, cols)
+        u_all = torch.cat([*us, u_c], dim=1)  # (rows, K), K = r for a full fine-tune
+        v_all = torch.cat([*vs, vh[:common]], dim=0)  # (K, cols)
         mean = torch.cat([*ss, s[:common]]).mean()
         u_orth = linalg.polar(u_all, precision=prec, what=f"{ctx.name!r} U")
         v_orth = linalg.polar(v_all, precision=prec, what=f"{ctx.name!r} V")

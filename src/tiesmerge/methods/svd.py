@@ -12,6 +12,11 @@
 * :func:`polar`: the orthogonal polar factor P Q^T of X = P S Q^T, the orthogonal matrix
   nearest to X (Procrustes): how TSV-M and Iso-CTS orthogonalise concatenated singular vectors.
 * :func:`svd_bytes`: the memory one SVD of an (m, n) matrix may need, for the planner.
+* :func:`numerical_rank`: how many singular values stand above float32's rounding floor, past a
+  cliff. A low-rank task vector (a LoRA adapter's B A: rank 8 in a 384 x 384 matrix) has only
+  that many meaningful triplets; the others are rounding noise whose singular vectors are
+  arbitrary (a float32 and a float64 SVD pick different ones; any change of the product's
+  rounding moves them), so the methods never use them.
 
 Shapes: x (m, n); r = min(m, n); U (m, r), S (r,), Vh (r, n).
 """
@@ -29,7 +34,7 @@ if TYPE_CHECKING:
 
     from ..io.patterns import ModulePattern
 
-__all__ = ["ILL_CONDITIONED", "PRECISIONS", "svd", "randomized_svd", "polar", "svd_bytes", "regex",
+__all__ = ["ILL_CONDITIONED", "PRECISIONS", "svd", "numerical_rank", "randomized_svd", "polar", "svd_bytes", "regex",
            "matrix_shape", "exclude_pattern", "OVERSAMPLE"]
 
 ILL_CONDITIONED = 1e-4  # s_used / s_max below this: redo in float64 (see the module docstring)
@@ -37,6 +42,28 @@ PRECISIONS = ("auto", "float32", "float64")  # auto: float32, float64 where need
 OVERSAMPLE = 10  # extra sketch columns of the randomized SVD (Halko et al. recommend 5-10)
 
 log = logging.getLogger(__name__)
+
+FLOAT32_EPS = 2.0**-23  # the task vectors arrive in float32 at best: their rounding sets the floor
+CLIFF = 1e-4  # a drop this steep between adjacent singular values separates a low rank from rounding noise
+
+
+def numerical_rank(s: torch_types.Tensor, shape: tuple[int, ...], scale: float = 0.0) -> int:
+    """The rank of an (m, n) matrix with singular values s (descending) as the merges use it: the
+    count above the rounding floor max(m, n) * eps32 * max(s_0, scale) where the values below it
+    lie past a cliff (s_k+1 / s_k < CLIFF): a low-rank matrix plus float32 rounding, such as a LoRA
+    update B A (rank 8 in 384 x 384: a drop of 1e-7 after the 8th value). A spectrum that decays
+    smoothly into the floor is kept whole, as the references keep it: full fine-tunes' task
+    matrices do (adjacent values never more than 1e3 apart on the MiniLM benchmark, although 110 of
+    351 reach below the floor). ``scale``: the largest singular value of the matrices this one was
+    computed from (a residual tau - U U^T tau carries their rounding, not its own); a matrix
+    wholly below the floor, or zero, has rank 0."""
+    if s.numel() == 0:
+        return 0
+    floor = max(shape[-2:]) * FLOAT32_EPS * max(float(s[0]), scale)
+    rank = int((s > floor).sum()) if floor > 0 else 0
+    if rank in (0, s.numel()):
+        return rank
+    return rank if float(s[rank]) < CLIFF * float(s[rank - 1]) else s.numel()
 
 
 def _converges(x: torch_types.Tensor) -> tuple[torch_types.Tensor, ...] | None:
@@ -83,7 +110,9 @@ def _trustworthy(u: torch_types.Tensor, s: torch_types.Tensor, vh: torch_types.T
     """Whether float32 factors are finite and the used spectrum is well-conditioned."""
     if not (bool(torch.isfinite(s).all()) and bool(torch.isfinite(u).all()) and bool(torch.isfinite(vh).all())):
         return False
-    k = s.numel() if used is None else min(used, s.numel())
+    # only the triplets above the rounding floor are ever used: a LoRA update's noise triplets are
+    # tiny by nature, not a sign that float32 failed
+    k = min(s.numel() if used is None else used, numerical_rank(s, (u.shape[0], vh.shape[1])))
     if k == 0:
         return True
     largest = float(s[0])

@@ -62,7 +62,11 @@ class TsvMerge:
     where the reference returns zero for it; (3) the default lam is 1.0 (FusionBench's
     default, the scale at which each task keeps its own singular values); the authors select
     lam on validation over 0.1..3.0, the grid of ``tiesmerge tune``; (4) SVDs run in float32
-    with a float64 retry where ill-conditioned, and optionally randomized above a size.
+    with a float64 retry where ill-conditioned, and optionally randomized above a size;
+    (5) a task keeps at most its matrix's numerical rank (``svd.numerical_rank``): a LoRA
+    update of rank 8 gives 8 triplets, not r/T of which all but 8 are rounding noise (whose
+    arbitrary vectors would change the orthogonalisation of the others; the reference keeps
+    them, and its result then depends on the SVD's precision). Full fine-tunes are unaffected.
 
     TSV-C (the paper's compression: each task's truncated factors stored, one reconstructed
     task vector per task at evaluation) yields one model per task, not a merge: not offered.
@@ -123,9 +127,12 @@ class TsvMerge:
                                                  precision=self.svd_precision, what=what)
             else:
                 u, s, vh = linalg.svd(tau[t], used=k, precision=self.svd_precision, what=what)
-            us.append(u[:, :k])  # (rows, k)
-            ss.append(s[:k])  # (k,)
-            vs.append(vh[:k])  # (k, cols)
-        u_orth = linalg.polar(torch.cat(us, dim=1), precision=self.svd_precision, what=f"{ctx.name!r} U")  # (rows, T k)
-        v_orth = linalg.polar(torch.cat(vs, dim=0), precision=self.svd_precision, what=f"{ctx.name!r} V")  # (T k, cols)
+            kept = min(k, linalg.numerical_rank(s, tuple(tau[t].shape)))  # a rank-8 LoRA update keeps 8
+            us.append(u[:, :kept])  # (rows, kept)
+            ss.append(s[:kept])  # (kept,)
+            vs.append(vh[:kept])  # (kept, cols)
+        if not sum(len(x) for x in ss):  # every task vector of this matrix is zero
+            return tau.mean(dim=0).mul_(self.lam)
+        u_orth = linalg.polar(torch.cat(us, dim=1), precision=self.svd_precision, what=f"{ctx.name!r} U")  # (rows, K)
+        v_orth = linalg.polar(torch.cat(vs, dim=0), precision=self.svd_precision, what=f"{ctx.name!r} V")  # (K, cols)
         return (u_orth * torch.cat(ss)).matmul(v_orth).mul_(self.lam)  # (rows, cols)
