@@ -32,6 +32,10 @@ from .sizes import OUTPUT_FORMATS
 
 __all__ = ["engine_inputs", "needs_fold", "Ia3Fold", "fold_ia3", "write_adapter"]
 
+# both spellings: the hint reaches command-line and Python users alike
+FULL_MODEL_HINT = ("write a full model, the default (leave out --output-format adapter; in Python, "
+                   "output_format='model')")
+
 
 
 def _unwrap(model: Checkpoint) -> Checkpoint:
@@ -47,8 +51,8 @@ def engine_inputs(base: Checkpoint, models: list[Checkpoint], output_format: str
     if output_format == "adapter":
         full = [m.label for m in models if not yields_task_vector(m)]
         if kind is None or full:
-            raise ConfigError(f"output_format='adapter' needs PEFT adapters as inputs; {full[0] if full else 'none'} "
-                              "is a full model", hint="write a full model (output_format='model', the default)")
+            raise ConfigError("a merged adapter (--output-format adapter) needs PEFT adapters as inputs; "
+                              f"{full[0] if full else 'none'} is a full model", hint=FULL_MODEL_HINT)
     if kind == "ia3":
         identity, unions = ia3_identity(base, [m for m in models if isinstance(m, Ia3Checkpoint)])
         return identity, list(unions)

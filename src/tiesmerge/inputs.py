@@ -380,7 +380,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
     if req.base_values and output_format == "adapter":
         raise ConfigError(f"method {method.name!r} needs the base's values, which a merged adapter does not hold",
-                          hint="write a full model (output_format='model', the default)")
+                          hint=adapter_merge.FULL_MODEL_HINT)
     # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)

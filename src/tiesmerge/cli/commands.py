@@ -307,8 +307,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     t = manifest["tensors"]
     n = len(recipe.models)
     print(f"merged {n} model{'s' if n != 1 else ''} with {recipe.method.name} into {shown(out)}")
-    if recipe.origin:
-        print(f"  semantics: {terminal_safe(str(recipe.origin.get('semantics')))}")
+    if recipe.origin and recipe.origin.get("semantics"):  # a hand-written origin may not say
+        print(f"  semantics: {terminal_safe(str(recipe.origin['semantics']))}")
     adapter = manifest.get("adapters", {})
     if "max_relative_reconstruction_error" in adapter:
         print(f"  LoRA adapter at rank {adapter['rank']}: relative reconstruction error at most "

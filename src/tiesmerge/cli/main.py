@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         _resolve_repo_ids(args)
         return HANDLERS[args.command](args)
     except TiesMergeError as exc:
-        return _report(exc, args.debug)
+        return _report(exc, args.debug, command=args.command)
     except BrokenPipeError:  # e.g. `tiesmerge methods | head`
         return 0
     except KeyboardInterrupt as exc:
@@ -458,13 +458,17 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
     return show
 
 
-def _report(exc: TiesMergeError, debug: bool) -> int:
-    """``error: ...`` and ``hint: ...`` on stderr; the exit status of the error's kind."""
+def _report(exc: TiesMergeError, debug: bool, command: str | None = None) -> int:
+    """``error: ...`` and ``hint: ...`` on stderr; the exit status of the error's kind. An error that
+    carries no hint of its own (an option's value refused by its check) points to the command's
+    help, whose options and examples say what is accepted: every error ends with a hint."""
     if debug:
         traceback.print_exc()
     print(f"error: {terminal_safe(exc.message)}", file=sys.stderr)
-    if exc.hint:
-        print(f"hint: {terminal_safe(exc.hint)}", file=sys.stderr)
+    hint = exc.hint or (f"`tiesmerge {command} --help` lists the options, the values each accepts, and examples"
+                        if command else "")
+    if hint:
+        print(f"hint: {terminal_safe(hint)}", file=sys.stderr)
     return exc.exit_code
 
 

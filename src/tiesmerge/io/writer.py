@@ -17,6 +17,7 @@ import re
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..dtypes import DType, as_dtype
-from ..errors import CheckpointError, OutputError
+from ..errors import CheckpointError, MergeWarning, OutputError
 from ..finite import check_finite
 from ..limits import loads_json, read_json
 from ..paths import (
@@ -426,6 +427,7 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
         except OSError as exc:
             raise write_error(target / rel, exc) from None
         copied.append(str(rel))
+    _warn_of_custom_code(target, copied)
     config = target / "config.json"
     if dtype is not None and "config.json" in copied:
         data = loads_json(config.read_bytes(), str(config))
@@ -436,3 +438,24 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
                     data[key] = name
             config.write_text(json.dumps(data, indent=2) + "\n")
     return copied
+
+
+def _warn_of_custom_code(target: Path, copied: Sequence[str]) -> None:
+    """A copied config naming custom code (``auto_map``): tiesmerge never copies code, so the output
+    loads with the standard classes only once the entries go, or with the code put back beside it
+    (and ``trust_remote_code``, which runs it). Said, not silently left dangling."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if name not in copied:
+            continue
+        try:
+            data = loads_json((target / name).read_bytes(), name)
+        except CheckpointError:  # not ours to judge here: transformers reads it, and says what is wrong
+            continue
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            named = sorted({str(v) for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])
+                            for v in (v if isinstance(v, list) else [v]) if v})
+            warnings.warn(f"the base's {name} names custom code (auto_map: {', '.join(named)[:200]}), which "
+                          "tiesmerge never copies: the output loads only with the standard classes (delete the "
+                          "auto_map entries) or with that code put beside it and trust_remote_code",
+                          MergeWarning, stacklevel=3)
