@@ -196,9 +196,11 @@ def test_search_files_that_cannot_be_replaced_fail_before_the_search(family, tmp
 # ------------------------------------------------------------------ 6. nothing left behind, whichever signal stops it
 
 
-# SIGXCPU (`ulimit -t`, SGE's s_cpu), SIGALRM and SIGVTALRM: the seventh pass found them leaving the partial output
+# SIGXCPU (`ulimit -t`, SGE's s_cpu), SIGALRM and SIGVTALRM: the seventh pass found them leaving the partial output;
+# SIGPROF, SIGPWR and the real-time signals: the eighth
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGXCPU, signal.SIGALRM,
-                                    signal.SIGVTALRM])
+                                    signal.SIGVTALRM, signal.SIGPROF, signal.SIGPWR, signal.SIGRTMIN,
+                                    signal.SIGRTMIN + 1])
 def test_a_stop_signal_removes_the_temporary_output(family, tmp_path, signum):
     inputs, b, ms = family
     out = tmp_path / "out"
@@ -216,8 +218,42 @@ def test_a_stop_signal_removes_the_temporary_output(family, tmp_path, signum):
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    check(proc.returncode, err, want_rc=128 + signum, needle=f"terminated by {signal.Signals(signum).name}",
+    name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else \
+        f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+    check(proc.returncode, err, want_rc=128 + signum, needle=f"terminated by {name}",
           output=out, inputs=inputs, before=before)
+
+
+def test_every_signal_that_would_end_the_process_is_a_stop_signal():
+    """Whatever ends the process by default but a crash's own fault signals: the realtime range included."""
+    from tiesmerge.cli.main import STOP_SIGNALS
+
+    faults = {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGABRT, signal.SIGSYS,
+              signal.SIGTRAP, signal.SIGKILL, signal.SIGSTOP}
+    ignored_or_stopping = {signal.SIGCHLD, signal.SIGCONT, signal.SIGURG, signal.SIGWINCH, signal.SIGTSTP,
+                           signal.SIGTTIN, signal.SIGTTOU, signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ}
+    everything = set(range(1, signal.NSIG)) & {int(s) for s in signal.valid_signals()}
+    assert {int(s) for s in STOP_SIGNALS} == everything - {int(s) for s in faults | ignored_or_stopping}
+
+
+def test_a_profilers_own_handler_is_left_in_place(family, tmp_path):
+    """SIGPROF with a handler of its own (a sampling profiler's) is not taken over: the merge finishes."""
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    code = ("import os, signal, sys\n"
+            "HITS = []\n"
+            "signal.signal(signal.SIGPROF, lambda *a: HITS.append(1))\n"
+            "from tiesmerge.io import writer\n"
+            "real = writer.SafetensorsStreamWriter.write\n"
+            "def prof(self, name, chunk):\n"
+            "    os.kill(os.getpid(), signal.SIGPROF); return real(self, name, chunk)\n"
+            "writer.SafetensorsStreamWriter.write = prof\n"
+            "from tiesmerge.cli.main import main\n"
+            "code = main(sys.argv[1:]); assert HITS, 'the profiler saw no signal'; sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", code, *_merge(b, ms, out)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "model.safetensors").is_file()
 
 
 def test_a_hangup_ignored_by_nohup_stays_ignored(family, tmp_path):

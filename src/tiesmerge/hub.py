@@ -108,8 +108,10 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
     elif _COMMIT.match(wanted):
         found = sorted(p.name for p in snapshots.iterdir() if p.name.startswith(wanted)) if snapshots.is_dir() else []
         if len(found) > 1:
+            shown = _distinct_prefixes(found[:10])
             raise CheckpointError(f"{repo_id}@{wanted}: the commit prefix names {len(found)} snapshots in {snapshots} "
-                                  f"({', '.join(f[:12] for f in found)})", hint="give more digits of the commit")
+                                  f"({', '.join(shown)}{', ...' if len(found) > 10 else ''})",
+                                  hint="give more digits of the commit: as many as shown above tell them apart")
         commit = found[0] if found else None
     if commit is None or not (snapshots / commit).is_dir():
         have = sorted(p.name for p in (repo / "refs").iterdir()) if (repo / "refs").is_dir() else []
@@ -144,3 +146,12 @@ def resolve_source(source: Any) -> Any:
 def _repo_dir(cache: Path, org: str, name: str) -> Path:
     """A repository's folder in the Hugging Face cache (which may not exist)."""
     return cache / f"models--{org}--{name}"
+
+
+def _distinct_prefixes(names: list[str]) -> list[str]:
+    """``names`` (sorted) cut to the shortest common length, at least 12, that still tells each apart."""
+    def shared(a: str, b: str) -> int:
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    width = max([12, *(shared(a, b) + 1 for a, b in zip(names, names[1:]))])
+    return [n[:width] for n in names]

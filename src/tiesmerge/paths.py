@@ -32,7 +32,8 @@ from .sizes import format_size
 __all__ = ["demo_workdir", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
            "model_dir_files", "check_model_dir", "CHAT_TEMPLATES_DIR", "OUTPUT_MARKERS", "WRITTEN_FIELD",
            "STAMPS_FIELD", "listing",
-           "file_stamp", "unlisted_files", "changed_files", "nested", "resolve", "check_input", "open_regular",
+           "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
+           "open_regular",
            "read_regular", "inside",
            "FileStamps", "check_output_location", "check_not_input", "check_output_file", "write_file",
            "check_search_dir"]
@@ -330,10 +331,10 @@ def _protected() -> list[Path]:
     """Folders that are never an output: the root, the home folder, the working folder and
     every folder above them (replacing one would delete the user's files, or the shell's cwd)."""
     out: list[Path] = []
-    for p in (Path.cwd(), Path.home()):
-        try:
-            real = Path(os.path.realpath(p))
-        except OSError:
+    for where in (Path.cwd, Path.home):
+        try:  # a working folder deleted while a merge ran (checked again at its end) protects nothing any more
+            real = Path(os.path.realpath(where()))
+        except (OSError, RuntimeError):  # RuntimeError: Path.home() without HOME or a passwd entry
             continue
         out += [real, *real.parents]
     return out
@@ -442,15 +443,26 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
 # every marker of a finished output lists the output's files (``written``: paths relative to it),
 # recorded when the output is renamed into place (tiesmerge.io.writer.atomic_directory)
 WRITTEN_FIELD = "written"
-# and the size and modification time (ns) of each file but the markers, so that --force can tell a file
-# a user edited since (a model card with their results) from the one tiesmerge wrote
+# and the size, modification and change time (ns) of each file but the markers, so that --force can tell a
+# file a user edited since (a model card with their results) from the one tiesmerge wrote
 STAMPS_FIELD = "written_stamps"
 
 
 def file_stamp(path: str | os.PathLike) -> list[int]:
-    """[size, mtime_ns] of ``path`` itself (a link is not followed)."""
+    """[size, mtime_ns, ctime_ns] of ``path`` itself (a link is not followed). The change time catches
+    an edit whose writer restored the size and modification time (``touch -r``, ``cp -p``,
+    ``os.utime``): no writer can set it back. A copy of the folder (``cp -a``) gets new change
+    times too, so --force refuses to replace a copy: it says which files, nothing is lost."""
     st = os.lstat(path)
-    return [st.st_size, st.st_mtime_ns]
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def stamp_holds(recorded: object, path: str | os.PathLike) -> bool:
+    """Whether ``path`` is unchanged since ``recorded`` (a :func:`file_stamp`, or the [size, mtime_ns]
+    that tiesmerge versions before the change time recorded)."""
+    if not (isinstance(recorded, list) and len(recorded) in (2, 3)):
+        return False
+    return file_stamp(path)[:len(recorded)] == recorded
 
 
 def listing(directory: str | os.PathLike) -> list[str]:
@@ -519,10 +531,10 @@ def changed_files(directory: Path) -> list[str]:
             if not isinstance(rel, str) or rel in OUTPUT_MARKERS:
                 continue
             try:
-                now = file_stamp(directory / rel)
+                unchanged = stamp_holds(recorded, directory / rel)
             except OSError:
                 continue  # removed since
-            if now != recorded:
+            if not unchanged:
                 changed.add(rel)
     return sorted(changed)
 
@@ -779,7 +791,7 @@ def _check_report_unchanged(directory: Path) -> None:
         path = directory / name
         if not os.path.lexists(path) or os.path.islink(path):
             continue  # a link is replaced itself, never written through
-        if stamped.get(name) != file_stamp(path):
+        if not stamp_holds(stamped.get(name), path):
             changed.append(name)
     if changed:
         them = "it" if len(changed) == 1 else "them"

@@ -381,13 +381,19 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(signum, handler)
 
 
-# Signals whose default action ends the process, sent to stop a job: kill's default (TERM), a closed
-# terminal or ssh session (HUP), Ctrl-\ (QUIT), the user signals job schedulers send before they kill a
-# job (USR1, USR2), and the limits' signals: a CPU-time limit (XCPU: `ulimit -t`, SGE's s_cpu), a timer
-# (ALRM, VTALRM). Each is handled as Ctrl-C (SIGINT), so the temporary output is removed.
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2",
-                                                         "SIGXCPU", "SIGALRM", "SIGVTALRM")
-                     if hasattr(signal, name))
+# Every catchable signal whose default action ends the process (signal(7): "Term" or "Core") but the faults a
+# crash raises (SEGV, BUS, FPE, ILL, ABRT, SYS, TRAP): kill's default (TERM), a closed terminal or ssh session
+# (HUP), Ctrl-\ (QUIT), the user signals job schedulers send before they kill a job (USR1, USR2), the limits'
+# signals (XCPU: `ulimit -t`, SGE's s_cpu; ALRM, VTALRM, PROF: timers), a power failure (PWR: init, some
+# container runtimes), I/O readiness (IO) and the real-time signals. Each is handled as Ctrl-C (SIGINT), so
+# the temporary output is removed; one whose handler is not the default (a profiler's SIGPROF, an ignored HUP
+# under nohup) is left as it is.
+_STOPPING_BY_DEFAULT = ("SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGXCPU", "SIGALRM", "SIGVTALRM",
+                        "SIGPROF", "SIGPWR", "SIGSTKFLT", "SIGIO", "SIGPOLL", "SIGLOST", "SIGEMT")
+STOP_SIGNALS = tuple(dict.fromkeys(
+    [getattr(signal, name) for name in _STOPPING_BY_DEFAULT if hasattr(signal, name)]
+    + ([signal.Signals(n) if n in signal.Signals._value2member_map_ else n
+        for n in range(signal.SIGRTMIN, signal.SIGRTMAX + 1)] if hasattr(signal, "SIGRTMIN") else [])))
 
 
 class Terminated(KeyboardInterrupt):
@@ -396,7 +402,8 @@ class Terminated(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGTERM) -> None:
         super().__init__(signum)
         self.signum = int(signum)
-        self.name = signal.Signals(signum).name
+        self.name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else \
+            f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 
 
 _stopping = False  # a stop signal (or Ctrl-C) arrived: its cleanup is running
@@ -422,10 +429,10 @@ def _terminate_like_interrupt() -> dict[int, Any]:
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         try:
             current = signal.getsignal(signum)
-            if current is signal.SIG_IGN:  # e.g. HUP under nohup: the user asked to ignore it
-                continue
             if signum == signal.SIGINT and current is not signal.default_int_handler:
                 continue  # a caller's own Ctrl-C handler stays
+            if signum != signal.SIGINT and current is not signal.SIG_DFL and current is not _on_stop_signal:
+                continue  # ignored (HUP under nohup: the user asked for it), or another program's handler
             previous[signum] = signal.signal(signum, _on_stop_signal)
         except (ValueError, OSError):  # not the main thread, or a signal this platform will not let us handle
             break

@@ -23,20 +23,20 @@ import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
 from ..dtypes import DType, as_dtype
-from ..errors import MergeWarning
-from ..finite import check_copy_fits, check_finite, check_fits_float8
+from ..errors import InvalidTensorError, MergeWarning
+from ..finite import check_copy_fits, check_finite, check_fits_float8, first_nonfinite
 from ..io.align import Alignment, TensorJob
 from ..lazy import torch
 from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
 from ..sizes import DEFAULT_MEMORY_BUDGET, parse_size
 from . import fused, whole
 from .plan import Chunk, Plan, make_plan
-from .reader import ChunkRows, EngineInputs, RawRows, Reader
+from .reader import ChunkRows, EngineInputs, RawRows, Reader, widen
 from .reduce import Reducer
 from .side import SideInputs
 
@@ -82,6 +82,23 @@ class MemorySink:
 
     def alias(self, name: str, source: str) -> None:
         self.state[name] = self.state[source]
+
+
+def _check_copy_finite(job: TensorJob, value: np.ndarray | torch.Tensor, base: Any) -> None:
+    """A floating tensor copied from the base (no model changes it: an adapter merge's untargeted
+    tensors) holding NaN or Inf: an error, as the same value in a merged tensor is; the output would
+    carry it silently. ``value``: the stored bytes (numpy) or a tensor, in the stored dtype."""
+    where = first_nonfinite(value, job.dtype_info.code or "") if job.is_floating else None
+    if where is None:
+        return
+    flat = value.reshape(-1)[where]
+    raw = float(widen(np.asarray(flat).reshape(1), job.dtype_info)[0]) if isinstance(value, np.ndarray) else \
+        float(flat)
+    where_from = base.location(job.name) if hasattr(base, "location") else "the base"
+    raise InvalidTensorError(
+        f"{where_from}: tensor {job.name!r} {tuple(job.shape)}, copied from the base into the output (no model "
+        f"changes it), holds {'NaN' if raw != raw else 'Inf'} at element {where:,}",
+        hint="the base checkpoint is damaged or was saved after a diverged training step; merge onto another copy")
 
 
 def _cast_copy(job: TensorJob, value: np.ndarray | torch.Tensor, out: DType) -> torch.Tensor:
@@ -304,6 +321,7 @@ class Executor:
                 self.stats.tensors_merged += 1
             else:
                 value = self.reader.read_whole(self.inputs.base, job)
+                _check_copy_finite(job, value, self.inputs.base)
                 if job.cast_on_copy(self.out_dtype):
                     value = _cast_copy(job, value, job.output_dtype(self.out_dtype))
                 self._write(sink.write, job.name, None, value)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..dtypes import DType, as_dtype
-from ..errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
+from ..errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, MergeWarning
 from ..limits import read_json
 from ..paths import inside
 from .peft import yields_task_vector
@@ -250,6 +251,10 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
     if vocab_policy not in VOCAB_POLICIES:
         raise ConfigError(f"vocab_policy={vocab_policy!r} is not one of {', '.join(VOCAB_POLICIES)}")
     names = base.names()
+    if not names:  # an empty weights file (save_file({})) or state dict: a "merge" would write an empty model
+        raise IncompatibleCheckpointsError(f"{base.label}: the base holds no tensors",
+                                           hint="pass the base model's weights (a folder or a .safetensors file "
+                                                "holding its parameters)")
     base_set = set(names)
     # -- adapters yield task vectors over the base's tensors they target (τ = 0 elsewhere)
     for model in models:
@@ -338,5 +343,9 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 hint=hint,
             )
         jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=True, aliases=aliases))
+    if not any(j.merge for j in jobs):  # integer tensors only: the output is the base, whatever the models hold
+        warnings.warn(f"nothing to merge: the base's {len(jobs)} tensor(s) are integers or booleans (buffers, "
+                      "quantized weights), which are copied from the base; the output is the base",
+                      MergeWarning, stacklevel=2)
     return Alignment(tuple(jobs), tuple(tied), tuple(truncated))
 

@@ -32,6 +32,18 @@ class StateDictCheckpoint:
         bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{label}: entry {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a torch.Tensor")
+        keys = [k for k in state if not isinstance(k, str)]
+        if keys:  # a safetensors file, a recipe and the output name tensors by text
+            raise CheckpointError(f"{label}: the key {keys[0]!r} is a {type(keys[0]).__name__}, not a tensor name "
+                                  "(a string)", hint="name every tensor by its parameter name, e.g. model.state_dict()")
+        # nested and quantized tensors have no single shape and dtype to stream rows of (torch fails inside)
+        odd = next(((k, kind) for k, v in state.items() for kind, hit in (("a nested tensor", v.is_nested),
+                                                                           ("a quantized tensor", v.is_quantized))
+                    if hit), None)
+        if odd is not None:
+            raise CheckpointError(f"{label}: tensor {odd[0]!r} is {odd[1]}, not a dense one",
+                                  hint="pass dense floating tensors (tensor.dequantize(), or one tensor per "
+                                       "nested component)")
         empty = [k for k, v in state.items() if v.is_meta]
         if empty:  # a model built on the meta device (init_empty_weights) holds shapes, not values
             raise CheckpointError(f"{label}: tensor {empty[0]!r} is on the meta device: it has a shape but no values"

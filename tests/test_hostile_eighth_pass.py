@@ -1,0 +1,156 @@
+"""Issue 13, the eighth independent hostile pass: one case per finding, checked as the catalogue checks its cases."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+import test_hostile_catalogue
+from helpers_ckpt import run_cli
+from test_hostile_catalogue import _merge, check, snapshot
+
+family = test_hostile_catalogue.family
+
+
+def test_force_keeps_an_edit_whose_size_and_modification_time_were_restored(family, tmp_path, capsys):
+    """F1: a model card edited in place with its size kept and its mtime set back (``touch -r``, ``cp -p``)."""
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    assert run_cli(_merge(b, ms, out), capsys)[0] == 0
+    card = out / "README.md"
+    st = os.stat(card)
+    text = card.read_text()
+    card.write_text(text[:-8] + "MY NOTE\n")  # same size
+    os.utime(card, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(card).st_size == st.st_size and os.stat(card).st_mtime_ns == st.st_mtime_ns
+    before = snapshot(inputs)
+    rc, _, err = run_cli(_merge(b, ms, out, "--force"), capsys)
+    check(rc, err, want_rc=1, needle=("README.md",), output=out, inputs=inputs, before=before, output_existed=True)
+    assert card.read_text().endswith("MY NOTE\n")
+
+
+def test_force_still_replaces_an_untouched_earlier_output(family, tmp_path, capsys):
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    assert run_cli(_merge(b, ms, out), capsys)[0] == 0
+    rc, _, err = run_cli(_merge(b, ms, out, "--force"), capsys)
+    assert rc == 0, err
+
+
+def test_an_output_stamped_by_an_earlier_version_is_still_checked_by_size_and_mtime(family, tmp_path, capsys):
+    """Stamps of [size, mtime_ns] (before the change time was recorded) keep working."""
+    import json
+
+    inputs, b, ms = family
+    out = tmp_path / "out"
+    assert run_cli(_merge(b, ms, out), capsys)[0] == 0
+    manifest = out / "tiesmerge.json"
+    data = json.loads(manifest.read_text())
+    data["written_stamps"] = {k: v[:2] for k, v in data["written_stamps"].items()}
+    manifest.write_text(json.dumps(data))
+    rc, _, err = run_cli(_merge(b, ms, out, "--force"), capsys)
+    assert rc == 0, err
+
+
+def test_ambiguous_commit_prefixes_are_shown_long_enough_to_tell_apart(tmp_path, monkeypatch):
+    """F2: two snapshots sharing 12 leading digits were both shown as the same 12 characters."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.hub import resolve_repo
+
+    repo = tmp_path / "hf" / "hub" / "models--org--r3"
+    for commit in ("a" * 40, "a" * 13 + "b" * 27):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(CheckpointError) as info:
+        resolve_repo("org/r3", "aaaaaaa")
+    assert "(" + "a" * 14 + ", " + "a" * 13 + "b)" in str(info.value), str(info.value)
+
+
+def test_a_working_folder_deleted_during_the_run_does_not_fail_the_final_checks(tmp_path, monkeypatch):
+    """F3: the end-of-merge check of protected folders called Path.cwd() on a deleted working folder."""
+    from tiesmerge import paths
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    shutil.rmtree(gone)
+    protected = paths._protected()
+    assert protected and all(p != gone for p in protected)
+
+
+def test_a_base_tensor_holding_nan_that_no_adapter_changes_is_not_copied_silently(tmp_path, capsys):
+    """F5: an adapter merge copied an untargeted base tensor holding NaN into the output."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base, write_hf_dir
+
+    base = make_base()
+    base["model.norm.weight"][2] = float("nan")
+    inputs = tmp_path / "in"
+    b = write_hf_dir(inputs / "base", base)
+    loras = [write_lora_dir(inputs / f"lora{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    before = snapshot(inputs)
+    for extra in ((), ("--dtype", "fp16")):
+        rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(loras[0]), "--model", str(loras[1]),
+                              "-o", str(tmp_path / "out"), "--no-progress", *extra], capsys)
+        check(rc, err, want_rc=1, needle=("tensor 'model.norm.weight' (8,), copied from the base", "NaN at element 2"),
+              output=tmp_path / "out", inputs=inputs, before=before)
+
+
+@pytest.mark.parametrize("kind", ["nested", "quantized", "int key"])
+def test_api_state_dicts_of_tensors_without_one_dense_shape_are_refused(kind):
+    """F6 (and a NOTE row): nested and quantized tensors failed inside torch; an int key passed through."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own prototype and deprecation warnings
+        if kind == "nested":
+            make = lambda: {"w": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}  # noqa: E731
+        elif kind == "quantized":
+            make = lambda: {"w": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)}  # noqa: E731
+        else:
+            make = lambda: {1: torch.ones(2)}  # noqa: E731
+        with pytest.raises(CheckpointError) as info:
+            tiesmerge.merge(make(), [make(), make()], "ties")
+    assert {"nested": "is a nested tensor", "quantized": "is a quantized tensor",
+            "int key": "the key 1 is a int, not a tensor name"}[kind] in str(info.value)
+
+
+def test_weights_without_tensors_are_an_error_not_an_empty_model(tmp_path, capsys):
+    """F7: a base whose weights file holds no tensors merged "0 tensors" into an empty model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    inputs = tmp_path / "in"
+    dirs = []
+    for name in ("base", "a", "b"):
+        (inputs / name).mkdir(parents=True)
+        save_file({}, str(inputs / name / "model.safetensors"))
+        (inputs / name / "config.json").write_text(json.dumps({"model_type": "custom"}))
+        dirs.append(inputs / name)
+    before = snapshot(inputs)
+    rc, _, err = run_cli(_merge(dirs[0], dirs[1:], tmp_path / "out"), capsys)
+    check(rc, err, want_rc=1, needle="the base holds no tensors", output=tmp_path / "out", inputs=inputs,
+          before=before)
+
+
+def test_models_of_integer_tensors_only_warn_that_nothing_is_merged():
+    """A NOTE row: integer tensors are copied from the base, so such a "merge" is the base; said, not silent."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+
+    base = {"ids": torch.arange(4)}
+    with pytest.warns(MergeWarning, match="nothing to merge: the base's 1 tensor"):
+        out = tiesmerge.merge(base, [{"ids": torch.arange(4) + 1}, {"ids": torch.arange(4) + 2}], "ties")
+    assert torch.equal(out["ids"], base["ids"])
