@@ -154,3 +154,71 @@ def test_models_of_integer_tensors_only_warn_that_nothing_is_merged():
     with pytest.warns(MergeWarning, match="nothing to merge: the base's 1 tensor"):
         out = tiesmerge.merge(base, [{"ids": torch.arange(4) + 1}, {"ids": torch.arange(4) + 2}], "ties")
     assert torch.equal(out["ids"], base["ids"])
+
+
+def test_a_base_config_changed_during_the_merge_is_refused(family, tmp_path, capsys, monkeypatch):
+    """F8: the files copied from the base (config, tokenizer) were not guarded like the weights."""
+    from tiesmerge.io import writer
+
+    inputs, b, ms = family
+    real = writer.SafetensorsStreamWriter.write
+
+    def rewrite_config(self, name, chunk):  # a download still writing the config, mid-merge
+        (b / "config.json").write_text('{"model_type":"cus')
+        return real(self, name, chunk)
+
+    monkeypatch.setattr(writer.SafetensorsStreamWriter, "write", rewrite_config)
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out"), capsys)
+    assert rc == 1 and "config.json" in err and "while tiesmerge read it" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_per_model_axis_on_the_grid_strategy_points_to_the_sampling_strategies(family, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """F10: the hint offered --grid weights=..., which the grid then refused."""
+    _, b, ms = family
+    (tmp_path / "work" / "eighth_pass_eval.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    rc, _, err = run_cli(["search", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
+                          "eighth_pass_eval:score", "--axis", "weights", "--budget", "2", "--dir", "s"], capsys)
+    assert rc == 2 and "per-model axes (weights) are searched by --strategy random or cmaes" in err, err
+
+
+def test_api_writers_take_force_as_a_boolean_and_stats_stay_out_of_their_model(tmp_path):
+    """F11: analyze/save_stats took force="no" as true; save_stats wrote inside the model it describes."""
+    import torch
+
+    import tiesmerge
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import ConfigError, OutputError
+    from tiesmerge.stats.files import Statistics, StatsManifest
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    tiesmerge.analyze(b, ms, output=tmp_path / "an")
+    with pytest.raises(ConfigError, match="force='no' must be True or False"):
+        tiesmerge.analyze(b, ms, output=tmp_path / "an", force="no")
+    stats = Statistics(StatsManifest(kind="gram", examples=4, model=str(ms[0])), {"w": torch.ones(2, 2)})
+    with pytest.raises(ConfigError, match="must be True or False"):
+        tiesmerge.save_stats(tmp_path / "st", stats, force="no")
+    with pytest.raises(OutputError, match="lies inside the model these statistics describe"):
+        tiesmerge.save_stats(ms[0] / "sub", stats)
+    assert not (ms[0] / "sub").exists()
+
+
+@pytest.mark.parametrize("rules", ["[{filter: self_attn, value: [0, 0.5, 1.0e+30]}, {value: 0.5}]",
+                                   "[{filter: self_attn, value: 1.0e+400}, {value: 0.5}]",
+                                   "[{filter: mlp, value: 0.3}, {value: -5}]"])
+def test_slerp_t_out_of_range_is_refused_in_filters_and_gradients_too(family, tmp_path, capsys, rules):
+    """F12: the scalar t was held to [0, 1], its filters and gradients were not."""
+    import json
+
+    _, b, ms = family
+    config = json.loads((b / "config.json").read_text())
+    (b / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 2}))  # for the gradient
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n"
+                      f"parameters:\n  t: {rules}\n")
+    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc == 2 and "outside [0, 1] (fraction)" in err, err

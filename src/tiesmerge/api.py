@@ -234,7 +234,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         # what every input file looks like (a model another process is still writing is refused)
         extra = model_files(prepared.base.directory()) if output is not None and output_format != "adapter" else []
         inputs_read = [prepared.base, *prepared.models, *([prepared.reference] if prepared.reference else [])]
-        stamps = FileStamps.of(f for c in inputs_read for f in c.files())
+        # the base's config and tokenizer files too: they are copied at the end, and a download still writing
+        # them would leave a broken model behind an exit status of 0
+        stamps = FileStamps.of([*(f for c in inputs_read for f in c.files()), *extra])
         if bar is not None:
             bar.reset(total=executor.plan.bytes_to_read)
         prepared_at = time.perf_counter()

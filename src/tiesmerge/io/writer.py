@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..dtypes import DType, as_dtype
-from ..errors import CheckpointError, MergeWarning, OutputError
+from ..errors import CheckpointError, ConfigError, MergeWarning, OutputError
 from ..finite import check_finite
 from ..limits import loads_json, read_json
 from ..paths import (
@@ -302,6 +302,8 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
     """Yield a temporary sibling of ``final``; on success rename it into place, on any error
     (Ctrl-C and SIGTERM included) remove it, so no half-written output ever looks complete.
     ``final`` may replace (``force``) only a directory tiesmerge wrote (see ``tiesmerge.paths``)."""
+    if not isinstance(force, bool):  # every writer comes here: force="no" (truthy) must not replace anything
+        raise ConfigError(f"force={force!r} must be True or False")
     final = physical(final)  # where the kernel puts it: "l/../out" after a link l is not "./out"
     _check_output_path(final, force)
     # parent folders this call creates are removed again on failure, like the output itself

@@ -65,6 +65,16 @@ def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     return out.reshape(v0.shape)
 
 
+def _t_schedule_problem(text: object) -> str | None:
+    """An option check: a schedule whose every value is a t in [0, 1], as the scalar ``t`` must be (a
+    value past 1 extrapolates far beyond both models: 1e30 gives absurd weights, inf an overflow)."""
+    problem = schedule_problem(text)
+    if problem is not None:
+        return problem
+    bad = next((v for _, values in parse_schedule(str(text)).rules for v in values if not 0 <= v <= 1), None)
+    return None if bad is None else f"holds t = {bad:g}, outside [0, 1] (fraction), where every t must lie"
+
+
 @method_config
 class Slerp:
     """theta = sin((1-t) w)/sin(w) theta_0 + sin(t w)/sin(w) theta_1 per tensor, w the angle between
@@ -91,7 +101,7 @@ class Slerp:
     t_by_name: str | None = option(None, "t per tensor, mergekit's filters and gradients: "
                                    "'FILTER=V[,V...];...;*=V', first matching filter (a substring of the "
                                    "name) wins, a list is a gradient over the layers", unit="schedule",
-                                   check=schedule_problem)
+                                   check=_t_schedule_problem)
     layers: int = option(0, "the model's number of layers, where t_by_name has a gradient "
                          "(e.g. num_hidden_layers)", unit="layers", check=non_negative_int)
 

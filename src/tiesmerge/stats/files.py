@@ -25,7 +25,7 @@ from ..errors import CheckpointError, ConfigError, InvalidTensorError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
 from ..limits import read_json
-from ..paths import check_input, inside
+from ..paths import check_input, check_not_input, inside
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 from ..version import __version__
 
@@ -151,6 +151,8 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
                 f"{manifest.kind} statistic {name!r} {tuple(value.shape)}: {bad:,} entries are not finite (Inf or NaN) "
                 "in float32", hint="the model's activations (or gradients) overflow float32 on these texts: its "
                 "weights are likely damaged (check the model); statistics that overflow cannot weigh a merge")
+    if manifest.model:  # never inside (or over) the model the statistics describe, as `tiesmerge stats -o` refuses
+        check_not_input(directory, [("the model these statistics describe", manifest.model)])
     groups = [[OutputEntry(k, tuple(v.shape), v.dtype)] for k, v in tensors.items()]
     with atomic_directory(directory, force=force, needed_bytes=sum(v.numel() * 4 for v in tensors.values())) as tmp:
         writer = ShardedWriter(tmp, groups, parse_size(shard_size),

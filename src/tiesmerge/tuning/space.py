@@ -101,8 +101,11 @@ class SearchSpace:
         """Every combination of the axes' grid values, the last axis varying fastest."""
         missing = [a.name for a in self.axes if not a.values]
         if missing:
+            per_model = [a.name for a in self.axes if not a.values and a.per_model]
             raise ConfigError(f"the grid strategy needs values for {', '.join(missing)}",
-                              hint="pass --grid NAME=v1,v2,... or NAME=start:stop:step for each")
+                              hint=f"per-model axes ({', '.join(per_model)}) are searched by --strategy random or "
+                                   "cmaes, within --range; a grid sweeps one value per option"
+                              if per_model else "pass --grid NAME=v1,v2,... or NAME=start:stop:step for each")
         return [{**self.fixed, **{a.name: v for a, v in zip(self.axes, combo)}}
                 for combo in itertools.product(*(a.values for a in self.axes))]
 
