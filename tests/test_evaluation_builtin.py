@@ -190,3 +190,22 @@ def test_tune_and_search_take_a_builtin_by_name(classifiers, tmp_path, capsys):
     code = main(["tune", *flags, "--evaluator", f"classifier-accuracy:{data}", "--json", str(data), "--force"])
     assert code != 0 and data.read_bytes() == before
     assert "evaluator's file" in capsys.readouterr().err
+
+
+def test_a_builtin_that_does_not_fit_the_bases_kind_says_which_does(classifiers, causal_lm, tmp_path, capsys):
+    """Hostile pass 8, F9: lm-perplexity on a BERT classifier printed transformers' 20-line load report (terminal
+    escapes, "this checkpoint seem corrupted") before an error about missing tensors."""
+    from tiesmerge.errors import ConfigError
+
+    _, base, _, data = classifiers
+    text = tmp_path / "t.txt"
+    text.write_text("a b c d e f\n")
+    with pytest.raises(ConfigError) as info:
+        builtin_evaluator(f"lm-perplexity:{text}", base, device="cpu")(_state(base))
+    assert "lm-perplexity needs a language model" in str(info.value) and "BertForSequenceClassification" in \
+        str(info.value) and "classifier-accuracy fits this base" in info.value.hint
+    with pytest.raises(ConfigError) as info:
+        builtin_evaluator(f"classifier-accuracy:{data}", causal_lm[0], device="cpu")(_state(causal_lm[0]))
+    assert "needs a sequence classifier" in str(info.value) and "lm-perplexity or choice-accuracy" in info.value.hint
+    captured = capsys.readouterr()
+    assert "LOAD REPORT" not in captured.err + captured.out and "\x1b[" not in captured.err + captured.out

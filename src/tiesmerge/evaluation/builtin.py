@@ -36,7 +36,7 @@ import torch
 from ..errors import ConfigError
 from ..limits import read_json_lines
 from ..paths import check_model_dir, read_regular
-from .loading import from_pretrained
+from .loading import check_kind, from_pretrained
 from .rank_classification import ChoiceExample, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
@@ -106,6 +106,8 @@ class _Scorer:
         if key not in _MODELS:
             from transformers import AutoTokenizer
 
+            name = next((n for n, cls in BUILTIN_EVALUATORS.items() if cls is type(self)), type(self).__name__)
+            check_kind(self.model_dir, kind, name)
             model = from_pretrained(build, self.model_dir, "the base").to(_device(self.device)).eval()
             _MODELS[key] = (model, from_pretrained(AutoTokenizer, self.model_dir, "its tokenizer"))
         return _MODELS[key]

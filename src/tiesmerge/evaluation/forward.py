@@ -26,7 +26,6 @@ Four kinds:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..paths import check_model_dir
 from .encoder import CosineHead, SentenceEncoder, build_head
-from .loading import encode, fitted_length, forward_checked, from_pretrained
+from .loading import architectures, encode, fitted_length, forward_checked, from_pretrained
 
 __all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
            "FunctionLogits", "Row", "as_rows", "checkpoint_names", "load_forward", "logits", "entropy"]
@@ -243,22 +242,13 @@ class FunctionLogits(torch.nn.Module):
         return self.fn(self.module, batch, task)
 
 
-def _architectures(model_dir: Path) -> list[str]:
-    try:
-        config = json.loads((model_dir / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{model_dir}: no readable config.json ({exc})",
-                              hint="the forward is built from a Hugging Face model directory") from None
-    return [str(a) for a in config.get("architectures") or []] if isinstance(config, dict) else []
-
-
 def _check_causal_lm(model_dir: Path) -> None:
     """The choice forward scores answers with a causal LM: a model whose config names only other architectures
     (e.g. a ``BertForSequenceClassification``) is refused, saying which forward fits it (no architectures: let
     transformers decide)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    archs = _architectures(model_dir)
+    archs = architectures(model_dir)
     causal = {name for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in ((v,) if isinstance(v, str) else v)}
     if not archs or any(a in causal or a.endswith("ForCausalLM") for a in archs):
         return
@@ -294,7 +284,7 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
     check_model_dir(model_dir, "the base")  # transformers follows links: every file it opens checked first
     forward: torch.nn.Module
     if kind == "classifier":
-        archs = _architectures(model_dir)
+        archs = architectures(model_dir)
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise ConfigError(f"{model_dir}: not a sequence classifier (architectures: {', '.join(archs) or 'none'})",
                               hint="--forward encoder (with --heads) or choice (with answer choices) may fit")

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, TiesMergeError
+from ..errors import CheckpointError, ConfigError, TiesMergeError
 from ..limits import read_json
 
 __all__ = ["from_pretrained"]
@@ -39,6 +39,48 @@ def _check_config(directory: Path) -> None:
                               hint="use the unquantized model (merging quantized checkpoints is not supported)")
 
 
+@contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """transformers' loading chatter off (its load report of missing and unexpected keys, with terminal
+    escapes, "this checkpoint seem corrupted", "consider training on your downstream task"): what matters
+    of it tiesmerge checks itself and says once, as an error naming the tensors."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
+def architectures(directory: str | os.PathLike) -> list[str]:
+    """The ``architectures`` a model folder's config.json names (none: transformers decides)."""
+    config = read_json(Path(directory) / "config.json", "the model's config")
+    names = config.get("architectures") if isinstance(config, dict) else None
+    return [str(a) for a in names] if isinstance(names, list) else []
+
+
+# what each built-in evaluator's model must be, by the architecture names transformers gives them
+_KINDS = {"seq-cls": (("ForSequenceClassification",), "a sequence classifier (*ForSequenceClassification)"),
+          "lm": (("ForCausalLM", "LMHeadModel", "ForConditionalGeneration"),
+                 "a language model (*ForCausalLM, *LMHeadModel or *ForConditionalGeneration)")}
+_FITS = {"seq-cls": "classifier-accuracy", "lm": "lm-perplexity or choice-accuracy"}
+
+
+def check_kind(directory: str | os.PathLike, kind: str, evaluator: str) -> None:
+    """Refuse, before transformers builds it, a base whose config names only architectures of another kind
+    than evaluator ``evaluator`` scores (``kind``: "seq-cls" or "lm"), saying which built-in fits it."""
+    archs = architectures(directory)
+    suffixes, needed = _KINDS[kind]
+    if not archs or any(a.endswith(suffixes) for a in archs):
+        return
+    other = next((k for k, (sfx, _) in _KINDS.items() if k != kind and any(a.endswith(sfx) for a in archs)), None)
+    raise ConfigError(f"{directory}: {evaluator} needs {needed}, and the base is a {', '.join(archs)}",
+                      hint=(f"{_FITS[other]} fits this base" if other else "encoder-accuracy (sentence embeddings "
+                            "and class descriptions) fits most encoders") + "; or write an evaluator of your own")
+
+
 def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the model", **kwargs: Any) -> Any:
     """``loader.from_pretrained(directory, trust_remote_code=False, **kwargs)`` (an Auto class, or a function
     taking a directory and keywords); transformers' own errors for unusable files become a CheckpointError naming
@@ -49,7 +91,8 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
     # would make transformers ask "run the custom code? [y/N]" on the terminal (and run it on "y"); False refuses
     kwargs["trust_remote_code"] = False
     try:
-        return load(directory, **kwargs)
+        with _transformers_quiet():
+            return load(directory, **kwargs)
     except (TiesMergeError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - a config's values reach transformers' code: ZeroDivisionError,
