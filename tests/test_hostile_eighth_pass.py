@@ -222,3 +222,33 @@ def test_slerp_t_out_of_range_is_refused_in_filters_and_gradients_too(family, tm
                       f"parameters:\n  t: {rules}\n")
     rc, _, err = run_cli(["validate", str(recipe)], capsys)
     assert rc == 2 and "outside [0, 1] (fraction)" in err, err
+
+
+def test_numbas_kernel_cache_stays_in_the_promised_folders_when_the_package_is_read_only(tmp_path, monkeypatch):
+    """F13: with a read-only install numba fell back to ~/.cache/numba; tiesmerge's own cache folder now."""
+    from tiesmerge.engine import numba_cache
+
+    real_access = os.access
+    engine = os.path.dirname(numba_cache.__file__)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(engine) else real_access(p, mode))
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    numba_cache.place()
+    assert os.environ["NUMBA_CACHE_DIR"] == str(tmp_path / "cache" / "numba")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/somewhere/the/user/chose")
+    numba_cache.place()
+    assert os.environ["NUMBA_CACHE_DIR"] == "/somewhere/the/user/chose"
+    monkeypatch.delenv("NUMBA_CACHE_DIR")
+    monkeypatch.delenv("TIESMERGE_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", "/nonexistent")
+    numba_cache.place()  # no usable home: a private temporary folder, removed at exit
+    assert os.path.basename(os.environ["NUMBA_CACHE_DIR"]).startswith("tiesmerge-numba-")
+
+
+def test_a_writable_package_keeps_numbas_own_choice(monkeypatch):
+    from tiesmerge.engine import numba_cache
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    numba_cache.place()
+    assert "NUMBA_CACHE_DIR" not in os.environ

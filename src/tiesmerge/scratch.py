@@ -15,7 +15,7 @@ _FOLDERS: list[str] = []
 # "<prefix><host>-<pid>-<random>": a folder of this host whose process is dead (a run killed outright) is removed by
 # the next run; another host's (a TMPDIR shared by a cluster's nodes, or by containers) is never touched, since its
 # pid means nothing here
-_OURS = re.compile(r"^tiesmerge-(torch|matplotlib|ray)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
+_OURS = re.compile(r"^tiesmerge-(torch|matplotlib|ray|numba)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
 def private_folder_for(env_var: str, prefix: str) -> None:

@@ -22,6 +22,8 @@ rest with a stable insertion sort of its own. The result equals torch's bit for 
 
 from __future__ import annotations
 
+from . import numba_cache  # noqa: F401 -- on import, before numba: where its compiled kernels go
+
 try:  # optional: without numba the engine runs the torch sort
     from numba import njit
 except ImportError:  # pragma: no cover - exercised where numba is absent

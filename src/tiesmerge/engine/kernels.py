@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..lazy import torch
+from . import numba_cache  # noqa: F401 -- on import, before numba: where its compiled kernels go
 
 try:  # optional: the engine falls back to torch without it
     import numba

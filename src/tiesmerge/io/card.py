@@ -30,24 +30,30 @@ def _sha256(path: Path) -> dict:
 
 
 def _cache_file() -> Path | None:
-    """Where file digests are remembered (``$TIESMERGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiesmerge``,
-    else ``~/.cache/tiesmerge``), or None when TIESMERGE_DIGEST_CACHE=0."""
+    """Where file digests are remembered (see :func:`cache_folder`), or None when TIESMERGE_DIGEST_CACHE=0."""
     if os.environ.get("TIESMERGE_DIGEST_CACHE", "1") == "0":
         return None
+    folder = cache_folder()
+    return folder / "digests.json" if folder is not None else None
+
+
+def cache_folder() -> Path | None:
+    """tiesmerge's cache folder: ``$TIESMERGE_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiesmerge``, else
+    ``~/.cache/tiesmerge``; None without a usable home (HOME=/nonexistent: no cache, no folders)."""
     chosen = os.environ.get("TIESMERGE_CACHE_DIR", "")
     if os.path.isabs(chosen):
-        return Path(chosen) / "digests.json"
+        return Path(chosen)
     if chosen:  # relative: it would put a cache folder in whatever folder the command runs from
         # Python's warning filter shows it once per place, and the CLI prints each warning once
         warnings.warn(f"TIESMERGE_CACHE_DIR={chosen!r} is not an absolute path: ignored (file digests are remembered "
                       "in the default cache folder; give an absolute path to move it)", MergeWarning, stacklevel=2)
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     if os.path.isabs(xdg):  # the XDG spec: a relative path is invalid and ignored (it would write into the cwd)
-        return Path(xdg) / "tiesmerge" / "digests.json"
+        return Path(xdg) / "tiesmerge"
     home = os.path.expanduser("~")
-    if not os.path.isabs(home) or not os.path.isdir(home):  # HOME=/nonexistent (system users): no cache, no folders
+    if not os.path.isabs(home) or not os.path.isdir(home):
         return None
-    return Path(home) / ".cache" / "tiesmerge" / "digests.json"
+    return Path(home) / ".cache" / "tiesmerge"
 
 
 _MAX_CACHE_BYTES = 64 << 20  # ~300,000 remembered files; a larger cache file is ignored (and replaced)

@@ -1,0 +1,39 @@
+"""Where numba keeps the compiled kernels (``@njit(cache=True)``), decided before numba is imported.
+
+numba writes them beside their source, in the package's ``__pycache__``; where it cannot (a
+system-wide or another user's install, a read-only image, Nix), it falls back to its user-wide
+``~/.cache/numba``, outside anything tiesmerge promises to write. There tiesmerge puts them in
+its own cache folder instead, beside the digest cache (``numba/`` in ``$TIESMERGE_CACHE_DIR``,
+``$XDG_CACHE_HOME/tiesmerge`` or ``~/.cache/tiesmerge``), so they are kept across runs (a cold
+compile takes ~9 s); without a usable home, in a private temporary folder removed at exit. A
+``NUMBA_CACHE_DIR`` the user set is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["place"]
+
+# importing this module places the cache (the engine's kernel modules import it before numba)
+
+
+def place() -> None:
+    """Set ``NUMBA_CACHE_DIR`` where numba's own choice would leave the promised folders (see above)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    engine = os.path.dirname(os.path.abspath(__file__))
+    pycache = os.path.join(engine, "__pycache__")
+    if os.access(pycache if os.path.isdir(pycache) else engine, os.W_OK | os.X_OK):
+        return  # numba writes beside the source, inside the package
+    from ..io.card import cache_folder
+    from ..scratch import private_folder_for
+
+    folder = cache_folder()
+    if folder is None:
+        private_folder_for("NUMBA_CACHE_DIR", "tiesmerge-numba-")
+    else:
+        os.environ["NUMBA_CACHE_DIR"] = str(folder / "numba")
+
+
+place()
