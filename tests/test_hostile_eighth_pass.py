@@ -252,3 +252,26 @@ def test_a_writable_package_keeps_numbas_own_choice(monkeypatch):
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     numba_cache.place()
     assert "NUMBA_CACHE_DIR" not in os.environ
+
+
+def test_a_merged_adapter_in_float16_is_factored_in_float32(tmp_path, capsys):
+    """F14: the dense ΔW passed through float16 before its SVD, so factors that fit float16 were refused, with an
+    error naming float32."""
+    import torch
+    from safetensors.torch import load_file
+
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base, write_hf_dir
+
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    loras = [write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    argv = ["merge", "--base", str(b), "--model", str(loras[0]), "--model", str(loras[1]), "--output-format",
+            "adapter", "--dtype", "float16", "--no-progress"]
+    rc, _, err = run_cli([*argv, "--lam", "1e6", "-o", str(tmp_path / "out")], capsys)  # ΔW ~1e5, factors ~1e2-1e3
+    assert rc == 0, err
+    factors = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    assert {v.dtype for v in factors.values()} == {torch.float16}
+    assert all(bool(torch.isfinite(v).all()) for v in factors.values())
+    rc, _, err = run_cli([*argv, "--lam", "1e12", "-o", str(tmp_path / "out2")], capsys)  # factors past 65504
+    assert rc == 1 and "output dtype F16" in err and "float16 holds values up to 65504" in err, err

@@ -32,6 +32,7 @@ from .inputs import (
     method_inputs,
     open_models,
     prepare,
+    requested_dtype,
     resolve_sources,
 )
 from .io.align import align
@@ -266,7 +267,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             adapter_part = None
             if output_format == "adapter":
                 run_stats, adapter_part = adapter_merge.write_adapter(tmp, executor, prepared.base, prepared.models,
-                                                                      rank=rank, dtype=executor.out_dtype)
+                                                                      rank=rank, dtype=requested_dtype(dtype))
                 files, copied = adapter_part["files"], []
             else:
                 writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__},
@@ -297,7 +298,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             run_stats.seconds["hash_wait"] = time.perf_counter() - clock
             run_stats.seconds["prepare"] = prepared_at - started
             recipe = MergeRecipe(method=m, base=prepared.base.label, models=tuple(c.label for c in prepared.models),
-                                 dtype=executor.out_dtype.name if executor.out_dtype else None,
+                                 dtype=requested_dtype(dtype).name if dtype is not None else None,
                                  shard_size=str(shard_size), memory_budget=str(memory_budget or DEFAULT_MEMORY_BUDGET),
                                  device=str(device), vocab_policy=vocab_policy, output_format=output_format,
                                  rank=rank, origin=dict(origin) if origin else None,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import adapter_merge
 from .distance import check_distances, measure
-from .dtypes import BY_NAME, DType, as_dtype
+from .dtypes import BY_NAME, FLOAT32, DType, as_dtype
 from .engine.executor import Executor
 from .engine.reader import EngineInputs
 from .engine.side import SideInputs
@@ -290,7 +290,7 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
     return side, opened
 
 
-def _out_dtype(dtype: Any) -> DType | None:
+def requested_dtype(dtype: Any) -> DType | None:
     """The output dtype: a name (bf16, float32, ...), a torch dtype or a descriptor; floating."""
     if dtype is None:
         return None
@@ -376,7 +376,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         raise ConfigError(problems)
     req = method.requirements()
     device_t, budget = device_of(device), budget_of(memory_budget)
-    out_dtype = _out_dtype(dtype)
+    out_dtype = requested_dtype(dtype)
     base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
     if req.base_values and output_format == "adapter":
         raise ConfigError(f"method {method.name!r} needs the base's values, which a merged adapter does not hold",
@@ -404,7 +404,10 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     def make_executor(inputs: EngineInputs, m: MergeMethod, side: SideInputs | None = None,
                       alignment: Alignment | None = None) -> Executor:
         alignment = alignment or align(inputs.base, list(inputs.models), vocab_policy=vocab_policy)
-        return Executor(inputs, alignment, m, device=device_t, memory_budget=budget, out_dtype=out_dtype,
+        # a merged adapter's task vectors are factored in float32 and only its factors take the output dtype (a
+        # float16 ΔW could overflow where its rank-r factors fit): adapter_merge.write_adapter casts them
+        return Executor(inputs, alignment, m, device=device_t, memory_budget=budget,
+                        out_dtype=FLOAT32 if output_format == "adapter" and out_dtype is not None else out_dtype,
                         progress=progress, side=side)
 
     inputs = EngineInputs(engine_base, tuple(engine_models), reference,
