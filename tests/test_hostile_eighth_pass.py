@@ -275,3 +275,103 @@ def test_a_merged_adapter_in_float16_is_factored_in_float32(tmp_path, capsys):
     assert all(bool(torch.isfinite(v).all()) for v in factors.values())
     rc, _, err = run_cli([*argv, "--lam", "1e12", "-o", str(tmp_path / "out2")], capsys)  # factors past 65504
     assert rc == 1 and "output dtype F16" in err and "float16 holds values up to 65504" in err, err
+
+
+def _bind_mount_works(tmp_path) -> bool:
+    import subprocess
+
+    (tmp_path / "probe_a").mkdir()
+    (tmp_path / "probe_b").mkdir()
+    try:
+        proc = subprocess.run(["unshare", "-m", "--propagation", "private", "mount", "--bind",
+                               str(tmp_path / "probe_a"), str(tmp_path / "probe_b")], capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0
+
+
+def test_an_input_reached_through_another_mount_is_still_an_input(family, tmp_path):
+    """F16: identity was by resolved path only; a bind mount (NFS exported twice, a Docker volume) of the folder
+    holding an input let -o replace it (--force) or write inside it."""
+    import subprocess
+    import sys
+
+    if not _bind_mount_works(tmp_path):
+        pytest.skip("needs unshare -m and mount --bind (root in a private mount namespace)")
+    inputs, b, ms = family
+    view = tmp_path / "view"
+    view.mkdir()
+    before = snapshot(inputs)
+    for out, extra, how in ((view / "ft0", ["--force"], "is model 0"),
+                            (view / "ft1" / "inside", [], "lies inside model 1")):
+        script = (f"mount --bind {inputs} {view} && {sys.executable} -m tiesmerge.cli.main "
+                  + " ".join(_merge(b, ms, out, *extra)))
+        proc = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1 and how in proc.stderr and "another mount" in proc.stderr, proc.stderr
+    assert snapshot(inputs) == before
+
+
+def test_identity_checks_tell_a_second_path_to_the_same_folder(tmp_path, monkeypatch):
+    """F16 without mount privileges: os.stat made to report one folder under two paths, as a bind mount does."""
+    from pathlib import Path
+
+    from tiesmerge import paths
+    from tiesmerge.errors import OutputError
+
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    real_stat = os.stat
+
+    def stat(p, *a, **k):
+        p = Path(os.fspath(p))
+        if p == alias or alias in p.parents:  # alias/... is models/...
+            p = tmp_path / "models" / p.relative_to(alias)
+        return real_stat(p, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(OutputError, match="is model 0 .* another mount"):
+        paths.check_not_input(alias / "m", [("model 0", str(model))])
+    with pytest.raises(OutputError, match="lies inside model 0 .* another mount"):
+        paths.check_not_input(alias / "m" / "sub", [("model 0", str(model))])
+    with pytest.raises(OutputError, match="contains model 0 .* another mount"):
+        paths.check_not_input(alias, [("model 0", str(model))])
+    paths.check_not_input(tmp_path / "elsewhere", [("model 0", str(model))])  # unrelated: fine
+
+
+def test_a_stop_signal_during_a_ray_search_is_tiesmerges_to_handle(family, tmp_path):
+    """F15: ray.init installed its own SIGTERM handling (sys.exit(15), a C++ stack dump): the search died without
+    the command's cleanup, leaving its private Ray folder."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    pytest.importorskip("ray")
+    inputs, b, ms = family
+    work = tmp_path / "work"
+    (work / "slow_ray_eval.py").write_text("import time\ndef score(state):\n    time.sleep(1.0)\n"
+                                           "    return float(len(state))\n")
+    code = "import sys\nfrom tiesmerge.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    argv = ["search", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
+            "slow_ray_eval:score", "--strategy", "random", "--budget", "40", "--axis", "lam", "--ray", "--workers", "1",
+            "--dir", str(tmp_path / "s")]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "s"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:  # the first scores: Ray is up and working
+        if any(p.stat().st_size > 0 for p in log.glob("*.jsonl")) if log.is_dir() else False:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated by SIGTERM" in err, (proc.returncode, err[-2000:])
+    assert "SIGTERM received at time" not in err
+    left = glob.glob(os.path.join(tempfile.gettempdir(), f"tiesmerge-ray-*-{proc.pid}-*"))
+    assert not left, left

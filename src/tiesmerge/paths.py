@@ -596,12 +596,53 @@ def _check_writable_parent(output: str | os.PathLike, final: Path) -> None:
                           hint="choose a location you can write to")
 
 
+def _identities(path: Path) -> dict[tuple[int, int], Path]:
+    """(device, inode) of ``path`` and of each of its folders that exists, innermost first: what a folder
+    is whatever path reaches it (a second mount of it, a bind mount, an NFS export mounted twice)."""
+    out: dict[tuple[int, int], Path] = {}
+    for p in (path, *path.parents):
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        out.setdefault((st.st_dev, st.st_ino), p)
+    return out
+
+
+def _same_place(output: Path, src: Path) -> str | None:
+    """How ``output`` relates to input ``src`` by identity rather than by path: "is", "contains" (the
+    output is an existing folder above the input) or "lies inside" (the input is a folder above the
+    output); None when neither. Catches what the resolved paths miss (a bind mount of the same folder)."""
+    try:
+        st = os.stat(src)
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino)
+    if key in _identities(output):
+        return "is" if _identities(output)[key] == output else "lies inside"
+    try:
+        out = os.stat(output)
+    except OSError:
+        return None
+    return "contains" if (out.st_dev, out.st_ino) in _identities(src) else None
+
+
 def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]]) -> None:
     """The output must not be, hold, or lie inside any input (``named``: (role, source) pairs;
-    sources that are not paths, e.g. state dicts, are skipped), links followed."""
+    sources that are not paths, e.g. state dicts, are skipped), links followed, and the same
+    folder reached another way (a second mount) told by its device and inode."""
     final = _final(output)
     for who, source in named:
         for src in input_roots(source):
+            how = _same_place(final, src)
+            if how == "lies inside" and src not in final.parents:
+                raise OutputError(f"{output}: the output lies inside {who} ({source}), reached through another "
+                                  "mount of the same folder; writing there would change an input",
+                                  hint="choose an output directory outside the inputs")
+            if how in ("is", "contains") and not (src == final or final in src.parents):
+                raise OutputError(f"{output}: the output {how} {who} ({source}), reached through another mount "
+                                  "of the same folder; writing there would replace an input of the merge",
+                                  hint="choose an output directory outside the inputs")
             if src == final or final in src.parents:
                 raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
                                   "writing there would replace an input of the merge",
@@ -645,6 +686,11 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     for who, source in named:  # links followed: a link to an input is refused too
         for src in input_roots(source):
             for cand in {physical(path), _final(path)}:
+                how = _same_place(cand, src)  # the same file or folder reached through another mount too
+                if how in ("is", "lies inside") and not (src == cand or src in cand.parents):
+                    raise OutputError(f"{path}: {what} {how} {who} ({source}), reached through another mount of the "
+                                      "same folder; writing there would change an input",
+                                      hint="choose a path outside the inputs")
                 if src == cand or src in cand.parents:
                     raise OutputError(f"{path}: {what} {'is' if src == cand else 'lies inside'} {who} ({source}); "
                                       "writing there would change an input", hint="choose a path outside the inputs")

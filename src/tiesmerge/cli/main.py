@@ -348,9 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         if args.debug:
             traceback.print_exc()
-        if isinstance(exc, Terminated):
-            print(f"error: terminated by {exc.name}; no output directory was left behind", file=sys.stderr)
-            return 128 + exc.signum  # the shell's convention for a process ended by that signal
+        # the signal that started it: a library may catch our Terminated and raise a plain KeyboardInterrupt of its
+        # own (Ray's ray.get cancels its tasks so), and the exit status must still say which signal it was
+        stopped = exc if isinstance(exc, Terminated) else _stopped_by
+        if stopped is not None:
+            print(f"error: terminated by {stopped.name}; no output directory was left behind", file=sys.stderr)
+            return 128 + stopped.signum  # the shell's convention for a process ended by that signal
         print("error: interrupted; no output directory was left behind", file=sys.stderr)
         return 130
     except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
@@ -407,24 +410,26 @@ class Terminated(KeyboardInterrupt):
 
 
 _stopping = False  # a stop signal (or Ctrl-C) arrived: its cleanup is running
+_stopped_by: Terminated | None = None  # the stop signal other than Ctrl-C that arrived first, for the exit status
 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
-    global _stopping
+    global _stopping, _stopped_by
     if _stopping:  # a second signal during the first one's cleanup (Ctrl-C, then the scheduler's TERM): let it finish
         return
     _stopping = True
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
-    raise Terminated(signum)
+    _stopped_by = Terminated(signum)
+    raise _stopped_by
 
 
 def _terminate_like_interrupt() -> dict[int, Any]:
     """Handle the stop signals as Ctrl-C for the command's duration, and any second one as nothing while the
     first one's cleanup runs; the handlers they replace (only the main thread may set handlers: elsewhere the
     caller's stay)."""
-    global _stopping
-    _stopping = False
+    global _stopping, _stopped_by
+    _stopping, _stopped_by = False, None
     previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         try:

@@ -211,6 +211,7 @@ class RayExecutor:
             # the working folder last: the user's evaluator module is found there, never a shadow of an installed one
             path = os.pathsep.join(p for p in [*sys.path, os.getcwd()] if p and os.path.isdir(p))
             kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}, "log_to_driver": True}
+            handlers = _signal_handlers()
             if address:
                 ray.init(address=address, **kwargs)
             else:
@@ -219,6 +220,7 @@ class RayExecutor:
                     # left in $TMPDIR/ray (README, Safety)
                     kwargs["_temp_dir"] = _ray_folder()
                 ray.init(num_cpus=workers * cpus_per_task, include_dashboard=False, **kwargs)
+            _restore_signal_handlers(handlers)
             self._owned = True
         if gpus_per_task is None:  # one GPU per task where the cluster has GPUs
             gpus_per_task = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
@@ -285,3 +287,27 @@ class RayExecutor:
         self._best = None
         if self._owned and self._ray.is_initialized():
             self._ray.shutdown()
+
+
+def _signal_handlers() -> dict[int, Any]:
+    """Every signal's Python-level handler now (None: one set outside Python)."""
+    import signal
+
+    return {int(s): signal.getsignal(s) for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP)}
+
+
+def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
+    """Put back the handlers ``ray.init`` replaced: Ray's driver installs its own for SIGTERM and others (a
+    ``sys.exit(signum)`` and a C++ crash reporter that prints a stack dump), so a stop signal during a search
+    ended it without the cleanup the command promises (its temporary output and private folders removed, exit
+    status 128 + the signal). Set again even where Python still names the same handler: the C level may not."""
+    import signal
+
+    for signum, handler in handlers.items():
+        if handler is None:  # set by C code before Ray: not Python's to restore
+            continue
+        try:
+            signal.signal(signum, handler)
+        except (ValueError, OSError, RuntimeError):  # not the main thread, or not settable here
+            return
+
