@@ -375,3 +375,57 @@ def test_a_stop_signal_during_a_ray_search_is_tiesmerges_to_handle(family, tmp_p
     assert "SIGTERM received at time" not in err
     left = glob.glob(os.path.join(tempfile.gettempdir(), f"tiesmerge-ray-*-{proc.pid}-*"))
     assert not left, left
+
+
+def test_numbas_cache_is_never_placed_in_an_input_or_the_output(tmp_path, monkeypatch):
+    """F19 (after F13's fix): TIESMERGE_CACHE_DIR pointed into an input, or at the output, got numba's kernels."""
+    from tiesmerge.engine import numba_cache
+    from tiesmerge.io.card import digest_cache_kept_out_of
+
+    real_access = os.access
+    engine = os.path.dirname(numba_cache.__file__)
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(engine) else real_access(p, mode))
+    for cache, kept in ((tmp_path / "model_a" / "cache", tmp_path / "model_a"), (tmp_path / "out", tmp_path / "out")):
+        monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+        monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(cache))
+        with digest_cache_kept_out_of([kept]):
+            numba_cache.place()
+        assert os.path.basename(os.environ["NUMBA_CACHE_DIR"]).startswith("tiesmerge-numba-"), cache
+        assert not cache.exists()
+
+
+def test_run_search_keeps_its_log_out_of_the_models_and_never_advises_deleting_a_stranger(family, tmp_path):
+    """F20: run_search(log=...) wrote inside an input model, and called the model's config.json a corrupt log
+    to delete."""
+    from tiesmerge.errors import ConfigError, OutputError
+    from tiesmerge.tuning import run_search
+
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    with pytest.raises(OutputError, match="lies inside model 0"):
+        run_search(b, ms, "ties", lambda state: 1.0, budget=1, log=str(ms[0] / "search.jsonl"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my own notes\n")
+    with pytest.raises(ConfigError) as info:
+        run_search(b, ms, "ties", lambda state: 1.0, budget=1, log=str(notes))
+    assert "not a search log" in info.value.message and "delete" not in (info.value.hint or "")
+    assert notes.read_text() == "my own notes\n" and snapshot(inputs) == before
+
+
+def test_a_warning_made_an_error_by_the_users_filter_is_not_called_a_bug(tmp_path):
+    """F21: PYTHONWARNINGS=error turned a MergeWarning into "unexpected MergeWarning ... a bug in tiesmerge"."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from helpers_ckpt import write_hf_dir
+
+    dirs = [write_hf_dir(tmp_path / name, {"ids": torch.arange(4) + k}) for k, name in enumerate(("base", "a", "b"))]
+    env = {**os.environ, "PYTHONWARNINGS": "error"}
+    code = "import sys\nfrom tiesmerge.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    proc = subprocess.run([sys.executable, "-c", code, *_merge(dirs[0], dirs[1:], tmp_path / "out")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "a warning made an error by your warnings filter: nothing to merge" in \
+        proc.stderr and "bug" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "out").exists()

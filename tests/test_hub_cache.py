@@ -129,6 +129,11 @@ def test_the_cli_and_a_recipe_take_names(hub, tmp_path, capsys):
     code, out, err = run_cli(["merge", "--base", "org/base", "--model", "org/ft-0", "--model", "org/ft-1@v1",
                               "-o", tmp_path / "cli"], capsys)
     assert code == 0, err
+    # the card and the manifest name the models by their repo ids, as the API's do (hostile pass 8, F18)
+    card = (tmp_path / "cli" / "README.md").read_text()
+    assert "base_model: org/base" in card and "/snapshots/" not in card.split("---")[1], card
+    man = json.loads((tmp_path / "cli" / "tiesmerge.json").read_text())
+    assert man["inputs"]["base"]["label"] == "org/base" and man["inputs"]["models"][1]["label"] == "org/ft-1@v1"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method: ties\nbase: org/base\nmodels: [org/ft-0, org/ft-1]\n")
     code, out, err = run_cli(["validate", recipe], capsys)

@@ -172,13 +172,18 @@ def test_a_broken_plugin_names_its_entry_point(install, entries, source, message
     assert str(broken_plugins()[name]).startswith(message)
 
 
-def test_a_plugin_named_like_a_builtin_is_refused(install) -> None:
+def test_a_plugin_named_like_a_builtin_is_set_aside_and_the_builtin_runs(install) -> None:
+    """One third-party package claiming 'ties' must not disable the default method for every command (hostile
+    pass 8, F22): the built-in runs, with a warning naming the plugin, which is listed as not available."""
+    from tiesmerge.errors import MergeWarning
+
     install("clash_plugin", {"ties": "clash_plugin:FakeTies"})
-    with pytest.raises(ConfigError, match=r"entry point ties = clash_plugin:FakeTies \(group tiesmerge.methods\): "
-                                          r"a method named 'ties' exists already \(tiesmerge.methods.ties\)") as info:
-        method_class("ties")
-    assert info.value.hint == "give the plugin method another name"
-    assert "ties" not in METHODS and METHODS["task_arithmetic"]  # the clash makes only that name ambiguous
+    with pytest.warns(MergeWarning, match=r"the built-in method 'ties' runs; an installed plugin's entry point ties = "
+                                          r"clash_plugin:FakeTies \(group tiesmerge.methods\): a method named 'ties' "
+                                          r"exists already"):
+        assert method_class("ties") is Ties
+    assert METHODS["ties"] is Ties and "ties" in METHODS and METHODS["task_arithmetic"]
+    assert "exists already" in str(broken_plugins()["ties"])
 
 
 def test_the_entry_point_name_must_be_the_methods_name(install) -> None:

@@ -241,17 +241,18 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         if bar is not None:
             bar.reset(total=executor.plan.bytes_to_read)
         prepared_at = time.perf_counter()
+        # entered before the pool: it is left after the pool's last hash (an ExitStack unwinds in reverse); and
+        # before the first run, where numba's kernel cache may be placed (engine/numba_cache.py)
+        stack.enter_context(digest_cache_kept_out_of(
+            [*([output] if output is not None else []), *{f.parent for c in inputs_read for f in c.files()},
+             *(r for c in inputs_read if c.directory() is not None for r in input_roots(c.directory())),
+             *(f.parent for s in prepared.stats for f in s.checkpoint.files())]))  # --stats folders are inputs too
         if output is None:
             if output_format == "adapter":
                 raise ConfigError("a merged adapter is written to a directory", hint="pass output=DIR")
             sink = MemorySink(executor.alignment.outputs(), executor.out_dtype)
             executor.run(executor.alignment.route(sink))
             return sink.state
-        # entered before the pool: it is left after the pool's last hash (an ExitStack unwinds in reverse)
-        stack.enter_context(digest_cache_kept_out_of(
-            [output, *{f.parent for c in inputs_read for f in c.files()},
-             *(r for c in inputs_read if c.directory() is not None for r in input_roots(c.directory())),
-             *(f.parent for s in prepared.stats for f in s.checkpoint.files())]))  # --stats folders are inputs too
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash")
         # on an error or Ctrl-C, skip the files not hashed yet: a plain `with pool` would hash every
         # remaining input (minutes for a large model) before the error is shown

@@ -116,6 +116,8 @@ def _named(value: Any) -> Any:
 def _path(value: Any, root: Path | None) -> str:
     """A path, relative ones against the recipe's folder; an ``org/name[@revision]`` that is no
     path there stays a Hugging Face repo id (resolved from the local cache when merged)."""
+    if isinstance(value, str) and hasattr(value, "repo_id"):  # a snapshot the command line resolved (hub.HubPath):
+        return value  # kept whole, so the card and the manifest name it by its repo id
     p = Path(os.path.expanduser(str(value)))
     if root is not None and not p.is_absolute() and not os.path.lexists(root / p) and split_repo_id(str(value)):
         return str(value)

@@ -18,11 +18,12 @@ import dataclasses
 import difflib
 import functools
 import sys
+import warnings
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, MergeWarning
 from .methods import (
     Average,
     Breadcrumbs,
@@ -105,7 +106,7 @@ def _plugins_on(path: tuple[str, ...]) -> tuple[dict[str, type], dict[str, Confi
 
 def _table(plugins: tuple[dict[str, type], dict[str, ConfigError]] | None = None) -> dict[str, type]:
     good, broken = plugins or _plugins()
-    table = {cls.name: cls for cls in BUILTIN if cls.name not in broken}  # a clash makes the name ambiguous
+    table = {cls.name: cls for cls in BUILTIN}  # a plugin claiming a built-in's name is set aside, never the built-in
     table.update(good)
     return table
 
@@ -119,7 +120,7 @@ class _Methods(Mapping):
     """The method table, read afresh on each use (built-ins first, then plugins)."""
 
     def __getitem__(self, name: str) -> type:
-        return method_class(name) if name in broken_plugins() else _table()[name]
+        return method_class(name) if name in broken_plugins() and name not in _BUILTIN_NAMES else _table()[name]
 
     def __iter__(self) -> Iterator[str]:
         return iter(_table())
@@ -135,6 +136,7 @@ class _Methods(Mapping):
 
 
 METHODS: Mapping[str, type] = _Methods()
+_BUILTIN_NAMES = frozenset(cls.name for cls in BUILTIN)
 
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -144,7 +146,10 @@ def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
 
 def method_class(name: str) -> type:
     plugins = _plugins()
-    if name in plugins[1]:
+    if name in plugins[1] and name in _BUILTIN_NAMES:  # a plugin that claims a built-in's name: the built-in runs
+        warnings.warn(f"the built-in method {name!r} runs; an installed plugin's {plugins[1][name].message}",
+                      MergeWarning, stacklevel=2)
+    elif name in plugins[1]:
         raise plugins[1][name]
     table = _table(plugins)
     if not isinstance(name, str) or name not in table:

@@ -364,6 +364,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         return _report(InternalError(f"{where}{exc.strerror or exc}",
                                      hint="nothing was written at the output; fix the cause and run again"), args.debug)
+    except Warning as exc:  # a warning raised as an error by the user's filter (PYTHONWARNINGS=error, -W error)
+        return _report(TiesMergeError(
+            f"a warning made an error by your warnings filter: {str(exc)[:500]}",
+            hint="nothing was written at the output; fix what the warning says, or let it through "
+                 "(PYTHONWARNINGS=default, or -W 'default::tiesmerge.errors.MergeWarning')"), args.debug)
     except Exception as exc:  # a bug of ours (RecursionError and MemoryError included): a message, never a traceback
         return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "

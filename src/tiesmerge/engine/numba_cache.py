@@ -5,8 +5,9 @@ system-wide or another user's install, a read-only image, Nix), it falls back to
 ``~/.cache/numba``, outside anything tiesmerge promises to write. There tiesmerge puts them in
 its own cache folder instead, beside the digest cache (``numba/`` in ``$TIESMERGE_CACHE_DIR``,
 ``$XDG_CACHE_HOME/tiesmerge`` or ``~/.cache/tiesmerge``), so they are kept across runs (a cold
-compile takes ~9 s); without a usable home, in a private temporary folder removed at exit. A
-``NUMBA_CACHE_DIR`` the user set is left as it is.
+compile takes ~9 s); without a usable home, or where that folder lies in an input or the output of
+the merge running when the kernels are first imported, in a private temporary folder removed at
+exit. A ``NUMBA_CACHE_DIR`` the user set is left as it is.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ def place() -> None:
     pycache = os.path.join(engine, "__pycache__")
     if os.access(pycache if os.path.isdir(pycache) else engine, os.W_OK | os.X_OK):
         return  # numba writes beside the source, inside the package
-    from ..io.card import cache_folder
+    from ..io.card import cache_folder, kept_out
     from ..scratch import private_folder_for
 
     folder = cache_folder()
-    if folder is None:
+    # placed when the kernels are first imported, during a merge: a cache folder pointed into one of its
+    # inputs or its output (TIESMERGE_CACHE_DIR=the output) gets nothing, as the digest cache does not
+    if folder is None or kept_out(folder):
         private_folder_for("NUMBA_CACHE_DIR", "tiesmerge-numba-")
     else:
         os.environ["NUMBA_CACHE_DIR"] = str(folder / "numba")

@@ -111,12 +111,18 @@ def digest_cache_kept_out_of(paths: Iterable[str | os.PathLike]) -> Iterator[Non
             _KEPT_OUT.remove(root)
 
 
+def kept_out(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` (links resolved) is or lies inside a path the running command reads or writes
+    (:func:`digest_cache_kept_out_of`): no cache of tiesmerge's may be written there."""
+    real = Path(os.path.realpath(folder))
+    return any(real == root or root in real.parents for root in list(_KEPT_OUT))
+
+
 def _remember(cache: Path, key: str, stamp: list[int], sha256: str) -> None:
     """Add one digest: the whole file is written to a fresh temporary file in the cache's own folder
     and renamed over the old one (a link or FIFO at the cache's path is replaced, never followed), so
     readers see the old or the new file, never half of one."""
-    folder = Path(os.path.realpath(cache.parent))
-    if any(folder == root or root in folder.parents for root in list(_KEPT_OUT)):
+    if kept_out(cache.parent):
         return  # hashing again next time costs less than writing into an input or the output
     if not _cache_dir(cache):
         return

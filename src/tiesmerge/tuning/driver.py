@@ -144,6 +144,10 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               **({"popsize": popsize} if popsize else {}),
               "base": _label(base), "models": [_label(m) for m in models],
               "evaluator": evaluator_name, "weights": _weights_stamp([base, *models])}
+    if log is not None:  # the log is appended to: never inside (or over) a model the search reads
+        from ..paths import check_not_input
+
+        check_not_input(log, [("the base", base), *((f"model {k}", m) for k, m in enumerate(models))])
     results = ResultsLog(log, header) if log is not None else None
     base32, dtypes = float32(as_state(base))
     owned = executor is None

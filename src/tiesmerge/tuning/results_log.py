@@ -103,8 +103,13 @@ class ResultsLog:
             found = json.loads(lines[0])
         except json.JSONDecodeError:
             found = None
-        if not isinstance(found, dict) or found.get("format") != FORMAT:
-            raise self._corrupt(1, f"its first line is not the header of a {FORMAT} log: {lines[0][:80]!r}")
+        if (not isinstance(found, dict) or found.get("format") != FORMAT) and FORMAT in lines[0][:200]:
+            raise self._corrupt(1, f"its header is damaged: {lines[0][:80]!r}")  # ours, cut or edited
+        if not isinstance(found, dict) or found.get("format") != FORMAT:  # never a log: someone's file, not ours
+            raise ConfigError(f"{self.path}: not a search log (its first line is not the header of a {FORMAT} log: "
+                              f"{lines[0][:80]!r}); the search would append to it",
+                              hint="choose another --dir (log= in Python): a search log is a file the search "
+                                   "itself started")
         if found != json.loads(json.dumps(self.header)):
             different = sorted(k for k in {*found, *self.header} if found.get(k) != self.header.get(k))
             raise ConfigError(f"{self.path} is the log of another search (it differs in: {', '.join(different)})",
