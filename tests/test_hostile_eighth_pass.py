@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import test_hostile_catalogue
-from helpers_ckpt import run_cli
+from helpers_ckpt import run_cli, write_hf_dir
 from test_hostile_catalogue import _merge, check, snapshot
 
 family = test_hostile_catalogue.family
@@ -429,3 +429,42 @@ def test_a_warning_made_an_error_by_the_users_filter_is_not_called_a_bug(tmp_pat
     assert proc.returncode == 1 and "a warning made an error by your warnings filter: nothing to merge" in \
         proc.stderr and "bug" not in proc.stderr, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_tune_and_search_take_the_input_flags_their_hints_name(tmp_path, capsys, monkeypatch):
+    """F17: a distant model (or vocabularies that differ) could not be tuned at all: the hint named
+    --allow-distant / --vocab-policy, which tune and search did not have."""
+    import torch
+
+    g = torch.Generator().manual_seed(7)
+    base = {"layer.weight": torch.randn(1024, 1000, generator=g)}  # judged: at least a million parameters
+    near = {"layer.weight": base["layer.weight"] + 0.01 * torch.randn(1024, 1000, generator=g)}
+    far = {"layer.weight": torch.randn(1024, 1000, generator=g)}  # another model altogether: unrelated weights
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / "ft0", near), write_hf_dir(tmp_path / "far", far)]
+    (tmp_path / "eighth_pass_flags_eval.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
+              "eighth_pass_flags_eval:score"]
+    tune = ["tune", *common, "--grid", "density=0.5", "--grid", "lam=1"]
+    search = ["search", *common, "--grid", "density=0.5", "--dir", str(tmp_path / "s")]
+    for argv in (tune, search):
+        rc, _, err = run_cli(argv, capsys)
+        assert rc == 1 and "--allow-distant" in err, err
+        rc, _, err = run_cli([*argv, "--allow-distant"], capsys)
+        assert rc == 0, err
+    with pytest.raises(SystemExit) as info:  # argparse's usage error: a union is merge's alone
+        run_cli([*tune, "--vocab-policy", "union"], capsys)
+    assert info.value.code == 2 and "invalid choice: 'union'" in capsys.readouterr().err
+
+
+def test_tuning_refuses_a_vocabulary_union_in_the_api():
+    import torch
+
+    import tiesmerge.tuning as tuning
+    from tiesmerge.errors import ConfigError
+
+    base = {"w": torch.zeros(2)}
+    with pytest.raises(ConfigError, match="tune and search take 'error' or 'truncate'"):
+        tuning.tune(base, [{"w": torch.ones(2)}, {"w": torch.ones(2) * 2}], "ties", lambda s: 1.0,
+                    vocab_policy="union")

@@ -93,7 +93,8 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
-def check_memory_budget(memory_budget: str | None, base: Any, models: list[Any], method: Any = "ties") -> None:
+def check_memory_budget(memory_budget: str | None, base: Any, models: list[Any], method: Any = "ties",
+                        vocab_policy: str = "error") -> None:
     """A ``--memory-budget`` the user set that the plan cannot keep is refused before any work, with
     the number it needs, in every command that merges (merge checks its own recipe's)."""
     if memory_budget is None or memory_budget == DEFAULT_MEMORY_BUDGET:
@@ -101,7 +102,8 @@ def check_memory_budget(memory_budget: str | None, base: Any, models: list[Any],
     from ..api import plan_merge
     from ..inputs import check_budget
 
-    check_budget(plan_merge(base, list(models), method, memory_budget=memory_budget, allow_distant=True))
+    check_budget(plan_merge(base, list(models), method, memory_budget=memory_budget, allow_distant=True,
+                            vocab_policy=vocab_policy))
 
 
 def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]) -> None:
@@ -130,7 +132,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _check_writes(args.output, args.force, module)
     if args.json:
         check_output_file(args.json, args.force, [*inputs, *module], "--json", ours=_is_scores_file)
-    check_memory_budget(args.memory_budget, args.base, args.models, args.method)
+    check_memory_budget(args.memory_budget, args.base, args.models, args.method, args.vocab_policy)
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
@@ -138,7 +140,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"  {options}{lam}  score {format_score(point.score)}", flush=True)
 
     result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,
-                  memory_budget=args.memory_budget, on_point=show)
+                  memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_distant=args.allow_distant,
+                  on_point=show)
     best = result.best
     lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
     print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {format_score(best.score)} "
@@ -153,7 +156,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             raise OutputError(f"{args.json}: cannot write the scores ({exc.strerror or exc})") from None
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
-              memory_budget=args.memory_budget, force=args.force, **best.options, **lam)
+              memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
+              allow_distant=args.allow_distant, **best.options, **lam)
         print(f"wrote the best merge to {shown(args.output)}")
     return 0
 
@@ -186,7 +190,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_not_input(args.dir, module)
     if args.workers is not None and (args.ray is None or args.ray):
         raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")
-    check_memory_budget(args.memory_budget, args.base, args.models, args.method)
+    check_memory_budget(args.memory_budget, args.base, args.models, args.method, args.vocab_policy)
     executor = RayExecutor(args.ray or None, workers=args.workers) if args.ray is not None else LocalExecutor()
 
     def show(trial) -> None:
@@ -197,7 +201,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         result = run_search(args.base, args.models, args.method, evaluate, strategy=args.strategy, budget=args.budget,
                             seed=args.seed, axes=args.axes, grid=grid, ranges=ranges, fixed=fixed, popsize=args.popsize,
                             executor=executor, log=args.dir / "log.jsonl", device=args.device,
-                            memory_budget=args.memory_budget, on_trial=show)
+                            memory_budget=args.memory_budget, vocab_policy=args.vocab_policy,
+                            allow_distant=args.allow_distant, on_trial=show)
     finally:
         executor.close()
     best = result.best
@@ -209,7 +214,8 @@ def cmd_search(args: argparse.Namespace) -> int:
           f"{shown(args.dir / 'log.jsonl')}")
     if args.output:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
-              memory_budget=args.memory_budget, force=args.force, **best.options)
+              memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
+              allow_distant=args.allow_distant, **best.options)
         print(f"wrote the best merge to {shown(args.output)}")
     return 0
 

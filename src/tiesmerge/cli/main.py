@@ -185,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
                         "default: the paper's grid")
     t.add_argument("--device", default="cpu")
     t.add_argument("--memory-budget", default=None)
+    _tuning_input_flags(t)
     t.add_argument("-o", "--output", help="write the best merge here as an HF directory")
     t.add_argument("--json", type=Path, help="write every grid point's score here")
     t.add_argument("--force", action="store_true",
@@ -252,10 +253,21 @@ def _search_parser(sub) -> None:
     s.add_argument("--dir", default="tiesmerge-search", type=Path,
                    help="log.jsonl (resumable), results.md and report.html go here (default ./tiesmerge-search)")
     s.add_argument("--device", default="cpu")
+    _tuning_input_flags(s)
     s.add_argument("--memory-budget", default=None)
     s.add_argument("-o", "--output", help="write the best merge here as an HF directory")
     s.add_argument("--force", action="store_true",
                    help="replace an output directory tiesmerge wrote before (never an input)")
+
+
+def _tuning_input_flags(p: argparse.ArgumentParser) -> None:
+    """What tune and search take of merge's input flags (their merges and the best one written alike)."""
+    p.add_argument("--vocab-policy", default="error", choices=("error", "truncate"),
+                   help="on vocabularies that differ (default error); truncate: the base's rows (a union is merge's "
+                        "alone: tuning scales candidates on the base's tensors)")
+    p.add_argument("--allow-distant", action="store_true",
+                   help="tune models that do not look fine-tuned from the base (default: an error, see merge "
+                        "--dry-run)")
 
 
 def _resolve_repo_ids(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..methods.base import MergeMethod
 from ..registry import make_method, method_class
 from .space import canonical
@@ -63,6 +64,8 @@ class Job:
     models: tuple[Any, ...]
     device: str = "cpu"
     memory_budget: int | str | None = None
+    vocab_policy: str = "error"  # "error" or "truncate" (a union changes the base's shapes, which tuning scales)
+    allow_distant: bool = False  # models that do not look fine-tuned from the base, merged all the same
 
     @property
     def has_lam(self) -> bool:
@@ -96,7 +99,7 @@ def merged_delta(job: Job, base32: Mapping[str, torch.Tensor], options: Mapping[
         merge_options["lam"] = 1.0
     merged = merge(job.base if base is None else base, list(job.models if models is None else models),
                    job.method_at(merge_options), device=job.device, memory_budget=job.memory_budget,
-                   dtype=torch.float32)
+                   dtype=torch.float32, vocab_policy=job.vocab_policy, allow_distant=job.allow_distant)
     if not job.has_lam:  # nothing scales it: the merge itself (base + (merged - base) could round)
         return {k: v for k, v in merged.items() if v.is_floating_point()}
     return {k: merged[k].float() - base32[k] for k in merged if merged[k].is_floating_point()}
@@ -164,3 +167,13 @@ def float32(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     """(the state with floating tensors in float32, each tensor's dtype)."""
     return ({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
             {k: v.dtype for k, v in state.items()})
+
+
+def check_tuning_vocab_policy(vocab_policy: str) -> None:
+    """Tuning scales base + lam * tau_m on the base's own tensors: a policy that keeps the base's shapes only."""
+    if vocab_policy not in ("error", "truncate"):
+        raise ConfigError(f"vocab_policy={vocab_policy!r}: tune and search take 'error' or 'truncate' (the base's "
+                          "rows); a union grows the base's tensors, which the candidates are scaled on",
+                          hint="tune with --vocab-policy truncate, then merge the chosen options with --vocab-policy "
+                               "union")
+

@@ -18,7 +18,17 @@ import torch
 from ..errors import ConfigError
 from ..methods.base import MergeMethod, check_models
 from ..registry import method_class
-from .candidates import Candidate, Evaluator, Job, as_state, better, candidate_state, float32, merged_delta
+from .candidates import (
+    Candidate,
+    Evaluator,
+    Job,
+    as_state,
+    better,
+    candidate_state,
+    check_tuning_vocab_policy,
+    float32,
+    merged_delta,
+)
 from .evaluator import GuardedEvaluator, evaluator_name, format_score, guard
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
@@ -115,7 +125,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
                ranges: Mapping[str, tuple[float, float]] | None = None, fixed: Mapping[str, Any] | None = None,
                start: Mapping[str, Any] | None = None, popsize: int | None = None,
                executor: Executor | None = None, log: str | None = None, device: str = "cpu",
-               memory_budget: int | str | None = None,
+               memory_budget: int | str | None = None, vocab_policy: str = "error", allow_distant: bool = False,
                on_trial: Callable[[Trial], None] | None = None) -> SearchResult:
     """Search ``method``'s options for the best ``evaluate`` score (higher is better) on validation data.
 
@@ -126,6 +136,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     mean (default: the method's defaults). ``executor``: :class:`LocalExecutor` (default) or
     :class:`RayExecutor`, which scores the same candidates to the same numbers. ``log``: a JSONL
     file every score is appended to; a search run again with it resumes without re-scoring.
+    ``vocab_policy`` ("error" or "truncate") and ``allow_distant`` as :func:`tiesmerge.merge` takes them.
 
     >>> result = run_search("base", ["ft-a", "ft-b"], "ties", score, strategy="cmaes", budget=60,
     ...                     axes=("densities", "weights", "lam"), log="search.jsonl")  # doctest: +SKIP
@@ -136,14 +147,16 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     cls = method_class(method) if isinstance(method, str) else type(method)
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
-    job = Job(method, base, tuple(models), device, memory_budget)
+    check_tuning_vocab_policy(vocab_policy)
+    job = Job(method, base, tuple(models), device, memory_budget, vocab_policy, allow_distant)
     if start is None:
         start = space.defaults()
     chooser = make_strategy(strategy, space, budget=budget, seed=seed, popsize=popsize, start=dict(start))
     header = {"space": space.describe(), "strategy": strategy, "seed": seed,
               **({"popsize": popsize} if popsize else {}),
               "base": _label(base), "models": [_label(m) for m in models],
-              "evaluator": evaluator_name, "weights": _weights_stamp([base, *models])}
+              "evaluator": evaluator_name, "weights": _weights_stamp([base, *models]),
+              **({"vocab_policy": vocab_policy} if vocab_policy != "error" else {})}  # it changes the candidates
     if log is not None:  # the log is appended to: never inside (or over) a model the search reads
         from ..paths import check_not_input
 

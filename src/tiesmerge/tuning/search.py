@@ -23,7 +23,7 @@ from ..inputs import check_inputs
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
-from .candidates import check_candidate
+from .candidates import check_candidate, check_tuning_vocab_policy
 from .evaluator import guard
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
@@ -139,16 +139,18 @@ def _scaled(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
 
 def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, evaluate: Evaluator, *,
          grid: Mapping[str, Sequence[float]] | None = None, fixed: Mapping[str, Any] | None = None,
-         device: str = "cpu", memory_budget: int | str | None = None,
-         on_point: Callable[[GridPoint], None] | None = None) -> TuningResult:
+         device: str = "cpu", memory_budget: int | str | None = None, vocab_policy: str = "error",
+         allow_distant: bool = False, on_point: Callable[[GridPoint], None] | None = None) -> TuningResult:
     """Find the grid point with the best ``evaluate`` score on validation data.
 
     ``grid`` maps option names to candidate values and must include ``lam`` (default: the
     paper's grid for ``method``); ``fixed`` sets other options. ``method`` is a name or a method
     config object, whose fields the grid then overrides (e.g. an ablation that is no registered
     method). Returns every point's score and the best merged state dict (``best_state``), ready
-    to evaluate on test data.
+    to evaluate on test data. ``vocab_policy`` ("error" or "truncate") and ``allow_distant`` as
+    :func:`tiesmerge.merge` takes them.
     """
+    check_tuning_vocab_policy(vocab_policy)
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
@@ -184,7 +186,8 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     base32 = {k: v.float() if v.is_floating_point() else v for k, v in base_sd.items()}
     for combo, m in zip(combos, methods):
         # lam = 1 and float32 output: base + tau_m without a rounding that lam would amplify
-        merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32)
+        merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32,
+                       vocab_policy=vocab_policy, allow_distant=allow_distant)
         if not has_lam:  # the merge as it is (base + (merged - base) could round)
             delta = {}
             whole = {k: merged[k].to(dtypes[k]) if k in dtypes else merged[k] for k in merged}
