@@ -468,3 +468,86 @@ def test_tuning_refuses_a_vocabulary_union_in_the_api():
     with pytest.raises(ConfigError, match="tune and search take 'error' or 'truncate'"):
         tuning.tune(base, [{"w": torch.ones(2)}, {"w": torch.ones(2) * 2}], "ties", lambda s: 1.0,
                     vocab_policy="union")
+
+
+def test_a_ray_address_where_nothing_listens_is_refused_in_seconds():
+    """F24: `search --ray 127.0.0.1:1` retried for minutes (and ignored SIGTERM a while)."""
+    import socket
+    import time
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.executors import _check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f"--ray 127.0.0.1:{port}: no Ray cluster answers there") as info:
+        _check_reachable(f"127.0.0.1:{port}", timeout=2)
+    assert time.monotonic() - started < 10 and "ray start --head" in info.value.hint
+    with socket.socket() as listening:  # something listening: let Ray speak with it
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        _check_reachable(f"ray://127.0.0.1:{listening.getsockname()[1]}", timeout=2)
+    _check_reachable("auto")
+
+
+def test_an_output_that_is_a_mount_point_is_refused_before_the_work(family, tmp_path, capsys):
+    """F25: an empty mount point at -o failed at the final rename, after the work, leaving .tiesmerge-old-*."""
+    import subprocess
+    import sys
+
+    if not _bind_mount_works(tmp_path):
+        pytest.skip("needs unshare -m and mount --bind (root in a private mount namespace)")
+    inputs, b, ms = family
+    mnt, src = tmp_path / "mnt", tmp_path / "elsewhere"
+    mnt.mkdir()
+    src.mkdir()
+    script = (f"mount --bind {src} {mnt} && {sys.executable} -c 'import sys; from tiesmerge.cli.main import main; "
+              f"sys.exit(main(sys.argv[1:]))' " + " ".join(_merge(b, ms, mnt)))
+    proc = subprocess.run(["unshare", "-m", "--propagation", "private", "bash", "-c", script], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "is a mount point" in proc.stderr, proc.stderr
+    assert "merged" in proc.stderr.split("hint:")[1]
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tiesmerge-")]
+
+
+def test_a_parking_folder_is_removed_when_the_old_output_cannot_be_moved(tmp_path, monkeypatch):
+    """F25's leftover: the .tiesmerge-old-* folder made before a rename that failed."""
+    from tiesmerge.io import writer
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "tiesmerge.json").write_text("{}")
+    real_replace = os.replace
+
+    def busy(src, dst):
+        if Path(src) == final:
+            raise OSError(16, "Device or resource busy")
+        return real_replace(src, dst)
+
+    from pathlib import Path
+
+    monkeypatch.setattr(writer, "_check_output_path", lambda *a: None)  # what is tested is the rename, not the checks
+    monkeypatch.setattr(os, "replace", busy)
+    with pytest.raises(OSError):
+        with writer.atomic_directory(final, force=True) as tmp:
+            (tmp / "x").write_text("new")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (final / "tiesmerge.json").exists()
+
+
+def test_a_working_folder_deleted_under_a_library_is_named(monkeypatch, capsys):
+    """F3b: a library resolving a path against a deleted working folder (torch's lazy imports) gave
+    "No such file or directory" naming nothing."""
+    import sys
+
+    cli = sys.modules["tiesmerge.cli.main"]
+
+    def vanish(args):
+        raise FileNotFoundError(2, "No such file or directory")  # as os.getcwd() raises, no file named
+
+    monkeypatch.setitem(cli.HANDLERS, "methods", vanish)
+    monkeypatch.setattr(cli, "_cwd_gone", lambda: True)
+    assert cli.main(["methods"]) == 1
+    err = capsys.readouterr().err
+    assert "the working directory was deleted (or moved away) while tiesmerge ran" in err, err

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -373,6 +374,23 @@ def _final(output: str | os.PathLike) -> Path:
         raise OutputError(f"{output}: the output path is a symbolic link loop", hint="choose another path") from None
 
 
+def _is_mount_point(path: Path) -> bool:
+    """Whether a file system is mounted at ``path``: os.path.ismount's device test, and on Linux the
+    mount table too, which alone shows a bind mount of a folder of the same file system (a Docker
+    volume, a scratch folder bound into a container)."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            table = f.read(16 << 20)
+    except OSError:
+        return False
+    target = os.fsencode(os.path.realpath(path))
+    unescape = re.compile(rb"\\([0-7]{3})")  # mountinfo writes a space as \040
+    return any(len(fields) > 4 and unescape.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4]) == target
+               for fields in (line.split(b" ") for line in table.splitlines()))
+
+
 def check_output_location(output: str | os.PathLike, force: bool) -> None:
     """The output may be created, or (``force``) replace a directory tiesmerge wrote; never a
     protected folder, a file, or a folder of someone else's files."""
@@ -403,6 +421,10 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{output}: the output path is {'a file' if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)}",
                           hint="choose a directory path for the output")
+    if _is_mount_point(final):  # the output is renamed into place whole, and a mount point cannot be replaced
+        raise OutputError(f"{output}: the output path is a mount point (another file system is mounted there); "
+                          "tiesmerge puts its output in place with one rename, which cannot replace a mount point",
+                          hint=f"write into a new folder inside it, e.g. -o {os.path.join(str(output), 'merged')}")
     try:
         entries = os.listdir(final)
     except OSError as exc:

@@ -373,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
             return _report(InternalError(f"cannot write to standard output ({exc.strerror or exc})",
                                          hint="standard output goes to a full disk or a closed pipe: redirect it "
                                               "elsewhere"), args.debug)
+        if exc.filename is None and isinstance(exc, FileNotFoundError) and _cwd_gone():
+            # a library resolving a path against the working folder (torch's lazy imports do) after it was deleted
+            return _report(InternalError("the working directory was deleted (or moved away) while tiesmerge ran",
+                                         hint="nothing was written at the output; run again from a folder that "
+                                              "stays"), args.debug)
         where = f"{exc.filename}: " if exc.filename else ""
         return _report(InternalError(f"{where}{exc.strerror or exc}",
                                      hint="nothing was written at the output; fix the cause and run again"), args.debug)
@@ -459,6 +464,14 @@ def _terminate_like_interrupt() -> dict[int, Any]:
         except (ValueError, OSError):  # not the main thread, or a signal this platform will not let us handle
             break
     return previous
+
+
+def _cwd_gone() -> bool:
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return True
+    return False
 
 
 def _is_stdout_error(exc: OSError) -> bool:

@@ -334,7 +334,11 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         old = None
         if os.path.lexists(final):
             old = _sibling(final.parent, "old")
-            os.replace(final, old / final.name)
+            try:
+                os.replace(final, old / final.name)
+            except BaseException:  # nothing moved (a mount point, a busy folder): the parking folder goes too
+                shutil.rmtree(old, ignore_errors=True)
+                raise
         try:
             os.replace(tmp, final)
         except BaseException:

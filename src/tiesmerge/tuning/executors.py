@@ -213,6 +213,7 @@ class RayExecutor:
             kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}, "log_to_driver": True}
             handlers = _signal_handlers()
             if address:
+                _check_reachable(address)  # Ray itself retries an address where nothing listens for minutes
                 ray.init(address=address, **kwargs)
             else:
                 if not os.environ.get("RAY_TMPDIR"):  # the user's choice of Ray's folder stands
@@ -310,4 +311,23 @@ def _restore_signal_handlers(handlers: dict[int, Any]) -> None:
             signal.signal(signum, handler)
         except (ValueError, OSError, RuntimeError):  # not the main thread, or not settable here
             return
+
+
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A cluster named ``host:port`` (or ``ray://host:port``) must accept a connection within ``timeout``
+    seconds: where nothing listens, ray.init retries without end and ignores SIGTERM for a while. Other
+    forms ("auto", a name Ray resolves) are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError, OverflowError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        raise ConfigError(f"--ray {address}: no Ray cluster answers there within {timeout:g} s ({why})",
+                          hint="start one with `ray start --head` (it prints the address to give), or pass --ray "
+                               "without an address for a local cluster") from None
 
