@@ -551,3 +551,21 @@ def test_a_working_folder_deleted_under_a_library_is_named(monkeypatch, capsys):
     assert cli.main(["methods"]) == 1
     err = capsys.readouterr().err
     assert "the working directory was deleted (or moved away) while tiesmerge ran" in err, err
+
+
+def test_outputs_follow_the_umask_not_tempfiles_private_modes(family, tmp_path, capsys):
+    """A NOTE row: outputs were 0700 (mkdtemp) and report files 0600 (mkstemp) whatever the umask."""
+    import stat
+
+    from tiesmerge.paths import write_file
+
+    inputs, b, ms = family
+    old = os.umask(0o022)
+    try:
+        assert run_cli(_merge(b, ms, tmp_path / "out"), capsys)[0] == 0
+        write_file(tmp_path / "scores.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "out" / "model.safetensors").st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(tmp_path / "scores.json").st_mode) == 0o644

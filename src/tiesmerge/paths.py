@@ -36,7 +36,8 @@ __all__ = ["demo_workdir", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_S
            "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
            "open_regular",
            "read_regular", "inside",
-           "FileStamps", "check_output_location", "check_not_input", "check_output_file", "write_file",
+           "FileStamps", "umask", "as_if_created", "check_output_location", "check_not_input", "check_output_file",
+           "write_file",
            "check_search_dir"]
 
 # a directory holding one of these (as a regular file) was written by tiesmerge: merge, stats, analyze
@@ -767,6 +768,27 @@ def write_error(path: str | os.PathLike, exc: OSError, *, too_large_hint: str | 
                        too_large_hint or "write to another file system, or raise the file size limit (ulimit -f)")
 
 
+def umask() -> int:
+    """The process's umask, read without changing it (Linux's /proc; elsewhere set and restored at once)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a file or folder made by ``tempfile`` (0600 / 0700, private) the mode a plain ``open()`` or
+    ``mkdir()`` would have given it under the umask: an output renamed into place is the user's, readable
+    as their other files are (a team folder, a server reading the model as another user)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def write_file(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary sibling, then rename it over ``path``: a link at ``path`` is
     replaced itself, never written through."""
@@ -778,6 +800,7 @@ def write_file(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        as_if_created(tmp)
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.lexists(tmp):

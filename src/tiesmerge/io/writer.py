@@ -38,6 +38,7 @@ from ..paths import (
     OUTPUT_MARKERS,
     STAMPS_FIELD,
     WRITTEN_FIELD,
+    as_if_created,
     check_output_location,
     file_stamp,
     inside,
@@ -312,6 +313,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         final.parent.mkdir(parents=True, exist_ok=True)
         remove_stale(final.parent)
         tmp = _sibling(final.parent, "tmp")
+        as_if_created(tmp, directory=True)  # mkdtemp's 0700 would outlive the rename into place
     except OSError as exc:
         _remove_empty(created)
         raise OutputError(f"{final}: cannot create the output directory ({exc.strerror or exc})",
