@@ -569,3 +569,27 @@ def test_outputs_follow_the_umask_not_tempfiles_private_modes(family, tmp_path, 
     assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(tmp_path / "out" / "model.safetensors").st_mode) == 0o644
     assert stat.S_IMODE(os.stat(tmp_path / "scores.json").st_mode) == 0o644
+
+
+def test_the_caches_stay_out_of_an_input_reached_through_another_mount(tmp_path, monkeypatch):
+    """F26: TIESMERGE_CACHE_DIR inside an input reached through a bind mount got digests.json and numba/."""
+    from pathlib import Path
+
+    from tiesmerge.io.card import digest_cache_kept_out_of, kept_out
+
+    model = tmp_path / "models" / "a"
+    model.mkdir(parents=True)
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    real_stat = os.stat
+
+    def stat(p, *a, **k):  # alias/... is models/..., as a bind mount makes it
+        p = Path(os.fspath(p))
+        if p == alias or alias in p.parents:
+            p = tmp_path / "models" / p.relative_to(alias)
+        return real_stat(p, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    with digest_cache_kept_out_of([model]):
+        assert kept_out(alias / "a" / "cache") and kept_out(model / "x")
+        assert not kept_out(tmp_path / "elsewhere")
