@@ -593,3 +593,65 @@ def test_the_caches_stay_out_of_an_input_reached_through_another_mount(tmp_path,
     with digest_cache_kept_out_of([model]):
         assert kept_out(alias / "a" / "cache") and kept_out(model / "x")
         assert not kept_out(tmp_path / "elsewhere")
+
+
+def test_the_working_folder_reached_through_another_mount_is_never_replaced(tmp_path, monkeypatch):
+    """F16b: the protected folders (the working folder and those above it) were compared by path only."""
+    from pathlib import Path
+
+    from tiesmerge import paths
+    from tiesmerge.errors import OutputError
+
+    work = tmp_path / "out" / "earlier"
+    work.mkdir(parents=True)
+    (work / "tiesmerge.json").write_text("{}")
+    alias = tmp_path / "alias"
+    alias.mkdir()
+    real_stat = os.stat
+
+    def stat(p, *a, **k):  # alias/... is out/..., as a bind mount makes it
+        p = Path(os.fspath(p))
+        if p == alias or alias in p.parents:
+            p = tmp_path / "out" / p.relative_to(alias)
+        return real_stat(p, *a, **k)
+
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(os, "stat", stat)
+    with pytest.raises(OutputError, match="holds the working, home or root folder"):
+        paths.check_output_location(alias / "earlier", force=True)
+
+
+def test_a_single_output_file_in_a_folder_that_cannot_be_written_is_refused_first(tmp_path, monkeypatch):
+    """F27: tune --json and adapt --checkpoint in a read-only folder failed only after the work."""
+    from tiesmerge import paths
+    from tiesmerge.errors import OutputError
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if os.fspath(p) == os.fspath(ro) else
+                        real_access(p, mode))
+    with pytest.raises(OutputError, match="--json's folder .* is not writable"):
+        paths.check_output_file(ro / "scores.json", False, [], "--json")
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_not_called_a_bug(tmp_path, monkeypatch):
+    """F27's other half: safetensors' own write error came out as "unexpected SafetensorError ... a bug"."""
+    import sys
+
+    import torch
+
+    import tiesmerge.adamerging  # noqa: F401 -- its package re-exports learn(), the function, under the same name
+    from tiesmerge.errors import OutputError
+
+    learn = sys.modules["tiesmerge.adamerging.learn"]
+
+    def failing(*a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr("safetensors.torch.save_file", failing)
+    state = {"coefficients": torch.zeros(2, 2), "optimizer": {"state": {}, "param_groups": []}, "fingerprint": "f",
+             "step": 1, "entropy": [], "config": {}}
+    with pytest.raises(OutputError, match="ck.safetensors: cannot write it"):
+        learn._save(tmp_path / "ck.safetensors", state)
+    assert os.listdir(tmp_path) == []

@@ -342,6 +342,26 @@ def _protected() -> list[Path]:
     return out
 
 
+def _is_protected(final: Path) -> bool:
+    """``final`` is one of :func:`_protected`'s folders, by path or, reached through another mount of it, by
+    device and inode."""
+    protected = _protected()
+    if final in protected:
+        return True
+    try:
+        st = os.stat(final)
+    except OSError:
+        return False
+    mine = set()
+    for p in protected:
+        try:
+            q = os.stat(p)
+        except OSError:
+            continue
+        mine.add((q.st_dev, q.st_ino))
+    return (st.st_dev, st.st_ino) in mine
+
+
 DEMO_MARKER = ".tiesmerge-demo"  # in a --workdir the demo made: a later demo may write there again
 
 
@@ -350,7 +370,7 @@ def demo_workdir(workdir: str | os.PathLike) -> Path:
     written first); never a model, the working, home or root folder, or a folder of the user's files,
     whose config or weights a demo model would overwrite."""
     final = _final(workdir)
-    if final in _protected():
+    if _is_protected(final):
         raise OutputError(f"{workdir}: the demo would write its models into {final}, which holds the working, home "
                           "or root folder", hint="name a new folder, e.g. --workdir ./tiesmerge-demo")
     if os.path.lexists(final):
@@ -403,7 +423,7 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
         raise OutputError(f"{output}: the output path is a link (to {target!r}){dangling}",
                           hint="choose another path, or pass --force to replace the link itself (the output is "
                                "written there, in place of the link, never into its target)")
-    if final in _protected():
+    if _is_protected(final):
         raise OutputError(f"{output}: the output would replace {final}, which holds the working, home or root "
                           "folder; tiesmerge never replaces it", hint="name a new directory, e.g. -o ./merged")
     _check_path_length(output, final)
@@ -720,6 +740,9 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     parent = physical(path).parent
     if not os.path.isdir(parent):
         raise OutputError(f"{path}: {what}'s folder {parent} does not exist", hint="create it first or name another")
+    if not os.access(parent, os.W_OK | os.X_OK):  # EROFS too: said now, not after the work
+        raise OutputError(f"{path}: {what}'s folder {parent} is not writable",
+                          hint="choose a location you can write to")
     try:
         st = os.lstat(path)
     except FileNotFoundError:

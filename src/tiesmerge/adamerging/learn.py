@@ -274,9 +274,13 @@ def _save(path: Path, state: dict) -> None:
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.lexists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":  # safetensors' own I/O errors
+            from ..paths import write_error
+
+            raise write_error(path, exc if isinstance(exc, OSError) else OSError(str(exc))) from None
         raise
 
 
