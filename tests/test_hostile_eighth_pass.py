@@ -655,3 +655,21 @@ def test_a_checkpoint_that_cannot_be_written_is_named_not_called_a_bug(tmp_path,
     with pytest.raises(OutputError, match="ck.safetensors: cannot write it"):
         learn._save(tmp_path / "ck.safetensors", state)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_a_drop_rate_that_leaves_nothing_warns_that_the_merge_is_the_base(method):
+    """F23: `--drop-rate 0.9999999999` wrote the base with no word, where a density keeping nothing warns."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+
+    base, models = {"w": torch.zeros(50, 50)}, [{"w": torch.randn(50, 50)} for _ in range(2)]
+    with pytest.warns(MergeWarning, match=r"drop_rate 0.9999999999 leaves 5e-07 of the models' 5,000"):
+        tiesmerge.merge(base, models, method, drop_rate=0.9999999999)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)  # an ordinary rate: no warning
+        tiesmerge.merge(base, models, method, drop_rate=0.9)

@@ -162,6 +162,21 @@ def _warn_if_trim_keeps_nothing(req: Requirements, alignment: Alignment, n: int,
             stacklevel=3)
 
 
+def _warn_if_drop_keeps_nothing(method: MergeMethod, alignment: Alignment, n: int) -> None:
+    """DARE's random drop at a rate so close to 1 that less than one entry of all the models is expected to survive:
+    the merge is then the base, as with a density that keeps nothing, and is said so."""
+    drop_rate = getattr(method, "drop_rate", None)
+    if not isinstance(drop_rate, float) or drop_rate >= 1.0:
+        return
+    entries = n * sum(j.numel for j in alignment.jobs if j.merge)
+    expected = entries * (1.0 - drop_rate)
+    if entries and expected < 1.0:
+        warnings.warn(MergeWarning(
+            f"{method.name}: drop_rate {drop_rate:.12g} leaves {expected:.2g} of the models' {entries:,} task-vector "
+            f"entries on average, so the merge is almost surely the base itself; a drop_rate of at most "
+            f"{1 - _rounded_up(1 / entries):.6g} keeps one on average"), stacklevel=3)
+
+
 def _rounded_up(x: float, digits: int = 3) -> float:
     """``x`` rounded up to ``digits`` significant digits: the density suggested is never just below the one needed."""
     unit = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
@@ -198,6 +213,7 @@ class Executor:
                                     fused=self._fused_merge, extra_inputs=extra_inputs,
                                     extra_bytes_per_entry=extra_bytes)
         _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
+        _warn_if_drop_keeps_nothing(method, alignment, self.n)
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
             self.plan = side.adjust_plan(self.plan)
