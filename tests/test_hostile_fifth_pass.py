@@ -338,6 +338,10 @@ def test_a_second_stop_signal_during_the_cleanup_is_let_through_quietly(first, s
 
     cli = importlib.import_module("tiesmerge.cli.main")
 
+    # as a command started from a terminal has them: a suite launched in the background inherits INT and QUIT
+    # ignored (nohup: HUP too), and tiesmerge leaves an ignored signal ignored
+    normal = {signal.SIGINT: signal.default_int_handler, signal.SIGHUP: signal.SIG_DFL, signal.SIGTERM: signal.SIG_DFL}
+    saved = {signum: signal.signal(signum, handler) for signum, handler in normal.items()}
     previous = cli._terminate_like_interrupt()
     try:
         with pytest.raises(KeyboardInterrupt) as stopped:
@@ -349,7 +353,7 @@ def test_a_second_stop_signal_during_the_cleanup_is_let_through_quietly(first, s
         for _ in range(1000):
             pass
     finally:
-        for signum, handler in previous.items():
+        for signum, handler in {**previous, **saved}.items():
             signal.signal(signum, handler)
 
 

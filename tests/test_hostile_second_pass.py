@@ -196,6 +196,13 @@ def test_search_files_that_cannot_be_replaced_fail_before_the_search(family, tmp
 # ------------------------------------------------------------------ 6. nothing left behind, whichever signal stops it
 
 
+def _default_signals() -> None:
+    """In the child, every stop signal as a command started from a terminal has it: a suite launched in the
+    background (or under nohup) passes INT, QUIT (and HUP) on ignored, and tiesmerge leaves an ignored signal so."""
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 # SIGXCPU (`ulimit -t`, SGE's s_cpu), SIGALRM and SIGVTALRM: the seventh pass found them leaving the partial output;
 # SIGPROF, SIGPWR and the real-time signals: the eighth
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGXCPU, signal.SIGALRM,
@@ -214,7 +221,7 @@ def test_a_stop_signal_removes_the_temporary_output(family, tmp_path, signum):
             "sys.exit(main(sys.argv[1:]))\n")
     before = snapshot(inputs)
     proc = subprocess.Popen([sys.executable, "-c", code, *_merge(b, ms, out)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
