@@ -312,26 +312,34 @@ def test_an_input_reached_through_another_mount_is_still_an_input(family, tmp_pa
     assert snapshot(inputs) == before
 
 
+def _mount_alias(monkeypatch, alias, target):
+    """``alias`` made to stand for ``target`` as a bind mount makes it, to os.stat only (same device and inode
+    under another path; realpath still tells them apart): for the identity checks, without mount privileges."""
+    from pathlib import Path
+
+    alias.mkdir()
+    real_stat = os.stat
+
+    def stat(p, *a, **k):
+        p = Path(os.fspath(p))
+        if p == alias or alias in p.parents:
+            p = target / p.relative_to(alias)
+        return real_stat(p, *a, **k)
+
+    monkeypatch.setattr(os, "stat", stat)
+    return alias
+
+
 def test_identity_checks_tell_a_second_path_to_the_same_folder(tmp_path, monkeypatch):
     """F16 without mount privileges: os.stat made to report one folder under two paths, as a bind mount does."""
-    from pathlib import Path
 
     from tiesmerge import paths
     from tiesmerge.errors import OutputError
 
     model = tmp_path / "models" / "m"
     model.mkdir(parents=True)
-    alias = tmp_path / "alias"
-    alias.mkdir()
-    real_stat = os.stat
+    alias = _mount_alias(monkeypatch, tmp_path / "alias", tmp_path / "models")
 
-    def stat(p, *a, **k):
-        p = Path(os.fspath(p))
-        if p == alias or alias in p.parents:  # alias/... is models/...
-            p = tmp_path / "models" / p.relative_to(alias)
-        return real_stat(p, *a, **k)
-
-    monkeypatch.setattr(os, "stat", stat)
     with pytest.raises(OutputError, match="is model 0 .* another mount"):
         paths.check_not_input(alias / "m", [("model 0", str(model))])
     with pytest.raises(OutputError, match="lies inside model 0 .* another mount"):
@@ -573,23 +581,13 @@ def test_outputs_follow_the_umask_not_tempfiles_private_modes(family, tmp_path, 
 
 def test_the_caches_stay_out_of_an_input_reached_through_another_mount(tmp_path, monkeypatch):
     """F26: TIESMERGE_CACHE_DIR inside an input reached through a bind mount got digests.json and numba/."""
-    from pathlib import Path
 
     from tiesmerge.io.card import digest_cache_kept_out_of, kept_out
 
     model = tmp_path / "models" / "a"
     model.mkdir(parents=True)
-    alias = tmp_path / "alias"
-    alias.mkdir()
-    real_stat = os.stat
+    alias = _mount_alias(monkeypatch, tmp_path / "alias", tmp_path / "models")
 
-    def stat(p, *a, **k):  # alias/... is models/..., as a bind mount makes it
-        p = Path(os.fspath(p))
-        if p == alias or alias in p.parents:
-            p = tmp_path / "models" / p.relative_to(alias)
-        return real_stat(p, *a, **k)
-
-    monkeypatch.setattr(os, "stat", stat)
     with digest_cache_kept_out_of([model]):
         assert kept_out(alias / "a" / "cache") and kept_out(model / "x")
         assert not kept_out(tmp_path / "elsewhere")
@@ -597,7 +595,6 @@ def test_the_caches_stay_out_of_an_input_reached_through_another_mount(tmp_path,
 
 def test_the_working_folder_reached_through_another_mount_is_never_replaced(tmp_path, monkeypatch):
     """F16b: the protected folders (the working folder and those above it) were compared by path only."""
-    from pathlib import Path
 
     from tiesmerge import paths
     from tiesmerge.errors import OutputError
@@ -605,18 +602,9 @@ def test_the_working_folder_reached_through_another_mount_is_never_replaced(tmp_
     work = tmp_path / "out" / "earlier"
     work.mkdir(parents=True)
     (work / "tiesmerge.json").write_text("{}")
-    alias = tmp_path / "alias"
-    alias.mkdir()
-    real_stat = os.stat
-
-    def stat(p, *a, **k):  # alias/... is out/..., as a bind mount makes it
-        p = Path(os.fspath(p))
-        if p == alias or alias in p.parents:
-            p = tmp_path / "out" / p.relative_to(alias)
-        return real_stat(p, *a, **k)
+    alias = _mount_alias(monkeypatch, tmp_path / "alias", tmp_path / "out")
 
     monkeypatch.chdir(work)
-    monkeypatch.setattr(os, "stat", stat)
     with pytest.raises(OutputError, match="holds the working, home or root folder"):
         paths.check_output_location(alias / "earlier", force=True)
 

@@ -80,6 +80,22 @@ def check_fits_float8(name: str, values: Any, dtype: Any, offset: int = 0) -> No
     """Before a cast to a float8 dtype (``dtype``: torch's): ``values`` (float32, torch) must be finite and within the
     dtype's range. torch's cast saturates (e4m3fn has no Inf: 768 is written as 448), so after it nothing would show
     the overflow; checked here instead, as the writer checks the other dtypes' bits."""
+    _check_range(f"tensor {name!r}", values, dtype, offset, "the merged value",
+                 "where a cast would silently clip it", "use a smaller lam")
+
+
+def check_copy_fits(name: str, values: Any, dtype: Any) -> None:
+    """Before a tensor copied from the base is cast to the output dtype (``dtype``: torch's; ``values``:
+    float32 or wider, torch, finite: the executor refuses a copy holding NaN or Inf first): every value must
+    stay within the dtype. A base weight past float16's 65504 would become Inf (float8: be clipped) with no
+    merge to blame."""
+    _check_range(f"tensor {name!r} (copied from the base, not merged)", values, dtype, 0, "its value",
+                 "where the cast would overflow or clip it", "leave --dtype out to keep the base's dtype")
+
+
+def _check_range(subject: str, values: Any, dtype: Any, offset: int, what: str, why: str, remedy: str) -> None:
+    """``values`` (torch) all finite and within ``dtype``'s range, else an error naming ``subject`` and the first
+    value past it."""
     import torch
 
     top = torch.finfo(dtype).max
@@ -89,26 +105,6 @@ def check_fits_float8(name: str, values: Any, dtype: Any, offset: int = 0) -> No
         return
     where = int(bad.nonzero()[0, 0])
     raise InvalidTensorError(
-        f"tensor {name!r}: the merged value at element {offset + where:,} is {float(flat[where]):.6g}, past the "
-        f"output dtype {dtype} (largest value {top:g}, where a cast would silently clip it); no merged model was "
-        "written or returned", hint="write a wider dtype (--dtype bfloat16 or float32), or use a smaller lam")
-
-
-def check_copy_fits(name: str, values: Any, dtype: Any) -> None:
-    """Before a tensor copied from the base is cast to the output dtype (``dtype``: torch's; ``values``:
-    float32 or wider, torch): every finite value must stay finite and unclipped. A base weight past
-    float16's 65504 would become Inf (float8: be clipped) with no merge to blame; the values that are
-    not finite in the base itself are the base's, and pass as they are."""
-    import torch
-
-    top = torch.finfo(dtype).max
-    flat = values.detach().reshape(-1)
-    bad = torch.isfinite(flat) & (flat.abs() > top)
-    if not bool(bad.any()):
-        return
-    where = int(bad.nonzero()[0, 0])
-    raise InvalidTensorError(
-        f"tensor {name!r} (copied from the base, not merged): its value at element {where:,} is "
-        f"{float(flat[where]):.6g}, past the output dtype {dtype} (largest value {top:g}); no merged model was "
-        "written or returned", hint="write a wider dtype (--dtype bfloat16 or float32), or leave --dtype out to "
-                                    "keep the base's dtype")
+        f"{subject}: {what} at element {offset + where:,} is {float(flat[where]):.6g}, past the output dtype "
+        f"{dtype} (largest value {top:g}, {why}); no merged model was written or returned",
+        hint=f"write a wider dtype (--dtype bfloat16 or float32), or {remedy}")
