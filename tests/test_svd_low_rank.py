@@ -36,6 +36,17 @@ def test_numerical_rank_counts_the_values_above_float32_rounding() -> None:
     for x, want in ((tau, RANK), (tau.double(), RANK), (torch.zeros(5, 4), 0), (torch.eye(6), 6)):
         s = torch.linalg.svdvals(x)
         assert linalg.numerical_rank(s, tuple(x.shape)) == want
+    # a low-rank matrix whose smallest real value (5e-4 of the largest) lies ~3e3 above float32's noise: a float32
+    # spectrum shows no cliff there (its drop is 3e-4), float64's does, so the forced float32 SVD lets float64's
+    # values decide, and every precision counts 6 (14 of the 36 summed LoRA matrices of the benchmark are like this)
+    g = torch.Generator().manual_seed(5)
+    u, _ = torch.linalg.qr(torch.randn(64, 6, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(1536, 6, generator=g, dtype=torch.float64))
+    wide = ((u * torch.tensor([1.0, 0.3, 0.1, 1e-2, 2e-3, 5e-4], dtype=torch.float64)) @ v.T).float()
+    assert linalg.numerical_rank(torch.linalg.svdvals(wide.double()), tuple(wide.shape)) == 6
+    for precision in ("float32", "float64", "auto"):
+        _, s_used, _ = linalg.svd(wide, precision=precision)
+        assert linalg.numerical_rank(s_used, tuple(wide.shape)) == 6, precision
     # a spectrum decaying smoothly below the floor (as full fine-tunes' do) is kept whole, as the references keep it
     smooth = torch.logspace(0, -8, 40, dtype=torch.float64)
     assert int((smooth > 48 * 2.0**-23).sum()) < 40 and linalg.numerical_rank(smooth, (48, 40)) == 40

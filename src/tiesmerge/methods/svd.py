@@ -48,22 +48,28 @@ CLIFF = 1e-4  # a drop this steep between adjacent singular values separates a l
 
 
 def numerical_rank(s: torch_types.Tensor, shape: tuple[int, ...], scale: float = 0.0) -> int:
-    """The rank of an (m, n) matrix with singular values s (descending) as the merges use it: the
-    count above the rounding floor max(m, n) * eps32 * max(s_0, scale) where the values below it
-    lie past a cliff (s_k+1 / s_k < CLIFF): a low-rank matrix plus float32 rounding, such as a LoRA
-    update B A (rank 8 in 384 x 384: a drop of 1e-7 after the 8th value). A spectrum that decays
-    smoothly into the floor is kept whole, as the references keep it: full fine-tunes' task
-    matrices do (adjacent values never more than 1e3 apart on the MiniLM benchmark, although 110 of
-    351 reach below the floor). ``scale``: the largest singular value of the matrices this one was
-    computed from (a residual tau - U U^T tau carries their rounding, not its own); a matrix
-    wholly below the floor, or zero, has rank 0."""
-    if s.numel() == 0:
+    """The rank of an (m, n) matrix with singular values s (descending) as the merges use it. The
+    rounding floor is max(m, n) * eps32 * max(s_0, scale) (numpy.linalg.matrix_rank's rule at float32,
+    the inputs' precision); a matrix is taken as low-rank only where its spectrum drops off a cliff
+    (s_k / s_k-1 < CLIFF, the steepest drop in it) into values that all lie below that floor: a LoRA
+    update B A (rank 8 in 384 x 384: a drop of 1e-5 to 1e-7 after the 8th value, in a float32 or a
+    float64 SVD). Its real small values above the cliff stay, though they may lie below the floor
+    themselves. A spectrum that decays smoothly is kept whole, as the references keep it: full
+    fine-tunes' task matrices do (adjacent values never more than 1e3 apart on the MiniLM benchmark,
+    although 110 of 351 reach below the floor). ``scale``: the largest singular value of the matrices
+    this one was computed from (a residual tau - U U^T tau carries their rounding, not its own); a
+    matrix wholly below the floor, or zero, has rank 0."""
+    n = s.numel()
+    if n == 0:
         return 0
     floor = max(shape[-2:]) * FLOAT32_EPS * max(float(s[0]), scale)
-    rank = int((s > floor).sum()) if floor > 0 else 0
-    if rank in (0, s.numel()):
-        return rank
-    return rank if float(s[rank]) < CLIFF * float(s[rank - 1]) else s.numel()
+    if float(s[0]) <= floor:
+        return 0
+    if n == 1 or float(s[-1]) > floor:
+        return n
+    drops = s[1:] / s[:-1].clamp_min(torch.finfo(s.dtype).tiny)  # (n - 1,) s_k / s_k-1
+    k = int(drops.argmin()) + 1
+    return k if float(drops[k - 1]) < CLIFF and float(s[k]) <= floor else n
 
 
 def _converges(x: torch_types.Tensor) -> tuple[torch_types.Tensor, ...] | None:
@@ -93,7 +99,7 @@ def svd(x: torch_types.Tensor, *, used: int | None = None, precision: str = "aut
     if precision != "float64":
         factors = _converges(x32)
         if precision == "float32" and factors is not None:
-            return factors
+            return _settle_rank(x, *factors)
         if factors is not None and _trustworthy(*factors, used):
             return factors
         log.debug("svd of %s %s: float32 %s, redone in float64", what or "a matrix", tuple(x.shape),
@@ -104,6 +110,24 @@ def svd(x: torch_types.Tensor, *, used: int | None = None, precision: str = "aut
                                  "either (non-finite or degenerate values?)")
     u, s, vh = factors
     return u.float(), s.float(), vh.float()
+
+
+def _settle_rank(x: torch_types.Tensor, u: torch_types.Tensor, s: torch_types.Tensor, vh: torch_types.Tensor
+                 ) -> tuple[torch_types.Tensor, torch_types.Tensor, torch_types.Tensor]:
+    """Forced float32 factors of ``x``, with the singular values past ``x``'s rank set to 0 where float32 alone
+    cannot tell: a spectrum that reaches the rounding floor without a cliff is, in float32, either a full
+    fine-tune's smooth tail or a low-rank sum whose smallest real values (1e-3 of the largest) sit a few
+    hundred times above float32's noise. float64's values (no vectors: the cheaper half of an SVD) decide, so
+    the methods' numerical_rank counts the same rank in float32 as in float64."""
+    shape = tuple(x.shape)
+    floor = max(shape[-2:]) * FLOAT32_EPS * float(s[0]) if s.numel() else 0.0
+    if not s.numel() or float(s[-1]) > floor or numerical_rank(s, shape) < s.numel():
+        return u, s, vh  # nothing below the floor, or a clear cliff
+    rank = numerical_rank(torch.linalg.svdvals(x.double()), shape)
+    if rank < s.numel():
+        s = s.clone()
+        s[rank:] = 0.0  # rounding, not directions of x
+    return u, s, vh
 
 
 def _trustworthy(u: torch_types.Tensor, s: torch_types.Tensor, vh: torch_types.Tensor, used: int | None) -> bool:
