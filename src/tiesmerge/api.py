@@ -203,6 +203,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         raise ConfigError(f"shard_size: {exc}") from None
     if output is not None and not isinstance(output, (str, os.PathLike)) or isinstance(output, bytes):
         raise ConfigError(f"output is a {type(output).__name__}, not a path", hint="pass a str or pathlib.Path")
+    if rank is not None and output_format != "adapter":  # a full model is written whole: no rank to cut it to
+        raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the output is a full model",
+                          hint="add --output-format adapter (output_format='adapter'), or leave --rank out")
     if origin is not None:  # written into the manifest and the card at the end: a value YAML cannot hold fails now
         import yaml
 

@@ -36,7 +36,8 @@ __all__ = ["demo_workdir", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_S
            "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
            "open_regular",
            "read_regular", "inside",
-           "FileStamps", "umask", "as_if_created", "check_output_location", "check_not_input", "check_output_file",
+           "FileStamps", "umask", "as_if_created", "check_walkable", "check_output_location", "check_not_input",
+           "check_output_file",
            "write_file",
            "check_search_dir"]
 
@@ -412,9 +413,26 @@ def _is_mount_point(path: Path) -> bool:
                for fields in (line.split(b" ") for line in table.splitlines()))
 
 
+def check_walkable(path: str | os.PathLike, what: str = "the output") -> None:
+    """A ".." after a folder that does not exist (``out/missing/../m``) is a path the kernel cannot walk (it
+    fails with ENOENT), though realpath folds it to ``out/m``: refused before the work, naming the folder, rather
+    than written at one place and read back at the other."""
+    parts = Path(os.fspath(path)).parts
+    for i, part in enumerate(parts):
+        if part == ".." and i and not os.path.isdir(os.path.join(*parts[:i])):
+            raise OutputError(f"{path}: {what}'s path goes through {os.path.join(*parts[:i])}, which does not exist, "
+                              "and then back out of it with '..'", hint="name the path without the '..' (or create "
+                                                                        "that folder first)")
+
+
 def check_output_location(output: str | os.PathLike, force: bool) -> None:
     """The output may be created, or (``force``) replace a directory tiesmerge wrote; never a
     protected folder, a file, or a folder of someone else's files."""
+    check_walkable(output)
+    if Path(os.fspath(output)).name.startswith(".tiesmerge-"):  # the names of tiesmerge's temporary siblings
+        raise OutputError(f"{output}: names starting with '.tiesmerge-' are tiesmerge's own temporary folders, "
+                          "which a later run removes (or restores from) when their process is gone",
+                          hint="choose another name for the output")
     final = _final(output)
     where = physical(output)
     if os.path.islink(where) and not force:  # the user's link (dangling or not) is replaced only when asked
@@ -725,6 +743,7 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     path is replaced only with ``force``, and only when it is a link (replaced itself, never followed)
     or a file that ``ours`` recognises as one tiesmerge wrote (no predicate: none is), never a
     user's file that happens to sit at that path."""
+    check_walkable(path, what)
     path = Path(path)
     for who, source in named:  # links followed: a link to an input is refused too
         for src in input_roots(source):
@@ -842,6 +861,7 @@ def check_search_dir(directory: str | os.PathLike) -> None:
     """``search --dir``, before the search: new, empty, or a folder a search wrote (its log a regular
     file, not a link, starting with a search log's header). Whether it is the log of the same search is
     checked when the log is opened, before anything is merged."""
+    check_walkable(directory, "--dir")
     directory = Path(directory)
     try:
         st = os.stat(directory)

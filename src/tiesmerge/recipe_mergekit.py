@@ -119,12 +119,29 @@ def _path(value: str) -> str:
 
 
 def _scalar(value: Any, where: str, problems: list[str]) -> Any:
-    """mergekit parameters may be gradients (lists) or per-tensor filters; only scalars are read."""
+    """mergekit parameters may be gradients (lists) or per-tensor filters; only scalars are read: a number, or
+    true/false for the switches (normalize, rescale...). YAML's other scalars (a date, !!binary bytes) and a
+    boolean where a number belongs (``density: on``) are named, never converted."""
     if isinstance(value, (list, dict)):
         problems.append(f"{where}: {value!r} is a gradient or a per-tensor filter; tiesmerge reads one value "
                         "per model and parameter")
         return None
+    key = where.rsplit(".", 1)[-1]
+    if key in _BOOLS:  # mergekit's own reader takes 0 and 1 for its switches too
+        if not (isinstance(value, bool) or (isinstance(value, int) and value in (0, 1))):
+            problems.append(f"{where}: {_short(value)} must be true or false")
+            return None
+        return bool(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        yaml_bool = " (YAML reads on/off, yes/no and true/false as booleans)" if isinstance(value, bool) else ""
+        problems.append(f"{where}: {_short(value)} must be a number{yaml_bool}")
+        return None
     return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> str | None:

@@ -78,7 +78,8 @@ def _evaluator_file(spec: str) -> list[tuple[str, Any]]:
 
 
 def _is_scores_file(path: Path) -> bool:
-    """``path`` holds scores an earlier ``tune --json`` wrote (its three fields), so --force may replace it."""
+    """``path`` holds scores an earlier ``tune --json`` wrote (its three fields and nothing else: a copy the user
+    added notes to is theirs), so --force may replace it."""
     from ..errors import TiesMergeError
     from ..limits import read_json
 
@@ -86,7 +87,7 @@ def _is_scores_file(path: Path) -> bool:
         data = read_json(path, "--json", error=OutputError, max_bytes=64 << 20)
     except (TiesMergeError, ValueError):
         return False
-    return isinstance(data, dict) and {"method", "best", "points"} <= set(data)
+    return isinstance(data, dict) and set(data) == {"method", "best", "points"}
 
 
 def _count(n: int, noun: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import sys
 import traceback
@@ -220,8 +221,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--synthetic", action="store_true",
                    help="no downloads: synthetic Llama-shaped fine-tunes with known sparse skills")
     d.add_argument("--params", type=float, default=50.0, help="--synthetic: model size, millions of parameters")
+    for p in (parser, *sub.choices.values()):
+        # argparse takes "-1e-1" for an option (it knows only -3 and -0.5 as negative numbers): "--lam -1e-1"
+        # failed with "expected one argument"; no option of tiesmerge's looks like a number, so none is shadowed
+        p._negative_number_matcher = _NEGATIVE_NUMBER
     return parser
 
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 def _search_parser(sub) -> None:
     s = sub.add_parser("search", help="search per-model weights, densities and lam (grid, random, CMA-ES), on Ray too",

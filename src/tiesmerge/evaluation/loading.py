@@ -4,6 +4,7 @@ transformers cannot make sense of is the user's input to fix, named as such, not
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,12 +32,45 @@ def _check_config(directory: Path) -> None:
             raise CheckpointError(f"{path}: {key} = {value!r} names a kernel on the Hugging Face Hub; tiesmerge never "
                                   f"downloads or runs a model's code",
                                   hint=f"remove {key} from config.json (transformers then picks a built-in one)")
+    _check_sizes(directory, path, config)
     if config.get("quantization_config") is not None:
         method = config["quantization_config"].get("quant_method", "?") \
             if isinstance(config["quantization_config"], dict) else "?"
         raise CheckpointError(f"{path}: the model is quantized ({method}); its stored weights are not the values "
                               f"statistics and evaluation need",
                               hint="use the unquantized model (merging quantized checkpoints is not supported)")
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+_WIDTH_KEYS = ("hidden_size", "d_model", "n_embd")
+
+
+def _check_sizes(directory: Path, path: Path, config: dict) -> None:
+    """A config describing a far larger model than its weights (``num_hidden_layers: 2000000`` beside 2 layers, a
+    hidden size no weight has) makes transformers build it, layer by layer, for minutes and gigabytes before the
+    weights are compared: refused first, from the weights' headers alone."""
+    from ..io.checkpoint import open_checkpoint
+
+    try:
+        ckpt = open_checkpoint(directory, label=str(directory))
+        names = ckpt.names()
+        shapes = {d for n in names for d in ckpt.info(n).shape}
+        ckpt.close()
+    except TiesMergeError:
+        return  # the weights' own problems are named when they are read
+    layers = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
+    for key in _LAYER_KEYS:
+        value = config.get(key)
+        if layers and isinstance(value, int) and not isinstance(value, bool) and value > max(layers) + 1:
+            raise CheckpointError(f"{path}: {key} = {value:,}, but the weights hold {max(layers) + 1:,} layers "
+                                  f"(0..{max(layers)}); the rest would be built from nothing",
+                                  hint=f"set {key} to {max(layers) + 1} (the config must describe these weights)")
+    for key in _WIDTH_KEYS:
+        value = config.get(key)
+        if shapes and isinstance(value, int) and not isinstance(value, bool) and value not in shapes:
+            raise CheckpointError(f"{path}: {key} = {value:,}, a width no tensor of the weights has",
+                                  hint=f"set {key} to the weights' width (the config must describe these weights)")
 
 
 @contextmanager
