@@ -111,3 +111,80 @@ def test_a_path_that_backs_out_of_a_missing_folder_is_refused_before_the_work(fa
     rc, _, err = run_cli(argv, capsys)
     assert rc == 1 and "does not exist, and then back out of it with '..'" in err, err
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_an_adapt_checkpoint_takes_the_umasks_mode(tmp_path):
+    """F10: the checkpoint beside the output was 0600 while every other output file follows the umask."""
+    import stat
+    import sys
+
+    import torch
+
+    import tiesmerge.adamerging  # noqa: F401 -- its package re-exports learn(), the function, under the same name
+
+    learn = sys.modules["tiesmerge.adamerging.learn"]
+    state = {"coefficients": torch.zeros(2, 2), "optimizer": {"state": {}, "param_groups": []}, "fingerprint": "f",
+             "step": 1, "entropy": [], "config": {}}
+    old = os.umask(0o022)
+    try:
+        learn._save(tmp_path / "ck.safetensors", state)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "ck.safetensors").st_mode) == 0o644
+
+
+def test_a_dry_run_names_a_copy_of_the_base(family, tmp_path, capsys):
+    """F11: a byte copy of the base as a model printed "‖τ‖/‖θ_base‖ 0.0000" as a plain note in --dry-run."""
+    import shutil
+
+    _, b, ms = family
+    copy = shutil.copytree(b, tmp_path / "copy_of_base")
+    rc, out, err = run_cli(["merge", "--base", str(b), "--model", str(copy), "--model", str(ms[1]), "--dry-run"],
+                           capsys)
+    assert rc == 0 and "IDENTICAL to the base on every sampled row" in out + err, out + err
+
+
+@pytest.mark.parametrize("path", ["/proc/self/mem", "/proc/self/status"])
+def test_files_of_the_kernels_file_systems_are_not_data(path):
+    """F12/F13: /proc/kmsg blocks a read; /proc/self/mem fails with EIO (reported as standard output's error)."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.paths import read_regular
+
+    with pytest.raises(ConfigError, match="is a file of the kernel's proc file system"):
+        read_regular(path, "the data file", max_bytes=1 << 20, error=ConfigError)
+
+
+def test_a_read_error_names_the_file_not_standard_output(tmp_path, monkeypatch):
+    """F13's other half: an EIO while reading a data file came out as "cannot write to standard output"."""
+    import io
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.paths import read_regular
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+
+    class Failing(io.RawIOBase):
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: io.BufferedReader(Failing()))
+    with pytest.raises(ConfigError, match="d.jsonl: cannot read the data file \\(Input/output error\\)"):
+        read_regular(data, "the data file", max_bytes=1 << 20, error=ConfigError)
+
+
+def test_a_demo_refused_for_space_leaves_no_folder(tmp_path, capsys):
+    """F14: the refusal left the new --workdir behind, holding only the demo's marker."""
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    params = 1.0 + free / 10e6  # million parameters needing more than the free space (bf16: 14 bytes each)
+    if params > 10_000:
+        pytest.skip("more free disk than the demo's largest size can need")
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", f"{params:.0f}", "--workdir", str(tmp_path / "demo")],
+                         capsys)
+    assert rc == 1 and "need" in err, err
+    assert not (tmp_path / "demo").exists()

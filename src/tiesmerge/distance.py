@@ -91,6 +91,8 @@ class ModelDistance:
             return f"model {self.index}: not measured ({self.skipped})"
         verdict = ("DISTANT" if self.distant else "looks fine-tuned from the base") if self.judged else \
             f"not judged: {self.parameters:,} parameters, fewer than {MIN_PARAMETERS:,}"
+        if self.tensors and self.relative_norm == 0.0:  # a copy of the base: it adds nothing but its weight
+            verdict = "IDENTICAL to the base on every sampled row (a zero task vector: a copy of the base?)"
         return (f"model {self.index}: ‖τ‖/‖θ_base‖ {self.relative_norm:.4f}, "
                 f"{self.share_barely_matching:.0%} of {len(self.tensors)} tensors barely match — {verdict}")
 

@@ -91,6 +91,10 @@ def open_regular(path: str | os.PathLike, what: str, error: type[TiesMergeError]
     """A read-only descriptor of a regular file. A FIFO or device is refused without blocking:
     it is opened non-blocking and checked with fstat before anything is read."""
     resolve(path, what, error)  # loops and dangling links, named as such
+    real = os.path.realpath(path)
+    if real.startswith(("/proc/", "/sys/")):  # "regular" files of the kernel: reads block (kmsg) or fail (mem)
+        raise error(f"{path}: {what} is a file of the kernel's {real.split('/')[1]} file system ({real}), not a "
+                    "file of data", hint="tiesmerge reads only regular files")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
@@ -115,8 +119,12 @@ def read_regular(path: str | os.PathLike, what: str, *, max_bytes: int,
 
             raise error(f"{path}: {what} is {format_size(size)}, more than the {format_size(max_bytes)} such a file "
                         "can sensibly hold; refusing to read it", hint="check that this is the file you meant")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read(max_bytes + 1)[:max_bytes]
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as f:
+                return f.read(max_bytes + 1)[:max_bytes]
+        except OSError as exc:  # EIO from a failing disk: the file's, not standard output's
+            raise error(f"{path}: cannot read {what} ({exc.strerror or exc})",
+                        hint="check the disk or the file system it is on") from None
     finally:
         os.close(fd)
 

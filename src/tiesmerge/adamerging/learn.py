@@ -27,6 +27,7 @@ from ..errors import ConfigError, TrainingError
 from ..evaluation.forward import TaskForward, checkpoint_names, entropy, logits
 from ..lazy import torch
 from ..methods.base import FLOAT32_MAX
+from ..paths import as_if_created
 
 __all__ = ["GRANULARITIES", "AdaptConfig", "Merger", "History", "learn", "batch_rows", "total_entropy"]
 
@@ -273,6 +274,7 @@ def _save(path: Path, state: dict) -> None:
     tmp = path.with_name(f".tiesmerge-file-{os.getpid()}.tmp")  # any legal name of the checkpoint itself works
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        as_if_created(tmp)  # the umask's mode, as the output's files have
         os.replace(tmp, path)
     except BaseException as exc:
         if os.path.lexists(tmp):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ from safetensors.torch import save_file
 from ..api import describe_plan, merge, plan_merge
 from ..errors import OutputError
 from ..methods import Average, TaskArithmetic, Ties
-from ..paths import check_output_location
+from ..paths import DEMO_MARKER, check_output_location
 from ..sizes import format_size
 
 __all__ = ["synthetic_llama_shapes", "make_demo_models", "run_demo"]
@@ -153,7 +154,7 @@ def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
     needed = int(million_params * 1e6 * 2 * (1 + len(TASKS) + 3))  # bf16: the base, the fine-tunes, three merges
     free = shutil.disk_usage(root).free
     if needed > free:
-        if not workdir:
+        if not workdir or sorted(os.listdir(root)) == [DEMO_MARKER]:  # a folder this run made for nothing
             shutil.rmtree(root, ignore_errors=True)
         raise OutputError(f"{root}: the demo's models need {format_size(needed)} but only {format_size(free)} is free "
                           "there", hint="a smaller --params, or a --workdir on a larger disk")
