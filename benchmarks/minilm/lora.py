@@ -472,10 +472,12 @@ def _reading(table: LoraTable, args) -> str:
 
 def _null_space_text(null_space: dict) -> str:
     check = next(iter(null_space.values()), None)
+    loose = [k for k, v in (check or {}).items() if v > 1e-3]
     measured = (" Measured on these adapters (the tuning seed): the merged update differs by "
                 + ", ".join(f"{v:.1e} for {k}" for k, v in check.items())
-                + " (relative, Frobenius) between a float32 and a float64 SVD of the same inputs: rounding, "
-                "nothing arbitrary." if check else "")
+                + " (relative, Frobenius) between a float32 and a float64 SVD of the same inputs"
+                + (f"; more than rounding for {', '.join(loose)} (see the reading below)." if loose else
+                   ": rounding, nothing arbitrary.") if check else "")
     return ("\n**SVD methods on adapters.** Every LoRA target here has min(rows, cols) = 384, while each task's "
             f"ΔW has rank ≤ {RANK} and the sum of the 8 has rank ≤ {8 * RANK}. TSV-M's default keeps 384/8 = 48 "
             "triplets per task and Iso-C flattens all 384 singular values of the sum; taken literally, 40 of "
