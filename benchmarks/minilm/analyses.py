@@ -1,13 +1,14 @@
-"""The paper's analyses on the MiniLM benchmark: Fig. 3, Fig. 7, Tables 3, 4 and 5. Run from the
-repository root with the settings of the committed Table 1 run (its cached models and results
-are reused):
+"""The paper's analyses on the MiniLM benchmark: Fig. 3, Fig. 7, Tables 3, 4 and 5, on the
+converged fine-tuning protocol of Table 1 (its cached models and evaluation cache are reused).
+Run from the repository root with Table 1's settings:
 
-    TIESMERGE_BENCH_MAX_LENGTH=64 python benchmarks/minilm/analyses.py --train-limit 1000 --val-limit 100
+    TIESMERGE_BENCH_MAX_LENGTH=32 python benchmarks/minilm/analyses.py --val-limit 100 --threads 1
     ... --only fig3 table4          # a part
+    ... --seed 1                    # another fine-tuning seed's models
 
 Writes benchmarks/results/{fig3,fig7,table3,table4,table5}.md + .json (+ .png for the figures).
 Every merge goes through tiesmerge.merge / tiesmerge.tuning.tune; evaluations are cached with
-those of run.py, so a rerun recomputes only what is missing.
+those of run.py (one cache per seed's models), so a rerun recomputes only what is missing.
 
 Why over 400 lines: five of the paper's analyses share one evaluation cache and one set of models;
 each has its own function, in the paper's order.
@@ -16,6 +17,7 @@ each has its own function, in the paper's order.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -25,8 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 import common  # noqa: E402
-from common import base_dir, finetuned_dir, hardware, load_encoder, make_heads  # noqa: E402
-from run import RESULTS, eval_cache, log  # noqa: E402
+import run  # noqa: E402
+from common import hardware, load_encoder  # noqa: E402
+from finetune_all import protocol_args, protocol_from  # noqa: E402
+from run import RESULTS, log  # noqa: E402
 from variants import SignFlip, TrimDisjointMean  # noqa: E402
 
 import tiesmerge  # noqa: E402
@@ -34,7 +38,7 @@ from tiesmerge.evaluation import SuiteResult, evaluate_encoder  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
 from tiesmerge.methods import Average, MagnitudePrune, Ties  # noqa: E402
 from tiesmerge.tuning import tune  # noqa: E402
-from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
+from tiesmerge_bench import TASK_NAMES  # noqa: E402
 
 FIG3_DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 FIG7_DENSITIES = (0.2, 0.3)
@@ -45,25 +49,15 @@ LAMS = (1.0, 1.5, 2.0, 2.5, 3.0)  # a coarse subset of the paper's 0.8..3.0 step
 FEW_SHOT = 32  # examples per task (Table 5)
 
 
-class Bench:
-    """Data, heads, cached models and the evaluation cache of the committed Table 1 run."""
+class Bench(run.Bench):
+    """Table 1's models of one fine-tuning seed (``--seed``), its evaluation cache, and the analyses' test subsets."""
 
-    def __init__(self, args) -> None:
-        self.args = args
-        self.suite = load_suite(list(TASK_NAMES), seed=args.seed)
-        self.tasks = list(self.suite)
-        self.heads = make_heads(self.suite, args.device)
-        config = TrainConfig(epochs=args.epochs, seed=args.seed)
-        self.ft = {t: finetuned_dir(t, [self.suite[t]], self.heads, config, args.device, train_limit=args.train_limit,
-                                    log=log) for t in self.tasks}
-        self.multi = finetuned_dir("multitask", [self.suite[t] for t in self.tasks], self.heads, config, args.device,
-                                   train_limit=args.train_limit, log=log)
-        self.base = base_dir()
-        self.cache = eval_cache(args, self.ft, self.multi)
+    def __init__(self, args, suite, heads, protocol) -> None:
+        super().__init__(args, suite, heads, protocol, args.seed)
+        if self.multi is None:  # Table 3's oracle sign comes from it
+            raise SystemExit(f"seed {args.seed}: the multitask model is not cached; run finetune_all.py first")
         self.small_test = {t: self.suite[t].test[:args.small_test] for t in self.tasks}
         self.fig7_test = {t: self.suite[t].test[:args.fig7_test] for t in self.tasks}
-        self.test = {t: self.suite[t].test[:args.test_limit] for t in self.tasks}
-        self.val = {t: self.suite[t].validation[:args.val_limit] for t in self.tasks}
 
     def evaluate(self, state, splits) -> dict[str, float]:
         return dict(evaluate_encoder(load_encoder(self.base, self.args.device, state=state), splits,
@@ -118,7 +112,8 @@ def _write(out: Path, stem: str, lines: list[str], data: dict, fig=None) -> None
 
 def _settings_line(b: Bench, what: str) -> str:
     return (f"Settings: all-MiniLM-L6-v2 fine-tuned on 8 tasks (benchmarks/README.md; max length {common.MAX_LENGTH} "
-            f"tokens, {b.args.train_limit} training examples per task), {what}; seed {b.args.seed}; "
+            "tokens, the converged protocol: each task's learning rate chosen on validation, early stopping), "
+            f"{what}; fine-tuning seed {b.args.seed}; "
             f"{hardware()['processor']}, {hardware()['cpu_count']} CPUs, torch {hardware()['torch']}.")
 
 
@@ -320,7 +315,7 @@ def table3(b: Bench) -> None:
     oracle = _signed_row(b, "table3:oracle", b.multi)
     default = b.cache.get("table3:oracle:k0.2-lam1:test", lambda: b.evaluate(
         b.merge([b.ft[t] for t in b.tasks], Ties(density=0.2, lam=1.0, sign_from=str(b.multi))), b.test))
-    ties_default = b.cache.get("merge:TIES", lambda: b.evaluate(b.merge([b.ft[t] for t in b.tasks], Ties()), b.test))
+    ties_default = b.cache.get("merge:ties:{}", lambda: b.evaluate(b.merge([b.ft[t] for t in b.tasks], Ties()), b.test))
     rows = {"multitask model": multi, "TIES, elected sign (val)": elected, "TIES, oracle sign (val)": oracle,
             "TIES, elected sign (k=0.2, λ=1)": {"test": ties_default},
             "TIES, oracle sign (k=0.2, λ=1)": {"test": default}}
@@ -345,7 +340,10 @@ def _few_shot_dir(b: Bench, init: str) -> Path:
     """A multitask model trained on 32 examples per task, from the mean of the task models or from
     the pretrained model (cached beside the other fine-tunes)."""
     config = TrainConfig(epochs=b.args.few_shot_epochs, seed=b.args.seed)
-    out = common.CACHE / "models" / f"fewshot{FEW_SHOT}-{init}-e{config.epochs}-s{config.seed}-L{common.MAX_LENGTH}"
+    # the task models it starts from (init "mean") are part of its identity
+    models = hashlib.sha256(json.dumps([str(b.ft[t]) for t in b.tasks]).encode()).hexdigest()[:12]
+    out = (common.CACHE / "models"
+           / f"fewshot{FEW_SHOT}-{init}-e{config.epochs}-s{config.seed}-L{common.MAX_LENGTH}-{models}")
     if (out / "model.safetensors").is_file():
         return out
     state = b.merge([b.ft[t] for t in b.tasks], Average()) if init == "mean" else None
@@ -391,20 +389,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--only", nargs="+", choices=("fig3", "fig7", "table4", "table3", "table5"),
                    default=["fig3", "table4", "table3", "table5", "fig7"])
+    p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--train-limit", type=int, default=None, help="as the run whose models are reused (CPU run: 1000)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--seed", type=int, default=0, help="the fine-tuning seed whose models are analysed")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the train/validation/test splits")
+    p.add_argument("--cached-only", action="store_true", help="train nothing (a missing model is an error)")
     p.add_argument("--test-limit", type=int, default=None, help="test examples per task for Tables 3 and 5")
-    p.add_argument("--val-limit", type=int, default=None, help="validation examples per task (CPU run: 100)")
+    p.add_argument("--val-limit", type=int, default=None, help="validation examples per task (Table 1: 100)")
     p.add_argument("--small-test", type=int, default=200, help="test examples per task for Fig. 3")
     p.add_argument("--fig7-test", type=int, default=100, help="test examples per task for Fig. 7 (224 merges)")
     p.add_argument("--few-shot-epochs", type=int, default=5)
     p.add_argument("--out", type=Path, default=RESULTS)
+    protocol_args(p)
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    b = Bench(args)
+    suite, _, heads, _ = common.start_run(args)
+    b = Bench(args, suite, heads, protocol_from(args))
     for name in args.only:
         clock = time.perf_counter()
         {"fig3": fig3, "fig7": fig7, "table4": table4, "table3": table3, "table5": table5}[name](b)
