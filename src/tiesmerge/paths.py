@@ -36,7 +36,8 @@ __all__ = ["demo_workdir", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_S
            "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
            "open_regular",
            "read_regular", "inside",
-           "FileStamps", "umask", "as_if_created", "check_walkable", "check_output_location", "check_not_input",
+           "FileStamps", "umask", "as_if_created", "check_walkable", "identity", "identities",
+           "check_output_location", "check_not_input",
            "check_output_file",
            "write_file",
            "check_search_dir"]
@@ -355,20 +356,8 @@ def _is_protected(final: Path) -> bool:
     """``final`` is one of :func:`_protected`'s folders, by path or, reached through another mount of it, by
     device and inode."""
     protected = _protected()
-    if final in protected:
-        return True
-    try:
-        st = os.stat(final)
-    except OSError:
-        return False
-    mine = set()
-    for p in protected:
-        try:
-            q = os.stat(p)
-        except OSError:
-            continue
-        mine.add((q.st_dev, q.st_ino))
-    return (st.st_dev, st.st_ino) in mine
+    key = identity(final)
+    return final in protected or (key is not None and key in {identity(p) for p in protected})
 
 
 DEMO_MARKER = ".tiesmerge-demo"  # in a --workdir the demo made: a later demo may write there again
@@ -665,16 +654,23 @@ def _check_writable_parent(output: str | os.PathLike, final: Path) -> None:
                           hint="choose a location you can write to")
 
 
-def _identities(path: Path) -> dict[tuple[int, int], Path]:
-    """(device, inode) of ``path`` and of each of its folders that exists, innermost first: what a folder
-    is whatever path reaches it (a second mount of it, a bind mount, an NFS export mounted twice)."""
+def identity(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode) of ``path`` (links followed), what a folder is whatever path reaches it (a second
+    mount of it, a bind mount, an NFS export mounted twice); None where it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def identities(path: Path) -> dict[tuple[int, int], Path]:
+    """:func:`identity` of ``path`` and of each of its folders that exists, innermost first."""
     out: dict[tuple[int, int], Path] = {}
     for p in (path, *path.parents):
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        out.setdefault((st.st_dev, st.st_ino), p)
+        key = identity(p)
+        if key is not None:
+            out.setdefault(key, p)
     return out
 
 
@@ -682,18 +678,14 @@ def _same_place(output: Path, src: Path) -> str | None:
     """How ``output`` relates to input ``src`` by identity rather than by path: "is", "contains" (the
     output is an existing folder above the input) or "lies inside" (the input is a folder above the
     output); None when neither. Catches what the resolved paths miss (a bind mount of the same folder)."""
-    try:
-        st = os.stat(src)
-    except OSError:
+    key = identity(src)
+    if key is None:
         return None
-    key = (st.st_dev, st.st_ino)
-    if key in _identities(output):
-        return "is" if _identities(output)[key] == output else "lies inside"
-    try:
-        out = os.stat(output)
-    except OSError:
-        return None
-    return "contains" if (out.st_dev, out.st_ino) in _identities(src) else None
+    around = identities(output)
+    if key in around:
+        return "is" if around[key] == output else "lies inside"
+    out = identity(output)
+    return "contains" if out is not None and out in identities(src) else None
 
 
 def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]]) -> None:

@@ -114,26 +114,14 @@ def digest_cache_kept_out_of(paths: Iterable[str | os.PathLike]) -> Iterator[Non
 def kept_out(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` (links resolved) is or lies inside a path the running command reads or writes
     (:func:`digest_cache_kept_out_of`): no cache of tiesmerge's may be written there."""
+    from ..paths import identities, identity
+
     real = Path(os.path.realpath(folder))
     roots = list(_KEPT_OUT)
     if any(real == root or root in real.parents for root in roots):
         return True
-    # the same folder reached another way (a second mount of an input): told by device and inode
-    chain = set()
-    for p in (real, *real.parents):
-        try:
-            st = os.stat(p)
-        except OSError:
-            continue
-        chain.add((st.st_dev, st.st_ino))
-    for root in roots:
-        try:
-            st = os.stat(root)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in chain:
-            return True
-    return False
+    chain = identities(real)  # the same folder reached another way (a second mount of an input)
+    return any(identity(root) in chain for root in roots)
 
 
 def _remember(cache: Path, key: str, stamp: list[int], sha256: str) -> None:
