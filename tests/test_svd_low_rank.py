@@ -98,3 +98,54 @@ def test_tsv_m_keeps_each_low_rank_task_whole() -> None:
         models.append({"w": (q_left[:, cols] * torch.tensor([2.0, 1.0])) @ q_right[:, cols].T})
     merged = tiesmerge.merge(base, models, "tsv_m")["w"]
     torch.testing.assert_close(merged, sum(m["w"] for m in models), rtol=0, atol=1e-5)
+
+
+def _shallow_cliff_adapters(tmp_path) -> tuple[object, list, torch.Tensor]:
+    """A base and two rank-2 LoRA adapters of one 64 x 64 weight whose sum's spectrum is [1, 0.5, 0.1, 1e-5]
+    then float32 rounding (~1e-8): the drop after the 4th value (~1e-3) is shallower than CLIFF, so the
+    singular values alone do not show the rank (eight rank-8 adapters of the LoRA benchmark gave drops of
+    2e-4 on three of 36 matrices). Returns the base folder, the adapter folders and M in float64 and float32."""
+    from helpers_adapters import write_lora_dir
+    from helpers_ckpt import make_base, write_hf_dir
+
+    module = "model.layers.0.self_attn.q_proj"
+    base = make_base(0, shapes={module + ".weight": (64, 64), "model.norm.weight": (64,)}, with_int=False)
+    write_hf_dir(tmp_path / "base", base)
+    g = torch.Generator().manual_seed(11)
+    u, _ = torch.linalg.qr(torch.randn(64, 4, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(64, 4, generator=g, dtype=torch.float64))
+    values = torch.tensor([1.0, 0.5, 0.1, 1e-5], dtype=torch.float64)
+    dirs, m, m32 = [], torch.zeros(64, 64, dtype=torch.float64), torch.zeros(64, 64)
+    for t, cols in enumerate((slice(0, 2), slice(2, 4))):
+        b, a = (u[:, cols] * values[cols]).float(), v[:, cols].T.contiguous().float()  # B (64, 2), A (2, 64)
+        dirs.append(write_lora_dir(tmp_path / f"adapter{t}", {module: (a, b)}, alpha=2.0))  # scale alpha / r = 1
+        m += b.double() @ a.double()
+        m32 += b @ a  # as the engine sums the adapters' float32 products
+    return tmp_path / "base", dirs, m, m32
+
+
+def test_adapters_bound_the_rank_where_the_spectrum_does_not_show_it(tmp_path) -> None:
+    """An adapter's r caps the rank the SVD methods use (``ChunkContext.ranks``): without it, Iso-C gave every
+    null direction of the sum the mean singular value, and the merge changed with the SVD's precision."""
+    base_dir, dirs, m, m32 = _shallow_cliff_adapters(tmp_path)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    base = tiesmerge.open_checkpoint(base_dir).read(name).double()
+    s32 = torch.linalg.svdvals(m32)  # [1, 0.5, 0.1, 1e-5], then float32's rounding
+    assert linalg.numerical_rank(s32, (64, 64)) == 64  # the premise: no cliff steep enough
+    assert linalg.numerical_rank(s32, (64, 64), bound=linalg.known_rank((2, 2))) == 4
+    assert linalg.known_rank((2, None)) is None and linalg.known_rank(None) is None
+    u, s, vh = torch.linalg.svd(m32.double())  # the merge's own input: the adapters' float32 products
+    want = {"iso_c": s[:4].mean() * (u[:, :4] @ vh[:4]), "tsv_m": m32.double(), "iso_cts": None}
+    for method in ("iso_c", "tsv_m", "iso_cts"):
+        deltas = {p: tiesmerge.merge(base_dir, dirs, method, svd_precision=p)[name].double() - base
+                  for p in ("float32", "float64", "auto")}
+        def differ(p: str) -> float:
+            return float((deltas[p] - deltas["float64"]).norm() / deltas["float64"].norm())
+
+        # forced float32: the direction of value 1e-5 carries float32's error eps32 * s_0 / 1e-5 ~ 1e-2 (rounding,
+        # not a null space: that was O(1)); auto redoes the ill-conditioned spectrum in float64
+        assert differ("float32") < 2e-2 and differ("auto") < 1e-5, (method, differ("float32"), differ("auto"))
+        d = deltas["float64"]
+        assert int((torch.linalg.svdvals(d) > 1e-6 * d.norm()).sum()) <= 4, method  # nothing outside the tasks'
+        if want[method] is not None:
+            torch.testing.assert_close(d, want[method], rtol=0, atol=1e-5 * float(want[method].norm()))

@@ -31,6 +31,7 @@ from ..dtypes import DType, as_dtype
 from ..errors import InvalidTensorError, MergeWarning
 from ..finite import check_copy_fits, check_finite, check_fits_float8, first_nonfinite
 from ..io.align import Alignment, TensorJob
+from ..io.protocol import rank_bound
 from ..lazy import torch
 from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
 from ..sizes import DEFAULT_MEMORY_BUDGET, parse_size
@@ -264,7 +265,12 @@ class Executor:
             thresholds=on_device.pop("trim", None), cuts=on_device, reduced=scope.reduced, weights=self.weights,
             keep=keep, statistics=self.side.read(chunk) if self.side is not None else None,
             reference=rows.reference, base=rows.base if req.base_values else None,
-            models=rows.models if req.model_values else None)
+            models=rows.models if req.model_values else None,
+            ranks=self._rank_bounds(job.name) if req.whole_tensors else None)
+
+    def _rank_bounds(self, name: str) -> tuple[int | None, ...]:
+        """Each model's structural bound on the rank of ``name``'s task vector (an adapter's r), or None."""
+        return tuple(rank_bound(m, name) for m in self.inputs.models)
 
     # ------------------------------------------------------------------ reductions
     def _reduce_streamed(self, chunks: list[Chunk], numel: int) -> tuple[_Scope, int]:

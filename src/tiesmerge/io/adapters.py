@@ -279,6 +279,18 @@ class LoraCheckpoint:
 
         return torch.zeros(rows_shape(base.info(name).shape, rows), dtype=torch.float32)
 
+    def rank_bound(self, name: str) -> int | None:
+        """An upper bound on the rank of ``name``'s task vector that the adapter's structure gives: r for
+        s · B · A, 0 for a tensor the adapter leaves alone, None (no bound) for one it saves whole.
+        Merges that decompose task vectors (TSV-M, Iso-C) use it: a sum of eight rank-8 updates is rank 64,
+        which its singular values alone do not always show (the drop after the 64th can be as shallow as
+        2e-4 of the previous value)."""
+        self._require_bound()
+        if name in self._full_bound:
+            return None
+        target = self.targets.get(name)
+        return 0 if target is None else target.rank
+
     def location(self, name: str) -> str:
         return str(self.path / ADAPTER_WEIGHTS)
 

@@ -88,6 +88,12 @@ def rows_shape(shape: Sequence[int], rows: slice | None) -> list[int]:
     return out
 
 
+def rank_bound(ckpt: Checkpoint, name: str) -> int | None:
+    """``ckpt.rank_bound(name)`` where a reader has it (an adapter knows its task vectors' ranks: r), else None:
+    nothing is known beyond the tensor's shape."""
+    return ckpt.rank_bound(name) if hasattr(ckpt, "rank_bound") else None
+
+
 def read_rows_into(ckpt: Checkpoint, name: str, rows: slice | None, out: memoryview) -> None:
     """``ckpt.read_into`` where a reader has it (files: one pread, no copy, no torch), else a copy
     of what ``read`` returns."""

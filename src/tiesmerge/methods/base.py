@@ -267,6 +267,9 @@ class ChunkContext:
     reference:    (*S) float32 theta_ref - theta_base.
     base:         (*S) float32 base values.
     models:       (n, *S) float32 the models' own values (``model_values``; an adapter's is base + tau).
+    ranks:        (n,) an upper bound on each model's task-vector rank for this tensor where its input's
+                  structure gives one (a LoRA adapter's r; 0 where it leaves the tensor alone), else None
+                  (also None for every model when the method does not take whole tensors).
     """
 
     name: str = ""
@@ -282,6 +285,7 @@ class ChunkContext:
     reference: torch.Tensor | None = None
     base: torch.Tensor | None = None
     models: torch.Tensor | None = None
+    ranks: tuple[int | None, ...] | None = None
 
 
 @runtime_checkable

@@ -36,7 +36,8 @@ class IsoC:
     1.0 (FusionBench's default); the authors select lam on validation over 0.1..3.0 (their
     ``linspace(0, 3, 31)[1:]``), the grid of ``tiesmerge tune``; SVDs run in float32 with a
     float64 retry where ill-conditioned; only M's numerical rank is flattened
-    (``svd.numerical_rank``): for LoRA updates (M of rank T x 8 in a 384-wide matrix) the
+    (``svd.numerical_rank``, capped by the adapters' own ranks where the inputs are adapters):
+    for LoRA updates (M of rank T x 8 in a 384-wide matrix) the
     reference would give every null direction of M the mean singular value, adding arbitrary
     full-rank noise whose vectors depend on the SVD's precision; here the mean of the nonzero
     spectrum goes to M's own directions (the same nuclear norm). Full fine-tunes, whose M has
@@ -66,9 +67,11 @@ class IsoC:
         """tau (T, rows, cols) or (T, *S) -> (rows, cols) or (*S)."""
         if linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, linalg.exclude_pattern(self.exclude)) is None:
             return tau.mean(dim=0).mul_(self.lam)
+        bound = linalg.known_rank(ctx.ranks)  # adapters: the sum of their ranks; full fine-tunes: None
         # (rows, r), (r,), (r, cols)
-        u, s, vh = linalg.svd(tau.sum(dim=0), precision=self.svd_precision, what=repr(ctx.name))
-        rank = linalg.numerical_rank(s, tuple(tau.shape[1:]))  # r for a full fine-tune; sum of ranks for LoRA
+        u, s, vh = linalg.svd(tau.sum(dim=0), used=bound, precision=self.svd_precision, what=repr(ctx.name))
+        # r for a full fine-tune; the sum of the ranks for LoRA
+        rank = linalg.numerical_rank(s, tuple(tau.shape[1:]), bound=bound)
         if rank == 0:
             return tau.mean(dim=0).mul_(self.lam)  # zeros
         return (u[:, :rank] @ vh[:rank]).mul_(s[:rank].mean() * self.lam)  # (rows, cols)
@@ -128,8 +131,9 @@ class IsoCTS:
         n, r = tau.shape[0], min(dims)
         common, per_task = _common_dims(r, n, self.common_fraction)
         prec = self.svd_precision
+        bound = linalg.known_rank(ctx.ranks)  # adapters: the sum of their ranks; full fine-tunes: None
         u, s, vh = linalg.svd(tau.sum(dim=0), used=common, precision=prec, what=repr(ctx.name))
-        common = min(common, linalg.numerical_rank(s, dims))  # never M's rounding-noise directions
+        common = min(common, linalg.numerical_rank(s, dims, bound=bound))  # never M's rounding-noise directions
         u_c = u[:, :common]  # (rows, k_c)
         us, ss, vs = [], [], []
         for t in range(n):
@@ -138,7 +142,8 @@ class IsoCTS:
             specific = tau[t] - u_c @ (u_c.T @ tau[t])  # (rows, cols): off the common left subspace
             u_t, s_t, vh_t = linalg.svd(specific, used=per_task, precision=prec, what=f"{ctx.name!r} (task {t})")
             # what the common space leaves of a low-rank task: its numerical rank, not rounding noise
-            kept = min(per_task, linalg.numerical_rank(s_t, dims, scale=float(s[0])))
+            kept = min(per_task, linalg.numerical_rank(s_t, dims, scale=float(s[0]),
+                                                       bound=ctx.ranks[t] if ctx.ranks else None))
             us.append(u_t[:, :kept])
             ss.append(s_t[:kept])
             vs.append(vh_t[:kept])

@@ -127,7 +127,8 @@ class TsvMerge:
                                                  precision=self.svd_precision, what=what)
             else:
                 u, s, vh = linalg.svd(tau[t], used=k, precision=self.svd_precision, what=what)
-            kept = min(k, linalg.numerical_rank(s, tuple(tau[t].shape)))  # a rank-8 LoRA update keeps 8
+            bound = ctx.ranks[t] if ctx.ranks else None  # an adapter's r; None for a full fine-tune
+            kept = min(k, linalg.numerical_rank(s, tuple(tau[t].shape), bound=bound))  # a rank-8 LoRA update keeps 8
             us.append(u[:, :kept])  # (rows, kept)
             ss.append(s[:kept])  # (kept,)
             vs.append(vh[:kept])  # (kept, cols)
