@@ -139,12 +139,10 @@ def test_adapters_bound_the_rank_where_the_spectrum_does_not_show_it(tmp_path) -
     for method in ("iso_c", "tsv_m", "iso_cts"):
         deltas = {p: tiesmerge.merge(base_dir, dirs, method, svd_precision=p)[name].double() - base
                   for p in ("float32", "float64", "auto")}
-        def differ(p: str) -> float:
-            return float((deltas[p] - deltas["float64"]).norm() / deltas["float64"].norm())
-
+        differ = {p: float((deltas[p] - deltas["float64"]).norm() / deltas["float64"].norm()) for p in deltas}
         # forced float32: the direction of value 1e-5 carries float32's error eps32 * s_0 / 1e-5 ~ 1e-2 (rounding,
         # not a null space: that was O(1)); auto redoes the ill-conditioned spectrum in float64
-        assert differ("float32") < 2e-2 and differ("auto") < 1e-5, (method, differ("float32"), differ("auto"))
+        assert differ["float32"] < 2e-2 and differ["auto"] < 1e-5, (method, differ)
         d = deltas["float64"]
         assert int((torch.linalg.svdvals(d) > 1e-6 * d.norm()).sum()) <= 4, method  # nothing outside the tasks'
         if want[method] is not None:

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
     from ..io.patterns import ModulePattern
 
-__all__ = ["ILL_CONDITIONED", "PRECISIONS", "svd", "numerical_rank", "known_rank", "randomized_svd", "polar", "svd_bytes", "regex",
-           "matrix_shape", "exclude_pattern", "OVERSAMPLE"]
+__all__ = ["ILL_CONDITIONED", "PRECISIONS", "svd", "numerical_rank", "known_rank", "randomized_svd", "polar",
+           "svd_bytes", "regex", "matrix_shape", "exclude_pattern", "OVERSAMPLE"]
 
 ILL_CONDITIONED = 1e-4  # s_used / s_max below this: redo in float64 (see the module docstring)
 PRECISIONS = ("auto", "float32", "float64")  # auto: float32, float64 where needed
