@@ -61,7 +61,8 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name is None:
         return None
     if not isinstance(name, str) or name not in DTYPES:  # a YAML list is unhashable: check the type first
-        raise ConfigError(f"dtype {name!r} is not one of {', '.join(DTYPES)}{did_you_mean(str(name), list(DTYPES))}")
+        raise ConfigError(f"dtype {name!r} is not one of {', '.join(DTYPES)}{did_you_mean(str(name), list(DTYPES))}",
+                          hint="write the output dtype by name, e.g. dtype: bfloat16 (--dtype bfloat16)")
     return DTYPES[name].torch
 
 

@@ -177,7 +177,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     method = data.get("merge_method")
     if method not in MERGEKIT_METHODS:
         problems.append(f"merge_method {method!r} is not supported (tiesmerge reads {', '.join(MERGEKIT_METHODS)})")
-        raise ConfigError([f"{source}: {p}" for p in problems])
+        raise ConfigError([f"{source}: {p}" for p in problems],
+                          hint="`tiesmerge methods` lists what each mergekit method becomes; a tiesmerge recipe "
+                               "(method:, base:, models:) reaches every method")
     defaults = dict(_OPTIONS[method])
     base = data.get("base_model")
     base = _model_ref(base, None, "base_model", problems) if base is not None else None
@@ -259,8 +261,10 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     else:
         method_name, params, semantics = _translate(method, options, weights, per_model["density"], paths, base,
                                                     problems, warnings)
-    if problems:
-        raise ConfigError([f"{source}: {p}" for p in problems])
+    if problems:  # the recipe's values break the method's rules: each message says which, and how
+        raise ConfigError([f"{source}: {p}" for p in problems],
+                          hint=f"fix the values named above in {source}; `tiesmerge validate RECIPE` checks a recipe "
+                               "without merging")
     if "_anchor" in params:
         base, paths = params.pop("_anchor"), params.pop("_models")
     out_name = out_dtype or dtype
@@ -282,7 +286,8 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     total = sum(weights)
     if method == "linear":
         if normalize and math.isclose(total, 0.0, abs_tol=1e-8):
-            problems.append("linear: the weights sum to 0, so normalize has nothing to divide by")
+            problems.append("linear: the weights sum to 0, so normalize has nothing to divide by; give weights "
+                            "with a nonzero sum (or normalize: false with weights summing to 1)")
             return "", {}, ""
         if not normalize and not math.isclose(total, 1.0):
             problems.append("linear with normalize: false and weights not summing to 1 scales the whole model; "

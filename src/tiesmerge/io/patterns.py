@@ -24,9 +24,10 @@ try:  # Python 3.11+: the parser moved under re
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre  # type: ignore[no-redef]
 
-__all__ = ["ModulePattern", "MAX_PATTERN_CHARS", "MAX_STATES"]
+__all__ = ["ModulePattern", "MAX_PATTERN_CHARS", "MAX_NESTING", "MAX_STATES"]
 
 MAX_PATTERN_CHARS = 1000  # real keys are module paths of a few dozen characters
+MAX_NESTING = 50  # groups inside groups: re's parser (and the automaton's builder) recurse once per level
 MAX_STATES = 20_000  # automaton size, after {m,n} repeats are expanded
 
 _CATEGORIES: dict[object, Callable[[str], bool]] = {}
@@ -151,6 +152,27 @@ class _Builder:
         return self.add(_State("char", test=_char_test(op, av), out=[nxt]))
 
 
+def _nesting(key: str) -> int:
+    """The deepest nesting of parentheses in a regex, not counting escaped ones or those inside [...]."""
+    depth = deepest = 0
+    escaped = in_class = False
+    for i, ch in enumerate(key):
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = not (ch == "]" and key[i - 1] != "[" and key[i - 2:i] != "[^")
+        elif ch == "[":
+            in_class = True
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth = max(0, depth - 1)
+    return deepest
+
+
 @dataclass(frozen=True)
 class ModulePattern:
     """One pattern key, compiled to an automaton that matches PEFT's ``(.*\\.)?(key)$``."""
@@ -168,6 +190,11 @@ class ModulePattern:
                                   f"(a non-empty string of at most {MAX_PATTERN_CHARS} characters)")
         what = ("exclude patterns are regexes searched in each tensor name" if anywhere else
                 "alpha_pattern and rank_pattern keys are regexes a module name ends with")
+        depth = _nesting(key)
+        if depth > MAX_NESTING:  # re's parser would raise RecursionError a few hundred levels down
+            raise CheckpointError(f"{source}: pattern key {key[:80]!r} nests groups {depth} deep; at most "
+                                  f"{MAX_NESTING} levels are accepted",
+                                  hint=f"{what}: write it with fewer nested parentheses")
         refers = _backreference(key)
         if refers:  # refused before re's own message ("cannot refer to an open group") says something else
             raise CheckpointError(f"{source}: pattern key {key[:80]!r} uses a backreference ({refers}); "
@@ -183,6 +210,9 @@ class ModulePattern:
         except re.error as exc:
             raise CheckpointError(f"{source}: pattern key {key[:80]!r} is not a valid regular expression ({exc})",
                                   hint=what) from None
+        except RecursionError:  # a structure nested deeper than the depth check sees (it counts parentheses only)
+            raise CheckpointError(f"{source}: pattern key {key[:80]!r} is nested too deeply to compile",
+                                  hint=f"{what}: write it with fewer nested groups and repetitions") from None
         except _Refused as exc:
             raise CheckpointError(f"{source}: pattern key {key[:80]!r} uses a feature tiesmerge does not run "
                                   f"({exc})",
