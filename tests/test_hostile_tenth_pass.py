@@ -46,3 +46,75 @@ def test_mergekit_linear_weights_summing_to_zero_say_how_to_fix_the_recipe(famil
     for argv in (["validate", str(recipe)], ["merge", str(recipe), "-o", str(tmp_path / "out")]):
         rc, _, err = run_cli(argv, capsys)
         assert rc == 2 and "give weights with a nonzero sum" in err and "--help" not in err, err
+
+
+def test_a_pipe_given_as_a_path_is_called_a_pipe(tmp_path):
+    """Pass 9's NOTE pk3: `--data /proc/self/fd/0` with stdin a pipe was "a link to pipe:[...], which does not
+    exist / fix or remove the dangling link"."""
+    import os
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.paths import resolve
+
+    read, write = os.pipe()
+    try:
+        with pytest.raises(CheckpointError) as caught:
+            resolve(f"/proc/self/fd/{read}", "the data")
+    finally:
+        os.close(read)
+        os.close(write)
+    assert "is a pipe (pipe:[" in caught.value.message and "dangling" not in str(caught.value), str(caught.value)
+    assert "regular files only" in caught.value.hint
+
+
+def test_differing_vocabularies_suggest_union_too(tmp_path, capsys):
+    """Pass 9's NOTE c33: the hint named only truncate, which drops every model's added tokens."""
+    import torch
+
+    from helpers_ckpt import finetune
+
+    base = make_base(0)
+    grown = finetune(base, 1)  # two tokens added after the base's 32
+    grown["model.embed_tokens.weight"] = torch.cat([grown["model.embed_tokens.weight"],
+                                                    base["model.embed_tokens.weight"][:2]])
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / "m0", finetune(base, 0)), write_hf_dir(tmp_path / "m1", grown)]
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out"), capsys)
+    assert rc == 1 and "--vocab-policy union" in err and "--vocab-policy truncate" in err, err
+
+
+def test_a_user_file_at_the_default_checkpoint_path_names_the_checkpoint_option(tmp_path):
+    """Pass 9's NOTE ax1/ax2: the hint said "choose another path" without saying the path is --checkpoint's
+    default beside the output."""
+    import tiesmerge
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import OutputError
+
+    base, fts, files = _setup(tmp_path)
+    mine = tmp_path / "out.adapt-checkpoint.safetensors"
+    mine.write_text("the user's own file")
+    for force in (False, True):
+        with pytest.raises(OutputError) as caught:
+            tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, output=tmp_path / "out", force=force)
+        assert "default checkpoint beside the output" in caught.value.hint and "--checkpoint" in caught.value.hint
+        assert mine.read_text() == "the user's own file" and not (tmp_path / "out").exists()
+
+
+def test_a_long_problem_list_is_capped_in_the_message():
+    """Pass 9's NOTE: `validate` of a recipe naming 10,000 missing model paths printed 10,004 lines."""
+    from tiesmerge.errors import MAX_LISTED, ConfigError
+
+    error = ConfigError([f"model {k}: no such file" for k in range(10_000)])
+    lines = error.message.splitlines()
+    assert lines[0] == "10000 problems:" and len(lines) == MAX_LISTED + 2 and "and 9950 more" in lines[-1]
+    assert len(error.problems) == 10_000
+
+
+def test_a_quoted_tilde_in_the_output_is_named_as_the_working_folders(family, tmp_path, capsys):
+    """Pass 9's NOTE k6: `-o "~/k6"` wrote ./~/k6 (as the shell would) but said "into ~/k6"."""
+    _, b, ms = family
+    rc, out, err = run_cli(_merge(b, ms, "~/k6"), capsys)
+    assert rc == 0, err
+    written = tmp_path / "work" / "~" / "k6"
+    assert (written / "tiesmerge.json").is_file()
+    assert "did not expand" in err and str(written) in err, err

@@ -34,6 +34,9 @@ class TiesMergeError(Exception):
         return self.message if not self.hint else f"{self.message}\nhint: {self.hint}"
 
 
+MAX_LISTED = 50  # problems a ConfigError's message lists (a recipe naming 10,000 missing paths printed 10,004 lines)
+
+
 class ConfigError(TiesMergeError, ValueError):
     """A method option, recipe or command-line value is invalid. Holds every problem found."""
 
@@ -43,8 +46,12 @@ class ConfigError(TiesMergeError, ValueError):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         if len(self.problems) == 1:
             message = self.problems[0]
-        else:
-            message = f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        else:  # every problem stays in .problems; the message lists the first MAX_LISTED (a terminal's worth)
+            shown = self.problems[:MAX_LISTED]
+            rest = len(self.problems) - len(shown)
+            message = (f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in shown)
+                       + (f"\n  ... and {rest} more (fix these first, or see every problem in the error's .problems)"
+                          if rest else ""))
         super().__init__(message, hint=hint)
 
 

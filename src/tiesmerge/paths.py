@@ -70,8 +70,12 @@ def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = Ch
         if code == errno.ELOOP or isinstance(exc, RuntimeError):
             raise error(f"{path}: {what} is a symbolic link loop", hint="fix or remove the link") from None
         if code == errno.ENOENT and os.path.lexists(path):
-            raise error(f"{path}: {what} is a link to {os.readlink(path) if os.path.islink(path) else 'a path'}, "
-                        "which does not exist", hint="fix or remove the dangling link") from None
+            target = os.readlink(path) if os.path.islink(path) else "a path"
+            if re.fullmatch(r"(pipe|socket|anon_inode):.*", target):  # /proc/self/fd/N of a pipe: no path at all
+                raise error(f"{path}: {what} is a {target.split(':')[0].replace('_', ' ')} ({target}), not a file",
+                            hint=f"give {what} as a file path (tiesmerge reads regular files only)") from None
+            raise error(f"{path}: {what} is a link to {target}, which does not exist",
+                        hint="fix or remove the dangling link") from None
         if code in (errno.ENOENT, errno.ENOTDIR):
             raise error(f"{path}: no such file or directory (cannot read {what})",
                         hint=f"check the path of {what}") from None

@@ -257,6 +257,7 @@ def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[A
     inputs = [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
               *((f"data file {k}", d) for k, d in enumerate(data) if isinstance(d, (str, os.PathLike))),
               *(method_inputs(method) if method is not None else ())]  # e.g. TIES' sign_from
+    defaulted = checkpoint is None and output is not None
     if output is not None:
         check_output_not_input(output, inputs)
         check_output_path(Path(output).absolute(), force)  # before the training, not after it
@@ -284,7 +285,13 @@ def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[A
         # written each pass: never over an input (checked first: an input is never read as a checkpoint), and an
         # existing file only when resuming it (a file that is no checkpoint: the error says so) or with force
         ours = _resumable if resume else is_checkpoint
-        check_output_file(checkpoint, force or resume, inputs, "the checkpoint", ours=ours)
+        try:
+            check_output_file(checkpoint, force or resume, inputs, "the checkpoint", ours=ours)
+        except OutputError as exc:
+            if defaulted:  # the user never named this path: say where it comes from and how to move it
+                exc.hint = (f"{checkpoint} is the default checkpoint beside the output; --checkpoint PATH "
+                            f"(checkpoint=...) puts it elsewhere" + (f"; {exc.hint}" if exc.hint else ""))
+            raise
         if resume and os.path.isfile(checkpoint):  # a link to a file, which check_output_file does not open
             load_checkpoint(Path(checkpoint))
     return checkpoint, []

@@ -29,7 +29,7 @@ from ..version import __version__
 from .adapt import add_adapt_parser
 from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
-from .terminal import SafeStream, terminal_safe
+from .terminal import SafeStream, shown, terminal_safe
 
 EVALUATOR_HELP = ("a function taking a state dict and returning a validation score (higher is better), or a "
                   "built-in: classifier-accuracy:FILE, choice-accuracy:FILE, encoder-accuracy:FILE, "
@@ -317,6 +317,20 @@ def _empty_values(argv: list[str]) -> list[str]:
     return empty
 
 
+_WRITTEN = {"output": "-o", "json": "--json", "dir": "--dir", "checkpoint": "--checkpoint"}  # paths a command writes
+
+
+def _warn_literal_tilde(args: argparse.Namespace) -> None:
+    """A written path starting with "~" reached us unexpanded (quoted, or after "="): it names a folder "~" in the
+    working folder, not the home folder. Said before the work, with the absolute path, so nobody looks in $HOME."""
+    for field, flag in _WRITTEN.items():
+        value = getattr(args, field, None)
+        if isinstance(value, str) and (value == "~" or value.startswith("~/")):
+            warnings.warn(f"{flag} {shown(value)} starts with '~', which the shell did not expand (it was quoted): "
+                          f"it is written at {shown(os.path.abspath(value))}, under the working folder; write "
+                          f"{flag} ~/... unquoted, or $HOME/..., for the home folder", MergeWarning, stacklevel=2)
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     # a standard stream closed by the caller (`2>&-` in a cron job) is None here: write nowhere, never crash
@@ -360,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
     try:
         _resolve_repo_ids(args)
+        _warn_literal_tilde(args)
         return HANDLERS[args.command](args)
     except TiesMergeError as exc:
         return _report(exc, args.debug, command=args.command)

@@ -336,8 +336,10 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 continue
             hint = "all models must share the base's architecture"
             if rows_only:
-                hint = ("the vocabulary sizes differ; --vocab-policy truncate (vocab_policy='truncate') keeps the "
-                        "base's first rows of every model, if the added tokens come after the base's")
+                hint = ("the vocabulary sizes differ; --vocab-policy union (vocab_policy='union') keeps every "
+                        "model's added tokens (their rows: the mean of the models that have them), --vocab-policy "
+                        "truncate keeps only the base's first rows of every model, if the added tokens come after "
+                        "the base's")
             raise IncompatibleCheckpointsError(
                 f"tensor {name!r}: shapes differ between the base and model {k}\n" + _shapes_table(name, base, models),
                 hint=hint,
