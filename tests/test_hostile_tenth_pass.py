@@ -118,3 +118,29 @@ def test_a_quoted_tilde_in_the_output_is_named_as_the_working_folders(family, tm
     written = tmp_path / "work" / "~" / "k6"
     assert (written / "tiesmerge.json").is_file()
     assert "did not expand" in err and str(written) in err, err
+
+
+def test_a_models_index_linked_outside_its_folder_is_not_read(family, tmp_path, capsys):
+    """F3: a fine-tuned model's model.safetensors.index.json linking to a file elsewhere was opened (merged through,
+    or its content echoed in the error); the base's was already refused."""
+    import json
+    import os
+
+    from helpers_ckpt import finetune, make_base
+
+    inputs, b, ms = family
+    sharded = write_hf_dir(inputs / "sharded", finetune(make_base(0), 5), shards=2)
+    index = sharded / "model.safetensors.index.json"
+    secret = tmp_path / "elsewhere.json"
+    secret.write_text(json.dumps({"weight_map": {"lm_head.weight": "TOPSECRET-123"}}))
+    (tmp_path / "copy.json").write_text(index.read_text())  # a valid index, outside: merged through before
+    index.unlink()
+    for target in (secret, tmp_path / "copy.json"):
+        if index.is_symlink():
+            index.unlink()
+        os.symlink(target, index)
+        before = snapshot(inputs)
+        rc, _, err = run_cli(_merge(b, [ms[0], sharded], tmp_path / "out"), capsys)
+        check(rc, err, want_rc=1, needle=("the index file resolves to", "outside"), output=tmp_path / "out",
+              inputs=inputs, before=before)
+        assert "TOPSECRET" not in err

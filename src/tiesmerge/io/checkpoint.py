@@ -47,7 +47,9 @@ def _refuse_pickle(path: Path) -> CheckpointError:
 
 def _read_index(index: Path) -> dict[str, Path]:
     """An index's weight_map: tensor name -> shard, every shard a regular file inside the model's
-    directory (a ``../`` or absolute entry, or a link leaving the directory, is refused)."""
+    directory (a ``../`` or absolute entry, or a link leaving the directory, is refused). The index itself
+    is read only from inside the directory: a link to a file elsewhere is refused before it is opened."""
+    inside(index, index.parent, "the index file")
     data = read_json(index, "the index file")
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
