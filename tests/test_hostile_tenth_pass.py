@@ -144,3 +144,28 @@ def test_a_models_index_linked_outside_its_folder_is_not_read(family, tmp_path, 
         check(rc, err, want_rc=1, needle=("the index file resolves to", "outside"), output=tmp_path / "out",
               inputs=inputs, before=before)
         assert "TOPSECRET" not in err
+
+
+def test_float64_values_past_float32s_range_are_named_as_such(tmp_path, capsys):
+    """F4: finite float64 weights of 1e300 were "Inf ... the checkpoint is damaged", after numpy's RuntimeWarning."""
+    import torch
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from tiesmerge.errors import InvalidTensorError
+
+    base = {"w": torch.randn(4, 4, dtype=torch.float64)}
+    paths = []
+    for name, state in (("b", base), ("m0", {"w": base["w"] + 1e300}), ("m1", {"w": base["w"] + 1e300})):
+        paths.append(tmp_path / "inputs" / f"{name}.safetensors")
+        paths[-1].parent.mkdir(exist_ok=True)
+        save_file(state, str(paths[-1]))
+    before = snapshot(tmp_path / "inputs")
+    for extra in ((), ("--dry-run",)):
+        rc, _, err = run_cli(["merge", "--base", str(paths[0]), "--model", str(paths[1]), "--model", str(paths[2]),
+                              "--method", "task_arithmetic", "-o", str(tmp_path / "out"), *extra], capsys)
+        check(rc, err, want_rc=1, needle=("m0.safetensors: tensor 'w'", "beyond float32's range", "1e+300"),
+              output=tmp_path / "out", inputs=tmp_path / "inputs", before=before)
+        assert "Inf" not in err and "damaged" not in err and "RuntimeWarning" not in err, err
+    with pytest.raises(InvalidTensorError, match="beyond float32's range"):
+        tiesmerge.merge(base, [{"w": base["w"] + 1e300}, {"w": base["w"]}], "task_arithmetic")

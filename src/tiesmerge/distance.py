@@ -126,12 +126,20 @@ def _values(ckpt: Checkpoint, name: str, rows: slice | None) -> np.ndarray:
     """Rows of a tensor as float64 (stored bytes widened; torch only for dtypes numpy lacks)."""
     info = ckpt.info(name)
     if info.dtype_info.code in ("BF16", "F16", "F32", "F64") and hasattr(ckpt, "read_into"):
-        from .engine.reader import widen
+        from .engine.reader import check_float32_range, widen
 
         raw = np.empty(math.prod(rows_shape(info.shape, rows)) * info.itemsize, np.uint8)
         read_rows_into(ckpt, name, rows, memoryview(raw))
+        if info.dtype_info.code == "F64":  # as stored; past float32's range it is refused as the merge would
+            values = raw.view(np.float64)
+            check_float32_range(ckpt.location(name), name, tuple(info.shape), values)
+            return values
         return widen(raw.view(info.dtype_info.numpy), info.dtype_info).astype(np.float64)
-    return ckpt.read(name, rows).double().reshape(-1).numpy()
+    values = ckpt.read(name, rows).double().reshape(-1).numpy()
+    from .engine.reader import check_float32_range
+
+    check_float32_range(ckpt.location(name), name, tuple(info.shape), values)
+    return values
 
 
 def _sample(ckpt: Checkpoint, job: TensorJob) -> np.ndarray:

@@ -92,7 +92,23 @@ def widen(values: np.ndarray, dtype: DType) -> np.ndarray:
         return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     if dtype.code == "F16":
         return values.view(np.float16).astype(np.float32)
-    return values.view(dtype.numpy).astype(np.float32, copy=False)
+    with np.errstate(over="ignore"):  # float64 past float32's range becomes Inf: the callers name it (no warning line)
+        return values.view(dtype.numpy).astype(np.float32, copy=False)
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def check_float32_range(location: str, name: str, shape: tuple[int, ...], values: np.ndarray) -> None:
+    """Refuse float64 ``values`` that are finite but past float32's range, which every merge computes in."""
+    with np.errstate(invalid="ignore"):
+        over = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
+    if over.any():
+        raise InvalidTensorError(
+            f"{location}: tensor {name!r} {shape} holds float64 values beyond float32's range ({int(over.sum())} "
+            f"value(s), the largest of magnitude {float(np.abs(values[over]).max()):.3g}; float32 holds at most "
+            f"{FLOAT32_MAX:.3g}), and tiesmerge computes in float32",
+            hint="these values are not weights a model can use; check how the checkpoint was made (or rescale it)")
 
 
 @dataclass(frozen=True)
@@ -295,6 +311,9 @@ class Reader:
 
     def raise_not_finite(self, chunk: Chunk, raw: list[torch.Tensor]) -> None:
         for ckpt, value in zip(self.inputs.all, raw, strict=True):
+            if value.dtype == torch.float64:  # finite float64 values float32 cannot hold are not damage: say so
+                check_float32_range(ckpt.location(chunk.job.name), chunk.job.name, tuple(chunk.job.shape),
+                                    value.cpu().numpy())
             bad = ~torch.isfinite(value.float())
             if bool(bad.any()):
                 first = int(bad.reshape(-1).nonzero()[0]) + chunk.offset
