@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..dtypes import DType, as_dtype
+from ..errors import InvalidTensorError
 from ..finite import check_finite
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint, LoraTarget
 
@@ -107,6 +108,21 @@ def _merged_config(config: dict, base_label: str | None) -> dict:
     return out
 
 
+def _check_product_fits(name: str, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> None:
+    """The factors B (out, r) and A (r, in) as written: PEFT forms B·A (and the model adds it) in the model's dtype,
+    so an update that only its factors can hold (float16 factors of 1e4 each: a product of 1e8) would load as Inf."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return  # float32 and wider: the merged τ was checked finite in float32 already
+    largest = float((b.float() @ a.float()).abs().max()) if b.numel() and a.numel() else 0.0
+    limit = float(torch.finfo(dtype).max)
+    if not largest <= limit:
+        name_of = str(dtype).removeprefix("torch.")
+        raise InvalidTensorError(
+            f"the merged update of {name!r} reaches |B·A| = {largest:.3g}, past {name_of}'s largest value {limit:.3g}: "
+            f"its {name_of} factors fit, but the adapter would load as Inf",
+            hint="use a smaller lam (or weights), or write the adapter in float32 (--dtype float32)")
+
+
 def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[LoraCheckpoint],
                        sink: LoraFactorSink, base_values: dict[str, torch.Tensor],
                        dtype: DType | torch.dtype, base_label: str | None = None) -> dict:
@@ -123,6 +139,7 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
             (".lora_A.weight", ".lora_B.weight")
         tensors[key + a_suffix] = factored.a.to(out_dtype).contiguous()
         tensors[key + b_suffix] = factored.b.to(out_dtype).contiguous()
+        _check_product_fits(name, tensors[key + b_suffix], tensors[key + a_suffix], out_dtype)
         errors[target.module] = factored.relative_error
     saved_whole: list[str] = []
     for name, tau in sink.full.items():
