@@ -188,3 +188,25 @@ def test_a_float16_adapter_whose_product_overflows_is_refused(tmp_path):
     out = tiesmerge.merge(b, adapters, "task_arithmetic", lam=1e3, output=tmp_path / "ok", output_format="adapter",
                           dtype="float16")  # a product of ~1e3 fits: written
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_full_standard_output_after_the_merge_says_the_output_is_complete(family, tmp_path, capsys, monkeypatch):
+    """Pass 9's NOTE p5: `merge > /dev/full` exited 1 with the complete output in place and no word about it."""
+    import errno
+    import sys
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            pass
+
+    _, b, ms = family
+    monkeypatch.setattr(sys, "stdout", Full())
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out"), capsys)
+    assert rc == 1 and "cannot write to standard output" in err, err
+    assert f"the output {tmp_path / 'out'} was written completely" in err, err
+    assert (tmp_path / "out" / "tiesmerge.json").is_file()
+    rc, _, err = run_cli(["methods"], capsys)  # nothing written: no such claim
+    assert rc == 1 and "was written completely" not in err, err

@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..io.align import VOCAB_POLICIES
 from ..limits import read_json
-from .terminal import shown
+from .terminal import completed, shown
 
 __all__ = ["ADAPT_EXAMPLES", "add_adapt_parser", "cmd_adapt"]
 
@@ -149,6 +149,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                    checkpoint=args.checkpoint, resume=args.resume,
                    progress=not args.no_progress and sys.stderr.isatty(), allow_pickle=args.allow_pickle,
                    vocab_policy=args.vocab_policy)
+    completed(result.output)
     manifest = json.loads((Path(result.output) / "tiesmerge.json").read_text())["adamerging"]
     c = result.coefficients
     print(f"adapted {len(args.models)} models ({manifest['vectors']}, {args.granularity}-wise: {c.numel()} "

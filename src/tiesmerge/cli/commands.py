@@ -21,7 +21,7 @@ from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
 from .adapt import cmd_adapt
-from .terminal import shown, terminal_safe
+from .terminal import completed, shown, terminal_safe
 
 __all__ = ["HANDLERS"]
 
@@ -159,6 +159,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         merge(args.base, args.models, args.method, output=args.output, device=args.device,
               memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
               allow_distant=args.allow_distant, **best.options, **lam)
+        completed(args.output)
         print(f"wrote the best merge to {shown(args.output)}")
     return 0
 
@@ -309,6 +310,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 output_format=recipe.output_format, rank=recipe.rank, origin=recipe.origin, stats=recipe.stats,
                 **common)
     seconds = time.perf_counter() - started
+    completed(out)
     manifest = json.loads((Path(out) / "tiesmerge.json").read_text())
     read = manifest["engine"]["bytes_read"]
     t = manifest["tensors"]
@@ -343,6 +345,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, device=args.device,
                           progress=sys.stderr.isatty())
     out = save_stats(args.output, stats, force=args.force)
+    completed(out)
     size = sum(t.numel() * 4 for t in stats.tensors.values())
     print(f"wrote {args.kind} statistics of {shown(args.model)} ({stats.manifest.examples} examples, "
           f"{len(stats.tensors)} tensors, {format_size(size)}) to {shown(out)} in "
@@ -363,6 +366,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                    memory_budget=args.memory_budget, vocab_policy=args.vocab_policy, allow_pickle=args.allow_pickle,
                    force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
                    methods=args.methods)
+    completed(args.output)
     for line in data["summary"]:
         print(f"- {line}")
     engine = data["engine"]

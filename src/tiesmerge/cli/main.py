@@ -29,7 +29,7 @@ from ..version import __version__
 from .adapt import add_adapt_parser
 from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
-from .terminal import SafeStream, shown, terminal_safe
+from .terminal import COMPLETED, SafeStream, shown, terminal_safe
 
 EVALUATOR_HELP = ("a function taking a state dict and returning a validation score (higher is better), or a "
                   "built-in: classifier-accuracy:FILE, choice-accuracy:FILE, encoder-accuracy:FILE, "
@@ -372,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _warning_printer(shown_before)
     stdout = sys.stdout
     sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
+    COMPLETED.clear()  # main() runs more than once in a process (tests, the API's callers)
     try:
         _resolve_repo_ids(args)
         _warn_literal_tilde(args)
@@ -393,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
         if exc.filename is None and _is_stdout_error(exc):
-            return _report(InternalError(f"cannot write to standard output ({exc.strerror or exc})",
+            done = (f"; the output {shown(COMPLETED[-1])} was written completely before, only the summary was lost"
+                    if COMPLETED else "")
+            return _report(InternalError(f"cannot write to standard output ({exc.strerror or exc}){done}",
                                          hint="standard output goes to a full disk or a closed pipe: redirect it "
                                               "elsewhere"), args.debug)
         if exc.filename is None and isinstance(exc, FileNotFoundError) and _cwd_gone():

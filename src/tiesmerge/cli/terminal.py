@@ -42,3 +42,11 @@ class SafeStream:
 
     def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, buffer, ...
         return getattr(self._stream, name)
+
+
+COMPLETED: list[str] = []  # outputs this command finished writing (an error printing afterwards must not hide them)
+
+
+def completed(path: object) -> None:
+    """Record an output the command has written completely, before its summary is printed."""
+    COMPLETED.append(str(path))
