@@ -210,3 +210,23 @@ def test_a_full_standard_output_after_the_merge_says_the_output_is_complete(fami
     assert (tmp_path / "out" / "tiesmerge.json").is_file()
     rc, _, err = run_cli(["methods"], capsys)  # nothing written: no such claim
     assert rc == 1 and "was written completely" not in err, err
+
+
+def test_a_consensus_lambda_past_float32s_range_is_refused(family, tmp_path, capsys):
+    """F5: `--tall-lambda 1e39` was accepted (--lam refuses such values) and merged the base."""
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--method", "consensus", "--tall-lambda", "1e39"), capsys)
+    check(rc, err, want_rc=2, needle=("tall_lambda", "3.4e38"), output=tmp_path / "out", inputs=inputs,
+          before=before)
+
+
+def test_a_merge_that_changes_nothing_says_so(family, tmp_path, capsys):
+    """F5: consensus of 2 models with k = 2 and tall_lambda 1 keeps no entry (|a| > |b| and |b| > |a| at once):
+    the output was the base, silently."""
+    _, b, ms = family
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--method", "consensus", "--k", "2", "--tall-lambda", "1"),
+                         capsys)
+    assert rc == 0 and "warning: consensus: the merge changed no entry" in err, err
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out2", "--method", "consensus", "--k", "1"), capsys)
+    assert rc == 0 and "changed no entry" not in err, err

@@ -215,6 +215,7 @@ class Executor:
                                     extra_bytes_per_entry=extra_bytes)
         _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
         _warn_if_drop_keeps_nothing(method, alignment, self.n)
+        self._changed = self._moved_inputs = False  # a merged delta not all zero / a task vector not all zero seen
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
             self.plan = side.adjust_plan(self.plan)
@@ -352,6 +353,10 @@ class Executor:
                 self._write(sink.alias, alias, job.name)
                 self.stats.tensors_tied += 1
         self.stats.passes += 1
+        if self._moved_inputs and not self._changed and not self.stats.fused_chunks:
+            warnings.warn(MergeWarning(
+                f"{self.method.name}: the merge changed no entry of any tensor although the models differ from the "
+                "base (with these options the method keeps nothing), so the output is the base itself"), stacklevel=3)
         self.stats.seconds["merge"] = time.perf_counter() - clock
         self.stats.bytes_read = self.reader.bytes_read
         self.stats.sample_bytes = self.reader.sample_bytes
@@ -375,7 +380,13 @@ class Executor:
                 self.stats.fused_chunks += 1
             else:
                 rows = self.reader.task_vectors(chunk, payload, model_values=self.req.model_values)
+                # whether this merge changes anything: watched until the first nonzero delta (one reduction a chunk
+                # until then, usually the first chunk only); tau is looked at first, as merge may change it in place
+                moved = not self._changed and bool(rows.tau.any())
                 delta = self.method.merge(rows.tau, self._context(chunk, rows, chunk_scope))  # (*S) float32
+                if not self._changed and not self.req.model_values:
+                    self._changed = bool(delta.any())
+                    self._moved_inputs = self._moved_inputs or moved
                 # model_values: merge returned the merged model itself, not a task vector
                 merged = delta if self.req.model_values else rows.base.add_(delta)  # (*S) float32
                 if out_dtype.code.startswith("F8"):  # the cast saturates: check the range before it

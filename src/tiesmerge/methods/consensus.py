@@ -13,7 +13,7 @@ from .base import ChunkContext, Requirements, finite, method_config, non_negativ
 
 def _non_negative(value: object) -> str | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
-    return None if ok else "must be a number >= 0"
+    return finite(value) if ok else "must be a number >= 0"  # and within float32's range, like every multiplier
 
 
 def tall_masks(tau: torch.Tensor, mtl: torch.Tensor, lambdas: torch.Tensor) -> torch.Tensor:
