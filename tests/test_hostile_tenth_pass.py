@@ -230,3 +230,35 @@ def test_a_merge_that_changes_nothing_says_so(family, tmp_path, capsys):
     assert rc == 0 and "warning: consensus: the merge changed no entry" in err, err
     rc, _, err = run_cli(_merge(b, ms, tmp_path / "out2", "--method", "consensus", "--k", "1"), capsys)
     assert rc == 0 and "changed no entry" not in err, err
+
+
+@pytest.mark.parametrize("revision", [".", "./main", "main/.", ".hidden", "a//b"])
+def test_revisions_git_would_refuse_are_not_revisions(revision):
+    """F6: `org/a@.` was "the cache's ref . ... is a directory", `org/a@./main` was read as main."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.hub import split_repo_id
+
+    with pytest.raises(CheckpointError, match="is not a revision"):
+        split_repo_id(f"org/a@{revision}")
+    assert split_repo_id("org/a@refs/pr/1") == ("org", "a", "refs/pr/1")
+    assert split_repo_id("org/a@v1.0") == ("org", "a", "v1.0")
+
+
+def test_a_statistics_folders_index_linked_outside_is_not_read(tmp_path):
+    """F3's class in a sharded statistics folder (the pass's sl4): its index is read only from inside."""
+    import json
+    import os
+
+    import torch
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.checkpoint import open_checkpoint
+
+    folder = write_hf_dir(tmp_path / "stats", {"w": torch.ones(4, 4), "v": torch.ones(4)}, shards=2, tokenizer=False)
+    outside = tmp_path / "outside.json"
+    outside.write_text((folder / "model.safetensors.index.json").read_text())
+    (folder / "model.safetensors.index.json").unlink()
+    os.symlink(outside, folder / "model.safetensors.index.json")
+    with pytest.raises(CheckpointError, match="the index file resolves to"):
+        open_checkpoint(folder)
+    assert json.loads(outside.read_text())["weight_map"]

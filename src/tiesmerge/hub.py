@@ -69,10 +69,10 @@ def split_repo_id(text: str) -> tuple[str, str, str | None] | None:
     if match is None:
         return None
     revision = match.group(3)
-    if revision is not None and (".." in revision or "//" in revision or revision.startswith("/")
-                                 or revision.endswith("/")):
+    # git's rules for ref names (git check-ref-format): no component is empty or starts with ".", none holds ".."
+    if revision is not None and (".." in revision or any(not c or c.startswith(".") for c in revision.split("/"))):
         raise CheckpointError(f"{text}: {revision!r} is not a revision (a branch, tag or commit hash "
-                              "holds no '..', leading or trailing '/', or '//')",
+                              "holds no '..', no part starting with '.', no leading or trailing '/', and no '//')",
                               hint=f"name a branch, tag or commit of {match.group(1)}/{match.group(2)}, "
                                    "or give the model's local folder")
     return match.group(1), match.group(2), revision
