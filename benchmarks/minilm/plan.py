@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import common
+
 import tiesmerge
 from tiesmerge.errors import ConfigError
 from tiesmerge.methods.base import option_types, paper_grid
@@ -136,7 +138,7 @@ def _grid_points(base, models, name: str, grid: Mapping[str, Sequence[Any]], eva
     """Score every point of ``grid``; lam is swept on one merge per other point (tuning.tune)."""
     started = time.perf_counter()
     if "lam" in grid:
-        result = tune(base, models, name, evaluate, grid=grid, device=device)
+        result = tune(base, models, name, evaluate, grid=grid, device=device, memory_budget=common.MEMORY_BUDGET)
         new = [{**p.options, "lam": p.lam, "score": p.score} for p in result.points]
         merges, state = result.merges, result.best_state
         best_new = max(new, key=lambda p: p["score"])
@@ -145,7 +147,8 @@ def _grid_points(base, models, name: str, grid: Mapping[str, Sequence[Any]], eva
         new, merges, state, best_new = [], 0, None, None
         for values in itertools.product(*(grid[k] for k in keys)):
             options = dict(zip(keys, values))
-            merged = tiesmerge.merge(base, models, make_method(name, options), device=device)
+            merged = tiesmerge.merge(base, models, make_method(name, options), device=device,
+                                     memory_budget=common.MEMORY_BUDGET)
             merges += 1
             new.append({**options, "score": float(evaluate(merged))})
             if best_new is None or new[-1]["score"] > best_new["score"]:

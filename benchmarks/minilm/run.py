@@ -156,7 +156,8 @@ class Bench:
     def merged_test(self, name: str, options: dict) -> dict[str, float]:
         key = f"merge:{name}:{json.dumps(options, sort_keys=True)}"
         return self.cache.get(key, lambda: self.evaluate_state(
-            tiesmerge.merge(self.base, self.models, make_method(name, options), device=self.args.device), self.test))
+            tiesmerge.merge(self.base, self.models, make_method(name, options), device=self.args.device,
+                            memory_budget=common.MEMORY_BUDGET), self.test))
 
 
 def reference_rows(bench: Bench, table: SeedTable) -> None:
