@@ -262,3 +262,34 @@ def test_a_statistics_folders_index_linked_outside_is_not_read(tmp_path):
     with pytest.raises(CheckpointError, match="the index file resolves to"):
         open_checkpoint(folder)
     assert json.loads(outside.read_text())["weight_map"]
+
+
+def test_tune_scores_appear_only_with_the_best_merge(family, tmp_path, capsys, monkeypatch):
+    """F7: `tune -o OUT --json S` wrote S, then the merge failed (a full disk): S stayed, and the same command was
+    refused next time ("--json already exists ... pass --force")."""
+    import errno
+
+    import tiesmerge.api
+    from tiesmerge.paths import write_error
+
+    _, b, ms = family
+    (tmp_path / "work" / "tenth_pass_eval.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    scores, out = tmp_path / "scores.json", tmp_path / "best"
+    argv = ["tune", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
+            "tenth_pass_eval:score", "--grid", "density=0.5", "--grid", "lam=1", "--json", str(scores), "-o", str(out)]
+    real = tiesmerge.api.merge
+
+    def full_disk(*args, **kwargs):
+        if kwargs.get("output") is not None:
+            raise write_error(out / "model.safetensors", OSError(errno.ENOSPC, "No space left on device"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tiesmerge.api, "merge", full_disk)
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 1 and "No space left" in err, err
+    assert not scores.exists() and not out.exists(), list(tmp_path.iterdir())
+    assert not list(tmp_path.glob(".tiesmerge-*")), list(tmp_path.iterdir())
+    monkeypatch.setattr(tiesmerge.api, "merge", real)
+    rc, _, err = run_cli(argv, capsys)  # the same command again, no --force needed
+    assert rc == 0 and scores.is_file() and (out / "tiesmerge.json").is_file(), err

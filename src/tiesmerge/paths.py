@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -838,22 +839,35 @@ def as_if_created(path: str | os.PathLike, directory: bool = False) -> None:
 def write_file(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary sibling, then rename it over ``path``: a link at ``path`` is
     replaced itself, never written through."""
+    with staged_file(path, text):
+        pass
+
+
+@contextmanager
+def staged_file(path: str | os.PathLike, text: str) -> Iterator[None]:
+    """``text`` written to a temporary sibling of ``path`` now (a full disk fails here, before the block),
+    renamed over ``path`` when the block succeeds and deleted when it fails or is interrupted: a file that
+    belongs with another output (tune's scores beside the best merge) appears only with it."""
     import tempfile
 
     path = physical(path)
     # named for the process, not the file, so that any legal name (up to 255 bytes) can be written
     fd, tmp = tempfile.mkstemp(prefix=f".tiesmerge-file-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        as_if_created(tmp)
-        os.replace(tmp, path)
-    except BaseException as exc:
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            as_if_created(tmp)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+        yield
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:
+            raise write_error(path, exc) from None
+    finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise write_error(path, exc) from None
-        raise
 
 
 SEARCH_LOG = "log.jsonl"

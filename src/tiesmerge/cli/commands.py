@@ -4,6 +4,7 @@ math import the engine inside themselves, so the others start without torch or n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -16,7 +17,7 @@ from typing import Any
 
 from ..errors import ConfigError, OutputError
 from ..methods.base import ModelPath, option_types
-from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, nested, write_file
+from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, nested, staged_file
 from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
@@ -147,18 +148,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     lam = {} if best.lam is None else {"lam": best.lam}  # SLERP, Model Stock: no lam
     print(f"best: {' '.join(f'{k}={v}' for k, v in {**best.options, **lam}.items())} score {format_score(best.score)} "
           f"({_count(len(result.points), 'point')}, {_count(result.merges, 'merge')}, {result.seconds:.1f} s)")
-    if args.json:
-        try:
-            write_file(args.json, json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam,
-                                                                               "score": best.score},
-                                             "points": [{**p.options, "lam": p.lam, "score": p.score}
-                                                        for p in result.points]}, indent=2) + "\n")
-        except OSError as exc:
-            raise OutputError(f"{args.json}: cannot write the scores ({exc.strerror or exc})") from None
+    scores = json.dumps({"method": args.method, "best": {**best.options, "lam": best.lam, "score": best.score},
+                         "points": [{**p.options, "lam": p.lam, "score": p.score} for p in result.points]},
+                        indent=2) + "\n"
+    # the scores appear with the best merge or not at all: staged beside their path (a full disk fails before the
+    # merge), renamed into place once the merge is written, removed if it fails
+    with staged_file(args.json, scores) if args.json else contextlib.nullcontext():
+        if args.output:
+            merge(args.base, args.models, args.method, output=args.output, device=args.device,
+                  memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
+                  allow_distant=args.allow_distant, **best.options, **lam)
     if args.output:
-        merge(args.base, args.models, args.method, output=args.output, device=args.device,
-              memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
-              allow_distant=args.allow_distant, **best.options, **lam)
         completed(args.output)
         print(f"wrote the best merge to {shown(args.output)}")
     return 0
