@@ -293,3 +293,15 @@ def test_tune_scores_appear_only_with_the_best_merge(family, tmp_path, capsys, m
     monkeypatch.setattr(tiesmerge.api, "merge", real)
     rc, _, err = run_cli(argv, capsys)  # the same command again, no --force needed
     assert rc == 0 and scores.is_file() and (out / "tiesmerge.json").is_file(), err
+
+
+def test_an_evaluator_returning_a_tensor_that_requires_grad_is_read_quietly(recwarn):
+    """F8: a 0-d tensor with requires_grad was read, after torch's UserWarning about converting it to a scalar."""
+    import torch
+
+    from tiesmerge.tuning.evaluator import guard
+
+    weight = torch.tensor(0.75, requires_grad=True)
+    evaluate = guard(lambda state: weight * 1.0, finite=True)
+    assert evaluate({}) == 0.75
+    assert not [w for w in recwarn if "requires_grad" in str(w.message)], [str(w.message) for w in recwarn]

@@ -48,6 +48,7 @@ class GuardedEvaluator:
             raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {str(exc)[:300]}",
                                  hint="fix the evaluator (--debug, or the exception's __cause__, shows its "
                                       "traceback)") from exc
+        score = _detached(score)
         if isinstance(score, bool) or not isinstance(score, (int, float)) and not _is_scalar(score):
             raise EvaluatorError(f"{self.label}: returned {str(score)[:80]!r} ({type(score).__name__}), not a number",
                                  hint="the evaluator must return a validation score, higher is better")
@@ -77,6 +78,12 @@ def format_score(score: float) -> str:
     """A score as the tables and progress lines print it: 4 decimals for accuracies and losses, 4 significant
     digits past a million (a perplexity of 3e12 in full is 13 digits, a score of 1e300 would be 301)."""
     return f"{score:.4f}" if abs(score) < 1e6 else f"{score:.4g}"
+
+
+def _detached(score: Any) -> Any:
+    """A torch tensor without its autograd graph (float() of one that requires grad warns); anything else as is."""
+    detach = getattr(score, "detach", None)
+    return detach() if callable(detach) and hasattr(score, "requires_grad") else score
 
 
 def _is_scalar(score: Any) -> bool:
