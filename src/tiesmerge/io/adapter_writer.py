@@ -10,6 +10,7 @@ matrices have fewer than r singular values get zero-padded factors, so one r fit
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..dtypes import DType, as_dtype
-from ..errors import InvalidTensorError
+from ..errors import MergeWarning
 from ..finite import check_finite
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint, LoraTarget
 
@@ -108,19 +109,29 @@ def _merged_config(config: dict, base_label: str | None) -> dict:
     return out
 
 
-def _check_product_fits(name: str, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> None:
-    """The factors B (out, r) and A (r, in) as written: PEFT forms B·A (and the model adds it) in the model's dtype,
-    so an update that only its factors can hold (float16 factors of 1e4 each: a product of 1e8) would load as Inf."""
+def _product_past(b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float | None:
+    """max |B·A| of the factors B (out, r) and A (r, in) as written, where it is past ``dtype``'s range (float16,
+    bfloat16), else None."""
     if dtype not in (torch.float16, torch.bfloat16):
-        return  # float32 and wider: the merged τ was checked finite in float32 already
+        return None  # float32 and wider: the merged τ was checked finite in float32 already
     largest = float((b.float() @ a.float()).abs().max()) if b.numel() and a.numel() else 0.0
-    limit = float(torch.finfo(dtype).max)
-    if not largest <= limit:
-        name_of = str(dtype).removeprefix("torch.")
-        raise InvalidTensorError(
-            f"the merged update of {name!r} reaches |B·A| = {largest:.3g}, past {name_of}'s largest value {limit:.3g}: "
-            f"its {name_of} factors fit, but the adapter would load as Inf",
-            hint="use a smaller lam (or weights), or write the adapter in float32 (--dtype float32)")
+    return None if largest <= float(torch.finfo(dtype).max) else largest
+
+
+def _warn_products_past(past: dict[str, float], dtype: torch.dtype) -> None:
+    """One warning for the tensors whose factors fit ``dtype`` but whose product does not: PEFT upcasts
+    float16/bfloat16 adapters to float32 by default (autocast_adapter_dtype), so the adapter works on a float32
+    model, but B·A formed in the narrow dtype (a float16 model, merge_and_unload) is Inf."""
+    if not past:
+        return
+    name_of = str(dtype).removeprefix("torch.")
+    worst = max(past, key=past.__getitem__)
+    others = f" (and {len(past) - 1} other tensor(s))" if len(past) > 1 else ""
+    warnings.warn(MergeWarning(
+        f"the merged update of {worst!r}{others} reaches |B·A| = {past[worst]:.3g}, past {name_of}'s largest value "
+        f"{float(torch.finfo(dtype).max):.3g}: its {name_of} factors are finite and work on a float32 model (PEFT "
+        f"upcasts them), but B·A formed in {name_of} (a {name_of} model, merge_and_unload) is Inf; a smaller lam, "
+        "or --dtype float32, avoids it"), stacklevel=3)
 
 
 def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[LoraCheckpoint],
@@ -131,6 +142,7 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
     tensors: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     errors: dict[str, float] = {}
+    past: dict[str, float] = {}  # tensors whose factors fit out_dtype but whose product does not
     for name, factored in sink.factors.items():
         target = sink.targets[name]
         modules.append(target.module)
@@ -139,8 +151,11 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
             (".lora_A.weight", ".lora_B.weight")
         tensors[key + a_suffix] = factored.a.to(out_dtype).contiguous()
         tensors[key + b_suffix] = factored.b.to(out_dtype).contiguous()
-        _check_product_fits(name, tensors[key + b_suffix], tensors[key + a_suffix], out_dtype)
+        largest = _product_past(tensors[key + b_suffix], tensors[key + a_suffix], out_dtype)
+        if largest is not None:
+            past[name] = largest
         errors[target.module] = factored.relative_error
+    _warn_products_past(past, out_dtype)
     saved_whole: list[str] = []
     for name, tau in sink.full.items():
         key = next(k for a in adapters if (k := a.full_key(name)) is not None)
