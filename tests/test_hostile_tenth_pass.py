@@ -309,3 +309,26 @@ def test_an_evaluator_returning_a_tensor_that_requires_grad_is_read_quietly(recw
     evaluate = guard(lambda state: weight * 1.0, finite=True)
     assert evaluate({}) == 0.75
     assert not [w for w in recwarn if "requires_grad" in str(w.message)], [str(w.message) for w in recwarn]
+
+
+def test_a_closed_pipe_on_standard_output_does_not_stop_the_work(family, tmp_path, capsys, monkeypatch):
+    """F9: `tiesmerge tune ... -o OUT | head -1` exited 0 silently when head closed the pipe, with the remaining
+    candidates never scored and OUT never written."""
+    import sys
+
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    _, b, ms = family
+    (tmp_path / "work" / "tenth_pass_pipe.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    monkeypatch.setattr(sys, "stdout", Closed())
+    out = tmp_path / "best"
+    rc, _, err = run_cli(["tune", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
+                          "tenth_pass_pipe:score", "--grid", "density=0.2,0.5", "--grid", "lam=1", "-o", str(out)],
+                         capsys)
+    assert rc == 0 and (out / "tiesmerge.json").is_file(), err

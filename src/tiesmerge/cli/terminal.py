@@ -3,6 +3,7 @@ entry) may hold escape sequences that clear or recolour the screen, or newlines 
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, TextIO
 
@@ -37,8 +38,36 @@ class SafeStream:
         self._stream = stream
 
     def write(self, text: str) -> int:
-        self._stream.write(_escaped(text))
+        try:
+            self._stream.write(_escaped(text))
+        except BrokenPipeError:
+            self._to_nowhere()
         return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_nowhere()
+
+    def _to_nowhere(self) -> None:
+        """The reader of a pipe went away (`tiesmerge tune ... | head -1`): the command still finishes its work and
+        writes its outputs; what it prints from now on goes nowhere (the pipe's end, where it has a descriptor, is
+        replaced by /dev/null, so that what Python still buffers for it can be flushed)."""
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            fd = None
+        if fd is not None:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+            try:
+                self._stream.flush()  # now into /dev/null
+                return
+            except OSError:
+                pass
+        self._stream = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the command
 
     def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, buffer, ...
         return getattr(self._stream, name)
