@@ -332,3 +332,13 @@ def test_a_closed_pipe_on_standard_output_does_not_stop_the_work(family, tmp_pat
                           "tenth_pass_pipe:score", "--grid", "density=0.2,0.5", "--grid", "lam=1", "-o", str(out)],
                          capsys)
     assert rc == 0 and (out / "tiesmerge.json").is_file(), err
+
+
+def test_analyze_offers_only_the_vocabulary_policies_it_runs(capsys):
+    """F10: `analyze --help` offered {error,truncate,union}, and union was then refused."""
+    from tiesmerge.cli.main import main
+
+    with pytest.raises(SystemExit):
+        main(["analyze", "--help"])
+    out = capsys.readouterr().out
+    assert "{error,truncate}" in out and "{error,truncate,union}" not in out, out

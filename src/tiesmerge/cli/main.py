@@ -153,7 +153,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--memory-budget",
                    help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
     a.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    a.add_argument("--vocab-policy", default="error", choices=VOCAB_POLICIES, help="on embedding rows that differ")
+    a.add_argument("--vocab-policy", default="error", choices=("error", "truncate"),
+                   help="on embedding rows that differ: error, or truncate to compare the base's rows (union is a "
+                        "merge policy: analyze compares rows as stored)")
     a.add_argument("--allow-pickle", action="store_true", help="read .bin/.pt files (with weights_only=True)")
     a.add_argument("--force", action="store_true",
                    help="replace a report directory tiesmerge wrote before (never an input)")
