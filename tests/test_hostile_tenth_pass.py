@@ -342,3 +342,20 @@ def test_analyze_offers_only_the_vocabulary_policies_it_runs(capsys):
         main(["analyze", "--help"])
     out = capsys.readouterr().out
     assert "{error,truncate}" in out and "{error,truncate,union}" not in out, out
+
+
+def test_a_local_folder_shadowing_a_cached_repository_is_said(tmp_path, monkeypatch):
+    """Pass 9's NOTE rid1: a folder `org/a` beside the command won over the cached repository org/a, silently."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.hub import resolve_source
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "hub" / "models--org--a").mkdir(parents=True)
+    (tmp_path / "work" / "org" / "a").mkdir(parents=True)
+    (tmp_path / "work" / "org" / "b").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.warns(MergeWarning, match="read from the local folder of that name, not from the Hugging Face"):
+        assert resolve_source("org/a") == "org/a"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        assert resolve_source("org/b") == "org/b"  # no repository of that name is cached: nothing to say

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MergeWarning
 from .paths import inside, read_regular
 
 __all__ = ["HubPath", "hub_cache", "split_repo_id", "resolve_repo", "resolve_source"]
@@ -129,7 +130,10 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
 def resolve_source(source: Any) -> Any:
     """``source`` itself, unless it is a string written as a repo id that is not a local path:
     then its snapshot in the cache (a :class:`HubPath`)."""
-    if not isinstance(source, str) or isinstance(source, HubPath) or os.path.lexists(source):
+    if not isinstance(source, str) or isinstance(source, HubPath):
+        return source
+    if os.path.lexists(source):
+        _note_shadowed(source)
         return source
     parts = split_repo_id(source)
     if parts is None:
@@ -141,6 +145,20 @@ def resolve_source(source: Any) -> Any:
                               f"{name}; and no Hugging Face repo {org}/{name} is cached)",
                               hint="check the path (paths in a tiesmerge recipe are relative to the recipe's folder)")
     return resolve_repo(f"{org}/{name}", revision)
+
+
+def _note_shadowed(source: str) -> None:
+    """A local path written like a repo id (``org/name``) wins over the cached repository of that name: say so
+    when both exist, so nobody merges the folder believing they merged the repository."""
+    try:
+        parts = split_repo_id(source)
+    except CheckpointError:
+        return  # "org/name@.." is a local path here, never a revision: nothing is shadowed
+    if parts is None or not _repo_dir(hub_cache(), parts[0], parts[1]).is_dir():
+        return
+    warnings.warn(MergeWarning(f"{source} is read from the local folder of that name, not from the Hugging Face "
+                               f"cache's repository {parts[0]}/{parts[1]} (a local path wins; write ./{source} to "
+                               "say it is a path, or move the folder to read the repository)"), stacklevel=3)
 
 
 def _repo_dir(cache: Path, org: str, name: str) -> Path:
