@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -359,3 +360,30 @@ def test_a_local_folder_shadowing_a_cached_repository_is_said(tmp_path, monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error", MergeWarning)
         assert resolve_source("org/b") == "org/b"  # no repository of that name is cached: nothing to say
+
+
+def test_a_staged_file_left_by_a_killed_run_is_removed_by_the_next(family, tmp_path, capsys, monkeypatch):
+    """F11 (a regression of F7's fix): a tune killed outright (SIGKILL) while its --json was staged left
+    `.tiesmerge-file-<pid>-....tmp` beside it, which no later run removed."""
+    import subprocess
+    import sys
+
+    from tiesmerge.paths import write_file
+    from tiesmerge.scratch import host_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited: its pid names a dead run
+    left = tmp_path / f".tiesmerge-file-{host_tag()}-{pid}-abc123"
+    left.write_text('{"partial": ')
+    mine = tmp_path / f".tiesmerge-file-{host_tag()}-{os.getpid()}-def456"  # this process's own: kept
+    mine.write_text("in progress")
+    write_file(tmp_path / "scores.json", "{}\n")
+    assert not left.exists() and mine.exists() and (tmp_path / "scores.json").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, "inputs", "scores.json", "work"])
+    _, b, ms = family
+    (tmp_path / "work" / "tenth_pass_staged.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "work"))
+    rc, _, err = run_cli(["tune", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
+                          "tenth_pass_staged:score", "--grid", "lam=1", "--json",
+                          str(tmp_path / ".tiesmerge-file-00000000-1-x")], capsys)
+    assert rc == 1 and "tiesmerge's own temporary files" in err, err

@@ -750,6 +750,9 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     user's file that happens to sit at that path."""
     check_walkable(path, what)
     path = Path(path)
+    if path.name.startswith(".tiesmerge-"):  # the names of tiesmerge's staged files, which a later run removes
+        raise OutputError(f"{path}: names starting with '.tiesmerge-' are tiesmerge's own temporary files, which a "
+                          "later run removes when their process is gone", hint=f"choose another name for {what}")
     for who, source in named:  # links followed: a link to an input is refused too
         for src in input_roots(source):
             for cand in {physical(path), _final(path)}:
@@ -850,9 +853,14 @@ def staged_file(path: str | os.PathLike, text: str) -> Iterator[None]:
     belongs with another output (tune's scores beside the best merge) appears only with it."""
     import tempfile
 
+    from .io.writer import remove_stale
+    from .scratch import host_tag
+
     path = physical(path)
-    # named for the process, not the file, so that any legal name (up to 255 bytes) can be written
-    fd, tmp = tempfile.mkstemp(prefix=f".tiesmerge-file-{os.getpid()}-", suffix=".tmp", dir=path.parent)
+    remove_stale(path.parent)  # what a run killed outright (SIGKILL) left staged here
+    # named for the process and host, not the file, so that any legal name (up to 255 bytes) can be written and a
+    # later run can tell a dead run's leftover (io.writer.remove_stale)
+    fd, tmp = tempfile.mkstemp(prefix=f".tiesmerge-file-{host_tag()}-{os.getpid()}-", dir=path.parent)
     try:
         try:
             with os.fdopen(fd, "w") as f:

@@ -271,7 +271,12 @@ def _save(path: Path, state: dict) -> None:
     meta = {"format": _CHECKPOINT_FORMAT, "fingerprint": state["fingerprint"], "step": str(state["step"]),
             "entropy": json.dumps(state["entropy"]), "config": json.dumps(state["config"]),
             "adam_param_groups": json.dumps(optimizer["param_groups"])}
-    tmp = path.with_name(f".tiesmerge-file-{os.getpid()}.tmp")  # any legal name of the checkpoint itself works
+    from ..io.writer import remove_stale
+    from ..scratch import host_tag
+
+    remove_stale(path.parent)  # a checkpoint staged by a run killed outright (SIGKILL)
+    # named for the host and process, not the checkpoint: any legal name of it works, and a dead run's is found
+    tmp = path.with_name(f".tiesmerge-file-{host_tag()}-{os.getpid()}-checkpoint")
     try:
         save_file(tensors, str(tmp), metadata=meta)
         as_if_created(tmp)  # the umask's mode, as the output's files have

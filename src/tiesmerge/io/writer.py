@@ -255,7 +255,9 @@ def _check_output_path(final: Path, force: bool) -> None:
 # (up to 255 bytes) works: ".tiesmerge-tmp-<host>-<pid>-<random>". A run killed outright (SIGKILL,
 # a power cut) leaves one behind; a later run in the same folder removes those whose process is
 # dead (on this host: pids of other machines sharing the folder mean nothing here).
-_TMP = re.compile(r"^\.tiesmerge-(tmp|old)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
+# Single files written beside their place (tune's --json, adapt's checkpoint) are staged as
+# ".tiesmerge-file-<host>-<pid>-<random>" and cleaned the same way.
+_TMP = re.compile(r"^\.tiesmerge-(tmp|old|file)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
 def _alive(pid: int) -> bool:
@@ -285,6 +287,11 @@ def remove_stale(parent: Path) -> list[str]:
     for entry in entries:
         m = _TMP.match(entry.name)
         if not m or m.group(2) != host or int(m.group(3)) == os.getpid() or _alive(int(m.group(3))):
+            continue
+        if m.group(1) == "file":
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                cleaned.append(entry.name)
             continue
         if not entry.is_dir(follow_symlinks=False):
             continue
