@@ -387,3 +387,22 @@ def test_a_staged_file_left_by_a_killed_run_is_removed_by_the_next(family, tmp_p
                           "tenth_pass_staged:score", "--grid", "lam=1", "--json",
                           str(tmp_path / ".tiesmerge-file-00000000-1-x")], capsys)
     assert rc == 1 and "tiesmerge's own temporary files" in err, err
+
+
+@pytest.mark.parametrize("value,needle", [(1e20, "overflows float32: its factors are finite"),
+                                          (float("inf"), "the LoRA factor")])
+def test_a_lora_whose_product_overflows_is_not_called_damaged(tmp_path, capsys, value, needle):
+    """F4 (addendum): LoRA factors of 1e20 (finite) whose B·A overflows float32 were "tensor ... holds Inf ... the
+    checkpoint is damaged", naming a tensor the adapter file does not hold."""
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "inputs" / "base", base)
+    factors = random_lora(base, 2, 0)
+    factors = {m: (a * 0 + value, b_ * 0 + value) for m, (a, b_) in factors.items()}
+    adapters = [write_lora_dir(tmp_path / "inputs" / "a0", factors, alpha=4.0),
+                write_lora_dir(tmp_path / "inputs" / "a1", random_lora(base, 2, 1), alpha=4.0)]
+    before = snapshot(tmp_path / "inputs")
+    rc, _, err = run_cli(_merge(b, adapters, tmp_path / "out"), capsys)
+    check(rc, err, want_rc=1, needle=("a0/adapter_model.safetensors", needle), output=tmp_path / "out",
+          inputs=tmp_path / "inputs", before=before)
+    if value != float("inf"):
+        assert "damaged" not in err, err

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..dtypes import FLOAT32
-from ..errors import CheckpointError, IncompatibleCheckpointsError
+from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
 from ..limits import read_json
 from ..paths import inside
 from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
@@ -271,6 +271,8 @@ class LoraCheckpoint:
             else:
                 b = self._file.read(target.b_key, rows).float()  # (rows, r)
                 delta = (b @ self._file.read(target.a_key).float()).mul_(target.scale)  # (rows, in)
+            if not bool(delta.sum().isfinite()) and not bool(delta.isfinite().all()):
+                self._refuse_overflow(name, target)
             # a saved copy of the adapted weight (an embedding's base_layer) adds its own change
             return delta if saved is None else delta.add_(saved)
         if saved is not None:
@@ -290,6 +292,24 @@ class LoraCheckpoint:
             return None
         target = self.targets.get(name)
         return 0 if target is None else target.rank
+
+    def _refuse_overflow(self, name: str, target: LoraTarget) -> None:
+        """s · B · A of ``name`` is not finite: factors holding Inf or NaN are damage (named as such, by key);
+        finite factors whose product overflows float32 are an adapter no model can use (lora_A = lora_B = 1e20)."""
+        import torch
+
+        a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()
+        for key, factor in ((target.a_key, a), (target.b_key, b)):
+            if not bool(torch.isfinite(factor).all()):
+                kind = "NaN" if bool(torch.isnan(factor).any()) else "Inf"
+                raise InvalidTensorError(f"{self.path / ADAPTER_WEIGHTS}: the LoRA factor {key!r} holds {kind}",
+                                         hint="the adapter is damaged or was saved after a diverged training step; "
+                                              "merge another one")
+        raise InvalidTensorError(
+            f"{self.path / ADAPTER_WEIGHTS}: the update s·B·A of {target.module!r} (the base's {name!r}) overflows "
+            f"float32: its factors are finite (|A| up to {float(a.abs().max()):.3g}, |B| up to "
+            f"{float(b.abs().max()):.3g}, scale {target.scale:.3g}) but their product is past 3.4e38",
+            hint="no model can use this adapter; check how it was saved (or rescale its factors)")
 
     def location(self, name: str) -> str:
         return str(self.path / ADAPTER_WEIGHTS)
