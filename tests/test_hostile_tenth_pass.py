@@ -406,3 +406,18 @@ def test_a_lora_whose_product_overflows_is_not_called_damaged(tmp_path, capsys, 
           inputs=tmp_path / "inputs", before=before)
     if value != float("inf"):
         assert "damaged" not in err, err
+
+
+def test_a_huge_path_is_abridged_in_the_error(family, tmp_path, capsys):
+    """F12: a 100,000-character --base (or a 900,000-character path in a recipe) was echoed whole in the error."""
+    inputs, b, ms = family
+    before = snapshot(inputs)
+    huge = "/" + "y" * 100_000
+    rc, _, err = run_cli(["merge", "--base", huge, "--model", str(ms[0]), "--model", str(ms[1]), "-o",
+                          str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=1, needle=("characters]…", "at most 4096 bytes"), output=tmp_path / "out", inputs=inputs,
+          before=before)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {'z' * 900_000}\nmodels: [{ms[0]}, {ms[1]}]\n")
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert rc != 0 and len(err) < 4000 and "characters]" in err, err[:300]

@@ -80,6 +80,10 @@ def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = Ch
         if code in (errno.ENOENT, errno.ENOTDIR):
             raise error(f"{path}: no such file or directory (cannot read {what})",
                         hint=f"check the path of {what}") from None
+        if code == errno.ENAMETOOLONG:
+            raise error(f"{path}: cannot read {what} ({exc.strerror or exc})",
+                        hint=f"check the path of {what}: a path holds at most {os.pathconf('/', 'PC_PATH_MAX')} bytes, "
+                             f"each name in it at most {os.pathconf('/', 'PC_NAME_MAX')}") from None
         raise error(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
 
 

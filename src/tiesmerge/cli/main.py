@@ -29,7 +29,7 @@ from ..version import __version__
 from .adapt import add_adapt_parser
 from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
-from .terminal import COMPLETED, SafeStream, shown, terminal_safe
+from .terminal import COMPLETED, SafeStream, abridged, shown, terminal_safe
 
 EVALUATOR_HELP = ("a function taking a state dict and returning a validation score (higher is better), or a "
                   "built-in: classifier-accuracy:FILE, choice-accuracy:FILE, encoder-accuracy:FILE, "
@@ -521,7 +521,7 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
         if issubclass(category, MergeWarning):
             if str(message) not in shown:  # once per command, however often the merge's steps meet the cause
                 shown.add(str(message))
-                print(f"warning: {terminal_safe(str(message))}", file=sys.stderr)
+                print(f"warning: {terminal_safe(abridged(str(message)))}", file=sys.stderr)
         else:
             fallback(message, category, filename, lineno, file, line)
 
@@ -534,11 +534,11 @@ def _report(exc: TiesMergeError, debug: bool, command: str | None = None) -> int
     help, whose options and examples say what is accepted: every error ends with a hint."""
     if debug:
         traceback.print_exc()
-    print(f"error: {terminal_safe(exc.message)}", file=sys.stderr)
+    print(f"error: {terminal_safe(abridged(exc.message))}", file=sys.stderr)
     hint = exc.hint or (f"`tiesmerge {command} --help` lists the options, the values each accepts, and examples"
                         if command else "")
     if hint:
-        print(f"hint: {terminal_safe(hint)}", file=sys.stderr)
+        print(f"hint: {terminal_safe(abridged(hint))}", file=sys.stderr)
     return exc.exit_code
 
 

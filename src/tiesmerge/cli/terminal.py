@@ -79,3 +79,12 @@ COMPLETED: list[str] = []  # outputs this command finished writing (an error pri
 def completed(path: object) -> None:
     """Record an output the command has written completely, before its summary is printed."""
     COMPLETED.append(str(path))
+
+
+_LONG = re.compile(r"\S{400,}")  # a path or value no one reads whole (PATH_MAX is 4096; a recipe may hold more)
+
+
+def abridged(text: str) -> str:
+    """``text`` with every run of 400 or more non-space characters cut in its middle, its length said: a 900,000
+    character path named in an error was echoed whole (a 900 kB line)."""
+    return _LONG.sub(lambda m: f"{m.group()[:160]}…[{len(m.group()):,} characters]…{m.group()[-120:]}", text)
