@@ -421,3 +421,17 @@ def test_a_huge_path_is_abridged_in_the_error(family, tmp_path, capsys):
     recipe.write_text(f"method: ties\nbase: {'z' * 900_000}\nmodels: [{ms[0]}, {ms[1]}]\n")
     rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
     assert rc != 0 and len(err) < 4000 and "characters]" in err, err[:300]
+
+
+def test_statistics_of_an_adapter_folder_say_it_is_no_model(tmp_path, capsys):
+    """F13: `stats fisher --model LORA_DIR` (adapter files only) said the adapter lay "beside its model files"."""
+    base = make_base(0)
+    adapter = write_lora_dir(tmp_path / "inputs" / "a0", random_lora(base, 2, 0), alpha=4.0)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "hello", "label": 0}\n')
+    before = snapshot(tmp_path / "inputs")
+    rc, _, err = run_cli(["stats", "fisher", "--model", str(adapter), "--data", str(data), "-o",
+                          str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=1, needle=("is a PEFT adapter (adapter_config.json), not a model", "merge_and_unload"),
+          output=tmp_path / "out", inputs=tmp_path / "inputs", before=before)
+    assert "beside its model files" not in err

@@ -303,6 +303,12 @@ def check_model_dir(source: str | os.PathLike, role: str, error: type[TiesMergeE
     names = {f.name for f in model_dir_files(source, role, error)}
     _check_other_entries(Path(source), names, role, error)
     if os.path.lexists(Path(source) / "adapter_config.json"):  # transformers would wrap the model with the adapter
+        if not any(n == "config.json" or n.endswith((".safetensors", ".bin")) and not n.startswith("adapter_")
+                   for n in names):  # an adapter folder alone: it is no model
+            raise error(f"{source}: {role} is a PEFT adapter (adapter_config.json), not a model: this needs the "
+                        "fine-tuned model itself",
+                        hint="merge the adapter into its base first (PeftModel.merge_and_unload(), then "
+                             "save_pretrained) and give that folder")
         raise error(f"{source}: {role} holds a PEFT adapter (adapter_config.json) beside its model files; "
                     "transformers would apply the adapter when loading it, and tiesmerge's merge reads such a folder "
                     "as the adapter alone", hint="keep the adapter in a folder of its own (and the model in another)")
