@@ -435,3 +435,19 @@ def test_statistics_of_an_adapter_folder_say_it_is_no_model(tmp_path, capsys):
     check(rc, err, want_rc=1, needle=("is a PEFT adapter (adapter_config.json), not a model", "merge_and_unload"),
           output=tmp_path / "out", inputs=tmp_path / "inputs", before=before)
     assert "beside its model files" not in err
+
+
+def test_adapt_does_not_warn_that_its_merge_changed_nothing(tmp_path):
+    """F15 (a regression of F5's warning): every `adapt` printed "the merge changed no entry ... the output is the
+    base itself": its task-vector pass returns zero deltas by design."""
+    import tiesmerge
+    from test_adapt_hostile import _forward, _setup
+
+    base, fts, files = _setup(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test: none is expected here
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, output=tmp_path / "out")
+    assert (tmp_path / "out" / "tiesmerge.json").is_file()

@@ -59,6 +59,7 @@ class _Collect:
     inner: Any
     store: dict = field(default_factory=dict, compare=False)
     name: ClassVar[str] = "task_vectors"
+    collects_only: ClassVar[bool] = True  # its zero deltas are by design: the engine does not warn of an unchanged base
     paper: ClassVar[str] = ""
     summary: ClassVar[str] = "each model's processed task vector"
 

@@ -353,7 +353,9 @@ class Executor:
                 self._write(sink.alias, alias, job.name)
                 self.stats.tensors_tied += 1
         self.stats.passes += 1
-        if self._moved_inputs and not self._changed and not self.stats.fused_chunks:
+        # (a method run only for what it collects, as adapt's task-vector pass, returns zero deltas by design)
+        if self._moved_inputs and not self._changed and not self.stats.fused_chunks \
+                and not getattr(self.method, "collects_only", False):
             warnings.warn(MergeWarning(
                 f"{self.method.name}: the merge changed no entry of any tensor although the models differ from the "
                 "base (with these options the method keeps nothing), so the output is the base itself"), stacklevel=3)
