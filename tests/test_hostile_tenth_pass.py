@@ -451,3 +451,22 @@ def test_adapt_does_not_warn_that_its_merge_changed_nothing(tmp_path):
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, output=tmp_path / "out")
     assert (tmp_path / "out" / "tiesmerge.json").is_file()
+
+
+def test_an_error_raised_by_code_a_stop_signal_interrupted_is_the_stop(capsys, monkeypatch):
+    """The suite's SIGVTALRM case once exited 1 with "unexpected RuntimeError: release unlocked lock": the signal's
+    exception landed inside a lock's release in the writer's wait, and the lock's own error escaped instead."""
+    import importlib
+    import signal
+
+    cli_main = importlib.import_module("tiesmerge.cli.main")  # the module (tiesmerge.cli.main is also its function)
+
+    def interrupted(args):
+        cli_main._stopping = True
+        cli_main._stopped_by = cli_main.Terminated(signal.SIGVTALRM)
+        raise RuntimeError("release unlocked lock")
+
+    monkeypatch.setitem(cli_main.HANDLERS, "methods", interrupted)
+    rc = cli_main.main(["methods"])
+    err = capsys.readouterr().err
+    assert rc == 128 + signal.SIGVTALRM and "terminated by SIGVTALRM" in err and "unexpected" not in err, err

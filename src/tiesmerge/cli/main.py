@@ -384,16 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `tiesmerge methods | head`
         return 0
     except KeyboardInterrupt as exc:
-        if args.debug:
-            traceback.print_exc()
-        # the signal that started it: a library may catch our Terminated and raise a plain KeyboardInterrupt of its
-        # own (Ray's ray.get cancels its tasks so), and the exit status must still say which signal it was
-        stopped = exc if isinstance(exc, Terminated) else _stopped_by
-        if stopped is not None:
-            print(f"error: terminated by {stopped.name}; no output directory was left behind", file=sys.stderr)
-            return 128 + stopped.signum  # the shell's convention for a process ended by that signal
-        print("error: interrupted; no output directory was left behind", file=sys.stderr)
-        return 130
+        return _stopped(exc, args.debug)
     except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
         if exc.filename is None and _is_stdout_error(exc):
             done = (f"; the output {shown(COMPLETED[-1])} was written completely before, only the summary was lost"
@@ -415,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             hint="nothing was written at the output; fix what the warning says, or let it through "
                  "(PYTHONWARNINGS=default, or -W 'default::tiesmerge.errors.MergeWarning')"), args.debug)
     except Exception as exc:  # a bug of ours (RecursionError and MemoryError included): a message, never a traceback
+        if _stopping:  # raised by code the stop signal interrupted (a lock left half-released): it is the stop
+            return _stopped(None, args.debug)
         return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "
                                           "and report it"), args.debug)
@@ -526,6 +519,21 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
             fallback(message, category, filename, lineno, file, line)
 
     return show
+
+
+def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
+    """Ctrl-C or a stop signal ended the command (every cleanup has run): say which, exit as the shell expects."""
+    if debug:
+        traceback.print_exc()
+    # the signal that started it: a library may catch our Terminated and raise a plain KeyboardInterrupt of its
+    # own (Ray's ray.get cancels its tasks so), or code it interrupted may fail with another error (a lock released
+    # twice), and the exit status must still say which signal it was
+    stopped = exc if isinstance(exc, Terminated) else _stopped_by
+    if stopped is not None:
+        print(f"error: terminated by {stopped.name}; no output directory was left behind", file=sys.stderr)
+        return 128 + stopped.signum  # the shell's convention for a process ended by that signal
+    print("error: interrupted; no output directory was left behind", file=sys.stderr)
+    return 130
 
 
 def _report(exc: TiesMergeError, debug: bool, command: str | None = None) -> int:
