@@ -470,3 +470,53 @@ def test_an_error_raised_by_code_a_stop_signal_interrupted_is_the_stop(capsys, m
     rc = cli_main.main(["methods"])
     err = capsys.readouterr().err
     assert rc == 128 + signal.SIGVTALRM and "terminated by SIGVTALRM" in err and "unexpected" not in err, err
+
+
+@pytest.mark.parametrize("labels,needle", [
+    ({"heads": {"task0": [], "task1": ["a", "b"]}}, "--heads of task 'task0' holds 0 class descriptions"),
+    ({"heads": {"task0": ["a"], "task1": ["a", "b"]}}, "holds 1 class description: adapt minimizes the entropy"),
+    ({"heads": {"task0": ["", "b"], "task1": ["a", "b"]}}, "entry 0 is empty"),
+    ({"choices": {"task0": [], "task1": ["w3", "w4"]}}, "--choices of task 'task0' holds 0 answer choices"),
+    ({"choices": {"other": ["a", "b"]}}, "--choices names 'other', which is no task (the tasks are 'task0', 'task1')"),
+])
+def test_adapt_checks_heads_and_choices_before_the_work(tmp_path, monkeypatch, labels, needle):
+    """F17/F18: an empty --choices list was "unexpected ValueError ... a bug", after the model was loaded and the task
+    vectors computed; empty, one-class or blank --heads were accepted (entropy over one class is always 0)."""
+    import tiesmerge
+    import tiesmerge.adamerging.run as adapt_run
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import ConfigError
+
+    base, fts, files = _setup(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the task vectors were computed before the labels were checked")
+
+    monkeypatch.setattr(adapt_run, "collect_task_vectors", no_work)
+    with pytest.raises(ConfigError) as caught:
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, **labels)
+    assert needle in str(caught.value), str(caught.value)
+
+
+def test_the_encoder_forward_accepts_a_checkpoint_with_a_pooler(recwarn):
+    """F18: plain BertModel checkpoints hold pooler.dense.*, which the encoder forward (mean pooling) never loads:
+    they were refused after the work; now merged at their initial coefficients, said in a warning."""
+    import torch
+
+    from tiesmerge.adamerging.learn import check_forward_names
+    from tiesmerge.errors import ConfigError, MergeWarning
+
+    class Forward(torch.nn.Module):
+        prefix = "encoder.model."
+        unused_prefixes = ("pooler.",)
+
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Module()
+            self.encoder.model = torch.nn.Linear(2, 2)
+
+    names = ["weight", "bias", "pooler.dense.weight", "pooler.dense.bias"]
+    with pytest.warns(MergeWarning, match="2 merged tensor\\(s\\) are not read by the forward"):
+        assert check_forward_names(Forward(), names) == {"pooler.dense.weight", "pooler.dense.bias"}
+    with pytest.raises(ConfigError, match="are not weights of the forward's model"):
+        check_forward_names(Forward(), [*names, "classifier.weight"])

@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, MergeWarning, TrainingError
 from ..evaluation.forward import TaskForward, checkpoint_names, entropy, logits
 from ..lazy import torch
 from ..methods.base import FLOAT32_MAX
@@ -91,6 +92,7 @@ class Merger:
         self.layer = {name: (i if granularity == "layer" else 0) for i, name in enumerate(self.names)}
         self.dtypes = dict(dtypes or {})
         self.n_tasks = next(iter(vectors.values())).shape[0] if vectors else 0
+        self.unused: frozenset[str] = frozenset()  # merged tensors the forward never reads (check_forward_names)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -105,7 +107,7 @@ class Merger:
         return merged.to(self.dtypes.get(name, merged.dtype))
 
     def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: self.tensor(name, lam) for name in self.names}
+        return {name: self.tensor(name, lam) for name in self.names if name not in self.unused}
 
 
 def combine(coefficients: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
@@ -114,16 +116,26 @@ def combine(coefficients: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     return (coefficients @ vectors.reshape(vectors.shape[0], -1)).view(vectors.shape[1:])
 
 
-def check_forward_names(forward: TaskForward, names: Sequence[str]) -> None:
-    """Every merged tensor must be a weight of the forward (else functional_call would ignore it)."""
+def check_forward_names(forward: TaskForward, names: Sequence[str]) -> frozenset[str]:
+    """Every merged tensor must be a weight of the forward (else functional_call would ignore it), but those the
+    forward declares it never reads (``unused_prefixes``: the encoder forward's mean pooling has no pooler); these
+    are returned, and said: their coefficients get no gradient and stay at the initial value."""
     held = checkpoint_names(forward)
-    missing = [n for n in names if n not in held]
+    unused_prefixes = tuple(getattr(forward, "unused_prefixes", ()))
+    unused = frozenset(n for n in names if n not in held and unused_prefixes and n.startswith(unused_prefixes))
+    if unused:
+        warnings.warn(MergeWarning(
+            f"{len(unused)} merged tensor(s) are not read by the forward ({', '.join(sorted(unused)[:3])}"
+            f"{', ...' if len(unused) > 3 else ''}): they are merged with the coefficients they start from "
+            "(--init), which nothing adapts"), stacklevel=3)
+    missing = [n for n in names if n not in held and n not in unused]
     if missing:
         some = sorted(held)[:3]
         raise ConfigError(f"{len(missing)} merged tensor(s) are not weights of the forward's model, e.g. "
                           f"{missing[:3]} (the model's weights are named like {some})",
                           hint="the forward must be the base's architecture, its weights named like the checkpoint "
                           "(FunctionLogits: pass the module whose state_dict() keys are the checkpoint's names)")
+    return unused
 
 
 def batch_rows(rows: Sequence[Any], step: int, batch_size: int, seed: int, task_index: int) -> list[Any]:
@@ -310,7 +322,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     for task, rows in data.items():
         if not rows:
             raise ConfigError(f"task {task!r}: no examples")
-    check_forward_names(forward, merger.names)
+    merger.unused = check_forward_names(forward, merger.names)
     device = next(iter(merger.vectors.values())).device
     lam = torch.full(merger.shape, float(config.init), dtype=torch.float32, device=device, requires_grad=True)
     optimizer = torch.optim.Adam([lam], lr=config.lr)

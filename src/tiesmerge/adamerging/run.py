@@ -312,6 +312,10 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
 
     granularity = config.granularity
     task_data = read_task_data(data, tasks, limit=limit)
+    if forward == "encoder" or heads is not None:
+        check_labels(heads or {}, "heads", "class descriptions", task_data, every_task=forward == "encoder")
+    if choices is not None:
+        check_labels(choices, "choices", "answer choices", task_data, every_task=False)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     if isinstance(forward, str):
@@ -321,6 +325,8 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
         kind = forward
         fwd: TaskForward = load_forward(forward, base, heads=heads, choices=choices, max_length=max_length,
                                         device=device)  # type: ignore[assignment]
+        if forward == "choice":  # (a causal LM: checked by load_forward) a task without choices needs them per row
+            _check_row_choices(task_data, choices)
     else:
         kind, fwd = type(forward).__name__, forward
         fwd.to(device)  # type: ignore[attr-defined]
@@ -366,6 +372,42 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
     seconds["merge"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
     return AdaptResult(coefficients, task_names, layers, granularity, history, written, seconds)
+
+
+def check_labels(labels: Mapping[str, Any], flag: str, what: str, task_data: Mapping[str, Any], *,
+                 every_task: bool) -> None:
+    """``--heads`` / ``--choices`` against the tasks, before any model is loaded: keys that are tasks, and for
+    each at least two non-empty strings (entropy over one class is 0 whatever the model does: the task could not
+    steer its coefficients); with ``every_task``, an entry for every task."""
+    problems = []
+    unknown = [k for k in labels if k not in task_data]
+    if unknown:
+        problems.append(f"--{flag} names {', '.join(repr(k) for k in unknown[:5])}, which is no task (the tasks are "
+                        f"{', '.join(repr(t) for t in task_data)})")
+    if every_task:
+        problems += [f"task {t!r} has no {what} in --{flag}" for t in task_data if t not in labels]
+    for task, values in labels.items():
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+            problems.append(f"--{flag} of task {task!r} must be a list of strings, got {str(values)[:80]!r}")
+            continue
+        if len(values) < 2:
+            problems.append(f"--{flag} of task {task!r} holds {len(values)} {what[:-1] if len(values) == 1 else what}: "
+                            "adapt minimizes the entropy over them, which needs at least two")
+        empty = [i for i, v in enumerate(values) if not v.strip()]
+        if empty:
+            problems.append(f"--{flag} of task {task!r}: entry {empty[0]} is empty (it has no tokens to score)")
+    if problems:
+        raise ConfigError(problems, hint=f'--{flag} is a JSON object: {{"task": ["first", "second", ...], ...}}, '
+                                         "one entry per task (the data files' names, or --task-names)")
+
+
+def _check_row_choices(task_data: Mapping[str, Any], choices: Mapping[str, Any] | None) -> None:
+    """Before the task vectors: every task the --choices file leaves out carries choices on every row."""
+    for task, rows in task_data.items():
+        if task not in (choices or {}) and not all(isinstance(r, Mapping) and "choices" in r for r in rows):
+            raise ConfigError(f"task {task!r}: no answer choices (its rows carry no 'choices' and --choices gives "
+                              "none for it)", hint='add "choices": [...] to each row, or {"' + task + '": [...]} '
+                                                   "to the --choices file")
 
 
 CHECKPOINT_SUFFIX = ".adapt-checkpoint.safetensors"

@@ -133,6 +133,7 @@ class EncoderHeadLogits(torch.nn.Module):
     """A sentence encoder with one frozen cosine head per task: ``(B, C_task)``."""
 
     prefix = "encoder.model."
+    unused_prefixes = ("pooler.",)  # mean pooling: a BertModel checkpoint's pooler is loaded by nothing here
 
     def __init__(self, encoder: SentenceEncoder, heads: Mapping[str, CosineHead]) -> None:
         super().__init__()
