@@ -520,3 +520,50 @@ def test_the_encoder_forward_accepts_a_checkpoint_with_a_pooler(recwarn):
         assert check_forward_names(Forward(), names) == {"pooler.dense.weight", "pooler.dense.bias"}
     with pytest.raises(ConfigError, match="are not weights of the forward's model"):
         check_forward_names(Forward(), [*names, "classifier.weight"])
+
+
+def test_analyze_describes_only_the_models_that_change_the_base(family, tmp_path, capsys):
+    """F14: with model 0 a copy of the base, the reading said "the figures below describe the others", then averaged
+    model 0's 0 % into the L1 share and its empty mask into the Jaccard index (0.000 against 0.000)."""
+    import shutil
+
+    inputs, b, ms = family
+    shutil.copytree(b, inputs / "copy")
+    rc, out, err = run_cli(["analyze", "--base", str(b), "--model", str(inputs / "copy"), "--model", str(ms[0]),
+                            "-o", str(tmp_path / "an"), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "from 0.0%" not in out and "Only model 1 changes the base" in out and "Jaccard" not in out, out
+    rc, out, err = run_cli(["analyze", "--base", str(b), "--model", str(inputs / "copy"), "--model", str(ms[0]),
+                            "--model", str(ms[1]), "-o", str(tmp_path / "an2"), "--no-progress"], capsys)
+    assert rc == 0 and "against 0.000 for independent" not in out and "Jaccard index of" in out, out
+
+
+def test_a_whole_tensor_budget_hint_names_a_budget_that_works(family, tmp_path, capsys):
+    """F16: `tsv_m --memory-budget 200KiB` was refused with "raise --memory-budget to 64.11 MiB", while 1 MiB
+    (and far less) was accepted."""
+    import math
+    import re
+
+    _, b, ms = family
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--method", "tsv_m", "--memory-budget", "1KiB", "--dry-run"),
+                         capsys)
+    assert rc == 2, err
+    hinted = re.search(r"raise --memory-budget to ([0-9.]+) KiB or more", err)
+    assert hinted, err
+    enough = f"{math.ceil(float(hinted.group(1)))}KiB"
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--method", "tsv_m", "--memory-budget", enough,
+                                "--dry-run"), capsys)
+    assert rc == 0, err
+
+
+def test_weights_that_zero_the_merge_are_said(family, tmp_path, capsys):
+    """F19: `ties --weights 0 0` and `task_arithmetic --weights 0 0` merged the base silently; weights of 1e-45 (a
+    float32 subnormal) underflowed every product to 0, silently."""
+    inputs, b, ms = family
+    for method in ("ties", "task_arithmetic"):
+        rc, _, err = run_cli(_merge(b, ms, tmp_path / method, "--method", method, "--weights", "0", "0"), capsys)
+        assert rc == 0 and f"warning: {method}: every model's weight is 0" in err, err
+    before = snapshot(inputs)
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "tiny", "--method", "ties", "--weights", "1e-45", "1e-45"), capsys)
+    check(rc, err, want_rc=2, needle="must be 0 or at least 1.2e-38", output=tmp_path / "tiny", inputs=inputs,
+          before=before)

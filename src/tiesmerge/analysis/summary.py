@@ -39,17 +39,24 @@ def summarise(data: dict) -> list[str]:
         f"for pairs of models (mean over {len(first['subsets'])} pair(s)), {percent(everyone['mean_of_parameters'])} "
         f"for all {n}.",
     ]
+    live = [i for i in range(n) if i not in zero]  # the models whose figures are described (a zero one keeps nothing)
     at = data["redundancy"]["at_density"]
-    l1, l2 = at["l1_share"], at["l2_share"]
+    l1, l2 = [at["l1_share"][i] for i in live], [at["l2_share"][i] for i in live]
     lines.append(f"Density {k:g} keeps {percent(sum(l1) / len(l1))} of each task vector's L1 mass "
                  f"(from {percent(min(l1))} to {percent(max(l1))} across models) and {percent(sum(l2) / len(l2))} "
                  "of its L2 mass (squared norm): "
                  + ("most of a task vector sits in its largest entries." if sum(l1) / len(l1) >= 0.5 else
                     "a task vector's mass is spread over many entries, beyond the ones kept."))
     overlap = data["overlap"]
-    lines.append(f"The models' top-{percent(k)} masks overlap with a mean pairwise Jaccard index of "
-                 f"{overlap['mean_pairwise_jaccard']:.3f}, against {overlap['independent_masks_jaccard']:.3f} for "
-                 "independent random masks of the same density.")
+    if len(live) < 2:
+        lines.append(f"Only model {live[0]} changes the base, so there is no overlap between models' masks to measure.")
+    else:  # the pairs of models that keep something, and random masks of their own density
+        jaccard = [overlap["jaccard"][s][t] for a, s in enumerate(live) for t in live[a + 1:]]
+        kept = [overlap["intersections"][i][i] for i in live]
+        density = sum(kept) / len(kept) / data["parameters"]
+        lines.append(f"The models' top-{percent(k)} masks overlap with a mean pairwise Jaccard index of "
+                     f"{sum(jaccard) / len(jaccard):.3f}, against {density / (2 - density):.3f} for independent "
+                     "random masks of the same density.")
     influence = data["magnitudes"]["by_influence"]
     one = influence["groups"].index("1")
     if influence["count"][one]:

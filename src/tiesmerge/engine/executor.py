@@ -215,6 +215,9 @@ class Executor:
                                     extra_bytes_per_entry=extra_bytes)
         _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
         _warn_if_drop_keeps_nothing(method, alignment, self.n)
+        if self.req.weights is not None and not any(self.req.weights):  # the fused kernels merge it unwatched
+            warnings.warn(MergeWarning(f"{method.name}: every model's weight is 0, so the merge is the base itself"),
+                          stacklevel=2)
         self._changed = self._moved_inputs = False  # a merged delta not all zero / a task vector not all zero seen
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:

@@ -134,6 +134,15 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
     chunks: dict[str, tuple[Chunk, ...]] = {}
     bytes_per_pass = copy_bytes = output_bytes = peak = extra = 0
     out = as_dtype(out_dtype) if out_dtype is not None else None
+
+    def entry_bytes(job: TensorJob) -> int:
+        """Working bytes per entry of a merged tensor (its inputs, output and temporaries)."""
+        return bytes_per_entry(n_models, job.itemsize, job.output_dtype(out).itemsize, fused=fused,
+                               extra_inputs=extra_inputs, temporaries=req.temporaries) \
+            + extra_bytes_per_entry + (4 * n_models if req.model_values else 0)  # the models' own values
+
+    def workspace_bytes(job: TensorJob) -> int:
+        return req.workspace(tuple(job.shape), n_models) if req.workspace is not None else 0
     for job in alignment.jobs:
         itemsize = job.itemsize
         out_size = job.output_dtype(out).itemsize
@@ -144,12 +153,12 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             held = job.numel * (itemsize + 4 + out_size) if job.cast_on_copy(out) else job.numel * itemsize
             peak = max(peak, held)
             continue
-        per_entry = bytes_per_entry(n_models, itemsize, out_size, fused=fused, extra_inputs=extra_inputs,
-                                    temporaries=req.temporaries) \
-            + extra_bytes_per_entry + (4 * n_models if req.model_values else 0)  # the models' own values
-        workspace = req.workspace(tuple(job.shape), n_models) if req.workspace is not None else 0
+        per_entry, workspace = entry_bytes(job), workspace_bytes(job)
         if req.keeps_tensors_whole and job.numel * per_entry + workspace > work_budget:
-            needed = job.numel * per_entry + workspace + FIXED_OVERHEAD
+            # the largest whole tensor (this one or a later one), and the smallest budget whose working part holds it
+            # (see work_budget: half of a small budget, else all but the fixed overhead)
+            core = max(j.numel * entry_bytes(j) + workspace_bytes(j) for j in alignment.jobs if j.merge)
+            needed = 2 * core if core <= FIXED_OVERHEAD else core + FIXED_OVERHEAD
             why = "threshold_ties='sort' (mergekit's exact k)" if req.exact_k else "the method"
             held = f" (with {format_size(workspace)} of workspace, e.g. for its SVDs)" if workspace else ""
             raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory budget "

@@ -355,9 +355,14 @@ def _number(value: Any) -> bool:
     return _real(value) and abs(value) <= FLOAT32_MAX  # an int compares with a float exactly, any size
 
 
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number: below it a product underflows to 0
+
+
 def finite(value: Any) -> str | None:
-    if _number(value):
+    if _number(value) and not 0 < abs(value) < FLOAT32_TINY:
         return None
+    if _number(value):  # 1e-45 times a task vector entry is 0 in float32: the merge would be the base, silently
+        return "must be 0 or at least 1.2e-38 in magnitude (float32's smallest normal number; merges compute in it)"
     if _real(value):
         return "must be at most 3.4e38 in magnitude (merges compute in float32)"
     return "must be a finite number"
