@@ -567,3 +567,27 @@ def test_weights_that_zero_the_merge_are_said(family, tmp_path, capsys):
     rc, _, err = run_cli(_merge(b, ms, tmp_path / "tiny", "--method", "ties", "--weights", "1e-45", "1e-45"), capsys)
     check(rc, err, want_rc=2, needle="must be 0 or at least 1.2e-38", output=tmp_path / "tiny", inputs=inputs,
           before=before)
+
+
+def test_file_and_method_spec_errors_hint_at_their_own_fix(family, tmp_path, capsys):
+    """F2's leftovers: a UTF-16 recipe, a non-UTF-8 lm-perplexity file, `analyze --method tsv_m:rank_fraction=2` and
+    union with --sign-from were hinted at "`tiesmerge ... --help` lists the options" (or "fold the adapters first",
+    with no adapter involved)."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import LMPerplexity
+
+    _, b, ms = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\n".encode("utf-16"))
+    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc == 2 and "not UTF-8" in err and "save the file as UTF-8" in err and "--help" not in err, err
+    text = tmp_path / "latin1.txt"
+    text.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as caught:
+        LMPerplexity(b, text)
+    assert "save the text as UTF-8" in caught.value.hint
+    rc, _, err = run_cli(["analyze", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method",
+                          "tsv_m:rank_fraction=2", "-o", str(tmp_path / "an")], capsys)
+    assert rc == 2 and "`tiesmerge methods tsv_m` lists its options" in err, err
+    rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--vocab-policy", "union", "--sign-from", str(ms[0])), capsys)
+    assert rc == 2 and "adapter" not in err.split("hint:")[1] and "--vocab-policy truncate" in err, err

@@ -333,6 +333,12 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         return Path(output)
 
 
+def _registered() -> set[str]:
+    from .registry import METHODS
+
+    return set(METHODS)
+
+
 def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
     """A method config from ``"name"`` or ``"name:key=value,key=value"`` (values read as JSON where
     they parse: numbers, true/false, [lists]; else as text), or the config itself."""
@@ -352,7 +358,12 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
             options[key.strip()] = json.loads(value)
         except ValueError:
             options[key.strip()] = value.strip()
-    return make_method(name.strip(), options)
+    try:
+        return make_method(name.strip(), options)
+    except ConfigError as exc:  # an option's check: the method's own help says what each option accepts
+        if exc.hint is None and name.strip() in _registered():
+            exc.hint = f"`tiesmerge methods {name.strip()}` lists its options, their units and ranges"
+        raise
 
 
 def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike | None = None, density: float = 0.2,

@@ -335,13 +335,16 @@ def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMetho
     from .io.vocab_rows import layout_of, views_of
 
     req = method.requirements()
-    why = ("a PEFT adapter is among the inputs" if any(yields_task_vector(c) for c in models) else
+    adapters = any(yields_task_vector(c) for c in models)
+    why = ("a PEFT adapter is among the inputs" if adapters else
            f"method {method.name!r} reads a reference model" if req.reference is not None else
            f"method {method.name!r} reads per-model statistics" if req.statistics is not None or stats else None)
-    if why:
-        raise ConfigError(f"--vocab-policy union cannot be used here: {why}",
-                          hint="merge full model directories with a method that reads only the models; or fold "
-                               "the adapters first")
+    if why:  # a hint for the case at hand: the vocabularies' extra rows exist only in the models' own tensors
+        hint = ("fold each adapter into its model first (PeftModel.merge_and_unload) and merge those directories, or "
+                "use --vocab-policy truncate" if adapters else
+                "--vocab-policy truncate merges the base's rows (the reference and the statistics cover them), or "
+                "merge with a method that reads only the models")
+        raise ConfigError(f"--vocab-policy union cannot be used here: {why}", hint=hint)
     unread = next((c for c in (base, *models) if c.directory() is None), None)
     if unread is not None:
         raise ConfigError(f"--vocab-policy union reads each model's tokenizer, but {unread.label} is not a model "

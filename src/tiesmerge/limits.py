@@ -32,6 +32,8 @@ MAX_YAML_NODES = 100_000  # nodes after alias expansion; a recipe has tens
 # what helps when a config, index, recipe or data file cannot be read: the file is damaged, or not what it
 # claims to be (its name says which one)
 _FIX_FILE = "the file is damaged or not the kind its name says: restore it from its source, or fix it"
+_UTF8 = ("save the file as UTF-8 (an editor's \"UTF-8\" encoding; `iconv -f UTF-16 -t UTF-8` converts a UTF-16 "
+         "file)")
 
 
 def scan(data: Any, limit: int = MAX_DEPTH) -> tuple[int, int | None]:
@@ -102,7 +104,8 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=hint) from None
+        raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=hint or _UTF8) \
+            from None
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if limit is not None and len(rows) >= limit:
@@ -205,5 +208,5 @@ def read_yaml(path: str | os.PathLike, what: str, *, error: type[TiesMergeError]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_UTF8) from None
     return loads_yaml(text, str(path), error=error)

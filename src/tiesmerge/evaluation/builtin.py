@@ -199,7 +199,9 @@ class LMPerplexity(_Scorer):
         try:
             self.text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"{self.data}: the text file is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+            raise ConfigError(f"{self.data}: the text file is not UTF-8 ({exc.reason} at byte {exc.start})",
+                              hint="save the text as UTF-8 (`iconv -f LATIN1 -t UTF-8` converts a Latin-1 file)") \
+                from None
         if not self.text.strip():
             raise ConfigError(f"{self.data}: the text file is empty")
         if self.max_length < 2:
