@@ -186,9 +186,10 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     if data.get("base_model") is None and method not in _NEEDS_NO_BASE:  # a wrong value was reported just above
         problems.append(f"base_model is required by {method}")
     tok = data.get("tokenizer_source")
-    if tok not in (None, "base"):
-        problems.append(f"tokenizer_source {tok!r} is not supported (tiesmerge copies the base's tokenizer: "
-                        "tokenizer_source: base)")
+    if tok not in (None, "base", "union"):
+        problems.append(f"tokenizer_source {tok!r} is not supported (tiesmerge copies the base's tokenizer, "
+                        "tokenizer_source: base, or unites the models' vocabularies, tokenizer_source: union, as "
+                        "--vocab-policy union does)")
     # -- global parameters: defaults for every model
     shared = data.get("parameters") or {}
     if not isinstance(shared, dict):
@@ -236,7 +237,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         for key in _PER_MODEL:
             if key in defaults:
                 value = params.get(key, values.get(key, defaults[key]))
-                per_model[key].append(_scalar(value, f"models[{i}].parameters.{key}", problems))
+                # a weight nobody gave is said once below ("every model needs a weight"), not as "None" per model
+                per_model[key].append(None if value is None and key == "weight" else
+                                      _scalar(value, f"models[{i}].parameters.{key}", problems))
     if "weight" in defaults and any(w is None for w in per_model["weight"]):
         problems.append(f"every model needs a weight (mergekit's {method} requires one: "
                         "models[i].parameters.weight or parameters.weight)")
@@ -272,6 +275,10 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         warnings.append(f"arithmetic runs in float32 (mergekit computes in dtype={dtype}); the output is "
                         f"{_DTYPES[out_name]}")
     recipe = {"method": method_name, "base": base, "models": paths, "parameters": params}
+    if tok == "union":  # the models' added tokens kept: each new row the mean of the models that hold the token
+        recipe["vocab_policy"] = "union"
+        warnings.append("tokenizer_source: union runs as --vocab-policy union: the output's tokenizer holds every "
+                        "model's added tokens, each new embedding row the mean of the models that have the token")
     if out_name is not None:
         recipe["dtype"] = _DTYPES[out_name]
     origin = {"format": "mergekit", "merge_method": method, "semantics": semantics,

@@ -1,0 +1,40 @@
+"""Issue 13, the eleventh independent hostile pass: one case per finding, checked as the catalogue checks its cases."""
+
+from __future__ import annotations
+
+import json
+
+import test_hostile_catalogue
+from helpers_ckpt import run_cli
+
+family = test_hostile_catalogue.family
+
+
+def test_mergekit_tokenizer_source_union_runs_as_the_vocabulary_union(tmp_path, capsys):
+    """F1: `tokenizer_source: union` was refused ("not supported ... copies the base's tokenizer") without a word
+    about --vocab-policy union, which does it; the CLI flag could not override the recipe either."""
+    from test_vocab_union import _family
+
+    base, fts = _family(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {base}\ntokenizer_source: union\nmodels:\n"
+                      + "".join(f"  - model: {m}\n    parameters: {{weight: 1, density: 0.5}}\n" for m in fts))
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert rc == 0 and "tokenizer_source: union runs as --vocab-policy union" in err, err
+    manifest = json.loads((tmp_path / "out" / "tiesmerge.json").read_text())
+    assert manifest["recipe"]["vocab_policy"] == "union", manifest["recipe"]
+    added = json.loads((tmp_path / "out" / "tokenizer.json").read_text())["added_tokens"]
+    assert {"<|im_start|>", "<|im_end|>", "<tool>"} <= {t["content"] for t in added}
+    recipe.write_text(recipe.read_text().replace("union", "model:elsewhere"))
+    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc == 2 and "tokenizer_source: union, as --vocab-policy union does" in err, err
+
+
+def test_a_mergekit_model_without_a_weight_is_said_once(family, tmp_path, capsys):
+    """F2: models without `parameters:` gave "models[i].parameters.weight: None must be a number" per model (a
+    None the recipe never wrote) beside the right line, "every model needs a weight"."""
+    _, b, ms = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n  - model: {ms[1]}\n")
+    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc == 2 and "every model needs a weight" in err and "None" not in err, err
