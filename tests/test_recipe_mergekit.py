@@ -138,7 +138,7 @@ def test_documentation_dare_ties(tmp_path):
 @pytest.mark.parametrize("extra,needle", [
     ({"merge_method": "passthrough"}, "merge_method 'passthrough' is not supported"),
     ({"slices": []}, "slices"),
-    ({"tokenizer_source": "union"}, "tokenizer_source 'union'"),
+    ({"tokenizer_source": "model:other"}, "tokenizer_source 'model:other'"),  # union is read since pass 11
     ({"parameters": {"epsilon": 0.1}}, "parameters.epsilon"),
     ({"chat_template": "chatml"}, "chat_template"),
 ])
