@@ -38,3 +38,30 @@ def test_a_mergekit_model_without_a_weight_is_said_once(family, tmp_path, capsys
     recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n  - model: {ms[1]}\n")
     rc, _, err = run_cli(["validate", str(recipe)], capsys)
     assert rc == 2 and "every model needs a weight" in err and "None" not in err, err
+
+
+def test_rank_pattern_is_checked_against_the_factors(tmp_path, capsys):
+    """F3: any non-empty rank_pattern turned the rank check off: `{"q_proj": 2}` over rank-4 factors (an adapter
+    PEFT cannot load) was merged silently."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base, write_hf_dir
+    from test_hostile_catalogue import check, snapshot
+
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "inputs" / "base", base)
+    other = write_lora_dir(tmp_path / "inputs" / "other", random_lora(base, 4, 1), alpha=8.0)
+    for k, config in enumerate(({"rank_pattern": {"q_proj": 2}}, {"r": 8, "rank_pattern": {"q_proj": 4}})):
+        bad = write_lora_dir(tmp_path / "inputs" / f"bad{k}", random_lora(base, 4, 0), alpha=8.0, config=config)
+        before = snapshot(tmp_path / "inputs")
+        rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(bad), "--model", str(other), "-o",
+                              str(tmp_path / "out"), "--no-progress"], capsys)
+        check(rc, err, want_rc=1, needle=("have rank 4", "rank_pattern gives" if k == 0 else "r is 8"),
+              output=tmp_path / "out", inputs=tmp_path / "inputs", before=before)
+    # ranks that differ by module, as rank_pattern says: merged
+    factors = random_lora(base, 4, 2)
+    factors = {m: ((a[:2], b_[:, :2]) if m.endswith("up_proj") else (a, b_)) for m, (a, b_) in factors.items()}
+    good = write_lora_dir(tmp_path / "inputs" / "good", factors, alpha=8.0, config={"r": 4, "rank_pattern":
+                                                                                     {"up_proj": 2}})
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(good), "--model", str(other), "-o",
+                          str(tmp_path / "ok"), "--no-progress"], capsys)
+    assert rc == 0, err

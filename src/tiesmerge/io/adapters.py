@@ -73,15 +73,15 @@ MAX_LORA_SCALE = 1e6
 
 
 def _declared_rank(config: dict, source: str) -> int | None:
-    """The config's ``r``: a positive integer, or None when it is absent or per-module ranks
-    (``rank_pattern``) make the factors' own ranks the ones that count."""
+    """The config's ``r``: a positive integer, or None when it is absent (a module's own rank may come from
+    ``rank_pattern`` instead: see ``LoraCheckpoint.bind``)."""
     r = config.get("r")
     if r is None:
         return None
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise CheckpointError(f"{source}: r is {repr(r)[:80]}, not a positive integer (the LoRA rank)",
                               hint="fix the adapter config (PEFT writes r as a positive integer)")
-    return None if config.get("rank_pattern") else r
+    return r
 
 
 def _layers_to_transform(config: dict, source: str) -> tuple[frozenset[int], tuple[str, ...]] | None:
@@ -195,6 +195,7 @@ class LoraCheckpoint:
         source = str(self.path / ADAPTER_CONFIG)
         alpha = _number(self.config.get("lora_alpha", 8), "lora_alpha", source)
         alpha_pattern = _patterns(self.config, "alpha_pattern", source)
+        rank_pattern = _patterns(self.config, "rank_pattern", source)  # PEFT: a module's r, where a key matches
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         declared = _declared_rank(self.config, source)
@@ -220,9 +221,12 @@ class LoraCheckpoint:
                     f"{self.label}: LoRA of {module!r} has B·A of shape {(b[0], a[1])}, which does not fit the base "
                     f"tensor {name!r} {tuple(base.info(name).shape)}",
                     hint="the adapter was trained on another base model; pass the base it was trained from")
-            if declared is not None and rank != declared:  # the scale divides by r: which r is meant matters
+            matched = next((v for p, v in rank_pattern if p.matches(module)), None)
+            expected = matched if matched is not None else declared  # PEFT builds the module with this rank
+            if expected is not None and rank != expected:  # the scale divides by r: which r is meant matters
+                said = f"rank_pattern gives {module!r} r = {expected:g}" if matched is not None else f"r is {declared}"
                 raise IncompatibleCheckpointsError(
-                    f"{source}: r is {declared} but the LoRA factors of {module!r} have rank {rank} (A {tuple(a)})",
+                    f"{source}: {said} but the LoRA factors of {module!r} have rank {rank} (A {tuple(a)})",
                     hint="the config does not describe these weights; fix r (or give the module a rank_pattern entry)")
             module_alpha = _pattern_value(alpha_pattern, module, alpha)
             scale = module_alpha / (math.sqrt(rank) if rs else rank)
