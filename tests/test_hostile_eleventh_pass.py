@@ -65,3 +65,35 @@ def test_rank_pattern_is_checked_against_the_factors(tmp_path, capsys):
     rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(good), "--model", str(other), "-o",
                           str(tmp_path / "ok"), "--no-progress"], capsys)
     assert rc == 0, err
+
+
+def test_inline_flags_in_a_pattern_are_named_as_such(family, tmp_path, capsys):
+    """F4: `--exclude '(?i)Q_PROJ'` (flags at the start of what the user wrote) was "global flags not at the start
+    of the expression at position 8", about tiesmerge's own wrapping of it."""
+    _, b, ms = family
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method", "tsv_m",
+                          "--exclude", "(?i)Q_PROJ", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "inline flags such as (?i)" in err and "position 8" not in err, err
+
+
+def test_index_entries_that_are_no_shards_blame_the_index(family, tmp_path, capsys):
+    """F5: an index entry naming config.json (or the index itself) blamed that file as a corrupt download; an
+    absolute path to a shard inside the folder was called "outside" it."""
+    from helpers_ckpt import finetune, make_base, write_hf_dir
+    from test_hostile_catalogue import check, snapshot
+
+    inputs, b, ms = family
+    sharded = write_hf_dir(inputs / "sharded", finetune(make_base(0), 5), shards=2)
+    index = sharded / "model.safetensors.index.json"
+    original = json.loads(index.read_text())
+    name, shard = next(iter(original["weight_map"].items()))
+    for entry, needle in (("config.json", "which is no .safetensors shard"),
+                          ("model.safetensors.index.json", "which is no .safetensors shard"),
+                          (str(sharded / shard), "an absolute path (to a file of this folder)")):
+        index.write_text(json.dumps({**original, "weight_map": {**original["weight_map"], name: entry}}))
+        before = snapshot(inputs)
+        rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(sharded), "-o",
+                              str(tmp_path / "out")], capsys)
+        check(rc, err, want_rc=1, needle=("model.safetensors.index.json: weight_map entry", needle),
+              output=tmp_path / "out", inputs=inputs, before=before)
+        assert "download or copy it again" not in err and "outside" not in err, err

@@ -66,9 +66,19 @@ def _read_index(index: Path) -> dict[str, Path]:
     real: dict[str, Path] = {}
     for name, shard in weight_map.items():
         if shard not in real:
+            if os.path.isabs(shard) and Path(os.path.abspath(shard)).parent == Path(os.path.abspath(root)):
+                raise CheckpointError(f"{index}: weight_map entry {name[:200]!r} names {shard[:200]!r}, an absolute "
+                                      "path (to a file of this folder); an index names its shards relative to its "
+                                      "own folder", hint="write the shard's file name (e.g. "
+                                                         "model-00001-of-00002.safetensors)")
             if os.path.isabs(shard) or ".." in Path(shard).parts:
                 raise CheckpointError(f"{index}: weight_map entry {name[:200]!r} names {shard[:200]!r}, a path outside "
                                       "the model's directory", hint="shards must lie inside the model's own directory")
+            suffix = ".bin" if index.name.startswith("pytorch_model") else ".safetensors"
+            if not shard.endswith(suffix) or Path(shard).name == index.name:
+                raise CheckpointError(f"{index}: weight_map entry {name[:200]!r} names {shard[:200]!r}, which is no "
+                                      f"{suffix} shard", hint="the index is wrong: each entry names a weights "
+                                                              f"file ({suffix}) of this folder; fetch it again")
             if not os.path.lexists(root / shard):
                 continue  # listed as missing below, all at once
             real[shard] = inside(root / shard, root, "a shard")

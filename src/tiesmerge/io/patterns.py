@@ -202,6 +202,8 @@ class ModulePattern:
                                   hint=f"{what}: write it without backreferences (| . * + ? [] {{m,n}})")
         try:
             re.compile(key)
+            if _sre.parse(key).state.flags & ~_sre.SRE_FLAG_UNICODE:  # the user's own text: wrapped, (?i) would move
+                raise _Refused("inline flags such as (?i): matching is case-sensitive, as tensor names are")
             parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"(.*\.)?({key})$")
             if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
                 raise _Refused("inline flags")
