@@ -97,3 +97,19 @@ def test_index_entries_that_are_no_shards_blame_the_index(family, tmp_path, caps
         check(rc, err, want_rc=1, needle=("model.safetensors.index.json: weight_map entry", needle),
               output=tmp_path / "out", inputs=inputs, before=before)
         assert "download or copy it again" not in err and "outside" not in err, err
+
+
+def test_an_absurd_adapt_batch_is_refused_before_the_work(tmp_path, monkeypatch):
+    """F6: `adapt --batch-size 1000000000` with 2-row data built a 10^9-row batch list in Python (memory growing until
+    killed)."""
+    import pytest
+
+    import tiesmerge
+    import tiesmerge.adamerging.run as adapt_run
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import ConfigError
+
+    base, fts, files = _setup(tmp_path)
+    monkeypatch.setattr(adapt_run, "collect_task_vectors", lambda *a, **k: pytest.fail("work began"))
+    with pytest.raises(ConfigError, match="batch_size must be at most 65,536"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, batch_size=10**9)

@@ -35,6 +35,7 @@ __all__ = ["GRANULARITIES", "AdaptConfig", "Merger", "History", "learn", "batch_
 GRANULARITIES = ("task", "layer")
 MAX_LR = 10.0  # Adam moves each coefficient by about lr per step
 MAX_INIT = 1000.0
+MAX_BATCH = 65536  # examples per task and step: AdaMerging uses 16; one forward pass holds them all
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,9 @@ class AdaptConfig:
         if isinstance(self.lr, (int, float)) and not 0 < self.lr <= MAX_LR:
             out.append(f"lr must be in (0, {MAX_LR:g}], got {self.lr!r} (coefficients live near 0.3 to 1: a larger "
                        "step throws them past any useful merge)")
+        if isinstance(self.batch_size, int) and self.batch_size > MAX_BATCH:  # the batch's rows are listed and encoded
+            out.append(f"batch_size must be at most {MAX_BATCH:,} examples per task and step, got {self.batch_size:,} "
+                       "(one forward pass holds the whole batch; a batch larger than a task's data repeats its rows)")
         if isinstance(self.init, (int, float)) and abs(self.init) > MAX_INIT:
             out.append(f"init must be within ±{MAX_INIT:g}, got {self.init!r}")
         if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
