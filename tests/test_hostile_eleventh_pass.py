@@ -113,3 +113,48 @@ def test_an_absurd_adapt_batch_is_refused_before_the_work(tmp_path, monkeypatch)
     monkeypatch.setattr(adapt_run, "collect_task_vectors", lambda *a, **k: pytest.fail("work began"))
     with pytest.raises(ConfigError, match="batch_size must be at most 65,536"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, batch_size=10**9)
+
+
+def _demo(workdir, capsys):
+    return run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(workdir)], capsys)
+
+
+def test_the_demo_rewrites_only_its_own_unchanged_files(tmp_path, capsys):
+    """F8: a forged (empty) demo marker beside a user's base/config.json and shards, or a user's edit of a file an
+    earlier demo wrote: the demo overwrote them silently (only merged-*/ were checked)."""
+    wd = tmp_path / "wd"
+    assert _demo(wd, capsys)[0] == 0
+    assert _demo(wd, capsys)[0] == 0  # its own files, unchanged: rewritten
+    config = wd / "base" / "config.json"
+    config.write_text(config.read_text().replace("bfloat16", "float16"))  # the user's edit
+    rc, _, err = _demo(wd, capsys)
+    assert rc == 1 and "changed since (base/config.json)" in err and "float16" in config.read_text(), err
+    forged = tmp_path / "forged"
+    (forged / "base").mkdir(parents=True)
+    (forged / ".tiesmerge-demo").write_text("")
+    (forged / "base" / "config.json").write_text('{"mine": true}')
+    rc, _, err = _demo(forged, capsys)
+    assert rc == 1 and "base/config.json" in err and (forged / "base" / "config.json").read_text() == '{"mine": true}'
+
+
+def test_the_demo_never_writes_through_a_link(tmp_path, capsys):
+    """F9: a demo marker that is a link to a user's file was written through (the file replaced by the marker's
+    text); a ft-* folder linked outside the workdir received the demo's model files."""
+    import os
+
+    victim = tmp_path / "outside" / "victim"
+    victim.parent.mkdir()
+    victim.write_text("secret")
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    os.symlink(victim, wd / ".tiesmerge-demo")
+    rc, _, err = _demo(wd, capsys)
+    assert rc == 1 and "not a regular file" in err and victim.read_text() == "secret", err
+    wd2 = tmp_path / "wd2"
+    wd2.mkdir()
+    (wd2 / ".tiesmerge-demo").write_text("")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, wd2 / "ft-math")
+    rc, _, err = _demo(wd2, capsys)
+    assert rc == 1 and "ft-math (a link)" in err and not list(elsewhere.iterdir()), err

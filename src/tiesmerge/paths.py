@@ -31,7 +31,8 @@ from typing import Any
 from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
-__all__ = ["demo_workdir", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
+__all__ = ["demo_workdir", "demo_models_written", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_SUFFIXES",
+           "WEIGHT_SUFFIXES",
            "model_dir_files", "check_model_dir", "CHAT_TEMPLATES_DIR", "OUTPUT_MARKERS", "WRITTEN_FIELD",
            "STAMPS_FIELD", "listing",
            "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
@@ -394,11 +395,71 @@ def demo_workdir(workdir: str | os.PathLike) -> Path:
             shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
             raise OutputError(f"{workdir}: --workdir holds files an earlier demo did not write ({shown})",
                               hint="name a new or empty folder: the demo writes base/, ft-*/ and merged-*/ there")
+        if DEMO_MARKER in entries:
+            _check_demo_files(workdir, final)
     else:
         _check_writable_parent(workdir, final)
     final.mkdir(parents=True, exist_ok=True)
-    (final / DEMO_MARKER).write_text("written by tiesmerge demo; a later demo may replace the models here\n")
+    # what the earlier demo recorded stays until this one has written its models (demo_models_written)
+    recorded = _demo_record(final / DEMO_MARKER) if os.path.lexists(final / DEMO_MARKER) else {}
+    _write_demo_record(final, recorded, writing=True)
     return final
+
+
+def _demo_record(marker: Path) -> dict:
+    """The stamps of the model files an earlier demo wrote (an older demo's marker, plain text, records none)."""
+    import json
+
+    try:
+        data = json.loads(read_regular(marker, "the demo's marker", max_bytes=16 << 20))
+    except (TiesMergeError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("written"), dict) else {}
+
+
+def _write_demo_record(root: Path, recorded: dict, *, writing: bool) -> None:
+    import json
+
+    note = "written by tiesmerge demo; a later demo may replace the models here (these files, unchanged)"
+    write_file(root / DEMO_MARKER, json.dumps({"note": note, "written": recorded.get("written", {}),
+                                               "writing": writing}, indent=1) + "\n")  # replaces a link, never through
+
+
+def _check_demo_files(workdir: str | os.PathLike, final: Path) -> None:
+    """A later demo rewrites base/ and ft-*/ of an earlier one: only files that demo wrote, unchanged since (its
+    stamps), never a link (the marker included); a demo that stopped while writing its models (``writing``) may
+    replace its own regular files. merged-*/ are outputs, checked as every output is."""
+    marker = final / DEMO_MARKER
+    if not stat.S_ISREG(os.lstat(marker).st_mode):
+        raise OutputError(f"{workdir}: --workdir's {DEMO_MARKER} is not a regular file (a link, or another kind of "
+                          "entry), so no demo wrote this folder", hint="name a new or empty folder")
+    record = _demo_record(marker)
+    written = record.get("written", {})
+    foreign = []
+    for rel in listing(final):
+        if rel == DEMO_MARKER or rel.split(os.sep)[0].startswith("merged-"):
+            continue
+        path = final / rel
+        if os.path.islink(path) or not os.path.isfile(path):
+            foreign.append(f"{rel} (a link)" if os.path.islink(path) else rel)
+        elif not (record.get("writing") and rel in written or rel in written and stamp_holds(written[rel], path)):
+            foreign.append(rel)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise OutputError(f"{workdir}: --workdir holds files the earlier demo did not write, or that changed since "
+                          f"({shown}); the demo would overwrite them", hint="name a new or empty folder, or move "
+                                                                            "those files away")
+
+
+def demo_models_written(root: str | os.PathLike) -> None:
+    """After a demo wrote its base and fine-tunes: record their files' stamps in the marker (see demo_workdir)."""
+    root = Path(root)
+    if not os.path.lexists(root / DEMO_MARKER):
+        return  # a temporary folder of the demo's own, removed at exit
+    written = {rel: file_stamp(root / rel) for rel in listing(root)
+               if rel != DEMO_MARKER and not rel.split(os.sep)[0].startswith("merged-") and os.path.isfile(root / rel)
+               and not os.path.islink(root / rel)}
+    _write_demo_record(root, {"written": written}, writing=False)
 
 
 def _final(output: str | os.PathLike) -> Path:

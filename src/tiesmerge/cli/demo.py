@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ..api import describe_plan, merge, plan_merge
 from ..errors import OutputError
 from ..methods import Average, TaskArithmetic, Ties
-from ..paths import DEMO_MARKER, check_output_location
+from ..paths import DEMO_MARKER, check_output_location, demo_models_written
 from ..sizes import format_size
 
 __all__ = ["synthetic_llama_shapes", "make_demo_models", "run_demo"]
@@ -165,6 +165,7 @@ def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
               f"{actual:.3g}M-parameter Llama-shaped bf16 model, in {root}")
         t0 = time.perf_counter()
         base_dir, model_dirs, skills = make_demo_models(root, million_params)
+        demo_models_written(root)  # a later demo replaces these files only while they are unchanged
         print(f"  made the models in {time.perf_counter() - t0:.1f} s: each = base + dense noise + a sparse skill "
               "(4% of entries, a third of them in sign conflict across tasks)\n")
         print("plan of the TIES merge (tiesmerge merge --dry-run):")

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..api import merge
 from ..errors import ConfigError
 from ..methods import Average, TaskArithmetic, Ties
+from ..paths import demo_models_written
 
 __all__ = ["run_text_demo", "DEMO_TASKS"]
 
@@ -68,6 +69,7 @@ def run_text_demo(workdir: str | None = None, *, train: int = 256, test: int = 2
             dirs.append(root / f"ft-{t}")
             own[t] = evaluate_encoder(encoder, {t: tests[t]}, heads).accuracy[t]
             print(f"  fine-tuned {t}: {log.steps} steps in {log.seconds:.0f} s, test accuracy {100 * own[t]:.1f}%")
+        demo_models_written(root)  # a later demo replaces these files only while they are unchanged
         table.add(ResultRow("fine-tuned", SuiteResult(own), note="each task's own model"))
         for label, method in (("averaging", Average()), ("task arithmetic", TaskArithmetic(lam=0.4)),
                               ("TIES", Ties(density=0.2, lam=1.0))):
