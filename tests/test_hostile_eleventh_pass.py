@@ -158,3 +158,21 @@ def test_the_demo_never_writes_through_a_link(tmp_path, capsys):
     os.symlink(elsewhere, wd2 / "ft-math")
     rc, _, err = _demo(wd2, capsys)
     assert rc == 1 and "ft-math (a link)" in err and not list(elsewhere.iterdir()), err
+
+
+def test_a_union_refuses_added_token_flags_no_tokenizer_would_load(tmp_path, capsys):
+    """F7: a model's added token with `"special": "yes"` (or `lstrip: 1`, `normalized: null`) was copied into the
+    output's tokenizer.json, which AutoTokenizer then refused to load."""
+    from test_hostile_catalogue import check, snapshot
+    from test_vocab_union import _family
+
+    base, fts = _family(tmp_path / "inputs")
+    tj = fts[0] / "tokenizer.json"
+    data = json.loads(tj.read_text())
+    data["added_tokens"][-1]["special"] = "yes"
+    tj.write_text(json.dumps(data))
+    before = snapshot(tmp_path / "inputs")
+    rc, _, err = run_cli(["merge", "--base", str(base), "--model", str(fts[0]), "--model", str(fts[1]),
+                          "--vocab-policy", "union", "-o", str(tmp_path / "out")], capsys)
+    check(rc, err, want_rc=1, needle=("tokenizer.json", "has special = 'yes', not true or false"),
+          output=tmp_path / "out", inputs=tmp_path / "inputs", before=before)

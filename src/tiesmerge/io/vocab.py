@@ -69,8 +69,18 @@ def _entry(raw: Any, where: str) -> dict[str, Any]:
     if not raw["content"]:  # no text can produce it, and the union would give it a row of its own
         raise CheckpointError(f"{where}: an added token (id {raw.get('id', '?')}) has empty content",
                               hint="the tokenizer file is damaged; remove that token or save the tokenizer again")
+    flags = [k for k in _ENTRY_KEYS[1:] if k in raw and not isinstance(raw[k], bool)]
+    if flags:  # the output's tokenizer.json would hold them, and no tokenizer would load it (the Rust one refuses)
+        raise CheckpointError(f"{where}: the added token {raw['content'][:80]!r} has {flags[0]} = "
+                              f"{str(raw[flags[0]])[:40]!r}, not true or false",
+                              hint="the tokenizer file is damaged; save the tokenizer again (tokenizers writes "
+                                   "booleans)")
     entry = {k: raw[k] for k in _ENTRY_KEYS if k in raw}
     entry.setdefault("special", False)
+    # the flags tokenizers requires in every added token, where the model's file left them out
+    for flag in ("single_word", "lstrip", "rstrip"):
+        entry.setdefault(flag, False)
+    entry.setdefault("normalized", not entry["special"])
     return entry
 
 
