@@ -172,3 +172,14 @@ def test_every_command_takes_repo_ids(hub, tmp_path, capsys):
         sys.modules.pop("ev_ids", None)
     manifest = json.loads((tmp_path / "m" / "tiesmerge.json").read_text())
     assert "org/ft-1" in json.dumps(manifest["recipe"])
+
+
+def test_a_commit_prefix_too_short_says_so(hub):
+    """Hostile pass 11 F10: `org/ft-1@0f0f` (4 digits of an existing snapshot) said the cache did not hold that
+    revision while listing the snapshot that starts with it."""
+    from tiesmerge.errors import CheckpointError
+
+    v1 = hub["commits"]["ft1"]["v1"]
+    with pytest.raises(CheckpointError, match="a commit prefix needs at least 7 hex digits") as caught:
+        resolve_repo("org/ft-1", v1[:4])
+    assert v1[:12] in str(caught.value) and caught.value.hint == "give 7 or more digits of the commit"

@@ -117,6 +117,10 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
     if commit is None or not (snapshots / commit).is_dir():
         have = sorted(p.name for p in (repo / "refs").iterdir()) if (repo / "refs").is_dir() else []
         snaps = sorted(p.name[:12] for p in snapshots.iterdir()) if snapshots.is_dir() else []
+        if re.fullmatch(r"[0-9a-f]{1,6}", wanted) and any(s.startswith(wanted) for s in snaps):
+            raise CheckpointError(f"{repo_id}@{wanted}: a commit prefix needs at least 7 hex digits (as git's short "
+                                  f"hashes); snapshot {next(s for s in snaps if s.startswith(wanted))} starts with it",
+                                  hint="give 7 or more digits of the commit")
         raise CheckpointError(
             f"{repo_id}@{wanted}: the Hugging Face cache {cache} holds {repo.name} but not this revision "
             f"(refs: {', '.join(have) or 'none'}; snapshots: {', '.join(snaps) or 'none'})",
