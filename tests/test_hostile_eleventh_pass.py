@@ -176,3 +176,29 @@ def test_a_union_refuses_added_token_flags_no_tokenizer_would_load(tmp_path, cap
                           "--vocab-policy", "union", "-o", str(tmp_path / "out")], capsys)
     check(rc, err, want_rc=1, needle=("tokenizer.json", "has special = 'yes', not true or false"),
           output=tmp_path / "out", inputs=tmp_path / "inputs", before=before)
+
+
+def test_non_string_recipe_option_keys_are_named(family, tmp_path, capsys):
+    """F11: `parameters: {2001-12-14: 1}` (or 1, null, true, 1.5 as a key) was "unexpected TypeError ... a bug"
+    (the did-you-mean suggestion was fed a key that is no string)."""
+    _, b, ms = family
+    recipe = tmp_path / "r.yaml"
+    for key, shown in (("2001-12-14", "datetime.date(2001, 12, 14)"), ("1", "1"), ("null", "None"), ("1.5", "1.5")):
+        recipe.write_text(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\nparameters: {{{key}: 1}}\n")
+        rc, _, err = run_cli(["validate", str(recipe)], capsys)
+        assert rc == 2 and f"ties: unknown option {shown}" in err and "bug" not in err, err
+
+
+def test_slerp_layers_the_model_contradicts_are_warned(family, tmp_path, capsys):
+    """F12: `--layers 1000` (or 1) on a 2-layer model: the t_by_name gradient never reached its end (or ran past
+    it), silently."""
+    _, b, ms = family
+    for layers, needle in (("1000", "never reaches its last values"), ("1", "is past its end for layers 1 to 1")):
+        rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method",
+                              "slerp", "--t-by-name", "*=0.1,0.9", "--layers", layers, "-o",
+                              str(tmp_path / f"o{layers}"), "--no-progress"], capsys)
+        assert rc == 0 and "--layers 2 (config.json's num_hidden_layers)" in err and needle in err, err
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method", "slerp",
+                          "--t-by-name", "*=0.1,0.9", "--layers", "2", "-o", str(tmp_path / "ok"), "--no-progress"],
+                         capsys)
+    assert rc == 0 and "warning" not in err, err

@@ -396,6 +396,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     alignment = align(engine_base, engine_models, vocab_policy="error" if vocab_policy == "union" else vocab_policy)
     if layout is not None:
         alignment = with_parts(alignment, engine_base, routes, layout.manifest())
+    if hasattr(method, "check_tensors"):  # a method whose options describe the model (slerp's layers)
+        method.check_tensors([j.name for j in alignment.jobs])
     if reference is not None:
         _check_reference(reference, alignment)
     distances: tuple = ()

@@ -139,7 +139,9 @@ METHODS: Mapping[str, type] = _Methods()
 _BUILTIN_NAMES = frozenset(cls.name for cls in BUILTIN)
 
 
-def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
+def did_you_mean(word: object, choices: list[str] | tuple[str, ...]) -> str:
+    if not isinstance(word, str):  # a YAML key may be a date, a number, null: nothing to suggest from
+        return ""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

@@ -3,13 +3,14 @@ with mergekit 0.1.5's operations so that a mergekit ``slerp`` recipe merges bit 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MergeWarning
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, non_negative_int, option
-from .schedule import parse_schedule, schedule_problem
+from .schedule import layer_index, parse_schedule, schedule_problem
 
 if TYPE_CHECKING:
     from ..engine.whole import Reductions
@@ -129,6 +130,22 @@ class Slerp:
         if self.t_by_name is None:
             return self.t
         return parse_schedule(self.t_by_name).value(name, self.layers, self.t)
+
+    def check_tensors(self, names: list[str]) -> None:
+        """``layers`` against the model: a gradient spread over another number of layers than the model has never
+        reaches its last values (``--layers 1000`` on 2 layers) or runs past it (``--layers 1``)."""
+        if self.t_by_name is None or not self.layers:
+            return
+        indices = {i for i in map(layer_index, names) if i is not None}
+        if indices and max(indices) + 1 != self.layers:  # a warning: a model with two stacks (a vision tower
+            # beside the text layers) names more layer indices than num_hidden_layers, as mergekit merges it
+            warnings.warn(MergeWarning(
+                f"slerp: layers is {self.layers}, but the model's tensors name layers 0 to {max(indices)} "
+                f"({max(indices) + 1} layers): the gradient in t_by_name "
+                + ("never reaches its last values" if self.layers > max(indices) + 1 else
+                   f"is past its end for layers {self.layers} to {max(indices)}")
+                + f"; --layers {max(indices) + 1} (config.json's num_hidden_layers) spreads it over them"),
+                stacklevel=3)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """ctx.models (n, *S) [, ctx.base (*S)] -> the merged model's values (*S)."""
