@@ -202,3 +202,31 @@ def test_slerp_layers_the_model_contradicts_are_warned(family, tmp_path, capsys)
                           "--t-by-name", "*=0.1,0.9", "--layers", "2", "-o", str(tmp_path / "ok"), "--no-progress"],
                          capsys)
     assert rc == 0 and "warning" not in err, err
+
+
+def test_a_search_does_not_resume_over_an_evaluator_file_that_changed(tmp_path):
+    """F13: `search --evaluator lm-perplexity:t.txt --dir d`, a line appended to t.txt, then the same search with a
+    larger budget: it resumed, ranking scores of the old text and the new one as one list."""
+    import pytest
+
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.driver import run_search
+
+    class OnText:  # a built-in evaluator's shape: the file it scores on is its `data`
+        def __init__(self, data):
+            self.data = data
+
+        def __call__(self, state):
+            return float(len(self.data.read_text()))
+
+    text = tmp_path / "t.txt"
+    text.write_text("one line\n")
+    base, models = make_family(2)
+    log = tmp_path / "log.jsonl"
+    run_search(base, models, "ties", OnText(text), strategy="random", budget=2, log=log)
+    run_search(base, models, "ties", OnText(text), strategy="random", budget=3, log=log)  # the same text: resumed
+    with text.open("a") as f:
+        f.write("another line\n")
+    with pytest.raises(ConfigError, match="differs in: evaluator_data"):
+        run_search(base, models, "ties", OnText(text), strategy="random", budget=4, log=log)

@@ -8,6 +8,7 @@ repeats until the strategy is done. The best candidate is the first with the hig
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,13 @@ def _evaluator_name(evaluate: Any) -> str:
     return f"{type(inner).__module__}:{type(inner).__qualname__}" + (f" on {data}" if data is not None else "")
 
 
+def _evaluator_data(evaluate: Any) -> Any:
+    """The data file a built-in evaluator scores on (its ``data``), or None."""
+    inner = getattr(evaluate, "evaluate", evaluate)  # a guarded evaluator holds the user's
+    data = getattr(inner, "data", None)
+    return data if isinstance(data, (str, os.PathLike)) else None
+
+
 def _weights_stamp(sources: Sequence[Any]) -> str:
     """The inode, size, modification and change time of every weight file of the inputs (not their
     bytes: hashing gigabytes at every resume would cost more than the check saves). A model whose
@@ -156,6 +164,8 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               **({"popsize": popsize} if popsize else {}),
               "base": _label(base), "models": [_label(m) for m in models],
               "evaluator": evaluator_name, "weights": _weights_stamp([base, *models]),
+              # a built-in evaluator's data file (NAME:FILE): scores on another text are not comparable
+              **({"evaluator_data": _weights_stamp([data])} if (data := _evaluator_data(evaluate)) else {}),
               **({"vocab_policy": vocab_policy} if vocab_policy != "error" else {})}  # it changes the candidates
     if log is not None:  # the log is appended to: never inside (or over) a model the search reads
         from ..paths import check_not_input
