@@ -230,3 +230,39 @@ def test_a_search_does_not_resume_over_an_evaluator_file_that_changed(tmp_path):
         f.write("another line\n")
     with pytest.raises(ConfigError, match="differs in: evaluator_data"):
         run_search(base, models, "ties", OnText(text), strategy="random", budget=4, log=log)
+
+
+def test_pass_eleven_leftovers(tmp_path):
+    """Pass 11's leftovers: a batch larger than every task's data is warned (each example scored thousands of times a
+    step); a search's evaluator data is compared by content (a byte-identical copy resumes)."""
+    import shutil
+
+    import pytest
+
+    import tiesmerge
+    from helpers_ckpt import make_family
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning.driver import run_search
+
+    base, fts, files = _setup(tmp_path)
+    with pytest.warns(MergeWarning, match="batch_size 600 is more than any task's examples \\(at most 6\\)"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, batch_size=600)
+
+    class OnText:
+        def __init__(self, data):
+            self.data = data
+
+        def __call__(self, state):
+            return float(len(self.data.read_text()))
+
+    text = tmp_path / "t.txt"
+    text.write_text("one line\n")
+    backup = tmp_path / "backup.txt"
+    shutil.copy(text, backup)
+    b, models = make_family(2)
+    log = tmp_path / "log.jsonl"
+    run_search(b, models, "ties", OnText(text), strategy="random", budget=2, log=log)
+    text.unlink()
+    shutil.copy(backup, text)  # the same bytes, a new file: the same search
+    run_search(b, models, "ties", OnText(text), strategy="random", budget=3, log=log)

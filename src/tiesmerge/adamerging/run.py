@@ -13,13 +13,14 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, MergeWarning, OutputError
 from ..evaluation.forward import TaskForward, as_rows, load_forward
 from ..inputs import Source, as_method, check_output_not_input, method_inputs, prepare
 from ..io.writer import _check_output_path as check_output_path
@@ -312,6 +313,12 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
 
     granularity = config.granularity
     task_data = read_task_data(data, tasks, limit=limit)
+    largest = max(len(rows) for rows in task_data.values())
+    if config.batch_size > largest:  # a batch draws its rows from endless reshuffles: past the data, it repeats them
+        warnings.warn(MergeWarning(f"batch_size {config.batch_size:,} is more than any task's examples (at most "
+                                   f"{largest:,}): each step scores every example about "
+                                   f"{config.batch_size // largest:,} times; --batch-size {largest:,} costs a "
+                                   "fraction of the time"), stacklevel=3)
     if forward == "encoder" or heads is not None:
         check_labels(heads or {}, "heads", "class descriptions", task_data, every_task=forward == "encoder")
     if choices is not None:

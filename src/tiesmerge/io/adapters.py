@@ -225,9 +225,11 @@ class LoraCheckpoint:
             expected = matched if matched is not None else declared  # PEFT builds the module with this rank
             if expected is not None and rank != expected:  # the scale divides by r: which r is meant matters
                 said = f"rank_pattern gives {module!r} r = {expected:g}" if matched is not None else f"r is {declared}"
+                fix = "fix the module's rank_pattern entry" if matched is not None else \
+                    "fix r (or give the module a rank_pattern entry)"
                 raise IncompatibleCheckpointsError(
                     f"{source}: {said} but the LoRA factors of {module!r} have rank {rank} (A {tuple(a)})",
-                    hint="the config does not describe these weights; fix r (or give the module a rank_pattern entry)")
+                    hint=f"the config does not describe these weights; {fix}")
             module_alpha = _pattern_value(alpha_pattern, module, alpha)
             scale = module_alpha / (math.sqrt(rank) if rs else rank)
             if not abs(scale) <= MAX_LORA_SCALE:  # lora_alpha 1e300: every product would overflow to Inf

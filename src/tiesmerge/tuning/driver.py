@@ -103,6 +103,20 @@ def _evaluator_data(evaluate: Any) -> Any:
     return data if isinstance(data, (str, os.PathLike)) else None
 
 
+def _content_digest(path: str | os.PathLike) -> str:
+    """A digest of a data file's bytes (a validation text: small), so a byte-identical copy resumes the search."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except OSError:
+        return "unreadable"  # the evaluator names the file when it reads it
+    return digest.hexdigest()[:16]
+
+
 def _weights_stamp(sources: Sequence[Any]) -> str:
     """The inode, size, modification and change time of every weight file of the inputs (not their
     bytes: hashing gigabytes at every resume would cost more than the check saves). A model whose
@@ -165,7 +179,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               "base": _label(base), "models": [_label(m) for m in models],
               "evaluator": evaluator_name, "weights": _weights_stamp([base, *models]),
               # a built-in evaluator's data file (NAME:FILE): scores on another text are not comparable
-              **({"evaluator_data": _weights_stamp([data])} if (data := _evaluator_data(evaluate)) else {}),
+              **({"evaluator_data": _content_digest(data)} if (data := _evaluator_data(evaluate)) else {}),
               **({"vocab_policy": vocab_policy} if vocab_policy != "error" else {})}  # it changes the candidates
     if log is not None:  # the log is appended to: never inside (or over) a model the search reads
         from ..paths import check_not_input
