@@ -314,7 +314,9 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
     granularity = config.granularity
     task_data = read_task_data(data, tasks, limit=limit)
     largest = max(len(rows) for rows in task_data.values())
-    if config.batch_size > largest:  # a batch draws its rows from endless reshuffles: past the data, it repeats them
+    # a batch draws its rows from endless reshuffles: far past the data (not the default 16 on a small file), it
+    # repeats each row many times a step
+    if config.batch_size > max(16, 4 * largest):
         warnings.warn(MergeWarning(f"batch_size {config.batch_size:,} is more than any task's examples (at most "
                                    f"{largest:,}): each step scores every example about "
                                    f"{config.batch_size // largest:,} times; --batch-size {largest:,} costs a "
