@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from ..api import describe_plan, merge, plan_merge
 from ..errors import OutputError
 from ..methods import Average, TaskArithmetic, Ties
-from ..paths import DEMO_MARKER, check_output_location, demo_models_written
+from ..paths import DEMO_MARKER, as_if_created, check_output_location, demo_models_written
 from ..sizes import format_size
 
 __all__ = ["synthetic_llama_shapes", "make_demo_models", "run_demo"]
@@ -70,6 +70,7 @@ def _save_hf(directory: Path, state: dict[str, torch.Tensor], config: dict, shar
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: state[n].contiguous() for n in names[s * per:(s + 1) * per]}
         save_file(part, str(directory / file), metadata={"format": "pt"})
+        as_if_created(directory / file)  # safetensors writes 0600: the umask's mode, as the other files
         weight_map.update({n: file for n in part})
     total = sum(t.numel() * t.element_size() for t in state.values())
     (directory / "model.safetensors.index.json").write_text(

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from ..dtypes import DType, as_dtype
 from ..errors import MergeWarning
 from ..finite import check_finite
+from ..paths import as_if_created
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint, LoraTarget
 
 __all__ = ["Factored", "truncated_factors", "LoraFactorSink", "write_lora_adapter", "write_ia3_adapter"]
@@ -170,6 +171,7 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
     for key, value in tensors.items():  # the output dtype may overflow where float32 did not
         check_finite(key, value, as_dtype(dtype).code or "")
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    as_if_created(directory / ADAPTER_WEIGHTS)  # safetensors writes 0600: the umask's mode, as the other files
     _atomic_json(directory / ADAPTER_CONFIG, config)
     return {"kind": "lora", "rank": sink.rank, "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS],
             "relative_reconstruction_error": dict(sorted(errors.items())),
@@ -190,5 +192,6 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
     for key, value in tensors.items():
         check_finite(key, value, as_dtype(dtype).code or "")
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    as_if_created(directory / ADAPTER_WEIGHTS)  # safetensors writes 0600: the umask's mode, as the other files
     _atomic_json(directory / ADAPTER_CONFIG, config)
     return {"kind": "ia3", "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS], "vectors": len(tensors)}
