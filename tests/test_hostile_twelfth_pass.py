@@ -29,3 +29,26 @@ def test_adapter_and_demo_weights_follow_the_umask(tmp_path, capsys):
         assert shards and all(_mode(p) == 0o644 for p in shards), [oct(_mode(p)) for p in shards]
     finally:
         os.umask(old)
+
+
+def test_recipes_read_numbers_in_scientific_notation(tmp_path, capsys):
+    """F1: `lam: 1e-1` in a recipe (and mergekit `weight: 5e-1`, which mergekit accepts) was text to PyYAML (YAML 1.1
+    floats need a dot and a signed exponent): "lam must be a finite number, got '1e-1'"."""
+    import json
+
+    from helpers_ckpt import make_family
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: task_arithmetic\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\nparameters: {{lam: 1e-1}}\n")
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "out" / "tiesmerge.json").read_text())["method"]["options"]["lam"] == 0.1
+    mk = tmp_path / "mk.yaml"
+    mk.write_text(f"merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n"
+                  f"  - model: {ms[0]}\n    parameters: {{weight: 5e-1}}\n  - model: {ms[1]}\n"
+                  f"    parameters: {{weight: 1e0}}\n")
+    rc, _, err = run_cli(["validate", str(mk)], capsys)
+    assert rc == 0, err

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -123,6 +124,13 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
 
 class _CountingLoader(yaml.SafeLoader):
     """The safe loader, with the composed graph measured before anything is constructed."""
+
+
+# YAML 1.1 (PyYAML) reads 1e-1, 5e-1 or 1.0e308 as text (its floats need a dot and a signed exponent); YAML 1.2, JSON,
+# mergekit (pydantic coerces them) and the command line (--lam 1e-1) read them as numbers: so do recipes
+_CountingLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
 
 
 def _no_duplicate_keys(node: yaml.MappingNode, source: str, error: type[TiesMergeError]) -> None:
