@@ -52,3 +52,21 @@ def test_recipes_read_numbers_in_scientific_notation(tmp_path, capsys):
                   f"    parameters: {{weight: 1e0}}\n")
     rc, _, err = run_cli(["validate", str(mk)], capsys)
     assert rc == 0, err
+
+
+def test_an_adapt_checkpoint_above_the_output_or_a_folder_is_named_so(tmp_path):
+    """F2: `adapt -o X/sub/ad --checkpoint X/sub` said "the checkpoint lies at or inside the output directory" (the
+    reverse), and `--checkpoint $PWD` never said that the checkpoint is a directory."""
+    import pytest
+
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import OutputError
+
+    base, fts, files = _setup(tmp_path)
+    (tmp_path / "X" / "sub").mkdir(parents=True)
+    with pytest.raises(OutputError, match="the checkpoint is a directory"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, output=tmp_path / "X" / "sub" / "ad",
+                        checkpoint=tmp_path / "X" / "sub")
+    with pytest.raises(OutputError, match="the output directory .* lies inside the checkpoint's path"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, output=tmp_path / "Y" / "sub" / "ad",
+                        checkpoint=tmp_path / "Y" / "sub")

@@ -278,10 +278,18 @@ def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[A
                             from None
                     return checkpoint, created
                 return checkpoint, []
+        elif os.path.isdir(checkpoint):  # a file is written there: a folder (the working one, say) is no checkpoint
+            raise OutputError(f"{checkpoint}: the checkpoint is a directory; it names the file the run saves its "
+                              "progress to", hint="name a file, e.g. --checkpoint run.adapt-checkpoint.safetensors "
+                                                  "(or leave it out: beside the output)")
         elif nested(checkpoint, output):  # the finished run writes the output whole (--force: replaces it)
-            raise OutputError(f"{checkpoint}: the checkpoint lies at or inside the output directory {output}, which "
-                              "the finished run writes as a whole", hint="write the checkpoint beside the output "
-                                                                         "(the default), not into it")
+            # the output below the checkpoint's path (its parent named as the checkpoint), or the checkpoint in it
+            inner = Path(os.path.realpath(checkpoint)) in Path(os.path.realpath(output)).parents
+            where = (f"the output directory {output} lies inside the checkpoint's path" if inner else
+                     f"the checkpoint lies at or inside the output directory {output}, which the finished run "
+                     "writes as a whole")
+            raise OutputError(f"{checkpoint}: {where}", hint="write the checkpoint beside the output (the default), "
+                                                             "not into it or above it")
     if checkpoint is not None:
         # written each pass: never over an input (checked first: an input is never read as a checkpoint), and an
         # existing file only when resuming it (a file that is no checkpoint: the error says so) or with force
