@@ -70,3 +70,33 @@ def test_an_adapt_checkpoint_above_the_output_or_a_folder_is_named_so(tmp_path):
     with pytest.raises(OutputError, match="the output directory .* lies inside the checkpoint's path"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, output=tmp_path / "Y" / "sub" / "ad",
                         checkpoint=tmp_path / "Y" / "sub")
+
+
+def test_a_slerp_filter_matching_no_tensor_is_warned(tmp_path, capsys):
+    """F5: `--t-by-name "self_atn=0.9"` (a typo) merged every tensor at the default t, silently."""
+    from helpers_ckpt import make_family
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    argv = ["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method", "slerp",
+            "--no-progress"]
+    rc, _, err = run_cli([*argv, "--t-by-name", "self_atn=0.9", "-o", str(tmp_path / "o1")], capsys)
+    assert rc == 0 and "filter(s) 'self_atn' match no tensor" in err, err
+    rc, _, err = run_cli([*argv, "--t-by-name", "self_attn=0.9", "-o", str(tmp_path / "o2")], capsys)
+    assert rc == 0 and "match no tensor" not in err, err
+
+
+def test_a_mergekit_problem_is_said_once(tmp_path, capsys):
+    """F6: `normalize: maybe` and a `density` gradient were followed by lines about a None the recipe never wrote."""
+    from helpers_ckpt import make_family
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nparameters: {{normalize: maybe, density: [0.1, 0.9]}}\n"
+                      f"models:\n  - model: {ms[0]}\n    parameters: {{weight: 1}}\n  - model: {ms[1]}\n"
+                      "    parameters: {weight: 1}\n")
+    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc == 2 and "2 problems" in err and "None" not in err, err

@@ -118,6 +118,9 @@ def _path(value: str) -> str:
     return os.path.expanduser(value)
 
 
+_REPORTED = object()  # a shared parameter whose problem is already listed
+
+
 def _scalar(value: Any, where: str, problems: list[str]) -> Any:
     """mergekit parameters may be gradients (lists) or per-tensor filters; only scalars are read: a number, or
     true/false for the switches (normalize, rescale...). YAML's other scalars (a date, !!binary bytes) and a
@@ -203,7 +206,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         if method == "slerp" and key == "t" and isinstance(value, (list, dict)):
             values[key] = value  # filters and gradients: translated into t_by_name below
             continue
-        values[key] = _scalar(value, f"parameters.{key}", problems)
+        read = _scalar(value, f"parameters.{key}", problems)
+        values[key] = _REPORTED if read is None else read  # a problem said once, not again where it is used
     # -- models
     entries = data.get("models")
     if not isinstance(entries, list) or not entries:
@@ -237,15 +241,16 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         for key in _PER_MODEL:
             if key in defaults:
                 value = params.get(key, values.get(key, defaults[key]))
-                # a weight nobody gave is said once below ("every model needs a weight"), not as "None" per model
-                per_model[key].append(None if value is None and key == "weight" else
+                # a weight nobody gave is said once below ("every model needs a weight"), not as "None" per model;
+                # a shared value already reported is not reported again per model
+                per_model[key].append(None if value is _REPORTED or (value is None and key == "weight") else
                                       _scalar(value, f"models[{i}].parameters.{key}", problems))
     if "weight" in defaults and any(w is None for w in per_model["weight"]):
         problems.append(f"every model needs a weight (mergekit's {method} requires one: "
                         "models[i].parameters.weight or parameters.weight)")
     options = {k: values.get(k, v) for k, v in defaults.items() if k not in _PER_MODEL}
     for key, value in options.items():
-        if key in _BOOLS and not isinstance(value, bool):
+        if key in _BOOLS and not isinstance(value, bool) and value is not _REPORTED:
             problems.append(f"parameters.{key} must be true or false, got {value!r}")
     if options.get("int8_mask"):
         warnings.append("int8_mask is ignored: tiesmerge's masks are never materialised in a chosen dtype")

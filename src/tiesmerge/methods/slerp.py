@@ -134,7 +134,15 @@ class Slerp:
     def check_tensors(self, names: list[str]) -> None:
         """``layers`` against the model: a gradient spread over another number of layers than the model has never
         reaches its last values (``--layers 1000`` on 2 layers) or runs past it (``--layers 1``)."""
-        if self.t_by_name is None or not self.layers:
+        if self.t_by_name is None:
+            return
+        rules = parse_schedule(self.t_by_name).rules
+        unmatched = [p for p, _ in rules if p is not None and not any(p in n for n in names)]
+        if unmatched:  # a typo (self_atn) would leave every tensor at the default t, silently
+            warnings.warn(MergeWarning(
+                f"slerp: t_by_name's filter(s) {', '.join(repr(p) for p in unmatched)} match no tensor of the model (a "
+                f"filter is a part of a tensor's name, e.g. self_attn or mlp), so they set nothing"), stacklevel=3)
+        if not self.layers:
             return
         indices = {i for i in map(layer_index, names) if i is not None}
         if indices and max(indices) + 1 != self.layers:  # a warning: a model with two stacks (a vision tower
