@@ -100,3 +100,17 @@ def test_a_mergekit_problem_is_said_once(tmp_path, capsys):
                       "    parameters: {weight: 1}\n")
     rc, _, err = run_cli(["validate", str(recipe)], capsys)
     assert rc == 2 and "2 problems" in err and "None" not in err, err
+
+
+def test_unrecognized_arguments_show_the_commands_own_usage(capsys):
+    """F3: `tiesmerge validate RECIPE --model A` printed the top level's usage ("usage: tiesmerge [-h] [--version]
+    ... COMMAND ...") instead of validate's, which says it takes only a recipe."""
+    import pytest
+
+    from tiesmerge.cli.main import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["validate", "r.yaml", "--model", "a"])
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and "usage: tiesmerge validate" in err, err
+    assert "tiesmerge validate: error: unrecognized arguments: --model a" in err, err

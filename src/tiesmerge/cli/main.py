@@ -351,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" in given[1:]:  # after the command, where the hints' "run again with --debug" gets appended
         given.remove("--debug")
         given.insert(0, "--debug")
-    args = parser.parse_args(given)
+    args, extras = parser.parse_known_args(given)
+    if extras:  # said by the command's own parser: its usage, not the top level's (`tiesmerge validate BASE --model`)
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        (commands.choices.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command is None:
         parser.print_help()
         return 2
