@@ -114,3 +114,34 @@ def test_unrecognized_arguments_show_the_commands_own_usage(capsys):
     err = capsys.readouterr().err
     assert caught.value.code == 2 and "usage: tiesmerge validate" in err, err
     assert "tiesmerge validate: error: unrecognized arguments: --model a" in err, err
+
+
+
+def test_statistics_of_a_model_whose_config_misnames_its_class_are_refused_first(tmp_path, capsys):
+    """F8: `stats gram` on a causal LM whose config.json has no `architectures` (or a string there) built a headless
+    model, wrote statistics named without "model.", and only the later regmean merge failed, blaming them."""
+    import json
+
+    import transformers
+
+    from helpers_models import save_word_tokenizer
+    from test_evaluation_builtin import CLASSIFIER_WORDS
+
+    cfg = transformers.LlamaConfig(vocab_size=len(CLASSIFIER_WORDS), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                   max_position_embeddings=32, tie_word_embeddings=False)
+    model_dir = tmp_path / "lm"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir, safe_serialization=True)
+    save_word_tokenizer(model_dir)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "good film"}\n{"text": "bad plot"}\n')
+    config = json.loads((model_dir / "config.json").read_text())
+    for architectures in (None, "LlamaForCausalLM"):
+        config.pop("architectures", None)
+        if architectures is not None:
+            config["architectures"] = architectures
+        (model_dir / "config.json").write_text(json.dumps(config))
+        rc, _, err = run_cli(["stats", "gram", "--model", str(model_dir), "--data", str(data), "-o",
+                              str(tmp_path / "st")], capsys)
+        assert rc == 2 and "its statistics would match no tensor of the model" in err, err
+        assert not (tmp_path / "st").exists()

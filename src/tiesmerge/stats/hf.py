@@ -92,6 +92,29 @@ def _num_labels(model_dir: Path, config: dict) -> int:
     return num
 
 
+def _check_names(model: torch.nn.Module, model_dir: Path, architectures: list) -> None:
+    """Statistics are named after the weights of the module transformers built from config.json; most of them
+    must be tensors of the checkpoint, or a merge would find none of its weights' statistics (a config without
+    ``architectures`` loads a causal LM headless, its names without "model.")."""
+    from ..io.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(model_dir)
+    try:
+        stored = set(ckpt.names())
+    finally:
+        ckpt.close()
+    built = [n for n, _ in model.named_parameters()]
+    missing = [n for n in built if n not in stored]
+    if built and len(missing) * 2 > len(built):
+        some = sorted(stored)[:2]
+        declared = ", ".join(map(str, architectures)) if isinstance(architectures, list) else repr(architectures)
+        raise ConfigError(f"{model_dir}: transformers built {type(model).__name__} from config.json (architectures: "
+                          f"{declared or 'none'}), whose weights are named like {missing[0]!r}, but the "
+                          f"checkpoint's are named like {some}: its statistics would match no tensor of the model",
+                          hint="set config.json's architectures to the class the weights were saved from, as a list "
+                               '(e.g. "architectures": ["LlamaForCausalLM"])')
+
+
 def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, fisher: str = "exact",
                   per_example: str = "loop", batch_size: int = 8, limit: int | None = None, max_length: int = 128,
                   device: str = "cpu", progress: bool = False) -> Statistics:
@@ -117,6 +140,7 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     causal = any(str(a).endswith("ForCausalLM") for a in architectures)
     loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM if causal else AutoModel
     model = from_pretrained(loader, model_dir).to(device)
+    _check_names(model, model_dir, architectures)  # before the statistics: they are named after the model's weights
     tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
     max_length = fitted_length(model, max_length)  # never past the model's position table
     padding = "right, with the tokenizer's pad token"
