@@ -145,3 +145,15 @@ def test_statistics_of_a_model_whose_config_misnames_its_class_are_refused_first
                               str(tmp_path / "st")], capsys)
         assert rc == 2 and "its statistics would match no tensor of the model" in err, err
         assert not (tmp_path / "st").exists()
+
+
+def test_an_unknown_method_hints_at_the_methods(tmp_path, capsys):
+    """F7: `merge --method tiez` hinted at flags, units and sizes ("sizes are like 2GB"), not at the methods."""
+    from helpers_ckpt import make_family
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method", "tiez",
+                          "-o", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "did you mean 'ties'" in err and "hint: the methods are ties, " in err and "2GB" not in err, err

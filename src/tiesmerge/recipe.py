@@ -261,9 +261,11 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
                 except ConfigError as inner:
                     problems += inner.problems
     if problems:
-        raise ConfigError([f"{source}: {p}" for p in problems],
-                          hint="fix each value named (`tiesmerge merge --help` shows the flags and their units; "
-                               "sizes are like 2GB or 500MiB)")
+        hint = ("fix each value named (`tiesmerge merge --help` shows the flags and their units; sizes are like 2GB "
+                "or 500MiB)")
+        if any(p.startswith("unknown method") for p in problems):  # the methods, not the sizes
+            hint = f"the methods are {', '.join(METHODS)}; `tiesmerge methods NAME` shows one's options"
+        raise ConfigError([f"{source}: {p}" for p in problems], hint=hint)
     assert method is not None
     return MergeRecipe(method=method, base=_path(base, root), models=tuple(paths), dtype=data.get("dtype"),
                        shard_size=str(data.get("shard_size", DEFAULT_SHARD_SIZE)),
