@@ -157,3 +157,25 @@ def test_an_unknown_method_hints_at_the_methods(tmp_path, capsys):
     rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method", "tiez",
                           "-o", str(tmp_path / "o")], capsys)
     assert rc == 2 and "did you mean 'ties'" in err and "hint: the methods are ties, " in err and "2GB" not in err, err
+
+
+def test_force_over_a_manifest_listing_no_file_names_it_damaged(tmp_path, capsys):
+    """F9: `written` holding '', '.', '/' made --force refuse (safe) with "would discard your changes to 3 file(s)
+    (changed since: , ., /)" instead of calling the manifest damaged."""
+    import json
+
+    from helpers_ckpt import make_family
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
+    argv = ["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "-o", str(tmp_path / "out"),
+            "--no-progress"]
+    assert run_cli(argv, capsys)[0] == 0
+    manifest = tmp_path / "out" / "tiesmerge.json"
+    data = json.loads(manifest.read_text())
+    data["written"] = [*data["written"], "", ".", "/"]
+    manifest.write_text(json.dumps(data))
+    rc, _, err = run_cli([*argv, "--force"], capsys)
+    assert rc == 1 and "the manifest is damaged" in err and "changed since" not in err, err
+    assert (tmp_path / "out" / "tiesmerge.json").is_file()

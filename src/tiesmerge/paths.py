@@ -556,6 +556,12 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
                           hint="choose another path, or remove that directory yourself if you mean it")
+    damaged = _not_file_names(final)
+    if damaged:  # '', '.', '/', '..': a manifest tiesmerge never wrote (edited, or forged)
+        raise OutputError(f"{output}: its manifest lists {', '.join(repr(d) for d in damaged[:3])} among the files "
+                          "it wrote, which names no file inside the output: the manifest is damaged, so --force "
+                          "cannot tell its files from yours", hint="remove that directory yourself if nothing in it "
+                                                                   "is yours, or choose another path")
     added = unlisted_files(final)
     changed = changed_files(final)
     if changed:
@@ -643,6 +649,19 @@ def unlisted_files(directory: Path) -> list[str] | None:
                     not any(a.startswith(rel + os.sep) for a in added):
                 added.append(rel + os.sep)
     return sorted(added)
+
+
+def _not_file_names(directory: Path) -> list[str]:
+    """Entries of an output's markers (``written``, the stamps) that are no relative path of a file inside it."""
+    bad = []
+    for data in _markers(directory):
+        stamps = data.get(STAMPS_FIELD)
+        written = data.get(WRITTEN_FIELD)
+        for rel in [*(written if isinstance(written, list) else ()), *(stamps if isinstance(stamps, dict) else ())]:
+            if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts \
+                    or os.path.normpath(rel) == ".":
+                bad.append(str(rel))
+    return sorted(set(bad))
 
 
 def changed_files(directory: Path) -> list[str]:
