@@ -10,6 +10,16 @@ from helpers_ckpt import run_cli
 family = test_hostile_catalogue.family
 
 
+class _OnText:
+    """A built-in evaluator's shape: the file it scores on is its ``data``."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __call__(self, state):
+        return float(len(self.data.read_text()))
+
+
 def test_mergekit_tokenizer_source_union_runs_as_the_vocabulary_union(tmp_path, capsys):
     """F1: `tokenizer_source: union` was refused ("not supported ... copies the base's tokenizer") without a word
     about --vocab-policy union, which does it; the CLI flag could not override the recipe either."""
@@ -213,23 +223,16 @@ def test_a_search_does_not_resume_over_an_evaluator_file_that_changed(tmp_path):
     from tiesmerge.errors import ConfigError
     from tiesmerge.tuning.driver import run_search
 
-    class OnText:  # a built-in evaluator's shape: the file it scores on is its `data`
-        def __init__(self, data):
-            self.data = data
-
-        def __call__(self, state):
-            return float(len(self.data.read_text()))
-
     text = tmp_path / "t.txt"
     text.write_text("one line\n")
     base, models = make_family(2)
     log = tmp_path / "log.jsonl"
-    run_search(base, models, "ties", OnText(text), strategy="random", budget=2, log=log)
-    run_search(base, models, "ties", OnText(text), strategy="random", budget=3, log=log)  # the same text: resumed
+    run_search(base, models, "ties", _OnText(text), strategy="random", budget=2, log=log)
+    run_search(base, models, "ties", _OnText(text), strategy="random", budget=3, log=log)  # the same text: resumed
     with text.open("a") as f:
         f.write("another line\n")
     with pytest.raises(ConfigError, match="differs in: evaluator_data"):
-        run_search(base, models, "ties", OnText(text), strategy="random", budget=4, log=log)
+        run_search(base, models, "ties", _OnText(text), strategy="random", budget=4, log=log)
 
 
 def test_pass_eleven_leftovers(tmp_path):
@@ -249,20 +252,13 @@ def test_pass_eleven_leftovers(tmp_path):
     with pytest.warns(MergeWarning, match="batch_size 600 is more than any task's examples \\(at most 6\\)"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, batch_size=600)
 
-    class OnText:
-        def __init__(self, data):
-            self.data = data
-
-        def __call__(self, state):
-            return float(len(self.data.read_text()))
-
     text = tmp_path / "t.txt"
     text.write_text("one line\n")
     backup = tmp_path / "backup.txt"
     shutil.copy(text, backup)
     b, models = make_family(2)
     log = tmp_path / "log.jsonl"
-    run_search(b, models, "ties", OnText(text), strategy="random", budget=2, log=log)
+    run_search(b, models, "ties", _OnText(text), strategy="random", budget=2, log=log)
     text.unlink()
     shutil.copy(backup, text)  # the same bytes, a new file: the same search
-    run_search(b, models, "ties", OnText(text), strategy="random", budget=3, log=log)
+    run_search(b, models, "ties", _OnText(text), strategy="random", budget=3, log=log)
