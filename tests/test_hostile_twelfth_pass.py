@@ -179,3 +179,15 @@ def test_force_over_a_manifest_listing_no_file_names_it_damaged(tmp_path, capsys
     rc, _, err = run_cli([*argv, "--force"], capsys)
     assert rc == 1 and "the manifest is damaged" in err and "changed since" not in err, err
     assert (tmp_path / "out" / "tiesmerge.json").is_file()
+
+
+def test_an_empty_revision_is_named(tmp_path, monkeypatch):
+    """Pass 12's NOTE: `org/a@` (an '@' with no revision) was "no such file or directory"."""
+    import pytest
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.hub import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="no revision after '@'"):
+        resolve_source("org/a@")

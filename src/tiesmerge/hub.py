@@ -68,6 +68,10 @@ def split_repo_id(text: str) -> tuple[str, str, str | None] | None:
     working folder itself, and the user would be told about the output instead of the model."""
     match = _REPO.match(text)
     if match is None:
+        empty = _REPO.match(text[:-1]) if text.endswith("@") else None
+        if empty is not None and empty.group(3) is None:  # "org/name@": an '@' with nothing after it
+            raise CheckpointError(f"{text}: no revision after '@'",
+                                  hint=f"name a branch, tag or commit ({text}main), or leave the '@' out")
         return None
     revision = match.group(3)
     # git's rules for ref names (git check-ref-format): no component is empty or starts with ".", none holds ".."
