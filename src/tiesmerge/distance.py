@@ -135,10 +135,12 @@ def _values(ckpt: Checkpoint, name: str, rows: slice | None) -> np.ndarray:
             check_float32_range(ckpt.location(name), name, tuple(info.shape), values)
             return values
         return widen(raw.view(info.dtype_info.numpy), info.dtype_info).astype(np.float64)
-    values = ckpt.read(name, rows).double().reshape(-1).numpy()
-    from .engine.reader import check_float32_range
+    tensor = ckpt.read(name, rows)
+    values = tensor.double().reshape(-1).numpy()
+    if str(tensor.dtype) == "torch.float64":  # only float64 can hold finite values past float32's range
+        from .engine.reader import check_float32_range
 
-    check_float32_range(ckpt.location(name), name, tuple(info.shape), values)
+        check_float32_range(ckpt.location(name), name, tuple(info.shape), values)
     return values
 
 
@@ -163,6 +165,8 @@ def _check_finite(ckpt: Checkpoint, job: TensorJob, values: np.ndarray) -> None:
     so that --dry-run and validate say it too instead of printing a distance of inf."""
     if np.isfinite(values).all():
         return
+    if hasattr(ckpt, "explain_not_finite"):  # an adapter's product, not its file, may have overflowed
+        ckpt.explain_not_finite(job.name)
     kind = "NaN" if np.isnan(values).any() else "Inf"
     raise InvalidTensorError(
         f"{ckpt.location(job.name)}: tensor {job.name!r} {tuple(job.shape)} holds {kind} (found in the rows sampled "

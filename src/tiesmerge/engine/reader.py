@@ -311,6 +311,8 @@ class Reader:
 
     def raise_not_finite(self, chunk: Chunk, raw: list[torch.Tensor]) -> None:
         for ckpt, value in zip(self.inputs.all, raw, strict=True):
+            if hasattr(ckpt, "explain_not_finite") and not bool(torch.isfinite(value.float()).all()):
+                ckpt.explain_not_finite(chunk.job.name)  # an adapter's product, not its file, may have overflowed
             if value.dtype == torch.float64:  # finite float64 values float32 cannot hold are not damage: say so
                 check_float32_range(ckpt.location(chunk.job.name), chunk.job.name, tuple(chunk.job.shape),
                                     value.cpu().numpy())

@@ -277,8 +277,6 @@ class LoraCheckpoint:
             else:
                 b = self._file.read(target.b_key, rows).float()  # (rows, r)
                 delta = (b @ self._file.read(target.a_key).float()).mul_(target.scale)  # (rows, in)
-            if not bool(delta.sum().isfinite()) and not bool(delta.isfinite().all()):
-                self._refuse_overflow(name, target)
             # a saved copy of the adapted weight (an embedding's base_layer) adds its own change
             return delta if saved is None else delta.add_(saved)
         if saved is not None:
@@ -299,11 +297,15 @@ class LoraCheckpoint:
         target = self.targets.get(name)
         return 0 if target is None else target.rank
 
-    def _refuse_overflow(self, name: str, target: LoraTarget) -> None:
-        """s · B · A of ``name`` is not finite: factors holding Inf or NaN are damage (named as such, by key);
-        finite factors whose product overflows float32 are an adapter no model can use (lora_A = lora_B = 1e20)."""
+    def explain_not_finite(self, name: str) -> None:
+        """Called by the readers where ``read(name)`` held Inf or NaN, to name the cause: factors holding Inf or
+        NaN are damage (named by key); finite factors whose product overflows float32 are an adapter no model can
+        use (lora_A = lora_B = 1e20). Returns where neither applies (a saved full tensor's values)."""
         import torch
 
+        target = self.targets.get(name)
+        if target is None:
+            return
         a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()
         for key, factor in ((target.a_key, a), (target.b_key, b)):
             if not bool(torch.isfinite(factor).all()):
@@ -311,6 +313,8 @@ class LoraCheckpoint:
                 raise InvalidTensorError(f"{self.path / ADAPTER_WEIGHTS}: the LoRA factor {key!r} holds {kind}",
                                          hint="the adapter is damaged or was saved after a diverged training step; "
                                               "merge another one")
+        if bool(torch.isfinite((b @ a).mul_(target.scale)).all()):
+            return  # the product is finite: the cause is a tensor saved whole beside it, named by the caller
         raise InvalidTensorError(
             f"{self.path / ADAPTER_WEIGHTS}: the update s·B·A of {target.module!r} (the base's {name!r}) overflows "
             f"float32: its factors are finite (|A| up to {float(a.abs().max()):.3g}, |B| up to "
