@@ -32,7 +32,8 @@ def _states():
 class Distance:
     """Minus the squared distance to a target merge; each call appends a line to ``calls`` (the
     workers are other processes: a file counts their calls). With ``die``: the first call, in a
-    worker, kills its process (os._exit) after leaving the marker file, so the retry lives."""
+    worker, kills its process (os._exit) after creating the marker file (atomically: two workers may
+    start at once), so the retry lives."""
 
     def __init__(self, target, calls: Path, die: Path | None = None):
         self.target, self.calls, self.die = target, calls, die
@@ -40,9 +41,15 @@ class Distance:
     def __call__(self, state):
         with open(self.calls, "a") as f:
             f.write(f"{os.getpid()}\n")
-        if self.die is not None and not self.die.exists():
-            self.die.write_text(str(os.getpid()))
-            os._exit(1)
+        if self.die is not None:
+            try:  # O_EXCL: of two workers starting at once, exactly one creates the marker and dies
+                fd = os.open(self.die, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                pass
+            else:
+                os.write(fd, str(os.getpid()).encode())
+                os.close(fd)
+                os._exit(1)
         return -sum(float(((state[k].float() - self.target[k].float()) ** 2).sum()) for k in self.target)
 
 
