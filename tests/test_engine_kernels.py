@@ -244,15 +244,15 @@ def test_torch_order_reductions_are_torchs_own_bits(threads):
                 x, y = (rows[i].float() - (rows[0].float() if relative else 0) for i in (1, 2))
                 order = whole.TorchOrder(raw, (1, 2), relative)
                 nx = torch.linalg.vector_norm(x.reshape(1, -1), dim=1)
-                assert torch.equal(order.norms(0), nx), numel
-                assert torch.equal(order.sums(0, 1), (x * y).sum().reshape(1)), numel
-                assert torch.equal(order.sums(0, 1, (float(nx), 0.7)),
+                assert torch.equal(torch.from_numpy(order.norms(0)), nx), numel
+                assert torch.equal(torch.from_numpy(order.sums(0, 1)), (x * y).sum().reshape(1)), numel
+                assert torch.equal(torch.from_numpy(order.sums(0, 1, (float(nx), 0.7))),
                                    ((x / nx) * (y / torch.tensor(0.7))).sum().reshape(1)), numel
                 span = 4099  # per span, as SLERP's 2^20-entry chunks
                 spans = range(0, numel, span)
-                assert torch.equal(order.norms(1, span), torch.stack(
+                assert torch.equal(torch.from_numpy(order.norms(1, span)), torch.stack(
                     [torch.linalg.vector_norm(y[s:s + span].reshape(1, -1), dim=1) for s in spans]).reshape(-1))
-                assert torch.equal(order.sums(0, 1, None, span),
+                assert torch.equal(torch.from_numpy(order.sums(0, 1, None, span)),
                                    torch.stack([(x[s:s + span] * y[s:s + span]).sum() for s in spans]))
     finally:
         torch.set_num_threads(before)

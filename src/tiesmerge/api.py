@@ -26,6 +26,7 @@ from .inputs import (
     as_method,
     budget_of,
     check_booleans,
+    check_budget,
     check_inputs,
     check_output_not_input,
     device_of,
@@ -170,7 +171,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
           allow_pickle: bool = False, vocab_policy: str = "error", progress: bool = False,
           output_format: str = "model", rank: int | None = None, origin: Mapping[str, Any] | None = None,
           stats: Sequence[StatsInput] | None = None, allow_distant: bool = False,
-          finish: Callable[[Path, dict[str, Any]], None] | None = None,
+          finish: Callable[[Path, dict[str, Any]], None] | None = None, budget_floor: bool = False,
           **method_options: Any) -> Path | dict[str, torch.Tensor]:
     """Merge fine-tuned ``models`` of ``base`` and write an HF directory (or return a state dict).
 
@@ -186,7 +187,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     A model that does not look fine-tuned from ``base`` is an error before anything merges unless
     ``allow_distant`` (:mod:`tiesmerge.distance`). ``finish(staging_dir, manifest)``, for commands
     built on a merge (``adapt``), adds its own files and manifest fields before the output is
-    renamed into place, so they are as atomic as the weights.
+    renamed into place, so they are as atomic as the weights. ``budget_floor``: refuse a
+    ``memory_budget`` below what the largest chunk needs (the command line, where a user set it;
+    otherwise a tiny budget forces one-row chunks, as the engine's tests use it).
 
     >>> import tiesmerge                                                      # doctest: +SKIP
     >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
@@ -234,6 +237,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                            progress=bar.update if bar else None, output_format=output_format, stats=stats,
                            allow_distant=allow_distant)
         executor = prepared.executor
+        if budget_floor:  # from the plan just made: planning again first would sample the distances twice
+            check_budget(executor.plan)
         # checked now, before the first heavy read: the files copied beside the weights at the end, and
         # what every input file looks like (a model another process is still writing is refused)
         extra = model_files(prepared.base.directory()) if output is not None and output_format != "adapter" else []

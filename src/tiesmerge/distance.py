@@ -174,6 +174,13 @@ def _check_finite(ckpt: Checkpoint, job: TensorJob, values: np.ndarray) -> None:
         hint="the checkpoint is damaged or was saved after a diverged training step; merge another one")
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """a . b of two float64 vectors without BLAS: numpy's BLAS starts its threads for every product of more
+    than a few thousand entries, and beside the kernels' threads (on 2 cores) that took 8 ms a product,
+    3.7 s of a Model Stock merge's 5.6 s (einsum's own loop: microseconds)."""
+    return float(np.einsum("i,i->", a, b))
+
+
 @dataclass
 class _Sums:
     """One model's running sums over the tensors measured so far."""
@@ -196,14 +203,14 @@ def measure(base: Checkpoint, models: Sequence[Checkpoint], jobs: Sequence[Tenso
         if not b.size:
             continue
         _check_finite(base, job, b)
-        b_sq = float(b @ b)
+        b_sq = _dot(b, b)
         for k in measured:
             model, acc = models[k], sums[k]
             m = _sample(model, job)
             _check_finite(model, job, m)
             acc.nbytes += b.size * (base.info(job.name).itemsize + model.info(job.name).itemsize)
-            m_sq, dot = float(m @ m), float(b @ m)
-            t_sq = float((m - b) @ (m - b))
+            m_sq, dot = _dot(m, m), _dot(b, m)
+            t_sq = _dot(m - b, m - b)
             acc.params += job.numel
             scale = job.numel / b.size
             acc.tau2 += t_sq * scale

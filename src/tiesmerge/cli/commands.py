@@ -301,14 +301,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")
     check_not_input(args.output, [("the recipe", args.recipe)])  # the merge's own inputs are checked by merge()
-    if recipe.memory_budget != DEFAULT_MEMORY_BUDGET:  # a budget the user set: one the plan cannot keep is refused
-        check_budget(plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
-                                stats=recipe.stats, **common))
     started = time.perf_counter()
     out = merge(recipe.base, list(recipe.models), recipe.method, output=args.output, shard_size=recipe.shard_size,
                 force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
                 output_format=recipe.output_format, rank=recipe.rank, origin=recipe.origin, stats=recipe.stats,
-                **common)
+                # a budget the user set: one the plan cannot keep is refused, before the first heavy read
+                budget_floor=recipe.memory_budget != DEFAULT_MEMORY_BUDGET, **common)
     seconds = time.perf_counter() - started
     completed(out)
     manifest = json.loads((Path(out) / "tiesmerge.json").read_text())

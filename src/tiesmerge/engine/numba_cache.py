@@ -8,13 +8,16 @@ its own cache folder instead, beside the digest cache (``numba/`` in ``$TIESMERG
 compile takes ~9 s); without a usable home, or where that folder lies in an input or the output of
 the merge running when the kernels are first imported, in a private temporary folder removed at
 exit. A ``NUMBA_CACHE_DIR`` the user set is left as it is.
+
+Also numba's process-wide set-up that costs time before the first kernel runs
+(:func:`import_arraymath_without_scipy`).
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["place"]
+__all__ = ["place", "import_arraymath_without_scipy"]
 
 # importing this module places the cache (the engine's kernel modules import it before numba)
 
@@ -37,6 +40,28 @@ def place() -> None:
         private_folder_for("NUMBA_CACHE_DIR", "tiesmerge-numba-")
     else:
         os.environ["NUMBA_CACHE_DIR"] = str(folder / "numba")
+
+
+def import_arraymath_without_scipy() -> None:
+    """Import numba's ``numba.np.arraymath`` with scipy's BLAS hidden from it.
+
+    numba imports that module when it loads the first compiled kernel of a process, and its import
+    probes for BLAS by importing ``scipy.linalg.cython_blas``: all of scipy.linalg, ~1 s of CPU on the
+    2-core machine where scipy is installed (a dependency of scikit-learn and sentence-transformers),
+    before the first tensor of every merge. The probe's answer only picks the inner product of
+    numba's ``np.correlate`` (a loop instead of BLAS); ``np.dot`` in numba code asks for scipy itself
+    when it is compiled. The kernels here use neither."""
+    import sys
+
+    blas = "scipy.linalg.cython_blas"
+    if "numba.np.arraymath" in sys.modules or blas in sys.modules:
+        return
+    sys.modules[blas] = None  # type: ignore[assignment]  # an import of it now raises ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        if sys.modules.get(blas, 0) is None:
+            del sys.modules[blas]
 
 
 place()

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -65,7 +66,7 @@ def _stamp(path: Path) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
 
 
-def _load_cache(file: Path) -> dict:
+def load_cache(file: Path) -> dict:
     """The remembered digests, or {} when the cache is missing, damaged, too large, or not a regular
     file: a link (never followed) or a FIFO (opened non-blocking, refused by fstat) is ignored."""
     try:
@@ -125,15 +126,21 @@ def kept_out(folder: str | os.PathLike) -> bool:
 
 
 def _remember(cache: Path, key: str, stamp: list[int], sha256: str) -> None:
-    """Add one digest: the whole file is written to a fresh temporary file in the cache's own folder
-    and renamed over the old one (a link or FIFO at the cache's path is replaced, never followed), so
-    readers see the old or the new file, never half of one."""
+    """Add one digest (:func:`remember`)."""
+    remember(cache, key, {"stamp": stamp, "sha256": sha256})
+
+
+def remember(cache: Path, key: str, value: Any) -> None:
+    """Add one entry to the JSON cache file ``cache``: the whole file is written to a fresh temporary
+    file in the cache's own folder and renamed over the old one (a link or FIFO at the cache's path is
+    replaced, never followed), so readers see the old or the new file, never half of one. Nothing is
+    written where the folder lies in an input or the output of the running merge (:func:`kept_out`)."""
     if kept_out(cache.parent):
-        return  # hashing again next time costs less than writing into an input or the output
+        return  # working it out again next time costs less than writing into an input or the output
     if not _cache_dir(cache):
         return
-    entries = _load_cache(cache)
-    entries[key] = {"stamp": stamp, "sha256": sha256}
+    entries = load_cache(cache)
+    entries[key] = value
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent)
     except OSError:
@@ -155,7 +162,7 @@ def _digest(path: Path) -> dict:
         return _sha256(path)
     key = str(path.resolve())
     stamp = _stamp(path)
-    known = _load_cache(cache).get(key)
+    known = load_cache(cache).get(key)
     if isinstance(known, dict) and known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
         return {"path": str(path), "sha256": known["sha256"], "bytes": stamp[2], "remembered": True}
     result = _sha256(path)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, method_config, option
@@ -44,9 +46,9 @@ class ModelStock:
         if k < 2:
             raise ConfigError(f"model_stock needs at least two fine-tuned models, got {k}",
                               hint="list two or more models besides the base")
-        t = interpolation_from([reductions.norms(i).reshape(()) for i in range(k)],
-                               lambda i, j: reductions.sums(i, j).reshape(()))
-        return float(t), float(1 - t)
+        t = interpolation_f32([reductions.norms(i)[0] for i in range(k)], lambda i, j: reductions.sums(i, j)[0],
+                              reductions.numerics.sum)
+        return float(t), float(np.float32(1) - t)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """tau, ctx.models (k, *S), ctx.base (*S) -> the merged model's values (*S)."""
@@ -95,3 +97,24 @@ def interpolation_from(lengths: list[torch.Tensor], dots: Callable[[int, int], t
     singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
     return torch.where(singular, torch.zeros_like(cos),
                        (k * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+
+
+def interpolation_f32(lengths: list[np.float32], dots: Callable[[int, int], np.float32],
+                      total: Callable[[np.ndarray], np.float32]) -> np.float32:
+    """:func:`interpolation_from` for one tensor, in float32 scalars (the fused engine's: no torch needed):
+    ``total`` is torch.sum's order, the mean of the pairs' cosines their sum divided by their count, as
+    torch's CPU mean computes it."""
+    f32 = np.float32
+    k = len(lengths)
+    cosines = []
+    with np.errstate(all="ignore"):  # a NaN norm divides as torch's does
+        for i in range(k):
+            for j in range(i + 1, k):
+                norms = lengths[i] * lengths[j]
+                floor = norms if norms >= f32(1e-6) or np.isnan(norms) else f32(1e-6)  # clamp(min) keeps NaN
+                cosines.append(np.clip(dots(i, j) / floor, f32(-1), f32(1)))
+        cos = total(np.array(cosines, f32)) / f32(len(cosines))
+        denominator = f32(1) + f32(k - 1) * cos
+        if abs(denominator) < f32(1e-6):  # no finite estimate: keep the base
+            return f32(0)
+        return (f32(k) * cos) / denominator

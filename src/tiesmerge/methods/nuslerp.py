@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
+
 from ..errors import ConfigError
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, option
@@ -92,12 +94,18 @@ class NuSlerp:
 
     def _coefficients(self, name: str, reductions: Reductions) -> tuple[float, float, float | None]:
         """The fused pass's (c_0, c_1, divisor) for a flattened tensor, from its reductions (engine.whole)."""
+        f32 = np.float32
         t = self.interpolation()
-        theta, colinear = nuslerp_angle_from(reductions.norms(0), reductions.norms(1),
-                                             lambda n0, n1: reductions.sums(0, 1, (float(n0), float(n1))))
-        if bool(colinear):  # (1 - t) v0 + t v1: python scalars, rounded to float32 by torch
-            return float(torch.tensor(1 - t, dtype=torch.float32)), float(torch.tensor(t, dtype=torch.float32)), None
-        return float(torch.sin((1 - t) * theta)), float(torch.sin(t * theta)), float(torch.sin(theta))
+        # nuslerp_angle_from's float32 arithmetic on scalars, torch's acos and sin from reductions.numerics
+        # clamp(min=1e-7); max keeps a NaN first argument, as torch.clamp does
+        n0, n1 = max(reductions.norms(0)[0], f32(1e-7)), max(reductions.norms(1)[0], f32(1e-7))
+        cos = np.clip(reductions.sums(0, 1, (float(n0), float(n1)))[0], f32(-1), f32(1))
+        if (f32(1) - cos * cos) <= f32(_EPS**2):  # colinear: (1 - t) v0 + t v1, python scalars rounded to float32
+            return float(f32(1 - t)), float(f32(t)), None
+        sin = reductions.numerics.sin
+        theta = reductions.numerics.acos(np.array([cos], f32))  # (1,)
+        # a python scalar times a float32 tensor: torch rounds the scalar to float32 first
+        return float(sin(f32(1 - t) * theta)[0]), float(sin(f32(t) * theta)[0]), float(sin(theta)[0])
 
     def interpolation(self) -> float:
         """t: as given, else w_1 / (w_0 + w_1) with mergekit's arithmetic."""

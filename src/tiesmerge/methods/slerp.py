@@ -7,13 +7,15 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
+
 from ..errors import ConfigError, MergeWarning
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, non_negative_int, option
 from .schedule import layer_index, parse_schedule, schedule_problem
 
 if TYPE_CHECKING:
-    from ..engine.whole import Reductions
+    from ..engine.whole import Numerics, Reductions
 
 ANCHORS = ("models", "base")
 _CHUNK = 1 << 20  # mergekit 0.1.5 sums norms and dots in chunks of 2^20 entries: the same order, the same bits
@@ -50,6 +52,26 @@ def slerp_scalars(t: float, norms_a: torch.Tensor, norms_b: torch.Tensor,
     coef_a = torch.where(linear, 1 - tt, torch.sin((1 - tt) * theta) / sin_theta)
     coef_b = torch.where(linear, tt, torch.sin(tt * theta) / sin_theta)
     return coef_a, coef_b
+
+
+def slerp_scalars_f32(t: float, norms_a: np.ndarray, norms_b: np.ndarray,
+                      dots: Callable[[np.float32, np.float32], np.ndarray], numerics: Numerics
+                      ) -> tuple[np.float32, np.float32]:
+    """:func:`slerp_scalars` in float32 scalars, torch's sum, norm, acos and sin from ``numerics`` (the fused
+    engine's: no torch needed). norms_a, norms_b (C,) the chunks' norms; ``dots(norm_a, norm_b)`` (C,)."""
+    f32 = np.float32
+    tt = f32(t)
+    norm_a, norm_b = numerics.norm(norms_a), numerics.norm(norms_b)
+    norm_a = norm_a if norm_a > f32(_EPS) else f32(1)  # NaN > eps is False: 1, as torch.where picks
+    norm_b = norm_b if norm_b > f32(_EPS) else f32(1)
+    dot = np.clip(numerics.sum(dots(norm_a, norm_b)), f32(-1), f32(1))
+    if abs(dot) > f32(_DOT_THRESHOLD):
+        return f32(1) - tt, tt
+    theta = numerics.acos(np.array([dot], f32))  # (1,)
+    with np.errstate(all="ignore"):  # sin(theta) is 0 where dot is NaN: torch divides the same way
+        sin_theta = numerics.sin(theta)[0]
+        return (numerics.sin((f32(1) - tt) * theta)[0] / sin_theta,
+                numerics.sin(tt * theta)[0] / sin_theta)
 
 
 def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -118,11 +140,11 @@ class Slerp:
 
     def _coefficients(self, name: str, reductions: Reductions) -> tuple[float, float, None]:
         """The fused pass's (c_0, c_1, no divisor) for tensor ``name`` from its reductions (engine.whole)."""
-        def dots(norm_a: torch.Tensor, norm_b: torch.Tensor) -> torch.Tensor:
-            return reductions.sums(0, 1, (float(norm_a), float(norm_b)), _CHUNK).reshape(-1, 1, 1)
+        def dots(norm_a: np.float32, norm_b: np.float32) -> np.ndarray:
+            return reductions.sums(0, 1, (float(norm_a), float(norm_b)), _CHUNK)
 
-        coef_a, coef_b = slerp_scalars(self.t_for(name), reductions.norms(0, _CHUNK).reshape(-1, 1, 1),
-                                       reductions.norms(1, _CHUNK).reshape(-1, 1, 1), dots)
+        coef_a, coef_b = slerp_scalars_f32(self.t_for(name), reductions.norms(0, _CHUNK), reductions.norms(1, _CHUNK),
+                                           dots, reductions.numerics)
         return float(coef_a), float(coef_b), None
 
     def t_for(self, name: str) -> float:
