@@ -206,6 +206,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         raise ConfigError(f"shard_size: {exc}") from None
     if output is not None and not isinstance(output, (str, os.PathLike)) or isinstance(output, bytes):
         raise ConfigError(f"output is a {type(output).__name__}, not a path", hint="pass a str or pathlib.Path")
+    if output_format == "adapter" and shard_bytes != parse_size(DEFAULT_SHARD_SIZE):  # an adapter is one file
+        raise ConfigError(f"shard_size {shard_size!r} applies to a full model's weights, and the output is an adapter "
+                          "(written as one adapter_model.safetensors, as PEFT reads it)",
+                          hint="leave --shard-size out with --output-format adapter")
     if rank is not None and output_format != "adapter":  # a full model is written whole: no rank to cut it to
         raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the output is a full model",
                           hint="add --output-format adapter (output_format='adapter'), or leave --rank out")

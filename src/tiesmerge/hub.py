@@ -118,6 +118,12 @@ def resolve_repo(repo_id: str, revision: str | None = None, cache: Path | None =
                                   f"({', '.join(shown)}{', ...' if len(found) > 10 else ''})",
                                   hint="give more digits of the commit: as many as shown above tell them apart")
         commit = found[0] if found else None
+    if commit is not None and os.path.lexists(snapshots / commit) and not (snapshots / commit).is_dir():
+        what = "a dangling link" if os.path.islink(snapshots / commit) and not os.path.exists(snapshots / commit) \
+            else "not a folder"
+        raise CheckpointError(f"{repo_id}@{wanted}: the cache's snapshot {commit[:12]} of {repo_id} "
+                              f"({snapshots / commit}) is {what}: the cache is damaged",
+                              hint=_fetch_hint(repo_id, revision))
     if commit is None or not (snapshots / commit).is_dir():
         have = sorted(p.name for p in (repo / "refs").iterdir()) if (repo / "refs").is_dir() else []
         snaps = sorted(p.name[:12] for p in snapshots.iterdir()) if snapshots.is_dir() else []

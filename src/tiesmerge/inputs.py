@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from .dtypes import BY_NAME, FLOAT32, DType, as_dtype
 from .engine.executor import Executor
 from .engine.reader import EngineInputs
 from .engine.side import SideInputs
-from .errors import ConfigError, IncompatibleCheckpointsError
+from .errors import ConfigError, IncompatibleCheckpointsError, MergeWarning
 from .hub import HubPath, resolve_source
 from .io.adapters import adapter_kind, yields_task_vector
 from .io.align import Alignment, align, with_parts
@@ -108,7 +109,8 @@ def check_inputs(base: Any, models: Sequence[Any]) -> None:
             how = "" if ident in seen else " (the same weights files)"
             raise ConfigError(f"model {k} is listed twice (also model {other}){how}: "
                               f"{m if not isinstance(m, Mapping) else 'the same state dict object'}",
-                              hint="each fine-tuned model should appear once; use weights to count one more")
+                              hint="each fine-tuned model should appear once" + (
+                                  f"; use {weights_option} to count one more" if weights_option else ""))
         seen[ident] = k
         if files is not None:
             files_seen[files] = k
@@ -222,8 +224,18 @@ def _check_reference(reference: Checkpoint, alignment: Alignment) -> None:
     """The reference must hold every merged tensor with its shape (it is never aligned as a model,
     so its other tensors, and tensors the models do not change, do not matter)."""
     names = set(reference.names())
+    if yields_task_vector(reference):  # an adapter changes only the tensors it targets: its sign is 0 elsewhere
+        merged = [j.name for j in alignment.jobs if j.merge]
+        missing = [n for n in merged if n not in names]
+        if missing:
+            warnings.warn(MergeWarning(
+                f"the reference {reference.label} (an adapter) changes {len(merged) - len(missing)} of the "
+                f"{len(merged)} merged tensors; on the other {len(missing)} (e.g. {missing[0]!r}) its sign is 0 "
+                "everywhere, so no model's entry agrees with it and the merge keeps the base's values there"),
+                stacklevel=3)
+        return
     for job in alignment.jobs:
-        if not job.merge or yields_task_vector(reference):
+        if not job.merge:
             continue
         if job.name not in names:
             raise IncompatibleCheckpointsError(
@@ -241,6 +253,8 @@ def _check_reference(reference: Checkpoint, alignment: Alignment) -> None:
 # default; the command line sets what the running command takes ("--stats": merge; "stats:": validate, a recipe's
 # key; None: analyze, tune, search, adapt take none), so a hint never names an option the command lacks.
 stats_option: str | None = "stats="
+# the same for per-model weights (a method option): merge and validate take them; analyze, tune, search, adapt do not
+weights_option: str | None = "weights="
 
 
 def _stats_hint(kind: str) -> str:

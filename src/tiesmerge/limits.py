@@ -23,6 +23,7 @@ from .errors import CheckpointError, TiesMergeError
 from .paths import read_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "read_json_lines",
+           "parse_float", "underflows",
            "loads_yaml", "read_yaml", "scan"]
 
 MAX_CONFIG_BYTES = 64 << 20  # an index of a huge model is a few MB; tokenizer.json tens of MB
@@ -103,7 +104,7 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     ``limit`` rows; an error naming the file when it holds none."""
     raw = read_regular(path, what, max_bytes=max_bytes, error=error)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data
     except UnicodeDecodeError as exc:
         raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=hint or _UTF8) \
             from None
@@ -122,8 +123,40 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     return rows
 
 
+def underflows(text: str, value: float) -> bool:
+    """Whether a number written as nonzero (``1e-400``) reads as 0.0: past the smallest float (5e-324), an
+    option the user set to a tiny value would silently be 0 (``--lam 1e-400``: the merge is the base)."""
+    if value != 0:
+        return False
+    mantissa = re.split(r"[eE]", str(text).strip().lstrip("+-"), maxsplit=1)[0]
+    return any(c in "123456789" for c in mantissa)
+
+
+def parse_float(text: str) -> float:
+    """``float(text)``, refusing a nonzero number that reads as 0 (:func:`underflows`) with a ValueError."""
+    value = float(text)
+    if underflows(text, value):
+        raise ValueError(f"{text.strip()} is too small for a float: it reads as 0 (the smallest is 5e-324); "
+                         "write 0 if 0 is meant")
+    return value
+
+
+class _Underflow(ValueError):
+    pass
+
+
 class _CountingLoader(yaml.SafeLoader):
     """The safe loader, with the composed graph measured before anything is constructed."""
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value = super().construct_yaml_float(node)
+        if underflows(str(node.value).replace("_", ""), value):
+            raise _Underflow(f"{node.value} (line {node.start_mark.line + 1}) is too small for a float: it reads "
+                             "as 0 (the smallest is 5e-324); write 0 if 0 is meant")
+        return value
+
+
+_CountingLoader.add_constructor("tag:yaml.org,2002:float", _CountingLoader.construct_yaml_float)
 
 
 # YAML 1.1 (PyYAML) reads 1e-1, 5e-1 or 1.0e308 as text (its floats need a dot and a signed exponent); YAML 1.2, JSON,
@@ -192,6 +225,9 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         return data
     except TiesMergeError:  # our own limits' errors (a ValueError too): already say what is wrong
         raise
+    except _Underflow as exc:
+        raise error(f"{source}: {exc}", hint="give the value as it is meant (0, or a number of at least 1e-38)") \
+            from None
     except RecursionError:
         raise error(f"{source}: YAML nested too deep to read (more than {max_depth} levels)",
                     hint=_FIX_FILE) from None
@@ -214,7 +250,7 @@ def read_yaml(path: str | os.PathLike, what: str, *, error: type[TiesMergeError]
     """A YAML file (a regular file of at most ``max_bytes``), parsed with :func:`loads_yaml`."""
     raw = read_regular(path, what, max_bytes=max_bytes, error=error)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_UTF8) from None
     return loads_yaml(text, str(path), error=error)

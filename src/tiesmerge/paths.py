@@ -232,8 +232,9 @@ def model_dir_files(source: str | os.PathLike, role: str, error: type[TiesMergeE
 def _check_other_entries(source: Path, checked: set[str], role: str, error: type[TiesMergeError]) -> None:
     """Every other top-level entry of a folder handed to transformers: each tokenizer class opens files of its own
     names (Whisper's normalizer.json, LUKE's entity_vocab.json, spm.model, ...), which no fixed list covers. A link
-    leaving the folder, a dangling link, a FIFO or a device there is refused, whatever its name; regular files and
-    folders inside are left to transformers."""
+    leaving the folder, a dangling link, a FIFO or a device there is refused, whatever its name, and so is a text
+    file a tokenizer reads whole (.json, .txt, .model, ...) past :data:`MAX_MODEL_FILE_BYTES` (a sparse 20 GiB
+    normalizer.json would fill the memory); other regular files and folders inside are left to transformers."""
     try:
         names = sorted(os.listdir(source))
     except OSError as exc:
@@ -243,15 +244,36 @@ def _check_other_entries(source: Path, checked: set[str], role: str, error: type
             continue
         path = source / name
         mode = os.lstat(path).st_mode
-        if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        if stat.S_ISDIR(mode):
+            continue
+        if stat.S_ISREG(mode):
+            _check_text_size(path, path, role, error)
             continue
         if stat.S_ISLNK(mode):
             real = inside(path, source, f"{role}'s {name}", error)  # a link leaving the folder: refused here
-            if os.path.isdir(real) or stat.S_ISREG(os.stat(real).st_mode):
+            if os.path.isdir(real):
+                continue
+            if stat.S_ISREG(os.stat(real).st_mode):
+                _check_text_size(path, Path(real), role, error)
                 continue
             mode = os.stat(real).st_mode
         raise error(f"{path}: {role}'s {name} is {_kind(mode)}, which transformers may open and block on",
                     hint="remove it from the model folder (or replace it with the file itself)")
+
+
+# what tokenizers of every class read whole (vocabularies, merges, normalizers, sentencepiece models, templates)
+_TEXT_SUFFIXES = frozenset({".json", ".txt", ".model", ".jinja", ".tiktoken", ".vocab", ".spm", ".bpe", ".merges",
+                            ".yaml", ".yml", ".tsv", ".csv"})
+
+
+def _check_text_size(path: Path, real: Path, role: str, error: type[TiesMergeError]) -> None:
+    if path.suffix.lower() not in _TEXT_SUFFIXES:
+        return
+    size = os.stat(real).st_size
+    if size > MAX_MODEL_FILE_BYTES:
+        raise error(f"{path}: {role}'s {path.name} is {format_size(size)}, more than the "
+                    f"{format_size(MAX_MODEL_FILE_BYTES)} a tokenizer or config file may take (transformers may read "
+                    "it whole into memory)", hint="remove it from the model folder, or replace it with the real file")
 
 
 # a tokenizer's extra chat templates (tool use, RAG...), one file each: read by transformers, copied to the output

@@ -134,6 +134,8 @@ def _short(value: Any, limit: int = 80) -> str:
 def _suggest_key(key: str, method: Any) -> str:
     """The nearest recipe key, or the method option that was meant (``densty`` -> parameters.density):
     options are compared first, with a strict cutoff, since they belong under ``parameters``."""
+    if key.lower() in ("output", "out", "output_dir", "output_path", "out_path", "destination"):
+        return " (a recipe does not name its output: give it on the command line, tiesmerge merge RECIPE -o DIR)"
     classes = [METHODS[method]] if isinstance(method, str) and method in METHODS else list(METHODS.values())
     options = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
     if key in options:

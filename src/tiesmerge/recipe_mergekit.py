@@ -61,11 +61,12 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 from .dtypes import BY_NAME
-from .errors import ConfigError, TiesMergeError
+from .errors import ConfigError, MergeWarning, TiesMergeError
 from .limits import read_json
 from .paths import inside
 
@@ -138,6 +139,9 @@ def _scalar(value: Any, where: str, problems: list[str]) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         yaml_bool = " (YAML reads on/off, yes/no and true/false as booleans)" if isinstance(value, bool) else ""
         problems.append(f"{where}: {_short(value)} must be a number{yaml_bool}")
+        return None
+    if isinstance(value, float) and not math.isfinite(value):  # named with the others, not after a later stage
+        problems.append(f"{where}: {value} must be a finite number")
         return None
     return value
 
@@ -215,7 +219,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         entries = []
     paths: list[str] = []
     per_model: dict[str, list[Any]] = {key: [] for key in _PER_MODEL}
-    dropped_base = False
+    dropped_base = missing_weight = False
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "model" not in entry:
             problems.append(f"models[{i}]: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
@@ -243,9 +247,11 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                 value = params.get(key, values.get(key, defaults[key]))
                 # a weight nobody gave is said once below ("every model needs a weight"), not as "None" per model;
                 # a shared value already reported is not reported again per model
+                if value is None and key == "weight":
+                    missing_weight = True
                 per_model[key].append(None if value is _REPORTED or (value is None and key == "weight") else
                                       _scalar(value, f"models[{i}].parameters.{key}", problems))
-    if "weight" in defaults and any(w is None for w in per_model["weight"]):
+    if "weight" in defaults and missing_weight:  # not where a weight given was refused above
         problems.append(f"every model needs a weight (mergekit's {method} requires one: "
                         "models[i].parameters.weight or parameters.weight)")
     options = {k: values.get(k, v) for k, v in defaults.items() if k not in _PER_MODEL}
@@ -255,10 +261,12 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     if options.get("int8_mask"):
         warnings.append("int8_mask is ignored: tiesmerge's masks are never materialised in a chosen dtype")
     dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
-    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
-        if value is not None and value not in _DTYPES:
-            problems.append(f"{key} {value!r} is not one of {', '.join(_DTYPES)}")
+    # a dtype problem does not stop the method's own checks below: every problem is listed at once
+    dtype_problems = [f"{key} {value!r} is not one of {', '.join(_DTYPES)}"
+                      for key, value in (("dtype", dtype), ("out_dtype", out_dtype))
+                      if value is not None and value not in _DTYPES]
     if problems:
+        problems += dtype_problems
         raise ConfigError([f"{source}: {p}" for p in problems],
                           hint=f"tiesmerge reads mergekit's {', '.join(MERGEKIT_METHODS)} with scalar parameters "
                                "(slerp's t also with filters and gradients); see tiesmerge merge --help")
@@ -269,10 +277,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     else:
         method_name, params, semantics = _translate(method, options, weights, per_model["density"], paths, base,
                                                     problems, warnings)
+    problems += dtype_problems
     if problems:  # the recipe's values break the method's rules: each message says which, and how
-        raise ConfigError([f"{source}: {p}" for p in problems],
-                          hint=f"fix the values named above in {source}; `tiesmerge validate RECIPE` checks a recipe "
-                               "without merging")
+        raise ConfigError([f"{source}: {p}" for p in problems], hint=f"fix the values named above in {source}")
     if "_anchor" in params:
         base, paths = params.pop("_anchor"), params.pop("_models")
     out_name = out_dtype or dtype
@@ -329,6 +336,7 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
             "mergekit task_arithmetic: base + λ Σ w_t τ_t" + (" / Σ w" if normalize else ""))
     density_values = [float(d) for d in densities]
     if method == "ties":
+        _warn_above_one(method, density_values)
         params: dict[str, Any] = {"scope": "per_tensor", "elect": "mass", "zero_sign": "positive",
                                   "aggregate": "mean" if normalize else "sum", "lam": lam, "weights": weights,
                                   "density": 1.0, "densities": [min(1.0, d) for d in density_values],
@@ -479,6 +487,8 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
     density = _one(per_model["density"], "density", method, problems)
     if density is not None and density <= 0:
         problems.append(f"{method}: density {density} keeps nothing; use a fraction in (0, 1]")
+    if density is not None:
+        _warn_above_one(method, [density])
     lam, normalize = options["lambda"], options["normalize"]
     ties = method in ("breadcrumbs_ties", "della")
     agreement = {"elect": "mass", "zero_sign": "positive", "aggregate": "mean" if normalize else "sum"}
@@ -508,3 +518,12 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
                             "[density - ε, density + ε], " + ("L1 rescale, " if options["rescale"] else "")
                             + ("sign election, agreeing deltas " if ties else "weighted deltas ")
                             + ("averaged by weight" if normalize else "summed") + ", × λ")
+
+
+def _warn_above_one(method: str, densities: list[float]) -> None:
+    """A density above 1 keeps every entry in mergekit, and so here; but it is likely a percent (7 for 0.07)."""
+    above = [d for d in densities if d > 1]
+    if above:
+        warnings.warn(MergeWarning(
+            f"{method}: density {above[0]:g} is above 1, so every entry is kept (as mergekit keeps them); a density "
+            f"is the fraction kept: {above[0] / 100:g} keeps {above[0]:g} %"), stacklevel=4)

@@ -447,6 +447,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if not (math.isfinite(args.params) and 0.01 <= args.params <= 10_000):
         raise ConfigError(f"--params {args.params:g}: the synthetic model's size must be between 0.01 and 10,000 "
                           "million parameters", hint="e.g. --params 50 (the default)")
+    if not args.synthetic:  # the extras first: a refused demo leaves no --workdir (nor its marker) behind
+        from .demo_text import model_dir
+
+        model_dir()
     if args.workdir:
         args.workdir = str(demo_workdir(args.workdir))  # before anything is made: never over a user's files
     if args.synthetic:

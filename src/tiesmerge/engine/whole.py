@@ -136,6 +136,10 @@ class Reductions:
         """(S,) float32: torch.sum of (v_i / s_i) * (v_j / s_j) (``scales``, float32) or v_i * v_j, per span."""
         raise NotImplementedError
 
+    def pair_sums(self, pairs: Sequence[tuple[int, int]]) -> list[np.float32]:
+        """torch.sum of v_i * v_j over the whole tensor, for each pair (i, j)."""
+        return [self.sums(i, j)[0] for i, j in pairs]
+
 
 def _spans(numel: int, span: int | None) -> list[tuple[int, int]]:
     step = span or numel
@@ -172,25 +176,37 @@ class TorchOrder(Reductions):
 
     def sums(self, i: int, j: int, scales: tuple[float, float] | None = None, span: int | None = None
              ) -> np.ndarray:
-        jobs, slots = [], []  # one job per (span, torch thread); slots: where each lands
-        for k, (s, e) in enumerate(_spans(self.numel, span)):
-            for slot, (a, b) in enumerate(thread_ranges(e - s, self.threads)):
-                jobs.append((s + a, s + b))
-                slots.append((k, slot))
+        return self._sums([(i, j)], scales, span)[0]
+
+    def pair_sums(self, pairs: Sequence[tuple[int, int]]) -> list[np.float32]:
+        # every pair's jobs in one parallel call: Model Stock's three pairs keep both cores busy together
+        return [out[0] for out in self._sums(pairs, None, None)]
+
+    def _sums(self, pairs: Sequence[tuple[int, int]], scales: tuple[float, float] | None, span: int | None
+              ) -> list[np.ndarray]:
+        spans = _spans(self.numel, span)
+        jobs, slots = [], []  # one job per (pair, span, torch thread); slots: where each lands
+        for p, (i, j) in enumerate(pairs):
+            for k, (s, e) in enumerate(spans):
+                for slot, (a, b) in enumerate(thread_ranges(e - s, self.threads)):
+                    jobs.append((self.operands[i], self.operands[j], s + a, s + b))
+                    slots.append((p, k, slot))
         n = len(jobs)
         scale = None if scales is None else (np.full(n, scales[0], np.float32), np.full(n, scales[1], np.float32))
-        parts = self.kernels.torch_sums(self.inputs, np.full(n, self.operands[i]), np.full(n, self.operands[j]),
-                                        self.relative, scale, np.array([a for a, _ in jobs]),
-                                        np.array([b for _, b in jobs]))
-        count = len(_spans(self.numel, span))
-        per_thread = np.zeros((count, self.threads), np.float32)
-        for (k, slot), value in zip(slots, parts, strict=True):
-            per_thread[k, slot] = value
-        out = np.empty(count, np.float32)
-        for k, (s, e) in enumerate(_spans(self.numel, span)):
-            # torch's two-pass reduction adds its threads' results with the same sum (a serial one)
-            out[k] = aten_sum(self.kernels, per_thread[k]) if split(e - s, self.threads) else per_thread[k, 0]
-        return out
+        parts = self.kernels.torch_sums(self.inputs, np.array([job[0] for job in jobs]),
+                                        np.array([job[1] for job in jobs]), self.relative, scale,
+                                        np.array([job[2] for job in jobs]), np.array([job[3] for job in jobs]))
+        per_thread = np.zeros((len(pairs), len(spans), self.threads), np.float32)
+        for (p, k, slot), value in zip(slots, parts, strict=True):
+            per_thread[p, k, slot] = value
+        outs = []
+        for p in range(len(pairs)):
+            out = np.empty(len(spans), np.float32)
+            for k, (s, e) in enumerate(spans):
+                # torch's two-pass reduction adds its threads' results with the same sum (a serial one)
+                out[k] = aten_sum(self.kernels, per_thread[p, k]) if split(e - s, self.threads) else per_thread[p, k, 0]
+            outs.append(out)
+        return outs
 
 
 def split(numel: int, threads: int) -> bool:

@@ -197,7 +197,7 @@ class LMPerplexity(_Scorer):
         self.model_dir, self.data = Path(self.model_dir), Path(self.data)
         raw = read_regular(self.data, "the text file", max_bytes=_MAX_DATA_BYTES, error=ConfigError)
         try:
-            self.text = raw.decode("utf-8")
+            self.text = raw.decode("utf-8-sig")  # a byte-order mark is not text to score
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{self.data}: the text file is not UTF-8 ({exc.reason} at byte {exc.start})",
                               hint="save the text as UTF-8 (`iconv -f LATIN1 -t UTF-8` converts a Latin-1 file)") \

@@ -179,6 +179,11 @@ def forward_checked(directory: str | os.PathLike | None, role: str = "the model"
                                   hint="its tokenizer files hold something the tokenizers library cannot run (e.g. a "
                                        "pre-tokenizer regex that backtracks): use the model's original tokenizer") \
                 from None
+        if "vmap" in str(exc) or "functorch" in type(exc).__module__:  # torch.func cannot trace this model's code
+            raise CheckpointError(f"{where}{role}'s forward pass cannot run under torch.func.vmap "
+                                  f"({type(exc).__name__}: {first})",
+                                  hint="compute per-example gradients one example at a time: --per-example loop "
+                                       "(the default)") from None
         raise CheckpointError(f"{where}{role} fails in its forward pass ({type(exc).__name__}: {first})",
                               hint="its config.json likely does not describe these weights (a layer or head count, a "
                                    "token id or an epsilon out of range): use the model's original config") from None

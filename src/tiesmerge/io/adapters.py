@@ -56,6 +56,8 @@ _UNSUPPORTED_LORA = {  # config keys whose non-default value changes what ΔW is
     "target_parameters": "LoRA on raw parameters (target_parameters) has no module weight to add to",
     "layer_replication": "layer replication changes the base model's layout",
     "use_qalora": "QA-LoRA pools the inputs, so ΔW is not s·B·A",
+    "lora_bias": "lora_bias trains a bias beside B, a change of the module's bias that is not s·B·A",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices) replace embedding rows, not s·B·A",
 }
 
 
@@ -180,6 +182,14 @@ class LoraCheckpoint:
                 # (PEFT also saves an adapted embedding's own weight, as <module>.base_layer.weight)
                 plain = key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
                 self._full[plain.replace(".base_layer.", ".")] = key
+        known = {k for a, b, _ in self._factors.values() for k in (a, b)}
+        unknown = [k for k in keys if (".lora_" in k and k not in known) or ".token_adapter." in k]
+        if unknown:  # a variant's own tensors (lora_B.bias, a magnitude vector, trainable tokens): never dropped
+            self._file.close()
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds {len(unknown)} LoRA tensor(s) that are not A/B "
+                                  f"factors, e.g. {unknown[0]!r}: a LoRA variant tiesmerge does not merge",
+                                  hint="merge the adapter into its base model (PeftModel.merge_and_unload) and merge "
+                                       "the full model instead")
         if not self._factors and not self._full:
             self._file.close()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds no LoRA factors")

@@ -202,6 +202,17 @@ def _first_rows(ckpt: Checkpoint, name: str, rows: slice | None) -> bytes:
 _COMPARE_BYTES = 16 << 20  # rows compared per read: memory stays bounded for any embedding
 
 
+def _models_changing(base: Checkpoint, models: Sequence[Checkpoint], name: str) -> list[int]:
+    """The models whose integer tensor ``name`` (of at most 16 MiB: a buffer) holds other bytes than the base's."""
+    info = base.info(name)
+    if info.nbytes > _COMPARE_BYTES:
+        return []
+    mine = _first_rows(base, name, None)
+    return [k for k, m in enumerate(models) if not yields_task_vector(m) and name in m.names()
+            and m.info(name).dtype_info == info.dtype_info and tuple(m.info(name).shape) == tuple(info.shape)
+            and _first_rows(m, name, None) != mine]
+
+
 def _same_values(ckpts: list[Checkpoint], a: str, b: str) -> bool:
     """Whether two names hold one tensor in every input: every row's bytes compared, in chunks
     (files: read as stored, no torch). Only files that store both names pay this; a model
@@ -297,6 +308,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
     # -- shapes, dtypes, vocabulary policy
     jobs: list[TensorJob] = []
     truncated: list[dict] = []
+    changed: list[tuple[str, int]] = []  # (integer tensor, model) where the model holds other values than the base
     for name in names:
         if name in alias_of:
             continue
@@ -314,6 +326,8 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                     hint="pass the unquantized base (floating weights), as the fine-tunes were trained from it")
         if not info.is_floating or name not in covered:
             jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=False, aliases=aliases))
+            if not info.is_floating:
+                changed.extend((name, k) for k in _models_changing(base, models, name))
             continue
         for k, model in enumerate(models):
             if yields_task_vector(model):
@@ -335,7 +349,11 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 truncated.append({"tensor": name, "model": k, "from_rows": mi.shape[0], "to_rows": info.shape[0]})
                 continue
             hint = "all models must share the base's architecture"
-            if rows_only:
+            if rows_only and mi.shape[0] < info.shape[0]:  # truncate cuts a model's extra rows; these are missing
+                hint = (f"model {k}'s table has fewer rows ({mi.shape[0]}) than the base's ({info.shape[0]}), so "
+                        "truncating cannot help; --vocab-policy union (vocab_policy='union') merges by token, "
+                        "each token's row from the models that have it")
+            elif rows_only:
                 hint = ("the vocabulary sizes differ; --vocab-policy union (vocab_policy='union') keeps every "
                         "model's added tokens (their rows: the mean of the models that have them), --vocab-policy "
                         "truncate keeps only the base's first rows of every model, if the added tokens come after "
@@ -345,6 +363,12 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 hint=hint,
             )
         jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=True, aliases=aliases))
+    if changed:  # copied from the base: a model's own values there (position ids, a mask) are not in the output
+        tensors = list(dict.fromkeys(n for n, _ in changed))
+        warnings.warn(f"{len(tensors)} integer or boolean tensor(s) are copied from the base, but model(s) "
+                      f"{', '.join(str(k) for k in sorted({k for _, k in changed}))} hold other values there "
+                      f"({', '.join(repr(n) for n in tensors[:5])}{', ...' if len(tensors) > 5 else ''}): such "
+                      "tensors are not merged, so the output keeps the base's values", MergeWarning, stacklevel=2)
     if not any(j.merge for j in jobs):  # integer tensors only: the output is the base, whatever the models hold
         warnings.warn(f"nothing to merge: the base's {len(jobs)} tensor(s) are integers or booleans (buffers, "
                       "quantized weights), which are copied from the base; the output is the base",

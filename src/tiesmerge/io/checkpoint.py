@@ -126,6 +126,14 @@ def open_checkpoint(
     if os.path.lexists(index):  # a FIFO or folder there is named by the limited reader, not "no weights found"
         weight_map = _read_index(index)
         shards = sorted(set(weight_map.values()))
+        single = path / "model.safetensors"
+        if os.path.lexists(single) and single not in {Path(s) for s in shards}:
+            # transformers loads model.safetensors first, the index only without it: which is the model?
+            raise CheckpointError(
+                f"{path}: holds two sets of weights, model.safetensors and the {len(shards)} shard(s) that "
+                "model.safetensors.index.json names; transformers loads model.safetensors, other tools the shards",
+                hint="move the set that is not this model out of the folder (or give the single file itself as the "
+                     "model), then run again")
         return SafetensorsCheckpoint(path, shards, weight_map, label)
     if (path / "model.safetensors").is_file():
         inside(path / "model.safetensors", path, "the model's weights")  # a link may not leave the model

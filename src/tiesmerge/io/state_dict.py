@@ -99,6 +99,13 @@ class PickleCheckpoint(StateDictCheckpoint):
         for file in files:
             try:
                 loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "_use_new_zipfile_serialization" not in str(exc):
+                    raise _pickle_error(file, exc) from None
+                try:  # PyTorch's legacy (pre-1.6, non-zip) format: read whole (it cannot be mapped), still weights only
+                    loaded = torch.load(file, map_location="cpu", weights_only=True)
+                except Exception as legacy:  # torch raises many kinds here
+                    raise _pickle_error(file, legacy) from None
             except Exception as exc:  # torch raises many kinds here
                 raise _pickle_error(file, exc) from None
             if isinstance(loaded, Mapping) and "state_dict" in loaded and isinstance(loaded["state_dict"], Mapping):

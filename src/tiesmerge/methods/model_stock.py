@@ -46,7 +46,9 @@ class ModelStock:
         if k < 2:
             raise ConfigError(f"model_stock needs at least two fine-tuned models, got {k}",
                               hint="list two or more models besides the base")
-        t = interpolation_f32([reductions.norms(i)[0] for i in range(k)], lambda i, j: reductions.sums(i, j)[0],
+        pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
+        dots = dict(zip(pairs, reductions.pair_sums(pairs), strict=True))  # in one pass of the kernels
+        t = interpolation_f32([reductions.norms(i)[0] for i in range(k)], lambda i, j: dots[(i, j)],
                               reductions.numerics.sum)
         return float(t), float(np.float32(1) - t)
 

@@ -108,8 +108,8 @@ def merged_delta(job: Job, base32: Mapping[str, torch.Tensor], options: Mapping[
 def candidate_state(job: Job, base32: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
                     options: Mapping[str, Any], dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
     """The candidate's state dict from its merge key's :func:`merged_delta`."""
-    if not job.has_lam:
-        return {k: delta[k].to(dtypes[k]) if k in delta else base32[k] for k in base32}
+    if not job.has_lam:  # fresh tensors: an evaluator may change its state in place (delta is shared by a key)
+        return {k: delta[k].to(dtypes[k], copy=True) if k in delta else base32[k].clone() for k in base32}
     lam = job.lam_of(options)
     state = scaled_state(base32, delta, lam, dtypes)
     shown = {**options, "lam": lam}
@@ -134,8 +134,9 @@ def check_candidate(state: Mapping[str, torch.Tensor], delta: Mapping[str, torch
 
 def scaled_state(base32: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], lam: float,
                  dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    """base + lam * tau_m, each tensor in the base's dtype (integer buffers are the base's)."""
-    return {k: (base32[k] + lam * delta[k]).to(dtypes[k]) if k in delta else base32[k] for k in base32}
+    """base + lam * tau_m, each tensor in the base's dtype (integer buffers are copies of the base's: an
+    evaluator may change its state in place, and the caller's base and later candidates must not see it)."""
+    return {k: (base32[k] + lam * delta[k]).to(dtypes[k]) if k in delta else base32[k].clone() for k in base32}
 
 
 def score_state(evaluate: Evaluator, state: Mapping[str, torch.Tensor]) -> tuple[float, float]:

@@ -7,6 +7,7 @@ the search's JSONL log, each written to a temporary name and renamed, so a repor
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -110,11 +111,21 @@ def write_report(result: SearchResult, directory: str | os.PathLike) -> Path:
     figures = render_figures(result)
     out.mkdir(parents=True, exist_ok=True)
     markdown = _markdown(result)
-    _write(out / "results.md", markdown)
-    _write(out / "report.html", _html(result, figures, markdown))
     from ..paths import SEARCH_STAMPS, file_stamp
 
-    # what was written, so that a later run of the same search can tell a report the user edited since (their notes
-    # in results.md) from its own, and stop before replacing it (paths.check_search_dir)
-    _write(out / SEARCH_STAMPS, json.dumps({name: file_stamp(out / name) for name in ("results.md", "report.html")}))
+    written: dict[str, object] = {}
+    try:
+        _write(out / "results.md", markdown)
+        written["results.md"] = file_stamp(out / "results.md")
+        _write(out / "report.html", _html(result, figures, markdown))
+        written["report.html"] = file_stamp(out / "report.html")
+        # what was written, so that a later run of the same search can tell a report the user edited since (their
+        # notes in results.md) from its own, and stop before replacing it (paths.check_search_dir)
+        _write(out / SEARCH_STAMPS, json.dumps(written))
+    except BaseException:  # a full disk, a signal: a report left without its stamps would block the resume
+        for name, stamp in written.items():
+            with contextlib.suppress(OSError):
+                if file_stamp(out / name) == stamp:
+                    os.unlink(out / name)
+        raise
     return out / "report.html"

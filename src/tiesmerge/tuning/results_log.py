@@ -139,9 +139,21 @@ class ResultsLog:
         self._write_line(record)
 
     def _write_line(self, data: Mapping[str, Any]) -> None:
-        os.lseek(self._fd, 0, os.SEEK_END)
-        os.write(self._fd, (json.dumps(data, sort_keys=True) + "\n").encode())
-        os.fsync(self._fd)
+        line = memoryview((json.dumps(data, sort_keys=True) + "\n").encode())
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        try:
+            while line:  # a write may take part of the line (a disk filling up): the rest follows, or the error
+                line = line[os.write(self._fd, line):]
+            os.fsync(self._fd)
+        except OSError as exc:  # no half line left behind, and the log named (the error carries no file name)
+            try:
+                os.ftruncate(self._fd, end)
+            except OSError:
+                pass
+            raise OutputError(f"{self.path}: cannot append to the search log ({exc.strerror or exc}); the candidates "
+                              "scored before are kept in it",
+                              hint="free space there (or move --dir), then run the same search again: it resumes "
+                                   "from the log") from None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records.values())

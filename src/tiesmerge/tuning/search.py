@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from ..api import Source, merge
 from ..errors import ConfigError
 from ..inputs import check_inputs
+from ..limits import parse_float, underflows
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
@@ -79,10 +81,10 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
             continue
         try:
             if ":" in values:
-                start, stop, step = (float(x) for x in values.split(":"))
+                start, stop, step = (parse_float(x) for x in values.split(":"))
                 axis = steps(start, stop, step)
             else:
-                axis = tuple(float(x) for x in values.split(","))
+                axis = tuple(parse_float(x) for x in values.split(","))
             if kind is int:
                 if any(v != int(v) for v in axis):
                     raise ValueError
@@ -94,8 +96,10 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
             grid[name] = axis
         except ConfigError as exc:  # a range that is empty, unbounded or too long: its own words
             problems += [f"--grid {item!r}: {p}" for p in exc.problems]
-        except ValueError:
-            problems.append(f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step"
+        except ValueError as exc:
+            tiny = next((x for x in re.split("[,:]", values) if underflows(x, 0.0)), None)
+            problems.append(f"--grid {item!r}: {exc}" if tiny is not None and "too small" in str(exc) else
+                            f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step"
                             + (" with integers" if kind is int else ""))
     total = math.prod(len(axis) for axis in grid.values())
     if not problems and total > MAX_AXIS_POINTS:  # every point is a merge: refused before the first
@@ -134,7 +138,9 @@ class TuningResult:
 
 def _scaled(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor], lam: float,
             dtypes: Mapping[str, torch.dtype]) -> dict[str, torch.Tensor]:
-    return {k: (base[k] + lam * delta[k]).to(dtypes[k]) if k in delta else base[k] for k in base}
+    # the base's own tensors (integer buffers) copied: an evaluator may change its state in place, and the
+    # caller's base and every later candidate must not see that
+    return {k: (base[k] + lam * delta[k]).to(dtypes[k]) if k in delta else base[k].clone() for k in base}
 
 
 def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, evaluate: Evaluator, *,

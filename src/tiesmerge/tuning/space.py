@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
+from ..limits import parse_float
 from ..methods.base import fraction, option_problem, option_types
 from ..methods.base import paper_grid as declared_grid
 
@@ -127,11 +128,12 @@ def parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
     for item in items:
         name, _, text = item.partition("=")
         try:
-            low, high = (float(x) for x in text.split(":"))
+            low, high = (parse_float(x) for x in text.split(":"))
             if not low < high:
                 raise ValueError
-        except ValueError:
-            problems.append(f"--range {item!r}: expected NAME=LO:HI with LO < HI")
+        except ValueError as exc:
+            problems.append(f"--range {item!r}: {exc}" if "too small" in str(exc) else
+                            f"--range {item!r}: expected NAME=LO:HI with LO < HI")
             continue
         if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
             # candidates are drawn as low + u * (high - low): an infinite width makes them infinite
@@ -162,9 +164,11 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
                     raise ValueError
                 value: Any = text.lower() == "true"
             elif kind is tuple:
-                value = tuple(float(x) for x in text.split(","))
-            elif kind in (float, int):
-                value = kind(text)
+                value = tuple(parse_float(x) for x in text.split(","))
+            elif kind is float:
+                value = parse_float(text)
+            elif kind is int:
+                value = int(text)
             else:
                 value = text
             why = option_problem(cls, name, value)
@@ -174,8 +178,9 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
             fixed[name] = value
         except KeyError:
             problems.append(f"--set {item!r}: {cls.name} has no option {name!r} (it has: {', '.join(types)})")
-        except ValueError:
-            problems.append(f"--set {item!r}: not a valid {getattr(kind, '__name__', kind)} for {name}")
+        except ValueError as exc:
+            problems.append(f"--set {item!r}: {exc}" if "too small" in str(exc) else
+                            f"--set {item!r}: not a valid {getattr(kind, '__name__', kind)} for {name}")
     if problems:
         raise ConfigError(problems)
     return fixed
