@@ -302,3 +302,92 @@ def test_a_shorter_vocabulary_is_not_offered_truncate(tmp_path, capsys):
     with pytest.raises(Exception, match="fewer rows") as info:
         tiesmerge.merge(b, ms, "ties", output=tmp_path / "out", vocab_policy="truncate")
     assert "truncating cannot help" in str(getattr(info.value, "hint", ""))
+
+
+def test_the_dry_run_says_why_the_peak_passes_a_small_budget(family, tmp_path, capsys):
+    """F22: "peak memory 64.03 MiB estimated (budget 9.54 MiB)" with no word."""
+    b, ms = family
+    rc, out, _ = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--dry-run",
+                          "--memory-budget", "10MB"], capsys)
+    assert rc == 0 and "do not shrink with it" in out
+
+
+def test_links_into_a_blobs_folder_count_only_in_a_hub_cache(tmp_path):
+    """F23: any proj/snapshots/x folder could link its weights into proj/blobs (a folder outside the model)."""
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    snap = write_hf_dir(tmp_path / "proj" / "snapshots" / "m1", fts[0])
+    (tmp_path / "proj" / "blobs").mkdir()
+    os.replace(snap / "model.safetensors", tmp_path / "proj" / "blobs" / "private.safetensors")
+    os.symlink("../../blobs/private.safetensors", snap / "model.safetensors")
+    with pytest.raises(tiesmerge.errors.TiesMergeError, match="outside|leaves"):
+        tiesmerge.merge(b, [snap, write_hf_dir(tmp_path / "ft1", fts[1])], "ties", output=tmp_path / "out")
+
+
+def test_options_a_method_override_drops_are_warned(family, tmp_path, capsys):
+    """F24: `merge RECIPE --method task_arithmetic` dropped the recipe's ties options silently."""
+    b, ms = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\nparameters: {{density: 0.5}}\n")
+    rc, _, err = run_cli(["merge", str(recipe), "--method", "task_arithmetic", "--dry-run"], capsys)
+    assert rc == 0 and "replaces the recipe's method ties" in err and "density" in err
+
+
+def test_force_after_a_chmod_says_what_it_can_tell(family, tmp_path, capsys):
+    """F25: after `chmod -R a+r OUT` (no content changed), --force spoke of "your changes"."""
+    b, ms = family
+    flags = ["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "-o", str(tmp_path / "o"),
+             "--no-progress"]
+    assert run_cli(flags, capsys)[0] == 0
+    config = tmp_path / "o" / "config.json"
+    os.chmod(config, os.stat(config).st_mode)  # the same mode: only the change time moves
+    rc, _, err = run_cli([*flags, "--force"], capsys)
+    assert rc == 1 and "chmod, chown or hard link" in err and "config.json" in err
+
+
+def test_validate_refuses_what_merge_refuses_about_rank(family, tmp_path, capsys):
+    """F26: `rank: 4` with a full-model output passed validate and failed merge."""
+    b, ms = family
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\nrank: 4\n")
+    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc == 2 and "applies to a merged LoRA adapter only" in err
+
+
+def test_the_leftover_clean_up_never_removes_an_input_of_the_run(tmp_path):
+    """F27: a model folder named like a dead run's temporary (a salvaged output) was deleted mid-merge."""
+    from tiesmerge.scratch import host_tag
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    salvaged = write_hf_dir(tmp_path / "parent" / f".tiesmerge-tmp-{host_tag()}-999999-abcdefgh", fts[0])
+    before = sorted(p.name for p in salvaged.iterdir())
+    tiesmerge.merge(b, [salvaged, write_hf_dir(tmp_path / "ft1", fts[1])], "ties", output=tmp_path / "parent" / "new")
+    assert sorted(p.name for p in salvaged.iterdir()) == before
+
+
+def test_analyze_is_not_offered_the_union_it_lacks(tmp_path, capsys):
+    """F1 (pass 13): analyze and tune were offered `--vocab-policy union`, which they do not take."""
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    name = "model.embed_tokens.weight"
+    ms = [write_hf_dir(tmp_path / f"m{k}", {n: (torch.cat([v, v[:2]]) if n == name else v) + 0.01 * (k + 1)
+                                            for n, v in base.items()}) for k in range(2)]
+    rc, _, err = run_cli(["analyze", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]),
+                          "-o", str(tmp_path / "a")], capsys)
+    assert rc == 1 and "vocabulary sizes differ" in err and "union" not in err
+
+
+def test_results_edited_while_the_search_runs_are_not_overwritten(tmp_path, monkeypatch):
+    """F28: the check that keeps a user's edits to results.md ran only when the search started."""
+    from tiesmerge.paths import check_report_unchanged
+    from tiesmerge.tuning import report
+
+    monkeypatch.setattr(report, "render_figures", lambda result: {})
+    monkeypatch.setattr(report, "_markdown", lambda result: "# results\n")
+    monkeypatch.setattr(report, "_html", lambda result, figures, markdown: "<html>")
+    report.write_report(object(), tmp_path / "dir")
+    check_report_unchanged(tmp_path / "dir")  # as written: fine
+    (tmp_path / "dir" / "results.md").write_text("# results\nmy notes\n")
+    with pytest.raises(OutputError, match="results.md changed since the search wrote"):
+        check_report_unchanged(tmp_path / "dir")

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import adapter_merge
 from .engine.executor import MemorySink
-from .engine.plan import Plan
+from .engine.plan import FIXED_OVERHEAD, Plan
 from .errors import ConfigError, MergeWarning
 from .inputs import (
     Source,
@@ -136,7 +136,9 @@ def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
         f"passes           {plan.passes} over the merged tensors: {', '.join(plan.pass_names)}",
         f"bytes to read    {format_size(plan.bytes_to_read)}",
         f"output size      {format_size(plan.output_bytes)}",
-        f"peak memory      {format_size(plan.peak_bytes)} estimated (budget {format_size(plan.memory_budget)})",
+        f"peak memory      {format_size(plan.peak_bytes)} estimated (budget {format_size(plan.memory_budget)}"
+        + (f"; {format_size(FIXED_OVERHEAD)} of fixed buffers (histograms, samples) do not shrink with it)"
+           if plan.peak_bytes > plan.memory_budget else ")"),
     ]
     lines += [f"note             {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -157,7 +157,9 @@ def _blobs(root: str | os.PathLike) -> tuple[Path | None, str | None]:
     files are links into ``models--org--name/blobs``): that repository's blobs folder, resolved, when
     ``<repo>/blobs`` itself (unresolved) is a real directory; else why it is not allowed."""
     plain = physical(root)
-    if plain.parent.name != "snapshots":
+    # huggingface_hub's layout only: <cache>/(models|datasets|spaces)--<org>--<name>/snapshots/<revision>; a user's
+    # own proj/snapshots/x beside a proj/blobs folder is no cache, and its links into blobs leave the model
+    if plain.parent.name != "snapshots" or not re.fullmatch(r"(models|datasets|spaces)--.+", plain.parent.parent.name):
         return None, None
     blobs = plain.parent.parent / "blobs"
     try:
@@ -588,6 +590,13 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     changed = changed_files(final)
     if changed:
         more = ", ..." if len(changed) > 5 else ""
+        if all(_only_change_time_moved(final, rel) for rel in changed):  # a chmod, chown or hard link: no edit shows
+            raise OutputError(f"{output}: {len(changed)} file(s) that tiesmerge wrote there changed since, as far as "
+                              f"their change time tells ({', '.join(changed[:5])}{more}): their size and modification "
+                              "time are the same, so a chmod, chown or hard link may be all, but an edit that restored "
+                              "them looks the same, and --force would discard it",
+                              hint="copy them out of that directory first, or remove it yourself if nothing in it is "
+                                   "yours, or choose another path")
         raise OutputError(f"{output}: --force would discard your changes to {len(changed)} file(s) that tiesmerge "
                           f"wrote there (changed since: {', '.join(changed[:5])}{more})",
                           hint="copy them out of that directory first, or choose another path")
@@ -684,6 +693,19 @@ def _not_file_names(directory: Path) -> list[str]:
                     or os.path.normpath(rel) == ".":
                 bad.append(str(rel))
     return sorted(set(bad))
+
+
+def _only_change_time_moved(directory: Path, rel: str) -> bool:
+    """Whether ``rel``'s recorded stamp still holds for its size and modification time (only the change time moved)."""
+    for data in _markers(directory):
+        stamps = data.get(STAMPS_FIELD)
+        recorded = stamps.get(rel) if isinstance(stamps, dict) else None
+        if isinstance(recorded, list) and len(recorded) == 3:
+            try:
+                return file_stamp(directory / rel)[:2] == recorded[:2]
+            except OSError:
+                return False
+    return False
 
 
 def changed_files(directory: Path) -> list[str]:
@@ -1042,6 +1064,13 @@ def check_search_dir(directory: str | os.PathLike) -> None:
         raise OutputError(f"{directory}: --dir exists and holds files that are not a tiesmerge search's ({shown})",
                           hint="choose a new or empty --dir, or the --dir of the same search to resume it")
     _check_report_unchanged(directory)
+
+
+def check_report_unchanged(directory: str | os.PathLike) -> None:
+    """:func:`_check_report_unchanged` again at the end of a search, right before the report is rewritten: the user
+    may have edited results.md while the search ran."""
+    if os.path.isdir(directory):
+        _check_report_unchanged(Path(directory))
 
 
 def _check_report_unchanged(directory: Path) -> None:

@@ -241,6 +241,12 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     rank = data.get("rank")
     if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
         problems.append(f"rank must be a positive integer, got {_short(rank)}")
+    elif rank is not None and data.get("output_format", "model") == "model":  # as merge refuses it
+        problems.append(f"rank {rank} applies to a merged LoRA adapter only (output_format: adapter), and the output "
+                        "is a full model")
+    if data.get("output_format") == "adapter" and "shard_size" in data:
+        problems.append("shard_size applies to a full model's weights; an adapter is written as one "
+                        "adapter_model.safetensors")
     if data.get("origin") is not None and not isinstance(data["origin"], dict):
         problems.append("origin must be a mapping (it records where a translated recipe came from)")
     for key in ("allow_pickle", "allow_distant"):

@@ -212,6 +212,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"best: [{best.index}] {options} score {format_score(best.score)} "
           f"({len(result.trials)} candidates, {result.evaluations} scored and {result.merges} merges in this run, "
           f"{result.seconds:.1f} s)")
+    from ..paths import check_report_unchanged
+
+    check_report_unchanged(args.dir)  # an edit made while the search ran is not overwritten either
     print(f"wrote {shown(write_report(result, args.dir))} and {shown(args.dir / 'results.md')} beside "
           f"{shown(args.dir / 'log.jsonl')}")
     if args.output:
@@ -239,6 +242,12 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         data["allow_distant"] = True
     if args.method:
         if data.get("method") not in (None, args.method):
+            dropped = data.get("parameters") or {}
+            if isinstance(dropped, dict) and dropped:  # said, not dropped silently
+                print(f"warning: --method {args.method} replaces the recipe's method "
+                      f"{terminal_safe(str(data['method']))}, and its parameters "
+                      f"({', '.join(terminal_safe(str(k)) for k in list(dropped)[:8])}) are that method's: they are "
+                      "left out (give the new method's options as flags)", file=sys.stderr)
             data["parameters"] = {}  # the recipe's options belong to its own method
         data["method"] = args.method
     data.setdefault("method", "ties")

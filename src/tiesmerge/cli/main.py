@@ -386,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     previous = _terminate_like_interrupt()
     _private_torch_cache()
     from .. import inputs, sizes
+    from ..io import align
 
     sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
     inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: the command has none
     inputs.weights_option = {"merge": "--weights", "validate": "weights:"}.get(args.command)
+    align.union_offered = args.command in ("merge", "validate")
     shown_before = warnings.showwarning
     warnings.showwarning = _warning_printer(shown_before)
     stdout = sys.stdout

@@ -201,6 +201,10 @@ def _first_rows(ckpt: Checkpoint, name: str, rows: slice | None) -> bytes:
 
 _COMPARE_BYTES = 16 << 20  # rows compared per read: memory stays bounded for any embedding
 
+# whether the running command offers --vocab-policy union (merge, validate, the API's merge); analyze, tune and
+# search take error or truncate only, so their hints never name union (the command line sets this per command)
+union_offered = True
+
 
 def _models_changing(base: Checkpoint, models: Sequence[Checkpoint], name: str) -> list[int]:
     """The models whose integer tensor ``name`` (of at most 16 MiB: a buffer) holds other bytes than the base's."""
@@ -349,15 +353,17 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 truncated.append({"tensor": name, "model": k, "from_rows": mi.shape[0], "to_rows": info.shape[0]})
                 continue
             hint = "all models must share the base's architecture"
+            union = ("--vocab-policy union (vocab_policy='union') keeps every model's added tokens (their rows: the "
+                     "mean of the models that have them)") if union_offered else None
             if rows_only and mi.shape[0] < info.shape[0]:  # truncate cuts a model's extra rows; these are missing
                 hint = (f"model {k}'s table has fewer rows ({mi.shape[0]}) than the base's ({info.shape[0]}), so "
-                        "truncating cannot help; --vocab-policy union (vocab_policy='union') merges by token, "
-                        "each token's row from the models that have it")
+                        "truncating cannot help; " + (
+                            f"{union}, each token's row from the models that have it" if union else
+                            "merge them with `tiesmerge merge --vocab-policy union`, which merges by token"))
             elif rows_only:
-                hint = ("the vocabulary sizes differ; --vocab-policy union (vocab_policy='union') keeps every "
-                        "model's added tokens (their rows: the mean of the models that have them), --vocab-policy "
-                        "truncate keeps only the base's first rows of every model, if the added tokens come after "
-                        "the base's")
+                hint = "the vocabulary sizes differ; " + (f"{union}, " if union else "") + (
+                    "--vocab-policy truncate keeps only the base's first rows of every model, if the added tokens "
+                    "come after the base's")
             raise IncompatibleCheckpointsError(
                 f"tensor {name!r}: shapes differ between the base and model {k}\n" + _shapes_table(name, base, models),
                 hint=hint,

@@ -10,6 +10,7 @@ Chunks arrive as numpy arrays of the stored bytes (bfloat16 as a uint16 view: se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -274,6 +275,25 @@ def _sibling(parent: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".tiesmerge-{kind}-{host_tag()}-{os.getpid()}-", dir=parent))
 
 
+def _in_use(path: Path) -> bool:
+    """Whether ``path`` holds (or lies in) an input of the running merge, or a file this process has open or mapped."""
+    from .card import _KEPT_OUT
+
+    real = Path(os.path.realpath(path))
+    if any(real == root or real in root.parents or root in real.parents for root in _KEPT_OUT):
+        return True
+    prefix = str(real) + (os.sep if real.is_dir() else "")
+    try:
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+                    return True
+        with open("/proc/self/maps") as maps:
+            return any(prefix in line for line in maps)
+    except OSError:  # no /proc (macOS): the merge's registered inputs above are all that is known
+        return False
+
+
 def remove_stale(parent: Path) -> list[str]:
     """Remove temporary siblings left in ``parent`` by runs of this host whose process is dead.
     A replaced output parked by a run killed between its two renames is put back if its place
@@ -289,13 +309,15 @@ def remove_stale(parent: Path) -> list[str]:
         if not m or m.group(2) != host or int(m.group(3)) == os.getpid() or _alive(int(m.group(3))):
             continue
         if m.group(1) == "file":
-            if entry.is_file(follow_symlinks=False):
+            if entry.is_file(follow_symlinks=False) and not _in_use(Path(entry.path)):
                 os.unlink(entry.path)
                 cleaned.append(entry.name)
             continue
         if not entry.is_dir(follow_symlinks=False):
             continue
         path = Path(entry.path)
+        if _in_use(path):  # a dead run's name, but an input of this run (a salvaged output given as a model)
+            continue
         if m.group(1) == "old":
             for parked in path.iterdir():
                 if not os.path.lexists(parent / parked.name):
