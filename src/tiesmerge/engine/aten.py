@@ -19,12 +19,12 @@ the caller imports torch and lets it compute, as before.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import importlib.util
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,10 +56,20 @@ def _library_path() -> Path | None:
     return path if path.is_file() else None
 
 
-@functools.lru_cache(maxsize=1)
+_LOCK = threading.Lock()  # the merge's threads may ask at once
+_LOADED: list[ctypes.CDLL | None] = []
+
+
 def library() -> ctypes.CDLL | None:
-    """torch's CPU library, loaded (the one ``import torch`` loads: a later import reuses it); None where it
+    """torch's CPU library, loaded once (the one ``import torch`` loads: a later import reuses it); None where it
     cannot be loaded or lacks the functions used here."""
+    with _LOCK:
+        if not _LOADED:
+            _LOADED.append(_load())
+        return _LOADED[0]
+
+
+def _load() -> ctypes.CDLL | None:
     path = _library_path()
     if path is None:
         return None
@@ -161,6 +171,9 @@ def _cache_file() -> Path | None:
     return None if folder is None else folder / _CACHE_NAME
 
 
+_KNOWN: list[tuple[bool, int]] = []  # the verdict once read (or made) in this process: every tensor asks for it
+
+
 def verdict() -> tuple[bool, int] | None:
     """The remembered verdict for this fingerprint: (whether the emulation is torch's here, torch's default
     thread count), or None (never checked, or nowhere to remember)."""
@@ -168,13 +181,16 @@ def verdict() -> tuple[bool, int] | None:
 
     if "torch" in sys.modules:  # torch's current thread count may not be its default: no remembered one applies
         return None
+    if _KNOWN:
+        return _KNOWN[0]
     cache, key = _cache_file(), fingerprint()
     if cache is None or key is None:
         return None
     known = load_cache(cache).get(key)
     if (isinstance(known, list) and len(known) == 2 and isinstance(known[0], bool) and isinstance(known[1], int)
             and not isinstance(known[1], bool) and known[1] >= 1):
-        return known[0], known[1]
+        _KNOWN.append((known[0], known[1]))
+        return _KNOWN[0]
     return None
 
 
