@@ -57,21 +57,23 @@ def test_validate_lists_every_problem_of_a_mergekit_recipe(family, tmp_path, cap
     for needle in ("parameters.lambda: nan", "models[0].parameters.density: nan", "models[1].parameters.weight: inf",
                    "dtype 'fp99'"):
         assert needle in err, err
-    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n"
-                      f"  - model: {ms[0]}\n    parameters: {{density: 0.5, weight: [0.1, 0.5]}}\n"
-                      f"  - model: {ms[1]}\n    parameters: {{density: 0.5, weight: 1}}\n")
-    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    rc, _, err = _validate_ties(recipe, b, ms, "{density: 0.5, weight: [0.1, 0.5]}", "{density: 0.5, weight: 1}",
+                                capsys)
     assert rc == 2 and "gradient" in err and "every model needs a weight" not in err
+
+
+def _validate_ties(recipe, b, ms, first: str, second: str, capsys):
+    """`tiesmerge validate` of a mergekit ties recipe of two models with these parameters."""
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n    parameters: {first}\n"
+                      f"  - model: {ms[1]}\n    parameters: {second}\n")
+    return run_cli(["validate", str(recipe)], capsys)
 
 
 def test_a_mergekit_density_above_one_warns(family, tmp_path, capsys):
     """F4: `density: 7` (a percent) was clipped to 1 without a word."""
     b, ms = family
-    recipe = tmp_path / "mk.yaml"
-    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n"
-                      f"  - model: {ms[0]}\n    parameters: {{density: 7, weight: 1}}\n"
-                      f"  - model: {ms[1]}\n    parameters: {{density: 0.5, weight: 1}}\n")
-    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    rc, _, err = _validate_ties(tmp_path / "mk.yaml", b, ms, "{density: 7, weight: 1}", "{density: 0.5, weight: 1}",
+                                capsys)
     assert rc == 0 and "density 7 is above 1" in err and "0.07" in err
 
 
