@@ -320,18 +320,18 @@ def test_model_file_linked_outside_is_refused_before_the_merge(family, tmp_path,
 
 @pytest.mark.parametrize("through", ["tokenizer", "shard"])
 def test_hf_cache_blobs_folder_that_is_a_link_is_refused(family, tmp_path, capsys, through):
-    """``evil/snapshots/main/* -> ../../blobs/*`` with ``evil/blobs`` itself a link to an outside
+    """``models--org--evil/snapshots/main/* -> ../../blobs/*`` (the hub's layout) with its ``blobs`` itself a link to an outside
     folder: neither a copied file nor a shard may be reached through it."""
     inputs, b, ms = family
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "x").write_text('{"secret": "PRIVATE"}')
     (outside / "w.safetensors").write_bytes((b / "model.safetensors").read_bytes())
-    snap = inputs / "evil" / "snapshots" / "main"
+    snap = inputs / "models--org--evil" / "snapshots" / "main"
     snap.mkdir(parents=True)
     for f in b.iterdir():
         (snap / f.name).write_bytes(f.read_bytes())
-    (inputs / "evil" / "blobs").symlink_to(outside)
+    (inputs / "models--org--evil" / "blobs").symlink_to(outside)
     name, blob = ("tokenizer.json", "x") if through == "tokenizer" else ("model.safetensors", "w.safetensors")
     (snap / name).unlink()
     (snap / name).symlink_to(Path("../../blobs") / blob)

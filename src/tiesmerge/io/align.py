@@ -369,7 +369,8 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 hint=hint,
             )
         jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=True, aliases=aliases))
-    if changed:  # copied from the base: a model's own values there (position ids, a mask) are not in the output
+    if changed and any(j.merge for j in jobs):  # copied from the base: a model's own values there (position ids,
+        # a mask) are not in the output; where nothing merges at all, the warning below says the output is the base
         tensors = list(dict.fromkeys(n for n, _ in changed))
         warnings.warn(f"{len(tensors)} integer or boolean tensor(s) are copied from the base, but model(s) "
                       f"{', '.join(str(k) for k in sorted({k for _, k in changed}))} hold other values there "
