@@ -320,8 +320,8 @@ def test_model_file_linked_outside_is_refused_before_the_merge(family, tmp_path,
 
 @pytest.mark.parametrize("through", ["tokenizer", "shard"])
 def test_hf_cache_blobs_folder_that_is_a_link_is_refused(family, tmp_path, capsys, through):
-    """``models--org--evil/snapshots/main/* -> ../../blobs/*`` (the hub's layout) with its ``blobs`` itself a link to an outside
-    folder: neither a copied file nor a shard may be reached through it."""
+    """``models--org--evil/snapshots/main/* -> ../../blobs/*`` (the hub's layout) with its ``blobs`` itself a link
+    to an outside folder: neither a copied file nor a shard may be reached through it."""
     inputs, b, ms = family
     outside = tmp_path / "outside"
     outside.mkdir()
