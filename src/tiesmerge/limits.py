@@ -23,7 +23,7 @@ from .errors import CheckpointError, TiesMergeError
 from .paths import read_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "read_json_lines",
-           "parse_float", "underflows",
+           "parse_float", "underflows", "Underflow",
            "loads_yaml", "read_yaml", "scan"]
 
 MAX_CONFIG_BYTES = 64 << 20  # an index of a huge model is a few MB; tokenizer.json tens of MB
@@ -132,17 +132,17 @@ def underflows(text: str, value: float) -> bool:
     return any(c in "123456789" for c in mantissa)
 
 
+class Underflow(ValueError):
+    """A number written as nonzero that reads as 0 (:func:`underflows`); its text says which and what to do."""
+
+
 def parse_float(text: str) -> float:
-    """``float(text)``, refusing a nonzero number that reads as 0 (:func:`underflows`) with a ValueError."""
+    """``float(text)``; :class:`Underflow` (a ValueError) for a nonzero number that reads as 0."""
     value = float(text)
     if underflows(text, value):
-        raise ValueError(f"{text.strip()} is too small for a float: it reads as 0 (the smallest is 5e-324); "
-                         "write 0 if 0 is meant")
+        raise Underflow(f"{text.strip()} is too small for a float: it reads as 0 (the smallest is 5e-324); "
+                        "write 0 if 0 is meant")
     return value
-
-
-class _Underflow(ValueError):
-    pass
 
 
 class _CountingLoader(yaml.SafeLoader):
@@ -151,7 +151,7 @@ class _CountingLoader(yaml.SafeLoader):
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         value = super().construct_yaml_float(node)
         if underflows(str(node.value).replace("_", ""), value):
-            raise _Underflow(f"{node.value} (line {node.start_mark.line + 1}) is too small for a float: it reads "
+            raise Underflow(f"{node.value} (line {node.start_mark.line + 1}) is too small for a float: it reads "
                              "as 0 (the smallest is 5e-324); write 0 if 0 is meant")
         return value
 
@@ -225,7 +225,7 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         return data
     except TiesMergeError:  # our own limits' errors (a ValueError too): already say what is wrong
         raise
-    except _Underflow as exc:
+    except Underflow as exc:
         raise error(f"{source}: {exc}", hint="give the value as it is meant (0, or a number of at least 1e-38)") \
             from None
     except RecursionError:

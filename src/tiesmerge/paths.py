@@ -590,7 +590,7 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     changed = changed_files(final)
     if changed:
         more = ", ..." if len(changed) > 5 else ""
-        if all(_only_change_time_moved(final, rel) for rel in changed):  # a chmod, chown or hard link: no edit shows
+        if _only_change_times_moved(final, changed):  # a chmod, chown or hard link: no edit shows
             raise OutputError(f"{output}: {len(changed)} file(s) that tiesmerge wrote there changed since, as far as "
                               f"their change time tells ({', '.join(changed[:5])}{more}): their size and modification "
                               "time are the same, so a chmod, chown or hard link may be all, but an edit that restored "
@@ -695,17 +695,21 @@ def _not_file_names(directory: Path) -> list[str]:
     return sorted(set(bad))
 
 
-def _only_change_time_moved(directory: Path, rel: str) -> bool:
-    """Whether ``rel``'s recorded stamp still holds for its size and modification time (only the change time moved)."""
+def _only_change_times_moved(directory: Path, names: list[str]) -> bool:
+    """Whether every file of ``names`` still has its recorded size and modification time (only the change time
+    moved: a chmod, chown or hard link, or an edit that restored both)."""
+    recorded: dict[str, object] = {}
     for data in _markers(directory):
         stamps = data.get(STAMPS_FIELD)
-        recorded = stamps.get(rel) if isinstance(stamps, dict) else None
-        if isinstance(recorded, list) and len(recorded) == 3:
-            try:
-                return file_stamp(directory / rel)[:2] == recorded[:2]
-            except OSError:
+        recorded.update(stamps if isinstance(stamps, dict) else {})
+    for rel in names:
+        stamp = recorded.get(rel)
+        try:
+            if not (isinstance(stamp, list) and len(stamp) == 3 and file_stamp(directory / rel)[:2] == stamp[:2]):
                 return False
-    return False
+        except OSError:
+            return False
+    return True
 
 
 def changed_files(directory: Path) -> list[str]:

@@ -57,14 +57,12 @@ def _number(text: str) -> int | float | bool | str:
 
 def _float(text: str) -> float:
     """A float flag's value; a nonzero number that reads as 0 (1e-400) is refused, not taken as 0."""
-    from ..limits import parse_float, underflows
+    from ..limits import Underflow, parse_float
 
     try:
         return parse_float(text)
-    except ValueError as exc:
-        if underflows(text, 0.0):
-            raise argparse.ArgumentTypeError(str(exc)) from None
-        raise
+    except Underflow as exc:  # argparse would print only "invalid float value"
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 _float.__name__ = "float"  # argparse names the type in "invalid float value: 'x'"

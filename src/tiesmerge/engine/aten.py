@@ -101,10 +101,13 @@ def num_threads() -> int | None:
 
 def vector_math(name: str) -> Callable[[np.ndarray], np.ndarray]:
     """``"acos"`` or ``"sin"`` of a float32 array, by MKL's VML in the mode torch calls it (torch.acos,
-    torch.sin on a contiguous float32 CPU tensor). Needs :func:`library`."""
+    torch.sin on a contiguous float32 CPU tensor); by torch itself where :func:`library` cannot be loaded."""
     lib = library()
-    if lib is None:
-        raise RuntimeError("torch's CPU library is not loaded")
+    if lib is None:  # confirmed once, but it cannot be loaded now: torch itself computes the same bits
+        import torch
+
+        op = getattr(torch, name)
+        return lambda x: op(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).numpy()
     fn = getattr(lib, {"acos": "vmsAcos", "sin": "vmsSin"}[name])
 
     def apply(x: np.ndarray) -> np.ndarray:
@@ -187,8 +190,9 @@ def verdict() -> tuple[bool, int] | None:
     if cache is None or key is None:
         return None
     known = load_cache(cache).get(key)
+    # a thread count no machine has (a damaged or planted file) would size per-thread buffers: refused, checked again
     if (isinstance(known, list) and len(known) == 2 and isinstance(known[0], bool) and isinstance(known[1], int)
-            and not isinstance(known[1], bool) and known[1] >= 1):
+            and not isinstance(known[1], bool) and 1 <= known[1] <= max(1024, os.cpu_count() or 1)):
         _KNOWN.append((known[0], known[1]))
         return _KNOWN[0]
     return None

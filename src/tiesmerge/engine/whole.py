@@ -106,11 +106,9 @@ class EmulatedNumerics(Numerics):
 def aten_sum(kernels, x: np.ndarray) -> np.float32:
     """torch.sum of a 1-D float32 array as ATen adds it (split over torch's threads past GRAIN entries)."""
     x = np.ascontiguousarray(x, np.float32)
-    ones = np.ones(1, np.float32)
-    threads = aten.num_threads() or 1
-    ranges = thread_ranges(x.size, threads)
+    ranges = thread_ranges(x.size, aten.num_threads() or 1)
     # x * 1 is x exactly: the kernels' sum of products is torch.sum's order over x itself
-    parts = kernels.torch_sums([x, np.broadcast_to(ones, x.shape).copy()], np.zeros(len(ranges), np.int64),
+    parts = kernels.torch_sums([x, np.ones(x.size, np.float32)], np.zeros(len(ranges), np.int64),
                                np.ones(len(ranges), np.int64), False, None,
                                np.array([a for a, _ in ranges]), np.array([b for _, b in ranges]))
     if len(ranges) == 1:

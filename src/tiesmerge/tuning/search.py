@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from ..api import Source, merge
 from ..errors import ConfigError
 from ..inputs import check_inputs
-from ..limits import parse_float, underflows
+from ..limits import Underflow, parse_float
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
@@ -96,10 +95,10 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
             grid[name] = axis
         except ConfigError as exc:  # a range that is empty, unbounded or too long: its own words
             problems += [f"--grid {item!r}: {p}" for p in exc.problems]
-        except ValueError as exc:
-            tiny = next((x for x in re.split("[,:]", values) if underflows(x, 0.0)), None)
-            problems.append(f"--grid {item!r}: {exc}" if tiny is not None and "too small" in str(exc) else
-                            f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step"
+        except Underflow as exc:
+            problems.append(f"--grid {item!r}: {exc}")
+        except ValueError:
+            problems.append(f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step"
                             + (" with integers" if kind is int else ""))
     total = math.prod(len(axis) for axis in grid.values())
     if not problems and total > MAX_AXIS_POINTS:  # every point is a merge: refused before the first

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from ..limits import parse_float
+from ..limits import Underflow, parse_float
 from ..methods.base import fraction, option_problem, option_types
 from ..methods.base import paper_grid as declared_grid
 
@@ -131,9 +131,11 @@ def parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
             low, high = (parse_float(x) for x in text.split(":"))
             if not low < high:
                 raise ValueError
-        except ValueError as exc:
-            problems.append(f"--range {item!r}: {exc}" if "too small" in str(exc) else
-                            f"--range {item!r}: expected NAME=LO:HI with LO < HI")
+        except Underflow as exc:
+            problems.append(f"--range {item!r}: {exc}")
+            continue
+        except ValueError:
+            problems.append(f"--range {item!r}: expected NAME=LO:HI with LO < HI")
             continue
         if not (math.isfinite(low) and math.isfinite(high) and math.isfinite(high - low)):
             # candidates are drawn as low + u * (high - low): an infinite width makes them infinite
@@ -178,9 +180,10 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
             fixed[name] = value
         except KeyError:
             problems.append(f"--set {item!r}: {cls.name} has no option {name!r} (it has: {', '.join(types)})")
-        except ValueError as exc:
-            problems.append(f"--set {item!r}: {exc}" if "too small" in str(exc) else
-                            f"--set {item!r}: not a valid {getattr(kind, '__name__', kind)} for {name}")
+        except Underflow as exc:
+            problems.append(f"--set {item!r}: {exc}")
+        except ValueError:
+            problems.append(f"--set {item!r}: not a valid {getattr(kind, '__name__', kind)} for {name}")
     if problems:
         raise ConfigError(problems)
     return fixed
