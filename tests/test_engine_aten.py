@@ -219,3 +219,41 @@ def test_no_verdict_is_kept_where_the_caches_are_turned_off(tmp_path):
     for run in ("a", "b"):
         assert _merge_in_child(base, models, tmp_path / run, cache, TIESMERGE_DIGEST_CACHE="0") == {"torch": True}
     assert not cache.exists()
+
+
+def test_the_library_loads_in_the_background_while_python_runs_on():
+    """aten.preload (a SLERP merge starts it before its preparation): the loader's 0.3 s must not hold the
+    interpreter's lock, or the preparation it should overlap waits for it (ctypes' own dlopen holds it)."""
+    code = textwrap.dedent("""
+        import time
+        import numpy as np
+        from tiesmerge.engine import aten
+        window = []
+        opened = aten._open
+        def timed(path):
+            window.append(time.perf_counter())
+            try:
+                return opened(path)
+            finally:
+                window.append(time.perf_counter())
+        aten._open = timed
+        ticks, start = [], time.perf_counter()
+        while time.perf_counter() < start + 0.1:  # this loop's pace, alone
+            ticks.append(time.perf_counter())
+        pace = len(ticks) / (ticks[-1] - start)
+        aten.preload()
+        aten.preload()  # started once
+        ticks = []
+        while len(window) < 2:
+            ticks.append(time.perf_counter())
+        lib = aten.library()
+        assert lib is not None and aten.library() is lib
+        x = np.linspace(-1, 1, 11, dtype=np.float32)
+        assert np.allclose(aten.vector_math("acos")(x), np.arccos(x), atol=1e-6)
+        begin, end = window
+        print(sum(begin < t < end for t in ticks) / (pace * (end - begin)))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # the main thread ran on while the library loaded (about 1; holding the lock: 0.04, the switch interval's share)
+    assert float(done.stdout.strip()) > 0.25

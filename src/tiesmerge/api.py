@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from . import adapter_merge
+from .engine import whole
 from .engine.executor import MemorySink
 from .engine.plan import FIXED_OVERHEAD, Plan
-from .errors import ConfigError, MergeWarning
+from .errors import ConfigError, MergeWarning, TiesMergeError
 from .inputs import (
     Source,
     StatsInput,
@@ -201,6 +202,11 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     started = time.perf_counter()
     check_booleans(force=force, allow_pickle=allow_pickle, allow_distant=allow_distant, progress=progress)
     m = as_method(method, method_options)
+    if str(device) == "cpu":  # a SLERP's acos and sin: torch's library loads beside the preparation below
+        try:
+            whole.prepare(m.requirements().kernel)
+        except TiesMergeError:  # options the method refuses: said below, in the order the checks come
+            pass
     base, models = resolve_sources(base, models)  # org/name[@revision]: from the local Hugging Face cache
     try:
         shard_bytes = parse_size(shard_size)

@@ -122,22 +122,36 @@ def _picks(n_rows: int) -> np.ndarray:
     return np.unique(np.linspace(0, n_rows - 1, min(n_rows, ROWS)).round().astype(np.int64))
 
 
-def _values(ckpt: Checkpoint, name: str, rows: slice | None) -> np.ndarray:
-    """Rows of a tensor as float64 (stored bytes widened; torch only for dtypes numpy lacks)."""
+def _values(ckpt: Checkpoint, name: str, rows: Sequence[slice | None], pick: np.ndarray | None = None
+            ) -> np.ndarray:
+    """The given rows of a tensor, one after another, as float64 (stored bytes widened; torch only for dtypes
+    numpy lacks); ``pick``: of what was read (a whole matrix), only these rows. Stored bytes are read into one
+    buffer and only the rows kept are widened, at once: per-row widening, and widening whole matrices of which
+    16 rows are kept, were most of the sample's time (0.3 s for a 0.2 B model's 147 tensors)."""
     info = ckpt.info(name)
     if info.dtype_info.code in ("BF16", "F16", "F32", "F64") and hasattr(ckpt, "read_into"):
         from .engine.reader import check_float32_range, widen
 
-        raw = np.empty(math.prod(rows_shape(info.shape, rows)) * info.itemsize, np.uint8)
-        read_rows_into(ckpt, name, rows, memoryview(raw))
+        sizes = [math.prod(rows_shape(info.shape, r)) * info.itemsize for r in rows]
+        raw = np.empty(sum(sizes), np.uint8)
+        view, at = memoryview(raw), 0
+        for r, size in zip(rows, sizes, strict=True):
+            read_rows_into(ckpt, name, r, view[at:at + size])
+            at += size
+        if pick is not None:  # (its rows, bytes of a row) -> the rows kept
+            raw = np.ascontiguousarray(raw.reshape(info.shape[0], -1)[pick]).reshape(-1)
         if info.dtype_info.code == "F64":  # as stored; past float32's range it is refused as the merge would
             values = raw.view(np.float64)
             check_float32_range(ckpt.location(name), name, tuple(info.shape), values)
             return values
         return widen(raw.view(info.dtype_info.numpy), info.dtype_info).astype(np.float64)
-    tensor = ckpt.read(name, rows)
-    values = tensor.double().reshape(-1).numpy()
-    if str(tensor.dtype) == "torch.float64":  # only float64 can hold finite values past float32's range
+    import torch  # a reader without read_into (or a dtype numpy lacks) holds torch tensors: torch is loaded
+
+    parts = [ckpt.read(name, r) for r in rows]
+    if pick is not None:
+        parts = [parts[0][torch.from_numpy(pick)]]
+    values = torch.cat([p.double().reshape(-1) for p in parts]).numpy()
+    if parts[0].dtype == torch.float64:  # only float64 can hold finite values past float32's range
         from .engine.reader import check_float32_range
 
         check_float32_range(ckpt.location(name), name, tuple(info.shape), values)
@@ -154,10 +168,8 @@ def _sample(ckpt: Checkpoint, job: TensorJob) -> np.ndarray:
         return np.zeros(0)
     info = ckpt.info(job.name)
     if len(shape) >= 2 and math.prod(info.shape) * info.itemsize <= WHOLE_READ_BYTES:
-        whole = _values(ckpt, job.name, None).reshape(info.shape[0], -1)  # (its rows, rest)
-        return whole[_picks(shape[0])].reshape(-1)
-    parts = [_values(ckpt, job.name, rows) for rows in _rows_of(shape)]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return _values(ckpt, job.name, [None], _picks(shape[0]))
+    return _values(ckpt, job.name, _rows_of(shape))
 
 
 def _check_finite(ckpt: Checkpoint, job: TensorJob, values: np.ndarray) -> None:

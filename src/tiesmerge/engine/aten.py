@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["library", "num_threads", "vector_math", "fingerprint", "verdict", "remember_verdict"]
+__all__ = ["library", "preload", "num_threads", "vector_math", "fingerprint", "verdict", "remember_verdict"]
 
 # MKL's VML mode torch passes (aten/src/ATen/cpu/vml.h): VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE
 _VML_MODE = 0x2 | 0x140000 | 0x100
@@ -58,15 +58,51 @@ def _library_path() -> Path | None:
 
 _LOCK = threading.Lock()  # the merge's threads may ask at once
 _LOADED: list[ctypes.CDLL | None] = []
+_PRELOADING: list[threading.Thread] = []
 
 
 def library() -> ctypes.CDLL | None:
     """torch's CPU library, loaded once (the one ``import torch`` loads: a later import reuses it); None where it
     cannot be loaded or lacks the functions used here."""
+    if _PRELOADING:
+        _PRELOADING[0].join()
     with _LOCK:
         if not _LOADED:
             _LOADED.append(_load())
         return _LOADED[0]
+
+
+def preload() -> None:
+    """Start loading :func:`library` on a background thread, for a merge that will ask for it: the loader's 0.3 s
+    (relocations and the library's static initialisers) then runs beside the merge's preparation, which is
+    Python on one core. A no-op once loaded or started."""
+    with _LOCK:
+        if _LOADED or _PRELOADING:
+            return
+        thread = threading.Thread(target=_preload, name="tiesmerge-aten-load", daemon=True)
+        _PRELOADING.append(thread)
+    thread.start()
+
+
+def _preload() -> None:
+    lib = _load()
+    with _LOCK:
+        if not _LOADED:
+            _LOADED.append(lib)
+
+
+def _open(path: str) -> ctypes.CDLL:
+    """``ctypes.CDLL(path)`` (RTLD_NOW, RTLD_LOCAL, as ctypes opens it), with the interpreter's lock released
+    while the loader runs: ctypes' own dlopen holds it, so a background load stalled every other thread."""
+    try:
+        dlopen = ctypes.CDLL(None).dlopen  # the C library's, called as any foreign function: without the lock
+    except (OSError, AttributeError):
+        return ctypes.CDLL(path)
+    dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
+    handle = dlopen(os.fsencode(path), os.RTLD_NOW | os.RTLD_LOCAL)
+    if not handle:
+        raise OSError(f"cannot load {path}")
+    return ctypes.CDLL(path, handle=handle)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -74,7 +110,7 @@ def _load() -> ctypes.CDLL | None:
     if path is None:
         return None
     try:
-        lib = ctypes.CDLL(os.path.realpath(path))
+        lib = _open(os.path.realpath(path))
         for name in ("vmsAcos", "vmsSin"):
             fn = getattr(lib, name)
             fn.restype = None

@@ -31,7 +31,7 @@ from ..lazy import torch
 from ..methods.base import TensorKernel
 from . import aten, fused
 
-__all__ = ["merge", "scratch_bytes", "Reductions", "Numerics", "TorchOrder", "Materialised", "torch_order_ok"]
+__all__ = ["merge", "prepare", "scratch_bytes", "Reductions", "Numerics", "TorchOrder", "Materialised", "torch_order_ok"]
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE: a sum this long or longer is split across torch's threads
 _CALIBRATED: dict[int, bool] = {}  # torch thread count -> TorchOrder reproduces torch's reductions here
@@ -308,6 +308,17 @@ def _matches_torch() -> bool:
     angles = torch.cat([torch.rand(4000, generator=g) * 3.1416, torch.randn(1000, generator=g) * 40]).numpy()
     return (np.array_equal(ours.acos(cos), theirs.acos(cos)) and np.array_equal(ours.sin(angles), theirs.sin(angles))
             and all(ours.acos(cos[k:k + 1])[0] == theirs.acos(cos[k:k + 1])[0] for k in range(0, 4000, 97)))
+
+
+def prepare(spec: object) -> None:
+    """Before a merge whose fused kernel is ``spec`` (a method's ``Requirements.kernel``): where its scalars will take torch's acos and sin from torch's
+    library (an "interp" kernel) and the emulation is known to hold here, start loading the library now, beside
+    the merge's preparation (nothing to do where torch is imported already or no whole-tensor kernel runs)."""
+    if not isinstance(spec, TensorKernel) or spec.kind != "interp" or "torch" in sys.modules:
+        return
+    known = aten.verdict()
+    if known is not None and known[0]:
+        aten.preload()
 
 
 def merge(spec: TensorKernel, name: str, inputs: Sequence[np.ndarray], out: np.ndarray, take) -> bool:
