@@ -31,7 +31,8 @@ from ..lazy import torch
 from ..methods.base import TensorKernel
 from . import aten, fused
 
-__all__ = ["merge", "prepare", "scratch_bytes", "Reductions", "Numerics", "TorchOrder", "Materialised", "torch_order_ok"]
+__all__ = ["merge", "prepare", "scratch_bytes", "Reductions", "Numerics", "TorchOrder", "Materialised",
+           "torch_order_ok"]
 
 GRAIN = 32768  # at::internal::GRAIN_SIZE: a sum this long or longer is split across torch's threads
 _CALIBRATED: dict[int, bool] = {}  # torch thread count -> TorchOrder reproduces torch's reductions here
@@ -311,9 +312,10 @@ def _matches_torch() -> bool:
 
 
 def prepare(spec: object) -> None:
-    """Before a merge whose fused kernel is ``spec`` (a method's ``Requirements.kernel``): where its scalars will take torch's acos and sin from torch's
-    library (an "interp" kernel) and the emulation is known to hold here, start loading the library now, beside
-    the merge's preparation (nothing to do where torch is imported already or no whole-tensor kernel runs)."""
+    """Before a merge whose fused kernel is ``spec`` (a method's ``Requirements.kernel``): where its scalars will
+    take torch's acos and sin from torch's library (an "interp" kernel) and the emulation is known to hold here,
+    start loading the library now, beside the merge's preparation (nothing to do where torch is imported already
+    or no whole-tensor kernel runs)."""
     if not isinstance(spec, TensorKernel) or spec.kind != "interp" or "torch" in sys.modules:
         return
     known = aten.verdict()
