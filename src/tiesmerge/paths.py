@@ -61,6 +61,21 @@ def _kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
 
+def _dangling_target(path: str | os.PathLike) -> str:
+    """Where the links from ``path`` end (the first target that is not a link): ``/dev/stdin`` of a pipe is a link
+    to ``/proc/self/fd/0``, itself a "link" to ``pipe:[N]``; "a path" where ``path`` is no link."""
+    current, target = os.fspath(path), "a path"
+    for _ in range(40):  # the kernel's own limit on links followed
+        try:
+            if not os.path.islink(current):
+                break
+            target = os.readlink(current)
+        except (OSError, ValueError):
+            break
+        current = os.path.join(os.path.dirname(current), target)
+    return target
+
+
 def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = CheckpointError) -> Path:
     """``path`` with every link followed (it must exist): typed errors for loops and dangling links."""
     try:
@@ -72,7 +87,7 @@ def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = Ch
         if code == errno.ELOOP or isinstance(exc, RuntimeError):
             raise error(f"{path}: {what} is a symbolic link loop", hint="fix or remove the link") from None
         if code == errno.ENOENT and os.path.lexists(path):
-            target = os.readlink(path) if os.path.islink(path) else "a path"
+            target = _dangling_target(path)
             if re.fullmatch(r"(pipe|socket|anon_inode):.*", target):  # /proc/self/fd/N of a pipe: no path at all
                 raise error(f"{path}: {what} is a {target.split(':')[0].replace('_', ' ')} ({target}), not a file",
                             hint=f"give {what} as a file path (tiesmerge reads regular files only)") from None
