@@ -257,3 +257,39 @@ def test_the_library_loads_in_the_background_while_python_runs_on():
     assert done.returncode == 0, done.stderr
     # the main thread ran on while the library loaded (about 1; holding the lock: 0.04, the switch interval's share)
     assert float(done.stdout.strip()) > 0.25
+
+
+def test_the_console_script_imports_with_the_collector_paused_and_runs_with_it_on(monkeypatch):
+    import gc
+    import importlib
+
+    from tiesmerge import _launch
+
+    cli_main = importlib.import_module("tiesmerge.cli.main")  # the module (tiesmerge.cli.main is also its function)
+
+    seen = {}
+
+    def run():
+        seen["enabled"], seen["frozen"] = gc.isenabled(), gc.get_freeze_count()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli_main, "entry", run)
+    try:
+        with pytest.raises(SystemExit):
+            _launch.entry()
+    finally:
+        gc.unfreeze()
+    assert seen["enabled"] and seen["frozen"] > 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_importing_the_kernels_leaves_the_collector_as_it_was(enabled):
+    code = textwrap.dedent(f"""
+        import gc
+        {'' if enabled else 'gc.disable()'}
+        from tiesmerge.engine import fused
+        assert fused.load() is not None and fused.load() is fused.load()
+        print(gc.isenabled())
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == str(enabled), done.stderr

@@ -65,6 +65,23 @@ def _loaded() -> ModuleType | None:
 
 def load() -> ModuleType | None:
     """The kernels module, imported now if it was not; None where numba cannot be imported."""
-    from . import kernels
-
+    kernels = _loaded()
+    if kernels is None:
+        kernels = _import_kernels()
     return kernels if kernels.numba is not None and available() else None
+
+
+def _import_kernels() -> ModuleType:
+    """Import the kernels (and numba, some hundred thousand objects) with the cyclic garbage collector paused, as
+    the console script imports its own modules: its passes over the growing heap took a tenth of numba's import.
+    Modules live as long as the process; the collector's state is restored after."""
+    import gc
+
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        from . import kernels
+    finally:
+        if paused:
+            gc.enable()
+    return kernels
