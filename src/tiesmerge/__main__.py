@@ -1,6 +1,6 @@
 """``python -m tiesmerge``: the same as the ``tiesmerge`` command."""
 
-from .cli.main import entry
+from ._launch import entry
 
 if __name__ == "__main__":
     entry()
