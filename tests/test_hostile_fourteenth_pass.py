@@ -7,8 +7,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from helpers_ckpt import make_family, write_hf_dir
+import tiesmerge
+from helpers_ckpt import SHAPES, make_family, run_cli, write_hf_dir
+from tiesmerge.errors import ConfigError, MergeWarning
+from tiesmerge.methods import NuSlerp, Slerp
 
 
 @pytest.fixture
@@ -30,3 +35,31 @@ def test_a_pipe_reached_through_links_is_called_a_pipe(family, tmp_path):
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "is a pipe (pipe:[" in done.stderr and "does not exist" not in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_layer_past_the_given_layers_takes_the_gradients_last_value(tmp_path):
+    """F1: slerp with a gradient and `--layers` below the model's layer count crashed ("unexpected IndexError")
+    on the first layer past it; such layers now sit at the gradient's end (as every layer does with --layers 1)."""
+    shapes = {**SHAPES, "model.layers.2.self_attn.q_proj.weight": (8, 8), "model.layers.2.mlp.up_proj.weight": (16, 8)}
+    base, fts = make_family(1, shapes=shapes)
+    b, m = write_hf_dir(tmp_path / "base", base), write_hf_dir(tmp_path / "ft", fts[0])
+    out = tmp_path / "out"
+    with pytest.warns(MergeWarning, match="past its end for layers 2 to 2, which take its last values"):
+        tiesmerge.merge(str(b), [str(m)], Slerp(anchor="base", t_by_name="self_attn=0,1;*=0.5", layers=2),
+                        output=str(out))
+    merged = load_file(str(out / "model.safetensors"))
+    name = "model.layers.2.self_attn.q_proj.weight"  # t = 1: the model itself
+    torch.testing.assert_close(merged[name], fts[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_nuslerp_weights_that_imply_a_t_outside_0_1_are_refused(family, tmp_path, capsys):
+    """F2: `--weights 1 -0.999999` implied t = -999999 and extrapolated silently (the output 4e4 from inputs of 1),
+    where `--t -5` is refused; the API, recipes, analyze and search take the same rule from the method."""
+    b, ms = family
+    rc, _, err = run_cli(["merge", "--method", "nuslerp", "--base", b, "--model", ms[0], "--model", ms[1],
+                          "--weights", "1", "-0.999999", "-o", tmp_path / "out", "--no-progress"], capsys)
+    assert rc != 0 and "t = w_1 / (w_0 + w_1) = -999999, outside [0, 1]" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="outside"):
+        NuSlerp(weights=(1.0, -0.5)).requirements()
+    NuSlerp(weights=(-1.0, -3.0)).requirements()  # one sign: t = 0.75

@@ -45,11 +45,13 @@ def layer_index(name: str) -> int | None:
 
 
 def position(name: str, layers: int) -> float:
-    """Where tensor ``name`` sits along a gradient: mergekit's t of its layer, 0 outside the layers."""
+    """Where tensor ``name`` sits along a gradient: mergekit's t of its layer, 0 outside the layers. A layer past
+    the ``layers`` given (a config that under-reports them, a second stack of layers) sits at the end, 1: it takes
+    the gradient's last value (the method warns), as every layer does with ``layers`` 1."""
     index = layer_index(name)
     if index is None:
         return 0.0
-    return index / (layers - 1) if layers > 1 else 1.0
+    return min(1.0, index / (layers - 1)) if layers > 1 else 1.0
 
 
 def gradient_value(values: tuple[float, ...], t: float) -> float:

@@ -173,7 +173,7 @@ class Slerp:
                 f"slerp: layers is {self.layers}, but the model's tensors name layers 0 to {max(indices)} "
                 f"({max(indices) + 1} layers): the gradient in t_by_name "
                 + ("never reaches its last values" if self.layers > max(indices) + 1 else
-                   f"is past its end for layers {self.layers} to {max(indices)}")
+                   f"is past its end for layers {self.layers} to {max(indices)}, which take its last values")
                 + f"; --layers {max(indices) + 1} (config.json's num_hidden_layers) spreads it over them"),
                 stacklevel=3)
 
