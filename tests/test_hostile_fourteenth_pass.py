@@ -63,3 +63,14 @@ def test_nuslerp_weights_that_imply_a_t_outside_0_1_are_refused(family, tmp_path
     with pytest.raises(ConfigError, match="outside"):
         NuSlerp(weights=(1.0, -0.5)).requirements()
     NuSlerp(weights=(-1.0, -3.0)).requirements()  # one sign: t = 0.75
+
+
+def test_a_method_spec_value_holding_commas_can_be_quoted():
+    """Case 71 (a note): `analyze --method 'slerp:t_by_name=...'` could not carry a schedule (its commas split it)."""
+    from tiesmerge.api import method_of_spec
+
+    got = method_of_spec('slerp:t_by_name="self_attn=0,1;*=0.5",layers=2,anchor=base')
+    assert (got.t_by_name, got.layers, got.anchor) == ("self_attn=0,1;*=0.5", 2, "base")
+    assert method_of_spec("nuslerp:weights=[1,2],flatten=false").weights == (1, 2)
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        method_of_spec('slerp:t_by_name="a=0,1",1')

@@ -6,7 +6,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import re
 import tempfile
 import time
 import warnings
@@ -356,16 +355,35 @@ def _registered() -> set[str]:
     return set(METHODS)
 
 
+def _spec_items(text: str) -> list[str]:
+    """``key=value`` items of a method spec, split at the commas outside ``[...]`` and ``"..."`` (a list, or a
+    quoted text that holds commas itself: ``t_by_name="self_attn=0,1;*=0.5"``)."""
+    items, depth, quoted, start = [], 0, False, 0
+    for i, char in enumerate(text):
+        if char == '"' and (i == 0 or text[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted and char == "[":
+            depth += 1
+        elif not quoted and char == "]":
+            depth = max(0, depth - 1)
+        elif char == "," and not quoted and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
+
+
 def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
     """A method config from ``"name"`` or ``"name:key=value,key=value"`` (values read as JSON where
-    they parse: numbers, true/false, [lists]; else as text), or the config itself."""
+    they parse: numbers, true/false, [lists], "quoted text"; else as text), or the config itself. Commas
+    inside [...] or "..." belong to the value: ``slerp:t_by_name="self_attn=0,1;*=0.5",layers=2``."""
     from .registry import make_method
 
     if not isinstance(spec, str):
         return spec
     name, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
-    for item in re.split(r",(?![^\[]*\])", rest) if rest else []:  # commas inside [...] stay
+    for item in _spec_items(rest) if rest else []:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"method {spec!r}: {item!r} is not KEY=VALUE", hint="e.g. slerp:t=0.3,anchor=models")

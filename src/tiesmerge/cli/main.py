@@ -176,7 +176,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
     a.add_argument("--method", action="append", dest="methods", default=[], metavar="NAME[:KEY=VALUE,...]",
                    help="also merge with this method (e.g. slerp:t=0.3 or breadcrumbs:density=0.3,gamma=0.02) and "
-                        "add its merged magnitudes to the magnitude section; repeat")
+                        "add its merged magnitudes to the magnitude section; repeat. A value holding commas goes in "
+                        "[...] (a list) or double quotes: 'slerp:t_by_name=\"self_attn=0,1;*=0.5\",layers=2'")
 
     ms = sub.add_parser("methods", help="list the methods with their options, defaults and papers")
     ms.add_argument("name", nargs="?", help="show one method")
