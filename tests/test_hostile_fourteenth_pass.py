@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import tiesmerge
 from helpers_ckpt import SHAPES, make_family, run_cli, write_hf_dir
-from tiesmerge.errors import ConfigError, MergeWarning
+from tiesmerge.errors import ConfigError, InvalidTensorError, MergeWarning
 from tiesmerge.methods import NuSlerp, Slerp
 
 
@@ -74,3 +74,20 @@ def test_a_method_spec_value_holding_commas_can_be_quoted():
     assert method_of_spec("nuslerp:weights=[1,2],flatten=false").weights == (1, 2)
     with pytest.raises(ConfigError, match="is not KEY=VALUE"):
         method_of_spec('slerp:t_by_name="a=0,1",1')
+
+
+def test_an_overflow_hint_offers_a_smaller_lam_only_to_methods_that_have_one(tmp_path):
+    """Cases 28 and 31 (notes): Model Stock's overflow said "use a smaller lam or smaller per-model weights", and it
+    has neither; an interpolation's hint now points at the inputs (and a wider dtype for float16)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(16, 8, generator=g) * 1e30}
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", {n: v + torch.randn(v.shape, generator=g) * 1e28 for n, v in base.items()})
+          for k in range(3)]
+    with pytest.raises(InvalidTensorError) as info:
+        tiesmerge.merge(str(b), [str(m) for m in ms], "model_stock", output=str(tmp_path / "stock"))
+    assert "lam" not in info.value.hint and "check the inputs" in info.value.hint
+    assert not (tmp_path / "stock").exists()
+    with pytest.raises(InvalidTensorError) as info:  # ties scales: a smaller lam is the advice
+        tiesmerge.merge(str(b), [str(m) for m in ms], "ties", lam=1e10, output=str(tmp_path / "ties"))
+    assert "smaller lam" in info.value.hint

@@ -11,7 +11,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from .engine import whole
 from .engine.executor import MemorySink
 from .engine.plan import FIXED_OVERHEAD, Plan
 from .errors import ConfigError, MergeWarning, TiesMergeError
+from .finite import NotFiniteError, overflow_hint
 from .inputs import (
     Source,
     StatsInput,
@@ -236,7 +237,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                                         (f"the reference model ({reference_option(m)})", reference),
                                         *((f"the statistics of model {k}", s) for k, s in enumerate(stats or ()))])
         check_output_path(Path(output).absolute(), force)  # fail before anything is opened, not after the merge
-    with ExitStack() as stack:
+    with _overflow_hint_for(m), ExitStack() as stack:
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -347,6 +348,18 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 finish(tmp, manifest)
             (tmp / "tiesmerge.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return Path(output)
+
+
+@contextmanager
+def _overflow_hint_for(method: MergeMethod):
+    """An overflow's hint for ``method``: a scaling factor to lower where it has one (lam; per-model weights of the
+    elementwise methods), else the inputs to check (SLERP, NuSLERP, Model Stock interpolate between them)."""
+    try:
+        yield
+    except NotFiniteError as exc:
+        scaled = hasattr(method, "lam") or not method.requirements().whole_tensors
+        exc.hint = overflow_hint(exc.code, scaled=scaled)
+        raise
 
 
 def _registered() -> set[str]:

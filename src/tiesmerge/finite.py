@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import InvalidTensorError
 
-__all__ = ["first_nonfinite", "check_finite", "check_fits_float8", "check_copy_fits"]
+__all__ = ["first_nonfinite", "check_finite", "NotFiniteError", "overflow_hint", "check_fits_float8", "check_copy_fits"]
 
 # (signed view, unsigned view, exponent mask) per floating safetensors code. A value is Inf or
 # NaN exactly when every exponent bit is set: as a signed integer, a positive one is then at least
@@ -53,15 +53,33 @@ def first_nonfinite(chunk: Any, code: str) -> int | None:
     return int(np.flatnonzero((as_unsigned & unsigned(mask)) == unsigned(mask))[0])
 
 
+class NotFiniteError(InvalidTensorError):
+    """A merged value that is not finite in the output dtype ``code``: the hint says what helps (a caller that knows
+    the method replaces it with :func:`overflow_hint` of whether the method scales its task vectors)."""
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message, hint=overflow_hint(code, scaled=True))
+        self.code = code
+
+
 def check_finite(name: str, chunk: Any, code: str, offset: int = 0) -> None:
-    """Raise InvalidTensorError when ``chunk`` (elements ``offset``.. of tensor ``name``) is not finite."""
+    """Raise NotFiniteError when ``chunk`` (elements ``offset``.. of tensor ``name``) is not finite."""
     where = first_nonfinite(chunk, code)
     if where is None:
         return
-    raise InvalidTensorError(
+    raise NotFiniteError(
         f"tensor {name!r}: the merged value at element {offset + where:,} is not finite (Inf or NaN) in the output "
-        f"dtype {code}; the merge overflowed, so no merged model was written or returned",
-        hint=_HINTS.get(code, _HINTS["F32"]))
+        f"dtype {code}; the merge overflowed, so no merged model was written or returned", code=code)
+
+
+def overflow_hint(code: str, *, scaled: bool) -> str:
+    """What helps against an overflow in output dtype ``code``; ``scaled``: the method has a scaling factor (lam) or
+    per-model weights to lower (SLERP, NuSLERP and Model Stock interpolate: only the inputs can be to blame)."""
+    if not scaled:
+        wider = "write a wider dtype (--dtype bfloat16 or float32), and " if code == "F16" else ""
+        return (f"{wider}check the inputs for huge values: this method interpolates between them and has no scaling "
+                "factor, so a merged value past the dtype's range comes from values near that range in a model")
+    return _HINTS.get(code, _HINTS["F32"])
 
 
 # What helps depends on the dtype: float16 stops at 65504, so a wider dtype holds what a sensible merge
