@@ -108,3 +108,19 @@ def test_the_cli_dry_run_and_validate_show_the_distances_and_refuse(family, tmp_
     recipe.write_text(recipe.read_text() + "allow_distant: true\n")
     code, out, err = run_cli(["validate", recipe], capsys)
     assert code == 0 and "DISTANT" in out
+
+
+def test_files_and_state_dicts_sample_the_same_entries(tmp_path):
+    """The sample read from files (stored bytes, rows read into one buffer, a small matrix's rows picked before
+    widening) equals the one taken from torch tensors (state dicts), tensor by tensor, bit for bit."""
+    from helpers_ckpt import make_family
+
+    base, fts = make_family(2, shapes={"a.weight": (300, 2000), "b.weight": (40, 8), "c": (5,)}, with_int=False)
+    in_memory = tiesmerge.base_distance(base, fts)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", ft) for k, ft in enumerate(fts)]
+    on_disk = tiesmerge.base_distance(str(b), [str(m) for m in ms])
+    for x, y in zip(in_memory, on_disk, strict=True):
+        assert x.relative_norm == y.relative_norm
+        assert [(t.name, t.relative_norm, t.cosine, t.sampled) for t in x.tensors] == \
+               [(t.name, t.relative_norm, t.cosine, t.sampled) for t in y.tensors]
