@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -91,3 +92,15 @@ def test_an_overflow_hint_offers_a_smaller_lam_only_to_methods_that_have_one(tmp
     with pytest.raises(InvalidTensorError) as info:  # ties scales: a smaller lam is the advice
         tiesmerge.merge(str(b), [str(m) for m in ms], "ties", lam=1e10, output=str(tmp_path / "ties"))
     assert "smaller lam" in info.value.hint
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "ties"])
+def test_a_fused_merge_that_changes_nothing_warns_as_the_torch_path_does(family, tmp_path, method):
+    """Case 25 (a note): dare_ties (the fused kernels) wrote the base without the "changed no entry" warning that
+    dare_linear (torch) gives on the same input; the fused path now watches its output's bytes the same way."""
+    b, ms = family
+    with pytest.warns(MergeWarning, match="changed no entry"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], method, weights=(0.0, 0.0), output=str(tmp_path / "zero"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        tiesmerge.merge(str(b), [str(m) for m in ms], method, output=str(tmp_path / "plain"))

@@ -130,6 +130,15 @@ class RunStats:
     torch_chunks: int = 0  # chunks merged by the torch path
 
 
+def _differ(a: np.ndarray, b: np.ndarray, block: int = 1 << 20) -> bool:
+    """Whether two rows of raw values (E,) differ in any byte, block by block: the first differing block ends it,
+    and no temporary is larger than a block."""
+    a, b = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
+    if a.size != b.size:
+        return True
+    return any(not np.array_equal(a[s:s + block], b[s:s + block]) for s in range(0, a.size, block))
+
+
 def _stream_id(name: str) -> int:
     """A stable 32-bit id of a tensor name (Python's hash() is salted per process)."""
     h = 2166136261
@@ -359,8 +368,7 @@ class Executor:
                 self.stats.tensors_tied += 1
         self.stats.passes += 1
         # (a method run only for what it collects, as adapt's task-vector pass, returns zero deltas by design)
-        if self._moved_inputs and not self._changed and not self.stats.fused_chunks \
-                and not getattr(self.method, "collects_only", False):
+        if self._moved_inputs and not self._changed and not getattr(self.method, "collects_only", False):
             warnings.warn(MergeWarning(
                 f"{self.method.name}: the merge changed no entry of any tensor although the models differ from the "
                 "base (with these options the method keeps nothing), so the output is the base itself"), stacklevel=3)
@@ -385,6 +393,8 @@ class Executor:
                 merged = self._fused_chunk(chunk, payload, chunk_scope, out_dtype, self._out_slot)
                 self._tally("merge_kernel", clock)
                 self.stats.fused_chunks += 1
+                if not self._changed and not self.req.model_values:
+                    self._watch_fused(payload, merged, out_dtype)
             else:
                 rows = self.reader.task_vectors(chunk, payload, model_values=self.req.model_values)
                 # whether this merge changes anything: watched until the first nonzero delta (one reduction a chunk
@@ -402,6 +412,18 @@ class Executor:
                 merged = merged.cpu() if merged.device.type != "cpu" else merged
                 self.stats.torch_chunks += 1
             self._write(sink.write, job.name, chunk.rows, merged)
+
+    def _watch_fused(self, raw: RawRows, merged: np.ndarray, out_dtype: DType) -> None:
+        """The torch path's watch for a merge that changes nothing, on a fused chunk (until the first that changed):
+        whether a model differs from the base here, and whether the output's bytes differ from the base's. Where the
+        output is written in another dtype than stored, a change is assumed: a missed warning beats a false one."""
+        base = raw.inputs[0]
+        moved = any(_differ(row, base) for row in raw.inputs[1:1 + self.n])
+        self._moved_inputs = self._moved_inputs or moved
+        if out_dtype.code != raw.dtype.code:
+            self._changed = True
+        elif moved:
+            self._changed = _differ(np.ascontiguousarray(merged).reshape(-1), base)
 
     def _fused_chunk(self, chunk: Chunk, raw: RawRows, scope: _Scope, out_dtype: DType, slot: int) -> np.ndarray:
         """One chunk through the method's fused kernel, into output buffer ``slot``: (*S) stored
