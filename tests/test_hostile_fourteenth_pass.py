@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 import tiesmerge
+from helpers_adapters import random_lora, write_lora_dir
 from helpers_ckpt import SHAPES, make_family, run_cli, write_hf_dir
-from tiesmerge.errors import ConfigError, InvalidTensorError, MergeWarning
+from tiesmerge.errors import ConfigError, IncompatibleCheckpointsError, InvalidTensorError, MergeWarning
 from tiesmerge.methods import NuSlerp, Slerp
 
 
@@ -104,3 +105,52 @@ def test_a_fused_merge_that_changes_nothing_warns_as_the_torch_path_does(family,
     with warnings.catch_warnings():
         warnings.simplefilter("error", MergeWarning)
         tiesmerge.merge(str(b), [str(m) for m in ms], method, output=str(tmp_path / "plain"))
+
+
+def _lora_merge(tmp_path, base, model_type, modules, fan_in_fan_out, name):
+    config = None if model_type is None else {"model_type": model_type}
+    b = write_hf_dir(tmp_path / f"base-{name}", base, config=config)
+    if model_type is None:  # a base whose architecture cannot be told
+        (b / "config.json").unlink()
+    factors = random_lora(base, 2, 1, modules) if modules[0].startswith("model.") else None
+    if factors is None:  # GPT-2's Conv1D stores (in, out): the factors of ΔW (out, in) = its transpose
+        g = torch.Generator().manual_seed(1)
+        factors = {m: (torch.randn(2, base[m + ".weight"].shape[0], generator=g) * 0.3,
+                       torch.randn(base[m + ".weight"].shape[1], 2, generator=g) * 0.3) for m in modules}
+    lora = write_lora_dir(tmp_path / f"lora-{name}", factors, alpha=4, config={"fan_in_fan_out": fan_in_fan_out})
+    out = tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", lam=1.0, output=str(tmp_path / f"out-{name}"))
+    merged = load_file(str(out / "model.safetensors"))
+    return factors, {m: merged[m + ".weight"] - base[m + ".weight"] for m in modules}
+
+
+def test_fan_in_fan_out_follows_the_modules_layout_as_peft_does(tmp_path):
+    """F3: `fan_in_fan_out: true` on a Llama adapter transposed ΔW of every square module (PEFT ignores the flag on an
+    nn.Linear, with a warning, and forces it on GPT-2's Conv1D); the flag decides only where the base's architecture
+    is unknown."""
+    base, _ = make_family(1, with_int=False)
+    modules = ["model.layers.0.self_attn.q_proj"]  # square (8, 8): a transpose fits too
+    with pytest.warns(MergeWarning, match="fan_in_fan_out is true, but in the base \\(llama\\)"):
+        factors, delta = _lora_merge(tmp_path, base, "llama", modules, True, "llama")
+    a, b = factors[modules[0]]
+    torch.testing.assert_close(delta[modules[0]], 2.0 * (b @ a), rtol=1e-5, atol=1e-5)  # s = 4 / 2, untransposed
+    _, unknown = _lora_merge(tmp_path, base, None, modules, True, "unknown")  # no model_type: the flag decides
+    torch.testing.assert_close(unknown[modules[0]], 2.0 * (b @ a).T, rtol=1e-5, atol=1e-5)
+    gpt2 = {"transformer.h.0.attn.c_attn.weight": torch.randn(8, 24), "transformer.h.0.attn.c_proj.weight":
+            torch.randn(8, 8)}
+    with pytest.warns(MergeWarning, match="fan_in_fan_out is false, but in the base \\(gpt2\\)"):
+        factors, delta = _lora_merge(tmp_path, gpt2, "gpt2", ["transformer.h.0.attn.c_attn"], False, "gpt2")
+    a, b = factors["transformer.h.0.attn.c_attn"]  # Conv1D (in 8, out 24): B (24, r) A (r, 8), stored as (B A)^T
+    torch.testing.assert_close(delta["transformer.h.0.attn.c_attn"], 2.0 * (b @ a).T, rtol=1e-5, atol=1e-5)
+
+
+def test_a_lora_shape_mismatch_names_the_shape_it_compared(tmp_path):
+    """Case 119 (a note): a transposed ΔW that did not fit printed the untransposed shape, equal to the base's."""
+    base, _ = make_family(1, with_int=False)
+    g = torch.Generator().manual_seed(1)  # up_proj (16, 8) as B (16, r) A (r, 8): fits only untransposed
+    module = "model.layers.0.mlp.c_fc"
+    renamed = {**base, module + ".weight": base["model.layers.0.mlp.up_proj.weight"]}
+    b = write_hf_dir(tmp_path / "base2", renamed, config={"model_type": "gpt2"})
+    factors = {module: (torch.randn(2, 8, generator=g), torch.randn(16, 2, generator=g))}
+    lora = write_lora_dir(tmp_path / "lora", factors, alpha=4)
+    with pytest.raises(IncompatibleCheckpointsError, match=r"ΔW = \(B·A\)ᵀ of shape \(8, 16\), which does not fit"):
+        tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "out"))

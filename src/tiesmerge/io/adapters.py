@@ -21,6 +21,7 @@ Opening and binding read only headers and configs, never torch; ``read`` compute
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..dtypes import FLOAT32
-from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
+from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError, MergeWarning
 from ..limits import read_json
 from ..paths import inside
 from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
@@ -72,6 +73,10 @@ def _number(value: object, what: str, source: str) -> float:
 # a LoRA scale alpha / r is a few units (alpha 8..64, r 4..64); this bound only refuses nonsense
 # such as lora_alpha 1e300, whose products overflow, not any adapter someone trained
 MAX_LORA_SCALE = 1e6
+# transformers' Conv1D (weight stored (in, out)): the GPT-2 family's attention and MLP modules. PEFT decides by the
+# module's class, not by the config: fan_in_fan_out is forced True on a Conv1D and False on an nn.Linear (warning).
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+_CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 
 def _declared_rank(config: dict, source: str) -> int | None:
@@ -208,6 +213,8 @@ class LoraCheckpoint:
         rank_pattern = _patterns(self.config, "rank_pattern", source)  # PEFT: a module's r, where a key matches
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
+        model_type = _model_type(base)
+        overruled: list[str] = []
         declared = _declared_rank(self.config, source)
         layers = _layers_to_transform(self.config, source)
         targets: dict[str, LoraTarget] = {}
@@ -224,12 +231,15 @@ class LoraCheckpoint:
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA factors of {module!r} have shapes A {tuple(a)} and B {tuple(b)}; "
                     "expected A (r, in) and B (out, r) with a rank r of at least 1")
-            transposed = embedding or fan_in_fan_out
+            stores_in_out = _stores_in_out(model_type, module, fan_in_fan_out)
+            if stores_in_out != fan_in_fan_out and not embedding:
+                overruled.append(module)
+            transposed = embedding or stores_in_out
             full = (a[1], b[0]) if transposed else (b[0], a[1])
             if tuple(base.info(name).shape) != full:
                 raise IncompatibleCheckpointsError(
-                    f"{self.label}: LoRA of {module!r} has B·A of shape {(b[0], a[1])}, which does not fit the base "
-                    f"tensor {name!r} {tuple(base.info(name).shape)}",
+                    f"{self.label}: LoRA of {module!r} has ΔW = " + ("(B·A)ᵀ" if transposed else "B·A")
+                    + f" of shape {full}, which does not fit the base tensor {name!r} {tuple(base.info(name).shape)}",
                     hint="the adapter was trained on another base model; pass the base it was trained from")
             matched = next((v for p, v in rank_pattern if p.matches(module)), None)
             expected = matched if matched is not None else declared  # PEFT builds the module with this rank
@@ -249,6 +259,12 @@ class LoraCheckpoint:
                     f"{'sqrt(r)' if rs else 'r'} {rank}) is {scale:.3g}, out of range (at most {MAX_LORA_SCALE:g})",
                     hint=f"fix {field} in the adapter config (PEFT's default lora_alpha is 8; a scale is a few units)")
             targets[name] = LoraTarget(module, a_key, b_key, rank, scale, transposed, embedding)
+        if overruled:  # as PEFT warns, and applies the module's own layout
+            warnings.warn(MergeWarning(
+                f"{source}: fan_in_fan_out is {str(fan_in_fan_out).lower()}, but in the base ({model_type}) "
+                f"{len(overruled)} adapted module(s) such as {overruled[0]!r} store their weight as "
+                + ("(out, in) (torch.nn.Linear)" if fan_in_fan_out else "(in, out) (transformers' Conv1D)")
+                + ", so ΔW is applied in that layout, as PEFT does when it loads the adapter"), stacklevel=3)
         full_bound: dict[str, str] = {}
         for plain, key in self._full.items():
             name = resolve_name(strip_key(plain, ""), "", base, self.label, key)
@@ -404,3 +420,23 @@ def open_adapter(path: Path, label: str) -> LoraCheckpoint | Ia3Checkpoint:
         return Ia3Checkpoint(path, label)
     raise CheckpointError(f"{path}: PEFT adapters of type {kind or '(none)'} are not supported",
                           hint="tiesmerge reads LoRA and (IA)³ adapters")
+
+
+def _model_type(base: Checkpoint) -> str | None:
+    """The base's ``model_type`` (its config.json), or None where it has no readable one (a lone file, a state dict)."""
+    from .align import read_model_config  # align imports this module
+
+    try:
+        value = read_model_config(base).get("model_type")
+    except CheckpointError:
+        return None  # a damaged config is said where the merge reads it for its other uses
+    return value if isinstance(value, str) else None
+
+
+def _stores_in_out(model_type: str | None, module: str, fan_in_fan_out: bool) -> bool:
+    """Whether the base stores ``module``'s weight as (in, out), so that ΔW = s (B A)ᵀ: PEFT's rule, by the module's
+    class (transformers' Conv1D in the GPT-2 family: yes; torch.nn.Linear elsewhere: no), whatever the config's
+    fan_in_fan_out says; the config decides only where the base's architecture is not known."""
+    if model_type is None:
+        return fan_in_fan_out
+    return model_type in _CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in _CONV1D_MODULES

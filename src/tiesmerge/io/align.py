@@ -27,7 +27,7 @@ from .vocab_rows import VOCAB_SUFFIXES
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["TensorJob", "Alignment", "align", "with_parts", "VOCAB_POLICIES"]
+__all__ = ["TensorJob", "Alignment", "align", "with_parts", "read_model_config", "VOCAB_POLICIES"]
 
 VOCAB_POLICIES = ("error", "truncate", "union")  # union: see io.vocab and io.vocab_rows
 _HEAD_SUFFIXES = ("lm_head.weight", "predictions.decoder.weight", "embed_out.weight")
@@ -159,7 +159,9 @@ def with_parts(alignment: Alignment, base: Checkpoint, routes: dict[str, tuple[s
                      tuple((p, name, first) for p, (name, first) in routes.items()), vocab)
 
 
-def _read_config(ckpt: Checkpoint) -> dict:
+def read_model_config(ckpt: Checkpoint) -> dict:
+    """The model's config.json as a dict ({} where it has none), read as every model file is: inside the model,
+    a regular file, with size and depth limits."""
     directory = ckpt.directory()
     if directory is None or not os.path.lexists(directory / "config.json"):
         return {}
@@ -180,7 +182,7 @@ def _tied_groups(base: Checkpoint, names: list[str]) -> list[tuple[str, ...]]:
             if key is not None:
                 groups.setdefault(key, []).append(name)
         return [tuple(g) for g in groups.values() if len(g) > 1]
-    if _read_config(base).get("tie_word_embeddings", True) is False:
+    if read_model_config(base).get("tie_word_embeddings", True) is False:
         return []
     heads = [n for n in names if n.endswith(_HEAD_SUFFIXES)]
     embeds = [n for n in names if n.endswith(_EMBED_SUFFIXES)]
