@@ -14,7 +14,13 @@ from safetensors.torch import load_file
 import tiesmerge
 from helpers_adapters import random_lora, write_lora_dir
 from helpers_ckpt import SHAPES, make_family, run_cli, write_hf_dir
-from tiesmerge.errors import ConfigError, IncompatibleCheckpointsError, InvalidTensorError, MergeWarning
+from tiesmerge.errors import (
+    CheckpointError,
+    ConfigError,
+    IncompatibleCheckpointsError,
+    InvalidTensorError,
+    MergeWarning,
+)
 from tiesmerge.methods import NuSlerp, Slerp
 
 
@@ -154,3 +160,19 @@ def test_a_lora_shape_mismatch_names_the_shape_it_compared(tmp_path):
     lora = write_lora_dir(tmp_path / "lora", factors, alpha=4)
     with pytest.raises(IncompatibleCheckpointsError, match=r"ΔW = \(B·A\)ᵀ of shape \(8, 16\), which does not fit"):
         tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "out"))
+
+
+def test_complex_tensors_are_refused_with_what_to_do(tmp_path):
+    """Cases 105, 106 (notes): a complex64 state dict entry was copied with the warning that the base's tensors are
+    "integers or booleans"; a C64 safetensors file's refusal hinted at `merge --help`."""
+    base, fts = make_family(1, with_int=False)
+    odd = {**base, "model.freqs": torch.randn(4, dtype=torch.complex64)}
+    with pytest.raises(CheckpointError, match="is complex64; tiesmerge merges real floating tensors") as info:
+        tiesmerge.merge(odd, [{**fts[0], "model.freqs": odd["model.freqs"]}], "ties")
+    assert "view_as_real" in info.value.hint
+    from safetensors.torch import save_file
+    (tmp_path / "c").mkdir()
+    save_file({"model.freqs": torch.randn(4, dtype=torch.complex64)}, str(tmp_path / "c" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="has dtype C64") as info:
+        tiesmerge.open_checkpoint(str(tmp_path / "c"))
+    assert "BF16" in info.value.hint

@@ -97,7 +97,9 @@ class SafetensorsCheckpoint:
             entry = header[name]
             if entry["dtype"] not in BY_CODE:
                 raise CheckpointError(f"{file}: tensor {name!r} has dtype {entry['dtype']}, "
-                                      "which tiesmerge cannot read")
+                                      "which tiesmerge cannot read",
+                                      hint=f"tiesmerge reads the dtypes {', '.join(BY_CODE)}: convert the tensor to "
+                                           "one of them, or leave it out of the file")
             self._where[name] = file
             self._info[name] = TensorInfo(tuple(entry["shape"]), BY_CODE[entry["dtype"]])
             self._start[name] = 8 + header_len + entry["data_offsets"][0]

@@ -55,6 +55,14 @@ class StateDictCheckpoint:
             raise CheckpointError(f"{label}: tensor {sparse[0]!r} has the {state[sparse[0]].layout} layout, not a "
                                   f"dense one{f' ({len(sparse)} such tensors)' if len(sparse) > 1 else ''}",
                                   hint="pass dense tensors (tensor.to_dense())")
+        complex_ = [k for k, v in state.items() if v.is_complex()]
+        if complex_:  # neither a weight to merge nor a buffer to copy: no model file format holds it as a weight
+            kind = str(state[complex_[0]].dtype).removeprefix("torch.")
+            more = f" ({len(complex_)} such tensors)" if len(complex_) > 1 else ""
+            raise CheckpointError(f"{label}: tensor {complex_[0]!r} is {kind}{more}; tiesmerge merges real floating "
+                                  "tensors and copies integer and boolean ones",
+                                  hint="pass its real and imaginary parts as two tensors (torch.view_as_real), or "
+                                       "leave it out of the state dict")
         self._state = dict(state)
 
     def names(self) -> list[str]:
