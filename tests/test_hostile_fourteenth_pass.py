@@ -176,3 +176,17 @@ def test_complex_tensors_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(CheckpointError, match="has dtype C64") as info:
         tiesmerge.open_checkpoint(str(tmp_path / "c"))
     assert "BF16" in info.value.hint
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_16", "olora", "corda", "loftq"])
+def test_an_adapter_initialised_from_the_base_itself_is_refused(tmp_path, init):
+    """Case 117 (a note): a PiSSA adapter saved without conversion merged onto the original base without a word,
+    although its B·A is relative to the residual base PEFT made at initialisation."""
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, 1), alpha=4, config={"init_lora_weights": init})
+    with pytest.raises(CheckpointError, match=f"init_lora_weights '{init}'.*path_initial_model_for_weight_conversion"):
+        tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    plain = write_lora_dir(tmp_path / "plain", random_lora(base, 2, 1), alpha=4, config={"init_lora_weights": True})
+    tiesmerge.merge(str(b), [str(plain)], "task_arithmetic", output=str(tmp_path / "ok"))  # converted: merged

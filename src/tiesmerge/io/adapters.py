@@ -70,6 +70,10 @@ def _number(value: object, what: str, source: str) -> float:
     return float(value)
 
 
+# LoRA initialisations that move the base itself (the adapter is then relative to a residual base, not to the base
+# it names): PiSSA (and its pissa_niter_N), OLoRA, CorDA and LoftQ. A converted adapter says init_lora_weights true.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+
 # a LoRA scale alpha / r is a few units (alpha 8..64, r 4..64); this bound only refuses nonsense
 # such as lora_alpha 1e300, whose products overflow, not any adapter someone trained
 MAX_LORA_SCALE = 1e6
@@ -164,6 +168,11 @@ class LoraCheckpoint:
             self._file.close()
             raise CheckpointError(f"{path}: peft_type is {self.config.get('peft_type')!r}, expected LORA")
         bad = [f"{k} ({why})" for k, why in _UNSUPPORTED_LORA.items() if self.config.get(k)]
+        init = self.config.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+            bad.append(f"init_lora_weights {init!r} (initialised from the base's own weights, which PEFT replaced by a "
+                       "residual at that moment: B·A is not the change to the original base; PEFT's "
+                       "save_pretrained(path_initial_model_for_weight_conversion=...) converts it to a plain LoRA)")
         if bad:
             self._file.close()
             raise CheckpointError(f"{path}: this LoRA variant is not supported: {'; '.join(bad)}",
