@@ -190,3 +190,16 @@ def test_an_adapter_initialised_from_the_base_itself_is_refused(tmp_path, init):
     assert not (tmp_path / "out").exists()
     plain = write_lora_dir(tmp_path / "plain", random_lora(base, 2, 1), alpha=4, config={"init_lora_weights": True})
     tiesmerge.merge(str(b), [str(plain)], "task_arithmetic", output=str(tmp_path / "ok"))  # converted: merged
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_a_slerp_whose_norms_overflow_says_so(tmp_path, monkeypatch, kernels):
+    """Case 26 (a note): values of 1e30 make the squared norms overflow, and the angle was taken as 90 degrees silently
+    (as mergekit and torch do): the output stays theirs, with a warning, on the fused and the torch path alike."""
+    monkeypatch.setenv("TIESMERGE_KERNELS", kernels)
+    g = torch.Generator().manual_seed(0)
+    b = write_hf_dir(tmp_path / "base", {"a.weight": torch.randn(8, 8, generator=g) * 1e30})
+    m = write_hf_dir(tmp_path / "m", {"a.weight": torch.randn(8, 8, generator=g) * 1e30})
+    with pytest.warns(MergeWarning, match="its norm overflows float32"):
+        tiesmerge.merge(str(b), [str(m)], Slerp(anchor="base"), output=str(tmp_path / "out"), allow_distant=True)
+    assert torch.isfinite(load_file(str(tmp_path / "out" / "model.safetensors"))["a.weight"]).all()

@@ -143,8 +143,10 @@ class Slerp:
         def dots(norm_a: np.float32, norm_b: np.float32) -> np.ndarray:
             return reductions.sums(0, 1, (float(norm_a), float(norm_b)), _CHUNK)
 
-        coef_a, coef_b = slerp_scalars_f32(self.t_for(name), reductions.norms(0, _CHUNK), reductions.norms(1, _CHUNK),
-                                           dots, reductions.numerics)
+        norms = reductions.norms(0, _CHUNK), reductions.norms(1, _CHUNK)
+        if not all(np.isfinite(n).all() for n in norms):  # finite values, but their squares pass float32's range
+            _warn_norm_overflow(name)
+        coef_a, coef_b = slerp_scalars_f32(self.t_for(name), *norms, dots, reductions.numerics)
         return float(coef_a), float(coef_b), None
 
     def t_for(self, name: str) -> float:
@@ -180,4 +182,13 @@ class Slerp:
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """ctx.models (n, *S) [, ctx.base (*S)] -> the merged model's values (*S)."""
         v0 = ctx.base if self.anchor == "base" else ctx.models[0]
+        if not all(bool(torch.isfinite(torch.linalg.vector_norm(v))) for v in (v0, ctx.models[-1])):
+            _warn_norm_overflow(ctx.name)
         return slerp_tensor(self.t_for(ctx.name), v0, ctx.models[-1])
+
+
+def _warn_norm_overflow(name: str) -> None:
+    warnings.warn(MergeWarning(
+        f"slerp: tensor {name!r} holds values so large (about 1e19 or more) that its norm overflows float32: the angle "
+        "between the two tensors cannot be measured, and they are taken as orthogonal (as mergekit and torch compute "
+        "it)"), stacklevel=3)
