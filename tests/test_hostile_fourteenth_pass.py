@@ -203,3 +203,78 @@ def test_a_slerp_whose_norms_overflow_says_so(tmp_path, monkeypatch, kernels):
     with pytest.warns(MergeWarning, match="its norm overflows float32"):
         tiesmerge.merge(str(b), [str(m)], Slerp(anchor="base"), output=str(tmp_path / "out"), allow_distant=True)
     assert torch.isfinite(load_file(str(tmp_path / "out" / "model.safetensors"))["a.weight"]).all()
+
+
+_OPEN_FOR_WRITING = ("import os, sys\ntry:\n    os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))\n"
+                     "except OSError as e:\n    print(e.errno)\n")
+
+
+def _open_for_writing_elsewhere(path) -> str:
+    """Another process opens ``path`` for writing without blocking: held back (EAGAIN) while a lease is held."""
+    return subprocess.run([sys.executable, "-c", _OPEN_FOR_WRITING, str(path)], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read leases are Linux's")
+def test_a_leased_file_opened_for_writing_elsewhere_stops_the_read(tmp_path):
+    """F (case 150): a weights file truncated while mapped killed the process with SIGBUS (no message, a temporary
+    left). Files are read under a read lease: the other process is held back, the merge stops with an error."""
+    from tiesmerge.io import leases
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"x" * 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert leases.hold(fd, path)
+        leases.check()  # nothing happened yet
+        assert _open_for_writing_elsewhere(path) == "11"  # EAGAIN: held back
+        with pytest.raises(CheckpointError, match="another process opened this file for writing"):
+            leases.check()
+    finally:
+        leases.release(fd)
+        os.close(fd)
+    leases.check()  # let go: nothing left to report
+    assert _open_for_writing_elsewhere(path) == ""  # and the other process goes on
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read leases are Linux's")
+def test_a_merge_whose_input_is_opened_for_writing_stops_and_leaves_nothing(family, tmp_path, monkeypatch):
+    from tiesmerge.engine import reader as reader_module
+
+    b, ms = family
+    weights = ms[1] / "model.safetensors"
+    before = weights.read_bytes()
+    real_read, calls = reader_module.Reader.read, []
+
+    def read(self, chunk, slot):  # the second chunk read: another process opens model 1's weights to write them
+        calls.append(chunk)
+        if len(calls) == 2:
+            assert _open_for_writing_elsewhere(weights) == "11"
+        return real_read(self, chunk, slot)
+
+    monkeypatch.setattr(reader_module.Reader, "read", read)
+    with pytest.raises(CheckpointError, match="another process opened this file for writing"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tiesmerge-*"))
+    assert weights.read_bytes() == before
+    assert _open_for_writing_elsewhere(weights) == ""  # the files were let go
+
+
+def test_a_file_without_a_lease_is_read_not_mapped(family, monkeypatch):
+    """Where no lease can be held (another user's file, a file system without leases), the rows are read with pread:
+    a file truncated meanwhile reads short, a typed error, never a SIGBUS."""
+    from tiesmerge.io.checkpoint import open_checkpoint
+
+    b, _ = family
+    monkeypatch.setenv("TIESMERGE_LEASES", "0")
+    ckpt = open_checkpoint(str(b))
+    try:
+        assert not ckpt.mappable("model.embed_tokens.weight")
+    finally:
+        ckpt.close()
+    monkeypatch.setenv("TIESMERGE_LEASES", "1")
+    ckpt = open_checkpoint(str(b))
+    try:
+        assert ckpt.mappable("model.embed_tokens.weight") == sys.platform.startswith("linux")
+    finally:
+        ckpt.close()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import ConfigError, InternalError, MergeWarning, TiesMergeError
+from ..io import leases
 from ..io.align import VOCAB_POLICIES
 from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES
@@ -479,6 +480,8 @@ _stopped_by: Terminated | None = None  # the stop signal other than Ctrl-C that 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
     global _stopping, _stopped_by
+    if signum == getattr(signal, "SIGIO", None) and leases.on_signal():  # a read lease breaking, not a stop
+        return
     if _stopping:  # a second signal during the first one's cleanup (Ctrl-C, then the scheduler's TERM): let it finish
         return
     _stopping = True
@@ -486,6 +489,9 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
     _stopped_by = Terminated(signum)
     raise _stopped_by
+
+
+leases.cooperating_handlers.add(_on_stop_signal)  # it passes a SIGIO on to the leases while they are held
 
 
 def _terminate_like_interrupt() -> dict[int, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 from ..dtypes import DType, as_dtype
 from ..errors import InvalidTensorError, MergeWarning
 from ..finite import check_copy_fits, check_finite, check_fits_float8, first_nonfinite
+from ..io import leases
 from ..io.align import Alignment, TensorJob
 from ..io.protocol import rank_bound
 from ..lazy import torch
@@ -367,6 +368,7 @@ class Executor:
                 self._write(sink.alias, alias, job.name)
                 self.stats.tensors_tied += 1
         self.stats.passes += 1
+        leases.check()  # the last chunk's inputs too: a file opened for writing meanwhile is no input to vouch for
         # (a method run only for what it collects, as adapt's task-vector pass, returns zero deltas by design)
         if self._moved_inputs and not self._changed and not getattr(self.method, "collects_only", False):
             warnings.warn(MergeWarning(

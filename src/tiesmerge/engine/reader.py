@@ -27,6 +27,7 @@ import numpy as np
 
 from ..dtypes import DType
 from ..errors import InvalidTensorError
+from ..io import leases
 from ..io.adapters import yields_task_vector
 from ..io.align import TensorJob
 from ..io.checkpoint import Checkpoint, read_rows_into
@@ -60,6 +61,12 @@ class EngineInputs:
     def all(self) -> list[Checkpoint]:
         extras = [c for c in (self.reference, self.reference_base) if c is not None]
         return [self.base, *self.models, *extras]
+
+
+def _mappable(ckpt: Checkpoint, name: str) -> bool:
+    """Whether tensor ``name`` of ``ckpt`` may be read through a file mapping: a reader that maps, and whose file
+    cannot be truncated under the mapping (a leased file: io/leases.py); otherwise it is read with pread."""
+    return hasattr(ckpt, "map_rows") and (not hasattr(ckpt, "mappable") or ckpt.mappable(name))
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,7 @@ class Reader:
             if rows is not None and shape:
                 first, stop, _ = rows.indices(shape[0])
                 shape = (max(0, stop - first), *shape[1:])
-            if self._mmap and size >= _MAP_MIN_BYTES and all(hasattr(c, "map_rows") for c in inputs):
+            if self._mmap and size >= _MAP_MIN_BYTES and all(_mappable(c, name) for c in inputs):
                 # file mappings: the kernels read the page cache in place (no copy); unmapped
                 # after the chunk, so they never pile up in RSS
                 views = [ckpt.map_rows(name, rows).view(view_dtype) for ckpt in inputs]
@@ -253,6 +260,7 @@ class Reader:
                     clock = time.perf_counter()
                     payload = pending.result()
                     self._tally("wait_read", clock)
+                    leases.check()  # a leased input opened for writing elsewhere: stop before its rows are used
                     if i + 1 < len(chunks):
                         pending = pool.submit(self.read, chunks[i + 1], (i + 1) % 2)
                     yield chunk, payload
@@ -366,7 +374,7 @@ class Reader:
         info = ckpt.info(job.name)
         if info.dtype_info.code not in WIDENED:  # float8 and the like: torch widens them
             return ckpt.read(job.name).reshape(-1)[torch.from_numpy(index)].float().numpy()
-        if hasattr(ckpt, "map_rows") and info.nbytes >= _MAP_MIN_BYTES:
+        if _mappable(ckpt, job.name) and info.nbytes >= _MAP_MIN_BYTES:
             raw = ckpt.map_rows(job.name, None, populate=False)
         elif hasattr(ckpt, "read_into"):
             raw = np.empty(info.nbytes, np.uint8)

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from ..dtypes import BY_CODE
 from ..errors import CheckpointError
 from ..paths import open_regular
+from . import leases
 from .protocol import TensorInfo
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class SafetensorsCheckpoint:
         self.path = path
         self._files = weight_files
         self._fds: dict[Path, int] = {}
+        self._leased: set[Path] = set()  # files whose read lease is held: safe to map
         self._where: dict[str, Path] = {}
         self.unindexed: dict[str, Path] = {}  # tensors a shard holds that the index does not list
         self._info: dict[str, TensorInfo] = {}
@@ -89,6 +91,8 @@ class SafetensorsCheckpoint:
             os.close(fd)
             raise
         self._fds[file] = fd  # closed by close(), also when a tensor below is refused
+        if leases.hold(fd, file):  # another process opening it for writing now waits, and the merge stops
+            self._leased.add(file)
         for name in names:
             if weight_map and weight_map.get(name) != file:
                 if name not in weight_map:  # held by a shard but not listed: named if a merge misses it
@@ -189,7 +193,14 @@ class SafetensorsCheckpoint:
     def directory(self) -> Path | None:
         return self.path if self.path.is_dir() else None
 
+    def mappable(self, name: str) -> bool:
+        """Whether ``name`` may be read through a file mapping: its file is leased (leases.py), so it cannot be
+        truncated under the mapping (a lost page would be a SIGBUS, no error); else it is read with pread."""
+        return self._where[name] in self._leased
+
     def close(self) -> None:
         for fd in self._fds.values():
+            leases.release(fd)
             os.close(fd)
         self._fds.clear()
+        self._leased.clear()

@@ -167,6 +167,9 @@ class _MappedView(_View):
             return self.parts[name].raw(rows)
         return self.inner.map_rows(name, self._rows(name, rows), populate=populate)
 
+    def mappable(self, name: str) -> bool:
+        return name in self.parts or not hasattr(self.inner, "mappable") or self.inner.mappable(name)
+
 
 @dataclass(frozen=True)
 class _Part:
