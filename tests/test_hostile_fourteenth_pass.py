@@ -278,3 +278,27 @@ def test_a_file_without_a_lease_is_read_not_mapped(family, monkeypatch):
         assert ckpt.mappable("model.embed_tokens.weight") == sys.platform.startswith("linux")
     finally:
         ckpt.close()
+
+
+def test_average_weights_that_nearly_cancel_are_refused(family, tmp_path, capsys):
+    """Case 133 (a note): `average --weights 1 -0.999999` (sum 1e-6) scaled the models by ±1e6, exit 0; a sum of
+    exactly 0 was refused."""
+    b, ms = family
+    rc, _, err = run_cli(["merge", "--method", "average", "--base", b, "--model", ms[0], "--model", ms[1], "--weights",
+                          "1", "-0.999999", "-o", tmp_path / "out", "--no-progress"], capsys)
+    assert rc != 0 and "so near 0 that normalised by their sum they reach ±1e+06" in err
+    assert not (tmp_path / "out").exists()
+    tiesmerge.merge(str(b), [str(m) for m in ms], "average", weights=(1.5, -0.5), output=str(tmp_path / "ok"))
+
+
+def test_identical_models_of_an_interpolation_are_not_told_to_use_weights(family, tmp_path):
+    """Case 148 (a note): slerp of two byte-identical models said "give a weight instead" (slerp has no weights)."""
+    import shutil
+
+    b, ms = family
+    twin = shutil.copytree(ms[0], tmp_path / "twin")
+    with pytest.warns(MergeWarning, match="combines a model with itself") as record:
+        tiesmerge.merge(str(b), [str(ms[0]), str(twin)], "slerp", output=str(tmp_path / "out"))
+    assert not any("give a weight" in str(w.message) for w in record)
+    with pytest.warns(MergeWarning, match="counts twice in the merge \\(give a weight"):
+        tiesmerge.merge(str(b), [str(ms[0]), str(twin)], "ties", output=str(tmp_path / "ties"))

@@ -145,7 +145,7 @@ def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
     return "\n".join(lines)
 
 
-def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str]) -> None:
+def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weighted: bool = True) -> None:
     """Models whose weights files are byte for byte the base's (a zero task vector, which adds nothing and in a mean
     dilutes the others) or another model's (that task vector counts twice): usually the wrong folder was given, so
     say so; the merge itself is well defined. State dicts have no files and are not compared."""
@@ -159,8 +159,10 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str]) -> No
             same.append(f"{k} ({labels[k]})")
         elif key in seen:
             warnings.warn(f"models {seen[key]} ({labels[seen[key]]}) and {k} ({labels[k]}) hold the same weights "
-                          "files, byte for byte: that task vector counts twice in the merge (give a weight instead "
-                          "if that is meant)", MergeWarning, stacklevel=3)
+                          "files, byte for byte: " + ("that task vector counts twice in the merge (give a weight "
+                                                      "instead if that is meant)" if weighted else
+                                                      "the merge combines a model with itself (was another folder "
+                                                      "meant?)"), MergeWarning, stacklevel=3)
         seen.setdefault(key, k)
     if same:
         warnings.warn(f"model(s) {', '.join(same)} hold the same weights files as the base, byte for byte: a zero "
@@ -315,7 +317,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                       "models": [[f.result() for f in d] for d in digests["models"]],
                       "reference": [f.result() for f in digests["reference"]] if digests["reference"] else None}
             check_stats_digests(prepared.stats, hashed["models"], [c.label for c in prepared.models])
-            _warn_copies_of_base(hashed, [c.label for c in prepared.models])
+            _warn_copies_of_base(hashed, [c.label for c in prepared.models], weighted=hasattr(m, "weights"))
             run_stats.seconds["hash_wait"] = time.perf_counter() - clock
             run_stats.seconds["prepare"] = prepared_at - started
             recipe = MergeRecipe(method=m, base=prepared.base.label, models=tuple(c.label for c in prepared.models),

@@ -401,9 +401,22 @@ def seed_value(value: Any) -> str | None:
     return None if ok else "must be an integer in [0, 2**63)"
 
 
+NORMALISED_WEIGHT_LIMIT = 1000.0  # |w_i / sum w| past this: weights of both signs that nearly cancel
+
+
 def nonzero_sum(values: tuple) -> str | None:
-    """Per-model weights that are normalised by their sum."""
-    return "must not sum to 0" if sum(values) == 0 else None
+    """Per-model weights that are normalised by their sum: not summing to 0, nor so near it that a normalised weight
+    passes :data:`NORMALISED_WEIGHT_LIMIT` (1, -0.999999 would scale the models by ±1e6: an extrapolation far beyond
+    all of them, not a mean)."""
+    total = sum(values)
+    if total == 0:
+        return "must not sum to 0"
+    largest = max(abs(v) for v in values) / abs(total)
+    if largest > NORMALISED_WEIGHT_LIMIT:
+        return (f"sum to {total:g}, so near 0 that normalised by their sum they reach ±{largest:.3g} (at most "
+                f"{NORMALISED_WEIGHT_LIMIT:g}): an extrapolation far beyond the models, not a weighted mean; give "
+                "weights whose sum is not nearly cancelled")
+    return None
 
 
 _TYPE_CHECKS: dict[Any, Check] = {
