@@ -302,3 +302,18 @@ def test_identical_models_of_an_interpolation_are_not_told_to_use_weights(family
     assert not any("give a weight" in str(w.message) for w in record)
     with pytest.warns(MergeWarning, match="counts twice in the merge \\(give a weight"):
         tiesmerge.merge(str(b), [str(ms[0]), str(twin)], "ties", output=str(tmp_path / "ties"))
+
+
+@pytest.mark.parametrize("key", ["dtype", "out_dtype"])
+@pytest.mark.parametrize("value", [[1], {"a": 1}])
+def test_a_mergekit_dtype_that_is_no_text_is_a_typed_error(family, tmp_path, capsys, key, value):
+    """Cases 160, 161: `dtype: [1]` in a mergekit recipe was "unexpected TypeError: unhashable type: 'list'"."""
+    import yaml
+
+    b, ms = family
+    recipe = {"merge_method": "ties", "base_model": str(b), "models": [{"model": str(m)} for m in ms],
+              "parameters": {"density": 0.5, "weight": 1.0}, key: value}
+    path = tmp_path / "r.yml"
+    path.write_text(yaml.safe_dump(recipe))
+    rc, _, err = run_cli(["validate", path], capsys)
+    assert rc == 2 and f"{key} {value!r} is not one of" in err and "unexpected" not in err

@@ -262,9 +262,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         warnings.append("int8_mask is ignored: tiesmerge's masks are never materialised in a chosen dtype")
     dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
     # a dtype problem does not stop the method's own checks below: every problem is listed at once
-    dtype_problems = [f"{key} {value!r} is not one of {', '.join(_DTYPES)}"
+    dtype_problems = [f"{key} {repr(value)[:80]} is not one of {', '.join(_DTYPES)}"
                       for key, value in (("dtype", dtype), ("out_dtype", out_dtype))
-                      if value is not None and value not in _DTYPES]
+                      if value is not None and (not isinstance(value, str) or value not in _DTYPES)]
     if problems:
         problems += dtype_problems
         raise ConfigError([f"{source}: {p}" for p in problems],
