@@ -20,6 +20,7 @@ from tiesmerge.errors import (
     IncompatibleCheckpointsError,
     InvalidTensorError,
     MergeWarning,
+    OutputError,
 )
 from tiesmerge.methods import NuSlerp, Slerp
 
@@ -101,16 +102,27 @@ def test_an_overflow_hint_offers_a_smaller_lam_only_to_methods_that_have_one(tmp
     assert "smaller lam" in info.value.hint
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "ties"])
-def test_a_fused_merge_that_changes_nothing_warns_as_the_torch_path_does(family, tmp_path, method):
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_a_fused_merge_that_changes_nothing_warns_as_the_torch_path_does(tmp_path, method):
     """Case 25 (a note): dare_ties (the fused kernels) wrote the base without the "changed no entry" warning that
-    dare_linear (torch) gives on the same input; the fused path now watches its output's bytes the same way."""
-    b, ms = family
+    dare_linear (torch) gives on the same input; the fused path now watches its output's bytes the same way. (A
+    drop rate of 0.9 expects 1.6 of the 16 entries kept, so no earlier warning; seed 3 drops them all.)"""
+    g = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(2, 4, generator=g)}
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [str(write_hf_dir(tmp_path / f"ft{k}", {"a.weight": base["a.weight"] + 0.1 * torch.randn(2, 4, generator=g)}))
+          for k in range(2)]
     with pytest.warns(MergeWarning, match="changed no entry"):
-        tiesmerge.merge(str(b), [str(m) for m in ms], method, weights=(0.0, 0.0), output=str(tmp_path / "zero"))
-    with warnings.catch_warnings():
+        out = tiesmerge.merge(str(b), ms, method, drop_rate=0.9, seed=3, output=str(tmp_path / "zero"))
+    assert torch.equal(load_file(str(out / "model.safetensors"))["a.weight"], base["a.weight"])
+    with warnings.catch_warnings():  # a merge that changes something: no such warning
         warnings.simplefilter("error", MergeWarning)
-        tiesmerge.merge(str(b), [str(m) for m in ms], method, output=str(tmp_path / "plain"))
+        tiesmerge.merge(str(b), ms, method, drop_rate=0.5, seed=0, output=str(tmp_path / "plain"))
+    with warnings.catch_warnings(record=True) as record:  # a cause said first: not repeated
+        warnings.simplefilter("always")
+        tiesmerge.merge(str(b), ms, method, weights=(0.0, 0.0), output=str(tmp_path / "weights0"))
+    said = [str(w.message) for w in record if issubclass(w.category, MergeWarning)]
+    assert any("every model's weight is 0" in m for m in said) and not any("changed no entry" in m for m in said)
 
 
 def _lora_merge(tmp_path, base, model_type, modules, fan_in_fan_out, name):
@@ -317,3 +329,24 @@ def test_a_mergekit_dtype_that_is_no_text_is_a_typed_error(family, tmp_path, cap
     path.write_text(yaml.safe_dump(recipe))
     rc, _, err = run_cli(["validate", path], capsys)
     assert rc == 2 and f"{key} {value!r} is not one of" in err and "unexpected" not in err
+
+
+def test_force_replaces_only_an_earlier_output_of_the_same_command(family, tmp_path, capsys):
+    """F17 (case 182, a note): `analyze -o MERGED --force` replaced a merged model with a report (and `stats --force`
+    replaced a merged model or a report), where analyze's help promises to replace only a report."""
+    b, ms = family
+    merged = tmp_path / "merged"
+    tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(merged))
+    before = sorted(p.name for p in merged.iterdir())
+    rc, _, err = run_cli(["analyze", "--base", b, "--model", ms[0], "--model", ms[1], "-o", merged, "--force",
+                          "--no-progress"], capsys)
+    assert rc != 0 and "holds a merged model" in err and "Traceback" not in err
+    assert sorted(p.name for p in merged.iterdir()) == before
+    report = tmp_path / "report"
+    for _ in range(2):  # a report over a report: replaced
+        rc, _, err = run_cli(["analyze", "--base", b, "--model", ms[0], "--model", ms[1], "-o", report, "--force",
+                              "--no-progress"], capsys)
+        assert rc == 0, err
+    with pytest.raises(OutputError, match="holds an analysis report"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(report), force=True)
+    tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(merged), force=True)  # its own kind: replaced

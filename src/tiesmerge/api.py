@@ -452,7 +452,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     if output is not None:  # the models the methods name (sign_from) are inputs too
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
                                         *(i for _, m in extra for i in method_inputs(m))])
-        check_output_path(Path(output).absolute(), force)  # fail before the passes, not after them
+        check_output_path(Path(output).absolute(), force, "analysis.json")  # fail before the passes, not after
     with ExitStack() as stack:
         merged: list[tuple[str, Checkpoint]] = []
         if extra:  # each extra method's merge, float32, read back beside the models in the statistics pass

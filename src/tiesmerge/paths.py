@@ -46,6 +46,8 @@ __all__ = ["demo_workdir", "demo_models_written", "DEMO_MARKER", "write_error", 
 
 # a directory holding one of these (as a regular file) was written by tiesmerge: merge, stats, analyze
 OUTPUT_MARKERS = ("tiesmerge.json", "tiesmerge_stats.json", "analysis.json")
+OUTPUT_KINDS = {"tiesmerge.json": "a merged model: merge, adapt, tune or search", "tiesmerge_stats.json":
+                "statistics: tiesmerge stats", "analysis.json": "an analysis report: tiesmerge analyze"}
 
 # the fields each marker's writer always writes: a file merely named like a marker (``{}``) is no proof
 _MARKER_FIELDS = {"tiesmerge.json": ("tiesmerge_version", "output", "inputs", "method"),
@@ -537,7 +539,7 @@ def check_walkable(path: str | os.PathLike, what: str = "the output") -> None:
                                                                         "that folder first)")
 
 
-def check_output_location(output: str | os.PathLike, force: bool) -> None:
+def check_output_location(output: str | os.PathLike, force: bool, marker: str = "tiesmerge.json") -> None:
     """The output may be created, or (``force``) replace a directory tiesmerge wrote; never a
     protected folder, a file, or a folder of someone else's files."""
     check_walkable(output)
@@ -594,6 +596,12 @@ def check_output_location(output: str | os.PathLike, force: bool) -> None:
     if not ours:
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
+                          hint="choose another path, or remove that directory yourself if you mean it")
+    if not _is_marker(final / marker):  # another command's output: a merged model is no report to redo
+        found = next(m for m in OUTPUT_MARKERS if _is_marker(final / m))
+        raise OutputError(f"{output}: --force replaces only an earlier output of the same command "
+                          f"({OUTPUT_KINDS[marker]}, holding {marker}); this directory holds {OUTPUT_KINDS[found]} "
+                          f"({found})",
                           hint="choose another path, or remove that directory yourself if you mean it")
     damaged = _not_file_names(final)
     if damaged:  # '', '.', '/', '..': a manifest tiesmerge never wrote (edited, or forged)

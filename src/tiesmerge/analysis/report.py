@@ -197,7 +197,7 @@ def write_report(data: dict, output: str | os.PathLike, *, force: bool = False) 
     """Write analysis.json, the PNGs and report.html into ``output`` (replaced only with ``force``)."""
     labels = model_labels(data)
     figures = render_figures(data, labels)  # before the directory: a missing matplotlib leaves nothing behind
-    with atomic_directory(output, force=force) as tmp:
+    with atomic_directory(output, force=force, marker="analysis.json") as tmp:
         (tmp / "analysis.json").write_text(json.dumps(data, indent=1) + "\n")
         for name, png in figures.items():
             (tmp / name).write_bytes(png)

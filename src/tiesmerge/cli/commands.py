@@ -108,11 +108,13 @@ def check_memory_budget(memory_budget: str | None, base: Any, models: list[Any],
                             vocab_policy=vocab_policy))
 
 
-def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]) -> None:
-    """Before any work: the output may be written (see tiesmerge.paths) and is none of the inputs."""
+def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]], marker: str = "tiesmerge.json"
+                  ) -> None:
+    """Before any work: the output may be written (see tiesmerge.paths; ``marker``: the manifest the command
+    writes, so that --force replaces only its own kind of output) and is none of the inputs."""
     if output:
         check_not_input(output, inputs)
-        check_output_location(output, force)
+        check_output_location(output, force, marker)
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -346,7 +348,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be a positive number, got {value}")
-    _check_writes(args.output, args.force, [("the model", args.model), ("the data file", args.data)])
+    _check_writes(args.output, args.force, [("the model", args.model), ("the data file", args.data)],
+                  "tiesmerge_stats.json")
     started = time.perf_counter()
     stats = hf_statistics(args.kind, args.model, args.data, fisher=args.fisher, per_example=args.per_example,
                           batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, device=args.device,
@@ -364,7 +367,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from ..api import analyze
 
     _check_writes(args.output, args.force,
-                  [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))])
+                  [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))], "analysis.json")
     if args.subsets_per_size < 0:
         raise ConfigError(f"--subsets-per-size must be 0 (every subset) or more, got {args.subsets_per_size}")
     check_memory_budget(args.memory_budget, args.base, args.models)  # the analysis reads like a TIES merge

@@ -157,28 +157,30 @@ class _Scope:
     masks: np.ndarray | None = None  # (n, E) uint8: the exact-k trim of a whole tensor, for the fused merge
 
 
-def _warn_if_trim_keeps_nothing(req: Requirements, alignment: Alignment, n: int, method: str) -> None:
+def _warn_if_trim_keeps_nothing(req: Requirements, alignment: Alignment, n: int, method: str) -> bool:
     """A density so small that the trim keeps no entry of any scope makes the merge the base itself. That is the
     definition (k = 0 keeps nothing), so it runs, but never silently: ``--density 1e-6`` on a small model is a slip."""
     if req.trim is None or req.exact_k:  # mergekit's exact k keeps at least one entry per tensor
-        return
+        return False
     sizes = [j.numel for j in alignment.jobs if j.merge]
     if not sizes:
-        return
+        return False
     largest = sum(sizes) if req.scope == "global" else max(sizes)
     if largest and not any(req.trim.keep_counts(largest, n)):
         warnings.warn(MergeWarning(
             f"{method}: the density keeps no entry of any tensor (the largest trim scope holds {largest:,} entries), "
             f"so the merge is the base itself; a density of at least {_rounded_up(1 / largest):.3g} keeps one entry"),
             stacklevel=3)
+        return True
+    return False
 
 
-def _warn_if_drop_keeps_nothing(method: MergeMethod, alignment: Alignment, n: int) -> None:
+def _warn_if_drop_keeps_nothing(method: MergeMethod, alignment: Alignment, n: int) -> bool:
     """DARE's random drop at a rate so close to 1 that less than one entry of all the models is expected to survive:
     the merge is then the base, as with a density that keeps nothing, and is said so."""
     drop_rate = getattr(method, "drop_rate", None)
     if not isinstance(drop_rate, float) or drop_rate >= 1.0:
-        return
+        return False
     entries = n * sum(j.numel for j in alignment.jobs if j.merge)
     expected = entries * (1.0 - drop_rate)
     if entries and expected < 1.0:
@@ -186,6 +188,8 @@ def _warn_if_drop_keeps_nothing(method: MergeMethod, alignment: Alignment, n: in
             f"{method.name}: drop_rate {drop_rate:.12g} leaves {expected:.2g} of the models' {entries:,} task-vector "
             f"entries on average, so the merge is almost surely the base itself; a drop_rate of at most "
             f"{1 - _rounded_up(1 / entries):.6g} keeps one on average"), stacklevel=3)
+        return True
+    return False
 
 
 def _rounded_up(x: float, digits: int = 3) -> float:
@@ -223,13 +227,16 @@ class Executor:
         self.plan: Plan = make_plan(alignment, self.n, self.req, memory_budget=memory_budget, out_dtype=out_dtype,
                                     fused=self._fused_merge, extra_inputs=extra_inputs,
                                     extra_bytes_per_entry=extra_bytes)
-        _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
-        _warn_if_drop_keeps_nothing(method, alignment, self.n)
-        if self.req.weights is not None and not any(self.req.weights):  # the fused kernels merge it unwatched
+        # a cause of "the merge is the base itself" said now: the general warning at the end would only repeat it
+        self._said_base = _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
+        self._said_base = _warn_if_drop_keeps_nothing(method, alignment, self.n) or self._said_base
+        if self.req.weights is not None and not any(self.req.weights):
             warnings.warn(MergeWarning(f"{method.name}: every model's weight is 0, so the merge is the base itself"),
                           stacklevel=2)
+            self._said_base = True
         if getattr(method, "lam", None) == 0:  # lam scales the merged task vector: 0 leaves the base
             warnings.warn(MergeWarning(f"{method.name}: lam is 0, so the merge is the base itself"), stacklevel=2)
+            self._said_base = True
         self._changed = self._moved_inputs = False  # a merged delta not all zero / a task vector not all zero seen
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
@@ -370,7 +377,8 @@ class Executor:
         self.stats.passes += 1
         leases.check()  # the last chunk's inputs too: a file opened for writing meanwhile is no input to vouch for
         # (a method run only for what it collects, as adapt's task-vector pass, returns zero deltas by design)
-        if self._moved_inputs and not self._changed and not getattr(self.method, "collects_only", False):
+        if self._moved_inputs and not self._changed and not self._said_base \
+                and not getattr(self.method, "collects_only", False):
             warnings.warn(MergeWarning(
                 f"{self.method.name}: the merge changed no entry of any tensor although the models differ from the "
                 "base (with these options the method keeps nothing), so the output is the base itself"), stacklevel=3)

@@ -248,8 +248,8 @@ class ShardedWriter:
                 raise write_error(path, exc) from None
 
 
-def _check_output_path(final: Path, force: bool) -> None:
-    check_output_location(final, force)
+def _check_output_path(final: Path, force: bool, marker: str = "tiesmerge.json") -> None:
+    check_output_location(final, force, marker)
 
 
 # Temporary siblings are named for the process, not the output, so that any legal output name
@@ -328,14 +328,15 @@ def remove_stale(parent: Path) -> list[str]:
 
 
 @contextmanager
-def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_bytes: int = 0) -> Iterator[Path]:
+def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_bytes: int = 0,
+                     marker: str = "tiesmerge.json") -> Iterator[Path]:
     """Yield a temporary sibling of ``final``; on success rename it into place, on any error
     (Ctrl-C and SIGTERM included) remove it, so no half-written output ever looks complete.
     ``final`` may replace (``force``) only a directory tiesmerge wrote (see ``tiesmerge.paths``)."""
     if not isinstance(force, bool):  # every writer comes here: force="no" (truthy) must not replace anything
         raise ConfigError(f"force={force!r} must be True or False")
     final = physical(final)  # where the kernel puts it: "l/../out" after a link l is not "./out"
-    _check_output_path(final, force)
+    _check_output_path(final, force, marker)
     # parent folders this call creates are removed again on failure, like the output itself
     created = [p for p in final.parents if not p.exists()]  # innermost first
     try:
@@ -361,7 +362,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
                 raise
             raise write_error(exc.filename or _being_written(tmp, final), exc) from None
         _record_listing(tmp)
-        _check_output_path(final, force)  # the path may have changed while we worked
+        _check_output_path(final, force, marker)  # the path may have changed while we worked
         old = None
         if os.path.lexists(final):
             old = _sibling(final.parent, "old")

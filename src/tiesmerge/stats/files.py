@@ -154,7 +154,8 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
     if manifest.model:  # never inside (or over) the model the statistics describe, as `tiesmerge stats -o` refuses
         check_not_input(directory, [("the model these statistics describe", manifest.model)])
     groups = [[OutputEntry(k, tuple(v.shape), v.dtype)] for k, v in tensors.items()]
-    with atomic_directory(directory, force=force, needed_bytes=sum(v.numel() * 4 for v in tensors.values())) as tmp:
+    with atomic_directory(directory, force=force, needed_bytes=sum(v.numel() * 4 for v in tensors.values()),
+                          marker="tiesmerge_stats.json") as tmp:
         writer = ShardedWriter(tmp, groups, parse_size(shard_size),
                                metadata={"format": "pt", "tiesmerge_stats": manifest.kind})
         for name, value in tensors.items():
