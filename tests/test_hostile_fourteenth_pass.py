@@ -350,3 +350,28 @@ def test_force_replaces_only_an_earlier_output_of_the_same_command(family, tmp_p
     with pytest.raises(OutputError, match="holds an analysis report"):
         tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(report), force=True)
     tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(merged), force=True)  # its own kind: replaced
+
+
+@pytest.mark.parametrize("mode", ["huge", "nan", "1d"])
+def test_ia3_vectors_are_checked_before_the_merge(tmp_path, mode):
+    """F19 (cases 187-189, notes): an (IA)³ vector of 1e30 merged (exit 0, weights of 1e28), a NaN was named by the
+    base weight's name with the vector's shape, and a 1-D vector was blamed on another base model."""
+    from helpers_adapters import random_ia3, write_ia3_dir
+
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    vectors = random_ia3(base, 1)
+    name = next(iter(vectors))
+    if mode == "huge":
+        vectors[name] = torch.full_like(vectors[name], 1e30)
+    elif mode == "nan":
+        vectors[name] = vectors[name].clone()
+        vectors[name][0] = float("nan")
+    else:
+        vectors[name] = vectors[name].reshape(-1)
+    adapter = write_ia3_dir(tmp_path / "ia3", vectors)
+    want = {"huge": "scales the weights by up to 1e\\+30", "nan": f"vector '.*{name}.ia3_l' .* holds NaN",
+            "1d": "is 1-D"}[mode]
+    with pytest.raises(InvalidTensorError if mode == "nan" else CheckpointError, match=want):
+        tiesmerge.merge(str(b), [str(adapter)], "task_arithmetic", output=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

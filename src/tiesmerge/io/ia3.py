@@ -8,11 +8,14 @@ torch; the values (``read``) do.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..dtypes import FLOAT32
-from ..errors import CheckpointError, IncompatibleCheckpointsError
+from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
 from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_dir, resolve_name, strip_key
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
@@ -67,11 +70,20 @@ class Ia3Checkpoint:
             weight = tuple(base.info(name).shape)
             shape = tuple(self._file.info(key).shape)
             fits = len(weight) == 2 and shape in ((weight[0], 1), (1, weight[1]))
+            if not fits and len(shape) == 1 and len(weight) == 2 and shape[0] in weight:
+                raise CheckpointError(
+                    f"{self.label}: (IA)³ vector {key!r} is 1-D {shape}; PEFT stores one as a column ({weight[0]}, 1) "
+                    f"that scales the rows of {name!r} {weight}, or as a row (1, {weight[1]}) that scales its inputs",
+                    hint="the adapter file was not written by PEFT's IA3 (or was reshaped since): save it again with "
+                         "PEFT")
             if not fits:
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: (IA)³ vector {key!r} {shape} does not scale the rows or the columns of the base "
                     f"tensor {name!r} {weight}",
                     hint="the adapter was trained on another base model; pass the base it was trained from")
+            stored = _stored_values(self._file, key)  # a few KB, checked now (without torch: the IO layer's rule)
+            if stored is not None:
+                _check_vector(stored, str(self.path / ADAPTER_WEIGHTS), key)
             self.modules[name] = module
             self._keys[name] = key
         self.bound = True
@@ -85,7 +97,9 @@ class Ia3Checkpoint:
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
         if name not in self._keys:  # a vector another adapter has and this one lacks: l = 1
             raise KeyError(name)
-        return self._file.read(self._keys[name], rows).float().sub_(1.0)
+        vector = self._file.read(self._keys[name], rows).float()
+        _check_vector(vector.numpy(), self.location(name), self._keys[name])
+        return vector.sub_(1.0)
 
     def location(self, name: str) -> str:
         return str(self.path / ADAPTER_WEIGHTS)
@@ -191,3 +205,37 @@ def ia3_identity(base: Checkpoint, adapters: list[Ia3Checkpoint]) -> tuple[Ia3Id
                     "one adapter scales the module's inputs, the other its outputs",
                     hint="list the module under feedforward_modules in both adapters' configs, or in neither")
     return Ia3Identity(shapes), [_Ia3Union(a, shapes) for a in adapters]
+
+
+# an (IA)³ vector multiplies a weight's rows or inputs, around 1 (PEFT initialises it to ones); a factor past this
+# bound is no trained adapter (1e30 scaled the weights to 1e28 and beyond), as LoRA's scale is bounded
+MAX_IA3_FACTOR = 1e6
+
+
+def _stored_values(file: Any, key: str) -> np.ndarray | None:
+    """A vector's stored values, widened with numpy (bfloat16 as the high half of a float32); None for a dtype the
+    merge's own reading checks later."""
+    if not hasattr(file, "read_into"):
+        return None
+    info = file.info(key)
+    code = info.dtype_info.code
+    if code not in ("BF16", "F16", "F32", "F64"):
+        return None
+    raw = np.empty(math.prod(info.shape) * info.dtype_info.itemsize, np.uint8)
+    file.read_into(key, None, memoryview(raw))
+    if code == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
+    return raw.view(info.dtype_info.numpy).reshape(info.shape)
+
+
+def _check_vector(vector: np.ndarray, where: str, key: str) -> None:
+    """An (IA)³ vector's values: finite, and within :data:`MAX_IA3_FACTOR` (named by the vector's own key)."""
+    if not np.isfinite(vector).all():
+        kind = "NaN" if np.isnan(vector).any() else "Inf"
+        raise InvalidTensorError(f"{where}: (IA)³ vector {key!r} {tuple(vector.shape)} holds {kind}",
+                                 hint="the adapter is damaged or was saved after a diverged training step")
+    largest = float(np.abs(vector).max()) if vector.size else 0.0
+    if largest > MAX_IA3_FACTOR:
+        raise CheckpointError(f"{where}: (IA)³ vector {key!r} scales the weights by up to {largest:.3g}, beyond any "
+                              f"trained adapter (at most {MAX_IA3_FACTOR:g}; PEFT starts every factor at 1)",
+                              hint="the adapter is damaged, or not an (IA)³ adapter: check how it was saved")
