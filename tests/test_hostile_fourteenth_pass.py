@@ -375,3 +375,21 @@ def test_ia3_vectors_are_checked_before_the_merge(tmp_path, mode):
     with pytest.raises(InvalidTensorError if mode == "nan" else CheckpointError, match=want):
         tiesmerge.merge(str(b), [str(adapter)], "task_arithmetic", output=str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_head_stored_anyway_is_the_embedding_not_another_architecture(tmp_path):
+    """F20 (cases 191, 192, notes): a fine-tune of a tied model whose writer stored lm_head.weight anyway (the
+    embedding's bytes) was refused as "another architecture"; a head that differs is named as trained untied."""
+    base, fts = make_family(2, with_int=False)
+    tied = {"tie_word_embeddings": True}
+    drop = {k: v for k, v in base.items() if k != "lm_head.weight"}
+    b = write_hf_dir(tmp_path / "base", drop, config=tied)
+    m0 = write_hf_dir(tmp_path / "m0", {k: v for k, v in fts[0].items() if k != "lm_head.weight"}, config=tied)
+    stored = {**{k: v for k, v in fts[1].items() if k != "lm_head.weight"},
+              "lm_head.weight": fts[1]["model.embed_tokens.weight"].clone()}
+    m1 = write_hf_dir(tmp_path / "m1", stored, config=tied)
+    out = tiesmerge.merge(str(b), [str(m0), str(m1)], "ties", output=str(tmp_path / "out"))
+    assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))
+    untied = write_hf_dir(tmp_path / "m2", {**stored, "lm_head.weight": fts[1]["lm_head.weight"]}, config=tied)
+    with pytest.raises(IncompatibleCheckpointsError, match="fine-tuned with an untied output head"):
+        tiesmerge.merge(str(b), [str(m0), str(untied)], "ties", output=str(tmp_path / "out2"))

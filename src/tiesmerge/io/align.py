@@ -194,6 +194,30 @@ def _tied_groups(base: Checkpoint, names: list[str]) -> list[tuple[str, ...]]:
     return out
 
 
+def _untied_copies(base: Checkpoint, model: Checkpoint, k: int, extra: list[str]) -> list[str]:
+    """``extra`` (model ``k``'s tensors the base lacks) less the output heads that are byte for byte the model's own
+    embedding where the base ties them (its config; a writer that does not deduplicate tied tensors stores the head
+    anyway): the same tensor, merged once as the embedding. A head that differs from the embedding was trained
+    untied, and merging it tied would drop its change: that is an error that says so."""
+    if not extra or yields_task_vector(model) or read_model_config(base).get("tie_word_embeddings", True) is False:
+        return extra
+    embeds = [n for n in model.names() if n.endswith(_EMBED_SUFFIXES) and n in base.names()]
+    left = []
+    for name in extra:
+        twin = next((e for e in embeds if model.info(e) == model.info(name)), None) \
+            if name.endswith(_HEAD_SUFFIXES) else None
+        if twin is None:
+            left.append(name)
+        elif not _same_values([model], twin, name):
+            raise IncompatibleCheckpointsError(
+                f"model {k} ({model.label}) stores {name!r} with values other than its {twin!r}, and the base ties the "
+                "two (tie_word_embeddings): this model was fine-tuned with an untied output head, which a merge into "
+                "the tied base would drop",
+                hint="merge onto a base whose config sets tie_word_embeddings: false and stores the head (a copy of "
+                     "the embedding), or leave this model out")
+    return left
+
+
 def _first_rows(ckpt: Checkpoint, name: str, rows: slice | None) -> bytes:
     info = ckpt.info(name)
     out = bytearray(math.prod(rows_shape(info.shape, rows)) * info.itemsize)
@@ -296,6 +320,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
         missing = [] if yields_task_vector(model) else \
             [n for n in names if n not in have and base.info(n).is_floating]
         extra = [n for n in model.names() if n not in base_set]
+        extra = _untied_copies(base, model, k, extra)  # a tied head stored anyway (writers that keep both names)
         if missing or extra:
             parts = []
             if missing:
