@@ -393,3 +393,16 @@ def test_a_tied_head_stored_anyway_is_the_embedding_not_another_architecture(tmp
     untied = write_hf_dir(tmp_path / "m2", {**stored, "lm_head.weight": fts[1]["lm_head.weight"]}, config=tied)
     with pytest.raises(IncompatibleCheckpointsError, match="fine-tuned with an untied output head"):
         tiesmerge.merge(str(b), [str(m0), str(untied)], "ties", output=str(tmp_path / "out2"))
+
+
+def test_a_float16_adapter_whose_factors_overflow_gets_only_the_error(tmp_path, capsys):
+    """F16 (case 177, a note): `--output-format adapter --lam 1e30 --dtype float16` warned "|B·A| = nan ... its float16
+    factors are finite" and then failed on factors that were not finite: only the error now."""
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    loras = [write_lora_dir(tmp_path / f"l{k}", random_lora(base, 2, k), alpha=4) for k in range(2)]
+    rc, _, err = run_cli(["merge", "--base", b, "--model", loras[0], "--model", loras[1], "--output-format",
+                          "adapter", "--rank", "2", "--lam", "1e30", "--dtype", "float16", "-o", tmp_path / "out",
+                          "--no-progress"], capsys)
+    assert rc != 0 and "not finite" in err and "|B·A| = nan" not in err and "factors are finite" not in err, err
+    assert not (tmp_path / "out").exists()

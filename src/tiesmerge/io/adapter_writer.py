@@ -115,8 +115,10 @@ def _product_past(b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float
     bfloat16), else None."""
     if dtype not in (torch.float16, torch.bfloat16):
         return None  # float32 and wider: the merged τ was checked finite in float32 already
+    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+        return None  # the factors themselves overflowed: the writer's check refuses them, with its own message
     largest = float((b.float() @ a.float()).abs().max()) if b.numel() and a.numel() else 0.0
-    return None if largest <= float(torch.finfo(dtype).max) else largest
+    return None if not largest > float(torch.finfo(dtype).max) else largest  # (a NaN product: not said here)
 
 
 def _warn_products_past(past: dict[str, float], dtype: torch.dtype) -> None:
