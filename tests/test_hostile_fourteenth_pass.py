@@ -406,3 +406,19 @@ def test_a_float16_adapter_whose_factors_overflow_gets_only_the_error(tmp_path, 
                           "--no-progress"], capsys)
     assert rc != 0 and "not finite" in err and "|B·A| = nan" not in err and "factors are finite" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_ray_address_that_accepts_but_is_no_cluster_is_named(monkeypatch):
+    """F18 (case 184, a note): `--ray ray://HOST:PORT` where something accepts the connection but no Ray cluster
+    answers waited for Ray's client and said only "ray client connection timeout": the address is named now."""
+    ray = pytest.importorskip("ray")
+    from tiesmerge.tuning import executors
+
+    def refuse(*args, **kwargs):
+        raise ConnectionError("ray client connection timeout")
+
+    monkeypatch.setattr(executors, "_check_reachable", lambda address, timeout=5.0: None)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match="--ray ray://10.255.255.1:10001: a connection was accepted there"):
+        executors.RayExecutor("ray://10.255.255.1:10001")

@@ -214,7 +214,15 @@ class RayExecutor:
             handlers = _signal_handlers()
             if address:
                 _check_reachable(address)  # Ray itself retries an address where nothing listens for minutes
-                ray.init(address=address, **kwargs)
+                try:
+                    ray.init(address=address, **kwargs)
+                except ConnectionError as exc:  # something accepted the connection, but no Ray cluster spoke
+                    _restore_signal_handlers(handlers)
+                    raise ConfigError(f"--ray {address}: a connection was accepted there, but no Ray cluster answered "
+                                      f"({str(exc)[:200] or type(exc).__name__})",
+                                      hint="check the address (`ray start --head` prints the one to give; a ray:// "
+                                           "address needs the cluster's client server, port 10001), or pass --ray "
+                                           "without an address for a local cluster") from None
             else:
                 if not os.environ.get("RAY_TMPDIR"):  # the user's choice of Ray's folder stands
                     # the local cluster's session folder (logs, sockets, ports): private, removed at exit, never
