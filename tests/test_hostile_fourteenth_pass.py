@@ -422,3 +422,24 @@ def test_a_ray_address_that_accepts_but_is_no_cluster_is_named(monkeypatch):
     monkeypatch.setattr(ray, "init", refuse)
     with pytest.raises(ConfigError, match="--ray ray://10.255.255.1:10001: a connection was accepted there"):
         executors.RayExecutor("ray://10.255.255.1:10001")
+
+
+def test_force_refuses_a_folder_holding_markers_of_two_kinds(family, tmp_path, capsys):
+    """Pass 15 F3: a report's analysis.json moved beside a merged model made `analyze --force` replace the model (its
+    own marker was there), and `merge --force` deleted the moved analysis.json."""
+    import shutil
+
+    b, ms = family
+    merged, report = tmp_path / "merged", tmp_path / "report"
+    tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(merged))
+    rc, _, err = run_cli(["analyze", "--base", b, "--model", ms[0], "--model", ms[1], "-o", report, "--no-progress"],
+                         capsys)
+    assert rc == 0, err
+    shutil.copy2(report / "analysis.json", merged / "analysis.json")  # the numbers kept with the model
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    rc, _, err = run_cli(["analyze", "--base", b, "--model", ms[0], "--model", ms[1], "-o", merged, "--force",
+                          "--no-progress"], capsys)
+    assert rc != 0 and "holds a merged model" in err
+    with pytest.raises(OutputError, match="holds an analysis report"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(merged), force=True)
+    assert {p.name: p.read_bytes() for p in merged.iterdir()} == before

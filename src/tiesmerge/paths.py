@@ -597,11 +597,13 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
                           f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
                           hint="choose another path, or remove that directory yourself if you mean it")
-    if not _is_marker(final / marker):  # another command's output: a merged model is no report to redo
-        found = next(m for m in OUTPUT_MARKERS if _is_marker(final / m))
+    found = [m for m in OUTPUT_MARKERS if _is_marker(final / m)]
+    if found != [marker]:  # another command's output (a merged model is no report to redo), or markers of two
+        # kinds: a report's analysis.json moved beside a model must not turn the model into a "report" to replace
+        found = [m for m in found if m != marker] or found
         raise OutputError(f"{output}: --force replaces only an earlier output of the same command "
-                          f"({OUTPUT_KINDS[marker]}, holding {marker}); this directory holds {OUTPUT_KINDS[found]} "
-                          f"({found})",
+                          f"({OUTPUT_KINDS[marker]}, holding {marker} alone); this directory holds "
+                          + " and ".join(f"{OUTPUT_KINDS[m]} ({m})" for m in found),
                           hint="choose another path, or remove that directory yourself if you mean it")
     damaged = _not_file_names(final)
     if damaged:  # '', '.', '/', '..': a manifest tiesmerge never wrote (edited, or forged)
