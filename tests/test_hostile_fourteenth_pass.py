@@ -443,3 +443,29 @@ def test_force_refuses_a_folder_holding_markers_of_two_kinds(family, tmp_path, c
     with pytest.raises(OutputError, match="holds an analysis report"):
         tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(merged), force=True)
     assert {p.name: p.read_bytes() for p in merged.iterdir()} == before
+
+
+def test_the_digest_cache_is_parsed_once_written_once_and_bounded(tmp_path, monkeypatch):
+    """Pass 15 F2: the digest cache was parsed, and rewritten whole, once per input file, and never pruned: a cache of
+    300,000 entries (under its 64 MiB cap) made a merge of 42 small shards take 76 s on every run."""
+    import json
+
+    from tiesmerge.io import card
+
+    monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    cache = tmp_path / "cache" / "digests.json"
+    cache.parent.mkdir()
+    planted = {f"/x/{i}/model.safetensors": {"stamp": [1, i, 2, 3, 4], "sha256": "ab" * 32} for i in range(25_000)}
+    cache.write_text(json.dumps(planted))
+    assert card.load_cache(cache) is card.load_cache(cache)  # parsed once while the file is the same
+    writes = []
+    real = card.remember_many
+    monkeypatch.setattr(card, "remember_many", lambda path, items: (writes.append(len(items)), real(path, items)))
+    base, fts = make_family(2, with_int=False)
+    sharded = [write_hf_dir(tmp_path / f"s{k}", sd, shards=3) for k, sd in enumerate([base, *fts])]
+    tiesmerge.merge(str(sharded[0]), [str(p) for p in sharded[1:]], "ties", output=str(tmp_path / "out"))
+    assert writes == [9]  # three models of three shards: one write
+    kept = json.loads(cache.read_text())
+    shards = [str(f.resolve()) for d in sharded for f in d.glob("*.safetensors")]
+    assert len(kept) == card._MAX_ENTRIES and set(list(kept)[-9:]) == set(shards)  # the newest kept, the oldest gone
+    assert "/x/0/model.safetensors" not in kept and "/x/24999/model.safetensors" in kept

@@ -69,7 +69,9 @@ def test_iso_c_matches_the_float64_reference(opts) -> None:
 @pytest.mark.parametrize("opts", [{}, {"lam": 1.5, "common_fraction": 0.5}, {"exclude": "", "lam": 0.9}])
 def test_iso_cts_matches_the_float64_reference(opts) -> None:
     base, models = svd_family(3, seed=6)
-    assert_close_state(tiesmerge.merge(base, models, "iso_cts", **opts), ref_iso_cts(base, models, **opts))
+    # float32 SVDs and polar factors: within 2e-5 on the AVX-512 machine of earlier sessions, up to 3.4e-5 on an
+    # AMD EPYC (MKL's AVX2 path) in 5 of 384 entries; a wrong subspace or spectrum is off by 1e-2 and more
+    assert_close_state(tiesmerge.merge(base, models, "iso_cts", **opts), ref_iso_cts(base, models, **opts), tol=6e-5)
 
 
 @pytest.mark.parametrize("method", [IsoC(lam=1.2), IsoCTS(lam=1.2)])

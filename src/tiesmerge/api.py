@@ -38,7 +38,7 @@ from .inputs import (
     resolve_sources,
 )
 from .io.align import align
-from .io.card import digest_cache_kept_out_of, hash_files, model_card
+from .io.card import digest_cache_kept_out_of, flush_digests, hash_files, model_card
 from .io.checkpoint import Checkpoint
 from .io.vocab import write_tokenizer_files
 from .io.vocab_rows import is_part
@@ -316,6 +316,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             hashed = {"base": [f.result() for f in digests["base"]],
                       "models": [[f.result() for f in d] for d in digests["models"]],
                       "reference": [f.result() for f in digests["reference"]] if digests["reference"] else None}
+            flush_digests()  # the digests worked out, remembered in one write (never into an input or the output)
             check_stats_digests(prepared.stats, hashed["models"], [c.label for c in prepared.models])
             _warn_copies_of_base(hashed, [c.label for c in prepared.models], weighted=hasattr(m, "weights"))
             run_stats.seconds["hash_wait"] = time.perf_counter() - clock

@@ -364,10 +364,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from ..api import analyze
+    from ..api import analyze, method_of_spec
+    from ..inputs import method_inputs
 
+    # the models the --method specs name (sign_from) are inputs too: named as such before the output's kind
     _check_writes(args.output, args.force,
-                  [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models))], "analysis.json")
+                  [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models)),
+                   *(i for spec in args.methods for i in method_inputs(method_of_spec(spec)))], "analysis.json")
     if args.subsets_per_size < 0:
         raise ConfigError(f"--subsets-per-size must be 0 (every subset) or more, got {args.subsets_per_size}")
     check_memory_budget(args.memory_budget, args.base, args.models)  # the analysis reads like a TIES merge
