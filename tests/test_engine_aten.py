@@ -170,7 +170,7 @@ def test_whole_tensor_merges_import_no_torch_once_the_verdict_is_remembered(tmp_
         assert want and _weights(tmp_path / "first" / name) == want == _weights(tmp_path / "second" / name), name
 
 
-@pytest.mark.parametrize("entry", [[False, 2], [True, 0], [True, 10**9], "yes"])
+@pytest.mark.parametrize("entry", [[False, 2], [True, 0], [True, 10**9], [True, (os.cpu_count() or 1) + 1], "yes"])
 def test_a_false_or_damaged_verdict_falls_back_to_torch(tmp_path, entry):
     base, models = _models(tmp_path)
     cache = tmp_path / "cache"

@@ -226,12 +226,20 @@ def verdict() -> tuple[bool, int] | None:
     if cache is None or key is None:
         return None
     known = load_cache(cache).get(key)
-    # a thread count no machine has (a damaged or planted file) would size per-thread buffers: refused, checked again
+    # a thread count this machine cannot have (a damaged or planted file) would change how sums are split, and size
+    # per-thread buffers: refused, checked against torch again. torch's default is at most the machine's CPUs (the
+    # fingerprint holds their number)
     if (isinstance(known, list) and len(known) == 2 and isinstance(known[0], bool) and isinstance(known[1], int)
-            and not isinstance(known[1], bool) and 1 <= known[1] <= max(1024, os.cpu_count() or 1)):
+            and not isinstance(known[1], bool) and 1 <= known[1] <= _usable_cpus()):
         _KNOWN.append((known[0], known[1]))
         return _KNOWN[0]
     return None
+
+
+def _usable_cpus() -> int:
+    """The most threads torch can default to here: the machine's CPUs (OpenMP counts those the process may use)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    return max(1, affinity, os.cpu_count() or 1)
 
 
 def remember_verdict(ok: bool, threads: int) -> None:
