@@ -469,3 +469,25 @@ def test_the_digest_cache_is_parsed_once_written_once_and_bounded(tmp_path, monk
     shards = [str(f.resolve()) for d in sharded for f in d.glob("*.safetensors")]
     assert len(kept) == card._MAX_ENTRIES and set(list(kept)[-9:]) == set(shards)  # the newest kept, the oldest gone
     assert "/x/0/model.safetensors" not in kept and "/x/24999/model.safetensors" in kept
+
+
+@pytest.mark.parametrize("alpha", [0, -8])
+def test_a_lora_alpha_that_is_not_positive_warns(tmp_path, alpha):
+    """Pass 15 N5 (cases 121, 122): lora_alpha 0 merged to exactly the base, a negative one reversed the adapter,
+    both silently."""
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, 1), alpha=alpha)
+    with pytest.warns(MergeWarning, match=f"lora_alpha is {alpha}"):
+        tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "out"))
+
+
+def test_method_specs_with_deep_values_or_an_open_quote_are_named():
+    """Pass 15 F4 and case 109: a 50,000-deep [[[... value was "a bug in tiesmerge"; an unclosed quote blamed the
+    option it swallowed."""
+    from tiesmerge.api import method_of_spec
+
+    with pytest.raises(ConfigError, match="nested too deep"):
+        method_of_spec("ties:densities=" + "[" * 50_000)
+    with pytest.raises(ConfigError, match="a double quote is not closed"):
+        method_of_spec('slerp:t_by_name="self_attn=0,1;*=0.5,layers=2')

@@ -385,6 +385,8 @@ def _spec_items(text: str) -> list[str]:
         elif char == "," and not quoted and depth == 0:
             items.append(text[start:i])
             start = i + 1
+    if quoted:  # the rest would be one value: name the quote, not what it swallowed
+        raise ConfigError(f"method spec {text[:80]!r}: a double quote is not closed", hint='close it: key="a,b"')
     items.append(text[start:])
     return items
 
@@ -409,6 +411,9 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
             options[key.strip()] = json.loads(value)
         except ValueError:
             options[key.strip()] = value.strip()
+        except RecursionError:  # [[[[... 50,000 deep: no option holds that
+            raise ConfigError(f"method {spec[:80]!r}: the value of {key.strip()} is nested too deep to read",
+                              hint="give a number, a word, or a flat [list]") from None
     try:
         return make_method(name.strip(), options)
     except ConfigError as exc:  # an option's check: the method's own help says what each option accepts

@@ -218,6 +218,12 @@ class LoraCheckpoint:
             return  # bound once, to the real base (a zero base stands in for it in some merges)
         source = str(self.path / ADAPTER_CONFIG)
         alpha = _number(self.config.get("lora_alpha", 8), "lora_alpha", source)
+        if alpha <= 0:  # PEFT's scale is alpha / r: 0 changes nothing, a negative one undoes the training
+            warnings.warn(MergeWarning(
+                f"{source}: lora_alpha is {alpha:g}, so the adapter's scale alpha / r is "
+                + ("0 and it changes nothing: the merge gets nothing from it" if alpha == 0 else
+                   "negative and its change is applied reversed")
+                + " (PEFT's default lora_alpha is 8; trained adapters use a positive one)"), stacklevel=3)
         alpha_pattern = _patterns(self.config, "alpha_pattern", source)
         rank_pattern = _patterns(self.config, "rank_pattern", source)  # PEFT: a module's r, where a key matches
         rs = bool(self.config.get("use_rslora", False))

@@ -122,5 +122,6 @@ def check() -> None:
     if path is not None:
         raise CheckpointError(
             f"{path}: another process opened this file for writing (or truncated it) while tiesmerge read it, so "
-            "the merge stopped and nothing was written; that process waits until tiesmerge has let go",
+            "the merge stopped and nothing was written; that process was held back (it waits until tiesmerge has "
+            "let go, or failed at once if it would not wait)",
             hint="wait until the model is complete (a download, a copy or a save still running), then run again")
