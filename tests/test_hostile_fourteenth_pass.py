@@ -491,3 +491,19 @@ def test_method_specs_with_deep_values_or_an_open_quote_are_named():
         method_of_spec("ties:densities=" + "[" * 50_000)
     with pytest.raises(ConfigError, match="a double quote is not closed"):
         method_of_spec('slerp:t_by_name="self_attn=0,1;*=0.5,layers=2')
+
+
+def test_an_adapter_trained_on_another_named_base_warns(tmp_path):
+    """Pass 15 case 133 (a note): an adapter whose base_model_name_or_path names another model merged without a word
+    where the base's config names itself; a local path on either side names nothing to compare."""
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base, config={"_name_or_path": "org/tiny-base"})
+    other = write_lora_dir(tmp_path / "other", random_lora(base, 2, 1), alpha=4,
+                           config={"base_model_name_or_path": "meta-llama/Llama-2-7b-hf"})
+    with pytest.warns(MergeWarning, match="trained on 'meta-llama/Llama-2-7b-hf'"):
+        tiesmerge.merge(str(b), [str(other)], "task_arithmetic", output=str(tmp_path / "out"))
+    same = write_lora_dir(tmp_path / "same", random_lora(base, 2, 1), alpha=4,
+                          config={"base_model_name_or_path": "org/tiny-base"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        tiesmerge.merge(str(b), [str(same)], "task_arithmetic", output=str(tmp_path / "ok"))

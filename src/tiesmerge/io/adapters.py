@@ -21,6 +21,7 @@ Opening and binding read only headers and configs, never torch; ``read`` compute
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,6 +275,7 @@ class LoraCheckpoint:
                     f"{'sqrt(r)' if rs else 'r'} {rank}) is {scale:.3g}, out of range (at most {MAX_LORA_SCALE:g})",
                     hint=f"fix {field} in the adapter config (PEFT's default lora_alpha is 8; a scale is a few units)")
             targets[name] = LoraTarget(module, a_key, b_key, rank, scale, transposed, embedding)
+        _warn_if_trained_on_another_base(self.config, base, source)
         if overruled:  # as PEFT warns, and applies the module's own layout
             warnings.warn(MergeWarning(
                 f"{source}: fan_in_fan_out is {str(fan_in_fan_out).lower()}, but in the base ({model_type}) "
@@ -437,12 +439,16 @@ def open_adapter(path: Path, label: str) -> LoraCheckpoint | Ia3Checkpoint:
                           hint="tiesmerge reads LoRA and (IA)³ adapters")
 
 
-def _model_type(base: Checkpoint) -> str | None:
-    """The base's ``model_type`` (its config.json), or None where it has no readable one (a lone file, a state dict)."""
+def _model_config(base: Checkpoint) -> dict:
     from .align import read_model_config  # align imports this module
 
+    return read_model_config(base)
+
+
+def _model_type(base: Checkpoint) -> str | None:
+    """The base's ``model_type`` (its config.json), or None where it has no readable one (a lone file, a state dict)."""
     try:
-        value = read_model_config(base).get("model_type")
+        value = _model_config(base).get("model_type")
     except CheckpointError:
         return None  # a damaged config is said where the merge reads it for its other uses
     return value if isinstance(value, str) else None
@@ -455,3 +461,26 @@ def _stores_in_out(model_type: str | None, module: str, fan_in_fan_out: bool) ->
     if model_type is None:
         return fan_in_fan_out
     return model_type in _CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in _CONV1D_MODULES
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _warn_if_trained_on_another_base(config: dict, base: Checkpoint, source: str) -> None:
+    """The adapter names the model it was trained on (base_model_name_or_path); where the base's config names itself
+    (_name_or_path) and both are hub ids (org/name) that differ, the shapes may still fit (two fine-tunes of one
+    architecture) while the weights are another model's: said, not refused (a re-upload under another name is the
+    same model)."""
+    claimed = config.get("base_model_name_or_path")
+    try:
+        own = _model_config(base).get("_name_or_path")
+    except CheckpointError:
+        return
+    if not (isinstance(claimed, str) and isinstance(own, str)) or not (_HUB_ID.fullmatch(claimed)
+                                                                         and _HUB_ID.fullmatch(own)):
+        return  # a local path on either side names nothing to compare
+    if claimed.lower() != own.lower():
+        warnings.warn(MergeWarning(
+            f"{source}: the adapter was trained on {claimed!r} (base_model_name_or_path), and the base's config names "
+            f"{own!r}: the shapes fit, but if the weights differ the merged model is not what the adapter learned"),
+            stacklevel=4)
