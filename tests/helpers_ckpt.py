@@ -108,6 +108,12 @@ def make_family(n_models: int = 2, *, dtype: torch.dtype = torch.float32, seed: 
     return base, [finetune(base, seed * 100 + k) for k in range(n_models)]
 
 
+def write_family_dirs(tmp_path: Path, n_models: int = 2) -> tuple[Path, list[Path]]:
+    """A base and ``n_models`` fine-tunes (make_family) written as HF directories base, ft0, ft1, ..."""
+    base, fts = make_family(n_models)
+    return write_hf_dir(tmp_path / "base", base), [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
+
+
 def _contiguous(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share memory; files hold independent copies
     return {k: v.detach().clone().contiguous() for k, v in state.items()}

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import tiesmerge
 from helpers_adapters import random_lora, write_lora_dir
-from helpers_ckpt import SHAPES, make_family, run_cli, write_hf_dir
+from helpers_ckpt import SHAPES, make_family, run_cli, write_family_dirs, write_hf_dir
 from tiesmerge.errors import (
     CheckpointError,
     ConfigError,
@@ -27,10 +27,7 @@ from tiesmerge.methods import NuSlerp, Slerp
 
 @pytest.fixture
 def family(tmp_path):
-    base, fts = make_family(2)
-    b = write_hf_dir(tmp_path / "base", base)
-    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
-    return b, ms
+    return write_family_dirs(tmp_path)
 
 
 def test_a_pipe_reached_through_links_is_called_a_pipe(family, tmp_path):

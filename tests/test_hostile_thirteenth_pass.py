@@ -12,16 +12,13 @@ from safetensors.torch import save_file
 
 import tiesmerge
 from helpers_adapters import random_lora, write_lora_dir
-from helpers_ckpt import make_base, make_family, run_cli, write_hf_dir
+from helpers_ckpt import make_base, make_family, run_cli, write_family_dirs, write_hf_dir
 from tiesmerge.errors import CheckpointError, ConfigError, MergeWarning, OutputError
 
 
 @pytest.fixture
 def family(tmp_path):
-    base, fts = make_family(2)
-    b = write_hf_dir(tmp_path / "base", base)
-    ms = [write_hf_dir(tmp_path / f"ft{k}", ft) for k, ft in enumerate(fts)]
-    return b, ms
+    return write_family_dirs(tmp_path)
 
 
 def test_a_lam_that_underflows_is_refused_and_lam_0_warns(family, tmp_path, capsys):
