@@ -493,7 +493,7 @@ def test_output_that_is_or_contains_an_input_is_refused(tmp_path, which):
     b, ms = _hf_family(tmp_path)
     out = {"base": b, "model": ms[1], "parent": tmp_path}[which]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(OutputError, match="would replace an input of the merge") as info:
+    with pytest.raises(OutputError, match="would replace an input of this command") as info:
         tiesmerge.merge(b, ms, "ties", output=out, force=True)
     assert str(out) in str(info.value)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # inputs untouched

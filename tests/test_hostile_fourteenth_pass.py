@@ -504,3 +504,23 @@ def test_an_adapter_trained_on_another_named_base_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", MergeWarning)
         tiesmerge.merge(str(b), [str(same)], "task_arithmetic", output=str(tmp_path / "ok"))
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "magnitude_prune", "tsv_m", "ties"])
+def test_a_lam_so_small_that_nothing_changes_warns(family, tmp_path, method):
+    """Pass 15 case 207: `--lam 1e-30` wrote exactly the base without a word (its delta was not zero, so the torch
+    path counted it as a change, though it rounds away when added)."""
+    b, ms = family
+    with pytest.warns(MergeWarning, match="changed no entry"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], method, lam=1e-30, output=str(tmp_path / "out"))
+
+
+def test_notes_of_the_fifteenth_pass(family, tmp_path, capsys):
+    """Pass 15 notes: demo --params without --synthetic was ignored (the 3-minute MiniLM demo ran); an index entry
+    'sub/../shard' (inside the folder) was called a path outside it."""
+    rc, _, err = run_cli(["demo", "--params", "5", "--workdir", tmp_path / "demo"], capsys)
+    assert rc != 0 and "--params 5 sizes the synthetic model" in err and not (tmp_path / "demo").exists()
+    b, _ = family
+    (b / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "sub/../model.safetensors"}}')
+    with pytest.raises(CheckpointError, match="a path through '..'"):
+        tiesmerge.open_checkpoint(str(b))

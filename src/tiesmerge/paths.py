@@ -870,11 +870,11 @@ def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]])
                                   hint="choose an output directory outside the inputs")
             if how in ("is", "contains") and not (src == final or final in src.parents):
                 raise OutputError(f"{output}: the output {how} {who} ({source}), reached through another mount "
-                                  "of the same folder; writing there would replace an input of the merge",
+                                  "of the same folder; writing there would replace an input of this command",
                                   hint="choose an output directory outside the inputs")
             if src == final or final in src.parents:
                 raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
-                                  "writing there would replace an input of the merge",
+                                  "writing there would replace an input of this command",
                                   hint="choose an output directory outside the inputs")
             if src in final.parents:
                 raise OutputError(f"{output}: the output lies inside {who} ({source})"

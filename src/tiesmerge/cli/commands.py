@@ -459,6 +459,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..paths import demo_workdir
 
+    if args.params is not None and not args.synthetic:  # the real demo fine-tunes MiniLM: its size is MiniLM's
+        raise ConfigError(f"--params {args.params:g} sizes the synthetic model, and this demo fine-tunes MiniLM",
+                          hint="add --synthetic to merge synthetic Llama-shaped models of that size")
+    if args.params is None:
+        args.params = 50.0
     if not (math.isfinite(args.params) and 0.01 <= args.params <= 10_000):
         raise ConfigError(f"--params {args.params:g}: the synthetic model's size must be between 0.01 and 10,000 "
                           "million parameters", hint="e.g. --params 50 (the default)")

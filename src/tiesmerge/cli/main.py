@@ -238,7 +238,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="where to write the demo models (default: a temporary directory)")
     d.add_argument("--synthetic", action="store_true",
                    help="no downloads: synthetic Llama-shaped fine-tunes with known sparse skills")
-    d.add_argument("--params", type=float, default=50.0, help="--synthetic: model size, millions of parameters")
+    d.add_argument("--params", type=float, default=None, help="--synthetic: model size, millions of parameters "
+                   "(default 50)")
     for p in (parser, *sub.choices.values()):
         # argparse takes "-1e-1" for an option (it knows only -3 and -0.5 as negative numbers): "--lam -1e-1"
         # failed with "expected one argument"; no option of tiesmerge's looks like a number, so none is shadowed

@@ -412,7 +412,9 @@ class Executor:
                 moved = not self._changed and bool(rows.tau.any())
                 delta = self.method.merge(rows.tau, self._context(chunk, rows, chunk_scope))  # (*S) float32
                 if not self._changed and not self.req.model_values:
-                    self._changed = bool(delta.any())
+                    # a change that survives the addition and the cast (lam 1e-30: a delta of 1e-32 rounds away)
+                    self._changed = bool(delta.any()) and bool(
+                        ((rows.base + delta).to(out_dtype.torch) != rows.base.to(out_dtype.torch)).any())
                     self._moved_inputs = self._moved_inputs or moved
                 # model_values: merge returned the merged model itself, not a task vector
                 merged = delta if self.req.model_values else rows.base.add_(delta)  # (*S) float32

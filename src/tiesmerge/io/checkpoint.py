@@ -72,8 +72,12 @@ def _read_index(index: Path) -> dict[str, Path]:
                                       "own folder", hint="write the shard's file name (e.g. "
                                                          "model-00001-of-00002.safetensors)")
             if os.path.isabs(shard) or ".." in Path(shard).parts:
-                raise CheckpointError(f"{index}: weight_map entry {name[:200]!r} names {shard[:200]!r}, a path outside "
-                                      "the model's directory", hint="shards must lie inside the model's own directory")
+                inner = not os.path.isabs(shard) and not os.path.normpath(shard).startswith("..")
+                raise CheckpointError(f"{index}: weight_map entry {name[:200]!r} names {shard[:200]!r}, "
+                                      + ("a path through '..' (an index names its shards plainly, no '..' in them)"
+                                         if inner else "a path outside the model's directory"),
+                                      hint="shards must lie inside the model's own directory, named by their path in "
+                                           "it (e.g. model-00001-of-00002.safetensors)")
             suffix = ".bin" if index.name.startswith("pytorch_model") else ".safetensors"
             if not shard.endswith(suffix) or Path(shard).name == index.name:
                 raise CheckpointError(f"{index}: weight_map entry {name[:200]!r} names {shard[:200]!r}, which is no "
