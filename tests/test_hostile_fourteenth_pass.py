@@ -524,3 +524,16 @@ def test_notes_of_the_fifteenth_pass(family, tmp_path, capsys):
     (b / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head.weight": "sub/../model.safetensors"}}')
     with pytest.raises(CheckpointError, match="a path through '..'"):
         tiesmerge.open_checkpoint(str(b))
+
+
+@pytest.mark.parametrize("method", [Slerp(), NuSlerp(of="models")])
+def test_an_interpolation_of_the_models_is_not_written_as_an_adapter(tmp_path, method):
+    """Pass 15 F10: slerp (of the models) with --output-format adapter wrote the slerp of the task vectors, another
+    merge than the same command's full model, silently (model_stock was refused)."""
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    loras = [str(write_lora_dir(tmp_path / f"l{k}", random_lora(base, 2, k), alpha=4)) for k in range(2)]
+    with pytest.raises(ConfigError, match="interpolates the models' own values"):
+        tiesmerge.merge(str(b), loras, method, output=str(tmp_path / "out"), output_format="adapter")
+    assert not (tmp_path / "out").exists()
+    tiesmerge.merge(str(b), loras, NuSlerp(), output=str(tmp_path / "tv"), output_format="adapter")  # task vectors

@@ -398,6 +398,14 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     if req.base_values and output_format == "adapter":
         raise ConfigError(f"method {method.name!r} needs the base's values, which a merged adapter does not hold",
                           hint=adapter_merge.FULL_MODEL_HINT)
+    if req.model_values and output_format == "adapter":  # an adapter merge runs on task vectors (a zero base):
+        # an interpolation of the models themselves would silently become one of their task vectors
+        raise ConfigError(f"method {method.name!r} as configured interpolates the models' own values (base + task "
+                          "vector), which a merged adapter does not hold: on the adapters alone it would interpolate "
+                          "their task vectors, another merge than the full model's",
+                          hint=adapter_merge.FULL_MODEL_HINT + (" (nuslerp's default of=task_vectors interpolates "
+                                                                "the task vectors by design)"
+                                                                if method.name == "nuslerp" else ""))
     # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
