@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -537,3 +538,22 @@ def test_an_interpolation_of_the_models_is_not_written_as_an_adapter(tmp_path, m
         tiesmerge.merge(str(b), loras, method, output=str(tmp_path / "out"), output_format="adapter")
     assert not (tmp_path / "out").exists()
     tiesmerge.merge(str(b), loras, NuSlerp(), output=str(tmp_path / "tv"), output_format="adapter")  # task vectors
+
+
+def test_notes_of_the_fifteenth_pass_on_specs_recipes_and_weights(family, tmp_path, capsys):
+    """Pass 15 F7, F8.2, F11: nuslerp weights -1, 1 (mixed signs, sum 0) became t = 0.5 silently; `slices: null`
+    (mergekit's default) was refused as unsupported; the API's merge did not take the spec form analyze takes."""
+    import yaml
+
+    b, ms = family
+    with pytest.raises(ConfigError, match="opposite signs"):
+        NuSlerp(weights=(-1.0, 1.0)).requirements()
+    recipe = {"merge_method": "ties", "base_model": str(b), "models": [{"model": str(m)} for m in ms],
+              "parameters": {"density": 0.5, "weight": 1.0}, "slices": None}
+    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    rc, _, err = run_cli(["validate", tmp_path / "r.yml"], capsys)
+    assert rc == 0, err
+    out = tiesmerge.merge(str(b), [str(m) for m in ms], "ties:density=0.5", output=str(tmp_path / "spec"))
+    assert json.loads((out / "tiesmerge.json").read_text())["method"]["options"]["density"] == 0.5
+    with pytest.raises(ConfigError, match="given beside the spec"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], "ties:density=0.5", lam=2.0)

@@ -46,6 +46,13 @@ StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"  # a 
 
 
 def as_method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMethod:
+    if isinstance(method, str) and ":" in method:  # "ties:density=0.5", the spec analyze --method takes
+        from .api import method_of_spec
+
+        if options:
+            raise ConfigError(f"options {sorted(options)} given beside the spec {method!r}, which holds its own",
+                              hint="give the options in one place: the spec, or keywords with the plain name")
+        return method_of_spec(method)
     if isinstance(method, str):
         return make_method(method, options)
     if options:

@@ -177,6 +177,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     problems: list[str] = []
     warnings: list[str] = []
     for key in data:
+        if key in _NOT_SUPPORTED_TOP and data[key] is None:  # mergekit's own default, as tools that dump it write
+            continue
         if key in _NOT_SUPPORTED_TOP:
             problems.append(f"{_NOT_SUPPORTED_TOP[key]} is not supported")
         elif key not in _TOP_KEYS:

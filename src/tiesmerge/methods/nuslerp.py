@@ -87,11 +87,15 @@ class NuSlerp:
             raise ConfigError("give t or weights, not both")
         if self.weights is not None and len(self.weights) == 2:
             t = self.interpolation()
-            if not 0 <= t <= 1:  # the rule t itself follows: past [0, 1] the result extrapolates beyond both models
+            mixed = min(self.weights) < 0 < max(self.weights)  # -1, 1 sums to 0: mergekit's t = 0.5 would hide it
+            if mixed or not 0 <= t <= 1:  # the rule t itself follows: past [0, 1] the result extrapolates
                 raise ConfigError(
-                    f"weights {', '.join(f'{w:g}' for w in self.weights)} give t = w_1 / (w_0 + w_1) = "
-                    f"{t:g}, outside [0, 1] (fraction), where t must lie: the interpolation would extrapolate far "
-                    "beyond both models; give weights of one sign (t then lies in [0, 1]), or t itself")
+                    f"weights {', '.join(f'{w:g}' for w in self.weights)} "
+                    + (f"give t = w_1 / (w_0 + w_1) = {t:g}, outside [0, 1] (fraction), where t must lie: the "
+                       "interpolation would extrapolate far beyond both models" if not 0 <= t <= 1 else
+                       "are of opposite signs and sum to about 0, where t = w_1 / (w_0 + w_1) is not defined "
+                       "(mergekit takes 0.5)")
+                    + "; give weights of one sign (t then lies in [0, 1]), or t itself")
         one = self.of == "base_and_model"
         # flattened: the fused engine (the same reductions on the same float32 values, one pass over the raw rows)
         kernel = TensorKernel("interp", self._coefficients, pair=(0, 1) if one else (1, 2),
