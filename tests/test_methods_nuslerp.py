@@ -92,7 +92,9 @@ def test_nuslerp_of_models_and_of_the_base_and_a_model() -> None:
 def test_nuslerp_weights_give_t_as_mergekit_does() -> None:
     assert NuSlerp().interpolation() == 0.5
     assert NuSlerp(weights=(1.0, 3.0)).interpolation() == 0.75
-    assert NuSlerp(weights=(1.0, -1.0)).interpolation() == 0.5  # a zero sum: mergekit's 0.5
+    assert NuSlerp(weights=(0.0, 0.0)).interpolation() == 0.5  # a zero sum: mergekit's 0.5
+    with pytest.raises(ConfigError, match="opposite signs"):  # -1, 1: a zero sum too, but an extrapolation meant
+        NuSlerp(weights=(1.0, -1.0)).requirements()
     with pytest.raises(ConfigError, match="not both"):
         NuSlerp(weights=(1.0, 1.0), t=0.3)
     base, models = _family()
