@@ -201,8 +201,9 @@ def _expanded_size(node: yaml.Node, limit: int, max_depth: int, source: str, err
         if done or not children:
             total = 1 + sum(sizes.get(id(c), 0) for c in children)
             if total > limit:
-                raise error(f"{source}: the YAML expands to more than {limit:,} values (aliases of aliases?); "
-                            "a recipe holds a few dozen", hint="write the recipe without nested aliases")
+                raise error(f"{source}: the YAML holds more than {limit:,} values once its aliases are expanded; "
+                            "a recipe holds a few dozen", hint="shorten the recipe's lists (and write it without "
+                                                              "nested aliases, if it has any)")
             sizes[id(item)] = total
             continue
         stack.append((item, depth, True))
