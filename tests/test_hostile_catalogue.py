@@ -407,7 +407,8 @@ def test_yaml_alias_bomb_is_refused_without_expanding(family, tmp_path, capsys):
     recipe.write_text("\n".join(lines) + "\n")
     before = snapshot(inputs)
     rc, err = _run(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
-    check(rc, err, want_rc=2, needle="values once its aliases are expanded", output=tmp_path / "out", inputs=inputs, before=before)
+    check(rc, err, want_rc=2, needle="values once its aliases are expanded", output=tmp_path / "out", inputs=inputs,
+          before=before)
 
 
 def _lora_with_module(inputs: Path, module: str, config: dict) -> tuple[Path, list[Path]]:

@@ -559,6 +559,8 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
         raise OutputError(f"{output}: the output would replace {final}, which holds the working, home or root "
                           "folder; tiesmerge never replaces it", hint="name a new directory, e.g. -o ./merged")
     _check_path_length(output, final)
+    if os.path.islink(where) and os.path.exists(where):  # --force given: the link itself is replaced, never what is
+        return  # in its target, which is not this output's to check (as the hint without --force said); a loop: below
     try:
         st = os.stat(final)
     except FileNotFoundError:
