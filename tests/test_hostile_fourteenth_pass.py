@@ -572,3 +572,14 @@ def test_force_on_a_link_replaces_the_link_whatever_its_target_holds(family, tmp
     tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(tmp_path / "l"), force=True)
     assert not (tmp_path / "l").is_symlink() and (tmp_path / "l" / "tiesmerge.json").is_file()
     assert sorted(p.name for p in user.iterdir()) == ["keep.txt"] and (user / "keep.txt").read_text() == "mine"
+
+
+def test_notes_of_the_sixteenth_pass_on_grids():
+    """Pass 16 notes: `--grid lam=1,1,1` merged and scored the same point three times; a method with nothing to search
+    said "(it has: )"."""
+    from tiesmerge.tuning.search import parse_grid
+    from tiesmerge.tuning.space import build_space
+
+    assert parse_grid("ties", ["lam=1,1,1"])["lam"] == (1.0,)
+    with pytest.raises(ConfigError, match="it has none"):
+        build_space("model_stock", 3, axes=["filter_wise"])

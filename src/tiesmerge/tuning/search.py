@@ -92,7 +92,7 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
             if bad is not None:  # out of the option's declared range: refused here, not after a merge
                 problems.append(f"--grid {item!r}: {name} {bad[1]}")
                 continue
-            grid[name] = axis
+            grid[name] = tuple(dict.fromkeys(axis))  # lam=1,1,1 is one point: merged and scored once
         except ConfigError as exc:  # a range that is empty, unbounded or too long: its own words
             problems += [f"--grid {item!r}: {p}" for p in exc.problems]
         except Underflow as exc:

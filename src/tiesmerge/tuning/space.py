@@ -211,7 +211,8 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     for name in [*names, *ranges]:
         if name not in searchable:
             problems.append(f"{cls.name} has no numeric or per-model option {name!r} to search "
-                            f"(it has: {', '.join(searchable)})")
+                            + (f"(it has: {', '.join(searchable)})" if searchable else
+                               "(it has none: its merge has no option to tune)"))
     for name in names:
         if name in fixed:
             problems.append(f"{name!r} is both searched and fixed; drop one")
