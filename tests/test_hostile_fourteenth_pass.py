@@ -583,3 +583,19 @@ def test_notes_of_the_sixteenth_pass_on_grids():
     assert parse_grid("ties", ["lam=1,1,1"])["lam"] == (1.0,)
     with pytest.raises(ConfigError, match="it has none"):
         build_space("model_stock", 3, axes=["filter_wise"])
+
+
+def test_a_float16_base_merged_into_an_adapter_factors_in_float32(tmp_path):
+    """Pass 16 F1: float16 LoRA factors of 6e4 on a float16 base, adapter output without --dtype: the merged task
+    vectors were formed in the base's float16 and overflowed ("not finite in F32 ... use a smaller lam"), while
+    `--dtype float32` worked: a merged adapter's task vectors are float32 whatever the output dtype."""
+    base, _ = make_family(1, with_int=False, dtype=torch.float16)
+    b = write_hf_dir(tmp_path / "base", base)
+    loras = []
+    for k in range(2):
+        factors = random_lora({n: v.float() for n, v in base.items()}, 2, k)
+        big = {m: (torch.full_like(a, 6e4 - 1000 * k).half(), torch.full_like(f, 6e4).half())
+               for m, (a, f) in factors.items()}
+        loras.append(str(write_lora_dir(tmp_path / f"l{k}", big, alpha=4)))
+    out = tiesmerge.merge(str(b), loras, "ties", output=str(tmp_path / "out"), output_format="adapter", rank=2)
+    assert all(torch.isfinite(v).all() for v in load_file(str(out / "adapter_model.safetensors")).values())

@@ -441,7 +441,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         # a merged adapter's task vectors are factored in float32 and only its factors take the output dtype (a
         # float16 ΔW could overflow where its rank-r factors fit): adapter_merge.write_adapter casts them
         return Executor(inputs, alignment, m, device=device_t, memory_budget=budget,
-                        out_dtype=FLOAT32 if output_format == "adapter" and out_dtype is not None else out_dtype,
+                        out_dtype=FLOAT32 if output_format == "adapter" else out_dtype,
                         progress=progress, side=side)
 
     inputs = EngineInputs(engine_base, tuple(engine_models), reference,
