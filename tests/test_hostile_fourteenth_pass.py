@@ -599,3 +599,18 @@ def test_a_float16_base_merged_into_an_adapter_factors_in_float32(tmp_path):
         loras.append(str(write_lora_dir(tmp_path / f"l{k}", big, alpha=4)))
     out = tiesmerge.merge(str(b), loras, "ties", output=str(tmp_path / "out"), output_format="adapter", rank=2)
     assert all(torch.isfinite(v).all() for v in load_file(str(out / "adapter_model.safetensors")).values())
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_model_stock_extrapolating_far_warns(tmp_path, monkeypatch, kernels):
+    """Pass 16 F2: two task vectors at cos -0.999 gave t = -1998 (the output 45 task vectors away from the base),
+    exit 0, silently; computed as mergekit does, now with a warning, on the fused and the torch path."""
+    monkeypatch.setenv("TIESMERGE_KERNELS", kernels)
+    g = torch.Generator().manual_seed(0)
+    base = {"a.weight": torch.randn(16, 8, generator=g)}
+    tau = 0.01 * torch.randn(16, 8, generator=g)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [str(write_hf_dir(tmp_path / f"m{k}", {"a.weight": base["a.weight"] + sign * tau + 1e-5 * torch.randn(
+        16, 8, generator=g)})) for k, sign in enumerate((1, -1))]
+    with pytest.warns(MergeWarning, match="outside \\[0, 1\\]"):
+        tiesmerge.merge(str(b), ms, "model_stock", output=str(tmp_path / "out"))

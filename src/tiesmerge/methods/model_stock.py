@@ -3,12 +3,14 @@ t = k cos / (1 + (k - 1) cos), cos the angle between the fine-tunes' task vector
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MergeWarning
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, method_config, option
 
@@ -50,6 +52,7 @@ class ModelStock:
         dots = dict(zip(pairs, reductions.pair_sums(pairs), strict=True))  # in one pass of the kernels
         t = interpolation_f32([reductions.norms(i)[0] for i in range(k)], lambda i, j: dots[(i, j)],
                               reductions.numerics.sum)
+        _warn_if_extrapolating(name, float(t))
         return float(t), float(np.float32(1) - t)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
@@ -70,6 +73,7 @@ class ModelStock:
         ws = [lift(ctx.models[i]) for i in range(k)]
         offsets = [lift(tau[i]) for i in range(k)]  # theta_t - theta_0, as mergekit subtracts them
         t = interpolation(offsets, lambda i, j: offsets[i] * offsets[j])
+        _warn_if_extrapolating(ctx.name, float(t.min()), float(t.max()))
         average = sum(ws) / k
         return (t * average + (1 - t) * w0).reshape(shape)
 
@@ -83,6 +87,20 @@ def interpolation(offsets: list[torch.Tensor], products: Callable[[int, int], to
     # per-pair recomputation, for a third of the passes with three models
     return interpolation_from([torch.norm(offset, dim=-1) for offset in offsets],
                               lambda i, j: products(i, j).sum(dim=-1))
+
+
+def _warn_if_extrapolating(name: str, low: float, high: float | None = None) -> None:
+    """Model Stock's t = k cos / (1 + (k - 1) cos) lies in [0, 1] for task vectors at an acute mean angle; nearly
+    opposite ones (cos -> -1/(k-1)) send it far outside, and the merge extrapolates along the models' mean: computed
+    as mergekit does, but said."""
+    high = low if high is None else high
+    if 0 <= low and high <= 1 or not (math.isfinite(low) and math.isfinite(high)):
+        return
+    worst = low if abs(low) > abs(high) or high <= 1 else high
+    warnings.warn(MergeWarning(
+        f"model_stock: tensor {name!r} gets t = {worst:.4g}, outside [0, 1]: its task vectors point nearly opposite "
+        "ways (their mean cosine is negative), so the merge extrapolates along the models' mean rather than "
+        "interpolating (mergekit computes the same); check that the models are fine-tunes of this base"), stacklevel=3)
 
 
 def interpolation_from(lengths: list[torch.Tensor], dots: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
