@@ -614,3 +614,14 @@ def test_model_stock_extrapolating_far_warns(tmp_path, monkeypatch, kernels):
         16, 8, generator=g)})) for k, sign in enumerate((1, -1))]
     with pytest.warns(MergeWarning, match="outside \\[0, 1\\]"):
         tiesmerge.merge(str(b), ms, "model_stock", output=str(tmp_path / "out"))
+
+
+def test_nuslerp_row_wise_under_flatten_is_said_to_change_nothing(family, tmp_path):
+    """Pass 16 F3: `nuslerp --row-wise` with flatten on (the default) wrote the plain nuslerp, silently."""
+    b, ms = family
+    with pytest.warns(MergeWarning, match="row_wise changes nothing"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], NuSlerp(row_wise=True), output=str(tmp_path / "out"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        tiesmerge.merge(str(b), [str(m) for m in ms], NuSlerp(row_wise=True, flatten=False),
+                        output=str(tmp_path / "o2"))

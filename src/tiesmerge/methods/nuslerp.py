@@ -3,12 +3,13 @@ whole tensors, rows or columns, the interpolation weight from per-model weights.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MergeWarning
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, option
 
@@ -102,6 +103,15 @@ class NuSlerp:
                               relative=self.of == "task_vectors") if self.flatten else None
         return Requirements(whole_tensors=True, model_values=self.of != "task_vectors", base_values=one,
                             n_models=1 if one else 2, kernel=kernel)
+
+    def check_tensors(self, names: list[str]) -> None:
+        """Once per merge: row_wise chooses rows or columns only where tensors are not flattened (mergekit's
+        nuslerp_row_wise, which it ignores under nuslerp_flatten too): said, not silently dropped."""
+        if self.row_wise and self.flatten:
+            warnings.warn(MergeWarning(
+                "nuslerp: row_wise applies only without flatten, which is on (the default), so each tensor is "
+                "interpolated whole and row_wise changes nothing (mergekit ignores nuslerp_row_wise the same way); "
+                "add flatten=false (--no-flatten; nuslerp_flatten: false) for a SLERP per column"), stacklevel=3)
 
     def _coefficients(self, name: str, reductions: Reductions) -> tuple[float, float, float | None]:
         """The fused pass's (c_0, c_1, divisor) for a flattened tensor, from its reductions (engine.whole)."""
