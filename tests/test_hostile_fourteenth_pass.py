@@ -625,3 +625,13 @@ def test_nuslerp_row_wise_under_flatten_is_said_to_change_nothing(family, tmp_pa
         warnings.simplefilter("error", MergeWarning)
         tiesmerge.merge(str(b), [str(m) for m in ms], NuSlerp(row_wise=True, flatten=False),
                         output=str(tmp_path / "o2"))
+
+
+def test_options_given_as_numpy_or_torch_scalars_are_their_numbers():
+    """Pass 16 N4: density=np.float32(0.5) or a 0-d tensor was refused as "must be a fraction in (0, 1]"."""
+    import numpy as np
+
+    assert Slerp(t=np.float32(0.25)).t == 0.25 and type(Slerp(t=np.float64(0.5)).t) is float
+    assert NuSlerp(t=torch.tensor(0.5)).t == 0.5
+    with pytest.raises(ConfigError):  # an array is no scalar
+        Slerp(t=np.array([0.5]))

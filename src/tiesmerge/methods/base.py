@@ -554,6 +554,9 @@ def check_options(method: Any) -> None:
             value = tuple(value)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
+        if type(value).__module__.split(".")[0] in ("numpy", "torch") and tuple(getattr(value, "shape", (1,))) == () \
+                and hasattr(value, "item"):  # np.float32(0.5), torch.tensor(0.5): the Python number it holds
+            value = value.item()
         object.__setattr__(method, f.name, value)
         if value is None and f.default is None:
             continue
