@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -635,3 +636,25 @@ def test_options_given_as_numpy_or_torch_scalars_are_their_numbers():
     assert NuSlerp(t=torch.tensor(0.5)).t == 0.5
     with pytest.raises(ConfigError):  # an array is no scalar
         Slerp(t=np.array([0.5]))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read leases are Linux's")
+def test_a_lease_break_while_the_lease_table_is_locked_does_not_deadlock(tmp_path):
+    """Review: the SIGIO handler took the module's lock, which the main thread may hold when the handler runs
+    (inside hold, release or check): it waited for itself."""
+    code = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from tiesmerge.io import leases
+        path = Path({str(tmp_path / "w.bin")!r})
+        path.write_bytes(b"x" * 64)
+        fd = os.open(path, os.O_RDONLY)
+        assert leases.hold(fd, path)
+        with leases._LOCK:
+            os.kill(os.getpid(), signal.SIGIO)  # the handler runs here, the lock held
+            total = sum(range(1000))
+        leases.release(fd)
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

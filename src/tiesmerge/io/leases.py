@@ -45,10 +45,11 @@ def _on_sigio(signum: int, frame: Any) -> None:
 
 def on_signal() -> bool:
     """A SIGIO arrived: True when leases are held (it is taken as a lease break, looked into at :func:`check`), False
-    when none is (the caller treats it as it otherwise would)."""
-    with _LOCK:
-        if not _HELD:
-            return False
+    when none is (the caller treats it as it otherwise would). Takes no lock: a handler runs on the main thread
+    between two bytecodes, possibly while that thread holds _LOCK (in hold, release or check), and would wait for
+    itself; reading a dict's size is atomic."""
+    if not _HELD:
+        return False
     _SIGNALLED.set()
     return True
 
