@@ -293,3 +293,19 @@ def test_importing_the_kernels_leaves_the_collector_as_it_was(enabled):
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == str(enabled), done.stderr
+
+
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs a default thread count other than 1")
+def test_a_remembered_thread_count_that_is_not_the_librarys_is_checked_again(tmp_path):
+    """Pass 16 N1: a planted [true, 1] on a machine where torch's default is 2 was trusted (sums split as on one
+    thread, so the output was no longer torch's bit for bit); the library's own count now overrules it."""
+    base, models = _models(tmp_path)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "numerics.json").write_text(json.dumps({aten.fingerprint(): [True, 1]}))
+    got = _merge_in_child(base, models, tmp_path / "got", cache)
+    assert got == {"torch": True}  # checked against torch again, and the right count remembered
+    assert list(json.loads((cache / "numerics.json").read_text()).values()) == [[True, torch.get_num_threads()]]
+    _merge_in_child(base, models, tmp_path / "plain", cache, TIESMERGE_KERNELS="0")
+    for name in ("slerp", "nuslerp", "model_stock"):
+        assert _weights(tmp_path / "got" / name) == _weights(tmp_path / "plain" / name), name

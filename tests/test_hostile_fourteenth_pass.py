@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 import tiesmerge
 from helpers_adapters import random_lora, write_lora_dir
 from helpers_ckpt import SHAPES, make_family, run_cli, write_family_dirs, write_hf_dir
+from tiesmerge.analysis.summary import summarise
 from tiesmerge.errors import (
     CheckpointError,
     ConfigError,
@@ -658,3 +659,43 @@ def test_a_lease_break_while_the_lease_table_is_locked_does_not_deadlock(tmp_pat
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_notes_of_the_sixteenth_pass_on_messages(family, tmp_path, capsys):
+    """Pass 16 N2, N3, N9: nuslerp weights 0, 0 became t = 0.5 without a word; a complete file with a number in its
+    __metadata__ was called truncated ("download it again"); a base-less mergekit nuslerp of two models said
+    "merged 1 model"."""
+    b, ms = family
+    with pytest.warns(MergeWarning, match="both weights are 0 .* t = 0.5 is taken"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], NuSlerp(weights=(0.0, 0.0)), output=str(tmp_path / "zero"))
+    header = {"__metadata__": {"format": "pt", "step": 1}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    raw = json.dumps(header).encode()
+    odd = tmp_path / "odd.safetensors"
+    odd.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(CheckpointError) as caught:
+        tiesmerge.open_checkpoint(str(odd))
+    assert "holds non-string value(s) ('step')" in caught.value.hint and "download" not in caught.value.hint
+    recipe = tmp_path / "nuslerp.yaml"
+    recipe.write_text(f"merge_method: nuslerp\nmodels: [{{model: {ms[0]}}}, {{model: {ms[1]}}}]\n"
+                      "parameters: {weight: 1}\n")
+    rc, out, _ = run_cli(["merge", recipe, "-o", tmp_path / "mk", "--no-progress"], capsys)
+    assert rc == 0 and "merged 2 models with nuslerp" in out, out
+
+
+def test_notes_of_the_sixteenth_pass_on_search_and_analysis(family, tmp_path):
+    """Pass 16 N7, N8: a search of nuslerp weights over -1:1 stopped at its first mixed-sign candidate instead of
+    being refused up front; `analyze` of one model under two paths said nothing of it (merge warns)."""
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match=r"weights over -1:1: a candidate such as \(-1.0, 1.0\) would be refused"):
+        build_space("nuslerp", 2, axes=["weights"], ranges={"weights": (-1.0, 1.0)})
+    assert build_space("nuslerp", 2, axes=["weights"], ranges={"weights": (0.1, 1.0)}).dimension == 2
+    b, ms = family
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    for f in ms[0].iterdir():
+        (twin / f.name).write_bytes(f.read_bytes())
+    data = tiesmerge.analyze(str(b), [str(ms[0]), str(twin), str(ms[1])])
+    assert data["identical_pairs"] == [[0, 1]]
+    assert any("Model(s) 0 and 1 have the same task vector" in line for line in summarise(data))
+    assert tiesmerge.analyze(str(b), [str(m) for m in ms])["identical_pairs"] == []

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -49,10 +50,16 @@ def load_encoder(directory: Path, device: str, state: dict | None = None) -> Sen
 
 
 def _save(encoder: SentenceEncoder, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
+    # a name of this process's own: the README runs several fine-tuning workers at once, and each may save the base
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     encoder.model.save_pretrained(tmp, safe_serialization=True)
     encoder.tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another worker saved it first (the same bytes): keep theirs
+        if not (out / "model.safetensors").is_file():
+            raise
+        shutil.rmtree(tmp)
 
 
 def make_heads(tasks: dict[str, TaskData], device: str) -> dict[str, CosineHead]:

@@ -121,9 +121,13 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
     # -- pass 1: magnitude histograms = radix select's first pass + the redundancy curves
     clock = time.perf_counter()
     counts = torch.zeros(n, stats.MAGNITUDE_BINS, dtype=torch.int64, device=device)
+    # pairs of models whose task vectors are equal so far: a model given twice under two paths (a mistyped
+    # folder) is said in the report; a pair is dropped at its first difference, usually in the first chunk
+    same = {(s, t) for s in range(n) for t in range(s + 1, n)}
     for _, tau in _task_vectors(reader, chunks):
         for block in _blocks(tau):
             counts += stats.magnitude_counts(block)
+        same = {(s, t) for s, t in same if torch.equal(tau[s], tau[t])}
     keep = ops.keep_count(numel, settings.density)
     # the magnitude bins are the high 16 bits of |tau|: the bin holding each model's k-th largest
     # brackets its threshold, and one counting pass inside that bin finds it exactly
@@ -184,6 +188,7 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
         "by_tensor": _by_tensor(per_tensor),
         "redundancy": _redundancy(counts.cpu().numpy(), mass.cpu().numpy(), numel, settings),
         "overlap": _overlap(intersections.cpu().numpy(), numel),
+        "identical_pairs": sorted([s, t] for s, t in same),
         "magnitudes": {"by_influence": _moments(moments.view(3, len(variants), 3, n + 1).sum(3), ["0", "1", ">1"],
                                                 variants),
                        "by_agreement": _moments(moments.view(3, len(variants), 3, n + 1).sum(2),

@@ -30,6 +30,10 @@ def summarise(data: dict) -> list[str]:
                 "and no conflict, overlap or mass to measure. Check that --model names the fine-tuned models."]
     lines = [f"Model(s) {', '.join(map(str, zero))} are identical to the base (a zero task vector): they keep no "
              "entry, and the figures below describe the others."] if zero else []
+    twins = [(s, t) for s, t in data.get("identical_pairs", []) if s not in zero]  # reports before it lack the key
+    if twins:
+        lines.append(f"Model(s) {', '.join(f'{s} and {t}' for s, t in twins)} have the same task vector, entry for "
+                     "entry: the same model given twice (was another folder meant?); in a merge it counts twice.")
     lines += [
         f"With all {n} models trimmed to their top {percent(k)}, {percent(everyone['mean_of_kept_by_two_or_more'])} of "
         f"the parameters that two or more models keep conflict in sign; that is "

@@ -324,6 +324,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     read = manifest["engine"]["bytes_read"]
     t = manifest["tensors"]
     n = len(recipe.models)
+    if getattr(recipe.method, "of", None) == "base_and_model" or getattr(recipe.method, "anchor", None) == "base":
+        n += 1  # the base is one of the two interpolated models (mergekit's nuslerp/slerp without a base_model)
     print(f"merged {n} model{'s' if n != 1 else ''} with {recipe.method.name} into {shown(out)}")
     if recipe.origin and recipe.origin.get("semantics"):  # a hand-written origin may not say
         print(f"  semantics: {terminal_safe(str(recipe.origin['semantics']))}")

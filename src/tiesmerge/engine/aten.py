@@ -236,6 +236,16 @@ def verdict() -> tuple[bool, int] | None:
     return None
 
 
+def count_agrees(threads: int) -> bool:
+    """Whether a remembered thread count is the one torch's library reports, where the library is loaded or being
+    loaded (for an interp kernel's acos and sin: asking costs nothing more); True where it is not. A count that
+    differs (a stale or planted cache) would split sums unlike torch: the verdict is then checked again."""
+    if not (_LOADED or _PRELOADING):
+        return True
+    lib = library()
+    return lib is None or int(lib._ZN2at15get_num_threadsEv()) == threads
+
+
 def _usable_cpus() -> int:
     """The most threads torch can default to here: the machine's CPUs (OpenMP counts those the process may use)."""
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0

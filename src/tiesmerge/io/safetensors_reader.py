@@ -82,11 +82,9 @@ class SafetensorsCheckpoint:
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
         except (SafetensorError, OSError, ValueError, struct.error, RecursionError) as exc:
+            hint = _metadata_hint(fd) or "the file is truncated or corrupt; download or copy it again"
             os.close(fd)
-            raise CheckpointError(
-                f"{file}: not a readable safetensors file ({str(exc)[:300]})",
-                hint="the file is truncated or corrupt; download or copy it again",
-            ) from None
+            raise CheckpointError(f"{file}: not a readable safetensors file ({str(exc)[:300]})", hint=hint) from None
         except BaseException:
             os.close(fd)
             raise
@@ -204,3 +202,24 @@ class SafetensorsCheckpoint:
             os.close(fd)
         self._fds.clear()
         self._leased.clear()
+
+
+def _metadata_hint(fd: int) -> str | None:
+    """Why a complete file was refused, where the cause is its ``__metadata__`` (safetensors allows only string
+    values there; a writer that puts numbers in it makes files no safetensors loader reads), else None."""
+    try:
+        size = os.fstat(fd).st_size
+        header_len = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+        if header_len > min(size - 8, 100 * 2**20):
+            return None  # truncated, or a claim no real header makes: the generic hint holds
+        metadata = json.loads(os.pread(fd, header_len, 8)).get("__metadata__")
+    except (OSError, ValueError, AttributeError, struct.error, RecursionError):
+        return None
+    if metadata is None:
+        return None
+    odd = [key for key, value in metadata.items() if not isinstance(value, str)] if isinstance(metadata, dict) else []
+    if isinstance(metadata, dict) and not odd:
+        return None
+    what = f"non-string value(s) ({', '.join(map(repr, odd[:3]))})" if odd else "something other than a JSON object"
+    return (f"the file looks complete, but its __metadata__ holds {what}, which safetensors does not allow; re-save "
+            "it with metadata={name: str(value)} (or no metadata)")

@@ -107,6 +107,11 @@ class NuSlerp:
     def check_tensors(self, names: list[str]) -> None:
         """Once per merge: row_wise chooses rows or columns only where tensors are not flattened (mergekit's
         nuslerp_row_wise, which it ignores under nuslerp_flatten too): said, not silently dropped."""
+        if self.weights is not None and self.t is None and all(abs(w) < 1e-6 for w in self.weights):
+            warnings.warn(MergeWarning(
+                f"nuslerp: both weights are 0 ({', '.join(f'{w:g}' for w in self.weights)}), which names neither "
+                "model; t = 0.5 is taken (mergekit's rule), the midpoint; give the weights you mean, or t"),
+                stacklevel=3)
         if self.row_wise and self.flatten:
             warnings.warn(MergeWarning(
                 "nuslerp: row_wise applies only without flatten, which is on (the default), so each tensor is "

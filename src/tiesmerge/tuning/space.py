@@ -253,6 +253,13 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
             if why:
                 problems.append(f"{name} {why.split(', got')[0]}, but the search would try {end!r}")
                 break
+        if per_model > 1 and low != high:  # per-model values are sampled apart: a mixed corner can be refused
+            corner = (low,) + (high,) * (per_model - 1)
+            why = _corner_problem(cls, fixed, name, corner)
+            if why:
+                problems.append(f"{name} over {low:g}:{high:g}: a candidate such as {corner} would be refused "
+                                f"({why}); narrow --range {name}")
+                continue
         built.append(Axis(name, float(low), float(high), tuple(values), per_model, types[name] is int))
     if problems:
         raise ConfigError(problems)
@@ -260,3 +267,15 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         raise ConfigError(f"nothing to search for {cls.name}: name the options with axes=/--axis",
                           hint=f"searchable options: {', '.join(searchable)}")
     return SearchSpace(cls.name, tuple(built), fixed)
+
+
+def _corner_problem(cls: type, fixed: Mapping[str, Any], name: str, value: tuple) -> str | None:
+    """Why the method refuses ``name=value`` with the fixed options (its own checks of the whole config, such as
+    nuslerp's weights of opposite signs), or None: checked before a search, which would stop at that candidate."""
+    try:
+        cls(**{**fixed, name: value}).requirements()
+    except ConfigError as exc:
+        return str(exc).split("\n")[0]
+    except (TypeError, ValueError):  # other options' values are checked where the candidates are built
+        return None
+    return None
