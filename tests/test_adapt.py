@@ -203,3 +203,69 @@ def test_adapt_on_cuda_matches_the_cpu():
     torch.testing.assert_close(gpu.coefficients, cpu.coefficients, rtol=1e-4, atol=1e-5)
     for name, value in cpu.output.items():
         torch.testing.assert_close(gpu.output[name].cpu(), value, rtol=1e-4, atol=1e-5)
+
+
+def test_tsv_m_per_task_components_sum_to_its_merge():
+    """TSV-M's task_vectors: each task's triplets in the decorrelated bases (and tau_t / T where it averages), so
+    that lam times their sum is the merge; adapt over them at init lam, 0 steps, is TSV-M at lam."""
+    from tiesmerge.methods import TsvMerge
+
+    base, fts = _family(3)
+    tv = collect_task_vectors(base, fts, TsvMerge())
+    merged = tiesmerge.merge(base, fts, TsvMerge(lam=1.0))
+    for name in tv.names:
+        torch.testing.assert_close(base[name] + tv.vectors[name].sum(0), merged[name], rtol=0, atol=1e-5)
+    assert tv.vectors["0.weight"].shape == (3, 8, 4) and torch.linalg.matrix_rank(tv.vectors["0.weight"][0]) == 1
+    result = tiesmerge.adapt(base, fts, _data(3), "tsv_m", forward=_forward(), granularity="task", steps=0, init=1.3)
+    expected = tiesmerge.merge(base, fts, TsvMerge(lam=1.3))
+    for name, value in expected.items():
+        torch.testing.assert_close(result.output[name], value, rtol=0, atol=1e-5)
+
+
+def _labelled(seed: int, teacher: dict, n: int = 24) -> list[dict]:
+    """Rows labelled by a fine-tuned model's own predictions: the task the merge should keep."""
+    net = _net()
+    net.load_state_dict(teacher)
+    rows = _rows(seed, n)
+    with torch.no_grad():
+        labels = net(torch.tensor([r["x"] for r in rows])).argmax(1).tolist()
+    return [{**r, "label": y} for r, y in zip(rows, labels)]
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_the_cross_entropy_objective_learns_from_labels(granularity):
+    base, fts = _family()
+    data = [_labelled(20 + t, ft) for t, ft in enumerate(fts)]
+    fwd = _forward()
+    result = tiesmerge.adapt(base, fts, data, "task_arithmetic", forward=fwd, granularity=granularity, steps=30,
+                             lr=0.05, batch_size=8, objective="cross_entropy")
+    tv = collect_task_vectors(base, fts, TaskArithmetic())
+    merger = Merger(tv.base, tv.vectors, tv.names, granularity)
+
+    def loss(lam):
+        total = 0.0
+        params = merger.params(lam)
+        for rows in data:
+            net = _net()
+            net.load_state_dict({k: params[k].detach() for k in net.state_dict()})
+            with torch.no_grad():
+                logits = net(_encode(rows, ""))
+            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor([r["label"] for r in rows])))
+        return total
+
+    assert loss(result.coefficients) < 0.9 * loss(torch.full(merger.shape, 0.3))
+    curve = result.history.mean()
+    assert len(curve) == 30 and sum(curve[-5:]) < sum(curve[:5])
+
+
+def test_the_cross_entropy_objective_names_a_missing_or_foreign_label():
+    base, fts = _family()
+    data = [_labelled(20 + t, ft) for t, ft in enumerate(fts)]
+    data[1][4] = {k: v for k, v in data[1][4].items() if k != "label"}
+    with pytest.raises(ConfigError, match=r"task 'task1': example 5 has no integer 'label'"):
+        tiesmerge.adapt(base, fts, data, forward=_forward(), steps=2, objective="cross_entropy")
+    data[1][4] = {**data[1][4], "label": 7}  # 3 classes
+    with pytest.raises(ConfigError, match="label 7 is past the model's 3 classes"):
+        tiesmerge.adapt(base, fts, data, forward=_forward(), steps=2, batch_size=24, objective="cross_entropy")
+    with pytest.raises(ConfigError, match="objective='hinge' is not one of entropy, cross_entropy"):
+        tiesmerge.adapt(base, fts, data, forward=_forward(), steps=2, objective="hinge")

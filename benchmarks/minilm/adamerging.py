@@ -34,8 +34,13 @@ from tiesmerge.methods import TaskArithmetic, Ties  # noqa: E402
 from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
-VECTORS = {"task_arithmetic": ("AdaMerging", {}), "ties": ("AdaMerging++", {"density": 0.2})}
-VARIANTS = {"test": "test inputs, no labels (paper)", "val": "validation inputs only"}
+VECTORS = {"task_arithmetic": ("AdaMerging", {}), "ties": ("AdaMerging++", {"density": 0.2}),
+           "tsv_m": ("TSV-M, learned coefficients", {})}
+# each source's starting coefficient: the paper's 0.3 for AdaMerging(++); TSV-M's own default lam, 1.0 (no validation
+# choice enters the start)
+INIT = {"task_arithmetic": 0.3, "ties": 0.3, "tsv_m": 1.0}
+VARIANTS = {"test": "test inputs, no labels (paper)", "val": "validation inputs only",
+            "val_labels": "validation examples with labels (cross-entropy)"}
 
 
 def log(msg: str) -> None:
@@ -118,7 +123,9 @@ def run_seed(args, suite, heads, seed: int, store: Store) -> None:
     base = base_dir()
     test = {t: suite[t].test[:args.test_limit] for t in tasks}
     inputs = {"test": [[{"text": x} for x, _ in test[t]] for t in tasks],
-              "val": [[{"text": x} for x, _ in suite[t].validation[:args.val_limit]] for t in tasks]}
+              "val": [[{"text": x} for x, _ in suite[t].validation[:args.val_limit]] for t in tasks],
+              "val_labels": [[{"text": x, "label": y} for x, y in suite[t].validation[:args.val_limit]]
+                             for t in tasks]}
 
     cached = _run_py_evals(models, args.test_limit)
 
@@ -140,20 +147,22 @@ def run_seed(args, suite, heads, seed: int, store: Store) -> None:
                 acc = evaluate(state=tiesmerge.merge(base, models, method, device=args.device))
             store.put(_row(label, "-", seed, acc, ft_acc, seconds=round(time.perf_counter() - clock, 1)))
             log(f"seed {seed}: {label} {store.get(label, '-', seed, {})['normalized_mean']}% normalized")
-    settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "init": 0.3,
-                "test_limit": args.test_limit, "val_limit": args.val_limit}
     for variant in args.variants:
         for run in args.runs:
             vectors, granularity = run.split(":")
             name, options = VECTORS[vectors]
             method = f"{name} ({granularity}-wise)"
+            settings = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "init": INIT[vectors],
+                        "test_limit": args.test_limit, "val_limit": args.val_limit}
             if store.get(method, variant, seed, settings) is not None:
                 continue
             forward = EncoderHeadLogits(load_encoder(base, args.device), heads)
             clock = time.perf_counter()
             result = tiesmerge.adapt(base, models, inputs[variant], vectors, forward=forward, tasks=tasks,
-                                     granularity=granularity, steps=args.steps, lr=args.lr,
-                                     batch_size=args.batch_size, device=args.device, **options)
+                                     granularity=granularity, steps=args.steps, lr=args.lr, init=INIT[vectors],
+                                     batch_size=args.batch_size, device=args.device,
+                                     objective="cross_entropy" if variant == "val_labels" else "entropy",
+                                     **options)
             seconds = time.perf_counter() - clock
             acc = evaluate(state=result.output)
             c = result.coefficients

@@ -283,9 +283,10 @@ def learned_rows(bench: Bench, table: SeedTable) -> None:
         digest = hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:12]
         accuracy = b.cache.get(f"learned:{r['method']}:{r['variant']}:{digest}", lambda learned=learned: (
             b.evaluate_state(tiesmerge.merge(b.base, b.models, learned, device=b.args.device), b.test)))
-        on_validation = r["variant"] == VARIANTS["val"]
-        row = table.row(f"{r['method']} on {'validation' if on_validation else 'test'} inputs, unlabeled",
-                        validation=on_validation)
+        on_validation = r["variant"] in (VARIANTS["val"], VARIANTS["val_labels"])
+        where = {VARIANTS["val"]: "on validation inputs, unlabeled", VARIANTS["test"]: "on test inputs, unlabeled",
+                 VARIANTS["val_labels"]: "on labelled validation examples (cross-entropy)"}[r["variant"]]
+        row = table.row(f"{r['method']} {where}", validation=on_validation)
         learned_with = r["settings"]
         row.note = (f"{learned_with['steps']} Adam steps, lr {learned_with['lr']}, batch {learned_with['batch_size']}; "
                     "adamerging.md")

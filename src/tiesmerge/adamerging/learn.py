@@ -1,4 +1,5 @@
-"""Learning the coefficients: entropy on unlabeled inputs, Adam, checkpoints that resume exactly.
+"""Learning the coefficients: entropy on unlabeled inputs (or cross-entropy on labelled ones), Adam, checkpoints
+that resume exactly.
 
 AdaMerging (Yang et al., ICLR 2024) merges theta = theta_0 + sum_t lambda_t v_t and learns the
 lambdas by minimising, summed over the tasks, the mean Shannon entropy of the merged model's
@@ -11,6 +12,11 @@ memory is the base, the T vectors, theta and its gradient, and one task's activa
 Batches are a function of (seed, task, step) only: each task's examples are reshuffled per
 pass with a generator seeded from (seed, task, pass), so a run resumed from a checkpoint draws
 the same batches as one that never stopped.
+
+``objective="cross_entropy"`` minimises instead the mean cross-entropy against each example's
+``label`` (its class index): the coefficients then learn from labelled data, e.g. a validation
+split, as aTLAS (Zhang et al., NeurIPS 2024) learns its anisotropic scalings with few labelled
+examples. The entropy objective needs no labels, but also rewards confident wrong answers.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ from ..lazy import torch
 from ..methods.base import FLOAT32_MAX
 from ..paths import as_if_created
 
-__all__ = ["GRANULARITIES", "AdaptConfig", "Merger", "History", "learn", "batch_rows", "total_entropy"]
+__all__ = ["GRANULARITIES", "OBJECTIVES", "AdaptConfig", "Merger", "History", "learn", "batch_rows", "total_entropy"]
 
 GRANULARITIES = ("task", "layer")
+OBJECTIVES = ("entropy", "cross_entropy")  # unlabeled inputs (the paper), or labelled ones
 MAX_LR = 10.0  # Adam moves each coefficient by about lr per step
 MAX_INIT = 1000.0
 MAX_BATCH = 65536  # examples per task and step: AdaMerging uses 16; one forward pass holds them all
@@ -51,11 +58,14 @@ class AdaptConfig:
     seed: int = 0  # of the batches' shuffling
     clamp: tuple[float, float] | None = None  # keep every coefficient in [low, high] after each step (None: free)
     checkpoint_every: int | None = None  # steps between checkpoints (None: one pass over the largest task's data)
+    objective: str = "entropy"  # or "cross_entropy": against each row's integer "label"
 
     def problems(self) -> list[str]:
         out = []
         if self.granularity not in GRANULARITIES:
             out.append(f"granularity={self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        if self.objective not in OBJECTIVES:
+            out.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         for key in ("steps", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "steps" else 1):
@@ -161,6 +171,31 @@ def total_entropy(forward: TaskForward, merger: Merger, lam: torch.Tensor, batch
     differentiable in ``lam``): the objective, for checks; :func:`learn` backpropagates per task."""
     params = merger.params(lam)
     return sum(entropy(logits(forward, batch, task, params)).mean() for task, batch in batches.items())
+
+
+def check_labels(data: Mapping[str, Sequence[Any]]) -> None:
+    """Every row of every task holds an integer ``label`` >= 0 (the cross-entropy objective's target): checked
+    before the first step, naming the first row that does not."""
+    for task, rows in data.items():
+        for k, row in enumerate(rows):
+            label = row.get("label") if isinstance(row, Mapping) else None
+            if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+                raise ConfigError(f"task {task!r}: example {k + 1} has no integer 'label' >= 0 (got {label!r}), which "
+                                  "the cross_entropy objective needs on every example",
+                                  hint='rows like {"text": "...", "label": 2} (the class index); or the default '
+                                       "objective, entropy, which needs no labels")
+
+
+def objective(out: torch.Tensor, rows: Sequence[Any], task: str, kind: str) -> torch.Tensor:
+    """The scalar minimised for one task's batch: the mean entropy of the predictions ``out`` (B, classes), or
+    their mean cross-entropy against the rows' labels."""
+    if kind == "entropy":
+        return entropy(out).mean()
+    labels = torch.tensor([row["label"] for row in rows], dtype=torch.long, device=out.device)  # (B,)
+    if int(labels.max()) >= out.shape[-1]:
+        raise ConfigError(f"task {task!r}: label {int(labels.max())} is past the model's {out.shape[-1]} classes "
+                          f"for this task (0 .. {out.shape[-1] - 1})", hint="labels are class indices from 0")
+    return torch.nn.functional.cross_entropy(out.float(), labels)
 
 
 @dataclass
@@ -326,6 +361,8 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     for task, rows in data.items():
         if not rows:
             raise ConfigError(f"task {task!r}: no examples")
+    if config.objective == "cross_entropy":
+        check_labels(data)
     merger.unused = check_forward_names(forward, merger.names)
     device = next(iter(merger.vectors.values())).device
     lam = torch.full(merger.shape, float(config.init), dtype=torch.float32, device=device, requires_grad=True)
@@ -375,11 +412,12 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
             leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
             row = []
             for t, task in enumerate(tasks):
-                batch = forward.encode(batch_rows(data[task], step, config.batch_size, config.seed, t), task)
-                h = entropy(logits(forward, batch, task, leaves)).mean()
+                rows = batch_rows(data[task], step, config.batch_size, config.seed, t)
+                out = logits(forward, forward.encode(rows, task), task, leaves)  # (B, classes)
+                h = objective(out, rows, task, config.objective)
                 if not torch.isfinite(h):
-                    raise TrainingError(f"the entropy of task {task!r} at step {step} is {float(h)}: the merged "
-                                        "model's logits are not finite",
+                    raise TrainingError(f"the {config.objective} of task {task!r} at step {step} is {float(h)}: the "
+                                        "merged model's logits are not finite",
                                         hint="lower --lr, or --clamp the coefficients; check the task's inputs "
                                         "and the forward")
                 h.backward()  # one task's activations at a time

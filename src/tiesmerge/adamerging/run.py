@@ -194,7 +194,7 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
           heads: Mapping[str, Sequence[str]] | None = None, choices: Mapping[str, Sequence[str]] | None = None,
           granularity: str = "layer", steps: int = 500, lr: float = 1e-3, batch_size: int = 16, init: float = 0.3,
           shuffle_seed: int = 0, clamp: tuple[float, float] | None = None, checkpoint_every: int | None = None,
-          limit: int | None = None, max_length: int = 128, device: str = "cpu",
+          limit: int | None = None, max_length: int = 128, device: str = "cpu", objective: str = "entropy",
           memory_budget: int | str | None = None, output: str | os.PathLike | None = None, force: bool = False,
           checkpoint: str | os.PathLike | None = None, resume: bool = False, progress: bool = False,
           allow_pickle: bool = False, vocab_policy: str = "error", **method_options: Any) -> AdaptResult:
@@ -208,7 +208,9 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     module (:mod:`tiesmerge.evaluation.forward`, e.g. ``FunctionLogits``) holding the base's
     weights. Defaults are the paper's: Adam, ``lr`` 1e-3, ``steps`` 500, ``batch_size`` 16 per
     task, every coefficient starting at ``init`` 0.3; ``shuffle_seed`` seeds the batches' order (the
-    only randomness; ``seed`` is left to the methods' options, e.g. DARE's). ``output``: the merged model's directory
+    only randomness; ``seed`` is left to the methods' options, e.g. DARE's). ``objective``: ``"entropy"`` (the
+    paper's, on unlabeled inputs) or ``"cross_entropy"`` (every row needs an integer ``label``: learned from
+    labelled data such as a validation split). ``output``: the merged model's directory
     (as :func:`tiesmerge.merge` writes it, plus the coefficients and the entropy curve); without
     it the merged state dict is returned. ``checkpoint`` (default: ``OUTPUT.adapt-checkpoint.safetensors``
     beside the output): the coefficients and optimizer state, written each pass over the data;
@@ -222,7 +224,7 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     started = time.perf_counter()
     config = AdaptConfig(granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,
                          seed=shuffle_seed, clamp=tuple(clamp) if clamp is not None else None,
-                         checkpoint_every=checkpoint_every)
+                         checkpoint_every=checkpoint_every, objective=objective)
     problems = config.problems()
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         problems.append(f"limit must be an integer >= 1, got {limit!r} (the examples used of each data file)")

@@ -2,7 +2,8 @@
 
 A method that defines ``task_vectors(tau, ctx)`` (see :mod:`tiesmerge.methods.base`) says what
 its per-task vectors are: task arithmetic's w_t tau_t, TIES's trimmed values that agree with the
-elected sign (AdaMerging++), DARE's, Breadcrumbs' and DELLA's sparsified ones. The engine runs
+elected sign (AdaMerging++), DARE's, Breadcrumbs' and DELLA's sparsified ones, TSV-M's per-task
+components in its decorrelated bases. The engine runs
 that method as in a merge (the same trims over the same scopes, reductions, reference, weights),
 and :class:`_Collect` keeps each chunk's vectors instead of summing them; the output of that
 run is the base's values (a zero delta), in float32.
@@ -84,7 +85,8 @@ def collect_task_vectors(base: Source, models: Sequence[Source], method: MergeMe
     if not exposes_task_vectors(method):
         raise ConfigError(f"method {method.name!r} does not expose per-task vectors, so its combination cannot be "
                           "learned", hint="use task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, "
-                          "breadcrumbs_ties, della or della_linear (or define task_vectors(tau, ctx) on the method)")
+                          "breadcrumbs_ties, della, della_linear or tsv_m (or define task_vectors(tau, ctx) on the "
+                          "method)")
     if method.requirements().model_values:
         raise ConfigError(f"method {method.name!r} interpolates the models themselves, not task vectors")
     collect = _Collect(method)

@@ -1,4 +1,4 @@
-"""`tiesmerge adapt`: learn the merge's coefficients from unlabeled inputs (AdaMerging).
+"""`tiesmerge adapt`: learn the merge's coefficients from unlabeled inputs (AdaMerging), or labelled ones.
 
 Kept out of main.py and commands.py (which only register it): the parser and the handler.
 Nothing here imports torch at import time: ``--help`` starts without it.
@@ -39,8 +39,12 @@ examples:
   # continue an interrupted run (or run more steps) from OUTPUT.adapt-checkpoint.safetensors
   tiesmerge adapt ... --steps 1000 --resume -o ./merged --force
 
-data.jsonl, one unlabeled example per line (labels, if present, are ignored):
-  {"text": "a gripping, funny film"}
+  # coefficients over TSV-M's decorrelated per-task components, learned from labelled validation examples
+  tiesmerge adapt --base ./base --model ./ft-a --model ./ft-b --data a-val.jsonl --data b-val.jsonl \
+      --method tsv_m --init 1.0 --objective cross_entropy -o ./merged
+
+data.jsonl, one example per line (labels are ignored, but for --objective cross_entropy, which needs them):
+  {"text": "a gripping, funny film"}        {"text": "a gripping, funny film", "label": 1}
 heads.json (--forward encoder): each task's class descriptions, tasks named like the data files' stems:
   {"sst2-unlabeled": ["a negative review", "a positive review"], ...}
 choices.json (--forward choice, a causal LM): each task's answer choices (or "choices" in each row):
@@ -65,7 +69,7 @@ def add_adapt_parser(sub: Any, method_flags: Callable[[argparse.ArgumentParser],
     p.add_argument("--method", default="task_arithmetic",
                    help="the per-task vectors: task_arithmetic (AdaMerging, default), ties (AdaMerging++), or any "
                         "method exposing them (dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, "
-                        "della_linear); its options as flags")
+                        "della_linear, tsv_m); its options as flags")
     p.add_argument("--forward", default="classifier", choices=("classifier", "encoder", "choice"),
                    help="the model's logits: classifier (a *ForSequenceClassification, default), encoder (a "
                         "sentence encoder with frozen cosine heads: --heads), choice (a causal LM over answer "
@@ -74,6 +78,10 @@ def add_adapt_parser(sub: Any, method_flags: Callable[[argparse.ArgumentParser],
     p.add_argument("--choices", metavar="FILE", help="--forward choice: a JSON file {task: [answer choices]}")
     p.add_argument("--granularity", default="layer", choices=("task", "layer"),
                    help="one coefficient per task, or per task and parameter tensor (default layer)")
+    p.add_argument("--objective", default="entropy", choices=("entropy", "cross_entropy"),
+                   help="what the coefficients minimise: entropy of the predictions on unlabeled inputs (default, "
+                        "the paper's) or cross-entropy against each row's integer 'label' (labelled data, e.g. a "
+                        "validation split)")
     p.add_argument("--steps", type=int, default=500, help="optimizer steps, each on one batch of every task (500)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3, the paper's)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per task and step (default 16)")
@@ -148,7 +156,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                    device=args.device, memory_budget=args.memory_budget, output=args.output, force=args.force,
                    checkpoint=args.checkpoint, resume=args.resume,
                    progress=not args.no_progress and sys.stderr.isatty(), allow_pickle=args.allow_pickle,
-                   vocab_policy=args.vocab_policy)
+                   vocab_policy=args.vocab_policy, objective=args.objective)
     completed(result.output)
     manifest = json.loads((Path(result.output) / "tiesmerge.json").read_text())["adamerging"]
     c = result.coefficients
@@ -157,7 +165,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     if manifest["entropy"]["first"] is None:  # --steps 0: nothing learned, the merge is at the initial coefficients
         print("  0 steps: the coefficients stay at their initial value (--init)")
     else:
-        print(f"  mean entropy {manifest['entropy']['first']} -> {manifest['entropy']['last']} over "
+        print(f"  mean {args.objective.replace('_', '-')} {manifest['entropy']['first']} -> "
+              f"{manifest['entropy']['last']} over "
               f"{len(result.history.entropy)} steps")
     for task, row in zip(result.tasks, c.tolist()):
         print(f"  {shown(task)}: coefficients mean {sum(row) / len(row):.3f}, range [{min(row):.3f}, {max(row):.3f}]")

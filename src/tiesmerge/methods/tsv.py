@@ -111,11 +111,38 @@ class TsvMerge:
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """tau (T, rows, cols) or (T, *S) -> (rows, cols) or (*S)."""
+        factors = self._factors(tau, ctx)
+        if factors is None:
+            return tau.mean(dim=0).mul_(self.lam)
+        u_orth, s, v_orth, _ = factors
+        return (u_orth * s).matmul(v_orth).mul_(self.lam)  # (rows, cols)
+
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """(T, *S) -> (T, *S): each task's share of the merge before ``lam``, whose sum times ``lam`` is
+        :meth:`merge`'s result: task t's own triplets, in the decorrelated bases (polar(U)[:, block t]
+        diag(S_t) polar(V)[block t, :]), and tau_t / T for what is averaged. What AdaMerging (tiesmerge adapt)
+        weighs per task and layer, with lam as the coefficients' start."""
+        factors = self._factors(tau, ctx)
+        if factors is None:
+            return tau / tau.shape[0]
+        u_orth, s, v_orth, kept = factors
+        out = torch.zeros_like(tau, dtype=torch.float32)  # (T, rows, cols)
+        start = 0
+        for t, k in enumerate(kept):
+            block = slice(start, start + k)
+            out[t] = (u_orth[:, block] * s[block]).matmul(v_orth[block])  # (rows, k) (k, cols)
+            start += k
+        return out
+
+    def _factors(self, tau: torch.Tensor, ctx: ChunkContext
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]] | None:
+        """polar(U) (rows, K), the concatenated singular values (K,), polar(V) (K, cols) and the triplets each task
+        kept (summing to K) of a 2-D weight; None where the tensor is averaged instead."""
         n = tau.shape[0]
         dims = linalg.matrix_shape(tuple(tau.shape[1:]), ctx.name, linalg.exclude_pattern(self.exclude))
         k = self.rank_per_task(min(dims), n) if dims else 0
         if dims is None or k == 0:
-            return tau.mean(dim=0).mul_(self.lam)
+            return None
         us, ss, vs = [], [], []
         generator = None
         for t in range(n):
@@ -133,7 +160,7 @@ class TsvMerge:
             ss.append(s[:kept])  # (kept,)
             vs.append(vh[:kept])  # (kept, cols)
         if not sum(len(x) for x in ss):  # every task vector of this matrix is zero
-            return tau.mean(dim=0).mul_(self.lam)
+            return None
         u_orth = linalg.polar(torch.cat(us, dim=1), precision=self.svd_precision, what=f"{ctx.name!r} U")  # (rows, K)
         v_orth = linalg.polar(torch.cat(vs, dim=0), precision=self.svd_precision, what=f"{ctx.name!r} V")  # (K, cols)
-        return (u_orth * torch.cat(ss)).matmul(v_orth).mul_(self.lam)  # (rows, cols)
+        return u_orth, torch.cat(ss), v_orth, [len(x) for x in ss]
