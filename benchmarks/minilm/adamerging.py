@@ -30,7 +30,7 @@ from common import NotCached, Protocol, base_dir, hardware, load_encoder, make_h
 import tiesmerge  # noqa: E402
 from tiesmerge.evaluation import evaluate_encoder  # noqa: E402
 from tiesmerge.evaluation.forward import EncoderHeadLogits  # noqa: E402
-from tiesmerge.methods import TaskArithmetic, Ties  # noqa: E402
+from tiesmerge.methods import TaskArithmetic, Ties, TsvMerge  # noqa: E402
 from tiesmerge_bench import TASK_NAMES, load_suite  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -139,10 +139,15 @@ def run_seed(args, suite, heads, seed: int, store: Store) -> None:
         ft = _row("fine-tuned", "-", seed, acc, acc)
         store.put(ft)
     ft_acc = {t: a / 100 for t, a in ft["accuracy"].items()}
-    for label, method in (("TIES (k=0.2, λ=1)", Ties()), ("task arithmetic (λ=0.4)", TaskArithmetic())):
+    references = [("TIES (k=0.2, λ=1)", Ties()), ("task arithmetic (λ=0.4)", TaskArithmetic())]
+    if any(run.startswith("tsv_m:") for run in args.runs):  # what learned TSV-M coefficients start from and beat
+        references += [("tsv_m (λ=1)", TsvMerge()), ("tsv_m (λ=1.3, chosen on validation in table1.md)",
+                                                      TsvMerge(lam=1.3))]
+    for label, method in references:
         if store.get(label, "-", seed, {}) is None:
             clock = time.perf_counter()
-            acc = cached.get(f"merge:{method.name}:{{}}")
+            # run.py's cache keys a method at its defaults by its name alone
+            acc = cached.get(f"merge:{method.name}:{{}}") if method == type(method)() else None
             if acc is None:
                 acc = evaluate(state=tiesmerge.merge(base, models, method, device=args.device))
             store.put(_row(label, "-", seed, acc, ft_acc, seconds=round(time.perf_counter() - clock, 1)))
@@ -273,7 +278,11 @@ def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
         f"**{args.steps} steps** (the paper: 500; see *Steps*). AdaMerging++ does it over TIES's trimmed "
         "(k = 0.2), sign-elected per-task vectors. *test inputs*: each task's evaluated test inputs without "
         "their labels (the paper's protocol: test-time adaptation); *validation inputs*: the first "
-        f"{args.val_limit} validation inputs of each task only (no test input seen).",
+        f"{args.val_limit} validation inputs of each task only (no test input seen). *Validation examples with "
+        "labels*: the same validation examples with their labels, the coefficients minimising the cross-entropy "
+        "instead of the entropy (`tiesmerge adapt --objective cross_entropy`). *TSV-M, learned coefficients*: the "
+        "vectors are TSV-M's per-task components (each task's top singular triplets in TSV-M's decorrelated "
+        "bases; their sum is TSV-M's merge), coefficients starting at TSV-M's default λ = 1.",
         "",
         "| method | inputs | " + " | ".join(tasks) + " | mean | norm. mean | worst task (norm.) | s / run |",
         "|---|---|" + "---|" * len(tasks) + "---|---|---|---|",
@@ -309,8 +318,7 @@ def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
         [r for r in rows if r["variant"] != "-"])
     done = {(r["method"], r["variant"], r["seed"]) for r in rows}
     missing = [f"{VECTORS[run.split(':')[0]][0]} ({run.split(':')[1]}-wise), {VARIANTS[v]}, seed {s}"
-               for s in (0, 1, 2) for v in VARIANTS for run in ("ties:layer", "task_arithmetic:task",
-                                                                 "task_arithmetic:layer", "ties:task")
+               for s in args.seeds for v in args.variants for run in args.runs
                if (f"{VECTORS[run.split(':')[0]][0]} ({run.split(':')[1]}-wise)", VARIANTS[v], s) not in done]
     lines += ["", "## Steps and time", "",
               "A step is one forward and backward pass of a batch of every task (8 tasks) through the merged "
