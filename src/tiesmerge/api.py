@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import adapter_merge
-from .engine import whole
+from .engine import fused, whole
 from .engine.executor import MemorySink
 from .engine.plan import FIXED_OVERHEAD, Plan
 from .errors import ConfigError, MergeWarning, TiesMergeError
@@ -240,6 +240,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                                         *((f"the statistics of model {k}", s) for k, s in enumerate(stats or ()))])
         check_output_path(Path(output).absolute(), force)  # fail before anything is opened, not after the merge
     with _overflow_hint_for(m), ExitStack() as stack:
+        stack.enter_context(fused.torch_threads_kept())  # from before the distance sample's kernels run
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -372,12 +373,12 @@ def _registered() -> set[str]:
 
 
 def _spec_items(text: str) -> list[str]:
-    """``key=value`` items of a method spec, split at the commas outside ``[...]`` and ``"..."`` (a list, or a
-    quoted text that holds commas itself: ``t_by_name="self_attn=0,1;*=0.5"``)."""
-    items, depth, quoted, start = [], 0, False, 0
+    """``key=value`` items of a method spec, split at the commas outside ``[...]``, ``"..."`` and ``'...'`` (a list,
+    or a quoted text that holds commas itself: ``t_by_name="self_attn=0,1;*=0.5"``)."""
+    items, depth, quoted, start = [], 0, "", 0
     for i, char in enumerate(text):
-        if char == '"' and (i == 0 or text[i - 1] != "\\"):
-            quoted = not quoted
+        if char in "\"'" and (not quoted or char == quoted) and (i == 0 or text[i - 1] != "\\"):
+            quoted = "" if quoted else char
         elif not quoted and char == "[":
             depth += 1
         elif not quoted and char == "]":
@@ -386,7 +387,8 @@ def _spec_items(text: str) -> list[str]:
             items.append(text[start:i])
             start = i + 1
     if quoted:  # the rest would be one value: name the quote, not what it swallowed
-        raise ConfigError(f"method spec {text[:80]!r}: a double quote is not closed", hint='close it: key="a,b"')
+        kind = "double" if quoted == '"' else "single"
+        raise ConfigError(f"method spec {text[:80]!r}: a {kind} quote is not closed", hint='close it: key="a,b"')
     items.append(text[start:])
     return items
 
@@ -410,7 +412,8 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
         try:
             options[key.strip()] = json.loads(value)
         except ValueError:
-            options[key.strip()] = value.strip()
+            text = value.strip()  # 'single-quoted text' is text, as "double-quoted" is
+            options[key.strip()] = text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
         except RecursionError:  # [[[[... 50,000 deep: no option holds that
             raise ConfigError(f"method {spec[:80]!r}: the value of {key.strip()} is nested too deep to read",
                               hint="give a number, a word, or a flat [list]") from None

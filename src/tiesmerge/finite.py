@@ -91,7 +91,11 @@ _HINTS = {"F16": "float16 holds values up to 65504 only: write a wider dtype (--
                  "or use a smaller lam (scaling factor)",
           "BF16": _WIDE.format(dtype="bfloat16", top="3.4e38"),
           "F32": _WIDE.format(dtype="float32", top="3.4e38"),
-          "F64": _WIDE.format(dtype="float64", top="1.8e308")}
+          # merges compute in float32 whatever the output dtype: a value past float32's 3.4e38 is Inf before float64
+          # stores it
+          "F64": "the merge computes in float32 whatever the output dtype, so a merged value past float32's range "
+                 "(3.4e38) overflows before float64 stores it; no sensible weight lies there: use a smaller lam "
+                 "(scaling factor) or smaller per-model weights, and check the inputs for huge values"}
 
 
 def check_fits_float8(name: str, values: Any, dtype: Any, offset: int = 0) -> None:

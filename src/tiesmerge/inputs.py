@@ -473,5 +473,5 @@ def check_budget(plan: Any) -> None:
     if budget < floor:
         raise ConfigError(f"memory budget {format_size(budget)} is below the {format_size(floor)} this merge needs at "
                           "the least (its largest chunk, a row of a tensor or a tensor kept whole, with its working "
-                          "copies)", hint=f"raise --memory-budget to {format_size(floor)} or more (the default is "
-                                          f"{DEFAULT_MEMORY_BUDGET})")
+                          "copies)", hint=f"raise --memory-budget to {format_size(floor, up=True)} or more (the "
+                                          f"default is {DEFAULT_MEMORY_BUDGET})")

@@ -327,7 +327,7 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
                       "_models": [p for p, _ in others]}
             return "average", params, ("mergekit linear: Σ w_i θ_i / Σ w_i over the models' own values in "
                                        f"mergekit's float32 order ({anchor} read as the base, weight "
-                                       f"{weights[at]:g})")
+                                       f"{weights[at]:.10g})")
         pairs = [(p, w / total) for p, w in others]  # weights summing to 1, no division: θ_0 + Σ w_i (θ_i − θ_0)
         params = {"lam": 1.0, "weights": [w for _, w in pairs], "_anchor": anchor, "_models": [p for p, _ in pairs]}
         return "task_arithmetic", params, ("mergekit linear: Σ w_i θ_i (weights summing to 1), as "

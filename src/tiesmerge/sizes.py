@@ -40,11 +40,14 @@ def parse_size(text: str | int) -> int:
     return int(text) if isinstance(text, int) else int(value)
 
 
-def format_size(n: float) -> str:
-    """Bytes in binary units: 1536 -> '1.50 KiB'."""
+def format_size(n: float, *, up: bool = False) -> str:
+    """Bytes in binary units: 1536 -> '1.50 KiB'. ``up``: rounded up, not to the nearest (a size the reader may type
+    back as a minimum, such as a memory budget that must be at least this, then suffices)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if up else round(n):.0f} {unit}"
+            return f"{math.ceil(n * 100) / 100 if up else n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} TiB"
 

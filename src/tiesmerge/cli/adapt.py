@@ -171,4 +171,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     for task, row in zip(result.tasks, c.tolist()):
         print(f"  {shown(task)}: coefficients mean {sum(row) / len(row):.3f}, range [{min(row):.3f}, {max(row):.3f}]")
     print(f"  files: {', '.join(manifest['files'])}")
+    from ..adamerging.run import default_checkpoint
+
+    kept = Path(args.checkpoint) if args.checkpoint else default_checkpoint(Path(args.output))
+    if kept.is_file():  # left on purpose (--resume continues from it); a rerun over it needs --force or --resume
+        print(f"  checkpoint kept: {shown(kept)} (--resume continues from it; delete it once the run is final)")
     return 0

@@ -122,9 +122,50 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
+_PINNED: list[int] = []  # torch's thread count as a merge found it (see pin_threads)
+_DEPTH: list[int] = [0]  # merges under way in this process (torch_threads_kept scopes)
+
+
+def enter_scope(count: int | None) -> None:
+    """A merge starts (engine.fused.torch_threads_kept); ``count``: torch's thread count now, where it is imported."""
+    _DEPTH[0] += 1
+    if count is not None:
+        pin_threads(count)
+
+
+def exit_scope() -> int | None:
+    """A merge ends: the count pinned during it (to restore torch's to) when the outermost one ends, else None."""
+    _DEPTH[0] = max(0, _DEPTH[0] - 1)
+    if _DEPTH[0]:
+        return None
+    pinned = _PINNED[0] if _PINNED else None
+    _PINNED.clear()
+    return pinned
+
+
+def pin_threads(count: int) -> None:
+    """Inside a merge, hold torch's thread count at the first value seen: numba's OpenMP kernels share libgomp with
+    torch and can raise torch's count to theirs mid-merge, and sums split over another count than the caller's
+    (the one torch itself would use, and the verdict was made at) differ in their last bits."""
+    if _DEPTH[0] and not _PINNED:
+        _PINNED.append(int(count))
+
+
+def hold_torch_threads(count: int | None = None) -> None:
+    """Set torch's thread count back to ``count`` (default: the one pinned for the merge under way) where a numba
+    kernel moved it: called before torch reduces what must match its own sums at the caller's count."""
+    count = count if count is not None else (_PINNED[0] if _PINNED else None)
+    module = sys.modules.get("torch")
+    if count is not None and module is not None and module.get_num_threads() != count:
+        module.set_num_threads(count)
+
+
 def num_threads() -> int | None:
-    """torch's intra-op thread count, as ``torch.get_num_threads()`` says: torch's own where it is imported,
-    else the count remembered with the verdict for this machine, else asked of the library."""
+    """torch's intra-op thread count, as ``torch.get_num_threads()`` says: the one pinned for the merge under way,
+    else torch's own where it is imported, else the count remembered with the verdict for this machine, else asked
+    of the library."""
+    if _PINNED:
+        return _PINNED[0]
     module = sys.modules.get("torch")
     if module is not None and hasattr(module, "get_num_threads"):
         return int(module.get_num_threads())
@@ -202,9 +243,9 @@ def fingerprint() -> str | None:
 
 
 def _cache_file() -> Path | None:
-    from ..io.card import cache_folder
+    from ..io.card import cache_folder, caches_enabled
 
-    if os.environ.get("TIESMERGE_DIGEST_CACHE", "1") == "0":  # no cache files at all: checked in every run
+    if not caches_enabled():  # no cache files at all: checked in every run
         return None
     folder = cache_folder()
     return None if folder is None else folder / _CACHE_NAME

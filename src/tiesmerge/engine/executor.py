@@ -36,7 +36,7 @@ from ..io.protocol import rank_bound
 from ..lazy import torch
 from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
 from ..sizes import DEFAULT_MEMORY_BUDGET, parse_size
-from . import fused, whole
+from . import aten, fused, whole
 from .plan import Chunk, Plan, make_plan
 from .reader import ChunkRows, EngineInputs, RawRows, Reader, widen
 from .reduce import Reducer
@@ -410,6 +410,7 @@ class Executor:
                 # whether this merge changes anything: watched until the first nonzero delta (one reduction a chunk
                 # until then, usually the first chunk only); tau is looked at first, as merge may change it in place
                 moved = not self._changed and bool(rows.tau.any())
+                aten.hold_torch_threads()  # torch at the caller's count, wherever a numba kernel moved it
                 delta = self.method.merge(rows.tau, self._context(chunk, rows, chunk_scope))  # (*S) float32
                 if not self._changed and not self.req.model_values:
                     # a change that survives the addition and the cast (lam 1e-30: a delta of 1e-32 rounds away)

@@ -39,13 +39,19 @@ def torch_threads_kept() -> Iterator[None]:
     thread: a caller that had set torch to one thread (an evaluation beside other work) then runs
     on two spinning threads. Measured in the LLM benchmark: a 135M model's forward took 4x the CPU
     after a merge (20 s against 5 s) on a busy 2-core machine. Imports nothing."""
+    from . import aten  # imports nothing heavy
+
     module = sys.modules.get("torch")
     before = module.get_num_threads() if module is not None else None
+    aten.enter_scope(before)  # the count the merge's emulated sums split over, whatever the kernels do to it
     try:
         yield
     finally:
-        if before is not None and module.get_num_threads() != before:
-            module.set_num_threads(before)
+        pinned = aten.exit_scope()
+        module = sys.modules.get("torch")  # imported during the merge (to check the emulation) perhaps
+        want = before if before is not None else pinned
+        if module is not None and want is not None and module.get_num_threads() != want:
+            module.set_num_threads(want)
 
 
 def available() -> bool:

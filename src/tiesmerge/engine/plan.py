@@ -163,7 +163,7 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             held = f" (with {format_size(workspace)} of workspace, e.g. for its SVDs)" if workspace else ""
             raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory budget "
                               f"of {format_size(memory_budget)}, and {why} needs each tensor whole{held}",
-                              hint=f"raise --memory-budget to {format_size(needed)} or more")
+                              hint=f"raise --memory-budget to {format_size(needed, up=True)} or more")
         budget = work_budget if prefer_whole else min(work_budget, SPEED_CHUNK_ENTRIES * per_entry)
         rows = job.shape[0] if req.keeps_tensors_whole and job.shape else rows_per_chunk(job.shape, per_entry, budget)
         row_entries = job.numel // job.shape[0] if job.shape and job.shape[0] else 0

@@ -10,9 +10,10 @@ a statistics file that does not fit its model is a typed error before anything i
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
-from ..errors import IncompatibleCheckpointsError, InvalidTensorError
+from ..errors import IncompatibleCheckpointsError, InvalidTensorError, MergeWarning
 from ..io.align import Alignment, TensorJob
 from ..io.checkpoint import Checkpoint
 from ..lazy import torch
@@ -39,6 +40,16 @@ class SideInputs:
         self.names: list[dict[str, str]] = [self._validate(k, s, models[k]) for k, s in enumerate(stats)]
         self.missing = sorted({name for k in range(len(stats)) for name, job in self._jobs.items()
                                if name not in self.names[k] and self.expected_shape(job) is not None})
+        # a statistic some models' statistics hold and others' lack: statistics tiesmerge computed for one
+        # architecture cover the same tensors, so the gap is a damaged or foreign file, not a tensor no kind covers
+        uneven = [name for name in self.missing if any(name in self.names[k] for k in range(len(stats)))]
+        if uneven:
+            lacking = [k for k in range(len(stats)) if uneven[0] not in self.names[k]]
+            warnings.warn(MergeWarning(
+                f"{len(uneven)} tensor(s) have {spec.kind} statistics in some models but not in others (e.g. "
+                f"{uneven[0]!r}, missing for model(s) {', '.join(map(str, lacking))}): they are averaged instead; "
+                "statistics computed for the same architecture cover the same tensors, so a file may be damaged or "
+                "from another run (recompute them)"), stacklevel=2)
         self.scales = rms_scales(spec.kind, stats, self.names) if spec.normalize == "rms" else [1.0] * len(stats)
         self._cached: tuple[str, torch.Tensor | None] | None = None  # whole Gram matrices of the last job
         self.bytes_read = 0  # by the merge pass
@@ -94,7 +105,7 @@ class SideInputs:
             self.bytes_read += raw.numel() * raw.element_size()
             self._progress(raw.numel() * raw.element_size())
             value = raw.to(self.device, torch.float32)
-            why = self._invalid(value)  # each model's own values, as stored (their sum may overflow; they may not)
+            why = self._invalid(value, {torch.float16: "F16", torch.bfloat16: "BF16"}.get(raw.dtype, ""))  # as stored
             if why:
                 raise InvalidTensorError(f"{stats.location(self.names[k][name])}: {self.spec.kind} statistic "
                                          f"{name!r} {why}",
@@ -106,7 +117,7 @@ class SideInputs:
             self._cached = (name, side)
         return side
 
-    def _invalid(self, value: torch.Tensor) -> str | None:
+    def _invalid(self, value: torch.Tensor, stored_dtype: str = "") -> str | None:
         """What makes one model's statistic unusable, or None: NaN or Inf; a negative Fisher value
         (a mean of squares); a Gram matrix X^T X / N that is not positive semi-definite."""
         if not bool(torch.isfinite(value).all()):
@@ -123,7 +134,9 @@ class SideInputs:
             g = value.to(torch.float64)
             g.diagonal().add_(1e-6 * scale)
             if bool((value.diagonal() < 0).any()) or int(torch.linalg.cholesky_ex(g).info):
-                return "is not positive semi-definite, so it is no Gram matrix X^T X / N"
+                return ("is not positive semi-definite, so it is no Gram matrix X^T X / N"
+                        + (f" (stored as {stored_dtype}, whose rounding can make a Gram matrix slightly indefinite: "
+                           "compute or store statistics in float32)" if stored_dtype in ("F16", "BF16") else ""))
         return None
 
     # ------------------------------------------------------------------ planning

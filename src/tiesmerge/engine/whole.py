@@ -67,12 +67,14 @@ class Numerics:
 
 
 class TorchNumerics(Numerics):
-    """torch itself."""
+    """torch itself (at the merge's pinned thread count: a numba kernel run before may have moved torch's)."""
 
     def sum(self, x: np.ndarray) -> np.float32:
+        aten.hold_torch_threads()
         return np.float32(torch.from_numpy(np.ascontiguousarray(x, np.float32)).sum().item())
 
     def norm(self, x: np.ndarray) -> np.float32:
+        aten.hold_torch_threads()
         return np.float32(torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(x, np.float32))).item())
 
     def acos(self, x: np.ndarray) -> np.ndarray:
@@ -80,6 +82,21 @@ class TorchNumerics(Numerics):
 
     def sin(self, x: np.ndarray) -> np.ndarray:
         return torch.sin(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
+
+
+class _HeldNumerics(TorchNumerics):
+    """torch at ``threads`` whatever the kernels did to its count (the check outside a merge has no pinned one)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def sum(self, x: np.ndarray) -> np.float32:
+        aten.hold_torch_threads(self.threads)
+        return super().sum(x)
+
+    def norm(self, x: np.ndarray) -> np.float32:
+        aten.hold_torch_threads(self.threads)
+        return super().norm(x)
 
 
 class EmulatedNumerics(Numerics):
@@ -241,6 +258,7 @@ class Materialised(Reductions):
         self.product = take("whole.product", 4 * self.numel).view(np.float32)
 
     def norms(self, i: int, span: int | None = None) -> np.ndarray:
+        aten.hold_torch_threads()  # the kernels that widened the values may have moved torch's count
         x = torch.from_numpy(self.values[i]).reshape(1, -1)
         return torch.stack([torch.linalg.vector_norm(x[:, s:e], dim=1) for s, e in _spans(self.numel, span)]
                            ).reshape(-1).numpy()
@@ -251,6 +269,7 @@ class Materialised(Reductions):
             self.kernels.product(self.values[i], self.values[j], self.product)
         else:
             self.kernels.product(self.values[i], self.values[j], self.product, *scales)
+        aten.hold_torch_threads()
         p = torch.from_numpy(self.product).reshape(1, -1)
         return torch.stack([p[:, s:e].sum(dim=1) for s, e in _spans(self.numel, span)]).reshape(-1).numpy()
 
@@ -269,6 +288,7 @@ def torch_order_ok() -> bool:
     else:
         fresh = False
     threads = torch.get_num_threads()
+    aten.pin_threads(threads)  # inside a merge: its sums split over this count, the one checked here
     known = _CALIBRATED.get(threads)
     if known is None:
         known = _CALIBRATED[threads] = _matches_torch()
@@ -285,8 +305,10 @@ def _matches_torch() -> bool:
     if aten.library()._ZN2at15get_num_threadsEv() != threads:  # the library loaded is not this torch's
         return False
     g = torch.Generator().manual_seed(12)
+    aten.pin_threads(threads)  # inside a merge (pinned already by torch_order_ok): torch's sums below at this count
     for numel, stored in ((5, "bf16"), (77, "bf16"), (1029, "f32"), (GRAIN, "bf16"), (GRAIN + 77, "f32"),
                           (3 * GRAIN + 5, "bf16"), (13, "f32"), (6, "f32")):  # small: this runs once per machine
+        aten.hold_torch_threads(threads)  # the previous round's kernels may have moved torch's count
         rows = [torch.randn(numel, generator=g) * (1 + torch.rand(numel, generator=g)) for _ in range(3)]
         if stored == "bf16":
             rows = [r.bfloat16() for r in rows]
@@ -299,7 +321,7 @@ def _matches_torch() -> bool:
                 and np.array_equal(order.sums(0, 1), (x * y).sum().reshape(1).numpy())
                 and np.array_equal(order.sums(0, 1, (float(nx), 3.0)), scaled.reshape(1).numpy())):
             return False
-    ours, theirs = EmulatedNumerics(), TorchNumerics()
+    ours, theirs = EmulatedNumerics(), _HeldNumerics(threads)
     # the short reductions of the scalar arithmetic (float32 values: a fused multiply-add rounds differently)
     for numel in (*list(range(1, 41)) * 8, 67, 130, 1000, 5000, GRAIN + 3):
         v = (torch.randn(numel, generator=g) * torch.rand(numel, generator=g).mul(30).sub(15).exp2()).numpy()

@@ -190,7 +190,9 @@ class LoraCheckpoint:
                     b_key = key[: -len(a_suffix)] + b_suffix
                     if b_key not in keys:
                         self._file.close()
-                        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: {key!r} has no matching {b_key!r}")
+                        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: {key!r} has no matching {b_key!r}",
+                                              hint="a LoRA module needs both factors, A and B: the adapter file is "
+                                                   "incomplete or damaged; save or download it again")
                     self._factors[module] = (key, b_key, embedding)
             if ".lora_" not in key:
                 # modules_to_save and trained biases are stored whole

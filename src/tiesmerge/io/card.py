@@ -33,10 +33,29 @@ def _sha256(path: Path) -> dict:
 
 def _cache_file() -> Path | None:
     """Where file digests are remembered (see :func:`cache_folder`), or None when TIESMERGE_DIGEST_CACHE=0."""
-    if os.environ.get("TIESMERGE_DIGEST_CACHE", "1") == "0":
+    if not caches_enabled():
         return None
     folder = cache_folder()
     return folder / "digests.json" if folder is not None else None
+
+
+_OFF, _ON = ("0", "false", "no", "off"), ("1", "true", "yes", "on", "")
+
+
+def caches_enabled() -> bool:
+    """TIESMERGE_DIGEST_CACHE: 0 (false, no, off) writes no cache file (digests, the numerics verdict); 1 (the
+    default; true, yes, on) does. Another value is said once and read as off, the side that writes nothing."""
+    value = os.environ.get("TIESMERGE_DIGEST_CACHE", "1").strip().lower()
+    if value in _ON:
+        return True
+    if value not in _OFF and not _SAID_ODD:
+        _SAID_ODD.append(value)
+        warnings.warn(MergeWarning(f"TIESMERGE_DIGEST_CACHE={value!r} is neither 0 nor 1: read as 0 (no cache files "
+                                   "written)"), stacklevel=3)
+    return False
+
+
+_SAID_ODD: list[str] = []
 
 
 def cache_folder() -> Path | None:

@@ -159,6 +159,13 @@ def open_checkpoint(
             raise _refuse_pickle(pickle_files[0])
         return PickleCheckpoint(path, pickle_files, label)
     found = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+    if len(singles) > 1:  # shards without the index that maps tensors to them: which is which cannot be told
+        raise CheckpointError(
+            f"{path}: holds {len(singles)} .safetensors files ({', '.join(p.name for p in singles[:4])}"
+            f"{', ...' if len(singles) > 4 else ''}) but no model.safetensors.index.json, the index that says which "
+            "tensors each shard holds and that they are one model",
+            hint="the index is missing (a partial download, or a copy that skipped the JSON files): fetch or copy "
+                 "model.safetensors.index.json too; or give one .safetensors file itself as the model")
     raise CheckpointError(
         f"{path}: no model weights found (looked for model.safetensors.index.json, model.safetensors, *.safetensors); "
         f"the directory holds: {found}", hint=_shadow_hint(path) or "give the directory that holds the weights",
@@ -168,13 +175,15 @@ def open_checkpoint(
 def _shadow_hint(path: Path) -> str | None:
     """When a folder named like a repo id (``org/name``) stands where the user may have meant the
     cached repository: say that a local path always wins over the Hugging Face cache."""
-    from ..hub import split_repo_id
+    from ..hub import _repo_dir, hub_cache, split_repo_id
 
+    if path.is_absolute():  # an id is typed as org/name, never as an absolute path
+        return None
     try:
-        parts = split_repo_id(os.path.relpath(path))
+        parts = split_repo_id(str(path))
     except CheckpointError:
         return None
-    if parts is None:
+    if parts is None or not _repo_dir(hub_cache(), parts[0], parts[1]).is_dir():  # only where the cache holds it
         return None
     return (f"./{parts[0]}/{parts[1]} is a local folder, and a local path always wins over the Hugging Face cache: "
-            f"rename or remove it to use the cached {parts[0]}/{parts[1]}")
+            f"to use the cached {parts[0]}/{parts[1]}, run from another folder or give the cached snapshot's path")

@@ -8,14 +8,17 @@ kernel holds such an opener back (for at most ``/proc/sys/fs/lease-break-time``,
 once where it opened without blocking) and signals the holder (SIGIO); :func:`check`, called between chunks, then
 raises, the output is removed, and the files are closed, which lets the other process go on.
 
-A lease needs the file to be the caller's own (or CAP_LEASE), a file system that grants leases, nobody holding the
-file open for writing already, and a SIGIO that reaches this module (the main thread, where handlers are set, and
-no other handler of SIGIO). Where one cannot be held, :func:`hold` says so and the caller reads that file with
-``pread`` (a truncated file then reads short: a typed error) instead of mapping it.
+A lease needs the file to be the caller's own (or CAP_LEASE), a file system that grants leases, and a SIGIO that
+reaches this module (the main thread, where handlers are set, and no other handler of SIGIO). Where one cannot be
+held, :func:`hold` says so and the caller reads that file with ``pread`` (a truncated file then reads short: a typed
+error) instead of mapping it. A file another process holds open for writing at that moment (the kernel refuses the
+lease: EAGAIN) is refused: a download that preallocates its file and fills it in place reads as zeros where it has
+not written yet (pass 17 of issue 13).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import sys
@@ -81,7 +84,11 @@ def hold(fd: int, path: Path) -> bool:
 
     try:
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_RDLCK)
-    except OSError:  # not our file (EACCES), open for writing elsewhere (EAGAIN), no leases here (EINVAL)
+    except OSError as exc:  # not our file (EACCES), no leases here (EINVAL): read without one
+        if exc.errno == errno.EAGAIN:  # open for writing by another process right now: a download or save under way
+            raise CheckpointError(f"{path}: another process has this file open for writing (a download, copy or "
+                                  "save still under way?), so what is read now may not be what it will hold",
+                                  hint="wait until that process has finished with it, then run again") from None
         return False
     with _LOCK:
         _HELD[fd] = path

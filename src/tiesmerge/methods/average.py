@@ -37,8 +37,10 @@ class Average:
             if self.weights is None:
                 raise ConfigError("base_weight needs the models' weights too", hint="give weights, one per model")
             w = (self.base_weight, *self.weights)
-            if abs(sum(w)) < 1e-8:
-                raise ConfigError(f"the weights {list(w)} (base_weight first) sum to 0: nothing to divide by")
+            why = nonzero_sum(w)  # the rule the weights alone follow, with the base counted among them
+            if why:
+                raise ConfigError(f"the weights {', '.join(f'{x:.10g}' for x in w)} (base_weight first) {why}",
+                                  hint="base_weight counts the base as one more model of the weighted mean")
             return Requirements(weights=self.weights, base_values=True, model_values=True, kernel=LinearKernel(
                 self.weights, base_coefficient=self.base_weight, divisor=ops.float32_sum(w)))
         if self.weights is None:  # the mean: the sum over n, as torch's mean computes it

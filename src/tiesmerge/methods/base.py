@@ -490,7 +490,7 @@ def unit_range(unit: str) -> tuple[str, float, float, str] | None:
 
 def _out_of_range(unit: str, value: Any) -> str | None:
     bounds = unit_range(unit)
-    if bounds is None or not _number(value):
+    if bounds is None or not _real(value):
         return None
     opening, low, high, closing = bounds
     inside = (low <= value if opening == "[" else low < value) and (value <= high if closing == "]" else value < high)
@@ -518,7 +518,8 @@ def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
         if not isinstance(value, tuple) or not value:
             return f"must be a list with one value per model, got {_shown(value)}"
         for v in value:
-            why = (meta["check"](v) if meta.get("check") else finite(v)) or _out_of_range(unit, v)
+            why = _out_of_range(unit, v) if _real(v) and not _number(v) else None
+            why = why or (meta["check"](v) if meta.get("check") else finite(v)) or _out_of_range(unit, v)
             if why:
                 return f"{why}, got {_shown(v)} in {_shown(list(value))}"
         why = meta["check_all"](value) if meta.get("check_all") else None
@@ -526,7 +527,10 @@ def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
     if meta.get("choices"):
         ok = isinstance(value, str) and value in meta["choices"]
         return None if ok else f"={_shown(value)} is not one of {', '.join(meta['choices'])}"
-    why = meta["check"](value) if meta.get("check") else _TYPE_CHECKS[kind](value)  # a check includes the type's
+    # a declared range first where the value is a number at all: t = 1e308 is "a fraction in [0, 1]", not "past
+    # float32's range"
+    why = _out_of_range(unit, value) if _real(value) and not _number(value) else None
+    why = why or (meta["check"](value) if meta.get("check") else _TYPE_CHECKS[kind](value))  # includes the type's
     why = why or _out_of_range(unit, value)
     return f"{why}, got {_shown(value)}" if why else None
 
@@ -537,11 +541,30 @@ def option_problem(cls: type, name: str, value: Any) -> str | None:
     f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
     if f is None:
         return f"{cls.name} has no option {name!r}"
-    if isinstance(value, list):
-        value = tuple(value)
+    value = plain_value(value)
     if value is None and f.default is None:
         return None
     return _problem(f, option_types(cls)[name], value)
+
+
+def _array_like(value: Any) -> bool:
+    return type(value).__module__.split(".")[0] in ("numpy", "torch") and hasattr(value, "shape")
+
+
+def plain_value(value: Any) -> Any:
+    """An option value as Python holds it: a list, a 1-D numpy array or tensor as a tuple, and numpy scalars and 0-d
+    tensors (np.float32(0.5), torch.tensor(0.5)), alone or as elements, as the Python numbers they hold (a grid built
+    with numpy is common); anything else as it is, for the checks to judge."""
+    try:
+        if _array_like(value) and tuple(value.shape) == () and hasattr(value, "item"):
+            return value.item()
+        if _array_like(value) and len(value.shape) == 1 and hasattr(value, "tolist"):
+            return tuple(value.tolist())
+    except (RuntimeError, TypeError, ValueError):  # a tensor on the meta device holds no number: judged as it is
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(plain_value(v) if _array_like(v) else v for v in value)
+    return value
 
 
 def check_options(method: Any) -> None:
@@ -549,14 +572,9 @@ def check_options(method: Any) -> None:
     problems: list[str] = []
     kinds = option_types(type(method))
     for f in dataclasses.fields(method):
-        value = getattr(method, f.name)
-        if isinstance(value, list):
-            value = tuple(value)
+        value = plain_value(getattr(method, f.name))
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
-        if type(value).__module__.split(".")[0] in ("numpy", "torch") and tuple(getattr(value, "shape", (1,))) == () \
-                and hasattr(value, "item"):  # np.float32(0.5), torch.tensor(0.5): the Python number it holds
-            value = value.item()
         object.__setattr__(method, f.name, value)
         if value is None and f.default is None:
             continue

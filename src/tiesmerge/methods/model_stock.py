@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError, MergeWarning
+from ..errors import ConfigError, InvalidTensorError, MergeWarning
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, method_config, option
 
@@ -50,8 +50,10 @@ class ModelStock:
                               hint="list two or more models besides the base")
         pairs = [(i, j) for i in range(k) for j in range(i + 1, k)]
         dots = dict(zip(pairs, reductions.pair_sums(pairs), strict=True))  # in one pass of the kernels
-        t = interpolation_f32([reductions.norms(i)[0] for i in range(k)], lambda i, j: dots[(i, j)],
-                              reductions.numerics.sum)
+        norms = [reductions.norms(i)[0] for i in range(k)]
+        if any(np.isinf(n) for n in norms):  # a NaN norm is a NaN value, refused as such where the values are checked
+            raise _norm_overflow(name)
+        t = interpolation_f32(norms, lambda i, j: dots[(i, j)], reductions.numerics.sum)
         _warn_if_extrapolating(name, float(t))
         return float(t), float(np.float32(1) - t)
 
@@ -72,10 +74,21 @@ class ModelStock:
         w0 = lift(ctx.base)
         ws = [lift(ctx.models[i]) for i in range(k)]
         offsets = [lift(tau[i]) for i in range(k)]  # theta_t - theta_0, as mergekit subtracts them
+        if not all(bool(torch.isfinite(torch.norm(o, dim=-1)).all()) for o in offsets) and all(
+                bool(torch.isfinite(o).all()) for o in offsets):
+            raise _norm_overflow(ctx.name)
         t = interpolation(offsets, lambda i, j: offsets[i] * offsets[j])
         _warn_if_extrapolating(ctx.name, float(t.min()), float(t.max()))
         average = sum(ws) / k
         return (t * average + (1 - t) * w0).reshape(shape)
+
+
+def _norm_overflow(name: str) -> InvalidTensorError:
+    return InvalidTensorError(
+        f"model_stock: tensor {name!r}: a task vector's norm overflows float32 (its values are about 1e19 or more), "
+        "so the angle between the fine-tunes, and with it Model Stock's interpolation weight, cannot be computed",
+        hint="no trained weights are that large: check the models (a wrong dtype read, a corrupted or rescaled "
+             "file); --dtype does not help, the angle is computed in float32 as mergekit does")
 
 
 def interpolation(offsets: list[torch.Tensor], products: Callable[[int, int], torch.Tensor]) -> torch.Tensor:

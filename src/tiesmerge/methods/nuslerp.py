@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import ConfigError, MergeWarning
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, option
+from .slerp import warn_norm_overflow
 
 if TYPE_CHECKING:
     from ..engine.whole import Reductions
@@ -125,6 +126,8 @@ class NuSlerp:
         # nuslerp_angle_from's float32 arithmetic on scalars, torch's acos and sin from reductions.numerics
         # clamp(min=1e-7); max keeps a NaN first argument, as torch.clamp does
         n0, n1 = max(reductions.norms(0)[0], f32(1e-7)), max(reductions.norms(1)[0], f32(1e-7))
+        if np.isinf(n0) or np.isinf(n1):  # values whose squares pass float32's range (NaN: refused as NaN later)
+            warn_norm_overflow(name, "nuslerp")
         cos = np.clip(reductions.sums(0, 1, (float(n0), float(n1)))[0], f32(-1), f32(1))
         if (f32(1) - cos * cos) <= f32(_EPS**2):  # colinear: (1 - t) v0 + t v1, python scalars rounded to float32
             return float(f32(1 - t)), float(f32(t)), None
@@ -149,4 +152,10 @@ class NuSlerp:
         else:
             pair = ctx.models if self.of == "models" else tau
             v0, v1 = pair[0], pair[1]
+        # the norms the angle is taken from (the tensor's, or each row's / column's): one that overflows float32
+        # from finite values (about 1e19 or more) leaves the tensors taken as orthogonal, said as slerp says it
+        norms = [torch.linalg.vector_norm(v.float()) if self.flatten else
+                 torch.linalg.vector_norm(v.float(), dim=0 if self.row_wise else -1) for v in (v0, v1)]
+        if any(bool(torch.isinf(n).any()) for n in norms):  # NaN values give NaN norms, refused as NaN later
+            warn_norm_overflow(ctx.name, "nuslerp")
         return nuslerp_tensor(self.interpolation(), v0, v1, row_wise=self.row_wise, flatten=self.flatten)

@@ -144,7 +144,7 @@ class Slerp:
             return reductions.sums(0, 1, (float(norm_a), float(norm_b)), _CHUNK)
 
         norms = reductions.norms(0, _CHUNK), reductions.norms(1, _CHUNK)
-        if not all(np.isfinite(n).all() for n in norms):  # finite values, but their squares pass float32's range
+        if any(np.isinf(n).any() for n in norms):  # values whose squares pass float32's range (NaN: refused as such)
             _warn_norm_overflow(name)
         coef_a, coef_b = slerp_scalars_f32(self.t_for(name), *norms, dots, reductions.numerics)
         return float(coef_a), float(coef_b), None
@@ -157,8 +157,14 @@ class Slerp:
 
     def check_tensors(self, names: list[str]) -> None:
         """``layers`` against the model: a gradient spread over another number of layers than the model has never
-        reaches its last values (``--layers 1000`` on 2 layers) or runs past it (``--layers 1``)."""
+        reaches its last values (``--layers 1000`` on 2 layers) or runs past it (``--layers 1``); and a t that makes
+        the merge one endpoint itself, as ``--lam 0`` is said to."""
         if self.t_by_name is None:
+            if self.t in (0, 1):
+                which = ("the base" if self.anchor == "base" else "the first model") if self.t == 0 else \
+                    ("the model" if self.anchor == "base" else "the second model")
+                warnings.warn(MergeWarning(f"slerp: t = {self.t:g} is an endpoint: the merge is {which} itself, "
+                                           "unchanged; a t inside (0, 1) interpolates"), stacklevel=3)
             return
         rules = parse_schedule(self.t_by_name).rules
         unmatched = [p for p, _ in rules if p is not None and not any(p in n for n in names)]
@@ -182,13 +188,19 @@ class Slerp:
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """ctx.models (n, *S) [, ctx.base (*S)] -> the merged model's values (*S)."""
         v0 = ctx.base if self.anchor == "base" else ctx.models[0]
-        if not all(bool(torch.isfinite(torch.linalg.vector_norm(v))) for v in (v0, ctx.models[-1])):
+        if any(bool(torch.isinf(torch.linalg.vector_norm(v))) for v in (v0, ctx.models[-1])):
             _warn_norm_overflow(ctx.name)
         return slerp_tensor(self.t_for(ctx.name), v0, ctx.models[-1])
 
 
-def _warn_norm_overflow(name: str) -> None:
+def _warn_norm_overflow(name: str, method: str = "slerp") -> None:
+    warn_norm_overflow(name, method)
+
+
+def warn_norm_overflow(name: str, method: str) -> None:
+    """The spherical interpolations' warning where a norm overflows float32 (finite values of about 1e19 or more):
+    the angle is then not measured, and the tensors are taken as orthogonal, as mergekit and torch compute it."""
     warnings.warn(MergeWarning(
-        f"slerp: tensor {name!r} holds values so large (about 1e19 or more) that its norm overflows float32: the angle "
-        "between the two tensors cannot be measured, and they are taken as orthogonal (as mergekit and torch compute "
-        "it)"), stacklevel=3)
+        f"{method}: tensor {name!r} holds values so large (about 1e19 or more) that its norm overflows float32: the "
+        "angle between the two tensors cannot be measured, and they are taken as orthogonal (as mergekit and torch "
+        "compute it)"), stacklevel=4)
