@@ -87,7 +87,7 @@ def _norm_overflow(name: str) -> InvalidTensorError:
     return InvalidTensorError(
         f"model_stock: tensor {name!r}: a task vector's norm overflows float32 (its values are about 1e19 or more), "
         "so the angle between the fine-tunes, and with it Model Stock's interpolation weight, cannot be computed",
-        hint="no trained weights are that large: check the models (a wrong dtype read, a corrupted or rescaled "
+        hint="no trained weights are that large: check the inputs (a wrong dtype read, a corrupted or rescaled "
              "file); --dtype does not help, the angle is computed in float32 as mergekit does")
 
 
