@@ -129,13 +129,13 @@ def run_seed(args, suite, heads, seed: int, store: Store) -> None:
 
     cached = _run_py_evals(models, args.test_limit)
 
-    def evaluate(state=None, directory=None) -> dict[str, float]:
+    def evaluate(state=None, directory=None, only=None) -> dict[str, float]:
         encoder = load_encoder(directory or base, args.device, state=state)
-        return dict(evaluate_encoder(encoder, test, heads).accuracy)
+        return dict(evaluate_encoder(encoder, {t: test[t] for t in (only or test)}, heads).accuracy)
 
     ft = store.get("fine-tuned", "-", seed, {})
     if ft is None:
-        acc = cached.get("fine-tuned") or {t: evaluate(directory=m)[t] for t, m in zip(tasks, models)}
+        acc = cached.get("fine-tuned") or {t: evaluate(directory=m, only=[t])[t] for t, m in zip(tasks, models)}
         ft = _row("fine-tuned", "-", seed, acc, acc)
         store.put(ft)
     ft_acc = {t: a / 100 for t, a in ft["accuracy"].items()}

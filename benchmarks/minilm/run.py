@@ -107,9 +107,10 @@ def parse_args() -> argparse.Namespace:
                    help="train nothing: a seed whose models are not all cached is left out (and said so)")
     p.add_argument("--data-aware", nargs="*", default=["regmean", "fisher"], choices=["regmean", "fisher"],
                    help="which statistics-based rows to compute (none: --data-aware with no value)")
-    p.add_argument("--adamerging", type=Path, default=RESULTS / "adamerging.json",
-                   help="learned coefficients (adamerging.py's JSON) evaluated here as AdaMerging rows; a missing "
-                        "file adds none")
+    p.add_argument("--adamerging", type=Path, nargs="*",
+                   default=[RESULTS / "adamerging.json", RESULTS / "learned" / "adamerging.json"],
+                   help="learned coefficients (adamerging.py's JSONs: entropy on unlabeled inputs, and cross-entropy "
+                        "on labelled validation examples) evaluated here as rows; a missing file adds none")
     p.add_argument("--data-aware-seeds", nargs="+", type=int, default=None,
                    help="seeds that get the Fisher and RegMean rows (default: all; their statistics cost minutes a "
                         "task)")
@@ -262,8 +263,8 @@ def learned_rows(bench: Bench, table: SeedTable) -> None:
 
     from tiesmerge.adamerging import LearnedMerge
 
-    path = bench.args.adamerging
-    if path is None or not path.is_file():
+    paths = [p for p in bench.args.adamerging or () if p.is_file()]
+    if not paths:
         return
     import torch
     from safetensors import safe_open
@@ -271,7 +272,7 @@ def learned_rows(bench: Bench, table: SeedTable) -> None:
     b, seed = bench, bench.seed
     with safe_open(str(next(b.base.glob("*.safetensors"))), "pt") as f:
         names = list(f.keys())
-    for r in json.loads(path.read_text())["rows"]:
+    for r in (row for path in paths for row in json.loads(path.read_text())["rows"]):
         c = r.get("coefficients")
         if r["seed"] != seed or not c or c["tasks"] != b.tasks:
             continue
