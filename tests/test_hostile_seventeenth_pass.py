@@ -231,4 +231,4 @@ def test_a_copied_search_folder_says_how_to_resume(tmp_path):
     (folder / SEARCH_STAMPS).write_text(json.dumps({"results.md": [1, 2]}))  # another file's stamp: a copy's
     with pytest.raises(OutputError) as caught:
         check_report_unchanged(folder)
-    assert "the folder was copied" in str(caught.value) and "resumes from log.jsonl" in caught.value.hint
+    assert "folder was copied" in str(caught.value) and "resumes from log.jsonl" in caught.value.hint

@@ -381,10 +381,15 @@ def test_every_error_of_a_bad_file_or_evaluator_comes_with_a_hint(family, tmp_pa
     assert rc != 0 and "nested" in err and "hint: the file is damaged" in err
 
 
-def test_a_local_folder_that_shadows_a_cached_repo_id_is_named(family, capsys):
-    """c096: ./org/a (empty) stood for the cached org/a, and the message did not say so."""
+def test_a_local_folder_that_shadows_a_cached_repo_id_is_named(family, capsys, monkeypatch, tmp_path):
+    """c096: ./org/a (empty) stood for the cached org/a, and the message did not say so (said only where the cache
+    holds org/a: pass 17 F7, the hint named a cache that did not hold it)."""
     inputs, b, ms = family
     Path("org/a").mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    rc, err = _run(["merge", "--base", str(b), "--model", "org/a", "--model", str(ms[1]), "-o", "out"], capsys)
+    assert rc == 1 and "no model weights found" in err and "a local path always wins" not in err
+    (tmp_path / "hub" / "models--org--a").mkdir(parents=True)
     rc, err = _run(["merge", "--base", str(b), "--model", "org/a", "--model", str(ms[1]), "-o", "out"], capsys)
     assert rc == 1 and "no model weights found" in err and "a local path always wins" in err
 

@@ -1127,9 +1127,9 @@ def _check_report_unchanged(directory: Path) -> None:
             changed.append(name)
     if changed:
         them = "it" if len(changed) == 1 else "them"
-        raise OutputError(f"{directory}: {', '.join(changed)} {'is' if len(changed) == 1 else 'are'} not the file(s) "
-                          "this search wrote (edited since, or the folder was copied: a copy's files are new ones), "
-                          f"and this run would replace {them} at its end",
+        raise OutputError(f"{directory}: {', '.join(changed)} changed since the search wrote {them} (edited, or the "
+                          "folder was copied: a copy's files are new ones), and this run would replace "
+                          f"{them} at its end",
                           hint="keep any changes elsewhere, then delete or rename "
                                f"{' and '.join(changed)}: the search resumes from log.jsonl and writes "
                                f"{them} again")
