@@ -232,3 +232,28 @@ def test_a_copied_search_folder_says_how_to_resume(tmp_path):
     with pytest.raises(OutputError) as caught:
         check_report_unchanged(folder)
     assert "folder was copied" in str(caught.value) and "resumes from log.jsonl" in caught.value.hint
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("shape", [(0,), (3, 0, 2)])
+def test_della_merges_a_tensor_with_no_entries(tmp_path, method, shape):
+    """Pass 18 F2: della on a (0,) or (3, 0, 2) tensor raised "unexpected IndexError" (a min over an empty dim)."""
+    base, fts = make_family(2, with_int=False)
+    for state in (base, *fts):
+        state["extra.empty"] = torch.zeros(shape)
+    out = tiesmerge.merge(base, fts, method)
+    assert out["extra.empty"].shape == shape
+
+
+def test_statistics_data_with_odd_labels_or_pairs_are_named(tmp_path):
+    """Pass 18 F3, F4: `stats` on a label past int64 (gram and the exact Fisher use none) and on a text_pair that is
+    no string printed "unexpected ValueError / TypeError" (a list blamed the model's config.json)."""
+    from tiesmerge.stats.hf import read_jsonl
+
+    data = tmp_path / "pairs.jsonl"
+    for pair in ("5", "null", '["a", "b"]'):
+        data.write_text(f'{{"text": "a premise", "text_pair": {pair}, "label": 1}}\n')
+        with pytest.raises(ConfigError, match=r"pairs.jsonl:1: 'text_pair' must be a string"):
+            read_jsonl(data)
+    data.write_text('{"text": "fine", "label": 18446744073709551616}\n')
+    assert read_jsonl(data)[0]["label"] == 2**64  # kept: gram and the exact Fisher never read it

@@ -179,8 +179,9 @@ def check_labels(data: Mapping[str, Sequence[Any]]) -> None:
     for task, rows in data.items():
         for k, row in enumerate(rows):
             label = row.get("label") if isinstance(row, Mapping) else None
-            if not isinstance(label, int) or isinstance(label, bool) or label < 0:
-                raise ConfigError(f"task {task!r}: example {k + 1} has no integer 'label' >= 0 (got {label!r}), which "
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 2**31:  # no model has more
+                raise ConfigError(f"task {task!r}: example {k + 1} has no class index as its 'label' (an integer from "
+                                  f"0; got {label!r}), which "
                                   "the cross_entropy objective needs on every example",
                                   hint='rows like {"text": "...", "label": 2} (the class index); or the default '
                                        "objective, entropy, which needs no labels")
@@ -395,6 +396,15 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
                      "optimizer": optimizer.state_dict(), "entropy": history.entropy, "config": asdict(config)})
         seconds["checkpoints"] += time.perf_counter() - clock
 
+    if config.objective == "cross_entropy":  # every label against its task's classes, before the first step
+        with torch.no_grad():
+            params = merger.params(lam)
+            for task in tasks:
+                classes = logits(forward, forward.encode(list(data[task][:1]), task), task, params).shape[-1]
+                worst = max(int(row["label"]) for row in data[task])
+                if worst >= classes:
+                    raise ConfigError(f"task {task!r}: label {worst} is past the model's {classes} classes for this "
+                                      f"task (0 .. {classes - 1})", hint="labels are class indices from 0")
     bar = None
     if progress and config.steps > start:
         from tqdm.auto import tqdm

@@ -35,6 +35,8 @@ def keep_probabilities(tau_t: torch.Tensor, density: float, epsilon: float) -> t
     |tau| in torch.argsort's ascending order, the rank r in 1..m mapped linearly onto
     [density - epsilon, density + epsilon]. A row of one entry gets density (mergekit divides
     0 by 0 there)."""
+    if tau_t.numel() == 0:  # (0,), (3, 0, 2): no entry to rank (torch's min over an empty dim raises)
+        return torch.empty(tau_t.shape, dtype=torch.float32, device=tau_t.device)
     rows = tau_t.reshape(1, -1) if tau_t.dim() < 2 else tau_t  # (rows, m, ...)
     ranks = torch.argsort(rows.abs(), dim=1, descending=False).argsort(dim=1).to(torch.float32) + 1
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values

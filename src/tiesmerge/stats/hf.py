@@ -42,6 +42,9 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
         if not isinstance(row.get("text"), str):
             raise ConfigError(f"{path}:{number}: each line must be an object with a string 'text'",
                               hint='e.g. {"text": "a review", "label": 1}')
+        if "text_pair" in row and not isinstance(row["text_pair"], str):  # the tokenizer takes text, nothing else
+            raise ConfigError(f"{path}:{number}: 'text_pair' must be a string, got {type(row['text_pair']).__name__}",
+                              hint='e.g. {"text": "a premise", "text_pair": "a hypothesis", "label": 1}')
         if not empty_texts and not row["text"].strip():  # tokenizes to nothing: no input to take statistics of
             raise ConfigError(f"{path}:{number}: empty or missing 'text'", hint="remove the line, or give it a text")
         if need_labels and (not isinstance(row.get("label"), int) or isinstance(row.get("label"), bool)):
@@ -154,7 +157,10 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
         pairs = [r["text_pair"] for r in chunk] if all("text_pair" in r for r in chunk) else None
         batch = encode(tokenizer, [r["text"] for r in chunk], pairs, max_length=max_length, padding=batch_size > 1,
                        directory=model_dir)
-        if all(isinstance(r.get("label"), int) for r in chunk):
+        # a label torch cannot hold (past int64) is no class: such a batch has no labels (unused by gram and the
+        # exact Fisher; the Fisher kinds that use them checked every label against the classes first)
+        if all(isinstance(r.get("label"), int) and not isinstance(r.get("label"), bool)
+               and -2**63 <= r["label"] < 2**63 for r in chunk):
             batch["labels"] = torch.tensor([r["label"] for r in chunk])
         batches.append({k: v.to(device) for k, v in batch.items()})
 
