@@ -257,3 +257,19 @@ def test_statistics_data_with_odd_labels_or_pairs_are_named(tmp_path):
             read_jsonl(data)
     data.write_text('{"text": "fine", "label": 18446744073709551616}\n')
     assert read_jsonl(data)[0]["label"] == 2**64  # kept: gram and the exact Fisher never read it
+
+
+def test_notes_of_the_eighteenth_pass(family, tmp_path):
+    """Pass 18 N4: an average search over weights -1:1 (3 models) stopped at a candidate whose weights cancelled;
+    N8: a copy of the base under slerp was said to "add nothing" while it pulls the merge toward the base."""
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match="weights over -1:1 crosses 0"):
+        build_space("average", 3, axes=["weights"], ranges={"weights": (-1.0, 1.0)})
+    b, ms = family
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in b.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with pytest.warns(MergeWarning, match="pulls the merge toward the base"):
+        tiesmerge.merge(str(b), [str(copy), str(ms[0])], Slerp(), output=str(tmp_path / "x"))

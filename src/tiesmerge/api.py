@@ -145,7 +145,8 @@ def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
     return "\n".join(lines)
 
 
-def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weighted: bool = True) -> None:
+def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weighted: bool = True,
+                         interpolates: bool = False) -> None:
     """Models whose weights files are byte for byte the base's (a zero task vector, which adds nothing and in a mean
     dilutes the others) or another model's (that task vector counts twice): usually the wrong folder was given, so
     say so; the merge itself is well defined. State dicts have no files and are not compared."""
@@ -165,9 +166,10 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                                                       "meant?)"), MergeWarning, stacklevel=3)
         seen.setdefault(key, k)
     if same:
-        warnings.warn(f"model(s) {', '.join(same)} hold the same weights files as the base, byte for byte: a zero "
-                      "task vector, which adds nothing to the merge (was another folder meant?)", MergeWarning,
-                      stacklevel=3)
+        effect = ("an endpoint (or member) that is the base itself, which pulls the merge toward the base"
+                  if interpolates else "a zero task vector, which adds nothing to the merge")
+        warnings.warn(f"model(s) {', '.join(same)} hold the same weights files as the base, byte for byte: {effect} "
+                      "(was another folder meant?)", MergeWarning, stacklevel=3)
 
 
 def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,
@@ -319,7 +321,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                       "reference": [f.result() for f in digests["reference"]] if digests["reference"] else None}
             flush_digests()  # the digests worked out, remembered in one write (never into an input or the output)
             check_stats_digests(prepared.stats, hashed["models"], [c.label for c in prepared.models])
-            _warn_copies_of_base(hashed, [c.label for c in prepared.models], weighted=hasattr(m, "weights"))
+            _warn_copies_of_base(hashed, [c.label for c in prepared.models], weighted=hasattr(m, "weights"),
+                                 interpolates=bool(m.requirements().model_values))
             run_stats.seconds["hash_wait"] = time.perf_counter() - clock
             run_stats.seconds["prepare"] = prepared_at - started
             recipe = MergeRecipe(method=m, base=prepared.base.label, models=tuple(c.label for c in prepared.models),

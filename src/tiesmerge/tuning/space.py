@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..limits import Underflow, parse_float
-from ..methods.base import fraction, option_problem, option_types
+from ..methods.base import fraction, nonzero_sum, option_problem, option_types
 from ..methods.base import paper_grid as declared_grid
 
 __all__ = ["Axis", "SearchSpace", "build_space", "parse_ranges", "parse_fixed", "canonical"]
@@ -253,6 +253,11 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
             if why:
                 problems.append(f"{name} {why.split(', got')[0]}, but the search would try {end!r}")
                 break
+        if per_model and low < 0 < high and meta.get("check_all") is nonzero_sum:  # weights normalised by their sum
+            problems.append(f"{name} over {low:g}:{high:g} crosses 0: weights normalised by their sum can then nearly "
+                            f"cancel (a sum near 0 scales the merge far past the models), so some candidates would "
+                            f"be refused mid-search; narrow --range {name} to one sign")
+            continue
         if per_model > 1 and low != high:  # per-model values are sampled apart: a mixed corner can be refused
             corner = (low,) + (high,) * (per_model - 1)
             why = _corner_problem(cls, fixed, name, corner)
