@@ -260,12 +260,15 @@ def test_statistics_data_with_odd_labels_or_pairs_are_named(tmp_path):
 
 
 def test_notes_of_the_eighteenth_pass(family, tmp_path):
-    """Pass 18 N4: an average search over weights -1:1 (3 models) stopped at a candidate whose weights cancelled;
+    """Pass 18 N4: an average search over weights -1:1 (3 models) stopped at a candidate whose weights cancelled; N3
+    a t_by_name value of 1e-320 was read as 0;
     N8: a copy of the base under slerp was said to "add nothing" while it pulls the merge toward the base."""
     from tiesmerge.tuning.space import build_space
 
     with pytest.raises(ConfigError, match="weights over -1:1 crosses 0"):
         build_space("average", 3, axes=["weights"], ranges={"weights": (-1.0, 1.0)})
+    with pytest.raises(ConfigError, match="t_by_name holds t = 9.99989e-321, which must be 0 or at least 1.2e-38"):
+        Slerp(t_by_name="*=1e-320", layers=2)  # N3: read as 0 where --t 1e-320 is refused
     b, ms = family
     copy = tmp_path / "copy"
     copy.mkdir()

@@ -94,8 +94,12 @@ def _t_schedule_problem(text: object) -> str | None:
     problem = schedule_problem(text)
     if problem is not None:
         return problem
-    bad = next((v for _, values in parse_schedule(str(text)).rules for v in values if not 0 <= v <= 1), None)
-    return None if bad is None else f"holds t = {bad:g}, outside [0, 1] (fraction), where every t must lie"
+    values = [v for _, vs in parse_schedule(str(text)).rules for v in vs]
+    bad = next((v for v in values if not 0 <= v <= 1), None)
+    if bad is not None:
+        return f"holds t = {bad:g}, outside [0, 1] (fraction), where every t must lie"
+    tiny = next((v for v in values if finite(v)), None)  # 1e-320 is 0 in float32: the rule the scalar t follows
+    return None if tiny is None else f"holds t = {tiny:g}, which {finite(tiny)}"
 
 
 @method_config
