@@ -307,7 +307,9 @@ def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
         mean = statistics.mean(r["normalized_mean"] for r in group)
         honest = [k for k in learned if k[1] == VARIANTS["val"]]
         lines.append(f"Best learned merge: {best[0]} on {best[1]}: {mean:.1f}% normalized "
-                     f"({'reached' if mean >= 95 else f'{95 - mean:.1f} points short'}).")
+                     f"({'reached' if mean >= 95 else f'{95 - mean:.1f} points short'}). It is the best of the "
+                     "rows above by their test score: picking it is a selection on test, which a re-measure on "
+                     "other fine-tuning seeds with it fixed in advance must confirm.")
         if honest:
             hb = max(honest, key=lambda k: statistics.mean(r["normalized_mean"] for r in rows
                                                            if (r["method"], r["variant"]) == k))
@@ -331,7 +333,7 @@ def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
               f"hours a run. Chosen instead: **{args.steps} steps at batch {args.batch_size} with lr {args.lr}**, "
               "i.e. about the paper's total coefficient travel (lr × steps: 0.5 in the paper, "
               f"{args.lr * args.steps:g} here; Adam moves each coefficient by at most ~lr a step), on "
-              f"{args.steps * args.batch_size} unlabeled inputs per task instead of 8,000. "
+              f"{args.steps * args.batch_size} inputs drawn per task instead of 8,000. "
               "On an idle 2-core machine a step takes a few seconds; on a GPU, milliseconds.",
               *(["", "Not run in this session (CPU time): " + "; ".join(missing) + "."] if missing else []),
               "", f"Hardware: {json.dumps(hardware())}. Stage seconds: {json.dumps(seconds)}."]

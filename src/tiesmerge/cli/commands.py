@@ -324,8 +324,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     read = manifest["engine"]["bytes_read"]
     t = manifest["tensors"]
     n = len(recipe.models)
-    if getattr(recipe.method, "of", None) == "base_and_model" or getattr(recipe.method, "anchor", None) == "base":
-        n += 1  # the base is one of the two interpolated models (mergekit's nuslerp/slerp without a base_model)
+    req = recipe.method.requirements()
+    if req.n_models == 1 and req.base_values:  # the base is an endpoint of the interpolation (slerp from the base;
+        n += 1                                  # mergekit's nuslerp without a base_model): two models merged
     print(f"merged {n} model{'s' if n != 1 else ''} with {recipe.method.name} into {shown(out)}")
     if recipe.origin and recipe.origin.get("semantics"):  # a hand-written origin may not say
         print(f"  semantics: {terminal_safe(str(recipe.origin['semantics']))}")

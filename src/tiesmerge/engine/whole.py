@@ -67,14 +67,18 @@ class Numerics:
 
 
 class TorchNumerics(Numerics):
-    """torch itself (at the merge's pinned thread count: a numba kernel run before may have moved torch's)."""
+    """torch itself, at ``threads`` (default: the merge's pinned count): a numba kernel run before may have moved
+    torch's count."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
 
     def sum(self, x: np.ndarray) -> np.float32:
-        aten.hold_torch_threads()
+        aten.hold_torch_threads(self.threads)
         return np.float32(torch.from_numpy(np.ascontiguousarray(x, np.float32)).sum().item())
 
     def norm(self, x: np.ndarray) -> np.float32:
-        aten.hold_torch_threads()
+        aten.hold_torch_threads(self.threads)
         return np.float32(torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(x, np.float32))).item())
 
     def acos(self, x: np.ndarray) -> np.ndarray:
@@ -82,21 +86,6 @@ class TorchNumerics(Numerics):
 
     def sin(self, x: np.ndarray) -> np.ndarray:
         return torch.sin(torch.from_numpy(np.ascontiguousarray(x, np.float32))).numpy()
-
-
-class _HeldNumerics(TorchNumerics):
-    """torch at ``threads`` whatever the kernels did to its count (the check outside a merge has no pinned one)."""
-
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-
-    def sum(self, x: np.ndarray) -> np.float32:
-        aten.hold_torch_threads(self.threads)
-        return super().sum(x)
-
-    def norm(self, x: np.ndarray) -> np.float32:
-        aten.hold_torch_threads(self.threads)
-        return super().norm(x)
 
 
 class EmulatedNumerics(Numerics):
@@ -305,7 +294,6 @@ def _matches_torch() -> bool:
     if aten.library()._ZN2at15get_num_threadsEv() != threads:  # the library loaded is not this torch's
         return False
     g = torch.Generator().manual_seed(12)
-    aten.pin_threads(threads)  # inside a merge (pinned already by torch_order_ok): torch's sums below at this count
     for numel, stored in ((5, "bf16"), (77, "bf16"), (1029, "f32"), (GRAIN, "bf16"), (GRAIN + 77, "f32"),
                           (3 * GRAIN + 5, "bf16"), (13, "f32"), (6, "f32")):  # small: this runs once per machine
         aten.hold_torch_threads(threads)  # the previous round's kernels may have moved torch's count
@@ -321,7 +309,7 @@ def _matches_torch() -> bool:
                 and np.array_equal(order.sums(0, 1), (x * y).sum().reshape(1).numpy())
                 and np.array_equal(order.sums(0, 1, (float(nx), 3.0)), scaled.reshape(1).numpy())):
             return False
-    ours, theirs = EmulatedNumerics(), _HeldNumerics(threads)
+    ours, theirs = EmulatedNumerics(), TorchNumerics(threads)  # outside a merge no count is pinned
     # the short reductions of the scalar arithmetic (float32 values: a fused multiply-add rounds differently)
     for numel in (*list(range(1, 41)) * 8, 67, 130, 1000, 5000, GRAIN + 3):
         v = (torch.randn(numel, generator=g) * torch.rand(numel, generator=g).mul(30).sub(15).exp2()).numpy()

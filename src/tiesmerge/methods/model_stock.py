@@ -74,10 +74,10 @@ class ModelStock:
         w0 = lift(ctx.base)
         ws = [lift(ctx.models[i]) for i in range(k)]
         offsets = [lift(tau[i]) for i in range(k)]  # theta_t - theta_0, as mergekit subtracts them
-        if not all(bool(torch.isfinite(torch.norm(o, dim=-1)).all()) for o in offsets) and all(
-                bool(torch.isfinite(o).all()) for o in offsets):
+        lengths = [torch.norm(offset, dim=-1) for offset in offsets]  # (...) each, once
+        if any(bool(torch.isinf(n).any()) for n in lengths):  # a NaN norm is a NaN value, refused as such
             raise _norm_overflow(ctx.name)
-        t = interpolation(offsets, lambda i, j: offsets[i] * offsets[j])
+        t = interpolation_from(lengths, lambda i, j: (offsets[i] * offsets[j]).sum(dim=-1))
         _warn_if_extrapolating(ctx.name, float(t.min()), float(t.max()))
         average = sum(ws) / k
         return (t * average + (1 - t) * w0).reshape(shape)
@@ -89,17 +89,6 @@ def _norm_overflow(name: str) -> InvalidTensorError:
         "so the angle between the fine-tunes, and with it Model Stock's interpolation weight, cannot be computed",
         hint="no trained weights are that large: check the inputs (a wrong dtype read, a corrupted or rescaled "
              "file); --dtype does not help, the angle is computed in float32 as mergekit does")
-
-
-def interpolation(offsets: list[torch.Tensor], products: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """mergekit 0.1.5's t = k cos / (1 + (k - 1) cos) (0 where the denominator is below 1e-6 in
-    magnitude), (..., 1): cos the mean over pairs of each pair's cosine along the last dimension of
-    the offsets (..., m), clamped to [-1, 1], norms' product at least 1e-6. ``products(i, j)``:
-    offsets[i] * offsets[j], entry by entry (float32)."""
-    # each offset's norm once: the same call on the same values gives the same bits as mergekit's
-    # per-pair recomputation, for a third of the passes with three models
-    return interpolation_from([torch.norm(offset, dim=-1) for offset in offsets],
-                              lambda i, j: products(i, j).sum(dim=-1))
 
 
 def _warn_if_extrapolating(name: str, low: float, high: float | None = None) -> None:
@@ -117,8 +106,11 @@ def _warn_if_extrapolating(name: str, low: float, high: float | None = None) -> 
 
 
 def interpolation_from(lengths: list[torch.Tensor], dots: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
-    """:func:`interpolation` from its reductions: each offset's norm (...), ``dots(i, j)`` the sum of
-    offsets[i] * offsets[j] along the last dimension (...) (the fused engine's, engine.whole)."""
+    """mergekit 0.1.5's t = k cos / (1 + (k - 1) cos) (0 where the denominator is below 1e-6 in magnitude), (..., 1),
+    from the offsets' reductions: each offset's norm ``lengths[i]`` (...) and ``dots(i, j)``, the sum of
+    offsets[i] * offsets[j] along the last dimension (...); cos the mean over pairs of each pair's cosine, clamped
+    to [-1, 1], the norms' product at least 1e-6. The same calls on the same values give mergekit's bits, with each
+    norm taken once (mergekit takes it per pair); the fused engine (engine.whole) passes its own reductions."""
     k = len(lengths)
     cosines = []
     for i in range(k):

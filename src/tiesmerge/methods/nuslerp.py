@@ -21,18 +21,12 @@ OF = ("task_vectors", "models", "base_and_model")
 _EPS = 1e-8  # colinear where 1 - cos^2 <= eps^2
 
 
-def nuslerp_angle(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(theta, colinear) of vectors along the last dimension of v0, v1 (..., m) float32, with mergekit
-    0.1.5's ``nuslerp`` operations: each normalised by its norm (at least 1e-7), cos the sum of the
-    products clamped to [-1, 1], colinear where 1 - cos^2 <= 1e-16 (theta 0 there)."""
-    return nuslerp_angle_from(torch.norm(v0, dim=-1, keepdim=True), torch.norm(v1, dim=-1, keepdim=True),
-                              lambda n0, n1: torch.sum((v0 / n0) * (v1 / n1), dim=-1, keepdim=True))
-
-
 def nuslerp_angle_from(norm0: torch.Tensor, norm1: torch.Tensor,
                        dot: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`nuslerp_angle` from its reductions: the two norms (..., 1) and ``dot(n0, n1)``, the sum
-    of (v0 / n0) * (v1 / n1) (..., 1), n the clamped norms (the fused engine's, engine.whole)."""
+    """(theta, colinear) of two vectors v0, v1 (..., m) from their reductions, with mergekit 0.1.5's ``nuslerp``
+    operations: the two norms (..., 1), clamped to at least 1e-7, and ``dot(n0, n1)``, the sum of
+    (v0 / n0) * (v1 / n1) (..., 1), clamped to [-1, 1]; colinear where 1 - cos^2 <= 1e-16 (theta 0 there).
+    :func:`nuslerp_tensor` and the fused engine (engine.whole) both take the angle here."""
     n0 = norm0.clamp(min=1e-7)
     n1 = norm1.clamp(min=1e-7)
     cos = dot(n0, n1).clamp(-1, 1)
@@ -40,17 +34,23 @@ def nuslerp_angle_from(norm0: torch.Tensor, norm1: torch.Tensor,
     return torch.acos(torch.where(colinear, 0, cos)), colinear
 
 
-def nuslerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool) -> torch.Tensor:
+def nuslerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bool, flatten: bool,
+                   on_overflow: Callable[[], None] | None = None) -> torch.Tensor:
     """mergekit 0.1.5's ``nuslerp`` operations on two tensors (*S) float32: flattened (``flatten``),
     else a SLERP per row of the last dimension, or per column with ``row_wise`` (mergekit's
-    naming: dim 0 moved last); :func:`nuslerp_angle`, then (sin((1-t)θ) v0 + sin(tθ) v1) / sin θ,
-    a lerp where colinear."""
+    naming: dim 0 moved last); :func:`nuslerp_angle_from`, then (sin((1-t)θ) v0 + sin(tθ) v1) / sin θ,
+    a lerp where colinear. ``on_overflow()`` is called where a norm the angle is taken from overflows
+    float32 (values of about 1e19 or more: the tensors are then taken as orthogonal, as mergekit does)."""
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
     elif row_wise:
         v0, v1 = v0.transpose(0, -1), v1.transpose(0, -1)
-    theta, colinear = nuslerp_angle(v0, v1)
+    norm0, norm1 = torch.norm(v0, dim=-1, keepdim=True), torch.norm(v1, dim=-1, keepdim=True)  # (..., 1)
+    if on_overflow is not None and bool(torch.isinf(norm0).any() | torch.isinf(norm1).any()):  # NaN: refused later
+        on_overflow()
+    theta, colinear = nuslerp_angle_from(norm0, norm1,
+                                         lambda n0, n1: torch.sum((v0 / n0) * (v1 / n1), dim=-1, keepdim=True))
     sin_theta = torch.sin(theta)
     out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
     out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
@@ -152,10 +152,5 @@ class NuSlerp:
         else:
             pair = ctx.models if self.of == "models" else tau
             v0, v1 = pair[0], pair[1]
-        # the norms the angle is taken from (the tensor's, or each row's / column's): one that overflows float32
-        # from finite values (about 1e19 or more) leaves the tensors taken as orthogonal, said as slerp says it
-        norms = [torch.linalg.vector_norm(v.float()) if self.flatten else
-                 torch.linalg.vector_norm(v.float(), dim=0 if self.row_wise else -1) for v in (v0, v1)]
-        if any(bool(torch.isinf(n).any()) for n in norms):  # NaN values give NaN norms, refused as NaN later
-            warn_norm_overflow(ctx.name, "nuslerp")
-        return nuslerp_tensor(self.interpolation(), v0, v1, row_wise=self.row_wise, flatten=self.flatten)
+        return nuslerp_tensor(self.interpolation(), v0, v1, row_wise=self.row_wise, flatten=self.flatten,
+                              on_overflow=lambda: warn_norm_overflow(ctx.name, "nuslerp"))
