@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -276,3 +277,61 @@ def test_notes_of_the_eighteenth_pass(family, tmp_path):
         (copy / f.name).write_bytes(f.read_bytes())
     with pytest.warns(MergeWarning, match="pulls the merge toward the base"):
         tiesmerge.merge(str(b), [str(copy), str(ms[0])], Slerp(), output=str(tmp_path / "x"))
+
+
+def test_a_schedule_rule_shadowed_by_an_earlier_one_warns():
+    """Pass 18 N2: the first matching rule wins, so a later rule whose tensors all match an earlier one sets nothing
+    (a repeated filter, a catch-all first): said, naming both rules; rules that each win somewhere stay silent."""
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight", "model.embed.weight",
+             "model.layers.0.cross_attn.k_proj.weight"]
+    for schedule, dead in [("self_attn=0.3;self_attn=0.9;*=0.5", "rule 2 ('self_attn') is shadowed by rule 1"),
+                           ("*=0.5;mlp=1", "rule 2 ('mlp') is shadowed by rule 1 ('*')"),
+                           ("attn=0.1;self_attn=0.2", "rule 2 ('self_attn') is shadowed by rule 1 ('attn')")]:
+        with pytest.warns(MergeWarning, match=re.escape(dead)):
+            Slerp(t_by_name=schedule).check_tensors(names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Slerp(t_by_name="self_attn=0.2;attn=0.1;mlp=0.3;*=0.5").check_tensors(names)
+
+
+@pytest.mark.parametrize("t", ["[.nan]", "[1.5]", "[{filter: mlp, value: [0, .inf]}, {value: 0.5}]"])
+def test_a_recipe_t_outside_0_1_is_named_as_the_recipe_writes_it(family, tmp_path, capsys, t):
+    """Pass 18 N6: a mergekit recipe's `t: [.nan]` was reported as the t_by_name flag; now as parameters.t."""
+    b, ms = family
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\nparameters:\n  t: {t}\n")
+    rc, out, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "parameters.t:" in err and "must be a finite number in [0, 1]" in err, err
+    assert "t_by_name" not in err and not (tmp_path / "out").exists()
+
+
+def test_adapt_cut_short_names_the_checkpoint_it_keeps_and_the_rerun_hint_says_resume(classifiers, tmp_path,
+                                                                                     capsys, monkeypatch):
+    """Pass 18 N5: a run stopped mid-way (a signal, Ctrl-C) keeps its checkpoint without saying so, and the same
+    command then refused it with a hint at --force only, not at --resume, which continues the run."""
+    import importlib
+
+    learn = importlib.import_module("tiesmerge.adamerging.learn")
+
+    root, base, fts, data = classifiers
+    files = [tmp_path / f"task{k}.jsonl" for k in range(2)]
+    for f in files:
+        f.write_text(data.read_text())
+    argv = ["adapt", "--base", base, *sum((["--model", f] for f in fts), []), *sum((["--data", f] for f in files), []),
+            "--steps", "4", "--checkpoint-every", "1", "--batch-size", "2", "--no-progress", "-o", tmp_path / "out"]
+    saved = learn._save
+
+    def save_then_stop(path, state):
+        saved(path, state)
+        raise KeyboardInterrupt  # as the CLI's handler raises on SIGINT, after the first step's checkpoint
+
+    monkeypatch.setattr(learn, "_save", save_then_stop)
+    rc, out, err = run_cli(argv, capsys)
+    checkpoint = tmp_path / "out.adapt-checkpoint.safetensors"
+    assert rc == 130 and checkpoint.is_file() and not (tmp_path / "out").exists(), err
+    assert f"the checkpoint of the steps done is kept: {checkpoint}" in err and "--resume" in err, err
+    monkeypatch.setattr(learn, "_save", saved)
+    rc, out, err = run_cli(argv, capsys)
+    assert rc != 0 and "hint: --resume continues that run from it" in err, err
+    rc, out, err = run_cli([*argv, "--resume"], capsys)
+    assert rc == 0 and (tmp_path / "out" / "config.json").is_file(), err

@@ -433,6 +433,10 @@ def _schedule(setting: Any, problems: list[str]) -> str | None:
         if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             problems.append(f"parameters.t: {value!r} must be a number or a list of numbers")
             return None
+        bad = next((v for v in values if not 0 <= v <= 1), None)  # NaN and infinities fail the comparison too
+        if bad is not None:  # said here, in the recipe's words, not later as a t_by_name flag
+            problems.append(f"parameters.t: {bad} must be a finite number in [0, 1] (0 is base_model, 1 the model)")
+            return None
         parts.append(f"{pattern}=" + ",".join(repr(float(v)) for v in values))
     if not any(p.startswith("*=") for p in parts):
         problems.append("parameters.t: no rule matches every tensor; end the list with {value: V}")

@@ -299,7 +299,12 @@ def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[A
         try:
             check_output_file(checkpoint, force or resume, inputs, "the checkpoint", ours=ours)
         except OutputError as exc:
-            if defaulted:  # the user never named this path: say where it comes from and how to move it
+            if not (force or resume) and is_checkpoint(Path(checkpoint)):  # an earlier or interrupted run's progress
+                exc.hint = ("--resume continues that run from it (the same command), --force starts afresh over it, "
+                            "or choose another path" + ("; it is the default checkpoint beside the output, and "
+                                                        "--checkpoint PATH puts the new one elsewhere"
+                                                        if defaulted else ""))
+            elif defaulted:  # the user never named this path: say where it comes from and how to move it
                 exc.hint = (f"{checkpoint} is the default checkpoint beside the output; --checkpoint PATH "
                             f"(checkpoint=...) puts it elsewhere" + (f"; {exc.hint}" if exc.hint else ""))
             raise

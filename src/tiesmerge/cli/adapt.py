@@ -124,7 +124,7 @@ def _json_mapping(path: str | None, what: str) -> dict[str, list[str]] | None:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from ..adamerging import adapt, describe_adapt  # torch: imported by the command that runs
-    from ..adamerging.run import check_adapt_outputs
+    from ..adamerging.run import check_adapt_outputs, default_checkpoint
     from ..registry import make_method
     from .commands import check_memory_budget
 
@@ -148,15 +148,15 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         raise ConfigError("missing -o/--output", hint="tiesmerge adapt ... -o ./merged (or --dry-run)")
     check_memory_budget(args.memory_budget, args.base, args.models, method)  # its final merge's
     started = time.perf_counter()
-    result = adapt(args.base, args.models, args.data, method, forward=args.forward, tasks=args.task_names,
-                   heads=_json_mapping(args.heads, "the heads"), choices=_json_mapping(args.choices, "the choices"),
-                   granularity=args.granularity, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                   init=args.init, shuffle_seed=args.shuffle_seed, clamp=tuple(args.clamp) if args.clamp else None,
-                   checkpoint_every=args.checkpoint_every, limit=args.limit, max_length=args.max_length,
-                   device=args.device, memory_budget=args.memory_budget, output=args.output, force=args.force,
-                   checkpoint=args.checkpoint, resume=args.resume,
-                   progress=not args.no_progress and sys.stderr.isatty(), allow_pickle=args.allow_pickle,
-                   vocab_policy=args.vocab_policy, objective=args.objective)
+    kept = Path(args.checkpoint) if args.checkpoint else default_checkpoint(Path(args.output))
+    before = _modified(kept)
+    try:
+        result = _run_adapt(adapt, args, method)
+    except BaseException:  # a signal, Ctrl-C or an error mid-run: the progress saved so far is kept on purpose
+        if _modified(kept) not in (None, before):
+            print(f"note: the checkpoint of the steps done is kept: {shown(kept)}; the same command with --resume "
+                  "continues from it", file=sys.stderr)
+        raise
     completed(result.output)
     manifest = json.loads((Path(result.output) / "tiesmerge.json").read_text())["adamerging"]
     c = result.coefficients
@@ -171,9 +171,27 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     for task, row in zip(result.tasks, c.tolist()):
         print(f"  {shown(task)}: coefficients mean {sum(row) / len(row):.3f}, range [{min(row):.3f}, {max(row):.3f}]")
     print(f"  files: {', '.join(manifest['files'])}")
-    from ..adamerging.run import default_checkpoint
-
-    kept = Path(args.checkpoint) if args.checkpoint else default_checkpoint(Path(args.output))
     if kept.is_file():  # left on purpose (--resume continues from it); a rerun over it needs --force or --resume
         print(f"  checkpoint kept: {shown(kept)} (--resume continues from it; delete it once the run is final)")
     return 0
+
+
+def _run_adapt(adapt: Callable[..., Any], args: argparse.Namespace, method: Any) -> Any:
+    return adapt(args.base, args.models, args.data, method, forward=args.forward, tasks=args.task_names,
+                 heads=_json_mapping(args.heads, "the heads"), choices=_json_mapping(args.choices, "the choices"),
+                 granularity=args.granularity, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                 init=args.init, shuffle_seed=args.shuffle_seed, clamp=tuple(args.clamp) if args.clamp else None,
+                 checkpoint_every=args.checkpoint_every, limit=args.limit, max_length=args.max_length,
+                 device=args.device, memory_budget=args.memory_budget, output=args.output, force=args.force,
+                 checkpoint=args.checkpoint, resume=args.resume,
+                 progress=not args.no_progress and sys.stderr.isatty(), allow_pickle=args.allow_pickle,
+                 vocab_policy=args.vocab_policy, objective=args.objective)
+
+
+def _modified(path: Path) -> tuple[int, int] | None:
+    """(mtime in ns, size) of ``path`` (links not followed), None where there is nothing."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size

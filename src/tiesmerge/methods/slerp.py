@@ -176,6 +176,13 @@ class Slerp:
             warnings.warn(MergeWarning(
                 f"slerp: t_by_name's filter(s) {', '.join(repr(p) for p in unmatched)} match no tensor of the model (a "
                 f"filter is a part of a tensor's name, e.g. self_attn or mlp), so they set nothing"), stacklevel=3)
+        shadowed = _shadowed_rules(rules, names, unmatched)
+        if shadowed:  # first match wins (mergekit's rule): a later rule whose tensors all match an earlier one is dead
+            dead = "; ".join(f"rule {rule} is shadowed by {by}" for rule, by in shadowed)
+            warnings.warn(MergeWarning(
+                f"slerp: in t_by_name (a mergekit recipe's parameters.t, rules in its order), {dead}: the first "
+                "rule that matches a tensor sets its t, so those rules set nothing; put the more specific filter "
+                "first"), stacklevel=3)
         if not self.layers:
             return
         indices = {i for i in map(layer_index, names) if i is not None}
@@ -195,6 +202,25 @@ class Slerp:
         if any(bool(torch.isinf(torch.linalg.vector_norm(v))) for v in (v0, ctx.models[-1])):
             _warn_norm_overflow(ctx.name)
         return slerp_tensor(self.t_for(ctx.name), v0, ctx.models[-1])
+
+
+def _shadowed_rules(rules: tuple[tuple[str | None, tuple[float, ...]], ...], names: list[str],
+                    unmatched: list[str]) -> list[tuple[str, str]]:
+    """(rule, the earlier rule that takes its tensors) for each rule that matches tensors of the model but is the
+    first match for none of them (``*=0.5;mlp=1``, a filter repeated, ``attn`` after ``self_attn``'s superset)."""
+    def label(pattern: str | None) -> str:
+        return "*" if pattern is None else pattern
+
+    shadowed = []
+    for i, (pattern, _) in enumerate(rules):
+        if pattern in unmatched:
+            continue
+        mine = [n for n in names if pattern is None or pattern in n]
+        first = {n: next(j for j, (p, _) in enumerate(rules) if p is None or p in n) for n in mine}
+        if mine and all(j < i for j in first.values()):
+            takers = " and ".join(f"rule {j + 1} ({label(rules[j][0])!r})" for j in sorted(set(first.values())))
+            shadowed.append((f"{i + 1} ({label(pattern)!r})", takers))
+    return shadowed
 
 
 def _warn_norm_overflow(name: str, method: str = "slerp") -> None:
