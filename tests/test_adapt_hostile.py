@@ -134,6 +134,11 @@ def test_empty_texts_and_wrong_data_types_name_the_problem(tmp_path):
     ("shape", "the run's coefficients are"),  # c360: 'unexpected RuntimeError ... a bug'
     ("step", "step -5 is negative"),        # c363: ran 9 steps silently
     ("entropy", "entropy history"),         # c365: 'unexpected IndexError ... a bug'
+    ("adam_step_-1", r"adam.step is -1.0, where the checkpoint's step is 2"),  # hp19 F2: 'ZeroDivisionError ... a bug'
+    ("adam_step_-3", r"adam.step is -3.0"),  # hp19 F2: 'unexpected RuntimeError ComplexFloat ... a bug'
+    ("adam_step_nan", r"adam.step is nan"),  # hp19 F2: resumed, then blamed --lr
+    ("adam_step_7", r"adam.step is 7.0"),  # another count than the checkpoint's own
+    ("huge", r"coefficients reach 1e\+30, past what a run reaches in 2 steps"),  # hp19 N3: then blamed --lr
 ])
 def test_a_damaged_checkpoint_of_this_run_is_refused_before_it_is_used(tmp_path, damage, needle):
     import json as _json
@@ -152,6 +157,10 @@ def test_a_damaged_checkpoint_of_this_run_is_refused_before_it_is_used(tmp_path,
         tensors["adam.exp_avg"] = torch.zeros(3)
     elif damage == "step":
         meta["step"] = "-5"
+    elif damage.startswith("adam_step_"):
+        tensors["adam.step"] = torch.full_like(tensors["adam.step"], float(damage.removeprefix("adam_step_")))
+    elif damage == "huge":
+        tensors["coefficients"] = torch.full_like(tensors["coefficients"], 1e30)
     else:
         meta["entropy"] = _json.dumps([[1.0]])
     save_file(tensors, str(ck), metadata=meta)

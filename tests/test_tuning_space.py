@@ -107,3 +107,30 @@ def test_cmaes_needs_two_dimensions_and_a_budget():
         make_strategy("random", build_space("ties", 2), budget=None)
     with pytest.raises(ConfigError, match="unknown strategy"):
         make_strategy("anneal", build_space("ties", 2), budget=3)
+
+
+@pytest.mark.parametrize("ranges, fixed, axes", [
+    ({"weights": (0.45, 0.7)}, {"base_weight": -1.0}, ["weights"]),  # hp19 F1: the total over the box is -0.1:0.4
+    ({"weights": (0.1, 1.0)}, {"base_weight": -1.0}, ["weights"]),  # hp19 N1: a 529x extrapolation reported "best"
+    ({"weights": (0.1, 1.0), "base_weight": (-1.5, -0.5)}, {}, ["weights", "base_weight"]),
+])
+def test_weights_whose_total_with_base_weight_crosses_0_are_refused_up_front(ranges, fixed, axes):
+    """No corner of the weights' own range is refused, but with base_weight the total crosses 0 inside the box: an
+    adaptive search (CMA-ES) walked into the cancelling candidates and stopped mid-search, again on every resume."""
+    with pytest.raises(ConfigError, match=r"their total ranges over .* which crosses 0") as err:
+        build_space("average", 2, axes=axes, ranges=ranges, fixed=fixed)
+    assert "narrow --range weights (or change base_weight)" in str(err.value)
+
+
+def test_weights_whose_total_with_base_weight_keeps_one_sign_are_searched():
+    space = build_space("average", 2, axes=["weights"], ranges={"weights": (0.6, 1.0)}, fixed={"base_weight": -1.0})
+    assert [a.name for a in space.axes] == ["weights"]
+    space = build_space("average", 2, axes=["weights", "base_weight"],
+                        ranges={"weights": (0.1, 1.0), "base_weight": (-3.0, -2.5)})
+    assert [a.name for a in space.axes] == ["weights", "base_weight"]
+
+
+def test_a_corner_where_every_model_takes_the_same_end_is_checked_too():
+    """A range of one sign whose all-low corner nearly cancels the fixed base_weight (total 1e-4 there)."""
+    with pytest.raises(ConfigError, match=r"a candidate such as \(0.5, 0.5\) would be refused"):
+        build_space("average", 2, axes=["weights"], ranges={"weights": (0.5, 0.6)}, fixed={"base_weight": -0.9999})

@@ -291,6 +291,20 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
     entropy = state["entropy"]
     if step < 0:  # past the run's steps is fine: nothing is left to learn
         raise damaged(f"step {step} is negative")
+    if "step" in moments:  # Adam's own count: its bias corrections divide by 1 - beta ** step (step 0: by zero)
+        count = moments["step"]
+        value = float(count) if isinstance(count, (int, float)) or (
+            isinstance(count, torch.Tensor) and count.numel() == 1) else None
+        if value != step:  # NaN, negative, fractional or another count than the checkpoint's: one optimizer step a step
+            raise damaged(f"adam.step is {count.tolist() if isinstance(count, torch.Tensor) else count!r}, where the "
+                          f"checkpoint's step is {step} (Adam takes one step per step)")
+    # Adam moves a coefficient by about lr a step (lr <= MAX_LR) from an init within MAX_INIT: far past that, the
+    # table was edited, and resuming it would fail later as logits that are not finite, blamed on --lr
+    reach = MAX_INIT + 10 * MAX_LR * max(step, 1)
+    largest = float(state["coefficients"].abs().max()) if state["coefficients"].numel() else 0.0
+    if largest > reach:
+        raise damaged(f"coefficients reach {largest:.3g}, past what a run reaches in {step} steps (|--init| <= "
+                      f"{MAX_INIT:g}, Adam moves a coefficient by about lr <= {MAX_LR:g} a step)")
     if not (isinstance(entropy, list) and len(entropy) == step
             and all(isinstance(r, list) and len(r) == n_tasks and all(isinstance(x, (int, float))
                                                                      and math.isfinite(x) for x in r)

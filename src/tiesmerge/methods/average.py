@@ -30,7 +30,8 @@ class Average:
     base_weight: float | None = option(None, "count the base as one more model with this weight: theta = (w_0 "
                                        "theta_base + sum_t w_t theta_t) / sum w over the models' own values, in "
                                        "mergekit 0.1.5's float32 order (its linear merge, the first model as the "
-                                       "base); needs weights", unit="weight", check=finite)
+                                       "base); needs weights", unit="weight", check=finite,
+                                       sums_with="weights")
 
     def requirements(self) -> Requirements:
         if self.base_weight is not None:

@@ -263,8 +263,10 @@ def _check(job: Job, candidates: Sequence[Candidate], n_models: int) -> None:
             problems = exc.problems
         for p in problems:
             found.setdefault(p, []).append(c.index)
-    if found:
-        raise ConfigError([f"{_candidates(indices)}: {p}" for p, indices in found.items()])
+    if found:  # up-front checks (tuning.space) keep the box's corners valid: an adaptive strategy can still go inside
+        raise ConfigError([f"{_candidates(indices)}: {p}" for p, indices in found.items()],
+                          hint="narrow the searched ranges (--range) or change the fixed options (--set) so the "
+                               "method accepts every candidate; the scores so far stay in the search's log")
 
 
 def _candidates(indices: list[int]) -> str:

@@ -258,12 +258,18 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
                             f"cancel (a sum near 0 scales the merge far past the models), so some candidates would "
                             f"be refused mid-search; narrow --range {name} to one sign")
             continue
-        if per_model > 1 and low != high:  # per-model values are sampled apart: a mixed corner can be refused
-            corner = (low,) + (high,) * (per_model - 1)
-            why = _corner_problem(cls, fixed, name, corner)
+        if per_model and meta.get("check_all") is nonzero_sum:
+            crossing = _total_crossing(fields, name, per_model, (low, high), fixed, ranges, grid)
+            if crossing:
+                problems.append(crossing)
+                continue
+        if per_model and low != high:  # per-model values are sampled apart: a corner can be refused
+            corners = [(low,) * per_model, (high,) * per_model] + ([(low,) + (high,) * (per_model - 1)]
+                                                                    if per_model > 1 else [])
+            why = next(((c, w) for c in corners if (w := _corner_problem(cls, fixed, name, c))), None)
             if why:
-                problems.append(f"{name} over {low:g}:{high:g}: a candidate such as {corner} would be refused "
-                                f"({why}); narrow --range {name}")
+                problems.append(f"{name} over {low:g}:{high:g}: a candidate such as {why[0]} would be refused "
+                                f"({why[1]}); narrow --range {name}")
                 continue
         built.append(Axis(name, float(low), float(high), tuple(values), per_model, types[name] is int))
     if problems:
@@ -272,6 +278,35 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         raise ConfigError(f"nothing to search for {cls.name}: name the options with axes=/--axis",
                           hint=f"searchable options: {', '.join(searchable)}")
     return SearchSpace(cls.name, tuple(built), fixed)
+
+
+def _total_crossing(fields: Mapping[str, Any], name: str, n: int, bounds: tuple[float, float],
+                    fixed: Mapping[str, Any], ranges: Mapping[str, tuple[float, float]],
+                    grid: Mapping[str, Sequence[float]]) -> str | None:
+    """Per-model weights normalised by their sum together with other options (average's base_weight): where their
+    total over the search's box crosses 0, candidates inside it nearly cancel and are refused mid-search (an adaptive
+    strategy walks into them), though no corner of the weights' own range is refused. None when it cannot."""
+    low, high = n * bounds[0], n * bounds[1]  # the weights' own sum over the box
+    joined = []
+    for other, f in fields.items():
+        if f.metadata.get("sums_with") != name:
+            continue
+        if isinstance(fixed.get(other), (int, float)) and not isinstance(fixed[other], bool):
+            span = (float(fixed[other]),) * 2
+        elif other in ranges:
+            span = tuple(map(float, ranges[other]))
+        elif len(grid.get(other, ())) > 0:
+            span = (float(min(grid[other])), float(max(grid[other])))
+        else:  # not set: not counted (the method leaves it out)
+            continue
+        low, high = low + span[0], high + span[1]
+        joined.append(f"{other}={span[0]:g}" if span[0] == span[1] else f"{other} over {span[0]:g}:{span[1]:g}")
+    if not joined or not low <= 0 <= high:
+        return None
+    return (f"{name} over {bounds[0]:g}:{bounds[1]:g} with {' and '.join(joined)}: their total ranges over "
+            f"{low:g}:{high:g}, which crosses 0, so candidates inside it nearly cancel (a sum near 0 scales the merge "
+            f"far past the models) and would be refused mid-search; narrow --range {name} (or change "
+            f"{' and '.join(j.split('=')[0].split(' over')[0] for j in joined)}) so the total keeps one sign")
 
 
 def _corner_problem(cls: type, fixed: Mapping[str, Any], name: str, value: tuple) -> str | None:
