@@ -923,9 +923,11 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
             for cand in {physical(path), _final(path)}:
                 how = _same_place(cand, src)  # the same file or folder reached through another mount too
                 if how in ("is", "lies inside") and not (src == cand or src in cand.parents):
-                    raise OutputError(f"{path}: {what} {how} {who} ({source}), reached through another mount of the "
-                                      "same folder; writing there would change an input",
-                                      hint="choose a path outside the inputs")
+                    # one file under two names in one file system is a hard link; a folder, another mount of it
+                    way = ("a hard link to the same file" if how == "is" and not stat.S_ISDIR(os.stat(src).st_mode)
+                           else "reached through another mount of the same folder")
+                    raise OutputError(f"{path}: {what} {how} {who} ({source}), {way}; writing there would change "
+                                      "an input", hint="choose a path outside the inputs")
                 if src == cand or src in cand.parents:
                     raise OutputError(f"{path}: {what} {'is' if src == cand else 'lies inside'} {who} ({source}); "
                                       "writing there would change an input", hint="choose a path outside the inputs")

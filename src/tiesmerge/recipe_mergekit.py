@@ -68,6 +68,7 @@ from typing import Any
 from .dtypes import BY_NAME
 from .errors import ConfigError, MergeWarning, TiesMergeError
 from .limits import read_json
+from .methods.base import FLOAT32_MAX
 from .paths import inside
 
 __all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
@@ -142,6 +143,10 @@ def _scalar(value: Any, where: str, problems: list[str]) -> Any:
         return None
     if isinstance(value, float) and not math.isfinite(value):  # named with the others, not after a later stage
         problems.append(f"{where}: {value} must be a finite number")
+        return None
+    if abs(value) > FLOAT32_MAX:  # said with the recipe's key: the method's own check names its translated options
+        problems.append(f"{where}: {value:g} is past float32's range (at most {FLOAT32_MAX:.3g}), in which tiesmerge "
+                        "(as mergekit) merges")
         return None
     return value
 

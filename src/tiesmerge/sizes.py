@@ -19,7 +19,8 @@ DEFAULT_SHARD_SIZE = "5GB"  # largest output shard (Hugging Face's own default)
 OUTPUT_FORMATS = ("model", "adapter")  # a full HF model, or a merged PEFT adapter (adapters in)
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+          "t": 1000**4, "tb": 1000**4, "p": 1000**5, "pb": 1000**5, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+          "tib": 1 << 40, "pib": 1 << 50}
 
 
 def parse_size(text: str | int) -> int:
@@ -30,6 +31,9 @@ def parse_size(text: str | int) -> int:
         s = str(text).strip().lower().replace(" ", "")
         number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
         unit = s[len(number):]
+        if unit not in _UNITS and number:
+            raise ValueError(f"not a size: {text!r}: unknown unit {unit!r} (B, KB, MB, GB, TB, PB or KiB, MiB, GiB, "
+                             "TiB, PiB; e.g. 512MiB, 2GiB, 5GB)")
         try:
             value = float(number) * _UNITS[unit]
         except (KeyError, ValueError):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, ClassVar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MergeWarning
 from . import ops
 from .base import ChunkContext, LinearKernel, Requirements, finite, method_config, nonzero_sum, option
 
@@ -42,10 +43,12 @@ class Average:
             if why:
                 raise ConfigError(f"the weights {', '.join(f'{x:.10g}' for x in w)} (base_weight first) {why}",
                                   hint="base_weight counts the base as one more model of the weighted mean")
+            _warn_if_far(w, "the weights with base_weight")
             return Requirements(weights=self.weights, base_values=True, model_values=True, kernel=LinearKernel(
                 self.weights, base_coefficient=self.base_weight, divisor=ops.float32_sum(w)))
         if self.weights is None:  # the mean: the sum over n, as torch's mean computes it
             return Requirements(kernel=LinearKernel(mean=True))
+        _warn_if_far(self.weights, "the weights")
         normalised = tuple(w / sum(self.weights) for w in self.weights)
         return Requirements(weights=normalised, kernel=LinearKernel(normalised))
 
@@ -63,3 +66,17 @@ class Average:
             return tau.mean(dim=0)
         return (tau * ops.broadcast_per_model(ctx.weights, tau)).sum(dim=0)  # weights normalised to sum 1
 
+
+FAR = 10.0  # a normalised weight past this (in magnitude): the "mean" lies far outside the models it averages
+
+
+def _warn_if_far(weights: tuple[float, ...], what: str) -> None:
+    """Weights of mixed signs normalised by a small sum (accepted up to NORMALISED_WEIGHT_LIMIT): said, as a weighted
+    mean ten times past its models is rarely what was meant (1, -0.9 scales them by 10 and -9)."""
+    total = sum(weights)
+    reach = max(abs(x) for x in weights) / abs(total) if total else 0.0
+    if reach > FAR:
+        warnings.warn(MergeWarning(
+            f"average: {what} ({', '.join(f'{x:.6g}' for x in weights)}) sum to {total:.4g}, so normalised by their "
+            f"sum they reach ±{reach:.3g}: the merge extrapolates far past the models rather than averaging them; "
+            "weights of one sign (or a sum not nearly cancelled) give a mean"), stacklevel=3)

@@ -53,8 +53,9 @@ class ModelStock:
         norms = [reductions.norms(i)[0] for i in range(k)]
         if any(np.isinf(n) for n in norms):  # a NaN norm is a NaN value, refused as such where the values are checked
             raise _norm_overflow(name)
-        t = interpolation_f32(norms, lambda i, j: dots[(i, j)], reductions.numerics.sum)
-        _warn_if_extrapolating(name, float(t))
+        t = interpolation_f32(norms, lambda i, j: dots[(i, j)], reductions.numerics.sum,
+                              on_singular=lambda: _warn_opposite(name))
+        _warn_if_extrapolating(name, len(norms), float(t))
         return float(t), float(np.float32(1) - t)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
@@ -77,8 +78,9 @@ class ModelStock:
         lengths = [torch.norm(offset, dim=-1) for offset in offsets]  # (...) each, once
         if any(bool(torch.isinf(n).any()) for n in lengths):  # a NaN norm is a NaN value, refused as such
             raise _norm_overflow(ctx.name)
-        t = interpolation_from(lengths, lambda i, j: (offsets[i] * offsets[j]).sum(dim=-1))
-        _warn_if_extrapolating(ctx.name, float(t.min()), float(t.max()))
+        t = interpolation_from(lengths, lambda i, j: (offsets[i] * offsets[j]).sum(dim=-1),
+                               on_singular=lambda: _warn_opposite(ctx.name))
+        _warn_if_extrapolating(ctx.name, k, float(t.min()), float(t.max()))
         average = sum(ws) / k
         return (t * average + (1 - t) * w0).reshape(shape)
 
@@ -91,7 +93,7 @@ def _norm_overflow(name: str) -> InvalidTensorError:
              "file); --dtype does not help, the angle is computed in float32 as mergekit does")
 
 
-def _warn_if_extrapolating(name: str, low: float, high: float | None = None) -> None:
+def _warn_if_extrapolating(name: str, k: int, low: float, high: float | None = None) -> None:
     """Model Stock's t = k cos / (1 + (k - 1) cos) lies in [0, 1] for task vectors at an acute mean angle; nearly
     opposite ones (cos -> -1/(k-1)) send it far outside, and the merge extrapolates along the models' mean: computed
     as mergekit does, but said."""
@@ -99,13 +101,28 @@ def _warn_if_extrapolating(name: str, low: float, high: float | None = None) -> 
     if 0 <= low and high <= 1 or not (math.isfinite(low) and math.isfinite(high)):
         return
     worst = low if abs(low) > abs(high) or high <= 1 else high
+    # t < 0 exactly where the mean cosine is negative (t = k cos / (1 + (k - 1) cos) inverted): a cosine just below 0
+    # is task vectors at nearly a right angle (as unrelated models' are), one near -1/(k-1) task vectors nearly opposite
+    cos = worst / (k - (k - 1) * worst)
+    how = (f"are nearly orthogonal, at a slightly negative mean cosine ({cos:.3g})" if cos > -0.2 / (k - 1) else
+           f"point nearly opposite ways (mean cosine {cos:.3g})")
     warnings.warn(MergeWarning(
-        f"model_stock: tensor {name!r} gets t = {worst:.4g}, outside [0, 1]: its task vectors point nearly opposite "
-        "ways (their mean cosine is negative), so the merge extrapolates along the models' mean rather than "
-        "interpolating (mergekit computes the same); check that the models are fine-tunes of this base"), stacklevel=3)
+        f"model_stock: tensor {name!r} gets t = {worst:.4g}, outside [0, 1]: its task vectors {how}, so the merge "
+        "extrapolates along the models' mean rather than interpolating (mergekit computes the same); check that the "
+        "models are fine-tunes of this base"), stacklevel=3)
 
 
-def interpolation_from(lengths: list[torch.Tensor], dots: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+def _warn_opposite(name: str) -> None:
+    """Where 1 + (k - 1) cos vanishes (two task vectors exactly opposite: cos = -1), Model Stock's t is undefined and
+    mergekit keeps the base: the same here, but said, as the extrapolating cases are."""
+    warnings.warn(MergeWarning(
+        f"model_stock: tensor {name!r}: its task vectors point exactly opposite ways (mean cosine -1/(k-1), k the "
+        "number of models), where Model Stock's t = k cos / (1 + (k - 1) cos) is undefined: the tensor keeps the "
+        "base's values, as mergekit does; check that the models are fine-tunes of this base"), stacklevel=4)
+
+
+def interpolation_from(lengths: list[torch.Tensor], dots: Callable[[int, int], torch.Tensor],
+                       on_singular: Callable[[], None] | None = None) -> torch.Tensor:
     """mergekit 0.1.5's t = k cos / (1 + (k - 1) cos) (0 where the denominator is below 1e-6 in magnitude), (..., 1),
     from the offsets' reductions: each offset's norm ``lengths[i]`` (...) and ``dots(i, j)``, the sum of
     offsets[i] * offsets[j] along the last dimension (...); cos the mean over pairs of each pair's cosine, clamped
@@ -120,12 +137,15 @@ def interpolation_from(lengths: list[torch.Tensor], dots: Callable[[int, int], t
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < 1e-6  # no finite estimate: keep the base
+    if on_singular is not None and bool(singular.any()):
+        on_singular()
     return torch.where(singular, torch.zeros_like(cos),
                        (k * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
 
 
 def interpolation_f32(lengths: list[np.float32], dots: Callable[[int, int], np.float32],
-                      total: Callable[[np.ndarray], np.float32]) -> np.float32:
+                      total: Callable[[np.ndarray], np.float32],
+                      on_singular: Callable[[], None] | None = None) -> np.float32:
     """:func:`interpolation_from` for one tensor, in float32 scalars (the fused engine's: no torch needed):
     ``total`` is torch.sum's order, the mean of the pairs' cosines their sum divided by their count, as
     torch's CPU mean computes it."""
@@ -141,5 +161,7 @@ def interpolation_f32(lengths: list[np.float32], dots: Callable[[int, int], np.f
         cos = total(np.array(cosines, f32)) / f32(len(cosines))
         denominator = f32(1) + f32(k - 1) * cos
         if abs(denominator) < f32(1e-6):  # no finite estimate: keep the base
+            if on_singular is not None:
+                on_singular()
             return f32(0)
         return (f32(k) * cos) / denominator
