@@ -134,3 +134,12 @@ def test_a_corner_where_every_model_takes_the_same_end_is_checked_too():
     """A range of one sign whose all-low corner nearly cancels the fixed base_weight (total 1e-4 there)."""
     with pytest.raises(ConfigError, match=r"a candidate such as \(0.5, 0.5\) would be refused"):
         build_space("average", 2, axes=["weights"], ranges={"weights": (0.5, 0.6)}, fixed={"base_weight": -0.9999})
+
+
+def test_base_weight_searched_beside_fixed_weights_whose_total_crosses_0_is_refused_up_front():
+    """hp19 N8: refused only once random's candidates were drawn (two of 400 cancelling), with a generic hint."""
+    with pytest.raises(ConfigError, match=r"base_weight \+ sum\(weights\) keeps one sign"):
+        build_space("average", 2, axes=["base_weight"], ranges={"base_weight": (-1.5, -0.5)},
+                    fixed={"weights": (0.5, 0.5)})
+    assert build_space("average", 2, axes=["base_weight"], ranges={"base_weight": (-0.5, 2.0)},
+                       fixed={"weights": (0.5, 0.5)}).axes[0].name == "base_weight"

@@ -258,6 +258,16 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
                             f"cancel (a sum near 0 scales the merge far past the models), so some candidates would "
                             f"be refused mid-search; narrow --range {name} to one sign")
             continue
+        joins = meta.get("sums_with")
+        if joins and joins not in names and isinstance(fixed.get(joins), (tuple, list)) and low != high:
+            total = sum(float(x) for x in fixed[joins])  # base_weight searched beside fixed weights
+            if low + total <= 0 <= high + total:
+                shown = ",".join(f"{float(x):g}" for x in fixed[joins])
+                problems.append(f"{name} over {low:g}:{high:g} with {joins}={shown}: their total ranges over "
+                                f"{low + total:g}:{high + total:g}, which crosses 0, so candidates near it nearly "
+                                "cancel (a sum near 0 scales the merge far past the models) and would be refused; "
+                                f"narrow --range {name} so {name} + sum({joins}) keeps one sign")
+                continue
         if per_model and meta.get("check_all") is nonzero_sum:
             crossing = _total_crossing(fields, name, per_model, (low, high), fixed, ranges, grid)
             if crossing:
