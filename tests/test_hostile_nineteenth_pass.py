@@ -95,3 +95,16 @@ def test_sizes_in_petabytes_and_an_unknown_unit():
     assert parse_size("2PB") == 2 * 1000**5 and parse_size("1PiB") == 1 << 50
     with pytest.raises(ValueError, match=re.escape("unknown unit 'xb'")):
         parse_size("2xb")
+
+
+def test_float64_tensors_merged_in_float32_are_said_to_carry_float32_precision(tmp_path):
+    """N5: a float64 tensor (1.0 base, 1.1 and 0.8 fine-tunes) was written as 0.9500000476837158 without a word."""
+    base = {"d64.weight": torch.tensor([1.0], dtype=torch.float64), "w.weight": torch.zeros(4)}
+    fts = [{"d64.weight": torch.tensor([v], dtype=torch.float64), "w.weight": torch.full((4,), v)} for v in (1.1, 0.8)]
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in [("base", base), ("a", fts[0]), ("b", fts[1])]]
+    with pytest.warns(MergeWarning, match=r"1 merged tensor\(s\) are stored as float64 \('d64.weight'\)"):
+        tiesmerge.merge(str(dirs[0]), [str(d) for d in dirs[1:]], Average(), output=str(tmp_path / "o"))
+    with warnings.catch_warnings():  # written as float32: what was computed, nothing to say
+        warnings.simplefilter("error")
+        tiesmerge.merge(str(dirs[0]), [str(d) for d in dirs[1:]], Average(), output=str(tmp_path / "o32"),
+                        dtype="float32")

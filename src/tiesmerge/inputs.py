@@ -427,6 +427,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         alignment = with_parts(alignment, engine_base, routes, layout.manifest())
     if hasattr(method, "check_tensors"):  # a method whose options describe the model (slerp's layers)
         method.check_tensors([j.name for j in alignment.jobs])
+    _warn_float64([j.name for j in alignment.jobs if j.merge and j.dtype_info.code == "F64"], out_dtype)
     if reference is not None:
         _check_reference(reference, alignment)
     distances: tuple = ()
@@ -459,6 +460,17 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
                      + "; new rows: the mean of the models that have the token")
     executor.plan = dataclasses.replace(executor.plan, notes=(*executor.plan.notes, *notes))
     return Prepared(base_ckpt, model_ckpts, reference, executor, opened, layout, distances)
+
+
+def _warn_float64(names: list[str], out_dtype: DType | None) -> None:
+    """Merged tensors stored as float64 are computed in float32 (as mergekit, and as every kernel here is): a float64
+    output of them holds float32-rounded values (0.95 written as 0.9500000476837158), which its dtype does not say."""
+    if names and (out_dtype is None or out_dtype.code == "F64"):
+        warnings.warn(MergeWarning(
+            f"{len(names)} merged tensor(s) are stored as float64 ({', '.join(repr(n) for n in names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}): tiesmerge merges in float32 (as mergekit does), so their float64 "
+            "output carries float32's precision (about 7 significant digits); --dtype float32 writes them as "
+            "computed"), stacklevel=3)
 
 
 def check_budget(plan: Any) -> None:
