@@ -108,3 +108,140 @@ def test_float64_tensors_merged_in_float32_are_said_to_carry_float32_precision(t
         warnings.simplefilter("error")
         tiesmerge.merge(str(dirs[0]), [str(d) for d in dirs[1:]], Average(), output=str(tmp_path / "o32"),
                         dtype="float32")
+
+
+def test_a_copy_of_the_base_under_a_mean_is_said_to_dilute_not_to_add_nothing(family, tmp_path):
+    """F3: under average, a byte copy of the base was said to "add nothing" while it halves the other model's change;
+    N11: a copy saved again (other bytes, the same values) was not warned at all."""
+    from safetensors.torch import save_file
+
+    b, ms = family
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in b.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with pytest.warns(MergeWarning, match=r"byte for byte: a zero task vector, which average still counts among the "
+                                          r"models \(in a mean over them it dilutes"):
+        tiesmerge.merge(str(b), [str(copy), str(ms[0])], Average(), output=str(tmp_path / "avg"))
+    with pytest.warns(MergeWarning, match=r"byte for byte: a zero task vector, which adds nothing to the merge"):
+        tiesmerge.merge(str(b), [str(copy), str(ms[0])], "task_arithmetic", output=str(tmp_path / "ta"))
+    resaved = tmp_path / "resaved"
+    resaved.mkdir()
+    for f in b.iterdir():
+        if f.name != "model.safetensors":
+            (resaved / f.name).write_bytes(f.read_bytes())
+    save_file({k: v.clone() for k, v in load_file(str(b / "model.safetensors")).items()},
+              str(resaved / "model.safetensors"), metadata={"saved": "again"})
+    with pytest.warns(MergeWarning, match=r"equal the base on every row the distance check sampled \(a copy of the "
+                                          r"base saved again\?\): a zero task vector, which average still counts"):
+        tiesmerge.merge(str(b), [str(resaved), str(ms[0])], Average(), output=str(tmp_path / "avg2"))
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "generation_config.json"])
+def test_a_truncated_or_still_written_side_file_is_refused_before_the_merge(family, tmp_path, capsys, name):
+    """F4: a truncated tokenizer.json / generation_config.json (a download cut short, or still being written) was
+    copied into an output that looked complete, exit status 0."""
+    b, ms = family
+    base = tmp_path / "b2"
+    base.mkdir()
+    for f in b.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    (base / name).write_text('{"version": "1.0", "added_tokens": [{"id": 0, "cont')
+    rc, out, err = run_cli(["merge", "--base", base, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "o"], capsys)
+    assert rc != 0 and f"the base's {name} is damaged or incomplete" in err and "hint: restore" in err, err
+    assert not (tmp_path / "o").exists()
+    (base / name).write_text("{}")
+    with open(base / name, "a"):  # another writer holds it open (this process counts: the lease is refused alike)
+        rc, out, err = run_cli(["merge", "--base", base, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "o"],
+                               capsys)
+    if "open for writing" not in err:
+        pytest.skip("no read leases here (file system or kernel)")
+    assert rc != 0 and not (tmp_path / "o").exists(), err
+
+
+def test_data_rows_still_being_written_are_refused(tmp_path):
+    """N12: adapt and stats learned from a data file another process was still appending to."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.limits import read_json_lines
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+    assert len(read_json_lines(data, "the data file", max_bytes=1 << 20, error=ConfigError)) == 1
+    with open(data, "a"):
+        try:
+            read_json_lines(data, "the data file", max_bytes=1 << 20, error=ConfigError)
+        except ConfigError as exc:
+            assert "another process has this file open for writing" in str(exc)
+        else:
+            pytest.skip("no read leases here (file system or kernel)")
+
+
+def test_search_refusals_that_no_range_can_fix_say_so():
+    """F5: nuslerp with t fixed and weights searched ("give t or weights, not both") advised "narrow --range weights";
+    F6: a search over slerp's t under a t_by_name with a '*' rule scored one merge again and again."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match=r"searching weights with t=0\.5 fixed is refused whatever its values "
+                                          r"\(nuslerp: give t or weights, not both\): drop the --set") as err:
+        build_space("nuslerp", 2, axes=["weights"], ranges={"weights": (0.1, 1.0)}, fixed={"t": 0.5})
+    assert "narrow --range" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"searching t changes nothing: t_by_name's '\*' rule sets every tensor's t"):
+        build_space("slerp", 2, axes=["t"], fixed={"t_by_name": "*=0.5"})
+    assert build_space("slerp", 2, axes=["t"], fixed={"t_by_name": "mlp=0.5"}).axes[0].name == "t"
+
+
+def test_slerp_says_t_is_unused_where_t_by_name_sets_every_tensor():
+    """F6: `--t 0.9 --t-by-name '*=0.1'` wrote the t = 0.1 merge without a word."""
+    from tiesmerge.methods import Slerp
+
+    names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
+    with pytest.warns(MergeWarning, match=r"t = 0\.9 is not used: t_by_name sets every tensor's t \(its '\*' rule\)"):
+        Slerp(t=0.9, t_by_name="*=0.1").check_tensors(names)
+    with pytest.warns(MergeWarning, match=r"t = 0\.9 is not used: .*its filters match every tensor"):
+        Slerp(t=0.9, t_by_name="self_attn=0.1;mlp=0.2").check_tensors(names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Slerp(t=0.9, t_by_name="self_attn=0.1").check_tensors(names)  # the mlp tensor takes t
+        Slerp(t_by_name="*=0.1").check_tensors(names)  # t left at its default: nothing to say
+
+
+def test_a_foreign_file_at_the_cache_path_is_left_as_it_is(family, tmp_path, monkeypatch):
+    """N9: TIESMERGE_CACHE_DIR naming a folder of the user's replaced its digests.json / numerics.json."""
+    b, ms = family
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "digests.json").write_text('["my", "precious", "list"]')
+    (victim / "numerics.json").write_text("my notes")
+    monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(victim))
+    with pytest.warns(MergeWarning, match=r"digests.json is not a cache file tiesmerge wrote"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], "slerp", output=str(tmp_path / "o"))
+    assert (victim / "digests.json").read_text() == '["my", "precious", "list"]'
+    assert (victim / "numerics.json").read_text() == "my notes"
+
+
+def test_adapt_no_progress_silences_the_libraries_bars_too(classifiers, tmp_path, capsys):
+    """N10: `adapt --no-progress` still printed transformers' "Loading weights" bars."""
+    root, base, fts, data = classifiers
+    files = [tmp_path / f"task{k}.jsonl" for k in range(2)]
+    for f in files:
+        f.write_text(data.read_text())
+    before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    rc, out, err = run_cli(["adapt", "--base", base, *sum((["--model", f] for f in fts), []),
+                            *sum((["--data", f] for f in files), []), "--steps", "1", "--batch-size", "2",
+                            "--no-progress", "-o", tmp_path / "out"], capsys)
+    assert rc == 0, err
+    assert "Loading weights" not in err and "it/s]" not in err, err
+    assert os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == before  # set back for the rest of the process
+
+
+def test_analysis_json_is_strict_json_where_a_model_keeps_nothing(family, tmp_path):
+    """N13: `analyze --density 1e-300` wrote "thresholds": [Infinity, ...], which strict JSON readers refuse."""
+    import json
+
+    b, ms = family
+    tiesmerge.analyze(str(b), [str(m) for m in ms], output=str(tmp_path / "a"), density=1e-300)
+    text = (tmp_path / "a" / "analysis.json").read_text()
+    data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in analysis.json"))
+    assert data["thresholds"] == [None] * len(ms)
+    assert "keeps nothing" in (tmp_path / "a" / "report.html").read_text()

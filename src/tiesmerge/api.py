@@ -42,7 +42,7 @@ from .io.card import digest_cache_kept_out_of, flush_digests, hash_files, model_
 from .io.checkpoint import Checkpoint
 from .io.vocab import write_tokenizer_files
 from .io.vocab_rows import is_part
-from .io.writer import OutputEntry, ShardedWriter, atomic_directory, copy_model_files, model_files
+from .io.writer import OutputEntry, ShardedWriter, atomic_directory, check_model_files, copy_model_files, model_files
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
 from .manifest import check_stats_digests, merge_manifest, reference_option
@@ -77,7 +77,7 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
                            vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format,
                            stats=stats, allow_distant=allow_distant)
         if output_format != "adapter":  # the files a merge copies beside the weights: checked as merge checks them
-            model_files(prepared.base.directory())
+            check_model_files(model_files(prepared.base.directory()))
         return prepared.executor.plan
 
 
@@ -145,8 +145,15 @@ def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
     return "\n".join(lines)
 
 
+# methods on which a zero task vector has no effect at all: sums of (trimmed, dropped) task vectors, and TIES-style
+# disjoint means (zeros never count); every other method counts each model (a mean over them, their number in a
+# rank split or a cosine), so a copy of the base dilutes or bends the others' changes
+_ZERO_ADDS_NOTHING = frozenset({"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                                "breadcrumbs_ties", "magnitude_prune"})
+
+
 def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weighted: bool = True,
-                         interpolates: bool = False) -> None:
+                         interpolates: bool = False, method: str = "", distances: Sequence[Any] = ()) -> None:
     """Models whose weights files are byte for byte the base's (a zero task vector, which adds nothing and in a mean
     dilutes the others) or another model's (that task vector counts twice): usually the wrong folder was given, so
     say so; the merge itself is well defined. State dicts have no files and are not compared."""
@@ -165,11 +172,22 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                                                       "the merge combines a model with itself (was another folder "
                                                       "meant?)"), MergeWarning, stacklevel=3)
         seen.setdefault(key, k)
-    if same:
+    # a copy saved again (other metadata, shard layout, a dtype round trip) has other bytes, the same values: the
+    # distance sample (distance.measure, read before the merge) sees every sampled row equal to the base's
+    resaved = [f"{d.index} ({labels[d.index]})" for d in distances
+               if d.tensors and d.relative_norm == 0.0 and f"{d.index} ({labels[d.index]})" not in same]
+    for found, how in ((same, "hold the same weights files as the base, byte for byte"),
+                       (resaved, "equal the base on every row the distance check sampled (a copy of the base saved "
+                                 "again?)")):
+        if not found:
+            continue
         effect = ("an endpoint (or member) that is the base itself, which pulls the merge toward the base"
-                  if interpolates else "a zero task vector, which adds nothing to the merge")
-        warnings.warn(f"model(s) {', '.join(same)} hold the same weights files as the base, byte for byte: {effect} "
-                      "(was another folder meant?)", MergeWarning, stacklevel=3)
+                  if interpolates else "a zero task vector, which adds nothing to the merge"
+                  if method in _ZERO_ADDS_NOTHING else
+                  f"a zero task vector, which {method or 'the method'} still counts among the models (in a mean "
+                  "over them it dilutes the others' changes: average halves a second model's)")
+        warnings.warn(f"model(s) {', '.join(found)} {how}: {effect} (was another folder meant?)", MergeWarning,
+                      stacklevel=3)
 
 
 def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,
@@ -259,6 +277,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         # checked now, before the first heavy read: the files copied beside the weights at the end, and
         # what every input file looks like (a model another process is still writing is refused)
         extra = model_files(prepared.base.directory()) if output is not None and output_format != "adapter" else []
+        check_model_files(extra)  # none being written elsewhere, each JSON whole: copied as they are at the end
         inputs_read = [prepared.base, *prepared.models, *([prepared.reference] if prepared.reference else [])]
         # the base's config and tokenizer files too: they are copied at the end, and a download still writing
         # them would leave a broken model behind an exit status of 0
@@ -322,7 +341,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             flush_digests()  # the digests worked out, remembered in one write (never into an input or the output)
             check_stats_digests(prepared.stats, hashed["models"], [c.label for c in prepared.models])
             _warn_copies_of_base(hashed, [c.label for c in prepared.models], weighted=hasattr(m, "weights"),
-                                 interpolates=bool(m.requirements().model_values))
+                                 interpolates=bool(m.requirements().model_values), method=m.name,
+                                 distances=prepared.distances)
             run_stats.seconds["hash_wait"] = time.perf_counter() - clock
             run_stats.seconds["prepare"] = prepared_at - started
             recipe = MergeRecipe(method=m, base=prepared.base.label, models=tuple(c.label for c in prepared.models),

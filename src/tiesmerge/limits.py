@@ -15,12 +15,13 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import CheckpointError, TiesMergeError
-from .paths import read_regular
+from .paths import open_regular, read_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "read_json_lines",
            "parse_float", "underflows", "Underflow",
@@ -102,6 +103,13 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     """(line number, object) of the non-empty lines of a JSON-lines file (a regular UTF-8 file of at
     most ``max_bytes``; each line parsed with :func:`loads_json` and required to be an object), up to
     ``limit`` rows; an error naming the file when it holds none."""
+    from .io.leases import refuse_writers  # (io imports this module)
+
+    fd = open_regular(path, what, error)
+    try:  # rows still being appended by another process (an export under way): refused, not learned from half-made
+        refuse_writers(fd, Path(path), error)
+    finally:
+        os.close(fd)
     raw = read_regular(path, what, max_bytes=max_bytes, error=error)
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data
@@ -249,6 +257,13 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
 def read_yaml(path: str | os.PathLike, what: str, *, error: type[TiesMergeError] = CheckpointError,
               max_bytes: int = 1 << 20) -> Any:
     """A YAML file (a regular file of at most ``max_bytes``), parsed with :func:`loads_yaml`."""
+    from .io.leases import refuse_writers  # (io imports this module)
+
+    fd = open_regular(path, what, error)
+    try:  # rows still being appended by another process (an export under way): refused, not learned from half-made
+        refuse_writers(fd, Path(path), error)
+    finally:
+        os.close(fd)
     raw = read_regular(path, what, max_bytes=max_bytes, error=error)
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 from pathlib import Path
+from typing import Any
 
 from ..io.writer import atomic_directory
 from ..plotting import html_figure, html_page, html_table, png, pyplot
@@ -163,7 +165,8 @@ def render_html(data: dict, figures: dict[str, bytes], labels: list[str]) -> str
     parts.append(_table(["model", "threshold |τ|", *[f"L1 top {percent(k)}" for k in red["densities"]],
                          f"L1 at {percent(data['settings']['density'])} (exact)",
                          f"L2 at {percent(data['settings']['density'])} (exact)"],
-                        [[label, f"{thr:.3g}", *[percent(v) for v in red["l1_share"][t]],
+                        [[label, "keeps nothing" if thr is None else f"{thr:.3g}",
+                          *[percent(v) for v in red["l1_share"][t]],
                           percent(red["at_density"]["l1_share"][t]), percent(red["at_density"]["l2_share"][t])]
                          for t, (label, thr) in enumerate(zip(labels, data["thresholds"]))]))
     parts.append("<h2>Merged magnitudes (Fig. 6 and 8)</h2>")
@@ -193,12 +196,24 @@ def model_labels(data: dict) -> list[str]:
     return [os.path.basename(str(m).rstrip("/")) or str(m) for m in models]
 
 
+def _strict(value: Any) -> Any:
+    """``value`` with every non-finite float as None: JSON has no Infinity or NaN (Python writes them, JavaScript's
+    JSON.parse and jq refuse the file); a figure that cannot be measured is null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_report(data: dict, output: str | os.PathLike, *, force: bool = False) -> Path:
     """Write analysis.json, the PNGs and report.html into ``output`` (replaced only with ``force``)."""
     labels = model_labels(data)
     figures = render_figures(data, labels)  # before the directory: a missing matplotlib leaves nothing behind
     with atomic_directory(output, force=force, marker="analysis.json") as tmp:
-        (tmp / "analysis.json").write_text(json.dumps(data, indent=1) + "\n")
+        (tmp / "analysis.json").write_text(json.dumps(_strict(data), indent=1, allow_nan=False) + "\n")
         for name, png in figures.items():
             (tmp / name).write_bytes(png)
         (tmp / "report.html").write_text(render_html(data, figures, labels))

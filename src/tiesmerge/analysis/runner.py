@@ -12,6 +12,7 @@ fixed-size blocks of temporaries, whatever the model size.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import re
 import time
@@ -183,7 +184,8 @@ def run_analysis(base: Checkpoint, models: list[Checkpoint], alignment: Alignmen
         "n_models": n,
         "parameters": numel,
         "kept_per_model": keep,
-        "thresholds": [float(x) for x in thresholds.cpu()],
+        # a model that keeps nothing has an infinite threshold: null, which strict JSON readers accept (Infinity: no)
+        "thresholds": [float(x) if math.isfinite(float(x)) else None for x in thresholds.cpu()],
         "sign_conflicts": _conflicts(patterns.cpu().numpy(), n, numel, settings),
         "by_tensor": _by_tensor(per_tensor),
         "redundancy": _redundancy(counts.cpu().numpy(), mass.cpu().numpy(), numel, settings),

@@ -7,6 +7,7 @@ method's dataclass fields, so the flags, the recipe keys and the Python API neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -14,7 +15,7 @@ import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -350,6 +351,29 @@ def _warn_literal_tilde(args: argparse.Namespace) -> None:
                           f"{flag} ~/... unquoted, or $HOME/..., for the home folder", MergeWarning, stacklevel=2)
 
 
+@contextlib.contextmanager
+def _library_bars_off() -> Iterator[None]:
+    """--no-progress for the libraries' bars too (transformers' "Loading weights", the hub's): their switch is
+    huggingface_hub's environment variable, read when transformers is imported, and transformers' own where it
+    already is; both set back afterwards (main runs more than once in a process)."""
+    before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    logging = sys.modules.get("transformers.utils.logging")
+    was_on = logging.is_progress_bar_enabled() if logging is not None else None
+    if was_on:
+        logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+        else:
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = before
+        logging = sys.modules.get("transformers.utils.logging")
+        if logging is not None and (was_on or (was_on is None and before is None)):
+            logging.enable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     # a standard stream closed by the caller (`2>&-` in a cron job) is None here: write nowhere, never crash
@@ -401,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _resolve_repo_ids(args)
         _warn_literal_tilde(args)
-        return HANDLERS[args.command](args)
+        with _library_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext():
+            return HANDLERS[args.command](args)
     except TiesMergeError as exc:
         return _report(exc, args.debug, command=args.command)
     except BrokenPipeError:  # e.g. `tiesmerge methods | head`

@@ -193,6 +193,13 @@ def remember_many(cache: Path, items: dict[str, Any]) -> None:
         return  # working it out again next time costs less than writing into an input or the output
     if not _cache_dir(cache):
         return
+    if _foreign(cache):  # a file of the user's at that name (a cache folder named by mistake): never replaced
+        if str(cache) not in _SAID_FOREIGN:
+            _SAID_FOREIGN.append(str(cache))
+            warnings.warn(MergeWarning(f"{cache} is not a cache file tiesmerge wrote (not a JSON object of its "
+                                       "entries): left as it is, and nothing is remembered there (TIESMERGE_CACHE_DIR "
+                                       "names tiesmerge's own cache folder)"), stacklevel=3)
+        return
     entries = dict(load_cache(cache))
     for key, value in items.items():
         entries.pop(key, None)  # re-added last: the most recent entries are the ones kept
@@ -213,6 +220,34 @@ def remember_many(cache: Path, items: dict[str, Any]) -> None:
     except OSError:  # a full or read-only cache folder only costs hashing again next time
         if os.path.lexists(tmp):
             os.unlink(tmp)
+
+
+_SAID_FOREIGN: list[str] = []
+
+
+def _foreign(cache: Path) -> bool:
+    """Whether a regular file at ``cache`` is not one of tiesmerge's caches: larger than any it writes, or not a JSON
+    object (tiesmerge writes its caches whole, by rename, so a file of its own is never half written). A link or a
+    FIFO there is replaced, never followed; an empty file holds nothing to lose."""
+    try:
+        st = os.lstat(cache)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return False
+    if st.st_size > _MAX_CACHE_BYTES:
+        return True
+    try:
+        fd = os.open(cache, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        try:
+            data = json.loads(os.pread(fd, st.st_size, 0))
+        finally:
+            os.close(fd)
+    except (OSError, ValueError, RecursionError):
+        return True
+    return not isinstance(data, dict)
 
 
 def _digest(path: Path) -> dict:

@@ -27,9 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TiesMergeError
 
-__all__ = ["hold", "release", "check", "on_signal", "cooperating_handlers"]
+__all__ = ["hold", "release", "refuse_writers", "check", "on_signal", "cooperating_handlers"]
 
 _LOCK = threading.Lock()
 _HELD: dict[int, Path] = {}  # fd -> the file whose lease it holds
@@ -93,6 +93,18 @@ def hold(fd: int, path: Path) -> bool:
     with _LOCK:
         _HELD[fd] = path
     return True
+
+
+def refuse_writers(fd: int, path: Path, error: type[TiesMergeError] = CheckpointError) -> None:
+    """Refuse the open file ``fd`` where another process holds it open for writing now (an export still appending
+    rows, a download): the lease is taken and given back at once, only to ask. Where leases cannot be taken, nothing
+    is said (as :func:`hold`)."""
+    try:
+        held = hold(fd, path)
+    except CheckpointError as exc:
+        raise error(exc.message, hint=exc.hint) from None
+    if held:
+        release(fd)
 
 
 def release(fd: int) -> None:

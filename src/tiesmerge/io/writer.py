@@ -30,7 +30,7 @@ import numpy as np
 from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, ConfigError, MergeWarning, OutputError
 from ..finite import check_finite
-from ..limits import loads_json, read_json
+from ..limits import MAX_CONFIG_BYTES, loads_json, read_json
 from ..paths import (
     _SPACE,
     CHAT_TEMPLATES_DIR,
@@ -439,6 +439,31 @@ def model_files(source: Path | None) -> list[Path]:
         raise CheckpointError(f"{config}: holds no JSON object, so it is not a model config",
                               hint="fix or remove the base's config.json")
     return files
+
+
+def check_model_files(files: Sequence[Path], role: str = "the base") -> None:
+    """The files copied beside the merged weights, checked before the merge's heavy work: none held open for writing
+    by another process (a tokenizer still downloading), and each JSON file whole (a truncated download would ship
+    in an output that looks complete, its tokenizer failing to load). A JSON file past the config cap is copied
+    unparsed, as before (no tokenizer is that large; a file that big is not ours to refuse here)."""
+    from . import leases
+
+    for path in files:
+        fd = open_regular(path, f"{role}'s {path.name}")
+        try:
+            if leases.hold(fd, path):  # EAGAIN (open for writing elsewhere) raises, naming the file
+                leases.release(fd)
+            if path.suffix == ".json" and os.fstat(fd).st_size <= MAX_CONFIG_BYTES:
+                with os.fdopen(os.dup(fd), "rb") as f:
+                    data = f.read()
+                try:
+                    loads_json(data, str(path))
+                except CheckpointError as exc:
+                    raise CheckpointError(f"{exc.message}: {role}'s {path.name} is damaged or incomplete (a download "
+                                          "cut short?), and the output would carry it",
+                                          hint=f"restore {path.name} (download it again), then run again") from None
+        finally:
+            os.close(fd)
 
 
 def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | torch.dtype | None = None,

@@ -153,6 +153,13 @@ class Slerp:
         coef_a, coef_b = slerp_scalars_f32(self.t_for(name), *norms, dots, reductions.numerics)
         return float(coef_a), float(coef_b), None
 
+    def unused_options(self) -> dict[str, str]:
+        """Options this configuration ignores, whatever the model (a search over them would score one merge):
+        t, where t_by_name has a rule for every tensor ('*')."""
+        if self.t_by_name is not None and any(p is None for p, _ in parse_schedule(self.t_by_name).rules):
+            return {"t": "t_by_name's '*' rule sets every tensor's t"}
+        return {}
+
     def t_for(self, name: str) -> float:
         """t for the tensor ``name``: the schedule's value, else ``t``."""
         if self.t_by_name is None:
@@ -171,6 +178,11 @@ class Slerp:
                                            "unchanged; a t inside (0, 1) interpolates"), stacklevel=3)
             return
         rules = parse_schedule(self.t_by_name).rules
+        if self.t != 0.5 and all(any(p is None or p in n for p, _ in rules) for n in names):  # t's default: no word
+            warnings.warn(MergeWarning(
+                f"slerp: t = {self.t:g} is not used: t_by_name sets every tensor's t ("
+                + ("its '*' rule" if any(p is None for p, _ in rules) else "its filters match every tensor")
+                + "); put the value into t_by_name (e.g. '*=" + f"{self.t:g}') or drop t"), stacklevel=3)
         unmatched = [p for p, _ in rules if p is not None and not any(p in n for n in names)]
         if unmatched:  # a typo (self_atn) would leave every tensor at the default t, silently
             warnings.warn(MergeWarning(

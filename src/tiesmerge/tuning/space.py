@@ -220,6 +220,13 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         problems.append(f"an option is named twice in the axes {names}")
     if problems:
         raise ConfigError(problems)
+    unused = _unused_options(cls, fixed)
+    for name in names:
+        if name in unused:  # every candidate would be the same merge, scored again and again
+            problems.append(f"searching {name} changes nothing: {unused[name]}, so every candidate is the same "
+                            f"merge; drop that --set, or search another option")
+    if problems:
+        raise ConfigError(problems)
     built = []
     for name in names:
         meta = fields[name].metadata
@@ -278,8 +285,15 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
                                                                     if per_model > 1 else [])
             why = next(((c, w) for c in corners if (w := _corner_problem(cls, fixed, name, c))), None)
             if why:
-                problems.append(f"{name} over {low:g}:{high:g}: a candidate such as {why[0]} would be refused "
-                                f"({why[1]}); narrow --range {name}")
+                middle = _corner_problem(cls, fixed, name, ((low + high) / 2,) * per_model)
+                if middle and middle == why[1]:  # refused whatever the values: a conflict with a fixed option
+                    held = ", ".join(f"{k}={v!r}" for k, v in fixed.items() if v is not None)
+                    problems.append(f"searching {name}" + (f" with {held} fixed" if held else "") + " is refused "
+                                    f"whatever its values ({middle}): drop the --set that conflicts, or search "
+                                    "another option")
+                else:
+                    problems.append(f"{name} over {low:g}:{high:g}: a candidate such as {why[0]} would be refused "
+                                    f"({why[1]}); narrow --range {name}")
                 continue
         built.append(Axis(name, float(low), float(high), tuple(values), per_model, types[name] is int))
     if problems:
@@ -317,6 +331,17 @@ def _total_crossing(fields: Mapping[str, Any], name: str, n: int, bounds: tuple[
             f"{low:g}:{high:g}, which crosses 0, so candidates inside it nearly cancel (a sum near 0 scales the merge "
             f"far past the models) and would be refused mid-search; narrow --range {name} (or change "
             f"{' and '.join(j.split('=')[0].split(' over')[0] for j in joined)}) so the total keeps one sign")
+
+
+def _unused_options(cls: type, fixed: Mapping[str, Any]) -> dict[str, str]:
+    """The options a method ignores with the fixed ones (its ``unused_options``, e.g. slerp's t under a t_by_name
+    with a '*' rule); none where the fixed options alone are refused (reported where the candidates are built)."""
+    if not hasattr(cls, "unused_options"):
+        return {}
+    try:
+        return dict(cls(**fixed).unused_options())
+    except (ConfigError, TypeError, ValueError):
+        return {}
 
 
 def _corner_problem(cls: type, fixed: Mapping[str, Any], name: str, value: tuple) -> str | None:
