@@ -139,6 +139,10 @@ def test_empty_texts_and_wrong_data_types_name_the_problem(tmp_path):
     ("adam_step_nan", r"adam.step is nan"),  # hp19 F2: resumed, then blamed --lr
     ("adam_step_7", r"adam.step is 7.0"),  # another count than the checkpoint's own
     ("huge", r"coefficients reach 1e\+30, past what a run reaches in 2 steps"),  # hp19 N3: then blamed --lr
+    ("group_lr", r"optimizer settings are not this run's: lr is 1e\+30 there"),  # hp20: NaN blamed on --lr
+    ("group_betas", r"betas is \[1, 1\] there"),  # hp20: 'unexpected ZeroDivisionError ... a bug'
+    ("group_amsgrad", r"amsgrad is True there, False in this run"),  # hp20: 'unexpected KeyError max_exp_avg_sq'
+    ("group_maximize", r"maximize is True there"),  # hp20: silently maximised the entropy
 ])
 def test_a_damaged_checkpoint_of_this_run_is_refused_before_it_is_used(tmp_path, damage, needle):
     import json as _json
@@ -159,6 +163,11 @@ def test_a_damaged_checkpoint_of_this_run_is_refused_before_it_is_used(tmp_path,
         meta["step"] = "-5"
     elif damage.startswith("adam_step_"):
         tensors["adam.step"] = torch.full_like(tensors["adam.step"], float(damage.removeprefix("adam_step_")))
+    elif damage.startswith("group_"):
+        groups = _json.loads(meta["adam_param_groups"])
+        key = damage.removeprefix("group_")
+        groups[0][key] = {"lr": 1e30, "betas": [1, 1], "amsgrad": True, "maximize": True}[key]
+        meta["adam_param_groups"] = _json.dumps(groups)
     elif damage == "huge":
         tensors["coefficients"] = torch.full_like(tensors["coefficients"], 1e30)
     else:

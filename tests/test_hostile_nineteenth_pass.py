@@ -194,11 +194,12 @@ def test_search_refusals_that_no_range_can_fix_say_so():
 def test_slerp_says_t_is_unused_where_t_by_name_sets_every_tensor():
     """F6: `--t 0.9 --t-by-name '*=0.1'` wrote the t = 0.1 merge without a word."""
     from tiesmerge.methods import Slerp
+    from tiesmerge.methods.base import warn_unused
 
     names = ["model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.up_proj.weight"]
-    with pytest.warns(MergeWarning, match=r"t = 0\.9 is not used: t_by_name sets every tensor's t \(its '\*' rule\)"):
-        Slerp(t=0.9, t_by_name="*=0.1").check_tensors(names)
-    with pytest.warns(MergeWarning, match=r"t = 0\.9 is not used: .*its filters match every tensor"):
+    with pytest.warns(MergeWarning, match=r"slerp: t = 0\.9 is not used: t_by_name's '\*' rule sets every tensor's t"):
+        warn_unused(Slerp(t=0.9, t_by_name="*=0.1"))
+    with pytest.warns(MergeWarning, match=r"t = 0\.9 is not used: t_by_name's filters match every tensor"):
         Slerp(t=0.9, t_by_name="self_attn=0.1;mlp=0.2").check_tensors(names)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -245,3 +246,59 @@ def test_analysis_json_is_strict_json_where_a_model_keeps_nothing(family, tmp_pa
     data = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in analysis.json"))
     assert data["thresholds"] == [None] * len(ms)
     assert "keeps nothing" in (tmp_path / "a" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("method, options, unused, said", [
+    ("ties", {"density": 0.5, "densities": (0.2, 0.3)}, "density", "ties: density = 0.5 is not used: densities sets"),
+    ("consensus", {"tall_lambda": 0.3, "tall_lambdas": (0.5, 0.6)}, "tall_lambda",
+     "consensus: tall_lambda = 0.3 is not used"),
+    ("breadcrumbs", {"density": 1.0, "gamma": 0.5}, "gamma", "breadcrumbs: gamma = 0.5 is not used: density 1 keeps"),
+])
+def test_an_option_another_one_overrides_is_said_unused(family, tmp_path, method, options, unused, said):
+    """hp20 F6: `ties --density 0.5 --densities 0.2 0.3` (and consensus' tall_lambda beside tall_lambdas) dropped the
+    first silently; a search over it scored one merge again and again."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.registry import make_method
+    from tiesmerge.tuning.space import build_space
+
+    b, ms = family
+    with pytest.warns(MergeWarning, match=re.escape(said)):
+        tiesmerge.merge(str(b), [str(m) for m in ms], make_method(method, options), output=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match=f"searching {unused} changes nothing"):
+        build_space(method, 2, axes=[unused], grid={unused: (0.1, 0.3, 0.5)},
+                    fixed={k: v for k, v in options.items() if k != unused})
+
+
+def test_json_lines_split_at_newlines_only(tmp_path):
+    """hp20 F1: a row whose text holds U+2028, U+0085 or a form feed (json.dumps(..., ensure_ascii=False) leaves them
+    as they are) was split there by str.splitlines and refused as damaged JSON."""
+    import json
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.limits import read_json_lines
+
+    texts = ["a\u2028b", "c\u0085d", "e\x0cf", "g\u2029h"]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": 0}, ensure_ascii=False) + "\r\n" for t in texts),
+                    encoding="utf-8")
+    rows = read_json_lines(data, "the data file", max_bytes=1 << 20, error=ConfigError)
+    assert [r["text"] for _, r in rows] == texts and [n for n, _ in rows] == [1, 2, 3, 4]
+
+
+def test_adapt_no_progress_under_warnings_as_errors_ends_cleanly(classifiers, tmp_path, capsys):
+    """hp20 F2: setting transformers' bars back at the end warned (huggingface_hub's "Cannot enable progress bars"):
+    under PYTHONWARNINGS=error the complete output was followed by exit status 1."""
+    import transformers.utils.logging as hf_logging
+
+    root, base, fts, data = classifiers
+    files = [tmp_path / f"task{k}.jsonl" for k in range(2)]
+    for f in files:
+        f.write_text(data.read_text())
+    hf_logging.enable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rc, out, err = run_cli(["adapt", "--base", base, *sum((["--model", f] for f in fts), []),
+                                *sum((["--data", f] for f in files), []), "--steps", "1", "--batch-size", "2",
+                                "--no-progress", "-o", tmp_path / "out"], capsys)
+    assert rc == 0 and "warning" not in err.lower(), err
+    assert hf_logging.is_progress_bar_enabled()  # set back as it was

@@ -132,7 +132,7 @@ def test_weights_whose_total_with_base_weight_keeps_one_sign_are_searched():
 
 def test_a_corner_where_every_model_takes_the_same_end_is_checked_too():
     """A range of one sign whose all-low corner nearly cancels the fixed base_weight (total 1e-4 there)."""
-    with pytest.raises(ConfigError, match=r"a candidate such as \(0.5, 0.5\) would be refused"):
+    with pytest.raises(ConfigError, match=r"comes within 0.0001 of 0 at a corner of the box"):
         build_space("average", 2, axes=["weights"], ranges={"weights": (0.5, 0.6)}, fixed={"base_weight": -0.9999})
 
 
@@ -143,3 +143,14 @@ def test_base_weight_searched_beside_fixed_weights_whose_total_crosses_0_is_refu
                     fixed={"weights": (0.5, 0.5)})
     assert build_space("average", 2, axes=["base_weight"], ranges={"base_weight": (-0.5, 2.0)},
                        fixed={"weights": (0.5, 0.5)}).axes[0].name == "base_weight"
+
+
+def test_a_box_whose_total_nearly_reaches_0_at_a_corner_is_refused_up_front():
+    """hp20 F4: base_weight -1.99999:-1.5 beside weights 1:1.1 never crosses 0, but its corner sums to 1e-5 (weights
+    normalised past ±1000 there): CMA-ES stopped at such a candidate, again on every resume."""
+    with pytest.raises(ConfigError, match=r"comes within 1e-05 of 0 at a corner of the box"):
+        build_space("average", 2, axes=["weights", "base_weight"],
+                    ranges={"weights": (1.0, 1.1), "base_weight": (-1.99999, -1.5)})
+    with pytest.raises(ConfigError, match=r"crosses or nearly reaches 0"):
+        build_space("average", 2, axes=["base_weight"], ranges={"base_weight": (-0.99999, -0.5)},
+                    fixed={"weights": (0.5, 0.5)})

@@ -30,7 +30,7 @@ from .io.align import Alignment, align, with_parts
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .lazy import torch
 from .methods import TaskArithmetic
-from .methods.base import MergeMethod, check_models
+from .methods.base import MergeMethod, check_models, warn_unused
 from .paths import check_not_input
 from .registry import make_method
 from .sizes import DEFAULT_MEMORY_BUDGET, parse_size
@@ -425,6 +425,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     alignment = align(engine_base, engine_models, vocab_policy="error" if vocab_policy == "union" else vocab_policy)
     if layout is not None:
         alignment = with_parts(alignment, engine_base, routes, layout.manifest())
+    warn_unused(method)
     if hasattr(method, "check_tensors"):  # a method whose options describe the model (slerp's layers)
         method.check_tensors([j.name for j in alignment.jobs])
     _warn_float64([j.name for j in alignment.jobs if j.merge and j.dtype_info.code == "F64"], out_dtype)

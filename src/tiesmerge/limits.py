@@ -117,7 +117,10 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
         raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=hint or _UTF8) \
             from None
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    # lines end at "\n" only (JSON Lines): str.splitlines would also split inside a text holding U+2028, U+0085 or a
+    # form feed, which JSON leaves unescaped (json.dumps(..., ensure_ascii=False) writes them as they are)
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.removesuffix("\r")
         if limit is not None and len(rows) >= limit:
             break
         if line.strip():

@@ -312,6 +312,27 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
         raise damaged(f"its entropy history is not {step} rows of {n_tasks} finite numbers")
 
 
+def _check_optimizer_settings(saved: Any, current: list[dict], path: Path) -> None:
+    """Adam's settings in the checkpoint must be this run's (its fingerprint already holds lr and the rest): an
+    edited group (lr 1e30, betas (1, 1), amsgrad, maximize, capturable) would otherwise be loaded over the run's own
+    and fail far from its cause, or silently learn something else."""
+    def settings(groups: Any) -> list[dict] | None:
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            return None
+        return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"} for g in groups]
+
+    mine, theirs = settings(current), settings(saved)
+    if theirs == mine:
+        return
+    if theirs is None or len(theirs) != len(mine):
+        why = "they are not one group of Adam's settings"
+    else:
+        key = next(k for k in sorted(set(mine[0]) | set(theirs[0])) if mine[0].get(k) != theirs[0].get(k))
+        why = f"{key} is {theirs[0].get(key)!r} there, {mine[0].get(key)!r} in this run"
+    raise ConfigError(f"{path}: the checkpoint is damaged (its optimizer settings are not this run's: {why})",
+                      hint="remove it to start afresh (the run's settings match, its contents do not)")
+
+
 def is_checkpoint(path: Path) -> bool:
     """``path`` is a checkpoint tiesmerge adapt wrote (its header says so), which a run may replace."""
     try:
@@ -386,6 +407,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
         state = load_checkpoint(path)
         _fingerprint_check(state.get("fingerprint", ""), fingerprint, path)
         _check_resumable(state, tuple(lam.shape), len(tasks), path)
+        _check_optimizer_settings(state["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"], path)
         try:
             with torch.no_grad():
                 lam.copy_(state["coefficients"])

@@ -359,7 +359,7 @@ def _library_bars_off() -> Iterator[None]:
     before = os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS")
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     logging = sys.modules.get("transformers.utils.logging")
-    was_on = logging.is_progress_bar_enabled() if logging is not None else None
+    was_on = bool(logging is not None and logging.is_progress_bar_enabled())
     if was_on:
         logging.disable_progress_bar()
     try:
@@ -369,9 +369,10 @@ def _library_bars_off() -> Iterator[None]:
             os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
         else:
             os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = before
-        logging = sys.modules.get("transformers.utils.logging")
-        if logging is not None and (was_on or (was_on is None and before is None)):
-            logging.enable_progress_bar()
+        if was_on:  # only what was on before; a library imported meanwhile keeps them off (it read the variable)
+            with warnings.catch_warnings():  # huggingface_hub warns where its own switch was read as off
+                warnings.simplefilter("ignore")
+                logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

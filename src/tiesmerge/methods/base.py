@@ -30,11 +30,12 @@ import os
 import re
 import types as types_module
 import typing
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NewType, Protocol, runtime_checkable
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MergeWarning
 
 if TYPE_CHECKING:
     import torch
@@ -537,6 +538,19 @@ def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
     why = why or (meta["check"](value) if meta.get("check") else _TYPE_CHECKS[kind](value))  # includes the type's
     why = why or _out_of_range(unit, value)
     return f"{why}, got {_shown(value)}" if why else None
+
+
+def warn_unused(method: Any) -> None:
+    """A method's ``unused_options()`` (options its configuration ignores whatever the model: TIES's density beside
+    densities) given a value other than their default: said, since the merge is not what that value asks for."""
+    if not hasattr(method, "unused_options"):
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(method)}
+    for name, why in method.unused_options().items():
+        value = getattr(method, name)
+        if value is not None and value != defaults.get(name):
+            warnings.warn(MergeWarning(f"{method.name}: {name} = {value!r} is not used: {why}; drop it, or put the "
+                                       "value where it is read"), stacklevel=3)
 
 
 def option_problem(cls: type, name: str, value: Any) -> str | None:

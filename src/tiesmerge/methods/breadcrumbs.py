@@ -126,6 +126,11 @@ class _BreadcrumbsBase:
     rescale: str
     weights: tuple[float, ...] | None
 
+    def unused_options(self) -> dict[str, str]:
+        """gamma, where density 1 keeps every entry (mergekit's rule: no band is cut, outliers included)."""
+        return {"gamma": "density 1 keeps every entry, outliers included (mergekit's rule)"} if self.density >= 1 \
+            else {}
+
     def _problems(self) -> list[str]:
         problems = []
         if self.threshold_ties == "sort" and self.scope != "per_tensor":

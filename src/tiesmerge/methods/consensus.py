@@ -50,6 +50,10 @@ class Consensus:
     weights: tuple[float, ...] | None = option(None, "per-model weights in the multi-task vector",
                                                unit="one per model", per_model=True)
 
+    def unused_options(self) -> dict[str, str]:
+        """tall_lambda, where tall_lambdas sets each model's."""
+        return {"tall_lambda": "tall_lambdas sets each model's lambda"} if self.tall_lambdas is not None else {}
+
     def requirements(self) -> Requirements:
         return Requirements(weights=self.weights)
 

@@ -178,11 +178,12 @@ class Slerp:
                                            "unchanged; a t inside (0, 1) interpolates"), stacklevel=3)
             return
         rules = parse_schedule(self.t_by_name).rules
-        if self.t != 0.5 and all(any(p is None or p in n for p, _ in rules) for n in names):  # t's default: no word
+        # t unused: a '*' rule is said by unused_options (methods.base.warn_unused); filters covering every tensor here
+        if self.t != 0.5 and not any(p is None for p, _ in rules) and \
+                all(any(p in n for p, _ in rules) for n in names):  # t's default: no word
             warnings.warn(MergeWarning(
-                f"slerp: t = {self.t:g} is not used: t_by_name sets every tensor's t ("
-                + ("its '*' rule" if any(p is None for p, _ in rules) else "its filters match every tensor")
-                + "); put the value into t_by_name (e.g. '*=" + f"{self.t:g}') or drop t"), stacklevel=3)
+                f"slerp: t = {self.t:g} is not used: t_by_name's filters match every tensor; put the value into "
+                f"t_by_name (e.g. '*={self.t:g}') or drop t"), stacklevel=3)
         unmatched = [p for p, _ in rules if p is not None and not any(p in n for n in names)]
         if unmatched:  # a typo (self_atn) would leave every tensor at the default t, silently
             warnings.warn(MergeWarning(

@@ -70,6 +70,10 @@ class Ties:
                                          "electing (e.g. a multitask model; paper Tables 3 and 5)",
                                          unit="model directory")
 
+    def unused_options(self) -> dict[str, str]:
+        """density, where densities sets each model's fraction."""
+        return {"density": "densities sets each model's fraction"} if self.densities is not None else {}
+
     def requirements(self) -> Requirements:
         exact_k = self.threshold_ties == "sort"
         majority = self.zero_sign == "majority"

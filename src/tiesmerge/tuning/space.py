@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..limits import Underflow, parse_float
-from ..methods.base import fraction, nonzero_sum, option_problem, option_types
+from ..methods.base import NORMALISED_WEIGHT_LIMIT, fraction, nonzero_sum, option_problem, option_types
 from ..methods.base import paper_grid as declared_grid
 
 __all__ = ["Axis", "SearchSpace", "build_space", "parse_ranges", "parse_fixed", "canonical"]
@@ -268,12 +268,15 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         joins = meta.get("sums_with")
         if joins and joins not in names and isinstance(fixed.get(joins), (tuple, list)) and low != high:
             total = sum(float(x) for x in fixed[joins])  # base_weight searched beside fixed weights
-            if low + total <= 0 <= high + total:
+            nearest = min(abs(low + total), abs(high + total))
+            largest = max(abs(low), abs(high), *(abs(float(x)) for x in fixed[joins]))
+            if low + total <= 0 <= high + total or largest > NORMALISED_WEIGHT_LIMIT * nearest:
                 shown = ",".join(f"{float(x):g}" for x in fixed[joins])
                 problems.append(f"{name} over {low:g}:{high:g} with {joins}={shown}: their total ranges over "
-                                f"{low + total:g}:{high + total:g}, which crosses 0, so candidates near it nearly "
-                                "cancel (a sum near 0 scales the merge far past the models) and would be refused; "
-                                f"narrow --range {name} so {name} + sum({joins}) keeps one sign")
+                                f"{low + total:g}:{high + total:g}, which crosses or nearly reaches 0, so candidates "
+                                "near it nearly cancel (a sum near 0 scales the merge far past the models) and would "
+                                f"be refused; narrow --range {name} so {name} + sum({joins}) keeps one sign, away "
+                                "from 0")
                 continue
         if per_model and meta.get("check_all") is nonzero_sum:
             crossing = _total_crossing(fields, name, per_model, (low, high), fixed, ranges, grid)
@@ -311,6 +314,7 @@ def _total_crossing(fields: Mapping[str, Any], name: str, n: int, bounds: tuple[
     total over the search's box crosses 0, candidates inside it nearly cancel and are refused mid-search (an adaptive
     strategy walks into them), though no corner of the weights' own range is refused. None when it cannot."""
     low, high = n * bounds[0], n * bounds[1]  # the weights' own sum over the box
+    lows, highs = [bounds[0]] * n, [bounds[1]] * n  # the box's corners where the total is lowest / highest
     joined = []
     for other, f in fields.items():
         if f.metadata.get("sums_with") != name:
@@ -324,9 +328,20 @@ def _total_crossing(fields: Mapping[str, Any], name: str, n: int, bounds: tuple[
         else:  # not set: not counted (the method leaves it out)
             continue
         low, high = low + span[0], high + span[1]
+        lows.append(span[0])
+        highs.append(span[1])
         joined.append(f"{other}={span[0]:g}" if span[0] == span[1] else f"{other} over {span[0]:g}:{span[1]:g}")
-    if not joined or not low <= 0 <= high:
+    if not joined:
         return None
+    if not low <= 0 <= high:  # one sign: the corner nearest 0 may still normalise past the limit (a total of 1e-5)
+        nearest, corner = (low, lows) if low > 0 else (high, highs)
+        reach = max(abs(v) for v in corner) / abs(nearest)
+        if reach <= NORMALISED_WEIGHT_LIMIT:
+            return None
+        return (f"{name} over {bounds[0]:g}:{bounds[1]:g} with {' and '.join(joined)}: their total comes within "
+                f"{abs(nearest):.3g} of 0 at a corner of the box, where the weights normalised by it reach "
+                f"±{reach:.3g} (at most {NORMALISED_WEIGHT_LIMIT:g}), so candidates there would be refused "
+                f"mid-search; narrow --range {name} (or the other ranges) so the total stays away from 0")
     return (f"{name} over {bounds[0]:g}:{bounds[1]:g} with {' and '.join(joined)}: their total ranges over "
             f"{low:g}:{high:g}, which crosses 0, so candidates inside it nearly cancel (a sum near 0 scales the merge "
             f"far past the models) and would be refused mid-search; narrow --range {name} (or change "
