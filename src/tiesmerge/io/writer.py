@@ -457,7 +457,8 @@ def check_model_files(files: Sequence[Path], role: str = "the base") -> None:
                 with os.fdopen(os.dup(fd), "rb") as f:
                     data = f.read()
                 try:
-                    loads_json(data, str(path))
+                    if not isinstance(loads_json(data, str(path)), dict):  # every such file is an object
+                        raise CheckpointError(f"{path}: holds JSON that is not an object (e.g. null)")
                 except CheckpointError as exc:
                     raise CheckpointError(f"{exc.message}: {role}'s {path.name} is damaged or incomplete (a download "
                                           "cut short?), and the output would carry it",

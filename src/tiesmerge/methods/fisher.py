@@ -43,4 +43,10 @@ class Fisher:
         if ctx.statistics is None:
             return tau.mean(dim=0)
         fisher = ctx.statistics.clamp_min(self.epsilon)  # (n, *S)
-        return (fisher * tau).sum(dim=0).div_(fisher.sum(dim=0))
+        merged = (fisher * tau).sum(dim=0).div_(fisher.sum(dim=0))  # (*S)
+        if bool(merged.isfinite().all()):
+            return merged
+        # Fisher values near float32's top (finite, ~1e38) overflow the sums (x / inf = 0: silently the base); the
+        # weights F_t / sum F are the same divided first by each entry's largest F, whose sums cannot overflow
+        scaled = fisher / fisher.amax(dim=0, keepdim=True)  # (n, *S), in (0, 1]
+        return (scaled * tau).sum(dim=0).div_(scaled.sum(dim=0))

@@ -80,7 +80,10 @@ class ModelStock:
             raise _norm_overflow(ctx.name)
         t = interpolation_from(lengths, lambda i, j: (offsets[i] * offsets[j]).sum(dim=-1),
                                on_singular=lambda: _warn_opposite(ctx.name))
-        _warn_if_extrapolating(ctx.name, k, float(t.min()), float(t.max()))
+        if self.filter_wise and t.numel() > 1:  # one t per row: how many rows extrapolate, not one row as the tensor's
+            _warn_rows_extrapolating(ctx.name, k, t.reshape(-1))
+        else:
+            _warn_if_extrapolating(ctx.name, k, float(t.min()), float(t.max()))
         average = sum(ws) / k
         return (t * average + (1 - t) * w0).reshape(shape)
 
@@ -110,6 +113,23 @@ def _warn_if_extrapolating(name: str, k: int, low: float, high: float | None = N
         f"model_stock: tensor {name!r} gets t = {worst:.4g}, outside [0, 1]: its task vectors {how}, so the merge "
         "extrapolates along the models' mean rather than interpolating (mergekit computes the same); check that the "
         "models are fine-tunes of this base"), stacklevel=3)
+
+
+def _warn_rows_extrapolating(name: str, k: int, t: torch.Tensor) -> None:
+    """filter_wise: t (rows,) per row. Rows of unrelated task vectors scatter around cosine 0, so a tensor of thousands
+    of rows nearly always has some outside [0, 1]: said as a count and the worst row, not as the tensor's verdict."""
+    outside = (t < 0) | (t > 1)  # (rows,)
+    count = int(outside.sum())
+    if count == 0 or not bool(t.isfinite().all()):
+        return
+    worst = int((t - t.clamp(0, 1)).abs().argmax())
+    value = float(t[worst])
+    cos = value / (k - (k - 1) * value)
+    warnings.warn(MergeWarning(
+        f"model_stock (filter_wise): tensor {name!r}: {count} of {t.numel()} rows get t outside [0, 1] (the worst, "
+        f"row {worst} of this part, t = {value:.4g} at a mean cosine of {cos:.3g}), so those rows extrapolate along "
+        "the models' mean rather than interpolating (mergekit computes the same); per-row cosines of unrelated or "
+        "barely trained rows scatter around 0"), stacklevel=3)
 
 
 def _warn_opposite(name: str) -> None:

@@ -156,9 +156,11 @@ class Slerp:
     def unused_options(self) -> dict[str, str]:
         """Options this configuration ignores, whatever the model (a search over them would score one merge):
         t, where t_by_name has a rule for every tensor ('*')."""
-        if self.t_by_name is not None and any(p is None for p, _ in parse_schedule(self.t_by_name).rules):
-            return {"t": "t_by_name's '*' rule sets every tensor's t"}
-        return {}
+        rules = parse_schedule(self.t_by_name).rules if self.t_by_name is not None else ()
+        unused = {"t": "t_by_name's '*' rule sets every tensor's t"} if any(p is None for p, _ in rules) else {}
+        if not any(len(values) > 1 for _, values in rules):  # layers spreads a gradient, and there is none
+            unused["layers"] = "layers spreads a gradient of t_by_name over the layers, and there is none"
+        return unused
 
     def t_for(self, name: str) -> float:
         """t for the tensor ``name``: the schedule's value, else ``t``."""

@@ -72,7 +72,11 @@ class Ties:
 
     def unused_options(self) -> dict[str, str]:
         """density, where densities sets each model's fraction."""
-        return {"density": "densities sets each model's fraction"} if self.densities is not None else {}
+        unused = {"density": "densities sets each model's fraction"} if self.densities is not None else {}
+        if self.sign_from is not None:  # the sign is taken, not elected
+            unused |= {"elect": "sign_from gives the sign, nothing is elected",
+                       "zero_sign": "sign_from gives the sign, nothing is elected"}
+        return unused
 
     def requirements(self) -> Requirements:
         exact_k = self.threshold_ties == "sort"

@@ -19,7 +19,14 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..limits import Underflow, parse_float
-from ..methods.base import NORMALISED_WEIGHT_LIMIT, fraction, nonzero_sum, option_problem, option_types
+from ..methods.base import (
+    MODEL_COUNT_UNITS,
+    NORMALISED_WEIGHT_LIMIT,
+    fraction,
+    nonzero_sum,
+    option_problem,
+    option_types,
+)
 from ..methods.base import paper_grid as declared_grid
 
 __all__ = ["Axis", "SearchSpace", "build_space", "parse_ranges", "parse_fixed", "canonical"]
@@ -201,7 +208,13 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     cls = method_class(method) if isinstance(method, str) else method
     types = option_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    given = set(grid or {})
     grid = {**declared_grid(cls), **dict(grid or {})}
+    for name, values in list(grid.items()):  # the paper's grid, cut to what this many models allow (consensus' k
+        # counts tasks: 1, 2, 3 with two models); a grid the user gave is kept whole and refused as given
+        if name not in given and fields[name].metadata.get("unit") in MODEL_COUNT_UNITS:
+            kept = tuple(v for v in values if not (isinstance(v, (int, float)) and v > n_models))
+            grid[name] = kept or values
     ranges = dict(ranges or {})
     fixed = dict(fixed or {})
     names = list(axes) if axes else list(grid)

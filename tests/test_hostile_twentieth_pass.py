@@ -1,0 +1,103 @@
+"""Issue 13, the twentieth independent hostile pass (hp20): its findings, one case each (its first ones, F1-F4 and
+part of F6, are tested in test_hostile_nineteenth_pass.py, test_adapt_hostile.py and test_tuning_space.py)."""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+
+import tiesmerge
+from helpers_ckpt import write_family_dirs, write_hf_dir
+from tiesmerge.errors import MergeWarning
+from tiesmerge.methods import Fisher, ModelStock, Ties
+
+
+@pytest.fixture
+def family(tmp_path):
+    return write_family_dirs(tmp_path)
+
+
+class _Chunk:
+    def __init__(self, statistics):
+        self.statistics = statistics
+
+
+def test_fisher_values_whose_sum_overflows_float32_still_weight_the_models():
+    """F5: Fisher values of ~3e38 (finite) overflowed F_1 + F_2: every weight became 0 and the merge the base."""
+    tau = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
+    huge = Fisher().merge(tau.clone(), _Chunk(torch.full((2, 3), 3e38)))
+    assert torch.equal(huge, torch.tensor([2.0, 3.0, 4.0]))  # equal weights: the mean
+    lopsided = Fisher().merge(tau.clone(), _Chunk(torch.tensor([[3e38] * 3, [1e38] * 3])))
+    assert torch.allclose(lopsided, 0.75 * tau[0] + 0.25 * tau[1])
+    plain = Fisher().merge(tau.clone(), _Chunk(torch.tensor([[1.0] * 3, [3.0] * 3])))
+    assert torch.equal(plain, (tau[0] + 3 * tau[1]) / 4)  # the ordinary path, unchanged
+
+
+def test_ties_elect_and_zero_sign_are_said_unused_under_sign_from(family, tmp_path):
+    """F6: `--sign-from M --elect count` (or --zero-sign majority) changed nothing, silently."""
+    from tiesmerge.methods.base import warn_unused
+
+    b, ms = family
+    with pytest.warns(MergeWarning, match=r"ties: elect = 'count' is not used: sign_from gives the sign"):
+        warn_unused(Ties(sign_from=str(ms[0]), elect="count"))
+    with pytest.warns(MergeWarning, match=r"ties: zero_sign = 'majority' is not used"):
+        warn_unused(Ties(sign_from=str(ms[0]), zero_sign="majority"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unused(Ties(sign_from=str(ms[0])))
+        warn_unused(Ties(elect="count"))
+
+
+def test_the_default_grid_of_a_count_fits_the_models_merged():
+    """F7: `tune --method consensus` with two models was refused by consensus' own grid (k = 1, 2, 3)."""
+    from tiesmerge.tuning.space import build_space
+
+    assert build_space("consensus", 2, axes=["k"]).axes[0].values == (1, 2)
+    assert build_space("consensus", 3, axes=["k"]).axes[0].values == (1, 2, 3)
+    assert build_space("consensus", 2, axes=["k"], grid={"k": (1, 3)}).axes[0].values == (1, 3)  # given: kept
+
+
+def test_model_stock_filter_wise_counts_the_rows_that_extrapolate(tmp_path):
+    """F8: under filter_wise one row's t (cosine -0.49) was reported as the tensor's "mean cosine", for nearly every
+    tensor."""
+    torch.manual_seed(0)
+    base = {"w.weight": torch.zeros(32, 16)}
+    fts = [{"w.weight": torch.randn(32, 16)}, {"w.weight": torch.randn(32, 16)}]
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in [("base", base), ("a", fts[0]), ("b", fts[1])]]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiesmerge.merge(str(dirs[0]), [str(d) for d in dirs[1:]], ModelStock(filter_wise=True),
+                        output=str(tmp_path / "o"))
+    text = [str(w.message) for w in caught if "model_stock" in str(w.message)]
+    assert len(text) == 1 and re.search(r"tensor 'w.weight': \d+ of 32 rows get t outside \[0, 1\]", text[0]), text
+    assert "nearly opposite" not in text[0]
+
+
+def test_a_side_json_file_that_is_not_an_object_is_refused(family, tmp_path):
+    """N2: a tokenizer_config.json holding `null` (valid JSON) was copied; transformers cannot load it."""
+    from tiesmerge.errors import CheckpointError
+
+    b, ms = family
+    base = tmp_path / "b2"
+    base.mkdir()
+    for f in b.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    (base / "tokenizer_config.json").write_text("null")
+    with pytest.raises(CheckpointError, match=r"not an object .*tokenizer_config.json is damaged or incomplete"):
+        tiesmerge.merge(str(base), [str(m) for m in ms], "ties", output=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_slerp_layers_without_a_gradient_is_said_unused():
+    """N6: `slerp --t 0.3 --layers 5` (no gradient to spread) passed silently."""
+    from tiesmerge.methods import Slerp
+    from tiesmerge.methods.base import warn_unused
+
+    with pytest.warns(MergeWarning, match=r"slerp: layers = 5 is not used: layers spreads a gradient"):
+        warn_unused(Slerp(t=0.3, layers=5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unused(Slerp(t_by_name="self_attn=0,1;*=0.5", layers=5))
