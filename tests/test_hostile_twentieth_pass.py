@@ -101,3 +101,25 @@ def test_slerp_layers_without_a_gradient_is_said_unused():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_unused(Slerp(t_by_name="self_attn=0,1;*=0.5", layers=5))
+
+
+def test_a_limited_read_of_data_rows_stops_at_the_limit(tmp_path, monkeypatch):
+    """N1: `stats --limit 2` read, decoded and split a 592 MB file whole (3 GB peak) for its first two rows."""
+    from tiesmerge import limits
+    from tiesmerge.errors import ConfigError
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"text": "a"}\n\n{"text": "b"}\n' + '{"text": "c"}\n' * 100_000 + "not json\n")
+    read = []
+    real = limits._first_lines
+
+    def counting(f, rows, max_bytes):
+        out = real(f, rows, max_bytes)
+        read.append(len(out))
+        return out
+
+    monkeypatch.setattr(limits, "_first_lines", counting)
+    rows = limits.read_json_lines(data, "the data file", max_bytes=1 << 30, error=ConfigError, limit=2)
+    assert [(n, r["text"]) for n, r in rows] == [(1, "a"), (3, "b")] and read == [29]
+    with pytest.raises(ConfigError, match="not valid JSON"):  # unlimited: the whole file, its broken last line too
+        limits.read_json_lines(data, "the data file", max_bytes=1 << 30, error=ConfigError)

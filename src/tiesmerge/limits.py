@@ -108,9 +108,13 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     fd = open_regular(path, what, error)
     try:  # rows still being appended by another process (an export under way): refused, not learned from half-made
         refuse_writers(fd, Path(path), error)
+        if limit is not None:  # the first rows only: read as far as they go, not the whole file (--limit 2 of 600 MB)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                raw = _first_lines(f, limit, max_bytes)
     finally:
         os.close(fd)
-    raw = read_regular(path, what, max_bytes=max_bytes, error=error)
+    if limit is None:
+        raw = read_regular(path, what, max_bytes=max_bytes, error=error)
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data
     except UnicodeDecodeError as exc:
@@ -132,6 +136,19 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     if not rows:
         raise error(f"{path}: {what} holds no examples", hint=hint)
     return rows
+
+
+def _first_lines(f: Any, rows: int, max_bytes: int) -> bytes:
+    """The bytes of ``f`` up to the end of its ``rows``-th non-blank line (at most ``max_bytes``): what a limited
+    read parses. A blank line is no row; a line cut by ``max_bytes`` is parsed as it is (and refused as broken)."""
+    out, found = bytearray(), 0
+    while found < rows and len(out) < max_bytes:
+        line = f.readline(max_bytes - len(out))
+        if not line:
+            break
+        out += line
+        found += bool(line.strip())
+    return bytes(out)
 
 
 def underflows(text: str, value: float) -> bool:
