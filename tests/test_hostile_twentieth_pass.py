@@ -123,3 +123,16 @@ def test_a_limited_read_of_data_rows_stops_at_the_limit(tmp_path, monkeypatch):
     assert [(n, r["text"]) for n, r in rows] == [(1, "a"), (3, "b")] and read == [29]
     with pytest.raises(ConfigError, match="not valid JSON"):  # unlimited: the whole file, its broken last line too
         limits.read_json_lines(data, "the data file", max_bytes=1 << 30, error=ConfigError)
+
+
+def test_tune_fits_the_paper_grid_of_a_count_to_the_models_merged(family):
+    """hp21 F2 (pass 20 F7 again, by `tune`): consensus' k grid 1, 2, 3 refused the commonest case, two models."""
+    from tiesmerge.errors import ConfigError
+
+    b, ms = family
+    result = tiesmerge.tune(str(b), [str(m) for m in ms], "consensus", lambda sd: 0.0,
+                            grid={"k": (1, 2, 3), "tall_lambda": (0.4,), "lam": (0.4,)})
+    assert sorted({p.options["k"] for p in result.points}) == [1, 2]
+    with pytest.raises(ConfigError, match="k=3 counts tasks"):  # a grid of the user's own is refused as given
+        tiesmerge.tune(str(b), [str(m) for m in ms], "consensus", lambda sd: 0.0,
+                       grid={"k": (1, 3), "lam": (0.4,)})

@@ -21,7 +21,15 @@ from ..api import Source, merge
 from ..errors import ConfigError
 from ..inputs import check_inputs
 from ..limits import Underflow, parse_float
-from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
+from ..methods.base import (
+    MAX_AXIS_POINTS,
+    MODEL_COUNT_UNITS,
+    MergeMethod,
+    check_models,
+    option_problem,
+    option_types,
+    steps,
+)
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
 from .candidates import check_candidate, check_tuning_vocab_policy
@@ -162,6 +170,11 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     check_inputs(base, models)  # before len(models) below: a single path would be counted letter by letter
     _check_tunable(cls)
     grid = dict(grid or paper_grid(cls))
+    counts = {f.name for f in dataclasses.fields(cls) if f.metadata.get("unit") in MODEL_COUNT_UNITS}
+    for key in counts & set(grid):  # the paper's grid of a count, cut to the models merged (consensus' k with two)
+        if tuple(grid[key]) == tuple(declared_grid(cls).get(key, ())):  # a grid the user gave: refused as given
+            grid[key] = tuple(v for v in grid[key] if not (isinstance(v, (int, float)) and v > len(models))) \
+                or grid[key]
     has_lam = "lam" in {f.name for f in dataclasses.fields(cls)}
     if has_lam and "lam" not in grid:
         raise ConfigError("the grid must include lam (the values swept on top of each merge)")
