@@ -136,3 +136,18 @@ def test_tune_fits_the_paper_grid_of_a_count_to_the_models_merged(family):
     with pytest.raises(ConfigError, match="k=3 counts tasks"):  # a grid of the user's own is refused as given
         tiesmerge.tune(str(b), [str(m) for m in ms], "consensus", lambda sd: 0.0,
                        grid={"k": (1, 3), "lam": (0.4,)})
+
+
+@pytest.mark.parametrize("tiny", [1e-45, 1e-40])
+def test_fisher_rms_normalisation_of_subnormal_statistics(tiny):
+    """hp21 F1: Fisher values of 1e-45 / 1e-40 (subnormal, finite, nonzero) under normalize=rms: 1/rms (~1e45) is Inf
+    in float32, and the scaled statistics were not finite."""
+    from helpers_ckpt import make_family
+    from helpers_merge import fisher_stats, float_names, merge
+
+    base, models = make_family(2)
+    names = float_names(base)
+    stats = [fisher_stats({n: torch.full(base[n].shape, tiny * (k + 1)) for n in names}) for k in range(2)]
+    merged = merge(base, models, Fisher(normalize="rms"), stats)
+    for n in names:  # each model's statistics are constant: after the rms scaling both weigh 1, the mean
+        torch.testing.assert_close(merged[n], (models[0][n] + models[1][n]) / 2, rtol=1e-5, atol=1e-6)

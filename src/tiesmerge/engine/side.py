@@ -111,7 +111,12 @@ class SideInputs:
                                          f"{name!r} {why}",
                                          hint="the statistics file is damaged, or an older tiesmerge wrote statistics "
                                               "that overflow (it now refuses them, naming the tensor): recompute them")
-            values.append(value.mul_(self.scales[k]))
+            scale = self.scales[k]
+            if 1e-30 <= scale <= 1e30:
+                values.append(value.mul_(scale))
+            else:  # statistics near float32's ends (subnormal Fisher values: 1 / rms ~1e45 is Inf in float32): scaled
+                # in float64, where the factor is a number, to the rms-1 values float32 holds
+                values.append(value.double().mul_(scale).float())
         side = torch.stack(values)  # (n, ...)
         if not self.spec.rows:
             self._cached = (name, side)
