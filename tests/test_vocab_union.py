@@ -248,3 +248,21 @@ def test_union_of_slow_tokenizer_files_and_their_output(tmp_path):
     assert set(written) == {"tokenizer_config.json", "added_tokens.json"}
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert len(tok) == 10 and tok.convert_tokens_to_ids(["<x>", "<y>"]) == [8, 9]
+
+
+@pytest.mark.parametrize("where, key, value", [("ft1", "tokenizer.json", 5), ("base", "tokenizer.json", 5),
+                                               ("base", "tokenizer_config.json", [1, 2]),
+                                               ("base", "tokenizer_config.json", "ab"),
+                                               ("ft0", "tokenizer_config.json", 5)])
+def test_tokenizer_lists_of_the_wrong_type_are_named_before_the_merge(tmp_path, where, key, value):
+    """hp21 F3/F4: `"added_tokens": 5` in a tokenizer.json, or a tokenizer_config.json's added_tokens_decoder of the
+    wrong type, gave "unexpected TypeError / ValueError ... a bug" (the base's only when the output was written)."""
+    base, fts = _family(tmp_path)
+    folder = {"base": base, "ft0": fts[0], "ft1": fts[1]}[where]
+    data = json.loads((folder / key).read_text())
+    data["added_tokens" if key == "tokenizer.json" else "added_tokens_decoder"] = value
+    (folder / key).write_text(json.dumps(data))
+    field = "added_tokens" if key == "tokenizer.json" else "added_tokens_decoder"
+    with pytest.raises(tiesmerge.errors.CheckpointError, match=f"{key}: {field} is"):
+        tiesmerge.merge(base, fts, "ties", vocab_policy="union", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

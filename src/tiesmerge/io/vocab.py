@@ -125,6 +125,9 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
             raise CheckpointError(f"{tj}: no model vocabulary (model.vocab) in this tokenizer.json",
                                   hint="save the tokenizer with a fast (tokenizers) backend")
         model_ids = set(tokens)
+        if not isinstance(data.get("added_tokens") or [], list):  # the writer extends the base's list too
+            raise CheckpointError(f"{tj}: added_tokens is {type(data['added_tokens']).__name__}, not a list of "
+                                  "tokens", hint="the tokenizer file is damaged: save the tokenizer again")
         for raw in data.get("added_tokens") or []:
             entry = _entry(raw, str(tj))
             i = _as_id(raw.get("id"), str(tj))
@@ -170,6 +173,9 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
     if tc is not None and read:
         data = read_json(tc, f"{label}'s tokenizer_config.json")
         decoder = data.get("added_tokens_decoder") if isinstance(data, dict) else None
+        if decoder is not None and not isinstance(decoder, dict):  # the writer adds the new tokens to the base's
+            raise CheckpointError(f"{tc}: added_tokens_decoder is {type(decoder).__name__}, not a mapping of token "
+                                  "ids to tokens", hint="the tokenizer config is damaged: save the tokenizer again")
         if isinstance(decoder, dict):
             for key, raw in decoder.items():
                 i = _as_id(key, str(tc))
@@ -380,6 +386,9 @@ def write_tokenizer_files(union: VocabUnion, target: Path, vocab_rows: int) -> t
     chat_from = None
     if tc is not None or tj is None:
         tc = dict(tc or {})
+        if not isinstance(tc.get("added_tokens_decoder") or {}, dict):
+            raise CheckpointError(f"{label}'s tokenizer_config.json: added_tokens_decoder is not a mapping of token "
+                                  "ids to tokens", hint="the tokenizer config is damaged: save the tokenizer again")
         decoder = dict(tc.get("added_tokens_decoder") or {})
         for t in union.new:
             decoder[str(t.id)] = {"content": t.content, "lstrip": bool(t.entry.get("lstrip", False)),
