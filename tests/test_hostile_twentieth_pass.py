@@ -151,3 +151,19 @@ def test_fisher_rms_normalisation_of_subnormal_statistics(tiny):
     merged = merge(base, models, Fisher(normalize="rms"), stats)
     for n in names:  # each model's statistics are constant: after the rms scaling both weigh 1, the mean
         torch.testing.assert_close(merged[n], (models[0][n] + models[1][n]) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_at_a_symbolic_link_to_an_input_says_link(tmp_path):
+    """hp21 N7: a symbolic link to a data file, named as the checkpoint, was called "a hard link to the same file"."""
+    import os
+
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"text": "a"}\n')
+    link = tmp_path / "ck.safetensors"
+    os.symlink(data, link)
+    with pytest.raises(OutputError, match=r"is data file 0 \(.*t\.jsonl\)(, reached through a link)?; writing") as err:
+        check_output_file(link, True, [("data file 0", str(data))], "the checkpoint")
+    assert "hard link" not in str(err.value)

@@ -924,7 +924,8 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
                 how = _same_place(cand, src)  # the same file or folder reached through another mount too
                 if how in ("is", "lies inside") and not (src == cand or src in cand.parents):
                     # one file under two names in one file system is a hard link; a folder, another mount of it
-                    way = ("a hard link to the same file" if how == "is" and not stat.S_ISDIR(os.stat(src).st_mode)
+                    way = ("reached through a link" if os.path.islink(cand) else
+                           "a hard link to the same file" if how == "is" and not stat.S_ISDIR(os.stat(src).st_mode)
                            else "reached through another mount of the same folder")
                     raise OutputError(f"{path}: {what} {how} {who} ({source}), {way}; writing there would change "
                                       "an input", hint="choose a path outside the inputs")

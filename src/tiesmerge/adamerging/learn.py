@@ -322,13 +322,15 @@ def _check_optimizer_settings(saved: Any, current: list[dict], path: Path) -> No
         return [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"} for g in groups]
 
     mine, theirs = settings(current), settings(saved)
-    if theirs == mine:
-        return
-    if theirs is None or len(theirs) != len(mine):
-        why = "they are not one group of Adam's settings"
+    if theirs is not None and len(theirs) == len(mine):
+        # the settings both name must agree; one only another torch version has (foreach, decoupled_weight_decay)
+        # is left out, the run's own groups being the ones loaded
+        differ = [k for k in sorted(set(mine[0]) & set(theirs[0])) if mine[0][k] != theirs[0][k]]
+        if not differ:
+            return
+        why = f"{differ[0]} is {theirs[0][differ[0]]!r} there, {mine[0][differ[0]]!r} in this run"
     else:
-        key = next(k for k in sorted(set(mine[0]) | set(theirs[0])) if mine[0].get(k) != theirs[0].get(k))
-        why = f"{key} is {theirs[0].get(key)!r} there, {mine[0].get(key)!r} in this run"
+        why = "they are not one group of Adam's settings"
     raise ConfigError(f"{path}: the checkpoint is damaged (its optimizer settings are not this run's: {why})",
                       hint="remove it to start afresh (the run's settings match, its contents do not)")
 
@@ -408,6 +410,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
         _fingerprint_check(state.get("fingerprint", ""), fingerprint, path)
         _check_resumable(state, tuple(lam.shape), len(tasks), path)
         _check_optimizer_settings(state["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"], path)
+        state["optimizer"]["param_groups"] = optimizer.state_dict()["param_groups"]  # the run's: equal where named
         try:
             with torch.no_grad():
                 lam.copy_(state["coefficients"])
