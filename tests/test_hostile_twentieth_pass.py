@@ -167,3 +167,21 @@ def test_a_checkpoint_at_a_symbolic_link_to_an_input_says_link(tmp_path):
     with pytest.raises(OutputError, match=r"is data file 0 \(.*t\.jsonl\)(, reached through a link)?; writing") as err:
         check_output_file(link, True, [("data file 0", str(data))], "the checkpoint")
     assert "hard link" not in str(err.value)
+
+
+def test_notes_of_the_twenty_first_pass(family, tmp_path):
+    """hp21 N6: a search over slerp's layers (no t_by_name, nothing --set) was told to "drop that --set"; N8: a copy of
+    the base under model_stock makes the merge the base, said only as "pulls the merge toward the base"."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match=r"search another option \(or --set what makes it count\)") as err:
+        build_space("slerp", 2, axes=["layers"], grid={"layers": (2, 3)})
+    assert "drop that --set" not in str(err.value)
+    b, ms = family
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in b.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with pytest.warns(MergeWarning, match=r"Model Stock's t drops toward 0 \(with two models the merge is the base"):
+        tiesmerge.merge(str(b), [str(copy), str(ms[0])], ModelStock(), output=str(tmp_path / "ms"))

@@ -181,7 +181,9 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                                  "again?)")):
         if not found:
             continue
-        effect = ("an endpoint (or member) that is the base itself, which pulls the merge toward the base"
+        effect = ("a zero task vector, whose cosine with the others is 0: Model Stock's t drops toward 0 (with two "
+                  "models the merge is the base itself)" if method == "model_stock" else
+                  "an endpoint (or member) that is the base itself, which pulls the merge toward the base"
                   if interpolates else "a zero task vector, which adds nothing to the merge"
                   if method in _ZERO_ADDS_NOTHING else
                   f"a zero task vector, which {method or 'the method'} still counts among the models (in a mean "

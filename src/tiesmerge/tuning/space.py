@@ -237,7 +237,8 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     for name in names:
         if name in unused:  # every candidate would be the same merge, scored again and again
             problems.append(f"searching {name} changes nothing: {unused[name]}, so every candidate is the same "
-                            f"merge; drop that --set, or search another option")
+                            "merge; " + ("drop that --set, or search another option" if fixed else
+                                         "search another option (or --set what makes it count)"))
     if problems:
         raise ConfigError(problems)
     built = []
