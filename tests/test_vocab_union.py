@@ -266,3 +266,23 @@ def test_tokenizer_lists_of_the_wrong_type_are_named_before_the_merge(tmp_path, 
     with pytest.raises(tiesmerge.errors.CheckpointError, match=f"{key}: {field} is"):
         tiesmerge.merge(base, fts, "ties", vocab_policy="union", output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_single_additional_special_token_stays_one_token(tmp_path, key):
+    """hp21 F7: the base's `"additional_special_tokens": "<s>"` was written out as ["<", "s", ">", ...]; `5` or `[5]`
+    was "unexpected ... a bug"."""
+    base, fts = _family(tmp_path)
+    path = base / key
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["additional_special_tokens"] = "<s>"
+    path.write_text(json.dumps(data))
+    tiesmerge.merge(base, fts, "ties", vocab_policy="union", output=tmp_path / "out")
+    written = json.loads((tmp_path / "out" / key).read_text())["additional_special_tokens"]
+    assert written[0] == "<s>" and "<" not in written and "<|im_start|>" in written
+    for bad in (5, [5]):
+        data["additional_special_tokens"] = bad
+        path.write_text(json.dumps(data))
+        with pytest.raises(tiesmerge.errors.CheckpointError, match=f"{key}: additional_special_tokens is"):
+            tiesmerge.merge(base, fts, "ties", vocab_policy="union", output=tmp_path / "out2")
+        assert not (tmp_path / "out2").exists()

@@ -102,6 +102,20 @@ def _put(tokens: dict[int, str], i: int, text: str, where: str) -> None:
     tokens[i] = text
 
 
+def special_list(value: Any, where: str) -> list[Any]:
+    """A tokenizer file's ``additional_special_tokens`` as the list transformers reads: none, one token (a string, or
+    an AddedToken's mapping with its ``content``), or a list of them; anything else is a typed error naming the file
+    (``list("<s>")`` would have written the characters as three tokens)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(e, str) or (isinstance(e, dict) and isinstance(e.get("content"), str)) for e in items):
+        raise CheckpointError(f"{where}: additional_special_tokens is {type(value).__name__} {str(value)[:60]}, not "
+                              "a token or a list of tokens (strings, or mappings with a 'content')",
+                              hint="the tokenizer files are damaged: save the tokenizer again")
+    return list(items)
+
+
 def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
     """The tokenizer of a model directory, read as data (see the module's docstring)."""
     directory = Path(directory)
@@ -173,6 +187,8 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
     if tc is not None and read:
         data = read_json(tc, f"{label}'s tokenizer_config.json")
         decoder = data.get("added_tokens_decoder") if isinstance(data, dict) else None
+        if isinstance(data, dict):  # checked now: the output's is the base's, extended after the merge
+            special_list(data.get("additional_special_tokens"), str(tc))
         if decoder is not None and not isinstance(decoder, dict):  # the writer adds the new tokens to the base's
             raise CheckpointError(f"{tc}: added_tokens_decoder is {type(decoder).__name__}, not a mapping of token "
                                   "ids to tokens", hint="the tokenizer config is damaged: save the tokenizer again")
@@ -183,6 +199,11 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
                 _put(tokens, i, entry["content"], str(tc))
                 added[i] = {**added.get(i, {}), **entry}
             read.append("tokenizer_config.json")
+    stm = _file(directory, "special_tokens_map.json", label)
+    if stm is not None and read:  # extended in the output (the base's): its list checked before the merge
+        data = read_json(stm, f"{label}'s special_tokens_map.json")
+        if isinstance(data, dict):
+            special_list(data.get("additional_special_tokens"), str(stm))
     if not read:
         raise CheckpointError(
             f"{directory}: {label} has no tokenizer tiesmerge can read as data (looked for tokenizer.json, vocab.txt, "
@@ -398,8 +419,9 @@ def write_tokenizer_files(union: VocabUnion, target: Path, vocab_rows: int) -> t
                                   "special": bool(t.entry.get("special", False))}
         tc["added_tokens_decoder"] = decoder
         if specials:
-            extra = tc.get("additional_special_tokens") or []
-            tc["additional_special_tokens"] = list(extra) + [s for s in specials if s not in extra]
+            extra = special_list(tc.get("additional_special_tokens"), f"{label}'s tokenizer_config.json")
+            names = [e if isinstance(e, str) else e.get("content") for e in extra]
+            tc["additional_special_tokens"] = extra + [s for s in specials if s not in names]
         base_key, base_text = _chat_template(base_dir, label)
         if base_key is None and base_text is None:
             for m in union.models:
@@ -415,9 +437,9 @@ def write_tokenizer_files(union: VocabUnion, target: Path, vocab_rows: int) -> t
         dump("tokenizer_config.json", tc)
     stm = _read_obj(base_dir, "special_tokens_map.json", label)
     if stm is not None and specials:
-        extra = stm.get("additional_special_tokens") or []
+        extra = special_list(stm.get("additional_special_tokens"), f"{label}'s special_tokens_map.json")
         names = [e if isinstance(e, str) else e.get("content") for e in extra]
-        stm["additional_special_tokens"] = list(extra) + [s for s in specials if s not in names]
+        stm["additional_special_tokens"] = extra + [s for s in specials if s not in names]
         dump("special_tokens_map.json", stm)
     at = _read_obj(base_dir, "added_tokens.json", label)
     if at is not None or tj is None:
