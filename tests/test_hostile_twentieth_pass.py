@@ -185,3 +185,19 @@ def test_notes_of_the_twenty_first_pass(family, tmp_path):
         (copy / f.name).write_bytes(f.read_bytes())
     with pytest.warns(MergeWarning, match=r"Model Stock's t drops toward 0 \(with two models the merge is the base"):
         tiesmerge.merge(str(b), [str(copy), str(ms[0])], ModelStock(), output=str(tmp_path / "ms"))
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
+def test_an_exclude_pattern_matching_no_tensor_or_every_tensor_is_said(method):
+    """hp21 F6: `tsv_m --exclude embd` (a typo) changed nothing, silently; N12: `--exclude .` decomposed nothing."""
+    from tiesmerge.registry import make_method
+
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
+    with pytest.warns(MergeWarning, match=f"{method}: exclude 'embd' matches no tensor of the model"):
+        make_method(method, {"exclude": "embd"}).check_tensors(names)
+    with pytest.warns(MergeWarning, match=f"{method}: exclude '.' matches every tensor of the model"):
+        make_method(method, {"exclude": "."}).check_tensors(names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_method(method, {}).check_tensors(names)  # the default (CLIP's text_projection): no word
+        make_method(method, {"exclude": "embed"}).check_tensors(names)

@@ -8,7 +8,7 @@ from typing import ClassVar
 from ..lazy import torch
 from . import svd as linalg
 from .base import ChunkContext, Requirements, fraction, method_config, option
-from .tsv import exclude_option, precision_option, scale_option
+from .tsv import EXCLUDE_DEFAULT, exclude_option, precision_option, scale_option
 
 
 def _common_dims(r: int, n_models: int, common_fraction: float) -> tuple[int, int]:
@@ -52,6 +52,10 @@ class IsoC:
     lam: float = scale_option()
     exclude: str = exclude_option()
     svd_precision: str = precision_option()
+
+    def check_tensors(self, names: list[str]) -> None:
+        """exclude against the model's names (see :func:`.svd.check_exclude`)."""
+        linalg.check_exclude(self.name, self.exclude, names, default=EXCLUDE_DEFAULT)
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)
@@ -110,6 +114,10 @@ class IsoCTS:
                                     "is shared equally by the tasks)", unit="fraction, (0, 1]", check=fraction)
     exclude: str = exclude_option()
     svd_precision: str = precision_option()
+
+    def check_tensors(self, names: list[str]) -> None:
+        """exclude against the model's names (see :func:`.svd.check_exclude`)."""
+        linalg.check_exclude(self.name, self.exclude, names, default=EXCLUDE_DEFAULT)
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)

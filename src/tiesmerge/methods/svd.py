@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..io.patterns import ModulePattern
 
 __all__ = ["ILL_CONDITIONED", "PRECISIONS", "svd", "numerical_rank", "known_rank", "randomized_svd", "polar",
-           "svd_bytes", "regex", "matrix_shape", "exclude_pattern", "OVERSAMPLE"]
+           "svd_bytes", "regex", "matrix_shape", "exclude_pattern", "check_exclude", "OVERSAMPLE"]
 
 ILL_CONDITIONED = 1e-4  # s_used / s_max below this: redo in float64 (see the module docstring)
 PRECISIONS = ("auto", "float32", "float64")  # auto: float32, float64 where needed
@@ -216,6 +216,26 @@ def regex(value: object) -> str | None:
             shown = repr(value[:80])  # the message names the key; the option check names the option
             return exc.message[exc.message.find(shown) + len(shown) + 1:] if shown in exc.message else exc.message
     return None
+
+
+def check_exclude(method: str, value: str, names: Sequence[str], default: str = "") -> None:
+    """``exclude`` against the model's tensor names: one matching none (a typo: ``embd``) would change nothing, one
+    matching all (``.``) decomposes nothing, the merge a scaled mean: either is said, as a filter of slerp's is
+    (the default, CLIP's text_projection, matches nothing in most models: no word then)."""
+    import warnings
+
+    from ..errors import MergeWarning
+
+    pattern = exclude_pattern(value)
+    if pattern is None or not names:
+        return
+    hits = sum(1 for n in names if pattern.search(n))
+    if hits == 0 and value != default:
+        warnings.warn(MergeWarning(f"{method}: exclude {value!r} matches no tensor of the model, so it changes "
+                                   "nothing (a pattern is searched in each tensor's name, e.g. 'embed')"), stacklevel=3)
+    elif hits == len(names):
+        warnings.warn(MergeWarning(f"{method}: exclude {value!r} matches every tensor of the model, so none is "
+                                   "decomposed: the merge is the models' mean scaled by lam"), stacklevel=3)
 
 
 @functools.lru_cache(maxsize=64)

@@ -30,8 +30,11 @@ def scale_option() -> float:
                   grid=LAM_GRID)
 
 
+EXCLUDE_DEFAULT = "text_projection"  # the reference's: CLIP's text projection is averaged
+
+
 def exclude_option() -> str:
-    return option("text_projection", "regular expression of 2-D tensor names to average instead "
+    return option(EXCLUDE_DEFAULT, "regular expression of 2-D tensor names to average instead "
                   "(the reference averages CLIP's text_projection); empty: none", unit="regex", check=linalg.regex)
 
 
@@ -89,6 +92,10 @@ class TsvMerge:
                               check=non_negative_int)
     seed: int = option(0, "seed of the randomized SVD's sketches (one stream per tensor)", unit="integer",
                        check=seed_value)
+
+    def check_tensors(self, names: list[str]) -> None:
+        """exclude against the model's names (see :func:`.svd.check_exclude`)."""
+        linalg.check_exclude(self.name, self.exclude, names, default=EXCLUDE_DEFAULT)
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)
