@@ -185,3 +185,14 @@ def test_a_damaged_checkpoint_of_this_run_is_refused_before_it_is_used(tmp_path,
         return
     with pytest.raises(ConfigError, match=needle):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True)
+
+
+def test_resuming_a_checkpoint_past_the_runs_steps_says_which_result_it_writes(tmp_path):
+    """hp21 N11: --resume --steps 3 from a checkpoint at step 300 wrote the 300-step result without a word."""
+    from tiesmerge.errors import MergeWarning
+
+    base, fts, files = _setup(tmp_path)
+    ck = tmp_path / "ck.safetensors"
+    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck)
+    with pytest.warns(MergeWarning, match=r"the checkpoint is at step 4, past --steps 2: the result is the 4-step one"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, checkpoint=ck, resume=True)

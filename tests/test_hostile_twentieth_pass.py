@@ -201,3 +201,44 @@ def test_an_exclude_pattern_matching_no_tensor_or_every_tensor_is_said(method):
         warnings.simplefilter("error")
         make_method(method, {}).check_tensors(names)  # the default (CLIP's text_projection): no word
         make_method(method, {"exclude": "embed"}).check_tensors(names)
+
+
+def test_notes_of_the_twenty_first_pass_continued(family, tmp_path):
+    """hp21 N9: --dtype rewrote only config.json's top-level dtype, not text_config's / vision_config's; N10:
+    --sign-from a copy of the base gave the base with a warning naming no sign_from; N2: int32 statistics of the right
+    shape were blamed on their shape."""
+    import json
+
+    b, ms = family
+    base = tmp_path / "composite"
+    base.mkdir()
+    for f in b.iterdir():
+        (base / f.name).write_bytes(f.read_bytes())
+    config = json.loads((base / "config.json").read_text())
+    config.update(torch_dtype="float32", text_config={"torch_dtype": "float32", "dtype": "float32"},
+                  vision_config={"dtype": "float32", "layers": {"torch_dtype": "float32"}})
+    (base / "config.json").write_text(json.dumps(config))
+    tiesmerge.merge(str(base), [str(m) for m in ms], "ties", output=str(tmp_path / "o"), dtype="bf16")
+    written = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert written["torch_dtype"] == written["text_config"]["torch_dtype"] == written["text_config"]["dtype"] == \
+        written["vision_config"]["dtype"] == written["vision_config"]["layers"]["torch_dtype"] == "bfloat16"
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in b.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    with pytest.warns(MergeWarning, match=r"the reference model \(sign_from\) holds the same weights files as the "
+                                          r"base"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], Ties(sign_from=str(copy)), output=str(tmp_path / "sf"))
+
+
+def test_statistics_of_an_integer_dtype_are_named_as_such(tmp_path):
+    from helpers_ckpt import make_family
+    from helpers_merge import fisher_stats, float_names, merge
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    base, models = make_family(2)
+    names = float_names(base)
+    stats = [fisher_stats({n: torch.ones(base[n].shape, dtype=torch.int32) for n in names}) for _ in range(2)]
+    with pytest.raises(IncompatibleCheckpointsError, match=r"is int32, but a fisher statistic is floating-point \(its "
+                                                          r"shape .* is right\)"):
+        merge(base, models, Fisher(), stats)

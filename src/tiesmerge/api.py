@@ -172,6 +172,11 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                                                       "the merge combines a model with itself (was another folder "
                                                       "meant?)"), MergeWarning, stacklevel=3)
         seen.setdefault(key, k)
+    reference = tuple(sorted(d["sha256"] for d in hashed.get("reference") or []))
+    if reference and reference == base:  # sign_from a copy of the base (its own folder is refused up front)
+        warnings.warn("the reference model (sign_from) holds the same weights files as the base, byte for byte: its "
+                      "task vector is 0, so it elects no sign and the merge is the base itself (was a fine-tuned "
+                      "model meant, e.g. a multitask one?)", MergeWarning, stacklevel=3)
     # a copy saved again (other metadata, shard layout, a dtype round trip) has other bytes, the same values: the
     # distance sample (distance.measure, read before the merge) sees every sampled row equal to the base's
     resaved = [f"{d.index} ({labels[d.index]})" for d in distances

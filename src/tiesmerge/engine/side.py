@@ -74,6 +74,12 @@ class SideInputs:
                     f"(model {k}: {model.label})",
                     hint="statistics must be computed with the model they are given for, in the models' order")
             want = self.expected_shape(job)
+            if want is not None and info.shape == want and not info.dtype.is_floating_point:  # the shape is right
+                raise IncompatibleCheckpointsError(
+                    f"{stats.location(name)}: statistic {name!r} is {str(info.dtype).removeprefix('torch.')}, but a "
+                    f"{self.spec.kind} statistic is floating-point (its shape {tuple(info.shape)} is right)",
+                    hint="the statistics file was converted or written by another tool: recompute it with "
+                         "tiesmerge stats")
             if want is None or info.shape != want or not info.dtype.is_floating_point:
                 what = (f"a {self.spec.kind} statistic of shape {want}" if want is not None
                         else f"no {self.spec.kind} statistic (only 2-D weights have Gram matrices)")

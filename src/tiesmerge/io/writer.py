@@ -496,12 +496,21 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
     if dtype is not None and "config.json" in copied:
         data = loads_json(config.read_bytes(), str(config))
         if isinstance(data, dict):
-            name = as_dtype(dtype).name
-            for key in ("torch_dtype", "dtype"):
-                if key in data:
-                    data[key] = name
+            _set_dtype(data, as_dtype(dtype).name)
             config.write_text(json.dumps(data, indent=2) + "\n")
     return copied
+
+
+def _set_dtype(config: dict, name: str, depth: int = 0) -> None:
+    """The dtype keys of a config and of its sub-configs (a composite model's text_config, vision_config, ...: each
+    names the dtype its part loads in; every weight is written in ``name``)."""
+    for key in ("torch_dtype", "dtype"):
+        if key in config and (depth == 0 or isinstance(config[key], str)):  # nested: only a dtype's name, not a
+            config[key] = name  # field of another meaning that happens to be called dtype
+    if depth < 4:  # configs nest a level or two; the JSON reader bounds the depth anyway
+        for value in config.values():
+            if isinstance(value, dict):
+                _set_dtype(value, name, depth + 1)
 
 
 def _warn_of_custom_code(target: Path, copied: Sequence[str]) -> None:
