@@ -286,3 +286,15 @@ def test_a_single_additional_special_token_stays_one_token(tmp_path, key):
         with pytest.raises(tiesmerge.errors.CheckpointError, match=f"{key}: additional_special_tokens is"):
             tiesmerge.merge(base, fts, "ties", vocab_policy="union", output=tmp_path / "out2")
         assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("bad", [1.5, 10**30])
+def test_a_token_id_that_is_no_small_integer_is_named(tmp_path, bad):
+    """hp21 N3/N4: a vocabulary id of 1.5 was taken as 1; an added token's id of 10**30 surfaced as a tokenizer of
+    10**30 + 1 tokens."""
+    base, fts = _family(tmp_path)
+    data = json.loads((fts[1] / "tokenizer.json").read_text())
+    data["added_tokens"][-1]["id"] = bad
+    (fts[1] / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(tiesmerge.errors.CheckpointError, match=r"token id .* is not an integer from 0 to"):
+        tiesmerge.plan_merge(base, fts, "ties", vocab_policy="union")

@@ -84,13 +84,17 @@ def _entry(raw: Any, where: str) -> dict[str, Any]:
     return entry
 
 
+MAX_TOKEN_ID = 1 << 31  # no vocabulary comes near (the largest have a few hundred thousand tokens)
+
+
 def _as_id(value: Any, where: str) -> int:
+    """A token id: an integer, or the text of one (JSON keys are strings); 1.5 or "1e3" is none."""
     try:
-        out = int(value)
+        out = int(value) if isinstance(value, (int, str)) else -1
     except (TypeError, ValueError):
         out = -1
-    if isinstance(value, bool) or out < 0:
-        raise CheckpointError(f"{where}: token id {str(value)[:40]!r} is not a non-negative integer",
+    if isinstance(value, bool) or not 0 <= out < MAX_TOKEN_ID:
+        raise CheckpointError(f"{where}: token id {str(value)[:40]!r} is not an integer from 0 to {MAX_TOKEN_ID - 1:,}",
                               hint="the tokenizer file is damaged; save the tokenizer again")
     return out
 
