@@ -246,3 +246,12 @@ def run_cli(argv, capsys):
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def copy_model_dir(source: Path, target: Path) -> Path:
+    """A byte copy of the model directory ``source`` (its regular files) at ``target``: a copy of the base under
+    another path, or one to damage a file of."""
+    target.mkdir(parents=True)
+    for f in Path(source).iterdir():
+        (target / f.name).write_bytes(f.read_bytes())
+    return target

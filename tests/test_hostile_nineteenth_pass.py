@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiesmerge
-from helpers_ckpt import run_cli, write_family_dirs, write_hf_dir
+from helpers_ckpt import copy_model_dir, run_cli, write_family_dirs, write_hf_dir
 from tiesmerge.errors import MergeWarning
 from tiesmerge.methods import Average, ModelStock
 from tiesmerge.sizes import parse_size
@@ -116,10 +116,7 @@ def test_a_copy_of_the_base_under_a_mean_is_said_to_dilute_not_to_add_nothing(fa
     from safetensors.torch import save_file
 
     b, ms = family
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in b.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_model_dir(b, tmp_path / "copy")
     with pytest.warns(MergeWarning, match=r"byte for byte: a zero task vector, which average still counts among the "
                                           r"models \(in a mean over them it dilutes"):
         tiesmerge.merge(str(b), [str(copy), str(ms[0])], Average(), output=str(tmp_path / "avg"))
@@ -142,10 +139,7 @@ def test_a_truncated_or_still_written_side_file_is_refused_before_the_merge(fami
     """F4: a truncated tokenizer.json / generation_config.json (a download cut short, or still being written) was
     copied into an output that looked complete, exit status 0."""
     b, ms = family
-    base = tmp_path / "b2"
-    base.mkdir()
-    for f in b.iterdir():
-        (base / f.name).write_bytes(f.read_bytes())
+    base = copy_model_dir(b, tmp_path / "b2")
     (base / name).write_text('{"version": "1.0", "added_tokens": [{"id": 0, "cont')
     rc, out, err = run_cli(["merge", "--base", base, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "o"], capsys)
     assert rc != 0 and f"the base's {name} is damaged or incomplete" in err and "hint: restore" in err, err

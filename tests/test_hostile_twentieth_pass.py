@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiesmerge
-from helpers_ckpt import write_family_dirs, write_hf_dir
+from helpers_ckpt import copy_model_dir, write_family_dirs, write_hf_dir
 from tiesmerge.errors import MergeWarning
 from tiesmerge.methods import Fisher, ModelStock, Ties
 
@@ -81,10 +81,7 @@ def test_a_side_json_file_that_is_not_an_object_is_refused(family, tmp_path):
     from tiesmerge.errors import CheckpointError
 
     b, ms = family
-    base = tmp_path / "b2"
-    base.mkdir()
-    for f in b.iterdir():
-        (base / f.name).write_bytes(f.read_bytes())
+    base = copy_model_dir(b, tmp_path / "b2")
     (base / "tokenizer_config.json").write_text("null")
     with pytest.raises(CheckpointError, match=r"not an object .*tokenizer_config.json is damaged or incomplete"):
         tiesmerge.merge(str(base), [str(m) for m in ms], "ties", output=str(tmp_path / "o"))
@@ -179,10 +176,7 @@ def test_notes_of_the_twenty_first_pass(family, tmp_path):
         build_space("slerp", 2, axes=["layers"], grid={"layers": (2, 3)})
     assert "drop that --set" not in str(err.value)
     b, ms = family
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in b.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_model_dir(b, tmp_path / "copy")
     with pytest.warns(MergeWarning, match=r"Model Stock's t drops toward 0 \(with two models the merge is the base"):
         tiesmerge.merge(str(b), [str(copy), str(ms[0])], ModelStock(), output=str(tmp_path / "ms"))
 
@@ -210,10 +204,7 @@ def test_notes_of_the_twenty_first_pass_continued(family, tmp_path):
     import json
 
     b, ms = family
-    base = tmp_path / "composite"
-    base.mkdir()
-    for f in b.iterdir():
-        (base / f.name).write_bytes(f.read_bytes())
+    base = copy_model_dir(b, tmp_path / "composite")
     config = json.loads((base / "config.json").read_text())
     config.update(torch_dtype="float32", text_config={"torch_dtype": "float32", "dtype": "float32"},
                   vision_config={"dtype": "float32", "layers": {"torch_dtype": "float32"}})
@@ -222,10 +213,7 @@ def test_notes_of_the_twenty_first_pass_continued(family, tmp_path):
     written = json.loads((tmp_path / "o" / "config.json").read_text())
     assert written["torch_dtype"] == written["text_config"]["torch_dtype"] == written["text_config"]["dtype"] == \
         written["vision_config"]["dtype"] == written["vision_config"]["layers"]["torch_dtype"] == "bfloat16"
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for f in b.iterdir():
-        (copy / f.name).write_bytes(f.read_bytes())
+    copy = copy_model_dir(b, tmp_path / "copy")
     with pytest.warns(MergeWarning, match=r"the reference model \(sign_from\) holds the same weights files as the "
                                           r"base"):
         tiesmerge.merge(str(b), [str(m) for m in ms], Ties(sign_from=str(copy)), output=str(tmp_path / "sf"))
