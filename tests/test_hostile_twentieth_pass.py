@@ -182,19 +182,21 @@ def test_notes_of_the_twenty_first_pass(family, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["tsv_m", "iso_c", "iso_cts"])
-def test_an_exclude_pattern_matching_no_tensor_or_every_tensor_is_said(method):
-    """hp21 F6: `tsv_m --exclude embd` (a typo) changed nothing, silently; N12: `--exclude .` decomposed nothing."""
+def test_an_exclude_pattern_matching_no_matrix_or_every_matrix_is_said(method):
+    """hp21 F6: `tsv_m --exclude embd` (a typo) changed nothing, silently; N12: `--exclude .` decomposed nothing;
+    hp22 N1: the same where the pattern matches only 1-D tensors ('norm') or every 2-D one ('proj|embed')."""
     from tiesmerge.registry import make_method
 
-    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight"]
-    with pytest.warns(MergeWarning, match=f"{method}: exclude 'embd' matches no tensor of the model"):
-        make_method(method, {"exclude": "embd"}).check_tensors(names)
-    with pytest.warns(MergeWarning, match=f"{method}: exclude '.' matches every tensor of the model"):
-        make_method(method, {"exclude": "."}).check_tensors(names)
+    shapes = {"model.embed_tokens.weight": (8, 4), "model.layers.0.mlp.up_proj.weight": (4, 4),
+              "model.norm.weight": (4,)}
+    for pattern, said in [("embd", "matches no matrix"), ("norm", "matches no matrix"),
+                          (".", "matches every matrix"), ("proj|embed", "matches every matrix")]:
+        with pytest.warns(MergeWarning, match=f"{method}: exclude {re.escape(repr(pattern))} {said}"):
+            make_method(method, {"exclude": pattern}).check_shapes(shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_method(method, {}).check_tensors(names)  # the default (CLIP's text_projection): no word
-        make_method(method, {"exclude": "embed"}).check_tensors(names)
+        make_method(method, {}).check_shapes(shapes)  # the default (CLIP's text_projection): no word
+        make_method(method, {"exclude": "embed"}).check_shapes(shapes)
 
 
 def test_notes_of_the_twenty_first_pass_continued(family, tmp_path):

@@ -53,9 +53,9 @@ class IsoC:
     exclude: str = exclude_option()
     svd_precision: str = precision_option()
 
-    def check_tensors(self, names: list[str]) -> None:
-        """exclude against the model's names (see :func:`.svd.check_exclude`)."""
-        linalg.check_exclude(self.name, self.exclude, names, default=EXCLUDE_DEFAULT)
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """exclude against the model's merged tensors (see :func:`.svd.check_exclude`)."""
+        linalg.check_exclude(self.name, self.exclude, shapes, default=EXCLUDE_DEFAULT)
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)
@@ -115,9 +115,9 @@ class IsoCTS:
     exclude: str = exclude_option()
     svd_precision: str = precision_option()
 
-    def check_tensors(self, names: list[str]) -> None:
-        """exclude against the model's names (see :func:`.svd.check_exclude`)."""
-        linalg.check_exclude(self.name, self.exclude, names, default=EXCLUDE_DEFAULT)
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """exclude against the model's merged tensors (see :func:`.svd.check_exclude`)."""
+        linalg.check_exclude(self.name, self.exclude, shapes, default=EXCLUDE_DEFAULT)
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)

@@ -218,23 +218,26 @@ def regex(value: object) -> str | None:
     return None
 
 
-def check_exclude(method: str, value: str, names: Sequence[str], default: str = "") -> None:
-    """``exclude`` against the model's tensor names: one matching none (a typo: ``embd``) would change nothing, one
-    matching all (``.``) decomposes nothing, the merge a scaled mean: either is said, as a filter of slerp's is
-    (the default, CLIP's text_projection, matches nothing in most models: no word then)."""
+def check_exclude(method: str, value: str, shapes: dict[str, tuple[int, ...]], default: str = "") -> None:
+    """``exclude`` against the model's merged tensors (name -> shape): one matching no matrix (a typo: ``embd``; or
+    only 1-D tensors, which are never decomposed) changes nothing, one matching every matrix (``.``) decomposes
+    nothing, the merge a scaled mean: either is said, as a filter of slerp's is (the default, CLIP's
+    text_projection, matches nothing in most models: no word then)."""
     import warnings
 
     from ..errors import MergeWarning
 
     pattern = exclude_pattern(value)
-    if pattern is None or not names:
+    matrices = [n for n, shape in shapes.items() if matrix_shape(tuple(shape), n, None) is not None]
+    if pattern is None or not matrices:
         return
-    hits = sum(1 for n in names if pattern.search(n))
+    hits = sum(1 for n in matrices if pattern.search(n))
     if hits == 0 and value != default:
-        warnings.warn(MergeWarning(f"{method}: exclude {value!r} matches no tensor of the model, so it changes "
-                                   "nothing (a pattern is searched in each tensor's name, e.g. 'embed')"), stacklevel=3)
-    elif hits == len(names):
-        warnings.warn(MergeWarning(f"{method}: exclude {value!r} matches every tensor of the model, so none is "
+        warnings.warn(MergeWarning(f"{method}: exclude {value!r} matches no matrix of the model (the 2-D tensors it "
+                                   "decomposes; others are averaged anyway), so it changes nothing (a pattern is "
+                                   "searched in each tensor's name, e.g. 'embed')"), stacklevel=3)
+    elif hits == len(matrices):
+        warnings.warn(MergeWarning(f"{method}: exclude {value!r} matches every matrix of the model, so none is "
                                    "decomposed: the merge is the models' mean scaled by lam"), stacklevel=3)
 
 
