@@ -196,3 +196,14 @@ def test_resuming_a_checkpoint_past_the_runs_steps_says_which_result_it_writes(t
     tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck)
     with pytest.warns(MergeWarning, match=r"the checkpoint is at step 4, past --steps 2: the result is the 4-step one"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, checkpoint=ck, resume=True)
+
+
+def test_resuming_another_runs_checkpoint_names_the_settings_that_differ(tmp_path):
+    """hp22 N3: --resume with --lr (or --init, --clamp, ...) changed was refused without saying which setting."""
+    base, fts, files = _setup(tmp_path)
+    ck = tmp_path / "ck.safetensors"
+    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, checkpoint=ck)
+    with pytest.raises(ConfigError, match=r"another run \(lr 0\.001 there, 0\.002 now\)"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True, lr=0.002)
+    with pytest.raises(ConfigError, match=r"another run \(other models, data or method\)"):
+        tiesmerge.adapt(base, fts, files, "ties", forward=_forward(), steps=4, checkpoint=ck, resume=True)

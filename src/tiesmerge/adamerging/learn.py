@@ -21,6 +21,7 @@ examples. The entropy objective needs no labels, but also rewards confident wron
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -207,10 +208,20 @@ class History:
         return [sum(row) / len(row) for row in self.entropy]
 
 
-def _fingerprint_check(saved: str, expected: str, path: Path) -> None:
-    if saved != expected:
-        raise ConfigError(f"{path}: this checkpoint is of another run (other models, data, method or settings)",
-                          hint="resume with the same command, or remove the checkpoint to start afresh")
+def _fingerprint_check(saved: str, expected: str, path: Path, saved_config: Any = None,
+                       config: AdaptConfig | None = None) -> None:
+    """The checkpoint must be this run's; where it is not, the settings it records that differ are named (the
+    models, data and method are known only by the fingerprint)."""
+    if saved == expected:
+        return
+    differ = []
+    if isinstance(saved_config, dict) and config is not None:
+        mine = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists)
+        differ = [f"{k} {saved_config[k]!r} there, {mine[k]!r} now" for k in mine
+                  if k != "steps" and k in saved_config and saved_config[k] != mine[k]]
+    raise ConfigError(f"{path}: this checkpoint is of another run ("
+                      + ("; ".join(differ) if differ else "other models, data or method")
+                      + ")", hint="resume with the same command, or remove the checkpoint to start afresh")
 
 
 # The checkpoint is a safetensors file: the coefficients and Adam's moments as tensors, everything
@@ -224,7 +235,6 @@ _ADAM_TENSORS = ("step", "exp_avg", "exp_avg_sq")
 def load_checkpoint(path: Path) -> dict:
     """A checkpoint as ``_save`` wrote it; anything else (garbage, JSON, a pickle, another
     safetensors file) is a typed error naming the file."""
-    import json
     import struct
 
     from safetensors.torch import load as load_tensors
@@ -345,8 +355,6 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def _save(path: Path, state: dict) -> None:
-    import json
-
     from safetensors.torch import save_file
 
     optimizer = state["optimizer"]
@@ -407,7 +415,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     path = Path(checkpoint) if checkpoint is not None else None
     if resume and path is not None and path.is_file():
         state = load_checkpoint(path)
-        _fingerprint_check(state.get("fingerprint", ""), fingerprint, path)
+        _fingerprint_check(state.get("fingerprint", ""), fingerprint, path, state.get("config"), config)
         _check_resumable(state, tuple(lam.shape), len(tasks), path)
         _check_optimizer_settings(state["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"], path)
         state["optimizer"]["param_groups"] = optimizer.state_dict()["param_groups"]  # the run's: equal where named
