@@ -81,7 +81,7 @@ class ModelStock:
         t = interpolation_from(lengths, lambda i, j: (offsets[i] * offsets[j]).sum(dim=-1),
                                on_singular=lambda: _warn_opposite(ctx.name))
         if self.filter_wise and t.numel() > 1:  # one t per row: how many rows extrapolate, not one row as the tensor's
-            _warn_rows_extrapolating(ctx.name, k, t.reshape(-1))
+            _warn_rows_extrapolating(k, t.reshape(-1))
         else:
             _warn_if_extrapolating(ctx.name, k, float(t.min()), float(t.max()))
         average = sum(ws) / k
@@ -115,21 +115,16 @@ def _warn_if_extrapolating(name: str, k: int, low: float, high: float | None = N
         "models are fine-tunes of this base"), stacklevel=3)
 
 
-def _warn_rows_extrapolating(name: str, k: int, t: torch.Tensor) -> None:
-    """filter_wise: t (rows,) per row. Rows of unrelated task vectors scatter around cosine 0, so a tensor of thousands
-    of rows nearly always has some outside [0, 1]: said as a count and the worst row, not as the tensor's verdict."""
-    outside = (t < 0) | (t > 1)  # (rows,)
-    count = int(outside.sum())
-    if count == 0 or not bool(t.isfinite().all()):
+def _warn_rows_extrapolating(k: int, t: torch.Tensor) -> None:
+    """filter_wise: t (rows,) per row. Rows of unrelated task vectors scatter around cosine 0, so nearly every matrix
+    of thousands of rows has some outside [0, 1]: said once for the merge (one message, whichever tensors: the
+    command line prints a message once), with the worst t of the first tensor met, not a verdict per tensor."""
+    if not bool(((t < 0) | (t > 1)).any()) or not bool(t.isfinite().all()):
         return
-    worst = int((t - t.clamp(0, 1)).abs().argmax())
-    value = float(t[worst])
-    cos = value / (k - (k - 1) * value)
     warnings.warn(MergeWarning(
-        f"model_stock (filter_wise): tensor {name!r}: {count} of {t.numel()} rows get t outside [0, 1] (the worst, "
-        f"row {worst} of this part, t = {value:.4g} at a mean cosine of {cos:.3g}), so those rows extrapolate along "
-        "the models' mean rather than interpolating (mergekit computes the same); per-row cosines of unrelated or "
-        "barely trained rows scatter around 0"), stacklevel=3)
+        "model_stock (filter_wise): some rows get t outside [0, 1] (their two task vectors at a negative cosine, as "
+        "unrelated or barely trained rows often are), so those rows extrapolate along the models' mean rather than "
+        "interpolating (mergekit computes the same); without filter_wise each tensor takes one t"), stacklevel=3)
 
 
 def _warn_opposite(name: str) -> None:
