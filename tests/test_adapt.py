@@ -272,3 +272,18 @@ def test_the_cross_entropy_objective_names_a_missing_or_foreign_label():
         tiesmerge.adapt(base, fts, data, forward=_forward(), steps=2, batch_size=1, objective="cross_entropy")
     with pytest.raises(ConfigError, match="objective='hinge' is not one of entropy, cross_entropy"):
         tiesmerge.adapt(base, fts, data, forward=_forward(), steps=2, objective="hinge")
+
+
+def test_a_label_problem_in_a_data_file_names_the_file(tmp_path):
+    """hp22 N2: with --task-names the error said "task 't1': example 4", not the file the row is in."""
+    base, fts = _family()
+    files = []
+    for t, ft in enumerate(fts):
+        rows = _labelled(20 + t, ft)
+        if t == 1:
+            rows[3] = {k: v for k, v in rows[3].items() if k != "label"}
+        files.append(tmp_path / f"d{t}.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"d1\.jsonl: example 4 has no class index"):
+        tiesmerge.adapt(base, fts, files, tasks=["t0", "t1"], forward=_forward(), steps=2,
+                        objective="cross_entropy")

@@ -174,14 +174,16 @@ def total_entropy(forward: TaskForward, merger: Merger, lam: torch.Tensor, batch
     return sum(entropy(logits(forward, batch, task, params)).mean() for task, batch in batches.items())
 
 
-def check_labels(data: Mapping[str, Sequence[Any]]) -> None:
+def check_labels(data: Mapping[str, Sequence[Any]], sources: Mapping[str, str] | None = None) -> None:
     """Every row of every task holds an integer ``label`` >= 0 (the cross-entropy objective's target): checked
-    before the first step, naming the first row that does not."""
+    before the first step, naming the first row that does not, and its data file where ``sources`` (task -> file)
+    knows it."""
     for task, rows in data.items():
+        where = (sources or {}).get(task) or f"task {task!r}"
         for k, row in enumerate(rows):
             label = row.get("label") if isinstance(row, Mapping) else None
             if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 2**31:  # no model has more
-                raise ConfigError(f"task {task!r}: example {k + 1} has no class index as its 'label' (an integer from "
+                raise ConfigError(f"{where}: example {k + 1} has no class index as its 'label' (an integer from "
                                   f"0; got {label!r}), which "
                                   "the cross_entropy objective needs on every example",
                                   hint='rows like {"text": "...", "label": 2} (the class index); or the default '

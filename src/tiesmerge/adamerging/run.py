@@ -328,6 +328,10 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
 
     granularity = config.granularity
     task_data = read_task_data(data, tasks, limit=limit)
+    if config.objective == "cross_entropy":  # labels checked now, each error naming its data file (learn checks too)
+        from .learn import check_labels as check_targets
+
+        check_targets(task_data, {t: str(d) for t, d in zip(task_data, data) if isinstance(d, (str, os.PathLike))})
     largest = max(len(rows) for rows in task_data.values())
     # a batch draws its rows from endless reshuffles: far past the data (not the default 16 on a small file), it
     # repeats each row many times a step
