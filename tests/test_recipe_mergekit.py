@@ -273,3 +273,20 @@ def test_mergekit_linear_equals_its_float32_operations_bit_for_bit(tmp_path, dty
     assert merged.dtype == stored
     assert torch.equal(merged.view(torch.int16 if stored == torch.bfloat16 else torch.int32),
                        expected.view(torch.int16 if stored == torch.bfloat16 else torch.int32))
+
+
+def test_validate_lists_a_density_that_keeps_nothing_with_the_other_problems(tmp_path, capsys):
+    """hp22 N4: a recipe's `density: -1` was reported only once its four other problems were fixed."""
+    from helpers_ckpt import run_cli, write_family_dirs
+
+    b, ms = write_family_dirs(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n"
+                      f"    parameters: {{weight: .nan, density: 0.5}}\n  - model: {ms[1]}\n"
+                      f"    parameters: {{weight: 1, density: -1}}\nparameters: {{lambda: .inf}}\n")
+    rc, out, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc == 2 and "3 problems" in err and "models[1].parameters.density: -1 keeps nothing" in err, err
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n    parameters: {{weight: 1}}\n"
+                      f"  - model: {ms[1]}\n    parameters: {{weight: 1}}\nparameters: {{density: 0}}\n")
+    rc, out, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc == 2 and err.count("parameters.density: 0 keeps nothing") == 1, err

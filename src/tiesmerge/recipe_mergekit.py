@@ -256,8 +256,16 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                 # a shared value already reported is not reported again per model
                 if value is None and key == "weight":
                     missing_weight = True
-                per_model[key].append(None if value is _REPORTED or (value is None and key == "weight") else
-                                      _scalar(value, f"models[{i}].parameters.{key}", problems))
+                read = (None if value is _REPORTED or (value is None and key == "weight") else
+                        _scalar(value, f"models[{i}].parameters.{key}", problems))
+                if key == "density" and isinstance(read, (int, float)) and not isinstance(read, bool) and read <= 0:
+                    # said with the recipe's other problems (validate lists them all), not by the method later
+                    where = f"models[{i}].parameters.density" if key in params else "parameters.density"
+                    problem = f"{where}: {read:g} keeps nothing; a density is the fraction of entries kept, in (0, 1]"
+                    if problem not in problems:  # a shared value: once
+                        problems.append(problem)
+                    read = None
+                per_model[key].append(read)
     if "weight" in defaults and missing_weight:  # not where a weight given was refused above
         problems.append(f"every model needs a weight (mergekit's {method} requires one: "
                         "models[i].parameters.weight or parameters.weight)")
