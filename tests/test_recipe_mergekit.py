@@ -286,7 +286,8 @@ def test_validate_lists_a_density_that_keeps_nothing_with_the_other_problems(tmp
                       f"    parameters: {{weight: 1, density: -1}}\nparameters: {{lambda: .inf}}\n")
     rc, out, err = run_cli(["validate", str(recipe)], capsys)
     assert rc == 2 and "3 problems" in err and "models[1].parameters.density: -1 keeps nothing" in err, err
-    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n    parameters: {{weight: 1}}\n"
-                      f"  - model: {ms[1]}\n    parameters: {{weight: 1}}\nparameters: {{density: 0}}\n")
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n"
+                      f"    parameters: {{weight: 1}}\n  - model: {ms[1]}\n    parameters: {{weight: 1}}\n"
+                      "parameters: {density: 0}\n")
     rc, out, err = run_cli(["validate", str(recipe)], capsys)
     assert rc == 2 and err.count("parameters.density: 0 keeps nothing") == 1, err
