@@ -61,3 +61,22 @@ def test_regmean_feature_no_model_saw_is_averaged():
     mean = torch.stack([m["layer.weight"] for m in models]).mean(0)
     torch.testing.assert_close(merged["layer.weight"][:, 2], mean[:, 2])
     assert torch.isfinite(merged["layer.weight"]).all()
+
+
+def test_a_model_whose_gram_statistic_is_all_zeros_is_said_to_have_no_say():
+    """hp22 N5: an all-zero Gram matrix (an edited file, or a layer its data never reached) dropped that model from
+    the tensor silently: the merge was the other model's exactly."""
+    import warnings
+
+    from tiesmerge.errors import MergeWarning
+
+    base, models = linear_family(n_models=2)
+    x = torch.randn(20, 5)
+    grams = [torch.zeros(5, 5), x.T @ x / 20]
+    with pytest.warns(MergeWarning, match=r"regmean: tensor 'layer.weight': the Gram statistic of model\(s\) 0 is all "
+                                          r"zeros"):
+        merged = merge(base, models, RegMean(alpha=1.0), [gram_stats({"layer.weight": g}) for g in grams])
+    torch.testing.assert_close(merged["layer.weight"], models[1]["layer.weight"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        merge(base, models, RegMean(alpha=1.0), [gram_stats({"layer.weight": torch.zeros(5, 5)}) for _ in grams])

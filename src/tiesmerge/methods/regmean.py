@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
+from ..errors import MergeWarning
 from ..lazy import torch
 from .base import ChunkContext, Requirements, SideInput, method_config, option, unit_interval
 
@@ -45,6 +47,12 @@ class RegMean:
         if ctx.statistics is None or tau.dim() != 3:
             return tau.mean(dim=0)
         n = tau.shape[0]
+        silent = [k for k in range(n) if not bool(ctx.statistics[k].any())]
+        if silent and len(silent) < n:  # every one zero: the plain mean below, nothing lost
+            warnings.warn(MergeWarning(
+                f"regmean: tensor {ctx.name!r}: the Gram statistic of model(s) {', '.join(map(str, silent))} is all "
+                "zeros (the layer saw no nonzero input in their data, or the file was edited), so they have no say "
+                "on this tensor; recompute their statistics on data that reaches it"), stacklevel=3)
         grams = shrink_off_diagonal(ctx.statistics.double(), self.alpha)  # (n, in, in)
         tau64 = tau.double()
         lhs = grams.sum(dim=0)  # (in, in)
