@@ -187,22 +187,26 @@ def test_a_damaged_checkpoint_of_this_run_is_refused_before_it_is_used(tmp_path,
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True)
 
 
+def _checkpointed(tmp_path, steps):
+    """The small adapt setup, run ``steps`` steps with a checkpoint: (base, models, data files, checkpoint)."""
+    base, fts, files = _setup(tmp_path)
+    ck = tmp_path / "ck.safetensors"
+    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=steps, checkpoint=ck)
+    return base, fts, files, ck
+
+
 def test_resuming_a_checkpoint_past_the_runs_steps_says_which_result_it_writes(tmp_path):
     """hp21 N11: --resume --steps 3 from a checkpoint at step 300 wrote the 300-step result without a word."""
     from tiesmerge.errors import MergeWarning
 
-    base, fts, files = _setup(tmp_path)
-    ck = tmp_path / "ck.safetensors"
-    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck)
+    base, fts, files, ck = _checkpointed(tmp_path, steps=4)
     with pytest.warns(MergeWarning, match=r"the checkpoint is at step 4, past --steps 2: the result is the 4-step one"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, checkpoint=ck, resume=True)
 
 
 def test_resuming_another_runs_checkpoint_names_the_settings_that_differ(tmp_path):
     """hp22 N3: --resume with --lr (or --init, --clamp, ...) changed was refused without saying which setting."""
-    base, fts, files = _setup(tmp_path)
-    ck = tmp_path / "ck.safetensors"
-    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, checkpoint=ck)
+    base, fts, files, ck = _checkpointed(tmp_path, steps=2)
     with pytest.raises(ConfigError, match=r"another run \(lr 0\.001 there, 0\.002 now\)"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True, lr=0.002)
     with pytest.raises(ConfigError, match=r"another run \(other models, data or method\)"):
