@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
@@ -474,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum, handler in previous.items():
             if handler is not None:  # None: a handler set outside Python, which cannot be put back from here
                 signal.signal(signum, handler)
+        if sys.unraisablehook is _swallowed_stop:
+            sys.unraisablehook = _previous_unraisable
 
 
 # Every catchable signal whose default action ends the process (signal(7): "Term" or "Core") but the faults a
@@ -521,6 +524,27 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
 leases.cooperating_handlers.add(_on_stop_signal)  # it passes a SIGIO on to the leases while they are held
 
 
+def _swallowed_stop(args: Any) -> None:
+    """sys.unraisablehook for the command's duration. A signal handled while Python runs a finalizer (a weakref
+    callback, ``__del__``, the garbage collector: importlib's module locks use one) has its exception printed as
+    "Exception ignored" and dropped, so the stop would never reach the command, and every later stop signal would
+    be taken as the first one's cleanup. Here that stop is forgotten and the same signal sent again a moment later,
+    when the handler runs outside the finalizer and its exception unwinds the command as usual."""
+    global _stopping, _stopped_by
+    exc = args.exc_value
+    if _stopping and isinstance(exc, KeyboardInterrupt):
+        signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+        _stopping, _stopped_by = False, None
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signum))
+        timer.daemon = True
+        timer.start()
+        return
+    _previous_unraisable(args)
+
+
+_previous_unraisable = sys.unraisablehook
+
+
 def _terminate_like_interrupt() -> dict[int, Any]:
     """Handle the stop signals as Ctrl-C for the command's duration, and any second one as nothing while the
     first one's cleanup runs; the handlers they replace (only the main thread may set handlers: elsewhere the
@@ -538,6 +562,9 @@ def _terminate_like_interrupt() -> dict[int, Any]:
             previous[signum] = signal.signal(signum, _on_stop_signal)
         except (ValueError, OSError):  # not the main thread, or a signal this platform will not let us handle
             break
+    if previous and sys.unraisablehook is not _swallowed_stop:
+        global _previous_unraisable
+        _previous_unraisable, sys.unraisablehook = sys.unraisablehook, _swallowed_stop
     return previous
 
 

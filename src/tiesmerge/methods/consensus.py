@@ -52,6 +52,9 @@ class Consensus:
 
     def unused_options(self) -> dict[str, str]:
         """tall_lambda, where tall_lambdas sets each model's."""
+        if self.k == 0:  # every entry has at least 0 votes: no mask is computed
+            why = "k = 0 keeps every entry, so no TALL mask is computed"
+            return {"tall_lambda": why, "tall_lambdas": why}
         return {"tall_lambda": "tall_lambdas sets each model's lambda"} if self.tall_lambdas is not None else {}
 
     def requirements(self) -> Requirements:

@@ -64,6 +64,10 @@ class DareLinear:
     weights: tuple[float, ...] | None = option(None, "per-model weights multiplying each task vector",
                                                unit="one per model", per_model=True)
 
+    def unused_options(self) -> dict[str, str]:
+        """seed, where drop_rate 0 drops nothing (no random number is drawn)."""
+        return {"seed": "drop_rate 0 drops nothing, so no random number is drawn"} if self.drop_rate == 0 else {}
+
     def requirements(self) -> Requirements:
         return Requirements(weights=self.weights)
 
@@ -95,6 +99,10 @@ class DareTies:
     aggregate: str = option("mean", "how agreeing values combine", choices=AGGREGATES)
     weights: tuple[float, ...] | None = option(None, "per-model weights, as in ties", unit="one per model",
                                                per_model=True)
+
+    def unused_options(self) -> dict[str, str]:
+        """seed, where drop_rate 0 drops nothing (no random number is drawn)."""
+        return {"seed": "drop_rate 0 drops nothing, so no random number is drawn"} if self.drop_rate == 0 else {}
 
     def requirements(self) -> Requirements:
         # the fused TIES kernel draws the same counter-based uniforms (engine.kernels._hash_uniform)

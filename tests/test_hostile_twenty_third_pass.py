@@ -1,0 +1,54 @@
+"""Issue 13, the twenty-third independent hostile pass (hp23): its two defects."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tiesmerge.errors import ConfigError, MergeWarning
+from tiesmerge.methods.base import warn_unused
+from tiesmerge.registry import make_method
+from tiesmerge.tuning.space import build_space
+
+
+def test_a_stop_signal_dropped_inside_a_finalizer_is_delivered_again(tmp_path):
+    """F2: a SIGTERM handled while Python ran a weakref callback (importlib's module locks use one) had its exception
+    printed as "Exception ignored" and dropped: the merge went on to exit 0, and every later stop signal was taken as
+    the first one's cleanup, so only SIGKILL could stop it."""
+    script = tmp_path / "stop.py"
+    script.write_text(textwrap.dedent('''
+        import os, signal, time, weakref
+        import importlib
+        cli = importlib.import_module("tiesmerge.cli.main")  # the module (the package exports its main function)
+        cli._terminate_like_interrupt()
+        class A: pass
+        a = A()
+        r = weakref.ref(a, lambda _: (os.kill(os.getpid(), signal.SIGTERM), sum(range(10**5))))
+        try:
+            del a  # the signal arrives inside the callback: its exception cannot propagate from there
+            for _ in range(500):
+                time.sleep(0.01)
+            print("NOT STOPPED", flush=True)
+        except cli.Terminated as exc:
+            print("STOPPED by", exc.name, flush=True)
+    '''))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "STOPPED by SIGTERM" in done.stdout and "Exception ignored" not in done.stderr, (done.stdout, done.stderr)
+
+
+@pytest.mark.parametrize("method, fixed, unused", [("consensus", {"k": 0}, "tall_lambda"),
+                                                   ("dare_linear", {"drop_rate": 0.0}, "seed"),
+                                                   ("dare_ties", {"drop_rate": 0.0}, "seed")])
+def test_options_a_degenerate_setting_makes_unused_are_said(method, fixed, unused):
+    """F1: consensus k = 0 (every entry kept: no mask) ignores tall_lambda(s); DARE drop_rate 0 ignores seed: the
+    merge said nothing, and search/tune spent their budget on byte-identical candidates."""
+    value = 0.3 if unused == "tall_lambda" else 7
+    with pytest.warns(MergeWarning, match=f"{method}: {unused} = {value} is not used"):
+        warn_unused(make_method(method, {**fixed, unused: value}))
+    with pytest.raises(ConfigError, match=f"searching {unused} changes nothing"):
+        build_space(method, 2, axes=[unused], grid={unused: (1, 2, 3)}, fixed=fixed)
