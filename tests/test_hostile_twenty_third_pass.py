@@ -52,3 +52,24 @@ def test_options_a_degenerate_setting_makes_unused_are_said(method, fixed, unuse
         warn_unused(make_method(method, {**fixed, unused: value}))
     with pytest.raises(ConfigError, match=f"searching {unused} changes nothing"):
         build_space(method, 2, axes=[unused], grid={unused: (1, 2, 3)}, fixed=fixed)
+
+
+def test_notes_of_the_twenty_third_pass(tmp_path, capsys, monkeypatch):
+    """N1: NUMBA_NUM_THREADS=0 was "unexpected ValueError ... a bug in tiesmerge" (abc: numba's own traceback); N4: a
+    Decimal or Fraction option value was "must be a finite number"."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from helpers_ckpt import run_cli, write_family_dirs
+    from tiesmerge.methods import Slerp
+
+    b, ms = write_family_dirs(tmp_path)
+    for value in ("0", "abc", "-2"):
+        monkeypatch.setenv("NUMBA_NUM_THREADS", value)
+        rc, out, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "o"],
+                               capsys)
+        assert rc == 2 and f"NUMBA_NUM_THREADS={value!r} is not a positive number of threads" in err, err
+        assert not (tmp_path / "o").exists()
+    for value in (Decimal("0.3"), Fraction(1, 3)):
+        with pytest.raises(ConfigError, match=f"must be an int or a float, not a {type(value).__name__}"):
+            Slerp(t=value)

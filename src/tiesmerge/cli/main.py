@@ -410,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:  # relative paths, and the check that -o is not the working folder, need it
         return _report(ConfigError("the working directory no longer exists (it was deleted or moved away)",
                                    hint="cd into an existing folder and run again"), args.debug)
+    threads = os.environ.get("NUMBA_NUM_THREADS")
+    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):  # numba reads it at import,
+        # deep inside the first kernel: said here, with the variable's name
+        return _report(ConfigError(f"NUMBA_NUM_THREADS={threads!r} is not a positive number of threads",
+                                   hint="unset it, or give a count such as 2 (the engine's kernels run on numba)"),
+                       args.debug)
     previous = _terminate_like_interrupt()
     _private_torch_cache()
     from .. import inputs, sizes

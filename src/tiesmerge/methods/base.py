@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 import re
 import types as types_module
@@ -363,6 +364,16 @@ def _number(value: Any) -> bool:
 FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number: below it a product underflows to 0
 
 
+def _finite_other_number(value: Any) -> bool:
+    """A finite number of another type than int/float (Decimal, Fraction, numpy's are read as numbers before)."""
+    if not isinstance(value, numbers.Number) or isinstance(value, (bool, complex)):
+        return False
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
 def finite(value: Any) -> str | None:
     if _number(value) and not 0 < abs(value) < FLOAT32_TINY:
         return None
@@ -370,6 +381,10 @@ def finite(value: Any) -> str | None:
         return "must be 0 or at least 1.2e-38 in magnitude (float32's smallest normal number; merges compute in it)"
     if _real(value):
         return "must be at most 3.4e38 in magnitude (merges compute in float32)"
+    if _finite_other_number(value):
+        # Decimal("0.3"), Fraction(1, 3): finite, but not the float or int an option holds (a frozen config's value
+        # is compared and written as it is)
+        return f"must be an int or a float, not a {type(value).__name__} (give float(value))"
     return "must be a finite number"
 
 
