@@ -64,12 +64,45 @@ def test_notes_of_the_twenty_third_pass(tmp_path, capsys, monkeypatch):
     from tiesmerge.methods import Slerp
 
     b, ms = write_family_dirs(tmp_path)
-    for value in ("0", "abc", "-2"):
+    for value in ("0", "abc", "-2", "\u00b2", "100000", "99999999999999999999"):  # hp24 F1-F3: '²', a crash, a bug
         monkeypatch.setenv("NUMBA_NUM_THREADS", value)
         rc, out, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "o"],
                                capsys)
-        assert rc == 2 and f"NUMBA_NUM_THREADS={value!r} is not a positive number of threads" in err, err
+        assert rc == 2 and f"NUMBA_NUM_THREADS={value!r} is not a number of threads from 1 to 1024" in err, err
         assert not (tmp_path / "o").exists()
     for value in (Decimal("0.3"), Fraction(1, 3)):
         with pytest.raises(ConfigError, match=f"must be an int or a float, not a {type(value).__name__}"):
             Slerp(t=value)
+
+
+def test_a_standard_mergekit_ties_recipe_warns_of_no_unused_option(tmp_path, capsys):
+    """hp24 F4: every mergekit ties recipe with per-model densities warned "density = 1.0 is not used ... drop it",
+    a value the recipe never held (its translation set it beside the densities)."""
+    from helpers_ckpt import run_cli, write_family_dirs
+
+    b, ms = write_family_dirs(tmp_path)
+    recipe = tmp_path / "ties.yml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n"
+                      + "".join(f"  - model: {m}\n    parameters: {{weight: 1, density: 0.5}}\n" for m in ms))
+    rc, out, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0 and "is not used" not in err, err
+
+
+def test_ctrl_c_while_the_command_imports_is_no_traceback(tmp_path):
+    """hp24 F5: a SIGINT in the first ~0.4 s (the command still importing, its handlers not yet set) printed Python's
+    KeyboardInterrupt traceback."""
+    script = tmp_path / "early.py"
+    script.write_text(textwrap.dedent('''
+        import sys
+        class Interrupting:  # the Ctrl-C arriving while the command line's modules import
+            def find_spec(self, name, path=None, target=None):
+                if name == "tiesmerge.cli.main":
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Interrupting())
+        from tiesmerge._launch import entry
+        entry()
+    '''))
+    done = subprocess.run([sys.executable, str(script), "methods"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    assert "error: interrupted" in done.stderr

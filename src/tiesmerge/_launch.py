@@ -21,6 +21,11 @@ def entry() -> NoReturn:  # pragma: no cover - exercised by the installed `tiesm
     gc.disable()
     try:
         from .cli.main import entry as run
+    except KeyboardInterrupt:  # Ctrl-C in the first instant, before the command's handlers: nothing started yet
+        import sys
+
+        print("error: interrupted; no output directory was left behind", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         gc.freeze()
         gc.enable()

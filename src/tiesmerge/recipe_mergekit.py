@@ -354,7 +354,7 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
         _warn_above_one(method, density_values)
         params: dict[str, Any] = {"scope": "per_tensor", "elect": "mass", "zero_sign": "positive",
                                   "aggregate": "mean" if normalize else "sum", "lam": lam, "weights": weights,
-                                  "density": 1.0, "densities": [min(1.0, d) for d in density_values],
+                                  "densities": [min(1.0, d) for d in density_values],  # (density unused then)
                                   "threshold_ties": "sort"}
         bad = [d for d in density_values if not 0 < d]
         if bad:

@@ -376,6 +376,9 @@ def _library_bars_off() -> Iterator[None]:
                 logging.enable_progress_bar()
 
 
+MAX_NUMBA_THREADS = 1024  # numba starts that many workers: 20,000 took 1 GB and 9 s, 100,000 crashed it
+
+
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     # a standard stream closed by the caller (`2>&-` in a cron job) is None here: write nowhere, never crash
@@ -411,9 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         return _report(ConfigError("the working directory no longer exists (it was deleted or moved away)",
                                    hint="cd into an existing folder and run again"), args.debug)
     threads = os.environ.get("NUMBA_NUM_THREADS")
-    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):  # numba reads it at import,
-        # deep inside the first kernel: said here, with the variable's name
-        return _report(ConfigError(f"NUMBA_NUM_THREADS={threads!r} is not a positive number of threads",
+    if threads is not None and not (re.fullmatch(r"[0-9]{1,5}", threads.strip()) and
+                                    0 < int(threads) <= MAX_NUMBA_THREADS):
+        # numba reads it at import, deep inside the first kernel (0: "a bug"; 100000: a crash): said here, named
+        return _report(ConfigError(f"NUMBA_NUM_THREADS={threads[:40]!r} is not a number of threads from 1 to "
+                                   f"{MAX_NUMBA_THREADS}",
                                    hint="unset it, or give a count such as 2 (the engine's kernels run on numba)"),
                        args.debug)
     previous = _terminate_like_interrupt()
