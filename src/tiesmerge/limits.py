@@ -103,11 +103,9 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     """(line number, object) of the non-empty lines of a JSON-lines file (a regular UTF-8 file of at
     most ``max_bytes``; each line parsed with :func:`loads_json` and required to be an object), up to
     ``limit`` rows; an error naming the file when it holds none."""
-    from .io.leases import refuse_writers  # (io imports this module)
-
     fd = open_regular(path, what, error)
-    try:  # rows still being appended by another process (an export under way): refused, not learned from half-made
-        refuse_writers(fd, Path(path), error)
+    try:
+        _not_being_written(fd, path, error)  # rows still appended by an export under way: not learned half-made
         if limit is not None:  # the first rows only: read as far as they go, not the whole file (--limit 2 of 600 MB)
             with os.fdopen(os.dup(fd), "rb") as f:
                 raw = _first_lines(f, limit, max_bytes)
@@ -136,6 +134,13 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     if not rows:
         raise error(f"{path}: {what} holds no examples", hint=hint)
     return rows
+
+
+def _not_being_written(fd: int, path: str | os.PathLike, error: type[TiesMergeError]) -> None:
+    """Refuse the open file ``fd`` while another process holds it open for writing (io.leases.refuse_writers)."""
+    from .io.leases import refuse_writers  # (io imports this module)
+
+    refuse_writers(fd, Path(path), error)
 
 
 def _first_lines(f: Any, rows: int, max_bytes: int) -> bytes:
@@ -277,11 +282,9 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
 def read_yaml(path: str | os.PathLike, what: str, *, error: type[TiesMergeError] = CheckpointError,
               max_bytes: int = 1 << 20) -> Any:
     """A YAML file (a regular file of at most ``max_bytes``), parsed with :func:`loads_yaml`."""
-    from .io.leases import refuse_writers  # (io imports this module)
-
     fd = open_regular(path, what, error)
-    try:  # rows still being appended by another process (an export under way): refused, not learned from half-made
-        refuse_writers(fd, Path(path), error)
+    try:
+        _not_being_written(fd, path, error)  # a recipe an editor or a script is still saving
     finally:
         os.close(fd)
     raw = read_regular(path, what, max_bytes=max_bytes, error=error)

@@ -451,8 +451,7 @@ def check_model_files(files: Sequence[Path], role: str = "the base") -> None:
     for path in files:
         fd = open_regular(path, f"{role}'s {path.name}")
         try:
-            if leases.hold(fd, path):  # EAGAIN (open for writing elsewhere) raises, naming the file
-                leases.release(fd)
+            leases.refuse_writers(fd, path)  # a tokenizer another process is still writing: refused, named
             if path.suffix == ".json" and os.fstat(fd).st_size <= MAX_CONFIG_BYTES:
                 with os.fdopen(os.dup(fd), "rb") as f:
                     data = f.read()

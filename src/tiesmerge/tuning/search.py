@@ -21,19 +21,12 @@ from ..api import Source, merge
 from ..errors import ConfigError
 from ..inputs import check_inputs
 from ..limits import Underflow, parse_float
-from ..methods.base import (
-    MAX_AXIS_POINTS,
-    MODEL_COUNT_UNITS,
-    MergeMethod,
-    check_models,
-    option_problem,
-    option_types,
-    steps,
-)
+from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
 from .candidates import check_candidate, check_tuning_vocab_policy
 from .evaluator import guard
+from .space import fit_counts
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
 
@@ -170,11 +163,9 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     check_inputs(base, models)  # before len(models) below: a single path would be counted letter by letter
     _check_tunable(cls)
     grid = dict(grid or paper_grid(cls))
-    counts = {f.name for f in dataclasses.fields(cls) if f.metadata.get("unit") in MODEL_COUNT_UNITS}
-    for key in counts & set(grid):  # the paper's grid of a count, cut to the models merged (consensus' k with two)
-        if tuple(grid[key]) == tuple(declared_grid(cls).get(key, ())):  # a grid the user gave: refused as given
-            grid[key] = tuple(v for v in grid[key] if not (isinstance(v, (int, float)) and v > len(models))) \
-                or grid[key]
+    # the paper's grid of a count cut to the models merged; an axis whose values differ from it is the user's own
+    paper = declared_grid(cls)
+    grid = fit_counts(cls, grid, len(models), given={k for k, v in grid.items() if tuple(v) != tuple(paper.get(k, ()))})
     has_lam = "lam" in {f.name for f in dataclasses.fields(cls)}
     if has_lam and "lam" not in grid:
         raise ConfigError("the grid must include lam (the values swept on top of each merge)")

@@ -208,13 +208,7 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     cls = method_class(method) if isinstance(method, str) else method
     types = option_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    given = set(grid or {})
-    grid = {**declared_grid(cls), **dict(grid or {})}
-    for name, values in list(grid.items()):  # the paper's grid, cut to what this many models allow (consensus' k
-        # counts tasks: 1, 2, 3 with two models); a grid the user gave is kept whole and refused as given
-        if name not in given and fields[name].metadata.get("unit") in MODEL_COUNT_UNITS:
-            kept = tuple(v for v in values if not (isinstance(v, (int, float)) and v > n_models))
-            grid[name] = kept or values
+    grid = fit_counts(cls, {**declared_grid(cls), **dict(grid or {})}, n_models, given=set(grid or {}))
     ranges = dict(ranges or {})
     fixed = dict(fixed or {})
     names = list(axes) if axes else list(grid)
@@ -319,6 +313,17 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         raise ConfigError(f"nothing to search for {cls.name}: name the options with axes=/--axis",
                           hint=f"searchable options: {', '.join(searchable)}")
     return SearchSpace(cls.name, tuple(built), fixed)
+
+
+def fit_counts(cls: type, grid: Mapping[str, Sequence[Any]], n_models: int, given: set[str]) -> dict[str, Any]:
+    """``grid`` with the paper's values of a count (consensus' k: 1, 2, 3) cut to what ``n_models`` allow; an axis in
+    ``given`` (the user's own values) is kept whole, and refused as given where a value is too large."""
+    out = dict(grid)
+    for f in dataclasses.fields(cls):
+        if f.name in out and f.name not in given and f.metadata.get("unit") in MODEL_COUNT_UNITS:
+            out[f.name] = tuple(v for v in out[f.name] if not (isinstance(v, (int, float)) and v > n_models)) \
+                or tuple(out[f.name])
+    return out
 
 
 def _total_crossing(fields: Mapping[str, Any], name: str, n: int, bounds: tuple[float, float],
