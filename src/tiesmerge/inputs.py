@@ -425,6 +425,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     alignment = align(engine_base, engine_models, vocab_policy="error" if vocab_policy == "union" else vocab_policy)
     if layout is not None:
         alignment = with_parts(alignment, engine_base, routes, layout.manifest())
+    _warn_other_architecture(base_ckpt, model_ckpts)
     warn_unused(method)
     if hasattr(method, "check_tensors"):  # a method whose options describe the model (slerp's layers)
         method.check_tensors([j.name for j in alignment.jobs])
@@ -463,6 +464,36 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
                      + "; new rows: the mean of the models that have the token")
     executor.plan = dataclasses.replace(executor.plan, notes=(*executor.plan.notes, *notes))
     return Prepared(base_ckpt, model_ckpts, reference, executor, opened, layout, distances)
+
+
+_ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers")  # what says which model a config describes
+
+
+def _warn_other_architecture(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
+    """A fine-tune whose config.json names another architecture than the base's (model_type, number of layers),
+    though its tensors fit: the wrong folder, or a hand-edited config. The merge runs (the tensors decide, and the
+    output carries the base's config), but not silently (hostile pass 24, N6)."""
+    from .errors import CheckpointError
+    from .io.align import read_model_config
+
+    try:
+        own = read_model_config(base)
+    except CheckpointError:
+        return  # said where the output's config is read
+    for model in models:
+        if yields_task_vector(model):
+            continue  # an adapter has no model config
+        try:
+            theirs = read_model_config(model)
+        except CheckpointError:
+            continue  # a fine-tune's config is not read otherwise: its damage is not this merge's business
+        differ = [f"{f} {theirs[f]!r} (the base: {own[f]!r})" for f in _ARCHITECTURE_FIELDS
+                  if f in own and f in theirs and theirs[f] != own[f]]
+        if differ:
+            warnings.warn(MergeWarning(
+                f"{model.label}: its config.json names another architecture than the base's: {'; '.join(differ)}; "
+                "the tensors fit, so it merges, and the output carries the base's config: check that this is the "
+                "fine-tune you meant (the wrong folder?)"), stacklevel=3)
 
 
 def _warn_float64(names: list[str], out_dtype: DType | None) -> None:

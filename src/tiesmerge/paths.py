@@ -624,8 +624,18 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                               "them looks the same, and --force would discard it",
                               hint="copy them out of that directory first, or remove it yourself if nothing in it is "
                                    "yours, or choose another path")
+        if _only_change_times_moved(final, changed, fields=1):  # a copy (cp -r) moves the times, not the sizes
+            raise OutputError(f"{output}: {len(changed)} file(s) that tiesmerge wrote there have another modification "
+                              f"time than when it wrote them ({', '.join(changed[:5])}{more}): their sizes are the "
+                              "same, so the folder may be a copy (cp -r keeps no times), but an edit that kept the "
+                              "size looks the same, and --force would discard it",
+                              hint="copy them out of that directory first, or remove it yourself if nothing in it is "
+                                   "yours, or choose another path")
+        resized = [c for c in changed if not _only_change_times_moved(final, [c], fields=1)]  # surely edited: first
+        changed = resized + [c for c in changed if c not in resized]
         raise OutputError(f"{output}: --force would discard your changes to {len(changed)} file(s) that tiesmerge "
-                          f"wrote there (changed since: {', '.join(changed[:5])}{more})",
+                          f"wrote there (changed since: {', '.join(changed[:5])}{more}"
+                          + (f"; {len(resized)} of another size" if len(resized) < len(changed) else "") + ")",
                           hint="copy them out of that directory first, or choose another path")
     if added is None:
         raise OutputError(f"{output}: this output was written by an older tiesmerge, whose manifest does not list "
@@ -722,9 +732,9 @@ def _not_file_names(directory: Path) -> list[str]:
     return sorted(set(bad))
 
 
-def _only_change_times_moved(directory: Path, names: list[str]) -> bool:
+def _only_change_times_moved(directory: Path, names: list[str], fields: int = 2) -> bool:
     """Whether every file of ``names`` still has its recorded size and modification time (only the change time
-    moved: a chmod, chown or hard link, or an edit that restored both)."""
+    moved: a chmod, chown or hard link, or an edit that restored both); ``fields=1``: its recorded size."""
     recorded: dict[str, object] = {}
     for data in _markers(directory):
         stamps = data.get(STAMPS_FIELD)
@@ -732,7 +742,8 @@ def _only_change_times_moved(directory: Path, names: list[str]) -> bool:
     for rel in names:
         stamp = recorded.get(rel)
         try:
-            if not (isinstance(stamp, list) and len(stamp) == 3 and file_stamp(directory / rel)[:2] == stamp[:2]):
+            if not (isinstance(stamp, list) and len(stamp) == 3 and
+                    file_stamp(directory / rel)[:fields] == stamp[:fields]):
                 return False
         except OSError:
             return False

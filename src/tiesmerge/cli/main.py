@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .. import stops
 from ..errors import ConfigError, InternalError, MergeWarning, TiesMergeError
 from ..io import leases
 from ..io.align import VOCAB_POLICIES
@@ -421,21 +422,21 @@ def main(argv: list[str] | None = None) -> int:
                                    f"{MAX_NUMBA_THREADS}",
                                    hint="unset it, or give a count such as 2 (the engine's kernels run on numba)"),
                        args.debug)
-    previous = _terminate_like_interrupt()
-    _private_torch_cache()
-    from .. import inputs, sizes
-    from ..io import align
-
-    sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
-    inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: the command has none
-    inputs.weights_option = {"merge": "--weights", "validate": "weights:"}.get(args.command)
-    align.union_offered = args.command in ("merge", "validate")
     shown_before = warnings.showwarning
-    warnings.showwarning = _warning_printer(shown_before)
     stdout = sys.stdout
-    sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
     COMPLETED.clear()  # main() runs more than once in a process (tests, the API's callers)
-    try:
+    previous = _terminate_like_interrupt()
+    try:  # from the handlers on: a stop signal anywhere is "terminated", never a traceback (hostile pass 24, F8)
+        with stops.held():  # the engine's imports (~0.4 s): a stop signal here unwinds the command after them
+            _private_torch_cache()
+            from .. import inputs, sizes
+            from ..io import align
+        sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
+        inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: it has none
+        inputs.weights_option = {"merge": "--weights", "validate": "weights:"}.get(args.command)
+        align.union_offered = args.command in ("merge", "validate")
+        warnings.showwarning = _warning_printer(shown_before)
+        sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
         _resolve_repo_ids(args)
         _warn_literal_tilde(args)
         with _library_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext():
@@ -524,6 +525,8 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     if signum == getattr(signal, "SIGIO", None) and leases.on_signal():  # a read lease breaking, not a stop
         return
     if _stopping:  # a second signal during the first one's cleanup (Ctrl-C, then the scheduler's TERM): let it finish
+        return
+    if stops.hold(signum):  # inside an import that would swallow it (tiesmerge.stops): delivered after it
         return
     _stopping = True
     if signum == signal.SIGINT:
@@ -649,7 +652,10 @@ def entry() -> NoReturn:  # pragma: no cover - exercised by the installed `tiesm
     benchmarks/speed/NOTES.md), more than the arithmetic of a small merge. By the time ``main``
     returns, every output is closed and renamed into place and every thread pool has finished.
     """
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt as exc:  # Ctrl-C while the command line was parsed, before main's handlers: nothing began
+        code = _stopped(exc, "--debug" in sys.argv[1:])
     remove_private_folders()
     for stream in (sys.stdout, sys.stderr):
         try:

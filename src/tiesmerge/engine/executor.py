@@ -166,12 +166,20 @@ def _warn_if_trim_keeps_nothing(req: Requirements, alignment: Alignment, n: int,
     if not sizes:
         return False
     largest = sum(sizes) if req.scope == "global" else max(sizes)
-    if largest and not any(req.trim.keep_counts(largest, n)):
+    counts = req.trim.keep_counts(largest, n) if largest else []
+    if largest and not any(counts):
         warnings.warn(MergeWarning(
             f"{method}: the density keeps no entry of any tensor (the largest trim scope holds {largest:,} entries), "
             f"so the merge is the base itself; a density of at least {_rounded_up(1 / largest):.3g} keeps one entry"),
             stacklevel=3)
         return True
+    idle = [i for i, c in enumerate(counts) if c == 0]
+    if idle and req.trim.densities is not None:  # one model's slip: the others still merge (hostile pass 24, N2)
+        said = ", ".join(f"model {i + 1} ({req.trim.densities[i]:g})" for i in idle[:5])
+        warnings.warn(MergeWarning(
+            f"{method}: the density of {said} keeps no entry of any tensor (the largest trim scope holds "
+            f"{largest:,} entries), so {'that model adds' if len(idle) == 1 else 'those models add'} nothing to the "
+            f"merge; a density of at least {_rounded_up(1 / largest):.3g} keeps one entry"), stacklevel=3)
     return False
 
 

@@ -17,6 +17,8 @@ from types import ModuleType
 
 import numpy as np
 
+from .. import stops
+
 __all__ = ["RAW_VIEWS", "OUT_VIEWS", "available", "load", "torch_threads_kept"]
 
 # how each stored dtype (by its safetensors code) reaches a kernel: a numpy view of the same bytes
@@ -86,7 +88,8 @@ def _import_kernels() -> ModuleType:
     paused = gc.isenabled()
     gc.disable()
     try:
-        from . import kernels
+        with stops.held():  # numba's C initialisation swallows a KeyboardInterrupt as an ImportError (pass 24, F7)
+            from . import kernels
     finally:
         if paused:
             gc.enable()

@@ -33,8 +33,16 @@ try:  # optional: the engine falls back to torch without it
     from numba.extending import intrinsic, overload
 
     numba_cache.import_arraymath_without_scipy()
-except ImportError:  # pragma: no cover - exercised where numba is absent
+except ImportError as exc:  # pragma: no cover - exercised where numba is absent or broken
     numba = None
+    if exc.name not in ("numba", "llvmlite"):  # installed, but its import failed: say why the engine is slower
+        import warnings
+
+        from ..errors import MergeWarning
+
+        warnings.warn(f"numba is installed but failed to import ({type(exc).__name__}: {str(exc)[:200]}): the "
+                      "merge runs on the torch path, some 3x slower; reinstall numba (pip install --force-reinstall "
+                      "numba) to get the fused kernels back", MergeWarning, stacklevel=2)
 
 from . import exactk
 

@@ -40,6 +40,7 @@ from .peft import (
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
     adapter_kind,
+    check_targeted,
     read_adapter_dir,
     resolve_name,
     strip_key,
@@ -115,11 +116,12 @@ def _layers_to_transform(config: dict, source: str) -> tuple[frozenset[int], tup
 
 
 def _layer_of(module: str, names: tuple[str, ...]) -> int | None:
-    """The layer index in a module path as PEFT finds it: the last ``<list>.<N>.`` inside the path (N followed by
-    more of the path), the list named one of ``names`` when given; None where the path has none."""
+    """The layer index in a module path as PEFT (0.21) finds it: the first ``<list>.<N>.`` inside the path (N
+    followed by more of the path; an MoE expert's index comes after its layer's), the list named one of ``names``
+    when given, else any list that is not the path's first component; None where the path has none."""
     parts = module.split(".")
-    for i in range(len(parts) - 2, 0, -1):
-        if parts[i].isdigit() and parts[i].isascii() and (not names or parts[i - 1] in names):
+    for i in range(1, len(parts) - 1):
+        if parts[i].isdigit() and parts[i].isascii() and (parts[i - 1] in names if names else i >= 2):
             return int(parts[i])
     return None
 
@@ -235,9 +237,12 @@ class LoraCheckpoint:
         overruled: list[str] = []
         declared = _declared_rank(self.config, source)
         layers = _layers_to_transform(self.config, source)
+        check_targeted(self.config, list(self._factors), source)
         targets: dict[str, LoraTarget] = {}
         for module, (a_key, b_key, embedding) in self._factors.items():
-            if layers is not None and _layer_of(module, layers[1]) not in layers[0]:
+            # PEFT applies layers_to_transform only beside a list of target_modules (a regex string selects alone)
+            if layers is not None and not isinstance(self.config.get("target_modules"), str) and \
+                    _layer_of(module, layers[1]) not in layers[0]:
                 raise IncompatibleCheckpointsError(
                     f"{source}: layers_to_transform is {sorted(layers[0])[:20]}, but the adapter has LoRA factors "
                     f"for {module!r} (layer {_layer_of(module, layers[1])})",

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_dir, resolve_name, strip_key
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_targeted, read_adapter_dir, resolve_name, strip_key
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -65,6 +65,7 @@ class Ia3Checkpoint:
                 if name not in base.names() or tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
                     raise IncompatibleCheckpointsError(f"{self.label}: (IA)³ vector {key!r} does not fit {name!r}")
             return
+        check_targeted(self.config, list(self._vectors), str(self.path / ADAPTER_CONFIG))
         for module, key in self._vectors.items():
             name = resolve_name(module, ".weight", base, self.label, key)
             weight = tuple(base.info(name).shape)

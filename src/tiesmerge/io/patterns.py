@@ -183,12 +183,14 @@ class ModulePattern:
     anywhere: bool = False  # re.search's rule (a match anywhere in the name) instead of PEFT's
 
     @classmethod
-    def compile(cls, key: object, source: str, *, anywhere: bool = False) -> ModulePattern:
-        """``anywhere``: match like ``re.search(key, name)`` (the SVD methods' ``exclude``)."""
+    def compile(cls, key: object, source: str, *, anywhere: bool = False, whole: bool = False) -> ModulePattern:
+        """``anywhere``: match like ``re.search(key, name)`` (the SVD methods' ``exclude``); ``whole``: like
+        ``re.fullmatch(key, name)`` (PEFT's ``target_modules`` given as one string)."""
         if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
             raise CheckpointError(f"{source}: pattern key {str(key)[:80]!r} is not a module name pattern "
                                   f"(a non-empty string of at most {MAX_PATTERN_CHARS} characters)")
         what = ("exclude patterns are regexes searched in each tensor name" if anywhere else
+                "target_modules, as one string, is a regex the whole module name matches" if whole else
                 "alpha_pattern and rank_pattern keys are regexes a module name ends with")
         depth = _nesting(key)
         if depth > MAX_NESTING:  # re's parser would raise RecursionError a few hundred levels down
@@ -204,7 +206,7 @@ class ModulePattern:
             re.compile(key)
             if _sre.parse(key).state.flags & ~_sre.SRE_FLAG_UNICODE:  # the user's own text: wrapped, (?i) would move
                 raise _Refused("inline flags such as (?i): matching is case-sensitive, as tensor names are")
-            parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"(.*\.)?({key})$")
+            parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"({key})$" if whole else rf"(.*\.)?({key})$")
             if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
                 raise _Refused("inline flags")
             builder = _Builder()

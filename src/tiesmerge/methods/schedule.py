@@ -74,6 +74,9 @@ def parse_schedule(text: str) -> Schedule:
         if not eq:
             pattern, values = "*", part  # a bare value list: every tensor
         pattern = pattern.strip()
+        if "=" in pattern:  # 'mlp=0.5,self_attn=0.3': two rules joined by ',' read as one filter (pass 24, N3)
+            raise ValueError(f"{part!r}: the filter {pattern!r} holds '=', which no tensor name does; rules are "
+                             "separated by ';' (e.g. 'mlp=0.5;self_attn=0.3'), values by ','")
         try:
             numbers = tuple(float(v) for v in values.split(","))
         except ValueError:
