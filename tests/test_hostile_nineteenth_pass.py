@@ -194,11 +194,11 @@ def test_slerp_says_t_is_unused_where_t_by_name_sets_every_tensor():
     with pytest.warns(MergeWarning, match=r"slerp: t = 0\.9 is not used: t_by_name's '\*' rule sets every tensor's t"):
         warn_unused(Slerp(t=0.9, t_by_name="*=0.1"))
     with pytest.warns(MergeWarning, match=r"t = 0\.9 is not used: t_by_name's filters match every tensor"):
-        Slerp(t=0.9, t_by_name="self_attn=0.1;mlp=0.2").check_tensors(names)
+        Slerp(t=0.9, t_by_name="self_attn=0.1;mlp=0.2").check_tensors(dict.fromkeys(names, (2, 2)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Slerp(t=0.9, t_by_name="self_attn=0.1").check_tensors(names)  # the mlp tensor takes t
-        Slerp(t_by_name="*=0.1").check_tensors(names)  # t left at its default: nothing to say
+        Slerp(t=0.9, t_by_name="self_attn=0.1").check_tensors(dict.fromkeys(names, (2, 2)))  # the mlp tensor takes t
+        Slerp(t_by_name="*=0.1").check_tensors(dict.fromkeys(names, (2, 2)))  # t left at its default: nothing to say
 
 
 def test_a_foreign_file_at_the_cache_path_is_left_as_it_is(family, tmp_path, monkeypatch):

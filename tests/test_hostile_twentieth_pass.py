@@ -201,11 +201,11 @@ def test_an_exclude_pattern_matching_no_matrix_or_every_matrix_is_said(method):
     for pattern, said in [("embd", "matches no matrix"), ("norm", "matches no matrix"),
                           (".", "matches every matrix"), ("proj|embed", "matches every matrix")]:
         with pytest.warns(MergeWarning, match=f"{method}: exclude {re.escape(repr(pattern))} {said}"):
-            make_method(method, {"exclude": pattern}).check_shapes(shapes)
+            make_method(method, {"exclude": pattern}).check_tensors(shapes)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        make_method(method, {}).check_shapes(shapes)  # the default (CLIP's text_projection): no word
-        make_method(method, {"exclude": "embed"}).check_shapes(shapes)
+        make_method(method, {}).check_tensors(shapes)  # the default (CLIP's text_projection): no word
+        make_method(method, {"exclude": "embed"}).check_tensors(shapes)
 
 
 def test_notes_of_the_twenty_first_pass_continued(family, tmp_path):

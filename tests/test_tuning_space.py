@@ -138,7 +138,7 @@ def test_a_corner_where_every_model_takes_the_same_end_is_checked_too():
 
 def test_base_weight_searched_beside_fixed_weights_whose_total_crosses_0_is_refused_up_front():
     """hp19 N8: refused only once random's candidates were drawn (two of 400 cancelling), with a generic hint."""
-    with pytest.raises(ConfigError, match=r"base_weight \+ sum\(weights\) keeps one sign"):
+    with pytest.raises(ConfigError, match=r"--range base_weight \(or change weights\) so the total keeps one sign"):
         build_space("average", 2, axes=["base_weight"], ranges={"base_weight": (-1.5, -0.5)},
                     fixed={"weights": (0.5, 0.5)})
     assert build_space("average", 2, axes=["base_weight"], ranges={"base_weight": (-0.5, 2.0)},
@@ -151,6 +151,6 @@ def test_a_box_whose_total_nearly_reaches_0_at_a_corner_is_refused_up_front():
     with pytest.raises(ConfigError, match=r"comes within 1e-05 of 0 at a corner of the box"):
         build_space("average", 2, axes=["weights", "base_weight"],
                     ranges={"weights": (1.0, 1.1), "base_weight": (-1.99999, -1.5)})
-    with pytest.raises(ConfigError, match=r"crosses or nearly reaches 0"):
+    with pytest.raises(ConfigError, match=r"with weights=0.5,0.5: their total comes within 1e-05 of 0"):
         build_space("average", 2, axes=["base_weight"], ranges={"base_weight": (-0.99999, -0.5)},
                     fixed={"weights": (0.5, 0.5)})

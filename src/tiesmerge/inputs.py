@@ -427,10 +427,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         alignment = with_parts(alignment, engine_base, routes, layout.manifest())
     _warn_other_architecture(base_ckpt, model_ckpts)
     warn_unused(method)
-    if hasattr(method, "check_tensors"):  # a method whose options describe the model (slerp's layers)
-        method.check_tensors([j.name for j in alignment.jobs])
-    if hasattr(method, "check_shapes"):  # options naming tensors of a kind (the SVD methods' exclude of matrices)
-        method.check_shapes({j.name: tuple(j.shape) for j in alignment.jobs if j.merge})
+    if hasattr(method, "check_tensors"):  # options describing the model (slerp's filters and layers, an exclude)
+        method.check_tensors({j.name: tuple(j.shape) for j in alignment.jobs if j.merge})
     _warn_float64([j.name for j in alignment.jobs if j.merge and j.dtype_info.code == "F64"], out_dtype)
     if reference is not None:
         _check_reference(reference, alignment)

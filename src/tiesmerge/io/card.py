@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -79,7 +80,8 @@ def cache_folder() -> Path | None:
 
 _MAX_CACHE_BYTES = 16 << 20  # a larger cache file is ignored (and replaced): no cache may cost more than hashing
 _MAX_ENTRIES = 20_000  # remembered files kept, the most recent: a cache file stays ~4 MB, parsed in ~40 ms
-_PARSED: dict[str, tuple[tuple[int, ...], dict]] = {}  # a cache file's path -> (its identity when parsed, entries)
+# a cache file's path -> (its identity when parsed, its entries; None: a file that is not one of tiesmerge's caches)
+_PARSED: dict[str, tuple[tuple[int, ...], dict | None]] = {}
 _PARSED_LOCK = threading.Lock()
 
 
@@ -92,14 +94,24 @@ def _stamp(path: Path) -> list[int]:
 def load_cache(file: Path) -> dict:
     """The remembered digests, or {} when the cache is missing, damaged, too large, or not a regular
     file: a link (never followed) or a FIFO (opened non-blocking, refused by fstat) is ignored."""
+    return _read_cache(file) or {}
+
+
+def _read_cache(file: Path) -> dict | None:
+    """The cache file's entries; {} where nothing of tiesmerge's lies there (no file, an empty one, a link or a FIFO:
+    replaced when written, never followed); None where a regular file there is not one of its caches (larger than
+    any it writes, unreadable, or not a JSON object: tiesmerge writes its caches whole, by rename, so a file of its
+    own is never half written), which is left alone."""
     try:
         fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError:
-        return {}
+    except OSError as exc:
+        return {} if exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR) else None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_CACHE_BYTES:
+        if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return {}
+        if st.st_size > _MAX_CACHE_BYTES:
+            return None
         # parsed once while the file is the same: every input file asks (a cache of 10^5 entries re-parsed for each
         # of 42 shards took a minute); the entries returned are shared, read them only (remember() copies)
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -107,13 +119,16 @@ def load_cache(file: Path) -> dict:
             known = _PARSED.get(str(file))
         if known is not None and known[0] == identity:
             return known[1]
-        data = json.loads(os.pread(fd, st.st_size, 0))
-        data = data if isinstance(data, dict) else {}
+        try:
+            data = json.loads(os.pread(fd, st.st_size, 0))
+        except (ValueError, RecursionError):
+            data = None
+        data = data if isinstance(data, dict) else None
         with _PARSED_LOCK:
             _PARSED[str(file)] = (identity, data)
         return data
-    except (OSError, ValueError, RecursionError):
-        return {}
+    except OSError:
+        return None
     finally:
         os.close(fd)
 
@@ -226,28 +241,8 @@ _SAID_FOREIGN: list[str] = []
 
 
 def _foreign(cache: Path) -> bool:
-    """Whether a regular file at ``cache`` is not one of tiesmerge's caches: larger than any it writes, or not a JSON
-    object (tiesmerge writes its caches whole, by rename, so a file of its own is never half written). A link or a
-    FIFO there is replaced, never followed; an empty file holds nothing to lose."""
-    try:
-        st = os.lstat(cache)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
-        return False
-    if st.st_size > _MAX_CACHE_BYTES:
-        return True
-    try:
-        fd = os.open(cache, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        try:
-            data = json.loads(os.pread(fd, st.st_size, 0))
-        finally:
-            os.close(fd)
-    except (OSError, ValueError, RecursionError):
-        return True
-    return not isinstance(data, dict)
+    """Whether a regular file at ``cache`` is not one of tiesmerge's caches (:func:`_read_cache`: parsed once)."""
+    return _read_cache(cache) is None
 
 
 def _digest(path: Path) -> dict:

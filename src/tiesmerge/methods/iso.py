@@ -3,6 +3,7 @@ ICML 2025)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 from ..lazy import torch
@@ -53,7 +54,7 @@ class IsoC:
     exclude: str = exclude_option()
     svd_precision: str = precision_option()
 
-    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+    def check_tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """exclude against the model's merged tensors (see :func:`.svd.check_exclude`)."""
         linalg.check_exclude(self.name, self.exclude, shapes, default=EXCLUDE_DEFAULT)
 
@@ -115,7 +116,7 @@ class IsoCTS:
     exclude: str = exclude_option()
     svd_precision: str = precision_option()
 
-    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+    def check_tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """exclude against the model's merged tensors (see :func:`.svd.check_exclude`)."""
         linalg.check_exclude(self.name, self.exclude, shapes, default=EXCLUDE_DEFAULT)
 

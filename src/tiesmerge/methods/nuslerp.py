@@ -4,7 +4,7 @@ whole tensors, rows or columns, the interpolation weight from per-model weights.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -105,7 +105,7 @@ class NuSlerp:
         return Requirements(whole_tensors=True, model_values=self.of != "task_vectors", base_values=one,
                             n_models=1 if one else 2, kernel=kernel)
 
-    def check_tensors(self, names: list[str]) -> None:
+    def check_tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """Once per merge: row_wise chooses rows or columns only where tensors are not flattened (mergekit's
         nuslerp_row_wise, which it ignores under nuslerp_flatten too): said, not silently dropped."""
         if self.weights is not None and self.t is None and all(abs(w) < 1e-6 for w in self.weights):

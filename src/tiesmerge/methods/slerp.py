@@ -4,7 +4,7 @@ with mergekit 0.1.5's operations so that a mergekit ``slerp`` recipe merges bit 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -168,10 +168,11 @@ class Slerp:
             return self.t
         return parse_schedule(self.t_by_name).value(name, self.layers, self.t)
 
-    def check_tensors(self, names: list[str]) -> None:
+    def check_tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """``layers`` against the model: a gradient spread over another number of layers than the model has never
         reaches its last values (``--layers 1000`` on 2 layers) or runs past it (``--layers 1``); and a t that makes
         the merge one endpoint itself, as ``--lam 0`` is said to."""
+        names = list(shapes)  # the merged tensors (copied ones take no t)
         if self.t_by_name is None:
             if self.t in (0, 1):
                 which = ("the base" if self.anchor == "base" else "the first model") if self.t == 0 else \
@@ -189,8 +190,9 @@ class Slerp:
         unmatched = [p for p, _ in rules if p is not None and not any(p in n for n in names)]
         if unmatched:  # a typo (self_atn) would leave every tensor at the default t, silently
             warnings.warn(MergeWarning(
-                f"slerp: t_by_name's filter(s) {', '.join(repr(p) for p in unmatched)} match no tensor of the model (a "
-                f"filter is a part of a tensor's name, e.g. self_attn or mlp), so they set nothing"), stacklevel=3)
+                f"slerp: t_by_name's filter(s) {', '.join(repr(p) for p in unmatched)} match no tensor the merge "
+                "interpolates (a filter is a part of a tensor's name, e.g. self_attn or mlp), so they set nothing"),
+                stacklevel=3)
         shadowed = _shadowed_rules(rules, names, unmatched)
         if shadowed:  # first match wins (mergekit's rule): a later rule whose tensors all match an earlier one is dead
             dead = "; ".join(f"rule {rule} is shadowed by {by}" for rule, by in shadowed)

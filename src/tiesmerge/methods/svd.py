@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from ..lazy import torch
@@ -218,7 +218,7 @@ def regex(value: object) -> str | None:
     return None
 
 
-def check_exclude(method: str, value: str, shapes: dict[str, tuple[int, ...]], default: str = "") -> None:
+def check_exclude(method: str, value: str, shapes: Mapping[str, tuple[int, ...]], default: str = "") -> None:
     """``exclude`` against the model's merged tensors (name -> shape): one matching no matrix (a typo: ``embd``; or
     only 1-D tensors, which are never decomposed) changes nothing, one matching every matrix (``.``) decomposes
     nothing, the merge a scaled mean: either is said, as a filter of slerp's is (the default, CLIP's

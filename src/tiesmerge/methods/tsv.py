@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from fractions import Fraction
 from typing import ClassVar
 
@@ -93,7 +94,7 @@ class TsvMerge:
     seed: int = option(0, "seed of the randomized SVD's sketches (one stream per tensor)", unit="integer",
                        check=seed_value)
 
-    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+    def check_tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """exclude against the model's merged tensors (see :func:`.svd.check_exclude`)."""
         linalg.check_exclude(self.name, self.exclude, shapes, default=EXCLUDE_DEFAULT)
 

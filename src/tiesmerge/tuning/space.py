@@ -273,21 +273,8 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
                             f"cancel (a sum near 0 scales the merge far past the models), so some candidates would "
                             f"be refused mid-search; narrow --range {name} to one sign")
             continue
-        joins = meta.get("sums_with")
-        if joins and joins not in names and isinstance(fixed.get(joins), (tuple, list)) and low != high:
-            total = sum(float(x) for x in fixed[joins])  # base_weight searched beside fixed weights
-            nearest = min(abs(low + total), abs(high + total))
-            largest = max(abs(low), abs(high), *(abs(float(x)) for x in fixed[joins]))
-            if low + total <= 0 <= high + total or largest > NORMALISED_WEIGHT_LIMIT * nearest:
-                shown = ",".join(f"{float(x):g}" for x in fixed[joins])
-                problems.append(f"{name} over {low:g}:{high:g} with {joins}={shown}: their total ranges over "
-                                f"{low + total:g}:{high + total:g}, which crosses or nearly reaches 0, so candidates "
-                                "near it nearly cancel (a sum near 0 scales the merge far past the models) and would "
-                                f"be refused; narrow --range {name} so {name} + sum({joins}) keeps one sign, away "
-                                "from 0")
-                continue
-        if per_model and meta.get("check_all") is nonzero_sum:
-            crossing = _total_crossing(fields, name, per_model, (low, high), fixed, ranges, grid)
+        if (per_model and meta.get("check_all") is nonzero_sum) or meta.get("sums_with"):
+            crossing = _total_crossing(fields, name, per_model, (low, high), fixed, ranges, grid, names)
             if crossing:
                 problems.append(crossing)
                 continue
@@ -328,30 +315,44 @@ def fit_counts(cls: type, grid: Mapping[str, Sequence[Any]], n_models: int, give
 
 def _total_crossing(fields: Mapping[str, Any], name: str, n: int, bounds: tuple[float, float],
                     fixed: Mapping[str, Any], ranges: Mapping[str, tuple[float, float]],
-                    grid: Mapping[str, Sequence[float]]) -> str | None:
-    """Per-model weights normalised by their sum together with other options (average's base_weight): where their
-    total over the search's box crosses 0, candidates inside it nearly cancel and are refused mid-search (an adaptive
-    strategy walks into them), though no corner of the weights' own range is refused. None when it cannot."""
-    low, high = n * bounds[0], n * bounds[1]  # the weights' own sum over the box
-    lows, highs = [bounds[0]] * n, [bounds[1]] * n  # the box's corners where the total is lowest / highest
-    joined = []
+                    grid: Mapping[str, Sequence[float]], searched: Sequence[str]) -> str | None:
+    """Options normalised by their total together (average's per-model weights and its base_weight, declared by
+    ``sums_with``): where that total over the search's box crosses 0 or comes near it, candidates there nearly
+    cancel and are refused mid-search (an adaptive strategy walks into them), though no corner of the searched
+    option's own range is refused. ``name`` is searched over ``bounds`` (``n`` values per model, 0: one value);
+    each partner counts with its fixed value, its range or its grid, a partner also searched being checked from its
+    own side. None when the total keeps away from 0 (or nothing is normalised with it)."""
+    count = max(n, 1)
+    low, high = count * bounds[0], count * bounds[1]  # the searched option's own part of the total over the box
+    lows, highs = [bounds[0]] * count, [bounds[1]] * count  # the box's corners where the total is lowest / highest
+    joined, partners = [], []
+    own = fields[name].metadata.get("sums_with")
     for other, f in fields.items():
-        if f.metadata.get("sums_with") != name:
-            continue
-        if isinstance(fixed.get(other), (int, float)) and not isinstance(fixed[other], bool):
-            span = (float(fixed[other]),) * 2
-        elif other in ranges:
-            span = tuple(map(float, ranges[other]))
-        elif len(grid.get(other, ())) > 0:
-            span = (float(min(grid[other])), float(max(grid[other])))
-        else:  # not set: not counted (the method leaves it out)
+        if f.metadata.get("sums_with") == name:  # a scalar added to the searched per-model values
+            if isinstance(fixed.get(other), (int, float)) and not isinstance(fixed[other], bool):
+                span = (float(fixed[other]),) * 2
+            elif other in ranges:
+                span = tuple(map(float, ranges[other]))
+            elif len(grid.get(other, ())) > 0:
+                span = (float(min(grid[other])), float(max(grid[other])))
+            else:  # not set: not counted (the method leaves it out)
+                continue
+            lows.append(span[0])
+            highs.append(span[1])
+            joined.append(f"{other}={span[0]:g}" if span[0] == span[1] else f"{other} over {span[0]:g}:{span[1]:g}")
+        elif other == own and other not in searched and isinstance(fixed.get(other), (tuple, list)):
+            values = [float(x) for x in fixed[other]]  # the per-model values the searched scalar is added to
+            span = (sum(values),) * 2
+            lows += values
+            highs += values
+            joined.append(f"{other}={','.join(f'{v:g}' for v in values)}")
+        else:
             continue
         low, high = low + span[0], high + span[1]
-        lows.append(span[0])
-        highs.append(span[1])
-        joined.append(f"{other}={span[0]:g}" if span[0] == span[1] else f"{other} over {span[0]:g}:{span[1]:g}")
+        partners.append(other)
     if not joined:
         return None
+    change = " and ".join(partners)
     if not low <= 0 <= high:  # one sign: the corner nearest 0 may still normalise past the limit (a total of 1e-5)
         nearest, corner = (low, lows) if low > 0 else (high, highs)
         reach = max(abs(v) for v in corner) / abs(nearest)
@@ -360,11 +361,11 @@ def _total_crossing(fields: Mapping[str, Any], name: str, n: int, bounds: tuple[
         return (f"{name} over {bounds[0]:g}:{bounds[1]:g} with {' and '.join(joined)}: their total comes within "
                 f"{abs(nearest):.3g} of 0 at a corner of the box, where the weights normalised by it reach "
                 f"±{reach:.3g} (at most {NORMALISED_WEIGHT_LIMIT:g}), so candidates there would be refused "
-                f"mid-search; narrow --range {name} (or the other ranges) so the total stays away from 0")
+                f"mid-search; narrow --range {name} (or change {change}) so the total stays away from 0")
     return (f"{name} over {bounds[0]:g}:{bounds[1]:g} with {' and '.join(joined)}: their total ranges over "
             f"{low:g}:{high:g}, which crosses 0, so candidates inside it nearly cancel (a sum near 0 scales the merge "
-            f"far past the models) and would be refused mid-search; narrow --range {name} (or change "
-            f"{' and '.join(j.split('=')[0].split(' over')[0] for j in joined)}) so the total keeps one sign")
+            f"far past the models) and would be refused mid-search; narrow --range {name} (or change {change}) so "
+            "the total keeps one sign")
 
 
 def _unused_options(cls: type, fixed: Mapping[str, Any]) -> dict[str, str]:
