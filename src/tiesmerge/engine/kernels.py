@@ -41,8 +41,8 @@ except ImportError as exc:  # pragma: no cover - exercised where numba is absent
         from ..errors import MergeWarning
 
         warnings.warn(f"numba is installed but failed to import ({type(exc).__name__}: {str(exc)[:200]}): the "
-                      "merge runs on the torch path, some 3x slower; reinstall numba (pip install --force-reinstall "
-                      "numba) to get the fused kernels back", MergeWarning, stacklevel=2)
+                      "merge runs on the torch path, some 3x slower; reinstall numba in this environment to get "
+                      "the fused kernels back", MergeWarning, stacklevel=2)
 
 from . import exactk
 
