@@ -13,8 +13,7 @@ import pytest
 from helpers_adapters import LORA_MODULES, random_ia3, random_lora, write_ia3_dir, write_lora_dir
 from helpers_ckpt import assert_no_output, make_base, run_cli, write_family_dirs, write_hf_dir
 from tiesmerge.errors import IncompatibleCheckpointsError
-from tiesmerge.io.adapters import _layer_of
-from tiesmerge.io.peft import check_targeted
+from tiesmerge.io.peft_targets import Targeting, check_adapted
 
 _ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -79,7 +78,7 @@ def test_ia3_vectors_its_config_does_not_adapt_are_refused(tmp_path, capsys):
     assert rc != 0 and "does not adapt" in err and "up_proj" in err, err
 
 
-@pytest.mark.parametrize("config", [
+_PEFT_CONFIGS = [
     {"target_modules": ["q_proj"]}, {"target_modules": ["layers.0.self_attn.q_proj"]},
     {"target_modules": ["model.layers.0.self_attn.q_proj", "up_proj"]}, {"target_modules": ["proj"]},
     {"target_modules": r".*q_proj"}, {"target_modules": r"q_proj"}, {"target_modules": r"model\.layers\.1\..*"},
@@ -87,17 +86,44 @@ def test_ia3_vectors_its_config_does_not_adapt_are_refused(tmp_path, capsys):
     {"target_modules": ["q_proj", "up_proj"], "exclude_modules": ["1.mlp.up_proj"]},
     {"target_modules": ["q_proj", "up_proj"], "modules_to_save": ["self_attn"]},
     {"target_modules": ["q_proj", "up_proj"], "modules_to_save": ["layers.1"]},
-])
-@pytest.mark.parametrize("module", LORA_MODULES)
+    {"target_modules": ["q_proj", "up_proj"], "modules_to_save": [r"layers\.\d"]},
+    {"target_modules": ["q_proj", "up_proj"], "task_type": "SEQ_CLS"},
+    # layers_to_transform (hp25 F1, F2): an empty list, an exact path, dotted and ordered layers_pattern
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": []},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": 1},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0]},
+    {"target_modules": ["model.layers.1.self_attn.q_proj", "up_proj"], "layers_to_transform": [0]},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1], "layers_pattern": "model.layers"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1], "layers_pattern": ["blocks", "layers"]},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0], "layers_pattern": ["blocks", "layers"]},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [3], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0], "layers_pattern": "experts"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0, 1], "layers_pattern": "(h|layers)"},
+    {"target_modules": r".*\.q_proj", "layers_to_transform": [7]},
+    # lookarounds (hp25 F13): run on the regex package under a time limit, not skipped
+    {"target_modules": r"^(?!.*layers\.1\.).*proj"},
+    {"target_modules": ["q_proj", "up_proj"], "exclude_modules": r"(?=.*layers\.1\.).*"},
+    {"target_modules": r"(?<=self_attn\.)q_proj|.*up_proj"},
+]
+_PEFT_MODULES = [*LORA_MODULES, "model.layers.0.blocks.1.q_proj", "model.layers.3.mlp.experts.0.up_proj",
+                 "layers.2.self_attn.q_proj", "model.h.1.up_proj", "score", "model.score.q_proj"]
+
+
+@pytest.mark.parametrize("config", _PEFT_CONFIGS)
+@pytest.mark.parametrize("module", _PEFT_MODULES)
 def test_which_modules_are_adapted_agrees_with_peft(config, module):
-    """The rule is PEFT's own (check_target_module_exists), module by module."""
+    """The rule is PEFT's own (check_target_module_exists, with the heads PEFT adds to modules_to_save for a task
+    type), module by module."""
     peft_utils = pytest.importorskip("peft.tuners.tuners_utils")
-    cfg = SimpleNamespace(**{"exclude_modules": None, "modules_to_save": None, "target_parameters": None,
-                             "layers_to_transform": None, "layers_pattern": None, **config})
+    saved = config.get("modules_to_save")
+    if config.get("task_type") == "SEQ_CLS":  # PeftModelForSequenceClassification adds them when it loads
+        saved = [*(saved or []), "classifier", "score"]
+    cfg = SimpleNamespace(**{"exclude_modules": None, "target_parameters": None, "layers_to_transform": None,
+                             "layers_pattern": None, **config, "modules_to_save": saved})
     found = peft_utils.check_target_module_exists(cfg, module)
     peft_adapts = bool(found) and not isinstance(found, peft_utils._ExcludedModule)
     try:
-        check_targeted(config, [module], "adapter_config.json")
+        check_adapted(config, [module], "adapter_config.json")
         ours = True
     except IncompatibleCheckpointsError:
         ours = False
@@ -110,11 +136,16 @@ def test_which_modules_are_adapted_agrees_with_peft(config, module):
     ("layers.2.self_attn.q_proj", (), None),  # PEFT wants a component before the layer list
     ("layers.2.self_attn.q_proj", ("layers",), 2),
     ("model.layers.1.self_attn.q_proj", ("blocks",), None),
+    ("model.layers.0.blocks.1.q_proj", ("blocks", "layers"), 1),  # the first pattern that matches wins
+    ("model.layers.1.self_attn.q_proj", ("model.layers",), 1),  # a pattern is a regex, dots and all
+    ("model.layers." + "9" * 5000 + ".q_proj", (), -1),  # no int() of 5000 digits: an index no list holds
 ])
 def test_the_layer_of_a_module_is_found_as_peft_finds_it(module, names, layer):
     import re
 
-    assert _layer_of(module, names) == layer
+    assert Targeting.of({"layers_pattern": list(names)}, "adapter_config.json").layer_of(module) == layer
+    if len(module) > 1000:
+        return
     if names:  # PEFT's own expressions (tuners_utils.check_target_module_exists)
         match = next((m for p in names if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
     else:

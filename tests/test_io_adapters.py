@@ -46,7 +46,8 @@ def test_adapter_targeting_a_subset_and_modules_to_save(tmp_path):
     f0 = random_lora(base, 2, seed=0, modules=LORA_MODULES[:2])
     f1 = random_lora(base, 2, seed=1, modules=LORA_MODULES[1:])
     head = base["lm_head.weight"] + 0.5
-    a0 = write_lora_dir(tmp_path / "a0", f0, alpha=2.0, extra={"lm_head.modules_to_save.default.weight": head})
+    a0 = write_lora_dir(tmp_path / "a0", f0, alpha=2.0, extra={"lm_head.modules_to_save.default.weight": head},
+                        config={"modules_to_save": ["lm_head"]})  # PEFT puts the saved copy back only where named
     a1 = write_lora_dir(tmp_path / "a1", f1, alpha=2.0)
     merged = tiesmerge.merge(tmp_path / "base", [a0, a1], TaskArithmetic(lam=1.0))
     d0, d1 = lora_delta(f0, 2.0), lora_delta(f1, 2.0)

@@ -14,9 +14,12 @@ methods. They are imported when first used (PEP 562), so ``import tiesmerge.io.c
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
 
 from .version import __version__
+
+# typing is not imported here: the console script's Ctrl-C guard (_launch.entry) starts only after this package's
+# own imports, so they stay few (a Ctrl-C inside typing's import was a traceback: hostile pass 25, N1)
+TYPE_CHECKING = False
 
 # public name -> the module that defines it (None: the name is a submodule)
 _WHERE = {
@@ -32,6 +35,8 @@ __all__ = ["METHODS", "adapt", "analyze", "base_distance", "describe_plan", "err
            "__version__"]
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from . import errors, methods
     from .adamerging import adapt
     from .api import analyze, base_distance, describe_plan, merge, plan_merge

@@ -130,10 +130,24 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
             if not isinstance(row, dict):
                 raise error(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}",
                             hint=hint)
+            if "\\u" in line:  # an escape may be half a UTF-16 pair, which no tokenizer takes (hostile pass 25, F6)
+                _check_surrogates(row, f"{path}:{number}", error)
             rows.append((number, row))
     if not rows:
         raise error(f"{path}: {what} holds no examples", hint=hint)
     return rows
+
+
+def _check_surrogates(row: dict, where: str, error: type[TiesMergeError]) -> None:
+    """Refuse a row holding a lone UTF-16 surrogate (``"\\ud800"``: valid JSON, but no text a tokenizer encodes)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = ord(exc.object[exc.start])
+        raise error(f"{where}: a string holds \\u{bad:04x}, half of a UTF-16 surrogate pair without its other half, "
+                    "which is no text (a tokenizer cannot encode it)",
+                    hint="fix the data: write the character itself, or both halves of its \\ud8xx\\udcxx escape"
+                    ) from None
 
 
 def _not_being_written(fd: int, path: str | os.PathLike, error: type[TiesMergeError]) -> None:
@@ -248,7 +262,10 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
                max_nodes: int = MAX_YAML_NODES, max_depth: int = MAX_DEPTH) -> Any:
     """Parse YAML with the safe loader, measuring the composed graph first (aliases expanded,
     depth) so that nothing huge is ever built or printed."""
-    loader = _CountingLoader(text)
+    try:
+        loader = _CountingLoader(text)  # checks every character first: a control character (NUL, ESC) is refused here
+    except yaml.YAMLError as exc:
+        raise _not_yaml(exc, source, error) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -266,10 +283,7 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         raise error(f"{source}: YAML nested too deep to read (more than {max_depth} levels)",
                     hint=_FIX_FILE) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or type(exc).__name__
-        raise error(f"{source}: not valid YAML ({str(problem)[:200]}{where})", hint=_FIX_FILE) from None
+        raise _not_yaml(exc, source, error) from None
     except (ValueError, TypeError) as exc:  # e.g. an unhashable key, a bad timestamp
         if "int_max_str_digits" in str(exc):
             raise _huge_number(source, error) from None
@@ -277,6 +291,18 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
                     hint=_FIX_FILE) from None
     finally:
         loader.dispose()
+
+
+def _not_yaml(exc: yaml.YAMLError, source: str, error: type[TiesMergeError]) -> TiesMergeError:
+    """The error for YAML the parser refused, with where: a line and column, or the character a reader refused."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow (a binary file, a colour code)
+        what = f"the character U+{exc.character:04X}" if isinstance(exc.character, int) else "a byte"
+        return error(f"{source}: not valid YAML ({what} at position {exc.position}, which YAML does not allow: a "
+                     "control character, or a binary file)", hint=_FIX_FILE)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    return error(f"{source}: not valid YAML ({str(problem)[:200]}{where})", hint=_FIX_FILE)
 
 
 def read_yaml(path: str | os.PathLike, what: str, *, error: type[TiesMergeError] = CheckpointError,

@@ -620,8 +620,9 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
         if _only_change_times_moved(final, changed):  # a chmod, chown or hard link: no edit shows
             raise OutputError(f"{output}: {len(changed)} file(s) that tiesmerge wrote there changed since, as far as "
                               f"their change time tells ({', '.join(changed[:5])}{more}): their size and modification "
-                              "time are the same, so a chmod, chown or hard link may be all, but an edit that restored "
-                              "them looks the same, and --force would discard it",
+                              "time are the same, so a chmod, chown or hard link may be all, or the folder is a "
+                              "copy (cp -a keeps the times, not the change times), but an edit that restored them "
+                              "looks the same, and --force would discard it",
                               hint="copy them out of that directory first, or remove it yourself if nothing in it is "
                                    "yours, or choose another path")
         if _only_change_times_moved(final, changed, fields=1):  # a copy (cp -r) moves the times, not the sizes

@@ -9,13 +9,14 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["private_folder", "private_folder_for", "remove_private_folders", "host_tag"]
+__all__ = ["private_folder", "private_folder_for", "remove_private_folders", "host_tag", "process_state"]
 
 _FOLDERS: list[str] = []
 # "<prefix><host>-<pid>-<random>": a folder of this host whose process is dead (a run killed outright) is removed by
 # the next run; another host's (a TMPDIR shared by a cluster's nodes, or by containers) is never touched, since its
 # pid means nothing here
-_OURS = re.compile(r"^tiesmerge-(torch|matplotlib|ray|numba)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
+_OURS = re.compile(r"^tiesmerge-(torch|matplotlib|ray|numba)-([0-9a-f]{8})-([0-9]{1,7})-[A-Za-z0-9_]+$")
+MAX_PID = 2**22  # Linux's largest pid_max: a name holding a larger number was never made by a tiesmerge process
 
 
 def private_folder_for(env_var: str, prefix: str) -> None:
@@ -44,6 +45,21 @@ def host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
+def process_state(digits: str) -> str:
+    """"dead", "alive" or "foreign" for the process id a temporary name carries: a folder whose process is dead is
+    left from a killed run and may go; "foreign" is a number no process of this machine can have (0, past pid_max:
+    a name planted in a shared /tmp, hostile pass 25 F5), whose folder is left alone, never a reason to fail."""
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 7 or not 0 < int(digits) <= MAX_PID:
+        return "foreign"
+    try:
+        os.kill(int(digits), 0)
+    except ProcessLookupError:
+        return "dead"
+    except (OSError, OverflowError, ValueError):  # someone else's live process (EPERM), or nothing to ask about
+        return "alive"
+    return "alive"
+
+
 def _remove_stale(parent: str) -> None:
     host = host_tag()
     try:
@@ -52,14 +68,10 @@ def _remove_stale(parent: str) -> None:
         return
     for entry in entries:
         m = _OURS.match(entry.name)
-        if m is None or m.group(2) != host or int(m.group(3)) == os.getpid() or not entry.is_dir(follow_symlinks=False):
+        if m is None or m.group(2) != host or m.group(3) == str(os.getpid()) or not entry.is_dir(follow_symlinks=False):
             continue
-        try:
-            os.kill(int(m.group(3)), 0)
-        except ProcessLookupError:  # dead: its folder is left from a run killed before it could remove it
+        if process_state(m.group(3)) == "dead":  # its folder is left from a run killed before it could remove it
             shutil.rmtree(entry.path, ignore_errors=True)
-        except OSError:  # alive, someone else's: leave it
-            pass
 
 
 @atexit.register

@@ -115,6 +115,10 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
     for i, item in enumerate(data):
         is_path = isinstance(item, (str, os.PathLike))
         name = tasks[i] if tasks is not None else (Path(item).stem if is_path else f"task{i}")
+        # a name holding a byte that is no UTF-8 (a file d\xff.jsonl: the surrogate '\udcff' here) is shown escaped:
+        # it goes into reports, plots and the checkpoint's fingerprint, which are text (hostile pass 25, F12)
+        name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
+            if isinstance(name, str) else name
         if name in out:
             raise ConfigError(f"two tasks are named {name!r}", hint="name the tasks (--task-names / tasks=)")
         if is_path:

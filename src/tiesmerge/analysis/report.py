@@ -210,11 +210,25 @@ def _strict(value: Any) -> Any:
 
 def write_report(data: dict, output: str | os.PathLike, *, force: bool = False) -> Path:
     """Write analysis.json, the PNGs and report.html into ``output`` (replaced only with ``force``)."""
-    labels = model_labels(data)
-    figures = render_figures(data, labels)  # before the directory: a missing matplotlib leaves nothing behind
+    shown = _displayable(data)  # names as text: a path byte that is no UTF-8 is drawn and written escaped
+    labels = model_labels(shown)
+    figures = render_figures(shown, labels)  # before the directory: a missing matplotlib leaves nothing behind
     with atomic_directory(output, force=force, marker="analysis.json") as tmp:
         (tmp / "analysis.json").write_text(json.dumps(_strict(data), indent=1, allow_nan=False) + "\n")
         for name, png in figures.items():
             (tmp / name).write_bytes(png)
-        (tmp / "report.html").write_text(render_html(data, figures, labels))
+        (tmp / "report.html").write_text(render_html(shown, figures, labels), encoding="utf-8")
     return Path(output)
+
+
+def _displayable(value: object) -> object:
+    """``value`` with every string made text: a lone surrogate (a path byte that is no UTF-8, '\\udcff', or a
+    tensor name's '\\ud800' escape) becomes its escape, which matplotlib draws and UTF-8 writes (hostile pass 25,
+    F12)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_displayable(k): _displayable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_displayable(v) for v in value]
+    return value

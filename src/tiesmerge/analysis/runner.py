@@ -68,7 +68,7 @@ class AnalysisSettings:
 
 def _layer_and_module(name: str) -> tuple[int | None, str]:
     """'model.layers.3.mlp.up_proj.weight' -> (3, 'model.layers.*.mlp.up_proj.weight')."""
-    match = re.search(r"(?:^|\.)(\d+)(?=\.|$)", name)
+    match = re.search(r"(?:^|\.)([0-9]{1,9})(?=\.|$)", name)  # no int() of a 5000-digit component
     if match is None:
         return None, name
     start, end = match.span(1)

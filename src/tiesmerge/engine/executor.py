@@ -384,6 +384,8 @@ class Executor:
                 self.stats.tensors_tied += 1
         self.stats.passes += 1
         leases.check()  # the last chunk's inputs too: a file opened for writing meanwhile is no input to vouch for
+        if self.side is not None:
+            self.side.warn_if_silent(self.method.name)
         # (a method run only for what it collects, as adapt's task-vector pass, returns zero deltas by design)
         if self._moved_inputs and not self._changed and not self._said_base \
                 and not getattr(self.method, "collects_only", False):

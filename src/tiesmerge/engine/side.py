@@ -53,6 +53,7 @@ class SideInputs:
         self.scales = rms_scales(spec.kind, stats, self.names) if spec.normalize == "rms" else [1.0] * len(stats)
         self._cached: tuple[str, torch.Tensor | None] | None = None  # whole Gram matrices of the last job
         self.bytes_read = 0  # by the merge pass
+        self._nonzero = [False] * len(stats)  # a value other than 0 seen in model k's statistics
 
     # ------------------------------------------------------------------ checks
     def expected_shape(self, job: TensorJob) -> tuple[int, ...] | None:
@@ -111,6 +112,8 @@ class SideInputs:
             self.bytes_read += raw.numel() * raw.element_size()
             self._progress(raw.numel() * raw.element_size())
             value = raw.to(self.device, torch.float32)
+            if not self._nonzero[k]:
+                self._nonzero[k] = bool(value.any())
             why = self._invalid(value, {torch.float16: "F16", torch.bfloat16: "BF16"}.get(raw.dtype, ""))  # as stored
             if why:
                 raise InvalidTensorError(f"{stats.location(self.names[k][name])}: {self.spec.kind} statistic "
@@ -127,6 +130,18 @@ class SideInputs:
         if not self.spec.rows:
             self._cached = (name, side)
         return side
+
+    def warn_if_silent(self, method: str) -> None:
+        """After the merge: a model whose statistics were zero everywhere they were read (a failed statistics run, a
+        model whose loss had no gradient, an edited file) had no say in the merge; said once, naming it (hostile pass
+        25, N4). Every model's zero: the method's plain mean, as documented, and said too."""
+        silent = [k for k, seen in enumerate(self._nonzero) if not seen]
+        if silent and self.bytes_read:
+            warnings.warn(MergeWarning(
+                f"{method}: the {self.spec.kind} statistics of model(s) {', '.join(map(str, silent))} are all zeros "
+                + ("(every model's: the merge is the plain mean)" if len(silent) == len(self._nonzero) else
+                   "wherever the merge read them, so those models had (almost) no say in it")
+                + "; recompute their statistics (tiesmerge stats) on data that reaches the model"), stacklevel=3)
 
     def _invalid(self, value: torch.Tensor, stored_dtype: str = "") -> str | None:
         """What makes one model's statistic unusable, or None: NaN or Inf; a negative Fisher value

@@ -41,7 +41,7 @@ def _check_config(directory: Path) -> None:
                               hint="use the unquantized model (merging quantized checkpoints is not supported)")
 
 
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.([0-9]{1,9})\.")  # ASCII, bounded: int() never fails
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 _WIDTH_KEYS = ("hidden_size", "d_model", "n_embd")
 
@@ -138,9 +138,15 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
                                   hint="use a model whose architecture and tokenizer transformers ships, or remove "
                                        "the auto_map entries if the standard classes fit") from None
         first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+        hint = "check its config.json and tokenizer files (a tokenizer_config.json naming a file that is not there, " \
+               "a config of another architecture)"
+        try:
+            os.fsdecode(os.fsencode(str(directory))).encode("utf-8")
+        except UnicodeEncodeError:  # safetensors' and tokenizers' readers take UTF-8 paths only (hostile pass 25, N7)
+            hint = "its path holds a byte that is no UTF-8, which transformers' file readers refuse: rename the " \
+                   "folder (or point a link with a UTF-8 name at it)"
         raise CheckpointError(f"{directory}: {what} cannot load {role} ({type(exc).__name__}: {first})",
-                              hint="check its config.json and tokenizer files (a tokenizer_config.json naming a "
-                                   "file that is not there, a config of another architecture)") from None
+                              hint=hint) from None
 
 
 # encoders whose position ids start past the padding index (RoBERTa's create_position_ids_from_input_ids):

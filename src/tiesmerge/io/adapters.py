@@ -40,12 +40,12 @@ from .peft import (
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
     adapter_kind,
-    check_targeted,
     read_adapter_dir,
     resolve_name,
     strip_key,
     yields_task_vector,
 )
+from .peft_targets import check_adapted
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -61,6 +61,14 @@ _UNSUPPORTED_LORA = {  # config keys whose non-default value changes what ΔW is
     "use_qalora": "QA-LoRA pools the inputs, so ΔW is not s·B·A",
     "lora_bias": "lora_bias trains a bias beside B, a change of the module's bias that is not s·B·A",
     "trainable_token_indices": "trainable tokens (trainable_token_indices) replace embedding rows, not s·B·A",
+    # PEFT 0.21's LoRA variants (LoraConfig fields marked is_lora_variant), each decided: VeLoRA (a backward pass
+    # only) and MonteCLoRA (merged as its plain factors) are s·B·A; these are not
+    "alora_invocation_tokens": "activated LoRA applies B·A only from its invocation tokens on, so it cannot be folded "
+                               "into the weights (PEFT cannot merge it either)",
+    "arrow_config": "Arrow routes each token among several LoRA experts, so there is no one s·B·A",
+    "use_bdlora": "BD-LoRA stores its factors as diagonal blocks, so ΔW is not s·B·A of the tensors saved",
+    "kasa_config": "KaSA truncates the base weight's smallest singular components, so the adapter is relative to "
+                   "another base than the one it names",
 }
 
 
@@ -73,8 +81,9 @@ def _number(value: object, what: str, source: str) -> float:
 
 
 # LoRA initialisations that move the base itself (the adapter is then relative to a residual base, not to the base
-# it names): PiSSA (and its pissa_niter_N), OLoRA, CorDA and LoftQ. A converted adapter says init_lora_weights true.
-_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+# it names): PiSSA (and its pissa_niter_N), OLoRA, CorDA, LoftQ and LoRA-GA (W - s·B0·A0). A converted adapter says
+# init_lora_weights true; "gaussian", "orthogonal", "eva" and "mica" leave the base as it is.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 # a LoRA scale alpha / r is a few units (alpha 8..64, r 4..64); this bound only refuses nonsense
 # such as lora_alpha 1e300, whose products overflow, not any adapter someone trained
@@ -95,35 +104,6 @@ def _declared_rank(config: dict, source: str) -> int | None:
         raise CheckpointError(f"{source}: r is {repr(r)[:80]}, not a positive integer (the LoRA rank)",
                               hint="fix the adapter config (PEFT writes r as a positive integer)")
     return r
-
-
-def _layers_to_transform(config: dict, source: str) -> tuple[frozenset[int], tuple[str, ...]] | None:
-    """PEFT's ``layers_to_transform`` (the layer indices adapted) and ``layers_pattern`` (the names of the
-    layer lists), or None when every layer may be adapted."""
-    layers = config.get("layers_to_transform")
-    if layers is None:
-        return None
-    listed = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
-    if not isinstance(listed, list) or not listed or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
-                                                        for i in listed):
-        raise CheckpointError(f"{source}: layers_to_transform is {repr(layers)[:80]}, not a layer index or a list "
-                              "of them", hint="fix the adapter config (PEFT writes a list of non-negative integers)")
-    names = config.get("layers_pattern") or ()
-    names = (names,) if isinstance(names, str) else names
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise CheckpointError(f"{source}: layers_pattern is {repr(names)[:80]}, not a name or a list of names")
-    return frozenset(listed), tuple(names)
-
-
-def _layer_of(module: str, names: tuple[str, ...]) -> int | None:
-    """The layer index in a module path as PEFT (0.21) finds it: the first ``<list>.<N>.`` inside the path (N
-    followed by more of the path; an MoE expert's index comes after its layer's), the list named one of ``names``
-    when given, else any list that is not the path's first component; None where the path has none."""
-    parts = module.split(".")
-    for i in range(1, len(parts) - 1):
-        if parts[i].isdigit() and parts[i].isascii() and (parts[i - 1] in names if names else i >= 2):
-            return int(parts[i])
-    return None
 
 
 def _patterns(config: dict, key: str, source: str) -> list[tuple[ModulePattern, float]]:
@@ -236,17 +216,11 @@ class LoraCheckpoint:
         model_type = _model_type(base)
         overruled: list[str] = []
         declared = _declared_rank(self.config, source)
-        layers = _layers_to_transform(self.config, source)
-        check_targeted(self.config, list(self._factors), source)
+        saved = [strip_key(key.split(".modules_to_save.")[0], "") for key in self._full.values()
+                 if ".modules_to_save." in key]  # whole copies of modules_to_save, beside the factors
+        check_adapted(self.config, list(self._factors), source, whole=saved)  # as PEFT 0.21 decides (peft_targets)
         targets: dict[str, LoraTarget] = {}
         for module, (a_key, b_key, embedding) in self._factors.items():
-            # PEFT applies layers_to_transform only beside a list of target_modules (a regex string selects alone)
-            if layers is not None and not isinstance(self.config.get("target_modules"), str) and \
-                    _layer_of(module, layers[1]) not in layers[0]:
-                raise IncompatibleCheckpointsError(
-                    f"{source}: layers_to_transform is {sorted(layers[0])[:20]}, but the adapter has LoRA factors "
-                    f"for {module!r} (layer {_layer_of(module, layers[1])})",
-                    hint="the config does not describe these weights: fix layers_to_transform (or layers_pattern)")
             name = resolve_name(module, ".weight", base, self.label, a_key)
             a, b = self._file.info(a_key).shape, self._file.info(b_key).shape
             rank = a[0] if a else 0

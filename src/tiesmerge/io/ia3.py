@@ -16,7 +16,8 @@ import numpy as np
 
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_targeted, read_adapter_dir, resolve_name, strip_key
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_dir, resolve_name, strip_key
+from .peft_targets import check_adapted, feedforward
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -65,12 +66,24 @@ class Ia3Checkpoint:
                 if name not in base.names() or tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
                     raise IncompatibleCheckpointsError(f"{self.label}: (IA)³ vector {key!r} does not fit {name!r}")
             return
-        check_targeted(self.config, list(self._vectors), str(self.path / ADAPTER_CONFIG))
+        source = str(self.path / ADAPTER_CONFIG)
+        check_adapted(self.config, list(self._vectors), source)
+        is_feedforward = feedforward(self.config, source)
         for module, key in self._vectors.items():
             name = resolve_name(module, ".weight", base, self.label, key)
             weight = tuple(base.info(name).shape)
             shape = tuple(self._file.info(key).shape)
             fits = len(weight) == 2 and shape in ((weight[0], 1), (1, weight[1]))
+            if fits and is_feedforward is not None:  # PEFT builds the vector by the config, whatever the file holds
+                inputs = is_feedforward(module)
+                want = (1, weight[1]) if inputs else (weight[0], 1)
+                if shape != want:  # PEFT cannot load it; for a square weight the shape alone would not even tell
+                    raise IncompatibleCheckpointsError(
+                        f"{source}: feedforward_modules {'names' if inputs else 'does not name'} {module!r}, so PEFT "
+                        f"builds its vector as {want} (scaling the module's {'inputs' if inputs else 'outputs'}), but "
+                        f"the adapter file holds {key!r} as {shape}",
+                        hint="the config does not describe these weights: fix feedforward_modules, or save the "
+                             "adapter again")
             if not fits and len(shape) == 1 and len(weight) == 2 and shape[0] in weight:
                 raise CheckpointError(
                     f"{self.label}: (IA)³ vector {key!r} is 1-D {shape}; PEFT stores one as a column ({weight[0]}, 1) "

@@ -183,12 +183,13 @@ class ModulePattern:
     anywhere: bool = False  # re.search's rule (a match anywhere in the name) instead of PEFT's
 
     @classmethod
-    def compile(cls, key: object, source: str, *, anywhere: bool = False, whole: bool = False) -> ModulePattern:
+    def compile(cls, key: object, source: str, *, anywhere: bool = False, whole: bool = False,
+                max_chars: int = MAX_PATTERN_CHARS) -> ModulePattern:
         """``anywhere``: match like ``re.search(key, name)`` (the SVD methods' ``exclude``); ``whole``: like
         ``re.fullmatch(key, name)`` (PEFT's ``target_modules`` given as one string)."""
-        if not isinstance(key, str) or not key or len(key) > MAX_PATTERN_CHARS:
+        if not isinstance(key, str) or not key or len(key) > max_chars:
             raise CheckpointError(f"{source}: pattern key {str(key)[:80]!r} is not a module name pattern "
-                                  f"(a non-empty string of at most {MAX_PATTERN_CHARS} characters)")
+                                  f"(a non-empty string of at most {max_chars:,} characters)")
         what = ("exclude patterns are regexes searched in each tensor name" if anywhere else
                 "target_modules, as one string, is a regex the whole module name matches" if whole else
                 "alpha_pattern and rank_pattern keys are regexes a module name ends with")

@@ -4,18 +4,16 @@ base model's tensor names. Pure metadata: nothing here reads a tensor or imports
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError
 from ..limits import read_json
 from ..paths import inside
-from .patterns import ModulePattern
 from .protocol import Checkpoint
 from .safetensors_reader import SafetensorsCheckpoint
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "yields_task_vector", "adapter_kind", "strip_key",
-           "resolve_name", "read_adapter_dir", "check_targeted"]
+           "resolve_name", "read_adapter_dir"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -87,66 +85,3 @@ def read_adapter_dir(path: Path, label: str) -> tuple[dict, SafetensorsCheckpoin
             hint="save the adapter with safe_serialization=True (PEFT's default) or convert it to safetensors")
     inside(weights, path, "the adapter's weights")
     return config, SafetensorsCheckpoint(weights, [weights], {}, label)
-
-
-def _module_test(value: object, field: str, source: str) -> ModulePattern | frozenset[str] | None:
-    """One of PEFT's module selectors (``target_modules``, ``exclude_modules``) as PEFT reads it: a string is a
-    regex the whole module path matches, a list names modules by their path or its last components."""
-    if value is None or value == [] or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            return ModulePattern.compile(value, f"{source}: {field}", whole=True)
-        except CheckpointError:
-            if _valid_regex(value):  # one the automaton does not run (a lookahead: "^(?!.*vision).*q_proj"): unchecked
-                return None
-            raise  # PEFT could not load the adapter either: the error names the key
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise CheckpointError(f"{source}: {field} is {repr(value)[:80]}, not a module name pattern or a list of "
-                              "module names", hint="fix the adapter config (PEFT writes a list of names or a regex)")
-    return frozenset(value)
-
-
-def _valid_regex(value: str) -> bool:
-    try:
-        re.compile(value)  # compiling runs nothing against a name: no backtracking to fear
-    except (re.error, RecursionError, OverflowError):
-        return False
-    return True
-
-
-def _selects(test: ModulePattern | frozenset[str], module: str) -> bool:
-    if isinstance(test, ModulePattern):
-        return test.matches(module)
-    return module in test or any(module.endswith("." + name) for name in test)
-
-
-def check_targeted(config: dict, modules: list[str], source: str) -> None:
-    """Refuse weights for modules the adapter's config does not adapt (PEFT's check_target_module_exists): PEFT,
-    loading the adapter, creates layers only where ``target_modules`` selects (and ``exclude_modules`` does not)
-    and drops the other weights as unexpected keys, so merging them would merge an adapter nobody runs (hostile
-    pass 24, F6). Not checked where the config cannot say: no ``target_modules``, ``"all-linear"`` (the model's
-    module types decide), ``target_parameters`` (parameters adapted by name)."""
-    target = config.get("target_modules")
-    if target == "all-linear" or config.get("target_parameters"):
-        return
-    targets = _module_test(target, "target_modules", source)
-    excluded = _module_test(config.get("exclude_modules"), "exclude_modules", source)
-    if targets is None:
-        return
-    saved = config.get("modules_to_save") or []  # modules PEFT trains whole: it never puts adapter layers there
-    saved = [m for m in saved if isinstance(m, str) and m] if isinstance(saved, list) else []
-    stray = [m for m in modules if not _selects(targets, m) or (excluded is not None and _selects(excluded, m))
-             or any(f".{m}.".find(f".{whole}.") >= 0 for whole in saved)]
-    if stray:
-        said = f"{target[:80]!r}" if isinstance(target, str) else f"{sorted(target)[:8]}"
-        first = stray[0]
-        why = f"target_modules {said} does not select it" if not _selects(targets, first) else \
-            "exclude_modules names it" if excluded is not None and _selects(excluded, first) else \
-            "modules_to_save names it: PEFT trains that module whole, without adapter layers"
-        raise IncompatibleCheckpointsError(
-            f"{source}: the adapter has weights for {len(stray)} module(s) its config does not adapt, e.g. "
-            f"{first!r} ({why}); PEFT would load the adapter without them, so the merge would not be of the "
-            "adapter that runs",
-            hint="the config does not describe these weights: fix target_modules (or exclude_modules, "
-                 "modules_to_save) to name the adapted modules, or save the adapter again")

@@ -49,7 +49,7 @@ from ..paths import (
     physical,
     write_error,
 )
-from ..scratch import host_tag
+from ..scratch import host_tag, process_state
 from ..sizes import format_size
 
 if TYPE_CHECKING:
@@ -261,14 +261,6 @@ def _check_output_path(final: Path, force: bool, marker: str = "tiesmerge.json")
 _TMP = re.compile(r"^\.tiesmerge-(tmp|old|file)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
 
 
 def _sibling(parent: Path, kind: str) -> Path:
@@ -306,7 +298,7 @@ def remove_stale(parent: Path) -> list[str]:
     host = host_tag()
     for entry in entries:
         m = _TMP.match(entry.name)
-        if not m or m.group(2) != host or int(m.group(3)) == os.getpid() or _alive(int(m.group(3))):
+        if not m or m.group(2) != host or m.group(3) == str(os.getpid()) or process_state(m.group(3)) != "dead":
             continue
         if m.group(1) == "file":
             if entry.is_file(follow_symlinks=False) and not _in_use(Path(entry.path)):

@@ -110,9 +110,16 @@ class NuSlerp:
         nuslerp_row_wise, which it ignores under nuslerp_flatten too): said, not silently dropped."""
         if self.weights is not None and self.t is None and all(abs(w) < 1e-6 for w in self.weights):
             warnings.warn(MergeWarning(
-                f"nuslerp: both weights are 0 ({', '.join(f'{w:g}' for w in self.weights)}), which names neither "
-                "model; t = 0.5 is taken (mergekit's rule), the midpoint; give the weights you mean, or t"),
-                stacklevel=3)
+                f"nuslerp: both weights are 0 or nearly ({', '.join(f'{w:g}' for w in self.weights)}: their sum is "
+                "below 1e-6, too small to form a ratio), which names neither model; t = 0.5 is taken (mergekit's "
+                "rule), the midpoint; give the weights you mean, or t"), stacklevel=3)
+        elif self.interpolation() in (0, 1):  # as slerp's t = 0 or 1: one endpoint itself (hostile pass 25, N8)
+            t = self.interpolation()
+            which = {"base_and_model": ("the base", "the model"), "models": ("the first model", "the second model"),
+                     "task_vectors": ("the first model", "the second model")}[self.of][int(t)]
+            warnings.warn(MergeWarning(
+                f"nuslerp: t = {t:g} (from {'t' if self.t is not None else 'the weights'}) is an endpoint: the merge "
+                f"is {which} itself, unchanged; a t inside (0, 1) (weights both nonzero) interpolates"), stacklevel=3)
         if self.row_wise and self.flatten:
             warnings.warn(MergeWarning(
                 "nuslerp: row_wise applies only without flatten, which is on (the default), so each tensor is "

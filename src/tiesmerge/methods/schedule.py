@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 __all__ = ["Schedule", "parse_schedule", "schedule_problem", "layer_index"]
 
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.(\d+)\.")
+# a layer index of ASCII digits, at most 9 (int() of a 5000-digit "index" raised: hostile pass 25, F4)
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks)\.([0-9]{1,9})\.")
 
 
 @dataclass(frozen=True)

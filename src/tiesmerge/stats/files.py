@@ -63,6 +63,9 @@ class StatsManifest:
         if wrong or isinstance(data["examples"], bool) or data["examples"] < 0:
             raise CheckpointError(f"{source}: statistics manifest field {(wrong or ['examples'])[0]!r} has the wrong "
                                   "type or value", hint="recompute the statistics with tiesmerge stats fisher|gram")
+        if data["examples"] == 0:  # tiesmerge stats refuses empty data: statistics of nothing weigh nothing
+            raise CheckpointError(f"{source}: the statistics were computed from 0 examples, so they describe no data",
+                                  hint="recompute the statistics with tiesmerge stats fisher|gram on the task's data")
         return cls(**{k: v for k, v in data.items() if k in known})
 
 

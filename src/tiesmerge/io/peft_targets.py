@@ -1,0 +1,314 @@
+"""Which modules a PEFT adapter config adapts, decided as PEFT 0.21 decides when it loads the adapter.
+
+PEFT creates adapter layers only on the modules its config selects (``check_target_module_exists``) and puts
+saved whole modules only where ``modules_to_save`` names them (``_set_trainable``); every other tensor in the
+adapter file is dropped as an unexpected key. Merging such a tensor merges an adapter that nobody runs (hostile
+passes 24 and 25), so :func:`check_adapted` refuses it. The rules, in PEFT's order:
+
+- ``exclude_modules``: a string is a regex the whole module path matches; a list names a path or its last
+  components. An excluded module is not adapted.
+- ``modules_to_save`` (with the task type's head, ``classifier``/``score`` or ``qa_outputs``, which PEFT adds when
+  it loads the adapter): a module at or inside one of them is trained whole, never adapted.
+- ``target_modules``: a string is a regex the whole path matches (``layers_to_transform`` then plays no part); a
+  list selects a module it names whole, or whose path ends with ``.<entry>``, and only then does
+  ``layers_to_transform`` (an index or a non-empty list) test the module's layer: the first ``<list>.<N>.`` of its
+  path (``layers_pattern`` entries, regexes tried in order, name the list; without them any list after the first
+  component).
+
+Every regex is run on :class:`~tiesmerge.io.patterns.ModulePattern`'s automaton, never with Python's backtracking
+``re``: an adapter config is a stranger's file. A selector the automaton cannot run but ``re`` compiles (a lookahead,
+as in ``^(?!.*vision).*q_proj``) runs on the ``regex`` package (transformers' dependency) with a time limit per
+module; where that is not installed, or a selector is longer than :data:`MAX_SELECTOR_CHARS`, it is not checked, and
+that is said.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import CheckpointError, IncompatibleCheckpointsError, MergeWarning
+from .patterns import ModulePattern
+
+try:  # Python 3.11+: the parser moved under re
+    from re import _parser as _sre  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_parse as _sre  # type: ignore[no-redef]
+
+__all__ = ["Targeting", "check_adapted", "feedforward", "MAX_SELECTOR_CHARS"]
+
+# a regex listing every adapted module path of a 32-layer model runs to some 8,000 characters; past this bound a
+# selector is not checked (re.compile of a 28 MB one took a minute and 3.7 GB: hostile pass 25, F7)
+MAX_SELECTOR_CHARS = 20_000
+# the heads PEFT adds to modules_to_save for a task type when it loads the adapter (PeftModelFor<Task>.__init__)
+_TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+               "QUESTION_ANS": ("qa_outputs",)}
+_MAX_INDEX_DIGITS = 9  # a longer "layer index" is no layer any list holds (and int() of 5000 digits fails)
+
+MATCH_SECONDS = 0.05  # one module path against one backtracking selector: microseconds unless it never ends
+
+
+class _TimedRegex:
+    """A selector with lookarounds, matched by the ``regex`` package under a time limit (a pattern that backtracks
+    without end is an error naming it, not a hang)."""
+
+    def __init__(self, compiled: object, field: str, source: str) -> None:
+        self.compiled, self.field, self.source = compiled, field, source
+
+    def matches(self, module: str) -> bool:
+        try:
+            return self.compiled.fullmatch(module, timeout=MATCH_SECONDS) is not None  # type: ignore[attr-defined]
+        except TimeoutError:
+            raise CheckpointError(f"{self.source}: {self.field} takes more than {MATCH_SECONDS} s to match the module "
+                                  f"{module!r}: a regex that backtracks without end (PEFT would hang on it too)",
+                                  hint=f"fix {self.field} in the adapter config (a list of module names, or a plain "
+                                       "regex)") from None
+
+
+Selector = ModulePattern | _TimedRegex | frozenset[str]
+
+
+class _Unchecked(Exception):
+    """A selector the automaton cannot run: the modules it selects are not known."""
+
+
+def _selector(value: object, field: str, source: str) -> Selector | None:
+    """``target_modules`` or ``exclude_modules`` as PEFT reads it; None where it is not given."""
+    if value is None or value == [] or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            return ModulePattern.compile(value, f"{source}: {field}", whole=True, max_chars=MAX_SELECTOR_CHARS)
+        except CheckpointError:
+            if len(value) > MAX_SELECTOR_CHARS:  # PEFT may load it: it is only not checked
+                raise _Unchecked(field) from None
+            if not _compiles(value):
+                raise  # an invalid regex: PEFT could not load the adapter either; the error names it
+            timed = _timed(value, field, source)
+            if timed is None:
+                raise _Unchecked(field) from None
+            return timed
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise CheckpointError(f"{source}: {field} is {repr(value)[:80]}, not a module name pattern or a list of "
+                              "module names", hint="fix the adapter config (PEFT writes a list of names or a regex)")
+    return frozenset(value)
+
+
+def _timed(value: str, field: str, source: str) -> _TimedRegex | None:
+    try:
+        import regex
+    except ImportError:  # pragma: no cover - transformers (and PEFT) depend on it
+        return None
+    try:
+        return _TimedRegex(regex.compile(value), field, source)
+    except (regex.error, RecursionError, OverflowError):
+        return None
+
+
+def _compiles(value: str) -> bool:
+    try:
+        re.compile(value)  # compiling runs nothing against a name: nothing backtracks (and the length is bounded)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _selects(selector: Selector, module: str) -> bool:
+    if isinstance(selector, (ModulePattern, _TimedRegex)):
+        return selector.matches(module)
+    return module in selector or any(module.endswith("." + name) for name in selector)
+
+
+def _boundaries(module: str) -> tuple[list[int], list[int]]:
+    """Where a component starts (0 and after each '.') and where one ends (each '.' and the end)."""
+    dots = [i for i, c in enumerate(module) if c == "."]
+    return [0, *(i + 1 for i in dots)], [*dots, len(module)]
+
+
+def _layer_ends(module: str) -> dict[int, int]:
+    """Each '.' followed by a component of digits and another '.' (PEFT's ``\\.(\\d+)\\.``) -> that index; an index
+    of more than :data:`_MAX_INDEX_DIGITS` digits -> -1, which no layers_to_transform holds."""
+    out = {}
+    parts = module.split(".")
+    at = 0
+    for k, part in enumerate(parts):
+        at += len(part)
+        if 0 < k < len(parts) - 1 and part.isdecimal():
+            out[at - len(part) - 1] = int(part) if len(part) <= _MAX_INDEX_DIGITS else -1
+        at += 1
+    return out
+
+
+@dataclass(frozen=True)
+class Targeting:
+    """What one adapter config says about the modules it adapts (see the module's docstring)."""
+
+    targets: Selector | None  # None: every module (no target_modules, or "all-linear": the module types decide)
+    excluded: Selector | None
+    saved: tuple[ModulePattern | str, ...]  # modules_to_save entries (a regex PEFT inserts as is, or a literal)
+    layers: int | frozenset[int] | None  # None: no layer test
+    layer_lists: tuple[ModulePattern, ...]  # layers_pattern entries, in order
+    source: str
+    unchecked: tuple[str, ...] = ()  # selectors the automaton could not run
+    shown: str = ""  # target_modules as the messages quote it
+
+    @classmethod
+    def of(cls, config: dict, source: str) -> Targeting:
+        unchecked = []
+        try:
+            target = config.get("target_modules")
+            targets = None if target == "all-linear" else _selector(target, "target_modules", source)
+        except _Unchecked:
+            targets, unchecked = None, ["target_modules"]
+        try:
+            excluded = _selector(config.get("exclude_modules"), "exclude_modules", source)
+        except _Unchecked:
+            excluded, unchecked = None, [*unchecked, "exclude_modules"]
+        saved = config.get("modules_to_save")
+        saved = [m for m in saved if isinstance(m, str) and m] if isinstance(saved, list) else []
+        saved += [m for m in _TASK_HEADS.get(str(config.get("task_type")), ()) if m not in saved]
+        layers = _layers(config.get("layers_to_transform"), source)
+        names = config.get("layers_pattern") or []
+        names = [names] if isinstance(names, str) else names
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+            raise CheckpointError(f"{source}: layers_pattern is {repr(names)[:80]}, not a name or a list of names",
+                                  hint="fix the adapter config (PEFT writes the name of the model's layer list)")
+        if layers is not None and any(_alternatives(n) for n in names):
+            # PEFT pastes each entry into its regex as text: a top-level 'a|b' splits that regex itself, a rule
+            # of its own that only a backtracking engine reproduces
+            layers, names, unchecked = None, [], [*unchecked, "layers_pattern"]
+        return cls(targets, excluded, tuple(_saved_entry(m, source) for m in saved), layers,
+                   tuple(ModulePattern.compile(n, f"{source}: layers_pattern", whole=True) for n in names),
+                   source, tuple(unchecked), _shown(config.get("target_modules")))
+
+    def why_not(self, module: str) -> str | None:
+        """Why PEFT would not adapt ``module`` (a module path of the base model), or None where it would."""
+        if self.excluded is not None and _selects(self.excluded, module):
+            return "exclude_modules names it"
+        if any(_inside(entry, module) for entry in self.saved):
+            return "modules_to_save names it: PEFT trains that module whole, without adapter layers"
+        if self.targets is None:
+            return None
+        if not isinstance(self.targets, frozenset):  # a regex: layers_to_transform plays no part
+            return None if self.targets.matches(module) else f"target_modules {self.shown} does not select it"
+        if module in self.targets:  # named whole: no layer test either
+            return None
+        if not _selects(self.targets, module):
+            return f"target_modules {self.shown} does not select it"
+        if self.layers is None:
+            return None
+        index = self.layer_of(module)
+        chosen = {self.layers} if isinstance(self.layers, int) else self.layers
+        if index is None or index not in chosen:
+            where = "no layer index PEFT finds" if index is None else f"layer {index}"
+            return f"layers_to_transform is {sorted(chosen)[:20]}, and its path has {where}"
+        return None
+
+    def layer_of(self, module: str) -> int | None:
+        """The layer index PEFT reads from ``module``'s path: the first ``<list>.<N>.``, the list matching one of
+        layers_pattern (the first entry that matches anywhere wins), else any list after the first component."""
+        ends = _layer_ends(module)
+        if not self.layer_lists:  # r".*?\.[^.]*\.(?P<idx>\d+)\.": the first index after the second component
+            first = next((at for at in sorted(ends) if module.count(".", 0, at) >= 1), None)
+            return None if first is None else ends[first]
+        starts, _ = _boundaries(module)
+        for pattern in self.layer_lists:  # rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", each in turn
+            for s in starts:
+                hit = next((at for at in sorted(ends) if at > s and pattern.matches(module[s:at])), None)
+                if hit is not None:
+                    return ends[hit]
+        return None
+
+
+def _alternatives(pattern: str) -> bool:
+    """Whether ``pattern`` is an alternation at its top level (``h|layers``)."""
+    try:
+        parsed = _sre.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False  # refused with its own message when compiled
+    return len(parsed.data) == 1 and parsed.data[0][0] is _sre.BRANCH
+
+
+def _shown(target: object) -> str:
+    return repr(target[:80]) if isinstance(target, str) else str(sorted(target)[:8]) if isinstance(target, list) \
+        else repr(target)
+
+
+def _layers(value: object, source: str) -> int | frozenset[int] | None:
+    """``layers_to_transform``: an index, a list of them, or None (also an empty list: PEFT tests no layer then)."""
+    if value is None or value == []:
+        return None
+    listed = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(listed, list) or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in listed):
+        raise CheckpointError(f"{source}: layers_to_transform is {repr(value)[:80]}, not a layer index or a list "
+                              "of them", hint="fix the adapter config (PEFT writes a list of non-negative integers)")
+    return value if isinstance(value, int) else frozenset(listed)
+
+
+def _saved_entry(entry: str, source: str) -> ModulePattern | str:
+    try:
+        return ModulePattern.compile(entry, f"{source}: modules_to_save", whole=True)
+    except CheckpointError:
+        return entry  # one the automaton does not run: compared as the name it almost always is
+
+
+def _inside(entry: ModulePattern | str, module: str) -> bool:
+    """PEFT's ``re.match(rf"(^|.*\\.){entry}($|\\..*)", module)``: the entry spans whole components of the path."""
+    if isinstance(entry, str):
+        return f".{module}.".find(f".{entry}.") >= 0
+    starts, ends = _boundaries(module)
+    return any(entry.matches(module[s:e]) for s in starts for e in ends if e > s)
+
+
+def saved_as_whole(config: dict, module: str) -> bool:
+    """Whether PEFT puts a saved whole copy of ``module`` (``<module>.modules_to_save.<adapter>.weight``) back
+    when it loads the adapter: ``modules_to_save`` (with the task type's head) names the end of its path
+    (``_set_trainable``: ``key.endswith(entry)``)."""
+    saved = config.get("modules_to_save")
+    saved = [m for m in saved if isinstance(m, str) and m] if isinstance(saved, list) else []
+    saved += list(_TASK_HEADS.get(str(config.get("task_type")), ()))
+    return any(module.endswith(entry) for entry in saved)
+
+
+def feedforward(config: dict, source: str) -> Callable[[str], bool] | None:
+    """(IA)³'s ``feedforward_modules`` as PEFT reads it (``_check_target_module_feedforward``): a string is a regex
+    the whole path matches, a list names the end of the path (no '.' boundary); None where the config does not say
+    (PEFT then takes its table for the model type) or says it with a regex tiesmerge does not run."""
+    value = config.get("feedforward_modules")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            pattern = _selector(value, "feedforward_modules", source)
+        except _Unchecked:
+            return None
+        return None if pattern is None else pattern.matches  # type: ignore[union-attr]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise CheckpointError(f"{source}: feedforward_modules is {repr(value)[:80]}, not a module name pattern or a "
+                              "list of module names", hint="fix the adapter config (PEFT writes a list of names)")
+    return lambda module: any(module.endswith(entry) for entry in value)
+
+
+def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: Sequence[str] = ()) -> None:
+    """Refuse adapter weights for ``modules`` (factors, vectors) that PEFT would not adapt, and saved whole copies
+    (``whole``: their modules) that ``modules_to_save`` does not name: PEFT would load the adapter without them."""
+    targeting = Targeting.of(config, source)
+    stray = [(m, why) for m in modules if (why := targeting.why_not(m)) is not None]
+    stray += [(m, "modules_to_save does not name it, so PEFT has no place for its saved copy")
+              for m in whole if not saved_as_whole(config, m)]
+    if stray:
+        first, why = stray[0]
+        raise IncompatibleCheckpointsError(
+            f"{source}: the adapter has weights for {len(stray)} module(s) its config does not adapt, e.g. "
+            f"{first!r} ({why}); PEFT would load the adapter without them, so the merge would not be of the "
+            "adapter that runs",
+            hint="the config does not describe these weights: fix target_modules (or exclude_modules, "
+                 "modules_to_save, layers_to_transform) to name the adapted modules, or save the adapter again")
+    if targeting.unchecked:
+        warnings.warn(MergeWarning(
+            f"{source}: {' and '.join(targeting.unchecked)} holds a regex whose effect in PEFT tiesmerge does not "
+            f"reproduce (a top-level '|' in layers_pattern, more than {MAX_SELECTOR_CHARS:,} characters, or a "
+            "lookaround without the regex package installed), so whether PEFT adapts each of the adapter's modules "
+            "is not checked: make sure its weights are the ones PEFT loads"), stacklevel=4)

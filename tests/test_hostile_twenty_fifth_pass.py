@@ -1,0 +1,226 @@
+"""Issue 13, the twenty-fifth independent hostile pass (hp25): its defects and notes (F1, F2 and F13's PEFT rules are
+checked module by module against PEFT itself in test_hostile_twenty_fourth_pass)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers_adapters import random_ia3, random_lora, write_ia3_dir, write_lora_dir
+from helpers_ckpt import assert_no_output, finetune, make_base, run_cli, write_family_dirs, write_hf_dir
+from tiesmerge.errors import ConfigError
+
+_LONG_INDEX = "9" * 5000
+
+
+def _snapshot(*folders):
+    return {p: p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
+def _lora_merge(tmp_path, capsys, config=None, extra=None):
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4, config=config or {}, extra=extra)
+    before = _snapshot(b, lora)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(lora),
+                          "-o", str(out)], capsys)
+    assert _snapshot(b, lora) == before and "Traceback" not in err
+    return rc, err, out
+
+
+@pytest.mark.parametrize("config, ok", [
+    ({"layers_to_transform": []}, True),  # F1: PEFT tests no layer for an empty list
+    ({"target_modules": ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj", "up_proj"],
+      "layers_to_transform": [0]}, False),  # layer 1's up_proj is tested (a suffix entry); its q_proj is named whole
+    ({"target_modules": ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
+                         "model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"],
+      "layers_to_transform": [0]}, True),
+    ({"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1, 0], "layers_pattern": "model.layers"}, True),
+    ({"exclude_modules": r"(?=.*layers\.1\.).*"}, False),  # F13: a lookahead no longer turns the check off
+    ({"target_modules": r"^(?!.*layers\.1\.).*proj"}, False),
+    ({"target_modules": r"^(?!.*vision).*proj"}, True),
+])
+def test_lora_configs_are_judged_as_peft_judges_them(tmp_path, capsys, config, ok):
+    rc, err, out = _lora_merge(tmp_path, capsys, config)
+    if ok:
+        assert rc == 0 and "does not adapt" not in err, err
+    else:
+        assert rc != 0 and "its config does not adapt" in err, err
+        assert_no_output(out)
+
+
+def test_a_modules_to_save_copy_the_config_does_not_declare_is_refused(tmp_path, capsys):
+    """F8: lm_head saved whole (lm_head.modules_to_save.default.weight) beside a config without modules_to_save: PEFT
+    has no wrapper to put it in and drops it; the merge carried it into the output."""
+    copy = (make_base()["lm_head.weight"] + 0.5).contiguous()
+    rc, err, out = _lora_merge(tmp_path, capsys, extra={"lm_head.modules_to_save.default.weight": copy})
+    assert rc != 0 and "modules_to_save does not name it" in err, err
+    assert_no_output(out)
+    rc, err, _ = _lora_merge(tmp_path / "declared", capsys, config={"modules_to_save": ["lm_head"]},
+                             extra={"lm_head.modules_to_save.default.weight": copy})
+    assert rc == 0, err
+
+
+@pytest.mark.parametrize("config, culprit", [
+    ({"init_lora_weights": "lora_ga"}, "init_lora_weights 'lora_ga'"),  # F9: W - s·B0·A0, as PiSSA
+    ({"alora_invocation_tokens": [5, 6, 7]}, "alora_invocation_tokens"),  # F10: activated LoRA cannot be folded
+    ({"arrow_config": {"top_k": 2}}, "arrow_config"),
+    ({"use_bdlora": {"nblocks": 2}}, "use_bdlora"),
+    ({"kasa_config": {"x": 1}}, "kasa_config"),
+])
+def test_lora_variants_that_are_not_s_b_a_are_refused(tmp_path, capsys, config, culprit):
+    rc, err, out = _lora_merge(tmp_path, capsys, config)
+    assert rc != 0 and "this LoRA variant is not supported" in err and culprit in err, err
+    assert_no_output(out)
+
+
+def test_a_huge_target_modules_regex_is_neither_slow_nor_silent(tmp_path, capsys):
+    """F7: a 28 MB alternation took a minute and 3.7 GB in re.compile, then skipped the check without a word."""
+    start = time.perf_counter()
+    rc, err, _ = _lora_merge(tmp_path, capsys, {"target_modules": "q_proj|" * 400_000 + "up_proj"})
+    assert rc == 0 and "is not checked" in err, err
+    assert time.perf_counter() - start < 30
+
+
+def test_ia3_vectors_must_have_the_layout_feedforward_modules_gives(tmp_path, capsys):
+    """F3: PEFT builds a feed-forward module's vector as (1, in), any other's as (out, 1); q_proj (8x8, square)
+    stored as (1, in) while feedforward_modules does not name it was merged as an input scaling."""
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    vectors = random_ia3(base, seed=1)
+    q = "model.layers.0.self_attn.q_proj"
+    vectors[q] = vectors[q].reshape(1, -1)  # (8, 1) -> (1, 8): fits the weight's columns as well as its rows
+    ia3 = write_ia3_dir(tmp_path / "ia3", vectors)
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(ia3),
+                          "-o", str(tmp_path / "out")], capsys)
+    assert rc != 0 and "feedforward_modules does not name" in err and "(8, 1)" in err, err
+
+
+def test_a_layer_index_of_5000_digits_is_no_bug(tmp_path, capsys):
+    """F4: int() of more than 4300 digits raised inside slerp's t_by_name gradient ("a bug in tiesmerge")."""
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (4, 4), f"model.layers.{_LONG_INDEX}.x.weight": (4, 4)}
+    base = make_base(shapes=shapes, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", finetune(base, k)) for k in range(2)]
+    rc, _, err = run_cli(["merge", "--method", "slerp", "--base", str(b), "--model", str(ms[0]), "--model",
+                          str(ms[1]), "--layers", "2", "--t-by-name", "self_attn=0,1;*=0.5",
+                          "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0 and "bug" not in err, err
+    from tiesmerge.analysis.runner import _layer_and_module
+    from tiesmerge.methods.schedule import layer_index
+
+    assert layer_index(f"model.layers.{_LONG_INDEX}.x.weight") is None
+    assert _layer_and_module(f"model.layers.{_LONG_INDEX}.x.weight")[0] is None
+
+
+def test_a_planted_temporary_name_with_an_impossible_pid_breaks_nothing(tmp_path, capsys, monkeypatch):
+    """F5: a folder named like tiesmerge's temporaries with a pid past 2**31, planted beside the output or in a
+    shared /tmp, made every run fail with "unexpected OverflowError"; it is left alone (not ours to remove)."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    b, ms = write_family_dirs(tmp_path)
+    planted = [tmp_path / f".tiesmerge-tmp-{host}-99999999999999-abc", tmp_path / f".tiesmerge-old-{host}-0-abc"]
+    scratch = tmp_path / "tmp"
+    planted += [scratch / f"tiesmerge-torch-{host}-99999999999999-abc", scratch / f"tiesmerge-numba-{host}-4194305-x"]
+    for folder in planted:
+        folder.mkdir(parents=True)
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]),
+                          "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    assert all(folder.is_dir() for folder in planted)
+    from tiesmerge.scratch import process_state
+
+    assert process_state("99999999999999") == process_state("0") == process_state("٣") == "foreign"
+    assert process_state(str(os.getpid())) == "alive"
+
+
+def test_a_data_text_holding_half_a_surrogate_pair_is_named_as_such(tmp_path):
+    """F6: {"text": "\\ud800"} is valid JSON but no text; stats and adapt blamed the model's config.json."""
+    from tiesmerge.limits import read_json_lines
+
+    data = tmp_path / "surr.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "a \\ud800 b"}\n{"text": "\\ud83d\\ude00 a pair is fine"}\n')
+    with pytest.raises(Exception, match=r"surr.jsonl:2: a string holds \\ud800, half of a UTF-16 surrogate pair"):
+        read_json_lines(data, "the data", max_bytes=1 << 20)
+    data.write_text('{"text": "fine"}\n{"text": "\\ud83d\\ude00 a pair is fine"}\n')
+    assert len(read_json_lines(data, "the data", max_bytes=1 << 20)) == 2
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01\x02", b"method: ties\n\x1b[31m\n", b"merge_method: ties\x00\n"])
+def test_a_control_character_in_a_recipe_is_invalid_yaml_not_a_bug(tmp_path, capsys, content):
+    """F11: PyYAML's ReaderError (a character YAML does not allow) escaped as "unexpected ReaderError ... a bug"."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(content)
+    for argv in (["validate", str(recipe)], ["merge", str(recipe), "-o", str(tmp_path / "out")]):
+        rc, _, err = run_cli(argv, capsys)
+        assert rc != 0 and "not valid YAML (the character U+00" in err and "bug" not in err, err
+    assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a file name of bytes that are no UTF-8")
+def test_names_that_are_no_utf8_are_shown_escaped(tmp_path, capsys):
+    """F12: a model path holding the byte \\xff broke analyze's plots; a data file d\\xff.jsonl broke adapt's
+    fingerprint (both "unexpected ... a bug in tiesmerge")."""
+    b, ms = write_family_dirs(tmp_path)
+    odd = tmp_path / os.fsdecode(b"bad\xffname")
+    ms[0].rename(odd)
+    rc, _, err = run_cli(["analyze", "--base", str(b), "--model", str(odd), "--model", str(ms[1]),
+                          "-o", str(tmp_path / "report"), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "bad\\udcffname" in (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
+    from tiesmerge.adamerging.run import read_task_data
+
+    data = tmp_path / os.fsdecode(b"d\xff.jsonl")
+    data.write_text('{"text": "a"}\n')
+    assert list(read_task_data([data], None)) == ["d\\xff"]  # the byte, escaped
+
+
+def test_notes_of_the_twenty_fifth_pass(tmp_path, capsys):
+    """N3: statistics of 0 examples; N4: one model's Fisher statistics all zeros; N8: nuslerp at an endpoint, and
+    "both weights are 0" for (0, 1e-30)."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.methods.nuslerp import NuSlerp
+    from tiesmerge.stats.files import StatsManifest
+
+    with pytest.raises(Exception, match="computed from 0 examples"):
+        StatsManifest.from_dict({"kind": "fisher", "examples": 0}, "tiesmerge_stats.json")
+    with pytest.warns(MergeWarning, match=r"t = 0 \(from the weights\) is an endpoint: the merge is the first model"):
+        NuSlerp(weights=(1.0, 0.0)).check_tensors({"w": (2, 2)})
+    with pytest.warns(MergeWarning, match="both weights are 0 or nearly"):
+        NuSlerp(weights=(0.0, 1e-30)).check_tensors({"w": (2, 2)})
+    with pytest.raises(ConfigError):
+        NuSlerp(weights=(1.0, -1.0)).requirements()
+
+
+def test_fisher_statistics_all_zeros_for_one_model_are_said(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.stats.files import StatsManifest
+
+    b, ms = write_family_dirs(tmp_path)
+    stats = []
+    for k, model in enumerate(ms):
+        folder = tmp_path / f"stats{k}"
+        folder.mkdir()
+        tensors = {n: (torch.zeros_like(t) if k == 0 else torch.rand_like(t)) for n, t in
+                   load_file(str(model / "model.safetensors")).items() if t.is_floating_point()}
+        save_file(tensors, str(folder / "model.safetensors"))
+        from tiesmerge.stats import files_digest
+
+        manifest = StatsManifest("fisher", 8, {}, model_digest=files_digest(model))
+        (folder / "tiesmerge_stats.json").write_text(json.dumps(manifest.to_dict()))
+        stats += ["--stats", str(folder)]
+    rc, _, err = run_cli(["merge", "--method", "fisher", "--base", str(b), "--model", str(ms[0]), "--model",
+                          str(ms[1]), *stats, "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0 and "statistics of model(s) 0 are all zeros" in err, err
