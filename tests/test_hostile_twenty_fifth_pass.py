@@ -224,3 +224,23 @@ def test_fisher_statistics_all_zeros_for_one_model_are_said(tmp_path, capsys):
     rc, _, err = run_cli(["merge", "--method", "fisher", "--base", str(b), "--model", str(ms[0]), "--model",
                           str(ms[1]), *stats, "-o", str(tmp_path / "out")], capsys)
     assert rc == 0 and "statistics of model(s) 0 are all zeros" in err, err
+
+
+@pytest.mark.parametrize("pattern, outcome", [
+    (r"(?<=model\.)layers", "unchecked"),  # a lookbehind: the layer test is not run, and that is said
+    (["h|layers", "blocks"], "unchecked"),  # a top-level '|': PEFT's pasted regex splits there
+    ("x" * 30_000, "unchecked"),  # no re.compile of an unbounded string
+    ("(layers", "invalid"),
+    (["h|layers", "(bad"], "invalid"),
+])
+def test_layers_pattern_entries_tiesmerge_cannot_run_are_said(pattern, outcome):
+    from tiesmerge.errors import CheckpointError, MergeWarning
+    from tiesmerge.io.peft_targets import check_adapted
+
+    config = {"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": pattern}
+    if outcome == "invalid":
+        with pytest.raises(CheckpointError, match="layers_pattern: pattern key .* is not a valid regular expression"):
+            check_adapted(config, ["model.layers.1.q_proj"], "adapter_config.json")
+    else:
+        with pytest.warns(MergeWarning, match="layers_pattern holds a regex .* is not checked"):
+            check_adapted(config, ["model.layers.1.q_proj"], "adapter_config.json")

@@ -191,7 +191,8 @@ class ModulePattern:
             raise CheckpointError(f"{source}: pattern key {str(key)[:80]!r} is not a module name pattern "
                                   f"(a non-empty string of at most {max_chars:,} characters)")
         what = ("exclude patterns are regexes searched in each tensor name" if anywhere else
-                "target_modules, as one string, is a regex the whole module name matches" if whole else
+                "target_modules, exclude_modules and layers_pattern strings are regexes (Python's syntax) that PEFT "
+                "matches against whole module names" if whole else
                 "alpha_pattern and rank_pattern keys are regexes a module name ends with")
         depth = _nesting(key)
         if depth > MAX_NESTING:  # re's parser would raise RecursionError a few hundred levels down

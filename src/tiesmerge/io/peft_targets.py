@@ -175,12 +175,20 @@ class Targeting:
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise CheckpointError(f"{source}: layers_pattern is {repr(names)[:80]}, not a name or a list of names",
                                   hint="fix the adapter config (PEFT writes the name of the model's layer list)")
-        if layers is not None and any(_alternatives(n) for n in names):
-            # PEFT pastes each entry into its regex as text: a top-level 'a|b' splits that regex itself, a rule
-            # of its own that only a backtracking engine reproduces
-            layers, names, unchecked = None, [], [*unchecked, "layers_pattern"]
-        return cls(targets, excluded, tuple(_saved_entry(m, source) for m in saved), layers,
-                   tuple(ModulePattern.compile(n, f"{source}: layers_pattern", whole=True) for n in names),
+        lists: tuple[ModulePattern, ...] = ()
+        if layers is not None:  # the entries matter only to a layer test
+            runnable = all(len(n) <= MAX_SELECTOR_CHARS for n in names)
+            invalid = next((n for n in names if not _compiles(n)), None) if runnable else None
+            if invalid is not None:  # PEFT could not compile it either: named, with re's own reason
+                ModulePattern.compile(invalid, f"{source}: layers_pattern", whole=True)
+            try:
+                # PEFT pastes each entry into its regex as text: a top-level 'a|b' splits that regex itself
+                if not runnable or any(_alternatives(n) for n in names):
+                    raise _Unchecked("layers_pattern")
+                lists = tuple(ModulePattern.compile(n, f"{source}: layers_pattern", whole=True) for n in names)
+            except (_Unchecked, CheckpointError):  # a lookaround, or too long: no layer test here, and that is said
+                layers, unchecked = None, [*unchecked, "layers_pattern"]
+        return cls(targets, excluded, tuple(_saved_entry(m, source) for m in saved), layers, lists,
                    source, tuple(unchecked), _shown(config.get("target_modules")))
 
     def why_not(self, module: str) -> str | None:
@@ -309,6 +317,7 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
     if targeting.unchecked:
         warnings.warn(MergeWarning(
             f"{source}: {' and '.join(targeting.unchecked)} holds a regex whose effect in PEFT tiesmerge does not "
-            f"reproduce (a top-level '|' in layers_pattern, more than {MAX_SELECTOR_CHARS:,} characters, or a "
-            "lookaround without the regex package installed), so whether PEFT adapts each of the adapter's modules "
-            "is not checked: make sure its weights are the ones PEFT loads"), stacklevel=4)
+            f"reproduce (a top-level '|' or a lookaround in layers_pattern, more than {MAX_SELECTOR_CHARS:,} "
+            "characters, or a lookaround elsewhere without the regex package installed), so whether PEFT adapts "
+            "each of the adapter's modules is not checked: make sure its weights are the ones PEFT loads"),
+            stacklevel=4)
