@@ -134,14 +134,14 @@ class SideInputs:
     def warn_if_silent(self, method: str) -> None:
         """After the merge: a model whose statistics were zero everywhere they were read (a failed statistics run, a
         model whose loss had no gradient, an edited file) had no say in the merge; said once, naming it (hostile pass
-        25, N4). Every model's zero: the method's plain mean, as documented, and said too."""
+        25, N4). Every model's zero: the methods' plain mean, as documented, where nothing is lost (no word, as
+        RegMean's own per-tensor check)."""
         silent = [k for k, seen in enumerate(self._nonzero) if not seen]
-        if silent and self.bytes_read:
+        if silent and len(silent) < len(self._nonzero) and self.bytes_read:
             warnings.warn(MergeWarning(
                 f"{method}: the {self.spec.kind} statistics of model(s) {', '.join(map(str, silent))} are all zeros "
-                + ("(every model's: the merge is the plain mean)" if len(silent) == len(self._nonzero) else
-                   "wherever the merge read them, so those models had (almost) no say in it")
-                + "; recompute their statistics (tiesmerge stats) on data that reaches the model"), stacklevel=3)
+                "wherever the merge read them, so those models had (almost) no say in it; recompute their "
+                "statistics (tiesmerge stats) on data that reaches the model"), stacklevel=3)
 
     def _invalid(self, value: torch.Tensor, stored_dtype: str = "") -> str | None:
         """What makes one model's statistic unusable, or None: NaN or Inf; a negative Fisher value
