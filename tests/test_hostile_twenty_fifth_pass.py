@@ -244,3 +244,38 @@ def test_layers_pattern_entries_tiesmerge_cannot_run_are_said(pattern, outcome):
     else:
         with pytest.warns(MergeWarning, match="layers_pattern holds a regex .* is not checked"):
             check_adapted(config, ["model.layers.1.q_proj"], "adapter_config.json")
+
+
+def test_the_twenty_sixth_pass(tmp_path, capsys):
+    """hp26 F1: a lookahead selector whose repeats multiply out to 10^9 (the regex package's compile took minutes and
+    gigabytes); F3: 10,000 modules_to_save entries (one automaton pass per entry and span); F4: a base-less mergekit
+    nuslerp with weights 1, -1 merged at t = 0.5 (the flags refuse it); N1: lora_bias "false" called a variant;
+    N2: alpha_pattern giving a module alpha 0 or less without a word."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.io.peft_targets import check_adapted
+
+    modules = [f"model.layers.{i}.self_attn.{p}" for i in range(32) for p in ("q_proj", "k_proj")]
+    start = time.perf_counter()
+    with pytest.warns(MergeWarning, match="target_modules holds a regex .* is not checked"):
+        check_adapted({"target_modules": r"(?=x)((a{1000}){1000}){1000}|.*proj"}, modules, "adapter_config.json")
+    check_adapted({"target_modules": ["q_proj", "k_proj"], "modules_to_save": [f"m{i}" for i in range(10_000)]},
+                  modules, "adapter_config.json")
+    check_adapted({"target_modules": ["q_proj", "k_proj"], "modules_to_save": [rf"m{i}\.x" for i in range(1_000)]},
+                  modules, "adapter_config.json")
+    assert time.perf_counter() - start < 20
+
+    b, ms = write_family_dirs(tmp_path)
+    recipe = tmp_path / "nuslerp.yml"
+    recipe.write_text(f"merge_method: nuslerp\nmodels:\n  - model: {ms[0]}\n    parameters: {{weight: 1}}\n"
+                      f"  - model: {ms[1]}\n    parameters: {{weight: -1}}\n")
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert rc != 0 and "the models' weight values" in err and "opposite signs" in err, err
+    assert_no_output(tmp_path / "out")
+    recipe.write_text(recipe.read_text().replace("weight: 1}", "weight: 0}").replace("weight: -1}", "weight: 0}"))
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0 and "both weights are 0 or nearly" in err, err
+
+    rc, err, _ = _lora_merge(tmp_path / "bias", capsys, {"lora_bias": "false"})
+    assert rc != 0 and "lora_bias is 'false'" in err and "not true or false" in err, err
+    rc, err, _ = _lora_merge(tmp_path / "alpha", capsys, {"alpha_pattern": {"q_proj": -8}})
+    assert rc == 0 and "alpha_pattern gives 2 module(s) an alpha of 0 or less" in err and "reversed" in err, err

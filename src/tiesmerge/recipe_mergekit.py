@@ -491,8 +491,16 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         params = {"weights": weights, "flatten": options["nuslerp_flatten"], "row_wise": options["nuslerp_row_wise"],
                   "of": "task_vectors"}
         if base is None:  # the engine needs a base: the first model stands as it, the first endpoint
-            total = sum(weights)  # mergekit's t, in its arithmetic
-            t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+            from .methods.nuslerp import NuSlerp
+
+            try:  # the weights' checks, as given by flags: opposite signs summing to ~0, a t outside [0, 1]
+                probe = NuSlerp(weights=tuple(float(w) for w in weights))  # (hostile pass 26, F4)
+                probe.requirements()
+            except ConfigError as exc:
+                problems.append(f"the models' weight values: {exc.message}")  # the message names nuslerp
+                return "", {}, ""
+            probe.check_tensors({})  # both weights ~0: the midpoint, said
+            t = probe.interpolation()  # mergekit's t, in its arithmetic
             params.update(of="base_and_model", weights=None, t=t, _anchor=paths[0], _models=paths[1:])
         return "nuslerp", params, ("mergekit nuslerp of the two " + ("task vectors, added to base_model"
                                                                      if base is not None else "models"))

@@ -210,6 +210,7 @@ class LoraCheckpoint:
                    "negative and its change is applied reversed")
                 + " (PEFT's default lora_alpha is 8; trained adapters use a positive one)"), stacklevel=3)
         alpha_pattern = _patterns(self.config, "alpha_pattern", source)
+        reversed_or_off: list[tuple[str, float]] = []  # modules alpha_pattern gives an alpha <= 0 (hp26 N2)
         rank_pattern = _patterns(self.config, "rank_pattern", source)  # PEFT: a module's r, where a key matches
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
@@ -248,6 +249,8 @@ class LoraCheckpoint:
                     f"{source}: {said} but the LoRA factors of {module!r} have rank {rank} (A {tuple(a)})",
                     hint=f"the config does not describe these weights; {fix}")
             module_alpha = _pattern_value(alpha_pattern, module, alpha)
+            if module_alpha <= 0 < alpha:  # lora_alpha's own sign is said above; a pattern's, per adapter, here
+                reversed_or_off.append((module, module_alpha))
             scale = module_alpha / (math.sqrt(rank) if rs else rank)
             if not abs(scale) <= MAX_LORA_SCALE:  # lora_alpha 1e300: every product would overflow to Inf
                 field = "alpha_pattern" if any(p.matches(module) for p, _ in alpha_pattern) else "lora_alpha"
@@ -256,6 +259,12 @@ class LoraCheckpoint:
                     f"{'sqrt(r)' if rs else 'r'} {rank}) is {scale:.3g}, out of range (at most {MAX_LORA_SCALE:g})",
                     hint=f"fix {field} in the adapter config (PEFT's default lora_alpha is 8; a scale is a few units)")
             targets[name] = LoraTarget(module, a_key, b_key, rank, scale, transposed, embedding)
+        if reversed_or_off:
+            module, value = reversed_or_off[0]
+            warnings.warn(MergeWarning(
+                f"{source}: alpha_pattern gives {len(reversed_or_off)} module(s) an alpha of 0 or less (e.g. "
+                f"{module!r}: {value:g}), so their change is " + ("nothing" if value == 0 else "applied reversed")
+                + " (trained adapters use a positive alpha)"), stacklevel=3)
         _warn_if_trained_on_another_base(self.config, base, source)
         if overruled:  # as PEFT warns, and applies the module's own layout
             warnings.warn(MergeWarning(

@@ -61,7 +61,7 @@ def resolve_name(module: str, suffix: str, base: Checkpoint, label: str, key: st
 
 
 # the adapter config's flags that change what an adapter's weights mean (PEFT LoRA and (IA)³)
-_FLAGS = ("use_rslora", "fan_in_fan_out", "use_dora", "use_qalora", "inference_mode")
+_FLAGS = ("use_rslora", "fan_in_fan_out", "use_dora", "use_qalora", "inference_mode", "lora_bias")
 
 
 def read_adapter_dir(path: Path, label: str) -> tuple[dict, SafetensorsCheckpoint]:

@@ -96,10 +96,47 @@ def _selector(value: object, field: str, source: str) -> Selector | None:
     return frozenset(value)
 
 
+MAX_EXPANSION = 100_000  # a selector's size with its repeat counts multiplied out: a real one is a few hundred
+
+
+def _expansion(items: object, limit: int = MAX_EXPANSION) -> int:
+    """How large a parsed regex grows with every {m,n} multiplied out (a compiler expands them: the regex package
+    took minutes and gigabytes on ``((a{1000}){1000}){1000}``, hostile pass 26, F1); stops counting past ``limit``."""
+    total = 0
+    for op, av in items:  # type: ignore[attr-defined]
+        if op in _REPEATS:
+            low, high, sub = av
+            count = high if high != _sre.MAXREPEAT else max(low, 1)
+            total += max(count, 1) * _expansion(sub, limit)
+        elif op is _sre.SUBPATTERN:
+            total += _expansion(av[-1], limit)
+        elif op is _sre.BRANCH:
+            total += sum(_expansion(branch, limit) for branch in av[1])
+        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
+            total += _expansion(av[1], limit)
+        elif op is getattr(_sre, "ATOMIC_GROUP", None):
+            total += _expansion(av, limit)
+        else:
+            total += 1
+        if total > limit:
+            return total
+    return total
+
+
+_REPEATS = tuple(getattr(_sre, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+                 if hasattr(_sre, name))
+
+
 def _timed(value: str, field: str, source: str) -> _TimedRegex | None:
     try:
         import regex
     except ImportError:  # pragma: no cover - transformers (and PEFT) depend on it
+        return None
+    try:
+        size = _expansion(_sre.parse(value))
+    except (re.error, RecursionError, OverflowError, TypeError, ValueError):
+        return None
+    if size > MAX_EXPANSION:  # not compiled: unchecked, and said (no module name needs such a selector)
         return None
     try:
         return _TimedRegex(regex.compile(value), field, source)
@@ -147,7 +184,7 @@ class Targeting:
 
     targets: Selector | None  # None: every module (no target_modules, or "all-linear": the module types decide)
     excluded: Selector | None
-    saved: tuple[ModulePattern | str, ...]  # modules_to_save entries (a regex PEFT inserts as is, or a literal)
+    saved: _SavedModules  # modules_to_save (with the task type's head): never adapted
     layers: int | frozenset[int] | None  # None: no layer test
     layer_lists: tuple[ModulePattern, ...]  # layers_pattern entries, in order
     source: str
@@ -177,7 +214,7 @@ class Targeting:
                                   hint="fix the adapter config (PEFT writes the name of the model's layer list)")
         lists: tuple[ModulePattern, ...] = ()
         if layers is not None:  # the entries matter only to a layer test
-            runnable = all(len(n) <= MAX_SELECTOR_CHARS for n in names)
+            runnable = sum(len(n) for n in names) <= MAX_SELECTOR_CHARS  # no compiling of 30 MB (hp26 F2)
             invalid = next((n for n in names if not _compiles(n)), None) if runnable else None
             if invalid is not None:  # PEFT could not compile it either: named, with re's own reason
                 ModulePattern.compile(invalid, f"{source}: layers_pattern", whole=True)
@@ -188,14 +225,17 @@ class Targeting:
                 lists = tuple(ModulePattern.compile(n, f"{source}: layers_pattern", whole=True) for n in names)
             except (_Unchecked, CheckpointError):  # a lookaround, or too long: no layer test here, and that is said
                 layers, unchecked = None, [*unchecked, "layers_pattern"]
-        return cls(targets, excluded, tuple(_saved_entry(m, source) for m in saved), layers, lists,
+        saved_modules = _SavedModules.of(saved, source)
+        if saved_modules.unchecked:
+            unchecked.append("modules_to_save")
+        return cls(targets, excluded, saved_modules, layers, lists,
                    source, tuple(unchecked), _shown(config.get("target_modules")))
 
     def why_not(self, module: str) -> str | None:
         """Why PEFT would not adapt ``module`` (a module path of the base model), or None where it would."""
         if self.excluded is not None and _selects(self.excluded, module):
             return "exclude_modules names it"
-        if any(_inside(entry, module) for entry in self.saved):
+        if self.saved.holds(module):
             return "modules_to_save names it: PEFT trains that module whole, without adapter layers"
         if self.targets is None:
             return None
@@ -255,19 +295,41 @@ def _layers(value: object, source: str) -> int | frozenset[int] | None:
     return value if isinstance(value, int) else frozenset(listed)
 
 
-def _saved_entry(entry: str, source: str) -> ModulePattern | str:
-    try:
-        return ModulePattern.compile(entry, f"{source}: modules_to_save", whole=True)
-    except CheckpointError:
-        return entry  # one the automaton does not run: compared as the name it almost always is
+@dataclass(frozen=True)
+class _SavedModules:
+    """``modules_to_save`` as PEFT's guard reads it (``re.match(rf"(^|.*\\.){entry}($|\\..*)", module)``): an entry
+    spans whole components of the path. Plain names (the usual ``classifier``, ``lm_head``) are looked up in a set;
+    the others run as one alternation on the automaton, so 10,000 entries cost one pass per span, not 10,000
+    (hostile pass 26, F3). Entries past :data:`MAX_SELECTOR_CHARS` in all, or that the automaton cannot run, are
+    compared as names, and that is said."""
+
+    names: frozenset[str]
+    pattern: ModulePattern | None
+    unchecked: bool = False
+
+    @classmethod
+    def of(cls, entries: list[str], source: str) -> _SavedModules:
+        names = {e for e in entries if _PLAIN.fullmatch(e)}
+        regexes = [e for e in entries if e not in names]
+        if not regexes:
+            return cls(frozenset(names), None)
+        joined = "|".join(f"(?:{e})" for e in regexes)
+        try:
+            if len(joined) > MAX_SELECTOR_CHARS:
+                raise CheckpointError("too long")
+            return cls(frozenset(names), ModulePattern.compile(joined, f"{source}: modules_to_save", whole=True,
+                                                              max_chars=MAX_SELECTOR_CHARS))
+        except CheckpointError:  # compared as names: right for the dotted paths such entries almost always are
+            return cls(frozenset(names | set(regexes)), None, unchecked=True)
+
+    def holds(self, module: str) -> bool:
+        starts, ends = _boundaries(module)
+        spans = [module[s:e] for s in starts for e in ends if e > s]
+        return any(span in self.names for span in spans) or \
+            (self.pattern is not None and any(self.pattern.matches(span) for span in spans))
 
 
-def _inside(entry: ModulePattern | str, module: str) -> bool:
-    """PEFT's ``re.match(rf"(^|.*\\.){entry}($|\\..*)", module)``: the entry spans whole components of the path."""
-    if isinstance(entry, str):
-        return f".{module}.".find(f".{entry}.") >= 0
-    starts, ends = _boundaries(module)
-    return any(entry.matches(module[s:e]) for s in starts for e in ends if e > s)
+_PLAIN = re.compile(r"[A-Za-z0-9_]+")  # a module name that means itself as a regex too
 
 
 def saved_as_whole(config: dict, module: str) -> bool:
@@ -318,6 +380,7 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
         warnings.warn(MergeWarning(
             f"{source}: {' and '.join(targeting.unchecked)} holds a regex whose effect in PEFT tiesmerge does not "
             f"reproduce (a top-level '|' or a lookaround in layers_pattern, more than {MAX_SELECTOR_CHARS:,} "
-            "characters, or a lookaround elsewhere without the regex package installed), so whether PEFT adapts "
+            "characters, repeats that multiply out past 100,000, or a lookaround elsewhere without the regex package "
+            "installed), so whether PEFT adapts "
             "each of the adapter's modules is not checked: make sure its weights are the ones PEFT loads"),
             stacklevel=4)
