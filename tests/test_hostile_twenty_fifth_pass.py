@@ -279,3 +279,30 @@ def test_the_twenty_sixth_pass(tmp_path, capsys):
     assert rc != 0 and "lora_bias is 'false'" in err and "not true or false" in err, err
     rc, err, _ = _lora_merge(tmp_path / "alpha", capsys, {"alpha_pattern": {"q_proj": -8}})
     assert rc == 0 and "alpha_pattern gives 2 module(s) an alpha of 0 or less" in err and "reversed" in err, err
+
+
+@pytest.mark.parametrize("digest, outcome", [("", "refused"), ("sha256:" + "0" * 64, "refused"),
+                                             ("x" * 100_000, "refused"), (None, "refused"),
+                                             ("files:" + "0" * 64, "other model"), ("tensors:" + "0" * 64, "warned")])
+def test_a_statistics_digest_that_checks_nothing_is_refused(tmp_path, capsys, digest, outcome):
+    """hp26 F5: model_digest "" / "sha256:..." / 100,000 x's switched the check that statistics belong to their model
+    off: model 0's statistics were merged as model 1's."""
+    from tiesmerge.stats import Statistics, StatsManifest, files_digest, save_stats
+
+    b, ms = write_family_dirs(tmp_path)
+    names = [n for n, t in make_base().items() if t.is_floating_point()]
+    shapes = {n: t.shape for n, t in make_base().items()}
+    dirs = []
+    for k in range(2):
+        recorded = files_digest(ms[k]) if k == 0 else digest
+        dirs.append(save_stats(tmp_path / f"fisher{k}", Statistics(StatsManifest("fisher", 4, model_digest=recorded),
+                                                                   {n: torch.rand(shapes[n]) for n in names})))
+    rc, _, err = run_cli(["merge", "--method", "fisher", "--base", str(b), "--model", str(ms[0]), "--model",
+                          str(ms[1]), "--stats", str(dirs[0]), "--stats", str(dirs[1]), "-o", str(tmp_path / "out")],
+                         capsys)
+    if outcome == "refused":
+        assert rc != 0 and "records no usable model digest" in err, err
+    elif outcome == "other model":
+        assert rc != 0 and "computed with another model" in err, err
+    else:
+        assert rc == 0 and "digest of in-memory tensors" in err, err

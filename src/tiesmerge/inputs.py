@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -298,17 +299,35 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
         src = open_stats(source, kind=spec.kind, label=label)
         stack.callback(src.close)
         opened.append(src)
-        if (isinstance(source, (str, os.PathLike)) and src.manifest is not None and src.manifest.model_digest is None
-                and k < len(models) and models[k].files()):
-            # a statistics directory is checked against its model's files (see manifest.check_stats_digests);
-            # one whose manifest records no digest (model_digest: null) would switch that check off unseen
-            raise IncompatibleCheckpointsError(
-                f"{source}: the statistics manifest records no model digest (model_digest: null), so tiesmerge "
-                f"cannot check that these statistics belong to model {k} ({models[k].label})",
-                hint="recompute them with tiesmerge stats (which records the digest), or record it: "
-                     "StatsManifest(..., model_digest=tiesmerge.stats.files_digest(MODEL_DIR))")
+        if isinstance(source, (str, os.PathLike)) and src.manifest is not None and k < len(models) \
+                and models[k].files():
+            _check_recorded_digest(source, src.manifest.model_digest, k, models[k].label)
     side = SideInputs(spec, [o.checkpoint for o in opened], models, alignment, device=device, progress=progress)
     return side, opened
+
+
+_DIGEST = re.compile(r"(files|tensors):[0-9a-f]{64}")  # what tiesmerge stats records (stats.files.model_digest)
+
+
+def _check_recorded_digest(source: Any, recorded: Any, k: int, label: str) -> None:
+    """A statistics directory is checked against its model's files (manifest.check_stats_digests): a manifest whose
+    digest is missing, empty or malformed (model_digest: null, "", "sha256:...") would switch that check off unseen
+    (hostile pass 26, F5); one of in-memory tensors ("tensors:...", the API's) cannot be checked against files, and
+    that is said."""
+    if not isinstance(recorded, str) or not _DIGEST.fullmatch(recorded):
+        shown = "null" if recorded is None else repr(recorded[:40] + ("..." if len(recorded) > 40 else "")) \
+            if isinstance(recorded, str) else repr(recorded)
+        raise IncompatibleCheckpointsError(
+            f"{source}: the statistics manifest records no usable model digest (model_digest: {shown}; tiesmerge "
+            "records files:<sha256>), so tiesmerge cannot check that these statistics belong to model "
+            f"{k} ({label})",
+            hint="recompute them with tiesmerge stats (which records the digest), or record it: "
+                 "StatsManifest(..., model_digest=tiesmerge.stats.files_digest(MODEL_DIR))")
+    if recorded.startswith("tensors:"):
+        warnings.warn(MergeWarning(
+            f"{source}: these statistics record a digest of in-memory tensors (computed through the Python API), "
+            f"which tiesmerge cannot check against model {k}'s files ({label}): make sure they are its statistics"),
+            stacklevel=4)
 
 
 def requested_dtype(dtype: Any) -> DType | None:
