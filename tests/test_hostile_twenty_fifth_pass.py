@@ -306,3 +306,13 @@ def test_a_statistics_digest_that_checks_nothing_is_refused(tmp_path, capsys, di
         assert rc != 0 and "computed with another model" in err, err
     else:
         assert rc == 0 and "digest of in-memory tensors" in err, err
+
+
+def test_a_recipe_t_that_underflows_is_named_in_the_recipes_words(tmp_path, capsys):
+    """hp26 N3: a mergekit slerp gradient value 1e-300 was refused as the flag t_by_name, with the flags' hint."""
+    b, ms = write_family_dirs(tmp_path)
+    recipe = tmp_path / "slerp.yml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\nparameters:\n  t:\n"
+                      "    - filter: self_attn\n      value: [0, 1e-300]\n    - value: 0.5\n")
+    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc != 0 and "parameters.t: 1e-300 must be 0 or at least 1.2e-38" in err and "t_by_name" not in err, err

@@ -68,7 +68,7 @@ from typing import Any
 from .dtypes import BY_NAME
 from .errors import ConfigError, MergeWarning, TiesMergeError
 from .limits import read_json
-from .methods.base import FLOAT32_MAX
+from .methods.base import FLOAT32_MAX, finite
 from .paths import inside
 
 __all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
@@ -449,6 +449,10 @@ def _schedule(setting: Any, problems: list[str]) -> str | None:
         bad = next((v for v in values if not 0 <= v <= 1), None)  # NaN and infinities fail the comparison too
         if bad is not None:  # said here, in the recipe's words, not later as a t_by_name flag
             problems.append(f"parameters.t: {bad} must be a finite number in [0, 1] (0 is base_model, 1 the model)")
+            return None
+        tiny = next((v for v in values if finite(v)), None)  # 1e-300 is 0 in float32 (hostile pass 26, N3)
+        if tiny is not None:
+            problems.append(f"parameters.t: {tiny!r} {finite(tiny)}")
             return None
         parts.append(f"{pattern}=" + ",".join(repr(float(v)) for v in values))
     if not any(p.startswith("*=") for p in parts):
