@@ -316,3 +316,24 @@ def test_a_recipe_t_that_underflows_is_named_in_the_recipes_words(tmp_path, caps
                       "    - filter: self_attn\n      value: [0, 1e-300]\n    - value: 0.5\n")
     rc, _, err = run_cli(["validate", str(recipe)], capsys)
     assert rc != 0 and "parameters.t: 1e-300 must be 0 or at least 1.2e-38" in err and "t_by_name" not in err, err
+
+
+def test_pattern_tables_cost_bounded_time(tmp_path, capsys):
+    """hp26 F6: 1,000 alpha_pattern keys of 7,000 automaton states each took 105 s and 2.2 GB; module paths (and lists
+    of them, as tools write for every module) run on re in linear time and count for nothing."""
+    start = time.perf_counter()
+    rc, err, _ = _lora_merge(tmp_path / "bomb", capsys, {"alpha_pattern": {f"(.{{0,20}}){{20}}X{i}": 4
+                                                                          for i in range(1000)}})
+    assert rc != 0 and "the keys of alpha_pattern together need more than 5,000 automaton states" in err, err
+    paths = {f"model.layers.{i}.self_attn.q_proj": 4 for i in range(2000)}
+    rc, err, _ = _lora_merge(tmp_path / "paths", capsys, {"alpha_pattern": paths,
+                                                          "rank_pattern": {"q_proj|up_proj": 2}})
+    assert rc == 0, err
+    assert time.perf_counter() - start < 20
+    from tiesmerge.io.patterns import ModulePattern
+
+    listed = "|".join(f"model\\.layers\\.{i}\\.self_attn\\.q_proj" for i in range(300))  # 9,000 characters
+    pattern = ModulePattern.compile(listed, "target_modules", whole=True, max_chars=20_000)
+    assert pattern.plain is not None and pattern.matches("model.layers.7.self_attn.q_proj")
+    assert not pattern.matches("model.layers.7.self_attn.q_projx")
+    assert not pattern.matches("x.model.layers.7.self_attn.q_proj")

@@ -34,7 +34,7 @@ from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTenso
 from ..limits import read_json
 from ..paths import inside
 from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
-from .patterns import ModulePattern
+from .patterns import MAX_STATES, ModulePattern
 from .peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -112,8 +112,17 @@ def _patterns(config: dict, key: str, source: str) -> list[tuple[ModulePattern, 
     table = config.get(key) or {}
     if not isinstance(table, dict):
         raise CheckpointError(f"{source}: {key} is a {type(table).__name__}, not a mapping of module patterns")
-    return [(ModulePattern.compile(k, f"{source}: {key}"), _number(v, f"{key}[{str(k)[:80]!r}]", source))
-            for k, v in table.items()]
+    patterns, states = [], 0
+    for k, v in table.items():
+        pattern = ModulePattern.compile(k, f"{source}: {key}")
+        states += len(pattern.states)  # module paths take none (re runs them); repeats do
+        if states > MAX_STATES:  # each module is matched against every key: 1,000 keys of 7,000 states took 105 s
+            raise CheckpointError(f"{source}: the keys of {key} together need more than {MAX_STATES:,} automaton "
+                                  "states (their repeats multiplied out), more than tiesmerge runs for one adapter",
+                                  hint=f"write {key}'s keys as module names (a name or a path matches itself) or "
+                                       "short regexes")
+        patterns.append((pattern, _number(v, f"{key}[{str(k)[:80]!r}]", source)))
+    return patterns
 
 
 def _pattern_value(patterns: list[tuple[ModulePattern, float]], module: str, default: float) -> float:

@@ -28,7 +28,10 @@ __all__ = ["ModulePattern", "MAX_PATTERN_CHARS", "MAX_NESTING", "MAX_STATES"]
 
 MAX_PATTERN_CHARS = 1000  # real keys are module paths of a few dozen characters
 MAX_NESTING = 50  # groups inside groups: re's parser (and the automaton's builder) recurse once per level
-MAX_STATES = 20_000  # automaton size, after {m,n} repeats are expanded
+# automaton size, after {m,n} repeats are expanded: matching runs in Python, some 6 µs per state and character of
+# a name in the worst case, so a key of 7,000 states took 41 ms a name (hostile pass 26, F6); keys re runs in
+# linear time (module paths, lists of them) do not count (ModulePattern.plain)
+MAX_STATES = 5_000
 
 _CATEGORIES: dict[object, Callable[[str], bool]] = {}
 for _name, _test in (("DIGIT", str.isdecimal), ("SPACE", str.isspace), ("WORD", lambda c: c.isalnum() or c == "_"),
@@ -37,6 +40,37 @@ for _name, _test in (("DIGIT", str.isdecimal), ("SPACE", str.isspace), ("WORD", 
         if hasattr(_sre, f"CATEGORY_{_prefix}{_name}"):
             _CATEGORIES[getattr(_sre, f"CATEGORY_{_prefix}{_name}")] = _test
             _CATEGORIES[getattr(_sre, f"CATEGORY_{_prefix}NOT_{_name}")] = (lambda t: lambda c: not t(c))(_test)
+
+
+_PLAIN_OPS = (_sre.LITERAL, _sre.NOT_LITERAL, _sre.ANY, _sre.IN)  # one character each: nothing repeats
+
+
+def _linear(items: list, branches: int = 1) -> bool:
+    """Whether ``re`` runs a key in time linear in the name: single characters, and at most one alternation of
+    such sequences (a list of module paths, its common prefix factored out by re's parser), in groups or not; no
+    repeat anywhere, and no second alternation (alternations in sequence or nested multiply the paths a
+    backtracking engine tries)."""
+    for op, av in items:
+        if op in _PLAIN_OPS:
+            continue
+        if op is _sre.SUBPATTERN:
+            if not _linear(list(av[-1]), branches):
+                return False
+            branches -= _alternations(list(av[-1]))
+        elif op is _sre.BRANCH and branches > 0:
+            if not all(all(o in _PLAIN_OPS for o, _ in branch) for branch in av[1]):
+                return False
+            branches -= 1
+        else:
+            return False
+        if branches < 0:
+            return False
+    return True
+
+
+def _alternations(items: list) -> int:
+    return sum(1 if op is _sre.BRANCH else _alternations(list(av[-1])) if op is _sre.SUBPATTERN else 0
+               for op, av in items)
 
 
 class _Refused(Exception):
@@ -181,6 +215,10 @@ class ModulePattern:
     states: tuple[_State, ...]
     start: int
     anywhere: bool = False  # re.search's rule (a match anywhere in the name) instead of PEFT's
+    # a key without repeats, alternatives or groups (a module path, "q_proj", "layers\\.0\\..*"-free): re runs it,
+    # in C, with nothing to backtrack but the wrapper's own prefix (linear in the name; the automaton, in Python,
+    # took 41 ms a name for a 7,000-state key: hostile pass 26, F6)
+    plain: re.Pattern[str] | None = None
 
     @classmethod
     def compile(cls, key: object, source: str, *, anywhere: bool = False, whole: bool = False,
@@ -211,6 +249,9 @@ class ModulePattern:
             parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"({key})$" if whole else rf"(.*\.)?({key})$")
             if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
                 raise _Refused("inline flags")
+            if _linear(_sre.parse(key).data):  # re runs it in linear time: no automaton (and no size limit on it)
+                wrapped = rf"(?:{key})" if anywhere else rf"(?:{key})\Z" if whole else rf"(.*\.)?(?:{key})\Z"
+                return cls(key, (), 0, anywhere, re.compile(wrapped))
             builder = _Builder()
             start = builder.build(parsed, 0)
         except re.error as exc:
@@ -242,6 +283,8 @@ class ModulePattern:
 
     def matches(self, module: str) -> bool:
         """Whether ``module`` ends with a match of the key at a ``.`` boundary (PEFT's rule)."""
+        if self.plain is not None:
+            return (self.plain.search(module) if self.anywhere else self.plain.match(module)) is not None
         current = self._closure({self.start}, 0, len(module))
         for pos, c in enumerate(module):
             if self.anywhere and 0 in current:
