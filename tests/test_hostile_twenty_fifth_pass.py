@@ -337,3 +337,18 @@ def test_pattern_tables_cost_bounded_time(tmp_path, capsys):
     assert pattern.plain is not None and pattern.matches("model.layers.7.self_attn.q_proj")
     assert not pattern.matches("model.layers.7.self_attn.q_projx")
     assert not pattern.matches("x.model.layers.7.self_attn.q_proj")
+
+
+def test_the_tensor_named_behind_a_distance_verdict_is_the_one_behind_it():
+    """hp26 N6: a norm weight moved by 60,000 made the distance, and the message named a k_proj of cosine 0.88."""
+    from tiesmerge.distance import ModelDistance, TensorDistance, check_distances
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    tensors = (TensorDistance("model.norm.weight", 3750.0, 1.0, 64), TensorDistance("k_proj.weight", 0.526, 0.884, 64),
+               TensorDistance("q_proj.weight", 0.01, 0.999, 64))
+    far = ModelDistance(0, "ft1", 10027.0, 0.0, tensors, 12_000_000, 0)
+    with pytest.raises(IncompatibleCheckpointsError, match="furthest tensor 'model.norm.weight'"):
+        check_distances([far], "base", allow_distant=False)
+    unrelated = ModelDistance(0, "ft1", 0.9, 0.67, tensors, 12_000_000, 0)
+    with pytest.raises(IncompatibleCheckpointsError, match="furthest tensor 'k_proj.weight'"):
+        check_distances([unrelated], "base", allow_distant=False)

@@ -250,7 +250,10 @@ def check_distances(distances: Sequence[ModelDistance], base_label: str, allow_d
     for d in distances:
         if not d.distant:
             continue
-        worst = d.worst()
+        # the tensor behind the verdict: the least aligned where tensors barely match, else the one changed most
+        # (a +60000 norm weight made the distance, and a k_proj of cosine 0.88 was named: hostile pass 26, N6)
+        worst = d.worst() if d.share_barely_matching > SHARE_LIMIT else \
+            max(d.tensors, key=lambda t: (t.relative_norm, 1 - t.cosine), default=None)
         why = []
         if d.relative_norm > RELATIVE_NORM_LIMIT:
             why.append(f"its weights differ from the base's by {d.relative_norm:.3f} of the base's norm "
