@@ -352,3 +352,42 @@ def test_the_tensor_named_behind_a_distance_verdict_is_the_one_behind_it():
     unrelated = ModelDistance(0, "ft1", 0.9, 0.67, tensors, 12_000_000, 0)
     with pytest.raises(IncompatibleCheckpointsError, match="furthest tensor 'k_proj.weight'"):
         check_distances([unrelated], "base", allow_distant=False)
+
+
+def test_a_digest_cache_grown_past_its_bound_is_trimmed_not_stuck(tmp_path):
+    """hp26 N7: a cache of long paths could grow past the 16 MiB bound, after which tiesmerge took its own cache for
+    a file of the user's ("not a JSON object of its entries") and never wrote it again."""
+    from tiesmerge.io import card
+
+    cache = tmp_path / "digests.json"
+    entry = {"stamp": [1, 2, 3, 4, 5], "sha256": "0" * 64}
+    cache.write_text(json.dumps({f"/{'d' * 4000}/{i}": entry for i in range(4_500)}))  # ~18 MiB, ours
+    assert cache.stat().st_size > card._MAX_CACHE_BYTES
+    card.remember_many(cache, {f"/{'e' * 4000}/{i}": entry for i in range(5_000)})  # long paths: trimmed to fit
+    size = cache.stat().st_size
+    assert 0 < size <= card._MAX_CACHE_BYTES and len(card.load_cache(cache)) > 1_000
+    foreign = tmp_path / "mine.json"
+    foreign.write_bytes(b"[" + b" " * (card._MAX_CACHE_BYTES + 10) + b"]")
+    from tiesmerge.errors import MergeWarning
+
+    with pytest.warns(MergeWarning, match="or larger than the 16 MiB it writes at most"):
+        card.remember_many(foreign, {"/x": entry})
+    assert foreign.stat().st_size == card._MAX_CACHE_BYTES + 12  # left as it is
+
+
+@pytest.mark.parametrize("where", ["config.json", "tokenizer_config.json"])
+def test_a_model_folder_naming_its_own_code_is_refused_even_where_a_standard_class_exists(tmp_path, where):
+    """hp26 N8: config.json with model_type bert and an auto_map naming modeling_x.py: transformers silently used its
+    own BertForSequenceClassification, statistics of another model than the folder declares."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation.loading import _check_config
+
+    config = {"model_type": "bert", "architectures": ["XForSequenceClassification"]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    target = tmp_path / where
+    target.write_text(json.dumps({**json.loads(target.read_text()),
+                                  "auto_map": {"AutoModelForSequenceClassification": "modeling_x.XModel"}}))
+    (tmp_path / "modeling_x.py").write_text("raise SystemExit('never imported')\n")
+    with pytest.raises(CheckpointError, match=f"{where}: auto_map names code shipped with the model"):
+        _check_config(tmp_path)

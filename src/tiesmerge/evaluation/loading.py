@@ -26,6 +26,17 @@ def _check_config(directory: Path) -> None:
     config = read_json(path, "the model's config")
     if not isinstance(config, dict):
         return  # transformers' own message names it
+    for name in ("config.json", "tokenizer_config.json"):  # transformers would fall back to its standard class, a
+        # model other than the one the folder declares (hostile pass 26, N8), or ask to run the code: refused first
+        data = config if name == "config.json" else _json_object(directory / name)
+        auto_map = data.get("auto_map") if isinstance(data, dict) else None
+        if auto_map:
+            named = sorted({str(v) for v in (auto_map.values() if isinstance(auto_map, dict) else [auto_map])})
+            raise CheckpointError(f"{directory / name}: auto_map names code shipped with the model "
+                                  f"({', '.join(named)[:160]}); tiesmerge never runs a model's own code, and "
+                                  "transformers' standard class would be another model than the one declared",
+                                  hint="use a model whose architecture and tokenizer transformers ships, or remove "
+                                       "the auto_map entries if the standard classes fit")
     for key in ("_attn_implementation", "attn_implementation"):
         value = config.get(key)
         if isinstance(value, str) and "/" in value:
@@ -39,6 +50,18 @@ def _check_config(directory: Path) -> None:
         raise CheckpointError(f"{path}: the model is quantized ({method}); its stored weights are not the values "
                               f"statistics and evaluation need",
                               hint="use the unquantized model (merging quantized checkpoints is not supported)")
+
+
+def _json_object(path: Path) -> dict | None:
+    """A JSON object file of the model folder, or None where there is none (or it holds something else: the
+    loader's own checks name that)."""
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path, f"the model's {path.name}")
+    except CheckpointError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.([0-9]{1,9})\.")  # ASCII, bounded: int() never fails

@@ -78,7 +78,8 @@ def cache_folder() -> Path | None:
     return Path(home) / ".cache" / "tiesmerge"
 
 
-_MAX_CACHE_BYTES = 16 << 20  # a larger cache file is ignored (and replaced): no cache may cost more than hashing
+_MAX_CACHE_BYTES = 16 << 20  # a larger file is no cache of tiesmerge's (its writer trims): no cache costs more
+# than hashing
 _MAX_ENTRIES = 20_000  # remembered files kept, the most recent: a cache file stays ~4 MB, parsed in ~40 ms
 # a cache file's path -> (its identity when parsed, its entries; None: a file that is not one of tiesmerge's caches)
 _PARSED: dict[str, tuple[tuple[int, ...], dict | None]] = {}
@@ -110,8 +111,8 @@ def _read_cache(file: Path) -> dict | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
             return {}
-        if st.st_size > _MAX_CACHE_BYTES:
-            return None
+        if st.st_size > _MAX_CACHE_BYTES:  # one of ours from before this bound (its writer now trims): begun afresh
+            return {} if _looks_like_a_cache(os.pread(fd, 4096, 0)) else None
         # parsed once while the file is the same: every input file asks (a cache of 10^5 entries re-parsed for each
         # of 42 shards took a minute); the entries returned are shared, read them only (remember() copies)
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
@@ -131,6 +132,12 @@ def _read_cache(file: Path) -> dict | None:
         return None
     finally:
         os.close(fd)
+
+
+def _looks_like_a_cache(head: bytes) -> bool:
+    """The first bytes of a digest cache tiesmerge wrote: a JSON object keyed by absolute paths, of stamps and
+    digests (hostile pass 26, N7: a cache grown past the size bound was taken for a file of the user's, for good)."""
+    return head.startswith(b'{"/') and b'"stamp": [' in head and b'"sha256": "' in head
 
 
 def _cache_dir(cache: Path) -> bool:
@@ -212,8 +219,9 @@ def remember_many(cache: Path, items: dict[str, Any]) -> None:
         if str(cache) not in _SAID_FOREIGN:
             _SAID_FOREIGN.append(str(cache))
             warnings.warn(MergeWarning(f"{cache} is not a cache file tiesmerge wrote (not a JSON object of its "
-                                       "entries): left as it is, and nothing is remembered there (TIESMERGE_CACHE_DIR "
-                                       "names tiesmerge's own cache folder)"), stacklevel=3)
+                                       f"entries, or larger than the {_MAX_CACHE_BYTES >> 20} MiB it writes at most): "
+                                       "left as it is, and nothing is remembered there (TIESMERGE_CACHE_DIR names "
+                                       "tiesmerge's own cache folder)"), stacklevel=3)
         return
     entries = dict(load_cache(cache))
     for key, value in items.items():
@@ -221,13 +229,18 @@ def remember_many(cache: Path, items: dict[str, Any]) -> None:
         entries[key] = value
     for old in list(entries)[:max(0, len(entries) - _MAX_ENTRIES)]:
         del entries[old]
+    text = json.dumps(entries)
+    while len(text) > _MAX_CACHE_BYTES and entries:  # long paths: the oldest go, so the file is never one it refuses
+        for old in list(entries)[:max(1, len(entries) // 10)]:
+            del entries[old]
+        text = json.dumps(entries)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{cache.name}.", suffix=".tmp", dir=cache.parent)
     except OSError:
         return
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(entries))
+            f.write(text)
         os.replace(tmp, cache)
         st = os.lstat(cache)  # what was just written is what the next lookup reads: not parsed again
         with _PARSED_LOCK:
