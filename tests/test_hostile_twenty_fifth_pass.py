@@ -227,8 +227,8 @@ def test_fisher_statistics_all_zeros_for_one_model_are_said(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("pattern, outcome", [
-    (r"(?<=model\.)layers", "unchecked"),  # a lookbehind: the layer test is not run, and that is said
-    (["h|layers", "blocks"], "unchecked"),  # a top-level '|': PEFT's pasted regex splits there
+    (r"(?<=model\.)layers", "peft"),  # a lookbehind: PEFT's own expression, on the regex package (hp27)
+    (["h|layers", "blocks"], "peft"),  # a top-level '|' splits PEFT's pasted expression: reproduced
     ("x" * 30_000, "unchecked"),  # no re.compile of an unbounded string
     ("(layers", "invalid"),
     (["h|layers", "(bad"], "invalid"),
@@ -241,6 +241,24 @@ def test_layers_pattern_entries_tiesmerge_cannot_run_are_said(pattern, outcome):
     if outcome == "invalid":
         with pytest.raises(CheckpointError, match="layers_pattern: pattern key .* is not a valid regular expression"):
             check_adapted(config, ["model.layers.1.q_proj"], "adapter_config.json")
+    elif outcome == "peft":
+        import warnings
+        from types import SimpleNamespace
+
+        from tiesmerge.errors import IncompatibleCheckpointsError
+
+        peft_utils = pytest.importorskip("peft.tuners.tuners_utils")
+        for module in ("model.layers.1.q_proj", "model.layers.0.q_proj", "layers.0.q_proj", "x.blocks.0.h.1.q_proj"):
+            cfg = SimpleNamespace(exclude_modules=None, modules_to_save=None, target_parameters=None, **config)
+            expected = bool(peft_utils.check_target_module_exists(cfg, module))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # decided, not "unchecked"
+                try:
+                    check_adapted(config, [module], "adapter_config.json")
+                    ours = True
+                except IncompatibleCheckpointsError:
+                    ours = False
+            assert ours == expected, (pattern, module)
     else:
         with pytest.warns(MergeWarning, match="layers_pattern holds a regex .* is not checked"):
             check_adapted(config, ["model.layers.1.q_proj"], "adapter_config.json")
@@ -391,3 +409,21 @@ def test_a_model_folder_naming_its_own_code_is_refused_even_where_a_standard_cla
     (tmp_path / "modeling_x.py").write_text("raise SystemExit('never imported')\n")
     with pytest.raises(CheckpointError, match=f"{where}: auto_map names code shipped with the model"):
         _check_config(tmp_path)
+
+
+def test_the_twenty_seventh_pass(tmp_path, capsys):
+    """hp27 F1: a module path of 3,000 components (binding and the span-by-span modules_to_save test were cubic);
+    F2: layers_pattern '.*x' over paths 'a.1.' x 200 (the automaton ran span by span)."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.peft_targets import check_adapted
+
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="a module path of .* components"):
+        check_adapted({"target_modules": ["q_proj"]}, [".".join(["a"] * 3000) + ".q_proj"], "adapter_config.json")
+    deep = ".".join(["a.1"] * 100) + ".q_proj"  # 201 components: read, and decided quickly
+    check_adapted({"target_modules": ["q_proj"], "modules_to_save": [".*fier"], "layers_to_transform": [1],
+                   "layers_pattern": ".*x|a"}, [deep] * 50, "adapter_config.json")
+    with pytest.raises(Exception, match="does not adapt"):
+        check_adapted({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ".*x"},
+                      [deep] * 50, "adapter_config.json")
+    assert time.perf_counter() - start < 10

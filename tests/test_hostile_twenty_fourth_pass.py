@@ -99,6 +99,11 @@ _PEFT_CONFIGS = [
     {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [3], "layers_pattern": "layers"},
     {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0], "layers_pattern": "experts"},
     {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0, 1], "layers_pattern": "(h|layers)"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0, 1], "layers_pattern": "h|layers"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [1], "layers_pattern": r"(?<=model\.)layers"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0], "layers_pattern": ".*x"},
+    {"target_modules": ["q_proj", "up_proj"], "modules_to_save": ["score|mlp"]},
+    {"target_modules": ["q_proj", "up_proj"], "modules_to_save": [".*fier", "layers.1"]},
     {"target_modules": r".*\.q_proj", "layers_to_transform": [7]},
     # lookarounds (hp25 F13): run on the regex package under a time limit, not skipped
     {"target_modules": r"^(?!.*layers\.1\.).*proj"},

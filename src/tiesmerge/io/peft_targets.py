@@ -15,11 +15,14 @@ passes 24 and 25), so :func:`check_adapted` refuses it. The rules, in PEFT's ord
   path (``layers_pattern`` entries, regexes tried in order, name the list; without them any list after the first
   component).
 
-Every regex is run on :class:`~tiesmerge.io.patterns.ModulePattern`'s automaton, never with Python's backtracking
-``re``: an adapter config is a stranger's file. A selector the automaton cannot run but ``re`` compiles (a lookahead,
-as in ``^(?!.*vision).*q_proj``) runs on the ``regex`` package (transformers' dependency) with a time limit per
-module; where that is not installed, or a selector is longer than :data:`MAX_SELECTOR_CHARS`, it is not checked, and
-that is said.
+No regex from the config runs on Python's backtracking ``re`` unless ``re`` runs it in linear time (module paths,
+one alternation of them): an adapter config is a stranger's file. ``target_modules`` / ``exclude_modules`` run on
+:class:`~tiesmerge.io.patterns.ModulePattern`'s automaton; ``layers_pattern`` and ``modules_to_save`` regexes run as
+PEFT's own expressions (each entry pasted in as text, as PEFT does) on the ``regex`` package with a time limit per
+module, so PEFT's quirks (a top-level ``|`` splitting its expression) are reproduced, not guessed. A selector the
+automaton cannot run but ``re`` compiles (a lookahead, as in ``^(?!.*vision).*q_proj``) runs on the ``regex`` package
+(transformers' dependency) the same way. Where that is not installed, or a selector is longer than
+:data:`MAX_SELECTOR_CHARS` or repeats past :data:`MAX_EXPANSION`, it is not checked, and that is said.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError, MergeWarning
 from .patterns import ModulePattern
@@ -58,8 +62,13 @@ class _TimedRegex:
         self.compiled, self.field, self.source = compiled, field, source
 
     def matches(self, module: str) -> bool:
+        return self.match(module, whole=True) is not None
+
+    def match(self, module: str, *, whole: bool = False) -> Any:
+        """``fullmatch`` (``whole``) or ``match`` at the start, as PEFT calls re."""
+        run = self.compiled.fullmatch if whole else self.compiled.match  # type: ignore[attr-defined]
         try:
-            return self.compiled.fullmatch(module, timeout=MATCH_SECONDS) is not None  # type: ignore[attr-defined]
+            return run(module, timeout=MATCH_SECONDS)
         except TimeoutError:
             raise CheckpointError(f"{self.source}: {self.field} takes more than {MATCH_SECONDS} s to match the module "
                                   f"{module!r}: a regex that backtracks without end (PEFT would hang on it too)",
@@ -96,6 +105,8 @@ def _selector(value: object, field: str, source: str) -> Selector | None:
     return frozenset(value)
 
 
+MAX_MODULE_CHARS = 4096  # a module path: real ones run to a few hundred characters
+MAX_COMPONENTS = 256  # and a few dozen components
 MAX_EXPANSION = 100_000  # a selector's size with its repeat counts multiplied out: a real one is a few hundred
 
 
@@ -158,26 +169,6 @@ def _selects(selector: Selector, module: str) -> bool:
     return module in selector or any(module.endswith("." + name) for name in selector)
 
 
-def _boundaries(module: str) -> tuple[list[int], list[int]]:
-    """Where a component starts (0 and after each '.') and where one ends (each '.' and the end)."""
-    dots = [i for i, c in enumerate(module) if c == "."]
-    return [0, *(i + 1 for i in dots)], [*dots, len(module)]
-
-
-def _layer_ends(module: str) -> dict[int, int]:
-    """Each '.' followed by a component of digits and another '.' (PEFT's ``\\.(\\d+)\\.``) -> that index; an index
-    of more than :data:`_MAX_INDEX_DIGITS` digits -> -1, which no layers_to_transform holds."""
-    out = {}
-    parts = module.split(".")
-    at = 0
-    for k, part in enumerate(parts):
-        at += len(part)
-        if 0 < k < len(parts) - 1 and part.isdecimal():
-            out[at - len(part) - 1] = int(part) if len(part) <= _MAX_INDEX_DIGITS else -1
-        at += 1
-    return out
-
-
 @dataclass(frozen=True)
 class Targeting:
     """What one adapter config says about the modules it adapts (see the module's docstring)."""
@@ -186,7 +177,7 @@ class Targeting:
     excluded: Selector | None
     saved: _SavedModules  # modules_to_save (with the task type's head): never adapted
     layers: int | frozenset[int] | None  # None: no layer test
-    layer_lists: tuple[ModulePattern, ...]  # layers_pattern entries, in order
+    layer_lists: tuple[_TimedRegex, ...]  # PEFT's expression for each layers_pattern entry, in order
     source: str
     unchecked: tuple[str, ...] = ()  # selectors the automaton could not run
     shown: str = ""  # target_modules as the messages quote it
@@ -212,18 +203,19 @@ class Targeting:
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
             raise CheckpointError(f"{source}: layers_pattern is {repr(names)[:80]}, not a name or a list of names",
                                   hint="fix the adapter config (PEFT writes the name of the model's layer list)")
-        lists: tuple[ModulePattern, ...] = ()
-        if layers is not None:  # the entries matter only to a layer test
+        lists: tuple[_TimedRegex, ...] = ()
+        if layers is not None and names:  # the entries matter only to a layer test
             runnable = sum(len(n) for n in names) <= MAX_SELECTOR_CHARS  # no compiling of 30 MB (hp26 F2)
             invalid = next((n for n in names if not _compiles(n)), None) if runnable else None
             if invalid is not None:  # PEFT could not compile it either: named, with re's own reason
                 ModulePattern.compile(invalid, f"{source}: layers_pattern", whole=True)
-            try:
-                # PEFT pastes each entry into its regex as text: a top-level 'a|b' splits that regex itself
-                if not runnable or any(_alternatives(n) for n in names):
-                    raise _Unchecked("layers_pattern")
-                lists = tuple(ModulePattern.compile(n, f"{source}: layers_pattern", whole=True) for n in names)
-            except (_Unchecked, CheckpointError):  # a lookaround, or too long: no layer test here, and that is said
+            # PEFT's own expression, each entry pasted in as text (a top-level 'a|b' splits it, as in PEFT), run
+            # once per module on the regex package under a time limit: no span-by-span automaton (hp27 F2)
+            timed = [_timed(rf"(?:^|.*?\.){n}\.(?P<idx>\d+)\.", "layers_pattern", source) if runnable else None
+                     for n in names]
+            if all(t is not None for t in timed):
+                lists = tuple(t for t in timed if t is not None)
+            else:  # too long, repeats that multiply out, or no regex package: no layer test here, and that is said
                 layers, unchecked = None, [*unchecked, "layers_pattern"]
         saved_modules = _SavedModules.of(saved, source)
         if saved_modules.unchecked:
@@ -256,27 +248,21 @@ class Targeting:
 
     def layer_of(self, module: str) -> int | None:
         """The layer index PEFT reads from ``module``'s path: the first ``<list>.<N>.``, the list matching one of
-        layers_pattern (the first entry that matches anywhere wins), else any list after the first component."""
-        ends = _layer_ends(module)
-        if not self.layer_lists:  # r".*?\.[^.]*\.(?P<idx>\d+)\.": the first index after the second component
-            first = next((at for at in sorted(ends) if module.count(".", 0, at) >= 1), None)
-            return None if first is None else ends[first]
-        starts, _ = _boundaries(module)
-        for pattern in self.layer_lists:  # rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", each in turn
-            for s in starts:
-                hit = next((at for at in sorted(ends) if at > s and pattern.matches(module[s:at])), None)
-                if hit is not None:
-                    return ends[hit]
-        return None
+        layers_pattern (the first entry that matches wins), else any list after the first component."""
+        match = None
+        if not self.layer_lists:  # r".*?\.[^.]*\.(?P<idx>\d+)\.": re runs it without blowing up (no nesting)
+            match = _DEFAULT_LAYER.match(module)
+        for pattern in self.layer_lists:
+            match = pattern.match(module)
+            if match is not None:
+                break
+        if match is None or match.group("idx") is None:  # (a top-level '|' can match without the index group)
+            return None
+        digits = match.group("idx")
+        return int(digits) if len(digits) <= _MAX_INDEX_DIGITS else -1  # an index no layers_to_transform holds
 
 
-def _alternatives(pattern: str) -> bool:
-    """Whether ``pattern`` is an alternation at its top level (``h|layers``)."""
-    try:
-        parsed = _sre.parse(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return False  # refused with its own message when compiled
-    return len(parsed.data) == 1 and parsed.data[0][0] is _sre.BRANCH
+_DEFAULT_LAYER = re.compile(r".*?\.[^.]*\.(?P<idx>\d+)\.")
 
 
 def _shown(target: object) -> str:
@@ -297,14 +283,15 @@ def _layers(value: object, source: str) -> int | frozenset[int] | None:
 
 @dataclass(frozen=True)
 class _SavedModules:
-    """``modules_to_save`` as PEFT's guard reads it (``re.match(rf"(^|.*\\.){entry}($|\\..*)", module)``): an entry
-    spans whole components of the path. Plain names (the usual ``classifier``, ``lm_head``) are looked up in a set;
-    the others run as one alternation on the automaton, so 10,000 entries cost one pass per span, not 10,000
-    (hostile pass 26, F3). Entries past :data:`MAX_SELECTOR_CHARS` in all, or that the automaton cannot run, are
-    compared as names, and that is said."""
+    """``modules_to_save`` as PEFT's guard reads it: ``re.match(rf"(^|.*\\.){entry}($|\\..*)", module)``, each entry
+    pasted in as text. A plain name (the usual ``classifier``, ``lm_head``) matches a whole component, looked up in a
+    set; the other entries run as one expression (each wrapped as PEFT wraps it), once per module, on the regex
+    package under a time limit: no per-span or per-entry loop (10,000 entries, 3,000-component paths: hostile
+    passes 26 F3, 27 F1). Where that cannot run (too long, repeats that multiply out, no regex package), the entries
+    are compared as names, and that is said."""
 
     names: frozenset[str]
-    pattern: ModulePattern | None
+    pattern: _TimedRegex | None
     unchecked: bool = False
 
     @classmethod
@@ -313,20 +300,21 @@ class _SavedModules:
         regexes = [e for e in entries if e not in names]
         if not regexes:
             return cls(frozenset(names), None)
-        joined = "|".join(f"(?:{e})" for e in regexes)
-        try:
-            if len(joined) > MAX_SELECTOR_CHARS:
-                raise CheckpointError("too long")
-            return cls(frozenset(names), ModulePattern.compile(joined, f"{source}: modules_to_save", whole=True,
-                                                              max_chars=MAX_SELECTOR_CHARS))
-        except CheckpointError:  # compared as names: right for the dotted paths such entries almost always are
+        joined = "|".join(rf"(?:(?:^|.*\.){e}(?:$|\..*))" for e in regexes)
+        timed = _timed(joined, "modules_to_save", source) if len(joined) <= MAX_SELECTOR_CHARS and \
+            all(_compiles(e) for e in regexes) else None
+        if timed is None:  # compared as names: right for the dotted paths such entries almost always are
             return cls(frozenset(names | set(regexes)), None, unchecked=True)
+        return cls(frozenset(names), timed)
 
     def holds(self, module: str) -> bool:
-        starts, ends = _boundaries(module)
-        spans = [module[s:e] for s in starts for e in ends if e > s]
-        return any(span in self.names for span in spans) or \
-            (self.pattern is not None and any(self.pattern.matches(span) for span in spans))
+        parts = module.split(".")
+        if any(part in self.names for part in parts):
+            return True
+        if self.pattern is None:  # names with dots (the unchecked fallback): whole components of the path
+            dotted = [n for n in self.names if "." in n]
+            return any(f".{module}.".find(f".{n}.") >= 0 for n in dotted)
+        return self.pattern.match(module) is not None
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_]+")  # a module name that means itself as a regex too
@@ -364,6 +352,12 @@ def feedforward(config: dict, source: str) -> Callable[[str], bool] | None:
 def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: Sequence[str] = ()) -> None:
     """Refuse adapter weights for ``modules`` (factors, vectors) that PEFT would not adapt, and saved whole copies
     (``whole``: their modules) that ``modules_to_save`` does not name: PEFT would load the adapter without them."""
+    long = next((m for m in (*modules, *whole) if len(m) > MAX_MODULE_CHARS or m.count(".") >= MAX_COMPONENTS), None)
+    if long is not None:  # binding a path to the base's names costs its components squared (hostile pass 27, F1)
+        raise CheckpointError(f"{source}: the adapter holds weights for a module path of {len(long):,} characters "
+                              f"and {long.count('.') + 1:,} components ({long[:80]!r}...); no model has such a module "
+                              f"(at most {MAX_MODULE_CHARS:,} characters and {MAX_COMPONENTS} components are read)",
+                              hint="the adapter file is damaged or not a PEFT adapter of a real model")
     targeting = Targeting.of(config, source)
     stray = [(m, why) for m in modules if (why := targeting.why_not(m)) is not None]
     stray += [(m, "modules_to_save does not name it, so PEFT has no place for its saved copy")
@@ -379,8 +373,8 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
     if targeting.unchecked:
         warnings.warn(MergeWarning(
             f"{source}: {' and '.join(targeting.unchecked)} holds a regex whose effect in PEFT tiesmerge does not "
-            f"reproduce (a top-level '|' or a lookaround in layers_pattern, more than {MAX_SELECTOR_CHARS:,} "
-            "characters, repeats that multiply out past 100,000, or a lookaround elsewhere without the regex package "
-            "installed), so whether PEFT adapts "
-            "each of the adapter's modules is not checked: make sure its weights are the ones PEFT loads"),
+            f"reproduce (more than {MAX_SELECTOR_CHARS:,} characters, repeats that multiply out past "
+            f"{MAX_EXPANSION:,}, or a feature only a backtracking engine runs while the regex package is not "
+            "installed), so whether PEFT adapts each of the adapter's modules is not checked: make sure its weights "
+            "are the ones PEFT loads"),
             stacklevel=4)
