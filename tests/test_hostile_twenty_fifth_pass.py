@@ -342,7 +342,7 @@ def test_pattern_tables_cost_bounded_time(tmp_path, capsys):
     start = time.perf_counter()
     rc, err, _ = _lora_merge(tmp_path / "bomb", capsys, {"alpha_pattern": {f"(.{{0,20}}){{20}}X{i}": 4
                                                                           for i in range(1000)}})
-    assert rc != 0 and "the keys of alpha_pattern together need more than 5,000 automaton states" in err, err
+    assert rc != 0 and "alpha_pattern holds more regex keys than tiesmerge runs" in err, err
     paths = {f"model.layers.{i}.self_attn.q_proj": 4 for i in range(2000)}
     rc, err, _ = _lora_merge(tmp_path / "paths", capsys, {"alpha_pattern": paths,
                                                           "rank_pattern": {"q_proj|up_proj": 2}})
@@ -427,3 +427,42 @@ def test_the_twenty_seventh_pass(tmp_path, capsys):
         check_adapted({"target_modules": ["q_proj"], "layers_to_transform": [0], "layers_pattern": ".*x"},
                       [deep] * 50, "adapter_config.json")
     assert time.perf_counter() - start < 10
+
+
+def test_pattern_tables_and_name_lists_of_every_module_are_looked_up(tmp_path, capsys):
+    """hp27 F3: alpha_pattern of 100,000-300,000 keys (each compiled, then tried against every module: 16-74 s); F4: a
+    target_modules list of 500,000 names scanned for every module. Module names are indexed now; the order rule
+    (the first key in the table that matches) and '.' matching any character are kept."""
+    from tiesmerge.io.patterns import PatternTable
+    from tiesmerge.io.peft_targets import check_adapted
+
+    start = time.perf_counter()
+    table = {f"model.layers.{i}.self_attn.q_proj": i for i in range(99_000)}
+    patterns = PatternTable({"up_proj": -1, **table, "q_proj": -2, r"layers\.7\..*": -3}, "alpha_pattern", "cfg",
+                            lambda v, what: float(v))
+    assert patterns.lookup("model.layers.7.self_attn.q_proj") == 7  # the first key that matches, in table order
+    assert patterns.lookup("model.layers.7.mlp.up_proj") == -1
+    assert patterns.lookup("base.layers.7.self_attn.k_proj") == -3
+    assert patterns.lookup("x.model.layersX3.self_attn.q_proj") == 3  # '.' in a key matches any character, as in re
+    assert patterns.lookup("model.layers.3.self_attn.q_projx") is None
+    names = [f"m{i}" for i in range(500_000)] + ["q_proj"]
+    check_adapted({"target_modules": names, "feedforward_modules": names}, [f"model.layers.{i}.q_proj"
+                                                                         for i in range(400)], "adapter_config.json")
+    assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize("keys", [["q_proj", "layers.0.self_attn.q_proj"], ["layers.0.self_attn.q_proj", "q_proj"],
+                                  ["self_attn.q_proj", r".*\.0\..*", "up_proj"], ["layersX0", "layers.0"],
+                                  ["model", "proj", "mlp.up_proj", r"(up|q)_proj"], ["0.mlp.up_proj", "1.mlp"]])
+def test_pattern_table_lookups_agree_with_peft(keys):
+    """The index keeps PEFT's rule (peft.utils.other.get_pattern_key): the first key, in the table's order, that the
+    module path ends with as a regex."""
+    other = pytest.importorskip("peft.utils.other")
+    from helpers_adapters import LORA_MODULES
+    from tiesmerge.io.patterns import PatternTable
+
+    table = PatternTable({k: i for i, k in enumerate(keys)}, "rank_pattern", "cfg", lambda v, what: float(v))
+    for module in (*LORA_MODULES, "model.layersX0.self_attn.q_proj", "model.layers.0.mlp.up_projx", "model"):
+        expected = other.get_pattern_key(keys, module)
+        got = table.lookup(module)
+        assert (None if expected == module and module not in keys else keys.index(expected)) == got, (keys, module)

@@ -34,7 +34,7 @@ from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTenso
 from ..limits import read_json
 from ..paths import inside
 from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
-from .patterns import MAX_STATES, ModulePattern
+from .patterns import PatternTable
 from .peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -106,31 +106,13 @@ def _declared_rank(config: dict, source: str) -> int | None:
     return r
 
 
-def _patterns(config: dict, key: str, source: str) -> list[tuple[ModulePattern, float]]:
-    """PEFT's per-module pattern table (``alpha_pattern``), each key compiled to a matcher that
-    never backtracks, each value checked as a number."""
+def _patterns(config: dict, key: str, source: str) -> PatternTable:
+    """PEFT's per-module pattern table (``alpha_pattern``, ``rank_pattern``): module names indexed, regex keys on a
+    matcher that never backtracks, each value checked as a number."""
     table = config.get(key) or {}
     if not isinstance(table, dict):
         raise CheckpointError(f"{source}: {key} is a {type(table).__name__}, not a mapping of module patterns")
-    patterns, states = [], 0
-    for k, v in table.items():
-        pattern = ModulePattern.compile(k, f"{source}: {key}")
-        states += len(pattern.states)  # module paths take none (re runs them); repeats do
-        if states > MAX_STATES:  # each module is matched against every key: 1,000 keys of 7,000 states took 105 s
-            raise CheckpointError(f"{source}: the keys of {key} together need more than {MAX_STATES:,} automaton "
-                                  "states (their repeats multiplied out), more than tiesmerge runs for one adapter",
-                                  hint=f"write {key}'s keys as module names (a name or a path matches itself) or "
-                                       "short regexes")
-        patterns.append((pattern, _number(v, f"{key}[{str(k)[:80]!r}]", source)))
-    return patterns
-
-
-def _pattern_value(patterns: list[tuple[ModulePattern, float]], module: str, default: float) -> float:
-    """PEFT's rank/alpha pattern lookup: the first key a module name ends with (a regex)."""
-    for pattern, value in patterns:
-        if pattern.matches(module):
-            return value
-    return default
+    return PatternTable(table, key, source, lambda value, what: _number(value, what, source))
 
 
 @dataclass(frozen=True)
@@ -248,7 +230,7 @@ class LoraCheckpoint:
                     f"{self.label}: LoRA of {module!r} has ΔW = " + ("(B·A)ᵀ" if transposed else "B·A")
                     + f" of shape {full}, which does not fit the base tensor {name!r} {tuple(base.info(name).shape)}",
                     hint="the adapter was trained on another base model; pass the base it was trained from")
-            matched = next((v for p, v in rank_pattern if p.matches(module)), None)
+            matched = rank_pattern.lookup(module)
             expected = matched if matched is not None else declared  # PEFT builds the module with this rank
             if expected is not None and rank != expected:  # the scale divides by r: which r is meant matters
                 said = f"rank_pattern gives {module!r} r = {expected:g}" if matched is not None else f"r is {declared}"
@@ -257,12 +239,13 @@ class LoraCheckpoint:
                 raise IncompatibleCheckpointsError(
                     f"{source}: {said} but the LoRA factors of {module!r} have rank {rank} (A {tuple(a)})",
                     hint=f"the config does not describe these weights; {fix}")
-            module_alpha = _pattern_value(alpha_pattern, module, alpha)
+            from_pattern = alpha_pattern.lookup(module)
+            module_alpha = alpha if from_pattern is None else from_pattern
             if module_alpha <= 0 < alpha:  # lora_alpha's own sign is said above; a pattern's, per adapter, here
                 reversed_or_off.append((module, module_alpha))
             scale = module_alpha / (math.sqrt(rank) if rs else rank)
             if not abs(scale) <= MAX_LORA_SCALE:  # lora_alpha 1e300: every product would overflow to Inf
-                field = "alpha_pattern" if any(p.matches(module) for p, _ in alpha_pattern) else "lora_alpha"
+                field = "lora_alpha" if from_pattern is None else "alpha_pattern"
                 raise CheckpointError(
                     f"{source}: the adapter's scale for {module!r} ({field} {module_alpha:g} / "
                     f"{'sqrt(r)' if rs else 'r'} {rank}) is {scale:.3g}, out of range (at most {MAX_LORA_SCALE:g})",

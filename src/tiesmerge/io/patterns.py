@@ -24,7 +24,7 @@ try:  # Python 3.11+: the parser moved under re
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre  # type: ignore[no-redef]
 
-__all__ = ["ModulePattern", "MAX_PATTERN_CHARS", "MAX_NESTING", "MAX_STATES"]
+__all__ = ["ModulePattern", "PatternTable", "boundary_suffixes", "MAX_PATTERN_CHARS", "MAX_NESTING", "MAX_STATES"]
 
 MAX_PATTERN_CHARS = 1000  # real keys are module paths of a few dozen characters
 MAX_NESTING = 50  # groups inside groups: re's parser (and the automaton's builder) recurse once per level
@@ -298,3 +298,79 @@ class ModulePattern:
     def search(self, name: str) -> bool:
         """Same as :meth:`matches`: lets a pattern stand where a compiled ``re`` pattern's search is called."""
         return self.matches(name)
+
+
+MAX_TABLE_KEYS = 100_000  # alpha_pattern / rank_pattern keys: a model has some thousands of modules at most
+MAX_REGEX_KEYS = 1_000  # keys that are regexes proper (not module names): each is tried against every module
+
+
+def boundary_suffixes(module: str) -> list[str]:
+    """``a.b.c`` -> ["a.b.c", "b.c", "c"]: the tails of a module path that start at a component."""
+    out, at = [module], module.find(".")
+    while at >= 0:
+        out.append(module[at + 1:])
+        at = module.find(".", at + 1)
+    return out
+
+
+class PatternTable:
+    """PEFT's ``alpha_pattern`` / ``rank_pattern``: the value of the first key (in the table's order) that a module
+    path ends with, ``re.match(rf"(.*\\.)?({key})$", module)``. A key that is a module name or path (letters,
+    digits, '_' and '.') is indexed, not tried against every module, so a table listing every module of a large
+    model costs a few lookups a module (100,000 keys took 16 s to compile one by one and 74 s to match: hostile
+    pass 27, F3); its '.' still matches any character, as in the regex, through an index by the name's shape.
+    Other keys run on :class:`ModulePattern` (at most :data:`MAX_REGEX_KEYS`, sharing :data:`MAX_STATES`)."""
+
+    def __init__(self, table: dict, field: str, source: str, value: Callable[[object, str], float]) -> None:
+        if len(table) > MAX_TABLE_KEYS:
+            raise CheckpointError(f"{source}: {field} has {len(table):,} keys; at most {MAX_TABLE_KEYS:,} are read "
+                                  "(a model has some thousands of modules)",
+                                  hint=f"write {field} with fewer keys (one per module at most)")
+        self.field = field
+        # shape (the lengths of the key's '.'-separated parts) -> {the parts: (position, value)}
+        self._named: dict[tuple[int, ...], dict[tuple[str, ...], tuple[int, float]]] = {}
+        self._regexes: list[tuple[int, ModulePattern, float]] = []
+        states = 0
+        for position, (key, raw) in enumerate(table.items()):
+            number = value(raw, f"{field}[{str(key)[:80]!r}]")
+            if isinstance(key, str) and key and len(key) <= MAX_PATTERN_CHARS and _NAME.fullmatch(key):
+                parts = tuple(key.split("."))
+                self._named.setdefault(tuple(map(len, parts)), {}).setdefault(parts, (position, number))
+                continue
+            pattern = ModulePattern.compile(key, f"{source}: {field}")
+            states += len(pattern.states)  # module paths take none (re runs them); repeats do
+            if len(self._regexes) >= MAX_REGEX_KEYS or states > MAX_STATES:
+                raise CheckpointError(f"{source}: {field} holds more regex keys than tiesmerge runs for one adapter "
+                                      f"(at most {MAX_REGEX_KEYS:,} keys and {MAX_STATES:,} automaton states in all; "
+                                      "1,000 keys of 7,000 states took 105 s)",
+                                      hint=f"write {field}'s keys as module names (a name or a path matches itself)"
+                                           " or short regexes")
+            self._regexes.append((position, pattern, number))
+
+    def lookup(self, module: str) -> float | None:
+        """The value of the first key ``module`` ends with, or None where none does."""
+        best: tuple[int, float] | None = None
+        for tail in boundary_suffixes(module):
+            for shape, keys in self._named.items():
+                if sum(shape) + len(shape) - 1 != len(tail):
+                    continue
+                at, parts = 0, []
+                for n in shape:  # the tail cut where the key has its '.', which matches any character there
+                    parts.append(tail[at:at + n])
+                    at += n + 1
+                hit = keys.get(tuple(parts))
+                if hit is not None and (best is None or hit[0] < best[0]):
+                    best = hit
+        for position, pattern, number in self._regexes:
+            if best is not None and position > best[0]:
+                break
+            if pattern.matches(module):
+                best = (position, number)
+                break
+        return None if best is None else best[1]
+
+    def __bool__(self) -> bool:
+        return bool(self._named or self._regexes)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module name or path: indexed by its parts
