@@ -466,3 +466,13 @@ def test_pattern_table_lookups_agree_with_peft(keys):
         expected = other.get_pattern_key(keys, module)
         got = table.lookup(module)
         assert (None if expected == module and module not in keys else keys.index(expected)) == got, (keys, module)
+
+
+def test_a_backtracking_selector_has_a_budget_over_all_modules(monkeypatch):
+    """hp27 F5: a lookahead taking ~40 ms a module (under the 50 ms per-match limit) over 3,000 modules took 31 s."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io import peft_targets
+
+    monkeypatch.setattr(peft_targets, "TOTAL_SECONDS", 0.0)  # the budget spent by the first match
+    with pytest.raises(CheckpointError, match="target_modules took more than 0 s to match the adapter's module"):
+        peft_targets.check_adapted({"target_modules": r"(?=.*proj).*"}, ["a.q_proj", "b.q_proj", "c.q_proj"], "cfg")

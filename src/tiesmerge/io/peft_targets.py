@@ -28,6 +28,7 @@ automaton cannot run but ``re`` compiles (a lookahead, as in ``^(?!.*vision).*q_
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "
 _MAX_INDEX_DIGITS = 9  # a longer "layer index" is no layer any list holds (and int() of 5000 digits fails)
 
 MATCH_SECONDS = 0.05  # one module path against one backtracking selector: microseconds unless it never ends
+TOTAL_SECONDS = 2.0  # one selector over all of an adapter's modules (3,000 matches of 40 ms each took 31 s: hp27 F5)
 
 
 class _TimedRegex:
@@ -60,6 +62,7 @@ class _TimedRegex:
 
     def __init__(self, compiled: object, field: str, source: str) -> None:
         self.compiled, self.field, self.source = compiled, field, source
+        self.spent = 0.0  # seconds matching so far, over every module
 
     def matches(self, module: str) -> bool:
         return self.match(module, whole=True) is not None
@@ -67,6 +70,12 @@ class _TimedRegex:
     def match(self, module: str, *, whole: bool = False) -> Any:
         """``fullmatch`` (``whole``) or ``match`` at the start, as PEFT calls re."""
         run = self.compiled.fullmatch if whole else self.compiled.match  # type: ignore[attr-defined]
+        if self.spent > TOTAL_SECONDS:
+            raise CheckpointError(f"{self.source}: {self.field} took more than {TOTAL_SECONDS:g} s to match the "
+                                  "adapter's module paths (a regex that backtracks heavily on each; PEFT would spend "
+                                  "as long loading it)", hint=f"fix {self.field} in the adapter config (a list of "
+                                                             "module names, or a plain regex)")
+        start = time.perf_counter()
         try:
             return run(module, timeout=MATCH_SECONDS)
         except TimeoutError:
@@ -74,6 +83,8 @@ class _TimedRegex:
                                   f"{module!r}: a regex that backtracks without end (PEFT would hang on it too)",
                                   hint=f"fix {self.field} in the adapter config (a list of module names, or a plain "
                                        "regex)") from None
+        finally:
+            self.spent += time.perf_counter() - start
 
 
 Selector = ModulePattern | _TimedRegex | frozenset[str]
