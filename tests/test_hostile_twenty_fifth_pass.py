@@ -476,3 +476,19 @@ def test_a_backtracking_selector_has_a_budget_over_all_modules(monkeypatch):
     monkeypatch.setattr(peft_targets, "TOTAL_SECONDS", 0.0)  # the budget spent by the first match
     with pytest.raises(CheckpointError, match="target_modules took more than 0 s to match the adapter's module"):
         peft_targets.check_adapted({"target_modules": r"(?=.*proj).*"}, ["a.q_proj", "b.q_proj", "c.q_proj"], "cfg")
+
+
+def test_notes_of_the_twenty_seventh_pass(tmp_path, capsys):
+    """hp27 N3: --lam 3e38 wrote weights of 1.6e37 without a word; N4: a modules_to_save entry invalid alone but valid
+    once joined with the others; N5: a rank_pattern rank of 4.0 (r: 4.0 is refused)."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.peft_targets import check_adapted
+
+    b, ms = write_family_dirs(tmp_path)
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(ms[0]),
+                          "--model", str(ms[1]), "--lam", "3e38", "-o", str(tmp_path / "out")], capsys)
+    assert "lam = 3e+38 scales the merged task vector" in err, err
+    with pytest.raises(CheckpointError, match="modules_to_save: pattern key 'x\\)\\|\\(\\?:\\.\\*' is not a valid"):
+        check_adapted({"target_modules": ["q_proj"], "modules_to_save": ["x)|(?:.*", "y.z"]}, ["a.q_proj"], "cfg")
+    rc, err, _ = _lora_merge(tmp_path / "rank", capsys, {"rank_pattern": {"q_proj": 2.0}})
+    assert rc != 0 and "rank_pattern['q_proj'] is '2.0' (float), not a positive integer" in err, err

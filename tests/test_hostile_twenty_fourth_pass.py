@@ -104,6 +104,12 @@ _PEFT_CONFIGS = [
     {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0], "layers_pattern": ".*x"},
     {"target_modules": ["q_proj", "up_proj"], "modules_to_save": ["score|mlp"]},
     {"target_modules": ["q_proj", "up_proj"], "modules_to_save": [".*fier", "layers.1"]},
+    # anchors and a top-level '|' mean what they mean in PEFT's pasted expressions (hp27 F6)
+    {"target_modules": ["q_proj", "up_proj"], "modules_to_save": ["self_attn$", "^model"]},
+    {"target_modules": ["q_proj", "up_proj"], "modules_to_save": ["q_proj|zzz"]},
+    {"target_modules": ["q_proj", "up_proj"], "modules_to_save": [r"layers\.0$", "^q_proj"]},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0], "layers_pattern": "^layers"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": [0], "layers_pattern": r"model\.layers$"},
     {"target_modules": r".*\.q_proj", "layers_to_transform": [7]},
     # lookarounds (hp25 F13): run on the regex package under a time limit, not skipped
     {"target_modules": r"^(?!.*layers\.1\.).*proj"},

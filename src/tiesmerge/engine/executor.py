@@ -157,6 +157,9 @@ class _Scope:
     masks: np.ndarray | None = None  # (n, E) uint8: the exact-k trim of a whole tensor, for the fused merge
 
 
+LARGE_LAM = 100.0  # a scale of the merged task vector no merge means (tune's grids stop at 3.0)
+
+
 def _warn_if_trim_keeps_nothing(req: Requirements, alignment: Alignment, n: int, method: str) -> bool:
     """A density so small that the trim keeps no entry of any scope makes the merge the base itself. That is the
     definition (k = 0 keeps nothing), so it runs, but never silently: ``--density 1e-6`` on a small model is a slip."""
@@ -245,6 +248,12 @@ class Executor:
         if getattr(method, "lam", None) == 0:  # lam scales the merged task vector: 0 leaves the base
             warnings.warn(MergeWarning(f"{method.name}: lam is 0, so the merge is the base itself"), stacklevel=2)
             self._said_base = True
+        lam = getattr(method, "lam", None)
+        if isinstance(lam, (int, float)) and abs(lam) > LARGE_LAM:  # finite, but far past every model (hp27 N3)
+            warnings.warn(MergeWarning(
+                f"{method.name}: lam = {lam:g} scales the merged task vector {abs(lam):g} times, far past every "
+                f"model (the paper searches 0.8 to 3.0, task arithmetic's default is 0.4); check the value"),
+                stacklevel=2)
         self._changed = self._moved_inputs = False  # a merged delta not all zero / a task vector not all zero seen
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:

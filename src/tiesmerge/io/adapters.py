@@ -112,7 +112,16 @@ def _patterns(config: dict, key: str, source: str) -> PatternTable:
     table = config.get(key) or {}
     if not isinstance(table, dict):
         raise CheckpointError(f"{source}: {key} is a {type(table).__name__}, not a mapping of module patterns")
+    if key == "rank_pattern":  # a rank builds a layer: a whole number, as r itself (4.0 is refused there too)
+        return PatternTable(table, key, source, lambda value, what: _rank(value, what, source))
     return PatternTable(table, key, source, lambda value, what: _number(value, what, source))
+
+
+def _rank(value: object, what: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CheckpointError(f"{source}: {what} is {str(value)[:80]!r} ({type(value).__name__}), not a positive "
+                              "integer (a LoRA rank)", hint="fix the adapter config (PEFT writes ranks as integers)")
+    return float(value)
 
 
 @dataclass(frozen=True)

@@ -313,6 +313,9 @@ class _SavedModules:
         regexes = [e for e in entries if e not in names]
         if not regexes:
             return cls(frozenset(names), None)
+        invalid = next((e for e in regexes if len(e) <= MAX_SELECTOR_CHARS and not _compiles(e)), None)
+        if invalid is not None:  # PEFT could not compile it (joined with the others it might: hp27 N4): named
+            ModulePattern.compile(invalid, f"{source}: modules_to_save", whole=True, max_chars=MAX_SELECTOR_CHARS)
         joined = "|".join(rf"(?:(?:^|.*\.){e}(?:$|\..*))" for e in regexes)
         timed = _timed(joined, "modules_to_save", source) if len(joined) <= MAX_SELECTOR_CHARS and \
             all(_compiles(e) for e in regexes) else None
