@@ -492,3 +492,11 @@ def test_notes_of_the_twenty_seventh_pass(tmp_path, capsys):
         check_adapted({"target_modules": ["q_proj"], "modules_to_save": ["x)|(?:.*", "y.z"]}, ["a.q_proj"], "cfg")
     rc, err, _ = _lora_merge(tmp_path / "rank", capsys, {"rank_pattern": {"q_proj": 2.0}})
     assert rc != 0 and "rank_pattern['q_proj'] is '2.0' (float), not a positive integer" in err, err
+
+
+def test_a_size_under_one_byte_is_said_so():
+    """hp27 N2: --shard-size 0.5B was "not a positive, finite number of bytes"."""
+    from tiesmerge.sizes import parse_size
+
+    with pytest.raises(ValueError, match="at least 1 byte: '0.5B' is 0.5 bytes"):
+        parse_size("0.5B")

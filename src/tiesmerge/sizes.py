@@ -39,6 +39,8 @@ def parse_size(text: str | int) -> int:
         except (KeyError, ValueError):
             raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)") from None
     # checked after truncation to whole bytes: '0.5' would otherwise become a budget of 0
+    if math.isfinite(value) and 0 < value < 1:  # '0.5B': positive, but no whole byte (hostile pass 27, N2)
+        raise ValueError(f"size must be at least 1 byte: {text!r} is {value:g} bytes")
     if not math.isfinite(value) or int(value) <= 0:
         raise ValueError(f"size must be a positive, finite number of bytes: {text!r}")
     return int(text) if isinstance(text, int) else int(value)
