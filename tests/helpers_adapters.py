@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 __all__ = ["LORA_MODULES", "TARGETS", "IA3_MODULES", "random_lora", "write_lora_dir", "lora_delta", "random_ia3",
-           "write_ia3_dir"]
+           "write_ia3_dir", "peft_adapts", "tiesmerge_adapts"]
 
 PREFIX = "base_model.model."
 LORA_MODULES = ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj",
@@ -94,3 +94,31 @@ def write_ia3_dir(path: str | Path, vectors: dict[str, torch.Tensor], modules: M
            "base_model_name_or_path": None, "init_ia3_weights": True}
     (path / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
     return path
+
+
+def peft_adapts(config: Mapping, module: str) -> bool:
+    """Whether PEFT (check_target_module_exists) puts an adapter layer on ``module`` under ``config``, with the heads
+    PeftModelForSequenceClassification adds to modules_to_save when it loads a SEQ_CLS adapter."""
+    from types import SimpleNamespace
+
+    from peft.tuners import tuners_utils
+
+    saved = config.get("modules_to_save")
+    if config.get("task_type") == "SEQ_CLS":
+        saved = [*(saved or []), "classifier", "score"]
+    cfg = SimpleNamespace(**{"exclude_modules": None, "target_parameters": None, "layers_to_transform": None,
+                             "layers_pattern": None, **config, "modules_to_save": saved})
+    found = tuners_utils.check_target_module_exists(cfg, module)
+    return bool(found) and not isinstance(found, tuners_utils._ExcludedModule)
+
+
+def tiesmerge_adapts(config: Mapping, module: str) -> bool:
+    """Whether tiesmerge takes ``module``'s weights as ones PEFT loads (io.peft_targets.check_adapted)."""
+    from tiesmerge.errors import IncompatibleCheckpointsError
+    from tiesmerge.io.peft_targets import check_adapted
+
+    try:
+        check_adapted(dict(config), [module], "adapter_config.json")
+    except IncompatibleCheckpointsError:
+        return False
+    return True

@@ -243,22 +243,14 @@ def test_layers_pattern_entries_tiesmerge_cannot_run_are_said(pattern, outcome):
             check_adapted(config, ["model.layers.1.q_proj"], "adapter_config.json")
     elif outcome == "peft":
         import warnings
-        from types import SimpleNamespace
 
-        from tiesmerge.errors import IncompatibleCheckpointsError
+        pytest.importorskip("peft.tuners.tuners_utils")
+        from helpers_adapters import peft_adapts, tiesmerge_adapts
 
-        peft_utils = pytest.importorskip("peft.tuners.tuners_utils")
         for module in ("model.layers.1.q_proj", "model.layers.0.q_proj", "layers.0.q_proj", "x.blocks.0.h.1.q_proj"):
-            cfg = SimpleNamespace(exclude_modules=None, modules_to_save=None, target_parameters=None, **config)
-            expected = bool(peft_utils.check_target_module_exists(cfg, module))
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # decided, not "unchecked"
-                try:
-                    check_adapted(config, [module], "adapter_config.json")
-                    ours = True
-                except IncompatibleCheckpointsError:
-                    ours = False
-            assert ours == expected, (pattern, module)
+                assert tiesmerge_adapts(config, module) == peft_adapts(config, module), (pattern, module)
     else:
         with pytest.warns(MergeWarning, match="layers_pattern holds a regex .* is not checked"):
             check_adapted(config, ["model.layers.1.q_proj"], "adapter_config.json")

@@ -6,14 +6,20 @@ import os
 import subprocess
 import sys
 import textwrap
-from types import SimpleNamespace
 
 import pytest
 
-from helpers_adapters import LORA_MODULES, random_ia3, random_lora, write_ia3_dir, write_lora_dir
+from helpers_adapters import (
+    LORA_MODULES,
+    peft_adapts,
+    random_ia3,
+    random_lora,
+    tiesmerge_adapts,
+    write_ia3_dir,
+    write_lora_dir,
+)
 from helpers_ckpt import assert_no_output, make_base, run_cli, write_family_dirs, write_hf_dir
-from tiesmerge.errors import IncompatibleCheckpointsError
-from tiesmerge.io.peft_targets import Targeting, check_adapted
+from tiesmerge.io.peft_targets import Targeting
 
 _ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
 
@@ -125,20 +131,8 @@ _PEFT_MODULES = [*LORA_MODULES, "model.layers.0.blocks.1.q_proj", "model.layers.
 def test_which_modules_are_adapted_agrees_with_peft(config, module):
     """The rule is PEFT's own (check_target_module_exists, with the heads PEFT adds to modules_to_save for a task
     type), module by module."""
-    peft_utils = pytest.importorskip("peft.tuners.tuners_utils")
-    saved = config.get("modules_to_save")
-    if config.get("task_type") == "SEQ_CLS":  # PeftModelForSequenceClassification adds them when it loads
-        saved = [*(saved or []), "classifier", "score"]
-    cfg = SimpleNamespace(**{"exclude_modules": None, "target_parameters": None, "layers_to_transform": None,
-                             "layers_pattern": None, **config, "modules_to_save": saved})
-    found = peft_utils.check_target_module_exists(cfg, module)
-    peft_adapts = bool(found) and not isinstance(found, peft_utils._ExcludedModule)
-    try:
-        check_adapted(config, [module], "adapter_config.json")
-        ours = True
-    except IncompatibleCheckpointsError:
-        ours = False
-    assert ours == peft_adapts, (config, module)
+    pytest.importorskip("peft.tuners.tuners_utils")
+    assert tiesmerge_adapts(config, module) == peft_adapts(config, module), (config, module)
 
 
 @pytest.mark.parametrize("module, names, layer", [
