@@ -492,3 +492,17 @@ def test_a_size_under_one_byte_is_said_so():
 
     with pytest.raises(ValueError, match="at least 1 byte: '0.5B' is 0.5 bytes"):
         parse_size("0.5B")
+
+
+@pytest.mark.parametrize("key", ["(?i:LM_HEAD)", "(?i:LM_HEAD.*)", "(?i)LM_HEAD", "(?-i:lm_head)"])
+def test_inline_flags_are_refused_wherever_they_stand(key):
+    """hp27 N1: a scoped (?i:LM_HEAD) was accepted (and matched case-insensitively) while (?i:LM_HEAD.*) and
+    (?i)LM_HEAD were refused: every inline flag is refused in the keys tiesmerge runs itself (exclude, alpha_pattern);
+    PEFT's selectors with one run on the regex package, as PEFT runs them."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.patterns import ModulePattern
+    from tiesmerge.io.peft_targets import check_adapted
+
+    with pytest.raises(CheckpointError, match="inline flags such as"):
+        ModulePattern.compile(key, "exclude", anywhere=True)
+    check_adapted({"target_modules": ["q_proj"], "exclude_modules": f"{key}.*"}, ["model.q_proj"], "cfg")

@@ -54,8 +54,8 @@ def _linear(items: list, branches: int = 1) -> bool:
         if op in _PLAIN_OPS:
             continue
         if op is _sre.SUBPATTERN:
-            if not _linear(list(av[-1]), branches):
-                return False
+            if av[1] or av[2] or not _linear(list(av[-1]), branches):  # scoped flags ((?i:...)): refused as (?i) is,
+                return False  # by the automaton below, wherever they stand (hostile pass 27, N1)
             branches -= _alternations(list(av[-1]))
         elif op is _sre.BRANCH and branches > 0:
             if not all(all(o in _PLAIN_OPS for o, _ in branch) for branch in av[1]):
@@ -159,7 +159,7 @@ class _Builder:
         if op is _sre.SUBPATTERN:
             group, add_flags, del_flags, sub = av  # type: ignore[misc]
             if add_flags or del_flags:
-                raise _Refused("inline flags")
+                raise _Refused("inline flags such as (?i:...): matching is case-sensitive, as tensor names are")
             return self.build(sub, nxt)
         if op is _sre.BRANCH:
             starts = [self.build(alt, nxt) for alt in av[1]]  # type: ignore[index]
