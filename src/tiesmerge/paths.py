@@ -617,7 +617,8 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
     changed = changed_files(final)
     if changed:
         more = ", ..." if len(changed) > 5 else ""
-        if _only_change_times_moved(final, changed):  # a chmod, chown or hard link: no edit shows
+        kept = _stamp_fields_kept(final, changed)  # per file: 2 size and mtime as recorded, 1 the size, 0 neither
+        if all(kept[c] == 2 for c in changed):  # a chmod, chown or hard link: no edit shows
             raise OutputError(f"{output}: {len(changed)} file(s) that tiesmerge wrote there changed since, as far as "
                               f"their change time tells ({', '.join(changed[:5])}{more}): their size and modification "
                               "time are the same, so a chmod, chown or hard link may be all, or the folder is a "
@@ -625,14 +626,14 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                               "looks the same, and --force would discard it",
                               hint="copy them out of that directory first, or remove it yourself if nothing in it is "
                                    "yours, or choose another path")
-        if _only_change_times_moved(final, changed, fields=1):  # a copy (cp -r) moves the times, not the sizes
+        if all(kept[c] >= 1 for c in changed):  # a copy (cp -r) moves the times, not the sizes
             raise OutputError(f"{output}: {len(changed)} file(s) that tiesmerge wrote there have another modification "
                               f"time than when it wrote them ({', '.join(changed[:5])}{more}): their sizes are the "
                               "same, so the folder may be a copy (cp -r keeps no times), but an edit that kept the "
                               "size looks the same, and --force would discard it",
                               hint="copy them out of that directory first, or remove it yourself if nothing in it is "
                                    "yours, or choose another path")
-        resized = [c for c in changed if not _only_change_times_moved(final, [c], fields=1)]  # surely edited: first
+        resized = [c for c in changed if kept[c] == 0]  # surely edited: named first
         changed = resized + [c for c in changed if c not in resized]
         raise OutputError(f"{output}: --force would discard your changes to {len(changed)} file(s) that tiesmerge "
                           f"wrote there (changed since: {', '.join(changed[:5])}{more}"
@@ -733,22 +734,23 @@ def _not_file_names(directory: Path) -> list[str]:
     return sorted(set(bad))
 
 
-def _only_change_times_moved(directory: Path, names: list[str], fields: int = 2) -> bool:
-    """Whether every file of ``names`` still has its recorded size and modification time (only the change time
-    moved: a chmod, chown or hard link, or an edit that restored both); ``fields=1``: its recorded size."""
+def _stamp_fields_kept(directory: Path, names: list[str]) -> dict[str, int]:
+    """Per file of ``names``: 2 where its size and modification time are as recorded (only the change time moved: a
+    chmod, chown, hard link or ``cp -a``, or an edit that restored both), 1 where only its size is (a ``cp -r`` copy,
+    or an edit of the same size), 0 otherwise. The markers are read once, each file stat'ed once."""
     recorded: dict[str, object] = {}
     for data in _markers(directory):
         stamps = data.get(STAMPS_FIELD)
         recorded.update(stamps if isinstance(stamps, dict) else {})
+    kept = {}
     for rel in names:
         stamp = recorded.get(rel)
         try:
-            if not (isinstance(stamp, list) and len(stamp) == 3 and
-                    file_stamp(directory / rel)[:fields] == stamp[:fields]):
-                return False
+            now = file_stamp(directory / rel) if isinstance(stamp, list) and len(stamp) == 3 else None
         except OSError:
-            return False
-    return True
+            now = None
+        kept[rel] = 0 if now is None or now[0] != stamp[0] else 2 if now[1] == stamp[1] else 1  # type: ignore[index]
+    return kept
 
 
 def changed_files(directory: Path) -> list[str]:

@@ -9,7 +9,7 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["private_folder", "private_folder_for", "remove_private_folders", "host_tag", "process_state"]
+__all__ = ["private_folder", "private_folder_for", "remove_private_folders", "host_tag", "process_is_dead"]
 
 _FOLDERS: list[str] = []
 # "<prefix><host>-<pid>-<random>": a folder of this host whose process is dead (a run killed outright) is removed by
@@ -45,19 +45,19 @@ def host_tag() -> str:
     return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
-def process_state(digits: str) -> str:
-    """"dead", "alive" or "foreign" for the process id a temporary name carries: a folder whose process is dead is
-    left from a killed run and may go; "foreign" is a number no process of this machine can have (0, past pid_max:
-    a name planted in a shared /tmp, hostile pass 25 F5), whose folder is left alone, never a reason to fail."""
+def process_is_dead(digits: str) -> bool:
+    """Whether the process id a temporary name carries is of a process of this machine that has ended: its folder
+    is left from a killed run and may go. A number no process can have (0, past pid_max: a name planted in a shared
+    /tmp, hostile pass 25 F5) is no dead process of ours: its folder is left alone, never a reason to fail."""
     if not digits.isascii() or not digits.isdigit() or len(digits) > 7 or not 0 < int(digits) <= MAX_PID:
-        return "foreign"
+        return False
     try:
         os.kill(int(digits), 0)
     except ProcessLookupError:
-        return "dead"
-    except (OSError, OverflowError, ValueError):  # someone else's live process (EPERM), or nothing to ask about
-        return "alive"
-    return "alive"
+        return True
+    except OSError:  # someone else's live process (EPERM)
+        return False
+    return False
 
 
 def _remove_stale(parent: str) -> None:
@@ -70,7 +70,7 @@ def _remove_stale(parent: str) -> None:
         m = _OURS.match(entry.name)
         if m is None or m.group(2) != host or m.group(3) == str(os.getpid()) or not entry.is_dir(follow_symlinks=False):
             continue
-        if process_state(m.group(3)) == "dead":  # its folder is left from a run killed before it could remove it
+        if process_is_dead(m.group(3)):  # its folder is left from a run killed before it could remove it
             shutil.rmtree(entry.path, ignore_errors=True)
 
 

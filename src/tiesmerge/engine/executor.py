@@ -245,10 +245,10 @@ class Executor:
             warnings.warn(MergeWarning(f"{method.name}: every model's weight is 0, so the merge is the base itself"),
                           stacklevel=2)
             self._said_base = True
-        if getattr(method, "lam", None) == 0:  # lam scales the merged task vector: 0 leaves the base
+        lam = getattr(method, "lam", None)  # it scales the merged task vector
+        if lam == 0:  # the base itself
             warnings.warn(MergeWarning(f"{method.name}: lam is 0, so the merge is the base itself"), stacklevel=2)
             self._said_base = True
-        lam = getattr(method, "lam", None)
         if isinstance(lam, (int, float)) and abs(lam) > LARGE_LAM:  # finite, but far past every model (hp27 N3)
             warnings.warn(MergeWarning(
                 f"{method.name}: lam = {lam:g} scales the merged task vector {abs(lam):g} times, far past every "

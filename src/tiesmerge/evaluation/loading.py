@@ -164,7 +164,7 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
         hint = "check its config.json and tokenizer files (a tokenizer_config.json naming a file that is not there, " \
                "a config of another architecture)"
         try:
-            os.fsdecode(os.fsencode(str(directory))).encode("utf-8")
+            str(directory).encode("utf-8")
         except UnicodeEncodeError:  # safetensors' and tokenizers' readers take UTF-8 paths only (hostile pass 25, N7)
             hint = "its path holds a byte that is no UTF-8, which transformers' file readers refuse: rename the " \
                    "folder (or point a link with a UTF-8 name at it)"

@@ -215,7 +215,8 @@ def remember_many(cache: Path, items: dict[str, Any]) -> None:
         return  # working it out again next time costs less than writing into an input or the output
     if not _cache_dir(cache):
         return
-    if _foreign(cache):  # a file of the user's at that name (a cache folder named by mistake): never replaced
+    entries = _read_cache(cache)
+    if entries is None:  # a file of the user's at that name (a cache folder named by mistake): never replaced
         if str(cache) not in _SAID_FOREIGN:
             _SAID_FOREIGN.append(str(cache))
             warnings.warn(MergeWarning(f"{cache} is not a cache file tiesmerge wrote (not a JSON object of its "
@@ -223,7 +224,7 @@ def remember_many(cache: Path, items: dict[str, Any]) -> None:
                                        "left as it is, and nothing is remembered there (TIESMERGE_CACHE_DIR names "
                                        "tiesmerge's own cache folder)"), stacklevel=3)
         return
-    entries = dict(load_cache(cache))
+    entries = dict(entries)  # the parsed entries are shared (load_cache): changed on a copy
     for key, value in items.items():
         entries.pop(key, None)  # re-added last: the most recent entries are the ones kept
         entries[key] = value
@@ -251,11 +252,6 @@ def remember_many(cache: Path, items: dict[str, Any]) -> None:
 
 
 _SAID_FOREIGN: list[str] = []
-
-
-def _foreign(cache: Path) -> bool:
-    """Whether a regular file at ``cache`` is not one of tiesmerge's caches (:func:`_read_cache`: parsed once)."""
-    return _read_cache(cache) is None
 
 
 def _digest(path: Path) -> dict:

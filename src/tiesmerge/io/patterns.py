@@ -215,9 +215,9 @@ class ModulePattern:
     states: tuple[_State, ...]
     start: int
     anywhere: bool = False  # re.search's rule (a match anywhere in the name) instead of PEFT's
-    # a key without repeats, alternatives or groups (a module path, "q_proj", "layers\\.0\\..*"-free): re runs it,
-    # in C, with nothing to backtrack but the wrapper's own prefix (linear in the name; the automaton, in Python,
-    # took 41 ms a name for a 7,000-state key: hostile pass 26, F6)
+    # a key without repeats and with at most one alternation of plain sequences (a module path, a list of them: see
+    # _linear): re runs it, in C, with nothing to backtrack but the wrapper's own prefix, in time linear in the name
+    # (the automaton, in Python, took 41 ms a name for a 7,000-state key: hostile pass 26, F6); no states then
     plain: re.Pattern[str] | None = None
 
     @classmethod
@@ -244,12 +244,13 @@ class ModulePattern:
                                   hint=f"{what}: write it without backreferences (| . * + ? [] {{m,n}})")
         try:
             re.compile(key)
-            if _sre.parse(key).state.flags & ~_sre.SRE_FLAG_UNICODE:  # the user's own text: wrapped, (?i) would move
+            own = _sre.parse(key)  # the user's text alone (parsed once: flags, then whether re runs it linearly)
+            if own.state.flags & ~_sre.SRE_FLAG_UNICODE:  # the user's own text: wrapped, (?i) would move
                 raise _Refused("inline flags such as (?i): matching is case-sensitive, as tensor names are")
             parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"({key})$" if whole else rf"(.*\.)?({key})$")
             if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
                 raise _Refused("inline flags")
-            if _linear(_sre.parse(key).data):  # re runs it in linear time: no automaton (and no size limit on it)
+            if _linear(own.data):  # re runs it in linear time: no automaton (and no size limit on it)
                 wrapped = rf"(?:{key})" if anywhere else rf"(?:{key})\Z" if whole else rf"(.*\.)?(?:{key})\Z"
                 return cls(key, (), 0, anywhere, re.compile(wrapped))
             builder = _Builder()
@@ -326,7 +327,6 @@ class PatternTable:
             raise CheckpointError(f"{source}: {field} has {len(table):,} keys; at most {MAX_TABLE_KEYS:,} are read "
                                   "(a model has some thousands of modules)",
                                   hint=f"write {field} with fewer keys (one per module at most)")
-        self.field = field
         # shape (the lengths of the key's '.'-separated parts) -> {the parts: (position, value)}
         self._named: dict[tuple[int, ...], dict[tuple[str, ...], tuple[int, float]]] = {}
         self._regexes: list[tuple[int, ModulePattern, float]] = []
@@ -368,9 +368,6 @@ class PatternTable:
                 best = (position, number)
                 break
         return None if best is None else best[1]
-
-    def __bool__(self) -> bool:
-        return bool(self._named or self._regexes)
 
 
 _NAME = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module name or path: indexed by its parts

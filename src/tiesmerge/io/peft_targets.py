@@ -51,6 +51,9 @@ MAX_SELECTOR_CHARS = 20_000
 _TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                "QUESTION_ANS": ("qa_outputs",)}
 _MAX_INDEX_DIGITS = 9  # a longer "layer index" is no layer any list holds (and int() of 5000 digits fails)
+MAX_MODULE_CHARS = 4096  # a module path: real ones run to a few hundred characters
+MAX_COMPONENTS = 256  # and a few dozen components
+MAX_EXPANSION = 100_000  # a selector's size with its repeat counts multiplied out: a real one is a few hundred
 
 MATCH_SECONDS = 0.05  # one module path against one backtracking selector: microseconds unless it never ends
 TOTAL_SECONDS = 2.0  # one selector over all of an adapter's modules (3,000 matches of 40 ms each took 31 s: hp27 F5)
@@ -114,11 +117,6 @@ def _selector(value: object, field: str, source: str) -> Selector | None:
         raise CheckpointError(f"{source}: {field} is {repr(value)[:80]}, not a module name pattern or a list of "
                               "module names", hint="fix the adapter config (PEFT writes a list of names or a regex)")
     return frozenset(value)
-
-
-MAX_MODULE_CHARS = 4096  # a module path: real ones run to a few hundred characters
-MAX_COMPONENTS = 256  # and a few dozen components
-MAX_EXPANSION = 100_000  # a selector's size with its repeat counts multiplied out: a real one is a few hundred
 
 
 def _expansion(items: object, limit: int = MAX_EXPANSION) -> int:
@@ -207,9 +205,6 @@ class Targeting:
             excluded = _selector(config.get("exclude_modules"), "exclude_modules", source)
         except _Unchecked:
             excluded, unchecked = None, [*unchecked, "exclude_modules"]
-        saved = config.get("modules_to_save")
-        saved = [m for m in saved if isinstance(m, str) and m] if isinstance(saved, list) else []
-        saved += [m for m in _TASK_HEADS.get(str(config.get("task_type")), ()) if m not in saved]
         layers = _layers(config.get("layers_to_transform"), source)
         names = config.get("layers_pattern") or []
         names = [names] if isinstance(names, str) else names
@@ -230,7 +225,7 @@ class Targeting:
                 lists = tuple(t for t in timed if t is not None)
             else:  # too long, repeats that multiply out, or no regex package: no layer test here, and that is said
                 layers, unchecked = None, [*unchecked, "layers_pattern"]
-        saved_modules = _SavedModules.of(saved, source)
+        saved_modules = _SavedModules.of(_saved_entries(config), source)
         if saved_modules.unchecked:
             unchecked.append("modules_to_save")
         return cls(targets, excluded, saved_modules, layers, lists,
@@ -317,8 +312,7 @@ class _SavedModules:
         if invalid is not None:  # PEFT could not compile it (joined with the others it might: hp27 N4): named
             ModulePattern.compile(invalid, f"{source}: modules_to_save", whole=True, max_chars=MAX_SELECTOR_CHARS)
         joined = "|".join(rf"(?:(?:^|.*\.){e}(?:$|\..*))" for e in regexes)
-        timed = _timed(joined, "modules_to_save", source) if len(joined) <= MAX_SELECTOR_CHARS and \
-            all(_compiles(e) for e in regexes) else None
+        timed = _timed(joined, "modules_to_save", source) if len(joined) <= MAX_SELECTOR_CHARS else None
         if timed is None:  # compared as names: right for the dotted paths such entries almost always are
             return cls(frozenset(names | set(regexes)), None, unchecked=True)
         return cls(frozenset(names), timed)
@@ -340,10 +334,14 @@ def saved_as_whole(config: dict, module: str) -> bool:
     """Whether PEFT puts a saved whole copy of ``module`` (``<module>.modules_to_save.<adapter>.weight``) back
     when it loads the adapter: ``modules_to_save`` (with the task type's head) names the end of its path
     (``_set_trainable``: ``key.endswith(entry)``)."""
+    return _ends_with_any(module, frozenset(_saved_entries(config)))
+
+
+def _saved_entries(config: dict) -> list[str]:
+    """``modules_to_save`` with the heads PEFT adds for the config's task type."""
     saved = config.get("modules_to_save")
     saved = [m for m in saved if isinstance(m, str) and m] if isinstance(saved, list) else []
-    saved += list(_TASK_HEADS.get(str(config.get("task_type")), ()))
-    return _ends_with_any(module, frozenset(saved))
+    return saved + [m for m in _TASK_HEADS.get(str(config.get("task_type")), ()) if m not in saved]
 
 
 def feedforward(config: dict, source: str) -> Callable[[str], bool] | None:

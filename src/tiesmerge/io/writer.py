@@ -49,7 +49,7 @@ from ..paths import (
     physical,
     write_error,
 )
-from ..scratch import host_tag, process_state
+from ..scratch import host_tag, process_is_dead
 from ..sizes import format_size
 
 if TYPE_CHECKING:
@@ -261,8 +261,6 @@ def _check_output_path(final: Path, force: bool, marker: str = "tiesmerge.json")
 _TMP = re.compile(r"^\.tiesmerge-(tmp|old|file)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
-
-
 def _sibling(parent: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".tiesmerge-{kind}-{host_tag()}-{os.getpid()}-", dir=parent))
 
@@ -298,7 +296,7 @@ def remove_stale(parent: Path) -> list[str]:
     host = host_tag()
     for entry in entries:
         m = _TMP.match(entry.name)
-        if not m or m.group(2) != host or m.group(3) == str(os.getpid()) or process_state(m.group(3)) != "dead":
+        if not m or m.group(2) != host or m.group(3) == str(os.getpid()) or not process_is_dead(m.group(3)):
             continue
         if m.group(1) == "file":
             if entry.is_file(follow_symlinks=False) and not _in_use(Path(entry.path)):
