@@ -193,26 +193,46 @@ class _Part:
         import torch
 
         lo, hi = (0, self.stop - self.first) if rows is None else rows.indices(self.stop - self.first)[:2]
-        out = torch.empty((max(0, hi - lo), *self.width), dtype=torch.float32)
-        by_id = {t.id: t for t in self.union.new}
-        for i, r in enumerate(range(self.first + lo, self.first + hi)):
-            token = by_id.get(r)
-            if token is None:
-                break  # past the union's tokens: padding rows, read below in one range
-            acc = torch.zeros(self.width, dtype=torch.float32)
-            for k, mid in token.sources:
-                row = self.models[k].read(self.name, slice(mid, mid + 1)).float().reshape(self.width)
-                if not bool(torch.isfinite(row).all()):
-                    raise InvalidTensorError(
-                        f"{self.models[k].location(self.name)}: tensor {self.name!r} row {mid} (token "
-                        f"{token.content!r}) of model {k} holds NaN or Inf", hint="merge another checkpoint")
-                acc += row
-            out[i] = acc / len(token.sources)
+        hi = max(lo, hi)
+        out = torch.zeros((hi - lo, *self.width), dtype=torch.float32)  # (n, *width)
+        # the union's tokens among these rows: union.new[j] has id base_size + j
+        j0 = max(self.first + lo - self.union.base_size, 0)
+        tokens = self.union.new[j0:max(j0, self.first + hi - self.union.base_size)]
+        if tokens:
+            at = tokens[0].id - self.first - lo  # the first token's row in ``out``
+            sources: list[list[tuple[int, int]]] = [[] for _ in self.models]  # per model: (its row, out's row)
+            for i, token in enumerate(tokens):
+                for k, mid in token.sources:
+                    sources[k].append((mid, at + i))
+            for k, pairs in enumerate(sources):
+                for run in _runs(sorted(pairs)):
+                    self._add_run(out, k, run)
+            counts = torch.tensor([len(t.sources) for t in tokens], dtype=torch.float32)
+            out[at:at + len(tokens)] /= counts.reshape(-1, *([1] * len(self.width)))
         pad_from = max(self.first + lo, self.union.size)
         if pad_from < self.first + hi:
             out[pad_from - self.first - lo:] = self.base.read(self.name, slice(pad_from, self.first + hi)).float()
         return out.to(self.dtype.torch)
 
+    def _add_run(self, out: torch.Tensor, k: int, run: list[tuple[int, int]]) -> None:
+        """Add model ``k``'s rows ``run`` ((its row, out's row), its rows consecutive) into ``out``:
+        one read per run, so a model adding 100,000 tokens in one block is one read, not 100,000."""
+        import torch
+
+        first = run[0][0]
+        block = self.models[k].read(self.name, slice(first, first + len(run))).float()  # (len(run), *width)
+        bad = ~torch.isfinite(block.reshape(len(run), -1)).all(dim=1)
+        if bool(bad.any()):
+            mid = first + int(bad.nonzero()[0, 0])
+            content = self.union.new[self.union.maps[k][mid] - self.union.base_size].content
+            raise InvalidTensorError(
+                f"{self.models[k].location(self.name)}: tensor {self.name!r} row {mid} (token {content!r}) of "
+                f"model {k} holds NaN or Inf", hint="merge another checkpoint")
+        places = [row for _, row in run]
+        if places[-1] - places[0] == len(run) - 1:  # the usual case: the rows land in one block too
+            out[places[0]:places[-1] + 1] += block
+        else:
+            out.index_add_(0, torch.tensor(places), block)
     def raw(self, rows: slice | None) -> np.ndarray:
         """The rows as stored bytes (uint8), for the engine's raw readers."""
         import torch
@@ -221,6 +241,17 @@ class _Part:
         if not value.numel():
             return np.empty(0, np.uint8)
         return value.reshape(-1).view(torch.uint8).numpy()
+
+
+def _runs(pairs: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Sorted (row, place) pairs split where the rows stop being consecutive."""
+    runs: list[list[tuple[int, int]]] = []
+    for pair in pairs:
+        if runs and pair[0] == runs[-1][-1][0] + 1:
+            runs[-1].append(pair)
+        else:
+            runs.append([pair])
+    return runs
 
 
 def views_of(base: Checkpoint, models: Sequence[Checkpoint], layout: VocabLayout, out_dtype: DType | None
