@@ -15,6 +15,7 @@ import json
 import os
 import re
 import sys
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +40,48 @@ _UTF8 = ("save the file as UTF-8 (an editor's \"UTF-8\" encoding; `iconv -f UTF-
          "file)")
 
 
+_LEAVES = frozenset({str, float, bool, int, type(None)})  # parsed values with nothing to look into
+_CONTAINERS = frozenset({dict, list})
+
+
 def scan(data: Any, limit: int = MAX_DEPTH) -> tuple[int, int | None]:
-    """One pass over parsed JSON/YAML (iterative: no recursion limit): its nesting depth, stopping past ``limit``,
-    and the first integer past the float range (a 400-digit number, a long hex in YAML), or None. Every number
-    tiesmerge reads becomes a float somewhere, and float() of such an int raises OverflowError: refused here, for
-    every file and naming it, rather than wherever a value happens to be converted."""
-    deepest, stack, big = 0, [(data, 1)], None
-    while stack:
-        item, depth = stack.pop()
-        deepest = max(deepest, depth)
+    """One pass over parsed JSON/YAML (no recursion): its nesting depth (a leaf counts as a level), stopping
+    past ``limit``, and the first integer past the float range (a 400-digit number, a long hex in YAML), or
+    None. Every number tiesmerge reads becomes a float somewhere, and float() of such an int raises
+    OverflowError: refused here, for every file and naming it, rather than wherever a value happens to be
+    converted. It walks level by level, each level's values gathered and sorted out by type in C: a
+    tokenizer.json holds millions of values, and a Python step per value took seconds."""
+    deepest, level, big = 0, [data], None
+    while level:  # the values at depth ``deepest + 1``
+        deepest += 1
         if deepest > limit:
             break
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-        elif big is None and isinstance(item, int) and not isinstance(item, bool) and abs(item) > sys.float_info.max:
-            big = item
+        kinds = set(map(type, level))
+        if big is None:
+            big = _past_floats(level, kinds)
+        if kinds <= _LEAVES:
+            break
+        if kinds == {dict}:
+            dicts, lists = level, []
+        elif kinds == {list}:
+            dicts, lists = [], level
+        else:  # mixed, or kinds a YAML loader makes (dates, int subclasses)
+            dicts = [v for v in level if isinstance(v, dict)]
+            lists = [v for v in level if isinstance(v, list)]
+        level = [*chain.from_iterable(map(dict.values, dicts)), *chain.from_iterable(lists)]
     return deepest, big
+
+
+def _past_floats(values: list[Any], kinds: set[type]) -> int | None:
+    """The first integer among ``values`` past the float range, or None."""
+    if int in kinds:
+        ints = [v for v in values if type(v) is int]
+        if max(ints) > sys.float_info.max or min(ints) < -sys.float_info.max:
+            return next(v for v in ints if abs(v) > sys.float_info.max)
+    if not kinds <= _LEAVES | _CONTAINERS:
+        return next((v for v in values if isinstance(v, int) and not isinstance(v, bool) and type(v) is not int
+                     and abs(v) > sys.float_info.max), None)
+    return None
 
 
 def _huge_number(source: str, error: type[TiesMergeError], digits: int | None = None) -> TiesMergeError:
