@@ -462,9 +462,9 @@ def test_pattern_table_lookups_agree_with_peft(keys):
 def test_a_backtracking_selector_has_a_budget_over_all_modules(monkeypatch):
     """hp27 F5: a lookahead taking ~40 ms a module (under the 50 ms per-match limit) over 3,000 modules took 31 s."""
     from tiesmerge.errors import CheckpointError
-    from tiesmerge.io import peft_targets
+    from tiesmerge.io import patterns, peft_targets
 
-    monkeypatch.setattr(peft_targets, "TOTAL_SECONDS", 0.0)  # the budget spent by the first match
+    monkeypatch.setattr(patterns, "TOTAL_SECONDS", 0.0)  # the budget spent by the first match
     with pytest.raises(CheckpointError, match="target_modules took more than 0 s to match the adapter's module"):
         peft_targets.check_adapted({"target_modules": r"(?=.*proj).*"}, ["a.q_proj", "b.q_proj", "c.q_proj"], "cfg")
 

@@ -77,10 +77,11 @@ class Ia3Fold:
     def __init__(self, base: Checkpoint, vectors: dict[str, torch.Tensor]) -> None:
         self.base = base
         self._scales: dict[str, torch.Tensor] = {}  # base tensor -> l − 1, shaped to broadcast against it
+        held = set(base.names())
         for name, l_merged in vectors.items():
             self._scales[name] = l_merged.float() - 1.0  # (out, 1) or (1, in)
             bias = name.removesuffix(".weight") + ".bias"
-            if l_merged.shape[1] == 1 and bias in base.names():
+            if l_merged.shape[1] == 1 and bias in held:
                 self._scales[bias] = (l_merged.float() - 1.0).reshape(-1)  # (out,)
 
     def bind(self, base: Checkpoint) -> None:

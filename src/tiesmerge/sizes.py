@@ -26,7 +26,11 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
 def parse_size(text: str | int) -> int:
     """'2GiB' -> 2147483648, '5GB' -> 5000000000, 1024 -> 1024; ValueError for anything else."""
     if isinstance(text, int) and not isinstance(text, bool):
-        value = float(text)
+        try:
+            value = float(text)
+        except OverflowError:  # 10**400: past any float (hostile pass 28, N3)
+            raise ValueError(f"size must be a positive, finite number of bytes: an integer of {len(str(abs(text))):,} "
+                             "digits is past any size") from None
     else:
         s = str(text).strip().lower().replace(" ", "")
         number = s.rstrip("abcdefghijklmnopqrstuvwxyz")

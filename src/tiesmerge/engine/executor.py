@@ -249,11 +249,17 @@ class Executor:
         if lam == 0:  # the base itself
             warnings.warn(MergeWarning(f"{method.name}: lam is 0, so the merge is the base itself"), stacklevel=2)
             self._said_base = True
-        if isinstance(lam, (int, float)) and abs(lam) > LARGE_LAM:  # finite, but far past every model (hp27 N3)
-            warnings.warn(MergeWarning(
-                f"{method.name}: lam = {lam:g} scales the merged task vector {abs(lam):g} times, far past every "
-                f"model (the paper searches 0.8 to 3.0, task arithmetic's default is 0.4); check the value"),
-                stacklevel=2)
+        weights = self.req.weights if getattr(method, "weights_multiply", False) and self.req.weights else None
+        if isinstance(lam, (int, float)):  # finite, but far past every model (hp27 N3); lam 1 by weight 1000 (hp28 N1)
+            k = max(range(len(weights)), key=lambda i: abs(weights[i])) if weights else None
+            scale = abs(lam) * (abs(weights[k]) if weights and k is not None else 1.0)
+            if scale > LARGE_LAM:
+                said = f"lam = {lam:g}" if not weights or k is None else \
+                    f"lam = {lam:g} times model {k}'s weight {weights[k]:g}"
+                whose = "the merged task vector" if k is None else "its task vector"
+                warnings.warn(MergeWarning(
+                    f"{method.name}: {said} scales {whose} {scale:g} times, far past every model (the paper searches "
+                    "lam 0.8 to 3.0, task arithmetic's default is 0.4); check the value"), stacklevel=2)
         self._changed = self._moved_inputs = False  # a merged delta not all zero / a task vector not all zero seen
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:

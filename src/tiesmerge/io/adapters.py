@@ -39,9 +39,9 @@ from .peft import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     PEFT_PREFIX,
+    BaseNames,
     adapter_kind,
     read_adapter_dir,
-    resolve_name,
     strip_key,
     yields_task_vector,
 )
@@ -163,8 +163,8 @@ class LoraCheckpoint:
                                        "merge the full model instead")
         self._factors: dict[str, tuple[str, str, bool]] = {}  # module -> (A key, B key, embedding)
         self._full: dict[str, str] = {}  # module-less key -> saved full tensor key
-        keys = self._file.names()
-        for key in keys:
+        keys = set(self._file.names())  # a set: each A factor's B is looked up (a list made that quadratic)
+        for key in self._file.names():
             for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
                                                   (".lora_embedding_A", ".lora_embedding_B", True)):
                 if key.endswith(a_suffix):
@@ -221,8 +221,9 @@ class LoraCheckpoint:
                  if ".modules_to_save." in key]  # whole copies of modules_to_save, beside the factors
         check_adapted(self.config, list(self._factors), source, whole=saved)  # as PEFT 0.21 decides (peft_targets)
         targets: dict[str, LoraTarget] = {}
+        base_names = BaseNames(base)
         for module, (a_key, b_key, embedding) in self._factors.items():
-            name = resolve_name(module, ".weight", base, self.label, a_key)
+            name = base_names.resolve(module, ".weight", self.label, a_key)
             a, b = self._file.info(a_key).shape, self._file.info(b_key).shape
             rank = a[0] if a else 0
             if len(a) != 2 or len(b) != 2 or b[1] != rank or rank < 1:
@@ -275,7 +276,7 @@ class LoraCheckpoint:
                 + ", so ΔW is applied in that layout, as PEFT does when it loads the adapter"), stacklevel=3)
         full_bound: dict[str, str] = {}
         for plain, key in self._full.items():
-            name = resolve_name(strip_key(plain, ""), "", base, self.label, key)
+            name = base_names.resolve(strip_key(plain, ""), "", self.label, key)
             if tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: saved tensor {key!r} {tuple(self._file.info(key).shape)} does not fit the base "

@@ -232,13 +232,15 @@ _COMPARE_BYTES = 16 << 20  # rows compared per read: memory stays bounded for an
 union_offered = True
 
 
-def _models_changing(base: Checkpoint, models: Sequence[Checkpoint], name: str) -> list[int]:
-    """The models whose integer tensor ``name`` (of at most 16 MiB: a buffer) holds other bytes than the base's."""
+def _models_changing(base: Checkpoint, models: Sequence[Checkpoint], model_names: Sequence[set[str]], name: str
+                     ) -> list[int]:
+    """The models whose integer tensor ``name`` (of at most 16 MiB: a buffer) holds other bytes than the base's
+    (``model_names``: each model's names)."""
     info = base.info(name)
     if info.nbytes > _COMPARE_BYTES:
         return []
     mine = _first_rows(base, name, None)
-    return [k for k, m in enumerate(models) if not yields_task_vector(m) and name in m.names()
+    return [k for k, m in enumerate(models) if not yields_task_vector(m) and name in model_names[k]
             and m.info(name).dtype_info == info.dtype_info and tuple(m.info(name).shape) == tuple(info.shape)
             and _first_rows(m, name, None) != mine]
 
@@ -315,8 +317,9 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 f"{len(lost)} tensor(s) its shards hold, first {lost[0]!r} in {unlisted[lost[0]].name}",
                 hint="the index is incomplete: regenerate it (or fetch it again) so that weight_map names every "
                      "tensor")
+    model_names = [set(m.names()) for m in models]  # looked up per tensor below: sets, not the names() lists
     for k, model in enumerate(models):
-        have = set(model.names())
+        have = model_names[k]
         missing = [] if yields_task_vector(model) else \
             [n for n in names if n not in have and base.info(n).is_floating]
         extra = [n for n in model.names() if n not in base_set]
@@ -346,7 +349,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
         info = base.info(name)
         aliases = next((g[1:] for g in tied if g[0] == name), ())
         if not info.is_floating and info.dtype_info.code in ("I8", "U8"):  # quantized weights, not a buffer
-            floating = [k for k, m in enumerate(models) if not yields_task_vector(m) and name in m.names()
+            floating = [k for k, m in enumerate(models) if not yields_task_vector(m) and name in model_names[k]
                         and m.info(name).is_floating]  # a model may lack an integer buffer: the base's is kept
             if floating:  # a quantized base (int8) under float fine-tunes: nothing would merge, the base copied
                 k = floating[0]
@@ -358,7 +361,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
         if not info.is_floating or name not in covered:
             jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=False, aliases=aliases))
             if not info.is_floating:
-                changed.extend((name, k) for k in _models_changing(base, models, name))
+                changed.extend((name, k) for k in _models_changing(base, models, model_names, name))
             continue
         for k, model in enumerate(models):
             if yields_task_vector(model):

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_dir, resolve_name, strip_key
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseNames, read_adapter_dir, strip_key
 from .peft_targets import check_adapted, feedforward
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
@@ -62,15 +62,17 @@ class Ia3Checkpoint:
         Binding against an (IA)³ identity (names already the base's, shapes the vectors') only
         checks the shapes, so the same adapter can be aligned against either."""
         if self.bound:
+            held = set(base.names())
             for name, key in self._keys.items():
-                if name not in base.names() or tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
+                if name not in held or tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
                     raise IncompatibleCheckpointsError(f"{self.label}: (IA)³ vector {key!r} does not fit {name!r}")
             return
         source = str(self.path / ADAPTER_CONFIG)
         check_adapted(self.config, list(self._vectors), source)
         is_feedforward = feedforward(self.config, source)
+        base_names = BaseNames(base)
         for module, key in self._vectors.items():
-            name = resolve_name(module, ".weight", base, self.label, key)
+            name = base_names.resolve(module, ".weight", self.label, key)
             weight = tuple(base.info(name).shape)
             shape = tuple(self._file.info(key).shape)
             fits = len(weight) == 2 and shape in ((weight[0], 1), (1, weight[1]))
@@ -137,6 +139,7 @@ class _Ia3Union:
 
     def __init__(self, adapter: Ia3Checkpoint, shapes: dict[str, tuple[int, ...]]) -> None:
         self.adapter, self._shapes, self.label = adapter, shapes, adapter.label
+        self._held = frozenset(adapter.names())  # bound already: its vectors' base names
 
     def bind(self, base: Checkpoint) -> None:
         pass  # bound when the identity was built
@@ -148,7 +151,7 @@ class _Ia3Union:
         return TensorInfo(self._shapes[name], FLOAT32)
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        if name in self.adapter.names():
+        if name in self._held:
             return self.adapter.read(name, rows)
         import torch
 

@@ -14,8 +14,10 @@ True
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import CheckpointError
 
@@ -24,7 +26,8 @@ try:  # Python 3.11+: the parser moved under re
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre  # type: ignore[no-redef]
 
-__all__ = ["ModulePattern", "PatternTable", "boundary_suffixes", "MAX_PATTERN_CHARS", "MAX_NESTING", "MAX_STATES"]
+__all__ = ["ModulePattern", "PatternTable", "MatchClock", "boundary_suffixes", "MAX_PATTERN_CHARS", "MAX_NESTING",
+           "MAX_STATES", "TOTAL_SECONDS", "MATCH_SECONDS"]
 
 MAX_PATTERN_CHARS = 1000  # real keys are module paths of a few dozen characters
 MAX_NESTING = 50  # groups inside groups: re's parser (and the automaton's builder) recurse once per level
@@ -32,6 +35,27 @@ MAX_NESTING = 50  # groups inside groups: re's parser (and the automaton's build
 # of a name (a 3,208-state key: 26 ms on a 49-character name; 7,208 states: 41 ms, and 1,000 such keys took 105 s:
 # hostile pass 26, F6); keys re runs in linear time (module paths, lists of them) do not count (ModulePattern.plain)
 MAX_STATES = 5_000
+# one field's patterns (a selector, a layers_pattern list, a pattern table) over all of an adapter's modules: real
+# ones take milliseconds (3,000 matches of 40 ms each took 31 s: hp27 F5; 4,803 states on 4,000-character paths,
+# 5 min: hp28 F5)
+TOTAL_SECONDS = 2.0
+MATCH_SECONDS = 0.05  # one module path against one pattern on a backtracking engine: microseconds unless it never ends
+
+
+class MatchClock:
+    """The time one field's patterns have spent matching an adapter's module paths, against
+    :data:`TOTAL_SECONDS`: past it, an error naming the field (PEFT, matching with ``re``, would spend as long
+    or hang), not minutes of matching."""
+
+    def __init__(self, what: str, hint: str) -> None:
+        self.what, self.hint, self.spent = what, hint, 0.0
+
+    def charge(self, seconds: float) -> None:
+        self.spent += seconds
+        if self.spent > TOTAL_SECONDS:
+            raise CheckpointError(f"{self.what} took more than {TOTAL_SECONDS:g} s to match the adapter's module "
+                                  "paths (a regex that is slow on each; PEFT would spend as long loading it)",
+                                  hint=self.hint)
 
 _CATEGORIES: dict[object, Callable[[str], bool]] = {}
 for _name, _test in (("DIGIT", str.isdecimal), ("SPACE", str.isspace), ("WORD", lambda c: c.isalnum() or c == "_"),
@@ -219,12 +243,17 @@ class ModulePattern:
     # _linear): re runs it, in C, with nothing to backtrack but the wrapper's own prefix, in time linear in the name
     # (the automaton, in Python, took 41 ms a name for a 7,000-state key: hostile pass 26, F6); no states then
     plain: re.Pattern[str] | None = None
+    clock: MatchClock | None = field(default=None, compare=False, repr=False)  # the matching's time budget
+    # under a clock (an adapter's patterns), the same expression on the regex package (in C, under MATCH_SECONDS a
+    # path): the automaton runs in Python, 50 µs a path for `.*\.(q|v)_proj`, seconds for a large adapter's modules
+    fast: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def compile(cls, key: object, source: str, *, anywhere: bool = False, whole: bool = False,
-                max_chars: int = MAX_PATTERN_CHARS) -> ModulePattern:
+                max_chars: int = MAX_PATTERN_CHARS, clock: MatchClock | None = None) -> ModulePattern:
         """``anywhere``: match like ``re.search(key, name)`` (the SVD methods' ``exclude``); ``whole``: like
-        ``re.fullmatch(key, name)`` (PEFT's ``target_modules`` given as one string)."""
+        ``re.fullmatch(key, name)`` (PEFT's ``target_modules`` given as one string). ``clock``: the time budget the
+        automaton shares with the field's other patterns (an adapter's; none for the user's own options)."""
         if not isinstance(key, str) or not key or len(key) > max_chars:
             raise CheckpointError(f"{source}: pattern key {str(key)[:80]!r} is not a module name pattern "
                                   f"(a non-empty string of at most {max_chars:,} characters)")
@@ -266,7 +295,9 @@ class ModulePattern:
                                   f"({exc})",
                                   hint="write the key as a module name or a plain regex (| . * + ? [] {m,n})"
                                   ) from None
-        return cls(key, tuple(builder.states), start, anywhere)
+        wrapped = rf"(?:{key})" if anywhere else rf"(?:{key})\Z" if whole else rf"(.*\.)?(?:{key})\Z"
+        return cls(key, tuple(builder.states), start, anywhere, clock=clock,
+                   fast=_on_regex_package(wrapped) if clock is not None else None)
 
     def _closure(self, states: set[int], pos: int, end: int) -> set[int]:
         seen, todo = set(), list(states)
@@ -286,15 +317,38 @@ class ModulePattern:
         """Whether ``module`` ends with a match of the key at a ``.`` boundary (PEFT's rule)."""
         if self.plain is not None:
             return (self.plain.search(module) if self.anywhere else self.plain.match(module)) is not None
+        if self.fast is not None and self.clock is not None:
+            return self._match_fast(module, self.fast, self.clock)
+        last = time.perf_counter()
+        found: bool | None = None
         current = self._closure({self.start}, 0, len(module))
         for pos, c in enumerate(module):
             if self.anywhere and 0 in current:
-                return True
+                found = True
+                break
             step = {st.out[0] for s in current if (st := self.states[s]).kind == "char" and st.test(c)}  # type: ignore
             if not step:
-                return False
+                found = False
+                break
             current = self._closure(step, pos + 1, len(module))
-        return 0 in current
+            if pos & 63 == 63 and self.clock is not None:  # thousands of live states on a long path: seconds a path
+                now = time.perf_counter()
+                self.clock.charge(now - last)
+                last = now
+        if self.clock is not None:
+            self.clock.charge(time.perf_counter() - last)
+        return (0 in current) if found is None else found
+
+    def _match_fast(self, module: str, fast: Any, clock: MatchClock) -> bool:
+        start = time.perf_counter()
+        try:
+            found = (fast.search if self.anywhere else fast.match)(module, timeout=MATCH_SECONDS) is not None
+        except TimeoutError:
+            raise CheckpointError(f"{clock.what} takes more than {MATCH_SECONDS:g} s to match the module "
+                                  f"{module[:200]!r}: a regex that backtracks without end (PEFT would hang on it too)",
+                                  hint=clock.hint) from None
+        clock.charge(time.perf_counter() - start)
+        return found
 
     def search(self, name: str) -> bool:
         """Same as :meth:`matches`: lets a pattern stand where a compiled ``re`` pattern's search is called."""
@@ -303,6 +357,19 @@ class ModulePattern:
 
 MAX_TABLE_KEYS = 100_000  # alpha_pattern / rank_pattern keys: a model has some thousands of modules at most
 MAX_REGEX_KEYS = 1_000  # keys that are regexes proper (not module names): each is tried against every module
+MAX_SHAPES = 1_000  # module-name keys' shapes (their parts' lengths): each is a lookup per module
+
+
+def _on_regex_package(expression: str) -> Any:
+    """``expression`` compiled by the regex package (matches with a timeout), or None where it cannot be."""
+    try:
+        import regex
+    except ImportError:  # pragma: no cover - transformers (and PEFT) depend on it
+        return None
+    try:
+        return regex.compile(expression)
+    except (regex.error, RecursionError, OverflowError):
+        return None
 
 
 def boundary_suffixes(module: str) -> list[str]:
@@ -327,17 +394,19 @@ class PatternTable:
             raise CheckpointError(f"{source}: {field} has {len(table):,} keys; at most {MAX_TABLE_KEYS:,} are read "
                                   "(a model has some thousands of modules)",
                                   hint=f"write {field} with fewer keys (one per module at most)")
+        self._clock = MatchClock(f"{source}: {field}", f"write {field}'s keys as module names (a name or a path "
+                                                       "matches itself) or short regexes")
         # shape (the lengths of the key's '.'-separated parts) -> {the parts: (position, value)}
-        self._named: dict[tuple[int, ...], dict[tuple[str, ...], tuple[int, float]]] = {}
+        shapes: dict[tuple[int, ...], dict[tuple[str, ...], tuple[int, float]]] = {}
         self._regexes: list[tuple[int, ModulePattern, float]] = []
         states = 0
         for position, (key, raw) in enumerate(table.items()):
             number = value(raw, f"{field}[{str(key)[:80]!r}]")
             if isinstance(key, str) and key and len(key) <= MAX_PATTERN_CHARS and _NAME.fullmatch(key):
                 parts = tuple(key.split("."))
-                self._named.setdefault(tuple(map(len, parts)), {}).setdefault(parts, (position, number))
+                shapes.setdefault(tuple(map(len, parts)), {}).setdefault(parts, (position, number))
                 continue
-            pattern = ModulePattern.compile(key, f"{source}: {field}")
+            pattern = ModulePattern.compile(key, f"{source}: {field}", clock=self._clock)
             states += len(pattern.states)  # module paths take none (re runs them); repeats do
             if len(self._regexes) >= MAX_REGEX_KEYS or states > MAX_STATES:
                 raise CheckpointError(f"{source}: {field} holds more regex keys than tiesmerge runs for one adapter "
@@ -346,13 +415,32 @@ class PatternTable:
                                       hint=f"write {field}'s keys as module names (a name or a path matches itself)"
                                            " or short regexes")
             self._regexes.append((position, pattern, number))
+        if len(shapes) > MAX_SHAPES:  # each is a lookup per module (100,000 shapes took minutes: hostile pass 28, F1)
+            raise CheckpointError(f"{source}: {field}'s module-name keys come in {len(shapes):,} shapes (lengths of "
+                                  f"their '.'-separated parts); at most {MAX_SHAPES:,} are read (the module paths of a "
+                                  "model come in some dozens)", hint=f"write {field} with the model's module names")
+        # a tail's length -> [(the key's '.' positions as bits, its shape, its keys)]: only keys as long as the tail,
+        # with a '.' wherever the tail has one, can match it ('.' in a key matches any character, as in the regex)
+        self._named: dict[int, list[tuple[int, tuple[int, ...], dict[tuple[str, ...], tuple[int, float]]]]] = {}
+        for shape, keys in shapes.items():
+            dots, at = 0, -1
+            for n in shape[:-1]:
+                at += n + 1
+                dots |= 1 << at
+            self._named.setdefault(sum(shape) + len(shape) - 1, []).append((dots, shape, keys))
 
     def lookup(self, module: str) -> float | None:
         """The value of the first key ``module`` ends with, or None where none does."""
+        start = time.perf_counter()
         best: tuple[int, float] | None = None
+        module_dots, at = 0, module.find(".")
+        while at >= 0:
+            module_dots |= 1 << at
+            at = module.find(".", at + 1)
         for tail in boundary_suffixes(module):
-            for shape, keys in self._named.items():
-                if sum(shape) + len(shape) - 1 != len(tail):
+            for dots, shape, keys in self._named.get(len(tail), ()):
+                tail_dots = module_dots >> (len(module) - len(tail))
+                if dots & tail_dots != tail_dots:  # the tail has a '.' where the key has a name character
                     continue
                 at, parts = 0, []
                 for n in shape:  # the tail cut where the key has its '.', which matches any character there
@@ -361,6 +449,7 @@ class PatternTable:
                 hit = keys.get(tuple(parts))
                 if hit is not None and (best is None or hit[0] < best[0]):
                     best = hit
+        self._clock.charge(time.perf_counter() - start)
         for position, pattern, number in self._regexes:
             if best is not None and position > best[0]:
                 break

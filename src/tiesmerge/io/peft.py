@@ -13,7 +13,7 @@ from .protocol import Checkpoint
 from .safetensors_reader import SafetensorsCheckpoint
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "yields_task_vector", "adapter_kind", "strip_key",
-           "resolve_name", "read_adapter_dir"]
+           "BaseNames", "read_adapter_dir"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -41,23 +41,53 @@ def strip_key(key: str, suffix: str) -> str:
     return module[len(PEFT_PREFIX):] if module.startswith(PEFT_PREFIX) else module
 
 
-def resolve_name(module: str, suffix: str, base: Checkpoint, label: str, key: str) -> str:
-    """The base tensor name of ``module + suffix``: exact, else with leading module components
-    dropped (an adapter trained on a task head wrapper, e.g. ``bert.``), else the one base name
-    ending with it (a base saved under a wrapper prefix)."""
-    names = set(base.names())
-    parts = module.split(".")
-    for start in range(len(parts)):
-        candidate = ".".join(parts[start:]) + suffix
-        if candidate in names:
-            return candidate
-    ending = [n for n in names if n.endswith("." + module + suffix)]
-    if len(ending) == 1:
-        return ending[0]
-    raise IncompatibleCheckpointsError(
-        f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({base.label}) has "
-        + (f"{len(ending)} tensors ending in {module + suffix!r}" if ending else f"no tensor {module + suffix!r}"),
-        hint="the adapter was trained on another base model; pass the base it was trained from")
+class BaseNames:
+    """The base's tensor names, indexed once per binding to find the tensor behind each adapter module
+    (an adapter may hold tens of thousands of modules, a mixture-of-experts base as many tensors: a
+    lookup that copied or scanned the base's names per module was quadratic)."""
+
+    def __init__(self, base: Checkpoint) -> None:
+        self.base = base
+        self.names = set(base.names())
+        self._longest = max(map(len, self.names), default=0)
+        self._tails: dict[str, list[str]] | None = None  # "a.b" -> base names ending in ".a.b"; built when needed
+
+    def resolve(self, module: str, suffix: str, label: str, key: str) -> str:
+        """The base tensor name of ``module + suffix``: exact, else with leading module components
+        dropped (an adapter trained on a task head wrapper, e.g. ``bert.``), else the one base name
+        ending with it (a base saved under a wrapper prefix)."""
+        whole = module + suffix
+        # the name itself, then its tails after each dot, longest first; none longer than a base name can match
+        # (a module path of thousands of characters costs only its last base-name length)
+        first = max(0, len(whole) - self._longest)
+        starts = [0] if first == 0 else []
+        at = whole.find(".", max(0, first - 1), len(module))
+        while at != -1:
+            if at + 1 >= first:
+                starts.append(at + 1)
+            at = whole.find(".", at + 1, len(module))
+        for start in starts:
+            if whole[start:] in self.names:
+                return whole[start:]
+        ending = self._ending(whole)
+        if len(ending) == 1:
+            return ending[0]
+        raise IncompatibleCheckpointsError(
+            f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({self.base.label}) has "
+            + (f"{len(ending)} tensors ending in {whole!r}" if ending else f"no tensor {whole!r}"),
+            hint="the adapter was trained on another base model; pass the base it was trained from")
+
+    def _ending(self, whole: str) -> list[str]:
+        if len(whole) >= self._longest:
+            return []
+        if self._tails is None:
+            self._tails = {}
+            for name in self.names:
+                at = name.find(".")
+                while at != -1:
+                    self._tails.setdefault(name[at + 1:], []).append(name)
+                    at = name.find(".", at + 1)
+        return self._tails.get(whole, [])
 
 
 # the adapter config's flags that change what an adapter's weights mean (PEFT LoRA and (IA)³)

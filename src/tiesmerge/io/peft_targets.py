@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError, MergeWarning
-from .patterns import ModulePattern, boundary_suffixes
+from .patterns import MATCH_SECONDS, MatchClock, ModulePattern, boundary_suffixes
 
 try:  # Python 3.11+: the parser moved under re
     from re import _parser as _sre  # type: ignore[attr-defined]
@@ -54,18 +54,22 @@ _MAX_INDEX_DIGITS = 9  # a longer "layer index" is no layer any list holds (and 
 MAX_MODULE_CHARS = 4096  # a module path: real ones run to a few hundred characters
 MAX_COMPONENTS = 256  # and a few dozen components
 MAX_EXPANSION = 100_000  # a selector's size with its repeat counts multiplied out: a real one is a few hundred
+MAX_SPANS = 8  # modules_to_save names compared as names: this many different numbers of components at most
 
-MATCH_SECONDS = 0.05  # one module path against one backtracking selector: microseconds unless it never ends
-TOTAL_SECONDS = 2.0  # one selector over all of an adapter's modules (3,000 matches of 40 ms each took 31 s: hp27 F5)
+
+
+def _clock(field: str, source: str) -> MatchClock:
+    """The time budget of one field's patterns over the adapter's modules (patterns.TOTAL_SECONDS)."""
+    return MatchClock(f"{source}: {field}", f"fix {field} in the adapter config (a list of module names, or a plain "
+                                            "regex)")
 
 
 class _TimedRegex:
     """A selector with lookarounds, matched by the ``regex`` package under a time limit (a pattern that backtracks
-    without end is an error naming it, not a hang)."""
+    without end is an error naming it, not a hang); the field's entries share one clock."""
 
-    def __init__(self, compiled: object, field: str, source: str) -> None:
-        self.compiled, self.field, self.source = compiled, field, source
-        self.spent = 0.0  # seconds matching so far, over every module
+    def __init__(self, compiled: object, clock: MatchClock) -> None:
+        self.compiled, self.clock = compiled, clock
 
     def matches(self, module: str) -> bool:
         return self.match(module, whole=True) is not None
@@ -73,21 +77,15 @@ class _TimedRegex:
     def match(self, module: str, *, whole: bool = False) -> Any:
         """``fullmatch`` (``whole``) or ``match`` at the start, as PEFT calls re."""
         run = self.compiled.fullmatch if whole else self.compiled.match  # type: ignore[attr-defined]
-        if self.spent > TOTAL_SECONDS:
-            raise CheckpointError(f"{self.source}: {self.field} took more than {TOTAL_SECONDS:g} s to match the "
-                                  "adapter's module paths (a regex that backtracks heavily on each; PEFT would spend "
-                                  "as long loading it)", hint=f"fix {self.field} in the adapter config (a list of "
-                                                             "module names, or a plain regex)")
         start = time.perf_counter()
         try:
-            return run(module, timeout=MATCH_SECONDS)
+            found = run(module, timeout=MATCH_SECONDS)
         except TimeoutError:
-            raise CheckpointError(f"{self.source}: {self.field} takes more than {MATCH_SECONDS} s to match the module "
-                                  f"{module!r}: a regex that backtracks without end (PEFT would hang on it too)",
-                                  hint=f"fix {self.field} in the adapter config (a list of module names, or a plain "
-                                       "regex)") from None
-        finally:
-            self.spent += time.perf_counter() - start
+            raise CheckpointError(f"{self.clock.what} takes more than {MATCH_SECONDS:g} s to match the module "
+                                  f"{module[:200]!r}: a regex that backtracks without end (PEFT would hang on it too)",
+                                  hint=self.clock.hint) from None
+        self.clock.charge(time.perf_counter() - start)
+        return found
 
 
 Selector = ModulePattern | _TimedRegex | frozenset[str]
@@ -103,7 +101,8 @@ def _selector(value: object, field: str, source: str) -> Selector | None:
         return None
     if isinstance(value, str):
         try:
-            return ModulePattern.compile(value, f"{source}: {field}", whole=True, max_chars=MAX_SELECTOR_CHARS)
+            return ModulePattern.compile(value, f"{source}: {field}", whole=True, max_chars=MAX_SELECTOR_CHARS,
+                                         clock=_clock(field, source))
         except CheckpointError:
             if len(value) > MAX_SELECTOR_CHARS:  # PEFT may load it: it is only not checked
                 raise _Unchecked(field) from None
@@ -147,7 +146,7 @@ _REPEATS = tuple(getattr(_sre, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "P
                  if hasattr(_sre, name))
 
 
-def _timed(value: str, field: str, source: str) -> _TimedRegex | None:
+def _timed(value: str, field: str, source: str, clock: MatchClock | None = None) -> _TimedRegex | None:
     try:
         import regex
     except ImportError:  # pragma: no cover - transformers (and PEFT) depend on it
@@ -159,7 +158,7 @@ def _timed(value: str, field: str, source: str) -> _TimedRegex | None:
     if size > MAX_EXPANSION:  # not compiled: unchecked, and said (no module name needs such a selector)
         return None
     try:
-        return _TimedRegex(regex.compile(value), field, source)
+        return _TimedRegex(regex.compile(value), clock or _clock(field, source))
     except (regex.error, RecursionError, OverflowError):
         return None
 
@@ -219,8 +218,9 @@ class Targeting:
                 ModulePattern.compile(invalid, f"{source}: layers_pattern", whole=True)
             # PEFT's own expression, each entry pasted in as text (a top-level 'a|b' splits it, as in PEFT), run
             # once per module on the regex package under a time limit: no span-by-span automaton (hp27 F2)
-            timed = [_timed(rf"(?:^|.*?\.){n}\.(?P<idx>\d+)\.", "layers_pattern", source) if runnable else None
-                     for n in names]
+            clock = _clock("layers_pattern", source)  # one budget for every entry (900 slow ones: hp28 F3)
+            timed = [_timed(rf"(?:^|.*?\.){n}\.(?P<idx>\d+)\.", "layers_pattern", source, clock) if runnable
+                     else None for n in names]
             if all(t is not None for t in timed):
                 lists = tuple(t for t in timed if t is not None)
             else:  # too long, repeats that multiply out, or no regex package: no layer test here, and that is said
@@ -301,6 +301,8 @@ class _SavedModules:
     names: frozenset[str]
     pattern: _TimedRegex | None
     unchecked: bool = False
+    dotted: frozenset[str] = frozenset()  # the fallback's entries with dots: runs of whole components of the path
+    spans: tuple[int, ...] = ()  # their numbers of components
 
     @classmethod
     def of(cls, entries: list[str], source: str) -> _SavedModules:
@@ -314,27 +316,31 @@ class _SavedModules:
         joined = "|".join(rf"(?:(?:^|.*\.){e}(?:$|\..*))" for e in regexes)
         timed = _timed(joined, "modules_to_save", source) if len(joined) <= MAX_SELECTOR_CHARS else None
         if timed is None:  # compared as names: right for the dotted paths such entries almost always are
-            return cls(frozenset(names | set(regexes)), None, unchecked=True)
+            dotted = {e for e in regexes if "." in e}
+            spans = sorted({e.count(".") + 1 for e in dotted})
+            if len(spans) > MAX_SPANS:  # each length is a lookup per component of every module: not looked up
+                dotted, spans = set(), []
+            return cls(frozenset(names | (set(regexes) - dotted)), None, True, frozenset(dotted), tuple(spans))
         return cls(frozenset(names), timed)
 
     def holds(self, module: str) -> bool:
         parts = module.split(".")
         if any(part in self.names for part in parts):
             return True
-        if self.pattern is None:  # names with dots (the unchecked fallback): whole components of the path
-            dotted = [n for n in self.names if "." in n]
-            return any(f".{module}.".find(f".{n}.") >= 0 for n in dotted)
+        if self.pattern is None:  # the unchecked fallback: an entry with dots names a run of whole components
+            return any(".".join(parts[i:i + n]) in self.dotted for n in self.spans for i in range(len(parts) - n + 1))
         return self.pattern.match(module) is not None
 
 
 _PLAIN = re.compile(r"[A-Za-z0-9_]+")  # a module name that means itself as a regex too
 
 
-def saved_as_whole(config: dict, module: str) -> bool:
-    """Whether PEFT puts a saved whole copy of ``module`` (``<module>.modules_to_save.<adapter>.weight``) back
-    when it loads the adapter: ``modules_to_save`` (with the task type's head) names the end of its path
-    (``_set_trainable``: ``key.endswith(entry)``)."""
-    return _ends_with_any(module, frozenset(_saved_entries(config)))
+def saved_as_whole(config: dict) -> Callable[[str], bool]:
+    """Whether PEFT puts a saved whole copy of a module (``<module>.modules_to_save.<adapter>.weight``) back when it
+    loads the adapter: ``modules_to_save`` (with the task type's head) names the end of its path (``_set_trainable``:
+    ``key.endswith(entry)``). Built once per adapter (per module, 15,000 saved copies cost minutes: hp28 F4)."""
+    entries = tuple(_saved_entries(config))
+    return lambda module: module.endswith(entries)
 
 
 def _saved_entries(config: dict) -> list[str]:
@@ -360,13 +366,8 @@ def feedforward(config: dict, source: str) -> Callable[[str], bool] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise CheckpointError(f"{source}: feedforward_modules is {repr(value)[:80]}, not a module name pattern or a "
                               "list of module names", hint="fix the adapter config (PEFT writes a list of names)")
-    names = frozenset(value)
-    return lambda module: _ends_with_any(module, names)
-
-
-def _ends_with_any(module: str, names: frozenset[str]) -> bool:
-    """``any(module.endswith(name) for name in names)`` (PEFT's test, no '.' boundary), by lookups of the tails."""
-    return "" in names or any(module[i:] in names for i in range(len(module)))
+    names = tuple(value)
+    return lambda module: module.endswith(names)  # PEFT: any(key.endswith(name)), no '.' boundary; in C
 
 
 def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: Sequence[str] = ()) -> None:
@@ -380,8 +381,9 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
                               hint="the adapter file is damaged or not a PEFT adapter of a real model")
     targeting = Targeting.of(config, source)
     stray = [(m, why) for m in modules if (why := targeting.why_not(m)) is not None]
+    saved = saved_as_whole(config)
     stray += [(m, "modules_to_save does not name it, so PEFT has no place for its saved copy")
-              for m in whole if not saved_as_whole(config, m)]
+              for m in whole if not saved(m)]
     if stray:
         first, why = stray[0]
         raise IncompatibleCheckpointsError(

@@ -38,6 +38,7 @@ class Consensus:
     name: ClassVar[str] = "consensus"
     paper: ClassVar[str] = "https://arxiv.org/abs/2405.07813"
     summary: ClassVar[str] = "task arithmetic on the entries at least k tasks' TALL masks keep"
+    weights_multiply: ClassVar[bool] = True  # lam * w_t scales model t's task vector (the executor's large-lam check)
 
     k: int = option(2, "keep an entry when at least k tasks' TALL masks keep it", unit="tasks",
                     check=non_negative_int, grid=(1, 2, 3))

@@ -57,6 +57,7 @@ class DareLinear:
     name: ClassVar[str] = "dare_linear"
     paper: ClassVar[str] = _DARE_PAPER
     summary: ClassVar[str] = "randomly drop task-vector entries, rescale the rest, then sum"
+    weights_multiply: ClassVar[bool] = True  # lam * w_t scales model t's task vector (the executor's large-lam check)
 
     drop_rate: float = _drop_rate()
     lam: float = _lam("summed task vectors")

@@ -20,6 +20,7 @@ class MagnitudePrune:
     name: ClassVar[str] = "magnitude_prune"
     paper: ClassVar[str] = "https://arxiv.org/abs/2306.01708"
     summary: ClassVar[str] = "trim each task vector to its largest entries, then sum them"
+    weights_multiply: ClassVar[bool] = True  # lam * w_t scales model t's task vector (the executor's large-lam check)
 
     density: float = option(0.2, "fraction of each task vector's entries kept, by magnitude",
                             unit="fraction kept, (0, 1]", check=fraction, grid=(0.1, 0.2, 0.3))

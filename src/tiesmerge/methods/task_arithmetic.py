@@ -18,6 +18,7 @@ class TaskArithmetic:
     name: ClassVar[str] = "task_arithmetic"
     paper: ClassVar[str] = "https://arxiv.org/abs/2212.04089"
     summary: ClassVar[str] = "add the scaled sum of the task vectors to the base"
+    weights_multiply: ClassVar[bool] = True  # lam * w_t scales model t's task vector (the executor's large-lam check)
 
     lam: float = option(0.4, "scale of the summed task vectors (lambda)", unit="multiplier", check=finite,
                         grid=steps(0.1, 1.0, 0.1))  # the TIES paper's search for this baseline

@@ -1,0 +1,174 @@
+"""The twenty-eighth hostile pass (issue 13): adapter configs and files that cost minutes to check (pattern tables of
+100,000 shapes, 40,000 factor pairs, 15,000 saved copies on 4,000-character paths, slow selectors over every module),
+and its notes (a weight of 1000 under lam 1, a size of 400 digits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_adapters import random_lora, write_lora_dir
+from helpers_ckpt import make_base, run_cli, write_family_dirs, write_hf_dir
+from tiesmerge.errors import CheckpointError, IncompatibleCheckpointsError
+from tiesmerge.io import patterns, peft_targets
+from tiesmerge.io.patterns import MAX_SHAPES, PatternTable
+from tiesmerge.io.peft import BaseNames
+from tiesmerge.io.peft_targets import Targeting, check_adapted
+
+
+def _table(keys):
+    return PatternTable({k: i + 1 for i, k in enumerate(keys)}, "alpha_pattern", "cfg", lambda v, what: float(v))
+
+
+def test_a_pattern_table_of_too_many_key_shapes_is_refused():
+    """F1: 100,000 module-name keys, each of another shape (part lengths): every shape was a lookup per tail."""
+    keys = [f"{'a' * (1 + i % 40)}.{'b' * (1 + i // 40)}" for i in range(MAX_SHAPES + 1)]
+    with pytest.raises(CheckpointError, match=f"alpha_pattern's module-name keys come in {MAX_SHAPES + 1:,} shapes"):
+        _table(keys)
+    table = _table(keys[:MAX_SHAPES])  # within the bound: each key still found, its '.' any character
+    assert table.lookup("model.layers.0." + keys[5]) == 6
+    assert table.lookup("model.layers.0." + keys[5].replace(".", "_")) == 6
+    assert table.lookup("model.layers.0." + keys[5].replace("a", "c")) is None
+
+
+def test_a_pattern_table_has_a_time_budget_over_all_modules(monkeypatch):
+    """F5's family: a regex key that is slow on every module ends in an error naming the field."""
+    monkeypatch.setattr(patterns, "TOTAL_SECONDS", 0.0)
+    table = _table([r"(a|b)*\.q_proj", "v_proj"])
+    with pytest.raises(CheckpointError, match="cfg: alpha_pattern took more than 0 s to match"):
+        table.lookup("model.layers.0.self_attn.q_proj")
+
+
+def test_a_selector_slow_on_every_long_path_is_stopped_at_once():
+    """F5: target_modules '(?:.*){2400}q' (4,803 automaton states) on 60 paths of 4,000 characters took 6 minutes."""
+    modules = [(("x" * 15 + ".") * 250 + f"m{i}.q_proj")[-4000:] for i in range(60)]
+    with pytest.raises(CheckpointError, match="cfg: target_modules takes more than 0.05 s to match the module"):
+        check_adapted({"target_modules": r"(?:.*){2400}q"}, modules, "cfg")
+    check_adapted({"target_modules": r".*\.(q_proj|v_proj)"}, modules, "cfg")  # a real one: matched in C
+
+
+def test_layers_pattern_entries_share_one_budget():
+    """F3: 900 layers_pattern entries of ~16 ms each had 2 s each (30 minutes over 40 modules)."""
+    targeting = Targeting.of({"target_modules": ["q_proj"], "layers_to_transform": [0],
+                              "layers_pattern": ["layers", "h", "blocks"]}, "cfg")
+    clocks = {id(t.clock) for t in targeting.layer_lists}
+    assert len(targeting.layer_lists) == 3 and len(clocks) == 1
+
+
+class _CountingList(list):
+    """A names() list that counts the membership tests made on it (each one a scan of the list)."""
+
+    scans = 0
+
+    def __contains__(self, item):
+        type(self).scans += 1
+        return super().__contains__(item)
+
+
+def test_a_lora_adapter_of_many_factor_pairs_is_read_in_linear_time(tmp_path, monkeypatch):
+    """F2: each A factor's B was looked up in the list of keys: 40,000 pairs took 31 s, 80,000 took 193 s."""
+    from tiesmerge.io import adapters, safetensors_reader
+
+    base = make_base()
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4)
+    real = safetensors_reader.SafetensorsCheckpoint.names
+    monkeypatch.setattr(safetensors_reader.SafetensorsCheckpoint, "names", lambda self: _CountingList(real(self)))
+    _CountingList.scans = 0
+    adapter = adapters.LoraCheckpoint(lora, "lora")
+    assert adapter._factors and _CountingList.scans == 0
+
+
+class _Base:
+    """A checkpoint of names only, counting names() calls."""
+
+    label = "base"
+
+    def __init__(self, names):
+        self._names, self.calls = list(names), 0
+
+    def names(self):
+        self.calls += 1
+        return list(self._names)
+
+
+def test_base_names_are_indexed_once_per_binding():
+    """F2/F4: every module copied the base's names into a set, and tried every tail of a 4,000-character path."""
+    base = _Base(["model.layers.0.self_attn.q_proj.weight", "wrapper.lm_head.weight", "a.norm.weight",
+                  "b.norm.weight"])
+    names = BaseNames(base)
+    assert names.resolve("model.layers.0.self_attn.q_proj", ".weight", "ad", "k") == \
+        "model.layers.0.self_attn.q_proj.weight"
+    assert names.resolve("head.model.layers.0.self_attn.q_proj", ".weight", "ad", "k") == \
+        "model.layers.0.self_attn.q_proj.weight"  # a task head wrapper's leading components dropped
+    assert names.resolve("lm_head", ".weight", "ad", "k") == "wrapper.lm_head.weight"  # the base under a wrapper
+    long = "x." * 2000 + "model.layers.0.self_attn.q_proj"
+    assert names.resolve(long, ".weight", "ad", "k") == "model.layers.0.self_attn.q_proj.weight"
+    with pytest.raises(IncompatibleCheckpointsError, match="has 2 tensors ending in 'norm.weight'"):
+        names.resolve("norm", ".weight", "ad", "k")
+    with pytest.raises(IncompatibleCheckpointsError, match="has no tensor 'mlp.up_proj.weight'"):
+        names.resolve("mlp.up_proj", ".weight", "ad", "k")
+    assert base.calls == 1
+
+
+def test_saved_copies_are_judged_against_modules_to_save_once(monkeypatch):
+    """F4: modules_to_save was re-read, and every tail of the path looked up, for each of 15,000 saved copies."""
+    calls = []
+    real = peft_targets._saved_entries
+    monkeypatch.setattr(peft_targets, "_saved_entries", lambda config: calls.append(1) or real(config))
+    config = {"target_modules": ["q_proj"], "modules_to_save": ["head", "norm"]}
+    whole = [("p" * 15 + ".") * 200 + f"m{i}.myhead" for i in range(200)]
+    check_adapted(config, ["a.q_proj"], "cfg", whole=whole)  # PEFT: key.endswith(entry), no '.' boundary
+    assert len(calls) <= 2  # Targeting's modules_to_save, and the saved copies' check
+    with pytest.raises(IncompatibleCheckpointsError, match="modules_to_save does not name it"):
+        check_adapted(config, ["a.q_proj"], "cfg", whole=["model.heads"])
+
+
+def test_modules_to_save_compared_as_names_keeps_whole_components():
+    """The fallback for modules_to_save too long to run as one regex: an entry with dots names whole components."""
+    entries = [f"layers.{i}.mlp" for i in range(2000)] + ["lm_head"]
+    targeting = Targeting.of({"target_modules": ["up_proj", "q_proj"], "modules_to_save": entries}, "cfg")
+    assert "modules_to_save" in targeting.unchecked
+    assert targeting.saved.holds("model.layers.7.mlp.up_proj")
+    assert targeting.saved.holds("model.lm_head")
+    assert not targeting.saved.holds("model.layers.7.mlpx.up_proj")
+    assert not targeting.saved.holds("model.xlayers.7.mlp.up_proj")
+
+
+def test_a_weight_of_1000_under_lam_1_warns_like_lam_1000(tmp_path, capsys):
+    """N1: task_arithmetic --lam 1 --weights 1000 1000 is lam 1000, which warned; the weights said nothing."""
+    b, ms = write_family_dirs(tmp_path)
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(ms[0]),
+                          "--model", str(ms[1]), "--lam", "1", "--weights", "1", "-300", "-o", str(tmp_path / "o")],
+                         capsys)
+    assert rc == 0 and "lam = 1 times model 1's weight -300 scales its task vector 300 times" in err, err
+    rc, _, err = run_cli(["merge", "--method", "ties", "--base", str(b), "--model", str(ms[0]),
+                          "--model", str(ms[1]), "--weights", "1000", "1000", "-o", str(tmp_path / "t")], capsys)
+    assert rc == 0 and "scales" not in err, err  # ties' weighted mean divides by the weights
+
+
+def test_a_size_of_400_digits_is_a_typed_error(tmp_path):
+    """N3: memory_budget=10**400 through the API raised OverflowError from float()."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    b, ms = write_family_dirs(tmp_path)
+    for option in ("memory_budget", "shard_size"):
+        with pytest.raises(ConfigError, match=f"{option}: .*an integer of 401 digits is past any size"):
+            tiesmerge.merge(b, ms, "ties", output=tmp_path / "o", **{option: 10**400})
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_lora_with_a_wrapped_base_still_binds(tmp_path, capsys):
+    """BaseNames' tail index: a base saved under a wrapper prefix binds as before."""
+    base = make_base()
+    wrapped = {f"wrap.{k}": v for k, v in base.items()}
+    b = write_hf_dir(tmp_path / "base", wrapped)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4)
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(lora),
+                          "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    from safetensors.torch import load_file
+
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(merged) == set(wrapped)
+    assert any(not torch.equal(merged[k], wrapped[k]) for k in merged)  # the adapter's change landed
