@@ -1,11 +1,14 @@
-"""PEFT's ``alpha_pattern`` / ``rank_pattern`` keys, matched without backtracking.
+"""PEFT's ``alpha_pattern`` / ``rank_pattern`` keys (and adapter selectors), matched without runaway backtracking.
 
 PEFT reads each key as a regular expression that a module name must end with
 (``re.match(rf"(.*\\.)?({key})$", module)``). An adapter config comes from whoever trained the
 adapter, and a key like ``(a+)+$`` makes a backtracking engine take exponential time. So the
 pattern is parsed with Python's own regex parser (same syntax, same errors) and run as a
 Thompson automaton over the module name: time linear in the name for any pattern. Features that
-need backtracking (backreferences, lookarounds) and flags are refused with a typed error.
+need backtracking (backreferences, lookarounds) and flags are refused with a typed error. An
+adapter's patterns carry a :class:`MatchClock` (one time budget per field over all its modules);
+they run on the ``regex`` package, in C with a time limit per module, where it is installed (the
+automaton runs in Python: 50 µs a path even for ``.*\\.(q|v)_proj``).
 
 >>> ModulePattern.compile("q_proj|v_proj", "adapter_config.json").matches("model.layers.0.self_attn.q_proj")
 True

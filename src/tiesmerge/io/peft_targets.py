@@ -16,13 +16,16 @@ passes 24 and 25), so :func:`check_adapted` refuses it. The rules, in PEFT's ord
   component).
 
 No regex from the config runs on Python's backtracking ``re`` unless ``re`` runs it in linear time (module paths,
-one alternation of them): an adapter config is a stranger's file. ``target_modules`` / ``exclude_modules`` run on
-:class:`~tiesmerge.io.patterns.ModulePattern`'s automaton; ``layers_pattern`` and ``modules_to_save`` regexes run as
-PEFT's own expressions (each entry pasted in as text, as PEFT does) on the ``regex`` package with a time limit per
-module, so PEFT's quirks (a top-level ``|`` splitting its expression) are reproduced, not guessed. A selector the
-automaton cannot run but ``re`` compiles (a lookahead, as in ``^(?!.*vision).*q_proj``) runs on the ``regex`` package
-(transformers' dependency) the same way. Where that is not installed, or a selector is longer than
-:data:`MAX_SELECTOR_CHARS` or repeats past :data:`MAX_EXPANSION`, it is not checked, and that is said.
+one alternation of them): an adapter config is a stranger's file. ``target_modules`` / ``exclude_modules`` are
+checked by :class:`~tiesmerge.io.patterns.ModulePattern` (its refusals: backreferences, flags, automata past
+``MAX_STATES``) and run on the ``regex`` package (transformers' dependency: in C, a time limit per module);
+``layers_pattern`` and ``modules_to_save`` regexes run as PEFT's own expressions (each entry pasted in as text, as
+PEFT does) the same way, so PEFT's quirks (a top-level ``|`` splitting its expression) are reproduced, not guessed.
+A selector the automaton cannot run but ``re`` compiles (a lookahead, as in ``^(?!.*vision).*q_proj``) runs there
+too. Each field's patterns share one time budget over all of the adapter's modules (``patterns.MatchClock``: a
+regex slow on every module is an error naming the field, not minutes). Where the ``regex`` package is not installed
+(the automaton then runs, in Python), or a selector is longer than :data:`MAX_SELECTOR_CHARS` or repeats past
+:data:`MAX_EXPANSION`, it is not checked, and that is said.
 """
 
 from __future__ import annotations
