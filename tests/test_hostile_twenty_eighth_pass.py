@@ -172,3 +172,15 @@ def test_a_lora_with_a_wrapped_base_still_binds(tmp_path, capsys):
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert set(merged) == set(wrapped)
     assert any(not torch.equal(merged[k], wrapped[k]) for k in merged)  # the adapter's change landed
+
+
+def test_one_demo_refusal_names_every_file_in_the_way(tmp_path, capsys):
+    """N2: a file added in base/ and one in merged-ties/: the refusal named base/'s, and only a second run the other."""
+    wd = tmp_path / "wd"
+    assert run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)[0] == 0
+    (wd / "base" / "mynote.txt").write_text("mine")
+    (wd / "merged-ties" / "mynote.txt").write_text("mine too")
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc != 0 and "base/mynote.txt" in err and "merged-ties/ (the demo would delete 1 file(s)" in err, err
+    assert (wd / "base" / "mynote.txt").read_text() == "mine"
+    assert (wd / "merged-ties" / "mynote.txt").read_text() == "mine too"

@@ -485,7 +485,13 @@ def _check_demo_files(workdir: str | os.PathLike, final: Path) -> None:
             foreign.append(f"{rel} (a link)" if os.path.islink(path) else rel)
         elif not (record.get("writing") and rel in written or rel in written and stamp_holds(written[rel], path)):
             foreign.append(rel)
-    if foreign:
+    if foreign:  # the merged models' own problems in the same refusal, not one refusal after another (hp28 N2)
+        for entry in sorted(e for e in os.listdir(final) if e.startswith("merged-")):
+            try:
+                check_output_location(final / entry, True)
+            except OutputError as exc:
+                why = exc.message.split(": ", 1)[-1].replace("--force (force=True)", "the demo")
+                foreign.append(f"{entry}/ ({why.replace('--force', 'the demo')})")
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise OutputError(f"{workdir}: --workdir holds files the earlier demo did not write, or that changed since "
                           f"({shown}); the demo would overwrite them", hint="name a new or empty folder, or move "
