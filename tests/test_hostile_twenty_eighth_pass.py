@@ -184,3 +184,16 @@ def test_one_demo_refusal_names_every_file_in_the_way(tmp_path, capsys):
     assert rc != 0 and "base/mynote.txt" in err and "merged-ties/ (the demo would delete 1 file(s)" in err, err
     assert (wd / "base" / "mynote.txt").read_text() == "mine"
     assert (wd / "merged-ties" / "mynote.txt").read_text() == "mine too"
+
+
+def test_modules_to_save_too_long_to_run_is_not_compiled_entry_by_entry(monkeypatch):
+    """F6: 3,000 regex entries of ~18,000 characters each (under the per-selector bound, far past it joined): each was
+    compiled alone to name an invalid one, 3 minutes before the "not checked" warning."""
+    compiled = []
+    real = peft_targets._compiles
+    monkeypatch.setattr(peft_targets, "_compiles", lambda value: compiled.append(value) or real(value))
+    entries = [f"(x{i}|" + "|".join(f"a{j}" for j in range(3000)) + ")" for i in range(30)]
+    targeting = Targeting.of({"target_modules": ["q_proj"], "modules_to_save": entries}, "cfg")
+    assert targeting.unchecked == ("modules_to_save",) and not compiled
+    with pytest.raises(CheckpointError, match="modules_to_save: pattern key 'x\\)' is not a valid regular expression"):
+        Targeting.of({"target_modules": ["q_proj"], "modules_to_save": ["x)", "y.z"]}, "cfg")  # short: named
