@@ -60,6 +60,18 @@ class MatchClock:
                                   "paths (a regex that is slow on each; PEFT would spend as long loading it)",
                                   hint=self.hint)
 
+    def run(self, match: Callable[..., Any], module: str) -> Any:
+        """``match(module)`` of a ``regex``-package pattern, under :data:`MATCH_SECONDS`, charged to the clock."""
+        start = time.perf_counter()
+        try:
+            found = match(module, timeout=MATCH_SECONDS)
+        except TimeoutError:
+            raise CheckpointError(f"{self.what} takes more than {MATCH_SECONDS:g} s to match the module "
+                                  f"{module[:200]!r}: a regex that backtracks without end (PEFT would hang on it too)",
+                                  hint=self.hint) from None
+        self.charge(time.perf_counter() - start)
+        return found
+
 _CATEGORIES: dict[object, Callable[[str], bool]] = {}
 for _name, _test in (("DIGIT", str.isdecimal), ("SPACE", str.isspace), ("WORD", lambda c: c.isalnum() or c == "_"),
                      ("LINEBREAK", lambda c: c == "\n")):
@@ -321,7 +333,7 @@ class ModulePattern:
         if self.plain is not None:
             return (self.plain.search(module) if self.anywhere else self.plain.match(module)) is not None
         if self.fast is not None and self.clock is not None:
-            return self._match_fast(module, self.fast, self.clock)
+            return self.clock.run(self.fast.search if self.anywhere else self.fast.match, module) is not None
         last = time.perf_counter()
         found: bool | None = None
         current = self._closure({self.start}, 0, len(module))
@@ -341,17 +353,6 @@ class ModulePattern:
         if self.clock is not None:
             self.clock.charge(time.perf_counter() - last)
         return (0 in current) if found is None else found
-
-    def _match_fast(self, module: str, fast: Any, clock: MatchClock) -> bool:
-        start = time.perf_counter()
-        try:
-            found = (fast.search if self.anywhere else fast.match)(module, timeout=MATCH_SECONDS) is not None
-        except TimeoutError:
-            raise CheckpointError(f"{clock.what} takes more than {MATCH_SECONDS:g} s to match the module "
-                                  f"{module[:200]!r}: a regex that backtracks without end (PEFT would hang on it too)",
-                                  hint=clock.hint) from None
-        clock.charge(time.perf_counter() - start)
-        return found
 
     def search(self, name: str) -> bool:
         """Same as :meth:`matches`: lets a pattern stand where a compiled ``re`` pattern's search is called."""

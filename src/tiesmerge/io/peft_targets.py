@@ -31,14 +31,13 @@ regex slow on every module is an error naming the field, not minutes). Where the
 from __future__ import annotations
 
 import re
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError, MergeWarning
-from .patterns import MATCH_SECONDS, MatchClock, ModulePattern, boundary_suffixes
+from .patterns import MatchClock, ModulePattern, boundary_suffixes
 
 try:  # Python 3.11+: the parser moved under re
     from re import _parser as _sre  # type: ignore[attr-defined]
@@ -60,7 +59,6 @@ MAX_EXPANSION = 100_000  # a selector's size with its repeat counts multiplied o
 MAX_SPANS = 8  # modules_to_save names compared as names: this many different numbers of components at most
 
 
-
 def _clock(field: str, source: str) -> MatchClock:
     """The time budget of one field's patterns over the adapter's modules (patterns.TOTAL_SECONDS)."""
     return MatchClock(f"{source}: {field}", f"fix {field} in the adapter config (a list of module names, or a plain "
@@ -79,16 +77,7 @@ class _TimedRegex:
 
     def match(self, module: str, *, whole: bool = False) -> Any:
         """``fullmatch`` (``whole``) or ``match`` at the start, as PEFT calls re."""
-        run = self.compiled.fullmatch if whole else self.compiled.match  # type: ignore[attr-defined]
-        start = time.perf_counter()
-        try:
-            found = run(module, timeout=MATCH_SECONDS)
-        except TimeoutError:
-            raise CheckpointError(f"{self.clock.what} takes more than {MATCH_SECONDS:g} s to match the module "
-                                  f"{module[:200]!r}: a regex that backtracks without end (PEFT would hang on it too)",
-                                  hint=self.clock.hint) from None
-        self.clock.charge(time.perf_counter() - start)
-        return found
+        return self.clock.run(self.compiled.fullmatch if whole else self.compiled.match, module)  # type: ignore
 
 
 Selector = ModulePattern | _TimedRegex | frozenset[str]
