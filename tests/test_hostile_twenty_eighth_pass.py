@@ -197,3 +197,54 @@ def test_modules_to_save_too_long_to_run_is_not_compiled_entry_by_entry(monkeypa
     assert targeting.unchecked == ("modules_to_save",) and not compiled
     with pytest.raises(CheckpointError, match="modules_to_save: pattern key 'x\\)' is not a valid regular expression"):
         Targeting.of({"target_modules": ["q_proj"], "modules_to_save": ["x)", "y.z"]}, "cfg")  # short: named
+
+
+def _adapter_refused(tmp_path, capsys, path):
+    from helpers_ckpt import assert_no_output
+
+    b = write_hf_dir(tmp_path / "base", make_base())
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(path),
+                          "-o", str(tmp_path / "out")], capsys)
+    assert rc != 0 and "Traceback" not in err
+    assert_no_output(tmp_path / "out")
+    return err
+
+
+@pytest.mark.parametrize("stray", ["base_model.model.zzz.", "base_model.model.base_model.model.", ""])
+def test_a_module_stored_twice_in_a_lora_is_refused(tmp_path, capsys, stray):
+    """hp29 F1: a stray copy of a module's factors under another prefix (zzz.model.layers.0...) bound to the same base
+    tensor as the real one: the file's order decided which one was merged. Also the key without PEFT's prefix."""
+    from safetensors.torch import load_file, save_file
+
+    base = make_base()
+    factors = random_lora(base, 2, seed=1)
+    module, (a, b) = next(iter(factors.items()))
+    path = write_lora_dir(tmp_path / "lora", factors, alpha=4)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    weights.update({f"{stray}{module}.lora_A.weight": a * 3, f"{stray}{module}.lora_B.weight": b * 3})
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    err = _adapter_refused(tmp_path, capsys, path)
+    assert module in err and ("both bind to the base tensor" in err or "are both the adapter's tensor" in err), err
+
+
+def test_a_saved_copy_stored_twice_is_refused(tmp_path, capsys):
+    base = make_base()
+    norm = next(k for k in base if k.endswith("norm.weight"))
+    copy = {norm.replace(".weight", ".modules_to_save.default.weight"): base[norm] + 1,
+            "zzz." + norm.replace(".weight", ".modules_to_save.default.weight"): base[norm] + 2}
+    path = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4, extra=copy,
+                          config={"modules_to_save": [norm.split(".")[-2]]})
+    assert "both bind to the base tensor" in _adapter_refused(tmp_path, capsys, path)
+
+
+def test_an_ia3_vector_stored_twice_is_refused(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from helpers_adapters import random_ia3, write_ia3_dir
+
+    path = write_ia3_dir(tmp_path / "ia3", random_ia3(make_base(), seed=1))
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    key = next(iter(weights))
+    weights[key.replace("base_model.model.", "base_model.model.zzz.")] = weights[key] * 3
+    save_file(weights, str(path / "adapter_model.safetensors"))
+    assert "both bind to the base tensor" in _adapter_refused(tmp_path, capsys, path)

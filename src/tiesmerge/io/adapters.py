@@ -41,6 +41,8 @@ from .peft import (
     PEFT_PREFIX,
     BaseNames,
     adapter_kind,
+    bind_once,
+    one_key_per_module,
     read_adapter_dir,
     strip_key,
     yields_task_vector,
@@ -164,6 +166,7 @@ class LoraCheckpoint:
         self._factors: dict[str, tuple[str, str, bool]] = {}  # module -> (A key, B key, embedding)
         self._full: dict[str, str] = {}  # module-less key -> saved full tensor key
         keys = set(self._file.names())  # a set: each A factor's B is looked up (a list made that quadratic)
+        firsts: dict[str, str] = {}  # module -> its A factor's key
         for key in self._file.names():
             for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
                                                   (".lora_embedding_A", ".lora_embedding_B", True)):
@@ -175,12 +178,21 @@ class LoraCheckpoint:
                         raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: {key!r} has no matching {b_key!r}",
                                               hint="a LoRA module needs both factors, A and B: the adapter file is "
                                                    "incomplete or damaged; save or download it again")
+                    try:
+                        one_key_per_module(firsts, module, key, path / ADAPTER_WEIGHTS)
+                    except CheckpointError:
+                        self._file.close()
+                        raise
                     self._factors[module] = (key, b_key, embedding)
             if ".lora_" not in key:
                 # modules_to_save and trained biases are stored whole
                 # (PEFT also saves an adapted embedding's own weight, as <module>.base_layer.weight)
                 plain = key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
-                self._full[plain.replace(".base_layer.", ".")] = key
+                try:
+                    one_key_per_module(self._full, plain.replace(".base_layer.", "."), key, path / ADAPTER_WEIGHTS)
+                except CheckpointError:
+                    self._file.close()
+                    raise
         known = {k for a, b, _ in self._factors.values() for k in (a, b)}
         unknown = [k for k in keys if (".lora_" in k and k not in known) or ".token_adapter." in k]
         if unknown:  # a variant's own tensors (lora_B.bias, a magnitude vector, trainable tokens): never dropped
@@ -221,9 +233,10 @@ class LoraCheckpoint:
                  if ".modules_to_save." in key]  # whole copies of modules_to_save, beside the factors
         check_adapted(self.config, list(self._factors), source, whole=saved)  # as PEFT 0.21 decides (peft_targets)
         targets: dict[str, LoraTarget] = {}
-        base_names = BaseNames(base)
+        base_names, claimed = BaseNames(base), {}
         for module, (a_key, b_key, embedding) in self._factors.items():
             name = base_names.resolve(module, ".weight", self.label, a_key)
+            bind_once(claimed, name, a_key, self.label)
             a, b = self._file.info(a_key).shape, self._file.info(b_key).shape
             rank = a[0] if a else 0
             if len(a) != 2 or len(b) != 2 or b[1] != rank or rank < 1:
@@ -277,6 +290,7 @@ class LoraCheckpoint:
         full_bound: dict[str, str] = {}
         for plain, key in self._full.items():
             name = base_names.resolve(strip_key(plain, ""), "", self.label, key)
+            bind_once(full_bound, name, key, self.label)
             if tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: saved tensor {key!r} {tuple(self._file.info(key).shape)} does not fit the base "

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
-from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseNames, read_adapter_dir, strip_key
+from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseNames, bind_once, one_key_per_module, read_adapter_dir, strip_key
 from .peft_targets import check_adapted, feedforward
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
@@ -43,7 +43,14 @@ class Ia3Checkpoint:
         if str(self.config.get("peft_type", "")).upper() != "IA3":
             self._file.close()
             raise CheckpointError(f"{path}: peft_type is {self.config.get('peft_type')!r}, expected IA3")
-        self._vectors = {strip_key(k, ".ia3_l"): k for k in self._file.names() if k.endswith(".ia3_l")}
+        self._vectors: dict[str, str] = {}  # module -> its vector's key
+        for k in self._file.names():
+            if k.endswith(".ia3_l"):
+                try:
+                    one_key_per_module(self._vectors, strip_key(k, ".ia3_l"), k, path / ADAPTER_WEIGHTS)
+                except CheckpointError:
+                    self._file.close()
+                    raise
         other = [k for k in self._file.names() if not k.endswith(".ia3_l")]
         if other:
             self._file.close()
@@ -70,9 +77,10 @@ class Ia3Checkpoint:
         source = str(self.path / ADAPTER_CONFIG)
         check_adapted(self.config, list(self._vectors), source)
         is_feedforward = feedforward(self.config, source)
-        base_names = BaseNames(base)
+        base_names, claimed = BaseNames(base), {}
         for module, key in self._vectors.items():
             name = base_names.resolve(module, ".weight", self.label, key)
+            bind_once(claimed, name, key, self.label)
             weight = tuple(base.info(name).shape)
             shape = tuple(self._file.info(key).shape)
             fits = len(weight) == 2 and shape in ((weight[0], 1), (1, weight[1]))

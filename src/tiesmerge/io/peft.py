@@ -13,7 +13,7 @@ from .protocol import Checkpoint
 from .safetensors_reader import SafetensorsCheckpoint
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "PEFT_PREFIX", "yields_task_vector", "adapter_kind", "strip_key",
-           "BaseNames", "read_adapter_dir"]
+           "BaseNames", "bind_once", "one_key_per_module", "read_adapter_dir"]
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -88,6 +88,29 @@ class BaseNames:
                     self._tails.setdefault(name[at + 1:], []).append(name)
                     at = name.find(".", at + 1)
         return self._tails.get(whole, [])
+
+
+def one_key_per_module(keys: dict[str, str], module: str, key: str, where: Path) -> None:
+    """Record ``key`` as the adapter file's tensor for ``module``; two keys naming one module (``base_model.model.x``
+    beside ``x``, a saved copy stored both ways) are refused: which one counted would depend on the file's order."""
+    other = keys.setdefault(module, key)
+    if other != key:
+        raise CheckpointError(f"{where}: {other!r} and {key!r} are both the adapter's tensor for module {module!r}",
+                              hint="the adapter file holds a module twice: remove the stray copy, or save the adapter "
+                                   "again (PEFT's save_pretrained writes each module once)")
+
+
+def bind_once(bound: dict[str, str], name: str, key: str, label: str) -> None:
+    """Record that adapter tensor ``key`` binds to base tensor ``name``; a second tensor binding there is refused:
+    the model has one module at that place, so one of the two paths names no module of the model (PEFT drops it as
+    an unexpected key), and which one the merge kept would depend on the file's order (hostile pass 29, F1)."""
+    other = bound.setdefault(name, key)
+    if other != key:
+        raise IncompatibleCheckpointsError(
+            f"{label}: adapter tensors {other!r} and {key!r} both bind to the base tensor {name!r}; the model has one "
+            "module there, so one of the two paths names no module of it (PEFT would drop that one)",
+            hint="the adapter file holds a stray copy of a module under another path: remove it, or save the adapter "
+                 "again (PEFT's save_pretrained writes each module once)")
 
 
 # the adapter config's flags that change what an adapter's weights mean (PEFT LoRA and (IA)³)
