@@ -248,3 +248,18 @@ def test_an_ia3_vector_stored_twice_is_refused(tmp_path, capsys):
     weights[key.replace("base_model.model.", "base_model.model.zzz.")] = weights[key] * 3
     save_file(weights, str(path / "adapter_model.safetensors"))
     assert "both bind to the base tensor" in _adapter_refused(tmp_path, capsys, path)
+
+
+@pytest.mark.parametrize("method, warns", [("breadcrumbs", True), ("breadcrumbs_ties", True), ("della_linear", True),
+                                           ("ties:aggregate=sum", True), ("ties", False), ("della", False),
+                                           ("dare_ties", False)])
+def test_a_weight_scaling_a_task_vector_past_100_warns_where_weights_multiply(tmp_path, capsys, method, warns):
+    """hp29 N1: breadcrumbs, breadcrumbs_ties and della_linear with --weights 1 1000 scaled a task vector ~1000 times
+    without the warning; a weighted mean (ties, della by default) divides the weights out. Models counted from 0."""
+    name, _, option = method.partition(":")
+    extra = ["--" + option.split("=")[0], option.split("=")[1]] if option else []
+    b, ms = write_family_dirs(tmp_path)
+    rc, _, err = run_cli(["merge", "--method", name, *extra, "--base", str(b), "--model", str(ms[0]), "--model",
+                          str(ms[1]), "--lam", "1", "--weights", "1", "1000", "-o", str(tmp_path / "o")], capsys)
+    assert rc == 0, err
+    assert ("lam = 1 times model 1's weight 1000 scales its task vector 1000 times" in err) == warns, err

@@ -233,7 +233,7 @@ def test_notes_of_the_twenty_fourth_pass(tmp_path, capsys):
     b, ms = write_family_dirs(tmp_path)
     flags = ["--base", str(b), "--model", str(ms[0]), "--model", str(ms[1])]
     rc, _, err = run_cli(["merge", *flags, "--densities", "0.5", "1e-30", "-o", str(tmp_path / "n2")], capsys)
-    assert rc == 0 and "the density of model 2 (1e-30) keeps no entry" in err and "adds nothing" in err, err
+    assert rc == 0 and "the density of model 1 (1e-30) keeps no entry" in err and "adds nothing" in err, err
 
     rc, _, err = run_cli(["merge", "--method", "slerp", *flags, "--t-by-name", "mlp=0.5,self_attn=0.3",
                           "-o", str(tmp_path / "n3")], capsys)

@@ -178,7 +178,7 @@ def _warn_if_trim_keeps_nothing(req: Requirements, alignment: Alignment, n: int,
         return True
     idle = [i for i, c in enumerate(counts) if c == 0]
     if idle and req.trim.densities is not None:  # one model's slip: the others still merge (hostile pass 24, N2)
-        said = ", ".join(f"model {i + 1} ({req.trim.densities[i]:g})" for i in idle[:5])
+        said = ", ".join(f"model {i} ({req.trim.densities[i]:g})" for i in idle[:5])
         warnings.warn(MergeWarning(
             f"{method}: the density of {said} keeps no entry of any tensor (the largest trim scope holds "
             f"{largest:,} entries), so {'that model adds' if len(idle) == 1 else 'those models add'} nothing to the "

@@ -210,6 +210,11 @@ class Breadcrumbs(_BreadcrumbsBase):
     rescale: str = option("none", "after the mask: nothing, or scale each tensor back to its L1 norm (mergekit's "
                           "rescale: true)", choices=RESCALES)
 
+    @property
+    def weights_multiply(self) -> bool:
+        """Whether lam * w_t scales model t's task vector (the executor's large-lam check): not when normalised."""
+        return not self.normalize_weights
+
     def requirements(self) -> Requirements:
         kernel = sum_kernel(self.weights, self.lam, self.normalize_weights, Band(self.density, self.gamma))
         return self._requirements(kernel)
@@ -250,6 +255,11 @@ class BreadcrumbsTies(_BreadcrumbsBase):
     threshold_ties: str = _threshold_ties()
     rescale: str = option("none", "after the mask: nothing, or scale each tensor back to its L1 norm (mergekit's "
                           "rescale: true)", choices=RESCALES)
+
+    @property
+    def weights_multiply(self) -> bool:
+        """Whether lam * w_t scales model t's values (the executor's large-lam check): not under a weighted mean."""
+        return self.aggregate != "mean"
 
     def requirements(self) -> Requirements:
         return self._requirements(TiesKernel(self.lam, self.elect, self.zero_sign, self.aggregate,

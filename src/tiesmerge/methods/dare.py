@@ -101,6 +101,11 @@ class DareTies:
     weights: tuple[float, ...] | None = option(None, "per-model weights, as in ties", unit="one per model",
                                                per_model=True)
 
+    @property
+    def weights_multiply(self) -> bool:
+        """Whether lam * w_t scales model t's values (the executor's large-lam check): not under a weighted mean."""
+        return self.aggregate != "mean"
+
     def unused_options(self) -> dict[str, str]:
         """seed, where drop_rate 0 drops nothing (no random number is drawn)."""
         return {"seed": "drop_rate 0 drops nothing, so no random number is drawn"} if self.drop_rate == 0 else {}

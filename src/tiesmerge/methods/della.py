@@ -152,6 +152,11 @@ class Della(_DellaBase):
     aggregate: str = option("mean", "how agreeing values combine (mergekit's normalize: mean, else sum)",
                             choices=AGGREGATES)
 
+    @property
+    def weights_multiply(self) -> bool:
+        """Whether lam * w_t scales model t's values (the executor's large-lam check): not under a weighted mean."""
+        return self.aggregate != "mean"
+
     def requirements(self) -> Requirements:
         return self._requirements(TiesKernel(self.lam, self.elect, self.zero_sign, self.aggregate))
 
@@ -183,6 +188,11 @@ class DellaLinear(_DellaBase):
     seed: int = _seed()
     weights: tuple[float, ...] | None = _weights()
     normalize_weights: bool = option(False, "divide by the sum of the weights (mergekit's normalize)")
+
+    @property
+    def weights_multiply(self) -> bool:
+        """Whether lam * w_t scales model t's task vector (the executor's large-lam check): not when normalised."""
+        return not self.normalize_weights
 
     def requirements(self) -> Requirements:
         return self._requirements(sum_kernel(self.weights, self.lam, self.normalize_weights))

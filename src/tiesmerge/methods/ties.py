@@ -70,6 +70,11 @@ class Ties:
                                          "electing (e.g. a multitask model; paper Tables 3 and 5)",
                                          unit="model directory")
 
+    @property
+    def weights_multiply(self) -> bool:
+        """Whether lam * w_t scales model t's values (the executor's large-lam check): not under a weighted mean."""
+        return self.aggregate != "mean"
+
     def unused_options(self) -> dict[str, str]:
         """density, where densities sets each model's fraction."""
         unused = {"density": "densities sets each model's fraction"} if self.densities is not None else {}
