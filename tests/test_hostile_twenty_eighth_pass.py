@@ -263,3 +263,17 @@ def test_a_weight_scaling_a_task_vector_past_100_warns_where_weights_multiply(tm
                           str(ms[1]), "--lam", "1", "--weights", "1", "1000", "-o", str(tmp_path / "o")], capsys)
     assert rc == 0, err
     assert ("lam = 1 times model 1's weight 1000 scales its task vector 1000 times" in err) == warns, err
+
+
+def test_rank_with_ia3_adapters_is_refused(tmp_path, capsys):
+    """hp29 F3: --rank 4 with (IA)³ inputs and --output-format adapter was silently ignored."""
+    from helpers_adapters import random_ia3, write_ia3_dir
+    from helpers_ckpt import assert_no_output
+
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    adapters = [str(write_ia3_dir(tmp_path / f"ia{k}", random_ia3(base, seed=k))) for k in (1, 2)]
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", adapters[0], "--model", adapters[1],
+                          "--output-format", "adapter", "--rank", "4", "-o", str(tmp_path / "out")], capsys)
+    assert rc != 0 and "rank 4 applies to a merged LoRA adapter only, and the inputs are (IA)³ adapters" in err, err
+    assert_no_output(tmp_path / "out")

@@ -279,6 +279,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                            progress=bar.update if bar else None, output_format=output_format, stats=stats,
                            allow_distant=allow_distant)
         executor = prepared.executor
+        if rank is not None and any(getattr(c, "adapter_kind", None) == "ia3" for c in prepared.models):
+            raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the inputs are (IA)³ adapters "
+                              "(scaling vectors, which have no rank)", hint="leave --rank out")  # hp29 F3
         if budget_floor:  # from the plan just made: planning again first would sample the distances twice
             check_budget(executor.plan)
         # checked now, before the first heavy read: the files copied beside the weights at the end, and
