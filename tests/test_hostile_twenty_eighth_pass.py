@@ -277,3 +277,34 @@ def test_rank_with_ia3_adapters_is_refused(tmp_path, capsys):
                           "--output-format", "adapter", "--rank", "4", "-o", str(tmp_path / "out")], capsys)
     assert rc != 0 and "rank 4 applies to a merged LoRA adapter only, and the inputs are (IA)³ adapters" in err, err
     assert_no_output(tmp_path / "out")
+
+
+def test_a_demo_stopped_while_writing_its_models_runs_again_there(tmp_path, capsys, monkeypatch):
+    """hp29 F2: a demo killed while writing base/ left files its marker had not recorded yet: the rerun refused them
+    as "files the earlier demo did not write"; and a stopped demo said "no output directory was left behind"."""
+    from tiesmerge.cli import demo
+    from tiesmerge.paths import demo_workdir
+
+    wd = demo_workdir(tmp_path / "wd")  # the marker says a demo is writing; then it was killed mid-base/
+    (wd / "base").mkdir()
+    (wd / "base" / "config.json").write_text("{")
+    (wd / "base" / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 10)
+    rc, out, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc == 0, err
+    (wd / "base" / "mynote.txt").write_text("mine")  # a user's file is still refused
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc != 0 and "base/mynote.txt" in err, err
+    (wd / "base" / "mynote.txt").unlink()
+
+    def stopped(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", stopped)
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc == 130 and f"interrupted; the models written so far stay in {wd}" in err, err
+    monkeypatch.undo()
+    b, ms = write_family_dirs(tmp_path)
+    monkeypatch.setattr("tiesmerge.api.merge", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "-o",
+                          str(tmp_path / "o")], capsys)
+    assert rc == 130 and "no output directory was left behind" in err, err  # the next command: its own words

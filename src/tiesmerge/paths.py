@@ -483,7 +483,8 @@ def _check_demo_files(workdir: str | os.PathLike, final: Path) -> None:
         path = final / rel
         if os.path.islink(path) or not os.path.isfile(path):
             foreign.append(f"{rel} (a link)" if os.path.islink(path) else rel)
-        elif not (record.get("writing") and rel in written or rel in written and stamp_holds(written[rel], path)):
+        elif not (record.get("writing") and (rel in written or _written_by_a_demo(rel))
+                  or rel in written and stamp_holds(written[rel], path)):
             foreign.append(rel)
     if foreign:  # the merged models' own problems in the same refusal, not one refusal after another (hp28 N2)
         for entry in sorted(e for e in os.listdir(final) if e.startswith("merged-")):
@@ -496,6 +497,17 @@ def _check_demo_files(workdir: str | os.PathLike, final: Path) -> None:
         raise OutputError(f"{workdir}: --workdir holds files the earlier demo did not write, or that changed since "
                           f"({shown}); the demo would overwrite them", hint="name a new or empty folder, or move "
                                                                             "those files away")
+
+
+_DEMO_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
+
+
+def _written_by_a_demo(rel: str) -> bool:
+    """A file a demo writes into a model folder of its --workdir (base/, ft-*/: config, tokenizer, weights): what a
+    demo stopped while writing them left (killed before its marker recorded them: hostile pass 29, F2)."""
+    parts = rel.split(os.sep)
+    return len(parts) == 2 and (parts[0] == "base" or parts[0].startswith("ft-")) and \
+        (parts[1] in MODEL_FILES or _DEMO_WEIGHTS.fullmatch(parts[1]) is not None)
 
 
 def demo_models_written(root: str | os.PathLike) -> None:

@@ -476,6 +476,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model_dir()
     if args.workdir:
         args.workdir = str(demo_workdir(args.workdir))  # before anything is made: never over a user's files
+        import importlib
+
+        command_line = importlib.import_module("tiesmerge.cli.main")  # the module (the package's `main` is a function)
+        command_line.left_on_stop = (f"the models written so far stay in {args.workdir}; the demo replaces them when "
+                                     "run there again")
     if args.synthetic:
         from .demo import run_demo
 
