@@ -308,3 +308,31 @@ def test_a_demo_stopped_while_writing_its_models_runs_again_there(tmp_path, caps
     rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "-o",
                           str(tmp_path / "o")], capsys)
     assert rc == 130 and "no output directory was left behind" in err, err  # the next command: its own words
+
+
+def test_search_notes_of_the_twenty_ninth_pass():
+    """hp29 N4: an integer axis over 0.5:0.7 tried seed=1 (outside the range), and 0.4:1 could try 0; N5: an option
+    named by --axis and --range was refused twice in one message."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match="seed takes whole numbers, and 0.5:0.7 holds none"):
+        build_space("dare_ties", 2, axes=["seed"], ranges={"seed": (0.5, 0.7)})
+    space = build_space("dare_ties", 2, axes=["seed"], ranges={"seed": (0.4, 1.0)})
+    assert {space.axes[0].value([u]) for u in (0.0, 0.1, 0.5, 1.0)} == {1}
+    with pytest.raises(ConfigError) as caught:
+        build_space("dare_ties", 2, axes=["densities"], ranges={"densities": (0.0, 0.5)})
+    assert str(caught.value).count("has no numeric or per-model option 'densities'") == 1, str(caught.value)
+
+
+def test_a_lora_on_a_tied_head_is_named_as_such(tmp_path, capsys):
+    """hp29 N6: a LoRA on lm_head of a base that ties it to its embedding was blamed on "another base model"."""
+    base = {k: v for k, v in make_base().items() if k != "lm_head.weight"}  # tied: the head is the embedding
+    b = write_hf_dir(tmp_path / "base", base, config={"model_type": "llama", "tie_word_embeddings": True})
+    g = torch.Generator().manual_seed(0)
+    factors = {"lm_head": (torch.randn(2, 8, generator=g), torch.randn(32, 2, generator=g))}
+    lora = write_lora_dir(tmp_path / "lora", factors, alpha=4)
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(lora), "-o",
+                          str(tmp_path / "out")], capsys)
+    assert rc != 0 and "ties the head to its input embedding 'model.embed_tokens.weight'" in err, err
+    assert "another base model" not in err

@@ -72,10 +72,28 @@ class BaseNames:
         ending = self._ending(whole)
         if len(ending) == 1:
             return ending[0]
+        self._refuse_tied_head(whole, label, key)
         raise IncompatibleCheckpointsError(
             f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({self.base.label}) has "
             + (f"{len(ending)} tensors ending in {whole!r}" if ending else f"no tensor {whole!r}"),
             hint="the adapter was trained on another base model; pass the base it was trained from")
+
+    def _refuse_tied_head(self, whole: str, label: str, key: str) -> None:
+        """An adapter on the output head of a base that stores none (its head is the input embedding, tied): PEFT
+        trains such adapters, and merging one changes the shared matrix, the embedding too (hostile pass 29, N6)."""
+        from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, read_model_config
+
+        if not whole.endswith(_HEAD_SUFFIXES) or read_model_config(self.base).get("tie_word_embeddings") is False:
+            return
+        embedding = next((n for n in sorted(self.names) if n.endswith(_EMBED_SUFFIXES)), None)
+        if embedding is not None:
+            raise IncompatibleCheckpointsError(
+                f"{label}: adapter tensor {key!r} adapts the output head {whole!r}, which the base "
+                f"({self.base.label}) does not store: it ties the head to its input embedding {embedding!r} "
+                "(tie_word_embeddings), so the head's change would change the embedding too; tiesmerge does not "
+                "merge an adapter on a tied head",
+                hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full model, or "
+                     "train the adapter without lm_head in target_modules")
 
     def _ending(self, whole: str) -> list[str]:
         if len(whole) >= self._longest:

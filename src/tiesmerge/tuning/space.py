@@ -68,7 +68,9 @@ class Axis:
 
     def _scale(self, x: float) -> float:
         v = self.low + x * (self.high - self.low)
-        return int(round(v)) if self.integer else round(v, DECIMALS)
+        if self.integer:  # the nearest whole number inside [low, high] (0.4:1 never gives 0: hostile pass 29, N4)
+            return min(max(int(round(v)), math.ceil(self.low)), math.floor(self.high))
+        return round(v, DECIMALS)
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     problems = []
     searchable = [n for n, f in fields.items()
                   if types[n] in (float, int) or (types[n] is tuple and f.metadata.get("per_model"))]
-    for name in [*names, *ranges]:
+    for name in dict.fromkeys([*names, *ranges]):  # an option named by --axis and --range: said once (hp29 N5)
         if name not in searchable:
             problems.append(f"{cls.name} has no numeric or per-model option {name!r} to search "
                             + (f"(it has: {', '.join(searchable)})" if searchable else
@@ -262,8 +264,12 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         if per_model and values:
             problems.append(f"{name!r} is per model: it has a range (--range), not grid values")
             continue
+        if types[name] is int and math.ceil(low) > math.floor(high):
+            problems.append(f"{name} takes whole numbers, and {low:g}:{high:g} holds none: widen --range {name}")
+            continue
         for end in (low, high, *values):  # every value a candidate can take lies in [low, high] or the grid
-            end = int(round(end)) if types[name] is int else end  # sampled values are rounded (Axis._scale)
+            if types[name] is int:  # sampled values are the whole numbers inside the range (Axis._scale)
+                end = min(max(int(round(end)), math.ceil(low)), math.floor(high))
             why = option_problem(cls, name, (end,) * per_model if per_model else end)
             if why:
                 problems.append(f"{name} {why.split(', got')[0]}, but the search would try {end!r}")
