@@ -336,3 +336,14 @@ def test_a_lora_on_a_tied_head_is_named_as_such(tmp_path, capsys):
                           str(tmp_path / "out")], capsys)
     assert rc != 0 and "ties the head to its input embedding 'model.embed_tokens.weight'" in err, err
     assert "another base model" not in err
+
+
+@pytest.mark.parametrize("flags, said", [(["--fisher", "empirical"], "--fisher applies"),
+                                         (["--per-example", "vmap", "--fisher", "batched"],
+                                          "--fisher and --per-example apply")])
+def test_fisher_options_with_gram_statistics_are_refused(tmp_path, capsys, flags, said):
+    """hp29 N7: `stats gram --fisher empirical` / `--per-example vmap` were ignored without a word."""
+    rc, _, err = run_cli(["stats", "gram", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.jsonl"),
+                          "-o", str(tmp_path / "out"), *flags], capsys)
+    assert rc != 0 and f"{said} to fisher statistics" in err, err
+    assert not (tmp_path / "out").exists()

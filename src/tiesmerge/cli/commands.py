@@ -351,10 +351,16 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for flag, value in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-length", args.max_length)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be a positive number, got {value}")
+    given = [flag for flag, value in (("--fisher", args.fisher), ("--per-example", args.per_example)) if value]
+    if args.kind != "fisher" and given:  # hp29 N7: they were ignored without a word
+        raise ConfigError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to fisher statistics "
+                          f"(per-example gradients), and {args.kind} "
+                          "statistics are input Gram matrices from a forward pass", hint=f"leave {given[0]} out")
     _check_writes(args.output, args.force, [("the model", args.model), ("the data file", args.data)],
                   "tiesmerge_stats.json")
     started = time.perf_counter()
-    stats = hf_statistics(args.kind, args.model, args.data, fisher=args.fisher, per_example=args.per_example,
+    stats = hf_statistics(args.kind, args.model, args.data, fisher=args.fisher or "exact",
+                          per_example=args.per_example or "loop",
                           batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, device=args.device,
                           progress=sys.stderr.isatty())
     out = save_stats(args.output, stats, force=args.force)

@@ -221,11 +221,12 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--model", required=True, help="a Hugging Face model directory (the fine-tuned model)")
     st.add_argument("--data", required=True, help="a JSON-lines file: {\"text\": ..., \"label\": ...} per line")
     st.add_argument("-o", "--output", required=True, help="the statistics directory to write")
-    st.add_argument("--fisher", default="exact", choices=("exact", "empirical", "batched"),
+    st.add_argument("--fisher", choices=("exact", "empirical", "batched"),  # default exact (None: not given)
                     help="exact: E over y ~ p(y|x) summed over classes (default); empirical: true labels; "
                          "batched: square of each batch's summed gradient (both approximations)")
-    st.add_argument("--per-example", default="loop", choices=("loop", "vmap"),
-                    help="per-example gradients by a loop (any model) or torch.func.vmap (faster where it works)")
+    st.add_argument("--per-example", choices=("loop", "vmap"),
+                    help="per-example gradients by a loop (any model, the default) or torch.func.vmap (faster where it "
+                         "works)")
     st.add_argument("--limit", type=int, help="use the first N examples (default all)")
     st.add_argument("--batch-size", type=int, default=8)
     st.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
