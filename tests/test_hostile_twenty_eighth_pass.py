@@ -347,3 +347,20 @@ def test_fisher_options_with_gram_statistics_are_refused(tmp_path, capsys, flags
                           "-o", str(tmp_path / "out"), *flags], capsys)
     assert rc != 0 and f"{said} to fisher statistics" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hard_link_in_a_demo_workdir_is_never_written_through(tmp_path, capsys):
+    """hp29 F4: a demo stopped while writing (its marker says so), then base/config.json made a hard link to a file
+    outside the workdir: the rerun wrote the demo's config into that file."""
+    import os
+
+    from tiesmerge.paths import demo_workdir
+
+    wd = demo_workdir(tmp_path / "wd")  # a demo began writing, and stopped
+    (wd / "base").mkdir()
+    victim = tmp_path / "notes.txt"
+    victim.write_text("my notes")
+    os.link(victim, wd / "base" / "config.json")
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc != 0 and "base/config.json (a hard link)" in err, err
+    assert victim.read_text() == "my notes"

@@ -468,8 +468,8 @@ def _write_demo_record(root: Path, recorded: dict, *, writing: bool) -> None:
 
 def _check_demo_files(workdir: str | os.PathLike, final: Path) -> None:
     """A later demo rewrites base/ and ft-*/ of an earlier one: only files that demo wrote, unchanged since (its
-    stamps), never a link (the marker included); a demo that stopped while writing its models (``writing``) may
-    replace its own regular files. merged-*/ are outputs, checked as every output is."""
+    stamps), never a link, hard links included (the marker too); a demo that stopped while writing its models
+    (``writing``) may replace its own regular files. merged-*/ are outputs, checked as every output is."""
     marker = final / DEMO_MARKER
     if not stat.S_ISREG(os.lstat(marker).st_mode):
         raise OutputError(f"{workdir}: --workdir's {DEMO_MARKER} is not a regular file (a link, or another kind of "
@@ -483,6 +483,8 @@ def _check_demo_files(workdir: str | os.PathLike, final: Path) -> None:
         path = final / rel
         if os.path.islink(path) or not os.path.isfile(path):
             foreign.append(f"{rel} (a link)" if os.path.islink(path) else rel)
+        elif os.lstat(path).st_nlink > 1:  # the demo writes in place: through a hard link, into another name's file
+            foreign.append(f"{rel} (a hard link)")  # (hostile pass 29, F4)
         elif not (record.get("writing") and (rel in written or _written_by_a_demo(rel))
                   or rel in written and stamp_holds(written[rel], path)):
             foreign.append(rel)
