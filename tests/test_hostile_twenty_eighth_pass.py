@@ -364,3 +364,50 @@ def test_a_hard_link_in_a_demo_workdir_is_never_written_through(tmp_path, capsys
     rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
     assert rc != 0 and "base/config.json (a hard link)" in err, err
     assert victim.read_text() == "my notes"
+
+
+def _add_empty_tensor(directory, shape):
+    """Rewrite ``directory``'s model.safetensors by hand with an extra F32 tensor of ``shape`` holding no bytes
+    (safetensors' own writers cannot make every such shape)."""
+    import json
+    import struct
+
+    from safetensors.torch import load_file
+
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    header, blobs, at = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, tensor in state.items():
+        data = tensor.contiguous().numpy().tobytes()
+        code = {torch.float32: "F32", torch.int64: "I64"}[tensor.dtype]
+        header[name] = {"dtype": code, "shape": list(tensor.shape), "data_offsets": [at, at + len(data)]}
+        blobs.append(data)
+        at += len(data)
+    header["model.empty"] = {"dtype": "F32", "shape": list(shape), "data_offsets": [at, at]}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize("method", ["ties", "tsv_m", "slerp"])
+def test_tensors_of_no_entries_are_copied_whatever_their_shape(tmp_path, capsys, method):
+    """hp29 F5: a tensor of shape (0, 2**62) ended in "unexpected ValueError"; N9: tsv_m asked 12 TiB of workspace for
+    one of shape (2**40, 0)."""
+    import json
+    import struct
+
+    b, ms = write_family_dirs(tmp_path)
+    for d in (b, *ms):
+        _add_empty_tensor(d, (2**40, 0))
+    rc, _, err = run_cli(["merge", "--method", method, "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]),
+                          "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    raw = (tmp_path / "out" / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    assert header["model.empty"]["shape"] == [2**40, 0]
+    for d in (b, *ms):
+        _add_empty_tensor(d, (0, 2**62))
+    rc, _, err = run_cli(["merge", "--method", method, "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]),
+                          "-o", str(tmp_path / "out2")], capsys)
+    assert rc != 0 and "tensor 'model.empty' has shape (0, 4611686018427387904)" in err, err
+    assert "unexpected" not in err

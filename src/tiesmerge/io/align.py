@@ -398,7 +398,9 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 f"tensor {name!r}: shapes differ between the base and model {k}\n" + _shapes_table(name, base, models),
                 hint=hint,
             )
-        jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=True, aliases=aliases))
+        # a tensor of no entries (a 0 among its dimensions, however large the others) is the same in every input:
+        # copied, never planned or merged (shape (0, 2**62) broke the fused path, tsv_m asked 12 TiB: hp29 F5, N9)
+        jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=0 not in info.shape, aliases=aliases))
     if changed and any(j.merge for j in jobs):  # copied from the base: a model's own values there (position ids,
         # a mask) are not in the output; where nothing merges at all, the warning below says the output is the base
         tensors = list(dict.fromkeys(n for n, _ in changed))

@@ -102,6 +102,12 @@ class SafetensorsCheckpoint:
                                       "which tiesmerge cannot read",
                                       hint=f"tiesmerge reads the dtypes {', '.join(BY_CODE)}: convert the tensor to "
                                            "one of them, or leave it out of the file")
+            span = math.prod(d for d in entry["shape"] if d) * BY_CODE[entry["dtype"]].itemsize
+            if span >= 1 << 62:  # (0, 2**62): no bytes, but no array (numpy, torch) takes that shape (hp29 F5)
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(entry['shape'])}: its dimensions "
+                                      "other than 0 span more bytes than any array can",
+                                      hint="the file is damaged or was not written by a framework; save the model "
+                                           "again")
             self._where[name] = file
             self._info[name] = TensorInfo(tuple(entry["shape"]), BY_CODE[entry["dtype"]])
             self._start[name] = 8 + header_len + entry["data_offsets"][0]
