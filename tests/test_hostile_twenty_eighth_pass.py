@@ -411,3 +411,15 @@ def test_tensors_of_no_entries_are_copied_whatever_their_shape(tmp_path, capsys,
                           "-o", str(tmp_path / "out2")], capsys)
     assert rc != 0 and "tensor 'model.empty' has shape (0, 4611686018427387904)" in err, err
     assert "unexpected" not in err
+
+
+def test_an_adapter_update_past_the_float16_base_warns(tmp_path, capsys):
+    """hp29 N8: a merged adapter (float32 factors) whose update B·A is past the float16 base's range was written
+    without a word, while the full-model merge refused the overflow."""
+    base = make_base(dtype=torch.float16)
+    b = write_hf_dir(tmp_path / "base", base)
+    factors = {m: (a * 3000, b_ * 3000) for m, (a, b_) in random_lora(base, 2, seed=1).items()}
+    lora = write_lora_dir(tmp_path / "lora", factors, alpha=2)
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--lam", "1", "--base", str(b), "--model", str(lora),
+                          "--output-format", "adapter", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0 and "past the largest value of the base's float16" in err, err

@@ -150,6 +150,9 @@ def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models:
     stats = executor.run(sink)
     clock = time.perf_counter()
     base_values = {n: base.read(n) for n in full}
-    part = write_lora_adapter(directory, loras[0], loras, sink, base_values, out_dtype, base_label=base.label)
+    narrow = {n: base.info(n).dtype_info.torch for n in targets if base.info(n).dtype_info.name in ("float16",
+                                                                                                  "bfloat16")}
+    part = write_lora_adapter(directory, loras[0], loras, sink, base_values, out_dtype, base_label=base.label,
+                              base_dtypes=narrow)
     stats.seconds["factor_write"] = time.perf_counter() - clock
     return stats, part

@@ -121,31 +121,38 @@ def _product_past(b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float
     return None if not largest > float(torch.finfo(dtype).max) else largest  # (a NaN product: not said here)
 
 
-def _warn_products_past(past: dict[str, float], dtype: torch.dtype) -> None:
+def _warn_products_past(past: dict[str, float], dtype: torch.dtype, *, base: bool = False) -> None:
     """One warning for the tensors whose factors fit ``dtype`` but whose product does not: PEFT upcasts
     float16/bfloat16 adapters to float32 by default (autocast_adapter_dtype), so the adapter works on a float32
-    model, but B·A formed in the narrow dtype (a float16 model, merge_and_unload) is Inf."""
+    model, but B·A formed in the narrow dtype (a float16 model, merge_and_unload) is Inf. ``base``: the factors
+    are wider, and ``dtype`` is the base's own: merged into it, the update is Inf (hostile pass 29, N8)."""
     if not past:
         return
     name_of = str(dtype).removeprefix("torch.")
     worst = max(past, key=past.__getitem__)
     others = f" (and {len(past) - 1} other tensor(s))" if len(past) > 1 else ""
+    said = (f"past the largest value of the base's {name_of} ({float(torch.finfo(dtype).max):.3g}): merged into "
+            f"the {name_of} base (merge_and_unload), it is Inf; it works only on the base upcast to float32" if base
+            else f"past {name_of}'s largest value {float(torch.finfo(dtype).max):.3g}: its {name_of} factors are "
+            f"finite and work on a float32 model (PEFT upcasts them), but B·A formed in {name_of} (a {name_of} "
+            "model, merge_and_unload) is Inf")
     warnings.warn(MergeWarning(
-        f"the merged update of {worst!r}{others} reaches |B·A| = {past[worst]:.3g}, past {name_of}'s largest value "
-        f"{float(torch.finfo(dtype).max):.3g}: its {name_of} factors are finite and work on a float32 model (PEFT "
-        f"upcasts them), but B·A formed in {name_of} (a {name_of} model, merge_and_unload) is Inf; a smaller lam, "
-        "or --dtype float32, avoids it"), stacklevel=3)
+        f"the merged update of {worst!r}{others} reaches |B·A| = {past[worst]:.3g}, {said}; a smaller lam"
+        + ("" if base else ", or --dtype float32,") + " avoids it"), stacklevel=3)
 
 
 def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[LoraCheckpoint],
                        sink: LoraFactorSink, base_values: dict[str, torch.Tensor],
-                       dtype: DType | torch.dtype, base_label: str | None = None) -> dict:
-    """adapter_config.json + adapter_model.safetensors in ``directory``; returns the manifest part."""
+                       dtype: DType | torch.dtype, base_label: str | None = None,
+                       base_dtypes: dict[str, torch.dtype] | None = None) -> dict:
+    """adapter_config.json + adapter_model.safetensors in ``directory``; returns the manifest part.
+    ``base_dtypes``: the base's dtype of adapted tensors stored narrower than float32 (an update past it warns)."""
     out_dtype = as_dtype(dtype).torch
     tensors: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     errors: dict[str, float] = {}
     past: dict[str, float] = {}  # tensors whose factors fit out_dtype but whose product does not
+    past_base: dict[torch.dtype, dict[str, float]] = {}  # ... whose product does not fit the base's narrow dtype
     for name, factored in sink.factors.items():
         target = sink.targets[name]
         modules.append(target.module)
@@ -157,8 +164,14 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
         largest = _product_past(tensors[key + b_suffix], tensors[key + a_suffix], out_dtype)
         if largest is not None:
             past[name] = largest
+        elif name in (base_dtypes or {}):  # wider factors: the update must still fit the base it is merged into
+            largest = _product_past(tensors[key + b_suffix], tensors[key + a_suffix], base_dtypes[name])
+            if largest is not None:
+                past_base.setdefault(base_dtypes[name], {})[name] = largest
         errors[target.module] = factored.relative_error
     _warn_products_past(past, out_dtype)
+    for narrow, tensors_past in past_base.items():
+        _warn_products_past(tensors_past, narrow, base=True)
     saved_whole: list[str] = []
     for name, tau in sink.full.items():
         key = next(k for a in adapters if (k := a.full_key(name)) is not None)
