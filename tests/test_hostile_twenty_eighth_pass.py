@@ -423,3 +423,15 @@ def test_an_adapter_update_past_the_float16_base_warns(tmp_path, capsys):
     rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--lam", "1", "--base", str(b), "--model", str(lora),
                           "--output-format", "adapter", "-o", str(tmp_path / "out")], capsys)
     assert rc == 0 and "past the largest value of the base's float16" in err, err
+
+
+def test_factors_with_the_adapter_name_are_named_as_a_state_dict(tmp_path, capsys):
+    """hp29 N10: keys like `...q_proj.lora_A.default.weight` (a PeftModel's state_dict()) were called a LoRA variant."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_lora_dir(tmp_path / "lora", random_lora(make_base(), 2, seed=1), alpha=4)
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in weights.items()},
+              str(path / "adapter_model.safetensors"))
+    err = _adapter_refused(tmp_path, capsys, path)
+    assert "its LoRA factors carry an adapter name ('default'" in err and "save_pretrained" in err, err

@@ -139,6 +139,10 @@ class LoraTarget:
     embedding: bool
 
 
+# a factor key with the adapter's name in it (`...q_proj.lora_A.default.weight`): a PeftModel's state_dict()
+_ADAPTER_NAMED = re.compile(r"\.lora_(?:A|B)\.([^.]+)\.weight$|\.lora_embedding_(?:A|B)\.([^.]+)$")
+
+
 class LoraCheckpoint:
     """A PEFT LoRA adapter directory, read as the task vectors ΔW = s · B · A of its modules."""
 
@@ -195,6 +199,15 @@ class LoraCheckpoint:
                     raise
         known = {k for a, b, _ in self._factors.values() for k in (a, b)}
         unknown = [k for k in keys if (".lora_" in k and k not in known) or ".token_adapter." in k]
+        named = next((m for k in unknown if (m := _ADAPTER_NAMED.search(k))), None)
+        if named is not None:  # a PeftModel's state_dict() (keys with the adapter's name), not save_pretrained's file
+            self._file.close()
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: its LoRA factors carry an adapter name "
+                                  f"({named.group(1) or named.group(2)!r}, e.g. {named.string!r}), as a PeftModel's "
+                                  "state_dict() holds them; PEFT's adapter files do not (it adds the name when it "
+                                  "loads one)", hint="save the adapter with PeftModel.save_pretrained (or peft's "
+                                                     "get_peft_model_state_dict), which writes the keys PEFT and "
+                                                     "tiesmerge read")
         if unknown:  # a variant's own tensors (lora_B.bias, a magnitude vector, trainable tokens): never dropped
             self._file.close()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds {len(unknown)} LoRA tensor(s) that are not A/B "
