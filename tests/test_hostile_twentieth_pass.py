@@ -11,7 +11,7 @@ import torch
 
 import tiesmerge
 from helpers_ckpt import copy_model_dir, write_family_dirs, write_hf_dir
-from tiesmerge.errors import MergeWarning
+from tiesmerge.errors import ConfigError, MergeWarning
 from tiesmerge.methods import Fisher, ModelStock, Ties
 
 
@@ -57,7 +57,8 @@ def test_the_default_grid_of_a_count_fits_the_models_merged():
 
     assert build_space("consensus", 2, axes=["k"]).axes[0].values == (1, 2)
     assert build_space("consensus", 3, axes=["k"]).axes[0].values == (1, 2, 3)
-    assert build_space("consensus", 2, axes=["k"], grid={"k": (1, 3)}).axes[0].values == (1, 3)  # given: kept
+    with pytest.raises(ConfigError, match="k=3 counts tasks"):  # given: refused up front (hp29 N11), not cut
+        build_space("consensus", 2, axes=["k"], grid={"k": (1, 3)})
 
 
 def test_model_stock_filter_wise_counts_the_rows_that_extrapolate(tmp_path):

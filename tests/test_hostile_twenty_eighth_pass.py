@@ -435,3 +435,16 @@ def test_factors_with_the_adapter_name_are_named_as_a_state_dict(tmp_path, capsy
               str(path / "adapter_model.safetensors"))
     err = _adapter_refused(tmp_path, capsys, path)
     assert "its LoRA factors carry an adapter name ('default'" in err and "save_pretrained" in err, err
+
+
+def test_a_count_past_the_models_in_a_grid_is_said(recwarn):
+    """hp29 N11: tune dropped consensus' k=3 from k=1,2,3 with 2 models without a word; search scored 100 candidates
+    before refusing k=3 one by one."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.registry import method_class
+    from tiesmerge.tuning.space import build_space, fit_counts
+
+    with pytest.raises(ConfigError, match="consensus: k=3 counts tasks, but only 2 models are merged"):
+        build_space("consensus", 2, axes=["k"], grid={"k": [1, 2, 3]})
+    with pytest.warns(Warning, match="consensus: k=3 left out of the grid: it counts tasks, and 2 models"):
+        assert fit_counts(method_class("consensus"), {"k": (1, 2, 3)}, 2, given=set())["k"] == (1, 2)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MergeWarning
 from ..limits import Underflow, parse_float
 from ..methods.base import (
     MODEL_COUNT_UNITS,
@@ -313,9 +314,19 @@ def fit_counts(cls: type, grid: Mapping[str, Sequence[Any]], n_models: int, give
     ``given`` (the user's own values) is kept whole, and refused as given where a value is too large."""
     out = dict(grid)
     for f in dataclasses.fields(cls):
-        if f.name in out and f.name not in given and f.metadata.get("unit") in MODEL_COUNT_UNITS:
-            out[f.name] = tuple(v for v in out[f.name] if not (isinstance(v, (int, float)) and v > n_models)) \
-                or tuple(out[f.name])
+        if f.name not in out or f.metadata.get("unit") not in MODEL_COUNT_UNITS:
+            continue
+        past = [v for v in out[f.name] if isinstance(v, (int, float)) and v > n_models]
+        if past and f.name in given:  # refused before the first merge, not candidate by candidate (hp29 N11)
+            raise ConfigError(f"{cls.name}: {f.name}={past[0]} counts {f.metadata['unit']}, but only {n_models} "
+                              f"model{'s are' if n_models != 1 else ' is'} merged: drop it from --grid {f.name}")
+        if past:
+            kept = tuple(v for v in out[f.name] if v not in past)
+            if kept:
+                out[f.name] = kept
+                warnings.warn(MergeWarning(f"{cls.name}: {f.name}={', '.join(map(str, past))} left out of the grid: "
+                                           f"it counts {f.metadata['unit']}, and {n_models} models are merged"),
+                              stacklevel=3)
     return out
 
 
