@@ -448,3 +448,24 @@ def test_a_count_past_the_models_in_a_grid_is_said(recwarn):
         build_space("consensus", 2, axes=["k"], grid={"k": [1, 2, 3]})
     with pytest.warns(Warning, match="consensus: k=3 left out of the grid: it counts tasks, and 2 models"):
         assert fit_counts(method_class("consensus"), {"k": (1, 2, 3)}, 2, given=set())["k"] == (1, 2)
+
+
+def test_numbas_own_switches_are_no_bug(tmp_path, capsys, monkeypatch):
+    """hp29 F6: NUMBA_DISABLE_JIT=1 ran the kernels as Python ("unexpected NotImplementedError ... bug"), and a
+    NUMBA_THREADING_LAYER numba cannot load ("unexpected ValueError ... bug")."""
+    import os
+    import subprocess
+    import sys
+
+    b, ms = write_family_dirs(tmp_path)
+    flags = ["--base", str(b), "--model", str(ms[0]), "--model", str(ms[1])]
+    monkeypatch.setenv("NUMBA_DISABLE_JIT", "1")  # the torch engine merges instead
+    for method in ("ties", "slerp"):
+        rc, out, err = run_cli(["merge", *flags, "--method", method, "-o", str(tmp_path / f"j-{method}")], capsys)
+        assert rc == 0, err
+    monkeypatch.delenv("NUMBA_DISABLE_JIT")
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "bogus", "TIESMERGE_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "tiesmerge", "merge", *flags, "-o", str(tmp_path / "t")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "NUMBA_THREADING_LAYER='bogus': numba cannot load" in done.stderr, done.stderr
+    assert "bug" not in done.stderr and not (tmp_path / "t").exists()

@@ -61,6 +61,8 @@ def available() -> bool:
     time the torch path on the same machine). Does not import numba."""
     if os.environ.get("TIESMERGE_KERNELS", "1") == "0":
         return False
+    if os.environ.get("NUMBA_DISABLE_JIT", "0").strip() not in ("", "0"):  # numba's debugging switch: its kernels
+        return False  # would run as Python (and fail on their intrinsics): the torch engine merges (hp29 F6)
     loaded = _loaded()
     return loaded.numba is not None if loaded is not None else importlib.util.find_spec("numba") is not None
 
@@ -76,7 +78,28 @@ def load() -> ModuleType | None:
     kernels = _loaded()
     if kernels is None:
         kernels = _import_kernels()
-    return kernels if kernels.numba is not None and available() else None
+    if kernels.numba is None or not available():
+        return None
+    _check_threading_layer()
+    return kernels
+
+
+def _check_threading_layer() -> None:
+    """numba's NUMBA_THREADING_LAYER (a user's environment may carry it): a layer numba cannot load (tbb not
+    installed, a misspelt name) failed the first kernel as "unexpected ValueError" (hostile pass 29, F6)."""
+    layer = os.environ.get("NUMBA_THREADING_LAYER")
+    if not layer:
+        return
+    try:
+        from numba.np.ufunc import parallel
+
+        parallel._launch_threads()  # loads the layer now (once; later calls return at once)
+    except (ValueError, ImportError, OSError) as exc:
+        from ..errors import ConfigError
+
+        reason = (str(exc).splitlines() or [""])[0][:200]  # numba's own message runs on with a HINT paragraph
+        raise ConfigError(f"NUMBA_THREADING_LAYER={layer[:40]!r}: numba cannot load that threading layer ({reason})",
+                          hint="unset NUMBA_THREADING_LAYER (numba picks one), or set it to omp or workqueue") from None
 
 
 def _import_kernels() -> ModuleType:
