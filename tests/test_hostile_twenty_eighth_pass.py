@@ -469,3 +469,15 @@ def test_numbas_own_switches_are_no_bug(tmp_path, capsys, monkeypatch):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "NUMBA_THREADING_LAYER='bogus': numba cannot load" in done.stderr, done.stderr
     assert "bug" not in done.stderr and not (tmp_path / "t").exists()
+
+
+def test_a_config_peft_021_refuses_is_merged_as_older_peft_did_and_said(tmp_path, capsys):
+    """hp29 N12: a regex target_modules beside layers_to_transform: PEFT 0.21's LoraConfig refuses it (older PEFT
+    ignored the layers); it was merged without a word."""
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4,
+                          config={"target_modules": r".*\.(q_proj|up_proj)", "layers_to_transform": [0]})
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(lora),
+                          "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0 and "layers_to_transform is set: PEFT 0.21 refuses to load such a config" in err, err

@@ -385,6 +385,12 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
             "adapter that runs",
             hint="the config does not describe these weights: fix target_modules (or exclude_modules, "
                  "modules_to_save, layers_to_transform) to name the adapted modules, or save the adapter again")
+    beside = [k for k in ("layers_to_transform", "layers_pattern") if config.get(k) is not None]
+    if isinstance(config.get("target_modules"), str) and beside:  # hp29 N12
+        warnings.warn(MergeWarning(
+            f"{source}: target_modules is a string (a regex, or all-linear) and {' and '.join(beside)} is set: PEFT "
+            "0.21 refuses to load such a config, older PEFT ignored the layers; merged as older PEFT loaded it, every "
+            "module target_modules selects, in every layer"), stacklevel=4)
     if targeting.unchecked:
         warnings.warn(MergeWarning(
             f"{source}: {' and '.join(targeting.unchecked)} holds a regex whose effect in PEFT tiesmerge does not "
