@@ -481,3 +481,11 @@ def test_a_config_peft_021_refuses_is_merged_as_older_peft_did_and_said(tmp_path
     rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(lora),
                           "-o", str(tmp_path / "out")], capsys)
     assert rc == 0 and "layers_to_transform is set: PEFT 0.21 refuses to load such a config" in err, err
+
+
+def test_a_nan_setting_is_one_problem():
+    """hp29 N5: adapt --lr nan / --init inf listed "must be finite" and then "must be in (0, 10], got nan"."""
+    from tiesmerge.adamerging.learn import AdaptConfig
+
+    problems = AdaptConfig(lr=float("nan"), init=float("inf")).problems()
+    assert problems == ["lr must be a finite number, got nan", "init must be a finite number, got inf"], problems

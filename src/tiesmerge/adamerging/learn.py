@@ -75,13 +75,15 @@ class AdaptConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 out.append(f"{key} must be a finite number, got {value!r}")
-        if isinstance(self.lr, (int, float)) and not 0 < self.lr <= MAX_LR:
+        finite = {k for k in ("lr", "init") if isinstance(getattr(self, k), (int, float))
+                  and math.isfinite(getattr(self, k))}  # a NaN is said once, above (hp29 N5)
+        if "lr" in finite and not 0 < self.lr <= MAX_LR:
             out.append(f"lr must be in (0, {MAX_LR:g}], got {self.lr!r} (coefficients live near 0.3 to 1: a larger "
                        "step throws them past any useful merge)")
         if isinstance(self.batch_size, int) and self.batch_size > MAX_BATCH:  # the batch's rows are listed and encoded
             out.append(f"batch_size must be at most {MAX_BATCH:,} examples per task and step, got {self.batch_size:,} "
                        "(one forward pass holds the whole batch; a batch larger than a task's data repeats its rows)")
-        if isinstance(self.init, (int, float)) and abs(self.init) > MAX_INIT:
+        if "init" in finite and abs(self.init) > MAX_INIT:
             out.append(f"init must be within ±{MAX_INIT:g}, got {self.init!r}")
         if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
             out.append(f"clamp must be (low, high) with low < high, got {self.clamp!r}")

@@ -193,8 +193,10 @@ class RayExecutor:
     def __init__(self, address: str | None = None, *, workers: int | None = None, cpus_per_task: int | None = None,
                  gpus_per_task: float | None = None, max_retries: int = 3) -> None:
         ray = _import_ray(local=not address)
-        if workers is not None and workers < 1 or cpus_per_task is not None and cpus_per_task < 1:
-            raise ConfigError(f"workers {workers}, cpus per task {cpus_per_task}: each must be at least 1")
+        wrong = [f"{what} {value}" for what, value in (("workers", workers), ("cpus_per_task", cpus_per_task))
+                 if value is not None and value < 1]  # only the values given (hp29 N5)
+        if wrong:
+            raise ConfigError(f"{' and '.join(wrong)}: {'each' if len(wrong) > 1 else 'it'} must be at least 1")
         if address and workers is not None:
             raise ConfigError("workers sizes the local cluster; a joined cluster runs as many tasks as its CPUs "
                               "(or GPUs) allow", hint="set cpus_per_task instead")
