@@ -489,3 +489,33 @@ def test_a_nan_setting_is_one_problem():
 
     problems = AdaptConfig(lr=float("nan"), init=float("inf")).problems()
     assert problems == ["lr must be a finite number, got nan", "init must be a finite number, got inf"], problems
+
+
+def test_base_names_resolve_as_the_plain_rule_on_random_names():
+    """BaseNames (indexed, tails bounded) against the rule it implements, written plainly: the exact name, then the
+    module's tails after each dot, longest first, then the one base name ending with '.' + module + suffix."""
+    import random
+
+    def plain(module, suffix, names):
+        parts = module.split(".")
+        for start in range(len(parts)):
+            if ".".join(parts[start:]) + suffix in names:
+                return ".".join(parts[start:]) + suffix
+        ending = [n for n in names if n.endswith("." + module + suffix)]
+        return ending[0] if len(ending) == 1 else None
+
+    class _Named(_Base):
+        def directory(self):
+            return None
+
+    r = random.Random(0)
+    parts = ["a", "b", "model", "layers", "0", "1", "q", ".", "", "x.y", "lm_head"]
+    for _ in range(5000):
+        names = {".".join(r.choice(parts) for _ in range(r.randint(1, 5))) + r.choice([".weight", "", ".bias"])
+                 for _ in range(r.randint(1, 8))}
+        module, suffix = ".".join(r.choice(parts) for _ in range(r.randint(1, 6))), r.choice([".weight", ""])
+        try:
+            got = BaseNames(_Named(names)).resolve(module, suffix, "ad", "k")
+        except IncompatibleCheckpointsError:
+            got = None
+        assert got == plain(module, suffix, names), (names, module, suffix)
