@@ -445,9 +445,12 @@ def test_a_count_past_the_models_in_a_grid_is_said(recwarn):
     from tiesmerge.tuning.space import build_space, fit_counts
 
     with pytest.raises(ConfigError, match="consensus: k=3 counts tasks, but only 2 models are merged"):
-        build_space("consensus", 2, axes=["k"], grid={"k": [1, 2, 3]})
+        build_space("consensus", 2, axes=["k"], grid={"k": [1, 3]})  # the user's own values
     with pytest.warns(Warning, match="consensus: k=3 left out of the grid: it counts tasks, and 2 models"):
         assert fit_counts(method_class("consensus"), {"k": (1, 2, 3)}, 2, given=set())["k"] == (1, 2)
+    # hp30 F2: the command line hands the paper's grid over with --grid on top: the paper's k=1,2,3 is cut, not refused
+    with pytest.warns(Warning, match="k=3 left out of the grid"):
+        assert build_space("consensus", 2, axes=["k"], grid={"k": (1, 2, 3)}).axes[0].values == (1, 2)
 
 
 def test_numbas_own_switches_are_no_bug(tmp_path, capsys, monkeypatch):

@@ -211,7 +211,10 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     cls = method_class(method) if isinstance(method, str) else method
     types = option_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    grid = fit_counts(cls, {**declared_grid(cls), **dict(grid or {})}, n_models, given=set(grid or {}))
+    paper = declared_grid(cls)  # an axis whose values differ from the paper's is the user's own (the command line
+    # hands the paper's grid over with the user's --grid on top)
+    given = {k for k, v in dict(grid or {}).items() if tuple(v) != tuple(paper.get(k, ()))}
+    grid = fit_counts(cls, {**paper, **dict(grid or {})}, n_models, given=given)
     ranges = dict(ranges or {})
     fixed = dict(fixed or {})
     names = list(axes) if axes else list(grid)
