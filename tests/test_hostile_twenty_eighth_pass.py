@@ -467,11 +467,13 @@ def test_numbas_own_switches_are_no_bug(tmp_path, capsys, monkeypatch):
         rc, out, err = run_cli(["merge", *flags, "--method", method, "-o", str(tmp_path / f"j-{method}")], capsys)
         assert rc == 0, err
     monkeypatch.delenv("NUMBA_DISABLE_JIT")
-    env = {**os.environ, "NUMBA_THREADING_LAYER": "bogus", "TIESMERGE_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "tiesmerge", "merge", *flags, "-o", str(tmp_path / "t")], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode != 0 and "NUMBA_THREADING_LAYER='bogus': numba cannot load" in done.stderr, done.stderr
-    assert "bug" not in done.stderr and not (tmp_path / "t").exists()
+    for layer in ("bogus", ""):  # hp30 F3: set but empty is no layer either
+        env = {**os.environ, "NUMBA_THREADING_LAYER": layer, "TIESMERGE_CACHE_DIR": str(tmp_path / "cache")}
+        done = subprocess.run([sys.executable, "-m", "tiesmerge", "merge", *flags, "-o", str(tmp_path / "t")],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode != 0 and f"NUMBA_THREADING_LAYER={layer!r}: numba cannot load" in done.stderr, \
+            done.stderr
+        assert "bug" not in done.stderr and not (tmp_path / "t").exists()
 
 
 def test_a_config_peft_021_refuses_is_merged_as_older_peft_did_and_said(tmp_path, capsys):

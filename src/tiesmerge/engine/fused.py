@@ -88,7 +88,7 @@ def _check_threading_layer() -> None:
     """numba's NUMBA_THREADING_LAYER (a user's environment may carry it): a layer numba cannot load (tbb not
     installed, a misspelt name) failed the first kernel as "unexpected ValueError" (hostile pass 29, F6)."""
     layer = os.environ.get("NUMBA_THREADING_LAYER")
-    if not layer:
+    if layer is None:  # set but empty is no layer numba knows either (hp30 F3)
         return
     try:
         from numba.np.ufunc import parallel
