@@ -524,3 +524,33 @@ def test_base_names_resolve_as_the_plain_rule_on_random_names():
         except IncompatibleCheckpointsError:
             got = None
         assert got == plain(module, suffix, names), (names, module, suffix)
+
+
+def _tied_base(tmp_path):
+    base = make_base()
+    base["lm_head.weight"] = base["model.embed_tokens.weight"].clone()  # tied, stored under both names
+    return base, write_hf_dir(tmp_path / "base", base, config={"model_type": "llama", "tie_word_embeddings": True})
+
+
+def test_a_change_to_a_tied_head_alone_is_refused(tmp_path, capsys):
+    """hp30 F1: a LoRA on lm_head of a base that ties it to its embedding but stores both names: the head's update
+    was written under lm_head, which transformers replaces by the embedding when it loads the output (lost)."""
+    base, b = _tied_base(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    lora = write_lora_dir(tmp_path / "lora", {"lm_head": (torch.randn(2, 8, generator=g),
+                                                           torch.randn(32, 2, generator=g))}, alpha=4)
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(lora), "-o",
+                          str(tmp_path / "out")], capsys)
+    assert rc != 0 and "changes 'lm_head.weight' apart from 'model.embed_tokens.weight'" in err, err
+    untied = dict(base)
+    untied["lm_head.weight"] = base["lm_head.weight"] + 0.1  # a full fine-tune trained with an untied head
+    ft = write_hf_dir(tmp_path / "ft", untied, config={"model_type": "llama", "tie_word_embeddings": True})
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(ft), "-o",
+                          str(tmp_path / "out2")], capsys)
+    assert rc != 0 and "tie_word_embeddings: false" in err, err
+    embed_only = dict(base)
+    embed_only["model.embed_tokens.weight"] = base["model.embed_tokens.weight"] + 0.1  # the head follows at load
+    ft = write_hf_dir(tmp_path / "ft3", embed_only, config={"model_type": "llama", "tie_word_embeddings": True})
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(ft), "-o",
+                          str(tmp_path / "out3")], capsys)
+    assert rc == 0, err

@@ -218,6 +218,43 @@ def _untied_copies(base: Checkpoint, model: Checkpoint, k: int, extra: list[str]
     return left
 
 
+def _refuse_head_changed_apart(base: Checkpoint, models: list[Checkpoint], group: tuple[str, ...]) -> None:
+    """The base ties its output head to its embedding (config) and stores the one tensor under both names; a model
+    that changes the head apart from the embedding (an adapter on lm_head, a fine-tune trained untied) would lose that
+    change where transformers ties the two again when it loads the output (hostile pass 30, F1). A model that changes
+    only the embedding is fine: the head follows it."""
+    embed, head = group[0], group[1]
+    if not _same_values([base], embed, head):
+        return  # the base itself stores two tensors: nothing is tied in its files
+    for k, model in enumerate(models):
+        if _same_values([model], embed, head):
+            continue
+        changed = head in model.names() if yields_task_vector(model) else not _same_in_both(base, model, head)
+        if changed:
+            adapter = yields_task_vector(model)
+            raise IncompatibleCheckpointsError(
+                f"model {k} ({model.label}) changes {head!r} apart from {embed!r}, which the base ({base.label}) ties "
+                "(tie_word_embeddings) and stores as one tensor: loaded with the base's config, the output's head "
+                "would be its embedding again and the change would be lost"
+                + (" (an adapter on a tied head: PEFT's merge changes the shared matrix, the embedding too)"
+                   if adapter else ""),
+                hint=("merge the adapter into its base with PEFT (merge_and_unload) and merge the full model, or "
+                      "train it without lm_head in target_modules") if adapter else
+                     "merge onto a base whose config sets tie_word_embeddings: false, or leave this model out")
+
+
+def _same_in_both(a: Checkpoint, b: Checkpoint, name: str) -> bool:
+    """Whether two inputs hold the same bytes for tensor ``name`` (compared in chunks: an output head may be GBs)."""
+    info = a.info(name)
+    if info != b.info(name):
+        return False
+    if not info.shape:
+        return _first_rows(a, name, None) == _first_rows(b, name, None)
+    step = max(1, _COMPARE_BYTES // max(1, math.prod(info.shape[1:]) * info.itemsize))
+    return all(_first_rows(a, name, rows) == _first_rows(b, name, rows)
+               for rows in (slice(i, min(i + step, info.shape[0])) for i in range(0, info.shape[0], step)))
+
+
 def _first_rows(ckpt: Checkpoint, name: str, rows: slice | None) -> bytes:
     info = ckpt.info(name)
     out = bytearray(math.prod(rows_shape(info.shape, rows)) * info.itemsize)
@@ -337,7 +374,12 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 hint="all models must be fine-tunes of the same base architecture",
             )
     # -- tied tensors
-    tied = [g for g in _tied_groups(base, names) if _same_values([base, *models], g[0], g[1])]
+    tied = []
+    for group in _tied_groups(base, names):
+        if _same_values([base, *models], group[0], group[1]):
+            tied.append(group)
+        elif not hasattr(base, "storage_key"):
+            _refuse_head_changed_apart(base, models, group)
     alias_of = {n: g[0] for g in tied for n in g[1:]}
     # -- shapes, dtypes, vocabulary policy
     jobs: list[TensorJob] = []
