@@ -554,3 +554,19 @@ def test_a_change_to_a_tied_head_alone_is_refused(tmp_path, capsys):
     rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(b), "--model", str(ft), "-o",
                           str(tmp_path / "out3")], capsys)
     assert rc == 0, err
+
+
+def test_a_plain_weight_beside_its_modules_factors_is_refused(tmp_path, capsys):
+    """hp30 F4: factors for q_proj and a plain `...q_proj.weight` (no modules_to_save): PEFT drops the plain weight
+    (an adapted module's own weight is `<module>.base_layer.weight`), tiesmerge merged it as the module's change."""
+    base = make_base()
+    module = "model.layers.0.self_attn.q_proj"
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4,
+                          extra={module + ".weight": base[module + ".weight"] + 5})
+    err = _adapter_refused(tmp_path, capsys, lora)
+    assert f"is a whole weight of {module!r}, which the adapter's LoRA factors adapt" in err, err
+    ok = write_lora_dir(tmp_path / "ok", random_lora(base, 2, seed=1), alpha=4,
+                        extra={module + ".base_layer.weight": base[module + ".weight"] + 5})
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(tmp_path / "base"), "--model",
+                          str(ok), "-o", str(tmp_path / "ok-out")], capsys)
+    assert rc == 0, err

@@ -303,6 +303,15 @@ class LoraCheckpoint:
         full_bound: dict[str, str] = {}
         for plain, key in self._full.items():
             name = base_names.resolve(strip_key(plain, ""), "", self.label, key)
+            if name in targets and ".base_layer." not in key and ".modules_to_save." not in key:
+                # PEFT keeps an adapted module's own weight at <module>.base_layer.weight (an embedding saved with
+                # save_embedding_layers); a plain <module>.weight beside its factors is dropped when PEFT loads
+                # the adapter, and merging it merged a change nobody runs (hostile pass 30, F4)
+                raise IncompatibleCheckpointsError(
+                    f"{self.label}: {key!r} is a whole weight of {targets[name].module!r}, which the adapter's LoRA "
+                    "factors adapt; PEFT keeps an adapted module's own weight as <module>.base_layer.weight and would "
+                    "not load this one", hint="the adapter file holds a stray weight: remove it, or save the adapter "
+                                              "again with PEFT")
             bind_once(full_bound, name, key, self.label)
             if tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
                 raise IncompatibleCheckpointsError(
