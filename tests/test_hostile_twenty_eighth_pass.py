@@ -570,3 +570,42 @@ def test_a_plain_weight_beside_its_modules_factors_is_refused(tmp_path, capsys):
     rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(tmp_path / "base"), "--model",
                           str(ok), "-o", str(tmp_path / "ok-out")], capsys)
     assert rc == 0, err
+
+
+def test_notes_of_the_thirtieth_pass(tmp_path, capsys):
+    """hp30 N1: models of empty tensors only were said to be "integers or booleans"; N4: an (IA)³ file with a plain
+    weight got merge's generic hint; N5: a mergekit `base+full_model` merged the full model as a fine-tune without a
+    word; N6: --stats with ties and union blamed ties for reading statistics."""
+    import warnings as pywarnings
+
+    import tiesmerge
+    from helpers_adapters import random_ia3, write_ia3_dir
+    from safetensors.torch import load_file, save_file
+    from tiesmerge.errors import MergeWarning
+
+    empty = {"a.weight": torch.zeros(0, 4), "b.weight": torch.zeros(4, 0)}
+    dirs = [write_hf_dir(tmp_path / n, empty) for n in ("eb", "e1", "e2")]
+    with pywarnings.catch_warnings(record=True) as caught:
+        pywarnings.simplefilter("always")
+        tiesmerge.merge(str(dirs[0]), [str(d) for d in dirs[1:]], "ties", output=str(tmp_path / "eo"))
+    said = [str(w.message) for w in caught if issubclass(w.category, MergeWarning) and "nothing to merge" in
+            str(w.message)]
+    assert said and "tensors of no entries (2)" in said[0], said
+
+    base = make_base()
+    ia3 = write_ia3_dir(tmp_path / "ia3", random_ia3(base, seed=1))
+    weights = load_file(str(ia3 / "adapter_model.safetensors"))
+    weights["base_model.model.model.norm.weight"] = base["model.norm.weight"]
+    save_file(weights, str(ia3 / "adapter_model.safetensors"))
+    assert "merge the adapter into its base with PEFT" in _adapter_refused(tmp_path / "n4", capsys, ia3)
+
+    b, ms = write_family_dirs(tmp_path)
+    recipe = tmp_path / "mk.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {b}+{ms[0]}\n"
+                      f"    parameters: {{weight: 1.0}}\n  - model: {ms[1]}\n    parameters: {{weight: 1.0}}\n")
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "mk")], capsys)
+    assert rc != 0 and "after '+' is no PEFT adapter" in err, err
+    rc, _, err = run_cli(["merge", "--method", "ties", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]),
+                          "--stats", str(tmp_path / "x"), "--stats", str(tmp_path / "y"), "--vocab-policy", "union",
+                          "-o", str(tmp_path / "n6")], capsys)
+    assert rc != 0 and "statistics were given, but method 'ties' does not use them" in err, err

@@ -277,14 +277,18 @@ def _stats_hint(kind: str) -> str:
     return f"{compute}, then pass one {stats_option} DIR per --model, in the same order"
 
 
+def _refuse_unused_stats(method: MergeMethod, stats: Sequence[Any] | None) -> None:
+    if stats and method.requirements().statistics is None:
+        raise ConfigError(f"statistics were given, but method {method.name!r} does not use them",
+                          hint="statistics serve the data-aware methods: fisher, regmean")
+
+
 def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | None, models: list[Checkpoint],
                alignment: Alignment, device: Any, progress: Any) -> tuple[SideInputs | None, list[StatsSource]]:
     """The per-model statistics of a data-aware method (Fisher, RegMean), opened and checked."""
     spec = method.requirements().statistics
     if spec is None:
-        if stats:
-            raise ConfigError(f"statistics were given, but method {method.name!r} does not use them",
-                              hint="statistics serve the data-aware methods: fisher, regmean")
+        _refuse_unused_stats(method, stats)
         return None, []
     if not stats:
         raise ConfigError(f"method {method.name!r} needs {spec.kind} statistics of every model",
@@ -375,10 +379,11 @@ def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMetho
     from .io.vocab_rows import layout_of, views_of
 
     req = method.requirements()
+    _refuse_unused_stats(method, stats)  # before blaming statistics the method never reads (hp30 N6)
     adapters = any(yields_task_vector(c) for c in models)
     why = ("a PEFT adapter is among the inputs" if adapters else
            f"method {method.name!r} reads a reference model" if req.reference is not None else
-           f"method {method.name!r} reads per-model statistics" if req.statistics is not None or stats else None)
+           f"method {method.name!r} reads per-model statistics" if req.statistics is not None else None)
     if why:  # a hint for the case at hand: the vocabularies' extra rows exist only in the models' own tensors
         hint = ("fold each adapter into its model first (PeftModel.merge_and_unload) and merge those directories, or "
                 "use --vocab-policy truncate" if adapters else

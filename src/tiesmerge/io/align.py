@@ -451,8 +451,10 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                       f"({', '.join(repr(n) for n in tensors[:5])}{', ...' if len(tensors) > 5 else ''}): such "
                       "tensors are not merged, so the output keeps the base's values", MergeWarning, stacklevel=2)
     if not any(j.merge for j in jobs):  # integer tensors only: the output is the base, whatever the models hold
-        warnings.warn(f"nothing to merge: the base's {len(jobs)} tensor(s) are integers or booleans (buffers, "
-                      "quantized weights), which are copied from the base; the output is the base",
-                      MergeWarning, stacklevel=2)
+        empty = sum(1 for j in jobs if 0 in j.shape and j.dtype_info.is_floating)  # copied too (hp30 N1)
+        what = "integers or booleans (buffers, quantized weights)" if not empty else \
+            f"integers or booleans, or tensors of no entries ({empty})"
+        warnings.warn(f"nothing to merge: the base's {len(jobs)} tensor(s) are {what}, which are copied from the "
+                      "base; the output is the base", MergeWarning, stacklevel=2)
     return Alignment(tuple(jobs), tuple(tied), tuple(truncated))
 

@@ -55,7 +55,9 @@ class Ia3Checkpoint:
         if other:
             self._file.close()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds {len(other)} tensor(s) that are not (IA)³ vectors, "
-                                  f"first {other[0]!r} (modules_to_save are not supported for (IA)³)")
+                                  f"first {other[0]!r} (modules_to_save are not supported for (IA)³)",
+                                  hint="merge the adapter into its base with PEFT (merge_and_unload) and merge "
+                                       "the full model, or save the adapter without those tensors")  # hp30 N4
         if not self._vectors:
             self._file.close()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds no (IA)³ vectors (keys ending in .ia3_l)")
