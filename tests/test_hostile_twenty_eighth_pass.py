@@ -578,9 +578,10 @@ def test_notes_of_the_thirtieth_pass(tmp_path, capsys):
     word; N6: --stats with ties and union blamed ties for reading statistics."""
     import warnings as pywarnings
 
+    from safetensors.torch import load_file, save_file
+
     import tiesmerge
     from helpers_adapters import random_ia3, write_ia3_dir
-    from safetensors.torch import load_file, save_file
     from tiesmerge.errors import MergeWarning
 
     empty = {"a.weight": torch.zeros(0, 4), "b.weight": torch.zeros(4, 0)}
