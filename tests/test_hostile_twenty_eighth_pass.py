@@ -610,3 +610,15 @@ def test_notes_of_the_thirtieth_pass(tmp_path, capsys):
                           "--stats", str(tmp_path / "x"), "--stats", str(tmp_path / "y"), "--vocab-policy", "union",
                           "-o", str(tmp_path / "n6")], capsys)
     assert rc != 0 and "statistics were given, but method 'ties' does not use them" in err, err
+
+
+def test_a_spec_list_of_non_json_numbers_is_checked_as_numbers():
+    """hp30 N3: `task_arithmetic:weights=[inf,1]` was refused as "not a list" (JSON has no inf)."""
+    from tiesmerge.api import method_of_spec
+    from tiesmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"weights must be a finite number, got inf in \[inf, 1.0\]"):
+        method_of_spec("task_arithmetic:weights=[inf,1]")
+    assert method_of_spec("task_arithmetic:weights=[1,2]").weights == (1.0, 2.0)
+    with pytest.raises(ConfigError, match="must be a list with one value per model"):
+        method_of_spec("task_arithmetic:weights=[a,1]")

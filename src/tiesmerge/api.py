@@ -426,6 +426,17 @@ def _spec_items(text: str) -> list[str]:
     return items
 
 
+def _numbers(text: str) -> list[float] | None:
+    """A flat ``[...]`` list of numbers JSON does not spell (``inf``, ``nan``, ``1e400``), as numbers: their option's
+    check then names the value (hp30 N3: ``weights=[inf,1]`` was "not a list"); None where it is no such list."""
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    try:
+        return [float(item) for item in text[1:-1].split(",")]
+    except ValueError:
+        return None
+
+
 def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
     """A method config from ``"name"`` or ``"name:key=value,key=value"`` (values read as JSON where
     they parse: numbers, true/false, [lists], "quoted text"; else as text), or the config itself. Commas
@@ -446,7 +457,8 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
             options[key.strip()] = json.loads(value)
         except ValueError:
             text = value.strip()  # 'single-quoted text' is text, as "double-quoted" is
-            options[key.strip()] = text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else text
+            options[key.strip()] = text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else \
+                _numbers(text) or text
         except RecursionError:  # [[[[... 50,000 deep: no option holds that
             raise ConfigError(f"method {spec[:80]!r}: the value of {key.strip()} is nested too deep to read",
                               hint="give a number, a word, or a flat [list]") from None
