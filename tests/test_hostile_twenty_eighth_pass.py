@@ -622,3 +622,20 @@ def test_a_spec_list_of_non_json_numbers_is_checked_as_numbers():
     assert method_of_spec("task_arithmetic:weights=[1,2]").weights == (1.0, 2.0)
     with pytest.raises(ConfigError, match="must be a list with one value per model"):
         method_of_spec("task_arithmetic:weights=[a,1]")
+
+
+@pytest.mark.parametrize("target", ["all-linear", "ALL-LINEAR"])
+def test_all_linear_leaves_out_the_output_layer_and_embeddings(tmp_path, capsys, target):
+    """hp30 F5: under target_modules "all-linear" PEFT adapts every Linear layer but the output layer, and no
+    embedding; tiesmerge merged lm_head's (and embed_tokens') factors that PEFT never loads."""
+    base = make_base()
+    g = torch.Generator().manual_seed(0)
+    factors = {**random_lora(base, 2, seed=1), "lm_head": (torch.randn(2, 8, generator=g),
+                                                            torch.randn(32, 2, generator=g))}
+    lora = write_lora_dir(tmp_path / "lora", factors, alpha=4, config={"target_modules": target})
+    err = _adapter_refused(tmp_path, capsys, lora)
+    assert "'lm_head' (all-linear selects the Linear layers but the output layer" in err, err
+    ok = write_lora_dir(tmp_path / "ok", random_lora(base, 2, seed=1), alpha=4, config={"target_modules": target})
+    rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(tmp_path / "base"), "--model",
+                          str(ok), "-o", str(tmp_path / "ok-out")], capsys)
+    assert rc == 0, err

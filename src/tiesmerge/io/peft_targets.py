@@ -56,6 +56,10 @@ _MAX_INDEX_DIGITS = 9  # a longer "layer index" is no layer any list holds (and 
 MAX_MODULE_CHARS = 4096  # a module path: real ones run to a few hundred characters
 MAX_COMPONENTS = 256  # and a few dozen components
 MAX_EXPANSION = 100_000  # a selector's size with its repeat counts multiplied out: a real one is a few hundred
+# module names all-linear never adapts: the output layers PEFT leaves out by name of the model's output embeddings
+# (Llama's lm_head, GPT-NeoX's embed_out) and the embeddings, which are no Linear layers
+_NOT_ALL_LINEAR = frozenset({"lm_head", "embed_out", "embed_tokens", "wte", "wpe", "word_embeddings", "shared",
+                             "embed_in", "position_embeddings", "token_type_embeddings"})
 MAX_SPANS = 8  # modules_to_save names compared as names: this many different numbers of components at most
 
 
@@ -183,13 +187,15 @@ class Targeting:
     source: str
     unchecked: tuple[str, ...] = ()  # selectors the automaton could not run
     shown: str = ""  # target_modules as the messages quote it
+    all_linear: bool = False  # target_modules "all-linear": every Linear layer but the output layer
 
     @classmethod
     def of(cls, config: dict, source: str) -> Targeting:
         unchecked = []
         try:
             target = config.get("target_modules")
-            targets = None if target == "all-linear" else _selector(target, "target_modules", source)
+            all_linear = isinstance(target, str) and target.lower() == "all-linear"  # PEFT's test, any case
+            targets = None if all_linear else _selector(target, "target_modules", source)
         except _Unchecked:
             targets, unchecked = None, ["target_modules"]
         try:
@@ -221,7 +227,7 @@ class Targeting:
         if saved_modules.unchecked:
             unchecked.append("modules_to_save")
         return cls(targets, excluded, saved_modules, layers, lists,
-                   source, tuple(unchecked), _shown(config.get("target_modules")))
+                   source, tuple(unchecked), _shown(config.get("target_modules")), all_linear)
 
     def why_not(self, module: str) -> str | None:
         """Why PEFT would not adapt ``module`` (a module path of the base model), or None where it would."""
@@ -229,6 +235,9 @@ class Targeting:
             return "exclude_modules names it"
         if self.saved.holds(module):
             return "modules_to_save names it: PEFT trains that module whole, without adapter layers"
+        if self.all_linear and module.rsplit(".", 1)[-1] in _NOT_ALL_LINEAR:  # hp30 F5
+            return ("all-linear selects the Linear layers but the output layer (PEFT's "
+                    "_maybe_include_all_linear_layers), and no embedding")
         if self.targets is None:
             return None
         if not isinstance(self.targets, frozenset):  # a regex: layers_to_transform plays no part
