@@ -162,12 +162,12 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> s
         return None
     if "+" in ref:  # mergekit's model+lora: the model with a LoRA applied
         model, adapter = ref.split("+", 1)
-        folder = Path(_path(adapter))
-        if folder.is_dir() and not (folder / "adapter_config.json").is_file():  # hp30 N5: merged as a full model
-            problems.append(f"{where}: {ref!r}: {adapter!r} after '+' is no PEFT adapter (no adapter_config.json); "
-                            "mergekit applies a LoRA there (list a full model on its own)")
-            return None
         if base is not None and Path(_path(model)).resolve() == Path(base).resolve():
+            folder = Path(_path(adapter))
+            if folder.is_dir() and not (folder / "adapter_config.json").is_file():  # hp30 N5: merged as a full model
+                problems.append(f"{where}: {ref!r}: {adapter!r} after '+' is no PEFT adapter (no "
+                                "adapter_config.json); mergekit applies a LoRA there (list a full model on its own)")
+                return None
             return _path(adapter)  # the adapter's ΔW is this model's task vector
         if where == "base_model":
             problems.append(f"base_model: {ref!r} applies a LoRA to the base itself; tiesmerge reads an adapter "
