@@ -639,3 +639,18 @@ def test_all_linear_leaves_out_the_output_layer_and_embeddings(tmp_path, capsys,
     rc, _, err = run_cli(["merge", "--method", "task_arithmetic", "--base", str(tmp_path / "base"), "--model",
                           str(ok), "-o", str(tmp_path / "ok-out")], capsys)
     assert rc == 0, err
+
+
+def test_an_empty_target_modules_list_and_an_ia3_reference(tmp_path, capsys):
+    """hp30 N7: target_modules [] (PEFT 0.21 refuses the adapter: no module targeted) was merged as "every module";
+    N4: --sign-from an (IA)³ adapter got merge's generic hint."""
+    from helpers_adapters import random_ia3, write_ia3_dir
+
+    base = make_base()
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4, config={"target_modules": []})
+    assert "target_modules is an empty list, so PEFT adapts no module" in _adapter_refused(tmp_path, capsys, lora)
+    b, ms = write_family_dirs(tmp_path / "f")
+    ia3 = write_ia3_dir(tmp_path / "ia3", random_ia3(make_base(), seed=1))
+    rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--sign-from",
+                          str(ia3), "-o", str(tmp_path / "o")], capsys)
+    assert rc != 0 and "an (IA)³ adapter cannot be a reference model" in err and "LoRA adapter of it" in err, err

@@ -223,7 +223,9 @@ def _open_reference(stack: ExitStack, path: str | None, base: Any, base_ckpt: Ch
     reference = _open(stack, path, allow_pickle, f"{path} (reference)", role="the reference model (sign_from)")
     if yields_task_vector(reference):
         if getattr(reference, "adapter_kind", None) != "lora":
-            raise ConfigError(f"{path}: an (IA)³ adapter cannot be a reference model")
+            raise ConfigError(f"{path}: an (IA)³ adapter cannot be a reference model: its vectors scale weights and "
+                              "give no signs", hint="point sign_from at a model fine-tuned from the base, or at a LoRA "
+                                                    "adapter of it")  # hp30 N4
         reference.bind(base_ckpt)  # type: ignore[attr-defined]
     return reference
 

@@ -381,6 +381,11 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
                               f"and {long.count('.') + 1:,} components ({long[:80]!r}...); no model has such a module "
                               f"(at most {MAX_MODULE_CHARS:,} characters and {MAX_COMPONENTS} components are read)",
                               hint="the adapter file is damaged or not a PEFT adapter of a real model")
+    if config.get("target_modules") == [] and modules:  # PEFT 0.21: "No target_modules passed" (hp30 N7)
+        raise IncompatibleCheckpointsError(
+            f"{source}: target_modules is an empty list, so PEFT adapts no module (and refuses to load the adapter), "
+            f"but the file holds weights for {len(modules)} module(s), e.g. {modules[0]!r}",
+            hint="the config does not describe these weights: fix target_modules to name the adapted modules")
     targeting = Targeting.of(config, source)
     stray = [(m, why) for m in modules if (why := targeting.why_not(m)) is not None]
     saved = saved_as_whole(config)
