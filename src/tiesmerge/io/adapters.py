@@ -143,6 +143,34 @@ class LoraTarget:
 _ADAPTER_NAMED = re.compile(r"\.lora_(?:A|B)\.([^.]+)\.weight$|\.lora_embedding_(?:A|B)\.([^.]+)$")
 
 
+def _keys_of(names: list[str], where: Path) -> tuple[dict[str, tuple[str, str, bool]], dict[str, str]]:
+    """A LoRA file's keys sorted out: module -> (A key, B key, embedding), and the tensors stored whole (modules_to_save
+    copies, trained biases, an adapted embedding's base_layer) by their module-less name. A factor without its partner,
+    or a module stored twice, is refused."""
+    keys = set(names)  # a set: each A factor's B is looked up (a list made that quadratic: hp28 F2)
+    factors: dict[str, tuple[str, str, bool]] = {}
+    firsts: dict[str, str] = {}  # module -> its A factor's key
+    full: dict[str, str] = {}
+    for key in names:
+        for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
+                                              (".lora_embedding_A", ".lora_embedding_B", True)):
+            if key.endswith(a_suffix):
+                module = strip_key(key, a_suffix)
+                b_key = key[: -len(a_suffix)] + b_suffix
+                if b_key not in keys:
+                    raise CheckpointError(f"{where}: {key!r} has no matching {b_key!r}",
+                                          hint="a LoRA module needs both factors, A and B: the adapter file is "
+                                               "incomplete or damaged; save or download it again")
+                one_key_per_module(firsts, module, key, where)
+                factors[module] = (key, b_key, embedding)
+        if ".lora_" not in key:
+            # modules_to_save and trained biases are stored whole
+            # (PEFT also saves an adapted embedding's own weight, as <module>.base_layer.weight)
+            plain = key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
+            one_key_per_module(full, plain.replace(".base_layer.", "."), key, where)
+    return factors, full
+
+
 class LoraCheckpoint:
     """A PEFT LoRA adapter directory, read as the task vectors ΔW = s · B · A of its modules."""
 
@@ -167,36 +195,13 @@ class LoraCheckpoint:
             raise CheckpointError(f"{path}: this LoRA variant is not supported: {'; '.join(bad)}",
                                   hint="merge the adapter into its base model (PeftModel.merge_and_unload) and "
                                        "merge the full model instead")
-        self._factors: dict[str, tuple[str, str, bool]] = {}  # module -> (A key, B key, embedding)
-        self._full: dict[str, str] = {}  # module-less key -> saved full tensor key
-        keys = set(self._file.names())  # a set: each A factor's B is looked up (a list made that quadratic)
-        firsts: dict[str, str] = {}  # module -> its A factor's key
-        for key in self._file.names():
-            for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
-                                                  (".lora_embedding_A", ".lora_embedding_B", True)):
-                if key.endswith(a_suffix):
-                    module = strip_key(key, a_suffix)
-                    b_key = key[: -len(a_suffix)] + b_suffix
-                    if b_key not in keys:
-                        self._file.close()
-                        raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: {key!r} has no matching {b_key!r}",
-                                              hint="a LoRA module needs both factors, A and B: the adapter file is "
-                                                   "incomplete or damaged; save or download it again")
-                    try:
-                        one_key_per_module(firsts, module, key, path / ADAPTER_WEIGHTS)
-                    except CheckpointError:
-                        self._file.close()
-                        raise
-                    self._factors[module] = (key, b_key, embedding)
-            if ".lora_" not in key:
-                # modules_to_save and trained biases are stored whole
-                # (PEFT also saves an adapted embedding's own weight, as <module>.base_layer.weight)
-                plain = key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
-                try:
-                    one_key_per_module(self._full, plain.replace(".base_layer.", "."), key, path / ADAPTER_WEIGHTS)
-                except CheckpointError:
-                    self._file.close()
-                    raise
+        try:
+            # module -> (A key, B key, embedding); module-less key -> saved full tensor key
+            self._factors, self._full = _keys_of(self._file.names(), path / ADAPTER_WEIGHTS)
+        except CheckpointError:
+            self._file.close()
+            raise
+        keys = self._file.names()
         known = {k for a, b, _ in self._factors.values() for k in (a, b)}
         unknown = [k for k in keys if (".lora_" in k and k not in known) or ".token_adapter." in k]
         named = next((m for k in unknown if (m := _ADAPTER_NAMED.search(k))), None)

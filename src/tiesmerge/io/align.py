@@ -229,7 +229,7 @@ def _refuse_head_changed_apart(base: Checkpoint, models: list[Checkpoint], group
     for k, model in enumerate(models):
         if _same_values([model], embed, head):
             continue
-        changed = head in model.names() if yields_task_vector(model) else not _same_in_both(base, model, head)
+        changed = head in model.names() if yields_task_vector(model) else not _same_bytes(base, head, model, head)
         if changed:
             adapter = yields_task_vector(model)
             raise IncompatibleCheckpointsError(
@@ -241,18 +241,6 @@ def _refuse_head_changed_apart(base: Checkpoint, models: list[Checkpoint], group
                 hint=("merge the adapter into its base with PEFT (merge_and_unload) and merge the full model, or "
                       "train it without lm_head in target_modules") if adapter else
                      "merge onto a base whose config sets tie_word_embeddings: false, or leave this model out")
-
-
-def _same_in_both(a: Checkpoint, b: Checkpoint, name: str) -> bool:
-    """Whether two inputs hold the same bytes for tensor ``name`` (compared in chunks: an output head may be GBs)."""
-    info = a.info(name)
-    if info != b.info(name):
-        return False
-    if not info.shape:
-        return _first_rows(a, name, None) == _first_rows(b, name, None)
-    step = max(1, _COMPARE_BYTES // max(1, math.prod(info.shape[1:]) * info.itemsize))
-    return all(_first_rows(a, name, rows) == _first_rows(b, name, rows)
-               for rows in (slice(i, min(i + step, info.shape[0])) for i in range(0, info.shape[0], step)))
 
 
 def _first_rows(ckpt: Checkpoint, name: str, rows: slice | None) -> bytes:
@@ -292,18 +280,22 @@ def _same_values(ckpts: list[Checkpoint], a: str, b: str) -> bool:
             return False
         if yields_task_vector(ckpt) and a not in ckpt.names() and b not in ckpt.names():
             continue  # an adapter that changes neither: τ = 0 for both
-        info = ckpt.info(a)
-        if not info.shape:
-            if _first_rows(ckpt, a, None) != _first_rows(ckpt, b, None):
-                return False
-            continue
-        row_bytes = max(1, math.prod(info.shape[1:]) * info.itemsize)
-        step = max(1, _COMPARE_BYTES // row_bytes)
-        for first in range(0, info.shape[0], step):
-            rows = slice(first, min(first + step, info.shape[0]))
-            if _first_rows(ckpt, a, rows) != _first_rows(ckpt, b, rows):
-                return False
+        if not _same_bytes(ckpt, a, ckpt, b):
+            return False
     return True
+
+
+def _same_bytes(x: Checkpoint, x_name: str, y: Checkpoint, y_name: str) -> bool:
+    """Whether tensor ``x_name`` of ``x`` and ``y_name`` of ``y`` hold the same bytes, compared in chunks of rows
+    (an output head may be GBs)."""
+    info = x.info(x_name)
+    if info != y.info(y_name):
+        return False
+    if not info.shape:
+        return _first_rows(x, x_name, None) == _first_rows(y, y_name, None)
+    step = max(1, _COMPARE_BYTES // max(1, math.prod(info.shape[1:]) * info.itemsize))
+    return all(_first_rows(x, x_name, rows) == _first_rows(y, y_name, rows)
+               for rows in (slice(i, min(i + step, info.shape[0])) for i in range(0, info.shape[0], step)))
 
 
 def _shapes_table(name: str, base: Checkpoint, models: list[Checkpoint]) -> str:
