@@ -22,9 +22,10 @@ rest with a stable insertion sort of its own. The result equals torch's bit for 
 
 from __future__ import annotations
 
-from . import numba_cache  # noqa: F401 -- on import, before numba: where its compiled kernels go
+from . import numba_cache  # on import, before numba: where its compiled kernels go
 
 try:  # optional: without numba the engine runs the torch sort
+    numba_cache.import_numba()  # its settings from NUMBA_* variables only (see there)
     from numba import njit
 except ImportError:  # pragma: no cover - exercised where numba is absent
     njit = None

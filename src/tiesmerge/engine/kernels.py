@@ -27,6 +27,7 @@ from ..lazy import torch
 from . import numba_cache  # on import, before numba: where its compiled kernels go
 
 try:  # optional: the engine falls back to torch without it
+    numba_cache.import_numba()  # its settings from NUMBA_* variables only, never a file in the working folder
     import numba
     from llvmlite import ir
     from numba import njit, prange, types

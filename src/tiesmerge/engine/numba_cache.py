@@ -9,15 +9,25 @@ compile takes ~9 s); without a usable home, or where that folder lies in an inpu
 the merge running when the kernels are first imported, in a private temporary folder removed at
 exit. A ``NUMBA_CACHE_DIR`` the user set is left as it is.
 
-Also numba's process-wide set-up that costs time before the first kernel runs
+Also numba's import with its settings from ``NUMBA_*`` variables only (:func:`import_numba`), and
+numba's process-wide set-up that costs time before the first kernel runs
 (:func:`import_arraymath_without_scipy`).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import sys
+import warnings
 
-__all__ = ["place", "import_arraymath_without_scipy"]
+__all__ = ["place", "import_numba", "import_arraymath_without_scipy"]
+
+# numba's own settings file, looked up in the working folder when numba is imported and at each compile
+NUMBA_SETTINGS_FILE = ".numba_config.yaml"
+# numba's warning for a NUMBA_* value it cannot parse: the variable, the value, then a whole traceback
+_UNPARSED = re.compile(r"Environment variable '(\w+)' is defined but its associated value '(.*?)' could not be "
+                       r"parsed\.", re.DOTALL)
 
 # importing this module places the cache (the engine's kernel modules import it before numba)
 
@@ -40,6 +50,60 @@ def place() -> None:
         private_folder_for("NUMBA_CACHE_DIR", "tiesmerge-numba-")
     else:
         os.environ["NUMBA_CACHE_DIR"] = str(folder / "numba")
+
+
+def import_numba() -> None:
+    """Import numba with its settings taken from the environment's ``NUMBA_*`` variables only.
+
+    numba also reads ``.numba_config.yaml`` from the working folder, at import and again at each
+    compile: run inside a downloaded model's folder, such a file could switch the JIT off (the kernels
+    then fail as Python), ask for a threading layer that is not installed, or put numba's cache
+    anywhere on disk (it wrote there), and a malformed one stopped the import with a YAML traceback.
+    A folder's file must not change how a merge runs or where it writes, so numba is imported with
+    ``yaml`` hidden from it (it then skips the file, and says so: here one warning naming the file)
+    and told to look for no file afterwards. Its complaint about a ``NUMBA_*`` value it cannot
+    parse (a warning carrying a whole traceback; numba then uses its default) becomes one line naming
+    the variable. Raises ImportError where numba is not installed or fails to import."""
+    if "numba.core.config" in sys.modules:
+        return
+    absent = object()
+    yaml = sys.modules.get("yaml", absent)
+    sys.modules["yaml"] = None  # type: ignore[assignment]  # numba's `import yaml` raises ImportError now
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")  # recorded here, shown below through the caller's own filters
+            try:
+                from numba.core import config
+            finally:
+                if yaml is absent:
+                    del sys.modules["yaml"]
+                else:
+                    sys.modules["yaml"] = yaml  # type: ignore[assignment]
+    finally:
+        _say_again(caught)
+    config._config_fname = ""  # the compiler's reloads look for no file either (os.path.exists("") is False)
+
+
+def _say_again(caught: list[warnings.WarningMessage]) -> None:
+    """Show the warnings numba's import gave: its two about settings as tiesmerge's own lines, the rest as they were."""
+    from ..errors import MergeWarning
+
+    for shown in caught:
+        text = str(shown.message)
+        unparsed = _UNPARSED.match(text)
+        if unparsed is not None:
+            name, value = unparsed.groups()
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            reason = lines[-1][:200] if len(lines) > 1 else "no reason given"
+            warnings.warn(f"{name}={value[:40]!r} is not a value numba reads ({reason}): numba uses its default "
+                          f"for it; unset {name} or give it a value numba accepts", MergeWarning, stacklevel=3)
+        elif text.startswith("A Numba config file is found"):
+            warnings.warn(f"{os.path.abspath(NUMBA_SETTINGS_FILE)} is not read: tiesmerge takes numba's settings "
+                          "from NUMBA_* environment variables only (a file in the working folder, perhaps a "
+                          "downloaded model's, must not change how a merge runs or where numba writes); set "
+                          "the variables instead", MergeWarning, stacklevel=3)
+        else:
+            warnings.warn_explicit(shown.message, shown.category, shown.filename, shown.lineno, source=shown.source)
 
 
 def import_arraymath_without_scipy() -> None:
