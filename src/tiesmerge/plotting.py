@@ -31,7 +31,7 @@ def pyplot(purpose: str, *, required: bool = True) -> Any:
     # exist made the import itself fail (a ValueError from matplotlib's settings), reported as a bug of ours
     backend = os.environ.pop("MPLBACKEND", None) if "matplotlib" not in sys.modules else None
     try:
-        import matplotlib
+        matplotlib = _import_matplotlib()
     except ImportError:
         if not required:
             return None
@@ -44,6 +44,53 @@ def pyplot(purpose: str, *, required: bool = True) -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+# matplotlib's settings file, looked up in the working folder first when matplotlib is imported
+SETTINGS_FILE = "matplotlibrc"
+
+
+def _import_matplotlib() -> Any:
+    """Import matplotlib from an empty working folder of our own, then come back.
+
+    matplotlib reads ``./matplotlibrc`` before any other settings file, at import: run inside a
+    downloaded model's folder, such a file could ask for LaTeX text (every report then failed as
+    "unexpected RuntimeError ... bug" where latex is not installed), and a FIFO of that name blocked
+    the import forever. The figures are drawn with the user's own settings files
+    (``$MATPLOTLIBRC``, their config folder) or matplotlib's defaults, never the working folder's.
+    The working folder changes only for the import itself (one step of the report, after the
+    reading threads are done)."""
+    import os
+    import sys
+    import tempfile
+    import warnings
+
+    if "matplotlib" in sys.modules:  # imported by the caller's own code already: its settings are theirs
+        import matplotlib
+
+        return matplotlib
+    if os.path.lexists(SETTINGS_FILE) and not os.path.isdir(SETTINGS_FILE):  # neither call blocks on a FIFO
+        from .errors import MergeWarning
+
+        warnings.warn(f"{os.path.abspath(SETTINGS_FILE)} is not read: a settings file in the working folder (a "
+                      "downloaded model's, perhaps) must not change the reports; the figures use your own "
+                      "matplotlib settings ($MATPLOTLIBRC) or matplotlib's defaults", MergeWarning, stacklevel=3)
+    try:
+        back = os.open(".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # no working folder to come back to (removed, unreadable): matplotlib's lookup fails there too
+        import matplotlib
+
+        return matplotlib
+    try:
+        with tempfile.TemporaryDirectory(prefix="tiesmerge-matplotlib-cwd-") as empty:
+            os.chdir(empty)
+            try:
+                import matplotlib
+            finally:
+                os.fchdir(back)
+    finally:
+        os.close(back)
+    return matplotlib
 
 
 def png(fig: Any, dpi: int = 110) -> bytes:
