@@ -79,3 +79,116 @@ def test_a_matplotlib_settings_file_in_the_working_folder_is_not_read(tmp_path):
         assert done.returncode == 0, done.stderr
         assert f"{folder / 'matplotlibrc'} is not read: a settings file in the working folder" in done.stderr
         assert (folder / "report" / "report.html").is_file() and (folder / "report" / "sign_conflicts.png").is_file()
+
+
+# ---------------------------------------------------------------- adapters, checked against PEFT's own loader
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import tiesmerge  # noqa: E402
+from helpers_adapters import random_ia3, random_lora, write_ia3_dir, write_lora_dir  # noqa: E402
+from helpers_ckpt import make_base, write_hf_dir  # noqa: E402
+from tiesmerge.errors import IncompatibleCheckpointsError  # noqa: E402
+from tiesmerge.methods import TaskArithmetic  # noqa: E402
+
+
+def _randomized(model, kind):
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(3)
+        for name, p in model.named_parameters():
+            if kind in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=generator) if kind == "ia3_l"
+                        else 0.2 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _merged_like_peft(tmp_path, model, base_dir, kind, names):
+    """The adapter saved by PEFT, merged alone by tiesmerge (task arithmetic, lam 1), against PEFT's merge_and_unload."""
+    _randomized(model, kind).save_pretrained(tmp_path / "adapter")
+    reference = model.merge_and_unload().state_dict()
+    ours = tiesmerge.merge(base_dir, [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
+    checked = [n for n in reference if any(m in n for m in names)]
+    assert checked
+    for name in checked:
+        torch.testing.assert_close(ours[name], reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_ia3_on_a_conv1d_base_matches_peft(tmp_path):
+    """C17/C18: GPT-2's Conv1D weights are stored (in, out); PEFT's (IA)³ then scales their columns for outputs and
+    rows for inputs. tiesmerge refused c_attn (48 != 16) and scaled the square c_proj on the wrong axis."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=30)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                peft.IA3Config(target_modules=["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
+                                               feedforward_modules=["mlp.c_proj"]))
+    _merged_like_peft(tmp_path, model, tmp_path / "base", "ia3_l", ("c_attn", "c_proj", "c_fc"))
+
+
+def test_lora_on_clvps_conv1d_matches_peft(tmp_path):
+    """C22: CLVP's decoder MLP (c_fc, c_proj) is a Conv1D too; tiesmerge took it for an nn.Linear (and said so)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ClvpDecoderConfig(vocab_size=30, max_position_embeddings=16, max_text_tokens=8,
+                                         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, n_inner=16)
+    torch.manual_seed(0)
+    transformers.ClvpForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(transformers.ClvpForCausalLM.from_pretrained(tmp_path / "base"),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_fc", "c_proj"]))
+    _merged_like_peft(tmp_path, model, tmp_path / "base", "lora_B", ("c_fc", "c_proj"))
+
+
+def _lora(tmp_path, *, config=None, extra=None):
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    return b, base, write_lora_dir(tmp_path / "lora", random_lora(base, 4, seed=1), alpha=4, config=config,
+                                   extra=extra)
+
+
+def test_a_config_without_target_modules_is_refused(tmp_path):
+    """C29/C30: with no target_modules PEFT adapts its table's defaults for the model type (q_proj and v_proj of a
+    Llama) and drops the rest; tiesmerge merged every module in the file."""
+    b, base, lora = _lora(tmp_path, config={"target_modules": None})
+    with pytest.raises(IncompatibleCheckpointsError, match="target_modules is not set, so PEFT adapts its own "
+                                                           "default modules for the model type"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+    ia3 = write_ia3_dir(tmp_path / "ia3", random_ia3(base, seed=1))
+    config = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**config, "feedforward_modules": None}))
+    with pytest.raises(IncompatibleCheckpointsError, match="feedforward_modules is not set, so PEFT takes its own "
+                                                           "default for the model type"):
+        tiesmerge.merge(b, [ia3], TaskArithmetic(lam=1.0))
+    (ia3 / "adapter_config.json").write_text(json.dumps({**config, "target_modules": None}))
+    with pytest.raises(IncompatibleCheckpointsError, match="target_modules is not set"):
+        tiesmerge.merge(b, [ia3], TaskArithmetic(lam=1.0))
+
+
+def test_a_config_without_r_means_pefts_default_rank(tmp_path):
+    """C44: PEFT builds every module with r = 8 when the config has none, and refuses rank-4 factors; tiesmerge took
+    the factors' rank (and scaled by alpha / 4)."""
+    b, base, lora = _lora(tmp_path)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    del config["r"]
+    (lora / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(IncompatibleCheckpointsError, match=r"r is not set \(PEFT's default r is 8\) but the LoRA "
+                                                           r"factors of .* have rank 4"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+def test_whole_tensors_peft_would_drop_are_refused(tmp_path):
+    """C39: a plain `<module>.bias` of an adapted module (PEFT keeps it at base_layer.bias); C42: a base_layer tensor of
+    a module the adapter does not adapt (PEFT has no base_layer there). PEFT drops both without a word."""
+    module = "model.layers.0.self_attn.q_proj"
+    for extra, said in (({module + ".bias": torch.ones(8)}, f"is a whole bias of '{module}', which the adapter's LoRA "
+                                                             "factors adapt"),
+                        ({"model.embed_tokens.base_layer.weight": torch.ones(32, 8)},
+                         "is a base_layer tensor of 'model.embed_tokens', which the adapter does not adapt")):
+        folder = tmp_path / str(len(said))
+        b, base, lora = _lora(folder, extra=extra)
+        with pytest.raises(IncompatibleCheckpointsError, match=said.replace(".", r"\.")):
+            tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))

@@ -74,15 +74,18 @@ class Ia3Fold:
     yields_task_vector = True
     label = "merged (IA)³ vectors, folded"
 
-    def __init__(self, base: Checkpoint, vectors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, base: Checkpoint, vectors: dict[str, torch.Tensor], transposed: frozenset[str] = frozenset()
+                 ) -> None:
         self.base = base
         self._scales: dict[str, torch.Tensor] = {}  # base tensor -> l − 1, shaped to broadcast against it
         held = set(base.names())
         for name, l_merged in vectors.items():
-            self._scales[name] = l_merged.float() - 1.0  # (out, 1) or (1, in)
+            scale = l_merged.float() - 1.0  # PEFT's layout: (out, 1) scales outputs, (1, in) inputs
+            # a Conv1D's weight is (in, out): its outputs are the columns, as PEFT's fan_in_fan_out transposes l
+            self._scales[name] = scale.T if name in transposed else scale
             bias = name.removesuffix(".weight") + ".bias"
             if l_merged.shape[1] == 1 and bias in held:
-                self._scales[bias] = (l_merged.float() - 1.0).reshape(-1)  # (out,)
+                self._scales[bias] = scale.reshape(-1)  # (out,)
 
     def bind(self, base: Checkpoint) -> None:
         pass
@@ -112,13 +115,14 @@ class Ia3Fold:
         pass
 
 
-def fold_ia3(base: Checkpoint, l_executor: Executor, make_executor: Callable[[Checkpoint, list[Checkpoint]], Executor]
-             ) -> tuple[Executor, RunStats]:
+def fold_ia3(base: Checkpoint, l_executor: Executor, make_executor: Callable[[Checkpoint, list[Checkpoint]], Executor],
+             models: list[Checkpoint]) -> tuple[Executor, RunStats]:
     """Merge the (IA)³ vectors (small: in memory), then return the executor that writes
     base ⊙ l_m: task arithmetic (λ = 1) of the one folded task vector."""
     sink = MemorySink(l_executor.alignment.jobs, FLOAT32)
     stats = l_executor.run(sink)
-    return make_executor(base, [Ia3Fold(base, dict(sink.state))]), stats
+    transposed = frozenset(n for m in models for n in getattr(_unwrap(m), "transposed", ()))
+    return make_executor(base, [Ia3Fold(base, dict(sink.state), transposed)]), stats
 
 
 def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models: list[Checkpoint], *,

@@ -479,7 +479,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     if adapter_merge.needs_fold(model_ckpts, output_format):
         executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
                                              lambda b, ms: make_executor(EngineInputs(b, tuple(ms)),
-                                                                         TaskArithmetic(lam=1.0)))
+                                                                         TaskArithmetic(lam=1.0)), model_ckpts)
     notes = [f"base distance of {d.line()}" for d in distances]
     if layout is not None:
         u = layout.union

@@ -47,7 +47,7 @@ from .peft import (
     strip_key,
     yields_task_vector,
 )
-from .peft_targets import check_adapted
+from .peft_targets import base_model_type, check_adapted, conv1d_layout
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -90,18 +90,19 @@ _RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 # a LoRA scale alpha / r is a few units (alpha 8..64, r 4..64); this bound only refuses nonsense
 # such as lora_alpha 1e300, whose products overflow, not any adapter someone trained
 MAX_LORA_SCALE = 1e6
-# transformers' Conv1D (weight stored (in, out)): the GPT-2 family's attention and MLP modules. PEFT decides by the
-# module's class, not by the config: fan_in_fan_out is forced True on a Conv1D and False on an nn.Linear (warning).
-_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-_CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 
-def _declared_rank(config: dict, source: str) -> int | None:
-    """The config's ``r``: a positive integer, or None when it is absent (a module's own rank may come from
-    ``rank_pattern`` instead: see ``LoraCheckpoint.bind``)."""
-    r = config.get("r")
-    if r is None:
-        return None
+# PEFT's LoraConfig default r: what PEFT builds every module with when the config does not say
+PEFT_DEFAULT_RANK = 8
+
+
+def _declared_rank(config: dict, source: str) -> int:
+    """The config's ``r``: a positive integer; PEFT's default 8 where the config has none (PEFT builds the modules
+    with it, and refuses factors of another rank: hostile pass 31, C44). A module's own rank may come from
+    ``rank_pattern`` instead: see ``LoraCheckpoint.bind``."""
+    if "r" not in config:
+        return PEFT_DEFAULT_RANK
+    r = config["r"]
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise CheckpointError(f"{source}: r is {repr(r)[:80]}, not a positive integer (the LoRA rank)",
                               hint="fix the adapter config (PEFT writes r as a positive integer)")
@@ -169,6 +170,31 @@ def _keys_of(names: list[str], where: Path) -> tuple[dict[str, tuple[str, str, b
             plain = key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
             one_key_per_module(full, plain.replace(".base_layer.", "."), key, where)
     return factors, full
+
+
+def _refuse_unloaded_whole(key: str, adapted: dict[str, tuple[str, str, bool]], label: str) -> None:
+    """Refuse a tensor saved whole that PEFT's loader would drop (it loads the file with strict=False, so an
+    unexpected key goes unused without a word, and merging it merged a change nobody runs): a ``base_layer`` tensor
+    of a module the adapter does not adapt (only an adapted module has a base_layer), and a plain tensor of an
+    adapted module (its own tensors live under base_layer now). Hostile pass 31, C39 and C42; pass 30, F4 for the
+    weight. A plain tensor of a module the adapter leaves alone is loaded into the model: it is merged whole."""
+    if ".modules_to_save." in key:
+        return
+    if ".base_layer." in key:
+        owner = strip_key(key.split(".base_layer.")[0], "")
+        if owner not in adapted:
+            raise IncompatibleCheckpointsError(
+                f"{label}: {key!r} is a base_layer tensor of {owner!r}, which the adapter does not adapt (it holds "
+                "no LoRA factors for it); PEFT puts a base_layer only under an adapted module and would drop this "
+                "tensor when it loads the adapter", hint="the adapter file holds a stray tensor: remove it, or save "
+                                                         "the adapter again with PEFT")
+        return
+    owner, _, tensor = strip_key(key, "").rpartition(".")
+    if owner in adapted:
+        raise IncompatibleCheckpointsError(
+            f"{label}: {key!r} is a whole {tensor} of {owner!r}, which the adapter's LoRA factors adapt; PEFT keeps an "
+            f"adapted module's own tensors as <module>.base_layer.{tensor} and would not load this one",
+            hint="the adapter file holds a stray tensor: remove it, or save the adapter again with PEFT")
 
 
 class LoraCheckpoint:
@@ -244,7 +270,7 @@ class LoraCheckpoint:
         rank_pattern = _patterns(self.config, "rank_pattern", source)  # PEFT: a module's r, where a key matches
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        model_type = _model_type(base)
+        model_type = base_model_type(base)
         overruled: list[str] = []
         declared = _declared_rank(self.config, source)
         saved = [strip_key(key.split(".modules_to_save.")[0], "") for key in self._full.values()
@@ -261,7 +287,7 @@ class LoraCheckpoint:
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA factors of {module!r} have shapes A {tuple(a)} and B {tuple(b)}; "
                     "expected A (r, in) and B (out, r) with a rank r of at least 1")
-            stores_in_out = _stores_in_out(model_type, module, fan_in_fan_out)
+            stores_in_out = conv1d_layout(model_type, module, fan_in_fan_out)
             if stores_in_out != fan_in_fan_out and not embedding:
                 overruled.append(module)
             transposed = embedding or stores_in_out
@@ -273,8 +299,9 @@ class LoraCheckpoint:
                     hint="the adapter was trained on another base model; pass the base it was trained from")
             matched = rank_pattern.lookup(module)
             expected = matched if matched is not None else declared  # PEFT builds the module with this rank
-            if expected is not None and rank != expected:  # the scale divides by r: which r is meant matters
-                said = f"rank_pattern gives {module!r} r = {expected:g}" if matched is not None else f"r is {declared}"
+            if rank != expected:  # the scale divides by r: which r is meant matters
+                said = f"rank_pattern gives {module!r} r = {expected:g}" if matched is not None else \
+                    f"r is {declared}" if "r" in self.config else f"r is not set (PEFT's default r is {declared})"
                 fix = "fix the module's rank_pattern entry" if matched is not None else \
                     "fix r (or give the module a rank_pattern entry)"
                 raise IncompatibleCheckpointsError(
@@ -307,6 +334,7 @@ class LoraCheckpoint:
                 + ", so ΔW is applied in that layout, as PEFT does when it loads the adapter"), stacklevel=3)
         full_bound: dict[str, str] = {}
         for plain, key in self._full.items():
+            _refuse_unloaded_whole(key, self._factors, self.label)
             name = base_names.resolve(strip_key(plain, ""), "", self.label, key)
             if name in targets and ".base_layer." not in key and ".modules_to_save." not in key:
                 # PEFT keeps an adapted module's own weight at <module>.base_layer.weight (an embedding saved with
@@ -476,24 +504,6 @@ def _model_config(base: Checkpoint) -> dict:
     from .align import read_model_config  # align imports this module
 
     return read_model_config(base)
-
-
-def _model_type(base: Checkpoint) -> str | None:
-    """The base's ``model_type`` (its config.json), or None where it has no readable one (a lone file, a state dict)."""
-    try:
-        value = _model_config(base).get("model_type")
-    except CheckpointError:
-        return None  # a damaged config is said where the merge reads it for its other uses
-    return value if isinstance(value, str) else None
-
-
-def _stores_in_out(model_type: str | None, module: str, fan_in_fan_out: bool) -> bool:
-    """Whether the base stores ``module``'s weight as (in, out), so that ΔW = s (B A)ᵀ: PEFT's rule, by the module's
-    class (transformers' Conv1D in the GPT-2 family: yes; torch.nn.Linear elsewhere: no), whatever the config's
-    fan_in_fan_out says; the config decides only where the base's architecture is not known."""
-    if model_type is None:
-        return fan_in_fan_out
-    return model_type in _CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in _CONV1D_MODULES
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

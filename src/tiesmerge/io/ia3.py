@@ -17,7 +17,7 @@ import numpy as np
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
 from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseNames, bind_once, one_key_per_module, read_adapter_dir, strip_key
-from .peft_targets import check_adapted, feedforward
+from .peft_targets import base_model_type, check_adapted, conv1d_layout, feedforward
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ class Ia3Checkpoint:
             self._file.close()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds no (IA)³ vectors (keys ending in .ia3_l)")
         self.modules: dict[str, str] = {}  # base weight name -> module path, after bind
+        self.transposed: set[str] = set()  # base weights stored (in, out) (Conv1D): the vector scales the other axis
         self._keys: dict[str, str] = {}  # base weight name -> adapter key
         self.bound = False
 
@@ -78,17 +79,29 @@ class Ia3Checkpoint:
             return
         source = str(self.path / ADAPTER_CONFIG)
         check_adapted(self.config, list(self._vectors), source)
+        if self.config.get("feedforward_modules") is None:  # hostile pass 31, C30/C46: PEFT fills it from its table
+            raise IncompatibleCheckpointsError(
+                f"{source}: feedforward_modules is not set, so PEFT takes its own default for the model type (from its "
+                "table, e.g. down_proj of a Llama) to decide which vectors scale inputs and which outputs; "
+                "tiesmerge does not guess that table", hint="set feedforward_modules in the adapter config (a list, "
+                                                          "[] for none; PEFT writes it when it saves an adapter)")
         is_feedforward = feedforward(self.config, source)
+        model_type = base_model_type(base)
+        fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
         base_names, claimed = BaseNames(base), {}
         for module, key in self._vectors.items():
             name = base_names.resolve(module, ".weight", self.label, key)
             bind_once(claimed, name, key, self.label)
             weight = tuple(base.info(name).shape)
             shape = tuple(self._file.info(key).shape)
-            fits = len(weight) == 2 and shape in ((weight[0], 1), (1, weight[1]))
+            # (out, in) of the module: a transformers Conv1D stores its weight as (in, out), and PEFT then scales the
+            # weight's columns for outputs and its rows for inputs (hostile pass 31, C17/C18)
+            in_out = len(weight) == 2 and conv1d_layout(model_type, module, fan_in_fan_out)
+            outs, ins = (weight[1], weight[0]) if in_out else (weight[:2] if len(weight) == 2 else (None, None))
+            fits = len(weight) == 2 and shape in ((outs, 1), (1, ins))
             if fits and is_feedforward is not None:  # PEFT builds the vector by the config, whatever the file holds
                 inputs = is_feedforward(module)
-                want = (1, weight[1]) if inputs else (weight[0], 1)
+                want = (1, ins) if inputs else (outs, 1)
                 if shape != want:  # PEFT cannot load it; for a square weight the shape alone would not even tell
                     raise IncompatibleCheckpointsError(
                         f"{source}: feedforward_modules {'names' if inputs else 'does not name'} {module!r}, so PEFT "
@@ -96,17 +109,20 @@ class Ia3Checkpoint:
                         f"the adapter file holds {key!r} as {shape}",
                         hint="the config does not describe these weights: fix feedforward_modules, or save the "
                              "adapter again")
+            layout = " (a Conv1D: its weight is stored (in, out))" if in_out else ""
             if not fits and len(shape) == 1 and len(weight) == 2 and shape[0] in weight:
                 raise CheckpointError(
-                    f"{self.label}: (IA)³ vector {key!r} is 1-D {shape}; PEFT stores one as a column ({weight[0]}, 1) "
-                    f"that scales the rows of {name!r} {weight}, or as a row (1, {weight[1]}) that scales its inputs",
-                    hint="the adapter file was not written by PEFT's IA3 (or was reshaped since): save it again with "
-                         "PEFT")
+                    f"{self.label}: (IA)³ vector {key!r} is 1-D {shape}; PEFT stores one as a column ({outs}, 1) "
+                    f"that scales the outputs of {name!r} {weight}{layout}, or as a row (1, {ins}) that scales its "
+                    "inputs", hint="the adapter file was not written by PEFT's IA3 (or was reshaped since): save it "
+                                   "again with PEFT")
             if not fits:
                 raise IncompatibleCheckpointsError(
-                    f"{self.label}: (IA)³ vector {key!r} {shape} does not scale the rows or the columns of the base "
-                    f"tensor {name!r} {weight}",
+                    f"{self.label}: (IA)³ vector {key!r} {shape} scales neither the outputs ({outs}, 1) nor the inputs "
+                    f"(1, {ins}) of the base tensor {name!r} {weight}{layout}",
                     hint="the adapter was trained on another base model; pass the base it was trained from")
+            if in_out:
+                self.transposed.add(name)
             stored = _stored_values(self._file, key)  # a few KB, checked now (without torch: the IO layer's rule)
             if stored is not None:
                 _check_vector(stored, str(self.path / ADAPTER_WEIGHTS), key)
@@ -222,6 +238,7 @@ def ia3_identity(base: Checkpoint, adapters: list[Ia3Checkpoint]) -> tuple[Ia3Id
     """The l-space "base" of an (IA)³ merge, all ones over the union of the adapters' vectors,
     and each adapter seen over that union. Merging against it gives l_m = 1 + λ·τ_m."""
     shapes: dict[str, tuple[int, ...]] = {}
+    layouts: dict[str, tuple[bool, str]] = {}  # name -> (stored (in, out), the first adapter that said so)
     for adapter in adapters:
         adapter.bind(base)
         for name in adapter.names():
@@ -231,6 +248,13 @@ def ia3_identity(base: Checkpoint, adapters: list[Ia3Checkpoint]) -> tuple[Ia3Id
                     f"(IA)³ vectors for {name!r} differ in shape: {shapes[name]} and {shape} ({adapter.label}); "
                     "one adapter scales the module's inputs, the other its outputs",
                     hint="list the module under feedforward_modules in both adapters' configs, or in neither")
+            in_out, first = layouts.setdefault(name, (name in adapter.transposed, adapter.label))
+            if in_out != (name in adapter.transposed):  # only where the base's architecture is unknown (a lone file)
+                raise IncompatibleCheckpointsError(
+                    f"(IA)³ adapters {first} and {adapter.label} read {name!r} in two layouts (fan_in_fan_out differs "
+                    "in their configs), so the same vector would scale its rows in one and its columns in the "
+                    "other", hint="pass the base as its model directory (with config.json), whose architecture "
+                                  "decides the layout, or fix fan_in_fan_out in one adapter's config")
     return Ia3Identity(shapes), [_Ia3Union(a, shapes) for a in adapters]
 
 

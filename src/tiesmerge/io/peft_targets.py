@@ -44,7 +44,7 @@ try:  # Python 3.11+: the parser moved under re
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre  # type: ignore[no-redef]
 
-__all__ = ["Targeting", "check_adapted", "feedforward", "MAX_SELECTOR_CHARS"]
+__all__ = ["Targeting", "check_adapted", "feedforward", "conv1d_layout", "base_model_type", "MAX_SELECTOR_CHARS"]
 
 # a regex listing every adapted module path of a 32-layer model runs to some 8,000 characters; past this bound a
 # selector is not checked (re.compile of a 28 MB one took a minute and 3.7 GB: hostile pass 25, F7)
@@ -372,6 +372,34 @@ def feedforward(config: dict, source: str) -> Callable[[str], bool] | None:
     return lambda module: module.endswith(names)  # PEFT: any(key.endswith(name)), no '.' boundary; in C
 
 
+# transformers' Conv1D (weight stored (in, out)): every module built as one in transformers 5.25's models (the GPT-2
+# family's attention and MLP; CLVP's decoder MLP). PEFT decides by the module's class, not by the config: LoRA's and
+# (IA)³'s fan_in_fan_out is forced True on a Conv1D and False on an nn.Linear (with a warning).
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "clvp_decoder"})
+_CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
+
+def conv1d_layout(model_type: str | None, module: str, fan_in_fan_out: bool) -> bool:
+    """Whether the base stores ``module``'s weight as (in, out) (transformers' Conv1D), so that a LoRA's ΔW is
+    s (B A)ᵀ and an (IA)³ vector scales the weight's columns where it scales outputs: PEFT's rule, by the module's
+    class, whatever the config's fan_in_fan_out says; the config decides only where the base's architecture is not
+    known (a lone weights file)."""
+    if model_type is None:
+        return fan_in_fan_out
+    return model_type in _CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in _CONV1D_MODULES
+
+
+def base_model_type(base: Any) -> str | None:
+    """The base's ``model_type`` (its config.json), or None where it has no readable one (a lone file, a state dict)."""
+    from .align import read_model_config  # align imports the adapter readers, which import this module
+
+    try:
+        value = read_model_config(base).get("model_type")
+    except CheckpointError:
+        return None  # a damaged config is said where the merge reads it for its other uses
+    return value if isinstance(value, str) else None
+
+
 def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: Sequence[str] = ()) -> None:
     """Refuse adapter weights for ``modules`` (factors, vectors) that PEFT would not adapt, and saved whole copies
     (``whole``: their modules) that ``modules_to_save`` does not name: PEFT would load the adapter without them."""
@@ -381,11 +409,21 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
                               f"and {long.count('.') + 1:,} components ({long[:80]!r}...); no model has such a module "
                               f"(at most {MAX_MODULE_CHARS:,} characters and {MAX_COMPONENTS} components are read)",
                               hint="the adapter file is damaged or not a PEFT adapter of a real model")
-    if config.get("target_modules") == [] and modules:  # PEFT 0.21: "No target_modules passed" (hp30 N7)
+    declared = config.get("target_modules")
+    if declared in ([], "") and modules:  # PEFT 0.21: "No target_modules passed" (hp30 N7)
         raise IncompatibleCheckpointsError(
-            f"{source}: target_modules is an empty list, so PEFT adapts no module (and refuses to load the adapter), "
-            f"but the file holds weights for {len(modules)} module(s), e.g. {modules[0]!r}",
-            hint="the config does not describe these weights: fix target_modules to name the adapted modules")
+            f"{source}: target_modules is an empty {'list' if declared == [] else 'string'}, so PEFT adapts no module "
+            f"(and refuses to load the adapter), but the file holds weights for {len(modules)} module(s), e.g. "
+            f"{modules[0]!r}", hint="the config does not describe these weights: fix target_modules to name the "
+                                    "adapted modules")
+    if declared is None and modules:  # hostile pass 31, C29: PEFT fills it from its table, per model type
+        raise IncompatibleCheckpointsError(
+            f"{source}: target_modules is not set, so PEFT adapts its own default modules for the model type (from "
+            f"its table, e.g. only q_proj and v_proj of a Llama) and drops the adapter's other weights; the file "
+            f"holds weights for {len(modules)} module(s), e.g. {modules[0]!r}, and which of them PEFT keeps depends "
+            "on that table, which tiesmerge does not guess",
+            hint="set target_modules in the adapter config to the modules it was trained on (PEFT writes them when "
+                 "it saves an adapter)")
     targeting = Targeting.of(config, source)
     stray = [(m, why) for m in modules if (why := targeting.why_not(m)) is not None]
     saved = saved_as_whole(config)
