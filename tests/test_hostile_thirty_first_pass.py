@@ -192,3 +192,19 @@ def test_whole_tensors_peft_would_drop_are_refused(tmp_path):
         b, base, lora = _lora(folder, extra=extra)
         with pytest.raises(IncompatibleCheckpointsError, match=said.replace(".", r"\.")):
             tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+def test_a_model_folder_with_a_plus_in_its_name_is_said_as_such(tmp_path, capsys):
+    """C47: a recipe's `model: plus+dir`, a local folder, was said to apply "a LoRA to a model other than base_model"
+    (neither `plus` nor `dir` exists), under a hint listing the supported methods."""
+    from helpers_ckpt import copy_model_dir, run_cli
+
+    b, ms = write_family_dirs(tmp_path)
+    plus = copy_model_dir(ms[1], tmp_path / "plus+dir")
+    recipe = tmp_path / "mk.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n"
+                      f"    parameters: {{weight: 1.0}}\n  - model: {plus}\n    parameters: {{weight: 1.0}}\n")
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "mk")], capsys)
+    assert rc != 0 and f"'{plus}' is a folder here, but mergekit (and tiesmerge) read a '+' in a model as " \
+        "MODEL+LORA" in err, err
+    assert "a model other than base_model" not in err and "hint: fix each problem named above" in err, err

@@ -162,6 +162,11 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> s
         return None
     if "+" in ref:  # mergekit's model+lora: the model with a LoRA applied
         model, adapter = ref.split("+", 1)
+        if Path(_path(ref)).is_dir() and not (Path(_path(model)).exists() and Path(_path(adapter)).exists()):
+            problems.append(f"{where}: {ref!r} is a folder here, but mergekit (and tiesmerge) read a '+' in a model "
+                            f"as MODEL+LORA ({model!r} with the LoRA {adapter!r}, neither of which exists): rename "
+                            "the folder without '+', or link to it under another name")  # hostile pass 31, C47
+            return None
         if base is not None and Path(_path(model)).resolve() == Path(base).resolve():
             folder = Path(_path(adapter))
             if folder.is_dir() and not (folder / "adapter_config.json").is_file():  # hp30 N5: merged as a full model
@@ -288,8 +293,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     if problems:
         problems += dtype_problems
         raise ConfigError([f"{source}: {p}" for p in problems],
-                          hint=f"tiesmerge reads mergekit's {', '.join(MERGEKIT_METHODS)} with scalar parameters "
-                               "(slerp's t also with filters and gradients); see tiesmerge merge --help")
+                          hint=f"fix each problem named above; tiesmerge reads mergekit's "
+                               f"{', '.join(MERGEKIT_METHODS)} with scalar parameters (slerp's t also with filters "
+                               "and gradients): see tiesmerge merge --help")
     weights = [float(w) for w in per_model["weight"]] if "weight" in defaults else []
     if method in _FAMILY:
         method_name, params, semantics = _translate_family(method, options, weights, per_model, paths, base,
