@@ -208,3 +208,14 @@ def test_a_model_folder_with_a_plus_in_its_name_is_said_as_such(tmp_path, capsys
     assert rc != 0 and f"'{plus}' is a folder here, but mergekit (and tiesmerge) read a '+' in a model as " \
         "MODEL+LORA" in err, err
     assert "a model other than base_model" not in err and "hint: fix each problem named above" in err, err
+
+
+def test_a_config_that_adapts_none_of_the_files_modules_says_so(tmp_path):
+    """C62: target_modules "q_proj" as a string is a regex the whole path must match: PEFT adapts none of the file's
+    modules, and the message said PEFT "would load the adapter without them"."""
+    b, base, lora = _lora(tmp_path, config={"target_modules": "q_proj"})
+    with pytest.raises(IncompatibleCheckpointsError, match="PEFT adapts none of them"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+    b, base, lora = _lora(tmp_path / "some", config={"target_modules": ["q_proj"]})
+    with pytest.raises(IncompatibleCheckpointsError, match="PEFT would load the adapter without them"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))

@@ -426,15 +426,18 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
                  "it saves an adapter)")
     targeting = Targeting.of(config, source)
     stray = [(m, why) for m in modules if (why := targeting.why_not(m)) is not None]
+    none_adapted = bool(modules) and len(stray) == len(modules)
     saved = saved_as_whole(config)
     stray += [(m, "modules_to_save does not name it, so PEFT has no place for its saved copy")
               for m in whole if not saved(m)]
     if stray:
         first, why = stray[0]
+        outcome = ("PEFT adapts none of them (the adapter it loads does nothing, or it refuses to load one whose "
+                   "config selects no module of the base at all)" if none_adapted else  # hp31 C62
+                   "PEFT would load the adapter without them, so the merge would not be of the adapter that runs")
         raise IncompatibleCheckpointsError(
             f"{source}: the adapter has weights for {len(stray)} module(s) its config does not adapt, e.g. "
-            f"{first!r} ({why}); PEFT would load the adapter without them, so the merge would not be of the "
-            "adapter that runs",
+            f"{first!r} ({why}); {outcome}",
             hint="the config does not describe these weights: fix target_modules (or exclude_modules, "
                  "modules_to_save, layers_to_transform) to name the adapted modules, or save the adapter again")
     beside = [k for k in ("layers_to_transform", "layers_pattern") if config.get(k) is not None]
