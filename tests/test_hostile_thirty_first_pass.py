@@ -219,3 +219,35 @@ def test_a_config_that_adapts_none_of_the_files_modules_says_so(tmp_path):
     b, base, lora = _lora(tmp_path / "some", config={"target_modules": ["q_proj"]})
     with pytest.raises(IncompatibleCheckpointsError, match="PEFT would load the adapter without them"):
         tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+@pytest.mark.parametrize("ensure", [False, True])
+def test_a_saved_embedding_of_a_tied_base(tmp_path, ensure):
+    """C68: modules_to_save ["embed_tokens"] on a base that ties its head: PEFT runs the new embedding with the old head
+    (ensure_weight_tying off, its default); the merged model's head became the new embedding. Now refused. C69: with
+    ensure_weight_tying PEFT saves equal copies of both and keeps them tied; that was refused as "an adapter on a tied
+    head". Now merged, = PEFT's merge_and_unload."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=40, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                             **({"ensure_weight_tying": True} if ensure else {}))
+    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), config)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(tmp_path / "adapter")
+    if not ensure:
+        with pytest.raises(IncompatibleCheckpointsError, match="PEFT runs the new embedding with the base's old head"):
+            tiesmerge.merge(tmp_path / "base", [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
+        return
+    reference = model.merge_and_unload().state_dict()
+    ours = tiesmerge.merge(tmp_path / "base", [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
+    torch.testing.assert_close(ours["model.embed_tokens.weight"], reference["model.embed_tokens.weight"])
+    torch.testing.assert_close(ours["model.embed_tokens.weight"], reference["lm_head.weight"])  # tied, as PEFT's
+    assert "lm_head.weight" not in ours  # the tied output stores it once, as the base

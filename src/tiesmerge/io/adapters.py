@@ -197,6 +197,50 @@ def _refuse_unloaded_whole(key: str, adapted: dict[str, tuple[str, str, bool]], 
             hint="the adapter file holds a stray tensor: remove it, or save the adapter again with PEFT")
 
 
+# transformers' class names of the models with an output head over the vocabulary (tied to the input embedding
+# where the config says so); a base that ties its head stores none, so its architecture is what tells
+_LM_HEAD_CLASSES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration", "ForPreTraining",
+                    "WithLMHead")
+
+
+def _heads_following_the_embedding(full: dict[str, str], file: Checkpoint, base: Checkpoint, label: str) -> set[str]:
+    """The saved copies (modules_to_save) of the embedding and of the output head of a base that ties the two.
+
+    With PEFT's ensure_weight_tying the adapter saves both copies, equal, and PEFT keeps them tied: the head's copy
+    is returned, to be skipped (the head follows the embedding in the tied output). Without it (PEFT's default)
+    only the embedding's copy is saved, and PEFT runs the new embedding with the base's old head: a merged model
+    that ties one matrix cannot hold that, so it is refused (hostile pass 31, C68/C69)."""
+    from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, _same_bytes, read_model_config
+
+    embeds = {p: k for p, k in full.items() if p.endswith(_EMBED_SUFFIXES) and ".base_layer." not in k}
+    if not embeds:
+        return set()
+    config = read_model_config(base)
+    if config.get("tie_word_embeddings", True) is False:
+        return set()
+    heads = {p: k for p, k in full.items() if p.endswith(_HEAD_SUFFIXES) and ".base_layer." not in k}
+    stored_heads = [n for n in base.names() if n.endswith(_HEAD_SUFFIXES)]
+    follows: set[str] = set()
+    for plain, key in embeds.items():
+        twins = [h for h, k in heads.items() if _same_bytes(file, key, file, k)]
+        if twins:
+            if not stored_heads:  # the base's tied head is its embedding: the copy is merged once, as that
+                follows.update(twins)
+            continue
+        architectures = config.get("architectures")
+        has_head = bool(stored_heads) or (isinstance(architectures, list) and any(
+            isinstance(a, str) and a.endswith(_LM_HEAD_CLASSES) for a in architectures))
+        if has_head:
+            raise IncompatibleCheckpointsError(
+                f"{label}: the adapter saves a new {strip_key(plain, '')!r} (modules_to_save) for a base that ties its "
+                "output head to that embedding (tie_word_embeddings); PEFT runs the new embedding with the base's old "
+                "head (the adapter was trained without ensure_weight_tying), which a merged model holding one tied "
+                "matrix cannot be: its head would become the new embedding",
+                hint="train the adapter with ensure_weight_tying=True (PEFT then saves the head's copy beside it), or "
+                     "merge it into its base with PEFT (merge_and_unload), save that untied, and merge the full model")
+    return follows
+
+
 class LoraCheckpoint:
     """A PEFT LoRA adapter directory, read as the task vectors ΔW = s · B · A of its modules."""
 
@@ -333,8 +377,11 @@ class LoraCheckpoint:
                 + ("(out, in) (torch.nn.Linear)" if fan_in_fan_out else "(in, out) (transformers' Conv1D)")
                 + ", so ΔW is applied in that layout, as PEFT does when it loads the adapter"), stacklevel=3)
         full_bound: dict[str, str] = {}
+        follows = _heads_following_the_embedding(self._full, self._file, base, self.label)
         for plain, key in self._full.items():
             _refuse_unloaded_whole(key, self._factors, self.label)
+            if plain in follows:
+                continue  # ensure_weight_tying's copy of the head: the embedding's own bytes, merged once as it
             name = base_names.resolve(strip_key(plain, ""), "", self.label, key)
             if name in targets and ".base_layer." not in key and ".modules_to_save." not in key:
                 # PEFT keeps an adapted module's own weight at <module>.base_layer.weight (an embedding saved with
