@@ -251,3 +251,29 @@ def test_a_saved_embedding_of_a_tied_base(tmp_path, ensure):
     torch.testing.assert_close(ours["model.embed_tokens.weight"], reference["model.embed_tokens.weight"])
     torch.testing.assert_close(ours["model.embed_tokens.weight"], reference["lm_head.weight"])  # tied, as PEFT's
     assert "lm_head.weight" not in ours  # the tied output stores it once, as the base
+
+
+def test_peft_s_own_seq_cls_adapter_with_trained_biases_merges_as_peft(tmp_path):
+    """C77: PEFT's save_pretrained of a SEQ_CLS LoRA with bias "all" writes classifier.bias and
+    classifier.modules_to_save.bias (equal) and classifier.original_module.bias; tiesmerge refused the file as holding
+    the module twice, with a hint to save it again with PEFT, which wrote exactly this."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  vocab_size=40, num_labels=3)
+    torch.manual_seed(1)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base"),
+                                peft.LoraConfig(r=2, target_modules=["query", "value"], bias="all",
+                                                task_type="SEQ_CLS"))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(tmp_path / "adapter")
+    reference = model.merge_and_unload().state_dict()
+    ours = tiesmerge.merge(tmp_path / "base", [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
+    assert set(ours) <= set(reference)
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,10 +145,16 @@ class LoraTarget:
 _ADAPTER_NAMED = re.compile(r"\.lora_(?:A|B)\.([^.]+)\.weight$|\.lora_embedding_(?:A|B)\.([^.]+)$")
 
 
-def _keys_of(names: list[str], where: Path) -> tuple[dict[str, tuple[str, str, bool]], dict[str, str]]:
+def _keys_of(names: list[str], where: Path, same: Callable[[str, str], bool]
+             ) -> tuple[dict[str, tuple[str, str, bool]], dict[str, str]]:
     """A LoRA file's keys sorted out: module -> (A key, B key, embedding), and the tensors stored whole (modules_to_save
     copies, trained biases, an adapted embedding's base_layer) by their module-less name. A factor without its partner,
-    or a module stored twice, is refused."""
+    or a module stored twice with different values, is refused; ``same(key, key)`` compares two keys' bytes.
+
+    PEFT's own save_pretrained of a SEQ_CLS adapter with bias "all" writes the classifier's trained bias twice (as
+    ``classifier.bias`` and ``classifier.modules_to_save.bias``, equal) and the frozen original's bias as
+    ``classifier.original_module.bias``, which PEFT's merge_and_unload discards with the original module: the equal
+    copy is one tensor, the original module's is no change (hostile pass 31, C77)."""
     keys = set(names)  # a set: each A factor's B is looked up (a list made that quadratic: hp28 F2)
     factors: dict[str, tuple[str, str, bool]] = {}
     firsts: dict[str, str] = {}  # module -> its A factor's key
@@ -164,11 +171,15 @@ def _keys_of(names: list[str], where: Path) -> tuple[dict[str, tuple[str, str, b
                                                "incomplete or damaged; save or download it again")
                 one_key_per_module(firsts, module, key, where)
                 factors[module] = (key, b_key, embedding)
-        if ".lora_" not in key:
+        if ".lora_" not in key and ".original_module." not in key:
             # modules_to_save and trained biases are stored whole
             # (PEFT also saves an adapted embedding's own weight, as <module>.base_layer.weight)
             plain = key.replace(".modules_to_save.default", "").replace(".modules_to_save", "")
-            one_key_per_module(full, plain.replace(".base_layer.", "."), key, where)
+            plain = plain.replace(".base_layer.", ".")
+            other = full.get(plain)
+            if other is not None and other != key and same(other, key):
+                continue  # the same bytes under both of PEFT's names for a saved copy: one tensor
+            one_key_per_module(full, plain, key, where)
     return factors, full
 
 
@@ -267,7 +278,10 @@ class LoraCheckpoint:
                                        "merge the full model instead")
         try:
             # module -> (A key, B key, embedding); module-less key -> saved full tensor key
-            self._factors, self._full = _keys_of(self._file.names(), path / ADAPTER_WEIGHTS)
+            from .align import _same_bytes  # align imports this module
+
+            self._factors, self._full = _keys_of(self._file.names(), path / ADAPTER_WEIGHTS,
+                                                 lambda a, b: _same_bytes(self._file, a, self._file, b))
         except CheckpointError:
             self._file.close()
             raise
