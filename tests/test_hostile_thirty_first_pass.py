@@ -106,7 +106,7 @@ def _randomized(model, kind):
 
 
 def _merged_like_peft(tmp_path, model, base_dir, kind, names):
-    """The adapter saved by PEFT, merged alone by tiesmerge (task arithmetic, lam 1), against PEFT's merge_and_unload."""
+    """The adapter saved by PEFT, merged alone by tiesmerge (task arithmetic, lam 1), against merge_and_unload."""
     _randomized(model, kind).save_pretrained(tmp_path / "adapter")
     reference = model.merge_and_unload().state_dict()
     ours = tiesmerge.merge(base_dir, [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
