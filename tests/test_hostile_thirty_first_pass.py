@@ -277,3 +277,26 @@ def test_peft_s_own_seq_cls_adapter_with_trained_biases_merges_as_peft(tmp_path)
     assert set(ours) <= set(reference)
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_conv1d_layout_taken_from_the_config_is_said(tmp_path):
+    """C21: given as a lone file, a GPT-2 base has no model_type, and the adapter's fan_in_fan_out decides the layout
+    of c_proj (square: it fits either way) without a word."""
+    import warnings as pywarnings
+
+    from tiesmerge.errors import MergeWarning
+
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=30)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn.c_proj"]))
+    _randomized(model, "lora_B").save_pretrained(tmp_path / "adapter")
+    for base, said in ((tmp_path / "base", False), (tmp_path / "base" / "model.safetensors", True)):
+        with pywarnings.catch_warnings(record=True) as caught:
+            pywarnings.simplefilter("always")
+            tiesmerge.merge(base, [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
+        messages = [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
+        assert any("is taken from the adapter's fan_in_fan_out (true)" in m for m in messages) == said, messages

@@ -48,7 +48,7 @@ from .peft import (
     strip_key,
     yields_task_vector,
 )
-from .peft_targets import base_model_type, check_adapted, conv1d_layout
+from .peft_targets import base_model_type, check_adapted, conv1d_layout, warn_layout_unknown
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -334,6 +334,7 @@ class LoraCheckpoint:
         saved = [strip_key(key.split(".modules_to_save.")[0], "") for key in self._full.values()
                  if ".modules_to_save." in key]  # whole copies of modules_to_save, beside the factors
         check_adapted(self.config, list(self._factors), source, whole=saved)  # as PEFT 0.21 decides (peft_targets)
+        warn_layout_unknown(model_type, [m for m, (_, _, e) in self._factors.items() if not e], fan_in_fan_out, source)
         targets: dict[str, LoraTarget] = {}
         base_names, claimed = BaseNames(base), {}
         for module, (a_key, b_key, embedding) in self._factors.items():

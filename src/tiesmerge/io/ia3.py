@@ -17,7 +17,7 @@ import numpy as np
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
 from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseNames, bind_once, one_key_per_module, read_adapter_dir, strip_key
-from .peft_targets import base_model_type, check_adapted, conv1d_layout, feedforward
+from .peft_targets import base_model_type, check_adapted, conv1d_layout, feedforward, warn_layout_unknown
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -88,6 +88,7 @@ class Ia3Checkpoint:
         is_feedforward = feedforward(self.config, source)
         model_type = base_model_type(base)
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
+        warn_layout_unknown(model_type, list(self._vectors), fan_in_fan_out, source)
         base_names, claimed = BaseNames(base), {}
         for module, key in self._vectors.items():
             name = base_names.resolve(module, ".weight", self.label, key)

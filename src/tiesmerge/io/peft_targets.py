@@ -44,7 +44,8 @@ try:  # Python 3.11+: the parser moved under re
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre  # type: ignore[no-redef]
 
-__all__ = ["Targeting", "check_adapted", "feedforward", "conv1d_layout", "base_model_type", "MAX_SELECTOR_CHARS"]
+__all__ = ["Targeting", "check_adapted", "feedforward", "conv1d_layout", "base_model_type", "warn_layout_unknown",
+           "MAX_SELECTOR_CHARS"]
 
 # a regex listing every adapted module path of a 32-layer model runs to some 8,000 characters; past this bound a
 # selector is not checked (re.compile of a 28 MB one took a minute and 3.7 GB: hostile pass 25, F7)
@@ -387,6 +388,23 @@ def conv1d_layout(model_type: str | None, module: str, fan_in_fan_out: bool) -> 
     if model_type is None:
         return fan_in_fan_out
     return model_type in _CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in _CONV1D_MODULES
+
+
+def warn_layout_unknown(model_type: str | None, modules: Sequence[str], fan_in_fan_out: bool, source: str) -> None:
+    """Where the base has no config (a lone weights file), the adapter's fan_in_fan_out decides the layout of its
+    modules; for modules named as transformers' Conv1D ones that is a guess the merge cannot check (a square weight
+    fits either way), so it is said (hostile pass 31, C21)."""
+    if model_type is not None:
+        return
+    named = [m for m in modules if m.rsplit(".", 1)[-1] in _CONV1D_MODULES]
+    if named:
+        warnings.warn(MergeWarning(
+            f"{source}: the base has no config.json (model_type), so the layout of {len(named)} adapted module(s) "
+            f"such as {named[0]!r} is taken from the adapter's fan_in_fan_out ({str(fan_in_fan_out).lower()}): "
+            + ("(in, out), as a transformers Conv1D" if fan_in_fan_out else "(out, in), as a torch.nn.Linear")
+            + "; a GPT-2-family base stores them as Conv1D, so if that is wrong the change is applied transposed: "
+              "pass the base as its model directory (with config.json) to have its architecture decide"),
+            stacklevel=4)
 
 
 def base_model_type(base: Any) -> str | None:
