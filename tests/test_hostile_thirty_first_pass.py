@@ -300,3 +300,27 @@ def test_a_conv1d_layout_taken_from_the_config_is_said(tmp_path):
             tiesmerge.merge(base, [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
         messages = [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
         assert any("is taken from the adapter's fan_in_fan_out (true)" in m for m in messages) == said, messages
+
+
+@pytest.mark.parametrize("pattern", [r".*\.(q_proj|[[:alpha:]]_proj)", r".*[[:digit:]].*q_proj",
+                                     r".*\.(?:q_pro){e<=1}j", r".*\.(?:k_pro){e<=1}j|.*\.up_proj",
+                                     r".*\.(q|k){1,2}_proj"])
+def test_adapter_selectors_read_as_pythons_re(pattern):
+    """C81: PEFT matches target_modules with re, where [[:alpha:]] is a set of '[', ':', 'a', ... then a literal ']'
+    and {e<=1} is literal text; the regex package (on which adapter selectors run) reads a POSIX class and fuzzy
+    matching there: tiesmerge adapted k_proj where PEFT does not. And re's "Possible nested set" FutureWarning
+    reached the terminal."""
+    import re
+    import warnings as pywarnings
+
+    from tiesmerge.io.peft_targets import Targeting
+
+    modules = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj",
+                                                                    "self_attn.qq_proj", "mlp.up_proj", "x.q_projj")]
+    with pywarnings.catch_warnings():
+        pywarnings.simplefilter("error")  # no warning of re's reaches the user
+        targeting = Targeting.of({"target_modules": pattern}, "cfg")
+        ours = [targeting.why_not(m) is None for m in modules]
+    with pywarnings.catch_warnings():
+        pywarnings.simplefilter("ignore", FutureWarning)
+        assert ours == [re.fullmatch(pattern, m) is not None for m in modules]

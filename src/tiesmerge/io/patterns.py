@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -287,18 +288,21 @@ class ModulePattern:
                                   "backreferences are not supported (matching them needs backtracking)",
                                   hint=f"{what}: write it without backreferences (| . * + ? [] {{m,n}})")
         try:
-            re.compile(key)
-            own = _sre.parse(key)  # the user's text alone (parsed once: flags, then whether re runs it linearly)
-            if own.state.flags & ~_sre.SRE_FLAG_UNICODE:  # the user's own text: wrapped, (?i) would move
-                raise _Refused("inline flags such as (?i): matching is case-sensitive, as tensor names are")
-            parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"({key})$" if whole else rf"(.*\.)?({key})$")
-            if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
-                raise _Refused("inline flags")
-            if _linear(own.data):  # re runs it in linear time: no automaton (and no size limit on it)
-                wrapped = rf"(?:{key})" if anywhere else rf"(?:{key})\Z" if whole else rf"(.*\.)?(?:{key})\Z"
-                return cls(key, (), 0, anywhere, re.compile(wrapped))
-            builder = _Builder()
-            start = builder.build(parsed, 0)
+            with warnings.catch_warnings():  # re's "Possible nested set" ([[:alpha:]]): re's reading is what PEFT runs
+                warnings.simplefilter("ignore", FutureWarning)
+                re.compile(key)
+                own = _sre.parse(key)  # the user's text alone (parsed once: flags, then whether re runs it linearly)
+                if own.state.flags & ~_sre.SRE_FLAG_UNICODE:  # the user's own text: wrapped, (?i) would move
+                    raise _Refused("inline flags such as (?i): matching is case-sensitive, as tensor names are")
+                parsed = _sre.parse(rf"[\s\S]*({key})" if anywhere else rf"({key})$" if whole else
+                                    rf"(.*\.)?({key})$")
+                if parsed.state.flags & ~(_sre.SRE_FLAG_UNICODE):
+                    raise _Refused("inline flags")
+                if _linear(own.data):  # re runs it in linear time: no automaton (and no size limit on it)
+                    wrapped = rf"(?:{key})" if anywhere else rf"(?:{key})\Z" if whole else rf"(.*\.)?(?:{key})\Z"
+                    return cls(key, (), 0, anywhere, re.compile(wrapped))
+                builder = _Builder()
+                start = builder.build(parsed, 0)
         except re.error as exc:
             raise CheckpointError(f"{source}: pattern key {key[:80]!r} is not a valid regular expression ({exc})",
                                   hint=what) from None
@@ -312,7 +316,7 @@ class ModulePattern:
                                   ) from None
         wrapped = rf"(?:{key})" if anywhere else rf"(?:{key})\Z" if whole else rf"(.*\.)?(?:{key})\Z"
         return cls(key, tuple(builder.states), start, anywhere, clock=clock,
-                   fast=_on_regex_package(wrapped) if clock is not None else None)
+                   fast=_on_regex_package(wrapped) if clock is not None and _read_alike(key) else None)
 
     def _closure(self, states: set[int], pos: int, end: int) -> set[int]:
         seen, todo = set(), list(states)
@@ -362,6 +366,16 @@ class ModulePattern:
 MAX_TABLE_KEYS = 100_000  # alpha_pattern / rank_pattern keys: a model has some thousands of modules at most
 MAX_REGEX_KEYS = 1_000  # keys that are regexes proper (not module names): each is tried against every module
 MAX_SHAPES = 1_000  # module-name keys' shapes (their parts' lengths): each is a lookup per module
+
+
+# what the regex package reads otherwise than Python's re (PEFT matches with re): a POSIX class [[:alpha:]] (re: the
+# set {'[', ':', 'a', ...} then a literal ']'), and braces holding more than a count, fuzzy matching there
+# ((?:ab){e<=1}; re: literal text). Such keys run on the automaton, built from re's own parse (hostile pass 31, C81).
+_READ_OTHERWISE = re.compile(r"\[:|\{[^}]*[^\d,}]")
+
+
+def _read_alike(key: str) -> bool:
+    return _READ_OTHERWISE.search(key) is None
 
 
 def _on_regex_package(expression: str) -> Any:
