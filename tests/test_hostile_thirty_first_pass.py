@@ -324,3 +324,32 @@ def test_adapter_selectors_read_as_pythons_re(pattern):
     with pywarnings.catch_warnings():
         pywarnings.simplefilter("ignore", FutureWarning)
         assert ours == [re.fullmatch(pattern, m) is not None for m in modules]
+
+
+def test_a_lora_on_a_tied_embedding_with_ensure_weight_tying_runs_as_peft(tmp_path):
+    """C79: with ensure_weight_tying PEFT adapts lm_head with the embedding's factors (transposed) and saves them,
+    though target_modules names only the embedding; tiesmerge refused them as not targeted. Now the head's twin
+    factors are the embedding's change, held once by the tied output, and the merged model's logits are the running
+    adapter's. (PEFT 0.21's own merge_and_unload adds that change twice to the shared matrix: 4.9 off in the logits.)"""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, vocab_size=40, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                ensure_weight_tying=True))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(tmp_path / "adapter")
+    tiesmerge.merge(tmp_path / "base", [tmp_path / "adapter"], TaskArithmetic(lam=1.0), output=tmp_path / "out")
+    running = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                             tmp_path / "adapter").eval()
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out").eval()
+    tokens = torch.tensor([[1, 5, 9, 30, 2, 39]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, running(tokens).logits, atol=1e-5, rtol=1e-5)

@@ -331,6 +331,7 @@ class LoraCheckpoint:
         model_type = base_model_type(base)
         overruled: list[str] = []
         declared = _declared_rank(self.config, source)
+        self._drop_tied_head_twin(base)
         saved = [strip_key(key.split(".modules_to_save.")[0], "") for key in self._full.values()
                  if ".modules_to_save." in key]  # whole copies of modules_to_save, beside the factors
         check_adapted(self.config, list(self._factors), source, whole=saved)  # as PEFT 0.21 decides (peft_targets)
@@ -414,6 +415,37 @@ class LoraCheckpoint:
                     f"tensor {name!r} {tuple(base.info(name).shape)}")
             full_bound[name] = key
         self.targets, self._full_bound, self._base = targets, full_bound, base
+
+    def _drop_tied_head_twin(self, base: Checkpoint) -> None:
+        """With ensure_weight_tying, PEFT adapts the output head of a base that ties it to an adapted embedding with
+        the embedding's own factors, transposed (and saves them, and the head's base_layer, though target_modules
+        names only the embedding): the same ΔW, which the tied output holds once, as the embedding's. Those twins are
+        left out; a head whose factors are not the embedding's is kept, to be refused as a change to a tied head
+        (hostile pass 31, C79)."""
+        from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, _same_bytes, read_model_config
+
+        if self.config.get("ensure_weight_tying") is not True:
+            return
+        if read_model_config(base).get("tie_word_embeddings", True) is False:
+            return
+        heads = tuple(s.removesuffix(".weight") for s in _HEAD_SUFFIXES)
+        embeds = [(m, f) for m, f in self._factors.items() if f[2] and (m + ".weight").endswith(_EMBED_SUFFIXES)]
+        if len(embeds) != 1:
+            return
+        embed, (embed_a, embed_b, _) = embeds[0]
+        a_e, b_e = self._file.read(embed_a), self._file.read(embed_b)  # (r, vocab), (hidden, r): small
+        for module, (a_key, b_key, embedding) in list(self._factors.items()):
+            if embedding or not module.endswith(heads):
+                continue
+            a_h, b_h = self._file.read(a_key), self._file.read(b_key)  # (r, hidden), (vocab, r)
+            if a_h.shape != b_e.T.shape or b_h.shape != a_e.T.shape or not (a_h.equal(b_e.T) and b_h.equal(a_e.T)):
+                continue
+            del self._factors[module]
+            whole = {strip_key(plain, ""): plain for plain in self._full}  # the file's names, PEFT's prefix off
+            own, twin = whole.get(module + ".weight"), whole.get(embed + ".weight")  # the two base_layer copies
+            if own is not None and twin is not None and ".base_layer." in self._full[own] and \
+                    _same_bytes(self._file, self._full[own], self._file, self._full[twin]):
+                del self._full[own]
 
     def _require_bound(self) -> Checkpoint:
         if self._base is None:
