@@ -353,3 +353,21 @@ def test_a_lora_on_a_tied_embedding_with_ensure_weight_tying_runs_as_peft(tmp_pa
     tokens = torch.tensor([[1, 5, 9, 30, 2, 39]])
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens).logits, running(tokens).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_validate_reports_every_input_problem(tmp_path, capsys):
+    """C74: validate promises every problem at once; the inputs' checks stopped at the first (a missing folder hid an
+    adapter of another model and a model of other shapes; a bad density hid all of them)."""
+    from helpers_ckpt import run_cli
+
+    b, ms = write_family_dirs(tmp_path)
+    other = write_hf_dir(tmp_path / "other", {"x.weight": torch.ones(3, 3)})
+    stray = write_lora_dir(tmp_path / "stray", {"zz.q_proj": (torch.ones(2, 8), torch.ones(8, 2))}, alpha=4)
+    for extra, first in (("", "no such file or directory"), ("parameters: {density: 2}\n", "density must be")):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {stray}, {other}, {tmp_path / 'missing'}]\n"
+                          + extra)
+        rc, out, err = run_cli(["validate", str(recipe)], capsys)
+        assert rc != 0 and "Traceback" not in err, err
+        assert first in err and "targets module 'zz.q_proj'" in err and "model 2 (" in err, err
+        assert ("4 problems" if extra else "3 problems") in err, err

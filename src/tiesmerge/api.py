@@ -103,9 +103,11 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
     except TiesMergeError as exc:
         errors.append(exc)
     if len(errors) > 1:
-        raise CheckpointError(f"{len(errors)} problems with the inputs:\n"
-                              + "\n".join("  - " + e.message.replace("\n", "\n    ") for e in errors),
-                              hint=next((e.hint for e in errors if e.hint), None))
+        error = CheckpointError(f"{len(errors)} problems with the inputs:\n"
+                                + "\n".join("  - " + e.message.replace("\n", "\n    ") for e in errors),
+                                hint=next((e.hint for e in errors if e.hint), None))
+        error.problems = [e.message for e in errors]  # type: ignore[attr-defined]  # each, as a ConfigError's
+        raise error
 
 
 def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str = "error",

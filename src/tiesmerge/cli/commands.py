@@ -9,16 +9,17 @@ import dataclasses
 import inspect
 import json
 import math
+import re
 import sys
 import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, OutputError, TiesMergeError
 from ..methods.base import ModelPath, option_types
 from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, nested, staged_file
-from ..recipe import load_recipe, read_recipe_data, recipe_from_dict
+from ..recipe import read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
 from .adapt import cmd_adapt
@@ -436,14 +437,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..distance import check_distances
     from ..inputs import check_budget
 
-    recipe = load_recipe(args.recipe)
+    data = read_recipe_data(args.recipe)
+    try:
+        recipe = recipe_from_dict(data, source=str(args.recipe))
+    except ConfigError as exc:  # the recipe's own problems, and then each input's (hostile pass 31, C74)
+        raise _with_input_problems(exc, data.get("base"), _model_paths(data.get("models")), args,
+                                   allow_pickle=data.get("allow_pickle") is True) from None
     _recipe_pickle_consent(recipe, args)
     # the checks of the merge's plan, short of reading any weights: every input exists and is a model
     # (headers read), none is given twice, the shapes align, the statistics fit, the device exists
-    plan = plan_merge(recipe.base, list(recipe.models), recipe.method, device=recipe.device,
-                      memory_budget=recipe.memory_budget, dtype=recipe.dtype, vocab_policy=recipe.vocab_policy,
-                      allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats,
-                      allow_distant=True)  # judged below, once the numbers are shown
+    try:
+        plan = plan_merge(recipe.base, list(recipe.models), recipe.method, device=recipe.device,
+                          memory_budget=recipe.memory_budget, dtype=recipe.dtype, vocab_policy=recipe.vocab_policy,
+                          allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats,
+                          allow_distant=True)  # judged below, once the numbers are shown
+    except TiesMergeError as exc:  # the first problem of the inputs: every other input's is looked for too
+        raise _with_input_problems(exc, recipe.base, [str(m) for m in recipe.models], args,
+                                   allow_pickle=recipe.allow_pickle, vocab_policy=recipe.vocab_policy) from None
     check_budget(plan)
     # how far each model is from the base (a small sample of rows): shown, then judged
     distances = base_distance(recipe.base, list(recipe.models), vocab_policy=recipe.vocab_policy,
@@ -463,6 +473,53 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"  inputs checked: {len(merged)} tensors to merge, {format_size(plan.bytes_to_read)} to read, "
           f"peak memory {format_size(plan.peak_bytes)}")
     return 0
+
+
+def _model_paths(models: Any) -> list[str]:
+    """A recipe's model paths as written (a path, or {path: ...}), where the recipe itself did not validate."""
+    entries = models if isinstance(models, list) else []
+    paths = [e.get("path") if isinstance(e, dict) else e for e in entries]
+    return [str(p) for p in paths if isinstance(p, str) and p]
+
+
+def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], args: argparse.Namespace, *,
+                         allow_pickle: bool = False, vocab_policy: str = "error") -> TiesMergeError:
+    """``first`` (a recipe's or its inputs' first problem) with every input problem found beside it: the base, then
+    each model checked against it on its own (its files, its shapes, an adapter's binding), as `validate` promises
+    every problem at once (hostile pass 31, C74). Returns ``first`` itself where nothing else is found."""
+    from ..api import plan_merge
+    from ..io.checkpoint import open_checkpoint
+
+    if not isinstance(base, (str, Path)) or not str(base):
+        return first
+    problems = list(getattr(first, "problems", None) or [first.message])
+    known = len(problems)
+    allow = allow_pickle and bool(getattr(args, "allow_pickle", False))  # a recipe's own consent needs the flag
+
+    def add(exc: TiesMergeError, k: int | None) -> None:
+        for message in getattr(exc, "problems", None) or [exc.message]:
+            # checked alone, a model is model 0: its place in the recipe is said instead
+            said = message if k is None else re.sub(r"\bmodel 0\b", f"model {k}", message)
+            if said not in problems:
+                problems.append(said)
+
+    try:
+        open_checkpoint(str(base), allow_pickle=allow).close()
+    except TiesMergeError as exc:  # every model's check would stop there too
+        add(exc, None)
+        models = []
+    for k, model in enumerate(models):
+        if model in models[:k]:
+            continue
+        try:
+            plan_merge(str(base), [model], "task_arithmetic", vocab_policy=vocab_policy, allow_pickle=allow,
+                       allow_distant=True)
+        except TiesMergeError as exc:
+            add(exc, k)
+    if len(problems) == known:
+        return first
+    return ConfigError(problems, hint="fix each problem named above (each model was checked against the base on its "
+                                      "own; run validate again to check them together)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
