@@ -371,3 +371,37 @@ def test_validate_reports_every_input_problem(tmp_path, capsys):
         assert rc != 0 and "Traceback" not in err, err
         assert first in err and "targets module 'zz.q_proj'" in err and "model 2 (" in err, err
         assert ("4 problems" if extra else "3 problems") in err, err
+
+
+def test_a_tensor_in_two_shards_with_other_values_is_refused(tmp_path):
+    """C84: the index puts lm_head.weight in shard 1, shard 2 stores another copy; transformers loads every tensor of
+    every shard (the last read wins), tiesmerge merged the index's copy. Equal copies stay one tensor."""
+    from safetensors.torch import save_file
+
+    from tiesmerge.errors import CheckpointError
+
+    base = make_base()
+    for kind in ("equal", "other"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        names = sorted(base)
+        first, second = names[: len(names) // 2], names[len(names) // 2:]
+        head = "lm_head.weight"
+        assert head in first or head in second
+        owner, stray = (first, second) if head in first else (second, first)
+        stray_copy = base[head] if kind == "equal" else base[head] + 5
+        save_file({n: base[n].contiguous() for n in first} | ({} if head in first else {head: stray_copy}),
+                  str(folder / "model-00001-of-00002.safetensors"))
+        save_file({n: base[n].contiguous() for n in second} | ({} if head in second else {head: stray_copy}),
+                  str(folder / "model-00002-of-00002.safetensors"))
+        index = {n: "model-00001-of-00002.safetensors" if n in first else "model-00002-of-00002.safetensors"
+                 for n in names}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+        if kind == "equal":
+            checkpoint = tiesmerge.open_checkpoint(folder)
+            assert sorted(checkpoint.names()) == names
+            checkpoint.close()
+        else:
+            with pytest.raises(CheckpointError, match="tensor 'lm_head.weight' is stored in two shards with different "
+                                                      "values"):
+                tiesmerge.open_checkpoint(folder)

@@ -56,9 +56,12 @@ class SafetensorsCheckpoint:
         self.unindexed: dict[str, Path] = {}  # tensors a shard holds that the index does not list
         self._info: dict[str, TensorInfo] = {}
         self._start: dict[str, int] = {}  # absolute file offset of each tensor's first byte
+        # tensors the index gives to one shard that another shard stores too: name -> [(file, TensorInfo, start)]
+        self._copies: dict[str, list[tuple[Path, TensorInfo | None, int]]] = {}
         try:
             for file in weight_files:
                 self._index_file(file, weight_map)
+            self._refuse_copies_that_differ()
         except BaseException:
             self.close()
             raise
@@ -95,6 +98,12 @@ class SafetensorsCheckpoint:
             if weight_map and weight_map.get(name) != file:
                 if name not in weight_map:  # held by a shard but not listed: named if a merge misses it
                     self.unindexed.setdefault(name, file)
+                else:  # the index's shard owns it; this copy must hold the same bytes (checked once all are read)
+                    entry = header[name]
+                    known = BY_CODE.get(entry.get("dtype")) if isinstance(entry, dict) else None
+                    info = TensorInfo(tuple(entry["shape"]), known) if known is not None else None
+                    self._copies.setdefault(name, []).append(
+                        (file, info, 8 + header_len + entry["data_offsets"][0]))
                 continue  # the index decides which shard owns a name
             entry = header[name]
             if entry["dtype"] not in BY_CODE:
@@ -111,6 +120,32 @@ class SafetensorsCheckpoint:
             self._where[name] = file
             self._info[name] = TensorInfo(tuple(entry["shape"]), BY_CODE[entry["dtype"]])
             self._start[name] = 8 + header_len + entry["data_offsets"][0]
+
+    def _refuse_copies_that_differ(self) -> None:
+        """A tensor the index gives to one shard and another shard stores too, with other values: transformers loads
+        every tensor of every shard, so the copy a loaded model holds is the last shard's read, not always the
+        index's; merging the index's would merge another model than the one that runs (hostile pass 31, C84).
+        Equal copies (a writer that stores a shared tensor in each shard) are one tensor."""
+        chunk = 16 << 20
+        for name, copies in self._copies.items():
+            owner = self._where.get(name)
+            if owner is None:
+                continue  # the index's shard lacks it: said as missing below
+            info, start = self._info[name], self._start[name]
+            for file, other, at in copies:
+                same = other == info
+                done = 0
+                while same and done < info.nbytes:
+                    size = min(chunk, info.nbytes - done)
+                    same = os.pread(self._fds[owner], size, start + done) == os.pread(self._fds[file], size, at + done)
+                    done += size
+                if not same:
+                    raise CheckpointError(
+                        f"{self.path}: tensor {name!r} is stored in two shards with different values: {owner.name} "
+                        f"(where the index puts it) and {file.name}; transformers loads every tensor of every shard, "
+                        "so which copy a loaded model holds depends on the order it reads them",
+                        hint=f"remove the stray copy from {file.name} (or fix the index): the model's files disagree "
+                             "with each other")
 
     def names(self) -> list[str]:
         return list(self._info)
