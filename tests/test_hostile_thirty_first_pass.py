@@ -405,3 +405,29 @@ def test_a_tensor_in_two_shards_with_other_values_is_refused(tmp_path):
             with pytest.raises(CheckpointError, match="tensor 'lm_head.weight' is stored in two shards with different "
                                                       "values"):
                 tiesmerge.open_checkpoint(folder)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_saved_shared_embedding_of_an_encoder_decoder_is_refused(tmp_path, tied):
+    """C103: T5 with modules_to_save ["shared"]: PEFT replaces only the `shared` attribute, its encoder and decoder keep
+    the old embedding (and the head where tied), while the merged model tied all of them to the new one."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                                num_heads=2, decoder_start_token_id=0, tie_word_embeddings=tied)
+    torch.manual_seed(11)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "base"),
+                                peft.LoraConfig(r=2, target_modules=["q"], modules_to_save=["shared"]))
+    _randomized(model, "modules_to_save").save_pretrained(tmp_path / "adapter")
+    with pytest.raises(IncompatibleCheckpointsError, match="PEFT replaces only the 'shared' attribute"):
+        tiesmerge.merge(tmp_path / "base", [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
+
+
+def test_a_lower_case_peft_type_is_refused(tmp_path):
+    """C93: PEFT's PeftType values are upper case; `peft_type: "lora"` was merged, and PEFT cannot load it."""
+    from tiesmerge.errors import CheckpointError
+
+    b, base, lora = _lora(tmp_path, config={"peft_type": "lora"})
+    with pytest.raises(CheckpointError, match="peft_type is 'lora'; PEFT reads 'LORA' only"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))

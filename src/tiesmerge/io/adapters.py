@@ -226,6 +226,15 @@ def _heads_following_the_embedding(full: dict[str, str], file: Checkpoint, base:
     embeds = {p: k for p, k in full.items() if p.endswith(_EMBED_SUFFIXES) and ".base_layer." not in k}
     if not embeds:
         return set()
+    shared = next((p for p in embeds if strip_key(p, "") == "shared.weight" or p.endswith(".shared.weight")), None)
+    if shared is not None:  # hostile pass 31, C103
+        raise IncompatibleCheckpointsError(
+            f"{label}: the adapter saves a new {strip_key(shared, '')!r} (modules_to_save), the embedding an "
+            "encoder-decoder model (T5, BART, ...) shares with its encoder's and decoder's embed_tokens: PEFT replaces "
+            "only the 'shared' attribute, so the model it runs keeps the old embedding in both stacks (and in its "
+            "head where tied), while a merged model ties them all to the new one",
+            hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full model, or train "
+                 "the adapter without the shared embedding in modules_to_save")
     config = read_model_config(base)
     if config.get("tie_word_embeddings", True) is False:
         return set()
@@ -585,7 +594,12 @@ def open_adapter(path: Path, label: str) -> LoraCheckpoint | Ia3Checkpoint:
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a JSON object",
                               hint="an adapter config is the adapter_config.json PEFT writes")
-    kind = str(config.get("peft_type", ""))[:40].upper()
+    written = str(config.get("peft_type", ""))[:40]
+    kind = written.upper()
+    if kind in ("LORA", "IA3") and written != kind:  # hostile pass 31, C93: PEFT's PeftType values are upper case
+        raise CheckpointError(f"{path / ADAPTER_CONFIG}: peft_type is {written!r}; PEFT reads {kind!r} only (its "
+                              "PeftType) and cannot load this adapter", hint=f"write \"peft_type\": \"{kind}\" in the "
+                                                                           "adapter config, as PEFT does")
     if kind == "LORA":
         return LoraCheckpoint(path, label)
     if kind == "IA3":
