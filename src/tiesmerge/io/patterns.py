@@ -316,7 +316,7 @@ class ModulePattern:
                                   ) from None
         wrapped = rf"(?:{key})" if anywhere else rf"(?:{key})\Z" if whole else rf"(.*\.)?(?:{key})\Z"
         return cls(key, tuple(builder.states), start, anywhere, clock=clock,
-                   fast=_on_regex_package(wrapped) if clock is not None and _read_alike(key) else None)
+                   fast=_on_regex_package(wrapped) if clock is not None and read_alike(key) else None)
 
     def _closure(self, states: set[int], pos: int, end: int) -> set[int]:
         seen, todo = set(), list(states)
@@ -374,7 +374,8 @@ MAX_SHAPES = 1_000  # module-name keys' shapes (their parts' lengths): each is a
 _READ_OTHERWISE = re.compile(r"\[:|\{[^}]*[^\d,}]")
 
 
-def _read_alike(key: str) -> bool:
+def read_alike(key: str) -> bool:
+    """Whether the regex package reads ``key`` as Python's re does (see :data:`_READ_OTHERWISE`)."""
     return _READ_OTHERWISE.search(key) is None
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError, MergeWarning
-from .patterns import MatchClock, ModulePattern, boundary_suffixes
+from .patterns import MatchClock, ModulePattern, boundary_suffixes, read_alike
 
 try:  # Python 3.11+: the parser moved under re
     from re import _parser as _sre  # type: ignore[attr-defined]
@@ -144,6 +144,8 @@ _REPEATS = tuple(getattr(_sre, name) for name in ("MAX_REPEAT", "MIN_REPEAT", "P
 
 
 def _timed(value: str, field: str, source: str, clock: MatchClock | None = None) -> _TimedRegex | None:
+    if not read_alike(value):  # the regex package would read it otherwise than PEFT's re: unchecked (hp31 C81)
+        return None
     try:
         import regex
     except ImportError:  # pragma: no cover - transformers (and PEFT) depend on it
