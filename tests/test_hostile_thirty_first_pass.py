@@ -431,3 +431,31 @@ def test_a_lower_case_peft_type_is_refused(tmp_path):
     b, base, lora = _lora(tmp_path, config={"peft_type": "lora"})
     with pytest.raises(CheckpointError, match="peft_type is 'lora'; PEFT reads 'LORA' only"):
         tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+# ---------------------------------------------------------------- the thirty-second pass
+
+def _encoder_decoder(tmp_path, transformers):
+    """A BERT encoder with a GPT-2 decoder (cross-attention: c_attn, q_attn, c_proj, all Conv1D)."""
+    encoder = transformers.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      vocab_size=40)
+    decoder = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=40, is_decoder=True,
+                                      add_cross_attention=True)
+    config = transformers.EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    torch.manual_seed(0)
+    transformers.EncoderDecoderModel(config=config).save_pretrained(tmp_path / "base")
+    return transformers.EncoderDecoderModel.from_pretrained(tmp_path / "base")
+
+
+@pytest.mark.parametrize("kind", ["lora", "ia3"])
+def test_a_conv1d_decoder_nested_in_an_encoder_decoder_matches_peft(tmp_path, kind):
+    """hp32 C02/C03/C12: an EncoderDecoderModel's model_type is "encoder-decoder"; its GPT-2 decoder's Conv1D modules
+    were taken for nn.Linear (LoRA's ΔW transposed, (IA)³ on the wrong axis), with a false warning."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = _encoder_decoder(tmp_path, transformers)
+    targets = ["attn.c_proj", "crossattention.q_attn", "crossattention.c_attn", "mlp.c_fc"]
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets) if kind == "lora" else \
+        peft.IA3Config(target_modules=targets, feedforward_modules=["mlp.c_fc"])
+    _merged_like_peft(tmp_path, peft.get_peft_model(model, config), tmp_path / "base",
+                      "lora_B" if kind == "lora" else "ia3_l", ("c_proj", "q_attn", "c_attn", "c_fc"))

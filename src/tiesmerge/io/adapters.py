@@ -48,7 +48,7 @@ from .peft import (
     strip_key,
     yields_task_vector,
 )
-from .peft_targets import base_model_type, check_adapted, conv1d_layout, warn_layout_unknown
+from .peft_targets import base_model_type, base_model_types, check_adapted, conv1d_layout, warn_layout_unknown
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -337,14 +337,15 @@ class LoraCheckpoint:
         rank_pattern = _patterns(self.config, "rank_pattern", source)  # PEFT: a module's r, where a key matches
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        model_type = base_model_type(base)
+        model_type, model_types = base_model_type(base), base_model_types(base)
         overruled: list[str] = []
         declared = _declared_rank(self.config, source)
         self._drop_tied_head_twin(base)
         saved = [strip_key(key.split(".modules_to_save.")[0], "") for key in self._full.values()
                  if ".modules_to_save." in key]  # whole copies of modules_to_save, beside the factors
         check_adapted(self.config, list(self._factors), source, whole=saved)  # as PEFT 0.21 decides (peft_targets)
-        warn_layout_unknown(model_type, [m for m, (_, _, e) in self._factors.items() if not e], fan_in_fan_out, source)
+        warn_layout_unknown(model_types, [m for m, (_, _, e) in self._factors.items() if not e], fan_in_fan_out,
+                            source)
         targets: dict[str, LoraTarget] = {}
         base_names, claimed = BaseNames(base), {}
         for module, (a_key, b_key, embedding) in self._factors.items():
@@ -356,7 +357,7 @@ class LoraCheckpoint:
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA factors of {module!r} have shapes A {tuple(a)} and B {tuple(b)}; "
                     "expected A (r, in) and B (out, r) with a rank r of at least 1")
-            stores_in_out = conv1d_layout(model_type, module, fan_in_fan_out)
+            stores_in_out = conv1d_layout(model_types, module, fan_in_fan_out)
             if stores_in_out != fan_in_fan_out and not embedding:
                 overruled.append(module)
             transposed = embedding or stores_in_out

@@ -17,7 +17,7 @@ import numpy as np
 from ..dtypes import FLOAT32
 from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTensorError
 from .peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BaseNames, bind_once, one_key_per_module, read_adapter_dir, strip_key
-from .peft_targets import base_model_type, check_adapted, conv1d_layout, feedforward, warn_layout_unknown
+from .peft_targets import base_model_types, check_adapted, conv1d_layout, feedforward, warn_layout_unknown
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -86,9 +86,9 @@ class Ia3Checkpoint:
                 "tiesmerge does not guess that table", hint="set feedforward_modules in the adapter config (a list, "
                                                           "[] for none; PEFT writes it when it saves an adapter)")
         is_feedforward = feedforward(self.config, source)
-        model_type = base_model_type(base)
+        model_types = base_model_types(base)
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        warn_layout_unknown(model_type, list(self._vectors), fan_in_fan_out, source)
+        warn_layout_unknown(model_types, list(self._vectors), fan_in_fan_out, source)
         base_names, claimed = BaseNames(base), {}
         for module, key in self._vectors.items():
             name = base_names.resolve(module, ".weight", self.label, key)
@@ -97,7 +97,7 @@ class Ia3Checkpoint:
             shape = tuple(self._file.info(key).shape)
             # (out, in) of the module: a transformers Conv1D stores its weight as (in, out), and PEFT then scales the
             # weight's columns for outputs and its rows for inputs (hostile pass 31, C17/C18)
-            in_out = len(weight) == 2 and conv1d_layout(model_type, module, fan_in_fan_out)
+            in_out = len(weight) == 2 and conv1d_layout(model_types, module, fan_in_fan_out)
             outs, ins = (weight[1], weight[0]) if in_out else (weight[:2] if len(weight) == 2 else (None, None))
             fits = len(weight) == 2 and shape in ((outs, 1), (1, ins))
             if fits and is_feedforward is not None:  # PEFT builds the vector by the config, whatever the file holds

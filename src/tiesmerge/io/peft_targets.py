@@ -44,8 +44,8 @@ try:  # Python 3.11+: the parser moved under re
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre  # type: ignore[no-redef]
 
-__all__ = ["Targeting", "check_adapted", "feedforward", "conv1d_layout", "base_model_type", "warn_layout_unknown",
-           "MAX_SELECTOR_CHARS"]
+__all__ = ["Targeting", "check_adapted", "feedforward", "conv1d_layout", "base_model_type", "base_model_types",
+           "warn_layout_unknown", "MAX_SELECTOR_CHARS"]
 
 # a regex listing every adapted module path of a 32-layer model runs to some 8,000 characters; past this bound a
 # selector is not checked (re.compile of a 28 MB one took a minute and 3.7 GB: hostile pass 25, F7)
@@ -382,21 +382,23 @@ _CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tra
 _CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 
-def conv1d_layout(model_type: str | None, module: str, fan_in_fan_out: bool) -> bool:
+def conv1d_layout(model_types: frozenset[str] | None, module: str, fan_in_fan_out: bool) -> bool:
     """Whether the base stores ``module``'s weight as (in, out) (transformers' Conv1D), so that a LoRA's ΔW is
     s (B A)ᵀ and an (IA)³ vector scales the weight's columns where it scales outputs: PEFT's rule, by the module's
-    class, whatever the config's fan_in_fan_out says; the config decides only where the base's architecture is not
-    known (a lone weights file)."""
-    if model_type is None:
+    class, whatever the config's fan_in_fan_out says. ``model_types``: the base config's model_type and those of
+    the models it nests (an EncoderDecoderModel's GPT-2 decoder: hostile pass 32, C02); the config decides only
+    where the base's architecture is not known (a lone weights file: None)."""
+    if model_types is None:
         return fan_in_fan_out
-    return model_type in _CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in _CONV1D_MODULES
+    return not model_types.isdisjoint(_CONV1D_MODEL_TYPES) and module.rsplit(".", 1)[-1] in _CONV1D_MODULES
 
 
-def warn_layout_unknown(model_type: str | None, modules: Sequence[str], fan_in_fan_out: bool, source: str) -> None:
+def warn_layout_unknown(model_types: frozenset[str] | None, modules: Sequence[str], fan_in_fan_out: bool,
+                        source: str) -> None:
     """Where the base has no config (a lone weights file), the adapter's fan_in_fan_out decides the layout of its
     modules; for modules named as transformers' Conv1D ones that is a guess the merge cannot check (a square weight
     fits either way), so it is said (hostile pass 31, C21)."""
-    if model_type is not None:
+    if model_types is not None:
         return
     named = [m for m in modules if m.rsplit(".", 1)[-1] in _CONV1D_MODULES]
     if named:
@@ -411,13 +413,29 @@ def warn_layout_unknown(model_type: str | None, modules: Sequence[str], fan_in_f
 
 def base_model_type(base: Any) -> str | None:
     """The base's ``model_type`` (its config.json), or None where it has no readable one (a lone file, a state dict)."""
+    types = _config_model_types(base)
+    return None if types is None else types[0]
+
+
+def base_model_types(base: Any) -> frozenset[str] | None:
+    """The base config's ``model_type`` and those of the configs it nests (encoder, decoder, text_config, ...), or
+    None where it has no readable config."""
+    types = _config_model_types(base)
+    return None if types is None else frozenset(t for t in types if t)
+
+
+def _config_model_types(base: Any) -> tuple[str, ...] | None:
     from .align import read_model_config  # align imports the adapter readers, which import this module
 
     try:
-        value = read_model_config(base).get("model_type")
+        config = read_model_config(base)
     except CheckpointError:
         return None  # a damaged config is said where the merge reads it for its other uses
-    return value if isinstance(value, str) else None
+    top = config.get("model_type")
+    if not isinstance(top, str):
+        return None
+    nested = [value.get("model_type") for value in config.values() if isinstance(value, dict)]
+    return (top, *(t for t in nested if isinstance(t, str)))
 
 
 def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: Sequence[str] = ()) -> None:
