@@ -30,8 +30,8 @@ try:  # Python 3.11+: the parser moved under re
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre  # type: ignore[no-redef]
 
-__all__ = ["ModulePattern", "PatternTable", "MatchClock", "boundary_suffixes", "MAX_PATTERN_CHARS", "MAX_NESTING",
-           "MAX_STATES", "TOTAL_SECONDS", "MATCH_SECONDS"]
+__all__ = ["ModulePattern", "PatternTable", "MatchClock", "boundary_suffixes", "read_alike", "classes_read_alike",
+           "MAX_PATTERN_CHARS", "MAX_NESTING", "MAX_STATES", "TOTAL_SECONDS", "MATCH_SECONDS"]
 
 MAX_PATTERN_CHARS = 1000  # real keys are module paths of a few dozen characters
 MAX_NESTING = 50  # groups inside groups: re's parser (and the automaton's builder) recurse once per level
@@ -336,7 +336,9 @@ class ModulePattern:
         """Whether ``module`` ends with a match of the key at a ``.`` boundary (PEFT's rule)."""
         if self.plain is not None:
             return (self.plain.search(module) if self.anywhere else self.plain.match(module)) is not None
-        if self.fast is not None and self.clock is not None:
+        # the regex package's \w, \b, \d, \s take some non-ASCII characters otherwise than re (a combining accent is a
+        # word character to it, not to re: hostile pass 32, C23); the automaton reads them as re does
+        if self.fast is not None and self.clock is not None and module.isascii():
             return self.clock.run(self.fast.search if self.anywhere else self.fast.match, module) is not None
         last = time.perf_counter()
         found: bool | None = None
@@ -372,6 +374,17 @@ MAX_SHAPES = 1_000  # module-name keys' shapes (their parts' lengths): each is a
 # set {'[', ':', 'a', ...} then a literal ']'), and braces holding more than a count, fuzzy matching there
 # ((?:ab){e<=1}; re: literal text). Such keys run on the automaton, built from re's own parse (hostile pass 31, C81).
 _READ_OTHERWISE = re.compile(r"\[:|\{[^}]*[^\d,}]")
+
+
+# escapes whose characters the regex package and re decide otherwise on non-ASCII text (Unicode's word, digit and
+# space properties against str.isalnum, isdecimal, isspace)
+_CLASS_ESCAPES = re.compile(r"\\[wWbBdDsS]")
+
+
+def classes_read_alike(key: str, text: str) -> bool:
+    """Whether the regex package matches ``key`` against ``text`` as re does as far as character classes go:
+    always on ASCII text, and on any text for a key without class escapes."""
+    return text.isascii() or _CLASS_ESCAPES.search(key) is None
 
 
 def read_alike(key: str) -> bool:

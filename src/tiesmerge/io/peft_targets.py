@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError, MergeWarning
-from .patterns import MatchClock, ModulePattern, boundary_suffixes, read_alike
+from .patterns import MatchClock, ModulePattern, boundary_suffixes, classes_read_alike, read_alike
 
 try:  # Python 3.11+: the parser moved under re
     from re import _parser as _sre  # type: ignore[attr-defined]
@@ -82,6 +82,9 @@ class _TimedRegex:
 
     def match(self, module: str, *, whole: bool = False) -> Any:
         """``fullmatch`` (``whole``) or ``match`` at the start, as PEFT calls re."""
+        pattern = self.compiled.pattern  # type: ignore[attr-defined]
+        if not classes_read_alike(pattern, module):  # a non-ASCII module path and \w-like classes (hp32 C23): re's
+            return (re.fullmatch if whole else re.match)(pattern, module)  # reading, PEFT's own (and its cost)
         return self.clock.run(self.compiled.fullmatch if whole else self.compiled.match, module)  # type: ignore
 
 
