@@ -459,3 +459,27 @@ def test_a_conv1d_decoder_nested_in_an_encoder_decoder_matches_peft(tmp_path, ki
         peft.IA3Config(target_modules=targets, feedforward_modules=["mlp.c_fc"])
     _merged_like_peft(tmp_path, peft.get_peft_model(model, config), tmp_path / "base",
                       "lora_B" if kind == "lora" else "ia3_l", ("c_proj", "q_attn", "c_attn", "c_fc"))
+
+
+def test_an_empty_trainable_token_list_is_refused(tmp_path):
+    """hp32 C22: trainable_token_indices [] makes PEFT wrap the embedding and fail to load the adapter (no delta);
+    tiesmerge merged it. {} wraps nothing and merges."""
+    from tiesmerge.errors import CheckpointError
+
+    b, base, lora = _lora(tmp_path, config={"trainable_token_indices": []})
+    with pytest.raises(CheckpointError, match=r"trainable_token_indices \[\]"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+    b, base, lora = _lora(tmp_path / "dict", config={"trainable_token_indices": {}})
+    tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+def test_ia3_ignores_the_layer_fields_peft_ignores(tmp_path):
+    """hp32 C54: IA3Config has no layers_to_transform / layers_pattern (PEFT warns and loads every vector); tiesmerge
+    applied them and refused the other layers' vectors."""
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    ia3 = write_ia3_dir(tmp_path / "ia3", random_ia3(base, seed=1))
+    config = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [1],
+                                                         "layers_pattern": "layers"}))
+    tiesmerge.merge(b, [ia3], TaskArithmetic(lam=1.0))

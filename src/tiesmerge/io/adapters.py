@@ -275,6 +275,9 @@ class LoraCheckpoint:
             self._file.close()
             raise CheckpointError(f"{path}: peft_type is {self.config.get('peft_type')!r}, expected LORA")
         bad = [f"{k} ({why})" for k, why in _UNSUPPORTED_LORA.items() if self.config.get(k)]
+        if self.config.get("trainable_token_indices") == []:  # PEFT wraps the embedding for it and then finds no
+            bad.append("trainable_token_indices [] (PEFT wraps the embedding for trainable tokens and cannot load an "
+                       "adapter without their delta)")  # rows (hostile pass 32, C22); {} wraps nothing
         init = self.config.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
             bad.append(f"init_lora_weights {init!r} (initialised from the base's own weights, which PEFT replaced by a "

@@ -78,7 +78,10 @@ class Ia3Checkpoint:
                     raise IncompatibleCheckpointsError(f"{self.label}: (IA)³ vector {key!r} does not fit {name!r}")
             return
         source = str(self.path / ADAPTER_CONFIG)
-        check_adapted(self.config, list(self._vectors), source)
+        # IA3Config has no layers_to_transform or layers_pattern: PEFT ignores them (a warning) and loads every
+        # vector, so they select nothing here either (hostile pass 32, C54)
+        check_adapted({k: v for k, v in self.config.items() if k not in ("layers_to_transform", "layers_pattern")},
+                      list(self._vectors), source)
         if self.config.get("feedforward_modules") is None:  # hostile pass 31, C30/C46: PEFT fills it from its table
             raise IncompatibleCheckpointsError(
                 f"{source}: feedforward_modules is not set, so PEFT takes its own default for the model type (from its "
