@@ -483,3 +483,14 @@ def test_ia3_ignores_the_layer_fields_peft_ignores(tmp_path):
     (ia3 / "adapter_config.json").write_text(json.dumps({**config, "layers_to_transform": [1],
                                                          "layers_pattern": "layers"}))
     tiesmerge.merge(b, [ia3], TaskArithmetic(lam=1.0))
+
+
+def test_an_adapter_module_path_with_a_control_character_is_refused(tmp_path):
+    """hp32 C79: a module named `blk.q\\n`: PEFT's `(.*\\.)?(q)$` matches before the final newline (re's $), tiesmerge's
+    \\Z did not, and another alpha was used. Such paths are refused."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.peft_targets import check_adapted
+
+    with pytest.raises(CheckpointError, match="holds a control character"):
+        check_adapted({"target_modules": ["q"]}, ["blk.q\n"], "cfg")
+    check_adapted({"target_modules": ["q"]}, ["blk.q"], "cfg")

@@ -441,6 +441,9 @@ def _config_model_types(base: Any) -> tuple[str, ...] | None:
     return (top, *(t for t in nested if isinstance(t, str)))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: Sequence[str] = ()) -> None:
     """Refuse adapter weights for ``modules`` (factors, vectors) that PEFT would not adapt, and saved whole copies
     (``whole``: their modules) that ``modules_to_save`` does not name: PEFT would load the adapter without them."""
@@ -450,6 +453,12 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
                               f"and {long.count('.') + 1:,} components ({long[:80]!r}...); no model has such a module "
                               f"(at most {MAX_MODULE_CHARS:,} characters and {MAX_COMPONENTS} components are read)",
                               hint="the adapter file is damaged or not a PEFT adapter of a real model")
+    control = next((m for m in (*modules, *whole) if _CONTROL.search(m)), None)
+    if control is not None:  # hostile pass 32, C79: re's $ matches before a final newline, '.' never a newline
+        raise CheckpointError(f"{source}: the adapter holds weights for the module path {control[:120]!r}, which holds "
+                              "a control character (a newline, a tab, ...); PEFT's patterns read such paths in ways "
+                              "tiesmerge does not reproduce, and no model names its modules so",
+                              hint="the adapter file is damaged, or its model's module names are: rename the modules")
     declared = config.get("target_modules")
     if declared in ([], "") and modules:  # PEFT 0.21: "No target_modules passed" (hp30 N7)
         raise IncompatibleCheckpointsError(
