@@ -494,3 +494,15 @@ def test_an_adapter_module_path_with_a_control_character_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="holds a control character"):
         check_adapted({"target_modules": ["q"]}, ["blk.q\n"], "cfg")
     check_adapted({"target_modules": ["q"]}, ["blk.q"], "cfg")
+
+
+def test_ia3_feedforward_modules_outside_target_modules_is_refused(tmp_path):
+    """hp32 C66: IA3Config refuses feedforward_modules that are not a subset of target_modules; tiesmerge merged."""
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    ia3 = write_ia3_dir(tmp_path / "ia3", random_ia3(base, seed=1))
+    config = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**config, "feedforward_modules": ["down_proj"]}))
+    with pytest.raises(IncompatibleCheckpointsError, match="feedforward_modules names 'down_proj', which "
+                                                           "target_modules does not"):
+        tiesmerge.merge(b, [ia3], TaskArithmetic(lam=1.0))

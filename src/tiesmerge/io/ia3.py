@@ -88,6 +88,12 @@ class Ia3Checkpoint:
                 "table, e.g. down_proj of a Llama) to decide which vectors scale inputs and which outputs; "
                 "tiesmerge does not guess that table", hint="set feedforward_modules in the adapter config (a list, "
                                                           "[] for none; PEFT writes it when it saves an adapter)")
+        targets, inputs = self.config.get("target_modules"), self.config.get("feedforward_modules")
+        if isinstance(targets, list) and isinstance(inputs, list) and not set(inputs) <= set(targets):
+            raise IncompatibleCheckpointsError(  # IA3Config's own check (hostile pass 32, C66)
+                f"{source}: feedforward_modules names {sorted(set(inputs) - set(targets))[0]!r}, which target_modules "
+                "does not: PEFT requires feedforward_modules to be a subset of target_modules and refuses the config",
+                hint="fix feedforward_modules (or target_modules) in the adapter config")
         is_feedforward = feedforward(self.config, source)
         model_types = base_model_types(base)
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))

@@ -406,11 +406,13 @@ def warn_layout_unknown(model_types: frozenset[str] | None, modules: Sequence[st
     named = [m for m in modules if m.rsplit(".", 1)[-1] in _CONV1D_MODULES]
     if named:
         warnings.warn(MergeWarning(
-            f"{source}: the base has no config.json (model_type), so the layout of {len(named)} adapted module(s) "
-            f"such as {named[0]!r} is taken from the adapter's fan_in_fan_out ({str(fan_in_fan_out).lower()}): "
+            f"{source}: the base has no config.json naming its model_type, so the layout of {len(named)} adapted "
+            f"module(s) such as {named[0]!r} is taken from the adapter's fan_in_fan_out "
+            f"({str(fan_in_fan_out).lower()}): "
             + ("(in, out), as a transformers Conv1D" if fan_in_fan_out else "(out, in), as a torch.nn.Linear")
             + "; a GPT-2-family base stores them as Conv1D, so if that is wrong the change is applied transposed: "
-              "pass the base as its model directory (with config.json) to have its architecture decide"),
+              "pass the base as its model directory, with the config.json (model_type) it was saved with, to have "
+              "its architecture decide"),
             stacklevel=4)
 
 
