@@ -506,3 +506,23 @@ def test_ia3_feedforward_modules_outside_target_modules_is_refused(tmp_path):
     with pytest.raises(IncompatibleCheckpointsError, match="feedforward_modules names 'down_proj', which "
                                                            "target_modules does not"):
         tiesmerge.merge(b, [ia3], TaskArithmetic(lam=1.0))
+
+
+def test_validate_lists_input_problems_beside_value_errors(tmp_path, capsys, monkeypatch):
+    """hp32 C60: beside a recipe's value errors (tiesmerge's or a mergekit recipe's), a model listed twice and a
+    missing one showed only once the values were fixed."""
+    from helpers_ckpt import run_cli
+
+    b, ms = write_family_dirs(tmp_path)
+    monkeypatch.chdir(tmp_path)  # mergekit resolves its paths against the working folder
+    recipes = {"ours.yaml": f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[0]}, {tmp_path / 'nope'}]\n"
+                            "parameters: {density: 1.5}\n",
+               "mk.yaml": f"merge_method: linear\nbase_model: {b}\nmodels:\n"
+                          + "".join(f"  - model: {m}\n    parameters: {{weight: 1}}\n"
+                                    for m in (ms[0], ms[0], tmp_path / "nope"))
+                          + "parameters: {normalize: 7}\n"}
+    for name, text in recipes.items():
+        (tmp_path / name).write_text(text)
+        rc, _, err = run_cli(["validate", str(tmp_path / name)], capsys)
+        assert rc != 0 and "3 problems" in err, err
+        assert "no such file or directory" in err and "model 1 is listed twice (also model 0)" in err, err

@@ -437,7 +437,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from ..distance import check_distances
     from ..inputs import check_budget
 
-    data = read_recipe_data(args.recipe)
+    try:
+        data = read_recipe_data(args.recipe)
+    except ConfigError as exc:  # a mergekit recipe's own problems (its translation): the inputs are checked too
+        written = _inputs_as_written(args.recipe)
+        if written is None:
+            raise
+        raise _with_input_problems(exc, *written, args) from None
     try:
         recipe = recipe_from_dict(data, source=str(args.recipe))
     except ConfigError as exc:  # the recipe's own problems, and then each input's (hostile pass 31, C74)
@@ -482,6 +488,23 @@ def _model_paths(models: Any) -> list[str]:
     return [str(p) for p in paths if isinstance(p, str) and p]
 
 
+def _inputs_as_written(recipe: str) -> tuple[str, list[str]] | None:
+    """The base and model paths of a recipe that did not translate (mergekit's base_model and models[].model, which
+    mergekit resolves against the working folder), or None where the file names none."""
+    from ..limits import read_yaml
+
+    try:
+        data = read_yaml(recipe, "the recipe", error=ConfigError)
+    except ConfigError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("base_model"), str):
+        return None
+    entries = data.get("models") if isinstance(data.get("models"), list) else []
+    models = [e.get("model") if isinstance(e, dict) else e for e in entries]
+    # a MODEL+LORA reference is checked by the translation itself
+    return data["base_model"], [m for m in models if isinstance(m, str) and m and "+" not in m]
+
+
 def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], args: argparse.Namespace, *,
                          allow_pickle: bool = False, vocab_policy: str = "error") -> TiesMergeError:
     """``first`` (a recipe's or its inputs' first problem) with every input problem found beside it: the base, then
@@ -516,6 +539,13 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
                        allow_distant=True)
         except TiesMergeError as exc:
             add(exc, k)
+    if models:
+        from ..inputs import check_inputs
+
+        try:
+            check_inputs(str(base), models)  # one given twice, or the base among the models
+        except TiesMergeError as exc:
+            add(exc, None)
     if len(problems) == known:
         return first
     return ConfigError(problems, hint="fix each problem named above (each model was checked against the base on its "
