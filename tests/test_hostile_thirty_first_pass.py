@@ -526,3 +526,16 @@ def test_validate_lists_input_problems_beside_value_errors(tmp_path, capsys, mon
         rc, _, err = run_cli(["validate", str(tmp_path / name)], capsys)
         assert rc != 0 and "3 problems" in err, err
         assert "no such file or directory" in err and "model 1 is listed twice (also model 0)" in err, err
+
+
+def test_a_lora_on_a_convolution_is_refused_as_such(tmp_path):
+    """hp32 C68: PEFT's LoRA on a Conv2d (4-D factors) was refused as factors of the wrong shapes, with a hint about
+    the command's options."""
+    from tiesmerge.errors import CheckpointError
+
+    module = "model.layers.0.self_attn.q_proj"
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", {module: (torch.ones(2, 8, 1, 1), torch.ones(8, 2, 1, 1))}, alpha=4)
+    with pytest.raises(CheckpointError, match="adapts a convolution"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))

@@ -356,6 +356,12 @@ class LoraCheckpoint:
             bind_once(claimed, name, a_key, self.label)
             a, b = self._file.info(a_key).shape, self._file.info(b_key).shape
             rank = a[0] if a else 0
+            if len(a) in (3, 4, 5) and len(b) == len(a):  # hostile pass 32, C68
+                raise CheckpointError(
+                    f"{self.label}: the LoRA of {module!r} adapts a convolution (factors A {tuple(a)} and B "
+                    f"{tuple(b)}): tiesmerge merges LoRA on linear layers and embeddings only",
+                    hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full model, or "
+                         "leave the convolution out of target_modules")
             if len(a) != 2 or len(b) != 2 or b[1] != rank or rank < 1:
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA factors of {module!r} have shapes A {tuple(a)} and B {tuple(b)}; "
