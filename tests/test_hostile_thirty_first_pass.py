@@ -539,3 +539,18 @@ def test_a_lora_on_a_convolution_is_refused_as_such(tmp_path):
     lora = write_lora_dir(tmp_path / "lora", {module: (torch.ones(2, 8, 1, 1), torch.ones(8, 2, 1, 1))}, alpha=4)
     with pytest.raises(CheckpointError, match="adapts a convolution"):
         tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+def test_an_adapter_named_by_transformers_5s_loaded_names_is_said(tmp_path):
+    """hp32 C04/C05: Llava's files keep `language_model.model.layers...`, transformers 5 loads the modules as
+    `model.language_model.layers...`, and an adapter trained there names those: the refusal's hint said it was
+    trained on another base model. It now names the base tensor that ends as the module does."""
+    base = {"language_model.model.layers.0.self_attn.q_proj.weight": torch.randn(8, 8),
+            "vision_tower.vision_model.encoder.layers.0.self_attn.q_proj.weight": torch.randn(8, 8)}
+    b = write_hf_dir(tmp_path / "base", base)
+    module = "model.language_model.layers.0.self_attn.q_proj"
+    lora = write_lora_dir(tmp_path / "lora", {module: (torch.ones(2, 8), torch.ones(8, 2))}, alpha=4)
+    with pytest.raises(IncompatibleCheckpointsError, match="it stores 'language_model.model.layers.0.self_attn.q_proj"
+                                                           ".weight', which ends as that module does") as caught:
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+    assert "transformers 5 loads some models under module names other than their files'" in str(caught.value)

@@ -73,10 +73,30 @@ class BaseNames:
         if len(ending) == 1:
             return ending[0]
         self._refuse_tied_head(whole, label, key)
+        renamed = self._renamed(whole) if not ending else None
         raise IncompatibleCheckpointsError(
             f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({self.base.label}) has "
-            + (f"{len(ending)} tensors ending in {whole!r}" if ending else f"no tensor {whole!r}"),
-            hint="the adapter was trained on another base model; pass the base it was trained from")
+            + (f"{len(ending)} tensors ending in {whole!r}" if ending else f"no tensor {whole!r}")
+            + (f"; it stores {renamed!r}, which ends as that module does" if renamed else ""),
+            hint=("transformers 5 loads some models under module names other than their files' (Llava, Gemma 3, "
+                  "ViT, ...) and an adapter trained on the loaded model names those: tiesmerge reads the names in "
+                  "the files, so merge the adapter into its base with PEFT (merge_and_unload) and merge the full "
+                  "model" if renamed else
+                  "the adapter was trained on another base model (or on this one as transformers 5 loads it, under "
+                  "module names other than its files', as for Llava, Gemma 3, ViT): pass the base it was trained "
+                  "from, or merge the adapter into its base with PEFT (merge_and_unload) and merge the full model"))
+
+    def _renamed(self, whole: str) -> str | None:
+        """The one base name that ends with the last four components of ``whole`` (layers.0.self_attn.q_proj.weight)
+        where the whole name is not found: the same module under another prefix, as transformers 5's conversion of
+        some models' names gives (hostile pass 32, C04/C05); said, never bound (a vision tower has such layers too)."""
+        parts = whole.split(".")
+        if len(parts) < 5:
+            return None
+        found = [n for n in self._ending(".".join(parts[-4:])) if not n.endswith(whole)]
+        # the candidate sharing the most components (a language model's layer beside a vision tower's same layer)
+        shared = sorted(((len(set(parts) & set(n.split("."))), n) for n in found), reverse=True)
+        return shared[0][1] if shared and (len(shared) == 1 or shared[0][0] > shared[1][0]) else None
 
     def _refuse_tied_head(self, whole: str, label: str, key: str) -> None:
         """An adapter on the output head of a base that stores none (its head is the input embedding, tied): PEFT
