@@ -554,3 +554,21 @@ def test_an_adapter_named_by_transformers_5s_loaded_names_is_said(tmp_path):
                                                            ".weight', which ends as that module does") as caught:
         tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
     assert "transformers 5 loads some models under module names other than their files'" in str(caught.value)
+
+
+def test_all_linear_leaves_out_an_output_head_of_any_name(tmp_path):
+    """hp32 C87: all-linear leaves out the model's output embedding (PEFT finds it by identity); tiesmerge knew it by
+    a few names (lm_head, embed_out) and merged factors for BERT's cls.predictions.decoder, which PEFT drops."""
+    query = "bert.encoder.layer.0.attention.self.query"
+    base = {"bert.embeddings.word_embeddings.weight": torch.randn(40, 16), query + ".weight": torch.randn(16, 16),
+            "cls.predictions.decoder.weight": torch.randn(40, 16)}
+    b = write_hf_dir(tmp_path / "base", base)
+    factors = {query: (torch.ones(2, 16), torch.ones(16, 2)), "cls.predictions.decoder": (torch.ones(2, 16),
+                                                                                           torch.ones(40, 2))}
+    lora = write_lora_dir(tmp_path / "lora", factors, alpha=4, config={"target_modules": "all-linear"})
+    with pytest.raises(IncompatibleCheckpointsError, match="'cls.predictions.decoder' \\(40, 16\\) has the shape of "
+                                                           "the input embedding"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+    del factors["cls.predictions.decoder"]
+    lora = write_lora_dir(tmp_path / "lora2", factors, alpha=4, config={"target_modules": "all-linear"})
+    tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))

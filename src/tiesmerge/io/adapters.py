@@ -351,6 +351,12 @@ class LoraCheckpoint:
                             source)
         targets: dict[str, LoraTarget] = {}
         base_names, claimed = BaseNames(base), {}
+        declared_targets = self.config.get("target_modules")
+        all_linear = isinstance(declared_targets, str) and declared_targets.lower() == "all-linear"
+        from .align import _EMBED_SUFFIXES
+
+        embedding_shapes = {tuple(base.info(n).shape) for n in base_names.names if n.endswith(_EMBED_SUFFIXES)} \
+            if all_linear else set()
         for module, (a_key, b_key, embedding) in self._factors.items():
             name = base_names.resolve(module, ".weight", self.label, a_key)
             bind_once(claimed, name, a_key, self.label)
@@ -371,6 +377,13 @@ class LoraCheckpoint:
                 overruled.append(module)
             transposed = embedding or stores_in_out
             full = (a[1], b[0]) if transposed else (b[0], a[1])
+            if all_linear and not embedding and tuple(base.info(name).shape) in embedding_shapes:
+                raise IncompatibleCheckpointsError(  # hostile pass 32, C87: BERT's cls.predictions.decoder, ...
+                    f"{source}: target_modules is all-linear, which leaves out the model's output embedding (PEFT's "
+                    f"_maybe_include_all_linear_layers), and {module!r} {tuple(base.info(name).shape)} has the shape "
+                    "of the input embedding, as an output head over the vocabulary does; PEFT would load the adapter "
+                    "without its factors", hint="the config does not describe these weights: name the modules in "
+                                                "target_modules, or save the adapter again with PEFT")
             if tuple(base.info(name).shape) != full:
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA of {module!r} has ΔW = " + ("(B·A)ᵀ" if transposed else "B·A")
