@@ -572,3 +572,14 @@ def test_all_linear_leaves_out_an_output_head_of_any_name(tmp_path):
     del factors["cls.predictions.decoder"]
     lora = write_lora_dir(tmp_path / "lora2", factors, alpha=4, config={"target_modules": "all-linear"})
     tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+def test_a_temporary_folder_inside_an_input_is_refused(tmp_path):
+    """hp32 C94: TMPDIR set to the base's folder: the run made (and removed) its private torch folder inside the
+    input, which a kill would have left there."""
+    b, ms = write_family_dirs(tmp_path)
+    done = _run_in(tmp_path, ["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "-o",
+                              str(tmp_path / "out")], {"TMPDIR": str(b)})
+    assert done.returncode != 0 and "(TMPDIR) lies inside the base" in done.stderr, done.stderr
+    assert sorted(p.name for p in b.iterdir() if p.name.startswith("tiesmerge-")) == []
+    assert not (tmp_path / "out").exists()

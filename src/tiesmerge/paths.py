@@ -917,6 +917,24 @@ def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]])
                                   + (f" (its files live in {src})" if src != input_roots(source)[0] else "")
                                   + "; writing there would change an input",
                                   hint="choose an output directory outside the inputs")
+    _check_scratch_outside(named)
+
+
+def _check_scratch_outside(named: Sequence[tuple[str, Any]]) -> None:
+    """The temporary folder ($TMPDIR) must not lie in an input: tiesmerge and the libraries it runs (torch, numba,
+    matplotlib, Ray) make folders there, which would change the input while the command runs and stay in it if the
+    command is killed (hostile pass 32, C94)."""
+    import tempfile
+
+    from .errors import ConfigError
+
+    scratch = Path(os.path.realpath(tempfile.gettempdir()))
+    for who, source in named:
+        for src in input_roots(source):
+            if src == scratch or src in scratch.parents:
+                raise ConfigError(f"the temporary folder {scratch} (TMPDIR) lies inside {who} ({source}): tiesmerge "
+                                  "and the libraries it runs (torch, numba, matplotlib) make folders there, which "
+                                  "would change an input", hint="point TMPDIR at a folder outside the command's inputs")
 
 
 def input_roots(source: Any) -> list[Path]:
