@@ -583,3 +583,18 @@ def test_a_temporary_folder_inside_an_input_is_refused(tmp_path):
     assert done.returncode != 0 and "(TMPDIR) lies inside the base" in done.stderr, done.stderr
     assert sorted(p.name for p in b.iterdir() if p.name.startswith("tiesmerge-")) == []
     assert not (tmp_path / "out").exists()
+
+
+def test_factors_under_pefts_default_adapter_name_merge_as_peft_loads_them(tmp_path):
+    """hp32 C102: PEFT 0.21 loads factors keyed `...lora_A.default.weight` (a PeftModel's state_dict() saved as is) as
+    the adapter's own; tiesmerge refused them as a state dict. The merge equals the plain file's."""
+    from safetensors.torch import load_file, save_file
+
+    b, base, lora = _lora(tmp_path)
+    plain = tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+    weights = load_file(str(lora / "adapter_model.safetensors"))
+    save_file({k.replace(".weight", ".default.weight"): v for k, v in weights.items()},
+              str(lora / "adapter_model.safetensors"))
+    named = tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+    for key, tensor in plain.items():
+        assert named[key].equal(tensor), key

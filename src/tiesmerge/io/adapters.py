@@ -160,8 +160,12 @@ def _keys_of(names: list[str], where: Path, same: Callable[[str, str], bool]
     firsts: dict[str, str] = {}  # module -> its A factor's key
     full: dict[str, str] = {}
     for key in names:
+        # PEFT also loads factors that carry its default adapter name (a PeftModel's state_dict() saved as is): the
+        # same factors (hostile pass 32, C102); another name is dropped when PEFT loads the file (refused below)
         for a_suffix, b_suffix, embedding in ((".lora_A.weight", ".lora_B.weight", False),
-                                              (".lora_embedding_A", ".lora_embedding_B", True)):
+                                              (".lora_A.default.weight", ".lora_B.default.weight", False),
+                                              (".lora_embedding_A", ".lora_embedding_B", True),
+                                              (".lora_embedding_A.default", ".lora_embedding_B.default", True)):
             if key.endswith(a_suffix):
                 module = strip_key(key, a_suffix)
                 b_key = key[: -len(a_suffix)] + b_suffix
@@ -303,12 +307,12 @@ class LoraCheckpoint:
         named = next((m for k in unknown if (m := _ADAPTER_NAMED.search(k))), None)
         if named is not None:  # a PeftModel's state_dict() (keys with the adapter's name), not save_pretrained's file
             self._file.close()
-            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: its LoRA factors carry an adapter name "
-                                  f"({named.group(1) or named.group(2)!r}, e.g. {named.string!r}), as a PeftModel's "
-                                  "state_dict() holds them; PEFT's adapter files do not (it adds the name when it "
-                                  "loads one)", hint="save the adapter with PeftModel.save_pretrained (or peft's "
-                                                     "get_peft_model_state_dict), which writes the keys PEFT and "
-                                                     "tiesmerge read")
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: its LoRA factors carry the adapter name "
+                                  f"{named.group(1) or named.group(2)!r} (e.g. {named.string!r}), as a PeftModel's "
+                                  "state_dict() holds them; PEFT loads such factors only under its default name "
+                                  "('default') and drops these",
+                                  hint="save the adapter with PeftModel.save_pretrained (or peft's "
+                                       "get_peft_model_state_dict), which writes the keys PEFT and tiesmerge read")
         if unknown:  # a variant's own tensors (lora_B.bias, a magnitude vector, trainable tokens): never dropped
             self._file.close()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds {len(unknown)} LoRA tensor(s) that are not A/B "
