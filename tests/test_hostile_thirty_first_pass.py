@@ -598,3 +598,19 @@ def test_factors_under_pefts_default_adapter_name_merge_as_peft_loads_them(tmp_p
     named = tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
     for key, tensor in plain.items():
         assert named[key].equal(tensor), key
+
+
+def test_a_lora_on_an_alias_of_a_shared_embedding_is_said_as_such(tmp_path):
+    """hp32 C113: BART's encoder and decoder embed_tokens are tied to model.shared, the one tensor its file stores; a
+    LoRA on embed_tokens was refused as "trained on another base model"."""
+    base = {"model.shared.weight": torch.randn(40, 16), "model.encoder.layers.0.fc1.weight": torch.randn(32, 16)}
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", {"model.encoder.embed_tokens": (torch.ones(2, 40), torch.ones(16, 2))},
+                          alpha=4, config={"target_modules": ["embed_tokens"]})
+    import safetensors.torch as st_torch
+
+    weights = st_torch.load_file(str(lora / "adapter_model.safetensors"))  # an embedding's factors are named so
+    st_torch.save_file({k.replace("lora_A.weight", "lora_embedding_A").replace("lora_B.weight", "lora_embedding_B"): v
+                        for k, v in weights.items()}, str(lora / "adapter_model.safetensors"))
+    with pytest.raises(IncompatibleCheckpointsError, match="stores as its shared embedding 'model.shared.weight'"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))

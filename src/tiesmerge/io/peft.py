@@ -73,6 +73,15 @@ class BaseNames:
         if len(ending) == 1:
             return ending[0]
         self._refuse_tied_head(whole, label, key)
+        shared = next((n for n in sorted(self.names) if n == "shared.weight" or n.endswith(".shared.weight")), None) \
+            if not ending and whole.endswith("embed_tokens.weight") else None
+        if shared is not None:  # hostile pass 32, C113
+            raise IncompatibleCheckpointsError(
+                f"{label}: adapter tensor {key!r} adapts {module!r}, which the base ({self.base.label}) stores as its "
+                f"shared embedding {shared!r} (an encoder-decoder's encoder and decoder embed_tokens are tied to it): "
+                "PEFT adapts each alias apart, and the encoder's and decoder's changes cannot be merged into the one "
+                "tied matrix", hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full "
+                                    "model, or adapt the shared embedding itself (target_modules: shared)")
         renamed = self._renamed(whole) if not ending else None
         raise IncompatibleCheckpointsError(
             f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({self.base.label}) has "
