@@ -31,7 +31,9 @@ def adapter_kind(models: list[Checkpoint]) -> str | None:
         raise IncompatibleCheckpointsError(
             "(IA)³ adapters merge only with other (IA)³ adapters: their task vectors are scaling vectors, "
             "not weight changes",
-            hint="merge the (IA)³ adapters on their own, or fold each into its base model first")
+            hint="merge the (IA)³ adapters on their own, or fold each into its base model first (PEFT's "
+                 "merge_and_unload, and save that model; mergekit's BASE+ADAPTER folds one so, tiesmerge reads "
+                 "BASE+ADAPTER as the adapter's own change and folds only LoRA there)")
     return "ia3" if "ia3" in kinds else "lora" if "lora" in kinds else None
 
 
