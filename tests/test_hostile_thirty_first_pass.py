@@ -105,6 +105,33 @@ def _randomized(model, kind):
     return model
 
 
+def _trained(model):
+    """Every trainable tensor of a PEFT model moved (a trained adapter, not a fresh one)."""
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def _tiny_gpt2(tmp_path, transformers):
+    """A GPT-2 (Conv1D modules) saved as the base, loaded again."""
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=8,
+                                                         vocab_size=30)).save_pretrained(tmp_path / "base")
+    return transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+
+
+def _tied_llama(tmp_path, transformers):
+    """A Llama whose head is tied to its embedding, saved as the base, loaded again."""
+    torch.manual_seed(1)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=40, tie_word_embeddings=True)).save_pretrained(tmp_path / "base")
+    return transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base")
+
+
 def _merged_like_peft(tmp_path, model, base_dir, kind, names):
     """The adapter saved by PEFT, merged alone by tiesmerge (task arithmetic, lam 1), against merge_and_unload."""
     _randomized(model, kind).save_pretrained(tmp_path / "adapter")
@@ -121,10 +148,7 @@ def test_ia3_on_a_conv1d_base_matches_peft(tmp_path):
     rows for inputs. tiesmerge refused c_attn (48 != 16) and scaled the square c_proj on the wrong axis."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=30)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
-    model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+    model = peft.get_peft_model(_tiny_gpt2(tmp_path, transformers),
                                 peft.IA3Config(target_modules=["c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"],
                                                feedforward_modules=["mlp.c_proj"]))
     _merged_like_peft(tmp_path, model, tmp_path / "base", "ia3_l", ("c_attn", "c_proj", "c_fc"))
@@ -229,18 +253,9 @@ def test_a_saved_embedding_of_a_tied_base(tmp_path, ensure):
     head". Now merged, = PEFT's merge_and_unload."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=40, tie_word_embeddings=True)
-    torch.manual_seed(1)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
     config = peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"],
                              **({"ensure_weight_tying": True} if ensure else {}))
-    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"), config)
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(2)
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    model = _trained(peft.get_peft_model(_tied_llama(tmp_path, transformers), config))
     model.save_pretrained(tmp_path / "adapter")
     if not ensure:
         with pytest.raises(IncompatibleCheckpointsError, match="PEFT runs the new embedding with the base's old head"):
@@ -266,12 +281,7 @@ def test_peft_s_own_seq_cls_adapter_with_trained_biases_merges_as_peft(tmp_path)
     model = peft.get_peft_model(transformers.BertForSequenceClassification.from_pretrained(tmp_path / "base"),
                                 peft.LoraConfig(r=2, target_modules=["query", "value"], bias="all",
                                                 task_type="SEQ_CLS"))
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(2)
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator))
-    model.save_pretrained(tmp_path / "adapter")
+    _trained(model).save_pretrained(tmp_path / "adapter")
     reference = model.merge_and_unload().state_dict()
     ours = tiesmerge.merge(tmp_path / "base", [tmp_path / "adapter"], TaskArithmetic(lam=1.0))
     assert set(ours) <= set(reference)
@@ -288,10 +298,7 @@ def test_a_conv1d_layout_taken_from_the_config_is_said(tmp_path):
 
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=8, vocab_size=30)
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "base")
-    model = peft.get_peft_model(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+    model = peft.get_peft_model(_tiny_gpt2(tmp_path, transformers),
                                 peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn.c_proj"]))
     _randomized(model, "lora_B").save_pretrained(tmp_path / "adapter")
     for base, said in ((tmp_path / "base", False), (tmp_path / "base" / "model.safetensors", True)):
@@ -333,18 +340,9 @@ def test_a_lora_on_a_tied_embedding_with_ensure_weight_tying_runs_as_peft(tmp_pa
     adapter's. (PEFT 0.21's own merge_and_unload adds that change twice to the shared matrix: 4.9 off in the logits.)"""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=2, vocab_size=40, tie_word_embeddings=True)
-    torch.manual_seed(1)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
-    model = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
-                                peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
-                                                ensure_weight_tying=True))
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(2)
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    model = _trained(peft.get_peft_model(_tied_llama(tmp_path, transformers),
+                                         peft.LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                                         ensure_weight_tying=True)))
     model.save_pretrained(tmp_path / "adapter")
     tiesmerge.merge(tmp_path / "base", [tmp_path / "adapter"], TaskArithmetic(lam=1.0), output=tmp_path / "out")
     running = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
