@@ -84,6 +84,7 @@ def test_a_matplotlib_settings_file_in_the_working_folder_is_not_read(tmp_path):
 # ---------------------------------------------------------------- adapters, checked against PEFT's own loader
 
 import json  # noqa: E402
+import re  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -611,4 +612,51 @@ def test_a_lora_on_an_alias_of_a_shared_embedding_is_said_as_such(tmp_path):
     st_torch.save_file({k.replace("lora_A.weight", "lora_embedding_A").replace("lora_B.weight", "lora_embedding_B"): v
                         for k, v in weights.items()}, str(lora / "adapter_model.safetensors"))
     with pytest.raises(IncompatibleCheckpointsError, match="stores as its shared embedding 'model.shared.weight'"):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+@pytest.mark.parametrize("config, said", [
+    ({"rank_pattern": []}, "rank_pattern is a list, not a mapping"),
+    ({"alpha_pattern": 0}, "alpha_pattern is a int, not a mapping"),
+    ({"modules_to_save": "lm_head"}, "modules_to_save is 'lm_head', not a list of module names"),
+    ({"layers_pattern": "layers"}, "layers_pattern is set without layers_to_transform"),
+])
+def test_config_fields_peft_cannot_load_are_refused(tmp_path, config, said):
+    """hp32 C145, C146, C153: a falsy non-mapping rank_pattern / alpha_pattern was read as none, modules_to_save as a
+    string as none, layers_pattern without layers_to_transform as no layer restriction; PEFT loads none of them."""
+    from tiesmerge.errors import CheckpointError
+
+    b, base, lora = _lora(tmp_path, config=config)
+    with pytest.raises(CheckpointError, match=re.escape(said)):
+        tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+def test_an_ia3_adapter_on_a_tied_head_is_said_as_such(tmp_path):
+    """hp32 C140: PEFT saves lm_head.base_layer.weight beside (IA)³ on a tied head; the refusal said modules_to_save
+    are not supported (the config has none)."""
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.errors import CheckpointError
+
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    ia3 = write_ia3_dir(tmp_path / "ia3", random_ia3(base, seed=1))
+    weights = load_file(str(ia3 / "adapter_model.safetensors"))
+    weights["base_model.model.lm_head.base_layer.weight"] = base["lm_head.weight"]
+    save_file(weights, str(ia3 / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="the base weight PEFT saves beside an adapter on a tied layer"):
+        tiesmerge.merge(b, [ia3], TaskArithmetic(lam=1.0))
+
+
+def test_a_saved_embedding_of_a_resized_vocabulary_is_said_as_such(tmp_path):
+    """hp32 C143: an adapter saving embed_tokens with two added rows was refused as a shape mismatch under the generic
+    hint (after --vocab-policy union's refusal had suggested truncate)."""
+    module = "model.embed_tokens"
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    grown = torch.cat([base[module + ".weight"], torch.randn(2, 8)])
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4,
+                          extra={module + ".weight": grown}, config={"modules_to_save": ["embed_tokens"]})
+    with pytest.raises(IncompatibleCheckpointsError,
+                       match="trained with a resized vocabulary \\(34 rows, the base 32\\)"):
         tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))

@@ -113,7 +113,8 @@ def _declared_rank(config: dict, source: str) -> int:
 def _patterns(config: dict, key: str, source: str) -> PatternTable:
     """PEFT's per-module pattern table (``alpha_pattern``, ``rank_pattern``): module names indexed, regex keys on a
     matcher that never backtracks, each value checked as a number."""
-    table = config.get(key) or {}
+    table = config.get(key)
+    table = {} if table is None else table  # [], '', 0, False: no mapping PEFT reads either (hostile pass 32, C145)
     if not isinstance(table, dict):
         raise CheckpointError(f"{source}: {key} is a {type(table).__name__}, not a mapping of module patterns")
     if key == "rank_pattern":  # a rank builds a layer: a whole number, as r itself (4.0 is refused there too)
@@ -446,9 +447,17 @@ class LoraCheckpoint:
                                               "again with PEFT")
             bind_once(full_bound, name, key, self.label)
             if tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
+                theirs, ours = tuple(self._file.info(key).shape), tuple(base.info(name).shape)
+                from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES
+
+                resized = name.endswith(_EMBED_SUFFIXES + _HEAD_SUFFIXES) and theirs[1:] == ours[1:]
                 raise IncompatibleCheckpointsError(
-                    f"{self.label}: saved tensor {key!r} {tuple(self._file.info(key).shape)} does not fit the base "
-                    f"tensor {name!r} {tuple(base.info(name).shape)}")
+                    f"{self.label}: saved tensor {key!r} {theirs} does not fit the base tensor {name!r} {ours}"
+                    + (f": the adapter was trained with a resized vocabulary ({theirs[0]:,} rows, the base "
+                       f"{ours[0]:,})" if resized else ""),
+                    hint="merge the adapter into its base with PEFT (merge_and_unload, after resizing the base's "
+                         "embeddings as the adapter's training did) and merge the full model, with --vocab-policy "
+                         "union if the vocabularies differ" if resized else None)  # hostile pass 32, C143
             full_bound[name] = key
         self.targets, self._full_bound, self._base = targets, full_bound, base
 

@@ -52,6 +52,15 @@ class Ia3Checkpoint:
                     self._file.close()
                     raise
         other = [k for k in self._file.names() if not k.endswith(".ia3_l")]
+        layer = next((k for k in other if ".base_layer." in k), None)
+        if layer is not None:  # hostile pass 32, C140: PEFT saves a tied layer's base weight when it adapts one
+            self._file.close()
+            raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds {layer!r}, the base weight PEFT saves beside an "
+                                  "adapter on a tied layer (an output head tied to the input embedding): an (IA)³ "
+                                  "vector there scales the shared matrix, the embedding too, which tiesmerge does not "
+                                  "merge",
+                                  hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the "
+                                       "full model, or train it without the tied head in target_modules")
         if other:
             self._file.close()
             raise CheckpointError(f"{path / ADAPTER_WEIGHTS}: holds {len(other)} tensor(s) that are not (IA)³ vectors, "

@@ -209,6 +209,16 @@ class Targeting:
         except _Unchecked:
             excluded, unchecked = None, [*unchecked, "exclude_modules"]
         layers = _layers(config.get("layers_to_transform"), source)
+        if config.get("layers_pattern") not in (None, [], "") and config.get("layers_to_transform") is None:
+            raise CheckpointError(  # LoraConfig's own check (hostile pass 32, C153)
+                f"{source}: layers_pattern is set without layers_to_transform; PEFT refuses such a config (the "
+                "pattern only says where the layer numbers of layers_to_transform are)",
+                hint="set layers_to_transform too, or remove layers_pattern")
+        saved = config.get("modules_to_save")
+        if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+            raise CheckpointError(  # a string: PEFT iterates its characters and fails to load (hp32 C146)
+                f"{source}: modules_to_save is {repr(saved)[:80]}, not a list of module names",
+                hint="write modules_to_save as a list, e.g. [\"lm_head\"]")
         names = config.get("layers_pattern") or []
         names = [names] if isinstance(names, str) else names
         if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
