@@ -660,3 +660,16 @@ def test_a_saved_embedding_of_a_resized_vocabulary_is_said_as_such(tmp_path):
     with pytest.raises(IncompatibleCheckpointsError,
                        match="trained with a resized vocabulary \\(34 rows, the base 32\\)"):
         tiesmerge.merge(b, [lora], TaskArithmetic(lam=1.0))
+
+
+def test_consensus_with_k_0_says_it_is_task_arithmetic(tmp_path):
+    """hp33 C76: consensus --k 0 keeps every entry (no mask), a task arithmetic; it ran without a word."""
+    import warnings as pywarnings
+
+    from tiesmerge.errors import MergeWarning
+
+    b, ms = write_family_dirs(tmp_path)
+    with pywarnings.catch_warnings(record=True) as caught:
+        pywarnings.simplefilter("always")
+        tiesmerge.merge(b, ms, "consensus", k=0)
+    assert any("k = 0 keeps every entry" in str(w.message) for w in caught if issubclass(w.category, MergeWarning))

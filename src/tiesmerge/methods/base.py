@@ -558,6 +558,8 @@ def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
 def warn_unused(method: Any) -> None:
     """A method's ``unused_options()`` (options its configuration ignores whatever the model: TIES's density beside
     densities) given a value other than their default: said, since the merge is not what that value asks for."""
+    for notice in getattr(method, "notices", lambda: [])():  # a setting that makes the method another one
+        warnings.warn(MergeWarning(f"{method.name}: {notice}"), stacklevel=3)
     if not hasattr(method, "unused_options"):
         return
     defaults = {f.name: f.default for f in dataclasses.fields(method)}

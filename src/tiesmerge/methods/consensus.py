@@ -51,6 +51,13 @@ class Consensus:
     weights: tuple[float, ...] | None = option(None, "per-model weights in the multi-task vector",
                                                unit="one per model", per_model=True)
 
+    def notices(self) -> list[str]:
+        """k = 0 (accepted: the paper's k counts from 1, and 0 is its no-mask limit) merges without any mask."""
+        if self.k == 0:  # hostile pass 33, C76: it ran without a word
+            return [f"k = 0 keeps every entry (each has at least 0 votes), so no mask is applied: the merge is task "
+                    f"arithmetic with lam {self.lam:g}; the consensus merges of the paper use k = 2 or more"]
+        return []
+
     def unused_options(self) -> dict[str, str]:
         """tall_lambda, where tall_lambdas sets each model's."""
         if self.k == 0:  # every entry has at least 0 votes: no mask is computed
