@@ -673,3 +673,22 @@ def test_consensus_with_k_0_says_it_is_task_arithmetic(tmp_path):
         pywarnings.simplefilter("always")
         tiesmerge.merge(b, ms, "consensus", k=0)
     assert any("k = 0 keeps every entry" in str(w.message) for w in caught if issubclass(w.category, MergeWarning))
+
+
+def test_a_write_error_names_the_output_not_its_temporary_folder(tmp_path):
+    """hp33 C38: under a file-size limit the error named `.tiesmerge-tmp-…/model.safetensors`, a file that is gone."""
+    import resource
+
+    from safetensors.torch import save_file
+
+    for name in ("b", "f1", "f2"):
+        (tmp_path / name).mkdir()
+        save_file({"w": torch.randn(512, 512)}, str(tmp_path / name / "model.safetensors"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(tiesmerge.__file__)), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "tiesmerge", "merge", "--allow-distant", "--base", "b", "--model",
+                           "f1", "--model", "f2", "-o", "out"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000)))
+    assert done.returncode != 0 and f"{tmp_path / 'out' / 'model.safetensors'}: cannot write it" in done.stderr, \
+        done.stderr
+    assert ".tiesmerge-tmp" not in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["b", "f1", "f2"]

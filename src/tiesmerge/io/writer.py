@@ -347,10 +347,17 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
     try:
         try:
             yield tmp
+        except OutputError as exc:  # a writer's own error names its file in the temporary output: name the output's
+            if str(tmp) not in exc.message:  # (hostile pass 33, C38: "…/.tiesmerge-tmp-…/model.safetensors")
+                raise
+            raise OutputError(exc.message.replace(str(tmp), str(final)), hint=exc.hint) from None
         except OSError as exc:  # a file the caller wrote into tmp (the manifest, the card): name it and the space
             if exc.errno not in _SPACE:
                 raise
-            raise write_error(exc.filename or _being_written(tmp, final), exc) from None
+            named = Path(exc.filename) if exc.filename else None
+            if named is not None and (named == tmp or tmp in named.parents):
+                named = final / named.relative_to(tmp)
+            raise write_error(named or _being_written(tmp, final), exc) from None
         _record_listing(tmp)
         _check_output_path(final, force, marker)  # the path may have changed while we worked
         old = None
