@@ -692,3 +692,23 @@ def test_a_write_error_names_the_output_not_its_temporary_folder(tmp_path):
     assert done.returncode != 0 and f"{tmp_path / 'out' / 'model.safetensors'}: cannot write it" in done.stderr, \
         done.stderr
     assert ".tiesmerge-tmp" not in done.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["b", "f1", "f2"]
+
+
+def test_a_link_where_the_demo_writes_a_merged_model_is_refused(tmp_path, capsys):
+    """hp33 C59: a rerun of the demo replaced a symlink planted at merged-average with its own folder, silently."""
+    from helpers_ckpt import run_cli
+
+    work, mine = tmp_path / "work", tmp_path / "mine"
+    argv = ["demo", "--synthetic", "--params", "0.01", "--workdir", str(work)]
+    rc, _, err = run_cli(argv, capsys)
+    assert rc == 0, err
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    merged = next(p for p in work.iterdir() if p.name.startswith("merged-"))
+    import shutil
+
+    shutil.rmtree(merged)
+    merged.symlink_to(mine)
+    rc, _, err = run_cli(argv, capsys)
+    assert rc != 0 and "a link (to" in err and "where the demo writes its merged" in err, err
+    assert merged.is_symlink() and (mine / "keep.txt").read_text() == "mine"

@@ -144,8 +144,13 @@ def _as_demo(exc: OutputError) -> OutputError:
 def _check_merged_outputs(root: Path) -> None:
     """Each merged model the demo will replace, checked before the models are made (not after)."""
     for _, method in METHODS:
+        output = root / f"merged-{method.name}"
+        if os.path.islink(output):  # the demo writes its merged models itself: a link there is someone's (hp33 C59)
+            raise OutputError(f"{output}: a link (to {os.readlink(output)!r}) where the demo writes its merged "
+                              f"{method.name} model; the demo replaces only what it wrote",
+                              hint="remove the link, or name a new or empty --workdir")
         try:
-            check_output_location(root / f"merged-{method.name}", True)
+            check_output_location(output, True)
         except OutputError as exc:
             raise _as_demo(exc) from None
 
