@@ -712,3 +712,15 @@ def test_a_link_where_the_demo_writes_a_merged_model_is_refused(tmp_path, capsys
     rc, _, err = run_cli(argv, capsys)
     assert rc != 0 and "a link (to" in err and "where the demo writes its merged" in err, err
     assert merged.is_symlink() and (mine / "keep.txt").read_text() == "mine"
+
+
+def test_a_file_of_an_earlier_output_is_said_as_such(tmp_path):
+    """hp33 C53: a --json / --checkpoint path naming a file inside an earlier output directory was refused as "a file
+    tiesmerge did not write" (tiesmerge wrote it, as part of that output)."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    b, ms = write_family_dirs(tmp_path)
+    tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
+    with pytest.raises(OutputError, match="would replace a file of the tiesmerge output"):
+        check_output_file(tmp_path / "out" / "tiesmerge.json", True, [], "--json")

@@ -1004,8 +1004,13 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
                               + (", e.g. --json scores.json" if what == "--json" else ""))
         written_by_us = stat.S_ISLNK(st.st_mode) or (ours is not None and ours(path))
         if not written_by_us:
-            raise OutputError(f"{path}: {what} would replace a file tiesmerge did not write",
-                              hint="choose another path (--force replaces only a file tiesmerge wrote there)")
+            folder = physical(path).parent
+            inside = (folder / "tiesmerge.json").is_file()  # a file of an output directory (hostile pass 33, C53)
+            raise OutputError(f"{path}: {what} would replace "
+                              + (f"a file of the tiesmerge output {folder}, which only a run writing that whole "
+                                 "output replaces" if inside else "a file tiesmerge did not write"),
+                              hint="choose another path (--force replaces only a file tiesmerge wrote there as "
+                                   f"{what})")
         if not force:
             if stat.S_ISLNK(st.st_mode):
                 raise OutputError(f"{path}: {what} already exists as a link (to {os.readlink(path)!r})",
