@@ -724,3 +724,45 @@ def test_a_file_of_an_earlier_output_is_said_as_such(tmp_path):
     tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
     with pytest.raises(OutputError, match="would replace a file of the tiesmerge output"):
         check_output_file(tmp_path / "out" / "tiesmerge.json", True, [], "--json")
+
+
+def test_a_small_file_is_read_without_reserving_its_bound(tmp_path):
+    """hp33 C103: read_regular read f.read(max_bytes + 1): every stats run reserved 4 GiB of address space for a data
+    file of 66 bytes, and failed as "unexpected MemoryError" under ulimit -v."""
+    import resource
+
+    small = tmp_path / "data.jsonl"
+    small.write_text('{"text": "a"}\n')
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+            "from tiesmerge.paths import read_regular; "
+            f"print(len(read_regular({str(small)!r}, 'data', max_bytes=8 << 30)))")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(tiesmerge.__file__)), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "14", done.stderr[-2000:]
+    assert resource.RLIMIT_AS  # the limit exists on this platform
+
+
+def test_a_config_claiming_more_labels_than_any_weight_is_refused(tmp_path):
+    """hp33 C99/C105: num_labels = 1e8 beside a 2-class head: transformers built a 1e8-entry id2label (5.5 GB, then
+    "unexpected MemoryError ... a bug")."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation import loading
+
+    folder = write_hf_dir(tmp_path / "m", make_base())
+    with pytest.raises(CheckpointError, match="num_labels = 100,000,000, more than any dimension of the weights"):
+        loading._check_sizes(folder, folder / "config.json", {"num_labels": 10**8})
+    loading._check_sizes(folder, folder / "config.json", {"num_labels": 2})
+
+
+def test_running_out_of_memory_is_no_bug(monkeypatch, capsys):
+    """hp33 C99: a MemoryError (an input sizing a library's table) was reported as "a bug in tiesmerge"."""
+    from helpers_ckpt import run_cli
+    from tiesmerge.cli import commands
+
+    def exhausted(args):
+        raise MemoryError()
+
+    monkeypatch.setitem(commands.HANDLERS, "validate", exhausted)
+    rc, _, err = run_cli(["validate", "x.yaml"], capsys)
+    assert rc != 0 and "error: ran out of memory" in err and "a bug in tiesmerge" not in err, err

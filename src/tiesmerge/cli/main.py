@@ -470,7 +470,12 @@ def main(argv: list[str] | None = None) -> int:
             f"a warning made an error by your warnings filter: {str(exc)[:500]}",
             hint="nothing was written at the output; fix what the warning says, or let it through "
                  "(PYTHONWARNINGS=default, or -W 'default::tiesmerge.errors.MergeWarning')"), args.debug)
-    except Exception as exc:  # a bug of ours (RecursionError and MemoryError included): a message, never a traceback
+    except MemoryError as exc:  # a library sized something by an input (a huge table) past the memory it may use
+        return _report(InternalError(f"ran out of memory{f' ({str(exc)[:200]})' if str(exc) else ''}",
+                                     hint="nothing was written at the output; an input likely asks for more memory "
+                                          "than this machine (or its ulimit -v) allows: check the inputs' configs, "
+                                          "or run with more memory; --debug shows where"), args.debug)
+    except Exception as exc:  # a bug of ours (RecursionError included): a message, never a traceback
         if _stopping:  # raised by code the stop signal interrupted (a lock left half-released): it is the stop
             return _stopped(None, args.debug)
         return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",

@@ -89,6 +89,13 @@ def _check_sizes(directory: Path, path: Path, config: dict) -> None:
             raise CheckpointError(f"{path}: {key} = {value:,}, but the weights hold {max(layers) + 1:,} layers "
                                   f"(0..{max(layers)}); the rest would be built from nothing",
                                   hint=f"set {key} to {max(layers) + 1} (the config must describe these weights)")
+    labels = config.get("num_labels")
+    if shapes and isinstance(labels, int) and not isinstance(labels, bool) and labels > max(shapes):
+        raise CheckpointError(  # transformers builds an id2label of that many entries first (hostile pass 33, C99)
+            f"{path}: num_labels = {labels:,}, more than any dimension of the weights ({max(shapes):,}): no head of "
+            "these weights has that many classes, and transformers would build a table of that many labels",
+            hint="set num_labels to the number of classes of the model's head (the config must describe these "
+                 "weights)")
     for key in _WIDTH_KEYS:
         value = config.get(key)
         if shapes and isinstance(value, int) and not isinstance(value, bool) and value not in shapes:
