@@ -766,3 +766,15 @@ def test_running_out_of_memory_is_no_bug(monkeypatch, capsys):
     monkeypatch.setitem(commands.HANDLERS, "validate", exhausted)
     rc, _, err = run_cli(["validate", "x.yaml"], capsys)
     assert rc != 0 and "error: ran out of memory" in err and "a bug in tiesmerge" not in err, err
+
+
+def test_validate_lists_a_model_given_twice_beside_a_missing_base(tmp_path, capsys):
+    """hp33 C110: with the base missing, a model listed twice showed only once the base existed."""
+    from helpers_ckpt import run_cli
+
+    b, ms = write_family_dirs(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {tmp_path / 'nobase'}\nmodels: [{ms[0]}, {ms[0]}]\n"
+                      "parameters: {density: 2}\n")
+    rc, _, err = run_cli(["validate", str(recipe)], capsys)
+    assert rc != 0 and "3 problems" in err and "model 1 is listed twice" in err and "nobase" in err, err

@@ -528,11 +528,12 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
 
     try:
         open_checkpoint(str(base), allow_pickle=allow).close()
+        base_opens = True
     except TiesMergeError as exc:  # every model's check would stop there too
         add(exc, None)
-        models = []
+        base_opens = False
     for k, model in enumerate(models):
-        if model in models[:k]:
+        if model in models[:k] or not base_opens:
             continue
         try:
             plan_merge(str(base), [model], "task_arithmetic", vocab_policy=vocab_policy, allow_pickle=allow,
