@@ -778,3 +778,14 @@ def test_validate_lists_a_model_given_twice_beside_a_missing_base(tmp_path, caps
                       "parameters: {density: 2}\n")
     rc, _, err = run_cli(["validate", str(recipe)], capsys)
     assert rc != 0 and "3 problems" in err and "model 1 is listed twice" in err and "nobase" in err, err
+
+
+def test_the_launcher_imports_nothing_slow_before_its_ctrl_c_guard(tmp_path):
+    """hp33 C154: a Ctrl-C 20 ms after `python -m tiesmerge` started printed a traceback from typing's import (re,
+    enum) in _launch, before entry()'s guard; __main__ now guards its import too."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(tiesmerge.__file__)), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", "import sys; import tiesmerge._launch; "
+                           "print(sorted(m for m in ('typing', 're', 'enum') if m in sys.modules))"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
