@@ -772,12 +772,11 @@ def test_validate_lists_a_model_given_twice_beside_a_missing_base(tmp_path, caps
     """hp33 C110: with the base missing, a model listed twice showed only once the base existed."""
     from helpers_ckpt import run_cli
 
-    b, ms = write_family_dirs(tmp_path)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"method: ties\nbase: {tmp_path / 'nobase'}\nmodels: [{ms[0]}, {ms[0]}]\n"
-                      "parameters: {density: 2}\n")
-    rc, _, err = run_cli(["validate", str(recipe)], capsys)
-    assert rc != 0 and "3 problems" in err and "model 1 is listed twice" in err and "nobase" in err, err
+    _, ms = write_family_dirs(tmp_path)
+    (tmp_path / "r.yaml").write_text(f"method: ties\nbase: {tmp_path / 'nobase'}\nmodels: [{ms[0]}, {ms[0]}]\n"
+                                     "parameters: {density: 2}\n")
+    err = run_cli(["validate", str(tmp_path / "r.yaml")], capsys)[2]
+    assert "3 problems" in err and "model 1 is listed twice" in err and "nobase" in err, err
 
 
 def test_the_launcher_imports_nothing_slow_before_its_ctrl_c_guard(tmp_path):
