@@ -788,3 +788,18 @@ def test_the_launcher_imports_nothing_slow_before_its_ctrl_c_guard(tmp_path):
                            "print(sorted(m for m in ('typing', 're', 'enum') if m in sys.modules))"],
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("config, said", [({"vocab_size": 10**8}, "vocab_size = 100,000,000, a width no tensor"),
+                                          ({"max_position_embeddings": 10**9}, "max_position_embeddings = "
+                                                                                "1,000,000,000, more positions")])
+def test_a_config_sizing_tables_past_its_weights_is_refused(tmp_path, config, said):
+    """hp33's next area: config fields transformers sizes tables by (vocab_size, max_position_embeddings) are held to
+    the weights (vocab_size) or to a bound (positions) before the config reaches transformers."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation import loading
+
+    folder = write_hf_dir(tmp_path / "m", make_base())
+    with pytest.raises(CheckpointError, match=re.escape(said)):
+        loading._check_sizes(folder, folder / "config.json", config)
+    loading._check_sizes(folder, folder / "config.json", {"vocab_size": 32, "max_position_embeddings": 131072})

@@ -66,7 +66,11 @@ def _json_object(path: Path) -> dict | None:
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.([0-9]{1,9})\.")  # ASCII, bounded: int() never fails
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-_WIDTH_KEYS = ("hidden_size", "d_model", "n_embd")
+_WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "vocab_size")  # vocab_size: the embedding's rows (hp33 next)
+# positions a config may claim: the longest contexts models ship (10M tokens) and some room; transformers sizes
+# position tables and rotary caches by it (1e9 took gigabytes before the weights were read)
+MAX_POSITIONS = 1 << 24
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
 def _check_sizes(directory: Path, path: Path, config: dict) -> None:
@@ -89,6 +93,12 @@ def _check_sizes(directory: Path, path: Path, config: dict) -> None:
             raise CheckpointError(f"{path}: {key} = {value:,}, but the weights hold {max(layers) + 1:,} layers "
                                   f"(0..{max(layers)}); the rest would be built from nothing",
                                   hint=f"set {key} to {max(layers) + 1} (the config must describe these weights)")
+    for key in _POSITION_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_POSITIONS:
+            raise CheckpointError(f"{path}: {key} = {value:,}, more positions than any model takes (at most "
+                                  f"{MAX_POSITIONS:,} are read); transformers sizes tables by it",
+                                  hint=f"set {key} to the model's context length (the config must describe the model)")
     labels = config.get("num_labels")
     if shapes and isinstance(labels, int) and not isinstance(labels, bool) and labels > max(shapes):
         raise CheckpointError(  # transformers builds an id2label of that many entries first (hostile pass 33, C99)
