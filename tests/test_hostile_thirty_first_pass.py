@@ -803,3 +803,17 @@ def test_a_config_sizing_tables_past_its_weights_is_refused(tmp_path, config, sa
     with pytest.raises(CheckpointError, match=re.escape(said)):
         loading._check_sizes(folder, folder / "config.json", config)
     loading._check_sizes(folder, folder / "config.json", {"vocab_size": 32, "max_position_embeddings": 131072})
+
+
+def test_a_lookaround_selector_on_a_non_ascii_path_is_refused_not_run_unbounded(tmp_path):
+    """Review of hp32 C23's fix: on a non-ASCII path a lookaround selector with \\w ran on re itself, which has no time
+    limit (`(?=.*q)(\\w+)+x` backtracks without end); it is a typed error now, at once."""
+    import time
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.peft_targets import check_adapted
+
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match="holds non-ASCII characters"):
+        check_adapted({"target_modules": r"(?=.*q)(\w+)+x"}, ["blk." + "é" * 40 + "q"], "cfg")
+    assert time.perf_counter() - started < 10

@@ -471,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
             hint="nothing was written at the output; fix what the warning says, or let it through "
                  "(PYTHONWARNINGS=default, or -W 'default::tiesmerge.errors.MergeWarning')"), args.debug)
     except MemoryError as exc:  # a library sized something by an input (a huge table) past the memory it may use
+        if _stopping:
+            return _stopped(None, args.debug)
         return _report(InternalError(f"ran out of memory{f' ({str(exc)[:200]})' if str(exc) else ''}",
                                      hint="nothing was written at the output; an input likely asks for more memory "
                                           "than this machine (or its ulimit -v) allows: check the inputs' configs, "

@@ -48,7 +48,7 @@ from .peft import (
     strip_key,
     yields_task_vector,
 )
-from .peft_targets import base_model_type, base_model_types, check_adapted, conv1d_layout, warn_layout_unknown
+from .peft_targets import base_model_types, check_adapted, conv1d_layout, warn_layout_unknown
 from .protocol import Checkpoint, TensorInfo, rows_shape
 
 if TYPE_CHECKING:
@@ -332,6 +332,7 @@ class LoraCheckpoint:
         """Map every adapted module to a base tensor and check the shapes (raises on mismatch)."""
         if self._base is not None:
             return  # bound once, to the real base (a zero base stands in for it in some merges)
+        from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES  # align imports this module
         source = str(self.path / ADAPTER_CONFIG)
         alpha = _number(self.config.get("lora_alpha", 8), "lora_alpha", source)
         if alpha <= 0:  # PEFT's scale is alpha / r: 0 changes nothing, a negative one undoes the training
@@ -345,7 +346,7 @@ class LoraCheckpoint:
         rank_pattern = _patterns(self.config, "rank_pattern", source)  # PEFT: a module's r, where a key matches
         rs = bool(self.config.get("use_rslora", False))
         fan_in_fan_out = bool(self.config.get("fan_in_fan_out", False))
-        model_type, model_types = base_model_type(base), base_model_types(base)
+        model_types = base_model_types(base)  # the base's own first, then those its config nests
         overruled: list[str] = []
         declared = _declared_rank(self.config, source)
         self._drop_tied_head_twin(base)
@@ -358,8 +359,6 @@ class LoraCheckpoint:
         base_names, claimed = BaseNames(base), {}
         declared_targets = self.config.get("target_modules")
         all_linear = isinstance(declared_targets, str) and declared_targets.lower() == "all-linear"
-        from .align import _EMBED_SUFFIXES
-
         embedding_shapes = {tuple(base.info(n).shape) for n in base_names.names if n.endswith(_EMBED_SUFFIXES)} \
             if all_linear else set()
         for module, (a_key, b_key, embedding) in self._factors.items():
@@ -425,7 +424,7 @@ class LoraCheckpoint:
         _warn_if_trained_on_another_base(self.config, base, source)
         if overruled:  # as PEFT warns, and applies the module's own layout
             warnings.warn(MergeWarning(
-                f"{source}: fan_in_fan_out is {str(fan_in_fan_out).lower()}, but in the base ({model_type}) "
+                f"{source}: fan_in_fan_out is {str(fan_in_fan_out).lower()}, but in the base ({model_types[0]}) "
                 f"{len(overruled)} adapted module(s) such as {overruled[0]!r} store their weight as "
                 + ("(out, in) (torch.nn.Linear)" if fan_in_fan_out else "(in, out) (transformers' Conv1D)")
                 + ", so ΔW is applied in that layout, as PEFT does when it loads the adapter"), stacklevel=3)
@@ -436,20 +435,9 @@ class LoraCheckpoint:
             if plain in follows:
                 continue  # ensure_weight_tying's copy of the head: the embedding's own bytes, merged once as it
             name = base_names.resolve(strip_key(plain, ""), "", self.label, key)
-            if name in targets and ".base_layer." not in key and ".modules_to_save." not in key:
-                # PEFT keeps an adapted module's own weight at <module>.base_layer.weight (an embedding saved with
-                # save_embedding_layers); a plain <module>.weight beside its factors is dropped when PEFT loads
-                # the adapter, and merging it merged a change nobody runs (hostile pass 30, F4)
-                raise IncompatibleCheckpointsError(
-                    f"{self.label}: {key!r} is a whole weight of {targets[name].module!r}, which the adapter's LoRA "
-                    "factors adapt; PEFT keeps an adapted module's own weight as <module>.base_layer.weight and would "
-                    "not load this one", hint="the adapter file holds a stray weight: remove it, or save the adapter "
-                                              "again with PEFT")
             bind_once(full_bound, name, key, self.label)
             if tuple(base.info(name).shape) != tuple(self._file.info(key).shape):
                 theirs, ours = tuple(self._file.info(key).shape), tuple(base.info(name).shape)
-                from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES
-
                 resized = name.endswith(_EMBED_SUFFIXES + _HEAD_SUFFIXES) and theirs[1:] == ours[1:]
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: saved tensor {key!r} {theirs} does not fit the base tensor {name!r} {ours}"

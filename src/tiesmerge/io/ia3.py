@@ -116,7 +116,8 @@ class Ia3Checkpoint:
             # (out, in) of the module: a transformers Conv1D stores its weight as (in, out), and PEFT then scales the
             # weight's columns for outputs and its rows for inputs (hostile pass 31, C17/C18)
             in_out = len(weight) == 2 and conv1d_layout(model_types, module, fan_in_fan_out)
-            outs, ins = (weight[1], weight[0]) if in_out else (weight[:2] if len(weight) == 2 else (None, None))
+            rows, cols = (weight + (None, None))[:2]
+            outs, ins = (cols, rows) if in_out else (rows, cols)
             fits = len(weight) == 2 and shape in ((outs, 1), (1, ins))
             if fits and is_feedforward is not None:  # PEFT builds the vector by the config, whatever the file holds
                 inputs = is_feedforward(module)

@@ -44,7 +44,7 @@ try:  # Python 3.11+: the parser moved under re
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_parse as _sre  # type: ignore[no-redef]
 
-__all__ = ["Targeting", "check_adapted", "feedforward", "conv1d_layout", "base_model_type", "base_model_types",
+__all__ = ["Targeting", "check_adapted", "feedforward", "conv1d_layout", "base_model_types",
            "warn_layout_unknown", "MAX_SELECTOR_CHARS"]
 
 # a regex listing every adapted module path of a 32-layer model runs to some 8,000 characters; past this bound a
@@ -82,9 +82,13 @@ class _TimedRegex:
 
     def match(self, module: str, *, whole: bool = False) -> Any:
         """``fullmatch`` (``whole``) or ``match`` at the start, as PEFT calls re."""
-        pattern = self.compiled.pattern  # type: ignore[attr-defined]
-        if not classes_read_alike(pattern, module):  # a non-ASCII module path and \w-like classes (hp32 C23): re's
-            return (re.fullmatch if whole else re.match)(pattern, module)  # reading, PEFT's own (and its cost)
+        if not classes_read_alike(self.compiled.pattern, module):  # type: ignore[attr-defined]
+            # a non-ASCII path and \w-like classes (hostile pass 32, C23): the regex package reads them otherwise than
+            # PEFT's re, and re itself has no time limit (a lookaround selector may backtrack without end)
+            raise CheckpointError(f"{self.clock.what}: a selector with lookarounds and character classes (\\w, \\d, "
+                                  f"\\s, \\b) on the module path {module[:120]!r}, which holds non-ASCII characters: "
+                                  "tiesmerge cannot match it as PEFT's re does within a time bound",
+                                  hint=self.clock.hint)
         return self.clock.run(self.compiled.fullmatch if whole else self.compiled.match, module)  # type: ignore
 
 
@@ -395,7 +399,7 @@ _CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tra
 _CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 
-def conv1d_layout(model_types: frozenset[str] | None, module: str, fan_in_fan_out: bool) -> bool:
+def conv1d_layout(model_types: tuple[str, ...] | None, module: str, fan_in_fan_out: bool) -> bool:
     """Whether the base stores ``module``'s weight as (in, out) (transformers' Conv1D), so that a LoRA's ΔW is
     s (B A)ᵀ and an (IA)³ vector scales the weight's columns where it scales outputs: PEFT's rule, by the module's
     class, whatever the config's fan_in_fan_out says. ``model_types``: the base config's model_type and those of
@@ -403,10 +407,10 @@ def conv1d_layout(model_types: frozenset[str] | None, module: str, fan_in_fan_ou
     where the base's architecture is not known (a lone weights file: None)."""
     if model_types is None:
         return fan_in_fan_out
-    return not model_types.isdisjoint(_CONV1D_MODEL_TYPES) and module.rsplit(".", 1)[-1] in _CONV1D_MODULES
+    return not _CONV1D_MODEL_TYPES.isdisjoint(model_types) and module.rsplit(".", 1)[-1] in _CONV1D_MODULES
 
 
-def warn_layout_unknown(model_types: frozenset[str] | None, modules: Sequence[str], fan_in_fan_out: bool,
+def warn_layout_unknown(model_types: tuple[str, ...] | None, modules: Sequence[str], fan_in_fan_out: bool,
                         source: str) -> None:
     """Where the base has no config (a lone weights file), the adapter's fan_in_fan_out decides the layout of its
     modules; for modules named as transformers' Conv1D ones that is a guess the merge cannot check (a square weight
@@ -426,20 +430,9 @@ def warn_layout_unknown(model_types: frozenset[str] | None, modules: Sequence[st
             stacklevel=4)
 
 
-def base_model_type(base: Any) -> str | None:
-    """The base's ``model_type`` (its config.json), or None where it has no readable one (a lone file, a state dict)."""
-    types = _config_model_types(base)
-    return None if types is None else types[0]
-
-
-def base_model_types(base: Any) -> frozenset[str] | None:
-    """The base config's ``model_type`` and those of the configs it nests (encoder, decoder, text_config, ...), or
-    None where it has no readable config."""
-    types = _config_model_types(base)
-    return None if types is None else frozenset(t for t in types if t)
-
-
-def _config_model_types(base: Any) -> tuple[str, ...] | None:
+def base_model_types(base: Any) -> tuple[str, ...] | None:
+    """The base config's ``model_type`` first, then those of the configs it nests (encoder, decoder, text_config,
+    ...); None where it has no readable config (a lone file, a state dict)."""
     from .align import read_model_config  # align imports the adapter readers, which import this module
 
     try:
