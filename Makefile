@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,3 +35,12 @@ lint: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+# mergekit 0.1.5 and what it needs beyond the lent GPU machines' image (Python 3.12, no network), as
+# wheels in .whl/ for benchmarks/gpu_check.sh, which installs them there (the device tool carries .whl)
+GPU_WHEELS := mergekit==0.1.5 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types typing-inspection \
+	immutables==0.21 typing-extensions click tqdm
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d .whl $(GPU_WHEELS)
