@@ -12,6 +12,7 @@ YAML is read with the safe loader only: no tag can construct a Python object.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -25,7 +26,7 @@ from .errors import CheckpointError, TiesMergeError
 from .paths import open_regular, read_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "read_json_lines",
-           "parse_float", "underflows", "Underflow",
+           "parse_float", "underflows", "overflows", "OutOfFloatRange",
            "loads_yaml", "read_yaml", "scan"]
 
 MAX_CONFIG_BYTES = 64 << 20  # an index of a huge model is a few MB; tokenizer.json tens of MB
@@ -204,16 +205,42 @@ def underflows(text: str, value: float) -> bool:
     return any(c in "123456789" for c in mantissa)
 
 
-class Underflow(ValueError):
-    """A number written as nonzero that reads as 0 (:func:`underflows`); its text says which and what to do."""
+def overflows(text: str, value: float) -> bool:
+    """Whether a number written as digits (``-1e400``) reads as an infinity: past the largest float (1.8e308),
+    where the refusal would otherwise say "got -inf", a value nobody wrote."""
+    return math.isinf(value) and "inf" not in str(text).lower()
+
+
+class OutOfFloatRange(ValueError):
+    """A number past the range of a float: written as nonzero but read as 0, or written as digits but read as
+    an infinity (:func:`underflows`, :func:`overflows`); its text says which, its ``hint`` what to do."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def out_of_range(text: str, value: float, where: str = "") -> OutOfFloatRange | None:
+    """The error for ``text`` read as ``value`` when that crossed the float range, else None."""
+    shown = f"{text.strip()}{where}"
+    if underflows(text, value):
+        return OutOfFloatRange(f"{shown} is too small for a float: it reads as 0 (the smallest is 5e-324); "
+                               "write 0 if 0 is meant", hint="give the value as it is meant (0, or a number of at "
+                               "least 1e-38)")
+    if overflows(text, value):
+        return OutOfFloatRange(f"{shown} is too large for a float: it reads as {'-' if value < 0 else ''}inf (the "
+                               "largest float is about 1.8e308)", hint="give the value as it is meant: a number "
+                               "below 1.8e308")
+    return None
 
 
 def parse_float(text: str) -> float:
-    """``float(text)``; :class:`Underflow` (a ValueError) for a nonzero number that reads as 0."""
+    """``float(text)``; :class:`OutOfFloatRange` (a ValueError) for a nonzero number that reads as 0 or digits that
+    read as an infinity."""
     value = float(text)
-    if underflows(text, value):
-        raise Underflow(f"{text.strip()} is too small for a float: it reads as 0 (the smallest is 5e-324); "
-                        "write 0 if 0 is meant")
+    problem = out_of_range(text, value)
+    if problem is not None:
+        raise problem
     return value
 
 
@@ -222,9 +249,9 @@ class _CountingLoader(yaml.SafeLoader):
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         value = super().construct_yaml_float(node)
-        if underflows(str(node.value).replace("_", ""), value):
-            raise Underflow(f"{node.value} (line {node.start_mark.line + 1}) is too small for a float: it reads "
-                             "as 0 (the smallest is 5e-324); write 0 if 0 is meant")
+        problem = out_of_range(str(node.value), value, f" (line {node.start_mark.line + 1})")
+        if problem is not None:
+            raise problem
         return value
 
 
@@ -301,9 +328,8 @@ def loads_yaml(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         return data
     except TiesMergeError:  # our own limits' errors (a ValueError too): already say what is wrong
         raise
-    except Underflow as exc:
-        raise error(f"{source}: {exc}", hint="give the value as it is meant (0, or a number of at least 1e-38)") \
-            from None
+    except OutOfFloatRange as exc:
+        raise error(f"{source}: {exc}", hint=exc.hint) from None
     except RecursionError:
         raise error(f"{source}: YAML nested too deep to read (more than {max_depth} levels)",
                     hint=_FIX_FILE) from None

@@ -61,11 +61,11 @@ def _number(text: str) -> int | float | bool | str:
 
 def _float(text: str) -> float:
     """A float flag's value; a nonzero number that reads as 0 (1e-400) is refused, not taken as 0."""
-    from ..limits import Underflow, parse_float
+    from ..limits import OutOfFloatRange, parse_float
 
     try:
         return parse_float(text)
-    except Underflow as exc:  # argparse would print only "invalid float value"
+    except OutOfFloatRange as exc:  # argparse would print only "invalid float value"
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 

@@ -20,7 +20,7 @@ import torch
 from ..api import Source, merge
 from ..errors import ConfigError
 from ..inputs import check_inputs
-from ..limits import Underflow, parse_float
+from ..limits import OutOfFloatRange, parse_float
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
@@ -96,7 +96,7 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
             grid[name] = tuple(dict.fromkeys(axis))  # lam=1,1,1 is one point: merged and scored once
         except ConfigError as exc:  # a range that is empty, unbounded or too long: its own words
             problems += [f"--grid {item!r}: {p}" for p in exc.problems]
-        except Underflow as exc:
+        except OutOfFloatRange as exc:
             problems.append(f"--grid {item!r}: {exc}")
         except ValueError:
             problems.append(f"--grid {item!r}: expected NAME=v1,v2,... or NAME=start:stop:step"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, MergeWarning
-from ..limits import Underflow, parse_float
+from ..limits import OutOfFloatRange, parse_float
 from ..methods.base import (
     MODEL_COUNT_UNITS,
     NORMALISED_WEIGHT_LIMIT,
@@ -141,7 +141,7 @@ def parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
             low, high = (parse_float(x) for x in text.split(":"))
             if not low < high:
                 raise ValueError
-        except Underflow as exc:
+        except OutOfFloatRange as exc:
             problems.append(f"--range {item!r}: {exc}")
             continue
         except ValueError:
@@ -190,7 +190,7 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
             fixed[name] = value
         except KeyError:
             problems.append(f"--set {item!r}: {cls.name} has no option {name!r} (it has: {', '.join(types)})")
-        except Underflow as exc:
+        except OutOfFloatRange as exc:
             problems.append(f"--set {item!r}: {exc}")
         except ValueError:
             problems.append(f"--set {item!r}: not a valid {getattr(kind, '__name__', kind)} for {name}")

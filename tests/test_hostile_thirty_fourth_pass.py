@@ -1,0 +1,39 @@
+"""Hostile pass 34 (issue 13), and the notes of earlier passes closed in the same session."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers_ckpt import run_cli
+
+
+@pytest.mark.parametrize("written", ["-1e400", "1e400", "1.5E+309", "-2_000e306"])
+def test_a_yaml_number_past_the_float_range_is_named_as_written(tmp_path, capsys, written):
+    """hp33 C110: `lam: -1e400` was reported as "lam must be a finite number, got -inf", a value nobody wrote (YAML
+    reads the literal as an infinity). Now the number is named as written, with its line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: b\nmodels: [m0]\nparameters:\n  lam: {written}\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc == 2
+    assert f"{written} (line 5) is too large for a float: it reads as {'-' if written[0] == '-' else ''}inf" in err
+    assert "got -inf" not in err and "got inf" not in err and "Traceback" not in err
+
+
+def test_an_infinity_written_as_such_is_still_refused_by_the_option(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: ties\nbase: b\nmodels: [m0]\nparameters: {lam: -.inf}\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc == 2 and "lam must be a finite number, got -inf" in err
+
+
+def test_a_flag_past_the_float_range_is_named_as_written(capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(["merge", "--base", "b", "--model", "m", "-o", "o", "--lam", "1e400"], capsys)
+    assert stop.value.code == 2
+    assert "argument --lam: 1e400 is too large for a float: it reads as inf" in capsys.readouterr().err
+
+
+def test_a_grid_value_past_the_float_range_is_named_as_written(tmp_path, capsys):
+    rc, _, err = run_cli(["tune", "--base", tmp_path, "--model", tmp_path, "--model", tmp_path, "--evaluator", "e:f",
+                          "--grid", "lam=1,-1e999", "-o", tmp_path / "out"], capsys)
+    assert rc == 2 and "--grid 'lam=1,-1e999': -1e999 is too large for a float: it reads as -inf" in err
