@@ -1,7 +1,7 @@
 """Typed errors. Every message says what is wrong and, in ``hint``, what to do next.
 
-The CLI prints ``error: <message>`` and ``hint: <hint>``; usage and recipe errors
-(``ConfigError``) exit with status 2, everything else with status 1.
+The CLI prints ``error: <message>`` and ``hint: <hint>``; usage errors and errors in the files a user
+writes (recipes, JSON-lines data: ``ConfigError``) exit with status 2, everything else with status 1.
 """
 
 from __future__ import annotations
