@@ -208,7 +208,7 @@ def test_api_writers_take_force_as_a_boolean_and_stats_stay_out_of_their_model(t
 
 
 @pytest.mark.parametrize("rules", ["[{filter: self_attn, value: [0, 0.5, 1.0e+30]}, {value: 0.5}]",
-                                   "[{filter: self_attn, value: 1.0e+400}, {value: 0.5}]",
+                                   "[{filter: self_attn, value: .inf}, {value: 0.5}]",  # 1e400: refused as written
                                    "[{filter: mlp, value: 0.3}, {value: -5}]"])
 def test_slerp_t_out_of_range_is_refused_in_filters_and_gradients_too(family, tmp_path, capsys, rules):
     """F12: the scalar t was held to [0, 1], its filters and gradients were not."""

@@ -37,3 +37,42 @@ def test_a_grid_value_past_the_float_range_is_named_as_written(tmp_path, capsys)
     rc, _, err = run_cli(["tune", "--base", tmp_path, "--model", tmp_path, "--model", tmp_path, "--evaluator", "e:f",
                           "--grid", "lam=1,-1e999", "-o", tmp_path / "out"], capsys)
     assert rc == 2 and "--grid 'lam=1,-1e999': -1e999 is too large for a float: it reads as -inf" in err
+
+
+def _copy_with_config(source, target, **changes):
+    import json
+    import shutil
+
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    config.update(changes)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.mark.parametrize("changes", [{"intermediate_size": 200_000_000}, {"num_attention_heads": 1, "hidden_size": 16,
+                                                                          "intermediate_size": 3_000_000}])
+def test_a_config_describing_a_far_larger_model_is_refused_before_transformers_allocates_it(classifiers, tmp_path,
+                                                                                              capsys, changes):
+    """hp34 D21: stats on a classifier whose config.json claims intermediate_size=200,000,000 beside 32-wide
+    weights: transformers allocated the model (24 GB, the OOM killer) before comparing shapes. The model the config
+    describes is built on the meta device first and held to the weights' size: any sizing field, named or not."""
+    import resource
+
+    _root, base, _fts, data = classifiers
+    model = _copy_with_config(base, tmp_path / "huge", **changes)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rc, _, err = run_cli(["stats", "fisher", "--model", model, "--data", data, "-o", tmp_path / "st"], capsys)
+    assert rc == 1, err
+    assert "describes a model of" in err and "the weights hold" in err and "intermediate" in err
+    assert not (tmp_path / "st").exists()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KiB: nothing was allocated
+
+
+def test_a_config_that_describes_its_weights_still_loads_with_a_fresh_head(classifiers, tmp_path, capsys):
+    """The check's slack: an encoder checkpoint loaded as a classifier builds its head afresh (more parameters than
+    stored), and that is no reason to refuse it."""
+    _root, base, _fts, data = classifiers
+    rc, _, err = run_cli(["stats", "fisher", "--model", base, "--data", data, "-o", tmp_path / "st", "--limit", "2"],
+                         capsys)
+    assert rc == 0, err

@@ -152,3 +152,21 @@ def test_workers_and_cpus_per_task_are_checked_before_ray_starts():
         RayExecutor(workers=0)
     with pytest.raises(ConfigError, match="joined cluster"):
         RayExecutor("auto", workers=2)
+
+
+class _AlwaysDies:
+    def __call__(self, state):
+        os._exit(3)  # as the kernel's OOM killer or a crash in native code would end it: no exception to send back
+
+
+def test_a_worker_that_dies_on_every_try_is_an_evaluator_error(cluster, family):
+    """hostile pass 34, D8: Ray's WorkerCrashedError, after every retry, reached the CLI as "unexpected … this is a
+    bug in tiesmerge", pointing at log files in the local cluster's folder (removed when the search ends)."""
+    from tiesmerge.errors import EvaluatorError
+
+    base, models, _make = family
+    with pytest.raises(EvaluatorError) as caught:
+        run_search(base, models, "ties", _AlwaysDies(), grid={"density": (0.2,), "lam": (1.0,)}, executor=cluster)
+    message = str(caught.value)
+    assert "_AlwaysDies" in message and "died on each of Ray's 4 tries (WorkerCrashedError)" in message
+    assert "density=0.2, lam=1.0" in message and "without --ray" in message and ".log" not in message

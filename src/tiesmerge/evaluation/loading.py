@@ -3,8 +3,10 @@ transformers cannot make sense of is the user's input to fix, named as such, not
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,16 +18,17 @@ from ..limits import read_json
 __all__ = ["from_pretrained"]
 
 
-def _check_config(directory: Path) -> None:
+def _check_config(directory: Path) -> int | None:
     """What transformers would fetch or need beyond the folder, refused before it is asked to: an attention
     implementation named as a Hub repo (``kernels-community/...``: code downloaded and run), and a quantized
-    checkpoint (its weights are not the model's values; bitsandbytes/GPTQ packages would be needed)."""
+    checkpoint (its weights are not the model's values; bitsandbytes/GPTQ packages would be needed). Returns how
+    many values the weights store (None where they cannot be read: their own errors come when they are)."""
     path = directory / "config.json"
     if not path.is_file():
-        return
+        return None
     config = read_json(path, "the model's config")
     if not isinstance(config, dict):
-        return  # transformers' own message names it
+        return None  # transformers' own message names it
     for name in ("config.json", "tokenizer_config.json"):  # transformers would fall back to its standard class, a
         # model other than the one the folder declares (hostile pass 26, N8), or ask to run the code: refused first
         data = config if name == "config.json" else _json_object(directory / name)
@@ -43,13 +46,14 @@ def _check_config(directory: Path) -> None:
             raise CheckpointError(f"{path}: {key} = {value!r} names a kernel on the Hugging Face Hub; tiesmerge never "
                                   f"downloads or runs a model's code",
                                   hint=f"remove {key} from config.json (transformers then picks a built-in one)")
-    _check_sizes(directory, path, config)
+    stored = _check_sizes(directory, path, config)
     if config.get("quantization_config") is not None:
         method = config["quantization_config"].get("quant_method", "?") \
             if isinstance(config["quantization_config"], dict) else "?"
         raise CheckpointError(f"{path}: the model is quantized ({method}); its stored weights are not the values "
                               f"statistics and evaluation need",
                               hint="use the unquantized model (merging quantized checkpoints is not supported)")
+    return stored
 
 
 def _json_object(path: Path) -> dict | None:
@@ -73,19 +77,20 @@ MAX_POSITIONS = 1 << 24
 _POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 
 
-def _check_sizes(directory: Path, path: Path, config: dict) -> None:
+def _check_sizes(directory: Path, path: Path, config: dict) -> int | None:
     """A config describing a far larger model than its weights (``num_hidden_layers: 2000000`` beside 2 layers, a
     hidden size no weight has) makes transformers build it, layer by layer, for minutes and gigabytes before the
-    weights are compared: refused first, from the weights' headers alone."""
+    weights are compared: refused first, from the weights' headers alone. Returns how many values they store."""
     from ..io.checkpoint import open_checkpoint
 
     try:
         ckpt = open_checkpoint(directory, label=str(directory))
         names = ckpt.names()
         shapes = {d for n in names for d in ckpt.info(n).shape}
+        stored = sum(math.prod(ckpt.info(n).shape) for n in names)
         ckpt.close()
     except TiesMergeError:
-        return  # the weights' own problems are named when they are read
+        return None  # the weights' own problems are named when they are read
     layers = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
     for key in _LAYER_KEYS:
         value = config.get(key)
@@ -111,6 +116,45 @@ def _check_sizes(directory: Path, path: Path, config: dict) -> None:
         if shapes and isinstance(value, int) and not isinstance(value, bool) and value not in shapes:
             raise CheckpointError(f"{path}: {key} = {value:,}, a width no tensor of the weights has",
                                   hint=f"set {key} to the weights' width (the config must describe these weights)")
+    return stored
+
+
+# values a built model may hold beyond those its weights store: a head or pooler made afresh (a classifier on an
+# encoder's checkpoint), an output layer the file keeps once for two tied uses
+BUILT_SLACK = 1 << 22
+
+
+def _check_built(loader: Any, directory: Path, stored: int) -> None:
+    """Build the model config.json describes on the meta device (no memory, no values) and refuse it when it holds
+    far more parameters than the weights store: transformers allocates the whole model before it compares shapes,
+    so a config claiming ``intermediate_size: 200000000`` beside 32-wide weights took 24 GB and the machine's
+    OOM killer (hostile pass 34, D21). One check of every field that sizes a tensor, named or not."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    build = getattr(loader, "from_config", None)
+    if build is None and not isinstance(loader, type):  # a function choosing its class (the LM evaluators'):
+        build = AutoModel.from_config  # the backbone alone, which a head only adds to
+    if build is None:
+        return  # a tokenizer
+    try:
+        with _transformers_quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+            with torch.device("meta"):
+                model = build(config)
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception:  # noqa: BLE001 - what transformers cannot build, from_pretrained names in its own words
+        return
+    built = sum(p.numel() for p in model.parameters())  # a tied parameter once
+    if built > 2 * stored + BUILT_SLACK:
+        name, largest = max(model.named_parameters(), key=lambda item: item[1].numel())
+        raise CheckpointError(f"{directory / 'config.json'}: describes a model of {built:,} parameters, and the "
+                              f"weights hold {stored:,} values; transformers would allocate the difference before "
+                              f"comparing them ({name} alone would be {' x '.join(map(str, largest.shape))})",
+                              hint="use the config.json that came with these weights: its sizes (hidden_size, "
+                                   "intermediate_size, num_hidden_layers, vocab_size, ...) must describe them")
 
 
 @contextmanager
@@ -159,7 +203,9 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
     """``loader.from_pretrained(directory, trust_remote_code=False, **kwargs)`` (an Auto class, or a function
     taking a directory and keywords); transformers' own errors for unusable files become a CheckpointError naming
     them."""
-    _check_config(Path(directory))
+    stored = _check_config(Path(directory))
+    if stored is not None:
+        _check_built(loader, Path(directory), stored)
     load = getattr(loader, "from_pretrained", loader)
     # never a model's own code: a config or tokenizer_config whose auto_map names a .py file beside the weights
     # would make transformers ask "run the custom code? [y/N]" on the terminal (and run it on "y"); False refuses

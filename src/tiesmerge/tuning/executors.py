@@ -24,9 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..errors import ConfigError, TiesMergeError
+from ..errors import ConfigError, EvaluatorError, TiesMergeError
 from ..scratch import private_folder
 from .candidates import Candidate, Evaluator, Job, better, candidate_state, merged_delta, score_state
+from .evaluator import evaluator_name
 
 __all__ = ["Executor", "LocalExecutor", "RayExecutor", "ray_available"]
 
@@ -236,6 +237,7 @@ class RayExecutor:
         if gpus_per_task is None:  # one GPU per task where the cluster has GPUs
             gpus_per_task = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self.gpus_per_task = gpus_per_task
+        self.max_retries = max_retries
         self.merges = 0
         common = {"num_cpus": cpus_per_task, "num_gpus": gpus_per_task, "max_retries": max_retries,
                   "retry_exceptions": False}
@@ -250,6 +252,7 @@ class RayExecutor:
         self._job, self._dtypes = dataclasses.replace(job, base=None, models=()), dict(dtypes)
         self._base32 = ray.put(_to_numpy(base32))  # once per search: every evaluation reads it
         self._evaluate = ray.put(evaluate)
+        self._label = getattr(evaluate, "label", None) or f"the evaluator {evaluator_name(evaluate)}"
         self._best = None
         # state dicts go to the object store once; paths are read by each merge (a cluster needs them
         # on a filesystem every node sees)
@@ -271,7 +274,7 @@ class RayExecutor:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     c, delta, key = pending.pop(ref)
-                    score, seconds = self._get(ref)
+                    score, seconds = self._get(ref, c)
                     if better(score, None if self._best is None else self._best[0]):
                         self._best = (score, key, delta)
                     on_scored(c, score, seconds)
@@ -279,15 +282,28 @@ class RayExecutor:
             for ref in pending:  # interrupted or failed: stop what is still queued
                 ray.cancel(ref)
 
-    def _get(self, ref: Any) -> Any:
-        """ray.get, with an error raised in a task (a bad option, the evaluator's own) re-raised as itself."""
+    def _get(self, ref: Any, candidate: Candidate) -> Any:
+        """ray.get, with an error raised in a task (a bad option, the evaluator's own) re-raised as itself, and a
+        worker that died on every try (killed for memory, a crash in native code, os._exit) as an EvaluatorError."""
+        exceptions = self._ray.exceptions
         try:
             return self._ray.get(ref)
-        except self._ray.exceptions.RayTaskError as exc:
+        except exceptions.RayTaskError as exc:
             cause = getattr(exc, "cause", None)
             if isinstance(cause, TiesMergeError):
                 raise cause from None
             raise
+        except exceptions.RayError as exc:  # WorkerCrashedError, OutOfMemoryError, NodeDiedError...: Ray's own text
+            # names log files in the local cluster's folder, which is removed when the search ends
+            tries = self.max_retries + 1
+            shown = ", ".join(f"{k}={v}" for k, v in candidate.options.items())
+            raise EvaluatorError(
+                f"{self._label}: the Ray worker merging or scoring candidate {candidate.index} ({shown}) died on each "
+                f"of Ray's {tries} tr{'ies' if tries > 1 else 'y'} ({type(exc).__name__}): the process was ended "
+                "before it returned a score (out of memory, a crash in native code, os._exit or a signal)",
+                hint="run the same search without --ray to see the evaluator's own error (the worker's output, "
+                     "if any, is above); with --ray on one machine, fewer --workers leave each more memory"
+            ) from None
 
     def delta(self, merge_key: str) -> dict[str, torch.Tensor] | None:
         if self._best is None or self._best[1] != merge_key:
