@@ -382,7 +382,7 @@ def test_a_stop_signal_during_a_ray_search_is_tiesmerges_to_handle(family, tmp_p
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM and "terminated by SIGTERM" in err, (proc.returncode, err[-2000:])
     assert "SIGTERM received at time" not in err
-    left = glob.glob(os.path.join(tempfile.gettempdir(), f"tiesmerge-ray-*-{proc.pid}-*"))
+    left = glob.glob(os.path.join(tempfile.gettempdir(), f"tiesray-*-{proc.pid}-*"))
     assert not left, left
 
 

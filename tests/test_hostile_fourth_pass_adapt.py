@@ -291,7 +291,7 @@ def test_a_local_ray_cluster_gets_a_private_temp_dir(tmp_path, monkeypatch, user
         assert "_temp_dir" not in kwargs and scratch._FOLDERS == []
         return
     folder = Path(kwargs["_temp_dir"])
-    assert folder.parent == tmp_path and folder.name.startswith("tiesmerge-ray-") and folder.is_dir()
+    assert folder.parent == tmp_path and folder.name.startswith("tiesray-") and folder.is_dir()
     assert scratch._FOLDERS == [str(folder)]  # removed at exit
     scratch.remove_private_folders()
     assert not folder.exists() and list(tmp_path.iterdir()) == []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from helpers_ckpt import run_cli
@@ -76,3 +78,50 @@ def test_a_config_that_describes_its_weights_still_loads_with_a_fresh_head(class
     rc, _, err = run_cli(["stats", "fisher", "--model", base, "--data", data, "-o", tmp_path / "st", "--limit", "2"],
                          capsys)
     assert rc == 0, err
+
+
+def test_rays_private_folder_fits_a_seven_digit_pid_in_tmp_and_the_hint_gives_a_length_that_works(tmp_path,
+                                                                                                    monkeypatch):
+    """hp34 D5: with TMPDIR=/tmp/t34 (8 bytes) `search --ray` was refused as too long, the hint's "a short folder"
+    did not work below 6 bytes, and the default /tmp failed for any pid of 6 digits or more (pid_max is 4194304 on
+    systemd hosts). The folder's name is shorter, the check uses the real pid, and the hint says how short."""
+    import re
+    import shutil
+
+    from tiesmerge import scratch
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import executors
+
+    def new_folder(length: int) -> str:  # a folder of /tmp of exactly ``length`` bytes, made here, never one found
+        import random
+        import string
+
+        for _ in range(100):
+            path = "/tmp/" + "".join(random.choices(string.ascii_lowercase, k=length - len("/tmp/")))
+            try:
+                os.mkdir(path)
+            except FileExistsError:
+                continue
+            made.append(path)
+            return path
+        raise AssertionError("no free name")
+
+    monkeypatch.setattr(os, "getpid", lambda: 4_194_303)
+    monkeypatch.setattr(scratch, "_FOLDERS", [])
+    made: list[str] = []
+    try:
+        for tmpdir in ("/tmp", new_folder(len("/tmp/t34"))):
+            monkeypatch.setattr("tempfile.tempdir", tmpdir)
+            made.append(executors._ray_folder())
+        long = tmp_path / ("t" * 60)
+        long.mkdir()
+        monkeypatch.setattr("tempfile.tempdir", str(long))
+        with pytest.raises(ConfigError) as caught:
+            executors._ray_folder()
+        room = int(re.search(r"set TMPDIR to a folder of at most (\d+) bytes", str(caught.value)).group(1))
+        assert len("/tmp/t34") <= room < len(str(long))
+        monkeypatch.setattr("tempfile.tempdir", new_folder(room))
+        made.append(executors._ray_folder())
+    finally:
+        for folder in reversed(made):
+            shutil.rmtree(folder, ignore_errors=True)

@@ -15,7 +15,8 @@ _FOLDERS: list[str] = []
 # "<prefix><host>-<pid>-<random>": a folder of this host whose process is dead (a run killed outright) is removed by
 # the next run; another host's (a TMPDIR shared by a cluster's nodes, or by containers) is never touched, since its
 # pid means nothing here
-_OURS = re.compile(r"^tiesmerge-(torch|matplotlib|ray|numba)-([0-9a-f]{8})-([0-9]{1,7})-[A-Za-z0-9_]+$")
+# tiesray-: Ray's folder, short since Ray's socket paths under it must fit 107 bytes (tiesmerge-ray-: before pass 34)
+_OURS = re.compile(r"^(tiesmerge-(?:torch|matplotlib|ray|numba)|tiesray)-([0-9a-f]{8})-([0-9]{1,7})-[A-Za-z0-9_]+$")
 MAX_PID = 2**22  # Linux's largest pid_max: a name holding a larger number was never made by a tiesmerge process
 
 

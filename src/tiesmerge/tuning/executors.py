@@ -113,19 +113,26 @@ def _import_ray(local: bool = False):
 # The object store shares numpy arrays between the workers of a node without copying them (torch
 # tensors would be unpickled into a copy per task), so states travel as arrays. Every state here is
 # float32 or an integer/bool buffer: dtypes numpy has.
-# Ray's longest socket path under its folder: "session_<date>_<time>_<micro>_<pid>/sockets/plasma_store"; a Unix
-# socket's path holds 107 bytes at most, so a longer folder fails inside ray.init with Ray's own words
-_RAY_SOCKET_TAIL = 64
+# Ray's longest socket path under its folder: "session_<date>_<time>_<micro>_<pid>/sockets/plasma_store" (the
+# driver's pid); a Unix socket's path holds 107 bytes at most, so a longer folder fails inside ray.init in Ray's words
+_RAY_SESSION = len("/session_2026-12-06_02-28-38_123456_")
+_RAY_SOCKET = len("/sockets/plasma_store")
 _SOCKET_PATH_MAX = 107
+_RAY_PREFIX = "tiesray-"  # with the host tag, the pid and mkdtemp's 8 characters: 35 bytes for a 7-digit pid
 
 
 def _ray_folder() -> str:
     """The local cluster's private session folder, short enough for Ray's socket paths (checked up front)."""
-    folder = private_folder("tiesmerge-ray-")
-    if len(os.fsencode(folder)) + 1 + _RAY_SOCKET_TAIL > _SOCKET_PATH_MAX:
-        raise ConfigError(f"{folder}: the temporary folder's path is {len(os.fsencode(folder))} bytes long, and Ray's "
-                          f"socket paths under it would pass the {_SOCKET_PATH_MAX} bytes a Unix socket path holds",
-                          hint="set RAY_TMPDIR (or TMPDIR) to a short folder, e.g. RAY_TMPDIR=/tmp/ray-me")
+    folder = private_folder(_RAY_PREFIX)
+    tail = _RAY_SESSION + len(str(os.getpid())) + _RAY_SOCKET
+    if len(os.fsencode(folder)) + tail > _SOCKET_PATH_MAX:
+        room = _SOCKET_PATH_MAX - tail - (len(os.fsencode(folder)) - len(os.fsencode(os.path.dirname(folder))))
+        raise ConfigError(f"{os.path.dirname(folder)}: the temporary folder's path is "
+                          f"{len(os.fsencode(os.path.dirname(folder)))} bytes long, and Ray's socket paths in its "
+                          f"folder there ({os.path.basename(folder)}) would pass the {_SOCKET_PATH_MAX} bytes a Unix "
+                          "socket path holds",
+                          hint=f"set TMPDIR to a folder of at most {max(room, 1)} bytes (e.g. /tmp), or RAY_TMPDIR "
+                               "to a short folder of your own for Ray")
     return folder
 
 
