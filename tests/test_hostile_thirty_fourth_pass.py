@@ -125,3 +125,62 @@ def test_rays_private_folder_fits_a_seven_digit_pid_in_tmp_and_the_hint_gives_a_
     finally:
         for folder in reversed(made):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize("where", ["added", "vocab"])
+def test_a_token_id_written_as_a_string_is_refused_where_json_holds_numbers(tmp_path, where):
+    """hp34 D24: an added token's id written as the string "65" was accepted (-5 and 65.0 were refused as damaged),
+    though tokenizers itself cannot load such a file ("expected u32"). Only added_tokens_decoder's keys, which JSON
+    makes strings, may be the text of an id."""
+    import json
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.vocab import read_vocab
+
+    vocab = {"[UNK]": 0, "a": 1, "b": "2" if where == "vocab" else 2}
+    added = [{"id": "3" if where == "added" else 3, "content": "<x>", "special": True}]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": vocab},
+                                                         "added_tokens": added}))
+    with pytest.raises(CheckpointError, match=r"token id '[23]' is not an integer .* \(a string, where the file holds"):
+        read_vocab(tmp_path, "the base")
+    if where == "added":  # the same id as a key of tokenizer_config.json's added_tokens_decoder is the norm
+        added[0]["id"] = 3
+        (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordLevel", "vocab": vocab},
+                                                             "added_tokens": added}))
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+            {"added_tokens_decoder": {"3": {"content": "<x>", "special": True}}}))
+        assert read_vocab(tmp_path, "the base").tokens[3] == "<x>"
+
+
+def test_weights_of_other_shapes_than_the_config_describes_are_said_so_without_a_helpers_name(classifiers, tmp_path):
+    """hp34 D35: a config whose sizes differ from the weights' (within the size check's slack) failed with
+    "llx: _lm_loader cannot load the base (RuntimeError: You set `ignore_mismatched_sizes` to `False` … look at the
+    above report!)": a helper's name, and a report tiesmerge keeps quiet."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation.loading import from_pretrained
+
+    def _chooses_its_class(directory, **kwargs):
+        return AutoModelForSequenceClassification.from_pretrained(directory, **kwargs)
+
+    model = _copy_with_config(classifiers[1], tmp_path / "wider", intermediate_size=48)  # weights: 32
+    with pytest.raises(CheckpointError) as caught:
+        from_pretrained(_chooses_its_class, model, "the base")
+    message = str(caught.value)
+    assert "the weights' shapes are not those of the model its config.json describes" in message
+    assert "transformers cannot load the base" in message and "intermediate_size" in message
+    assert "_chooses_its_class" not in message and "report" not in message
+
+
+def test_a_name_too_long_for_the_file_system_gets_the_same_advice_for_every_output(tmp_path):
+    """hp34 D28: tune --json and search --dir with a 256-byte name said "cannot check …" with the generic hint
+    "`tiesmerge tune --help` lists the options", where -o says "use a shorter name"."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file, check_search_dir
+
+    name = tmp_path / ("j" * 256)
+    for check in (lambda: check_output_file(name, False, [], "--json"), lambda: check_search_dir(name)):
+        with pytest.raises(OutputError) as caught:
+            check()
+        assert caught.value.hint == "use a shorter name (a file system allows 255 bytes per name)"

@@ -591,8 +591,7 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                           hint="choose a location you can write to") from None
     except OSError as exc:
         raise OutputError(f"{output}: cannot check the output path ({exc.strerror or exc})",
-                          hint="use a shorter name (a file system allows 255 bytes per name)"
-                          if exc.errno == errno.ENAMETOOLONG else "choose a location you can write to") from None
+                          hint=_write_hint(exc)) from None
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{output}: the output path is {'a file' if stat.S_ISREG(st.st_mode) else _kind(st.st_mode)}",
                           hint="choose a directory path for the output")
@@ -827,6 +826,15 @@ def _is_marker(path: Path) -> bool:
 _INNER_PATH_BYTES = 256
 
 
+def _write_hint(exc: OSError) -> str:
+    """What to do about an output path the system would not even look at."""
+    if exc.errno == errno.ENAMETOOLONG:
+        return "use a shorter name (a file system allows 255 bytes per name)"
+    if exc.errno == errno.ELOOP:
+        return "a link on the path points back at itself: fix or remove it, or choose another path"
+    return "choose a location you can write to"
+
+
 def _check_path_length(output: str | os.PathLike, final: Path) -> None:
     """An output whose files' paths would pass the system's PATH_MAX (4096 bytes on Linux) fails at its
     first write, after the work: refused now instead, naming -o."""
@@ -995,7 +1003,7 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     except FileNotFoundError:
         st = None
     except OSError as exc:
-        raise OutputError(f"{path}: cannot check {what} ({exc.strerror or exc})") from None
+        raise OutputError(f"{path}: cannot check {what} ({exc.strerror or exc})", hint=_write_hint(exc)) from None
     if st is not None:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             raise OutputError(f"{path}: {what} names something other than a file "
@@ -1119,7 +1127,7 @@ def check_search_dir(directory: str | os.PathLike) -> None:
     except FileNotFoundError:
         return
     except OSError as exc:
-        raise OutputError(f"{directory}: cannot check --dir ({exc.strerror or exc})") from None
+        raise OutputError(f"{directory}: cannot check --dir ({exc.strerror or exc})", hint=_write_hint(exc)) from None
     if not stat.S_ISDIR(st.st_mode):
         raise OutputError(f"{directory}: --dir is not a directory", hint="name a directory for the search's log")
     entries = os.listdir(directory)

@@ -217,7 +217,7 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
         raise
     except Exception as exc:  # noqa: BLE001 - a config's values reach transformers' code: ZeroDivisionError,
         # AssertionError, huggingface_hub's validation errors... all say the folder cannot be loaded
-        what = getattr(loader, "__name__", "transformers")
+        what = loader.__name__ if isinstance(loader, type) else "transformers"  # not a helper of ours (hp34 D35)
         if "trust_remote_code" in str(exc) or "custom code" in str(exc):
             raise CheckpointError(f"{directory}: {role} needs code shipped in the model folder (an auto_map in its "
                                   f"config.json or tokenizer_config.json); tiesmerge never runs a model's own code",
@@ -226,6 +226,12 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
         first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
         hint = "check its config.json and tokenizer files (a tokenizer_config.json naming a file that is not there, " \
                "a config of another architecture)"
+        if "ignore_mismatched_sizes" in str(exc):  # its text points at a load report tiesmerge keeps quiet
+            raise CheckpointError(f"{directory}: the weights' shapes are not those of the model its config.json "
+                                  f"describes, so {what} cannot load {role}",
+                                  hint="use the config.json that came with these weights (its sizes: hidden_size, "
+                                       "intermediate_size, head_dim, num_attention_heads, ... must describe them)") \
+                from None
         try:
             str(directory).encode("utf-8")
         except UnicodeEncodeError:  # safetensors' and tokenizers' readers take UTF-8 paths only (hostile pass 25, N7)

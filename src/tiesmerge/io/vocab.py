@@ -87,14 +87,16 @@ def _entry(raw: Any, where: str) -> dict[str, Any]:
 MAX_TOKEN_ID = 1 << 31  # no vocabulary comes near (the largest have a few hundred thousand tokens)
 
 
-def _as_id(value: Any, where: str) -> int:
-    """A token id: an integer, or the text of one (JSON keys are strings); 1.5 or "1e3" is none."""
+def _as_id(value: Any, where: str, *, key: bool = False) -> int:
+    """A token id: an integer, or (``key``: a JSON object's key, which is always a string) the text of one; 1.5,
+    "1e3", or "65" where JSON holds numbers is none (tokenizers refuses a string id: "expected u32")."""
     try:
-        out = int(value) if isinstance(value, (int, str)) else -1
+        out = int(value) if isinstance(value, int) or (key and isinstance(value, str)) else -1
     except (TypeError, ValueError):
         out = -1
     if isinstance(value, bool) or not 0 <= out < MAX_TOKEN_ID:
-        raise CheckpointError(f"{where}: token id {str(value)[:40]!r} is not an integer from 0 to {MAX_TOKEN_ID - 1:,}",
+        raise CheckpointError(f"{where}: token id {str(value)[:40]!r} is not an integer from 0 to {MAX_TOKEN_ID - 1:,}"
+                              + (" (a string, where the file holds numbers)" if isinstance(value, str) else ""),
                               hint="the tokenizer file is damaged; save the tokenizer again")
     return out
 
@@ -198,7 +200,7 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
                                   "ids to tokens", hint="the tokenizer config is damaged: save the tokenizer again")
         if isinstance(decoder, dict):
             for key, raw in decoder.items():
-                i = _as_id(key, str(tc))
+                i = _as_id(key, str(tc), key=True)
                 entry = _entry(raw, str(tc))
                 _put(tokens, i, entry["content"], str(tc))
                 added[i] = {**added.get(i, {}), **entry}
