@@ -184,3 +184,140 @@ def test_a_name_too_long_for_the_file_system_gets_the_same_advice_for_every_outp
         with pytest.raises(OutputError) as caught:
             check()
         assert caught.value.hint == "use a shorter name (a file system allows 255 bytes per name)"
+
+
+def _causal():
+    pytest.importorskip("tokenizers")
+    from test_evaluation_forward import _tiny_causal
+
+    return _tiny_causal()  # a Llama of 64 positions and its word-level tokenizer
+
+
+def test_a_choice_longer_than_the_models_positions_is_refused_and_a_long_prompt_loses_its_start():
+    """hp34 D45: a 20,000-token answer choice with --max-length 16 on a 64-position Llama was neither cut nor
+    checked: the forward asked for 12.8 GB, and the error blamed config.json. A choice is never cut (it would be
+    another answer): one that leaves no room for a prompt token is refused, naming it; a long prompt loses its first
+    tokens, in adapt's forward and in tune's choice-accuracy alike."""
+    import torch
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.forward import ChoiceLogits
+    from tiesmerge.evaluation.rank_classification import ChoiceExample, score_choices
+
+    model, tok = _causal()
+    long_choice = " ".join(["yes"] * 64)
+    fwd = ChoiceLogits(model, tok, choices={"qa": ("no", long_choice)}, max_length=16)
+    with pytest.raises(ConfigError, match=r"answer choice 'yes yes .* is 64 tokens; .* passes the 16 tokens"):
+        fwd.encode([{"text": "the cat"}], "qa")
+    with pytest.raises(ConfigError, match="is 64 tokens; .* passes the 64 tokens"):
+        score_choices(model, tok, [ChoiceExample("the cat", ("no", long_choice), 0)])
+    prompt = " ".join(["the cat sat"] * 100)  # 300 tokens, past the 64 positions
+    batch = ChoiceLogits(model, tok, choices={"qa": ("no", "yes")}, max_length=16).encode([{"text": prompt}], "qa")
+    assert batch["input_ids"].shape[1] <= 16
+    kept = score_choices(model, tok, [ChoiceExample(prompt, ("no", "maybe not"), 0)])
+    cut = tok(prompt)["input_ids"][-(64 - 2):]  # the last tokens that fit beside the longer choice
+    same = score_choices(model, tok, [ChoiceExample(tok.decode(cut), ("no", "maybe not"), 0)])
+    assert torch.allclose(torch.tensor(kept[0][1]), torch.tensor(same[0][1]), atol=1e-4)
+
+
+def test_more_answer_choices_than_rank_classification_takes_are_refused_before_the_work(tmp_path):
+    """hp34 D44: 20,000 answer choices for one task took 64 s and 5.4 GB at --steps 2 (200,000: killed at 120 s);
+    there was no bound, unlike --budget or the grids. At most MAX_CHOICES, refused in the choices file, in a row's own
+    choices, and in the choice-accuracy evaluator's data."""
+    import json
+
+    from tiesmerge.adamerging.run import check_labels
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import ChoiceAccuracy
+    from tiesmerge.evaluation.forward import ChoiceLogits
+    from tiesmerge.evaluation.rank_classification import MAX_CHOICES
+
+    many = [f"answer {i}" for i in range(MAX_CHOICES + 1)]
+    with pytest.raises(ConfigError, match=f"holds {MAX_CHOICES + 1:,} answer choices"):
+        check_labels({"qa": many}, "choices", "answer choices", {"qa": [{"text": "x"}]}, every_task=False)
+    check_labels({"qa": many[:MAX_CHOICES]}, "choices", "answer choices", {"qa": [{"text": "x"}]}, every_task=False)
+    model, tok = _causal()
+    with pytest.raises(ConfigError, match=f"{MAX_CHOICES + 1:,} answer choices"):
+        ChoiceLogits(model, tok).encode([{"text": "the cat", "choices": many}], "qa")
+    data = tmp_path / "val.jsonl"
+    data.write_text(json.dumps({"prompt": "the cat", "choices": many, "label": 0}) + "\n")
+    with pytest.raises(ConfigError, match=f"val.jsonl:1: {MAX_CHOICES + 1:,} answer choices"):
+        ChoiceAccuracy(tmp_path, data)
+
+
+def test_a_forward_that_runs_out_of_memory_says_so_not_that_config_json_is_wrong():
+    """hp34 D45's message: "can't allocate memory: you tried to allocate 12801280032 bytes" in the forward was
+    blamed on config.json ("likely does not describe these weights")."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation.loading import forward_checked
+
+    with pytest.raises(CheckpointError) as caught, forward_checked("base"):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 12801280032 bytes. Error code 12 (Cannot allocate memory)")
+    assert "ran out of memory" in str(caught.value) and "--batch-size" in caught.value.hint
+    assert "config.json" not in str(caught.value)
+
+
+def test_adapt_with_the_encoder_forward_runs_on_a_checkpoint_with_a_pooler(bert_tokenizer, tmp_path):
+    """hp34 D47: `adapt --forward encoder --heads` on a BertModel saved with its pooler (as sentence encoders are)
+    warned that pooler.dense.* is not read, then failed at the first step with "unexpected KeyError:
+    'pooler.dense.bias' … a bug". The pooler is merged at its initial coefficients; the rest is learned."""
+    import json
+    import warnings
+
+    import torch
+    import transformers
+
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(bert_tokenizer), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    base = transformers.BertModel(cfg)  # with its pooler
+    dirs = []
+    for k in range(3):
+        model = transformers.BertModel(cfg)
+        model.load_state_dict(base.state_dict())
+        if k:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"m{k}")
+        bert_tokenizer.save_pretrained(tmp_path / f"m{k}")
+        dirs.append(tmp_path / f"m{k}")
+    files = []
+    for t, words in enumerate([["the cat sat", "a dog ran far"], ["red sun", "cold night rain"]]):
+        files.append(tmp_path / f"task{t}.jsonl")
+        files[-1].write_text("".join(json.dumps({"text": w}) + "\n" for w in words))
+    heads = {"task0": ["cat", "dog"], "task1": ["sun", "rain"]}
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        result = tiesmerge.adapt(dirs[0], dirs[1:], files, forward="encoder", heads=heads, steps=2, batch_size=2,
+                                 granularity="layer")
+    assert any(isinstance(w.message, MergeWarning) and "pooler.dense" in str(w.message) for w in said)
+    assert result.coefficients.shape[0] == 2 and torch.isfinite(result.coefficients).all()
+    pooler = [i for i, name in enumerate(result.layers) if name.startswith("pooler.")]
+    assert pooler and torch.all(result.coefficients[:, pooler] == 0.3)  # merged at --init, nothing adapts them
+    assert not torch.all(result.coefficients == 0.3)  # the rest was learned
+
+
+@pytest.mark.parametrize("raised", ["GeneratorExit()", "Stop('stop here')"])
+def test_an_evaluator_raising_a_base_exception_is_named_without_a_traceback(tmp_path, capsys, monkeypatch,
+                                                                              raised):
+    """hp34 D51: an evaluator raising GeneratorExit printed a full traceback (rc 1); D52: one raising a BaseException
+    of its own (pytest.skip's Skipped, say) was blamed on "a library tiesmerge called" and an input's tokenizer."""
+    from helpers_ckpt import cli_flags, write_family_dirs
+
+    work = tmp_path / "work"
+    work.mkdir()
+    module = f"odd_eval_{raised.partition('(')[0].lower()}"  # a module per case: an imported one stays imported
+    (work / f"{module}.py").write_text("class Stop(BaseException):\n    pass\n\n\n"
+                                      f"def score(state):\n    raise {raised}\n")
+    monkeypatch.syspath_prepend(str(work))
+    b, ms = write_family_dirs(tmp_path / "in")
+    rc, _, err = run_cli(["tune", *cli_flags(b, ms), "--evaluator", f"{module}:score", "--grid", "lam=1.0",
+                          "--grid", "density=0.5"], capsys)
+    assert rc == 1 and "Traceback" not in err, err
+    assert f"{module}:score" in err and f"raised {raised.partition('(')[0]}" in err
+    assert "a library tiesmerge called" not in err

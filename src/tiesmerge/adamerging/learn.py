@@ -484,7 +484,8 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
                                         "and the forward")
                 h.backward()  # one task's activations at a time
                 row.append(float(h.detach()))
-            used = [n for n in merger.names if leaves[n].grad is not None]
+            used = [n for n in leaves if leaves[n].grad is not None]  # not merger.names: those the forward
+            # never reads (a BertModel's pooler under the encoder forward, merger.unused) are no leaves (hp34 D47)
             torch.autograd.backward([params[n] for n in used], [leaves[n].grad for n in used])
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError, MergeWarning, OutputError
 from ..evaluation.forward import TaskForward, as_rows, load_forward
+from ..evaluation.rank_classification import MAX_CHOICES
 from ..inputs import Source, as_method, check_output_not_input, method_inputs, prepare
 from ..io.writer import _check_output_path as check_output_path
 from ..io.writer import _remove_empty
@@ -425,6 +426,9 @@ def check_labels(labels: Mapping[str, Any], flag: str, what: str, task_data: Map
         if len(values) < 2:
             problems.append(f"--{flag} of task {task!r} holds {len(values)} {what[:-1] if len(values) == 1 else what}: "
                             "adapt minimizes the entropy over them, which needs at least two")
+        if flag == "choices" and len(values) > MAX_CHOICES:  # each is a sequence through the model at every step
+            problems.append(f"--choices of task {task!r} holds {len(values):,} answer choices; rank classification "
+                            f"scores each as a sequence through the model, and at most {MAX_CHOICES:,} are taken")
         empty = [i for i, v in enumerate(values) if not v.strip()]
         if empty:
             problems.append(f"--{flag} of task {task!r}: entry {empty[0]} is empty (it has no tokens to score)")

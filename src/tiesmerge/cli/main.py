@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "
                                           "and report it"), args.debug)
     except BaseException as exc:  # noqa: BLE001 - a Rust library's panic (pyo3's PanicException) is no Exception
-        if isinstance(exc, (SystemExit, GeneratorExit)):
+        if isinstance(exc, SystemExit):  # argparse's and --help's own exits
             raise
         return _report(InternalError(f"a library tiesmerge called stopped with {type(exc).__name__}: "
                                      f"{str(exc)[:300]}",

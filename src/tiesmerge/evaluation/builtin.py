@@ -37,7 +37,7 @@ from ..errors import ConfigError
 from ..limits import read_json_lines
 from ..paths import check_model_dir, read_regular
 from .loading import check_kind, from_pretrained
-from .rank_classification import ChoiceExample, rank_classification_accuracy
+from .rank_classification import ChoiceExample, check_choice_count, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
            "LMPerplexity", "builtin_names"]
@@ -155,7 +155,10 @@ class ClassifierAccuracy(_Scorer):
 
 @dataclass
 class ChoiceAccuracy(_Scorer):
-    """Rank classification accuracy of a causal or encoder-decoder LM (the paper's text protocol)."""
+    """Rank classification accuracy of a causal or encoder-decoder LM (the paper's text protocol). A prompt longer
+    than ``max_length`` tokens (or the model's positions) with its choice loses its first tokens."""
+
+    max_length: int = 512
 
     def __post_init__(self) -> None:
         self.model_dir, self.data = Path(self.model_dir), Path(self.data)
@@ -168,13 +171,14 @@ class ChoiceAccuracy(_Scorer):
                 raise ConfigError(f"{where}: each line needs a string 'prompt' and 'choices', a list of at least "
                                   "two non-empty strings", hint='e.g. {"prompt": "Is it spam? ", '
                                   '"choices": ["yes", "no"], "label": 1}')
+            check_choice_count(len(choices), where)  # before the search: every choice is a sequence per example
             self.examples.append(ChoiceExample(row["prompt"], tuple(choices), _int_label(row, where, len(choices))))
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         model, tokenizer = self._model("lm", _lm_loader)
         _load_state(model, state, self.model_dir)
         return rank_classification_accuracy(model, tokenizer, self.examples, batch_size=self.batch_size,
-                                            device=_device(self.device))
+                                            device=_device(self.device), max_length=self.max_length)
 
 
 def _lm_loader(model_dir: Path, **kwargs: Any) -> torch.nn.Module:

@@ -37,6 +37,7 @@ from ..errors import CheckpointError, ConfigError
 from ..paths import check_model_dir
 from .encoder import CosineHead, SentenceEncoder, build_head
 from .loading import architectures, encode, fitted_length, forward_checked, from_pretrained
+from .rank_classification import check_choice_count, fit_choice
 
 __all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
            "FunctionLogits", "Row", "as_rows", "checkpoint_names", "load_forward", "logits", "entropy"]
@@ -174,7 +175,9 @@ class ChoiceLogits(torch.nn.Module):
         own = row.get("choices")
         if own is not None:
             if not isinstance(own, (list, tuple)) or not own or not all(isinstance(c, str) for c in own):
-                raise ConfigError(f"task {task!r}: a row's 'choices' must be a non-empty list of strings, got {own!r}")
+                raise ConfigError(f"task {task!r}: a row's 'choices' must be a non-empty list of strings, got "
+                                  f"{str(own)[:80]}")
+            check_choice_count(len(own), f"task {task!r}: a row")
             return tuple(own)
         if task not in self.choices:
             raise ConfigError(f"task {task!r}: no answer choices (rows carry no 'choices' and none were given "
@@ -194,11 +197,10 @@ class ChoiceLogits(torch.nn.Module):
                 tokens = self.tokenizer(choices[min(c, len(choices) - 1)], add_special_tokens=False)["input_ids"]
                 if not tokens:
                     raise ConfigError(f"task {task!r}: choice {choices[min(c, len(choices) - 1)]!r} has no tokens")
-                keep = max(1, self.max_length - len(tokens))
-                p = prompt[-keep:]
-                if not p:  # the first choice token needs a position that predicts it
+                if not prompt:  # the first choice token needs a position that predicts it
                     raise ConfigError(f"task {task!r}: prompt {row['text']!r} has no tokens, so its choices cannot "
                                       "be scored", hint="give a non-empty prompt or a tokenizer that adds a BOS token")
+                p = fit_choice(prompt, tokens, self.max_length, choices[min(c, len(choices) - 1)])
                 seqs.append(p + tokens)
                 spans.append((len(p), len(p) + len(tokens)))
         longest = max(len(s) for s in seqs)

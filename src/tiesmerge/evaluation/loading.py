@@ -282,6 +282,10 @@ def forward_checked(directory: str | os.PathLike | None, role: str = "the model"
                                   f"({type(exc).__name__}: {first})",
                                   hint="compute per-example gradients one example at a time: --per-example loop "
                                        "(the default)") from None
+        if "allocate" in first or "out of memory" in first.lower():  # torch's allocator, on the CPU or a GPU
+            raise CheckpointError(f"{where}{role}'s forward pass ran out of memory ({type(exc).__name__}: {first})",
+                                  hint="fewer examples at a time (--batch-size) or shorter texts (--max-length); on a "
+                                       "GPU, one with more memory or --device cpu") from None
         raise CheckpointError(f"{where}{role} fails in its forward pass ({type(exc).__name__}: {first})",
                               hint="its config.json likely does not describe these weights (a layer or head count, a "
                                    "token id or an epsilon out of range): use the model's original config") from None

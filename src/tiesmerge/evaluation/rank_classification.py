@@ -13,7 +13,37 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ChoiceExample", "score_choices", "rank_classification_accuracy"]
+from ..errors import ConfigError
+from .loading import fitted_length
+
+__all__ = ["ChoiceExample", "MAX_CHOICES", "check_choice_count", "fit_choice", "rank_classification_accuracy",
+           "score_choices"]
+
+# answer choices one prompt may have: every choice is a sequence through the model at every step, so 20,000 of them
+# took a minute and 5 GB on a tiny model (hostile pass 34, D44); multiple-choice tasks have a handful
+MAX_CHOICES = 1000
+NO_LIMIT = 1 << 30  # a model that declares no position count: only max_length bounds the sequences
+
+
+def check_choice_count(count: int, where: str) -> None:
+    if count > MAX_CHOICES:
+        raise ConfigError(f"{where}: {count:,} answer choices; rank classification scores each as a sequence through "
+                          f"the model, and at most {MAX_CHOICES:,} are taken",
+                          hint="a task with that many classes fits a classifier or an encoder with class "
+                               "descriptions better than answer choices")
+
+
+def fit_choice(prompt: list[int], choice: list[int], limit: int, shown: str) -> list[int]:
+    """The prompt's tokens kept before ``choice`` in a sequence of at most ``limit`` tokens (its first tokens go; at
+    least one stays, to predict the choice's first token). A choice that leaves no room is an error naming it: it
+    would be scored past the model's positions, or cut into another answer (a 20,000-token choice made the forward
+    ask for 12.8 GB, D45)."""
+    if len(choice) >= limit:
+        raise ConfigError(f"answer choice {shown[:60]!r} is {len(choice):,} tokens; with a prompt token before it "
+                          f"that passes the {limit:,} tokens a sequence may have (max_length, or the model's "
+                          "positions)",
+                          hint="shorten the choice: rank classification scores the whole choice, so it is not cut")
+    return prompt[-(limit - len(choice)):]
 
 
 @dataclass(frozen=True)
@@ -29,7 +59,7 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _score_causal(model, tokenizer, pairs: list[tuple[str, str]], device: torch.device) -> list[float]:
+def _score_causal(model, tokenizer, pairs: list[tuple[str, str]], device: torch.device, limit: int) -> list[float]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows, starts = [], []
     for prompt, choice in pairs:
@@ -38,6 +68,7 @@ def _score_causal(model, tokenizer, pairs: list[tuple[str, str]], device: torch.
         if not p:  # the first choice token would have no position predicting it (the slice below wraps to -1)
             raise ValueError(f"prompt {prompt!r} has no tokens, so the choice {choice!r} cannot be scored; "
                              "give a non-empty prompt or a tokenizer that adds a BOS token")
+        p = fit_choice(p, c, limit, choice)
         rows.append(p + c)
         starts.append(len(p))
     ids = _pad(rows, pad).to(device)  # (B, T)
@@ -52,10 +83,13 @@ def _score_causal(model, tokenizer, pairs: list[tuple[str, str]], device: torch.
 
 
 @torch.no_grad()
-def _score_seq2seq(model, tokenizer, pairs: list[tuple[str, str]], device: torch.device) -> list[float]:
+def _score_seq2seq(model, tokenizer, pairs: list[tuple[str, str]], device: torch.device, limit: int) -> list[float]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    enc = tokenizer([p for p, _ in pairs], return_tensors="pt", padding=True).to(device)
+    enc = tokenizer([p for p, _ in pairs], return_tensors="pt", padding=True, truncation=True,
+                    max_length=limit).to(device)  # the prompt is the encoder's input: its end may go
     targets = [tokenizer(c, add_special_tokens=True)["input_ids"] for _, c in pairs]
+    for (_, choice), target in zip(pairs, targets):
+        fit_choice([0], target, limit + 1, choice)  # the decoder's target, whole
     labels = _pad(targets, -100).to(device)  # (B, L), -100 ignored
     logits = model(**enc, labels=labels).logits.float()  # (B, L, V)
     logprobs = logits.log_softmax(-1)
@@ -66,16 +100,20 @@ def _score_seq2seq(model, tokenizer, pairs: list[tuple[str, str]], device: torch
 
 
 def score_choices(model, tokenizer, examples: Sequence[ChoiceExample], *, batch_size: int = 16,
-                  device: str | torch.device | None = None) -> list[list[float]]:
-    """Per example, the summed log-probability of each choice."""
+                  device: str | torch.device | None = None, max_length: int | None = None) -> list[list[float]]:
+    """Per example, the summed log-probability of each choice. A sequence holds at most ``max_length`` tokens and
+    never more than the model's positions: a long prompt loses its first tokens, a choice is never cut."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     scorer = _score_seq2seq if seq2seq else _score_causal
+    limit = fitted_length(model, max_length if max_length is not None else NO_LIMIT)
+    for k, ex in enumerate(examples):
+        check_choice_count(len(ex.choices), f"example {k + 1}")
     pairs = [(ex.prompt, choice) for ex in examples for choice in ex.choices]
     flat: list[float] = []
     model.eval()
     for i in range(0, len(pairs), batch_size):
-        flat += scorer(model, tokenizer, pairs[i:i + batch_size], device)
+        flat += scorer(model, tokenizer, pairs[i:i + batch_size], device, limit)
     out, k = [], 0
     for ex in examples:
         out.append(flat[k:k + len(ex.choices)])

@@ -44,7 +44,8 @@ class GuardedEvaluator:
             raise EvaluatorError(f"{self.label}: called sys.exit({exc.code!r}) instead of returning a score",
                                  hint="an evaluator must return a number; raise an exception to report a failure"
                                  ) from exc
-        except Exception as exc:
+        except BaseException as exc:  # noqa: BLE001 - an Exception, or GeneratorExit, pytest's Skipped, a class of
+            # the user's own: all raised by the evaluator, none a library's failure (hp34 D51, D52)
             raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {str(exc)[:300]}",
                                  hint="fix the evaluator (--debug, or the exception's __cause__, shows its "
                                       "traceback)") from exc
