@@ -321,3 +321,61 @@ def test_an_evaluator_raising_a_base_exception_is_named_without_a_traceback(tmp_
     assert rc == 1 and "Traceback" not in err, err
     assert f"{module}:score" in err and f"raised {raised.partition('(')[0]}" in err
     assert "a library tiesmerge called" not in err
+
+
+def _gram(rows):
+    import torch
+
+    x = torch.tensor(rows, dtype=torch.float64)
+    return (x.T @ x / x.shape[0]).float()  # float32, as statistics files hold them
+
+
+def test_exact_regmean_on_singular_gram_matrices_solves_what_the_data_determines_and_says_so():
+    """hp34 D53: regmean --alpha 1 with Gram statistics of one example each (rank-deficient, every diagonal entry
+    nonzero) exited 0 with linear weights 10x the models' (torch.linalg.solve on a singular matrix returns rounding
+    noise). Now: least squares where the data determines the weight, the models' mean elsewhere, and a warning."""
+    import torch
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.methods import RegMean
+    from tiesmerge.methods.base import ChunkContext
+
+    g = torch.Generator().manual_seed(0)
+    d, rows = 8, 5
+    x1, x2 = torch.randn(1, d, generator=g), torch.randn(2, d, generator=g)  # rank 3 of 8 together
+    grams = torch.stack([_gram(x1.tolist()), _gram(x2.tolist())])  # (2, d, d)
+    tau = 0.05 * torch.randn(2, rows, d, generator=g)
+    with pytest.warns(MergeWarning, match="determines only 3 of its 8 input directions"):
+        out = RegMean(alpha=1.0).merge(tau, ChunkContext(name="layer.weight", statistics=grams))
+    assert out.abs().max() < 3 * tau.abs().max()  # no blow-up (it was 10x)
+    # the float64 reference: of the weights that fit the data as well as any, the one closest to the models' mean,
+    # measured in the inputs' scale (x = mean + D^-1/2 S^+ D^-1/2 (rhs - lhs mean), S = D^-1/2 lhs D^-1/2): invariant,
+    # as RegMean is, to rescaling an input feature
+    lhs = grams.double().sum(0)
+    rhs = torch.einsum("tij,trj->ir", grams.double(), tau.double())  # (d, rows)
+    mean = tau.double().mean(0).T  # (d, rows)
+    inv_sqrt = torch.diagonal(lhs).rsqrt()
+    scaled = lhs * inv_sqrt[:, None] * inv_sqrt[None, :]
+    want = (mean + inv_sqrt[:, None] * (torch.linalg.pinv(scaled, hermitian=True, rtol=1e-5)
+                                        @ (inv_sqrt[:, None] * (rhs - lhs @ mean)))).T
+    assert torch.linalg.matrix_rank(torch.cat([x1, x2]).double()) == 3
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_regmean_on_well_conditioned_grams_is_still_the_plain_solve(recwarn):
+    import torch
+
+    from tiesmerge.methods import RegMean
+    from tiesmerge.methods.base import ChunkContext
+
+    g = torch.Generator().manual_seed(1)
+    grams = torch.stack([_gram(torch.randn(40, 6, generator=g).tolist()) for _ in range(2)])
+    tau = torch.randn(2, 4, 6, generator=g)
+    for alpha in (1.0, 0.95):
+        out = RegMean(alpha=alpha).merge(tau, ChunkContext(name="w", statistics=grams))
+        from tiesmerge.methods.regmean import shrink_off_diagonal
+
+        s = shrink_off_diagonal(grams.double(), alpha)
+        want = torch.linalg.solve(s.sum(0), torch.einsum("tij,trj->ir", s, tau.double())).T.float()
+        assert torch.equal(out, want)
+    assert not recwarn.list

@@ -16,6 +16,45 @@ def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     return (gram * alpha).diagonal_scatter(diagonal, dim1=-2, dim2=-1)
 
 
+# float32's epsilon: the statistics are stored in float32, so each entry of a Gram matrix carries a relative error
+# of about this much, and an eigenvalue of the diagonally scaled sum below (in features) times it is noise
+_GRAM_EPS = 2.0**-23
+
+
+def _undetermined(lhs: torch.Tensor) -> tuple[torch.Tensor, float, int] | None:
+    """None where ``lhs`` (in, in), a sum of Gram matrices, is well conditioned (always for alpha < 1, whose diagonal
+    share keeps every scaled eigenvalue >= 1 - alpha); else (its diagonal scaling, the eigenvalue threshold, the
+    number of directions above it). Scaled to a unit diagonal, its entries are at most 1 and their float32 error
+    about _GRAM_EPS, whatever the features' scales (outlier features included). A Cholesky pivot bounds the smallest
+    eigenvalue from above, so a pivot above the threshold costs a factorization and no eigendecomposition."""
+    scale = torch.diagonal(lhs).rsqrt()  # (in,): every diagonal entry is > 0 here (unseen features were set to n)
+    scaled = lhs * scale[:, None] * scale[None, :]  # (in, in), unit diagonal
+    threshold = lhs.shape[0] * _GRAM_EPS
+    factor, info = torch.linalg.cholesky_ex(scaled)
+    if int(info) == 0 and float(torch.diagonal(factor).square().min()) > threshold:
+        return None
+    values = torch.linalg.eigvalsh(scaled)
+    kept = int((values > threshold).sum())
+    return None if kept == lhs.shape[0] else (scale, threshold, kept)
+
+
+def _least_squares_or_mean(lhs: torch.Tensor, rhs: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
+                           threshold: float, _kept: int) -> torch.Tensor:
+    """Of the x (in, rows) that solve lhs (in, in) x = rhs (in, rows) as well as any, the one closest to ``mean``
+    (in, rows), the models' mean, measured in the inputs' scale (the metric of D = diag(lhs), which keeps RegMean's
+    invariance to rescaling an input feature): x = mean + D^-1/2 S^+ D^-1/2 (rhs - lhs mean), S = D^-1/2 lhs D^-1/2
+    with its eigenvalues below ``threshold`` taken as 0. An input direction no example spans keeps the mean instead
+    of rounding noise."""
+    scaled = lhs * scale[:, None] * scale[None, :]  # S = D^-1/2 lhs D^-1/2
+    values, vectors = torch.linalg.eigh(scaled)  # (in,), (in, in)
+    keep = values > threshold
+    v_r = vectors[:, keep]  # (in, r)
+    y = v_r @ ((v_r.T @ (rhs * scale[:, None])) / values[keep][:, None])  # (in, rows): S y = D^-1/2 rhs on the range
+    y_mean = mean / scale[:, None]  # D^1/2 mean
+    y = y + y_mean - v_r @ (v_r.T @ y_mean)  # the mean's part outside the range
+    return y * scale[:, None]  # x = D^-1/2 y
+
+
 @method_config
 class RegMean:
     """For each linear weight W (out, in): W = (sum_t W_t G~_t)(sum_t G~_t)^-1.
@@ -24,10 +63,12 @@ class RegMean:
     (``tiesmerge stats gram``); G~_t multiplies its off-diagonal entries by ``alpha``
     (alpha = 1 is exact RegMean: the weight that best reproduces every model's outputs on its
     own inputs, in least squares). Solved with ``torch.linalg.solve`` in float64, never by an
-    explicit inverse. Every other parameter (biases, norms, embeddings, layers without a
-    Gram matrix in some model) is averaged. An input feature that no model's data ever
-    activates (a zero row and column of sum_t G~_t) has no regression target; its column is
-    averaged too.
+    explicit inverse. Where the summed matrix is numerically singular (alpha = 1 with statistics
+    of too few or collinear examples), the directions the data determines are solved in least
+    squares and the others take the models' mean, with a warning. Every other parameter (biases,
+    norms, embeddings, layers without a Gram matrix in some model) is averaged. An input feature
+    that no model's data ever activates (a zero row and column of sum_t G~_t) has no regression
+    target; its column is averaged too.
     Row chunks need only the same rows of each W_t and each full Gram matrix, and the solve
     runs on task vectors: W = base + (sum_t tau_t G~_t)(sum_t G~_t)^-1.
     """
@@ -63,5 +104,14 @@ class RegMean:
             # n * x = sum_t tau_t there makes those columns the plain mean
             lhs[unseen, unseen] = float(n)
             rhs[unseen] = tau64[:, :, unseen].sum(dim=0).T
-        solution = torch.linalg.solve(lhs, rhs)  # (in, rows)
+        singular = _undetermined(lhs)
+        if singular is None:
+            solution = torch.linalg.solve(lhs, rhs)  # (in, rows)
+        else:
+            solution = _least_squares_or_mean(lhs, rhs, tau64.mean(dim=0).T, *singular)
+            warnings.warn(MergeWarning(
+                f"regmean: tensor {ctx.name!r}: the summed Gram matrix determines only {singular[2]} of its "
+                f"{lhs.shape[0]} input directions (alpha {self.alpha:g}, too few or collinear examples in the "
+                "statistics); those the data leaves open take the models' mean, as unseen inputs do; alpha < 1 "
+                "(the default 0.95) or statistics from more examples avoid this"), stacklevel=3)
         return solution.T.to(tau.dtype)
