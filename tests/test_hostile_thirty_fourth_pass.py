@@ -379,3 +379,34 @@ def test_regmean_on_well_conditioned_grams_is_still_the_plain_solve(recwarn):
         want = torch.linalg.solve(s.sum(0), torch.einsum("tij,trj->ir", s, tau.double())).T.float()
         assert torch.equal(out, want)
     assert not recwarn.list
+
+
+@pytest.mark.parametrize("address, said", [
+    ("not a host", "--ray not a host: not an address Ray reads"),
+    ("auto", "--ray auto: no Ray cluster runs on this machine for auto to find"),
+])
+def test_a_ray_address_that_names_no_cluster_is_a_usage_error(tmp_path, address, said):
+    """hp34 D66: `search --ray 'not a host'` was "unexpected ValueError … a bug in tiesmerge"; D67: `--ray auto` with
+    no cluster said a connection was accepted, where none was made. Run in a process of its own: Ray, once
+    initialised in a process, is kept."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    code = ("from tiesmerge.errors import ConfigError\nfrom tiesmerge.tuning import RayExecutor\n"
+            f"try:\n    RayExecutor({address!r})\nexcept ConfigError as exc:\n    print(exc)\n")
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path), "TMPDIR": str(tmp_path)}  # no cluster of this machine's found
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert said in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+def test_stats_refuses_a_config_that_adds_modules_the_weights_lack(classifiers, tmp_path, capsys):
+    """hp34 D62: a classifier's config.json with is_decoder + add_cross_attention made transformers add 10 randomly
+    initialised cross-attention modules; stats wrote statistics for them (and for the others under a causal mask,
+    9.7x off), and the mistake surfaced only at the merge."""
+    _root, base, _fts, data = classifiers
+    model = _copy_with_config(base, tmp_path / "decoder", is_decoder=True, add_cross_attention=True)
+    rc, _, err = run_cli(["stats", "fisher", "--model", model, "--data", data, "-o", tmp_path / "st"], capsys)
+    assert rc == 2 and "parameter(s) the weights do not hold" in err and "crossattention" in err, err
+    assert not (tmp_path / "st").exists()

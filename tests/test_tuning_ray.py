@@ -170,3 +170,22 @@ def test_a_worker_that_dies_on_every_try_is_an_evaluator_error(cluster, family):
     message = str(caught.value)
     assert "_AlwaysDies" in message and "died on each of Ray's 4 tries (WorkerCrashedError)" in message
     assert "density=0.2, lam=1.0" in message and "without --ray" in message and ".log" not in message
+
+
+def test_relative_model_paths_reach_workers_that_run_elsewhere(cluster, tmp_path, monkeypatch):
+    """hostile pass 34, D68: on a cluster whose workers run in another folder (one started with `ray start --head`
+    from /; here the module's cluster, started in pytest's folder, before this test changes folder), relative --base
+    and --model paths were read against the worker's folder: "base: no such file or directory". They are made
+    absolute in the driver."""
+    from helpers_ckpt import write_family_dirs
+
+    base, models = write_family_dirs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    grid = {"density": (0.2,), "lam": (1.0, 1.5)}
+    relative = run_search(base.name, [m.name for m in models], "ties", _norm, grid=grid, executor=cluster)
+    local = run_search(base, models, "ties", _norm, grid=grid)
+    _same(relative, local)
+
+
+def _norm(state) -> float:
+    return -sum(float(v.float().square().sum()) for v in state.values())

@@ -93,7 +93,8 @@ def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where
 
 @dataclass
 class _Scorer:
-    """What every built-in shares: the base directory, the device, and the model cache."""
+    """What every built-in shares: the base directory, the device, and the model cache. The base's path is made
+    absolute when the scorer is made: a search's Ray worker builds the model in a folder of its own (hp34 D68)."""
 
     model_dir: Path
     data: Path
@@ -120,7 +121,7 @@ class ClassifierAccuracy(_Scorer):
     max_length: int = 128
 
     def __post_init__(self) -> None:
-        self.model_dir, self.data = Path(self.model_dir), Path(self.data)
+        self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
         rows = _lines(self.data, "the validation file")[:self.limit]
         self.examples: list[tuple[str, str | None, int]] = []
         for number, row in rows:
@@ -161,7 +162,7 @@ class ChoiceAccuracy(_Scorer):
     max_length: int = 512
 
     def __post_init__(self) -> None:
-        self.model_dir, self.data = Path(self.model_dir), Path(self.data)
+        self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
         self.examples: list[ChoiceExample] = []
         for number, row in _lines(self.data, "the validation file")[:self.limit]:
             where = f"{self.data}:{number}"
@@ -198,7 +199,7 @@ class LMPerplexity(_Scorer):
     max_tokens: int | None = 65536  # the first tokens of the file: a validation file need not be a book
 
     def __post_init__(self) -> None:
-        self.model_dir, self.data = Path(self.model_dir), Path(self.data)
+        self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
         raw = read_regular(self.data, "the text file", max_bytes=_MAX_DATA_BYTES, error=ConfigError)
         try:
             self.text = raw.decode("utf-8-sig")  # a byte-order mark is not text to score
@@ -245,7 +246,7 @@ class EncoderAccuracy(_Scorer):
     max_length: int = 128
 
     def __post_init__(self) -> None:
-        self.model_dir, self.data = Path(self.model_dir), Path(self.data)
+        self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
         self.classes: dict[str, tuple[str, ...]] = {}
         self.examples: dict[str, list[tuple[str, int]]] = {}
         pending: list[tuple[str, dict, str]] = []

@@ -116,6 +116,16 @@ def _check_names(model: torch.nn.Module, model_dir: Path, architectures: list) -
                           f"checkpoint's are named like {some}: its statistics would match no tensor of the model",
                           hint="set config.json's architectures to the class the weights were saved from, as a list "
                                '(e.g. "architectures": ["LlamaForCausalLM"])')
+    # a few missing: config.json adds modules the weights lack (is_decoder + add_cross_attention), which transformers
+    # initialises at random; their statistics would describe no tensor, and the causal mask they bring changes the
+    # others' (hp34 D62). A pooler a checkpoint was saved without is left as it was: its inputs are the model's own.
+    fresh = [n for n in missing if ".pooler." not in f".{n}"]
+    if fresh:
+        raise ConfigError(f"{model_dir}: config.json describes {len(fresh)} parameter(s) the weights do not hold, e.g. "
+                          f"{', '.join(fresh[:3])}; transformers would initialise them at random, and statistics of "
+                          "that model would not be this checkpoint's",
+                          hint="use the config.json that came with these weights (options such as is_decoder or "
+                               "add_cross_attention add modules)")
 
 
 def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, fisher: str = "exact",

@@ -226,8 +226,19 @@ class RayExecutor:
                 _check_reachable(address)  # Ray itself retries an address where nothing listens for minutes
                 try:
                     ray.init(address=address, **kwargs)
-                except ConnectionError as exc:  # something accepted the connection, but no Ray cluster spoke
+                except ValueError as exc:  # Ray's parser: "Invalid address format: not a host" (hp34 D66)
                     _restore_signal_handlers(handlers)
+                    raise ConfigError(f"--ray {address}: not an address Ray reads ({str(exc)[:200]})",
+                                      hint="give HOST:PORT (as `ray start --head` prints it), ray://HOST:10001, or "
+                                           "auto; or --ray without an address for a local cluster") from None
+                except ConnectionError as exc:
+                    _restore_signal_handlers(handlers)
+                    if address == "auto":  # nothing was connected to: Ray looked for a cluster of this machine
+                        raise ConfigError("--ray auto: no Ray cluster runs on this machine for auto to find",
+                                          hint="start one with `ray start --head`, give its address, or pass --ray "
+                                               "without an address for a local cluster of this command's own"
+                                          ) from None
+                    # something accepted the connection, but no Ray cluster spoke
                     raise ConfigError(f"--ray {address}: a connection was accepted there, but no Ray cluster answered "
                                       f"({str(exc)[:200] or type(exc).__name__})",
                                       hint="check the address (`ray start --head` prints the one to give; a ray:// "
@@ -263,7 +274,11 @@ class RayExecutor:
         self._best = None
         # state dicts go to the object store once; paths are read by each merge (a cluster needs them
         # on a filesystem every node sees)
-        self._sources = [ray.put(_to_numpy(s)) if isinstance(s, Mapping) else s for s in (job.base, *job.models)]
+        # paths absolute: a worker of a joined cluster runs in a folder of its own, where a relative path names
+        # nothing, or something else (hp34 D68)
+        self._sources = [ray.put(_to_numpy(s)) if isinstance(s, Mapping)
+                         else os.path.abspath(s) if isinstance(s, (str, os.PathLike)) else s
+                         for s in (job.base, *job.models)]
 
     def score(self, batch: Sequence[Candidate], on_scored: OnScored) -> None:
         ray = self._ray
