@@ -410,3 +410,39 @@ def test_stats_refuses_a_config_that_adds_modules_the_weights_lack(classifiers, 
     rc, _, err = run_cli(["stats", "fisher", "--model", model, "--data", data, "-o", tmp_path / "st"], capsys)
     assert rc == 2 and "parameter(s) the weights do not hold" in err and "crossattention" in err, err
     assert not (tmp_path / "st").exists()
+
+
+def test_a_sigterm_while_ray_starts_is_the_commands_stop(tmp_path):
+    """hp34 D70: a SIGTERM 3-7 s into `search --ray`, while ray.init ran, ended it with status 15 and no message
+    (Ray's own handler, a bare sys.exit(15)), leaving Ray's agents orphaned. The signal is held while Ray starts and
+    handled after, as at any other moment: 128 + 15 and "terminated by SIGTERM"."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from helpers_ckpt import write_family_dirs
+
+    pytest.importorskip("ray")
+    b, ms = write_family_dirs(tmp_path / "in")
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "plain_eval.py").write_text("def score(state):\n    return float(len(state))\n")
+    code = "import sys\nfrom tiesmerge.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    argv = ["search", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
+            "plain_eval:score", "--strategy", "random", "--budget", "4", "--axis", "lam", "--ray", "--workers", "1",
+            "--dir", str(tmp_path / "s")]
+    proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    pattern = os.path.join(tempfile.gettempdir(), f"tiesray-*-{proc.pid}-*")
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not glob.glob(pattern):
+        time.sleep(0.01)  # the folder is made just before ray.init
+    assert proc.poll() is None and glob.glob(pattern), proc.communicate()[1][-2000:]
+    time.sleep(0.3)  # inside ray.init
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 128 + signal.SIGTERM and "terminated by SIGTERM" in err, (proc.returncode, err[-2000:])
+    assert not glob.glob(pattern)

@@ -18,7 +18,8 @@ import dataclasses
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
@@ -221,37 +222,41 @@ class RayExecutor:
             # the working folder last: the user's evaluator module is found there, never a shadow of an installed one
             path = os.pathsep.join(p for p in [*sys.path, os.getcwd()] if p and os.path.isdir(p))
             kwargs: dict[str, Any] = {"runtime_env": {"env_vars": {"PYTHONPATH": path}}, "log_to_driver": True}
-            handlers = _signal_handlers()
-            if address:
-                _check_reachable(address)  # Ray itself retries an address where nothing listens for minutes
-                try:
-                    ray.init(address=address, **kwargs)
-                except ValueError as exc:  # Ray's parser: "Invalid address format: not a host" (hp34 D66)
-                    _restore_signal_handlers(handlers)
-                    raise ConfigError(f"--ray {address}: not an address Ray reads ({str(exc)[:200]})",
-                                      hint="give HOST:PORT (as `ray start --head` prints it), ray://HOST:10001, or "
-                                           "auto; or --ray without an address for a local cluster") from None
-                except ConnectionError as exc:
-                    _restore_signal_handlers(handlers)
-                    if address == "auto":  # nothing was connected to: Ray looked for a cluster of this machine
-                        raise ConfigError("--ray auto: no Ray cluster runs on this machine for auto to find",
-                                          hint="start one with `ray start --head`, give its address, or pass --ray "
-                                               "without an address for a local cluster of this command's own"
-                                          ) from None
-                    # something accepted the connection, but no Ray cluster spoke
-                    raise ConfigError(f"--ray {address}: a connection was accepted there, but no Ray cluster answered "
-                                      f"({str(exc)[:200] or type(exc).__name__})",
-                                      hint="check the address (`ray start --head` prints the one to give; a ray:// "
-                                           "address needs the cluster's client server, port 10001), or pass --ray "
-                                           "without an address for a local cluster") from None
-            else:
-                if not os.environ.get("RAY_TMPDIR"):  # the user's choice of Ray's folder stands
-                    # the local cluster's session folder (logs, sockets, ports): private, removed at exit, never
-                    # left in $TMPDIR/ray (README, Safety)
-                    kwargs["_temp_dir"] = _ray_folder()
-                ray.init(num_cpus=workers * cpus_per_task, include_dashboard=False, **kwargs)
-            _restore_signal_handlers(handlers)
+            held: list[int] = []  # stop signals that came while Ray started: delivered once it has
+            with _stop_signals_held(held):
+                if address:
+                    _check_reachable(address)  # Ray itself retries an address where nothing listens for minutes
+                    try:
+                        ray.init(address=address, **kwargs)
+                    except ValueError as exc:  # Ray's parser: "Invalid address format: not a host" (hp34 D66)
+                        raise ConfigError(f"--ray {address}: not an address Ray reads ({str(exc)[:200]})",
+                                          hint="give HOST:PORT (as `ray start --head` prints it), ray://HOST:10001, "
+                                               "or auto; or --ray without an address for a local cluster") from None
+                    except ConnectionError as exc:
+                        if address == "auto":  # nothing was connected to: Ray looked for a cluster of this machine
+                            raise ConfigError("--ray auto: no Ray cluster runs on this machine for auto to find",
+                                              hint="start one with `ray start --head`, give its address, or pass "
+                                                   "--ray without an address for a local cluster of this command's "
+                                                   "own") from None
+                        # something accepted the connection, but no Ray cluster spoke
+                        raise ConfigError(f"--ray {address}: a connection was accepted there, but no Ray cluster "
+                                          f"answered ({str(exc)[:200] or type(exc).__name__})",
+                                          hint="check the address (`ray start --head` prints the one to give; a "
+                                               "ray:// address needs the cluster's client server, port 10001), or "
+                                               "pass --ray without an address for a local cluster") from None
+                else:
+                    if not os.environ.get("RAY_TMPDIR"):  # the user's choice of Ray's folder stands
+                        # the local cluster's session folder (logs, sockets, ports): private, removed at exit, never
+                        # left in $TMPDIR/ray (README, Safety)
+                        kwargs["_temp_dir"] = _ray_folder()
+                    ray.init(num_cpus=workers * cpus_per_task, include_dashboard=False, **kwargs)
             self._owned = True
+            try:
+                for signum in held:  # now handled as the command handles them: its stop, then ray.shutdown
+                    os.kill(os.getpid(), signum)
+            except BaseException:
+                ray.shutdown()  # this executor is never returned: nobody else would close the cluster
+                raise
         if gpus_per_task is None:  # one GPU per task where the cluster has GPUs
             gpus_per_task = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self.gpus_per_task = gpus_per_task
@@ -336,6 +341,39 @@ class RayExecutor:
         self._best = None
         if self._owned and self._ray.is_initialized():
             self._ray.shutdown()
+
+
+@contextmanager
+def _stop_signals_held(held: list[int]) -> Iterator[None]:
+    """While Ray starts: every signal with a Python handler (the command's stop signals, SIGINT's KeyboardInterrupt)
+    is recorded in ``held`` instead of handled, and Ray cannot replace those handlers. ray.init installs its own
+    SIGTERM handler, a bare sys.exit(15): a SIGTERM seconds into `search --ray` ended it with status 15, no message,
+    and Ray's agents orphaned (hp34 D70). After, every handler is put back (_restore_signal_handlers)."""
+    import signal
+    import threading
+
+    handlers = _signal_handlers()
+    if threading.current_thread() is not threading.main_thread():  # signal.signal works in the main thread only
+        yield
+        return
+    stops = {s for s, h in handlers.items() if callable(h)}
+
+    def hold(signum: int, _frame: Any) -> None:
+        held.append(signum)
+
+    real = signal.signal
+
+    def guarded(signum: Any, handler: Any) -> Any:  # what Ray's code calls while it starts
+        return hold if int(signum) in stops else real(signum, handler)
+
+    for signum in stops:
+        real(signum, hold)
+    signal.signal = guarded
+    try:
+        yield
+    finally:
+        signal.signal = real
+        _restore_signal_handlers(handlers)
 
 
 def _signal_handlers() -> dict[int, Any]:
