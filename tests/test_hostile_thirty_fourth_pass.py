@@ -446,3 +446,45 @@ def test_a_sigterm_while_ray_starts_is_the_commands_stop(tmp_path):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 128 + signal.SIGTERM and "terminated by SIGTERM" in err, (proc.returncode, err[-2000:])
     assert not glob.glob(pattern)
+
+
+def test_an_evaluators_exit_value_or_object_is_shown_cut():
+    """hp34 D69: `--evaluator sys:exit` printed the state dict it was given, whole (84 KB for the demo's model); a
+    module's __dict__ as an evaluator, 7.5 KB."""
+    import torch
+
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    def exits(state):
+        raise SystemExit(state)
+
+    state = {f"layer{i}.weight": torch.zeros(50, 50) for i in range(40)}
+    with pytest.raises(EvaluatorError) as caught:
+        guard(exits)(state)
+    assert len(str(caught.value)) < 600 and "called sys.exit({'layer0.weight'" in str(caught.value)
+    assert "dict," in str(caught.value) and "characters)" in str(caught.value)
+    with pytest.raises(EvaluatorError) as caught:
+        guard(dict(state))
+    assert len(str(caught.value)) < 600 and "is not callable" in str(caught.value)
+
+
+def test_two_searches_cannot_write_one_log_at_once(tmp_path):
+    """hp34 D77: two searches started on the same new --dir both scored every candidate, and log.jsonl held each
+    twice. The log is locked by the search writing it; a second is refused, and resumes once the first is done."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    header = {"space": "lam", "seed": 0}
+    first = ResultsLog(tmp_path / "log.jsonl", header)
+    first.append({"key": "a", "options": {"lam": 1.0}, "score": 0.5})
+    with pytest.raises(OutputError, match="another search is writing this log now"):
+        ResultsLog(tmp_path / "log.jsonl", header)
+    second = ResultsLog(tmp_path / "other.jsonl", header)  # a new log of its own: not created until it scores
+    second.append({"key": "b", "options": {"lam": 1.0}, "score": 0.4})
+    first.close()
+    resumed = ResultsLog(tmp_path / "log.jsonl", header)
+    assert [r["key"] for r in resumed] == ["a"]
+    assert (tmp_path / "log.jsonl").read_text().count('"key": "a"') == 1
+    resumed.close()
+    second.close()

@@ -27,6 +27,12 @@ def evaluator_name(evaluate: Any) -> str:
     return f"{module}:{name}" if module and name else repr(evaluate)[:80]
 
 
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an evaluator may hand over a whole state dict (hp34 D69: 84 KB)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__}, {len(text):,} characters)"
+
+
 class GuardedEvaluator:
     """``evaluate`` whose failures are typed. A class, not a closure, so that it pickles wherever
     the evaluator does (search's Ray workers). ``finite``: a NaN or infinite score is an error too
@@ -41,7 +47,7 @@ class GuardedEvaluator:
         except (TiesMergeError, KeyboardInterrupt):  # ours already say what is wrong; Ctrl-C stays Ctrl-C
             raise
         except SystemExit as exc:
-            raise EvaluatorError(f"{self.label}: called sys.exit({exc.code!r}) instead of returning a score",
+            raise EvaluatorError(f"{self.label}: called sys.exit({_shown(exc.code)}) instead of returning a score",
                                  hint="an evaluator must return a number; raise an exception to report a failure"
                                  ) from exc
         except BaseException as exc:  # noqa: BLE001 - an Exception, or GeneratorExit, pytest's Skipped, a class of
@@ -105,6 +111,6 @@ def guard(evaluate: Callable[[Mapping[str, Any]], float], label: str | None = No
     if isinstance(evaluate, GuardedEvaluator):
         return evaluate
     if not callable(evaluate):
-        raise EvaluatorError(f"the evaluator {evaluate!r} is not callable",
+        raise EvaluatorError(f"the evaluator {_shown(evaluate)} is not callable",
                              hint="pass a function taking a state dict and returning a score")
     return GuardedEvaluator(evaluate, label or f"the evaluator {evaluator_name(evaluate)}", finite=finite)

@@ -9,6 +9,8 @@ it: a search may be resumed with a larger budget to go on where it stopped.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -41,6 +43,16 @@ class ResultsLog:
     def _start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = self._open()
+        try:  # one search writes a log at a time: two on one --dir scored every candidate twice, each logged twice
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (hp34 D77); released when the log is closed
+        except OSError as exc:
+            self.close()
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise OutputError(f"{self.path}: cannot lock the search log ({exc.strerror or exc})",
+                                  hint="choose another --dir (log= in Python) on a local file system") from None
+            raise OutputError(f"{self.path}: another search is writing this log now (it holds its lock)",
+                              hint="let that search finish (run this one again then: it resumes from the log), or "
+                                   "choose another --dir (log= in Python)") from None
         if os.fstat(self._fd).st_size:
             self._read()
         else:
