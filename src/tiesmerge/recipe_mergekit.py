@@ -12,7 +12,8 @@ mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5,
   max(1, int(density * numel)) entries per tensor, ties at the threshold in torch.argsort's order, as
   mergekit; the fused engine replays that order without sorting, engine/exactk.py).
 - ``task_arithmetic``: base + λ Σ w τ (``normalize`` default false divides by Σ w).
-  ->  ``task_arithmetic`` with ``weights`` (divided by Σ w when normalizing), ``lam``.
+  ->  ``task_arithmetic`` with ``weights``, ``lam`` and ``normalize_weights`` (the division after the sum, by the
+  weights' float32 sum, as mergekit's).
 - ``linear``: Σ w θ / Σ w over the listed models (``normalize`` default true).
   ->  ``average`` with ``base_weight``: the first listed model read as the base with its weight,
   the others' weights (``base_model`` counts where the models list it); the models' own values summed
@@ -357,8 +358,9 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
         return "task_arithmetic", params, ("mergekit linear: Σ w_i θ_i (weights summing to 1), as "
                                            f"θ_0 + Σ w_i (θ_i − θ_0) on {anchor}, float32")
     if method == "task_arithmetic":
-        scale = total if normalize and abs(total) >= 1e-8 else 1.0
-        return "task_arithmetic", {"lam": lam, "weights": [w / scale for w in weights]}, (
+        # divided after the sum, by the weights' float32 sum, as mergekit divides (weights divided first differ
+        # from mergekit's output by a rounding, hp34 D85)
+        return "task_arithmetic", {"lam": lam, "weights": weights, "normalize_weights": bool(normalize)}, (
             "mergekit task_arithmetic: base + λ Σ w_t τ_t" + (" / Σ w" if normalize else ""))
     density_values = [float(d) for d in densities]
     if method == "ties":

@@ -24,6 +24,7 @@ from .base import (
     steps,
     unit_interval,
 )
+from .task_arithmetic import sum_kernel, weighted_sum
 from .ties import AGGREGATES, ELECT_RULES, ZERO_SIGNS
 
 _PAPER = "https://arxiv.org/abs/2312.06795"
@@ -75,19 +76,6 @@ def l1_rescale(tau_t: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
     return masked * (before / after)
 
 
-def sum_kernel(weights: tuple[float, ...] | None, lam: float, normalize: bool, band: Band | None = None
-               ) -> LinearKernel | None:
-    """The fused kernel of :func:`combine` without ``ties``: sum_t w_t tau_t (/ the weights' float32
-    sum, as torch computes it for fewer than 16 models), * lam; None (the torch path) where
-    normalizing without weights or with 16 or more."""
-    if not normalize:
-        return LinearKernel(weights, scale=lam, band=band)
-    if weights is None or len(weights) >= 16:
-        return None
-    divisor = ops.float32_sum(weights)
-    return LinearKernel(weights, scale=lam, divisor=1.0 if abs(divisor) < 1e-8 else divisor, band=band)
-
-
 def combine(masked: torch.Tensor, ctx: ChunkContext, *, lam: float, normalize: bool,
             ties: tuple[str, str, str] | None) -> torch.Tensor:
     """mergekit's generalized task arithmetic after the sparsification, (n, *S) -> (*S):
@@ -98,12 +86,7 @@ def combine(masked: torch.Tensor, ctx: ChunkContext, *, lam: float, normalize: b
         elect, zero_sign, aggregate = ties
         gamma = ops.resolve_zero_sign(ops.elect(masked, ctx.weights, elect), zero_sign)
         return ops.disjoint_aggregate(masked, gamma, ctx.weights, aggregate).mul_(lam)
-    weighted = masked if ctx.weights is None else masked.mul_(ops.broadcast_per_model(ctx.weights, masked))
-    total = weighted.sum(dim=0)
-    if normalize:
-        divisor = float(ctx.weights.sum()) if ctx.weights is not None else float(masked.shape[0])
-        total = total.div_(1.0 if abs(divisor) < 1e-8 else divisor)
-    return total.mul_(lam)
+    return weighted_sum(masked, ctx, lam=lam, normalize=normalize)
 
 
 def per_task(masked: torch.Tensor, ctx: ChunkContext, *, ties: tuple[str, str] | None) -> torch.Tensor:

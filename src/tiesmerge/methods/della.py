@@ -22,7 +22,8 @@ from .base import (
     steps,
     unit_interval,
 )
-from .breadcrumbs import combine, l1_rescale, per_task, sum_kernel
+from .breadcrumbs import combine, l1_rescale, per_task
+from .task_arithmetic import sum_kernel
 from .ties import AGGREGATES, ELECT_RULES, ZERO_SIGNS
 
 _PAPER = "https://arxiv.org/abs/2406.11617"
