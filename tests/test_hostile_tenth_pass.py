@@ -519,8 +519,8 @@ def test_the_encoder_forward_accepts_a_checkpoint_with_a_pooler(recwarn):
     names = ["weight", "bias", "pooler.dense.weight", "pooler.dense.bias"]
     with pytest.warns(MergeWarning, match="2 merged tensor\\(s\\) are not read by the forward"):
         assert check_forward_names(Forward(), names) == {"pooler.dense.weight", "pooler.dense.bias"}
-    with pytest.raises(ConfigError, match="are not weights of the forward's model"):
-        check_forward_names(Forward(), [*names, "classifier.weight"])
+    with pytest.raises(ConfigError, match="3 of the 4 merged tensors are not weights of the forward's model"):
+        check_forward_names(Forward(), ["weight", "classifier.weight", "classifier.bias", "head.weight"])
 
 
 def test_analyze_describes_only_the_models_that_change_the_base(family, tmp_path, capsys):

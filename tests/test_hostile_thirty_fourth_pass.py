@@ -523,3 +523,44 @@ def test_mergekit_task_arithmetic_with_normalize_equals_its_float32_operations_b
     if lam != 1:
         mixed = mixed * lam
     assert torch.equal(merged.view(torch.int32), (base + mixed).view(torch.int32))
+
+
+def test_a_few_tensors_the_forwards_model_lacks_are_merged_at_init_with_a_warning():
+    """hp34 D93: `adapt --forward classifier` on BERT fine-tunes that kept their MLM head from pretraining
+    (cls.predictions.*, as many do) was refused ("2 merged tensor(s) are not weights of the forward's model"), while
+    `merge` takes the same models and a pooler the forward never reads is merged at --init with a warning (D47)."""
+    import torch
+
+    from tiesmerge.adamerging.learn import check_forward_names
+    from tiesmerge.errors import MergeWarning
+
+    class Forward(torch.nn.Module):
+        prefix = "model."
+
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.dense = torch.nn.Linear(2, 2)
+            self.model.classifier = torch.nn.Linear(2, 2)
+
+    names = ["dense.weight", "dense.bias", "classifier.weight", "classifier.bias", "cls.predictions.bias"]
+    with pytest.warns(MergeWarning, match=r"1 merged tensor\(s\) are not weights of the forward's model "
+                                          r"\(cls.predictions.bias\)"):
+        assert check_forward_names(Forward(), names) == {"cls.predictions.bias"}
+
+
+@pytest.mark.parametrize("architecture, fits", [("BertForSequenceClassification", "--forward classifier"),
+                                                ("LlamaForCausalLM", "--forward choice")])
+def test_the_encoder_forward_on_a_classifier_or_lm_names_the_forward_that_fits(tmp_path, architecture, fits):
+    """hp34 D82: `adapt --forward encoder` on a BertForSequenceClassification said "25 merged tensor(s) are not weights
+    of the forward's model" with Python-API advice; now, before any model is built, which forward fits."""
+    import json
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.forward import load_forward
+
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": [architecture], "model_type": "bert"}))
+    (tmp_path / "vocab.txt").write_text("[PAD]\n[UNK]\nthe\n")
+    with pytest.raises(ConfigError, match=f"the encoder forward takes a bare encoder.*{architecture}") as caught:
+        load_forward("encoder", tmp_path, heads={"t": ["a", "b"]})
+    assert fits in caught.value.hint

@@ -134,9 +134,10 @@ def combine(coefficients: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 
 def check_forward_names(forward: TaskForward, names: Sequence[str]) -> frozenset[str]:
-    """Every merged tensor must be a weight of the forward (else functional_call would ignore it), but those the
-    forward declares it never reads (``unused_prefixes``: the encoder forward's mean pooling has no pooler); these
-    are returned, and said: their coefficients get no gradient and stay at the initial value."""
+    """Most merged tensors must be weights of the forward (else functional_call would ignore them: another
+    architecture or naming is refused). Those the forward declares it never reads (``unused_prefixes``: the encoder
+    forward's mean pooling has no pooler) and a few its model lacks (an MLM head a classifier's checkpoint kept) are
+    returned, and said: their coefficients get no gradient and stay at the initial value."""
     held = checkpoint_names(forward)
     unused_prefixes = tuple(getattr(forward, "unused_prefixes", ()))
     unused = frozenset(n for n in names if n not in held and unused_prefixes and n.startswith(unused_prefixes))
@@ -146,13 +147,20 @@ def check_forward_names(forward: TaskForward, names: Sequence[str]) -> frozenset
             f"{', ...' if len(unused) > 3 else ''}): they are merged with the coefficients they start from "
             "(--init), which nothing adapts"), stacklevel=3)
     missing = [n for n in names if n not in held and n not in unused]
-    if missing:
+    if missing and len(missing) * 2 > len(names):  # another architecture, or another naming: nothing would adapt
         some = sorted(held)[:3]
-        raise ConfigError(f"{len(missing)} merged tensor(s) are not weights of the forward's model, e.g. "
-                          f"{missing[:3]} (the model's weights are named like {some})",
+        raise ConfigError(f"{len(missing)} of the {len(names)} merged tensors are not weights of the forward's model, "
+                          f"e.g. {missing[:3]} (the model's weights are named like {some})",
                           hint="the forward must be the base's architecture, its weights named like the checkpoint "
-                          "(FunctionLogits: pass the module whose state_dict() keys are the checkpoint's names)")
-    return unused
+                          "(on the command line: --forward classifier for *ForSequenceClassification, choice for a "
+                          "causal LM, encoder for a bare encoder; in Python, FunctionLogits: pass the module whose "
+                          "state_dict() keys are the checkpoint's names)")
+    if missing:  # a few the forward's model lacks (an MLM head left from pretraining, hp34 D93): as the pooler above
+        warnings.warn(MergeWarning(
+            f"{len(missing)} merged tensor(s) are not weights of the forward's model ({', '.join(sorted(missing)[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): they are merged with the coefficients they start from "
+            "(--init), which nothing adapts"), stacklevel=3)
+    return unused | frozenset(missing)
 
 
 def batch_rows(rows: Sequence[Any], step: int, batch_size: int, seed: int, task_index: int) -> list[Any]:

@@ -261,6 +261,21 @@ def _check_causal_lm(model_dir: Path) -> None:
                       f"{', '.join(archs)}", hint=f"{fits}; --forward choice is for models such as *ForCausalLM")
 
 
+def _check_bare_encoder(model_dir: Path) -> None:
+    """The encoder forward embeds texts with a bare encoder (its mean pooling): a base whose config names a
+    classifier or a causal LM is refused, saying which forward fits it (hp34 D82: "25 merged tensors are not weights
+    of the forward's model" and Python-API advice, after the model was built)."""
+    archs = architectures(model_dir)
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        fits = "--forward classifier fits it (its own head)"
+    elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        fits = "--forward choice fits it (with answer choices)"
+    else:
+        return
+    raise ConfigError(f"{model_dir}: the encoder forward takes a bare encoder (a *Model whose mean-pooled outputs are "
+                      f"sentence embeddings), and this model is a {', '.join(archs)}", hint=fits)
+
+
 def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str, Sequence[str]] | None = None,
                  choices: Mapping[str, Sequence[str]] | None = None, max_length: int = 128,
                  device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -295,6 +310,7 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         forward = ClassifierLogits(model, from_pretrained(AutoTokenizer, model_dir, "its tokenizer"),
                                    max_length=max_length)
     elif kind == "encoder":
+        _check_bare_encoder(model_dir)
         if not heads:
             raise ConfigError("the encoder forward needs class descriptions per task (heads)",
                               hint='--heads FILE with {"task": ["description of class 0", ...], ...}')
