@@ -151,7 +151,7 @@ def test_bad_inputs_name_what_is_wrong(tmp_path):
     with pytest.raises(ConfigError, match="granularity='block' is not one of task, layer"):
         tiesmerge.adapt(base, fts, _data(), forward=_forward(), granularity="block")
     renamed = FunctionLogits(torch.nn.Sequential(torch.nn.Identity(), _net()), lambda m, b, t: m(b), encode=_encode)
-    with pytest.raises(ConfigError, match="merged tensor.s. are not weights of the forward's model"):
+    with pytest.raises(ConfigError, match="merged tensors are not weights of the forward's model"):
         tiesmerge.adapt(base, fts, _data(), forward=renamed, steps=1)
 
 

@@ -310,10 +310,10 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         forward = ClassifierLogits(model, from_pretrained(AutoTokenizer, model_dir, "its tokenizer"),
                                    max_length=max_length)
     elif kind == "encoder":
-        _check_bare_encoder(model_dir)
         if not heads:
             raise ConfigError("the encoder forward needs class descriptions per task (heads)",
                               hint='--heads FILE with {"task": ["description of class 0", ...], ...}')
+        _check_bare_encoder(model_dir)
         encoder = SentenceEncoder.from_pretrained(model_dir, max_length=max_length, device=device)
         built = {task: build_head(encoder, list(desc)) for task, desc in heads.items()}
         forward = EncoderHeadLogits(encoder, built)
