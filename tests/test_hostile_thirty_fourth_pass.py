@@ -564,3 +564,38 @@ def test_the_encoder_forward_on_a_classifier_or_lm_names_the_forward_that_fits(t
     with pytest.raises(ConfigError, match=f"the encoder forward takes a bare encoder.*{architecture}") as caught:
         load_forward("encoder", tmp_path, heads={"t": ["a", "b"]})
     assert fits in caught.value.hint
+
+
+def test_more_local_ray_workers_than_cpus_is_said(tmp_path, monkeypatch):
+    """hp34 D92: --workers 1000 on 2 CPUs was accepted silently; Ray was told of 1000 CPUs and ran every candidate of
+    a batch in a process of its own at once (3.5 GB for 12 candidates of a 144 KB model)."""
+    import sys
+    import warnings
+
+    from test_hostile_fourth_pass_adapt import _FakeRay
+    from tiesmerge import scratch
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning import executors
+    from tiesmerge.tuning.executors import RayExecutor
+
+    monkeypatch.setitem(sys.modules, "ray", _FakeRay())
+    monkeypatch.setattr(executors, "_SOCKET_PATH_MAX", 1 << 20)
+    monkeypatch.setattr(scratch, "_FOLDERS", [])
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    cores = os.cpu_count() or 1
+    with pytest.warns(MergeWarning, match=f"workers {cores + 1} is more than this machine's {cores} CPUs"):
+        RayExecutor(workers=cores + 1).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        RayExecutor(workers=cores).close()
+
+
+def test_a_negative_workers_flag_is_named_as_the_flag(tmp_path, capsys, monkeypatch):
+    from helpers_ckpt import cli_flags, write_family_dirs
+
+    b, ms = write_family_dirs(tmp_path)
+    (tmp_path / "zero_eval.py").write_text("def score(state):\n    return 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc, _, err = run_cli(["search", *cli_flags(b, ms), "--evaluator", "zero_eval:score", "--ray",
+                          "--workers", "-1", "--dir", tmp_path / "s"], capsys)
+    assert rc == 2 and "--workers -1: the local cluster's workers must be at least 1" in err, err

@@ -195,6 +195,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_not_input(args.dir, module)
     if args.workers is not None and (args.ray is None or args.ray):
         raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: the local cluster's workers must be at least 1")
     check_memory_budget(args.memory_budget, args.base, args.models, args.method, args.vocab_policy)
     executor = RayExecutor(args.ray or None, workers=args.workers) if args.ray is not None else LocalExecutor()
 

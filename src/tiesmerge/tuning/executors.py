@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from ..errors import ConfigError, EvaluatorError, TiesMergeError
+from ..errors import ConfigError, EvaluatorError, MergeWarning, TiesMergeError
 from ..scratch import private_folder
 from .candidates import Candidate, Evaluator, Job, better, candidate_state, merged_delta, score_state
 from .evaluator import evaluator_name
@@ -210,6 +210,12 @@ class RayExecutor:
             raise ConfigError("workers sizes the local cluster; a joined cluster runs as many tasks as its CPUs "
                               "(or GPUs) allow", hint="set cpus_per_task instead")
         cores = os.cpu_count() or 1
+        if workers is not None and workers > cores and not address:  # hp34 D92: 1000 on 2 CPUs, silently
+            warnings.warn(MergeWarning(
+                f"workers {workers} is more than this machine's {cores} CPUs: each worker is a process holding a "
+                "merged model (hundreds of MB) and Ray runs as many at once as the search has candidates in flight, "
+                "so they share the CPUs and add up in memory; the default, one per CPU, is faster unless the "
+                "evaluator mostly waits (on a GPU or a service)"), stacklevel=2)
         workers = workers or max(1, cores // (cpus_per_task or 1))
         if cpus_per_task is None:
             cpus_per_task = 1 if address else max(1, cores // workers)
