@@ -599,3 +599,26 @@ def test_a_negative_workers_flag_is_named_as_the_flag(tmp_path, capsys, monkeypa
     rc, _, err = run_cli(["search", *cli_flags(b, ms), "--evaluator", "zero_eval:score", "--ray",
                           "--workers", "-1", "--dir", tmp_path / "s"], capsys)
     assert rc == 2 and "--workers -1: the local cluster's workers must be at least 1" in err, err
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts"])
+def test_svd_methods_say_when_the_tasks_singular_vectors_are_dependent(method):
+    """hp34 D97: TSV-M of tau and -tau changed the base by more than tau (their task vectors sum to 0), with no
+    warning, and its float32 and float64 SVDs disagreed by more than the output: the polar factor of a rank-deficient
+    concatenation is not unique (so in the reference code too). Said now, naming the tensor; independent tasks are
+    not."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+
+    g = torch.Generator().manual_seed(0)
+    w, tau = torch.randn(32, 32, generator=g), 0.1 * torch.randn(32, 32, generator=g)
+    with pytest.warns(MergeWarning, match=r"'w': the tasks' singular vectors are linearly dependent \(rank \d+ of"):
+        tiesmerge.merge({"w": w}, [{"w": w + tau}, {"w": w - tau}], method)
+    other = 0.1 * torch.randn(32, 32, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        tiesmerge.merge({"w": w}, [{"w": w + tau}, {"w": w + other}], method)

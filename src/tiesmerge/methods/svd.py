@@ -181,8 +181,25 @@ def randomized_svd(x: torch_types.Tensor, k: int, *, generator: torch_types.Gene
 def polar(x: torch_types.Tensor, *, precision: str = "auto", what: str = "") -> torch_types.Tensor:
     """x (m, n) -> P Q^T (m, n), x = P S Q^T: the nearest matrix with orthonormal columns (m >= n)
     or rows (m < n). Every singular vector is used, so its conditioning is that of all of S."""
-    p, _, qt = svd(x, precision=precision, what=what)
+    p, sv, qt = svd(x, precision=precision, what=what)
+    if sv.numel() > 1 and float(sv[-1]) <= DEPENDENT * float(sv[0]):
+        import warnings
+
+        from ..errors import MergeWarning
+
+        rank = int((sv > DEPENDENT * sv[0]).sum())
+        tensor = what.removesuffix(" U").removesuffix(" V")  # one message for both factors of a tensor
+        warnings.warn(MergeWarning(
+            f"{tensor}: the tasks' singular vectors are linearly dependent (rank {rank} of the {sv.numel()} "
+            "concatenated; tasks that share or oppose directions, e.g. one task vector the negative of another): "
+            "their orthogonalisation is not unique, so the merge is arbitrary along those directions; TIES or task "
+            "arithmetic suits such models"), stacklevel=4)
     return p @ qt
+
+
+# singular vectors are unit vectors, so the concatenation's largest singular value is at most sqrt(T); one below
+# this share of it is a dependence (tau and -tau, a task twice), not the ordinary overlap of tasks' subspaces
+DEPENDENT = 1e-5
 
 
 def svd_bytes(m: int, n: int) -> int:
