@@ -255,3 +255,17 @@ def copy_model_dir(source: Path, target: Path) -> Path:
     for f in Path(source).iterdir():
         (target / f.name).write_bytes(f.read_bytes())
     return target
+
+
+def ray_search_process(base: Path, models: list[Path], work: Path, evaluator: str, budget: int, log_dir: Path):
+    """``tiesmerge search --ray --workers 1`` (a random search over lam of ``budget`` candidates) in a process of its
+    own, run from ``work`` (where the evaluator's module lies), with its output piped: for the stop-signal tests."""
+    import subprocess
+    import sys
+
+    code = "import sys\nfrom tiesmerge.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
+    argv = ["search", "--base", str(base), *[a for m in models for a in ("--model", str(m))], "--evaluator",
+            evaluator, "--strategy", "random", "--budget", str(budget), "--axis", "lam", "--ray", "--workers", "1",
+            "--dir", str(log_dir)]
+    return subprocess.Popen([sys.executable, "-c", code, *argv], cwd=work, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import test_hostile_catalogue
-from helpers_ckpt import run_cli, write_hf_dir
+from helpers_ckpt import ray_search_process, run_cli, write_hf_dir
 from test_hostile_catalogue import _merge, check, snapshot
 
 family = test_hostile_catalogue.family
@@ -355,8 +355,6 @@ def test_a_stop_signal_during_a_ray_search_is_tiesmerges_to_handle(family, tmp_p
     the command's cleanup, leaving its private Ray folder."""
     import glob
     import signal
-    import subprocess
-    import sys
     import tempfile
     import time
 
@@ -365,12 +363,7 @@ def test_a_stop_signal_during_a_ray_search_is_tiesmerges_to_handle(family, tmp_p
     work = tmp_path / "work"
     (work / "slow_ray_eval.py").write_text("import time\ndef score(state):\n    time.sleep(1.0)\n"
                                            "    return float(len(state))\n")
-    code = "import sys\nfrom tiesmerge.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
-    argv = ["search", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
-            "slow_ray_eval:score", "--strategy", "random", "--budget", "40", "--axis", "lam", "--ray", "--workers", "1",
-            "--dir", str(tmp_path / "s")]
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = ray_search_process(b, ms, work, "slow_ray_eval:score", 40, tmp_path / "s")
     log = tmp_path / "s"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:  # the first scores: Ray is up and working

@@ -418,24 +418,17 @@ def test_a_sigterm_while_ray_starts_is_the_commands_stop(tmp_path):
     handled after, as at any other moment: 128 + 15 and "terminated by SIGTERM"."""
     import glob
     import signal
-    import subprocess
-    import sys
     import tempfile
     import time
 
-    from helpers_ckpt import write_family_dirs
+    from helpers_ckpt import ray_search_process, write_family_dirs
 
     pytest.importorskip("ray")
     b, ms = write_family_dirs(tmp_path / "in")
     work = tmp_path / "work"
     work.mkdir()
     (work / "plain_eval.py").write_text("def score(state):\n    return float(len(state))\n")
-    code = "import sys\nfrom tiesmerge.cli.main import main\nsys.exit(main(sys.argv[1:]))\n"
-    argv = ["search", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator",
-            "plain_eval:score", "--strategy", "random", "--budget", "4", "--axis", "lam", "--ray", "--workers", "1",
-            "--dir", str(tmp_path / "s")]
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], cwd=work, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = ray_search_process(b, ms, work, "plain_eval:score", 4, tmp_path / "s")
     pattern = os.path.join(tempfile.gettempdir(), f"tiesray-*-{proc.pid}-*")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None and not glob.glob(pattern):
