@@ -232,7 +232,8 @@ def _fingerprint_check(saved: str, expected: str, path: Path, saved_config: Any 
         differ = [f"{k} {saved_config[k]!r} there, {mine[k]!r} now" for k in mine
                   if k != "steps" and k in saved_config and saved_config[k] != mine[k]]
     raise ConfigError(f"{path}: this checkpoint is of another run ("
-                      + ("; ".join(differ) if differ else "other models, data or method")
+                      + ("; ".join(differ) if differ else "other models, data, method or forward settings: "
+                         "--max-length, --heads, --choices")
                       + ")", hint="resume with the same command, or remove the checkpoint to start afresh")
 
 

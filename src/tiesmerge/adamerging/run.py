@@ -141,13 +141,16 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
 
 
 def _fingerprint(base: Source, models: Sequence[Source], spec: str, config: AdaptConfig, data: Mapping[str, list],
-                 forward: str) -> str:
-    """What a checkpoint must have been computed with to be resumed (the step count may grow)."""
+                 forward: str, forward_settings: Mapping[str, Any] | None = None) -> str:
+    """What a checkpoint must have been computed with to be resumed (the step count may grow): the forward's settings
+    too (max_length, heads, choices change what the coefficients are learned on: a resume with another --max-length
+    ended with coefficients of neither run, hp35 E7)."""
     settings = {**dataclasses.asdict(config), "steps": None, "checkpoint_every": None}
     digest = hashlib.sha256(json.dumps({"base": str(base) if not isinstance(base, Mapping) else "state dict",
                                         "models": [str(m) if not isinstance(m, Mapping) else f"state dict {k}"
                                                    for k, m in enumerate(models)],
-                                        "method": spec, "config": settings, "forward": forward},
+                                        "method": spec, "config": settings, "forward": forward,
+                                        **({"forward_settings": forward_settings} if forward_settings else {})},
                                        sort_keys=True, default=str).encode())
     for task, rows in data.items():
         digest.update(task.encode())
@@ -370,7 +373,8 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
     seconds["task_vectors"] = time.perf_counter() - clock
     merger = Merger({n: tv.base[n].to(device) for n in tv.names}, {n: v.to(device) for n, v in tv.vectors.items()},
                     tv.names, granularity, _forward_dtypes(fwd, tv.names))
-    fingerprint = _fingerprint(base, models, method_spec(m), config, task_data, kind)
+    fingerprint = _fingerprint(base, models, method_spec(m), config, task_data, kind,
+                               {"max_length": max_length, "heads": heads, "choices": choices})
     coefficients, history, learn_seconds = learn(fwd, merger, task_data, config, checkpoint=checkpoint, resume=resume,
                                                  fingerprint=fingerprint, progress=progress)
     seconds.update({f"learn_{k}": v for k, v in learn_seconds.items()})
@@ -432,6 +436,12 @@ def check_labels(labels: Mapping[str, Any], flag: str, what: str, task_data: Map
         empty = [i for i, v in enumerate(values) if not v.strip()]
         if empty:
             problems.append(f"--{flag} of task {task!r}: entry {empty[0]} is empty (it has no tokens to score)")
+        first: dict[str, int] = {}
+        twice = next(((first[v.strip()], i) for i, v in enumerate(values) if first.setdefault(v.strip(), i) != i),
+                     None)
+        if twice is not None:  # two identical classes: the entropy over them never moves (hp35 E9)
+            problems.append(f"--{flag} of task {task!r}: entries {twice[0]} and {twice[1]} are the same text "
+                            f"({values[twice[1]].strip()[:60]!r}), so the model can never tell them apart")
     if problems:
         raise ConfigError(problems, hint=f'--{flag} is a JSON object: {{"task": ["first", "second", ...], ...}}, '
                                          "one entry per task (the data files' names, or --task-names)")

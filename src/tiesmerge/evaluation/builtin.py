@@ -36,7 +36,7 @@ import torch
 from ..errors import ConfigError
 from ..limits import read_json_lines
 from ..paths import check_model_dir, read_regular
-from .loading import check_kind, from_pretrained
+from .loading import check_kind, from_pretrained, refuse_converted
 from .rank_classification import ChoiceExample, check_choice_count, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
@@ -78,6 +78,7 @@ def _model_dir(base: Any) -> Path:
                           "(with config.json), to build the model it scores",
                           hint="give the base's directory, or write your own evaluator (module:function)")
     check_model_dir(path, "the base", ConfigError)  # and a tokenizer: its data is text
+    refuse_converted(path, "a built-in evaluator (the merged tensors loaded into the model by name)")
     return path
 
 

@@ -36,7 +36,7 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..paths import check_model_dir
 from .encoder import CosineHead, SentenceEncoder, build_head
-from .loading import architectures, encode, fitted_length, forward_checked, from_pretrained
+from .loading import architectures, encode, fitted_length, forward_checked, from_pretrained, refuse_converted
 from .rank_classification import check_choice_count, fit_choice
 
 __all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
@@ -256,16 +256,30 @@ def _check_causal_lm(model_dir: Path) -> None:
     if not archs or any(a in causal or a.endswith("ForCausalLM") for a in archs):
         return
     fits = ("--forward classifier fits it" if any(a.endswith("ForSequenceClassification") for a in archs)
-            else "--forward encoder (with --heads) may fit it")
+            else "tune or search with --evaluator choice-accuracy:FILE scores encoder-decoder LMs"
+            if _encoder_decoder(model_dir) else "--forward encoder (with --heads) may fit it")
     raise ConfigError(f"{model_dir}: the choice forward needs a causal language model, and this model is a "
                       f"{', '.join(archs)}", hint=f"{fits}; --forward choice is for models such as *ForCausalLM")
+
+
+def _encoder_decoder(model_dir: Path) -> bool:
+    from ..limits import read_json
+
+    config = read_json(model_dir / "config.json", "the model's config") if (model_dir / "config.json").is_file() else {}
+    return isinstance(config, dict) and config.get("is_encoder_decoder") is True
 
 
 def _check_bare_encoder(model_dir: Path) -> None:
     """The encoder forward embeds texts with a bare encoder (its mean pooling): a base whose config names a
     classifier or a causal LM is refused, saying which forward fits it (hp34 D82: "25 merged tensors are not weights
-    of the forward's model" and Python-API advice, after the model was built)."""
+    of the forward's model" and Python-API advice, after the model was built), and so is an encoder-decoder, whose
+    model needs decoder inputs too (hp35 E10: "unexpected ValueError … a bug")."""
     archs = architectures(model_dir)
+    if _encoder_decoder(model_dir):
+        raise ConfigError(f"{model_dir}: the encoder forward takes a bare encoder, and this is an encoder-decoder "
+                          f"model ({', '.join(archs) or 'T5-like'}), which needs decoder inputs too",
+                          hint="--forward classifier fits an encoder-decoder classifier (*ForSequenceClassification); "
+                               "tune or search with --evaluator choice-accuracy:FILE scores encoder-decoder LMs")
     if any(a.endswith("ForSequenceClassification") for a in archs):
         fits = "--forward classifier fits it (its own head)"
     elif any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
@@ -300,6 +314,7 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a model directory", hint="the forward is built from an HF directory")
     check_model_dir(model_dir, "the base")  # transformers follows links: every file it opens checked first
+    refuse_converted(model_dir, "adapt (a coefficient per checkpoint tensor, set in the forward's model by name)")
     forward: torch.nn.Module
     if kind == "classifier":
         archs = architectures(model_dir)

@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError, TiesMergeError
 from ..limits import read_json
 
-__all__ = ["from_pretrained"]
+__all__ = ["converted_on_load", "from_pretrained", "refuse_converted"]
 
 
 def _check_config(directory: Path) -> int | None:
@@ -69,7 +69,10 @@ def _json_object(path: Path) -> dict | None:
 
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers?|h|blocks?)\.([0-9]{1,9})\.")  # ASCII, bounded: int() never fails
-_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# every key a config sizes a stack of layers by (encoder-decoders' too: num_decoder_layers 100000 made the meta
+# build of _check_built run for minutes, hp35 E1), at the top level and in nested configs (text_config, ...)
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers", "decoder_layers",
+               "encoder_layers", "num_encoder_layers")
 _WIDTH_KEYS = ("hidden_size", "d_model", "n_embd", "vocab_size")  # vocab_size: the embedding's rows (hp33 next)
 # positions a config may claim: the longest contexts models ship (10M tokens) and some room; transformers sizes
 # position tables and rotary caches by it (1e9 took gigabytes before the weights were read)
@@ -92,12 +95,15 @@ def _check_sizes(directory: Path, path: Path, config: dict) -> int | None:
     except TiesMergeError:
         return None  # the weights' own problems are named when they are read
     layers = {int(m.group(1)) for n in names if (m := _LAYER_INDEX.search(n))}
-    for key in _LAYER_KEYS:
-        value = config.get(key)
-        if layers and isinstance(value, int) and not isinstance(value, bool) and value > max(layers) + 1:
-            raise CheckpointError(f"{path}: {key} = {value:,}, but the weights hold {max(layers) + 1:,} layers "
-                                  f"(0..{max(layers)}); the rest would be built from nothing",
-                                  hint=f"set {key} to {max(layers) + 1} (the config must describe these weights)")
+    nested = [(f"{k}.", v) for k, v in config.items() if isinstance(v, dict)]
+    for prefix, part in [("", config), *nested]:
+        for key in _LAYER_KEYS:
+            value = part.get(key)
+            if layers and isinstance(value, int) and not isinstance(value, bool) and value > max(layers) + 1:
+                raise CheckpointError(f"{path}: {prefix}{key} = {value:,}, but the weights hold {max(layers) + 1:,} "
+                                      f"layers (0..{max(layers)}); the rest would be built from nothing",
+                                      hint=f"set {prefix}{key} to the weights' layer count (the config must describe "
+                                           "these weights)")
     for key in _POSITION_KEYS:
         value = config.get(key)
         if isinstance(value, int) and not isinstance(value, bool) and value > MAX_POSITIONS:
@@ -155,6 +161,45 @@ def _check_built(loader: Any, directory: Path, stored: int) -> None:
                               f"comparing them ({name} alone would be {' x '.join(map(str, largest.shape))})",
                               hint="use the config.json that came with these weights: its sizes (hidden_size, "
                                    "intermediate_size, num_hidden_layers, vocab_size, ...) must describe them")
+
+
+def converted_on_load(directory: str | os.PathLike) -> str | None:
+    """What transformers converts when it loads the model of ``directory`` (its config's class or model type has
+    a checkpoint conversion mapping in transformers 5: an MoE's per-expert tensors fused into one, and the like),
+    or None. Such a loaded model does not hold the checkpoint's tensors under their names, so statistics, a
+    forward's coefficients or an evaluator's merged state named after the checkpoint cannot be matched to it
+    (hostile pass 35, E12/E13)."""
+    config = _json_object(Path(directory) / "config.json")
+    if config is None:
+        return None
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers 4 loads checkpoints by their names
+        return None
+    names = [str(a) for a in config.get("architectures") or [] if isinstance(a, str)]
+    model_type = config.get("model_type")
+    for key in [*names, *([model_type] if isinstance(model_type, str) else [])]:
+        try:
+            if get_checkpoint_conversion_mapping(key):
+                return f"model type {model_type or key}" if key == model_type else key
+        except Exception:  # noqa: BLE001 - transformers' internal table: no answer is no conversion
+            return None
+    return None
+
+
+def refuse_converted(directory: str | os.PathLike, what: str) -> None:
+    """A ConfigError where transformers converts ``directory``'s tensors on loading (:func:`converted_on_load`):
+    ``what`` (statistics, adapt's forward, a built-in evaluator) matches tensors by their checkpoint names."""
+    converted = converted_on_load(directory)
+    if converted is None:
+        return
+    import transformers
+
+    raise ConfigError(f"{directory}: transformers {transformers.__version__} converts this model's tensors when it "
+                      f"loads them ({converted}: e.g. per-expert tensors fused into one), so the loaded model does "
+                      f"not hold the checkpoint's tensors under their names, which {what} needs",
+                      hint="merge it with a method that needs no data (ties, task_arithmetic, ...); to tune or adapt, "
+                           "write your own evaluator (module:function) that saves and loads the merged model")
 
 
 @contextmanager

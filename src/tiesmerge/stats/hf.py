@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..evaluation.loading import encode, fitted_length, forward_checked, from_pretrained
+from ..evaluation.loading import encode, fitted_length, forward_checked, from_pretrained, refuse_converted
 from ..io.checkpoint import open_checkpoint
 from ..limits import read_json, read_json_lines
 from ..paths import check_input, check_model_dir
@@ -116,16 +116,6 @@ def _check_names(model: torch.nn.Module, model_dir: Path, architectures: list) -
                           f"checkpoint's are named like {some}: its statistics would match no tensor of the model",
                           hint="set config.json's architectures to the class the weights were saved from, as a list "
                                '(e.g. "architectures": ["LlamaForCausalLM"])')
-    # a few missing: config.json adds modules the weights lack (is_decoder + add_cross_attention), which transformers
-    # initialises at random; their statistics would describe no tensor, and the causal mask they bring changes the
-    # others' (hp34 D62). A pooler a checkpoint was saved without is left as it was: its inputs are the model's own.
-    fresh = [n for n in missing if ".pooler." not in f".{n}"]
-    if fresh:
-        raise ConfigError(f"{model_dir}: config.json describes {len(fresh)} parameter(s) the weights do not hold, e.g. "
-                          f"{', '.join(fresh[:3])}; transformers would initialise them at random, and statistics of "
-                          "that model would not be this checkpoint's",
-                          hint="use the config.json that came with these weights (options such as is_decoder or "
-                               "add_cross_attention add modules)")
 
 
 def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, fisher: str = "exact",
@@ -152,7 +142,25 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     # loaded as AutoModel drops the "model." prefix, and a RegMean merge would find no Gram matrix for its weights)
     causal = any(str(a).endswith("ForCausalLM") for a in architectures)
     loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM if causal else AutoModel
-    model = from_pretrained(loader, model_dir).to(device)
+    refuse_converted(model_dir, "stats (statistics named after the checkpoint's tensors)")
+    if config.get("is_encoder_decoder") is True and not classifier:  # hp35 E3: "fails in its forward pass"
+        raise ConfigError(f"{model_dir}: an encoder-decoder model ({', '.join(map(str, architectures)) or 'T5-like'}); "
+                          "stats runs a model on texts alone, and this one needs decoder inputs too",
+                          hint="statistics of encoder-decoder models are not supported; merge them with a method "
+                               "that needs none (ties, task_arithmetic, tsv_m, ...)")
+    model, info = from_pretrained(loader, model_dir, output_loading_info=True)
+    model = model.to(device)
+    # transformers' own list of what it initialised at random (names after any conversion): config.json adds
+    # modules the weights lack (is_decoder + add_cross_attention), and their statistics would describe no tensor
+    # while the causal mask they bring changes the others' (hp34 D62). A pooler a checkpoint was saved without is
+    # left as it was: its inputs are the model's own.
+    fresh = [n for n in (info or {}).get("missing_keys", []) if ".pooler." not in f".{n}"]
+    if fresh:
+        raise ConfigError(f"{model_dir}: config.json describes {len(fresh)} parameter(s) the weights do not hold, "
+                          f"e.g. {', '.join(sorted(fresh)[:3])}; transformers would initialise them at random, and "
+                          "statistics of that model would not be this checkpoint's",
+                          hint="use the config.json that came with these weights (options such as is_decoder or "
+                               "add_cross_attention add modules)")
     _check_names(model, model_dir, architectures)  # before the statistics: they are named after the model's weights
     tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
     max_length = fitted_length(model, max_length)  # never past the model's position table

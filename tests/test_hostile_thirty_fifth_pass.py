@@ -1,0 +1,140 @@
+"""Hostile pass 35 (issue 13): encoder-decoders and models transformers converts on loading, in stats, adapt's
+forwards and the built-in evaluators; layer counts of every stack."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers_ckpt import run_cli
+from helpers_models import CLASSIFIER_WORDS, TEXTS, save_word_tokenizer
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=len(CLASSIFIER_WORDS), d_model=16, d_ff=32, d_kv=8, num_layers=2,
+                                num_decoder_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    folder = tmp_path_factory.mktemp("t5") / "t5"
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    save_word_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=len(CLASSIFIER_WORDS), hidden_size=16, intermediate_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                     num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=32)
+    folder = tmp_path_factory.mktemp("moe") / "moe"
+    transformers.MixtralForCausalLM(cfg).save_pretrained(folder)
+    save_word_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in TEXTS))
+    return path
+
+
+def test_stats_refuses_an_encoder_decoder_before_its_forward_fails(t5_dir, data, tmp_path, capsys):
+    """hp35 E3: stats gram on an unmodified T5ForConditionalGeneration failed in the forward ("You must specify
+    exactly one of input_ids …") with a hint blaming its config.json, which was the original."""
+    rc, _, err = run_cli(["stats", "gram", "--model", t5_dir, "--data", data, "-o", tmp_path / "st"], capsys)
+    assert rc == 2 and "an encoder-decoder model (T5ForConditionalGeneration)" in err, err
+    assert "config.json likely" not in err and not (tmp_path / "st").exists()
+
+
+def test_adapts_forwards_say_what_fits_an_encoder_decoder(t5_dir):
+    """hp35 E10: --forward choice on a T5 suggested --forward encoder, which then failed as "unexpected ValueError …
+    a bug in tiesmerge"."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.forward import load_forward
+
+    with pytest.raises(ConfigError, match="the encoder forward takes a bare encoder, and this is an encoder-decoder"):
+        load_forward("encoder", t5_dir, heads={"t": ["good", "bad"]})
+    with pytest.raises(ConfigError) as caught:
+        load_forward("choice", t5_dir)
+    assert "choice-accuracy" in caught.value.hint and "--forward encoder" not in caught.value.hint
+
+
+@pytest.mark.parametrize("key", ["num_decoder_layers", "num_layers"])
+def test_every_stacks_layer_count_is_held_to_the_weights(t5_dir, tmp_path, key):
+    """hp35 E1: a T5 config claiming num_decoder_layers = 100,000 (weights: 2) ran the meta build of 100,000 blocks
+    for minutes; only num_hidden_layers, n_layer and num_layers were held to the weights. Nested configs too."""
+    import shutil
+    import time
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation import loading
+
+    folder = tmp_path / "t5"
+    shutil.copytree(t5_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"{key} = 100,000, but the weights hold 2 layers"):
+        loading._check_sizes(folder, folder / "config.json", {**config, key: 100_000})
+    with pytest.raises(CheckpointError, match="text_config.num_hidden_layers = 100,000"):
+        loading._check_sizes(folder, folder / "config.json", {**config, "text_config": {"num_hidden_layers": 100_000}})
+    assert time.perf_counter() - started < 10
+
+
+def test_a_model_transformers_converts_on_loading_is_refused_where_tensors_are_matched_by_name(moe_dir, data,
+                                                                                                 tmp_path, capsys):
+    """hp35 E12/E13: transformers 5 fuses a Mixtral checkpoint's per-expert tensors when it loads it. adapt warned
+    that 14 of 29 merged tensors were not the forward's and learned coefficients on the base's experts; tune's
+    evaluators and stats said the config.json was not the weights' (it was). Each now says what transformers does."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+    from tiesmerge.evaluation.forward import load_forward
+    from tiesmerge.evaluation.loading import converted_on_load
+
+    if converted_on_load(moe_dir) is None:
+        pytest.skip("this transformers loads Mixtral checkpoints by their names")
+    rc, _, err = run_cli(["stats", "gram", "--model", moe_dir, "--data", data, "-o", tmp_path / "st"], capsys)
+    assert rc == 2 and "converts this model's tensors when it loads them" in err, err
+    with pytest.raises(ConfigError, match="converts this model's tensors when it loads them .* which adapt"):
+        load_forward("choice", moe_dir)
+    text = tmp_path / "t.txt"
+    text.write_text("good film very good plot\n")
+    with pytest.raises(ConfigError, match="which a built-in evaluator"):
+        builtin_evaluator(f"lm-perplexity:{text}", moe_dir)
+
+
+@pytest.mark.parametrize("changed", [{"max_length": 2}, {"heads": {"task0": ["a", "b"], "task1": ["c", "d"]}}])
+def test_resuming_with_other_forward_settings_is_refused(tmp_path, changed):
+    """hp35 E7: adapt --resume with another --max-length was accepted, and ended with coefficients equal to neither
+    the unbroken run at the old setting nor the one at the new (the README promises a resume ends as an unbroken run
+    would). The forward's settings are part of the checkpoint's fingerprint."""
+    import tiesmerge
+    from test_adapt_hostile import _checkpointed, _forward
+    from tiesmerge.errors import ConfigError
+
+    base, fts, files, ck = _checkpointed(tmp_path, steps=2)
+    with pytest.raises(ConfigError, match=r"another run \(other models, data, method or forward settings: "
+                                          r"--max-length, --heads, --choices\)"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True, **changed)
+    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True)  # the same: resumes
+
+
+def test_the_same_class_text_twice_is_refused():
+    """hp35 E9: --heads {"d1": ["good", "good"]} ran: the entropy was log 2 on every input and the task's coefficients
+    never moved, without a word. Two identical descriptions (or answer choices) are refused as one is."""
+    from tiesmerge.adamerging.run import check_labels
+    from tiesmerge.errors import ConfigError
+
+    tasks = {"d1": [{"text": "x"}]}
+    with pytest.raises(ConfigError, match=r"entries 0 and 2 are the same text \('good'\)"):
+        check_labels({"d1": ["good", "bad", " good "]}, "heads", "class descriptions", tasks, every_task=True)
+    check_labels({"d1": ["good", "bad"]}, "heads", "class descriptions", tasks, every_task=True)
