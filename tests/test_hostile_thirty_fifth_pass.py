@@ -138,3 +138,55 @@ def test_the_same_class_text_twice_is_refused():
     with pytest.raises(ConfigError, match=r"entries 0 and 2 are the same text \('good'\)"):
         check_labels({"d1": ["good", "bad", " good "]}, "heads", "class descriptions", tasks, every_task=True)
     check_labels({"d1": ["good", "bad"]}, "heads", "class descriptions", tasks, every_task=True)
+
+
+def test_an_overflow_in_adapts_merge_gives_adapts_own_remedy():
+    """hp35 E21: adapt on float16 models whose merge overflowed named the tensor (good) with the merge's hint, "write
+    a wider dtype (--dtype …) or use a smaller lam": adapt has neither."""
+
+    import tiesmerge
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.finite import NotFiniteError
+
+    base, fts = _family()
+    base = {k: v.half() for k, v in base.items()}
+    fts = [{k: (base[k].float() + 100 * (v - base[k].float()).sign()).half() for k, v in ft.items()} for ft in fts]
+    with pytest.raises(NotFiniteError) as caught:
+        tiesmerge.adapt(base, fts, _data(), forward=_forward(), steps=0, init=1000.0)
+    assert "--clamp" in caught.value.hint and "--init" in caught.value.hint and "65504" in caught.value.hint
+    assert "--dtype" not in caught.value.hint and "smaller lam" not in caught.value.hint
+
+
+def test_adapt_refuses_a_lam_it_would_ignore(tmp_path, capsys):
+    """hp35 E22: adapt --lam 0.0001 was accepted, changed nothing, and was named on the model card."""
+    from helpers_ckpt import cli_flags, write_family_dirs
+
+    b, ms = write_family_dirs(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "good film"}\n')
+    rc, _, err = run_cli(["adapt", *cli_flags(b, ms), "--data", data, "--data", data, "--lam", "0.0001", "-o",
+                          tmp_path / "out"], capsys)
+    assert rc == 2 and "--lam 0.0001: adapt learns each task vector's scale" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapt_and_the_evaluators_refuse_a_config_adding_modules_the_weights_lack(classifiers, tmp_path):
+    """hp35 E24: stats refused a classifier whose config.json adds cross-attention (is_decoder + add_cross_attention),
+    but tune's classifier-accuracy and adapt's classifier forward ran on it silently (random modules, a causal mask:
+    0.50 against 0.75). The check is in the one loader every model goes through."""
+    from test_hostile_thirty_fourth_pass import _copy_with_config
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+    from tiesmerge.evaluation.forward import load_forward
+
+    _root, base, _fts, data = classifiers
+    model = _copy_with_config(base, tmp_path / "decoder", is_decoder=True, add_cross_attention=True)
+    with pytest.raises(CheckpointError, match="parameter.s. the weights do not hold, e.g. .*crossattention"):
+        load_forward("classifier", model)
+    score = builtin_evaluator(f"classifier-accuracy:{data}", model)
+    import torch
+    from safetensors.torch import load_file
+
+    state = {k: torch.as_tensor(v) for k, v in load_file(str(model / "model.safetensors")).items()}
+    with pytest.raises(CheckpointError, match="parameter.s. the weights do not hold"):
+        score(state)

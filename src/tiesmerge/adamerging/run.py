@@ -403,9 +403,17 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
             "recipe_note": "recipe.parameters.coefficients names the JSON file holding the learned values",
         }
 
-    written = merge(base, models, learned, output=output, device=device, memory_budget=memory_budget, force=force,
-                    allow_pickle=allow_pickle, vocab_policy=vocab_policy, progress=progress,
-                    finish=finish if output is not None else None)
+    from ..finite import NotFiniteError
+
+    try:
+        written = merge(base, models, learned, output=output, device=device, memory_budget=memory_budget, force=force,
+                        allow_pickle=allow_pickle, vocab_policy=vocab_policy, progress=progress,
+                        finish=finish if output is not None else None)
+    except NotFiniteError as exc:  # the merge's hint names --dtype and lam, which adapt has not (hp35 E21)
+        exc.hint = ("the learned coefficients scale a task vector past the output dtype" + (" (float16 holds values "
+                    "up to 65504)" if exc.code == "F16" else "") + ": bound them with --clamp (e.g. --clamp 0 1) or "
+                    "start lower with --init, and check the models for huge values")
+        raise
     seconds["merge"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
     return AdaptResult(coefficients, task_names, layers, granularity, history, written, seconds)

@@ -133,6 +133,10 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         if value is not None and value < 1:  # an option's value, not the data file's fault
             raise ConfigError(f"{flag} must be a positive number, got {value}")
     options = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
+    if options.get("lam") is not None:  # hp35 E22: accepted, ignored, and then named on the model card
+        raise ConfigError(f"--lam {options['lam']:g}: adapt learns each task vector's scale (the coefficients take "
+                          "the place of the method's lam), so --lam would change nothing",
+                          hint="leave --lam out; --init sets where the coefficients start, --clamp bounds them")
     method = make_method(args.method, options)
     if args.dry_run:
         if args.output:  # the checks a real run makes before any work (nothing is created), refused as a run would be

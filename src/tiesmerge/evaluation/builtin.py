@@ -186,7 +186,7 @@ class ChoiceAccuracy(_Scorer):
 def _lm_loader(model_dir: Path, **kwargs: Any) -> torch.nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    config = AutoConfig.from_pretrained(model_dir, **kwargs)
+    config = AutoConfig.from_pretrained(model_dir, **{k: v for k, v in kwargs.items() if k != "output_loading_info"})
     loader = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     return loader.from_pretrained(model_dir, **kwargs)
 

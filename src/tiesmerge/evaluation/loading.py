@@ -255,9 +255,12 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
     # never a model's own code: a config or tokenizer_config whose auto_map names a .py file beside the weights
     # would make transformers ask "run the custom code? [y/N]" on the terminal (and run it on "y"); False refuses
     kwargs["trust_remote_code"] = False
+    model_loader = hasattr(loader, "from_config") or not isinstance(loader, type)  # not a tokenizer
     try:
         with _transformers_quiet():
-            return load(directory, **kwargs)
+            if not model_loader:
+                return load(directory, **kwargs)
+            model, info = load(directory, output_loading_info=True, **kwargs)
     except (TiesMergeError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # noqa: BLE001 - a config's values reach transformers' code: ZeroDivisionError,
@@ -284,6 +287,18 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
                    "folder (or point a link with a UTF-8 name at it)"
         raise CheckpointError(f"{directory}: {what} cannot load {role} ({type(exc).__name__}: {first})",
                               hint=hint) from None
+    # transformers' own list of what it initialised at random (names after any conversion): a config.json that
+    # adds modules the weights lack (is_decoder + add_cross_attention, attention_bias) runs a model that is not
+    # the checkpoint's, in stats, adapt and the evaluators alike (hp34 D62, hp35 E24). A pooler a checkpoint was
+    # saved without is left as it was: the forwards that load one never read it.
+    fresh = [n for n in (info or {}).get("missing_keys", []) if ".pooler." not in f".{n}"]
+    if fresh:
+        raise CheckpointError(f"{directory}: config.json describes {len(fresh)} parameter(s) the weights do not hold, "
+                              f"e.g. {', '.join(sorted(fresh)[:3])}; transformers would initialise them at random, so "
+                              f"{role} would not be this checkpoint's model",
+                              hint="use the config.json that came with these weights (options such as is_decoder, "
+                                   "add_cross_attention or attention_bias add modules)")
+    return model
 
 
 # encoders whose position ids start past the padding index (RoBERTa's create_position_ids_from_input_ids):

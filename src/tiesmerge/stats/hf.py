@@ -148,19 +148,7 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
                           "stats runs a model on texts alone, and this one needs decoder inputs too",
                           hint="statistics of encoder-decoder models are not supported; merge them with a method "
                                "that needs none (ties, task_arithmetic, tsv_m, ...)")
-    model, info = from_pretrained(loader, model_dir, output_loading_info=True)
-    model = model.to(device)
-    # transformers' own list of what it initialised at random (names after any conversion): config.json adds
-    # modules the weights lack (is_decoder + add_cross_attention), and their statistics would describe no tensor
-    # while the causal mask they bring changes the others' (hp34 D62). A pooler a checkpoint was saved without is
-    # left as it was: its inputs are the model's own.
-    fresh = [n for n in (info or {}).get("missing_keys", []) if ".pooler." not in f".{n}"]
-    if fresh:
-        raise ConfigError(f"{model_dir}: config.json describes {len(fresh)} parameter(s) the weights do not hold, "
-                          f"e.g. {', '.join(sorted(fresh)[:3])}; transformers would initialise them at random, and "
-                          "statistics of that model would not be this checkpoint's",
-                          hint="use the config.json that came with these weights (options such as is_decoder or "
-                               "add_cross_attention add modules)")
+    model = from_pretrained(loader, model_dir).to(device)  # refuses modules the weights lack (loading.py)
     _check_names(model, model_dir, architectures)  # before the statistics: they are named after the model's weights
     tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
     max_length = fitted_length(model, max_length)  # never past the model's position table
