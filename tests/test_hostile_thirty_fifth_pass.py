@@ -190,3 +190,85 @@ def test_adapt_and_the_evaluators_refuse_a_config_adding_modules_the_weights_lac
     state = {k: torch.as_tensor(v) for k, v in load_file(str(model / "model.safetensors")).items()}
     with pytest.raises(CheckpointError, match="parameter.s. the weights do not hold"):
         score(state)
+
+
+def _one_output(classifiers, tmp_path):
+    """The classifiers fixture's base with a head of 1 output (a regression head), config and weights alike."""
+    from safetensors.torch import load_file, save_file
+
+    from test_hostile_thirty_fourth_pass import _copy_with_config
+
+    model = _copy_with_config(classifiers[1], tmp_path / "reg", num_labels=1, id2label={"0": "LABEL_0"},
+                              label2id={"LABEL_0": 0})
+    weights = load_file(str(model / "model.safetensors"))
+    weights["classifier.weight"] = weights["classifier.weight"][:1].contiguous()
+    weights["classifier.bias"] = weights["classifier.bias"][:1].contiguous()
+    save_file(weights, str(model / "model.safetensors"))
+    return model
+
+
+def test_a_fisher_of_a_one_output_head_is_refused_not_written_as_zeros(classifiers, tmp_path, capsys):
+    """hp35 E37: stats fisher (exact) on a num_labels=1 classifier (a regression head, as STS-B fine-tunes have)
+    wrote statistics of 0.0 everywhere (the log-probability of one class is 0), and a later fisher merge blamed the
+    data. E38: adapt's classifier forward on it learned nothing (entropy 0 -> 0), without a word."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.forward import load_forward
+
+    model = _one_output(classifiers, tmp_path)
+    rc, _, err = run_cli(["stats", "fisher", "--model", model, "--data", classifiers[3], "-o", tmp_path / "st"],
+                         capsys)
+    assert rc == 2 and "a head of 1 output (num_labels 1: a regression head) has no class distribution" in err, err
+    assert not (tmp_path / "st").exists()
+    with pytest.raises(ConfigError, match="adapt's objectives are 0 whatever the coefficients"):
+        load_forward("classifier", model)
+
+
+def test_a_search_resumed_after_its_evaluator_was_edited_is_refused(tmp_path, monkeypatch):
+    """hp35 E40: a search resumed after the evaluator's module was edited (the same MODULE:FUNCTION, now returning
+    minus the old score) reused every old score. The module's source digest is in the log's header."""
+    import importlib
+    import sys
+
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "edited_eval.py").write_text("def score(state):\n    return 1.0\n")
+    base, models = make_family(2)
+    import edited_eval
+
+    grid = {"density": (0.5,), "lam": (1.0,)}
+    run_search(base, models, "ties", edited_eval.score, grid=grid, log=str(tmp_path / "log.jsonl"))
+    run_search(base, models, "ties", edited_eval.score, grid=grid, log=str(tmp_path / "log.jsonl"))  # resumes
+    (tmp_path / "edited_eval.py").write_text("def score(state):\n    return -1.0\n")
+    importlib.reload(sys.modules["edited_eval"])
+    with pytest.raises(ConfigError, match="is the log of another search .*evaluator_code"):
+        run_search(base, models, "ties", sys.modules["edited_eval"].score, grid=grid, log=str(tmp_path / "log.jsonl"))
+
+
+def test_many_names_that_are_no_task_are_counted():
+    """hp35 E50: 200,000 extra --heads keys were said as five names, without a count."""
+    from tiesmerge.adamerging.run import check_labels
+    from tiesmerge.errors import ConfigError
+
+    labels = {"t": ["a", "b"], **{f"x{i}": ["a", "b"] for i in range(1000)}}
+    with pytest.raises(ConfigError, match=r"--heads names 'x0', 'x1', 'x2', 'x3', 'x4' and 995 more, none of them a "
+                                          r"task"):
+        check_labels(labels, "heads", "class descriptions", {"t": [{"text": "a"}]}, every_task=False)
+
+
+def test_a_checkpoint_over_a_stats_output_names_that_output(tmp_path):
+    """hp35 E33: adapt --checkpoint at the weights file of a `tiesmerge stats` output was refused as "a file
+    tiesmerge did not write"; it names the output and its kind now."""
+    import json as _json
+
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    folder = tmp_path / "g1"
+    folder.mkdir()
+    (folder / "tiesmerge_stats.json").write_text(_json.dumps({"kind": "gram", "examples": 3, "tiesmerge_version": "x"}))
+    (folder / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(OutputError, match=r"a file of the tiesmerge output .*g1 \(statistics: tiesmerge stats\)"):
+        check_output_file(folder / "model.safetensors", True, [], "the checkpoint")

@@ -1013,10 +1013,11 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
         written_by_us = stat.S_ISLNK(st.st_mode) or (ours is not None and ours(path))
         if not written_by_us:
             folder = physical(path).parent
-            inside = (folder / "tiesmerge.json").is_file()  # a file of an output directory (hostile pass 33, C53)
+            # a file of an output directory (hostile pass 33, C53), of whichever command wrote it (hp35 E33)
+            inside = next((m for m in OUTPUT_MARKERS if (folder / m).is_file()), None)
             raise OutputError(f"{path}: {what} would replace "
-                              + (f"a file of the tiesmerge output {folder}, which only a run writing that whole "
-                                 "output replaces" if inside else "a file tiesmerge did not write"),
+                              + (f"a file of the tiesmerge output {folder} ({OUTPUT_KINDS[inside]}), which only a run "
+                                 "writing that whole output replaces" if inside else "a file tiesmerge did not write"),
                               hint="choose another path (--force replaces only a file tiesmerge wrote there as "
                                    f"{what})")
         if not force:

@@ -427,8 +427,10 @@ def check_labels(labels: Mapping[str, Any], flag: str, what: str, task_data: Map
     problems = []
     unknown = [k for k in labels if k not in task_data]
     if unknown:
-        problems.append(f"--{flag} names {', '.join(repr(k) for k in unknown[:5])}, which is no task (the tasks are "
-                        f"{', '.join(repr(t) for t in task_data)})")
+        shown = ", ".join(repr(k)[:60] for k in unknown[:5]) + (f" and {len(unknown) - 5:,} more" if len(unknown) > 5
+                                                                 else "")
+        problems.append(f"--{flag} names {shown}, {'which is no task' if len(unknown) == 1 else 'none of them a task'}"
+                        f" (the tasks are {', '.join(repr(t) for t in task_data)})")
     if every_task:
         problems += [f"task {t!r} has no {what} in --{flag}" for t in task_data if t not in labels]
     for task, values in labels.items():

@@ -322,6 +322,11 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
             raise ConfigError(f"{model_dir}: not a sequence classifier (architectures: {', '.join(archs) or 'none'})",
                               hint="--forward encoder (with --heads) or choice (with answer choices) may fit")
         model = from_pretrained(AutoModelForSequenceClassification, model_dir).to(device)
+        if int(getattr(model.config, "num_labels", 2)) < 2:  # hp35 E38: entropy 0 -> 0, nothing learned
+            raise ConfigError(f"{model_dir}: a head of 1 output (num_labels 1: a regression head) gives no "
+                              "distribution over classes, so adapt's objectives are 0 whatever the coefficients",
+                              hint="adapt needs a classifier of 2 or more classes (or --forward encoder with "
+                                   "--heads of class descriptions)")
         forward = ClassifierLogits(model, from_pretrained(AutoTokenizer, model_dir, "its tokenizer"),
                                    max_length=max_length)
     elif kind == "encoder":

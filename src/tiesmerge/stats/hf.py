@@ -135,6 +135,11 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
         raise ConfigError(f"{model_dir}: the Fisher needs p(y|x), and this model is not a sequence classifier "
                           f"(architectures: {', '.join(architectures) or 'none'})",
                           hint="for other models use tiesmerge.stats.fisher_information with your own logits function")
+    if kind == "fisher" and _num_labels(model_dir, config) < 2:  # hp35 E37: every value 0.0, written as statistics
+        raise ConfigError(f"{model_dir}: a head of 1 output (num_labels 1: a regression head) has no class "
+                          "distribution: the log-probability of its one class is 0, so its Fisher would be 0 "
+                          "everywhere", hint="the Fisher needs a classifier of 2 or more classes; for this model "
+                                             "use stats gram and --method regmean, or a method without statistics")
     uses_labels = kind == "fisher" and fisher != "exact"
     rows = read_jsonl(data, limit=limit, need_labels=uses_labels,
                       num_labels=_num_labels(model_dir, config) if uses_labels else None)

@@ -103,6 +103,20 @@ def _evaluator_data(evaluate: Any) -> Any:
     return data if isinstance(data, (str, os.PathLike)) else None
 
 
+def _evaluator_code(evaluate: Any) -> str | None:
+    """The source file of a user's evaluator function (``module:function``), or None (a lambda typed in, a callable
+    object, tiesmerge's own built-ins): its code decides the scores, so a log scored by other code is not resumed
+    (hp35 E40: a search resumed after the evaluator was edited reused every old score)."""
+    import sys
+
+    inner = getattr(evaluate, "evaluate", evaluate)
+    name = getattr(inner, "__module__", None)
+    if not isinstance(name, str) or name == "tiesmerge" or name.startswith("tiesmerge."):
+        return None
+    path = getattr(sys.modules.get(name), "__file__", None)
+    return path if isinstance(path, str) and path.endswith(".py") and os.path.isfile(path) else None
+
+
 def _content_digest(path: str | os.PathLike) -> str:
     """A digest of a data file's bytes (a validation text: small), so a byte-identical copy resumes the search."""
     import hashlib
@@ -180,6 +194,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               "evaluator": evaluator_name, "weights": _weights_stamp([base, *models]),
               # a built-in evaluator's data file (NAME:FILE): scores on another text are not comparable
               **({"evaluator_data": _content_digest(data)} if (data := _evaluator_data(evaluate)) else {}),
+              **({"evaluator_code": _content_digest(code)} if (code := _evaluator_code(evaluate)) else {}),
               **({"vocab_policy": vocab_policy} if vocab_policy != "error" else {})}  # it changes the candidates
     if log is not None:  # the log is appended to: never inside (or over) a model the search reads
         from ..paths import check_not_input
