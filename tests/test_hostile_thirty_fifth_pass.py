@@ -272,3 +272,66 @@ def test_a_checkpoint_over_a_stats_output_names_that_output(tmp_path):
     (folder / "model.safetensors").write_bytes(b"x")
     with pytest.raises(OutputError, match=r"a file of the tiesmerge output .*g1 \(statistics: tiesmerge stats\)"):
         check_output_file(folder / "model.safetensors", True, [], "the checkpoint")
+
+
+def test_a_classifier_saved_without_a_pad_token_id_takes_its_tokenizers(tmp_path):
+    """hp35 E51: a LlamaForSequenceClassification saved with pad_token_id null (common for Llama-family classifiers;
+    its tokenizer has a pad token) failed every batch of 2 ("Cannot handle batch sizes > 1 if no padding token is
+    defined"), with a hint blaming its original config."""
+    import torch
+
+    from tiesmerge.evaluation.forward import load_forward, logits
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(CLASSIFIER_WORDS), hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   max_position_embeddings=32, num_labels=3, pad_token_id=None)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "lc")
+    save_word_tokenizer(tmp_path / "lc")
+    assert json.loads((tmp_path / "lc" / "config.json").read_text()).get("pad_token_id") is None
+    fwd = load_forward("classifier", tmp_path / "lc")
+    rows = [{"text": "good film"}, {"text": "very bad plot not good"}]
+    with torch.no_grad():
+        together = logits(fwd, fwd.encode(rows, "t"), "t")
+        alone = torch.cat([logits(fwd, fwd.encode([r], "t"), "t") for r in rows])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)  # the answer read at each text's last token
+
+
+def test_tune_checks_the_files_its_best_merge_copies_before_it_scores(tmp_path, capsys, monkeypatch):
+    """hp35 E55: a base whose tokenizer_config.json is a link leaving the folder: merge, adapt and search refused it
+    at once, but tune merged and scored all its grid points, then refused the same link when writing the best
+    merge, and the whole tune was lost."""
+    import os
+
+    from helpers_ckpt import cli_flags, write_family_dirs
+
+    b, ms = write_family_dirs(tmp_path)
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text("{}")
+    (b / "tokenizer_config.json").unlink(missing_ok=True)
+    os.symlink(outside, b / "tokenizer_config.json")
+    (tmp_path / "count_eval.py").write_text(f"def score(state):\n    open({str(tmp_path / 'scored')!r}, 'a').write('x')"
+                                            "\n    return 0.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for command in ("tune", "search"):
+        extra = ["--grid", "lam=1.0,1.5"] if command == "tune" else ["--budget", "2", "--dir", tmp_path / "s"]
+        rc, _, err = run_cli([command, *cli_flags(b, ms), "--evaluator", "count_eval:score", *extra, "-o",
+                              tmp_path / "best"], capsys)
+        assert rc == 1 and "tokenizer_config.json" in err, err
+        assert not (tmp_path / "scored").exists()  # refused before the first score
+
+
+def test_adapt_on_a_device_torch_has_not_is_a_typed_error(tmp_path, capsys):
+    """hp35 E57: adapt --device cuda on a CPU-only torch was "unexpected AssertionError: Torch not compiled with
+    CUDA enabled … a bug" (mps: an unexpected RuntimeError); the other commands said it in their own words."""
+    import torch
+
+    from helpers_ckpt import cli_flags, write_family_dirs
+
+    b, ms = write_family_dirs(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "good film"}\n')
+    for device in (["cuda:7"] if torch.cuda.is_available() else ["cuda", "cuda:7"]) + ["mps"]:
+        rc, _, err = run_cli(["adapt", *cli_flags(b, ms), "--data", data, "--data", data, "--device", device, "-o",
+                              tmp_path / "out"], capsys)
+        assert rc == 2 and "unexpected" not in err and "device" in err, err

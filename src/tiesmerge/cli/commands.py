@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import re
 import sys
 import textwrap
@@ -118,6 +119,16 @@ def _check_writes(output: str | None, force: bool, inputs: list[tuple[str, Any]]
         check_output_location(output, force, marker)
 
 
+def _check_copies(output: str | None, base: str) -> None:
+    """Before a tune or search that ends by writing the best merge: the base's files that merge copies beside the
+    weights (config, tokenizer: a link leaving the folder, a FIFO, a file still being written), checked as merge
+    checks them, so that none fails the write after hours of scoring (hp35 E55)."""
+    if output and os.path.isdir(base):
+        from ..io.writer import check_model_files, model_files
+
+        check_model_files(model_files(Path(base)))
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from ..api import merge
     from ..inputs import option_inputs
@@ -128,6 +139,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     inputs = [("the base", args.base), *((f"model {k}", m) for k, m in enumerate(args.models)),
               *option_inputs(args.method, grid)]  # a grid of sign_from models: inputs too
     _check_writes(args.output, args.force, inputs)
+    _check_copies(args.output, args.base)
     if args.json:
         if args.output and nested(args.json, args.output):
             raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
@@ -192,6 +204,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
     _check_writes(args.output, args.force, module)
+    _check_copies(args.output, args.base)
     check_not_input(args.dir, module)
     if args.workers is not None and (args.ray is None or args.ray):
         raise ConfigError("--workers sizes the local Ray cluster that --ray without an address starts")

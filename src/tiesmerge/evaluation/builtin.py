@@ -36,7 +36,7 @@ import torch
 from ..errors import ConfigError
 from ..limits import read_json_lines
 from ..paths import check_model_dir, read_regular
-from .loading import check_kind, from_pretrained, refuse_converted
+from .loading import align_pad_token, check_kind, from_pretrained, refuse_converted
 from .rank_classification import ChoiceExample, check_choice_count, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
@@ -111,7 +111,9 @@ class _Scorer:
             name = next((n for n, cls in BUILTIN_EVALUATORS.items() if cls is type(self)), type(self).__name__)
             check_kind(self.model_dir, kind, name)
             model = from_pretrained(build, self.model_dir, "the base").to(_device(self.device)).eval()
-            _MODELS[key] = (model, from_pretrained(AutoTokenizer, self.model_dir, "its tokenizer"))
+            tokenizer = from_pretrained(AutoTokenizer, self.model_dir, "its tokenizer")
+            align_pad_token(model, tokenizer, self.model_dir)
+            _MODELS[key] = (model, tokenizer)
         return _MODELS[key]
 
 

@@ -36,7 +36,15 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..paths import check_model_dir
 from .encoder import CosineHead, SentenceEncoder, build_head
-from .loading import architectures, encode, fitted_length, forward_checked, from_pretrained, refuse_converted
+from .loading import (
+    align_pad_token,
+    architectures,
+    encode,
+    fitted_length,
+    forward_checked,
+    from_pretrained,
+    refuse_converted,
+)
 from .rank_classification import check_choice_count, fit_choice
 
 __all__ = ["FORWARD_KINDS", "TaskForward", "ClassifierLogits", "EncoderHeadLogits", "ChoiceLogits",
@@ -327,8 +335,9 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
                               "distribution over classes, so adapt's objectives are 0 whatever the coefficients",
                               hint="adapt needs a classifier of 2 or more classes (or --forward encoder with "
                                    "--heads of class descriptions)")
-        forward = ClassifierLogits(model, from_pretrained(AutoTokenizer, model_dir, "its tokenizer"),
-                                   max_length=max_length)
+        tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
+        align_pad_token(model, tokenizer, model_dir)
+        forward = ClassifierLogits(model, tokenizer, max_length=max_length)
     elif kind == "encoder":
         if not heads:
             raise ConfigError("the encoder forward needs class descriptions per task (heads)",

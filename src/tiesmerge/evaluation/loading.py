@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError, TiesMergeError
 from ..limits import read_json
 
-__all__ = ["converted_on_load", "from_pretrained", "refuse_converted"]
+__all__ = ["align_pad_token", "converted_on_load", "from_pretrained", "refuse_converted"]
 
 
 def _check_config(directory: Path) -> int | None:
@@ -200,6 +200,25 @@ def refuse_converted(directory: str | os.PathLike, what: str) -> None:
                       f"not hold the checkpoint's tensors under their names, which {what} needs",
                       hint="merge it with a method that needs no data (ties, task_arithmetic, ...); to tune or adapt, "
                            "write your own evaluator (module:function) that saves and loads the merged model")
+
+
+def align_pad_token(model: Any, tokenizer: Any, directory: str | os.PathLike) -> None:
+    """A sequence classifier reads its answer at the last token that is not padding, so its config needs the pad
+    token's id: a Llama-family classifier saved with pad_token_id null failed every batch of 2 or more ("Cannot
+    handle batch sizes > 1 if no padding token is defined", blamed on its config, hp35 E51). The tokenizer's pad
+    token is the one its batches are padded with: the config takes it; with none on either side, a typed error."""
+    config = getattr(model, "config", None)
+    if not type(model).__name__.endswith("ForSequenceClassification") or config is None \
+            or getattr(config, "pad_token_id", None) is not None:
+        return
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is not None:
+        config.pad_token_id = pad
+        return
+    raise ConfigError(f"{directory}: neither config.json nor the tokenizer names a pad token, and this classifier "
+                      "reads its answer at the last token that is not padding, so texts of different lengths cannot "
+                      "be scored together", hint="set pad_token_id in config.json (e.g. to the eos token's id), or "
+                                                 "give the tokenizer a pad token")
 
 
 @contextmanager

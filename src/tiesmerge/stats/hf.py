@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from ..errors import CheckpointError, ConfigError
-from ..evaluation.loading import encode, fitted_length, forward_checked, from_pretrained, refuse_converted
+from ..evaluation.loading import (
+    align_pad_token,
+    encode,
+    fitted_length,
+    forward_checked,
+    from_pretrained,
+    refuse_converted,
+)
 from ..io.checkpoint import open_checkpoint
 from ..limits import read_json, read_json_lines
 from ..paths import check_input, check_model_dir
@@ -158,6 +165,8 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
     max_length = fitted_length(model, max_length)  # never past the model's position table
     padding = "right, with the tokenizer's pad token"
+    if tokenizer.pad_token_id is not None:  # a classifier saved with pad_token_id null finds its answer by it
+        align_pad_token(model, tokenizer, model_dir)
     if tokenizer.pad_token_id is None:
         # Llama/GPT tokenizers have none. Any stand-in would be read by a classifier's pooling (it finds the last
         # real token by the pad id), so each example goes alone: exact, only slower
