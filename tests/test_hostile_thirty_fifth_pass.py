@@ -335,3 +335,12 @@ def test_adapt_on_a_device_torch_has_not_is_a_typed_error(tmp_path, capsys):
         rc, _, err = run_cli(["adapt", *cli_flags(b, ms), "--data", data, "--data", data, "--device", device, "-o",
                               tmp_path / "out"], capsys)
         assert rc == 2 and "unexpected" not in err and "device" in err, err
+
+
+def test_an_infinite_clamp_is_refused_it_would_reach_the_manifest_as_non_json():
+    """hp35 E59: adapt --clamp -inf inf was accepted and written to tiesmerge.json as -Infinity/Infinity, which
+    strict JSON readers refuse; without --clamp the coefficients are unbounded anyway."""
+    from tiesmerge.adamerging.learn import AdaptConfig
+
+    assert any("clamp must be two finite numbers" in p for p in AdaptConfig(clamp=(float("-inf"), 1.0)).problems())
+    assert not AdaptConfig(clamp=(0.0, 1.0)).problems()

@@ -87,6 +87,10 @@ class AdaptConfig:
             out.append(f"init must be within ±{MAX_INIT:g}, got {self.init!r}")
         if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
             out.append(f"clamp must be (low, high) with low < high, got {self.clamp!r}")
+        elif self.clamp is not None and not all(math.isfinite(v) for v in self.clamp):  # hp35 E59: -inf inf went
+            # into the manifest as -Infinity/Infinity, which strict JSON readers refuse; unbounded is no clamp
+            out.append(f"clamp must be two finite numbers, got {tuple(self.clamp)!r} (leave --clamp out for "
+                       "coefficients without bounds)")
         if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
                                                   or self.checkpoint_every < 1):
             out.append(f"checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
