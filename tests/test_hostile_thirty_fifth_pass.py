@@ -344,3 +344,40 @@ def test_an_infinite_clamp_is_refused_it_would_reach_the_manifest_as_non_json():
 
     assert any("clamp must be two finite numbers" in p for p in AdaptConfig(clamp=(float("-inf"), 1.0)).problems())
     assert not AdaptConfig(clamp=(0.0, 1.0)).problems()
+
+
+def test_python_dash_m_tiesmerge_never_imports_modules_of_the_working_folder(tmp_path):
+    """hp35 E74: `python -m tiesmerge` run from a folder holding yaml.py or numpy.py (a downloaded model's folder)
+    imported and ran them before any tiesmerge code: `-m` puts the working folder first on the import path. The
+    installed script was safe; `-m` is now too."""
+    import subprocess
+    import sys
+
+    for name in ("re", "yaml", "numpy", "argparse", "safetensors"):
+        (tmp_path / f"{name}.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'a').write({name!r} + '\\n')\n")
+    done = subprocess.run([sys.executable, "-m", "tiesmerge", "--version"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("tiesmerge "), done.stdout + done.stderr
+    assert not (tmp_path / "ran").exists(), (tmp_path / "ran").read_text()
+    done = subprocess.run([sys.executable, "-m", "tiesmerge", "methods"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and not (tmp_path / "ran").exists()
+
+
+def test_encoder_accuracy_refuses_an_encoder_decoder_and_a_class_given_twice(t5_dir, tmp_path):
+    """hp35 E70: tune --evaluator encoder-accuracy on a T5 base failed after merging as "raised ValueError … fix the
+    evaluator" (the evaluator is tiesmerge's); E62: a task whose classes were the same text twice scored every input
+    as class 0, without a word."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import EncoderAccuracy
+
+    data = tmp_path / "enc.jsonl"
+    data.write_text(json.dumps({"task": "t", "classes": ["good", "bad"]}) + "\n"
+                    + json.dumps({"task": "t", "text": "good film", "label": 0}) + "\n")
+    with pytest.raises(ConfigError, match="encoder-accuracy embeds texts by an encoder's mean pooling, and the base "
+                                          "is an encoder-decoder"):
+        EncoderAccuracy(t5_dir, data)
+    data.write_text(json.dumps({"task": "t", "classes": ["good", " good"]}) + "\n"
+                    + json.dumps({"task": "t", "text": "good film", "label": 0}) + "\n")
+    with pytest.raises(ConfigError, match="task 't' lists the class 'good' twice"):
+        EncoderAccuracy(tmp_path, data)

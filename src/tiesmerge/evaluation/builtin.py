@@ -36,7 +36,7 @@ import torch
 from ..errors import ConfigError
 from ..limits import read_json_lines
 from ..paths import check_model_dir, read_regular
-from .loading import align_pad_token, check_kind, from_pretrained, refuse_converted
+from .loading import align_pad_token, check_kind, from_pretrained, is_encoder_decoder, refuse_converted
 from .rank_classification import ChoiceExample, check_choice_count, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
@@ -250,6 +250,10 @@ class EncoderAccuracy(_Scorer):
 
     def __post_init__(self) -> None:
         self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
+        if is_encoder_decoder(self.model_dir):  # hp35 E70: failed after the merge, as "fix the evaluator"
+            raise ConfigError(f"{self.model_dir}: encoder-accuracy embeds texts by an encoder's mean pooling, and the "
+                              "base is an encoder-decoder model, which needs decoder inputs too",
+                              hint="choice-accuracy:FILE scores encoder-decoder language models")
         self.classes: dict[str, tuple[str, ...]] = {}
         self.examples: dict[str, list[tuple[str, int]]] = {}
         pending: list[tuple[str, dict, str]] = []
@@ -264,6 +268,11 @@ class EncoderAccuracy(_Scorer):
                     raise ConfigError(f"{where}: 'classes' must list at least two class descriptions (strings)")
                 if task in self.classes:
                     raise ConfigError(f"{where}: task {task!r} has its classes twice")
+                stripped = [c.strip() for c in classes]
+                if len(set(stripped)) < len(stripped):  # hp35 E62: ties in the cosine argmax, class 0 every time
+                    same = next(c for c in stripped if stripped.count(c) > 1)
+                    raise ConfigError(f"{where}: task {task!r} lists the class {same[:60]!r} twice, so the model could "
+                                      "never tell those classes apart", hint="give each class its own description")
                 self.classes[task] = tuple(classes)
             elif isinstance(row.get("text"), str):
                 if not row["text"].strip():

@@ -43,6 +43,7 @@ from .loading import (
     fitted_length,
     forward_checked,
     from_pretrained,
+    is_encoder_decoder,
     refuse_converted,
 )
 from .rank_classification import check_choice_count, fit_choice
@@ -265,16 +266,9 @@ def _check_causal_lm(model_dir: Path) -> None:
         return
     fits = ("--forward classifier fits it" if any(a.endswith("ForSequenceClassification") for a in archs)
             else "tune or search with --evaluator choice-accuracy:FILE scores encoder-decoder LMs"
-            if _encoder_decoder(model_dir) else "--forward encoder (with --heads) may fit it")
+            if is_encoder_decoder(model_dir) else "--forward encoder (with --heads) may fit it")
     raise ConfigError(f"{model_dir}: the choice forward needs a causal language model, and this model is a "
                       f"{', '.join(archs)}", hint=f"{fits}; --forward choice is for models such as *ForCausalLM")
-
-
-def _encoder_decoder(model_dir: Path) -> bool:
-    from ..limits import read_json
-
-    config = read_json(model_dir / "config.json", "the model's config") if (model_dir / "config.json").is_file() else {}
-    return isinstance(config, dict) and config.get("is_encoder_decoder") is True
 
 
 def _check_bare_encoder(model_dir: Path) -> None:
@@ -283,7 +277,7 @@ def _check_bare_encoder(model_dir: Path) -> None:
     of the forward's model" and Python-API advice, after the model was built), and so is an encoder-decoder, whose
     model needs decoder inputs too (hp35 E10: "unexpected ValueError … a bug")."""
     archs = architectures(model_dir)
-    if _encoder_decoder(model_dir):
+    if is_encoder_decoder(model_dir):
         raise ConfigError(f"{model_dir}: the encoder forward takes a bare encoder, and this is an encoder-decoder "
                           f"model ({', '.join(archs) or 'T5-like'}), which needs decoder inputs too",
                           hint="--forward classifier fits an encoder-decoder classifier (*ForSequenceClassification); "

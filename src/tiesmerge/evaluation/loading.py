@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError, TiesMergeError
 from ..limits import read_json
 
-__all__ = ["align_pad_token", "converted_on_load", "from_pretrained", "refuse_converted"]
+__all__ = ["align_pad_token", "converted_on_load", "from_pretrained", "is_encoder_decoder", "refuse_converted"]
 
 
 def _check_config(directory: Path) -> int | None:
@@ -161,6 +161,13 @@ def _check_built(loader: Any, directory: Path, stored: int) -> None:
                               f"comparing them ({name} alone would be {' x '.join(map(str, largest.shape))})",
                               hint="use the config.json that came with these weights: its sizes (hidden_size, "
                                    "intermediate_size, num_hidden_layers, vocab_size, ...) must describe them")
+
+
+def is_encoder_decoder(directory: str | os.PathLike) -> bool:
+    """Whether the model of ``directory`` is an encoder-decoder (its config says ``is_encoder_decoder``: T5, BART):
+    a text alone cannot run it, it needs decoder inputs too."""
+    config = _json_object(Path(directory) / "config.json")
+    return config is not None and config.get("is_encoder_decoder") is True
 
 
 def converted_on_load(directory: str | os.PathLike) -> str | None:
