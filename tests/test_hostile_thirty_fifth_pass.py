@@ -14,31 +14,30 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 
-@pytest.fixture(scope="module")
-def t5_dir(tmp_path_factory):
+def _saved(tmp_path_factory, name, model_class, config):
+    """A tiny model of ``model_class`` from ``config``, saved by transformers with the word-level tokenizer."""
     import torch
 
     torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=len(CLASSIFIER_WORDS), d_model=16, d_ff=32, d_kv=8, num_layers=2,
-                                num_decoder_layers=2, num_heads=2, decoder_start_token_id=0, pad_token_id=0)
-    folder = tmp_path_factory.mktemp("t5") / "t5"
-    transformers.T5ForConditionalGeneration(cfg).save_pretrained(folder)
+    folder = tmp_path_factory.mktemp(name) / name
+    model_class(config).save_pretrained(folder)
     save_word_tokenizer(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return _saved(tmp_path_factory, "t5", transformers.T5ForConditionalGeneration, transformers.T5Config(
+        vocab_size=len(CLASSIFIER_WORDS), d_model=16, d_ff=32, d_kv=8, num_layers=2, num_decoder_layers=2,
+        num_heads=2, decoder_start_token_id=0, pad_token_id=0))
 
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    import torch
-
-    torch.manual_seed(0)
-    cfg = transformers.MixtralConfig(vocab_size=len(CLASSIFIER_WORDS), hidden_size=16, intermediate_size=32,
-                                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                     num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=32)
-    folder = tmp_path_factory.mktemp("moe") / "moe"
-    transformers.MixtralForCausalLM(cfg).save_pretrained(folder)
-    save_word_tokenizer(folder)
-    return folder
+    return _saved(tmp_path_factory, "moe", transformers.MixtralForCausalLM, transformers.MixtralConfig(
+        vocab_size=len(CLASSIFIER_WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+        max_position_embeddings=32))
 
 
 @pytest.fixture(scope="module")
