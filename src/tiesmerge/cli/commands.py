@@ -405,8 +405,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                    force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
                    methods=args.methods)
     completed(args.output)
-    for line in data["summary"]:
-        print(f"- {line}")
+    for line in data["summary"]:  # a sentence may name a tensor: one printed line each (hp36 C05)
+        print(f"- {shown(line)}")
     engine = data["engine"]
     print(f"wrote {shown(Path(args.output) / 'report.html')} (and analysis.json, PNGs): "
           f"{format_size(engine['bytes_read'])} read in {data['seconds']['total']:.1f} s")

@@ -1,0 +1,25 @@
+"""Hostile pass 36 (issue 13)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers_ckpt import run_cli, write_hf_dir
+
+
+def test_analyzes_summary_prints_a_tensor_name_on_one_line(tmp_path, capsys):
+    """hp36 C05: a tensor named "w\\nerror: fake.weight" forged a line of its own in analyze's plain-language summary
+    on stdout (errors escaped the newline; the summary printed it raw)."""
+    pytest.importorskip("matplotlib")
+    g = torch.Generator().manual_seed(0)
+    name = "w\nerror: fake.weight"
+    base = {name: torch.randn(64, 64, generator=g)}
+    models = [{name: base[name] + torch.randn(64, 64, generator=g)} for _ in range(2)]
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    rc, out, err = run_cli(["analyze", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "rep",
+                            "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "w\\nerror: fake.weight" in out
+    assert not any(line.startswith("error:") for line in out.splitlines()), out
