@@ -23,3 +23,18 @@ def test_analyzes_summary_prints_a_tensor_name_on_one_line(tmp_path, capsys):
     assert rc == 0, err
     assert "w\\nerror: fake.weight" in out
     assert not any(line.startswith("error:") for line in out.splitlines()), out
+
+
+def test_a_tokenizer_that_yields_no_tokens_is_named_not_the_config():
+    """hp36 C20: a model whose tokenizer turned every text into no tokens (AutoTokenizer picked a class that did not
+    match its files) failed in the forward ("cannot reshape tensor of 0 elements"), blamed on its config.json."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation.loading import encode
+
+    class Empty:
+        def __call__(self, texts, pairs=None, **kwargs):
+            return {"input_ids": torch.zeros(len(texts), 0, dtype=torch.long),
+                    "attention_mask": torch.zeros(len(texts), 0, dtype=torch.long)}
+
+    with pytest.raises(CheckpointError, match=r"m: its tokenizer \(Empty\) turns the texts into no tokens"):
+        encode(Empty(), ["good film"], max_length=16, directory="m")

@@ -396,5 +396,14 @@ def encode(tokenizer: Any, texts: list[str], pairs: list[str] | None = None, *, 
     texts = [clipped(t, max_length) for t in texts]
     pairs = [clipped(t, max_length) for t in pairs] if pairs is not None else None
     with forward_checked(directory):
-        return dict(tokenizer(texts, pairs, padding=padding, truncation=True, max_length=max_length,
-                              return_tensors="pt"))
+        batch = dict(tokenizer(texts, pairs, padding=padding, truncation=True, max_length=max_length,
+                               return_tensors="pt"))
+    ids = batch.get("input_ids")
+    if ids is not None and ids.dim() == 2 and ids.shape[1] == 0:  # hp36 C20: "cannot reshape a tensor of 0
+        # elements" in the forward, blamed on config.json
+        where = f"{directory}: " if directory is not None else ""
+        raise CheckpointError(f"{where}its tokenizer ({type(tokenizer).__name__}) turns the texts into no tokens at "
+                              f"all (e.g. {texts[0][:40]!r})",
+                              hint="check the tokenizer files: tokenizer_config.json's tokenizer_class must be the "
+                                   "tokenizer that tokenizer.json or the vocabulary files describe")
+    return batch
