@@ -38,3 +38,24 @@ def test_a_tokenizer_that_yields_no_tokens_is_named_not_the_config():
 
     with pytest.raises(CheckpointError, match=r"m: its tokenizer \(Empty\) turns the texts into no tokens"):
         encode(Empty(), ["good film"], max_length=16, directory="m")
+
+
+def test_stats_gram_says_which_layers_it_cannot_collect(tmp_path, capsys):
+    """hp36 C21: stats gram on a GPT-2 classifier collected 1 tensor (the head) without a word: its attention and MLP
+    are transformers' Conv1D, not nn.Linear, and RegMean then silently averaged them."""
+    import json
+
+    import transformers
+
+    from helpers_models import CLASSIFIER_WORDS, TEXTS, save_word_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(CLASSIFIER_WORDS), n_embd=16, n_layer=1, n_head=2, n_positions=32,
+                                  num_labels=2, pad_token_id=0)
+    transformers.GPT2ForSequenceClassification(cfg).save_pretrained(tmp_path / "g")
+    save_word_tokenizer(tmp_path / "g")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t, _ in TEXTS))
+    rc, _, err = run_cli(["stats", "gram", "--model", tmp_path / "g", "--data", data, "-o", tmp_path / "st"], capsys)
+    assert rc == 0, err
+    assert "layer(s) of" in err and "are transformers' Conv1D" in err and "RegMean averages their weights" in err

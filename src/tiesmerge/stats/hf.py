@@ -193,6 +193,16 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
                                    targets=(lambda b: b["labels"]) if fisher != "exact" else None,
                                    per_example=per_example, progress=progress, model=model_dir)
     else:
+        conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"]
+        if conv1d:  # hp36 C21: GPT-2's attention and MLP are transformers' Conv1D, no nn.Linear: said, not silent
+            import warnings
+
+            from ..errors import MergeWarning
+
+            warnings.warn(MergeWarning(
+                f"{len(conv1d)} layer(s) of {model_dir} are transformers' Conv1D ({', '.join(conv1d[:2])}"
+                f"{', ...' if len(conv1d) > 2 else ''}), not nn.Linear: they get no Gram statistics, so RegMean "
+                "averages their weights"), stacklevel=2)
         stats = gram_matrices(model, batches, forward, token_mask=lambda b: b["attention_mask"].bool(),
                               progress=progress, model=model_dir)
     stats.manifest.options.update({"data": str(data), "max_length": max_length, "batch_size": batch_size,
