@@ -59,3 +59,30 @@ def test_stats_gram_says_which_layers_it_cannot_collect(tmp_path, capsys):
     rc, _, err = run_cli(["stats", "gram", "--model", tmp_path / "g", "--data", data, "-o", tmp_path / "st"], capsys)
     assert rc == 0, err
     assert "layer(s) of" in err and "are transformers' Conv1D" in err and "RegMean averages their weights" in err
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+def test_mergekit_linear_of_lora_entries_says_what_it_cannot_do(tmp_path, capsys, with_base):
+    """hp36 C18: a mergekit linear recipe of `llama+lora1`, `llama+lora2` with base_model llama was refused as "the
+    base is a PEFT lora adapter … --base takes the full model" (no --base was given); without base_model, as "a LoRA
+    on a model other than base_model" (there was none)."""
+    import yaml
+
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base
+
+    base = make_base()
+    b = write_hf_dir(tmp_path / "llama", base)
+    loras = [write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    recipe = {"merge_method": "linear", "models": [{"model": f"{b}+{lora}", "parameters": {"weight": 0.5}}
+                                                   for lora in loras]}
+    if with_base:
+        recipe["base_model"] = str(b)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    rc, _, err = run_cli(["validate", tmp_path / "r.yaml"], capsys)
+    assert rc == 2, err
+    if with_base:
+        assert "linear: " in err and "is a LoRA (a MODEL+LORA entry)" in err and "task_arithmetic" in err
+    else:
+        assert "applies a LoRA, and the recipe has no base_model" in err and f"add base_model: {b}" in err
+    assert "--base takes" not in err

@@ -179,6 +179,9 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> s
             problems.append(f"base_model: {ref!r} applies a LoRA to the base itself; tiesmerge reads an adapter "
                             "only as a task vector of its base (list it under models as BASE+ADAPTER, or merge the "
                             "adapter into the base first and give that folder)")
+        elif base is None:  # hp36 C18: "a model other than base_model", of a recipe that names none
+            problems.append(f"{where}: {ref!r} applies a LoRA, and the recipe has no base_model; tiesmerge reads an "
+                            f"adapter as a task vector of the base it was trained on: add base_model: {model}")
         else:
             problems.append(f"{where}: {ref!r} applies a LoRA to a model other than base_model; tiesmerge reads "
                             "an adapter as a task vector of the base it was trained on")
@@ -331,6 +334,13 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     normalize = options["normalize"]
     total = sum(weights)
     if method == "linear":
+        adapters = [p for p in paths if (Path(p) / "adapter_config.json").is_file()]
+        if adapters:  # hp36 C18: "the base is a PEFT lora adapter", of a recipe whose base was a full model
+            problems.append(f"linear: {adapters[0]!r} is a LoRA (a MODEL+LORA entry); tiesmerge's linear reads the "
+                            "models' own values, the first standing as the base, and an adapter has none: merge each "
+                            "adapter into its model first, or use merge_method: task_arithmetic (normalize: true "
+                            "divides by the weights' sum) on base_model")
+            return "", {}, ""
         if normalize and math.isclose(total, 0.0, abs_tol=1e-8):
             problems.append("linear: the weights sum to 0, so normalize has nothing to divide by; give weights "
                             "with a nonzero sum (or normalize: false with weights summing to 1)")
