@@ -86,3 +86,18 @@ def test_mergekit_linear_of_lora_entries_says_what_it_cannot_do(tmp_path, capsys
     else:
         assert "applies a LoRA, and the recipe has no base_model" in err and f"add base_model: {b}" in err
     assert "--base takes" not in err
+
+
+@pytest.mark.parametrize("budget", [-1, -5, 0])
+def test_a_budget_below_one_is_a_usage_error_for_every_strategy(budget):
+    """hp36 C38: search --budget -1 on the grid scored the grid less its last point (a Python negative slice), and
+    wrote the best merge; C39: --budget 0 said "no candidate got a finite score", blaming the evaluator."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.methods import Ties
+    from tiesmerge.tuning.space import build_space
+    from tiesmerge.tuning.strategies import make_strategy
+
+    space = build_space(Ties, 2, axes=("lam",))
+    for strategy in ("grid", "random", "cmaes"):
+        with pytest.raises(ConfigError, match=f"--budget {budget}: the number of candidates to score is a whole"):
+            make_strategy(strategy, space, budget=budget)
