@@ -101,3 +101,21 @@ def test_a_budget_below_one_is_a_usage_error_for_every_strategy(budget):
     for strategy in ("grid", "random", "cmaes"):
         with pytest.raises(ConfigError, match=f"--budget {budget}: the number of candidates to score is a whole"):
             make_strategy(strategy, space, budget=budget)
+
+
+def test_the_demo_names_a_file_it_cannot_write(tmp_path, monkeypatch):
+    """hp36 C33: `demo --synthetic` under `ulimit -f` failed as "unexpected SafetensorError: … File too large (os
+    error 27) … a bug in tiesmerge". The file and what ran out are named, and the part written is removed."""
+    from safetensors import SafetensorError
+
+    from tiesmerge.cli import demo
+    from tiesmerge.errors import OutputError
+
+    def too_large(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    monkeypatch.setattr(demo, "save_file", too_large)
+    with pytest.raises(OutputError, match=r"model-00001-of-00002.safetensors: cannot write it: .*File too large"):
+        demo._save_hf(tmp_path / "base", {"w": torch.zeros(2, 2), "v": torch.zeros(2)}, {})
+    assert not (tmp_path / "base" / "model-00001-of-00002.safetensors").exists()

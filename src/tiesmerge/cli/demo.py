@@ -11,9 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,7 +25,7 @@ from safetensors.torch import save_file
 from ..api import describe_plan, merge, plan_merge
 from ..errors import OutputError
 from ..methods import Average, TaskArithmetic, Ties
-from ..paths import DEMO_MARKER, as_if_created, check_output_location, demo_models_written
+from ..paths import DEMO_MARKER, as_if_created, check_output_location, demo_models_written, write_error
 from ..sizes import format_size
 
 __all__ = ["synthetic_llama_shapes", "make_demo_models", "run_demo"]
@@ -69,13 +72,35 @@ def _save_hf(directory: Path, state: dict[str, torch.Tensor], config: dict, shar
     for s in range(shards):
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = {n: state[n].contiguous() for n in names[s * per:(s + 1) * per]}
-        save_file(part, str(directory / file), metadata={"format": "pt"})
+        with _written(directory / file):
+            save_file(part, str(directory / file), metadata={"format": "pt"})
         as_if_created(directory / file)  # safetensors writes 0600: the umask's mode, as the other files
         weight_map.update({n: file for n in part})
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    with _written(directory / "model.safetensors.index.json"):
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    with _written(directory / "config.json"):
+        (directory / "config.json").write_text(json.dumps(config, indent=2))
+
+
+@contextmanager
+def _written(path: Path) -> Iterator[None]:
+    """A file of the demo's models written whole or not at all: a full disk or a file size limit (``ulimit -f``) is
+    an OutputError naming the file and what ran out (safetensors says "I/O error: File too large (os error 27)",
+    which reached the command as a bug, hp36 C33), and the part written is removed."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        path.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            found = re.search(r"\(os error (\d+)\)", str(exc))
+            if found is None:
+                raise
+            exc = OSError(int(found.group(1)), os.strerror(int(found.group(1))))
+        raise write_error(path, exc) from None
 
 
 def make_demo_models(root: Path, million_params: float, seed: int = 0) -> tuple[Path, list[Path], dict]:
