@@ -119,3 +119,31 @@ def test_the_demo_names_a_file_it_cannot_write(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match=r"model-00001-of-00002.safetensors: cannot write it: .*File too large"):
         demo._save_hf(tmp_path / "base", {"w": torch.zeros(2, 2), "v": torch.zeros(2)}, {})
     assert not (tmp_path / "base" / "model-00001-of-00002.safetensors").exists()
+
+
+def test_the_model_cards_recipe_runs_again_as_the_card_says(tmp_path, capsys):
+    """hp36 C46: an --output-format adapter merge's card held shard_size, which a recipe for an adapter refuses, so
+    "Re-run with tiesmerge merge recipe.yaml" failed; C45: an adapt output's card said the same of a recipe whose
+    method (adamerging) no recipe runs."""
+    import re
+
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base
+    from tiesmerge.io.card import model_card
+
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    loras = [write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    rc, _, err = run_cli(["merge", "--base", b, "--model", loras[0], "--model", loras[1], "--method",
+                          "task_arithmetic", "--output-format", "adapter", "--rank", "4", "-o", tmp_path / "ad"],
+                         capsys)
+    assert rc == 0, err
+    card = (tmp_path / "ad" / "README.md").read_text()
+    recipe = re.search(r"```+yaml\n(.*?)\n```", card, re.S).group(1)
+    assert "shard_size" not in recipe and "output_format: adapter" in recipe
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    rc, _, err = run_cli(["merge", tmp_path / "recipe.yaml", "-o", tmp_path / "again"], capsys)
+    assert rc == 0, err
+    learned = model_card(base_label="b", model_labels=["a"], recipe_yaml="method: adamerging\n",
+                         method_name="adamerging", paper="p", summary="s", version="v")
+    assert "Learned by `tiesmerge adapt`" in learned and "tiesmerge merge recipe.yaml" not in learned

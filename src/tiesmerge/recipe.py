@@ -94,8 +94,8 @@ class MergeRecipe:
                                "parameters": params}
         for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy"):
             out[key] = getattr(self, key)
-        if self.output_format != "model":
-            out.update(output_format=self.output_format, rank=self.rank)
+        if self.output_format != "model":  # an adapter is one file: no shard_size, which a recipe for one refuses
+            out.update(output_format=self.output_format, rank=self.rank, shard_size=None)  # (hp36 C46)
         out["origin"] = self.origin
         if self.stats:
             out["models"] = [{"path": m, "stats": s} for m, s in zip(self.models, self.stats, strict=True)]

@@ -290,6 +290,17 @@ def _fence(text: str) -> str:
     return "`" * max(3, max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
 
 
+def _rerun(method_name: str) -> str:
+    """How the recipe below is run again. An AdaMerging merge is learned by ``tiesmerge adapt``, which no recipe
+    runs: "Re-run with tiesmerge merge recipe.yaml" failed as "unknown method 'adamerging'" (hp36 C45)."""
+    if method_name == "adamerging":
+        return ("Learned by `tiesmerge adapt` (the coefficients are in `adamerging_coefficients.json` beside this "
+                "card); the recipe below records the merge, and `tiesmerge adapt` with the same models, data and "
+                "options (in `tiesmerge.json`) learns it again:")
+    return ("Re-run with `tiesmerge merge recipe.yaml -o OUT` (its paths are as they were typed: save it in the "
+            "folder the merge ran from):")
+
+
 def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, method_name: str, paper: str,
                summary: str, version: str, base_revision: str | None = None, base_commit: str | None = None) -> str:
     """``base_label``: the base's path, or its Hugging Face repo id (then ``base_revision`` as asked
@@ -315,7 +326,7 @@ Models merged:
 
 ## Recipe
 
-Re-run with `tiesmerge merge recipe.yaml -o OUT`:
+{_rerun(method_name)}
 
 {fence}yaml
 {recipe_yaml.rstrip()}
