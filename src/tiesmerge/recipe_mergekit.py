@@ -393,7 +393,8 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     # dare_ties / dare_linear
     if len(set(density_values)) > 1:
         problems.append(f"{method}: per-model densities {density_values} differ; tiesmerge's DARE drops every "
-                        "model at one rate")
+                        "model at one rate: give every model the same density (ties and breadcrumbs take one per "
+                        "model)")
         return "", {}, ""
     if not options.get("rescale", True):
         problems.append(f"{method} with rescale: false (drop without rescaling) is not supported")
