@@ -147,3 +147,15 @@ def test_the_model_cards_recipe_runs_again_as_the_card_says(tmp_path, capsys):
     learned = model_card(base_label="b", model_labels=["a"], recipe_yaml="method: adamerging\n",
                          method_name="adamerging", paper="p", summary="s", version="v")
     assert "Learned by `tiesmerge adapt`" in learned and "tiesmerge merge recipe.yaml" not in learned
+
+
+def test_ranges_with_the_grid_strategy_are_refused_not_ignored():
+    """hp36 C42: search --strategy grid --range lam=5:6 scored the default grid (lam 0.8, 0.9, ...) without a word,
+    and its log recorded the range beside values outside it."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    with pytest.raises(ConfigError, match="--range lam: ranges are where the random and cmaes strategies draw"):
+        run_search(base, models, "ties", lambda state: 0.0, strategy="grid", ranges={"lam": (5.0, 6.0)})

@@ -182,6 +182,11 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     evaluator_name = _evaluator_name(evaluate)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     cls = method_class(method) if isinstance(method, str) else type(method)
+    if strategy == "grid" and ranges:  # hp36 C42: ignored without a word, the log recording them beside the grid
+        raise ConfigError(f"--range {', '.join(ranges)}: ranges are where the random and cmaes strategies draw; the "
+                          "grid strategy scores --grid's values",
+                          hint="give the values with --grid NAME=v1,v2 (or NAME=start:stop:step), or choose "
+                               "--strategy random or cmaes")
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
     check_tuning_vocab_policy(vocab_policy)
     job = Job(method, base, tuple(models), device, memory_budget, vocab_policy, allow_distant)
