@@ -141,6 +141,7 @@ def test_the_model_cards_recipe_runs_again_as_the_card_says(tmp_path, capsys):
     card = (tmp_path / "ad" / "README.md").read_text()
     recipe = re.search(r"```+yaml\n(.*?)\n```", card, re.S).group(1)
     assert "shard_size" not in recipe and "output_format: adapter" in recipe
+    assert "library_name: peft" in card and "# Merged LoRA adapter" in card  # hp36 C57: listed as transformers
     (tmp_path / "recipe.yaml").write_text(recipe)
     rc, _, err = run_cli(["merge", tmp_path / "recipe.yaml", "-o", tmp_path / "again"], capsys)
     assert rc == 0, err

@@ -367,7 +367,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 base_label=getattr(base, "repo_id", prepared.base.label), base_revision=getattr(base, "revision", None),
                 base_commit=getattr(base, "commit", None), model_labels=[c.label for c in prepared.models],
                 recipe_yaml=recipe.to_yaml(), method_name=m.name, paper=m.paper, summary=m.summary,
-                version=__version__), encoding="utf-8", errors="backslashreplace")  # a path's undecodable bytes: \xff
+                version=__version__, adapter=output_format == "adapter"),
+                encoding="utf-8", errors="backslashreplace")  # a path's undecodable bytes: \xff
             run_stats.seconds["total"] = time.perf_counter() - started
             manifest = merge_manifest(recipe, executor, run_stats, hashed, files, copied)
             manifest["base_distance"] = [d.to_dict() for d in prepared.distances]

@@ -302,11 +302,14 @@ def _rerun(method_name: str) -> str:
 
 
 def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, method_name: str, paper: str,
-               summary: str, version: str, base_revision: str | None = None, base_commit: str | None = None) -> str:
+               summary: str, version: str, base_revision: str | None = None, base_commit: str | None = None,
+               adapter: bool = False) -> str:
     """``base_label``: the base's path, or its Hugging Face repo id (then ``base_revision`` as asked
-    and the ``base_commit`` read from the local cache, when it was named by id)."""
-    front = yaml.safe_dump({"base_model": base_label, "tags": ["merge", "tiesmerge", method_name],
-                            "library_name": "transformers"}, sort_keys=False)
+    and the ``base_commit`` read from the local cache, when it was named by id). ``adapter``: the output is a merged
+    LoRA adapter (``--output-format adapter``), which PEFT loads on the base, not transformers alone (hp36 C57)."""
+    front = yaml.safe_dump({"base_model": base_label, "tags": ["merge", "tiesmerge", method_name, *(["lora"] if adapter
+                                                                                                  else [])],
+                            "library_name": "peft" if adapter else "transformers"}, sort_keys=False)
     at = ""
     if base_commit:
         at = f" at revision {_code(base_revision or 'main')} (commit {_code(base_commit)})"
@@ -314,7 +317,7 @@ def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, me
     fence = _fence(recipe_yaml)
     return f"""---
 {front}---
-# Merged model
+# Merged {"LoRA adapter (load it on the base with PEFT)" if adapter else "model"}
 
 Made with [tiesmerge](https://pypi.org/project/tiesmerge/) {version} using **{method_name}** ({summary};
 paper: {paper}).
