@@ -160,3 +160,18 @@ def test_ranges_with_the_grid_strategy_are_refused_not_ignored():
     base, models = make_family(2)
     with pytest.raises(ConfigError, match="--range lam: ranges are where the random and cmaes strategies draw"):
         run_search(base, models, "ties", lambda state: 0.0, strategy="grid", ranges={"lam": (5.0, 6.0)})
+
+
+def test_a_choice_accuracy_row_given_to_adapt_says_which_field_to_rename(tmp_path):
+    """hp36 C51: adapt --forward choice on choice-accuracy's file ({"prompt", "choices", "label"}) said "each line
+    must be an object with a string 'text'" with a classifier row as the example."""
+    import json
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats.hf import read_jsonl
+
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"prompt": "Is it spam? ", "choices": ["yes", "no"], "label": 1}) + "\n")
+    with pytest.raises(ConfigError, match="a 'prompt' line .*these rows name the prompt 'text'") as caught:
+        read_jsonl(data, empty_texts=True)
+    assert '"choices"' in caught.value.hint

@@ -46,6 +46,9 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
     rows = []
     for number, row in read_json_lines(path, "the data file", max_bytes=_MAX_DATA_BYTES, error=ConfigError, hint=hint,
                                        limit=limit):
+        if not isinstance(row.get("text"), str) and isinstance(row.get("prompt"), str):  # hp36 C51
+            raise ConfigError(f"{path}:{number}: a 'prompt' line (choice-accuracy's rows); these rows name the prompt "
+                              "'text'", hint='e.g. {"text": "Is it spam? ", "choices": ["yes", "no"], "label": 1}')
         if not isinstance(row.get("text"), str):
             raise ConfigError(f"{path}:{number}: each line must be an object with a string 'text'",
                               hint='e.g. {"text": "a review", "label": 1}')
