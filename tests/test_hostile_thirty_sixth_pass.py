@@ -175,3 +175,15 @@ def test_a_choice_accuracy_row_given_to_adapt_says_which_field_to_rename(tmp_pat
     with pytest.raises(ConfigError, match="a 'prompt' line .*these rows name the prompt 'text'") as caught:
         read_jsonl(data, empty_texts=True)
     assert '"choices"' in caught.value.hint
+
+
+def test_a_single_grid_value_pins_a_fraction_axis_of_a_random_search_as_it_pins_lam():
+    """hp36 C41: search --strategy random --grid density=0.3 drew density from [0.05, 1] without a word, while
+    --grid lam=2 held lam at 2."""
+    from tiesmerge.methods import Ties
+    from tiesmerge.tuning.space import build_space
+
+    space = build_space(Ties, 2, axes=("density", "lam"), grid={"density": (0.3,), "lam": (2.0,)})
+    axes = {a.name: a for a in space.axes}
+    assert (axes["density"].low, axes["density"].high) == (0.3, 0.3)
+    assert (axes["lam"].low, axes["lam"].high) == (2.0, 2.0)

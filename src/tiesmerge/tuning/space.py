@@ -256,6 +256,8 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
             low, high = ranges[name]
         elif values and len(values) > 1:
             low, high = float(min(values)), float(max(values))
+        elif values and name in given:  # the user's one value (--grid density=0.3): the axis holds it, a fraction
+            low = high = float(values[0])  # too (it was drawn from [0.05, 1] without a word, hp36 C41)
         elif meta.get("check") is fraction:
             low, high = FRACTION_RANGE
         elif per_model:
