@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import filecmp
 import json
 import math
 import os
@@ -44,7 +43,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,45 +179,33 @@ def mergekit_argv(python: str, config: Path, out: Path, device: str) -> list[str
 # ---------------------------------------------------------------- comparing outputs
 
 
-def _tensor_files(directory: Path) -> dict[str, Path]:
-    from safetensors import safe_open
-
-    where = {}
-    for f in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            where.update(dict.fromkeys(st.keys(), f))
-    return where
-
-
 def compare(a_dir: Path, b_dir: Path, base_dir: Path) -> dict:
     """How far output ``a`` is from output ``b``: ||a - b|| / ||b - base|| over every tensor (float32),
-    the largest |a - b|, and whether the weight files are byte-identical."""
+    the largest |a - b|, and whether the weight files are byte-identical (run.py's helpers find the tensors' files
+    and compare the bytes; each file is opened once)."""
     from safetensors import safe_open
 
-    fa, fb, fbase = _tensor_files(a_dir), _tensor_files(b_dir), _tensor_files(base_dir)
+    fa, fb, fbase = (speed._tensor_files(d) for d in (a_dir, b_dir, base_dir))
     if set(fa) != set(fb):
         return {"same_names": False, "only_in_a": sorted(set(fa) - set(fb))[:5],
                 "only_in_b": sorted(set(fb) - set(fa))[:5]}
     num = den = 0.0
     max_abs = 0.0
     differing = 0
-    for name in sorted(fa):
-        with safe_open(str(fa[name]), "pt") as sa, safe_open(str(fb[name]), "pt") as sb, \
-                safe_open(str(fbase[name]), "pt") as sbase:
-            a, b, base = (s.get_tensor(name).float() for s in (sa, sb, sbase))
-        d = a - b
-        num += float(d.double().square().sum())
-        den += float((b - base).double().square().sum())
-        m = float(d.abs().max()) if d.numel() else 0.0
-        max_abs = max(max_abs, m)
-        differing += m > 0
-        del a, b, base, d
-    names_a = sorted(p.name for p in a_dir.glob("*.safetensors"))
-    identical = names_a == sorted(p.name for p in b_dir.glob("*.safetensors")) and all(
-        filecmp.cmp(a_dir / n, b_dir / n, shallow=False) for n in names_a)
+    with ExitStack() as stack:
+        handle = {f: stack.enter_context(safe_open(str(f), "pt")) for f in {*fa.values(), *fb.values(),
+                                                                               *fbase.values()}}
+        for name in sorted(fa):
+            a, b, base = (handle[files[name]].get_tensor(name).float() for files in (fa, fb, fbase))
+            d = a - b
+            num += float(d.double().square().sum())
+            den += float((b - base).double().square().sum())
+            m = float(d.abs().max()) if d.numel() else 0.0
+            max_abs = max(max_abs, m)
+            differing += m > 0
     return {"same_names": True, "tensors": len(fa), "tensors_differing": differing,
             "rel_diff": math.sqrt(num / den) if den else (0.0 if num == 0 else math.inf),
-            "max_abs_diff": max_abs, "identical_files": identical}
+            "max_abs_diff": max_abs, "identical_files": speed.same_files(a_dir, b_dir)}
 
 
 # ---------------------------------------------------------------- the machine
@@ -252,17 +239,13 @@ def machine(python: str) -> dict:
 # ---------------------------------------------------------------- the report
 
 
-def _fmt(x, spec: str = ".2f") -> str:
-    return "—" if x is None else format(x, spec)
-
-
 def _cell(run: dict | None, field: str, spec: str = ".2f", scale: float = 1.0) -> str:
     if run is None:
         return "—"
     if not run.get("ok"):
         return "failed"
     value = run.get(field)
-    return _fmt(value / scale if value is not None else None, spec)
+    return speed._fmt(value / scale if value is not None else None, spec)
 
 
 def what_this_shows(results: dict) -> list[str]:
@@ -311,7 +294,7 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         f"Written by `benchmarks/speed/gpu.py` on {results['date']} (commit {results['commit']}): "
         f"`{results['invocation']}`.",
         "",
-        f"Machine: {gpu.get('name') or 'no GPU'} ({_fmt(gpu.get('memory_gib'), '.0f')} GiB, "
+        f"Machine: {gpu.get('name') or 'no GPU'} ({speed._fmt(gpu.get('memory_gib'), '.0f')} GiB, "
         f"{gpu.get('multiprocessors')} SMs), {m['cpus']} CPUs ({m.get('cpu')}), {m['memory_gib']} GiB; "
         f"torch {gpu.get('torch')} (CUDA {gpu.get('cuda')}), Python {m['python']}.",
         "",
@@ -338,8 +321,8 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
         else:
             versus = (f"rel. {c['rel_diff']:.1e}, max |Δ| {c['max_abs_diff']:.1e} "
                       f"({c['tensors_differing']}/{c['tensors']} tensors)")
-        out.append(f"| {ROW[key].label} | {_cell(cpu, 'wall_s')} | {_cell(cuda, 'wall_s')} | {_fmt(up, '.1f')} "
-                   f"| {_fmt(gbs)} | {_cell(cpu, 'peak_rss_bytes', '.0f', MiB)} "
+        out.append(f"| {ROW[key].label} | {_cell(cpu, 'wall_s')} | {_cell(cuda, 'wall_s')} | {speed._fmt(up, '.1f')} "
+                   f"| {speed._fmt(gbs)} | {_cell(cpu, 'peak_rss_bytes', '.0f', MiB)} "
                    f"| {_cell(cuda, 'peak_rss_bytes', '.0f', MiB)} | {_cell(cuda, 'gpu_peak_mib', '.0f')} "
                    f"| {versus} |")
     out += ["", "| floor or peer | device | wall s | peak RSS MiB | GPU memory MiB |", "|---|---|---:|---:|---:|"]
@@ -357,8 +340,8 @@ def write_report(results: dict, md_path: Path, json_path: Path) -> None:
                 "of the two):"]
         for device, c in results["mergekit_vs_tiesmerge"].items():
             out.append(f"- {device}: " + ("byte-identical" if c.get("identical_files") else
-                                          f"relative difference {_fmt(c.get('rel_diff'), '.1e')}, "
-                                          f"max |Δ| {_fmt(c.get('max_abs_diff'), '.1e')}"))
+                                          f"relative difference {speed._fmt(c.get('rel_diff'), '.1e')}, "
+                                          f"max |Δ| {speed._fmt(c.get('max_abs_diff'), '.1e')}"))
     if results.get("mergekit_note"):
         out += ["", f"mergekit: {results['mergekit_note']}"]
     failed = [k for k, r in runs.items() if not r.get("ok")]

@@ -138,11 +138,8 @@ def _check_built(loader: Any, directory: Path, stored: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModel
 
-    build = getattr(loader, "from_config", None)
-    if build is None and not isinstance(loader, type):  # a function choosing its class (the LM evaluators'):
-        build = AutoModel.from_config  # the backbone alone, which a head only adds to
-    if build is None:
-        return  # a tokenizer
+    # a function choosing its class (the LM evaluators'): the backbone alone, which a head only adds to
+    build = getattr(loader, "from_config", None) or AutoModel.from_config
     try:
         with _transformers_quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -275,13 +272,13 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
     taking a directory and keywords); transformers' own errors for unusable files become a CheckpointError naming
     them."""
     stored = _check_config(Path(directory))
-    if stored is not None:
+    model_loader = hasattr(loader, "from_config") or not isinstance(loader, type)  # not a tokenizer
+    if stored is not None and model_loader:
         _check_built(loader, Path(directory), stored)
     load = getattr(loader, "from_pretrained", loader)
     # never a model's own code: a config or tokenizer_config whose auto_map names a .py file beside the weights
     # would make transformers ask "run the custom code? [y/N]" on the terminal (and run it on "y"); False refuses
     kwargs["trust_remote_code"] = False
-    model_loader = hasattr(loader, "from_config") or not isinstance(loader, type)  # not a tokenizer
     try:
         with _transformers_quiet():
             if not model_loader:

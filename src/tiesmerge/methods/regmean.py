@@ -21,32 +21,34 @@ def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 _GRAM_EPS = 2.0**-23
 
 
-def _undetermined(lhs: torch.Tensor) -> tuple[torch.Tensor, float, int] | None:
-    """None where ``lhs`` (in, in), a sum of Gram matrices, is well conditioned (always for alpha < 1, whose diagonal
-    share keeps every scaled eigenvalue >= 1 - alpha); else (its diagonal scaling, the eigenvalue threshold, the
-    number of directions above it). Scaled to a unit diagonal, its entries are at most 1 and their float32 error
-    about _GRAM_EPS, whatever the features' scales (outlier features included). A Cholesky pivot bounds the smallest
-    eigenvalue from above, so a pivot above the threshold costs a factorization and no eigendecomposition."""
+def _spectrum_if_singular(lhs: torch.Tensor, alpha: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    """None where ``lhs`` (in, in), a sum of Gram matrices, is well conditioned; else (its diagonal scaling D^-1/2
+    (in,), the eigenvalues (in,) and eigenvectors (in, in) of the scaled S = D^-1/2 lhs D^-1/2, the threshold below
+    which an eigenvalue is noise). Scaled to a unit diagonal, its entries are at most 1 and their float32 error about
+    _GRAM_EPS whatever the features' scales (outlier features included); alpha's diagonal share keeps every scaled
+    eigenvalue >= 1 - alpha, so no alpha below 1 by more than the threshold pays for this check (the default 0.95
+    never does). A Cholesky pivot bounds the smallest eigenvalue from above: a pivot above the threshold costs one
+    factorization and no eigendecomposition."""
+    threshold = lhs.shape[0] * _GRAM_EPS
+    if 1.0 - alpha > threshold:
+        return None
     scale = torch.diagonal(lhs).rsqrt()  # (in,): every diagonal entry is > 0 here (unseen features were set to n)
     scaled = lhs * scale[:, None] * scale[None, :]  # (in, in), unit diagonal
-    threshold = lhs.shape[0] * _GRAM_EPS
     factor, info = torch.linalg.cholesky_ex(scaled)
     if int(info) == 0 and float(torch.diagonal(factor).square().min()) > threshold:
         return None
-    values = torch.linalg.eigvalsh(scaled)
-    kept = int((values > threshold).sum())
-    return None if kept == lhs.shape[0] else (scale, threshold, kept)
-
-
-def _least_squares_or_mean(lhs: torch.Tensor, rhs: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor,
-                           threshold: float, _kept: int) -> torch.Tensor:
-    """Of the x (in, rows) that solve lhs (in, in) x = rhs (in, rows) as well as any, the one closest to ``mean``
-    (in, rows), the models' mean, measured in the inputs' scale (the metric of D = diag(lhs), which keeps RegMean's
-    invariance to rescaling an input feature): x = mean + D^-1/2 S^+ D^-1/2 (rhs - lhs mean), S = D^-1/2 lhs D^-1/2
-    with its eigenvalues below ``threshold`` taken as 0. An input direction no example spans keeps the mean instead
-    of rounding noise."""
-    scaled = lhs * scale[:, None] * scale[None, :]  # S = D^-1/2 lhs D^-1/2
     values, vectors = torch.linalg.eigh(scaled)  # (in,), (in, in)
+    return None if bool((values > threshold).all()) else (scale, values, vectors, threshold)
+
+
+def _least_squares_or_mean(rhs: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, values: torch.Tensor,
+                           vectors: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Of the x (in, rows) that solve lhs x = rhs (in, rows) as well as any, the one closest to ``mean`` (in, rows),
+    the models' mean, measured in the inputs' scale (the metric of D = diag(lhs), which keeps RegMean's invariance
+    to rescaling an input feature): x = mean + D^-1/2 S^+ D^-1/2 (rhs - lhs mean), S = D^-1/2 lhs D^-1/2 given by
+    its spectrum (``values``, ``vectors``), eigenvalues below ``threshold`` taken as 0. An input direction no
+    example spans keeps the mean instead of rounding noise."""
     keep = values > threshold
     v_r = vectors[:, keep]  # (in, r)
     y = v_r @ ((v_r.T @ (rhs * scale[:, None])) / values[keep][:, None])  # (in, rows): S y = D^-1/2 rhs on the range
@@ -104,13 +106,14 @@ class RegMean:
             # n * x = sum_t tau_t there makes those columns the plain mean
             lhs[unseen, unseen] = float(n)
             rhs[unseen] = tau64[:, :, unseen].sum(dim=0).T
-        singular = _undetermined(lhs)
+        singular = _spectrum_if_singular(lhs, self.alpha)
         if singular is None:
             solution = torch.linalg.solve(lhs, rhs)  # (in, rows)
         else:
-            solution = _least_squares_or_mean(lhs, rhs, tau64.mean(dim=0).T, *singular)
+            solution = _least_squares_or_mean(rhs, tau64.mean(dim=0).T, *singular)
+            kept = int((singular[1] > singular[3]).sum())
             warnings.warn(MergeWarning(
-                f"regmean: tensor {ctx.name!r}: the summed Gram matrix determines only {singular[2]} of its "
+                f"regmean: tensor {ctx.name!r}: the summed Gram matrix determines only {kept} of its "
                 f"{lhs.shape[0]} input directions (alpha {self.alpha:g}, too few or collinear examples in the "
                 "statistics); those the data leaves open take the models' mean, as unseen inputs do; alpha < 1 "
                 "(the default 0.95) or statistics from more examples avoid this"), stacklevel=3)

@@ -22,6 +22,7 @@ from ..evaluation.loading import (
     fitted_length,
     forward_checked,
     from_pretrained,
+    is_encoder_decoder,
     refuse_converted,
 )
 from ..io.checkpoint import open_checkpoint
@@ -158,7 +159,7 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     causal = any(str(a).endswith("ForCausalLM") for a in architectures)
     loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM if causal else AutoModel
     refuse_converted(model_dir, "stats (statistics named after the checkpoint's tensors)")
-    if config.get("is_encoder_decoder") is True and not classifier:  # hp35 E3: "fails in its forward pass"
+    if is_encoder_decoder(model_dir) and not classifier:  # hp35 E3: "fails in its forward pass"
         raise ConfigError(f"{model_dir}: an encoder-decoder model ({', '.join(map(str, architectures)) or 'T5-like'}); "
                           "stats runs a model on texts alone, and this one needs decoder inputs too",
                           hint="statistics of encoder-decoder models are not supported; merge them with a method "

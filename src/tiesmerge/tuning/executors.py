@@ -352,7 +352,8 @@ class RayExecutor:
 @contextmanager
 def _stop_signals_held(held: list[int]) -> Iterator[None]:
     """While Ray starts: every signal with a Python handler (the command's stop signals, SIGINT's KeyboardInterrupt)
-    is recorded in ``held`` instead of handled, and Ray cannot replace those handlers. ray.init installs its own
+    is recorded in ``held`` instead of handled (a second of the same kind is handled at once, so a start that never
+    ends can still be interrupted), and Ray cannot replace those handlers. ray.init installs its own
     SIGTERM handler, a bare sys.exit(15): a SIGTERM seconds into `search --ray` ended it with status 15, no message,
     and Ray's agents orphaned (hp34 D70). After, every handler is put back (_restore_signal_handlers)."""
     import signal
@@ -364,7 +365,9 @@ def _stop_signals_held(held: list[int]) -> Iterator[None]:
         return
     stops = {s for s, h in handlers.items() if callable(h)}
 
-    def hold(signum: int, _frame: Any) -> None:
+    def hold(signum: int, frame: Any) -> None:
+        if signum in held:  # the same signal twice: the user means it now, should ray.init never end
+            handlers[signum](signum, frame)
         held.append(signum)
 
     real = signal.signal
