@@ -473,6 +473,10 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
         raise
 
 
+IA3_MEASURED = ("(IA)³ scaling vectors: task vector l − 1 per adapted module, as `tiesmerge merge` merges them "
+                "(not their effect W·(l − 1) on the weights)")
+
+
 def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike | None = None, density: float = 0.2,
             subsets_per_size: int | None = 10, seed: int = 0, curve: Sequence[float] | None = None,
             device: str = "cpu", memory_budget: int | str | None = None, vocab_policy: str = "error",
@@ -511,6 +515,19 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                                         *(i for _, m in extra for i in method_inputs(m))])
         check_output_path(Path(output).absolute(), force, "analysis.json")  # fail before the passes, not after
     with ExitStack() as stack:
+        base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
+        stamps = FileStamps.of(f for c in (base_ckpt, *model_ckpts) for f in c.files())
+        # (IA)³ adapters merge their scaling vectors (τ = l − 1 against an identity base), not W·(l − 1): the
+        # statistics measure what `tiesmerge merge` trims, elects and averages (hp36 C60). LoRA is unchanged:
+        # its merge runs on ΔW = B·A, as the statistics do.
+        engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, "model")
+        in_l_space = engine_base is not base_ckpt
+        if in_l_space and extra:
+            raise ConfigError("analyze --method with (IA)³ adapters: the statistics measure their scaling vectors "
+                              "(l − 1), while a compared merge is written as a full model with the vectors folded "
+                              "into its weights, so the two would not be the same quantities",
+                              hint="leave out --method; to compare merges, fold each adapter into the base first "
+                                   "(tiesmerge merge --base B --model ADAPTER -o FOLDED) and analyze the folded models")
         merged: list[tuple[str, Checkpoint]] = []
         if extra:  # each extra method's merge, float32, read back beside the models in the statistics pass
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesmerge-analyze-")))
@@ -518,9 +535,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                 path = merge(base, models, method, output=scratch / f"m{i}", device=device, memory_budget=budget,
                              dtype="float32", allow_pickle=allow_pickle, vocab_policy=vocab_policy)
                 merged.append((label, open_models(stack, path, [], False)[0]))
-        base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
-        stamps = FileStamps.of(f for c in (base_ckpt, *model_ckpts) for f in c.files())
-        alignment = align(base_ckpt, model_ckpts, vocab_policy=vocab_policy)
+        alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -528,10 +543,12 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
             bar = stack.enter_context(tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="analyzing",
                                            dynamic_ncols=True))
             bar.reset(total=3 * sum(j.nbytes for j in alignment.jobs if j.merge) * (len(models) + 1))
-        data = run_analysis(base_ckpt, model_ckpts, alignment, settings, device=device_t, memory_budget=budget,
+        data = run_analysis(engine_base, engine_models, alignment, settings, device=device_t, memory_budget=budget,
                             progress=bar.update if bar is not None else None, merged=merged)
         stamps.check("an input file")  # a model still being written would make the figures mean nothing
         data["inputs"] = {"base": base_ckpt.label, "models": [c.label for c in model_ckpts]}
+        if in_l_space:
+            data["inputs"]["measured"] = IA3_MEASURED
     # each compared merge's options, so the report says which variant it shows
     data["magnitudes"]["methods"] = {label: {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
                                      for label, method in extra}

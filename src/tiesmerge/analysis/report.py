@@ -146,7 +146,9 @@ def render_html(data: dict, figures: dict[str, bytes], labels: list[str]) -> str
     sc = data["sign_conflicts"]
     parts = [f"<h1>Interference analysis: {data['n_models']} models, top {percent(data['settings']['density'])}</h1>",
              "<p>Base <code>" + html.escape(str(data.get("inputs", {}).get("base", ""))) + "</code>; "
-             f"{data['parameters']:,} parameters compared.</p>",
+             f"{data['parameters']:,} parameters compared"
+             + (f" ({html.escape(data['inputs']['measured'])})" if data.get("inputs", {}).get("measured") else "")
+             + ".</p>",
              "<h2>Reading</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in data["summary"]) + "</ul>"]
     for name, caption in FIGURES.items():
         if name in figures:

@@ -30,6 +30,8 @@ def summarise(data: dict) -> list[str]:
                 "and no conflict, overlap or mass to measure. Check that --model names the fine-tuned models."]
     lines = [f"Model(s) {', '.join(map(str, zero))} are identical to the base (a zero task vector): they keep no "
              "entry, and the figures below describe the others."] if zero else []
+    if data.get("inputs", {}).get("measured"):  # what a parameter is here, when not a weight (IA)³
+        lines.insert(0, f"Measured: {data['inputs']['measured']}.")
     twins = [(s, t) for s, t in data.get("identical_pairs", []) if s not in zero]  # reports before it lack the key
     if twins:
         lines.append(f"Model(s) {', '.join(f'{s} and {t}' for s, t in twins)} have the same task vector, entry for "
