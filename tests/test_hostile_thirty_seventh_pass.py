@@ -39,3 +39,27 @@ def test_analyze_refuses_a_compared_merge_of_ia3_adapters(tmp_path):
     dirs = [write_ia3_dir(tmp_path / f"ia3_{k}", random_ia3(base, seed=k)) for k in range(2)]
     with pytest.raises(ConfigError, match=r"--method with \(IA\)³ adapters"):
         tiesmerge.analyze(tmp_path / "base", dirs, methods=["ties"])
+
+
+def test_ia3_vectors_fold_in_float32_and_only_the_product_takes_a_float16_dtype(tmp_path):
+    """hp36 C37: with --dtype float16 the merged (IA)³ vectors l = 1 + λτ were cast to float16 before the fold: a large
+    λ overflowed l (past 65504) where W·l fits float16, and the error named the output dtype F32."""
+    from safetensors.torch import load_file
+
+    from tiesmerge.finite import NotFiniteError
+    from tiesmerge.methods import TaskArithmetic
+
+    base = {k: v * 1e-3 for k, v in make_base(2).items()}  # small weights: W·l fits float16 where l does not
+    write_hf_dir(tmp_path / "base", base)
+    dirs = [write_ia3_dir(tmp_path / f"ia3_{k}", random_ia3(base, seed=k)) for k in range(2)]
+    method = TaskArithmetic(lam=1e6)  # l − 1 ≈ 1e6 · 0.2 ≈ 2e5, past float16's 65504
+    full = tiesmerge.merge(tmp_path / "base", dirs, method, output=tmp_path / "f32")
+    half = tiesmerge.merge(tmp_path / "base", dirs, method, output=tmp_path / "f16", dtype="float16")
+    wide, narrow = load_file(str(full / "model.safetensors")), load_file(str(half / "model.safetensors"))
+    for name, value in wide.items():
+        assert narrow[name].dtype == torch.float16
+        assert torch.equal(narrow[name], value.to(torch.float16)), name
+    # a product past float16 is still refused, and the message names the dtype asked for
+    with pytest.raises(NotFiniteError, match=r"in the output dtype F16"):
+        tiesmerge.merge(tmp_path / "base", dirs, TaskArithmetic(lam=1e10), output=tmp_path / "bad", dtype="float16")
+    assert not (tmp_path / "bad").exists()

@@ -465,18 +465,21 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     side, opened = _open_side(stack, method, stats, model_ckpts, alignment, device_t, progress)
 
     def make_executor(inputs: EngineInputs, m: MergeMethod, side: SideInputs | None = None,
-                      alignment: Alignment | None = None) -> Executor:
+                      alignment: Alignment | None = None, intermediate: bool = False) -> Executor:
         alignment = alignment or align(inputs.base, list(inputs.models), vocab_policy=vocab_policy)
         # a merged adapter's task vectors are factored in float32 and only its factors take the output dtype (a
-        # float16 ΔW could overflow where its rank-r factors fit): adapter_merge.write_adapter casts them
+        # float16 ΔW could overflow where its rank-r factors fit): adapter_merge.write_adapter casts them. Merged
+        # (IA)³ vectors folded into the base are an intermediate too: W·l is cast, not l (l = 1 + λτ can pass
+        # float16's 65504 where the product fits it; hp36 C37)
         return Executor(inputs, alignment, m, device=device_t, memory_budget=budget,
-                        out_dtype=FLOAT32 if output_format == "adapter" else out_dtype,
+                        out_dtype=FLOAT32 if output_format == "adapter" or intermediate else out_dtype,
                         progress=progress, side=side)
 
     inputs = EngineInputs(engine_base, tuple(engine_models), reference,
                           reference_base=base_ckpt if reference is not None and engine_base is not base_ckpt else None)
-    executor = make_executor(inputs, method, side, alignment)
-    if adapter_merge.needs_fold(model_ckpts, output_format):
+    fold = adapter_merge.needs_fold(model_ckpts, output_format)
+    executor = make_executor(inputs, method, side, alignment, intermediate=fold)
+    if fold:
         executor, _ = adapter_merge.fold_ia3(base_ckpt, executor,
                                              lambda b, ms: make_executor(EngineInputs(b, tuple(ms)),
                                                                          TaskArithmetic(lam=1.0)), model_ckpts)
