@@ -147,10 +147,13 @@ class Protocol:
     a task's steps), with the same early stopping on the mean validation accuracy over tasks."""
 
     lrs: tuple[float, ...] = (1e-4, 2e-4)
-    max_epochs: int = 3
+    # 3 epochs left 13 of 24 task runs still improving at their last epoch (finetune_curves.md, 2026-12-03): not
+    # converged, so a merge pushed further along the task vectors could beat a task's own model. 6 epochs of a
+    # linear schedule, stopped after the first epoch without a new best.
+    max_epochs: int = 6
     patience: int = 1
     multitask_lr: float = 1e-4
-    multitask_epochs: int = 1
+    multitask_epochs: int = 2
     batch_size: int = 32
     select_seed: int = 0
     train_limit: int | None = None  # all 2000 training examples
