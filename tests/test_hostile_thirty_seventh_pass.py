@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +66,38 @@ def test_ia3_vectors_fold_in_float32_and_only_the_product_takes_a_float16_dtype(
     with pytest.raises(NotFiniteError, match=r"in the output dtype F16"):
         tiesmerge.merge(tmp_path / "base", dirs, TaskArithmetic(lam=1e10), output=tmp_path / "bad", dtype="float16")
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("made_by_user", [False, True])
+def test_a_failed_or_stopped_demo_leaves_nothing_in_a_workdir_it_made(tmp_path, capsys, monkeypatch, made_by_user):
+    """hp36 C33: a demo that failed writing its models (a full disk, a file size limit) left its --workdir with a
+    half-written base/ and a marker saying "writing": on a full disk that space stayed taken until the next demo. A
+    folder this demo made (or found empty) is emptied again; the user's empty folder itself stays."""
+    from helpers_ckpt import run_cli
+
+    from tiesmerge.cli import demo
+    from tiesmerge.errors import OutputError
+
+    wd = tmp_path / "wd"
+    if made_by_user:
+        wd.mkdir()
+
+    def full_disk(workdir, million_params):
+        (Path(workdir) / "base").mkdir()
+        (Path(workdir) / "base" / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 10)
+        raise OutputError(f"{workdir}/base/model-00001-of-00002.safetensors: cannot write it: no space left")
+
+    monkeypatch.setattr(demo, "run_demo", full_disk)
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc != 0 and "no space left" in err, err
+    assert (sorted(os.listdir(wd)) == [] if made_by_user else not os.path.lexists(wd)), os.listdir(tmp_path)
+
+    def stopped(workdir, million_params):
+        (Path(workdir) / "base").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", stopped)
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    said = "emptied again" if made_by_user else "removed again"
+    assert rc == 130 and f"interrupted; the new --workdir {wd} was {said}" in err, err
+    assert (sorted(os.listdir(wd)) == [] if made_by_user else not os.path.lexists(wd))

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import textwrap
 import time
@@ -569,7 +570,7 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..paths import demo_workdir
+    from ..paths import DEMO_MARKER, demo_workdir
 
     if args.params is not None and not args.synthetic:  # the real demo fine-tunes MiniLM: its size is MiniLM's
         raise ConfigError(f"--params {args.params:g} sizes the synthetic model, and this demo fine-tunes MiniLM",
@@ -583,20 +584,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from .demo_text import model_dir
 
         model_dir()
+    fresh = None  # a --workdir this run makes (or finds empty): emptied again if the demo fails or is stopped
     if args.workdir:
+        existed = os.path.lexists(args.workdir)
         args.workdir = str(demo_workdir(args.workdir))  # before anything is made: never over a user's files
+        if not existed or sorted(os.listdir(args.workdir)) == [DEMO_MARKER]:
+            fresh = (Path(args.workdir), existed)
         import importlib
 
         command_line = importlib.import_module("tiesmerge.cli.main")  # the module (the package's `main` is a function)
-        command_line.left_on_stop = (f"the models written so far stay in {args.workdir}; the demo replaces them when "
-                                     "run there again")
-    if args.synthetic:
-        from .demo import run_demo
+        command_line.left_on_stop = (
+            f"the new --workdir {args.workdir} was removed again" if fresh and not existed else
+            f"the new --workdir {args.workdir} was emptied again" if fresh else
+            f"the models written so far stay in {args.workdir}; the demo replaces them when run there again")
+    try:
+        if args.synthetic:
+            from .demo import run_demo
 
-        return run_demo(workdir=args.workdir, million_params=args.params)
-    from .demo_text import run_text_demo
+            return run_demo(workdir=args.workdir, million_params=args.params)
+        from .demo_text import run_text_demo
 
-    return run_text_demo(workdir=args.workdir)
+        return run_text_demo(workdir=args.workdir)
+    except BaseException:
+        # a full disk, an error or a stop in a folder this demo made: nothing of it stays (a half-written demo on a
+        # full disk held its space until the next run, hp36 C33); an earlier demo's folder keeps its marker
+        if fresh is not None:
+            _empty_demo_workdir(*fresh)
+        raise
+
+
+def _empty_demo_workdir(root: Path, keep_folder: bool) -> None:
+    """Remove what this demo wrote in ``root`` (a folder it made, or found empty): the folder too, unless the user
+    made it. Only the demo's own entries are there (demo_workdir refused anything else)."""
+    if not keep_folder:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for entry in os.listdir(root):
+        path = root / entry
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 HANDLERS = {"merge": cmd_merge, "analyze": cmd_analyze, "methods": cmd_methods, "validate": cmd_validate,
