@@ -72,13 +72,15 @@ def main() -> None:
                 path = first_rung(suite[name], heads, protocol, args.device, log)
                 log(f"{name} seed {protocol.select_seed} lr {protocol.lrs[0]:g}: {path} "
                     f"({time.perf_counter() - t0:.0f} s)")
-        for seed in args.seeds:
+    # seed by seed, its multitask model right after its task models: a seed's table rows (run.py --cached-only)
+    # can start while the next seed trains
+    for seed in args.seeds:
+        if not args.multitask_only:
             for name in args.tasks:
                 t0 = time.perf_counter()
                 path = task_model(suite[name], heads, protocol, seed, args.device, log)
                 log(f"{name} seed {seed}: {path} ({time.perf_counter() - t0:.0f} s)")
-    if not args.no_multitask:
-        for seed in args.seeds:
+        if not args.no_multitask:
             t0 = time.perf_counter()
             path = multitask_model(list(suite.values()), heads, protocol, seed, args.device, log)
             log(f"multitask seed {seed}: {path} ({time.perf_counter() - t0:.0f} s)")
