@@ -24,6 +24,7 @@ from pathlib import Path
 os.environ.setdefault("TIESMERGE_BENCH_MAX_LENGTH", "32")  # the converged run's length (benchmarks/README)
 sys.path.insert(0, str(Path(__file__).parent))
 
+import common  # noqa: E402
 import torch  # noqa: E402
 from common import NotCached, Protocol, base_dir, hardware, load_encoder, make_heads, task_model  # noqa: E402
 
@@ -63,7 +64,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--val-limit", type=int, default=300, help="validation examples per task (honest variant)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--lrs", nargs="+", type=float, default=[1e-4], help="the protocol's ladder (converged run: 1e-4)")
+    p.add_argument("--lrs", nargs="+", type=float, default=list(Protocol.lrs),
+                   help="the protocol's ladder (finetune_all.py's and run.py's default)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--held-out-seeds", nargs="+", type=int, default=[3, 4],
                    help="seeds reported apart: trained after the configuration to confirm (--confirm) was fixed")
@@ -194,8 +196,6 @@ def _run_py_evals(models: list[Path], test_limit: int) -> dict:
     validation limits run.py was run with gives the same test accuracies."""
     import hashlib
 
-    import common
-
     for val_limit in (40, 100, None, 300, 500):
         key = json.dumps([common.MAX_LENGTH, test_limit, val_limit, 0, [str(d) for d in models]])
         path = common.CACHE / "evals" / f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
@@ -324,7 +324,8 @@ def write(args, store: Store, tasks: list[str], seconds: dict) -> None:
     lines = [
         "# AdaMerging on the MiniLM benchmark (issue 15)",
         "",
-        f"all-MiniLM-L6-v2 task models of the converged protocol (lr 1e-4, 32 tokens, `common.Protocol`), "
+        f"all-MiniLM-L6-v2 task models of the converged protocol (lr ladder {list(args.lrs)}, at most "
+        f"{Protocol.max_epochs} epochs, {common.MAX_LENGTH} tokens, `common.Protocol`), "
         f"fine-tuning seed(s) {', '.join(map(str, seeds))}; accuracy (%) on the first {args.test_limit} test "
         "examples of each task; normalized = accuracy ÷ the same seed's own fine-tuned model's, averaged over "
         "tasks (mean ± std over seeds where there are several). AdaMerging learns merge coefficients "
