@@ -101,3 +101,30 @@ def test_a_failed_or_stopped_demo_leaves_nothing_in_a_workdir_it_made(tmp_path, 
     said = "emptied again" if made_by_user else "removed again"
     assert rc == 130 and f"interrupted; the new --workdir {wd} was {said}" in err, err
     assert (sorted(os.listdir(wd)) == [] if made_by_user else not os.path.lexists(wd))
+
+
+@pytest.mark.parametrize("engine", ["fused", "torch"])
+def test_agreeing_weights_that_sum_to_zero_divide_by_one_as_mergekit(engine, monkeypatch):
+    """hp37b M02: TIES's weighted mean with weights +1 and −1 (mergekit's ties with normalize: true) wrote no change
+    where both models agree (the agreeing weights sum to 0), while mergekit divides by 1 there: τa − τb."""
+    from tiesmerge.methods import Ties
+
+    if engine == "torch":
+        monkeypatch.setenv("TIESMERGE_KERNELS", "0")
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 64, generator=g)}
+    taus = [torch.randn(64, 64, generator=g) for _ in range(2)]
+    models = [{"w": base["w"] + t} for t in taus]
+    merged = tiesmerge.merge(base, models, Ties(density=1.0, weights=(1.0, -1.0), scope="per_tensor"))["w"]
+    # the reference, in float64: weighted values, election on their sum, agreeing ones summed, divided by the sum of
+    # the agreeing weights, or by 1 where that is 0
+    w = torch.tensor([1.0, -1.0], dtype=torch.float64).view(2, 1, 1)
+    weighted = torch.stack(taus).double() * w
+    gamma = weighted.sum(0).sign()
+    agree = (weighted.sign() == gamma) & (weighted != 0)
+    denom = (agree * w).sum(0)
+    expected = (weighted * agree).sum(0) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    both = agree.all(0)
+    assert both.any()  # the entries of the defect: both models agree, their weights sum to 0
+    torch.testing.assert_close(merged - base["w"], expected.float(), atol=1e-6, rtol=1e-6)
+    assert (merged - base["w"])[both].abs().min() > 0

@@ -375,7 +375,7 @@ if numba is not None:
                     best[j] = max(best[j], abs(wv) if agree else np.float32(0.0))
             for j in range(m):
                 if aggregate == 0:
-                    merged = total[j] / denom[j] if denom[j] != 0 else np.float32(0.0)
+                    merged = total[j] / denom[j] if denom[j] != 0 else total[j]  # as ops.disjoint_aggregate
                 elif aggregate == 1:
                     merged = total[j]
                 else:

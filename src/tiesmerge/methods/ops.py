@@ -126,7 +126,8 @@ def disjoint_aggregate(
 
     ``mean``: sum_{t in A} w_t tau_t / sum_{t in A} w_t, A = models whose weighted value
     w_t tau_t agrees with gamma (paper: weights 1); zeros never count and an entry with no
-    agreeing value is 0. Agreement is judged on the weighted value, the same quantity the
+    agreeing value is 0; where the agreeing weights sum to 0 (negative weights) the sum is
+    divided by 1, as mergekit does. Agreement is judged on the weighted value, the same quantity the
     election summed, so a negative weight votes and agrees consistently (as mergekit does).
     ``sum``: sum_{t in A} w_t tau_t (FusionBench's default).
     ``max``: gamma * max_{t in A} |w_t tau_t|.
@@ -141,8 +142,9 @@ def disjoint_aggregate(
         return selected.abs().amax(dim=0).mul_(gamma)
     total = selected.sum(dim=0)
     denom = agree.sum(dim=0, dtype=trimmed.dtype) if w is None else (agree * w).sum(dim=0)
-    empty = denom == 0  # no agreeing value: the merged entry stays 0
-    return total.div_(denom.masked_fill_(empty, 1.0)).masked_fill_(empty, 0.0)
+    # a zero sum of agreeing weights divides by 1, as mergekit does: with no agreeing value the total is 0 anyway,
+    # and agreeing models of weights +w and −w (their weighted values agree) keep their sum, not 0 (hp37b M02)
+    return total.div_(denom.masked_fill_(denom == 0, 1.0))
 
 
 _MASK32 = 0xFFFFFFFF
