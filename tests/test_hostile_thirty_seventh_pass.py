@@ -128,3 +128,31 @@ def test_agreeing_weights_that_sum_to_zero_divide_by_one_as_mergekit(engine, mon
     assert both.any()  # the entries of the defect: both models agree, their weights sum to 0
     torch.testing.assert_close(merged - base["w"], expected.float(), atol=1e-6, rtol=1e-6)
     assert (merged - base["w"])[both].abs().min() > 0
+
+
+def test_mergekit_linear_merges_a_base_model_the_models_do_not_list(tmp_path, capsys):
+    """hp37b M05: mergekit's linear with a base_model not listed among models: mergekit adds it as one more input
+    (after the listed ones, with the shared parameters) and stops without a shared weight; tiesmerge merged the listed
+    models alone and ignored base_model."""
+    from safetensors.torch import load_file
+
+    from helpers_ckpt import run_cli
+
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(8, 8, generator=g), "b": torch.randn(8, generator=g)} for _ in range(3)]
+    dirs = [write_hf_dir(tmp_path / name, s) for name, s in zip(("base", "a", "b"), states)]
+    recipe = tmp_path / "r.yaml"
+    body = (f"merge_method: linear\nbase_model: {dirs[0]}\nmodels:\n  - model: {dirs[1]}\n    parameters: "
+            f"{{weight: 0.3}}\n  - model: {dirs[2]}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
+    recipe.write_text(body)
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o1"], capsys)
+    assert rc == 2 and "base_model" in err and "Missing required parameter weight" in err, err
+    assert not (tmp_path / "o1").exists()
+    recipe.write_text(body + "parameters: {weight: 0.2}\n")
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o2"], capsys)
+    assert rc == 0, err
+    merged = load_file(str(tmp_path / "o2" / "model.safetensors"))
+    for name in ("w", "b"):
+        expected = (0.3 * states[1][name].double() + 0.5 * states[2][name].double()
+                    + 0.2 * states[0][name].double()) / 1.0
+        torch.testing.assert_close(merged[name].double(), expected, atol=1e-6, rtol=1e-6)

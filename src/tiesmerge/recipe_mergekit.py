@@ -280,6 +280,20 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                         problems.append(problem)
                     read = None
                 per_model[key].append(read)
+    if method == "linear" and base is not None and entries and \
+            not any(Path(p).resolve() == Path(base).resolve() for p in paths) and \
+            not any((Path(p) / "adapter_config.json").is_file() for p in paths):  # LoRA entries: refused below
+        # mergekit's planner adds a base_model the models do not list as one more input, after them, with the shared
+        # parameters only: without a shared weight mergekit stops ("Missing required parameter weight"); tiesmerge
+        # merged the listed models alone and ignored base_model (hp37b M05)
+        if values.get("weight") is None:
+            problems.append(f"linear: base_model {base!r} is not among models, and mergekit's linear merges it as "
+                            "one more model (after the listed ones) with the shared parameters, which give it no "
+                            "weight (mergekit stops: 'Missing required parameter weight'); list it under models "
+                            "with a weight, give parameters.weight, or leave out base_model")
+        else:
+            paths.append(base)
+            per_model["weight"].append(values["weight"])
     if "weight" in defaults and missing_weight:  # not where a weight given was refused above
         problems.append(f"every model needs a weight (mergekit's {method} requires one: "
                         "models[i].parameters.weight or parameters.weight)")
@@ -350,8 +364,8 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
                             "tiesmerge merges task vectors on a base and cannot express it")
             return "", {}, ""
         # the engine needs a base: the first listed model stands as it, with its weight, so that the
-        # models' own values are summed in the list's order, as mergekit does (base_model counts only
-        # where the models list it, with its weight, like any model)
+        # models' own values are summed in the list's order, as mergekit does (a base_model the models do
+        # not list was appended last above, with the shared weight, as mergekit's planner adds it)
         anchor, at = paths[0], 0
         others = list(zip(paths, weights))[1:]
         if not others:
