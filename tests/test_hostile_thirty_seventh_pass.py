@@ -156,3 +156,26 @@ def test_mergekit_linear_merges_a_base_model_the_models_do_not_list(tmp_path, ca
         expected = (0.3 * states[1][name].double() + 0.5 * states[2][name].double()
                     + 0.2 * states[0][name].double()) / 1.0
         torch.testing.assert_close(merged[name].double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_search_range_or_grid_outside_the_named_axes_is_refused_and_without_axes_is_searched():
+    """hp37 C16: `search --axis lam --range density=0.3:0.4` (or `--grid density=0.3`, `--range weights=...`) merged
+    every candidate at the default density without a word: the option was neither searched nor held."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match=r"--range density names an option the search does not vary .*"
+                                          r"add --axis density to search it, or hold it with --set density=VALUE"):
+        build_space("ties", 2, axes=["lam"], ranges={"density": (0.3, 0.4)})
+    with pytest.raises(ConfigError, match=r"--grid density names an option the search does not vary"):
+        build_space("ties", 2, axes=["lam"], grid={"density": (0.3,)})
+    with pytest.raises(ConfigError, match=r"--range weights names an option"):
+        build_space("ties", 2, axes=["lam"], ranges={"weights": (0.2, 0.3)})
+    # no --axis: an option given a range is one more axis, sampled in that range
+    space = build_space("ties", 2, ranges={"weights": (0.2, 0.3)})
+    assert [a.name for a in space.axes][-1] == "weights"
+    for u in (0.0, 0.5, 1.0):
+        options = space.from_unit([u] * space.dimension)
+        assert all(0.2 <= w <= 0.3 for w in options["weights"]), options
+    # the paper's grid handed over by the command line is not the user's: no refusal for it
+    assert [a.name for a in build_space("ties", 2, axes=["lam"], grid={"density": (0.1, 0.2, 0.3)}).axes] == ["lam"]

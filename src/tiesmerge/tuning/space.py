@@ -217,8 +217,17 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     grid = fit_counts(cls, {**paper, **dict(grid or {})}, n_models, given=given)
     ranges = dict(ranges or {})
     fixed = dict(fixed or {})
-    names = list(axes) if axes else list(grid)
+    # an option given a range (or a grid of the user's) is searched; with --axis naming the axes, one outside them
+    # would be neither searched nor held: it was dropped without a word (hp37 C16)
+    names = list(axes) if axes else [*grid, *(k for k in ranges if k not in grid)]
     problems = []
+    if axes:
+        for name in dict.fromkeys([*ranges, *(k for k in grid if k in given)]):
+            if name not in names:
+                flag = "--range" if name in ranges else "--grid"
+                problems.append(f"{flag} {name} names an option the search does not vary (the axes are "
+                                f"{', '.join(names)}): add --axis {name} to search it, or hold it with --set "
+                                f"{name}=VALUE")
     searchable = [n for n, f in fields.items()
                   if types[n] in (float, int) or (types[n] is tuple and f.metadata.get("per_model"))]
     for name in dict.fromkeys([*names, *ranges]):  # an option named by --axis and --range: said once (hp29 N5)
