@@ -179,3 +179,28 @@ def test_a_search_range_or_grid_outside_the_named_axes_is_refused_and_without_ax
         assert all(0.2 <= w <= 0.3 for w in options["weights"]), options
     # the paper's grid handed over by the command line is not the user's: no refusal for it
     assert [a.name for a in build_space("ties", 2, axes=["lam"], grid={"density": (0.1, 0.2, 0.3)}).axes] == ["lam"]
+
+
+def test_an_ia3_fold_into_bfloat16_rounds_once(tmp_path):
+    """hp37 C10: an (IA)³ adapter with l = 1.0019 folded with --dtype bfloat16 vanished (the output was bf16(W)):
+    l was rounded to bf16 (1.0) before the product. Now W·l is computed in float32 and rounded once, as PEFT's
+    merge_and_unload of a float32 model then cast."""
+    from safetensors.torch import load_file
+
+    from helpers_adapters import IA3_MODULES
+    from tiesmerge.methods import TaskArithmetic
+
+    base = make_base(2)
+    write_hf_dir(tmp_path / "base", base)
+    vectors = {}
+    for module, feedforward in IA3_MODULES.items():
+        rows, cols = base[module + ".weight"].shape
+        vectors[module] = torch.full((1, cols) if feedforward else (rows, 1), 1.0019)
+    adapter = write_ia3_dir(tmp_path / "a", vectors)
+    out = tiesmerge.merge(tmp_path / "base", [adapter], TaskArithmetic(lam=1.0), output=tmp_path / "o",
+                          dtype="bfloat16")
+    merged = load_file(str(out / "model.safetensors"))
+    for module in IA3_MODULES:
+        name = module + ".weight"
+        assert torch.equal(merged[name], (base[name].double() * vectors[module].double()).to(torch.bfloat16)), name
+        assert not torch.equal(merged[name], base[name].to(torch.bfloat16))
