@@ -204,3 +204,26 @@ def test_an_ia3_fold_into_bfloat16_rounds_once(tmp_path):
         name = module + ".weight"
         assert torch.equal(merged[name], (base[name].double() * vectors[module].double()).to(torch.bfloat16)), name
         assert not torch.equal(merged[name], base[name].to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("kind", ["tiesmerge", "mergekit"])
+def test_a_missing_recipe_path_says_against_which_folder_it_was_read(tmp_path, capsys, monkeypatch, kind):
+    """hp37 C05: a mergekit recipe run from another folder failed with "../llama-base: no such file or directory" /
+    "check the path of the model": mergekit recipes read their paths against the working folder, tiesmerge recipes
+    against the recipe's folder, and neither the message nor the README said which."""
+    from helpers_ckpt import run_cli
+
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "r.yaml"
+    if kind == "mergekit":
+        recipe.write_text("merge_method: ties\nbase_model: ../base\nmodels:\n  - model: ../a\n    parameters: "
+                          "{weight: 1, density: 0.5}\n")
+    else:
+        recipe.write_text("method: ties\nbase: ../base\nmodels: [../a, ../b]\n")
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["merge", "recipes/r.yaml", "-o", "out"], capsys)
+    assert rc != 0 and "no such file or directory" in err, err
+    if kind == "mergekit":
+        assert f"paths in a mergekit recipe are relative to the working folder ({tmp_path})" in err, err
+    else:
+        assert f"paths in a tiesmerge recipe are relative to the recipe's folder ({tmp_path / 'recipes'})" in err, err

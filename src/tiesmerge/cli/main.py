@@ -445,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         with _library_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext():
             return HANDLERS[args.command](args)
     except TiesMergeError as exc:
+        _recipe_paths_hint(exc, getattr(args, "recipe", None))
         return _report(exc, args.debug, command=args.command)
     except BrokenPipeError:  # e.g. `tiesmerge methods | head`
         return 0
@@ -630,6 +631,29 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
 # --workdir) sets what stays (hostile pass 29, F2)
 NOTHING_LEFT = "no output directory was left behind"
 left_on_stop = NOTHING_LEFT
+
+
+def _recipe_paths_hint(exc: TiesMergeError, recipe: str | None) -> None:
+    """A path of a recipe that does not exist: say against which folder the recipe's paths were read. tiesmerge
+    recipes read theirs against the recipe's folder, mergekit's against the working folder (as mergekit does), and
+    neither error said so (hp37 C05)."""
+    if not recipe or "no such file or directory" not in exc.message or not (exc.hint or "").startswith("check the"):
+        return
+    try:
+        from ..limits import read_yaml
+        from ..recipe_mergekit import is_mergekit
+
+        mergekit = is_mergekit(read_yaml(recipe, "the recipe"))
+    except Exception:  # noqa: BLE001 - the recipe's own problems were said already; this only words the hint
+        return
+    if mergekit:
+        where = (f"paths in a mergekit recipe are relative to the working folder ({os.getcwd()}), as mergekit reads "
+                 "them: run it from the folder it was written for, or give absolute paths")
+    else:
+        where = (f"paths in a tiesmerge recipe are relative to the recipe's folder "
+                 f"({os.path.dirname(os.path.abspath(recipe))})")
+    if where.split(" (")[0] not in exc.hint:
+        exc.hint = f"{exc.hint.rstrip('.')}; {where}"
 
 
 def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
