@@ -227,3 +227,29 @@ def test_a_missing_recipe_path_says_against_which_folder_it_was_read(tmp_path, c
         assert f"paths in a mergekit recipe are relative to the working folder ({tmp_path})" in err, err
     else:
         assert f"paths in a tiesmerge recipe are relative to the recipe's folder ({tmp_path / 'recipes'})" in err, err
+
+
+def test_a_search_resumed_after_a_helper_of_its_evaluator_was_edited_is_refused(tmp_path, monkeypatch):
+    """hp37 C19: only the evaluator's own file was in the log's digest: after a helper module it imports was edited
+    (its threshold changed), a resumed search mixed scores of two evaluators and chose its best across them."""
+    import importlib
+    import sys
+
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "c19_helper.py").write_text("SIGN = 1.0\n")
+    (tmp_path / "c19_eval.py").write_text("import c19_helper\n\n\ndef score(state):\n    return c19_helper.SIGN\n")
+    base, models = make_family(2)
+    import c19_eval
+
+    grid = {"density": (0.5,), "lam": (1.0,)}
+    log = str(tmp_path / "log.jsonl")
+    run_search(base, models, "ties", c19_eval.score, grid=grid, log=log)
+    run_search(base, models, "ties", c19_eval.score, grid=grid, log=log)  # the same code: resumes
+    (tmp_path / "c19_helper.py").write_text("SIGN = -1.0\n")
+    importlib.reload(sys.modules["c19_helper"])
+    with pytest.raises(ConfigError, match="is the log of another search .*evaluator_code"):
+        run_search(base, models, "ties", c19_eval.score, grid=grid, log=log)

@@ -103,10 +103,12 @@ def _evaluator_data(evaluate: Any) -> Any:
     return data if isinstance(data, (str, os.PathLike)) else None
 
 
-def _evaluator_code(evaluate: Any) -> str | None:
-    """The source file of a user's evaluator function (``module:function``), or None (a lambda typed in, a callable
-    object, tiesmerge's own built-ins): its code decides the scores, so a log scored by other code is not resumed
-    (hp35 E40: a search resumed after the evaluator was edited reused every old score)."""
+def _evaluator_code(evaluate: Any) -> list[str] | None:
+    """The source files of a user's evaluator function (``module:function``): its module's, then those of the modules
+    loaded from the same folder (its helpers, imported at its top), or None (a lambda typed in, a callable object,
+    tiesmerge's own built-ins). Their code decides the scores, so a log scored by other code is not resumed (hp35
+    E40: a search resumed after the evaluator was edited reused every old score; hp37 C19: after a helper module it
+    imports was edited). A module it imports only inside a function, later, is not seen."""
     import sys
 
     inner = getattr(evaluate, "evaluate", evaluate)
@@ -114,13 +116,37 @@ def _evaluator_code(evaluate: Any) -> str | None:
     if not isinstance(name, str) or name == "tiesmerge" or name.startswith("tiesmerge."):
         return None
     path = getattr(sys.modules.get(name), "__file__", None)
-    return path if isinstance(path, str) and path.endswith(".py") and os.path.isfile(path) else None
+    if not (isinstance(path, str) and path.endswith(".py") and os.path.isfile(path)):
+        return None
+    folder = os.path.dirname(os.path.realpath(path))
+    # installed packages are not the user's helpers, even below the evaluator's folder (a venv in the project)
+    installed = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
+    helpers = set()
+    for module in list(sys.modules.values()):  # a copy: another thread may import meanwhile
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and file.endswith(".py") and file != path:
+            real = os.path.realpath(file)
+            if real.startswith(folder + os.sep) and not real.startswith(installed) and \
+                    not {"site-packages", "dist-packages"} & set(real.split(os.sep)):
+                helpers.add(real)
+    return [path, *sorted(helpers - {os.path.realpath(path)})]
 
 
-def _content_digest(path: str | os.PathLike) -> str:
-    """A digest of a data file's bytes (a validation text: small), so a byte-identical copy resumes the search."""
+def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
+    """A digest of a data file's bytes (a validation text: small), so a byte-identical copy resumes the search; of
+    several files (an evaluator and its helpers), their names below the first one's folder and their bytes."""
     import hashlib
 
+    if not isinstance(path, (str, os.PathLike)):
+        files = list(path)
+        if len(files) == 1:
+            return _content_digest(files[0])  # one file: the digest of logs written before helpers counted
+        digest = hashlib.sha256()
+        root = os.path.dirname(os.path.realpath(files[0]))
+        for file in files:
+            digest.update(os.path.relpath(os.path.realpath(file), root).encode("utf-8", "surrogateescape") + b"\0")
+            digest.update(_content_digest(file).encode() + b"\0")
+        return digest.hexdigest()[:16]
     digest = hashlib.sha256()
     try:
         with open(path, "rb") as f:
