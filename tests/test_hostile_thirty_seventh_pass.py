@@ -253,3 +253,43 @@ def test_a_search_resumed_after_a_helper_of_its_evaluator_was_edited_is_refused(
     importlib.reload(sys.modules["c19_helper"])
     with pytest.raises(ConfigError, match="is the log of another search .*evaluator_code"):
         run_search(base, models, "ties", c19_eval.score, grid=grid, log=log)
+
+
+def _yaml_after(text: str, marker: str) -> str:
+    """The indented block after ``marker`` (the --help epilog's files), or the ```yaml fence after it (README)."""
+    import textwrap
+
+    rest = text[text.index(marker) + len(marker):]
+    if "```yaml" in rest.split("\n\n")[0] + rest[:40]:
+        return rest.split("```yaml\n", 1)[1].split("```", 1)[0]
+    block = rest.lstrip("\n").split("\n\n", 1)[0]
+    return textwrap.dedent(block) + "\n"
+
+
+@pytest.mark.parametrize("where", ["help", "readme"])
+def test_the_documented_recipe_examples_run_as_written(tmp_path, capsys, monkeypatch, where):
+    """hp37b P03: `merge --help`'s recipe.yaml (models: [./ft-math, {path: ./ft-code, weight: 0.5}]) was refused as
+    written ("give a weight to every model or to none"), and so was the README's; P05: three examples of the help lost
+    their line continuation (a single backslash in the source joined the two lines)."""
+    from helpers_ckpt import make_family, run_cli
+    from tiesmerge.cli.examples import MERGE_EXAMPLES
+
+    if where == "help":
+        recipe, names = _yaml_after(MERGE_EXAMPLES, "recipe.yaml:"), ("base", "ft-math", "ft-code")
+        lines = MERGE_EXAMPLES.splitlines()
+        for line, after in zip(lines, lines[1:]):
+            if line.rstrip().endswith("\\"):
+                assert after.startswith("      "), (line, after)  # the continuation is its own, indented line
+        assert not any("      --" in line for line in lines if line.lstrip().startswith("tiesmerge ")), lines
+    else:
+        readme = (Path(__file__).parents[1] / "README.md").read_text()
+        recipe, names = _yaml_after(readme, "`recipe.yaml`:"), ("llama-base", "llama-math", "llama-code")
+    base, models = make_family(2)
+    for name, state in zip(names, (base, *models)):
+        write_hf_dir(tmp_path / name, state)
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = run_cli(["merge", "recipe.yaml", "-o", "merged", "--dry-run"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["validate", "recipe.yaml"], capsys)
+    assert rc == 0, err

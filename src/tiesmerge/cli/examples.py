@@ -16,22 +16,23 @@ examples:
   tiesmerge merge recipe.yaml -o ./merged --dry-run
 
   # PEFT LoRA adapters in, a merged LoRA adapter out (truncated SVD at rank 16)
-  tiesmerge merge --base ./base --model ./lora-math --model ./lora-code --output-format adapter \
+  tiesmerge merge --base ./base --model ./lora-math --model ./lora-code --output-format adapter \\
       --rank 16 -o ./merged-lora
 
-  # a mergekit recipe, as it is (linear, task_arithmetic, ties, dare_ties, dare_linear)
+  # a mergekit recipe, as it is (linear, task_arithmetic, ties, dare_ties, dare_linear, slerp, nuslerp,
+  # breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock)
   tiesmerge merge mergekit.yaml -o ./merged
 
   # data-aware baselines: statistics first (tiesmerge stats --help), one --stats per --model
-  tiesmerge merge --method fisher --base ./base --model ./a --stats ./fisher-a \
+  tiesmerge merge --method fisher --base ./base --model ./a --stats ./fisher-a \\
       --model ./b --stats ./fisher-b -o ./fisher-merged
-  tiesmerge merge --method regmean --alpha 0.95 --base ./base --model ./a --stats ./gram-a \
+  tiesmerge merge --method regmean --alpha 0.95 --base ./base --model ./a --stats ./gram-a \\
       --model ./b --stats ./gram-b -o ./regmean-merged
 
 recipe.yaml:
   method: ties
   base: ./base
-  models: [./ft-math, {path: ./ft-code, weight: 0.5}]
+  models: [{path: ./ft-math, weight: 1.0}, {path: ./ft-code, weight: 0.5}]
   parameters: {density: 0.2, lam: 1.0}
 
 mergekit.yaml:
