@@ -293,3 +293,37 @@ def test_the_documented_recipe_examples_run_as_written(tmp_path, capsys, monkeyp
     assert rc == 0, err
     rc, _, err = run_cli(["validate", "recipe.yaml"], capsys)
     assert rc == 0, err
+
+
+def test_a_path_of_bytes_that_are_no_utf8_is_shown_with_x_escapes(tmp_path, capsys):
+    """hp37b E06: paths with bytes that are no UTF-8 (caf\\xe9) were shown as caf\\udce9 in every message and in the
+    card's text, though the README promised \\xNN escapes. The card's recipe keeps the surrogate (it reads back as the
+    same file) and re-runs."""
+    import yaml
+    from safetensors.torch import load
+
+    from helpers_ckpt import make_family, run_cli
+
+    base, models = make_family(2)
+    root = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.makedirs(root)
+    paths = [os.fsdecode(root + name) for name in (b"/base", b"/ft-\xff0", b"/ft-\xff1")]
+    for path, state in zip(paths, (base, *models)):
+        write_hf_dir(path, state)
+    out = os.fsdecode(root + b"/out\xfe")
+    rc, stdout, err = run_cli(["merge", "--base", paths[0], "--model", paths[1], "--model", paths[2], "-o", out],
+                              capsys)
+    assert rc == 0, err
+    assert "caf\\xe9/out\\xfe" in stdout and "udc" not in stdout.lower(), stdout
+    card = (Path(out) / "README.md").read_text(encoding="utf-8")
+    assert "caf\\xe9/ft-\\xff0`" in card
+    rc, _, err = run_cli(["merge", "--base", paths[0], "--model", paths[1], "--model", paths[2], "-o", out], capsys)
+    assert rc != 0 and "caf\\xe9/out\\xfe" in err and "udc" not in err.lower(), err
+    recipe = card.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert yaml.safe_load(recipe)["base"] == paths[0]  # the same file name, byte for byte
+    (tmp_path / "r.yaml").write_text(recipe, encoding="utf-8")
+    rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "again"], capsys)
+    assert rc == 0, err
+    first = load((Path(out) / "model.safetensors").read_bytes())  # safetensors opens only UTF-8 paths itself
+    second = load((tmp_path / "again" / "model.safetensors").read_bytes())
+    assert all(torch.equal(first[k], second[k]) for k in first)

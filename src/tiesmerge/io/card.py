@@ -276,10 +276,20 @@ def hash_files(paths: Iterable[Path], pool: ThreadPoolExecutor) -> list[Future]:
     return [pool.submit(_digest, p) for p in paths]
 
 
+def undecodable_as_bytes(text: str) -> str:
+    """``text`` with each byte of a path that was no UTF-8 (Python's '\\udce9' for the byte e9) written as
+    ``\\xe9``, and any other lone surrogate as its ``\\uXXXX`` escape: text a person reads (a card, a message).
+    The manifest and a card's recipe keep the surrogate itself, which reads back as the same file name."""
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        return text
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else
+                   f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text)
+
+
 def _code(text: str) -> str:
     """``text`` as a Markdown code span that no backtick, newline or HTML inside it can end early (a path is a
     stranger's text: "x`<img onerror=...>`" would otherwise be raw HTML in the card)."""
-    text = str(text).replace("\r", "\\r").replace("\n", "\\n")
+    text = undecodable_as_bytes(str(text)).replace("\r", "\\r").replace("\n", "\\n")
     ticks = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
     pad = " " if text.startswith("`") or text.endswith("`") else ""
     return f"{ticks}{pad}{text}{pad}{ticks}"
