@@ -327,3 +327,37 @@ def test_a_path_of_bytes_that_are_no_utf8_is_shown_with_x_escapes(tmp_path, caps
     first = load((Path(out) / "model.safetensors").read_bytes())  # safetensors opens only UTF-8 paths itself
     second = load((tmp_path / "again" / "model.safetensors").read_bytes())
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_tune_never_chooses_a_nan_score():
+    """hp37b A18: `tune` with an evaluator returning NaN returned the NaN point as its best; a NaN first point even
+    stayed best when later points scored finite numbers (no number compares greater than NaN)."""
+    import math
+
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning import tune
+
+    base, models = make_family(2)
+    scores = iter([math.nan, 0.5, 0.7, 0.6])
+    result = tune(base, models, "ties", lambda state: next(scores), grid={"density": (0.5,), "lam": (0.8, 1.0, 1.2,
+                                                                                                    1.4)})
+    assert result.best.score == 0.7 and result.best.lam == 1.2
+    with pytest.raises(EvaluatorError, match="no grid point got a finite score"):
+        tune(base, models, "ties", lambda state: math.nan, grid={"density": (0.5,), "lam": (1.0,)})
+
+
+def test_a_method_class_or_name_where_a_config_is_expected_is_handled():
+    """hp37b A16, A22: `describe_plan(plan, "ties", 2)` and `merge(base, models, Ties)` were bare TypeErrors."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.methods import Ties
+
+    base, models = make_family(2)
+    plan = tiesmerge.plan_merge(base, models, "ties")
+    assert tiesmerge.describe_plan(plan, "ties", 2) == tiesmerge.describe_plan(plan, Ties(), 2)
+    with pytest.raises(ConfigError, match=r"method Ties is a class, not a method config") as caught:
+        tiesmerge.merge(base, models, Ties)
+    assert "Ties()" in caught.value.hint
+    with pytest.raises(ConfigError, match=r"is a class"):
+        tiesmerge.analyze(base, models, methods=[Ties])

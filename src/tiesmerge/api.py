@@ -125,8 +125,10 @@ def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str =
                             allow_distant=True).distances)
 
 
-def describe_plan(plan: Plan, method: MergeMethod, n_models: int) -> str:
-    """The plan as the lines ``tiesmerge merge --dry-run`` prints."""
+def describe_plan(plan: Plan, method: str | MergeMethod, n_models: int) -> str:
+    """The plan as the lines ``tiesmerge merge --dry-run`` prints; ``method`` as every other function takes it (a
+    config, or a name or spec string)."""
+    method = method_of_spec(method)  # a name was a bare TypeError (hp37b A16)
     merged = [j for j in plan.jobs if j.merge]
     copied = [j for j in plan.jobs if not j.merge and not is_part(j.name)]  # a union's rows are no copy
     options = ", ".join(f"{k}={v}" for k, v in MergeRecipe(method, "", ()).to_dict()["parameters"].items())
@@ -446,6 +448,11 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
     inside [...] or "..." belong to the value: ``slerp:t_by_name="self_attn=0,1;*=0.5",layers=2``."""
     from .registry import make_method
 
+    if isinstance(spec, type):  # `merge(base, models, Ties)`: a bare TypeError from deep inside (hp37b A22)
+        name = getattr(spec, "name", spec.__name__)
+        raise ConfigError(f"method {spec.__name__} is a class, not a method config",
+                          hint=f"pass an instance, {spec.__name__}() or {spec.__name__}(density=0.2, ...), or the "
+                               f"name {name!r}")
     if not isinstance(spec, str):
         return spec
     name, _, rest = spec.partition(":")

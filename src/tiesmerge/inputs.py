@@ -47,6 +47,10 @@ StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"  # a 
 
 
 def as_method(method: str | MergeMethod, options: Mapping[str, Any]) -> MergeMethod:
+    if isinstance(method, type):  # `merge(base, models, Ties)`: refused with what to pass instead (hp37b A22)
+        from .api import method_of_spec
+
+        return method_of_spec(method)
     if isinstance(method, str) and ":" in method:  # "ties:density=0.5", the spec analyze --method takes
         from .api import method_of_spec
 

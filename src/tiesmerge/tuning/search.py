@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..api import Source, merge
-from ..errors import ConfigError
+from ..errors import ConfigError, EvaluatorError
 from ..inputs import check_inputs
 from ..limits import OutOfFloatRange, parse_float
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
@@ -211,9 +211,14 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
             points.append(point)
             if on_point is not None:
                 on_point(point)
-            if best is None or point.score > best.score:
+            # a NaN never wins: a NaN first point stayed "best", as no later score compares greater (hp37b A18)
+            if math.isfinite(point.score) and (best is None or point.score > best.score):
                 best, best_state = point, state
-    assert best is not None
+    if best is None:
+        raise EvaluatorError(f"no grid point got a finite score ({len(points)} scored: "
+                             f"{', '.join(sorted({str(p.score) for p in points}))})",
+                             hint="check the evaluator on one merge first: it must return a finite validation "
+                                  "score, higher is better")
     return TuningResult(name, best, tuple(points), len(combos), time.perf_counter() - started, best_state)
 
 
