@@ -361,3 +361,20 @@ def test_a_method_class_or_name_where_a_config_is_expected_is_handled():
     assert "Ties()" in caught.value.hint
     with pytest.raises(ConfigError, match=r"is a class"):
         tiesmerge.analyze(base, models, methods=[Ties])
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_mergekit_recipe_listing_a_model_twice_says_so(tmp_path, capsys, method):
+    """hp37b M10: a mergekit linear recipe (no base_model) listing ft-a twice was refused as "model 0 (ft-a) is the
+    base itself" / "list only the fine-tuned models after the base": the recipe has no base."""
+    from helpers_ckpt import make_family, run_cli
+
+    base, models = make_family(1)
+    b, a = write_hf_dir(tmp_path / "base", base), write_hf_dir(tmp_path / "ft-a", models[0])
+    extra = f"base_model: {b}\n" if method == "ties" else ""
+    (tmp_path / "r.yaml").write_text(f"merge_method: {method}\n{extra}models:\n"
+                                     f"  - model: {a}\n    parameters: {{weight: 0.3, density: 0.5}}\n"
+                                     f"  - model: {a}\n    parameters: {{weight: 0.7, density: 0.5}}\n"
+                                     .replace(", density: 0.5", "" if method == "linear" else ", density: 0.5"))
+    rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "is listed twice" in err and "is the base itself" not in err, err

@@ -280,6 +280,13 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                         problems.append(problem)
                     read = None
                 per_model[key].append(read)
+    seen: dict[str, int] = {}
+    for k, p in enumerate(paths):  # linear reads its first model as the base: a duplicate was "the base itself"
+        key = os.path.realpath(p) if os.path.exists(p) else p
+        if key in seen:
+            problems.append(f"models: {p!r} is listed twice; mergekit refuses duplicate merge inputs too: list "
+                            "each model once (with the sum of its weights)")
+        seen.setdefault(key, k)
     if method == "linear" and base is not None and entries and \
             not any(Path(p).resolve() == Path(base).resolve() for p in paths) and \
             not any((Path(p) / "adapter_config.json").is_file() for p in paths):  # LoRA entries: refused below
