@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -74,7 +75,6 @@ def test_a_failed_or_stopped_demo_leaves_nothing_in_a_workdir_it_made(tmp_path, 
     half-written base/ and a marker saying "writing": on a full disk that space stayed taken until the next demo. A
     folder this demo made (or found empty) is emptied again; the user's empty folder itself stays."""
     from helpers_ckpt import run_cli
-
     from tiesmerge.cli import demo
     from tiesmerge.errors import OutputError
 
@@ -389,3 +389,28 @@ def test_the_dry_runs_peak_says_what_it_leaves_out():
     text = tiesmerge.describe_plan(tiesmerge.plan_merge(base, models, "ties"), "ties", 2)
     line = next(x for x in text.splitlines() if x.startswith("peak memory"))
     assert "estimated for the merge's data" in line and "the process adds the interpreter" in line, line
+
+
+def test_the_demos_space_check_counts_its_merges_and_the_files_it_replaces(tmp_path, capsys, monkeypatch):
+    """hp37 C32: the demo's up-front space check counted the requested size's models only (2.67 MiB), and failed
+    after two merges on a disk that could not hold the third; C33: a rerun in its own workdir was refused although
+    the files it replaces would free the space."""
+    from helpers_ckpt import run_cli
+    from tiesmerge.cli import demo
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    needed, replaced = demo._space_needed(wd, 0.05)
+    model = 2 * sum(math.prod(s) for s in demo.synthetic_llama_shapes(0.05).values())
+    assert replaced == 0 and needed == model * (1 + len(demo.TASKS) + len(demo.METHODS))
+    monkeypatch.setattr(demo, "_free_bytes", lambda root: needed - 1)
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc != 0 and "the demo's models and merges need" in err, err
+    monkeypatch.undo()
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc == 0, err
+    again, replaced = demo._space_needed(wd, 0.05)
+    assert again == needed + model and replaced >= needed  # the earlier merges are rewritten beside themselves
+    monkeypatch.setattr(demo, "_free_bytes", lambda root: again - replaced)
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc == 0, err

@@ -619,7 +619,11 @@ def _empty_demo_workdir(root: Path, keep_folder: bool) -> None:
     if not keep_folder:
         shutil.rmtree(root, ignore_errors=True)
         return
-    for entry in os.listdir(root):
+    try:
+        entries = os.listdir(root)
+    except OSError:  # removed meanwhile: nothing of the demo is left there
+        return
+    for entry in entries:
         path = root / entry
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)

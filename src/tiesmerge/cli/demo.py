@@ -180,15 +180,36 @@ def _check_merged_outputs(root: Path) -> None:
             raise _as_demo(exc) from None
 
 
+def _space_needed(root: Path, million_params: float) -> tuple[int, int]:
+    """(bytes the demo's files need at their peak, bytes of an earlier demo's files here that it replaces).
+
+    From the model's real size (the synthetic shapes round the layer count: counting ``million_params`` missed a
+    tenth of a small model, and the merges were missed too, hp37 C32): the base and fine-tunes in bf16, then each
+    merged model, written beside the earlier demo's one before that is removed. An earlier demo's files are
+    replaced, so their space counts as free (a rerun on the same small disk was refused, hp37 C33)."""
+    model = 2 * sum(math.prod(shape) for shape in synthetic_llama_shapes(million_params).values())  # bf16 bytes
+    replaced = 0
+    for folder, _, files in os.walk(root):  # demo_workdir let only an earlier demo's own files be here
+        replaced += sum(os.lstat(os.path.join(folder, f)).st_size for f in files if f != DEMO_MARKER)
+    merged_before = any(e.startswith("merged-") for e in os.listdir(root))
+    return model * (1 + len(TASKS) + len(METHODS) + int(merged_before)), replaced
+
+
+def _free_bytes(root: Path) -> int:
+    return shutil.disk_usage(root).free
+
+
 def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tiesmerge-demo-"))
-    needed = int(million_params * 1e6 * 2 * (1 + len(TASKS) + 3))  # bf16: the base, the fine-tunes, three merges
-    free = shutil.disk_usage(root).free
-    if needed > free:
-        if not workdir or sorted(os.listdir(root)) == [DEMO_MARKER]:  # a folder this run made for nothing
+    needed, replaced = _space_needed(root, million_params)
+    free = _free_bytes(root)
+    if needed > free + replaced:  # a --workdir this run made is removed by the command (cmd_demo), a temporary one
+        if not workdir:  # here: the finally below is not reached yet
             shutil.rmtree(root, ignore_errors=True)
-        raise OutputError(f"{root}: the demo's models need {format_size(needed)} but only {format_size(free)} is free "
-                          "there", hint="a smaller --params, or a --workdir on a larger disk")
+        mine = f" (and {format_size(replaced)} of the earlier demo's files it replaces)" if replaced else ""
+        raise OutputError(f"{root}: the demo's models and merges need {format_size(needed)} but only "
+                          f"{format_size(free)} is free there{mine}",
+                          hint="a smaller --params, or a --workdir on a larger disk")
     try:
         _check_merged_outputs(root)
         actual = sum(math.prod(shape) for shape in synthetic_llama_shapes(million_params).values()) / 1e6
