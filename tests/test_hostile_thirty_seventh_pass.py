@@ -414,3 +414,15 @@ def test_the_demos_space_check_counts_its_merges_and_the_files_it_replaces(tmp_p
     monkeypatch.setattr(demo, "_free_bytes", lambda root: again - replaced)
     rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
     assert rc == 0, err
+
+
+def test_an_adamerging_card_does_not_present_its_record_as_a_recipe():
+    """hp37 C37: adapt's card put its record (method: adamerging) under "## Recipe", the heading whose block every other
+    card's reader runs with `tiesmerge merge`; that fails ("unknown method 'adamerging'")."""
+    from tiesmerge.io.card import model_card
+
+    card = model_card(base_label="b", model_labels=["a", "c"], recipe_yaml="method: adamerging\n",
+                      method_name="adamerging", paper="p", summary="s", version="0")
+    assert "## Recipe" not in card and "## How it was made" in card and "is not a recipe `tiesmerge merge` runs" in card
+    assert "## Recipe" in model_card(base_label="b", model_labels=["a"], recipe_yaml="method: ties\n",
+                                     method_name="ties", paper="p", summary="s", version="0")

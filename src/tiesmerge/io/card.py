@@ -305,8 +305,8 @@ def _rerun(method_name: str) -> str:
     runs: "Re-run with tiesmerge merge recipe.yaml" failed as "unknown method 'adamerging'" (hp36 C45)."""
     if method_name == "adamerging":
         return ("Learned by `tiesmerge adapt` (the coefficients are in `adamerging_coefficients.json` beside this "
-                "card); the recipe below records the merge, and `tiesmerge adapt` with the same models, data and "
-                "options (in `tiesmerge.json`) learns it again:")
+                "card). The record below is not a recipe `tiesmerge merge` runs: `tiesmerge adapt` with the same "
+                "models, data and options (in `tiesmerge.json`) learns the merge again:")
     return ("Re-run with `tiesmerge merge recipe.yaml -o OUT` (its paths are as they were typed: save it in the "
             "folder the merge ran from):")
 
@@ -337,7 +337,7 @@ Base model: {_code(base_label)}{at}
 Models merged:
 {models}
 
-## Recipe
+## {"How it was made" if method_name == "adamerging" else "Recipe"}
 
 {_rerun(method_name)}
 
