@@ -426,3 +426,26 @@ def test_an_adamerging_card_does_not_present_its_record_as_a_recipe():
     assert "## Recipe" not in card and "## How it was made" in card and "is not a recipe `tiesmerge merge` runs" in card
     assert "## Recipe" in model_card(base_label="b", model_labels=["a"], recipe_yaml="method: ties\n",
                                      method_name="ties", paper="p", summary="s", version="0")
+
+
+def test_one_warning_about_many_tensors_is_shown_a_few_times_then_counted(capsys):
+    """hp37b M09: Model Stock printed one warning line per tensor whose t left [0, 1]: hundreds for a real model.
+    The first three are shown, then one line counts the rest; warnings naming no tensor are never grouped."""
+    import sys
+
+    from tiesmerge.cli.main import _warning_printer
+    from tiesmerge.errors import MergeWarning
+
+    show = _warning_printer(lambda *a: None)
+    for k in range(7):
+        show(MergeWarning(f"model_stock: tensor 'layers.{k}.w' gets t = {1.5 + k / 10:.4g}, outside [0, 1]"),
+             MergeWarning, "f", 1)
+    for k in range(5):
+        show(MergeWarning(f"model {k} is a copy of the base"), MergeWarning, "f", 1)
+    show.summary()
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("warning:")]
+    assert sum("model_stock: tensor 'layers." in x for x in lines) == 3, err
+    assert "warning: ... and 4 more tensors with the same warning as the 3 above (model_stock: ...)" in err, err
+    assert sum("is a copy of the base" in x for x in lines) == 5, err
+    assert sys.stderr is not None

@@ -493,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
                                           "whose regex backtracks without end); run again with --debug for the "
                                           "traceback"), args.debug)
     finally:
+        summary = getattr(warnings.showwarning, "summary", None)
+        if summary is not None:
+            summary()  # the count of warnings left unshown, after the command's own output
         warnings.showwarning = shown_before
         sys.stdout = stdout
         for signum, handler in previous.items():
@@ -614,17 +617,43 @@ def _warning_printer(fallback: Callable[..., None]) -> Callable[..., None]:
     stderr (no source line, no Python location), others as Python shows them."""
 
     shown: set[str] = set()
+    # the same warning about many tensors (Model Stock's t per tensor: hundreds of lines for a real model, hp37b M09):
+    # the first few, then one line with the count
+    per_kind: dict[str, list[str]] = {}
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
              line: str | None = None) -> None:
         if issubclass(category, MergeWarning):
-            if str(message) not in shown:  # once per command, however often the merge's steps meet the cause
-                shown.add(str(message))
-                print(f"warning: {terminal_safe(abridged(str(message)))}", file=sys.stderr)
+            text = str(message)
+            if text in shown:  # once per command, however often the merge's steps meet the cause
+                return
+            shown.add(text)
+            # warnings naming a tensor group by their words without the name and its numbers (t = 1.43, a cosine)
+            kind = _NUMBER.sub("#", _TENSOR_NAMED.sub("tensor …", text)) if _TENSOR_NAMED.search(text) else text
+            tensors = per_kind.setdefault(kind, [])
+            tensors.append(text)
+            if kind == text or len(tensors) <= _SAME_KIND_SHOWN:
+                print(f"warning: {terminal_safe(abridged(text))}", file=sys.stderr)
         else:
             fallback(message, category, filename, lineno, file, line)
 
+    def summary() -> None:
+        for kind, tensors in per_kind.items():
+            if kind != tensors[0] and len(tensors) > _SAME_KIND_SHOWN:
+                more = len(tensors) - _SAME_KIND_SHOWN
+                first = terminal_safe(tensors[0][:70].split(" tensor ")[0].rstrip(":"))
+                print(f"warning: ... and {more} more tensor{'s' if more != 1 else ''} with the same warning as the "
+                      f"{_SAME_KIND_SHOWN} above ({first}: ...)", file=sys.stderr)
+        per_kind.clear()
+
+    show.summary = summary  # type: ignore[attr-defined]
     return show
+
+
+_SAME_KIND_SHOWN = 3
+# a tensor's name inside a warning, with the numbers that go with it (t = 1.43, a cosine): the rest is the kind
+_TENSOR_NAMED = re.compile(r"tensor '(?:[^'\\]|\\.)*'|tensor \"(?:[^\"\\]|\\.)*\"")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 
 # said after a stop: every writer's temporary output is removed; a command that writes in place (the demo's
