@@ -449,3 +449,38 @@ def test_one_warning_about_many_tensors_is_shown_a_few_times_then_counted(capsys
     assert "warning: ... and 4 more tensors with the same warning as the 3 above (model_stock: ...)" in err, err
     assert sum("is a copy of the base" in x for x in lines) == 5, err
     assert sys.stderr is not None
+
+
+def test_bytes_paths_and_pathlikes_returning_bytes_work_everywhere(tmp_path):
+    """hp37b A30: bytes paths, and os.PathLike objects whose __fspath__ returns bytes (how Python hands over a name
+    that is no UTF-8), were bare TypeErrors in plan_merge, open_checkpoint, analyze(output=...) and merge."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+
+    base, models = make_family(2)
+    dirs = [write_hf_dir(tmp_path / name, s) for name, s in zip(("base", "a", "b"), (base, *models))]
+
+    class BytesPath:
+        def __init__(self, path):
+            self.path = os.fsencode(path)
+
+        def __fspath__(self):
+            return self.path
+
+    class Broken:
+        def __fspath__(self):
+            raise RuntimeError("boom")
+
+    as_bytes = [os.fsencode(d) for d in dirs]
+    out = tiesmerge.merge(BytesPath(dirs[0]), [as_bytes[1], BytesPath(dirs[2])], "ties",
+                          output=BytesPath(tmp_path / "o1"))
+    assert (Path(out) / "model.safetensors").is_file()
+    expected = tiesmerge.merge(dirs[0], dirs[1:], "ties")
+    merged = tiesmerge.merge(as_bytes[0], as_bytes[1:], "ties")
+    assert all(torch.equal(expected[k], merged[k]) for k in expected)
+    assert tiesmerge.plan_merge(dirs[0], [as_bytes[1], as_bytes[2]], "ties").jobs
+    assert tiesmerge.open_checkpoint(as_bytes[0]).names() == tiesmerge.open_checkpoint(BytesPath(dirs[0])).names()
+    tiesmerge.analyze(dirs[0], dirs[1:], output=os.fsencode(tmp_path / "report"))
+    assert (tmp_path / "report" / "analysis.json").is_file()
+    with pytest.raises(ConfigError, match="its __fspath__ raised RuntimeError: boom"):
+        tiesmerge.merge(Broken(), dirs[1:], "ties")

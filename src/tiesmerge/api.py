@@ -47,7 +47,7 @@ from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
 from .manifest import check_stats_digests, merge_manifest, reference_option
 from .methods.base import MergeMethod
-from .paths import FileStamps, input_roots
+from .paths import FileStamps, fs_text, input_roots
 from .recipe import MergeRecipe
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, format_size, parse_size
 from .version import __version__
@@ -249,6 +249,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:
         raise ConfigError(f"shard_size: {exc}") from None
+    output = fs_text(output)  # bytes, or a PathLike returning bytes: the str Python's file functions take for it
     if output is not None and not isinstance(output, (str, os.PathLike)) or isinstance(output, bytes):
         raise ConfigError(f"output is a {type(output).__name__}, not a path", hint="pass a str or pathlib.Path")
     if output_format == "adapter" and shard_bytes != parse_size(DEFAULT_SHARD_SIZE):  # an adapter is one file
@@ -513,6 +514,9 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     started = time.perf_counter()
     base, models = resolve_sources(base, models)
     check_inputs(base, models)
+    output = fs_text(output)
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise ConfigError(f"output is a {type(output).__name__}, not a path", hint="pass a str or pathlib.Path")
     if vocab_policy == "union":
         raise ConfigError("analyze compares the models' rows as stored; --vocab-policy union is a merge policy",
                           hint="use --vocab-policy truncate to compare the base's rows")

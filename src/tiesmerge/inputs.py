@@ -189,9 +189,12 @@ def _label(source: Any, default: str) -> str:
 def resolve_sources(base: Any, models: Any) -> tuple[Any, Any]:
     """``org/name[@revision]`` names that are not local paths, resolved from the local Hugging Face
     cache (tiesmerge.hub, no network); everything else as given."""
-    if isinstance(models, (str, os.PathLike, Mapping)):
-        return resolve_source(base), models  # check_inputs reports it
-    return resolve_source(base), [resolve_source(m) for m in models]
+    from .paths import fs_text  # bytes paths, and PathLikes returning bytes: Python's str for them
+
+    base = fs_text(base)
+    if isinstance(models, (str, bytes, os.PathLike, Mapping)):
+        return resolve_source(base), fs_text(models)  # check_inputs reports it
+    return resolve_source(base), [resolve_source(fs_text(m)) for m in models]
 
 
 def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str, role: str = "the model") -> Checkpoint:

@@ -31,8 +31,8 @@ from typing import Any
 from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
-__all__ = ["demo_workdir", "demo_models_written", "DEMO_MARKER", "write_error", "MODEL_FILES", "MODEL_SUFFIXES",
-           "WEIGHT_SUFFIXES",
+__all__ = ["fs_text", "demo_workdir", "demo_models_written", "DEMO_MARKER", "write_error", "MODEL_FILES",
+           "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
            "model_dir_files", "check_model_dir", "CHAT_TEMPLATES_DIR", "OUTPUT_MARKERS", "WRITTEN_FIELD",
            "STAMPS_FIELD", "listing",
            "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
@@ -57,6 +57,25 @@ _MARKER_MAX_BYTES = 256 << 20  # a manifest lists files and thresholds: far belo
 
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket"}
+
+
+def fs_text(value: Any) -> Any:
+    """A path given as bytes, or as an ``os.PathLike`` whose ``__fspath__`` returns bytes (how Python hands over a
+    name that is no UTF-8), as the ``str`` Python's own file functions use for it (``os.fsdecode``: undecodable
+    bytes as surrogates, encoded back unchanged); every other value as given. Bytes paths were bare TypeErrors in
+    plan_merge, open_checkpoint and analyze (hp37b A30)."""
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
+    if isinstance(value, os.PathLike):
+        try:
+            path = os.fspath(value)
+        except Exception as exc:  # noqa: BLE001 - the caller's own __fspath__ failed: said, typed
+            from .errors import ConfigError
+
+            raise ConfigError(f"a path given as {type(value).__name__}: its __fspath__ raised {type(exc).__name__}: "
+                              f"{str(exc)[:200]}", hint="pass a str or pathlib.Path") from exc
+        return os.fsdecode(path) if isinstance(path, bytes) else value
+    return value
 
 
 def _kind(mode: int) -> str:

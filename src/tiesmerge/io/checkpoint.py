@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from ..limits import read_json
-from ..paths import check_input, inside
+from ..paths import check_input, fs_text, inside
 from .adapters import open_adapter
 from .peft import ADAPTER_CONFIG
 from .protocol import Checkpoint, TensorInfo, read_rows_into
@@ -113,6 +113,10 @@ def open_checkpoint(
     """
     if isinstance(source, Mapping):
         return StateDictCheckpoint(source, label or "state dict")
+    source = fs_text(source)  # bytes, or a PathLike returning bytes (a name that is no UTF-8)
+    if not isinstance(source, (str, os.PathLike)):
+        raise CheckpointError(f"{role} is a {type(source).__name__}, not a path or a state dict",
+                              hint="pass a model directory, a .safetensors file, or a dict of tensors")
     path = Path(source)
     label = label or str(path)
     check_input(path, role)  # loops, dangling links, FIFOs and devices: typed errors, never a hang
