@@ -484,3 +484,36 @@ def test_bytes_paths_and_pathlikes_returning_bytes_work_everywhere(tmp_path):
     assert (tmp_path / "report" / "analysis.json").is_file()
     with pytest.raises(ConfigError, match="its __fspath__ raised RuntimeError: boom"):
         tiesmerge.merge(Broken(), dirs[1:], "ties")
+
+
+def test_a_long_prompt_is_cut_before_it_is_tokenized_and_scores_the_same():
+    """hp37b AD3: adapt's choice forward (and rank classification) tokenized a whole prompt line before keeping its
+    last tokens: one 6 MB line took 40 s and 2.1 GB. The text is now cut to what the kept tokens can cover first;
+    the scores are those of the whole text."""
+    pytest.importorskip("tokenizers")
+    from test_evaluation_forward import _tiny_causal
+
+    from tiesmerge.evaluation.forward import ChoiceLogits, logits
+    from tiesmerge.evaluation.rank_classification import ChoiceExample, score_choices
+
+    model, tok = _tiny_causal()
+    seen: list[int] = []
+    real_call = type(tok).__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return real_call(self, text, *args, **kwargs)
+
+    long_text = " ".join(["the cat sat"] * 20_000)  # 240,000 characters, far past 48 tokens' worth
+    fwd = ChoiceLogits(model, tok, choices={"qa": ("yes", "no")}, max_length=48)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(tok), "__call__", spy)
+        with torch.no_grad():
+            out = logits(fwd, fwd.encode([{"text": long_text}], "qa"), "qa")
+        ranked = score_choices(model, tok, [ChoiceExample(long_text, ("yes", "no"), 0)], max_length=48)
+    assert max(seen) <= 48 * 100, max(seen)
+    tail = " ".join(["the cat sat"] * 40)  # the whole text's last 47 tokens lie in its last 120 words
+    with torch.no_grad():
+        expected = logits(fwd, fwd.encode([{"text": tail}], "qa"), "qa")
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.tensor(ranked[0]), out[0].double().float(), atol=1e-4, rtol=1e-5)

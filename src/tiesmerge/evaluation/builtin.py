@@ -36,7 +36,14 @@ import torch
 from ..errors import ConfigError
 from ..limits import read_json_lines
 from ..paths import check_model_dir, read_regular
-from .loading import align_pad_token, check_kind, from_pretrained, is_encoder_decoder, refuse_converted
+from .loading import (
+    align_pad_token,
+    check_kind,
+    clipped,
+    from_pretrained,
+    is_encoder_decoder,
+    refuse_converted,
+)
 from .rank_classification import ChoiceExample, check_choice_count, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
@@ -221,7 +228,7 @@ class LMPerplexity(_Scorer):
         if getattr(model.config, "is_encoder_decoder", False):
             raise ConfigError(f"{self.model_dir}: lm-perplexity scores causal LMs, and this is an encoder-decoder")
         _load_state(model, state, self.model_dir)
-        ids = tokenizer(self.text, add_special_tokens=False)["input_ids"][:self.max_tokens]
+        ids = tokenizer(clipped(self.text, self.max_tokens), add_special_tokens=False)["input_ids"][:self.max_tokens]
         windows = [ids[i:i + self.max_length] for i in range(0, len(ids), self.max_length)]
         windows = [w for w in windows if len(w) >= 2]
         if not windows:

@@ -39,6 +39,8 @@ from .encoder import CosineHead, SentenceEncoder, build_head
 from .loading import (
     align_pad_token,
     architectures,
+    clipped,
+    clipped_tail,
     encode,
     fitted_length,
     forward_checked,
@@ -200,10 +202,13 @@ class ChoiceLogits(torch.nn.Module):
         width = max(len(c) for c in per_row)
         present = torch.zeros(len(rows), width, dtype=torch.bool)  # (B, C)
         for b, (row, choices) in enumerate(zip(rows, per_row)):
-            prompt = self.tokenizer(str(row["text"]), add_special_tokens=True)["input_ids"]
+            # the prompt keeps its last tokens (fit_choice): its text cut to what they can cover before tokenizing
+            prompt = self.tokenizer(clipped_tail(str(row["text"]), self.max_length),
+                                    add_special_tokens=True)["input_ids"]
             for c in range(width):
                 present[b, c] = c < len(choices)
-                tokens = self.tokenizer(choices[min(c, len(choices) - 1)], add_special_tokens=False)["input_ids"]
+                tokens = self.tokenizer(clipped(choices[min(c, len(choices) - 1)], self.max_length),
+                                        add_special_tokens=False)["input_ids"]
                 if not tokens:
                     raise ConfigError(f"task {task!r}: choice {choices[min(c, len(choices) - 1)]!r} has no tokens")
                 if not prompt:  # the first choice token needs a position that predicts it

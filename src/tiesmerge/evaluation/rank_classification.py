@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .loading import fitted_length
+from .loading import clipped, clipped_tail, fitted_length
 
 __all__ = ["ChoiceExample", "MAX_CHOICES", "check_choice_count", "fit_choice", "rank_classification_accuracy",
            "score_choices"]
@@ -63,8 +63,9 @@ def _score_causal(model, tokenizer, pairs: list[tuple[str, str]], device: torch.
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows, starts = [], []
     for prompt, choice in pairs:
-        p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        c = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        # tokenized after a cut to what `limit` tokens can cover: a fast tokenizer encodes a whole text first
+        p = tokenizer(clipped_tail(prompt, limit), add_special_tokens=True)["input_ids"]
+        c = tokenizer(clipped(choice, limit), add_special_tokens=False)["input_ids"]
         if not p:  # the first choice token would have no position predicting it (the slice below wraps to -1)
             raise ValueError(f"prompt {prompt!r} has no tokens, so the choice {choice!r} cannot be scored; "
                              "give a non-empty prompt or a tokenizer that adds a BOS token")
@@ -85,9 +86,9 @@ def _score_causal(model, tokenizer, pairs: list[tuple[str, str]], device: torch.
 @torch.no_grad()
 def _score_seq2seq(model, tokenizer, pairs: list[tuple[str, str]], device: torch.device, limit: int) -> list[float]:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    enc = tokenizer([p for p, _ in pairs], return_tensors="pt", padding=True, truncation=True,
+    enc = tokenizer([clipped(p, limit) for p, _ in pairs], return_tensors="pt", padding=True, truncation=True,
                     max_length=limit).to(device)  # the prompt is the encoder's input: its end may go
-    targets = [tokenizer(c, add_special_tokens=True)["input_ids"] for _, c in pairs]
+    targets = [tokenizer(clipped(c, limit + 1), add_special_tokens=True)["input_ids"] for _, c in pairs]
     for (_, choice), target in zip(pairs, targets):
         fit_choice([0], target, limit + 1, choice)  # the decoder's target, whole
     labels = _pad(targets, -100).to(device)  # (B, L), -100 ignored
