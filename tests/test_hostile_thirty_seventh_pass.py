@@ -517,3 +517,18 @@ def test_a_long_prompt_is_cut_before_it_is_tokenized_and_scores_the_same():
         expected = logits(fwd, fwd.encode([{"text": tail}], "qa"), "qa")
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(torch.tensor(ranked[0]), out[0].double().float(), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,said", [("ties", True), ("breadcrumbs_ties", True), ("task_arithmetic", False)])
+def test_a_union_recipe_of_a_trimming_method_says_where_it_differs_from_mergekit(tmp_path, method, said):
+    """hp37b V03: with tokenizer_source: union and a magnitude trim, rows of the base's own tokens differed from
+    mergekit's (it ranks them together with the new tokens' rows) without a word; the translation's warning says so."""
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    density = "" if method == "task_arithmetic" else ", density: 0.5"
+    data = {"merge_method": method, "base_model": str(tmp_path / "b"), "tokenizer_source": "union",
+            "models": [{"model": str(tmp_path / m), "parameters": {"weight": 0.5, **({"density": 0.5} if density
+                                                                                     else {})}} for m in "xy"]}
+    _, origin = translate_mergekit(data, source="r.yaml")
+    warning = next(w for w in origin["warnings"] if w.startswith("tokenizer_source: union"))
+    assert ("some old-token rows can differ from mergekit's" in warning) == said, warning

@@ -107,6 +107,9 @@ _OPTIONS: dict[str, dict[str, Any]] = {
 }
 _PER_MODEL = ("weight", "density", "gamma", "epsilon")
 _NEEDS_NO_BASE = ("linear", "nuslerp")  # the methods whose base_model is optional
+# the methods that rank a tensor's entries by magnitude (trim, band, keep probabilities): under tokenizer_source union
+# their choice in the vocabulary tensors depends on which rows are ranked together
+_TRIMMING = ("ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
 _BOOLS = ("normalize", "int8_mask", "rescale", "nuslerp_flatten", "nuslerp_row_wise", "filter_wise")
 # the dtype names mergekit recipes use, as tiesmerge's canonical names
 _DTYPES = {name: BY_NAME[name].name for name in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")}
@@ -341,7 +344,11 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     if tok == "union":  # the models' added tokens kept: each new row the mean of the models that hold the token
         recipe["vocab_policy"] = "union"
         warnings.append("tokenizer_source: union runs as --vocab-policy union: the output's tokenizer holds every "
-                        "model's added tokens, each new embedding row the mean of the models that have the token")
+                        "model's added tokens, each new embedding row the mean of the models that have the token"
+                        + ("; the base's own rows of the embedding and output layers are trimmed among themselves, "
+                           "where mergekit ranks them together with the new rows (their deltas against a row it "
+                           "makes up for the base), so some old-token rows can differ from mergekit's too"
+                           if method in _TRIMMING else ""))  # hp37b V03: said, not silent
     if out_name is not None:
         recipe["dtype"] = _DTYPES[out_name]
     origin = {"format": "mergekit", "merge_method": method, "semantics": semantics,
