@@ -532,3 +532,27 @@ def test_a_union_recipe_of_a_trimming_method_says_where_it_differs_from_mergekit
     _, origin = translate_mergekit(data, source="r.yaml")
     warning = next(w for w in origin["warnings"] if w.startswith("tokenizer_source: union"))
     assert ("some old-token rows can differ from mergekit's" in warning) == said, warning
+
+
+@pytest.mark.parametrize("who", ["model", "base"])
+def test_a_shard_tensor_the_index_omits_and_no_other_input_has_is_refused(tmp_path, capsys, who):
+    """hp37b I02: a shard holding a tensor its index does not list (and the base lacks) merged silently without it,
+    though transformers loads every tensor of a shard (and the state-dict API refuses the same extra key)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from helpers_ckpt import make_family, run_cli
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base, shards=2)
+    ms = [write_hf_dir(tmp_path / f"ft{k}", ft, shards=2) for k, ft in enumerate(fts)]
+    target = b if who == "base" else ms[1]
+    index = json.loads((target / "model.safetensors.index.json").read_text())
+    shard = target / sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(str(shard))
+    tensors["extra.unindexed"] = torch.ones(3)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    rc, _, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "out"], capsys)
+    assert rc == 1 and "does not list 1 tensor(s)" in err and "'extra.unindexed'" in err, err
+    assert not (tmp_path / "out").exists()

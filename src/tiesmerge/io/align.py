@@ -338,8 +338,10 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
         unlisted = getattr(ckpt, "unindexed", {})
         if not unlisted:
             continue
-        held = set(names) if ckpt is not base else {n for m in models for n in m.names()}
-        lost = [n for n in unlisted if n in held]  # a tensor the merge needs, which only the index leaves out
+        # every tensor a shard holds and the index leaves out: transformers loads it (it reads whole shards), so a
+        # merge that skipped it would write another model than the one that runs: one the merge needs, or one only
+        # this input holds (merged silently without it, hp37b I02; a state dict with that extra key is refused)
+        lost = sorted(unlisted)
         if lost:
             raise IncompatibleCheckpointsError(
                 f"{ckpt.location(lost[0])}: {role}'s index (model.safetensors.index.json) does not list "
