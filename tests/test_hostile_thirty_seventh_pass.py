@@ -556,3 +556,19 @@ def test_a_shard_tensor_the_index_omits_and_no_other_input_has_is_refused(tmp_pa
     rc, _, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "out"], capsys)
     assert rc == 1 and "does not list 1 tensor(s)" in err and "'extra.unindexed'" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_flags_that_replace_a_recipes_inputs_say_so(tmp_path, capsys):
+    """hp37b R02: `merge recipe.yaml --model X --model Y` dropped the recipe's models and their per-model weights
+    without a word (the manifest had no weights), and --base replaced the recipe's base silently."""
+    from helpers_ckpt import make_family, run_cli
+
+    base, fts = make_family(3)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b", "c"), (base, *fts))]
+    (tmp_path / "r.yaml").write_text(f"method: ties\nbase: {dirs[0]}\nmodels:\n  - {{path: {dirs[1]}, weight: 0.1}}\n"
+                                     f"  - {{path: {dirs[2]}, weight: 3.0}}\n")
+    rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "--model", dirs[2], "--model", dirs[3], "--dry-run"], capsys)
+    assert rc == 0 and "--model replaces the recipe's 2 model(s) and their per-model weight" in err, err
+    rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "--base", dirs[1], "--model", dirs[2], "--model", dirs[3],
+                          "--dry-run"], capsys)
+    assert f"--base {dirs[1]} replaces the recipe's base {dirs[0]}" in err, err

@@ -251,9 +251,19 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         data = read_recipe_data(args.recipe)
         for warning in (data.get("origin") or {}).get("warnings", []):
             print(f"warning: {terminal_safe(str(warning))}", file=sys.stderr)
+    # flags override the recipe's inputs: said, as --method's override is (hp37b R02: per-model weights vanished)
     if args.base:
+        if data.get("base") not in (None, args.base):
+            print(f"warning: --base {terminal_safe(str(args.base))} replaces the recipe's base "
+                  f"{terminal_safe(str(data['base']))}", file=sys.stderr)
         data["base"] = args.base
     if args.models:
+        listed = data.get("models")
+        if isinstance(listed, list) and listed:
+            per_model = sorted({k for m in listed if isinstance(m, dict) for k in m if k not in ("path", "model")})
+            print(f"warning: --model replaces the recipe's {len(listed)} model(s)"
+                  + (f" and their per-model {', '.join(terminal_safe(str(k)) for k in per_model[:6])} (give them "
+                     "as flags, e.g. --weights, or edit the recipe)" if per_model else ""), file=sys.stderr)
         data["models"] = args.models
     if args.stats:
         data["stats"] = args.stats
