@@ -572,3 +572,18 @@ def test_flags_that_replace_a_recipes_inputs_say_so(tmp_path, capsys):
     rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "--base", dirs[1], "--model", dirs[2], "--model", dirs[3],
                           "--dry-run"], capsys)
     assert f"--base {dirs[1]} replaces the recipe's base {dirs[0]}" in err, err
+
+
+@pytest.mark.parametrize("origin", ["7", '"x"', "[1]", "{warnings: 5}"])
+def test_a_recipe_origin_of_the_wrong_type_is_no_crash(tmp_path, capsys, origin):
+    """hp37 C53: `origin: 7` (or "x", [1], {warnings: 5}) in a recipe made merge fail with "unexpected
+    AttributeError ... a bug in tiesmerge": its translation warnings were read before the recipe was checked."""
+    from helpers_ckpt import make_family, run_cli
+
+    base, fts = make_family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *fts))]
+    (tmp_path / "r.yaml").write_text(f"method: ties\nbase: {dirs[0]}\nmodels: [{dirs[1]}, {dirs[2]}]\n"
+                                     f"origin: {origin}\n")
+    rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "o"], capsys)
+    assert "unexpected" not in err and "a bug" not in err, err
+    assert rc == (0 if origin.startswith("{") else 2), err

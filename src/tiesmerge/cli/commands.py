@@ -249,7 +249,9 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = {}
     if args.recipe:  # paths in the file are resolved against its folder here; mergekit's are translated
         data = read_recipe_data(args.recipe)
-        for warning in (data.get("origin") or {}).get("warnings", []):
+        origin = data.get("origin")  # a mergekit translation's record; a recipe's own of another type is refused by
+        warned = origin.get("warnings") if isinstance(origin, dict) else None  # recipe_from_dict below (hp37 C53)
+        for warning in warned if isinstance(warned, list) else []:
             print(f"warning: {terminal_safe(str(warning))}", file=sys.stderr)
     # flags override the recipe's inputs: said, as --method's override is (hp37b R02: per-model weights vanished)
     if args.base:
