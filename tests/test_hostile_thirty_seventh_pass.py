@@ -12,6 +12,7 @@ import torch
 import tiesmerge
 from helpers_adapters import random_ia3, write_ia3_dir
 from helpers_ckpt import make_base, write_hf_dir
+from test_hub_cache import hub  # noqa: F401 - the fixture of a Hugging Face cache
 
 
 def test_analyze_measures_ia3_adapters_on_their_scaling_vectors(tmp_path):
@@ -492,7 +493,6 @@ def test_a_long_prompt_is_cut_before_it_is_tokenized_and_scores_the_same():
     the scores are those of the whole text."""
     pytest.importorskip("tokenizers")
     from test_evaluation_forward import _tiny_causal
-
     from tiesmerge.evaluation.forward import ChoiceLogits, logits
     from tiesmerge.evaluation.rank_classification import ChoiceExample, score_choices
 
@@ -587,3 +587,27 @@ def test_a_recipe_origin_of_the_wrong_type_is_no_crash(tmp_path, capsys, origin)
     rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "o"], capsys)
     assert "unexpected" not in err and "a bug" not in err, err
     assert rc == (0 if origin.startswith("{") else 2), err
+
+
+def test_a_cards_recipe_pins_the_hub_snapshots_it_merged(hub, tmp_path, capsys):
+    """hp37 C70: inputs named by Hugging Face repo id were written into the card's recipe as bare ids: after the cache's
+    main moved on, re-running the card's recipe silently merged other weights. The recipe names each commit."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from helpers_ckpt import run_cli
+
+    commits = hub["commits"]
+    out = tiesmerge.merge("org/base", ["org/ft-0", "org/ft-1"], "ties", output=tmp_path / "out")
+    card = (out / "README.md").read_text()
+    recipe = yaml.safe_load(card.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert recipe["base"] == f"org/base@{commits['base']['main']}"
+    assert recipe["models"][1] == f"org/ft-1@{commits['ft1']['main']}"
+    # main of org/ft-1 moves to the v1 snapshot: the card's recipe still merges the first one
+    refs = hub["cache"] / "models--org--ft-1" / "refs"
+    (refs / "main").write_text(commits["ft1"]["v1"])
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump(recipe))
+    rc, _, err = run_cli(["merge", tmp_path / "again.yaml", "-o", tmp_path / "again"], capsys)
+    assert rc == 0, err
+    first, second = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -153,6 +153,14 @@ def describe_plan(plan: Plan, method: str | MergeMethod, n_models: int) -> str:
     return "\n".join(lines)
 
 
+def _pinned(source: Any, label: str) -> str:
+    """How the recipe names an input: a model read from the Hugging Face cache by id as ``org/name@COMMIT``, the
+    snapshot it merged, so that the card's recipe merges the same weights after the cache's ``main`` moved on (a
+    bare id re-ran silently on other weights, hp37 C70); any other input by its label."""
+    commit = getattr(source, "commit", None)
+    return f"{source.repo_id}@{commit}" if isinstance(commit, str) and commit else label
+
+
 # methods on which a zero task vector has no effect at all: sums of (trimmed, dropped) task vectors, and TIES-style
 # disjoint means (zeros never count); every other method counts each model (a mean over them, their number in a
 # rank split or a cosine), so a copy of the base dilutes or bends the others' changes
@@ -373,7 +381,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             (tmp / "README.md").write_text(model_card(
                 base_label=getattr(base, "repo_id", prepared.base.label), base_revision=getattr(base, "revision", None),
                 base_commit=getattr(base, "commit", None), model_labels=[c.label for c in prepared.models],
-                recipe_yaml=recipe.to_yaml(), method_name=m.name, paper=m.paper, summary=m.summary,
+                recipe_yaml=dataclasses.replace(  # the card's recipe merges these snapshots again
+                    recipe, base=_pinned(base, recipe.base),
+                    models=tuple(_pinned(s, label) for s, label in zip(models, recipe.models))).to_yaml(),
+                method_name=m.name, paper=m.paper, summary=m.summary,
                 version=__version__, adapter=output_format == "adapter"),
                 encoding="utf-8", errors="backslashreplace")  # a path's undecodable bytes: \xff
             run_stats.seconds["total"] = time.perf_counter() - started
