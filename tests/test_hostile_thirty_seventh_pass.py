@@ -12,7 +12,7 @@ import torch
 import tiesmerge
 from helpers_adapters import random_ia3, write_ia3_dir
 from helpers_ckpt import make_base, write_hf_dir
-from test_hub_cache import hub  # noqa: F401 - the fixture of a Hugging Face cache
+from test_hub_cache import hub  # noqa: F401, F811 - the fixture of a Hugging Face cache
 
 
 def test_analyze_measures_ia3_adapters_on_their_scaling_vectors(tmp_path):
@@ -589,7 +589,7 @@ def test_a_recipe_origin_of_the_wrong_type_is_no_crash(tmp_path, capsys, origin)
     assert rc == (0 if origin.startswith("{") else 2), err
 
 
-def test_a_cards_recipe_pins_the_hub_snapshots_it_merged(hub, tmp_path, capsys):
+def test_a_cards_recipe_pins_the_hub_snapshots_it_merged(hub, tmp_path, capsys):  # noqa: F811
     """hp37 C70: inputs named by Hugging Face repo id were written into the card's recipe as bare ids: after the cache's
     main moved on, re-running the card's recipe silently merged other weights. The recipe names each commit."""
     import yaml
