@@ -611,3 +611,25 @@ def test_a_cards_recipe_pins_the_hub_snapshots_it_merged(hub, tmp_path, capsys):
     assert rc == 0, err
     first, second = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_search_resumed_after_its_sign_from_reference_changed_is_refused(tmp_path):
+    """hp37 C74: `search --set sign_from=REF` resumed after REF's weights were replaced at the same path: the log
+    mixed scores merged with two references and named a wrong best. The reference's files are in the log's stamp."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, fts = make_family(3)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b", "ref"), (base, *fts))]
+    log = str(tmp_path / "log.jsonl")
+
+    def run():
+        return run_search(dirs[0], dirs[1:3], "ties", lambda state: 1.0, grid={"density": (0.5,), "lam": (1.0,)},
+                          fixed={"sign_from": str(dirs[3])}, log=log)
+
+    run()
+    run()  # the same reference: resumes
+    write_hf_dir(dirs[3], fts[0])  # another model's weights at the reference's path
+    with pytest.raises(ConfigError, match="is the log of another search .*weights"):
+        run()

@@ -157,6 +157,14 @@ def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> st
     return digest.hexdigest()[:16]
 
 
+def _model_options(cls: type, fixed: Mapping[str, Any] | None) -> list[Any]:
+    """The model directories the fixed options name (fields typed ModelPath, e.g. TIES's sign_from)."""
+    from ..methods.base import ModelPath, option_types
+
+    types = option_types(cls)
+    return [v for k, v in (fixed or {}).items() if types.get(k) is ModelPath and isinstance(v, (str, os.PathLike))]
+
+
 def _weights_stamp(sources: Sequence[Any]) -> str:
     """The inode, size, modification and change time of every weight file of the inputs (not their
     bytes: hashing gigabytes at every resume would cost more than the check saves). A model whose
@@ -222,7 +230,9 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     header = {"space": space.describe(), "strategy": strategy, "seed": seed,
               **({"popsize": popsize} if popsize else {}),
               "base": _label(base), "models": [_label(m) for m in models],
-              "evaluator": evaluator_name, "weights": _weights_stamp([base, *models]),
+              # a reference model a fixed option names (--set sign_from=DIR) is an input too: its weights replaced
+              # at the same path resumed with scores of two references (hp37 C74)
+              "evaluator": evaluator_name, "weights": _weights_stamp([base, *models, *_model_options(cls, fixed)]),
               # a built-in evaluator's data file (NAME:FILE): scores on another text are not comparable
               **({"evaluator_data": _content_digest(data)} if (data := _evaluator_data(evaluate)) else {}),
               **({"evaluator_code": _content_digest(code)} if (code := _evaluator_code(evaluate)) else {}),
