@@ -364,7 +364,7 @@ def test_a_method_class_or_name_where_a_config_is_expected_is_handled():
         tiesmerge.analyze(base, models, methods=[Ties])
 
 
-@pytest.mark.parametrize("method", ["linear", "ties"])
+@pytest.mark.parametrize("method", ["linear", "ties"])  # ties: the inputs' own check says it
 def test_a_mergekit_recipe_listing_a_model_twice_says_so(tmp_path, capsys, method):
     """hp37b M10: a mergekit linear recipe (no base_model) listing ft-a twice was refused as "model 0 (ft-a) is the
     base itself" / "list only the fine-tuned models after the base": the recipe has no base."""
@@ -633,3 +633,21 @@ def test_a_search_resumed_after_its_sign_from_reference_changed_is_refused(tmp_p
     write_hf_dir(dirs[3], fts[0])  # another model's weights at the reference's path
     with pytest.raises(ConfigError, match="is the log of another search .*weights"):
         run()
+
+
+def test_regmeans_budget_floor_is_one_that_fits():
+    """hp37 C110: RegMean's chunks were sized as if its Gram matrices took no memory, which was added to the peak
+    after: the floor a too-small budget named moved with the budget (1 KiB -> 263.75 -> 387.75 -> ... -> 504 KiB, six
+    refusals). The Grams are set aside before chunks are sized: the first floor named is accepted."""
+    from helpers_merge import gram_stats, linear_family
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.inputs import check_budget
+
+    base, models = linear_family(in_features=48, out_features=96, n_models=2)
+    stats = [gram_stats({"layer.weight": torch.eye(48)}) for _ in models]
+    plan = tiesmerge.plan_merge(base, models, "regmean", stats=stats, memory_budget=1024)
+    with pytest.raises(ConfigError) as caught:
+        check_budget(plan)
+    floor = int(float(caught.value.hint.split("raise --memory-budget to ")[1].split(" KiB")[0]) * 1024) + 1
+    check_budget(tiesmerge.plan_merge(base, models, "regmean", stats=stats, memory_budget=floor))  # accepted

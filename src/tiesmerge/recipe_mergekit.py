@@ -284,7 +284,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                     read = None
                 per_model[key].append(read)
     seen: dict[str, int] = {}
-    for k, p in enumerate(paths):  # linear reads its first model as the base: a duplicate was "the base itself"
+    # linear without base_model reads its first model as the base: a duplicate of it was "the base itself" (hp37b
+    # M10); elsewhere the inputs' own check names a duplicate ("model 1 is listed twice")
+    for k, p in enumerate(paths if method == "linear" and base is None else []):
         key = os.path.realpath(p) if os.path.exists(p) else p
         if key in seen:
             problems.append(f"models: {p!r} is listed twice; mergekit refuses duplicate merge inputs too: list "

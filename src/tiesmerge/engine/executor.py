@@ -237,7 +237,8 @@ class Executor:
             extra_bytes += self.n * EXACT_K_BYTES_PER_ENTRY
         self.plan: Plan = make_plan(alignment, self.n, self.req, memory_budget=memory_budget, out_dtype=out_dtype,
                                     fused=self._fused_merge, extra_inputs=extra_inputs,
-                                    extra_bytes_per_entry=extra_bytes)
+                                    extra_bytes_per_entry=extra_bytes,
+                                    reserved_bytes=side.reserved_bytes() if side else 0)
         # a cause of "the merge is the base itself" said now: the general warning at the end would only repeat it
         self._said_base = _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
         self._said_base = _warn_if_drop_keeps_nothing(method, alignment, self.n) or self._said_base

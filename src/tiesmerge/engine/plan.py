@@ -116,17 +116,19 @@ def stream_passes(requirements: Requirements, merged_numel: int) -> tuple[str, .
 
 def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | None = None, *,
               memory_budget: int, out_dtype: DType | torch.dtype | None, fused: bool = False, extra_inputs: int = 0,
-              extra_bytes_per_entry: int = 0) -> Plan:
+              extra_bytes_per_entry: int = 0, reserved_bytes: int = 0) -> Plan:
     """Cut every merged tensor into row chunks under the budget, and count the passes.
 
     ``fused``: the fused CPU kernels merge (their working set). ``extra_inputs``: rows read
     beside the base and the models (a reference model; the real base beside a stand-in).
     ``extra_bytes_per_entry``: working bytes per entry beyond the usual (row-shaped statistics
-    of data-aware methods).
+    of data-aware methods). ``reserved_bytes``: memory held beside every chunk (RegMean's Gram
+    matrices), set aside before the chunks are sized; the caller adds it to the peak.
     """
     req = requirements or Requirements()
     # tiny budgets (tests) keep half for the chunk; real ones set the fixed overhead aside
     work_budget = memory_budget - FIXED_OVERHEAD if memory_budget > 2 * FIXED_OVERHEAD else memory_budget // 2
+    work_budget -= reserved_bytes
     per_tensor_cuts = req.scope == "per_tensor" and bool(req.all_cuts or req.reductions)
     prefer_whole = req.keeps_tensors_whole or per_tensor_cuts  # found in memory when the budget allows
     # a tensor too large for one chunk and a per-tensor scope: its own counting and reduction passes first
@@ -164,7 +166,9 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory budget "
                               f"of {format_size(memory_budget)}, and {why} needs each tensor whole{held}",
                               hint=f"raise --memory-budget to {format_size(needed, up=True)} or more")
-        budget = work_budget if prefer_whole else min(work_budget, SPEED_CHUNK_ENTRIES * per_entry)
+        # the chunk's rows fit beside the tensor's workspace (RegMean's Gram matrices): sized as if it were not there,
+        # the peak passed the budget by it, and the floor the command line names moved with the budget (hp37 C110)
+        budget = (work_budget if prefer_whole else min(work_budget, SPEED_CHUNK_ENTRIES * per_entry)) - workspace
         rows = job.shape[0] if req.keeps_tensors_whole and job.shape else rows_per_chunk(job.shape, per_entry, budget)
         row_entries = job.numel // job.shape[0] if job.shape and job.shape[0] else 0
         if not job.shape:

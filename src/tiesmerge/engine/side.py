@@ -175,14 +175,20 @@ class SideInputs:
         the method's floored copy and product (3 float32 values per model)."""
         return 3 * 4 * len(self.stats) if self.spec.rows else 0
 
+    def reserved_bytes(self) -> int:
+        """Memory the statistics hold beside a chunk whatever its size (Gram matrices: per model the float32 stack,
+        float64 copy and shrunk copy, plus the sums, of the widest input); the planner sizes chunks in what is left,
+        so that the floor a too-small budget is told is one that fits (hp37 C110: it moved with the budget)."""
+        if self.spec.rows:
+            return 0
+        widest = max((job.shape[1] for job in self._jobs.values() if len(job.shape) == 2), default=0)
+        return (20 * len(self.stats) + 24) * widest * widest
+
     def adjust_plan(self, plan: Plan) -> Plan:
         """The plan with the statistics' reads in the merge pass, and (Gram matrices) their memory,
         accounted for. (normalize="rms" read them once more already, to find each model's scale.)"""
         reads = self.bytes_per_pass()
-        peak = plan.peak_bytes
-        if not self.spec.rows:  # per model: the float32 stack, float64 copy and shrunk copy, plus the sums
-            widest = max((job.shape[1] for job in self._jobs.values() if len(job.shape) == 2), default=0)
-            peak += (20 * len(self.stats) + 24) * widest * widest
+        peak = plan.peak_bytes + self.reserved_bytes()
         notes = plan.notes
         if self.missing:
             notes = (*notes, f"{len(self.missing)} tensor(s) averaged for want of {self.spec.kind} statistics in "
