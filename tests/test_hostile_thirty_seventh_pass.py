@@ -651,3 +651,18 @@ def test_regmeans_budget_floor_is_one_that_fits():
         check_budget(plan)
     floor = int(float(caught.value.hint.split("raise --memory-budget to ")[1].split(" KiB")[0]) * 1024) + 1
     check_budget(tiesmerge.plan_merge(base, models, "regmean", stats=stats, memory_budget=floor))  # accepted
+
+
+def test_the_layer_heatmap_stays_a_bounded_figure_for_many_tensors():
+    """hp37 C48: 4,000 tensors named t.0 .. t.3999 drew a 33,000-pixel-tall layer heatmap (57 s, 3.3 GB for a 350 KB
+    model; 20,000 tensors were killed at 4 GB). Layers are pooled into bands and the largest module types kept."""
+    import struct
+
+    pytest.importorskip("matplotlib")
+    from tiesmerge.analysis import report
+
+    rows = [{"name": f"t.{i}.m{i % 200}", "layer": i, "module": f"t.*.m{i % 200}", "numel": 4,
+             "of_parameters": (i % 7) / 10} for i in range(5000)]
+    png = report._plot_layers(report._pyplot(), {"by_tensor": rows, "n_models": 2})
+    width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR
+    assert width < 4000 and height < 4000, (width, height)

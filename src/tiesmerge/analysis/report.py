@@ -59,20 +59,39 @@ def _plot_layers(plt, data: dict) -> bytes | None:
     if not rows:
         return None
     layers = sorted({t["layer"] for t in rows})
-    modules = sorted({t["module"] for t in rows})
-    grid = [[float("nan")] * len(modules) for _ in layers]
+    size: dict[str, int] = {}
     for t in rows:
-        grid[layers.index(t["layer"])][modules.index(t["module"])] = 100 * t["of_parameters"]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(modules) + 3), max(3, 0.3 * len(layers) + 2)))
+        size[t["module"]] = size.get(t["module"], 0) + t["numel"]
+    # a figure of bounded size, whatever the names (4,000 tensors "t.0" .. "t.3999" drew a 33,000-pixel-tall heatmap
+    # in 3.3 GB, hp37 C48): the largest module types, and layers pooled into bands
+    modules = sorted(sorted(size, key=lambda m: -size[m])[:_MAX_MODULES])
+    band = -(-len(layers) // _MAX_LAYER_ROWS)  # layers per row of the figure
+    bands = [layers[i:i + band] for i in range(0, len(layers), band)]
+    row_of = {layer: i for i, members in enumerate(bands) for layer in members}
+    col_of = {m: j for j, m in enumerate(modules)}
+    conflicts = [[0.0] * len(modules) for _ in bands]
+    counted = [[0] * len(modules) for _ in bands]
+    for t in rows:
+        j = col_of.get(t["module"])
+        if j is not None:  # pooled by parameter count: a band's share of its parameters in conflict
+            conflicts[row_of[t["layer"]]][j] += t["of_parameters"] * t["numel"]
+            counted[row_of[t["layer"]]][j] += t["numel"]
+    grid = [[100 * c / n if n else float("nan") for c, n in zip(cs, ns)] for cs, ns in zip(conflicts, counted)]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(modules) + 3), max(3, 0.3 * len(bands) + 2)))
     image = ax.imshow(grid, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(modules)))
-    ax.set_xticklabels([m.split("*.", 1)[-1] for m in modules], rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(layers)))
-    ax.set_yticklabels([str(layer) for layer in layers], fontsize=7)
-    ax.set_ylabel("layer")
+    ax.set_xticklabels([m.split("*.", 1)[-1][:40] for m in modules], rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(bands)))
+    ax.set_yticklabels([str(b[0]) if len(b) == 1 else f"{b[0]}–{b[-1]}" for b in bands], fontsize=7)
+    ax.set_ylabel("layer" if band == 1 else f"layers ({band} per row)")
     fig.colorbar(image, ax=ax, label="% of the tensor in conflict")
-    ax.set_title(f"Sign conflicts, all {data['n_models']} models")
+    shown = "" if len(modules) == len(size) else f"; the {len(modules)} largest of {len(size)} module types"
+    ax.set_title(f"Sign conflicts, all {data['n_models']} models{shown}")
     return _png(fig)
+
+
+_MAX_MODULES = 60  # columns of the layer heatmap
+_MAX_LAYER_ROWS = 96  # rows of the layer heatmap
 
 
 def _plot_redundancy(plt, data: dict, labels: list[str]) -> bytes:
