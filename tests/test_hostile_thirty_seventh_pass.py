@@ -666,3 +666,14 @@ def test_the_layer_heatmap_stays_a_bounded_figure_for_many_tensors():
     png = report._plot_layers(report._pyplot(), {"by_tensor": rows, "n_models": 2})
     width, height = struct.unpack(">II", png[16:24])  # the PNG's IHDR
     assert width < 4000 and height < 4000, (width, height)
+
+
+def test_a_grid_of_a_per_model_option_says_how_to_search_it():
+    """hp37 C92: `--grid weights=0.5` said "ties has no numeric option 'weights' to sweep (it has: density, lam)",
+    though weights is an option of ties and an axis search takes (--axis weights --range weights=LO:HI)."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.search import parse_grid
+
+    with pytest.raises(ConfigError, match=r"weights is per model .* --axis weights --range weights=LO:HI") as caught:
+        parse_grid("ties", ["weights=0.5"])
+    assert "has no numeric option" not in str(caught.value)

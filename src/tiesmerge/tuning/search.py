@@ -75,6 +75,11 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
                             "option one --grid (list every value there)")
             continue
         given.setdefault(name, item)
+        if kind is tuple:  # a per-model option (weights): an axis of the search, sampled in a range (hp37 C92)
+            problems.append(f"--grid {item!r}: {name} is per model (one value per model), so it has no grid of "
+                            f"values; search it with `tiesmerge search --axis {name} --range {name}=LO:HI` (random or "
+                            f"cmaes), or hold it there with --set {name}=v1,v2,...")
+            continue
         if kind not in (float, int):
             problems.append(f"--grid {item!r}: {cls.name} has no numeric option {name!r} to sweep "
                             f"(it has: {', '.join(k for k, t in types.items() if t in (float, int))})")
