@@ -640,7 +640,6 @@ def test_regmeans_budget_floor_is_one_that_fits():
     after: the floor a too-small budget named moved with the budget (1 KiB -> 263.75 -> 387.75 -> ... -> 504 KiB, six
     refusals). The Grams are set aside before chunks are sized: the first floor named is accepted."""
     from helpers_merge import gram_stats, linear_family
-
     from tiesmerge.errors import ConfigError
     from tiesmerge.inputs import check_budget
 
@@ -677,3 +676,26 @@ def test_a_grid_of_a_per_model_option_says_how_to_search_it():
     with pytest.raises(ConfigError, match=r"weights is per model .* --axis weights --range weights=LO:HI") as caught:
         parse_grid("ties", ["weights=0.5"])
     assert "has no numeric option" not in str(caught.value)
+
+
+def test_a_merged_adapter_that_cannot_hold_the_merge_says_so():
+    """hp37 C78: two rank-4 LoRAs written as a merged adapter at the default rank 4 lost 53% of a module (the sum of two
+    rank-4 changes has rank 8), said only in an info line; a relative error past 0.1 is a warning naming --rank."""
+    import warnings
+
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.errors import MergeWarning
+
+    base = make_base(0)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        b = write_hf_dir(root / "base", base)
+        adapters = [write_lora_dir(root / f"a{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+        with pytest.warns(MergeWarning, match=r"at rank 2 holds the merge of .* pass a larger --rank"):
+            tiesmerge.merge(b, adapters, "task_arithmetic", lam=1.0, output=root / "o2", output_format="adapter")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", MergeWarning)  # rank 4 = 2 + 2 holds the sum exactly: no warning
+            tiesmerge.merge(b, adapters, "task_arithmetic", lam=1.0, output=root / "o4", output_format="adapter",
+                            rank=4)
