@@ -699,3 +699,28 @@ def test_a_merged_adapter_that_cannot_hold_the_merge_says_so():
             warnings.simplefilter("error", MergeWarning)  # rank 4 = 2 + 2 holds the sum exactly: no warning
             tiesmerge.merge(b, adapters, "task_arithmetic", lam=1.0, output=root / "o4", output_format="adapter",
                             rank=4)
+
+
+def test_a_stopped_demo_removes_only_what_it_wrote(tmp_path, capsys, monkeypatch):
+    """hp38 C20: a demo stopped in an empty --workdir emptied it of a file and a folder the user wrote there while
+    the demo ran. Only the demo's own files go (its marker, base/ and ft-*/ model files, merged-*/ outputs)."""
+    from helpers_ckpt import run_cli
+    from tiesmerge.cli import demo
+
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    real = demo.make_demo_models
+
+    def then_stopped(root, million_params, seed=0):
+        real(root, million_params, seed)
+        (Path(root) / "user.txt").write_text("mine")  # written by the user while the demo ran
+        (Path(root) / "mydir").mkdir()
+        (Path(root) / "mydir" / "f").write_text("mine too")
+        (Path(root) / "base" / "notes.md").write_text("a note in the demo's folder")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "make_demo_models", then_stopped)
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc == 130, err
+    left = sorted(str(p.relative_to(wd)) for p in wd.rglob("*"))
+    assert left == ["base", "base/notes.md", "mydir", "mydir/f", "user.txt"], left

@@ -31,8 +31,8 @@ from typing import Any
 from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
-__all__ = ["fs_text", "demo_workdir", "demo_models_written", "DEMO_MARKER", "write_error", "MODEL_FILES",
-           "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
+__all__ = ["fs_text", "demo_workdir", "demo_models_written", "remove_demo_files", "DEMO_MARKER", "write_error",
+           "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
            "model_dir_files", "check_model_dir", "CHAT_TEMPLATES_DIR", "OUTPUT_MARKERS", "WRITTEN_FIELD",
            "STAMPS_FIELD", "listing",
            "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
@@ -529,6 +529,35 @@ def _written_by_a_demo(rel: str) -> bool:
     parts = rel.split(os.sep)
     return len(parts) == 2 and (parts[0] == "base" or parts[0].startswith("ft-")) and \
         (parts[1] in MODEL_FILES or _DEMO_WEIGHTS.fullmatch(parts[1]) is not None)
+
+
+def remove_demo_files(root: str | os.PathLike) -> None:
+    """Remove what a demo wrote in ``root`` and nothing else: its marker, the files of its base/ and ft-*/ models, its
+    merged-*/ outputs (each one tiesmerge wrote), then the folders left empty. A file someone else put there while the
+    demo ran stays (hp38 C20: a stopped demo emptied its new --workdir of a user's file written meanwhile)."""
+    import contextlib
+
+    root = Path(root)
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return
+    for entry in entries:
+        path = root / entry
+        if entry.startswith("merged-") and os.path.isdir(path) and not os.path.islink(path):
+            try:
+                check_output_location(path, True)  # a complete output tiesmerge wrote, nobody's files in it
+            except TiesMergeError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+    for rel in listing(root):
+        if rel == DEMO_MARKER or _written_by_a_demo(rel):
+            with contextlib.suppress(OSError):
+                os.unlink(root / rel)
+    for folder, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):  # the deepest first
+        if folder != str(root):
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only an empty one
 
 
 def demo_models_written(root: str | os.PathLike) -> None:

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import textwrap
 import time
@@ -626,22 +625,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _empty_demo_workdir(root: Path, keep_folder: bool) -> None:
-    """Remove what this demo wrote in ``root`` (a folder it made, or found empty): the folder too, unless the user
-    made it. Only the demo's own entries are there (demo_workdir refused anything else)."""
+    """Remove what this demo wrote in ``root`` (a folder it made, or found empty), and the folder too when it made
+    it and nothing else is left: a file someone put there meanwhile stays (paths.remove_demo_files)."""
+    from ..paths import remove_demo_files
+
+    remove_demo_files(root)
     if not keep_folder:
-        shutil.rmtree(root, ignore_errors=True)
-        return
-    try:
-        entries = os.listdir(root)
-    except OSError:  # removed meanwhile: nothing of the demo is left there
-        return
-    for entry in entries:
-        path = root / entry
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.rmdir(root)  # only when empty
 
 
 HANDLERS = {"merge": cmd_merge, "analyze": cmd_analyze, "methods": cmd_methods, "validate": cmd_validate,
