@@ -724,3 +724,27 @@ def test_a_stopped_demo_removes_only_what_it_wrote(tmp_path, capsys, monkeypatch
     assert rc == 130, err
     left = sorted(str(p.relative_to(wd)) for p in wd.rglob("*"))
     assert left == ["base", "base/notes.md", "mydir", "mydir/f", "user.txt"], left
+
+
+def test_a_search_resumed_after_a_tokenizer_file_changed_is_refused(tmp_path):
+    """hp38 C10: the log's stamp covered weights and JSON files only: after vocab.txt was permuted in the models (a
+    built-in evaluator tokenizes with it), the same search reused every old score."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, fts = make_family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *fts))]
+    for d in dirs:
+        (d / "vocab.txt").write_text("[PAD]\n[UNK]\ncat\ndog\n")
+    log = str(tmp_path / "log.jsonl")
+
+    def run():
+        return run_search(dirs[0], dirs[1:], "ties", lambda state: 1.0, grid={"density": (0.5,), "lam": (1.0,)},
+                          log=log)
+
+    run()
+    run()  # nothing changed: resumes
+    (dirs[0] / "vocab.txt").write_text("[PAD]\n[UNK]\ndog\ncat\n")
+    with pytest.raises(ConfigError, match="is the log of another search .*weights"):
+        run()

@@ -173,13 +173,17 @@ def _weights_stamp(sources: Sequence[Any]) -> str:
     import os
     from pathlib import Path
 
+    from ..paths import MODEL_FILES, MODEL_SUFFIXES
+
     rows = []
     for source in sources:
         if isinstance(source, Mapping):
             continue
         path = Path(source)
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt")) \
-            if path.is_dir() else [path]
+        # the weights, configs and tokenizer files (vocab.txt, merges.txt, tokenizer.model...: a built-in evaluator
+        # tokenizes with them; a permuted vocab.txt resumed with the old scores, hp38 C10)
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt")
+                       or p.name in MODEL_FILES or p.name.endswith(MODEL_SUFFIXES)) if path.is_dir() else [path]
         for f in files:
             try:
                 st = os.stat(f)
