@@ -748,3 +748,26 @@ def test_a_search_resumed_after_a_tokenizer_file_changed_is_refused(tmp_path):
     (dirs[0] / "vocab.txt").write_text("[PAD]\n[UNK]\ndog\ncat\n")
     with pytest.raises(ConfigError, match="is the log of another search .*weights"):
         run()
+
+
+def test_adapts_resume_fingerprint_covers_the_inputs_files(tmp_path):
+    """hp38 C8, C9: `adapt --resume` went on from a checkpoint after a model's weights were replaced at the same path,
+    or the base's tokenizer permuted: the fingerprint held the models' paths only."""
+    from helpers_ckpt import make_family
+    from tiesmerge.adamerging.learn import AdaptConfig
+    from tiesmerge.adamerging.run import _fingerprint
+
+    base, fts = make_family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *fts))]
+    (dirs[0] / "vocab.txt").write_text("[PAD]\ncat\ndog\n")
+
+    def fingerprint():
+        return _fingerprint(dirs[0], dirs[1:], "task_arithmetic", AdaptConfig(), {"t": [{"text": "x"}]}, "classifier")
+
+    first = fingerprint()
+    assert fingerprint() == first
+    write_hf_dir(dirs[2], fts[0])  # other weights at the same path
+    second = fingerprint()
+    assert second != first
+    (dirs[0] / "vocab.txt").write_text("[PAD]\ndog\ncat\n")
+    assert fingerprint() != second

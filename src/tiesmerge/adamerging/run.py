@@ -144,9 +144,13 @@ def _fingerprint(base: Source, models: Sequence[Source], spec: str, config: Adap
                  forward: str, forward_settings: Mapping[str, Any] | None = None) -> str:
     """What a checkpoint must have been computed with to be resumed (the step count may grow): the forward's settings
     too (max_length, heads, choices change what the coefficients are learned on: a resume with another --max-length
-    ended with coefficients of neither run, hp35 E7)."""
+    ended with coefficients of neither run, hp35 E7), and the stamps of the inputs' files."""
+    from ..tuning.driver import weights_stamp  # search's: the inputs' weights, configs and tokenizer files
+
     settings = {**dataclasses.asdict(config), "steps": None, "checkpoint_every": None}
-    digest = hashlib.sha256(json.dumps({"base": str(base) if not isinstance(base, Mapping) else "state dict",
+    # the files' stamps too: weights replaced at the same path, or a permuted tokenizer, resumed silently (hp38 C8, C9)
+    digest = hashlib.sha256(json.dumps({"files": weights_stamp([base, *models]),
+                                        "base": str(base) if not isinstance(base, Mapping) else "state dict",
                                         "models": [str(m) if not isinstance(m, Mapping) else f"state dict {k}"
                                                    for k, m in enumerate(models)],
                                         "method": spec, "config": settings, "forward": forward,

@@ -165,7 +165,7 @@ def _model_options(cls: type, fixed: Mapping[str, Any] | None) -> list[Any]:
     return [v for k, v in (fixed or {}).items() if types.get(k) is ModelPath and isinstance(v, (str, os.PathLike))]
 
 
-def _weights_stamp(sources: Sequence[Any]) -> str:
+def weights_stamp(sources: Sequence[Any]) -> str:
     """The inode, size, modification and change time of every weight file of the inputs (not their
     bytes: hashing gigabytes at every resume would cost more than the check saves). A model whose
     weights were replaced at the same path makes the log another search's."""
@@ -236,7 +236,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               "base": _label(base), "models": [_label(m) for m in models],
               # a reference model a fixed option names (--set sign_from=DIR) is an input too: its weights replaced
               # at the same path resumed with scores of two references (hp37 C74)
-              "evaluator": evaluator_name, "weights": _weights_stamp([base, *models, *_model_options(cls, fixed)]),
+              "evaluator": evaluator_name, "weights": weights_stamp([base, *models, *_model_options(cls, fixed)]),
               # a built-in evaluator's data file (NAME:FILE): scores on another text are not comparable
               **({"evaluator_data": _content_digest(data)} if (data := _evaluator_data(evaluate)) else {}),
               **({"evaluator_code": _content_digest(code)} if (code := _evaluator_code(evaluate)) else {}),
