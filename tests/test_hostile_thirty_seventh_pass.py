@@ -771,3 +771,36 @@ def test_adapts_resume_fingerprint_covers_the_inputs_files(tmp_path):
     assert second != first
     (dirs[0] / "vocab.txt").write_text("[PAD]\ndog\ncat\n")
     assert fingerprint() != second
+
+
+def test_a_packaged_evaluators_project_modules_are_in_the_digest(tmp_path, monkeypatch):
+    """hp38 C24: an evaluator pkg.ev importing `common` from beside pkg/ resumed after common.py was edited: only
+    modules below pkg/ counted. The folder it was imported from (sys.path's entry) counts."""
+    import importlib
+    import sys
+
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "c24pkg").mkdir()
+    (tmp_path / "c24pkg" / "__init__.py").write_text("")
+    (tmp_path / "c24common.py").write_text("SCALE = 1.0\n")
+    (tmp_path / "c24pkg" / "ev.py").write_text("import c24common\n\n\ndef score(state):\n    return c24common.SCALE\n")
+    base, models = make_family(2)
+    ev = importlib.import_module("c24pkg.ev")
+    grid, log = {"density": (0.5,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    run_search(base, models, "ties", ev.score, grid=grid, log=log)
+    (tmp_path / "c24common.py").write_text("SCALE = -1.0\n")
+    importlib.reload(sys.modules["c24common"])
+    with pytest.raises(ConfigError, match="is the log of another search .*evaluator_code"):
+        run_search(base, models, "ties", ev.score, grid=grid, log=log)
+
+
+def test_the_analysis_report_shows_undecodable_path_bytes_as_x_escapes():
+    """hp38 C17: report.html showed caf\\udce9 for a folder named with the byte e9 (messages and the card say
+    caf\\xe9)."""
+    from tiesmerge.analysis.report import _displayable
+
+    assert _displayable({"inputs": {"models": ["caf\udce9/ft"]}}) == {"inputs": {"models": ["caf\\xe9/ft"]}}

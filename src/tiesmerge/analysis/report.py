@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..io.card import undecodable_as_bytes
 from ..io.writer import atomic_directory
 from ..plotting import html_figure, html_page, html_table, png, pyplot
 from .summary import percent
@@ -246,8 +247,8 @@ def _displayable(value: object) -> object:
     """``value`` with every string made text: a lone surrogate (a path byte that is no UTF-8, '\\udcff', or a
     tensor name's '\\ud800' escape) becomes its escape, which matplotlib draws and UTF-8 writes (hostile pass 25,
     F12)."""
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, str):  # a path's byte that is no UTF-8 as \xNN, as messages and the card show it (hp38 C17)
+        return undecodable_as_bytes(value)
     if isinstance(value, dict):
         return {_displayable(k): _displayable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

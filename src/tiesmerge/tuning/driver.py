@@ -105,10 +105,10 @@ def _evaluator_data(evaluate: Any) -> Any:
 
 def _evaluator_code(evaluate: Any) -> list[str] | None:
     """The source files of a user's evaluator function (``module:function``): its module's, then those of the modules
-    loaded from the same folder (its helpers, imported at its top), or None (a lambda typed in, a callable object,
-    tiesmerge's own built-ins). Their code decides the scores, so a log scored by other code is not resumed (hp35
-    E40: a search resumed after the evaluator was edited reused every old score; hp37 C19: after a helper module it
-    imports was edited). A module it imports only inside a function, later, is not seen."""
+    loaded from the folder it was imported from (its helpers, imported at its top), or None (a lambda typed in, a
+    callable object, tiesmerge's own built-ins). Their code decides the scores, so a log scored by other code is not
+    resumed (hp35 E40: a search resumed after the evaluator was edited reused every old score; hp37 C19, hp38 C24:
+    after a helper module it imports was edited). A module it imports only inside a function, later, is not seen."""
     import sys
 
     inner = getattr(evaluate, "evaluate", evaluate)
@@ -119,6 +119,8 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
     if not (isinstance(path, str) and path.endswith(".py") and os.path.isfile(path)):
         return None
     folder = os.path.dirname(os.path.realpath(path))
+    for _ in range(name.count(".")):  # pkg.ev: the folder it was imported from, where pkg's own imports lie too (hp38
+        folder = os.path.dirname(folder)  # C24: pkg/ev.py's `import common` from beside pkg/)
     # installed packages are not the user's helpers, even below the evaluator's folder (a venv in the project)
     installed = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
     helpers = set()
