@@ -804,3 +804,19 @@ def test_the_analysis_report_shows_undecodable_path_bytes_as_x_escapes():
     from tiesmerge.analysis.report import _displayable
 
     assert _displayable({"inputs": {"models": ["caf\udce9/ft"]}}) == {"inputs": {"models": ["caf\\xe9/ft"]}}
+
+
+def test_two_spellings_of_one_model_in_a_mergekit_linear_recipe_are_both_named(tmp_path, capsys):
+    """hp38 C23: a linear recipe listing a folder and a link to it was refused as "listed twice; mergekit refuses
+    duplicate merge inputs too" (false: mergekit compares the strings and merges both), naming one spelling only."""
+    from helpers_ckpt import make_family, run_cli
+
+    base, fts = make_family(2)
+    a, b = write_hf_dir(tmp_path / "ftA", fts[0]), write_hf_dir(tmp_path / "ftB", fts[1])
+    os.symlink(a, tmp_path / "ftA_link")
+    (tmp_path / "r.yaml").write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
+                                     f"  - model: {tmp_path / 'ftA_link'}\n    parameters: {{weight: 1}}\n"
+                                     f"  - model: {b}\n    parameters: {{weight: 1}}\n")
+    rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "are one model (two spellings of one folder" in err and "ftA_link" in err, err
+    assert "mergekit refuses" not in err

@@ -289,8 +289,11 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     for k, p in enumerate(paths if method == "linear" and base is None else []):
         key = os.path.realpath(p) if os.path.exists(p) else p
         if key in seen:
-            problems.append(f"models: {p!r} is listed twice; mergekit refuses duplicate merge inputs too: list "
-                            "each model once (with the sum of its weights)")
+            first = paths[seen[key]]
+            problems.append(f"models: {p!r} is listed twice; mergekit refuses duplicate merge inputs too: list each "
+                            "model once (with the sum of its weights)" if first == p else
+                            f"models: {first!r} and {p!r} are one model (two spellings of one folder: mergekit would "
+                            "merge it twice as two inputs); list it once, with the sum of its weights")
         seen.setdefault(key, k)
     if method == "linear" and base is not None and entries and \
             not any(Path(p).resolve() == Path(base).resolve() for p in paths) and \
