@@ -125,7 +125,8 @@ def test_out_dtype_and_aliases_in_output_bytes() -> None:
         TensorJob("ids", (5,), torch.int64, merge=False),
     ]
     plan = make_plan(_alignment(*jobs), 2, memory_budget=GiB, out_dtype=torch.bfloat16)
-    assert plan.output_bytes == 40 * 2 * 2 + 5 * 8  # merged tensor twice (alias) in bf16; ids as stored
+    # merged tensor twice (alias) in bf16; ids as stored; each with its header entry (name + ~64 bytes, hp38 C14)
+    assert plan.output_bytes == (40 * 2 + 3 + 64) * 2 + (5 * 8 + 3 + 64)
     assert plan.passes == 1
 
 
