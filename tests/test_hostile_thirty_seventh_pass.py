@@ -820,3 +820,17 @@ def test_two_spellings_of_one_model_in_a_mergekit_linear_recipe_are_both_named(t
     rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "o"], capsys)
     assert rc == 2 and "are one model (two spellings of one folder" in err and "ftA_link" in err, err
     assert "mergekit refuses" not in err
+
+
+def test_another_commands_output_is_not_offered_to_force(tmp_path, capsys):
+    """hp38 C50: `analyze -o <a merged model>` said "pass --force (force=True) to replace it", and --force then
+    refused: it replaces only an earlier output of the same command."""
+    pytest.importorskip("matplotlib")
+    from helpers_ckpt import make_family, run_cli
+
+    base, fts = make_family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *fts))]
+    merged = tiesmerge.merge(dirs[0], dirs[1:], "ties", output=tmp_path / "merged")
+    rc, _, err = run_cli(["analyze", "--base", dirs[0], "--model", dirs[1], "--model", dirs[2], "-o", merged,
+                          "--no-progress"], capsys)
+    assert rc != 0 and "holds another command's output" in err and "pass --force" not in err, err

@@ -656,6 +656,11 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
     ours = any(_is_marker(final / m) for m in OUTPUT_MARKERS)
     shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
     if not force and ours:
+        found = [m for m in OUTPUT_MARKERS if _is_marker(final / m)]
+        if found != [marker]:  # another command's output: --force would refuse it too, so it is not offered (hp38 C50)
+            kinds = " and ".join(f"{OUTPUT_KINDS[m]} ({m})" for m in found)
+            raise OutputError(f"{output}: the output directory exists and holds another command's output: {kinds}",
+                              hint="choose another path: --force replaces only an earlier output of the same command")
         raise OutputError(f"{output}: the output directory exists and is not empty (an earlier tiesmerge output)",
                           hint="choose another path, or pass --force (force=True) to replace it")
     if not force:  # no hint at --force: it would refuse this folder too
