@@ -834,3 +834,16 @@ def test_another_commands_output_is_not_offered_to_force(tmp_path, capsys):
     rc, _, err = run_cli(["analyze", "--base", dirs[0], "--model", dirs[1], "--model", dirs[2], "-o", merged,
                           "--no-progress"], capsys)
     assert rc != 0 and "holds another command's output" in err and "pass --force" not in err, err
+
+
+def test_a_cut_choice_is_said_to_be_at_least_its_counted_tokens():
+    """hp38 C42: a 1,000,000-token answer choice was said to be "2,134 tokens": it is counted after the cut that spares
+    tokenizing all of it, so the count is a lower bound and says so."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.rank_classification import fit_choice
+
+    long = "word " * 200_000
+    with pytest.raises(ConfigError, match=r"is at least 2,000 tokens"):
+        fit_choice([1], list(range(2000)), 16, long)
+    with pytest.raises(ConfigError, match=r"is 20 tokens"):
+        fit_choice([1], list(range(20)), 16, "short " * 20)

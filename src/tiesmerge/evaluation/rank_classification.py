@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError
-from .loading import clipped, clipped_tail, fitted_length
+from .loading import CHARS_PER_TOKEN_BOUND, clipped, clipped_tail, fitted_length
 
 __all__ = ["ChoiceExample", "MAX_CHOICES", "check_choice_count", "fit_choice", "rank_classification_accuracy",
            "score_choices"]
@@ -39,7 +39,9 @@ def fit_choice(prompt: list[int], choice: list[int], limit: int, shown: str) -> 
     would be scored past the model's positions, or cut into another answer (a 20,000-token choice made the forward
     ask for 12.8 GB, D45)."""
     if len(choice) >= limit:
-        raise ConfigError(f"answer choice {shown[:60]!r} is {len(choice):,} tokens; with a prompt token before it "
+        # a long choice was cut to what `limit` tokens can cover before tokenizing: its count is then a lower bound
+        count = f"at least {len(choice):,}" if len(shown) > limit * CHARS_PER_TOKEN_BOUND else f"{len(choice):,}"
+        raise ConfigError(f"answer choice {shown[:60]!r} is {count} tokens; with a prompt token before it "
                           f"that passes the {limit:,} tokens a sequence may have (max_length, or the model's "
                           "positions)",
                           hint="shorten the choice: rank classification scores the whole choice, so it is not cut")
