@@ -847,3 +847,33 @@ def test_a_cut_choice_is_said_to_be_at_least_its_counted_tokens():
         fit_choice([1], list(range(2000)), 16, long)
     with pytest.raises(ConfigError, match=r"is 20 tokens"):
         fit_choice([1], list(range(20)), 16, "short " * 20)
+
+
+def test_an_adapters_reconstruction_error_is_that_of_the_factors_written(tmp_path):
+    """hp38 C29: a merged LoRA adapter written in float16 reported the error of its float32 factors (4e-8), while the
+    float16 factors written are 3e-4 off. The error now includes their rounding."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from helpers_adapters import random_lora, write_lora_dir
+
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    adapters = [write_lora_dir(tmp_path / f"a{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    full = tiesmerge.merge(b, adapters, "task_arithmetic", lam=1.0)  # the merge, as a full model (float32)
+    errors = {}
+    for dtype in ("float32", "float16"):
+        out = tiesmerge.merge(b, adapters, "task_arithmetic", lam=1.0, output=tmp_path / dtype,
+                              output_format="adapter", rank=4, dtype=dtype)
+        manifest = json.loads((out / "tiesmerge.json").read_text())
+        errors[dtype] = manifest["adapters"]["max_relative_reconstruction_error"]
+        factors = load_file(str(out / "adapter_model.safetensors"))
+        worst = 0.0
+        for key in (k for k in factors if k.endswith(".lora_A.weight")):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            tau = full[module + ".weight"].double() - base[module + ".weight"].double()
+            written = factors[key.replace("lora_A", "lora_B")].double() @ factors[key].double()
+            worst = max(worst, float((tau - written).norm() / tau.norm()))
+        assert worst <= errors[dtype] * 1.01 + 1e-6, (dtype, worst, errors[dtype])  # the number bounds the file
+    assert errors["float32"] < 1e-5 < errors["float16"]

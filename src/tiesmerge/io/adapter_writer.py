@@ -35,6 +35,7 @@ class Factored:
     b: torch.Tensor  # (out, r)
     relative_error: float  # ‖τ − B A‖_F / ‖τ‖_F (0 for τ = 0)
     singular_values: int  # how many the matrix has: min(out, in)
+    norm: float = 0.0  # ‖τ‖_F: the error of the factors as written (a narrower dtype) is measured against it
 
 
 def truncated_factors(tau: torch.Tensor, rank: int) -> Factored:
@@ -48,7 +49,7 @@ def truncated_factors(tau: torch.Tensor, rank: int) -> Factored:
     a[:keep] = root[:, None] * vh[:keep]  # (keep, in)
     total = float(s.square().sum())
     error = (float(s[keep:].square().sum()) / total) ** 0.5 if total > 0 else 0.0
-    return Factored(a.float(), b.float(), error, int(s.numel()))
+    return Factored(a.float(), b.float(), error, int(s.numel()), total ** 0.5)
 
 
 class LoraFactorSink:
@@ -170,6 +171,11 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
             if largest is not None:
                 past_base.setdefault(base_dtypes[name], {})[name] = largest
         errors[target.module] = factored.relative_error
+        if out_dtype != torch.float32 and factored.norm > 0:  # the factors as written, not as computed (hp38 C29):
+            # ‖τ − B'A'‖ ≤ ‖τ − BA‖ + ‖BA − B'A'‖, the rounding of float16 factors (3e-4) past the truncation's 4e-8
+            rounded = tensors[key + b_suffix].float() @ tensors[key + a_suffix].float()  # (out, in)
+            drift = float(torch.linalg.matrix_norm(factored.b @ factored.a - rounded)) / factored.norm
+            errors[target.module] = factored.relative_error + drift
     _warn_products_past(past, out_dtype)
     _warn_truncation(errors, sink)
     for narrow, tensors_past in past_base.items():
