@@ -877,3 +877,18 @@ def test_an_adapters_reconstruction_error_is_that_of_the_factors_written(tmp_pat
             worst = max(worst, float((tau - written).norm() / tau.norm()))
         assert worst <= errors[dtype] * 1.01 + 1e-6, (dtype, worst, errors[dtype])  # the number bounds the file
     assert errors["float32"] < 1e-5 < errors["float16"]
+
+
+def test_the_dry_run_of_an_adapter_output_says_what_an_adapter_holds(tmp_path):
+    """hp37b P09: the dry run of `--output-format adapter` said "19 copied from the base" and a full model's output
+    size (71 MiB, where a 3.3 MB adapter was written)."""
+    from helpers_adapters import random_lora, write_lora_dir
+
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    adapters = [write_lora_dir(tmp_path / f"a{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    text = tiesmerge.describe_plan(tiesmerge.plan_merge(b, adapters, "ties", output_format="adapter"), "ties", 2)
+    assert "nothing copied (an adapter" in text and "copied from the base" not in text, text
+    assert "output size      an adapter's factors" in text, text
+    full = tiesmerge.describe_plan(tiesmerge.plan_merge(b, adapters, "ties"), "ties", 2)
+    assert "copied from the base" in full

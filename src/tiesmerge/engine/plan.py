@@ -95,6 +95,7 @@ class Plan:
     reduce_bytes: int = 0  # extra reads of per-tensor scopes too large for one chunk (reduced first)
     side_bytes: int = 0  # statistics read beside the models by data-aware methods (Fisher, RegMean)
     pass_names: tuple[str, ...] = ("merge",)  # what each whole-stream pass does, in order
+    adapter_output: bool = False  # a merged adapter is written: nothing copied, its size known once factored
 
     @property
     def bytes_to_read(self) -> int:
