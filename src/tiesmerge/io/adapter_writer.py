@@ -177,7 +177,7 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
             drift = float(torch.linalg.matrix_norm(factored.b @ factored.a - rounded)) / factored.norm
             errors[target.module] = factored.relative_error + drift
     _warn_products_past(past, out_dtype)
-    _warn_truncation(errors, sink)
+    _warn_truncation(errors, sink, sum(max((t.rank for t in a.targets.values()), default=0) for a in adapters))
     for narrow, tensors_past in past_base.items():
         _warn_products_past(tensors_past, narrow, base=True)
     saved_whole: list[str] = []
@@ -208,7 +208,7 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
 TRUNCATION_WARNING = 0.1
 
 
-def _warn_truncation(errors: dict[str, float], sink: Any) -> None:
+def _warn_truncation(errors: dict[str, float], sink: Any, summed: int = 0) -> None:
     worst = max(errors, key=errors.get, default=None)
     if worst is None or errors[worst] <= TRUNCATION_WARNING:
         return
@@ -218,7 +218,8 @@ def _warn_truncation(errors: dict[str, float], sink: Any) -> None:
         f"the merged LoRA adapter at rank {sink.rank} holds the merge of {worst!r} only to a relative error of "
         f"{errors[worst]:.2g} (‖ΔW − B·A‖ / ‖ΔW‖; {sum(e > TRUNCATION_WARNING for e in errors.values())} of "
         f"{len(errors)} modules above {TRUNCATION_WARNING:g}): a merge of several adapters has up to the sum of their "
-        f"ranks, and a trimmed one more; pass a larger --rank (rank=..., at most {most}), or write a full model"),
+        f"ranks ({summed} here; a sum of them is exact at that rank), and a trimmed one more; pass a larger --rank "
+        f"(rank=..., at most {most}), or write a full model"),
         stacklevel=3)
 
 
