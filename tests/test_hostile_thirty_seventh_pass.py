@@ -277,7 +277,11 @@ def test_the_documented_recipe_examples_run_as_written(tmp_path, capsys, monkeyp
 
     if where == "help":
         recipe, names = _yaml_after(MERGE_EXAMPLES, "recipe.yaml:"), ("base", "ft-math", "ft-code")
-        lines = MERGE_EXAMPLES.splitlines()
+        from tiesmerge.cli.adapt import ADAPT_EXAMPLES
+        from tiesmerge.cli.examples import ANALYZE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
+
+        lines = [x for text in (MERGE_EXAMPLES, ADAPT_EXAMPLES, ANALYZE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES,
+                                TUNE_EXAMPLES) for x in text.splitlines()]
         for line, after in zip(lines, lines[1:]):
             if line.rstrip().endswith("\\"):
                 assert after.startswith("      "), (line, after)  # the continuation is its own, indented line
@@ -892,3 +896,22 @@ def test_the_dry_run_of_an_adapter_output_says_what_an_adapter_holds(tmp_path):
     assert "output size      an adapter's factors" in text, text
     full = tiesmerge.describe_plan(tiesmerge.plan_merge(b, adapters, "ties"), "ties", 2)
     assert "copied from the base" in full
+
+
+def test_a_non_finite_objective_at_step_0_names_the_start_not_the_learning_rate(recwarn):
+    """hp38 C74: a NaN entropy at step 0 printed torch's own UserWarning (float() of a tensor that requires grad) and
+    hinted "lower --lr, or --clamp", though no step had been taken."""
+    import warnings
+
+    from test_adapt import _data, _encode, _family, _net
+
+    from tiesmerge.errors import TrainingError
+    from tiesmerge.evaluation.forward import FunctionLogits
+
+    base, fts = _family()
+    nan = FunctionLogits(_net(), lambda m, b, task: m(b) * float("nan"), encode=_encode)
+    warnings.simplefilter("always")
+    with pytest.raises(TrainingError, match="at step 0 is nan") as caught:
+        tiesmerge.adapt(base, fts, _data(), forward=nan, tasks=["a", "b"], steps=3)
+    assert "no step was taken yet" in caught.value.hint and "--lr" not in caught.value.hint
+    assert not [w for w in recwarn if "requires_grad" in str(w.message) or "grad" in str(w.message).lower()]

@@ -491,10 +491,13 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
                 out = logits(forward, forward.encode(rows, task), task, leaves)  # (B, classes)
                 h = objective(out, rows, config.objective)
                 if not torch.isfinite(h):
-                    raise TrainingError(f"the {config.objective} of task {task!r} at step {step} is {float(h)}: the "
-                                        "merged model's logits are not finite",
-                                        hint="lower --lr, or --clamp the coefficients; check the task's inputs "
-                                        "and the forward")
+                    # float(h.detach()): a tensor that requires grad printed torch's own UserWarning first (hp38 C74);
+                    # at step 0 no step was taken yet: the start (--init) or the forward is the cause, not --lr
+                    cause = ("lower --lr, or --clamp the coefficients" if step else
+                             "no step was taken yet: a smaller --init (float16 or bfloat16 models overflow sooner)")
+                    raise TrainingError(f"the {config.objective} of task {task!r} at step {step} is "
+                                        f"{float(h.detach())}: the merged model's logits are not finite",
+                                        hint=f"{cause}; check the task's inputs and the forward")
                 h.backward()  # one task's activations at a time
                 row.append(float(h.detach()))
             used = [n for n in leaves if leaves[n].grad is not None]  # not merger.names: those the forward

@@ -40,7 +40,7 @@ examples:
   tiesmerge adapt ... --steps 1000 --resume -o ./merged --force
 
   # coefficients over TSV-M's decorrelated per-task components, learned from labelled validation examples
-  tiesmerge adapt --base ./base --model ./ft-a --model ./ft-b --data a-val.jsonl --data b-val.jsonl \
+  tiesmerge adapt --base ./base --model ./ft-a --model ./ft-b --data a-val.jsonl --data b-val.jsonl \\
       --method tsv_m --init 1.0 --objective cross_entropy -o ./merged
 
 data.jsonl, one example per line (labels are ignored, but for --objective cross_entropy, which needs them):
