@@ -904,7 +904,6 @@ def test_a_non_finite_objective_at_step_0_names_the_start_not_the_learning_rate(
     import warnings
 
     from test_adapt import _data, _encode, _family, _net
-
     from tiesmerge.errors import TrainingError
     from tiesmerge.evaluation.forward import FunctionLogits
 
