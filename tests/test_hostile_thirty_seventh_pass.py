@@ -914,3 +914,27 @@ def test_a_non_finite_objective_at_step_0_names_the_start_not_the_learning_rate(
         tiesmerge.adapt(base, fts, _data(), forward=nan, tasks=["a", "b"], steps=3)
     assert "no step was taken yet" in caught.value.hint and "--lr" not in caught.value.hint
     assert not [w for w in recwarn if "requires_grad" in str(w.message) or "grad" in str(w.message).lower()]
+
+
+def test_statistics_of_another_tokenizer_are_refused(classifiers, tmp_path, capsys):
+    """hp38 C38: statistics record the model's weights only: Gram matrices computed while the tokenizer was another
+    (vocab permuted, then restored; or the reverse) merged silently. They record the tokenizer files' digest too."""
+    import shutil
+
+    from tiesmerge.cli.main import main
+
+    root, base, shared, data = classifiers
+    fts = [Path(shutil.copytree(ft, tmp_path / f"ft{k}")) for k, ft in enumerate(shared)]  # the fixture is shared
+    for k, ft in enumerate(fts):
+        assert main(["stats", "gram", "--model", str(ft), "--data", str(data), "--batch-size", "2",
+                     "-o", str(tmp_path / f"gram{k}")]) == 0
+    capsys.readouterr()
+    argv = ["merge", "--method", "regmean", "--base", str(base)]
+    for k, ft in enumerate(fts):
+        argv += ["--model", str(ft), "--stats", str(tmp_path / f"gram{k}")]
+    assert main([*argv, "-o", str(tmp_path / "ok")]) == 0, capsys.readouterr().err
+    tokenizer = next(p for p in sorted(fts[1].iterdir()) if p.name in ("tokenizer.json", "vocab.txt"))
+    tokenizer.write_text(tokenizer.read_text() + "\n")  # another tokenizer file, the same weights
+    assert main([*argv, "-o", str(tmp_path / "bad")]) != 0
+    err = capsys.readouterr().err
+    assert "computed with the same weights as model 1" in err and "another tokenizer" in err, err

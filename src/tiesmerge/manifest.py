@@ -37,7 +37,7 @@ def check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict
     """Statistics computed from a model directory record its files' digest: they must be this model's."""
     if not opened:  # only data-aware methods read statistics (and the module needs torch)
         return
-    from .stats.files import combine_digests
+    from .stats.files import combine_digests, tokenizer_digest
 
     for k, (src, files) in enumerate(zip(opened, hashed_models)):  # opened is empty for other methods
         recorded = src.manifest.model_digest if src.manifest is not None else None
@@ -49,6 +49,12 @@ def check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict
                 f"{src.label}: these statistics were computed with another model ({src.manifest.model}), "
                 f"not model {k} ({labels[k]}): the weight files' digests differ",
                 hint="give each model its own statistics, in the models' order, or recompute them")
+        tokenizer = src.manifest.tokenizer_digest
+        if tokenizer is not None and tokenizer_digest(Path(files[0]["path"]).parent) != tokenizer:
+            raise IncompatibleCheckpointsError(
+                f"{src.label}: these statistics were computed with the same weights as model {k} ({labels[k]}) but "
+                "another tokenizer (its tokenizer files changed since): they describe texts encoded otherwise",
+                hint="recompute the statistics with the model's tokenizer as it is now (tiesmerge stats)")
 
 
 def merge_manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: dict[str, Any],

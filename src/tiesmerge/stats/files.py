@@ -43,6 +43,7 @@ class StatsManifest:
     options: dict[str, Any] = field(default_factory=dict)  # how they were computed (method options)
     model_digest: str | None = None  # "files:<sha256>" of the model's weight files, or "tensors:<sha256>"
     model: str | None = None  # where the model was read from, for people
+    tokenizer_digest: str | None = None  # sha256 of the model folder's tokenizer files the texts were encoded with
     tiesmerge_version: str = __version__
     created: str = ""
 
@@ -58,6 +59,7 @@ class StatsManifest:
                                   f"{'|'.join(STATS_KINDS)} and examples)",
                                   hint="statistics directories are written by tiesmerge stats fisher|gram")
         types = {"options": dict, "model_digest": (str, type(None)), "model": (str, type(None)),
+                 "tokenizer_digest": (str, type(None)),
                  "tiesmerge_version": str, "created": str}
         wrong = [k for k, t in types.items() if k in data and not isinstance(data[k], t)]
         if wrong or isinstance(data["examples"], bool) or data["examples"] < 0:
@@ -121,6 +123,26 @@ def files_digest(source: str | os.PathLike) -> str:
                 sha.update(block)
         named.append((path.name, sha.hexdigest()))
     return "files:" + combine_digests(named)
+
+
+# the files a tokenizer is read from: statistics of texts encoded by another tokenizer describe another input
+# pipeline, though the weights are the same (hp38 C38)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def tokenizer_digest(model: str | os.PathLike | None) -> str | None:
+    """sha256 over the names and contents of the tokenizer files in the model folder ``model``, or None (no folder, or
+    no tokenizer file)."""
+    if model is None or not Path(model).is_dir():
+        return None
+    named = []
+    for name in TOKENIZER_FILES:
+        path = Path(model) / name
+        if path.is_file():
+            named.append((name, hashlib.sha256(path.read_bytes()).hexdigest()))
+    return combine_digests(named) if named else None
 
 
 def model_digest(module: torch.nn.Module, model: str | os.PathLike | None = None) -> str:

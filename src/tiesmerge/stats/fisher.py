@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .batches import batch_size, example, map_tensors
-from .files import Statistics, StatsManifest, model_digest
+from .files import Statistics, StatsManifest, model_digest, tokenizer_digest
 
 __all__ = ["FISHER_KINDS", "PER_EXAMPLE", "fisher_information"]
 
@@ -163,7 +163,8 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     tensors = {n.removeprefix("module."): (t / examples) for n, t in total.items()}
     manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": per_example,
                                                   "embedding_rows": embedding_rows},
-                             model_digest=model_digest(module, model), model=str(model) if model is not None else None)
+                             model_digest=model_digest(module, model), model=str(model) if model is not None else None,
+                             tokenizer_digest=tokenizer_digest(model))
     return Statistics(manifest, tensors)
 
 
