@@ -938,3 +938,22 @@ def test_statistics_of_another_tokenizer_are_refused(classifiers, tmp_path, caps
     assert main([*argv, "-o", str(tmp_path / "bad")]) != 0
     err = capsys.readouterr().err
     assert "computed with the same weights as model 1" in err and "another tokenizer" in err, err
+
+
+def test_a_demo_rerun_stopped_midway_leaves_no_merges_of_other_models(tmp_path, capsys, monkeypatch):
+    """hp38 C21: a finished demo rerun with another --params and stopped while writing its models left the new models
+    beside the old merges of other models: a folder that looks complete but mixes two demos."""
+    from helpers_ckpt import run_cli
+    from tiesmerge.cli import demo
+
+    wd = tmp_path / "wd"
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
+    assert rc == 0 and (wd / "merged-ties").is_dir(), err
+
+    def stopped(root, million_params, seed=0):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "make_demo_models", stopped)
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.06", "--workdir", str(wd)], capsys)
+    assert rc == 130, err
+    assert not any(p.name.startswith("merged-") for p in wd.iterdir()), sorted(p.name for p in wd.iterdir())

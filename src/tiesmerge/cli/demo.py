@@ -212,6 +212,10 @@ def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
                           hint="a smaller --params, or a --workdir on a larger disk")
     try:
         _check_merged_outputs(root)
+        for _, method in METHODS:  # an earlier demo's merges go before its models are rewritten: a demo stopped
+            # midway leaves new models beside no merge, never beside merges of other models (hp38 C21)
+            if os.path.isdir(root / f"merged-{method.name}"):
+                shutil.rmtree(root / f"merged-{method.name}")
         actual = sum(math.prod(shape) for shape in synthetic_llama_shapes(million_params).values()) / 1e6
         print(f"tiesmerge demo: {len(TASKS)} synthetic fine-tunes ({', '.join(TASKS)}) of a "
               f"{actual:.3g}M-parameter Llama-shaped bf16 model, in {root}")
