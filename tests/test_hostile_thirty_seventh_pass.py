@@ -957,3 +957,30 @@ def test_a_demo_rerun_stopped_midway_leaves_no_merges_of_other_models(tmp_path, 
     rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.06", "--workdir", str(wd)], capsys)
     assert rc == 130, err
     assert not any(p.name.startswith("merged-") for p in wd.iterdir()), sorted(p.name for p in wd.iterdir())
+
+
+def test_a_merge_that_read_pickled_weights_says_so_in_its_card_and_manifest(tmp_path, capsys):
+    """hp38 C12: a merge run with --allow-pickle on a .bin model recorded it nowhere: the card's recipe re-ran into
+    "pass --allow-pickle" without having said why, and tiesmerge.json did not mention it."""
+    import json
+
+    import yaml
+
+    from helpers_ckpt import make_family, run_cli, write_pickle
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    legacy = tmp_path / "legacy"
+    write_pickle(legacy / "pytorch_model.bin", fts[0])
+    ft1 = write_hf_dir(tmp_path / "ft1", fts[1])
+    out = tiesmerge.merge(b, [legacy, ft1], "ties", output=tmp_path / "out", allow_pickle=True)
+    card = (out / "README.md").read_text()
+    recipe = yaml.safe_load(card.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert recipe["allow_pickle"] is True
+    assert json.loads((out / "tiesmerge.json").read_text())["recipe"]["allow_pickle"] is True
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "again"], capsys)
+    assert rc == 2 and "the recipe sets allow_pickle: true" in err, err
+    safe = tiesmerge.merge(b, [write_hf_dir(tmp_path / "ft0", fts[0]), ft1], "ties", output=tmp_path / "safe",
+                           allow_pickle=True)  # nothing pickled was read: nothing to say
+    assert "allow_pickle" not in json.loads((safe / "tiesmerge.json").read_text())["recipe"]

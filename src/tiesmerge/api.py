@@ -382,7 +382,11 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                                  shard_size=str(shard_size), memory_budget=str(memory_budget or DEFAULT_MEMORY_BUDGET),
                                  device=str(device), vocab_policy=vocab_policy, output_format=output_format,
                                  rank=rank, origin=dict(origin) if origin else None,
-                                 stats=tuple(s.label for s in prepared.stats) or None, allow_distant=allow_distant)
+                                 stats=tuple(s.label for s in prepared.stats) or None, allow_distant=allow_distant,
+                                 # pickled weights were read: the card's recipe and the manifest say so (hp38 C12)
+                                 allow_pickle=allow_pickle and any(
+                                     Path(f["path"]).suffix in (".bin", ".pt", ".pth")
+                                     for files in (hashed["base"], *hashed["models"]) for f in files))
             (tmp / "README.md").write_text(model_card(
                 base_label=getattr(base, "repo_id", prepared.base.label), base_revision=getattr(base, "revision", None),
                 base_commit=getattr(base, "commit", None), model_labels=[c.label for c in prepared.models],

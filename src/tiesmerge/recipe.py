@@ -101,6 +101,8 @@ class MergeRecipe:
             out["models"] = [{"path": m, "stats": s} for m, s in zip(self.models, self.stats, strict=True)]
         if self.allow_distant:
             out["allow_distant"] = True
+        if self.allow_pickle:  # a re-run needs --allow-pickle too, and says so (hp38 C12)
+            out["allow_pickle"] = True
         return {k: v for k, v in out.items() if v is not None}
 
     def to_yaml(self) -> str:
