@@ -984,3 +984,94 @@ def test_a_merge_that_read_pickled_weights_says_so_in_its_card_and_manifest(tmp_
     safe = tiesmerge.merge(b, [write_hf_dir(tmp_path / "ft0", fts[0]), ft1], "ties", output=tmp_path / "safe",
                            allow_pickle=True)  # nothing pickled was read: nothing to say
     assert "allow_pickle" not in json.loads((safe / "tiesmerge.json").read_text())["recipe"]
+
+
+def test_the_resume_stamp_covers_subfolder_shards_pth_files_and_state_dicts(tmp_path):
+    """hp39 C3, C4, C25: a shard in a subfolder (index -> shards/...) was not stamped; C5: nor a .pth file; C6, C18:
+    state dicts given in memory counted by their position only: resumes reused old scores and coefficients."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from helpers_ckpt import make_family, write_pickle
+    from tiesmerge.tuning.driver import weights_stamp
+
+    base, fts = make_family(2)
+    sub = tmp_path / "sub"
+    (sub / "shards").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in fts[0].items()}, str(sub / "shards" / "model-00001-of-00001.safetensors"))
+    (sub / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "shards/model-00001-of-00001.safetensors" for k in fts[0]}}))
+    (sub / "config.json").write_text("{}")
+    pth = tmp_path / "pth"
+    write_pickle(pth / "weights.pth", fts[1])
+    before = weights_stamp([sub, pth, dict(base)])
+    assert weights_stamp([sub, pth, dict(base)]) == before
+    shard = sub / "shards" / "model-00001-of-00001.safetensors"
+    save_file({k: (v * 2).contiguous() for k, v in fts[0].items()}, str(shard))
+    after_shard = weights_stamp([sub, pth, dict(base)])
+    assert after_shard != before
+    write_pickle(pth / "weights.pth", fts[0])
+    after_pth = weights_stamp([sub, pth, dict(base)])
+    assert after_pth != after_shard
+    assert weights_stamp([sub, pth, {k: v + 1 for k, v in base.items()}]) != after_pth
+
+
+def test_adapts_resume_fingerprint_covers_a_sign_from_model(tmp_path):
+    """hp39 C1: `adapt --resume` with a --sign-from model whose weights were replaced resumed with 0 steps, the
+    coefficients of the old sign vector."""
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.errors import ConfigError
+
+    base, fts = _family(3)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b", "ref"), (base, *fts))]
+    kwargs = dict(forward=_forward(), steps=2, checkpoint=tmp_path / "ck.pt", sign_from=str(dirs[3]))
+    tiesmerge.adapt(dirs[0], dirs[1:3], _data(), "ties", **kwargs)
+    tiesmerge.adapt(dirs[0], dirs[1:3], _data(), "ties", resume=True, **{**kwargs, "steps": 3})  # the same: resumes
+    write_hf_dir(dirs[3], fts[0])  # another reference at the same path
+    with pytest.raises(ConfigError, match="this checkpoint is of another run"):
+        tiesmerge.adapt(dirs[0], dirs[1:3], _data(), "ties", resume=True, **{**kwargs, "steps": 4})
+
+
+def test_a_huge_lam_adapters_reported_error_is_finite(tmp_path):
+    """hp39 C29: a LoRA adapter merged with lam 1e36 into bfloat16 reported "relative reconstruction error at most inf"
+    (its float32 product overflowed in the norm) and wrote Infinity into tiesmerge.json."""
+    import json
+    import math
+
+    from helpers_adapters import random_lora, write_lora_dir
+
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    adapters = [write_lora_dir(tmp_path / f"a{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    with pytest.warns(Warning):
+        out = tiesmerge.merge(b, adapters, "task_arithmetic", lam=1e36, output=tmp_path / "o", output_format="adapter",
+                              rank=2, dtype="bfloat16")
+    text = (out / "tiesmerge.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    assert math.isfinite(json.loads(text)["adapters"]["max_relative_reconstruction_error"])
+
+
+def test_lm_perplexity_respects_the_models_positions_and_a_diverging_candidate(tmp_path):
+    """hp39 C38: lm-perplexity scored 256-token windows on a model of 16 positions (an IndexError blamed on the
+    evaluator); C45: a diverging candidate's perplexity overflowed math.exp and ended the search."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import math
+
+    from test_evaluation_rank_classification import LM_VOCAB, _wordlevel_tokenizer
+    from tiesmerge.evaluation.builtin import LMPerplexity
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=LM_VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16,
+                                  tie_word_embeddings=False)
+    model = transformers.GPT2LMHeadModel(cfg)
+    model.save_pretrained(tmp_path / "lm")
+    _wordlevel_tokenizer("$A", ("<s>", 2)).save_pretrained(tmp_path / "lm")
+    (tmp_path / "t.txt").write_text(" ".join(["the cat sat"] * 40))
+    score = LMPerplexity(tmp_path / "lm", tmp_path / "t.txt")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert math.isfinite(score(state))
+    diverging = {k: (v * 1e4 if k.endswith("lm_head.weight") or "wte" in k else v) for k, v in state.items()}
+    worst = score(diverging)
+    assert math.isfinite(worst) and worst < -1e200

@@ -99,6 +99,24 @@ def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where
                           hint="the base directory's config must describe the merged models")
 
 
+def _window(model: torch.nn.Module, max_length: int) -> int:
+    """``max_length`` capped at the rows of the model's learned position table (GPT-2's wpe, OPT's embed_positions):
+    a longer window indexes past it. Rotary models have no table and take longer windows (their max_position_embeddings
+    is the length they were trained at, not a limit of the forward)."""
+    import re
+
+    for name, param in model.named_parameters():
+        if re.search(r"(^|\.)(wpe|position_embeddings|embed_positions)\.weight$", name) and param.dim() == 2:
+            offset = 2 if getattr(model.config, "model_type", "") in ("opt", "bart", "mbart") else 0
+            return max(2, min(max_length, param.shape[0] - offset))
+    return max_length
+
+
+# scores of diverging candidates: -exp(mean NLL) stays finite and ordered up to this; past it, one worst score
+_MAX_LOG_PERPLEXITY = 690.0  # exp(690) ~ 1e299, under MAX_SCORE (the reports plot scores up to +-1e300)
+_WORST_PERPLEXITY = math.exp(_MAX_LOG_PERPLEXITY)
+
+
 @dataclass
 class _Scorer:
     """What every built-in shares: the base directory, the device, and the model cache. The base's path is made
@@ -229,7 +247,8 @@ class LMPerplexity(_Scorer):
             raise ConfigError(f"{self.model_dir}: lm-perplexity scores causal LMs, and this is an encoder-decoder")
         _load_state(model, state, self.model_dir)
         ids = tokenizer(clipped(self.text, self.max_tokens), add_special_tokens=False)["input_ids"][:self.max_tokens]
-        windows = [ids[i:i + self.max_length] for i in range(0, len(ids), self.max_length)]
+        width = _window(model, self.max_length)  # never past a position table (hp39 C38: an IndexError)
+        windows = [ids[i:i + width] for i in range(0, len(ids), width)]
         windows = [w for w in windows if len(w) >= 2]
         if not windows:
             raise ConfigError(f"{self.data}: the text has fewer than 2 tokens")
@@ -244,8 +263,10 @@ class LMPerplexity(_Scorer):
             scored = mask[:, 1:].bool()
             total -= float(token_lp[scored].sum())
             count += int(scored.sum())
-        perplexity = math.exp(total / count)
-        return -perplexity if math.isfinite(perplexity) else -math.inf
+        # a diverging candidate's perplexity passes float's range: the worst finite score, never an OverflowError that
+        # ended the whole search as "fix the evaluator" (hp39 C45; a search refuses -inf scores)
+        mean = total / count
+        return -math.exp(mean) if math.isfinite(mean) and mean < _MAX_LOG_PERPLEXITY else -_WORST_PERPLEXITY
 
 
 @dataclass

@@ -173,8 +173,9 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
         errors[target.module] = factored.relative_error
         if out_dtype != torch.float32 and factored.norm > 0:  # the factors as written, not as computed (hp38 C29):
             # ‖τ − B'A'‖ ≤ ‖τ − BA‖ + ‖BA − B'A'‖, the rounding of float16 factors (3e-4) past the truncation's 4e-8
-            rounded = tensors[key + b_suffix].float() @ tensors[key + a_suffix].float()  # (out, in)
-            drift = float(torch.linalg.matrix_norm(factored.b @ factored.a - rounded)) / factored.norm
+            # in float64: factors of a huge lam (1e36) overflow float32 in the product's norm (hp39 C29: "inf")
+            rounded = tensors[key + b_suffix].double() @ tensors[key + a_suffix].double()  # (out, in)
+            drift = float(torch.linalg.matrix_norm(factored.b.double() @ factored.a.double() - rounded)) / factored.norm
             errors[target.module] = factored.relative_error + drift
     _warn_products_past(past, out_dtype)
     _warn_truncation(errors, sink, sum(max((t.rank for t in a.targets.values()), default=0) for a in adapters))

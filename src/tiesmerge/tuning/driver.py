@@ -168,24 +168,35 @@ def _model_options(cls: type, fixed: Mapping[str, Any] | None) -> list[Any]:
 
 
 def weights_stamp(sources: Sequence[Any]) -> str:
-    """The inode, size, modification and change time of every weight file of the inputs (not their
-    bytes: hashing gigabytes at every resume would cost more than the check saves). A model whose
-    weights were replaced at the same path makes the log another search's."""
+    """The inode, size, modification and change time of every file of the inputs a merge or a forward reads: the
+    weight files the checkpoint opens (shards in a subfolder, .pth files too: hp39 C3, C5), the configs and the
+    tokenizer files (hp38 C10); not their bytes: hashing gigabytes at every resume would cost more than the check
+    saves. A state dict given in memory counts by its tensors' bytes (hp39 C6, C18). A model whose files were
+    replaced at the same path makes the log another search's."""
     import hashlib
     import os
     from pathlib import Path
 
+    from ..io.checkpoint import open_checkpoint
     from ..paths import MODEL_FILES, MODEL_SUFFIXES
 
-    rows = []
+    rows: list[Any] = []
     for source in sources:
         if isinstance(source, Mapping):
+            rows.append(_state_digest(source))
             continue
         path = Path(source)
-        # the weights, configs and tokenizer files (vocab.txt, merges.txt, tokenizer.model...: a built-in evaluator
-        # tokenizes with them; a permuted vocab.txt resumed with the old scores, hp38 C10)
-        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt")
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt", ".pth")
                        or p.name in MODEL_FILES or p.name.endswith(MODEL_SUFFIXES)) if path.is_dir() else [path]
+        try:
+            checkpoint = open_checkpoint(path, allow_pickle=True)  # headers only: which files hold the weights
+        except Exception:  # noqa: BLE001 - not openable here: the merge names the problem; the folder's files count
+            checkpoint = None
+        if checkpoint is not None:
+            try:
+                files = sorted({*files, *checkpoint.files()})
+            finally:
+                checkpoint.close()
         for f in files:
             try:
                 st = os.stat(f)
@@ -193,6 +204,24 @@ def weights_stamp(sources: Sequence[Any]) -> str:
                 continue
             rows.append([str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])  # no writer sets ctime back
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+def _state_digest(state: Mapping[str, Any]) -> str:
+    """sha256 over a state dict's names, shapes, dtypes and bytes."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}\0{tuple(value.shape)}\0{value.dtype}\0".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        else:
+            digest.update(f"{name}\0{value!r}\0".encode())
+    return digest.hexdigest()
 
 
 def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, evaluate: Evaluator, *,
