@@ -1075,3 +1075,19 @@ def test_lm_perplexity_respects_the_models_positions_and_a_diverging_candidate(t
     diverging = {k: (v * 1e4 if k.endswith("lm_head.weight") or "wte" in k else v) for k, v in state.items()}
     worst = score(diverging)
     assert math.isfinite(worst) and worst < -1e200
+
+
+def test_debertas_spm_model_is_a_tokenizer_file(tmp_path):
+    """hp39 C44: DeBERTa-v2/v3 keep their vocabulary in spm.model, which was neither stamped for a resume nor copied
+    into a merged model's folder."""
+    from helpers_ckpt import make_family
+    from tiesmerge.tuning.driver import weights_stamp
+
+    base, fts = make_family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *fts))]
+    (dirs[0] / "spm.model").write_bytes(b"\x00sentencepiece")
+    before = weights_stamp(dirs)
+    (dirs[0] / "spm.model").write_bytes(b"\x00sentencepiecf")
+    assert weights_stamp(dirs) != before
+    out = tiesmerge.merge(dirs[0], dirs[1:], "ties", output=tmp_path / "out")
+    assert (out / "spm.model").read_bytes() == b"\x00sentencepiecf"

@@ -239,7 +239,7 @@ def inside(path: str | os.PathLike, root: str | os.PathLike, what: str,
 # weights): they follow links, so each must be checked before a directory is handed to them.
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.json",
+               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model", "chat_template.json",
                "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
 MODEL_SUFFIXES = (".tiktoken",)
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")

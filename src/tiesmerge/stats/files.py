@@ -129,7 +129,7 @@ def files_digest(source: str | os.PathLike) -> str:
 # pipeline, though the weights are the same (hp38 C38)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model")
+                   "sentencepiece.bpe.model", "spm.model")
 
 
 def tokenizer_digest(model: str | os.PathLike | None) -> str | None:
