@@ -99,8 +99,9 @@ def test_a_failed_or_stopped_demo_leaves_nothing_in_a_workdir_it_made(tmp_path, 
 
     monkeypatch.setattr(demo, "run_demo", stopped)
     rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", str(wd)], capsys)
-    said = "emptied again" if made_by_user else "removed again"
-    assert rc == 130 and f"interrupted; the new --workdir {wd} was {said}" in err, err
+    said = f"the demo's files in --workdir {wd} were removed" if made_by_user else \
+        f"the demo's files in the new --workdir {wd} were removed"
+    assert rc == 130 and f"interrupted; {said}" in err, err
     assert (sorted(os.listdir(wd)) == [] if made_by_user else not os.path.lexists(wd))
 
 

@@ -605,8 +605,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         command_line = importlib.import_module("tiesmerge.cli.main")  # the module (the package's `main` is a function)
         command_line.left_on_stop = (
-            f"the new --workdir {args.workdir} was removed again" if fresh and not existed else
-            f"the new --workdir {args.workdir} was emptied again" if fresh else
+            f"the demo's files in the new --workdir {args.workdir} were removed (the folder too, unless it holds "
+            "files of yours)" if fresh and not existed else
+            f"the demo's files in --workdir {args.workdir} were removed (files of yours stay)" if fresh else
             f"the models written so far stay in {args.workdir}; the demo replaces them when run there again")
     try:
         if args.synthetic:
