@@ -188,9 +188,9 @@ def weights_stamp(sources: Sequence[Any]) -> str:
         path = Path(source)
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt", ".pth")
                        or p.name in MODEL_FILES or p.name.endswith(MODEL_SUFFIXES)) if path.is_dir() else [path]
-        try:
-            checkpoint = open_checkpoint(path, allow_pickle=True)  # headers only: which files hold the weights
-        except Exception:  # noqa: BLE001 - not openable here: the merge names the problem; the folder's files count
+        try:  # safetensors headers only: which files hold the weights. Never a pickle: the suffixes above list those
+            checkpoint = open_checkpoint(path, allow_pickle=False)
+        except Exception:  # noqa: BLE001 - not openable so: the merge names any problem; the folder's files count
             checkpoint = None
         if checkpoint is not None:
             try:
