@@ -1092,3 +1092,18 @@ def test_debertas_spm_model_is_a_tokenizer_file(tmp_path):
     assert weights_stamp(dirs) != before
     out = tiesmerge.merge(dirs[0], dirs[1:], "ties", output=tmp_path / "out")
     assert (out / "spm.model").read_bytes() == b"\x00sentencepiecf"
+
+
+def test_an_adapter_outputs_summary_says_nothing_was_copied(tmp_path, capsys):
+    """hp39 C16: a merged LoRA adapter's summary line said "37 copied" (a full model's count), the dry run nothing."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import run_cli
+
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    adapters = [write_lora_dir(tmp_path / f"a{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    argv = ["merge", "--base", b, "--model", adapters[0], "--model", adapters[1], "--method", "task_arithmetic"]
+    rc, out, err = run_cli([*argv, "--output-format", "adapter", "--rank", "4", "-o", tmp_path / "ad"], capsys)
+    assert rc == 0 and "tensors merged, nothing copied (an adapter)" in out, out + err
+    rc, out, err = run_cli([*argv, "-o", tmp_path / "full"], capsys)  # a full model of the same adapters: copies
+    assert rc == 0 and "nothing copied" not in out and " copied, " in out, out + err

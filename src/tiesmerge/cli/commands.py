@@ -362,7 +362,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if "max_relative_reconstruction_error" in adapter:
         print(f"  LoRA adapter at rank {adapter['rank']}: relative reconstruction error at most "
               f"{adapter['max_relative_reconstruction_error']:.3g} (per module in tiesmerge.json)")
-    print(f"  {t['merged']} tensors merged, {t['copied']} copied, {t['tied_aliases']} tied; "
+    # an adapter holds the adapted modules only: nothing of the base is copied into it (hp39 C16: "37 copied")
+    held = ("nothing copied (an adapter)" if recipe.output_format == "adapter" else
+            f"{t['copied']} copied, {t['tied_aliases']} tied")
+    print(f"  {t['merged']} tensors merged, {held}; "
           f"{format_size(read)} read in {seconds:.1f} s ({read / max(seconds, 1e-9) / 1e9:.2f} GB/s)")
     seconds = manifest["seconds"]
     print("  phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items() if not k.startswith("profile.")))
