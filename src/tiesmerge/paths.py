@@ -31,8 +31,8 @@ from typing import Any
 from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
-__all__ = ["fs_text", "demo_workdir", "demo_models_written", "remove_demo_files", "DEMO_MARKER", "write_error",
-           "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
+__all__ = ["fs_text", "undecodable_as_bytes", "demo_workdir", "demo_models_written", "remove_demo_files", "DEMO_MARKER",
+           "write_error",           "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
            "model_dir_files", "check_model_dir", "CHAT_TEMPLATES_DIR", "OUTPUT_MARKERS", "WRITTEN_FIELD",
            "STAMPS_FIELD", "listing",
            "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
@@ -57,6 +57,16 @@ _MARKER_MAX_BYTES = 256 << 20  # a manifest lists files and thresholds: far belo
 
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
           stat.S_IFSOCK: "a socket"}
+
+
+def undecodable_as_bytes(text: str) -> str:
+    """``text`` with each byte of a path that was no UTF-8 (Python's '\\udce9' for the byte e9) written as
+    ``\\xe9``, and any other lone surrogate as its ``\\uXXXX`` escape: text a person reads (a card, a message).
+    The manifest and a card's recipe keep the surrogate itself, which reads back as the same file name."""
+    if not any("\ud800" <= c <= "\udfff" for c in text):
+        return text
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else
+                   f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def fs_text(value: Any) -> Any:

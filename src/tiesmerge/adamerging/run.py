@@ -27,7 +27,7 @@ from ..inputs import Source, as_method, check_output_not_input, device_of, metho
 from ..io.writer import _check_output_path as check_output_path
 from ..io.writer import _remove_empty
 from ..lazy import torch
-from ..methods.base import ChunkContext, MergeMethod, ModelPath, Requirements, option_types
+from ..methods.base import ChunkContext, MergeMethod, Requirements
 from ..paths import check_output_file, nested, physical
 from ..sizes import format_size
 from .learn import AdaptConfig, History, Merger, combine, is_checkpoint, learn, load_checkpoint
@@ -379,8 +379,7 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
     merger = Merger({n: tv.base[n].to(device) for n in tv.names}, {n: v.to(device) for n, v in tv.vectors.items()},
                     tv.names, granularity, _forward_dtypes(fwd, tv.names))
     # a reference model the method reads (ties' sign_from) is an input too: its files are stamped (hp39 C1)
-    references = [getattr(m, f.name) for f in dataclasses.fields(m)
-                  if option_types(type(m)).get(f.name) is ModelPath and getattr(m, f.name) is not None]
+    references = [p for _, p in method_inputs(m)]
     fingerprint = _fingerprint(base, [*models, *references], method_spec(m), config, task_data, kind,
                                {"max_length": max_length, "heads": heads, "choices": choices})
     coefficients, history, learn_seconds = learn(fwd, merger, task_data, config, checkpoint=checkpoint, resume=resume,

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..io.card import undecodable_as_bytes
 from ..io.writer import atomic_directory
+from ..paths import undecodable_as_bytes
 from ..plotting import html_figure, html_page, html_table, png, pyplot
 from .summary import percent
 

@@ -7,6 +7,8 @@ import os
 import re
 from typing import Any, TextIO
 
+from ..paths import undecodable_as_bytes
+
 __all__ = ["SafeStream", "shown", "terminal_safe"]
 
 # C0 controls but newline and tab, DEL, C1 controls, and the bidirectional overrides that reorder what is shown
@@ -16,7 +18,7 @@ _UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud8
 def _escaped(text: str) -> str:
     # a path's byte that is no UTF-8 (the surrogate '\udce9' Python reads for e9) as \xe9, as the README promises
     return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-                       else f"\\x{ord(m.group()) - 0xDC00:02x}" if 0xDC80 <= ord(m.group()) <= 0xDCFF
+                       else undecodable_as_bytes(m.group()) if "\ud800" <= m.group() <= "\udfff"
                        else f"\\u{ord(m.group()):04x}", text)
 
 

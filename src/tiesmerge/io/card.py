@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from ..errors import MergeWarning
+from ..paths import undecodable_as_bytes
 
 __all__ = ["model_card", "hash_files"]
 
@@ -274,16 +275,6 @@ def _digest(path: Path) -> dict:
 def hash_files(paths: Iterable[Path], pool: ThreadPoolExecutor) -> list[Future]:
     """Start hashing every input file on ``pool``, beside the merge."""
     return [pool.submit(_digest, p) for p in paths]
-
-
-def undecodable_as_bytes(text: str) -> str:
-    """``text`` with each byte of a path that was no UTF-8 (Python's '\\udce9' for the byte e9) written as
-    ``\\xe9``, and any other lone surrogate as its ``\\uXXXX`` escape: text a person reads (a card, a message).
-    The manifest and a card's recipe keep the surrogate itself, which reads back as the same file name."""
-    if not any("\ud800" <= c <= "\udfff" for c in text):
-        return text
-    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else
-                   f"\\u{ord(c):04x}" if "\ud800" <= c <= "\udfff" else c for c in text)
 
 
 def _code(text: str) -> str:

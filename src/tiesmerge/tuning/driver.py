@@ -159,14 +159,6 @@ def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> st
     return digest.hexdigest()[:16]
 
 
-def _model_options(cls: type, fixed: Mapping[str, Any] | None) -> list[Any]:
-    """The model directories the fixed options name (fields typed ModelPath, e.g. TIES's sign_from)."""
-    from ..methods.base import ModelPath, option_types
-
-    types = option_types(cls)
-    return [v for k, v in (fixed or {}).items() if types.get(k) is ModelPath and isinstance(v, (str, os.PathLike))]
-
-
 def weights_stamp(sources: Sequence[Any]) -> str:
     """The inode, size, modification and change time of every file of the inputs a merge or a forward reads: the
     weight files the checkpoint opens (shards in a subfolder, .pth files too: hp39 C3, C5), the configs and the
@@ -257,6 +249,9 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
                           hint="give the values with --grid NAME=v1,v2 (or NAME=start:stop:step), or choose "
                                "--strategy random or cmaes")
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
+    from ..inputs import option_inputs
+
+    references = option_inputs(cls, fixed or {})  # a --set sign_from model is an input too (hp37 C74)
     check_tuning_vocab_policy(vocab_policy)
     job = Job(method, base, tuple(models), device, memory_budget, vocab_policy, allow_distant)
     if start is None:
@@ -267,7 +262,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               "base": _label(base), "models": [_label(m) for m in models],
               # a reference model a fixed option names (--set sign_from=DIR) is an input too: its weights replaced
               # at the same path resumed with scores of two references (hp37 C74)
-              "evaluator": evaluator_name, "weights": weights_stamp([base, *models, *_model_options(cls, fixed)]),
+              "evaluator": evaluator_name, "weights": weights_stamp([base, *models, *(p for _, p in references)]),
               # a built-in evaluator's data file (NAME:FILE): scores on another text are not comparable
               **({"evaluator_data": _content_digest(data)} if (data := _evaluator_data(evaluate)) else {}),
               **({"evaluator_code": _content_digest(code)} if (code := _evaluator_code(evaluate)) else {}),
