@@ -226,8 +226,9 @@ class History:
 
 def _fingerprint_check(saved: str, expected: str, path: Path, saved_config: Any = None,
                        config: AdaptConfig | None = None) -> None:
-    """The checkpoint must be this run's; where it is not, the settings it records that differ are named (the
-    models, data and method are known only by the fingerprint)."""
+    """The checkpoint must be this run's; where it is not, what differs is named: the settings it records, and the
+    parts of its fingerprint (the inputs, method, forward, data) where both are fingerprints of the parts (hp39 C24:
+    "another run" without a word of why sent people comparing commands)."""
     if saved == expected:
         return
     differ = []
@@ -235,10 +236,43 @@ def _fingerprint_check(saved: str, expected: str, path: Path, saved_config: Any 
         mine = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists)
         differ = [f"{k} {saved_config[k]!r} there, {mine[k]!r} now" for k in mine
                   if k != "steps" and k in saved_config and saved_config[k] != mine[k]]
+    differ += _differing_parts(saved, expected)
     raise ConfigError(f"{path}: this checkpoint is of another run ("
-                      + ("; ".join(differ) if differ else "other models, data, method or forward settings: "
-                         "--max-length, --heads, --choices")
-                      + ")", hint="resume with the same command, or remove the checkpoint to start afresh")
+                      + ("; ".join(dict.fromkeys(differ)) if differ else "other models, data, method or forward "
+                         "settings: --max-length, --heads, --choices")
+                      + ")", hint="resume with the same command and inputs, or remove the checkpoint to start afresh")
+
+
+def _differing_parts(saved: str, expected: str) -> list[str]:
+    """What differs between two fingerprints of parts (run._fingerprint's JSON), in words; nothing for a digest."""
+    try:
+        there, now = json.loads(saved), json.loads(expected)
+    except ValueError:  # a checkpoint written before the parts were kept: a bare digest
+        return []
+    if not (isinstance(there, dict) and isinstance(now, dict) and there.get("format") == now.get("format")):
+        return []
+    out = []
+    if there.get("inputs") != now.get("inputs"):
+        out.append("the models: another base or fine-tuned model, or their files (weights, configs, tokenizer files) "
+                   "changed since the checkpoint was written")
+    if there.get("method") != now.get("method"):
+        out.append(f"the method {there.get('method')!r} there, {now.get('method')!r} now")
+    if there.get("forward") != now.get("forward"):
+        out.append(f"the forward {there.get('forward')!r} there, {now.get('forward')!r} now")
+    old_settings, new_settings = there.get("forward_settings"), now.get("forward_settings")
+    if isinstance(old_settings, dict) and isinstance(new_settings, dict):
+        option = {"max_length": "--max-length", "heads": "--heads", "choices": "--choices"}
+        out += [f"{option.get(k, k)} {old_settings.get(k)!r} there, {new_settings.get(k)!r} now"
+                for k in sorted({*old_settings, *new_settings}) if old_settings.get(k) != new_settings.get(k)]
+    old_data, new_data = there.get("data"), now.get("data")  # [[task, digest], ...] in the run's order
+    if isinstance(old_data, list) and isinstance(new_data, list) and old_data != new_data:
+        old_tasks, new_tasks = [str(t[0]) for t in old_data], [str(t[0]) for t in new_data]
+        if old_tasks != new_tasks:
+            out.append(f"the tasks {old_tasks} there, {new_tasks} now (their order is the coefficients' rows)")
+        else:
+            out.append("the data of task(s) " + ", ".join(repr(t) for t, a, b in zip(new_tasks, old_data, new_data)
+                                                          if a != b))
+    return out
 
 
 # The checkpoint is a safetensors file: the coefficients and Adam's moments as tensors, everything

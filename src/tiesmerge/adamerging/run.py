@@ -142,24 +142,30 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
 
 def _fingerprint(base: Source, models: Sequence[Source], spec: str, config: AdaptConfig, data: Mapping[str, list],
                  forward: str, forward_settings: Mapping[str, Any] | None = None) -> str:
-    """What a checkpoint must have been computed with to be resumed (the step count may grow): the forward's settings
-    too (max_length, heads, choices change what the coefficients are learned on: a resume with another --max-length
-    ended with coefficients of neither run, hp35 E7), and the stamps of the inputs' files."""
+    """What a checkpoint must have been computed with to be resumed (the step count may grow), as JSON text of its
+    parts, so that a refused resume can say which part differs (hp39 C24): the inputs (their resolved paths and the
+    stamps of their files: weights replaced at the same path, or a permuted tokenizer, resumed silently, hp38 C8, C9),
+    the method, the run's settings, the forward and its settings (max_length, heads, choices change what the
+    coefficients are learned on: a resume with another --max-length ended with coefficients of neither run, hp35 E7),
+    and a digest of each task's data."""
     from ..tuning.driver import weights_stamp  # search's: the inputs' weights, configs and tokenizer files
 
+    def named(source: Source, k: int) -> str:  # ./base/ and base are one folder (hp39 C24); a Hub id stays as given
+        if isinstance(source, Mapping):
+            return f"state dict {k}"
+        return os.path.realpath(source) if os.path.exists(source) else os.fsdecode(source)
+
+    def short(value: Any) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
     settings = {**dataclasses.asdict(config), "steps": None, "checkpoint_every": None}
-    # the files' stamps too: weights replaced at the same path, or a permuted tokenizer, resumed silently (hp38 C8, C9)
-    digest = hashlib.sha256(json.dumps({"files": weights_stamp([base, *models]),
-                                        "base": str(base) if not isinstance(base, Mapping) else "state dict",
-                                        "models": [str(m) if not isinstance(m, Mapping) else f"state dict {k}"
-                                                   for k, m in enumerate(models)],
-                                        "method": spec, "config": settings, "forward": forward,
-                                        **({"forward_settings": forward_settings} if forward_settings else {})},
-                                       sort_keys=True, default=str).encode())
-    for task, rows in data.items():
-        digest.update(task.encode())
-        digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+    parts = {"inputs": short({"files": weights_stamp([base, *models]),
+                              "names": [named(s, k) for k, s in enumerate([base, *models])]}),
+             "method": spec, "settings": short(settings), "forward": forward,
+             "forward_settings": json.loads(json.dumps(dict(forward_settings or {}), sort_keys=True, default=str)),
+             "data": [[task, short(rows)] for task, rows in data.items()]}  # a list: the tasks' order is the rows'
+    # json's sort_keys orders the parts' names only; lists keep their order
+    return json.dumps({"format": "tiesmerge-adapt-fingerprint/2", **parts}, sort_keys=True)
 
 
 def _forward_dtypes(forward: TaskForward, names: Sequence[str]) -> dict[str, torch.dtype]:

@@ -83,7 +83,11 @@ def _cell(value: Any) -> str:
 
 
 def _label(source: Any) -> str | None:
-    return None if isinstance(source, Mapping) else str(source)
+    """A model as the log names it: a folder by its resolved path (./base/ and /abs/base are one input, hp39 C24), a
+    Hub id as given, a state dict by nothing (its bytes are in the weights' stamp)."""
+    if isinstance(source, Mapping):
+        return None
+    return os.fsdecode(os.path.realpath(source)) if os.path.exists(source) else os.fsdecode(source)
 
 
 def _evaluator_name(evaluate: Any) -> str:
@@ -93,7 +97,7 @@ def _evaluator_name(evaluate: Any) -> str:
     if getattr(inner, "__qualname__", None):
         return evaluator_name(inner)
     data = getattr(inner, "data", None)  # a built-in: its class, and the file it scores on
-    return f"{type(inner).__module__}:{type(inner).__qualname__}" + (f" on {data}" if data is not None else "")
+    return f"{type(inner).__module__}:{type(inner).__qualname__}" + (f" on {_label(data)}" if data is not None else "")
 
 
 def _evaluator_data(evaluate: Any) -> Any:
@@ -164,7 +168,8 @@ def weights_stamp(sources: Sequence[Any]) -> str:
     weight files the checkpoint opens (shards in a subfolder, .pth files too: hp39 C3, C5), the configs and the
     tokenizer files (hp38 C10); not their bytes: hashing gigabytes at every resume would cost more than the check
     saves. A state dict given in memory counts by its tensors' bytes (hp39 C6, C18). A model whose files were
-    replaced at the same path makes the log another search's."""
+    replaced at the same path makes the log another search's; the files count by their resolved paths, so the
+    same folder spelled otherwise (./base/, an absolute path) is the same input (hp39 C24)."""
     import hashlib
     import os
     from pathlib import Path
@@ -194,7 +199,8 @@ def weights_stamp(sources: Sequence[Any]) -> str:
                 st = os.stat(f)
             except OSError:
                 continue
-            rows.append([str(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])  # no writer sets ctime back
+            # no writer sets ctime back
+            rows.append([os.path.realpath(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
 
 
