@@ -54,3 +54,65 @@ def test_a_search_resumes_with_the_same_folders_spelled_otherwise(tmp_path, monk
     run_search("./base/", [str(dirs[1]), "b/"], "ties", lambda state: 1.0, grid=grid, log=log,
                on_trial=scored.append)
     assert scored == []  # every candidate came from the log
+
+
+def _encoder_family(tmp_path, bert_tokenizer, n=2):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(bert_tokenizer), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    base = transformers.BertModel(cfg, add_pooling_layer=False)
+    dirs = []
+    for k in range(n + 1):
+        model = transformers.BertModel(cfg, add_pooling_layer=False)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * k * torch.randn_like(p))
+        model.save_pretrained(tmp_path / f"m{k}")
+        bert_tokenizer.save_pretrained(tmp_path / f"m{k}")
+        dirs.append(tmp_path / f"m{k}")
+    return dirs
+
+
+def test_adapt_says_how_many_examples_its_max_length_cuts_and_records_it(tmp_path, bert_tokenizer):
+    """hp39 C23: `adapt --max-length 4` on examples of 7 tokens cut every one without a word, and the manifest's
+    record of the run left max_length out (it changes the coefficients, and is part of the resume fingerprint)."""
+    import json
+
+    from tiesmerge.errors import MergeWarning
+
+    dirs = _encoder_family(tmp_path, bert_tokenizer)
+    files = []
+    for t, words in enumerate([["the cat sat on the mat today", "a dog"], ["red sun", "cold rain"]]):  # + CLS, SEP
+        files.append(tmp_path / f"task{t}.jsonl")
+        files[-1].write_text("".join(json.dumps({"text": w}) + "\n" for w in words))
+    heads = {"task0": ["cat", "dog"], "task1": ["sun", "rain"]}
+    with pytest.warns(MergeWarning, match=r"examples longer than 4 tokens are cut \(their last tokens are lost\): "
+                                          r"1 of 2 in task 'task0'; the coefficients"):
+        tiesmerge.adapt(dirs[0], dirs[1:], files, forward="encoder", heads=heads, steps=1, batch_size=2,
+                        max_length=4, output=tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "tiesmerge.json").read_text())["adamerging"]["forward_settings"]
+    assert record["max_length"] == 4 and record["examples_cut"] == {"task0": 1}
+    assert record["heads"] == heads
+
+
+def test_the_classifier_and_choice_forwards_count_the_examples_they_cut(bert_tokenizer):
+    """hp39 C23, the other two built-in forwards: the classifier loses a text's last tokens past max_length (a pair's
+    tokens count too); the choice forward loses a prompt's first tokens where the prompt and its longest choice are past
+    max_length."""
+    import torch
+
+    from tiesmerge.evaluation.forward import ChoiceLogits, ClassifierLogits
+
+    model = torch.nn.Linear(1, 1)  # no config: max_length is taken as given
+    classifier = ClassifierLogits(model, bert_tokenizer, max_length=5)
+    rows = [{"text": "the cat"}, {"text": "the cat sat"}, {"text": "the cat sat on the mat"}]
+    assert classifier.count_cut(rows, "t") == 1  # [CLS] the cat sat [SEP] is 5: kept whole
+    pairs = [{"text": "the cat", "text_pair": "a dog"}, {"text": "the", "text_pair": "dog"}]
+    assert classifier.count_cut(pairs, "t") == 1  # [CLS] the cat [SEP] a dog [SEP] is 7
+    choice = ChoiceLogits(model, bert_tokenizer, choices={"t": ["cat", "red sun"]}, max_length=5)
+    prompts = [{"text": "the"}, {"text": "the cat"}, {"text": "the cat sat"}]
+    assert choice.count_cut(prompts, "t") == 2  # [CLS] the [SEP] + red sun is 5; [CLS] the cat [SEP] + 2 is 6

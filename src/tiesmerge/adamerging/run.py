@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import ConfigError, MergeWarning, OutputError
-from ..evaluation.forward import TaskForward, as_rows, load_forward
+from ..evaluation.forward import ChoiceLogits, TaskForward, as_rows, load_forward
 from ..evaluation.rank_classification import MAX_CHOICES
 from ..inputs import Source, as_method, check_output_not_input, device_of, method_inputs, prepare
 from ..io.writer import _check_output_path as check_output_path
@@ -374,9 +374,11 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
                                         device=device)  # type: ignore[assignment]
         if forward == "choice":  # (a causal LM: checked by load_forward) a task without choices needs them per row
             _check_row_choices(task_data, choices)
+        examples_cut = _warn_cut(fwd, task_data, max_length)
     else:
         kind, fwd = type(forward).__name__, forward
         fwd.to(device)  # type: ignore[attr-defined]
+        examples_cut = None  # the user's forward encodes as it likes
     seconds["forward"] = time.perf_counter() - clock
     clock = time.perf_counter()
     tv = collect_task_vectors(base, models, m, device=device, memory_budget=memory_budget, vocab_policy=vocab_policy,
@@ -408,6 +410,10 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
             "tasks": task_names, "data": [str(d) if isinstance(d, (str, os.PathLike)) else f"{len(task_data[t])} rows"
                                           for d, t in zip(data, task_names)],
             "examples": {t: len(r) for t, r in task_data.items()}, "forward": kind,
+            # what the forward read of them (hp39 C23: --max-length changed the coefficients and was recorded nowhere)
+            **({"forward_settings": {"max_length": getattr(fwd, "max_length", max_length),
+                                     "max_length_asked": max_length, "heads": heads, "choices": choices,
+                                     "examples_cut": examples_cut}} if examples_cut is not None else {}),
             "config": {**dataclasses.asdict(config), "optimizer": "adam"}, "n_coefficients": int(coefficients.numel()),
             "entropy": {"first": _mean_row(history, 0), "last": _mean_row(history, -1)},
             "coefficients_summary": summarise(coefficients, task_names, layers, granularity),
@@ -430,6 +436,26 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
     seconds["merge"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
     return AdaptResult(coefficients, task_names, layers, granularity, history, written, seconds)
+
+
+def _warn_cut(forward: Any, task_data: Mapping[str, Sequence[Any]], asked: int) -> dict[str, int]:
+    """Per task, how many examples the built-in forward cuts to its token limit, said in one warning (hp39 C23:
+    --max-length 4 cut every example without a word, and the coefficients were learned on the cut texts)."""
+    counter = getattr(forward, "count_cut", None)
+    if counter is None:
+        return {}
+    cut = {task: counter(rows, task) for task, rows in task_data.items()}
+    cut = {task: n for task, n in cut.items() if n}
+    if cut:
+        limit = getattr(forward, "max_length", asked)
+        which = "prompts lose their first tokens" if isinstance(forward, ChoiceLogits) else "their last tokens are lost"
+        shown = "; ".join(f"{n:,} of {len(task_data[t]):,} in task {t!r}" for t, n in list(cut.items())[:5])
+        more = f"; and in {len(cut) - 5} more tasks" if len(cut) > 5 else ""
+        fitted = f" (--max-length {asked:,}, fitted to the model's positions)" if limit != asked else ""
+        warnings.warn(MergeWarning(f"examples longer than {limit:,} tokens{fitted} are cut ({which}): {shown}{more}; "
+                                   "the coefficients are learned on what is left (a larger --max-length keeps more, "
+                                   "at more time per step)"), stacklevel=3)
+    return cut
 
 
 def check_labels(labels: Mapping[str, Any], flag: str, what: str, task_data: Mapping[str, Any], *,

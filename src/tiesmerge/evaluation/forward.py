@@ -41,6 +41,7 @@ from .loading import (
     architectures,
     clipped,
     clipped_tail,
+    count_cut,
     encode,
     fitted_length,
     forward_checked,
@@ -136,6 +137,11 @@ class ClassifierLogits(torch.nn.Module):
         device = _device_of_buffers(self.model)
         return {k: v.to(device) for k, v in batch.items()}
 
+    def count_cut(self, rows: Sequence[Row], task: str) -> int:
+        """How many of ``rows`` :meth:`encode` cuts to ``max_length`` tokens (their last tokens are lost)."""
+        pairs = _texts(rows, "text_pair") if rows and all("text_pair" in r for r in rows) else None
+        return count_cut(self.tokenizer, _texts(rows), pairs, max_length=self.max_length)
+
     def forward(self, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
         with forward_checked(None):
             return self.model(**batch).logits  # (B, C)
@@ -155,6 +161,14 @@ class EncoderHeadLogits(torch.nn.Module):
     def encode(self, rows: Sequence[Row], task: str) -> dict[str, torch.Tensor]:
         self._head(task)  # an unknown task fails here, before a forward
         return self.encoder.tokenize(_texts(rows))
+
+    @property
+    def max_length(self) -> int:
+        return self.encoder.max_length
+
+    def count_cut(self, rows: Sequence[Row], task: str) -> int:
+        """How many of ``rows`` :meth:`encode` cuts to ``max_length`` tokens (their last tokens are lost)."""
+        return count_cut(self.encoder.tokenizer, _texts(rows), max_length=self.encoder.max_length)
 
     def _head(self, task: str) -> CosineHead:
         if task not in self.heads:
@@ -228,6 +242,19 @@ class ChoiceLogits(torch.nn.Module):
         device = _device_of_buffers(self.model)
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "scored": scored.to(device),
                 "present": present.to(device)}
+
+    def count_cut(self, rows: Sequence[Row], task: str) -> int:
+        """How many of ``rows`` lose their prompt's first tokens: the prompt and its longest choice are past
+        ``max_length`` tokens."""
+        cut = 0
+        for row in rows:
+            prompt = self.tokenizer(clipped_tail(str(row["text"]), self.max_length), add_special_tokens=True,
+                                    truncation=True, max_length=self.max_length + 1)["input_ids"]
+            longest = max(len(self.tokenizer(clipped(c, self.max_length), add_special_tokens=False, truncation=True,
+                                             max_length=self.max_length + 1)["input_ids"])
+                          for c in self._row_choices(row, task))
+            cut += len(prompt) + longest > self.max_length
+        return cut
 
     def forward(self, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
         ids = batch["input_ids"]  # (B*C, T)
