@@ -116,3 +116,36 @@ def test_the_classifier_and_choice_forwards_count_the_examples_they_cut(bert_tok
     choice = ChoiceLogits(model, bert_tokenizer, choices={"t": ["cat", "red sun"]}, max_length=5)
     prompts = [{"text": "the"}, {"text": "the cat"}, {"text": "the cat sat"}]
     assert choice.count_cut(prompts, "t") == 2  # [CLS] the [SEP] + red sun is 5; [CLS] the cat [SEP] + 2 is 6
+
+
+def test_analyze_of_models_near_float32s_limit_reports_finite_magnitudes():
+    """hp39 C32: models whose entries are ±3e38 (finite float32) gave "nan" in the report's magnitude tables and null
+    in analysis.json: the merged variants' means summed in float32 and overflowed."""
+    import math
+
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = {"l.weight": torch.zeros(16, 16)}
+    models = [{"l.weight": torch.sign(torch.randn(16, 16, generator=g)) * 3e38} for _ in range(3)]
+    report = tiesmerge.analyze(base, models, density=0.2)
+    for part in ("by_influence", "by_agreement"):
+        for table in ("mean", "std"):
+            for variant, values in report["magnitudes"][part][table].items():
+                assert all(v is not None and math.isfinite(v) for v in values), (part, table, variant, values)
+    assert report["magnitudes"]["by_influence"]["mean"]["TIES"][-1] == pytest.approx(3e38, rel=1e-6)
+
+
+def test_an_overflow_of_sums_of_huge_inputs_is_not_blamed_on_lam_alone():
+    """hp39 C47: a TIES merge (lam 1) of models whose entries are ±3e38 overflowed in the disjoint mean's float32 sum,
+    and the hint said the overflow "comes from the scaling", naming lam only."""
+    import torch
+
+    from tiesmerge.finite import NotFiniteError
+    from tiesmerge.methods import Ties
+
+    base = {"l.weight": torch.zeros(4, 4)}
+    models = [{"l.weight": torch.full((4, 4), 3e38)} for _ in range(3)]
+    with pytest.raises(NotFiniteError) as caught:
+        tiesmerge.merge(base, models, Ties(density=1.0))
+    assert "inputs near that limit" in caught.value.hint and "sums inside the merge" in caught.value.hint

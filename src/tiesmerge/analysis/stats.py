@@ -158,9 +158,13 @@ def merge_variants(tau: torch.Tensor, kept: torch.Tensor) -> dict[str, torch.Ten
     elect + disjoint mean: the sign elected from the untrimmed vectors, the mean of the values
     that agree with it (no trimming);
     TIES: trim, elect, disjoint mean.
+
+    In float64: the sums inside the means overflow float32 for values near its limit (±3e38 models reported nan
+    means and stds, hp39 C32), and a float64 mean of float32 values is finite.
     """
+    tau = tau.double()  # (n, B)
     trimmed = tau * kept  # (n, B)
-    count = kept.sum(0, dtype=torch.float32)  # (B,)
+    count = kept.sum(0, dtype=torch.float64)  # (B,)
     trim_mean = trimmed.sum(0) / count.clamp_min(1)  # (B,); 0 where nothing is kept
     elect_mean = ops.disjoint_aggregate(tau, ops.elect(tau, None, "mass"), None, "mean")
     ties = ops.disjoint_aggregate(trimmed, ops.elect(trimmed, None, "mass"), None, "mean")
