@@ -149,3 +149,19 @@ def test_an_overflow_of_sums_of_huge_inputs_is_not_blamed_on_lam_alone():
     with pytest.raises(NotFiniteError) as caught:
         tiesmerge.merge(base, models, Ties(density=1.0))
     assert "inputs near that limit" in caught.value.hint and "sums inside the merge" in caught.value.hint
+
+
+def test_stats_summary_gives_the_size_of_the_files_written(tmp_path, capsys):
+    """hp39 C42: `tiesmerge stats`'s summary gave the tensors' bytes ("24.01 KiB") for a 28,904-byte file: the
+    safetensors header and the manifest were left out."""
+    from helpers_ckpt import run_cli
+    from test_hostile_fifth_pass import _data, _tiny_llama
+    from tiesmerge.sizes import format_size
+
+    model = _tiny_llama(tmp_path / "m", pad=True)
+    data = _data(tmp_path / "d.jsonl", ["t1 t2 t3"] * 4)
+    rc, out, err = run_cli(["stats", "gram", "--model", str(model), "--data", str(data), "-o", str(tmp_path / "st")],
+                           capsys)
+    assert rc == 0, err
+    written = sum(f.stat().st_size for f in (tmp_path / "st").iterdir())
+    assert f"tensors, {format_size(written)}) to" in out, (out, written)

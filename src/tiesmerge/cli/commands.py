@@ -396,7 +396,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                           progress=sys.stderr.isatty())
     out = save_stats(args.output, stats, force=args.force)
     completed(out)
-    size = sum(t.numel() * 4 for t in stats.tensors.values())
+    # the files as written (headers and manifest too): the tensors' bytes alone understated them (hp39 C42)
+    size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file() and not f.is_symlink())
     print(f"wrote {args.kind} statistics of {shown(args.model)} ({stats.manifest.examples} examples, "
           f"{len(stats.tensors)} tensors, {format_size(size)}) to {shown(out)} in "
           f"{time.perf_counter() - started:.1f} s")
