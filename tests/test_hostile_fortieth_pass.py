@@ -165,3 +165,50 @@ def test_stats_summary_gives_the_size_of_the_files_written(tmp_path, capsys):
     assert rc == 0, err
     written = sum(f.stat().st_size for f in (tmp_path / "st").iterdir())
     assert f"tensors, {format_size(written)}) to" in out, (out, written)
+
+
+def test_a_search_log_keeps_non_finite_api_scores_readable(tmp_path):
+    """hp40 E4: run_search(log=...) with an evaluator returning NaN or ±inf (the API keeps such scores) wrote bare
+    NaN/Infinity into the log, which is not JSON: the same call again refused tiesmerge's own log as corrupt."""
+    import json
+    import math
+
+    from helpers_ckpt import make_family
+    from tiesmerge.tuning import run_search, write_report
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.25, 0.5, 0.75, 1.0), "lam": (1.0,)}, tmp_path / "log.jsonl"
+    values = iter([math.nan, math.inf, -math.inf, 0.5])
+    first = run_search(base, models, "ties", lambda state: next(values), grid=grid, log=str(log))
+    for line in log.read_text().splitlines():
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))
+    again = run_search(base, models, "ties", lambda state: pytest.fail("scored again"), grid=grid, log=str(log))
+    assert [repr(t.score) for t in again.trials] == [repr(t.score) for t in first.trials] == \
+        ["nan", "inf", "-inf", "0.5"]
+    assert again.best.score == 0.5
+    write_report(again, tmp_path)
+
+
+@pytest.mark.parametrize("make", ["numpy", "torch"])
+def test_an_evaluator_returning_a_boolean_scalar_is_refused_as_a_bool_is(make):
+    """hp40 E2: an evaluator returning np.True_ or torch.tensor(True) was scored 1.0, where Python's True is refused
+    as "not a number" (a pass/fail answer is no validation score)."""
+    import numpy as np
+    import torch
+
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    value = np.True_ if make == "numpy" else torch.tensor(True)
+    with pytest.raises(EvaluatorError, match="not a number"):
+        guard(lambda state: value)({})
+    assert guard(lambda state: np.float32(0.5))({}) == 0.5  # a numeric scalar is read
+
+
+def test_a_score_past_the_limit_is_shown_as_returned():
+    """hp40 E1: 1.001e300 was shown rounded, "returned 1e+300, past the ±1e+300 a score may reach"."""
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    with pytest.raises(EvaluatorError, match=r"returned 1\.001e\+300, past the ±1e\+300"):
+        guard(lambda state: 1.001e300, finite=True)({})

@@ -56,7 +56,8 @@ class GuardedEvaluator:
                                  hint="fix the evaluator (--debug, or the exception's __cause__, shows its "
                                       "traceback)") from exc
         score = _detached(score)
-        if isinstance(score, bool) or not isinstance(score, (int, float)) and not _is_scalar(score):
+        if isinstance(score, bool) or _is_boolean(score) or not isinstance(score, (int, float)) and \
+                not _is_scalar(score):
             raise EvaluatorError(f"{self.label}: returned {str(score)[:80]!r} ({type(score).__name__}), not a number",
                                  hint="the evaluator must return a validation score, higher is better")
         try:
@@ -71,7 +72,8 @@ class GuardedEvaluator:
             raise EvaluatorError(f"{self.label}: returned {value}, not a finite number",
                                  hint="the evaluator must return a validation score, higher is better")
         if self.finite and abs(value) > MAX_SCORE:  # the report's axes span max - min: Inf past ~1.8e308
-            raise EvaluatorError(f"{self.label}: returned {value:.3g}, past the ±{MAX_SCORE:.0e} a score may reach",
+            # repr: the value as returned (1.001e+300 showed as "1e+300, past the ±1e+300", hp40 E1)
+            raise EvaluatorError(f"{self.label}: returned {value!r}, past the ±{MAX_SCORE:.0e} a score may reach",
                                  hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
         return value
 
@@ -91,6 +93,13 @@ def _detached(score: Any) -> Any:
     """A torch tensor without its autograd graph (float() of one that requires grad warns); anything else as is."""
     detach = getattr(score, "detach", None)
     return detach() if callable(detach) and hasattr(score, "requires_grad") else score
+
+
+def _is_boolean(score: Any) -> bool:
+    """A numpy bool or a torch/numpy array of booleans: refused as Python's True is (hp40 E2: np.True_ and
+    torch.tensor(True) were read as the score 1.0)."""
+    dtype = getattr(score, "dtype", None)
+    return dtype is not None and str(dtype) in ("bool", "torch.bool")
 
 
 def _is_scalar(score: Any) -> bool:

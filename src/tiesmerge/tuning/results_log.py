@@ -27,6 +27,8 @@ __all__ = ["ResultsLog", "FORMAT"]
 FORMAT = "tiesmerge-search/1"
 
 
+_NON_FINITE = ("nan", "inf", "-inf")  # a score the API keeps (NaN never wins), as the log writes it
+
 class ResultsLog:
     """Scored candidates by key (see :attr:`Candidate.key`), read from ``path`` and appended to it."""
 
@@ -133,9 +135,12 @@ class ResultsLog:
             except ConfigError:  # bad syntax, or nested past the reader's depth limit
                 raise self._corrupt(n, f"not a scored candidate (not JSON): {line[:120]!r}") from None
             score = record.get("score") if isinstance(record, dict) else None
+            written = score in _NON_FINITE  # the API keeps NaN and infinite scores: written as text, JSON has no NaN
+            if written:
+                score = record["score"] = float(score)
             if not (isinstance(record, dict) and isinstance(record.get("key"), str)
                     and isinstance(record.get("options"), dict) and isinstance(score, (int, float))
-                    and not isinstance(score, bool) and math.isfinite(score)):
+                    and not isinstance(score, bool) and (written or math.isfinite(score))):
                 raise self._corrupt(n, f"not a scored candidate (a key, its options and a finite score): "
                                        f"{line[:120]!r}")
             self.records[record["key"]] = record
@@ -148,6 +153,9 @@ class ResultsLog:
         if self._fd < 0:
             self._start()
         self.records[record["key"]] = dict(record)
+        score = record.get("score")
+        if isinstance(score, float) and not math.isfinite(score):  # hp40 E4: a bare NaN made the log unreadable
+            record = {**record, "score": repr(score)}  # 'nan', 'inf' or '-inf'
         self._write_line(record)
 
     def _write_line(self, data: Mapping[str, Any]) -> None:
