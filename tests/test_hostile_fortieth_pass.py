@@ -212,3 +212,30 @@ def test_a_score_past_the_limit_is_shown_as_returned():
 
     with pytest.raises(EvaluatorError, match=r"returned 1\.001e\+300, past the ±1e\+300"):
         guard(lambda state: 1.001e300, finite=True)({})
+
+
+def test_statistics_of_a_model_whose_config_changed_since_are_refused(tmp_path, capsys):
+    """hp40 D12: statistics computed (fisher there, gram here), then the model's config.json changed hidden_act gelu -> relu (the same
+    weights, another function): the merge used the old statistics; the manifest's digests covered the weight and
+    tokenizer files only."""
+    import json
+
+    from helpers_ckpt import run_cli
+    from test_hostile_fifth_pass import _data, _tiny_llama
+
+    models = [_tiny_llama(tmp_path / name, pad=True) for name in ("base", "a", "b")]
+    data = _data(tmp_path / "d.jsonl", ["t1 t2 t3"] * 4)
+    for name in ("a", "b"):
+        rc, _, err = run_cli(["stats", "gram", "--model", str(tmp_path / name), "--data", str(data), "-o",
+                              str(tmp_path / f"st_{name}")], capsys)
+        assert rc == 0, err
+    config = json.loads((models[1] / "config.json").read_text())
+    (models[1] / "config.json").write_text(json.dumps({**config, "transformers_version": "0.0"}, indent=4))
+    merge = ["merge", "--base", str(models[0]), "--model", str(models[1]), "--model", str(models[2]), "--method",
+             "regmean", "--stats", str(tmp_path / "st_a"), "--stats", str(tmp_path / "st_b")]
+    rc, _, err = run_cli([*merge, "-o", str(tmp_path / "out1")], capsys)
+    assert rc == 0, err  # where the file came from, and its layout, are no change of the model
+    (models[1] / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    rc, _, err = run_cli([*merge, "-o", str(tmp_path / "out2")], capsys)
+    assert rc != 0 and "another config.json" in err and "Traceback" not in err, err
+    assert not (tmp_path / "out2").exists()

@@ -37,7 +37,7 @@ def check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict
     """Statistics computed from a model directory record its files' digest: they must be this model's."""
     if not opened:  # only data-aware methods read statistics (and the module needs torch)
         return
-    from .stats.files import combine_digests, tokenizer_digest
+    from .stats.files import combine_digests, config_digest, tokenizer_digest
 
     for k, (src, files) in enumerate(zip(opened, hashed_models)):  # opened is empty for other methods
         recorded = src.manifest.model_digest if src.manifest is not None else None
@@ -55,6 +55,13 @@ def check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict
                 f"{src.label}: these statistics were computed with the same weights as model {k} ({labels[k]}) but "
                 "another tokenizer (its tokenizer files changed since): they describe texts encoded otherwise",
                 hint="recompute the statistics with the model's tokenizer as it is now (tiesmerge stats)")
+        config = src.manifest.config_digest
+        if config is not None and config_digest(Path(files[0]["path"]).parent) != config:
+            raise IncompatibleCheckpointsError(
+                f"{src.label}: these statistics were computed with the same weights as model {k} ({labels[k]}) but "
+                "another config.json (it changed since): the model it builds is another function, whose activations "
+                "and gradients these are not",
+                hint="recompute the statistics with the model as it is now (tiesmerge stats), or restore its config")
 
 
 def merge_manifest(recipe: MergeRecipe, executor: Executor, stats: RunStats, hashed: dict[str, Any],

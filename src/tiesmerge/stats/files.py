@@ -30,7 +30,7 @@ from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 from ..version import __version__
 
 __all__ = ["STATS_KINDS", "MANIFEST_NAME", "StatsManifest", "Statistics", "StatsSource", "save_stats", "load_stats",
-           "open_stats", "model_digest", "files_digest", "combine_digests"]
+           "open_stats", "model_digest", "files_digest", "combine_digests", "config_digest"]
 
 STATS_KINDS = ("fisher", "gram")
 MANIFEST_NAME = "tiesmerge_stats.json"
@@ -44,6 +44,7 @@ class StatsManifest:
     model_digest: str | None = None  # "files:<sha256>" of the model's weight files, or "tensors:<sha256>"
     model: str | None = None  # where the model was read from, for people
     tokenizer_digest: str | None = None  # sha256 of the model folder's tokenizer files the texts were encoded with
+    config_digest: str | None = None  # sha256 of the model's config.json as read (its function: activations, ...)
     tiesmerge_version: str = __version__
     created: str = ""
 
@@ -59,7 +60,7 @@ class StatsManifest:
                                   f"{'|'.join(STATS_KINDS)} and examples)",
                                   hint="statistics directories are written by tiesmerge stats fisher|gram")
         types = {"options": dict, "model_digest": (str, type(None)), "model": (str, type(None)),
-                 "tokenizer_digest": (str, type(None)),
+                 "tokenizer_digest": (str, type(None)), "config_digest": (str, type(None)),
                  "tiesmerge_version": str, "created": str}
         wrong = [k for k, t in types.items() if k in data and not isinstance(data[k], t)]
         if wrong or isinstance(data["examples"], bool) or data["examples"] < 0:
@@ -143,6 +144,25 @@ def tokenizer_digest(model: str | os.PathLike | None) -> str | None:
         if path.is_file():
             named.append((name, hashlib.sha256(path.read_bytes()).hexdigest()))
     return combine_digests(named) if named else None
+
+
+# fields of config.json that describe where the file came from, not the model's function
+_CONFIG_PROVENANCE = ("_name_or_path", "transformers_version", "_commit_hash")
+
+
+def config_digest(model: str | os.PathLike | None) -> str | None:
+    """sha256 of the model folder's config.json as JSON (keys sorted; where it came from left out), or None (no folder
+    or no config): statistics are the activations or gradients of the model the config builds, and the same weights
+    under another config (hidden_act gelu -> relu) are another function (hp40 D12)."""
+    if model is None or not Path(model).is_dir() or not (Path(model) / "config.json").is_file():
+        return None
+    try:
+        config = read_json(Path(model) / "config.json", "the model's config.json")
+    except (CheckpointError, ConfigError):
+        return None  # the forward that computes statistics reads it first and names any problem
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k not in _CONFIG_PROVENANCE}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def model_digest(module: torch.nn.Module, model: str | os.PathLike | None = None) -> str:

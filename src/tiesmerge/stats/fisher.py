@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .batches import batch_size, example, map_tensors
-from .files import Statistics, StatsManifest, model_digest, tokenizer_digest
+from .files import Statistics, StatsManifest, config_digest, model_digest, tokenizer_digest
 
 __all__ = ["FISHER_KINDS", "PER_EXAMPLE", "fisher_information"]
 
@@ -164,7 +164,8 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": per_example,
                                                   "embedding_rows": embedding_rows},
                              model_digest=model_digest(module, model), model=str(model) if model is not None else None,
-                             tokenizer_digest=tokenizer_digest(model))
+                             tokenizer_digest=tokenizer_digest(model),
+                             config_digest=config_digest(model))
     return Statistics(manifest, tensors)
 
 

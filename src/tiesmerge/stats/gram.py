@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .batches import batch_size
-from .files import Statistics, StatsManifest, model_digest, tokenizer_digest
+from .files import Statistics, StatsManifest, config_digest, model_digest, tokenizer_digest
 
 __all__ = ["gram_matrices"]
 
@@ -80,5 +80,6 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
     tensors = {f"{name}.weight": (sums[name] / max(rows[name], 1)).float() for name in sums if rows[name]}
     options = {"token_mask": token_mask is not None, "rows": {f"{n}.weight": rows[n] for n in sums}}
     manifest = StatsManifest("gram", examples, options, model_digest=model_digest(module, model),
-                             model=str(model) if model is not None else None, tokenizer_digest=tokenizer_digest(model))
+                             model=str(model) if model is not None else None, tokenizer_digest=tokenizer_digest(model),
+                             config_digest=config_digest(model))
     return Statistics(manifest, tensors)
