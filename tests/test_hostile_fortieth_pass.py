@@ -215,9 +215,9 @@ def test_a_score_past_the_limit_is_shown_as_returned():
 
 
 def test_statistics_of_a_model_whose_config_changed_since_are_refused(tmp_path, capsys):
-    """hp40 D12: statistics computed (fisher there, gram here), then the model's config.json changed hidden_act gelu -> relu (the same
-    weights, another function): the merge used the old statistics; the manifest's digests covered the weight and
-    tokenizer files only."""
+    """hp40 D12: statistics computed (fisher there, gram here), then the model's config.json changed hidden_act
+    gelu -> relu (the same weights, another function): the merge used the old statistics; the manifest's digests
+    covered the weight and tokenizer files only."""
     import json
 
     from helpers_ckpt import run_cli
