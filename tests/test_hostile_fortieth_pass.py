@@ -239,3 +239,89 @@ def test_statistics_of_a_model_whose_config_changed_since_are_refused(tmp_path, 
     rc, _, err = run_cli([*merge, "-o", str(tmp_path / "out2")], capsys)
     assert rc != 0 and "another config.json" in err and "Traceback" not in err, err
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("family", ["biogpt", "roberta"])
+def test_lm_perplexity_windows_fit_position_tables_with_an_offset(tmp_path, family):
+    """hp40 L1: lm-perplexity on a BioGPT of 16 positions indexed past its table (an IndexError, "fix the
+    evaluator"): its positions start at 2, which only OPT and BART were known for. A RoBERTa-like causal LM counts its
+    positions from padding_idx + 1 too."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import math
+
+    import torch
+
+    from test_evaluation_rank_classification import LM_VOCAB, _wordlevel_tokenizer
+    from tiesmerge.evaluation.builtin import LMPerplexity
+
+    torch.manual_seed(0)
+    if family == "biogpt":
+        cfg = transformers.BioGptConfig(vocab_size=LM_VOCAB, max_position_embeddings=16, hidden_size=16,
+                                        num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                        pad_token_id=0)
+        model = transformers.BioGptForCausalLM(cfg)
+    else:
+        cfg = transformers.RobertaConfig(vocab_size=LM_VOCAB, max_position_embeddings=18, hidden_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                         pad_token_id=1, is_decoder=True)
+        model = transformers.RobertaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "lm")
+    _wordlevel_tokenizer("$A", ("<s>", 2)).save_pretrained(tmp_path / "lm")
+    (tmp_path / "t.txt").write_text(" ".join(["the cat sat"] * 40))
+    score = LMPerplexity(tmp_path / "lm", tmp_path / "t.txt")
+    assert math.isfinite(score({k: v.clone() for k, v in model.state_dict().items()}))
+
+
+def test_choice_accuracy_refuses_a_prompt_or_choice_without_tokens_before_any_merge(tmp_path):
+    """hp40 L3: choice-accuracy on a line whose prompt is "" failed after the first merge, as "raised ValueError ...
+    fix the evaluator"; a choice of no tokens would have scored 0, above every real choice. Both are refused when the
+    evaluator is made, naming the line."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    import json
+
+    import torch
+
+    from test_evaluation_rank_classification import LM_VOCAB, _wordlevel_tokenizer
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import ChoiceAccuracy
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=LM_VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "lm")
+    _wordlevel_tokenizer("$A", ("<s>", 2)).save_pretrained(tmp_path / "lm")  # no BOS: "" has no tokens
+    good = {"prompt": "the cat", "choices": ["sat", "ran"], "label": 0}
+    for k, (bad, said) in enumerate([({"prompt": ""}, "the prompt '' has no tokens"),
+                                     ({"choices": ["sat", " "]}, "the choice ' ' has no tokens")]):
+        data = tmp_path / f"v{k}.jsonl"
+        data.write_text(json.dumps(good) + "\n" + json.dumps({**good, **bad}) + "\n")
+        with pytest.raises(ConfigError, match=rf"v{k}\.jsonl:2: {said}"):
+            ChoiceAccuracy(tmp_path / "lm", data)
+    data = tmp_path / "ok.jsonl"
+    data.write_text(json.dumps(good) + "\n")
+    ChoiceAccuracy(tmp_path / "lm", data)
+
+
+def test_encoder_accuracy_scores_bert_checkpoints_that_hold_their_pooler(tmp_path, bert_tokenizer):
+    """hp40 L5: encoder-accuracy on BertModel checkpoints saved with their pooler (as save_pretrained writes them)
+    failed after the first merge: "the merged model has tensors the model built from the base does not
+    (pooler.dense.bias ...)". Mean pooling never reads the pooler (adapt --forward encoder leaves it too)."""
+    import json
+
+    import transformers
+
+    from tiesmerge.evaluation.builtin import EncoderAccuracy
+
+    cfg = transformers.BertConfig(vocab_size=len(bert_tokenizer), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    model = transformers.BertModel(cfg)  # with its pooler
+    model.save_pretrained(tmp_path / "enc")
+    bert_tokenizer.save_pretrained(tmp_path / "enc")
+    data = tmp_path / "val.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [{"task": "t", "classes": ["cat", "dog"]},
+                                                       {"task": "t", "text": "the cat sat", "label": 0},
+                                                       {"task": "t", "text": "a dog ran", "label": 1}]) + "\n")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(k.startswith("pooler.") for k in state)
+    assert 0.0 <= EncoderAccuracy(tmp_path / "enc", data)(state) <= 1.0

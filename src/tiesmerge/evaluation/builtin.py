@@ -40,6 +40,8 @@ from .loading import (
     align_pad_token,
     check_kind,
     clipped,
+    clipped_tail,
+    forward_checked,
     from_pretrained,
     is_encoder_decoder,
     refuse_converted,
@@ -100,15 +102,22 @@ def _load_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where
 
 
 def _window(model: torch.nn.Module, max_length: int) -> int:
-    """``max_length`` capped at the rows of the model's learned position table (GPT-2's wpe, OPT's embed_positions):
-    a longer window indexes past it. Rotary models have no table and take longer windows (their max_position_embeddings
-    is the length they were trained at, not a limit of the forward)."""
+    """``max_length`` capped at the positions the model's learned position table holds (GPT-2's wpe, OPT's
+    embed_positions): a longer window indexes past it. Its rows less the offset its positions start at: the module's
+    own ``offset`` (OPT, BART and BioGPT add 2: hp40 L1, BioGPT's was not known), else its padding row's next
+    (RoBERTa-like tables count from padding_idx + 1). Rotary models have no table and take longer windows (their
+    max_position_embeddings is the length they were trained at, not a limit of the forward)."""
     import re
 
-    for name, param in model.named_parameters():
-        if re.search(r"(^|\.)(wpe|position_embeddings|embed_positions)\.weight$", name) and param.dim() == 2:
-            offset = 2 if getattr(model.config, "model_type", "") in ("opt", "bart", "mbart") else 0
-            return max(2, min(max_length, param.shape[0] - offset))
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if re.search(r"(^|\.)(wpe|position_embeddings|embed_positions)$", name) and \
+                isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            offset = getattr(module, "offset", None)
+            if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+                padding = getattr(module, "padding_idx", None)
+                offset = padding + 1 if isinstance(padding, int) and padding >= 0 else 0
+            return max(2, min(max_length, weight.shape[0] - offset))
     return max_length
 
 
@@ -192,6 +201,7 @@ class ChoiceAccuracy(_Scorer):
     def __post_init__(self) -> None:
         self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
         self.examples: list[ChoiceExample] = []
+        lines: list[str] = []  # each example's file:line
         for number, row in _lines(self.data, "the validation file")[:self.limit]:
             where = f"{self.data}:{number}"
             choices = row.get("choices")
@@ -202,6 +212,31 @@ class ChoiceAccuracy(_Scorer):
                                   '"choices": ["yes", "no"], "label": 1}')
             check_choice_count(len(choices), where)  # before the search: every choice is a sequence per example
             self.examples.append(ChoiceExample(row["prompt"], tuple(choices), _int_label(row, where, len(choices))))
+            lines.append(where)
+        self._check_tokens(lines)
+
+    def _check_tokens(self, lines: list[str]) -> None:
+        """For a causal LM, every prompt and choice has tokens, checked before the first merge (hp40 L3: an empty
+        prompt failed after it, as "fix the evaluator"): a choice's first token needs a prompt token before it, and a
+        choice of no tokens would score 0, above every real choice's log-probability. (An encoder-decoder's prompt is
+        the encoder's input and its choices end with EOS: never empty.)"""
+        if is_encoder_decoder(self.model_dir):
+            return
+        from transformers import AutoTokenizer
+
+        tokenizer = from_pretrained(AutoTokenizer, self.model_dir, "its tokenizer")
+        for where, example in zip(lines, self.examples):
+            with forward_checked(self.model_dir, "the base"):
+                prompt = tokenizer(clipped_tail(example.prompt, self.max_length), add_special_tokens=True)["input_ids"]
+                empty = [c for c in example.choices
+                         if not tokenizer(clipped(c, self.max_length), add_special_tokens=False)["input_ids"]]
+            if not prompt:
+                raise ConfigError(f"{where}: the prompt {example.prompt[:60]!r} has no tokens, so the first token of a "
+                                  "choice has no position that predicts it",
+                                  hint="give the line a prompt (its tokenizer adds no BOS token to an empty one)")
+            if empty:
+                raise ConfigError(f"{where}: the choice {empty[0][:60]!r} has no tokens, so it would score 0, above "
+                                  "every other choice", hint="give every choice some text")
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         model, tokenizer = self._model("lm", _lm_loader)
@@ -258,7 +293,8 @@ class LMPerplexity(_Scorer):
             width = max(len(w) for w in chunk)
             ids_t = torch.tensor([w + [0] * (width - len(w)) for w in chunk], device=_device(self.device))  # (B, T)
             mask = torch.tensor([[1] * len(w) + [0] * (width - len(w)) for w in chunk], device=ids_t.device)
-            logprobs = model(input_ids=ids_t, attention_mask=mask).logits.float().log_softmax(-1)  # (B, T, V)
+            with forward_checked(self.model_dir, "the base"):  # the model's own failure, never "fix the evaluator"
+                logprobs = model(input_ids=ids_t, attention_mask=mask).logits.float().log_softmax(-1)  # (B, T, V)
             token_lp = logprobs[:, :-1].gather(2, ids_t[:, 1:, None]).squeeze(2)  # (B, T-1): token t from t-1
             scored = mask[:, 1:].bool()
             total -= float(token_lp[scored].sum())
@@ -329,7 +365,11 @@ class EncoderAccuracy(_Scorer):
             heads = {t: build_head(base, c) for t, c in self.classes.items()}  # from the base, before any state
             _MODELS[key] = (base, heads)
         encoder, heads = _MODELS[key]
-        _load_state(encoder.model, state, self.model_dir)
+        # a BertModel saved by save_pretrained holds its pooler, which mean pooling never reads and the encoder is
+        # built without (hp40 L5: "the merged model has tensors the model built from the base does not")
+        held = {name.split(".", 1)[0] for name in encoder.model.state_dict()}
+        _load_state(encoder.model, {k: v for k, v in state.items() if not (k.startswith("pooler.") and "pooler" not in
+                                                                            held)}, self.model_dir)
         return evaluate_encoder(encoder, self.examples, {t: heads[t] for t in self.examples},
                                 batch_size=self.batch_size).mean
 
