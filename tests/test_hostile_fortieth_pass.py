@@ -325,3 +325,34 @@ def test_encoder_accuracy_scores_bert_checkpoints_that_hold_their_pooler(tmp_pat
     state = {k: v.clone() for k, v in model.state_dict().items()}
     assert any(k.startswith("pooler.") for k in state)
     assert 0.0 <= EncoderAccuracy(tmp_path / "enc", data)(state) <= 1.0
+
+
+def test_an_average_whose_base_holds_all_the_weight_merges(tmp_path, capsys):
+    """hp40 C21: mergekit `linear` with weights 1.0 and 0.0 (the first model read as the base, carrying all of it), and
+    `--method average --base-weight 1 --weights 0`, were refused "weights must not sum to 0, got [0.0]": the base's
+    weight was left out of the sum. mergekit 0.1.5 merges it (its output equals the first model)."""
+    import torch
+
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.methods import Average
+
+    base, models = make_family(2)
+    merged = tiesmerge.merge(base, models, Average(weights=(0.0, 0.0), base_weight=1.0))
+    assert all(torch.equal(merged[k], base[k].float()) for k in base)
+    with pytest.raises(ConfigError, match=r"weights must not sum to 0, got \[1.0, -1.0\]"):
+        Average(weights=(1.0, -1.0))  # without base_weight the weights alone are normalised
+    with pytest.raises(ConfigError, match=r"the weights 0, 0 \(base_weight first\) must not sum to 0"):
+        Average(weights=(0.0,), base_weight=0.0)
+    recipe = tmp_path / "r.yaml"
+    a, b = (write_hf_dir(tmp_path / n, s) for n, s in (("a", models[0]), ("b", models[1])))
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1.0}}\n"
+                      f"  - model: {b}\n    parameters: {{weight: 0.0}}\ndtype: float32\n")
+    from helpers_ckpt import run_cli
+
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert rc == 0, err
+    from safetensors.torch import load_file
+
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert all(torch.equal(out[k], models[0][k].float()) for k in models[0])

@@ -26,8 +26,10 @@ class Average:
     paper: ClassVar[str] = "https://arxiv.org/abs/2203.05482"
     summary: ClassVar[str] = "mean of the fine-tuned models"
 
+    # their sum is checked in requirements(): with base_weight the base's weight counts in it (hp40 C21: weights
+    # 0 beside base_weight 1 were refused as "must not sum to 0", where mergekit merges the first model's values)
     weights: tuple[float, ...] | None = option(None, "per-model weights, normalised to sum 1", unit="one per model",
-                                               per_model=True, check_all=nonzero_sum)
+                                               per_model=True, normalised=True)
     base_weight: float | None = option(None, "count the base as one more model with this weight: theta = (w_0 "
                                        "theta_base + sum_t w_t theta_t) / sum w over the models' own values, in "
                                        "mergekit 0.1.5's float32 order (its linear merge, the first model as the "
@@ -48,6 +50,10 @@ class Average:
                 self.weights, base_coefficient=self.base_weight, divisor=ops.float32_sum(w)))
         if self.weights is None:  # the mean: the sum over n, as torch's mean computes it
             return Requirements(kernel=LinearKernel(mean=True))
+        why = nonzero_sum(self.weights)
+        if why:
+            raise ConfigError(f"weights {why}, got {list(self.weights)}",
+                              hint="the weights are normalised by their sum (base_weight counts the base among them)")
         _warn_if_far(self.weights, "the weights")
         normalised = tuple(w / sum(self.weights) for w in self.weights)
         return Requirements(weights=normalised, kernel=LinearKernel(normalised))

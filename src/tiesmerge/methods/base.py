@@ -311,17 +311,18 @@ OPTION_TYPES = (float, int, str, bool, ModelPath, tuple)  # what a field's annot
 
 def option(default: Any, help: str, *, unit: str = "", choices: tuple[str, ...] = (), check: Check | None = None,
            per_model: bool = False, check_all: Check | None = None, grid: tuple[Any, ...] = (),
-           sums_with: str = "") -> Any:
+           sums_with: str = "", normalised: bool = False) -> Any:
     """A method field: its default, help text, unit and choices (read by the CLI, ``tiesmerge
     methods`` and the recipe), the ``check`` its value must pass, ``per_model``: a tuple of
     floats with one value per model (each passing ``check``, the whole passing ``check_all``),
     or None; ``grid``: the values the method's paper searched on validation data (the
     default axis of ``tiesmerge tune``); ``sums_with``: the per-model option whose sum this value
     joins where it is normalised (average's base_weight with its weights: a search's range is
-    checked against their total)."""
+    checked against their total); ``normalised``: per-model values divided by their sum (a search's range must not
+    cross 0; the method checks the sum, where another option may join it)."""
     return field(default=default, metadata={"help": help, "unit": unit, "choices": choices, "check": check,
                                             "per_model": per_model, "check_all": check_all, "grid": tuple(grid),
-                                            "sums_with": sums_with})
+                                            "sums_with": sums_with, "normalised": normalised})
 
 
 def paper_grid(cls: type) -> dict[str, tuple[Any, ...]]:

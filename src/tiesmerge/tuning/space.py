@@ -127,6 +127,11 @@ class SearchSpace:
                           "per_model": a.per_model, "integer": a.integer} for a in self.axes]}
 
 
+def _normalised(meta: Any) -> bool:
+    """A per-model option divided by its sum (declared, or checked by nonzero_sum as a plugin's method may)."""
+    return bool(meta.get("normalised")) or meta.get("check_all") is nonzero_sum
+
+
 def canonical(options: Mapping[str, Any]) -> dict[str, Any]:
     """Options as JSON values, keys sorted (tuples as lists): the form logs and keys use."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(options.items())}
@@ -289,12 +294,12 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
             if why:
                 problems.append(f"{name} {why.split(', got')[0]}, but the search would try {end!r}")
                 break
-        if per_model and low < 0 < high and meta.get("check_all") is nonzero_sum:  # weights normalised by their sum
+        if per_model and low < 0 < high and _normalised(meta):  # weights normalised by their sum
             problems.append(f"{name} over {low:g}:{high:g} crosses 0: weights normalised by their sum can then nearly "
                             f"cancel (a sum near 0 scales the merge far past the models), so some candidates would "
                             f"be refused mid-search; narrow --range {name} to one sign")
             continue
-        if (per_model and meta.get("check_all") is nonzero_sum) or meta.get("sums_with"):
+        if (per_model and _normalised(meta)) or meta.get("sums_with"):
             crossing = _total_crossing(fields, name, per_model, (low, high), fixed, ranges, grid, names)
             if crossing:
                 problems.append(crossing)
