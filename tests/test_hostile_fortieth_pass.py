@@ -356,3 +356,22 @@ def test_an_average_whose_base_holds_all_the_weight_merges(tmp_path, capsys):
 
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(torch.equal(out[k], models[0][k].float()) for k in models[0])
+
+
+@pytest.mark.parametrize("entry", ["merge", "analyze", "tune", "run_search", "adapt"])
+def test_models_given_as_a_set_are_refused(entry, tmp_path):
+    """hp40b C43: tiesmerge.merge('base', {'ftA', 'ftB'}, weights=[1, 0]) merged ftA or ftB depending on
+    PYTHONHASHSEED: a set has no order, and per-model options bind to the models by position."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    dirs = {str(write_hf_dir(tmp_path / n, s)) for n, s in zip(("a", "b"), models)}
+    calls = {"merge": lambda: tiesmerge.merge(base, dirs, "task_arithmetic", weights=[1.0, 0.0]),
+             "analyze": lambda: tiesmerge.analyze(base, dirs),
+             "tune": lambda: tiesmerge.tune(base, dirs, "ties", lambda state: 1.0),
+             "run_search": lambda: run_search(base, dirs, "ties", lambda state: 1.0),
+             "adapt": lambda: tiesmerge.adapt(base, dirs, [[{"text": "x"}], [{"text": "y"}]])}
+    with pytest.raises(ConfigError, match="models must be a list or tuple, not a set"):
+        calls[entry]()

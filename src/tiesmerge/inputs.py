@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from .stats.files import StatsSource
 
 __all__ = ["Source", "StatsInput", "Prepared", "as_method", "check_inputs", "check_output_not_input", "device_of",
-           "budget_of", "check_budget", "open_models", "prepare", "resolve_sources"]
+           "budget_of", "check_budget", "check_ordered", "open_models", "prepare", "resolve_sources"]
 
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"  # a path, or a state dict
 StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"  # a directory, or statistics in memory
@@ -103,6 +103,7 @@ def _check_source(role: str, source: Any) -> None:
 
 
 def check_inputs(base: Any, models: Sequence[Any]) -> None:
+    check_ordered(models)
     if isinstance(models, (str, os.PathLike, Mapping)) or not len(models):
         raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
     for role, source in (("base", base), *((f"models[{k}]", m) for k, m in enumerate(models))):
@@ -186,12 +187,23 @@ def _label(source: Any, default: str) -> str:
     return default if isinstance(source, Mapping) else str(source)
 
 
+def check_ordered(models: Any) -> None:
+    """Models given as a set have no order: per-model options (weights, densities, statistics) bind to the models by
+    position, and a set's order changes with PYTHONHASHSEED (hp40b C43: weights [1, 0] merged ftA under one seed and
+    ftB under another)."""
+    if isinstance(models, (set, frozenset)):
+        raise ConfigError(f"models must be a list or tuple, not a {type(models).__name__}: a set has no order, and "
+                          "per-model options (weights, densities, statistics) are matched to the models by position",
+                          hint="pass the models as a list, in the order of their per-model options")
+
+
 def resolve_sources(base: Any, models: Any) -> tuple[Any, Any]:
     """``org/name[@revision]`` names that are not local paths, resolved from the local Hugging Face
     cache (tiesmerge.hub, no network); everything else as given."""
     from .paths import fs_text  # bytes paths, and PathLikes returning bytes: Python's str for them
 
     base = fs_text(base)
+    check_ordered(models)
     if isinstance(models, (str, bytes, os.PathLike, Mapping)):
         return resolve_source(base), fs_text(models)  # check_inputs reports it
     return resolve_source(base), [resolve_source(fs_text(m)) for m in models]

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 from ..errors import ConfigError, MergeWarning, OutputError
 from ..evaluation.forward import ChoiceLogits, TaskForward, as_rows, load_forward
 from ..evaluation.rank_classification import MAX_CHOICES
-from ..inputs import Source, as_method, check_output_not_input, device_of, method_inputs, prepare
+from ..inputs import Source, as_method, check_ordered, check_output_not_input, device_of, method_inputs, prepare
 from ..io.writer import _check_output_path as check_output_path
 from ..io.writer import _remove_empty
 from ..lazy import torch
@@ -239,6 +239,7 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     >>> r.coefficients.shape                                                            # doctest: +SKIP
     torch.Size([2, 101])
     """
+    check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
     started = time.perf_counter()
     device = str(device_of(device))  # cpu, or a CUDA device that exists: a typed error before anything (hp35 E57)
     config = AdaptConfig(granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,

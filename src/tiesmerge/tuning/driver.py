@@ -245,6 +245,9 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     ...                     axes=("densities", "weights", "lam"), log="search.jsonl")  # doctest: +SKIP
     >>> result.best.options, result.best.score                                       # doctest: +SKIP
     """
+    from ..inputs import check_ordered
+
+    check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
     started = time.perf_counter()
     evaluator_name = _evaluator_name(evaluate)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
