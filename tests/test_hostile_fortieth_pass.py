@@ -375,3 +375,29 @@ def test_models_given_as_a_set_are_refused(entry, tmp_path):
              "adapt": lambda: tiesmerge.adapt(base, dirs, [[{"text": "x"}], [{"text": "y"}]])}
     with pytest.raises(ConfigError, match="models must be a list or tuple, not a set"):
         calls[entry]()
+
+
+def test_weights_and_stats_flags_replace_a_recipes_per_model_entries(tmp_path, capsys):
+    """hp40b C53: `merge ov.yaml --weights 1 1` over a recipe with per-model `weight:` entries was refused as "weights
+    are given both per model and in parameters.weights" (a key the recipe lacks), though flags override a recipe; with
+    --model the flag's count was blamed on the recipe alone. --stats over per-model `stats:` likewise."""
+    from helpers_ckpt import make_family, run_cli
+
+    base, models = make_family(2)
+    for name, state in zip(("base", "a", "b"), (base, *models)):
+        write_hf_dir(tmp_path / name, state)
+    recipe = tmp_path / "ov.yaml"
+    recipe.write_text("method: ties\nbase: base\nmodels: [{path: a, weight: 1}, {path: b, weight: 3}]\n")
+    rc, out, err = run_cli(["merge", str(recipe), "--weights", "1", "1", "-o", str(tmp_path / "o"), "--dry-run"],
+                           capsys)
+    assert rc == 0, err
+    assert "--weights replaces the recipe's per-model weight" in err and "weights=[1.0, 1.0]" in out
+    rc, out, err = run_cli(["merge", str(recipe), "--model", str(tmp_path / "a"), "--weights", "1", "1", "1", "-o",
+                            str(tmp_path / "o"), "--dry-run"], capsys)
+    assert rc == 2 and "ov.yaml with --model, --weights from the command line: ties: 3 weights given for 1 models" \
+        in err, err
+    stats = tmp_path / "st.yaml"
+    stats.write_text("method: regmean\nbase: base\nmodels: [{path: a, stats: sa}, {path: b, stats: sb}]\n")
+    rc, out, err = run_cli(["merge", str(stats), "--stats", str(tmp_path / "x"), "--stats", str(tmp_path / "y"), "-o",
+                            str(tmp_path / "o"), "--dry-run"], capsys)
+    assert "given both per model" not in err and "--stats replaces the recipe's per-model stats" in err, err

@@ -266,8 +266,13 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
                   + (f" and their per-model {', '.join(terminal_safe(str(k)) for k in per_model[:6])} (give them "
                      "as flags, e.g. --weights, or edit the recipe)" if per_model else ""), file=sys.stderr)
         data["models"] = args.models
+    flags = []  # the flags that replace a recipe's values: named in its errors (hp40b C53)
+    if args.models and args.recipe:
+        flags.append("--model")
     if args.stats:
+        _drop_per_model(data, "stats", "--stats")  # the flag replaces the recipe's per-model stats: (hp40b C53)
         data["stats"] = args.stats
+        flags.append("--stats")
     if getattr(args, "allow_distant", False):
         data["allow_distant"] = True
     if args.method:
@@ -294,12 +299,25 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         recipe_params = data.get("parameters") or {}
         if not isinstance(recipe_params, dict):
             raise ConfigError(f"{args.recipe}: 'parameters' must be a mapping of method options")
+        if "weights" in given:  # as parameters.weights is replaced, the models' own weight: entries are (hp40b C53)
+            _drop_per_model(data, "weight", "--weights")
         data["parameters"] = {**recipe_params, **given}
+        flags += [f"--{k.replace('_', '-')}" for k in given]
     missing = [flag for flag, key in (("--base", "base"), ("--model", "models")) if not data.get(key)]
     if missing and not args.recipe:  # a recipe's own check lists what it lacks, beside its other problems
         raise ConfigError(f"missing {' and '.join(missing)} (or a recipe file)",
                           hint="tiesmerge merge --base BASE --model FT1 --model FT2 -o OUT")
+    args.flags_over_recipe = flags if args.recipe else []
     return data
+
+
+def _drop_per_model(data: dict[str, Any], key: str, flag: str) -> None:
+    """A recipe's per-model ``key`` (weight, stats) left out, since ``flag`` on the command line replaces it: said."""
+    listed = data.get("models")
+    if not isinstance(listed, list) or not any(isinstance(m, dict) and m.get(key) is not None for m in listed):
+        return
+    print(f"warning: {flag} replaces the recipe's per-model {key}", file=sys.stderr)
+    data["models"] = [{k: v for k, v in m.items() if k != key} if isinstance(m, dict) else m for m in listed]
 
 
 def _recipe_pickle_consent(recipe: Any, args: argparse.Namespace) -> None:
@@ -317,7 +335,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..inputs import check_budget
 
     data = _recipe_data(args)
-    recipe = recipe_from_dict(data, source=args.recipe or "command line")
+    flags = args.flags_over_recipe  # a problem may be the flags': the source says they were applied (hp40b C53)
+    source = f"{args.recipe} with {', '.join(flags)} from the command line" if flags else args.recipe or "command line"
+    recipe = recipe_from_dict(data, source=source)
     _recipe_pickle_consent(recipe, args)
     common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
                   vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle,
