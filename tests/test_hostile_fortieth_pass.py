@@ -401,3 +401,25 @@ def test_weights_and_stats_flags_replace_a_recipes_per_model_entries(tmp_path, c
     rc, out, err = run_cli(["merge", str(stats), "--stats", str(tmp_path / "x"), "--stats", str(tmp_path / "y"), "-o",
                             str(tmp_path / "o"), "--dry-run"], capsys)
     assert "given both per model" not in err and "--stats replaces the recipe's per-model stats" in err, err
+
+
+def test_a_tmpdir_inside_an_input_is_refused_before_anything_is_made_there(tmp_path):
+    """hp40b C16: TMPDIR inside an input model was refused, but only after tempfile's probe file and the private torch
+    folder had been created (and removed) in the input: its folder's mtime changed, and a kill at that instant would
+    have left the folder there."""
+    import subprocess
+    import sys
+
+    from helpers_ckpt import make_family
+
+    base, models = make_family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *models))]
+    before = {p.name: p.stat().st_mtime_ns for p in dirs[1].iterdir()}, dirs[1].stat().st_mtime_ns
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TEMP", "TMP")}
+    env["TMPDIR"] = str(dirs[1])
+    done = subprocess.run([sys.executable, "-m", "tiesmerge", "merge", "--base", str(dirs[0]), "--model", str(dirs[1]),
+                           "--model", str(dirs[2]), "-o", str(tmp_path / "out"), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "(TMPDIR) lies inside model 0" in done.stderr, done.stderr
+    after = {p.name: p.stat().st_mtime_ns for p in dirs[1].iterdir()}, dirs[1].stat().st_mtime_ns
+    assert after == before  # no probe file and no folder was ever made in the input

@@ -995,11 +995,10 @@ def _check_scratch_outside(named: Sequence[tuple[str, Any]]) -> None:
     """The temporary folder ($TMPDIR) must not lie in an input: tiesmerge and the libraries it runs (torch, numba,
     matplotlib, Ray) make folders there, which would change the input while the command runs and stay in it if the
     command is killed (hostile pass 32, C94)."""
-    import tempfile
-
     from .errors import ConfigError
+    from .scratch import scratch_dir
 
-    scratch = Path(os.path.realpath(tempfile.gettempdir()))
+    scratch = Path(os.path.realpath(scratch_dir()))  # gettempdir() would write a probe file there first (hp40b C16)
     for who, source in named:
         for src in input_roots(source):
             if src == scratch or src in scratch.parents:

@@ -9,7 +9,8 @@ import re
 import shutil
 import tempfile
 
-__all__ = ["private_folder", "private_folder_for", "remove_private_folders", "host_tag", "process_is_dead"]
+__all__ = ["private_folder", "private_folder_for", "remove_private_folders", "host_tag", "process_is_dead",
+           "scratch_dir"]
 
 _FOLDERS: list[str] = []
 # "<prefix><host>-<pid>-<random>": a folder of this host whose process is dead (a run killed outright) is removed by
@@ -20,13 +21,15 @@ _OURS = re.compile(r"^(tiesmerge-(?:torch|matplotlib|ray|numba)|tiesray)-([0-9a-
 MAX_PID = 2**22  # Linux's largest pid_max: a name holding a larger number was never made by a tiesmerge process
 
 
-def private_folder_for(env_var: str, prefix: str) -> None:
+def private_folder_for(env_var: str, prefix: str, *, create: bool = True) -> None:
     """Unless the user set ``env_var`` (a library's cache or config folder), point it at a new
     temporary folder that is removed when the process exits. Must run before that library
-    first reads the variable."""
+    first reads the variable. ``create=False``: only its name, for a library that makes its folder when it first
+    needs it (torch's inductor cache): a command refused before then made nothing in $TMPDIR, which may lie in an
+    input (hp40b C16)."""
     if os.environ.get(env_var):
         return
-    os.environ[env_var] = private_folder(prefix)
+    os.environ[env_var] = private_folder(prefix) if create else _private_name(prefix)
 
 
 def private_folder(prefix: str) -> str:
@@ -36,6 +39,31 @@ def private_folder(prefix: str) -> str:
     folder = tempfile.mkdtemp(prefix=f"{prefix}{host_tag()}-{os.getpid()}-")
     _FOLDERS.append(folder)
     return folder
+
+
+def _private_name(prefix: str) -> str:
+    """The name of a private folder not made yet (see private_folder), in :func:`scratch_dir`, removed at exit if a
+    library made it."""
+    import secrets
+
+    _remove_stale(scratch_dir())  # a killed run's folders go, as private_folder removes them
+    folder = os.path.join(scratch_dir(), f"{prefix}{host_tag()}-{os.getpid()}-{secrets.token_hex(6)}")
+    _FOLDERS.append(folder)
+    return folder
+
+
+def scratch_dir() -> str:
+    """The temporary folder, as tempfile.gettempdir() finds it, without its probe: gettempdir() creates and removes a
+    file there to see that it is writable, which changed an input's folder when $TMPDIR lay in it, before tiesmerge
+    could refuse that (hp40b C16). The first of $TMPDIR, $TEMP, $TMP that is a folder, else /tmp."""
+    cached = tempfile.tempdir  # set once gettempdir() ran (or by the user): what every library uses then
+    if cached:
+        return cached
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        value = os.environ.get(name)
+        if value and os.path.isdir(value):
+            return os.path.abspath(value)
+    return "/tmp" if os.path.isdir("/tmp") else os.getcwd()
 
 
 def host_tag() -> str:

@@ -322,7 +322,7 @@ def _private_torch_cache() -> None:
     Fisher statistics' and adapt's autograd reach it), though tiesmerge compiles nothing. Unless the
     user chose a folder, give it a private one that is removed at exit, so a run leaves nothing
     outside its output (README, Safety)."""
-    private_folder_for("TORCHINDUCTOR_CACHE_DIR", "tiesmerge-torch-")
+    private_folder_for("TORCHINDUCTOR_CACHE_DIR", "tiesmerge-torch-", create=False)  # torch makes it when needed
 
 
 def _empty_values(argv: list[str]) -> list[str]:
