@@ -116,7 +116,9 @@ def test_documentation_linear_becomes_a_weighted_mean_on_the_first_model(tmp_pat
     assert recipe.method.base_weight == 1.0 and recipe.method.weights == (0.3,)
     text = DOC_LINEAR.replace("weight: 1.0", "weight: 0.7") + "parameters: {normalize: false}\n"
     not_normalized = _load(tmp_path, text)
-    assert isinstance(not_normalized.method, TaskArithmetic) and not_normalized.method.weights == pytest.approx((0.3,))
+    # Σ w θ over the models' own values, undivided, in mergekit's order (hp40b C61: not θ_0 + Σ w (θ − θ_0))
+    assert isinstance(not_normalized.method, Average) and not_normalized.method.normalize_weights is False
+    assert (not_normalized.method.base_weight, not_normalized.method.weights) == (0.7, (0.3,))
 
 
 def test_documentation_task_arithmetic_drops_the_listed_base(tmp_path):

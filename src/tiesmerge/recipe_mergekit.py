@@ -19,11 +19,13 @@ mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5,
   the others' weights (``base_model`` counts where the models list it); the models' own values summed
   w_i θ_i from 0 in order, then / Σ w, in float32 as mergekit does (bit for bit in float32, and in
   bfloat16 too, where mergekit also accumulates in float32). With ``normalize: false`` (weights
-  summing to 1): ``task_arithmetic`` on that model, θ_0 + Σ w_i (θ_i − θ_0), ``lam = 1``.
+  summing to 1): the same with ``normalize_weights=False``, Σ w_i θ_i undivided, in mergekit's order.
 - ``dare_ties`` / ``dare_linear``: random drop at ``density`` kept, then TIES's steps / a sum.
-  ->  ``dare_ties`` / ``dare_linear`` with ``drop_rate = 1 − density``. The random masks differ
-  (counter-based here, ``torch.bernoulli`` there) and so does the rescale: 1/density here (the
-  DARE paper), each tensor's L1 norm there; outputs agree in expectation, not entry by entry.
+  ->  ``dare_ties`` / ``dare_linear`` with ``drop_rate = 1 − density`` (``dare_linear``'s ``normalize`` as
+  ``normalize_weights``: the division after the sum, by the weights' float32 sum, as mergekit's). The random
+  masks differ (counter-based here, ``torch.bernoulli`` there) and so does the rescale: 1/density here
+  (the DARE paper), each tensor's L1 norm there; outputs agree in expectation, not entry by entry
+  (at density 1, where nothing is drawn, bit for bit in float32).
 
 Issue 12 added the mergekit family (each the tiesmerge method of the same name, mergekit 0.1.5's
 semantics, bit for bit in float32 where no randomness enters):
@@ -396,10 +398,13 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
             return "average", params, ("mergekit linear: Σ w_i θ_i / Σ w_i over the models' own values in "
                                        f"mergekit's float32 order ({anchor} read as the base, weight "
                                        f"{weights[at]:.10g})")
-        pairs = [(p, w / total) for p, w in others]  # weights summing to 1, no division: θ_0 + Σ w_i (θ_i − θ_0)
-        params = {"lam": 1.0, "weights": [w for _, w in pairs], "_anchor": anchor, "_models": [p for p, _ in pairs]}
-        return "task_arithmetic", params, ("mergekit linear: Σ w_i θ_i (weights summing to 1), as "
-                                           f"θ_0 + Σ w_i (θ_i − θ_0) on {anchor}, float32")
+        # weights summing to 1, no division: Σ w_i θ_i itself, accumulated as mergekit does (θ_0 + Σ w_i (θ_i − θ_0)
+        # on the first model differed from it by an ulp in a tenth of the entries, hp40b C61)
+        params = {"base_weight": weights[at], "weights": [w for _, w in others], "normalize_weights": False,
+                  "_anchor": anchor, "_models": [p for p, _ in others]}
+        return "average", params, ("mergekit linear, normalize: false: Σ w_i θ_i over the models' own values, "
+                                   f"undivided, in mergekit's float32 order ({anchor} read as the base, weight "
+                                   f"{weights[at]:.10g})")
     if method == "task_arithmetic":
         # divided after the sum, by the weights' float32 sum, as mergekit divides (weights divided first differ
         # from mergekit's output by a rounding, hp34 D85)
@@ -447,8 +452,9 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
         return "dare_ties", params, ("mergekit dare_ties: random drop at 1 − density with 1/density rescale, sign "
                                      "elected on the weighted deltas by their sum, agreeing deltas "
                                      + ("averaged by weight" if normalize else "summed") + ", × λ")
-    scale = total if normalize and abs(total) >= 1e-8 else 1.0
-    params = {"drop_rate": 1.0 - density, "lam": lam, "weights": [w / scale for w in weights]}
+    # divided after the sum, by the weights' float32 sum, as mergekit divides (weights divided first differ from
+    # mergekit's output by a rounding, hp40b C61, as task_arithmetic's did, hp34 D85)
+    params = {"drop_rate": 1.0 - density, "lam": lam, "weights": weights, "normalize_weights": bool(normalize)}
     return "dare_linear", params, "mergekit dare_linear: random drop at 1 − density with 1/density rescale, " \
                                   "Σ w_t dare(τ_t)" + (" / Σ w" if normalize else "") + ", × λ"
 

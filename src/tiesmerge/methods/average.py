@@ -19,7 +19,9 @@ class Average:
 
     Computed as base + weighted mean of the task vectors, which is the same thing; with
     ``base_weight`` the base counts as a model and the models' own values are averaged in
-    mergekit 0.1.5's float32 order (its ``linear``), so a mergekit recipe merges bit for bit.
+    mergekit 0.1.5's float32 order (its ``linear``), so a mergekit recipe merges bit for bit;
+    ``normalize_weights`` false (with ``base_weight`` only) leaves out the division: the weighted
+    sum w_0 theta_base + sum_t w_t theta_t itself, mergekit's ``linear`` with ``normalize: false``.
     """
 
     name: ClassVar[str] = "average"
@@ -35,12 +37,23 @@ class Average:
                                        "mergekit 0.1.5's float32 order (its linear merge, the first model as the "
                                        "base); needs weights", unit="weight", check=finite,
                                        sums_with="weights")
+    normalize_weights: bool = option(True, "divide by the weights' sum; false (with base_weight only): the weighted "
+                                     "sum w_0 theta_base + sum_t w_t theta_t undivided, in mergekit 0.1.5's float32 "
+                                     "order (its linear with normalize: false)")
 
     def requirements(self) -> Requirements:
+        if not self.normalize_weights and self.base_weight is None:
+            raise ConfigError("average: normalize_weights false needs base_weight (the weighted sum of the models' own "
+                              "values, the base among them)",
+                              hint="give base_weight and weights, or leave normalize_weights on; task_arithmetic sums "
+                                   "weighted task vectors on the base")
         if self.base_weight is not None:
             if self.weights is None:
                 raise ConfigError("base_weight needs the models' weights too", hint="give weights, one per model")
             w = (self.base_weight, *self.weights)
+            if not self.normalize_weights:  # hp40b C61: mergekit's linear with normalize: false, nothing divided
+                return Requirements(weights=self.weights, base_values=True, model_values=True, kernel=LinearKernel(
+                    self.weights, base_coefficient=self.base_weight, divisor=1.0))  # x / 1.0 is x: the sum's bits
             why = nonzero_sum(w)  # the rule the weights alone follow, with the base counted among them
             if why:
                 raise ConfigError(f"the weights {', '.join(f'{x:.10g}' for x in w)} (base_weight first) {why}",
@@ -67,7 +80,8 @@ class Average:
             result.addcmul_(ctx.base, w[0])
             for t in range(ctx.models.shape[0]):
                 result.addcmul_(ctx.models[t], w[1 + t])
-            return result.div_(w.sum())  # (*S): the merged model itself (model_values)
+            # (*S): the merged model itself (model_values); undivided without normalize_weights
+            return result.div_(w.sum()) if self.normalize_weights else result
         if ctx.weights is None:
             return tau.mean(dim=0)
         return (tau * ops.broadcast_per_model(ctx.weights, tau)).sum(dim=0)  # weights normalised to sum 1

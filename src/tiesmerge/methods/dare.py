@@ -17,6 +17,7 @@ from .base import (
     seed_value,
     steps,
 )
+from .task_arithmetic import weighted_sum
 from .ties import AGGREGATES, ELECT_RULES
 
 _DARE_PAPER = "https://arxiv.org/abs/2311.03099"
@@ -52,18 +53,25 @@ def _dare(tau: torch.Tensor, drop_rate: float, seed: int, ctx: ChunkContext) -> 
 
 @method_config
 class DareLinear:
-    """theta = base + lam * sum_t w_t dare(tau_t)."""
+    """theta = base + lam * sum_t w_t dare(tau_t) (/ sum_t w_t with ``normalize_weights``, mergekit's ``normalize``:
+    after the sum, by the weights' float32 sum, as mergekit divides)."""
 
     name: ClassVar[str] = "dare_linear"
     paper: ClassVar[str] = _DARE_PAPER
     summary: ClassVar[str] = "randomly drop task-vector entries, rescale the rest, then sum"
-    weights_multiply: ClassVar[bool] = True  # lam * w_t scales model t's task vector (the executor's large-lam check)
 
     drop_rate: float = _drop_rate()
     lam: float = _lam("summed task vectors")
     seed: int = _seed()
     weights: tuple[float, ...] | None = option(None, "per-model weights multiplying each task vector",
                                                unit="one per model", per_model=True)
+    normalize_weights: bool = option(False, "divide the weighted sum by the sum of the weights (mergekit's "
+                                            "normalize: the division after the sum, in float32, as mergekit does)")
+
+    @property
+    def weights_multiply(self) -> bool:
+        """Whether lam * w_t scales model t's task vector (the executor's large-lam check): not when normalised."""
+        return not self.normalize_weights
 
     def unused_options(self) -> dict[str, str]:
         """seed, where drop_rate 0 drops nothing (no random number is drawn)."""
@@ -74,9 +82,9 @@ class DareLinear:
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         dropped = _dare(tau, self.drop_rate, self.seed, ctx)  # (n, *S)
-        if ctx.weights is not None:
-            dropped = dropped.mul_(ops.broadcast_per_model(ctx.weights, dropped))
-        return dropped.sum(dim=0).mul_(self.lam)
+        # mergekit's dare_linear after its drop (hp40b C61): w_t tau_t summed, / the weights' float32 sum with
+        # normalize_weights (weights divided beforehand differ from mergekit's by a rounding), * lam
+        return weighted_sum(dropped, ctx, lam=self.lam, normalize=self.normalize_weights)
 
     def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """(n, *S) -> (n, *S): w_t dare(tau_t)."""
