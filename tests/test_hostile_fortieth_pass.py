@@ -423,3 +423,21 @@ def test_a_tmpdir_inside_an_input_is_refused_before_anything_is_made_there(tmp_p
     assert done.returncode == 2 and "(TMPDIR) lies inside model 0" in done.stderr, done.stderr
     after = {p.name: p.stat().st_mtime_ns for p in dirs[1].iterdir()}, dirs[1].stat().st_mtime_ns
     assert after == before  # no probe file and no folder was ever made in the input
+
+
+def test_every_tokenizer_file_is_copied_stamped_and_digested(tmp_path):
+    """hp40 P1, P2: PhoBERT keeps its BPE merges in bpe.codes, which a merge did not copy (the output's tokenizer could
+    not load: merges_file None), a resumed search did not stamp and statistics did not digest."""
+    from helpers_ckpt import make_family
+    from tiesmerge.stats.files import tokenizer_digest
+    from tiesmerge.tuning.driver import weights_stamp
+
+    base, models = make_family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *models))]
+    (dirs[0] / "vocab.txt").write_text("<s>\n<pad>\n</s>\n<unk>\nthe\ncat\n")
+    (dirs[0] / "bpe.codes").write_text("t h 10\nth e 9\n")
+    stamp, digest = weights_stamp([dirs[0]]), tokenizer_digest(dirs[0])
+    (dirs[0] / "bpe.codes").write_text("c a 10\nca t 9\n")
+    assert weights_stamp([dirs[0]]) != stamp and tokenizer_digest(dirs[0]) != digest
+    tiesmerge.merge(dirs[0], dirs[1:], "ties", output=tmp_path / "out")
+    assert (tmp_path / "out" / "bpe.codes").read_text() == "c a 10\nca t 9\n"

@@ -32,7 +32,7 @@ from .errors import CheckpointError, OutputError, TiesMergeError
 from .sizes import format_size
 
 __all__ = ["fs_text", "undecodable_as_bytes", "demo_workdir", "demo_models_written", "remove_demo_files", "DEMO_MARKER",
-           "write_error",           "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES",
+           "write_error",           "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES", "TOKENIZER_FILE_NAMES",
            "model_dir_files", "check_model_dir", "CHAT_TEMPLATES_DIR", "OUTPUT_MARKERS", "WRITTEN_FIELD",
            "STAMPS_FIELD", "listing",
            "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
@@ -247,9 +247,16 @@ def inside(path: str | os.PathLike, root: str | os.PathLike, what: str,
 
 # The files a model directory's readers open by name (transformers' configs and tokenizers, and the
 # weights): they follow links, so each must be checked before a directory is handed to them.
-MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
-               "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model", "chat_template.json",
+# The tokenizer's files by name: the union of transformers' tokenizer classes' vocab_files_names (4.x and 5.x), with
+# its configs. One list for what a merge copies, what a resume stamps and what statistics digest: PhoBERT's bpe.codes
+# was none of them, so its merged model could not load its tokenizer and a changed one went unseen (hp40 P1, P2).
+TOKENIZER_FILE_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
+                        "sentencepiece.bpe.model", "sentencepiece.model", "spm.model", "spm_char.model", "bpe.codes",
+                        "source.spm", "target.spm", "target_vocab.json", "vocab-src.json", "vocab-tgt.json",
+                        "byte_maps.json", "emoji.json", "entity_vocab.json", "normalizer.json",
+                        "prophetnet.tokenizer", "word_pronunciation.json", "word_shape.json")
+MODEL_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILE_NAMES, "chat_template.json",
                "chat_template.jinja", "preprocessor_config.json", "processor_config.json")
 MODEL_SUFFIXES = (".tiktoken",)
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth")
@@ -358,9 +365,10 @@ def _chat_templates(source: Path, role: str, error: type[TiesMergeError]) -> lis
             if n.endswith(".jinja")]
 
 
-# a tokenizer's own files: without one, transformers builds an empty tokenizer and every word is unknown
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model")
+# a tokenizer's own files (its vocabulary): without one, transformers builds an empty tokenizer and every word is
+# unknown
+TOKENIZER_FILES = tuple(n for n in TOKENIZER_FILE_NAMES if n not in ("tokenizer_config.json", "special_tokens_map.json",
+                                                                   "added_tokens.json"))
 
 
 def check_model_dir(source: str | os.PathLike, role: str, error: type[TiesMergeError] = CheckpointError,

@@ -25,7 +25,7 @@ from ..errors import CheckpointError, ConfigError, InvalidTensorError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
 from ..limits import read_json
-from ..paths import check_input, check_not_input, inside
+from ..paths import TOKENIZER_FILE_NAMES, check_input, check_not_input, inside
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 from ..version import __version__
 
@@ -128,9 +128,7 @@ def files_digest(source: str | os.PathLike) -> str:
 
 # the files a tokenizer is read from: statistics of texts encoded by another tokenizer describe another input
 # pipeline, though the weights are the same (hp38 C38)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "spm.model")
+TOKENIZER_FILES = TOKENIZER_FILE_NAMES  # paths' list: what a merge copies and a resume stamps too (hp40 P1)
 
 
 def tokenizer_digest(model: str | os.PathLike | None) -> str | None:
