@@ -86,7 +86,7 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
     """Every input that cannot be opened (missing, not a model, a damaged header) and every one given twice,
     reported together when there are several: ``validate`` and ``--dry-run`` list all problems at once, as they
     do for options. One problem is left to the checks that follow, which name it the usual way."""
-    from .errors import CheckpointError, TiesMergeError
+    from .errors import MAX_LISTED, CheckpointError, TiesMergeError, more_problems
     from .io.checkpoint import open_checkpoint
 
     if isinstance(models, (str, os.PathLike, Mapping)) or not models:
@@ -104,8 +104,10 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
     except TiesMergeError as exc:
         errors.append(exc)
     if len(errors) > 1:
+        # the first MAX_LISTED, as a ConfigError lists them (hp40b C31: 20,000 missing models printed 20,002 lines)
         error = CheckpointError(f"{len(errors)} problems with the inputs:\n"
-                                + "\n".join("  - " + e.message.replace("\n", "\n    ") for e in errors),
+                                + "\n".join("  - " + e.message.replace("\n", "\n    ") for e in errors[:MAX_LISTED])
+                                + more_problems(len(errors) - MAX_LISTED),
                                 hint=next((e.hint for e in errors if e.hint), None))
         error.problems = [e.message for e in errors]  # type: ignore[attr-defined]  # each, as a ConfigError's
         raise error

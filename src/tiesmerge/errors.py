@@ -49,10 +49,14 @@ class ConfigError(TiesMergeError, ValueError):
         else:  # every problem stays in .problems; the message lists the first MAX_LISTED (a terminal's worth)
             shown = self.problems[:MAX_LISTED]
             rest = len(self.problems) - len(shown)
-            message = (f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in shown)
-                       + (f"\n  ... and {rest} more (fix these first, or see every problem in the error's .problems)"
-                          if rest else ""))
+            message = f"{len(self.problems)} problems:\n" + "\n".join(f"  - {p}" for p in shown) + more_problems(rest)
         super().__init__(message, hint=hint)
+
+
+def more_problems(rest: int) -> str:
+    """The line that ends a list of problems cut at MAX_LISTED (``rest`` left out), or nothing where none was."""
+    return (f"\n  ... and {rest} more (fix these first, or see every problem in the error's .problems)"
+            if rest > 0 else "")
 
 
 class CheckpointError(TiesMergeError):
