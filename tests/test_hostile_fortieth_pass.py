@@ -179,10 +179,14 @@ def test_a_search_log_keeps_non_finite_api_scores_readable(tmp_path):
     base, models = make_family(2)
     grid, log = {"density": (0.25, 0.5, 0.75, 1.0), "lam": (1.0,)}, tmp_path / "log.jsonl"
     values = iter([math.nan, math.inf, -math.inf, 0.5])
-    first = run_search(base, models, "ties", lambda state: next(values), grid=grid, log=str(log))
+
+    def score(state):
+        return next(values)  # scored once each: the second search must take every score from the log
+
+    first = run_search(base, models, "ties", score, grid=grid, log=str(log))
     for line in log.read_text().splitlines():
         json.loads(line, parse_constant=lambda token: pytest.fail(f"{token} is not JSON"))
-    again = run_search(base, models, "ties", lambda state: pytest.fail("scored again"), grid=grid, log=str(log))
+    again = run_search(base, models, "ties", score, grid=grid, log=str(log))  # next(values) would raise
     assert [repr(t.score) for t in again.trials] == [repr(t.score) for t in first.trials] == \
         ["nan", "inf", "-inf", "0.5"]
     assert again.best.score == 0.5
@@ -441,3 +445,73 @@ def test_every_tokenizer_file_is_copied_stamped_and_digested(tmp_path):
     assert weights_stamp([dirs[0]]) != stamp and tokenizer_digest(dirs[0]) != digest
     tiesmerge.merge(dirs[0], dirs[1:], "ties", output=tmp_path / "out")
     assert (tmp_path / "out" / "bpe.codes").read_text() == "c a 10\nca t 9\n"
+
+
+def test_an_evaluator_that_changes_the_working_folder_is_put_back(tmp_path, capsys, monkeypatch):
+    """hp40 D19: an evaluator calling os.chdir moved the search with it: its log landed in the evaluator's folder and
+    the next merge read the base there ("base: no such file or directory")."""
+    import sys
+
+    from helpers_ckpt import make_family, run_cli
+
+    base, models = make_family(2)
+    for name, state in zip(("base", "a", "b"), (base, *models)):
+        write_hf_dir(tmp_path / name, state)
+    (tmp_path / "elsewhere").mkdir()
+    moved = str(tmp_path / "elsewhere")
+    (tmp_path / "evcd.py").write_text(f"import os\n\n\ndef score(state):\n    os.chdir({moved!r})\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "evcd", raising=False)
+    rc, out, err = run_cli(["search", "--base", "base", "--model", "a", "--model", "b", "--evaluator", "evcd:score",
+                            "--grid", "density=0.2,0.5", "--grid", "lam=1.0", "--dir", "scd", "-o", "bestcd"], capsys)
+    assert rc == 0, err
+    assert "changed the working folder" in err
+    assert (tmp_path / "scd" / "log.jsonl").is_file() and (tmp_path / "bestcd").is_dir()
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def _signed_score(state, sign=1.0):
+    return sign * float(sum(v.float().sum() for v in state.values()))
+
+
+class _SignedScore:
+    def __init__(self, sign):
+        self.sign = sign
+
+    def __call__(self, state):
+        return _signed_score(state, self.sign)
+
+
+def _make_signed(sign):
+    def score(state):
+        return _signed_score(state, sign)
+    return score
+
+
+@pytest.mark.parametrize("kind", ["partial", "object", "closure"])
+def test_a_search_resumed_with_an_evaluator_built_otherwise_is_refused(tmp_path, kind):
+    """hp40 D15: run_search(log=...) resumed with the same evaluator code built with another argument (a
+    functools.partial's keyword, a callable object's attribute, a closure's cell: sign 1 -> -1) reused every score of
+    the first run, and its "best" was the other evaluator's. A callable object's attributes also hold what it records
+    while scoring (a counter, a cache), so its resume is said, not refused."""
+    import functools
+
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError, MergeWarning
+    from tiesmerge.tuning import run_search
+
+    def evaluator(sign):
+        return {"partial": functools.partial(_signed_score, sign=sign), "object": _SignedScore(sign),
+                "closure": _make_signed(sign)}[kind]
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.2, 0.5), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    run_search(base, models, "ties", evaluator(1.0), grid=grid, log=log)
+    if kind == "object":
+        with pytest.warns(MergeWarning, match="2 logged scores of a callable object .*needs a log of its own"):
+            run_search(base, models, "ties", evaluator(-1.0), grid=grid, log=log)
+        return
+    run_search(base, models, "ties", evaluator(1.0), grid=grid, log=log)  # built the same: resumes
+    with pytest.raises(ConfigError, match="another search .*evaluator_state"):
+        run_search(base, models, "ties", evaluator(-1.0), grid=grid, log=log)

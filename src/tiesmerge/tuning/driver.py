@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MergeWarning
 from ..methods.base import MergeMethod, check_models
 from ..registry import method_class
 from .candidates import (
@@ -136,6 +137,114 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
                     not {"site-packages", "dist-packages"} & set(real.split(os.sep)):
                 helpers.add(real)
     return [path, *sorted(helpers - {os.path.realpath(path)})]
+
+
+def _evaluator_state(evaluate: Any) -> str | None:
+    """A digest of what a user's evaluator was built with, beyond its code: a functools.partial's arguments, a
+    function's defaults and the values its closure holds (typically its validation data or a sign). A search resumed
+    with another of them reused every score (hp40 D15: the sign=-1 evaluator's "best" was the sign=+1 one's). A
+    closure's dicts, sets and objects are left out: they are a cache or a counter as often as a setting, and a search
+    resumed in the same process would be refused for what the evaluator itself recorded. None for a plain function,
+    a callable object (see :func:`_warn_object_evaluator`) and tiesmerge's built-ins (their data file has its own
+    digest)."""
+    import functools
+    import hashlib
+    import inspect
+
+    inner = getattr(evaluate, "evaluate", evaluate)
+    if type(inner).__module__.startswith("tiesmerge"):
+        return None
+    if isinstance(inner, functools.partial):
+        held: Any = [_qualified(inner.func), inner.args, inner.keywords]
+    elif inspect.isfunction(inner):
+        cells = [c.cell_contents for c in inner.__closure__ or () if _has_contents(c)]
+        cells = [c for c in cells if not isinstance(c, (Mapping, set)) and (
+            isinstance(c, (str, bytes, int, float, bool, type(None), list, tuple, frozenset, torch.Tensor))
+            or inspect.isfunction(c) or inspect.isclass(c) or type(c).__module__ == "numpy")]
+        held = [cells, inner.__defaults__, inner.__kwdefaults__] if cells or inner.__defaults__ or \
+            inner.__kwdefaults__ else None
+    else:
+        held = None
+    if held is None:
+        return None
+    digest = hashlib.sha256()
+    _feed(digest, held, depth=0, budget=[1 << 28])
+    return digest.hexdigest()[:16]
+
+
+def _warn_object_evaluator(evaluate: Any, results: Any) -> None:
+    """A search resumed with a callable object as its evaluator takes the logged scores as that object's: its
+    attributes (a sign, its data) cannot be compared with the first run's, since they also hold what it records
+    while scoring (hp40 D15). Said when the log holds scores."""
+    import inspect
+
+    inner = getattr(evaluate, "evaluate", evaluate)
+    if results is None or not results.records or type(inner).__module__.startswith("tiesmerge") or \
+            inspect.isfunction(inner) or inspect.ismethod(inner) or not hasattr(inner, "__dict__"):
+        return
+    import functools
+
+    if isinstance(inner, functools.partial):
+        return
+    warnings.warn(MergeWarning(f"{results.path}: resuming with {len(results.records):,} logged scores of a callable "
+                               f"object ({type(inner).__qualname__}): tiesmerge checks its code, not its attributes, "
+                               "so an evaluator built otherwise (another sign, other data) needs a log of its own"),
+                  stacklevel=3)
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        _ = cell.cell_contents
+    except ValueError:  # an empty cell (a name assigned later)
+        return False
+    return True
+
+
+def _qualified(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+
+def _feed(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
+    """``value`` into ``digest``, stably across runs: no object addresses (a function, class or module by its name,
+    an object of default repr by its class and attributes), tensors and arrays by their bytes up to ``budget`` bytes
+    in all (past it by shape and dtype), nesting to depth 6."""
+    import inspect
+
+    import numpy as np
+
+    if depth > 6:
+        digest.update(b"<deep>")
+        return
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        digest.update(repr(value).encode("utf-8", "surrogateescape") + b"\0")
+    elif isinstance(value, Mapping):
+        digest.update(b"{")
+        for key in sorted(value, key=repr):
+            _feed(digest, key, depth=depth + 1, budget=budget)
+            _feed(digest, value[key], depth=depth + 1, budget=budget)
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        digest.update(b"[")
+        for item in items:
+            _feed(digest, item, depth=depth + 1, budget=budget)
+        digest.update(b"]")
+    elif isinstance(value, (torch.Tensor, np.ndarray)):
+        array = value.detach().cpu().contiguous().numpy() if isinstance(value, torch.Tensor) else value
+        digest.update(f"{type(value).__name__}{tuple(array.shape)}{array.dtype}".encode())
+        if array.nbytes <= budget[0] and array.dtype != object:
+            budget[0] -= array.nbytes
+            digest.update(np.ascontiguousarray(array).view(np.uint8).tobytes())
+    elif inspect.isfunction(value) or inspect.isclass(value) or inspect.ismodule(value) or inspect.isbuiltin(value):
+        digest.update(_qualified(value).encode() if not inspect.ismodule(value) else value.__name__.encode())
+    else:
+        text = repr(value)
+        if " at 0x" in text:  # the default repr: an address, new every run
+            digest.update(_qualified(type(value)).encode())
+            if hasattr(value, "__dict__"):
+                _feed(digest, vars(value), depth=depth + 1, budget=budget)
+        else:
+            digest.update(text.encode("utf-8", "surrogateescape") + b"\0")
 
 
 def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
@@ -275,12 +384,15 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               # a built-in evaluator's data file (NAME:FILE): scores on another text are not comparable
               **({"evaluator_data": _content_digest(data)} if (data := _evaluator_data(evaluate)) else {}),
               **({"evaluator_code": _content_digest(code)} if (code := _evaluator_code(evaluate)) else {}),
+              # what it was built with: a partial's arguments, a closure's cells, a callable object's attributes
+              **({"evaluator_state": held} if (held := _evaluator_state(evaluate)) else {}),
               **({"vocab_policy": vocab_policy} if vocab_policy != "error" else {})}  # it changes the candidates
     if log is not None:  # the log is appended to: never inside (or over) a model the search reads
         from ..paths import check_not_input
 
         check_not_input(log, [("the base", base), *((f"model {k}", m) for k, m in enumerate(models))])
     results = ResultsLog(log, header) if log is not None else None
+    _warn_object_evaluator(evaluate, results)
     base32, dtypes = float32(as_state(base))
     owned = executor is None
     executor = executor or LocalExecutor()

@@ -13,10 +13,12 @@ with the evaluator's exit status); Ctrl-C and a termination signal still stop th
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..errors import EvaluatorError, TiesMergeError
+from ..errors import EvaluatorError, MergeWarning, TiesMergeError
 
 __all__ = ["GuardedEvaluator", "guard", "evaluator_name"]
 
@@ -42,6 +44,7 @@ class GuardedEvaluator:
         self.evaluate, self.label, self.finite = evaluate, label, finite
 
     def __call__(self, state: Mapping[str, Any]) -> float:
+        cwd = _working_folder()
         try:
             score = self.evaluate(state)
         except (TiesMergeError, KeyboardInterrupt):  # ours already say what is wrong; Ctrl-C stays Ctrl-C
@@ -55,6 +58,8 @@ class GuardedEvaluator:
             raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {str(exc)[:300]}",
                                  hint="fix the evaluator (--debug, or the exception's __cause__, shows its "
                                       "traceback)") from exc
+        finally:
+            _restore_working_folder(cwd, self.label)
         score = _detached(score)
         if isinstance(score, bool) or _is_boolean(score) or not isinstance(score, (int, float)) and \
                 not _is_scalar(score):
@@ -77,6 +82,35 @@ class GuardedEvaluator:
                                  hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
         return value
 
+
+def _working_folder() -> str | None:
+    try:
+        return os.getcwd()
+    except OSError:  # removed under us: nothing to go back to
+        return None
+
+
+def _restore_working_folder(cwd: str | None, label: str) -> None:
+    """An evaluator that changes the working folder (some evaluation harnesses do) is put back where it was: the
+    search's log, its outputs and the models' relative paths were read against the new folder (hp40 D19: the log
+    landed in the evaluator's folder and the base was "no such file"). Said once per evaluator."""
+    if cwd is None:
+        return
+    try:
+        now = os.getcwd()
+    except OSError:
+        now = None
+    if now == cwd:
+        return
+    os.chdir(cwd)
+    if label not in _MOVED:
+        _MOVED.add(label)
+        warnings.warn(MergeWarning(f"{label} changed the working folder (to {now}); tiesmerge changed it back to "
+                                   f"{cwd} after each call, since the command's paths are relative to it"),
+                      stacklevel=3)
+
+
+_MOVED: set[str] = set()  # evaluators already said to move the working folder
 
 # A search plots its scores: a range of 2e308 (scores of +-1e308) is Inf there and the report failed after all the
 # scoring; +-1e300 was measured to plot. Any finite -perplexity (exp of at most 709 nats) stays far below.
