@@ -51,7 +51,8 @@ def test_data_error_is_a_message_and_an_exit_status(cache: Path, capsys: pytest.
 
 
 def test_export_writes_the_encoder_accuracy_file_and_never_replaces_one(cache: Path, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       bert_tokenizer) -> None:
     from tiesmerge.evaluation.builtin import EncoderAccuracy
 
     out = tmp_path / "val.jsonl"
@@ -64,6 +65,7 @@ def test_export_writes_the_encoder_accuracy_file_and_never_replaces_one(cache: P
     # the file is what the built-in evaluator reads (checked when it is made; the model is built on first use)
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
+    bert_tokenizer.save_pretrained(tmp_path / "base")  # its size is checked against the embedding's (hp40 V1)
     assert len(EncoderAccuracy(tmp_path / "base", out).examples["opinion"]) == 7
     before = out.read_bytes()
     assert main(argv) == 1 and out.read_bytes() == before

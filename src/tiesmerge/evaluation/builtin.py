@@ -19,7 +19,8 @@ per process from the base directory, with each candidate's merged state dict loa
 The names hold a hyphen, so none can be a Python module's: ``module:function`` still names a
 user's own evaluator. The evaluators are plain classes that pickle (search's Ray workers build
 their model once per worker process), read and check their file when they are made (a bad file
-fails before the search, not after it), and run on CUDA when it is there (``device="auto"``).
+fails before the search, not after it; so do a base's tokenizer that is not its model's and a head
+they cannot score), and run on CUDA when it is there (``device="auto"``).
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ from ..paths import check_model_dir, read_regular
 from .loading import (
     align_pad_token,
     check_kind,
+    check_vocabulary,
     clipped,
     clipped_tail,
+    config_num_labels,
+    config_vocab_size,
     forward_checked,
     from_pretrained,
+    input_rows,
     is_encoder_decoder,
     refuse_converted,
 )
@@ -66,11 +71,15 @@ def _lines(path: Path, what: str) -> list[tuple[int, dict]]:
     return read_json_lines(path, what, max_bytes=_MAX_DATA_BYTES, error=ConfigError)
 
 
-def _int_label(row: dict, where: str, classes: int | None = None) -> int:
+def _int_label(row: dict, where: str, classes: int | None = None, of: str = "") -> int:
+    """The line's label, an index below ``classes`` (``of``: what they are, for the hint). A data error's hint is
+    about the data file, not the command's options (hp40 B3)."""
     label = row.get("label")
     if not isinstance(label, int) or isinstance(label, bool) or label < 0 or (classes is not None and label >= classes):
         allowed = f"0..{classes - 1}" if classes is not None else "an integer >= 0"
-        raise ConfigError(f"{where}: 'label' must be {allowed}, got {label!r}")
+        raise ConfigError(f"{where}: 'label' must be {allowed}, got {label!r}",
+                          hint=f"fix that line of the data file: 'label' is the index of the right answer"
+                               f"{f' ({of})' if of else ''}")
     return label
 
 
@@ -137,6 +146,16 @@ class _Scorer:
     batch_size: int = 32
     limit: int | None = None  # the first examples of the file (encoder-accuracy: of each task)
 
+    def _tokenizer(self) -> Any:
+        """The base's tokenizer, its ids checked against the embedding rows config.json declares when the evaluator
+        is made (hp40 V1: a tokenizer of 17 tokens over 8 rows failed after the first merge, as "fix the
+        evaluator" or a config.json blamed that was right)."""
+        from transformers import AutoTokenizer
+
+        tokenizer = from_pretrained(AutoTokenizer, self.model_dir, "its tokenizer")
+        check_vocabulary(tokenizer, config_vocab_size(self.model_dir), self.model_dir)
+        return tokenizer
+
     def _model(self, kind: str, build) -> tuple[torch.nn.Module, Any]:
         key = (kind, str(self.model_dir), str(_device(self.device)))
         if key not in _MODELS:
@@ -146,6 +165,7 @@ class _Scorer:
             check_kind(self.model_dir, kind, name)
             model = from_pretrained(build, self.model_dir, "the base").to(_device(self.device)).eval()
             tokenizer = from_pretrained(AutoTokenizer, self.model_dir, "its tokenizer")
+            check_vocabulary(tokenizer, input_rows(model), self.model_dir)  # the built embedding's rows (hp40 V1)
             align_pad_token(model, tokenizer, self.model_dir)
             _MODELS[key] = (model, tokenizer)
         return _MODELS[key]
@@ -159,6 +179,13 @@ class ClassifierAccuracy(_Scorer):
 
     def __post_init__(self) -> None:
         self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
+        check_kind(self.model_dir, "seq-cls", "classifier-accuracy")  # from config.json: before any merge
+        classes = config_num_labels(self.model_dir)  # as transformers reads it: id2label's size, else num_labels
+        if classes < 2:  # hp40 V2: the argmax of one logit is class 0 whatever the weights: every candidate 1.0
+            raise ConfigError(f"{self.model_dir}: a head of 1 output (num_labels 1: a regression head) gives no "
+                              "distribution over classes, so classifier-accuracy's argmax is class 0 whatever the "
+                              "weights", hint="classifier-accuracy needs a classifier of 2 or more classes; score a "
+                                              "regression model with an evaluator of your own (module:function)")
         rows = _lines(self.data, "the validation file")[:self.limit]
         self.examples: list[tuple[str, str | None, int]] = []
         for number, row in rows:
@@ -168,7 +195,12 @@ class ClassifierAccuracy(_Scorer):
                                   hint='e.g. {"text": "a review", "label": 1}')
             if not row["text"].strip():  # nothing to classify: refused now, not after the first merge
                 raise ConfigError(f"{where}: empty or missing 'text'", hint="remove the line, or give it a text")
-            self.examples.append((row["text"], row.get("text_pair"), _int_label(row, where)))
+            # the label checked against the model's classes here, naming its line (hp40 B3: "a label is >= the
+            # model's 2 classes", after the first merge, with neither line nor value)
+            self.examples.append((row["text"], row.get("text_pair"),
+                                  _int_label(row, where, classes, f"the base has {classes} classes, by its "
+                                                                  "config.json's id2label or num_labels")))
+        self._tokenizer()
 
     @torch.no_grad()
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
@@ -178,9 +210,6 @@ class ClassifierAccuracy(_Scorer):
 
         model, tokenizer = self._model("seq-cls", AutoModelForSequenceClassification.from_pretrained)
         _load_state(model, state, self.model_dir)
-        classes = model.config.num_labels
-        if max(label for *_, label in self.examples) >= classes:
-            raise ConfigError(f"{self.data}: a label is >= the model's {classes} classes")
         forward = ClassifierLogits(model, tokenizer, max_length=self.max_length)  # the same forward adapt uses
         hits = 0
         for i in range(0, len(self.examples), self.batch_size):
@@ -211,7 +240,13 @@ class ChoiceAccuracy(_Scorer):
                                   "two non-empty strings", hint='e.g. {"prompt": "Is it spam? ", '
                                   '"choices": ["yes", "no"], "label": 1}')
             check_choice_count(len(choices), where)  # before the search: every choice is a sequence per example
-            self.examples.append(ChoiceExample(row["prompt"], tuple(choices), _int_label(row, where, len(choices))))
+            stripped = [c.strip() for c in choices]
+            if len(set(stripped)) < len(stripped):  # hp40 V3: two choices always tie, the tie goes to the first
+                same = next(c for c in stripped if stripped.count(c) > 1)
+                raise ConfigError(f"{where}: the choice {same[:60]!r} is listed twice, so the model could never tell "
+                                  "those choices apart", hint="give each choice its own text")
+            self.examples.append(ChoiceExample(row["prompt"], tuple(choices),
+                                               _int_label(row, where, len(choices), "of 'choices', from 0")))
             lines.append(where)
         self._check_tokens(lines)
 
@@ -220,11 +255,9 @@ class ChoiceAccuracy(_Scorer):
         prompt failed after it, as "fix the evaluator"): a choice's first token needs a prompt token before it, and a
         choice of no tokens would score 0, above every real choice's log-probability. (An encoder-decoder's prompt is
         the encoder's input and its choices end with EOS: never empty.)"""
+        tokenizer = self._tokenizer()  # its ids against the embedding's rows, for either kind (hp40 V1)
         if is_encoder_decoder(self.model_dir):
             return
-        from transformers import AutoTokenizer
-
-        tokenizer = from_pretrained(AutoTokenizer, self.model_dir, "its tokenizer")
         for where, example in zip(lines, self.examples):
             with forward_checked(self.model_dir, "the base"):
                 prompt = tokenizer(clipped_tail(example.prompt, self.max_length), add_special_tokens=True)["input_ids"]
@@ -253,6 +286,10 @@ def _lm_loader(model_dir: Path, **kwargs: Any) -> torch.nn.Module:
     return loader.from_pretrained(model_dir, **kwargs)
 
 
+_ENCODER_DECODER = "{}: lm-perplexity scores causal LMs, and this is an encoder-decoder"
+_ENCODER_DECODER_HINT = "choice-accuracy:FILE scores encoder-decoder language models (answer choices given a prompt)"
+
+
 @dataclass
 class LMPerplexity(_Scorer):
     """Minus the perplexity of a causal LM on a text file, in windows of ``max_length`` tokens
@@ -271,22 +308,26 @@ class LMPerplexity(_Scorer):
                               hint="save the text as UTF-8 (`iconv -f LATIN1 -t UTF-8` converts a Latin-1 file)") \
                 from None
         if not self.text.strip():
-            raise ConfigError(f"{self.data}: the text file is empty")
+            raise ConfigError(f"{self.data}: the text file is empty", hint="give lm-perplexity a file of text")
         if self.max_length < 2:
             raise ConfigError(f"max_length {self.max_length}: a window needs at least 2 tokens")
+        if is_encoder_decoder(self.model_dir):  # from config.json, before the first merge (hp40 L7)
+            raise ConfigError(_ENCODER_DECODER.format(self.model_dir), hint=_ENCODER_DECODER_HINT)
+        self._tokenizer()
 
     @torch.no_grad()
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         model, tokenizer = self._model("lm", _lm_loader)
         if getattr(model.config, "is_encoder_decoder", False):
-            raise ConfigError(f"{self.model_dir}: lm-perplexity scores causal LMs, and this is an encoder-decoder")
+            raise ConfigError(_ENCODER_DECODER.format(self.model_dir), hint=_ENCODER_DECODER_HINT)
         _load_state(model, state, self.model_dir)
         ids = tokenizer(clipped(self.text, self.max_tokens), add_special_tokens=False)["input_ids"][:self.max_tokens]
         width = _window(model, self.max_length)  # never past a position table (hp39 C38: an IndexError)
         windows = [ids[i:i + width] for i in range(0, len(ids), width)]
         windows = [w for w in windows if len(w) >= 2]
         if not windows:
-            raise ConfigError(f"{self.data}: the text has fewer than 2 tokens")
+            raise ConfigError(f"{self.data}: the text has fewer than 2 tokens",
+                              hint="give lm-perplexity a longer text: each token is scored from the one before it")
         total, count = 0.0, 0
         for i in range(0, len(windows), self.batch_size):
             chunk = windows[i:i + self.batch_size]
@@ -324,14 +365,17 @@ class EncoderAccuracy(_Scorer):
         for number, row in _lines(self.data, "the validation file"):
             where, task = f"{self.data}:{number}", row.get("task")
             if not isinstance(task, str) or not task:
-                raise ConfigError(f"{where}: each line needs a string 'task'")
+                raise ConfigError(f"{where}: each line needs a string 'task'",
+                                  hint='e.g. {"task": "sentiment", "text": "a review", "label": 1}')
             if "classes" in row:
                 classes = row["classes"]
                 if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c
                                                                                 for c in classes):
-                    raise ConfigError(f"{where}: 'classes' must list at least two class descriptions (strings)")
+                    raise ConfigError(f"{where}: 'classes' must list at least two class descriptions (strings)",
+                                      hint='e.g. {"task": "sentiment", "classes": ["negative", "positive"]}')
                 if task in self.classes:
-                    raise ConfigError(f"{where}: task {task!r} has its classes twice")
+                    raise ConfigError(f"{where}: task {task!r} has its classes twice",
+                                      hint="give each task one 'classes' line")
                 stripped = [c.strip() for c in classes]
                 if len(set(stripped)) < len(stripped):  # hp35 E62: ties in the cosine argmax, class 0 every time
                     same = next(c for c in stripped if stripped.count(c) > 1)
@@ -343,16 +387,21 @@ class EncoderAccuracy(_Scorer):
                     raise ConfigError(f"{where}: empty or missing 'text'", hint="remove the line, or give it a text")
                 pending.append((task, row, where))
             else:
-                raise ConfigError(f"{where}: a line holds either 'classes' (a task's head) or 'text' and 'label'")
+                raise ConfigError(f"{where}: a line holds either 'classes' (a task's head) or 'text' and 'label'",
+                                  hint='e.g. {"task": "t", "classes": ["negative", "positive"]} or '
+                                       '{"task": "t", "text": "a review", "label": 1}')
         for task, row, where in pending:
             if task not in self.classes:
                 raise ConfigError(f"{where}: task {task!r} has no 'classes' line",
                                   hint='add {"task": "...", "classes": ["description of class 0", ...]}')
             examples = self.examples.setdefault(task, [])
             if self.limit is None or len(examples) < self.limit:
-                examples.append((row["text"], _int_label(row, where, len(self.classes[task]))))
+                examples.append((row["text"], _int_label(row, where, len(self.classes[task]),
+                                                         f"of task {task[:40]!r}'s 'classes', from 0")))
         if empty := [t for t in self.classes if not self.examples.get(t)]:
-            raise ConfigError(f"{self.data}: task(s) {', '.join(empty)} have classes but no examples")
+            raise ConfigError(f"{self.data}: task(s) {', '.join(empty)} have classes but no examples",
+                              hint='add examples {"task": "...", "text": "...", "label": 0}, or remove the task')
+        self._tokenizer()
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         from .encoder import SentenceEncoder, build_head

@@ -51,11 +51,12 @@ class SentenceEncoder(torch.nn.Module):
         from ..paths import check_model_dir
 
         directory = check_model_dir(directory, "the encoder")  # transformers follows links: files checked first
-        from .loading import from_pretrained
+        from .loading import check_vocabulary, from_pretrained, input_rows
 
         tokenizer = from_pretrained(AutoTokenizer, directory, "its tokenizer")
         model = from_pretrained(AutoModel, directory, add_pooling_layer=False) \
             if _is_bert(directory) else from_pretrained(AutoModel, directory)
+        check_vocabulary(tokenizer, input_rows(model), directory)  # hp40 V1: before a forward's IndexError
         if state is not None:
             missing, unexpected = model.load_state_dict(dict(state), strict=False)
             real_missing = [k for k in missing if "position_ids" not in k]

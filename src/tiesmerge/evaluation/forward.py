@@ -39,6 +39,7 @@ from .encoder import CosineHead, SentenceEncoder, build_head
 from .loading import (
     align_pad_token,
     architectures,
+    check_vocabulary,
     clipped,
     clipped_tail,
     count_cut,
@@ -46,6 +47,7 @@ from .loading import (
     fitted_length,
     forward_checked,
     from_pretrained,
+    input_rows,
     is_encoder_decoder,
     refuse_converted,
 )
@@ -362,6 +364,7 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
                               hint="adapt needs a classifier of 2 or more classes (or --forward encoder with "
                                    "--heads of class descriptions)")
         tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
+        check_vocabulary(tokenizer, input_rows(model), model_dir)  # hp40 V1: before a forward's IndexError
         align_pad_token(model, tokenizer, model_dir)
         forward = ClassifierLogits(model, tokenizer, max_length=max_length)
     elif kind == "encoder":
@@ -376,5 +379,6 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         _check_causal_lm(model_dir)  # before loading: transformers would build a causal LM of a classifier's body
         tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
         model = from_pretrained(AutoModelForCausalLM, model_dir).to(device)
+        check_vocabulary(tokenizer, input_rows(model), model_dir)  # hp40 V1
         forward = ChoiceLogits(model, tokenizer, choices=choices, max_length=max_length)
     return forward.eval()

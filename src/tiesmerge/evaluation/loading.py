@@ -15,7 +15,8 @@ from typing import Any
 from ..errors import CheckpointError, ConfigError, TiesMergeError
 from ..limits import read_json
 
-__all__ = ["align_pad_token", "converted_on_load", "from_pretrained", "is_encoder_decoder", "refuse_converted"]
+__all__ = ["align_pad_token", "check_vocabulary", "config_num_labels", "config_vocab_size", "converted_on_load",
+           "from_pretrained", "input_rows", "is_encoder_decoder", "refuse_converted"]
 
 
 def _check_config(directory: Path) -> int | None:
@@ -165,6 +166,62 @@ def is_encoder_decoder(directory: str | os.PathLike) -> bool:
     a text alone cannot run it, it needs decoder inputs too."""
     config = _json_object(Path(directory) / "config.json")
     return config is not None and config.get("is_encoder_decoder") is True
+
+
+def config_num_labels(directory: str | os.PathLike, config: dict | None = None) -> int:
+    """A classifier's number of classes as transformers reads config.json: ``id2label``'s size, else ``num_labels``,
+    else 2 (PretrainedConfig's default); readable before any model is built."""
+    directory = Path(directory)
+    if config is None:
+        config = _json_object(directory / "config.json") or {}
+    id2label, num = config.get("id2label"), config.get("num_labels")
+    if isinstance(id2label, dict) and id2label:
+        return len(id2label)
+    if num is None:
+        return 2
+    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
+        raise CheckpointError(f"{directory / 'config.json'}: num_labels must be a positive integer, got {num!r}")
+    return num
+
+
+def config_vocab_size(directory: str | os.PathLike) -> int | None:
+    """The rows of the input embedding config.json declares (``vocab_size``, at its top or in its ``text_config``),
+    or None where it declares none. :func:`_check_sizes` has checked it is a width of the weights."""
+    config = _json_object(Path(directory) / "config.json")
+    for part in (config, (config or {}).get("text_config")):
+        value = part.get("vocab_size") if isinstance(part, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_vocabulary(tokenizer: Any, rows: int | None, directory: str | os.PathLike, role: str = "the model") -> None:
+    """Refuse a tokenizer whose token ids reach past the model's input embedding (``rows``: its rows, from the built
+    model or config.json): such an id fails inside the forward as "IndexError: index out of range in self", which
+    was reported after the first merge as "fix the evaluator" or blamed on a config.json that was right (hp40 V1).
+    The tokenizer's size (its added tokens included) bounds every id it can give."""
+    if rows is None:
+        return
+    try:
+        size = len(tokenizer)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say its size: the forward's own check then
+        return
+    if size > rows:
+        raise CheckpointError(f"{directory}: its tokenizer has {size:,} tokens (ids up to {size - 1:,}), past the "
+                              f"{rows:,} rows of {role}'s input embedding: the tokenizer is not this model's",
+                              hint="use the tokenizer files that came with these weights (tokenizer.json, vocab.txt, "
+                                   "tokenizer_config.json, ...); config.json's vocab_size gives the embedding's rows")
+
+
+def input_rows(model: Any) -> int | None:
+    """The rows of a built model's input embedding (None where it has no single one)."""
+    import torch
+
+    try:
+        weight = model.get_input_embeddings().weight
+    except Exception:  # noqa: BLE001 - a model without get_input_embeddings: nothing to compare
+        return None
+    return int(weight.shape[0]) if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
 def converted_on_load(directory: str | os.PathLike) -> str | None:
@@ -325,10 +382,12 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
 
 
 # encoders whose position ids start past the padding index (RoBERTa's create_position_ids_from_input_ids):
-# a sequence of max_position_embeddings - 2 tokens already uses the last position
+# a sequence of max_position_embeddings - 2 tokens already uses the last position. Not BART/mBART: their table holds
+# max_position_embeddings + 2 rows (the offset is inside it), so all max_position_embeddings are usable (hp40 L7:
+# subtracting it here cut a 16-position BART to 14)
 _POSITION_OFFSET = {"roberta": 2, "xlm-roberta": 2, "xlm-roberta-xl": 2, "camembert": 2, "longformer": 2,
                     "mpnet": 2, "ibert": 2, "luke": 2, "esm": 2, "data2vec-text": 2, "xmod": 2,
-                    "roberta-prelayernorm": 2, "markuplm": 2, "bart": 2, "mbart": 2}
+                    "roberta-prelayernorm": 2, "markuplm": 2}
 
 
 def fitted_length(model: Any, max_length: int) -> int:
@@ -369,6 +428,13 @@ def forward_checked(directory: str | os.PathLike | None, role: str = "the model"
             raise CheckpointError(f"{where}{role}'s forward pass ran out of memory ({type(exc).__name__}: {first})",
                                   hint="fewer examples at a time (--batch-size) or shorter texts (--max-length); on a "
                                        "GPU, one with more memory or --device cpu") from None
+        if isinstance(exc, IndexError) and "index out of range" in first:  # an embedding's lookup: a token id past
+            # its rows is as often the tokenizer's as the config's (hp40 V1: a right config was blamed)
+            raise CheckpointError(f"{where}{role} fails in its forward pass ({type(exc).__name__}: {first})",
+                                  hint="an id past an embedding's rows: a tokenizer that is not this model's (more "
+                                       "tokens than config.json's vocab_size), or a config.json whose pad, position "
+                                       "or type ids do not fit these weights: use the model's original tokenizer and "
+                                       "config") from None
         raise CheckpointError(f"{where}{role} fails in its forward pass ({type(exc).__name__}: {first})",
                               hint="its config.json likely does not describe these weights (a layer or head count, a "
                                    "token id or an epsilon out of range): use the model's original config") from None

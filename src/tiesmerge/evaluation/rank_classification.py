@@ -33,19 +33,21 @@ def check_choice_count(count: int, where: str) -> None:
                                "descriptions better than answer choices")
 
 
-def fit_choice(prompt: list[int], choice: list[int], limit: int, shown: str) -> list[int]:
+def fit_choice(prompt: list[int], choice: list[int], limit: int, shown: str, *, decoder: bool = False) -> list[int]:
     """The prompt's tokens kept before ``choice`` in a sequence of at most ``limit`` tokens (its first tokens go; at
     least one stays, to predict the choice's first token). A choice that leaves no room is an error naming it: it
     would be scored past the model's positions, or cut into another answer (a 20,000-token choice made the forward
-    ask for 12.8 GB, D45)."""
-    if len(choice) >= limit:
+    ask for 12.8 GB, D45). ``decoder``: an encoder-decoder's target, alone in the decoder's ``limit`` positions (the
+    prompt is the encoder's input, no token of it precedes the choice: hp40 L7)."""
+    if len(choice) > limit if decoder else len(choice) >= limit:
         # a long choice was cut to what `limit` tokens can cover before tokenizing: its count is then a lower bound
         count = f"at least {len(choice):,}" if len(shown) > limit * CHARS_PER_TOKEN_BOUND else f"{len(choice):,}"
-        raise ConfigError(f"answer choice {shown[:60]!r} is {count} tokens; with a prompt token before it "
-                          f"that passes the {limit:,} tokens a sequence may have (max_length, or the model's "
+        why = f"counted with its special tokens, that passes the {limit:,} positions of the decoder" if decoder else \
+            f"with a prompt token before it that passes the {limit:,} tokens a sequence may have"
+        raise ConfigError(f"answer choice {shown[:60]!r} is {count} tokens; {why} (max_length, or the model's "
                           "positions)",
                           hint="shorten the choice: rank classification scores the whole choice, so it is not cut")
-    return prompt[-(limit - len(choice)):]
+    return [] if decoder else prompt[-(limit - len(choice)):]
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def _score_seq2seq(model, tokenizer, pairs: list[tuple[str, str]], device: torch
                     max_length=limit).to(device)  # the prompt is the encoder's input: its end may go
     targets = [tokenizer(clipped(c, limit + 1), add_special_tokens=True)["input_ids"] for _, c in pairs]
     for (_, choice), target in zip(pairs, targets):
-        fit_choice([0], target, limit + 1, choice)  # the decoder's target, whole
+        fit_choice([], target, limit, choice, decoder=True)  # the decoder's target, whole
     labels = _pad(targets, -100).to(device)  # (B, L), -100 ignored
     logits = model(**enc, labels=labels).logits.float()  # (B, L, V)
     logprobs = logits.log_softmax(-1)

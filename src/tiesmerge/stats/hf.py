@@ -18,10 +18,13 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..evaluation.loading import (
     align_pad_token,
+    check_vocabulary,
+    config_num_labels,
     encode,
     fitted_length,
     forward_checked,
     from_pretrained,
+    input_rows,
     is_encoder_decoder,
     refuse_converted,
 )
@@ -93,17 +96,7 @@ def _config(model_dir: Path) -> dict:
     return config
 
 
-def _num_labels(model_dir: Path, config: dict) -> int:
-    """The classifier's number of classes, as transformers reads it: ``id2label``'s size, else
-    ``num_labels``, else 2 (PretrainedConfig's default)."""
-    id2label, num = config.get("id2label"), config.get("num_labels")
-    if isinstance(id2label, dict) and id2label:
-        return len(id2label)
-    if num is None:
-        return 2
-    if not isinstance(num, int) or isinstance(num, bool) or num < 1:
-        raise CheckpointError(f"{model_dir / 'config.json'}: num_labels must be a positive integer, got {num!r}")
-    return num
+_num_labels = config_num_labels  # the classifier's classes as transformers reads config.json (one helper: hp40 V2)
 
 
 def _check_names(model: torch.nn.Module, model_dir: Path, architectures: list) -> None:
@@ -167,6 +160,7 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     model = from_pretrained(loader, model_dir).to(device)  # refuses modules the weights lack (loading.py)
     _check_names(model, model_dir, architectures)  # before the statistics: they are named after the model's weights
     tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
+    check_vocabulary(tokenizer, input_rows(model), model_dir)  # hp40 V1: not an IndexError blamed on config.json
     max_length = fitted_length(model, max_length)  # never past the model's position table
     padding = "right, with the tokenizer's pad token"
     if tokenizer.pad_token_id is not None:  # a classifier saved with pad_token_id null finds its answer by it
