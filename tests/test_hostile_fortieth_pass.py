@@ -515,3 +515,22 @@ def test_a_search_resumed_with_an_evaluator_built_otherwise_is_refused(tmp_path,
     run_search(base, models, "ties", evaluator(1.0), grid=grid, log=log)  # built the same: resumes
     with pytest.raises(ConfigError, match="another search .*evaluator_state"):
         run_search(base, models, "ties", evaluator(-1.0), grid=grid, log=log)
+
+
+def test_a_sourceless_evaluator_module_is_in_the_code_digest(tmp_path, monkeypatch):
+    """hp40 D17: an evaluator module that exists only as a .pyc escaped search's code digest: recompiled with another
+    constant, the search resumed with the old scores."""
+    import importlib
+    import py_compile
+    import sys
+
+    from tiesmerge.tuning.driver import _evaluator_code
+
+    source = tmp_path / "evc_src.py"
+    source.write_text("K = 1.0\n\n\ndef score(state):\n    return K\n")
+    py_compile.compile(str(source), cfile=str(tmp_path / "evc.pyc"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "evc", raising=False)
+    module = importlib.import_module("evc")
+    assert module.__file__.endswith("evc.pyc")
+    assert _evaluator_code(module.score) == [str(tmp_path / "evc.pyc")]

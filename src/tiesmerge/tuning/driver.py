@@ -121,7 +121,8 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
     if not isinstance(name, str) or name == "tiesmerge" or name.startswith("tiesmerge."):
         return None
     path = getattr(sys.modules.get(name), "__file__", None)
-    if not (isinstance(path, str) and path.endswith(".py") and os.path.isfile(path)):
+    # a sourceless module (.pyc, an extension .so) counts by its file too (hp40 D17: a recompiled evc.pyc resumed)
+    if not (isinstance(path, str) and path.endswith((".py", ".pyc", ".so", ".pyd")) and os.path.isfile(path)):
         return None
     folder = os.path.dirname(os.path.realpath(path))
     for _ in range(name.count(".")):  # pkg.ev: the folder it was imported from, where pkg's own imports lie too (hp38
@@ -131,7 +132,7 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
     helpers = set()
     for module in list(sys.modules.values()):  # a copy: another thread may import meanwhile
         file = getattr(module, "__file__", None)
-        if isinstance(file, str) and file.endswith(".py") and file != path:
+        if isinstance(file, str) and file.endswith((".py", ".pyc", ".so", ".pyd")) and file != path:
             real = os.path.realpath(file)
             if real.startswith(folder + os.sep) and not real.startswith(installed) and \
                     not {"site-packages", "dist-packages"} & set(real.split(os.sep)):
