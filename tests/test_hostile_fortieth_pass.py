@@ -534,3 +534,24 @@ def test_a_sourceless_evaluator_module_is_in_the_code_digest(tmp_path, monkeypat
     module = importlib.import_module("evc")
     assert module.__file__.endswith("evc.pyc")
     assert _evaluator_code(module.score) == [str(tmp_path / "evc.pyc")]
+
+
+def test_tunes_best_state_is_a_fresh_merge_whatever_the_evaluator_does_to_its_argument():
+    """hp40 T1: tune's best_state was the very dict its evaluator was handed; an evaluator that changes it in place
+    (quantises, fine-tunes) left best_state zeroed, while run_search returned a fresh merge."""
+    import torch
+
+    from helpers_ckpt import make_family
+    from tiesmerge.methods import Ties
+
+    base, models = make_family(2)
+
+    def score(state):
+        value = -float(sum((v.float() ** 2).sum() for v in state.values()))
+        for v in state.values():
+            v.zero_()
+        return value
+
+    result = tiesmerge.tune(base, models, "ties", score, grid={"density": (0.5,), "lam": (1.0,)})
+    expected = tiesmerge.merge(base, models, Ties(density=0.5, lam=1.0))
+    assert all(torch.allclose(result.best_state[k].float(), expected[k].float(), atol=1e-6) for k in expected)
