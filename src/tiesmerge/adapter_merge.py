@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from .io.checkpoint import Checkpoint, TensorInfo
 from .lazy import torch
 from .sizes import OUTPUT_FORMATS
 
-__all__ = ["engine_inputs", "needs_fold", "Ia3Fold", "fold_ia3", "write_adapter"]
+__all__ = ["engine_inputs", "needs_fold", "Ia3Fold", "fold_ia3", "write_adapter", "check_rank", "adapter_size"]
 
 # both spellings: the hint reaches command-line and Python users alike
 FULL_MODEL_HINT = ("write a full model, the default (leave out --output-format adapter; in Python, "
@@ -140,16 +141,7 @@ def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models:
                                  modules, out_dtype, base_label=base.label)
         return stats, part
     loras = [a for a in adapters if isinstance(a, LoraCheckpoint)]
-    targets = {n: t for a in loras for n, t in a.targets.items()}
-    full = {n for a in loras for n in a.names() if n not in a.targets}
-    rank = rank if rank is not None else max(t.rank for a in loras for t in a.targets.values())
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
-    shapes = {n: tuple(base.info(n).shape) for n in [*targets, *full]}
-    largest = max((min(shapes[n][-2:]) for n in targets if len(shapes[n]) >= 2), default=None)
-    if largest is not None and rank > largest:  # factors larger than the matrices they factor: no adapter
-        raise ConfigError(f"rank {rank} is more than the largest rank any adapted matrix has ({largest}: the "
-                          "smaller side of the widest module)", hint=f"--rank {largest} or less")
+    targets, full, shapes, rank = _lora_layout(base, loras, rank)
     sink = LoraFactorSink(targets, shapes, full, rank)
     stats = executor.run(sink)
     clock = time.perf_counter()
@@ -160,3 +152,47 @@ def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models:
                               base_dtypes=narrow)
     stats.seconds["factor_write"] = time.perf_counter() - clock
     return stats, part
+
+
+def _lora_layout(base: Checkpoint, loras: list[LoraCheckpoint], rank: int | None
+                 ) -> tuple[dict, set[str], dict[str, tuple[int, ...]], int]:
+    """A merged LoRA adapter's layout: its targets, the tensors it stores whole, their shapes, and the rank (``rank``,
+    or the inputs' largest), checked: what :func:`write_adapter` writes and :func:`adapter_size` sizes."""
+    targets = {n: t for a in loras for n, t in a.targets.items()}
+    full = {n for a in loras for n in a.names() if n not in a.targets}
+    rank = rank if rank is not None else max(t.rank for a in loras for t in a.targets.values())
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
+    shapes = {n: tuple(base.info(n).shape) for n in [*targets, *full]}
+    largest = max((min(shapes[n][-2:]) for n in targets if len(shapes[n]) >= 2), default=None)
+    if largest is not None and rank > largest:  # factors larger than the matrices they factor: no adapter
+        raise ConfigError(f"rank {rank} is more than the largest rank any adapted matrix has ({largest}: the "
+                          "smaller side of the widest module)", hint=f"--rank {largest} or less")
+    return targets, full, shapes, rank
+
+
+def check_rank(models: list[Checkpoint], rank: int | None) -> None:
+    """A rank for (IA)³ inputs, whose merged adapter is scaling vectors: refused, by merge and by its plan alike."""
+    if rank is not None and any(getattr(c, "adapter_kind", None) == "ia3" for c in models):
+        raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the inputs are (IA)³ adapters "
+                          "(scaling vectors, which have no rank)", hint="leave --rank out")  # hp29 F3
+
+
+def adapter_size(base: Checkpoint, models: list[Checkpoint], rank: int | None, dtype: DType | None
+                 ) -> tuple[int, str]:
+    """(bytes, what they hold) of the merged adapter :func:`write_adapter` would write, its tensors' data (the
+    file adds a small header): a dry run says the number, not a formula (hp40b C52). (IA)³: one scaling vector per
+    adapted module, as long as the inputs' vectors; LoRA: rank × (rows + columns) values per adapted module, at
+    ``rank`` or the inputs' largest, plus the tensors stored whole."""
+    adapters = [_unwrap(m) for m in models]
+    itemsize = (dtype or FLOAT32).itemsize
+    if all(isinstance(a, Ia3Checkpoint) for a in adapters):
+        lengths = {n: a.info(n).numel for a in adapters for n in a.modules}  # type: ignore[attr-defined]
+        return (itemsize * sum(lengths.values()),
+                f"one (IA)³ scaling vector per adapted module, {len(lengths)} module(s)")
+    loras = [a for a in adapters if isinstance(a, LoraCheckpoint)]
+    targets, full, shapes, rank = _lora_layout(base, loras, rank)
+    factors = sum(rank * (shapes[n][0] + math.prod(shapes[n][1:])) for n in targets)
+    whole = sum(math.prod(shapes[n]) for n in full)
+    stored = f", and {len(full)} tensor(s) stored whole" if full else ""
+    return itemsize * (factors + whole), f"rank-{rank} LoRA factors of {len(targets)} adapted module(s){stored}"

@@ -58,9 +58,11 @@ __all__ = ["merge", "analyze", "plan_merge", "describe_plan", "base_distance"]
 def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *, device: str = "cpu",
                memory_budget: int | str | None = None, dtype: str | torch.dtype | None = None,
                vocab_policy: str = "error", allow_pickle: bool = False, output_format: str = "model",
-               stats: Sequence[StatsInput] | None = None, allow_distant: bool = False, **method_options: Any) -> Plan:
+               stats: Sequence[StatsInput] | None = None, allow_distant: bool = False, rank: int | None = None,
+               **method_options: Any) -> Plan:
     """What :func:`merge` would do: tensors, passes, bytes, peak memory, and (``plan.notes``) how
     far each model is from the base. Reads no tensor data beyond that distance's small sample of rows.
+    ``rank``: a merged LoRA adapter's (``output_format="adapter"``), as :func:`merge` takes it, for its size.
 
     (Merging (IA)³ adapters into a full model merges their small vectors first, to plan the fold;
     with ``normalize="rms"``, Fisher merging reads its statistics once to plan.)
@@ -70,6 +72,9 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
     (('count (trim)', 'merge'), 2948201472, 402653184)
     """
     m = as_method(method, method_options)
+    if rank is not None and output_format != "adapter":  # as merge refuses it
+        raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the output is a full model",
+                          hint="add --output-format adapter (output_format='adapter'), or leave --rank out")
     base, models = resolve_sources(base, models)
     _all_input_problems(base, models, allow_pickle)
     with ExitStack() as stack:
@@ -79,7 +84,10 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
         if output_format != "adapter":  # the files a merge copies beside the weights: checked as merge checks them
             check_model_files(model_files(prepared.base.directory()))
             return prepared.executor.plan
-        return dataclasses.replace(prepared.executor.plan, adapter_output=True)
+        # the adapter's own size, from the adapted modules' shapes and the rank: a number, not a formula (hp40b C52)
+        adapter_merge.check_rank(prepared.models, rank)
+        size, held = adapter_merge.adapter_size(prepared.base, prepared.models, rank, requested_dtype(dtype))
+        return dataclasses.replace(prepared.executor.plan, adapter_output=True, output_bytes=size, adapter_layout=held)
 
 
 def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
@@ -145,7 +153,9 @@ def describe_plan(plan: Plan, method: str | MergeMethod, n_models: int) -> str:
         f"parameters       {sum(j.numel for j in merged):,} merged",
         f"passes           {plan.passes} over the merged tensors: {', '.join(plan.pass_names)}",
         f"bytes to read    {format_size(plan.bytes_to_read)}",
-        "output size      " + ("an adapter's factors: at rank r, r × (rows + columns) values per adapted module "
+        "output size      " + (f"{format_size(plan.output_bytes)} ({plan.adapter_layout}; the file adds a small "
+                               "header)" if adapter and plan.adapter_layout else
+                               "an adapter's factors: at rank r, r × (rows + columns) values per adapted module "
                                "(the rank is --rank, or the inputs' largest)" if adapter else
                                format_size(plan.output_bytes)),
         f"peak memory      {format_size(plan.peak_bytes)} estimated for the merge's data (budget "
@@ -176,7 +186,8 @@ _ZERO_ADDS_NOTHING = frozenset({"task_arithmetic", "ties", "dare_ties", "dare_li
 
 
 def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weighted: bool = True,
-                         interpolates: bool = False, method: str = "", distances: Sequence[Any] = ()) -> None:
+                         interpolates: bool = False, method: str = "", distances: Sequence[Any] = (),
+                         reference_said: bool = False) -> None:
     """Models whose weights files are byte for byte the base's (a zero task vector, which adds nothing and in a mean
     dilutes the others) or another model's (that task vector counts twice): usually the wrong folder was given, so
     say so; the merge itself is well defined. State dicts have no files and are not compared."""
@@ -196,7 +207,8 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                                                       "meant?)"), MergeWarning, stacklevel=3)
         seen.setdefault(key, k)
     reference = tuple(sorted(d["sha256"] for d in hashed.get("reference") or []))
-    if reference and reference == base:  # sign_from a copy of the base (its own folder is refused up front)
+    # sign_from a copy of the base (its own folder is refused up front); reference_said: the merge said it already
+    if reference and reference == base and not reference_said:
         warnings.warn("the reference model (sign_from) holds the same weights files as the base, byte for byte: its "
                       "task vector is 0, so it elects no sign and the merge is the base itself (was a fine-tuned "
                       "model meant, e.g. a multitask one?)", MergeWarning, stacklevel=3)
@@ -303,9 +315,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                            progress=bar.update if bar else None, output_format=output_format, stats=stats,
                            allow_distant=allow_distant)
         executor = prepared.executor
-        if rank is not None and any(getattr(c, "adapter_kind", None) == "ia3" for c in prepared.models):
-            raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the inputs are (IA)³ adapters "
-                              "(scaling vectors, which have no rank)", hint="leave --rank out")  # hp29 F3
+        adapter_merge.check_rank(prepared.models, rank)
         if budget_floor:  # from the plan just made: planning again first would sample the distances twice
             check_budget(executor.plan)
         # checked now, before the first heavy read: the files copied beside the weights at the end, and
@@ -376,7 +386,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             check_stats_digests(prepared.stats, hashed["models"], [c.label for c in prepared.models])
             _warn_copies_of_base(hashed, [c.label for c in prepared.models], weighted=hasattr(m, "weights"),
                                  interpolates=bool(m.requirements().model_values), method=m.name,
-                                 distances=prepared.distances)
+                                 distances=prepared.distances, reference_said=run_stats.reference_zero)
             run_stats.seconds["hash_wait"] = time.perf_counter() - clock
             run_stats.seconds["prepare"] = prepared_at - started
             recipe = MergeRecipe(method=m, base=prepared.base.label, models=tuple(c.label for c in prepared.models),

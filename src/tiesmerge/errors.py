@@ -15,6 +15,7 @@ __all__ = [
     "OutputError",
     "EvaluatorError",
     "InternalError",
+    "OutOfMemoryError",
     "TrainingError",
     "MergeWarning",
 ]
@@ -81,6 +82,31 @@ class EvaluatorError(TiesMergeError):
 
 class InternalError(TiesMergeError):
     """An error tiesmerge did not foresee, wrapped by the CLI so that it prints a message, not a traceback."""
+
+
+class OutOfMemoryError(TiesMergeError):
+    """The process ran out of memory (an allocation, or a mapping of a file, the address-space limit refused).
+
+    Not a bug and not a damaged input (hp40b C60: torch's allocator failure was reported as "a bug in
+    tiesmerge", a refused mmap as "the file changed or was truncated"): the hint says what needs less memory.
+    """
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that memory ran out: MemoryError, an OSError with ENOMEM (mmap under
+    ``ulimit -v``), or torch's allocator failure, which is a RuntimeError ("DefaultCPUAllocator: can't
+    allocate memory", "CUDA out of memory")."""
+    import errno
+
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOMEM
+    if isinstance(exc, RuntimeError):
+        text = str(exc)[:2000]
+        return ("can't allocate memory" in text or "DefaultCPUAllocator" in text
+                or "out of memory" in text.lower())
+    return False
 
 
 class TrainingError(TiesMergeError):

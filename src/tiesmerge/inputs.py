@@ -258,7 +258,8 @@ def _check_reference(reference: Checkpoint, alignment: Alignment) -> None:
         missing = [n for n in merged if n not in names]
         if missing:
             warnings.warn(MergeWarning(
-                f"the reference {reference.label} (an adapter) changes {len(merged) - len(missing)} of the "
+                # the label already says "(reference)" (hp40b C51: "the reference X (reference) (an adapter)")
+                f"{reference.label}, an adapter, changes {len(merged) - len(missing)} of the "
                 f"{len(merged)} merged tensors; on the other {len(missing)} (e.g. {missing[0]!r}) its sign is 0 "
                 "everywhere, so no model's entry agrees with it and the merge keeps the base's values there"),
                 stacklevel=3)

@@ -645,6 +645,7 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
         raise OutputError(f"{output}: the output would replace {final}, which holds the working, home or root "
                           "folder; tiesmerge never replaces it", hint="name a new directory, e.g. -o ./merged")
     _check_path_length(output, final)
+    _check_scratch_not_output(output, final)
     if os.path.islink(where) and os.path.exists(where):  # --force given: the link itself is replaced, never what is
         return  # in its target, which is not this output's to check (as the hint without --force said); a loop: below
     try:
@@ -1013,6 +1014,22 @@ def _check_scratch_outside(named: Sequence[tuple[str, Any]]) -> None:
                 raise ConfigError(f"the temporary folder {scratch} (TMPDIR) lies inside {who} ({source}): tiesmerge "
                                   "and the libraries it runs (torch, numba, matplotlib) make folders there, which "
                                   "would change an input", hint="point TMPDIR at a folder outside the command's inputs")
+
+
+def _check_scratch_not_output(output: str | os.PathLike, final: Path) -> None:
+    """The temporary folder ($TMPDIR) must not be the output or lie inside it: tiesmerge's own private torch folder
+    and the libraries' folders are made there, and the output is replaced whole. Said as the cause, before the
+    output's contents are looked at (hp40b C17: that private folder was blamed as a file of the user's)."""
+    from .scratch import scratch_dir
+
+    scratch = Path(os.path.realpath(scratch_dir()))  # gettempdir() would write a probe file there first (hp40b C16)
+    if scratch == final or final in scratch.parents:
+        raise OutputError(f"{output}: the temporary folder {scratch} (TMPDIR) "
+                          + ("is the output" if scratch == final else "lies inside the output")
+                          + ": tiesmerge and the libraries it runs (torch, numba, matplotlib) make folders there "
+                            "while the command runs, and the output is written and replaced whole",
+                          hint="point TMPDIR at a folder outside the output (or unset it), or choose another output "
+                               "path")
 
 
 def input_roots(source: Any) -> list[Path]:

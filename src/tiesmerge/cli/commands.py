@@ -262,9 +262,18 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         listed = data.get("models")
         if isinstance(listed, list) and listed:
             per_model = sorted({k for m in listed if isinstance(m, dict) for k in m if k not in ("path", "model")})
+            # each key's own flag (hp40b C54: the stats' hint named --weights)
+            as_flags = [flag for key, flag in (("weight", "--weights"), ("stats", "--stats")) if key in per_model]
+            kept = _per_model_kept(data, args)
             print(f"warning: --model replaces the recipe's {len(listed)} model(s)"
-                  + (f" and their per-model {', '.join(terminal_safe(str(k)) for k in per_model[:6])} (give them "
-                     "as flags, e.g. --weights, or edit the recipe)" if per_model else ""), file=sys.stderr)
+                  + (f" and their per-model {', '.join(terminal_safe(str(k)) for k in per_model[:6])} ("
+                     + (f"give them with {' and '.join(as_flags)}, or edit the recipe)" if as_flags else
+                        "set them in the recipe)") if per_model else "")
+                  # what stays is said too (hp40b C54: parameters.densities stayed, then "2 densities given for 1")
+                  + (f"; the recipe's {', '.join(kept)} stay{'s' if len(kept) == 1 else ''}: one value per model, "
+                     f"in order, so give {len(args.models)} (with a flag such as "
+                     f"--{kept[0].removeprefix('parameters.').replace('_', '-')}, or in the recipe)" if kept else ""),
+                  file=sys.stderr)
         data["models"] = args.models
     flags = []  # the flags that replace a recipe's values: named in its errors (hp40b C53)
     if args.models and args.recipe:
@@ -311,6 +320,24 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def _per_model_kept(data: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The recipe's per-model values that --model leaves in place (a method's one-per-model lists, such as
+    parameters.densities, and a top-level stats list), unless a flag or --method replaces them (hp40b C54)."""
+    kept = []
+    method = data.get("method") or "ties"
+    params = data.get("parameters")
+    if isinstance(params, dict) and params and not (args.method and args.method != method):
+        try:
+            fields = {f.name for f in dataclasses.fields(method_class(method)) if f.metadata.get("per_model")}
+        except (TiesMergeError, TypeError, KeyError):  # an unknown method: the recipe's own check names it
+            fields = set()
+        kept += [f"parameters.{k}" for k in params if k in fields and isinstance(params[k], (list, tuple))
+                 and getattr(args, f"opt_{k}", None) is None]
+    if isinstance(data.get("stats"), list) and not args.stats:
+        kept.append("stats")
+    return kept
+
+
 def _drop_per_model(data: dict[str, Any], key: str, flag: str) -> None:
     """A recipe's per-model ``key`` (weight, stats) left out, since ``flag`` on the command line replaces it: said."""
     listed = data.get("models")
@@ -351,7 +378,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                            ("the reference model", reference),
                            *((f"the statistics of model {k}", s) for k, s in enumerate(recipe.stats or ()))])
         plan = plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
-                          stats=recipe.stats, **common)
+                          stats=recipe.stats, rank=recipe.rank, **common)
         check_budget(plan)
         print(describe_plan(plan, recipe.method, len(recipe.models)))
         if args.output:

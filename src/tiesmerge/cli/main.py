@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import stops
-from ..errors import ConfigError, InternalError, MergeWarning, TiesMergeError
+from ..errors import ConfigError, InternalError, MergeWarning, OutOfMemoryError, TiesMergeError, is_out_of_memory
 from ..io import leases
 from ..io.align import VOCAB_POLICIES
 from ..methods.base import ModelPath, option_types
@@ -452,6 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         return _stopped(exc, args.debug)
     except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
+        if is_out_of_memory(exc):  # ENOMEM: a mapping or allocation the address-space limit refused (hp40b C60)
+            return _out_of_memory(exc, args.command, args.debug)
         if exc.filename is None and _is_stdout_error(exc):
             done = (f"; the output {shown(COMPLETED[-1])} was written completely before, only the summary was lost"
                     if COMPLETED else "")
@@ -474,13 +476,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError as exc:  # a library sized something by an input (a huge table) past the memory it may use
         if _stopping:
             return _stopped(None, args.debug)
-        return _report(InternalError(f"ran out of memory{f' ({str(exc)[:200]})' if str(exc) else ''}",
-                                     hint="nothing was written at the output; an input likely asks for more memory "
-                                          "than this machine (or its ulimit -v) allows: check the inputs' configs, "
-                                          "or run with more memory; --debug shows where"), args.debug)
+        return _out_of_memory(exc, args.command, args.debug)
     except Exception as exc:  # a bug of ours (RecursionError included): a message, never a traceback
         if _stopping:  # raised by code the stop signal interrupted (a lock left half-released): it is the stop
             return _stopped(None, args.debug)
+        if is_out_of_memory(exc):  # torch's allocator fails with a RuntimeError, not MemoryError (hp40b C60)
+            return _out_of_memory(exc, args.command, args.debug)
         return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "
                                           "and report it"), args.debug)
@@ -698,6 +699,29 @@ def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
         return 128 + stopped.signum  # the shell's convention for a process ended by that signal
     print(f"error: interrupted; {left_on_stop}", file=sys.stderr)
     return 130
+
+
+MEMORY_BUDGET_COMMANDS = ("merge", "analyze", "tune", "search", "adapt")  # those with a --memory-budget
+
+
+def _out_of_memory(exc: BaseException, command: str, debug: bool) -> int:
+    """Memory ran out (MemoryError, torch's allocator's RuntimeError, ENOMEM from mmap): said as such, with
+    what needs less memory, not as "a bug in tiesmerge" or a truncated file (hp40b C60)."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    text = text.strip().splitlines()[0][:200] if text.strip() else ""
+    where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+    if command == "demo":
+        helps = "give a smaller --params (the synthetic models' size, millions of parameters)"
+    elif command in MEMORY_BUDGET_COMMANDS:
+        helps = "give a smaller --memory-budget (e.g. 512MiB)"
+    else:
+        helps = "use smaller inputs"
+    done = "" if command == "demo" else "nothing was written at the output; "
+    inputs = "" if command == "demo" else "; an input may also ask for more than it should (check the inputs' configs)"
+    return _report(OutOfMemoryError(
+        f"{where}ran out of memory{f' ({text})' if text else ''}",
+        hint=f"{done}{helps}, or run with more memory: raise the process's limit (ulimit -v) or free memory "
+             f"on this machine{inputs}; --debug shows where"), debug)
 
 
 def _report(exc: TiesMergeError, debug: bool, command: str | None = None) -> int:

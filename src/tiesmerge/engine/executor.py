@@ -129,6 +129,7 @@ class RunStats:
     sample_bytes: int = 0  # bytes read to bracket global thresholds
     fused_chunks: int = 0  # chunks merged by a fused kernel
     torch_chunks: int = 0  # chunks merged by the torch path
+    reference_zero: bool = False  # said that the reference's task vector is 0, so the merge is the base (hp40b C51)
 
 
 def _differ(a: np.ndarray, b: np.ndarray, block: int = 1 << 20) -> bool:
@@ -262,6 +263,7 @@ class Executor:
                     f"{method.name}: {said} scales {whose} {scale:g} times, far past every model (the paper searches "
                     "lam 0.8 to 3.0, task arithmetic's default is 0.4); check the value"), stacklevel=2)
         self._changed = self._moved_inputs = False  # a merged delta not all zero / a task vector not all zero seen
+        self._reference_moved = False  # a reference (sign_from) task vector not all zero seen (hp40b C51)
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)
         if side is not None:
             self.plan = side.adjust_plan(self.plan)
@@ -405,9 +407,18 @@ class Executor:
         # (a method run only for what it collects, as adapt's task-vector pass, returns zero deltas by design)
         if self._moved_inputs and not self._changed and not self._said_base \
                 and not getattr(self.method, "collects_only", False):
-            warnings.warn(MergeWarning(
-                f"{self.method.name}: the merge changed no entry of any tensor although the models differ from the "
-                "base (with these options the method keeps nothing), so the output is the base itself"), stacklevel=3)
+            if self.inputs.reference is not None and not self._reference_moved:
+                # the cause, not the options (hp40b C51: a copy of the base as sign_from was "the options keep nothing")
+                warnings.warn(MergeWarning(
+                    f"{self.method.name}: the reference model (sign_from) equals the base on every merged tensor: its "
+                    "task vector is 0, so it elects no sign and the merge is the base itself (was a fine-tuned model "
+                    "meant, e.g. a multitask one?)"), stacklevel=3)
+                self.stats.reference_zero = True
+            else:
+                warnings.warn(MergeWarning(
+                    f"{self.method.name}: the merge changed no entry of any tensor although the models differ from "
+                    "the base (with these options the method keeps nothing), so the output is the base itself"),
+                    stacklevel=3)
         self.stats.seconds["merge"] = time.perf_counter() - clock
         self.stats.bytes_read = self.reader.bytes_read
         self.stats.sample_bytes = self.reader.sample_bytes
@@ -436,6 +447,8 @@ class Executor:
                 # whether this merge changes anything: watched until the first nonzero delta (one reduction a chunk
                 # until then, usually the first chunk only); tau is looked at first, as merge may change it in place
                 moved = not self._changed and bool(rows.tau.any())
+                if not self._changed and rows.reference is not None and not self._reference_moved:  # before merge
+                    self._reference_moved = bool(rows.reference.any())
                 aten.hold_torch_threads()  # torch at the caller's count, wherever a numba kernel moved it
                 delta = self.method.merge(rows.tau, self._context(chunk, rows, chunk_scope))  # (*S) float32
                 if not self._changed and not self.req.model_values:

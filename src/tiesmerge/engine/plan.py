@@ -96,6 +96,7 @@ class Plan:
     side_bytes: int = 0  # statistics read beside the models by data-aware methods (Fisher, RegMean)
     pass_names: tuple[str, ...] = ("merge",)  # what each whole-stream pass does, in order
     adapter_output: bool = False  # a merged adapter is written: nothing copied, its size known once factored
+    adapter_layout: str = ""  # what that adapter holds (rank-8 LoRA factors of 6 modules...), sized in output_bytes
 
     @property
     def bytes_to_read(self) -> int:

@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..dtypes import BY_CODE
-from ..errors import CheckpointError
+from ..errors import CheckpointError, OutOfMemoryError, is_out_of_memory
 from ..paths import open_regular
 from . import leases
 from .protocol import TensorInfo
@@ -179,6 +179,8 @@ class SafetensorsCheckpoint:
                     raise OSError(f"unexpected end of file after {done} of {nbytes} bytes")
                 done += got
         except OSError as exc:
+            if is_out_of_memory(exc):  # the kernel had no memory for the read: not the file's fault (hp40b C60)
+                raise _no_memory(self.location(name), "read", name, exc) from None
             raise CheckpointError(f"{self.location(name)}: cannot read tensor {name!r} ({exc})",
                                   hint="the file changed or was truncated while tiesmerge read it") from None
 
@@ -216,6 +218,8 @@ class SafetensorsCheckpoint:
             mapping = mmap.mmap(self._fds[self._where[name]], offset + nbytes - start, flags=mmap.MAP_PRIVATE,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         except (OSError, ValueError) as exc:
+            if is_out_of_memory(exc):  # ENOMEM: the address-space limit (ulimit -v) refused the mapping (hp40b C60)
+                raise _no_memory(self.location(name), "map", name, exc) from None
             raise CheckpointError(f"{self.location(name)}: cannot map tensor {name!r} ({exc})",
                                   hint="the file changed or was truncated while tiesmerge read it") from None
         global _POPULATE
@@ -264,3 +268,12 @@ def _metadata_hint(fd: int) -> str | None:
     what = f"non-string value(s) ({', '.join(map(repr, odd[:3]))})" if odd else "something other than a JSON object"
     return (f"the file looks complete, but its __metadata__ holds {what}, which safetensors does not allow; re-save "
             "it with metadata={name: str(value)} (or no metadata)")
+
+
+def _no_memory(where: str, verb: str, name: str, exc: OSError) -> OutOfMemoryError:
+    """ENOMEM while reading a tensor: memory (or the address space ``ulimit -v`` allows) ran out; the file
+    is fine, so the hint says what needs less memory, not that the file changed (hp40b C60)."""
+    return OutOfMemoryError(f"{where}: ran out of memory to {verb} tensor {name!r} ({exc.strerror or exc})",
+                            hint="give a smaller --memory-budget (memory_budget= in Python; e.g. 512MiB), "
+                                 "or run with more memory: raise the process's limit (ulimit -v) or free memory "
+                                 "on this machine")
