@@ -194,7 +194,8 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
         raise ConfigError(wrong)
     points: list[GridPoint] = []
     best: GridPoint | None = None
-    best_method: MergeMethod | None = None
+    best_delta: dict[str, torch.Tensor] = {}  # the best merge's float32 delta, never handed to the evaluator
+    best_whole: dict[str, torch.Tensor] = {}
     base_sd = _as_state(base)
     dtypes = {k: v.dtype for k, v in base_sd.items()}
     base32 = {k: v.float() if v.is_floating_point() else v for k, v in base_sd.items()}
@@ -218,22 +219,16 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
                 on_point(point)
             # a NaN never wins: a NaN first point stayed "best", as no later score compares greater (hp37b A18)
             if math.isfinite(point.score) and (best is None or point.score > best.score):
-                best, best_method = point, m
+                best, best_delta, best_whole = point, delta, (whole if lam is None else {})
     if best is None:
         raise EvaluatorError(f"no grid point got a finite score ({len(points)} scored: "
                              f"{', '.join(sorted({str(p.score) for p in points}))})",
                              hint="check the evaluator on one merge first: it must return a finite validation "
                                   "score, higher is better")
-    # the best merged again, not the state the evaluator was handed: an evaluator that changes its argument in place
-    # (quantises, fine-tunes) left best_state zeroed (hp40 T1); nor is a model-sized dict held through the grid
-    merged = merge(base, models, best_method, device=device, memory_budget=memory_budget, dtype=torch.float32,
-                   vocab_policy=vocab_policy, allow_distant=allow_distant)
-    if best.lam is None:
-        best_state = {k: merged[k].to(dtypes[k]) if k in dtypes else merged[k] for k in merged}
-    else:
-        delta = {k: merged[k].float() - base32[k] for k in merged if merged[k].is_floating_point()}
-        best_state = _scaled(base32, delta, best.lam, dtypes)
-    del merged
+    # scaled again from the best merge's delta, not the state the evaluator was handed: an evaluator that changes its
+    # argument in place (quantises, fine-tunes) left best_state zeroed (hp40 T1). (A method without lam: its merge is
+    # what was scored, as it is.)
+    best_state = best_whole if best.lam is None else _scaled(base32, best_delta, best.lam, dtypes)
     return TuningResult(name, best, tuple(points), len(combos), time.perf_counter() - started, best_state)
 
 
