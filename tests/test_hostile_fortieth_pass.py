@@ -555,3 +555,28 @@ def test_tunes_best_state_is_a_fresh_merge_whatever_the_evaluator_does_to_its_ar
     result = tiesmerge.tune(base, models, "ties", score, grid={"density": (0.5,), "lam": (1.0,)})
     expected = tiesmerge.merge(base, models, Ties(density=0.5, lam=1.0))
     assert all(torch.allclose(result.best_state[k].float(), expected[k].float(), atol=1e-6) for k in expected)
+
+
+def test_tiny_scores_keep_their_order_on_screen():
+    """hp40 E5: scores below 5e-5 (a small negative loss) all printed as 0.0000, so their order was invisible."""
+    from tiesmerge.tuning.evaluator import format_score
+
+    assert format_score(-1.5e-5) == "-1.5e-05" and format_score(2.25e-5) == "2.25e-05"
+    assert format_score(0.0) == "0.0000" and format_score(0.64125) == "0.6412"
+
+
+def test_adapts_manifest_records_the_steps_taken(tmp_path):
+    """hp40 A9: a run resumed from a checkpoint past --steps ends at the checkpoint's step, and the manifest recorded
+    only the --steps asked."""
+    import json
+
+    from test_adapt import _data, _family, _forward
+
+    base, fts = _family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *fts))]
+    kwargs = dict(forward=_forward(), checkpoint=tmp_path / "ck.safetensors", granularity="task")
+    tiesmerge.adapt(dirs[0], dirs[1:], _data(), steps=2, **kwargs)
+    with pytest.warns(Warning):
+        tiesmerge.adapt(dirs[0], dirs[1:], _data(), steps=1, resume=True, output=tmp_path / "out", **kwargs)
+    record = json.loads((tmp_path / "out" / "tiesmerge.json").read_text())["adamerging"]
+    assert record["config"]["steps"] == 1 and record["steps_taken"] == 2

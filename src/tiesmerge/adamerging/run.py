@@ -416,6 +416,8 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
                                      "max_length_asked": max_length, "heads": heads, "choices": choices,
                                      "examples_cut": examples_cut}} if examples_cut is not None else {}),
             "config": {**dataclasses.asdict(config), "optimizer": "adam"}, "n_coefficients": int(coefficients.numel()),
+            # a resume past --steps ends at the checkpoint's step: config.steps is what was asked (hp40 A9)
+            "steps_taken": len(history.entropy),
             "entropy": {"first": _mean_row(history, 0), "last": _mean_row(history, -1)},
             "coefficients_summary": summarise(coefficients, task_names, layers, granularity),
             "files": files, "checkpoint": str(checkpoint) if checkpoint is not None else None,

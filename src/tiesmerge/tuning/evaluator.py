@@ -119,7 +119,9 @@ MAX_SCORE = 1e300
 
 def format_score(score: float) -> str:
     """A score as the tables and progress lines print it: 4 decimals for accuracies and losses, 4 significant
-    digits past a million (a perplexity of 3e12 in full is 13 digits, a score of 1e300 would be 301)."""
+    digits below 0.001 and past a million (a perplexity of 3e12 in full is 13 digits, a score of 1e300 would be 301)."""
+    if score != 0 and abs(score) < 1e-3:  # a loss of 1e-5: 4 decimals printed every candidate as 0.0000 (hp40 E5)
+        return f"{score:.4g}"
     return f"{score:.4f}" if abs(score) < 1e6 else f"{score:.4g}"
 
 
