@@ -580,3 +580,21 @@ def test_adapts_manifest_records_the_steps_taken(tmp_path):
         tiesmerge.adapt(dirs[0], dirs[1:], _data(), steps=1, resume=True, output=tmp_path / "out", **kwargs)
     record = json.loads((tmp_path / "out" / "tiesmerge.json").read_text())["adamerging"]
     assert record["config"]["steps"] == 1 and record["steps_taken"] == 2
+
+
+def test_a_local_ray_cluster_that_cannot_start_is_a_typed_error(monkeypatch, tmp_path):
+    """hp40 R1: under ulimit -v, Ray's "The current node timed out during startup" was reported as "unexpected
+    Exception ... a bug in tiesmerge"."""
+    ray = pytest.importorskip("ray")
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import executors
+
+    def refuse(*args, **kwargs):
+        raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with pytest.raises(ConfigError, match="the local Ray cluster could not start \\(The current node timed out"):
+        executors.RayExecutor(workers=1)

@@ -255,7 +255,22 @@ class RayExecutor:
                         # the local cluster's session folder (logs, sockets, ports): private, removed at exit, never
                         # left in $TMPDIR/ray (README, Safety)
                         kwargs["_temp_dir"] = _ray_folder()
-                    ray.init(num_cpus=workers * cpus_per_task, include_dashboard=False, **kwargs)
+                    try:
+                        ray.init(num_cpus=workers * cpus_per_task, include_dashboard=False, **kwargs)
+                    except (KeyboardInterrupt, SystemExit, TiesMergeError):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - Ray's own start-up failures, whatever their type
+                        # hp40 R1: "The current node timed out during startup" under ulimit -v was "a bug in
+                        # tiesmerge"; Ray's processes need memory and /dev/shm of their own
+                        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:240]
+                        try:
+                            ray.shutdown()  # what it started of the cluster goes
+                        except Exception:  # noqa: BLE001, S110 - nothing started: nothing to stop
+                            pass
+                        raise ConfigError(f"--ray: the local Ray cluster could not start ({first})",
+                                          hint="a memory limit (ulimit -v) or a small /dev/shm stops Ray's processes: "
+                                               "raise it, or search without --ray (the same candidates, scored in "
+                                               "this process)") from None
             self._owned = True
             try:
                 for signum in held:  # now handled as the command handles them: its stop, then ray.shutdown
