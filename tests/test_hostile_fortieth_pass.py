@@ -598,3 +598,16 @@ def test_a_local_ray_cluster_that_cannot_start_is_a_typed_error(monkeypatch, tmp
     monkeypatch.setattr(ray, "shutdown", lambda: None)
     with pytest.raises(ConfigError, match="the local Ray cluster could not start \\(The current node timed out"):
         executors.RayExecutor(workers=1)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear"])
+def test_normalize_weights_with_weights_summing_to_0_is_said(method):
+    """hp40b C77: normalize_weights with weights summing to 0 divides by 1 (mergekit's rule) without a word, where
+    average and mergekit's linear refuse such weights."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import MergeWarning
+
+    base, models = make_family(2)
+    with pytest.warns(MergeWarning, match=r"normalize_weights with weights that sum to 0 \(1, -1\) divides by 1"):
+        tiesmerge.merge(base, models, method, weights=[1.0, -1.0], normalize_weights=True,
+                        **({"drop_rate": 0.0} if method == "dare_linear" else {}))

@@ -17,7 +17,7 @@ from .base import (
     seed_value,
     steps,
 )
-from .task_arithmetic import weighted_sum
+from .task_arithmetic import warn_unnormalised, weighted_sum
 from .ties import AGGREGATES, ELECT_RULES
 
 _DARE_PAPER = "https://arxiv.org/abs/2311.03099"
@@ -78,6 +78,7 @@ class DareLinear:
         return {"seed": "drop_rate 0 drops nothing, so no random number is drawn"} if self.drop_rate == 0 else {}
 
     def requirements(self) -> Requirements:
+        warn_unnormalised(self.name, self.weights, self.normalize_weights)
         return Requirements(weights=self.weights)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:

@@ -53,10 +53,25 @@ class TaskArithmetic:
                                             "normalize: the division after the sum, in float32, as mergekit does)")
 
     def requirements(self) -> Requirements:
+        warn_unnormalised(self.name, self.weights, self.normalize_weights)
         return Requirements(weights=self.weights, kernel=sum_kernel(self.weights, self.lam, self.normalize_weights))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return weighted_sum(tau, ctx, lam=self.lam, normalize=self.normalize_weights)
+
+
+def warn_unnormalised(method: str, weights: tuple[float, ...] | None, normalize: bool) -> None:
+    """normalize_weights with weights summing to (nearly) 0 divides by 1, as mergekit does: the sum is then not
+    normalised at all, and that is said (hp40b C77: silent, where average and mergekit's linear refuse such weights)."""
+    if not normalize or not weights or abs(ops.float32_sum(weights)) >= 1e-8:
+        return
+    import warnings
+
+    from ..errors import MergeWarning
+
+    shown = ", ".join(f"{w:g}" for w in weights)
+    warnings.warn(MergeWarning(f"{method}: normalize_weights with weights that sum to 0 ({shown}) divides by 1, as "
+                               "mergekit does: the weighted sum is not normalised"), stacklevel=4)
 
     def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         """(n, *S) -> (n, *S): w_t tau_t (AdaMerging's vectors; ``lam`` is what it learns)."""
