@@ -611,3 +611,22 @@ def test_normalize_weights_with_weights_summing_to_0_is_said(method):
     with pytest.warns(MergeWarning, match=r"normalize_weights with weights that sum to 0 \(1, -1\) divides by 1"):
         tiesmerge.merge(base, models, method, weights=[1.0, -1.0], normalize_weights=True,
                         **({"drop_rate": 0.0} if method == "dare_linear" else {}))
+
+
+def test_the_digest_cache_is_not_written_into_searchs_dir(tmp_path, capsys, monkeypatch):
+    """hp40 D16: TIESMERGE_CACHE_DIR pointed at search's --dir wrote digests.json beside the log: --dir is one of
+    the command's outputs, which the cache never goes into."""
+    from helpers_ckpt import make_family, run_cli
+
+    base, models = make_family(2)
+    for name, state in zip(("base", "a", "b"), (base, *models)):
+        write_hf_dir(tmp_path / name, state)
+    (tmp_path / "evz.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(tmp_path / "s2"))
+    rc, _, err = run_cli(["search", "--base", "base", "--model", "a", "--model", "b", "--evaluator", "evz:score",
+                          "--grid", "density=0.2", "--grid", "lam=1.0", "--dir", "s2", "-o", "best2"], capsys)
+    assert rc == 0, err
+    assert not (tmp_path / "s2" / "digests.json").exists()
+    assert "digests.json" not in {p.name for p in (tmp_path / "s2").iterdir()}

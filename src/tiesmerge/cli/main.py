@@ -24,6 +24,7 @@ from .. import stops
 from ..errors import ConfigError, InternalError, MergeWarning, OutOfMemoryError, TiesMergeError, is_out_of_memory
 from ..io import leases
 from ..io.align import VOCAB_POLICIES
+from ..io.card import digest_cache_kept_out_of
 from ..methods.base import ModelPath, option_types
 from ..recipe import DTYPES
 from ..registry import METHODS
@@ -317,6 +318,20 @@ def _resolve_repo_ids(args: argparse.Namespace) -> None:
         args.models = [resolve_source(m) if isinstance(m, str) else m for m in args.models]
 
 
+def _command_paths(args: argparse.Namespace) -> list[str]:
+    """The folders a command reads or writes that its command line names (outputs, --dir, the models, statistics):
+    the digest cache is never written into one of them (hp40 D16: a TIESMERGE_CACHE_DIR pointed at search's --dir
+    wrote digests.json beside its log). Files' folders are not among them: a data file in $HOME would keep the cache
+    (~/.cache/tiesmerge) from ever being written."""
+    paths: list[str] = []
+    for name in ("output", "dir", "base", "model", "models", "stats"):
+        value = getattr(args, name, None)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, (str, os.PathLike)) and os.fspath(item):
+                paths.append(os.fspath(item))
+    return paths
+
+
 def _private_torch_cache() -> None:
     """torch creates ``$TMPDIR/torchinductor_<user>`` when torch._dynamo is first imported (the
     Fisher statistics' and adapt's autograd reach it), though tiesmerge compiles nothing. Unless the
@@ -442,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
         _resolve_repo_ids(args)
         _warn_literal_tilde(args)
-        with _library_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext():
+        with _library_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext(), \
+                digest_cache_kept_out_of(_command_paths(args)):
             return HANDLERS[args.command](args)
     except TiesMergeError as exc:
         _recipe_paths_hint(exc, getattr(args, "recipe", None))
