@@ -630,3 +630,18 @@ def test_the_digest_cache_is_not_written_into_searchs_dir(tmp_path, capsys, monk
     assert rc == 0, err
     assert not (tmp_path / "s2" / "digests.json").exists()
     assert "digests.json" not in {p.name for p in (tmp_path / "s2").iterdir()}
+
+
+def test_adapt_says_when_nothing_can_move_the_coefficients(tmp_path):
+    """hp40 X2: models whose logits are huge gave entropy 0 on every input and zero gradients from the first step:
+    adapt ended with every coefficient at --init and said nothing."""
+    import torch
+
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.errors import MergeWarning
+
+    base, fts = _family(2)
+    fts = [{k: v * 1e30 for k, v in ft.items()} for ft in fts]
+    with pytest.warns(MergeWarning, match="gradient is 0 at the first step.*saturated"):
+        result = tiesmerge.adapt(base, fts, _data(), forward=_forward(), steps=2, granularity="task")
+    assert torch.all(result.coefficients == 0.3)

@@ -167,6 +167,17 @@ def check_forward_names(forward: TaskForward, names: Sequence[str]) -> frozenset
     return unused | frozenset(missing)
 
 
+def _warn_stuck(row: list[float], config: AdaptConfig) -> None:
+    """Every coefficient's gradient is exactly 0 at the first step: nothing will move them (hp40 X2: models whose
+    logits were huge gave entropy 0 on every input, and the run ended at --init without a word)."""
+    saturated = config.objective == "entropy" and max(row) < 1e-6
+    warnings.warn(MergeWarning(
+        "every coefficient's gradient is 0 at the first step, so the coefficients stay at --init "
+        f"{config.init:g}" + (": the merged model's predictions are saturated (entropy 0 on every task: one class "
+                              "takes all the probability)" if saturated else "") +
+        "; check the models' logits (huge weights) or start from another --init"), stacklevel=4)
+
+
 def batch_rows(rows: Sequence[Any], step: int, batch_size: int, seed: int, task_index: int) -> list[Any]:
     """The rows of ``step``'s batch of one task: positions step*B .. step*B+B-1 of the endless
     sequence of per-pass permutations (pass p shuffled by a generator seeded from (seed, task, p))."""
@@ -537,6 +548,8 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
             used = [n for n in leaves if leaves[n].grad is not None]  # not merger.names: those the forward
             # never reads (a BertModel's pooler under the encoder forward, merger.unused) are no leaves (hp34 D47)
             torch.autograd.backward([params[n] for n in used], [leaves[n].grad for n in used])
+            if step == start and lam.grad is not None and not bool(lam.grad.any()):
+                _warn_stuck(row, config)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if config.clamp is not None:

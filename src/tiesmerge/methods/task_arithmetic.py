@@ -59,6 +59,10 @@ class TaskArithmetic:
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
         return weighted_sum(tau, ctx, lam=self.lam, normalize=self.normalize_weights)
 
+    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
+        """(n, *S) -> (n, *S): w_t tau_t (AdaMerging's vectors; ``lam`` is what it learns)."""
+        return tau if ctx.weights is None else tau * ops.broadcast_per_model(ctx.weights, tau)
+
 
 def warn_unnormalised(method: str, weights: tuple[float, ...] | None, normalize: bool) -> None:
     """normalize_weights with weights summing to (nearly) 0 divides by 1, as mergekit does: the sum is then not
@@ -72,7 +76,3 @@ def warn_unnormalised(method: str, weights: tuple[float, ...] | None, normalize:
     shown = ", ".join(f"{w:g}" for w in weights)
     warnings.warn(MergeWarning(f"{method}: normalize_weights with weights that sum to 0 ({shown}) divides by 1, as "
                                "mergekit does: the weighted sum is not normalised"), stacklevel=4)
-
-    def task_vectors(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
-        """(n, *S) -> (n, *S): w_t tau_t (AdaMerging's vectors; ``lam`` is what it learns)."""
-        return tau if ctx.weights is None else tau * ops.broadcast_per_model(ctx.weights, tau)
