@@ -645,3 +645,22 @@ def test_adapt_says_when_nothing_can_move_the_coefficients(tmp_path):
     with pytest.warns(MergeWarning, match="gradient is 0 at the first step.*saturated"):
         result = tiesmerge.adapt(base, fts, _data(), forward=_forward(), steps=2, granularity="task")
     assert torch.all(result.coefficients == 0.3)
+
+
+def test_another_commands_file_is_named_as_what_it_is(tmp_path):
+    """hp40 C2: tune --json at an adapt checkpoint or a search log, and adapt --checkpoint at tune's --json, were
+    refused as "a file tiesmerge did not write"; right to refuse, wrong reason."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"format": "tiesmerge-search/1", "seed": 0}\n')
+    scores = tmp_path / "t.json"
+    scores.write_text('{"best": {}, "method": "ties", "points": []}')
+    with pytest.raises(OutputError, match="a file tiesmerge wrote as a search's log, not as --json"):
+        check_output_file(log, True, [], "--json")
+    with pytest.raises(OutputError, match="a file tiesmerge wrote as tune's --json scores, not as the checkpoint"):
+        check_output_file(scores, True, [], "the checkpoint")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="a file tiesmerge did not write"):
+        check_output_file(tmp_path / "notes.txt", True, [], "--json")

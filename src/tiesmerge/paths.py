@@ -1053,6 +1053,23 @@ def nested(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return ra == rb or ra in rb.parents or rb in ra.parents
 
 
+def _own_file_kind(path: Path) -> str | None:
+    """What another tiesmerge command wrote at ``path``, from its first bytes: its refusal as --json or a checkpoint
+    named it "a file tiesmerge did not write" (hp40 C2)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if b'"tiesmerge-search/' in head.split(b"\n", 1)[0]:
+        return "a search's log"
+    if b"tiesmerge-adapt-checkpoint/" in head:
+        return "an adapt checkpoint"
+    if head.lstrip().startswith(b"{") and b'"points"' in head and b'"method"' in head:
+        return "tune's --json scores"
+    return None
+
+
 def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tuple[str, Any]], what: str,
                       ours: Callable[[Path], bool] | None = None) -> None:
     """A single output file (``tune --json``, ``adapt --checkpoint``), checked before any work: it is
@@ -1102,9 +1119,12 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
             folder = physical(path).parent
             # a file of an output directory (hostile pass 33, C53), of whichever command wrote it (hp35 E33)
             inside = next((m for m in OUTPUT_MARKERS if (folder / m).is_file()), None)
+            kind = _own_file_kind(path) if not inside else None
             raise OutputError(f"{path}: {what} would replace "
                               + (f"a file of the tiesmerge output {folder} ({OUTPUT_KINDS[inside]}), which only a run "
-                                 "writing that whole output replaces" if inside else "a file tiesmerge did not write"),
+                                 "writing that whole output replaces" if inside else
+                                 f"a file tiesmerge wrote as {kind}, not as {what}" if kind else
+                                 "a file tiesmerge did not write"),
                               hint="choose another path (--force replaces only a file tiesmerge wrote there as "
                                    f"{what})")
         if not force:
