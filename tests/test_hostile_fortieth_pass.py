@@ -664,3 +664,20 @@ def test_another_commands_file_is_named_as_what_it_is(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="a file tiesmerge did not write"):
         check_output_file(tmp_path / "notes.txt", True, [], "--json")
+
+
+def test_an_output_inside_the_model_folder_of_a_weights_file_input_is_refused(tmp_path):
+    """hp40b C64: `--base base/model.safetensors -o base/sub` wrote a folder into the model folder holding the input
+    file; `-o base` itself was refused."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import OutputError
+
+    base, models = make_family(2)
+    dirs = [write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (base, *models))]
+    with pytest.raises(OutputError, match="lies inside the base"):
+        tiesmerge.merge(dirs[0] / "model.safetensors", dirs[1:], "ties", output=dirs[0] / "sub")
+    assert not (dirs[0] / "sub").exists()
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "w.safetensors").write_bytes((dirs[1] / "model.safetensors").read_bytes())  # no config.json beside it
+    tiesmerge.merge(dirs[0], [loose / "w.safetensors", dirs[2]], "ties", output=loose / "merged")

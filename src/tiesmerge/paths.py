@@ -1034,14 +1034,20 @@ def _check_scratch_not_output(output: str | os.PathLike, final: Path) -> None:
 
 def input_roots(source: Any) -> list[Path]:
     """Where an input's files live, links resolved: the path itself and, for a snapshot of the Hugging
-    Face cache, its repository's blobs folder (the snapshot's files are links into it). Not a path
-    (a state dict), or unreadable (reported when it is opened): none."""
+    Face cache, its repository's blobs folder (the snapshot's files are links into it); for a weights file given
+    directly, the model folder holding it (one with a config.json). Not a path (a state dict), or unreadable
+    (reported when it is opened): none."""
     if not isinstance(source, (str, os.PathLike)):
         return []
     try:
         roots = _roots(source)
         if len(roots) > 1:  # a snapshot of the cache: its whole repository folder (refs, blobs, snapshots)
             roots.append(Path(os.path.realpath(physical(source).parent.parent)))
+        folder = Path(os.path.realpath(source)).parent
+        if os.path.isfile(source) and (folder / "config.json").is_file() and folder not in roots:
+            # a weights file given directly from a model's folder: that folder is the input's too (hp40b C64: -o
+            # base/sub wrote a folder into the model folder holding base/model.safetensors)
+            roots.append(folder)
         return roots
     except (OSError, RuntimeError, ValueError):
         return []
