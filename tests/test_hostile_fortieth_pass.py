@@ -681,3 +681,47 @@ def test_an_output_inside_the_model_folder_of_a_weights_file_input_is_refused(tm
     loose.mkdir()
     (loose / "w.safetensors").write_bytes((dirs[1] / "model.safetensors").read_bytes())  # no config.json beside it
     tiesmerge.merge(dirs[0], [loose / "w.safetensors", dirs[2]], "ties", output=loose / "merged")
+
+
+def test_ties_that_keep_far_more_than_the_density_are_said():
+    """hp40b C76: fine-tunes of base ± 0.01 (one magnitude everywhere): TIES at density 0.2 kept ~90% of each task
+    vector (every entry tying at the threshold is kept, the documented default) without a word."""
+    import torch
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.methods import Ties
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": 1.0 + torch.rand(64, 64, generator=g)}  # one exponent: (b ± 0.01) - b rounds to few values
+    models = [{"w": base["w"] + 0.01 * torch.sign(torch.randn(64, 64, generator=g))} for _ in range(2)]
+    with pytest.warns(MergeWarning, match=r"keeping every tie keeps far more than the density: model 0 .*\(asked "
+                                          r"20\.0%\).*--threshold-ties sort"):
+        tiesmerge.merge(base, models, Ties(density=0.2))
+    spread = [{"w": base["w"] + torch.randn(64, 64, generator=g)} for _ in range(2)]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        tiesmerge.merge(base, spread, Ties(density=0.2))  # no ties: nothing said
+
+
+def test_zeros_at_a_threshold_of_0_are_not_said_to_be_kept():
+    """The C76 warning's false alarm: a fine-tune that changed a few weights has a task vector of mostly exact zeros;
+    a threshold of 0 "keeps" them, which adds nothing to the merge."""
+    import warnings
+
+    import torch
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.methods import Ties
+
+    g = torch.Generator().manual_seed(1)
+    base = {"w": torch.randn(64, 64, generator=g)}
+    models = []
+    for _ in range(2):
+        w = base["w"].clone()
+        w.view(-1)[:200] += torch.randn(200, generator=g)  # 5% changed: density 0.2's threshold is 0
+        models.append({"w": w})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        tiesmerge.merge(base, models, Ties(density=0.2))

@@ -102,6 +102,9 @@ class WindowSelect:
             self.lo, self.hi = (np.asarray(b, dtype=np.uint32).copy() for b in bracket)
         self._found = self.keep <= 0  # nothing kept: the threshold is +inf, no pass needed
         self._bits = np.zeros(self.n, np.uint32)
+        # entries at or above the threshold, where the pass that found it counted them (its bin held one value: the
+        # ties), else the k asked: what keeping every tie keeps (hp40b C76)
+        self.kept = self.keep.copy()
         self.passes = 0
         self._window_changed()
 
@@ -220,6 +223,9 @@ class WindowSelect:
                 # one value in the bin, or the bin's largest/smallest is the one wanted: exact
                 self._bits[t] = largest if rank == 1 else smallest if rank == int(hist[t, chosen]) else largest
                 self._found[t] = True
+                if smallest == largest and largest > 0:  # every entry of the bin ties at the threshold (zeros
+                    # "kept" at a threshold of 0 add nothing: a partly fine-tuned model's unchanged weights)
+                    self.kept[t] = int(above[t]) + int(at_or_above[chosen])
             else:  # the next window: the chosen bin, shrunk to the values seen in it
                 self.lo[t], self.hi[t] = smallest, largest
         self._window_changed()
