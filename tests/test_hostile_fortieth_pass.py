@@ -725,3 +725,94 @@ def test_zeros_at_a_threshold_of_0_are_not_said_to_be_kept():
     with warnings.catch_warnings():
         warnings.simplefilter("error", MergeWarning)
         tiesmerge.merge(base, models, Ties(density=0.2))
+
+
+class _NoRepr:
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+def _score_with(state, extra=None, k=1.0):
+    return k
+
+
+@pytest.mark.parametrize("extra", [_NoRepr(), "bf16", "meta", "object"])
+def test_the_evaluators_build_digest_never_fails(extra):
+    """hp41 C4, C7, C68: a partial holding an argument whose repr raises, a bfloat16 or a meta tensor ended the search
+    as "unexpected ... a bug in tiesmerge"; an object array (pandas' .values) was digested by its type alone."""
+    import functools
+
+    import numpy as np
+    import torch
+
+    from tiesmerge.tuning.driver import _evaluator_state
+    from tiesmerge.tuning.evaluator import evaluator_name, guard
+
+    value = {"bf16": torch.ones(3, dtype=torch.bfloat16), "meta": torch.empty(3, device="meta"),
+             "object": np.array(["a", "b"], dtype=object)}.get(extra, extra) if isinstance(extra, str) else extra
+    first = _evaluator_state(guard(functools.partial(_score_with, extra=value)))
+    assert first is not None and evaluator_name(functools.partial(_score_with, extra=value)).startswith("partial of")
+    if extra == "bf16":
+        assert _evaluator_state(functools.partial(_score_with, extra=value * 2)) != first
+    if extra == "object":
+        assert _evaluator_state(functools.partial(_score_with, extra=np.array(["a", "c"], dtype=object))) != first
+
+
+def _make_signed_closure(sign):
+    def score(state):
+        return sign
+    return score
+
+
+def _timed(fn):
+    def wrapper(state):
+        return fn(state)
+    return wrapper
+
+
+def test_the_build_digest_follows_partials_and_decorators_into_closures():
+    """hp41 C6: a partial over a closure, or a decorator around one, digested only the outer layer: the inner
+    closure's sign changed unseen."""
+    import functools
+
+    from tiesmerge.tuning.driver import _evaluator_state
+
+    assert _evaluator_state(functools.partial(_make_signed_closure(1.0))) != \
+        _evaluator_state(functools.partial(_make_signed_closure(-1.0)))
+    assert _evaluator_state(_timed(_make_signed_closure(1.0))) != _evaluator_state(_timed(_make_signed_closure(-1.0)))
+
+
+def test_a_bound_methods_resume_is_said_as_an_objects_is(tmp_path):
+    """hp41 C5: a bound method E(sign).score resumed with another sign silently; as for a callable object, its
+    object's attributes cannot be compared, and that is said."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.2,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    run_search(base, models, "ties", _SignedScore(1.0).__call__, grid=grid, log=log)
+    with pytest.warns(MergeWarning, match="logged scores of a callable object \\(_SignedScore\\)"):
+        run_search(base, models, "ties", _SignedScore(-1.0).__call__, grid=grid, log=log)
+
+
+@pytest.mark.parametrize("value, ok", [("decimal", 0.5), ("fraction", 1 / 3), ("npstr", None), ("meta", None)])
+def test_scores_of_other_number_types(value, ok):
+    """hp41 C2, C55, C56: Decimal and Fraction are numbers (refused as "not a number"); numpy.str_ was read as a score
+    (every other string is refused); a meta tensor ended the search as "a bug in tiesmerge"."""
+    import decimal
+    import fractions
+
+    import numpy as np
+    import torch
+
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    score = {"decimal": decimal.Decimal("0.5"), "fraction": fractions.Fraction(1, 3), "npstr": np.str_("0.5"),
+             "meta": torch.empty((), device="meta")}[value]
+    if ok is None:
+        with pytest.raises(EvaluatorError, match="not a number"):
+            guard(lambda state: score)({})
+    else:
+        assert guard(lambda state: score)({}) == pytest.approx(ok)

@@ -25,8 +25,18 @@ __all__ = ["GuardedEvaluator", "guard", "evaluator_name"]
 
 def evaluator_name(evaluate: Any) -> str:
     """``module:function`` of a callable, as ``--evaluator`` names it (its repr otherwise)."""
+    import functools
+
+    if isinstance(evaluate, functools.partial):  # its repr holds the function's address and calls its arguments'
+        return f"partial of {evaluator_name(evaluate.func)}"
     module, name = getattr(evaluate, "__module__", None), getattr(evaluate, "__qualname__", None)
-    return f"{module}:{name}" if module and name else repr(evaluate)[:80]
+    if module and name:
+        return f"{module}:{name}"
+    try:
+        text = repr(evaluate)
+    except Exception:  # noqa: BLE001 - a user's __repr__ may raise anything (hp41 C4)
+        text = ""
+    return text[:80] if text and " at 0x" not in text else f"{type(evaluate).__module__}:{type(evaluate).__qualname__}"
 
 
 def _shown(value: Any, limit: int = 200) -> str:
@@ -61,8 +71,8 @@ class GuardedEvaluator:
         finally:
             _restore_working_folder(cwd, self.label)
         score = _detached(score)
-        if isinstance(score, bool) or _is_boolean(score) or not isinstance(score, (int, float)) and \
-                not _is_scalar(score):
+        if isinstance(score, (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
+                not _is_scalar(score):  # numpy.str_ is a 0-d str that float() reads: no score (hp41 C56)
             raise EvaluatorError(f"{self.label}: returned {str(score)[:80]!r} ({type(score).__name__}), not a number",
                                  hint="the evaluator must return a validation score, higher is better")
         try:
@@ -138,14 +148,24 @@ def _is_boolean(score: Any) -> bool:
     return dtype is not None and str(dtype) in ("bool", "torch.bool")
 
 
+def _is_real(score: Any) -> bool:
+    """int, float, and the other real numbers Python knows (Fraction, Decimal: hp41 C2 refused them)."""
+    import decimal
+    import numbers
+
+    return isinstance(score, (numbers.Real, decimal.Decimal))
+
+
 def _is_scalar(score: Any) -> bool:
     """A numpy or torch scalar (a 0-d array or tensor), which float() reads exactly."""
     shape = getattr(score, "shape", None)
     if shape is None or tuple(shape) != ():
         return False
+    if getattr(getattr(score, "device", None), "type", None) == "meta":  # no value to read (hp41 C55)
+        return False
     try:
         float(score)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError, NotImplementedError):
         return False
     return not getattr(getattr(score, "dtype", None), "is_complex", False)
 
