@@ -816,3 +816,21 @@ def test_scores_of_other_number_types(value, ok):
             guard(lambda state: score)({})
     else:
         assert guard(lambda state: score)({}) == pytest.approx(ok)
+
+
+@pytest.mark.parametrize("where", ["output", "log", "json", "analyze"])
+def test_a_nul_byte_in_a_written_path_is_a_typed_error(where, tmp_path):
+    """hp41 C70: output="o\\x00x" (and log=, analyze's output) raised a raw "ValueError: embedded null byte", where a
+    NUL in an input's path is a ConfigError."""
+    from helpers_ckpt import make_family
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    bad = str(tmp_path / "o\x00x")
+    calls = {"output": lambda: tiesmerge.merge(base, models, "ties", output=bad),
+             "log": lambda: run_search(base, models, "ties", lambda s: 1.0, grid={"density": (0.5,)}, log=bad),
+             "json": lambda: __import__("tiesmerge.paths").paths.check_output_file(bad, False, [], "--json"),
+             "analyze": lambda: tiesmerge.analyze(base, models, output=bad)}
+    with pytest.raises(ConfigError, match="holds a NUL byte"):
+        calls[where]()

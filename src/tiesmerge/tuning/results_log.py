@@ -33,6 +33,9 @@ class ResultsLog:
     """Scored candidates by key (see :attr:`Candidate.key`), read from ``path`` and appended to it."""
 
     def __init__(self, path: str | os.PathLike, header: Mapping[str, Any]) -> None:
+        from ..paths import check_walkable
+
+        check_walkable(path, "the search log")  # a NUL byte or an unwalkable '..': typed, before anything
         self.path = Path(path)
         self.header = {"format": FORMAT, **header}
         self.records: dict[str, dict[str, Any]] = {}
