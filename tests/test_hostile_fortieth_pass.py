@@ -834,3 +834,19 @@ def test_a_nul_byte_in_a_written_path_is_a_typed_error(where, tmp_path):
              "analyze": lambda: tiesmerge.analyze(base, models, output=bad)}
     with pytest.raises(ConfigError, match="holds a NUL byte"):
         calls[where]()
+
+
+@pytest.mark.parametrize("flag", [["--weights", "1", "3"], ["--densities", "0.5", "0.5"]])
+def test_per_model_flags_over_a_mergekit_recipe_are_refused(tmp_path, capsys, flag):
+    """hp41 C20, C43: `--weights` over a mergekit linear recipe bound to the translated models (the first listed
+    became the base): 2 weights were refused "for 1 models", and over a recipe listing the base they weighed gft2 and
+    the base."""
+    from helpers_ckpt import make_family, run_cli
+
+    base, models = make_family(2)
+    a, b = (write_hf_dir(tmp_path / n, s) for n, s in (("a", models[0]), ("b", models[1])))
+    recipe = tmp_path / "lin.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.6}}\n"
+                      f"  - model: {b}\n    parameters: {{weight: 0.4}}\ndtype: float32\n")
+    rc, _, err = run_cli(["merge", str(recipe), *flag, "-o", str(tmp_path / "o"), "--dry-run"], capsys)
+    assert rc == 2 and f"{flag[0]} over a mergekit recipe" in err, err
