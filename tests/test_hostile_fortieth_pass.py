@@ -850,3 +850,34 @@ def test_per_model_flags_over_a_mergekit_recipe_are_refused(tmp_path, capsys, fl
                       f"  - model: {b}\n    parameters: {{weight: 0.4}}\ndtype: float32\n")
     rc, _, err = run_cli(["merge", str(recipe), *flag, "-o", str(tmp_path / "o"), "--dry-run"], capsys)
     assert rc == 2 and f"{flag[0]} over a mergekit recipe" in err, err
+
+
+def test_choices_or_classes_that_tokenize_alike_are_refused(tmp_path, bert_tokenizer):
+    """hp41 C47, C48: choices ["zzz", "qqq"] (both unknown) or classes ["GOOD", "good"] (a lower-casing tokenizer)
+    score alike whatever the merge: the tie went to the first, so its examples were always right (accuracy 1.0)."""
+    import json
+
+    import transformers
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import ChoiceAccuracy, EncoderAccuracy
+
+    cfg = transformers.BertConfig(vocab_size=len(bert_tokenizer), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    transformers.BertModel(cfg).save_pretrained(tmp_path / "enc")
+    bert_tokenizer.save_pretrained(tmp_path / "enc")
+    data = tmp_path / "val.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [{"task": "t", "classes": ["CAT", "cat"]},
+                                                       {"task": "t", "text": "the cat sat", "label": 0}]) + "\n")
+    with pytest.raises(ConfigError, match="the class descriptions 'CAT' and 'cat' are the same tokens"):
+        EncoderAccuracy(tmp_path / "enc", data)
+    gpt2 = pytest.importorskip("transformers").GPT2Config
+    from test_evaluation_rank_classification import LM_VOCAB, _wordlevel_tokenizer
+
+    transformers.GPT2LMHeadModel(gpt2(vocab_size=LM_VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+                                 ).save_pretrained(tmp_path / "lm")
+    _wordlevel_tokenizer("<s> $A", ("<s>", 2)).save_pretrained(tmp_path / "lm")
+    choices = tmp_path / "ch.jsonl"
+    choices.write_text(json.dumps({"prompt": "the cat", "choices": ["zzzq", "qqqz"], "label": 0}) + "\n")
+    with pytest.raises(ConfigError, match=r"ch\.jsonl:1: the choices 'zzzq' and 'qqqz' are the same tokens"):
+        ChoiceAccuracy(tmp_path / "lm", choices)
