@@ -881,3 +881,20 @@ def test_choices_or_classes_that_tokenize_alike_are_refused(tmp_path, bert_token
     choices.write_text(json.dumps({"prompt": "the cat", "choices": ["zzzq", "qqqz"], "label": 0}) + "\n")
     with pytest.raises(ConfigError, match=r"ch\.jsonl:1: the choices 'zzzq' and 'qqqz' are the same tokens"):
         ChoiceAccuracy(tmp_path / "lm", choices)
+
+
+@pytest.mark.parametrize("flag", ["--model", "--base"])
+def test_base_or_model_flags_over_a_mergekit_recipe_are_refused(tmp_path, capsys, flag):
+    """hp41 C85: --model/--base over a mergekit linear recipe listing its base misnamed the recipe's base and model
+    count ("replaces the recipe's base gft1", "model 1 (gft1) is the base itself"): the translation had made the first
+    listed model the base."""
+    from helpers_ckpt import make_family, run_cli
+
+    base, models = make_family(2)
+    b0, a, b = (write_hf_dir(tmp_path / n, s) for n, s in (("base", base), ("a", models[0]), ("b", models[1])))
+    recipe = tmp_path / "lin.yaml"
+    recipe.write_text(f"merge_method: linear\nbase_model: {b0}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.7}}"
+                      f"\n  - model: {b}\n    parameters: {{weight: -0.25}}\n  - model: {b0}\n    parameters: "
+                      "{weight: 0.55}\nparameters: {normalize: false}\ndtype: float32\n")
+    rc, _, err = run_cli(["merge", str(recipe), flag, str(b), "-o", str(tmp_path / "o"), "--dry-run"], capsys)
+    assert rc == 2 and f"{flag} over a mergekit recipe" in err and "is the base itself" not in err, err

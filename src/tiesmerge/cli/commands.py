@@ -278,15 +278,16 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     flags = []  # the flags that replace a recipe's values: named in its errors (hp40b C53)
     origin = data.get("origin")
     if isinstance(origin, dict) and origin.get("format") == "mergekit":
-        per_model = [flag for flag, given in (("--weights", getattr(args, "opt_weights", None)),
+        per_model = [flag for flag, given in (("--base", args.base), ("--model", args.models),
+                                              ("--weights", getattr(args, "opt_weights", None)),
                                               ("--densities", getattr(args, "opt_densities", None)),
                                               ("--stats", args.stats)) if given]
-        if per_model:  # hp41 C20, C43: bound to the translated models (the first listed may become the base)
-            raise ConfigError(f"{args.recipe}: {' and '.join(per_model)} over a mergekit recipe: its per-model values "
-                              "are each model's `parameters:` in the recipe, and tiesmerge's translation may make the "
-                              "first model the base (linear without base_model), so a flag's values could not be "
+        if per_model:  # hp41 C20, C43, C85: bound to the translated models (the first listed may become the base)
+            raise ConfigError(f"{args.recipe}: {' and '.join(per_model)} over a mergekit recipe: its models and their "
+                              "values are the recipe's `models:` and `base_model:`, and tiesmerge's translation may "
+                              "make the first model the base (linear without base_model), so a flag could not be "
                               "matched to the models you listed",
-                              hint="edit the values in the recipe (or give the whole merge as flags, without it)")
+                              hint="edit the recipe (or give the whole merge as flags, without it)")
     if args.models and args.recipe:
         flags.append("--model")
     if args.stats:
