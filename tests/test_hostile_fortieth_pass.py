@@ -893,8 +893,10 @@ def test_base_or_model_flags_over_a_mergekit_recipe_are_refused(tmp_path, capsys
     base, models = make_family(2)
     b0, a, b = (write_hf_dir(tmp_path / n, s) for n, s in (("base", base), ("a", models[0]), ("b", models[1])))
     recipe = tmp_path / "lin.yaml"
-    recipe.write_text(f"merge_method: linear\nbase_model: {b0}\nmodels:\n  - model: {a}\n"
-                      f"    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: -0.25}}\n  - model: {b0}\n    parameters: "
-                      "{weight: 0.55}\nparameters: {normalize: false}\ndtype: float32\n")
+    recipe.write_text(f"merge_method: linear\nbase_model: {b0}\nmodels:\n"
+                      f"  - model: {a}\n    parameters: {{weight: 0.7}}\n"
+                      f"  - model: {b}\n    parameters: {{weight: -0.25}}\n"
+                      f"  - model: {b0}\n    parameters: {{weight: 0.55}}\n"
+                      "parameters: {normalize: false}\ndtype: float32\n")
     rc, _, err = run_cli(["merge", str(recipe), flag, str(b), "-o", str(tmp_path / "o"), "--dry-run"], capsys)
     assert rc == 2 and f"{flag} over a mergekit recipe" in err and "is the base itself" not in err, err
