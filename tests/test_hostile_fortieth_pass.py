@@ -900,3 +900,15 @@ def test_base_or_model_flags_over_a_mergekit_recipe_are_refused(tmp_path, capsys
                       "parameters: {normalize: false}\ndtype: float32\n")
     rc, _, err = run_cli(["merge", str(recipe), flag, str(b), "-o", str(tmp_path / "o"), "--dry-run"], capsys)
     assert rc == 2 and f"{flag} over a mergekit recipe" in err and "is the base itself" not in err, err
+
+
+def test_stats_says_how_many_examples_max_length_cuts(tmp_path, capsys):
+    """hp41 C12: `stats --max-length 16` on 200-word examples cut every one silently (adapt now says so)."""
+    from helpers_ckpt import run_cli
+    from test_hostile_fifth_pass import _data, _tiny_llama
+
+    model = _tiny_llama(tmp_path / "m", pad=True)
+    data = _data(tmp_path / "d.jsonl", ["t1 t2 t3", " ".join(["t4"] * 40)])
+    rc, _, err = run_cli(["stats", "gram", "--model", str(model), "--data", str(data), "--max-length", "16", "-o",
+                          str(tmp_path / "st")], capsys)
+    assert rc == 0 and "1 of the 2 examples are longer than 16 tokens" in err, err

@@ -20,6 +20,7 @@ from ..evaluation.loading import (
     align_pad_token,
     check_vocabulary,
     config_num_labels,
+    count_cut,
     encode,
     fitted_length,
     forward_checked,
@@ -169,6 +170,16 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
         # Llama/GPT tokenizers have none. Any stand-in would be read by a classifier's pooling (it finds the last
         # real token by the pad id), so each example goes alone: exact, only slower
         batch_size, padding = 1, "none: the tokenizer has no pad token, so one example per batch"
+    pairs_all = [r["text_pair"] for r in rows] if rows and all("text_pair" in r for r in rows) else None
+    cut = count_cut(tokenizer, [r["text"] for r in rows], pairs_all, max_length=max_length)
+    if cut:  # as adapt says it (hp41 C12: every example cut silently)
+        import warnings
+
+        from ..errors import MergeWarning
+
+        warnings.warn(MergeWarning(f"{cut:,} of the {len(rows):,} examples are longer than {max_length:,} tokens "
+                                   "(--max-length, or the model's positions) and are cut: the statistics describe "
+                                   "their first tokens"), stacklevel=2)
     batches = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
@@ -204,5 +215,5 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
         stats = gram_matrices(model, batches, forward, token_mask=lambda b: b["attention_mask"].bool(),
                               progress=progress, model=model_dir)
     stats.manifest.options.update({"data": str(data), "max_length": max_length, "batch_size": batch_size,
-                                   "padding": padding})
+                                   "padding": padding, "examples_cut": cut})
     return stats
