@@ -912,3 +912,38 @@ def test_stats_says_how_many_examples_max_length_cuts(tmp_path, capsys):
     rc, _, err = run_cli(["stats", "gram", "--model", str(model), "--data", str(data), "--max-length", "16", "-o",
                           str(tmp_path / "st")], capsys)
     assert rc == 0 and "1 of the 2 examples are longer than 16 tokens" in err, err
+
+
+def test_an_evaluator_that_changes_the_umask_is_put_back():
+    """hp41 C40: an evaluator calling os.umask(0o777) left it so, and the search's output was written with mode 000."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning.evaluator import guard
+
+    def score(state):
+        os.umask(0o777)
+        return 1.0
+
+    before = os.umask(0o022)
+    try:
+        with pytest.warns(MergeWarning, match="changed the umask \\(to 777\\); tiesmerge set it back to 022"):
+            guard(score)({})
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)
+
+
+def test_the_cut_warning_does_not_advise_a_larger_max_length_past_the_positions():
+    """hp41 C9: --max-length 1000 on a model of 64 positions: the warning still said a larger --max-length keeps
+    more, which cannot help."""
+    from tiesmerge.adamerging.run import _warn_cut
+    from tiesmerge.errors import MergeWarning
+
+    class Fitted:
+        max_length = 64
+
+        def count_cut(self, rows, task):
+            return len(rows)
+
+    with pytest.warns(MergeWarning, match="the model's positions allow no more") as said:
+        _warn_cut(Fitted(), {"t": [{"text": "x"}]}, 1000)
+    assert "a larger --max-length" not in str(said[0].message)

@@ -455,9 +455,11 @@ def _warn_cut(forward: Any, task_data: Mapping[str, Sequence[Any]], asked: int) 
         shown = "; ".join(f"{n:,} of {len(task_data[t]):,} in task {t!r}" for t, n in list(cut.items())[:5])
         more = f"; and in {len(cut) - 5} more tasks" if len(cut) > 5 else ""
         fitted = f" (--max-length {asked:,}, fitted to the model's positions)" if limit != asked else ""
+        # past the model's positions a larger --max-length cannot help (hp41 C9)
+        helps = ("the model's positions allow no more" if limit != asked else
+                 "a larger --max-length keeps more, at more time per step")
         warnings.warn(MergeWarning(f"examples longer than {limit:,} tokens{fitted} are cut ({which}): {shown}{more}; "
-                                   "the coefficients are learned on what is left (a larger --max-length keeps more, "
-                                   "at more time per step)"), stacklevel=3)
+                                   f"the coefficients are learned on what is left ({helps})"), stacklevel=3)
     return cut
 
 

@@ -55,6 +55,7 @@ class GuardedEvaluator:
 
     def __call__(self, state: Mapping[str, Any]) -> float:
         cwd = _working_folder()
+        umask = _current_umask()
         try:
             score = self.evaluate(state)
         except (TiesMergeError, KeyboardInterrupt):  # ours already say what is wrong; Ctrl-C stays Ctrl-C
@@ -70,6 +71,7 @@ class GuardedEvaluator:
                                       "traceback)") from exc
         finally:
             _restore_working_folder(cwd, self.label)
+            _restore_umask(umask, self.label)
         score = _detached(score)
         if isinstance(score, (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
                 not _is_scalar(score):  # numpy.str_ is a 0-d str that float() reads: no score (hp41 C56)
@@ -98,6 +100,38 @@ def _working_folder() -> str | None:
         return os.getcwd()
     except OSError:  # removed under us: nothing to go back to
         return None
+
+
+def _current_umask() -> int:
+    """The process's umask, read without changing it where Linux says it (/proc/self/status): os.umask() alone sets
+    one to read the old, and a writer thread creating a file in between would take the wrong mode."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    before = os.umask(0o022)
+    os.umask(before)
+    return before
+
+
+def _restore_umask(before: int, label: str) -> None:
+    """An evaluator that changes the process's umask (os.umask(0o777)) is put back too: the output was written with
+    mode 000 after it (hp41 C40). Said once per evaluator."""
+    now = _current_umask()
+    if now == before:
+        return
+    os.umask(before)
+    if label not in _MOVED_UMASK:
+        _MOVED_UMASK.add(label)
+        warnings.warn(MergeWarning(f"{label} changed the umask (to {now:03o}); tiesmerge set it back to {before:03o} "
+                                   "after each call, since the output's files take their modes from it"),
+                      stacklevel=3)
+
+
+_MOVED_UMASK: set[str] = set()
 
 
 def _restore_working_folder(cwd: str | None, label: str) -> None:
