@@ -124,14 +124,8 @@ def _restore_umask(before: int, label: str) -> None:
     if now == before:
         return
     os.umask(before)
-    if label not in _MOVED_UMASK:
-        _MOVED_UMASK.add(label)
-        warnings.warn(MergeWarning(f"{label} changed the umask (to {now:03o}); tiesmerge set it back to {before:03o} "
-                                   "after each call, since the output's files take their modes from it"),
-                      stacklevel=3)
-
-
-_MOVED_UMASK: set[str] = set()
+    _said_once(("umask", label), f"{label} changed the umask (to {now:03o}); tiesmerge set it back to {before:03o} "
+                                 "after each call, since the output's files take their modes from it")
 
 
 def _restore_working_folder(cwd: str | None, label: str) -> None:
@@ -147,14 +141,18 @@ def _restore_working_folder(cwd: str | None, label: str) -> None:
     if now == cwd:
         return
     os.chdir(cwd)
-    if label not in _MOVED:
-        _MOVED.add(label)
-        warnings.warn(MergeWarning(f"{label} changed the working folder (to {now}); tiesmerge changed it back to "
-                                   f"{cwd} after each call, since the command's paths are relative to it"),
-                      stacklevel=3)
+    _said_once(("cwd", label), f"{label} changed the working folder (to {now}); tiesmerge changed it back to {cwd} "
+                               "after each call, since the command's paths are relative to it")
 
 
-_MOVED: set[str] = set()  # evaluators already said to move the working folder
+def _said_once(key: tuple[str, str], message: str) -> None:
+    """A warning about what an evaluator changed in the process, once per (what, evaluator)."""
+    if key not in _SAID:
+        _SAID.add(key)
+        warnings.warn(MergeWarning(message), stacklevel=4)
+
+
+_SAID: set[tuple[str, str]] = set()  # (what, evaluator) already said to have changed the process's state
 
 # A search plots its scores: a range of 2e308 (scores of +-1e308) is Inf there and the report failed after all the
 # scoring; +-1e300 was measured to plot. Any finite -perplexity (exp of at most 709 nats) stays far below.
