@@ -148,12 +148,13 @@ def _fingerprint(base: Source, models: Sequence[Source], spec: str, config: Adap
     the method, the run's settings, the forward and its settings (max_length, heads, choices change what the
     coefficients are learned on: a resume with another --max-length ended with coefficients of neither run, hp35 E7),
     and a digest of each task's data."""
-    from ..tuning.driver import weights_stamp  # search's: the inputs' weights, configs and tokenizer files
+    from ..tuning.driver import (
+        source_label,
+        weights_stamp,  # search's: the inputs' weights, configs and tokenizer files
+    )
 
-    def named(source: Source, k: int) -> str:  # ./base/ and base are one folder (hp39 C24); a Hub id stays as given
-        if isinstance(source, Mapping):
-            return f"state dict {k}"
-        return os.path.realpath(source) if os.path.exists(source) else os.fsdecode(source)
+    def named(source: Source, k: int) -> str:  # search's log names: ./base/ and base are one folder (hp39 C24)
+        return source_label(source) or f"state dict {k}"
 
     def short(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]

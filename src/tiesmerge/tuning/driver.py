@@ -83,7 +83,7 @@ def _cell(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _label(source: Any) -> str | None:
+def source_label(source: Any) -> str | None:
     """A model as the log names it: a folder by its resolved path (./base/ and /abs/base are one input, hp39 C24), a
     Hub id as given, a state dict by nothing (its bytes are in the weights' stamp)."""
     if isinstance(source, Mapping):
@@ -98,7 +98,8 @@ def _evaluator_name(evaluate: Any) -> str:
     if getattr(inner, "__qualname__", None):
         return evaluator_name(inner)
     data = getattr(inner, "data", None)  # a built-in: its class, and the file it scores on
-    return f"{type(inner).__module__}:{type(inner).__qualname__}" + (f" on {_label(data)}" if data is not None else "")
+    on = f" on {source_label(data)}" if data is not None else ""
+    return f"{type(inner).__module__}:{type(inner).__qualname__}{on}"
 
 
 def _evaluator_data(evaluate: Any) -> Any:
@@ -414,7 +415,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     chooser = make_strategy(strategy, space, budget=budget, seed=seed, popsize=popsize, start=dict(start))
     header = {"space": space.describe(), "strategy": strategy, "seed": seed,
               **({"popsize": popsize} if popsize else {}),
-              "base": _label(base), "models": [_label(m) for m in models],
+              "base": source_label(base), "models": [source_label(m) for m in models],
               # a reference model a fixed option names (--set sign_from=DIR) is an input too: its weights replaced
               # at the same path resumed with scores of two references (hp37 C74)
               "evaluator": evaluator_name, "weights": weights_stamp([base, *models, *(p for _, p in references)]),
