@@ -207,7 +207,7 @@ def test_resuming_a_checkpoint_past_the_runs_steps_says_which_result_it_writes(t
 def test_resuming_another_runs_checkpoint_names_the_settings_that_differ(tmp_path):
     """hp22 N3: --resume with --lr (or --init, --clamp, ...) changed was refused without saying which setting."""
     base, fts, files, ck = _checkpointed(tmp_path, steps=2)
-    with pytest.raises(ConfigError, match=r"another run \(lr 0\.001 there, 0\.002 now\)"):
+    with pytest.raises(ConfigError, match=r"another run \(--lr 0\.001 there, 0\.002 now\)"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True, lr=0.002)
     # the method is named too, since hp39 C24 (it said "other models, data, method or forward settings")
     with pytest.raises(ConfigError, match=r"another run \(the method 'task_arithmetic' there, 'ties' now\)"):

@@ -231,7 +231,7 @@ def test_a_search_does_not_resume_over_an_evaluator_file_that_changed(tmp_path):
     run_search(base, models, "ties", _OnText(text), strategy="random", budget=3, log=log)  # the same text: resumed
     with text.open("a") as f:
         f.write("another line\n")
-    with pytest.raises(ConfigError, match="differs in: evaluator_data"):
+    with pytest.raises(ConfigError, match="differs in: the evaluator.s data file"):
         run_search(base, models, "ties", _OnText(text), strategy="random", budget=4, log=log)
 
 

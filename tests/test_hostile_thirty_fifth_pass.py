@@ -121,7 +121,7 @@ def test_resuming_with_other_forward_settings_is_refused(tmp_path, changed):
     from tiesmerge.errors import ConfigError
 
     base, fts, files, ck = _checkpointed(tmp_path, steps=2)
-    option = "--max-length 128 there, 2 now" if "max_length" in changed else "--heads None there"
+    option = "--max-length 128 there, 2 now" if "max_length" in changed else "--heads not set there"
     with pytest.raises(ConfigError, match=rf"another run \({option}"):  # named since hp39 C24
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True, **changed)
     tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True)  # the same: resumes
@@ -242,7 +242,7 @@ def test_a_search_resumed_after_its_evaluator_was_edited_is_refused(tmp_path, mo
     run_search(base, models, "ties", edited_eval.score, grid=grid, log=str(tmp_path / "log.jsonl"))  # resumes
     (tmp_path / "edited_eval.py").write_text("def score(state):\n    return -1.0\n")
     importlib.reload(sys.modules["edited_eval"])
-    with pytest.raises(ConfigError, match="is the log of another search .*evaluator_code"):
+    with pytest.raises(ConfigError, match="is the log of another search .*the evaluator.s code"):
         run_search(base, models, "ties", sys.modules["edited_eval"].score, grid=grid, log=str(tmp_path / "log.jsonl"))
 
 

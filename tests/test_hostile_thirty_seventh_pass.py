@@ -253,7 +253,7 @@ def test_a_search_resumed_after_a_helper_of_its_evaluator_was_edited_is_refused(
     run_search(base, models, "ties", c19_eval.score, grid=grid, log=log)  # the same code: resumes
     (tmp_path / "c19_helper.py").write_text("SIGN = -1.0\n")
     importlib.reload(sys.modules["c19_helper"])
-    with pytest.raises(ConfigError, match="is the log of another search .*evaluator_code"):
+    with pytest.raises(ConfigError, match="is the log of another search .*the evaluator.s code"):
         run_search(base, models, "ties", c19_eval.score, grid=grid, log=log)
 
 
@@ -636,7 +636,7 @@ def test_a_search_resumed_after_its_sign_from_reference_changed_is_refused(tmp_p
     run()
     run()  # the same reference: resumes
     write_hf_dir(dirs[3], fts[0])  # another model's weights at the reference's path
-    with pytest.raises(ConfigError, match="is the log of another search .*weights"):
+    with pytest.raises(ConfigError, match="is the log of another search .*the models. files"):
         run()
 
 
@@ -751,7 +751,7 @@ def test_a_search_resumed_after_a_tokenizer_file_changed_is_refused(tmp_path):
     run()
     run()  # nothing changed: resumes
     (dirs[0] / "vocab.txt").write_text("[PAD]\n[UNK]\ndog\ncat\n")
-    with pytest.raises(ConfigError, match="is the log of another search .*weights"):
+    with pytest.raises(ConfigError, match="is the log of another search .*the models. files"):
         run()
 
 
@@ -799,7 +799,7 @@ def test_a_packaged_evaluators_project_modules_are_in_the_digest(tmp_path, monke
     run_search(base, models, "ties", ev.score, grid=grid, log=log)
     (tmp_path / "c24common.py").write_text("SCALE = -1.0\n")
     importlib.reload(sys.modules["c24common"])
-    with pytest.raises(ConfigError, match="is the log of another search .*evaluator_code"):
+    with pytest.raises(ConfigError, match="is the log of another search .*the evaluator.s code"):
         run_search(base, models, "ties", ev.score, grid=grid, log=log)
 
 

@@ -613,13 +613,16 @@ def _is_mount_point(path: Path) -> bool:
                for fields in (line.split(b" ") for line in table.splitlines()))
 
 
-def check_no_nul(path: str | os.PathLike, what: str = "the output") -> None:
-    """A written path holding a NUL byte, which no file name can: a typed error (hp41 C70: a raw ValueError for an
-    output or a log, where an input's was typed)."""
+def check_path_text(path: str | os.PathLike, what: str = "the output") -> None:
+    """A written path holding a NUL byte, which no file name can (hp41 C70: a raw ValueError for an output or a log,
+    where an input's was typed), or empty (hp41 C71: the API's ``output=""`` was taken as the working folder, and
+    refused as "the output contains the base" under an empty name): a typed error."""
     text = os.fspath(path)
-    if ("\0" if isinstance(text, str) else b"\0") in text:
-        from .errors import ConfigError
+    from .errors import ConfigError
 
+    if not text:
+        raise ConfigError(f"{what}: the path is empty", hint="name a path (a new directory, e.g. ./merged)")
+    if ("\0" if isinstance(text, str) else b"\0") in text:
         raise ConfigError(f"{what}: the path {text!r} holds a NUL byte, which no file name can",
                           hint="fix the path (in a YAML recipe, a \\0 escape writes one)")
 
@@ -627,8 +630,8 @@ def check_no_nul(path: str | os.PathLike, what: str = "the output") -> None:
 def check_walkable(path: str | os.PathLike, what: str = "the output") -> None:
     """A ".." after a folder that does not exist (``out/missing/../m``) is a path the kernel cannot walk (it
     fails with ENOENT), though realpath folds it to ``out/m``: refused before the work, naming the folder, rather
-    than written at one place and read back at the other (and a NUL byte: :func:`check_no_nul`)."""
-    check_no_nul(path, what)
+    than written at one place and read back at the other (and a NUL byte: :func:`check_path_text`)."""
+    check_path_text(path, what)
     parts = Path(os.fspath(path)).parts
     for i, part in enumerate(parts):
         if part == ".." and i and not os.path.isdir(os.path.join(*parts[:i])):
@@ -988,7 +991,7 @@ def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]])
     """The output must not be, hold, or lie inside any input (``named``: (role, source) pairs;
     sources that are not paths, e.g. state dicts, are skipped), links followed, and the same
     folder reached another way (a second mount) told by its device and inode."""
-    check_no_nul(output)
+    check_path_text(output)
     final = _final(output)
     for who, source in named:
         for src in input_roots(source):

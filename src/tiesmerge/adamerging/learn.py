@@ -245,13 +245,25 @@ def _fingerprint_check(saved: str, expected: str, path: Path, saved_config: Any 
     differ = []
     if isinstance(saved_config, dict) and config is not None:
         mine = json.loads(json.dumps(asdict(config)))  # as the checkpoint stores it (tuples as lists)
-        differ = [f"{k} {saved_config[k]!r} there, {mine[k]!r} now" for k in mine
-                  if k != "steps" and k in saved_config and saved_config[k] != mine[k]]
+        # named as the command line spells them (hp41 C8: "checkpoint_every 2 there, None now"); the step count and
+        # the checkpoints' spacing may change on a resume, so they are never why one is refused
+        differ = [f"{_OPTION_NAMES.get(k, k)} {_shown(saved_config[k])} there, {_shown(mine[k])} now" for k in mine
+                  if k not in ("steps", "checkpoint_every") and k in saved_config and saved_config[k] != mine[k]]
     differ += _differing_parts(saved, expected)
     raise ConfigError(f"{path}: this checkpoint is of another run ("
                       + ("; ".join(dict.fromkeys(differ)) if differ else "other models, data, method or forward "
                          "settings: --max-length, --heads, --choices")
                       + ")", hint="resume with the same command and inputs, or remove the checkpoint to start afresh")
+
+
+# AdaptConfig's fields as `tiesmerge adapt` names them (its --seed is the merge method's: --shuffle-seed is this one)
+_OPTION_NAMES = {"granularity": "--granularity", "lr": "--lr", "batch_size": "--batch-size", "init": "--init",
+                 "seed": "--shuffle-seed", "clamp": "--clamp", "objective": "--objective",
+                 "max_length": "--max-length", "heads": "--heads", "choices": "--choices"}
+
+
+def _shown(value: Any) -> str:
+    return "not set" if value is None else repr(value)
 
 
 def _differing_parts(saved: str, expected: str) -> list[str]:
@@ -260,20 +272,21 @@ def _differing_parts(saved: str, expected: str) -> list[str]:
         there, now = json.loads(saved), json.loads(expected)
     except ValueError:  # a checkpoint written before the parts were kept: a bare digest
         return []
-    if not (isinstance(there, dict) and isinstance(now, dict) and there.get("format") == now.get("format")):
+    if not (isinstance(there, dict) and isinstance(now, dict)):
         return []
+    if there.get("format") != now.get("format"):
+        return ["it was written by another version of tiesmerge, which fingerprinted its run otherwise"]
     out = []
-    if there.get("inputs") != now.get("inputs"):
-        out.append("the models: another base or fine-tuned model, or their files (weights, configs, tokenizer files) "
-                   "changed since the checkpoint was written")
+    old_inputs, new_inputs = there.get("inputs"), now.get("inputs")  # [[name, stamp of its files], ...], base first
+    if old_inputs != new_inputs:
+        out.append(_differing_inputs(old_inputs, new_inputs))
     if there.get("method") != now.get("method"):
         out.append(f"the method {there.get('method')!r} there, {now.get('method')!r} now")
     if there.get("forward") != now.get("forward"):
         out.append(f"the forward {there.get('forward')!r} there, {now.get('forward')!r} now")
     old_settings, new_settings = there.get("forward_settings"), now.get("forward_settings")
     if isinstance(old_settings, dict) and isinstance(new_settings, dict):
-        option = {"max_length": "--max-length", "heads": "--heads", "choices": "--choices"}
-        out += [f"{option.get(k, k)} {old_settings.get(k)!r} there, {new_settings.get(k)!r} now"
+        out += [f"{_OPTION_NAMES.get(k, k)} {_shown(old_settings.get(k))} there, {_shown(new_settings.get(k))} now"
                 for k in sorted({*old_settings, *new_settings}) if old_settings.get(k) != new_settings.get(k)]
     old_data, new_data = there.get("data"), now.get("data")  # [[task, digest], ...] in the run's order
     if isinstance(old_data, list) and isinstance(new_data, list) and old_data != new_data:
@@ -282,8 +295,31 @@ def _differing_parts(saved: str, expected: str) -> list[str]:
             out.append(f"the tasks {old_tasks} there, {new_tasks} now (their order is the coefficients' rows)")
         else:
             out.append("the data of task(s) " + ", ".join(repr(t) for t, a, b in zip(new_tasks, old_data, new_data)
-                                                          if a != b))
+                                                          if a != b)
+                       + " (another file, its lines changed, or another --limit)")
     return out
+
+
+def _differing_inputs(there: Any, now: Any) -> str:
+    """Which input differs, in words: the base or model k by its path, another path or the same path whose files
+    (weights, configs, tokenizer files) changed since the checkpoint was written."""
+    generic = ("the models: another base or fine-tuned model, or their files (weights, configs, tokenizer files) "
+               "changed since the checkpoint was written")
+    if not (isinstance(there, list) and isinstance(now, list)):
+        return generic
+    if len(there) != len(now):
+        return f"the models: {len(there) - 1} fine-tuned model(s) there, {len(now) - 1} now"
+    said = []
+    for k, (a, b) in enumerate(zip(there, now)):
+        if a == b or not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == 2):
+            continue
+        who = "the base" if k == 0 else f"model {k}"
+        if a[0] != b[0]:
+            said.append(f"{who} {a[0]} there, {b[0]} now")
+        else:
+            said.append(f"{who} ({b[0]}): its files (weights, configs, tokenizer files) changed since the checkpoint "
+                        "was written")
+    return "; ".join(said) or generic
 
 
 # The checkpoint is a safetensors file: the coefficients and Adam's moments as tensors, everything

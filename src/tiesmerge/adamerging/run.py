@@ -160,13 +160,14 @@ def _fingerprint(base: Source, models: Sequence[Source], spec: str, config: Adap
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     settings = {**dataclasses.asdict(config), "steps": None, "checkpoint_every": None}
-    parts = {"inputs": short({"files": weights_stamp([base, *models]),
-                              "names": [named(s, k) for k, s in enumerate([base, *models])]}),
+    # per input (base first): its name and the stamp of its files, so that a refusal names the model that changed
+    # (hp41 C69: "another base or fine-tuned model, or their files" named none)
+    parts = {"inputs": [[named(s, k), weights_stamp([s])] for k, s in enumerate([base, *models])],
              "method": spec, "settings": short(settings), "forward": forward,
              "forward_settings": json.loads(json.dumps(dict(forward_settings or {}), sort_keys=True, default=str)),
              "data": [[task, short(rows)] for task, rows in data.items()]}  # a list: the tasks' order is the rows'
     # json's sort_keys orders the parts' names only; lists keep their order
-    return json.dumps({"format": "tiesmerge-adapt-fingerprint/2", **parts}, sort_keys=True)
+    return json.dumps({"format": "tiesmerge-adapt-fingerprint/3", **parts}, sort_keys=True)
 
 
 def _forward_dtypes(forward: TaskForward, names: Sequence[str]) -> dict[str, torch.dtype]:

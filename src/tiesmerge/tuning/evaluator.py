@@ -88,6 +88,10 @@ class GuardedEvaluator:
         if self.finite and not math.isfinite(value):
             raise EvaluatorError(f"{self.label}: returned {value}, not a finite number",
                                  hint="the evaluator must return a validation score, higher is better")
+        if not math.isfinite(value):  # the API keeps it; a +inf silently not winning surprised (hp41 C3)
+            _said_once((f"score {value}", self.label),
+                       f"{self.label} returned {value}: a score that is not a finite number never wins (it is kept "
+                       f"among the trials, and in a log as {str(value)!r}), so the best is the best finite score", stacklevel=3)
         if self.finite and abs(value) > MAX_SCORE:  # the report's axes span max - min: Inf past ~1.8e308
             # repr: the value as returned (1.001e+300 showed as "1e+300, past the ±1e+300", hp40 E1)
             raise EvaluatorError(f"{self.label}: returned {value!r}, past the ±{MAX_SCORE:.0e} a score may reach",
@@ -145,14 +149,15 @@ def _restore_working_folder(cwd: str | None, label: str) -> None:
                                "after each call, since the command's paths are relative to it")
 
 
-def _said_once(key: tuple[str, str], message: str) -> None:
-    """A warning about what an evaluator changed in the process, once per (what, evaluator)."""
+def _said_once(key: tuple[str, str], message: str, stacklevel: int = 4) -> None:
+    """A warning about what an evaluator did (changed the process's state, returned a non-finite score), once per
+    (what, evaluator)."""
     if key not in _SAID:
         _SAID.add(key)
-        warnings.warn(MergeWarning(message), stacklevel=4)
+        warnings.warn(MergeWarning(message), stacklevel=stacklevel)
 
 
-_SAID: set[tuple[str, str]] = set()  # (what, evaluator) already said to have changed the process's state
+_SAID: set[tuple[str, str]] = set()  # (what, evaluator) already said
 
 # A search plots its scores: a range of 2e308 (scores of +-1e308) is Inf there and the report failed after all the
 # scoring; +-1e300 was measured to plot. Any finite -perplexity (exp of at most 709 nats) stays far below.

@@ -58,10 +58,14 @@ class ResultsLog:
             raise OutputError(f"{self.path}: another search is writing this log now (it holds its lock)",
                               hint="let that search finish (run this one again then: it resumes from the log), or "
                                    "choose another --dir (log= in Python)") from None
-        if os.fstat(self._fd).st_size:
-            self._read()
-        else:
-            self._write_line(self.header)
+        try:
+            if os.fstat(self._fd).st_size:
+                self._read()
+            else:
+                self._write_line(self.header)
+        except BaseException:  # a refused log (another search's, corrupt) is let go at once: in-process, the refused
+            self.close()  # object stayed locked until collected, and the corrected call was "another search is
+            raise  # writing this log now" (hp41 C38's neighbour, found by its test)
 
     def _open(self) -> int:
         """The log, opened once and checked through its descriptor (not its path, which another process
@@ -128,8 +132,10 @@ class ResultsLog:
                               hint="choose another --dir (log= in Python): a search log is a file the search "
                                    "itself started")
         if found != json.loads(json.dumps(self.header)):
-            different = sorted(k for k in {*found, *self.header} if found.get(k) != self.header.get(k))
-            raise ConfigError(f"{self.path} is the log of another search (it differs in: {', '.join(different)})",
+            mine = json.loads(json.dumps(self.header))
+            different = sorted(k for k in {*found, *mine} if found.get(k) != mine.get(k))
+            raise ConfigError(f"{self.path} is the log of another search (it differs in: "
+                              + "; ".join(_header_difference(k, found.get(k), mine.get(k)) for k in different) + ")",
                               hint="choose another --dir (log= in Python) for this search, or delete this log to "
                                    "start afresh")
         for n, line in enumerate(lines[1:], start=2):
@@ -180,3 +186,35 @@ class ResultsLog:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records.values())
+
+
+# a log header's parts, in words (hp41 C38: "it differs in: models, weights" named no model, and "weights" read as
+# the --weights option)
+_HEADER_WORDS = {
+    "weights": "the models' files (weights, configs, tokenizer files): changed since the log was started",
+    "evaluator_data": "the evaluator's data file: its contents changed",
+    "evaluator_code": "the evaluator's code: its module's source changed",
+    "evaluator_state": "what the evaluator was built with (a partial's arguments, closure values, defaults)",
+    "space": "the search space (--axis, --grid, --set, the method's options)",
+}
+_HEADER_OPTIONS = {"strategy": "--strategy", "seed": "--seed", "popsize": "--popsize", "vocab_policy": "--vocab-policy",
+                   "evaluator": "--evaluator", "format": "the log's format"}
+
+
+def _header_difference(key: str, there: Any, now: Any) -> str:
+    """One differing header part, said as the user would check it: a model by its position and path."""
+    if key in _HEADER_WORDS:
+        return _HEADER_WORDS[key]
+    if key == "models" and isinstance(there, list) and isinstance(now, list):
+        if len(there) != len(now):
+            return f"the models: {len(there)} there, {len(now)} now"
+        return "; ".join(f"model {k} {a} there, {b} now"
+                         for k, (a, b) in enumerate(zip(there, now), start=1) if a != b)
+    if key == "base":
+        return f"the base {there} there, {now} now"
+
+    def shown(value: Any) -> str:
+        text = "not set" if value is None else repr(value)
+        return text if len(text) <= 80 else text[:77] + "..."
+
+    return f"{_HEADER_OPTIONS.get(key, key)} {shown(there)} there, {shown(now)} now"

@@ -1,0 +1,130 @@
+"""Hostile pass 42 (issue 13), and the notes of pass 41 left for it."""
+
+from __future__ import annotations
+
+import pytest
+
+import tiesmerge
+from helpers_ckpt import make_family, write_hf_dir
+
+
+def _family_dirs(tmp_path, n=2):
+    base, fts = make_family(n)
+    return [str(write_hf_dir(tmp_path / name, sd)) for name, sd in zip(("base", *[f"ft{k}" for k in range(n)]),
+                                                                        (base, *fts))]
+
+
+@pytest.mark.parametrize("output", ["", b""])
+def test_an_empty_output_path_is_refused_as_empty(tmp_path, monkeypatch, output):
+    """hp41 C71: the API's ``output=""`` was taken as the working folder and refused as "OutputError: : the output
+    contains the base", with an empty name printed."""
+    from tiesmerge.errors import ConfigError
+
+    base, a, b = _family_dirs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="the output: the path is empty"):
+        tiesmerge.merge(base, [a, b], output=output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft0", "ft1"]
+
+
+def test_adapts_resume_refusal_names_options_as_the_command_line_does(tmp_path):
+    """hp41 C8: a refused resume said "checkpoint_every 2 there, None now" (the spacing of checkpoints may change on
+    a resume, so it is never the cause) and "objective 'entropy' there" in the dataclass's names; --limit's change
+    was "the data of task(s)" without a word of why."""
+    from test_adapt_hostile import _checkpointed, _forward
+    from tiesmerge.errors import ConfigError
+
+    base, fts, files, ck = _checkpointed(tmp_path, steps=2)
+    with pytest.raises(ConfigError) as caught:
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True, checkpoint_every=1,
+                        shuffle_seed=3, clamp=(0.0, 1.0))
+    message = str(caught.value)
+    assert "--shuffle-seed 0 there, 3 now" in message and "--clamp not set there, [0.0, 1.0] now" in message
+    assert "checkpoint_every" not in message and "checkpoint-every" not in message
+    # the same run with only the checkpoints' spacing changed resumes
+    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=3, checkpoint=ck, resume=True, checkpoint_every=1)
+
+
+def test_adapts_resume_refusal_names_the_model_whose_files_changed(tmp_path):
+    """hp41 C69: a fine-tuned model's weights rewritten in place were "the models: another base or fine-tuned model,
+    or their files ... changed", naming none of them."""
+    import os
+
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import ConfigError
+
+    base, fts, files = _setup(tmp_path)
+    base, *fts = [str(write_hf_dir(tmp_path / name, sd)) for name, sd in zip(("b", "m1", "m2"), (base, *fts))]
+    ck = tmp_path / "ck.safetensors"
+    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, checkpoint=ck)
+    os.utime(os.path.join(fts[1], "model.safetensors"), ns=(1, 1))  # rewritten in place
+    with pytest.raises(ConfigError, match=r"another run \(model 2 \(\S+/m2\): its files \(weights, configs, "
+                                          r"tokenizer files\) changed since the checkpoint was written\)"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True)
+    with pytest.raises(ConfigError, match=r"another run \(model 1 \S+/m1 there, \S+/m2 now; model 2 \S+/m2 there, "):
+        tiesmerge.adapt(base, fts[::-1], files, forward=_forward(), steps=4, checkpoint=ck, resume=True)
+
+
+def test_a_search_logs_refusal_names_the_model_that_differs(tmp_path, monkeypatch):
+    """hp41 C38: a link given as --model, moved from one model to another between runs, was refused as "it differs
+    in: models, weights": no model named, and "weights" read as the --weights option."""
+    import os
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, a, b = _family_dirs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    os.symlink("ft0", "cur")
+    grid, log = {"density": (0.5,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    run_search(base, ["cur", b], "ties", lambda state: 1.0, grid=grid, log=log)
+    os.remove("cur")
+    os.symlink("ft1", "cur")
+    with pytest.raises(ConfigError) as caught:
+        run_search(base, ["cur", b], "ties", lambda state: 1.0, grid=grid, log=log)
+    message = str(caught.value)
+    assert f"model 1 {a} there, {b} now" in message, message
+    assert "the models' files (weights, configs, tokenizer files): changed since the log was started" in message
+    assert "model 2" not in message
+    with pytest.raises(ConfigError, match=r"differs in: the search space \(--axis, --grid, --set"):
+        run_search(base, ["ft0", b], "ties", lambda state: 1.0, grid={"density": (0.3,), "lam": (1.0,)}, log=log)
+
+
+def test_a_refused_search_log_is_not_left_locked(tmp_path):
+    """Found by the test above: in-process, a search refused as another search's kept the log locked until the
+    refused object was collected (a traceback held it), so the corrected call was refused as "another search is
+    writing this log now"."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, a, b = _family_dirs(tmp_path)
+    log = str(tmp_path / "log.jsonl")
+    run_search(base, [a, b], "ties", lambda state: 1.0, grid={"density": (0.5,), "lam": (1.0,)}, log=log)
+    with pytest.raises(ConfigError) as kept:  # the traceback (and the refused log object) stays alive here
+        run_search(base, [b, a], "ties", lambda state: 1.0, grid={"density": (0.5,), "lam": (1.0,)}, log=log)
+    scored = []
+    run_search(base, [a, b], "ties", lambda state: 1.0, grid={"density": (0.5, 0.7), "lam": (1.0,)}, log=log + "2",
+               on_trial=scored.append)
+    run_search(base, [a, b], "ties", lambda state: 1.0, grid={"density": (0.5,), "lam": (1.0,)}, log=log,
+               on_trial=scored.append)
+    assert len(scored) == 2 and kept.value is not None  # the second log: 2 scored; this one: resumed, none scored
+
+
+def test_a_non_finite_api_score_is_said_never_to_win(tmp_path):
+    """hp41 C3: in the API (which keeps NaN and inf scores; the CLI refuses them), a trial scoring +inf did not win
+    and nothing said why: best was 2.0 while a trial had scored inf."""
+    import math
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning import run_search
+
+    base, a, b = _family_dirs(tmp_path)
+    scores = iter([math.inf, 1.0, 2.0])
+
+    def returns_inf_first(state):
+        return next(scores)
+
+    with pytest.warns(MergeWarning, match=r"returns_inf_first returned inf: a score that is not a finite number never "
+                                          r"wins .* so the best is the best finite score"):
+        result = run_search(base, [a, b], "ties", returns_inf_first, grid={"density": (0.2, 0.5, 0.8), "lam": (1.0,)})
+    assert result.best.score == 2.0
