@@ -91,7 +91,8 @@ class GuardedEvaluator:
         if not math.isfinite(value):  # the API keeps it; a +inf silently not winning surprised (hp41 C3)
             _said_once((f"score {value}", self.label),
                        f"{self.label} returned {value}: a score that is not a finite number never wins (it is kept "
-                       f"among the trials, and in a log as {str(value)!r}), so the best is the best finite score", stacklevel=3)
+                       f"among the trials, and in a log as {str(value)!r}), so the best is the best finite score",
+                       stacklevel=3)
         if self.finite and abs(value) > MAX_SCORE:  # the report's axes span max - min: Inf past ~1.8e308
             # repr: the value as returned (1.001e+300 showed as "1e+300, past the ±1e+300", hp40 E1)
             raise EvaluatorError(f"{self.label}: returned {value!r}, past the ±{MAX_SCORE:.0e} a score may reach",
