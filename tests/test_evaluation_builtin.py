@@ -145,11 +145,12 @@ def test_a_bad_classifier_file_names_the_line(classifiers, tmp_path, rows, messa
 
 @pytest.mark.parametrize("name, rows, message", [
     ("choice-accuracy", [{"prompt": "x", "choices": ["a"], "label": 0}], "at least two"),
-    ("choice-accuracy", [{"prompt": "x", "choices": ["a", "b"], "label": 2}], r"'label' must be 0\.\.1"),
+    ("choice-accuracy", [{"prompt": "x", "choices": ["a", "b"], "label": 2}],
+     r"'label' must be an integer from 0 to 1"),
     ("encoder-accuracy", [{"task": "t", "text": "x", "label": 0}], "task 't' has no 'classes' line"),
     ("encoder-accuracy", [{"task": "t", "classes": ["a", "b"]}], "have classes but no examples"),
     ("encoder-accuracy", [{"task": "t", "classes": ["a", "b"]}, {"task": "t", "text": "x", "label": 2}],
-     r"'label' must be 0\.\.1"),
+     r"'label' must be an integer from 0 to 1"),
 ])
 def test_bad_choice_and_encoder_files_name_the_problem(classifiers, tmp_path, name, rows, message):
     _, base, _, _ = classifiers

@@ -137,7 +137,8 @@ def test_classifier_accuracy_names_the_line_and_the_label_past_the_classes(tmp_p
 
     _bert_classifier(tmp_path / "cls", bert_tokenizer)
     data = _write_lines(tmp_path / "lab7.jsonl", [{"text": "the cat sat", "label": 0}, {"text": "a dog", "label": 7}])
-    with pytest.raises(ConfigError, match=r"lab7\.jsonl:2: 'label' must be 0\.\.1, got 7") as caught:
+    with pytest.raises(ConfigError, match=r"lab7\.jsonl:2: 'label' must be an integer from 0 to 1, got 7") \
+            as caught:
         ClassifierAccuracy(tmp_path / "cls", data)
     assert caught.value.hint and "data file" in caught.value.hint and "2 classes" in caught.value.hint
 

@@ -128,3 +128,39 @@ def test_a_non_finite_api_score_is_said_never_to_win(tmp_path):
                                           r"wins .* so the best is the best finite score"):
         result = run_search(base, [a, b], "ties", returns_inf_first, grid={"density": (0.2, 0.5, 0.8), "lam": (1.0,)})
     assert result.best.score == 2.0
+
+
+@pytest.mark.parametrize("label, said", [(1.0, "got 1.0 (float, not an integer)"),
+                                         (True, "got True (bool, not an integer)"),
+                                         ("1", "got '1' (str, not an integer)")])
+def test_a_label_in_range_but_no_integer_is_said_to_be_no_integer(tmp_path, bert_tokenizer, label, said):
+    """hp41 C23: label 1.0 or true was "'label' must be 0..1, got 1.0": 1.0 is in 0..1; the problem is its type."""
+    import json
+
+    from test_hostile_fortieth_pass_evaluators import _bert_classifier
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import ClassifierAccuracy
+
+    _bert_classifier(tmp_path / "cls", bert_tokenizer)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "the cat", "label": label}) + "\n")
+    with pytest.raises(ConfigError, match=r"d\.jsonl:1: 'label' must be an integer from 0 to 1, " + said.replace(
+            "(", r"\(").replace(")", r"\)")):
+        ClassifierAccuracy(tmp_path / "cls", data)
+
+
+def test_a_data_line_naming_a_key_twice_is_refused(tmp_path, bert_tokenizer):
+    """hp41 C24: {"text": "good", "label": 1, "label": 0} was read as label 0 without a word (JSON keeps the last);
+    whichever was meant, the line is a mistake. Refused naming the file, the line and the key."""
+    from test_hostile_fortieth_pass_evaluators import _bert_classifier
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import ClassifierAccuracy
+
+    _bert_classifier(tmp_path / "cls", bert_tokenizer)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "the cat", "label": 0}\n{"text": "good", "label": 1, "label": 0}\n')
+    with pytest.raises(ConfigError, match=r"d\.jsonl:2: an object gives the key 'label' twice"):
+        ClassifierAccuracy(tmp_path / "cls", data)
+    data.write_text('{"text": "the cat", "label": 0, "meta": {"a": 1, "a": 2}}\n')  # nested objects too
+    with pytest.raises(ConfigError, match=r"d\.jsonl:1: an object gives the key 'a' twice"):
+        ClassifierAccuracy(tmp_path / "cls", data)

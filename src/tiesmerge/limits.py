@@ -97,11 +97,29 @@ def _check_numbers(big: int | None, source: str, error: type[TiesMergeError]) ->
         raise _huge_number(source, error, len(str(abs(big))))
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(k for k, _ in pairs if k in seen or seen.add(k))  # type: ignore[func-returns-value]
+        raise _RepeatedKey(repeated)
+    return out
+
+
 def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = CheckpointError,
-               max_depth: int = MAX_DEPTH) -> Any:
-    """Parse JSON text: a typed error for bad syntax, bad encoding or nesting deeper than ``max_depth``."""
+               max_depth: int = MAX_DEPTH, unique_keys: bool = False) -> Any:
+    """Parse JSON text: a typed error for bad syntax, bad encoding or nesting deeper than ``max_depth``, and with
+    ``unique_keys`` for an object naming a key twice (JSON keeps the last silently; a data row
+    ``{"label": 1, "label": 0}`` is a mistake whichever was meant: hp41 C24)."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys) if unique_keys else json.loads(text)
+    except _RepeatedKey as exc:
+        raise error(f"{source}: an object gives the key {str(exc)!r} twice, so which value is meant is unclear",
+                    hint="write each key once (JSON readers keep the last one silently)") from None
     except RecursionError:
         raise error(f"{source}: JSON nested too deep to read (more than {max_depth} levels)", hint=_FIX_FILE) from None
     except UnicodeDecodeError as exc:
@@ -152,7 +170,7 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
         if limit is not None and len(rows) >= limit:
             break
         if line.strip():
-            row = loads_json(line, f"{path}:{number}", error=error)
+            row = loads_json(line, f"{path}:{number}", error=error, unique_keys=True)
             if not isinstance(row, dict):
                 raise error(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}",
                             hint=hint)

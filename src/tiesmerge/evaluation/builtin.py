@@ -76,8 +76,11 @@ def _int_label(row: dict, where: str, classes: int | None = None, of: str = "") 
     about the data file, not the command's options (hp40 B3)."""
     label = row.get("label")
     if not isinstance(label, int) or isinstance(label, bool) or label < 0 or (classes is not None and label >= classes):
-        allowed = f"0..{classes - 1}" if classes is not None else "an integer >= 0"
-        raise ConfigError(f"{where}: 'label' must be {allowed}, got {label!r}",
+        # "an integer": 1.0 and true were told they must be 0..1 (hp41 C23), a range they are in
+        allowed = f"an integer from 0 to {classes - 1}" if classes is not None else "an integer >= 0"
+        raise ConfigError(f"{where}: 'label' must be {allowed}, got {label!r}"
+                          + (f" ({type(label).__name__}, not an integer)" if isinstance(label, (bool, float, str))
+                             else ""),
                           hint=f"fix that line of the data file: 'label' is the index of the right answer"
                                f"{f' ({of})' if of else ''}")
     return label
