@@ -164,3 +164,17 @@ def test_a_data_line_naming_a_key_twice_is_refused(tmp_path, bert_tokenizer):
     data.write_text('{"text": "the cat", "label": 0, "meta": {"a": 1, "a": 2}}\n')  # nested objects too
     with pytest.raises(ConfigError, match=r"d\.jsonl:1: an object gives the key 'a' twice"):
         ClassifierAccuracy(tmp_path / "cls", data)
+
+
+@pytest.mark.parametrize("values, said", [(["", "y"], "--task-names: value 1 of 2 is empty"),
+                                          (["x", ""], "--task-names: value 2 of 2 is empty"),
+                                          ([""], "--task-names is empty")])
+def test_an_empty_value_of_a_many_valued_option_is_named_by_its_place(tmp_path, capsys, values, said):
+    """hp41 C58: `--task-names '' y` was "--task-names is empty", though only one of its two names is."""
+    from helpers_ckpt import run_cli
+
+    base, a, b = _family_dirs(tmp_path)
+    rc, _, err = run_cli(["adapt", "--base", base, "--model", a, "--model", b, "--data", "x.jsonl", "--data",
+                          "y.jsonl", "--task-names", *values, "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and f"error: {said}\n" in err, err
+    assert not (tmp_path / "out").exists()

@@ -340,12 +340,21 @@ def _private_torch_cache() -> None:
     private_folder_for("TORCHINDUCTOR_CACHE_DIR", "tiesmerge-torch-", create=False)  # torch makes it when needed
 
 
-def _empty_values(argv: list[str]) -> list[str]:
+def _empty_values(argv: list[str], multi: frozenset[str] = frozenset()) -> list[str]:
     """The options (and positional arguments) given an empty string: `--stats ''` was taken for the working folder
-    ("the output lies inside the statistics (.)") and `-o ''` for nothing at all."""
+    ("the output lies inside the statistics (.)") and `-o ''` for nothing at all. ``multi``: the command's options
+    that take several values, whose empty one is named by its place (hp41 C58: `--task-names '' y` was "--task-names
+    is empty", though one of its two names is)."""
     empty = []
     for k, arg in enumerate(argv):
         if arg != "":
+            continue
+        flag = next((j for j in range(k - 1, -1, -1) if argv[j].startswith("-") and len(argv[j]) > 1
+                     and not argv[j][1].isdigit() and argv[j][1] != "."), None)  # not a value like -0.5
+        if flag is not None and argv[flag] in multi:
+            count = next((j for j in range(flag + 1, len(argv)) if argv[j].startswith("-") and len(argv[j]) > 1
+                          and not argv[j][1].isdigit() and argv[j][1] != "."), len(argv)) - flag - 1
+            empty.append(argv[flag] if count == 1 else f"{argv[flag]}: value {k - flag} of {count}")
             continue
         before = argv[k - 1] if k else ""
         empty.append(before if before.startswith("-") else f"argument {k + 1}")
@@ -353,6 +362,16 @@ def _empty_values(argv: list[str]) -> list[str]:
         if arg.startswith("--") and arg.endswith("=") and "=" not in arg[:-1]:  # --stats=
             empty.append(arg[:-1])
     return empty
+
+
+def _multi_value_options(parser: argparse.ArgumentParser, command: str | None) -> frozenset[str]:
+    """The option strings of ``command`` that take several values (nargs "+", "*" or a count above 1)."""
+    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    sub = commands.choices.get(command) if commands is not None and command else None
+    if sub is None:
+        return frozenset()
+    return frozenset(o for a in sub._actions if a.nargs in ("+", "*") or isinstance(a.nargs, int) and a.nargs > 1
+                     for o in a.option_strings)
 
 
 _WRITTEN = {"output": "-o", "json": "--json", "dir": "--dir", "checkpoint": "--checkpoint"}  # paths a command writes
@@ -423,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    empty = _empty_values(given)
+    empty = _empty_values(given, _multi_value_options(parser, args.command))
     if empty:
         return _report(ConfigError([f"{flag} is empty" for flag in empty],
                                    hint="give a value (a path, a name or a number), or leave the option out"), debug)
