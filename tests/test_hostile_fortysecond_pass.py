@@ -178,3 +178,15 @@ def test_an_empty_value_of_a_many_valued_option_is_named_by_its_place(tmp_path, 
                           "y.jsonl", "--task-names", *values, "-o", str(tmp_path / "out")], capsys)
     assert rc == 2 and f"error: {said}\n" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_written_files_folder_that_is_a_file_is_said_to_be_a_file(tmp_path):
+    """hp41 C36: `--json x.json/y` with x.json a file said "--json's folder .../x.json does not exist" (it does)."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(OutputError, match=r"--json's folder \S+/x\.json/z does not exist: \S+/x\.json is a file, not "
+                                          r"a folder"):
+        check_output_file(tmp_path / "x.json" / "z" / "y", False, [], "--json")
+    assert (tmp_path / "x.json").read_text() == "{}"

@@ -1120,6 +1120,10 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
                                       "writing there would change an input", hint="choose a path outside the inputs")
     parent = physical(path).parent
     if not os.path.isdir(parent):
+        blocker = next((p for p in (parent, *parent.parents) if os.path.lexists(p)), None)
+        if blocker is not None and not os.path.isdir(blocker):  # hp41 C36: "does not exist" of an existing file
+            raise OutputError(f"{path}: {what}'s folder {parent} does not exist: {blocker} is a file, not a folder",
+                              hint="name a path whose folders are folders")
         raise OutputError(f"{path}: {what}'s folder {parent} does not exist", hint="create it first or name another")
     if not os.access(parent, os.W_OK | os.X_OK):  # EROFS too: said now, not after the work
         raise OutputError(f"{path}: {what}'s folder {parent} is not writable",
