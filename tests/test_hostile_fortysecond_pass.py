@@ -190,3 +190,28 @@ def test_a_written_files_folder_that_is_a_file_is_said_to_be_a_file(tmp_path):
                                           r"a folder"):
         check_output_file(tmp_path / "x.json" / "z" / "y", False, [], "--json")
     assert (tmp_path / "x.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("how, field", [("copy", "modules_to_save"), ("factors", "target_modules")])
+def test_an_adapter_on_a_tied_head_is_told_which_field_holds_the_head(tmp_path, how, field):
+    """hp41 C30: a GPT-2 LoRA with modules_to_save=["lm_head"] (a whole copy of the tied head) was refused with the
+    hint "train the adapter without lm_head in target_modules", a field that did not hold it."""
+    import torch
+
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    base = make_base()
+    head = base.pop("lm_head.weight")  # tied: the base stores only the embedding
+    b = write_hf_dir(tmp_path / "base", base, config={"tie_word_embeddings": True})
+    factors = random_lora(base, 2, seed=1)
+    extra, config = {}, {}
+    if how == "copy":
+        extra, config = {"lm_head.weight": head + 0.1}, {"modules_to_save": ["lm_head"]}
+    else:
+        factors["lm_head"] = (torch.randn(2, 8), 0.1 * torch.randn(32, 2))
+    lora = write_lora_dir(tmp_path / "lora", factors, alpha=4, extra=extra, config=config)
+    with pytest.raises(IncompatibleCheckpointsError, match="does not store: it ties the head") as caught:
+        tiesmerge.merge(b, [lora], "task_arithmetic", lam=1.0)
+    assert caught.value.hint.endswith(f"train the adapter without lm_head in {field}")

@@ -118,13 +118,17 @@ class BaseNames:
             return
         embedding = next((n for n in sorted(self.names) if n.endswith(_EMBED_SUFFIXES)), None)
         if embedding is not None:
+            # an adapted layer's factors name target_modules; a whole copy of the head names modules_to_save (hp41
+            # C30: the hint said target_modules of a head that was in modules_to_save)
+            field = "target_modules" if any(f in key for f in ("lora_", "ia3_", "vera_", "hra_", "oft_")) \
+                else "modules_to_save"
             raise IncompatibleCheckpointsError(
                 f"{label}: adapter tensor {key!r} adapts the output head {whole!r}, which the base "
                 f"({self.base.label}) does not store: it ties the head to its input embedding {embedding!r} "
                 "(tie_word_embeddings), so the head's change would change the embedding too; tiesmerge does not "
                 "merge an adapter on a tied head",
                 hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full model, or "
-                     "train the adapter without lm_head in target_modules")
+                     f"train the adapter without lm_head in {field}")
 
     def _ending(self, whole: str) -> list[str]:
         if len(whole) >= self._longest:
