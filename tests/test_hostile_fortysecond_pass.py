@@ -215,3 +215,19 @@ def test_an_adapter_on_a_tied_head_is_told_which_field_holds_the_head(tmp_path, 
     with pytest.raises(IncompatibleCheckpointsError, match="does not store: it ties the head") as caught:
         tiesmerge.merge(b, [lora], "task_arithmetic", lam=1.0)
     assert caught.value.hint.endswith(f"train the adapter without lm_head in {field}")
+
+
+@pytest.mark.parametrize("weights", [(0.5,), (0.5, 0.5, 0.5)])
+def test_a_held_per_model_option_of_the_wrong_count_is_refused_before_any_candidate(tmp_path, weights):
+    """hp41 C84: `search --axis density --set weights=0.5` with 2 models failed in candidate 0's merge ("candidate 0:
+    ties: 1 weights given for 2 models"); the count is --set's and is checked with the space."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, a, b = _family_dirs(tmp_path)
+    scored = []
+    with pytest.raises(ConfigError, match=rf"the held weights \(--set weights=\.\.\.\) gives {len(weights)} value\(s\) "
+                                          r"for 2 models"):
+        run_search(base, [a, b], "ties", lambda state: scored.append(1) or 1.0, grid={"density": (0.2,)},
+                   fixed={"weights": weights})
+    assert scored == []

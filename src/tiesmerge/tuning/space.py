@@ -243,6 +243,12 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     for name in names:
         if name in fixed:
             problems.append(f"{name!r} is both searched and fixed; drop one")
+    for name, value in fixed.items():  # a held per-model option of the wrong count: said now, not by candidate 0's
+        # merge ("candidate 0: ties: 1 weights given for 2 models", hp41 C84)
+        if name in fields and fields[name].metadata.get("per_model") and isinstance(value, (tuple, list)) \
+                and len(value) not in (0, n_models):
+            problems.append(f"the held {name} (--set {name}=...) gives {len(value)} value(s) for {n_models} models: "
+                            f"give one per model, in the models' order")
     if len(set(names)) != len(names):
         problems.append(f"an option is named twice in the axes {names}")
     if problems:
