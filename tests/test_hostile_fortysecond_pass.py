@@ -231,3 +231,29 @@ def test_a_held_per_model_option_of_the_wrong_count_is_refused_before_any_candid
         run_search(base, [a, b], "ties", lambda state: scored.append(1) or 1.0, grid={"density": (0.2,)},
                    fixed={"weights": weights})
     assert scored == []
+
+
+def test_thousands_of_slerp_filters_make_lines_not_pages(tmp_path, capsys):
+    """hp41 C64: a mergekit slerp recipe of 9,000 filters printed a 440,000-character warning (the filters that
+    match nothing) and a 431,000-character "semantics:" line; validate printed t_by_name whole. Each lists the first
+    few and counts the rest (the recipe and the manifest keep them all)."""
+    from test_recipe_mergekit_family import _family
+    from tiesmerge.cli.main import main
+
+    paths, _ = _family(tmp_path, n=1, layers=2)
+    rules = "".join(f"    - filter: nowhere{k}\n      value: 0.3\n" for k in range(600))
+    recipe = tmp_path / "many.yaml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {paths['base']}\nmodels: [{{model: {paths['base']}}}, "
+                      f"{{model: {paths['m1']}}}]\nparameters:\n  t:\n{rules}    - value: 0.5\ndtype: float32\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    merged = capsys.readouterr()
+    assert main(["validate", str(recipe)]) == 0
+    validated = capsys.readouterr()
+    lines = [*merged.out.splitlines(), *merged.err.splitlines(), *validated.out.splitlines(),
+             *validated.err.splitlines()]
+    assert max(len(line) for line in lines) < 1000, max(lines, key=len)[:300]
+    assert "and 592 more match no tensor" in merged.err
+    assert "and 593 more (all in t_by_name)" in merged.out
+    assert "characters in all)" in validated.out
+    manifest = (tmp_path / "out" / "tiesmerge.json").read_text()
+    assert "nowhere599=0.3" in manifest  # the whole schedule is kept where it is read back

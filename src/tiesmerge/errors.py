@@ -6,6 +6,9 @@ writes (recipes, JSON-lines data: ``ConfigError``) exit with status 2, everythin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 __all__ = [
     "TiesMergeError",
     "ConfigError",
@@ -58,6 +61,13 @@ def more_problems(rest: int) -> str:
     """The line that ends a list of problems cut at MAX_LISTED (``rest`` left out), or nothing where none was."""
     return (f"\n  ... and {rest} more (fix these first, or see every problem in the error's .problems)"
             if rest > 0 else "")
+
+
+def listed(items: Sequence[Any], limit: int = 8, sep: str = ", ") -> str:
+    """The first ``limit`` of ``items`` (as given: format them first) joined, and "and N more" for the rest: a
+    message line stays a line when a recipe lists thousands (hp41 C64: a 440,000-character warning)."""
+    shown = sep.join(str(item) for item in items[:limit])
+    return shown + (f"{sep}and {len(items) - limit:,} more" if len(items) > limit else "")
 
 
 class CheckpointError(TiesMergeError):

@@ -69,7 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from .dtypes import BY_NAME
-from .errors import ConfigError, MergeWarning, TiesMergeError
+from .errors import ConfigError, MergeWarning, TiesMergeError, listed
 from .limits import read_json
 from .methods.base import FLOAT32_MAX, finite
 from .paths import inside
@@ -550,7 +550,9 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
                 problems.append(f"slerp: t has a gradient, and {base}/config.json gives no num_hidden_layers")
                 return "", {}, ""
             params["layers"] = layers
-        return "slerp", params, f"mergekit slerp from base_model with t per tensor: {text}"
+        rules = text.split(";")  # thousands of filters made a 431,000-character line (hp41 C64): the first few
+        return "slerp", params, ("mergekit slerp from base_model with t per tensor: "
+                                 + listed(rules, sep="; ") + (" (all in t_by_name)" if len(rules) > 8 else ""))
     if method == "nuslerp":
         if len(paths) != 2:
             problems.append(f"nuslerp merges exactly two models besides the base; got {len(paths)}")

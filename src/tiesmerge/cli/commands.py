@@ -564,7 +564,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for warning in recipe.origin.get("warnings", []):
             print(f"  warning: {terminal_safe(str(warning))}")
     for key, value in recipe.to_dict()["parameters"].items():
-        print(f"  {key} = {value}")
+        text = str(value)  # a t_by_name of 9,000 filters is a 440,000-character line (hp41 C64)
+        print(f"  {key} = {text if len(text) <= 300 else text[:240] + f'... ({len(text):,} characters in all)'}")
     merged = [j for j in plan.jobs if j.merge]
     print(f"  inputs checked: {len(merged)} tensors to merge, {format_size(plan.bytes_to_read)} to read, "
           f"peak memory {format_size(plan.peak_bytes)}")

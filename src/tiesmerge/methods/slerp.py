@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from ..errors import ConfigError, MergeWarning
+from ..errors import ConfigError, MergeWarning, listed
 from ..lazy import torch
 from .base import ChunkContext, Requirements, TensorKernel, finite, method_config, non_negative_int, option
 from .schedule import layer_index, parse_schedule, schedule_problem
@@ -190,12 +190,12 @@ class Slerp:
         unmatched = [p for p, _ in rules if p is not None and not any(p in n for n in names)]
         if unmatched:  # a typo (self_atn) would leave every tensor at the default t, silently
             warnings.warn(MergeWarning(
-                f"slerp: t_by_name's filter(s) {', '.join(repr(p) for p in unmatched)} match no tensor the merge "
+                f"slerp: t_by_name's filter(s) {listed([repr(p) for p in unmatched])} match no tensor the merge "
                 "interpolates (a filter is a part of a tensor's name, e.g. self_attn or mlp), so they set nothing"),
                 stacklevel=3)
         shadowed = _shadowed_rules(rules, names, unmatched)
         if shadowed:  # first match wins (mergekit's rule): a later rule whose tensors all match an earlier one is dead
-            dead = "; ".join(f"rule {rule} is shadowed by {by}" for rule, by in shadowed)
+            dead = listed([f"rule {rule} is shadowed by {by}" for rule, by in shadowed], sep="; ")
             warnings.warn(MergeWarning(
                 f"slerp: in t_by_name (a mergekit recipe's parameters.t, rules in its order), {dead}: the first "
                 "rule that matches a tensor sets its t, so those rules set nothing; put the more specific filter "
