@@ -257,3 +257,19 @@ def test_thousands_of_slerp_filters_make_lines_not_pages(tmp_path, capsys):
     assert "characters in all)" in validated.out
     manifest = (tmp_path / "out" / "tiesmerge.json").read_text()
     assert "nowhere599=0.3" in manifest  # the whole schedule is kept where it is read back
+
+
+def test_a_float64_range_refusal_says_of_how_many_values_it_counts(tmp_path):
+    """hp41 C26: float64 models whose every entry was ±1e300: one command said "1024 value(s)" (the rows it had
+    sampled), the other "4096" (the whole tensor), neither saying which. A count of a part says so."""
+    import numpy as np
+
+    from tiesmerge.engine.reader import check_float32_range
+    from tiesmerge.errors import InvalidTensorError
+
+    values = np.full(1024, 1e300)
+    with pytest.raises(InvalidTensorError, match=r"\(1,024 value\(s\) among the 1,024 read of its 4,096, the largest "
+                                                 r"of magnitude 1e\+300"):
+        check_float32_range("m/model.safetensors", "w", (64, 64), values)
+    with pytest.raises(InvalidTensorError, match=r"\(4,096 value\(s\), the largest of magnitude 1e\+300"):
+        check_float32_range("m/model.safetensors", "w", (64, 64), np.full(4096, 1e300))

@@ -16,6 +16,7 @@ The reader also draws the seeded sample that brackets a global top-k threshold
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -107,13 +108,18 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_float32_range(location: str, name: str, shape: tuple[int, ...], values: np.ndarray) -> None:
-    """Refuse float64 ``values`` that are finite but past float32's range, which every merge computes in."""
+    """Refuse float64 ``values`` that are finite but past float32's range, which every merge computes in. ``values``
+    may be a part of the tensor (a chunk, sampled rows): the count then says of how many it is (hp41 C26: merge said
+    "1024 value(s)" of a tensor whose 4096 all were, where analyze, reading it whole, said 4096)."""
     with np.errstate(invalid="ignore"):
         over = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
     if over.any():
+        whole = math.prod(shape)
+        counted = f"{int(over.sum()):,} value(s)" + (f" among the {values.size:,} read of its {whole:,}"
+                                                      if values.size < whole else "")
         raise InvalidTensorError(
-            f"{location}: tensor {name!r} {shape} holds float64 values beyond float32's range ({int(over.sum())} "
-            f"value(s), the largest of magnitude {float(np.abs(values[over]).max()):.3g}; float32 holds at most "
+            f"{location}: tensor {name!r} {shape} holds float64 values beyond float32's range ({counted}, "
+            f"the largest of magnitude {float(np.abs(values[over]).max()):.3g}; float32 holds at most "
             f"{FLOAT32_MAX:.3g}), and tiesmerge computes in float32",
             hint="these values are not weights a model can use; check how the checkpoint was made (or rescale it)")
 
