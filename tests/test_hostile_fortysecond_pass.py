@@ -273,3 +273,30 @@ def test_a_float64_range_refusal_says_of_how_many_values_it_counts(tmp_path):
         check_float32_range("m/model.safetensors", "w", (64, 64), values)
     with pytest.raises(InvalidTensorError, match=r"\(4,096 value\(s\), the largest of magnitude 1e\+300"):
         check_float32_range("m/model.safetensors", "w", (64, 64), np.full(4096, 1e300))
+
+
+def test_encoder_accuracy_scores_the_encoder_of_a_sequence_classification_base(tmp_path, bert_tokenizer):
+    """hp41 C49: encoder-accuracy on a BertForSequenceClassification base failed after the first merge ("the merged
+    model has tensors the model built from the base does not: bert.embeddings..."). The encoder is read as
+    transformers reads such a checkpoint into AutoModel (bert. stripped, the classifier left out), and what it
+    scores is the candidate's encoder, not the base's."""
+    import json
+
+    import torch
+
+    from test_hostile_fortieth_pass_evaluators import _bert_classifier
+    from tiesmerge.evaluation.builtin import _MODELS, EncoderAccuracy
+
+    model = _bert_classifier(tmp_path / "cls", bert_tokenizer)
+    data = tmp_path / "enc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"task": "t", "classes": ["the cat sat", "a dog ran"]}, {"task": "t", "text": "the cat", "label": 0},
+        {"task": "t", "text": "a dog", "label": 1}]))
+    scorer = EncoderAccuracy(tmp_path / "cls", data, device="cpu")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert 0.0 <= scorer(state) <= 1.0
+    encoder = next(v[0] for k, v in _MODELS.items() if k[0] == "encoder" and k[1] == str(tmp_path / "cls"))
+    changed = {k: (v + 1.0 if k == "bert.embeddings.word_embeddings.weight" else v) for k, v in state.items()}
+    scorer(changed)
+    assert torch.equal(encoder.model.state_dict()["embeddings.word_embeddings.weight"],
+                       changed["bert.embeddings.word_embeddings.weight"])

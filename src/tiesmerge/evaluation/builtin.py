@@ -440,6 +440,7 @@ class EncoderAccuracy(_Scorer):
             heads = {t: build_head(base, c) for t, c in self.classes.items()}  # from the base, before any state
             _MODELS[key] = (base, heads)
         encoder, heads = _MODELS[key]
+        state = _encoder_part(encoder.model, state)
         # a BertModel saved by save_pretrained holds its pooler, which mean pooling never reads and the encoder is
         # built without (hp40 L5: "the merged model has tensors the model built from the base does not")
         held = {name.split(".", 1)[0] for name in encoder.model.state_dict()}
@@ -447,6 +448,19 @@ class EncoderAccuracy(_Scorer):
                                                                             held)}, self.model_dir)
         return evaluate_encoder(encoder, self.examples, {t: heads[t] for t in self.examples},
                                 batch_size=self.batch_size).mean
+
+
+def _encoder_part(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A task model's weights (a BertForSequenceClassification's ``bert.*`` and ``classifier.*``) as the bare
+    encoder's names: the architecture's base_model_prefix stripped, as transformers loads such a checkpoint into
+    AutoModel, and the task head left out, which mean pooling never reads (hp41 C49: refused after the first merge as
+    "the merged model has tensors the model built from the base does not")."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if not prefix or any(name.startswith(prefix + ".") for name in model.state_dict()):
+        return state
+    if not any(name.startswith(prefix + ".") for name in state):
+        return state
+    return {name[len(prefix) + 1:]: value for name, value in state.items() if name.startswith(prefix + ".")}
 
 
 BUILTIN_EVALUATORS: dict[str, type[_Scorer]] = {
