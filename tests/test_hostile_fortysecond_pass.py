@@ -300,3 +300,24 @@ def test_encoder_accuracy_scores_the_encoder_of_a_sequence_classification_base(t
     scorer(changed)
     assert torch.equal(encoder.model.state_dict()["embeddings.word_embeddings.weight"],
                        changed["bert.embeddings.word_embeddings.weight"])
+
+
+def test_lm_perplexity_on_text_its_tokenizer_does_not_know_is_warned(tmp_path):
+    """hp41 C80: a text whose every word was <unk> to the tokenizer was scored without a word: every candidate is
+    then ranked on how well it predicts <unk> after <unk>."""
+    import warnings
+
+    pytest.importorskip("transformers")
+    from test_hostile_fortieth_pass_evaluators import _llama
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.builtin import LMPerplexity
+
+    _llama(tmp_path / "lm")
+    (tmp_path / "unknown.txt").write_text("zzz qqq xxx " * 10)
+    with pytest.warns(MergeWarning, match=r"unknown\.txt: 100% of the text's 30 tokens are unknown to the base's "
+                                          r"tokenizer \(<unk>\)"):
+        LMPerplexity(tmp_path / "lm", tmp_path / "unknown.txt")
+    (tmp_path / "known.txt").write_text("the cat sat on a mat " * 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        LMPerplexity(tmp_path / "lm", tmp_path / "known.txt")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MergeWarning
 from ..limits import read_json_lines
 from ..paths import check_model_dir, read_regular
 from .loading import (
@@ -336,7 +337,21 @@ class LMPerplexity(_Scorer):
             raise ConfigError(f"max_length {self.max_length}: a window needs at least 2 tokens")
         if is_encoder_decoder(self.model_dir):  # from config.json, before the first merge (hp40 L7)
             raise ConfigError(_ENCODER_DECODER.format(self.model_dir), hint=_ENCODER_DECODER_HINT)
-        self._tokenizer()
+        self._warn_unknown(self._tokenizer())
+
+    def _warn_unknown(self, tokenizer: Any) -> None:
+        """Most of the text unknown to the tokenizer: every candidate is scored on how well it predicts <unk> after
+        <unk>, which ranks merges on noise (hp41 C80: a file of words the vocabulary lacked scored without a word)."""
+        unknown = getattr(tokenizer, "unk_token_id", None)
+        if unknown is None:  # byte-level tokenizers (GPT-2's) know every text
+            return
+        ids = tokenizer(clipped(self.text, self.max_tokens), add_special_tokens=False)["input_ids"][:self.max_tokens]
+        share = sum(1 for i in ids if i == unknown) / max(1, len(ids))
+        if share >= 0.5:
+            warnings.warn(MergeWarning(
+                f"{self.data}: {share:.0%} of the text's {len(ids):,} tokens are unknown to the base's tokenizer "
+                f"({tokenizer.unk_token!s}), so lm-perplexity mostly scores how well a model predicts that token: "
+                "the text is not of the language or vocabulary the model was trained on"), stacklevel=3)
 
     @torch.no_grad()
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
