@@ -321,3 +321,20 @@ def test_lm_perplexity_on_text_its_tokenizer_does_not_know_is_warned(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", MergeWarning)
         LMPerplexity(tmp_path / "lm", tmp_path / "known.txt")
+
+
+def test_analyze_says_when_ties_at_the_threshold_keep_far_more_than_the_density(tmp_path):
+    """hp41 C44: task vectors of ±0.01 everywhere (float32 leaves a few distinct magnitudes) keep 100% at density
+    0.2 under TIES's keep-every-tie rule; analyze said "trimmed to their top 20.0%" and nothing of the ties."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(32, 32, generator=g)}
+    models = [{"w": base["w"] + 0.01 * torch.sign(torch.randn(32, 32, generator=g))} for _ in range(2)]
+    exact = [{"w": base["w"] + torch.randn(32, 32, generator=g)} for _ in range(2)]
+    # (base + 0.01) - base in float32 takes a handful of magnitudes, the smallest shared by more than 20% of entries
+    tied = tiesmerge.analyze({"w": torch.zeros(32, 32)}, [{"w": m["w"] - base["w"]} for m in models], density=0.2)
+    said = [line for line in tied["summary"] if "tie at the trim's threshold" in line]
+    assert len(said) == 1 and "keep 100.0% to 100.0% of their entries, not 20.0%" in said[0], tied["summary"]
+    plain = tiesmerge.analyze(base, exact, density=0.2)
+    assert not any("tie at the trim's threshold" in line for line in plain["summary"])

@@ -54,6 +54,14 @@ def summarise(data: dict) -> list[str]:
                  + ("most of a task vector sits in its largest entries." if sum(l1) / len(l1) >= 0.5 else
                     "a task vector's mass is spread over many entries, beyond the ones kept."))
     overlap = data["overlap"]
+    shares = [overlap["intersections"][i][i] / data["parameters"] for i in live]  # entries kept, ties included
+    # merge's own warning's rule (engine.reduce.TIES_EXCESS): float32 rounding of tiny task vectors leaves a few
+    # distinct magnitudes, and the report said "trimmed to their top 20%" of models that kept 100% (hp41 C44)
+    if shares and max(shares) > 1.5 * k + 0.01:
+        lines.append(f"Many entries tie at the trim's threshold, and keeping every tie (TIES's rule) keeps far more "
+                     f"than the density: the models keep {percent(min(shares))} to {percent(max(shares))} of their "
+                     f"entries, not {percent(k)} (the figures above and below count every tie as kept); a merge with "
+                     "--threshold-ties sort keeps exactly the density.")
     if len(live) < 2:
         lines.append(f"Only model {live[0]} changes the base, so there is no overlap between models' masks to measure.")
     else:  # the pairs of models that keep something, and random masks of their own density
