@@ -338,3 +338,29 @@ def test_analyze_says_when_ties_at_the_threshold_keep_far_more_than_the_density(
     assert len(said) == 1 and "keep 100.0% to 100.0% of their entries, not 20.0%" in said[0], tied["summary"]
     plain = tiesmerge.analyze(base, exact, density=0.2)
     assert not any("tie at the trim's threshold" in line for line in plain["summary"])
+
+
+def test_a_mergekit_linear_without_normalize_whose_weights_do_not_sum_to_1_merges_as_mergekit(tmp_path, capsys):
+    """hp41 C19: mergekit `linear` with normalize: false and weights 0.7, -0.2 and 0.35 on the base (sum 0.85) was
+    refused as inexpressible, though `average --base-weight --no-normalize-weights` computes exactly that (and was
+    bit-equal to mergekit 0.1.5 when measured). Merged as mergekit merges it, the scale said."""
+    import torch
+    from safetensors.torch import load_file
+
+    from test_recipe_mergekit_family import _family
+    from tiesmerge.cli.main import main
+
+    paths, states = _family(tmp_path, n=2)
+    recipe = tmp_path / "lin.yaml"
+    recipe.write_text(f"merge_method: linear\nbase_model: {paths['base']}\nmodels:\n"
+                      f"  - {{model: {paths['m1']}, parameters: {{weight: 0.7}}}}\n"
+                      f"  - {{model: {paths['m2']}, parameters: {{weight: -0.2}}}}\n"
+                      f"  - {{model: {paths['base']}, parameters: {{weight: 0.35}}}}\n"
+                      "parameters: {normalize: false}\ndtype: float32\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "the weights sum to 0.85, not 1, so the merge Σ w_i θ_i is the models' values scaled by about 0.85" in \
+        capsys.readouterr().err
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name, value in merged.items():
+        expected = 0.7 * states["m1"][name] - 0.2 * states["m2"][name] + 0.35 * states["base"][name]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)

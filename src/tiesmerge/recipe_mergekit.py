@@ -18,8 +18,9 @@ mergekit's methods that tiesmerge shares, and what each becomes (mergekit 0.1.5,
   ->  ``average`` with ``base_weight``: the first listed model read as the base with its weight,
   the others' weights (``base_model`` counts where the models list it); the models' own values summed
   w_i θ_i from 0 in order, then / Σ w, in float32 as mergekit does (bit for bit in float32, and in
-  bfloat16 too, where mergekit also accumulates in float32). With ``normalize: false`` (weights
-  summing to 1): the same with ``normalize_weights=False``, Σ w_i θ_i undivided, in mergekit's order.
+  bfloat16 too, where mergekit also accumulates in float32). With ``normalize: false``: the same with
+  ``normalize_weights=False``, Σ w_i θ_i undivided, in mergekit's order (weights not summing to 1 scale the
+  model, as in mergekit: said in a warning).
 - ``dare_ties`` / ``dare_linear``: random drop at ``density`` kept, then TIES's steps / a sum.
   ->  ``dare_ties`` / ``dare_linear`` with ``drop_rate = 1 − density`` (``dare_linear``'s ``normalize`` as
   ``normalize_weights``: the division after the sum, by the weights' float32 sum, as mergekit's). The random
@@ -378,12 +379,12 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
             return "", {}, ""
         if normalize and math.isclose(total, 0.0, abs_tol=1e-8):
             problems.append("linear: the weights sum to 0, so normalize has nothing to divide by; give weights "
-                            "with a nonzero sum (or normalize: false with weights summing to 1)")
+                            "with a nonzero sum (or normalize: false, which sums w_i θ_i undivided)")
             return "", {}, ""
-        if not normalize and not math.isclose(total, 1.0):
-            problems.append("linear with normalize: false and weights not summing to 1 scales the whole model; "
-                            "tiesmerge merges task vectors on a base and cannot express it")
-            return "", {}, ""
+        if not normalize and not math.isclose(total, 1.0):  # merged as mergekit merges it (hp41 C19: it was
+            # refused as inexpressible, while average --no-normalize-weights --base-weight computes exactly this)
+            warnings.append(f"linear with normalize: false: the weights sum to {total:.6g}, not 1, so the merge "
+                            f"Σ w_i θ_i is the models' values scaled by about {total:.6g} (mergekit computes the same)")
         # the engine needs a base: the first listed model stands as it, with its weight, so that the
         # models' own values are summed in the list's order, as mergekit does (a base_model the models do
         # not list was appended last above, with the shared weight, as mergekit's planner adds it)
