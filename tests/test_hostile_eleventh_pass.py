@@ -207,7 +207,7 @@ def test_slerp_layers_the_model_contradicts_are_warned(family, tmp_path, capsys)
         rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method",
                               "slerp", "--t-by-name", "*=0.1,0.9", "--layers", layers, "-o",
                               str(tmp_path / f"o{layers}"), "--no-progress"], capsys)
-        assert rc == 0 and "--layers 2 (config.json's num_hidden_layers)" in err and needle in err, err
+        assert rc == 0 and "layers 2 (--layers 2), the count the tensors hold" in err and needle in err, err
     rc, _, err = run_cli(["merge", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--method", "slerp",
                           "--t-by-name", "*=0.1,0.9", "--layers", "2", "-o", str(tmp_path / "ok"), "--no-progress"],
                          capsys)

@@ -364,3 +364,18 @@ def test_a_mergekit_linear_without_normalize_whose_weights_do_not_sum_to_1_merge
     for name, value in merged.items():
         expected = 0.7 * states["m1"][name] - 0.2 * states["m2"][name] + 0.35 * states["base"][name]
         torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_slerps_layers_warning_does_not_call_the_tensors_count_config_jsons(tmp_path):
+    """hp41 C51: a mergekit recipe's base config.json said 10^12 layers, its tensors 2; the warning said "--layers 2
+    (config.json's num_hidden_layers)": 2 is the tensors' count, and config.json is where the wrong number is."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.methods import Slerp
+
+    method = Slerp(t_by_name="*=0,0.5,1", layers=10**12, anchor="base")
+    with pytest.warns(MergeWarning) as said:
+        method.check_tensors({"model.layers.0.mlp.weight": (4, 4), "model.layers.1.mlp.weight": (4, 4)})
+    text = " ".join(str(w.message) for w in said)
+    assert "layers is 1,000,000,000,000, but the model's tensors name layers 0 to 1 (2 layers)" in text
+    assert "layers 2 (--layers 2), the count the tensors hold" in text and "check its num_hidden_layers" in text
+    assert "(config.json's num_hidden_layers) spreads" not in text

@@ -205,12 +205,16 @@ class Slerp:
         indices = {i for i in map(layer_index, names) if i is not None}
         if indices and max(indices) + 1 != self.layers:  # a warning: a model with two stacks (a vision tower
             # beside the text layers) names more layer indices than num_hidden_layers, as mergekit merges it
+            # layers comes from --layers, or from a mergekit recipe's base config.json: the hint names both (hp41
+            # C51: "(config.json's num_hidden_layers)" was said of the tensors' count, where config.json said 10^12)
             warnings.warn(MergeWarning(
-                f"slerp: layers is {self.layers}, but the model's tensors name layers 0 to {max(indices)} "
+                f"slerp: layers is {self.layers:,}, but the model's tensors name layers 0 to {max(indices)} "
                 f"({max(indices) + 1} layers): the gradient in t_by_name "
                 + ("never reaches its last values" if self.layers > max(indices) + 1 else
                    f"is past its end for layers {self.layers} to {max(indices)}, which take its last values")
-                + f"; --layers {max(indices) + 1} (config.json's num_hidden_layers) spreads it over them"),
+                + f"; layers {max(indices) + 1} (--layers {max(indices) + 1}), the count the tensors hold, spreads it "
+                  "over them (a mergekit recipe takes layers from its base's config.json: check its "
+                  "num_hidden_layers)"),
                 stacklevel=3)
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:
