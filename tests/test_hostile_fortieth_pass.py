@@ -510,7 +510,8 @@ def test_a_search_resumed_with_an_evaluator_built_otherwise_is_refused(tmp_path,
     grid, log = {"density": (0.2, 0.5), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
     run_search(base, models, "ties", evaluator(1.0), grid=grid, log=log)
     if kind == "object":
-        with pytest.warns(MergeWarning, match="2 logged scores of a callable object .*needs a log of its own"):
+        with pytest.warns(MergeWarning, match="2 logged scores of an evaluator whose scores depend on the "
+                                              "attributes of a .* object.*needs a log of its own"):
             run_search(base, models, "ties", evaluator(-1.0), grid=grid, log=log)
         return
     run_search(base, models, "ties", evaluator(1.0), grid=grid, log=log)  # built the same: resumes
@@ -746,8 +747,8 @@ def test_the_evaluators_build_digest_never_fails(extra):
     import numpy as np
     import torch
 
-    from tiesmerge.tuning.driver import _evaluator_state
     from tiesmerge.tuning.evaluator import evaluator_name, guard
+    from tiesmerge.tuning.evaluator_digest import evaluator_state as _evaluator_state
 
     value = {"bf16": torch.ones(3, dtype=torch.bfloat16), "meta": torch.empty(3, device="meta"),
              "object": np.array(["a", "b"], dtype=object)}.get(extra, extra) if isinstance(extra, str) else extra
@@ -776,7 +777,7 @@ def test_the_build_digest_follows_partials_and_decorators_into_closures():
     closure's sign changed unseen."""
     import functools
 
-    from tiesmerge.tuning.driver import _evaluator_state
+    from tiesmerge.tuning.evaluator_digest import evaluator_state as _evaluator_state
 
     assert _evaluator_state(functools.partial(_make_signed_closure(1.0))) != \
         _evaluator_state(functools.partial(_make_signed_closure(-1.0)))
@@ -793,7 +794,8 @@ def test_a_bound_methods_resume_is_said_as_an_objects_is(tmp_path):
     base, models = make_family(2)
     grid, log = {"density": (0.2,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
     run_search(base, models, "ties", _SignedScore(1.0).__call__, grid=grid, log=log)
-    with pytest.warns(MergeWarning, match="logged scores of a callable object \\(_SignedScore\\)"):
+    with pytest.warns(MergeWarning, match="logged scores of an evaluator whose scores depend on the attributes "
+                                          "of a _SignedScore object"):
         run_search(base, models, "ties", _SignedScore(-1.0).__call__, grid=grid, log=log)
 
 

@@ -379,3 +379,165 @@ def test_slerps_layers_warning_does_not_call_the_tensors_count_config_jsons(tmp_
     assert "layers is 1,000,000,000,000, but the model's tensors name layers 0 to 1 (2 layers)" in text
     assert "layers 2 (--layers 2), the count the tensors hold" in text and "check its num_hidden_layers" in text
     assert "(config.json's num_hidden_layers) spreads" not in text
+
+
+def _score_with(state, extra=None):
+    return 1.0
+
+
+class _StrRaises(str):
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+class _FloatRaises(float):
+    def __repr__(self):
+        raise RuntimeError("no repr")
+
+
+class _EndlessList(list):
+    def __iter__(self):
+        import itertools
+
+        return itertools.count()
+
+
+class _KeyRaises(dict):
+    def __getitem__(self, key):
+        raise KeyError(key)
+
+
+def _odd_values():
+    """(name, maker(sign)): values an evaluator may be built with that broke the digest in hostile pass 42."""
+    import numpy as np
+    import torch
+
+    return [
+        ("huge int", lambda s: 10 ** 5000 * int(s)),  # D5: past Python's 4,300-digit decimal limit
+        ("object array of a huge int", lambda s: np.array([10 ** 5000 * int(s)], dtype=object)),
+        ("str subclass whose repr raises", lambda s: _StrRaises(str(s))),  # D6
+        ("float subclass whose repr raises", lambda s: _FloatRaises(s)),
+        ("conjugate view", lambda s: torch.tensor([1 + 1j, 2 - 1j * s]).conj()),  # D7
+        ("negative view", lambda s: torch._neg_view(torch.tensor([1.0, 2.0 * s]))),
+        ("nested tensor", lambda s: torch.nested.nested_tensor([torch.ones(2) * s, torch.ones(3)])),
+        ("quantized tensor", lambda s: torch.quantize_per_tensor(torch.tensor([0.5, 1.0 * s]), 0.1, 0, torch.qint8)),
+        ("dict whose getitem raises", lambda s: _KeyRaises(a=s)),  # D9
+        ("sparse COO tensor", lambda s: torch.tensor([[0.0, s], [2.0, 0.0]]).to_sparse()),  # D12
+        ("sparse CSR tensor", lambda s: torch.tensor([[0.0, s], [2.0, 0.0]]).to_sparse_csr()),
+        ("tensor subclass", lambda s: torch.ones(2).mul(s).as_subclass(type("T", (torch.Tensor,), {}))),
+        ("datetime64 array", lambda s: np.array(["2020-01-01" if s > 0 else "2021-01-01"], dtype="datetime64[D]")),
+        ("structured array", lambda s: np.array([(1, s)], dtype=[("a", "i4"), ("b", "f8")])),
+        ("numpy int64", lambda s: np.int64(s)),  # D11: numpy values in a closure failed the first run
+        ("numpy bool", lambda s: np.bool_(s > 0)),
+        ("0-d array", lambda s: np.array(s)),
+        ("array", lambda s: np.array([s, 2.0, 3.0])),
+    ]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's own: quantized tensors deprecated, sparse CSR in beta
+@pytest.mark.parametrize("name, make", _odd_values(), ids=[n for n, _ in _odd_values()])
+@pytest.mark.parametrize("how", ["partial", "closure"])
+def test_the_evaluator_digest_reads_every_value_and_tells_them_apart(name, make, how):
+    """hp42 D5–D12: a partial or closure holding a 5,000-digit int, a str or float subclass whose repr raises, a
+    conjugate or negative view, a nested tensor, a dict subclass whose __getitem__ raises, or a numpy value (D11, a
+    regression: `h not in ([], None)` on an array raised in the first run) ended the search as "a bug in tiesmerge";
+    a sparse tensor counted by its shape only (D12: another sign resumed). Each is read through its base type, and
+    another value gives another digest."""
+    import functools
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def build(sign):
+        value = make(sign)
+        if how == "partial":
+            return functools.partial(_score_with, extra=value)
+
+        def inner(state):
+            return _score_with(state, extra=value)
+        return inner
+
+    plus, minus = evaluator_state(build(1.0)), evaluator_state(build(-1.0))
+    if how == "closure" and name == "dict whose getitem raises":  # a closure's dicts are left out (a cache as often
+        assert plus is None and minus is None  # as a setting): nothing to read, and nothing raised
+        return
+    assert plus is not None and plus == evaluator_state(build(1.0))
+    if name not in ("str subclass whose repr raises",):  # "1.0" and "-1.0": told apart too, by their characters
+        assert plus != minus, name
+    assert evaluator_state(build(1.0)) != minus
+
+
+def test_the_evaluator_digest_of_an_endless_list_ends():
+    """hp42 D8: a list subclass whose __iter__ never ends hung the search at start (100% CPU until killed); the
+    digest iterates the list's own items."""
+    import functools
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    assert evaluator_state(functools.partial(_score_with, extra=_EndlessList([1]))) != \
+        evaluator_state(functools.partial(_score_with, extra=_EndlessList([2])))
+
+
+class _Signed:
+    def __init__(self, sign):
+        self.sign = sign
+
+    def score(self, state):
+        return self.sign
+
+    def __call__(self, state):
+        return self.sign
+
+
+def _wraps(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(state):
+        return fn(state)
+    return wrapper
+
+
+@pytest.mark.parametrize("how", ["partial of a bound method", "partial of a callable object",
+                                 "wraps around a bound method", "lambda over a bound method"])
+def test_a_resume_whose_evaluator_holds_an_object_is_warned(tmp_path, how):
+    """hp42 D29: functools.partial(E(sign).score), partial(C(sign)), a functools.wraps decorator around a bound
+    method and a lambda over one resumed with another sign silently (a bare bound method or object is warned since
+    hp41 C5): the object's attributes decide the scores and are not digested."""
+    import functools
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning import run_search
+
+    def build(sign):
+        obj = _Signed(sign)
+        return {"partial of a bound method": lambda: functools.partial(obj.score),
+                "partial of a callable object": lambda: functools.partial(obj),
+                "wraps around a bound method": lambda: _wraps(obj.score),
+                "lambda over a bound method": lambda: (lambda m: (lambda state: m(state)))(obj.score)}[how]()
+
+    base, a, b = _family_dirs(tmp_path)
+    grid, log = {"density": (0.5,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    run_search(base, [a, b], "ties", build(1.0), grid=grid, log=log)
+    with pytest.warns(MergeWarning, match=r"1 logged scores of an evaluator whose scores depend on the attributes of "
+                                          r"a _Signed object"):
+        run_search(base, [a, b], "ties", build(-1.0), grid=grid, log=log)
+
+
+def test_a_search_with_an_evaluator_closing_over_numpy_values_runs(tmp_path):
+    """hp42 D11 end to end: the first run of a search whose evaluator closes over np.float64 failed before scoring
+    ("The truth value of an empty array is ambiguous")."""
+    import numpy as np
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    def make(threshold):
+        def score(state):
+            return float(threshold)
+        return score
+
+    base, a, b = _family_dirs(tmp_path)
+    grid, log = {"density": (0.5,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    assert run_search(base, [a, b], "ties", make(np.array([1.0, 2.0])[0]), grid=grid, log=log).best.score == 1.0
+    with pytest.raises(ConfigError, match="what the evaluator was built with"):
+        run_search(base, [a, b], "ties", make(np.float64(2.0)), grid=grid, log=log)

@@ -32,6 +32,7 @@ from .candidates import (
     merged_delta,
 )
 from .evaluator import GuardedEvaluator, evaluator_name, format_score, guard
+from .evaluator_digest import evaluator_objects, evaluator_state
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
 from .space import SearchSpace, build_space, canonical
@@ -141,148 +142,20 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
     return [path, *sorted(helpers - {os.path.realpath(path)})]
 
 
-def _evaluator_state(evaluate: Any) -> str | None:
-    """A digest of what a user's evaluator was built with, beyond its code: a functools.partial's arguments, a
-    function's defaults and the values its closure holds (typically its validation data or a sign), followed through
-    partials, decorators and the functions a closure holds (hp41 C6). A search resumed with another of them reused
-    every score (hp40 D15: the sign=-1 evaluator's "best" was the sign=+1 one's). A closure's dicts, sets and objects
-    are left out: they are a cache or a counter as often as a setting, and a search resumed in the same process would
-    be refused for what the evaluator itself recorded. None for a plain function, a callable object or a bound
-    method (see :func:`_warn_object_evaluator`) and tiesmerge's built-ins (their data file has its own digest). Never
-    fails: a value that cannot be digested counts by its type."""
-    import hashlib
-
-    inner = getattr(evaluate, "evaluate", evaluate)
-    if type(inner).__module__.startswith("tiesmerge"):
-        return None
-    held = _built_with(inner, depth=0)
-    if not held:
-        return None
-    digest = hashlib.sha256()
-    _feed(digest, held, depth=0, budget=[1 << 28])
-    return digest.hexdigest()[:16]
-
-
-def _built_with(fn: Any, *, depth: int) -> list[Any]:
-    """What a partial or a function carries beyond its code (see :func:`_evaluator_state`); [] for nothing."""
-    import functools
-    import inspect
-
-    if depth > 8:
-        return []
-    if isinstance(fn, functools.partial):
-        return [_qualified(fn.func), fn.args, fn.keywords, _built_with(fn.func, depth=depth + 1)]
-    if not inspect.isfunction(fn):
-        return []
-    cells = [c.cell_contents for c in fn.__closure__ or () if _has_contents(c)]
-    held: list[Any] = []
-    for cell in cells:
-        if inspect.isfunction(cell) or isinstance(cell, functools.partial):  # a decorator's wrapped function
-            held.append([_qualified(cell), _built_with(cell, depth=depth + 1)])
-        elif not isinstance(cell, (Mapping, set)) and (
-                isinstance(cell, (str, bytes, int, float, bool, type(None), list, tuple, frozenset, torch.Tensor))
-                or inspect.isclass(cell) or type(cell).__module__ == "numpy"):
-            held.append(cell)
-    wrapped = getattr(fn, "__wrapped__", None)  # functools.wraps
-    if wrapped is not None and wrapped is not fn:
-        held.append(_built_with(wrapped, depth=depth + 1))
-    if fn.__defaults__ or fn.__kwdefaults__:
-        held += [fn.__defaults__, fn.__kwdefaults__]
-    return held if any(h not in ([], None) for h in held) else []
-
-
 def _warn_object_evaluator(evaluate: Any, results: Any) -> None:
-    """A search resumed with a callable object as its evaluator takes the logged scores as that object's: its
-    attributes (a sign, its data) cannot be compared with the first run's, since they also hold what it records
-    while scoring (hp40 D15). Said when the log holds scores."""
-    import inspect
-
-    inner = getattr(evaluate, "evaluate", evaluate)
-    owner = inner.__self__ if inspect.ismethod(inner) else inner  # a bound method: its object's attributes (hp41 C5)
-    if results is None or not results.records or type(owner).__module__.startswith("tiesmerge") or \
-            inspect.isfunction(owner) or inspect.ismodule(owner) or not hasattr(owner, "__dict__"):
+    """A search resumed with an evaluator whose scores depend on an object's attributes (a callable object, a bound
+    method, or one that a partial calls or a closure or decorator holds) takes the logged scores as that object's:
+    its attributes (a sign, its data) cannot be compared with the first run's, since they also hold what it records
+    while scoring (hp40 D15, hp41 C5, hp42 D29). Said when the log holds scores."""
+    if results is None or not results.records:
         return
-    import functools
-
-    if isinstance(inner, functools.partial):
+    objects = evaluator_objects(evaluate)
+    if not objects:
         return
-    warnings.warn(MergeWarning(f"{results.path}: resuming with {len(results.records):,} logged scores of a callable "
-                               f"object ({type(owner).__qualname__}): tiesmerge checks its code, not its attributes, "
-                               "so an evaluator built otherwise (another sign, other data) needs a log of its own"),
-                  stacklevel=3)
-
-
-def _has_contents(cell: Any) -> bool:
-    try:
-        _ = cell.cell_contents
-    except ValueError:  # an empty cell (a name assigned later)
-        return False
-    return True
-
-
-def _qualified(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
-
-
-def _feed(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
-    """``value`` into ``digest``, stably across runs: no object addresses (a function, class or module by its name,
-    an object of default repr by its class and attributes), tensors and arrays by their bytes up to ``budget`` bytes
-    in all (past it, or on the meta device, by shape and dtype), nesting to depth 16. Never raises: a value whose
-    repr fails counts by its type (hp41 C4, C7: a bfloat16 or meta tensor, a repr that raises, ended the search as "a
-    bug in tiesmerge")."""
-    import inspect
-
-    import numpy as np
-
-    if depth > 16:
-        digest.update(b"<deep>")
-        return
-    if isinstance(value, (str, bytes, int, float, bool, type(None))):
-        digest.update(repr(value).encode("utf-8", "surrogateescape") + b"\0")
-    elif isinstance(value, Mapping):
-        digest.update(b"{")
-        for key in sorted(value, key=_safe_repr):
-            _feed(digest, key, depth=depth + 1, budget=budget)
-            _feed(digest, value[key], depth=depth + 1, budget=budget)
-        digest.update(b"}")
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        items = sorted(value, key=_safe_repr) if isinstance(value, (set, frozenset)) else value
-        digest.update(b"[")
-        for item in items:
-            _feed(digest, item, depth=depth + 1, budget=budget)
-        digest.update(b"]")
-    elif isinstance(value, torch.Tensor):
-        digest.update(f"tensor{tuple(value.shape)}{value.dtype}{value.layout}".encode())
-        nbytes = value.numel() * value.element_size()
-        if value.device.type != "meta" and value.layout == torch.strided and nbytes <= budget[0]:
-            budget[0] -= nbytes
-            flat = value.detach().cpu().contiguous().reshape(-1)
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if nbytes else b"")  # any dtype: its bytes
-    elif isinstance(value, np.ndarray):
-        digest.update(f"ndarray{value.shape}{value.dtype}".encode())
-        if value.dtype == object:  # pandas' .values: the objects themselves (hp41 C68)
-            _feed(digest, value.ravel().tolist(), depth=depth + 1, budget=budget)
-        elif value.nbytes <= budget[0]:
-            budget[0] -= value.nbytes
-            digest.update(np.ascontiguousarray(value).view(np.uint8).tobytes())
-    elif inspect.isfunction(value) or inspect.isclass(value) or inspect.ismodule(value) or inspect.isbuiltin(value):
-        digest.update(_qualified(value).encode() if not inspect.ismodule(value) else value.__name__.encode())
-    else:
-        text = _safe_repr(value)
-        if " at 0x" in text or text.startswith("<unrepresentable"):  # the default repr: an address, new every run
-            digest.update(_qualified(type(value)).encode())
-            attributes = getattr(value, "__dict__", None)
-            if isinstance(attributes, dict):
-                _feed(digest, attributes, depth=depth + 1, budget=budget)
-        else:
-            digest.update(text.encode("utf-8", "surrogateescape") + b"\0")
-
-
-def _safe_repr(value: Any) -> str:
-    try:
-        return repr(value)
-    except Exception:  # noqa: BLE001 - a user's __repr__ may raise anything
-        return f"<unrepresentable {_qualified(type(value))}>"
+    warnings.warn(MergeWarning(f"{results.path}: resuming with {len(results.records):,} logged scores of an evaluator "
+                               f"whose scores depend on the attributes of a {', '.join(objects)} object: tiesmerge "
+                               "checks its code, not its attributes, so an evaluator built otherwise (another sign, "
+                               "other data) needs a log of its own"), stacklevel=3)
 
 
 def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
@@ -423,7 +296,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               **({"evaluator_data": _content_digest(data)} if (data := _evaluator_data(evaluate)) else {}),
               **({"evaluator_code": _content_digest(code)} if (code := _evaluator_code(evaluate)) else {}),
               # what it was built with: a partial's arguments, a closure's cells, a callable object's attributes
-              **({"evaluator_state": held} if (held := _evaluator_state(evaluate)) else {}),
+              **({"evaluator_state": held} if (held := evaluator_state(evaluate)) else {}),
               **({"vocab_policy": vocab_policy} if vocab_policy != "error" else {})}  # it changes the candidates
     if log is not None:  # the log is appended to: never inside (or over) a model the search reads
         from ..paths import check_not_input

@@ -1,0 +1,257 @@
+"""What a user's evaluator was built with, as a digest a search log keeps, so that a resume with an evaluator built
+otherwise (another sign, other validation data) is refused rather than mixing two evaluators' scores.
+
+The digest walks a functools.partial's arguments, a function's defaults and the values its closure holds, through
+partials, decorators (``__wrapped__``) and the functions and bound methods a closure holds. It must never fail and
+never run long on whatever a user's evaluator holds: every value is read through its base type's own methods (a
+subclass's ``__repr__``, ``__iter__`` or ``__getitem__`` may raise or never end), within a budget of bytes and of
+values, and a value that still cannot be read counts by its type (hostile passes 41 C4, C7 and 42 D5–D12).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import itertools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["evaluator_state", "evaluator_objects"]
+
+_MAX_BYTES = 1 << 28  # tensors and arrays by their bytes up to this in all; past it, by shape and dtype
+_MAX_VALUES = 1 << 20  # values visited in all: a list of a billion items (or an endless one) is cut here
+_MAX_DEPTH = 16  # nesting followed
+_MAX_BUILD_DEPTH = 8  # partials and decorators followed
+
+
+def evaluator_state(evaluate: Any) -> str | None:
+    """A digest of what ``evaluate`` (a user's evaluator; a GuardedEvaluator is unwrapped) was built with beyond its
+    code, or None where it carries nothing (a plain function) or is tiesmerge's own (a built-in's data file has its
+    own digest). A closure's dicts, sets and objects are left out: they are a cache or a counter as often as a
+    setting, and a search resumed in the same process would be refused for what the evaluator recorded itself."""
+    inner = getattr(evaluate, "evaluate", evaluate)
+    if type(inner).__module__.startswith("tiesmerge"):
+        return None
+    held = _built_with(inner, depth=0, objects=[])
+    if not held:
+        return None
+    digest = hashlib.sha256()
+    _feed(digest, held, depth=0, budget=[_MAX_BYTES, _MAX_VALUES])
+    return digest.hexdigest()[:16]
+
+
+def evaluator_objects(evaluate: Any) -> list[str]:
+    """The classes of the objects whose attributes decide ``evaluate``'s scores and are not digested: the evaluator
+    itself when it is a callable object or a bound method, and those a partial calls or a closure or decorator holds
+    as a bound method (hp41 C5; hp42 D29: ``partial(E(sign).score)``, ``partial(C(sign))``, a wraps decorator around
+    a bound method, a lambda over one)."""
+    inner = getattr(evaluate, "evaluate", evaluate)
+    objects: list[str] = []
+    if _is_callable_object(inner):
+        objects.append(type(inner).__qualname__)
+    elif inspect.ismethod(inner):
+        objects.append(_owner_name(inner))
+    else:
+        _built_with(inner, depth=0, objects=objects)
+    return list(dict.fromkeys(objects))
+
+
+def _is_callable_object(value: Any) -> bool:
+    return callable(value) and not (inspect.isfunction(value) or inspect.ismethod(value) or inspect.isclass(value)
+                                    or inspect.isbuiltin(value) or isinstance(value, functools.partial)) \
+        and not type(value).__module__.startswith("tiesmerge") and hasattr(value, "__dict__")
+
+
+def _owner_name(method: Any) -> str:
+    owner = method.__self__
+    return owner.__qualname__ if inspect.isclass(owner) else type(owner).__qualname__
+
+
+def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
+    """What a partial, function or bound method carries beyond its code; [] for nothing. Objects whose attributes
+    decide the scores are named into ``objects``."""
+    if depth > _MAX_BUILD_DEPTH:
+        return []
+    if isinstance(fn, functools.partial):
+        if _is_callable_object(fn.func):
+            objects.append(type(fn.func).__qualname__)
+        return [_qualified(fn.func), list(fn.args), dict(fn.keywords),
+                _built_with(fn.func, depth=depth + 1, objects=objects)]
+    if inspect.ismethod(fn):  # its function's build; its object's attributes are not digested (warned)
+        objects.append(_owner_name(fn))
+        return [_qualified(fn.__func__), _built_with(fn.__func__, depth=depth + 1, objects=objects)]
+    if not inspect.isfunction(fn):
+        return []
+    held: list[Any] = []
+    for cell in fn.__closure__ or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell (a name assigned later)
+            continue
+        if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
+            held.append([_qualified(value), _built_with(value, depth=depth + 1, objects=objects)])  # a decorator's
+        elif not isinstance(value, (Mapping, set)) and (
+                isinstance(value, (str, bytes, int, float, complex, bool, type(None), list, tuple, frozenset,
+                                   torch.Tensor))
+                or inspect.isclass(value) or type(value).__module__ == "numpy"):
+            held.append(value)
+    wrapped = getattr(fn, "__wrapped__", None)  # functools.wraps
+    if wrapped is not None and wrapped is not fn:
+        held.append(_built_with(wrapped, depth=depth + 1, objects=objects))
+    if fn.__defaults__ or fn.__kwdefaults__:
+        held += [fn.__defaults__, fn.__kwdefaults__]
+    # by identity and type, never ==: a numpy array among them made `h not in ([], None)` raise (hp42 D11)
+    return held if any(not (h is None or (type(h) is list and not h)) for h in held) else []
+
+
+def _qualified(obj: Any) -> str:
+    try:
+        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+    except Exception:  # noqa: BLE001 - an attribute lookup of a user's class may raise anything
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _feed(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
+    """``value`` into ``digest``, stably across runs (no object addresses), within ``budget`` ([bytes, values] left)
+    and ``_MAX_DEPTH``. Never raises: a value that cannot be read counts by its type."""
+    if budget[1] <= 0:
+        digest.update(b"<more>")
+        return
+    budget[1] -= 1
+    if depth > _MAX_DEPTH:
+        digest.update(b"<deep>")
+        return
+    try:
+        _feed_value(digest, value, depth=depth, budget=budget)
+    except Exception:  # noqa: BLE001 - a user's type whose own methods raise: counted by its type
+        digest.update(b"<unreadable " + _qualified(type(value)).encode("utf-8", "surrogatepass") + b">")
+
+
+def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
+    import numpy as np
+
+    def each(items: Any) -> None:  # at most the values left in the budget, then "<more>"
+        for item in itertools.islice(items, budget[1] + 1):
+            _feed(digest, item, depth=depth + 1, budget=budget)
+
+    # scalars through their base type's methods: a subclass's __repr__ may raise (hp42 D6), and an int of 5,000
+    # digits has no decimal repr under Python's limit (D5): hex has no limit
+    if isinstance(value, bool) or isinstance(value, np.bool_):
+        digest.update(b"b1" if bool(value) else b"b0")
+    elif isinstance(value, int):
+        digest.update(b"i" + int.__format__(value, "x").encode() + b"\0")
+    elif isinstance(value, float):
+        digest.update(b"f" + float.__repr__(value).encode() + b"\0")
+    elif isinstance(value, complex):
+        digest.update(b"c" + complex.__repr__(value).encode() + b"\0")
+    elif isinstance(value, str):
+        digest.update(b"s" + str.encode(value, "utf-8", "surrogatepass") + b"\0")
+    elif isinstance(value, (bytes, bytearray)):
+        size = len(value)
+        digest.update(f"y{size}:".encode())
+        if size <= budget[0]:
+            budget[0] -= size
+            digest.update(bytes(value))
+    elif value is None:
+        digest.update(b"N")
+    elif isinstance(value, dict):  # dict's own items: a subclass's __getitem__ may raise (hp42 D9)
+        pairs = list(itertools.islice(dict.items(value), budget[1] + 1))
+        digest.update(b"{")
+        for key, item in sorted(pairs, key=lambda pair: _sort_key(pair[0])):
+            _feed(digest, key, depth=depth + 1, budget=budget)
+            _feed(digest, item, depth=depth + 1, budget=budget)
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):  # the base type's iterator: a subclass's __iter__ may never end (D8)
+        digest.update(b"[")
+        each(list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value))
+        digest.update(b"]")
+    elif isinstance(value, (set, frozenset)):
+        items = list(itertools.islice(set.__iter__(value) if isinstance(value, set) else frozenset.__iter__(value),
+                                      budget[1] + 1))
+        digest.update(b"(")
+        each(sorted(items, key=_sort_key))
+        digest.update(b")")
+    elif isinstance(value, torch.Tensor):
+        _feed_tensor(digest, value, depth=depth, budget=budget)
+    elif isinstance(value, np.ndarray):
+        digest.update(f"ndarray{value.shape}{value.dtype.str}".encode())
+        if value.dtype == object:  # pandas' .values: the objects themselves (hp41 C68)
+            each(value.ravel())
+        elif value.nbytes <= budget[0]:
+            budget[0] -= value.nbytes
+            digest.update(np.ascontiguousarray(value).view(np.uint8).tobytes())
+    elif isinstance(value, np.generic):  # np.int64, np.datetime64, ...: its bytes
+        digest.update(f"np{value.dtype.str}:".encode() + np.asarray(value).tobytes())
+    elif inspect.isfunction(value) or inspect.isclass(value) or inspect.isbuiltin(value):
+        digest.update(_qualified(value).encode("utf-8", "surrogatepass"))
+    elif inspect.ismodule(value):
+        digest.update(str(value.__name__).encode("utf-8", "surrogatepass"))
+    elif isinstance(value, Mapping):  # another mapping: its items, as far as the budget goes
+        digest.update(b"{" + _qualified(type(value)).encode())
+        pairs = list(itertools.islice(value.items(), budget[1] + 1))
+        for key, item in sorted(pairs, key=lambda pair: _sort_key(pair[0])):
+            _feed(digest, key, depth=depth + 1, budget=budget)
+            _feed(digest, item, depth=depth + 1, budget=budget)
+        digest.update(b"}")
+    else:
+        text = _safe_repr(value)
+        if " at 0x" in text or text.startswith("<unrepresentable"):  # the default repr: an address, new every run
+            digest.update(_qualified(type(value)).encode("utf-8", "surrogatepass"))
+            attributes = getattr(value, "__dict__", None)
+            if isinstance(attributes, dict):
+                _feed(digest, attributes, depth=depth + 1, budget=budget)
+        else:
+            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+
+
+def _feed_tensor(digest: Any, value: torch.Tensor, *, depth: int, budget: list[int]) -> None:
+    """A tensor by its shape, dtype and layout, and its values' bytes within the budget: a view of another tensor
+    (conjugate, negative), a subclass, a quantized, sparse or nested tensor too (hp42 D7, D12: a sparse tensor
+    counted by its shape only, so other values resumed); a meta tensor has no values."""
+    tensor = value.detach()
+    if type(tensor) is not torch.Tensor:  # a subclass's own methods (__torch_function__) stay out of the reading
+        tensor = torch.Tensor.as_subclass(tensor, torch.Tensor)
+    digest.update(f"tensor{tuple(tensor.shape) if not tensor.is_nested else 'nested'}{tensor.dtype}"
+                  f"{tensor.layout}".encode())
+    if tensor.device.type == "meta":
+        return
+    if tensor.is_nested:
+        for part in itertools.islice(tensor.unbind(), budget[1] + 1):
+            _feed(digest, part, depth=depth + 1, budget=budget)
+        return
+    if tensor.layout != torch.strided:  # sparse: its coordinates and values
+        coo = tensor.to_sparse_coo() if tensor.layout != torch.sparse_coo else tensor
+        coo = coo.coalesce()
+        _feed(digest, coo.indices(), depth=depth + 1, budget=budget)
+        _feed(digest, coo.values(), depth=depth + 1, budget=budget)
+        return
+    if tensor.is_quantized:
+        digest.update(f"q{tensor.qscheme()}".encode())
+        if tensor.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            digest.update(f"{tensor.q_scale()!r}/{tensor.q_zero_point()}".encode())
+        else:
+            _feed(digest, tensor.q_per_channel_scales(), depth=depth + 1, budget=budget)
+            _feed(digest, tensor.q_per_channel_zero_points(), depth=depth + 1, budget=budget)
+        tensor = tensor.int_repr()
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes > budget[0]:
+        return
+    budget[0] -= nbytes
+    flat = tensor.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+    digest.update(flat.view(torch.uint8).numpy().tobytes() if nbytes else b"")  # any dtype: its bytes
+
+
+def _sort_key(value: Any) -> str:
+    """A stable order for a set's items or a dict's keys: their type and repr (a repr that raises: the type)."""
+    return f"{type(value).__qualname__}:{_safe_repr(value)}"
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+        return text if isinstance(text, str) else f"<unrepresentable {_qualified(type(value))}>"
+    except Exception:  # noqa: BLE001 - a user's __repr__ may raise anything
+        return f"<unrepresentable {_qualified(type(value))}>"
