@@ -541,3 +541,77 @@ def test_a_search_with_an_evaluator_closing_over_numpy_values_runs(tmp_path):
     assert run_search(base, [a, b], "ties", make(np.array([1.0, 2.0])[0]), grid=grid, log=log).best.score == 1.0
     with pytest.raises(ConfigError, match="what the evaluator was built with"):
         run_search(base, [a, b], "ties", make(np.float64(2.0)), grid=grid, log=log)
+
+
+def _encoder_dir(tmp_path, bert_tokenizer):
+    from test_hostile_fortieth_pass import _encoder_family
+
+    return _encoder_family(tmp_path, bert_tokenizer, n=0)[0]  # a BertModel of 32 positions
+
+
+def test_class_descriptions_that_differ_only_past_what_the_encoder_reads_are_refused(tmp_path, bert_tokenizer):
+    """hp42 D2: encoder-accuracy with two 81-word class descriptions differing in the last word, on a 64-position
+    encoder: both are cut to the same tokens, so every candidate scored 1.0 (labels 0) or 0.0 (labels 1)."""
+    import json
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import EncoderAccuracy
+
+    model = _encoder_dir(tmp_path, bert_tokenizer)
+    words = ["the"] * 40
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"task": "t", "classes": [" ".join([*words, "cat"]), " ".join([*words, "dog"])]},
+        {"task": "t", "text": "the cat", "label": 0}]))
+    with pytest.raises(ConfigError, match=r"long\.jsonl: task 't': the class descriptions .* are the same in their "
+                                          r"first 32 tokens, all the model reads"):
+        EncoderAccuracy(model, data)
+
+
+@pytest.mark.parametrize("case", ["alike", "cut"])
+def test_adapts_heads_that_the_encoder_cannot_tell_apart_are_refused(tmp_path, bert_tokenizer, case):
+    """hp42 D3, D27: adapt --forward encoder with --heads ["GOOD", "good"] (a lower-casing tokenizer) or two long
+    descriptions differing past the encoder's positions was accepted; the task's entropy stayed log 2 at every step,
+    so it steered nothing."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.forward import load_forward
+
+    model = _encoder_dir(tmp_path, bert_tokenizer)
+    words = " ".join(["the"] * 40)
+    heads = {"t1": ["CAT", "cat"] if case == "alike" else [f"{words} cat", f"{words} dog"], "t2": ["cat", "dog"]}
+    said = "are the same tokens to the base's tokenizer" if case == "alike" else \
+        "are the same in their first 32 tokens, all the model reads"
+    with pytest.raises(ConfigError, match=rf"--heads, task 't1': the class descriptions .* {said}"):
+        load_forward("encoder", model, heads=heads)
+    load_forward("encoder", model, heads={"t1": ["cat", "dog"], "t2": ["cat", "dog"]})  # apart: built
+
+
+def test_adapts_choices_that_the_model_cannot_tell_apart_are_refused(tmp_path):
+    """hp42 D3, D59: adapt --forward choice with --choices ["zzz", "qqq"] (both <unk>), or rows whose own choices are
+    ["good", "good"] or two unknown words, was accepted and steered nothing."""
+    from test_hostile_fortieth_pass_evaluators import _llama
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.forward import load_forward
+
+    _llama(tmp_path / "lm")
+    with pytest.raises(ConfigError, match=r"--choices, task 't1': the choices 'zzz' and 'qqq' are the same tokens"):
+        load_forward("choice", tmp_path / "lm", choices={"t1": ["zzz", "qqq"]})
+    forward = load_forward("choice", tmp_path / "lm", choices={"t1": ["cat", "dog"]})
+    with pytest.raises(ConfigError, match=r"task 't2', example 2: the choice 'cat' is listed twice"):
+        forward.check_rows([{"text": "the", "choices": ["cat", "dog"]}, {"text": "the", "choices": ["cat", "cat"]}],
+                           "t2")
+    with pytest.raises(ConfigError, match=r"task 't2', example 1: the choices 'zzz' and 'qqq' are the same tokens"):
+        forward.check_rows([{"text": "the", "choices": ["zzz", "qqq"]}], "t2")
+
+
+def test_adapts_heads_file_holding_half_a_surrogate_pair_is_refused_naming_it(tmp_path):
+    """hp42 D46: a --heads or --choices file holding "\\ud800" (valid JSON, no text) failed in the tokenizer, as
+    "the model fails in its forward pass ... use the model's original config" or as a bug in tiesmerge."""
+    from tiesmerge.cli.adapt import _json_mapping
+    from tiesmerge.errors import ConfigError
+
+    path = tmp_path / "heads.json"
+    path.write_text('{"t1": ["good", "bad \\ud800"], "t2": ["a", "b"]}')
+    with pytest.raises(ConfigError, match=r"heads\.json: the heads: 'bad \\ud800' holds \\ud800, half of a UTF-16 "
+                                          r"surrogate pair"):
+        _json_mapping(str(path), "the heads")

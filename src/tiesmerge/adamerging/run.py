@@ -377,6 +377,8 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
                                         device=device)  # type: ignore[assignment]
         if forward == "choice":  # (a causal LM: checked by load_forward) a task without choices needs them per row
             _check_row_choices(task_data, choices)
+            for task, rows in task_data.items():  # and a row's own choices must tell apart (hp42 D59)
+                fwd.check_rows(rows, task)  # type: ignore[attr-defined]
         examples_cut = _warn_cut(fwd, task_data, max_length)
     else:
         kind, fwd = type(forward).__name__, forward

@@ -119,6 +119,15 @@ def _json_mapping(path: str | None, what: str) -> dict[str, list[str]] | None:
                                              for v in data.values()):
         raise ConfigError(f"{path}: {what} must be a JSON object of lists of strings, e.g. "
                           '{"task": ["first", "second"]}')
+    for task, texts in data.items():  # a "\ud800" escape is valid JSON but no text: the tokenizer failed on it as
+        for text in (task, *texts):  # the model's fault, or as a bug (hp42 D46)
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ConfigError(f"{path}: {what}: {text[:40]!r} holds \\u{ord(exc.object[exc.start]):04x}, half of "
+                                  "a UTF-16 surrogate pair without its other half, which is no text",
+                                  hint="write the character itself, or both halves of its \\ud8xx\\udcxx escape"
+                                  ) from None
     return data
 
 

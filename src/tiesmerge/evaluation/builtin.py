@@ -46,10 +46,12 @@ from .loading import (
     clipped_tail,
     config_num_labels,
     config_vocab_size,
+    fitted_length_of,
     forward_checked,
     from_pretrained,
     input_rows,
     is_encoder_decoder,
+    refuse_alike,
     refuse_converted,
 )
 from .rank_classification import ChoiceExample, check_choice_count, rank_classification_accuracy
@@ -261,7 +263,8 @@ class ChoiceAccuracy(_Scorer):
         the encoder's input and its choices end with EOS: never empty.)"""
         tokenizer = self._tokenizer()  # its ids against the embedding's rows, for either kind (hp40 V1)
         for where, example in zip(lines, self.examples):
-            _refuse_same_tokens(tokenizer, example.choices, self.max_length, where, "choice", self.model_dir)
+            refuse_alike(tokenizer, example.choices, where=where, what="choice", directory=self.model_dir,
+                         max_length=self.max_length, special_tokens=False, truncate=False)
         if is_encoder_decoder(self.model_dir):
             return
         for where, example in zip(lines, self.examples):
@@ -282,24 +285,6 @@ class ChoiceAccuracy(_Scorer):
         _load_state(model, state, self.model_dir)
         return rank_classification_accuracy(model, tokenizer, self.examples, batch_size=self.batch_size,
                                             device=_device(self.device), max_length=self.max_length)
-
-
-def _refuse_same_tokens(tokenizer: Any, texts: Sequence[str], max_length: int, where: str, what: str,
-                        model_dir: Path) -> None:
-    """Two answer choices or class descriptions that differ as text but tokenize to the same ids (two unknown words,
-    "GOOD" and "good" under a lower-casing tokenizer) score the same whatever the merge: ties go to the first, so its
-    examples are always right (hp41 C47, C48: accuracy 1.0 for any merge)."""
-    seen: dict[tuple[int, ...], str] = {}
-    for text in texts:
-        with forward_checked(model_dir, "the base"):
-            ids = tuple(tokenizer(clipped(text, max_length), add_special_tokens=False)["input_ids"])
-        if ids in seen and seen[ids] != text:
-            plural = {"class": "class descriptions"}.get(what, f"{what}s")
-            raise ConfigError(f"{where}: the {plural} {seen[ids][:40]!r} and {text[:40]!r} are the same tokens to the "
-                              "base's tokenizer, so the model could never tell them apart",
-                              hint=f"give each {what} words its tokenizer knows apart (unknown words all read as one "
-                                   "token; a lower-casing tokenizer folds case)")
-        seen.setdefault(ids, text)
 
 
 def _lm_loader(model_dir: Path, **kwargs: Any) -> torch.nn.Module:
@@ -441,8 +426,9 @@ class EncoderAccuracy(_Scorer):
                               hint='add examples {"task": "...", "text": "...", "label": 0}, or remove the task')
         tokenizer = self._tokenizer()
         for task, classes in self.classes.items():
-            _refuse_same_tokens(tokenizer, classes, self.max_length, f"{self.data}: task {task!r}", "class",
-                                self.model_dir)
+            refuse_alike(tokenizer, classes, where=f"{self.data}: task {task!r}", what="class",
+                         directory=self.model_dir, max_length=fitted_length_of(self.model_dir, self.max_length),
+                         special_tokens=True, truncate=True)  # as the encoder reads them: cut at its positions
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         from .encoder import SentenceEncoder, build_head

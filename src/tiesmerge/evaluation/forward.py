@@ -49,6 +49,7 @@ from .loading import (
     from_pretrained,
     input_rows,
     is_encoder_decoder,
+    refuse_alike,
     refuse_converted,
 )
 from .rank_classification import check_choice_count, fit_choice
@@ -245,6 +246,15 @@ class ChoiceLogits(torch.nn.Module):
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "scored": scored.to(device),
                 "present": present.to(device)}
 
+    def check_rows(self, rows: Sequence[Row], task: str) -> None:
+        """Each row's own choices tell apart, before the first step: ["good", "good"] or two unknown words steered
+        nothing, the task's entropy log 2 at every step (hp42 D59)."""
+        for k, row in enumerate(rows):
+            own = row.get("choices") if isinstance(row, Mapping) else None
+            if isinstance(own, (list, tuple)) and all(isinstance(c, str) for c in own):
+                refuse_alike(self.tokenizer, list(own), where=f"task {task!r}, example {k + 1}", what="choice",
+                             directory=None, max_length=self.max_length, special_tokens=False, truncate=False)
+
     def count_cut(self, rows: Sequence[Row], task: str) -> int:
         """How many of ``rows`` lose their prompt's first tokens: the prompt and its longest choice are past
         ``max_length`` tokens."""
@@ -373,6 +383,9 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
                               hint='--heads FILE with {"task": ["description of class 0", ...], ...}')
         _check_bare_encoder(model_dir)
         encoder = SentenceEncoder.from_pretrained(model_dir, max_length=max_length, device=device)
+        for task, desc in heads.items():  # as the encoder reads them (hp42 D3, D27: a task whose entropy never moved)
+            refuse_alike(encoder.tokenizer, list(desc), where=f"--heads, task {task!r}", what="class",
+                         directory=model_dir, max_length=encoder.max_length, special_tokens=True, truncate=True)
         built = {task: build_head(encoder, list(desc)) for task, desc in heads.items()}
         forward = EncoderHeadLogits(encoder, built)
     else:
@@ -380,5 +393,8 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         tokenizer = from_pretrained(AutoTokenizer, model_dir, "its tokenizer")
         model = from_pretrained(AutoModelForCausalLM, model_dir).to(device)
         check_vocabulary(tokenizer, input_rows(model), model_dir)  # hp40 V1
+        for task, texts in (choices or {}).items():  # hp42 D3: ["zzz", "qqq"], both <unk>, steered nothing
+            refuse_alike(tokenizer, list(texts), where=f"--choices, task {task!r}", what="choice",
+                         directory=model_dir, max_length=max_length, special_tokens=False, truncate=False)
         forward = ChoiceLogits(model, tokenizer, choices=choices, max_length=max_length)
     return forward.eval()

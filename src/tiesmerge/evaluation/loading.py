@@ -402,6 +402,49 @@ def fitted_length(model: Any, max_length: int) -> int:
     return max(1, min(max_length, usable))
 
 
+def fitted_length_of(directory: str | os.PathLike, max_length: int) -> int:
+    """:func:`fitted_length` from the model folder's config.json, before the model is built (an evaluator's checks
+    when it is made)."""
+    from types import SimpleNamespace
+
+    config = _json_object(Path(directory) / "config.json") or {}
+    return fitted_length(SimpleNamespace(config=SimpleNamespace(
+        max_position_embeddings=config.get("max_position_embeddings"), model_type=config.get("model_type"))),
+        max_length)
+
+
+def refuse_alike(tokenizer: Any, texts: Sequence[str], *, where: str, what: str,
+                 directory: str | os.PathLike | None, max_length: int, special_tokens: bool, truncate: bool) -> None:
+    """Two answer choices or class descriptions that differ as text but are the same tokens to the model (two unknown
+    words, "GOOD" and "good" under a lower-casing tokenizer, or texts that differ only past the ``max_length`` tokens
+    an encoder reads: ``truncate``) score the same whatever the merge: ties go to the first, so its examples are
+    always right, and adapt's entropy over them never moves (hp41 C47, C48; hp42 D2, D3, D27). The ids are those
+    the forward makes: ``special_tokens`` as it adds them."""
+    seen: dict[tuple[int, ...], str] = {}
+    for text in texts:
+        with forward_checked(directory, "the base"):
+            ids = tuple(tokenizer(clipped(text, max_length), add_special_tokens=special_tokens, truncation=truncate,
+                                  **({"max_length": max_length} if truncate else {}))["input_ids"])
+        plural = {"class": "class descriptions"}.get(what, f"{what}s")
+        if ids in seen and seen[ids] == text:
+            raise ConfigError(f"{where}: the {what} {text[:40]!r} is listed twice, so the model could never tell "
+                              f"those {plural} apart", hint=f"give each {what} its own text")
+        if ids in seen:
+            with forward_checked(directory, "the base"):
+                whole = [tokenizer(clipped(t, 1 << 16), add_special_tokens=special_tokens)["input_ids"]
+                         for t in (seen[ids], text)]
+            cut = truncate and whole[0] != whole[1]  # the same only in what the model reads
+            raise ConfigError(
+                f"{where}: the {plural} {seen[ids][:40]!r} and {text[:40]!r} are the same "
+                + (f"in their first {max_length} tokens, all the model reads" if cut else "tokens to the base's "
+                   "tokenizer") + ", so the model could never tell them apart",
+                hint=(f"make them differ within their first {max_length} tokens (the model's positions, or "
+                      "--max-length, bound what it reads)" if cut else
+                      f"give each {what} words its tokenizer knows apart (unknown words all read as one token; a "
+                      "lower-casing tokenizer folds case)"))
+        seen.setdefault(ids, text)
+
+
 @contextmanager
 def forward_checked(directory: str | os.PathLike | None, role: str = "the model") -> Iterator[None]:
     """Errors of a model's own forward pass as a typed error naming it: a config.json whose values transformers
