@@ -615,3 +615,78 @@ def test_adapts_heads_file_holding_half_a_surrogate_pair_is_refused_naming_it(tm
     with pytest.raises(ConfigError, match=r"heads\.json: the heads: 'bad \\ud800' holds \\ud800, half of a UTF-16 "
                                           r"surrogate pair"):
         _json_mapping(str(path), "the heads")
+
+
+def _linear_recipe(tmp_path, with_base_listed=False):
+    """A mergekit linear recipe on base_model (weight 0.5 shared), models m1 (0.6) and m2 (0.4); each model's
+    config.json and generation_config.json carry its own tag."""
+    import json
+
+    from test_recipe_mergekit_family import _family
+
+    paths, states = _family(tmp_path, n=2)
+    for name, p in paths.items():
+        (p / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2, "my_tag": name}))
+        (p / "generation_config.json").write_text(json.dumps({"max_length": {"base": 111, "m1": 222, "m2": 333}[name]}))
+    recipe = tmp_path / "lin.yaml"
+    recipe.write_text(f"merge_method: linear\nbase_model: {paths['base']}\nmodels:\n"
+                      f"  - {{model: {paths['m1']}, parameters: {{weight: 0.6}}}}\n"
+                      f"  - {{model: {paths['m2']}, parameters: {{weight: 0.4}}}}\n"
+                      "parameters: {weight: 0.5}\ndtype: float32\n")
+    return recipe, paths, states
+
+
+def test_a_mergekit_linear_recipes_output_takes_base_models_config_and_tokenizer(tmp_path, capsys):
+    """hp42 C54: a mergekit linear recipe with base_model wrote the first listed model's config.json and
+    generation_config.json (the translation reads that model as the engine's base); mergekit writes base_model's.
+    The output's files are base_model's, and the card's recipe re-runs to the same output."""
+    import json
+
+    from tiesmerge.cli.main import main
+
+    recipe, paths, _ = _linear_recipe(tmp_path)
+    out = tmp_path / "out"
+    assert main(["merge", str(recipe), "-o", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["my_tag"] == "base"
+    assert json.loads((out / "generation_config.json").read_text())["max_length"] == 111
+    manifest = json.loads((out / "tiesmerge.json").read_text())
+    assert manifest["recipe"]["files_from"] == str(paths["base"])
+    rerun = tmp_path / "rerun.yaml"  # the manifest's recipe, as the card gives it
+    import yaml
+
+    rerun.write_text(yaml.safe_dump(manifest["recipe"]))
+    assert main(["merge", str(rerun), "-o", str(tmp_path / "again"), "--no-progress"]) == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["my_tag"] == "base"
+
+
+def test_a_recipes_files_from_must_be_one_of_its_inputs(tmp_path):
+    """files_from names the input whose files are copied: a folder that is no input of the merge is refused (its
+    files would be copied without the checks the inputs get)."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe import recipe_from_dict
+
+    base, a, b = _family_dirs(tmp_path)
+    data = {"method": "ties", "base": base, "models": [a, b]}
+    assert recipe_from_dict({**data, "files_from": a}).files_from == a
+    with pytest.raises(ConfigError, match="files_from .* must be the base or one of the models"):
+        recipe_from_dict({**data, "files_from": str(tmp_path)})
+    with pytest.raises(ConfigError, match="neither the base nor one of the models"):
+        tiesmerge.merge(base, [a, b], output=tmp_path / "out", files_from=tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, said", [(["--method", "ties"], "--method over a mergekit recipe"),
+                                         (["--base-weight", "0.9"], "--base-weight over a mergekit recipe: .* so "
+                                                                    "--base-weight would set that model's weight")])
+def test_method_flags_over_a_mergekit_linear_recipe_are_refused(tmp_path, capsys, flags, said):
+    """hp42 C5, C45: `merge linear.yaml --method ties` ran TIES with the first listed model as the base and
+    base_model merged as a fine-tune; `--base-weight 0.9` set the first model's weight, not base_model's."""
+    from helpers_ckpt import run_cli
+
+    recipe, _, _ = _linear_recipe(tmp_path)
+    rc, _, err = run_cli(["merge", str(recipe), *flags, "-o", str(tmp_path / "out")], capsys)
+    import re
+
+    assert rc == 2 and "error:" in err and re.search(said, err), err
+    assert not (tmp_path / "out").exists()

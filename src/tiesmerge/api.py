@@ -232,6 +232,21 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                       stacklevel=3)
 
 
+def _files_source(files_from: Source | None, base: Source, models: Sequence[Source], prepared: Any) -> Path | None:
+    """The folder whose config and tokenizer files the output copies: the base's, or ``files_from``'s, which must be
+    one of the merge's own inputs (never a new one, which the output checks would not have seen)."""
+    if files_from is None:
+        return prepared.base.directory()
+    if not isinstance(files_from, (str, os.PathLike)):
+        raise ConfigError(f"files_from must be a path, got {type(files_from).__name__}")
+    wanted = os.path.realpath(files_from)
+    for source, checkpoint in [(base, prepared.base), *zip(models, prepared.models)]:
+        if isinstance(source, (str, os.PathLike)) and os.path.realpath(source) == wanted:
+            return checkpoint.directory()
+    raise ConfigError(f"files_from {os.fspath(files_from)!r} is neither the base nor one of the models",
+                      hint="name the input whose config and tokenizer files the output should copy")
+
+
 def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,
           output: str | os.PathLike | None = None, device: str = "cpu", memory_budget: int | str | None = None,
           dtype: str | torch.dtype | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False,
@@ -239,7 +254,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
           output_format: str = "model", rank: int | None = None, origin: Mapping[str, Any] | None = None,
           stats: Sequence[StatsInput] | None = None, allow_distant: bool = False,
           finish: Callable[[Path, dict[str, Any]], None] | None = None, budget_floor: bool = False,
-          **method_options: Any) -> Path | dict[str, torch.Tensor]:
+          files_from: Source | None = None, **method_options: Any) -> Path | dict[str, torch.Tensor]:
     """Merge fine-tuned ``models`` of ``base`` and write an HF directory (or return a state dict).
 
     ``base`` and ``models`` are paths (HF directories, .safetensors files, PEFT LoRA or (IA)³
@@ -256,7 +271,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     built on a merge (``adapt``), adds its own files and manifest fields before the output is
     renamed into place, so they are as atomic as the weights. ``budget_floor``: refuse a
     ``memory_budget`` below what the largest chunk needs (the command line, where a user set it;
-    otherwise a tiny budget forces one-row chunks, as the engine's tests use it).
+    otherwise a tiny budget forces one-row chunks, as the engine's tests use it). ``files_from``: the input (the
+    base or one of ``models``) whose config, generation config and tokenizer files the output copies, where that is
+    not the base (a mergekit ``linear`` recipe reads its first model as the engine's base, and mergekit writes its
+    ``base_model``'s files).
 
     >>> import tiesmerge                                                      # doctest: +SKIP
     >>> tiesmerge.merge("base", ["ft-a", "ft-b"], "ties", density=0.2, output="merged")
@@ -320,7 +338,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             check_budget(executor.plan)
         # checked now, before the first heavy read: the files copied beside the weights at the end, and
         # what every input file looks like (a model another process is still writing is refused)
-        extra = model_files(prepared.base.directory()) if output is not None and output_format != "adapter" else []
+        files_dir = _files_source(files_from, base, models, prepared)
+        extra = model_files(files_dir) if output is not None and output_format != "adapter" else []
         check_model_files(extra)  # none being written elsewhere, each JSON whole: copied as they are at the end
         inputs_read = [prepared.base, *prepared.models, *([prepared.reference] if prepared.reference else [])]
         # the base's config and tokenizer files too: they are copied at the end, and a download still writing
@@ -369,7 +388,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             run_stats.tensors_copied -= len(executor.alignment.routes)  # a union's new rows: part of merged tensors
             clock = time.perf_counter()
             if output_format != "adapter":
-                copied = copy_model_files(prepared.base.directory(), tmp, files=extra,
+                copied = copy_model_files(files_dir, tmp, files=extra,
                                           dtype=executor.out_dtype if executor.out_dtype else None)
                 if prepared.base.directory() is not None and not (tmp / "config.json").is_file():
                     warnings.warn(f"the base ({prepared.base.label}) has no config.json, so the output has none: "
@@ -395,6 +414,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                                  device=str(device), vocab_policy=vocab_policy, output_format=output_format,
                                  rank=rank, origin=dict(origin) if origin else None,
                                  stats=tuple(s.label for s in prepared.stats) or None, allow_distant=allow_distant,
+                                 files_from=os.fspath(files_from) if files_from is not None else None,
                                  # pickled weights were read: the card's recipe and the manifest say so (hp38 C12)
                                  allow_pickle=allow_pickle and any(
                                      Path(f["path"]).suffix in (".bin", ".pt", ".pth")

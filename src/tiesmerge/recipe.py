@@ -15,6 +15,7 @@
     device: cpu
     vocab_policy: error      # or truncate, or union (a tokenizer holding every model's added tokens)
     allow_distant: false     # true: merge models that do not look fine-tuned from the base
+    files_from: ./llama-base # optional: the input whose config and tokenizer files the output copies
 
 Relative paths are resolved against the recipe file's folder.
 
@@ -52,7 +53,7 @@ __all__ = ["MergeRecipe", "load_recipe", "read_recipe_data", "recipe_from_dict",
 
 DTYPES = BY_NAME  # the output dtype names a recipe or the command line accepts -> tiesmerge.dtypes.DType
 _KEYS = ("method", "base", "models", "parameters", "dtype", "shard_size", "memory_budget", "device", "vocab_policy",
-         "allow_pickle", "output_format", "rank", "origin", "stats", "allow_distant")
+         "allow_pickle", "output_format", "rank", "origin", "stats", "allow_distant", "files_from")
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -82,6 +83,7 @@ class MergeRecipe:
     origin: dict[str, Any] | None = None  # a translated recipe's source format and semantics (mergekit)
     stats: tuple[str, ...] | None = None  # fisher, regmean: one statistics directory per model
     allow_distant: bool = False  # merge models that do not look fine-tuned from the base (tiesmerge.distance)
+    files_from: str | None = None  # the input whose config and tokenizer the output copies (None: the base)
 
     def __post_init__(self) -> None:
         if isinstance(self.stats, list):
@@ -101,6 +103,8 @@ class MergeRecipe:
             out["models"] = [{"path": m, "stats": s} for m, s in zip(self.models, self.stats, strict=True)]
         if self.allow_distant:
             out["allow_distant"] = True
+        if self.files_from is not None:
+            out["files_from"] = self.files_from
         if self.allow_pickle:  # a re-run needs --allow-pickle too, and says so (hp38 C12)
             out["allow_pickle"] = True
         return {k: v for k, v in out.items() if v is not None}
@@ -254,6 +258,13 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
     for key in ("allow_pickle", "allow_distant"):
         if not isinstance(data.get(key, False), bool):  # bool("no") would be True
             problems.append(f"{key} must be true or false, got {_short(data[key])}")
+    files_from = data.get("files_from")
+    if files_from is not None:  # one of the merge's inputs, never a new one the output checks would not see
+        inputs = [*([_path(base, root)] if isinstance(base, str) else []), *paths]
+        if not isinstance(files_from, str) or not any(
+                os.path.realpath(_path(files_from, root)) == os.path.realpath(p) for p in inputs):
+            problems.append(f"files_from {_short(files_from)} must be the base or one of the models (the input "
+                            "whose config and tokenizer files the output copies)")
     method = None
     if isinstance(name, str) and name in METHODS:
         try:
@@ -284,7 +295,8 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
                        allow_pickle=bool(data.get("allow_pickle", False)),
                        output_format=data.get("output_format", "model"), rank=rank, origin=data.get("origin"),
                        stats=tuple(stats) if stats and all(x is not None for x in stats) else None,
-                       allow_distant=bool(data.get("allow_distant", False)))
+                       allow_distant=bool(data.get("allow_distant", False)),
+                       files_from=_path(data["files_from"], root) if data.get("files_from") is not None else None)
 
 
 def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, Any]:

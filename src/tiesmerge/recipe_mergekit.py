@@ -342,13 +342,18 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     problems += dtype_problems
     if problems:  # the recipe's values break the method's rules: each message says which, and how
         raise ConfigError([f"{source}: {p}" for p in problems], hint=f"fix the values named above in {source}")
+    files_from = None
     if "_anchor" in params:
+        # the engine's base is the first listed model; the output's config and tokenizer are base_model's, as
+        # mergekit writes them (hp42 C54: the first model's were copied)
+        files_from = base if base is not None and method == "linear" else None
         base, paths = params.pop("_anchor"), params.pop("_models")
     out_name = out_dtype or dtype
     if dtype is not None:
         warnings.append(f"arithmetic runs in float32 (mergekit computes in dtype={dtype}); the output is "
                         f"{_DTYPES[out_name]}")
-    recipe = {"method": method_name, "base": base, "models": paths, "parameters": params}
+    recipe = {"method": method_name, "base": base, "models": paths, "parameters": params,
+              **({"files_from": files_from} if files_from is not None and files_from != base else {})}
     if tok == "union":  # the models' added tokens kept: each new row the mean of the models that hold the token
         recipe["vocab_policy"] = "union"
         warnings.append("tokenizer_source: union runs as --vocab-policy union: the output's tokenizer holds every "

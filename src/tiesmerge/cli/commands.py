@@ -288,6 +288,20 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
                               "make the first model the base (linear without base_model), so a flag could not be "
                               "matched to the models you listed",
                               hint="edit the recipe (or give the whole merge as flags, without it)")
+        # the translation is the merge_method's own (linear reads its first model as the base, with its weight):
+        # another method over it, or --base-weight, bound to the first listed model (hp42 C5, C45)
+        linear = origin.get("merge_method") == "linear"
+        method_flags = [flag for flag, given in (("--method", args.method),
+                                                 ("--base-weight", linear and getattr(args, "opt_base_weight", None)
+                                                  is not None)) if given]
+        if method_flags:
+            raise ConfigError(f"{args.recipe}: {' and '.join(method_flags)} over a mergekit recipe: it is read as its "
+                              f"merge_method ({origin.get('merge_method')}) with mergekit's semantics"
+                              + (", which make the first listed model the engine's base (with its own weight), so "
+                                 "--base-weight would set that model's weight, not base_model's"
+                                 if "--base-weight" in method_flags else ""),
+                              hint="change merge_method or the weights in the recipe (base_model's weight is its "
+                                   "parameters.weight), or give the whole merge as flags, without it")
     if args.models and args.recipe:
         flags.append("--model")
     if args.stats:
@@ -403,6 +417,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     out = merge(recipe.base, list(recipe.models), recipe.method, output=args.output, shard_size=recipe.shard_size,
                 force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
                 output_format=recipe.output_format, rank=recipe.rank, origin=recipe.origin, stats=recipe.stats,
+                files_from=recipe.files_from,
                 # a budget the user set: one the plan cannot keep is refused, before the first heavy read
                 budget_floor=recipe.memory_budget != DEFAULT_MEMORY_BUDGET, **common)
     seconds = time.perf_counter() - started
