@@ -690,3 +690,29 @@ def test_method_flags_over_a_mergekit_linear_recipe_are_refused(tmp_path, capsys
 
     assert rc == 2 and "error:" in err and re.search(said, err), err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_data_file_mixing_lines_with_and_without_a_text_pair_is_refused(tmp_path, bert_tokenizer):
+    """hp42 D55, C61: in a file where some lines have text_pair and others not, a batch holding one line without a
+    pair was encoded without any pair (classifier-accuracy, adapt's classifier forward, stats fisher), so the result
+    depended on the batch size. Refused naming the line, in each reader."""
+    import json
+
+    from test_hostile_fortieth_pass_evaluators import _bert_classifier
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import ClassifierAccuracy
+    from tiesmerge.evaluation.forward import ClassifierLogits
+    from tiesmerge.stats.hf import read_jsonl
+
+    model = _bert_classifier(tmp_path / "cls", bert_tokenizer)
+    data = tmp_path / "mixed.jsonl"
+    rows = [{"text": "the cat", "text_pair": "a dog", "label": 0}, {"text": "the dog", "label": 1}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = r"mixed\.jsonl:2: no 'text_pair', while 1 other line\(s\) have one \(line 1 first\)"
+    with pytest.raises(ConfigError, match=said):
+        ClassifierAccuracy(tmp_path / "cls", data)
+    with pytest.raises(ConfigError, match=said):
+        read_jsonl(data)
+    with pytest.raises(ConfigError, match=r"task 't': 1 of 2 examples have a 'text_pair' and the others none"):
+        ClassifierLogits(model, bert_tokenizer).encode(rows, "t")
+    assert ClassifierLogits(model, bert_tokenizer).encode(rows[:1], "t")["input_ids"].shape[0] == 1  # all paired: ok

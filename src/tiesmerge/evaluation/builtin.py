@@ -193,6 +193,12 @@ class ClassifierAccuracy(_Scorer):
                               "weights", hint="classifier-accuracy needs a classifier of 2 or more classes; score a "
                                               "regression model with an evaluator of your own (module:function)")
         rows = _lines(self.data, "the validation file")[:self.limit]
+        paired = [number for number, row in rows if "text_pair" in row]
+        if paired and len(paired) != len(rows):  # a batch with one unpaired line lost every pair (hp42 D55)
+            unpaired = next(number for number, row in rows if "text_pair" not in row)
+            raise ConfigError(f"{self.data}:{unpaired}: no 'text_pair', while {len(paired):,} other line(s) have one "
+                              f"(line {paired[0]} first); a classifier of sentence pairs needs both texts of every "
+                              "example", hint="give every line its text_pair, or none of them")
         self.examples: list[tuple[str, str | None, int]] = []
         for number, row in rows:
             where = f"{self.data}:{number}"

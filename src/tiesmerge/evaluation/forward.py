@@ -125,6 +125,19 @@ def _texts(rows: Sequence[Row], key: str = "text") -> list[str]:
     return [str(r[key]) for r in rows]
 
 
+def _pairs(rows: Sequence[Row], task: str) -> list[str] | None:
+    """The rows' ``text_pair``s, or None where none has one. Some with and some without is refused: a batch holding
+    one row without a pair was encoded without any, so the result depended on the batch size (hp42 D55)."""
+    paired = [r for r in rows if "text_pair" in r]
+    if not paired:
+        return None
+    if len(paired) != len(rows):
+        raise ConfigError(f"task {task!r}: {len(paired):,} of {len(rows):,} examples have a 'text_pair' and the others "
+                          "none; a classifier of sentence pairs needs both texts of every example",
+                          hint="give every example its text_pair, or none of them")
+    return _texts(rows, "text_pair")
+
+
 class ClassifierLogits(torch.nn.Module):
     """A Hugging Face sequence classifier: logits ``(B, num_labels)``, the same for every task."""
 
@@ -135,15 +148,14 @@ class ClassifierLogits(torch.nn.Module):
         self.model, self.tokenizer, self.max_length = model, tokenizer, fitted_length(model, max_length)
 
     def encode(self, rows: Sequence[Row], task: str) -> dict[str, torch.Tensor]:
-        pairs = _texts(rows, "text_pair") if rows and all("text_pair" in r for r in rows) else None
+        pairs = _pairs(rows, task)
         batch = encode(self.tokenizer, _texts(rows), pairs, max_length=self.max_length)
         device = _device_of_buffers(self.model)
         return {k: v.to(device) for k, v in batch.items()}
 
     def count_cut(self, rows: Sequence[Row], task: str) -> int:
         """How many of ``rows`` :meth:`encode` cuts to ``max_length`` tokens (their last tokens are lost)."""
-        pairs = _texts(rows, "text_pair") if rows and all("text_pair" in r for r in rows) else None
-        return count_cut(self.tokenizer, _texts(rows), pairs, max_length=self.max_length)
+        return count_cut(self.tokenizer, _texts(rows), _pairs(rows, task), max_length=self.max_length)
 
     def forward(self, batch: Mapping[str, torch.Tensor], task: str) -> torch.Tensor:
         with forward_checked(None):
