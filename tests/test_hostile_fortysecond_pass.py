@@ -716,3 +716,16 @@ def test_a_data_file_mixing_lines_with_and_without_a_text_pair_is_refused(tmp_pa
     with pytest.raises(ConfigError, match=r"task 't': 1 of 2 examples have a 'text_pair' and the others none"):
         ClassifierLogits(model, bert_tokenizer).encode(rows, "t")
     assert ClassifierLogits(model, bert_tokenizer).encode(rows[:1], "t")["input_ids"].shape[0] == 1  # all paired: ok
+
+
+@pytest.mark.parametrize("given, needs", [("heads", "encoder"), ("choices", "choice")])
+def test_heads_or_choices_for_another_forward_are_refused(tmp_path, given, needs):
+    """hp42 D60: adapt with --heads or --choices and the default classifier forward was accepted; the file was not
+    read, and the manifest recorded it as a forward setting."""
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import ConfigError
+
+    base, fts, files = _setup(tmp_path)
+    labels = {"task0": ["a", "b"], "task1": ["a", "b"]}
+    with pytest.raises(ConfigError, match=rf"--{given} applies to --forward {needs}, and the forward is"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, **{given: labels})

@@ -111,7 +111,8 @@ def test_a_model_transformers_converts_on_loading_is_refused_where_tensors_are_m
         builtin_evaluator(f"lm-perplexity:{text}", moe_dir)
 
 
-@pytest.mark.parametrize("changed", [{"max_length": 2}, {"heads": {"task0": ["a", "b"], "task1": ["c", "d"]}}])
+# (heads with this function forward are refused outright since hp42 D60: the forward would not read them)
+@pytest.mark.parametrize("changed", [{"max_length": 2}])
 def test_resuming_with_other_forward_settings_is_refused(tmp_path, changed):
     """hp35 E7: adapt --resume with another --max-length was accepted, and ended with coefficients equal to neither
     the unbroken run at the old setting nor the one at the new (the README promises a resume ends as an unbroken run
