@@ -729,3 +729,33 @@ def test_heads_or_choices_for_another_forward_are_refused(tmp_path, given, needs
     labels = {"task0": ["a", "b"], "task1": ["a", "b"]}
     with pytest.raises(ConfigError, match=rf"--{given} applies to --forward {needs}, and the forward is"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, **{given: labels})
+
+
+def test_gram_statistics_of_a_masked_lm_are_named_as_its_checkpoint(tmp_path, bert_tokenizer):
+    """hp42 C47: `stats gram` on a BertForMaskedLM (and a GPT2LMHeadModel) loaded it as AutoModel, whose weights
+    lose their "bert." prefix, and refused it with a hint to set config.json's architectures, which already named
+    the class. The declared language-model class is loaded; GPT-2, whose layers are Conv1D and whose head is tied,
+    is refused as having nothing RegMean can use."""
+    import json
+
+    import torch
+    import transformers
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats.hf import hf_statistics
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(bert_tokenizer), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    bert_tokenizer.save_pretrained(tmp_path / "mlm")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("the cat sat", "a dog ran")))
+    stats = hf_statistics("gram", tmp_path / "mlm", data)
+    names = list(stats.tensors)
+    assert names and all(n.startswith(("bert.", "cls.")) for n in names), names[:4]
+    gpt = transformers.GPT2Config(vocab_size=len(bert_tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    transformers.GPT2LMHeadModel(gpt).save_pretrained(tmp_path / "gpt")
+    bert_tokenizer.save_pretrained(tmp_path / "gpt")
+    with pytest.raises(ConfigError, match=r"every layer RegMean could use is transformers' Conv1D"):
+        hf_statistics("gram", tmp_path / "gpt", data)

@@ -123,11 +123,32 @@ def _check_names(model: torch.nn.Module, model_dir: Path, architectures: list) -
     if built and len(missing) * 2 > len(built):
         some = sorted(stored)[:2]
         declared = ", ".join(map(str, architectures)) if isinstance(architectures, list) else repr(architectures)
+        # the hint must not ask for what config.json already says (hp42 C47: it named the right class)
+        hint = ("set config.json's architectures to the class the weights were saved from, as a list (e.g. "
+                '"architectures": ["LlamaForCausalLM"])' if not architectures else
+                "tiesmerge stats builds sequence classifiers, causal and masked language models (*ForCausalLM, "
+                "*LMHeadModel, *ForMaskedLM) and bare encoders; check that the weights are of the declared class")
         raise ConfigError(f"{model_dir}: transformers built {type(model).__name__} from config.json (architectures: "
                           f"{declared or 'none'}), whose weights are named like {missing[0]!r}, but the "
                           f"checkpoint's are named like {some}: its statistics would match no tensor of the model",
-                          hint="set config.json's architectures to the class the weights were saved from, as a list "
-                               '(e.g. "architectures": ["LlamaForCausalLM"])')
+                          hint=hint)
+
+
+_TEXT_HEADS = ("LMHeadModel", "ForMaskedLM", "ForCausalLM")  # language-model heads run on texts alone
+
+
+def _declared_text_model(architectures: list) -> Any:
+    """The transformers class config.json declares, where it is a language model run on texts alone (GPT-2's
+    GPT2LMHeadModel, BERT's BertForMaskedLM): loaded as AutoModel, its weights lose their prefix ("transformer.",
+    "bert.") and the statistics matched no tensor of the checkpoint (hp42 C47)."""
+    import transformers
+
+    for name in architectures:
+        if isinstance(name, str) and name.endswith(_TEXT_HEADS):
+            cls = getattr(transformers, name, None)
+            if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+                return cls
+    return None
 
 
 def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLike, *, fisher: str = "exact",
@@ -158,7 +179,8 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
     # the class the checkpoint was saved from, so the statistics are named as its tensors are (a causal LM
     # loaded as AutoModel drops the "model." prefix, and a RegMean merge would find no Gram matrix for its weights)
     causal = any(str(a).endswith("ForCausalLM") for a in architectures)
-    loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM if causal else AutoModel
+    loader = AutoModelForSequenceClassification if classifier else AutoModelForCausalLM if causal else \
+        _declared_text_model(architectures) or AutoModel
     refuse_converted(model_dir, "stats (statistics named after the checkpoint's tensors)")
     if is_encoder_decoder(model_dir) and not classifier:  # hp35 E3: "fails in its forward pass"
         raise ConfigError(f"{model_dir}: an encoder-decoder model ({', '.join(map(str, architectures)) or 'T5-like'}); "
@@ -219,8 +241,17 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
                 f"{len(conv1d)} layer(s) of {model_dir} are transformers' Conv1D ({', '.join(conv1d[:2])}"
                 f"{', ...' if len(conv1d) > 2 else ''}), not nn.Linear: they get no Gram statistics, so RegMean "
                 "averages their weights"), stacklevel=2)
-        stats = gram_matrices(model, batches, forward, token_mask=lambda b: b["attention_mask"].bool(),
-                              progress=progress, model=model_dir)
+        try:
+            stats = gram_matrices(model, batches, forward, token_mask=lambda b: b["attention_mask"].bool(),
+                                  progress=progress, model=model_dir)
+        except ConfigError as exc:
+            if not conv1d or "no nn.Linear" not in exc.message:
+                raise
+            # GPT-2 loaded whole (hp42 C47): its layers are Conv1D and its head is tied to the embedding
+            raise ConfigError(f"{model_dir}: every layer RegMean could use is transformers' Conv1D ({len(conv1d)}, "
+                              f"e.g. {conv1d[0]}) or a head tied to the embedding, so there is no nn.Linear to take "
+                              "Gram statistics of", hint="merge this model with a method that needs no statistics "
+                                                        "(ties, task_arithmetic, tsv_m, ...)") from None
     stats.manifest.options.update({"data": str(data), "max_length": max_length, "batch_size": batch_size,
                                    "padding": padding, "examples_cut": cut})
     return stats
