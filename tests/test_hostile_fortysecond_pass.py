@@ -759,3 +759,27 @@ def test_gram_statistics_of_a_masked_lm_are_named_as_its_checkpoint(tmp_path, be
     bert_tokenizer.save_pretrained(tmp_path / "gpt")
     with pytest.raises(ConfigError, match=r"every layer RegMean could use is transformers' Conv1D"):
         hf_statistics("gram", tmp_path / "gpt", data)
+
+
+def test_the_folder_matplotlib_is_imported_in_is_named_so_a_later_run_can_remove_it(tmp_path, monkeypatch):
+    """hp42 C62: a run killed while matplotlib was imported left /tmp/tiesmerge-matplotlib-cwd-XXXX, a name without
+    host or pid, which no later run could tell was dead. The folder is a private one (host and pid in its name),
+    removed after the import, and a dead run's is removed by the next."""
+    import os
+    import subprocess
+    import sys
+
+    from tiesmerge import scratch
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    code = ("import os, sys; sys.modules.pop('matplotlib', None); import tiesmerge.scratch as s; "
+            "s.discard = lambda f: (print(f), os._exit(9)); "  # killed before it could remove it
+            "from tiesmerge.plotting import pyplot; pyplot('a test')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    left = done.stdout.strip()
+    assert done.returncode == 9 and os.path.isdir(left), done.stderr[-500:]
+    assert os.path.basename(left).startswith(f"tiesmerge-matplotlib-{scratch.host_tag()}-")
+    scratch.private_folder("tiesmerge-torch-")  # any later run's first private folder removes the dead run's
+    assert not os.path.exists(left)

@@ -62,7 +62,6 @@ def _import_matplotlib() -> Any:
     reading threads are done)."""
     import os
     import sys
-    import tempfile
     import warnings
 
     if "matplotlib" in sys.modules:  # imported by the caller's own code already: its settings are theirs
@@ -81,13 +80,20 @@ def _import_matplotlib() -> Any:
         import matplotlib
 
         return matplotlib
+    from .scratch import discard, private_folder
+
     try:
-        with tempfile.TemporaryDirectory(prefix="tiesmerge-matplotlib-cwd-") as empty:
+        # named with this host and process (scratch.py): a run killed during the import leaves it for the next run
+        # to remove (hp42 C62: tempfile's own name said nothing of whose it was, and killed runs' folders stayed)
+        empty = private_folder("tiesmerge-matplotlib-")
+        try:
             os.chdir(empty)
             try:
                 import matplotlib
             finally:
                 os.fchdir(back)
+        finally:
+            discard(empty)
     finally:
         os.close(back)
     return matplotlib

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 
 __all__ = ["private_folder", "private_folder_for", "remove_private_folders", "host_tag", "process_is_dead",
-           "scratch_dir"]
+           "scratch_dir", "discard"]
 
 _FOLDERS: list[str] = []
 # "<prefix><host>-<pid>-<random>": a folder of this host whose process is dead (a run killed outright) is removed by
@@ -39,6 +39,13 @@ def private_folder(prefix: str) -> str:
     folder = tempfile.mkdtemp(prefix=f"{prefix}{host_tag()}-{os.getpid()}-")
     _FOLDERS.append(folder)
     return folder
+
+
+def discard(folder: str) -> None:
+    """Remove a private folder now, before the process exits."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder in _FOLDERS:
+        _FOLDERS.remove(folder)
 
 
 def _private_name(prefix: str) -> str:
