@@ -783,3 +783,25 @@ def test_the_folder_matplotlib_is_imported_in_is_named_so_a_later_run_can_remove
     assert os.path.basename(left).startswith(f"tiesmerge-matplotlib-{scratch.host_tag()}-")
     scratch.private_folder("tiesmerge-torch-")  # any later run's first private folder removes the dead run's
     assert not os.path.exists(left)
+
+
+def test_validating_a_recipe_that_lists_one_model_many_times_opens_it_once(tmp_path, monkeypatch, capsys):
+    """hp42 C14: a 3 KB recipe listing one model 300 times took 45 s to say "listed twice" (3000 times: over 300 s):
+    every entry's 2 MB header was parsed again before the duplicate was reported. Each folder is opened once."""
+    import tiesmerge.io.checkpoint as checkpoint
+    from tiesmerge.cli.main import main
+
+    base, a, _ = _family_dirs(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: task_arithmetic\nbase: {base}\nmodels:\n" + f"  - {a}\n" * 200)
+    opened = []
+    real = checkpoint.open_checkpoint
+
+    def counting(source, *args, **kwargs):
+        opened.append(str(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open_checkpoint", counting)
+    assert main(["validate", str(recipe)]) != 0
+    assert "model 1 is listed twice (also model 0)" in capsys.readouterr().err
+    assert opened.count(a) < 10, len(opened)  # a few checks, not one per entry (200 listed)
