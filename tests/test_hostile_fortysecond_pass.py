@@ -805,3 +805,19 @@ def test_validating_a_recipe_that_lists_one_model_many_times_opens_it_once(tmp_p
     assert main(["validate", str(recipe)]) != 0
     assert "model 1 is listed twice (also model 0)" in capsys.readouterr().err
     assert opened.count(a) < 10, len(opened)  # a few checks, not one per entry (200 listed)
+
+
+def test_a_mergekit_linear_recipe_without_dtype_writes_base_models_dtype(tmp_path, capsys):
+    """hp42 C68: a mergekit linear recipe without dtype, its first model stored in bfloat16 and base_model in
+    float32, wrote bfloat16 (the engine's base is the first model); mergekit writes float32, base_model's."""
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.cli.main import main
+
+    recipe, paths, states = _linear_recipe(tmp_path)
+    save_file({k: v.bfloat16() for k, v in states["m1"].items()}, str(paths["m1"] / "model.safetensors"))
+    recipe.write_text(recipe.read_text().replace("dtype: float32\n", ""))
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "no dtype given: the output is float32, base_model's" in capsys.readouterr().err
+    assert {str(v.dtype) for v in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == \
+        {"torch.float32"}

@@ -118,6 +118,25 @@ _BOOLS = ("normalize", "int8_mask", "rescale", "nuslerp_flatten", "nuslerp_row_w
 _DTYPES = {name: BY_NAME[name].name for name in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")}
 
 
+def _stored_float_dtype(path: str) -> str | None:
+    """The one floating dtype a model's weights are stored in (safetensors headers only), or None where they hold
+    several or cannot be opened (the merge names that)."""
+    from .io.checkpoint import open_checkpoint
+
+    try:
+        checkpoint = open_checkpoint(path)
+    except (TiesMergeError, OSError):
+        return None
+    try:
+        names = {checkpoint.info(n).dtype_info.name for n in checkpoint.names()
+                 if checkpoint.info(n).dtype_info.is_floating}
+    except (TiesMergeError, OSError):
+        return None
+    finally:
+        checkpoint.close()
+    return names.pop() if len(names) == 1 and next(iter(names)) in _DTYPES else None
+
+
 def is_mergekit(data: Any) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
@@ -349,6 +368,13 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         files_from = base if base is not None and method == "linear" else None
         base, paths = params.pop("_anchor"), params.pop("_models")
     out_name = out_dtype or dtype
+    if out_name is None and files_from is not None and base is not None:
+        # without a dtype, the output keeps the engine's base's dtype: here the first listed model's. mergekit's
+        # output is base_model's (hp42 C68: a bfloat16 first model rounded a float32 merge to bfloat16)
+        own, anchor = _stored_float_dtype(files_from), _stored_float_dtype(base)
+        if own is not None and own != anchor:
+            out_name = own
+            warnings.append(f"no dtype given: the output is {own}, base_model's, as mergekit writes it")
     if dtype is not None:
         warnings.append(f"arithmetic runs in float32 (mergekit computes in dtype={dtype}); the output is "
                         f"{_DTYPES[out_name]}")
