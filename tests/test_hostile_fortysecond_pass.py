@@ -821,3 +821,19 @@ def test_a_mergekit_linear_recipe_without_dtype_writes_base_models_dtype(tmp_pat
     assert "no dtype given: the output is float32, base_model's" in capsys.readouterr().err
     assert {str(v.dtype) for v in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == \
         {"torch.float32"}
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "average"])
+def test_per_model_weights_whose_sum_passes_float32_are_refused(tmp_path, method):
+    """hp42 C70: TIES with weights 2e38 and 2e38 (each within float32's range) summed the agreeing weights to inf,
+    and every entry where both models agreed kept the base, silently; task_arithmetic with normalize_weights wrote the
+    base, with warnings giving another cause. Weights whose magnitudes sum past float32's range are refused."""
+    from tiesmerge.errors import ConfigError
+
+    base, a, b = _family_dirs(tmp_path)
+    with pytest.raises(ConfigError, match=r"weights must sum to at most 3\.4e38 in magnitude .* summing to 4e\+38"):
+        tiesmerge.merge(base, [a, b], method, weights=(2e38, 2e38), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    if method in ("ties", "task_arithmetic"):  # (average and DARE scale w·θ past float32: a typed NotFiniteError)
+        tiesmerge.merge(base, [a, b], method, weights=(1.5e38, 1.5e38), **({"normalize_weights": True}
+                                                                           if method == "task_arithmetic" else {}))

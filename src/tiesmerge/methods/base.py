@@ -543,6 +543,11 @@ def _problem(f: dataclasses.Field, kind: Any, value: Any) -> str | None:
             why = why or (meta["check"](v) if meta.get("check") else finite(v)) or _out_of_range(unit, v)
             if why:
                 return f"{why}, got {_shown(v)} in {_shown(list(value))}"
+        if all(_real(v) for v in value) and math.fsum(abs(float(v)) for v in value) > FLOAT32_MAX:
+            # each within range, their sum not: a merge adds them in float32 (the weights of the models that agree
+            # on a sign, a normalisation's sum), and Inf there made entries keep the base silently (hp42 C70)
+            return (f"must sum to at most 3.4e38 in magnitude (merges add them in float32), got {_shown(list(value))}"
+                    f" (magnitudes summing to {math.fsum(abs(float(v)) for v in value):.3g})")
         why = meta["check_all"](value) if meta.get("check_all") else None
         return f"{why}, got {_shown(list(value))}" if why else None
     if meta.get("choices"):
