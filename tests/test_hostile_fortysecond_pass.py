@@ -837,3 +837,25 @@ def test_per_model_weights_whose_sum_passes_float32_are_refused(tmp_path, method
     if method in ("ties", "task_arithmetic"):  # (average and DARE scale w·θ past float32: a typed NotFiniteError)
         tiesmerge.merge(base, [a, b], method, weights=(1.5e38, 1.5e38), **({"normalize_weights": True}
                                                                            if method == "task_arithmetic" else {}))
+
+
+def test_a_merge_in_memory_too_large_to_allocate_is_an_out_of_memory_error():
+    """hp42 C23: an API merge of expanded (stride-0) tensors of 10^6 x 10^5 returned in memory raised torch's raw
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory") from the result's allocation; it is an
+    OutOfMemoryError naming the tensor and its size, with what needs less."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import resource, torch, tiesmerge\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "big = lambda v: torch.full((1,), v).expand(10**6, 10**5)\n"
+            "try:\n"
+            "    tiesmerge.merge({'e': big(1.0)}, [{'e': big(1.001)}, {'e': big(0.999)}], 'task_arithmetic')\n"
+            "except tiesmerge.errors.OutOfMemoryError as exc:\n"
+            "    print('typed:', exc.message, '|', exc.hint)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "typed: tensor 'e' (1000000, 100000) of the merged model (372.5 GiB as float32) cannot be allocated" in \
+        done.stdout, done.stderr[-800:]
+    assert "give an output folder" in done.stdout

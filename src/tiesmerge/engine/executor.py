@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..dtypes import DType, as_dtype
-from ..errors import InvalidTensorError, MergeWarning
+from ..errors import InvalidTensorError, MergeWarning, OutOfMemoryError, is_out_of_memory
 from ..finite import check_copy_fits, check_finite, check_fits_float8, first_nonfinite
 from ..io import leases
 from ..io.align import Alignment, TensorJob
@@ -68,7 +68,17 @@ class MemorySink:
         out = as_dtype(out_dtype) if out_dtype is not None else None
         for job in jobs:
             dtype = job.output_dtype(out)
-            self.state[job.name] = torch.empty(job.shape, dtype=dtype.torch)
+            try:
+                self.state[job.name] = torch.empty(job.shape, dtype=dtype.torch)
+            except (RuntimeError, MemoryError) as exc:  # torch's allocator's own error (hp42 C23: a raw RuntimeError)
+                if not is_out_of_memory(exc):
+                    raise
+                size = math.prod(job.shape) * dtype.itemsize
+                raise OutOfMemoryError(
+                    f"tensor {job.name!r} {tuple(job.shape)} of the merged model ({size / 2**30:,.1f} GiB as "
+                    f"{dtype.name}) cannot be allocated: a merge returned in memory holds every merged tensor",
+                    hint="give an output folder (output=, -o), which is written shard by shard, or run with more "
+                         "memory") from None
             if job.merge and dtype.code:
                 self._finite[job.name] = dtype.code
 
