@@ -859,3 +859,36 @@ def test_a_merge_in_memory_too_large_to_allocate_is_an_out_of_memory_error():
     assert "typed: tensor 'e' (1000000, 100000) of the merged model (372.5 GiB as float32) cannot be allocated" in \
         done.stdout, done.stderr[-800:]
     assert "give an output folder" in done.stdout
+
+
+@pytest.mark.parametrize("how", ["search", "tune"])
+def test_a_model_replaced_while_a_search_runs_stops_it(tmp_path, how):
+    """hp42 D50: a model file replaced (by rename) while a search or tune ran: later candidates merged the new model,
+    were scored and logged beside the earlier ones, and the best was written from it. The inputs' stamps are checked
+    after each candidate, and the one that changed is named."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.tuning import run_search, tune
+
+    base, a, b = _family_dirs(tmp_path)
+    calls = []
+
+    def evaluate(state):
+        calls.append(1)
+        if len(calls) == 2:  # the first candidate is scored and kept; then the model is replaced, as a download would
+            weights = load_file(os.path.join(b, "model.safetensors"))
+            save_file({k: v * 3 for k, v in weights.items()}, os.path.join(tmp_path, "new.safetensors"))
+            os.replace(os.path.join(tmp_path, "new.safetensors"), os.path.join(b, "model.safetensors"))
+        return 1.0
+
+    log = str(tmp_path / "log.jsonl")
+    with pytest.raises(CheckpointError, match=r"ft1: model 2 changed while the search ran"):
+        if how == "search":
+            run_search(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5, 0.8), "lam": (1.0,)}, log=log)
+        else:
+            tune(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5, 0.8), "lam": (1.0,)})
+    if how == "search":
+        assert len(open(log).read().splitlines()) == 2  # the header and the first candidate, scored before it

@@ -224,6 +224,28 @@ def weights_stamp(sources: Sequence[Any]) -> str:
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
 
 
+class InputWatch:
+    """The stamps of a search's inputs when it started, checked after each candidate: a model replaced while the
+    search ran (a download finishing, a training run saving) made later candidates merge another model, scored and
+    logged beside the earlier ones, and the best written from it (hp42 D50). Each input counts by its files'
+    stamps (:func:`weights_stamp`), so the one that changed is named."""
+
+    def __init__(self, named: Sequence[tuple[str, Any]]) -> None:
+        self.named = [(who, source) for who, source in named if not isinstance(source, Mapping)]
+        self.stamps = [weights_stamp([source]) for _, source in self.named]
+
+    def check(self) -> None:
+        from ..errors import CheckpointError
+
+        for (who, source), stamp in zip(self.named, self.stamps):
+            if weights_stamp([source]) != stamp:
+                raise CheckpointError(f"{source}: {who} changed while the search ran (its weights, config or "
+                                      "tokenizer files were replaced or rewritten): later candidates would merge "
+                                      "another model than the earlier ones", hint="let whatever writes it finish, "
+                                      "then run the search again in a new --dir (the scores so far are of the model "
+                                      "as it was)")
+
+
 def _state_digest(state: Mapping[str, Any]) -> str:
     """sha256 over a state dict's names, shapes, dtypes and bytes."""
     import hashlib
@@ -309,7 +331,9 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     executor = executor or LocalExecutor()
     executor.start(job, evaluate, base32, dtypes)
     try:
-        return _loop(chooser, executor, results, job, space, base32, dtypes, strategy, started, on_trial)
+        watch = InputWatch([("the base", base), *((f"model {k + 1}", m) for k, m in enumerate(models)),
+                            *((f"the {option} model", p) for option, p in references)])
+        return _loop(chooser, executor, results, job, space, base32, dtypes, strategy, started, on_trial, watch)
     finally:
         if owned:
             executor.close()
@@ -319,7 +343,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
 
 def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, space: SearchSpace,
           base32: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], strategy: str, started: float,
-          on_trial: Callable[[Trial], None] | None) -> SearchResult:
+          on_trial: Callable[[Trial], None] | None, watch: InputWatch | None = None) -> SearchResult:
     n_models = len(job.models)
     trials: list[Trial] = []
     seen: dict[str, Trial] = {}  # scores of this run by candidate key: nothing is scored twice
@@ -344,6 +368,8 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
 
         def on_scored(c: Candidate, score: float, seconds: float, scored: dict[int, Trial] = scored) -> None:
             nonlocal evaluations
+            if watch is not None:  # before it is logged: a candidate merged from a replaced model is not kept
+                watch.check()
             evaluations += 1
             trial = Trial(c.index, c.options, score, seconds)
             scored[c.index] = trial

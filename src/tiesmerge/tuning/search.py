@@ -199,10 +199,14 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     base_sd = _as_state(base)
     dtypes = {k: v.dtype for k, v in base_sd.items()}
     base32 = {k: v.float() if v.is_floating_point() else v for k, v in base_sd.items()}
+    from .driver import InputWatch
+
+    watch = InputWatch([("the base", base), *((f"model {k + 1}", m) for k, m in enumerate(models))])
     for combo, m in zip(combos, methods):
         # lam = 1 and float32 output: base + tau_m without a rounding that lam would amplify
         merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32,
                        vocab_policy=vocab_policy, allow_distant=allow_distant)
+        watch.check()  # a model replaced since the grid started: its points are not scored beside the others (D50)
         if not has_lam:  # the merge as it is (base + (merged - base) could round)
             delta = {}
             whole = {k: merged[k].to(dtypes[k]) if k in dtypes else merged[k] for k in merged}
