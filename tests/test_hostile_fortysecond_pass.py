@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
 import tiesmerge
@@ -892,3 +894,58 @@ def test_a_model_replaced_while_a_search_runs_stops_it(tmp_path, how):
             tune(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5, 0.8), "lam": (1.0,)})
     if how == "search":
         assert len(open(log).read().splitlines()) == 2  # the header and the first candidate, scored before it
+
+
+def _method_of(merge_fn, name):
+    from tiesmerge.methods import Requirements, method_config
+
+    @method_config
+    class Custom:
+        name: ClassVar[str] = "custom"
+        paper: ClassVar[str] = "none"
+        summary: ClassVar[str] = "a method of the caller's"
+
+        def requirements(self):
+            return Requirements()
+
+        def merge(self, tau, ctx):
+            return merge_fn(tau)
+
+    Custom.name = name
+    return Custom()
+
+
+@pytest.mark.parametrize("name, merge_fn, said", [
+    ("bad_shape", lambda tau: tau.sum(0)[..., :1], r"returned \(.*\) for tensor '.*', whose chunk is"),
+    ("raiser", lambda tau: (_ for _ in ()).throw(ValueError("boom in method")), r"raised ValueError on tensor .*: "
+                                                                                 r"boom in method"),
+    ("int_result", lambda tau: tau.sum(0).to(__import__("torch").int64), r"returned int64 values for tensor"),
+])
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_a_method_not_tiesmerges_own_that_fails_or_returns_a_wrong_chunk_is_a_method_error(tmp_path, name, merge_fn,
+                                                                                          said, to_disk):
+    """hp42 C59, C60: a plugin or API method whose merge returned (..., 1) was broadcast over every column and
+    written; one that raised ValueError was "unexpected ValueError ... a bug in tiesmerge" (the raw ValueError in the
+    API); an int64 result truncated every value. Each is a MethodError naming the method and its class."""
+    from tiesmerge.errors import MethodError
+
+    base, a, b = _family_dirs(tmp_path)
+    out = tmp_path / "out" if to_disk else None
+    with pytest.raises(MethodError, match=rf"method '{name}' \(.*Custom\) {said}"):
+        tiesmerge.merge(base, [a, b], _method_of(merge_fn, name), output=out)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("make", [lambda np: np.array("0.5", dtype=object), lambda np: np.array("0.5"),
+                                  lambda np: np.array(0.5 + 0j)])
+def test_a_numpy_score_holding_no_real_number_is_not_a_number(make):
+    """hp42 D57: an evaluator returning np.array("0.5", dtype=object) was accepted as the score 0.5 (numpy.str_ is
+    refused since hp41 C56)."""
+    import numpy as np
+
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    with pytest.raises(EvaluatorError, match="not a number"):
+        guard(lambda state: make(np), "score")({})
+    assert guard(lambda state: np.array(0.5), "score")({}) == 0.5

@@ -18,6 +18,7 @@ __all__ = [
     "OutputError",
     "EvaluatorError",
     "InternalError",
+    "MethodError",
     "OutOfMemoryError",
     "TrainingError",
     "MergeWarning",
@@ -92,6 +93,11 @@ class EvaluatorError(TiesMergeError):
 
 class InternalError(TiesMergeError):
     """An error tiesmerge did not foresee, wrapped by the CLI so that it prints a message, not a traceback."""
+
+
+class MethodError(TiesMergeError):
+    """A merge method that is not tiesmerge's own (a plugin's, or a config class of the caller's) failed in its
+    ``merge`` or returned something other than a merged chunk: the method's authors' to fix, not tiesmerge's bug."""
 
 
 class OutOfMemoryError(TiesMergeError):

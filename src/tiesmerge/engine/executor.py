@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..dtypes import DType, as_dtype
-from ..errors import InvalidTensorError, MergeWarning, OutOfMemoryError, is_out_of_memory
+from ..errors import InvalidTensorError, MergeWarning, OutOfMemoryError, TiesMergeError, is_out_of_memory
 from ..finite import check_copy_fits, check_finite, check_fits_float8, first_nonfinite
 from ..io import leases
 from ..io.align import Alignment, TensorJob
@@ -460,7 +460,7 @@ class Executor:
                 if not self._changed and rows.reference is not None and not self._reference_moved:  # before merge
                     self._reference_moved = bool(rows.reference.any())
                 aten.hold_torch_threads()  # torch at the caller's count, wherever a numba kernel moved it
-                delta = self.method.merge(rows.tau, self._context(chunk, rows, chunk_scope))  # (*S) float32
+                delta = self._method_merge(job.name, rows, self._context(chunk, rows, chunk_scope))  # (*S) float32
                 if not self._changed and not self.req.model_values:
                     # a change that survives the addition and the cast (lam 1e-30: a delta of 1e-32 rounds away)
                     self._changed = bool(delta.any()) and bool(
@@ -474,6 +474,37 @@ class Executor:
                 merged = merged.cpu() if merged.device.type != "cpu" else merged
                 self.stats.torch_chunks += 1
             self._write(sink.write, job.name, chunk.rows, merged)
+
+    def _method_merge(self, name: str, rows: ChunkRows, ctx: ChunkContext) -> torch.Tensor:
+        """The method's ``merge`` on one chunk, checked: a method that is not tiesmerge's own (a plugin's) that
+        raises, or returns another shape than the chunk's, is a MethodError naming it (hp42 C59: a (..., 1) result
+        was broadcast over every column and written; C60: a plugin's ValueError was "a bug in tiesmerge")."""
+        from ..errors import MethodError
+
+        method = self.method
+        where = f"{type(method).__module__}.{type(method).__qualname__}"
+        ours = where.startswith("tiesmerge.")
+        try:
+            delta = method.merge(rows.tau, ctx)
+        except TiesMergeError:
+            raise
+        except Exception as exc:
+            if ours or is_out_of_memory(exc):
+                raise
+            raise MethodError(f"method {method.name!r} ({where}) raised {type(exc).__name__} on tensor {name!r}: "
+                              f"{str(exc)[:300]}", hint="the method is not tiesmerge's own: fix it or report it to "
+                                                        "its authors (--debug shows its traceback)") from exc
+        want = tuple(rows.tau.shape[1:])
+        if isinstance(delta, torch.Tensor) and not delta.is_floating_point():  # an int64 result truncated every value
+            raise MethodError(f"method {method.name!r} ({where}) returned {str(delta.dtype).removeprefix('torch.')} "
+                              f"values for tensor {name!r}: a merge returns floating-point values (float32)",
+                              hint="fix the method's merge(tau, ctx) to return a float tensor")
+        if not isinstance(delta, torch.Tensor) or tuple(delta.shape) != want:
+            got = tuple(delta.shape) if isinstance(delta, torch.Tensor) else type(delta).__name__
+            raise MethodError(f"method {method.name!r} ({where}) returned {got} for tensor {name!r}, whose chunk is "
+                              f"{want}: a merge returns one value per entry of the chunk",
+                              hint="fix the method's merge(tau, ctx): tau is (models, *chunk) and the result (*chunk)")
+        return delta
 
     def _watch_fused(self, raw: RawRows, merged: np.ndarray, out_dtype: DType) -> None:
         """The torch path's watch for a merge that changes nothing, on a fused chunk (until the first that changed):
