@@ -201,6 +201,9 @@ def _is_scalar(score: Any) -> bool:
         return False
     if getattr(getattr(score, "device", None), "type", None) == "meta":  # no value to read (hp41 C55)
         return False
+    kind = getattr(getattr(score, "dtype", None), "kind", None)
+    if kind is not None and kind not in "iuf":  # numpy's: an object array holding "0.5" was read as 0.5 (hp42 D57)
+        return False
     try:
         float(score)
     except (TypeError, ValueError, RuntimeError, NotImplementedError):
