@@ -949,3 +949,37 @@ def test_a_numpy_score_holding_no_real_number_is_not_a_number(make):
     with pytest.raises(EvaluatorError, match="not a number"):
         guard(lambda state: make(np), "score")({})
     assert guard(lambda state: np.array(0.5), "score")({}) == 0.5
+
+
+@pytest.mark.parametrize("declared, used", [({"pooling_mode_cls_token": True}, "cls"),
+                                            ({"pooling_mode_max_tokens": True}, "max"),
+                                            ({"pooling_mode_mean_tokens": True}, "mean"),
+                                            ({"pooling_mode_weightedmean_tokens": True}, "mean")])
+def test_a_sentence_transformers_folders_pooling_is_the_encoders(tmp_path, bert_tokenizer, declared, used):
+    """hp42 D67: encoder-accuracy and adapt --forward encoder mean-pooled a sentence-transformers folder whose
+    1_Pooling/config.json says CLS pooling, without a word. The declared pooling is used where tiesmerge's encoder
+    reproduces it, and said where it does not."""
+    import json
+    import warnings
+
+    import torch
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.encoder import SentenceEncoder
+
+    model = _encoder_dir(tmp_path, bert_tokenizer)
+    (model / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (model / "1_Pooling").mkdir()
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 16, **declared}))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        encoder = SentenceEncoder.from_pretrained(model)
+    assert encoder.pooling == used
+    assert any("weightedmean pooling, which tiesmerge's encoder does not reproduce" in str(w.message)
+               for w in said if issubclass(w.category, MergeWarning)) == ("pooling_mode_weightedmean_tokens" in declared)
+    batch = encoder.tokenize(["the cat sat", "a dog"])
+    hidden = encoder.model(**batch).last_hidden_state
+    if used == "cls":
+        torch.testing.assert_close(encoder(batch), torch.nn.functional.normalize(hidden[:, 0], dim=-1))

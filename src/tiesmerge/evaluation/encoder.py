@@ -1,7 +1,8 @@
 """Sentence encoders with frozen cosine heads: the benchmark's stand-in for CLIP's text heads.
 
 An encoder is a BERT-style model + attention-masked mean pooling + L2 normalisation (the
-all-MiniLM-L6-v2 recipe). Each task's classifier is frozen: the normalised embeddings, by the
+all-MiniLM-L6-v2 recipe; a sentence-transformers folder that declares CLS or max pooling is pooled
+so). Each task's classifier is frozen: the normalised embeddings, by the
 *base* encoder, of one description per class; logits = scale * cosine. Only the encoder is
 fine-tuned and merged, as the paper's vision setting keeps CLIP's zero-shot heads fixed.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SentenceEncoder", "CosineHead", "mean_pool", "build_head", "LOGIT_SCALE"]
+__all__ = ["SentenceEncoder", "CosineHead", "mean_pool", "pool", "pooling_of", "build_head", "LOGIT_SCALE"]
 
 LOGIT_SCALE = 20.0  # cosine similarities live in [-1, 1]; x20 gives a usable softmax temperature
 
@@ -26,6 +27,59 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
 
 
+POOLINGS = ("mean", "cls", "max")  # sentence-transformers' modes tiesmerge's encoder reproduces
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
+    """(B, T, D), (B, T) -> (B, D) by ``mode``: the real tokens' mean, the first token's state (CLS), or the real
+    tokens' elementwise max."""
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(~mask.bool().unsqueeze(-1), torch.finfo(hidden.dtype).min).amax(1)
+    return mean_pool(hidden, mask)
+
+
+def pooling_of(directory: str | os.PathLike) -> str:
+    """The pooling a sentence-transformers folder declares (modules.json -> its Pooling module's config.json), or
+    "mean" where it declares none (a plain transformers folder: the all-MiniLM-L6-v2 recipe). A folder whose
+    declared pooling tiesmerge's encoder does not reproduce (weighted mean, last token, several at once) is scored
+    with mean pooling, said in a warning (hp42 D67: a CLS-pooling model was scored with mean pooling silently)."""
+    import warnings
+
+    from ..errors import CheckpointError, MergeWarning
+    from ..limits import read_json
+    from ..paths import inside
+
+    directory = Path(directory)
+    if not (directory / "modules.json").is_file():
+        return "mean"
+    try:
+        modules = read_json(directory / "modules.json", "the sentence-transformers modules")
+        entry = next((m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")),
+                     None) if isinstance(modules, list) else None
+        if entry is None or not isinstance(entry.get("path"), str):
+            return "mean"
+        folder = inside(directory / entry["path"], directory, "the Pooling module's folder")
+        config = read_json(folder / "config.json", "the Pooling module's config")
+    except (CheckpointError, OSError):
+        return "mean"  # unreadable: the encoder's own default, as a plain transformers folder
+    if not isinstance(config, dict):
+        return "mean"
+    modes = [m for m, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
+                              ("max", "pooling_mode_max_tokens"),
+                              ("mean_sqrt_len", "pooling_mode_mean_sqrt_len_tokens"),
+                              ("weightedmean", "pooling_mode_weightedmean_tokens"),
+                              ("lasttoken", "pooling_mode_lasttoken")) if config.get(key) is True]
+    if len(modes) == 1 and modes[0] in POOLINGS:
+        return modes[0]
+    if modes:
+        warnings.warn(MergeWarning(f"{directory}: its sentence-transformers Pooling module declares "
+                                   f"{' + '.join(modes)} pooling, which tiesmerge's encoder does not reproduce: it is "
+                                   "scored with mean pooling"), stacklevel=3)
+    return "mean"
+
+
 class SentenceEncoder(torch.nn.Module):
     """A transformers encoder that maps texts to unit vectors.
 
@@ -34,10 +88,11 @@ class SentenceEncoder(torch.nn.Module):
     torch.Size([1, 384])
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int = 128) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, *, max_length: int = 128, pooling: str = "mean") -> None:
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        self.pooling = pooling
         from .loading import fitted_length
 
         self.max_length = fitted_length(model, max_length)  # never past the model's position table
@@ -63,7 +118,7 @@ class SentenceEncoder(torch.nn.Module):
             if real_missing or unexpected:
                 raise ValueError(f"state does not fit {directory}: missing {real_missing[:3]}, "
                                  f"unexpected {unexpected[:3]}")
-        return cls(model.to(device), tokenizer, max_length=max_length)
+        return cls(model.to(device), tokenizer, max_length=max_length, pooling=pooling_of(directory))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
@@ -75,7 +130,7 @@ class SentenceEncoder(torch.nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Tokenized batch -> (B, D) unit vectors (differentiable, for fine-tuning)."""
         hidden = self.model(**batch).last_hidden_state  # (B, T, D)
-        return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1)
+        return torch.nn.functional.normalize(pool(hidden, batch["attention_mask"], self.pooling), dim=-1)
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str], *, batch_size: int = 64) -> torch.Tensor:
