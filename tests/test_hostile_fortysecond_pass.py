@@ -984,3 +984,26 @@ def test_a_sentence_transformers_folders_pooling_is_the_encoders(tmp_path, bert_
     hidden = encoder.model(**batch).last_hidden_state
     if used == "cls":
         torch.testing.assert_close(encoder(batch), torch.nn.functional.normalize(hidden[:, 0], dim=-1))
+
+
+@pytest.mark.parametrize("method, options", [("ties", {"scope": "per_tensor"}), ("ties", {"scope": "global"}),
+                                             ("magnitude_prune", {"scope": "per_tensor"})])
+def test_ties_at_the_threshold_keeping_far_more_are_said_under_every_scope(method, options):
+    """hp42 C57: the warning that keeping every tie at the trim's threshold keeps far more than the density (hp40b
+    C76) was said under the global scope only; per_tensor (TIES's keep rule there too) kept 91.6% without a word.
+    Said once per merge, over every scope."""
+    import re
+    import warnings
+
+    import torch
+
+    from tiesmerge.errors import MergeWarning
+
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{k}": torch.zeros(32, 32) for k in range(3)}
+    models = [{n: 0.01 * torch.sign(torch.randn(32, 32, generator=g)) for n in base} for _ in range(2)]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        tiesmerge.merge(base, models, method, **options)
+    ties = [w for w in said if issubclass(w.category, MergeWarning) and "tie at the trim's threshold" in str(w.message)]
+    assert len(ties) == 1 and re.search(r"model 0 100\.0% \(asked (19\.9|20\.0)%\)", str(ties[0].message))

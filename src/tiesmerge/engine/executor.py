@@ -412,6 +412,7 @@ class Executor:
                 self.stats.tensors_tied += 1
         self.stats.passes += 1
         leases.check()  # the last chunk's inputs too: a file opened for writing meanwhile is no input to vouch for
+        self.reducer.warn_ties_excess()  # over every scope: a per-tensor scope's too, said once
         if self.side is not None:
             self.side.warn_if_silent(self.method.name)
         # (a method run only for what it collects, as adapt's task-vector pass, returns zero deltas by design)

@@ -37,21 +37,24 @@ _KERNEL_HIST_BYTES = 32 << 20  # cap on the per-thread window histograms of a co
 TIES_EXCESS = 1.5  # entries kept past this multiple of k (and 1% of the scope): said
 
 
-def _warn_if_ties_keep_far_more(selector: WindowSelect, numel: int) -> None:
+def _warn_if_ties_keep_far_more(kept: np.ndarray, asked: np.ndarray, numel: int) -> None:
     """Keeping every entry that ties at the threshold (TIES's default, the authors' code) keeps far more than the
-    density when many entries share one magnitude (fine-tunes of base ± 0.01: density 0.2 kept 90%, hp40b C76)."""
+    density when many entries share one magnitude (fine-tunes of base ± 0.01: density 0.2 kept 90%, hp40b C76).
+    ``kept``/``asked`` (n,): entries over every scope of the run (a per-tensor scope's too: hp42 C57 found it said
+    under the global scope only), ``numel`` their size."""
     import warnings
 
     from ..errors import MergeWarning
 
-    over = [t for t in range(selector.n) if selector.kept[t] > TIES_EXCESS * selector.keep[t] + 0.01 * numel]
-    if not over:
+    over = [t for t in range(len(kept)) if kept[t] > TIES_EXCESS * asked[t] + 0.01 * numel]
+    if not over or not numel:
         return
-    shown = ", ".join(f"model {t} {selector.kept[t] / numel:.1%} (asked {selector.keep[t] / numel:.1%})"
+    shown = ", ".join(f"model {t} {kept[t] / numel:.1%} (asked {asked[t] / numel:.1%})"
                       for t in over[:4]) + (f" and {len(over) - 4} more" if len(over) > 4 else "")
     warnings.warn(MergeWarning(f"many entries tie at the trim's threshold, and keeping every tie keeps far more than "
                                f"the density: {shown}; threshold_ties=sort (--threshold-ties sort) keeps exactly k, "
-                               "in mergekit's order"), stacklevel=2)
+                               "in mergekit's order"), stacklevel=3)
+
 
 class Reducer:
     """Computes cuts and sums over scopes of a merge's chunks, reading through ``reader``."""
@@ -61,6 +64,19 @@ class Reducer:
         self.n = reader.n
         self._tally = tally or (lambda what, since: None)
         self.passes = 0  # whole-scope passes made by the last streaming call
+        # entries kept (ties at the threshold included) and asked for, per model, over every scope cut so far
+        self.kept_total = np.zeros(self.n, np.int64)
+        self.asked_total = np.zeros(self.n, np.int64)
+        self.numel_total = 0
+
+    def _account(self, kept: Sequence[int], asked: Sequence[int], numel: int) -> None:
+        self.kept_total += np.asarray(kept, np.int64)
+        self.asked_total += np.asarray(asked, np.int64)
+        self.numel_total += numel
+
+    def warn_ties_excess(self) -> None:
+        """Said once, after the run: see :func:`_warn_if_ties_keep_far_more`."""
+        _warn_if_ties_keep_far_more(self.kept_total, self.asked_total, self.numel_total)
 
     # ------------------------------------------------------------------ cuts
     def _kernel_bins(self) -> int:
@@ -105,7 +121,7 @@ class Reducer:
                 self.count(selector, chunk, payload)
             selector.end_pass()
         self.passes = selector.passes
-        _warn_if_ties_keep_far_more(selector, numel)
+        self._account(selector.kept, selector.keep, numel)
         return selector.thresholds_array()
 
     def thresholds_in_memory(self, chunk: Chunk, payload: RawRows | list[torch.Tensor], rows: ChunkRows | None,
@@ -118,7 +134,10 @@ class Reducer:
         if not isinstance(payload, RawRows):
             assert rows is not None
             flat = rows.tau.reshape(self.n, -1).abs()  # (n, numel)
-            return np.array([float(kth_largest(flat[t], keep[t])) for t in range(self.n)], np.float32)
+            found = np.array([float(kth_largest(flat[t], keep[t])) for t in range(self.n)], np.float32)
+            self._account([int((flat[t] >= float(found[t])).sum()) if keep[t] else 0 for t in range(self.n)], keep,
+                          numel)
+            return found
         bracket = None
         if numel >= 4 * MEMORY_SAMPLE_RUNS * MEMORY_SAMPLE_RUN and keep[0] > 0:
             rng = np.random.default_rng(numel)
@@ -136,6 +155,7 @@ class Reducer:
         while not selector.done:
             self.count(selector, chunk, payload)
             selector.end_pass()
+        self._account(selector.kept, selector.keep, numel)
         return selector.thresholds_array()
 
     # ------------------------------------------------------------------ sums
