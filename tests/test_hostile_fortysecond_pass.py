@@ -1007,3 +1007,19 @@ def test_ties_at_the_threshold_keeping_far_more_are_said_under_every_scope(metho
         tiesmerge.merge(base, models, method, **options)
     ties = [w for w in said if issubclass(w.category, MergeWarning) and "tie at the trim's threshold" in str(w.message)]
     assert len(ties) == 1 and re.search(r"model 0 100\.0% \(asked (19\.9|20\.0)%\)", str(ties[0].message))
+
+
+def test_a_long_literal_target_modules_is_checked_as_peft_reads_it(tmp_path):
+    """hp42 C25: target_modules of 'a' x 30,000 (a plain literal) was "not checked" (past the regex size tiesmerge
+    runs) and merged, though PEFT refuses the adapter (its fullmatch selects no module). A literal's fullmatch is
+    equality: checked in linear time, and refused naming the field."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=1), alpha=4,
+                          config={"target_modules": "a" * 30_000})
+    with pytest.raises(IncompatibleCheckpointsError, match=r"its config does not adapt, .* \(target_modules 'aaa"):
+        tiesmerge.merge(b, [lora], "task_arithmetic", lam=1.0)

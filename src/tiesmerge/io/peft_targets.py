@@ -92,7 +92,14 @@ class _TimedRegex:
         return self.clock.run(self.compiled.fullmatch if whole else self.compiled.match, module)  # type: ignore
 
 
-Selector = ModulePattern | _TimedRegex | frozenset[str]
+class _Literal(str):
+    """A long target_modules string without a regex metacharacter: PEFT's re.fullmatch of it is equality."""
+
+    def matches(self, module: str) -> bool:
+        return module == self
+
+
+Selector = ModulePattern | _TimedRegex | _Literal | frozenset[str]
 
 
 class _Unchecked(Exception):
@@ -108,6 +115,8 @@ def _selector(value: object, field: str, source: str) -> Selector | None:
             return ModulePattern.compile(value, f"{source}: {field}", whole=True, max_chars=MAX_SELECTOR_CHARS,
                                          clock=_clock(field, source))
         except CheckpointError:
+            if len(value) > MAX_SELECTOR_CHARS and re.escape(value) == value:  # no metacharacter: PEFT's fullmatch
+                return _Literal(value)  # of a literal is equality, checked in linear time (hp42 C25)
             if len(value) > MAX_SELECTOR_CHARS:  # PEFT may load it: it is only not checked
                 raise _Unchecked(field) from None
             if not _compiles(value):
@@ -178,7 +187,7 @@ def _compiles(value: str) -> bool:
 
 
 def _selects(selector: Selector, module: str) -> bool:
-    if isinstance(selector, (ModulePattern, _TimedRegex)):
+    if isinstance(selector, (ModulePattern, _TimedRegex, _Literal)):
         return selector.matches(module)
     # PEFT: the path itself, or a tail of it after a '.' (key.endswith(f".{name}")): looked up, not scanned (a list of
     # 500,000 names against 400 modules: hostile pass 27, F4)
