@@ -1023,3 +1023,22 @@ def test_a_long_literal_target_modules_is_checked_as_peft_reads_it(tmp_path):
                           config={"target_modules": "a" * 30_000})
     with pytest.raises(IncompatibleCheckpointsError, match=r"its config does not adapt, .* \(target_modules 'aaa"):
         tiesmerge.merge(b, [lora], "task_arithmetic", lam=1.0)
+
+
+def test_lora_factors_of_the_wrong_rank_are_said_to_be_a_damaged_file(tmp_path):
+    """hp42 C27: a 1-D lora_A got the options' --help hint; the file is what is wrong."""
+    import torch
+
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_base
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    base = make_base()
+    b = write_hf_dir(tmp_path / "base", base)
+    factors = random_lora(base, 2, seed=1)
+    module = next(iter(factors))
+    factors[module] = (torch.randn(factors[module][0].numel()), factors[module][1])
+    lora = write_lora_dir(tmp_path / "lora", factors, alpha=4)
+    with pytest.raises(IncompatibleCheckpointsError, match="expected A \\(r, in\\) and B \\(out, r\\)") as caught:
+        tiesmerge.merge(b, [lora], "task_arithmetic", lam=1.0)
+    assert "incomplete or damaged" in caught.value.hint

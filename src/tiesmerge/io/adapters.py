@@ -375,7 +375,9 @@ class LoraCheckpoint:
             if len(a) != 2 or len(b) != 2 or b[1] != rank or rank < 1:
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA factors of {module!r} have shapes A {tuple(a)} and B {tuple(b)}; "
-                    "expected A (r, in) and B (out, r) with a rank r of at least 1")
+                    "expected A (r, in) and B (out, r) with a rank r of at least 1",
+                    hint="the adapter file is incomplete or damaged (PEFT saves each factor 2-D): save or download "
+                         "it again")  # not the options' help (hp42 C27)
             stores_in_out = conv1d_layout(model_types, module, fan_in_fan_out)
             if stores_in_out != fan_in_fan_out and not embedding:
                 overruled.append(module)
