@@ -1038,7 +1038,7 @@ def test_lora_factors_of_the_wrong_rank_are_said_to_be_a_damaged_file(tmp_path):
     factors = random_lora(base, 2, seed=1)
     module = next(iter(factors))
     factors[module] = (torch.randn(factors[module][0].numel()), factors[module][1])
-    lora = write_lora_dir(tmp_path / "lora", factors, alpha=4)
+    lora = write_lora_dir(tmp_path / "lora", factors, alpha=4, config={"r": 2})
     with pytest.raises(IncompatibleCheckpointsError, match="expected A \\(r, in\\) and B \\(out, r\\)") as caught:
         tiesmerge.merge(b, [lora], "task_arithmetic", lam=1.0)
     assert "incomplete or damaged" in caught.value.hint
