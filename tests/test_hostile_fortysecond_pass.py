@@ -1042,3 +1042,15 @@ def test_lora_factors_of_the_wrong_rank_are_said_to_be_a_damaged_file(tmp_path):
     with pytest.raises(IncompatibleCheckpointsError, match="expected A \\(r, in\\) and B \\(out, r\\)") as caught:
         tiesmerge.merge(b, [lora], "task_arithmetic", lam=1.0)
     assert "incomplete or damaged" in caught.value.hint
+
+
+def test_an_init_outside_the_clamp_is_refused(tmp_path):
+    """hp42 D36: adapt --clamp 0.5 0.6 with the default --init 0.3 measured the first step at 0.3, then every
+    coefficient jumped to 0.5, without a word."""
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import ConfigError
+
+    base, fts, files = _setup(tmp_path)
+    with pytest.raises(ConfigError, match=r"init 0\.3 lies outside clamp \[0\.5, 0\.6\]"):
+        tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, clamp=(0.5, 0.6))
+    tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, clamp=(0.5, 0.6), init=0.55)

@@ -91,6 +91,10 @@ class AdaptConfig:
             # into the manifest as -Infinity/Infinity, which strict JSON readers refuse; unbounded is no clamp
             out.append(f"clamp must be two finite numbers, got {tuple(self.clamp)!r} (leave --clamp out for "
                        "coefficients without bounds)")
+        elif self.clamp is not None and "init" in finite and not self.clamp[0] <= self.init <= self.clamp[1]:
+            # the first step's objective was measured at init, then every coefficient jumped into the clamp (D36)
+            out.append(f"init {self.init:g} lies outside clamp [{self.clamp[0]:g}, {self.clamp[1]:g}]: the "
+                       "coefficients would start where the clamp never lets them be (give --init inside --clamp)")
         if self.checkpoint_every is not None and (not isinstance(self.checkpoint_every, int)
                                                   or self.checkpoint_every < 1):
             out.append(f"checkpoint_every must be a positive integer, got {self.checkpoint_every!r}")
