@@ -1054,3 +1054,32 @@ def test_an_init_outside_the_clamp_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"init 0\.3 lies outside clamp \[0\.5, 0\.6\]"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, clamp=(0.5, 0.6))
     tiesmerge.adapt(base, fts, files, forward=_forward(), steps=1, clamp=(0.5, 0.6), init=0.55)
+
+
+@pytest.mark.parametrize("which", ["classifier", "encoder"])
+def test_builtin_evaluators_say_how_many_examples_they_cut(tmp_path, bert_tokenizer, which):
+    """hp42 D19: classifier-accuracy and encoder-accuracy on 101-word examples and a 64-position model cut every
+    example to its first tokens (the label word last was never read), scoring 0.5 for every candidate without a
+    word; adapt and stats say how many they cut."""
+    import json
+
+    from test_hostile_fortieth_pass_evaluators import _bert_classifier
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.builtin import ClassifierAccuracy, EncoderAccuracy
+
+    long_text = " ".join(["the"] * 60) + " cat"
+    data = tmp_path / "d.jsonl"
+    if which == "classifier":
+        _bert_classifier(tmp_path / "m", bert_tokenizer)  # 32 positions
+        rows = [{"text": long_text, "label": 0}, {"text": "a dog", "label": 1}]
+        make = ClassifierAccuracy
+        model = tmp_path / "m"
+    else:
+        model = _encoder_dir(tmp_path, bert_tokenizer)
+        rows = [{"task": "t", "classes": ["cat", "dog"]}, {"task": "t", "text": long_text, "label": 0},
+                {"task": "t", "text": "a dog", "label": 1}]
+        make = EncoderAccuracy
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(MergeWarning, match=r"d\.jsonl: 1 of the 2 examples are longer than 32 tokens \(the model's "
+                                          r"positions\) and are cut"):
+        make(model, data)

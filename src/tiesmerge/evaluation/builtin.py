@@ -46,6 +46,7 @@ from .loading import (
     clipped_tail,
     config_num_labels,
     config_vocab_size,
+    count_cut,
     fitted_length_of,
     forward_checked,
     from_pretrained,
@@ -212,7 +213,9 @@ class ClassifierAccuracy(_Scorer):
             self.examples.append((row["text"], row.get("text_pair"),
                                   _int_label(row, where, classes, f"the base has {classes} classes, by its "
                                                                   "config.json's id2label or num_labels")))
-        self._tokenizer()
+        tokenizer = self._tokenizer()
+        pairs = [p for _, p, _ in self.examples] if paired else None
+        _warn_cut(self.data, tokenizer, [t for t, _, _ in self.examples], pairs, self.model_dir, self.max_length)
 
     @torch.no_grad()
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
@@ -431,6 +434,8 @@ class EncoderAccuracy(_Scorer):
             raise ConfigError(f"{self.data}: task(s) {', '.join(empty)} have classes but no examples",
                               hint='add examples {"task": "...", "text": "...", "label": 0}, or remove the task')
         tokenizer = self._tokenizer()
+        _warn_cut(self.data, tokenizer, [t for rows in self.examples.values() for t, _ in rows], None,
+                  self.model_dir, self.max_length)
         for task, classes in self.classes.items():
             refuse_alike(tokenizer, classes, where=f"{self.data}: task {task!r}", what="class",
                          directory=self.model_dir, max_length=fitted_length_of(self.model_dir, self.max_length),
@@ -455,6 +460,19 @@ class EncoderAccuracy(_Scorer):
                                                                             held)}, self.model_dir)
         return evaluate_encoder(encoder, self.examples, {t: heads[t] for t in self.examples},
                                 batch_size=self.batch_size).mean
+
+
+def _warn_cut(data: Path, tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, model_dir: Path,
+              max_length: int) -> None:
+    """How many examples the evaluator cuts to the tokens the model reads, said when it is made, as adapt and stats
+    say it (hp42 D19: 101-word examples on a 64-position model, their label word last, all scored 0.5 without a
+    word)."""
+    limit = fitted_length_of(model_dir, max_length)
+    cut = count_cut(tokenizer, list(texts), list(pairs) if pairs is not None else None, max_length=limit)
+    if cut:
+        why = "the model's positions" if limit < max_length else "max_length"
+        warnings.warn(MergeWarning(f"{data}: {cut:,} of the {len(texts):,} examples are longer than {limit:,} tokens "
+                                   f"({why}) and are cut: the scores are of their first tokens only"), stacklevel=4)
 
 
 def _encoder_part(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
