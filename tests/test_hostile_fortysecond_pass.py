@@ -1083,3 +1083,29 @@ def test_builtin_evaluators_say_how_many_examples_they_cut(tmp_path, bert_tokeni
     with pytest.warns(MergeWarning, match=r"d\.jsonl: 1 of the 2 examples are longer than 32 tokens \(the model's "
                                           r"positions\) and are cut"):
         make(model, data)
+
+
+def test_an_evaluator_that_changes_torchs_default_device_is_put_back(tmp_path):
+    """hp42 D16: an evaluator that called torch.set_default_device("meta") after scoring made the next candidate's
+    merge fail as "unexpected RuntimeError: Tensor.item() cannot be called on meta tensors ... a bug in tiesmerge".
+    The default device and dtype are put back after each call, said once."""
+    import torch
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning import run_search
+
+    base, a, b = _family_dirs(tmp_path)
+
+    def meddles(state):
+        torch.set_default_device("meta")
+        torch.set_default_dtype(torch.float64)
+        return 1.0
+
+    try:
+        with pytest.warns(MergeWarning, match=r"meddles changed torch's default device or dtype .* set them back"):
+            result = run_search(base, [a, b], "ties", meddles, grid={"density": (0.2, 0.5), "lam": (1.0,)})
+        assert len(result.trials) == 2
+        assert torch.get_default_device() == torch.device("cpu") and torch.get_default_dtype() == torch.float32
+    finally:
+        torch.set_default_device(None)
+        torch.set_default_dtype(torch.float32)
