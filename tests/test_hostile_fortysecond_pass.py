@@ -1109,3 +1109,14 @@ def test_an_evaluator_that_changes_torchs_default_device_is_put_back(tmp_path):
     finally:
         torch.set_default_device(None)
         torch.set_default_dtype(torch.float32)
+
+
+def test_an_axis_another_searched_axis_makes_unused_is_refused():
+    """hp42 D64: `search --axis density --axis densities` (TIES: densities overrides density) warned per candidate
+    that density was not used, searched on, and plotted density's "effect"."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match="searching density changes nothing while densities is searched too"):
+        build_space("ties", 2, axes=["density", "densities"])
+    assert [a.name for a in build_space("ties", 2, axes=["densities", "lam"]).axes] == ["densities", "lam"]

@@ -259,6 +259,14 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
             problems.append(f"searching {name} changes nothing: {unused[name]}, so every candidate is the same "
                             "merge; " + ("drop that --set, or search another option" if fixed else
                                          "search another option (or --set what makes it count)"))
+    # an axis that another searched axis makes unused (TIES's density beside densities, which overrides it): its
+    # values changed nothing, and the report plotted their "effect" (hp42 D64)
+    probe = {n: (0.5,) * n_models for n in names if types[n] is tuple and n not in unused}
+    beside = _unused_options(cls, {**fixed, **probe}) if probe else {}
+    for name in names:
+        if name in beside and name not in unused and name not in probe:
+            problems.append(f"searching {name} changes nothing while {', '.join(probe)} is searched too: "
+                            f"{beside[name]}; drop one of the axes")
     if problems:
         raise ConfigError(problems)
     built = []
