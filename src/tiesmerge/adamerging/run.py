@@ -362,16 +362,16 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
                                    f"{largest:,}): each step scores every example about "
                                    f"{config.batch_size // largest:,} times; --batch-size {largest:,} costs a "
                                    "fraction of the time"), stacklevel=3)
+    if forward == "encoder" or heads is not None:
+        check_labels(heads or {}, "heads", "class descriptions", task_data, every_task=forward == "encoder")
+    if choices is not None:
+        check_labels(choices, "choices", "answer choices", task_data, every_task=False)
     # a file the forward never reads: accepted, unused, and recorded in the manifest as if it had been (hp42 D60)
     for given, flag, needs in ((heads, "heads", "encoder"), (choices, "choices", "choice")):
         if given is not None and forward != needs:
             shown = forward if isinstance(forward, str) else type(forward).__name__
             raise ConfigError(f"--{flag} applies to --forward {needs}, and the forward is {shown}: it would not be "
                               "read", hint=f"add --forward {needs}, or leave --{flag} out")
-    if forward == "encoder" or heads is not None:
-        check_labels(heads or {}, "heads", "class descriptions", task_data, every_task=forward == "encoder")
-    if choices is not None:
-        check_labels(choices, "choices", "answer choices", task_data, every_task=False)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     if isinstance(forward, str):
