@@ -1120,3 +1120,32 @@ def test_an_axis_another_searched_axis_makes_unused_is_refused():
     with pytest.raises(ConfigError, match="searching density changes nothing while densities is searched too"):
         build_space("ties", 2, axes=["density", "densities"])
     assert [a.name for a in build_space("ties", 2, axes=["densities", "lam"]).axes] == ["densities", "lam"]
+
+
+@pytest.mark.parametrize("make", [lambda s: __import__("torch").float16 if s > 0 else __import__("torch").bfloat16,
+                                  lambda s: __import__("torch").device("cpu" if s > 0 else "meta"),
+                                  lambda s: __import__("numpy").dtype("float32" if s > 0 else "float64"),
+                                  lambda s: _FrozenSetting(s)],
+                         ids=["torch dtype", "torch device", "numpy dtype", "frozen dataclass"])
+def test_settings_a_closure_holds_are_digested(make):
+    """hp42 D13: a closure over a torch dtype or device, a numpy dtype or a frozen dataclass (settings, not caches)
+    resumed silently with another value; a partial over a memoryview digested its address only."""
+    import functools
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def build(sign):
+        value = make(sign)
+
+        def inner(state):
+            return _score_with(state, extra=value)
+        return inner
+
+    assert evaluator_state(build(1.0)) is not None and evaluator_state(build(1.0)) != evaluator_state(build(-1.0))
+    assert evaluator_state(functools.partial(_score_with, extra=memoryview(b"ab"))) != \
+        evaluator_state(functools.partial(_score_with, extra=memoryview(b"ac")))
+
+
+@__import__("dataclasses").dataclass(frozen=True)
+class _FrozenSetting:
+    sign: float

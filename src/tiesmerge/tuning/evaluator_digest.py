@@ -93,10 +93,7 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
             continue
         if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
             held.append([_qualified(value), _built_with(value, depth=depth + 1, objects=objects)])  # a decorator's
-        elif not isinstance(value, (Mapping, set)) and (
-                isinstance(value, (str, bytes, int, float, complex, bool, type(None), list, tuple, frozenset,
-                                   torch.Tensor))
-                or inspect.isclass(value) or type(value).__module__ == "numpy"):
+        elif not isinstance(value, (Mapping, set)) and _is_setting(value):
             held.append(value)
     wrapped = getattr(fn, "__wrapped__", None)  # functools.wraps
     if wrapped is not None and wrapped is not fn:
@@ -105,6 +102,22 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
         held += [fn.__defaults__, fn.__kwdefaults__]
     # by identity and type, never ==: a numpy array among them made `h not in ([], None)` raise (hp42 D11)
     return held if any(not (h is None or (type(h) is list and not h)) for h in held) else []
+
+
+def _is_setting(value: Any) -> bool:
+    """A closure value that is a setting, not a cache or counter: numbers, text, sequences, tensors and arrays,
+    classes, numpy values and dtypes, torch dtypes and devices, frozen dataclasses (hp42 D13: a dtype, a device or a
+    frozen config in a closure resumed silently)."""
+    import dataclasses
+
+    if isinstance(value, (str, bytes, int, float, complex, bool, type(None), list, tuple, frozenset, torch.Tensor,
+                          torch.dtype, torch.device)) or inspect.isclass(value):
+        return True
+    module = type(value).__module__
+    if module == "numpy" or module.startswith("numpy."):
+        return True
+    params = getattr(type(value), "__dataclass_params__", None)
+    return dataclasses.is_dataclass(value) and bool(getattr(params, "frozen", False))
 
 
 def _qualified(obj: Any) -> str:
@@ -149,6 +162,12 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
         digest.update(b"c" + complex.__repr__(value).encode() + b"\0")
     elif isinstance(value, str):
         digest.update(b"s" + str.encode(value, "utf-8", "surrogatepass") + b"\0")
+    elif isinstance(value, memoryview):  # its bytes (a repr names only its address)
+        size = value.nbytes
+        digest.update(f"m{size}:{value.format}:{value.shape}".encode())
+        if size <= budget[0] and value.c_contiguous:
+            budget[0] -= size
+            digest.update(value.tobytes())
     elif isinstance(value, (bytes, bytearray)):
         size = len(value)
         digest.update(f"y{size}:".encode())
