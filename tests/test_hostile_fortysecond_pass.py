@@ -1149,3 +1149,20 @@ def test_settings_a_closure_holds_are_digested(make):
 @__import__("dataclasses").dataclass(frozen=True)
 class _FrozenSetting:
     sign: float
+
+
+def test_a_choice_too_long_for_the_model_is_refused_naming_its_line(tmp_path):
+    """hp42 D18: an 81-token choice on a 64-position GPT-2 failed at the first candidate's scoring, as "answer choice
+    'good good ...' is 81 tokens; ..." without the file and line every other data error names."""
+    import json
+
+    from test_hostile_fortieth_pass_evaluators import _llama
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import ChoiceAccuracy
+
+    _llama(tmp_path / "lm")  # 64 positions
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"prompt": "the cat", "choices": ["sat", " ".join(["the"] * 80)], "label": 0}) + "\n")
+    with pytest.raises(ConfigError, match=r"long\.jsonl:1: answer choice 'the the .*' is 80 tokens; with a prompt "
+                                          r"token before it that passes the 64 tokens"):
+        ChoiceAccuracy(tmp_path / "lm", data)

@@ -55,7 +55,7 @@ from .loading import (
     refuse_alike,
     refuse_converted,
 )
-from .rank_classification import ChoiceExample, check_choice_count, rank_classification_accuracy
+from .rank_classification import ChoiceExample, check_choice_count, fit_choice, rank_classification_accuracy
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
            "LMPerplexity", "builtin_names"]
@@ -276,11 +276,18 @@ class ChoiceAccuracy(_Scorer):
                          max_length=self.max_length, special_tokens=False, truncate=False)
         if is_encoder_decoder(self.model_dir):
             return
+        limit = fitted_length_of(self.model_dir, self.max_length)  # a sequence's tokens, the model's positions too
         for where, example in zip(lines, self.examples):
             with forward_checked(self.model_dir, "the base"):
                 prompt = tokenizer(clipped_tail(example.prompt, self.max_length), add_special_tokens=True)["input_ids"]
-                empty = [c for c in example.choices
-                         if not tokenizer(clipped(c, self.max_length), add_special_tokens=False)["input_ids"]]
+                tokens = [tokenizer(clipped(c, self.max_length), add_special_tokens=False)["input_ids"]
+                          for c in example.choices]
+                empty = [c for c, ids in zip(example.choices, tokens) if not ids]
+            try:  # a choice that leaves no room for a prompt token: said with its line, before the first merge (D18)
+                for choice, ids in zip(example.choices, tokens):
+                    fit_choice(prompt or [0], ids, limit, choice)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc.message}", hint=exc.hint) from None
             if not prompt:
                 raise ConfigError(f"{where}: the prompt {example.prompt[:60]!r} has no tokens, so the first token of a "
                                   "choice has no position that predicts it",
