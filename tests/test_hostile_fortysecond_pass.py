@@ -1166,3 +1166,20 @@ def test_a_choice_too_long_for_the_model_is_refused_naming_its_line(tmp_path):
     with pytest.raises(ConfigError, match=r"long\.jsonl:1: answer choice 'the the .*' is 80 tokens; with a prompt "
                                           r"token before it that passes the 64 tokens"):
         ChoiceAccuracy(tmp_path / "lm", data)
+
+
+@pytest.mark.parametrize("raw, said, hint", [
+    (b"\x1f\x8b\x08\x00gzipped", "it is gzip-compressed", "gunzip"),
+    ('{"text": "a", "label": 0}\n'.encode("utf-16"), "it is UTF-16", "iconv -f UTF-16"),
+    (b'{"text": "caf\xe9", "label": 0}\n', "", "iconv -f LATIN1")])
+def test_a_data_file_that_is_not_utf8_is_told_what_it_is(tmp_path, raw, said, hint):
+    """hp42 D65: a gzip data file got the hint to convert it from UTF-16; lm-perplexity's UTF-16 text the hint to
+    convert it from Latin-1. The first bytes say which it is."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats.hf import read_jsonl
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(raw)
+    with pytest.raises(ConfigError, match="not UTF-8 text") as caught:
+        read_jsonl(path)
+    assert said in caught.value.message and hint in caught.value.hint

@@ -37,8 +37,6 @@ MAX_YAML_NODES = 100_000  # nodes after alias expansion; a recipe has tens
 # what helps when a config, index, recipe or data file cannot be read: the file is damaged, or not what it
 # claims to be (its name says which one)
 _FIX_FILE = "the file is damaged or not the kind its name says: restore it from its source, or fix it"
-_UTF8 = ("save the file as UTF-8 (an editor's \"UTF-8\" encoding; `iconv -f UTF-16 -t UTF-8` converts a UTF-16 "
-         "file)")
 
 
 _LEAVES = frozenset({str, float, bool, int, type(None)})  # parsed values with nothing to look into
@@ -110,6 +108,25 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def not_utf8_kind(raw: bytes) -> str:
+    """What a file that is not UTF-8 looks like, from its first bytes: said beside the error (hp42 D65: a gzip file
+    was told to convert itself from UTF-16)."""
+    if raw[:2] == b"\x1f\x8b":
+        return ": it is gzip-compressed"
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return ": it is UTF-16 (it starts with UTF-16's byte-order mark)"
+    return ""
+
+
+def not_utf8_hint(raw: bytes) -> str:
+    if raw[:2] == b"\x1f\x8b":
+        return "decompress it first (`gunzip FILE.gz`): tiesmerge reads text files as they are"
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "convert it to UTF-8 (`iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8`)"
+    return ("save the file as UTF-8 (an editor's \"UTF-8\" encoding; `iconv -f LATIN1 -t UTF-8` converts a Latin-1 "
+            "file)")
+
+
 def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = CheckpointError,
                max_depth: int = MAX_DEPTH, unique_keys: bool = False) -> Any:
     """Parse JSON text: a typed error for bad syntax, bad encoding or nesting deeper than ``max_depth``, and with
@@ -160,8 +177,8 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})", hint=hint or _UTF8) \
-            from None
+        raise error(f"{path}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start}){not_utf8_kind(raw)}",
+                    hint=not_utf8_hint(raw)) from None
     rows = []
     # lines end at "\n" only (JSON Lines): str.splitlines would also split inside a text holding U+2028, U+0085 or a
     # form feed, which JSON leaves unescaped (json.dumps(..., ensure_ascii=False) writes them as they are)
@@ -386,5 +403,6 @@ def read_yaml(path: str | os.PathLike, what: str, *, error: type[TiesMergeError]
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data
     except UnicodeDecodeError as exc:
-        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})", hint=_UTF8) from None
+        raise error(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}){not_utf8_kind(raw)}",
+                    hint=not_utf8_hint(raw)) from None
     return loads_yaml(text, str(path), error=error)

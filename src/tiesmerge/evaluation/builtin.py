@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, MergeWarning
-from ..limits import read_json_lines
+from ..limits import not_utf8_hint, not_utf8_kind, read_json_lines
 from ..paths import check_model_dir, read_regular
 from .loading import (
     align_pad_token,
@@ -329,8 +329,8 @@ class LMPerplexity(_Scorer):
         try:
             self.text = raw.decode("utf-8-sig")  # a byte-order mark is not text to score
         except UnicodeDecodeError as exc:
-            raise ConfigError(f"{self.data}: the text file is not UTF-8 ({exc.reason} at byte {exc.start})",
-                              hint="save the text as UTF-8 (`iconv -f LATIN1 -t UTF-8` converts a Latin-1 file)") \
+            raise ConfigError(f"{self.data}: the text file is not UTF-8 ({exc.reason} at byte {exc.start})"
+                              f"{not_utf8_kind(raw)}", hint=not_utf8_hint(raw).replace("the file", "the text")) \
                 from None
         if not self.text.strip():
             raise ConfigError(f"{self.data}: the text file is empty", hint="give lm-perplexity a file of text")
