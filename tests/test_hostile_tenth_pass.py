@@ -582,7 +582,8 @@ def test_file_and_method_spec_errors_hint_at_their_own_fix(family, tmp_path, cap
     recipe = tmp_path / "r.yaml"
     recipe.write_bytes(f"method: ties\nbase: {b}\nmodels: [{ms[0]}, {ms[1]}]\n".encode("utf-16"))
     rc, _, err = run_cli(["validate", str(recipe)], capsys)
-    assert rc == 2 and "not UTF-8" in err and "convert it to UTF-8 (`iconv -f UTF-16" in err and "--help" not in err, err
+    assert rc == 2 and "not UTF-8" in err and "convert it to UTF-8 (`iconv -f UTF-16" in err, err
+    assert "--help" not in err, err
     text = tmp_path / "latin1.txt"
     text.write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     with pytest.raises(ConfigError) as caught:
