@@ -1183,3 +1183,86 @@ def test_a_data_file_that_is_not_utf8_is_told_what_it_is(tmp_path, raw, said, hi
     with pytest.raises(ConfigError, match="not UTF-8 text") as caught:
         read_jsonl(path)
     assert said in caught.value.message and hint in caught.value.hint
+
+
+class _ReprNeverReturns:
+    """Stands for an object whose __repr__ never returns (hp43 c02): calling it fails the test instead of hanging."""
+
+    def __init__(self, sign):
+        self.sign = sign
+
+    def __repr__(self):
+        raise AssertionError("the digest called a user's __repr__")
+
+    __hash__ = object.__hash__
+
+
+class _TorchFunctionNeverReturns(__import__("torch").Tensor):
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        raise AssertionError("the digest ran a subclass's __torch_function__")
+
+
+def test_the_evaluator_digest_never_runs_a_users_repr_or_torch_function():
+    """hp43 c02, c25: an object whose __repr__ never returns (in a partial's default, or as a dict key) and a tensor
+    subclass whose __torch_function__ never returns hung the search before its first candidate: the digest called
+    them. Objects are read by their class and attributes, tensors with subclass dispatch off."""
+    import functools
+
+    import torch
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def of(value):
+        return evaluator_state(functools.partial(_score_with, extra=value))
+
+    assert of(_ReprNeverReturns(1.0)) != of(_ReprNeverReturns(-1.0))
+    assert of({_ReprNeverReturns(1.0): 1}) is not None
+    sub = torch.Tensor._make_subclass(_TorchFunctionNeverReturns, torch.ones(2))
+    other = torch.Tensor._make_subclass(_TorchFunctionNeverReturns, torch.zeros(2))
+    assert of(sub) != of(other)
+
+
+@pytest.mark.parametrize("make", [lambda s: __import__("pathlib").Path("a.txt" if s > 0 else "b.txt"),
+                                  lambda s: range(int(s) + 2), lambda s: slice(0, int(s) + 2),
+                                  lambda s: __import__("decimal").Decimal(str(s)),
+                                  lambda s: __import__("fractions").Fraction(int(s), 3),
+                                  lambda s: bytearray(b"a" if s > 0 else b"b")],
+                         ids=["path", "range", "slice", "decimal", "fraction", "bytearray"])
+def test_closure_values_of_more_kinds_are_settings(make):
+    """hp43 c03: a closure over a pathlib.Path (a data file), a range, a slice, a Decimal, a Fraction or a bytearray
+    resumed silently with another value (a str path was refused)."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def build(sign):
+        value = make(sign)
+
+        def inner(state):
+            return _score_with(state, extra=value)
+        return inner
+
+    assert evaluator_state(build(1.0)) is not None and evaluator_state(build(1.0)) != evaluator_state(build(-1.0))
+
+
+def test_an_lru_cached_evaluator_or_helper_is_followed_to_what_it_wraps(tmp_path):
+    """hp43 c26: an evaluator whose closure held an lru_cache helper closing over its data path (or an evaluator
+    wrapped in lru_cache) was digested as nothing, so other data resumed silently, and named as an object."""
+    import functools
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects, evaluator_state
+
+    def make(path):
+        @functools.lru_cache(maxsize=None)
+        def load():
+            return path
+
+        def score(state):
+            return float(len(load()))
+        return score
+
+    assert evaluator_state(make("a.jsonl")) is not None
+    assert evaluator_state(make("a.jsonl")) != evaluator_state(make("b.jsonl"))
+    wrapped_a = functools.lru_cache(maxsize=None)(functools.partial(_score_with, extra="a"))
+    wrapped_b = functools.lru_cache(maxsize=None)(functools.partial(_score_with, extra="b"))
+    assert evaluator_state(wrapped_a) != evaluator_state(wrapped_b)
+    assert evaluator_objects(wrapped_a) == []

@@ -59,9 +59,21 @@ def evaluator_objects(evaluate: Any) -> list[str]:
     return list(dict.fromkeys(objects))
 
 
+def _is_wrapper(value: Any) -> bool:
+    """A callable that is not a function but wraps one (functools.lru_cache's wrapper): followed to what it wraps."""
+    if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
+        return False
+    try:
+        wrapped = inspect.getattr_static(value, "__wrapped__", None)
+    except Exception:  # noqa: BLE001 - a user's class
+        return False
+    return callable(value) and wrapped is not None and wrapped is not value
+
+
 def _is_callable_object(value: Any) -> bool:
     return callable(value) and not (inspect.isfunction(value) or inspect.ismethod(value) or inspect.isclass(value)
-                                    or inspect.isbuiltin(value) or isinstance(value, functools.partial)) \
+                                    or inspect.isbuiltin(value) or isinstance(value, functools.partial)
+                                    or _is_wrapper(value)) \
         and not type(value).__module__.startswith("tiesmerge") and hasattr(value, "__dict__")
 
 
@@ -83,6 +95,8 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
     if inspect.ismethod(fn):  # its function's build; its object's attributes are not digested (warned)
         objects.append(_owner_name(fn))
         return [_qualified(fn.__func__), _built_with(fn.__func__, depth=depth + 1, objects=objects)]
+    if _is_wrapper(fn):  # functools.lru_cache, cache, a class-based decorator that sets __wrapped__ (hp43 c26)
+        return [_qualified(fn), _built_with(fn.__wrapped__, depth=depth + 1, objects=objects)]
     if not inspect.isfunction(fn):
         return []
     held: list[Any] = []
@@ -91,7 +105,8 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
             value = cell.cell_contents
         except ValueError:  # an empty cell (a name assigned later)
             continue
-        if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
+        if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial) or \
+                _is_wrapper(value):
             held.append([_qualified(value), _built_with(value, depth=depth + 1, objects=objects)])  # a decorator's
         elif not isinstance(value, (Mapping, set)) and _is_setting(value):
             held.append(value)
@@ -109,9 +124,13 @@ def _is_setting(value: Any) -> bool:
     classes, numpy values and dtypes, torch dtypes and devices, frozen dataclasses (hp42 D13: a dtype, a device or a
     frozen config in a closure resumed silently)."""
     import dataclasses
+    import enum
+    import numbers
+    import pathlib
 
-    if isinstance(value, (str, bytes, int, float, complex, bool, type(None), list, tuple, frozenset, torch.Tensor,
-                          torch.dtype, torch.device)) or inspect.isclass(value):
+    if isinstance(value, (str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), list, tuple,
+                          frozenset, range, slice, numbers.Number, pathlib.PurePath, enum.Enum, torch.Tensor,
+                          torch.dtype, torch.device)) or inspect.isclass(value):  # (hp43 c03: a Path, a range...)
         return True
     module = type(value).__module__
     if module == "numpy" or module.startswith("numpy."):
@@ -216,23 +235,56 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
             _feed(digest, item, depth=depth + 1, budget=budget)
         digest.update(b"}")
     else:
-        text = _safe_repr(value)
-        if " at 0x" in text or text.startswith("<unrepresentable"):  # the default repr: an address, new every run
-            digest.update(_qualified(type(value)).encode("utf-8", "surrogatepass"))
-            attributes = getattr(value, "__dict__", None)
-            if isinstance(attributes, dict):
-                _feed(digest, attributes, depth=depth + 1, budget=budget)
-        else:
-            digest.update(text.encode("utf-8", "surrogatepass") + b"\0")
+        _feed_object(digest, value, depth=depth, budget=budget)
+
+
+def _feed_object(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
+    """Any other value by what it holds, never by calling its own methods: a user's __repr__ may never return (hp43
+    c02: a search hung before its first candidate), and a default repr holds an address, new every run. Values of
+    known types by their parts (a path, a range, a Decimal, a dtype, an enum member); others by their class and their
+    instance attributes (``__dict__``, ``__slots__``), read past any ``__getattr__``."""
+    import decimal
+    import enum
+    import fractions
+    import pathlib
+
+    import numpy as np
+
+    digest.update(b"<" + _qualified(type(value)).encode("utf-8", "surrogatepass") + b">")
+    if isinstance(value, pathlib.PurePath):
+        digest.update(str.encode(pathlib.PurePath.__str__(value), "utf-8", "surrogatepass"))
+    elif isinstance(value, (range, slice)):
+        _feed(digest, [value.start, value.stop, value.step], depth=depth + 1, budget=budget)
+    elif isinstance(value, decimal.Decimal):
+        _feed(digest, list(decimal.Decimal.as_tuple(value)), depth=depth + 1, budget=budget)
+    elif isinstance(value, fractions.Fraction):
+        _feed(digest, [value.numerator, value.denominator], depth=depth + 1, budget=budget)
+    elif isinstance(value, (torch.dtype, torch.device, np.dtype)):
+        digest.update(str(value).encode())  # C types: their str is theirs, and ends
+    elif isinstance(value, enum.Enum):
+        _feed(digest, value.name, depth=depth + 1, budget=budget)
+    else:
+        try:
+            attributes = object.__getattribute__(value, "__dict__")
+        except AttributeError:
+            attributes = None
+        if isinstance(attributes, dict):
+            _feed(digest, attributes, depth=depth + 1, budget=budget)
+        for cls in type(value).__mro__:
+            for slot in cls.__dict__.get("__slots__", ()) if isinstance(cls.__dict__.get("__slots__", ()),
+                                                                        (tuple, list)) else ():
+                try:
+                    _feed(digest, [slot, object.__getattribute__(value, slot)], depth=depth + 1, budget=budget)
+                except AttributeError:
+                    continue
 
 
 def _feed_tensor(digest: Any, value: torch.Tensor, *, depth: int, budget: list[int]) -> None:
     """A tensor by its shape, dtype and layout, and its values' bytes within the budget: a view of another tensor
     (conjugate, negative), a subclass, a quantized, sparse or nested tensor too (hp42 D7, D12: a sparse tensor
     counted by its shape only, so other values resumed); a meta tensor has no values."""
-    tensor = value.detach()
-    if type(tensor) is not torch.Tensor:  # a subclass's own methods (__torch_function__) stay out of the reading
-        tensor = torch.Tensor.as_subclass(tensor, torch.Tensor)
+    with torch._C.DisableTorchFunctionSubclass():  # a subclass's __torch_function__ may never return (hp43 c25)
+        tensor = (value if type(value) is torch.Tensor else torch.Tensor.as_subclass(value, torch.Tensor)).detach()
     digest.update(f"tensor{tuple(tensor.shape) if not tensor.is_nested else 'nested'}{tensor.dtype}"
                   f"{tensor.layout}".encode())
     if tensor.device.type == "meta":
@@ -264,13 +316,8 @@ def _feed_tensor(digest: Any, value: torch.Tensor, *, depth: int, budget: list[i
 
 
 def _sort_key(value: Any) -> str:
-    """A stable order for a set's items or a dict's keys: their type and repr (a repr that raises: the type)."""
-    return f"{type(value).__qualname__}:{_safe_repr(value)}"
-
-
-def _safe_repr(value: Any) -> str:
-    try:
-        text = repr(value)
-        return text if isinstance(text, str) else f"<unrepresentable {_qualified(type(value))}>"
-    except Exception:  # noqa: BLE001 - a user's __repr__ may raise anything
-        return f"<unrepresentable {_qualified(type(value))}>"
+    """A stable order for a set's items or a dict's keys: their type and a small digest of each, never their repr
+    (which may raise, or never return)."""
+    key = hashlib.sha256()
+    _feed(key, value, depth=_MAX_DEPTH - 2, budget=[1 << 16, 1 << 8])
+    return f"{type(value).__qualname__}:{key.hexdigest()}"
