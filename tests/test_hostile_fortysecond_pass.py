@@ -1252,7 +1252,7 @@ def test_an_lru_cached_evaluator_or_helper_is_followed_to_what_it_wraps(tmp_path
     from tiesmerge.tuning.evaluator_digest import evaluator_objects, evaluator_state
 
     def make(path):
-        @functools.lru_cache(maxsize=None)
+        @functools.cache
         def load():
             return path
 
