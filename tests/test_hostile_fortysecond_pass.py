@@ -1266,3 +1266,14 @@ def test_an_lru_cached_evaluator_or_helper_is_followed_to_what_it_wraps(tmp_path
     wrapped_b = functools.lru_cache(maxsize=None)(functools.partial(_score_with, extra="b"))
     assert evaluator_state(wrapped_a) != evaluator_state(wrapped_b)
     assert evaluator_objects(wrapped_a) == []
+
+
+def test_option_flags_over_a_mergekit_recipe_are_refused(tmp_path, capsys):
+    """hp43 C31: `--normalize-weights` over a mergekit linear recipe with normalize: false normalized the output
+    silently, while the printed semantics and the manifest's origin still said "undivided"."""
+    from helpers_ckpt import run_cli
+
+    recipe, _, _ = _linear_recipe(tmp_path)
+    rc, _, err = run_cli(["merge", str(recipe), "--normalize-weights", "-o", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "--normalize-weights over a mergekit recipe" in err, err
+    assert not (tmp_path / "out").exists()

@@ -294,13 +294,18 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         method_flags = [flag for flag, given in (("--method", args.method),
                                                  ("--base-weight", linear and getattr(args, "opt_base_weight", None)
                                                   is not None)) if given]
+        # any other option of the translated method: the recipe's own parameters and semantics (recorded under
+        # origin) would no longer describe the merge (hp43 C31: --normalize-weights over normalize: false)
+        method_flags += [f"--{k.removeprefix('opt_').replace('_', '-')}" for k, v in vars(args).items()
+                         if k.startswith("opt_") and v is not None and k != "opt_base_weight"
+                         and f"--{k.removeprefix('opt_').replace('_', '-')}" not in per_model]
         if method_flags:
             raise ConfigError(f"{args.recipe}: {' and '.join(method_flags)} over a mergekit recipe: it is read as its "
                               f"merge_method ({origin.get('merge_method')}) with mergekit's semantics"
                               + (", which make the first listed model the engine's base (with its own weight), so "
                                  "--base-weight would set that model's weight, not base_model's"
                                  if "--base-weight" in method_flags else ""),
-                              hint="change merge_method or the weights in the recipe (base_model's weight is its "
+                              hint="change merge_method or the parameters in the recipe (base_model's weight is its "
                                    "parameters.weight), or give the whole merge as flags, without it")
     if args.models and args.recipe:
         flags.append("--model")
