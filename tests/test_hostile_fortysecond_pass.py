@@ -1277,3 +1277,31 @@ def test_option_flags_over_a_mergekit_recipe_are_refused(tmp_path, capsys):
     rc, _, err = run_cli(["merge", str(recipe), "--normalize-weights", "-o", str(tmp_path / "out")], capsys)
     assert rc == 2 and "--normalize-weights over a mergekit recipe" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_weights_file_too_large_to_map_is_an_out_of_memory_error(tmp_path):
+    """hp43 C51: under an address-space limit, a (sparse) 8 GiB .safetensors file made the API's plan_merge and
+    merge raise a bare MemoryError: safetensors maps the whole file to read its header. It is an OutOfMemoryError
+    naming the file, whose hint says what helps (a smaller --memory-budget cannot)."""
+    import json
+    import os
+    import struct
+    import subprocess
+    import sys
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [65536, 32768], "data_offsets": [0, 65536 * 32768 * 4]}})
+    header += " " * (-len(header) % 8)
+    for name in ("base", "ft"):
+        with open(tmp_path / f"{name}.safetensors", "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header.encode())
+            f.truncate(8 + len(header) + 65536 * 32768 * 4)  # sparse: no disk used
+    code = ("import resource, tiesmerge\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "try:\n"
+            f"    tiesmerge.plan_merge({str(tmp_path / 'base.safetensors')!r}, [{str(tmp_path / 'ft.safetensors')!r}])\n"
+            "except tiesmerge.errors.OutOfMemoryError as exc:\n"
+            "    print('typed:', exc.message, '|', exc.hint)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "typed:" in done.stdout and "maps the whole file (8.0 GiB)" in done.stdout, done.stderr[-800:]
+    assert "ulimit -v" in done.stdout

@@ -94,7 +94,7 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
     """Every input that cannot be opened (missing, not a model, a damaged header) and every one given twice,
     reported together when there are several: ``validate`` and ``--dry-run`` list all problems at once, as they
     do for options. One problem is left to the checks that follow, which name it the usual way."""
-    from .errors import MAX_LISTED, CheckpointError, TiesMergeError, more_problems
+    from .errors import MAX_LISTED, CheckpointError, OutOfMemoryError, TiesMergeError, more_problems
     from .io.checkpoint import open_checkpoint
 
     if isinstance(models, (str, os.PathLike, Mapping)) or not models:
@@ -114,6 +114,8 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
             opened.add(key)
         try:
             open_checkpoint(source, allow_pickle=allow_pickle).close()
+        except OutOfMemoryError:  # the process's memory, not an input's problem: said as it is (hp43 C51)
+            raise
         except TiesMergeError as exc:
             errors.append(exc)
     try:

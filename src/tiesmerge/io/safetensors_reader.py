@@ -84,6 +84,14 @@ class SafetensorsCheckpoint:
             header = json.loads(os.pread(fd, header_len, 8))
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
+        except MemoryError as exc:  # safetensors maps the whole file to read its header (hp43 C51: a bare MemoryError)
+            size = os.fstat(fd).st_size
+            os.close(fd)
+            raise OutOfMemoryError(
+                f"{file}: opening it maps the whole file ({size / 2**30:,.1f} GiB) into the address space, and the "
+                f"process's limit refuses that ({exc})",
+                hint="raise the address-space limit (ulimit -v unlimited): the mapping reserves addresses and reads "
+                     "nothing; a smaller --memory-budget cannot help") from None
         except (SafetensorError, OSError, ValueError, struct.error, RecursionError) as exc:
             hint = _metadata_hint(fd) or "the file is truncated or corrupt; download or copy it again"
             os.close(fd)
