@@ -1295,10 +1295,11 @@ def test_a_weights_file_too_large_to_map_is_an_out_of_memory_error(tmp_path):
         with open(tmp_path / f"{name}.safetensors", "wb") as f:
             f.write(struct.pack("<Q", len(header)) + header.encode())
             f.truncate(8 + len(header) + 65536 * 32768 * 4)  # sparse: no disk used
+    base, ft = str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors")
     code = ("import resource, tiesmerge\n"
             "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
             "try:\n"
-            f"    tiesmerge.plan_merge({str(tmp_path / 'base.safetensors')!r}, [{str(tmp_path / 'ft.safetensors')!r}])\n"
+            f"    tiesmerge.plan_merge({base!r}, [{ft!r}])\n"
             "except tiesmerge.errors.OutOfMemoryError as exc:\n"
             "    print('typed:', exc.message, '|', exc.hint)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
