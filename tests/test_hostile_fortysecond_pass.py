@@ -820,7 +820,7 @@ def test_a_mergekit_linear_recipe_without_dtype_writes_base_models_dtype(tmp_pat
     save_file({k: v.bfloat16() for k, v in states["m1"].items()}, str(paths["m1"] / "model.safetensors"))
     recipe.write_text(recipe.read_text().replace("dtype: float32\n", ""))
     assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert "no dtype given: the output is float32, base_model's" in capsys.readouterr().err
+    assert "no dtype given: the output is float32, the models' dtypes promoted" in capsys.readouterr().err
     assert {str(v.dtype) for v in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == \
         {"torch.float32"}
 
@@ -1306,3 +1306,41 @@ def test_a_weights_file_too_large_to_map_is_an_out_of_memory_error(tmp_path):
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert "typed:" in done.stdout and "maps the whole file (8.0 GiB)" in done.stdout, done.stderr[-800:]
     assert "ulimit -v" in done.stdout
+
+
+def test_a_mergekit_linear_recipe_without_dtype_promotes_its_inputs_dtypes(tmp_path, capsys):
+    """hp43 C04: base_model in bfloat16 beside float32 models, no dtype: tiesmerge wrote bfloat16 ("base_model's, as
+    mergekit writes it"), mergekit float32 (it stacks the tensors, which promotes their dtypes)."""
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.cli.main import main
+
+    recipe, paths, states = _linear_recipe(tmp_path)
+    save_file({k: v.bfloat16() for k, v in states["base"].items()}, str(paths["base"] / "model.safetensors"))
+    recipe.write_text(recipe.read_text().replace("dtype: float32\n", ""))
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert {str(v.dtype) for v in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == \
+        {"torch.float32"}
+
+
+def test_a_mergekit_linear_recipe_whose_first_model_grew_its_vocabulary_keeps_base_models_rows(tmp_path, capsys):
+    """hp43 C26 (and C25's root): a mergekit linear recipe with tokenizer_source: base, its first model holding one
+    added token's row, was refused as differing shapes ("the base" being that model); mergekit merges it on
+    base_model's rows. base_model is read as the base, and tokenizer_source: base keeps its rows."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.cli.main import main
+
+    recipe, paths, states = _linear_recipe(tmp_path)
+    grown = dict(states["m1"])
+    grown["model.embed_tokens.weight"] = torch.cat([grown["model.embed_tokens.weight"], torch.ones(1, 6)])
+    save_file(grown, str(paths["m1"] / "model.safetensors"))
+    recipe.write_text(recipe.read_text() + "tokenizer_source: base\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "base_model is read as the base" in capsys.readouterr().err
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert merged["model.embed_tokens.weight"].shape == (10, 6)
+    name = "model.embed_tokens.weight"
+    expected = (0.6 * states["m1"][name] + 0.4 * states["m2"][name] + 0.5 * states["base"][name]) / 1.5
+    torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)

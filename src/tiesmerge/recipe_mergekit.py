@@ -137,6 +137,17 @@ def _stored_float_dtype(path: str) -> str | None:
     return names.pop() if len(names) == 1 and next(iter(names)) in _DTYPES else None
 
 
+def _promoted(names: list[str]) -> str:
+    """torch's promotion of floating dtypes (by name, without torch): the widest; bfloat16 with float16 is float32."""
+    kinds = set(names)
+    if len(kinds) == 1:
+        return names[0]
+    for wide in ("float64", "float32"):
+        if wide in kinds:
+            return wide
+    return "float32"  # bfloat16 and float16 together
+
+
 def is_mergekit(data: Any) -> bool:
     return isinstance(data, dict) and "merge_method" in data
 
@@ -357,7 +368,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                                                            problems, warnings)
     else:
         method_name, params, semantics = _translate(method, options, weights, per_model["density"], paths, base,
-                                                    problems, warnings)
+                                                    problems, warnings, base_anchor=method == "linear" and (
+                                                        tok is not None or _shapes_differ(paths, base)))
     problems += dtype_problems
     if problems:  # the recipe's values break the method's rules: each message says which, and how
         raise ConfigError([f"{source}: {p}" for p in problems], hint=f"fix the values named above in {source}")
@@ -368,18 +380,24 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         files_from = base if base is not None and method == "linear" else None
         base, paths = params.pop("_anchor"), params.pop("_models")
     out_name = out_dtype or dtype
-    if out_name is None and files_from is not None and base is not None:
-        # without a dtype, the output keeps the engine's base's dtype: here the first listed model's. mergekit's
-        # output is base_model's (hp42 C68: a bfloat16 first model rounded a float32 merge to bfloat16)
-        own, anchor = _stored_float_dtype(files_from), _stored_float_dtype(base)
-        if own is not None and own != anchor:
-            out_name = own
-            warnings.append(f"no dtype given: the output is {own}, base_model's, as mergekit writes it")
+    if out_name is None and method == "linear" and base is not None:
+        # without a dtype, the output keeps the engine's base's dtype: here one of the models. mergekit stacks the
+        # models' tensors, which promotes their dtypes (hp42 C68: a bfloat16 first model rounded a float32 merge;
+        # hp43 C04: a bfloat16 base_model beside float32 models is written float32 by mergekit)
+        stored = [_stored_float_dtype(p) for p in (base, *paths)]
+        if all(d is not None for d in stored):
+            promoted = _promoted(stored)  # type: ignore[arg-type]
+            if promoted != stored[0]:
+                out_name = promoted
+                warnings.append(f"no dtype given: the output is {promoted}, the models' dtypes promoted, as mergekit "
+                                "writes it")
     if dtype is not None:
         warnings.append(f"arithmetic runs in float32 (mergekit computes in dtype={dtype}); the output is "
                         f"{_DTYPES[out_name]}")
     recipe = {"method": method_name, "base": base, "models": paths, "parameters": params,
               **({"files_from": files_from} if files_from is not None and files_from != base else {})}
+    if tok == "base":  # mergekit keeps base_model's tokenizer and its rows of every model's embedding and head:
+        recipe["vocab_policy"] = "truncate"  # tiesmerge's truncate (hp43 C26: refused as differing shapes)
     if tok == "union":  # the models' added tokens kept: each new row the mean of the models that hold the token
         recipe["vocab_policy"] = "union"
         warnings.append("tokenizer_source: union runs as --vocab-policy union: the output's tokenizer holds every "
@@ -395,8 +413,31 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     return recipe, origin
 
 
+def _shapes_differ(paths: list[str], base: str | None) -> bool:
+    """Whether the first listed model's tensors differ in names or shapes from base_model's (a vocabulary a fine-tune
+    grew): read from the safetensors headers only; False where either cannot be opened (the merge names that)."""
+    if base is None or not paths or os.path.realpath(paths[0]) == os.path.realpath(base):
+        return False
+    from .io.checkpoint import open_checkpoint
+
+    shapes = []
+    for path in (paths[0], base):
+        try:
+            checkpoint = open_checkpoint(path)
+        except (TiesMergeError, OSError):
+            return False
+        try:
+            shapes.append({n: tuple(checkpoint.info(n).shape) for n in checkpoint.names()})
+        except (TiesMergeError, OSError):
+            return False
+        finally:
+            checkpoint.close()
+    return shapes[0] != shapes[1]
+
+
 def _translate(method: str, options: dict[str, Any], weights: list[float], densities: list[Any], paths: list[str],
-               base: str | None, problems: list[str], warnings: list[str]) -> tuple[str, dict[str, Any], str]:
+               base: str | None, problems: list[str], warnings: list[str], *,
+               base_anchor: bool = False) -> tuple[str, dict[str, Any], str]:
     lam = options.get("lambda", 1.0)
     normalize = options["normalize"]
     total = sum(weights)
@@ -420,7 +461,18 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
         # models' own values are summed in the list's order, as mergekit does (a base_model the models do
         # not list was appended last above, with the shared weight, as mergekit's planner adds it)
         anchor, at = paths[0], 0
-        others = list(zip(paths, weights))[1:]
+        listed = [k for k, p in enumerate(paths) if base is not None and os.path.realpath(p) == os.path.realpath(base)]
+        if base_anchor and listed and listed[0] != 0:
+            # base_model as the engine's base where the models' vocabularies differ (or a tokenizer_source is given):
+            # the vocabulary is aligned on the base, as mergekit aligns it on base_model (hp43 C25, C26: the first
+            # model stood as the base, and its added tokens were "the base's"). The sum then runs in another order
+            # than mergekit's: float32 results may differ from its by an ulp
+            at = listed[0]
+            anchor = paths[at]
+            warnings.append("linear: base_model is read as the base (the models' vocabularies differ, or a "
+                            "tokenizer_source is given), so the float32 sum runs in another order than mergekit's and "
+                            "may differ from its output by an ulp")
+        others = [(p, w) for k, (p, w) in enumerate(zip(paths, weights)) if k != at]
         if not others:
             problems.append("linear needs at least one model besides the base")
             return "", {}, ""
