@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import pytest
@@ -1344,3 +1345,27 @@ def test_a_mergekit_linear_recipe_whose_first_model_grew_its_vocabulary_keeps_ba
     name = "model.embed_tokens.weight"
     expected = (0.6 * states["m1"][name] + 0.4 * states["m2"][name] + 0.5 * states["base"][name]) / 1.5
     torch.testing.assert_close(merged[name], expected, rtol=1e-6, atol=1e-6)
+
+
+def test_files_from_keeps_the_copied_config_true_to_the_written_weights(tmp_path):
+    """hp43 C21, C67, C68: with files_from a model stored in another dtype than the base, the copied config.json
+    said bfloat16 over float32 weights (transformers' dtype="auto" then loaded the merge in bfloat16); with
+    vocab_policy union files_from was ignored, with truncate the copied config's vocab_size described another
+    vocabulary. The config's dtype follows the weights; files_from with a vocabulary policy is refused."""
+    import json
+
+    from tiesmerge.errors import ConfigError
+
+    base, a, b = _family_dirs(tmp_path)
+    config = json.loads(open(f"{a}/config.json").read()) if os.path.exists(f"{a}/config.json") else {}
+    config["torch_dtype"] = "bfloat16"
+    with open(f"{a}/config.json", "w") as f:
+        json.dump(config, f)
+    out = tiesmerge.merge(base, [a, b], "task_arithmetic", output=tmp_path / "out", files_from=a)
+    written = json.loads((out / "config.json").read_text())
+    assert written.get("torch_dtype", written.get("dtype")) == "float32"
+    for policy in ("union", "truncate"):
+        with pytest.raises(ConfigError, match=f"files_from and vocab_policy '{policy}' together"):
+            tiesmerge.merge(base, [a, b], "task_arithmetic", output=tmp_path / policy, files_from=a,
+                            vocab_policy=policy)
+        assert not (tmp_path / policy).exists()

@@ -243,6 +243,12 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                       stacklevel=3)
 
 
+def _float_dtype(checkpoint: Any) -> Any:
+    """The one floating dtype a checkpoint's tensors are stored in, or None where they hold several."""
+    kinds = {checkpoint.info(n).dtype_info for n in checkpoint.names() if checkpoint.info(n).dtype_info.is_floating}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
 def _files_source(files_from: Source | None, base: Source, models: Sequence[Source], prepared: Any) -> Path | None:
     """The folder whose config and tokenizer files the output copies: the base's, or ``files_from``'s, which must be
     one of the merge's own inputs (never a new one, which the output checks would not have seen)."""
@@ -294,6 +300,11 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     """
     started = time.perf_counter()
     check_booleans(force=force, allow_pickle=allow_pickle, allow_distant=allow_distant, progress=progress)
+    if files_from is not None and vocab_policy != "error":  # hp43 C67, C68: ignored, or a config of another vocab
+        raise ConfigError(f"files_from and vocab_policy {vocab_policy!r} together: the output's vocabulary is the "
+                          "base's (truncate) or a union of the models' (union), and another model's config and "
+                          "tokenizer would not describe it",
+                          hint="leave files_from out (the base's files are copied), or the vocabulary policy")
     m = as_method(method, method_options)
     if str(device) == "cpu":  # a SLERP's acos and sin: torch's library loads beside the preparation below
         try:
@@ -399,8 +410,11 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             run_stats.tensors_copied -= len(executor.alignment.routes)  # a union's new rows: part of merged tensors
             clock = time.perf_counter()
             if output_format != "adapter":
+                written_dtype = executor.out_dtype
+                if written_dtype is None and files_from is not None:  # the weights take the base's dtype, the copied
+                    written_dtype = _float_dtype(prepared.base)  # config another model's: made to agree (hp43 C21)
                 copied = copy_model_files(files_dir, tmp, files=extra,
-                                          dtype=executor.out_dtype if executor.out_dtype else None)
+                                          dtype=written_dtype if written_dtype else None)
                 if prepared.base.directory() is not None and not (tmp / "config.json").is_file():
                     warnings.warn(f"the base ({prepared.base.label}) has no config.json, so the output has none: "
                                   "transformers cannot load it as a model until one is put beside the weights",
