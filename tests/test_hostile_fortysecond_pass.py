@@ -1369,3 +1369,21 @@ def test_files_from_keeps_the_copied_config_true_to_the_written_weights(tmp_path
             tiesmerge.merge(base, [a, b], "task_arithmetic", output=tmp_path / policy, files_from=a,
                             vocab_policy=policy)
         assert not (tmp_path / policy).exists()
+
+
+def test_a_resume_whose_evaluator_closes_over_an_object_is_warned(tmp_path):
+    """hp43 c55: `lambda sd: e.score(sd)` (a closure over an object) resumed silently after the object's settings
+    changed; the partial and decorator forms were warned since hp42 D29."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning import run_search
+
+    base, a, b = _family_dirs(tmp_path)
+    grid, log = {"density": (0.5,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+
+    def build(sign):
+        e = _Signed(sign)
+        return lambda state: e.score(state)
+
+    run_search(base, [a, b], "ties", build(1.0), grid=grid, log=log)
+    with pytest.warns(MergeWarning, match=r"depend on the attributes of a _Signed object"):
+        run_search(base, [a, b], "ties", build(-1.0), grid=grid, log=log)

@@ -59,6 +59,18 @@ def evaluator_objects(evaluate: Any) -> list[str]:
     return list(dict.fromkeys(objects))
 
 
+def _is_users_object(value: Any) -> bool:
+    """An instance of a class of the user's own with attributes (not a module, function, class or a torch module,
+    whose weights each candidate replaces, nor a library's value)."""
+    if inspect.ismodule(value) or inspect.isclass(value) or inspect.isroutine(value) or \
+            isinstance(value, torch.nn.Module) or _is_setting(value):
+        return False
+    module = type(value).__module__ or ""
+    root = module.split(".")[0]
+    return hasattr(value, "__dict__") and root not in ("tiesmerge", "builtins", "torch", "numpy", "transformers",
+                                                       "collections", "functools", "typing", "pandas")
+
+
 def _is_wrapper(value: Any) -> bool:
     """A callable that is not a function but wraps one (functools.lru_cache's wrapper): followed to what it wraps."""
     if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
@@ -110,6 +122,8 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
             held.append([_qualified(value), _built_with(value, depth=depth + 1, objects=objects)])  # a decorator's
         elif not isinstance(value, (Mapping, set)) and _is_setting(value):
             held.append(value)
+        elif _is_users_object(value):  # an object whose attributes decide the scores (`lambda sd: e.score(sd)`):
+            objects.append(type(value).__qualname__)  # not digested (they hold its caches too), warned (hp43 c55)
     wrapped = getattr(fn, "__wrapped__", None)  # functools.wraps
     if wrapped is not None and wrapped is not fn:
         held.append(_built_with(wrapped, depth=depth + 1, objects=objects))
