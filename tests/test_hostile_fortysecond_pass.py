@@ -1387,3 +1387,16 @@ def test_a_resume_whose_evaluator_closes_over_an_object_is_warned(tmp_path):
     run_search(base, [a, b], "ties", build(1.0), grid=grid, log=log)
     with pytest.warns(MergeWarning, match=r"depend on the attributes of a _Signed object"):
         run_search(base, [a, b], "ties", build(-1.0), grid=grid, log=log)
+
+
+@pytest.mark.parametrize("options, said", [({"densities": (0.2, 0.3, 0.4)}, "3 densities given for 2 models"),
+                                           ({"weights": (5.0,)}, "1 weights given for 2 models")])
+def test_adapt_refuses_per_model_values_of_the_wrong_count(tmp_path, options, said):
+    """hp43 c44, c45: adapt --method ties --densities with 3 values for 2 models was "unexpected RuntimeError: top-k
+    select ... a bug"; --weights 5 for 2 models was accepted and changed the result. Refused as merge refuses them."""
+    from test_adapt_hostile import _forward, _setup
+    from tiesmerge.errors import ConfigError
+
+    base, fts, files = _setup(tmp_path)
+    with pytest.raises(ConfigError, match=said):
+        tiesmerge.adapt(base, fts, files, "ties", forward=_forward(), steps=1, **options)

@@ -255,6 +255,12 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     m = as_method(method, method_options)
     if not exposes_task_vectors(m):
         collect_task_vectors(base, models, m)  # the error naming the method, before anything is read
+    from ..methods.base import check_models
+
+    if not isinstance(models, (str, os.PathLike, Mapping)):  # (a single path is said below, as merge says it)
+        problems = check_models(m, len(models))  # per-model values of the wrong count, as merge refuses them: 3
+        if problems:  # densities for 2 models was "a bug in tiesmerge", --weights 5 a changed result (hp43 c44, c45)
+            raise ConfigError(problems)
     _check_data_list(data)
     if len(data) != len(models):
         raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
