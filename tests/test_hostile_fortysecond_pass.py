@@ -1400,3 +1400,26 @@ def test_adapt_refuses_per_model_values_of_the_wrong_count(tmp_path, options, sa
     base, fts, files = _setup(tmp_path)
     with pytest.raises(ConfigError, match=said):
         tiesmerge.adapt(base, fts, files, "ties", forward=_forward(), steps=1, **options)
+
+
+def test_adapt_refuses_a_task_whose_rows_and_choices_file_both_give_choices(tmp_path):
+    """hp43 c35: rows carrying their own choices silently won over --choices for the same task, while the manifest
+    recorded the --choices values, which were never read."""
+    import json
+
+    from test_hostile_fortieth_pass_evaluators import _llama
+    from tiesmerge.errors import ConfigError
+
+    model = _llama(tmp_path / "lm")
+    for k in range(2):
+        tuned = type(model)(model.config)
+        tuned.load_state_dict(model.state_dict())
+        tuned.save_pretrained(tmp_path / f"ft{k}")
+    data = []
+    for task in ("r1", "r2"):
+        path = tmp_path / f"{task}.jsonl"
+        path.write_text("".join(json.dumps({"text": "the cat", "choices": ["sat", "ran"]}) + "\n" for _ in range(2)))
+        data.append(path)
+    with pytest.raises(ConfigError, match=r"task 'r1': 2 of its rows carry their own 'choices', and --choices gives"):
+        tiesmerge.adapt(tmp_path / "lm", [tmp_path / "ft0", tmp_path / "ft1"], data, forward="choice",
+                        choices={"r1": ["sat", "ran", "cat"]}, steps=1)

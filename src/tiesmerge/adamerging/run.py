@@ -518,7 +518,15 @@ def check_labels(labels: Mapping[str, Any], flag: str, what: str, task_data: Map
 
 
 def _check_row_choices(task_data: Mapping[str, Any], choices: Mapping[str, Any] | None) -> None:
-    """Before the task vectors: every task the --choices file leaves out carries choices on every row."""
+    """Before the task vectors: every task the --choices file leaves out carries choices on every row, and no task
+    has both (hp43 c35: the rows' own won silently, while the manifest recorded the file's, never read)."""
+    for task, rows in task_data.items():
+        own = sum(1 for r in rows if isinstance(r, Mapping) and "choices" in r)
+        if task in (choices or {}) and own:
+            raise ConfigError(f"task {task!r}: {own:,} of its rows carry their own 'choices', and --choices gives the "
+                              "task's too: which would be scored is unclear",
+                              hint=f"give the choices in one place: remove {task!r} from the --choices file, or the "
+                                   "rows' 'choices'")
     for task, rows in task_data.items():
         if task not in (choices or {}) and not all(isinstance(r, Mapping) and "choices" in r for r in rows):
             raise ConfigError(f"task {task!r}: no answer choices (its rows carry no 'choices' and --choices gives "
