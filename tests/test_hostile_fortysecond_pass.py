@@ -1423,3 +1423,31 @@ def test_adapt_refuses_a_task_whose_rows_and_choices_file_both_give_choices(tmp_
     with pytest.raises(ConfigError, match=r"task 'r1': 2 of its rows carry their own 'choices', and --choices gives"):
         tiesmerge.adapt(tmp_path / "lm", [tmp_path / "ft0", tmp_path / "ft1"], data, forward="choice",
                         choices={"r1": ["sat", "ran", "cat"]}, steps=1)
+
+
+def test_a_model_whose_logits_are_not_finite_scores_nothing(tmp_path, bert_tokenizer):
+    """hp43 c08: tune --grid lam=1e30,1 with classifier-accuracy: the lam=1e30 model's logits were all NaN, argmax
+    read them as class 0, it scored as well as the sane one (0.5), won the tie and was written to -o."""
+    import json
+
+    import torch
+
+    from test_hostile_fortieth_pass_evaluators import _bert_classifier
+    from tiesmerge.evaluation.builtin import ClassifierAccuracy
+
+    model = _bert_classifier(tmp_path / "cls", bert_tokenizer)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": 0}) + "\n" for t in ("the cat", "a dog")))
+    scorer = ClassifierAccuracy(tmp_path / "cls", data, device="cpu")
+    broken = {k: (v * float("nan") if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    assert scorer(broken) == 0.0
+    assert scorer({k: v.clone() for k, v in model.state_dict().items()}) in (0.0, 0.5, 1.0)
+    from tiesmerge.evaluation.encoder import CosineHead
+    from tiesmerge.evaluation.suite_eval import task_accuracy
+
+    class _NaNEncoder:
+        def encode(self, texts, batch_size=64):
+            return torch.full((len(texts), 4), float("nan"))
+
+    head = CosineHead(torch.nn.functional.normalize(torch.randn(2, 4), dim=-1))
+    assert task_accuracy(_NaNEncoder(), head, [("a", 0), ("b", 0)]) == 0.0

@@ -230,8 +230,11 @@ class ClassifierAccuracy(_Scorer):
         for i in range(0, len(self.examples), self.batch_size):
             chunk = self.examples[i:i + self.batch_size]
             rows = [{"text": t, **({"text_pair": p} if p is not None else {})} for t, p, _ in chunk]
-            predictions = forward(forward.encode(rows, "validation"), "validation").argmax(-1)  # (B,)
-            hits += int((predictions.cpu() == torch.tensor([y for *_, y in chunk])).sum())
+            out = forward(forward.encode(rows, "validation"), "validation").cpu()  # (B, C)
+            # a row whose logits are not finite (a merge far past the models) is wrong, never argmax's class 0: an
+            # all-NaN model scored as well as a sane one, and ties went to it (hp43 c08)
+            right = (out.argmax(-1) == torch.tensor([y for *_, y in chunk])) & torch.isfinite(out).all(-1)
+            hits += int(right.sum())
         return hits / len(self.examples)
 
 
