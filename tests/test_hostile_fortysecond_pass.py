@@ -1451,3 +1451,21 @@ def test_a_model_whose_logits_are_not_finite_scores_nothing(tmp_path, bert_token
 
     head = CosineHead(torch.nn.functional.normalize(torch.randn(2, 4), dim=-1))
     assert task_accuracy(_NaNEncoder(), head, [("a", 0), ("b", 0)]) == 0.0
+
+
+def test_a_thread_the_memory_limit_refuses_is_an_out_of_memory_error(tmp_path, monkeypatch):
+    """hp44 c10: under `ulimit -v 450000` the writer thread could not start: the API raised a raw RuntimeError
+    ("can't start new thread"), the command line "unexpected RuntimeError ... a bug in tiesmerge"."""
+    import concurrent.futures
+
+    from tiesmerge.errors import OutOfMemoryError
+
+    base, a, b = _family_dirs(tmp_path)
+
+    def refused(self, *args, **kwargs):
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(concurrent.futures.ThreadPoolExecutor, "submit", refused)
+    with pytest.raises(OutOfMemoryError, match=r"ran out of memory \(can't start new thread\)"):
+        tiesmerge.merge(base, [a, b], "ties", output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

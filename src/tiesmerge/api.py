@@ -55,6 +55,28 @@ from .version import __version__
 __all__ = ["merge", "analyze", "plan_merge", "describe_plan", "base_distance"]
 
 
+def _typed_out_of_memory(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The API's entry points raise OutOfMemoryError where memory ran out (a MemoryError, torch's allocator's
+    RuntimeError, a thread the address-space limit refused: hp44 c10), as the command line reports it."""
+    import functools
+
+    @functools.wraps(fn)
+    def typed(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (RuntimeError, MemoryError) as exc:
+            from .errors import OutOfMemoryError, is_out_of_memory
+
+            if not is_out_of_memory(exc):
+                raise
+            said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise OutOfMemoryError(f"ran out of memory ({said})",
+                                   hint="give a smaller memory_budget (--memory-budget, e.g. 512MiB), or run with "
+                                        "more memory: raise the process's limit (ulimit -v) or free memory") from exc
+    return typed
+
+
+@_typed_out_of_memory
 def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *, device: str = "cpu",
                memory_budget: int | str | None = None, dtype: str | torch.dtype | None = None,
                vocab_policy: str = "error", allow_pickle: bool = False, output_format: str = "model",
@@ -264,6 +286,7 @@ def _files_source(files_from: Source | None, base: Source, models: Sequence[Sour
                       hint="name the input whose config and tokenizer files the output should copy")
 
 
+@_typed_out_of_memory
 def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *,
           output: str | os.PathLike | None = None, device: str = "cpu", memory_budget: int | str | None = None,
           dtype: str | torch.dtype | None = None, shard_size: int | str = DEFAULT_SHARD_SIZE, force: bool = False,

@@ -121,7 +121,8 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, RuntimeError):
         text = str(exc)[:2000]
         return ("can't allocate memory" in text or "DefaultCPUAllocator" in text
-                or "out of memory" in text.lower())
+                or "out of memory" in text.lower()
+                or "can't start new thread" in text)  # a thread's stack refused by ulimit -v (hp44 c10)
     return False
 
 

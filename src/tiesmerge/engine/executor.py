@@ -372,6 +372,16 @@ class Executor:
 
     # ------------------------------------------------------------------ passes
     def run(self, sink: Sink) -> RunStats:
+        try:
+            return self._run_with_threads(sink)
+        except RuntimeError as exc:  # torch's allocator, or a thread's stack the address-space limit refused: the
+            if not is_out_of_memory(exc):  # API's caller gets the typed error the command line prints (hp44 c10)
+                raise
+            raise OutOfMemoryError(f"ran out of memory ({str(exc)[:200]})",
+                                   hint="give a smaller memory_budget (--memory-budget, e.g. 512MiB), or run with "
+                                        "more memory: raise the process's limit (ulimit -v) or free memory") from exc
+
+    def _run_with_threads(self, sink: Sink) -> RunStats:
         if self.reader.raw_wanted and fused.load() is None:  # numba installed but not importable: torch
             self.reader.raw_wanted = self._fused_merge = False
             self.stats.engine = "torch"
