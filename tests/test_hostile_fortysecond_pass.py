@@ -1469,3 +1469,22 @@ def test_a_thread_the_memory_limit_refuses_is_an_out_of_memory_error(tmp_path, m
     with pytest.raises(OutOfMemoryError, match=r"ran out of memory \(can't start new thread\)"):
         tiesmerge.merge(base, [a, b], "ties", output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mergekit_ties_recipe_without_dtype_promotes_its_inputs_dtypes(tmp_path, capsys):
+    """hp44 c17: a mergekit ties recipe, base_model bfloat16, models float32, no dtype: tiesmerge wrote bfloat16 (the
+    base's), mergekit float32 (it computes in the promoted dtype); the pass-43 rule covered linear only."""
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.cli.main import main
+
+    _, paths, states = _linear_recipe(tmp_path)
+    save_file({k: v.bfloat16() for k, v in states["base"].items()}, str(paths["base"] / "model.safetensors"))
+    recipe = tmp_path / "ties.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {paths['base']}\nmodels:\n"
+                      f"  - {{model: {paths['m1']}, parameters: {{weight: 1.0, density: 0.5}}}}\n"
+                      f"  - {{model: {paths['m2']}, parameters: {{weight: 1.0, density: 0.5}}}}\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "no dtype given: the output is float32" in capsys.readouterr().err
+    assert {str(v.dtype) for v in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == \
+        {"torch.float32"}

@@ -380,7 +380,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         files_from = base if base is not None and method == "linear" else None
         base, paths = params.pop("_anchor"), params.pop("_models")
     out_name = out_dtype or dtype
-    if out_name is None and method == "linear" and base is not None:
+    if out_name is None and base is not None:  # every method: mergekit computes in the promoted dtype (hp44 c17)
         # without a dtype, the output keeps the engine's base's dtype: here one of the models. mergekit stacks the
         # models' tensors, which promotes their dtypes (hp42 C68: a bfloat16 first model rounded a float32 merge;
         # hp43 C04: a bfloat16 base_model beside float32 models is written float32 by mergekit)
