@@ -123,14 +123,16 @@ def _stored_float_dtype(path: str) -> str | None:
     several or cannot be opened (the merge names that)."""
     from .io.checkpoint import open_checkpoint
 
+    if (Path(path) / "adapter_config.json").is_file():  # an adapter (model+lora): its factors are no output dtype
+        return None
     try:
         checkpoint = open_checkpoint(path)
-    except (TiesMergeError, OSError):
+    except Exception:  # noqa: BLE001 - a probe only: the merge opens the input itself and names any problem
         return None
     try:
         names = {checkpoint.info(n).dtype_info.name for n in checkpoint.names()
                  if checkpoint.info(n).dtype_info.is_floating}
-    except (TiesMergeError, OSError):
+    except Exception:  # noqa: BLE001 - as above
         return None
     finally:
         checkpoint.close()
@@ -422,13 +424,15 @@ def _shapes_differ(paths: list[str], base: str | None) -> bool:
 
     shapes = []
     for path in (paths[0], base):
+        if (Path(path) / "adapter_config.json").is_file():
+            return False
         try:
             checkpoint = open_checkpoint(path)
-        except (TiesMergeError, OSError):
+        except Exception:  # noqa: BLE001 - a probe only: the merge opens the input itself and names any problem
             return False
         try:
             shapes.append({n: tuple(checkpoint.info(n).shape) for n in checkpoint.names()})
-        except (TiesMergeError, OSError):
+        except Exception:  # noqa: BLE001 - as above
             return False
         finally:
             checkpoint.close()
