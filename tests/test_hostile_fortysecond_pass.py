@@ -1488,3 +1488,36 @@ def test_a_mergekit_ties_recipe_without_dtype_promotes_its_inputs_dtypes(tmp_pat
     assert "no dtype given: the output is float32" in capsys.readouterr().err
     assert {str(v.dtype) for v in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == \
         {"torch.float32"}
+
+
+class _ClassPropertyRaises:
+    """An object whose __class__ property and __getattribute__ run user code: the digest must not (hp44 c11)."""
+
+    def __init__(self, sign):
+        object.__setattr__(self, "sign", sign)
+
+    @property
+    def __class__(self):
+        raise AssertionError("the digest read a user's __class__ property")
+
+    def __getattribute__(self, name):
+        if name == "__dict__":
+            raise AssertionError("the digest ran a user's __getattribute__")
+        return object.__getattribute__(self, name)
+
+
+def test_the_evaluator_digest_never_runs_an_objects_class_property_or_getattribute(tmp_path):
+    """hp44 c11: an object whose __class__ property raised (or slept), or whose __getattribute__ slept on __dict__,
+    made evaluator_state/evaluator_objects raise the user's error or hang: isinstance() and hasattr() run such code.
+    Values are tested through their type."""
+    import functools
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects, evaluator_state
+
+    def build(sign):
+        obj = _ClassPropertyRaises(sign)
+        return lambda state: _score_with(state, extra=obj)
+
+    assert evaluator_objects(build(1.0)) == ["_ClassPropertyRaises"]
+    assert evaluator_state(functools.partial(_score_with, extra=_ClassPropertyRaises(1.0))) != \
+        evaluator_state(functools.partial(_score_with, extra=_ClassPropertyRaises(-1.0)))

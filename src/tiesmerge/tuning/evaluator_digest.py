@@ -14,12 +14,53 @@ import functools
 import hashlib
 import inspect
 import itertools
+import types
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 __all__ = ["evaluator_state", "evaluator_objects"]
+
+
+# Every test of a user's value goes through its type, never the value itself: isinstance() reads a __class__
+# property, hasattr() runs __getattr__/__getattribute__, and either may raise or never return (hp44 c11).
+def _is(value: Any, kinds: Any) -> bool:
+    return issubclass(type(value), kinds)
+
+
+def _is_function(value: Any) -> bool:
+    return _is(value, types.FunctionType)
+
+
+def _is_method(value: Any) -> bool:
+    return _is(value, types.MethodType)
+
+
+def _is_class(value: Any) -> bool:
+    return _is(value, type)
+
+
+def _is_builtin(value: Any) -> bool:
+    return _is(value, types.BuiltinFunctionType)
+
+
+def _is_module(value: Any) -> bool:
+    return _is(value, types.ModuleType)
+
+
+def _is_routine(value: Any) -> bool:
+    return _is(value, (types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.MethodDescriptorType,
+                       types.WrapperDescriptorType, types.MethodWrapperType))
+
+
+def _has_dict(value: Any) -> bool:
+    try:
+        object.__getattribute__(value, "__dict__")
+    except AttributeError:
+        return False
+    return True
+
 
 _MAX_BYTES = 1 << 28  # tensors and arrays by their bytes up to this in all; past it, by shape and dtype
 _MAX_VALUES = 1 << 20  # values visited in all: a list of a billion items (or an endless one) is cut here
@@ -32,7 +73,7 @@ def evaluator_state(evaluate: Any) -> str | None:
     code, or None where it carries nothing (a plain function) or is tiesmerge's own (a built-in's data file has its
     own digest). A closure's dicts, sets and objects are left out: they are a cache or a counter as often as a
     setting, and a search resumed in the same process would be refused for what the evaluator recorded itself."""
-    inner = getattr(evaluate, "evaluate", evaluate)
+    inner = inspect.getattr_static(evaluate, "evaluate", evaluate)
     if type(inner).__module__.startswith("tiesmerge"):
         return None
     held = _built_with(inner, depth=0, objects=[])
@@ -48,11 +89,11 @@ def evaluator_objects(evaluate: Any) -> list[str]:
     itself when it is a callable object or a bound method, and those a partial calls or a closure or decorator holds
     as a bound method (hp41 C5; hp42 D29: ``partial(E(sign).score)``, ``partial(C(sign))``, a wraps decorator around
     a bound method, a lambda over one)."""
-    inner = getattr(evaluate, "evaluate", evaluate)
+    inner = inspect.getattr_static(evaluate, "evaluate", evaluate)
     objects: list[str] = []
     if _is_callable_object(inner):
         objects.append(type(inner).__qualname__)
-    elif inspect.ismethod(inner):
+    elif _is_method(inner):
         objects.append(_owner_name(inner))
     else:
         _built_with(inner, depth=0, objects=objects)
@@ -62,18 +103,18 @@ def evaluator_objects(evaluate: Any) -> list[str]:
 def _is_users_object(value: Any) -> bool:
     """An instance of a class of the user's own with attributes (not a module, function, class or a torch module,
     whose weights each candidate replaces, nor a library's value)."""
-    if inspect.ismodule(value) or inspect.isclass(value) or inspect.isroutine(value) or \
-            isinstance(value, torch.nn.Module) or _is_setting(value):
+    if _is_module(value) or _is_class(value) or _is_routine(value) or \
+            _is(value, torch.nn.Module) or _is_setting(value):
         return False
     module = type(value).__module__ or ""
     root = module.split(".")[0]
-    return hasattr(value, "__dict__") and root not in ("tiesmerge", "builtins", "torch", "numpy", "transformers",
+    return _has_dict(value) and root not in ("tiesmerge", "builtins", "torch", "numpy", "transformers",
                                                        "collections", "functools", "typing", "pandas")
 
 
 def _is_wrapper(value: Any) -> bool:
     """A callable that is not a function but wraps one (functools.lru_cache's wrapper): followed to what it wraps."""
-    if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial):
+    if _is_function(value) or _is_method(value) or _is(value, functools.partial):
         return False
     try:
         wrapped = inspect.getattr_static(value, "__wrapped__", None)
@@ -83,15 +124,15 @@ def _is_wrapper(value: Any) -> bool:
 
 
 def _is_callable_object(value: Any) -> bool:
-    return callable(value) and not (inspect.isfunction(value) or inspect.ismethod(value) or inspect.isclass(value)
-                                    or inspect.isbuiltin(value) or isinstance(value, functools.partial)
+    return callable(value) and not (_is_function(value) or _is_method(value) or _is_class(value)
+                                    or _is_builtin(value) or _is(value, functools.partial)
                                     or _is_wrapper(value)) \
-        and not type(value).__module__.startswith("tiesmerge") and hasattr(value, "__dict__")
+        and not type(value).__module__.startswith("tiesmerge") and _has_dict(value)
 
 
 def _owner_name(method: Any) -> str:
     owner = method.__self__
-    return owner.__qualname__ if inspect.isclass(owner) else type(owner).__qualname__
+    return owner.__qualname__ if _is_class(owner) else type(owner).__qualname__
 
 
 def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
@@ -99,17 +140,17 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
     decide the scores are named into ``objects``."""
     if depth > _MAX_BUILD_DEPTH:
         return []
-    if isinstance(fn, functools.partial):
+    if _is(fn, functools.partial):
         if _is_callable_object(fn.func):
             objects.append(type(fn.func).__qualname__)
         return [_qualified(fn.func), list(fn.args), dict(fn.keywords),
                 _built_with(fn.func, depth=depth + 1, objects=objects)]
-    if inspect.ismethod(fn):  # its function's build; its object's attributes are not digested (warned)
+    if _is_method(fn):  # its function's build; its object's attributes are not digested (warned)
         objects.append(_owner_name(fn))
         return [_qualified(fn.__func__), _built_with(fn.__func__, depth=depth + 1, objects=objects)]
     if _is_wrapper(fn):  # functools.lru_cache, cache, a class-based decorator that sets __wrapped__ (hp43 c26)
         return [_qualified(fn), _built_with(fn.__wrapped__, depth=depth + 1, objects=objects)]
-    if not inspect.isfunction(fn):
+    if not _is_function(fn):
         return []
     held: list[Any] = []
     for cell in fn.__closure__ or ():
@@ -117,10 +158,10 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
             value = cell.cell_contents
         except ValueError:  # an empty cell (a name assigned later)
             continue
-        if inspect.isfunction(value) or inspect.ismethod(value) or isinstance(value, functools.partial) or \
+        if _is_function(value) or _is_method(value) or _is(value, functools.partial) or \
                 _is_wrapper(value):
             held.append([_qualified(value), _built_with(value, depth=depth + 1, objects=objects)])  # a decorator's
-        elif not isinstance(value, (Mapping, set)) and _is_setting(value):
+        elif not _is(value, (Mapping, set)) and _is_setting(value):
             held.append(value)
         elif _is_users_object(value):  # an object whose attributes decide the scores (`lambda sd: e.score(sd)`):
             objects.append(type(value).__qualname__)  # not digested (they hold its caches too), warned (hp43 c55)
@@ -137,20 +178,19 @@ def _is_setting(value: Any) -> bool:
     """A closure value that is a setting, not a cache or counter: numbers, text, sequences, tensors and arrays,
     classes, numpy values and dtypes, torch dtypes and devices, frozen dataclasses (hp42 D13: a dtype, a device or a
     frozen config in a closure resumed silently)."""
-    import dataclasses
     import enum
     import numbers
     import pathlib
 
-    if isinstance(value, (str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), list, tuple,
+    if _is(value, (str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), list, tuple,
                           frozenset, range, slice, numbers.Number, pathlib.PurePath, enum.Enum, torch.Tensor,
-                          torch.dtype, torch.device)) or inspect.isclass(value):  # (hp43 c03: a Path, a range...)
+                          torch.dtype, torch.device)) or _is_class(value):  # (hp43 c03: a Path, a range...)
         return True
     module = type(value).__module__
     if module == "numpy" or module.startswith("numpy."):
         return True
     params = getattr(type(value), "__dataclass_params__", None)
-    return dataclasses.is_dataclass(value) and bool(getattr(params, "frozen", False))
+    return hasattr(type(value), "__dataclass_fields__") and bool(getattr(params, "frozen", False))
 
 
 def _qualified(obj: Any) -> str:
@@ -185,23 +225,23 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
 
     # scalars through their base type's methods: a subclass's __repr__ may raise (hp42 D6), and an int of 5,000
     # digits has no decimal repr under Python's limit (D5): hex has no limit
-    if isinstance(value, bool) or isinstance(value, np.bool_):
+    if _is(value, bool) or _is(value, np.bool_):
         digest.update(b"b1" if bool(value) else b"b0")
-    elif isinstance(value, int):
+    elif _is(value, int):
         digest.update(b"i" + int.__format__(value, "x").encode() + b"\0")
-    elif isinstance(value, float):
+    elif _is(value, float):
         digest.update(b"f" + float.__repr__(value).encode() + b"\0")
-    elif isinstance(value, complex):
+    elif _is(value, complex):
         digest.update(b"c" + complex.__repr__(value).encode() + b"\0")
-    elif isinstance(value, str):
+    elif _is(value, str):
         digest.update(b"s" + str.encode(value, "utf-8", "surrogatepass") + b"\0")
-    elif isinstance(value, memoryview):  # its bytes (a repr names only its address)
+    elif _is(value, memoryview):  # its bytes (a repr names only its address)
         size = value.nbytes
         digest.update(f"m{size}:{value.format}:{value.shape}".encode())
         if size <= budget[0] and value.c_contiguous:
             budget[0] -= size
             digest.update(value.tobytes())
-    elif isinstance(value, (bytes, bytearray)):
+    elif _is(value, (bytes, bytearray)):
         size = len(value)
         digest.update(f"y{size}:".encode())
         if size <= budget[0]:
@@ -209,39 +249,39 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
             digest.update(bytes(value))
     elif value is None:
         digest.update(b"N")
-    elif isinstance(value, dict):  # dict's own items: a subclass's __getitem__ may raise (hp42 D9)
+    elif _is(value, dict):  # dict's own items: a subclass's __getitem__ may raise (hp42 D9)
         pairs = list(itertools.islice(dict.items(value), budget[1] + 1))
         digest.update(b"{")
         for key, item in sorted(pairs, key=lambda pair: _sort_key(pair[0])):
             _feed(digest, key, depth=depth + 1, budget=budget)
             _feed(digest, item, depth=depth + 1, budget=budget)
         digest.update(b"}")
-    elif isinstance(value, (list, tuple)):  # the base type's iterator: a subclass's __iter__ may never end (D8)
+    elif _is(value, (list, tuple)):  # the base type's iterator: a subclass's __iter__ may never end (D8)
         digest.update(b"[")
-        each(list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value))
+        each(list.__iter__(value) if _is(value, list) else tuple.__iter__(value))
         digest.update(b"]")
-    elif isinstance(value, (set, frozenset)):
-        items = list(itertools.islice(set.__iter__(value) if isinstance(value, set) else frozenset.__iter__(value),
+    elif _is(value, (set, frozenset)):
+        items = list(itertools.islice(set.__iter__(value) if _is(value, set) else frozenset.__iter__(value),
                                       budget[1] + 1))
         digest.update(b"(")
         each(sorted(items, key=_sort_key))
         digest.update(b")")
-    elif isinstance(value, torch.Tensor):
+    elif _is(value, torch.Tensor):
         _feed_tensor(digest, value, depth=depth, budget=budget)
-    elif isinstance(value, np.ndarray):
+    elif _is(value, np.ndarray):
         digest.update(f"ndarray{value.shape}{value.dtype.str}".encode())
         if value.dtype == object:  # pandas' .values: the objects themselves (hp41 C68)
             each(value.ravel())
         elif value.nbytes <= budget[0]:
             budget[0] -= value.nbytes
             digest.update(np.ascontiguousarray(value).view(np.uint8).tobytes())
-    elif isinstance(value, np.generic):  # np.int64, np.datetime64, ...: its bytes
+    elif _is(value, np.generic):  # np.int64, np.datetime64, ...: its bytes
         digest.update(f"np{value.dtype.str}:".encode() + np.asarray(value).tobytes())
-    elif inspect.isfunction(value) or inspect.isclass(value) or inspect.isbuiltin(value):
+    elif _is_function(value) or _is_class(value) or _is_builtin(value):
         digest.update(_qualified(value).encode("utf-8", "surrogatepass"))
-    elif inspect.ismodule(value):
+    elif _is_module(value):
         digest.update(str(value.__name__).encode("utf-8", "surrogatepass"))
-    elif isinstance(value, Mapping):  # another mapping: its items, as far as the budget goes
+    elif _is(value, Mapping):  # another mapping: its items, as far as the budget goes
         digest.update(b"{" + _qualified(type(value)).encode())
         pairs = list(itertools.islice(value.items(), budget[1] + 1))
         for key, item in sorted(pairs, key=lambda pair: _sort_key(pair[0])):
@@ -265,27 +305,27 @@ def _feed_object(digest: Any, value: Any, *, depth: int, budget: list[int]) -> N
     import numpy as np
 
     digest.update(b"<" + _qualified(type(value)).encode("utf-8", "surrogatepass") + b">")
-    if isinstance(value, pathlib.PurePath):
+    if _is(value, pathlib.PurePath):
         digest.update(str.encode(pathlib.PurePath.__str__(value), "utf-8", "surrogatepass"))
-    elif isinstance(value, (range, slice)):
+    elif _is(value, (range, slice)):
         _feed(digest, [value.start, value.stop, value.step], depth=depth + 1, budget=budget)
-    elif isinstance(value, decimal.Decimal):
+    elif _is(value, decimal.Decimal):
         _feed(digest, list(decimal.Decimal.as_tuple(value)), depth=depth + 1, budget=budget)
-    elif isinstance(value, fractions.Fraction):
+    elif _is(value, fractions.Fraction):
         _feed(digest, [value.numerator, value.denominator], depth=depth + 1, budget=budget)
-    elif isinstance(value, (torch.dtype, torch.device, np.dtype)):
+    elif _is(value, (torch.dtype, torch.device, np.dtype)):
         digest.update(str(value).encode())  # C types: their str is theirs, and ends
-    elif isinstance(value, enum.Enum):
+    elif _is(value, enum.Enum):
         _feed(digest, value.name, depth=depth + 1, budget=budget)
     else:
         try:
             attributes = object.__getattribute__(value, "__dict__")
         except AttributeError:
             attributes = None
-        if isinstance(attributes, dict):
+        if _is(attributes, dict):
             _feed(digest, attributes, depth=depth + 1, budget=budget)
         for cls in type(value).__mro__:
-            for slot in cls.__dict__.get("__slots__", ()) if isinstance(cls.__dict__.get("__slots__", ()),
+            for slot in cls.__dict__.get("__slots__", ()) if _is(cls.__dict__.get("__slots__", ()),
                                                                         (tuple, list)) else ():
                 try:
                     _feed(digest, [slot, object.__getattribute__(value, slot)], depth=depth + 1, budget=budget)
