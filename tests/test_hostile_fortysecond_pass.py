@@ -1521,3 +1521,49 @@ def test_the_evaluator_digest_never_runs_an_objects_class_property_or_getattribu
     assert evaluator_objects(build(1.0)) == ["_ClassPropertyRaises"]
     assert evaluator_state(functools.partial(_score_with, extra=_ClassPropertyRaises(1.0))) != \
         evaluator_state(functools.partial(_score_with, extra=_ClassPropertyRaises(-1.0)))
+
+
+class _SignedList(list):
+    pass
+
+
+class _SlotsScore:
+    __slots__ = ("sign",)
+
+    def __init__(self, sign):
+        self.sign = sign
+
+    def __call__(self, state):
+        return self.sign
+
+
+def test_builtin_subclasses_with_attributes_and_slots_objects_are_digested_or_warned():
+    """hp44 c34, c36: a closure over a list subclass carrying a .sign digested as the plain list (same for +1 and -1),
+    and a __slots__ evaluator object was neither digested nor warned; both resumed silently."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects, evaluator_state
+
+    def build(sign):
+        cfg = _SignedList([1, 2])
+        cfg.sign = sign
+
+        def inner(state):
+            return _score_with(state, extra=cfg)
+        return inner
+
+    assert evaluator_state(build(1.0)) != evaluator_state(build(-1.0))
+    assert evaluator_objects(_SlotsScore(1.0)) == ["_SlotsScore"]
+
+
+def test_a_recipes_relative_files_from_is_read_against_its_folder(tmp_path, monkeypatch, capsys):
+    """hp44 c29: a recipe with relative paths and files_from (the model card's own recipe) was refused from another
+    folder ("files_from 'ft1' must be the base or one of the models"): base and models were read against the
+    recipe's folder, files_from against the working folder."""
+    from tiesmerge.cli.main import main
+
+    _family_dirs(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: average\nbase: base\nmodels: [ft0, ft1]\nfiles_from: ft1\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err

@@ -344,6 +344,8 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     data = dict(data)
     if isinstance(data.get("base"), (str, os.PathLike)):
         data["base"] = _path(data["base"], path.parent)
+    if isinstance(data.get("files_from"), (str, os.PathLike)):  # read as base and models are (hp44 c29)
+        data["files_from"] = _path(data["files_from"], path.parent)
     if isinstance(data.get("models"), list):
         data["models"] = [_path(m, path.parent) if isinstance(m, (str, os.PathLike)) else
                           {**m, **({"path": _path(m["path"], path.parent)} if isinstance(m["path"], str) else {}),

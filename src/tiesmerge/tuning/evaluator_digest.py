@@ -62,6 +62,12 @@ def _has_dict(value: Any) -> bool:
     return True
 
 
+def _has_state(value: Any) -> bool:
+    """Instance attributes: a ``__dict__``, or ``__slots__`` of its class (hp44 c36: a slots-only evaluator object
+    escaped both the digest and the warning)."""
+    return _has_dict(value) or any(cls.__dict__.get("__slots__") for cls in type(value).__mro__[:-1])
+
+
 _MAX_BYTES = 1 << 28  # tensors and arrays by their bytes up to this in all; past it, by shape and dtype
 _MAX_VALUES = 1 << 20  # values visited in all: a list of a billion items (or an endless one) is cut here
 _MAX_DEPTH = 16  # nesting followed
@@ -108,7 +114,7 @@ def _is_users_object(value: Any) -> bool:
         return False
     module = type(value).__module__ or ""
     root = module.split(".")[0]
-    return _has_dict(value) and root not in ("tiesmerge", "builtins", "torch", "numpy", "transformers",
+    return _has_state(value) and root not in ("tiesmerge", "builtins", "torch", "numpy", "transformers",
                                                        "collections", "functools", "typing", "pandas")
 
 
@@ -127,7 +133,7 @@ def _is_callable_object(value: Any) -> bool:
     return callable(value) and not (_is_function(value) or _is_method(value) or _is_class(value)
                                     or _is_builtin(value) or _is(value, functools.partial)
                                     or _is_wrapper(value)) \
-        and not type(value).__module__.startswith("tiesmerge") and _has_dict(value)
+        and not type(value).__module__.startswith("tiesmerge") and _has_state(value)
 
 
 def _owner_name(method: Any) -> str:
@@ -212,6 +218,11 @@ def _feed(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
         return
     try:
         _feed_value(digest, value, depth=depth, budget=budget)
+        if type(value).__module__ != "builtins" and _is(value, (list, tuple, dict, set, frozenset, int, float, str,
+                                                                bytes)) and _has_dict(value):
+            # a subclass of a builtin with attributes of its own (class Cfg(list) with a .sign): read them too, the
+            # base type's reading leaves them out (hp44 c34)
+            _feed(digest, object.__getattribute__(value, "__dict__"), depth=depth + 1, budget=budget)
     except Exception:  # noqa: BLE001 - a user's type whose own methods raise: counted by its type
         digest.update(b"<unreadable " + _qualified(type(value)).encode("utf-8", "surrogatepass") + b">")
 
