@@ -118,24 +118,33 @@ _BOOLS = ("normalize", "int8_mask", "rescale", "nuslerp_flatten", "nuslerp_row_w
 _DTYPES = {name: BY_NAME[name].name for name in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")}
 
 
-def _stored_float_dtype(path: str) -> str | None:
-    """The one floating dtype a model's weights are stored in (safetensors headers only), or None where they hold
-    several or cannot be opened (the merge names that)."""
+def _header_infos(path: str) -> dict[str, Any] | None:
+    """A model's tensors' infos (name -> dtype and shape) from its safetensors headers, or None for an adapter
+    (model+lora: its factors are no model's tensors) or a model that cannot be opened: a probe only, which never fails
+    (the merge opens each input itself and names any problem)."""
     from .io.checkpoint import open_checkpoint
 
-    if (Path(path) / "adapter_config.json").is_file():  # an adapter (model+lora): its factors are no output dtype
+    if (Path(path) / "adapter_config.json").is_file():
         return None
     try:
         checkpoint = open_checkpoint(path)
-    except Exception:  # noqa: BLE001 - a probe only: the merge opens the input itself and names any problem
+    except Exception:  # noqa: BLE001 - a probe only
         return None
     try:
-        names = {checkpoint.info(n).dtype_info.name for n in checkpoint.names()
-                 if checkpoint.info(n).dtype_info.is_floating}
-    except Exception:  # noqa: BLE001 - as above
+        return {n: checkpoint.info(n) for n in checkpoint.names()}
+    except Exception:  # noqa: BLE001 - a probe only
         return None
     finally:
         checkpoint.close()
+
+
+def _stored_float_dtype(path: str) -> str | None:
+    """The one floating dtype a model's weights are stored in, or None where they hold several (or see
+    :func:`_header_infos`)."""
+    infos = _header_infos(path)
+    if infos is None:
+        return None
+    names = {i.dtype_info.name for i in infos.values() if i.dtype_info.is_floating}
     return names.pop() if len(names) == 1 and next(iter(names)) in _DTYPES else None
 
 
@@ -420,22 +429,12 @@ def _shapes_differ(paths: list[str], base: str | None) -> bool:
     grew): read from the safetensors headers only; False where either cannot be opened (the merge names that)."""
     if base is None or not paths or os.path.realpath(paths[0]) == os.path.realpath(base):
         return False
-    from .io.checkpoint import open_checkpoint
-
     shapes = []
     for path in (paths[0], base):
-        if (Path(path) / "adapter_config.json").is_file():
+        infos = _header_infos(path)
+        if infos is None:
             return False
-        try:
-            checkpoint = open_checkpoint(path)
-        except Exception:  # noqa: BLE001 - a probe only: the merge opens the input itself and names any problem
-            return False
-        try:
-            shapes.append({n: tuple(checkpoint.info(n).shape) for n in checkpoint.names()})
-        except Exception:  # noqa: BLE001 - as above
-            return False
-        finally:
-            checkpoint.close()
+        shapes.append({n: tuple(i.shape) for n, i in infos.items()})
     return shapes[0] != shapes[1]
 
 
