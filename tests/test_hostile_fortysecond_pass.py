@@ -388,6 +388,13 @@ def _score_with(state, extra=None):
     return 1.0
 
 
+def _closure_over(value):
+    """An evaluator closing over ``value``, as a factory of the user's makes one."""
+    def inner(state):
+        return _score_with(state, extra=value)
+    return inner
+
+
 class _StrRaises(str):
     def __repr__(self):
         raise RuntimeError("no repr")
@@ -1136,11 +1143,7 @@ def test_settings_a_closure_holds_are_digested(make):
     from tiesmerge.tuning.evaluator_digest import evaluator_state
 
     def build(sign):
-        value = make(sign)
-
-        def inner(state):
-            return _score_with(state, extra=value)
-        return inner
+        return _closure_over(make(sign))
 
     assert evaluator_state(build(1.0)) is not None and evaluator_state(build(1.0)) != evaluator_state(build(-1.0))
     assert evaluator_state(functools.partial(_score_with, extra=memoryview(b"ab"))) != \
@@ -1236,11 +1239,7 @@ def test_closure_values_of_more_kinds_are_settings(make):
     from tiesmerge.tuning.evaluator_digest import evaluator_state
 
     def build(sign):
-        value = make(sign)
-
-        def inner(state):
-            return _score_with(state, extra=value)
-        return inner
+        return _closure_over(make(sign))
 
     assert evaluator_state(build(1.0)) is not None and evaluator_state(build(1.0)) != evaluator_state(build(-1.0))
 
