@@ -1566,3 +1566,23 @@ def test_a_recipes_relative_files_from_is_read_against_its_folder(tmp_path, monk
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert main(["validate", str(recipe)]) == 0, capsys.readouterr().err
+
+
+def test_no_message_names_the_teams_tracker_ids():
+    """hp44 c26: an overflow hint read "... even where a mean would not, hp39 C47), not the dtype": the tracker's case
+    id, which means nothing to a user. No string of the package but docstrings may hold one."""
+    import ast
+    import pathlib
+    import re
+
+    pattern = re.compile(r"\bhp\d{2}[a-z]?\b|hostile pass \d+")
+    found = []
+    for path in pathlib.Path(tiesmerge.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        docs = {id(node.body[0].value) for node in ast.walk(tree)
+                if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body
+                and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+        found += [f"{path.name}:{node.lineno}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                  and pattern.search(node.value)]
+    assert found == []

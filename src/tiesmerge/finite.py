@@ -86,9 +86,9 @@ def overflow_hint(code: str, *, scaled: bool) -> str:
 # makes; bfloat16, float32 and float64 reach 3.4e38 or more, where no sensible weight lies, so the cause
 # is the scaling (or the inputs), and a wider dtype would only store the absurd values.
 _WIDE = ("{dtype} already holds values up to {top}: a merged weight beyond that comes from the scaling, or from "
-         "inputs near that limit (their sums inside the merge overflow float32 even where a mean would not, hp39 "
-         "C47), not the dtype; use a smaller lam (scaling factor) or smaller per-model weights, and check the inputs "
-         "for huge values")
+         "inputs near that limit (their sums inside the merge overflow float32 even where a mean would not), not "
+         "the dtype; use a smaller lam (scaling factor) or smaller per-model weights, and check the inputs for huge "
+         "values")  # (hp39 C47; hp44 c26: the tracker's id was in the hint)
 _HINTS = {"F16": "float16 holds values up to 65504 only: write a wider dtype (--dtype bfloat16 or float32), "
                  "or use a smaller lam (scaling factor)",
           "BF16": _WIDE.format(dtype="bfloat16", top="3.4e38"),
