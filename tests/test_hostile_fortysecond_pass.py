@@ -1586,3 +1586,18 @@ def test_no_message_names_the_teams_tracker_ids():
                   if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
                   and pattern.search(node.value)]
     assert found == []
+
+
+def test_files_from_takes_bytes_as_base_and_models_do_and_linear_counts_its_base(tmp_path, capsys):
+    """hp44 c28: files_from=b"ft1" was "must be a path, got bytes" though base and models accept bytes; c02: a
+    mergekit linear merge of two models and base_model said "merged 2 models"."""
+    import os
+
+    from tiesmerge.cli.main import main
+
+    base, a, b = _family_dirs(tmp_path)
+    out = tiesmerge.merge(base, [a, b], "task_arithmetic", output=tmp_path / "out", files_from=os.fsencode(b))
+    assert (out / "config.json").is_file()
+    recipe, _, _ = _linear_recipe(tmp_path / "lin")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "lin_out"), "--no-progress"]) == 0
+    assert "merged 3 models with average" in capsys.readouterr().out

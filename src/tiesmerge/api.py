@@ -276,7 +276,8 @@ def _files_source(files_from: Source | None, base: Source, models: Sequence[Sour
     one of the merge's own inputs (never a new one, which the output checks would not have seen)."""
     if files_from is None:
         return prepared.base.directory()
-    if not isinstance(files_from, (str, os.PathLike)):
+    files_from = fs_text(files_from)  # bytes, as base and models may be given (hp44 c28)
+    if not isinstance(files_from, (str, os.PathLike)) or isinstance(files_from, bytes):
         raise ConfigError(f"files_from must be a path, got {type(files_from).__name__}")
     wanted = os.path.realpath(files_from)
     for source, checkpoint in [(base, prepared.base), *zip(models, prepared.models)]:
@@ -462,7 +463,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                                  device=str(device), vocab_policy=vocab_policy, output_format=output_format,
                                  rank=rank, origin=dict(origin) if origin else None,
                                  stats=tuple(s.label for s in prepared.stats) or None, allow_distant=allow_distant,
-                                 files_from=os.fspath(files_from) if files_from is not None else None,
+                                 files_from=os.fsdecode(files_from) if files_from is not None else None,
                                  # pickled weights were read: the card's recipe and the manifest say so (hp38 C12)
                                  allow_pickle=allow_pickle and any(
                                      Path(f["path"]).suffix in (".bin", ".pt", ".pth")

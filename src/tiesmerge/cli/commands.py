@@ -434,6 +434,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     req = recipe.method.requirements()
     if req.n_models == 1 and req.base_values:  # the base is an endpoint of the interpolation (slerp from the base;
         n += 1                                  # mergekit's nuslerp without a base_model): two models merged
+    elif getattr(recipe.method, "base_weight", None):  # average with the base weighted in (a mergekit linear): it
+        n += 1                                         # counts among the merged models (hp44 c02: "merged 2" of 3)
     print(f"merged {n} model{'s' if n != 1 else ''} with {recipe.method.name} into {shown(out)}")
     if recipe.origin and recipe.origin.get("semantics"):  # a hand-written origin may not say
         print(f"  semantics: {terminal_safe(str(recipe.origin['semantics']))}")
