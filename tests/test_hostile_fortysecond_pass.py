@@ -1601,3 +1601,22 @@ def test_files_from_takes_bytes_as_base_and_models_do_and_linear_counts_its_base
     recipe, _, _ = _linear_recipe(tmp_path / "lin")
     assert main(["merge", str(recipe), "-o", str(tmp_path / "lin_out"), "--no-progress"]) == 0
     assert "merged 3 models with average" in capsys.readouterr().out
+
+
+def test_flags_over_a_recipe_say_what_they_replace_and_vocab_policy_over_mergekit_is_refused(tmp_path, capsys):
+    """hp44 c21: --density and --dtype over a tiesmerge recipe replaced its values without the warning the README
+    promises; c06, c20: --vocab-policy over a mergekit recipe overrode its tokenizer_source silently (or was refused
+    as "files_from", a key the user never wrote)."""
+    from helpers_ckpt import run_cli
+
+    base, a, b = _family_dirs(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{a}, {b}]\nparameters: {{density: 0.3}}\n"
+                      "dtype: float16\n")
+    rc, _, err = run_cli(["merge", str(recipe), "--density", "0.5", "--dtype", "bf16", "-o", str(tmp_path / "o"),
+                          "--no-progress"], capsys)
+    assert rc == 0 and "--dtype bf16 replaces the recipe's dtype float16" in err
+    assert "--density 0.5 replaces the recipe's density 0.3" in err
+    linear, _, _ = _linear_recipe(tmp_path / "lin")
+    rc, _, err = run_cli(["merge", str(linear), "--vocab-policy", "union", "-o", str(tmp_path / "o2")], capsys)
+    assert rc == 2 and "--vocab-policy over a mergekit recipe" in err and "files_from" not in err, err

@@ -293,7 +293,11 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         linear = origin.get("merge_method") == "linear"
         method_flags = [flag for flag, given in (("--method", args.method),
                                                  ("--base-weight", linear and getattr(args, "opt_base_weight", None)
-                                                  is not None)) if given]
+                                                  is not None),
+                                                 # tokenizer_source is the recipe's say (hp44 c06, c20: the flag
+                                                 # overrode tokenizer_source: base silently)
+                                                 ("--vocab-policy", getattr(args, "vocab_policy", None) is not None))
+                        if given]
         # any other option of the translated method: the recipe's own parameters and semantics (recorded under
         # origin) would no longer describe the merge (hp43 C31: --normalize-weights over normalize: false)
         method_flags += [f"--{k.removeprefix('opt_').replace('_', '-')}" for k, v in vars(args).items()
@@ -328,6 +332,10 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
     data.setdefault("method", "ties")
     for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy", "output_format", "rank"):
         if getattr(args, key) is not None:
+            if args.recipe and data.get(key) is not None and str(data[key]) != str(getattr(args, key)):
+                # said, as the README promises (hp44 c21: --dtype over a recipe's dtype replaced it without a word)
+                print(f"warning: --{key.replace('_', '-')} {terminal_safe(str(getattr(args, key)))} replaces the "
+                      f"recipe's {key} {terminal_safe(str(data[key]))}", file=sys.stderr)
             data[key] = getattr(args, key)
     given = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
     if given:
@@ -341,6 +349,10 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"{args.recipe}: 'parameters' must be a mapping of method options")
         if "weights" in given:  # as parameters.weights is replaced, the models' own weight: entries are (hp40b C53)
             _drop_per_model(data, "weight", "--weights")
+        for key, value in given.items():  # a recipe's own value replaced by a flag: said (hp44 c21)
+            if args.recipe and key in recipe_params and recipe_params[key] != value and key != "weights":
+                print(f"warning: --{key.replace('_', '-')} {terminal_safe(str(value))} replaces the recipe's "
+                      f"{key} {terminal_safe(str(recipe_params[key]))}", file=sys.stderr)
         data["parameters"] = {**recipe_params, **given}
         flags += [f"--{k.replace('_', '-')}" for k in given]
     missing = [flag for flag, key in (("--base", "base"), ("--model", "models")) if not data.get(key)]
