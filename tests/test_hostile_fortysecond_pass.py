@@ -1620,3 +1620,23 @@ def test_flags_over_a_recipe_say_what_they_replace_and_vocab_policy_over_mergeki
     linear, _, _ = _linear_recipe(tmp_path / "lin")
     rc, _, err = run_cli(["merge", str(linear), "--vocab-policy", "union", "-o", str(tmp_path / "o2")], capsys)
     assert rc == 2 and "--vocab-policy over a mergekit recipe" in err and "files_from" not in err, err
+
+
+def test_a_users_object_with_an_evaluate_method_is_the_evaluator_itself():
+    """Found in review: the digest unwrapped anything with an ``evaluate`` attribute as tiesmerge's guard, so a user's
+    callable object with an evaluate method of its own was read as that (unbound) function, and not warned."""
+    from tiesmerge.tuning.evaluator import guard
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects
+
+    class Harness:
+        def __init__(self, sign):
+            self.sign = sign
+
+        def evaluate(self, state):
+            return self.sign
+
+        def __call__(self, state):
+            return self.evaluate(state)
+
+    assert [n.rsplit(".", 1)[-1] for n in evaluator_objects(Harness(1.0))] == ["Harness"]
+    assert [n.rsplit(".", 1)[-1] for n in evaluator_objects(guard(Harness(1.0), "score"))] == ["Harness"]

@@ -79,7 +79,7 @@ def evaluator_state(evaluate: Any) -> str | None:
     code, or None where it carries nothing (a plain function) or is tiesmerge's own (a built-in's data file has its
     own digest). A closure's dicts, sets and objects are left out: they are a cache or a counter as often as a
     setting, and a search resumed in the same process would be refused for what the evaluator recorded itself."""
-    inner = inspect.getattr_static(evaluate, "evaluate", evaluate)
+    inner = _unguarded(evaluate)
     if type(inner).__module__.startswith("tiesmerge"):
         return None
     held = _built_with(inner, depth=0, objects=[])
@@ -95,7 +95,7 @@ def evaluator_objects(evaluate: Any) -> list[str]:
     itself when it is a callable object or a bound method, and those a partial calls or a closure or decorator holds
     as a bound method (hp41 C5; hp42 D29: ``partial(E(sign).score)``, ``partial(C(sign))``, a wraps decorator around
     a bound method, a lambda over one)."""
-    inner = inspect.getattr_static(evaluate, "evaluate", evaluate)
+    inner = _unguarded(evaluate)
     objects: list[str] = []
     if _is_callable_object(inner):
         objects.append(type(inner).__qualname__)
@@ -104,6 +104,15 @@ def evaluator_objects(evaluate: Any) -> list[str]:
     else:
         _built_with(inner, depth=0, objects=objects)
     return list(dict.fromkeys(objects))
+
+
+def _unguarded(evaluate: Any) -> Any:
+    """The user's evaluator inside tiesmerge's GuardedEvaluator; anything else as it is (a user's object with an
+    ``evaluate`` method of its own is the evaluator itself, not a wrapper)."""
+    kind = type(evaluate)
+    if kind.__name__ == "GuardedEvaluator" and kind.__module__.startswith("tiesmerge."):
+        return object.__getattribute__(evaluate, "evaluate")
+    return evaluate
 
 
 def _is_users_object(value: Any) -> bool:
