@@ -265,12 +265,6 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                       stacklevel=3)
 
 
-def _float_dtype(checkpoint: Any) -> Any:
-    """The one floating dtype a checkpoint's tensors are stored in, or None where they hold several."""
-    kinds = {checkpoint.info(n).dtype_info for n in checkpoint.names() if checkpoint.info(n).dtype_info.is_floating}
-    return kinds.pop() if len(kinds) == 1 else None
-
-
 def _files_source(files_from: Source | None, base: Source, models: Sequence[Source], prepared: Any) -> Path | None:
     """The folder whose config and tokenizer files the output copies: the base's, or ``files_from``'s, which must be
     one of the merge's own inputs (never a new one, which the output checks would not have seen)."""
@@ -436,7 +430,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             if output_format != "adapter":
                 written_dtype = executor.out_dtype
                 if written_dtype is None and files_from is not None:  # the weights take the base's dtype, the copied
-                    written_dtype = _float_dtype(prepared.base)  # config another model's: made to agree (hp43 C21)
+                    from .io.checkpoint import stored_float_dtype
+
+                    written_dtype = stored_float_dtype(prepared.base)  # the config another's: made to agree (C21)
                 copied = copy_model_files(files_dir, tmp, files=extra,
                                           dtype=written_dtype if written_dtype else None)
                 if prepared.base.directory() is not None and not (tmp / "config.json").is_file():

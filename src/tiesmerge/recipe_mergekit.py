@@ -118,10 +118,10 @@ _BOOLS = ("normalize", "int8_mask", "rescale", "nuslerp_flatten", "nuslerp_row_w
 _DTYPES = {name: BY_NAME[name].name for name in ("float32", "float16", "bfloat16", "fp32", "fp16", "bf16")}
 
 
-def _header_infos(path: str) -> dict[str, Any] | None:
-    """A model's tensors' infos (name -> dtype and shape) from its safetensors headers, or None for an adapter
-    (model+lora: its factors are no model's tensors) or a model that cannot be opened: a probe only, which never fails
-    (the merge opens each input itself and names any problem)."""
+def _probe(path: str, read: Any) -> Any:
+    """``read(checkpoint)`` of a model's safetensors headers, or None for an adapter (model+lora: its factors are no
+    model's tensors) or a model that cannot be opened: a probe only, which never fails (the merge opens each input
+    itself and names any problem)."""
     from .io.checkpoint import open_checkpoint
 
     if (Path(path) / "adapter_config.json").is_file():
@@ -131,7 +131,7 @@ def _header_infos(path: str) -> dict[str, Any] | None:
     except Exception:  # noqa: BLE001 - a probe only
         return None
     try:
-        return {n: checkpoint.info(n) for n in checkpoint.names()}
+        return read(checkpoint)
     except Exception:  # noqa: BLE001 - a probe only
         return None
     finally:
@@ -139,13 +139,11 @@ def _header_infos(path: str) -> dict[str, Any] | None:
 
 
 def _stored_float_dtype(path: str) -> str | None:
-    """The one floating dtype a model's weights are stored in, or None where they hold several (or see
-    :func:`_header_infos`)."""
-    infos = _header_infos(path)
-    if infos is None:
-        return None
-    names = {i.dtype_info.name for i in infos.values() if i.dtype_info.is_floating}
-    return names.pop() if len(names) == 1 and next(iter(names)) in _DTYPES else None
+    """The name of the one floating dtype a model's weights are stored in, or None (see :func:`_probe`)."""
+    from .io.checkpoint import stored_float_dtype
+
+    kind = _probe(path, stored_float_dtype)
+    return kind.name if kind is not None and kind.name in _DTYPES else None
 
 
 def _promoted(names: list[str]) -> str:
@@ -431,10 +429,10 @@ def _shapes_differ(paths: list[str], base: str | None) -> bool:
         return False
     shapes = []
     for path in (paths[0], base):
-        infos = _header_infos(path)
-        if infos is None:
+        found = _probe(path, lambda c: {n: tuple(c.info(n).shape) for n in c.names()})
+        if found is None:
             return False
-        shapes.append({n: tuple(i.shape) for n, i in infos.items()})
+        shapes.append(found)
     return shapes[0] != shapes[1]
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, MergeWarning
-from ..limits import not_utf8_hint, not_utf8_kind, read_json_lines
+from ..limits import check_text_pairs, not_utf8_hint, not_utf8_kind, read_json_lines
 from ..paths import check_model_dir, read_regular
 from .loading import (
     align_pad_token,
@@ -194,12 +194,6 @@ class ClassifierAccuracy(_Scorer):
                               "weights", hint="classifier-accuracy needs a classifier of 2 or more classes; score a "
                                               "regression model with an evaluator of your own (module:function)")
         rows = _lines(self.data, "the validation file")[:self.limit]
-        paired = [number for number, row in rows if "text_pair" in row]
-        if paired and len(paired) != len(rows):  # a batch with one unpaired line lost every pair (hp42 D55)
-            unpaired = next(number for number, row in rows if "text_pair" not in row)
-            raise ConfigError(f"{self.data}:{unpaired}: no 'text_pair', while {len(paired):,} other line(s) have one "
-                              f"(line {paired[0]} first); a classifier of sentence pairs needs both texts of every "
-                              "example", hint="give every line its text_pair, or none of them")
         self.examples: list[tuple[str, str | None, int]] = []
         for number, row in rows:
             where = f"{self.data}:{number}"
@@ -213,6 +207,7 @@ class ClassifierAccuracy(_Scorer):
             self.examples.append((row["text"], row.get("text_pair"),
                                   _int_label(row, where, classes, f"the base has {classes} classes, by its "
                                                                   "config.json's id2label or num_labels")))
+        paired = check_text_pairs(rows, self.data)  # all or none, after each line's own checks (hp42 D55)
         tokenizer = self._tokenizer()
         pairs = [p for _, p, _ in self.examples] if paired else None
         _warn_cut(self.data, tokenizer, [t for t, _, _ in self.examples], pairs, self.model_dir, self.max_length)

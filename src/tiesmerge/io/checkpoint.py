@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..limits import read_json
@@ -33,6 +33,7 @@ __all__ = [
     "StateDictCheckpoint",
     "read_rows_into",
     "open_checkpoint",
+    "stored_float_dtype",
     "PICKLE_SUFFIXES",
 ]
 
@@ -191,3 +192,10 @@ def _shadow_hint(path: Path) -> str | None:
         return None
     return (f"./{parts[0]}/{parts[1]} is a local folder, and a local path always wins over the Hugging Face cache: "
             f"to use the cached {parts[0]}/{parts[1]}, run from another folder or give the cached snapshot's path")
+
+
+def stored_float_dtype(checkpoint: Checkpoint) -> Any:
+    """The one floating dtype (a ``DType``) a checkpoint's tensors are stored in, from its headers, or None where
+    they hold several (or none)."""
+    kinds = {checkpoint.info(n).dtype_info for n in checkpoint.names() if checkpoint.info(n).dtype_info.is_floating}
+    return kinds.pop() if len(kinds) == 1 else None

@@ -30,7 +30,7 @@ from ..evaluation.loading import (
     refuse_converted,
 )
 from ..io.checkpoint import open_checkpoint
-from ..limits import read_json, read_json_lines
+from ..limits import check_text_pairs, read_json, read_json_lines
 from ..paths import check_input, check_model_dir
 from .files import Statistics
 from .fisher import fisher_information
@@ -49,11 +49,9 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
     path = Path(path)
     hint = 'a JSON-lines file: one {"text": ..., "label": ...} object per line'
     rows = []
-    paired: list[int] = []  # line numbers of the rows with a text_pair, and of those without one
-    unpaired: list[int] = []
-    for number, row in read_json_lines(path, "the data file", max_bytes=_MAX_DATA_BYTES, error=ConfigError, hint=hint,
-                                       limit=limit):
-        (paired if "text_pair" in row else unpaired).append(number)
+    numbered = read_json_lines(path, "the data file", max_bytes=_MAX_DATA_BYTES, error=ConfigError, hint=hint,
+                               limit=limit)
+    for number, row in numbered:
         if not isinstance(row.get("text"), str) and isinstance(row.get("prompt"), str):  # hp36 C51
             raise ConfigError(f"{path}:{number}: a 'prompt' line (choice-accuracy's rows); these rows name the prompt "
                               "'text'", hint='e.g. {"text": "Is it spam? ", "choices": ["yes", "no"], "label": 1}')
@@ -74,10 +72,7 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
                               f"(labels 0 to {num_labels - 1})",
                               hint="map the data's labels to the model's classes (its config's id2label)")
         rows.append(row)
-    if paired and unpaired:  # a batch holding one row without a pair was encoded without any (hp42 C61, D55)
-        raise ConfigError(f"{path}:{unpaired[0]}: no 'text_pair', while {len(paired):,} other line(s) have one (line "
-                          f"{paired[0]} first); a model of sentence pairs needs both texts of every example",
-                          hint="give every line its text_pair, or none of them")
+    check_text_pairs(numbered, path)  # after each line's own checks: a bad text_pair is named as such first
     return rows
 
 
