@@ -49,7 +49,7 @@ from .manifest import check_stats_digests, merge_manifest, reference_option
 from .methods.base import MergeMethod
 from .paths import FileStamps, fs_text, input_roots
 from .recipe import MergeRecipe
-from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, format_size, parse_size
+from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, budget_in_use, format_size, parse_size
 from .version import __version__
 
 __all__ = ["merge", "analyze", "plan_merge", "describe_plan", "base_distance"]
@@ -62,18 +62,22 @@ def _typed_out_of_memory(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def typed(*args: Any, **kwargs: Any) -> Any:
+        from .errors import OutOfMemoryError, is_out_of_memory, memory_hint
+
         try:
             return fn(*args, **kwargs)
-        except (RuntimeError, MemoryError) as exc:
-            from .errors import OutOfMemoryError, is_out_of_memory
-
+        except OutOfMemoryError as exc:  # raised deeper with the general hint (a mapping the reader could not make):
+            if exc.hint == memory_hint():  # its example is made smaller than the budget in use (hp44 c09)
+                exc.hint = memory_hint(budget_in_use(kwargs.get("memory_budget")))
+            raise
+        except (RuntimeError, MemoryError, ImportError) as exc:
             if not is_out_of_memory(exc):
                 raise
             said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise OutOfMemoryError(f"ran out of memory ({said})",
-                                   hint="give a smaller memory_budget (--memory-budget, e.g. 512MiB), or run with "
-                                        "more memory: raise the process's limit (ulimit -v) or free memory") from exc
+                                   hint=memory_hint(budget_in_use(kwargs.get("memory_budget")))) from exc
     return typed
+
 
 
 @_typed_out_of_memory

@@ -114,7 +114,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     allocate memory", "CUDA out of memory")."""
     import errno
 
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or is_library_load(exc):
         return True
     if isinstance(exc, OSError):
         return exc.errno == errno.ENOMEM
@@ -124,6 +124,23 @@ def is_out_of_memory(exc: BaseException) -> bool:
                 or "out of memory" in text.lower()
                 or "can't start new thread" in text)  # a thread's stack refused by ulimit -v (hp44 c10)
     return False
+
+
+def memory_hint(budget: int | None = None) -> str:
+    """What needs less memory, said the same way by every place that reports an OutOfMemoryError: a smaller budget
+    than ``budget`` (bytes; the one in use, when known: hp44 c09's hint suggested the 512MiB just given), or more
+    memory."""
+    example = f"{max(budget // 2 >> 20, 1)}MiB" if budget else "512MiB"  # typed back as given: no space, no decimals
+    return (f"give a smaller memory budget (--memory-budget, memory_budget= in Python; e.g. {example}), or run with "
+            "more memory: raise the process's limit (ulimit -v) or free memory on this machine")
+
+
+def is_library_load(exc: BaseException) -> bool:
+    """Whether ``exc`` is a shared library (torch's) that could not be mapped while it was imported: the process's
+    address-space limit is smaller than the library itself, which no budget can help (hp44 c31)."""
+    text = str(exc)[:2000]
+    return isinstance(exc, ImportError) and ("failed to map segment" in text or "cannot allocate memory" in
+                                             text.lower())
 
 
 class TrainingError(TiesMergeError):

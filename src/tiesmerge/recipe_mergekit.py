@@ -400,7 +400,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                 out_name = promoted
                 warnings.append(f"no dtype given: the output is {promoted}, the models' dtypes promoted, as mergekit "
                                 "writes it")
-    if dtype is not None:
+    if dtype is not None and _DTYPES[dtype] != "float32":  # float32: nothing differs to warn about (hp44 c33)
         warnings.append(f"arithmetic runs in float32 (mergekit computes in dtype={dtype}); the output is "
                         f"{_DTYPES[out_name]}")
     recipe = {"method": method_name, "base": base, "models": paths, "parameters": params,
@@ -545,6 +545,24 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
 
 
 # ------------------------------------------------------------------------------------------------ issue 12
+
+def overflow_hint(code: str, merge_method: str) -> str:
+    """What helps against an overflow (output dtype ``code``) in a mergekit recipe's terms: its ``dtype``/``out_dtype``
+    and its models' weights, never tiesmerge's lam or --dtype, which the recipe does not have or refuses (hp44 c23)."""
+    wider = ("float16 holds values up to 65504 only: set the recipe's out_dtype (or dtype) to bfloat16 or float32"
+             if code == "F16" else "")
+    if merge_method in ("slerp", "nuslerp", "model_stock"):  # interpolations: only the inputs can hold such values
+        inputs = (f"{merge_method} interpolates between the models, so a merged value past the dtype's range comes "
+                  "from values near that range in a model: check the inputs for huge values")
+        return f"{wider}; {inputs}" if wider else inputs
+    weights = "lower the models' weight (parameters.weight) in the recipe" + (
+        ", or set normalize: true" if merge_method in ("linear", "ties", "dare_ties", "breadcrumbs_ties",
+                                                       "della") else "")
+    if wider:
+        return f"{wider}, or {weights}"
+    return (f"the output dtype already holds values up to 3.4e38, so a merged value past it comes from the models' "
+            f"weights or from inputs near that limit: {weights}, and check the inputs for huge values")
+
 
 _FAMILY = ("slerp", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock")
 

@@ -50,6 +50,15 @@ def parse_size(text: str | int) -> int:
     return int(text) if isinstance(text, int) else int(value)
 
 
+def budget_in_use(given: object) -> int | None:
+    """The memory budget a call runs with, in bytes (the default where none was given); None where ``given`` is no
+    size (its own check says so)."""
+    try:
+        return parse_size(DEFAULT_MEMORY_BUDGET if given is None else given)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
 def format_size(n: float, *, up: bool = False) -> str:
     """Bytes in binary units: 1536 -> '1.50 KiB'. ``up``: rounded up, not to the nearest (a size the reader may type
     back as a minimum, such as a memory budget that must be at least this, then suffices)."""

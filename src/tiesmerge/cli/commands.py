@@ -400,6 +400,21 @@ def _recipe_pickle_consent(recipe: Any, args: argparse.Namespace) -> None:
                                "safetensors")
 
 
+@contextlib.contextmanager
+def _overflow_said_for(origin: Any):
+    """An overflow in a mergekit recipe's merge: the hint in the recipe's terms (its dtype and weights)."""
+    from ..finite import NotFiniteError
+
+    try:
+        yield
+    except NotFiniteError as exc:
+        if isinstance(origin, dict) and origin.get("format") == "mergekit":
+            from ..recipe_mergekit import overflow_hint
+
+            exc.hint = overflow_hint(exc.code, str(origin.get("merge_method")))
+        raise
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..api import describe_plan, merge, plan_merge  # the engine: imported by the commands that merge
     from ..inputs import check_budget
@@ -431,12 +446,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")
     check_not_input(args.output, [("the recipe", args.recipe)])  # the merge's own inputs are checked by merge()
     started = time.perf_counter()
-    out = merge(recipe.base, list(recipe.models), recipe.method, output=args.output, shard_size=recipe.shard_size,
-                force=args.force, progress=not args.no_progress and sys.stderr.isatty(),
-                output_format=recipe.output_format, rank=recipe.rank, origin=recipe.origin, stats=recipe.stats,
-                files_from=recipe.files_from,
-                # a budget the user set: one the plan cannot keep is refused, before the first heavy read
-                budget_floor=recipe.memory_budget != DEFAULT_MEMORY_BUDGET, **common)
+    with _overflow_said_for(recipe.origin):
+        out = merge(recipe.base, list(recipe.models), recipe.method, output=args.output,
+                    shard_size=recipe.shard_size, force=args.force,
+                    progress=not args.no_progress and sys.stderr.isatty(), output_format=recipe.output_format,
+                    rank=recipe.rank, origin=recipe.origin, stats=recipe.stats, files_from=recipe.files_from,
+                    # a budget the user set: one the plan cannot keep is refused, before the first heavy read
+                    budget_floor=recipe.memory_budget != DEFAULT_MEMORY_BUDGET, **common)
     seconds = time.perf_counter() - started
     completed(out)
     manifest = json.loads((Path(out) / "tiesmerge.json").read_text())

@@ -21,7 +21,16 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import stops
-from ..errors import ConfigError, InternalError, MergeWarning, OutOfMemoryError, TiesMergeError, is_out_of_memory
+from ..errors import (
+    ConfigError,
+    InternalError,
+    MergeWarning,
+    OutOfMemoryError,
+    TiesMergeError,
+    is_library_load,
+    is_out_of_memory,
+    memory_hint,
+)
 from ..io import leases
 from ..io.align import VOCAB_POLICIES
 from ..io.card import digest_cache_kept_out_of
@@ -488,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         return _stopped(exc, args.debug)
     except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
         if is_out_of_memory(exc):  # ENOMEM: a mapping or allocation the address-space limit refused (hp40b C60)
-            return _out_of_memory(exc, args.command, args.debug)
+            return _out_of_memory(exc, args)
         if exc.filename is None and _is_stdout_error(exc):
             done = (f"; the output {shown(COMPLETED[-1])} was written completely before, only the summary was lost"
                     if COMPLETED else "")
@@ -511,12 +520,12 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError as exc:  # a library sized something by an input (a huge table) past the memory it may use
         if _stopping:
             return _stopped(None, args.debug)
-        return _out_of_memory(exc, args.command, args.debug)
+        return _out_of_memory(exc, args)
     except Exception as exc:  # a bug of ours (RecursionError included): a message, never a traceback
         if _stopping:  # raised by code the stop signal interrupted (a lock left half-released): it is the stop
             return _stopped(None, args.debug)
         if is_out_of_memory(exc):  # torch's allocator fails with a RuntimeError, not MemoryError (hp40b C60)
-            return _out_of_memory(exc, args.command, args.debug)
+            return _out_of_memory(exc, args)
         return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "
                                           "and report it"), args.debug)
@@ -739,16 +748,26 @@ def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
 MEMORY_BUDGET_COMMANDS = ("merge", "analyze", "tune", "search", "adapt")  # those with a --memory-budget
 
 
-def _out_of_memory(exc: BaseException, command: str, debug: bool) -> int:
+def _out_of_memory(exc: BaseException, args: argparse.Namespace) -> int:
     """Memory ran out (MemoryError, torch's allocator's RuntimeError, ENOMEM from mmap): said as such, with
     what needs less memory, not as "a bug in tiesmerge" or a truncated file (hp40b C60)."""
+    command, debug = args.command, args.debug
     text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     text = text.strip().splitlines()[0][:200] if text.strip() else ""
     where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+    if _loading_a_library(exc):  # torch's own files under a tight ulimit -v: no budget helps (hp44 c31)
+        return _report(OutOfMemoryError(
+            f"{where}ran out of memory while loading a library{f' ({text})' if text else ''}: the process's "
+            "address-space limit is smaller than the libraries tiesmerge runs on (importing torch reserves about "
+            "650 MiB of addresses)",
+            hint="raise the limit (ulimit -v 2000000 leaves room for a merge, or unlimited); nothing was read or "
+                 "written"), debug)
     if command == "demo":
         helps = "give a smaller --params (the synthetic models' size, millions of parameters)"
     elif command in MEMORY_BUDGET_COMMANDS:
-        helps = "give a smaller --memory-budget (e.g. 512MiB)"
+        from ..sizes import budget_in_use
+
+        helps = memory_hint(budget_in_use(getattr(args, "memory_budget", None))).split(", or run with")[0]
     else:
         helps = "use smaller inputs"
     done = "" if command == "demo" else "nothing was written at the output; "
@@ -757,6 +776,25 @@ def _out_of_memory(exc: BaseException, command: str, debug: bool) -> int:
         f"{where}ran out of memory{f' ({text})' if text else ''}",
         hint=f"{done}{helps}, or run with more memory: raise the process's limit (ulimit -v) or free memory "
              f"on this machine{inputs}; --debug shows where"), debug)
+
+
+def _loading_a_library(exc: BaseException) -> bool:
+    """Whether memory ran out mapping a library's own files (torch's shared objects, a package folder read at its
+    import) rather than a model's."""
+    if is_library_load(exc):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:  # a MemoryError inside an import (compiling a library's module under ulimit -v)
+        if tb.tb_frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        tb = tb.tb_next
+    filename = getattr(exc, "filename", None)
+    if not isinstance(filename, str):
+        return False
+    import sysconfig
+
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+    return any(os.path.abspath(filename).startswith(os.path.join(root, "")) for root in roots)
 
 
 def _report(exc: TiesMergeError, debug: bool, command: str | None = None) -> int:

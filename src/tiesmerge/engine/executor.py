@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..dtypes import DType, as_dtype
-from ..errors import InvalidTensorError, MergeWarning, OutOfMemoryError, TiesMergeError, is_out_of_memory
+from ..errors import InvalidTensorError, MergeWarning, OutOfMemoryError, TiesMergeError, is_out_of_memory, memory_hint
 from ..finite import check_copy_fits, check_finite, check_fits_float8, first_nonfinite
 from ..io import leases
 from ..io.align import Alignment, TensorJob
@@ -378,8 +378,7 @@ class Executor:
             if not is_out_of_memory(exc):  # API's caller gets the typed error the command line prints (hp44 c10)
                 raise
             raise OutOfMemoryError(f"ran out of memory ({str(exc)[:200]})",
-                                   hint="give a smaller memory_budget (--memory-budget, e.g. 512MiB), or run with "
-                                        "more memory: raise the process's limit (ulimit -v) or free memory") from exc
+                                   hint=memory_hint(self.plan.memory_budget)) from exc
 
     def _run_with_threads(self, sink: Sink) -> RunStats:
         if self.reader.raw_wanted and fused.load() is None:  # numba installed but not importable: torch

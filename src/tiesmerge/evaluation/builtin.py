@@ -55,7 +55,7 @@ from .loading import (
     refuse_alike,
     refuse_converted,
 )
-from .rank_classification import ChoiceExample, check_choice_count, fit_choice, rank_classification_accuracy
+from .rank_classification import ChoiceExample, check_choice_count, choice_hits, fit_choice, score_choices
 
 __all__ = ["BUILTIN_EVALUATORS", "builtin_evaluator", "ClassifierAccuracy", "ChoiceAccuracy", "EncoderAccuracy",
            "LMPerplexity", "builtin_names"]
@@ -221,15 +221,17 @@ class ClassifierAccuracy(_Scorer):
         model, tokenizer = self._model("seq-cls", AutoModelForSequenceClassification.from_pretrained)
         _load_state(model, state, self.model_dir)
         forward = ClassifierLogits(model, tokenizer, max_length=self.max_length)  # the same forward adapt uses
-        hits = 0
+        hits = broken = 0
         for i in range(0, len(self.examples), self.batch_size):
             chunk = self.examples[i:i + self.batch_size]
             rows = [{"text": t, **({"text_pair": p} if p is not None else {})} for t, p, _ in chunk]
             out = forward(forward.encode(rows, "validation"), "validation").cpu()  # (B, C)
             # a row whose logits are not finite (a merge far past the models) is wrong, never argmax's class 0: an
             # all-NaN model scored as well as a sane one, and ties went to it (hp43 c08)
-            right = (out.argmax(-1) == torch.tensor([y for *_, y in chunk])) & torch.isfinite(out).all(-1)
-            hits += int(right.sum())
+            finite = torch.isfinite(out).all(-1)  # (B,)
+            hits += int(((out.argmax(-1) == torch.tensor([y for *_, y in chunk])) & finite).sum())
+            broken += int((~finite).sum())
+        _warn_broken("classifier-accuracy", broken, len(self.examples))
         return hits / len(self.examples)
 
 
@@ -297,8 +299,11 @@ class ChoiceAccuracy(_Scorer):
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         model, tokenizer = self._model("lm", _lm_loader)
         _load_state(model, state, self.model_dir)
-        return rank_classification_accuracy(model, tokenizer, self.examples, batch_size=self.batch_size,
-                                            device=_device(self.device), max_length=self.max_length)
+        scores = score_choices(model, tokenizer, self.examples, batch_size=self.batch_size,
+                               device=_device(self.device), max_length=self.max_length)
+        hits, broken = choice_hits(scores, self.examples)
+        _warn_broken("choice-accuracy", broken, len(self.examples))
+        return hits / len(self.examples)
 
 
 def _lm_loader(model_dir: Path, **kwargs: Any) -> torch.nn.Module:
@@ -465,6 +470,17 @@ class EncoderAccuracy(_Scorer):
                                                                             held)}, self.model_dir)
         return evaluate_encoder(encoder, self.examples, {t: heads[t] for t in self.examples},
                                 batch_size=self.batch_size).mean
+
+
+def _warn_broken(name: str, broken: int, total: int) -> None:
+    """Examples whose logits were not finite score as wrong: said, since a score of 0 then means a merge that breaks
+    the model's forward (weights far past the models'), not a merely worse one (hp44 c15: tune wrote an all-NaN
+    model as its best, both points 0.0, without a word)."""
+    if broken:
+        share = "every one" if broken == total else f"{broken:,}"
+        warnings.warn(MergeWarning(f"{name}: {share} of the {total:,} examples had non-finite logits (Inf or NaN) "
+                                   "and were counted wrong: this candidate's weights overflow the model's forward "
+                                   "(a scaling far past the models', or huge values in an input)"), stacklevel=3)
 
 
 def _warn_cut(data: Path, tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None, model_dir: Path,

@@ -17,8 +17,8 @@ import torch
 from ..errors import ConfigError
 from .loading import CHARS_PER_TOKEN_BOUND, clipped, clipped_tail, fitted_length
 
-__all__ = ["ChoiceExample", "MAX_CHOICES", "check_choice_count", "fit_choice", "rank_classification_accuracy",
-           "score_choices"]
+__all__ = ["ChoiceExample", "MAX_CHOICES", "check_choice_count", "choice_hits", "fit_choice",
+           "rank_classification_accuracy", "score_choices"]
 
 # answer choices one prompt may have: every choice is a sequence through the model at every step, so 20,000 of them
 # took a minute and 5 GB on a tiny model (hostile pass 34, D44); multiple-choice tasks have a handful
@@ -131,8 +131,14 @@ def rank_classification_accuracy(model, tokenizer, examples: Sequence[ChoiceExam
     """Share of examples whose correct choice has the highest summed log-probability."""
     if not examples:
         raise ValueError("no examples to evaluate")
-    scores = score_choices(model, tokenizer, examples, **kwargs)
-    # an example with a NaN score (a diverged merge) is wrong, not a win of its first choice (hp43 c08)
-    hits = sum(int(max(range(len(s)), key=s.__getitem__) == ex.label and not any(math.isnan(x) for x in s))
-               for s, ex in zip(scores, examples))
+    hits, _ = choice_hits(score_choices(model, tokenizer, examples, **kwargs), examples)
     return hits / len(examples)
+
+
+def choice_hits(scores: Sequence[Sequence[float]], examples: Sequence[ChoiceExample]) -> tuple[int, int]:
+    """(examples whose correct choice scores highest, examples with a NaN score). A NaN score (a diverged merge's
+    logits) makes its example wrong, not a win of its first choice (hp43 c08)."""
+    broken = [any(math.isnan(x) for x in s) for s in scores]
+    hits = sum(int(max(range(len(s)), key=s.__getitem__) == ex.label and not bad)
+               for s, ex, bad in zip(scores, examples, broken))
+    return hits, sum(broken)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..errors import MergeWarning
 from .encoder import CosineHead, SentenceEncoder
 
 __all__ = ["SuiteResult", "task_accuracy", "evaluate_encoder"]
@@ -40,7 +42,15 @@ def task_accuracy(encoder: SentenceEncoder, head: CosineHead, examples: Sequence
     logits = head.logits(embeddings)  # (N, C)
     labels = torch.tensor([label for _, label in examples])
     # an example whose logits are not finite (a diverged merge's embeddings) is wrong, not argmax's class 0 (hp43 c08)
-    return float(((logits.argmax(-1) == labels) & torch.isfinite(logits).all(-1)).float().mean())
+    finite = torch.isfinite(logits).all(-1)  # (N,)
+    broken = int((~finite).sum())
+    if broken:  # said: a 0 then means a broken forward, not a worse model (hp44 c15)
+        share = "every one" if broken == len(examples) else f"{broken:,}"
+        warnings.warn(MergeWarning(f"encoder accuracy: {share} of a task's {len(examples):,} examples had non-finite "
+                                   "logits (Inf or NaN) and were counted wrong: the weights overflow the encoder's "
+                                   "forward (a scaling far past the models', or huge values in an input)"),
+                      stacklevel=2)
+    return float(((logits.argmax(-1) == labels) & finite).float().mean())
 
 
 def evaluate_encoder(encoder: SentenceEncoder, splits: Mapping[str, Sequence[tuple[str, int]]],

@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..dtypes import BY_CODE
-from ..errors import CheckpointError, OutOfMemoryError, is_out_of_memory
+from ..errors import CheckpointError, OutOfMemoryError, is_out_of_memory, memory_hint
 from ..paths import open_regular
 from . import leases
 from .protocol import TensorInfo
@@ -282,6 +282,4 @@ def _no_memory(where: str, verb: str, name: str, exc: OSError) -> OutOfMemoryErr
     """ENOMEM while reading a tensor: memory (or the address space ``ulimit -v`` allows) ran out; the file
     is fine, so the hint says what needs less memory, not that the file changed (hp40b C60)."""
     return OutOfMemoryError(f"{where}: ran out of memory to {verb} tensor {name!r} ({exc.strerror or exc})",
-                            hint="give a smaller --memory-budget (memory_budget= in Python; e.g. 512MiB), "
-                                 "or run with more memory: raise the process's limit (ulimit -v) or free memory "
-                                 "on this machine")
+                            hint=memory_hint())  # the API's entry points name the budget in use

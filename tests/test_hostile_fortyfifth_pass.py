@@ -1,0 +1,207 @@
+"""Hostile pass 45 (issue 13), and the notes of pass 44 left for it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiesmerge
+from helpers_ckpt import make_family, write_hf_dir
+
+
+def _family_dirs(tmp_path, n=2):
+    base, fts = make_family(n)
+    return [str(write_hf_dir(tmp_path / name, sd)) for name, sd in zip(("base", *[f"ft{k}" for k in range(n)]),
+                                                                        (base, *fts))]
+
+
+@pytest.mark.parametrize("budget, example", [("512MiB", "256MiB"), (None, "1024MiB"), ("3GiB", "1536MiB")])
+def test_an_out_of_memory_hints_example_budget_is_below_the_one_in_use(tmp_path, monkeypatch, budget, example):
+    """hp44 c09: a mapping refused under ``ulimit -v`` with ``--memory-budget 512MiB`` was hinted "give a smaller
+    --memory-budget (e.g. 512MiB)": the budget just given. The example is half the budget in use, wherever the error
+    is raised (the reader's mapping, the executor's allocation)."""
+    from tiesmerge.engine import executor
+    from tiesmerge.errors import OutOfMemoryError, memory_hint
+
+    base, a, b = _family_dirs(tmp_path)
+    options = {} if budget is None else {"memory_budget": budget}
+
+    def mapping_refused(self, sink):
+        raise OutOfMemoryError("x.safetensors: ran out of memory to map tensor 'w'", hint=memory_hint())
+
+    monkeypatch.setattr(executor.Executor, "_run_with_threads", mapping_refused)
+    with pytest.raises(OutOfMemoryError) as caught:
+        tiesmerge.merge(base, [a, b], output=tmp_path / "out", **options)
+    assert f"e.g. {example})" in caught.value.hint and not (tmp_path / "out").exists()
+
+    def allocator_refused(self, sink):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(executor.Executor, "_run_with_threads", allocator_refused)
+    with pytest.raises(OutOfMemoryError) as caught:
+        tiesmerge.merge(base, [a, b], output=tmp_path / "out", **options)
+    assert f"e.g. {example})" in caught.value.hint
+
+
+def test_an_out_of_memory_hint_with_its_own_advice_keeps_it(tmp_path, monkeypatch):
+    """The budget's example replaces only the general hint: an error whose hint says a budget cannot help (a mapping
+    of a whole file refused) keeps that."""
+    from tiesmerge.engine import executor
+    from tiesmerge.errors import OutOfMemoryError
+
+    base, a, b = _family_dirs(tmp_path)
+
+    def own_advice(self, sink):
+        raise OutOfMemoryError("x", hint="raise the address-space limit; a smaller --memory-budget cannot help")
+
+    monkeypatch.setattr(executor.Executor, "_run_with_threads", own_advice)
+    with pytest.raises(OutOfMemoryError, match="x") as caught:
+        tiesmerge.merge(base, [a, b], output=tmp_path / "out", memory_budget="512MiB")
+    assert caught.value.hint == "raise the address-space limit; a smaller --memory-budget cannot help"
+
+
+def test_the_command_lines_out_of_memory_hint_halves_the_budget_given(tmp_path, monkeypatch, capsys):
+    """hp44 c09, on the command line: memory running out outside the engine (a MemoryError in the command's own
+    work) names half the --memory-budget given."""
+    from tiesmerge.cli import commands
+    from tiesmerge.cli.main import main
+
+    def no_memory(args):
+        raise MemoryError
+
+    monkeypatch.setitem(commands.HANDLERS, "analyze", no_memory)
+    assert main(["analyze", "--base", "b", "--model", "m", "-o", "o", "--memory-budget", "600MiB"]) == 1
+    assert "e.g. 300MiB)" in capsys.readouterr().err
+
+
+class _RefusingLoader:
+    """An import whose module cannot be compiled: the MemoryError a tight ``ulimit -v`` gives inside importlib."""
+
+    def find_spec(self, name, path=None, target=None):
+        import importlib.util
+
+        return importlib.util.spec_from_loader(name, self) if name == "_tm_heavy_library" else None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        raise MemoryError
+
+
+@pytest.mark.parametrize("raised", ["import_error", "memory_error_in_import"])
+def test_memory_running_out_while_torch_loads_is_said_to_be_the_limit_not_a_bug(monkeypatch, capsys, raised):
+    """hp44 c31: under ``ulimit -v 450000`` torch's own import failed as "unexpected ImportError: libtorch_cpu.so:
+    failed to map segment ... this is a bug in tiesmerge"; at 600000 as "torch/backends: ran out of memory ... give a
+    smaller --memory-budget". Both are the address-space limit being smaller than the libraries, which no budget
+    helps: said so, with the limit to raise."""
+    import sys
+
+    from tiesmerge.cli import commands
+    from tiesmerge.cli.main import main
+
+    def loads(args):
+        if raised == "import_error":
+            raise ImportError("libtorch_cpu.so: failed to map segment from shared object")
+        import _tm_heavy_library  # noqa: F401
+
+    finder = _RefusingLoader()
+    monkeypatch.setattr(sys, "meta_path", [finder, *sys.meta_path])
+    monkeypatch.setitem(commands.HANDLERS, "analyze", loads)
+    assert main(["analyze", "--base", "b", "--model", "m", "-o", "o", "--memory-budget", "600MiB"]) == 1
+    err = capsys.readouterr().err
+    assert "ran out of memory while loading a library" in err and "address-space limit" in err
+    assert "raise the limit (ulimit -v" in err
+    assert "bug" not in err and "--memory-budget" not in err
+
+
+def _overflowing_recipe(tmp_path, method, extra=""):
+    """A mergekit recipe whose float16 output overflows: two models of 40000s, weights 1 and 1."""
+    from safetensors.torch import save_file
+
+    for name, value in (("base", 0.0), ("m1", 40000.0), ("m2", 40000.0)):
+        (tmp_path / name).mkdir()
+        save_file({"model.layers.0.mlp.up_proj.weight": torch.full((4, 4), value)},
+                  str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    base = f"base_model: {tmp_path / 'base'}\n" if method != "linear" else ""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: {method}\n{base}models:\n"
+                      f"  - {{model: {tmp_path / 'm1'}, parameters: {{weight: 1.0}}}}\n"
+                      f"  - {{model: {tmp_path / 'm2'}, parameters: {{weight: 1.0}}}}\n{extra}dtype: float16\n")
+    return recipe
+
+
+@pytest.mark.parametrize("method, extra", [("linear", "parameters: {normalize: false}\n"),
+                                           ("task_arithmetic", "")])
+def test_an_overflow_in_a_mergekit_recipe_is_hinted_in_the_recipes_terms(tmp_path, capsys, method, extra):
+    """hp44 c23: a float16 mergekit linear recipe that overflowed was hinted "write a wider dtype (--dtype bfloat16 or
+    float32), or use a smaller lam": the recipe has no lam, --lam and --dtype are refused over it. The hint names the
+    recipe's dtype/out_dtype and its models' weights."""
+    from tiesmerge.cli.main import main
+
+    recipe = _overflowing_recipe(tmp_path, method, extra)
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "is not finite" in err and "set the recipe's out_dtype (or dtype) to bfloat16 or float32" in err
+    assert "lower the models' weight (parameters.weight) in the recipe" in err
+    assert "lam" not in err.split("hint:")[1] and "--dtype" not in err.split("hint:")[1]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype, warned", [("float32", False), ("fp32", False), ("bfloat16", True)])
+def test_mergekits_compute_dtype_is_warned_only_where_it_differs_from_float32(tmp_path, capsys, dtype, warned):
+    """hp44 c33: a mergekit recipe with ``dtype: float32`` warned "arithmetic runs in float32 (mergekit computes in
+    dtype=float32)": nothing differs, so nothing is said."""
+    from test_recipe_mergekit_family import _family
+
+    from tiesmerge.cli.main import main
+
+    paths, _ = _family(tmp_path, n=2)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {paths['base']}\nmodels:\n"
+                      f"  - {{model: {paths['m1']}, parameters: {{weight: 1.0, density: 0.5}}}}\n"
+                      f"  - {{model: {paths['m2']}, parameters: {{weight: 1.0, density: 0.5}}}}\n"
+                      f"dtype: {dtype}\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert ("arithmetic runs in float32 (mergekit computes in" in capsys.readouterr().err) is warned
+
+
+def test_classifier_accuracy_says_when_every_examples_logits_were_not_finite(tmp_path, bert_tokenizer):
+    """hp44 c15: tune scored a merge whose every logit was NaN 0.0 (counted wrong, as hp43 c08 made it) and wrote it
+    as its best without a word: the evaluator says how many examples had non-finite logits."""
+    import warnings
+
+    from test_hostile_fortieth_pass_evaluators import _bert_classifier
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.builtin import ClassifierAccuracy
+
+    model = _bert_classifier(tmp_path / "m", bert_tokenizer)
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a cat", "label": 0}\n{"text": "a dog", "label": 1}\n')
+    score = ClassifierAccuracy(tmp_path / "m", data)
+    state = model.state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        assert 0.0 <= score(state) <= 1.0  # finite logits: nothing said
+    broken = {k: v * float("nan") if v.is_floating_point() else v for k, v in state.items()}
+    with pytest.warns(MergeWarning, match=r"classifier-accuracy: every one of the 2 examples had non-finite logits "
+                                          r"\(Inf or NaN\) and were counted wrong"):
+        assert score(broken) == 0.0
+
+
+def test_choice_accuracy_says_when_examples_logits_were_not_finite(tmp_path):
+    """hp44 c15, for choice-accuracy (the evaluator of the case: a Llama whose weights overflow its forward)."""
+    from test_hostile_fortieth_pass_evaluators import _llama
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.builtin import ChoiceAccuracy
+
+    model = _llama(tmp_path / "lm")
+    data = tmp_path / "ch.jsonl"
+    data.write_text('{"prompt": "the cat", "choices": ["sat", "ran"], "label": 0}\n')
+    score = ChoiceAccuracy(tmp_path / "lm", data)
+    broken = {k: v * float("nan") if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    with pytest.warns(MergeWarning, match=r"choice-accuracy: every one of the 1 examples had non-finite logits"):
+        assert score(broken) == 0.0
