@@ -205,3 +205,45 @@ def test_choice_accuracy_says_when_examples_logits_were_not_finite(tmp_path):
     broken = {k: v * float("nan") if v.is_floating_point() else v for k, v in model.state_dict().items()}
     with pytest.warns(MergeWarning, match=r"choice-accuracy: every one of the 1 examples had non-finite logits"):
         assert score(broken) == 0.0
+
+
+def test_mergekits_long_model_references_are_read_as_their_short_form(tmp_path):
+    """hp42 C33: mergekit's long form ``model: {model: {path: P}}`` (and ``lora: {path: L}``, read as ``P+L``) was
+    refused as "a model is a path"; mergekit merges it. Read as the short form; what has no meaning for local folders
+    (a hub revision, an architecture override) or is misspelt is refused, named."""
+    import yaml
+    from safetensors.torch import load_file
+    from test_recipe_mergekit_family import _family
+
+    from tiesmerge.cli.main import main
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    paths, _ = _family(tmp_path, n=2)
+    short = {"merge_method": "ties", "base_model": str(paths["base"]), "dtype": "float32",
+             "parameters": {"density": 0.5, "weight": 1.0},
+             "models": [{"model": str(paths["m1"])}, {"model": str(paths["m2"])}]}
+    long = {**short, "base_model": {"model": {"path": str(paths["base"])}},
+            "models": [{"model": {"model": {"path": str(paths["m1"]), "revision": None}}},
+                       {"model": {"model": {"path": str(paths["m2"])}, "lora": None}}]}
+    assert translate_mergekit(long)[0] == translate_mergekit(short)[0]
+    outs = []
+    for name, data in (("short", short), ("long", long)):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+        assert main(["merge", str(tmp_path / f"{name}.yaml"), "-o", str(tmp_path / f"o_{name}"), "--no-progress"]) == 0
+        outs.append(load_file(str(tmp_path / f"o_{name}" / "model.safetensors")))
+    assert outs[0].keys() == outs[1].keys() and all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+    with_lora = {**short, "models": [{"model": {"model": {"path": str(paths["base"])},
+                                                "lora": {"path": str(tmp_path / "ad")}}}]}
+    as_short = {**short, "models": [{"model": f"{paths['base']}+{tmp_path / 'ad'}"}]}
+    assert translate_mergekit(with_lora)[0] == translate_mergekit(as_short)[0]
+    bad = {**short, "models": [{"model": {"model": {"path": str(paths["m1"]), "revision": "main"}}},
+                               {"model": {"model": {"path": str(paths["m2"])}, "override_architecture": "X",
+                                          "colour": 1}},
+                               {"model": {"model": "m3"}}]}
+    with pytest.raises(ConfigError) as caught:
+        translate_mergekit(bad)
+    said = str(caught.value)
+    assert "models[0].model.model: revision 'main' names a hub revision" in said
+    assert "models[1].model: unknown key(s) colour" in said and "override_architecture is not read" in said
+    assert "models[2].model.model: needs path: a folder" in said

@@ -202,9 +202,45 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _long_form(ref: dict, where: str, problems: list[str]) -> str | None:
+    """mergekit's long model reference, ``{model: {path: P}, lora: {path: L}}``, as its short form ``P+L`` (hp42
+    C33: refused as "a model is a path"). A hub revision or an architecture override has no meaning for the local
+    folders tiesmerge reads: refused, named."""
+    problems_before = len(problems)
+    unknown = sorted(map(str, set(ref) - {"model", "lora", "override_architecture"}))
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {', '.join(unknown)[:200]} in a model reference (mergekit's long "
+                        "form has model: {path: ...} and lora: {path: ...})")
+    if ref.get("override_architecture") is not None:
+        problems.append(f"{where}: override_architecture is not read: tiesmerge merges tensors by name and keeps the "
+                        "architecture of the base's config.json")
+    parts = []
+    for key in ("model", "lora"):
+        part = ref.get(key)
+        if part is None and key == "lora":
+            continue
+        path = part.get("path") if isinstance(part, dict) else None
+        if not isinstance(path, str) or not path:
+            problems.append(f"{where}.{key}: needs path: a folder (mergekit's long form: {key}: {{path: ...}}), got "
+                            f"{_short(part)}")
+            continue
+        extra = sorted(map(str, set(part) - {"path", "revision"}))
+        if extra:
+            problems.append(f"{where}.{key}: unknown key(s) {', '.join(extra)[:200]} (a path and a revision are read)")
+        if part.get("revision") is not None:
+            problems.append(f"{where}.{key}: revision {_short(part['revision'])} names a hub revision; tiesmerge reads "
+                            "local folders: give the folder of that revision as path")
+        parts.append(path)
+    return "+".join(parts) if len(problems) == problems_before else None
+
+
 def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> str | None:
+    if isinstance(ref, dict):  # mergekit's long form, as its short path[+lora]
+        ref = _long_form(ref, where, problems)
+        if ref is None:
+            return None
     if not isinstance(ref, str):
-        problems.append(f"{where}: a model is a path, got {ref!r}")
+        problems.append(f"{where}: a model is a path (or mergekit's {{model: {{path: ...}}}}), got {_short(ref)}")
         return None
     if "+" in ref:  # mergekit's model+lora: the model with a LoRA applied
         model, adapter = ref.split("+", 1)
