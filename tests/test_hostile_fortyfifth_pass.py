@@ -247,3 +247,27 @@ def test_mergekits_long_model_references_are_read_as_their_short_form(tmp_path):
     assert "models[0].model.model: revision 'main' names a hub revision" in said
     assert "models[1].model: unknown key(s) colour" in said and "override_architecture is not read" in said
     assert "models[2].model.model: needs path: a folder" in said
+
+
+def test_validate_checks_that_statistics_belong_to_their_models(tmp_path, capsys):
+    """hp42 C42: ``tiesmerge validate`` said "ok — fisher of 2 models" for a recipe whose statistics were swapped
+    between the models; the merge then refused them ("computed with another model"). validate checks them as the
+    merge does (their models' files hashed, the digests remembered for the merge)."""
+    from tiesmerge.cli.main import main
+    from tiesmerge.stats import Statistics, StatsManifest, files_digest, save_stats
+
+    base, models = make_family(2)
+    write_hf_dir(tmp_path / "base", base)
+    dirs = [write_hf_dir(tmp_path / f"ft{k}", m) for k, m in enumerate(models)]
+    stats = [save_stats(tmp_path / f"fisher{k}", Statistics(StatsManifest("fisher", 1, model_digest=files_digest(
+        dirs[k])), {n: torch.rand(v.shape) for n, v in base.items() if v.is_floating_point()})) for k in range(2)]
+    recipe = tmp_path / "r.yaml"
+    for order, code in (((0, 1), 0), ((1, 0), 1)):
+        recipe.write_text(f"method: fisher\nbase: base\nmodels:\n  - {{path: ft0, stats: {stats[order[0]].name}}}\n"
+                          f"  - {{path: ft1, stats: {stats[order[1]].name}}}\n")
+        assert main(["validate", str(recipe)]) == code
+        out = capsys.readouterr()
+        if code:
+            assert "fisher1: these statistics were computed with another model" in out.err and "ok" not in out.out
+        else:
+            assert "ok — fisher of 2 models" in out.out

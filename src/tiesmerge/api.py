@@ -173,6 +173,33 @@ def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str =
                             allow_distant=True).distances)
 
 
+def check_statistics_owners(models: Sequence[Source], stats: Sequence[Any], method: MergeMethod, *,
+                            allow_pickle: bool = False) -> None:
+    """Statistics directories checked against their models' files, as :func:`merge` checks them once the weights are
+    read (hp42 C42: validate said "ok" for statistics swapped between models): each model's files are hashed (the
+    digests are remembered, so the merge that follows does not hash them again)."""
+    spec = method.requirements().statistics
+    if spec is None or not stats:
+        return
+    from .io.checkpoint import open_checkpoint
+    from .stats.files import open_stats
+
+    paths = [(k, s) for k, s in enumerate(stats) if isinstance(s, (str, os.PathLike)) and k < len(models)]
+    if len(paths) != len(stats):  # statistics in memory record no files to check (the merge warns of them)
+        return
+    with ExitStack() as stack, ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-hash") as pool:
+        opened, files = [], []
+        for k, source in paths:
+            src = open_stats(source, kind=spec.kind, label=str(source))
+            stack.callback(src.close)
+            checkpoint = open_checkpoint(models[k], allow_pickle=allow_pickle, label=f"model {k}")
+            stack.callback(checkpoint.close)
+            opened.append(src)
+            files.append([f.result() for f in hash_files(checkpoint.files(), pool)])
+        flush_digests()
+        check_stats_digests(opened, files, [str(models[k]) for k, _ in paths])
+
+
 def describe_plan(plan: Plan, method: str | MergeMethod, n_models: int) -> str:
     """The plan as the lines ``tiesmerge merge --dry-run`` prints; ``method`` as every other function takes it (a
     config, or a name or spec string)."""

@@ -573,7 +573,7 @@ def _axis(values: tuple) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from ..api import base_distance, plan_merge
+    from ..api import base_distance, check_statistics_owners, plan_merge
     from ..distance import check_distances
     from ..inputs import check_budget
 
@@ -601,6 +601,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise _with_input_problems(exc, recipe.base, [str(m) for m in recipe.models], args,
                                    allow_pickle=recipe.allow_pickle, vocab_policy=recipe.vocab_policy) from None
     check_budget(plan)
+    # statistics are checked against their models' files, as the merge checks them (hp42 C42: swapped, "ok")
+    check_statistics_owners(list(recipe.models), list(recipe.stats or ()), recipe.method,
+                            allow_pickle=recipe.allow_pickle)
     # how far each model is from the base (a small sample of rows): shown, then judged
     distances = base_distance(recipe.base, list(recipe.models), vocab_policy=recipe.vocab_policy,
                               allow_pickle=recipe.allow_pickle)
