@@ -271,3 +271,179 @@ def test_validate_checks_that_statistics_belong_to_their_models(tmp_path, capsys
             assert "fisher1: these statistics were computed with another model" in out.err and "ok" not in out.out
         else:
             assert "ok — fisher of 2 models" in out.out
+
+
+# ------------------------------------------------------------------ the evaluator digest (pass 45b)
+_READS: list[str] = []  # what a user's code was asked: a digest that asks it could stall the search (or be caught)
+
+
+class _Stalls:
+    """Any attribute read through the object runs this class's code."""
+
+    def __getattribute__(self, name):
+        _READS.append(name)
+        return object.__getattribute__(self, name)
+
+    def __call__(self, state):
+        return 1.0
+
+
+class _StallsMissing:
+    def __getattr__(self, name):
+        _READS.append(name)
+        raise AttributeError(name)
+
+    def __call__(self, state):
+        return 1.0
+
+
+class _WrappedProperty:
+    @property
+    def __wrapped__(self):
+        raise AssertionError("the digest read a __wrapped__ property")
+
+    def __call__(self, state):
+        return 1.0
+
+
+class _PartialWithProperties(__import__("functools").partial):
+    @property
+    def func(self):
+        raise AssertionError("the digest read a partial subclass's func property")
+
+    @property
+    def keywords(self):
+        raise AssertionError("the digest read a partial subclass's keywords property")
+
+
+class _Meta(type):
+    pass
+
+
+def _module_property(cls):
+    raise AssertionError("the digest read a metaclass's __module__ property")
+
+
+_Meta.__module__ = property(_module_property)  # every class of this metaclass: its __module__ runs this
+
+
+class _OddClass(metaclass=_Meta):
+    def __call__(self, state):
+        return 1.0
+
+
+def _signed(state, sign=1):
+    return float(sign)
+
+
+@pytest.mark.parametrize("make", [lambda: __import__("functools").partial(_Stalls()),
+                                  lambda: __import__("functools").partial(_StallsMissing()),
+                                  _WrappedProperty,
+                                  lambda: _PartialWithProperties(_signed, sign=2),
+                                  _OddClass,
+                                  lambda: __import__("functools").partial(_OddClass())],
+                         ids=["getattribute", "getattr", "wrapped_property", "partial_subclass", "metaclass",
+                              "partial_of_metaclass"])
+def test_the_evaluator_digest_reads_no_attribute_through_a_users_code(make):
+    """hp45 c02: ``partial(E())`` where E's ``__getattribute__`` (or ``__getattr__``) sleeps, an object whose
+    ``__wrapped__`` is a sleeping property, a partial subclass whose ``func`` is one: the digest read them through
+    ``getattr`` and a search hung before its first candidate. Every read goes through the interpreter's own slots."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects, evaluator_state
+
+    evaluate = make()
+    _READS.clear()
+    state = evaluator_state(evaluate)
+    assert state is None or len(state) == 16
+    assert evaluator_state(make()) == state  # and stable
+    evaluator_objects(evaluate)
+    assert _READS == []
+
+
+def test_a_partial_subclass_is_digested_by_its_own_arguments():
+    """The slots of a partial subclass are its real arguments: another sign is another digest."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    assert evaluator_state(_PartialWithProperties(_signed, sign=2)) != \
+        evaluator_state(_PartialWithProperties(_signed, sign=3))
+
+
+def _data_kinds():
+    import array
+    import collections
+
+    import numpy as np
+    import pandas as pd
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return {"loader": lambda v: DataLoader(TensorDataset(torch.zeros(4, 2), torch.full((4,), v)), batch_size=4),
+            "dataset": lambda v: TensorDataset(torch.zeros(4, 2), torch.full((4,), v)),
+            "dataframe": lambda v: pd.DataFrame({"y": [v] * 4}),
+            "series": lambda v: pd.Series([v] * 4),
+            "masked": lambda v: np.ma.MaskedArray([1.0, 2.0, 3.0], mask=[False, v > 1, False]),
+            "deque": lambda v: collections.deque([v, v]),
+            "array": lambda v: array.array("d", [v, v])}
+
+
+@pytest.mark.parametrize("kind", list(_data_kinds()))
+def test_validation_data_in_a_librarys_container_is_digested(kind):
+    """hp45 c03: an evaluator built by ``make(data)`` over a DataLoader, a TensorDataset, a DataFrame, a masked array
+    (another mask), a deque or an array.array resumed a search over other data silently, reporting the first data's
+    scores: the digest was None (or ignored the mask) and nothing was warned. They are digested by their contents;
+    the same data gives the same digest."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    make_data = _data_kinds()[kind]
+
+    def make(data):
+        def score(state):
+            return float(len(data))
+        return score
+
+    first, same, other = (evaluator_state(make(make_data(v))) for v in (1.0, 1.0, 5.0))
+    assert first is not None and first == same and first != other
+
+
+def test_a_resumed_search_over_other_data_in_a_dataframe_is_refused(tmp_path):
+    """hp45 c03, end to end: the search log refuses the evaluator built over other validation data."""
+    import pandas as pd
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base = {"w": torch.zeros(4, 4)}
+    models = [{"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+
+    def make(data):
+        def score(state):
+            return float(data["y"].sum())
+        return score
+
+    log = tmp_path / "log.jsonl"
+    grid = {"density": [0.2], "lam": [1.0]}
+    run_search(base, models, "ties", make(pd.DataFrame({"y": [1.0] * 4})), grid=grid, log=log)
+    with pytest.raises(ConfigError, match="what the evaluator was built with"):
+        run_search(base, models, "ties", make(pd.DataFrame({"y": [5.0] * 4})), grid=grid, log=log)
+    assert run_search(base, models, "ties", make(pd.DataFrame({"y": [1.0] * 4})), grid=grid, log=log).best.score == 4
+
+
+def test_the_evaluator_digest_of_many_keys_keeps_to_its_budget():
+    """hp45 c04: a default dict of 300,000 keys (i, S), S a shared 250-int tuple, took ~90 s before the first
+    candidate: each key's sort order had a budget of its own outside the digest's. The keys' digests count against
+    the digest's budget, so its time no longer grows with the keys past it."""
+    import time
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    shared = tuple(range(250))
+    timings = []
+    for n in (20_000, 200_000):
+        table = {(i, shared): i for i in range(n)}
+
+        def score(state, table=table):
+            return 1.0
+
+        started = time.perf_counter()
+        assert evaluator_state(score) is not None
+        timings.append(time.perf_counter() - started)
+    # ten times the keys: far from ten times the time (before: 4.4 s and 36 s for 10k and 100k keys)
+    assert timings[1] < 3 * timings[0] + 2.0, timings

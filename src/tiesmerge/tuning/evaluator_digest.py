@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import itertools
 import types
 from collections.abc import Mapping
@@ -54,18 +53,66 @@ def _is_routine(value: Any) -> bool:
                        types.WrapperDescriptorType, types.MethodWrapperType))
 
 
-def _has_dict(value: Any) -> bool:
+_NONE = object()
+
+
+def _type_text(cls: type, attr: str) -> str:
+    """A class's ``__module__``, ``__qualname__`` or ``__name__`` read through ``type``'s own descriptor: a metaclass
+    may define them as properties, and a class's ``__module__`` may hold any object (hp45 c02)."""
     try:
-        object.__getattribute__(value, "__dict__")
-    except AttributeError:
-        return False
-    return True
+        value = type.__dict__[attr].__get__(cls, type)
+    except Exception:  # noqa: BLE001 - not a class, or a descriptor that refuses it
+        return "?"
+    return value if type(value) is str else "?"
+
+
+def _mro(cls: type) -> tuple[type, ...]:
+    mro = type.__dict__["__mro__"].__get__(cls, type)
+    return mro if type(mro) is tuple else (cls,)
+
+
+def _class_dict(cls: type) -> Mapping[str, Any]:
+    return type.__dict__["__dict__"].__get__(cls, type)
+
+
+def _class_attr(cls: type, name: str) -> Any:
+    """``name`` as the class (or a base) defines it, found without running any of their code; _NONE where none does."""
+    for klass in _mro(cls):
+        found = _class_dict(klass).get(name, _NONE)
+        if found is not _NONE:
+            return found
+    return _NONE
+
+
+def _instance_dict(value: Any) -> dict | None:
+    """The instance's ``__dict__`` through the interpreter's own slot, never a class's ``__dict__`` property."""
+    entry = _class_attr(type(value), "__dict__")
+    if type(entry) is not types.GetSetDescriptorType:
+        return None
+    try:
+        found = entry.__get__(value, type(value))
+    except Exception:  # noqa: BLE001 - a descriptor of another class
+        return None
+    return found if type(found) is dict else None
+
+
+def _has_dict(value: Any) -> bool:
+    return _instance_dict(value) is not None
+
+
+def _slots(cls: type) -> list[str]:
+    names: list[str] = []
+    for klass in _mro(cls)[:-1]:
+        slots = _class_dict(klass).get("__slots__", ())
+        slots = (slots,) if type(slots) is str else slots
+        names += [s for s in (slots if _is(slots, (tuple, list)) else ()) if type(s) is str]
+    return names
 
 
 def _has_state(value: Any) -> bool:
     """Instance attributes: a ``__dict__``, or ``__slots__`` of its class (hp44 c36: a slots-only evaluator object
     escaped both the digest and the warning)."""
-    return _has_dict(value) or any(cls.__dict__.get("__slots__") for cls in type(value).__mro__[:-1])
+    return _has_dict(value) or bool(_slots(type(value)))
 
 
 _MAX_BYTES = 1 << 28  # tensors and arrays by their bytes up to this in all; past it, by shape and dtype
@@ -80,7 +127,7 @@ def evaluator_state(evaluate: Any) -> str | None:
     own digest). A closure's dicts, sets and objects are left out: they are a cache or a counter as often as a
     setting, and a search resumed in the same process would be refused for what the evaluator recorded itself."""
     inner = _unguarded(evaluate)
-    if type(inner).__module__.startswith("tiesmerge"):
+    if _type_text(type(inner), "__module__").startswith("tiesmerge"):
         return None
     held = _built_with(inner, depth=0, objects=[])
     if not held:
@@ -98,7 +145,7 @@ def evaluator_objects(evaluate: Any) -> list[str]:
     inner = _unguarded(evaluate)
     objects: list[str] = []
     if _is_callable_object(inner):
-        objects.append(type(inner).__qualname__)
+        objects.append(_type_text(type(inner), "__qualname__"))
     elif _is_method(inner):
         objects.append(_owner_name(inner))
     else:
@@ -110,7 +157,7 @@ def _unguarded(evaluate: Any) -> Any:
     """The user's evaluator inside tiesmerge's GuardedEvaluator; anything else as it is (a user's object with an
     ``evaluate`` method of its own is the evaluator itself, not a wrapper)."""
     kind = type(evaluate)
-    if kind.__name__ == "GuardedEvaluator" and kind.__module__.startswith("tiesmerge."):
+    if _type_text(kind, "__name__") == "GuardedEvaluator" and _type_text(kind, "__module__").startswith("tiesmerge."):
         return object.__getattribute__(evaluate, "evaluate")
     return evaluate
 
@@ -121,33 +168,45 @@ def _is_users_object(value: Any) -> bool:
     if _is_module(value) or _is_class(value) or _is_routine(value) or \
             _is(value, torch.nn.Module) or _is_setting(value):
         return False
-    module = type(value).__module__ or ""
-    root = module.split(".")[0]
+    root = _type_text(type(value), "__module__").split(".")[0]
     return _has_state(value) and root not in ("tiesmerge", "builtins", "torch", "numpy", "transformers",
                                                        "collections", "functools", "typing", "pandas")
 
 
+def _wrapped_of(value: Any) -> Any:
+    """What a callable that is not a function wraps (functools.lru_cache's wrapper, a class-based decorator: its
+    instance's ``__wrapped__``), or None. A ``__wrapped__`` its class defines (a property may run anything: hp45 c02)
+    is not followed."""
+    if _is_function(value) or _is_method(value) or _is(value, functools.partial) or not callable(value):
+        return None
+    if _class_attr(type(value), "__wrapped__") is not _NONE:
+        return None
+    attributes = _instance_dict(value)
+    wrapped = attributes.get("__wrapped__") if attributes is not None else None
+    return wrapped if wrapped is not None and wrapped is not value else None
+
+
 def _is_wrapper(value: Any) -> bool:
-    """A callable that is not a function but wraps one (functools.lru_cache's wrapper): followed to what it wraps."""
-    if _is_function(value) or _is_method(value) or _is(value, functools.partial):
-        return False
-    try:
-        wrapped = inspect.getattr_static(value, "__wrapped__", None)
-    except Exception:  # noqa: BLE001 - a user's class
-        return False
-    return callable(value) and wrapped is not None and wrapped is not value
+    return _wrapped_of(value) is not None
 
 
 def _is_callable_object(value: Any) -> bool:
     return callable(value) and not (_is_function(value) or _is_method(value) or _is_class(value)
                                     or _is_builtin(value) or _is(value, functools.partial)
                                     or _is_wrapper(value)) \
-        and not type(value).__module__.startswith("tiesmerge") and _has_state(value)
+        and not _type_text(type(value), "__module__").startswith("tiesmerge") and _has_state(value)
 
 
 def _owner_name(method: Any) -> str:
     owner = method.__self__
-    return owner.__qualname__ if _is_class(owner) else type(owner).__qualname__
+    return _type_text(owner if _is_class(owner) else type(owner), "__qualname__")
+
+
+def _partial_parts(fn: Any) -> tuple[Any, tuple, dict]:
+    """A partial's function, arguments and keywords from its own slots: a subclass may make them properties that
+    never return (hp45 c02)."""
+    parts = [functools.partial.__dict__[name].__get__(fn, functools.partial) for name in ("func", "args", "keywords")]
+    return parts[0], parts[1] if type(parts[1]) is tuple else (), parts[2] if type(parts[2]) is dict else {}
 
 
 def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
@@ -156,15 +215,16 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
     if depth > _MAX_BUILD_DEPTH:
         return []
     if _is(fn, functools.partial):
-        if _is_callable_object(fn.func):
-            objects.append(type(fn.func).__qualname__)
-        return [_qualified(fn.func), list(fn.args), dict(fn.keywords),
-                _built_with(fn.func, depth=depth + 1, objects=objects)]
+        func, args, keywords = _partial_parts(fn)
+        if _is_callable_object(func):
+            objects.append(_type_text(type(func), "__qualname__"))
+        return [_qualified(func), list(args), dict(keywords), _built_with(func, depth=depth + 1, objects=objects)]
     if _is_method(fn):  # its function's build; its object's attributes are not digested (warned)
         objects.append(_owner_name(fn))
         return [_qualified(fn.__func__), _built_with(fn.__func__, depth=depth + 1, objects=objects)]
-    if _is_wrapper(fn):  # functools.lru_cache, cache, a class-based decorator that sets __wrapped__ (hp43 c26)
-        return [_qualified(fn), _built_with(fn.__wrapped__, depth=depth + 1, objects=objects)]
+    wrapped = _wrapped_of(fn)
+    if wrapped is not None:  # functools.lru_cache, cache, a class-based decorator that sets __wrapped__ (hp43 c26)
+        return [_qualified(fn), _built_with(wrapped, depth=depth + 1, objects=objects)]
     if not _is_function(fn):
         return []
     held: list[Any] = []
@@ -179,8 +239,9 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
         elif not _is(value, (Mapping, set)) and _is_setting(value):
             held.append(value)
         elif _is_users_object(value):  # an object whose attributes decide the scores (`lambda sd: e.score(sd)`):
-            objects.append(type(value).__qualname__)  # not digested (they hold its caches too), warned (hp43 c55)
-    wrapped = getattr(fn, "__wrapped__", None)  # functools.wraps
+            # not digested (they hold its caches too), warned (hp43 c55)
+            objects.append(_type_text(type(value), "__qualname__"))
+    wrapped = fn.__dict__.get("__wrapped__")  # functools.wraps (a function's own dict: no descriptor runs)
     if wrapped is not None and wrapped is not fn:
         held.append(_built_with(wrapped, depth=depth + 1, objects=objects))
     if fn.__defaults__ or fn.__kwdefaults__:
@@ -201,18 +262,36 @@ def _is_setting(value: Any) -> bool:
                           frozenset, range, slice, numbers.Number, pathlib.PurePath, enum.Enum, torch.Tensor,
                           torch.dtype, torch.device)) or _is_class(value):  # (hp43 c03: a Path, a range...)
         return True
-    module = type(value).__module__
-    if module == "numpy" or module.startswith("numpy."):
+    module = _type_text(type(value), "__module__")
+    if module == "numpy" or module.startswith("numpy.") or _is_data(value):
         return True
-    params = getattr(type(value), "__dataclass_params__", None)
-    return hasattr(type(value), "__dataclass_fields__") and bool(getattr(params, "frozen", False))
+    params = _class_attr(type(value), "__dataclass_params__")  # read statically: no metaclass __getattr__ runs
+    return _class_attr(type(value), "__dataclass_fields__") is not _NONE and \
+        _type_text(type(params), "__module__") == "dataclasses" and params.frozen is True
+
+
+def _is_data(value: Any) -> bool:
+    """Validation data in a library's container (hp45 c03: a DataLoader, a TensorDataset, a DataFrame, a deque, an
+    array.array resumed over other data silently): a setting, digested by what it holds."""
+    import array
+    import collections
+
+    if _is(value, (collections.deque, array.array)):
+        return True
+    module = _type_text(type(value), "__module__")
+    return module.split(".")[0] in ("pandas", "datasets") or module.startswith("torch.utils.data")
 
 
 def _qualified(obj: Any) -> str:
-    try:
-        return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
-    except Exception:  # noqa: BLE001 - an attribute lookup of a user's class may raise anything
-        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+    """``module.qualname`` of a function, class or method; of anything else, its class's. Read from the
+    interpreter's own slots, never through a user's ``__getattr__`` or a property (hp45 c02)."""
+    if _is_method(obj):
+        return _qualified(obj.__func__)
+    if _is_function(obj) or _is_builtin(obj):
+        module = obj.__module__
+        return f"{module if type(module) is str else '?'}.{obj.__qualname__}"
+    cls = obj if _is_class(obj) else type(obj)
+    return f"{_type_text(cls, '__module__')}.{_type_text(cls, '__qualname__')}"
 
 
 def _feed(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
@@ -227,11 +306,11 @@ def _feed(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
         return
     try:
         _feed_value(digest, value, depth=depth, budget=budget)
-        if type(value).__module__ != "builtins" and _is(value, (list, tuple, dict, set, frozenset, int, float, str,
-                                                                bytes)) and _has_dict(value):
+        if _type_text(type(value), "__module__") != "builtins" and _is(value, (list, tuple, dict, set, frozenset, int,
+                                                                               float, str, bytes)) and _has_dict(value):
             # a subclass of a builtin with attributes of its own (class Cfg(list) with a .sign): read them too, the
             # base type's reading leaves them out (hp44 c34)
-            _feed(digest, object.__getattribute__(value, "__dict__"), depth=depth + 1, budget=budget)
+            _feed(digest, _instance_dict(value), depth=depth + 1, budget=budget)
     except Exception:  # noqa: BLE001 - a user's type whose own methods raise: counted by its type
         digest.update(b"<unreadable " + _qualified(type(value)).encode("utf-8", "surrogatepass") + b">")
 
@@ -272,7 +351,7 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
     elif _is(value, dict):  # dict's own items: a subclass's __getitem__ may raise (hp42 D9)
         pairs = list(itertools.islice(dict.items(value), budget[1] + 1))
         digest.update(b"{")
-        for key, item in sorted(pairs, key=lambda pair: _sort_key(pair[0])):
+        for key, item in sorted(pairs, key=lambda pair: _sort_key(pair[0], budget)):
             _feed(digest, key, depth=depth + 1, budget=budget)
             _feed(digest, item, depth=depth + 1, budget=budget)
         digest.update(b"}")
@@ -284,10 +363,12 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
         items = list(itertools.islice(set.__iter__(value) if _is(value, set) else frozenset.__iter__(value),
                                       budget[1] + 1))
         digest.update(b"(")
-        each(sorted(items, key=_sort_key))
+        each(sorted(items, key=lambda item: _sort_key(item, budget)))
         digest.update(b")")
     elif _is(value, torch.Tensor):
         _feed_tensor(digest, value, depth=depth, budget=budget)
+    elif _is(value, np.ma.MaskedArray):
+        _feed_object(digest, value, depth=depth, budget=budget)
     elif _is(value, np.ndarray):
         digest.update(f"ndarray{value.shape}{value.dtype.str}".encode())
         if value.dtype == object:  # pandas' .values: the objects themselves (hp41 C68)
@@ -301,10 +382,10 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
         digest.update(_qualified(value).encode("utf-8", "surrogatepass"))
     elif _is_module(value):
         digest.update(str(value.__name__).encode("utf-8", "surrogatepass"))
-    elif _is(value, Mapping):  # another mapping: its items, as far as the budget goes
-        digest.update(b"{" + _qualified(type(value)).encode())
-        pairs = list(itertools.islice(value.items(), budget[1] + 1))
-        for key, item in sorted(pairs, key=lambda pair: _sort_key(pair[0])):
+    elif _is(value, types.MappingProxyType):  # a class's namespace: its items (a user's Mapping is an object: its
+        digest.update(b"{" + _qualified(type(value)).encode())  # items() is its own code, which may never end)
+        pairs = list(itertools.islice(types.MappingProxyType.items(value), budget[1] + 1))
+        for key, item in sorted(pairs, key=lambda pair: _sort_key(pair[0], budget)):
             _feed(digest, key, depth=depth + 1, budget=budget)
             _feed(digest, item, depth=depth + 1, budget=budget)
         digest.update(b"}")
@@ -331,26 +412,74 @@ def _feed_object(digest: Any, value: Any, *, depth: int, budget: list[int]) -> N
         _feed(digest, [value.start, value.stop, value.step], depth=depth + 1, budget=budget)
     elif _is(value, decimal.Decimal):
         _feed(digest, list(decimal.Decimal.as_tuple(value)), depth=depth + 1, budget=budget)
-    elif _is(value, fractions.Fraction):
-        _feed(digest, [value.numerator, value.denominator], depth=depth + 1, budget=budget)
+    elif _is(value, fractions.Fraction):  # its slots: a subclass may make numerator a property
+        _feed(digest, [_slot(value, "_numerator"), _slot(value, "_denominator")], depth=depth + 1, budget=budget)
     elif _is(value, (torch.dtype, torch.device, np.dtype)):
         digest.update(str(value).encode())  # C types: their str is theirs, and ends
-    elif _is(value, enum.Enum):
-        _feed(digest, value.name, depth=depth + 1, budget=budget)
+    elif _is(value, enum.Enum):  # its member name, from its own dict (a member may shadow .name)
+        _feed(digest, (_instance_dict(value) or {}).get("_name_"), depth=depth + 1, budget=budget)
+    elif _is(value, np.ma.MaskedArray):  # its values and its mask (hp45 c03: another mask resumed silently)
+        _feed(digest, [np.ndarray.view(value, np.ndarray), np.ma.getmaskarray(value)], depth=depth + 1, budget=budget)
+    elif _is_data(value):
+        _feed_data(digest, value, depth=depth, budget=budget)
     else:
-        try:
-            attributes = object.__getattribute__(value, "__dict__")
-        except AttributeError:
-            attributes = None
-        if _is(attributes, dict):
+        attributes = _instance_dict(value)
+        if attributes is not None:
             _feed(digest, attributes, depth=depth + 1, budget=budget)
-        for cls in type(value).__mro__:
-            for slot in cls.__dict__.get("__slots__", ()) if _is(cls.__dict__.get("__slots__", ()),
-                                                                        (tuple, list)) else ():
-                try:
-                    _feed(digest, [slot, object.__getattribute__(value, slot)], depth=depth + 1, budget=budget)
-                except AttributeError:
-                    continue
+        for slot in _slots(type(value)):
+            held = _slot(value, slot)
+            if held is not _NONE:
+                _feed(digest, [slot, held], depth=depth + 1, budget=budget)
+
+
+def _slot(value: Any, name: str) -> Any:
+    """An instance's ``__slots__`` value through its member descriptor (never a property a subclass puts at the same
+    name); _NONE where it is unset or no slot."""
+    member = _class_attr(type(value), name)
+    if type(member) is not types.MemberDescriptorType:
+        return _NONE
+    try:
+        return member.__get__(value, type(value))
+    except AttributeError:
+        return _NONE
+
+
+def _feed_data(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
+    """Validation data in a library's container, by its contents: a deque's items, an array's bytes, a pandas
+    object's per-row hashes with its labels and dtypes, a torch Dataset's attributes (a TensorDataset's tensors), a
+    DataLoader's dataset and batching (not its iterator, which changes as it is used)."""
+    import array
+    import collections
+
+    if _is(value, collections.deque):
+        _feed(digest, list(itertools.islice(collections.deque.__iter__(value), budget[1] + 1)), depth=depth + 1,
+              budget=budget)
+    elif _is(value, array.array):
+        data = array.array.tobytes(value)
+        digest.update(f"array{array.array.__dict__['typecode'].__get__(value)}{len(data)}".encode())
+        if len(data) <= budget[0]:
+            budget[0] -= len(data)
+            digest.update(data)
+    elif _type_text(type(value), "__module__").split(".")[0] == "pandas":
+        import pandas as pd
+
+        try:
+            hashed = pd.util.hash_pandas_object(value, index=True).to_numpy()
+            labels = [str(c) for c in getattr(value, "columns", [])][:budget[1]]
+            kinds = [str(d) for d in getattr(value, "dtypes", [])][:budget[1]] if hasattr(value, "columns") else \
+                [str(getattr(value, "dtype", ""))]
+        except Exception:  # noqa: BLE001 - an object pandas cannot hash (an Index of lists): by its class
+            return
+        _feed(digest, [hashed, labels, kinds], depth=depth + 1, budget=budget)
+    elif _type_text(type(value), "__module__").startswith("torch.utils.data") and \
+            _type_text(type(value), "__name__") == "DataLoader":
+        attributes = _instance_dict(value) or {}
+        _feed(digest, [attributes.get(k) for k in ("dataset", "batch_size", "drop_last", "collate_fn", "sampler")],
+              depth=depth + 1, budget=budget)
+    else:
+        attributes = _instance_dict(value)
+        if attributes is not None:
+            _feed(digest, attributes, depth=depth + 1, budget=budget)
 
 
 def _feed_tensor(digest: Any, value: torch.Tensor, *, depth: int, budget: list[int]) -> None:
@@ -389,9 +518,13 @@ def _feed_tensor(digest: Any, value: torch.Tensor, *, depth: int, budget: list[i
     digest.update(flat.view(torch.uint8).numpy().tobytes() if nbytes else b"")  # any dtype: its bytes
 
 
-def _sort_key(value: Any) -> str:
+def _sort_key(value: Any, budget: list[int]) -> str:
     """A stable order for a set's items or a dict's keys: their type and a small digest of each, never their repr
-    (which may raise, or never return)."""
+    (which may raise, or never return). The values it visits count against the digest's ``budget`` too (hp45 c04:
+    300,000 keys, each with 256 values of its own, took minutes)."""
     key = hashlib.sha256()
-    _feed(key, value, depth=_MAX_DEPTH - 2, budget=[1 << 16, 1 << 8])
-    return f"{type(value).__qualname__}:{key.hexdigest()}"
+    own = [min(1 << 16, max(budget[0], 0)), min(1 << 8, max(budget[1], 1))]
+    spent = own[1]
+    _feed(key, value, depth=_MAX_DEPTH - 2, budget=own)
+    budget[1] -= spent - own[1]
+    return f"{_type_text(type(value), '__qualname__')}:{key.hexdigest()}"
