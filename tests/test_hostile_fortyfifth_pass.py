@@ -156,7 +156,6 @@ def test_mergekits_compute_dtype_is_warned_only_where_it_differs_from_float32(tm
     """hp44 c33: a mergekit recipe with ``dtype: float32`` warned "arithmetic runs in float32 (mergekit computes in
     dtype=float32)": nothing differs, so nothing is said."""
     from test_recipe_mergekit_family import _family
-
     from tiesmerge.cli.main import main
 
     paths, _ = _family(tmp_path, n=2)
@@ -213,8 +212,8 @@ def test_mergekits_long_model_references_are_read_as_their_short_form(tmp_path):
     (a hub revision, an architecture override) or is misspelt is refused, named."""
     import yaml
     from safetensors.torch import load_file
-    from test_recipe_mergekit_family import _family
 
+    from test_recipe_mergekit_family import _family
     from tiesmerge.cli.main import main
     from tiesmerge.errors import ConfigError
     from tiesmerge.recipe_mergekit import translate_mergekit
