@@ -446,3 +446,44 @@ def test_the_evaluator_digest_of_many_keys_keeps_to_its_budget():
         timings.append(time.perf_counter() - started)
     # ten times the keys: far from ten times the time (before: 4.4 s and 36 s for 10k and 100k keys)
     assert timings[1] < 3 * timings[0] + 2.0, timings
+
+
+# ------------------------------------------------------------------ merge side (pass 45a)
+def test_a_plugin_returning_a_meta_or_sparse_tensor_is_a_method_error(tmp_path):
+    """hp45 c09: a plugin method returning a tensor on the meta device failed as "unexpected RuntimeError:
+    Tensor.item() cannot be called on meta tensors ... a bug in tiesmerge" (a bare RuntimeError in the API). A result
+    on another device, or not dense, is a MethodError naming the method and the tensor."""
+    from test_hostile_fortysecond_pass import _method_of
+    from tiesmerge.errors import MethodError
+
+    base, a, b = _family_dirs(tmp_path)
+    for name, merge_fn, said in (("meta", lambda tau: torch.empty(tau.shape[1:], device="meta"), "a meta tensor"),
+                                 ("sparse", lambda tau: tau.sum(0).to_sparse(), "a sparse_coo tensor")):
+        for out in (None, tmp_path / "out"):
+            with pytest.raises(MethodError, match=rf"method '{name}' \(.*Custom\) returned {said} for tensor"):
+                tiesmerge.merge(base, [a, b], _method_of(merge_fn, name), output=out)
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_path_of_the_api_may_be_bytes(tmp_path, monkeypatch):
+    """hp45 c24: ``save_stats(b"out/stats_\\xff", st)`` was a bare TypeError (merge takes bytes paths, as the README's
+    Safety section says of the API); load_stats, merge(stats=[bytes]), run_search(log=bytes) and tune's and
+    run_search's bytes base and models were too."""
+    import os
+
+    from tiesmerge.stats import Statistics, StatsManifest, files_digest, load_stats, save_stats
+    from tiesmerge.tuning import run_search
+
+    monkeypatch.chdir(tmp_path)
+    base, models = make_family(2)
+    dirs = [write_hf_dir(tmp_path / name, sd) for name, sd in (("base", base), ("ft0", models[0]), ("ft1", models[1]))]
+    raw = [os.fsencode(str(d)) for d in dirs]
+    floats = {n: torch.rand(v.shape) for n, v in base.items() if v.is_floating_point()}
+    written = [save_stats(b"stats_\xff%d" % k, Statistics(StatsManifest("fisher", 1, model_digest=files_digest(
+        raw[k + 1])), floats)) for k in range(2)]
+    assert written[0].name == os.fsdecode(b"stats_\xff0") and load_stats(b"stats_\xff0").tensors.keys() == floats.keys()
+    tiesmerge.merge(raw[0], raw[1:], "fisher", stats=[b"stats_\xff0", b"stats_\xff1"], output=b"out")
+    grid = {"density": [0.2], "lam": [1.0]}
+    run_search(raw[0], raw[1:], "ties", lambda state: 1.0, grid=grid, log=b"log_\xff.jsonl")
+    assert os.path.isfile(b"log_\xff.jsonl")
+    assert tiesmerge.tune(raw[0], raw[1:], "ties", lambda state: 1.0, grid=grid).best.score == 1.0

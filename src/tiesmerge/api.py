@@ -184,6 +184,7 @@ def check_statistics_owners(models: Sequence[Source], stats: Sequence[Any], meth
     from .io.checkpoint import open_checkpoint
     from .stats.files import open_stats
 
+    stats = [fs_text(s) for s in stats]
     paths = [(k, s) for k, s in enumerate(stats) if isinstance(s, (str, os.PathLike)) and k < len(models)]
     if len(paths) != len(stats):  # statistics in memory record no files to check (the merge warns of them)
         return

@@ -317,8 +317,11 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
                           hint=_stats_hint(spec.kind))
     from .stats.files import Statistics, open_stats  # torch: only data-aware methods read statistics
 
-    if isinstance(stats, (str, os.PathLike, Mapping, Statistics)):
+    if isinstance(stats, (str, bytes, os.PathLike, Mapping, Statistics)):
         raise ConfigError("stats must be a list: one statistics directory (or object) per model")
+    from .paths import fs_text
+
+    stats = [fs_text(s) for s in stats]  # bytes paths, as the models' (hp45 c24)
     opened = []
     for k, source in enumerate(stats):
         label = f"stats[{k}]" if isinstance(source, (Mapping, Statistics)) else str(source)

@@ -514,6 +514,11 @@ class Executor:
             raise MethodError(f"method {method.name!r} ({where}) returned {got} for tensor {name!r}, whose chunk is "
                               f"{want}: a merge returns one value per entry of the chunk",
                               hint="fix the method's merge(tau, ctx): tau is (models, *chunk) and the result (*chunk)")
+        if delta.device != rows.tau.device or delta.layout != torch.strided:  # hp45 c09: a meta tensor failed later
+            kind = delta.device.type if delta.device != rows.tau.device else str(delta.layout).removeprefix("torch.")
+            raise MethodError(f"method {method.name!r} ({where}) returned a {kind} tensor for tensor {name!r}, whose "
+                              f"chunk is a dense tensor on {rows.tau.device}: its values cannot be written",
+                              hint="fix the method's merge(tau, ctx) to return a dense tensor on tau's device")
         return delta
 
     def _watch_fused(self, raw: RawRows, merged: np.ndarray, out_dtype: DType) -> None:

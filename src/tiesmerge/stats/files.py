@@ -25,7 +25,7 @@ from ..errors import CheckpointError, ConfigError, InvalidTensorError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
 from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
 from ..limits import read_json
-from ..paths import TOKENIZER_FILE_NAMES, check_input, check_not_input, inside
+from ..paths import TOKENIZER_FILE_NAMES, check_input, check_not_input, fs_text, inside
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
 from ..version import __version__
 
@@ -179,6 +179,7 @@ def model_digest(module: torch.nn.Module, model: str | os.PathLike | None = None
 def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool = False,
                shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write ``stats`` to ``directory`` atomically (safetensors + ``tiesmerge_stats.json``)."""
+    directory = fs_text(directory)  # bytes, as every path of the API may be (hp45 c24)
     bad = [k for k, v in stats.tensors.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
     if bad:
         raise ConfigError(f"statistics tensor {bad[0]!r} is not a floating torch.Tensor")
@@ -228,7 +229,7 @@ def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tenso
     elif isinstance(source, Mapping):
         manifest, ckpt = None, StateDictCheckpoint(source, label or "statistics state dict")
     else:
-        path = Path(source)
+        path = Path(fs_text(source))  # bytes, as every path of the API may be (hp45 c24)
         if os.path.lexists(path):
             check_input(path, "the statistics")  # loops, dangling links, FIFOs: typed errors
         if not path.is_dir():

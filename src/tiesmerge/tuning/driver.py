@@ -288,8 +288,11 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     >>> result.best.options, result.best.score                                       # doctest: +SKIP
     """
     from ..inputs import check_ordered
+    from ..paths import fs_text
 
     check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
+    if not isinstance(models, (str, bytes, os.PathLike, Mapping)):  # bytes paths, as merge takes them (hp45 c24)
+        base, models = fs_text(base), [fs_text(m) for m in models]
     started = time.perf_counter()
     evaluator_name = _evaluator_name(evaluate)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
@@ -321,8 +324,9 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
               **({"evaluator_state": held} if (held := evaluator_state(evaluate)) else {}),
               **({"vocab_policy": vocab_policy} if vocab_policy != "error" else {})}  # it changes the candidates
     if log is not None:  # the log is appended to: never inside (or over) a model the search reads
-        from ..paths import check_not_input
+        from ..paths import check_not_input, fs_text
 
+        log = fs_text(log)  # bytes, as every path of the API may be (hp45 c24)
         check_not_input(log, [("the base", base), *((f"model {k}", m) for k, m in enumerate(models))])
     results = ResultsLog(log, header) if log is not None else None
     _warn_object_evaluator(evaluate, results)

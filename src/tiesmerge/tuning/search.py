@@ -165,6 +165,9 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
+    from ..inputs import resolve_sources
+
+    base, models = resolve_sources(base, models)  # bytes paths and hub names, as merge takes them (hp45 c24)
     check_inputs(base, models)  # before len(models) below: a single path would be counted letter by letter
     _check_tunable(cls)
     grid = dict(grid or paper_grid(cls))
