@@ -487,3 +487,59 @@ def test_every_path_of_the_api_may_be_bytes(tmp_path, monkeypatch):
     run_search(raw[0], raw[1:], "ties", lambda state: 1.0, grid=grid, log=b"log_\xff.jsonl")
     assert os.path.isfile(b"log_\xff.jsonl")
     assert tiesmerge.tune(raw[0], raw[1:], "ties", lambda state: 1.0, grid=grid).best.score == 1.0
+
+
+def _replace_weights(model_dir, scratch, factor=3.0):
+    """The model's weights file replaced by rename, as a download or a training run saving would."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(os.path.join(model_dir, "model.safetensors"))
+    save_file({k: v * factor for k, v in weights.items()}, os.path.join(scratch, "new.safetensors"))
+    os.replace(os.path.join(scratch, "new.safetensors"), os.path.join(model_dir, "model.safetensors"))
+
+
+def test_a_model_replaced_during_tunes_last_evaluation_stops_it(tmp_path):
+    """hp45 c18: tune's evaluator replacing a model at its last call: tune checked the inputs after each merge, not
+    after the last evaluation, and ``tune -o`` wrote its best merged again from the new files (the manifest naming
+    them). The inputs are checked once more when the grid is done."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.tuning import tune
+
+    base, a, b = _family_dirs(tmp_path)
+    calls = []
+
+    def evaluate(state):
+        calls.append(1)
+        if len(calls) == 2:  # the last point
+            _replace_weights(b, tmp_path)
+        return float(len(calls))
+
+    with pytest.raises(CheckpointError, match=r"ft1: model 2 changed while the search ran"):
+        tune(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5), "lam": (1.0,)})
+
+
+def test_a_model_replaced_while_adapt_learns_stops_it_before_the_merge(tmp_path):
+    """hp45 c17: a model replaced 16 s into a 28 s adapt run: the coefficients learned on the old model were applied
+    to the new one's files, the manifest recording its digest, exit 0. adapt stops, naming the model, before its
+    merge."""
+    from test_adapt_hostile import _encode, _net, _setup
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation.forward import FunctionLogits
+
+    base, fts, files = _setup(tmp_path)
+    base, *fts = [str(write_hf_dir(tmp_path / name, sd)) for name, sd in zip(("b", "m1", "m2"), (base, *fts))]
+    calls = []
+
+    def logits(module, batch, task):
+        calls.append(1)
+        if len(calls) == 3:
+            _replace_weights(fts[0], tmp_path)
+        return module(batch)
+
+    with pytest.raises(CheckpointError, match=r"m1: model 1 changed while adapt ran .* the coefficients were learned "
+                                              r"on the model as it was"):
+        tiesmerge.adapt(base, fts, files, forward=FunctionLogits(_net(), logits, encode=_encode), steps=4,
+                        output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

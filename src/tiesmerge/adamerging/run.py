@@ -398,6 +398,16 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
         examples_cut = None  # the user's forward encodes as it likes
     seconds["forward"] = time.perf_counter() - clock
     clock = time.perf_counter()
+    from ..tuning.driver import InputWatch
+
+    # the final merge reads the models again: one replaced meanwhile would get coefficients learned for another
+    # (hp45 c17: a run wrote base + c·(the new model's delta), its manifest naming the new files)
+    watch = InputWatch([("the base", base), *((f"model {k + 1}", p) for k, p in enumerate(models)),
+                        *((f"the {option} model", p) for option, p in method_inputs(m))], during="adapt",
+                       harm="the coefficients were learned on the model as it was, and the merge would apply them to "
+                            "the new files",
+                       hint="let whatever writes it finish, then run adapt again (with --checkpoint and --resume, a "
+                            "resume refuses the changed model too)")
     tv = collect_task_vectors(base, models, m, device=device, memory_budget=memory_budget, vocab_policy=vocab_policy,
                               allow_pickle=allow_pickle)
     seconds["task_vectors"] = time.perf_counter() - clock
@@ -412,6 +422,7 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
     seconds.update({f"learn_{k}": v for k, v in learn_seconds.items()})
     layers = list(tv.names)
     del merger, tv  # the final merge streams again: the vectors need not stay in memory
+    watch.check()
     task_names = list(task_data)
     learned = LearnedMerge.of(m, coefficients, layers, granularity, "adamerging_coefficients.json")
     clock = time.perf_counter()

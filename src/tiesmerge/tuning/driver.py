@@ -230,20 +230,21 @@ class InputWatch:
     logged beside the earlier ones, and the best written from it (hp42 D50). Each input counts by its files'
     stamps (:func:`weights_stamp`), so the one that changed is named."""
 
-    def __init__(self, named: Sequence[tuple[str, Any]]) -> None:
+    def __init__(self, named: Sequence[tuple[str, Any]], *, during: str = "the search",
+                 harm: str = "later candidates would merge another model than the earlier ones",
+                 hint: str = "let whatever writes it finish, then run the search again in a new --dir (the scores so "
+                             "far are of the model as it was)") -> None:
         self.named = [(who, source) for who, source in named if not isinstance(source, Mapping)]
         self.stamps = [weights_stamp([source]) for _, source in self.named]
+        self.during, self.harm, self.hint = during, harm, hint
 
     def check(self) -> None:
         from ..errors import CheckpointError
 
         for (who, source), stamp in zip(self.named, self.stamps):
             if weights_stamp([source]) != stamp:
-                raise CheckpointError(f"{source}: {who} changed while the search ran (its weights, config or "
-                                      "tokenizer files were replaced or rewritten): later candidates would merge "
-                                      "another model than the earlier ones", hint="let whatever writes it finish, "
-                                      "then run the search again in a new --dir (the scores so far are of the model "
-                                      "as it was)")
+                raise CheckpointError(f"{source}: {who} changed while {self.during} ran (its weights, config or "
+                                      f"tokenizer files were replaced or rewritten): {self.harm}", hint=self.hint)
 
 
 def _state_digest(state: Mapping[str, Any]) -> str:

@@ -235,6 +235,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     # scaled again from the best merge's delta, not the state the evaluator was handed: an evaluator that changes its
     # argument in place (quantises, fine-tunes) left best_state zeroed (hp40 T1). (A method without lam: its merge is
     # what was scored, as it is.)
+    watch.check()  # replaced during the last point's evaluation: the best would be written from another model (c18)
     best_state = best_whole if best.lam is None else _scaled(base32, best_delta, best.lam, dtypes)
     return TuningResult(name, best, tuple(points), len(combos), time.perf_counter() - started, best_state)
 
