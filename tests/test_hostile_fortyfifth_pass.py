@@ -543,3 +543,15 @@ def test_a_model_replaced_while_adapt_learns_stops_it_before_the_merge(tmp_path)
         tiesmerge.adapt(base, fts, files, forward=FunctionLogits(_net(), logits, encode=_encode), steps=4,
                         output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["1:30", "1:00", "-2:30.5", "190:20:30"])
+def test_a_base_60_number_in_a_recipe_is_refused(tmp_path, value):
+    """hp45 c33: YAML 1.1 reads ``lam: 1:30`` as 90 and ``weight: 1:00`` as 60: merged with lam 90 and weights
+    [60, 90], exit 0, no warning. Such a value is refused, naming its line; quoted, it is text."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.limits import loads_yaml
+
+    with pytest.raises(ConfigError, match=rf"r\.yaml: {value} \(line 2\) reads in YAML 1\.1 as a base-60 number"):
+        loads_yaml(f"method: ties\nparameters: {{lam: {value}}}\n", source="r.yaml", error=ConfigError)
+    assert loads_yaml(f"name: '{value}'\nother: 1.5\n", source="r.yaml") == {"name": value, "other": 1.5}

@@ -297,7 +297,12 @@ def parse_float(text: str) -> float:
 class _CountingLoader(yaml.SafeLoader):
     """The safe loader, with the composed graph measured before anything is constructed."""
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        _refuse_base_60(node)
+        return super().construct_yaml_int(node)
+
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        _refuse_base_60(node)
         value = super().construct_yaml_float(node)
         problem = out_of_range(str(node.value), value, f" (line {node.start_mark.line + 1})")
         if problem is not None:
@@ -306,6 +311,17 @@ class _CountingLoader(yaml.SafeLoader):
 
 
 _CountingLoader.add_constructor("tag:yaml.org,2002:float", _CountingLoader.construct_yaml_float)
+_CountingLoader.add_constructor("tag:yaml.org,2002:int", _CountingLoader.construct_yaml_int)
+
+
+def _refuse_base_60(node: yaml.ScalarNode) -> None:
+    """YAML 1.1 reads ``1:30`` as the base-60 number 90 (and ``0:30`` is refused): a weight or lam written so was
+    merged as 60 or 90 without a word (hp45 c33). No recipe value is meant in base 60."""
+    text = str(node.value)
+    if ":" in text:
+        raise OutOfFloatRange(f"{text.strip()[:40]} (line {node.start_mark.line + 1}) reads in YAML 1.1 as a base-60 "
+                              "number (1:30 is 90)", hint="write the number meant (90, or 1.5), or quote the value "
+                                                          "if it is text")
 
 
 # YAML 1.1 (PyYAML) reads 1e-1, 5e-1 or 1.0e308 as text (its floats need a dot and a signed exponent); YAML 1.2, JSON,
