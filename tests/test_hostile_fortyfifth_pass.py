@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -555,3 +556,61 @@ def test_a_base_60_number_in_a_recipe_is_refused(tmp_path, value):
     with pytest.raises(ConfigError, match=rf"r\.yaml: {value} \(line 2\) reads in YAML 1\.1 as a base-60 number"):
         loads_yaml(f"method: ties\nparameters: {{lam: {value}}}\n", source="r.yaml", error=ConfigError)
     assert loads_yaml(f"name: '{value}'\nother: 1.5\n", source="r.yaml") == {"name": value, "other": 1.5}
+
+
+@pytest.mark.parametrize("how", ["exit", "nan"])
+def test_a_plugin_that_exits_or_returns_nan_is_named(tmp_path, capsys, how):
+    """hp45 c10: a plugin method calling sys.exit(3) inside merge ended the command with exit 3 and no message;
+    c11: one returning NaN from finite inputs was "the merge overflowed ... use a smaller lam". Both are a MethodError
+    naming the method and the tensor."""
+    from test_hostile_fortysecond_pass import _method_of
+    from tiesmerge.errors import MethodError
+
+    base, a, b = _family_dirs(tmp_path)
+
+    def misbehaves(tau):
+        if how == "exit":
+            raise SystemExit(3)
+        return torch.full(tau.shape[1:], float("nan"))
+
+    said = r"called sys\.exit\(3\) on tensor" if how == "exit" else r"returned \d+ non-finite value\(s\) \(Inf or NaN\)"
+    with pytest.raises(MethodError, match=rf"method 'evil' \(.*Custom\) {said}"):
+        tiesmerge.merge(base, [a, b], _method_of(misbehaves, "evil"), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size", [0, "-1GB", "lots"])
+def test_save_stats_refuses_a_bad_shard_size_as_merge_does(tmp_path, size):
+    """hp45 c25: ``save_stats(..., shard_size=0)`` raised a plain ValueError ("size must be a positive ..."), where
+    ``merge(shard_size=0)`` gives a ConfigError naming shard_size."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import Statistics, StatsManifest, save_stats
+
+    with pytest.raises(ConfigError, match="shard_size: "):
+        save_stats(tmp_path / "s", Statistics(StatsManifest("fisher", 1), {"w": torch.ones(2)}), shard_size=size)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("which", ["weights_file", "adapter"])
+def test_files_from_that_holds_no_config_is_refused(tmp_path, which):
+    """hp45 c05: ``files_from`` naming a model given as a .safetensors file (or a folder without config.json, an
+    adapter's) merged with exit 0, the output without config.json or tokenizer, the warning blaming the base. It is
+    refused, naming files_from."""
+    import shutil
+
+    from tiesmerge.errors import ConfigError
+
+    base, a, b = _family_dirs(tmp_path)
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "llama"}')
+    if which == "weights_file":
+        model = str(tmp_path / "ft1" / "model.safetensors")
+    else:
+        model = str(tmp_path / "bare")
+        shutil.copytree(b, model)
+        for extra in os.listdir(model):
+            if extra != "model.safetensors":
+                os.remove(os.path.join(model, extra))
+    with pytest.raises(ConfigError, match=r"files_from '.*' is a (weights file|folder without config\.json): the "
+                                          r"output's config\.json and tokenizer files are copied from a model folder"):
+        tiesmerge.merge(base, [a, model], output=tmp_path / "out", files_from=model)
+    assert not (tmp_path / "out").exists()

@@ -308,7 +308,15 @@ def _files_source(files_from: Source | None, base: Source, models: Sequence[Sour
     wanted = os.path.realpath(files_from)
     for source, checkpoint in [(base, prepared.base), *zip(models, prepared.models)]:
         if isinstance(source, (str, os.PathLike)) and os.path.realpath(source) == wanted:
-            return checkpoint.directory()
+            folder = checkpoint.directory()
+            if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+                # a weights file, an adapter: nothing to copy, and the warning blamed the base (hp45 c05)
+                what = "a folder without config.json" if os.path.isdir(source) else "a weights file"
+                raise ConfigError(f"files_from {os.fspath(files_from)!r} is {what}: the output's config.json and "
+                                  "tokenizer files are copied from a model folder that holds them",
+                                  hint="name the model folder (the base, or a full model among the inputs), or leave "
+                                       "files_from out to copy the base's")
+            return folder
     raise ConfigError(f"files_from {os.fspath(files_from)!r} is neither the base nor one of the models",
                       hint="name the input whose config and tokenizer files the output should copy")
 

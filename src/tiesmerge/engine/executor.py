@@ -498,6 +498,12 @@ class Executor:
             delta = method.merge(rows.tau, ctx)
         except TiesMergeError:
             raise
+        except SystemExit as exc:  # hp45 c10: a plugin's sys.exit(3) ended the command with no word
+            if ours:
+                raise
+            raise MethodError(f"method {method.name!r} ({where}) called sys.exit({exc.code!r}) on tensor {name!r}",
+                              hint="the method is not tiesmerge's own: fix it or report it to its authors (a merge "
+                                   "method returns its result, it never exits the process)") from None
         except Exception as exc:
             if ours or is_out_of_memory(exc):
                 raise
@@ -519,6 +525,12 @@ class Executor:
             raise MethodError(f"method {method.name!r} ({where}) returned a {kind} tensor for tensor {name!r}, whose "
                               f"chunk is a dense tensor on {rows.tau.device}: its values cannot be written",
                               hint="fix the method's merge(tau, ctx) to return a dense tensor on tau's device")
+        if not ours and not bool(torch.isfinite(delta).all()) and bool(torch.isfinite(rows.tau).all()):
+            # finite inputs, a NaN or Inf result: the method's, not an overflow the hint would blame on lam (c11)
+            bad = int((~torch.isfinite(delta)).sum())
+            raise MethodError(f"method {method.name!r} ({where}) returned {bad:,} non-finite value(s) (Inf or NaN) "
+                              f"for tensor {name!r}, whose inputs are all finite",
+                              hint="the method is not tiesmerge's own: fix it or report it to its authors")
         return delta
 
     def _watch_fused(self, raw: RawRows, merged: np.ndarray, out_dtype: DType) -> None:

@@ -180,6 +180,10 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
                shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write ``stats`` to ``directory`` atomically (safetensors + ``tiesmerge_stats.json``)."""
     directory = fs_text(directory)  # bytes, as every path of the API may be (hp45 c24)
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as exc:  # typed, as merge's (hp45 c25: a bare ValueError)
+        raise ConfigError(f"shard_size: {exc}") from None
     bad = [k for k, v in stats.tensors.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
     if bad:
         raise ConfigError(f"statistics tensor {bad[0]!r} is not a floating torch.Tensor")
@@ -200,7 +204,7 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
     groups = [[OutputEntry(k, tuple(v.shape), v.dtype)] for k, v in tensors.items()]
     with atomic_directory(directory, force=force, needed_bytes=sum(v.numel() * 4 for v in tensors.values()),
                           marker="tiesmerge_stats.json") as tmp:
-        writer = ShardedWriter(tmp, groups, parse_size(shard_size),
+        writer = ShardedWriter(tmp, groups, shard_bytes,
                                metadata={"format": "pt", "tiesmerge_stats": manifest.kind})
         for name, value in tensors.items():
             writer.write(name, None, value)
