@@ -614,3 +614,33 @@ def test_files_from_that_holds_no_config_is_refused(tmp_path, which):
                                           r"output's config\.json and tokenizer files are copied from a model folder"):
         tiesmerge.merge(base, [a, model], output=tmp_path / "out", files_from=model)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "validate"])
+def test_a_mergekit_recipes_vocabulary_hint_names_tokenizer_source(tmp_path, capsys, command):
+    """hp45 c04: a mergekit recipe whose models' vocabularies differ was refused with "--vocab-policy union ...
+    --vocab-policy truncate", flags refused over a mergekit recipe (whose refusal then said to change merge_method).
+    The hint names the recipe's tokenizer_source."""
+    from safetensors.torch import load_file, save_file
+
+    from test_recipe_mergekit_family import _family
+    from tiesmerge.cli.main import main
+
+    paths, _ = _family(tmp_path, n=2)
+    for name in ("m1", "m2"):
+        weights = load_file(str(paths[name] / "model.safetensors"))
+        weights["model.embed_tokens.weight"] = torch.cat([weights["model.embed_tokens.weight"], torch.ones(2, 6)])
+        save_file(weights, str(paths[name] / "model.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {paths['base']}\nmodels:\n  - model: {paths['base']}\n"
+                      f"  - model: {paths['m1']}\nparameters: {{t: 0.5}}\ndtype: float32\n")
+    args = ["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"] if command == "merge" else \
+        ["validate", str(recipe)]
+    assert main(args) != 0
+    hint = capsys.readouterr().err.split("hint:")[-1]
+    assert "tokenizer_source: union in the recipe" in hint and "tokenizer_source: base in the recipe" in hint
+    assert "--vocab-policy" not in hint
+    # a tiesmerge merge of the same models still names the flag
+    assert main(["merge", "--base", str(paths["base"]), "--model", str(paths["m1"]), "--model", str(paths["m2"]),
+                 "-o", str(tmp_path / "out")]) != 0
+    assert "--vocab-policy union" in capsys.readouterr().err

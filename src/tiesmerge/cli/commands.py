@@ -400,6 +400,15 @@ def _recipe_pickle_consent(recipe: Any, args: argparse.Namespace) -> None:
                                "safetensors")
 
 
+def _mergekit_words(data: dict[str, Any]) -> None:
+    """A mergekit recipe's hints name its own keys: tokenizer_source, not the --vocab-policy it refuses (hp45 c04)."""
+    from ..io import align
+
+    origin = data.get("origin")
+    if isinstance(origin, dict) and origin.get("format") == "mergekit":
+        align.policy_words = dict(align.MERGEKIT_POLICY_WORDS)
+
+
 @contextlib.contextmanager
 def _overflow_said_for(origin: Any):
     """An overflow in a mergekit recipe's merge: the hint in the recipe's terms (its dtype and weights)."""
@@ -420,6 +429,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..inputs import check_budget
 
     data = _recipe_data(args)
+    _mergekit_words(data)
     flags = args.flags_over_recipe  # a problem may be the flags': the source says they were applied (hp40b C53)
     source = f"{args.recipe} with {', '.join(flags)} from the command line" if flags else args.recipe or "command line"
     recipe = recipe_from_dict(data, source=source)
@@ -584,6 +594,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if written is None:
             raise
         raise _with_input_problems(exc, *written, args) from None
+    _mergekit_words(data)
     try:
         recipe = recipe_from_dict(data, source=str(args.recipe))
     except ConfigError as exc:  # the recipe's own problems, and then each input's (hostile pass 31, C74)

@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: it has none
         inputs.weights_option = {"merge": "--weights", "validate": "weights:"}.get(args.command)
         align.union_offered = args.command in ("merge", "validate")
+        align.policy_words = dict(align.POLICY_FLAGS)  # a mergekit recipe's merge sets its own words
         warnings.showwarning = _warning_printer(shown_before)
         sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
         _resolve_repo_ids(args)

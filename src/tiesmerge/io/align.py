@@ -255,6 +255,12 @@ _COMPARE_BYTES = 16 << 20  # rows compared per read: memory stays bounded for an
 # whether the running command offers --vocab-policy union (merge, validate, the API's merge); analyze, tune and
 # search take error or truncate only, so their hints never name union (the command line sets this per command)
 union_offered = True
+# how the running command spells the vocabulary policies in a hint: a mergekit recipe has no --vocab-policy (refused
+# over it), its tokenizer_source says the same (hp45 c04: the hint named the refused flag)
+POLICY_FLAGS = {"union": "--vocab-policy union (vocab_policy='union')", "truncate": "--vocab-policy truncate"}
+policy_words = dict(POLICY_FLAGS)
+MERGEKIT_POLICY_WORDS = {"union": "tokenizer_source: union in the recipe",
+                         "truncate": "tokenizer_source: base in the recipe"}
 
 
 def _models_changing(base: Checkpoint, models: Sequence[Checkpoint], model_names: Sequence[set[str]], name: str
@@ -419,7 +425,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 truncated.append({"tensor": name, "model": k, "from_rows": mi.shape[0], "to_rows": info.shape[0]})
                 continue
             hint = "all models must share the base's architecture"
-            union = ("--vocab-policy union (vocab_policy='union') keeps every model's added tokens (their rows: the "
+            union = (f"{policy_words['union']} keeps every model's added tokens (their rows: the "
                      "mean of the models that have them)") if union_offered else None
             if rows_only and mi.shape[0] < info.shape[0]:  # truncate cuts a model's extra rows; these are missing
                 hint = (f"model {k}'s table has fewer rows ({mi.shape[0]}) than the base's ({info.shape[0]}), so "
@@ -428,8 +434,8 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                             "merge them with `tiesmerge merge --vocab-policy union`, which merges by token"))
             elif rows_only:
                 hint = "the vocabulary sizes differ; " + (f"{union}, " if union else "") + (
-                    "--vocab-policy truncate keeps only the base's first rows of every model, if the added tokens "
-                    "come after the base's")
+                    f"{policy_words['truncate']} keeps only the base's first rows of every model, if the added "
+                    "tokens come after the base's")
             raise IncompatibleCheckpointsError(
                 f"tensor {name!r}: shapes differ between the base and model {k}\n" + _shapes_table(name, base, models),
                 hint=hint,
