@@ -644,3 +644,57 @@ def test_a_mergekit_recipes_vocabulary_hint_names_tokenizer_source(tmp_path, cap
     assert main(["merge", "--base", str(paths["base"]), "--model", str(paths["m1"]), "--model", str(paths["m2"]),
                  "-o", str(tmp_path / "out")]) != 0
     assert "--vocab-policy union" in capsys.readouterr().err
+
+
+def test_a_mergekit_linear_recipe_without_dtype_says_its_output_is_not_base_models_dtype(tmp_path, capsys):
+    """hp45 c30: a linear recipe whose base_model is bfloat16 and whose models are float32 is written float32 (as
+    mergekit promotes); the warning every other method gives was missing, since the engine's base (the first listed
+    model) is float32 already, and the README said the output takes base_model's dtype."""
+    from safetensors.torch import load_file, save_file
+
+    from test_hostile_fortysecond_pass import _linear_recipe
+    from tiesmerge.cli.main import main
+
+    recipe, paths, states = _linear_recipe(tmp_path)
+    save_file({k: v.bfloat16() for k, v in states["base"].items()}, str(paths["base"] / "model.safetensors"))
+    recipe.write_text(recipe.read_text().replace("dtype: float32\n", ""))
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "no dtype given: the output is float32, the models' dtypes promoted" in capsys.readouterr().err
+    assert {v.dtype for v in load_file(str(tmp_path / "out" / "model.safetensors")).values()} == {torch.float32}
+
+
+@pytest.mark.parametrize("method, said", [("model_stock", None),
+                                          ("task_arithmetic", "a larger weight (models[i].parameters.weight in the "
+                                                              "recipe)")])
+def test_a_model_listed_twice_in_a_mergekit_recipe_is_hinted_in_its_terms(tmp_path, capsys, method, said):
+    """hp45 c12: a mergekit model_stock listing one model twice was hinted "use --weights to count one more":
+    --weights is refused over a mergekit recipe, and model_stock has no weights."""
+    from test_recipe_mergekit_family import _family
+    from tiesmerge.cli.main import main
+
+    paths, _ = _family(tmp_path, n=1)
+    recipe = tmp_path / "r.yaml"
+    weight = ", parameters: {weight: 1.0}" if method == "task_arithmetic" else ""
+    recipe.write_text(f"merge_method: {method}\nbase_model: {paths['base']}\nmodels:\n"
+                      f"  - {{model: {paths['m1']}{weight}}}\n  - {{model: {paths['m1']}{weight}}}\ndtype: float32\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "is listed twice" in err and "--weights" not in err
+    assert (f"use {said} to count one more" in err) if said else ("count one more" not in err)
+
+
+def test_a_lora_on_a_refused_base_model_is_not_said_to_have_no_base_model(tmp_path, capsys):
+    """hp45 c28: a mergekit slerp whose base_model is BASE+LORA (refused) and whose model is BASE+LORA: the second
+    problem said "the recipe has no base_model; add base_model: ...", and a third that BASE+LORA was no such file."""
+    from test_recipe_mergekit_family import _family
+    from tiesmerge.cli.main import main
+
+    paths, _ = _family(tmp_path, n=1)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {paths['base']}+{tmp_path / 'l1'}\n"
+                      f"models:\n  - model: {paths['base']}+{tmp_path / 'l2'}\nparameters: {{t: 0.3}}\n")
+    assert main(["validate", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "base_model: " in err and "applies a LoRA to the base itself" in err
+    assert "has no base_model" not in err and "no such file" not in err
+    assert "the recipe's is refused above" in err

@@ -234,7 +234,8 @@ def _long_form(ref: dict, where: str, problems: list[str]) -> str | None:
     return "+".join(parts) if len(problems) == problems_before else None
 
 
-def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> str | None:
+def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
+               base_refused: bool = False) -> str | None:
     if isinstance(ref, dict):  # mergekit's long form, as its short path[+lora]
         ref = _long_form(ref, where, problems)
         if ref is None:
@@ -260,6 +261,9 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str]) -> s
             problems.append(f"base_model: {ref!r} applies a LoRA to the base itself; tiesmerge reads an adapter "
                             "only as a task vector of its base (list it under models as BASE+ADAPTER, or merge the "
                             "adapter into the base first and give that folder)")
+        elif base_refused:  # base_model's own problem is listed: "the recipe has no base_model" would contradict it
+            problems.append(f"{where}: {ref!r} applies a LoRA, which needs a base_model tiesmerge reads (the recipe's "
+                            "is refused above)")
         elif base is None:  # hp36 C18: "a model other than base_model", of a recipe that names none
             problems.append(f"{where}: {ref!r} applies a LoRA, and the recipe has no base_model; tiesmerge reads an "
                             f"adapter as a task vector of the base it was trained on: add base_model: {model}")
@@ -329,7 +333,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         extra = [k for k in entry if k not in ("model", "parameters")]
         if extra:
             problems.append(f"models[{i}]: key {extra[0]!r} is not supported (a model takes model and parameters)")
-        path = _model_ref(entry["model"], base, f"models[{i}].model", problems)
+        path = _model_ref(entry["model"], base, f"models[{i}].model", problems,
+                          base_refused=base is None and data.get("base_model") is not None)  # (hp45 c28)
         if path is None:
             continue
         params = entry.get("parameters") or {}
@@ -424,6 +429,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         # mergekit writes them (hp42 C54: the first model's were copied)
         files_from = base if base is not None and method == "linear" else None
         base, paths = params.pop("_anchor"), params.pop("_models")
+    named_base = files_from or base  # the recipe's base_model: whose dtype a reader expects the output in
     out_name = out_dtype or dtype
     if out_name is None and base is not None:  # every method: mergekit computes in the promoted dtype (hp44 c17)
         # without a dtype, the output keeps the engine's base's dtype: here one of the models. mergekit stacks the
@@ -434,6 +440,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
             promoted = _promoted(stored)  # type: ignore[arg-type]
             if promoted != stored[0]:
                 out_name = promoted
+            if promoted != stored[0] or promoted != _stored_float_dtype(named_base):  # (hp45 c30: base_model bf16)
                 warnings.append(f"no dtype given: the output is {promoted}, the models' dtypes promoted, as mergekit "
                                 "writes it")
     if dtype is not None and _DTYPES[dtype] != "float32":  # float32: nothing differs to warn about (hp44 c33)

@@ -402,11 +402,15 @@ def _recipe_pickle_consent(recipe: Any, args: argparse.Namespace) -> None:
 
 def _mergekit_words(data: dict[str, Any]) -> None:
     """A mergekit recipe's hints name its own keys: tokenizer_source, not the --vocab-policy it refuses (hp45 c04)."""
+    from .. import inputs
     from ..io import align
 
     origin = data.get("origin")
     if isinstance(origin, dict) and origin.get("format") == "mergekit":
         align.policy_words = dict(align.MERGEKIT_POLICY_WORDS)
+        # a model listed twice: counted more by its weight where the method has weights (hp45 c12: "--weights")
+        weighted = origin.get("merge_method") not in ("slerp", "nuslerp", "model_stock")
+        inputs.weights_option = "a larger weight (models[i].parameters.weight in the recipe)" if weighted else None
 
 
 @contextlib.contextmanager
@@ -652,8 +656,8 @@ def _inputs_as_written(recipe: str) -> tuple[str, list[str]] | None:
         data = read_yaml(recipe, "the recipe", error=ConfigError)
     except ConfigError:
         return None
-    if not isinstance(data, dict) or not isinstance(data.get("base_model"), str):
-        return None
+    if not isinstance(data, dict) or not isinstance(data.get("base_model"), str) or "+" in data["base_model"]:
+        return None  # (a BASE+LORA base_model: refused by the translation, not "no such file": hp45 c28)
     entries = data.get("models") if isinstance(data.get("models"), list) else []
     models = [e.get("model") if isinstance(e, dict) else e for e in entries]
     # a MODEL+LORA reference is checked by the translation itself
