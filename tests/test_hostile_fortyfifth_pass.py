@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -698,3 +699,24 @@ def test_a_lora_on_a_refused_base_model_is_not_said_to_have_no_base_model(tmp_pa
     assert "base_model: " in err and "applies a LoRA to the base itself" in err
     assert "has no base_model" not in err and "no such file" not in err
     assert "the recipe's is refused above" in err
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--init", "0.3", "--clamp", "0.31", "1"], r"init 0\.3 lies outside clamp"),
+    (["--method", "ties", "--densities", "0.2"], r"densities"),
+    (["--choices", "CHOICES"], r"--choices applies to --forward choice"),
+    (["--heads", "CHOICES"], r"--heads applies to --forward encoder"),
+])
+def test_an_adapt_dry_run_refuses_what_the_run_refuses_before_its_work(classifiers, tmp_path, capsys, extra, said):
+    """hp45 c06: ``adapt --dry-run`` with settings the real run refuses at once (--init outside --clamp, --densities
+    of the wrong count, --choices or --heads for the classifier forward) printed its plan and exited 0. It makes the
+    same checks, before its plan."""
+    from helpers_ckpt import run_cli
+    from test_hostile_fourth_pass_adapt import _adapt
+
+    (tmp_path / "c.json").write_text('{"task0": ["yes", "no"]}')
+    argv, _ = _adapt(classifiers, tmp_path, "--dry-run", *[str(tmp_path / "c.json") if e == "CHOICES" else e
+                                                           for e in extra])
+    rc, out, err = run_cli(argv, capsys)
+    assert rc == 2 and re.search(said, err), err
+    assert "coefficients" not in out

@@ -209,6 +209,48 @@ def describe_adapt(base: Source, models: Sequence[Source], method: str | MergeMe
     ])
 
 
+def check_adapt_request(base: Source, models: Sequence[Source], data: Sequence[Any],
+                        method: str | MergeMethod = "task_arithmetic", *, forward: str | TaskForward = "classifier",
+                        heads: Mapping[str, Sequence[str]] | None = None,
+                        choices: Mapping[str, Sequence[str]] | None = None, granularity: str = "layer",
+                        steps: int = 500, lr: float = 1e-3, batch_size: int = 16, init: float = 0.3,
+                        shuffle_seed: int = 0, clamp: tuple[float, float] | None = None,
+                        checkpoint_every: int | None = None, objective: str = "entropy", limit: int | None = None,
+                        **method_options: Any) -> tuple[AdaptConfig, MergeMethod]:
+    """The checks of an adapt run that read no weights and no data: its settings, the method's per-model values, the
+    data files' count, heads and choices for a forward that reads them. A dry run makes them too (hp45 c06: --dry-run
+    printed its plan for settings the run refuses at once)."""
+    check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
+    config = AdaptConfig(granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,
+                         seed=shuffle_seed, clamp=tuple(clamp) if clamp is not None else None,
+                         checkpoint_every=checkpoint_every, objective=objective)
+    problems = config.problems()
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        problems.append(f"limit must be an integer >= 1, got {limit!r} (the examples used of each data file)")
+    if problems:
+        raise ConfigError(problems)
+    m = as_method(method, method_options)
+    if not exposes_task_vectors(m):
+        collect_task_vectors(base, models, m)  # the error naming the method, before anything is read
+    from ..methods.base import check_models
+
+    if not isinstance(models, (str, os.PathLike, Mapping)):  # (a single path is said below, as merge says it)
+        problems = check_models(m, len(models))  # per-model values of the wrong count, as merge refuses them: 3
+        if problems:  # densities for 2 models was "a bug in tiesmerge", --weights 5 a changed result (hp43 c44, c45)
+            raise ConfigError(problems)
+    _check_data_list(data)
+    if len(data) != len(models):
+        raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
+                          hint="give one unlabeled data file per model, in the models' order")
+    # a file the forward never reads: accepted, unused, and recorded in the manifest as if it had been (hp42 D60)
+    for given, flag, needs in ((heads, "heads", "encoder"), (choices, "choices", "choice")):
+        if given is not None and forward != needs:
+            shown = forward if isinstance(forward, str) else type(forward).__name__
+            raise ConfigError(f"--{flag} applies to --forward {needs}, and the forward is {shown}: it would not be "
+                              "read", hint=f"add --forward {needs}, or leave --{flag} out")
+    return config, m
+
+
 def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: str | MergeMethod = "task_arithmetic",
           *, forward: str | TaskForward = "classifier", tasks: Sequence[str] | None = None,
           heads: Mapping[str, Sequence[str]] | None = None, choices: Mapping[str, Sequence[str]] | None = None,
@@ -241,30 +283,12 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     >>> r.coefficients.shape                                                            # doctest: +SKIP
     torch.Size([2, 101])
     """
-    check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
     started = time.perf_counter()
+    config, m = check_adapt_request(base, models, data, method, forward=forward, heads=heads, choices=choices,
+                                    granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,
+                                    shuffle_seed=shuffle_seed, clamp=clamp, checkpoint_every=checkpoint_every,
+                                    objective=objective, limit=limit, **method_options)
     device = str(device_of(device))  # cpu, or a CUDA device that exists: a typed error before anything (hp35 E57)
-    config = AdaptConfig(granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,
-                         seed=shuffle_seed, clamp=tuple(clamp) if clamp is not None else None,
-                         checkpoint_every=checkpoint_every, objective=objective)
-    problems = config.problems()
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        problems.append(f"limit must be an integer >= 1, got {limit!r} (the examples used of each data file)")
-    if problems:
-        raise ConfigError(problems)
-    m = as_method(method, method_options)
-    if not exposes_task_vectors(m):
-        collect_task_vectors(base, models, m)  # the error naming the method, before anything is read
-    from ..methods.base import check_models
-
-    if not isinstance(models, (str, os.PathLike, Mapping)):  # (a single path is said below, as merge says it)
-        problems = check_models(m, len(models))  # per-model values of the wrong count, as merge refuses them: 3
-        if problems:  # densities for 2 models was "a bug in tiesmerge", --weights 5 a changed result (hp43 c44, c45)
-            raise ConfigError(problems)
-    _check_data_list(data)
-    if len(data) != len(models):
-        raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
-                          hint="give one unlabeled data file per model, in the models' order")
     checkpoint, created = check_adapt_outputs(base, models, data, output=output, force=force, checkpoint=checkpoint,
                                               resume=resume, create=True, method=m)
     try:
@@ -372,12 +396,6 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
         check_labels(heads or {}, "heads", "class descriptions", task_data, every_task=forward == "encoder")
     if choices is not None:
         check_labels(choices, "choices", "answer choices", task_data, every_task=False)
-    # a file the forward never reads: accepted, unused, and recorded in the manifest as if it had been (hp42 D60)
-    for given, flag, needs in ((heads, "heads", "encoder"), (choices, "choices", "choice")):
-        if given is not None and forward != needs:
-            shown = forward if isinstance(forward, str) else type(forward).__name__
-            raise ConfigError(f"--{flag} applies to --forward {needs}, and the forward is {shown}: it would not be "
-                              "read", hint=f"add --forward {needs}, or leave --{flag} out")
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     if isinstance(forward, str):

@@ -133,7 +133,7 @@ def _json_mapping(path: str | None, what: str) -> dict[str, list[str]] | None:
 
 def cmd_adapt(args: argparse.Namespace) -> int:
     from ..adamerging import adapt, describe_adapt  # torch: imported by the command that runs
-    from ..adamerging.run import check_adapt_outputs, default_checkpoint
+    from ..adamerging.run import check_adapt_outputs, check_adapt_request, default_checkpoint
     from ..registry import make_method
     from .commands import check_memory_budget
 
@@ -148,6 +148,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                           hint="leave --lam out; --init sets where the coefficients start, --clamp bounds them")
     method = make_method(args.method, options)
     if args.dry_run:
+        # the checks a run makes before reading anything (hp45 c06: a dry run passed what the run refuses at once)
+        check_adapt_request(args.base, args.models, args.data, method, forward=args.forward,
+                            heads=_json_mapping(args.heads, "the heads"),
+                            choices=_json_mapping(args.choices, "the choices"), granularity=args.granularity,
+                            steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init,
+                            shuffle_seed=args.shuffle_seed, clamp=tuple(args.clamp) if args.clamp else None,
+                            checkpoint_every=args.checkpoint_every, objective=args.objective, limit=args.limit)
         if args.output:  # the checks a real run makes before any work (nothing is created), refused as a run would be
             check_adapt_outputs(args.base, args.models, args.data, output=args.output, force=args.force,
                                 checkpoint=args.checkpoint, resume=args.resume, method=method)
