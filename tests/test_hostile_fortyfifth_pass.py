@@ -720,3 +720,129 @@ def test_an_adapt_dry_run_refuses_what_the_run_refuses_before_its_work(classifie
     rc, out, err = run_cli(argv, capsys)
     assert rc == 2 and re.search(said, err), err
     assert "coefficients" not in out
+
+
+# ------------------------------------------------------------------ tune side, the later cases (pass 45b)
+class _SlotFloat(float):
+    __slots__ = ("sign",)
+
+
+class _SignedBytes(bytearray):
+    pass
+
+
+class _SignedComplex(complex):
+    pass
+
+
+class _SignedPath(type(__import__("pathlib").PurePosixPath())):
+    pass
+
+
+@pytest.mark.parametrize("make", [lambda: _SlotFloat(1.0), lambda: _SignedBytes(b"x"), lambda: _SignedComplex(1),
+                                  lambda: _SignedPath("a")], ids=["slots_float", "bytearray", "complex", "path"])
+def test_a_value_subclass_carrying_a_setting_is_digested_with_it(make):
+    """hp45 c32: a float subclass whose __slots__ hold ``sign``, a bytearray, complex or PurePosixPath subclass with a
+    ``.sign``: the digest read the value only, so a search resumed with sign -1 reused the +1 run's scores."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def evaluator(sign):
+        held = make()
+        held.sign = sign
+
+        def score(state):
+            return float(held.sign)
+        return score
+
+    assert evaluator_state(evaluator(1)) == evaluator_state(evaluator(1))
+    assert evaluator_state(evaluator(1)) != evaluator_state(evaluator(-1))
+
+
+def test_an_evaluator_module_that_changes_torchs_defaults_at_import_is_put_back(tmp_path, monkeypatch, capsys):
+    """hp45 c35: an evaluator module calling torch.set_default_device("meta") as it is imported (not in a call) made
+    the merges fail as "unexpected RuntimeError: Tensor.item() cannot be called on meta tensors ... a bug in
+    tiesmerge": the guard restored the defaults around calls only."""
+    from tiesmerge.cli.main import main
+
+    base, a, b = _family_dirs(tmp_path)
+    (tmp_path / "meta_eval.py").write_text("import torch\ntorch.set_default_device('meta')\n"
+                                           "torch.set_default_dtype(torch.float64)\n"
+                                           "def score(state):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert main(["tune", "--base", base, "--model", a, "--model", b, "--evaluator", "meta_eval:score",
+                     "--grid", "density=0.2", "--grid", "lam=1.0", "-o", str(tmp_path / "out")]) == 0
+        assert "meta_eval:score's module changed torch's default device or dtype" in capsys.readouterr().err
+        assert torch.get_default_device() == torch.device("cpu") and torch.get_default_dtype() == torch.float32
+    finally:
+        torch.set_default_device(None)
+        torch.set_default_dtype(torch.float32)
+
+
+def test_an_evaluator_file_shadowed_by_a_module_python_has_is_said(tmp_path, monkeypatch, capsys):
+    """hp45 c14: ``--evaluator json:score`` with a json.py in the working folder: "cannot load it (AttributeError:
+    module 'json' has no attribute 'score') / hint: the module must be importable from here (run from its folder
+    ...)": the user was in its folder. The message says the standard module shadows the file, and to rename it."""
+    from tiesmerge.cli.main import main
+
+    base, a, b = _family_dirs(tmp_path)
+    (tmp_path / "json.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "--base", base, "--model", a, "--model", b, "--evaluator", "json:score",
+                 "--grid", "density=0.2", "--grid", "lam=1.0"]) == 2
+    err = capsys.readouterr().err
+    assert "json.py in the working folder is shadowed by the module 'json'" in err
+    assert "rename your file (e.g. my_json.py) and pass --evaluator my_json:score" in err
+
+
+def test_task_names_holding_dollars_are_drawn_as_written(tmp_path):
+    """hp45 c39: adapt --task-names '$x^{$' y ran every step, then failed as "unexpected ValueError ... a bug in
+    tiesmerge" drawing the coefficients' heat map (matplotlib's mathtext), and wrote nothing."""
+    from test_adapt_hostile import _forward, _setup
+
+    base, fts, files = _setup(tmp_path)
+    out = tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, tasks=["$x^{$", "$\\frac{a b"],
+                          output=tmp_path / "out").output
+    assert (out / "adamerging_coefficients.png").is_file() and (out / "adamerging_entropy.png").is_file()
+
+
+def test_a_sentence_transformers_pooling_changed_between_runs_is_another_search(tmp_path, bert_tokenizer):
+    """hp45 c46: a search with encoder-accuracy on a sentence-transformers folder resumed silently after its
+    1_Pooling/config.json switched from mean to CLS pooling (the scores differ: 0.4667 and 0.5167). The modules'
+    settings count among the base's files."""
+    from test_hostile_fortysecond_pass import _encoder_dir
+    from tiesmerge.tuning.driver import weights_stamp
+
+    model = _encoder_dir(tmp_path, bert_tokenizer)
+    (model / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (model / "1_Pooling").mkdir()
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    before = weights_stamp([model])
+    (model / "checkpoint-5").mkdir()  # a trainer's folder beside it changes nothing
+    (model / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    assert weights_stamp([model]) == before
+    (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert weights_stamp([model]) != before
+
+
+def test_a_tokenizer_rewritten_during_tunes_last_evaluation_stops_it(tmp_path):
+    """hp45 c70: as c18, with the base's tokenizer.json rewritten (a token added) at the last evaluation: tune -o wrote
+    a tokenizer the scored candidates never had."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.tuning import tune
+
+    base, a, b = _family_dirs(tmp_path)
+    (tmp_path / "base" / "tokenizer.json").write_text('{"added_tokens": []}')
+    calls = []
+
+    def evaluate(state):
+        calls.append(1)
+        if len(calls) == 2:
+            (tmp_path / "base" / "tokenizer.json").write_text('{"added_tokens": ["[EVIL]"]}')
+        return 1.0
+
+    with pytest.raises(CheckpointError, match=r"base: the base changed while the search ran"):
+        tune(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5), "lam": (1.0,)})

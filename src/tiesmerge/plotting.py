@@ -46,6 +46,12 @@ def pyplot(purpose: str, *, required: bool = True) -> Any:
     return plt
 
 
+def plain(text: str) -> str:
+    """A user's text (a task name, a model's path, a tensor's name) drawn as it is: matplotlib reads ``$...$`` as
+    mathtext, and a name such as ``$x^{$`` failed to draw after a whole adapt run (hp45 c39)."""
+    return str(text).replace("$", r"\$")
+
+
 # matplotlib's settings file, looked up in the working folder first when matplotlib is imported
 SETTINGS_FILE = "matplotlibrc"
 

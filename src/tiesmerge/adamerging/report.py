@@ -10,7 +10,7 @@ from typing import Any
 
 from ..lazy import torch
 from ..paths import write_file
-from ..plotting import pyplot
+from ..plotting import plain, pyplot
 from .learn import History
 
 __all__ = ["COEFFICIENTS_JSON", "COEFFICIENTS_PNG", "ENTROPY_JSON", "ENTROPY_PNG", "coefficients_record",
@@ -67,7 +67,7 @@ def write_report(directory: Path, coefficients: torch.Tensor, tasks: Sequence[st
     c = coefficients.float().numpy()
     fig, ax = plt.subplots(figsize=(min(16, 3 + 0.08 * c.shape[1]), 1.2 + 0.35 * len(tasks)))
     im = ax.imshow(c, aspect="auto", cmap="viridis", interpolation="nearest")
-    ax.set_yticks(range(len(tasks)), list(tasks))
+    ax.set_yticks(range(len(tasks)), [plain(task) for task in tasks])
     ax.set_xlabel("parameter tensor (checkpoint order)" if granularity == "layer" else "all tensors")
     ax.set_title(f"AdaMerging coefficients ({granularity}-wise)")
     fig.colorbar(im, ax=ax, label="coefficient")
@@ -77,7 +77,7 @@ def write_report(directory: Path, coefficients: torch.Tensor, tasks: Sequence[st
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = range(1, len(history.entropy) + 1)
     for i, task in enumerate(history.tasks):
-        ax.plot(steps, [row[i] for row in history.entropy], lw=0.8, alpha=0.6, label=task)
+        ax.plot(steps, [row[i] for row in history.entropy], lw=0.8, alpha=0.6, label=plain(task))
     ax.plot(steps, history.mean(), color="black", lw=1.6, label="mean")
     ax.set_xlabel("step")
     ax.set_ylabel("entropy (nats)")

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..io.writer import atomic_directory
 from ..paths import undecodable_as_bytes
-from ..plotting import html_figure, html_page, html_table, png, pyplot
+from ..plotting import html_figure, html_page, html_table, plain, png, pyplot
 from .summary import percent
 
 __all__ = ["write_report", "render_html", "FIGURES"]
@@ -81,7 +81,7 @@ def _plot_layers(plt, data: dict) -> bytes | None:
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(modules) + 3), max(3, 0.3 * len(bands) + 2)))
     image = ax.imshow(grid, aspect="auto", cmap="magma")
     ax.set_xticks(range(len(modules)))
-    ax.set_xticklabels([m.split("*.", 1)[-1][:40] for m in modules], rotation=60, ha="right", fontsize=7)
+    ax.set_xticklabels([plain(m.split("*.", 1)[-1][:40]) for m in modules], rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(bands)))
     ax.set_yticklabels([str(b[0]) if len(b) == 1 else f"{b[0]}–{b[-1]}" for b in bands], fontsize=7)
     ax.set_ylabel("layer" if band == 1 else f"layers ({band} per row)")
@@ -150,6 +150,7 @@ def _plot_magnitudes(plt, data: dict) -> bytes:
 
 
 def render_figures(data: dict, labels: list[str]) -> dict[str, bytes]:
+    labels = [plain(label) for label in labels]  # drawn as written, never as mathtext (hp45 c39)
     plt = _pyplot()
     figures = {"sign_conflicts.png": _plot_conflicts(plt, data), "conflicts_by_layer.png": _plot_layers(plt, data),
                "redundancy.png": _plot_redundancy(plt, data, labels), "overlap.png": _plot_overlap(plt, data, labels),

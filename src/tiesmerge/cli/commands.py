@@ -41,8 +41,16 @@ def _load_callable(spec: str):
         # last, so a module in the current directory can be named but never shadows an installed one (a
         # matplotlib.py or scipy.py lying there would otherwise run when the search imports the real one)
         sys.path.append(str(Path.cwd()))
+    import torch  # noqa: F401 - loaded first, so its defaults before the module's import are known
+
+    from ..tuning.evaluator import restore_torch_defaults, torch_defaults_now
+
+    before = torch_defaults_now()
     try:
-        return getattr(importlib.import_module(module), name)
+        try:
+            return getattr(importlib.import_module(module), name)
+        finally:  # a module that sets torch's default device or dtype as it is imported: put back, said (hp45 c35)
+            restore_torch_defaults(before, f"--evaluator {spec}'s module", when="after its import")
     except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
         from ..evaluation.builtin import BUILTIN_EVALUATORS
 
@@ -50,6 +58,16 @@ def _load_callable(spec: str):
         if "-" in module:  # no Python module has a hyphen: a built-in's name, mistyped
             raise ConfigError(f"--evaluator {spec!r}: {module!r} is not a built-in evaluator (they are {builtins})",
                               hint="e.g. --evaluator classifier-accuracy:val.jsonl") from None
+        loaded = getattr(sys.modules.get(module.split(".")[0]), "__file__", None)
+        mine = Path.cwd() / f"{module.split('.')[0]}.py"
+        if mine.is_file() and (loaded is None or Path(loaded).resolve() != mine.resolve()):
+            # the working folder comes last on the path, so an installed module of the same name wins (hp45 c14)
+            raise ConfigError(f"--evaluator {spec!r}: {mine.name} in the working folder is shadowed by the module "
+                              f"{module.split('.')[0]!r} Python has already"
+                              + (f" ({loaded})" if loaded else " (built in)")
+                              + f", which has no {name!r}",
+                              hint=f"rename your file (e.g. my_{mine.name}) and pass --evaluator "
+                                   f"my_{module}:{name}") from None
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})",
                           hint=f"the module must be importable from here (run from its folder, or add that folder to "
                                f"PYTHONPATH) and define {name!r}; or name a built-in ({builtins}) as NAME:FILE"

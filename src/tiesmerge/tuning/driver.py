@@ -9,6 +9,7 @@ repeats until the strategy is done. The best candidate is the first with the hig
 from __future__ import annotations
 
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -205,6 +206,10 @@ def weights_stamp(sources: Sequence[Any]) -> str:
         path = Path(source)
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".json", ".bin", ".pt", ".pth")
                        or p.name in MODEL_FILES or p.name.endswith(MODEL_SUFFIXES)) if path.is_dir() else [path]
+        if path.is_dir() and (path / "modules.json").is_file():  # a sentence-transformers folder: its modules'
+            # settings (1_Pooling/config.json: mean or CLS) decide the encoder's scores too (hp45 c46)
+            files += sorted(p for sub in path.iterdir() if re.fullmatch(r"[0-9]+_\w+", sub.name) and sub.is_dir()
+                            for p in sub.iterdir() if p.suffix == ".json")
         try:  # safetensors headers only: which files hold the weights. Never a pickle: the suffixes above list those
             checkpoint = open_checkpoint(path, allow_pickle=False)
         except Exception:  # noqa: BLE001 - not openable so: the merge names any problem; the folder's files count

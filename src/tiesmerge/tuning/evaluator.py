@@ -56,7 +56,7 @@ class GuardedEvaluator:
     def __call__(self, state: Mapping[str, Any]) -> float:
         cwd = _working_folder()
         umask = _current_umask()
-        torch_defaults = _torch_defaults()
+        torch_defaults = torch_defaults_now()
         try:
             score = self.evaluate(state)
         except (TiesMergeError, KeyboardInterrupt):  # ours already say what is wrong; Ctrl-C stays Ctrl-C
@@ -73,7 +73,7 @@ class GuardedEvaluator:
         finally:
             _restore_working_folder(cwd, self.label)
             _restore_umask(umask, self.label)
-            _restore_torch_defaults(torch_defaults, self.label)
+            restore_torch_defaults(torch_defaults, self.label)
         score = _detached(score)
         if isinstance(score, (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
                 not _is_scalar(score):  # numpy.str_ is a 0-d str that float() reads: no score (hp41 C56)
@@ -152,7 +152,7 @@ def _restore_working_folder(cwd: str | None, label: str) -> None:
                                "after each call, since the command's paths are relative to it")
 
 
-def _torch_defaults() -> tuple[Any, Any] | None:
+def torch_defaults_now() -> tuple[Any, Any] | None:
     """torch's default device and dtype, where torch is loaded (an evaluator that never imports it changes neither)."""
     import sys
 
@@ -162,10 +162,10 @@ def _torch_defaults() -> tuple[Any, Any] | None:
     return torch.get_default_device(), torch.get_default_dtype()
 
 
-def _restore_torch_defaults(before: tuple[Any, Any] | None, label: str) -> None:
+def restore_torch_defaults(before: tuple[Any, Any] | None, label: str, when: str = "after each call") -> None:
     """An evaluator that sets torch's default device (torch.set_default_device("meta"), a harness's "cuda") or dtype
     is put back too: the next merge made its tensors there, and failed as "a bug in tiesmerge" (hp42 D16)."""
-    now = _torch_defaults()
+    now = torch_defaults_now()
     if before is None or now is None or now == before:
         return
     import torch
@@ -173,8 +173,8 @@ def _restore_torch_defaults(before: tuple[Any, Any] | None, label: str) -> None:
     torch.set_default_device(None if before[0] == torch.device("cpu") else before[0])
     torch.set_default_dtype(before[1])
     _said_once(("torch defaults", label), f"{label} changed torch's default device or dtype (to {now[0]}, "
-                                          f"{now[1]}); tiesmerge set them back to {before[0]}, {before[1]} after "
-                                          "each call, since the merges make their tensors with them")
+                                          f"{now[1]}); tiesmerge set them back to {before[0]}, {before[1]} {when}, "
+                                          "since the merges make their tensors with them")
 
 
 def _said_once(key: tuple[str, str], message: str, stacklevel: int = 4) -> None:

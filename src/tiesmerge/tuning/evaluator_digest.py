@@ -306,13 +306,34 @@ def _feed(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
         return
     try:
         _feed_value(digest, value, depth=depth, budget=budget)
-        if _type_text(type(value), "__module__") != "builtins" and _is(value, (list, tuple, dict, set, frozenset, int,
-                                                                               float, str, bytes)) and _has_dict(value):
-            # a subclass of a builtin with attributes of its own (class Cfg(list) with a .sign): read them too, the
-            # base type's reading leaves them out (hp44 c34)
-            _feed(digest, _instance_dict(value), depth=depth + 1, budget=budget)
+        if _is_value_subclass(value):
+            # a subclass of a value type with attributes of its own (class Cfg(list) with a .sign, a float subclass
+            # whose __slots__ hold one): read them too, the base type's reading leaves them out (hp44 c34, hp45 c32)
+            attributes = _instance_dict(value)
+            if attributes:
+                _feed(digest, attributes, depth=depth + 1, budget=budget)
+            for slot in _slots(type(value)):
+                held = _slot(value, slot)
+                if held is not _NONE:
+                    _feed(digest, [slot, held], depth=depth + 1, budget=budget)
     except Exception:  # noqa: BLE001 - a user's type whose own methods raise: counted by its type
         digest.update(b"<unreadable " + _qualified(type(value)).encode("utf-8", "surrogatepass") + b">")
+
+
+def _is_value_subclass(value: Any) -> bool:
+    """An instance of a user's subclass of a type the digest reads by its value (a number, text, bytes, a container,
+    a path, a tensor or an array), whose own attributes that reading leaves out."""
+    import decimal
+    import fractions
+    import pathlib
+
+    import numpy as np
+
+    module = _type_text(type(value), "__module__")
+    if module == "builtins" or module.split(".")[0] in ("pathlib", "decimal", "fractions", "numpy", "torch", "enum"):
+        return False
+    return _is(value, (list, tuple, dict, set, frozenset, int, float, complex, str, bytes, bytearray,
+                       pathlib.PurePath, decimal.Decimal, fractions.Fraction, torch.Tensor, np.ndarray))
 
 
 def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
