@@ -846,3 +846,25 @@ def test_a_tokenizer_rewritten_during_tunes_last_evaluation_stops_it(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"base: the base changed while the search ran"):
         tune(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5), "lam": (1.0,)})
+
+
+def test_under_a_tight_address_space_the_kernels_run_on_one_thread(tmp_path, monkeypatch):
+    """hp45 c41, c48: a 3 x 128 MB merge under ``ulimit -v 500000`` hung in numba's count kernel (SIGTERM unheeded),
+    and through the API libgomp ended the caller's process ("Thread creation failed", exit 1, no exception, the
+    temporary folder left). Below 2 GiB of address space the kernels and torch run on one thread, which starts none;
+    the merge is the same, and the thread counts are put back."""
+    from tiesmerge.engine import fused
+
+    base, a, b = _family_dirs(tmp_path)
+    wide = tiesmerge.merge(base, [a, b])
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(fused, "address_space_limit", lambda: 500_000 << 10)
+    with fused.one_thread_when_tight():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == threads
+    tight = tiesmerge.merge(base, [a, b])
+    assert all(torch.equal(wide[k], tight[k]) for k in wide)
+    assert torch.get_num_threads() == threads
+    monkeypatch.setattr(fused, "address_space_limit", lambda: None)
+    with fused.one_thread_when_tight():
+        assert torch.get_num_threads() == threads

@@ -384,7 +384,7 @@ class Executor:
         if self.reader.raw_wanted and fused.load() is None:  # numba installed but not importable: torch
             self.reader.raw_wanted = self._fused_merge = False
             self.stats.engine = "torch"
-        with fused.torch_threads_kept(), self.reader.reading(), \
+        with fused.torch_threads_kept(), fused.one_thread_when_tight(), self.reader.reading(), \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiesmerge-write") as writer:
             self._writer, self._pending_write = writer, None
             try:

@@ -56,6 +56,46 @@ def torch_threads_kept() -> Iterator[None]:
             module.set_num_threads(want)
 
 
+# Below this address-space limit (ulimit -v), the kernels and torch run on one thread: each thread reserves its stack
+# and a malloc arena of addresses, and libgomp ends the whole process (exit 1, no exception) when it cannot start one,
+# or numba's pool waits forever (hp45 c41, c48: a 3 x 128 MB merge under ulimit -v 500000). 2 GiB leaves torch (about
+# 650 MiB of addresses) and a merge's buffers room; above it threads are started as usual.
+TIGHT_ADDRESS_SPACE = 2 << 30
+
+
+def address_space_limit() -> int | None:
+    """The process's soft address-space limit in bytes, None where there is none."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+
+
+@contextmanager
+def one_thread_when_tight() -> Iterator[None]:
+    """The merge's kernels (numba's) and torch's intra-op work on one thread while the address-space limit is below
+    TIGHT_ADDRESS_SPACE; the counts as they were afterwards."""
+    limit = address_space_limit()
+    if limit is None or limit >= TIGHT_ADDRESS_SPACE:
+        yield
+        return
+    torch = sys.modules.get("torch")
+    numba = sys.modules.get("numba")
+    before = (torch.get_num_threads() if torch is not None else None,
+              numba.get_num_threads() if numba is not None and hasattr(numba, "get_num_threads") else None)
+    if torch is not None:
+        torch.set_num_threads(1)
+    if before[1] is not None:
+        numba.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch is not None and before[0] is not None:
+            torch.set_num_threads(before[0])
+        if before[1] is not None:
+            numba.set_num_threads(before[1])
+
+
 def available() -> bool:
     """True when numba is installed and TIESMERGE_KERNELS is not "0" (the switch lets a benchmark
     time the torch path on the same machine). Does not import numba."""
