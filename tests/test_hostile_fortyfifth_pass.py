@@ -868,3 +868,71 @@ def test_under_a_tight_address_space_the_kernels_run_on_one_thread(tmp_path, mon
     monkeypatch.setattr(fused, "address_space_limit", lambda: None)
     with fused.one_thread_when_tight():
         assert torch.get_num_threads() == threads
+
+
+def test_functions_and_partials_in_a_list_are_digested_by_what_they_were_built_with():
+    """hp45 c74: a closure holding ``[functools.partial(acc, threshold=th)]`` (or a default tuple of such partials)
+    had the same digest for th 0.5 and 0.9: inside a list a partial was read as an object, its arguments left out."""
+    import functools
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def accuracy(state, threshold):
+        return threshold
+
+    def make(threshold, how):
+        metrics = [functools.partial(accuracy, threshold=threshold)] if how == "partial" else \
+            [(lambda state, t=threshold: t)]
+
+        def score(state):
+            return metrics[0](state)
+        return score
+
+    for how in ("partial", "lambda"):
+        assert evaluator_state(make(0.5, how)) == evaluator_state(make(0.5, how))
+        assert evaluator_state(make(0.5, how)) != evaluator_state(make(0.9, how))
+
+
+def test_adapts_label_past_a_rows_own_choices_is_refused_before_the_first_step(tmp_path):
+    """hp45 c78: adapt --forward choice --objective cross_entropy with rows of 3 and 2 choices, the 2-choice row
+    labelled 2: "unexpected IndexError: Target 2 is out of bounds ... a bug in tiesmerge" in the first step (the
+    check used the task's largest choice count)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from test_hostile_fortieth_pass_evaluators import _llama
+    from tiesmerge.errors import ConfigError
+
+    _llama(tmp_path / "base")
+    for name, factor in (("m1", 1.01), ("m2", 0.99)):
+        shutil.copytree(tmp_path / "base", tmp_path / name)
+        weights = load_file(str(tmp_path / name / "model.safetensors"))
+        save_file({k: v * factor for k, v in weights.items()}, str(tmp_path / name / "model.safetensors"),
+                  metadata={"format": "pt"})
+    rows = [{"text": "the cat", "choices": ["sat", "ran", "on"], "label": 0},
+            {"text": "the dog", "choices": ["sat", "ran"], "label": 2}]
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"example 2's label 2 is past its own 2 choices \(0 \.\. 1\)"):
+        tiesmerge.adapt(tmp_path / "base", [tmp_path / "m1", tmp_path / "m2"], [data, data], forward="choice",
+                        objective="cross_entropy", steps=1, tasks=["a", "b"])
+
+
+@pytest.mark.parametrize("first, other", [
+    (lambda: __import__("re").compile("a"), lambda: __import__("re").compile("a", __import__("re").I)),
+    (lambda: __import__("datetime").date(2020, 1, 1), lambda: __import__("datetime").date(2020, 1, 2)),
+    (lambda: __import__("datetime").timedelta(1), lambda: __import__("datetime").timedelta(2))],
+    ids=["pattern", "date", "timedelta"])
+def test_a_pattern_or_a_date_in_a_closure_is_digested(first, other):
+    """hp45 c03 (its later part): a compiled pattern, a date or a duration held in an evaluator's closure was neither
+    digested nor warned of."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def make(value):
+        def score(state):
+            return float(bool(value))
+        return score
+
+    assert evaluator_state(make(first())) == evaluator_state(make(first()))
+    assert evaluator_state(make(first())) != evaluator_state(make(other()))

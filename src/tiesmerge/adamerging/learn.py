@@ -550,6 +550,12 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
         with torch.no_grad():
             params = merger.params(lam)
             for task in tasks:
+                for k, row in enumerate(data[task]):  # a row's own choices bound its label (hp45 c78: an IndexError
+                    own = row.get("choices") if isinstance(row, Mapping) else None  # in the first step)
+                    if isinstance(own, list) and int(row["label"]) >= len(own):
+                        raise ConfigError(f"task {task!r}: example {k + 1}'s label {row['label']} is past its own "
+                                          f"{len(own)} choices (0 .. {len(own) - 1})",
+                                          hint="labels are indices into the row's choices, from 0")
                 classes = logits(forward, forward.encode(list(data[task][:1]), task), task, params).shape[-1]
                 worst = max(int(row["label"]) for row in data[task])
                 if worst >= classes:

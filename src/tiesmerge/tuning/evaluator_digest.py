@@ -275,9 +275,11 @@ def _is_data(value: Any) -> bool:
     array.array resumed over other data silently): a setting, digested by what it holds."""
     import array
     import collections
+    import datetime
+    import re
 
-    if _is(value, (collections.deque, array.array)):
-        return True
+    if _is(value, (collections.deque, array.array, re.Pattern, datetime.date, datetime.time, datetime.timedelta)):
+        return True  # (hp45 c03: a compiled pattern, a date or a duration in a closure resumed silently)
     module = _type_text(type(value), "__module__")
     return module.split(".")[0] in ("pandas", "datasets") or module.startswith("torch.utils.data")
 
@@ -399,7 +401,12 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
             digest.update(np.ascontiguousarray(value).view(np.uint8).tobytes())
     elif _is(value, np.generic):  # np.int64, np.datetime64, ...: its bytes
         digest.update(f"np{value.dtype.str}:".encode() + np.asarray(value).tobytes())
-    elif _is_function(value) or _is_class(value) or _is_builtin(value):
+    elif _is(value, functools.partial) or _is_function(value) or _is_method(value):
+        # a partial, function or bound method held in a list or a dict (a list of metrics): by its name and what it
+        # was built with, as one held directly (hp45 c74: a partial was read as an object, its arguments left out)
+        digest.update(_qualified(value).encode("utf-8", "surrogatepass"))
+        _feed(digest, _built_with(value, depth=0, objects=[]), depth=depth + 1, budget=budget)
+    elif _is_class(value) or _is_builtin(value):
         digest.update(_qualified(value).encode("utf-8", "surrogatepass"))
     elif _is_module(value):
         digest.update(str(value.__name__).encode("utf-8", "surrogatepass"))
@@ -471,8 +478,15 @@ def _feed_data(digest: Any, value: Any, *, depth: int, budget: list[int]) -> Non
     DataLoader's dataset and batching (not its iterator, which changes as it is used)."""
     import array
     import collections
+    import datetime
+    import re
 
-    if _is(value, collections.deque):
+    if _is(value, re.Pattern):  # a final type: its own pattern and flags
+        _feed(digest, [value.pattern, value.flags], depth=depth + 1, budget=budget)
+    elif _is(value, (datetime.date, datetime.time, datetime.timedelta)):  # the C type's own state, never a subclass's
+        kind = next(k for k in (datetime.datetime, datetime.date, datetime.time, datetime.timedelta) if _is(value, k))
+        _feed(digest, list(kind.__reduce__(value)[1]), depth=depth + 1, budget=budget)
+    elif _is(value, collections.deque):
         _feed(digest, list(itertools.islice(collections.deque.__iter__(value), budget[1] + 1)), depth=depth + 1,
               budget=budget)
     elif _is(value, array.array):
