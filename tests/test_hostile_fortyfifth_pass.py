@@ -936,3 +936,33 @@ def test_a_pattern_or_a_date_in_a_closure_is_digested(first, other):
 
     assert evaluator_state(make(first())) == evaluator_state(make(first()))
     assert evaluator_state(make(first())) != evaluator_state(make(other()))
+
+
+def test_an_adapt_checkpoint_another_run_replaces_stops_this_run(tmp_path):
+    """hp45 c66: two adapt runs on one -o at once both wrote o.adapt-checkpoint.safetensors for 28 s; the first wrote
+    the output and said "--resume continues from it", but the checkpoint was the second's, whose refusal came only
+    at its end. A run finding its checkpoint replaced by another stops at its next save, before its merge."""
+    import shutil
+
+    from test_adapt_hostile import _encode, _net, _setup
+    from tiesmerge.errors import OutputError
+    from tiesmerge.evaluation.forward import FunctionLogits
+
+    base, fts, files = _setup(tmp_path)
+    ck = tmp_path / "ck.safetensors"
+    calls = []
+
+    def logits(module, batch, task):
+        calls.append(1)
+        if len(calls) == 5 and ck.exists():  # another run's save: a new file renamed over it
+            shutil.copy(ck, tmp_path / "other.safetensors")
+            os.replace(tmp_path / "other.safetensors", ck)
+        return module(batch)
+
+    with pytest.raises(OutputError, match=r"ck\.safetensors: the checkpoint was replaced by another process"):
+        tiesmerge.adapt(base, fts, files, forward=FunctionLogits(_net(), logits, encode=_encode), steps=6,
+                        checkpoint=ck, checkpoint_every=1, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # alone, the same run saves at every step and ends
+    tiesmerge.adapt(base, fts, files, forward=FunctionLogits(_net(), lambda m, b, task: m(b), encode=_encode),
+                    steps=3, checkpoint=tmp_path / "ck2.safetensors", checkpoint_every=1)

@@ -456,6 +456,15 @@ def is_checkpoint(path: Path) -> bool:
     return True
 
 
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime in ns) of ``path``, not following a link; None where there is nothing."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _save(path: Path, state: dict) -> None:
     from safetensors.torch import save_file
 
@@ -538,12 +547,22 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     every = config.checkpoint_every or max(1, math.ceil(max(len(r) for r in data.values()) / config.batch_size))
     seconds = {"steps": 0.0, "checkpoints": 0.0}
 
+    written = [_file_stamp(path) if path is not None else None]  # the checkpoint as this run last left it
+
     def save(step: int) -> None:
         if path is None:
             return
         clock = time.perf_counter()
+        if _file_stamp(path) != written[0]:  # another run writes it too (hp45 c66: two runs on one -o, each
+            from ..errors import OutputError  # replacing the other's checkpoint, the survivor's --resume refused)
+
+            raise OutputError(f"{path}: the checkpoint was replaced by another process since this run wrote it "
+                              "(another adapt run with the same output or --checkpoint?)",
+                              hint="let one run use it: give each run its own -o (or --checkpoint); this run "
+                                   "stops here, before its merge")
         _save(path, {"fingerprint": fingerprint, "step": step, "coefficients": lam.detach().cpu(),
                      "optimizer": optimizer.state_dict(), "entropy": history.entropy, "config": asdict(config)})
+        written[0] = _file_stamp(path)
         seconds["checkpoints"] += time.perf_counter() - clock
 
     if config.objective == "cross_entropy":  # every label against its task's classes, before the first step
