@@ -966,3 +966,29 @@ def test_an_adapt_checkpoint_another_run_replaces_stops_this_run(tmp_path):
     # alone, the same run saves at every step and ends
     tiesmerge.adapt(base, fts, files, forward=FunctionLogits(_net(), lambda m, b, task: m(b), encode=_encode),
                     steps=3, checkpoint=tmp_path / "ck2.safetensors", checkpoint_every=1)
+
+
+@pytest.mark.parametrize("case", ["dense", "fifo"])
+def test_sentence_transformers_settings_the_encoder_cannot_follow_are_said(tmp_path, bert_tokenizer, case):
+    """hp45 c34: a sentence-transformers folder of Transformer -> Pooling -> Dense -> Normalize was scored without its
+    Dense, no word; c61: one whose 1_Pooling/config.json is a FIFO was scored with mean pooling, no word."""
+    from test_hostile_fortysecond_pass import _encoder_dir
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.encoder import pooling_of
+
+    model = _encoder_dir(tmp_path, bert_tokenizer)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if case == "dense":
+        modules += [{"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+                    {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (model / "modules.json").write_text(json.dumps(modules))
+    (model / "1_Pooling").mkdir()
+    if case == "fifo":
+        os.mkfifo(model / "1_Pooling" / "config.json")
+        said = r"pooling settings cannot be read .*: it is scored with mean pooling"
+    else:
+        (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+        said = r"modules Dense are not applied by tiesmerge's encoder"
+    with pytest.warns(MergeWarning, match=said):
+        assert pooling_of(model) == "mean"

@@ -58,12 +58,24 @@ def pooling_of(directory: str | os.PathLike) -> str:
         modules = read_json(directory / "modules.json", "the sentence-transformers modules")
         entry = next((m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(".Pooling")),
                      None) if isinstance(modules, list) else None
+        # modules the encoder does not apply (a Dense projection after the pooling): said, not left out silently
+        # (hp45 c34: scored without the Dense, no word)
+        skipped = sorted({str(m.get("type", "?")).rsplit(".", 1)[-1][:60] for m in modules if isinstance(m, dict)
+                          and str(m.get("type", "")).rsplit(".", 1)[-1] not in ("Transformer", "Pooling", "Normalize")}
+                         ) if isinstance(modules, list) else []
+        if skipped:
+            warnings.warn(MergeWarning(f"{directory}: its sentence-transformers modules {', '.join(skipped[:5])} are "
+                                       "not applied by tiesmerge's encoder (transformer, pooling, normalization "
+                                       "only): its scores are of the embeddings before them"), stacklevel=3)
         if entry is None or not isinstance(entry.get("path"), str):
             return "mean"
         folder = inside(directory / entry["path"], directory, "the Pooling module's folder")
         config = read_json(folder / "config.json", "the Pooling module's config")
-    except (CheckpointError, OSError):
-        return "mean"  # unreadable: the encoder's own default, as a plain transformers folder
+    except (CheckpointError, OSError) as exc:  # unreadable: the encoder's own default, said (hp45 c61: a FIFO)
+        warnings.warn(MergeWarning(f"{directory}: its sentence-transformers pooling settings cannot be read "
+                                   f"({str(getattr(exc, 'message', exc))[:200]}): it is scored with mean pooling"),
+                      stacklevel=3)
+        return "mean"
     if not isinstance(config, dict):
         return "mean"
     modes = [m for m, key in (("cls", "pooling_mode_cls_token"), ("mean", "pooling_mode_mean_tokens"),
