@@ -992,3 +992,32 @@ def test_sentence_transformers_settings_the_encoder_cannot_follow_are_said(tmp_p
         said = r"modules Dense are not applied by tiesmerge's encoder"
     with pytest.warns(MergeWarning, match=said):
         assert pooling_of(model) == "mean"
+
+
+def test_mergekits_tokenizer_source_block_is_read_as_tokenizer_source():
+    """hp45 c37: mergekit's ``tokenizer: {source: base}`` (its newer spelling, which its own errors recommend) was
+    refused as "tokenizer surgery"; it is read as ``tokenizer_source: base``. Its other settings stay refused."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    recipe = {"merge_method": "ties", "base_model": "b", "models": [{"model": "m1", "parameters": {"weight": 1.0}}],
+              "parameters": {"density": 0.5}}
+    assert translate_mergekit({**recipe, "tokenizer": {"source": "base"}})[0] == \
+        translate_mergekit({**recipe, "tokenizer_source": "base"})[0]
+    with pytest.raises(ConfigError, match=r"tokenizer: is read only as \{source: base\}"):
+        translate_mergekit({**recipe, "tokenizer": {"source": "base", "tokens": {"<x>": {"source": "m1"}}}})
+    with pytest.raises(ConfigError, match=r"tokenizer\.source 'base' and tokenizer_source 'union' disagree"):
+        translate_mergekit({**recipe, "tokenizer": {"source": "base"}, "tokenizer_source": "union"})
+
+
+def test_dare_linear_without_rescale_is_read_at_density_1():
+    """hp45 c50: mergekit's dare_linear with ``rescale: false`` was refused, though at density 1 nothing is dropped
+    (the README lists rescale among the parameters read). Read there; below density 1 refused, saying why."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    recipe = {"merge_method": "dare_linear", "base_model": "b",
+              "models": [{"model": "m1", "parameters": {"weight": 0.5}}, {"model": "m2", "parameters": {"weight": 0.5}}]}
+    assert translate_mergekit({**recipe, "parameters": {"rescale": False}})[0] == translate_mergekit(recipe)[0]
+    with pytest.raises(ConfigError, match=r"rescale: false .* is not supported at density 0\.5"):
+        translate_mergekit({**recipe, "parameters": {"rescale": False, "density": 0.5}})

@@ -280,10 +280,21 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     Raises one ConfigError listing every unsupported key, method or value."""
     problems: list[str] = []
     warnings: list[str] = []
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, dict) and set(tokenizer) == {"source"} and tokenizer["source"] in ("base", "union"):
+        # mergekit's newer spelling of tokenizer_source (its own errors recommend it): read as that (hp45 c37)
+        if data.get("tokenizer_source") not in (None, tokenizer["source"]):
+            problems.append(f"tokenizer.source {tokenizer['source']!r} and tokenizer_source "
+                            f"{data['tokenizer_source']!r} disagree: give one")
+        data = {**{k: v for k, v in data.items() if k != "tokenizer"}, "tokenizer_source": tokenizer["source"]}
     for key in data:
         if key in _NOT_SUPPORTED_TOP and data[key] is None:  # mergekit's own default, as tools that dump it write
             continue
-        if key in _NOT_SUPPORTED_TOP:
+        if key == "tokenizer":  # a source of a model's tokenizer, added tokens, padding: what is not read
+            problems.append("tokenizer: is read only as {source: base} or {source: union} (tiesmerge copies the "
+                            "base's tokenizer or unites the models'); its other settings (tokens:, a model as "
+                            "source, pad_to_multiple_of) are not supported")
+        elif key in _NOT_SUPPORTED_TOP:
             problems.append(f"{_NOT_SUPPORTED_TOP[key]} is not supported")
         elif key not in _TOP_KEYS:
             problems.append(f"unknown mergekit key {key!r}")
@@ -562,10 +573,13 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
                         "model at one rate: give every model the same density (ties and breadcrumbs take one per "
                         "model)")
         return "", {}, ""
-    if not options.get("rescale", True):
-        problems.append(f"{method} with rescale: false (drop without rescaling) is not supported")
-        return "", {}, ""
     density = density_values[0] if density_values else 1.0
+    # at density 1 nothing is dropped, so nothing is rescaled: rescale: false is read there (hp45 c50: refused)
+    if not options.get("rescale", True) and density != 1:
+        problems.append(f"{method} with rescale: false (drop without rescaling) is not supported at density "
+                        f"{density}: tiesmerge's DARE rescales what it keeps by 1/density (rescale: true), and at "
+                        "density 1 the two agree")
+        return "", {}, ""
     if not 0 < density <= 1:
         problems.append(f"{method}: density {density} must be a fraction in (0, 1]")
         return "", {}, ""
