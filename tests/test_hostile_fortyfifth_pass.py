@@ -1017,7 +1017,25 @@ def test_dare_linear_without_rescale_is_read_at_density_1():
     from tiesmerge.recipe_mergekit import translate_mergekit
 
     recipe = {"merge_method": "dare_linear", "base_model": "b",
-              "models": [{"model": "m1", "parameters": {"weight": 0.5}}, {"model": "m2", "parameters": {"weight": 0.5}}]}
+              "models": [{"model": "m1", "parameters": {"weight": 0.5}},
+                         {"model": "m2", "parameters": {"weight": 0.5}}]}
     assert translate_mergekit({**recipe, "parameters": {"rescale": False}})[0] == translate_mergekit(recipe)[0]
     with pytest.raises(ConfigError, match=r"rescale: false .* is not supported at density 0\.5"):
         translate_mergekit({**recipe, "parameters": {"rescale": False, "density": 0.5}})
+
+
+def test_method_over_a_recipe_with_per_model_weights_leaves_them_out_when_it_takes_none(tmp_path, capsys):
+    """hp45 c35: ``--method slerp`` over a ties recipe whose models carry weights warned that density, lam and scope
+    were left out, then failed with "slerp: unknown option 'weights'" (the recipe has models[].weight, never
+    'weights'). A method that takes no weights leaves them out, said; one that does keeps them."""
+    from tiesmerge.cli.main import main
+
+    base, a, b = _family_dirs(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels:\n  - {{path: {a}, weight: 0.7}}\n"
+                      f"  - {{path: {b}, weight: 0.3}}\nparameters: {{density: 0.4}}\n")
+    assert main(["merge", str(recipe), "--method", "slerp", "-o", str(tmp_path / "o1")]) == 0
+    assert "--method slerp, which takes no weights, leaves out the recipe's per-model weight" in \
+        capsys.readouterr().err
+    assert main(["merge", str(recipe), "--method", "task_arithmetic", "-o", str(tmp_path / "o2")]) == 0
+    assert "per-model weight" not in capsys.readouterr().err

@@ -346,6 +346,9 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
                       f"({', '.join(terminal_safe(str(k)) for k in list(dropped)[:8])}) are that method's: they are "
                       "left out (give the new method's options as flags)", file=sys.stderr)
             data["parameters"] = {}  # the recipe's options belong to its own method
+            fields = {f.name for f in dataclasses.fields(method_class(args.method))}
+            if "weights" not in fields:  # the models' weights are an option of the old method too (hp45 c35:
+                _drop_per_model(data, "weight", f"--method {args.method}, which takes no weights,")  # "weights?")
         data["method"] = args.method
     data.setdefault("method", "ties")
     for key in ("dtype", "shard_size", "memory_budget", "device", "vocab_policy", "output_format", "rank"):
@@ -404,7 +407,8 @@ def _drop_per_model(data: dict[str, Any], key: str, flag: str) -> None:
     listed = data.get("models")
     if not isinstance(listed, list) or not any(isinstance(m, dict) and m.get(key) is not None for m in listed):
         return
-    print(f"warning: {flag} replaces the recipe's per-model {key}", file=sys.stderr)
+    print(f"warning: {flag} replaces the recipe's per-model {key}" if not flag.endswith(",") else
+          f"warning: {flag} leaves out the recipe's per-model {key}", file=sys.stderr)
     data["models"] = [{k: v for k, v in m.items() if k != key} if isinstance(m, dict) else m for m in listed]
 
 
