@@ -1039,3 +1039,22 @@ def test_method_over_a_recipe_with_per_model_weights_leaves_them_out_when_it_tak
         capsys.readouterr().err
     assert main(["merge", str(recipe), "--method", "task_arithmetic", "-o", str(tmp_path / "o2")]) == 0
     assert "per-model weight" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("code, raised", [("def score(state:\n", "SyntaxError"),
+                                          ("import sys\nsys.exit(0)\n", "SystemExit"),
+                                          ("import no_such_package_zz\n", "ModuleNotFoundError")])
+def test_an_evaluator_module_whose_code_fails_at_import_is_told_to_fix_it(tmp_path, monkeypatch, capsys, code,
+                                                                           raised):
+    """hp45 c64: evaluator modules failing as they are imported (a SyntaxError, sys.exit, a missing dependency) were
+    hinted "the module must be importable from here (run from its folder ...)": it was found, its code failed."""
+    from tiesmerge.cli.main import main
+
+    base, a, b = _family_dirs(tmp_path)
+    name = f"broken_{raised.lower()}"
+    (tmp_path / f"{name}.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    assert main(["tune", "--base", base, "--model", a, "--model", b, "--evaluator", f"{name}:score"]) == 2
+    err = capsys.readouterr().err
+    assert f"importing '{name}' ran its code, which raised {raised}" in err
+    assert f"fix the module ({tmp_path / name}.py)" in err and "importable from here" not in err

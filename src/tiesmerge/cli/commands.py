@@ -58,9 +58,11 @@ def _load_callable(spec: str):
         if "-" in module:  # no Python module has a hyphen: a built-in's name, mistyped
             raise ConfigError(f"--evaluator {spec!r}: {module!r} is not a built-in evaluator (they are {builtins})",
                               hint="e.g. --evaluator classifier-accuracy:val.jsonl") from None
-        loaded = getattr(sys.modules.get(module.split(".")[0]), "__file__", None)
+        top = sys.modules.get(module.split(".")[0])
+        loaded = getattr(top, "__file__", None)
         mine = Path.cwd() / f"{module.split('.')[0]}.py"
-        if mine.is_file() and (loaded is None or Path(loaded).resolve() != mine.resolve()):
+        if isinstance(exc, AttributeError) and top is not None and mine.is_file() and \
+                (loaded is None or Path(loaded).resolve() != mine.resolve()):
             # the working folder comes last on the path, so an installed module of the same name wins (hp45 c14)
             raise ConfigError(f"--evaluator {spec!r}: {mine.name} in the working folder is shadowed by the module "
                               f"{module.split('.')[0]!r} Python has already"
@@ -68,10 +70,32 @@ def _load_callable(spec: str):
                               + f", which has no {name!r}",
                               hint=f"rename your file (e.g. my_{mine.name}) and pass --evaluator "
                                    f"my_{module}:{name}") from None
+        found = sys.modules.get(module)
+        if not isinstance(exc, (ModuleNotFoundError, AttributeError)) or (isinstance(exc, ModuleNotFoundError) and
+                                                                          exc.name not in (None, module)):
+            # the module was found and its own code failed as it ran (hp45 c64: "must be importable from here")
+            where = getattr(found, "__file__", None) or getattr(exc, "filename", None) or _module_file(module)
+            raise ConfigError(f"--evaluator {spec!r}: importing {module!r} ran its code, which raised "
+                              f"{type(exc).__name__}: {str(exc)[:300]}",
+                              hint=f"fix the module ({where}): importing it must define {name!r} without errors "
+                                   "(--debug shows the traceback)") from None
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})",
                           hint=f"the module must be importable from here (run from its folder, or add that folder to "
                                f"PYTHONPATH) and define {name!r}; or name a built-in ({builtins}) as NAME:FILE"
                           ) from None
+
+
+def _module_file(module: str) -> str:
+    """Where a top-level module would be imported from (found, not run), or its name."""
+    import importlib.util
+
+    if "." in module:  # finding a submodule imports its package: not again
+        return module
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return module
+    return spec.origin if spec is not None and spec.origin else module
 
 
 def _evaluator(spec: str, base: Any, device: str) -> Any:
