@@ -1058,3 +1058,18 @@ def test_an_evaluator_module_whose_code_fails_at_import_is_told_to_fix_it(tmp_pa
     err = capsys.readouterr().err
     assert f"importing '{name}' ran its code, which raised {raised}" in err
     assert f"fix the module ({tmp_path / name}.py)" in err and "importable from here" not in err
+
+
+def test_validate_refuses_an_adapter_rank_the_merge_refuses(lora_family, tmp_path, capsys):
+    """hp45 c66: ``tiesmerge validate`` said ok for a recipe writing a LoRA adapter at rank 1000, which the merge
+    refuses at once ("more than the largest rank any adapted matrix has")."""
+    from tiesmerge.cli.main import main
+
+    _, base, dirs, _ = lora_family
+    recipe = tmp_path / "r.yaml"
+    body = f"method: ties\nbase: {base}\nmodels: [{dirs[0]}, {dirs[1]}]\noutput_format: adapter\n"
+    recipe.write_text(body + "rank: 1000\n")
+    assert main(["validate", str(recipe)]) == 2
+    assert "rank 1000 is more than the largest rank any adapted matrix has" in capsys.readouterr().err
+    recipe.write_text(body + "rank: 2\n")
+    assert main(["validate", str(recipe)]) == 0

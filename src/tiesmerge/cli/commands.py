@@ -657,6 +657,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         plan = plan_merge(recipe.base, list(recipe.models), recipe.method, device=recipe.device,
                           memory_budget=recipe.memory_budget, dtype=recipe.dtype, vocab_policy=recipe.vocab_policy,
                           allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats,
+                          rank=recipe.rank,  # checked as the merge checks it (hp45 c66: rank 1000 was "ok")
                           allow_distant=True)  # judged below, once the numbers are shown
     except TiesMergeError as exc:  # the first problem of the inputs: every other input's is looked for too
         raise _with_input_problems(exc, recipe.base, [str(m) for m in recipe.models], args,
