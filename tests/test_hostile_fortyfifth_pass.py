@@ -1073,3 +1073,22 @@ def test_validate_refuses_an_adapter_rank_the_merge_refuses(lora_family, tmp_pat
     assert "rank 1000 is more than the largest rank any adapted matrix has" in capsys.readouterr().err
     recipe.write_text(body + "rank: 2\n")
     assert main(["validate", str(recipe)]) == 0
+
+
+def test_validate_says_a_shape_mismatch_once_per_model(tmp_path, capsys):
+    """hp45 c51: validate listed one lm_head mismatch three times: for all models together, then for model 0 alone
+    (the same problem, a shorter table), then model 1."""
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.cli.main import main
+
+    base, a, b = _family_dirs(tmp_path)
+    weights = load_file(os.path.join(base, "model.safetensors"))
+    weights["lm_head.weight"] = torch.cat([weights["lm_head.weight"], weights["lm_head.weight"][:1]])
+    save_file(weights, os.path.join(base, "model.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{a}, {b}]\n")
+    assert main(["validate", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("shapes differ between the base and model 0") == 1, err
+    assert err.count("shapes differ between the base and model 1") == 1, err
