@@ -1092,3 +1092,161 @@ def test_validate_says_a_shape_mismatch_once_per_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("shapes differ between the base and model 0") == 1, err
     assert err.count("shapes differ between the base and model 1") == 1, err
+
+
+# ------------------------------------------------------------------ pass 46 (the fixes of pass 45, from another side)
+def test_a_plugin_returning_float8_is_a_method_error(tmp_path):
+    """hp46 c03b: a plugin method returning float8_e4m3fn values raised torch's raw NotImplementedError ("isfinite"
+    not implemented for 'Float8_e4m3fn') from pass 45's finite check."""
+    from test_hostile_fortysecond_pass import _method_of
+    from tiesmerge.errors import MethodError
+
+    base, a, b = _family_dirs(tmp_path)
+    with pytest.raises(MethodError, match=r"returned float8_e4m3fn values for tensor"):
+        tiesmerge.merge(base, [a, b], _method_of(lambda tau: tau.sum(0).to(torch.float8_e4m3fn), "f8"))
+
+
+def test_a_sentence_transformers_module_at_any_path_counts_among_the_files(tmp_path):
+    """hp46 c02: a Pooling module at ``pooling/`` (a path modules.json may name) switched from mean to CLS pooling
+    resumed a search silently: only N_Name folders were stamped."""
+    from tiesmerge.tuning.driver import weights_stamp
+
+    base, _, _ = _family_dirs(tmp_path)
+    folder = tmp_path / "base"
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "pooling", "type": "sentence_transformers.models.Pooling"}]))
+    (folder / "pooling").mkdir()
+    (folder / "pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    before = weights_stamp([base])
+    (folder / "pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    assert weights_stamp([base]) != before
+
+
+def test_an_evaluator_in_a_module_named_like_tiesmerge_is_the_users(tmp_path, monkeypatch):
+    """hp46 c03: a callable object ``E(sign)`` in a user module named ``tiesmerge_eval.py`` was skipped by the digest
+    and the warning (its module "starts with tiesmerge"): a resume with another sign went on silently."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects
+
+    (tmp_path / "tiesmerge_eval.py").write_text("class E:\n    def __init__(self, sign):\n        self.sign = sign\n"
+                                                "    def __call__(self, state):\n        return self.sign\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tiesmerge_eval
+
+    assert evaluator_objects(tiesmerge_eval.E(1)) == ["E"]
+
+
+def _data_variants():
+    import collections
+
+    import pandas as pd
+    from torch.utils.data import BatchSampler, DataLoader, SubsetRandomSampler, TensorDataset
+
+    class SignedDeque(collections.deque):
+        pass
+
+    def deque_with(sign):
+        held = SignedDeque([1, 2])
+        held.sign = sign
+        return held
+
+    def frame_with(sign):
+        frame = pd.DataFrame({"y": [1.0, 2.0]})
+        frame.attrs["sign"] = sign
+        return frame
+
+    def loader_over(n):
+        data = TensorDataset(torch.arange(10.0))
+        return DataLoader(data, batch_sampler=BatchSampler(SubsetRandomSampler(range(n)), 4, drop_last=False))
+
+    return {"batch_sampler": (lambda: loader_over(5), lambda: loader_over(10)),
+            "deque_subclass": (lambda: deque_with(1), lambda: deque_with(0)),
+            "dataframe_attrs": (lambda: frame_with(1), lambda: frame_with(-1))}
+
+
+@pytest.mark.parametrize("kind", ["batch_sampler", "deque_subclass", "dataframe_attrs"])
+def test_data_containers_are_digested_with_their_settings(kind):
+    """hp46 c04: a DataLoader with a batch_sampler over range(5) then range(10), a deque subclass's ``.sign``, a
+    DataFrame's ``.attrs["sign"]``: one digest each, the second run reusing the first's scores."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    first, other = _data_variants()[kind]
+
+    def make(data):
+        def score(state):
+            return float(len(data))
+        return score
+
+    assert evaluator_state(make(first())) == evaluator_state(make(first()))
+    assert evaluator_state(make(first())) != evaluator_state(make(other()))
+
+
+def test_a_sets_digest_does_not_depend_on_the_hash_seed(tmp_path):
+    """hp46 c15: a frozenset of items alike to depth 2 (("sst2", (("negative", "bad"), ...)) and deeper) had a digest
+    that changed with PYTHONHASHSEED: the sort keys stopped at depth 2, so such items tied and kept the set's order.
+    An unchanged evaluator's resume was refused as "another search" every other run."""
+    import subprocess
+    import sys
+
+    code = ("from tiesmerge.tuning.evaluator_digest import evaluator_state\n"
+            "tags = frozenset({((((f't{i}',),),),) for i in range(6)})\n"
+            "def score(state, tags=tags):\n    return 1.0\n"
+            "print(evaluator_state(score))\n")
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": os.pathsep.join(sys.path)}
+                           ).stdout.strip() for seed in (1, 2, 3, 4)}
+    assert len(seen) == 1 and "" not in seen, seen
+
+
+@pytest.mark.parametrize("change", ["umask", "chdir"])
+def test_an_evaluator_module_that_changes_the_process_at_import_is_put_back(tmp_path, monkeypatch, capsys, change):
+    """hp46 c07: an evaluator module calling os.umask(0o777) as it is imported made tune write its output and --json
+    with mode 000, no word; c08: one calling os.chdir(elsewhere) at import made the inputs read there ("no such
+    file", or other models of the same names) and the output written there. Both are put back after the import."""
+    from tiesmerge.cli.main import main
+
+    base, a, b = _family_dirs(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    body = "import os\nos.umask(0o777)\n" if change == "umask" else \
+        f"import os\nos.chdir({str(tmp_path / 'elsewhere')!r})\n"
+    name = f"meddling_{change}"
+    (tmp_path / f"{name}.py").write_text(body + "def score(state):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    umask = os.umask(0o022)
+    try:
+        assert main(["tune", "--base", "base", "--model", "ft0", "--model", "ft1", "--evaluator", f"{name}:score",
+                     "--grid", "density=0.2", "--grid", "lam=1.0", "-o", "out", "--json", "g.json"]) == 0
+        err = capsys.readouterr().err
+        assert f"--evaluator {name}:score's module changed the" in err and "after its import" in err
+        assert os.getcwd() == str(tmp_path) and (tmp_path / "out").is_dir() and (tmp_path / "g.json").is_file()
+        assert (tmp_path / "out").stat().st_mode & 0o700 == 0o700
+        assert not any((tmp_path / "elsewhere").iterdir())
+    finally:
+        os.umask(umask)
+
+
+def test_an_adapt_checkpoint_folder_replaced_by_a_link_is_not_written_through(tmp_path):
+    """hp46 c06: the checkpoint's folder moved away and replaced by a link to model 1's folder while adapt ran: the
+    checkpoint was written among model 1's files, and the error then blamed the user ("model 1 changed")."""
+    from test_adapt_hostile import _encode, _net, _setup
+    from tiesmerge.errors import OutputError
+    from tiesmerge.evaluation.forward import FunctionLogits
+
+    base, fts, files = _setup(tmp_path)
+    base, *fts = [str(write_hf_dir(tmp_path / name, sd)) for name, sd in zip(("b", "m1", "m2"), (base, *fts))]
+    (tmp_path / "ckdir").mkdir()
+    calls = []
+
+    def logits(module, batch, task):
+        calls.append(1)
+        if len(calls) == 3:
+            os.rename(tmp_path / "ckdir", tmp_path / "ckdir.old")
+            os.symlink(fts[0], tmp_path / "ckdir")
+        return module(batch)
+
+    before = sorted(os.listdir(fts[0]))
+    with pytest.raises(OutputError, match=r"ckdir: the checkpoint's folder was replaced"):
+        tiesmerge.adapt(base, fts, files, forward=FunctionLogits(_net(), logits, encode=_encode), steps=6,
+                        checkpoint=tmp_path / "ckdir" / "ck.safetensors", checkpoint_every=1,
+                        output=tmp_path / "out")
+    assert sorted(os.listdir(fts[0])) == before

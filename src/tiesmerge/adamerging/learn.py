@@ -456,6 +456,15 @@ def is_checkpoint(path: Path) -> bool:
     return True
 
 
+def _folder_identity(folder: Path) -> tuple[int, int] | None:
+    """(device, inode) of the folder ``folder`` names now (links followed), None where there is none."""
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _file_stamp(path: Path) -> tuple[int, int, int] | None:
     """(inode, size, mtime in ns) of ``path``, not following a link; None where there is nothing."""
     try:
@@ -548,11 +557,19 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     seconds = {"steps": 0.0, "checkpoints": 0.0}
 
     written = [_file_stamp(path) if path is not None else None]  # the checkpoint as this run last left it
+    folder = _folder_identity(path.parent) if path is not None else None  # where it was checked to be written
 
     def save(step: int) -> None:
         if path is None:
             return
         clock = time.perf_counter()
+        if _folder_identity(path.parent) != folder:  # (hp46 c06: its folder replaced by a link into model 1: the
+            from ..errors import OutputError  # checkpoint was written among the model's files)
+
+            raise OutputError(f"{path.parent}: the checkpoint's folder was replaced (moved, or made a link) while "
+                              "the run went on; nothing is written there, since it may now be another folder (an "
+                              "input's)", hint="give the checkpoint a folder that stays (--checkpoint), and run "
+                                               "again")
         if _file_stamp(path) != written[0]:  # another run writes it too (hp45 c66: two runs on one -o, each
             from ..errors import OutputError  # replacing the other's checkpoint, the survivor's --resume refused)
 

@@ -43,14 +43,13 @@ def _load_callable(spec: str):
         sys.path.append(str(Path.cwd()))
     import torch  # noqa: F401 - loaded first, so its defaults before the module's import are known
 
-    from ..tuning.evaluator import restore_torch_defaults, torch_defaults_now
+    from ..tuning.evaluator import process_state_kept
 
-    before = torch_defaults_now()
     try:
-        try:
+        # a module that sets torch's default device or dtype, the umask or the working folder as it is imported: put
+        # back, said (hp45 c35; hp46 c07: an output of mode 000; c08: the inputs read from the module's folder)
+        with process_state_kept(f"--evaluator {spec}'s module", when="after its import"):
             return getattr(importlib.import_module(module), name)
-        finally:  # a module that sets torch's default device or dtype as it is imported: put back, said (hp45 c35)
-            restore_torch_defaults(before, f"--evaluator {spec}'s module", when="after its import")
     except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
         from ..evaluation.builtin import BUILTIN_EVALUATORS
 

@@ -511,7 +511,9 @@ class Executor:
                               f"{str(exc)[:300]}", hint="the method is not tiesmerge's own: fix it or report it to "
                                                         "its authors (--debug shows its traceback)") from exc
         want = tuple(rows.tau.shape[1:])
-        if isinstance(delta, torch.Tensor) and not delta.is_floating_point():  # an int64 result truncated every value
+        if isinstance(delta, torch.Tensor) and delta.dtype not in (torch.float32, torch.float64, torch.float16,
+                                                                   torch.bfloat16):
+            # an int64 result truncated every value; a float8 one failed in the finite check (hp46 c03b)
             raise MethodError(f"method {method.name!r} ({where}) returned {str(delta.dtype).removeprefix('torch.')} "
                               f"values for tensor {name!r}: a merge returns floating-point values (float32)",
                               hint="fix the method's merge(tau, ctx) to return a float tensor")

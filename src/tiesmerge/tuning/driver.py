@@ -208,8 +208,7 @@ def weights_stamp(sources: Sequence[Any]) -> str:
                        or p.name in MODEL_FILES or p.name.endswith(MODEL_SUFFIXES)) if path.is_dir() else [path]
         if path.is_dir() and (path / "modules.json").is_file():  # a sentence-transformers folder: its modules'
             # settings (1_Pooling/config.json: mean or CLS) decide the encoder's scores too (hp45 c46)
-            files += sorted(p for sub in path.iterdir() if re.fullmatch(r"[0-9]+_\w+", sub.name) and sub.is_dir()
-                            for p in sub.iterdir() if p.suffix == ".json")
+            files += _module_settings(path)
         try:  # safetensors headers only: which files hold the weights. Never a pickle: the suffixes above list those
             checkpoint = open_checkpoint(path, allow_pickle=False)
         except Exception:  # noqa: BLE001 - not openable so: the merge names any problem; the folder's files count
@@ -227,6 +226,22 @@ def weights_stamp(sources: Sequence[Any]) -> str:
             # no writer sets ctime back
             rows.append([os.path.realpath(f), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
     return hashlib.sha256(repr(rows).encode()).hexdigest()[:16]
+
+
+def _module_settings(folder: Any) -> list[Any]:
+    """The JSON files of a sentence-transformers folder's modules: the folders its modules.json names (any path it
+    allows: hp46 c02, a Pooling module at pooling/), else the N_Name folders sentence-transformers writes."""
+    from ..errors import TiesMergeError
+    from ..limits import read_json
+
+    try:
+        modules = read_json(folder / "modules.json", "the sentence-transformers modules")
+        named = [m.get("path") for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+    except (TiesMergeError, OSError):
+        named = []
+    subs = [folder / p for p in named if isinstance(p, str) and p and ".." not in p.split("/") and
+            not p.startswith("/")] or [s for s in folder.iterdir() if re.fullmatch(r"[0-9]+_\w+", s.name)]
+    return sorted(f for sub in subs if sub.is_dir() for f in sub.iterdir() if f.suffix == ".json")
 
 
 class InputWatch:

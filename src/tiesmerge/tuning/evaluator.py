@@ -12,10 +12,11 @@ with the evaluator's exit status); Ctrl-C and a termination signal still stop th
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..errors import EvaluatorError, MergeWarning, TiesMergeError
@@ -54,11 +55,9 @@ class GuardedEvaluator:
         self.evaluate, self.label, self.finite = evaluate, label, finite
 
     def __call__(self, state: Mapping[str, Any]) -> float:
-        cwd = _working_folder()
-        umask = _current_umask()
-        torch_defaults = torch_defaults_now()
         try:
-            score = self.evaluate(state)
+            with process_state_kept(self.label):
+                score = self.evaluate(state)
         except (TiesMergeError, KeyboardInterrupt):  # ours already say what is wrong; Ctrl-C stays Ctrl-C
             raise
         except SystemExit as exc:
@@ -70,10 +69,6 @@ class GuardedEvaluator:
             raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {str(exc)[:300]}",
                                  hint="fix the evaluator (--debug, or the exception's __cause__, shows its "
                                       "traceback)") from exc
-        finally:
-            _restore_working_folder(cwd, self.label)
-            _restore_umask(umask, self.label)
-            restore_torch_defaults(torch_defaults, self.label)
         score = _detached(score)
         if isinstance(score, (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
                 not _is_scalar(score):  # numpy.str_ is a 0-d str that float() reads: no score (hp41 C56)
@@ -124,7 +119,22 @@ def _current_umask() -> int:
     return before
 
 
-def _restore_umask(before: int, label: str) -> None:
+@contextlib.contextmanager
+def process_state_kept(label: str, when: str = "after each call") -> Iterator[None]:
+    """The working folder, the umask and torch's default device and dtype as they were, whatever the code inside
+    (a user's evaluator, or its module's import: hp45 c35, hp46 c07, c08) changed; each change said once."""
+    cwd = _working_folder()
+    umask = _current_umask()
+    torch_defaults = torch_defaults_now()
+    try:
+        yield
+    finally:
+        _restore_working_folder(cwd, label, when)
+        _restore_umask(umask, label, when)
+        restore_torch_defaults(torch_defaults, label, when)
+
+
+def _restore_umask(before: int, label: str, when: str = "after each call") -> None:
     """An evaluator that changes the process's umask (os.umask(0o777)) is put back too: the output was written with
     mode 000 after it (hp41 C40). Said once per evaluator."""
     now = _current_umask()
@@ -132,10 +142,10 @@ def _restore_umask(before: int, label: str) -> None:
         return
     os.umask(before)
     _said_once(("umask", label), f"{label} changed the umask (to {now:03o}); tiesmerge set it back to {before:03o} "
-                                 "after each call, since the output's files take their modes from it")
+                                 f"{when}, since the output's files take their modes from it")
 
 
-def _restore_working_folder(cwd: str | None, label: str) -> None:
+def _restore_working_folder(cwd: str | None, label: str, when: str = "after each call") -> None:
     """An evaluator that changes the working folder (some evaluation harnesses do) is put back where it was: the
     search's log, its outputs and the models' relative paths were read against the new folder (hp40 D19: the log
     landed in the evaluator's folder and the base was "no such file"). Said once per evaluator."""
@@ -149,7 +159,7 @@ def _restore_working_folder(cwd: str | None, label: str) -> None:
         return
     os.chdir(cwd)
     _said_once(("cwd", label), f"{label} changed the working folder (to {now}); tiesmerge changed it back to {cwd} "
-                               "after each call, since the command's paths are relative to it")
+                               f"{when}, since the command's paths are relative to it")
 
 
 def torch_defaults_now() -> tuple[Any, Any] | None:

@@ -66,6 +66,13 @@ def _type_text(cls: type, attr: str) -> str:
     return value if type(value) is str else "?"
 
 
+def _is_ours(cls: type) -> bool:
+    """A class of tiesmerge's own package: ``tiesmerge`` or ``tiesmerge.*``, never a user's ``tiesmerge_eval`` module
+    (hp46 c03: its evaluator object escaped the digest and the warning)."""
+    module = _type_text(cls, "__module__")
+    return module == "tiesmerge" or module.startswith("tiesmerge.")
+
+
 def _mro(cls: type) -> tuple[type, ...]:
     mro = type.__dict__["__mro__"].__get__(cls, type)
     return mro if type(mro) is tuple else (cls,)
@@ -127,7 +134,7 @@ def evaluator_state(evaluate: Any) -> str | None:
     own digest). A closure's dicts, sets and objects are left out: they are a cache or a counter as often as a
     setting, and a search resumed in the same process would be refused for what the evaluator recorded itself."""
     inner = _unguarded(evaluate)
-    if _type_text(type(inner), "__module__").startswith("tiesmerge"):
+    if _is_ours(type(inner)):
         return None
     held = _built_with(inner, depth=0, objects=[])
     if not held:
@@ -194,7 +201,7 @@ def _is_callable_object(value: Any) -> bool:
     return callable(value) and not (_is_function(value) or _is_method(value) or _is_class(value)
                                     or _is_builtin(value) or _is(value, functools.partial)
                                     or _is_wrapper(value)) \
-        and not _type_text(type(value), "__module__").startswith("tiesmerge") and _has_state(value)
+        and not _is_ours(type(value)) and _has_state(value)
 
 
 def _owner_name(method: Any) -> str:
@@ -332,10 +339,15 @@ def _is_value_subclass(value: Any) -> bool:
     import numpy as np
 
     module = _type_text(type(value), "__module__")
-    if module == "builtins" or module.split(".")[0] in ("pathlib", "decimal", "fractions", "numpy", "torch", "enum"):
+    if module == "builtins" or module.split(".")[0] in ("pathlib", "decimal", "fractions", "numpy", "torch", "enum",
+                                                        "collections", "array"):
         return False
+    import array
+    import collections
+
     return _is(value, (list, tuple, dict, set, frozenset, int, float, complex, str, bytes, bytearray,
-                       pathlib.PurePath, decimal.Decimal, fractions.Fraction, torch.Tensor, np.ndarray))
+                       pathlib.PurePath, decimal.Decimal, fractions.Fraction, torch.Tensor, np.ndarray,
+                       collections.deque, array.array))  # (hp46 c04: a deque subclass's .sign)
 
 
 def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> None:
@@ -500,16 +512,18 @@ def _feed_data(digest: Any, value: Any, *, depth: int, budget: list[int]) -> Non
 
         try:
             hashed = pd.util.hash_pandas_object(value, index=True).to_numpy()
+            settings = dict(getattr(value, "attrs", None) or {})  # DataFrame.attrs: metadata a user sets (hp46 c04)
             labels = [str(c) for c in getattr(value, "columns", [])][:budget[1]]
             kinds = [str(d) for d in getattr(value, "dtypes", [])][:budget[1]] if hasattr(value, "columns") else \
                 [str(getattr(value, "dtype", ""))]
         except Exception:  # noqa: BLE001 - an object pandas cannot hash (an Index of lists): by its class
             return
-        _feed(digest, [hashed, labels, kinds], depth=depth + 1, budget=budget)
+        _feed(digest, [hashed, labels, kinds, settings], depth=depth + 1, budget=budget)
     elif _type_text(type(value), "__module__").startswith("torch.utils.data") and \
             _type_text(type(value), "__name__") == "DataLoader":
         attributes = _instance_dict(value) or {}
-        _feed(digest, [attributes.get(k) for k in ("dataset", "batch_size", "drop_last", "collate_fn", "sampler")],
+        _feed(digest, [attributes.get(k) for k in ("dataset", "batch_size", "drop_last", "collate_fn", "sampler",
+                                                   "batch_sampler")],  # (hp46 c04: a BatchSampler's indices)
               depth=depth + 1, budget=budget)
     else:
         attributes = _instance_dict(value)
@@ -560,6 +574,7 @@ def _sort_key(value: Any, budget: list[int]) -> str:
     key = hashlib.sha256()
     own = [min(1 << 16, max(budget[0], 0)), min(1 << 8, max(budget[1], 1))]
     spent = own[1]
-    _feed(key, value, depth=_MAX_DEPTH - 2, budget=own)
+    _feed(key, value, depth=0, budget=own)  # its whole depth (hp46 c15: items alike to depth 2 tied, and a set kept
+    # its hash-randomized order, so the digest changed from run to run)
     budget[1] -= spent - own[1]
     return f"{_type_text(type(value), '__qualname__')}:{key.hexdigest()}"
