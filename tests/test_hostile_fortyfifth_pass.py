@@ -1250,3 +1250,40 @@ def test_an_adapt_checkpoint_folder_replaced_by_a_link_is_not_written_through(tm
                         checkpoint=tmp_path / "ckdir" / "ck.safetensors", checkpoint_every=1,
                         output=tmp_path / "out")
     assert sorted(os.listdir(fts[0])) == before
+
+
+class _Metric:
+    def __init__(self, sign):
+        self.sign = sign
+
+    def score(self, state):
+        return float(self.sign)
+
+
+@pytest.mark.parametrize("hold", [lambda m: [m.score], lambda m: {"acc": m.score},
+                                  lambda m: (__import__("functools").partial(m.score),)],
+                         ids=["list", "dict", "tuple_of_partial"])
+def test_an_object_behind_metrics_kept_in_a_container_is_warned_as_one_held_directly(hold):
+    """hp46 c19: metrics held as ``[Metric(sign).score]`` (a list, a dict, a tuple of partials) escaped the warning a
+    bound method held directly gets, and the digest: a resume with sign -1 reused the +1 scores."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects
+
+    def make(metrics):
+        def score(state):
+            return float(len(metrics))
+        return score
+
+    assert evaluator_objects(make(hold(_Metric(1)))) == ["_Metric"]
+
+
+def test_a_partial_evaluators_code_is_its_functions_module(tmp_path, monkeypatch):
+    """hp46 c20: ``score = functools.partial(_score, sign=1.0)`` in ev.py: the code digest read the partial's module
+    (functools) and digested the standard library, so an edit of ev.py resumed the old scores."""
+    from tiesmerge.tuning.driver import _evaluator_code
+
+    (tmp_path / "partial_eval.py").write_text("import functools\ndef _score(state, sign):\n    return sign\n"
+                                              "score = functools.partial(_score, sign=1.0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import partial_eval
+
+    assert _evaluator_code(partial_eval.score)[0] == str(tmp_path / "partial_eval.py")

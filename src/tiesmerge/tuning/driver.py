@@ -33,7 +33,7 @@ from .candidates import (
     merged_delta,
 )
 from .evaluator import GuardedEvaluator, evaluator_name, format_score, guard
-from .evaluator_digest import evaluator_objects, evaluator_state
+from .evaluator_digest import evaluator_module, evaluator_objects, evaluator_state
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
 from .space import SearchSpace, build_space, canonical
@@ -119,9 +119,8 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
     after a helper module it imports was edited). A module it imports only inside a function, later, is not seen."""
     import sys
 
-    inner = getattr(evaluate, "evaluate", evaluate)
-    name = getattr(inner, "__module__", None)
-    if not isinstance(name, str) or name == "tiesmerge" or name.startswith("tiesmerge."):
+    name = evaluator_module(evaluate)
+    if not isinstance(name, str) or name == "tiesmerge" or name.startswith("tiesmerge.") or name == "?":
         return None
     path = getattr(sys.modules.get(name), "__file__", None)
     # a sourceless module (.pyc, an extension .so) counts by its file too (hp40 D17: a recompiled evc.pyc resumed)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["evaluator_state", "evaluator_objects"]
+__all__ = ["evaluator_state", "evaluator_objects", "evaluator_module"]
 
 
 # Every test of a user's value goes through its type, never the value itself: isinstance() reads a __class__
@@ -160,6 +160,26 @@ def evaluator_objects(evaluate: Any) -> list[str]:
     return list(dict.fromkeys(objects))
 
 
+def evaluator_module(evaluate: Any) -> str | None:
+    """The name of the module whose code ``evaluate`` runs: through tiesmerge's guard, partials, bound methods and
+    wrappers to the function (hp46 c20: a module-level ``score = partial(_score, sign=1)`` was read as functools'),
+    or a callable object's class; read through the interpreter's own slots, never a user's attribute lookup."""
+    inner = _unguarded(evaluate)
+    for _ in range(_MAX_BUILD_DEPTH):
+        if _is(inner, functools.partial):
+            inner = _partial_parts(inner)[0]
+        elif _is_method(inner):
+            inner = inner.__func__
+        elif _wrapped_of(inner) is not None:
+            inner = _wrapped_of(inner)
+        else:
+            break
+    if _is_function(inner) or _is_builtin(inner):
+        module = inner.__module__
+        return module if type(module) is str else None
+    return _type_text(inner if _is_class(inner) else type(inner), "__module__")
+
+
 def _unguarded(evaluate: Any) -> Any:
     """The user's evaluator inside tiesmerge's GuardedEvaluator; anything else as it is (a user's object with an
     ``evaluate`` method of its own is the evaluator itself, not a wrapper)."""
@@ -253,8 +273,39 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
         held.append(_built_with(wrapped, depth=depth + 1, objects=objects))
     if fn.__defaults__ or fn.__kwdefaults__:
         held += [fn.__defaults__, fn.__kwdefaults__]
+    for value in [*_cell_values(fn), *(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]:
+        _objects_held(value, objects)  # metrics kept in a list: their objects are warned as one held directly is
     # by identity and type, never ==: a numpy array among them made `h not in ([], None)` raise (hp42 D11)
     return held if any(not (h is None or (type(h) is list and not h)) for h in held) else []
+
+
+def _cell_values(fn: Any) -> list[Any]:
+    values = []
+    for cell in fn.__closure__ or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    return values
+
+
+def _objects_held(value: Any, objects: list[str]) -> None:
+    """The objects whose attributes decide the scores among a list's, tuple's or dict's items (one level, the first
+    1,000): bound methods, partials over them or over callable objects, callable objects (hp46 c19: `[Metric(sign).
+    score]` held in a list was neither digested nor warned, where held directly it is warned)."""
+    if _is(value, dict):
+        items = list(itertools.islice(dict.values(value), 1000))
+    elif _is(value, (list, tuple)):
+        items = list(itertools.islice(list.__iter__(value) if _is(value, list) else tuple.__iter__(value), 1000))
+    else:
+        return
+    for item in items:
+        if _is(item, functools.partial):
+            item = _partial_parts(item)[0]
+        if _is_method(item) and not _is_class(item.__self__) and not _is_module(item.__self__):
+            objects.append(_owner_name(item))
+        elif _is_callable_object(item) or (not _is_routine(item) and _is_users_object(item)):
+            objects.append(_type_text(type(item), "__qualname__"))
 
 
 def _is_setting(value: Any) -> bool:
