@@ -1287,3 +1287,23 @@ def test_a_partial_evaluators_code_is_its_functions_module(tmp_path, monkeypatch
     import partial_eval
 
     assert _evaluator_code(partial_eval.score)[0] == str(tmp_path / "partial_eval.py")
+
+
+def test_llvmlite_failing_to_load_under_an_address_space_limit_is_said_to_be_the_limit(monkeypatch, capsys):
+    """hp46 c17b: under ``ulimit -v 250000`` numba's llvmlite could not be mapped: "Could not find/load shared object
+    file 'libllvmlite.so' ... / hint: fix the cause", the limit not named."""
+    from tiesmerge import errors
+    from tiesmerge.cli import commands
+    from tiesmerge.cli.main import main
+
+    def loads(args):
+        raise OSError("Could not find/load shared object file 'libllvmlite.so' from the llvmlite package")
+
+    monkeypatch.setattr(errors, "_address_space_limited", lambda: True)
+    monkeypatch.setitem(commands.HANDLERS, "analyze", loads)
+    assert main(["analyze", "--base", "b", "--model", "m", "-o", "o"]) == 1
+    err = capsys.readouterr().err
+    assert "ran out of memory while loading a library" in err and "raise the limit (ulimit -v" in err
+    monkeypatch.setattr(errors, "_address_space_limited", lambda: False)  # no limit: the file's own problem
+    assert main(["analyze", "--base", "b", "--model", "m", "-o", "o"]) == 1
+    assert "loading a library" not in capsys.readouterr().err

@@ -139,8 +139,18 @@ def is_library_load(exc: BaseException) -> bool:
     """Whether ``exc`` is a shared library (torch's) that could not be mapped while it was imported: the process's
     address-space limit is smaller than the library itself, which no budget can help (hp44 c31)."""
     text = str(exc)[:2000]
-    return isinstance(exc, ImportError) and ("failed to map segment" in text or "cannot allocate memory" in
-                                             text.lower())
+    if isinstance(exc, ImportError) and ("failed to map segment" in text or "cannot allocate memory" in text.lower()):
+        return True
+    # llvmlite (numba's compiler) says only "Could not find/load shared object file" (hp46 c17b): where the process
+    # has an address-space limit, that is the limit, not a missing file
+    return isinstance(exc, (ImportError, OSError)) and "shared object" in text and _address_space_limited()
+
+
+def _address_space_limited() -> bool:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return soft != resource.RLIM_INFINITY and soft >= 0
 
 
 class TrainingError(TiesMergeError):
