@@ -242,13 +242,18 @@ def check_adapt_request(base: Source, models: Sequence[Source], data: Sequence[A
     if len(data) != len(models):
         raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
                           hint="give one unlabeled data file per model, in the models' order")
-    # a file the forward never reads: accepted, unused, and recorded in the manifest as if it had been (hp42 D60)
+    if isinstance(forward, str):  # a built-in forward named (the command line's); a module of the caller's is
+        _refuse_unread_labels(forward, heads, choices)  # checked after the labels themselves, in _adapt
+    return config, m
+
+
+def _refuse_unread_labels(forward: Any, heads: Any, choices: Any) -> None:
+    """A file the forward never reads: accepted, unused, and recorded in the manifest as if it had been (hp42 D60)."""
     for given, flag, needs in ((heads, "heads", "encoder"), (choices, "choices", "choice")):
         if given is not None and forward != needs:
             shown = forward if isinstance(forward, str) else type(forward).__name__
             raise ConfigError(f"--{flag} applies to --forward {needs}, and the forward is {shown}: it would not be "
                               "read", hint=f"add --forward {needs}, or leave --{flag} out")
-    return config, m
 
 
 def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: str | MergeMethod = "task_arithmetic",
@@ -396,6 +401,7 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
         check_labels(heads or {}, "heads", "class descriptions", task_data, every_task=forward == "encoder")
     if choices is not None:
         check_labels(choices, "choices", "answer choices", task_data, every_task=False)
+    _refuse_unread_labels(forward, heads, choices)
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
     if isinstance(forward, str):
