@@ -1307,3 +1307,49 @@ def test_llvmlite_failing_to_load_under_an_address_space_limit_is_said_to_be_the
     monkeypatch.setattr(errors, "_address_space_limited", lambda: False)  # no limit: the file's own problem
     assert main(["analyze", "--base", "b", "--model", "m", "-o", "o"]) == 1
     assert "loading a library" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("first, other", [
+    (lambda: __import__("numpy").random.SeedSequence(0), lambda: __import__("numpy").random.SeedSequence(1)),
+    (lambda: __import__("numpy").random.default_rng(0), lambda: __import__("numpy").random.default_rng(1)),
+    (lambda: __import__("numpy").random.RandomState(0), lambda: __import__("numpy").random.RandomState(1)),
+    (lambda: torch.Generator().manual_seed(0), lambda: torch.Generator().manual_seed(1)),
+    (lambda: __import__("numpy").maximum, lambda: __import__("numpy").minimum),
+    (lambda: __import__("operator").add, lambda: __import__("operator").sub),
+    (lambda: __import__("operator").itemgetter(0), lambda: __import__("operator").itemgetter(1))],
+    ids=["seed_sequence", "generator", "random_state", "torch_generator", "ufunc", "builtin", "itemgetter"])
+def test_seeds_and_library_callables_in_a_closure_are_digested(first, other):
+    """hp46 c35: a validation subsample's seed held as np.random.SeedSequence(s), default_rng(s), RandomState(s) or a
+    seeded torch.Generator digested alike for seeds 0 and 1 (a resume over another subsample went on); c36: np.maximum
+    and np.minimum, operator.add and operator.sub, itemgetter(0) and (1) held as the evaluator's aggregate likewise."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def make(value):
+        def score(state):
+            return float(value is not None)
+        return score
+
+    assert evaluator_state(make(first())) is not None
+    assert evaluator_state(make(first())) == evaluator_state(make(first()))
+    assert evaluator_state(make(first())) != evaluator_state(make(other()))
+
+
+@pytest.mark.parametrize("where", ["sign_from", "mergekit_base"])
+def test_a_link_loop_as_a_reference_or_a_mergekit_base_is_said_to_be_one(tmp_path, capsys, where):
+    """hp46 c25b: a symbolic link loop given as --sign-from or as a mergekit base_model: "unexpected RuntimeError:
+    Symlink loop from ... this is a bug in tiesmerge" (Path.resolve() comparing it with the base)."""
+    from tiesmerge.cli.main import main
+
+    base, a, b = _family_dirs(tmp_path)
+    os.symlink(tmp_path / "loopb", tmp_path / "loopa")
+    os.symlink(tmp_path / "loopa", tmp_path / "loopb")
+    if where == "sign_from":
+        argv = ["merge", "--base", base, "--model", a, "--model", b, "--sign-from", str(tmp_path / "loopa")]
+    else:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"merge_method: ties\nbase_model: {tmp_path / 'loopa'}\nmodels:\n"
+                          f"  - {{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}\n")
+        argv = ["merge", str(recipe)]
+    assert main([*argv, "-o", str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "symbolic link loop" in err and "bug" not in err

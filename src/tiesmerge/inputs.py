@@ -233,7 +233,7 @@ def _open_reference(stack: ExitStack, path: str | None, base: Any, base_ckpt: Ch
     """The method's reference model (TIES's ``sign_from``), bound to the real base if an adapter."""
     if path is None:
         return None
-    if not isinstance(base, Mapping) and Path(path).resolve() == Path(base).resolve():
+    if not isinstance(base, Mapping) and os.path.realpath(path) == os.path.realpath(base):
         raise ConfigError(f"the reference {path} is the base itself: its task vector is 0, so it says nothing",
                           hint="point sign_from at a model fine-tuned from the base, e.g. a multitask model")
     if adapter_kind(models) == "ia3":

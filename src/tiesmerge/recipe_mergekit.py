@@ -250,7 +250,7 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
                             f"as MODEL+LORA ({model!r} with the LoRA {adapter!r}, neither of which exists): rename "
                             "the folder without '+', or link to it under another name")  # hostile pass 31, C47
             return None
-        if base is not None and Path(_path(model)).resolve() == Path(base).resolve():
+        if base is not None and os.path.realpath(_path(model)) == os.path.realpath(base):
             folder = Path(_path(adapter))
             if folder.is_dir() and not (folder / "adapter_config.json").is_file():  # hp30 N5: merged as a full model
                 problems.append(f"{where}: {ref!r}: {adapter!r} after '+' is no PEFT adapter (no "
@@ -356,7 +356,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
             if key not in _PER_MODEL or key not in defaults:
                 problems.append(f"models[{i}].parameters.{key} is not a per-model parameter of {method} that "
                                 "tiesmerge supports")
-        if base is not None and Path(path).resolve() == Path(base).resolve() and method not in ("linear",):
+        if base is not None and os.path.realpath(path) == os.path.realpath(base) and method not in ("linear",):
             dropped_base = True  # mergekit lists the base among the models; its delta is 0
             continue
         paths.append(path)
@@ -390,7 +390,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                             "merge it twice as two inputs); list it once, with the sum of its weights")
         seen.setdefault(key, k)
     if method == "linear" and base is not None and entries and \
-            not any(Path(p).resolve() == Path(base).resolve() for p in paths) and \
+            not any(os.path.realpath(p) == os.path.realpath(base) for p in paths) and \
             not any((Path(p) / "adapter_config.json").is_file() for p in paths):  # LoRA entries: refused below
         # mergekit's planner adds a base_model the models do not list as one more input, after them, with the shared
         # parameters only: without a shared weight mergekit stops ("Missing required parameter weight"); tiesmerge

@@ -318,8 +318,8 @@ def _is_setting(value: Any) -> bool:
 
     if _is(value, (str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), list, tuple,
                           frozenset, range, slice, numbers.Number, pathlib.PurePath, enum.Enum, torch.Tensor,
-                          torch.dtype, torch.device)) or _is_class(value):  # (hp43 c03: a Path, a range...)
-        return True
+                          torch.dtype, torch.device)) or _is_class(value) or _is_builtin(value):
+        return True  # (hp43 c03: a Path, a range...; hp46 c36: operator.add, a builtin function, by its name)
     module = _type_text(type(value), "__module__")
     if module == "numpy" or module.startswith("numpy.") or _is_data(value):
         return True
@@ -338,8 +338,38 @@ def _is_data(value: Any) -> bool:
 
     if _is(value, (collections.deque, array.array, re.Pattern, datetime.date, datetime.time, datetime.timedelta)):
         return True  # (hp45 c03: a compiled pattern, a date or a duration in a closure resumed silently)
+    if _library_state(value) is not _NONE:  # a seed, a random generator, a ufunc, an itemgetter (hp46 c35, c36)
+        return True
     module = _type_text(type(value), "__module__")
     return module.split(".")[0] in ("pandas", "datasets") or module.startswith("torch.utils.data")
+
+
+def _library_state(value: Any) -> Any:
+    """What decides a library object's behaviour, read through its own (C) methods on its exact type: a seed sequence's
+    entropy, a random generator's state, a ufunc's name, an operator.itemgetter's arguments; _NONE for any other value.
+    Their instances have no attributes the digest could read, so two seeds (other validation subsamples) or two
+    aggregates (np.maximum, np.minimum) digested alike (hp46 c35, c36)."""
+    import operator
+
+    import numpy as np
+
+    kind = type(value)
+    try:
+        if kind is np.random.SeedSequence:
+            return ["SeedSequence", value.entropy, list(value.spawn_key), value.pool_size]
+        if kind is np.random.Generator:
+            return ["Generator", value.bit_generator.state]
+        if kind is np.random.RandomState:
+            return ["RandomState", list(value.get_state(legacy=True))]
+        if kind is torch.Generator:
+            return ["torch.Generator", value.device.type, value.get_state()]
+        if kind is np.ufunc:
+            return ["ufunc", value.__name__]
+        if kind in (operator.itemgetter, operator.attrgetter, operator.methodcaller):
+            return [kind.__name__, list(kind.__reduce__(value)[1])]
+    except Exception:  # noqa: BLE001 - a state that cannot be read: counted by the type alone
+        return _NONE
+    return _NONE
 
 
 def _qualified(obj: Any) -> str:
@@ -511,6 +541,8 @@ def _feed_object(digest: Any, value: Any, *, depth: int, budget: list[int]) -> N
         _feed(digest, (_instance_dict(value) or {}).get("_name_"), depth=depth + 1, budget=budget)
     elif _is(value, np.ma.MaskedArray):  # its values and its mask (hp45 c03: another mask resumed silently)
         _feed(digest, [np.ndarray.view(value, np.ndarray), np.ma.getmaskarray(value)], depth=depth + 1, budget=budget)
+    elif _library_state(value) is not _NONE:
+        _feed(digest, _library_state(value), depth=depth + 1, budget=budget)
     elif _is_data(value):
         _feed_data(digest, value, depth=depth, budget=budget)
     else:
