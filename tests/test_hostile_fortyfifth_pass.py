@@ -807,6 +807,18 @@ def test_task_names_holding_dollars_are_drawn_as_written(tmp_path):
     assert (out / "adamerging_coefficients.png").is_file() and (out / "adamerging_entropy.png").is_file()
 
 
+def _with_st_modules(folder, pooling_path="1_Pooling", pooling=None, extra=()):
+    """``folder`` made a sentence-transformers folder: its modules.json (a Transformer, a Pooling module at
+    ``pooling_path``, then ``extra`` modules) and, where ``pooling`` is given, the Pooling module's config.json."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": pooling_path, "type": "sentence_transformers.models.Pooling"}, *extra]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / pooling_path).mkdir()
+    if pooling is not None:
+        (folder / pooling_path / "config.json").write_text(json.dumps(pooling))
+    return folder / pooling_path
+
+
 def test_a_sentence_transformers_pooling_changed_between_runs_is_another_search(tmp_path, bert_tokenizer):
     """hp45 c46: a search with encoder-accuracy on a sentence-transformers folder resumed silently after its
     1_Pooling/config.json switched from mean to CLS pooling (the scores differ: 0.4667 and 0.5167). The modules'
@@ -815,11 +827,7 @@ def test_a_sentence_transformers_pooling_changed_between_runs_is_another_search(
     from tiesmerge.tuning.driver import weights_stamp
 
     model = _encoder_dir(tmp_path, bert_tokenizer)
-    (model / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
-    (model / "1_Pooling").mkdir()
-    (model / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    _with_st_modules(model, pooling={"pooling_mode_mean_tokens": True})
     before = weights_stamp([model])
     (model / "checkpoint-5").mkdir()  # a trainer's folder beside it changes nothing
     (model / "checkpoint-5" / "trainer_state.json").write_text("{}")
@@ -919,6 +927,21 @@ def test_adapts_label_past_a_rows_own_choices_is_refused_before_the_first_step(t
                         objective="cross_entropy", steps=1, tasks=["a", "b"])
 
 
+def _digested_apart(first, other):
+    """An evaluator closing over ``first()``: digested alike each time it is made, and apart from one closing over
+    ``other()``."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def make(value):
+        def score(state):
+            return float(value is not None)
+        return score
+
+    assert evaluator_state(make(first())) is not None
+    assert evaluator_state(make(first())) == evaluator_state(make(first()))
+    assert evaluator_state(make(first())) != evaluator_state(make(other()))
+
+
 @pytest.mark.parametrize("first, other", [
     (lambda: __import__("re").compile("a"), lambda: __import__("re").compile("a", __import__("re").I)),
     (lambda: __import__("datetime").date(2020, 1, 1), lambda: __import__("datetime").date(2020, 1, 2)),
@@ -927,15 +950,7 @@ def test_adapts_label_past_a_rows_own_choices_is_refused_before_the_first_step(t
 def test_a_pattern_or_a_date_in_a_closure_is_digested(first, other):
     """hp45 c03 (its later part): a compiled pattern, a date or a duration held in an evaluator's closure was neither
     digested nor warned of."""
-    from tiesmerge.tuning.evaluator_digest import evaluator_state
-
-    def make(value):
-        def score(state):
-            return float(bool(value))
-        return score
-
-    assert evaluator_state(make(first())) == evaluator_state(make(first()))
-    assert evaluator_state(make(first())) != evaluator_state(make(other()))
+    _digested_apart(first, other)
 
 
 def test_an_adapt_checkpoint_another_run_replaces_stops_this_run(tmp_path):
@@ -977,13 +992,9 @@ def test_sentence_transformers_settings_the_encoder_cannot_follow_are_said(tmp_p
     from tiesmerge.evaluation.encoder import pooling_of
 
     model = _encoder_dir(tmp_path, bert_tokenizer)
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if case == "dense":
-        modules += [{"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
-                    {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}]
-    (model / "modules.json").write_text(json.dumps(modules))
-    (model / "1_Pooling").mkdir()
+    extra = [{"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"},
+             {"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    _with_st_modules(model, extra=extra if case == "dense" else ())
     if case == "fifo":
         os.mkfifo(model / "1_Pooling" / "config.json")
         said = r"pooling settings cannot be read .*: it is scored with mean pooling"
@@ -1112,14 +1123,9 @@ def test_a_sentence_transformers_module_at_any_path_counts_among_the_files(tmp_p
     from tiesmerge.tuning.driver import weights_stamp
 
     base, _, _ = _family_dirs(tmp_path)
-    folder = tmp_path / "base"
-    (folder / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "pooling", "type": "sentence_transformers.models.Pooling"}]))
-    (folder / "pooling").mkdir()
-    (folder / "pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    pooling = _with_st_modules(tmp_path / "base", "pooling", {"pooling_mode_mean_tokens": True})
     before = weights_stamp([base])
-    (folder / "pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (pooling / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
     assert weights_stamp([base]) != before
 
 
@@ -1168,17 +1174,7 @@ def _data_variants():
 def test_data_containers_are_digested_with_their_settings(kind):
     """hp46 c04: a DataLoader with a batch_sampler over range(5) then range(10), a deque subclass's ``.sign``, a
     DataFrame's ``.attrs["sign"]``: one digest each, the second run reusing the first's scores."""
-    from tiesmerge.tuning.evaluator_digest import evaluator_state
-
-    first, other = _data_variants()[kind]
-
-    def make(data):
-        def score(state):
-            return float(len(data))
-        return score
-
-    assert evaluator_state(make(first())) == evaluator_state(make(first()))
-    assert evaluator_state(make(first())) != evaluator_state(make(other()))
+    _digested_apart(*_data_variants()[kind])
 
 
 def test_a_sets_digest_does_not_depend_on_the_hash_seed(tmp_path):
@@ -1322,16 +1318,7 @@ def test_seeds_and_library_callables_in_a_closure_are_digested(first, other):
     """hp46 c35: a validation subsample's seed held as np.random.SeedSequence(s), default_rng(s), RandomState(s) or a
     seeded torch.Generator digested alike for seeds 0 and 1 (a resume over another subsample went on); c36: np.maximum
     and np.minimum, operator.add and operator.sub, itemgetter(0) and (1) held as the evaluator's aggregate likewise."""
-    from tiesmerge.tuning.evaluator_digest import evaluator_state
-
-    def make(value):
-        def score(state):
-            return float(value is not None)
-        return score
-
-    assert evaluator_state(make(first())) is not None
-    assert evaluator_state(make(first())) == evaluator_state(make(first()))
-    assert evaluator_state(make(first())) != evaluator_state(make(other()))
+    _digested_apart(first, other)
 
 
 @pytest.mark.parametrize("where", ["sign_from", "mergekit_base"])
