@@ -1340,3 +1340,25 @@ def test_a_link_loop_as_a_reference_or_a_mergekit_base_is_said_to_be_one(tmp_pat
     assert main([*argv, "-o", str(tmp_path / "out")]) != 0
     err = capsys.readouterr().err
     assert "symbolic link loop" in err and "bug" not in err
+
+
+def test_a_users_evaluator_with_a_data_attribute_is_not_read_as_a_builtins_file(tmp_path):
+    """hp46 c44: a user's callable object whose own ``data`` attribute named a FIFO (or /dev/zero) hung the search
+    before its first candidate: any evaluator's ``.data`` was hashed as a built-in's data file."""
+    from tiesmerge.tuning import run_search
+    from tiesmerge.tuning.driver import _evaluator_data
+
+    class Scorer:
+        def __init__(self, data):
+            self.data = data
+
+        def __call__(self, state):
+            return 1.0
+
+    os.mkfifo(tmp_path / "fifo")
+    scorer = Scorer(str(tmp_path / "fifo"))
+    assert _evaluator_data(scorer) is None
+    base, a, b = _family_dirs(tmp_path)
+    result = run_search(base, [a, b], "ties", scorer, grid={"density": [0.2], "lam": [1.0]},
+                        log=tmp_path / "log.jsonl")
+    assert result.best.score == 1.0

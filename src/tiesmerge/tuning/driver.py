@@ -105,9 +105,16 @@ def _evaluator_name(evaluate: Any) -> str:
 
 
 def _evaluator_data(evaluate: Any) -> Any:
-    """The data file a built-in evaluator scores on (its ``data``), or None."""
-    inner = getattr(evaluate, "evaluate", evaluate)  # a guarded evaluator holds the user's
-    data = getattr(inner, "data", None)
+    """The data file a built-in evaluator scores on (its ``data``), or None: tiesmerge's own evaluators only. A user's
+    object with a ``data`` attribute is no built-in (hp46 c44: its "fifo" or "/dev/zero" was hashed and hung the
+    search before its first candidate; a 20 GB dataset path was hashed at every start)."""
+    from ..evaluation.builtin import BUILTIN_EVALUATORS
+    from .evaluator_digest import _unguarded
+
+    inner = _unguarded(evaluate)  # a guarded evaluator holds the user's
+    if type(inner) not in tuple(BUILTIN_EVALUATORS.values()):
+        return None
+    data = inner.data
     return data if isinstance(data, (str, os.PathLike)) else None
 
 
