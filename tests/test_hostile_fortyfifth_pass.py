@@ -1362,3 +1362,38 @@ def test_a_users_evaluator_with_a_data_attribute_is_not_read_as_a_builtins_file(
     result = run_search(base, [a, b], "ties", scorer, grid={"density": [0.2], "lam": [1.0]},
                         log=tmp_path / "log.jsonl")
     assert result.best.score == 1.0
+
+
+@pytest.mark.parametrize("first, other", [
+    (lambda: __import__("pandas").DataFrame({"choices": [["a", "b"], ["c", "d"]]}),
+     lambda: __import__("pandas").DataFrame({"choices": [["a", "b"], ["c", "x"]]})),
+    (lambda: __import__("pandas").Series([{"a": 1}, {"b": 2}]),
+     lambda: __import__("pandas").Series([{"a": 1}, {"b": 3}])),
+    (lambda: __import__("pandas").Categorical(["a", "b"]), lambda: __import__("pandas").Categorical(["a", "c"]))],
+    ids=["list_column", "series_of_dicts", "categorical"])
+def test_pandas_objects_pandas_cannot_hash_are_digested_by_their_values(first, other):
+    """hp46 c50: a DataFrame with a list column (multiple-choice rows), a Series of dicts, a Categorical: pandas'
+    hash refused them and they were digested by their class only, so other rows resumed silently."""
+    _digested_apart(first, other)
+
+
+def test_a_reference_models_change_is_named_once(tmp_path):
+    """hp46 c24: "the the reference model (sign_from) model changed while the search ran"."""
+    import shutil
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.tuning import run_search
+
+    base, a, b = _family_dirs(tmp_path)
+    shutil.copytree(a, tmp_path / "ref")
+    calls = []
+
+    def evaluate(state):
+        calls.append(1)
+        if len(calls) == 1:
+            _replace_weights(tmp_path / "ref", tmp_path)
+        return 1.0
+
+    with pytest.raises(CheckpointError, match=r"ref: the reference model \(sign_from\) changed while the search ran"):
+        run_search(base, [a, b], "ties", evaluate, grid={"density": [0.2, 0.5], "lam": [1.0]},
+                   fixed={"sign_from": str(tmp_path / "ref")})

@@ -363,7 +363,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     executor.start(job, evaluate, base32, dtypes)
     try:
         watch = InputWatch([("the base", base), *((f"model {k + 1}", m) for k, m in enumerate(models)),
-                            *((f"the {option} model", p) for option, p in references)])
+                            *references])  # "the reference model (sign_from)"
         return _loop(chooser, executor, results, job, space, base32, dtypes, strategy, started, on_trial, watch)
     finally:
         if owned:

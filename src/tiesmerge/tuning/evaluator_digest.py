@@ -594,12 +594,18 @@ def _feed_data(digest: Any, value: Any, *, depth: int, budget: list[int]) -> Non
         import pandas as pd
 
         try:
-            hashed = pd.util.hash_pandas_object(value, index=True).to_numpy()
             settings = dict(getattr(value, "attrs", None) or {})  # DataFrame.attrs: metadata a user sets (hp46 c04)
             labels = [str(c) for c in getattr(value, "columns", [])][:budget[1]]
             kinds = [str(d) for d in getattr(value, "dtypes", [])][:budget[1]] if hasattr(value, "columns") else \
                 [str(getattr(value, "dtype", ""))]
-        except Exception:  # noqa: BLE001 - an object pandas cannot hash (an Index of lists): by its class
+            try:
+                hashed: Any = pd.util.hash_pandas_object(value, index=True).to_numpy()
+            except (TypeError, ValueError):  # lists or dicts in its cells (choices per row), a Categorical: each
+                # value as it is, within the budget (hp46 c50: digested by its class only)
+                import numpy as np
+
+                hashed = [np.asarray(value, dtype=object), np.asarray(getattr(value, "index", []), dtype=object)]
+        except Exception:  # noqa: BLE001 - an object pandas cannot read so: by its class
             return
         _feed(digest, [hashed, labels, kinds, settings], depth=depth + 1, budget=budget)
     elif _type_text(type(value), "__module__").startswith("torch.utils.data") and \
