@@ -1397,3 +1397,26 @@ def test_a_reference_models_change_is_named_once(tmp_path):
     with pytest.raises(CheckpointError, match=r"ref: the reference model \(sign_from\) changed while the search ran"):
         run_search(base, [a, b], "ties", evaluate, grid={"density": [0.2, 0.5], "lam": [1.0]},
                    fixed={"sign_from": str(tmp_path / "ref")})
+
+
+def test_a_mergekit_recipe_with_a_lora_entry_promotes_the_dtypes_too(lora_family, tmp_path, capsys):
+    """hp46 c38b: a mergekit recipe without dtype over a bfloat16 base_model, a float16 (or float32) model and a
+    BASE+LORA entry was written bfloat16, no warning (the adapter's dtype was unknown, so the promotion was skipped);
+    mergekit writes float32."""
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.cli.main import main
+
+    base_sd, base, dirs, _ = lora_family
+    save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in base_sd.items()},
+              str(base / "model.safetensors"))
+    full = write_hf_dir(tmp_path / "full", {k: (v + 0.01).half() if v.is_floating_point() else v
+                                            for k, v in base_sd.items()})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                      f"  - {{model: {full}, parameters: {{weight: 1.0}}}}\n"
+                      f"  - {{model: {base}+{dirs[0]}, parameters: {{weight: 1.0}}}}\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert "no dtype given: the output is float32, the models' dtypes promoted" in capsys.readouterr().err
+    written = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert {v.dtype for k, v in written.items() if base_sd[k].is_floating_point()} == {torch.float32}

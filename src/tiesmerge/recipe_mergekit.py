@@ -446,7 +446,11 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         # without a dtype, the output keeps the engine's base's dtype: here one of the models. mergekit stacks the
         # models' tensors, which promotes their dtypes (hp42 C68: a bfloat16 first model rounded a float32 merge;
         # hp43 C04: a bfloat16 base_model beside float32 models is written float32 by mergekit)
-        stored = [_stored_float_dtype(p) for p in (base, *paths)]
+        # a BASE+LORA entry is the base with the LoRA folded in, in the base's dtype, as mergekit loads it (hp46
+        # c38b: one such entry switched the promotion off, and a bfloat16 base_model's dtype was written)
+        on_base = _stored_float_dtype(named_base) if named_base is not None else None
+        stored = [_stored_float_dtype(p) or (on_base if os.path.isfile(os.path.join(p, "adapter_config.json"))
+                                             else None) for p in (base, *paths)]
         if all(d is not None for d in stored):
             promoted = _promoted(stored)  # type: ignore[arg-type]
             if promoted != stored[0]:
