@@ -706,6 +706,7 @@ def test_a_lora_on_a_refused_base_model_is_not_said_to_have_no_base_model(tmp_pa
     (["--method", "ties", "--densities", "0.2"], r"densities"),
     (["--choices", "CHOICES"], r"--choices applies to --forward choice"),
     (["--heads", "CHOICES"], r"--heads applies to --forward encoder"),
+    (["--task-names", "only_one"], r"1 task name\(s\) for 2 data file\(s\)"),  # hp46 c10
 ])
 def test_an_adapt_dry_run_refuses_what_the_run_refuses_before_its_work(classifiers, tmp_path, capsys, extra, said):
     """hp45 c06: ``adapt --dry-run`` with settings the real run refuses at once (--init outside --clamp, --densities

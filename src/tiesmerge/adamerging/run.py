@@ -212,7 +212,8 @@ def describe_adapt(base: Source, models: Sequence[Source], method: str | MergeMe
 def check_adapt_request(base: Source, models: Sequence[Source], data: Sequence[Any],
                         method: str | MergeMethod = "task_arithmetic", *, forward: str | TaskForward = "classifier",
                         heads: Mapping[str, Sequence[str]] | None = None,
-                        choices: Mapping[str, Sequence[str]] | None = None, granularity: str = "layer",
+                        choices: Mapping[str, Sequence[str]] | None = None, tasks: Sequence[str] | None = None,
+                        granularity: str = "layer",
                         steps: int = 500, lr: float = 1e-3, batch_size: int = 16, init: float = 0.3,
                         shuffle_seed: int = 0, clamp: tuple[float, float] | None = None,
                         checkpoint_every: int | None = None, objective: str = "entropy", limit: int | None = None,
@@ -242,6 +243,8 @@ def check_adapt_request(base: Source, models: Sequence[Source], data: Sequence[A
     if len(data) != len(models):
         raise ConfigError(f"{len(data)} data file(s) for {len(models)} model(s)",
                           hint="give one unlabeled data file per model, in the models' order")
+    if tasks is not None and len(tasks) != len(data):  # (hp46 c10: a dry run passed it)
+        raise ConfigError(f"{len(tasks)} task name(s) for {len(data)} data file(s)")
     if isinstance(forward, str):  # a built-in forward named (the command line's); a module of the caller's is
         _refuse_unread_labels(forward, heads, choices)  # checked after the labels themselves, in _adapt
     return config, m
@@ -290,9 +293,10 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     """
     started = time.perf_counter()
     config, m = check_adapt_request(base, models, data, method, forward=forward, heads=heads, choices=choices,
-                                    granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,
-                                    shuffle_seed=shuffle_seed, clamp=clamp, checkpoint_every=checkpoint_every,
-                                    objective=objective, limit=limit, **method_options)
+                                    tasks=tasks, granularity=granularity, steps=steps, lr=lr, batch_size=batch_size,
+                                    init=init, shuffle_seed=shuffle_seed, clamp=clamp,
+                                    checkpoint_every=checkpoint_every, objective=objective, limit=limit,
+                                    **method_options)
     device = str(device_of(device))  # cpu, or a CUDA device that exists: a typed error before anything (hp35 E57)
     checkpoint, created = check_adapt_outputs(base, models, data, output=output, force=force, checkpoint=checkpoint,
                                               resume=resume, create=True, method=m)

@@ -151,7 +151,8 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         # the checks a run makes before reading anything (hp45 c06: a dry run passed what the run refuses at once)
         check_adapt_request(args.base, args.models, args.data, method, forward=args.forward,
                             heads=_json_mapping(args.heads, "the heads"),
-                            choices=_json_mapping(args.choices, "the choices"), granularity=args.granularity,
+                            choices=_json_mapping(args.choices, "the choices"), tasks=args.task_names,
+                            granularity=args.granularity,
                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init,
                             shuffle_seed=args.shuffle_seed, clamp=tuple(args.clamp) if args.clamp else None,
                             checkpoint_every=args.checkpoint_every, objective=args.objective, limit=args.limit)
