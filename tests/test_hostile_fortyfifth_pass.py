@@ -1421,3 +1421,28 @@ def test_a_mergekit_recipe_with_a_lora_entry_promotes_the_dtypes_too(lora_family
     assert "no dtype given: the output is float32, the models' dtypes promoted" in capsys.readouterr().err
     written = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert {v.dtype for k, v in written.items() if base_sd[k].is_floating_point()} == {torch.float32}
+
+
+def test_choices_differing_only_in_spaces_are_said_so(tmp_path):
+    """hp46 c41: the choices [" good", "good"] were refused as "the choice 'good' is listed twice"."""
+    from test_hostile_fortieth_pass_evaluators import _llama
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import ChoiceAccuracy
+
+    _llama(tmp_path / "lm")
+    data = tmp_path / "ch.jsonl"
+    data.write_text('{"prompt": "the cat", "choices": [" sat", "sat"], "label": 0}\n')
+    with pytest.raises(ConfigError, match=r"the choice 'sat' is listed twice \(' sat' and 'sat' differ only in "
+                                          r"spaces\)"):
+        ChoiceAccuracy(tmp_path / "lm", data)
+
+
+def test_an_evaluator_named_as_a_method_of_a_module_level_object_loads(tmp_path, monkeypatch):
+    """hp46 c47: ``--evaluator ev:obj.score`` was refused with the hint to "define 'obj.score'", which no module can
+    do: the dotted name is followed from the module."""
+    from tiesmerge.cli.commands import _load_callable
+
+    (tmp_path / "dotted_eval.py").write_text("class Scorer:\n    def score(self, state):\n        return 2.0\n"
+                                             "obj = Scorer()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert _load_callable("dotted_eval:obj.score")({}) == 2.0

@@ -49,7 +49,10 @@ def _load_callable(spec: str):
         # a module that sets torch's default device or dtype, the umask or the working folder as it is imported: put
         # back, said (hp45 c35; hp46 c07: an output of mode 000; c08: the inputs read from the module's folder)
         with process_state_kept(f"--evaluator {spec}'s module", when="after its import"):
-            return getattr(importlib.import_module(module), name)
+            loaded: Any = importlib.import_module(module)
+            for part in name.split("."):  # module:obj.score, a bound method of an object the module makes (hp46 c47)
+                loaded = getattr(loaded, part)
+            return loaded
     except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
         from ..evaluation.builtin import BUILTIN_EVALUATORS
 

@@ -258,8 +258,11 @@ class ChoiceAccuracy(_Scorer):
             stripped = [c.strip() for c in choices]
             if len(set(stripped)) < len(stripped):  # hp40 V3: two choices always tie, the tie goes to the first
                 same = next(c for c in stripped if stripped.count(c) > 1)
-                raise ConfigError(f"{where}: the choice {same[:60]!r} is listed twice, so the model could never tell "
-                                  "those choices apart", hint="give each choice its own text")
+                written = [c for c in choices if c.strip() == same]
+                how = "is listed twice" if len(set(written)) == 1 else \
+                    f"is listed twice ({' and '.join(repr(c[:60]) for c in written[:2])} differ only in spaces)"
+                raise ConfigError(f"{where}: the choice {same[:60]!r} {how}, so the model could never tell those "
+                                  "choices apart", hint="give each choice its own text")
             self.examples.append(ChoiceExample(row["prompt"], tuple(choices),
                                                _int_label(row, where, len(choices), "of 'choices', from 0")))
             lines.append(where)

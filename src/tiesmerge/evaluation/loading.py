@@ -426,8 +426,10 @@ def refuse_alike(tokenizer: Any, texts: Sequence[str], *, where: str, what: str,
             ids = tuple(tokenizer(clipped(text, max_length), add_special_tokens=special_tokens, truncation=truncate,
                                   **({"max_length": max_length} if truncate else {}))["input_ids"])
         plural = {"class": "class descriptions"}.get(what, f"{what}s")
-        if ids in seen and seen[ids] == text:
-            raise ConfigError(f"{where}: the {what} {text[:40]!r} is listed twice, so the model could never tell "
+        if ids in seen and seen[ids].strip() == text.strip():  # the same, or the same but for spaces (hp46 c41)
+            how = "is listed twice" if seen[ids] == text else \
+                f"and {seen[ids][:40]!r} differ only in spaces"
+            raise ConfigError(f"{where}: the {what} {text[:40]!r} {how}, so the model could never tell "
                               f"those {plural} apart", hint=f"give each {what} its own text")
         if ids in seen:
             with forward_checked(directory, "the base"):
