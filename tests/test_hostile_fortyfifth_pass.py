@@ -1446,3 +1446,72 @@ def test_an_evaluator_named_as_a_method_of_a_module_level_object_loads(tmp_path,
                                              "obj = Scorer()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     assert _load_callable("dotted_eval:obj.score")({}) == 2.0
+
+
+def test_save_stats_with_its_arguments_swapped_is_said_so(tmp_path):
+    """hp46 c29b: ``save_stats(stats, directory)`` raised a raw AttributeError ('str' has no attribute 'tensors')."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import Statistics, StatsManifest, save_stats
+
+    stats = Statistics(StatsManifest("fisher", 1), {"w": torch.ones(2)})
+    with pytest.raises(ConfigError, match=r"stats must be a Statistics object, got str \(the arguments swapped"):
+        save_stats(stats, str(tmp_path / "s"))
+
+
+def test_an_output_that_is_a_link_loop_is_said_to_loop(tmp_path):
+    """hp46 c25d: ``-o LOOP`` was "a link (to 'loopb') whose target does not exist": loopb exists, it loops."""
+    from tiesmerge.errors import OutputError
+
+    base, a, b = _family_dirs(tmp_path)
+    os.symlink(tmp_path / "loopb", tmp_path / "loopa")
+    os.symlink(tmp_path / "loopa", tmp_path / "loopb")
+    with pytest.raises(OutputError, match=r"the output path is a link \(to '.*loopb'\) that loops back on itself"):
+        tiesmerge.merge(base, [a, b], output=tmp_path / "loopa")
+
+
+def test_force_over_an_output_whose_marker_was_edited_says_so(tmp_path):
+    """hp46 c34b: --force over an output whose tiesmerge.json was edited: "this one holds other files (README.md,
+    ..., tiesmerge.json)", naming the marker among the "other files"."""
+    from tiesmerge.errors import OutputError
+
+    base, a, b = _family_dirs(tmp_path)
+    tiesmerge.merge(base, [a, b], output=tmp_path / "out")
+    with open(tmp_path / "out" / "tiesmerge.json", "a") as f:
+        f.write("x")
+    with pytest.raises(OutputError, match=r"its tiesmerge\.json is not one tiesmerge wrote"):
+        tiesmerge.merge(base, [a, b], output=tmp_path / "out", force=True)
+
+
+def test_a_plugins_own_memory_error_names_the_method(tmp_path):
+    """hp46 c03c: a plugin method raising MemoryError itself was "ran out of memory (MemoryError)", the method not
+    named (its other exceptions are MethodErrors naming it)."""
+    from test_hostile_fortysecond_pass import _method_of
+    from tiesmerge.errors import OutOfMemoryError
+
+    base, a, b = _family_dirs(tmp_path)
+
+    def greedy(tau):
+        raise MemoryError("wanted 1 TB")
+
+    with pytest.raises(OutOfMemoryError, match=r"method 'greedy' \(.*Custom\) ran out of memory on tensor"):
+        tiesmerge.merge(base, [a, b], _method_of(greedy, "greedy"))
+
+
+def test_a_memory_error_inside_an_import_during_a_merge_names_the_limit(tmp_path, monkeypatch):
+    """hp46 c17c: a MemoryError while a module was imported during the merge was hinted "give a smaller memory
+    budget (e.g. 16MiB)", the example halving at each retry: no budget helps a library's import."""
+    import sys
+
+    from tiesmerge.engine import executor
+    from tiesmerge.errors import OutOfMemoryError
+
+    base, a, b = _family_dirs(tmp_path)
+
+    def imports(self, sink):
+        import _tm_heavy_library  # noqa: F401
+
+    monkeypatch.setattr(sys, "meta_path", [_RefusingLoader(), *sys.meta_path])
+    monkeypatch.setattr(executor.Executor, "_run_with_threads", imports)
+    with pytest.raises(OutOfMemoryError, match="while loading a library") as caught:
+        tiesmerge.merge(base, [a, b], output=tmp_path / "out")
+    assert "raise the limit" in caught.value.hint and "budget" not in caught.value.hint

@@ -141,6 +141,12 @@ def is_library_load(exc: BaseException) -> bool:
     text = str(exc)[:2000]
     if isinstance(exc, ImportError) and ("failed to map segment" in text or "cannot allocate memory" in text.lower()):
         return True
+    if isinstance(exc, MemoryError):  # inside an import (compiling a library's module under ulimit -v: hp46 c17c)
+        tb = exc.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename.startswith("<frozen importlib"):
+                return True
+            tb = tb.tb_next
     # llvmlite (numba's compiler) says only "Could not find/load shared object file" (hp46 c17b): where the process
     # has an address-space limit, that is the limit, not a missing file
     return isinstance(exc, (ImportError, OSError)) and "shared object" in text and _address_space_limited()

@@ -88,6 +88,17 @@ def fs_text(value: Any) -> Any:
     return value
 
 
+def _loops(path: str | os.PathLike) -> bool:
+    """Whether the links from ``path`` loop (ELOOP) rather than end at nothing."""
+    import errno
+
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
+
+
 def _kind(mode: int) -> str:
     return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
 
@@ -652,7 +663,8 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
     where = physical(output)
     if os.path.islink(where) and not force:  # the user's link (dangling or not) is replaced only when asked
         target = os.readlink(where)
-        dangling = "" if os.path.exists(where) else " whose target does not exist"
+        dangling = "" if os.path.exists(where) else (" that loops back on itself" if _loops(where) else
+                                                      " whose target does not exist")  # (hp46 c25d)
         raise OutputError(f"{output}: the output path is a link (to {target!r}){dangling}",
                           hint="choose another path, or pass --force to replace the link itself (the output is "
                                "written there, in place of the link, never into its target)")
@@ -702,8 +714,11 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                           f"(it holds {shown})", hint="choose another path: --force replaces only a directory that "
                                                       "tiesmerge wrote")
     if not ours:
+        edited = [m for m in OUTPUT_MARKERS if (final / m).exists()]  # a marker there, but not one tiesmerge wrote
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
-                          f"{', '.join(OUTPUT_MARKERS)}); this one holds other files ({shown})",
+                          f"{', '.join(OUTPUT_MARKERS)})" + (
+                              f"; its {edited[0]} is not one tiesmerge wrote (edited, or not readable as one)"
+                              if edited else f"; this one holds other files ({shown})"),  # (hp46 c34b)
                           hint="choose another path, or remove that directory yourself if you mean it")
     found = [m for m in OUTPUT_MARKERS if _is_marker(final / m)]
     if found != [marker]:  # another command's output (a merged model is no report to redo), or markers of two

@@ -782,13 +782,8 @@ def _out_of_memory(exc: BaseException, args: argparse.Namespace) -> int:
 def _loading_a_library(exc: BaseException) -> bool:
     """Whether memory ran out mapping a library's own files (torch's shared objects, a package folder read at its
     import) rather than a model's."""
-    if is_library_load(exc):
+    if is_library_load(exc):  # (a MemoryError inside an import too)
         return True
-    tb = exc.__traceback__
-    while tb is not None:  # a MemoryError inside an import (compiling a library's module under ulimit -v)
-        if tb.tb_frame.f_code.co_filename.startswith("<frozen importlib"):
-            return True
-        tb = tb.tb_next
     filename = getattr(exc, "filename", None)
     if not isinstance(filename, str):
         return False

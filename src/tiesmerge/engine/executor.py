@@ -505,8 +505,13 @@ class Executor:
                               hint="the method is not tiesmerge's own: fix it or report it to its authors (a merge "
                                    "method returns its result, it never exits the process)") from None
         except Exception as exc:
-            if ours or is_out_of_memory(exc):
+            if ours:
                 raise
+            if is_out_of_memory(exc):  # named: the method's own allocation, not only the budget (hp46 c03c)
+                raise OutOfMemoryError(f"method {method.name!r} ({where}) ran out of memory on tensor {name!r} "
+                                       f"({type(exc).__name__}: {str(exc)[:200]})",
+                                       hint=memory_hint(self.plan.memory_budget) + "; the method is not tiesmerge's "
+                                       "own: it may ask for more than it needs") from exc
             raise MethodError(f"method {method.name!r} ({where}) raised {type(exc).__name__} on tensor {name!r}: "
                               f"{str(exc)[:300]}", hint="the method is not tiesmerge's own: fix it or report it to "
                                                         "its authors (--debug shows its traceback)") from exc

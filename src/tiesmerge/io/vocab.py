@@ -55,6 +55,14 @@ class TokenizerVocab:
         return max(self.tokens, default=-1) + 1
 
 
+
+def align_words() -> str:
+    """How the running command spells the union policy: --vocab-policy union, or a mergekit recipe's tokenizer_source
+    (hp46 c32b: a flag refused over mergekit recipes was named)."""
+    from .align import policy_words
+
+    return policy_words["union"].split(" (")[0]
+
 def _file(directory: Path, name: str, label: str) -> Path | None:
     path = directory / name
     if not os.path.lexists(path):
@@ -213,7 +221,7 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
     if not read:
         raise CheckpointError(
             f"{directory}: {label} has no tokenizer tiesmerge can read as data (looked for tokenizer.json, vocab.txt, "
-            "vocab.json); --vocab-policy union needs every model's tokenizer",
+            f"vocab.json); {align_words()} needs every model's tokenizer",
             hint="save the tokenizer beside the weights (tokenizer.save_pretrained(DIR)); a sentencepiece-only "
                  "tokenizer.model is not read: save it with a fast tokenizer to get tokenizer.json")
     _check_added_once(tokens, added, directory, label)

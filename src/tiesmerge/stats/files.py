@@ -179,6 +179,11 @@ def model_digest(module: torch.nn.Module, model: str | os.PathLike | None = None
 def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool = False,
                shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write ``stats`` to ``directory`` atomically (safetensors + ``tiesmerge_stats.json``)."""
+    if not isinstance(stats, Statistics):  # (hp46 c29b: the arguments swapped were a raw AttributeError)
+        swapped = " (the arguments swapped? it is save_stats(directory, stats))" if isinstance(directory, Statistics) \
+            else ""
+        raise ConfigError(f"save_stats: stats must be a Statistics object, got {type(stats).__name__}{swapped}",
+                          hint="save_stats(directory, Statistics(StatsManifest(kind, samples, ...), tensors))")
     directory = fs_text(directory)  # bytes, as every path of the API may be (hp45 c24)
     try:
         shard_bytes = parse_size(shard_size)
