@@ -151,8 +151,9 @@ def test_choice_accuracy_refuses_a_row_whose_choices_repeat(tmp_path):
     _llama(tmp_path / "lm")
     data = _write_lines(tmp_path / "dup.jsonl", [{"prompt": "the cat", "choices": ["sat", "ran"], "label": 0},
                                                  {"prompt": "the cat", "choices": ["sat", " sat"], "label": 1}])
-    with pytest.raises(ConfigError, match=r"dup\.jsonl:2: the choice 'sat' is listed twice, so the model could "
-                                          r"never tell those choices apart"):
+    # (hp46 c41: said as differing only in spaces, which they do)
+    with pytest.raises(ConfigError, match=r"dup\.jsonl:2: the choice 'sat' is listed twice \('sat' and ' sat' differ "
+                                          r"only in spaces\), so the model could never tell those choices apart"):
         ChoiceAccuracy(tmp_path / "lm", data)
 
 

@@ -1345,7 +1345,8 @@ def test_a_link_loop_as_a_reference_or_a_mergekit_base_is_said_to_be_one(tmp_pat
 
 def test_a_users_evaluator_with_a_data_attribute_is_not_read_as_a_builtins_file(tmp_path):
     """hp46 c44: a user's callable object whose own ``data`` attribute named a FIFO (or /dev/zero) hung the search
-    before its first candidate: any evaluator's ``.data`` was hashed as a built-in's data file."""
+    before its first candidate: its ``.data`` was opened and hashed as a built-in's data file. Only a regular file is
+    (a changed one refuses the resume: hp11 F13), never a FIFO or a device."""
     from tiesmerge.tuning import run_search
     from tiesmerge.tuning.driver import _evaluator_data
 
@@ -1358,7 +1359,9 @@ def test_a_users_evaluator_with_a_data_attribute_is_not_read_as_a_builtins_file(
 
     os.mkfifo(tmp_path / "fifo")
     scorer = Scorer(str(tmp_path / "fifo"))
-    assert _evaluator_data(scorer) is None
+    assert _evaluator_data(scorer) is None and _evaluator_data(Scorer("/dev/zero")) is None
+    (tmp_path / "t.txt").write_text("one line\n")
+    assert _evaluator_data(Scorer(str(tmp_path / "t.txt"))) == str(tmp_path / "t.txt")
     base, a, b = _family_dirs(tmp_path)
     result = run_search(base, [a, b], "ties", scorer, grid={"density": [0.2], "lam": [1.0]},
                         log=tmp_path / "log.jsonl")

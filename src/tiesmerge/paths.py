@@ -717,8 +717,9 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
         edited = [m for m in OUTPUT_MARKERS if (final / m).exists()]  # a marker there, but not one tiesmerge wrote
         raise OutputError(f"{output}: --force replaces only a directory that tiesmerge wrote (one holding "
                           f"{', '.join(OUTPUT_MARKERS)})" + (
-                              f"; its {edited[0]} is not one tiesmerge wrote (edited, or not readable as one)"
-                              if edited else f"; this one holds other files ({shown})"),  # (hp46 c34b)
+                              f"; its {edited[0]} is not one tiesmerge wrote (edited, or not readable as one), "
+                              f"and it holds {shown}" if edited else f"; this one holds other files ({shown})"),
+                          # (hp46 c34b: "holds other files (..., tiesmerge.json)" named the marker as another file)
                           hint="choose another path, or remove that directory yourself if you mean it")
     found = [m for m in OUTPUT_MARKERS if _is_marker(final / m)]
     if found != [marker]:  # another command's output (a merged model is no report to redo), or markers of two

@@ -108,14 +108,18 @@ def _evaluator_data(evaluate: Any) -> Any:
     """The data file a built-in evaluator scores on (its ``data``), or None: tiesmerge's own evaluators only. A user's
     object with a ``data`` attribute is no built-in (hp46 c44: its "fifo" or "/dev/zero" was hashed and hung the
     search before its first candidate; a 20 GB dataset path was hashed at every start)."""
-    from ..evaluation.builtin import BUILTIN_EVALUATORS
-    from .evaluator_digest import _unguarded
+    import stat
+
+    from .evaluator_digest import _instance_dict, _unguarded
 
     inner = _unguarded(evaluate)  # a guarded evaluator holds the user's
-    if type(inner) not in tuple(BUILTIN_EVALUATORS.values()):
+    data = (_instance_dict(inner) or {}).get("data")  # its own attribute, read without running its code
+    if not isinstance(data, (str, os.PathLike)):
         return None
-    data = inner.data
-    return data if isinstance(data, (str, os.PathLike)) else None
+    try:  # a regular file only: a FIFO or a device named by a user's attribute is never opened (it hung: hp46 c44)
+        return data if stat.S_ISREG(os.stat(data).st_mode) else None
+    except (OSError, ValueError):
+        return None
 
 
 def _evaluator_code(evaluate: Any) -> list[str] | None:
@@ -182,12 +186,19 @@ def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> st
         return digest.hexdigest()[:16]
     digest = hashlib.sha256()
     try:
+        size = os.stat(path).st_size
+        if size > _MAX_HASHED:  # a dataset of gigabytes: by its stamp, not hashed at every start (hp46 c44)
+            st = os.stat(path)
+            return f"stamp:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
     except OSError:
         return "unreadable"  # the evaluator names the file when it reads it
     return digest.hexdigest()[:16]
+
+
+_MAX_HASHED = 1 << 28  # data files hashed whole up to 256 MiB
 
 
 def weights_stamp(sources: Sequence[Any]) -> str:
