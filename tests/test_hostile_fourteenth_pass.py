@@ -561,18 +561,19 @@ def test_notes_of_the_fifteenth_pass_on_specs_recipes_and_weights(family, tmp_pa
         tiesmerge.merge(str(b), [str(m) for m in ms], "ties:density=0.5", lam=2.0)
 
 
-def test_force_on_a_link_replaces_the_link_whatever_its_target_holds(family, tmp_path):
-    """Pass 15 F8.7: without --force the hint said --force replaces the link itself, never its target; with --force
-    the target's own files were then checked and the merge refused. The link is replaced, the target untouched."""
+def test_force_on_a_link_never_replaces_the_link_nor_its_target(family, tmp_path):
+    """Pass 15 F8.7: with --force the target's own files were checked and the merge refused; the link was then
+    replaced by the output (the hint offered it). hp47 c56: --force replaces only a folder tiesmerge wrote, and a link
+    at -o /dev/stdout is the system's: a link is never replaced, --force included; its target is untouched."""
     b, ms = family
     user = tmp_path / "userdir"
     user.mkdir()
     (user / "keep.txt").write_text("mine")
     (tmp_path / "l").symlink_to(user)
-    with pytest.raises(OutputError, match="pass --force to replace the link itself"):
-        tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(tmp_path / "l"))
-    tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(tmp_path / "l"), force=True)
-    assert not (tmp_path / "l").is_symlink() and (tmp_path / "l" / "tiesmerge.json").is_file()
+    for force in (False, True):
+        with pytest.raises(OutputError, match="tiesmerge never replaces a link, --force included"):
+            tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(tmp_path / "l"), force=force)
+    assert (tmp_path / "l").is_symlink()
     assert sorted(p.name for p in user.iterdir()) == ["keep.txt"] and (user / "keep.txt").read_text() == "mine"
 
 

@@ -21,7 +21,8 @@ def test_a_dangling_link_at_the_output_is_kept_without_force(family, tmp_path, c
     link.symlink_to("../elsewhere")
     before = snapshot(inputs)
     rc, _, err = run_cli(_merge(b, ms, link), capsys)
-    check(rc, err, want_rc=1, needle=("is a link (to '../elsewhere') whose target does not exist", "--force"),
+    check(rc, err, want_rc=1, needle=("is a link (to '../elsewhere') whose target does not exist",
+                                       "never replaces a link, --force included"),
           output=None, inputs=inputs, before=before)
     assert link.is_symlink() and not (tmp_path / "elsewhere").exists()
 
@@ -112,6 +113,9 @@ def test_a_link_at_the_output_is_never_replaced_without_force(family, tmp_path, 
     link.symlink_to(target)
     rc, _, err = run_cli(_merge(b, ms, link), capsys)
     assert rc == 1 and "the output path is a link (to" in err and "--force" in err, err
+    assert link.is_symlink() and list(target.iterdir()) == []
+    rc, _, err = run_cli([*_merge(b, ms, link), "--force"], capsys)  # nor with --force (hp47 c56)
+    assert rc == 1 and "never replaces a link, --force included" in err, err
     assert link.is_symlink() and list(target.iterdir()) == []
 
 

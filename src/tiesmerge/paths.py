@@ -661,13 +661,15 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                           hint="choose another name for the output")
     final = _final(output)
     where = physical(output)
-    if os.path.islink(where) and not force:  # the user's link (dangling or not) is replaced only when asked
+    if os.path.islink(where):  # the user's link (dangling or not) is never replaced, --force or not: --force
+        # replaces only a folder tiesmerge wrote, and a link at /dev/stdout is the system's (hp47 c56; it was
+        # replaced with --force since pass 15 F8.7, as the hint offered)
         target = os.readlink(where)
         dangling = "" if os.path.exists(where) else (" that loops back on itself" if _loops(where) else
                                                       " whose target does not exist")  # (hp46 c25d)
-        raise OutputError(f"{output}: the output path is a link (to {target!r}){dangling}",
-                          hint="choose another path, or pass --force to replace the link itself (the output is "
-                               "written there, in place of the link, never into its target)")
+        raise OutputError(f"{output}: the output path is a link (to {target!r}){dangling}; tiesmerge never replaces "
+                          "a link, --force included", hint="choose another path, or remove the link yourself if "
+                                                           "you mean to write there")
     if _is_protected(final):
         raise OutputError(f"{output}: the output would replace {final}, which holds the working, home or root "
                           "folder; tiesmerge never replaces it", hint="name a new directory, e.g. -o ./merged")
@@ -1169,11 +1171,11 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
                                  "a file tiesmerge did not write"),
                               hint="choose another path (--force replaces only a file tiesmerge wrote there as "
                                    f"{what})")
+        if stat.S_ISLNK(st.st_mode):  # never replaced, --force included (hp47 c56)
+            raise OutputError(f"{path}: {what} already exists as a link (to {os.readlink(path)!r}); tiesmerge never "
+                              "replaces a link, --force included",
+                              hint="choose another path, or remove the link yourself if you mean to write there")
         if not force:
-            if stat.S_ISLNK(st.st_mode):
-                raise OutputError(f"{path}: {what} already exists as a link (to {os.readlink(path)!r})",
-                                  hint="choose another path, or pass --force to replace the link itself (the file "
-                                       "it points to is left as it is)")
             raise OutputError(f"{path}: {what} already exists (an earlier tiesmerge output)",
                               hint="choose another path, or pass --force to replace it")
 
