@@ -152,11 +152,16 @@ def is_library_load(exc: BaseException) -> bool:
     return isinstance(exc, (ImportError, OSError)) and "shared object" in text and _address_space_limited()
 
 
-def _address_space_limited() -> bool:
+def address_space_limit() -> int | None:
+    """The process's soft address-space limit (ulimit -v) in bytes, None where there is none."""
     import resource
 
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return soft != resource.RLIM_INFINITY and soft >= 0
+    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+
+
+def _address_space_limited() -> bool:
+    return address_space_limit() is not None
 
 
 class TrainingError(TiesMergeError):

@@ -64,11 +64,10 @@ TIGHT_ADDRESS_SPACE = 2 << 30
 
 
 def address_space_limit() -> int | None:
-    """The process's soft address-space limit in bytes, None where there is none."""
-    import resource
+    """errors.address_space_limit, here so a test can stand in a limit for the engine alone."""
+    from ..errors import address_space_limit as limit
 
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    return None if soft == resource.RLIM_INFINITY or soft < 0 else int(soft)
+    return limit()
 
 
 @contextmanager

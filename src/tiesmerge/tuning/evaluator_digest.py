@@ -170,8 +170,8 @@ def evaluator_module(evaluate: Any) -> str | None:
             inner = _partial_parts(inner)[0]
         elif _is_method(inner):
             inner = inner.__func__
-        elif _wrapped_of(inner) is not None:
-            inner = _wrapped_of(inner)
+        elif (wrapped := _wrapped_of(inner)) is not None:
+            inner = wrapped
         else:
             break
     if _is_function(inner) or _is_builtin(inner):
@@ -541,8 +541,8 @@ def _feed_object(digest: Any, value: Any, *, depth: int, budget: list[int]) -> N
         _feed(digest, (_instance_dict(value) or {}).get("_name_"), depth=depth + 1, budget=budget)
     elif _is(value, np.ma.MaskedArray):  # its values and its mask (hp45 c03: another mask resumed silently)
         _feed(digest, [np.ndarray.view(value, np.ndarray), np.ma.getmaskarray(value)], depth=depth + 1, budget=budget)
-    elif _library_state(value) is not _NONE:
-        _feed(digest, _library_state(value), depth=depth + 1, budget=budget)
+    elif (state := _library_state(value)) is not _NONE:  # read once: a generator's state is a copy
+        _feed(digest, state, depth=depth + 1, budget=budget)
     elif _is_data(value):
         _feed_data(digest, value, depth=depth, budget=budget)
     else:
