@@ -546,8 +546,9 @@ def _overflow_hint_for(method: MergeMethod):
     try:
         yield
     except NotFiniteError as exc:
-        scaled = hasattr(method, "lam") or not method.requirements().whole_tensors
-        exc.hint = overflow_hint(exc.code, scaled=scaled)
+        if exc.base_value is None:  # else the base's own value is past the range: a wider dtype is the hint
+            scaled = hasattr(method, "lam") or not method.requirements().whole_tensors
+            exc.hint = overflow_hint(exc.code, scaled=scaled)
         raise
 
 

@@ -57,9 +57,29 @@ class NotFiniteError(InvalidTensorError):
     """A merged value that is not finite in the output dtype ``code``: the hint says what helps (a caller that knows
     the method replaces it with :func:`overflow_hint` of whether the method scales its task vectors)."""
 
-    def __init__(self, message: str, *, code: str) -> None:
+    def __init__(self, message: str, *, code: str, tensor: str | None = None, element: int | None = None) -> None:
         super().__init__(message, hint=overflow_hint(code, scaled=True))
         self.code = code
+        self.tensor, self.element = tensor, element  # where: the executor looks up the base's own value there
+        self.base_value: float | None = None  # set where the base's value itself is past the dtype's range
+
+    def blame_the_base(self, value: float, remedy: str = "write a wider dtype (--dtype bfloat16 or float32)") -> None:
+        """The base's own value at the element is past the output dtype's range: no lam or weight is to blame, only a
+        wider dtype helps (hp47 c66: "use a smaller lam" at lam 0.001). ``remedy``: how the caller's user sets a wider
+        output dtype (``--dtype``; a recipe's out_dtype): callers that rewrite the hint call :meth:`wider_dtype_hint`
+        with their own."""
+        self.base_value = value
+        self.message += (f"; the base's own value there is {value:.6g}, past {_NAMES.get(self.code, self.code)}'s "
+                         f"largest {_TOPS.get(self.code, '3.4e38')}")
+        self.hint = self.wider_dtype_hint(remedy)
+
+    def wider_dtype_hint(self, remedy: str) -> str:
+        return (f"{remedy}: a merge near the base stays past {_TOPS.get(self.code, '3.4e38')} there whatever the "
+                "scaling or the models' weights")
+
+
+_TOPS = {"F16": "65504", "BF16": "3.39e38", "F32": "3.4e38", "F64": "3.4e38 (the merge computes in float32)"}
+_NAMES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 
 
 def check_finite(name: str, chunk: Any, code: str, offset: int = 0) -> None:
@@ -69,7 +89,8 @@ def check_finite(name: str, chunk: Any, code: str, offset: int = 0) -> None:
         return
     raise NotFiniteError(
         f"tensor {name!r}: the merged value at element {offset + where:,} is not finite (Inf or NaN) in the output "
-        f"dtype {code}; the merge overflowed, so no merged model was written or returned", code=code)
+        f"dtype {code}; the merge overflowed, so no merged model was written or returned", code=code, tensor=name,
+        element=offset + where)
 
 
 def overflow_hint(code: str, *, scaled: bool) -> str:

@@ -757,11 +757,17 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                               "size looks the same, and --force would discard it",
                               hint="copy them out of that directory first, or remove it yourself if nothing in it is "
                                    "yours, or choose another path")
-        resized = [c for c in changed if kept[c] == 0]  # surely edited: named first
-        changed = resized + [c for c in changed if c not in resized]
-        raise OutputError(f"{output}: --force would discard your changes to {len(changed)} file(s) that tiesmerge "
-                          f"wrote there (changed since: {', '.join(changed[:5])}{more}"
-                          + (f"; {len(resized)} of another size" if len(resized) < len(changed) else "") + ")",
+        # surely edited first, then what may be a copy's or a chmod's doing, each kind said as such (hp47 c09: a
+        # cp -a copy's untouched files were all called "your changes" beside the one file edited)
+        kinds = (("of another size", 0), ("of the same size, with another modification time", 1),
+                 ("with only another change time (a copy by cp -a, or a chmod, looks the same)", 2))
+        parts = []
+        for words, level in kinds:
+            these = [c for c in changed if kept[c] == level]
+            if these:
+                parts.append(f"{len(these)} {words}: {', '.join(these[:5])}{', ...' if len(these) > 5 else ''}")
+        raise OutputError(f"{output}: --force would discard changes to {len(changed)} file(s) that tiesmerge wrote "
+                          f"there ({'; '.join(parts)})",
                           hint="copy them out of that directory first, or choose another path")
     if added is None:
         raise OutputError(f"{output}: this output was written by an older tiesmerge, whose manifest does not list "

@@ -281,7 +281,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     problems: list[str] = []
     warnings: list[str] = []
     tokenizer = data.get("tokenizer")
+    newer_spelling = False  # the recipe's own key named in what is said of it (hp47 c58)
     if isinstance(tokenizer, dict) and set(tokenizer) == {"source"} and tokenizer["source"] in ("base", "union"):
+        newer_spelling = True
         # mergekit's newer spelling of tokenizer_source (its own errors recommend it): read as that (hp45 c37)
         if data.get("tokenizer_source") not in (None, tokenizer["source"]):
             problems.append(f"tokenizer.source {tokenizer['source']!r} and tokenizer_source "
@@ -467,7 +469,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         recipe["vocab_policy"] = "truncate"  # tiesmerge's truncate (hp43 C26: refused as differing shapes)
     if tok == "union":  # the models' added tokens kept: each new row the mean of the models that hold the token
         recipe["vocab_policy"] = "union"
-        warnings.append("tokenizer_source: union runs as --vocab-policy union: the output's tokenizer holds every "
+        warnings.append(f"{tokenizer_words('union', newer_spelling)} runs as --vocab-policy union: the output's "
+                        "tokenizer holds every "
                         "model's added tokens, each new embedding row the mean of the models that have the token"
                         + ("; the base's own rows of the embedding and output layers are trimmed among themselves, "
                            "where mergekit ranks them together with the new rows (their deltas against a row it "
@@ -477,7 +480,14 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         recipe["dtype"] = _DTYPES[out_name]
     origin = {"format": "mergekit", "merge_method": method, "semantics": semantics,
               "base_listed_among_models": dropped_base, "warnings": warnings}
+    if newer_spelling:
+        origin["tokenizer_key"] = "tokenizer.source"
     return recipe, origin
+
+
+def tokenizer_words(source: str, newer_spelling: bool) -> str:
+    """How the recipe spelled its tokenizer source: ``tokenizer: {source: union}`` or ``tokenizer_source: union``."""
+    return f"tokenizer: {{source: {source}}}" if newer_spelling else f"tokenizer_source: {source}"
 
 
 def _shapes_differ(paths: list[str], base: str | None) -> bool:
@@ -587,9 +597,10 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     if not 0 < density <= 1:
         problems.append(f"{method}: density {density} must be a fraction in (0, 1]")
         return "", {}, ""
-    warnings.append(f"{method}: the random masks differ from mergekit's (torch.bernoulli) and the survivors are "
-                    "rescaled by 1/density (DARE's rule) where mergekit keeps each tensor's L1 norm; the two "
-                    "agree in expectation, not entry by entry")
+    if density < 1:  # at density 1 nothing is dropped or rescaled on either side: equal entry by entry (hp47 c15)
+        warnings.append(f"{method}: the random masks differ from mergekit's (torch.bernoulli) and the survivors are "
+                        "rescaled by 1/density (DARE's rule) where mergekit keeps each tensor's L1 norm; the two "
+                        "agree in expectation, not entry by entry")
     if method == "dare_ties":  # normalize divides by the agreeing weights, as in ties
         params = {"drop_rate": 1.0 - density, "lam": lam, "weights": weights, "elect": "mass",
                   "aggregate": "mean" if normalize else "sum"}

@@ -487,6 +487,8 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
                         allow_pickle=allow_pickle, vocab_policy=vocab_policy, progress=progress,
                         finish=finish if output is not None else None)
     except NotFiniteError as exc:  # the merge's hint names --dtype and lam, which adapt has not (hp35 E21)
+        if exc.base_value is not None:  # the base's own value past the range: no coefficient is to blame (hp47 c66)
+            raise
         exc.hint = ("the learned coefficients scale a task vector past the output dtype" + (" (float16 holds values "
                     "up to 65504)" if exc.code == "F16" else "") + ": bound them with --clamp (e.g. --clamp 0 1) or "
                     "start lower with --init, and check the models for huge values")

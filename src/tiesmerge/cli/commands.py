@@ -455,7 +455,11 @@ def _mergekit_words(data: dict[str, Any]) -> None:
 
     origin = data.get("origin")
     if isinstance(origin, dict) and origin.get("format") == "mergekit":
-        align.policy_words = dict(align.MERGEKIT_POLICY_WORDS)
+        from ..recipe_mergekit import tokenizer_words
+
+        newer = origin.get("tokenizer_key") == "tokenizer.source"  # the recipe's own spelling (hp47 c58)
+        align.policy_words = {policy: f"{tokenizer_words(source, newer)} in the recipe"
+                              for policy, source in (("union", "union"), ("truncate", "base"))}
         # a model listed twice: counted more by its weight where the method has weights (hp45 c12: "--weights")
         weighted = origin.get("merge_method") not in ("slerp", "nuslerp", "model_stock")
         inputs.weights_option = "a larger weight (models[i].parameters.weight in the recipe)" if weighted else None
@@ -472,7 +476,8 @@ def _overflow_said_for(origin: Any):
         if isinstance(origin, dict) and origin.get("format") == "mergekit":
             from ..recipe_mergekit import overflow_hint
 
-            exc.hint = overflow_hint(exc.code, str(origin.get("merge_method")))
+            exc.hint = overflow_hint(exc.code, str(origin.get("merge_method"))) if exc.base_value is None else \
+                exc.wider_dtype_hint("set the recipe's out_dtype (or dtype) to bfloat16 or float32")
         raise
 
 

@@ -472,11 +472,17 @@ def main(argv: list[str] | None = None) -> int:
     stdout = sys.stdout
     COMPLETED.clear()  # main() runs more than once in a process (tests, the API's callers)
     previous = _terminate_like_interrupt()
+    wording: list[tuple[Any, str, Any]] = []  # the library's hint wording, put back after the command
     try:  # from the handlers on: a stop signal anywhere is "terminated", never a traceback (hostile pass 24, F8)
         with stops.held():  # the engine's imports (~0.4 s): a stop signal here unwinds the command after them
             _private_torch_cache()
             from .. import inputs, sizes
             from ..io import align
+        # the command's words in hints: an API call after main() in one process gets the library's again (a
+        # mergekit recipe's "tokenizer_source" named in a later tiesmerge.merge's hint, seen in pass 48's tests)
+        wording[:] = [(module, name, getattr(module, name)) for module, name in (
+            (sizes, "shard_size_option"), (inputs, "stats_option"), (inputs, "weights_option"),
+            (align, "union_offered"), (align, "policy_words"))]
         sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
         inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: it has none
         inputs.weights_option = {"merge": "--weights", "validate": "weights:"}.get(args.command)
@@ -539,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "whose regex backtracks without end); run again with --debug for the "
                                           "traceback"), args.debug)
     finally:
+        for module, name, value in wording:
+            setattr(module, name, value)
         summary = getattr(warnings.showwarning, "summary", None)
         if summary is not None:
             summary()  # the count of warnings left unshown, after the command's own output

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..dtypes import DType, as_dtype
 from ..errors import InvalidTensorError, MergeWarning, OutOfMemoryError, TiesMergeError, is_out_of_memory, memory_hint
-from ..finite import check_copy_fits, check_finite, check_fits_float8, first_nonfinite
+from ..finite import NotFiniteError, check_copy_fits, check_finite, check_fits_float8, first_nonfinite
 from ..io import leases
 from ..io.align import Alignment, TensorJob
 from ..io.protocol import rank_bound
@@ -374,11 +374,34 @@ class Executor:
     def run(self, sink: Sink) -> RunStats:
         try:
             return self._run_with_threads(sink)
+        except NotFiniteError as exc:
+            self._base_past_range(exc)
+            raise
         except RuntimeError as exc:  # torch's allocator, or a thread's stack the address-space limit refused: the
             if not is_out_of_memory(exc):  # API's caller gets the typed error the command line prints (hp44 c10)
                 raise
             raise OutOfMemoryError(f"ran out of memory ({str(exc)[:200]})",
                                    hint=memory_hint(self.plan.memory_budget)) from exc
+
+    def _base_past_range(self, exc: NotFiniteError) -> None:
+        """An overflow where the base's own value is already past the output dtype's range is said as that (hp47
+        c66): read the one row of the base that holds the element, where the output tensor has the base's shape."""
+        job = next((j for j in self.alignment.jobs if exc.tensor in (j.name, *j.aliases)), None)
+        base = self.inputs.base
+        if job is None or exc.element is None or exc.code not in ("F16", "BF16", "F32", "F64"):
+            return
+        try:
+            shape = tuple(base.info(job.name).shape)
+            if shape != tuple(job.shape) or not shape:
+                return
+            per_row = math.prod(shape[1:])
+            row = base.read(job.name, slice(exc.element // per_row, exc.element // per_row + 1))  # (1, *S[1:])
+            value = float(row.reshape(-1)[exc.element % per_row])
+        except Exception:  # noqa: BLE001 - only a better message was at stake: the overflow's own error stands
+            return
+        top = 65504.0 if exc.code == "F16" else float(torch.finfo(torch.float32).max)
+        if not math.isfinite(value) or abs(value) > top:
+            exc.blame_the_base(value)
 
     def _run_with_threads(self, sink: Sink) -> RunStats:
         if self.reader.raw_wanted and fused.load() is None:  # numba installed but not importable: torch

@@ -258,9 +258,7 @@ union_offered = True
 # how the running command spells the vocabulary policies in a hint: a mergekit recipe has no --vocab-policy (refused
 # over it), its tokenizer_source says the same (hp45 c04: the hint named the refused flag)
 POLICY_FLAGS = {"union": "--vocab-policy union (vocab_policy='union')", "truncate": "--vocab-policy truncate"}
-policy_words = dict(POLICY_FLAGS)
-MERGEKIT_POLICY_WORDS = {"union": "tokenizer_source: union in the recipe",
-                         "truncate": "tokenizer_source: base in the recipe"}
+policy_words = dict(POLICY_FLAGS)  # a mergekit recipe: its own key (cli.commands._mergekit_words)
 
 
 def _models_changing(base: Checkpoint, models: Sequence[Checkpoint], model_names: Sequence[set[str]], name: str
@@ -368,10 +366,19 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             if extra:
                 parts.append(f"has {len(extra)} tensor(s) the base lacks, first {extra[0]!r}")
             first = (missing or extra)[0]
+            hint = "all models must be fine-tunes of the same base architecture"
+            # a tensor may sit in a shard the index never names: the index, not the architecture (hp47 c54)
+            lacking, role = (model, f"model {k}'s") if missing else (base, "the base's")
+            left_out = lacking.shards_left_out() if hasattr(lacking, "shards_left_out") else []
+            if left_out:
+                hint = (f"{role} folder holds {', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}, "
+                        "which its index (model.safetensors.index.json) never names: the index is incomplete or "
+                        "belongs to another download; regenerate it (or fetch the model again) so that weight_map "
+                        "names every tensor")
             raise IncompatibleCheckpointsError(
                 f"tensor names differ: model {k} ({model.label}) " + " and ".join(parts)
                 + f"\n  {first!r} in each input:\n" + _shapes_table(first, base, models),
-                hint="all models must be fine-tunes of the same base architecture",
+                hint=hint,
             )
     # -- tied tensors
     tied = []

@@ -244,6 +244,20 @@ class SafetensorsCheckpoint:
     def directory(self) -> Path | None:
         return self.path if self.path.is_dir() else None
 
+    def shards_left_out(self) -> list[str]:
+        """The ``*.safetensors`` files in a sharded model's folder that its index never names: a tensor missing from
+        the merge may sit there (hp47 c54: blamed on the architecture). Names only; nothing is opened."""
+        folder = self.directory()
+        if folder is None or len(self._files) < 1 or not (folder / "model.safetensors.index.json").exists():
+            return []
+        listed = {f.name for f in self._files}
+        try:
+            with os.scandir(folder) as entries:
+                return sorted(e.name for e in entries
+                              if e.name.endswith(".safetensors") and e.name not in listed)[:1000]
+        except OSError:
+            return []
+
     def mappable(self, name: str) -> bool:
         """Whether ``name`` may be read through a file mapping: its file is leased (leases.py), so it cannot be
         truncated under the mapping (a lost page would be a SIGBUS, no error); else it is read with pread."""

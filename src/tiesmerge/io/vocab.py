@@ -219,8 +219,10 @@ def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
         if isinstance(data, dict):
             special_list(data.get("additional_special_tokens"), str(stm))
     if not read:
+        # the folder said once where the label is its name (hp47 c58: "hfbase: hfbase has no tokenizer")
+        who = f"{directory}" if label in (str(directory), Path(directory).name) else f"{directory}: {label}"
         raise CheckpointError(
-            f"{directory}: {label} has no tokenizer tiesmerge can read as data (looked for tokenizer.json, vocab.txt, "
+            f"{who} has no tokenizer tiesmerge can read as data (looked for tokenizer.json, vocab.txt, "
             f"vocab.json); {align_words()} needs every model's tokenizer",
             hint="save the tokenizer beside the weights (tokenizer.save_pretrained(DIR)); a sentencepiece-only "
                  "tokenizer.model is not read: save it with a fast tokenizer to get tokenizer.json")

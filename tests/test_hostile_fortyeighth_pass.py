@@ -1,0 +1,132 @@
+"""Hostile passes 47 and 48 (issue 13): their notes and failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers_ckpt import assert_no_output, make_family, write_hf_dir
+
+
+def _mergekit_translation(method, parameters, **top):
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    recipe = {"merge_method": method, "base_model": "b",
+              "models": [{"model": m, "parameters": {"weight": 1.0}} for m in ("m1", "m2")],
+              "parameters": parameters, **top}
+    return translate_mergekit(recipe)
+
+
+@pytest.mark.parametrize("density, warned", [(1.0, False), (0.5, True)])
+def test_dare_at_density_1_is_not_warned_of_random_masks(density, warned):
+    """hp47 c15: a mergekit dare_ties recipe at density 1 with ``rescale: false`` (bit-equal to mergekit's output) was
+    warned that "the random masks differ from mergekit's ... survivors are rescaled by 1/density": at density 1 nothing
+    is dropped or rescaled on either side. Below density 1 the warning stays."""
+    parameters = {"density": density, **({"rescale": False} if density == 1 else {})}
+    _, origin = _mergekit_translation("dare_ties", parameters)
+    said = any("random masks differ" in w for w in origin["warnings"])
+    assert said is warned, origin["warnings"]
+
+
+def test_a_recipes_tokenizer_block_is_named_as_the_recipe_wrote_it(tmp_path, capsys):
+    """hp47 c58: ``tokenizer: {source: union}`` with a base that has no tokenizer was refused with "hfbase: hfbase has
+    no tokenizer ... tokenizer_source: union in the recipe needs every model's tokenizer": a key the recipe does not
+    have, and the model named twice. The recipe's own spelling is named, the folder once; the older spelling keeps its
+    own."""
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(1)
+    write_hf_dir(tmp_path / "hfbase", base, tokenizer=False)
+    write_hf_dir(tmp_path / "hfa", fts[0])
+    for spelling, words in (("tokenizer: {source: union}", "tokenizer: {source: union} in the recipe"),
+                            ("tokenizer_source: union", "tokenizer_source: union in the recipe")):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"merge_method: ties\nbase_model: {tmp_path / 'hfbase'}\nmodels:\n"
+                          f"  - {{model: {tmp_path / 'hfa'}, parameters: {{weight: 1, density: 0.5}}}}\n{spelling}\n")
+        assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        error = next(line for line in err.splitlines() if line.startswith("error:"))
+        assert f"{words} needs every model's tokenizer" in error, err
+        assert error.count("hfbase") == 1, error
+        assert_no_output(tmp_path / "out")
+        if spelling.startswith("tokenizer:"):
+            assert "tokenizer_source" not in err, err
+    # the library's own words come back after the command: a later API call's hint names vocab_policy, not the recipe
+    from tiesmerge.io import align
+
+    assert align.policy_words == align.POLICY_FLAGS
+
+
+def test_a_tensor_in_a_shard_the_index_never_names_is_said_so(tmp_path, capsys):
+    """hp47 c54: a model whose index leaves out a shard in its folder (the tensor it holds never read) was refused as
+    "lacks 1 of the base's tensors" with the hint "all models must be fine-tunes of the same base architecture". The
+    hint names the shard the index leaves out."""
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(2)
+    write_hf_dir(tmp_path / "base", base)
+    write_hf_dir(tmp_path / "b", fts[1])
+    sharded = write_hf_dir(tmp_path / "a", fts[0], shards=2)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    left_out = sorted(set(index["weight_map"].values()))[1]
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != left_out}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["merge", "--base", str(tmp_path / "base"), "--model", str(sharded), "--model", str(tmp_path / "b"),
+                 "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    hint = capsys.readouterr().err.split("hint:")[-1]
+    assert f"model 0's folder holds {left_out}, which its index (model.safetensors.index.json) never names" in hint
+    assert "architecture" not in hint
+    assert_no_output(tmp_path / "out")
+
+
+def _big_base_family(tmp_path):
+    """A base holding 1e6 at one element of a merged tensor (past float16's range), its fine-tune 0.01 away."""
+    base, fts = make_family(1)
+    name = "model.layers.0.mlp.up_proj.weight"
+    base[name][0, 3] = 1e6
+    fine = {k: v + 0.01 if v.is_floating_point() else v for k, v in base.items()}
+    return write_hf_dir(tmp_path / "bigbase", base), write_hf_dir(tmp_path / "bigA", fine), name
+
+
+def test_an_overflow_of_the_bases_own_value_asks_only_for_a_wider_dtype(tmp_path, capsys):
+    """hp47 c66: a float16 merge where the base's own value (1e6) is past 65504 was hinted "use a smaller lam" at lam
+    0.001 (and "lower the models' weight" in a mergekit recipe): no scaling helps there. The message says the base's
+    value and the hint asks for a wider dtype only, in the recipe's terms over a recipe."""
+    from tiesmerge.cli.main import main
+
+    base, model, name = _big_base_family(tmp_path)
+    assert main(["merge", "--base", str(base), "--model", str(model), "--method", "task_arithmetic", "--lam", "0.001",
+                 "--dtype", "float16", "-o", str(tmp_path / "o1"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"tensor {name!r}" in err and "the base's own value there is 1e+06, past float16's largest 65504" in err
+    hint = err.split("hint:")[-1]
+    assert "write a wider dtype (--dtype bfloat16 or float32)" in hint and "lam" not in hint, err
+    assert_no_output(tmp_path / "o1")
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                      f"  - {{model: {model}, parameters: {{weight: 1.0}}}}\ndtype: float32\nout_dtype: float16\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "o2"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    hint = err.split("hint:")[-1]
+    assert "the base's own value there is 1e+06" in err
+    assert "set the recipe's out_dtype (or dtype) to bfloat16 or float32" in hint and "weight" not in hint.split(":")[0]
+    assert "parameters.weight" not in hint and "--dtype" not in hint
+    assert_no_output(tmp_path / "o2")
+
+
+def test_an_overflow_the_scaling_makes_keeps_the_scaling_hint(tmp_path):
+    """The control: where the base's value is in range and λ pushes the merge past float16, lam stays in the hint."""
+    import tiesmerge
+    from tiesmerge.finite import NotFiniteError
+
+    base, fts = make_family(1)
+    fine = {k: v + 100.0 if v.is_floating_point() else v for k, v in base.items()}
+    b = write_hf_dir(tmp_path / "base", base)
+    m = write_hf_dir(tmp_path / "m", fine)
+    with pytest.raises(NotFiniteError) as caught:
+        tiesmerge.merge(b, [m], "task_arithmetic", lam=1000.0, dtype="float16", output=tmp_path / "out")
+    assert caught.value.base_value is None and "lam" in caught.value.hint
+    assert "base's own value" not in caught.value.message
+    assert_no_output(tmp_path / "out")
