@@ -62,7 +62,7 @@ def _typed_out_of_memory(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def typed(*args: Any, **kwargs: Any) -> Any:
-        from .errors import OutOfMemoryError, is_library_load, is_out_of_memory, memory_hint
+        from .errors import OutOfMemoryError, is_library_load, is_out_of_memory, library_out_of_memory, memory_hint
 
         try:
             return fn(*args, **kwargs)
@@ -75,10 +75,7 @@ def _typed_out_of_memory(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             said = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             if is_library_load(exc):  # a library's own import: no budget helps (hp46 c17c)
-                raise OutOfMemoryError(f"ran out of memory while loading a library ({said}): the process's "
-                                       "address-space limit is smaller than the libraries tiesmerge runs on",
-                                       hint="raise the limit (ulimit -v 2000000 leaves room for a merge, or "
-                                            "unlimited)") from exc
+                raise library_out_of_memory(said) from exc
             raise OutOfMemoryError(f"ran out of memory ({said})",
                                    hint=memory_hint(budget_in_use(kwargs.get("memory_budget")))) from exc
     return typed

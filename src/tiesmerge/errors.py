@@ -135,6 +135,16 @@ def memory_hint(budget: int | None = None) -> str:
             "more memory: raise the process's limit (ulimit -v) or free memory on this machine")
 
 
+def library_out_of_memory(said: str = "", where: str = "", *, command_line: bool = False) -> OutOfMemoryError:
+    """The one wording of memory running out while a library (torch, llvmlite) loads, from the API and the command
+    line alike (``said``: the library's own words; ``where``: a file's "path: " prefix)."""
+    return OutOfMemoryError(
+        f"{where}ran out of memory while loading a library{f' ({said})' if said else ''}: the process's address-space "
+        "limit is smaller than the libraries tiesmerge runs on (importing torch reserves about 650 MiB of addresses)",
+        hint="raise the limit (ulimit -v 2000000 leaves room for a merge, or unlimited)"
+             + ("; nothing was read or written" if command_line else ""))
+
+
 def is_library_load(exc: BaseException) -> bool:
     """Whether ``exc`` is a shared library (torch's) that could not be mapped while it was imported: the process's
     address-space limit is smaller than the library itself, which no budget can help (hp44 c31)."""

@@ -29,6 +29,7 @@ from ..errors import (
     TiesMergeError,
     is_library_load,
     is_out_of_memory,
+    library_out_of_memory,
     memory_hint,
 )
 from ..io import leases
@@ -765,12 +766,7 @@ def _out_of_memory(exc: BaseException, args: argparse.Namespace) -> int:
     text = text.strip().splitlines()[0][:200] if text.strip() else ""
     where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
     if _loading_a_library(exc):  # torch's own files under a tight ulimit -v: no budget helps (hp44 c31)
-        return _report(OutOfMemoryError(
-            f"{where}ran out of memory while loading a library{f' ({text})' if text else ''}: the process's "
-            "address-space limit is smaller than the libraries tiesmerge runs on (importing torch reserves about "
-            "650 MiB of addresses)",
-            hint="raise the limit (ulimit -v 2000000 leaves room for a merge, or unlimited); nothing was read or "
-                 "written"), debug)
+        return _report(library_out_of_memory(text, where, command_line=True), debug)
     if command == "demo":
         helps = "give a smaller --params (the synthetic models' size, millions of parameters)"
     elif command in MEMORY_BUDGET_COMMANDS:

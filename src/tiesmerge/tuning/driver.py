@@ -110,10 +110,9 @@ def _evaluator_data(evaluate: Any) -> Any:
     search before its first candidate; a 20 GB dataset path was hashed at every start)."""
     import stat
 
-    from .evaluator_digest import _instance_dict, _unguarded
+    from .evaluator_digest import evaluator_attribute
 
-    inner = _unguarded(evaluate)  # a guarded evaluator holds the user's
-    data = (_instance_dict(inner) or {}).get("data")  # its own attribute, read without running its code
+    data = evaluator_attribute(evaluate, "data")  # its own attribute, read without running its code
     if not isinstance(data, (str, os.PathLike)):
         return None
     try:  # a regular file only: a FIFO or a device named by a user's attribute is never opened (it hung: hp46 c44)

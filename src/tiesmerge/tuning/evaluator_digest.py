@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["evaluator_state", "evaluator_objects", "evaluator_module"]
+__all__ = ["evaluator_state", "evaluator_objects", "evaluator_module", "evaluator_attribute"]
 
 
 # Every test of a user's value goes through its type, never the value itself: isinstance() reads a __class__
@@ -187,6 +187,12 @@ def _unguarded(evaluate: Any) -> Any:
     if _type_text(kind, "__name__") == "GuardedEvaluator" and _type_text(kind, "__module__").startswith("tiesmerge."):
         return object.__getattribute__(evaluate, "evaluate")
     return evaluate
+
+
+def evaluator_attribute(evaluate: Any, name: str) -> Any:
+    """The evaluator's own instance attribute ``name`` (inside tiesmerge's guard too), or None: read through the
+    interpreter's slot, never running the user's ``__getattr__`` or properties."""
+    return (_instance_dict(_unguarded(evaluate)) or {}).get(name)
 
 
 def _is_users_object(value: Any) -> bool:
