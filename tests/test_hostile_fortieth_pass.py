@@ -54,7 +54,7 @@ def test_a_search_resumes_with_the_same_folders_spelled_otherwise(tmp_path, monk
     run_search("base", ["a", "b"], "ties", lambda state: 1.0, grid=grid, log=log)
     run_search("./base/", [str(dirs[1]), "b/"], "ties", lambda state: 1.0, grid=grid, log=log,
                on_trial=scored.append)
-    assert scored == []  # every candidate came from the log
+    assert [t.index for t in scored] == [0]  # candidate 0 scored again to check the log; the other came from it
 
 
 def _encoder_family(tmp_path, bert_tokenizer, n=2):
@@ -179,10 +179,10 @@ def test_a_search_log_keeps_non_finite_api_scores_readable(tmp_path):
 
     base, models = make_family(2)
     grid, log = {"density": (0.25, 0.5, 0.75, 1.0), "lam": (1.0,)}, tmp_path / "log.jsonl"
-    values = iter([math.nan, math.inf, -math.inf, 0.5])
+    values = iter([math.nan, math.inf, -math.inf, 0.5, math.nan])
 
-    def score(state):
-        return next(values)  # scored once each: the second search must take every score from the log
+    def score(state):  # scored once each: the second search takes every score from the log but the first, scored
+        return next(values)  # again to check the log (NaN again: NaN matches NaN), and a next() would raise
 
     first = run_search(base, models, "ties", score, grid=grid, log=str(log))
     for line in log.read_text().splitlines():
@@ -509,9 +509,10 @@ def test_a_search_resumed_with_an_evaluator_built_otherwise_is_refused(tmp_path,
     base, models = make_family(2)
     grid, log = {"density": (0.2, 0.5), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
     run_search(base, models, "ties", evaluator(1.0), grid=grid, log=log)
-    if kind == "object":
+    if kind == "object":  # not digested, so warned; and the first logged candidate, scored again, differs
         with pytest.warns(MergeWarning, match="2 logged scores of an evaluator whose scores depend on the "
-                                              "attributes of a .* object.*needs a log of its own"):
+                                              "attributes of a .* object.*needs a log of its own"), \
+                pytest.raises(ConfigError, match="scores .* now where the log records"):
             run_search(base, models, "ties", evaluator(-1.0), grid=grid, log=log)
         return
     run_search(base, models, "ties", evaluator(1.0), grid=grid, log=log)  # built the same: resumes
@@ -786,16 +787,17 @@ def test_the_build_digest_follows_partials_and_decorators_into_closures():
 
 def test_a_bound_methods_resume_is_said_as_an_objects_is(tmp_path):
     """hp41 C5: a bound method E(sign).score resumed with another sign silently; as for a callable object, its
-    object's attributes cannot be compared, and that is said."""
+    object's attributes cannot be compared, and that is said (and the logged candidate scored again differs)."""
     from helpers_ckpt import make_family
-    from tiesmerge.errors import MergeWarning
+    from tiesmerge.errors import ConfigError, MergeWarning
     from tiesmerge.tuning import run_search
 
     base, models = make_family(2)
     grid, log = {"density": (0.2,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
     run_search(base, models, "ties", _SignedScore(1.0).__call__, grid=grid, log=log)
     with pytest.warns(MergeWarning, match="logged scores of an evaluator whose scores depend on the attributes "
-                                          "of a _SignedScore object"):
+                                          "of a _SignedScore object"), \
+            pytest.raises(ConfigError, match="now where the log records"):
         run_search(base, models, "ties", _SignedScore(-1.0).__call__, grid=grid, log=log)
 
 

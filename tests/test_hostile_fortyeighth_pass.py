@@ -130,3 +130,44 @@ def test_an_overflow_the_scaling_makes_keeps_the_scaling_hint(tmp_path):
     assert caught.value.base_value is None and "lam" in caught.value.hint
     assert "base's own value" not in caught.value.message
     assert_no_output(tmp_path / "out")
+
+
+_CALLS: list[int] = []
+
+
+def _score_read_at_each_call(path, state):
+    """An evaluator that reads its data at each call: its path and code stay the same."""
+    _CALLS.append(1)
+    with open(path) as f:
+        return float(f.read()) * float(sum(v.float().sum() for v in state.values()))
+
+
+def test_a_resumed_search_whose_evaluator_reads_another_file_now_is_refused(tmp_path):
+    """What no digest of the evaluator can see (a file it opens inside each call, pass 40's and 47's known escape; the
+    time of day; code a digest misses) changes the scores: the first logged candidate is scored again before any
+    logged score is lent, and a resume whose score differs is refused, the log untouched. Float noise (another
+    thread count's sums) is not a difference, and the resumed search keeps the log's scores bit for bit."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    import functools
+
+    base, models = make_family(2)
+    data = tmp_path / "labels.txt"
+    data.write_text("1.0")
+    score, calls = functools.partial(_score_read_at_each_call, str(data)), _CALLS
+
+    grid, log = {"density": (0.2, 0.5), "lam": (1.0,)}, tmp_path / "log.jsonl"
+    first = run_search(base, models, "ties", score, grid=grid, log=str(log))
+    logged = log.read_bytes()
+    data.write_text("-1.0")  # another validation set at the same path
+    with pytest.raises(ConfigError, match=r"candidate 0 .* scores -?[0-9.e+-]+ now where the log records") as caught:
+        run_search(base, models, "ties", score, grid=grid, log=str(log))
+    assert "another --dir" in caught.value.hint and log.read_bytes() == logged
+
+    data.write_text("1.0000000001")  # float noise: resumed, the log's scores kept
+    calls.clear()
+    again = run_search(base, models, "ties", score, grid=grid, log=str(log))
+    assert len(calls) == 1 and again.log_checked == 1 and again.evaluations == 1
+    assert [t.score for t in again.trials] == [t.score for t in first.trials] and all(t.reused for t in again.trials)
+    assert log.read_bytes() == logged  # nothing appended: the checked candidate is logged already

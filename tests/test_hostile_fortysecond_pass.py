@@ -110,7 +110,8 @@ def test_a_refused_search_log_is_not_left_locked(tmp_path):
                on_trial=scored.append)
     run_search(base, [a, b], "ties", lambda state: 1.0, grid={"density": (0.5,), "lam": (1.0,)}, log=log,
                on_trial=scored.append)
-    assert len(scored) == 2 and kept.value is not None  # the second log: 2 scored; this one: resumed, none scored
+    # the second log: 2 scored; this one: resumed, its one candidate scored again to check the log
+    assert len(scored) == 3 and kept.value is not None
 
 
 def test_a_non_finite_api_score_is_said_never_to_win(tmp_path):
@@ -515,7 +516,7 @@ def test_a_resume_whose_evaluator_holds_an_object_is_warned(tmp_path, how):
     hp41 C5): the object's attributes decide the scores and are not digested."""
     import functools
 
-    from tiesmerge.errors import MergeWarning
+    from tiesmerge.errors import ConfigError, MergeWarning
     from tiesmerge.tuning import run_search
 
     def build(sign):
@@ -529,7 +530,8 @@ def test_a_resume_whose_evaluator_holds_an_object_is_warned(tmp_path, how):
     grid, log = {"density": (0.5,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
     run_search(base, [a, b], "ties", build(1.0), grid=grid, log=log)
     with pytest.warns(MergeWarning, match=r"1 logged scores of an evaluator whose scores depend on the attributes of "
-                                          r"a _Signed object"):
+                                          r"a _Signed object"), \
+            pytest.raises(ConfigError, match="now where the log records"):  # the candidate scored again differs
         run_search(base, [a, b], "ties", build(-1.0), grid=grid, log=log)
 
 
@@ -1373,7 +1375,7 @@ def test_files_from_keeps_the_copied_config_true_to_the_written_weights(tmp_path
 def test_a_resume_whose_evaluator_closes_over_an_object_is_warned(tmp_path):
     """hp43 c55: `lambda sd: e.score(sd)` (a closure over an object) resumed silently after the object's settings
     changed; the partial and decorator forms were warned since hp42 D29."""
-    from tiesmerge.errors import MergeWarning
+    from tiesmerge.errors import ConfigError, MergeWarning
     from tiesmerge.tuning import run_search
 
     base, a, b = _family_dirs(tmp_path)
@@ -1384,7 +1386,8 @@ def test_a_resume_whose_evaluator_closes_over_an_object_is_warned(tmp_path):
         return lambda state: e.score(state)
 
     run_search(base, [a, b], "ties", build(1.0), grid=grid, log=log)
-    with pytest.warns(MergeWarning, match=r"depend on the attributes of a _Signed object"):
+    with pytest.warns(MergeWarning, match=r"depend on the attributes of a _Signed object"), \
+            pytest.raises(ConfigError, match="now where the log records"):  # the candidate scored again differs
         run_search(base, [a, b], "ties", build(-1.0), grid=grid, log=log)
 
 

@@ -55,8 +55,9 @@ def test_search_writes_log_report_and_the_best_merge_and_resumes(tmp_path, monke
     assert json.dumps(manifest).count("per_tensor") >= 1
     calls = sys.modules["my_eval"].CALLS
     assert len(calls) == 6
-    assert main(args) == 0  # run again: everything comes from the log
-    assert len(calls) == 6 and "0 scored and 0 merges" in capsys.readouterr().out
+    assert main(args) == 0  # run again: everything comes from the log, one candidate scored again to check it
+    assert len(calls) == 7 and "1 scored (1 of them to check the log it resumed) and 1 merges" in \
+        capsys.readouterr().out
 
 
 def test_search_rejects_bad_flags_before_reading_anything(tmp_path, capsys):

@@ -65,6 +65,7 @@ class SearchResult:
     evaluations: int  # candidates this run scored (the others came from the log)
     seconds: float
     best_state: dict[str, torch.Tensor] = field(repr=False, compare=False, default_factory=dict)
+    log_checked: int = 0  # of the evaluations, logged candidates scored again to check a resumed log (one)
 
     def table(self) -> str:
         """Every trial as a Markdown table, the best one in bold."""
@@ -164,8 +165,9 @@ def _warn_object_evaluator(evaluate: Any, results: Any) -> None:
         return
     warnings.warn(MergeWarning(f"{results.path}: resuming with {len(results.records):,} logged scores of an evaluator "
                                f"whose scores depend on the attributes of a {', '.join(objects)} object: tiesmerge "
-                               "checks its code, not its attributes, so an evaluator built otherwise (another sign, "
-                               "other data) needs a log of its own"), stacklevel=3)
+                               "checks its code, not its attributes, and scores one logged candidate again, so an "
+                               "evaluator built otherwise (another sign, other data) that agrees on that one "
+                               "still needs a log of its own"), stacklevel=3)
 
 
 def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
@@ -389,7 +391,12 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
     trials: list[Trial] = []
     seen: dict[str, Trial] = {}  # scores of this run by candidate key: nothing is scored twice
     best: Trial | None = None
-    merges_before, evaluations = executor.merges, 0
+    merges_before, evaluations, checked = executor.merges, 0, 0
+    # before the first score a resumed log would lend, that candidate is scored again and must match: what its
+    # header's digests cannot see (a file the evaluator opens inside its call, the time of day, code a digest misses)
+    # is caught by behaviour, not by description (pass 46's digest cases, hp47's recommendation)
+    probes: dict[str, float] = {}  # candidate key -> the log's score, while its re-score is pending
+    probed = results is None or not results.records
     while batch := chooser.ask():
         candidates = [Candidate(len(trials) + i, options) for i, options in enumerate(batch)]
         _check(job, candidates, n_models)  # a bad candidate fails before a merge
@@ -399,6 +406,12 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
         for c in candidates:
             known = seen.get(c.key)
             record = results.get(c.key) if results is not None and known is None else None
+            if record is not None and not probed:  # scored again, compared in on_scored
+                probed = True
+                probes[c.key] = float(record["score"])
+                first[c.key] = c
+                todo.append(c)
+                continue
             if known is not None or record is not None:
                 score = known.score if known is not None else float(record["score"])
                 seconds = known.seconds if known is not None else float(record["seconds"])
@@ -408,15 +421,20 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
                 todo.append(c)
 
         def on_scored(c: Candidate, score: float, seconds: float, scored: dict[int, Trial] = scored) -> None:
-            nonlocal evaluations
+            nonlocal evaluations, checked
             if watch is not None:  # before it is logged: a candidate merged from a replaced model is not kept
                 watch.check()
             evaluations += 1
             trial = Trial(c.index, c.options, score, seconds)
-            scored[c.index] = trial
-            if results is not None:
+            if c.key in probes:  # a logged candidate scored again: the log lends its scores only if they agree
+                logged = probes.pop(c.key)
+                _check_resumed_score(results, c, logged, score)
+                trial = Trial(c.index, c.options, logged, seconds, reused=True)  # the log's: a resume is bit-exact
+                checked += 1
+            elif results is not None:
                 results.append({"key": c.key, "index": c.index, "options": canonical(c.options), "score": score,
                                 "seconds": round(seconds, 4)})
+            scored[c.index] = trial
             if on_trial is not None:
                 on_trial(trial)
 
@@ -436,7 +454,26 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
         raise ConfigError("no candidate got a finite score", hint="check the evaluator on one merge first")
     best_state = _winner_state(executor, job, base32, dtypes, best)
     return SearchResult(space.method, strategy, space, best, tuple(trials), executor.merges - merges_before,
-                        evaluations, time.perf_counter() - started, best_state)
+                        evaluations, time.perf_counter() - started, best_state, log_checked=checked)
+
+
+def _check_resumed_score(results: ResultsLog | None, c: Candidate, logged: float, score: float) -> None:
+    """A resumed log's candidate scored again to ``score`` where the log holds ``logged``: equal (to float noise:
+    another thread count's sums), or the log is another search's in all but its header."""
+    import math
+
+    same = (math.isnan(logged) and math.isnan(score)) or logged == score or \
+        math.isclose(logged, score, rel_tol=1e-5, abs_tol=1e-9)
+    if same:
+        return
+    where = results.path if results is not None else "the search log"
+    raise ConfigError(
+        f"{where}: candidate {c.index} ({str(canonical(c.options))[:200]}) scores {score!r} now where the log records "
+        f"{logged!r}: what the evaluator scores changed since the log was written (its data, a file it reads, "
+        "its code or settings, the models) in a way the log's header does not show, so none of its scores are "
+        "reused",
+        hint="start the search again in another --dir (log= in Python), or remove this log; an evaluator whose "
+             "score varies from call to call (unseeded sampling) cannot resume a search: seed it")
 
 
 def _check(job: Job, candidates: Sequence[Candidate], n_models: int) -> None:

@@ -81,7 +81,9 @@ def _markdown(result: SearchResult) -> str:
     reused = sum(t.reused for t in result.trials)
     return (f"# {result.method}: {result.strategy} search\n\n"
             f"Best: candidate {best.index}, score {format_score(best.score)} ({options}).\n\n"
-            f"{len(result.trials)} candidates; {result.evaluations} scored and {result.merges} merges in this run, "
+            f"{len(result.trials)} candidates; {result.evaluations} scored"
+            f"{' (1 of them to check the log it resumed)' if result.log_checked else ''} and {result.merges} merges "
+            "in this run, "
             f"{reused} scores taken from the log or an identical candidate; {result.seconds:.1f} s.\n\n"
             f"{result.table()}\n")
 
