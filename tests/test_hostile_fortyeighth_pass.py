@@ -147,10 +147,10 @@ def test_a_resumed_search_whose_evaluator_reads_another_file_now_is_refused(tmp_
     time of day; code a digest misses) changes the scores: the first logged candidate is scored again before any
     logged score is lent, and a resume whose score differs is refused, the log untouched. Float noise (another
     thread count's sums) is not a difference, and the resumed search keeps the log's scores bit for bit."""
+    import functools
+
     from tiesmerge.errors import ConfigError
     from tiesmerge.tuning import run_search
-
-    import functools
 
     base, models = make_family(2)
     data = tmp_path / "labels.txt"
