@@ -171,3 +171,65 @@ def test_a_resumed_search_whose_evaluator_reads_another_file_now_is_refused(tmp_
     assert len(calls) == 1 and again.log_checked == 1 and again.evaluations == 1
     assert [t.score for t in again.trials] == [t.score for t in first.trials] and all(t.reused for t in again.trials)
     assert log.read_bytes() == logged  # nothing appended: the checked candidate is logged already
+
+
+def _peft_folded_reference(tmp_path, dtype, kind):
+    """A tiny base saved in ``dtype``, a trained LoRA on it, and PEFT's fold of it as mergekit makes it for a
+    MODEL+LORA entry: the base loaded as transformers loads it (its own dtype), merge_and_unload."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            vocab_size=40, tie_word_embeddings=False))
+        targets = ["q_proj", "v_proj", "up_proj"]
+    else:  # GPT-2's Conv1D: fan_in_fan_out, ΔW transposed
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=8,
+                                                                     vocab_size=30))
+        targets = ["c_attn", "mlp.c_fc"]
+    model.to(dtype).save_pretrained(tmp_path / "base")
+    loaded = type(model).from_pretrained(tmp_path / "base")  # transformers 5: dtype "auto", the saved one
+    assert next(loaded.parameters()).dtype == dtype
+    adapter = peft.get_peft_model(loaded, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                          fan_in_fan_out=kind == "gpt2"))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for name, p in adapter.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+    adapter.save_pretrained(tmp_path / "lora")
+    return adapter.merge_and_unload().state_dict(), targets
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_mergekit_model_plus_lora_entry_is_folded_as_mergekit_folds_it(tmp_path, dtype_name, kind):
+    """hp48 c05: a mergekit recipe's BASE+LORA entry on a bfloat16 base differed from mergekit 0.1.5 by up to 1.8e-3
+    (2^15 float32 ulps) in every adapted tensor: mergekit loads the base in its own dtype and PEFT folds the update
+    into it (one rounding to bfloat16), tiesmerge took s·B·A itself. It is now folded the same way, so task
+    arithmetic at weight 1 in float32 writes PEFT's merged weights bit for bit (float32 bases too: the 1-2 ulps the
+    README excused are gone). A plain --model adapter keeps the exact s·B·A."""
+    import torch
+
+    import tiesmerge
+    from helpers_ckpt import load_dir
+    from tiesmerge.cli.main import main
+
+    dtype = getattr(torch, dtype_name)
+    reference, targets = _peft_folded_reference(tmp_path, dtype, kind)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
+                      "dtype: float32\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    ours = load_dir(tmp_path / "out")
+    adapted = [n for n in reference if any(t in n for t in targets) and n.endswith("weight")]
+    assert adapted
+    for name in adapted:
+        assert torch.equal(ours[name], reference[name].float()), name
+    if dtype == torch.bfloat16:  # the plain adapter merge: s·B·A exactly, not the bfloat16 fold
+        exact = tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], "task_arithmetic", lam=1.0, dtype="float32")
+        assert any(not torch.equal(exact[n], ours[n]) for n in adapted)

@@ -413,7 +413,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         prepared = prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
                            vocab_policy=vocab_policy, allow_pickle=allow_pickle,
                            progress=bar.update if bar else None, output_format=output_format, stats=stats,
-                           allow_distant=allow_distant)
+                           allow_distant=allow_distant,
+                           # a mergekit recipe's MODEL+LORA entries: folded as mergekit folds them (hp48 c05)
+                           fold_like_peft=bool(origin) and dict(origin or {}).get("format") == "mergekit")
         executor = prepared.executor
         adapter_merge.check_rank(prepared.models, rank)
         if budget_floor:  # from the plan just made: planning again first would sample the distances twice

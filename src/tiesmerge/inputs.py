@@ -439,9 +439,11 @@ def check_booleans(**flags: Any) -> None:
 def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMethod, *, device: str,
             memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
             allow_pickle: bool, progress: Any = None, output_format: str = "model",
-            stats: Sequence[Any] | None = None, allow_distant: bool = False) -> Prepared:
+            stats: Sequence[Any] | None = None, allow_distant: bool = False, fold_like_peft: bool = False
+            ) -> Prepared:
     """Open the inputs (closed by ``stack``), align them, check every role, measure how far each
-    model is from the base (a distant model is an error unless ``allow_distant``), plan the merge."""
+    model is from the base (a distant model is an error unless ``allow_distant``), plan the merge.
+    ``fold_like_peft``: LoRA adapters read as mergekit reads a MODEL+LORA entry (folded into the base in its dtype)."""
     check_booleans(allow_pickle=allow_pickle, allow_distant=allow_distant)
     check_inputs(base, models)
     problems = check_models(method, len(models))
@@ -451,6 +453,9 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     device_t, budget = device_of(device), budget_of(memory_budget)
     out_dtype = requested_dtype(dtype)
     base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
+    for ckpt in model_ckpts if fold_like_peft else ():
+        if hasattr(ckpt, "fold_like_peft"):
+            ckpt.fold_like_peft = True
     if req.base_values and output_format == "adapter":
         raise ConfigError(f"method {method.name!r} needs the base's values, which a merged adapter does not hold",
                           hint=adapter_merge.FULL_MODEL_HINT)

@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -275,6 +275,10 @@ class LoraCheckpoint:
     def __init__(self, path: Path, label: str) -> None:
         self.label = label
         self.path = path
+        # mergekit's MODEL+LORA: PEFT folds the update into the base as transformers loads it (its own dtype), and
+        # the merge reads the folded weights; set by a translated mergekit recipe (see fold_like_peft)
+        self.fold_like_peft = False
+        self._fold_dtype: Any = None  # the dtype the base loads in (transformers' "auto"), found at the first read
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
@@ -501,6 +505,9 @@ class LoraCheckpoint:
         target = self.targets.get(name)
         key = self._full_bound.get(name)
         saved = None if key is None else self._file.read(key, rows).float().sub_(base.read(name, rows).float())
+        if target is not None and self.fold_like_peft and not isinstance(base, ZeroBase):
+            delta = self._folded(base, name, target, rows)
+            return delta if saved is None else delta.add_(saved)
         if target is not None:
             if target.transposed:  # ΔW = s (B A)^T: rows of ΔW are columns of A
                 a = self._file.read(target.a_key).float()  # (r, rows_total)
@@ -517,6 +524,26 @@ class LoraCheckpoint:
         import torch
 
         return torch.zeros(rows_shape(base.info(name).shape, rows), dtype=torch.float32)
+
+    def _folded(self, base: Checkpoint, name: str, target: LoraTarget, rows: slice | None) -> torch.Tensor:
+        """τ's rows as mergekit gets them for a MODEL+LORA entry (hp48 c05: up to 1.8e-3 apart on a bfloat16 base):
+        transformers loads the base in its own dtype, PEFT (its adapter weights upcast to float32) adds ΔW = s·(B A) to
+        the weight in place (``weight.data += ΔW``: one rounding to the weight's dtype), and the merge reads the folded
+        weight: τ = float(dtype(W + ΔW)) − float(W). In float32 it is the 1-2 ulps of the fold that s·B·A alone
+        leaves out."""
+
+        w = base.read(name, rows)  # (rows, in), the stored dtype
+        if self._fold_dtype is None:
+            self._fold_dtype = _auto_dtype(base) or False
+        dtype = self._fold_dtype or w.dtype
+        w = w.to(dtype)
+        a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()  # (r, in), (out, r)
+        product = b @ a  # (out, in), or its transpose: PEFT's order, then the scale
+        delta = product.T if target.transposed else product
+        delta = (delta if rows is None else delta[rows]) * target.scale
+        folded = w.clone()
+        folded += delta  # PEFT's in-place add: computed in float32, rounded once to the weight's dtype
+        return folded.float() - w.float()
 
     def rank_bound(self, name: str) -> int | None:
         """An upper bound on the rank of ``name``'s task vector that the adapter's structure gives: r for
@@ -569,6 +596,22 @@ class LoraCheckpoint:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _auto_dtype(base: Checkpoint) -> Any:
+    """The dtype transformers' ``dtype="auto"`` (its default from version 5) loads ``base`` in: its config's ``dtype``
+    (``torch_dtype``) where that names a float dtype, else None (each weight's own)."""
+    import torch
+
+    from .align import read_model_config
+
+    try:
+        config = read_model_config(base)
+    except Exception:  # noqa: BLE001 - a config tiesmerge cannot read: transformers could not load it either
+        return None
+    named = config.get("dtype") or config.get("torch_dtype")
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(named) \
+        if isinstance(named, str) else None
 
 
 class ZeroBase:
