@@ -279,6 +279,7 @@ class LoraCheckpoint:
         # the merge reads the folded weights; set by a translated mergekit recipe (see fold_like_peft)
         self.fold_like_peft = False
         self._fold_dtype: Any = None  # the dtype the base loads in (transformers' "auto"), found at the first read
+        self._fold_product: tuple[str, Any] | None = None  # (tensor, B·A): the last tensor's, for its next chunk
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
@@ -537,10 +538,13 @@ class LoraCheckpoint:
             self._fold_dtype = _auto_dtype(base) or False
         dtype = self._fold_dtype or w.dtype
         w = w.to(dtype)
-        a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()  # (r, in), (out, r)
-        product = b @ a  # (out, in), or its transpose: PEFT's order, then the scale
-        delta = product.T if target.transposed else product
-        delta = (delta if rows is None else delta[rows]) * target.scale
+        cached = self._fold_product  # read once: a read-ahead thread may cache another tensor's meanwhile
+        if cached is None or cached[0] != name:  # one product per tensor, its chunks sliced from it
+            a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()  # (r, in), (out, r)
+            product = b @ a  # (out, in): PEFT's whole product (a chunk's own rows could round otherwise)
+            cached = self._fold_product = (name, product.T if target.transposed else product)
+        delta = cached[1]
+        delta = (delta if rows is None else delta[rows]) * target.scale  # then the scale, as PEFT
         folded = w.clone()
         folded += delta  # PEFT's in-place add: computed in float32, rounded once to the weight's dtype
         return folded.float() - w.float()
