@@ -233,3 +233,158 @@ def test_a_mergekit_model_plus_lora_entry_is_folded_as_mergekit_folds_it(tmp_pat
     if dtype == torch.bfloat16:  # the plain adapter merge: s·B·A exactly, not the bfloat16 fold
         exact = tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], "task_arithmetic", lam=1.0, dtype="float32")
         assert any(not torch.equal(exact[n], ours[n]) for n in adapted)
+
+
+def _score_with_settings(state, cfg=None):
+    """An evaluator whose default argument decides its score (hp48 c07-c10's shapes)."""
+    import random
+    import types
+
+    import numpy as np
+
+    total = float(sum(v.float().sum() for v in state.values()))
+    if isinstance(cfg, types.SimpleNamespace):
+        return cfg.sign * total
+    if isinstance(cfg, random.Random):
+        return random.Random(cfg.getstate()[1][5]).random() * total
+    if isinstance(cfg, np.random.PCG64):
+        return np.random.Generator(type(cfg)(cfg.state["state"]["state"] % 1000)).random() * total
+    return list(cfg)[0] == "negative" and total or -total  # a dict's order: label 0 first
+
+
+def _settings(kind, other):
+    import random
+    import types
+
+    import numpy as np
+
+    return {"namespace": lambda: types.SimpleNamespace(sign=-1.0 if other else 1.0),
+            "random": lambda: random.Random(1 if other else 0),
+            "pcg64": lambda: np.random.PCG64(1 if other else 0),
+            "dict order": lambda: {"positive": 1, "negative": 0} if other else {"negative": 0, "positive": 1}}[kind]()
+
+
+@pytest.mark.parametrize("kind", ["namespace", "random", "pcg64", "dict order"])
+def test_a_resume_with_settings_no_digest_reads_is_refused_by_its_scores(tmp_path, kind):
+    """hp48 c07-c10: an evaluator's default argument holding a SimpleNamespace, a random.Random, a numpy bit
+    generator, or a dict whose order maps labels, resumed silently with other settings (0 scored, the old best kept).
+    The logged candidate scored again differs: refused."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    def build(cfg):
+        def score(state, cfg=cfg):  # the setting as a default argument, as the helper's evaluators held it
+            return _score_with_settings(state, cfg)
+        return score
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.2,), "lam": (1.0, 2.0)}, str(tmp_path / "log.jsonl")
+    run_search(base, models, "ties", build(_settings(kind, False)), grid=grid, log=log)
+    resumed = run_search(base, models, "ties", build(_settings(kind, False)), grid=grid, log=log)
+    assert resumed.log_checked == 1
+    # refused: by the digest where it reads the setting, else by the logged candidate's score
+    with pytest.raises(ConfigError, match="now where the log records|what the evaluator was built with"):
+        run_search(base, models, "ties", build(_settings(kind, True)), grid=grid, log=log)
+
+
+def test_an_evaluator_module_flushing_subnormals_is_put_back(tmp_path, monkeypatch, capsys):
+    """hp48 c20: an evaluator module calling torch.set_flush_denormal(True) at import made tune's merge of subnormal
+    task-vector entries (3e-39) write 0, without a word. It is put back after the import (and after each call), and
+    said."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.cli.main import main
+
+    (tmp_path / "evfd.py").write_text("import torch\ntorch.set_flush_denormal(True)\n\n\ndef score(state):\n"
+                                      "    torch.set_flush_denormal(True)\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    save_file({"w": torch.zeros(16, 16)}, str(tmp_path / "base.safetensors"))
+    save_file({"w": torch.full((16, 16), -1e-39)}, str(tmp_path / "m.safetensors"))
+    try:
+        assert main(["tune", "--base", str(tmp_path / "base.safetensors"), "--model", str(tmp_path / "m.safetensors"),
+                     "--method", "task_arithmetic", "--grid", "lam=1.0", "--evaluator", "evfd:score",
+                     "-o", str(tmp_path / "out")]) == 0
+        err = capsys.readouterr().err
+        assert "turned on torch's flushing of subnormal floats to zero" in err, err
+        assert float(load_file(str(tmp_path / "out" / "model.safetensors"))["w"][0, 0]) == pytest.approx(-1e-39)
+        assert float(torch.tensor([1e-39]).mul(1.0)[0]) != 0.0  # and the process's setting is back
+    finally:
+        torch.set_flush_denormal(False)
+
+
+class _RaisingGetattr:
+    def __call__(self, state):
+        return 0.5
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"no attribute {name} for you")
+
+
+class _LazyData:
+    def __call__(self, state):
+        return 0.5
+
+    @property
+    def data(self):
+        raise RuntimeError("a data property that loads a dataset")
+
+
+class _ClassProperty:
+    __slots__ = ()
+
+    def __call__(self, state):
+        return 0.5
+
+    @property
+    def __class__(self):
+        raise RuntimeError("class property")
+
+
+class _ListData:
+    def __init__(self):
+        self.data = [{"text": "a", "label": 0}]
+
+    def __call__(self, state):
+        return 0.5
+
+
+class _ScoreWithGetattr:
+    def __float__(self):
+        return 0.5
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"asked for {name}")
+
+
+class _FloatWithDtype(float):
+    @property
+    def dtype(self):
+        raise RuntimeError("dtype property")
+
+
+@pytest.mark.parametrize("make", [_RaisingGetattr, _LazyData, _ClassProperty, _ListData])
+def test_a_callable_object_evaluator_is_named_without_running_its_code(tmp_path, make):
+    """hp48 c33, c34: a search (and its log's header) over a callable object whose ``__getattr__`` raises, whose
+    ``data`` is a property (run by tiesmerge: a 30 s dataset load), whose ``__class__`` is a property, or whose
+    ``data`` is a list ended as "unexpected ... a bug in tiesmerge" before the first candidate. They run."""
+    from tiesmerge.tuning import run_search, tune
+
+    base, models = make_family(2)
+    grid = {"density": (0.2,), "lam": (1.0,)}
+    result = run_search(base, models, "ties", make(), grid=grid, log=str(tmp_path / "log.jsonl"))
+    assert result.best.score == 0.5
+    header = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0])
+    assert header["evaluator"].endswith(f":{make.__qualname__}")
+    assert tune(base, models, "task_arithmetic", make(), grid={"lam": [1.0]}).best.score == 0.5
+
+
+@pytest.mark.parametrize("returned", [_ScoreWithGetattr, lambda: _FloatWithDtype(0.5)])
+def test_a_score_object_whose_own_code_raises_is_the_evaluators_error(returned):
+    """hp48 c35: an evaluator returning an object with ``__float__`` and a raising ``__getattr__``, or a float
+    subclass whose ``dtype`` property raises, ended as "unexpected RuntimeError ... a bug in tiesmerge"."""
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    with pytest.raises(EvaluatorError, match="whose own code raised RuntimeError .* when it was read as a score"):
+        guard(lambda state: returned(), "the evaluator e")({})

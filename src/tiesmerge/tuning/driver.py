@@ -32,7 +32,7 @@ from .candidates import (
     float32,
     merged_delta,
 )
-from .evaluator import GuardedEvaluator, evaluator_name, format_score, guard
+from .evaluator import evaluator_name, format_score, guard
 from .evaluator_digest import evaluator_module, evaluator_objects, evaluator_state
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
@@ -97,12 +97,15 @@ def source_label(source: Any) -> str | None:
 def _evaluator_name(evaluate: Any) -> str:
     """What scored a log's candidates: a resumed search with another evaluator is another search
     (its old scores are not comparable with the new ones). A built-in names its data file too."""
-    inner = evaluate.evaluate if isinstance(evaluate, GuardedEvaluator) else evaluate
-    if getattr(inner, "__qualname__", None):
-        return evaluator_name(inner)
-    data = getattr(inner, "data", None)  # a built-in: its class, and the file it scores on
-    on = f" on {source_label(data)}" if data is not None else ""
-    return f"{type(inner).__module__}:{type(inner).__qualname__}{on}"
+    from .evaluator_digest import _is_ours, _type_text, _unguarded, evaluator_attribute
+
+    inner = _unguarded(evaluate)
+    kind = type(inner)
+    if not _is_ours(kind):  # a user's: read through its type alone, never its __getattr__ or a lazy property
+        return evaluator_name(inner)  # (hp48 c33: a data property loading 30 s, a list "data" crashing the start)
+    data = evaluator_attribute(inner, "data")  # a built-in: its class, and the file it scores on
+    on = f" on {source_label(data)}" if isinstance(data, (str, os.PathLike)) else ""
+    return f"{_type_text(kind, '__module__')}:{_type_text(kind, '__qualname__')}{on}"
 
 
 def _evaluator_data(evaluate: Any) -> Any:

@@ -24,20 +24,30 @@ from ..errors import EvaluatorError, MergeWarning, TiesMergeError
 __all__ = ["GuardedEvaluator", "guard", "evaluator_name"]
 
 
-def evaluator_name(evaluate: Any) -> str:
-    """``module:function`` of a callable, as ``--evaluator`` names it (its repr otherwise)."""
+def evaluator_name(evaluate: Any, depth: int = 0) -> str:
+    """``module:function`` of a callable, as ``--evaluator`` names it; of a callable object, its class's. Read through
+    the types alone: a user's object may have a ``__getattr__``, ``__class__`` or ``__repr__`` that raises or never
+    returns (hp48 c33, c34: "a bug in tiesmerge", or a hang, before the first candidate)."""
     import functools
+    import types
 
-    if isinstance(evaluate, functools.partial):  # its repr holds the function's address and calls its arguments'
-        return f"partial of {evaluator_name(evaluate.func)}"
-    module, name = getattr(evaluate, "__module__", None), getattr(evaluate, "__qualname__", None)
-    if module and name:
-        return f"{module}:{name}"
-    try:
-        text = repr(evaluate)
-    except Exception:  # noqa: BLE001 - a user's __repr__ may raise anything (hp41 C4)
-        text = ""
-    return text[:80] if text and " at 0x" not in text else f"{type(evaluate).__module__}:{type(evaluate).__qualname__}"
+    from .evaluator_digest import _is_ours, _partial_parts, _type_text
+
+    kind = type(evaluate)
+    if issubclass(kind, functools.partial) and depth < 20:  # its repr holds the function's address and calls its
+        return f"partial of {evaluator_name(_partial_parts(evaluate)[0], depth + 1)}"  # arguments'
+    if issubclass(kind, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
+        module, name = getattr(evaluate, "__module__", None), getattr(evaluate, "__qualname__", None)
+        if isinstance(module, str) and isinstance(name, str):
+            return f"{module}:{name}"
+    if _is_ours(kind):  # tiesmerge's own evaluators say what they score on
+        try:
+            text = repr(evaluate)
+        except Exception:  # noqa: BLE001 - a repr of its data may fail
+            text = ""
+        if text and " at 0x" not in text:
+            return text[:80]
+    return f"{_type_text(kind, '__module__')}:{_type_text(kind, '__qualname__')}"
 
 
 def _shown(value: Any, limit: int = 200) -> str:
@@ -69,10 +79,22 @@ class GuardedEvaluator:
             raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {str(exc)[:300]}",
                                  hint="fix the evaluator (--debug, or the exception's __cause__, shows its "
                                       "traceback)") from exc
+        try:
+            return self._read(score)
+        except (TiesMergeError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the returned object's own code (a __getattr__, a dtype property)
+            raise EvaluatorError(  # raised as it was read: the evaluator's to fix, not tiesmerge's bug (hp48 c35)
+                f"{self.label}: returned a {type(score).__name__} whose own code raised {type(exc).__name__} "
+                f"({str(exc)[:200]}) when it was read as a score",
+                hint="return a plain number (a float, or a 0-d numpy array or torch tensor)") from exc
+
+    def _read(self, score: Any) -> float:
+        """The evaluator's return value as a float score, or an EvaluatorError saying why it is none."""
         score = _detached(score)
-        if isinstance(score, (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
+        if issubclass(type(score), (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
                 not _is_scalar(score):  # numpy.str_ is a 0-d str that float() reads: no score (hp41 C56)
-            raise EvaluatorError(f"{self.label}: returned {str(score)[:80]!r} ({type(score).__name__}), not a number",
+            raise EvaluatorError(f"{self.label}: returned {_text(score)!r} ({type(score).__name__}), not a number",
                                  hint="the evaluator must return a validation score, higher is better")
         try:
             value = float(score)
@@ -162,29 +184,48 @@ def _restore_working_folder(cwd: str | None, label: str, when: str = "after each
                                f"{when}, since the command's paths are relative to it")
 
 
-def torch_defaults_now() -> tuple[Any, Any] | None:
-    """torch's default device and dtype, where torch is loaded (an evaluator that never imports it changes neither)."""
+def torch_defaults_now() -> tuple[Any, Any, bool] | None:
+    """torch's default device and dtype, and whether it flushes subnormal floats to zero, where torch is loaded (an
+    evaluator that never imports it changes none of them)."""
     import sys
 
     torch = sys.modules.get("torch")
     if torch is None or not hasattr(torch, "get_default_device"):
         return None
-    return torch.get_default_device(), torch.get_default_dtype()
+    return torch.get_default_device(), torch.get_default_dtype(), _flushes_denormals(torch)
 
 
-def restore_torch_defaults(before: tuple[Any, Any] | None, label: str, when: str = "after each call") -> None:
+def _flushes_denormals(torch: Any) -> bool:
+    """Whether this thread flushes subnormal floats to zero (torch.set_flush_denormal has no getter): a subnormal
+    times 1 is 0 then. (hp48 c20: an evaluator module turning it on at import made a merge of small deltas write 0.)"""
+    return float(torch.tensor([1e-39], dtype=torch.float32, device="cpu").mul(1.0)[0]) == 0.0
+
+
+def restore_torch_defaults(before: tuple[Any, Any, bool] | None, label: str, when: str = "after each call") -> None:
     """An evaluator that sets torch's default device (torch.set_default_device("meta"), a harness's "cuda") or dtype
-    is put back too: the next merge made its tensors there, and failed as "a bug in tiesmerge" (hp42 D16)."""
+    is put back too: the next merge made its tensors there, and failed as "a bug in tiesmerge" (hp42 D16); and one
+    that flushes subnormal floats to zero (the merges' small deltas became 0: hp48 c20)."""
     now = torch_defaults_now()
-    if before is None or now is None or now == before:
+    if now is None or now == before:
         return
     import torch
 
-    torch.set_default_device(None if before[0] == torch.device("cpu") else before[0])
-    torch.set_default_dtype(before[1])
-    _said_once(("torch defaults", label), f"{label} changed torch's default device or dtype (to {now[0]}, "
-                                          f"{now[1]}); tiesmerge set them back to {before[0]}, {before[1]} {when}, "
-                                          "since the merges make their tensors with them")
+    if before is None:  # torch was imported inside (an evaluator module's import): its own defaults were in force
+        before = (torch.device("cpu"), torch.float32, False)
+        if now == before:
+            return
+    if now[:2] != before[:2]:
+        torch.set_default_device(None if before[0] == torch.device("cpu") else before[0])
+        torch.set_default_dtype(before[1])
+        _said_once(("torch defaults", label), f"{label} changed torch's default device or dtype (to {now[0]}, "
+                                              f"{now[1]}); tiesmerge set them back to {before[0]}, {before[1]} {when}, "
+                                              "since the merges make their tensors with them")
+    if now[2] != before[2]:
+        torch.set_flush_denormal(before[2])
+        _said_once(("flush denormal", label), f"{label} {'turned on' if now[2] else 'turned off'} torch's flushing "
+                                              f"of subnormal floats to zero (torch.set_flush_denormal); tiesmerge set "
+                                              f"it back {when}, since the merges' small task-vector entries would "
+                                              "become 0")
 
 
 def _said_once(key: tuple[str, str], message: str, stacklevel: int = 4) -> None:
@@ -208,6 +249,14 @@ def format_score(score: float) -> str:
     if score != 0 and abs(score) < 1e-3:  # a loss of 1e-5: 4 decimals printed every candidate as 0.0000 (hp40 E5)
         return f"{score:.4g}"
     return f"{score:.4f}" if abs(score) < 1e6 else f"{score:.4g}"
+
+
+def _text(value: Any, limit: int = 80) -> str:
+    """``str(value)`` cut to ``limit`` characters, or its type's name where its own ``__str__`` fails."""
+    try:
+        return str(value)[:limit]
+    except Exception:  # noqa: BLE001 - a returned object's __str__ is the evaluator's code
+        return f"<{type(value).__name__}>"
 
 
 def _detached(score: Any) -> Any:
@@ -251,7 +300,7 @@ def _is_scalar(score: Any) -> bool:
 def guard(evaluate: Callable[[Mapping[str, Any]], float], label: str | None = None, *,
           finite: bool = False) -> GuardedEvaluator:
     """``evaluate`` guarded (once: a guarded evaluator is returned as it is)."""
-    if isinstance(evaluate, GuardedEvaluator):
+    if issubclass(type(evaluate), GuardedEvaluator):  # not isinstance: it reads a user's __class__ (hp48 c34)
         return evaluate
     if not callable(evaluate):
         raise EvaluatorError(f"the evaluator {_shown(evaluate)} is not callable",
