@@ -388,3 +388,50 @@ def test_a_score_object_whose_own_code_raises_is_the_evaluators_error(returned):
 
     with pytest.raises(EvaluatorError, match="whose own code raised RuntimeError .* when it was read as a score"):
         guard(lambda state: returned(), "the evaluator e")({})
+
+
+def _long_named_family(tmp_path, n_tensors=6, length=3000):
+    import torch
+    from safetensors.torch import save_file
+
+    names = [f"model.{'a' * length}.{k}.weight" for k in range(n_tensors)]
+    g = torch.Generator().manual_seed(0)
+    base = {n: torch.randn(4, 4, generator=g) for n in names}
+    paths = []
+    for label, state in (("base", base), *((f"m{i}", {n: v + 0.1 * torch.randn(4, 4, generator=g)
+                                                       for n, v in base.items()}) for i in range(2))):
+        save_file(state, str(tmp_path / f"{label}.safetensors"))
+        paths.append(tmp_path / f"{label}.safetensors")
+    return paths
+
+
+def test_an_exclude_pattern_that_backtracks_is_refused_in_moments(tmp_path):
+    """hp48 c41: ``--exclude '(?:a{1,30}){1,30}b'`` over tensors with 3,000-character names ran past 120 s (the
+    automaton in Python, no clock, each name matched in the check and again per tensor in the merge). It runs on the
+    regex package under a time limit a name: a typed error naming exclude."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.methods.svd import exclude_pattern
+
+    base, a, b = _long_named_family(tmp_path)
+    exclude_pattern.cache_clear()
+    with pytest.raises(ConfigError, match=r"exclude takes more than 0\.05 s to match the tensor name 'model\.aaa"):
+        tiesmerge.merge(base, [a, b], "tsv_m", exclude="(?:a{1,30}){1,30}b", output=tmp_path / "out")
+    assert_no_output(tmp_path / "out")
+
+
+def test_an_exclude_pattern_matches_each_name_once(tmp_path, monkeypatch):
+    """hp48 c41's other half: the check before the merge and each tensor's merge matched every name again; each name
+    is matched once, whatever asks."""
+    import tiesmerge
+    from tiesmerge.io.patterns import ModulePattern
+    from tiesmerge.methods.svd import exclude_pattern
+
+    base, a, b = _long_named_family(tmp_path, length=40)
+    exclude_pattern.cache_clear()
+    asked = []
+    real = ModulePattern.matches
+    monkeypatch.setattr(ModulePattern, "matches", lambda self, name: asked.append(name) or real(self, name))
+    for _ in range(2):  # a second merge (a search's next candidate) asks nothing again
+        tiesmerge.merge(base, [a, b], "tsv_m", exclude=r"\.[0-2]\.w(e|x)?ight")
+    assert sorted(asked) == sorted(set(asked)) and len(asked) == 6

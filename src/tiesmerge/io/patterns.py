@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, TiesMergeError
 
 try:  # Python 3.11+: the parser moved under re
     from re import _parser as _sre  # type: ignore[attr-defined]
@@ -51,15 +51,20 @@ class MatchClock:
     :data:`TOTAL_SECONDS`: past it, an error naming the field (PEFT, matching with ``re``, would spend as long
     or hang), not minutes of matching."""
 
-    def __init__(self, what: str, hint: str) -> None:
+    def __init__(self, what: str, hint: str, *, names: str = "the adapter's module paths", one: str = "the module",
+                 error: type[TiesMergeError] = CheckpointError,
+                 elsewhere: str = "PEFT would spend as long loading it", hang: str = " (PEFT would hang on it too)"
+                 ) -> None:
+        """``names``/``one``: what is matched, said in the errors (an option's pattern: the model's tensor names);
+        ``error``: the error raised past the budget; ``elsewhere``: what another tool would do with the pattern."""
         self.what, self.hint, self.spent = what, hint, 0.0
+        self.names, self.one, self.error, self.elsewhere, self.hang = names, one, error, elsewhere, hang
 
     def charge(self, seconds: float) -> None:
         self.spent += seconds
         if self.spent > TOTAL_SECONDS:
-            raise CheckpointError(f"{self.what} took more than {TOTAL_SECONDS:g} s to match the adapter's module "
-                                  "paths (a regex that is slow on each; PEFT would spend as long loading it)",
-                                  hint=self.hint)
+            raise self.error(f"{self.what} took more than {TOTAL_SECONDS:g} s to match {self.names} (a regex that "
+                             f"is slow on each; {self.elsewhere})", hint=self.hint)
 
     def run(self, match: Callable[..., Any], module: str) -> Any:
         """``match(module)`` of a ``regex``-package pattern, under :data:`MATCH_SECONDS`, charged to the clock."""
@@ -67,9 +72,8 @@ class MatchClock:
         try:
             found = match(module, timeout=MATCH_SECONDS)
         except TimeoutError:
-            raise CheckpointError(f"{self.what} takes more than {MATCH_SECONDS:g} s to match the module "
-                                  f"{module[:200]!r}: a regex that backtracks without end (PEFT would hang on it too)",
-                                  hint=self.hint) from None
+            raise self.error(f"{self.what} takes more than {MATCH_SECONDS:g} s to match {self.one} {module[:200]!r}: "
+                             f"a regex that backtracks without end{self.hang}", hint=self.hint) from None
         self.charge(time.perf_counter() - start)
         return found
 
@@ -263,6 +267,8 @@ class ModulePattern:
     # under a clock (an adapter's patterns), the same expression on the regex package (in C, under MATCH_SECONDS a
     # path): the automaton runs in Python, 50 µs a path for `.*\.(q|v)_proj`, seconds for a large adapter's modules
     fast: Any = field(default=None, compare=False, repr=False)
+    # names already searched (search()): a merge asks per tensor, a search per candidate, each answered once
+    found: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def compile(cls, key: object, source: str, *, anywhere: bool = False, whole: bool = False,
@@ -361,8 +367,14 @@ class ModulePattern:
         return (0 in current) if found is None else found
 
     def search(self, name: str) -> bool:
-        """Same as :meth:`matches`: lets a pattern stand where a compiled ``re`` pattern's search is called."""
-        return self.matches(name)
+        """Same as :meth:`matches`: lets a pattern stand where a compiled ``re`` pattern's search is called. Each
+        name is matched once (hp48 c41: an option's pattern matched again per tensor, merge and search alike)."""
+        hit = self.found.get(name)
+        if hit is None:
+            hit = self.matches(name)
+            if len(self.found) < 1_000_000:
+                self.found[name] = hit
+        return hit
 
 
 MAX_TABLE_KEYS = 100_000  # alpha_pattern / rank_pattern keys: a model has some thousands of modules at most
