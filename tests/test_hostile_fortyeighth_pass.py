@@ -435,3 +435,22 @@ def test_an_exclude_pattern_matches_each_name_once(tmp_path, monkeypatch):
     for _ in range(2):  # a second merge (a search's next candidate) asks nothing again
         tiesmerge.merge(base, [a, b], "tsv_m", exclude=r"\.[0-2]\.w(e|x)?ight")
     assert sorted(asked) == sorted(set(asked)) and len(asked) == 6
+
+
+def test_an_evaluators_fork_pool_ends_without_tracebacks(tmp_path, monkeypatch, capfd):
+    """hp48 c40: an evaluator scoring with ``with multiprocessing.get_context("fork").Pool(2)`` made a successful run
+    print tracebacks ending in "tiesmerge.cli.main.Terminated: 15": the forked workers inherited tiesmerge's stop
+    handler, and the pool ends its workers with SIGTERM. In a forked child the signal does what it would there."""
+    from tiesmerge.cli.main import main
+
+    (tmp_path / "evpool.py").write_text(
+        "import multiprocessing as mp\nimport time\n\n\ndef _double(x):\n    time.sleep(0.1)\n    return 2 * x\n\n\n"
+        "def score(state):\n    with mp.get_context('fork').Pool(2) as pool:\n"
+        "        pool.map(_double, [1, 2, 3, 4])\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, a, b = (write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (lambda f: (f[0], *f[1]))(
+        make_family(2))))
+    assert main(["search", "--base", str(base), "--model", str(a), "--model", str(b), "--grid", "density=0.2",
+                 "--grid", "lam=1,2,3,4,5,6", "--dir", str(tmp_path / "s"), "--evaluator", "evpool:score"]) == 0
+    captured = capfd.readouterr()  # the file descriptors: the workers' own writes too
+    assert "Terminated" not in captured.err and "Traceback" not in captured.err, captured.err

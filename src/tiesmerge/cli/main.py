@@ -591,6 +591,9 @@ _stopped_by: Terminated | None = None  # the stop signal other than Ctrl-C that 
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
     global _stopping, _stopped_by
+    if os.getpid() != _handler_pid:  # a child forked by an evaluator (a multiprocessing pool's worker, stopped by
+        _as_by_default(signum)  # SIGTERM at the pool's end): the signal does what it would have done there (hp48 c40)
+        return
     if signum == getattr(signal, "SIGIO", None) and leases.on_signal():  # a read lease breaking, not a stop
         return
     if _stopping:  # a second signal during the first one's cleanup (Ctrl-C, then the scheduler's TERM): let it finish
@@ -605,6 +608,19 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
 
 
 leases.cooperating_handlers.add(_on_stop_signal)  # it passes a SIGIO on to the leases while they are held
+_handler_pid = os.getpid()  # the process whose command the handlers stop (set again as they are installed)
+
+
+def _as_by_default(signum: int) -> None:
+    """``signum`` in a forked child, as if tiesmerge had never handled it: Ctrl-C raises KeyboardInterrupt, a signal
+    whose default ends the process ends it (no "Terminated" traceback from each worker of an evaluator's pool)."""
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signum, signal.SIG_DFL)
+    except (ValueError, OSError):  # forked from another thread than the main one: end as the default would
+        os._exit(128 + signum)
+    os.kill(os.getpid(), signum)
 
 
 def _swallowed_stop(args: Any) -> None:
@@ -632,8 +648,8 @@ def _terminate_like_interrupt() -> dict[int, Any]:
     """Handle the stop signals as Ctrl-C for the command's duration, and any second one as nothing while the
     first one's cleanup runs; the handlers they replace (only the main thread may set handlers: elsewhere the
     caller's stay)."""
-    global _stopping, _stopped_by
-    _stopping, _stopped_by = False, None
+    global _stopping, _stopped_by, _handler_pid
+    _stopping, _stopped_by, _handler_pid = False, None, os.getpid()
     previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         try:
