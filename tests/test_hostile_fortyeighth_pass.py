@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -454,3 +455,23 @@ def test_an_evaluators_fork_pool_ends_without_tracebacks(tmp_path, monkeypatch, 
                  "--grid", "lam=1,2,3,4,5,6", "--dir", str(tmp_path / "s"), "--evaluator", "evpool:score"]) == 0
     captured = capfd.readouterr()  # the file descriptors: the workers' own writes too
     assert "Terminated" not in captured.err and "Traceback" not in captured.err, captured.err
+
+
+@pytest.mark.parametrize("value, said", [("2:15", "2:15 is 135"), ("1:0.5", "1:0.5 is 60.5"),
+                                         ("190:20:30", "190:20:30 is 685230"),
+                                         ("010", "reads in YAML 1.1 as the octal number 8 (a leading 0), not 10"),
+                                         ("-0_10", "as the octal number -8"), ("007", None), ("0x10", None)])
+def test_a_recipe_number_yaml_reads_otherwise_is_refused_with_its_own_reading(tmp_path, value, said):
+    """hp48 c06: every base-60 refusal said "(1:30 is 90)" whatever the value (2:15 is 135); c07: YAML 1.1's octal
+    ``lam: 010`` merged at lam 8 without a word, beside the base-60 refusal. Each said with its own reading; a value
+    both readings agree on (007), or one that names its base (0x10), stays."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: task_arithmetic\nparameters: {{lam: {value}}}\nbase: b\nmodels: [m1, m2]\n")
+    if said is None:
+        assert load_recipe(recipe).method.lam == {"007": 7, "0x10": 16}[value]
+        return
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        load_recipe(recipe)

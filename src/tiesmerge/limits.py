@@ -299,7 +299,9 @@ class _CountingLoader(yaml.SafeLoader):
 
     def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         _refuse_base_60(node)
-        return super().construct_yaml_int(node)
+        value = super().construct_yaml_int(node)
+        _refuse_octal(node, value)
+        return value
 
     def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
         _refuse_base_60(node)
@@ -319,9 +321,36 @@ def _refuse_base_60(node: yaml.ScalarNode) -> None:
     merged as 60 or 90 without a word (hp45 c33). No recipe value is meant in base 60."""
     text = str(node.value)
     if ":" in text:
+        reading = _base_60(text)  # this value's own reading (hp48 c06: every refusal said "1:30 is 90")
+        shown = f"{text.strip()[:40]} is {reading:g}" if reading is not None else "1:30 is 90"
         raise OutOfFloatRange(f"{text.strip()[:40]} (line {node.start_mark.line + 1}) reads in YAML 1.1 as a base-60 "
-                              "number (1:30 is 90)", hint="write the number meant (90, or 1.5), or quote the value "
-                                                          "if it is text")
+                              f"number ({shown})", hint="write the number meant in decimals (90, or 1.5), or quote "
+                                                        "the value if it is text")
+
+
+def _base_60(text: str) -> float | None:
+    """YAML 1.1's reading of a base-60 scalar (``190:20:30`` is 685,230; ``1:0.5`` is 60.5), None where unreadable."""
+    sign = -1 if text.strip().startswith("-") else 1
+    try:
+        parts = [float(p) for p in text.strip().lstrip("+-").replace("_", "").split(":")]
+    except ValueError:
+        return None
+    value = 0.0
+    for part in parts:
+        value = value * 60 + part
+    return sign * value
+
+
+def _refuse_octal(node: yaml.ScalarNode, value: int) -> None:
+    """YAML 1.1 reads ``010`` as the octal number 8: a ``lam: 010`` or ``weight: 010`` merged at 8 without a word (hp48
+    c07), where JSON, YAML 1.2 and mergekit's reading of a typed value differ. Refused where the two readings differ
+    (``007`` is 7 either way); ``0x10`` says its base and stays."""
+    text = str(node.value).strip().lstrip("+-").replace("_", "")
+    if len(text) > 1 and text[0] == "0" and text.isdigit() and int(text, 10) != abs(value):
+        raise OutOfFloatRange(f"{str(node.value).strip()[:40]} (line {node.start_mark.line + 1}) reads in YAML 1.1 as "
+                              f"the octal number {value} (a leading 0), not {int(text, 10)}",
+                              hint=f"write {int(text, 10)}, or {value} if the octal reading is meant, or quote the "
+                                   "value if it is text")
 
 
 # YAML 1.1 (PyYAML) reads 1e-1, 5e-1 or 1.0e308 as text (its floats need a dot and a signed exponent); YAML 1.2, JSON,
