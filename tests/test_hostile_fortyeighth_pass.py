@@ -475,3 +475,28 @@ def test_a_recipe_number_yaml_reads_otherwise_is_refused_with_its_own_reading(tm
         return
     with pytest.raises(ConfigError, match=re.escape(said)):
         load_recipe(recipe)
+
+
+class _Weird(BaseException):
+    """A BaseException of a plugin's own."""
+
+
+@pytest.mark.parametrize("raised", [GeneratorExit, _Weird])
+def test_a_plugin_raising_a_base_exception_is_named(tmp_path, raised):
+    """hp48 c28: a plugin method raising GeneratorExit or a BaseException of its own was "a library tiesmerge called
+    stopped with GeneratorExit" with a hint blaming an input (the API let GeneratorExit out raw). It is a MethodError
+    naming the method and the tensor, as every other exception out of a plugin's merge."""
+    import tiesmerge
+    from test_hostile_fortysecond_pass import _method_of
+    from tiesmerge.errors import MethodError
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", s) for k, s in enumerate(fts)]
+
+    def misbehaves(tau):
+        raise raised("weird")
+
+    with pytest.raises(MethodError, match=rf"method 'evil' \(.*\) raised {raised.__name__} on tensor"):
+        tiesmerge.merge(b, ms, _method_of(misbehaves, "evil"), output=tmp_path / "out")
+    assert_no_output(tmp_path / "out")

@@ -538,6 +538,15 @@ class Executor:
             raise MethodError(f"method {method.name!r} ({where}) raised {type(exc).__name__} on tensor {name!r}: "
                               f"{str(exc)[:300]}", hint="the method is not tiesmerge's own: fix it or report it to "
                                                         "its authors (--debug shows its traceback)") from exc
+        except KeyboardInterrupt:  # Ctrl-C or a stop signal (or the method's own: it cannot be told apart)
+            raise
+        except BaseException as exc:  # GeneratorExit, a BaseException of its own: the method's, not a library's
+            if ours:  # called by tiesmerge, blamed on an input (hp48 c28)
+                raise
+            raise MethodError(f"method {method.name!r} ({where}) raised {type(exc).__name__} on tensor {name!r}: "
+                              f"{str(exc)[:300]}", hint="the method is not tiesmerge's own: fix it or report it to "
+                                                        "its authors (a merge method raises an Exception, if any)"
+                              ) from exc
         want = tuple(rows.tau.shape[1:])
         if isinstance(delta, torch.Tensor) and delta.dtype not in (torch.float32, torch.float64, torch.float16,
                                                                    torch.bfloat16):
