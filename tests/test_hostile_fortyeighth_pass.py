@@ -500,3 +500,39 @@ def test_a_plugin_raising_a_base_exception_is_named(tmp_path, raised):
     with pytest.raises(MethodError, match=rf"method 'evil' \(.*\) raised {raised.__name__} on tensor"):
         tiesmerge.merge(b, ms, _method_of(misbehaves, "evil"), output=tmp_path / "out")
     assert_no_output(tmp_path / "out")
+
+
+def test_analyze_names_the_method_whose_merge_overflowed(tmp_path):
+    """hp48 c31: analyze with two --method specs, the second overflowing float32, said "the merge overflowed, so no
+    merged model was written or returned" without saying which method (and analyze writes no model)."""
+    import tiesmerge
+    from tiesmerge.finite import NotFiniteError
+
+    base, _ = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", {n: v + 5.0 * (k + 1) if v.is_floating_point() else v
+                                            for n, v in base.items()}) for k in range(2)]
+    with pytest.raises(NotFiniteError, match=r"--method task_arithmetic:lam=3e38 \(methods\[1\]\): tensor .* no report "
+                                             r"was written"):
+        tiesmerge.analyze(b, ms, output=tmp_path / "an", methods=["ties:density=0.5", "task_arithmetic:lam=3e38"])
+    assert_no_output(tmp_path / "an")
+
+
+@pytest.mark.parametrize("scaling, said, unsaid", [
+    ({"lambda": 1e5, "normalize": True}, "lower parameters.lambda (100000)", ("parameters.weight", "normalize: true")),
+    ({"lambda": 1.0, "normalize": False}, "lower the models' weight (parameters.weight) in the recipe, or set "
+                                          "normalize: true", ("lambda",)),
+    ({"lambda": 1.0, "normalize": True}, "the weights are normalized, so lowering them changes nothing",
+     ("parameters.weight", "normalize: true"))])
+def test_a_mergekit_overflow_hint_offers_what_can_help(scaling, said, unsaid):
+    """hp48 c50: a ties recipe with ``lambda: 1e5`` and ``normalize: true`` overflowing float16 was hinted "lower the
+    models' weight ..., or set normalize: true": normalize was on (the weights cancel), and the recipe's lambda, the
+    cause, was never named."""
+    from tiesmerge.recipe_mergekit import overflow_hint, translate_mergekit
+
+    hint = overflow_hint("F16", "ties", scaling)
+    assert "set the recipe's out_dtype (or dtype) to bfloat16 or float32" in hint and said in hint, hint
+    assert not any(u in hint for u in unsaid), hint
+    _, origin = translate_mergekit({"merge_method": "ties", "base_model": "b", "parameters": {"lambda": 3.0},
+                                    "models": [{"model": "m", "parameters": {"weight": 1.0, "density": 0.5}}]})
+    assert origin["scaling"] == {"lambda": 3.0, "normalize": True}

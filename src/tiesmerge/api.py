@@ -689,8 +689,13 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
         if extra:  # each extra method's merge, float32, read back beside the models in the statistics pass
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesmerge-analyze-")))
             for i, (label, method) in enumerate(extra):
-                path = merge(base, models, method, output=scratch / f"m{i}", device=device, memory_budget=budget,
-                             dtype="float32", allow_pickle=allow_pickle, vocab_policy=vocab_policy)
+                try:
+                    path = merge(base, models, method, output=scratch / f"m{i}", device=device, memory_budget=budget,
+                                 dtype="float32", allow_pickle=allow_pickle, vocab_policy=vocab_policy)
+                except NotFiniteError as exc:  # which of the methods (hp48 c31); analyze writes no model
+                    said = exc.message.replace("no merged model was written or returned", "no report was written")
+                    exc.message = f"--method {label} (methods[{i}]): {said}"
+                    raise
                 merged.append((label, open_models(stack, path, [], False)[0]))
         alignment = align(engine_base, engine_models, vocab_policy=vocab_policy)
         bar = None

@@ -66,6 +66,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +483,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
               "base_listed_among_models": dropped_base, "warnings": warnings}
     if newer_spelling:
         origin["tokenizer_key"] = "tokenizer.source"
+    # what an overflow's hint may name: the recipe's own scaling and whether its weights cancel (hp48 c50)
+    origin["scaling"] = {k: options[k] for k in ("lambda", "normalize") if k in options}
     return recipe, origin
 
 
@@ -618,22 +621,33 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
 
 # ------------------------------------------------------------------------------------------------ issue 12
 
-def overflow_hint(code: str, merge_method: str) -> str:
-    """What helps against an overflow (output dtype ``code``) in a mergekit recipe's terms: its ``dtype``/``out_dtype``
-    and its models' weights, never tiesmerge's lam or --dtype, which the recipe does not have or refuses (hp44 c23)."""
+def overflow_hint(code: str, merge_method: str, scaling: Mapping[str, Any] | None = None) -> str:
+    """What helps against an overflow (output dtype ``code``) in a mergekit recipe's terms: its ``dtype``/``out_dtype``,
+    its ``lambda`` and its models' weights, never tiesmerge's lam or --dtype, which the recipe does not have or refuses
+    (hp44 c23). ``scaling``: the recipe's ``lambda`` and ``normalize`` where known (the translation's origin record):
+    weights that normalize cancels are not offered, nor a normalize: true already set (hp48 c50)."""
+    scaling = scaling or {}
     wider = ("float16 holds values up to 65504 only: set the recipe's out_dtype (or dtype) to bfloat16 or float32"
              if code == "F16" else "")
     if merge_method in ("slerp", "nuslerp", "model_stock"):  # interpolations: only the inputs can hold such values
         inputs = (f"{merge_method} interpolates between the models, so a merged value past the dtype's range comes "
                   "from values near that range in a model: check the inputs for huge values")
         return f"{wider}; {inputs}" if wider else inputs
-    weights = "lower the models' weight (parameters.weight) in the recipe" + (
-        ", or set normalize: true" if merge_method in ("linear", "ties", "dare_ties", "breadcrumbs_ties",
-                                                       "della") else "")
+    lam = scaling.get("lambda")
+    normalized = scaling.get("normalize") is True
+    lowered = f"lower parameters.lambda ({lam:g})" if isinstance(lam, (int, float)) and abs(lam) > 1 else ""
+    weights = "" if normalized else "lower the models' weight (parameters.weight) in the recipe" + (
+        ", or set normalize: true" if merge_method in ("linear", "ties", "dare_ties", "breadcrumbs_ties", "della")
+        else "")
+    weights = ", or ".join(p for p in (lowered, weights) if p)
+    if not weights:  # normalized weights and no lambda to lower: only the inputs remain
+        inputs = ("the weights are normalized, so lowering them changes nothing: a merged value past the dtype's "
+                  "range comes from values near that range in a model; check the inputs for huge values")
+        return f"{wider}; {inputs}" if wider else inputs
     if wider:
         return f"{wider}, or {weights}"
-    return (f"the output dtype already holds values up to 3.4e38, so a merged value past it comes from the models' "
-            f"weights or from inputs near that limit: {weights}, and check the inputs for huge values")
+    return (f"the output dtype already holds values up to 3.4e38, so a merged value past it comes from the recipe's "
+            f"scaling or from inputs near that limit: {weights}, and check the inputs for huge values")
 
 
 _FAMILY = ("slerp", "nuslerp", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock")

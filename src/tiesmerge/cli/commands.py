@@ -478,8 +478,11 @@ def _overflow_said_for(origin: Any):
         if isinstance(origin, dict) and origin.get("format") == "mergekit":
             from ..recipe_mergekit import overflow_hint
 
-            exc.hint = overflow_hint(exc.code, str(origin.get("merge_method"))) if exc.base_value is None else \
-                exc.wider_dtype_hint("set the recipe's out_dtype (or dtype) to bfloat16 or float32")
+            scaling = origin.get("scaling") if isinstance(origin.get("scaling"), dict) else None
+            if exc.base_value is None:
+                exc.hint = overflow_hint(exc.code, str(origin.get("merge_method")), scaling)
+            else:
+                exc.hint = exc.wider_dtype_hint("set the recipe's out_dtype (or dtype) to bfloat16 or float32")
         raise
 
 
