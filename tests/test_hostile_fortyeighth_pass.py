@@ -536,3 +536,26 @@ def test_a_mergekit_overflow_hint_offers_what_can_help(scaling, said, unsaid):
     _, origin = translate_mergekit({"merge_method": "ties", "base_model": "b", "parameters": {"lambda": 3.0},
                                     "models": [{"model": "m", "parameters": {"weight": 1.0, "density": 0.5}}]})
     assert origin["scaling"] == {"lambda": 3.0, "normalize": True}
+
+
+def test_a_resume_with_the_models_swapped_names_the_models_only(tmp_path):
+    """hp48 c43: a search resumed with its two models in the other order was refused as "model 1 a there, b now;
+    model 2 ...; the models' files ... changed since the log was started": the files had not changed. And hp48 c14:
+    where only files changed, the message says which stamps count (a hard link made beside changes the change
+    time)."""
+    import os
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    m = [write_hf_dir(tmp_path / f"m{k}", s) for k, s in enumerate(fts)]
+    grid, log = {"density": (0.2,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    run_search(str(b), [str(m[0]), str(m[1])], "ties", lambda state: 0.5, grid=grid, log=log)
+    with pytest.raises(ConfigError) as caught:
+        run_search(str(b), [str(m[1]), str(m[0])], "ties", lambda state: 0.5, grid=grid, log=log)
+    assert "model 1" in caught.value.message and "files" not in caught.value.message, caught.value.message
+    os.link(m[0] / "model.safetensors", tmp_path / "elsewhere.safetensors")  # the inode's change time moves
+    with pytest.raises(ConfigError, match="a chmod, a new hard link or a copy changes the last too"):
+        run_search(str(b), [str(m[0]), str(m[1])], "ties", lambda state: 0.5, grid=grid, log=log)

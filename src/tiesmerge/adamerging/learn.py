@@ -322,7 +322,8 @@ def _differing_inputs(there: Any, now: Any) -> str:
             said.append(f"{who} {a[0]} there, {b[0]} now")
         else:
             said.append(f"{who} ({b[0]}): its files (weights, configs, tokenizer files) changed since the checkpoint "
-                        "was written")
+                        "was written (their inode, size, modification or change time: a chmod, a new hard link or "
+                        "a copy changes the last too)")  # hp48 c14: a hard link made beside was "changed"
     return "; ".join(said) or generic
 
 

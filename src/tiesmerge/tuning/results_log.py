@@ -134,6 +134,8 @@ class ResultsLog:
         if found != json.loads(json.dumps(self.header)):
             mine = json.loads(json.dumps(self.header))
             different = sorted(k for k in {*found, *mine} if found.get(k) != mine.get(k))
+            if "weights" in different and ({"base", "models"} & set(different)):  # other inputs (or their order):
+                different.remove("weights")  # their files' stamps differ with them (hp48 c43: "files changed" too)
             raise ConfigError(f"{self.path} is the log of another search (it differs in: "
                               + "; ".join(_header_difference(k, found.get(k), mine.get(k)) for k in different) + ")",
                               hint="choose another --dir (log= in Python) for this search, or delete this log to "
@@ -191,7 +193,8 @@ class ResultsLog:
 # a log header's parts, in words (hp41 C38: "it differs in: models, weights" named no model, and "weights" read as
 # the --weights option)
 _HEADER_WORDS = {
-    "weights": "the models' files (weights, configs, tokenizer files): changed since the log was started",
+    "weights": "the models' files (weights, configs, tokenizer files): changed since the log was started (their "
+               "inode, size, modification or change time: a chmod, a new hard link or a copy changes the last too)",
     "evaluator_data": "the evaluator's data file: its contents changed",
     "evaluator_code": "the evaluator's code: its module's source changed",
     "evaluator_state": "what the evaluator was built with (a partial's arguments, closure values, defaults)",
