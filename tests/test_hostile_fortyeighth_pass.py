@@ -559,3 +559,26 @@ def test_a_resume_with_the_models_swapped_names_the_models_only(tmp_path):
     os.link(m[0] / "model.safetensors", tmp_path / "elsewhere.safetensors")  # the inode's change time moves
     with pytest.raises(ConfigError, match="a chmod, a new hard link or a copy changes the last too"):
         run_search(str(b), [str(m[0]), str(m[1])], "ties", lambda state: 0.5, grid=grid, log=log)
+
+
+@pytest.mark.parametrize("name", ["report.html", "results.md"])
+def test_a_users_link_at_a_search_report_is_never_replaced(tmp_path, capsys, monkeypatch, name):
+    """hp48 c39: a finished search's report.html or results.md replaced by a user's link (to a model's config.json)
+    was silently replaced by a regular file when the search ran again, where an edited results.md is refused and an
+    output or --json link is never replaced. Refused, naming the link; the link and its target stay."""
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    m = [write_hf_dir(tmp_path / f"m{k}", s) for k, s in enumerate(fts)]
+    (tmp_path / "ev_c39.py").write_text("def score(state):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    args = ["search", "--base", str(b), "--model", str(m[0]), "--model", str(m[1]), "--grid", "density=0.2",
+            "--grid", "lam=1", "--dir", str(tmp_path / "s"), "--evaluator", "ev_c39:score"]
+    assert main(args) == 0
+    (tmp_path / "s" / name).unlink()
+    (tmp_path / "s" / name).symlink_to(m[0] / "config.json")
+    before = (m[0] / "config.json").read_bytes()
+    assert main(args) == 1
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert (tmp_path / "s" / name).is_symlink() and (m[0] / "config.json").read_bytes() == before

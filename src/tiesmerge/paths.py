@@ -1347,8 +1347,12 @@ def _check_report_unchanged(directory: Path) -> None:
     changed = []
     for name in ("results.md", "report.html"):
         path = directory / name
-        if not os.path.lexists(path) or os.path.islink(path):
-            continue  # a link is replaced itself, never written through
+        if os.path.islink(path):  # a user's link: never replaced, nor written through (hp48 c39), as -o and --json
+            raise OutputError(f"{path}: is a symbolic link (to {os.readlink(path)}), where this search writes its "
+                              f"{name} at its end; tiesmerge never replaces a link, nor writes through one",
+                              hint="remove the link (its target stays), or choose another --dir")
+        if not os.path.lexists(path):
+            continue
         if not stamp_holds(stamped.get(name), path):
             changed.append(name)
     if changed:
