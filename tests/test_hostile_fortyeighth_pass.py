@@ -175,8 +175,9 @@ def test_a_resumed_search_whose_evaluator_reads_another_file_now_is_refused(tmp_
 
 
 def _peft_folded_reference(tmp_path, dtype, kind):
-    """A tiny base saved in ``dtype``, a trained LoRA on it, and PEFT's fold of it as mergekit makes it for a
-    MODEL+LORA entry: the base loaded as transformers loads it (its own dtype), merge_and_unload."""
+    """A tiny base saved in ``dtype``, a trained LoRA on it (an embedding among its targets, a head in modules_to_save
+    saved in float32), and PEFT's fold of it as mergekit 0.1.5 makes it for a MODEL+LORA entry: the base loaded with
+    ``torch_dtype=None`` (its weights' dtype), PeftModel.from_pretrained, merge_and_unload."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     import torch
@@ -186,23 +187,24 @@ def _peft_folded_reference(tmp_path, dtype, kind):
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
             vocab_size=40, tie_word_embeddings=False))
-        targets = ["q_proj", "v_proj", "up_proj"]
+        targets, saved = ["q_proj", "v_proj", "up_proj", "embed_tokens"], ["lm_head"]
     else:  # GPT-2's Conv1D: fan_in_fan_out, ΔW transposed
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=8,
                                                                      vocab_size=30))
-        targets = ["c_attn", "mlp.c_fc"]
+        targets, saved = ["c_attn", "mlp.c_fc", "wte"], ["ln_f"]
     model.to(dtype).save_pretrained(tmp_path / "base")
-    loaded = type(model).from_pretrained(tmp_path / "base")  # transformers 5: dtype "auto", the saved one
-    assert next(loaded.parameters()).dtype == dtype
-    adapter = peft.get_peft_model(loaded, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                          fan_in_fan_out=kind == "gpt2"))
+    cls = type(model)
+    adapter = peft.get_peft_model(cls.from_pretrained(tmp_path / "base"), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved, fan_in_fan_out=kind == "gpt2"))
     with torch.no_grad():
         generator = torch.Generator().manual_seed(2)
         for name, p in adapter.named_parameters():
-            if "lora_" in name:
-                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+            if "lora_" in name or "modules_to_save" in name:
+                p.data = (p.float() + 0.3 * torch.randn(p.shape, generator=generator))  # a float32 saved copy
     adapter.save_pretrained(tmp_path / "lora")
-    return adapter.merge_and_unload().state_dict(), targets
+    loaded = cls.from_pretrained(tmp_path / "base", torch_dtype=None)  # as mergekit 0.1.5 loads it
+    reference = peft.PeftModel.from_pretrained(loaded, tmp_path / "lora").merge_and_unload().state_dict()
+    return reference, [*targets, *saved]
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
@@ -227,11 +229,11 @@ def test_a_mergekit_model_plus_lora_entry_is_folded_as_mergekit_folds_it(tmp_pat
                       "dtype: float32\n")
     assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     ours = load_dir(tmp_path / "out")
-    adapted = [n for n in reference if any(t in n for t in targets) and n.endswith("weight")]
+    adapted = [n for n in reference if any(t in n for t in targets) and n in ours]
     assert adapted
     for name in adapted:
         assert torch.equal(ours[name], reference[name].float()), name
-    if dtype == torch.bfloat16:  # the plain adapter merge: s·B·A exactly, not the bfloat16 fold
+    if dtype is torch.bfloat16:  # the plain adapter merge: s·B·A exactly, not the bfloat16 fold
         exact = tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], "task_arithmetic", lam=1.0, dtype="float32")
         assert any(not torch.equal(exact[n], ours[n]) for n in adapted)
 
@@ -582,3 +584,22 @@ def test_a_users_link_at_a_search_report_is_never_replaced(tmp_path, capsys, mon
     assert main(args) == 1
     assert "is a symbolic link" in capsys.readouterr().err
     assert (tmp_path / "s" / name).is_symlink() and (m[0] / "config.json").read_bytes() == before
+
+
+def test_an_exclude_pattern_has_its_budget_in_each_merge(tmp_path):
+    """hp49 c24: after one merge had spent the exclude pattern's 2 s budget, every later merge in the process (even of
+    a one-tensor model) was refused at once: the budget lived in the cached pattern. Each merge has its own."""
+    import tiesmerge
+    from tiesmerge.methods.svd import exclude_pattern
+
+    exclude_pattern.cache_clear()
+    pattern = exclude_pattern("(.{0,10}){0,10}Z")
+    pattern.clock.spent = 1e9  # as a long earlier merge leaves it
+    one = [{"w": torch_randn(k)} for k in range(3)]
+    tiesmerge.merge(one[0], one[1:], "tsv_m", exclude="(.{0,10}){0,10}Z")
+
+
+def torch_randn(seed):
+    import torch
+
+    return torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))

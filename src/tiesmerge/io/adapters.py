@@ -278,7 +278,6 @@ class LoraCheckpoint:
         # mergekit's MODEL+LORA: PEFT folds the update into the base as transformers loads it (its own dtype), and
         # the merge reads the folded weights; set by a translated mergekit recipe (see fold_like_peft)
         self.fold_like_peft = False
-        self._fold_dtype: Any = None  # the dtype the base loads in (transformers' "auto"), found at the first read
         self._fold_product: tuple[str, Any] | None = None  # (tensor, B·A): the last tensor's, for its next chunk
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
@@ -505,10 +504,9 @@ class LoraCheckpoint:
         base = self._require_bound()
         target = self.targets.get(name)
         key = self._full_bound.get(name)
+        if self.fold_like_peft and (target is not None or key is not None) and not isinstance(base, ZeroBase):
+            return self._folded(base, name, target, key, rows)
         saved = None if key is None else self._file.read(key, rows).float().sub_(base.read(name, rows).float())
-        if target is not None and self.fold_like_peft and not isinstance(base, ZeroBase):
-            delta = self._folded(base, name, target, rows)
-            return delta if saved is None else delta.add_(saved)
         if target is not None:
             if target.transposed:  # ΔW = s (B A)^T: rows of ΔW are columns of A
                 a = self._file.read(target.a_key).float()  # (r, rows_total)
@@ -526,18 +524,17 @@ class LoraCheckpoint:
 
         return torch.zeros(rows_shape(base.info(name).shape, rows), dtype=torch.float32)
 
-    def _folded(self, base: Checkpoint, name: str, target: LoraTarget, rows: slice | None) -> torch.Tensor:
+    def _folded(self, base: Checkpoint, name: str, target: LoraTarget | None, key: str | None,
+                rows: slice | None) -> torch.Tensor:
         """τ's rows as mergekit gets them for a MODEL+LORA entry (hp48 c05: up to 1.8e-3 apart on a bfloat16 base):
-        transformers loads the base in its own dtype, PEFT (its adapter weights upcast to float32) adds ΔW = s·(B A) to
-        the weight in place (``weight.data += ΔW``: one rounding to the weight's dtype), and the merge reads the folded
-        weight: τ = float(dtype(W + ΔW)) − float(W). In float32 it is the 1-2 ulps of the fold that s·B·A alone
-        leaves out."""
-
-        w = base.read(name, rows)  # (rows, in), the stored dtype
-        if self._fold_dtype is None:
-            self._fold_dtype = _auto_dtype(base) or False
-        dtype = self._fold_dtype or w.dtype
-        w = w.to(dtype)
+        transformers loads the base in its weights' own dtype (mergekit passes no dtype: hp49 c11), PEFT loads the
+        adapter's saved copies into those modules (cast to their dtype: hp49 c05) and, its factors upcast to float32,
+        adds ΔW = s·(B A) in place (a Linear: ``weight += ΔW``, one rounding; an Embedding: ``weight +=
+        ΔW.to(dtype)``, two: hp49 c02), and the merge reads the folded weights: τ = float(folded) − float(W)."""
+        w = base.read(name, rows)  # (rows, ...), the stored dtype: the module's dtype as loaded
+        loaded = w if key is None else self._file.read(key, rows).to(w.dtype)  # a saved copy, cast on loading
+        if target is None:
+            return loaded.float() - w.float()
         cached = self._fold_product  # read once: a read-ahead thread may cache another tensor's meanwhile
         if cached is None or cached[0] != name:  # one product per tensor, its chunks sliced from it
             a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()  # (r, in), (out, r)
@@ -545,8 +542,8 @@ class LoraCheckpoint:
             cached = self._fold_product = (name, product.T if target.transposed else product)
         delta = cached[1]
         delta = (delta if rows is None else delta[rows]) * target.scale  # then the scale, as PEFT
-        folded = w.clone()
-        folded += delta  # PEFT's in-place add: computed in float32, rounded once to the weight's dtype
+        folded = loaded.clone()
+        folded += delta.to(w.dtype) if target.embedding else delta  # PEFT's in-place adds (see above)
         return folded.float() - w.float()
 
     def rank_bound(self, name: str) -> int | None:
@@ -600,22 +597,6 @@ class LoraCheckpoint:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _auto_dtype(base: Checkpoint) -> Any:
-    """The dtype transformers' ``dtype="auto"`` (its default from version 5) loads ``base`` in: its config's ``dtype``
-    (``torch_dtype``) where that names a float dtype, else None (each weight's own)."""
-    import torch
-
-    from .align import read_model_config
-
-    try:
-        config = read_model_config(base)
-    except Exception:  # noqa: BLE001 - a config tiesmerge cannot read: transformers could not load it either
-        return None
-    named = config.get("dtype") or config.get("torch_dtype")
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(named) \
-        if isinstance(named, str) else None
 
 
 class ZeroBase:

@@ -245,6 +245,8 @@ def check_exclude(method: str, value: str, shapes: Mapping[str, tuple[int, ...]]
     from ..errors import MergeWarning
 
     pattern = exclude_pattern(value)
+    if pattern is not None and pattern.clock is not None:  # each merge its own budget: the compiled pattern (and
+        pattern.clock.spent = 0.0  # its names' answers) outlive a merge in a process (hp49 c24: later merges refused)
     matrices = [n for n, shape in shapes.items() if matrix_shape(tuple(shape), n, None) is not None]
     if pattern is None or not matrices:
         return
