@@ -603,3 +603,189 @@ def torch_randn(seed):
     import torch
 
     return torch.randn(4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+_SIGN = {"value": 1.0}
+
+
+def _signed_sum(state):
+    """An evaluator whose sign is a setting no digest reads (a module-level dict, as an env setting read at import)."""
+    return _SIGN["value"] * float(sum(v.float().sum() for v in state.values()))
+
+
+def test_the_resume_check_runs_before_this_run_logs_anything(tmp_path):
+    """hp49 c01: with the log's first record deleted (as the corrupt-line hint says to), a changed evaluator scored
+    candidate 0 and appended it before the check on candidate 1 refused; the next run checked candidate 0 (its new
+    score: equal) and lent the old scores of the others. The log's oldest record is checked first of all."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.2,), "lam": (1.0, 2.0, 3.0)}, tmp_path / "log.jsonl"
+    _SIGN["value"] = 1.0
+    run_search(base, models, "ties", _signed_sum, grid=grid, log=str(log))
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], *lines[2:]]) + "\n")  # candidate 0's record removed
+    kept = log.read_bytes()
+    _SIGN["value"] = -1.0
+    try:
+        for _ in range(2):
+            with pytest.raises(ConfigError, match="now where the log records"):
+                run_search(base, models, "ties", _signed_sum, grid=grid, log=str(log))
+            assert log.read_bytes() == kept  # nothing appended by the refused run
+    finally:
+        _SIGN["value"] = 1.0
+
+
+def test_a_tiny_scores_change_is_no_float_noise():
+    """hp49 c22: scores of about 1e-10 whose sign flipped passed the check (an absolute tolerance of 1e-9)."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.candidates import Candidate
+    from tiesmerge.tuning.driver import _check_resumed_score
+
+    with pytest.raises(ConfigError):
+        _check_resumed_score(None, Candidate(0, {"lam": 1.0}), 3e-10, -3e-10)
+    _check_resumed_score(None, Candidate(0, {"lam": 1.0}), 9.1e-10, 9.1e-10 * (1 + 1e-7))
+
+
+def test_encoder_accuracy_on_another_data_file_builds_its_own_heads(tmp_path, bert_tokenizer):
+    """hp49 c05: in one process, encoder-accuracy on b.jsonl (the same task, classes in the other order) was scored
+    with a.jsonl's heads, cached by (model, device): 1.0 where a fresh process scores 0.0."""
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+    from tiesmerge.tuning.driver import as_state
+
+    encoder = _tiny_encoder(tmp_path, bert_tokenizer)
+    rows = [{"task": "t", "text": "the cat sat", "label": 0}, {"task": "t", "text": "a dog ran", "label": 1}]
+    for name, classes in (("a.jsonl", ["cat", "dog"]), ("b.jsonl", ["dog", "cat"])):
+        (tmp_path / name).write_text("\n".join(json.dumps({**r, "classes": classes} if i == 0 else r)
+                                               for i, r in enumerate(rows)) + "\n")
+    state = as_state(str(encoder))
+    first = builtin_evaluator(f"encoder-accuracy:{tmp_path / 'a.jsonl'}", encoder)(state)
+    other = builtin_evaluator(f"encoder-accuracy:{tmp_path / 'b.jsonl'}", encoder)(state)
+    assert first + other == pytest.approx(1.0)  # the classes swapped: each example's verdict flips
+
+
+def _tiny_encoder(tmp_path, bert_tokenizer):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(bert_tokenizer), hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)
+    transformers.BertModel(cfg, add_pooling_layer=False).save_pretrained(tmp_path / "enc")
+    bert_tokenizer.save_pretrained(tmp_path / "enc")
+    return tmp_path / "enc"
+
+
+class _UpdateWrapper:
+    """A class-based decorator, as joblib's Memory.cache or wrapt make them."""
+
+    def __init__(self, fn):
+        import functools
+
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+
+    def __call__(self, state):
+        return self.fn(state)
+
+
+def _score_a(state):
+    return 0.5
+
+
+def _score_b(state):
+    return 0.5
+
+
+def test_evaluators_wrapped_by_a_class_decorator_are_told_apart(tmp_path):
+    """hp49 c33: every evaluator wrapped by a class-based decorator (functools.update_wrapper) was named by the
+    decorator's class, so a search resumed with another wrapped function (agreeing on the checked candidate) went
+    on silently. The wrapped function's own names name it."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+    from tiesmerge.tuning.evaluator import evaluator_name
+
+    assert evaluator_name(_UpdateWrapper(_score_a)).endswith(":_score_a")
+    base, models = make_family(2)
+    grid, log = {"density": (0.2,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    run_search(base, models, "ties", _UpdateWrapper(_score_a), grid=grid, log=log)
+    with pytest.raises(ConfigError, match="_score_a.* there, .*_score_b.* now"):
+        run_search(base, models, "ties", _UpdateWrapper(_score_b), grid=grid, log=log)
+
+
+class _ExitingFloat(float):
+    def __float__(self):
+        raise SystemExit(0)
+
+
+def test_a_score_whose_float_exits_is_the_evaluators_error():
+    """hp49 c38: a returned float subclass whose __float__ called sys.exit(0) ended tune with exit 0, nothing said and
+    nothing written."""
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    with pytest.raises(EvaluatorError, match=r"whose own code called sys\.exit\(0\)"):
+        guard(lambda state: _ExitingFloat(0.5), "the evaluator e")({})
+
+
+def test_a_ray_task_starts_with_torchs_own_float_settings():
+    """hp49 c02: an evaluator module that turns on the flush of subnormal floats at import, imported in a Ray worker
+    as the task's evaluator is unpickled, made that worker's merges of subnormal deltas 0 (scores other than a local
+    search's). Each task starts with torch's own settings (the driver puts them back after its own import)."""
+    import torch
+
+    pytest.importorskip("ray")
+    from tiesmerge.tuning import executors
+
+    torch.set_flush_denormal(True)
+    try:
+        with pytest.warns(Warning, match="flushing of subnormal floats"):
+            executors._threads(torch.get_num_threads())
+        assert float(torch.tensor([1e-39]).mul(1.0)[0]) != 0.0
+    finally:
+        torch.set_flush_denormal(False)
+
+
+class _ScoreClass:
+    """A class called as the evaluator: its instance is the score (a float subclass would be; here __new__)."""
+
+    def __new__(cls, state):
+        return 0.5
+
+
+_LAMBDAS = (lambda state: 0.5, lambda state: 0.25)
+
+
+def test_classes_and_lambdas_as_evaluators_are_named_apart():
+    """hp49 c40: a class used as the evaluator was named "builtins:type" (every class one search); c49: two lambdas
+    of one module were both "module:<lambda>"."""
+    from tiesmerge.tuning.evaluator import evaluator_name
+
+    assert evaluator_name(_ScoreClass).endswith(":_ScoreClass")
+    first, second = (evaluator_name(f) for f in _LAMBDAS)
+    assert first != second and "<lambda>#" in first
+
+
+def test_the_resume_check_skips_a_logged_nan(tmp_path):
+    """hp49 c30: a log whose oldest score was NaN (the API keeps it) was checked on that record, and NaN matches NaN:
+    nothing was checked. The oldest finite score is checked."""
+    import math
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.2,), "lam": (1.0, 2.0)}, str(tmp_path / "log.jsonl")
+    _SCORES[:] = [math.nan, 1.0]
+    run_search(base, models, "ties", _next_score, grid=grid, log=log)
+    with pytest.raises(ConfigError, match="now where the log records 1.0"):
+        run_search(base, models, "ties", _next_score, grid=grid, log=log)
+
+
+_SCORES: list[float] = []
+
+
+def _next_score(state):
+    """NaN for the first candidate, then 1.0; then 2.0 for every candidate: another evaluator, as far as scores go."""
+    return _SCORES.pop(0) if _SCORES else 2.0

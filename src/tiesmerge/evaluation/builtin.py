@@ -458,7 +458,10 @@ class EncoderAccuracy(_Scorer):
         from .encoder import SentenceEncoder, build_head
         from .suite_eval import evaluate_encoder
 
-        key = ("encoder", str(self.model_dir), str(_device(self.device)))
+        # the heads are built from this data's classes (and the encoder cut at its max_length): another file's, in
+        # the same process, is another model (hp49 c05: b.jsonl was scored with a.jsonl's heads)
+        classes = tuple((t, tuple(map(str, c))) for t, c in sorted(self.classes.items()))
+        key = ("encoder", str(self.model_dir), str(_device(self.device)), self.max_length, classes)
         if key not in _MODELS:
             base = SentenceEncoder.from_pretrained(self.model_dir, max_length=self.max_length,
                                                    device=_device(self.device))

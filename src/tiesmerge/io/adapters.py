@@ -266,6 +266,10 @@ def _heads_following_the_embedding(full: dict[str, str], file: Checkpoint, base:
     return follows
 
 
+# a folded LoRA's whole product B·A kept for its tensor's chunks up to this size; past it, each chunk's own rows
+_WHOLE_PRODUCT_BYTES = 256 << 20
+
+
 class LoraCheckpoint:
     """A PEFT LoRA adapter directory, read as the task vectors ΔW = s · B · A of its modules."""
 
@@ -535,13 +539,19 @@ class LoraCheckpoint:
         loaded = w if key is None else self._file.read(key, rows).to(w.dtype)  # a saved copy, cast on loading
         if target is None:
             return loaded.float() - w.float()
-        cached = self._fold_product  # read once: a read-ahead thread may cache another tensor's meanwhile
-        if cached is None or cached[0] != name:  # one product per tensor, its chunks sliced from it
-            a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()  # (r, in), (out, r)
-            product = b @ a  # (out, in): PEFT's whole product (a chunk's own rows could round otherwise)
-            cached = self._fold_product = (name, product.T if target.transposed else product)
-        delta = cached[1]
-        delta = (delta if rows is None else delta[rows]) * target.scale  # then the scale, as PEFT
+        a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()  # (r, in), (out, r)
+        if rows is None or b.shape[0] * a.shape[1] * 4 > _WHOLE_PRODUCT_BYTES:  # an embedding of 152k x 8192 rows:
+            # the chunk's own product (hp49 c46: 5 GB past the budget), equal to the whole one's rows in the
+            # engine's large chunks (odd splits of a few rows can round otherwise)
+            delta = (b @ (a if rows is None else a[:, rows])).T if target.transposed else \
+                (b if rows is None else b[rows]) @ a  # (rows, ...)
+        else:
+            cached = self._fold_product  # read once: a read-ahead thread may cache another tensor's meanwhile
+            if cached is None or cached[0] != name:  # one product per tensor, its chunks sliced from it
+                product = b @ a  # (out, in): PEFT's whole product (a chunk's own rows could round otherwise)
+                cached = self._fold_product = (name, product.T if target.transposed else product)
+            delta = cached[1][rows]
+        delta = delta * target.scale  # then the scale, as PEFT
         folded = loaded.clone()
         folded += delta.to(w.dtype) if target.embedding else delta  # PEFT's in-place adds (see above)
         return folded.float() - w.float()

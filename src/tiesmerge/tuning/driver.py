@@ -393,6 +393,20 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
     n_models = len(job.models)
     trials: list[Trial] = []
     seen: dict[str, Trial] = {}  # scores of this run by candidate key: nothing is scored twice
+    probe_trial: list[Trial] = []
+
+    def _probe_scored(c: Candidate, score: float, seconds: float) -> None:
+        nonlocal evaluations, checked
+        if watch is not None:
+            watch.check()
+        evaluations += 1
+        _check_resumed_score(results, c, probes.pop(c.key), score)
+        checked += 1
+        logged = results.get(c.key) if results is not None else None
+        probe_trial.append(Trial(c.index, c.options, float(logged["score"]) if logged else score, seconds, True))
+        if on_trial is not None:
+            on_trial(probe_trial[-1])
+
     best: Trial | None = None
     merges_before, evaluations, checked = executor.merges, 0, 0
     # before the first score a resumed log would lend, that candidate is scored again and must match: what its
@@ -400,6 +414,15 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
     # is caught by behaviour, not by description (pass 46's digest cases, hp47's recommendation)
     probes: dict[str, float] = {}  # candidate key -> the log's score, while its re-score is pending
     probed = results is None or not results.records
+    oldest = _oldest_logged(results) if not probed else None
+    if oldest is not None:  # first of all: nothing this run scores is appended before the log is trusted (hp49
+        # c01, c12: a candidate missing from the log, scored and appended by the changed evaluator before the check
+        # refused, was the one the next run checked, and the old scores of the rest were lent)
+        probed = True
+        probes[oldest.key] = float(results.get(oldest.key)["score"])  # type: ignore[union-attr, index]
+        _check(job, [oldest], n_models)
+        executor.score([oldest], lambda c, score, seconds: _probe_scored(c, score, seconds))
+        seen[oldest.key] = probe_trial[0]
     while batch := chooser.ask():
         candidates = [Candidate(len(trials) + i, options) for i, options in enumerate(batch)]
         _check(job, candidates, n_models)  # a bad candidate fails before a merge
@@ -460,13 +483,31 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
                         evaluations, time.perf_counter() - started, best_state, log_checked=checked)
 
 
+def _oldest_logged(results: ResultsLog | None) -> Candidate | None:
+    """The log's first scored candidate, rebuilt from its options (lists back to tuples: the key it was logged by),
+    or None where its options do not give its key back (an edited record: the check runs on the first logged
+    candidate the strategy asks instead)."""
+    if results is None or not results.records:
+        return None
+    import math
+
+    # the oldest with a finite score: NaN matches NaN, so a NaN record checks nothing (hp49 c30)
+    finite = (r for r in results.records.values() if isinstance(r["score"], (int, float)) and math.isfinite(r["score"]))
+    record = next(finite, None) or next(iter(results.records.values()))
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in record["options"].items()}
+    index = record.get("index")
+    candidate = Candidate(index if isinstance(index, int) and not isinstance(index, bool) else 0, options)
+    return candidate if candidate.key == record["key"] else None
+
+
 def _check_resumed_score(results: ResultsLog | None, c: Candidate, logged: float, score: float) -> None:
     """A resumed log's candidate scored again to ``score`` where the log holds ``logged``: equal (to float noise:
     another thread count's sums), or the log is another search's in all but its header."""
     import math
 
+    # relative only: scores of 1e-10 are as comparable as accuracies (hp49 c22: an absolute 1e-9 let a sign flip by)
     same = (math.isnan(logged) and math.isnan(score)) or logged == score or \
-        math.isclose(logged, score, rel_tol=1e-5, abs_tol=1e-9)
+        math.isclose(logged, score, rel_tol=1e-5, abs_tol=0.0)
     if same:
         return
     where = results.path if results is not None else "the search log"

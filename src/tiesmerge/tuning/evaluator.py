@@ -31,7 +31,7 @@ def evaluator_name(evaluate: Any, depth: int = 0) -> str:
     import functools
     import types
 
-    from .evaluator_digest import _is_ours, _partial_parts, _type_text
+    from .evaluator_digest import _instance_dict, _is_ours, _partial_parts, _type_text
 
     kind = type(evaluate)
     if issubclass(kind, functools.partial) and depth < 20:  # its repr holds the function's address and calls its
@@ -39,7 +39,19 @@ def evaluator_name(evaluate: Any, depth: int = 0) -> str:
     if issubclass(kind, (types.FunctionType, types.MethodType, types.BuiltinFunctionType)):
         module, name = getattr(evaluate, "__module__", None), getattr(evaluate, "__qualname__", None)
         if isinstance(module, str) and isinstance(name, str):
+            code = getattr(evaluate, "__code__", None)
+            if name.endswith("<lambda>") and code is not None:  # two lambdas of one module told apart by their
+                import hashlib  # code (hp49 c49: evlam:<lambda> for both); the same lambda on another line is one
+
+                body = hashlib.sha256(code.co_code + repr((code.co_consts, code.co_names)).encode()).hexdigest()[:8]
+                name = f"{name}#{body}"
             return f"{module}:{name}"
+    if issubclass(kind, type):  # a class called as the evaluator (hp49 c40: "builtins:type" for every class)
+        return f"{_type_text(evaluate, '__module__')}:{_type_text(evaluate, '__qualname__')}"
+    own = _instance_dict(evaluate) or {}  # a class-based decorator's functools.update_wrapper copies the wrapped
+    module, name = own.get("__module__"), own.get("__qualname__")  # function's names here (hp49 c33: every
+    if type(module) is str and type(name) is str:  # wrapped evaluator was the decorator's class, one search)
+        return f"{module}:{name}"
     if _is_ours(kind):  # tiesmerge's own evaluators say what they score on
         try:
             text = repr(evaluate)
@@ -83,6 +95,10 @@ class GuardedEvaluator:
             return self._read(score)
         except (TiesMergeError, KeyboardInterrupt):
             raise
+        except SystemExit as exc:  # a returned object's __float__ calling sys.exit: exit 0 and no word (hp49 c38)
+            raise EvaluatorError(f"{self.label}: returned a {type(score).__name__} whose own code called "
+                                 f"sys.exit({_text(exc.code)}) when it was read as a score",
+                                 hint="return a plain number (a float, or a 0-d numpy array or torch tensor)") from exc
         except Exception as exc:  # noqa: BLE001 - the returned object's own code (a __getattr__, a dtype property)
             raise EvaluatorError(  # raised as it was read: the evaluator's to fix, not tiesmerge's bug (hp48 c35)
                 f"{self.label}: returned a {type(score).__name__} whose own code raised {type(exc).__name__} "

@@ -164,9 +164,16 @@ def _from_numpy(state: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 def _threads(count: int) -> None:
     """A task uses the CPUs Ray gave it: one thread per CPU (Ray's worker may hold another setting from
-    its previous task, and torch's default is every core of the node, which oversubscribes them)."""
+    its previous task, and torch's default is every core of the node, which oversubscribes them). And torch's
+    process settings as tiesmerge's merges need them: an evaluator module imported in the worker (as the task's
+    evaluator was unpickled) may have turned on the flush of subnormal floats, which the driver's own import puts
+    back and says there (hp49 c02: a worker's merges of subnormal deltas were 0, scored otherwise than locally)."""
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
+    from .evaluator import restore_torch_defaults
+
+    restore_torch_defaults((torch.device("cpu"), torch.float32, False), "the evaluator's module, in a Ray worker,",
+                           "in the worker")  # a no-op where nothing changed them
 
 
 def _merge_task(threads: int, job: Job, base32: Mapping[str, np.ndarray], options: dict[str, Any], base: Any,
