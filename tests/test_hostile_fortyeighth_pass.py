@@ -789,3 +789,68 @@ _SCORES: list[float] = []
 def _next_score(state):
     """NaN for the first candidate, then 1.0; then 2.0 for every candidate: another evaluator, as far as scores go."""
     return _SCORES.pop(0) if _SCORES else 2.0
+
+
+def test_tmpdir_through_a_bind_mount_of_an_input_or_the_output_is_refused(tmp_path, monkeypatch):
+    """hp49 c49, c50: TMPDIR pointing at a bind mount of a model (or of the old output) passed the path checks, and
+    torch's private folder was made inside the model during the run (the output's was blamed as a user's file). The
+    folders are compared by identity too. Needs the right to bind-mount (root): skipped elsewhere."""
+    import subprocess
+    import tempfile
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError, OutputError
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # as a fresh process finds it: from $TMPDIR
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", s) for k, s in enumerate(fts)]
+    tiesmerge.merge(b, ms, output=tmp_path / "out")
+    mounts = []
+    try:
+        for source in (ms[0], tmp_path / "out"):
+            point = tmp_path / f"bind-{source.name}"
+            point.mkdir()
+            if subprocess.run(["mount", "--bind", str(source), str(point)], capture_output=True).returncode != 0:
+                pytest.skip("bind mounts need root")
+            mounts.append(point)
+        before = sorted(p.name for p in ms[0].iterdir())
+        monkeypatch.setenv("TMPDIR", str(mounts[0]))
+        with pytest.raises(ConfigError, match=r"\(TMPDIR\) lies inside model 0"):
+            tiesmerge.merge(b, ms, output=tmp_path / "out2")
+        assert sorted(p.name for p in ms[0].iterdir()) == before
+        monkeypatch.setenv("TMPDIR", str(mounts[1]))
+        with pytest.raises(OutputError, match=r"\(TMPDIR\) (is|lies inside) the output"):
+            tiesmerge.merge(b, ms, output=tmp_path / "out", force=True)
+    finally:
+        for point in mounts:
+            subprocess.run(["umount", str(point)], capture_output=True)
+
+
+def test_a_fold_that_overflows_a_float16_base_says_so(tmp_path, capsys):
+    """hp49 c38: a healthy LoRA whose fold into a float16 base (65000 there, ΔW 2000) overflows, as mergekit's fold
+    does, was refused as "adapter_model.safetensors: tensor ... holds Inf ... the checkpoint is damaged ... merge
+    another one", naming a tensor the adapter does not hold. Said as the fold's overflow, with what helps."""
+    import torch
+
+    from helpers_adapters import write_lora_dir
+    from tiesmerge.cli.main import main
+
+    base, _ = make_family(1)
+    base = {k: v.half() if v.is_floating_point() else v for k, v in base.items()}
+    name = "model.layers.0.self_attn.q_proj"
+    base[name + ".weight"][0, 0] = 65000.0
+    write_hf_dir(tmp_path / "base", base, config={"torch_dtype": "float16"})
+    rows, cols = base[name + ".weight"].shape
+    a, b = torch.zeros(1, cols), torch.zeros(rows, 1)
+    a[0, 0], b[0, 0] = 40.0, 50.0  # ΔW[0, 0] = 2000 (alpha 1, r 1)
+    write_lora_dir(tmp_path / "lora", {name: (a, b)}, alpha=1.0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
+                      "dtype: float32\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"folding the update s·B·A of {name!r} into the base's float16 weight" in err, err
+    assert "damaged" not in err
+    assert_no_output(tmp_path / "out")

@@ -1050,7 +1050,7 @@ def _check_scratch_outside(named: Sequence[tuple[str, Any]]) -> None:
     scratch = Path(os.path.realpath(scratch_dir()))  # gettempdir() would write a probe file there first (hp40b C16)
     for who, source in named:
         for src in input_roots(source):
-            if src == scratch or src in scratch.parents:
+            if _same_or_inside(scratch, src):
                 raise ConfigError(f"the temporary folder {scratch} (TMPDIR) lies inside {who} ({source}): tiesmerge "
                                   "and the libraries it runs (torch, numba, matplotlib) make folders there, which "
                                   "would change an input", hint="point TMPDIR at a folder outside the command's inputs")
@@ -1063,13 +1063,33 @@ def _check_scratch_not_output(output: str | os.PathLike, final: Path) -> None:
     from .scratch import scratch_dir
 
     scratch = Path(os.path.realpath(scratch_dir()))  # gettempdir() would write a probe file there first (hp40b C16)
-    if scratch == final or final in scratch.parents:
+    if _same_or_inside(scratch, final):
         raise OutputError(f"{output}: the temporary folder {scratch} (TMPDIR) "
                           + ("is the output" if scratch == final else "lies inside the output")
                           + ": tiesmerge and the libraries it runs (torch, numba, matplotlib) make folders there "
                             "while the command runs, and the output is written and replaced whole",
                           hint="point TMPDIR at a folder outside the output (or unset it), or choose another output "
                                "path")
+
+
+def _same_or_inside(scratch: Path, folder: Path) -> bool:
+    """Whether ``scratch`` is ``folder`` or lies inside it: by path, or by identity (device and inode) of it or one of
+    its parents, which a bind mount of ``folder`` elsewhere shares (hp49 c49, c50: TMPDIR through a bind mount of a
+    model made torch's folder inside it)."""
+    if scratch == folder or folder in scratch.parents:
+        return True
+    try:
+        wanted = os.stat(folder)
+    except OSError:
+        return False
+    for place in (scratch, *scratch.parents):
+        try:
+            st = os.stat(place)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (wanted.st_dev, wanted.st_ino):
+            return True
+    return False
 
 
 def input_roots(source: Any) -> list[Path]:

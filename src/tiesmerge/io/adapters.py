@@ -585,6 +585,14 @@ class LoraCheckpoint:
                                          hint="the adapter is damaged or was saved after a diverged training step; "
                                               "merge another one")
         if bool(torch.isfinite((b @ a).mul_(target.scale)).all()):
+            if self.fold_like_peft and self._base is not None:  # the fold in the base's own dtype overflowed it
+                dtype = self._base.info(name).dtype_info.name  # (hp49 c38: a healthy adapter called damaged)
+                raise InvalidTensorError(
+                    f"{self.path / ADAPTER_WEIGHTS}: folding the update s·B·A of {target.module!r} into the base's "
+                    f"{dtype} weight {name!r} overflows {dtype}, as mergekit's fold of this MODEL+LORA entry does "
+                    "(PEFT adds it in the weight's dtype; mergekit writes Inf there)",
+                    hint="give the base in float32 (its weights converted), or merge the adapter as a model of its "
+                         "own with the command line (--base BASE --model ADAPTER), which adds s·B·A in float32")
             return  # the product is finite: the cause is a tensor saved whole beside it, named by the caller
         raise InvalidTensorError(
             f"{self.path / ADAPTER_WEIGHTS}: the update s·B·A of {target.module!r} (the base's {name!r}) overflows "
