@@ -854,3 +854,22 @@ def test_a_fold_that_overflows_a_float16_base_says_so(tmp_path, capsys):
     assert f"folding the update s·B·A of {name!r} into the base's float16 weight" in err, err
     assert "damaged" not in err
     assert_no_output(tmp_path / "out")
+
+
+def test_an_evaluators_forked_child_ends_in_its_own_code(tmp_path, monkeypatch, capfd):
+    """hp49 c28: an evaluator that forks a child which leaves by sys.exit(0) made the child run tiesmerge's reporting
+    (an "error: ... called sys.exit(0)" line per candidate in a run that succeeds), and a child returning would run
+    the rest of the search. A forked child ends where it leaves the evaluator."""
+    from tiesmerge.cli.main import main
+
+    (tmp_path / "evfork48.py").write_text(
+        "import os\nimport sys\n\n\ndef score(state):\n    pid = os.fork()\n    if pid == 0:\n        sys.exit(0)\n"
+        "    os.waitpid(pid, 0)\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", s) for k, s in enumerate(fts)]
+    assert main(["search", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--grid", "density=0.2",
+                 "--grid", "lam=1,2", "--dir", str(tmp_path / "s"), "--evaluator", "evfork48:score"]) == 0
+    err = capfd.readouterr().err
+    assert "error:" not in err and "sys.exit" not in err, err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -77,6 +78,18 @@ class GuardedEvaluator:
         self.evaluate, self.label, self.finite = evaluate, label, finite
 
     def __call__(self, state: Mapping[str, Any]) -> float:
+        pid = os.getpid()
+        try:
+            score = self._call(state)
+        except BaseException as exc:
+            if os.getpid() != pid:  # a child the evaluator forked (os.fork) left its own code by an exception: it
+                _leave_child(exc)  # ends there, never in tiesmerge's reporting (hp49 c28: its "error:" lines)
+            raise
+        if os.getpid() != pid:  # a forked child returning into tiesmerge's code would run the rest of the search
+            os._exit(0)
+        return score
+
+    def _call(self, state: Mapping[str, Any]) -> float:
         try:
             with process_state_kept(self.label):
                 score = self.evaluate(state)
@@ -133,6 +146,21 @@ class GuardedEvaluator:
             raise EvaluatorError(f"{self.label}: returned {value!r}, past the ±{MAX_SCORE:.0e} a score may reach",
                                  hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
         return value
+
+
+def _leave_child(exc: BaseException) -> None:
+    """End a forked child as its own exception would end a process of its own: sys.exit's code, else 1."""
+    code = 1
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    elif isinstance(exc, EvaluatorError) and isinstance(exc.__cause__, SystemExit):
+        cause = exc.__cause__.code
+        code = cause if isinstance(cause, int) else (0 if cause is None else 1)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def _working_folder() -> str | None:
