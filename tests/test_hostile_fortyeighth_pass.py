@@ -873,3 +873,17 @@ def test_an_evaluators_forked_child_ends_in_its_own_code(tmp_path, monkeypatch, 
                  "--grid", "lam=1,2", "--dir", str(tmp_path / "s"), "--evaluator", "evfork48:score"]) == 0
     err = capfd.readouterr().err
     assert "error:" not in err and "sys.exit" not in err, err
+
+
+def test_a_missing_path_with_a_newline_is_said_on_one_line(tmp_path, capsys):
+    """hp49 c61: a recipe naming a missing folder whose name holds a newline printed the error over two lines."""
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(1)
+    write_hf_dir(tmp_path / "m", fts[0])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"method": "task_arithmetic", "base": str(tmp_path / "caf base\nx"),
+                                  "models": [str(tmp_path / "m")]}))
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out")]) != 0
+    error = [line for line in capsys.readouterr().err.splitlines() if "no such file" in line]
+    assert error and "caf base\\nx" in error[0], error

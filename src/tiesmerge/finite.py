@@ -74,8 +74,8 @@ class NotFiniteError(InvalidTensorError):
         self.hint = self.wider_dtype_hint(remedy)
 
     def wider_dtype_hint(self, remedy: str) -> str:
-        return (f"{remedy}: a merge near the base stays past {_TOPS.get(self.code, '3.4e38')} there whatever the "
-                "scaling or the models' weights")
+        return (f"{remedy}: the base's own value there is past {_TOPS.get(self.code, '3.4e38')}, so only a merge "
+                "that moves far from the base at that entry fits there")  # (hp49 c13: "whatever the scaling" was false)
 
 
 _TOPS = {"F16": "65504", "BF16": "3.39e38", "F32": "3.4e38", "F64": "3.4e38 (the merge computes in float32)"}

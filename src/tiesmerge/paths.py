@@ -135,8 +135,8 @@ def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = Ch
                             hint=f"give {what} as a file path (tiesmerge reads regular files only)") from None
             raise error(f"{path}: {what} is a link to {target}, which does not exist",
                         hint="fix or remove the dangling link") from None
-        if code in (errno.ENOENT, errno.ENOTDIR):
-            raise error(f"{path}: no such file or directory (cannot read {what})",
+        if code in (errno.ENOENT, errno.ENOTDIR):  # a newline in the name on one line (hp49 c61)
+            raise error(f"{str(path).replace(chr(10), chr(92) + 'n')}: no such file or directory (cannot read {what})",
                         hint=f"check the path of {what}") from None
         if code == errno.ENAMETOOLONG:
             raise error(f"{path}: cannot read {what} ({exc.strerror or exc})",
