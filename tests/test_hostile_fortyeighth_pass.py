@@ -887,3 +887,79 @@ def test_a_missing_path_with_a_newline_is_said_on_one_line(tmp_path, capsys):
     assert main(["merge", str(recipe), "-o", str(tmp_path / "out")]) != 0
     error = [line for line in capsys.readouterr().err.splitlines() if "no such file" in line]
     assert error and "caf base\\nx" in error[0], error
+
+
+def test_a_lambdas_name_is_the_same_in_every_process(tmp_path):
+    """hp50 k05, k12: a lambda holding a generator expression (a nested code object, its address in its repr) or a
+    set literal (a frozenset, in hash order) was named otherwise in each process: the same search refused to resume."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "evg48.py").write_text('score = lambda sd: sum(float(v.sum()) for k, v in sd.items() '
+                                       'if k in {"a", "b", "classifier.bias", "c", "d"})\n')
+    names = set()
+    for seed in ("1", "2", "3"):
+        env = {**os.environ, "PYTHONHASHSEED": seed,
+               "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+        names.add(subprocess.run([sys.executable, "-c", "from tiesmerge.tuning.evaluator import evaluator_name; "
+                                  "import evg48; print(evaluator_name(evg48.score))"], env=env, capture_output=True,
+                                 text=True, check=True).stdout.strip())
+    assert len(names) == 1 and "<lambda>#" in names.pop()
+
+
+def test_the_resume_check_reads_a_record_by_its_key(tmp_path):
+    """hp50 k01: jq rewrote every record's options (lam 2.0 as 2), so the oldest record could not be rebuilt and the
+    check fell back to the first logged candidate asked, after candidate 0 (missing) was scored and appended by the
+    changed evaluator. The record is rebuilt from its key, and the check runs first."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.2,), "lam": (1.0, 2.0, 3.0)}, tmp_path / "log.jsonl"
+    _SIGN["value"] = 1.0
+    run_search(base, models, "ties", _signed_sum, grid=grid, log=str(log))
+    head, *records = log.read_text().splitlines()
+    rewritten = []
+    for line in records[1:]:  # candidate 0's record dropped, the others' options as jq writes them
+        record = json.loads(line)
+        record["options"] = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                             for k, v in record["options"].items()}
+        rewritten.append(json.dumps(record))
+    log.write_text("\n".join([head, *rewritten]) + "\n")
+    kept = log.read_bytes()
+    _SIGN["value"] = -1.0
+    try:
+        with pytest.raises(ConfigError, match="now where the log records"):
+            run_search(base, models, "ties", _signed_sum, grid=grid, log=str(log))
+        assert log.read_bytes() == kept
+    finally:
+        _SIGN["value"] = 1.0
+
+
+def test_a_saved_copy_past_a_float16_base_says_so(tmp_path, capsys):
+    """hp50 c03: an adapter's modules_to_save copy saved in float32 with 70000, which PEFT casts to the float16 base's
+    dtype on loading (Inf) for a mergekit MODEL+LORA entry, was refused as a damaged adapter. Said as the cast."""
+    import torch
+
+    from helpers_adapters import write_lora_dir
+    from tiesmerge.cli.main import main
+
+    base, _ = make_family(1)
+    base = {k: v.half() if v.is_floating_point() else v for k, v in base.items()}
+    write_hf_dir(tmp_path / "base", base, config={"torch_dtype": "float16"})
+    name = "model.layers.0.self_attn.q_proj"
+    norm = base["model.norm.weight"].float().clone()
+    norm[0] = 70000.0
+    rows, cols = base[name + ".weight"].shape
+    write_lora_dir(tmp_path / "lora", {name: (torch.zeros(1, cols), torch.zeros(rows, 1))}, alpha=1.0,
+                   extra={"model.norm.modules_to_save.default.weight": norm},
+                   config={"modules_to_save": ["norm"]})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
+                      "dtype: float32\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "saved copy" in err and "past the base's float16" in err and "damaged" not in err, err
+    assert_no_output(tmp_path / "out")

@@ -535,8 +535,18 @@ class LoraCheckpoint:
         adapter's saved copies into those modules (cast to their dtype: hp49 c05) and, its factors upcast to float32,
         adds ΔW = s·(B A) in place (a Linear: ``weight += ΔW``, one rounding; an Embedding: ``weight +=
         ΔW.to(dtype)``, two: hp49 c02), and the merge reads the folded weights: τ = float(folded) − float(W)."""
+        import torch
+
         w = base.read(name, rows)  # (rows, ...), the stored dtype: the module's dtype as loaded
         loaded = w if key is None else self._file.read(key, rows).to(w.dtype)  # a saved copy, cast on loading
+        if key is not None and w.is_floating_point() and not bool(torch.isfinite(loaded).all()) and \
+                bool(torch.isfinite(self._file.read(key, rows)).all()):  # finite in the file: the cast overflowed
+            raise InvalidTensorError(
+                f"{self.path / ADAPTER_WEIGHTS}: the adapter's saved copy {key!r} holds values past the base's "
+                f"{str(w.dtype).removeprefix('torch.')}, into which PEFT loads it for mergekit's MODEL+LORA entry "
+                "(mergekit writes Inf there)",  # (hp50 c03: said as a damaged adapter)
+                hint="give the base in float32 (its weights converted), or merge the adapter as a model of its own "
+                     "with the command line (--base BASE --model ADAPTER), which keeps the copy in float32")
         if target is None:
             return loaded.float() - w.float()
         a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()  # (r, in), (out, r)

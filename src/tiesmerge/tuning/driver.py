@@ -8,6 +8,7 @@ repeats until the strategy is done. The best candidate is the first with the hig
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -484,9 +485,8 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
 
 
 def _oldest_logged(results: ResultsLog | None) -> Candidate | None:
-    """The log's first scored candidate, rebuilt from its options (lists back to tuples: the key it was logged by),
-    or None where its options do not give its key back (an edited record: the check runs on the first logged
-    candidate the strategy asks instead)."""
+    """The log's oldest scored candidate with a finite score, rebuilt from its key (lists back to tuples); a key that
+    is no candidate's (edited) is the log's corruption, refused before anything is scored."""
     if results is None or not results.records:
         return None
     import math
@@ -494,10 +494,18 @@ def _oldest_logged(results: ResultsLog | None) -> Candidate | None:
     # the oldest with a finite score: NaN matches NaN, so a NaN record checks nothing (hp49 c30)
     finite = (r for r in results.records.values() if isinstance(r["score"], (int, float)) and math.isfinite(r["score"]))
     record = next(finite, None) or next(iter(results.records.values()))
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in record["options"].items()}
+    try:  # from its key, the canonical options it was logged by: its "options" may have been rewritten by a tool
+        options = json.loads(record["key"])  # (hp50 k01: jq wrote lam 2.0 as 2 in every record)
+    except ValueError:
+        options = None
+    if not isinstance(options, dict) or json.dumps(options, sort_keys=True) != record["key"]:
+        raise ConfigError(f"{results.path}: the search log's record {record['key'][:80]!r} has a key that is no "
+                          "candidate's options", hint="delete that line (its candidate is scored again), then run the "
+                                                      "search again")
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     index = record.get("index")
     candidate = Candidate(index if isinstance(index, int) and not isinstance(index, bool) else 0, options)
-    return candidate if candidate.key == record["key"] else None
+    return candidate
 
 
 def _check_resumed_score(results: ResultsLog | None, c: Candidate, logged: float, score: float) -> None:

@@ -44,8 +44,7 @@ def evaluator_name(evaluate: Any, depth: int = 0) -> str:
             if name.endswith("<lambda>") and code is not None:  # two lambdas of one module told apart by their
                 import hashlib  # code (hp49 c49: evlam:<lambda> for both); the same lambda on another line is one
 
-                body = hashlib.sha256(code.co_code + repr((code.co_consts, code.co_names)).encode()).hexdigest()[:8]
-                name = f"{name}#{body}"
+                name = f"{name}#{hashlib.sha256(_code_text(code).encode()).hexdigest()[:8]}"
             return f"{module}:{name}"
     if issubclass(kind, type):  # a class called as the evaluator (hp49 c40: "builtins:type" for every class)
         return f"{_type_text(evaluate, '__module__')}:{_type_text(evaluate, '__qualname__')}"
@@ -61,6 +60,24 @@ def evaluator_name(evaluate: Any, depth: int = 0) -> str:
         if text and " at 0x" not in text:
             return text[:80]
     return f"{_type_text(kind, '__module__')}:{_type_text(kind, '__qualname__')}"
+
+
+def _code_text(code: Any, depth: int = 0) -> str:
+    """A code object as text that is the same in every process: its bytecode, names and constants, nested code (a
+    generator expression's) by its own text, sets by their sorted items (hp50 k05, k12: an address in a nested code
+    object's repr, a frozenset's hash order, made each run another evaluator)."""
+    import types
+
+    def const(value: Any) -> str:
+        if isinstance(value, types.CodeType):
+            return _code_text(value, depth + 1) if depth < 20 else "<code>"
+        if isinstance(value, (frozenset, set)):
+            return "{" + ",".join(sorted(const(v) for v in value)) + "}"
+        if isinstance(value, tuple):
+            return "(" + ",".join(const(v) for v in value) + ")"
+        return repr(value)
+
+    return f"{code.co_code.hex()}|{code.co_names}|{','.join(const(c) for c in code.co_consts)}"
 
 
 def _shown(value: Any, limit: int = 200) -> str:
