@@ -963,3 +963,33 @@ def test_a_saved_copy_past_a_float16_base_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "saved copy" in err and "past the base's float16" in err and "damaged" not in err, err
     assert_no_output(tmp_path / "out")
+
+
+def test_folded_products_are_kept_one_at_a_time(tmp_path):
+    """hp50 c16: each MODEL+LORA entry kept its own whole B·A product (up to 256 MiB each): six entries held 1.77 GB
+    past a 64 MiB budget. One product is kept in the process, whatever the number of entries; the results stay the
+    same, chunked or not."""
+    import torch
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.io import adapters
+
+    base, _ = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    entries = []
+    for k in range(3):
+        write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, seed=k), alpha=4.0)
+        entries.append(f"  - {{model: {tmp_path / 'base'}+{tmp_path / f'lora{k}'}, parameters: {{weight: 1.0}}}}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      + "\n".join(entries) + "\ndtype: float32\n")
+    from tiesmerge.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    whole = tiesmerge.merge(loaded.base, list(loaded.models), loaded.method, origin=loaded.origin)
+    chunked = tiesmerge.merge(loaded.base, list(loaded.models), loaded.method, origin=loaded.origin,
+                              memory_budget="1KiB")
+    assert all(torch.equal(whole[n], chunked[n]) for n in whole)
+    held = [v for v in vars(adapters).values() if isinstance(v, list) and v and isinstance(v[0], tuple)]
+    assert len(adapters._FOLD_PRODUCT) == 1 and all(len(h) == 1 for h in held)

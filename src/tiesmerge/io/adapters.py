@@ -268,6 +268,8 @@ def _heads_following_the_embedding(full: dict[str, str], file: Checkpoint, base:
 
 # a folded LoRA's whole product B·A kept for its tensor's chunks up to this size; past it, each chunk's own rows
 _WHOLE_PRODUCT_BYTES = 256 << 20
+# ((adapter, tensor), B·A): the last folded tensor's whole product, for its next chunk; one in the process
+_FOLD_PRODUCT: list[Any] = [None]
 
 
 class LoraCheckpoint:
@@ -282,7 +284,6 @@ class LoraCheckpoint:
         # mergekit's MODEL+LORA: PEFT folds the update into the base as transformers loads it (its own dtype), and
         # the merge reads the folded weights; set by a translated mergekit recipe (see fold_like_peft)
         self.fold_like_peft = False
-        self._fold_product: tuple[str, Any] | None = None  # (tensor, B·A): the last tensor's, for its next chunk
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
@@ -549,17 +550,22 @@ class LoraCheckpoint:
                      "with the command line (--base BASE --model ADAPTER), which keeps the copy in float32")
         if target is None:
             return loaded.float() - w.float()
-        a, b = self._file.read(target.a_key).float(), self._file.read(target.b_key).float()  # (r, in), (out, r)
-        if rows is None or b.shape[0] * a.shape[1] * 4 > _WHOLE_PRODUCT_BYTES:  # an embedding of 152k x 8192 rows:
-            # the chunk's own product (hp49 c46: 5 GB past the budget), equal to the whole one's rows in the
-            # engine's large chunks (odd splits of a few rows can round otherwise)
+        # PEFT's factors: float32 (upcast from half precision), float64 in a float64 model (hp50 c17)
+        wide = torch.float64 if w.dtype == torch.float64 else torch.float32
+        a, b = self._file.read(target.a_key).to(wide), self._file.read(target.b_key).to(wide)  # (r, in), (out, r)
+        if rows is None or b.shape[0] * a.shape[1] * a.element_size() > _WHOLE_PRODUCT_BYTES:
+            # an embedding of 152k x 8192 rows: the chunk's own product (hp49 c46: 5 GB past the budget), equal to
+            # the whole one's rows in the engine's large chunks (odd splits of a few rows can round otherwise)
             delta = (b @ (a if rows is None else a[:, rows])).T if target.transposed else \
                 (b if rows is None else b[rows]) @ a  # (rows, ...)
         else:
-            cached = self._fold_product  # read once: a read-ahead thread may cache another tensor's meanwhile
-            if cached is None or cached[0] != name:  # one product per tensor, its chunks sliced from it
+            # one product at a time in the process, whatever the number of entries (hp50 c16: each entry kept its
+            # own, 6 x 246 MB past the budget); read once: a read-ahead thread may cache another's meanwhile
+            cached = _FOLD_PRODUCT[0]
+            if cached is None or cached[0] != (id(self), name):  # one product per tensor, its chunks sliced from it
                 product = b @ a  # (out, in): PEFT's whole product (a chunk's own rows could round otherwise)
-                cached = self._fold_product = (name, product.T if target.transposed else product)
+                cached = (id(self), name), product.T if target.transposed else product
+                _FOLD_PRODUCT[0] = cached
             delta = cached[1][rows]
         delta = delta * target.scale  # then the scale, as PEFT
         folded = loaded.clone()
