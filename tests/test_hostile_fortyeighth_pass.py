@@ -993,3 +993,28 @@ def test_folded_products_are_kept_one_at_a_time(tmp_path):
     assert all(torch.equal(whole[n], chunked[n]) for n in whole)
     held = [v for v in vars(adapters).values() if isinstance(v, list) and v and isinstance(v[0], tuple)]
     assert len(adapters._FOLD_PRODUCT) == 1 and all(len(h) == 1 for h in held)
+
+
+def _made(fn):
+    """A factory wrapping an evaluator, as a user's helper does."""
+    def score(state):
+        return fn(state)
+    return score
+
+
+_MADE = (_made(lambda state: 0.5), _made(lambda state: 0.25))
+
+
+def test_two_lambdas_given_to_one_factory_are_two_evaluators(tmp_path):
+    """hp50 k27, k28: two different lambdas given to one factory (or one class decorator) were recorded by the name
+    <lambda> alone, so the second resumed the first's log silently and kept its best."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+    from tiesmerge.tuning.evaluator import evaluator_name
+
+    assert evaluator_name(_UpdateWrapper(_LAMBDAS[0])) != evaluator_name(_UpdateWrapper(_LAMBDAS[1]))
+    base, models = make_family(2)
+    grid, log = {"density": (0.2,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
+    run_search(base, models, "ties", _MADE[0], grid=grid, log=log)
+    with pytest.raises(ConfigError, match="another search"):
+        run_search(base, models, "ties", _MADE[1], grid=grid, log=log)

@@ -51,6 +51,9 @@ def evaluator_name(evaluate: Any, depth: int = 0) -> str:
     own = _instance_dict(evaluate) or {}  # a class-based decorator's functools.update_wrapper copies the wrapped
     module, name = own.get("__module__"), own.get("__qualname__")  # function's names here (hp49 c33: every
     if type(module) is str and type(name) is str:  # wrapped evaluator was the decorator's class, one search)
+        wrapped = own.get("__wrapped__")
+        if name.endswith("<lambda>") and issubclass(type(wrapped), types.FunctionType) and depth < 20:
+            return evaluator_name(wrapped, depth + 1)  # its code told apart (hp50 k27)
         return f"{module}:{name}"
     if _is_ours(kind):  # tiesmerge's own evaluators say what they score on
         try:
