@@ -316,40 +316,37 @@ def test_an_evaluator_module_flushing_subnormals_is_put_back(tmp_path, monkeypat
         torch.set_flush_denormal(False)
 
 
-class _RaisingGetattr:
+class _Half:
+    """An evaluator object scoring 0.5; the subclasses add what made tiesmerge run their code."""
+
+    __slots__ = ()
+
     def __call__(self, state):
         return 0.5
 
+
+class _RaisingGetattr(_Half):
     def __getattr__(self, name):
         raise RuntimeError(f"no attribute {name} for you")
 
 
-class _LazyData:
-    def __call__(self, state):
-        return 0.5
-
+class _LazyData(_Half):
     @property
     def data(self):
         raise RuntimeError("a data property that loads a dataset")
 
 
-class _ClassProperty:
+class _ClassProperty(_Half):
     __slots__ = ()
-
-    def __call__(self, state):
-        return 0.5
 
     @property
     def __class__(self):
         raise RuntimeError("class property")
 
 
-class _ListData:
+class _ListData(_Half):
     def __init__(self):
         self.data = [{"text": "a", "label": 0}]
-
-    def __call__(self, state):
-        return 0.5
 
 
 class _ScoreWithGetattr:
