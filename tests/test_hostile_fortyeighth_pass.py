@@ -1015,3 +1015,19 @@ def test_two_lambdas_given_to_one_factory_are_two_evaluators(tmp_path):
     run_search(base, models, "ties", _MADE[0], grid=grid, log=log)
     with pytest.raises(ConfigError, match="another search"):
         run_search(base, models, "ties", _MADE[1], grid=grid, log=log)
+
+
+@pytest.mark.parametrize("module", ["{tmp}/ev48.py", "../x/ev48", "ev48.py"])
+def test_a_file_path_as_the_evaluator_module_is_said_so(tmp_path, capsys, module):
+    """hp50 k18: a file path as --evaluator's MODULE was blamed on the module's code ("importing ... ran its code, which
+    raised ModuleNotFoundError ... fix the module"): nothing of it ran. Said as a path, with the module name to pass."""
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", s) for k, s in enumerate(fts)]
+    spec = module.format(tmp=tmp_path) + ":score"
+    assert main(["tune", "--base", str(b), "--model", str(ms[0]), "--model", str(ms[1]), "--evaluator", spec]) == 2
+    err = capsys.readouterr().err
+    assert "is a file path; --evaluator takes a module name" in err and "--evaluator ev48:score" in err, err
+    assert "ran its code" not in err

@@ -57,6 +57,15 @@ def _load_callable(spec: str):
         from ..evaluation.builtin import BUILTIN_EVALUATORS
 
         builtins = ", ".join(BUILTIN_EVALUATORS)
+        if "/" in module or os.sep in module or module.startswith(".") or module.endswith(".py"):
+            # a file path, not a module name: nothing of it ran (hp50 k18: blamed on the module's code)
+            stem = Path(module).name.removesuffix(".py")
+            folder = Path(module).parent
+            raise ConfigError(f"--evaluator {spec!r}: {module!r} is a file path; --evaluator takes a module name "
+                              "(MODULE:FUNCTION, as Python imports it)",
+                              hint=f"pass --evaluator {stem}:{name} from "
+                                   + (f"the folder {folder}, or add {folder}" if str(folder) != "." else
+                                      "its folder, or add that folder") + " to PYTHONPATH") from None
         if "-" in module:  # no Python module has a hyphen: a built-in's name, mistyped
             raise ConfigError(f"--evaluator {spec!r}: {module!r} is not a built-in evaluator (they are {builtins})",
                               hint="e.g. --evaluator classifier-accuracy:val.jsonl") from None
