@@ -988,8 +988,7 @@ def test_folded_products_are_kept_one_at_a_time(tmp_path):
     chunked = tiesmerge.merge(loaded.base, list(loaded.models), loaded.method, origin=loaded.origin,
                               memory_budget="1KiB")
     assert all(torch.equal(whole[n], chunked[n]) for n in whole)
-    held = [v for v in vars(adapters).values() if isinstance(v, list) and v and isinstance(v[0], tuple)]
-    assert len(adapters._FOLD_PRODUCT) == 1 and all(len(h) == 1 for h in held)
+    assert adapters._HELD_BYTES == {}  # every adapter's product dropped at its close (hp51 c06: kept after merge)
 
 
 def _made(fn):
@@ -1031,3 +1030,28 @@ def test_a_file_path_as_the_evaluator_module_is_said_so(tmp_path, capsys, module
     err = capsys.readouterr().err
     assert "is a file path; --evaluator takes a module name" in err and "--evaluator ev48:score" in err, err
     assert "ran its code" not in err
+
+
+def test_alternating_folded_merges_in_one_process_each_get_their_own_product(tmp_path):
+    """hp51 c03: the kept product was keyed by id(adapter), which Python reuses once an object is freed: in
+    alternating API merges of two MODEL+LORA recipes, a merge returned the other adapter's product, silently. Each
+    adapter has a key of its own and drops its product at its close."""
+    import torch
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.io import adapters
+    from tiesmerge.methods import TaskArithmetic
+
+    base, _ = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    for k in range(2):
+        write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, seed=k), alpha=4.0)
+    origin = {"format": "mergekit"}
+    merge = [lambda k=k: tiesmerge.merge(tmp_path / "base", [tmp_path / f"lora{k}"], TaskArithmetic(lam=1.0),
+                                         origin=origin, memory_budget="1KiB") for k in range(2)]
+    first = [merge[0](), merge[1]()]
+    for i in range(8):
+        got = merge[i % 2]()
+        assert all(torch.equal(got[n], first[i % 2][n]) for n in got), i
+    assert adapters._HELD_BYTES == {}

@@ -20,6 +20,7 @@ Opening and binding read only headers and configs, never torch; ``read`` compute
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
@@ -268,8 +269,19 @@ def _heads_following_the_embedding(full: dict[str, str], file: Checkpoint, base:
 
 # a folded LoRA's whole product B·A kept for its tensor's chunks up to this size; past it, each chunk's own rows
 _WHOLE_PRODUCT_BYTES = 256 << 20
-# ((adapter, tensor), B·A): the last folded tensor's whole product, for its next chunk; one in the process
-_FOLD_PRODUCT: list[Any] = [None]
+_HELD_BYTES: dict[int, int] = {}  # adapter (its token) -> the bytes of the whole product it keeps
+_TOKENS = itertools.count()  # each adapter's own key (an id() is reused once an object is freed: hp51 c03)
+
+
+def _may_hold(size: int) -> bool:
+    """Whether one more whole product of ``size`` bytes fits the bound all adapters share (past it, a chunk's own
+    rows are formed: equal to the whole one's in the engine's large chunks)."""
+    return sum(_HELD_BYTES.values()) + size <= _WHOLE_PRODUCT_BYTES
+
+
+def _release_product(owner: Any) -> None:
+    owner._fold_product = None
+    _HELD_BYTES.pop(owner._token, None)
 
 
 class LoraCheckpoint:
@@ -284,6 +296,8 @@ class LoraCheckpoint:
         # mergekit's MODEL+LORA: PEFT folds the update into the base as transformers loads it (its own dtype), and
         # the merge reads the folded weights; set by a translated mergekit recipe (see fold_like_peft)
         self.fold_like_peft = False
+        self._token = next(_TOKENS)
+        self._fold_product: tuple[str, Any] | None = None  # (tensor, B·A) kept for the tensor's next chunks
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
@@ -553,19 +567,25 @@ class LoraCheckpoint:
         # PEFT's factors: float32 (upcast from half precision), float64 in a float64 model (hp50 c17)
         wide = torch.float64 if w.dtype == torch.float64 else torch.float32
         a, b = self._file.read(target.a_key).to(wide), self._file.read(target.b_key).to(wide)  # (r, in), (out, r)
-        if rows is None or b.shape[0] * a.shape[1] * a.element_size() > _WHOLE_PRODUCT_BYTES:
+        size = b.shape[0] * a.shape[1] * a.element_size()
+        kept = self._fold_product is not None and self._fold_product[0] == name
+        if not kept:  # this adapter's previous tensor's product: done with
+            _release_product(self)
+        if rows is None or not kept and not _may_hold(size):
             # an embedding of 152k x 8192 rows: the chunk's own product (hp49 c46: 5 GB past the budget), equal to
             # the whole one's rows in the engine's large chunks (odd splits of a few rows can round otherwise)
             delta = (b @ (a if rows is None else a[:, rows])).T if target.transposed else \
                 (b if rows is None else b[rows]) @ a  # (rows, ...)
         else:
-            # one product at a time in the process, whatever the number of entries (hp50 c16: each entry kept its
-            # own, 6 x 246 MB past the budget); read once: a read-ahead thread may cache another's meanwhile
-            cached = _FOLD_PRODUCT[0]
-            if cached is None or cached[0] != (id(self), name):  # one product per tensor, its chunks sliced from it
+            # each adapter keeps its tensor's product while its chunks are read (evicting one per chunk rebuilt it per
+            # chunk: hp51 c09, 139 s), all of them within _WHOLE_PRODUCT_BYTES together (hp50 c16), each dropped at
+            # the adapter's next tensor and at its close; a key of the adapter's own (an id() is reused: hp51 c03)
+            cached = self._fold_product
+            if cached is None or cached[0] != name:
                 product = b @ a  # (out, in): PEFT's whole product (a chunk's own rows could round otherwise)
-                cached = (id(self), name), product.T if target.transposed else product
-                _FOLD_PRODUCT[0] = cached
+                product = product.T if target.transposed else product
+                _HELD_BYTES[self._token] = size
+                cached = self._fold_product = (name, product)
             delta = cached[1][rows]
         delta = delta * target.scale  # then the scale, as PEFT
         folded = loaded.clone()
@@ -630,6 +650,7 @@ class LoraCheckpoint:
         return self._full_bound.get(name)
 
     def close(self) -> None:
+        _release_product(self)
         self._file.close()
 
 
