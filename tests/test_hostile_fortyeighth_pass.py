@@ -1055,3 +1055,13 @@ def test_alternating_folded_merges_in_one_process_each_get_their_own_product(tmp
         got = merge[i % 2]()
         assert all(torch.equal(got[n], first[i % 2][n]) for n in got), i
     assert adapters._HELD_BYTES == {}
+
+
+def test_a_lambda_holding_a_huge_integer_is_named(tmp_path):
+    """hp51 d18: a lambda evaluator holding an integer constant past 4,300 digits made search fail as "a bug in
+    tiesmerge": its name's code digest took the repr of the constant, which Python refuses."""
+    from tiesmerge.tuning.evaluator import evaluator_name
+
+    namespace: dict = {"__name__": "evhuge"}
+    exec("score = lambda state: len(state) + 0x" + "f" * 5000, namespace)  # noqa: S102 - a test's own text
+    assert "<lambda>#" in evaluator_name(namespace["score"])

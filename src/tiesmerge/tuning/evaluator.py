@@ -78,6 +78,8 @@ def _code_text(code: Any, depth: int = 0) -> str:
             return "{" + ",".join(sorted(const(v) for v in value)) + "}"
         if isinstance(value, tuple):
             return "(" + ",".join(const(v) for v in value) + ")"
+        if type(value) is int:  # hex: no limit on its digits (repr refuses past 4,300: hp51 d18, "a bug")
+            return hex(value)
         return repr(value)
 
     return f"{code.co_code.hex()}|{code.co_names}|{','.join(const(c) for c in code.co_consts)}"
