@@ -394,36 +394,27 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
     n_models = len(job.models)
     trials: list[Trial] = []
     seen: dict[str, Trial] = {}  # scores of this run by candidate key: nothing is scored twice
-    probe_trial: list[Trial] = []
-
-    def _probe_scored(c: Candidate, score: float, seconds: float) -> None:
-        nonlocal evaluations, checked
-        if watch is not None:
-            watch.check()
-        evaluations += 1
-        _check_resumed_score(results, c, probes.pop(c.key), score)
-        checked += 1
-        logged = results.get(c.key) if results is not None else None
-        probe_trial.append(Trial(c.index, c.options, float(logged["score"]) if logged else score, seconds, True))
-        if on_trial is not None:
-            on_trial(probe_trial[-1])
-
     best: Trial | None = None
     merges_before, evaluations, checked = executor.merges, 0, 0
-    # before the first score a resumed log would lend, that candidate is scored again and must match: what its
-    # header's digests cannot see (a file the evaluator opens inside its call, the time of day, code a digest misses)
-    # is caught by behaviour, not by description (pass 46's digest cases, hp47's recommendation)
-    probes: dict[str, float] = {}  # candidate key -> the log's score, while its re-score is pending
-    probed = results is None or not results.records
-    oldest = _oldest_logged(results) if not probed else None
-    if oldest is not None:  # first of all: nothing this run scores is appended before the log is trusted (hp49
-        # c01, c12: a candidate missing from the log, scored and appended by the changed evaluator before the check
-        # refused, was the one the next run checked, and the old scores of the rest were lent)
-        probed = True
-        probes[oldest.key] = float(results.get(oldest.key)["score"])  # type: ignore[union-attr, index]
+    # a resumed log is checked by behaviour before anything: its oldest finite record is scored again and must match
+    # (what the header's digests cannot see: a file read inside the call, code a digest misses); before this run
+    # logs anything, so a refused run leaves the log as it was (hp49 c01, c12)
+    oldest = _oldest_logged(results)
+    if oldest is not None and results is not None:
+        logged = float(results.get(oldest.key)["score"])  # type: ignore[index]
         _check(job, [oldest], n_models)
-        executor.score([oldest], lambda c, score, seconds: _probe_scored(c, score, seconds))
-        seen[oldest.key] = probe_trial[0]
+
+        def on_checked(c: Candidate, score: float, seconds: float) -> None:
+            nonlocal evaluations, checked
+            if watch is not None:
+                watch.check()
+            evaluations, checked = evaluations + 1, checked + 1
+            _check_resumed_score(results, c, logged, score)
+            seen[c.key] = Trial(c.index, c.options, logged, seconds, True)  # the log's score: a resume is bit-exact
+            if on_trial is not None:
+                on_trial(seen[c.key])
+
+        executor.score([oldest], on_checked)
     while batch := chooser.ask():
         candidates = [Candidate(len(trials) + i, options) for i, options in enumerate(batch)]
         _check(job, candidates, n_models)  # a bad candidate fails before a merge
@@ -433,12 +424,6 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
         for c in candidates:
             known = seen.get(c.key)
             record = results.get(c.key) if results is not None and known is None else None
-            if record is not None and not probed:  # scored again, compared in on_scored
-                probed = True
-                probes[c.key] = float(record["score"])
-                first[c.key] = c
-                todo.append(c)
-                continue
             if known is not None or record is not None:
                 score = known.score if known is not None else float(record["score"])
                 seconds = known.seconds if known is not None else float(record["seconds"])
@@ -448,17 +433,12 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
                 todo.append(c)
 
         def on_scored(c: Candidate, score: float, seconds: float, scored: dict[int, Trial] = scored) -> None:
-            nonlocal evaluations, checked
+            nonlocal evaluations
             if watch is not None:  # before it is logged: a candidate merged from a replaced model is not kept
                 watch.check()
             evaluations += 1
             trial = Trial(c.index, c.options, score, seconds)
-            if c.key in probes:  # a logged candidate scored again: the log lends its scores only if they agree
-                logged = probes.pop(c.key)
-                _check_resumed_score(results, c, logged, score)
-                trial = Trial(c.index, c.options, logged, seconds, reused=True)  # the log's: a resume is bit-exact
-                checked += 1
-            elif results is not None:
+            if results is not None:
                 results.append({"key": c.key, "index": c.index, "options": canonical(c.options), "score": score,
                                 "seconds": round(seconds, 4)})
             scored[c.index] = trial
