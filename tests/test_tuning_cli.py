@@ -55,8 +55,8 @@ def test_search_writes_log_report_and_the_best_merge_and_resumes(tmp_path, monke
     assert json.dumps(manifest).count("per_tensor") >= 1
     calls = sys.modules["my_eval"].CALLS
     assert len(calls) == 6
-    assert main(args) == 0  # run again: everything comes from the log, one candidate scored again to check it
-    assert len(calls) == 7 and "1 scored (1 of them to check the log it resumed) and 1 merges" in \
+    assert main(args) == 0  # run again: everything comes from the log; the first and the best scored again to check it
+    assert len(calls) == 8 and "2 scored (2 of them to check the log it resumed) and 2 merges" in \
         capsys.readouterr().out
 
 

@@ -122,18 +122,21 @@ def test_interrupted_search_resumes_without_rescoring(family, tmp_path):
     second = Distance(score.target)
     resumed = run_search(base, models, "ties", second, strategy="cmaes", budget=30, axes=("densities", "lam"),
                          seed=2, log=str(log))
-    # nothing scored twice but the first logged candidate, scored again to check the log (its score kept from there)
-    assert second.calls == 30 - 11 + 1 == resumed.evaluations and resumed.log_checked == 1
+    # nothing scored twice but the first logged candidate and the best, scored again to check the log (their scores
+    # kept from there); the best of these 11 is not the first
+    scores = [json.loads(line)["score"] for line in lines[1:]]
+    assert max(scores) != scores[0]
+    assert second.calls == 30 - 11 + 2 == resumed.evaluations and resumed.log_checked == 2
     assert [t.reused for t in resumed.trials] == [True] * 11 + [False] * 19
     assert [(t.options, t.score) for t in resumed.trials] == [(t.options, t.score) for t in full.trials]
     assert resumed.best.options == full.best.options
     for k in base:
         torch.testing.assert_close(resumed.best_state[k], full.best_state[k], rtol=0, atol=0)
-    # done: a third run scores only the candidate that checks the log, and the log has every candidate once
+    # done: a third run scores only the candidates that check the log, and the log has every candidate once
     third = Distance(score.target)
     again = run_search(base, models, "ties", third, strategy="cmaes", budget=30, axes=("densities", "lam"), seed=2,
                        log=str(log))
-    assert third.calls == 1 and again.evaluations == 1 and all(t.reused for t in again.trials)
+    assert third.calls == 2 and again.evaluations == 2 and all(t.reused for t in again.trials)
     assert again.best.options == resumed.best.options
     assert len(log.read_text().splitlines()) == 1 + 30
 

@@ -282,7 +282,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     options = " ".join(f"{k}={v}" for k, v in best.options.items())
     print(f"best: [{best.index}] {options} score {format_score(best.score)} "
           f"({len(result.trials)} candidates, {result.evaluations} scored"
-          f"{' (1 of them to check the log it resumed)' if result.log_checked else ''} and {result.merges} merges "
+          f"{f' ({result.log_checked} of them to check the log it resumed)' if result.log_checked else ''} and "
+          f"{result.merges} merges "
           "in this run, "
           f"{result.seconds:.1f} s)")
     from ..paths import check_report_unchanged

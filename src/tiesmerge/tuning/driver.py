@@ -12,6 +12,7 @@ import json
 import os
 import re
 import time
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +67,7 @@ class SearchResult:
     evaluations: int  # candidates this run scored (the others came from the log)
     seconds: float
     best_state: dict[str, torch.Tensor] = field(repr=False, compare=False, default_factory=dict)
-    log_checked: int = 0  # of the evaluations, logged candidates scored again to check a resumed log (one)
+    log_checked: int = 0  # of the evaluations, logged candidates scored again to check a resumed log (1-2)
 
     def table(self) -> str:
         """Every trial as a Markdown table, the best one in bold."""
@@ -137,24 +138,47 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
     name = evaluator_module(evaluate)
     if not isinstance(name, str) or name == "tiesmerge" or name.startswith("tiesmerge.") or name == "?":
         return None
-    path = getattr(sys.modules.get(name), "__file__", None)
+    module = sys.modules.get(name)
+    namespace = vars(module) if isinstance(module, types.ModuleType) else {}
+    path = namespace.get("__file__")
+    archive = _zip_archive(namespace.get("__loader__"))
+    if archive is not None:  # a module inside a zip on sys.path: the archive's bytes, its helpers' too (hp51 d17)
+        return [archive]
     # a sourceless module (.pyc, an extension .so) counts by its file too (hp40 D17: a recompiled evc.pyc resumed)
     if not (isinstance(path, str) and path.endswith((".py", ".pyc", ".so", ".pyd")) and os.path.isfile(path)):
         return None
-    folder = os.path.dirname(os.path.realpath(path))
-    for _ in range(name.count(".")):  # pkg.ev: the folder it was imported from, where pkg's own imports lie too (hp38
-        folder = os.path.dirname(folder)  # C24: pkg/ev.py's `import common` from beside pkg/)
+    # its helpers lie in the folder it was imported from, where `import common` finds them: a package's own imports
+    # beside the package (pkg.ev, hp38 C24; pkg's __init__, hp51 d11), a linked module's beside the link, not its
+    # target (hp51 d10), and through a linked subfolder (proj/lib -> ../shared/lib, hp51 d21): both spellings count
+    up = name.count(".") + (1 if "__path__" in namespace else 0)
+    folders = set()
+    for spelled in (os.path.abspath(path), os.path.realpath(path)):
+        folder = os.path.dirname(spelled)
+        for _ in range(up):
+            folder = os.path.dirname(folder)
+        folders.add(folder + os.sep)
+    folders = tuple(folders)
     # installed packages are not the user's helpers, even below the evaluator's folder (a venv in the project)
     installed = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
     helpers = set()
-    for module in list(sys.modules.values()):  # a copy: another thread may import meanwhile
-        file = getattr(module, "__file__", None)
+    for loaded in list(sys.modules.values()):  # a copy: another thread may import meanwhile
+        file = getattr(loaded, "__file__", None)
         if isinstance(file, str) and file.endswith((".py", ".pyc", ".so", ".pyd")) and file != path:
-            real = os.path.realpath(file)
-            if real.startswith(folder + os.sep) and not real.startswith(installed) and \
-                    not {"site-packages", "dist-packages"} & set(real.split(os.sep)):
-                helpers.add(real)
+            spellings = (os.path.abspath(file), os.path.realpath(file))
+            if any(f.startswith(folders) for f in spellings) and not any(f.startswith(installed) for f in spellings) \
+                    and not any({"site-packages", "dist-packages"} & set(f.split(os.sep)) for f in spellings):
+                helpers.add(spellings[1])
     return [path, *sorted(helpers - {os.path.realpath(path)})]
+
+
+def _zip_archive(loader: Any) -> str | None:
+    """The zip file a module was imported from (Python's zipimport), or None."""
+    import zipimport
+
+    if type(loader) is not zipimport.zipimporter:
+        return None
+    archive = loader.archive
+    return archive if isinstance(archive, str) and os.path.isfile(archive) else None
 
 
 def _warn_object_evaluator(evaluate: Any, results: Any) -> None:
@@ -169,9 +193,9 @@ def _warn_object_evaluator(evaluate: Any, results: Any) -> None:
         return
     warnings.warn(MergeWarning(f"{results.path}: resuming with {len(results.records):,} logged scores of an evaluator "
                                f"whose scores depend on the attributes of a {', '.join(objects)} object: tiesmerge "
-                               "checks its code, not its attributes, and scores one logged candidate again, so an "
-                               "evaluator built otherwise (another sign, other data) that agrees on that one "
-                               "still needs a log of its own"), stacklevel=3)
+                               "checks its code, not its attributes, and scores the first and the best logged "
+                               "candidates again, so an evaluator built otherwise (another sign, other data) that "
+                               "agrees on those two still needs a log of its own"), stacklevel=3)
 
 
 def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
@@ -396,25 +420,27 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
     seen: dict[str, Trial] = {}  # scores of this run by candidate key: nothing is scored twice
     best: Trial | None = None
     merges_before, evaluations, checked = executor.merges, 0, 0
-    # a resumed log is checked by behaviour before anything: its oldest finite record is scored again and must match
-    # (what the header's digests cannot see: a file read inside the call, code a digest misses); before this run
-    # logs anything, so a refused run leaves the log as it was (hp49 c01, c12)
-    oldest = _oldest_logged(results)
-    if oldest is not None and results is not None:
-        logged = float(results.get(oldest.key)["score"])  # type: ignore[index]
-        _check(job, [oldest], n_models)
+    # a resumed log is checked by behaviour before anything: its oldest finite record and its best are scored again
+    # and must match (what the header's digests cannot see: a file read inside the call, code a digest misses; the
+    # best too, since its score decides the result: hp51 d02, d03 agreed on the oldest only); before this run logs
+    # anything, so a refused run leaves the log as it was (hp49 c01, c12)
+    to_check = _logged_to_check(results)
+    if to_check and results is not None:
+        logged = {c.key: float(results.get(c.key)["score"]) for c in to_check}  # type: ignore[index]
+        _check(job, to_check, n_models)
 
         def on_checked(c: Candidate, score: float, seconds: float) -> None:
             nonlocal evaluations, checked
             if watch is not None:
                 watch.check()
             evaluations, checked = evaluations + 1, checked + 1
-            _check_resumed_score(results, c, logged, score)
-            seen[c.key] = Trial(c.index, c.options, logged, seconds, True)  # the log's score: a resume is bit-exact
+            _check_resumed_score(results, c, logged[c.key], score)
+            # the log's score: a resume is bit-exact
+            seen[c.key] = Trial(c.index, c.options, logged[c.key], seconds, True)
             if on_trial is not None:
                 on_trial(seen[c.key])
 
-        executor.score([oldest], on_checked)
+        executor.score(to_check, on_checked)
     while batch := chooser.ask():
         candidates = [Candidate(len(trials) + i, options) for i, options in enumerate(batch)]
         _check(job, candidates, n_models)  # a bad candidate fails before a merge
@@ -464,18 +490,32 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
                         evaluations, time.perf_counter() - started, best_state, log_checked=checked)
 
 
-def _oldest_logged(results: ResultsLog | None) -> Candidate | None:
-    """The log's oldest scored candidate with a finite score, rebuilt from its key (lists back to tuples); a key that
-    is no candidate's (edited) is the log's corruption, refused before anything is scored."""
+def _logged_to_check(results: ResultsLog | None) -> list[Candidate]:
+    """The log's candidates a resume scores again: its oldest with a finite score and, where another, its best, each
+    rebuilt from its key (lists back to tuples); a key that is no candidate's (edited) is the log's corruption,
+    refused before anything is scored."""
     if results is None or not results.records:
-        return None
+        return []
     import math
 
-    # the oldest with a finite score: NaN matches NaN, so a NaN record checks nothing (hp49 c30)
-    finite = (r for r in results.records.values() if isinstance(r["score"], (int, float)) and math.isfinite(r["score"]))
-    record = next(finite, None) or next(iter(results.records.values()))
-    try:  # from its key, the canonical options it was logged by: its "options" may have been rewritten by a tool
-        options = json.loads(record["key"])  # (hp50 k01: jq wrote lam 2.0 as 2 in every record)
+    records = list(results.records.values())
+    # finite scores only: NaN matches NaN, so a NaN record checks nothing (hp49 c30)
+    finite = [r for r in records if isinstance(r["score"], (int, float)) and not isinstance(r["score"], bool)
+              and math.isfinite(r["score"])]
+    if not finite:
+        return [_rebuilt(results, records[0])]
+    best = finite[0]
+    for r in finite[1:]:  # the first of equal scores, as the search's own best
+        if better(float(r["score"]), float(best["score"])):
+            best = r
+    return [_rebuilt(results, r) for r in ([finite[0]] if best is finite[0] else [finite[0], best])]
+
+
+def _rebuilt(results: ResultsLog, record: Mapping[str, Any]) -> Candidate:
+    """A logged candidate from its key, the canonical options it was logged by: its "options" may have been
+    rewritten by a tool (hp50 k01: jq wrote lam 2.0 as 2 in every record)."""
+    try:
+        options = json.loads(record["key"])
     except ValueError:
         options = None
     if not isinstance(options, dict) or json.dumps(options, sort_keys=True) != record["key"]:
@@ -484,8 +524,7 @@ def _oldest_logged(results: ResultsLog | None) -> Candidate | None:
                                                       "search again")
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     index = record.get("index")
-    candidate = Candidate(index if isinstance(index, int) and not isinstance(index, bool) else 0, options)
-    return candidate
+    return Candidate(index if isinstance(index, int) and not isinstance(index, bool) else 0, options)
 
 
 def _check_resumed_score(results: ResultsLog | None, c: Candidate, logged: float, score: float) -> None:

@@ -40,8 +40,23 @@ def _is_class(value: Any) -> bool:
     return _is(value, type)
 
 
+# C routines: builtin functions and methods, and the method and slot descriptors of C types (torch.Tensor.amax,
+# float.__neg__, (2.0).__mul__), which have no __dict__ and no code: digested by their qualified names
+_C_ROUTINES = (types.BuiltinFunctionType, types.MethodDescriptorType, types.WrapperDescriptorType,
+               types.MethodWrapperType, types.ClassMethodDescriptorType)
+
+
 def _is_builtin(value: Any) -> bool:
-    return _is(value, types.BuiltinFunctionType)
+    return _is(value, _C_ROUTINES)
+
+
+def _builtin_module(obj: Any) -> str:
+    """A C routine's module: its own ``__module__`` or, for a descriptor (which has none), its class's."""
+    module = getattr(obj, "__module__", None)  # C types only: no user's __getattr__ runs
+    if type(module) is not str:
+        owner = getattr(obj, "__objclass__", None)
+        module = _type_text(owner, "__module__") if _is_class(owner) else "?"
+    return module
 
 
 def _is_module(value: Any) -> bool:
@@ -174,7 +189,9 @@ def evaluator_module(evaluate: Any) -> str | None:
             inner = wrapped
         else:
             break
-    if _is_function(inner) or _is_builtin(inner):
+    if _is_builtin(inner):
+        return _builtin_module(inner)
+    if _is_function(inner):
         module = inner.__module__
         return module if type(module) is str else None
     return _type_text(inner if _is_class(inner) else type(inner), "__module__")
@@ -257,7 +274,9 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
         return [_qualified(fn.__func__), _built_with(fn.__func__, depth=depth + 1, objects=objects)]
     wrapped = _wrapped_of(fn)
     if wrapped is not None:  # functools.lru_cache, cache, a class-based decorator that sets __wrapped__ (hp43 c26)
-        return [_qualified(fn), _built_with(wrapped, depth=depth + 1, objects=objects)]
+        # the wrapped function's own name too: a lambda's carries a hash of its code (hp51 d03, d22: lru_cache and
+        # numba.njit over `lambda t: 1.0` and `lambda t: -1.0` digested alike)
+        return [_qualified(fn), _qualified(wrapped), _built_with(wrapped, depth=depth + 1, objects=objects)]
     if not _is_function(fn):
         return []
     held: list[Any] = []
@@ -271,12 +290,14 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
             held.append([_qualified(value), _built_with(value, depth=depth + 1, objects=objects)])  # a decorator's
         elif not _is(value, (Mapping, set)) and _is_setting(value):
             held.append(value)
+        elif _is(value, torch.nn.Module):  # a model the candidates' weights are loaded into: its class, not its
+            held.append(_qualified(type(value)))  # weights (hp51 d01: ReLU and Tanh held alike)
         elif _is_users_object(value):  # an object whose attributes decide the scores (`lambda sd: e.score(sd)`):
             # not digested (they hold its caches too), warned (hp43 c55)
             objects.append(_type_text(type(value), "__qualname__"))
     wrapped = fn.__dict__.get("__wrapped__")  # functools.wraps (a function's own dict: no descriptor runs)
     if wrapped is not None and wrapped is not fn:
-        held.append(_built_with(wrapped, depth=depth + 1, objects=objects))
+        held.append([_qualified(wrapped), _built_with(wrapped, depth=depth + 1, objects=objects)])
     if fn.__defaults__ or fn.__kwdefaults__:
         held += [fn.__defaults__, fn.__kwdefaults__]
     for value in [*_cell_values(fn), *(fn.__defaults__ or ()), *(fn.__kwdefaults__ or {}).values()]:
@@ -369,6 +390,12 @@ def _library_state(value: Any) -> Any:
             return ["RandomState", list(value.get_state(legacy=True))]
         if kind is torch.Generator:
             return ["torch.Generator", value.device.type, value.get_state()]
+        if kind in (staticmethod, classmethod):  # the function it holds (hp51 d01: two alike)
+            return [kind.__name__, kind.__dict__["__func__"].__get__(value, kind)]
+        if kind is functools.cached_property:
+            return ["cached_property", value.func]
+        if kind is torch.jit.ScriptFunction:  # TorchScript: its compiled code (hp51 d01: two scripts alike)
+            return ["ScriptFunction", value.qualified_name, value.code]
         if kind is np.ufunc:
             return ["ufunc", value.__name__]
         if kind in (operator.itemgetter, operator.attrgetter, operator.methodcaller):
@@ -383,7 +410,10 @@ def _qualified(obj: Any) -> str:
     interpreter's own slots, never through a user's ``__getattr__`` or a property (hp45 c02)."""
     if _is_method(obj):
         return _qualified(obj.__func__)
-    if _is_function(obj) or _is_builtin(obj):
+    if _is_builtin(obj):  # hp51 d02, d04: torch.Tensor.amax and .amin, float.__neg__ and __pos__ digested alike
+        name = getattr(obj, "__qualname__", None)
+        return f"{_builtin_module(obj)}.{name if type(name) is str else '?'}"
+    if _is_function(obj):
         module = obj.__module__
         name = obj.__qualname__
         if _is_function(obj) and ("<lambda>" in name or "<locals>" in name):  # a name that does not say which code:
@@ -514,6 +544,10 @@ def _feed_value(digest: Any, value: Any, *, depth: int, budget: list[int]) -> No
         _feed(digest, _built_with(value, depth=0, objects=[]), depth=depth + 1, budget=budget)
     elif _is_class(value) or _is_builtin(value):
         digest.update(_qualified(value).encode("utf-8", "surrogatepass"))
+        bound = getattr(value, "__self__", None) if _is(value, (types.BuiltinMethodType, types.MethodWrapperType)) \
+            else None  # a bound C method: what it is bound to ((2.0).__mul__ and (3.0).__mul__ differ)
+        if bound is not None and not (_is_module(bound) or _is_class(bound)):
+            _feed(digest, bound, depth=depth + 1, budget=budget)
     elif _is_module(value):
         digest.update(str(value.__name__).encode("utf-8", "surrogatepass"))
     elif _is(value, types.MappingProxyType):  # a class's namespace: its items (a user's Mapping is an object: its

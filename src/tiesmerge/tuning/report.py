@@ -82,7 +82,8 @@ def _markdown(result: SearchResult) -> str:
     return (f"# {result.method}: {result.strategy} search\n\n"
             f"Best: candidate {best.index}, score {format_score(best.score)} ({options}).\n\n"
             f"{len(result.trials)} candidates; {result.evaluations} scored"
-            f"{' (1 of them to check the log it resumed)' if result.log_checked else ''} and {result.merges} merges "
+            f"{f' ({result.log_checked} of them to check the log it resumed)' if result.log_checked else ''} and "
+            f"{result.merges} merges "
             "in this run, "
             f"{reused} scores taken from the log or an identical candidate; {result.seconds:.1f} s.\n\n"
             f"{result.table()}\n")

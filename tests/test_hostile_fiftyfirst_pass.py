@@ -1,0 +1,182 @@
+"""Hostile pass 51b (tune side): evaluators the search log's digests told apart from nothing, and a resume checked by
+one logged candidate only. Each resumed another evaluator's log silently."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from helpers_ckpt import make_family
+
+
+def _factory(op):
+    def score(state):  # the evaluator a factory builds around a routine the user picks
+        return float(op(state["w"]))
+    return score
+
+
+@pytest.mark.parametrize("pair", [
+    (torch.Tensor.amax, torch.Tensor.amin),  # method descriptors (hp51 d02)
+    (float.__neg__, float.__pos__),  # slot wrappers (d04)
+    (str.upper, str.lower),
+    ((2.0).__mul__, (3.0).__mul__),  # the same slot bound to other values
+])
+def test_c_methods_held_by_an_evaluator_are_told_apart(pair):
+    """hp51 d02, d04: a factory's routine given as torch.Tensor.amax or .amin (a C type's method descriptor), or a
+    default holding float.__neg__ or __pos__ (a slot wrapper), digested as nothing: a search resumed the other's log
+    silently wherever the checked candidate scored alike."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    first, second = (evaluator_state(_factory(op)) for op in pair)
+    assert first is not None and second is not None and first != second
+    assert evaluator_state(_factory(pair[0])) == first  # stable: a resume with the same one goes on
+
+
+@pytest.mark.parametrize("wrap", [
+    functools.lru_cache(maxsize=None),  # hp51 d03
+    functools.cache,
+    staticmethod,
+    functools.cached_property,
+])
+def test_lambdas_inside_library_wrappers_are_told_apart_by_their_code(wrap):
+    """hp51 d03, d01: `lru_cache(lambda t: 1.0)` and `lru_cache(lambda t: -1.0)` held by a factory digested alike: the
+    wrapper's __wrapped__ was followed for its closure values, not its code; staticmethod and cached_property not at
+    all."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    first, second = (evaluator_state(_factory(wrap(fn))) for fn in (lambda t: 1.0, lambda t: -1.0))
+    assert first is not None and first != second
+
+
+def test_a_numba_compiled_lambda_is_told_apart_by_its_code():
+    """hp51 d22: numba.njit over `lambda x: x + 1.0` and over `x - 1.0`, held by a factory, digested alike (numba
+    keeps the lambda under __wrapped__)."""
+    numba = pytest.importorskip("numba")
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    first, second = (evaluator_state(_factory(numba.njit(fn))) for fn in (lambda x: x + 1.0, lambda x: x - 1.0))
+    assert first != second
+
+
+def test_models_held_by_an_evaluator_count_by_their_class():
+    """hp51 d01: an evaluator built around torch.nn.ReLU() or torch.nn.Tanh() digested alike (a model's weights are
+    the candidate's, its class is the user's choice)."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    def make(head):
+        def score(state):
+            return float(head(state["w"]).sum())
+        return score
+
+    assert evaluator_state(make(torch.nn.ReLU())) != evaluator_state(make(torch.nn.Tanh()))
+
+
+_EVALUATOR = "from {helper} import SIGN\n\n\ndef score(state):\n    return SIGN * float(state['w'].sum())\n"
+
+
+def _import_fresh(monkeypatch, folder, name):
+    monkeypatch.syspath_prepend(str(folder))
+    for loaded in [m for m in sys.modules if m.split(".")[0] in (name.split(".")[0], "h", "common", "lib")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    importlib.invalidate_caches()
+    return importlib.import_module(name)
+
+
+def _code_after_helper_change(monkeypatch, folder, module_name, helper_file):
+    """The evaluator code digest before and after the helper's SIGN flips (each imported afresh)."""
+    from tiesmerge.tuning.driver import _content_digest, _evaluator_code
+
+    digests = []
+    for sign in (1, -1):
+        helper_file.write_text(f"SIGN = {sign}\n")
+        module = _import_fresh(monkeypatch, folder, module_name)
+        code = _evaluator_code(module.score)
+        assert code is not None and str(helper_file.resolve()) in code
+        digests.append(_content_digest(code))
+    return digests
+
+
+def test_helpers_beside_a_linked_evaluator_module_count(tmp_path, monkeypatch):
+    """hp51 d10: A/ev.py a link to ../B/ev.py, its helper A/h.py beside the link: helpers were looked for beside the
+    link's target, so a changed h.py resumed silently."""
+    (tmp_path / "A").mkdir(), (tmp_path / "B").mkdir()
+    (tmp_path / "B" / "ev.py").write_text(_EVALUATOR.format(helper="h"))
+    (tmp_path / "A" / "ev.py").symlink_to(tmp_path / "B" / "ev.py")
+    first, second = _code_after_helper_change(monkeypatch, tmp_path / "A", "ev", tmp_path / "A" / "h.py")
+    assert first != second
+
+
+def test_helpers_through_a_linked_subfolder_count(tmp_path, monkeypatch):
+    """hp51 d21: proj/ev.py imports lib.hh, proj/lib a link to ../shared/lib: the helper's real path lies outside
+    proj, so it did not count."""
+    (tmp_path / "proj").mkdir(), (tmp_path / "shared" / "lib").mkdir(parents=True)
+    (tmp_path / "proj" / "ev.py").write_text(_EVALUATOR.format(helper="lib.hh"))
+    (tmp_path / "proj" / "lib").symlink_to(tmp_path / "shared" / "lib")
+    first, second = _code_after_helper_change(monkeypatch, tmp_path / "proj", "ev",
+                                              tmp_path / "shared" / "lib" / "hh.py")
+    assert first != second
+
+
+def test_helpers_beside_a_package_evaluator_count(tmp_path, monkeypatch):
+    """hp51 d11: `--evaluator pkg:score` with score in pkg/__init__.py importing common.py from beside pkg/: the
+    helper folder was pkg/ itself (pkg.ev:score was right)."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text(_EVALUATOR.format(helper="common"))
+    first, second = _code_after_helper_change(monkeypatch, tmp_path, "pkg", tmp_path / "common.py")
+    assert first != second
+
+
+def test_an_evaluator_imported_from_a_zip_counts_by_the_archive(tmp_path, monkeypatch):
+    """hp51 d17: an evaluator module inside a zip on sys.path had no code digest at all: the zip rebuilt with another
+    sign resumed silently."""
+    from tiesmerge.tuning.driver import _content_digest, _evaluator_code
+
+    archive = tmp_path / "ev.zip"
+    digests = []
+    for sign in (1, -1):
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("zev.py", f"SIGN = {sign}\n\n\ndef score(state):\n    return SIGN * float(state['w'].sum())\n")
+        monkeypatch.syspath_prepend(str(archive))
+        monkeypatch.delitem(sys.modules, "zev", raising=False)
+        importlib.invalidate_caches()
+        sys.path_importer_cache.pop(str(archive), None)
+        module = importlib.import_module("zev")
+        code = _evaluator_code(module.score)
+        assert code == [str(archive)]
+        digests.append(_content_digest(code))
+    assert digests[0] != digests[1]
+
+
+def _sign_above(threshold):
+    limit = {"above": threshold}  # a dict a closure holds: a cache to the digest, so not compared
+
+    def score(state):  # agrees with the first run's evaluator below the threshold only
+        total = sum(float(t.double().sum()) for t in state.values())
+        return total if total < limit["above"] else -total
+    return score
+
+
+def test_a_resume_checks_the_logged_best_too(tmp_path):
+    """hp51 d02/d03: a digest escape went through wherever the first logged candidate, the only one scored again,
+    scored alike: the best (whose score decides the result) is scored again too."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.2,), "lam": (0.5, 1.0, 2.0)}, tmp_path / "log.jsonl"
+    first = run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))
+    assert first.best.index != 0 and first.best.score > first.trials[0].score
+    logged = log.read_bytes()
+    # another evaluator, built so the digests cannot tell: it agrees on the first candidate and flips the others
+    between = (first.trials[0].score + first.best.score) / 2
+    other = _sign_above(between)
+    with pytest.raises(ConfigError, match=rf"candidate {first.best.index} .* now where the log records"):
+        run_search(base, models, "ties", other, grid=grid, log=str(log))
+    assert log.read_bytes() == logged
+    again = run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))
+    assert again.log_checked == 2 and again.evaluations == 2 and again.best.index == first.best.index
