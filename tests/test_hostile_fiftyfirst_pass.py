@@ -180,3 +180,68 @@ def test_a_resume_checks_the_logged_best_too(tmp_path):
     assert log.read_bytes() == logged
     again = run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))
     assert again.log_checked == 2 and again.evaluations == 2 and again.best.index == first.best.index
+
+
+def _edited_log(tmp_path, edit):
+    """A finished search's log, edited by ``edit(records)`` (a list of dicts, header left out)."""
+    import json
+
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    grid, log = {"density": (0.2, 0.5), "lam": (1.0,)}, tmp_path / "log.jsonl"
+    run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))
+    header, *lines = log.read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    edit(records)
+    log.write_text("\n".join([header, *(json.dumps(r, sort_keys=True) for r in records)]) + "\n")
+    return base, models, grid, log
+
+
+def _swap_keys(records):
+    records[0]["key"], records[1]["key"] = records[1]["key"], records[0]["key"]
+
+
+def _second_key_twice(records):
+    records[1]["key"], records[1]["options"] = records[0]["key"], records[0]["options"]
+
+
+def _spaced_key(records):
+    records[0]["key"] = records[0]["key"].replace(", ", ",")
+
+
+@pytest.mark.parametrize("edit, said", [
+    (_swap_keys, "its key .* and its options .* disagree"),  # hp51 d08a: blamed the evaluator
+    (_second_key_twice, "is logged twice, with scores"),  # d08b
+    (_spaced_key, "is not a candidate's options as the search writes them"),  # d08d
+])
+def test_a_hand_edited_search_log_is_refused_as_corrupt_naming_its_line(tmp_path, edit, said):
+    """hp51 d08: records with swapped keys, one key twice with two scores, or a key respaced were refused as "what the
+    evaluator scores changed" (or accepted): the log is corrupt, said with its line."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models, grid, log = _edited_log(tmp_path, edit)
+    before = log.read_bytes()
+    with pytest.raises(ConfigError, match=rf"log.jsonl:[23]: the search log is corrupt \(.*{said}"):
+        run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))
+    assert log.read_bytes() == before
+
+
+def test_logged_options_the_method_refuses_name_the_log(tmp_path):
+    """hp51 d08c, d16: a record edited to hold `seed` or density 5 said "candidate 0: ties: unknown option 'seed'",
+    as if the user had given it."""
+    import json
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    def extra_option(records):
+        options = {**records[0]["options"], "seed": 0}
+        records[0]["options"], records[0]["key"] = options, json.dumps(options, sort_keys=True)
+
+    base, models, grid, log = _edited_log(tmp_path, extra_option)
+    with pytest.raises(ConfigError, match=r"log.jsonl: the search log's records hold options this search's method "
+                                          r"refuses \(.*seed") as caught:
+        run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))
+    assert "delete those lines" in caught.value.hint

@@ -427,7 +427,12 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
     to_check = _logged_to_check(results)
     if to_check and results is not None:
         logged = {c.key: float(results.get(c.key)["score"]) for c in to_check}  # type: ignore[index]
-        _check(job, to_check, n_models)
+        try:
+            _check(job, to_check, n_models)
+        except ConfigError as exc:  # options no candidate of this search has: the log was edited (hp51 d08c, d16)
+            raise ConfigError(f"{results.path}: the search log's records hold options this search's method refuses "
+                              f"({'; '.join(exc.problems)[:300]})", hint="delete those lines (their candidates are "
+                              "scored again), or the log to start afresh, then run the search again") from None
 
         def on_checked(c: Candidate, score: float, seconds: float) -> None:
             nonlocal evaluations, checked

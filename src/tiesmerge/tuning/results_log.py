@@ -29,6 +29,10 @@ FORMAT = "tiesmerge-search/1"
 
 _NON_FINITE = ("nan", "inf", "-inf")  # a score the API keeps (NaN never wins), as the log writes it
 
+
+def _same_score(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
 class ResultsLog:
     """Scored candidates by key (see :attr:`Candidate.key`), read from ``path`` and appended to it."""
 
@@ -154,7 +158,27 @@ class ResultsLog:
                     and not isinstance(score, bool) and (written or math.isfinite(score))):
                 raise self._corrupt(n, f"not a scored candidate (a key, its options and a finite score): "
                                        f"{line[:120]!r}")
+            self._check_key(n, record)
+            twin = self.records.get(record["key"])
+            if twin is not None and not _same_score(twin["score"], score):  # hp51 d08b: which one is the truth?
+                raise self._corrupt(n, f"the key {record['key'][:80]!r} is logged twice, with scores {twin['score']!r} "
+                                       f"and {score!r}")
             self.records[record["key"]] = record
+
+    def _check_key(self, line: int, record: Mapping[str, Any]) -> None:
+        """A record's key is its options as the search wrote them (sorted, canonical JSON): a key edited or swapped
+        with another record's would lend its score to another candidate (hp51 d08a, d08d). Its options may have been
+        rewritten by a tool (hp50 k01: jq wrote lam 2.0 as 2), so they are compared by value."""
+        try:
+            options = json.loads(record["key"])
+        except ValueError:
+            options = None
+        if not isinstance(options, dict) or json.dumps(options, sort_keys=True) != record["key"]:
+            raise self._corrupt(line, f"its key {record['key'][:80]!r} is not a candidate's options as the search "
+                                      "writes them")
+        if options != record["options"]:
+            raise self._corrupt(line, f"its key {record['key'][:80]!r} and its options "
+                                      f"{json.dumps(record['options'], sort_keys=True)[:80]!r} disagree")
 
     def get(self, key: str) -> dict[str, Any] | None:
         return self.records.get(key)
