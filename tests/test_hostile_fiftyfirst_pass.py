@@ -11,7 +11,7 @@ import zipfile
 import pytest
 import torch
 
-from helpers_ckpt import make_family
+from helpers_ckpt import make_family, write_hf_dir
 
 
 def _factory(op):
@@ -245,3 +245,49 @@ def test_logged_options_the_method_refuses_name_the_log(tmp_path):
                                           r"refuses \(.*seed") as caught:
         run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))
     assert "delete those lines" in caught.value.hint
+
+
+def test_a_patterns_match_budget_is_each_threads_own():
+    """hp50 c06: two merges in two threads with one slow `exclude` shared one budget (the compiled pattern is cached
+    per process): each was refused after half its time. A budget is per thread, and the clock still pickles."""
+    import pickle
+    import threading
+
+    from tiesmerge.io.patterns import TOTAL_SECONDS, MatchClock
+
+    clock = MatchClock("exclude", "hint")
+    clock.charge(TOTAL_SECONDS * 0.6)
+    other: list[float] = []
+    worker = threading.Thread(target=lambda: (clock.charge(TOTAL_SECONDS * 0.6), other.append(clock.spent)))
+    worker.start(), worker.join()
+    assert other == [pytest.approx(TOTAL_SECONDS * 0.6)]  # not refused: its own 0.6, not 1.2
+    assert clock.spent == pytest.approx(TOTAL_SECONDS * 0.6)
+    copy = pickle.loads(pickle.dumps(clock))
+    assert copy.what == "exclude" and copy.spent == 0.0
+
+
+def test_a_folded_products_rows_formed_per_chunk_equal_the_whole_products(tmp_path, monkeypatch):
+    """hp52 c01: past the bound on kept products (many MODEL+LORA entries, or another merge in the process) each
+    chunk formed its own rows of B·A; a matmul of a few rows takes another kernel, which rounds otherwise: at a small
+    budget 136 values were a bfloat16 ulp off mergekit's (whose whole product the larger budgets matched)."""
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.io import adapters
+    from tiesmerge.methods import TaskArithmetic
+
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (512, 256), "model.layers.0.mlp.up_proj.weight": (384, 256),
+              "model.norm.weight": (256,)}
+    base, _ = make_family(1, dtype=torch.bfloat16, shapes=shapes, with_int=False)
+    write_hf_dir(tmp_path / "base", base)
+    write_lora_dir(tmp_path / "lora", random_lora(base, 16, seed=3, modules=["model.layers.0.self_attn.q_proj",
+                                                                             "model.layers.0.mlp.up_proj"]), alpha=32.0)
+
+    def merged(budget):
+        return tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], TaskArithmetic(lam=1.0), dtype="float32",
+                               origin={"format": "mergekit"}, memory_budget=budget)
+
+    whole = merged("1GiB")
+    monkeypatch.setattr(adapters, "_WHOLE_PRODUCT_BYTES", 0)  # no product kept: each chunk forms its own rows
+    for budget in ("8KiB", "64KiB", "1MiB"):
+        chunked = merged(budget)
+        assert all(torch.equal(whole[n], chunked[n]) for n in whole), budget

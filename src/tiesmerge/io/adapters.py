@@ -273,6 +273,18 @@ _HELD_BYTES: dict[int, int] = {}  # adapter (its token) -> the bytes of the whol
 _TOKENS = itertools.count()  # each adapter's own key (an id() is reused once an object is freed: hp51 c03)
 
 
+_MIN_PRODUCT_ROWS = 64  # a product's rows formed at least this many at a time (16 sufficed on the machines tried)
+
+
+def _widened(rows: slice, total: int) -> slice:
+    """``rows`` (a step-1 slice within ``total``) widened to at least _MIN_PRODUCT_ROWS rows, within the tensor."""
+    start, stop, _ = rows.indices(total)
+    if stop - start >= _MIN_PRODUCT_ROWS or total <= stop - start:
+        return slice(start, stop)
+    stop = min(total, max(stop, start + _MIN_PRODUCT_ROWS))
+    return slice(max(0, min(start, stop - _MIN_PRODUCT_ROWS)), stop)
+
+
 def _may_hold(size: int) -> bool:
     """Whether one more whole product of ``size`` bytes fits the bound all adapters share (past it, a chunk's own
     rows are formed: equal to the whole one's in the engine's large chunks)."""
@@ -572,10 +584,16 @@ class LoraCheckpoint:
         if not kept:  # this adapter's previous tensor's product: done with
             _release_product(self)
         if rows is None or not kept and not _may_hold(size):
-            # an embedding of 152k x 8192 rows: the chunk's own product (hp49 c46: 5 GB past the budget), equal to
-            # the whole one's rows in the engine's large chunks (odd splits of a few rows can round otherwise)
-            delta = (b @ (a if rows is None else a[:, rows])).T if target.transposed else \
-                (b if rows is None else b[rows]) @ a  # (rows, ...)
+            # an embedding of 152k x 8192 rows: the chunk's own product (hp49 c46: 5 GB past the budget); formed
+            # over at least _MIN_PRODUCT_ROWS rows, then cut: a matmul of a few rows takes another kernel, which
+            # rounds otherwise than the whole product's (hp52 c01: 1-9 rows, 136 values a bf16 ulp off mergekit)
+            total = a.shape[1] if target.transposed else b.shape[0]
+            window = None if rows is None else _widened(rows, total)
+            delta = (b @ (a if window is None else a[:, window])).T if target.transposed else \
+                (b if window is None else b[window]) @ a  # (window rows, ...)
+            if window is not None:
+                start, stop, _ = rows.indices(total)  # type: ignore[union-attr]
+                delta = delta[start - window.start:stop - window.start]  # (rows, ...)
         else:
             # each adapter keeps its tensor's product while its chunks are read (evicting one per chunk rebuilt it per
             # chunk: hp51 c09, 139 s), all of them within _WHOLE_PRODUCT_BYTES together (hp50 c16), each dropped at

@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 import re
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -57,8 +58,26 @@ class MatchClock:
                  ) -> None:
         """``names``/``one``: what is matched, said in the errors (an option's pattern: the model's tensor names);
         ``error``: the error raised past the budget; ``elsewhere``: what another tool would do with the pattern."""
-        self.what, self.hint, self.spent = what, hint, 0.0
+        self.what, self.hint = what, hint
         self.names, self.one, self.error, self.elsewhere, self.hang = names, one, error, elsewhere, hang
+        # each thread its own budget: a compiled pattern is shared by a process's merges, and two merges in two
+        # threads charged one budget between them (hp50 c06: one refused for the other's time)
+        self._local = threading.local()
+
+    @property
+    def spent(self) -> float:
+        return getattr(self._local, "spent", 0.0)
+
+    @spent.setter
+    def spent(self, seconds: float) -> None:
+        self._local.spent = seconds
+
+    def __getstate__(self) -> dict[str, Any]:  # a thread-local does not pickle (a pattern sent to a worker)
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def charge(self, seconds: float) -> None:
         self.spent += seconds
