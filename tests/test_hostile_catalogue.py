@@ -533,7 +533,7 @@ def test_full_disk_while_copying_model_files_is_a_typed_error(family, tmp_path, 
     check(rc, err, want_rc=1, needle="No space left", output=tmp_path / "out", inputs=inputs, before=before)
 
 
-@pytest.mark.parametrize("case,needle", [("rank0", "rank r of at least 1"), ("alpha_string", "lora_alpha"),
+@pytest.mark.parametrize("case,needle", [("rank0", "the rank r is at least 1"), ("alpha_string", "lora_alpha"),
                                          ("bad_regex", "not a valid regular expression"),
                                          ("alpha_pattern_list", "alpha_pattern")])
 def test_bad_lora_configs(tmp_path, capsys, monkeypatch, case, needle):

@@ -291,3 +291,73 @@ def test_a_folded_products_rows_formed_per_chunk_equal_the_whole_products(tmp_pa
     for budget in ("8KiB", "64KiB", "1MiB"):
         chunked = merged(budget)
         assert all(torch.equal(whole[n], chunked[n]) for n in whole), budget
+
+
+@pytest.mark.parametrize("b_rank, said", [(3, "one rank r: A's is 2, B's 3"), (0, "the rank r is at least 1")])
+def test_lora_factors_of_two_ranks_are_said_so(tmp_path, b_rank, said):
+    """hp52 c25: lora_A of rank 8 and lora_B of rank 9 were refused with "a rank r of at least 1" and a hint that PEFT
+    saves each factor 2-D, while both were 2-D and of rank 1 or more."""
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    base, _ = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    factors = random_lora(base, 2, seed=0)
+    module = next(iter(factors))
+    a, b = factors[module]
+    factors[module] = (a, torch.zeros(b.shape[0], b_rank))
+    write_lora_dir(tmp_path / "lora", factors, alpha=4.0)
+    with pytest.raises(IncompatibleCheckpointsError, match=said) as caught:
+        tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], "task_arithmetic", lam=1.0)
+    assert "each factor 2-D" not in str(caught.value) + str(caught.value.hint)
+
+
+def test_an_adapter_bound_by_its_names_ending_under_a_mergekit_recipe_is_warned(tmp_path):
+    """hp52 c32: an adapter saved from the bare model (`base_model.model.layers...`) on a base storing `model.layers...`
+    merged silently under a mergekit recipe, bound by its names' ending; PEFT, which mergekit's model+lora loads
+    through, loads none of those keys, so mergekit's output differs. Said; a plain merge binds it as before, unsaid."""
+    import warnings
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.methods import TaskArithmetic
+
+    base, _ = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    factors = random_lora(base, 2, seed=0)
+    write_lora_dir(tmp_path / "lora", {m.removeprefix("model."): f for m, f in factors.items()}, alpha=4.0)
+    write_lora_dir(tmp_path / "exact", factors, alpha=4.0)
+    said = {}
+    for name, origin in (("lora", {"format": "mergekit"}), ("lora", None), ("exact", {"format": "mergekit"})):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tiesmerge.merge(tmp_path / "base", [tmp_path / name], TaskArithmetic(lam=1.0), origin=origin)
+        said[name, bool(origin)] = [str(w.message) for w in caught if issubclass(w.category, MergeWarning)
+                                    and "binds exact names only" in str(w.message)]
+    assert len(said["lora", True]) == 1 and "4 adapted module name(s) such as 'layers." in said["lora", True][0]
+    assert said["lora", False] == [] and said["exact", True] == []
+
+
+def test_a_bare_adapter_as_a_mergekit_model_is_warned(tmp_path):
+    """hp52 c35: `model: ADAPTER` in a mergekit recipe merged silently as BASE+ADAPTER, while mergekit itself stops on
+    it ("Unrecognized model"), and the model card repeated a recipe mergekit cannot run."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.recipe import load_recipe
+
+    base, fts = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    write_hf_dir(tmp_path / "ft", fts[0])
+    write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=0), alpha=4.0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - {{model: {tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
+                      f"  - {{model: {tmp_path / 'ft'}, parameters: {{weight: 1.0}}}}\n"
+                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
+                      "dtype: float32\n")
+    with pytest.warns(MergeWarning, match=r"models\[0\].model: '.*lora' is a PEFT adapter on its own, which mergekit "
+                                          r"refuses .* BASE\+ADAPTER \(.*base\+.*lora\)") as caught:
+        load_recipe(recipe)
+    assert sum("on its own" in str(w.message) for w in caught) == 1  # the full model and BASE+ADAPTER: no word

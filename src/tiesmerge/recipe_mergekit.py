@@ -272,6 +272,14 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
             problems.append(f"{where}: {ref!r} applies a LoRA to a model other than base_model; tiesmerge reads "
                             "an adapter as a task vector of the base it was trained on")
         return None
+    if where != "base_model" and os.path.isfile(os.path.join(_path(ref), "adapter_config.json")) and \
+            not any(os.path.exists(os.path.join(_path(ref), f)) for f in ("config.json", "model.safetensors",
+                                                                         "model.safetensors.index.json")):
+        # hp52 c35: mergekit reads a model entry as a full model and stops on a bare adapter ("Unrecognized model")
+        warnings.warn(MergeWarning(
+            f"{where}: {ref!r} is a PEFT adapter on its own, which mergekit refuses as a model; tiesmerge reads it "
+            f"as the base with this adapter, which mergekit writes BASE+ADAPTER"
+            + (f" ({base}+{ref})" if base is not None else "")), stacklevel=4)
     return _path(ref)
 
 

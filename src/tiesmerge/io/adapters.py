@@ -408,11 +408,15 @@ class LoraCheckpoint:
                     hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full model, or "
                          "leave the convolution out of target_modules")
             if len(a) != 2 or len(b) != 2 or b[1] != rank or rank < 1:
+                # what is wrong, said as such (hp52 c25: ranks 8 and 9 were told about 2-D factors)
+                why = ("each factor is 2-D" if len(a) != 2 or len(b) != 2 else
+                       "the rank r is at least 1" if rank < 1 or b[1] < 1 else
+                       f"one rank r: A's is {rank}, B's {b[1]}")
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA factors of {module!r} have shapes A {tuple(a)} and B {tuple(b)}; "
-                    "expected A (r, in) and B (out, r) with a rank r of at least 1",
-                    hint="the adapter file is incomplete or damaged (PEFT saves each factor 2-D): save or download "
-                         "it again")  # not the options' help (hp42 C27)
+                    f"expected A (r, in) and B (out, r), where {why}",
+                    hint="the adapter file is incomplete or damaged (PEFT saves both factors of a module with one "
+                         "rank): save or download it again")  # not the options' help (hp42 C27)
             stores_in_out = conv1d_layout(model_types, module, fan_in_fan_out)
             if stores_in_out != fan_in_fan_out and not embedding:
                 overruled.append(module)
@@ -459,6 +463,14 @@ class LoraCheckpoint:
                 f"{module!r}: {value:g}), so their change is " + ("nothing" if value == 0 else "applied reversed")
                 + " (trained adapters use a positive alpha)"), stacklevel=3)
         _warn_if_trained_on_another_base(self.config, base, source)
+        if self.fold_like_peft and base_names.rebound:  # hp52 c32: mergekit's fold goes through PEFT's loader
+            ours, theirs = base_names.rebound[0]
+            warnings.warn(MergeWarning(
+                f"{source}: {len(base_names.rebound)} adapted module name(s) such as {ours!r} are not the base's "
+                f"(it stores {theirs!r}): tiesmerge binds them by their ending, while PEFT, which mergekit's "
+                "model+lora entries load through, binds exact names only and would load none of them (it warns of "
+                "missing adapter keys and folds the factors' initial values), so mergekit's output would differ"),
+                stacklevel=3)
         if overruled:  # as PEFT warns, and applies the module's own layout
             warnings.warn(MergeWarning(
                 f"{source}: fan_in_fan_out is {str(fan_in_fan_out).lower()}, but in the base ({model_types[0]}) "

@@ -53,6 +53,8 @@ class BaseNames:
         self.names = set(base.names())
         self._longest = max(map(len, self.names), default=0)
         self._tails: dict[str, list[str]] | None = None  # "a.b" -> base names ending in ".a.b"; built when needed
+        self.rebound: list[tuple[str, str]] = []  # (the adapter's name, the base's) where not the same: PEFT's
+        # from_pretrained binds exact names only, so it would load none of these onto this base
 
     def resolve(self, module: str, suffix: str, label: str, key: str) -> str:
         """The base tensor name of ``module + suffix``: exact, else with leading module components
@@ -70,9 +72,12 @@ class BaseNames:
             at = whole.find(".", at + 1, len(module))
         for start in starts:
             if whole[start:] in self.names:
+                if start:
+                    self.rebound.append((module, whole[start:]))
                 return whole[start:]
         ending = self._ending(whole)
         if len(ending) == 1:
+            self.rebound.append((module, ending[0]))
             return ending[0]
         self._refuse_tied_head(whole, label, key)
         shared = next((n for n in sorted(self.names) if n == "shared.weight" or n.endswith(".shared.weight")), None) \
