@@ -155,32 +155,42 @@ def _weights(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 
 
-def test_whole_tensor_merges_import_no_torch_once_the_verdict_is_remembered(tmp_path):
-    base, models = _models(tmp_path)
+_MERGED = ("slerp", "nuslerp", "model_stock")
+
+
+@pytest.fixture(scope="module")
+def torch_merged(tmp_path_factory):
+    """The models and their merges on torch's own path (the kernels off), made once for the module: each child merge
+    costs a torch import and the merges (~7 s on 2 cores)."""
+    folder = tmp_path_factory.mktemp("aten")
+    base, models = _models(folder)
+    assert _merge_in_child(base, models, folder / "plain", folder / "cache", TIESMERGE_KERNELS="0") == {"torch": True}
+    return base, models, {name: _weights(folder / "plain" / name) for name in _MERGED}
+
+
+def test_whole_tensor_merges_import_no_torch_once_the_verdict_is_remembered(tmp_path, torch_merged):
+    base, models, plain = torch_merged
     cache = tmp_path / "cache"
     first = _merge_in_child(base, models, tmp_path / "first", cache)  # checks against torch, remembers
     entries = json.loads((cache / "numerics.json").read_text())
     assert list(entries.values()) == [[True, torch.get_num_threads()]]
     second = _merge_in_child(base, models, tmp_path / "second", cache)
     assert first == {"torch": True} and second == {"torch": False}
-    plain = _merge_in_child(base, models, tmp_path / "torch_path", cache, TIESMERGE_KERNELS="0")
-    assert plain == {"torch": True}
-    for name in ("slerp", "nuslerp", "model_stock"):
-        want = _weights(tmp_path / "torch_path" / name)
+    for name in _MERGED:
+        want = plain[name]
         assert want and _weights(tmp_path / "first" / name) == want == _weights(tmp_path / "second" / name), name
 
 
 @pytest.mark.parametrize("entry", [[False, 2], [True, 0], [True, 10**9], [True, (os.cpu_count() or 1) + 1], "yes"])
-def test_a_false_or_damaged_verdict_falls_back_to_torch(tmp_path, entry):
-    base, models = _models(tmp_path)
+def test_a_false_or_damaged_verdict_falls_back_to_torch(tmp_path, entry, torch_merged):
+    base, models, plain = torch_merged
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "numerics.json").write_text(json.dumps({aten.fingerprint(): entry}))  # the child's fingerprint too
     got = _merge_in_child(base, models, tmp_path / "got", cache)
     assert got == {"torch": True}  # False: torch's reductions; damaged: checked against torch again
-    _merge_in_child(base, models, tmp_path / "plain", cache, TIESMERGE_KERNELS="0")
-    for name in ("slerp", "nuslerp", "model_stock"):
-        assert _weights(tmp_path / "got" / name) == _weights(tmp_path / "plain" / name), name
+    for name in _MERGED:
+        assert plain[name] and _weights(tmp_path / "got" / name) == plain[name], name
 
 
 def test_torch_imports_and_computes_after_its_library_was_loaded_alone():
@@ -213,8 +223,8 @@ def test_the_kernels_import_no_scipy_linalg_and_leave_it_importable():
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
-def test_no_verdict_is_kept_where_the_caches_are_turned_off(tmp_path):
-    base, models = _models(tmp_path)
+def test_no_verdict_is_kept_where_the_caches_are_turned_off(tmp_path, torch_merged):
+    base, models, _ = torch_merged
     cache = tmp_path / "cache"
     for run in ("a", "b"):
         assert _merge_in_child(base, models, tmp_path / run, cache, TIESMERGE_DIGEST_CACHE="0") == {"torch": True}
@@ -296,16 +306,15 @@ def test_importing_the_kernels_leaves_the_collector_as_it_was(enabled):
 
 
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="needs a default thread count other than 1")
-def test_a_remembered_thread_count_that_is_not_the_librarys_is_checked_again(tmp_path):
+def test_a_remembered_thread_count_that_is_not_the_librarys_is_checked_again(tmp_path, torch_merged):
     """Pass 16 N1: a planted [true, 1] on a machine where torch's default is 2 was trusted (sums split as on one
     thread, so the output was no longer torch's bit for bit); the library's own count now overrules it."""
-    base, models = _models(tmp_path)
+    base, models, plain = torch_merged
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "numerics.json").write_text(json.dumps({aten.fingerprint(): [True, 1]}))
     got = _merge_in_child(base, models, tmp_path / "got", cache)
     assert got == {"torch": True}  # checked against torch again, and the right count remembered
     assert list(json.loads((cache / "numerics.json").read_text()).values()) == [[True, torch.get_num_threads()]]
-    _merge_in_child(base, models, tmp_path / "plain", cache, TIESMERGE_KERNELS="0")
-    for name in ("slerp", "nuslerp", "model_stock"):
-        assert _weights(tmp_path / "got" / name) == _weights(tmp_path / "plain" / name), name
+    for name in _MERGED:
+        assert plain[name] and _weights(tmp_path / "got" / name) == plain[name], name
