@@ -1189,9 +1189,10 @@ def test_a_sets_digest_does_not_depend_on_the_hash_seed(tmp_path):
             "tags = frozenset({((((f't{i}',),),),) for i in range(6)})\n"
             "def score(state, tags=tags):\n    return 1.0\n"
             "print(evaluator_state(score))\n")
-    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                           env={**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": os.pathsep.join(sys.path)}
-                           ).stdout.strip() for seed in (1, 2, 3, 4)}
+    children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,  # side by side
+                                 env={**os.environ, "PYTHONHASHSEED": str(seed),
+                                      "PYTHONPATH": os.pathsep.join(sys.path)}) for seed in (1, 2, 3, 4)]
+    seen = {child.communicate(timeout=120)[0].strip() for child in children}
     assert len(seen) == 1 and "" not in seen, seen
 
 
