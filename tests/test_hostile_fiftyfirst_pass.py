@@ -361,3 +361,78 @@ def test_a_bare_adapter_as_a_mergekit_model_is_warned(tmp_path):
                                           r"refuses .* BASE\+ADAPTER \(.*base\+.*lora\)") as caught:
         load_recipe(recipe)
     assert sum("on its own" in str(w.message) for w in caught) == 1  # the full model and BASE+ADAPTER: no word
+
+
+def _holding(value):
+    def score(state):  # a factory's evaluator over a setting the user built
+        return float(bool(value))
+    return score
+
+
+def test_a_simple_namespace_of_settings_is_digested_by_its_attributes():
+    """hp52 c36: an evaluator's closure holding types.SimpleNamespace(b=B) (or a list of them) digested as nothing
+    and went unwarned: a resume with other settings mixed two evaluators' scores in one log."""
+    import types
+
+    from tiesmerge.tuning.evaluator_digest import evaluator_state
+
+    for wrap in (lambda ns: ns, lambda ns: [ns]):
+        first, second = (evaluator_state(_holding(wrap(types.SimpleNamespace(b=b)))) for b in (0.0, 100.0))
+        assert first is not None and first != second
+        assert evaluator_state(_holding(wrap(types.SimpleNamespace(b=0.0)))) == first
+
+
+@pytest.mark.parametrize("held", [{"b": 1.0}, __import__("collections").Counter(b=1),
+                                  __import__("collections").ChainMap({"b": 1.0}), {1, 2}])
+def test_a_dict_or_set_a_closure_holds_is_said_not_compared(held):
+    """hp52 c37: a dict, Counter, ChainMap or set held by the closure is left out of the digest (it is often a cache
+    the evaluator fills) with no word, while the same dict in a tuple was digested: it is named among the objects a
+    resume warns of."""
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects
+
+    assert evaluator_objects(_holding(held)) == [type(held).__qualname__]
+
+
+def test_data_keys_no_evaluator_reads_are_named(tmp_path):
+    """hp52 c41: a sentence pair under `text_b` (or `textpair`) was silently ignored by classifier-accuracy, adapt and
+    stats (scored on `text` alone); choice-accuracy ignored `answer` and `choice`. The unread keys are named, with
+    the key meant."""
+    import json
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.limits import warn_unread_keys
+    from tiesmerge.stats.hf import read_jsonl
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"a {i}", "text_b": f"b {i}", "label": i % 2, "idx": i})
+                              for i in range(3)) + "\n")
+    with pytest.warns(MergeWarning, match=r"pairs.jsonl: tiesmerge reads 'text', 'text_pair', 'label', 'choices' "
+                                          r"from each line, and nothing from 'text_b' \(line 1; did you mean "
+                                          r"'text_pair'\?\), 'idx' \(line 1\)"):
+        read_jsonl(data)
+    rows = [(1, {"prompt": "p", "choices": ["a", "b"], "answer": 1}), (2, {"prompt": "p", "choice": ["a"]})]
+    with pytest.warns(MergeWarning, match=r"'answer' \(line 1; did you mean 'label'\?\), 'choice' \(line 2; did you "
+                                          r"mean 'choices'\?\)"):
+        warn_unread_keys(rows, "c.jsonl", ("prompt", "choices", "label"), "choice-accuracy")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_unread_keys([(1, {"text": "t", "label": 0})], "ok.jsonl", ("text", "text_pair", "label"), "x")
+
+
+def test_a_resume_with_a_smaller_budget_says_a_better_logged_candidate_is_left_out(tmp_path):
+    """hp52 c09: a search resumed with a smaller --budget than its log's took the best of its first candidates and
+    wrote it, while a better one stayed in the log, unsaid."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    log = tmp_path / "log.jsonl"
+    score = _sign_above(float("inf"))
+    full = run_search(base, models, "ties", score, strategy="random", budget=6, axes=("lam",), seed=0, log=str(log))
+    assert full.best.index >= 2  # the best lies past the first two (else the case shows nothing)
+    with pytest.warns(MergeWarning, match=rf"holds 4 scored candidate\(s\) this search did not ask for .* candidate "
+                                          rf"{full.best.index} \(.*\) scored"):
+        short = run_search(base, models, "ties", score, strategy="random", budget=2, axes=("lam",), seed=0,
+                           log=str(log))
+    assert short.best.score < full.best.score

@@ -27,7 +27,7 @@ from .errors import CheckpointError, ConfigError, TiesMergeError
 from .paths import open_regular, read_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "read_json_lines",
-           "check_text_pairs", "parse_float", "underflows", "overflows", "OutOfFloatRange",
+           "check_text_pairs", "warn_unread_keys", "parse_float", "underflows", "overflows", "OutOfFloatRange",
            "loads_yaml", "read_yaml", "scan"]
 
 MAX_CONFIG_BYTES = 64 << 20  # an index of a huge model is a few MB; tokenizer.json tens of MB
@@ -198,6 +198,43 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     if not rows:
         raise error(f"{path}: {what} holds no examples", hint=hint)
     return rows
+
+
+# keys that name a field tiesmerge reads under another name in other tools' exports (GLUE's sentence2, HF's text_b)
+_KNOWN_AS = {"text_b": "text_pair", "textpair": "text_pair", "text2": "text_pair", "sentence2": "text_pair",
+             "hypothesis": "text_pair", "pair": "text_pair", "sentence": "text", "sentence1": "text",
+             "premise": "text", "text_a": "text", "labels": "label", "target": "label", "answer": "label",
+             "choice": "choices", "options": "choices", "question": "prompt"}
+
+
+def warn_unread_keys(rows: Sequence[tuple[int, dict]], path: str | os.PathLike, read: Sequence[str],
+                     what: str) -> None:
+    """Name, once, the keys of the rows (line number, object) that ``what`` reads nothing from: a sentence pair
+    under ``text_b`` was scored on its first text alone, silently (hp52 c41); a key read elsewhere under another
+    name is said with it."""
+    import difflib
+    import warnings
+
+    from .errors import MergeWarning
+
+    unread: dict[str, int] = {}  # key -> its first line
+    for number, row in rows:
+        for key in row:
+            if key not in read and key not in unread:
+                unread[key] = number
+        if len(unread) > 50:  # enough to say
+            break
+    if not unread:
+        return
+    said = []
+    for key, number in list(unread.items())[:8]:
+        meant = _KNOWN_AS.get(key.lower()) if key.lower() not in read else key.lower()
+        meant = meant if meant in read else next(iter(difflib.get_close_matches(key, read, n=1, cutoff=0.75)), None)
+        said.append(f"{key[:60]!r} (line {number}{f'; did you mean {meant!r}?' if meant else ''})")
+    warnings.warn(MergeWarning(
+        f"{path}: {what} reads {', '.join(repr(k) for k in read)} from each line, and nothing from "
+        + ", ".join(said) + (f" and {len(unread) - 8:,} more key(s)" if len(unread) > 8 else "")),
+        stacklevel=3)
 
 
 def check_text_pairs(rows: Sequence[tuple[int, dict]], path: str | os.PathLike,

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, MergeWarning
-from ..limits import check_text_pairs, not_utf8_hint, not_utf8_kind, read_json_lines
+from ..limits import check_text_pairs, not_utf8_hint, not_utf8_kind, read_json_lines, warn_unread_keys
 from ..paths import check_model_dir, read_regular
 from .loading import (
     align_pad_token,
@@ -208,6 +208,7 @@ class ClassifierAccuracy(_Scorer):
                                   _int_label(row, where, classes, f"the base has {classes} classes, by its "
                                                                   "config.json's id2label or num_labels")))
         paired = check_text_pairs(rows, self.data)  # all or none, after each line's own checks (hp42 D55)
+        warn_unread_keys(rows, self.data, ("text", "text_pair", "label"), "classifier-accuracy")
         tokenizer = self._tokenizer()
         pairs = [p for _, p, _ in self.examples] if paired else None
         _warn_cut(self.data, tokenizer, [t for t, _, _ in self.examples], pairs, self.model_dir, self.max_length)
@@ -246,7 +247,9 @@ class ChoiceAccuracy(_Scorer):
         self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
         self.examples: list[ChoiceExample] = []
         lines: list[str] = []  # each example's file:line
-        for number, row in _lines(self.data, "the validation file")[:self.limit]:
+        rows = _lines(self.data, "the validation file")[:self.limit]
+        warn_unread_keys(rows, self.data, ("prompt", "choices", "label"), "choice-accuracy")
+        for number, row in rows:
             where = f"{self.data}:{number}"
             choices = row.get("choices")
             if not isinstance(row.get("prompt"), str) or not isinstance(choices, list) or len(choices) < 2 \
@@ -407,7 +410,9 @@ class EncoderAccuracy(_Scorer):
         self.classes: dict[str, tuple[str, ...]] = {}
         self.examples: dict[str, list[tuple[str, int]]] = {}
         pending: list[tuple[str, dict, str]] = []
-        for number, row in _lines(self.data, "the validation file"):
+        rows = _lines(self.data, "the validation file")
+        warn_unread_keys(rows, self.data, ("task", "classes", "text", "label"), "encoder-accuracy")
+        for number, row in rows:
             where, task = f"{self.data}:{number}", row.get("task")
             if not isinstance(task, str) or not task:
                 raise ConfigError(f"{where}: each line needs a string 'task'",

@@ -30,7 +30,7 @@ from ..evaluation.loading import (
     refuse_converted,
 )
 from ..io.checkpoint import open_checkpoint
-from ..limits import check_text_pairs, read_json, read_json_lines
+from ..limits import check_text_pairs, read_json, read_json_lines, warn_unread_keys
 from ..paths import check_input, check_model_dir
 from .files import Statistics
 from .fisher import fisher_information
@@ -73,6 +73,7 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
                               hint="map the data's labels to the model's classes (its config's id2label)")
         rows.append(row)
     check_text_pairs(numbered, path)  # after each line's own checks: a bad text_pair is named as such first
+    warn_unread_keys(numbered, path, ("text", "text_pair", "label", "choices"), "tiesmerge")
     return rows
 
 

@@ -418,6 +418,7 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
     n_models = len(job.models)
     trials: list[Trial] = []
     seen: dict[str, Trial] = {}  # scores of this run by candidate key: nothing is scored twice
+    asked: set[str] = set()  # the keys of this search's candidates (the resume check scores logged ones too)
     best: Trial | None = None
     merges_before, evaluations, checked = executor.merges, 0, 0
     # a resumed log is checked by behaviour before anything: its oldest finite record and its best are scored again
@@ -482,6 +483,7 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
                 twin = first[c.key]
                 scored[c.index] = Trial(c.index, c.options, scored[twin.index].score, scored[twin.index].seconds, True)
         new = [scored[c.index] for c in candidates]
+        asked.update(c.key for c in candidates)
         for c, t in zip(candidates, new):
             seen.setdefault(c.key, t)
             if better(t.score, None if best is None else best.score):
@@ -490,9 +492,30 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
         chooser.tell(batch, [t.score for t in new])
     if best is None:
         raise ConfigError("no candidate got a finite score", hint="check the evaluator on one merge first")
+    _warn_better_left_out(results, asked, best)
     best_state = _winner_state(executor, job, base32, dtypes, best)
     return SearchResult(space.method, strategy, space, best, tuple(trials), executor.merges - merges_before,
                         evaluations, time.perf_counter() - started, best_state, log_checked=checked)
+
+
+def _warn_better_left_out(results: ResultsLog | None, asked: set[str], best: Trial) -> None:
+    """A resume with a smaller budget than the log's (or another strategy) leaves logged candidates out of this
+    search; one that scored better than this search's best is said (hp52 c09: a worse best written silently)."""
+    if results is None:
+        return
+    left = [r for key, r in results.records.items() if key not in asked]
+    better_ones = [r for r in left if better(float(r["score"]), best.score)]
+    if better_ones:
+        top = better_ones[0]
+        for r in better_ones[1:]:
+            if better(float(r["score"]), float(top["score"])):
+                top = r
+        warnings.warn(MergeWarning(
+            f"{results.path}: the log holds {len(left):,} scored candidate(s) this search did not ask for (a "
+            f"smaller --budget, or another strategy or seed), {len(better_ones):,} of them better than its best: "
+            f"candidate {top.get('index')} ({json.dumps(top['options'], sort_keys=True)[:200]}) scored "
+            f"{format_score(float(top['score']))} where this search's best is {format_score(best.score)}; "
+            "run with the budget that logged it to have it"), stacklevel=4)
 
 
 def _logged_to_check(results: ResultsLog | None) -> list[Candidate]:

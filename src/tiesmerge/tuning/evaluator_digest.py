@@ -290,6 +290,8 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
             held.append([_qualified(value), _built_with(value, depth=depth + 1, objects=objects)])  # a decorator's
         elif not _is(value, (Mapping, set)) and _is_setting(value):
             held.append(value)
+        elif _is(value, (Mapping, set)):  # a dict or a set: often a cache the evaluator fills, so not compared, but
+            objects.append(_type_text(type(value), "__qualname__"))  # said (hp52 c37: Counter, ChainMap silent)
         elif _is(value, torch.nn.Module):  # a model the candidates' weights are loaded into: its class, not its
             held.append(_qualified(type(value)))  # weights (hp51 d01: ReLU and Tanh held alike)
         elif _is_users_object(value):  # an object whose attributes decide the scores (`lambda sd: e.score(sd)`):
@@ -345,7 +347,8 @@ def _is_setting(value: Any) -> bool:
 
     if _is(value, (str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), list, tuple,
                           frozenset, range, slice, numbers.Number, pathlib.PurePath, enum.Enum, torch.Tensor,
-                          torch.dtype, torch.device)) or _is_class(value) or _is_builtin(value):
+                          torch.dtype, torch.device, types.SimpleNamespace)) or _is_class(value) or \
+            _is_builtin(value):  # (hp52 c36: a SimpleNamespace of settings, read by its attributes)
         return True  # (hp43 c03: a Path, a range...; hp46 c36: operator.add, a builtin function, by its name)
     module = _type_text(type(value), "__module__")
     if module == "numpy" or module.startswith("numpy.") or _is_data(value):
@@ -390,6 +393,8 @@ def _library_state(value: Any) -> Any:
             return ["RandomState", list(value.get_state(legacy=True))]
         if kind is torch.Generator:
             return ["torch.Generator", value.device.type, value.get_state()]
+        if issubclass(kind, types.SimpleNamespace):  # its attributes, through its own member (hp52 c36)
+            return ["SimpleNamespace", types.SimpleNamespace.__dict__["__dict__"].__get__(value, kind)]
         if kind in (staticmethod, classmethod):  # the function it holds (hp51 d01: two alike)
             return [kind.__name__, kind.__dict__["__func__"].__get__(value, kind)]
         if kind is functools.cached_property:
