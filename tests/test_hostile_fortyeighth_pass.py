@@ -188,6 +188,11 @@ def _peft_folded_reference(tmp_path, dtype, kind):
             hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
             vocab_size=40, tie_word_embeddings=False))
         targets, saved = ["q_proj", "v_proj", "up_proj", "embed_tokens"], ["lm_head"]
+    elif kind == "t5":  # gated T5: transformers keeps `wo` in float32 in a float16 model (hp49 c54)
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            d_model=32, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=40,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0))
+        targets, saved = ["q", "wo"], []
     else:  # GPT-2's Conv1D: fan_in_fan_out, ΔW transposed
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=8,
                                                                      vocab_size=30))
@@ -195,7 +200,7 @@ def _peft_folded_reference(tmp_path, dtype, kind):
     model.to(dtype).save_pretrained(tmp_path / "base")
     cls = type(model)
     adapter = peft.get_peft_model(cls.from_pretrained(tmp_path / "base"), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved, fan_in_fan_out=kind == "gpt2"))
+        r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved or None, fan_in_fan_out=kind == "gpt2"))
     with torch.no_grad():
         generator = torch.Generator().manual_seed(2)
         for name, p in adapter.named_parameters():
@@ -207,8 +212,8 @@ def _peft_folded_reference(tmp_path, dtype, kind):
     return reference, [*targets, *saved]
 
 
-@pytest.mark.parametrize("dtype_name", ["bfloat16", "float32"])
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype_name, kind", [("bfloat16", "llama"), ("float32", "llama"), ("bfloat16", "gpt2"),
+                                              ("float32", "gpt2"), ("float16", "t5")])
 def test_a_mergekit_model_plus_lora_entry_is_folded_as_mergekit_folds_it(tmp_path, dtype_name, kind):
     """hp48 c05: a mergekit recipe's BASE+LORA entry on a bfloat16 base differed from mergekit 0.1.5 by up to 1.8e-3
     (2^15 float32 ulps) in every adapted tensor: mergekit loads the base in its own dtype and PEFT folds the update
@@ -233,6 +238,8 @@ def test_a_mergekit_model_plus_lora_entry_is_folded_as_mergekit_folds_it(tmp_pat
     assert adapted
     for name in adapted:
         assert torch.equal(ours[name], reference[name].float()), name
+    if kind == "t5":  # hp49 c54: T5's wo folded in float32 (its class's _keep_in_fp32_modules), q in float16
+        assert any(".wo." in n for n in adapted) and any(".q." in n for n in adapted)
     if dtype is torch.bfloat16:  # the plain adapter merge: s·B·A exactly, not the bfloat16 fold
         exact = tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], "task_arithmetic", lam=1.0, dtype="float32")
         assert any(not torch.equal(exact[n], ours[n]) for n in adapted)

@@ -273,6 +273,38 @@ _HELD_BYTES: dict[int, int] = {}  # adapter (its token) -> the bytes of the whol
 _TOKENS = itertools.count()  # each adapter's own key (an id() is reused once an object is freed: hp51 c03)
 
 
+def float32_modules(base: Checkpoint, dtype: Any) -> re.Pattern | None:
+    """The modules transformers keeps in float32 when it loads ``base`` in ``dtype``, as one pattern, from its
+    config's architecture class (looked up by name in transformers, never a model's own code); None where there are
+    none, or transformers or the class is not there."""
+    import torch
+
+    from .align import read_model_config  # align imports this module
+
+    try:
+        architectures = read_model_config(base).get("architectures")
+    except CheckpointError:
+        return None
+    if not (isinstance(architectures, list) and architectures and isinstance(architectures[0], str)
+            and re.fullmatch(r"[A-Z][A-Za-z0-9_]{0,200}", architectures[0])):
+        return None
+    try:
+        import transformers
+
+        cls = getattr(transformers, architectures[0], None)
+    except Exception:  # noqa: BLE001 - transformers missing or failing to import a model: no modules kept
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        return None
+    loose = getattr(cls, "_keep_in_fp32_modules", None) or () if dtype == torch.float16 else ()
+    strict = getattr(cls, "_keep_in_fp32_modules_strict", None) or ()
+    kept = [k for k in (*loose, *strict) if isinstance(k, str) and k]
+    try:  # transformers' own reading: each a regex with '*' for '.*', searched in the name
+        return re.compile("|".join(f"(?:{k.replace('*', '.*')})" for k in kept)) if kept else None
+    except re.error:
+        return None
+
+
 _MIN_PRODUCT_ROWS = 64  # a product's rows formed at least this many at a time (16 sufficed on the machines tried)
 
 
@@ -310,6 +342,7 @@ class LoraCheckpoint:
         self.fold_like_peft = False
         self._token = next(_TOKENS)
         self._fold_product: tuple[str, Any] | None = None  # (tensor, B·A) kept for the tensor's next chunks
+        self._float32_kept: dict[Any, Any] = {}  # a base's stored dtype -> the pattern of its modules kept float32
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
@@ -577,6 +610,8 @@ class LoraCheckpoint:
         import torch
 
         w = base.read(name, rows)  # (rows, ...), the stored dtype: the module's dtype as loaded
+        if w.dtype in (torch.float16, torch.bfloat16) and self._kept_in_float32(base, name, w.dtype):
+            w = w.float()  # transformers keeps the class's _keep_in_fp32_modules in float32 (hp49 c54: T5's wo)
         loaded = w if key is None else self._file.read(key, rows).to(w.dtype)  # a saved copy, cast on loading
         if key is not None and w.is_floating_point() and not bool(torch.isfinite(loaded).all()) and \
                 bool(torch.isfinite(self._file.read(key, rows)).all()):  # finite in the file: the cast overflowed
@@ -621,6 +656,15 @@ class LoraCheckpoint:
         folded = loaded.clone()
         folded += delta.to(w.dtype) if target.embedding else delta  # PEFT's in-place adds (see above)
         return folded.float() - w.float()
+
+    def _kept_in_float32(self, base: Checkpoint, name: str, dtype: Any) -> bool:
+        """Whether transformers loads ``name`` of a base stored in ``dtype`` (half precision) in float32: its model
+        class's ``_keep_in_fp32_modules`` (float16 only) and ``_keep_in_fp32_modules_strict`` (float16 and bfloat16),
+        each searched in the tensor's name, as transformers 5 searches them."""
+        if dtype not in self._float32_kept:
+            self._float32_kept[dtype] = float32_modules(base, dtype)
+        pattern = self._float32_kept[dtype]
+        return pattern is not None and pattern.search(name) is not None
 
     def rank_bound(self, name: str) -> int | None:
         """An upper bound on the rank of ``name``'s task vector that the adapter's structure gives: r for
