@@ -520,8 +520,7 @@ def _warn_better_left_out(results: ResultsLog | None, asked: set[str], best: Tri
 
 def _logged_to_check(results: ResultsLog | None) -> list[Candidate]:
     """The log's candidates a resume scores again: its oldest with a finite score and, where another, its best, each
-    rebuilt from its key (lists back to tuples); a key that is no candidate's (edited) is the log's corruption,
-    refused before anything is scored."""
+    rebuilt from its key (lists back to tuples)."""
     if results is None or not results.records:
         return []
     import math
@@ -531,26 +530,18 @@ def _logged_to_check(results: ResultsLog | None) -> list[Candidate]:
     finite = [r for r in records if isinstance(r["score"], (int, float)) and not isinstance(r["score"], bool)
               and math.isfinite(r["score"])]
     if not finite:
-        return [_rebuilt(results, records[0])]
+        return [_rebuilt(records[0])]
     best = finite[0]
     for r in finite[1:]:  # the first of equal scores, as the search's own best
         if better(float(r["score"]), float(best["score"])):
             best = r
-    return [_rebuilt(results, r) for r in ([finite[0]] if best is finite[0] else [finite[0], best])]
+    return [_rebuilt(r) for r in ([finite[0]] if best is finite[0] else [finite[0], best])]
 
 
-def _rebuilt(results: ResultsLog, record: Mapping[str, Any]) -> Candidate:
-    """A logged candidate from its key, the canonical options it was logged by: its "options" may have been
-    rewritten by a tool (hp50 k01: jq wrote lam 2.0 as 2 in every record)."""
-    try:
-        options = json.loads(record["key"])
-    except ValueError:
-        options = None
-    if not isinstance(options, dict) or json.dumps(options, sort_keys=True) != record["key"]:
-        raise ConfigError(f"{results.path}: the search log's record {record['key'][:80]!r} has a key that is no "
-                          "candidate's options", hint="delete that line (its candidate is scored again), then run the "
-                                                      "search again")
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+def _rebuilt(record: Mapping[str, Any]) -> Candidate:
+    """A logged candidate from its key, the canonical options it was logged by (the log's reader refuses a key that
+    is not its options' JSON): its "options" may have been rewritten by a tool (hp50 k01: jq wrote lam 2.0 as 2)."""
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(record["key"]).items()}
     index = record.get("index")
     return Candidate(index if isinstance(index, int) and not isinstance(index, bool) else 0, options)
 
