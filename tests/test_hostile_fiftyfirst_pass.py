@@ -436,3 +436,49 @@ def test_a_resume_with_a_smaller_budget_says_a_better_logged_candidate_is_left_o
         short = run_search(base, models, "ties", score, strategy="random", budget=2, axes=("lam",), seed=0,
                            log=str(log))
     assert short.best.score < full.best.score
+
+
+def test_a_mixed_dtype_base_is_folded_in_the_dtype_transformers_loads_it_in(tmp_path):
+    """hp49 c56: mergekit loads a MODEL+LORA entry's base with no dtype asked, and transformers (no dtype in
+    config.json) loads every tensor in the first floating dtype of its first weights file; tiesmerge folded each
+    tensor in its own stored dtype (q_proj stored float32 among bfloat16 weights: 9.6e-4 off mergekit)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from helpers_ckpt import load_dir
+    from tiesmerge.cli.main import main
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+        vocab_size=40, tie_word_embeddings=False))
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    weights = load_file(tmp_path / "base" / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    weights[q] = weights[q].float() + 1e-3 * torch.randn(weights[q].shape)  # float32 values bfloat16 cannot hold
+    save_file(weights, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    config.pop("torch_dtype", None), config.pop("dtype", None)
+    (tmp_path / "base" / "config.json").write_text(json.dumps(config))
+    adapter = peft.get_peft_model(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_" in name:
+                p.data = p.float() + 0.3 * torch.randn(p.shape)
+    adapter.save_pretrained(tmp_path / "lora")
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=None)  # as mergekit does
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    reference = peft.PeftModel.from_pretrained(loaded, tmp_path / "lora").merge_and_unload().state_dict()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
+                      "dtype: float32\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    ours = load_dir(tmp_path / "out")
+    for name in (q, "model.layers.0.self_attn.v_proj.weight"):
+        stored = weights[name].float()  # mergekit's task arithmetic at weight 1: base + (folded - base), in float32
+        assert torch.equal(ours[name], stored + (reference[name].float() - stored)), name

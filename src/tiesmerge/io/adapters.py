@@ -342,7 +342,8 @@ class LoraCheckpoint:
         self.fold_like_peft = False
         self._token = next(_TOKENS)
         self._fold_product: tuple[str, Any] | None = None  # (tensor, B·A) kept for the tensor's next chunks
-        self._float32_kept: dict[Any, Any] = {}  # a base's stored dtype -> the pattern of its modules kept float32
+        # "model": the dtype transformers loads the base in; a half dtype: the pattern of the modules kept float32
+        self._float32_kept: dict[Any, Any] = {}
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
@@ -609,9 +610,8 @@ class LoraCheckpoint:
         ΔW.to(dtype)``, two: hp49 c02), and the merge reads the folded weights: τ = float(folded) − float(W)."""
         import torch
 
-        w = base.read(name, rows)  # (rows, ...), the stored dtype: the module's dtype as loaded
-        if w.dtype in (torch.float16, torch.bfloat16) and self._kept_in_float32(base, name, w.dtype):
-            w = w.float()  # transformers keeps the class's _keep_in_fp32_modules in float32 (hp49 c54: T5's wo)
+        stored = base.read(name, rows)  # (rows, ...)
+        w = stored.to(self._module_dtype(base, name, stored.dtype))  # the module's weight as transformers loads it
         loaded = w if key is None else self._file.read(key, rows).to(w.dtype)  # a saved copy, cast on loading
         if key is not None and w.is_floating_point() and not bool(torch.isfinite(loaded).all()) and \
                 bool(torch.isfinite(self._file.read(key, rows)).all()):  # finite in the file: the cast overflowed
@@ -622,7 +622,7 @@ class LoraCheckpoint:
                 hint="give the base in float32 (its weights converted), or merge the adapter as a model of its own "
                      "with the command line (--base BASE --model ADAPTER), which keeps the copy in float32")
         if target is None:
-            return loaded.float() - w.float()
+            return loaded.float() - stored.float()
         # PEFT's factors: float32 (upcast from half precision), float64 in a float64 model (hp50 c17)
         wide = torch.float64 if w.dtype == torch.float64 else torch.float32
         a, b = self._file.read(target.a_key).to(wide), self._file.read(target.b_key).to(wide)  # (r, in), (out, r)
@@ -655,16 +655,30 @@ class LoraCheckpoint:
         delta = delta * target.scale  # then the scale, as PEFT
         folded = loaded.clone()
         folded += delta.to(w.dtype) if target.embedding else delta  # PEFT's in-place adds (see above)
-        return folded.float() - w.float()
+        return folded.float() - stored.float()  # the merge reads the base as stored
 
-    def _kept_in_float32(self, base: Checkpoint, name: str, dtype: Any) -> bool:
-        """Whether transformers loads ``name`` of a base stored in ``dtype`` (half precision) in float32: its model
-        class's ``_keep_in_fp32_modules`` (float16 only) and ``_keep_in_fp32_modules_strict`` (float16 and bfloat16),
-        each searched in the tensor's name, as transformers 5 searches them."""
-        if dtype not in self._float32_kept:
-            self._float32_kept[dtype] = float32_modules(base, dtype)
-        pattern = self._float32_kept[dtype]
-        return pattern is not None and pattern.search(name) is not None
+    def _module_dtype(self, base: Checkpoint, name: str, stored: Any) -> Any:
+        """The dtype transformers loads ``name`` in when mergekit loads the base (no dtype asked: transformers 5 takes
+        the first floating tensor's of the first weights file for the whole model, hp49 c11, c56), then float32 for
+        the model class's modules kept so (``_keep_in_fp32_modules`` in a float16 model, ``..._strict`` in bfloat16
+        too, each searched in the tensor's name: hp49 c54, T5's wo). A base of other files: each tensor's own."""
+        import torch
+
+        if not stored.is_floating_point:
+            return stored
+        if "model" not in self._float32_kept:
+            firsts = getattr(base, "first_file_names", None)
+            names = firsts() if callable(firsts) else []
+            floating = next((n for n in names if base.info(n).is_floating and base.info(n).itemsize >= 2), None)
+            self._float32_kept["model"] = None if floating is None else base.info(floating).dtype
+        model = self._float32_kept["model"] or stored
+        if model in (torch.float16, torch.bfloat16):
+            if model not in self._float32_kept:
+                self._float32_kept[model] = float32_modules(base, model)
+            pattern = self._float32_kept[model]
+            if pattern is not None and pattern.search(name) is not None:
+                return torch.float32
+        return model
 
     def rank_bound(self, name: str) -> int | None:
         """An upper bound on the rank of ``name``'s task vector that the adapter's structure gives: r for

@@ -158,6 +158,12 @@ class SafetensorsCheckpoint:
     def names(self) -> list[str]:
         return list(self._info)
 
+    def first_file_names(self) -> list[str]:
+        """The tensors of the first weights file (by name: the shard transformers opens first), sorted as
+        safetensors lists them: where transformers finds the dtype it loads a model in when none is asked for."""
+        first = self._files[0] if self._files else None
+        return sorted(name for name, file in self._where.items() if file == first)
+
     def info(self, name: str) -> TensorInfo:
         return self._info[name]
 
