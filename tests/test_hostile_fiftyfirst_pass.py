@@ -482,3 +482,26 @@ def test_a_mixed_dtype_base_is_folded_in_the_dtype_transformers_loads_it_in(tmp_
     for name in (q, "model.layers.0.self_attn.v_proj.weight"):
         stored = weights[name].float()  # mergekit's task arithmetic at weight 1: base + (folded - base), in float32
         assert torch.equal(ours[name], stored + (reference[name].float() - stored)), name
+
+
+@pytest.mark.parametrize("origin", [None, {"format": "mergekit"}])
+def test_a_saved_copy_past_float32_is_said_so_in_either_merge(tmp_path, origin):
+    """hp51 c07: an adapter's modules_to_save copy saved in float64 holding 1e39 was refused under a mergekit recipe
+    with remedies that cannot work (a float32 base, a plain merge), and the plain merge then called it damaged."""
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.errors import InvalidTensorError
+    from tiesmerge.methods import TaskArithmetic
+
+    base, _ = make_family(1, dtype=torch.bfloat16)
+    write_hf_dir(tmp_path / "base", base)
+    copy = base["model.norm.weight"].double()
+    copy[3] = 1e39
+    write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=0), alpha=4.0,
+                   extra={"base_model.model.model.norm.modules_to_save.default.weight": copy},
+                   config={"modules_to_save": ["norm"]})
+    with pytest.raises(InvalidTensorError, match=r"norm.* holds float64 values beyond float32's range .* 1e\+39") \
+            as caught:
+        tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], TaskArithmetic(lam=1.0), dtype="float32",
+                        origin=origin)
+    assert "damaged" not in str(caught.value) + str(caught.value.hint) and "float32 (its" not in caught.value.hint

@@ -615,6 +615,7 @@ class LoraCheckpoint:
         loaded = w if key is None else self._file.read(key, rows).to(w.dtype)  # a saved copy, cast on loading
         if key is not None and w.is_floating_point() and not bool(torch.isfinite(loaded).all()) and \
                 bool(torch.isfinite(self._file.read(key, rows)).all()):  # finite in the file: the cast overflowed
+            self._refuse_past_float32(name, rows)  # past float32 too: no base dtype can hold it
             raise InvalidTensorError(
                 f"{self.path / ADAPTER_WEIGHTS}: the adapter's saved copy {key!r} holds values past the base's "
                 f"{str(w.dtype).removeprefix('torch.')}, into which PEFT loads it for mergekit's MODEL+LORA entry "
@@ -698,6 +699,7 @@ class LoraCheckpoint:
         use (lora_A = lora_B = 1e20). Returns where neither applies (a saved full tensor's values)."""
         import torch
 
+        self._refuse_past_float32(name)
         target = self.targets.get(name)
         if target is None:
             return
@@ -723,6 +725,19 @@ class LoraCheckpoint:
             f"float32: its factors are finite (|A| up to {float(a.abs().max()):.3g}, |B| up to "
             f"{float(b.abs().max()):.3g}, scale {target.scale:.3g}) but their product is past 3.4e38",
             hint="no model can use this adapter; check how it was saved (or rescale its factors)")
+
+    def _refuse_past_float32(self, name: str, rows: slice | None = None) -> None:
+        """A copy saved whole for ``name`` in float64 with finite values past float32's range: said as such, not as
+        damage nor as a dtype the base could widen (hp51 c07: 1e39 was hinted "give the base in float32")."""
+        import torch
+
+        from ..engine.reader import check_float32_range  # the engine imports this module
+
+        key = self._full_bound.get(name)
+        if key is None or self._file.info(key).dtype != torch.float64:
+            return
+        raw = self._file.read(key, rows)
+        check_float32_range(str(self.path / ADAPTER_WEIGHTS), key, tuple(self._file.info(key).shape), raw.numpy())
 
     def location(self, name: str) -> str:
         return str(self.path / ADAPTER_WEIGHTS)
