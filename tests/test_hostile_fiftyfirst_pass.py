@@ -291,6 +291,10 @@ def test_a_folded_products_rows_formed_per_chunk_equal_the_whole_products(tmp_pa
     for budget in ("8KiB", "64KiB", "1MiB"):
         chunked = merged(budget)
         assert all(torch.equal(whole[n], chunked[n]) for n in whole), budget
+    # hp53 c20: the plain adapter merge (s·B·A, no fold) formed a chunk's rows alone too: its bytes followed the budget
+    plain = [tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], TaskArithmetic(lam=1.0), dtype="float32",
+                             memory_budget=budget) for budget in ("1GiB", "8KiB", "64KiB")]
+    assert all(torch.equal(plain[0][n], other[n]) for other in plain[1:] for n in plain[0])
 
 
 @pytest.mark.parametrize("b_rank, said", [(3, "one rank r: A's is 2, B's 3"), (0, "the rank r is at least 1")])
@@ -505,3 +509,40 @@ def test_a_saved_copy_past_float32_is_said_so_in_either_merge(tmp_path, origin):
         tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], TaskArithmetic(lam=1.0), dtype="float32",
                         origin=origin)
     assert "damaged" not in str(caught.value) + str(caught.value.hint) and "float32 (its" not in caught.value.hint
+
+
+def test_python_m_in_a_deleted_working_folder_is_a_typed_error(tmp_path):
+    """hp53 c27: `python -m tiesmerge` run from a working folder deleted meanwhile died with a traceback in its
+    import-path cleaning, before the command could say what was wrong."""
+    import os
+    import subprocess
+    import sys
+
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    done = subprocess.run(["sh", "-c", f'cd "{gone}" && rmdir "{gone}" && exec "$0" -m tiesmerge merge --base '
+                                       f'"{tmp_path}/b" --model "{tmp_path}/m" -o "{tmp_path}/o"', sys.executable],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 2 and "the working directory no longer exists" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("seconds", ['"abc"', None, "-1", "1e999"])
+def test_a_log_record_whose_seconds_are_no_time_is_corrupt(tmp_path, seconds):
+    """hp53 c05: a record edited to `"seconds": "abc"` (or without seconds) was "an unexpected ValueError ... a bug
+    in tiesmerge" on resume: the log is corrupt, said with its line."""
+    import json
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    def edit(records):
+        if seconds is None:
+            del records[1]["seconds"]
+        else:
+            records[1]["seconds"] = json.loads(seconds) if seconds != "1e999" else float("inf")
+
+    base, models, grid, log = _edited_log(tmp_path, edit)
+    with pytest.raises(ConfigError, match=r"log.jsonl:3: the search log is corrupt \(its seconds are .*, not a time"):
+        run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))

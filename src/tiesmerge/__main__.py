@@ -9,7 +9,11 @@ import sys
 if sys.path and not sys.flags.safe_path:
     import os
 
-    if sys.path[0] in ("", ".") or os.path.realpath(sys.path[0]) == os.path.realpath(os.getcwd()):
+    try:
+        _here = os.path.realpath(os.getcwd())
+    except OSError:  # a working folder deleted meanwhile: nothing lies there; the command says so (hp53 c27)
+        _here = None
+    if sys.path[0] in ("", ".") or os.path.realpath(sys.path[0]) == _here:
         del sys.path[0]
 
 try:

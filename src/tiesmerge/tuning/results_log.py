@@ -159,6 +159,10 @@ class ResultsLog:
                 raise self._corrupt(n, f"not a scored candidate (a key, its options and a finite score): "
                                        f"{line[:120]!r}")
             self._check_key(n, record)
+            seconds = record.get("seconds")  # reused with the score (hp53 c05: "abc" was "a bug in tiesmerge")
+            if not (isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+                    and seconds >= 0):
+                raise self._corrupt(n, f"its seconds are {json.dumps(seconds)[:40]}, not a time in seconds")
             twin = self.records.get(record["key"])
             if twin is not None and not _same_score(twin["score"], score):  # hp51 d08b: which one is the truth?
                 raise self._corrupt(n, f"the key {record['key'][:80]!r} is logged twice, with scores {twin['score']!r} "
