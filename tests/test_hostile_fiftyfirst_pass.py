@@ -546,3 +546,37 @@ def test_a_log_record_whose_seconds_are_no_time_is_corrupt(tmp_path, seconds):
     base, models, grid, log = _edited_log(tmp_path, edit)
     with pytest.raises(ConfigError, match=r"log.jsonl:3: the search log is corrupt \(its seconds are .*, not a time"):
         run_search(base, models, "ties", _sign_above(float("inf")), grid=grid, log=str(log))
+
+
+def test_a_folder_holding_a_full_model_and_an_adapter_is_refused(tmp_path, capsys):
+    """hp53 c25: a folder with a fine-tuned model's model.safetensors and a PEFT adapter merged its adapter, silently,
+    where mergekit (and transformers) read its full model: 9.3M values apart. Which is meant cannot be told."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    write_lora_dir(write_hf_dir(tmp_path / "both", fts[0]), random_lora(base, 2, seed=0), alpha=4.0)
+    assert main(["merge", "--base", str(tmp_path / "base"), "--model", str(tmp_path / "both"), "-o",
+                 str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "holds both a full model (model.safetensors) and a PEFT adapter (adapter_config.json)" in err
+    assert "a folder of their own" in err and not (tmp_path / "out").exists()
+
+
+def test_an_adapter_naming_a_prefix_the_bases_file_lacks_is_not_warned(tmp_path):
+    """hp53 c02: a base saved without `model.` (as LlamaModel saves; transformers adds it when it loads the model as
+    LlamaForCausalLM) and an adapter keyed `model.layers...` were warned as unloadable by PEFT, which loads them."""
+    import warnings
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.methods import TaskArithmetic
+
+    base, _ = make_family(1, with_int=False)
+    write_hf_dir(tmp_path / "base", {k.removeprefix("model."): v for k, v in base.items()})
+    write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=0), alpha=4.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], TaskArithmetic(lam=1.0), origin={"format": "mergekit"})
+    assert not [w for w in caught if "binds exact names only" in str(w.message)]

@@ -130,7 +130,17 @@ def open_checkpoint(
             return PickleCheckpoint(path, [path], label)
         raise CheckpointError(f"{path}: not a .safetensors file or a model directory")
     if os.path.lexists(path / ADAPTER_CONFIG):  # a PEFT adapter: read as task vectors (a FIFO, a dangling link
-        return open_adapter(path, label)      # or a folder there is named by the limited reader, not misread)
+        # or a folder there is named by the limited reader, not misread); beside a full model's weights, which of
+        # the two is meant cannot be told (hp53 c25: tiesmerge read the adapter, mergekit and transformers the model)
+        full = [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                            "pytorch_model.bin.index.json") if os.path.lexists(path / n)]
+        if full:
+            raise CheckpointError(
+                f"{path}: holds both a full model ({full[0]}) and a PEFT adapter ({ADAPTER_CONFIG}): which of them "
+                f"is {role} cannot be told (mergekit and transformers read the full model, a PEFT loader the adapter)",
+                hint="move the adapter's files (adapter_config.json, adapter_model.safetensors) into a folder of "
+                     "their own, and give the folder of the one you mean")
+        return open_adapter(path, label)
     index = path / "model.safetensors.index.json"
     if os.path.lexists(index):  # a FIFO or folder there is named by the limited reader, not "no weights found"
         weight_map = _read_index(index)

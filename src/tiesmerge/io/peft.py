@@ -53,8 +53,9 @@ class BaseNames:
         self.names = set(base.names())
         self._longest = max(map(len, self.names), default=0)
         self._tails: dict[str, list[str]] | None = None  # "a.b" -> base names ending in ".a.b"; built when needed
-        self.rebound: list[tuple[str, str]] = []  # (the adapter's name, the base's) where not the same: PEFT's
-        # from_pretrained binds exact names only, so it would load none of these onto this base
+        # (the adapter's module, the base's tensor) bound by the name's ending: the adapter lacks a prefix the base's
+        # names have, so PEFT, binding the loaded model's exact names, would load none of these
+        self.rebound: list[tuple[str, str]] = []
 
     def resolve(self, module: str, suffix: str, label: str, key: str) -> str:
         """The base tensor name of ``module + suffix``: exact, else with leading module components
@@ -71,10 +72,8 @@ class BaseNames:
                 starts.append(at + 1)
             at = whole.find(".", at + 1, len(module))
         for start in starts:
-            if whole[start:] in self.names:
-                if start:
-                    self.rebound.append((module, whole[start:]))
-                return whole[start:]
+            if whole[start:] in self.names:  # a prefix the base's file lacks: transformers adds it on loading,
+                return whole[start:]  # so PEFT binds these too (hp53 c02)
         ending = self._ending(whole)
         if len(ending) == 1:
             self.rebound.append((module, ending[0]))
