@@ -373,17 +373,22 @@ def _holding(value):
     return score
 
 
-def test_a_simple_namespace_of_settings_is_digested_by_its_attributes():
-    """hp52 c36: an evaluator's closure holding types.SimpleNamespace(b=B) (or a list of them) digested as nothing
-    and went unwarned: a resume with other settings mixed two evaluators' scores in one log."""
+def test_a_simple_namespace_an_evaluator_holds_is_warned_not_digested():
+    """hp52 c36: an evaluator's closure holding types.SimpleNamespace(b=B) (or a list of them) went unsaid: a resume
+    with other settings mixed two evaluators' scores. Digesting its attributes (the first fix) refused a notebook's
+    own resume where the namespace holds a cache or a counter the evaluator updates (hp53 c11): it is named in the
+    resume warning, as an argparse.Namespace is."""
     import types
 
-    from tiesmerge.tuning.evaluator_digest import evaluator_state
+    from tiesmerge.tuning.evaluator_digest import evaluator_objects, evaluator_state
 
     for wrap in (lambda ns: ns, lambda ns: [ns]):
-        first, second = (evaluator_state(_holding(wrap(types.SimpleNamespace(b=b)))) for b in (0.0, 100.0))
-        assert first is not None and first != second
-        assert evaluator_state(_holding(wrap(types.SimpleNamespace(b=0.0)))) == first
+        held = types.SimpleNamespace(b=0.0, calls=0)
+        evaluator = _holding(wrap(held))
+        before = evaluator_state(evaluator)
+        held.calls += 1  # what the evaluator counts while it scores
+        assert evaluator_state(evaluator) == before
+        assert evaluator_objects(evaluator) == ["SimpleNamespace"]
 
 
 @pytest.mark.parametrize("held", [{"b": 1.0}, __import__("collections").Counter(b=1),
@@ -580,3 +585,57 @@ def test_an_adapter_naming_a_prefix_the_bases_file_lacks_is_not_warned(tmp_path)
         warnings.simplefilter("always")
         tiesmerge.merge(tmp_path / "base", [tmp_path / "lora"], TaskArithmetic(lam=1.0), origin={"format": "mergekit"})
     assert not [w for w in caught if "binds exact names only" in str(w.message)]
+
+
+def test_lm_perplexity_on_json_lines_says_so(tmp_path):
+    """hp53 c08: lm-perplexity given another evaluator's JSON-lines file scored the braces and keys as text, silently
+    with a byte-level tokenizer."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.builtin import LMPerplexity
+
+    data = tmp_path / "val.jsonl"
+    data.write_text('{"text": "a review", "label": 1}\n{"text": "another", "label": 0}\n')
+    scorer = LMPerplexity.__new__(LMPerplexity)
+    scorer.data, scorer.text = data, data.read_text()
+    with pytest.warns(MergeWarning, match=r"its lines are JSON objects \(keys 'text', 'label'\), which lm-perplexity "
+                                          r"scores as plain text"):
+        scorer._warn_json_lines()
+    scorer.text = "plain prose { not json }\nmore prose\n"
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scorer._warn_json_lines()
+
+
+def test_an_encoder_accuracy_classes_line_holding_an_example_is_refused(tmp_path):
+    """hp53 c19: a 'classes' line that also held a text and a label dropped that example silently (or, the task's only
+    example, said it had none)."""
+    import json
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import EncoderAccuracy
+
+    data = tmp_path / "e.jsonl"
+    data.write_text(json.dumps({"task": "t", "classes": ["bad", "good"], "text": "fine", "label": 1}) + "\n"
+                    + json.dumps({"task": "t", "text": "awful", "label": 0}) + "\n")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
+    with pytest.raises(ConfigError, match=r"e.jsonl:1: a line holds either 'classes' .* or 'text' and 'label', not "
+                                          r"both"):
+        EncoderAccuracy(tmp_path / "m", data)
+
+
+@pytest.mark.parametrize("name", ["results.md", "report.html"])
+def test_json_output_onto_a_search_report_names_it(tmp_path, name):
+    """hp53 c14: `tune --json DIR/results.md` of a search's folder was refused as "a file tiesmerge did not write"."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+    from tiesmerge.tuning import run_search
+    from tiesmerge.tuning.report import write_report
+
+    base, models = make_family(2)
+    result = run_search(base, models, "ties", _sign_above(float("inf")), grid={"density": (0.2,), "lam": (1.0,)},
+                        log=str(tmp_path / "log.jsonl"))
+    write_report(result, tmp_path)
+    with pytest.raises(OutputError, match="would replace a file tiesmerge wrote as a search's report, not as --json"):
+        check_output_file(tmp_path / name, True, [], "--json")

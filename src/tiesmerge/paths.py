@@ -1133,6 +1133,9 @@ def _own_file_kind(path: Path) -> str | None:
         return "an adapt checkpoint"
     if head.lstrip().startswith(b"{") and b'"points"' in head and b'"method"' in head:
         return "tune's --json scores"
+    if path.name in ("results.md", "report.html") and path.parent / "log.jsonl" != path and \
+            _own_file_kind(path.parent / "log.jsonl") == "a search's log":  # (hp53 c14: "did not write")
+        return "a search's report"
     return None
 
 

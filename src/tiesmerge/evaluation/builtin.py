@@ -343,11 +343,31 @@ class LMPerplexity(_Scorer):
                 from None
         if not self.text.strip():
             raise ConfigError(f"{self.data}: the text file is empty", hint="give lm-perplexity a file of text")
+        self._warn_json_lines()
         if self.max_length < 2:
             raise ConfigError(f"max_length {self.max_length}: a window needs at least 2 tokens")
         if is_encoder_decoder(self.model_dir):  # from config.json, before the first merge (hp40 L7)
             raise ConfigError(_ENCODER_DECODER.format(self.model_dir), hint=_ENCODER_DECODER_HINT)
         self._warn_unknown(self._tokenizer())
+
+    def _warn_json_lines(self) -> None:
+        """A JSON-lines file (another evaluator's data) is scored as text, braces and keys included: said (hp53
+        c08), from its first lines."""
+        import json
+
+        head = self.text[:65536]
+        if len(self.text) > len(head):  # whole lines only: the cut one may be half an object
+            head = head[:head.rfind("\n") + 1]
+        lines = [line for line in head.splitlines()[:20] if line.strip()]
+        try:
+            rows = [json.loads(line) for line in lines]
+        except ValueError:
+            return
+        if rows and all(isinstance(r, dict) for r in rows):
+            warnings.warn(MergeWarning(
+                f"{self.data}: its lines are JSON objects (keys {', '.join(map(repr, list(rows[0])[:4]))}), which "
+                "lm-perplexity scores as plain text, braces and keys included; give it the text itself (one "
+                "passage per line, or prose)"), stacklevel=3)
 
     def _warn_unknown(self, tokenizer: Any) -> None:
         """Most of the text unknown to the tokenizer: every candidate is scored on how well it predicts <unk> after
@@ -417,6 +437,10 @@ class EncoderAccuracy(_Scorer):
             if not isinstance(task, str) or not task:
                 raise ConfigError(f"{where}: each line needs a string 'task'",
                                   hint='e.g. {"task": "sentiment", "text": "a review", "label": 1}')
+            if "classes" in row and ("text" in row or "label" in row):  # hp53 c19: its example dropped silently
+                raise ConfigError(f"{where}: a line holds either 'classes' (a task's head) or 'text' and 'label', "
+                                  "not both", hint='give the example a line of its own: {"task": "t", "text": "a '
+                                                   'review", "label": 1}')
             if "classes" in row:
                 classes = row["classes"]
                 if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c

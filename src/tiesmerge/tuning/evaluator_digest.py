@@ -215,6 +215,8 @@ def evaluator_attribute(evaluate: Any, name: str) -> Any:
 def _is_users_object(value: Any) -> bool:
     """An instance of a class of the user's own with attributes (not a module, function, class or a torch module,
     whose weights each candidate replaces, nor a library's value)."""
+    if _is(value, types.SimpleNamespace):  # settings or a cache it fills, alike to the digest: warned, as an
+        return True  # argparse.Namespace is (hp52 c36: silent; hp53 c11: digested, its own log refused mid-session)
     if _is_module(value) or _is_class(value) or _is_routine(value) or \
             _is(value, torch.nn.Module) or _is_setting(value):
         return False
@@ -290,8 +292,9 @@ def _built_with(fn: Any, *, depth: int, objects: list[str]) -> list[Any]:
             held.append([_qualified(value), _built_with(value, depth=depth + 1, objects=objects)])  # a decorator's
         elif not _is(value, (Mapping, set)) and _is_setting(value):
             held.append(value)
-        elif _is(value, (Mapping, set)):  # a dict or a set: often a cache the evaluator fills, so not compared, but
-            objects.append(_type_text(type(value), "__qualname__"))  # said (hp52 c37: Counter, ChainMap silent)
+        elif _is(value, (Mapping, set)) and not _objects_in(value):  # a dict or a set: often a cache the evaluator
+            objects.append(_type_text(type(value), "__qualname__"))  # fills, not compared but said (hp52 c37); one
+            # holding metrics' objects is said by them (below)
         elif _is(value, torch.nn.Module):  # a model the candidates' weights are loaded into: its class, not its
             held.append(_qualified(type(value)))  # weights (hp51 d01: ReLU and Tanh held alike)
         elif _is_users_object(value):  # an object whose attributes decide the scores (`lambda sd: e.score(sd)`):
@@ -316,6 +319,12 @@ def _cell_values(fn: Any) -> list[Any]:
         except ValueError:  # an empty cell
             continue
     return values
+
+
+def _objects_in(value: Any) -> list[str]:
+    found: list[str] = []
+    _objects_held(value, found)
+    return found
 
 
 def _objects_held(value: Any, objects: list[str]) -> None:
@@ -347,8 +356,7 @@ def _is_setting(value: Any) -> bool:
 
     if _is(value, (str, bytes, bytearray, memoryview, int, float, complex, bool, type(None), list, tuple,
                           frozenset, range, slice, numbers.Number, pathlib.PurePath, enum.Enum, torch.Tensor,
-                          torch.dtype, torch.device, types.SimpleNamespace)) or _is_class(value) or \
-            _is_builtin(value):  # (hp52 c36: a SimpleNamespace of settings, read by its attributes)
+                          torch.dtype, torch.device)) or _is_class(value) or _is_builtin(value):
         return True  # (hp43 c03: a Path, a range...; hp46 c36: operator.add, a builtin function, by its name)
     module = _type_text(type(value), "__module__")
     if module == "numpy" or module.startswith("numpy.") or _is_data(value):
@@ -393,8 +401,6 @@ def _library_state(value: Any) -> Any:
             return ["RandomState", list(value.get_state(legacy=True))]
         if kind is torch.Generator:
             return ["torch.Generator", value.device.type, value.get_state()]
-        if issubclass(kind, types.SimpleNamespace):  # its attributes, through its own member (hp52 c36)
-            return ["SimpleNamespace", types.SimpleNamespace.__dict__["__dict__"].__get__(value, kind)]
         if kind in (staticmethod, classmethod):  # the function it holds (hp51 d01: two alike)
             return [kind.__name__, kind.__dict__["__func__"].__get__(value, kind)]
         if kind is functools.cached_property:
