@@ -639,3 +639,41 @@ def test_json_output_onto_a_search_report_names_it(tmp_path, name):
     write_report(result, tmp_path)
     with pytest.raises(OutputError, match="would replace a file tiesmerge wrote as a search's report, not as --json"):
         check_output_file(tmp_path / name, True, [], "--json")
+
+
+def test_a_bare_adapter_with_a_config_beside_it_is_warned_too(tmp_path):
+    """hp53 c42: a bare adapter folder holding the base's config.json (as some trainers save it) got no word, while
+    mergekit refuses it ("Unable to find model files"); c05: without a base_model, the warning spoke of a base."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.errors import ConfigError, MergeWarning
+    from tiesmerge.recipe import load_recipe
+
+    base, _ = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=0), alpha=4.0)
+    (tmp_path / "lora" / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - {{model: {tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\ndtype: float32\n")
+    with pytest.warns(MergeWarning, match="is a PEFT adapter on its own, which mergekit refuses as a model"):
+        load_recipe(recipe)
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - {{model: {tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}"
+                      f"\n  - {{model: {tmp_path / 'base'}, parameters: {{weight: 1.0}}}}\ndtype: float32\n")
+    import warnings
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ConfigError, match="is a PEFT adapter;"):
+        warnings.simplefilter("always")
+        load_recipe(recipe)
+    assert not [w for w in caught if "on its own" in str(w.message)]
+
+
+def test_models_apart_by_their_heads_prefix_are_said_so(tmp_path, capsys):
+    """hp53 c44: a fine-tune saved as the bare body (no `model.`) beside its base was refused with "all models must be
+    fine-tunes of the same base architecture", which they are: every name differs by the prefix only."""
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(1, with_int=False)
+    write_hf_dir(tmp_path / "base", base)
+    write_hf_dir(tmp_path / "bare", {k.removeprefix("model."): v for k, v in fts[0].items()})
+    assert main(["merge", "--base", str(tmp_path / "base"), "--model", str(tmp_path / "bare"), "-o",
+                 str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "every name differs only by the prefix 'model.'" in capsys.readouterr().err

@@ -272,14 +272,13 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
             problems.append(f"{where}: {ref!r} applies a LoRA to a model other than base_model; tiesmerge reads "
                             "an adapter as a task vector of the base it was trained on")
         return None
-    if where != "base_model" and os.path.isfile(os.path.join(_path(ref), "adapter_config.json")) and \
-            not any(os.path.exists(os.path.join(_path(ref), f)) for f in ("config.json", "model.safetensors",
-                                                                         "model.safetensors.index.json")):
-        # hp52 c35: mergekit reads a model entry as a full model and stops on a bare adapter ("Unrecognized model")
+    if where != "base_model" and base is not None and os.path.isfile(os.path.join(_path(ref), "adapter_config.json")):
+        # hp52 c35: mergekit reads a model entry as a full model and stops on a bare adapter ("Unrecognized model";
+        # with a config.json beside it, "Unable to find model files": hp53 c42); a folder holding model weights too
+        # is refused when it is opened. Without a base_model the recipe is refused below (hp53 c05)
         warnings.warn(MergeWarning(
             f"{where}: {ref!r} is a PEFT adapter on its own, which mergekit refuses as a model; tiesmerge reads it "
-            f"as the base with this adapter, which mergekit writes BASE+ADAPTER"
-            + (f" ({base}+{ref})" if base is not None else "")), stacklevel=4)
+            f"as the base with this adapter, which mergekit writes BASE+ADAPTER ({base}+{ref})"), stacklevel=4)
     return _path(ref)
 
 
@@ -524,7 +523,7 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     if method == "linear":
         adapters = [p for p in paths if (Path(p) / "adapter_config.json").is_file()]
         if adapters:  # hp36 C18: "the base is a PEFT lora adapter", of a recipe whose base was a full model
-            problems.append(f"linear: {adapters[0]!r} is a LoRA (a MODEL+LORA entry); tiesmerge's linear reads the "
+            problems.append(f"linear: {adapters[0]!r} is a PEFT adapter; tiesmerge's linear reads the "
                             "models' own values, the first standing as the base, and an adapter has none: merge each "
                             "adapter into its model first, or use merge_method: task_arithmetic (normalize: true "
                             "divides by the weights' sum) on base_model")

@@ -302,6 +302,18 @@ def _same_bytes(x: Checkpoint, x_name: str, y: Checkpoint, y_name: str) -> bool:
                for rows in (slice(i, min(i + step, info.shape[0])) for i in range(0, info.shape[0], step)))
 
 
+def _prefix_apart(missing: list[str], extra: list[str]) -> str | None:
+    """The one leading component (``model.``) by which every missing name differs from an extra one, or None."""
+    if not missing or len(missing) != len(extra):
+        return None
+    longer, shorter = (missing, set(extra)) if len(missing[0]) > len(extra[0]) else (extra, set(missing))
+    prefixes = {n.split(".", 1)[0] + "." for n in longer if "." in n}
+    if len(prefixes) != 1:
+        return None
+    prefix = prefixes.pop()
+    return prefix if all(n.startswith(prefix) and n[len(prefix):] in shorter for n in longer) else None
+
+
 def _shapes_table(name: str, base: Checkpoint, models: list[Checkpoint]) -> str:
     def show(c: Checkpoint) -> str:
         if name not in c.names():
@@ -370,6 +382,11 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             # a tensor may sit in a shard the index never names: the index, not the architecture (hp47 c54)
             lacking, role = (model, f"model {k}'s") if missing else (base, "the base's")
             left_out = lacking.shards_left_out() if hasattr(lacking, "shards_left_out") else []
+            prefix = _prefix_apart(missing, extra)
+            if prefix is not None and not left_out:  # hp53 c44: the same model, saved with and without its head's
+                hint = (f"every name differs only by the prefix {prefix!r} (a model saved as its bare body, e.g. "
+                        "LlamaModel, beside one saved with its head's wrapper, LlamaForCausalLM): load and save both "
+                        "through the same class, or rename the tensors of one")
             if left_out:
                 hint = (f"{role} folder holds {', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}, "
                         "which its index (model.safetensors.index.json) never names: the index is incomplete or "
