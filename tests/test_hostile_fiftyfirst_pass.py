@@ -677,3 +677,17 @@ def test_models_apart_by_their_heads_prefix_are_said_so(tmp_path, capsys):
     assert main(["merge", "--base", str(tmp_path / "base"), "--model", str(tmp_path / "bare"), "-o",
                  str(tmp_path / "out"), "--no-progress"]) == 1
     assert "every name differs only by the prefix 'model.'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind, row, unread", [("encoder", {"text": "a", "text_pair": "b"}, "text_pair"),
+                                               ("choice", {"text": "a", "text_pair": "b", "choices": ["x", "y"]},
+                                                "text_pair"),
+                                               ("classifier", {"text": "a", "choices": ["x", "y"]}, "choices")])
+def test_adapt_names_row_keys_its_forward_reads_nothing_from(kind, row, unread):
+    """hp53 c24: adapt --forward encoder (or choice) learned on `text` alone from rows with a `text_pair`, and the
+    classifier forward dropped `choices`, silently: the data reader knows every forward's keys."""
+    from tiesmerge.adamerging.run import _warn_unread_by_forward
+    from tiesmerge.errors import MergeWarning
+
+    with pytest.warns(MergeWarning, match=rf"--forward {kind} reads .* and nothing from '{unread}' \(task 't' first\)"):
+        _warn_unread_by_forward(kind, {"t": [row]})

@@ -419,6 +419,7 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
             _check_row_choices(task_data, choices)
             for task, rows in task_data.items():  # and a row's own choices must tell apart (hp42 D59)
                 fwd.check_rows(rows, task)  # type: ignore[attr-defined]
+        _warn_unread_by_forward(forward, task_data)
         examples_cut = _warn_cut(fwd, task_data, max_length)
     else:
         kind, fwd = type(forward).__name__, forward
@@ -496,6 +497,31 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
     seconds["merge"] = time.perf_counter() - clock
     seconds["total"] = time.perf_counter() - started
     return AdaptResult(coefficients, task_names, layers, granularity, history, written, seconds)
+
+
+# the keys of a row each built-in forward reads (the data reader knows every forward's: text_pair, choices)
+_FORWARD_READS = {"classifier": ("text", "text_pair", "label"), "encoder": ("text", "label"),
+                  "choice": ("text", "choices", "label")}
+
+
+def _warn_unread_by_forward(kind: str, task_data: Mapping[str, Sequence[Any]]) -> None:
+    """Row keys this forward reads nothing from, though another forward would: a sentence pair given to the encoder
+    forward, choices to the classifier's, were dropped silently (hp53 c24)."""
+    reads = _FORWARD_READS.get(kind)
+    if reads is None:
+        return
+    unread: dict[str, str] = {}  # key -> the first task holding it
+    for task, rows in task_data.items():
+        for row in rows:
+            for key in ("text_pair", "choices"):
+                if key not in reads and isinstance(row, Mapping) and key in row:
+                    unread.setdefault(key, task)
+    if unread:
+        others = [f for f, r in _FORWARD_READS.items() if f != kind and any(k in r for k in unread)]
+        warnings.warn(MergeWarning(
+            f"--forward {kind} reads {', '.join(map(repr, reads))} from each row, and nothing from "
+            + ", ".join(f"{k!r} (task {t!r} first)" for k, t in unread.items())
+            + f": those rows are scored without it (--forward {' or '.join(others)} reads it)"), stacklevel=3)
 
 
 def _warn_cut(forward: Any, task_data: Mapping[str, Sequence[Any]], asked: int) -> dict[str, int]:
