@@ -365,12 +365,12 @@ def test_a_damaged_search_log_line_is_named_as_corrupt(tmp_path, line, needle):
 
     path = tmp_path / "log.jsonl"
     log = ResultsLog(path, {"method": "ties"})
-    log.append({"index": 0, "key": "a", "options": {}, "score": 0.5, "seconds": 0.1})
+    log.append({"index": 0, "key": "{}", "options": {}, "score": 0.5, "seconds": 0.1})  # a key: its options' JSON
     log.close()
     with open(path, "a") as f:
         f.write(line + "\n")
     with pytest.raises(Exception, match="corrupt") as raised:
-        ResultsLog(path, {"method": "ties"}).get("a")
+        ResultsLog(path, {"method": "ties"}).get("{}")
     assert needle in str(raised.value) and type(raised.value).__name__ == "ConfigError"
 
 

@@ -470,15 +470,16 @@ def test_two_searches_cannot_write_one_log_at_once(tmp_path):
 
     header = {"space": "lam", "seed": 0}
     first = ResultsLog(tmp_path / "log.jsonl", header)
-    first.append({"key": "a", "options": {"lam": 1.0}, "score": 0.5})
+    key = '{"lam": 1.0}'  # a key is its options' JSON
+    first.append({"key": key, "options": {"lam": 1.0}, "score": 0.5, "seconds": 0.1})
     with pytest.raises(OutputError, match="another search is writing this log now"):
         ResultsLog(tmp_path / "log.jsonl", header)
     second = ResultsLog(tmp_path / "other.jsonl", header)  # a new log of its own: not created until it scores
-    second.append({"key": "b", "options": {"lam": 1.0}, "score": 0.4})
+    second.append({"key": key, "options": {"lam": 1.0}, "score": 0.4, "seconds": 0.1})
     first.close()
     resumed = ResultsLog(tmp_path / "log.jsonl", header)
-    assert [r["key"] for r in resumed] == ["a"]
-    assert (tmp_path / "log.jsonl").read_text().count('"key": "a"') == 1
+    assert [r["key"] for r in resumed] == [key]
+    assert (tmp_path / "log.jsonl").read_text().count('"score": 0.5') == 1
     resumed.close()
     second.close()
 
