@@ -427,6 +427,9 @@ def test_data_keys_no_evaluator_reads_are_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_unread_keys([(1, {"text": "t", "label": 0})], "ok.jsonl", ("text", "text_pair", "label"), "x")
+    many = [(n, {"text": "t", f"note_{n}": 1}) for n in range(1, 201)]  # hp53 c39: 192 more were said 43 more
+    with pytest.warns(MergeWarning, match=r"and 192 more key\(s\)"):
+        warn_unread_keys(many, "m.jsonl", ("text", "label"), "x")
 
 
 def test_a_resume_with_a_smaller_budget_says_a_better_logged_candidate_is_left_out(tmp_path):

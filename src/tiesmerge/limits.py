@@ -222,8 +222,6 @@ def warn_unread_keys(rows: Sequence[tuple[int, dict]], path: str | os.PathLike, 
         for key in row:
             if key not in read and key not in unread:
                 unread[key] = number
-        if len(unread) > 50:  # enough to say
-            break
     if not unread:
         return
     said = []
