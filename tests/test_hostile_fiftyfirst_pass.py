@@ -460,8 +460,7 @@ def test_a_mixed_dtype_base_is_folded_in_the_dtype_transformers_loads_it_in(tmp_
 
     from safetensors.torch import load_file, save_file
 
-    from helpers_ckpt import load_dir
-    from tiesmerge.cli.main import main
+    from helpers_adapters import merged_as_model_plus_lora
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
@@ -485,12 +484,7 @@ def test_a_mixed_dtype_base_is_folded_in_the_dtype_transformers_loads_it_in(tmp_
     loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=None)  # as mergekit does
     assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     reference = peft.PeftModel.from_pretrained(loaded, tmp_path / "lora").merge_and_unload().state_dict()
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
-                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
-                      "dtype: float32\n")
-    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
-    ours = load_dir(tmp_path / "out")
+    ours = merged_as_model_plus_lora(tmp_path)
     for name in (q, "model.layers.0.self_attn.v_proj.weight"):
         stored = weights[name].float()  # mergekit's task arithmetic at weight 1: base + (folded - base), in float32
         assert torch.equal(ours[name], stored + (reference[name].float() - stored)), name

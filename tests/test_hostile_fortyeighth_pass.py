@@ -223,17 +223,11 @@ def test_a_mergekit_model_plus_lora_entry_is_folded_as_mergekit_folds_it(tmp_pat
     import torch
 
     import tiesmerge
-    from helpers_ckpt import load_dir
-    from tiesmerge.cli.main import main
+    from helpers_adapters import merged_as_model_plus_lora
 
     dtype = getattr(torch, dtype_name)
     reference, targets = _peft_folded_reference(tmp_path, dtype, kind)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
-                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
-                      "dtype: float32\n")
-    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
-    ours = load_dir(tmp_path / "out")
+    ours = merged_as_model_plus_lora(tmp_path)
     adapted = [n for n in reference if any(t in n for t in targets) and n in ours]
     assert adapted
     for name in adapted:
