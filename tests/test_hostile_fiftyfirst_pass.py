@@ -688,3 +688,17 @@ def test_adapt_names_row_keys_its_forward_reads_nothing_from(kind, row, unread):
 
     with pytest.warns(MergeWarning, match=rf"--forward {kind} reads .* and nothing from '{unread}' \(task 't' first\)"):
         _warn_unread_by_forward(kind, {"t": [row]})
+
+
+def test_a_stop_between_the_temporary_output_and_its_cleanup_leaves_nothing(tmp_path, monkeypatch):
+    """hp53 c40: a SIGTERM landing after the output's temporary folder was made and before the block that removes it
+    (the free-space check) left `.tiesmerge-tmp-*` behind, while the message said nothing was left."""
+    from tiesmerge.io import writer
+
+    def stopped(path):
+        raise KeyboardInterrupt  # as the stop signal's handler raises it there
+
+    monkeypatch.setattr(writer.shutil, "disk_usage", stopped)
+    with pytest.raises(KeyboardInterrupt), writer.atomic_directory(tmp_path / "made" / "out"):
+        pass
+    assert list(tmp_path.iterdir()) == []  # neither the temporary nor the parent folder it made

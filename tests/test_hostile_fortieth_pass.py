@@ -510,8 +510,8 @@ def test_a_search_resumed_with_an_evaluator_built_otherwise_is_refused(tmp_path,
     grid, log = {"density": (0.2, 0.5), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
     run_search(base, models, "ties", evaluator(1.0), grid=grid, log=log)
     if kind == "object":  # not digested, so warned; and the first logged candidate, scored again, differs
-        with pytest.warns(MergeWarning, match="2 logged scores of an evaluator whose scores depend on the "
-                                              "attributes of a .* object.*needs a log of its own"), \
+        with pytest.warns(MergeWarning, match="2 logged scores of an evaluator whose scores may depend on a "
+                                              ".* object it holds.*needs a log of its own"), \
                 pytest.raises(ConfigError, match="scores .* now where the log records"):
             run_search(base, models, "ties", evaluator(-1.0), grid=grid, log=log)
         return
@@ -795,8 +795,8 @@ def test_a_bound_methods_resume_is_said_as_an_objects_is(tmp_path):
     base, models = make_family(2)
     grid, log = {"density": (0.2,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
     run_search(base, models, "ties", _SignedScore(1.0).__call__, grid=grid, log=log)
-    with pytest.warns(MergeWarning, match="logged scores of an evaluator whose scores depend on the attributes "
-                                          "of a _SignedScore object"), \
+    with pytest.warns(MergeWarning, match="logged scores of an evaluator whose scores may depend on a "
+                                          "_SignedScore object it holds"), \
             pytest.raises(ConfigError, match="now where the log records"):
         run_search(base, models, "ties", _SignedScore(-1.0).__call__, grid=grid, log=log)
 

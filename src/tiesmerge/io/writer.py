@@ -329,21 +329,25 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
     _check_output_path(final, force, marker)
     # parent folders this call creates are removed again on failure, like the output itself
     created = [p for p in final.parents if not p.exists()]  # innermost first
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale(final.parent)
-        tmp = _sibling(final.parent, "tmp")
-        as_if_created(tmp, directory=True)  # mkdtemp's 0700 would outlive the rename into place
-    except OSError as exc:
+    tmp: Path | None = None
+    try:  # every step from the temporary's creation on removes it when interrupted (hp53 c40: a SIGTERM here left
+        try:  # .tiesmerge-tmp-* while the message said nothing was left)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(final.parent)
+            tmp = _sibling(final.parent, "tmp")
+            as_if_created(tmp, directory=True)  # mkdtemp's 0700 would outlive the rename into place
+        except OSError as exc:
+            raise OutputError(f"{final}: cannot create the output directory ({exc.strerror or exc})",
+                              hint="choose a location you can write to") from None
+        free = shutil.disk_usage(tmp).free
+        if needed_bytes > free:
+            raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} but only {format_size(free)} "
+                              "is free there", hint="free some space or write elsewhere")
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
-        raise OutputError(f"{final}: cannot create the output directory ({exc.strerror or exc})",
-                          hint="choose a location you can write to") from None
-    free = shutil.disk_usage(tmp).free
-    if needed_bytes > free:
-        shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(created)
-        raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} but only {format_size(free)} "
-                          "is free there", hint="free some space or write elsewhere")
+        raise
     try:
         try:
             yield tmp

@@ -192,10 +192,11 @@ def _warn_object_evaluator(evaluate: Any, results: Any) -> None:
     if not objects:
         return
     warnings.warn(MergeWarning(f"{results.path}: resuming with {len(results.records):,} logged scores of an evaluator "
-                               f"whose scores depend on the attributes of a {', '.join(objects)} object: tiesmerge "
-                               "checks its code, not its attributes, and scores the first and the best logged "
-                               "candidates again, so an evaluator built otherwise (another sign, other data) that "
-                               "agrees on those two still needs a log of its own"), stacklevel=3)
+                               f"whose scores may depend on a {', '.join(objects)} object it holds: tiesmerge "
+                               "compares its code, not that object's attributes or contents (which may be a cache it "
+                               "fills), and scores the first and the best logged candidates again, so an evaluator "
+                               "built otherwise (another sign, other data) that agrees on those two still needs a log "
+                               "of its own"), stacklevel=3)
 
 
 def _content_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
@@ -512,7 +513,7 @@ def _warn_better_left_out(results: ResultsLog | None, asked: set[str], best: Tri
                 top = r
         warnings.warn(MergeWarning(
             f"{results.path}: the log holds {len(left):,} scored candidate(s) this search did not ask for (a "
-            f"smaller --budget, or another strategy or seed), {len(better_ones):,} of them better than its best: "
+            f"smaller --budget than the run that logged them), {len(better_ones):,} of them better than its best: "
             f"candidate {top.get('index')} ({json.dumps(top['options'], sort_keys=True)[:200]}) scored "
             f"{format_score(float(top['score']))} where this search's best is {format_score(best.score)}; "
             "run with the budget that logged it to have it"), stacklevel=4)
