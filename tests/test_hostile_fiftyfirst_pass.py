@@ -415,7 +415,7 @@ def test_data_keys_no_evaluator_reads_are_named(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"text": f"a {i}", "text_b": f"b {i}", "label": i % 2, "idx": i})
                               for i in range(3)) + "\n")
-    with pytest.warns(MergeWarning, match=r"pairs.jsonl: tiesmerge reads 'text', 'text_pair', 'label', 'choices' "
+    with pytest.warns(MergeWarning, match=r"pairs.jsonl: tiesmerge stats reads 'text', 'text_pair', 'label', 'choices' "
                                           r"from each line, and nothing from 'text_b' \(line 1; did you mean "
                                           r"'text_pair'\?\), 'idx' \(line 1\)"):
         read_jsonl(data)
@@ -702,3 +702,17 @@ def test_a_stop_between_the_temporary_output_and_its_cleanup_leaves_nothing(tmp_
     with pytest.raises(KeyboardInterrupt), writer.atomic_directory(tmp_path / "made" / "out"):
         pass
     assert list(tmp_path.iterdir()) == []  # neither the temporary nor the parent folder it made
+
+
+def test_adapt_with_a_forward_of_the_users_own_names_no_row_key_as_unread(tmp_path):
+    """A forward of the user's own may read any key of a row (the data reader's list is the built-in forwards'): the
+    unread-key warning (hp52 c41) is adapt's per built-in forward only."""
+    import warnings
+
+    from tiesmerge.adamerging.run import read_task_data
+
+    data = tmp_path / "task0.jsonl"
+    data.write_text('{"text": "a", "x": 1}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_task_data([data])["task0"] == [{"text": "a", "x": 1}]

@@ -123,7 +123,7 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
         if name in out:
             raise ConfigError(f"two tasks are named {name!r}", hint="name the tasks (--task-names / tasks=)")
         if is_path:
-            rows = read_jsonl(item, limit=limit, empty_texts=True)  # an empty file: ConfigError naming it
+            rows = read_jsonl(item, limit=limit, empty_texts=True, unread_said=False)  # an empty file: named
         elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
             rows = as_rows(list(item)[:limit] if limit is not None else list(item))
             if not rows:
@@ -513,15 +513,17 @@ def _warn_unread_by_forward(kind: str, task_data: Mapping[str, Sequence[Any]]) -
     unread: dict[str, str] = {}  # key -> the first task holding it
     for task, rows in task_data.items():
         for row in rows:
-            for key in ("text_pair", "choices"):
-                if key not in reads and isinstance(row, Mapping) and key in row:
+            for key in row if isinstance(row, Mapping) else ():
+                if key not in reads:
                     unread.setdefault(key, task)
     if unread:
         others = [f for f, r in _FORWARD_READS.items() if f != kind and any(k in r for k in unread)]
         warnings.warn(MergeWarning(
             f"--forward {kind} reads {', '.join(map(repr, reads))} from each row, and nothing from "
-            + ", ".join(f"{k!r} (task {t!r} first)" for k, t in unread.items())
-            + f": those rows are scored without it (--forward {' or '.join(others)} reads it)"), stacklevel=3)
+            + ", ".join(f"{str(k)[:60]!r} (task {t!r} first)" for k, t in list(unread.items())[:8])
+            + (f" and {len(unread) - 8:,} more key(s)" if len(unread) > 8 else "")
+            + (f" (--forward {' or '.join(others)} reads {'them' if len(unread) > 1 else 'it'})" if others else "")),
+            stacklevel=3)
 
 
 def _warn_cut(forward: Any, task_data: Mapping[str, Sequence[Any]], asked: int) -> dict[str, int]:

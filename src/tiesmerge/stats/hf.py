@@ -42,7 +42,7 @@ _MAX_DATA_BYTES = 4 << 30  # a JSON-lines file of examples, read whole
 
 
 def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels: bool = False,
-               num_labels: int | None = None, empty_texts: bool = False) -> list[dict]:
+               num_labels: int | None = None, empty_texts: bool = False, unread_said: bool = True) -> list[dict]:
     """The examples of a JSON-lines file, checked line by line (``num_labels``: each label must be
     a class of the model, 0 .. num_labels - 1; -1 would silently pick the last class; ``empty_texts``: the caller
     checks empty texts itself, in its own terms)."""
@@ -73,7 +73,8 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None, need_labels
                               hint="map the data's labels to the model's classes (its config's id2label)")
         rows.append(row)
     check_text_pairs(numbered, path)  # after each line's own checks: a bad text_pair is named as such first
-    warn_unread_keys(numbered, path, ("text", "text_pair", "label", "choices"), "tiesmerge")
+    if unread_said:  # adapt says them per forward: a forward of the user's own may read any key
+        warn_unread_keys(numbered, path, ("text", "text_pair", "label", "choices"), "tiesmerge stats")
     return rows
 
 
