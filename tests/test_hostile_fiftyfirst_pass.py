@@ -716,3 +716,23 @@ def test_adapt_with_a_forward_of_the_users_own_names_no_row_key_as_unread(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_task_data([data])["task0"] == [{"text": "a", "x": 1}]
+
+
+def test_an_adapters_weights_file_given_as_a_model_names_its_folder(tmp_path, capsys):
+    """hp54 c12: `--model ADAPTER/adapter_model.safetensors` was read as a full model: "tensor names differ", hinted as
+    another architecture; c02: a folder of a model and an adapter given as --base said "the model"."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=0), alpha=4.0)
+    weights = tmp_path / "lora" / "adapter_model.safetensors"
+    assert main(["merge", "--base", str(tmp_path / "base"), "--model", str(weights), "-o", str(tmp_path / "out"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "is a PEFT adapter's weights file" in err and f"give its folder: {tmp_path / 'lora'}" in err
+    write_lora_dir(write_hf_dir(tmp_path / "both", fts[0]), random_lora(base, 2, seed=0), alpha=4.0)
+    assert main(["merge", "--base", str(tmp_path / "both"), "--model", str(tmp_path / "lora"), "-o",
+                 str(tmp_path / "out"), "--no-progress"]) == 1
+    assert "which of them is the base cannot be told" in capsys.readouterr().err

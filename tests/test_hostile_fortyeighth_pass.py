@@ -655,8 +655,8 @@ def test_encoder_accuracy_on_another_data_file_builds_its_own_heads(tmp_path, be
     encoder = _tiny_encoder(tmp_path, bert_tokenizer)
     rows = [{"task": "t", "text": "the cat sat", "label": 0}, {"task": "t", "text": "a dog ran", "label": 1}]
     for name, classes in (("a.jsonl", ["cat", "dog"]), ("b.jsonl", ["dog", "cat"])):
-        (tmp_path / name).write_text("\n".join(json.dumps({**r, "classes": classes} if i == 0 else r)
-                                               for i, r in enumerate(rows)) + "\n")
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in [{"task": "t", "classes": classes}, *rows])
+                                     + "\n")
     state = as_state(str(encoder))
     first = builtin_evaluator(f"encoder-accuracy:{tmp_path / 'a.jsonl'}", encoder)(state)
     other = builtin_evaluator(f"encoder-accuracy:{tmp_path / 'b.jsonl'}", encoder)(state)

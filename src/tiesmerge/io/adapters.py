@@ -730,7 +730,9 @@ class LoraCheckpoint:
                     f"{dtype} weight {name!r} overflows {dtype}, as mergekit's fold of this MODEL+LORA entry does "
                     "(PEFT adds it in the weight's dtype; mergekit writes Inf there)",
                     hint="give the base in float32 (its weights converted), or merge the adapter as a model of its "
-                         "own with the command line (--base BASE --model ADAPTER), which adds s·B·A in float32")
+                         "own with the command line (--base BASE --model ADAPTER), which adds s·B·A in float32; "
+                         f"and write the output wider than {dtype} too (dtype: float32), which cannot hold the "
+                         "folded values either")  # (hp54 c08: the second remedy still overflowed a float16 output)
             return  # the product is finite: the cause is a tensor saved whole beside it, named by the caller
         raise InvalidTensorError(
             f"{self.path / ADAPTER_WEIGHTS}: the update s·B·A of {target.module!r} (the base's {name!r}) overflows "

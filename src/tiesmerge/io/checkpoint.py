@@ -122,6 +122,10 @@ def open_checkpoint(
     label = label or str(path)
     check_input(path, role)  # loops, dangling links, FIFOs and devices: typed errors, never a hang
     if path.is_file():
+        if path.name == "adapter_model.safetensors" and os.path.lexists(path.parent / ADAPTER_CONFIG):
+            # a PEFT adapter's weights alone read as a model's: "tensor names differ" (hp54 c12)
+            raise CheckpointError(f"{path}: {role} is a PEFT adapter's weights file, which is read with its "
+                                  f"{ADAPTER_CONFIG} (rank, alpha, targets)", hint=f"give its folder: {path.parent}")
         if path.suffix == ".safetensors":
             return SafetensorsCheckpoint(path, [path], {}, label)
         if path.suffix in PICKLE_SUFFIXES:
