@@ -736,3 +736,32 @@ def test_an_adapters_weights_file_given_as_a_model_names_its_folder(tmp_path, ca
     assert main(["merge", "--base", str(tmp_path / "both"), "--model", str(tmp_path / "lora"), "-o",
                  str(tmp_path / "out"), "--no-progress"]) == 1
     assert "which of them is the base cannot be told" in capsys.readouterr().err
+
+
+def test_json_nested_past_pythons_limit_is_a_typed_error_everywhere_it_is_read(tmp_path):
+    """hp54 c01, c09, c10, c11: a search log's header or a record's key nested 100,000 deep, an adapt checkpoint's
+    fingerprint, and a text file opening with 3,000 '[' for lm-perplexity were "an unexpected RecursionError ... a
+    bug in tiesmerge"."""
+    import json
+
+    from tiesmerge.adamerging.learn import _differing_parts
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import LMPerplexity
+    from tiesmerge.tuning.results_log import FORMAT, ResultsLog
+
+    deep = "[" * 100000 + "]" * 100000
+    log = tmp_path / "log.jsonl"
+    log.write_text(f'{{"format": "{FORMAT}", "x": {deep}}}\n')
+    with pytest.raises(ConfigError, match=r"log.jsonl:1: the search log is corrupt \(its header is damaged"):
+        ResultsLog(log, {"method": "ties"})
+    good = ResultsLog(tmp_path / "good.jsonl", {"method": "ties"})
+    good.append({"key": "{}", "options": {}, "score": 1.0, "seconds": 1.0})
+    good.close()
+    header = (tmp_path / "good.jsonl").read_text().splitlines()[0]
+    log.write_text(header + "\n" + json.dumps({"key": deep, "options": {}, "score": 1.0, "seconds": 1.0}) + "\n")
+    with pytest.raises(ConfigError, match=r"log.jsonl:2: the search log is corrupt \(its key .* is not a candidate"):
+        ResultsLog(log, {"method": "ties"})
+    assert _differing_parts(deep, "{}") == []
+    scorer = LMPerplexity.__new__(LMPerplexity)
+    scorer.data, scorer.text = tmp_path / "t.txt", "[" * 3000 + "\nplain text\n"
+    scorer._warn_json_lines()  # text that merely opens with brackets: scored as text, no word

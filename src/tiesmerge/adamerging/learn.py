@@ -274,7 +274,8 @@ def _differing_parts(saved: str, expected: str) -> list[str]:
     """What differs between two fingerprints of parts (run._fingerprint's JSON), in words; nothing for a digest."""
     try:
         there, now = json.loads(saved), json.loads(expected)
-    except ValueError:  # a checkpoint written before the parts were kept: a bare digest
+    except (ValueError, RecursionError):  # a bare digest (a checkpoint written before the parts were kept), or a
+        # fingerprint nested past Python's limit (hp54 c09)
         return []
     if not (isinstance(there, dict) and isinstance(now, dict)):
         return []
@@ -367,7 +368,7 @@ def load_checkpoint(path: Path) -> dict:
         groups = json.loads(meta["adam_param_groups"])
         # on the CPU: lam.copy_ and Adam's load_state_dict move each to where it belongs (step stays)
         moments = {k: tensors[f"adam.{k}"] for k in _ADAM_TENSORS if f"adam.{k}" in tensors}
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:  # safetensors: SafetensorError
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as exc:
         raise foreign(f"its fields are missing or damaged: {type(exc).__name__}: {str(exc)[:160]}") from None
     except Exception as exc:  # safetensors' own error type for a malformed header or body
         raise foreign(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}") \

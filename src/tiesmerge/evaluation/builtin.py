@@ -361,7 +361,7 @@ class LMPerplexity(_Scorer):
         lines = [line for line in head.splitlines()[:20] if line.strip()]
         try:
             rows = [json.loads(line) for line in lines]
-        except ValueError:
+        except (ValueError, RecursionError):  # text, or brackets past Python's nesting limit (hp54 c11)
             return
         if rows and all(isinstance(r, dict) for r in rows):
             warnings.warn(MergeWarning(

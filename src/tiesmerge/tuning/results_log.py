@@ -126,7 +126,7 @@ class ResultsLog:
             return
         try:
             found = json.loads(lines[0])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # nested past Python's limit: damaged too (hp54 c01)
             found = None
         if (not isinstance(found, dict) or found.get("format") != FORMAT) and FORMAT in lines[0][:200]:
             raise self._corrupt(1, f"its header is damaged: {lines[0][:80]!r}")  # ours, cut or edited
@@ -175,7 +175,7 @@ class ResultsLog:
         rewritten by a tool (hp50 k01: jq wrote lam 2.0 as 2), so they are compared by value."""
         try:
             options = json.loads(record["key"])
-        except ValueError:
+        except (ValueError, RecursionError):  # (hp54 c10: a key nested 50,000 deep)
             options = None
         if not isinstance(options, dict) or json.dumps(options, sort_keys=True) != record["key"]:
             raise self._corrupt(line, f"its key {record['key'][:80]!r} is not a candidate's options as the search "
