@@ -720,7 +720,7 @@ def test_adapt_with_a_forward_of_the_users_own_names_no_row_key_as_unread(tmp_pa
 
 def test_an_adapters_weights_file_given_as_a_model_names_its_folder(tmp_path, capsys):
     """hp54 c12: `--model ADAPTER/adapter_model.safetensors` was read as a full model: "tensor names differ", hinted as
-    another architecture; c02: a folder of a model and an adapter given as --base said "the model"."""
+    another architecture; c02: a folder of a model and an adapter given as --base was said to be "the model"."""
     from helpers_adapters import random_lora, write_lora_dir
     from tiesmerge.cli.main import main
 
@@ -735,7 +735,7 @@ def test_an_adapters_weights_file_given_as_a_model_names_its_folder(tmp_path, ca
     write_lora_dir(write_hf_dir(tmp_path / "both", fts[0]), random_lora(base, 2, seed=0), alpha=4.0)
     assert main(["merge", "--base", str(tmp_path / "both"), "--model", str(tmp_path / "lora"), "-o",
                  str(tmp_path / "out"), "--no-progress"]) == 1
-    assert "which of them is the base cannot be told" in capsys.readouterr().err
+    assert "which of them is meant cannot be told" in capsys.readouterr().err
 
 
 def test_json_nested_past_pythons_limit_is_a_typed_error_everywhere_it_is_read(tmp_path):

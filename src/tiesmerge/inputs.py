@@ -218,7 +218,7 @@ def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str, role: s
 def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle: bool
                 ) -> tuple[Checkpoint, list[Checkpoint]]:
     """The base and the models, opened (and closed by ``stack``)."""
-    base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"), role="the base")
+    base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"))
     if yields_task_vector(base_ckpt):  # an adapter holds changes to a model, not the model itself
         kind = getattr(base_ckpt, "adapter_kind", None) or "adapter"
         raise ConfigError(f"{base_ckpt.label}: the base is a PEFT {kind} adapter, not a model",

@@ -501,7 +501,7 @@ def _demo_record(marker: Path) -> dict:
 
     try:
         data = json.loads(read_regular(marker, "the demo's marker", max_bytes=16 << 20))
-    except (TiesMergeError, ValueError):
+    except (TiesMergeError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) and isinstance(data.get("written"), dict) else {}
 
@@ -824,8 +824,11 @@ def _markers(directory: Path) -> Iterator[dict]:
 
     for name in OUTPUT_MARKERS:
         if _is_marker(directory / name):
-            yield json.loads(read_regular(directory / name, "the output marker", max_bytes=_MARKER_MAX_BYTES,
-                                          error=OutputError))
+            try:  # a marker damaged past reading (nested past Python's limit) lists nothing
+                yield json.loads(read_regular(directory / name, "the output marker", max_bytes=_MARKER_MAX_BYTES,
+                                              error=OutputError))
+            except (ValueError, RecursionError):
+                yield {}
 
 
 def unlisted_files(directory: Path) -> list[str] | None:

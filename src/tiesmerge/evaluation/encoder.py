@@ -167,7 +167,7 @@ def _is_bert(directory: Path) -> bool:
 
     try:
         return json.loads((directory / "config.json").read_text()).get("model_type") == "bert"
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, AttributeError):
         return False
 
 

@@ -141,7 +141,7 @@ def open_checkpoint(
         if full:
             raise CheckpointError(
                 f"{path}: holds both a full model ({full[0]}) and a PEFT adapter ({ADAPTER_CONFIG}): which of them "
-                f"is {role} cannot be told (mergekit and transformers read the full model, a PEFT loader the adapter)",
+                "is meant cannot be told (mergekit and transformers read the full model, a PEFT loader the adapter)",
                 hint="move the adapter's files (adapter_config.json, adapter_model.safetensors) into a folder of "
                      "their own, and give the folder of the one you mean")
         return open_adapter(path, label)
