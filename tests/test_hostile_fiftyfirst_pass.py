@@ -765,3 +765,37 @@ def test_json_nested_past_pythons_limit_is_a_typed_error_everywhere_it_is_read(t
     scorer = LMPerplexity.__new__(LMPerplexity)
     scorer.data, scorer.text = tmp_path / "t.txt", "[" * 3000 + "\nplain text\n"
     scorer._warn_json_lines()  # text that merely opens with brackets: scored as text, no word
+
+
+def test_a_merged_adapter_is_checked_for_its_own_size_and_its_write_errors_are_typed(tmp_path, monkeypatch):
+    """hp54 c25: a merged adapter's free-space check asked for the full model's size (a 1 MiB adapter refused for
+    5.6 MiB); c24: past a file-size limit its weights file was "an unexpected SafetensorError ... a bug"."""
+    import collections
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.errors import OutputError
+    from tiesmerge.io import adapter_writer, writer
+
+    shapes = {"model.layers.0.self_attn.q_proj.weight": (256, 256), "model.layers.0.mlp.up_proj.weight": (512, 256),
+              "model.norm.weight": (256,)}
+    base, _ = make_family(1, shapes=shapes, with_int=False)
+    write_hf_dir(tmp_path / "base", base)
+    loras = [write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, seed=k, modules=[
+        "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]), alpha=4.0) for k in range(2)]
+    adapter = tiesmerge.plan_merge(tmp_path / "base", loras, "task_arithmetic", output_format="adapter")
+    full = tiesmerge.plan_merge(tmp_path / "base", loras, "task_arithmetic")
+    assert adapter.output_bytes * 10 < full.output_bytes
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(1 << 40, 0, adapter.output_bytes + 4096))
+    tiesmerge.merge(tmp_path / "base", loras, "task_arithmetic", output_format="adapter", output=tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+    def full_disk(tensors, path, metadata=None):
+        raise Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                        'left on device" }) (os error 28)')  # as safetensors words it
+
+    monkeypatch.setattr(adapter_writer, "save_file", full_disk)
+    with pytest.raises(OutputError, match=r"b/adapter_model.safetensors: cannot write it: .*No space left"):
+        tiesmerge.merge(tmp_path / "base", loras, "task_arithmetic", output_format="adapter", output=tmp_path / "b")
+    assert not (tmp_path / "b").exists()

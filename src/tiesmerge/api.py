@@ -453,7 +453,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                    "reference": hash_files(prepared.reference.files(), pool) if prepared.reference else None}
         groups = [[OutputEntry(n, j.shape, j.output_dtype(executor.out_dtype)) for n in (j.name, *j.aliases)]
                   for j in executor.alignment.outputs()]
-        needed = executor.plan.output_bytes + sum(os.stat(f).st_size for f in extra)
+        # an adapter's own size (its factors at the rank), not the full model's (hp54 c25: a 1 MiB adapter refused
+        # for the 5.6 MiB model it is not)
+        needed = adapter_merge.adapter_size(prepared.base, prepared.models, rank, requested_dtype(dtype))[0] \
+            if output_format == "adapter" else executor.plan.output_bytes + sum(os.stat(f).st_size for f in extra)
         merged_names = [n for j in executor.alignment.outputs() if j.merge for n in (j.name, *j.aliases)]
         with atomic_directory(output, force=force, needed_bytes=needed) as tmp:
             adapter_part = None

@@ -10,6 +10,7 @@ matrices have fewer than r singular values get zero-padded factors, so one r fit
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -194,7 +195,7 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
                                                                  sink.targets[n].embedding for n in sink.factors)})
     for key, value in tensors.items():  # the output dtype may overflow where float32 did not
         check_finite(key, value, as_dtype(dtype).code or "")
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    _save(tensors, directory / ADAPTER_WEIGHTS)
     as_if_created(directory / ADAPTER_WEIGHTS)  # safetensors writes 0600: the umask's mode, as the other files
     _atomic_json(directory / ADAPTER_CONFIG, config)
     return {"kind": "lora", "rank": sink.rank, "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS],
@@ -224,6 +225,23 @@ def _warn_truncation(errors: dict[str, float], sink: Any, summed: int = 0) -> No
         stacklevel=3)
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``save_file``, its OS errors (a full disk, a file-size limit: hp54 c24, "an unexpected SafetensorError") said
+    as every output's are, naming the file."""
+    import re
+
+    from ..paths import write_error
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as exc:  # safetensors' own error type wraps the OS's: "... (os error 27)"
+        found = re.search(r"os error (\d+)", str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise write_error(path, OSError(code, os.strerror(code), str(path))) from None
+
+
 def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, torch.Tensor],
                       modules: dict[str, str], dtype: DType | torch.dtype, base_label: str | None = None) -> dict:
     """The merged (IA)³ vectors l_m (names: base weights) under PEFT's keys; returns the manifest part."""
@@ -236,7 +254,7 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
                    "inference_mode": True})
     for key, value in tensors.items():
         check_finite(key, value, as_dtype(dtype).code or "")
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    _save(tensors, directory / ADAPTER_WEIGHTS)
     as_if_created(directory / ADAPTER_WEIGHTS)  # safetensors writes 0600: the umask's mode, as the other files
     _atomic_json(directory / ADAPTER_CONFIG, config)
     return {"kind": "ia3", "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS], "vectors": len(tensors)}
