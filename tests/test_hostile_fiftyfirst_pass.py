@@ -799,3 +799,26 @@ def test_a_merged_adapter_is_checked_for_its_own_size_and_its_write_errors_are_t
     with pytest.raises(OutputError, match=r"b/adapter_model.safetensors: cannot write it: .*No space left"):
         tiesmerge.merge(tmp_path / "base", loras, "task_arithmetic", output_format="adapter", output=tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+def test_recipe_hints_speak_in_recipe_terms(tmp_path, capsys):
+    """hp54 c46: an adapter as a mergekit recipe's base_model was hinted "--base takes the full model ... pass adapters
+    with --model", flags refused over a recipe; c56: --vocab-policy over a mergekit recipe did not name
+    tokenizer_source, the recipe's way to say it."""
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    write_hf_dir(tmp_path / "ft", fts[0])
+    write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=0), alpha=4.0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                      f"  - {{model: {tmp_path / 'ft'}, parameters: {{weight: 1.0}}}}\ndtype: float32\n")
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--vocab-policy", "truncate"]) == 2
+    assert "tokenizer_source (base, union or a model) is its vocabulary policy" in capsys.readouterr().err
+    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'lora'}\nmodels:\n"
+                      f"  - {{model: {tmp_path / 'ft'}, parameters: {{weight: 1.0}}}}\ndtype: float32\n")
+    main(["merge", str(recipe), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "PEFT" in err and "--base takes" not in err

@@ -222,8 +222,9 @@ def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle
     if yields_task_vector(base_ckpt):  # an adapter holds changes to a model, not the model itself
         kind = getattr(base_ckpt, "adapter_kind", None) or "adapter"
         raise ConfigError(f"{base_ckpt.label}: the base is a PEFT {kind} adapter, not a model",
-                          hint="--base takes the full model the adapters were trained on (base_model_name_or_path); "
-                               "pass adapters with --model")
+                          hint="the base is the full model the adapters were trained on (base_model_name_or_path in "
+                               "their adapter_config.json); give adapters as models (--model, models: in a recipe, "
+                               "BASE+ADAPTER in a mergekit recipe)")  # (hp54 c46: --base is refused over a recipe)
     return base_ckpt, [_open(stack, m, allow_pickle, _label(m, f"models[{k}] state dict"))
                        for k, m in enumerate(models)]
 

@@ -365,8 +365,10 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
                               + (", which make the first listed model the engine's base (with its own weight), so "
                                  "--base-weight would set that model's weight, not base_model's"
                                  if "--base-weight" in method_flags else ""),
-                              hint="change merge_method or the parameters in the recipe (base_model's weight is its "
-                                   "parameters.weight), or give the whole merge as flags, without it")
+                              hint=("say it in the recipe: tokenizer_source (base, union or a model) is its "
+                                    "vocabulary policy; " if "--vocab-policy" in method_flags else "")
+                              + "change merge_method or the parameters in the recipe (base_model's weight is its "
+                                "parameters.weight), or give the whole merge as flags, without it")
     if args.models and args.recipe:
         flags.append("--model")
     if args.stats:
