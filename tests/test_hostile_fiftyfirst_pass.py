@@ -822,3 +822,74 @@ def test_recipe_hints_speak_in_recipe_terms(tmp_path, capsys):
     main(["merge", str(recipe), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "PEFT" in err and "--base takes" not in err
+
+
+def test_a_dead_searchs_staged_report_file_is_removed_by_the_next_run(tmp_path):
+    """hp54 c50: a search killed while writing results.md left `.tiesmerge-file-<host>-<pid>-*` in its --dir, and no
+    later search removed it: --dir is among the paths kept out of the caches, and everything in it counted as in use."""
+    from tiesmerge.io.card import digest_cache_kept_out_of
+    from tiesmerge.io.writer import remove_stale
+    from tiesmerge.scratch import host_tag
+
+    stale = tmp_path / f".tiesmerge-file-{host_tag()}-999999-k3j_x9ab"  # pid 999999: no such process
+    stale.write_text("half a results.md")
+    with digest_cache_kept_out_of([tmp_path]):  # as a search holds its --dir
+        assert remove_stale(tmp_path) == [stale.name]
+    assert not stale.exists()
+
+
+def test_an_edited_adapt_checkpoint_is_refused_as_such_not_as_a_bug():
+    """hp54 c24-c27: an adapt checkpoint whose fingerprint's data was [1, 2], or whose step, entropy or Adam settings
+    held a 401-digit integer, was "an unexpected TypeError/OverflowError ... a bug in tiesmerge" on resume."""
+    import json
+
+    from tiesmerge.adamerging.learn import _differing_parts, _finite
+
+    there = json.dumps({"format": "f", "data": [1, 2]})
+    now = json.dumps({"format": "f", "data": [["task0", "abc"]]})
+    assert _differing_parts(there, now) == ["its fingerprint is not one tiesmerge writes (edited or damaged)"]
+    assert not _finite(10 ** 400) and _finite(3) and not _finite(float("nan"))
+
+
+def test_integer_grid_values_are_read_as_written():
+    """hp54 c30, c29: --grid seed=9007199254740993,9007199254740992 was read through float: one candidate, the first
+    seed never tried; a seed too large was shown float-rounded."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.search import parse_grid
+
+    assert parse_grid("dare_ties", ["seed=9007199254740993,9007199254740992"])["seed"] == (9007199254740993,
+                                                                                           9007199254740992)
+    with pytest.raises(ConfigError, match=r"got 12345678901234567890123$|got 12345678901234567890123\b"):
+        parse_grid("dare_ties", ["seed=12345678901234567890123,1"])
+
+
+def test_a_budget_of_zero_for_cmaes_is_hinted_with_a_budget():
+    """hp54 c42: cmaes with --budget 0 was hinted "leave --budget out for the whole grid", which cmaes refuses."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import build_space
+    from tiesmerge.tuning.strategies import make_strategy
+
+    space = build_space("ties", 2, axes=("lam",))
+    with pytest.raises(ConfigError) as caught:
+        make_strategy("cmaes", space, budget=0)
+    assert "give the cmaes strategy a budget" in caught.value.hint
+
+
+def test_the_best_merge_may_go_in_a_folder_inside_the_search_dir(tmp_path):
+    """hp54 c07: `search --dir d -o d/best` was refused as "the best merge would replace the search's log"."""
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(2)
+    write_hf_dir(tmp_path / "base", base)
+    models = [str(write_hf_dir(tmp_path / f"ft{k}", ft)) for k, ft in enumerate(fts)]
+    (tmp_path / "ev_best.py").write_text("def score(state):\n    return float(sum(t.double().sum() for t in "
+                                         "state.values()))\n")
+    import sys
+    sys.path.insert(0, str(tmp_path))
+    try:
+        assert main(["search", "--base", str(tmp_path / "base"), "--model", models[0], "--model", models[1],
+                     "--evaluator", "ev_best:score", "--grid", "density=0.2", "--grid", "lam=1", "--dir",
+                     str(tmp_path / "d"), "-o", str(tmp_path / "d" / "best")]) == 0
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert (tmp_path / "d" / "best" / "tiesmerge.json").is_file() and (tmp_path / "d" / "log.jsonl").is_file()

@@ -281,6 +281,13 @@ def _differing_parts(saved: str, expected: str) -> list[str]:
         return []
     if there.get("format") != now.get("format"):
         return ["it was written by another version of tiesmerge, which fingerprinted its run otherwise"]
+    try:
+        return _parts_apart(there, now)
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError):  # parts of other shapes (hp54 c24)
+        return ["its fingerprint is not one tiesmerge writes (edited or damaged)"]
+
+
+def _parts_apart(there: dict, now: dict) -> list[str]:
     out = []
     old_inputs, new_inputs = there.get("inputs"), now.get("inputs")  # [[name, stamp of its files], ...], base first
     if old_inputs != new_inputs:
@@ -362,7 +369,10 @@ def load_checkpoint(path: Path) -> dict:
         raise foreign("its fields are missing: no tiesmerge adapt metadata")
     try:
         tensors = load_tensors(raw)
-        state = {"fingerprint": meta["fingerprint"], "step": int(meta["step"]),
+        step = int(meta["step"])
+        if not 0 <= step < 1 << 53:  # a step count past any run (hp54 c25: 10**400 overflowed later, "a bug")
+            raise ValueError(f"step {str(meta['step'])[:40]} is no step count")
+        state = {"fingerprint": meta["fingerprint"], "step": step,
                  "entropy": json.loads(meta["entropy"]), "config": json.loads(meta["config"]),
                  "coefficients": tensors["coefficients"]}
         groups = json.loads(meta["adam_param_groups"])
@@ -398,7 +408,7 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
     for group in state["optimizer"]["param_groups"] if isinstance(state["optimizer"]["param_groups"], list) else [None]:
         numbers = [v for k, v in group.items() if k != "params" for v in (v if isinstance(v, (list, tuple)) else [v])
                    if isinstance(v, (int, float)) and not isinstance(v, bool)] if isinstance(group, dict) else None
-        if numbers is None or not all(math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in numbers) \
+        if numbers is None or not all(_finite(x) and abs(x) <= FLOAT32_MAX for x in numbers) \
                 or not (isinstance(group.get("lr"), (int, float)) and group["lr"] > 0):
             raise damaged("the optimizer's settings (adam_param_groups) are not finite numbers with a positive lr")
     step = state["step"]
@@ -421,9 +431,17 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
                       f"{MAX_INIT:g}, Adam moves a coefficient by about lr <= {MAX_LR:g} a step)")
     if not (isinstance(entropy, list) and len(entropy) == step
             and all(isinstance(r, list) and len(r) == n_tasks and all(isinstance(x, (int, float))
-                                                                     and math.isfinite(x) for x in r)
+                                                                     and _finite(x) for x in r)
                     for r in entropy)):
         raise damaged(f"its entropy history is not {step} rows of {n_tasks} finite numbers")
+
+
+def _finite(x: float) -> bool:
+    """A finite number a float can hold: an int of 401 digits is none (hp54 c26, c27: math.isfinite overflowed)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _check_optimizer_settings(saved: Any, current: list[dict], path: Path) -> None:

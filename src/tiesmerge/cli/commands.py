@@ -252,8 +252,16 @@ def cmd_search(args: argparse.Namespace) -> int:
                                "the working folder)") from None
     check_search_dir(args.dir)
     if args.output and nested(args.dir, args.output):
-        raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other; "
-                          "the best merge would replace the search's log", hint="choose separate paths")
+        # a folder inside --dir is fine (hp54 c07: -o DIR/best was refused as replacing the log), unless it is one of
+        # the files the search writes there
+        where = Path(os.path.realpath(args.dir))
+        inside = Path(os.path.realpath(args.output))
+        own = ("log.jsonl", "results.md", "report.html")
+        if inside == where or inside in where.parents or inside.relative_to(where).parts[0] in own or \
+                inside.relative_to(where).parts[0].startswith(".tiesmerge-"):
+            raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same, one holds the other, or "
+                              "the output is a file the search writes there (its log, results.md, report.html)",
+                              hint="choose separate paths, or a folder of its own inside --dir (e.g. DIR/best)")
     evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
     _check_writes(args.output, args.force, module)

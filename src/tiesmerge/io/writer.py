@@ -270,7 +270,10 @@ def _in_use(path: Path) -> bool:
     from .card import _KEPT_OUT
 
     real = Path(os.path.realpath(path))
-    if any(real == root or real in root.parents or root in real.parents for root in _KEPT_OUT):
+    # a dead run's entry directly in a root is not in use: the root is the folder being cleaned, a search's --dir
+    # whose staged report files a killed run left (hp54 c50: never removed); one deeper inside a root is kept
+    if any(real == root or real in root.parents or (root in real.parents and root != real.parent)
+           for root in _KEPT_OUT):
         return True
     prefix = str(real) + (os.sep if real.is_dir() else "")
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,9 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
             if ":" in values:
                 start, stop, step = (parse_float(x) for x in values.split(":"))
                 axis = steps(start, stop, step)
+            elif kind is int:  # integers as written: past 2**53 a float merges two seeds into one (hp54 c30)
+                axis = tuple(int(x) if re.fullmatch(r"\s*[+-]?[0-9]{1,30}\s*", x) else parse_float(x)
+                             for x in values.split(","))
             else:
                 axis = tuple(parse_float(x) for x in values.split(","))
             if kind is int:

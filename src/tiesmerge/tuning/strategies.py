@@ -145,7 +145,8 @@ def make_strategy(name: str, space: SearchSpace, *, budget: int | None, seed: in
     if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
         # hp36 C38: a grid's budget of -1 was a Python slice, the grid less its last point, without a word
         raise ConfigError(f"--budget {budget!r}: the number of candidates to score is a whole number of at least 1",
-                          hint="leave --budget out for the whole grid")
+                          hint="leave --budget out for the whole grid" if name == "grid" else
+                          f"give the {name} strategy a budget of 1 or more candidates (e.g. --budget 40)")
     if name == "grid":
         return GridStrategy(space, budget)
     if budget is None or budget < 1:
