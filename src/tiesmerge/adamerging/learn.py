@@ -370,7 +370,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         tensors = load_tensors(raw)
         step = int(meta["step"])
-        if not 0 <= step < 1 << 53:  # a step count past any run (hp54 c25: 10**400 overflowed later, "a bug")
+        if step >= 1 << 53:  # a step count past any run (hp54 c25: 10**400 overflowed later, "a bug")
             raise ValueError(f"step {str(meta['step'])[:40]} is no step count")
         state = {"fingerprint": meta["fingerprint"], "step": step,
                  "entropy": json.loads(meta["entropy"]), "config": json.loads(meta["config"]),

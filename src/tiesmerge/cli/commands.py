@@ -259,8 +259,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         own = ("log.jsonl", "results.md", "report.html")
         if inside == where or inside in where.parents or inside.relative_to(where).parts[0] in own or \
                 inside.relative_to(where).parts[0].startswith(".tiesmerge-"):
-            raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same, one holds the other, or "
-                              "the output is a file the search writes there (its log, results.md, report.html)",
+            raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other, "
+                              "or the output names a file the search writes there (its log, results.md, report.html)",
                               hint="choose separate paths, or a folder of its own inside --dir (e.g. DIR/best)")
     evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
