@@ -893,3 +893,25 @@ def test_the_best_merge_may_go_in_a_folder_inside_the_search_dir(tmp_path):
     finally:
         sys.path.remove(str(tmp_path))
     assert (tmp_path / "d" / "best" / "tiesmerge.json").is_file() and (tmp_path / "d" / "log.jsonl").is_file()
+
+
+def test_an_integer_range_past_2_53_is_refused():
+    """hp54 c59: --range seed=9007199254740993:9007199254741003 sampled seed 9007199254740992, below the range."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match=r"seed's range .* lies past 2\*\*53, .* --grid seed=v1,v2"):
+        build_space("dare_ties", 2, axes=("seed",), ranges={"seed": (9007199254740993.0, 9007199254741003.0)})
+    build_space("dare_ties", 2, axes=("seed",), ranges={"seed": (0.0, 1000.0)})
+
+
+def test_a_damaged_heads_file_exits_as_a_data_file_does(tmp_path):
+    """hp54 c12: --heads or --choices JSON nested 3,000 deep exited 1 (a damaged model) where the same damage in a data
+    file exits 2 (the user's input)."""
+    from tiesmerge.cli.adapt import _json_mapping
+    from tiesmerge.errors import ConfigError
+
+    heads = tmp_path / "heads.json"
+    heads.write_text("[" * 3000 + "]" * 3000)
+    with pytest.raises(ConfigError, match="nested too deep"):
+        _json_mapping(str(heads), "the heads")
