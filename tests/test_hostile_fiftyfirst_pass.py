@@ -915,3 +915,23 @@ def test_a_damaged_heads_file_exits_as_a_data_file_does(tmp_path):
     heads.write_text("[" * 3000 + "]" * 3000)
     with pytest.raises(ConfigError, match="nested too deep"):
         _json_mapping(str(heads), "the heads")
+
+
+def test_a_dry_run_with_an_output_checks_its_free_space(tmp_path, capsys, monkeypatch):
+    """hp54 c43: `merge --dry-run -o OUT` exited 0 with an output size past the free space, where the real run
+    refused at once."""
+    import collections
+    import shutil
+
+    from tiesmerge.cli.main import main
+
+    base, fts = make_family(2)
+    write_hf_dir(tmp_path / "base", base)
+    models = [str(write_hf_dir(tmp_path / f"ft{k}", ft)) for k, ft in enumerate(fts)]
+    args = ["merge", "--base", str(tmp_path / "base"), "--model", models[0], "--model", models[1], "--dry-run", "-o",
+            str(tmp_path / "out")]
+    assert main(args) == 0
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 10))
+    assert main(args) == 1
+    assert "but only 10 B is free there (a real run would refuse it" in capsys.readouterr().err

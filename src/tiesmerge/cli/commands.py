@@ -506,6 +506,27 @@ def _overflow_said_for(origin: Any):
         raise
 
 
+def _check_free_space(output: str, needed: int) -> None:
+    """The real run's free-space check, for a dry run: the output's size against the space where it would go."""
+    import shutil
+
+    from ..errors import OutputError
+    from ..paths import physical
+    from ..sizes import format_size
+
+    folder = physical(output).parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if needed > free:
+        raise OutputError(f"{output}: the output needs {format_size(needed)} but only {format_size(free)} is free "
+                          "there (a real run would refuse it before the merge)",
+                          hint="free some space or write elsewhere")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..api import describe_plan, merge, plan_merge  # the engine: imported by the commands that merge
     from ..inputs import check_budget
@@ -533,6 +554,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(describe_plan(plan, recipe.method, len(recipe.models)))
         if args.output:
             print(f"output           {shown(args.output)} (not written: dry run)")
+            _check_free_space(args.output, plan.output_bytes)  # as the real run checks it (hp54 c43)
         return 0
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")
