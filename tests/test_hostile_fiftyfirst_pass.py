@@ -731,7 +731,7 @@ def test_an_adapters_weights_file_given_as_a_model_names_its_folder(tmp_path, ca
     assert main(["merge", "--base", str(tmp_path / "base"), "--model", str(weights), "-o", str(tmp_path / "out"),
                  "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert "is a PEFT adapter's weights file" in err and f"give its folder: {tmp_path / 'lora'}" in err
+    assert "is a PEFT adapter's weights file" in err and f"give its folder as a model: {tmp_path / 'lora'}" in err
     write_lora_dir(write_hf_dir(tmp_path / "both", fts[0]), random_lora(base, 2, seed=0), alpha=4.0)
     assert main(["merge", "--base", str(tmp_path / "both"), "--model", str(tmp_path / "lora"), "-o",
                  str(tmp_path / "out"), "--no-progress"]) == 1
@@ -935,3 +935,19 @@ def test_a_dry_run_with_an_output_checks_its_free_space(tmp_path, capsys, monkey
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 0, 10))
     assert main(args) == 1
     assert "but only 10 B is free there (a real run would refuse it" in capsys.readouterr().err
+
+
+def test_an_option_value_nested_past_reprs_depth_is_a_typed_error(tmp_path):
+    """hp55 c17: `tiesmerge.merge(..., "ties:density=" + "[" * 990 + "0.5" + "]" * 990)` was a RecursionError from
+    the message's repr of the value (900 and 998+ deep were typed)."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.methods.base import _shown
+
+    base, fts = make_family(2)
+    with pytest.raises(ConfigError):
+        tiesmerge.merge(base, fts, "ties:density=" + "[" * 990 + "0.5" + "]" * 990)
+    deep = 0.5
+    for _ in range(5000):  # past any stack: the message's repr is bounded, whatever the depth left
+        deep = [deep]
+    assert _shown(deep).startswith("[[[[[[") and len(_shown(deep)) <= 80

@@ -125,7 +125,9 @@ def open_checkpoint(
         if path.name == "adapter_model.safetensors" and os.path.lexists(path.parent / ADAPTER_CONFIG):
             # a PEFT adapter's weights alone read as a model's: "tensor names differ" (hp54 c12)
             raise CheckpointError(f"{path}: {role} is a PEFT adapter's weights file, which is read with its "
-                                  f"{ADAPTER_CONFIG} (rank, alpha, targets)", hint=f"give its folder: {path.parent}")
+                                  f"{ADAPTER_CONFIG} (rank, alpha, targets)",
+                                  hint=f"give its folder as a model: {path.parent} (an adapter is never the base, "
+                                       "which is the full model it was trained on)")  # (hp55 c03: a circular hint)
         if path.suffix == ".safetensors":
             return SafetensorsCheckpoint(path, [path], {}, label)
         if path.suffix in PICKLE_SUFFIXES:

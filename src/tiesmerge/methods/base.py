@@ -527,7 +527,11 @@ def _shown(value: Any) -> str:
         digits = len(str(abs(value))) if abs(value) < 10 ** 4000 else "thousands of"
         text = f"{float(value):.3g}" if abs(value) <= 1.7e308 else f"an integer of {digits} digits"
     else:
-        text = repr(value)
+        import reprlib
+
+        shower = reprlib.Repr()  # depth- and length-bounded: a value nested 990 deep recursed in repr (hp55 c17)
+        shower.maxlevel, shower.maxlist, shower.maxdict, shower.maxstring, shower.maxother = 6, 8, 8, 80, 80
+        text = shower.repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
 
