@@ -951,3 +951,23 @@ def test_an_option_value_nested_past_reprs_depth_is_a_typed_error(tmp_path):
     for _ in range(5000):  # past any stack: the message's repr is bounded, whatever the depth left
         deep = [deep]
     assert _shown(deep).startswith("[[[[[[") and len(_shown(deep)) <= 80
+
+
+def test_an_output_that_is_the_search_dir_through_a_bind_mount_is_refused_first(tmp_path):
+    """hp55 c21: `search --dir src/d -o mnt/d` (mnt a bind mount of src) ran the whole search, then refused the output
+    as a folder tiesmerge did not write. Refused before the search (needs root for the mount; skipped otherwise)."""
+    import subprocess
+
+    from tiesmerge.cli.commands import _through_a_mount
+
+    (tmp_path / "src" / "d").mkdir(parents=True)
+    (tmp_path / "mnt").mkdir()
+    if subprocess.run(["mount", "--bind", str(tmp_path / "src"), str(tmp_path / "mnt")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("no bind mount here (needs root)")
+    try:
+        assert _through_a_mount(str(tmp_path / "src" / "d"), str(tmp_path / "mnt" / "d"))
+        assert _through_a_mount(str(tmp_path / "src" / "d"), str(tmp_path / "mnt"))
+        assert not _through_a_mount(str(tmp_path / "src" / "d"), str(tmp_path / "mnt" / "d" / "best"))
+    finally:
+        subprocess.run(["umount", str(tmp_path / "mnt")], capture_output=True)

@@ -251,6 +251,10 @@ def cmd_search(args: argparse.Namespace) -> int:
                           hint="pass --dir with a folder outside the inputs (the default is ./tiesmerge-search in "
                                "the working folder)") from None
     check_search_dir(args.dir)
+    if args.output and _through_a_mount(args.dir, args.output):  # the same folder by another path (hp55 c21: the
+        raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same folder or one holds the "
+                          "other, reached through another mount of it; the best merge would replace the search's "
+                          "log", hint="choose separate paths")  # whole search ran, then the output was refused)
     if args.output and nested(args.dir, args.output):
         # a folder inside --dir is fine (hp54 c07: -o DIR/best was refused as replacing the log), unless it is one of
         # the files the search writes there
@@ -504,6 +508,17 @@ def _overflow_said_for(origin: Any):
             else:
                 exc.hint = exc.wider_dtype_hint("set the recipe's out_dtype (or dtype) to bfloat16 or float32")
         raise
+
+
+def _through_a_mount(folder: str, output: str) -> bool:
+    """Whether an existing ``output`` is ``folder`` or holds it, by device and inode (a bind mount), where the paths
+    differ."""
+    from ..paths import identities, identity, physical
+
+    theirs = identity(output)
+    if theirs is None or nested(folder, output):
+        return False
+    return theirs in identities(physical(folder))  # --dir, or a folder above it, is the output
 
 
 def _check_free_space(output: str, needed: int) -> None:
