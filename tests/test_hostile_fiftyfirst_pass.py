@@ -971,3 +971,26 @@ def test_an_output_that_is_the_search_dir_through_a_bind_mount_is_refused_first(
         assert not _through_a_mount(str(tmp_path / "src" / "d"), str(tmp_path / "mnt" / "d" / "best"))
     finally:
         subprocess.run(["umount", str(tmp_path / "mnt")], capture_output=True)
+
+
+def test_damaged_records_of_tiesmerges_own_files_are_said_damaged(tmp_path):
+    """hp55 c38: a damaged report-stamps file made the resume say results.md and report.html "changed since the search
+    wrote them" (they had not); c49: a damaged tune --json file was "a file tiesmerge wrote as tune's --json scores,
+    not as --json"."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import SEARCH_STAMPS, check_output_file, check_report_unchanged
+    from tiesmerge.tuning import run_search
+    from tiesmerge.tuning.report import write_report
+
+    base, models = make_family(2)
+    result = run_search(base, models, "ties", _sign_above(float("inf")), grid={"density": (0.2,), "lam": (1.0,)},
+                        log=str(tmp_path / "log.jsonl"))
+    write_report(result, tmp_path)
+    (tmp_path / SEARCH_STAMPS).write_text("[" * 100000)
+    with pytest.raises(OutputError, match="record of its report files is damaged, so whether results.md and "
+                                          "report.html changed .* cannot be told"):
+        check_report_unchanged(tmp_path)
+    scores = tmp_path / "t.json"
+    scores.write_text('{"method": "ties", "points": [], "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(OutputError, match="tune's --json scores, which no longer reads as one"):
+        check_output_file(scores, True, [], "--json", ours=lambda p: False)

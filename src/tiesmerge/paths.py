@@ -1199,7 +1199,9 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
             raise OutputError(f"{path}: {what} would replace "
                               + (f"a file of the tiesmerge output {folder} ({OUTPUT_KINDS[inside]}), which only a run "
                                  "writing that whole output replaces" if inside else
-                                 f"a file tiesmerge wrote as {kind}, not as {what}" if kind else
+                                 (f"a file tiesmerge wrote as {kind}, which no longer reads as one (edited or "
+                                  "damaged)" if kind == "tune's --json scores" and what == "--json" else
+                                  f"a file tiesmerge wrote as {kind}, not as {what}") if kind else
                                  "a file tiesmerge did not write"),
                               hint="choose another path (--force replaces only a file tiesmerge wrote there as "
                                    f"{what})")
@@ -1362,13 +1364,15 @@ def _check_report_unchanged(directory: Path) -> None:
     from .limits import read_json
 
     stamps_file = directory / SEARCH_STAMPS
+    damaged = False
     if not os.path.lexists(stamps_file):
         stamped: dict = {}
     else:
         try:
             stamped = read_json(stamps_file, "the search's report stamps", error=OutputError)
         except OutputError:
-            stamped = {}
+            stamped, damaged = {}, True
+        damaged = damaged or not isinstance(stamped, dict)
         stamped = stamped if isinstance(stamped, dict) else {}
     changed = []
     for name in ("results.md", "report.html"):
@@ -1381,6 +1385,13 @@ def _check_report_unchanged(directory: Path) -> None:
             continue
         if not stamp_holds(stamped.get(name), path):
             changed.append(name)
+    if changed and damaged:  # nothing to tell an edit by (hp55 c38: blamed on the user's files)
+        them = "it" if len(changed) == 1 else "them"
+        raise OutputError(f"{stamps_file}: the search's record of its report files is damaged, so whether "
+                          f"{' and '.join(changed)} changed since the search wrote {them} cannot be told, and this "
+                          f"run would replace {them} at its end",
+                          hint=f"keep any changes elsewhere, then delete {SEARCH_STAMPS} and "
+                               f"{' and '.join(changed)}: the search resumes from log.jsonl and writes {them} again")
     if changed:
         them = "it" if len(changed) == 1 else "them"
         raise OutputError(f"{directory}: {', '.join(changed)} changed since the search wrote {them} (edited, or the "
