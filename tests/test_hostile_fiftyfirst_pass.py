@@ -994,3 +994,21 @@ def test_damaged_records_of_tiesmerges_own_files_are_said_damaged(tmp_path):
     scores.write_text('{"method": "ties", "points": [], "x": ' + "[" * 100000 + "]" * 100000 + "}")
     with pytest.raises(OutputError, match="tune's --json scores, which no longer reads as one"):
         check_output_file(scores, True, [], "--json", ours=lambda p: False)
+
+
+def test_a_score_past_a_floats_range_is_shown_as_returned():
+    """hp55 c43-c45: an evaluator returning Fraction(10**400, 3) was shown by its numerator's digits, and a finite
+    Decimal('1e999999') or np.longdouble('1e4000') as "returned inf"."""
+    import decimal
+    import fractions
+
+    import numpy as np
+
+    from tiesmerge.errors import EvaluatorError
+    from tiesmerge.tuning.evaluator import guard
+
+    for value, said in ((fractions.Fraction(10 ** 400, 3), "a fraction of about 1e400"),
+                        (decimal.Decimal("1e999999"), "1.000e+999999, a finite number past a float's range"),
+                        (np.longdouble("1e4000"), "e+4000, a finite number past a float's range")):
+        with pytest.raises(EvaluatorError, match=said.replace("+", r"\+").replace("(", r"\(")):
+            guard(lambda state, value=value: value, "e", finite=True)({})

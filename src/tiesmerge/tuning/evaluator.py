@@ -150,11 +150,13 @@ class GuardedEvaluator:
         try:
             value = float(score)
         except (OverflowError, ValueError, TypeError) as exc:  # an int past float's range (10**400)
-            shown = (f"an integer of about {int(score.bit_length() * math.log10(2)) + 1:,} digits"
-                     if isinstance(score, int) else str(score)[:80])
-            raise EvaluatorError(f"{self.label}: returned {shown}, which cannot be read as a score ({exc})",
+            raise EvaluatorError(f"{self.label}: returned {_magnitude(score)}, which cannot be read as a score ({exc})",
                                  hint="the evaluator must return a validation score (a float), higher is better"
                                  ) from None
+        if not math.isfinite(value) and _finite_number(score):  # hp55 c43-c45: a finite Decimal('1e999999') or
+            raise EvaluatorError(  # np.longdouble('1e4000') "returned inf": float() overflowed, not the score
+                f"{self.label}: returned {_magnitude(score)}, a finite number past a float's range (±1.8e308)",
+                hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
         if self.finite and not math.isfinite(value):
             raise EvaluatorError(f"{self.label}: returned {value}, not a finite number",
                                  hint="the evaluator must return a validation score, higher is better")
@@ -168,6 +170,44 @@ class GuardedEvaluator:
             raise EvaluatorError(f"{self.label}: returned {value!r}, past the ±{MAX_SCORE:.0e} a score may reach",
                                  hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
         return value
+
+
+def _magnitude(score: Any) -> str:
+    """A huge number as a message shows it: its size, not 400 digits (a Fraction by its value, not its numerator)."""
+    import decimal
+    import fractions
+
+    try:
+        if isinstance(score, int):
+            return f"an integer of about {int(score.bit_length() * math.log10(2)) + 1:,} digits"
+        if isinstance(score, fractions.Fraction):
+            digits = len(str(abs(score.numerator))) - len(str(score.denominator))
+            return f"a fraction of about 1e{digits}"
+        if isinstance(score, decimal.Decimal):
+            return f"{score:.3e}"
+        import numpy as np
+
+        if isinstance(score, np.floating):  # its own digits: a long double past a float's range
+            return np.format_float_scientific(score, precision=3)
+        return str(score)[:80]
+    except Exception:  # noqa: BLE001 - a user's number type whose own formatting fails
+        return str(type(score).__name__)
+
+
+def _finite_number(score: Any) -> bool:
+    """Whether ``score`` is finite in its own type (a Decimal, a long double), though float() overflows it."""
+    import decimal
+
+    try:
+        if isinstance(score, decimal.Decimal):
+            return score.is_finite()
+        import numpy as np
+
+        if isinstance(score, np.floating):
+            return bool(np.isfinite(score))
+    except Exception:  # noqa: BLE001 - a user's number type
+        return False
+    return False
 
 
 def _leave_child(exc: BaseException) -> None:
