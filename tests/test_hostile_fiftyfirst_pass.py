@@ -1012,3 +1012,25 @@ def test_a_score_past_a_floats_range_is_shown_as_returned():
                         (np.longdouble("1e4000"), "e+4000, a finite number past a float's range")):
         with pytest.raises(EvaluatorError, match=said.replace("+", r"\+").replace("(", r"\(")):
             guard(lambda state, value=value: value, "e", finite=True)({})
+
+
+def test_a_note_inside_a_tune_scores_file_keeps_it_from_force(tmp_path):
+    """hp55 c51: `tune --json --force` replaced a scores file whose "best" held the user's note (only the top-level
+    keys were compared); hp55 c04: a 5,000-digit integer in a search log's header was "a bug in tiesmerge"."""
+    import json
+
+    from tiesmerge.cli.commands import _is_scores_file
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.results_log import FORMAT, ResultsLog
+
+    written = {"method": "ties", "best": {"density": 0.2, "lam": 1.0, "score": 0.5},
+               "points": [{"density": 0.2, "lam": 1.0, "score": 0.5}, {"density": 0.5, "lam": 1.0, "score": 0.4}]}
+    scores = tmp_path / "s.json"
+    scores.write_text(json.dumps(written))
+    assert _is_scores_file(scores)
+    scores.write_text(json.dumps({**written, "best": {**written["best"], "note": "use this one"}}))
+    assert not _is_scores_file(scores)
+    log = tmp_path / "log.jsonl"
+    log.write_text(f'{{"format": "{FORMAT}", "x": {"9" * 5000}}}\n')
+    with pytest.raises(ConfigError, match="the search log is corrupt"):
+        ResultsLog(log, {"method": "ties"})

@@ -128,7 +128,8 @@ def test_an_adapter_given_as_the_base_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = snapshot(inputs)
     rc, err = _run(_merge(loras[0], loras[1:], tmp_path / "out", "--method", "task_arithmetic"), capsys)
-    check(rc, err, want_rc=2, needle=("lora0", "the base is a PEFT lora adapter", "--base takes the full model"),
+    check(rc, err, want_rc=2, needle=("lora0", "the base is a PEFT lora adapter",
+                                     "the base is the full model the adapters were trained on"),
           output=tmp_path / "out", inputs=inputs, before=before)
     assert "bind(" not in err
 

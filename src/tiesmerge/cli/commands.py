@@ -143,7 +143,13 @@ def _is_scores_file(path: Path) -> bool:
         data = read_json(path, "--json", error=OutputError, max_bytes=64 << 20)
     except (TiesMergeError, ValueError):
         return False
-    return isinstance(data, dict) and set(data) == {"method", "best", "points"}
+    if not (isinstance(data, dict) and set(data) == {"method", "best", "points"}):
+        return False
+    best, points = data["best"], data["points"]
+    # the best and every point hold one set of keys (the options, lam, score): a note added inside one is the user's
+    # (hp55 c51: --force deleted a note in "best")
+    return isinstance(best, dict) and {"lam", "score"} <= set(best) and isinstance(points, list) and \
+        all(isinstance(p, dict) and set(p) == set(best) for p in points)
 
 
 def _count(n: int, noun: str) -> str:

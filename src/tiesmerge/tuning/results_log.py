@@ -126,7 +126,8 @@ class ResultsLog:
             return
         try:
             found = json.loads(lines[0])
-        except (json.JSONDecodeError, RecursionError):  # nested past Python's limit: damaged too (hp54 c01)
+        except (ValueError, RecursionError):  # nested past Python's limit, an int of 5,000 digits: damaged too
+            # (hp54 c01, hp55 c04)
             found = None
         if (not isinstance(found, dict) or found.get("format") != FORMAT) and FORMAT in lines[0][:200]:
             raise self._corrupt(1, f"its header is damaged: {lines[0][:80]!r}")  # ours, cut or edited
