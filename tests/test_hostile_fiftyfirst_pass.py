@@ -903,6 +903,7 @@ def test_an_integer_range_past_2_53_is_refused():
     with pytest.raises(ConfigError, match=r"seed's range .* lies past 2\*\*53, .* --grid seed=v1,v2"):
         build_space("dare_ties", 2, axes=("seed",), ranges={"seed": (9007199254740993.0, 9007199254741003.0)})
     build_space("dare_ties", 2, axes=("seed",), ranges={"seed": (0.0, 1000.0)})
+    build_space("dare_ties", 2, axes=("seed",), grid={"seed": (10 ** 16,)})  # hp55 c63b: a grid value is no range
 
 
 def test_a_damaged_heads_file_exits_as_a_data_file_does(tmp_path):

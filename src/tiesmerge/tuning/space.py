@@ -301,7 +301,7 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         if types[name] is int and math.ceil(low) > math.floor(high):
             problems.append(f"{name} takes whole numbers, and {low:g}:{high:g} holds none: widen --range {name}")
             continue
-        if types[name] is int and max(abs(low), abs(high)) > 2 ** 53:  # sampled as floats, which skip whole
+        if types[name] is int and not values and max(abs(low), abs(high)) > 2 ** 53:  # sampled as floats: skip whole
             # numbers there (hp54 c59: a seed below the range was tried)
             problems.append(f"{name}'s range {low:.17g}:{high:.17g} lies past 2**53, where a sampled float skips "
                             f"whole numbers: list them with --grid {name}=v1,v2,... instead")
