@@ -1035,3 +1035,15 @@ def test_a_note_inside_a_tune_scores_file_keeps_it_from_force(tmp_path):
     log.write_text(f'{{"format": "{FORMAT}", "x": {"9" * 5000}}}\n')
     with pytest.raises(ConfigError, match="the search log is corrupt"):
         ResultsLog(log, {"method": "ties"})
+
+
+def test_a_search_dir_whose_log_header_passes_4_kib_is_the_searchs_own(tmp_path):
+    """hp55 c59: an evaluator named by 4,100 characters put the log header's format marker past its first 4 KiB, and
+    the same command, run again, refused the search's own --dir as "files that are not a tiesmerge search's"."""
+    from tiesmerge.paths import check_search_dir
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    log = ResultsLog(tmp_path / "log.jsonl", {"evaluator": "e" * 5000, "method": "ties"})
+    log.append({"key": "{}", "options": {}, "score": 1.0, "seconds": 1.0})
+    log.close()
+    check_search_dir(tmp_path)
