@@ -344,17 +344,23 @@ def test_an_adapter_bound_by_its_names_ending_under_a_mergekit_recipe_is_warned(
     assert said["lora", False] == [] and said["exact", True] == []
 
 
-def test_a_bare_adapter_as_a_mergekit_model_is_warned(tmp_path):
-    """hp52 c35: `model: ADAPTER` in a mergekit recipe merged silently as BASE+ADAPTER, while mergekit itself stops on
-    it ("Unrecognized model"), and the model card repeated a recipe mergekit cannot run."""
+def _base_ft_and_lora(tmp_path):
+    """A base, a fine-tune and a LoRA of it in tmp_path/base, ft, lora."""
     from helpers_adapters import random_lora, write_lora_dir
-    from tiesmerge.errors import MergeWarning
-    from tiesmerge.recipe import load_recipe
 
     base, fts = make_family(1)
     write_hf_dir(tmp_path / "base", base)
     write_hf_dir(tmp_path / "ft", fts[0])
     write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=0), alpha=4.0)
+
+
+def test_a_bare_adapter_as_a_mergekit_model_is_warned(tmp_path):
+    """hp52 c35: `model: ADAPTER` in a mergekit recipe merged silently as BASE+ADAPTER, while mergekit itself stops on
+    it ("Unrecognized model"), and the model card repeated a recipe mergekit cannot run."""
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.recipe import load_recipe
+
+    _base_ft_and_lora(tmp_path)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
                       f"  - {{model: {tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
@@ -805,13 +811,9 @@ def test_recipe_hints_speak_in_recipe_terms(tmp_path, capsys):
     """hp54 c46: an adapter as a mergekit recipe's base_model was hinted "--base takes the full model ... pass adapters
     with --model", flags refused over a recipe; c56: --vocab-policy over a mergekit recipe did not name
     tokenizer_source, the recipe's way to say it."""
-    from helpers_adapters import random_lora, write_lora_dir
     from tiesmerge.cli.main import main
 
-    base, fts = make_family(1)
-    write_hf_dir(tmp_path / "base", base)
-    write_hf_dir(tmp_path / "ft", fts[0])
-    write_lora_dir(tmp_path / "lora", random_lora(base, 2, seed=0), alpha=4.0)
+    _base_ft_and_lora(tmp_path)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
                       f"  - {{model: {tmp_path / 'ft'}, parameters: {{weight: 1.0}}}}\ndtype: float32\n")
