@@ -60,7 +60,8 @@ class ConfigError(TiesMergeError, ValueError):
 
 def more_problems(rest: int) -> str:
     """The line that ends a list of problems cut at MAX_LISTED (``rest`` left out), or nothing where none was."""
-    return (f"\n  ... and {rest} more (fix these first, or see every problem in the error's .problems)"
+    return (f"\n  ... and {rest} more (fix these first and run again; in Python, the error's .problems holds "
+            "every one)"  # (hp55 c89: a command-line user has no .problems)
             if rest > 0 else "")
 
 
