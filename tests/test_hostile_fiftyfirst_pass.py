@@ -1049,3 +1049,14 @@ def test_a_search_dir_whose_log_header_passes_4_kib_is_the_searchs_own(tmp_path)
     log.append({"key": "{}", "options": {}, "score": 1.0, "seconds": 1.0})
     log.close()
     check_search_dir(tmp_path)
+
+
+def test_a_search_dir_that_is_a_dangling_link_is_said_so(tmp_path):
+    """hp55 c70/c71: a --dir that is a link to a missing folder failed as "File exists", with a hint about the
+    output."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_search_dir
+
+    (tmp_path / "d").symlink_to(tmp_path / "missing")
+    with pytest.raises(OutputError, match=r"--dir is a symbolic link to .*missing', which does not exist"):
+        check_search_dir(tmp_path / "d")

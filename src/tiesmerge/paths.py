@@ -1311,6 +1311,9 @@ def check_search_dir(directory: str | os.PathLike) -> None:
     try:
         st = os.stat(directory)
     except FileNotFoundError:
+        if os.path.islink(directory):  # a link to a missing folder: its creation failed as "File exists" (hp55 c70)
+            raise OutputError(f"{directory}: --dir is a symbolic link to {os.readlink(directory)!r}, which does not "
+                              "exist", hint="create that folder, remove the link, or choose another --dir") from None
         return
     except OSError as exc:
         raise OutputError(f"{directory}: cannot check --dir ({exc.strerror or exc})", hint=_write_hint(exc)) from None
