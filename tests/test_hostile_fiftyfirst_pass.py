@@ -1060,3 +1060,14 @@ def test_a_search_dir_that_is_a_dangling_link_is_said_so(tmp_path):
     (tmp_path / "d").symlink_to(tmp_path / "missing")
     with pytest.raises(OutputError, match=r"--dir is a symbolic link to .*missing', which does not exist"):
         check_search_dir(tmp_path / "d")
+
+
+def test_an_overflowing_adapters_error_is_no_rank_advice():
+    """hp55 c64: a merged adapter that overflowed warned "relative error of nan ... pass a larger --rank"."""
+    import warnings
+
+    from tiesmerge.io.adapter_writer import _warn_truncation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_truncation({"m": float("nan"), "n": 0.01}, sink=None)

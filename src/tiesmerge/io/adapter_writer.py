@@ -10,6 +10,7 @@ matrices have fewer than r singular values get zero-padded factors, so one r fit
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable
@@ -211,6 +212,9 @@ TRUNCATION_WARNING = 0.1
 
 
 def _warn_truncation(errors: dict[str, float], sink: Any, summed: int = 0) -> None:
+    # a non-finite error is an overflow, said by its own check, not a rank too small (hp55 c64: "relative error of
+    # nan ... pass a larger --rank")
+    errors = {k: v for k, v in errors.items() if math.isfinite(v)}
     worst = max(errors, key=errors.get, default=None)
     if worst is None or errors[worst] <= TRUNCATION_WARNING:
         return
