@@ -1071,3 +1071,21 @@ def test_an_overflowing_adapters_error_is_no_rank_advice():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_truncation({"m": float("nan"), "n": 0.01}, sink=None)
+
+
+def test_a_model_that_leaves_a_tensor_alone_is_no_tie_excess(tmp_path):
+    """hp55 c84: TIES per tensor over adapters of different modules warned "many entries tie at the trim's threshold
+    ... 60%": the ties were the zeros of tensors one adapter leaves alone (threshold 0), which change nothing."""
+    import warnings
+
+    import tiesmerge
+    from helpers_adapters import LORA_MODULES, random_lora, write_lora_dir
+
+    base, _ = make_family(1)
+    write_hf_dir(tmp_path / "base", base)
+    write_lora_dir(tmp_path / "all", random_lora(base, 2, seed=0), alpha=4.0)
+    write_lora_dir(tmp_path / "one", random_lora(base, 2, seed=1, modules=LORA_MODULES[-1:]), alpha=4.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiesmerge.merge(tmp_path / "base", [tmp_path / "all", tmp_path / "one"], "ties:scope=per_tensor")
+    assert not [w for w in caught if "tie at the trim's threshold" in str(w.message)]

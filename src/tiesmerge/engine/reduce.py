@@ -69,8 +69,14 @@ class Reducer:
         self.asked_total = np.zeros(self.n, np.int64)
         self.numel_total = 0
 
-    def _account(self, kept: Sequence[int], asked: Sequence[int], numel: int) -> None:
-        self.kept_total += np.asarray(kept, np.int64)
+    def _account(self, kept: Sequence[int], asked: Sequence[int], numel: int,
+                 thresholds: Sequence[float] | None = None) -> None:
+        # at a threshold of 0 the "ties" kept are zeros, which change nothing: an adapter that leaves this tensor
+        # alone is no excess (hp55 c84: a false warning, and --threshold-ties sort changed no bit)
+        kept = np.asarray(kept, np.int64)
+        if thresholds is not None:
+            kept = np.where(np.asarray(thresholds, np.float64) > 0, kept, np.asarray(asked, np.int64))
+        self.kept_total += kept
         self.asked_total += np.asarray(asked, np.int64)
         self.numel_total += numel
 
@@ -121,7 +127,7 @@ class Reducer:
                 self.count(selector, chunk, payload)
             selector.end_pass()
         self.passes = selector.passes
-        self._account(selector.kept, selector.keep, numel)
+        self._account(selector.kept, selector.keep, numel, selector.thresholds_array())
         return selector.thresholds_array()
 
     def thresholds_in_memory(self, chunk: Chunk, payload: RawRows | list[torch.Tensor], rows: ChunkRows | None,
@@ -136,7 +142,7 @@ class Reducer:
             flat = rows.tau.reshape(self.n, -1).abs()  # (n, numel)
             found = np.array([float(kth_largest(flat[t], keep[t])) for t in range(self.n)], np.float32)
             self._account([int((flat[t] >= float(found[t])).sum()) if keep[t] else 0 for t in range(self.n)], keep,
-                          numel)
+                          numel, found)
             return found
         bracket = None
         if numel >= 4 * MEMORY_SAMPLE_RUNS * MEMORY_SAMPLE_RUN and keep[0] > 0:
@@ -155,7 +161,7 @@ class Reducer:
         while not selector.done:
             self.count(selector, chunk, payload)
             selector.end_pass()
-        self._account(selector.kept, selector.keep, numel)
+        self._account(selector.kept, selector.keep, numel, selector.thresholds_array())
         return selector.thresholds_array()
 
     # ------------------------------------------------------------------ sums
