@@ -124,15 +124,20 @@ def tiesmerge_adapts(config: Mapping, module: str) -> bool:
     return True
 
 
-def merged_as_model_plus_lora(tmp_path: Path) -> dict[str, torch.Tensor]:
-    """``tmp_path/base+tmp_path/lora`` merged at weight 1 by a mergekit task_arithmetic recipe in float32 (the
-    command line), its output's tensors: what mergekit writes for a MODEL+LORA entry."""
-    from helpers_ckpt import load_dir
-    from tiesmerge.cli.main import main
-
+def model_plus_lora_recipe(tmp_path: Path) -> Path:
+    """A mergekit task_arithmetic recipe (float32) of the one entry ``tmp_path/base+tmp_path/lora`` at weight 1."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
                       f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
                       "dtype: float32\n")
-    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
+    return recipe
+
+
+def merged_as_model_plus_lora(tmp_path: Path) -> dict[str, torch.Tensor]:
+    """model_plus_lora_recipe merged by the command line, its output's tensors: what mergekit writes for a
+    MODEL+LORA entry."""
+    from helpers_ckpt import load_dir
+    from tiesmerge.cli.main import main
+
+    assert main(["merge", str(model_plus_lora_recipe(tmp_path)), "-o", str(tmp_path / "out"), "--no-progress"]) == 0
     return load_dir(tmp_path / "out")

@@ -831,7 +831,7 @@ def test_a_fold_that_overflows_a_float16_base_says_so(tmp_path, capsys):
     another one", naming a tensor the adapter does not hold. Said as the fold's overflow, with what helps."""
     import torch
 
-    from helpers_adapters import write_lora_dir
+    from helpers_adapters import model_plus_lora_recipe, write_lora_dir
     from tiesmerge.cli.main import main
 
     base, _ = make_family(1)
@@ -843,11 +843,7 @@ def test_a_fold_that_overflows_a_float16_base_says_so(tmp_path, capsys):
     a, b = torch.zeros(1, cols), torch.zeros(rows, 1)
     a[0, 0], b[0, 0] = 40.0, 50.0  # ΔW[0, 0] = 2000 (alpha 1, r 1)
     write_lora_dir(tmp_path / "lora", {name: (a, b)}, alpha=1.0)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
-                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
-                      "dtype: float32\n")
-    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert main(["merge", str(model_plus_lora_recipe(tmp_path)), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert f"folding the update s·B·A of {name!r} into the base's float16 weight" in err, err
     assert "damaged" not in err
@@ -940,7 +936,7 @@ def test_a_saved_copy_past_a_float16_base_says_so(tmp_path, capsys):
     dtype on loading (Inf) for a mergekit MODEL+LORA entry, was refused as a damaged adapter. Said as the cast."""
     import torch
 
-    from helpers_adapters import write_lora_dir
+    from helpers_adapters import model_plus_lora_recipe, write_lora_dir
     from tiesmerge.cli.main import main
 
     base, _ = make_family(1)
@@ -953,11 +949,7 @@ def test_a_saved_copy_past_a_float16_base_says_so(tmp_path, capsys):
     write_lora_dir(tmp_path / "lora", {name: (torch.zeros(1, cols), torch.zeros(rows, 1))}, alpha=1.0,
                    extra={"model.norm.modules_to_save.default.weight": norm},
                    config={"modules_to_save": ["norm"]})
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
-                      f"  - {{model: {tmp_path / 'base'}+{tmp_path / 'lora'}, parameters: {{weight: 1.0}}}}\n"
-                      "dtype: float32\n")
-    assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    assert main(["merge", str(model_plus_lora_recipe(tmp_path)), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "saved copy" in err and "past the base's float16" in err and "damaged" not in err, err
     assert_no_output(tmp_path / "out")

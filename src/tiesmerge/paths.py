@@ -1218,12 +1218,18 @@ _SPACE = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is use
           errno.EFBIG: "the file is larger than this file system (or the process's file size limit) allows"}
 
 
-def write_error(path: str | os.PathLike, exc: OSError, *, too_large_hint: str | None = None) -> OutputError:
-    """An OSError met while writing ``path``, as an error naming the file, what ran out and how much
-    space is left there (the OS's own message, "File too large", names neither)."""
+def existing_folder(path: str | os.PathLike) -> Path:
+    """The nearest existing folder above ``path`` (links resolved as the kernel would): where it would be written."""
     folder = physical(path).parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
+    return folder
+
+
+def write_error(path: str | os.PathLike, exc: OSError, *, too_large_hint: str | None = None) -> OutputError:
+    """An OSError met while writing ``path``, as an error naming the file, what ran out and how much
+    space is left there (the OS's own message, "File too large", names neither)."""
+    folder = existing_folder(path)
     try:
         free = f"; {format_size(shutil.disk_usage(folder).free)} is free there"
     except OSError:
@@ -1299,7 +1305,7 @@ def staged_file(path: str | os.PathLike, text: str) -> Iterator[None]:
 
 SEARCH_LOG = "log.jsonl"
 SEARCH_STAMPS = ".tiesmerge-report-stamps.json"  # [size, mtime_ns] of the report files as the search wrote them
-_SEARCH_FILES = {SEARCH_LOG, "results.md", "report.html", SEARCH_STAMPS}
+SEARCH_FILES = {SEARCH_LOG, "results.md", "report.html", SEARCH_STAMPS}
 
 
 def check_search_dir(directory: str | os.PathLike) -> None:
@@ -1322,7 +1328,7 @@ def check_search_dir(directory: str | os.PathLike) -> None:
     entries = os.listdir(directory)
     if not entries:
         return
-    for name in sorted(_SEARCH_FILES - {SEARCH_LOG}):  # replaced at the end: checked now, not after the search
+    for name in sorted(SEARCH_FILES - {SEARCH_LOG}):  # replaced at the end: checked now, not after the search
         try:
             mode = os.lstat(directory / name).st_mode
         except FileNotFoundError:

@@ -19,7 +19,15 @@ from typing import Any
 
 from ..errors import ConfigError, OutputError, TiesMergeError
 from ..methods.base import ModelPath, option_types
-from ..paths import check_not_input, check_output_file, check_output_location, check_search_dir, nested, staged_file
+from ..paths import (
+    check_not_input,
+    check_output_file,
+    check_output_location,
+    check_search_dir,
+    existing_folder,
+    nested,
+    staged_file,
+)
 from ..recipe import read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
 from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
@@ -264,10 +272,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.output and nested(args.dir, args.output):
         # a folder inside --dir is fine (hp54 c07: -o DIR/best was refused as replacing the log), unless it is one of
         # the files the search writes there
+        from ..paths import SEARCH_FILES
+
         where = Path(os.path.realpath(args.dir))
         inside = Path(os.path.realpath(args.output))
-        own = ("log.jsonl", "results.md", "report.html")
-        if inside == where or inside in where.parents or inside.relative_to(where).parts[0] in own or \
+        if inside == where or inside in where.parents or inside.relative_to(where).parts[0] in SEARCH_FILES or \
                 inside.relative_to(where).parts[0].startswith(".tiesmerge-"):
             raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other, "
                               "or the output names a file the search writes there (its log, results.md, report.html)",
@@ -527,27 +536,6 @@ def _through_a_mount(folder: str, output: str) -> bool:
     return theirs in identities(physical(folder))  # --dir, or a folder above it, is the output
 
 
-def _check_free_space(output: str, needed: int) -> None:
-    """The real run's free-space check, for a dry run: the output's size against the space where it would go."""
-    import shutil
-
-    from ..errors import OutputError
-    from ..paths import physical
-    from ..sizes import format_size
-
-    folder = physical(output).parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return
-    if needed > free:
-        raise OutputError(f"{output}: the output needs {format_size(needed)} but only {format_size(free)} is free "
-                          "there (a real run would refuse it before the merge)",
-                          hint="free some space or write elsewhere")
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
     from ..api import describe_plan, merge, plan_merge  # the engine: imported by the commands that merge
     from ..inputs import check_budget
@@ -575,7 +563,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(describe_plan(plan, recipe.method, len(recipe.models)))
         if args.output:
             print(f"output           {shown(args.output)} (not written: dry run)")
-            _check_free_space(args.output, plan.output_bytes)  # as the real run checks it (hp54 c43)
+            from ..io.writer import check_free_space
+
+            with contextlib.suppress(OSError):  # as the real run checks it (hp54 c43)
+                check_free_space(args.output, plan.output_bytes, existing_folder(args.output))
         return 0
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")

@@ -305,6 +305,8 @@ def float32_modules(base: Checkpoint, dtype: Any) -> re.Pattern | None:
         return None
 
 
+_UNREAD = object()  # an attribute not looked up yet
+
 _MIN_PRODUCT_ROWS = 64  # a product's rows formed at least this many at a time (16 sufficed on the machines tried)
 
 
@@ -350,8 +352,8 @@ class LoraCheckpoint:
         self.fold_like_peft = False
         self._token = next(_TOKENS)
         self._fold_product: tuple[str, Any] | None = None  # (tensor, B·A) kept for the tensor's next chunks
-        # "model": the dtype transformers loads the base in; a half dtype: the pattern of the modules kept float32
-        self._float32_kept: dict[Any, Any] = {}
+        self._load_dtype: Any = _UNREAD  # the dtype transformers loads the base in (None: each tensor's own)
+        self._float32_kept: dict[Any, Any] = {}  # a half dtype -> the pattern of the modules kept in float32
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
@@ -638,14 +640,21 @@ class LoraCheckpoint:
                      "with the command line (--base BASE --model ADAPTER), which keeps the copy in float32")
         if target is None:
             return loaded.float() - stored.float()
-        # PEFT's factors: float32 (upcast from half precision), float64 in a float64 model (hp50 c17)
+        # PEFT's factors: float32 (upcast from half precision), float64 in a float64 model (hp50 c17); read only to
+        # form a product, not for each chunk sliced from a kept one
         wide = torch.float64 if w.dtype == torch.float64 else torch.float32
-        a, b = self._file.read(target.a_key).to(wide), self._file.read(target.b_key).to(wide)  # (r, in), (out, r)
-        size = b.shape[0] * a.shape[1] * a.element_size()
+        # B (out, r) · A (r, in): the product's bytes from the headers
+        size = self._file.info(target.b_key).shape[0] * self._file.info(target.a_key).shape[1] * \
+            (8 if wide == torch.float64 else 4)
+
+        def factors() -> tuple[Any, Any]:  # (r, in), (out, r)
+            return self._file.read(target.a_key).to(wide), self._file.read(target.b_key).to(wide)
+
         kept = self._fold_product is not None and self._fold_product[0] == name
         if not kept:  # this adapter's previous tensor's product: done with
             _release_product(self)
         if rows is None or not kept and not _may_hold(size):
+            a, b = factors()
             # an embedding of 152k x 8192 rows: the chunk's own product (hp49 c46: 5 GB past the budget); formed
             # over at least _MIN_PRODUCT_ROWS rows, then cut: a matmul of a few rows takes another kernel, which
             # rounds otherwise than the whole product's (hp52 c01: 1-9 rows, 136 values a bf16 ulp off mergekit)
@@ -660,6 +669,7 @@ class LoraCheckpoint:
             # the adapter's next tensor and at its close; a key of the adapter's own (an id() is reused: hp51 c03)
             cached = self._fold_product
             if cached is None or cached[0] != name:
+                a, b = factors()
                 product = b @ a  # (out, in): PEFT's whole product (a chunk's own rows could round otherwise)
                 product = product.T if target.transposed else product
                 _HELD_BYTES[self._token] = size
@@ -670,21 +680,21 @@ class LoraCheckpoint:
         folded += delta.to(w.dtype) if target.embedding else delta  # PEFT's in-place adds (see above)
         return folded.float() - stored.float()  # the merge reads the base as stored
 
-    def _module_dtype(self, base: Checkpoint, name: str, stored: Any) -> Any:
+    def _module_dtype(self, base: Checkpoint, name: str, stored_dtype: Any) -> Any:
         """The dtype transformers loads ``name`` in when mergekit loads the base (no dtype asked: transformers 5 takes
         the first floating tensor's of the first weights file for the whole model, hp49 c11, c56), then float32 for
         the model class's modules kept so (``_keep_in_fp32_modules`` in a float16 model, ``..._strict`` in bfloat16
         too, each searched in the tensor's name: hp49 c54, T5's wo). A base of other files: each tensor's own."""
         import torch
 
-        if not stored.is_floating_point:
-            return stored
-        if "model" not in self._float32_kept:
+        if not stored_dtype.is_floating_point:
+            return stored_dtype
+        if self._load_dtype is _UNREAD:
             firsts = getattr(base, "first_file_names", None)
             names = firsts() if callable(firsts) else []
             floating = next((n for n in names if base.info(n).is_floating and base.info(n).itemsize >= 2), None)
-            self._float32_kept["model"] = None if floating is None else base.info(floating).dtype
-        model = self._float32_kept["model"] or stored
+            self._load_dtype = None if floating is None else base.info(floating).dtype
+        model = self._load_dtype or stored_dtype
         if model in (torch.float16, torch.bfloat16):
             if model not in self._float32_kept:
                 self._float32_kept[model] = float32_modules(base, model)

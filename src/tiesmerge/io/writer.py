@@ -320,6 +320,15 @@ def remove_stale(parent: Path) -> list[str]:
     return cleaned
 
 
+def check_free_space(final: str | os.PathLike, needed_bytes: int, where: str | os.PathLike) -> None:
+    """Refuse an output of ``needed_bytes`` where the file system holding ``where`` has less free (a dry run asks it
+    of the folder the output would go in, the real run of its temporary)."""
+    free = shutil.disk_usage(where).free
+    if needed_bytes > free:
+        raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} but only {format_size(free)} "
+                          "is free there", hint="free some space or write elsewhere")
+
+
 @contextmanager
 def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_bytes: int = 0,
                      marker: str = "tiesmerge.json") -> Iterator[Path]:
@@ -342,10 +351,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
         except OSError as exc:
             raise OutputError(f"{final}: cannot create the output directory ({exc.strerror or exc})",
                               hint="choose a location you can write to") from None
-        free = shutil.disk_usage(tmp).free
-        if needed_bytes > free:
-            raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} but only {format_size(free)} "
-                              "is free there", hint="free some space or write elsewhere")
+        check_free_space(final, needed_bytes, tmp)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

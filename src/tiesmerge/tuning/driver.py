@@ -507,10 +507,7 @@ def _warn_better_left_out(results: ResultsLog | None, asked: set[str], best: Tri
     left = [r for key, r in results.records.items() if key not in asked]
     better_ones = [r for r in left if better(float(r["score"]), best.score)]
     if better_ones:
-        top = better_ones[0]
-        for r in better_ones[1:]:
-            if better(float(r["score"]), float(top["score"])):
-                top = r
+        top = _best_record(better_ones)
         warnings.warn(MergeWarning(
             f"{results.path}: the log holds {len(left):,} scored candidate(s) this search did not ask for (a "
             f"smaller --budget than the run that logged them), {len(better_ones):,} of them better than its best: "
@@ -527,16 +524,22 @@ def _logged_to_check(results: ResultsLog | None) -> list[Candidate]:
     import math
 
     records = list(results.records.values())
-    # finite scores only: NaN matches NaN, so a NaN record checks nothing (hp49 c30)
-    finite = [r for r in records if isinstance(r["score"], (int, float)) and not isinstance(r["score"], bool)
-              and math.isfinite(r["score"])]
+    # finite scores only (the log's reader holds every score as a number): NaN matches NaN, so a NaN record checks
+    # nothing (hp49 c30)
+    finite = [r for r in records if math.isfinite(r["score"])]
     if not finite:
         return [_rebuilt(records[0])]
-    best = finite[0]
-    for r in finite[1:]:  # the first of equal scores, as the search's own best
+    best = _best_record(finite)
+    return [_rebuilt(r) for r in ([finite[0]] if best is finite[0] else [finite[0], best])]
+
+
+def _best_record(records: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The logged record with the best score, the first of equal ones (as the search's own best)."""
+    best = records[0]
+    for r in records[1:]:
         if better(float(r["score"]), float(best["score"])):
             best = r
-    return [_rebuilt(r) for r in ([finite[0]] if best is finite[0] else [finite[0], best])]
+    return best
 
 
 def _rebuilt(record: Mapping[str, Any]) -> Candidate:

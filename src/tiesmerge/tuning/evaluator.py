@@ -42,9 +42,8 @@ def evaluator_name(evaluate: Any, depth: int = 0) -> str:
         if isinstance(module, str) and isinstance(name, str):
             code = getattr(evaluate, "__code__", None)
             if name.endswith("<lambda>") and code is not None:  # two lambdas of one module told apart by their
-                import hashlib  # code (hp49 c49: evlam:<lambda> for both); the same lambda on another line is one
-
-                name = f"{name}#{hashlib.sha256(_code_text(code).encode()).hexdigest()[:8]}"
+                name = f"{name}#{code_tag(code)}"  # code (hp49 c49: evlam:<lambda> for both); the same lambda
+                # on another line is one
             return f"{module}:{name}"
     if issubclass(kind, type):  # a class called as the evaluator (hp49 c40: "builtins:type" for every class)
         return f"{_type_text(evaluate, '__module__')}:{_type_text(evaluate, '__qualname__')}"
@@ -63,6 +62,13 @@ def evaluator_name(evaluate: Any, depth: int = 0) -> str:
         if text and " at 0x" not in text:
             return text[:80]
     return f"{_type_text(kind, '__module__')}:{_type_text(kind, '__qualname__')}"
+
+
+def code_tag(code: Any) -> str:
+    """A short digest of a code object, the same in every process: what tells lambdas and nested functions apart."""
+    import hashlib
+
+    return hashlib.sha256(_code_text(code).encode()).hexdigest()[:8]
 
 
 def _code_text(code: Any, depth: int = 0) -> str:
@@ -212,12 +218,10 @@ def _finite_number(score: Any) -> bool:
 
 def _leave_child(exc: BaseException) -> None:
     """End a forked child as its own exception would end a process of its own: sys.exit's code, else 1."""
-    code = 1
-    if isinstance(exc, SystemExit):
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    elif isinstance(exc, EvaluatorError) and isinstance(exc.__cause__, SystemExit):
-        cause = exc.__cause__.code
-        code = cause if isinstance(cause, int) else (0 if cause is None else 1)
+    stop = exc if isinstance(exc, SystemExit) else \
+        exc.__cause__ if isinstance(exc, EvaluatorError) and isinstance(exc.__cause__, SystemExit) else None
+    given = None if stop is None else stop.code
+    code = given if isinstance(given, int) else 0 if stop is not None and given is None else 1
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -427,12 +427,10 @@ def _qualified(obj: Any) -> str:
     if _is_function(obj):
         module = obj.__module__
         name = obj.__qualname__
-        if _is_function(obj) and ("<lambda>" in name or "<locals>" in name):  # a name that does not say which code:
-            import hashlib  # its code does (hp50 k27, k28: two lambdas given to one factory resumed each other's log)
+        if "<lambda>" in name or "<locals>" in name:  # a name that does not say which code: its code does (hp50 k27,
+            from .evaluator import code_tag  # k28: two lambdas given to one factory resumed each other's log)
 
-            from .evaluator import _code_text
-
-            name = f"{name}#{hashlib.sha256(_code_text(obj.__code__).encode()).hexdigest()[:8]}"
+            name = f"{name}#{code_tag(obj.__code__)}"
         return f"{module if type(module) is str else '?'}.{name}"
     cls = obj if _is_class(obj) else type(obj)
     return f"{_type_text(cls, '__module__')}.{_type_text(cls, '__qualname__')}"
