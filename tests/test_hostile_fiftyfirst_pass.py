@@ -1089,3 +1089,27 @@ def test_a_model_that_leaves_a_tensor_alone_is_no_tie_excess(tmp_path):
         warnings.simplefilter("always")
         tiesmerge.merge(tmp_path / "base", [tmp_path / "all", tmp_path / "one"], "ties:scope=per_tensor")
     assert not [w for w in caught if "tie at the trim's threshold" in str(w.message)]
+
+
+def test_a_fifo_at_a_search_log_beside_a_json_output_does_not_block(tmp_path):
+    """Review of the hp53 c14 fix: naming a search's report read log.jsonl beside it with open(), which blocks on a
+    FIFO planted there; it is read only as a regular file."""
+    import os
+    import threading
+
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    os.mkfifo(tmp_path / "log.jsonl")
+    (tmp_path / "results.md").write_text("notes")
+    raised: list[BaseException] = []
+
+    def check():
+        try:
+            check_output_file(tmp_path / "results.md", True, [], "--json")
+        except OutputError as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=check, daemon=True)
+    worker.start(), worker.join(20)
+    assert not worker.is_alive() and raised and "tiesmerge did not write" in str(raised[0])

@@ -1125,11 +1125,16 @@ def nested(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def _own_file_kind(path: Path) -> str | None:
     """What another tiesmerge command wrote at ``path``, from its first bytes: its refusal as --json or a checkpoint
     named it "a file tiesmerge did not write" (hp40 C2)."""
+    try:  # a regular file only: a FIFO planted at log.jsonl beside a results.md would block the open forever
+        fd = open_regular(path, "a file", OutputError)
+    except (OutputError, OSError):
+        return None
     try:
-        with open(path, "rb") as f:
-            head = f.read(1 << 20)  # a search log's header may pass 4 KiB (a long evaluator name: hp55 c59)
+        head = os.read(fd, 1 << 20)  # a search log's header may pass 4 KiB (a long evaluator name: hp55 c59)
     except OSError:
         return None
+    finally:
+        os.close(fd)
     if b'"tiesmerge-search/' in head.split(b"\n", 1)[0]:
         return "a search's log"
     if b"tiesmerge-adapt-checkpoint/" in head:
