@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -302,6 +303,10 @@ def _same_bytes(x: Checkpoint, x_name: str, y: Checkpoint, y_name: str) -> bool:
                for rows in (slice(i, min(i + step, info.shape[0])) for i in range(0, info.shape[0], step)))
 
 
+# a PEFT LoRA factor's name: "base_model.model.<module>.lora_A.weight", ".lora_embedding_B", "lora_A.default.weight"
+_PEFT_FACTOR = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)")
+
+
 def _prefix_apart(missing: list[str], extra: list[str]) -> str | None:
     """The one leading component (``model.``) by which every missing name differs from an extra one, or None."""
     if not missing or len(missing) != len(extra):
@@ -387,6 +392,16 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                 hint = (f"every name differs only by the prefix {prefix!r} (a model saved as its bare body, e.g. "
                         "LlamaModel, beside one saved with its head's wrapper, LlamaForCausalLM): load and save both "
                         "through the same class, or rename the tensors of one")
+            # an adapter's weights without its adapter_config.json, as a model or as the base
+            model_peft = [n for n in extra if _PEFT_FACTOR.search(n)]
+            base_peft = [n for n in missing if _PEFT_FACTOR.search(n)]
+            if model_peft and len(model_peft) == len(extra):
+                hint = (f"model {k}'s tensors are a PEFT LoRA adapter's factors ({model_peft[0]!r}), which are read "
+                        "with the adapter_config.json its training wrote (rank, alpha, target modules); put that "
+                        "file beside its adapter_model.safetensors and give the folder")
+            elif base_peft and len(base_peft) == len(missing):
+                hint = (f"the base's tensors are a PEFT LoRA adapter's factors ({base_peft[0]!r}): the base is the "
+                        "full model the fine-tunes and adapters were trained from, never an adapter")
             if left_out:
                 hint = (f"{role} folder holds {', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}, "
                         "which its index (model.safetensors.index.json) never names: the index is incomplete or "
