@@ -961,7 +961,7 @@ def test_an_output_that_is_the_search_dir_through_a_bind_mount_is_refused_first(
     as a folder tiesmerge did not write. Refused before the search (needs root for the mount; skipped otherwise)."""
     import subprocess
 
-    from tiesmerge.cli.commands import _through_a_mount
+    from tiesmerge.paths import held_through_mount as _through_a_mount
 
     (tmp_path / "src" / "d").mkdir(parents=True)
     (tmp_path / "mnt").mkdir()

@@ -27,3 +27,46 @@ def test_an_adapter_folder_without_its_config_is_named_as_such(tmp_path, capsys,
     else:
         assert "never an adapter" in err, err
     assert_no_output(tmp_path / "out")
+
+
+def test_json_and_a_checkpoint_inside_the_output_through_a_bind_mount_are_refused_first(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """hp55 c60, c62: `tune -o src/out --force --json mnt/out/scores.json` (mnt a bind mount of src) and `adapt
+    --checkpoint mnt/out/ck.safetensors -o src/out --force` ran the whole tune or training, then failed (the output
+    replaced whole: the scores or the checkpoint went with it). Refused before the work (needs root for the mount)."""
+    import subprocess
+
+    import tiesmerge
+    from tiesmerge.adamerging.run import check_adapt_outputs
+    from tiesmerge.errors import OutputError
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "inputs" / "base", base)
+    ms = [write_hf_dir(tmp_path / "inputs" / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=tmp_path / "src" / "out")  # an earlier output
+    if subprocess.run(["mount", "--bind", str(tmp_path / "src"), str(tmp_path / "mnt")],
+                      capture_output=True).returncode != 0:
+        pytest.skip("no bind mount here (needs root)")
+    try:
+        called = tmp_path / "called"
+        evaluator = tmp_path / "ev_through_mount.py"
+        monkeypatch.syspath_prepend(str(tmp_path))
+        evaluator.write_text(f"def score(state):\n    open({str(called)!r}, 'w').close()\n    return 1.0\n")
+        scores = tmp_path / "mnt" / "out" / "scores.json"
+        rc, _, err = run_cli(["tune", *cli_flags(b, ms), "--method", "ties", "--grid", "density=0.2",
+                              "--evaluator", "ev_through_mount:score", "-o", tmp_path / "src" / "out", "--force",
+                              "--json", scores], capsys)
+        assert rc != 0 and "Traceback" not in err, err
+        assert "--json lies at or inside the output directory" in err and "another mount" in err, err
+        assert not called.exists() and not scores.exists()
+        with pytest.raises(OutputError, match="the checkpoint lies at or inside the output directory .*, reached "
+                                              "through another mount of it, which the finished run"):
+            check_adapt_outputs(str(b), [str(m) for m in ms], [], output=tmp_path / "src" / "out", force=True,
+                                checkpoint=tmp_path / "mnt" / "out" / "ck.safetensors", resume=False)
+        # beside the output, through the mount: fine
+        check_adapt_outputs(str(b), [str(m) for m in ms], [], output=tmp_path / "src" / "out", force=True,
+                            checkpoint=tmp_path / "mnt" / "ck.safetensors", resume=False)
+    finally:
+        subprocess.run(["umount", str(tmp_path / "mnt")], capture_output=True)

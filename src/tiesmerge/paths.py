@@ -35,7 +35,8 @@ __all__ = ["fs_text", "undecodable_as_bytes", "demo_workdir", "demo_models_writt
            "write_error",           "MODEL_FILES", "MODEL_SUFFIXES", "WEIGHT_SUFFIXES", "TOKENIZER_FILE_NAMES",
            "model_dir_files", "check_model_dir", "CHAT_TEMPLATES_DIR", "OUTPUT_MARKERS", "WRITTEN_FIELD",
            "STAMPS_FIELD", "listing",
-           "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "resolve", "check_input",
+           "file_stamp", "stamp_holds", "unlisted_files", "changed_files", "nested", "held_through_mount", "resolve",
+           "check_input",
            "open_regular",
            "read_regular", "inside",
            "FileStamps", "umask", "as_if_created", "check_walkable", "identity", "identities",
@@ -1120,6 +1121,16 @@ def nested(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """Whether paths ``a`` and ``b`` are the same or one lies inside the other (links followed)."""
     ra, rb = Path(os.path.realpath(a)), Path(os.path.realpath(b))
     return ra == rb or ra in rb.parents or rb in ra.parents
+
+
+def held_through_mount(path: str | os.PathLike, output: str | os.PathLike) -> bool:
+    """Whether an existing ``output`` is ``path`` or holds it, by device and inode (a bind mount, a second mount),
+    where the paths differ: a file or folder written there would be inside the output, which the command replaces
+    whole at its end (caught before the work, not after it: hp55 c21, c60, c62)."""
+    theirs = identity(output)
+    if theirs is None or nested(path, output):
+        return False
+    return theirs in identities(physical(path))  # ``path``, or a folder above it, is the output
 
 
 def _own_file_kind(path: Path) -> str | None:

@@ -28,7 +28,7 @@ from ..io.writer import _check_output_path as check_output_path
 from ..io.writer import _remove_empty
 from ..lazy import torch
 from ..methods.base import ChunkContext, MergeMethod, Requirements
-from ..paths import check_output_file, nested, physical
+from ..paths import check_output_file, held_through_mount, nested, physical
 from ..sizes import format_size
 from .learn import AdaptConfig, History, Merger, combine, is_checkpoint, learn, load_checkpoint
 from .report import summarise, write_report
@@ -345,12 +345,14 @@ def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[A
             raise OutputError(f"{checkpoint}: the checkpoint is a directory; it names the file the run saves its "
                               "progress to", hint="name a file, e.g. --checkpoint run.adapt-checkpoint.safetensors "
                                                   "(or leave it out: beside the output)")
-        elif nested(checkpoint, output):  # the finished run writes the output whole (--force: replaces it)
-            # the output below the checkpoint's path (its parent named as the checkpoint), or the checkpoint in it
+        elif nested(checkpoint, output) or held_through_mount(checkpoint, output):
+            # the finished run writes the output whole (--force: replaces it): the output below the checkpoint's
+            # path (its parent named as the checkpoint), or the checkpoint in it (by path, or through a bind mount)
             inner = Path(os.path.realpath(checkpoint)) in Path(os.path.realpath(output)).parents
+            mounted = "," if nested(checkpoint, output) else ", reached through another mount of it,"
             where = (f"the output directory {output} lies inside the checkpoint's path" if inner else
-                     f"the checkpoint lies at or inside the output directory {output}, which the finished run "
-                     "writes as a whole")
+                     f"the checkpoint lies at or inside the output directory {output}{mounted} which the finished "
+                     "run writes as a whole")
             raise OutputError(f"{checkpoint}: {where}", hint="write the checkpoint beside the output (the default), "
                                                              "not into it or above it")
     if checkpoint is not None:

@@ -25,6 +25,7 @@ from ..paths import (
     check_output_location,
     check_search_dir,
     existing_folder,
+    held_through_mount,
     nested,
     staged_file,
 )
@@ -208,9 +209,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     _check_writes(args.output, args.force, inputs)
     _check_copies(args.output, args.base)
     if args.json:
-        if args.output and nested(args.json, args.output):
-            raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}, which "
-                              "the best merge replaces", hint="write the scores beside the output, not into it")
+        if args.output and (nested(args.json, args.output) or held_through_mount(args.json, args.output)):
+            raise OutputError(f"{args.json}: --json lies at or inside the output directory {args.output}"
+                              + (", reached through another mount of it," if not nested(args.json, args.output)
+                                 else ",") + " which the best merge replaces",
+                              hint="write the scores beside the output, not into it")
     evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
@@ -265,7 +268,7 @@ def cmd_search(args: argparse.Namespace) -> int:
                           hint="pass --dir with a folder outside the inputs (the default is ./tiesmerge-search in "
                                "the working folder)") from None
     check_search_dir(args.dir)
-    if args.output and _through_a_mount(args.dir, args.output):  # the same folder by another path (hp55 c21: the
+    if args.output and held_through_mount(args.dir, args.output):  # the same folder by another path (hp55 c21: the
         raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same folder or one holds the "
                           "other, reached through another mount of it; the best merge would replace the search's "
                           "log", hint="choose separate paths")  # whole search ran, then the output was refused)
@@ -523,17 +526,6 @@ def _overflow_said_for(origin: Any):
             else:
                 exc.hint = exc.wider_dtype_hint("set the recipe's out_dtype (or dtype) to bfloat16 or float32")
         raise
-
-
-def _through_a_mount(folder: str, output: str) -> bool:
-    """Whether an existing ``output`` is ``folder`` or holds it, by device and inode (a bind mount), where the paths
-    differ."""
-    from ..paths import identities, identity, physical
-
-    theirs = identity(output)
-    if theirs is None or nested(folder, output):
-        return False
-    return theirs in identities(physical(folder))  # --dir, or a folder above it, is the output
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
