@@ -16,7 +16,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence, Sized
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -217,22 +217,36 @@ def warn_unread_keys(rows: Sequence[tuple[int, dict]], path: str | os.PathLike, 
 
     from .errors import MergeWarning
 
-    unread: dict[str, int] = {}  # key -> its first line
-    for number, row in rows:
-        for key in row:
-            if key not in read and key not in unread:
-                unread[key] = number
+    unread = unread_keys(rows, read)  # key -> its first line
     if not unread:
         return
     said = []
-    for key, number in list(unread.items())[:8]:
+    for key, number in list(unread.items())[:KEYS_SHOWN]:
         meant = _KNOWN_AS.get(key.lower()) if key.lower() not in read else key.lower()
         meant = meant if meant in read else next(iter(difflib.get_close_matches(key, read, n=1, cutoff=0.75)), None)
         said.append(f"{key[:60]!r} (line {number}{f'; did you mean {meant!r}?' if meant else ''})")
     warnings.warn(MergeWarning(
         f"{path}: {what} reads {', '.join(repr(k) for k in read)} from each line, and nothing from "
-        + ", ".join(said) + (f" and {len(unread) - 8:,} more key(s)" if len(unread) > 8 else "")),
-        stacklevel=3)
+        + ", ".join(said) + more_keys(unread)), stacklevel=3)
+
+
+KEYS_SHOWN = 8  # unread keys named in a warning; the rest counted
+
+
+def unread_keys(rows: Iterable[tuple[Any, Any]], read: Container[str]) -> dict[str, Any]:
+    """{key: where it first appears} of the keys of ``rows`` ((where, row) pairs; a row that is no mapping holds
+    none) that are not in ``read``, in the order met."""
+    unread: dict[str, Any] = {}
+    for where, row in rows:
+        for key in row if isinstance(row, Mapping) else ():
+            if key not in read:
+                unread.setdefault(key, where)
+    return unread
+
+
+def more_keys(unread: Sized) -> str:
+    """" and N more key(s)" for the unread keys past those a warning names."""
+    return f" and {len(unread) - KEYS_SHOWN:,} more key(s)" if len(unread) > KEYS_SHOWN else ""
 
 
 def check_text_pairs(rows: Sequence[tuple[int, dict]], path: str | os.PathLike,

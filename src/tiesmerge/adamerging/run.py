@@ -512,18 +512,15 @@ def _warn_unread_by_forward(kind: str, task_data: Mapping[str, Sequence[Any]]) -
     reads = _FORWARD_READS.get(kind)
     if reads is None:
         return
-    unread: dict[str, str] = {}  # key -> the first task holding it
-    for task, rows in task_data.items():
-        for row in rows:
-            for key in row if isinstance(row, Mapping) else ():
-                if key not in reads:
-                    unread.setdefault(key, task)
+    from ..limits import KEYS_SHOWN, more_keys, unread_keys
+
+    unread = unread_keys(((task, row) for task, rows in task_data.items() for row in rows), reads)  # key -> task
     if unread:
         others = [f for f, r in _FORWARD_READS.items() if f != kind and any(k in r for k in unread)]
         warnings.warn(MergeWarning(
             f"--forward {kind} reads {', '.join(map(repr, reads))} from each row, and nothing from "
-            + ", ".join(f"{str(k)[:60]!r} (task {t!r} first)" for k, t in list(unread.items())[:8])
-            + (f" and {len(unread) - 8:,} more key(s)" if len(unread) > 8 else "")
+            + ", ".join(f"{str(k)[:60]!r} (task {t!r} first)" for k, t in list(unread.items())[:KEYS_SHOWN])
+            + more_keys(unread)
             + (f" (--forward {' or '.join(others)} reads {'them' if len(unread) > 1 else 'it'})" if others else "")),
             stacklevel=3)
 
