@@ -70,3 +70,32 @@ def test_json_and_a_checkpoint_inside_the_output_through_a_bind_mount_are_refuse
                             checkpoint=tmp_path / "mnt" / "ck.safetensors", resume=False)
     finally:
         subprocess.run(["umount", str(tmp_path / "mnt")], capture_output=True)
+
+
+@pytest.mark.parametrize("edit, said", [
+    ({"written_stamps": [1, 2]}, "gives 'written_stamps' as a list, not each file's size and times"),
+    ({"written_stamps": {"README.md": "x"}}, "records 'README.md' as \"x\", not its size and times"),
+    ({"written_stamps": {"README.md": [10 ** 40, 1, 2]}}, "records 'README.md' as [1000000000"),
+    ({"written_stamps": {"README.md": [1.5, 1, 2]}}, "records 'README.md' as [1.5, 1, 2], not its size"),
+    ({"written": "README.md"}, "gives 'written' as a text, not a list of the files it wrote"),
+])
+def test_force_over_an_output_whose_record_of_its_files_was_edited_says_the_manifest_is_damaged(tmp_path, capsys,
+                                                                                             edit, said):
+    """An output's manifest edited so that its stamps are no record (a list, a text, a huge or fractional number) made
+    `merge --force` say "--force would discard changes to 2 file(s) ... (2 of another size)" of files nobody had
+    touched; a `written` given as a text said the output was an older tiesmerge's. Both are the manifest's damage."""
+    import json
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    out = tmp_path / "out"
+    assert run_cli(["merge", *cli_flags(b, ms), "-o", out], capsys)[0] == 0
+    marker = json.loads((out / "tiesmerge.json").read_text())
+    marker.update(edit)
+    (out / "tiesmerge.json").write_text(json.dumps(marker))
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)
+    assert rc != 0 and "Traceback" not in err, err
+    assert said in err and "the manifest is damaged" in err and "discard changes" not in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept

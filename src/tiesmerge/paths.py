@@ -732,12 +732,11 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                           f"({OUTPUT_KINDS[marker]}, holding {marker} alone); this directory holds "
                           + " and ".join(f"{OUTPUT_KINDS[m]} ({m})" for m in found),
                           hint="choose another path, or remove that directory yourself if you mean it")
-    damaged = _not_file_names(final)
-    if damaged:  # '', '.', '/', '..': a manifest tiesmerge never wrote (edited, or forged)
-        raise OutputError(f"{output}: its manifest lists {', '.join(repr(d) for d in damaged[:3])} among the files "
-                          "it wrote, which names no file inside the output: the manifest is damaged, so --force "
-                          "cannot tell its files from yours", hint="remove that directory yourself if nothing in it "
-                                                                   "is yours, or choose another path")
+    damaged = _damaged_record(final)
+    if damaged:  # '', '.', '/', '..', fields of the wrong shape: a manifest tiesmerge never wrote (edited, or forged)
+        raise OutputError(f"{output}: its manifest {damaged}: the manifest is damaged, so --force cannot tell its "
+                          "files from yours", hint="remove that directory yourself if nothing in it is yours, or "
+                                                   "choose another path")
     added = unlisted_files(final)
     changed = changed_files(final)
     if changed:
@@ -855,17 +854,41 @@ def unlisted_files(directory: Path) -> list[str] | None:
     return sorted(added)
 
 
-def _not_file_names(directory: Path) -> list[str]:
-    """Entries of an output's markers (``written``, the stamps) that are no relative path of a file inside it."""
-    bad = []
+def _damaged_record(directory: Path) -> str | None:
+    """What makes an output's markers' record of its files (``written``, the stamps) unusable, or None: entries that
+    are no relative path of a file inside it, or fields of the wrong shape (an edited or forged manifest). Said as
+    the manifest's damage: read as they were, a stamps field that is no record made every file "changed" (of another
+    size), and a ``written`` that is no list made the output "an older tiesmerge's"."""
+    import json
+
+    bad: list[str] = []
     for data in _markers(directory):
         stamps = data.get(STAMPS_FIELD)
         written = data.get(WRITTEN_FIELD)
-        for rel in [*(written if isinstance(written, list) else ()), *(stamps if isinstance(stamps, dict) else ())]:
+        if written is not None and not isinstance(written, list):
+            return f"gives {WRITTEN_FIELD!r} as {_json_kind(written)}, not a list of the files it wrote"
+        if stamps is not None and not isinstance(stamps, dict):
+            return f"gives {STAMPS_FIELD!r} as {_json_kind(stamps)}, not each file's size and times"
+        for rel in [*(written or ()), *(stamps or ())]:
             if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts \
                     or os.path.normpath(rel) == ".":
                 bad.append(str(rel))
-    return sorted(set(bad))
+        for rel, stamp in (stamps or {}).items():
+            if not (isinstance(stamp, list) and len(stamp) in (2, 3)
+                    and all(type(v) is int and -(1 << 63) <= v < 1 << 63 for v in stamp) and stamp[0] >= 0):
+                shown = json.dumps(stamp)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                return f"records {str(rel)[:80]!r} as {shown}, not its size and times (two or three whole numbers)"
+    if bad:
+        bad = sorted(set(bad))
+        return (f"lists {', '.join(repr(d) for d in bad[:3])} among the files it wrote, which names no file inside "
+                "the output")
+    return None
+
+
+def _json_kind(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a text", bool: "true or false", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def _stamp_fields_kept(directory: Path, names: list[str]) -> dict[str, int]:
