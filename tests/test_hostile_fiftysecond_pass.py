@@ -99,3 +99,34 @@ def test_force_over_an_output_whose_record_of_its_files_was_edited_says_the_mani
     assert rc != 0 and "Traceback" not in err, err
     assert said in err and "the manifest is damaged" in err and "discard changes" not in err, err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
+
+
+@pytest.mark.parametrize("dropped", [("exp_avg_sq",), ("exp_avg",), ("exp_avg", "exp_avg_sq"),
+                                     ("step", "exp_avg", "exp_avg_sq")])
+def test_an_adapt_checkpoint_lacking_part_of_adams_state_is_refused_as_damaged(tmp_path, dropped):
+    """hp56b c06, c07: a checkpoint whose adam.exp_avg_sq (or exp_avg) was removed failed at the first resumed step
+    with "unexpected KeyError: 'exp_avg_sq' ... a bug" (torch's Adam); one without any adam.* tensor resumed with a
+    fresh Adam beside the learned coefficients, silently."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import tiesmerge
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.errors import ConfigError
+
+    base, fts = _family()
+    kwargs = dict(forward=_forward(), granularity="layer", lr=0.05, batch_size=5, checkpoint_every=1)
+    ck = tmp_path / "c.pt"
+    tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=2, checkpoint=ck, **kwargs)
+    tensors = load_file(ck)
+    with safe_open(str(ck), "pt") as f:
+        meta = dict(f.metadata())
+    for name in dropped:
+        del tensors[f"adam.{name}"]
+    save_file(tensors, str(ck), metadata=meta)
+    lacking = ", ".join(f"adam.{k}" for k in ("step", "exp_avg", "exp_avg_sq") if k in dropped)
+    with pytest.raises(ConfigError, match=f"the checkpoint is damaged \\(it lacks {lacking} of the optimizer's"):
+        tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
+    assert json.loads(meta["step"]) == 2

@@ -415,6 +415,13 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
     entropy = state["entropy"]
     if step < 0:  # past the run's steps is fine: nothing is left to learn
         raise damaged(f"step {step} is negative")
+    # Adam's state is its step count and both moments, all three once it has taken a step: a part of them failed in
+    # torch's own step (a KeyError, "a bug"), and none of them restarted Adam silently beside the learned table
+    kept = [k for k in _ADAM_TENSORS if k in moments]
+    if (step > 0 or kept) and len(kept) != len(_ADAM_TENSORS):
+        lacking = [f"adam.{k}" for k in _ADAM_TENSORS if k not in moments]
+        raise damaged(f"it lacks {', '.join(lacking)} of the optimizer's state (Adam's step count and two moments, "
+                      f"which a checkpoint of step {step} holds)")
     if "step" in moments:  # Adam's own count: its bias corrections divide by 1 - beta ** step (step 0: by zero)
         count = moments["step"]
         value = float(count) if isinstance(count, (int, float)) or (
