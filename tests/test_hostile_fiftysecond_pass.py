@@ -130,3 +130,22 @@ def test_an_adapt_checkpoint_lacking_part_of_adams_state_is_refused_as_damaged(t
     with pytest.raises(ConfigError, match=f"the checkpoint is damaged \\(it lacks {lacking} of the optimizer's"):
         tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
     assert json.loads(meta["step"]) == 2
+
+
+def test_the_advice_for_an_edited_output_file_works_when_followed(tmp_path, capsys):
+    """hp56b c12: `--force` over an output whose model card the user edited said "copy them out of that directory
+    first"; the file copied out, --force refused again (the edited file is still there). Moving it out works."""
+    import shutil
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    out = tmp_path / "out"
+    assert run_cli(["merge", *cli_flags(b, ms), "-o", out], capsys)[0] == 0
+    with open(out / "README.md", "a") as f:
+        f.write("\nmy results: 99%\n")
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)
+    assert rc == 1 and "move them out of that directory first" in err and "copy them out" not in err, err
+    shutil.move(out / "README.md", tmp_path / "my_card.md")  # the advice, followed
+    assert run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)[0] == 0
+    assert "my results: 99%" in (tmp_path / "my_card.md").read_text()

@@ -72,7 +72,7 @@ def test_force_keeps_an_output_whose_files_the_user_edited(family, capsys, edite
     before = snapshot(inputs)
     rc, err = _run(_merge(b, ms, "out", "--force"), capsys)
     assert rc == 1 and "Traceback" not in err
-    assert f"1 of another size: {edited}" in err and "copy them out" in err, err
+    assert f"1 of another size: {edited}" in err and "move them out" in err, err
     assert (Path("out") / edited).read_bytes() == kept
     assert snapshot(inputs) == before
     assert not [p for p in os.listdir(".") if p.startswith(".tiesmerge")]

@@ -748,14 +748,14 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                               "time are the same, so a chmod, chown or hard link may be all, or the folder is a "
                               "copy (cp -a keeps the times, not the change times), but an edit that restored them "
                               "looks the same, and --force would discard it",
-                              hint="copy them out of that directory first, or remove it yourself if nothing in it is "
+                              hint=_MOVE_EDITED + ", or remove that directory yourself if nothing in it is "
                                    "yours, or choose another path")
         if all(kept[c] >= 1 for c in changed):  # a copy (cp -r) moves the times, not the sizes
             raise OutputError(f"{output}: {len(changed)} file(s) that tiesmerge wrote there have another modification "
                               f"time than when it wrote them ({', '.join(changed[:5])}{more}): their sizes are the "
                               "same, so the folder may be a copy (cp -r keeps no times), but an edit that kept the "
                               "size looks the same, and --force would discard it",
-                              hint="copy them out of that directory first, or remove it yourself if nothing in it is "
+                              hint=_MOVE_EDITED + ", or remove that directory yourself if nothing in it is "
                                    "yours, or choose another path")
         # surely edited first, then what may be a copy's or a chmod's doing, each kind said as such (hp47 c09: a
         # cp -a copy's untouched files were all called "your changes" beside the one file edited)
@@ -768,7 +768,7 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                 parts.append(f"{len(these)} {words}: {', '.join(these[:5])}{', ...' if len(these) > 5 else ''}")
         raise OutputError(f"{output}: --force would discard changes to {len(changed)} file(s) that tiesmerge wrote "
                           f"there ({'; '.join(parts)})",
-                          hint="copy them out of that directory first, or choose another path")
+                          hint=_MOVE_EDITED + ", or choose another path")
     if added is None:
         raise OutputError(f"{output}: this output was written by an older tiesmerge, whose manifest does not list "
                           "its files, so --force cannot tell them from files you added since",
@@ -779,6 +779,11 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                           f"(added since: {', '.join(added[:5])}{more})",
                           hint="move them out of that directory first, or choose another path")
 
+
+# what lets --force go on over files a user edited: a copy kept elsewhere cannot be seen from the output, and the edited
+# file is still there (hp56 c12: "copy them out" was followed, and --force refused again); moved out, it is a file
+# removed since, which --force never counts as the user's
+_MOVE_EDITED = "move them out of that directory first (a copy leaves them there, and --force refuses again)"
 
 # every marker of a finished output lists the output's files (``written``: paths relative to it),
 # recorded when the output is renamed into place (tiesmerge.io.writer.atomic_directory)
