@@ -149,3 +149,28 @@ def test_the_advice_for_an_edited_output_file_works_when_followed(tmp_path, caps
     shutil.move(out / "README.md", tmp_path / "my_card.md")  # the advice, followed
     assert run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)[0] == 0
     assert "my results: 99%" in (tmp_path / "my_card.md").read_text()
+
+
+@pytest.mark.parametrize("extra, said", [
+    (["--strategy", "random", "--axis", "density", "--set", "lam=1", "--set", "lam=2"],
+     "--set 'lam=2': lam is already set by --set 'lam=1'; set each option once"),
+    (["--strategy", "random", "--axis", "lam", "--range", "lam=0.5:0.6", "--range", "lam=5:6"],
+     "--range 'lam=5:6': lam already has --range 'lam=0.5:0.6'; give each option one --range"),
+    (["--strategy", "grid", "--grid", "lam=1", "--popsize", "7"],
+     "--popsize 7: a generation's size is CMA-ES's; the grid strategy has none"),
+    (["--strategy", "random", "--axis", "lam", "--popsize", "2"],
+     "--popsize 2: a generation's size is CMA-ES's; the random strategy has none"),
+])
+def test_search_options_given_twice_or_for_another_strategy_are_refused(tmp_path, capsys, monkeypatch, extra, said):
+    """hp56b c20, c21: a second --set or --range of one option replaced the first silently (candidates drawn from
+    5:6 only); c22: --popsize with the grid or random strategy was ignored (yet logged, so a resume without it was
+    "another search"), or refused in CMA-ES's words."""
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "ev_twice.py").write_text("def score(state):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc, _, err = run_cli(["search", *cli_flags(b, ms), "--evaluator", "ev_twice:score", "--budget", "2", *extra,
+                          "--dir", tmp_path / "s"], capsys)
+    assert rc == 2 and said in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()

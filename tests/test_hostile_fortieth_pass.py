@@ -33,10 +33,10 @@ def test_adapt_resumes_with_the_same_folders_spelled_otherwise_and_names_what_di
     with pytest.raises(ConfigError, match=r"another run \(the method 'task_arithmetic.*' there, 'ties.*' now\)"):
         tiesmerge.adapt("base", ["a", "b"], _data(), "ties", steps=4, resume=True, **kwargs)
     # the model that differs is named (hp41 C69)
-    with pytest.raises(ConfigError, match=r"another run \(model 1 \S+/a there, \S+/b now; model 2 \S+/b there, "):
+    with pytest.raises(ConfigError, match=r"another run \(model 0 \S+/a there, \S+/b now; model 1 \S+/b there, "):
         tiesmerge.adapt("base", ["b", "a"], _data(), "task_arithmetic", steps=4, resume=True, **kwargs)
     os.utime(dirs[2] / "model.safetensors", ns=(1, 1))  # its files changed since
-    with pytest.raises(ConfigError, match=r"another run \(model 2 \(\S+/b\): its files \(weights, configs, "):
+    with pytest.raises(ConfigError, match=r"another run \(model 1 \(\S+/b\): its files \(weights, configs, "):
         tiesmerge.adapt("base", ["a", "b"], _data(), "task_arithmetic", steps=4, resume=True, **kwargs)
 
 

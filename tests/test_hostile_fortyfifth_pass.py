@@ -518,7 +518,7 @@ def test_a_model_replaced_during_tunes_last_evaluation_stops_it(tmp_path):
             _replace_weights(b, tmp_path)
         return float(len(calls))
 
-    with pytest.raises(CheckpointError, match=r"ft1: model 2 changed while the search ran"):
+    with pytest.raises(CheckpointError, match=r"ft1: model 1 changed while the search ran"):
         tune(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5), "lam": (1.0,)})
 
 
@@ -540,7 +540,7 @@ def test_a_model_replaced_while_adapt_learns_stops_it_before_the_merge(tmp_path)
             _replace_weights(fts[0], tmp_path)
         return module(batch)
 
-    with pytest.raises(CheckpointError, match=r"m1: model 1 changed while adapt ran .* the coefficients were learned "
+    with pytest.raises(CheckpointError, match=r"m1: model 0 changed while adapt ran .* the coefficients were learned "
                                               r"on the model as it was"):
         tiesmerge.adapt(base, fts, files, forward=FunctionLogits(_net(), logits, encode=_encode), steps=4,
                         output=tmp_path / "out")

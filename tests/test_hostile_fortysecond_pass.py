@@ -61,10 +61,10 @@ def test_adapts_resume_refusal_names_the_model_whose_files_changed(tmp_path):
     ck = tmp_path / "ck.safetensors"
     tiesmerge.adapt(base, fts, files, forward=_forward(), steps=2, checkpoint=ck)
     os.utime(os.path.join(fts[1], "model.safetensors"), ns=(1, 1))  # rewritten in place
-    with pytest.raises(ConfigError, match=r"another run \(model 2 \(\S+/m2\): its files \(weights, configs, "
+    with pytest.raises(ConfigError, match=r"another run \(model 1 \(\S+/m2\): its files \(weights, configs, "
                                           r"tokenizer files\) changed since the checkpoint was written"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True)
-    with pytest.raises(ConfigError, match=r"another run \(model 1 \S+/m1 there, \S+/m2 now; model 2 \S+/m2 there, "):
+    with pytest.raises(ConfigError, match=r"another run \(model 0 \S+/m1 there, \S+/m2 now; model 1 \S+/m2 there, "):
         tiesmerge.adapt(base, fts[::-1], files, forward=_forward(), steps=4, checkpoint=ck, resume=True)
 
 
@@ -86,10 +86,10 @@ def test_a_search_logs_refusal_names_the_model_that_differs(tmp_path, monkeypatc
     with pytest.raises(ConfigError) as caught:
         run_search(base, ["cur", b], "ties", lambda state: 1.0, grid=grid, log=log)
     message = str(caught.value)
-    assert f"model 1 {a} there, {b} now" in message, message
+    assert f"model 0 {a} there, {b} now" in message, message
     # another model: its files' stamps differ with it, not said again as "changed" (hp48 c43)
     assert "changed since the log was started" not in message
-    assert "model 2" not in message
+    assert "model 1" not in message
     with pytest.raises(ConfigError, match=r"differs in: the search space \(--axis, --grid, --set"):
         run_search(base, ["ft0", b], "ties", lambda state: 1.0, grid={"density": (0.3,), "lam": (1.0,)}, log=log)
 
@@ -898,7 +898,7 @@ def test_a_model_replaced_while_a_search_runs_stops_it(tmp_path, how):
         return 1.0
 
     log = str(tmp_path / "log.jsonl")
-    with pytest.raises(CheckpointError, match=r"ft1: model 2 changed while the search ran"):
+    with pytest.raises(CheckpointError, match=r"ft1: model 1 changed while the search ran"):
         if how == "search":
             run_search(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5, 0.8), "lam": (1.0,)}, log=log)
         else:

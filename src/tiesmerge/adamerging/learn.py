@@ -325,7 +325,7 @@ def _differing_inputs(there: Any, now: Any) -> str:
     for k, (a, b) in enumerate(zip(there, now)):
         if a == b or not (isinstance(a, list) and isinstance(b, list) and len(a) == len(b) == 2):
             continue
-        who = "the base" if k == 0 else f"model {k}"
+        who = "the base" if k == 0 else f"model {k - 1}"  # 0-based, as every other message
         if a[0] != b[0]:
             said.append(f"{who} {a[0]} there, {b[0]} now")
         else:

@@ -433,7 +433,7 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
 
     # the final merge reads the models again: one replaced meanwhile would get coefficients learned for another
     # (hp45 c17: a run wrote base + c·(the new model's delta), its manifest naming the new files)
-    watch = InputWatch([("the base", base), *((f"model {k + 1}", p) for k, p in enumerate(models)),
+    watch = InputWatch([("the base", base), *((f"model {k}", p) for k, p in enumerate(models)),
                         *method_inputs(m)], during="adapt",
                        harm="the coefficients were learned on the model as it was, and the merge would apply them to "
                             "the new files",

@@ -370,6 +370,9 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
                           "grid strategy scores --grid's values",
                           hint="give the values with --grid NAME=v1,v2 (or NAME=start:stop:step), or choose "
                                "--strategy random or cmaes")
+    if strategy != "cmaes" and popsize is not None:  # ignored, yet logged: a resume without it was "another search"
+        raise ConfigError(f"--popsize {popsize}: a generation's size is CMA-ES's; the {strategy} strategy has none",
+                          hint="leave --popsize out, or choose --strategy cmaes")  # (hp56 c22)
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
     from ..inputs import option_inputs
 
@@ -403,7 +406,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     executor = executor or LocalExecutor()
     executor.start(job, evaluate, base32, dtypes)
     try:
-        watch = InputWatch([("the base", base), *((f"model {k + 1}", m) for k, m in enumerate(models)),
+        watch = InputWatch([("the base", base), *((f"model {k}", m) for k, m in enumerate(models)),
                             *references])  # "the reference model (sign_from)"
         return _loop(chooser, executor, results, job, space, base32, dtypes, strategy, started, on_trial, watch)
     finally:

@@ -241,7 +241,7 @@ def _header_difference(key: str, there: Any, now: Any) -> str:
         if len(there) != len(now):
             return f"the models: {len(there)} there, {len(now)} now"
         return "; ".join(f"model {k} {a} there, {b} now"
-                         for k, (a, b) in enumerate(zip(there, now), start=1) if a != b)
+                         for k, (a, b) in enumerate(zip(there, now)) if a != b)  # 0-based, as every other message
     if key == "base":
         return f"the base {there} there, {now} now"
 

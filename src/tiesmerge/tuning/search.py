@@ -208,7 +208,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     base32 = {k: v.float() if v.is_floating_point() else v for k, v in base_sd.items()}
     from .driver import InputWatch
 
-    watch = InputWatch([("the base", base), *((f"model {k + 1}", m) for k, m in enumerate(models))])
+    watch = InputWatch([("the base", base), *((f"model {k}", m) for k, m in enumerate(models))])
     for combo, m in zip(combos, methods):
         # lam = 1 and float32 output: base + tau_m without a rounding that lam would amplify
         merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32,

@@ -140,8 +140,15 @@ def canonical(options: Mapping[str, Any]) -> dict[str, Any]:
 def parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
     """``NAME=LO:HI`` items as {name: (lo, hi)}."""
     ranges, problems = {}, []
+    given: dict[str, str] = {}
     for item in items:
         name, _, text = item.partition("=")
+        key = name.strip().replace("-", "_")
+        if key in given:  # the last one would win silently (hp56 c21)
+            problems.append(f"--range {item!r}: {key} already has --range {given[key]!r}; give each option one "
+                            "--range")
+            continue
+        given[key] = item
         try:
             low, high = (parse_float(x) for x in text.split(":"))
             if not low < high:
@@ -156,7 +163,7 @@ def parse_ranges(items: Sequence[str]) -> dict[str, tuple[float, float]]:
             # candidates are drawn as low + u * (high - low): an infinite width makes them infinite
             problems.append(f"--range {item!r}: the bounds and their difference must be finite numbers")
             continue
-        ranges[name.strip().replace("-", "_")] = (low, high)
+        ranges[key] = (low, high)
     if problems:
         raise ConfigError(problems)
     return ranges
@@ -169,9 +176,14 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
     cls = method_class(method) if isinstance(method, str) else method
     types = option_types(cls)
     fixed, problems = {}, []
+    given: dict[str, str] = {}
     for item in items:
         name, _, text = item.partition("=")
         name = name.strip().replace("-", "_")
+        if name in given:  # the last one would win silently (hp56 c20)
+            problems.append(f"--set {item!r}: {name} is already set by --set {given[name]!r}; set each option once")
+            continue
+        given[name] = item
         kind = types.get(name)
         try:
             if kind is None:
