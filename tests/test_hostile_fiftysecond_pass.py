@@ -174,3 +174,26 @@ def test_search_options_given_twice_or_for_another_strategy_are_refused(tmp_path
                           "--dir", tmp_path / "s"], capsys)
     assert rc == 2 and said in err and "Traceback" not in err, err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda line: line.replace('"score": ', '"score": ' + "9" * 400 + ", \"x\": "), "an integer of 400 digits"),
+    (lambda line: line[:-1] + ', "deep": ' + "[" * 2000 + "]" * 2000 + "}", "nested too deep"),
+    (lambda line: line[:-3], "not valid JSON"),
+])
+def test_a_damaged_search_log_line_is_said_in_the_readers_own_words(tmp_path, edit, said):
+    """hp56b c01: a logged score replaced by a 400-digit integer was "not a scored candidate (not JSON)": the line is
+    JSON; the number is past any range."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    log = tmp_path / "log.jsonl"
+    grid = {"density": (0.2,), "lam": (1.0,)}
+    run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))
+    lines = log.read_text().splitlines()
+    lines[1] = edit(lines[1])
+    log.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=f"log.jsonl:2: the search log is corrupt \\(not a scored candidate: "
+                                          f".*{said}"):
+        run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))

@@ -148,8 +148,9 @@ class ResultsLog:
         for n, line in enumerate(lines[1:], start=2):
             try:
                 record = loads_json(line, str(self.path), error=ConfigError)
-            except ConfigError:  # bad syntax, or nested past the reader's depth limit
-                raise self._corrupt(n, f"not a scored candidate (not JSON): {line[:120]!r}") from None
+            except ConfigError as exc:  # bad syntax, nested past the reader's depth limit, a number past any range
+                why = exc.message.removeprefix(f"{self.path}: ")  # the reader's own words (hp56 c01: a 400-digit
+                raise self._corrupt(n, f"not a scored candidate: {why}: {line[:120]!r}") from None  # score, "not JSON")
             score = record.get("score") if isinstance(record, dict) else None
             written = score in _NON_FINITE  # the API keeps NaN and infinite scores: written as text, JSON has no NaN
             if written:
