@@ -197,3 +197,27 @@ def test_a_damaged_search_log_line_is_said_in_the_readers_own_words(tmp_path, ed
     with pytest.raises(ConfigError, match=f"log.jsonl:2: the search log is corrupt \\(not a scored candidate: "
                                           f".*{said}"):
         run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))
+
+
+@pytest.mark.parametrize("forged", ["", "<script>" * 10, "A" * 64, 5])
+def test_a_digest_cache_entry_that_is_no_sha256_is_hashed_again(tmp_path, capsys, monkeypatch, forged):
+    """hp56a c83: the digest cache's entry for the base edited to "" or to "<script>..." (its stamp kept) was recorded
+    in the output's manifest as the file's sha256."""
+    import hashlib
+    import json
+
+    monkeypatch.setenv("TIESMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    assert run_cli(["merge", *cli_flags(b, ms), "-o", tmp_path / "o1"], capsys)[0] == 0
+    cache = next((tmp_path / "cache").rglob("*.json"))
+    entries = json.loads(cache.read_text())
+    key = next(k for k in entries if k.endswith("base/model.safetensors"))
+    entries[key]["sha256"] = forged
+    cache.write_text(json.dumps(entries))
+    assert run_cli(["merge", *cli_flags(b, ms), "-o", tmp_path / "o2"], capsys)[0] == 0
+    truth = hashlib.sha256((b / "model.safetensors").read_bytes()).hexdigest()
+    manifest = (tmp_path / "o2" / "tiesmerge.json").read_text()
+    assert truth in manifest and (not isinstance(forged, str) or not forged or f'"{forged}"' not in manifest)
+    assert '"sha256": ""' not in manifest

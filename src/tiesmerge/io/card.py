@@ -264,12 +264,18 @@ def _digest(path: Path) -> dict:
     key = str(path.resolve())
     stamp = _stamp(path)
     known = load_cache(cache).get(key)
-    if isinstance(known, dict) and known.get("stamp") == stamp and isinstance(known.get("sha256"), str):
+    if isinstance(known, dict) and known.get("stamp") == stamp and _is_sha256(known.get("sha256")):
         return {"path": str(path), "sha256": known["sha256"], "bytes": stamp[2], "remembered": True}
     result = _sha256(path)
     if _stamp(path) == stamp:  # unchanged while hashed: safe to remember
         _remember(cache, key, stamp, result["sha256"])
     return result
+
+
+def _is_sha256(value: object) -> bool:
+    """A sha256 as hashlib writes it (64 lowercase hex digits): a cache entry edited to "" or to markup would be
+    recorded in the manifest and the card as the file's digest (hp56 c83); anything else is hashed again."""
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
 def hash_files(paths: Iterable[Path], pool: ThreadPoolExecutor) -> list[Future]:
