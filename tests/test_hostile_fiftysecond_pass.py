@@ -221,3 +221,39 @@ def test_a_digest_cache_entry_that_is_no_sha256_is_hashed_again(tmp_path, capsys
     manifest = (tmp_path / "o2" / "tiesmerge.json").read_text()
     assert truth in manifest and (not isinstance(forged, str) or not forged or f'"{forged}"' not in manifest)
     assert '"sha256": ""' not in manifest
+
+
+@pytest.mark.parametrize("kind, exclude", [("lora", ["model.layers.1.self_attn.q_proj"]),
+                                           ("lora", r".*layers\.1\..*"),
+                                           ("ia3", ["model.layers.1.self_attn.q_proj"])])
+def test_a_merged_adapter_does_not_keep_the_first_adapters_exclusions(tmp_path, kind, exclude):
+    """hp56a c126, c127, c165: the merged adapter's config was the first adapter's, exclude_modules included: where it
+    named a module another adapter adapts, the merged factors (or vectors) were written for it and PEFT skipped that
+    module silently."""
+    import json
+
+    import tiesmerge
+    from helpers_adapters import IA3_MODULES, LORA_MODULES, peft_adapts, random_ia3, write_ia3_dir
+    from helpers_ckpt import make_base
+
+    pytest.importorskip("peft")
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    if kind == "lora":
+        kept = [m for m in LORA_MODULES if "layers.1." not in m] if isinstance(exclude, str) else \
+            [m for m in LORA_MODULES if m not in exclude]
+        first = write_lora_dir(tmp_path / "a0", {m: f for m, f in random_lora(base, 2, 0).items() if m in kept},
+                               alpha=4.0, config={"exclude_modules": exclude})
+        second = write_lora_dir(tmp_path / "a1", random_lora(base, 2, 1), alpha=4.0)
+        adapted = LORA_MODULES
+    else:
+        first = write_ia3_dir(tmp_path / "a0", {m: v for m, v in random_ia3(base, 0).items() if m not in exclude})
+        config = json.loads((first / "adapter_config.json").read_text())
+        (first / "adapter_config.json").write_text(json.dumps({**config, "exclude_modules": exclude}))
+        second = write_ia3_dir(tmp_path / "a1", random_ia3(base, 1))
+        adapted = list(IA3_MODULES)
+    out = tiesmerge.merge(str(b), [str(first), str(second)], "task_arithmetic", output=tmp_path / "out",
+                          output_format="adapter", **({"rank": 8} if kind == "lora" else {}))
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written.get("exclude_modules") is None, written
+    assert all(peft_adapts(written, m) for m in adapted), written

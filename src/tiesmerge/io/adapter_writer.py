@@ -111,6 +111,12 @@ def _merged_config(config: dict, base_label: str | None) -> dict:
         out["base_model_name_or_path"] = base_label
     out["revision"] = None  # the base above is named as merged: a local folder or the cache snapshot read
     out.pop("auto_mapping", None)
+    # the merged modules are named one by one in target_modules: the first adapter's own selection must not drop any
+    # of them (hp56 c126, c165: its exclude_modules made PEFT skip another adapter's merged v_proj silently). Set to
+    # None only where the first config has the key: an older PEFT's config class refuses keys it does not know
+    for key in ("exclude_modules", "layers_to_transform", "layers_pattern"):
+        if key in out:
+            out[key] = None
     return out
 
 
