@@ -357,7 +357,7 @@ def test_a_second_stop_signal_during_the_cleanup_is_let_through_quietly(first, s
             signal.signal(signum, handler)
 
 
-@pytest.mark.parametrize("line,needle", [("[" * 100000 + "]" * 100000, "(not JSON)"),
+@pytest.mark.parametrize("line,needle", [("[" * 100000 + "]" * 100000, "(not a scored candidate: JSON nested too deep"),
                                          ('{"index": 1, "key": "k", "options": {}, "score": "high"}', "finite score")])
 def test_a_damaged_search_log_line_is_named_as_corrupt(tmp_path, line, needle):
     """Pass 5's lg3 / lg8: a log line nested 100,000 deep, or a score that is text, failed as "a bug"."""

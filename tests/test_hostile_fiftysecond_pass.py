@@ -257,3 +257,20 @@ def test_a_merged_adapter_does_not_keep_the_first_adapters_exclusions(tmp_path, 
     written = json.loads((out / "adapter_config.json").read_text())
     assert written.get("exclude_modules") is None, written
     assert all(peft_adapts(written, m) for m in adapted), written
+
+
+def test_grids_and_ranges_of_small_values_keep_them(tmp_path):
+    """hp56b c40, c41: `--grid lam=1e-7:5e-7:1e-7` tuned lam=0.0 only (the base, outside the range: steps rounded to 6
+    decimals), `--grid density=1e-7:4e-7:1e-7` was refused as "got 0.0", and random or CMA-ES candidates of `--range
+    lam=1e-7:5e-7` (or weights) were all 0.0."""
+    from tiesmerge.methods.base import steps
+    from tiesmerge.tuning.space import Axis
+
+    assert steps(1e-7, 5e-7, 1e-7) == (1e-7, 2e-7, 3e-7, 4e-7, 5e-7)
+    assert steps(0.8, 1.0, 0.1) == (0.8, 0.9, 1.0) and steps(-0.3, 0.3, 0.3) == (-0.3, 0.0, 0.3)
+    axis = Axis("lam", 1e-7, 5e-7)
+    drawn = [axis.value([u]) for u in (0.0, 0.123456, 0.5, 1.0)]
+    assert all(1e-7 <= v <= 5e-7 for v in drawn) and len(set(drawn)) == 4, drawn
+    assert Axis("lam", 0.5, 2.0).value([0.1234567]) == 0.685185  # values past 1e-3 rounded as before
+    weights = Axis("weights", 1e-7, 2e-7, per_model=2).value([0.0, 1.0])
+    assert weights == (1e-7, 2e-7)

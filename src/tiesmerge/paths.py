@@ -783,7 +783,7 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
 # what lets --force go on over files a user edited: a copy kept elsewhere cannot be seen from the output, and the edited
 # file is still there (hp56 c12: "copy them out" was followed, and --force refused again); moved out, it is a file
 # removed since, which --force never counts as the user's
-_MOVE_EDITED = "move them out of that directory first (a copy leaves them there, and --force refuses again)"
+_MOVE_EDITED = "move them out of that directory first (a copy leaves them there, and this refusal stays)"
 
 # every marker of a finished output lists the output's files (``written``: paths relative to it),
 # recorded when the output is renamed into place (tiesmerge.io.writer.atomic_directory)

@@ -471,7 +471,22 @@ def steps(start: float, stop: float, step: float) -> tuple[float, ...]:
         shown = f"{points:,}" if points is not None else f"about {count:.3g}" if math.isfinite(count) else "inf"
         raise ConfigError(f"{bounds}: {shown} points, more than the {MAX_AXIS_POINTS:,} a grid axis may hold",
                           hint="use a larger step")
-    return tuple(round(start + i * step, 6) for i in range(points))
+    values = (start + i * step for i in range(points))
+    # a point float noise puts beside 0 (-0.3 + 3 * 0.1 = 5.6e-17) is 0: the grid names it so
+    return tuple(round_value(0.0 if abs(v) < abs(step) * 1e-9 else v) for v in values)
+
+
+def round_value(value: float) -> float:
+    """A grid point or a drawn candidate rounded for readable logs and stable resume keys: to 6 decimals, as 0.8 +
+    0.1 * k should print, and to 4 significant digits below 1e-3, where 6 decimals made every value of 1e-7:5e-7
+    0.0, the base itself, outside the range asked for (hp56 c40, c41).
+
+    >>> round_value(0.8 + 0.1 * 2), round_value(3 * 1e-7)
+    (1.0, 3e-07)
+    """
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, max(6, 3 - math.floor(math.log10(abs(value)))))
 
 
 def method_config(cls: type) -> type:

@@ -27,12 +27,12 @@ from ..methods.base import (
     nonzero_sum,
     option_problem,
     option_types,
+    round_value,
 )
 from ..methods.base import paper_grid as declared_grid
 
 __all__ = ["Axis", "SearchSpace", "build_space", "parse_ranges", "parse_fixed", "canonical"]
 
-DECIMALS = 6  # candidates are rounded to this many decimals: readable logs, stable keys for resuming
 # a per-model option without a fraction check or a grid is a relative weight: 0.1..1 lets one model count
 # ten times another without letting every weight reach 0 (a mean over weights 0 is undefined)
 WEIGHT_RANGE = (0.1, 1.0)
@@ -71,7 +71,7 @@ class Axis:
         v = self.low + x * (self.high - self.low)
         if self.integer:  # the nearest whole number inside [low, high] (0.4:1 never gives 0: hostile pass 29, N4)
             return min(max(int(round(v)), math.ceil(self.low)), math.floor(self.high))
-        return round(v, DECIMALS)
+        return min(max(round_value(v), self.low), self.high)  # rounding never leaves the range (hp56 c41)
 
 
 @dataclass(frozen=True)
