@@ -274,3 +274,45 @@ def test_grids_and_ranges_of_small_values_keep_them(tmp_path):
     assert Axis("lam", 0.5, 2.0).value([0.1234567]) == 0.685185  # values past 1e-3 rounded as before
     weights = Axis("weights", 1e-7, 2e-7, per_model=2).value([0.0, 1.0])
     assert weights == (1e-7, 2e-7)
+
+
+@pytest.mark.parametrize("grid, said", [
+    ({"lam": "0.5", "density": [0.2]}, "grid['lam'] is '0.5', not a list of values"),
+    ({"lam": "12", "density": [0.2]}, "grid['lam'] is '12', not a list of values"),
+    ({"lam": [], "density": [0.2]}, "grid['lam'] is empty"),
+    ({"lam": [True], "density": [0.2]}, "grid['lam'] holds True, not a number"),
+    ({"lam": [1.0], "density": 0.2}, "grid['density'] is 0.2, not a list of values"),
+])
+def test_an_api_grid_of_the_wrong_shape_is_a_typed_error(grid, said):
+    """hp56b c36, c36b, c36c, c38: tune(grid={'lam': '0.5'}) raised an untyped ValueError on '.', {'lam': '12'} swept
+    lam 1 and 2 (the text read letter by letter), [True] ran as 1.0, and an empty list was "no grid point got a finite
+    score", blaming the evaluator."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    base, models = make_family(2)
+    calls = []
+    with pytest.raises(ConfigError, match=re_escape(said)):
+        tiesmerge.tune(base, models, "ties", lambda state: calls.append(1) or 0.5, grid=grid)
+    assert not calls
+
+
+@pytest.mark.parametrize("ranges, said", [({"lam": "0:1"}, "ranges['lam'] is '0:1', not a pair (low, high)"),
+                                          ({"lam": (2.0, 1.0)}, "low and high must be finite, low < high"),
+                                          ({"lam": (0.0, float("inf"))}, "low and high must be finite")])
+def test_api_ranges_of_the_wrong_shape_are_a_typed_error(tmp_path, ranges, said):
+    """hp56b c37, c37b: run_search(ranges={'lam': '0:1'}) raised an untyped "too many values to unpack"; a reversed
+    pair (2, 1) was accepted where --range refuses it."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    with pytest.raises(ConfigError, match=re_escape(said)):
+        run_search(base, models, "ties", lambda state: 0.5, strategy="random", budget=2, axes=("lam",),
+                   ranges=ranges)
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)

@@ -27,7 +27,7 @@ from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
 from .candidates import check_candidate, check_tuning_vocab_policy
 from .evaluator import guard
-from .space import fit_counts
+from .space import check_grid, fit_counts
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
 
@@ -174,6 +174,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     base, models = resolve_sources(base, models)  # bytes paths and hub names, as merge takes them (hp45 c24)
     check_inputs(base, models)  # before len(models) below: a single path would be counted letter by letter
     _check_tunable(cls)
+    check_grid(grid)
     grid = dict(grid or paper_grid(cls))
     # the paper's grid of a count cut to the models merged; an axis whose values differ from it is the user's own
     paper = declared_grid(cls)

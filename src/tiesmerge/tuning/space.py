@@ -216,6 +216,57 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
     return fixed
 
 
+def check_grid(grid: Any) -> None:
+    """A grid from the API ({option: values}) of the shape the command line builds: each option's values a non-empty
+    list or tuple, lam's real numbers. A text was read letter by letter ("12": lam 1 and 2; "0.5": a ValueError on
+    '.'), an empty list blamed the evaluator (hp56 c36, c38)."""
+    if grid is None:
+        return
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"grid is a {type(grid).__name__}, not a mapping of option names to lists of values",
+                          hint="e.g. grid={'lam': [0.8, 1.0], 'density': [0.1, 0.2]}")
+    problems = []
+    for name, values in grid.items():
+        if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (list, tuple, range)):
+            problems.append(f"grid[{name!r}] is {_shown_value(values)}, not a list of values (e.g. [{_example(name)}])")
+        elif not values:
+            problems.append(f"grid[{name!r}] is empty: give at least one value")
+        elif name == "lam":
+            problems += [f"grid['lam'] holds {_shown_value(v)}, not a number" for v in values
+                         if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if problems:
+        raise ConfigError(problems, hint="e.g. grid={'lam': [0.8, 1.0], 'density': [0.1, 0.2]}")
+
+
+def check_ranges(ranges: Any) -> None:
+    """Ranges from the API ({option: (low, high)}), as ``--range NAME=LO:HI`` gives them: two finite numbers, low
+    below high (a text failed in unpacking, untyped: hp56 c37; a reversed pair passed where the flag refuses it)."""
+    if ranges is None:
+        return
+    if not isinstance(ranges, Mapping):
+        raise ConfigError(f"ranges is a {type(ranges).__name__}, not a mapping of option names to (low, high)",
+                          hint="e.g. ranges={'lam': (0.5, 2.0)}")
+    problems = []
+    for name, pair in ranges.items():
+        numbers = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+        if not numbers:
+            problems.append(f"ranges[{name!r}] is {_shown_value(pair)}, not a pair (low, high) of numbers")
+        elif not all(math.isfinite(v) for v in pair) or not pair[0] < pair[1]:
+            problems.append(f"ranges[{name!r}] is {_shown_value(pair)}: low and high must be finite, low < high")
+    if problems:
+        raise ConfigError(problems, hint="e.g. ranges={'lam': (0.5, 2.0)}")
+
+
+def _shown_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _example(name: str) -> str:
+    return "0.8, 1.0" if name == "lam" else "0.1, 0.2"
+
+
 def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None = None,
                 grid: Mapping[str, Sequence[float]] | None = None,
                 ranges: Mapping[str, tuple[float, float]] | None = None,
@@ -225,6 +276,8 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     ``ranges`` their sampling ranges; ``fixed`` options are held (and may not be searched)."""
     from ..registry import method_class
 
+    check_grid(grid)
+    check_ranges(ranges)
     cls = method_class(method) if isinstance(method, str) else method
     types = option_types(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
