@@ -316,3 +316,19 @@ def re_escape(text: str) -> str:
     import re
 
     return re.escape(text)
+
+
+def test_a_search_log_of_another_format_version_is_said_so(tmp_path):
+    """hp56b c28: a log whose header names tiesmerge-search/2 (a later version's) was "not a search log ... a search
+    log is a file the search itself started"."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    log = tmp_path / "log.jsonl"
+    grid = {"density": (0.2,), "lam": (1.0,)}
+    run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))
+    log.write_text(log.read_text().replace('"tiesmerge-search/1"', '"tiesmerge-search/2"', 1))
+    with pytest.raises(ConfigError, match=r"a search log of another format \('tiesmerge-search/2'; this tiesmerge "
+                                          r"reads 'tiesmerge-search/1'\)"):
+        run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))

@@ -131,6 +131,12 @@ class ResultsLog:
             found = None
         if (not isinstance(found, dict) or found.get("format") != FORMAT) and FORMAT in lines[0][:200]:
             raise self._corrupt(1, f"its header is damaged: {lines[0][:80]!r}")  # ours, cut or edited
+        other = found.get("format") if isinstance(found, dict) else None
+        if isinstance(other, str) and other != FORMAT and other.startswith(FORMAT.split("/")[0] + "/"):  # (hp56 c28)
+            raise ConfigError(f"{self.path}: a search log of another format ({other[:40]!r}; this tiesmerge reads "
+                              f"{FORMAT!r}): written by another tiesmerge version, so this one cannot resume it",
+                              hint="resume it with the tiesmerge version that wrote it, or choose another --dir "
+                                   "(log= in Python) to start afresh")
         if not isinstance(found, dict) or found.get("format") != FORMAT:  # never a log: someone's file, not ours
             raise ConfigError(f"{self.path}: not a search log (its first line is not the header of a {FORMAT} log: "
                               f"{lines[0][:80]!r}); the search would append to it",
