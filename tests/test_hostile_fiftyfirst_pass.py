@@ -793,7 +793,7 @@ def test_a_merged_adapter_is_checked_for_its_own_size_and_its_write_errors_are_t
     full = tiesmerge.plan_merge(tmp_path / "base", loras, "task_arithmetic")
     assert adapter.output_bytes * 10 < full.output_bytes
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(1 << 40, 0, adapter.output_bytes + 4096))
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda path: usage(1 << 40, 0, adapter.output_bytes + (64 << 10)))
     tiesmerge.merge(tmp_path / "base", loras, "task_arithmetic", output_format="adapter", output=tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
 

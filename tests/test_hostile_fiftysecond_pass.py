@@ -332,3 +332,44 @@ def test_a_search_log_of_another_format_version_is_said_so(tmp_path):
     with pytest.raises(ConfigError, match=r"a search log of another format \('tiesmerge-search/2'; this tiesmerge "
                                           r"reads 'tiesmerge-search/1'\)"):
         run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))
+
+
+@pytest.mark.parametrize("output_format", ["model", "adapter"])
+def test_a_dry_run_that_finds_room_means_the_merge_fits(tmp_path, capsys, output_format):
+    """hp56a c38, c39: on a 28 KiB file system the dry run's free-space check passed ("output size 26.34 KiB") and
+    the real run then filled the disk on config.json (the card, the manifest, the copied files and whole blocks were
+    not counted; the dry run and the real run counted different things). On file systems of growing size: a dry run
+    that passes means the real run fits, and a real run refused is refused by the free-space check, before writing."""
+    import subprocess
+
+    from helpers_ckpt import make_base
+
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    (b / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    if output_format == "adapter":
+        ms = [write_lora_dir(tmp_path / f"a{k}", random_lora(base, 4, k), alpha=8.0) for k in range(2)]
+        extra = ["--output-format", "adapter", "--rank", "8"]
+    else:
+        ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(make_family(2)[1])]
+        extra = []
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("no tmpfs mount here (needs root)")
+    subprocess.run(["umount", str(disk)], capture_output=True)
+    verdicts = []
+    for kib in range(8, 200, 8):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(disk)], check=True)
+        try:
+            dry, _, dry_err = run_cli(["merge", *cli_flags(b, ms), "-o", disk / "out", "--dry-run", *extra], capsys)
+            real, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", disk / "out", *extra], capsys)
+        finally:
+            subprocess.run(["umount", str(disk)], check=True)
+        assert dry == 0 or "the output needs" in dry_err, dry_err
+        assert real == 0 or "the output needs" in err, (kib, err)  # refused before writing, never "disk is full"
+        assert not (dry == 0 and "the output needs" not in dry_err and real != 0), (kib, dry_err, err)
+        verdicts.append(real == 0)
+        if real == 0:
+            break
+    assert verdicts[-1] and len(verdicts) > 1, verdicts  # a size too small was refused, a larger one fitted

@@ -42,7 +42,15 @@ from .io.card import digest_cache_kept_out_of, flush_digests, hash_files, model_
 from .io.checkpoint import Checkpoint
 from .io.vocab import write_tokenizer_files
 from .io.vocab_rows import is_part
-from .io.writer import OutputEntry, ShardedWriter, atomic_directory, check_model_files, copy_model_files, model_files
+from .io.writer import (
+    OutputEntry,
+    ShardedWriter,
+    atomic_directory,
+    check_model_files,
+    copy_model_files,
+    model_files,
+    output_footprint,
+)
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
 from .manifest import check_stats_digests, merge_manifest, reference_option
@@ -110,8 +118,9 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
                            vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format,
                            stats=stats, allow_distant=allow_distant)
         if output_format != "adapter":  # the files a merge copies beside the weights: checked as merge checks them
-            check_model_files(model_files(prepared.base.directory()))
-            return prepared.executor.plan
+            copied = model_files(prepared.base.directory())
+            check_model_files(copied)
+            return dataclasses.replace(prepared.executor.plan, copied_bytes=tuple(os.stat(f).st_size for f in copied))
         # the adapter's own size, from the adapted modules' shapes and the rank: a number, not a formula (hp40b C52)
         adapter_merge.check_rank(prepared.models, rank)
         size, held = adapter_merge.adapter_size(prepared.base, prepared.models, rank, requested_dtype(dtype))
@@ -455,8 +464,12 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                   for j in executor.alignment.outputs()]
         # an adapter's own size (its factors at the rank), not the full model's (hp54 c25: a 1 MiB adapter refused
         # for the 5.6 MiB model it is not)
-        needed = adapter_merge.adapter_size(prepared.base, prepared.models, rank, requested_dtype(dtype))[0] \
-            if output_format == "adapter" else executor.plan.output_bytes + sum(os.stat(f).st_size for f in extra)
+        if output_format == "adapter":  # one file
+            data = adapter_merge.adapter_size(prepared.base, prepared.models, rank, requested_dtype(dtype))[0]
+            needed = output_footprint(data, tensors=len(executor.plan.jobs), shard_bytes=data + 1)
+        else:
+            needed = output_footprint(executor.plan.output_bytes, copied=[os.stat(f).st_size for f in extra],
+                                      tensors=len(executor.plan.jobs), shard_bytes=shard_bytes)
         merged_names = [n for j in executor.alignment.outputs() if j.merge for n in (j.name, *j.aliases)]
         with atomic_directory(output, force=force, needed_bytes=needed) as tmp:
             adapter_part = None

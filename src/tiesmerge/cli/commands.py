@@ -31,7 +31,7 @@ from ..paths import (
 )
 from ..recipe import read_recipe_data, recipe_from_dict
 from ..registry import METHODS, broken_plugins, method_class
-from ..sizes import DEFAULT_MEMORY_BUDGET, format_size
+from ..sizes import DEFAULT_MEMORY_BUDGET, format_size, parse_size
 from .adapt import cmd_adapt
 from .terminal import completed, shown, terminal_safe
 
@@ -555,10 +555,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(describe_plan(plan, recipe.method, len(recipe.models)))
         if args.output:
             print(f"output           {shown(args.output)} (not written: dry run)")
-            from ..io.writer import check_free_space
+            from ..io.writer import check_free_space, output_footprint
 
-            with contextlib.suppress(OSError):  # as the real run checks it (hp54 c43)
-                check_free_space(args.output, plan.output_bytes, existing_folder(args.output))
+            one_file = plan.adapter_output  # an adapter is one file; a model's weights are sharded
+            needed = output_footprint(plan.output_bytes, copied=plan.copied_bytes, tensors=len(plan.jobs),
+                                      shard_bytes=plan.output_bytes + 1 if one_file else parse_size(recipe.shard_size))
+            with contextlib.suppress(OSError):  # as the real run checks it (hp54 c43), the same footprint (hp56 c39)
+                check_free_space(args.output, needed, existing_folder(args.output))
         return 0
     if not args.output:
         raise ConfigError("missing -o/--output", hint="tiesmerge merge ... -o ./merged (or --dry-run to only plan)")

@@ -97,6 +97,7 @@ class Plan:
     pass_names: tuple[str, ...] = ("merge",)  # what each whole-stream pass does, in order
     adapter_output: bool = False  # a merged adapter is written: nothing copied, its size known once factored
     adapter_layout: str = ""  # what that adapter holds (rank-8 LoRA factors of 6 modules...), sized in output_bytes
+    copied_bytes: tuple[int, ...] = ()  # sizes of the files a merge copies beside the weights (config, tokenizer)
 
     @property
     def bytes_to_read(self) -> int:

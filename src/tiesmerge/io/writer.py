@@ -320,13 +320,35 @@ def remove_stale(parent: Path) -> list[str]:
     return cleaned
 
 
+# what an output takes on disk beside its weights' data, for the free-space check (hp56 c38: a dry run's 26 KiB for an
+# output taking 60 KiB in 4 KiB blocks): the model card and tiesmerge.json (which lists every tensor), the files
+# copied from the base, an index of shards, and each file's last block filled up
+_BLOCK = 4096
+_MANIFEST_BYTES = 16 << 10  # README.md and tiesmerge.json of a merge of few tensors (9 KiB measured for 20)
+_BYTES_PER_TENSOR = 640  # what each tensor adds to them and to a shard index
+
+
+def output_footprint(data_bytes: int, *, copied: Sequence[int] = (), tensors: int = 0,
+                     shard_bytes: int = 5_000_000_000) -> int:
+    """Bytes an output takes on disk: ``data_bytes`` of weights in shards of at most ``shard_bytes``, the files of
+    ``copied`` sizes, and the card and manifest of ``tensors`` tensors, each file rounded up to whole blocks. The dry
+    run and the real run both check free space against it."""
+    def blocks(n: int) -> int:
+        return -(-n // _BLOCK) * _BLOCK
+
+    shards = max(1, -(-data_bytes // max(shard_bytes, 1)))
+    return (data_bytes + shards * _BLOCK + sum(blocks(c) for c in copied)
+            + blocks(_MANIFEST_BYTES + _BYTES_PER_TENSOR * tensors) + (_BLOCK if shards > 1 else 0))
+
+
 def check_free_space(final: str | os.PathLike, needed_bytes: int, where: str | os.PathLike) -> None:
     """Refuse an output of ``needed_bytes`` where the file system holding ``where`` has less free (a dry run asks it
     of the folder the output would go in, the real run of its temporary)."""
     free = shutil.disk_usage(where).free
     if needed_bytes > free:
-        raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} but only {format_size(free)} "
-                          "is free there", hint="free some space or write elsewhere")
+        raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} (its weights, model card, "
+                          f"manifest and copied files, in whole blocks) but only {format_size(free)} is free there",
+                          hint="free some space or write elsewhere")
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import CheckpointError, ConfigError, InvalidTensorError
 from ..io.checkpoint import Checkpoint, StateDictCheckpoint, open_checkpoint
-from ..io.writer import OutputEntry, ShardedWriter, atomic_directory
+from ..io.writer import OutputEntry, ShardedWriter, atomic_directory, output_footprint
 from ..limits import read_json
 from ..paths import TOKENIZER_FILE_NAMES, check_input, check_not_input, fs_text, inside
 from ..sizes import DEFAULT_SHARD_SIZE, parse_size
@@ -207,7 +207,9 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
     if manifest.model:  # never inside (or over) the model the statistics describe, as `tiesmerge stats -o` refuses
         check_not_input(directory, [("the model these statistics describe", manifest.model)])
     groups = [[OutputEntry(k, tuple(v.shape), v.dtype)] for k, v in tensors.items()]
-    with atomic_directory(directory, force=force, needed_bytes=sum(v.numel() * 4 for v in tensors.values()),
+    needed = output_footprint(sum(v.numel() * 4 for v in tensors.values()), tensors=len(tensors),
+                              shard_bytes=shard_bytes)
+    with atomic_directory(directory, force=force, needed_bytes=needed,
                           marker="tiesmerge_stats.json") as tmp:
         writer = ShardedWriter(tmp, groups, shard_bytes,
                                metadata={"format": "pt", "tiesmerge_stats": manifest.kind})
