@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helpers_adapters import random_lora, write_lora_dir
 from helpers_ckpt import assert_no_output, cli_flags, make_family, run_cli, write_hf_dir
@@ -373,3 +374,38 @@ def test_a_dry_run_that_finds_room_means_the_merge_fits(tmp_path, capsys, output
         if real == 0:
             break
     assert verdicts[-1] and len(verdicts) > 1, verdicts  # a size too small was refused, a larger one fitted
+
+
+@pytest.mark.parametrize("output_format", ["model", "adapter"])
+def test_a_config_without_tie_word_embeddings_takes_its_model_types_default(tmp_path, capsys, output_format):
+    """hp56a c90, c91, c169: a Llama base whose config.json lacks tie_word_embeddings (transformers' LlamaConfig
+    defaults it to False) and stores its own lm_head was taken as tied: a LoRA saving new embed_tokens and lm_head
+    copies (modules_to_save), or adapting lm_head, was refused as changing "a base that ties its output head"."""
+    import json
+
+    from helpers_ckpt import make_base
+    from tiesmerge.io.align import ties_word_embeddings
+
+    pytest.importorskip("transformers")
+    assert ties_word_embeddings({"model_type": "llama"}) is False
+    assert ties_word_embeddings({"model_type": "gpt2"}) is True and ties_word_embeddings({}) is True
+    assert ties_word_embeddings({"model_type": "llama", "tie_word_embeddings": True}) is True
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    config = json.loads((b / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (b / "config.json").write_text(json.dumps(config))
+    g = torch.Generator().manual_seed(3)
+    saved = {f"{name}.modules_to_save.default.weight": base[f"{name}.weight"] + 0.01 * torch.randn(
+        base[f"{name}.weight"].shape, generator=g) for name in ("model.embed_tokens", "lm_head")}
+    adapters = [write_lora_dir(tmp_path / f"a{k}", random_lora(base, 2, k), alpha=4.0, extra=saved if k == 0 else None,
+                               config={"modules_to_save": ["embed_tokens", "lm_head"]} if k == 0 else None)
+                for k in range(2)]
+    extra = ["--output-format", "adapter"] if output_format == "adapter" else []
+    rc, _, err = run_cli(["merge", *cli_flags(b, adapters), "-o", tmp_path / "out", *extra], capsys)
+    assert rc == 0 and "ties its output head" not in err, err
+    config["model_type"] = "gpt2"  # a type whose config class ties by default: refused, the copies named as two
+    (b / "config.json").write_text(json.dumps(config))
+    rc, _, err = run_cli(["merge", *cli_flags(b, adapters), "-o", tmp_path / "out2", *extra], capsys)
+    assert rc != 0 and "Traceback" not in err, err
+    assert "(modules_to_save) that differ, for a base that ties the two" in err, err

@@ -227,7 +227,7 @@ def _heads_following_the_embedding(full: dict[str, str], file: Checkpoint, base:
     is returned, to be skipped (the head follows the embedding in the tied output). Without it (PEFT's default)
     only the embedding's copy is saved, and PEFT runs the new embedding with the base's old head: a merged model
     that ties one matrix cannot hold that, so it is refused (hostile pass 31, C68/C69)."""
-    from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, _same_bytes, read_model_config
+    from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, _same_bytes, read_model_config, ties_word_embeddings
 
     embeds = {p: k for p, k in full.items() if p.endswith(_EMBED_SUFFIXES) and ".base_layer." not in k}
     if not embeds:
@@ -242,7 +242,7 @@ def _heads_following_the_embedding(full: dict[str, str], file: Checkpoint, base:
             hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full model, or train "
                  "the adapter without the shared embedding in modules_to_save")
     config = read_model_config(base)
-    if config.get("tie_word_embeddings", True) is False:
+    if not ties_word_embeddings(config):
         return set()
     heads = {p: k for p, k in full.items() if p.endswith(_HEAD_SUFFIXES) and ".base_layer." not in k}
     stored_heads = [n for n in base.names() if n.endswith(_HEAD_SUFFIXES)]
@@ -256,6 +256,13 @@ def _heads_following_the_embedding(full: dict[str, str], file: Checkpoint, base:
         architectures = config.get("architectures")
         has_head = bool(stored_heads) or (isinstance(architectures, list) and any(
             isinstance(a, str) and a.endswith(_LM_HEAD_CLASSES) for a in architectures))
+        if has_head and heads:  # a new head beside, of other values (hp56 c90: "with the base's old head")
+            raise IncompatibleCheckpointsError(
+                f"{label}: the adapter saves new copies of {strip_key(plain, '')!r} and of the output head "
+                f"{strip_key(next(iter(heads)), '')!r} (modules_to_save) that differ, for a base that ties the two "
+                "(tie_word_embeddings): PEFT runs them apart, which a merged model holding one tied matrix cannot be",
+                hint="merge it into its base with PEFT (merge_and_unload), save that untied, and merge the full model; "
+                     "or, if the base is not tied, set tie_word_embeddings: false in its config.json")
         if has_head:
             raise IncompatibleCheckpointsError(
                 f"{label}: the adapter saves a new {strip_key(plain, '')!r} (modules_to_save) for a base that ties its "
@@ -548,11 +555,11 @@ class LoraCheckpoint:
         names only the embedding): the same ΔW, which the tied output holds once, as the embedding's. Those twins are
         left out; a head whose factors are not the embedding's is kept, to be refused as a change to a tied head
         (hostile pass 31, C79)."""
-        from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, _same_bytes, read_model_config
+        from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, _same_bytes, read_model_config, ties_word_embeddings
 
         if self.config.get("ensure_weight_tying") is not True:
             return
-        if read_model_config(base).get("tie_word_embeddings", True) is False:
+        if not ties_word_embeddings(read_model_config(base)):
             return
         heads = tuple(s.removesuffix(".weight") for s in _HEAD_SUFFIXES)
         embeds = [(m, f) for m, f in self._factors.items() if f[2] and (m + ".weight").endswith(_EMBED_SUFFIXES)]

@@ -9,11 +9,12 @@ and are written under every name; a vocabulary-size mismatch is an error unless 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -174,6 +175,34 @@ def read_model_config(ckpt: Checkpoint) -> dict:
     return config
 
 
+def ties_word_embeddings(config: Mapping[str, Any]) -> bool:
+    """Whether transformers ties this model's output head to its input embedding: the config's tie_word_embeddings,
+    else the default of the config class its model_type names (Llama, Mistral, Qwen2: untied; GPT-2, BERT, Gemma:
+    tied), else PretrainedConfig's (tied). A config without the key was taken as tied, and an untied Llama refused
+    (hp56 c90, c169)."""
+    value = config.get("tie_word_embeddings")
+    if isinstance(value, bool):
+        return value
+    model_type = config.get("model_type")
+    return _class_ties(model_type) if isinstance(model_type, str) else True
+
+
+@functools.lru_cache(maxsize=64)
+def _class_ties(model_type: str) -> bool:
+    """tie_word_embeddings' default in transformers' own config class for ``model_type`` (its configuration module,
+    never a model's code); True where transformers or the class is missing or names no default."""
+    try:
+        import inspect
+
+        from transformers import CONFIG_MAPPING
+
+        cls = CONFIG_MAPPING[model_type]
+        default = inspect.signature(cls.__init__).parameters["tie_word_embeddings"].default
+    except Exception:  # noqa: BLE001 -- no transformers, an unknown type, a class without the parameter
+        return True
+    return default if isinstance(default, bool) else True
+
+
 def _tied_groups(base: Checkpoint, names: list[str]) -> list[tuple[str, ...]]:
     """Groups of names that are one tensor: aliasing memory, or an output head tied by config."""
     if hasattr(base, "storage_key"):  # in memory: tensors that view the same memory are one
@@ -183,7 +212,7 @@ def _tied_groups(base: Checkpoint, names: list[str]) -> list[tuple[str, ...]]:
             if key is not None:
                 groups.setdefault(key, []).append(name)
         return [tuple(g) for g in groups.values() if len(g) > 1]
-    if read_model_config(base).get("tie_word_embeddings", True) is False:
+    if not ties_word_embeddings(read_model_config(base)):
         return []
     heads = [n for n in names if n.endswith(_HEAD_SUFFIXES)]
     embeds = [n for n in names if n.endswith(_EMBED_SUFFIXES)]
@@ -200,7 +229,7 @@ def _untied_copies(base: Checkpoint, model: Checkpoint, k: int, extra: list[str]
     embedding where the base ties them (its config; a writer that does not deduplicate tied tensors stores the head
     anyway): the same tensor, merged once as the embedding. A head that differs from the embedding was trained
     untied, and merging it tied would drop its change: that is an error that says so."""
-    if not extra or yields_task_vector(model) or read_model_config(base).get("tie_word_embeddings", True) is False:
+    if not extra or yields_task_vector(model) or not ties_word_embeddings(read_model_config(base)):
         return extra
     embeds = [n for n in model.names() if n.endswith(_EMBED_SUFFIXES) and n in base.names()]
     left = []

@@ -116,9 +116,9 @@ class BaseNames:
     def _refuse_tied_head(self, whole: str, label: str, key: str) -> None:
         """An adapter on the output head of a base that stores none (its head is the input embedding, tied): PEFT
         trains such adapters, and merging one changes the shared matrix, the embedding too (hostile pass 29, N6)."""
-        from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, read_model_config
+        from .align import _EMBED_SUFFIXES, _HEAD_SUFFIXES, read_model_config, ties_word_embeddings
 
-        if not whole.endswith(_HEAD_SUFFIXES) or read_model_config(self.base).get("tie_word_embeddings") is False:
+        if not whole.endswith(_HEAD_SUFFIXES) or not ties_word_embeddings(read_model_config(self.base)):
             return
         embedding = next((n for n in sorted(self.names) if n.endswith(_EMBED_SUFFIXES)), None)
         if embedding is not None:
