@@ -409,3 +409,22 @@ def test_a_config_without_tie_word_embeddings_takes_its_model_types_default(tmp_
     rc, _, err = run_cli(["merge", *cli_flags(b, adapters), "-o", tmp_path / "out2", *extra], capsys)
     assert rc != 0 and "Traceback" not in err, err
     assert "(modules_to_save) that differ, for a base that ties the two" in err, err
+
+
+@pytest.mark.parametrize("stored, named", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_a_mergekit_model_plus_lora_fold_follows_the_configs_dtype(tmp_path, stored, named):
+    """hp56a c104, c105: a MODEL+LORA entry was folded in the dtype of the base's first tensor, while transformers
+    (mergekit's loader, dtype "auto") loads the whole base in its config's dtype: bfloat16 weights under a float32
+    config differed from mergekit's fold in every value of an adapted tensor (up to 9e-4)."""
+    from helpers_adapters import merged_as_model_plus_lora
+    from helpers_ckpt import load_dir
+    from test_hostile_fortyeighth_pass import _peft_folded_reference
+
+    reference, targets = _peft_folded_reference(tmp_path, getattr(torch, stored), "llama", config_dtype=named)
+    ours = merged_as_model_plus_lora(tmp_path)
+    base = load_dir(tmp_path / "base")
+    adapted = [n for n in reference if any(t in n for t in targets) and n in ours]
+    assert adapted
+    for name in adapted:  # mergekit's task arithmetic in float32: base + 1.0 * (folded - base), base as stored
+        stored_base = base[name].float()
+        assert torch.equal(ours[name], stored_base + (reference[name].float() - stored_base)), name

@@ -174,10 +174,11 @@ def test_a_resumed_search_whose_evaluator_reads_another_file_now_is_refused(tmp_
     assert log.read_bytes() == logged  # nothing appended: the checked candidate is logged already
 
 
-def _peft_folded_reference(tmp_path, dtype, kind):
+def _peft_folded_reference(tmp_path, dtype, kind, config_dtype=None):
     """A tiny base saved in ``dtype``, a trained LoRA on it (an embedding among its targets, a head in modules_to_save
     saved in float32), and PEFT's fold of it as mergekit 0.1.5 makes it for a MODEL+LORA entry: the base loaded with
-    ``torch_dtype=None`` (its weights' dtype), PeftModel.from_pretrained, merge_and_unload."""
+    ``torch_dtype=None`` (its config's dtype, else its weights'), PeftModel.from_pretrained, merge_and_unload.
+    ``config_dtype``: the dtype its config.json names instead of ``dtype`` (the weights stay in ``dtype``)."""
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     import torch
@@ -198,6 +199,14 @@ def _peft_folded_reference(tmp_path, dtype, kind):
                                                                      vocab_size=30))
         targets, saved = ["c_attn", "mlp.c_fc", "wte"], ["ln_f"]
     model.to(dtype).save_pretrained(tmp_path / "base")
+    if config_dtype is not None:
+        import json
+
+        config = json.loads((tmp_path / "base" / "config.json").read_text())
+        for key in ("dtype", "torch_dtype"):
+            if key in config:
+                config[key] = config_dtype
+        (tmp_path / "base" / "config.json").write_text(json.dumps(config))
     cls = type(model)
     adapter = peft.get_peft_model(cls.from_pretrained(tmp_path / "base"), peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=targets, modules_to_save=saved or None, fan_in_fan_out=kind == "gpt2"))

@@ -280,6 +280,21 @@ _HELD_BYTES: dict[int, int] = {}  # adapter (its token) -> the bytes of the whol
 _TOKENS = itertools.count()  # each adapter's own key (an id() is reused once an object is freed: hp51 c03)
 
 
+def _config_dtype(base: Checkpoint) -> Any:
+    """The floating dtype a base's config.json names (transformers 5's "dtype", or the older "torch_dtype"), which
+    transformers loads the whole model in when asked for no dtype; None where it names none."""
+    import torch
+
+    from .align import read_model_config  # align imports this module
+
+    config = read_model_config(base)
+    for key in ("dtype", "torch_dtype"):
+        named = config.get(key)
+        if isinstance(named, str) and named.removeprefix("torch.") in ("float32", "float16", "bfloat16", "float64"):
+            return getattr(torch, named.removeprefix("torch."))
+    return None
+
+
 def float32_modules(base: Checkpoint, dtype: Any) -> re.Pattern | None:
     """The modules transformers keeps in float32 when it loads ``base`` in ``dtype``, as one pattern, from its
     config's architecture class (looked up by name in transformers, never a model's own code); None where there are
@@ -689,7 +704,8 @@ class LoraCheckpoint:
 
     def _module_dtype(self, base: Checkpoint, name: str, stored_dtype: Any) -> Any:
         """The dtype transformers loads ``name`` in when mergekit loads the base (no dtype asked: transformers 5 takes
-        the first floating tensor's of the first weights file for the whole model, hp49 c11, c56), then float32 for
+        the config's dtype, else the first floating tensor's of the first weights file for the whole model, hp49 c11,
+        c56, hp56 c104), then float32 for
         the model class's modules kept so (``_keep_in_fp32_modules`` in a float16 model, ``..._strict`` in bfloat16
         too, each searched in the tensor's name: hp49 c54, T5's wo). A base of other files: each tensor's own."""
         import torch
@@ -697,10 +713,12 @@ class LoraCheckpoint:
         if not stored_dtype.is_floating_point:
             return stored_dtype
         if self._load_dtype is _UNREAD:
-            firsts = getattr(base, "first_file_names", None)
-            names = firsts() if callable(firsts) else []
-            floating = next((n for n in names if base.info(n).is_floating and base.info(n).itemsize >= 2), None)
-            self._load_dtype = None if floating is None else base.info(floating).dtype
+            self._load_dtype = _config_dtype(base)  # transformers' dtype="auto": the config's dtype first (hp56
+            if self._load_dtype is None:  # c104, c105: bfloat16 weights under a float32 config load in float32)
+                firsts = getattr(base, "first_file_names", None)
+                names = firsts() if callable(firsts) else []
+                floating = next((n for n in names if base.info(n).is_floating and base.info(n).itemsize >= 2), None)
+                self._load_dtype = None if floating is None else base.info(floating).dtype
         model = self._load_dtype or stored_dtype
         if model in (torch.float16, torch.bfloat16):
             if model not in self._float32_kept:
