@@ -428,3 +428,23 @@ def test_a_mergekit_model_plus_lora_fold_follows_the_configs_dtype(tmp_path, sto
     for name in adapted:  # mergekit's task arithmetic in float32: base + 1.0 * (folded - base), base as stored
         stored_base = base[name].float()
         assert torch.equal(ours[name], stored_base + (reference[name].float() - stored_base)), name
+
+
+def test_an_evaluators_code_does_not_depend_on_the_working_folder(tmp_path, monkeypatch):
+    """hp56b c62: torch.ops and torch.classes carry a relative __file__ ("_ops.py", "_classes.py"): with the working
+    folder the evaluator's, they were counted as its helpers, files that do not exist, and the same search resumed
+    from another folder was refused as "the evaluator's code: its module's source changed"."""
+    import importlib
+    import os
+
+    from tiesmerge.tuning.driver import _evaluator_code
+
+    (tmp_path / "ev_cwd.py").write_text("def score(state):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("ev_cwd")
+    monkeypatch.chdir(tmp_path)
+    here = _evaluator_code(module.score)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert _evaluator_code(module.score) == here
+    assert all(os.path.isfile(f) for f in here), here

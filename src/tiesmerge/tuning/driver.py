@@ -163,7 +163,10 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
     helpers = set()
     for loaded in list(sys.modules.values()):  # a copy: another thread may import meanwhile
         file = getattr(loaded, "__file__", None)
-        if isinstance(file, str) and file.endswith((".py", ".pyc", ".so", ".pyd")) and file != path:
+        # an absolute path of a file that exists: torch.ops and torch.classes name "_ops.py" and "_classes.py",
+        # relative, which abspath placed in the working folder, so the code changed with it (hp56 c62)
+        if isinstance(file, str) and file.endswith((".py", ".pyc", ".so", ".pyd")) and file != path \
+                and os.path.isabs(file) and os.path.isfile(file):
             spellings = (os.path.abspath(file), os.path.realpath(file))
             if any(f.startswith(folders) for f in spellings) and not any(f.startswith(installed) for f in spellings) \
                     and not any({"site-packages", "dist-packages"} & set(f.split(os.sep)) for f in spellings):
