@@ -448,3 +448,60 @@ def test_an_evaluators_code_does_not_depend_on_the_working_folder(tmp_path, monk
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert _evaluator_code(module.score) == here
     assert all(os.path.isfile(f) for f in here), here
+
+
+@pytest.mark.parametrize("fn, said", [
+    (lambda m, b: m(b["x"]).sum(), "logits_fn returned a float32 tensor of shape (), not (B, C)"),
+    (lambda m, b: [1, 2], "logits_fn returned a list, not (B, C)"),
+    (lambda m, b: m(b["x"]).detach(), "the Fisher is zero for every parameter over 3 examples"),
+])
+def test_fisher_information_of_a_function_without_usable_logits_is_a_typed_error(fn, said):
+    """hp56b c49, c50: fisher_information with a function returning a 0-d sum (an IndexError inside vjp) or a list (an
+    AttributeError) failed untyped; detached logits gave a Fisher of zeros, which save() wrote and a merge used."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import fisher_information
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batches = [{"x": torch.randn(3, 4)}]
+    with pytest.raises(ConfigError, match=re_escape(said)):
+        fisher_information(module, batches, fn, kind="exact")
+
+
+def test_gram_matrices_with_every_row_masked_is_a_typed_error(tmp_path):
+    """hp56b c51: a token_mask dropping every row returned statistics of no tensor, and save() wrote a folder holding
+    only its manifest."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import gram_matrices
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match="no input rows reached any Linear layer over 3 examples: token_mask kept"):
+        gram_matrices(module, [{"x": torch.randn(3, 4)}], lambda m, b: m(b["x"]),
+                      token_mask=lambda b: torch.zeros(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("shape, said", [("list", "the forward returned a list, not (B, classes) logits"),
+                                         ("detached", "the forward's logits do not depend on the merge coefficients"),
+                                         ("long", "the forward returned a int64 tensor of shape (2, 3)"),
+                                         ("short", "of shape (1, 3) for a batch of 2")])
+def test_adapt_with_a_forward_returning_unusable_logits_is_a_typed_error(shape, said):
+    """hp56b c56, c58: a FunctionLogits forward returning a list failed as an AttributeError in the entropy, detached
+    or integer logits as "element 0 of tensors does not require grad" from backward(); fewer rows than the batch
+    passed."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.forward import FunctionLogits
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    base = {k: v.detach().clone() for k, v in lin.state_dict().items()}
+    models = [{k: v + 0.1 * torch.randn(v.shape) for k, v in base.items()} for _ in range(2)]
+    rows = [{"text": "t", "x": torch.randn(4).tolist()} for _ in range(6)]
+
+    def fn(m, x, task):
+        out = m(x)
+        return {"list": [1, 2], "detached": out.detach(), "long": out.long(), "short": out[:1]}[shape]
+
+    forward = FunctionLogits(torch.nn.Linear(4, 3), fn, encode=lambda rs, task: torch.tensor([r["x"] for r in rs]))
+    with pytest.raises(ConfigError, match=re_escape(said)):
+        tiesmerge.adapt(base, models, [rows, rows], forward=forward, steps=2, batch_size=2)

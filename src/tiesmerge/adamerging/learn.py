@@ -222,10 +222,28 @@ def check_labels(data: Mapping[str, Sequence[Any]], sources: Mapping[str, str] |
 def objective(out: torch.Tensor, rows: Sequence[Any], kind: str) -> torch.Tensor:
     """The scalar minimised for one task's batch: the mean entropy of the predictions ``out`` (B, classes), or
     their mean cross-entropy against the rows' labels (checked against the classes before the first step)."""
+    _check_forward_output(out, len(rows))
     if kind == "entropy":
         return entropy(out).mean()
     labels = torch.tensor([row["label"] for row in rows], dtype=torch.long, device=out.device)  # (B,)
     return torch.nn.functional.cross_entropy(out.float(), labels)
+
+
+def _check_forward_output(out: Any, batch: int) -> None:
+    """The forward's result for a batch of ``batch`` rows must be (batch, classes) floating logits that depend on the
+    coefficients: a list failed in the entropy as an AttributeError, detached or integer logits in backward() as
+    "does not require grad" (hp56 c56), fewer rows than the batch passed (c58)."""
+    if not isinstance(out, torch.Tensor):
+        raise ConfigError(f"the forward returned a {type(out).__name__}, not (B, classes) logits",
+                          hint="return a tensor of logits, one row per example of the batch")
+    if not out.is_floating_point() or out.dim() != 2 or out.shape[0] != batch or out.shape[1] < 2:
+        raise ConfigError(f"the forward returned a {str(out.dtype).removeprefix('torch.')} tensor of shape "
+                          f"{tuple(out.shape)} for a batch of {batch}, not ({batch}, classes) floating logits with "
+                          "two classes or more", hint="return the model's logits, one row per example of the batch")
+    if torch.is_grad_enabled() and not out.requires_grad:
+        raise ConfigError("the forward's logits do not depend on the merge coefficients (detached, or computed under "
+                          "no_grad or from another model than the one it is given)",
+                          hint="compute the logits with the model the forward receives, without detach()")
 
 
 @dataclass

@@ -53,7 +53,16 @@ class _Bound(torch.nn.Module):
         self.logits_fn = logits_fn
 
     def forward(self, batch: Any) -> torch.Tensor:
-        out = self.logits_fn(self.module, batch).float()
+        out = self.logits_fn(self.module, batch)
+        # what the Fisher needs, checked where it is returned (hp56 c49: a 0-d sum was an IndexError inside vjp, a list
+        # an AttributeError)
+        if not isinstance(out, torch.Tensor) or not (out.is_floating_point() and out.dim() in (1, 2)):
+            what = (f"a {type(out).__name__}" if not isinstance(out, torch.Tensor) else
+                    f"a {str(out.dtype).removeprefix('torch.')} tensor of shape {tuple(out.shape)}")
+            raise ConfigError(f"logits_fn returned {what}, not (B, C) floating logits or (B,) log-likelihoods",
+                              hint="return the model's logits for the batch (one row per example), computed from the "
+                                   "module's parameters (not detached)")
+        out = out.float()
         return out if out.dim() == 1 else torch.log_softmax(out, dim=-1)  # (B,) or (B, C)
 
 
@@ -160,6 +169,10 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
         module.train(was_training)
     if not examples:
         raise ConfigError("no examples: the batches were empty")
+    if total and not any(bool(t.any()) for t in total.values()):  # (hp56 c50: detached logits, written as a Fisher)
+        raise ConfigError(f"the Fisher is zero for every parameter over {examples:,} examples: logits_fn's output does "
+                          "not depend on the module's parameters (detached, computed under no_grad, or from another "
+                          "module)", hint="return logits computed by the module passed to logits_fn, with gradients")
     tensors = {n.removeprefix("module."): (t / examples) for n, t in total.items()}
     manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": per_example,
                                                   "embedding_rows": embedding_rows},

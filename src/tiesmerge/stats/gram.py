@@ -78,6 +78,11 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
     if not examples:
         raise ConfigError("no examples: the batches were empty")
     tensors = {f"{name}.weight": (sums[name] / max(rows[name], 1)).float() for name in sums if rows[name]}
+    if not tensors:  # every row masked out: statistics of nothing, written as a folder of a manifest (hp56 c51)
+        raise ConfigError(f"no input rows reached any Linear layer over {examples:,} examples"
+                          + (": token_mask kept none" if token_mask is not None else ""),
+                          hint="check token_mask (True keeps a row), or that the model has Linear layers the "
+                               "batches run through")
     options = {"token_mask": token_mask is not None, "rows": {f"{n}.weight": rows[n] for n in sums}}
     manifest = StatsManifest("gram", examples, options, model_digest=model_digest(module, model),
                              model=str(model) if model is not None else None, tokenizer_digest=tokenizer_digest(model),
