@@ -505,3 +505,42 @@ def test_adapt_with_a_forward_returning_unusable_logits_is_a_typed_error(shape, 
     forward = FunctionLogits(torch.nn.Linear(4, 3), fn, encode=lambda rs, task: torch.tensor([r["x"] for r in rs]))
     with pytest.raises(ConfigError, match=re_escape(said)):
         tiesmerge.adapt(base, models, [rows, rows], forward=forward, steps=2, batch_size=2)
+
+
+def test_a_merged_adapters_card_and_manifest_say_what_it_is(tmp_path):
+    """hp57a c80: an (IA)³ adapter output's card was titled "Merged LoRA adapter" and tagged lora; c27: a merged
+    adapter's manifest said output dtype "same as base" of float32 factors on a bfloat16 base."""
+    import json
+
+    import tiesmerge
+    from helpers_adapters import random_ia3, write_ia3_dir
+    from helpers_ckpt import make_base
+
+    base = make_base(0, dtype=torch.bfloat16)
+    b = write_hf_dir(tmp_path / "base", base)
+    ia3 = [write_ia3_dir(tmp_path / f"i{k}", random_ia3(base, k)) for k in range(2)]
+    out = tiesmerge.merge(str(b), [str(p) for p in ia3], "task_arithmetic", output=tmp_path / "ia3",
+                          output_format="adapter")
+    card = (out / "README.md").read_text()
+    assert "# Merged (IA)³ adapter" in card and "- ia3" in card and "LoRA" not in card, card
+    loras = [write_lora_dir(tmp_path / f"l{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    out = tiesmerge.merge(str(b), [str(p) for p in loras], "task_arithmetic", output=tmp_path / "lora",
+                          output_format="adapter", rank=4)
+    assert json.loads((out / "tiesmerge.json").read_text())["output"]["dtype"] == "float32"
+    assert "# Merged LoRA adapter" in (out / "README.md").read_text()
+
+
+def test_force_over_a_manifest_whose_stamps_were_emptied_says_it_is_damaged(tmp_path, capsys):
+    """hp57a c22: `written_stamps` emptied ({}) made --force call the unchanged files "of another size"."""
+    import json
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    out = tmp_path / "out"
+    assert run_cli(["merge", *cli_flags(b, ms), "-o", out], capsys)[0] == 0
+    marker = json.loads((out / "tiesmerge.json").read_text())
+    marker["written_stamps"] = {}
+    (out / "tiesmerge.json").write_text(json.dumps(marker))
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)
+    assert rc == 1 and "records no size and times for it" in err and "of another size" not in err, err

@@ -531,7 +531,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                     recipe, base=_pinned(base, recipe.base),
                     models=tuple(_pinned(s, label) for s, label in zip(models, recipe.models))).to_yaml(),
                 method_name=m.name, paper=m.paper, summary=m.summary,
-                version=__version__, adapter=output_format == "adapter"),
+                version=__version__, adapter=adapter_part["kind"] if adapter_part else False),
                 encoding="utf-8", errors="backslashreplace")  # a path's undecodable bytes: \xff
             run_stats.seconds["total"] = time.perf_counter() - started
             manifest = merge_manifest(recipe, executor, run_stats, hashed, files, copied)
@@ -544,6 +544,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             kind = next((getattr(c, "adapter_kind", None) for c in prepared.models if hasattr(c, "adapter_kind")), None)
             if kind is not None:
                 manifest["adapters"] = {"inputs": kind, "output_format": output_format, **(adapter_part or {})}
+            if adapter_part:  # a merged adapter's factors or vectors: float32 unless asked (hp57 c27: "same as base")
+                manifest["output"]["dtype"] = str(recipe.dtype or "float32")
             if prepared.stats:
                 manifest["statistics"] = [{"label": s.label, "manifest": s.manifest.to_dict() if s.manifest else None}
                                           for s in prepared.stats]

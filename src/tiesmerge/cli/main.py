@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("-o", "--output", help="output directory (an HF model directory)")
     m.add_argument("--dtype", choices=sorted(DTYPES),
                    help="dtype of every floating tensor written, merged or copied from the base; integer "
-                        "buffers keep theirs (default: the base's)")
+                        "buffers keep theirs (default: the base's; a merged adapter's: float32)")
     m.add_argument("--shard-size", help=f"largest output shard, e.g. 2GB (default {DEFAULT_SHARD_SIZE})")
     m.add_argument("--memory-budget",
                    help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")

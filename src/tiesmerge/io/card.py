@@ -308,15 +308,21 @@ def _rerun(method_name: str) -> str:
             "folder the merge ran from):")
 
 
+_ADAPTER_NAMES = {"lora": "LoRA", "ia3": "(IA)³"}
+
+
 def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, method_name: str, paper: str,
                summary: str, version: str, base_revision: str | None = None, base_commit: str | None = None,
-               adapter: bool = False) -> str:
+               adapter: bool | str = False) -> str:
     """``base_label``: the base's path, or its Hugging Face repo id (then ``base_revision`` as asked
     and the ``base_commit`` read from the local cache, when it was named by id). ``adapter``: the output is a merged
-    LoRA adapter (``--output-format adapter``), which PEFT loads on the base, not transformers alone (hp36 C57)."""
-    front = yaml.safe_dump({"base_model": base_label, "tags": ["merge", "tiesmerge", method_name, *(["lora"] if adapter
-                                                                                                  else [])],
+    PEFT adapter (``--output-format adapter``), its kind ("lora", "ia3"; True: LoRA), which PEFT loads on the base,
+    not transformers alone (hp36 C57; hp57 c80: an (IA)³ one was titled and tagged LoRA)."""
+    kind = ("lora" if adapter is True else adapter) if adapter else None
+    front = yaml.safe_dump({"base_model": base_label, "tags": ["merge", "tiesmerge", method_name,
+                                                               *([kind] if kind else [])],
                             "library_name": "peft" if adapter else "transformers"}, sort_keys=False)
+    title = f"{_ADAPTER_NAMES.get(kind, str(kind))} adapter (load it on the base with PEFT)" if kind else "model"
     at = ""
     if base_commit:
         at = f" at revision {_code(base_revision or 'main')} (commit {_code(base_commit)})"
@@ -324,7 +330,7 @@ def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, me
     fence = _fence(recipe_yaml)
     return f"""---
 {front}---
-# Merged {"LoRA adapter (load it on the base with PEFT)" if adapter else "model"}
+# Merged {title}
 
 Made with [tiesmerge](https://pypi.org/project/tiesmerge/) {version} using **{method_name}** ({summary};
 paper: {paper}).
