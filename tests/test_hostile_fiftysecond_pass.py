@@ -544,3 +544,60 @@ def test_force_over_a_manifest_whose_stamps_were_emptied_says_it_is_damaged(tmp_
     (out / "tiesmerge.json").write_text(json.dumps(marker))
     rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)
     assert rc == 1 and "records no size and times for it" in err and "of another size" not in err, err
+
+
+@pytest.mark.parametrize("kwargs, said", [
+    ({"models": "ab"}, "models must be a non-empty list"),
+    ({"axes": "lam"}, "axes is 'lam', not a list of option names"),
+    ({"fixed": "scope=per_tensor"}, "fixed is 'scope=per_tensor', not a mapping"),
+    ({"start": {"lam": "x"}}, "start['lam'] is 'x', not a number"),
+    ({"start": {"lam": 10 ** 400}}, "not a finite number"),
+    ({"start": {"lam": float("nan")}}, "start['lam'] is nan, not a finite number"),
+    ({"start": {"lam": 99.0}}, "outside the range searched"),
+    ({"start": {"seed": 1.0}}, "start['seed']: not an option this search varies"),
+    ({"start": "lam=1"}, "start is 'lam=1', not a mapping"),
+])
+def test_run_searchs_python_arguments_are_checked_for_their_shape(tmp_path, kwargs, said):
+    """hp57b c32-c36: run_search took models="ab" as models a and b, axes="lam" letter by letter, and fixed= or start=
+    of the wrong shape (a text, a list, 10**400) failed untyped; start values outside the range or of no axis were
+    clamped or ignored silently."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    options = {"models": models, "strategy": "cmaes", "budget": 4, "axes": ["lam", "density"], **kwargs}
+    given = options.pop("models")
+    with pytest.raises(ConfigError, match=re_escape(said)):
+        run_search(base, given, "ties", lambda state: 0.5, **options)
+
+
+def test_tune_shows_lam_as_given_and_an_evaluators_unprintable_error_is_its_own(tmp_path, capsys, monkeypatch):
+    """hp57b c26: tune printed lam 0.0001 as "lam=0.00" and 1.004 as "1.00"; c44: an evaluator's exception whose
+    __str__ raises was "unexpected RuntimeError ... a bug in tiesmerge"; c45: a newline in its message read as a
+    line of tiesmerge's own."""
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "ev_fmt.py").write_text(
+        "class Odd(Exception):\n    def __str__(self):\n        raise RuntimeError('str fails')\n"
+        "def score(state):\n    return 0.5\n"
+        "def odd(state):\n    raise Odd()\n"
+        "def lines(state):\n    raise ValueError('bad\\nerror: forged')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    flags = [*cli_flags(b, ms), "--method", "ties", "--grid", "density=0.2", "--grid", "lam=0.0001,1.004"]
+    rc, out, err = run_cli(["tune", *flags, "--evaluator", "ev_fmt:score"], capsys)
+    assert rc == 0 and "lam=0.0001" in out and "lam=1.004" in out and "lam=0.00 " not in out, out
+    rc, _, err = run_cli(["tune", *flags, "--evaluator", "ev_fmt:odd"], capsys)
+    assert rc != 0 and "raised Odd" in err and "a bug in tiesmerge" not in err, err
+    rc, _, err = run_cli(["tune", *flags, "--evaluator", "ev_fmt:lines"], capsys)
+    assert rc != 0 and not any(line.startswith("error: forged") for line in err.splitlines()), err
+
+
+def test_fine_steps_stay_inside_their_range():
+    """hp57b c25: `lam=0.0012345:0.0012349:0.0000001` gave 0.001234 (below start) and 0.001235 four times, and
+    `density=0.99999951:0.99999999:1e-7` a point of 1.0, past stop."""
+    from tiesmerge.methods.base import steps
+
+    assert steps(0.0012345, 0.0012349, 1e-7) == (0.0012345, 0.0012346, 0.0012347, 0.0012348, 0.0012349)
+    assert steps(0.99999951, 0.99999999, 1e-7)[-1] <= 0.99999999
+    assert len(steps(0.8, 3.0, 0.1)) == 23 and steps(1.0000001, 1.0000005, 1e-7)[0] == 1.0000001

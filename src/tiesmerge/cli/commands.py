@@ -223,7 +223,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     def show(point) -> None:
         options = " ".join(f"{k}={v}" for k, v in point.options.items())
-        lam = f" lam={point.lam:.2f}" if point.lam is not None else ""
+        lam = f" lam={point.lam:g}" if point.lam is not None else ""  # as given (hp57 c26: 0.0001 was "0.00")
         print(f"  {options}{lam}  score {format_score(point.score)}", flush=True)
 
     result = tune(args.base, args.models, args.method, evaluate, grid=grid, device=args.device,

@@ -465,21 +465,29 @@ def steps(start: float, stop: float, step: float) -> tuple[float, ...]:
         raise ConfigError(f"{bounds}: the step leads away from stop (the grid would be empty); "
                           "a falling grid takes a negative step")
     count = (stop - start) / step + 1  # counted before anything is built: 0:1e9:1e-9 would be 1e18 points
-    points = round(count) if count < 1e15 else None  # the grid's length, as built below; None: far too many
+    # the points up to stop, float noise forgiven (0.8:3.0:0.1 is 22.999... steps), never one past it (round() made
+    # 0.99999951:0.99999999:1e-7, 5.8 points, six, the last above stop: hp57 c25)
+    points = math.floor(count + 1e-6) if count < 1e15 else None  # the grid's length; None: far too many
     if points is None or points > MAX_AXIS_POINTS:  # inf (0:1e308:1e-308) too
         # exact below 1e15 (100,001 must not read "1e+05", as if it were the limit)
         shown = f"{points:,}" if points is not None else f"about {count:.3g}" if math.isfinite(count) else "inf"
         raise ConfigError(f"{bounds}: {shown} points, more than the {MAX_AXIS_POINTS:,} a grid axis may hold",
                           hint="use a larger step")
-    values = (start + i * step for i in range(points))
-    # a point float noise puts beside 0 (-0.3 + 3 * 0.1 = 5.6e-17) is 0: the grid names it so
-    return tuple(round_value(0.0 if abs(v) < abs(step) * 1e-9 else v) for v in values)
+    # 12 significant digits: 0.8 + 0.1 * 2 prints 1.0, and a step of 1e-7 on 1.0000001 keeps every point inside
+    # [start, stop], apart (6 decimals made 1.0000001:1.0000005:1e-7 two points, one below start: hp57 c25); a point
+    # float noise puts beside 0 (-0.3 + 3 * 0.1 = 5.6e-17) is 0
+    values = tuple(0.0 if abs(v) < abs(step) * 1e-9 else float(f"{v:.12g}")
+                   for v in (start + i * step for i in range(points)))
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{bounds}: a step this fine repeats points at 12 significant digits",
+                          hint="use a coarser step, or list the values (NAME=v1,v2,...)")
+    return values
 
 
 def round_value(value: float) -> float:
-    """A grid point or a drawn candidate rounded for readable logs and stable resume keys: to 6 decimals, as 0.8 +
-    0.1 * k should print, and to 4 significant digits below 1e-3, where 6 decimals made every value of 1e-7:5e-7
-    0.0, the base itself, outside the range asked for (hp56 c40, c41).
+    """A drawn candidate rounded for readable logs and stable resume keys: to 6 decimals, and to 4 significant digits
+    below 1e-3, where 6 decimals made every value of 1e-7:5e-7 0.0, the base itself, outside the range asked for
+    (hp56 c40, c41).
 
     >>> round_value(0.8 + 0.1 * 2), round_value(3 * 1e-7)
     (1.0, 3e-07)

@@ -38,7 +38,7 @@ from .evaluator import evaluator_name, format_score, guard
 from .evaluator_digest import evaluator_module, evaluator_objects, evaluator_state
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
-from .space import SearchSpace, build_space, canonical
+from .space import SearchSpace, build_space, canonical, check_axes_and_fixed, check_start
 from .strategies import make_strategy
 
 __all__ = ["Trial", "SearchResult", "run_search"]
@@ -362,8 +362,10 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     from ..paths import fs_text
 
     check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
-    if not isinstance(models, (str, bytes, os.PathLike, Mapping)):  # bytes paths, as merge takes them (hp45 c24)
-        base, models = fs_text(base), [fs_text(m) for m in models]
+    if isinstance(models, (str, bytes, os.PathLike, Mapping)) or not len(models):  # "ab": models a and b (hp57 c36)
+        raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
+    base, models = fs_text(base), [fs_text(m) for m in models]  # bytes paths, as merge takes them (hp45 c24)
+    check_axes_and_fixed(axes, fixed)
     started = time.perf_counter()
     evaluator_name = _evaluator_name(evaluate)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
@@ -377,6 +379,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
         raise ConfigError(f"--popsize {popsize}: a generation's size is CMA-ES's; the {strategy} strategy has none",
                           hint="leave --popsize out, or choose --strategy cmaes")  # (hp56 c22)
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
+    check_start(space, start)
     from ..inputs import option_inputs
 
     references = option_inputs(cls, fixed or {})  # a --set sign_from model is an input too (hp37 C74)

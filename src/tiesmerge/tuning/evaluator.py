@@ -97,6 +97,17 @@ def _shown(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__}, {len(text):,} characters)"
 
 
+def _said(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message for ours: its ``str`` may itself raise (hp57 c44: "unexpected RuntimeError ... a bug in
+    tiesmerge"), and a newline in it would read as a line of tiesmerge's own (c45)."""
+    try:
+        text = str(exc)
+    except Exception:  # noqa: BLE001 -- the user's __str__, whatever it raises
+        return "(its message could not be shown: its __str__ raised)"
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class GuardedEvaluator:
     """``evaluate`` whose failures are typed. A class, not a closure, so that it pickles wherever
     the evaluator does (search's Ray workers). ``finite``: a NaN or infinite score is an error too
@@ -129,7 +140,7 @@ class GuardedEvaluator:
                                  ) from exc
         except BaseException as exc:  # noqa: BLE001 - an Exception, or GeneratorExit, pytest's Skipped, a class of
             # the user's own: all raised by the evaluator, none a library's failure (hp34 D51, D52)
-            raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {str(exc)[:300]}",
+            raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {_said(exc)}",
                                  hint="fix the evaluator (--debug, or the exception's __cause__, shows its "
                                       "traceback)") from exc
         try:

@@ -26,8 +26,8 @@ from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_pr
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
 from .candidates import check_candidate, check_tuning_vocab_policy
-from .evaluator import guard
-from .space import check_grid, fit_counts
+from .evaluator import format_score, guard
+from .space import check_axes_and_fixed, check_grid, fit_counts
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
 
@@ -141,7 +141,8 @@ class TuningResult:
         keys = sorted(self.best.options)
         head = " ".join(f"{k:>9}" for k in keys) + f" {'lam':>6} {'score':>8}"
         rows = [" ".join(f"{p.options[k]!s:>9}" for k in keys)
-                + (f" {p.lam:>6.2f}" if p.lam is not None else f" {'—':>6}") + f" {p.score:>8.4f}" for p in self.points]
+                + (f" {p.lam:>6g}" if p.lam is not None else f" {'—':>6}") + f" {format_score(p.score):>8}"
+                for p in self.points]  # lam as given (hp57 c26: 0.0001 printed 0.00), the score as everywhere
         return "\n".join([head, *rows])
 
 
@@ -175,6 +176,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     check_inputs(base, models)  # before len(models) below: a single path would be counted letter by letter
     _check_tunable(cls)
     check_grid(grid)
+    check_axes_and_fixed(None, fixed)
     grid = dict(grid or paper_grid(cls))
     # the paper's grid of a count cut to the models merged; an axis whose values differ from it is the user's own
     paper = declared_grid(cls)

@@ -258,6 +258,51 @@ def check_ranges(ranges: Any) -> None:
         raise ConfigError(problems, hint="e.g. ranges={'lam': (0.5, 2.0)}")
 
 
+def check_axes_and_fixed(axes: Any, fixed: Any) -> None:
+    """``axes`` a list of option names, ``fixed`` a mapping, as the command line builds them: a text was read letter
+    by letter ("no option 'l' ... 'a' ... 'm'"), fixed="scope=per_tensor" an untyped ValueError (hp57 c34, c35)."""
+    problems = []
+    if axes is not None and (isinstance(axes, (str, bytes, Mapping)) or not isinstance(axes, (list, tuple))
+                             or not all(isinstance(a, str) for a in axes)):
+        problems.append(f"axes is {_shown_value(axes)}, not a list of option names (e.g. axes=['lam', 'density'])")
+    if fixed is not None and not isinstance(fixed, Mapping):
+        problems.append(f"fixed is {_shown_value(fixed)}, not a mapping of option names to values (e.g. "
+                        "fixed={'scope': 'per_tensor'})")
+    if problems:
+        raise ConfigError(problems)
+
+
+def check_start(space: SearchSpace, start: Any) -> None:
+    """CMA-ES's first mean: {axis: value} inside each axis's range, a number per scalar axis and one per model for a
+    per-model one (hp57 c32: a text, a list or 10**400 failed untyped; c33: names of no axis, NaN or values outside
+    the range ignored or clamped silently)."""
+    if start is None:
+        return
+    if not isinstance(start, Mapping):
+        raise ConfigError(f"start is {_shown_value(start)}, not a mapping of the searched options to values",
+                          hint=f"e.g. start={{{space.axes[0].name!r}: ...}}" if space.axes else None)
+    axes = {a.name: a for a in space.axes}
+    problems = []
+    for name, value in start.items():
+        axis = axes.get(name)
+        if axis is None:
+            problems.append(f"start[{name!r}]: not an option this search varies (it varies {', '.join(axes)})")
+            continue
+        values = value if axis.per_model and isinstance(value, (list, tuple)) else (value,)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if axis.per_model and not (isinstance(value, (list, tuple)) and len(value) == axis.per_model):
+            problems.append(f"start[{name!r}] is {_shown_value(value)}, not {axis.per_model} values, one per model")
+        elif not numbers:
+            problems.append(f"start[{name!r}] is {_shown_value(value)}, not a number")
+        elif not all(abs(v) < 1e308 if isinstance(v, int) else math.isfinite(v) for v in values):
+            problems.append(f"start[{name!r}] is {_shown_value(value)}, not a finite number")
+        elif not all(axis.low <= v <= axis.high for v in values):
+            problems.append(f"start[{name!r}] is {_shown_value(value)}, outside the range searched "
+                            f"[{axis.low:g}, {axis.high:g}]")
+    if problems:
+        raise ConfigError(problems)
+
+
 def _shown_value(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
