@@ -601,3 +601,33 @@ def test_fine_steps_stay_inside_their_range():
     assert steps(0.0012345, 0.0012349, 1e-7) == (0.0012345, 0.0012346, 0.0012347, 0.0012348, 0.0012349)
     assert steps(0.99999951, 0.99999999, 1e-7)[-1] <= 0.99999999
     assert len(steps(0.8, 3.0, 0.1)) == 23 and steps(1.0000001, 1.0000005, 1e-7)[0] == 1.0000001
+
+
+def test_a_search_log_whose_header_could_not_be_written_is_not_left_behind(tmp_path, capsys, monkeypatch):
+    """hp57b c11: the disk full on the log's first line (`ulimit -f 0`) left the new --dir with an empty log.jsonl;
+    the advice ("run the same search again: it resumes") was then refused: "--dir ... holds files that are not a
+    tiesmerge search's (log.jsonl)"."""
+    import errno
+    import os
+
+    from tiesmerge.tuning import results_log
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "ev_full.py").write_text("def score(state):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    argv = ["search", *cli_flags(b, ms), "--evaluator", "ev_full:score", "--grid", "lam=1", "--grid", "density=0.2",
+            "--dir", tmp_path / "runs" / "s1"]
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(results_log.os, "fsync", full)
+    rc, _, err = run_cli(argv, capsys)
+    assert rc != 0 and "cannot append to the search log" in err, err
+    assert not (tmp_path / "runs").exists(), list((tmp_path / "runs").rglob("*"))
+    monkeypatch.setattr(results_log.os, "fsync", real_fsync)
+    rc, _, err = run_cli(argv, capsys)  # the advice, followed
+    assert rc == 0, err

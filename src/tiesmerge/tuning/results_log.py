@@ -50,6 +50,8 @@ class ResultsLog:
             self._start()
 
     def _start(self) -> None:
+        created = [p for p in (self.path.parent, *self.path.parent.parents) if not os.path.lexists(p)]  # innermost 1st
+        existed = os.path.lexists(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fd = self._open()
         try:  # one search writes a log at a time: two on one --dir scored every candidate twice, each logged twice
@@ -66,7 +68,12 @@ class ResultsLog:
             if os.fstat(self._fd).st_size:
                 self._read()
             else:
-                self._write_line(self.header)
+                try:
+                    self._write_line(self.header)
+                except BaseException:  # a log this call made, its header unwritten (a full disk): removed, with the
+                    if not existed:  # folders made for it, so the same search run again starts afresh (hp57 c11: an
+                        _remove_new(self.path, created)  # empty log.jsonl made --dir "not a search's")
+                    raise
         except BaseException:  # a refused log (another search's, corrupt) is let go at once: in-process, the refused
             self.close()  # object stayed locked until collected, and the corrected call was "another search is
             raise  # writing this log now" (hp41 C38's neighbour, found by its test)
@@ -224,6 +231,17 @@ class ResultsLog:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records.values())
+
+
+def _remove_new(path: Path, folders: list[Path]) -> None:
+    """Remove the empty log ``path`` this process made and the ``folders`` (innermost first) made for it, if empty."""
+    try:
+        if os.path.isfile(path) and not os.path.islink(path) and os.path.getsize(path) == 0:
+            os.unlink(path)
+        for folder in folders:
+            os.rmdir(folder)  # only an empty one: another file there stops it
+    except OSError:
+        pass
 
 
 # a log header's parts, in words (hp41 C38: "it differs in: models, weights" named no model, and "weights" read as
