@@ -631,3 +631,21 @@ def test_a_search_log_whose_header_could_not_be_written_is_not_left_behind(tmp_p
     monkeypatch.setattr(results_log.os, "fsync", real_fsync)
     rc, _, err = run_cli(argv, capsys)  # the advice, followed
     assert rc == 0, err
+
+
+def test_a_mergekit_recipes_union_refusal_names_its_own_keys(tmp_path, capsys):
+    """hp57a c83: a mergekit recipe of base+LoRA entries with tokenizer_source: union was refused with "--vocab-policy
+    union cannot be used here ... or use --vocab-policy truncate", a flag refused over mergekit recipes."""
+    from helpers_adapters import model_plus_lora_recipe
+    from helpers_ckpt import make_base
+
+    base = make_base(0)
+    write_hf_dir(tmp_path / "base", base)
+    write_lora_dir(tmp_path / "lora", random_lora(base, 2, 0), alpha=4.0)
+    recipe = model_plus_lora_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "tokenizer_source: union\n")
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "out"], capsys)
+    assert rc != 0 and "Traceback" not in err, err
+    said = "\n".join(line for line in err.splitlines() if line.startswith(("error:", "hint:")))
+    assert "--vocab-policy" not in said and "use tokenizer_source: base in the recipe" in said, err
+    assert_no_output(tmp_path / "out")

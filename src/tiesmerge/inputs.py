@@ -411,11 +411,14 @@ def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMetho
            f"method {method.name!r} reads a reference model" if req.reference is not None else
            f"method {method.name!r} reads per-model statistics" if req.statistics is not None else None)
     if why:  # a hint for the case at hand: the vocabularies' extra rows exist only in the models' own tensors
+        from .io.align import policy_words  # a mergekit recipe's own key, not the flag refused over it (hp57 c83)
+
+        union, truncate = (policy_words[p].split(" (")[0] for p in ("union", "truncate"))
         hint = ("fold each adapter into its model first (PeftModel.merge_and_unload) and merge those directories, or "
-                "use --vocab-policy truncate" if adapters else
-                "--vocab-policy truncate merges the base's rows (the reference and the statistics cover them), or "
+                f"use {truncate}" if adapters else
+                f"{truncate} merges the base's rows (the reference and the statistics cover them), or "
                 "merge with a method that reads only the models")
-        raise ConfigError(f"--vocab-policy union cannot be used here: {why}", hint=hint)
+        raise ConfigError(f"{union} cannot be used here: {why}", hint=hint)
     unread = next((c for c in (base, *models) if c.directory() is None), None)
     if unread is not None:
         raise ConfigError(f"--vocab-policy union reads each model's tokenizer, but {unread.label} is not a model "

@@ -312,7 +312,7 @@ def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]
                 f"model {k} ({label}) has another tokenizer than the base ({base[1]}): {shown}"
                 f"{f' ({len(differ)} ids differ)' if len(differ) > 3 else ''}; merging row by row would mix "
                 "different tokens' embeddings",
-                hint="merge models fine-tuned from this base with its tokenizer; --vocab-policy union handles tokens "
+                hint=f"merge models fine-tuned from this base with its tokenizer; {align_words()} handles tokens "
                      "a model added after the base's, but ids the models give other strings mean another tokenizer")
 
 
