@@ -242,27 +242,37 @@ def test_a_recipes_origin_text_is_escaped(family, tmp_path, capsys):
     assert "\x1b" not in text and not any(line.startswith("error:") for line in text.splitlines()), text
 
 
+def adapt_checkpoint_of_two_steps(tmp_path):
+    """An adapt run of two steps with its checkpoint: (base, models, the run's arguments, the checkpoint's path, its
+    tensors, its metadata), for a test to edit and resume."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import tiesmerge
+    from test_adapt import _data, _family, _forward
+
+    base, fts = _family()
+    kwargs = dict(forward=_forward(), granularity="layer", lr=0.05, batch_size=5, checkpoint_every=1)
+    ck = tmp_path / "c.pt"
+    tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=2, checkpoint=ck, **kwargs)
+    with safe_open(str(ck), "pt") as f:
+        meta = dict(f.metadata())
+    return base, fts, kwargs, ck, load_file(ck), meta
+
+
 @pytest.mark.parametrize("tamper,needle", [("lr", "adam_param_groups"), ("exp_avg_sq", "negative"),
                                            ("dtype", "int64, not float32")])
 def test_a_tampered_adapt_checkpoint_is_refused_as_damaged(tmp_path, tamper, needle):
     """Pass 5's ck-lr / ck-adamneg / ck-dtype: an lr of 1e300 in the optimizer's settings failed as "a bug",
     negative second moments as a NaN entropy with the advice to lower --lr, and integer coefficients resumed
     silently from zeros (0.3 truncated)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     import tiesmerge
-    from test_adapt import _data, _family, _forward
+    from test_adapt import _data
     from tiesmerge.errors import ConfigError
 
-    base, fts = _family()
-    kwargs = dict(forward=_forward(), granularity="layer", lr=0.05, batch_size=5, checkpoint_every=1)
-    ck = tmp_path / "c.pt"
-    tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=2, checkpoint=ck, **kwargs)
-    tensors = load_file(ck)
-    from safetensors import safe_open
-
-    with safe_open(str(ck), "pt") as f:
-        meta = dict(f.metadata())
+    base, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path)
     if tamper == "lr":
         groups = json.loads(meta["adam_param_groups"])
         groups[0]["lr"] = 1e300

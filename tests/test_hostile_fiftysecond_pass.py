@@ -73,6 +73,16 @@ def test_json_and_a_checkpoint_inside_the_output_through_a_bind_mount_are_refuse
         subprocess.run(["umount", str(tmp_path / "mnt")], capture_output=True)
 
 
+def _merged_output(tmp_path, capsys):
+    """(base folder, model folders, a merged output of them) written by the command line."""
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    out = tmp_path / "out"
+    assert run_cli(["merge", *cli_flags(b, ms), "-o", out], capsys)[0] == 0
+    return b, ms, out
+
+
 @pytest.mark.parametrize("edit, said", [
     ({"written_stamps": [1, 2]}, "gives 'written_stamps' as a list, not each file's size and times"),
     ({"written_stamps": {"README.md": "x"}}, "records 'README.md' as \"x\", not its size and times"),
@@ -87,11 +97,7 @@ def test_force_over_an_output_whose_record_of_its_files_was_edited_says_the_mani
     touched; a `written` given as a text said the output was an older tiesmerge's. Both are the manifest's damage."""
     import json
 
-    base, models = make_family(2)
-    b = write_hf_dir(tmp_path / "base", base)
-    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
-    out = tmp_path / "out"
-    assert run_cli(["merge", *cli_flags(b, ms), "-o", out], capsys)[0] == 0
+    b, ms, out = _merged_output(tmp_path, capsys)
     marker = json.loads((out / "tiesmerge.json").read_text())
     marker.update(edit)
     (out / "tiesmerge.json").write_text(json.dumps(marker))
@@ -110,20 +116,14 @@ def test_an_adapt_checkpoint_lacking_part_of_adams_state_is_refused_as_damaged(t
     fresh Adam beside the learned coefficients, silently."""
     import json
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     import tiesmerge
-    from test_adapt import _data, _family, _forward
+    from test_adapt import _data
+    from test_hostile_fifth_pass import adapt_checkpoint_of_two_steps
     from tiesmerge.errors import ConfigError
 
-    base, fts = _family()
-    kwargs = dict(forward=_forward(), granularity="layer", lr=0.05, batch_size=5, checkpoint_every=1)
-    ck = tmp_path / "c.pt"
-    tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=2, checkpoint=ck, **kwargs)
-    tensors = load_file(ck)
-    with safe_open(str(ck), "pt") as f:
-        meta = dict(f.metadata())
+    base, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path)
     for name in dropped:
         del tensors[f"adam.{name}"]
     save_file(tensors, str(ck), metadata=meta)
@@ -534,11 +534,7 @@ def test_force_over_a_manifest_whose_stamps_were_emptied_says_it_is_damaged(tmp_
     """hp57a c22: `written_stamps` emptied ({}) made --force call the unchanged files "of another size"."""
     import json
 
-    base, models = make_family(2)
-    b = write_hf_dir(tmp_path / "base", base)
-    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
-    out = tmp_path / "out"
-    assert run_cli(["merge", *cli_flags(b, ms), "-o", out], capsys)[0] == 0
+    b, ms, out = _merged_output(tmp_path, capsys)
     marker = json.loads((out / "tiesmerge.json").read_text())
     marker["written_stamps"] = {}
     (out / "tiesmerge.json").write_text(json.dumps(marker))
