@@ -645,3 +645,23 @@ def test_a_mergekit_recipes_union_refusal_names_its_own_keys(tmp_path, capsys):
     said = "\n".join(line for line in err.splitlines() if line.startswith(("error:", "hint:")))
     assert "--vocab-policy" not in said and "use tokenizer_source: base in the recipe" in said, err
     assert_no_output(tmp_path / "out")
+
+
+def test_a_search_log_line_holding_a_raw_line_separator_is_one_line(tmp_path):
+    """hp57b c10: the log was split with splitlines(), which also cuts at U+2028 and U+0085 inside a JSON text (jq
+    writes them raw): a valid line was "corrupt"."""
+    import json
+
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    log = tmp_path / "log.jsonl"
+    grid = {"density": (0.2,), "lam": (1.0,)}
+    run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))
+    lines = log.read_text(encoding="utf-8").splitlines()
+    record = json.loads(lines[1])
+    record["note"] = "checked\u2028by hand\u0085"
+    lines[1] = json.dumps(record, ensure_ascii=False)
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    result = run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))
+    assert result.best.score == 0.5

@@ -125,7 +125,9 @@ class ResultsLog:
             raw = raw[:raw.rfind(b"\n") + 1]
             os.ftruncate(self._fd, len(raw))
         try:
-            lines = raw.decode("utf-8").splitlines()
+            # lines end at "\n" only, as the log writes them: splitlines() also cut a line inside a text holding
+            # U+2028 or U+0085 (jq writes them raw), and called the halves corrupt (hp57 c10)
+            lines = raw.decode("utf-8").split("\n")[:-1]
         except UnicodeDecodeError as exc:
             raise self._corrupt(raw[:exc.start].count(b"\n") + 1, "not UTF-8 text") from None
         if not lines:  # only a cut header: start afresh
