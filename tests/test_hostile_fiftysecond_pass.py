@@ -643,7 +643,7 @@ def test_a_mergekit_recipes_union_refusal_names_its_own_keys(tmp_path, capsys):
     rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "out"], capsys)
     assert rc != 0 and "Traceback" not in err, err
     said = "\n".join(line for line in err.splitlines() if line.startswith(("error:", "hint:")))
-    assert "--vocab-policy" not in said and "use tokenizer_source: base in the recipe" in said, err
+    assert "--vocab-policy" not in said and "with tokenizer_source: union in the recipe" in said, err
     assert_no_output(tmp_path / "out")
 
 
@@ -665,3 +665,25 @@ def test_a_search_log_line_holding_a_raw_line_separator_is_one_line(tmp_path):
     log.write_text("\n".join(lines) + "\n", encoding="utf-8")
     result = run_search(base, models, "ties", lambda state: 0.5, grid=grid, log=str(log))
     assert result.best.score == 0.5
+
+
+def test_an_embedding_lora_on_a_resized_vocabulary_is_named_and_its_hint_leads_somewhere(tmp_path, capsys):
+    """hp56a c147: an embedding LoRA of 34 rows on a 32-row base: --vocab-policy union was refused with "or use
+    --vocab-policy truncate", and truncate said "the adapter was trained on another base model"."""
+    from helpers_ckpt import make_base
+
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    g = torch.Generator().manual_seed(1)
+    factors = {"model.layers.0.self_attn.q_proj": (torch.randn(2, 8, generator=g), torch.randn(8, 2, generator=g))}
+    extra = {"model.embed_tokens.lora_embedding_A": torch.randn(2, 34, generator=g),
+             "model.embed_tokens.lora_embedding_B": torch.randn(8, 2, generator=g)}
+    lora = write_lora_dir(tmp_path / "a0", factors, alpha=4.0, extra=extra,
+                          config={"target_modules": ["q_proj", "embed_tokens"]})
+    other = write_lora_dir(tmp_path / "a1", random_lora(base, 2, 1), alpha=4.0)
+    rc, _, err = run_cli(["merge", *cli_flags(b, [lora, other]), "-o", tmp_path / "o1", "--vocab-policy", "union"],
+                         capsys)
+    assert rc != 0 and "truncate" not in err and "merge those directories with --vocab-policy union" in err, err
+    rc, _, err = run_cli(["merge", *cli_flags(b, [lora, other]), "-o", tmp_path / "o2"], capsys)
+    assert rc != 0 and "trained with a resized vocabulary (34 rows, the base 32)" in err, err
+    assert "another base model" not in err, err

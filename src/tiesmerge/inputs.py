@@ -414,8 +414,10 @@ def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMetho
         from .io.align import policy_words  # a mergekit recipe's own key, not the flag refused over it (hp57 c83)
 
         union, truncate = (policy_words[p].split(" (")[0] for p in ("union", "truncate"))
-        hint = ("fold each adapter into its model first (PeftModel.merge_and_unload) and merge those directories, or "
-                f"use {truncate}" if adapters else
+        # (not truncate for adapters: an adapter's resized vocabulary is refused under it too, hp56 c147)
+        hint = ("fold each adapter into its model first (PeftModel.merge_and_unload) and merge those directories "
+                f"with {union}; adapters trained on the base's own vocabulary need no {union}"
+                if adapters else
                 f"{truncate} merges the base's rows (the reference and the statistics cover them), or "
                 "merge with a method that reads only the models")
         raise ConfigError(f"{union} cannot be used here: {why}", hint=hint)

@@ -280,6 +280,12 @@ _HELD_BYTES: dict[int, int] = {}  # adapter (its token) -> the bytes of the whol
 _TOKENS = itertools.count()  # each adapter's own key (an id() is reused once an object is freed: hp51 c03)
 
 
+# what merges an adapter trained on a resized vocabulary: its own rows exist only in a model folded from it
+_RESIZED_HINT = ("merge the adapter into its base with PEFT (merge_and_unload, after resizing the base's embeddings as "
+                 "the adapter's training did) and merge the full model, with --vocab-policy union if the vocabularies "
+                 "differ")
+
+
 def _config_dtype(base: Checkpoint) -> Any:
     """The floating dtype a base's config.json names (transformers 5's "dtype", or the older "torch_dtype"), which
     transformers loads the whole model in when asked for no dtype; None where it names none."""
@@ -496,10 +502,17 @@ class LoraCheckpoint:
                     "without its factors", hint="the config does not describe these weights: name the modules in "
                                                 "target_modules, or save the adapter again with PEFT")
             if tuple(base.info(name).shape) != full:
+                ours = tuple(base.info(name).shape)
+                # the vocabulary's rows alone differ: a resized vocabulary, said as the saved copies' case says it
+                # (hp56 c147: "trained on another base model", and the union hint sent to truncate, which failed)
+                resized = embedding and full[1:] == ours[1:]
                 raise IncompatibleCheckpointsError(
                     f"{self.label}: LoRA of {module!r} has ΔW = " + ("(B·A)ᵀ" if transposed else "B·A")
-                    + f" of shape {full}, which does not fit the base tensor {name!r} {tuple(base.info(name).shape)}",
-                    hint="the adapter was trained on another base model; pass the base it was trained from")
+                    + f" of shape {full}, which does not fit the base tensor {name!r} {ours}"
+                    + (f": the adapter was trained with a resized vocabulary ({full[0]:,} rows, the base {ours[0]:,})"
+                       if resized else ""),
+                    hint=_RESIZED_HINT if resized else
+                    "the adapter was trained on another base model; pass the base it was trained from")
             matched = rank_pattern.lookup(module)
             expected = matched if matched is not None else declared  # PEFT builds the module with this rank
             if rank != expected:  # the scale divides by r: which r is meant matters
@@ -558,9 +571,7 @@ class LoraCheckpoint:
                     f"{self.label}: saved tensor {key!r} {theirs} does not fit the base tensor {name!r} {ours}"
                     + (f": the adapter was trained with a resized vocabulary ({theirs[0]:,} rows, the base "
                        f"{ours[0]:,})" if resized else ""),
-                    hint="merge the adapter into its base with PEFT (merge_and_unload, after resizing the base's "
-                         "embeddings as the adapter's training did) and merge the full model, with --vocab-policy "
-                         "union if the vocabularies differ" if resized else None)  # hostile pass 32, C143
+                    hint=_RESIZED_HINT if resized else None)  # hostile pass 32, C143
             full_bound[name] = key
         self.targets, self._full_bound, self._base = targets, full_bound, base
 
