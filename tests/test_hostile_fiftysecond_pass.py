@@ -687,3 +687,25 @@ def test_an_embedding_lora_on_a_resized_vocabulary_is_named_and_its_hint_leads_s
     rc, _, err = run_cli(["merge", *cli_flags(b, [lora, other]), "-o", tmp_path / "o2"], capsys)
     assert rc != 0 and "trained with a resized vocabulary (34 rows, the base 32)" in err, err
     assert "another base model" not in err, err
+
+
+@pytest.mark.parametrize("where", ["exclude", "target_modules", "alpha_pattern"])
+def test_a_regex_repeat_count_past_32_bits_is_a_typed_error(tmp_path, capsys, where):
+    """hp58a c32, c33, c49: `--exclude 'a{4294967296}'` (tsv_m), or such a pattern in an adapter config's
+    target_modules or alpha_pattern, was "unexpected OverflowError ... a bug in tiesmerge" (2**31 was typed)."""
+    from helpers_ckpt import make_base
+
+    big = "q_proj{4294967296}"
+    base = make_base(0)
+    b = write_hf_dir(tmp_path / "base", base)
+    if where == "exclude":
+        ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(make_family(2)[1])]
+        extra = ["--method", "tsv_m", "--exclude", big]
+    else:
+        config = {"target_modules": big} if where == "target_modules" else {"alpha_pattern": {big: 8}}
+        ms = [write_lora_dir(tmp_path / "a0", random_lora(base, 2, 0), alpha=4.0, config=config),
+              write_lora_dir(tmp_path / "a1", random_lora(base, 2, 1), alpha=4.0)]
+        extra = []
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", tmp_path / "out", *extra], capsys)
+    assert rc != 0 and "Traceback" not in err and "a bug in tiesmerge" not in err, err
+    assert_no_output(tmp_path / "out")

@@ -328,7 +328,7 @@ class ModulePattern:
                     return cls(key, (), 0, anywhere, re.compile(wrapped))
                 builder = _Builder()
                 start = builder.build(parsed, 0)
-        except re.error as exc:
+        except (re.error, OverflowError) as exc:  # a repeat count of 2**32 or more: OverflowError (hp58 c32, c33)
             raise CheckpointError(f"{source}: pattern key {key[:80]!r} is not a valid regular expression ({exc})",
                                   hint=what) from None
         except RecursionError:  # a structure nested deeper than the depth check sees (it counts parentheses only)
