@@ -281,7 +281,7 @@ def test_grids_and_ranges_of_small_values_keep_them(tmp_path):
     ({"lam": "0.5", "density": [0.2]}, "grid['lam'] is '0.5', not a list of values"),
     ({"lam": "12", "density": [0.2]}, "grid['lam'] is '12', not a list of values"),
     ({"lam": [], "density": [0.2]}, "grid['lam'] is empty"),
-    ({"lam": [True], "density": [0.2]}, "grid['lam'] holds True, not a number"),
+    ({"lam": [True], "density": [0.2]}, "grid['lam'] holds True, not a finite number"),
     ({"lam": [1.0], "density": 0.2}, "grid['density'] is 0.2, not a list of values"),
 ])
 def test_an_api_grid_of_the_wrong_shape_is_a_typed_error(grid, said):
@@ -709,3 +709,33 @@ def test_a_regex_repeat_count_past_32_bits_is_a_typed_error(tmp_path, capsys, wh
     rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", tmp_path / "out", *extra], capsys)
     assert rc != 0 and "Traceback" not in err and "a bug in tiesmerge" not in err, err
     assert_no_output(tmp_path / "out")
+
+
+@pytest.mark.parametrize("call, said", [
+    ("tune_grid", "grid['lam'] holds 1000000000"),
+    ("search_grid", "grid['lam'] holds 1000000000"),
+    ("search_ranges", "ranges['lam'] is (0, 1000000000"),
+    ("search_log", "log is a int, not a path"),
+    ("tune_fixed", "'lam' both in the grid and fixed; drop one"),
+])
+def test_api_numbers_past_float_a_log_of_no_path_and_a_fixed_grid_option_are_typed(call, said):
+    """hp58b c28-c30: 10**400 in tune's or run_search's grid, or in a range, was an untyped OverflowError; c32:
+    run_search(log=5) a TypeError; c33: tune(fixed={'lam': 2.0}) beside a lam grid was ignored silently."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    score = lambda state: 0.5  # noqa: E731
+    with pytest.raises(ConfigError, match=re_escape(said)):
+        if call == "tune_grid":
+            tiesmerge.tune(base, models, "ties", score, grid={"lam": [10 ** 400], "density": [0.2]})
+        elif call == "search_grid":
+            run_search(base, models, "ties", score, grid={"lam": [10 ** 400], "density": [0.2]})
+        elif call == "search_ranges":
+            run_search(base, models, "ties", score, strategy="random", budget=2, axes=["lam"],
+                       ranges={"lam": (0, 10 ** 400)})
+        elif call == "search_log":
+            run_search(base, models, "ties", score, grid={"lam": [1.0], "density": [0.2]}, log=5)
+        else:
+            tiesmerge.tune(base, models, "ties", score, grid={"lam": [1.0], "density": [0.2]}, fixed={"lam": 2.0})

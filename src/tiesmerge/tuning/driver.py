@@ -366,6 +366,9 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
         raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
     base, models = fs_text(base), [fs_text(m) for m in models]  # bytes paths, as merge takes them (hp45 c24)
     check_axes_and_fixed(axes, fixed)
+    if log is not None and not isinstance(log, (str, bytes, os.PathLike)):  # (hp58 c32: log=5, a TypeError)
+        raise ConfigError(f"log is a {type(log).__name__}, not a path of the search's log file",
+                          hint="e.g. log='search/log.jsonl', or leave it out")
     started = time.perf_counter()
     evaluator_name = _evaluator_name(evaluate)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained

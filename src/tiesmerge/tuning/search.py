@@ -177,6 +177,9 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     _check_tunable(cls)
     check_grid(grid)
     check_axes_and_fixed(None, fixed)
+    both = sorted(set(dict(grid or {})) & set(dict(fixed or {})))
+    if both:  # the grid's values won silently (hp58 c33); run_search refuses the same
+        raise ConfigError(f"{', '.join(map(repr, both))} both in the grid and fixed; drop one")
     grid = dict(grid or paper_grid(cls))
     # the paper's grid of a count cut to the models merged; an axis whose values differ from it is the user's own
     paper = declared_grid(cls)

@@ -232,8 +232,11 @@ def check_grid(grid: Any) -> None:
         elif not values:
             problems.append(f"grid[{name!r}] is empty: give at least one value")
         elif name == "lam":
-            problems += [f"grid['lam'] holds {_shown_value(v)}, not a number" for v in values
-                         if isinstance(v, bool) or not isinstance(v, (int, float))]
+            problems += [f"grid['lam'] holds {_shown_value(v)}, not a finite number" for v in values
+                         if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite_real(v)]
+        else:  # a number past float's range failed later as an OverflowError (hp58 c28, c29)
+            problems += [f"grid[{name!r}] holds {_shown_value(v)}, past any number an option takes" for v in values
+                         if isinstance(v, int) and not isinstance(v, bool) and not _finite_real(v)]
     if problems:
         raise ConfigError(problems, hint="e.g. grid={'lam': [0.8, 1.0], 'density': [0.1, 0.2]}")
 
@@ -252,10 +255,15 @@ def check_ranges(ranges: Any) -> None:
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
         if not numbers:
             problems.append(f"ranges[{name!r}] is {_shown_value(pair)}, not a pair (low, high) of numbers")
-        elif not all(math.isfinite(v) for v in pair) or not pair[0] < pair[1]:
+        elif not all(_finite_real(v) for v in pair) or not pair[0] < pair[1]:  # (10**400: hp58 c30)
             problems.append(f"ranges[{name!r}] is {_shown_value(pair)}: low and high must be finite, low < high")
     if problems:
         raise ConfigError(problems, hint="e.g. ranges={'lam': (0.5, 2.0)}")
+
+
+def _finite_real(value: int | float) -> bool:
+    """A number a float holds, finite: an int past 1.8e308 overflows float() (an OverflowError, untyped)."""
+    return abs(value) < 1e308 if isinstance(value, int) else math.isfinite(value)
 
 
 def check_axes_and_fixed(axes: Any, fixed: Any) -> None:
