@@ -739,3 +739,44 @@ def test_api_numbers_past_float_a_log_of_no_path_and_a_fixed_grid_option_are_typ
             run_search(base, models, "ties", score, grid={"lam": [1.0], "density": [0.2]}, log=5)
         else:
             tiesmerge.tune(base, models, "ties", score, grid={"lam": [1.0], "density": [0.2]}, fixed={"lam": 2.0})
+
+
+def test_statistics_of_a_model_re_saved_in_place_say_its_weights_changed():
+    """hp58a c48: a model's weights re-saved in place after its statistics: "these statistics were computed with
+    another model (cls1b), not model 0 (cls1b)", the same folder called another model."""
+    from pathlib import Path
+
+    from tiesmerge.errors import IncompatibleCheckpointsError
+    from tiesmerge.io.checkpoint import open_checkpoint
+    from tiesmerge.manifest import check_stats_digests
+    from tiesmerge.stats import StatsManifest, StatsSource
+    from tiesmerge.stats.files import combine_digests
+
+    then = [{"path": "/m0/model.safetensors", "sha256": "a" * 64}]
+    now = [{"path": "/m0/model.safetensors", "sha256": "b" * 64}]
+    digest = "files:" + combine_digests([(Path(f["path"]).name, f["sha256"]) for f in then])
+    source = StatsSource(open_checkpoint({}, label="s0"), StatsManifest("fisher", 4, model_digest=digest,
+                                                                        model="/m0"), "s0")
+    with pytest.raises(IncompatibleCheckpointsError, match=r"computed with model 0 \(m0\) as its weights were then: "
+                                                           r"its weight files changed since"):
+        check_stats_digests([source], [now], ["m0"])
+    source = StatsSource(open_checkpoint({}, label="s0"), StatsManifest("fisher", 4, model_digest=digest,
+                                                                        model="/elsewhere"), "s0")
+    with pytest.raises(IncompatibleCheckpointsError, match="computed with another model"):
+        check_stats_digests([source], [now], ["m0"])
+
+
+def test_an_adapt_checkpoint_of_another_format_version_is_said_so(tmp_path):
+    """hp58b c44: a checkpoint whose format is tiesmerge-adapt-checkpoint/2 was "its fields are missing: no tiesmerge
+    adapt metadata"."""
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from test_adapt import _data
+    from test_hostile_fifth_pass import adapt_checkpoint_of_two_steps
+    from tiesmerge.errors import ConfigError
+
+    base, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path)
+    save_file(tensors, str(ck), metadata={**meta, "format": "tiesmerge-adapt-checkpoint/2"})
+    with pytest.raises(ConfigError, match=r"an adapt checkpoint of another format \('tiesmerge-adapt-checkpoint/2'"):
+        tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +46,13 @@ def check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict
             continue
         actual = "files:" + combine_digests([(Path(f["path"]).name, f["sha256"]) for f in files])
         if actual != recorded:
+            same_place = src.manifest.model is not None and os.path.realpath(str(src.manifest.model)) == \
+                os.path.realpath(str(Path(files[0]["path"]).parent))
+            if same_place:  # the same folder, its weights re-saved since (hp58 c48: "another model (m), not (m)")
+                raise IncompatibleCheckpointsError(
+                    f"{src.label}: these statistics were computed with model {k} ({labels[k]}) as its weights were "
+                    "then: its weight files changed since (their digests differ)",
+                    hint="recompute the statistics with the model as it is now (tiesmerge stats)")
             raise IncompatibleCheckpointsError(
                 f"{src.label}: these statistics were computed with another model ({src.manifest.model}), "
                 f"not model {k} ({labels[k]}): the weight files' digests differ",

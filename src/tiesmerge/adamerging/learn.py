@@ -383,6 +383,12 @@ def load_checkpoint(path: Path) -> dict:
         raise foreign("not a safetensors file")
     header = loads_json(raw[8:8 + struct.unpack("<Q", raw[:8])[0]], str(path), error=ConfigError)
     meta = header.get("__metadata__") if isinstance(header, dict) else None
+    other = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(other, str) and other != _CHECKPOINT_FORMAT and other.startswith(_CHECKPOINT_FORMAT.split("/")[0]):
+        raise ConfigError(f"{path}: an adapt checkpoint of another format ({other[:40]!r}; this tiesmerge reads "
+                          f"{_CHECKPOINT_FORMAT!r}): written by another tiesmerge version, so this one cannot resume "
+                          "it", hint="resume it with the tiesmerge version that wrote it, or name another checkpoint "
+                                     "to start afresh")  # (hp58 c44: "its fields are missing")
     if not isinstance(meta, dict) or meta.get("format") != _CHECKPOINT_FORMAT:
         raise foreign("its fields are missing: no tiesmerge adapt metadata")
     try:
