@@ -552,6 +552,8 @@ def test_force_over_a_manifest_whose_stamps_were_emptied_says_it_is_damaged(tmp_
     ({"start": {"lam": 99.0}}, "outside the range searched"),
     ({"start": {"seed": 1.0}}, "start['seed']: not an option this search varies"),
     ({"start": "lam=1"}, "start is 'lam=1', not a mapping"),
+    ({"start": {"lam": 10 ** 5000}}, "an integer of thousands of digits, not a finite number"),  # review: repr()
+    ({"axes": ["lam", ["density"] * 3]}, "not a list of option names"),
 ])
 def test_run_searchs_python_arguments_are_checked_for_their_shape(tmp_path, kwargs, said):
     """hp57b c32-c36: run_search took models="ab" as models a and b, axes="lam" letter by letter, and fixed= or start=
@@ -712,8 +714,8 @@ def test_a_regex_repeat_count_past_32_bits_is_a_typed_error(tmp_path, capsys, wh
 
 
 @pytest.mark.parametrize("call, said", [
-    ("tune_grid", "grid['lam'] holds 1000000000"),
-    ("search_grid", "grid['lam'] holds 1000000000"),
+    ("tune_grid", "grid['lam'] holds an integer of 401 digits"),
+    ("search_grid", "grid['lam'] holds an integer of 401 digits"),
     ("search_ranges", "ranges['lam'] is (0, 1000000000"),
     ("search_log", "log is a int, not a path"),
     ("tune_fixed", "'lam' both in the grid and fixed; drop one"),

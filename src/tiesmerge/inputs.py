@@ -104,7 +104,7 @@ def _check_source(role: str, source: Any) -> None:
 
 def check_inputs(base: Any, models: Sequence[Any]) -> None:
     check_ordered(models)
-    if isinstance(models, (str, os.PathLike, Mapping)) or not len(models):
+    if isinstance(models, (str, bytes, os.PathLike, Mapping)) or not len(models):  # one path: letter by letter
         raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
     for role, source in (("base", base), *((f"models[{k}]", m) for k, m in enumerate(models))):
         _check_source(role, source)

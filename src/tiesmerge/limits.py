@@ -100,6 +100,14 @@ class _RepeatedKey(ValueError):
     pass
 
 
+def finite_float(x: Any) -> bool:
+    """A finite number a float can hold: an int past 1.8e308 is none (math.isfinite raises OverflowError on it)."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):

@@ -34,6 +34,7 @@ from typing import Any
 from ..errors import ConfigError, MergeWarning, TrainingError
 from ..evaluation.forward import TaskForward, checkpoint_names, entropy, logits
 from ..lazy import torch
+from ..limits import finite_float
 from ..methods.base import FLOAT32_MAX
 from ..paths import as_if_created
 
@@ -467,12 +468,7 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
         raise damaged(f"its entropy history is not {step} rows of {n_tasks} finite numbers")
 
 
-def _finite(x: float) -> bool:
-    """A finite number a float can hold: an int of 401 digits is none (hp54 c26, c27: math.isfinite overflowed)."""
-    try:
-        return math.isfinite(x)
-    except OverflowError:
-        return False
+_finite = finite_float  # an int of 401 digits is no finite number (hp54 c26, c27: math.isfinite overflowed)
 
 
 def _check_optimizer_settings(saved: Any, current: list[dict], path: Path) -> None:

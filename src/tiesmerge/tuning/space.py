@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError, MergeWarning
-from ..limits import OutOfFloatRange, parse_float
+from ..limits import OutOfFloatRange, finite_float, parse_float
 from ..methods.base import (
     MODEL_COUNT_UNITS,
     NORMALISED_WEIGHT_LIMIT,
+    _shown,
     fraction,
     nonzero_sum,
     option_problem,
@@ -228,15 +229,15 @@ def check_grid(grid: Any) -> None:
     problems = []
     for name, values in grid.items():
         if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (list, tuple, range)):
-            problems.append(f"grid[{name!r}] is {_shown_value(values)}, not a list of values (e.g. [{_example(name)}])")
+            problems.append(f"grid[{name!r}] is {_shown(values)}, not a list of values (e.g. [{_example(name)}])")
         elif not values:
             problems.append(f"grid[{name!r}] is empty: give at least one value")
         elif name == "lam":
-            problems += [f"grid['lam'] holds {_shown_value(v)}, not a finite number" for v in values
-                         if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite_real(v)]
+            problems += [f"grid['lam'] holds {_shown(v)}, not a finite number" for v in values
+                         if isinstance(v, bool) or not isinstance(v, (int, float)) or not finite_float(v)]
         else:  # a number past float's range failed later as an OverflowError (hp58 c28, c29)
-            problems += [f"grid[{name!r}] holds {_shown_value(v)}, past any number an option takes" for v in values
-                         if isinstance(v, int) and not isinstance(v, bool) and not _finite_real(v)]
+            problems += [f"grid[{name!r}] holds {_shown(v)}, past any number an option takes" for v in values
+                         if isinstance(v, int) and not isinstance(v, bool) and not finite_float(v)]
     if problems:
         raise ConfigError(problems, hint="e.g. grid={'lam': [0.8, 1.0], 'density': [0.1, 0.2]}")
 
@@ -254,16 +255,11 @@ def check_ranges(ranges: Any) -> None:
         numbers = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
         if not numbers:
-            problems.append(f"ranges[{name!r}] is {_shown_value(pair)}, not a pair (low, high) of numbers")
-        elif not all(_finite_real(v) for v in pair) or not pair[0] < pair[1]:  # (10**400: hp58 c30)
-            problems.append(f"ranges[{name!r}] is {_shown_value(pair)}: low and high must be finite, low < high")
+            problems.append(f"ranges[{name!r}] is {_shown(pair)}, not a pair (low, high) of numbers")
+        elif not all(finite_float(v) for v in pair) or not pair[0] < pair[1]:  # (10**400: hp58 c30)
+            problems.append(f"ranges[{name!r}] is {_shown(pair)}: low and high must be finite, low < high")
     if problems:
         raise ConfigError(problems, hint="e.g. ranges={'lam': (0.5, 2.0)}")
-
-
-def _finite_real(value: int | float) -> bool:
-    """A number a float holds, finite: an int past 1.8e308 overflows float() (an OverflowError, untyped)."""
-    return abs(value) < 1e308 if isinstance(value, int) else math.isfinite(value)
 
 
 def check_axes_and_fixed(axes: Any, fixed: Any) -> None:
@@ -272,9 +268,9 @@ def check_axes_and_fixed(axes: Any, fixed: Any) -> None:
     problems = []
     if axes is not None and (isinstance(axes, (str, bytes, Mapping)) or not isinstance(axes, (list, tuple))
                              or not all(isinstance(a, str) for a in axes)):
-        problems.append(f"axes is {_shown_value(axes)}, not a list of option names (e.g. axes=['lam', 'density'])")
+        problems.append(f"axes is {_shown(axes)}, not a list of option names (e.g. axes=['lam', 'density'])")
     if fixed is not None and not isinstance(fixed, Mapping):
-        problems.append(f"fixed is {_shown_value(fixed)}, not a mapping of option names to values (e.g. "
+        problems.append(f"fixed is {_shown(fixed)}, not a mapping of option names to values (e.g. "
                         "fixed={'scope': 'per_tensor'})")
     if problems:
         raise ConfigError(problems)
@@ -287,7 +283,7 @@ def check_start(space: SearchSpace, start: Any) -> None:
     if start is None:
         return
     if not isinstance(start, Mapping):
-        raise ConfigError(f"start is {_shown_value(start)}, not a mapping of the searched options to values",
+        raise ConfigError(f"start is {_shown(start)}, not a mapping of the searched options to values",
                           hint=f"e.g. start={{{space.axes[0].name!r}: ...}}" if space.axes else None)
     axes = {a.name: a for a in space.axes}
     problems = []
@@ -299,21 +295,16 @@ def check_start(space: SearchSpace, start: Any) -> None:
         values = value if axis.per_model and isinstance(value, (list, tuple)) else (value,)
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if axis.per_model and not (isinstance(value, (list, tuple)) and len(value) == axis.per_model):
-            problems.append(f"start[{name!r}] is {_shown_value(value)}, not {axis.per_model} values, one per model")
+            problems.append(f"start[{name!r}] is {_shown(value)}, not {axis.per_model} values, one per model")
         elif not numbers:
-            problems.append(f"start[{name!r}] is {_shown_value(value)}, not a number")
-        elif not all(abs(v) < 1e308 if isinstance(v, int) else math.isfinite(v) for v in values):
-            problems.append(f"start[{name!r}] is {_shown_value(value)}, not a finite number")
+            problems.append(f"start[{name!r}] is {_shown(value)}, not a number")
+        elif not all(finite_float(v) for v in values):
+            problems.append(f"start[{name!r}] is {_shown(value)}, not a finite number")
         elif not all(axis.low <= v <= axis.high for v in values):
-            problems.append(f"start[{name!r}] is {_shown_value(value)}, outside the range searched "
+            problems.append(f"start[{name!r}] is {_shown(value)}, outside the range searched "
                             f"[{axis.low:g}, {axis.high:g}]")
     if problems:
         raise ConfigError(problems)
-
-
-def _shown_value(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _example(name: str) -> str:
