@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 
 import pytest
 
@@ -464,6 +465,29 @@ def test_an_evaluators_fork_pool_ends_without_tracebacks(tmp_path, monkeypatch, 
                  "--grid", "lam=1,2,3,4,5,6", "--dir", str(tmp_path / "s"), "--evaluator", "evpool:score"]) == 0
     captured = capfd.readouterr()  # the file descriptors: the workers' own writes too
     assert "Terminated" not in captured.err and "Traceback" not in captured.err, captured.err
+
+
+def test_a_forked_child_blocked_in_c_ends_at_sigterm(tmp_path, monkeypatch):
+    """A CI run of the test above hung in the pool's end: a worker stuck in C (a lock another thread held at the
+    fork) never ran tiesmerge's Python handler, so it outlived the pool's SIGTERM and ``join`` waited for ever.
+    A child forked during a command has Python's own handling: ``sigwait`` stands for any wait in C."""
+    from tiesmerge.cli.main import main
+
+    (tmp_path / "evwait.py").write_text(
+        "import multiprocessing as mp\nimport signal\nimport time\n\n\n"
+        "def score(state):\n"
+        "    child = mp.get_context('fork').Process(target=signal.sigwait, args=({signal.SIGWINCH},))\n"
+        "    child.start()\n    time.sleep(0.3)\n    child.terminate()\n    child.join(10)\n"
+        "    ended = not child.is_alive()\n    if not ended:\n        child.kill()\n        child.join()\n"
+        f"    with open({str(tmp_path / 'ended.txt')!r}, 'a') as f:\n"
+        "        f.write(f'{ended} {child.exitcode}\\n')\n"
+        "    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, a, b = (write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (lambda f: (f[0], *f[1]))(
+        make_family(2))))
+    assert main(["search", "--base", str(base), "--model", str(a), "--model", str(b), "--grid", "density=0.2",
+                 "--grid", "lam=1", "--dir", str(tmp_path / "s"), "--evaluator", "evwait:score"]) == 0
+    assert (tmp_path / "ended.txt").read_text() == f"True {-signal.SIGTERM}\n"
 
 
 @pytest.mark.parametrize("value, said", [("2:15", "2:15 is 135"), ("1:0.5", "1:0.5 is 60.5"),

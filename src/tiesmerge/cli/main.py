@@ -611,6 +611,22 @@ leases.cooperating_handlers.add(_on_stop_signal)  # it passes a SIGIO on to the 
 _handler_pid = os.getpid()  # the process whose command the handlers stop (set again as they are installed)
 
 
+def _default_handlers_in_child() -> None:
+    """In a child forked while a command runs (an evaluator's multiprocessing pool, its own os.fork), every signal
+    tiesmerge handles is handled again as Python would have: Ctrl-C raises KeyboardInterrupt, a stop signal ends
+    the process. Set at the fork, not when the signal comes: a Python handler runs only between bytecodes of the
+    main thread, so a child blocked in C (a lock another thread held at the fork, ``sigwait``) would outlive the
+    SIGTERM a pool's end sends it, and the pool's ``join`` would wait for it forever (a CI run hung so)."""
+    for signum in (signal.SIGINT, *STOP_SIGNALS):
+        try:
+            if signal.getsignal(signum) is _on_stop_signal:
+                signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        except (ValueError, OSError):  # a platform's signal that cannot be set: the handler's own check stays
+            continue
+    if sys.unraisablehook is _swallowed_stop:
+        sys.unraisablehook = _previous_unraisable
+
+
 def _as_by_default(signum: int) -> None:
     """``signum`` in a forked child, as if tiesmerge had never handled it: Ctrl-C raises KeyboardInterrupt, a signal
     whose default ends the process ends it (no "Terminated" traceback from each worker of an evaluator's pool)."""
@@ -642,6 +658,8 @@ def _swallowed_stop(args: Any) -> None:
 
 
 _previous_unraisable = sys.unraisablehook
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_default_handlers_in_child)
 
 
 def _terminate_like_interrupt() -> dict[int, Any]:
