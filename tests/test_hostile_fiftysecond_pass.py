@@ -782,3 +782,27 @@ def test_an_adapt_checkpoint_of_another_format_version_is_said_so(tmp_path):
     save_file(tensors, str(ck), metadata={**meta, "format": "tiesmerge-adapt-checkpoint/2"})
     with pytest.raises(ConfigError, match=r"an adapt checkpoint of another format \('tiesmerge-adapt-checkpoint/2'"):
         tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
+
+
+@pytest.mark.parametrize("first, second", [(1e38, None), (1.0, 0.0), (-1e-3, 1e-12)])
+def test_an_adapt_checkpoint_whose_first_moment_outgrows_its_second_is_refused(tmp_path, first, second):
+    """hp58b c45: adam.exp_avg edited to 1e38 (finite) resumed, and the run failed steps later with "the entropy ...
+    is nan" and the advice to lower --lr. Adam's first moment is bounded by its second (m^2 <= ~53 v)."""
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from test_adapt import _data
+    from test_hostile_fifth_pass import adapt_checkpoint_of_two_steps
+    from tiesmerge.errors import ConfigError
+
+    base, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path)
+    v = tensors["adam.exp_avg_sq"]
+    m = tensors["adam.exp_avg"]
+    assert bool((m.double() ** 2 <= 53 * v.double() + 1e-30).all())  # what a run writes holds the bound
+    tensors["adam.exp_avg"] = torch.full_like(m, first)
+    if second is not None:
+        tensors["adam.exp_avg_sq"] = torch.full_like(v, second)
+    save_file(tensors, str(ck), metadata=meta)
+    with pytest.raises(ConfigError, match=r"the checkpoint is damaged \(adam.exp_avg holds .* where adam.exp_avg_sq "
+                                          r"holds .*first moment is at most 7.27 x"):
+        tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)

@@ -412,7 +412,8 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Path) -> None:
+def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Path,
+                     betas: tuple[float, float]) -> None:
     """A checkpoint of this run whose contents were damaged or edited (its fingerprint is only the
     run's settings) is refused before it is used: shapes, a step within the run, finite values."""
     def damaged(why: str) -> ConfigError:
@@ -430,6 +431,8 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
             raise damaged(f"{name} holds values that are not finite")
     if "exp_avg_sq" in moments and bool((moments["exp_avg_sq"] < 0).any()):
         raise damaged("adam.exp_avg_sq holds negative values (a mean of squares cannot be)")
+    if "exp_avg" in moments and "exp_avg_sq" in moments:
+        _check_moments_agree(moments["exp_avg"], moments["exp_avg_sq"], betas, damaged)
     for group in state["optimizer"]["param_groups"] if isinstance(state["optimizer"]["param_groups"], list) else [None]:
         numbers = [v for k, v in group.items() if k != "params" for v in (v if isinstance(v, (list, tuple)) else [v])
                    if isinstance(v, (int, float)) and not isinstance(v, bool)] if isinstance(group, dict) else None
@@ -466,6 +469,26 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
                                                                      and _finite(x) for x in r)
                     for r in entropy)):
         raise damaged(f"its entropy history is not {step} rows of {n_tasks} finite numbers")
+
+
+def _check_moments_agree(first: torch.Tensor, second: torch.Tensor, betas: tuple[float, float],
+                         damaged: Callable[[str], ConfigError]) -> None:
+    """Adam's moments are running means of one gradient stream: m = sum_i a_i g_i, v = sum_i b_i g_i^2 with
+    a_i = (1 - beta1) beta1^k, b_i = (1 - beta2) beta2^k. By Cauchy-Schwarz m^2 <= v * sum_i a_i^2 / b_i <=
+    v * (1 - beta1)^2 / ((1 - beta2) (1 - beta1^2 / beta2)) (about 53 v with the defaults). A first moment past
+    that was edited: resumed, it moved the coefficients to logits that are not finite, blamed on --lr (hp58b c45)."""
+    beta1, beta2 = betas
+    if not (0 <= beta1 < 1 and 0 < beta2 < 1 and beta1 * beta1 < beta2):  # no such bound (a run's own betas)
+        return
+    ratio = (1 - beta1) ** 2 / ((1 - beta2) * (1 - beta1 * beta1 / beta2))
+    # float32 rounding of both moments: a relative slack, and an absolute one for moments near zero
+    allowed = (second.double() * ratio).sqrt() * 1.001 + 1e-30  # (shape of the coefficients)
+    worst = first.double().abs() - allowed
+    if bool((worst > 0).any()):
+        k = int(worst.argmax())
+        raise damaged(f"adam.exp_avg holds {float(first.flatten()[k]):.3g} where adam.exp_avg_sq holds "
+                      f"{float(second.flatten()[k]):.3g}: Adam's first moment is at most "
+                      f"{math.sqrt(ratio):.3g} x the square root of its second")
 
 
 _finite = finite_float  # an int of 401 digits is no finite number (hp54 c26, c27: math.isfinite overflowed)
@@ -583,7 +606,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
     if resume and path is not None and path.is_file():
         state = load_checkpoint(path)
         _fingerprint_check(state.get("fingerprint", ""), fingerprint, path, state.get("config"), config)
-        _check_resumable(state, tuple(lam.shape), len(tasks), path)
+        _check_resumable(state, tuple(lam.shape), len(tasks), path, tuple(optimizer.param_groups[0]["betas"]))
         _check_optimizer_settings(state["optimizer"]["param_groups"], optimizer.state_dict()["param_groups"], path)
         state["optimizer"]["param_groups"] = optimizer.state_dict()["param_groups"]  # the run's: equal where named
         try:
