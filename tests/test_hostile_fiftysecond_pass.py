@@ -806,3 +806,110 @@ def test_an_adapt_checkpoint_whose_first_moment_outgrows_its_second_is_refused(t
     with pytest.raises(ConfigError, match=r"the checkpoint is damaged \(adam.exp_avg holds .* where adam.exp_avg_sq "
                                           r"holds .*first moment is at most 7.27 x"):
         tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
+
+
+def _peft_ia3(tmp_path, dtype, kind, name, seed):
+    """A tiny base saved in ``dtype`` (once) and a trained (IA)³ adapter ``name`` on it (an attention module scaling
+    outputs, a feed-forward one scaling inputs; GPT-2's Conv1D with biases), and PEFT's fold of it as mergekit makes
+    it for a BASE+ADAPTER entry (the base loaded in its own dtype, PeftModel.from_pretrained, merge_and_unload)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            vocab_size=40, tie_word_embeddings=False, attention_bias=True))
+        targets, feedforward = ["q_proj", "v_proj", "down_proj"], ["down_proj"]
+    elif kind == "t5":  # T5's wo stays float32 in a float16 model (its class's _keep_in_fp32_modules)
+        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            d_model=32, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=40,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0))
+        targets, feedforward = ["k", "v", "wo"], ["wo"]
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=8,
+                                                                     vocab_size=30))
+        targets, feedforward = ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]
+    if not (tmp_path / "base").exists():
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(".bias"):  # initialised to 0, where b·l would show nothing
+                    p.normal_()
+        model.to(dtype).save_pretrained(tmp_path / "base")
+    cls = type(model)
+    adapter = peft.get_peft_model(cls.from_pretrained(tmp_path / "base"), peft.IA3Config(
+        target_modules=targets, feedforward_modules=feedforward, fan_in_fan_out=kind == "gpt2"))
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for n, p in adapter.named_parameters():
+            if "ia3_l" in n:  # about 1, some far from it (-0.3, 2.7: l - 1 is not exact in float32 there)
+                p.data = 1 + 0.8 * torch.randn(p.shape, generator=generator)
+    adapter.save_pretrained(tmp_path / name)
+    loaded = cls.from_pretrained(tmp_path / "base", torch_dtype=None)
+    folded = peft.PeftModel.from_pretrained(loaded, tmp_path / name).merge_and_unload()
+    folded.save_pretrained(tmp_path / f"{name}-folded")  # the full model mergekit merges for the entry
+    return folded.state_dict()
+
+
+@pytest.mark.parametrize("dtype_name, kind", [("bfloat16", "llama"), ("float32", "llama"), ("float16", "gpt2"),
+                                              ("float32", "gpt2"), ("float16", "t5")])
+def test_a_mergekit_ia3_entry_is_folded_as_mergekit_folds_it(tmp_path, dtype_name, kind):
+    """hp57a c46, c53: a mergekit recipe's BASE+ADAPTER entries of (IA)³ adapters were merged as scaling vectors
+    (τ = l − 1 trimmed and elected in l-space), while mergekit has PEFT fold each into the base (W·l, and b·l for
+    an output-scaled module's bias) and merges the folded models: every scaled tensor differed, up to half its
+    largest change. Now each entry is folded as PEFT folds it: weight 1 writes PEFT's merged model bit for bit, and
+    a TIES merge of two entries equals the TIES merge of the two folded models."""
+    from helpers_ckpt import load_dir
+    from tiesmerge.cli.main import main
+
+    dtype = getattr(torch, dtype_name)
+    reference = _peft_ia3(tmp_path, dtype, kind, "ia3", 2)
+    _peft_ia3(tmp_path, dtype, kind, "ia3b", 3)
+    base = tmp_path / "base"
+    stored = load_dir(base)
+    changed = [n for n in reference if n in stored and not torch.equal(stored[n].float(), reference[n].float())]
+    assert any(n.endswith(".bias") for n in changed) == (kind != "t5") and len(changed) >= 3  # b·l too
+
+    def merged(method, entries, out, density=""):
+        recipe = tmp_path / f"{out}.yaml"
+        recipe.write_text(f"merge_method: {method}\nbase_model: {base}\nmodels:\n" + "".join(
+            f"  - {{model: {e}, parameters: {{weight: 1.0{density}}}}}\n" for e in entries) + "dtype: float32\n")
+        assert main(["merge", str(recipe), "-o", str(tmp_path / out), "--no-progress"]) == 0
+        return load_dir(tmp_path / out)
+
+    # mergekit merges the model PEFT folded: the entry reads as that model, bit for bit (weight 1 of a float32
+    # merge: base + (folded − base), which rounds like mergekit's own arithmetic where l is far from 1)
+    for method, names, density in [("task_arithmetic", ["ia3"], ""), ("ties", ["ia3", "ia3b"], ", density: 0.5")]:
+        as_entries = merged(method, [f"{base}+{tmp_path / n}" for n in names], f"{method}-entries", density)
+        as_folded = merged(method, [tmp_path / f"{n}-folded" for n in names], f"{method}-folded", density)
+        assert as_entries.keys() == as_folded.keys()
+        for name in as_entries:
+            assert torch.equal(as_entries[name], as_folded[name]), (method, name)
+        if method == "task_arithmetic" and dtype != torch.float32:  # rounded to half: PEFT's own weights exactly
+            assert all(torch.equal(as_entries[n], reference[n].float()) for n in changed if "wo" not in n)
+
+
+def test_a_mergekit_ia3_entry_whose_fold_overflows_a_half_base_is_said_so(tmp_path, capsys):
+    """The fold of an (IA)³ entry multiplies in the base's float16, as PEFT does: a factor of 1e5 (finite, within the
+    adapter's bound) overflows there, as mergekit's own fold would; said as that, with what to do."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers_ckpt import assert_no_output
+    from tiesmerge.cli.main import main
+
+    _peft_ia3(tmp_path, torch.float16, "gpt2", "ia3", 2)
+    vectors = load_file(tmp_path / "ia3" / "adapter_model.safetensors")
+    key = next(k for k in vectors if "c_attn" in k)
+    vectors[key] = vectors[key].clone()
+    vectors[key].view(-1)[0] = 1e5
+    save_file(vectors, tmp_path / "ia3" / "adapter_model.safetensors")
+    base = tmp_path / "base"
+    (tmp_path / "r.yaml").write_text(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                                     f"  - {{model: {base}+{tmp_path / 'ia3'}, parameters: {{weight: 1.0}}}}\n"
+                                     "dtype: float32\n")
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "(IA)³ vector of module 'transformer.h.0.attn.c_attn'" in err and "overflows float16, as mergekit's " \
+        "fold of this MODEL+ADAPTER entry does" in err and "Traceback" not in err, err
+    assert_no_output(tmp_path / "out")

@@ -29,6 +29,7 @@ from .hub import HubPath, resolve_source
 from .io.adapters import adapter_kind, yields_task_vector
 from .io.align import Alignment, align, with_parts
 from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.ia3 import Ia3Checkpoint, Ia3Folded
 from .lazy import torch
 from .methods import TaskArithmetic
 from .methods.base import MergeMethod, check_models, warn_unused
@@ -449,7 +450,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
             ) -> Prepared:
     """Open the inputs (closed by ``stack``), align them, check every role, measure how far each
     model is from the base (a distant model is an error unless ``allow_distant``), plan the merge.
-    ``fold_like_peft``: LoRA adapters read as mergekit reads a MODEL+LORA entry (folded into the base in its dtype)."""
+    ``fold_like_peft``: adapters read as mergekit reads a MODEL+LORA entry (folded into the base in its dtype; a merged
+    adapter's output merges LoRA's task vectors and (IA)³'s vectors as the command line does)."""
     check_booleans(allow_pickle=allow_pickle, allow_distant=allow_distant)
     check_inputs(base, models)
     problems = check_models(method, len(models))
@@ -462,6 +464,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     for ckpt in model_ckpts if fold_like_peft else ():
         if hasattr(ckpt, "fold_like_peft"):
             ckpt.fold_like_peft = True
+    if fold_like_peft and output_format == "model":  # mergekit folds an (IA)³ entry too (PEFT's merge_and_unload)
+        model_ckpts = [Ia3Folded(c) if isinstance(c, Ia3Checkpoint) else c for c in model_ckpts]
     if req.base_values and output_format == "adapter":
         raise ConfigError(f"method {method.name!r} needs the base's values, which a merged adapter does not hold",
                           hint=adapter_merge.FULL_MODEL_HINT)

@@ -36,6 +36,7 @@ from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTenso
 from ..limits import read_json
 from ..paths import inside
 from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
+from .load_dtypes import LoadDtypes
 from .patterns import PatternTable
 from .peft import (
     ADAPTER_CONFIG,
@@ -286,55 +287,6 @@ _RESIZED_HINT = ("merge the adapter into its base with PEFT (merge_and_unload, a
                  "differ")
 
 
-def _config_dtype(base: Checkpoint) -> Any:
-    """The floating dtype a base's config.json names (transformers 5's "dtype", or the older "torch_dtype"), which
-    transformers loads the whole model in when asked for no dtype; None where it names none."""
-    import torch
-
-    from .align import read_model_config  # align imports this module
-
-    config = read_model_config(base)
-    for key in ("dtype", "torch_dtype"):
-        named = config.get(key)
-        if isinstance(named, str) and named.removeprefix("torch.") in ("float32", "float16", "bfloat16", "float64"):
-            return getattr(torch, named.removeprefix("torch."))
-    return None
-
-
-def float32_modules(base: Checkpoint, dtype: Any) -> re.Pattern | None:
-    """The modules transformers keeps in float32 when it loads ``base`` in ``dtype``, as one pattern, from its
-    config's architecture class (looked up by name in transformers, never a model's own code); None where there are
-    none, or transformers or the class is not there."""
-    import torch
-
-    from .align import read_model_config  # align imports this module
-
-    try:
-        architectures = read_model_config(base).get("architectures")
-    except CheckpointError:
-        return None
-    if not (isinstance(architectures, list) and architectures and isinstance(architectures[0], str)
-            and re.fullmatch(r"[A-Z][A-Za-z0-9_]{0,200}", architectures[0])):
-        return None
-    try:
-        import transformers
-
-        cls = getattr(transformers, architectures[0], None)
-    except Exception:  # noqa: BLE001 - transformers missing or failing to import a model: no modules kept
-        return None
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        return None
-    loose = getattr(cls, "_keep_in_fp32_modules", None) or () if dtype == torch.float16 else ()
-    strict = getattr(cls, "_keep_in_fp32_modules_strict", None) or ()
-    kept = [k for k in (*loose, *strict) if isinstance(k, str) and k]
-    try:  # transformers' own reading: each a regex with '*' for '.*', searched in the name
-        return re.compile("|".join(f"(?:{k.replace('*', '.*')})" for k in kept)) if kept else None
-    except re.error:
-        return None
-
-
-_UNREAD = object()  # an attribute not looked up yet
-
 _MIN_PRODUCT_ROWS = 64  # a product's rows formed at least this many at a time (16 sufficed on the machines tried)
 
 
@@ -380,8 +332,7 @@ class LoraCheckpoint:
         self.fold_like_peft = False
         self._token = next(_TOKENS)
         self._fold_product: tuple[str, Any] | None = None  # (tensor, B·A) kept for the tensor's next chunks
-        self._load_dtype: Any = _UNREAD  # the dtype transformers loads the base in (None: each tensor's own)
-        self._float32_kept: dict[Any, Any] = {}  # a half dtype -> the pattern of the modules kept in float32
+        self._load_dtypes: LoadDtypes | None = None  # each weight's dtype as transformers loads the base, once bound
         self.config, self._file = read_adapter_dir(path, label)
         if str(self.config.get("peft_type", "")).upper() != "LORA":
             self._file.close()
@@ -714,30 +665,9 @@ class LoraCheckpoint:
         return folded.float() - stored.float()  # the merge reads the base as stored
 
     def _module_dtype(self, base: Checkpoint, name: str, stored_dtype: Any) -> Any:
-        """The dtype transformers loads ``name`` in when mergekit loads the base (no dtype asked: transformers 5 takes
-        the config's dtype, else the first floating tensor's of the first weights file for the whole model, hp49 c11,
-        c56, hp56 c104), then float32 for
-        the model class's modules kept so (``_keep_in_fp32_modules`` in a float16 model, ``..._strict`` in bfloat16
-        too, each searched in the tensor's name: hp49 c54, T5's wo). A base of other files: each tensor's own."""
-        import torch
-
-        if not stored_dtype.is_floating_point:
-            return stored_dtype
-        if self._load_dtype is _UNREAD:
-            self._load_dtype = _config_dtype(base)  # transformers' dtype="auto": the config's dtype first (hp56
-            if self._load_dtype is None:  # c104, c105: bfloat16 weights under a float32 config load in float32)
-                firsts = getattr(base, "first_file_names", None)
-                names = firsts() if callable(firsts) else []
-                floating = next((n for n in names if base.info(n).is_floating and base.info(n).itemsize >= 2), None)
-                self._load_dtype = None if floating is None else base.info(floating).dtype
-        model = self._load_dtype or stored_dtype
-        if model in (torch.float16, torch.bfloat16):
-            if model not in self._float32_kept:
-                self._float32_kept[model] = float32_modules(base, model)
-            pattern = self._float32_kept[model]
-            if pattern is not None and pattern.search(name) is not None:
-                return torch.float32
-        return model
+        if self._load_dtypes is None:
+            self._load_dtypes = LoadDtypes(base)
+        return self._load_dtypes.of(name, stored_dtype)
 
     def rank_bound(self, name: str) -> int | None:
         """An upper bound on the rank of ``name``'s task vector that the adapter's structure gives: r for

@@ -23,7 +23,7 @@ from .protocol import Checkpoint, TensorInfo, rows_shape
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Ia3Checkpoint", "Ia3Identity", "ia3_identity"]
+__all__ = ["Ia3Checkpoint", "Ia3Folded", "Ia3Identity", "ia3_identity"]
 
 
 class Ia3Checkpoint:
@@ -163,6 +163,13 @@ class Ia3Checkpoint:
         _check_vector(vector.numpy(), self.location(name), self._keys[name])
         return vector.sub_(1.0)
 
+    def scaling_vector(self, name: str) -> torch.Tensor:
+        """l of ``name`` as stored (its file's dtype), checked: a fold multiplies by it, where l − 1 in float32
+        would round l (−0.3 − 1 is not exact)."""
+        vector = self._file.read(self._keys[name])
+        _check_vector(vector.float().numpy(), self.location(name), self._keys[name])
+        return vector
+
     def location(self, name: str) -> str:
         return str(self.path / ADAPTER_WEIGHTS)
 
@@ -174,6 +181,105 @@ class Ia3Checkpoint:
 
     def close(self) -> None:
         self._file.close()
+
+
+class Ia3Folded:
+    """An (IA)³ adapter read as mergekit reads a MODEL+ADAPTER entry: PEFT's ``merge_and_unload`` folds l into the
+    base as transformers loads it (each weight in its load dtype, :class:`~tiesmerge.io.load_dtypes.LoadDtypes`), and
+    the merge reads the folded model. So τ = float(W·l, rounded to the weight's dtype) − float(W) per weight entry,
+    and b·l − b for the bias of a module whose outputs are scaled (PEFT scales it too), not l − 1 in l-space (hp57a
+    c46: a third of the entries of every scaled tensor trimmed and elected otherwise than mergekit)."""
+
+    yields_task_vector = True
+    adapter_kind = "ia3-folded"  # weight changes like a LoRA's: merged against the real base (io.peft.adapter_kind)
+
+    def __init__(self, adapter: Ia3Checkpoint) -> None:
+        self.adapter, self.label, self.path = adapter, adapter.label, adapter.path
+        self._base: Checkpoint | None = None
+        self._scaled: dict[str, tuple[str, bool]] = {}  # base tensor -> (its weight's name, a bias)
+        self._dtypes: Any = None
+
+    def bind(self, base: Checkpoint) -> None:
+        from .load_dtypes import LoadDtypes
+
+        if self._base is not None:
+            return
+        self.adapter.bind(base)
+        held = set(base.names())
+        for name in self.adapter.names():
+            self._scaled[name] = (name, False)
+            bias = name.removesuffix(".weight") + ".bias"
+            if tuple(self.adapter.info(name).shape)[1:] == (1,) and name.endswith(".weight") and bias in held:
+                self._scaled[bias] = (name, True)  # PEFT: "if not is_feedforward and bias is not None: bias *= l"
+        self._base, self._dtypes = base, LoadDtypes(base)
+
+    def _bound(self) -> Checkpoint:
+        if self._base is None:
+            raise RuntimeError(f"{self.label}: bind(base) the adapter before reading it")
+        return self._base
+
+    def names(self) -> list[str]:
+        self._bound()
+        return list(self._scaled)
+
+    def info(self, name: str) -> TensorInfo:
+        return TensorInfo(tuple(self._bound().info(name).shape), FLOAT32)
+
+    def _vector(self, name: str, rows: slice | None, total: int, wide: Any) -> torch.Tensor:
+        """l of ``name``'s weight shaped to broadcast against ``name``'s rows: (rows, 1) for outputs, (1, in) for
+        inputs, transposed for a Conv1D (PEFT's fan_in_fan_out), (rows,) for a bias; in PEFT's dtype ``wide``."""
+        weight, is_bias = self._scaled[name]
+        vector = self.adapter.scaling_vector(weight).to(wide)  # PEFT copies the file's l into its parameter
+        if is_bias:
+            vector = vector.reshape(-1)  # (out,)
+        elif weight in self.adapter.transposed:
+            vector = vector.T
+        if rows is not None and vector.shape[0] == total and total > 1:
+            vector = vector[rows]  # outputs follow the rows
+        return vector
+
+    def _load_dtype(self, name: str, stored_dtype: Any) -> Any:
+        return self._dtypes.of(name, stored_dtype)
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        import torch
+
+        base = self._bound()
+        stored = base.read(name, rows)  # (rows, ...)
+        w = stored.to(self._load_dtype(name, stored.dtype))  # the module's weight as transformers loads it
+        # PEFT upcasts a half-precision adapter to float32 (float64 in a float64 model) and multiplies in that dtype:
+        # torch.mul(W, l).to(W.dtype), so the product is rounded twice, as PEFT rounds it
+        wide = torch.float64 if w.dtype == torch.float64 else torch.float32
+        folded = torch.mul(w, self._vector(name, rows, base.info(name).shape[0], wide)).to(w.dtype)
+        return folded.float() - stored.float()
+
+    def explain_not_finite(self, name: str) -> None:
+        """The fold overflowed the weight's dtype (|l| up to 1e6 times a float16 weight): said as mergekit's fold
+        of this entry, with what to do, not as a damaged adapter."""
+        import torch
+
+        base = self._bound()
+        dtype = self._load_dtype(name, base.info(name).dtype_info.torch)
+        name_of = str(dtype).removeprefix("torch.")
+        if dtype in (torch.float16, torch.bfloat16):
+            raise InvalidTensorError(
+                f"{self.adapter.path / ADAPTER_WEIGHTS}: folding the (IA)³ vector of module "
+                f"{self.adapter.modules[self._scaled[name][0]]!r} into the base's {name_of} tensor {name!r} overflows {name_of}, as mergekit's fold of this MODEL+ADAPTER "
+                "entry does (PEFT multiplies in the weight's dtype; mergekit writes Inf there)",
+                hint="give the base in float32 (its weights converted), or merge the adapters as (IA)³ adapters with "
+                     "the command line (--base BASE --model ADAPTER), which merges their vectors in float32")
+
+    def location(self, name: str) -> str:
+        return self.adapter.location(name)
+
+    def files(self) -> list[Path]:
+        return self.adapter.files()
+
+    def directory(self) -> Path | None:
+        return self.adapter.directory()
+
+    def close(self) -> None:
+        self.adapter.close()
 
 
 class _Ia3Union:

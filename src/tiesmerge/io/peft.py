@@ -25,16 +25,18 @@ def yields_task_vector(ckpt: Checkpoint) -> bool:
 
 
 def adapter_kind(models: list[Checkpoint]) -> str | None:
-    """"lora", "ia3" or None (no adapters); mixing (IA)³ with anything else is an error."""
+    """"lora", "ia3", "ia3-folded" or None (no adapters); mixing (IA)³ with anything else is an error."""
     kinds = {getattr(m, "adapter_kind", None) for m in models}
     if "ia3" in kinds and len(kinds) > 1:
         raise IncompatibleCheckpointsError(
             "(IA)³ adapters merge only with other (IA)³ adapters: their task vectors are scaling vectors, "
             "not weight changes",
             hint="merge the (IA)³ adapters on their own, or fold each into its base model first (PEFT's "
-                 "merge_and_unload, and save that model; mergekit's BASE+ADAPTER folds one so, tiesmerge reads "
-                 "BASE+ADAPTER as the adapter's own change and folds only LoRA there)")
-    return "ia3" if "ia3" in kinds else "lora" if "lora" in kinds else None
+                 "merge_and_unload, and save that model), or list them as BASE+ADAPTER entries of a mergekit "
+                 "recipe, which folds each into the base as mergekit does")
+    # "ia3-folded": an (IA)³ adapter of a mergekit recipe, read as weight changes (io.ia3.Ia3Folded), like a LoRA's
+    return "ia3" if "ia3" in kinds else "lora" if "lora" in kinds else "ia3-folded" if "ia3-folded" in kinds \
+        else None
 
 
 def strip_key(key: str, suffix: str) -> str:
