@@ -264,8 +264,9 @@ class Ia3Folded:
         if dtype in (torch.float16, torch.bfloat16):
             raise InvalidTensorError(
                 f"{self.adapter.path / ADAPTER_WEIGHTS}: folding the (IA)³ vector of module "
-                f"{self.adapter.modules[self._scaled[name][0]]!r} into the base's {name_of} tensor {name!r} overflows {name_of}, as mergekit's fold of this MODEL+ADAPTER "
-                "entry does (PEFT multiplies in the weight's dtype; mergekit writes Inf there)",
+                f"{self.adapter.modules[self._scaled[name][0]]!r} into the base's {name_of} tensor {name!r} "
+                f"overflows {name_of}, as mergekit's fold of this MODEL+ADAPTER entry does (PEFT multiplies in the "
+                "weight's dtype; mergekit writes Inf there)",
                 hint="give the base in float32 (its weights converted), or merge the adapters as (IA)³ adapters with "
                      "the command line (--base BASE --model ADAPTER), which merges their vectors in float32")
 
