@@ -183,7 +183,25 @@ class Ia3Checkpoint:
         self._file.close()
 
 
-class Ia3Folded:
+class _AdapterView:
+    """A view of one (IA)³ adapter (``self.adapter``): its files are the adapter's."""
+
+    adapter: Ia3Checkpoint
+
+    def location(self, name: str) -> str:
+        return self.adapter.location(name)
+
+    def files(self) -> list[Path]:
+        return self.adapter.files()
+
+    def directory(self) -> Path | None:
+        return self.adapter.directory()
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
+class Ia3Folded(_AdapterView):
     """An (IA)³ adapter read as mergekit reads a MODEL+ADAPTER entry: PEFT's ``merge_and_unload`` folds l into the
     base as transformers loads it (each weight in its load dtype, :class:`~tiesmerge.io.load_dtypes.LoadDtypes`), and
     the merge reads the folded model. So τ = float(W·l, rounded to the weight's dtype) − float(W) per weight entry,
@@ -270,20 +288,8 @@ class Ia3Folded:
                 hint="give the base in float32 (its weights converted), or merge the adapters as (IA)³ adapters with "
                      "the command line (--base BASE --model ADAPTER), which merges their vectors in float32")
 
-    def location(self, name: str) -> str:
-        return self.adapter.location(name)
 
-    def files(self) -> list[Path]:
-        return self.adapter.files()
-
-    def directory(self) -> Path | None:
-        return self.adapter.directory()
-
-    def close(self) -> None:
-        self.adapter.close()
-
-
-class _Ia3Union:
+class _Ia3Union(_AdapterView):
     """An (IA)³ adapter seen over the union of every adapter's vectors: a vector it lacks is
     l = 1, so τ = 0."""
 
@@ -309,18 +315,6 @@ class _Ia3Union:
         import torch
 
         return torch.zeros(rows_shape(self._shapes[name], rows), dtype=torch.float32)
-
-    def location(self, name: str) -> str:
-        return self.adapter.location(name)
-
-    def files(self) -> list[Path]:
-        return self.adapter.files()
-
-    def directory(self) -> Path | None:
-        return self.adapter.directory()
-
-    def close(self) -> None:
-        self.adapter.close()
 
 
 class Ia3Identity:
