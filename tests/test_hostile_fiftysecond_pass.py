@@ -808,7 +808,7 @@ def test_an_adapt_checkpoint_whose_first_moment_outgrows_its_second_is_refused(t
         tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
 
 
-def _peft_ia3(tmp_path, dtype, kind, name, seed):
+def _peft_ia3(tmp_path, dtype, kind, name, seed, modules=None):
     """A tiny base saved in ``dtype`` (once) and a trained (IA)³ adapter ``name`` on it (an attention module scaling
     outputs, a feed-forward one scaling inputs; GPT-2's Conv1D with biases), and PEFT's fold of it as mergekit makes
     it for a BASE+ADAPTER entry (the base loaded in its own dtype, PeftModel.from_pretrained, merge_and_unload)."""
@@ -830,6 +830,8 @@ def _peft_ia3(tmp_path, dtype, kind, name, seed):
         model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=8,
                                                                      vocab_size=30))
         targets, feedforward = ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]
+    if modules is not None:  # (targets, feedforward) of the adapter's own
+        targets, feedforward = modules
     if not (tmp_path / "base").exists():
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -913,3 +915,79 @@ def test_a_mergekit_ia3_entry_whose_fold_overflows_a_half_base_is_said_so(tmp_pa
     assert "(IA)³ vector of module 'transformer.h.0.attn.c_attn'" in err and "overflows float16, as mergekit's " \
         "fold of this MODEL+ADAPTER entry does" in err and "Traceback" not in err, err
     assert_no_output(tmp_path / "out")
+
+
+def _mergekit_recipe(tmp_path, name, method, entries, density=""):
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(f"merge_method: {method}\nbase_model: {tmp_path / 'base'}\nmodels:\n" + "".join(
+        f"  - {{model: {e}, parameters: {{weight: 1.0{density}}}}}\n" for e in entries) + "dtype: float32\n")
+    return recipe
+
+
+@pytest.mark.parametrize("beside", ["full model", "other targets"])
+def test_a_mergekit_ia3_entry_merges_beside_other_entries_and_validates(tmp_path, capsys, beside):
+    """hp59a c31-c36: an (IA)³ entry beside a full model, or beside an (IA)³ entry scaling other modules, failed
+    with "unexpected KeyError ... a bug" (a tensor the entry does not scale), and validate and the dry run refused
+    the recipe that merge ran ("merge only with other (IA)³ adapters ... list them as BASE+ADAPTER entries": they
+    were). Now the entry reads 0 where it scales nothing, and the plan folds the entries as the merge does."""
+    from helpers_ckpt import load_dir
+    from tiesmerge.cli.main import main
+
+    base = tmp_path / "base"
+    _peft_ia3(tmp_path, torch.float32, "llama", "ia3", 2)
+    _peft_ia3(tmp_path, torch.float32, "llama", "other", 3,
+              modules=None if beside == "full model" else (["k_proj", "up_proj"], ["up_proj"]))
+    second = f"{base}+{tmp_path / 'other'}" if beside == "other targets" else tmp_path / "other-folded"
+    recipe = _mergekit_recipe(tmp_path, "mix", "ties", [f"{base}+{tmp_path / 'ia3'}", second], ", density: 0.5")
+    folded = _mergekit_recipe(tmp_path, "folded", "ties", [tmp_path / "ia3-folded", tmp_path / "other-folded"],
+                              ", density: 0.5")
+    for command in (["validate", str(recipe)], ["merge", str(recipe), "--dry-run"]):
+        assert main(command) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["merge", str(recipe), "-o", str(tmp_path / "o1"), "--no-progress"]) == 0, capsys.readouterr().err
+    assert main(["merge", str(folded), "-o", str(tmp_path / "o2"), "--no-progress"]) == 0
+    ours, want = load_dir(tmp_path / "o1"), load_dir(tmp_path / "o2")
+    assert ours.keys() == want.keys() and all(torch.equal(ours[n], want[n]) for n in ours)
+
+
+def test_mergekit_ia3_entries_written_as_an_adapter_are_said_to_merge_as_vectors(tmp_path, capsys):
+    """hp59a c13, c14: a mergekit recipe's (IA)³ entries with --output-format adapter merged in l-space without a
+    word (the README says such entries trim and elect on the folded weights), and beside a full model the refusal's
+    hint told the user to list them as BASE+ADAPTER entries, which they were."""
+    from helpers_ckpt import assert_no_output
+    from tiesmerge.cli.main import main
+
+    base = tmp_path / "base"
+    _peft_ia3(tmp_path, torch.float32, "llama", "ia3", 2)
+    _peft_ia3(tmp_path, torch.float32, "llama", "other", 3)
+    both = _mergekit_recipe(tmp_path, "both", "ties", [f"{base}+{tmp_path / n}" for n in ("ia3", "other")],
+                            ", density: 0.5")
+    capsys.readouterr()
+    assert main(["merge", str(both), "--output-format", "adapter", "-o", str(tmp_path / "a1"), "--no-progress"]) == 0
+    assert "merged as scaling vectors (l − 1) into an (IA)³ adapter, not as mergekit merges them" in \
+        capsys.readouterr().err
+    mixed = _mergekit_recipe(tmp_path, "mixed", "ties", [f"{base}+{tmp_path / 'ia3'}", tmp_path / "other-folded"],
+                             ", density: 0.5")
+    assert main(["merge", str(mixed), "--output-format", "adapter", "-o", str(tmp_path / "a2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot hold this recipe's (IA)³ entries beside" in err and "a full model" in err, err
+    assert "list them as BASE+ADAPTER" not in err
+    assert_no_output(tmp_path / "a2")
+
+
+def test_merges_finish_and_a_deep_origin_are_refused_before_the_merge(tmp_path):
+    """hp59a c08, c09: merge(origin=<a dict nested 5000 deep>) raised RecursionError from the YAML writer, and
+    merge(finish=5) a TypeError after the whole merge ran."""
+    import tiesmerge
+    from helpers_ckpt import assert_no_output
+    from tiesmerge.errors import ConfigError
+
+    base, models = make_family(2)
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    with pytest.raises(ConfigError, match="origin holds a value that cannot be written"):
+        tiesmerge.merge(base, models, "ties", origin=deep, output=tmp_path / "o")
+    with pytest.raises(ConfigError, match="finish must be a function of .staging folder, manifest., got int"):
+        tiesmerge.merge(base, models, "ties", finish=5, output=tmp_path / "o")
+    assert_no_output(tmp_path / "o")

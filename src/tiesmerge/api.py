@@ -91,14 +91,20 @@ def _typed_out_of_memory(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @_typed_out_of_memory
+def _from_mergekit(origin: Mapping[str, Any] | None) -> bool:
+    """A recipe translated from mergekit's YAML (its BASE+ADAPTER entries are read as mergekit reads them)."""
+    return isinstance(origin, Mapping) and origin.get("format") == "mergekit"
+
+
 def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "ties", *, device: str = "cpu",
                memory_budget: int | str | None = None, dtype: str | torch.dtype | None = None,
                vocab_policy: str = "error", allow_pickle: bool = False, output_format: str = "model",
                stats: Sequence[StatsInput] | None = None, allow_distant: bool = False, rank: int | None = None,
-               **method_options: Any) -> Plan:
+               origin: Mapping[str, Any] | None = None, **method_options: Any) -> Plan:
     """What :func:`merge` would do: tensors, passes, bytes, peak memory, and (``plan.notes``) how
     far each model is from the base. Reads no tensor data beyond that distance's small sample of rows.
     ``rank``: a merged LoRA adapter's (``output_format="adapter"``), as :func:`merge` takes it, for its size.
+    ``origin``: the recipe's, as :func:`merge` takes it (a mergekit recipe's BASE+ADAPTER entries are folded there).
 
     (Merging (IA)³ adapters into a full model merges their small vectors first, to plan the fold;
     with ``normalize="rms"``, Fisher merging reads its statistics once to plan.)
@@ -116,7 +122,7 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
     with ExitStack() as stack:
         prepared = prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
                            vocab_policy=vocab_policy, allow_pickle=allow_pickle, output_format=output_format,
-                           stats=stats, allow_distant=allow_distant)
+                           stats=stats, allow_distant=allow_distant, fold_like_peft=_from_mergekit(origin))
         if output_format != "adapter":  # the files a merge copies beside the weights: checked as merge checks them
             copied = model_files(prepared.base.directory())
             check_model_files(copied)
@@ -170,18 +176,20 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
 
 
 def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str = "error",
-                  allow_pickle: bool = False) -> list:
+                  allow_pickle: bool = False, origin: Mapping[str, Any] | None = None) -> list:
     """How far each model is from the base (:mod:`tiesmerge.distance`), measured on a sample of rows:
     a list of ``ModelDistance`` (``.relative_norm``, ``.share_barely_matching``, ``.distant``, ``.line()``).
 
     >>> [d.line() for d in tiesmerge.base_distance("base", ["ft-a", "other"])]   # doctest: +SKIP
     ['model 0: ‖τ‖/‖θ_base‖ 0.0213, 0% of 101 tensors barely match — looks fine-tuned from the base', ...]
+
+    ``origin``: the recipe's, as :func:`merge` takes it (a mergekit recipe's BASE+ADAPTER entries are folded there).
     """
     base, models = resolve_sources(base, models)
     with ExitStack() as stack:
         return list(prepare(stack, base, models, as_method("task_arithmetic", {}), device="cpu", memory_budget=None,
                             dtype=None, vocab_policy=vocab_policy, allow_pickle=allow_pickle,
-                            allow_distant=True).distances)
+                            allow_distant=True, fold_like_peft=_from_mergekit(origin)).distances)
 
 
 def check_statistics_owners(models: Sequence[Source], stats: Sequence[Any], method: MergeMethod, *,
@@ -395,12 +403,14 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     if rank is not None and output_format != "adapter":  # a full model is written whole: no rank to cut it to
         raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the output is a full model",
                           hint="add --output-format adapter (output_format='adapter'), or leave --rank out")
+    if finish is not None and not callable(finish):  # called at the end, after the whole merge (hp59a c09)
+        raise ConfigError(f"finish must be a function of (staging folder, manifest), got {type(finish).__name__}")
     if origin is not None:  # written into the manifest and the card at the end: a value YAML cannot hold fails now
         import yaml
 
         try:
             yaml.safe_dump(dict(origin)), json.dumps(dict(origin))
-        except (TypeError, ValueError, yaml.YAMLError) as exc:
+        except (TypeError, ValueError, RecursionError, yaml.YAMLError) as exc:  # RecursionError: nested too deep
             raise ConfigError(f"origin holds a value that cannot be written to the manifest ({type(exc).__name__}: "
                               f"{str(exc)[:120]})", hint="give origin plain strings, numbers, lists and mappings") \
                 from None
@@ -424,7 +434,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                            progress=bar.update if bar else None, output_format=output_format, stats=stats,
                            allow_distant=allow_distant,
                            # a mergekit recipe's MODEL+LORA entries: folded as mergekit folds them (hp48 c05)
-                           fold_like_peft=bool(origin) and dict(origin or {}).get("format") == "mergekit")
+                           fold_like_peft=_from_mergekit(origin))
         executor = prepared.executor
         adapter_merge.check_rank(prepared.models, rank)
         if budget_floor:  # from the plan just made: planning again first would sample the distances twice
@@ -702,7 +712,8 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                               "(l − 1), while a compared merge is written as a full model with the vectors folded "
                               "into its weights, so the two would not be the same quantities",
                               hint="leave out --method; to compare merges, fold each adapter into the base first "
-                                   "(tiesmerge merge --base B --model ADAPTER -o FOLDED) and analyze the folded models")
+                                   "(tiesmerge merge --base B --model ADAPTER --method task_arithmetic --lam 1 "
+                                   "-o FOLDED: the adapter's own fold, nothing trimmed) and analyze the folded models")
         merged: list[tuple[str, Checkpoint]] = []
         if extra:  # each extra method's merge, float32, read back beside the models in the statistics pass
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesmerge-analyze-")))

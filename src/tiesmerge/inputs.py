@@ -443,6 +443,22 @@ def check_booleans(**flags: Any) -> None:
         raise ConfigError(wrong)
 
 
+def _check_ia3_entries_as_adapter(models: list[Checkpoint]) -> None:
+    """A mergekit recipe's (IA)³ entries written as a merged adapter (tiesmerge's own option: mergekit writes full
+    models): an (IA)³ adapter holds scaling vectors, so they are merged as vectors, not folded as mergekit merges
+    them; said so, and refused beside entries no (IA)³ adapter can hold (hp59a c13, c14)."""
+    other = next((c for c in models if not isinstance(c, Ia3Checkpoint)), None)
+    if other is not None:
+        raise ConfigError(f"a merged adapter (--output-format adapter) cannot hold this recipe's (IA)³ entries beside "
+                          f"{other.label} ({'a LoRA adapter' if yields_task_vector(other) else 'a full model'}): "
+                          "mergekit folds each entry into the base, and only a full model holds their merge",
+                          hint="leave out --output-format adapter (output_format: model) to write the full model")
+    warnings.warn(MergeWarning(
+        "the recipe's (IA)³ entries are merged as scaling vectors (l − 1) into an (IA)³ adapter, not as mergekit "
+        "merges them (folded into the base, W·l, and trimmed and elected on the weights' changes, which no (IA)³ "
+        "adapter can hold); leave out --output-format adapter for mergekit's merge"), stacklevel=4)
+
+
 def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMethod, *, device: str,
             memory_budget: int | str | None, dtype: str | torch.dtype | None, vocab_policy: str,
             allow_pickle: bool, progress: Any = None, output_format: str = "model",
@@ -466,6 +482,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
             ckpt.fold_like_peft = True
     if fold_like_peft and output_format == "model":  # mergekit folds an (IA)³ entry too (PEFT's merge_and_unload)
         model_ckpts = [Ia3Folded(c) if isinstance(c, Ia3Checkpoint) else c for c in model_ckpts]
+    elif fold_like_peft and any(isinstance(c, Ia3Checkpoint) for c in model_ckpts):
+        _check_ia3_entries_as_adapter(model_ckpts)
     if req.base_values and output_format == "adapter":
         raise ConfigError(f"method {method.name!r} needs the base's values, which a merged adapter does not hold",
                           hint=adapter_merge.FULL_MODEL_HINT)

@@ -550,7 +550,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
                            ("the reference model", reference),
                            *((f"the statistics of model {k}", s) for k, s in enumerate(recipe.stats or ()))])
         plan = plan_merge(recipe.base, list(recipe.models), recipe.method, output_format=recipe.output_format,
-                          stats=recipe.stats, rank=recipe.rank, **common)
+                          stats=recipe.stats, rank=recipe.rank, origin=recipe.origin, **common)
         check_budget(plan)
         print(describe_plan(plan, recipe.method, len(recipe.models)))
         if args.output:
@@ -719,6 +719,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           memory_budget=recipe.memory_budget, dtype=recipe.dtype, vocab_policy=recipe.vocab_policy,
                           allow_pickle=recipe.allow_pickle, output_format=recipe.output_format, stats=recipe.stats,
                           rank=recipe.rank,  # checked as the merge checks it (hp45 c66: rank 1000 was "ok")
+                          origin=recipe.origin,  # a mergekit recipe's adapters read as the merge reads them
                           allow_distant=True)  # judged below, once the numbers are shown
     except TiesMergeError as exc:  # the first problem of the inputs: every other input's is looked for too
         raise _with_input_problems(exc, recipe.base, [str(m) for m in recipe.models], args,
@@ -729,7 +730,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                             allow_pickle=recipe.allow_pickle)
     # how far each model is from the base (a small sample of rows): shown, then judged
     distances = base_distance(recipe.base, list(recipe.models), vocab_policy=recipe.vocab_policy,
-                              allow_pickle=recipe.allow_pickle)
+                              allow_pickle=recipe.allow_pickle, origin=recipe.origin)
     for d in distances:
         print(f"  base distance of {d.line()}")
     check_distances(distances, recipe.base, recipe.allow_distant)

@@ -263,6 +263,8 @@ class Ia3Folded(_AdapterView):
         import torch
 
         base = self._bound()
+        if name not in self._scaled:  # a tensor another entry changes (a LoRA's, a full model's): this one leaves it
+            return torch.zeros(rows_shape(base.info(name).shape, rows), dtype=torch.float32)
         stored = base.read(name, rows)  # (rows, ...)
         w = stored.to(self._load_dtype(name, stored.dtype))  # the module's weight as transformers loads it
         # PEFT upcasts a half-precision adapter to float32 (float64 in a float64 model) and multiplies in that dtype:
@@ -277,6 +279,8 @@ class Ia3Folded(_AdapterView):
         import torch
 
         base = self._bound()
+        if name not in self._scaled:  # zeros there: finite
+            return
         dtype = self._load_dtype(name, base.info(name).dtype_info.torch)
         name_of = str(dtype).removeprefix("torch.")
         if dtype in (torch.float16, torch.bfloat16):
