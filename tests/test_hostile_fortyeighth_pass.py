@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import sys
 
 import pytest
 
@@ -488,6 +489,54 @@ def test_a_forked_child_blocked_in_c_ends_at_sigterm(tmp_path, monkeypatch):
     assert main(["search", "--base", str(base), "--model", str(a), "--model", str(b), "--grid", "density=0.2",
                  "--grid", "lam=1", "--dir", str(tmp_path / "s"), "--evaluator", "evwait:score"]) == 0
     assert (tmp_path / "ended.txt").read_text() == f"True {-signal.SIGTERM}\n"
+
+
+def test_a_stop_signal_inside_a_forks_hooks_leaves_no_lock_held(monkeypatch):
+    """hp59b c39: SIGTERM to the process group while an evaluator's fork pool ran hung 1 run in 8: raised in the main
+    thread inside logging's at-fork hook, before it released its lock, the stop left the lock held, and the pool's
+    end (whose thread forks a replacement worker, taking that lock) waited for ever. The command's stop now waits
+    until the fork's hooks have run."""
+    import importlib
+    import logging
+    import os
+    import threading
+    import time
+
+    cli_main = importlib.import_module("tiesmerge.cli.main")  # the module (tiesmerge.cli.main is also a function)
+    real = logging._lock
+
+    class Interrupted:  # logging's module lock, with a stop signal arriving just before it is released
+        def acquire(self, *args):
+            return real.acquire(*args)
+
+        def release(self):
+            signal.raise_signal(signal.SIGTERM)
+            real.release()
+
+    previous = cli_main._terminate_like_interrupt()
+    stopped = None
+    try:
+        monkeypatch.setattr(logging, "_lock", Interrupted())
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            time.sleep(0.5)  # a stop swallowed inside a hook is sent again 0.05 s later
+        except cli_main.Terminated as exc:
+            stopped = exc
+        monkeypatch.setattr(logging, "_lock", real)
+        free = []
+        other = threading.Thread(target=lambda: free.append(real.acquire(timeout=2) and (real.release() or True)))
+        other.start()
+        other.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = cli_main._previous_unraisable
+        cli_main._stopping, cli_main._stopped_by = False, None
+    assert free == [True]  # another thread can take logging's lock: the fork's hooks released it
+    assert stopped is not None and stopped.signum == signal.SIGTERM  # and the stop still came, after them
 
 
 @pytest.mark.parametrize("value, said", [("2:15", "2:15 is 135"), ("1:0.5", "1:0.5 is 60.5"),

@@ -18,7 +18,7 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
-__all__ = ["held", "hold"]
+__all__ = ["held", "hold", "forget"]
 
 _depth = 0  # how many held() blocks are open (the handler only reads it: no lock a signal could wait on)
 _pending: int | None = None  # the stop signal that arrived inside them
@@ -49,3 +49,10 @@ def hold(signum: int) -> bool:
         return False
     _pending = int(signum)
     return True
+
+
+def forget() -> None:
+    """In a process forked inside :func:`held` (tiesmerge.cli.main holds a fork's hooks): nothing is held there, and
+    a signal held for the parent is the parent's."""
+    global _depth, _pending
+    _depth, _pending = 0, None

@@ -617,6 +617,9 @@ def _default_handlers_in_child() -> None:
     the process. Set at the fork, not when the signal comes: a Python handler runs only between bytecodes of the
     main thread, so a child blocked in C (a lock another thread held at the fork, ``sigwait``) would outlive the
     SIGTERM a pool's end sends it, and the pool's ``join`` would wait for it forever (a CI run hung so)."""
+    global _fork_hold
+    _fork_hold = None
+    stops.forget()
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         try:
             if signal.getsignal(signum) is _on_stop_signal:
@@ -658,8 +661,32 @@ def _swallowed_stop(args: Any) -> None:
 
 
 _previous_unraisable = sys.unraisablehook
+_fork_hold: Any = None  # the stops.held() block open across a fork of the main thread
+
+
+def _hold_across_fork() -> None:
+    """Before a fork: a stop signal waits until the fork's hooks have run. Raised inside them (the main thread forking
+    an evaluator's pool worker), it skipped logging's release of its lock, and the pool's end, whose thread forks
+    again, waited on that lock for ever (hp59b c39: SIGTERM to the process group, 1 run in 8)."""
+    global _fork_hold
+    if threading.current_thread() is threading.main_thread() and _fork_hold is None:
+        _fork_hold = stops.held()
+        _fork_hold.__enter__()
+
+
+def _release_after_fork() -> None:
+    global _fork_hold
+    block, _fork_hold = _fork_hold, None
+    if block is not None and threading.current_thread() is threading.main_thread():
+        block.__exit__(None, None, None)  # a stop signal held meanwhile is delivered here, after every hook
+
+
 if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
-    os.register_at_fork(after_in_child=_default_handlers_in_child)
+    import logging  # noqa: F401 - registered first, so its at-fork lock is taken after our hold and freed before
+
+    # before-hooks run last-registered first, after-hooks first-registered first: ours enclose every earlier one's
+    os.register_at_fork(before=_hold_across_fork, after_in_parent=_release_after_fork,
+                        after_in_child=_default_handlers_in_child)
 
 
 def _terminate_like_interrupt() -> dict[int, Any]:
