@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -991,3 +993,110 @@ def test_merges_finish_and_a_deep_origin_are_refused_before_the_merge(tmp_path):
     with pytest.raises(ConfigError, match="finish must be a function of .staging folder, manifest., got int"):
         tiesmerge.merge(base, models, "ties", finish=5, output=tmp_path / "o")
     assert_no_output(tmp_path / "o")
+
+
+@pytest.mark.parametrize("count, said", [(torch.tensor(2 + 0j), "complex64"),
+                                         (torch.tensor(2, dtype=torch.int8), "int8"),
+                                         (torch.tensor(2, dtype=torch.uint8), "uint8"),
+                                         (torch.tensor(2, dtype=torch.int64), "int64")])
+def test_an_adapt_checkpoint_whose_adam_step_is_no_float_tensor_is_refused(tmp_path, count, said):
+    """hp59b c17, c18, c46: adam.step as a complex, int8 or uint8 tensor of the right value passed the checkpoint's
+    checks and failed in torch's Adam ("unexpected RuntimeError ... ComplexFloat", an int8 127 wrapping to -128,
+    a uint8 255 to 0: "ZeroDivisionError", each "a bug")."""
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from test_adapt import _data
+    from test_hostile_fifth_pass import adapt_checkpoint_of_two_steps
+    from tiesmerge.errors import ConfigError
+
+    base, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path)
+    assert tensors["adam.step"].dtype == torch.float32 and float(tensors["adam.step"]) == 2
+    tensors["adam.step"] = count
+    save_file(tensors, str(ck), metadata=meta)
+    with pytest.raises(ConfigError, match=f"the checkpoint is damaged \\(adam.step is {said}, not float32"):
+        tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
+
+
+def test_tune_and_run_search_take_numpy_numbers_and_refuse_odd_methods_and_executors():
+    """hp59b c21-c25: tune(method=None) and run_search(method=None / 3) failed as AttributeError / a TypeError of
+    dataclasses, run_search(executor=3) as an AttributeError; numpy's scalars in a grid, a range, a budget or a seed
+    were refused as "not a finite number", "not a whole number" (they are)."""
+    import numpy as np
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search, tune
+
+    base, models = make_family(2)
+
+    def score(state):
+        return float(sum(v.float().sum() for v in state.values()))
+
+    for method in (None, b"ties", 3):
+        with pytest.raises(ConfigError, match="method must be a name or a method config"):
+            tune(base, models, method, score, grid={"density": [0.1], "lam": [1.0]})
+        with pytest.raises(ConfigError, match="method must be a name or a method config"):
+            run_search(base, models, method, score, strategy="random", budget=2, axes=("density", "lam"))
+    with pytest.raises(ConfigError, match="executor is a int, not an executor of the search"):
+        run_search(base, models, "ties", score, grid={"density": [0.1], "lam": [1.0]}, executor=3)
+    plain = tune(base, models, "ties", score, grid={"density": [0.1], "lam": [1.0, 2.0]})
+    numpy = tune(base, models, "ties", score, grid={"density": [np.float64(0.1)], "lam": [np.float32(1.0), 2]})
+    assert [p.score for p in numpy.points] == [p.score for p in plain.points]
+    drawn = run_search(base, models, "ties", score, strategy="random", budget=np.int64(2), seed=np.int64(3),
+                       axes=("density", "lam"), ranges={"lam": (np.float32(0.5), np.float32(1.0))})
+    again = run_search(base, models, "ties", score, strategy="random", budget=2, seed=3, axes=("density", "lam"),
+                       ranges={"lam": (0.5, 1.0)})
+    assert [t.options for t in drawn.trials] == [t.options for t in again.trials]
+    assert all(type(v) is float for t in drawn.trials for v in t.options.values() if not isinstance(v, tuple))
+
+
+def test_adapts_arguments_are_checked_before_the_training(tmp_path):
+    """hp59b c30-c33, c40: adapt(lr=10**400) and adapt(clamp=("a", "b")) failed as OverflowError / TypeError,
+    tasks of bytes as a JSON TypeError at the end, a bytes output as pathlib's TypeError, and force="yes" was
+    refused after the whole training, its checkpoint left beside the output. numpy's scalars are numbers there too."""
+    import numpy as np
+
+    import tiesmerge
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.errors import ConfigError
+
+    base, fts = _family()
+    kwargs = dict(forward=_forward(), granularity="task", batch_size=5)
+    for bad, said in [(dict(lr=10**400), "lr must be a finite number, got an integer of 401 digits"),
+                      (dict(clamp=("a", "b")), "clamp must be .low, high., two numbers, got .'a', 'b'."),
+                      (dict(tasks=[b"x", b"y"]), "tasks must be a list of names"),
+                      (dict(force="yes", output=tmp_path / "o"), "force='yes' must be True or False")]:
+        with pytest.raises(ConfigError, match=said):
+            tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=2, **kwargs, **bad)
+        assert list(tmp_path.iterdir()) == []  # nothing trained, no checkpoint beside the output
+    result = tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=np.int64(2), lr=np.float32(0.05),
+                             output=os.fsencode(tmp_path / "out"), **kwargs)
+    assert (tmp_path / "out" / "tiesmerge.json").is_file() and result.coefficients.shape[0] == 2
+
+
+def test_statistics_collectors_check_their_arguments_first(tmp_path):
+    """hp59b c49, c50, c52: fisher_information(None, ...), (module, None, ...), gram_matrices("m", ...) failed as
+    AttributeError / TypeError inside torch or tqdm, a bytes model path as pathlib's TypeError, and
+    embedding_rows="no" was read as True."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import fisher_information, gram_matrices
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batches = [torch.randn(2, 4) for _ in range(2)]
+
+    def run(m, b):
+        return m(b)
+
+    for call, said in [(lambda: fisher_information(None, batches, run), "module is a NoneType, not a torch.nn.Module"),
+                       (lambda: fisher_information(module, None, run), "batches is a NoneType, not an iterable"),
+                       (lambda: fisher_information(module, batches, 5), "logits_fn is a int, not a function"),
+                       (lambda: gram_matrices("m", batches, run), "module is a str, not a torch.nn.Module"),
+                       (lambda: gram_matrices(module, batches, run, token_mask=3), "token_mask is a int"),
+                       (lambda: fisher_information(module, batches, run, per_example="loop", embedding_rows="no"),
+                        "embedding_rows='no' must be True or False"),
+                       (lambda: fisher_information(module, batches, run, model=3), "model is a int, not the path")]:
+        with pytest.raises(ConfigError, match=said):
+            call()
+    write_hf_dir(tmp_path / "m", {"w": torch.zeros(2)})
+    stats = gram_matrices(module, batches, run, model=os.fsencode(tmp_path / "m"))
+    assert stats.manifest.model == str(tmp_path / "m")

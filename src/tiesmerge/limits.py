@@ -28,7 +28,7 @@ from .paths import open_regular, read_regular
 
 __all__ = ["MAX_CONFIG_BYTES", "MAX_DEPTH", "MAX_YAML_NODES", "loads_json", "read_json", "read_json_lines",
            "check_text_pairs", "warn_unread_keys", "parse_float", "underflows", "overflows", "OutOfFloatRange",
-           "loads_yaml", "read_yaml", "scan"]
+           "loads_yaml", "read_yaml", "scan", "plain_numbers"]
 
 MAX_CONFIG_BYTES = 64 << 20  # an index of a huge model is a few MB; tokenizer.json tens of MB
 MAX_DEPTH = 64  # real configs nest under 10 deep
@@ -98,6 +98,22 @@ def _check_numbers(big: int | None, source: str, error: type[TiesMergeError]) ->
 
 class _RepeatedKey(ValueError):
     pass
+
+
+def plain_numbers(value: Any, depth: int = 2) -> Any:
+    """numpy's scalars (np.float32(1.0), np.int64(2), np.bool_) as the Python numbers they stand for, in ``value`` and
+    the lists, tuples and mappings it holds ``depth`` levels down (a grid's lists, a range's pair): the API's checks
+    and the search log take Python numbers, and refused these as "not a finite number" (hp59b c24, c25)."""
+    numpy = sys.modules.get("numpy")  # a numpy scalar exists only once numpy is imported
+    if numpy is not None and isinstance(value, numpy.generic):
+        if isinstance(value, (numpy.bool_, numpy.integer, numpy.floating)):
+            return value.item()
+        return value
+    if depth > 0 and isinstance(value, Mapping):
+        return {k: plain_numbers(v, depth - 1) for k, v in value.items()}
+    if depth > 0 and isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(v, depth - 1) for v in value) if type(value) in (list, tuple) else value
+    return value
 
 
 def finite_float(x: Any) -> bool:

@@ -36,6 +36,7 @@ from ..evaluation.forward import TaskForward, checkpoint_names, entropy, logits
 from ..lazy import torch
 from ..limits import finite_float
 from ..methods.base import FLOAT32_MAX
+from ..methods.base import _shown as _bounded
 from ..paths import as_if_created
 
 __all__ = ["GRANULARITIES", "OBJECTIVES", "AdaptConfig", "Merger", "History", "learn", "batch_rows", "total_entropy"]
@@ -74,10 +75,10 @@ class AdaptConfig:
                 out.append(f"{key} must be an integer >= {0 if key == 'steps' else 1}, got {value!r}")
         for key in ("lr", "init"):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                out.append(f"{key} must be a finite number, got {value!r}")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):
+                out.append(f"{key} must be a finite number, got {_bounded(value)}")  # 10**400: no float (hp59b c30)
         finite = {k for k in ("lr", "init") if isinstance(getattr(self, k), (int, float))
-                  and math.isfinite(getattr(self, k))}  # a NaN is said once, above (hp29 N5)
+                  and not isinstance(getattr(self, k), bool) and _finite(getattr(self, k))}  # a NaN said once (N5)
         if "lr" in finite and not 0 < self.lr <= MAX_LR:
             out.append(f"lr must be in (0, {MAX_LR:g}], got {self.lr!r} (coefficients live near 0.3 to 1: a larger "
                        "step throws them past any useful merge)")
@@ -88,7 +89,7 @@ class AdaptConfig:
             out.append(f"init must be within ±{MAX_INIT:g}, got {self.init!r}")
         if self.clamp is not None and (len(self.clamp) != 2 or not self.clamp[0] < self.clamp[1]):
             out.append(f"clamp must be (low, high) with low < high, got {self.clamp!r}")
-        elif self.clamp is not None and not all(math.isfinite(v) for v in self.clamp):  # hp35 E59: -inf inf went
+        elif self.clamp is not None and not all(_finite(v) for v in self.clamp):  # hp35 E59: -inf inf went
             # into the manifest as -Infinity/Infinity, which strict JSON readers refuse; unbounded is no clamp
             out.append(f"clamp must be two finite numbers, got {tuple(self.clamp)!r} (leave --clamp out for "
                        "coefficients without bounds)")
@@ -452,7 +453,12 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
                       f"which a checkpoint of step {step} holds)")
     if "step" in moments:  # Adam's own count: its bias corrections divide by 1 - beta ** step (step 0: by zero)
         count = moments["step"]
-        value = float(count) if isinstance(count, (int, float)) or (
+        if isinstance(count, torch.Tensor) and count.dtype not in (torch.float32, torch.float64):
+            # torch keeps it a float tensor: an int8 count wraps past 127 (bias corrections of a negative step are
+            # complex), a uint8 one to 0 past 255 (a division by zero), a complex one cannot be cast back (hp59b c17)
+            raise damaged(f"adam.step is {str(count.dtype).removeprefix('torch.')}, not float32 (torch's own step "
+                          "count)")
+        value = float(count) if isinstance(count, (int, float)) and not isinstance(count, bool) or (
             isinstance(count, torch.Tensor) and count.numel() == 1) else None
         if value != step:  # NaN, negative, fractional or another count than the checkpoint's: one optimizer step a step
             raise damaged(f"adam.step is {count.tolist() if isinstance(count, torch.Tensor) else count!r}, where the "

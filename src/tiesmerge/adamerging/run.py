@@ -23,12 +23,22 @@ from typing import Any, ClassVar
 from ..errors import ConfigError, MergeWarning, OutputError
 from ..evaluation.forward import ChoiceLogits, TaskForward, as_rows, load_forward
 from ..evaluation.rank_classification import MAX_CHOICES
-from ..inputs import Source, as_method, check_ordered, check_output_not_input, device_of, method_inputs, prepare
+from ..inputs import (
+    Source,
+    as_method,
+    check_booleans,
+    check_ordered,
+    check_output_not_input,
+    device_of,
+    method_inputs,
+    prepare,
+)
 from ..io.writer import _check_output_path as check_output_path
 from ..io.writer import _remove_empty
 from ..lazy import torch
-from ..methods.base import ChunkContext, MergeMethod, Requirements
-from ..paths import check_output_file, held_through_mount, nested, physical
+from ..limits import plain_numbers
+from ..methods.base import ChunkContext, MergeMethod, Requirements, _shown
+from ..paths import check_output_file, fs_text, held_through_mount, nested, physical
 from ..sizes import format_size
 from .learn import AdaptConfig, History, Merger, combine, is_checkpoint, learn, load_checkpoint
 from .report import summarise, write_report
@@ -222,6 +232,13 @@ def check_adapt_request(base: Source, models: Sequence[Source], data: Sequence[A
     data files' count, heads and choices for a forward that reads them. A dry run makes them too (hp45 c06: --dry-run
     printed its plan for settings the run refuses at once)."""
     check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
+    if clamp is not None and not (isinstance(clamp, (list, tuple)) and len(clamp) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in clamp)):
+        raise ConfigError(f"clamp must be (low, high), two numbers, got {_shown(clamp)}")  # (hp59b c31)
+    if tasks is not None and (isinstance(tasks, (str, bytes, Mapping)) or not isinstance(tasks, (list, tuple))
+                              or not all(isinstance(t, str) and t for t in tasks)):
+        raise ConfigError(f"tasks must be a list of names (non-empty strings), one per data file, got "
+                          f"{_shown(tasks)}")  # (hp59b c32: bytes names failed writing the manifest's JSON)
     config = AdaptConfig(granularity=granularity, steps=steps, lr=lr, batch_size=batch_size, init=init,
                          seed=shuffle_seed, clamp=tuple(clamp) if clamp is not None else None,
                          checkpoint_every=checkpoint_every, objective=objective)
@@ -292,6 +309,18 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     torch.Size([2, 101])
     """
     started = time.perf_counter()
+    # switches and paths as merge takes them, checked before the training (hp59b c40: force="yes" after it, and
+    # its checkpoint left beside the output; c33: a bytes output)
+    check_booleans(force=force, resume=resume, progress=progress, allow_pickle=allow_pickle)
+    output, checkpoint = fs_text(output), fs_text(checkpoint)
+    if output is not None and not isinstance(output, (str, os.PathLike)):
+        raise ConfigError(f"output is a {type(output).__name__}, not a path of the merged model's folder")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise ConfigError(f"checkpoint is a {type(checkpoint).__name__}, not a path of the checkpoint file")
+    # numpy's scalars are numbers (hp59b c25)
+    steps, lr, batch_size, init, shuffle_seed, clamp, checkpoint_every, limit, max_length = (
+        plain_numbers(v) for v in (steps, lr, batch_size, init, shuffle_seed, clamp, checkpoint_every, limit,
+                                   max_length))
     config, m = check_adapt_request(base, models, data, method, forward=forward, heads=heads, choices=choices,
                                     tasks=tasks, granularity=granularity, steps=steps, lr=lr, batch_size=batch_size,
                                     init=init, shuffle_seed=shuffle_seed, clamp=clamp,

@@ -29,7 +29,7 @@ from torch.func import functional_call, vjp, vmap
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .batches import batch_size, example, map_tensors
+from .batches import batch_size, check_collection, example, map_tensors
 from .files import Statistics, StatsManifest, config_digest, model_digest, tokenizer_digest
 
 __all__ = ["FISHER_KINDS", "PER_EXAMPLE", "fisher_information"]
@@ -124,6 +124,12 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     >>> stats = fisher_information(model, loader, lambda m, b: m(b["x"]))      # doctest: +SKIP
     >>> stats.save("stats/fisher-task-a")                                      # doctest: +SKIP
     """
+    model = check_collection(module, batches, logits_fn, "logits_fn", model, embedding_rows=embedding_rows,
+                             progress=progress)
+    if targets is not None and not callable(targets):
+        raise ConfigError(f"targets is a {type(targets).__name__}, not a function of a batch")
+    if not isinstance(class_chunk, int) or isinstance(class_chunk, bool):
+        raise ConfigError(f"class_chunk must be a whole number, got {type(class_chunk).__name__}")
     if kind not in FISHER_KINDS:
         raise ConfigError(f"fisher kind {kind!r} is not one of {', '.join(FISHER_KINDS)}")
     if per_example not in PER_EXAMPLE:

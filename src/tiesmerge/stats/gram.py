@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from .batches import batch_size
+from .batches import batch_size, check_collection
 from .files import Statistics, StatsManifest, config_digest, model_digest, tokenizer_digest
 
 __all__ = ["gram_matrices"]
@@ -37,6 +37,9 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
     >>> stats = gram_matrices(model, loader, lambda m, b: m(**b),                # doctest: +SKIP
     ...                       token_mask=lambda b: b["attention_mask"].bool())
     """
+    model = check_collection(module, batches, forward_fn, "forward_fn", model, progress=progress)
+    if token_mask is not None and not callable(token_mask):
+        raise ConfigError(f"token_mask is a {type(token_mask).__name__}, not a function of a batch")
     # a Linear whose weight is another parameter (a head tied to the embedding) has no tensor of its own
     # in the checkpoint, and RegMean's closed form is for a Linear's own weight: it is left out
     own = {id(p): n for n, p in module.named_parameters()}  # shared parameters listed once, by their first name

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, MergeWarning
+from ..limits import plain_numbers
 from ..methods.base import MergeMethod, check_models
 from ..registry import method_class
 from .candidates import (
@@ -358,9 +359,18 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     ...                     axes=("densities", "weights", "lam"), log="search.jsonl")  # doctest: +SKIP
     >>> result.best.options, result.best.score                                       # doctest: +SKIP
     """
-    from ..inputs import check_ordered
+    from ..inputs import as_method, check_ordered
     from ..paths import fs_text
 
+    if not isinstance(method, str):
+        as_method(method, {})  # None, bytes, a number: a typed error (hp59b c22), not a TypeError of dataclasses
+    if executor is not None and not all(callable(getattr(executor, k, None)) for k in ("start", "score", "close")):
+        raise ConfigError(f"executor is a {type(executor).__name__}, not an executor of the search",
+                          hint="give tiesmerge.tuning.LocalExecutor() or RayExecutor(...), or leave it out")  # c23
+    # numpy's scalars are numbers (hp59b c25)
+    budget, seed, popsize = plain_numbers(budget), plain_numbers(seed), plain_numbers(popsize)
+    grid, ranges, fixed, start = (plain_numbers(grid), plain_numbers(ranges), plain_numbers(fixed),
+                                  plain_numbers(start))
     check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
     if isinstance(models, (str, bytes, os.PathLike, Mapping)) or not len(models):  # "ab": models a and b (hp57 c36)
         raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")

@@ -20,8 +20,8 @@ import torch
 
 from ..api import Source, merge
 from ..errors import ConfigError, EvaluatorError
-from ..inputs import check_inputs
-from ..limits import OutOfFloatRange, parse_float
+from ..inputs import as_method, check_inputs
+from ..limits import OutOfFloatRange, parse_float, plain_numbers
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
@@ -167,6 +167,9 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     :func:`tiesmerge.merge` takes them.
     """
     check_tuning_vocab_policy(vocab_policy)
+    if not isinstance(method, str):
+        as_method(method, {})  # None, bytes, a number: a typed error (hp59b c21), not an AttributeError
+    grid, fixed = plain_numbers(grid), plain_numbers(fixed, 1)  # numpy's scalars are numbers (hp59b c24)
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
