@@ -1100,3 +1100,74 @@ def test_statistics_collectors_check_their_arguments_first(tmp_path):
     write_hf_dir(tmp_path / "m", {"w": torch.zeros(2)})
     stats = gram_matrices(module, batches, run, model=os.fsencode(tmp_path / "m"))
     assert stats.manifest.model == str(tmp_path / "m")
+
+
+def test_the_apis_odd_arguments_are_typed_errors(tmp_path):
+    """hp59a c10, c11, c56, c58, c59: merge(base, 5) / (base, None) failed as TypeError in resolve_sources,
+    load_recipe(5) as pathlib's TypeError, analyze(methods="ties") as "unknown method 't'", describe_plan(5, ...) as
+    an AttributeError, and origin={"x": nan} wrote NaN into the manifest, which is then no JSON."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe import load_recipe
+
+    base, models = make_family(2)
+    for bad in (5, None):
+        for call in (tiesmerge.merge, tiesmerge.plan_merge, tiesmerge.base_distance):
+            with pytest.raises(ConfigError, match="models must be a non-empty list"):
+                call(base, bad)
+        with pytest.raises(ConfigError, match="the recipe is a .*, not the path of a YAML file"):
+            load_recipe(bad)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: ties\nbase: b\nmodels: [m0, m1]\n")
+    assert load_recipe(os.fsencode(recipe)).method.name == "ties"
+    for name in ("methods", "curve"):
+        with pytest.raises(ConfigError, match=f"{name} must be a list, got str"):
+            tiesmerge.analyze(base, models, **{name: "ties" if name == "methods" else "0.1"})
+    with pytest.raises(ConfigError, match="plan is a int, not a plan"):
+        tiesmerge.describe_plan(5, "ties", 1)
+    with pytest.raises(ConfigError, match="n_models must be the number of models merged"):
+        tiesmerge.describe_plan(tiesmerge.plan_merge(base, models), "ties", -3)
+    with pytest.raises(ConfigError, match="origin holds a value that cannot be written"):
+        tiesmerge.merge(base, models, "ties", origin={"x": float("nan")}, output=tmp_path / "o")
+    assert_no_output(tmp_path / "o")
+
+
+@pytest.mark.parametrize("case", ["config float16", "past float32 entry", "past float32 command line"])
+def test_an_ia3_fold_that_overflows_is_said_with_its_dtype_and_cause(tmp_path, capsys, case):
+    """hp59a c46, c68: float32 weights under a config naming float16 overflowed in the fold with the advice "give the
+    base in float32" (it is; the config's dtype is what transformers loads), and a float32 fold past 3.4e38 (huge
+    finite weights times a factor of 1e6) was "damaged" (no input holds an Inf), on the command line too."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.cli.main import main
+
+    _peft_ia3(tmp_path, torch.float32, "llama", "ia3", 2)
+    base = tmp_path / "base"
+    vectors = load_file(tmp_path / "ia3" / "adapter_model.safetensors")
+    key = next(k for k in vectors if "q_proj" in k)
+    vectors[key] = torch.full_like(vectors[key], 1e6)
+    save_file(vectors, tmp_path / "ia3" / "adapter_model.safetensors")
+    if case == "config float16":
+        config = json.loads((base / "config.json").read_text())
+        config["dtype"] = "float16"
+        (base / "config.json").write_text(json.dumps(config))
+    else:
+        weights = load_file(base / "model.safetensors")
+        name = next(n for n in weights if "q_proj.weight" in n)
+        weights[name] = weights[name] * 1e35
+        save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    recipe = _mergekit_recipe(tmp_path, "r", "task_arithmetic", [f"{base}+{tmp_path / 'ia3'}"])
+    command = ["merge", "--base", str(base), "--model", str(tmp_path / "ia3"), "--method", "task_arithmetic",
+               "--lam", "1"] if case == "past float32 command line" else ["merge", str(recipe)]
+    capsys.readouterr()
+    assert main([*command, "-o", str(tmp_path / "out"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "damaged" not in err and "Traceback" not in err, err
+    if case == "config float16":
+        assert "(stored float32; transformers loads it in float16, the dtype the base's config.json names) " \
+               "overflows float16" in err and "config.json to float32" in err, err
+    else:
+        assert "overflows float32" in err and "3.4e38" in err, err
+    assert_no_output(tmp_path / "out")

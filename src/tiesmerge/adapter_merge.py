@@ -103,6 +103,18 @@ class Ia3Fold:
             scale = scale[rows]  # (rows, 1) or (rows,): output scaling follows the rows
         return self.base.read(name, rows).float().mul_(scale)
 
+    def explain_not_finite(self, name: str) -> None:
+        """W·(l − 1) past float32 (a huge weight times a large merged factor, each finite): said so, not as damage
+        (hp59a c68: "the checkpoint is damaged" of two healthy inputs)."""
+        from .errors import InvalidTensorError
+
+        scale = self._scales[name]
+        raise InvalidTensorError(
+            f"{self.label}: folding the merged (IA)³ vector into the base's {name!r} overflows float32: the base's "
+            f"values (up to {float(self.base.read(name).float().abs().max()):.3g}) times the merged factors (up to "
+            f"{float(scale.abs().max()) + 1:.3g}) pass 3.4e38, which no model holds",
+            hint="the adapters scale this weight beyond any trained model; check how they were saved, or lower --lam")
+
     def location(self, name: str) -> str:
         return self.label
 

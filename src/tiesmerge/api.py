@@ -9,7 +9,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -54,7 +54,7 @@ from .io.writer import (
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
 from .manifest import check_stats_digests, merge_manifest, reference_option
-from .methods.base import MergeMethod
+from .methods.base import MergeMethod, _shown
 from .paths import FileStamps, fs_text, input_roots
 from .recipe import MergeRecipe
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, budget_in_use, format_size, parse_size
@@ -224,6 +224,10 @@ def describe_plan(plan: Plan, method: str | MergeMethod, n_models: int) -> str:
     """The plan as the lines ``tiesmerge merge --dry-run`` prints; ``method`` as every other function takes it (a
     config, or a name or spec string)."""
     method = method_of_spec(method)  # a name was a bare TypeError (hp37b A16)
+    if not isinstance(plan, Plan):  # (hp59a c59: describe_plan(5, ...), an AttributeError)
+        raise ConfigError(f"plan is a {type(plan).__name__}, not a plan (tiesmerge.plan_merge returns one)")
+    if not isinstance(n_models, int) or isinstance(n_models, bool) or n_models < 1:
+        raise ConfigError(f"n_models must be the number of models merged (at least 1), got {_shown(n_models)}")
     merged = [j for j in plan.jobs if j.merge]
     copied = [j for j in plan.jobs if not j.merge and not is_part(j.name)]  # a union's rows are no copy
     options = ", ".join(f"{k}={v}" for k, v in MergeRecipe(method, "", ()).to_dict()["parameters"].items())
@@ -408,8 +412,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     if origin is not None:  # written into the manifest and the card at the end: a value YAML cannot hold fails now
         import yaml
 
-        try:
-            yaml.safe_dump(dict(origin)), json.dumps(dict(origin))
+        try:  # allow_nan: a NaN or Infinity made the manifest JSON no strict reader reads (hp59a c11)
+            yaml.safe_dump(dict(origin)), json.dumps(dict(origin), allow_nan=False)
         except (TypeError, ValueError, RecursionError, yaml.YAMLError) as exc:  # RecursionError: nested too deep
             raise ConfigError(f"origin holds a value that cannot be written to the manifest ({type(exc).__name__}: "
                               f"{str(exc)[:120]})", hint="give origin plain strings, numbers, lists and mappings") \
@@ -690,6 +694,10 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     if vocab_policy == "union":
         raise ConfigError("analyze compares the models' rows as stored; --vocab-policy union is a merge policy",
                           hint="use --vocab-policy truncate to compare the base's rows")
+    for name, value, example in (("methods", methods, "['ties']"), ("curve", curve, "[0.1, 0.2]")):
+        if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
+            raise ConfigError(f"{name} must be a list, got {type(value).__name__} {_shown(value)}",
+                              hint=f"e.g. {name}={example}")  # a string was read letter by letter (hp59a c56)
     settings = AnalysisSettings(density=density, subsets_per_size=subsets_per_size, seed=seed,
                                 **({"curve": tuple(curve)} if curve is not None else {}))
     settings.check(len(models))

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +207,9 @@ def resolve_sources(base: Any, models: Any) -> tuple[Any, Any]:
     check_ordered(models)
     if isinstance(models, (str, bytes, os.PathLike, Mapping)):
         return resolve_source(base), fs_text(models)  # check_inputs reports it
+    if not isinstance(models, Iterable):  # models=5, None: a TypeError of the loop below (hp59a c58)
+        raise ConfigError(f"models must be a non-empty list of fine-tuned models (paths or state dicts), got "
+                          f"{type(models).__name__}")
     return resolve_source(base), [resolve_source(fs_text(m)) for m in models]
 
 

@@ -307,7 +307,8 @@ def from_mergekit(data: dict[str, Any], *, source: str = "recipe") -> dict[str, 
 
 def load_recipe(path: str | os.PathLike) -> MergeRecipe:
     """Read and validate a YAML recipe file."""
-    return recipe_from_dict(read_recipe_data(path), source=str(path))
+    data = read_recipe_data(path)
+    return recipe_from_dict(data, source=os.fsdecode(path) if isinstance(path, bytes) else str(path))
 
 
 def _check_strings(data: Any, path: Path, where: str = "") -> None:
@@ -330,6 +331,11 @@ def _check_strings(data: Any, path: Path, where: str = "") -> None:
 
 def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe file as a mapping, its relative paths resolved against the file's folder."""
+    from .paths import fs_text
+
+    path = fs_text(path)  # bytes, as merge takes paths
+    if not isinstance(path, (str, os.PathLike)):  # load_recipe(5), (None): pathlib's TypeError (hp59a c10)
+        raise ConfigError(f"the recipe is a {type(path).__name__}, not the path of a YAML file")
     path = Path(path)
     # the safe loader with size, depth and alias limits: a recipe never runs code, and a
     # "billion laughs" of aliases is refused before it is built (or printed in an error)

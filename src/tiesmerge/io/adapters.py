@@ -36,7 +36,7 @@ from ..errors import CheckpointError, IncompatibleCheckpointsError, InvalidTenso
 from ..limits import read_json
 from ..paths import inside
 from .ia3 import Ia3Checkpoint, Ia3Identity, ia3_identity
-from .load_dtypes import LoadDtypes
+from .load_dtypes import LoadDtypes, fold_overflow
 from .patterns import PatternTable
 from .peft import (
     ADAPTER_CONFIG,
@@ -700,15 +700,10 @@ class LoraCheckpoint:
                                               "merge another one")
         if bool(torch.isfinite((b @ a).mul_(target.scale)).all()):
             if self.fold_like_peft and self._base is not None:  # the fold in the base's own dtype overflowed it
-                dtype = self._base.info(name).dtype_info.name  # (hp49 c38: a healthy adapter called damaged)
-                raise InvalidTensorError(
-                    f"{self.path / ADAPTER_WEIGHTS}: folding the update s·B·A of {target.module!r} into the base's "
-                    f"{dtype} weight {name!r} overflows {dtype}, as mergekit's fold of this MODEL+LORA entry does "
-                    "(PEFT adds it in the weight's dtype; mergekit writes Inf there)",
-                    hint="give the base in float32 (its weights converted), or merge the adapter as a model of its "
-                         "own with the command line (--base BASE --model ADAPTER), which adds s·B·A in float32; "
-                         f"and write the output wider than {dtype} too (dtype: float32), which cannot hold the "
-                         "folded values either")  # (hp54 c08: the second remedy still overflowed a float16 output)
+                stored = self._base.info(name).dtype_info.torch  # (hp49 c38: a healthy adapter called damaged)
+                raise fold_overflow(str(self.path / ADAPTER_WEIGHTS), f"folding the update s·B·A of {target.module!r}",
+                                    name, stored, self._module_dtype(self._base, name, stored), "MODEL+LORA",
+                                    "which adds s·B·A in float32")
             return  # the product is finite: the cause is a tensor saved whole beside it, named by the caller
         raise InvalidTensorError(
             f"{self.path / ADAPTER_WEIGHTS}: the update s·B·A of {target.module!r} (the base's {name!r}) overflows "

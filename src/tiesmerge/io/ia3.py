@@ -276,21 +276,17 @@ class Ia3Folded(_AdapterView):
     def explain_not_finite(self, name: str) -> None:
         """The fold overflowed the weight's dtype (|l| up to 1e6 times a float16 weight): said as mergekit's fold
         of this entry, with what to do, not as a damaged adapter."""
-        import torch
+
+        from .load_dtypes import fold_overflow
 
         base = self._bound()
         if name not in self._scaled:  # zeros there: finite
             return
-        dtype = self._load_dtype(name, base.info(name).dtype_info.torch)
-        name_of = str(dtype).removeprefix("torch.")
-        if dtype in (torch.float16, torch.bfloat16):
-            raise InvalidTensorError(
-                f"{self.adapter.path / ADAPTER_WEIGHTS}: folding the (IA)³ vector of module "
-                f"{self.adapter.modules[self._scaled[name][0]]!r} into the base's {name_of} tensor {name!r} "
-                f"overflows {name_of}, as mergekit's fold of this MODEL+ADAPTER entry does (PEFT multiplies in the "
-                "weight's dtype; mergekit writes Inf there)",
-                hint="give the base in float32 (its weights converted), or merge the adapters as (IA)³ adapters with "
-                     "the command line (--base BASE --model ADAPTER), which merges their vectors in float32")
+        stored = base.info(name).dtype_info.torch
+        raise fold_overflow(str(self.adapter.path / ADAPTER_WEIGHTS), "folding the (IA)³ vector of module "
+                            f"{self.adapter.modules[self._scaled[name][0]]!r}", name, stored,
+                            self._load_dtype(name, stored), "MODEL+ADAPTER",
+                            "which merges the adapters' vectors in float32")
 
 
 class _Ia3Union(_AdapterView):

@@ -10,7 +10,7 @@ from typing import Any
 from ..errors import CheckpointError
 from .protocol import Checkpoint
 
-__all__ = ["LoadDtypes", "float32_modules"]
+__all__ = ["LoadDtypes", "float32_modules", "fold_overflow"]
 
 _UNREAD = object()  # not looked up yet
 
@@ -95,3 +95,30 @@ class LoadDtypes:
             if pattern is not None and pattern.search(name) is not None:
                 return torch.float32
         return model
+
+
+def fold_overflow(where: str, what: str, name: str, stored: Any, loaded: Any, entry: str, alone: str) -> Exception:
+    """The error for a mergekit MODEL+ADAPTER fold (``what``: "folding the update s·B·A of 'q_proj'") that overflowed
+    the dtype ``name`` is loaded in, said with that dtype and where it comes from, and remedies that work there:
+    a config's half dtype over float32 weights is the config's to change (hp59a c46, c47: "overflows float32" of a
+    float16 fold, "give the base in float32" of float32 weights); past float32, no base can hold it (c68: "damaged").
+    ``alone``: how the command line merges the adapter instead."""
+    import torch
+
+    from ..errors import InvalidTensorError
+
+    load, kept = str(loaded).removeprefix("torch."), str(stored).removeprefix("torch.")
+    if loaded not in (torch.float16, torch.bfloat16):  # float32 or wider: beyond any dtype a model is loaded in
+        return InvalidTensorError(f"{where}: {what} into the base's {load} weight {name!r} overflows {load}: the "
+                                  "folded weights are past 3.4e38, which no model holds",
+                                  hint="the adapter scales this weight beyond any trained model; check how it was "
+                                       "saved, or merge another one")
+    source = "" if loaded == stored else f" (stored {kept}; transformers loads it in {load}, the dtype the base's " \
+                                         "config.json names)"
+    remedy = "give the base in float32 (its weights converted)" if loaded == stored else \
+        "set \"dtype\" (or \"torch_dtype\") in the base's config.json to float32, so that it loads in float32"
+    return InvalidTensorError(
+        f"{where}: {what} into the base's {load} weight {name!r}{source} overflows {load}, as mergekit's fold of "
+        f"this {entry} entry does (PEFT folds in the weight's dtype; mergekit writes Inf there)",
+        hint=f"{remedy}, or merge the adapter with the command line (--base BASE --model ADAPTER), {alone}; and write "
+             f"the output wider than {load} (dtype: float32), which cannot hold the folded values either")
