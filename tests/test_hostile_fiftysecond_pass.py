@@ -1171,3 +1171,41 @@ def test_an_ia3_fold_that_overflows_is_said_with_its_dtype_and_cause(tmp_path, c
     else:
         assert "overflows float32" in err and "3.4e38" in err, err
     assert_no_output(tmp_path / "out")
+
+
+def test_the_notes_of_pass_59_each_fixed(tmp_path):
+    """hp59 NOTEs: a search log saved with a byte-order mark was "damaged" (hint: delete it, scores lost);
+    analyze(seed=1.5), merge(budget_floor="yes"), adapt(steps=10**400) (ran until killed) and adapt(max_length=0)
+    were accepted; a resumed search's changed --range was not among the options its message listed."""
+    import tiesmerge
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    calls = []
+
+    def score(state):
+        calls.append(1)
+        return float(sum(v.float().sum() for v in state.values()))
+
+    log = tmp_path / "log.jsonl"
+    first = run_search(base, models, "ties", score, grid={"density": [0.1, 0.2], "lam": [1.0]}, log=str(log))
+    log.write_bytes(b"\xef\xbb\xbf" + log.read_bytes())
+    calls.clear()
+    again = run_search(base, models, "ties", score, grid={"density": [0.1, 0.2], "lam": [1.0]}, log=str(log))
+    assert [t.score for t in again.trials] == [t.score for t in first.trials] and len(calls) <= 2
+    with pytest.raises(ConfigError, match="seed must be a whole number from 0"):
+        tiesmerge.analyze(base, models, seed=1.5)
+    with pytest.raises(ConfigError, match="budget_floor='yes' must be True or False"):
+        tiesmerge.merge(base, models, "ties", budget_floor="yes")
+    ab, fts = _family()
+    for bad, said in [(dict(steps=10**400), "steps must be at most 1,000,000,000"),
+                      (dict(max_length=0), "max_length must be a whole number of tokens >= 1")]:
+        with pytest.raises(ConfigError, match=said):
+            tiesmerge.adapt(ab, fts, _data(), "task_arithmetic", forward=_forward(), **{"steps": 2, **bad})
+    with pytest.raises(ConfigError, match=r"the search space \(--axis, --grid, --range, --set"):
+        run_search(base, models, "ties", score, strategy="random", budget=2, axes=("density", "lam"),
+                   ranges={"lam": (0.5, 1.5)}, log=str(tmp_path / "r.jsonl"))
+        run_search(base, models, "ties", score, strategy="random", budget=2, axes=("density", "lam"),
+                   ranges={"lam": (0.5, 2.5)}, log=str(tmp_path / "r.jsonl"))

@@ -696,7 +696,7 @@ def test_a_lora_on_a_refused_base_model_is_not_said_to_have_no_base_model(tmp_pa
                       f"models:\n  - model: {paths['base']}+{tmp_path / 'l2'}\nparameters: {{t: 0.3}}\n")
     assert main(["validate", str(recipe)]) != 0
     err = capsys.readouterr().err
-    assert "base_model: " in err and "applies a LoRA to the base itself" in err
+    assert "base_model: " in err and "applies an adapter to the base itself" in err
     assert "has no base_model" not in err and "no such file" not in err
     assert "the recipe's is refused above" in err
 

@@ -253,7 +253,7 @@ def test_a_mergekit_lora_on_the_base_model_is_refused_for_what_it_is(family, cap
     recipe.write_text(f"merge_method: ties\nbase_model: {b}+{ms[0]}\nmodels:\n"
                       + "".join(f"  - model: {m}\n    parameters: {{weight: 1, density: 0.5}}\n" for m in ms))
     rc, err = _run(["validate", str(recipe)], capsys)
-    assert rc == 2 and "applies a LoRA to the base itself" in err and "other than base_model" not in err, err
+    assert rc == 2 and "applies an adapter to the base itself" in err and "other than base_model" not in err, err
 
 
 def test_an_output_path_near_path_max_is_refused_before_the_work(family, tmp_path, capsys):

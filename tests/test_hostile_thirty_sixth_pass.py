@@ -84,7 +84,7 @@ def test_mergekit_linear_of_lora_entries_says_what_it_cannot_do(tmp_path, capsys
     if with_base:
         assert "linear: " in err and "is a PEFT adapter" in err and "task_arithmetic" in err
     else:
-        assert "applies a LoRA, and the recipe has no base_model" in err and f"add base_model: {b}" in err
+        assert "applies an adapter, and the recipe has no base_model" in err and f"add base_model: {b}" in err
     assert "--base takes" not in err
 
 

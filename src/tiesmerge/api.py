@@ -380,7 +380,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     >>> tiesmerge.merge(base_sd, [sd_a, sd_b], tiesmerge.methods.Ties(lam=1.2))  # -> state dict
     """
     started = time.perf_counter()
-    check_booleans(force=force, allow_pickle=allow_pickle, allow_distant=allow_distant, progress=progress)
+    check_booleans(force=force, allow_pickle=allow_pickle, allow_distant=allow_distant, progress=progress,
+                   budget_floor=budget_floor)
     if files_from is not None and vocab_policy != "error":  # hp43 C67, C68: ignored, or a config of another vocab
         raise ConfigError(f"files_from and vocab_policy {vocab_policy!r} together: the output's vocabulary is the "
                           "base's (truncate) or a union of the models' (union), and another model's config and "

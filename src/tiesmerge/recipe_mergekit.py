@@ -255,21 +255,22 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
             folder = Path(_path(adapter))
             if folder.is_dir() and not (folder / "adapter_config.json").is_file():  # hp30 N5: merged as a full model
                 problems.append(f"{where}: {ref!r}: {adapter!r} after '+' is no PEFT adapter (no "
-                                "adapter_config.json); mergekit applies a LoRA there (list a full model on its own)")
+                                "adapter_config.json); mergekit applies an adapter there (list a full model on its "
+                                "own)")
                 return None
             return _path(adapter)  # the adapter's ΔW is this model's task vector
         if where == "base_model":
-            problems.append(f"base_model: {ref!r} applies a LoRA to the base itself; tiesmerge reads an adapter "
+            problems.append(f"base_model: {ref!r} applies an adapter to the base itself; tiesmerge reads an adapter "
                             "only as a task vector of its base (list it under models as BASE+ADAPTER, or merge the "
                             "adapter into the base first and give that folder)")
         elif base_refused:  # base_model's own problem is listed: "the recipe has no base_model" would contradict it
-            problems.append(f"{where}: {ref!r} applies a LoRA, which needs a base_model tiesmerge reads (the recipe's "
-                            "is refused above)")
+            problems.append(f"{where}: {ref!r} applies an adapter, which needs a base_model tiesmerge reads (the "
+                            "recipe's is refused above)")
         elif base is None:  # hp36 C18: "a model other than base_model", of a recipe that names none
-            problems.append(f"{where}: {ref!r} applies a LoRA, and the recipe has no base_model; tiesmerge reads an "
-                            f"adapter as a task vector of the base it was trained on: add base_model: {model}")
+            problems.append(f"{where}: {ref!r} applies an adapter, and the recipe has no base_model; tiesmerge reads "
+                            f"an adapter as a task vector of the base it was trained on: add base_model: {model}")
         else:
-            problems.append(f"{where}: {ref!r} applies a LoRA to a model other than base_model; tiesmerge reads "
+            problems.append(f"{where}: {ref!r} applies an adapter to a model other than base_model; tiesmerge reads "
                             "an adapter as a task vector of the base it was trained on")
         return None
     if where != "base_model" and base is not None and os.path.isfile(os.path.join(_path(ref), "adapter_config.json")):

@@ -48,6 +48,9 @@ MAX_INIT = 1000.0
 MAX_BATCH = 65536  # examples per task and step: AdaMerging uses 16; one forward pass holds them all
 
 
+MAX_STEPS = 10**9  # optimizer steps of one run: far past any (the paper's: 500), and exact in a checkpoint's count
+
+
 @dataclass(frozen=True)
 class AdaptConfig:
     """The optimisation, with the paper's defaults (AdaMerging, Sec. 5 and its code; FusionBench
@@ -72,7 +75,10 @@ class AdaptConfig:
         for key in ("steps", "batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "steps" else 1):
-                out.append(f"{key} must be an integer >= {0 if key == 'steps' else 1}, got {value!r}")
+                out.append(f"{key} must be an integer >= {0 if key == 'steps' else 1}, got {_bounded(value)}")
+        if isinstance(self.steps, int) and self.steps > MAX_STEPS:  # 10**400 ran until killed (hp59b c29)
+            out.append(f"steps must be at most {MAX_STEPS:,}, got {_bounded(self.steps)} (a run that never ends; "
+                       "AdaMerging converges in a few hundred)")
         for key in ("lr", "init"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not _finite(value):

@@ -321,6 +321,8 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
     steps, lr, batch_size, init, shuffle_seed, clamp, checkpoint_every, limit, max_length = (
         plain_numbers(v) for v in (steps, lr, batch_size, init, shuffle_seed, clamp, checkpoint_every, limit,
                                    max_length))
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:  # 0 truncated every
+        raise ConfigError(f"max_length must be a whole number of tokens >= 1, got {_shown(max_length)}")  # input
     config, m = check_adapt_request(base, models, data, method, forward=forward, heads=heads, choices=choices,
                                     tasks=tasks, granularity=granularity, steps=steps, lr=lr, batch_size=batch_size,
                                     init=init, shuffle_seed=shuffle_seed, clamp=clamp,

@@ -31,7 +31,7 @@ from ..io.align import Alignment
 from ..io.checkpoint import Checkpoint
 from ..lazy import torch
 from ..methods import ops
-from ..methods.base import Requirements, TopK
+from ..methods.base import Requirements, TopK, _shown
 from . import stats
 
 __all__ = ["AnalysisSettings", "run_analysis", "DEFAULT_CURVE"]
@@ -55,6 +55,8 @@ class AnalysisSettings:
                                and self.density > 1 else ""))
         if not self.curve or not all(isinstance(k, (int, float)) and 0 < k <= 1 for k in self.curve):
             problems.append(f"curve densities must be fractions in (0, 1], got {self.curve!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be a whole number from 0 to {2**32 - 1:,}, got {_shown(self.seed)}")  # c57
         if self.subsets_per_size is not None and self.subsets_per_size < 1:
             problems.append(f"subsets_per_size must be at least 1 (or None for all), got {self.subsets_per_size}")
         if n_models < 2:

@@ -127,7 +127,8 @@ class ResultsLog:
         try:
             # lines end at "\n" only, as the log writes them: splitlines() also cut a line inside a text holding
             # U+2028 or U+0085 (jq writes them raw), and called the halves corrupt (hp57 c10)
-            lines = raw.decode("utf-8").split("\n")[:-1]
+            # a byte-order mark an editor saved first is no content: read past it (hp59b c45: "damaged")
+            lines = raw.decode("utf-8").removeprefix("\ufeff").split("\n")[:-1]
         except UnicodeDecodeError as exc:
             raise self._corrupt(raw[:exc.start].count(b"\n") + 1, "not UTF-8 text") from None
         if not lines:  # only a cut header: start afresh
@@ -254,7 +255,7 @@ _HEADER_WORDS = {
     "evaluator_data": "the evaluator's data file: its contents changed",
     "evaluator_code": "the evaluator's code: its module's source changed",
     "evaluator_state": "what the evaluator was built with (a partial's arguments, closure values, defaults)",
-    "space": "the search space (--axis, --grid, --set, the method's options)",
+    "space": "the search space (--axis, --grid, --range, --set, the method's options)",
 }
 _HEADER_OPTIONS = {"strategy": "--strategy", "seed": "--seed", "popsize": "--popsize", "vocab_policy": "--vocab-policy",
                    "evaluator": "--evaluator", "format": "the log's format"}
