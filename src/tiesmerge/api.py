@@ -359,7 +359,9 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     adapter directories) or state dicts. ``method`` is a name with its options as keywords, or a
     method config object. ``output_format="adapter"`` writes a merged adapter instead of a full
     model (LoRA: re-factored by truncated SVD at ``rank``, default the largest input rank).
-    ``origin`` (e.g. a translated mergekit recipe's format and semantics) goes into the manifest.
+    ``origin`` (e.g. a translated mergekit recipe's format and semantics) goes into the manifest; its
+    ``format: mergekit`` also reads adapters as mergekit reads BASE+ADAPTER entries (each folded into the base as
+    PEFT folds it), so a translated recipe merges as mergekit does.
     ``stats``: the data-aware methods (``fisher``, ``regmean``) take one statistics directory
     (``tiesmerge stats``) or :class:`tiesmerge.stats.Statistics` per model, in the models' order.
     ``vocab_policy``: ``"error"`` on vocabulary sizes that differ, ``"truncate"`` (the base's rows),

@@ -254,7 +254,8 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         problems.append("shard_size applies to a full model's weights; an adapter is written as one "
                         "adapter_model.safetensors")
     if data.get("origin") is not None and not isinstance(data["origin"], dict):
-        problems.append("origin must be a mapping (it records where a translated recipe came from)")
+        problems.append("origin must be a mapping (it records where a translated recipe came from; format: mergekit "
+                        "also folds its adapters as mergekit does)")
     for key in ("allow_pickle", "allow_distant"):
         if not isinstance(data.get(key, False), bool):  # bool("no") would be True
             problems.append(f"{key} must be true or false, got {_short(data[key])}")
