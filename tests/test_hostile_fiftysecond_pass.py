@@ -815,23 +815,13 @@ def _peft_ia3(tmp_path, dtype, kind, name, seed, modules=None):
     outputs, a feed-forward one scaling inputs; GPT-2's Conv1D with biases), and PEFT's fold of it as mergekit makes
     it for a BASE+ADAPTER entry (the base loaded in its own dtype, PeftModel.from_pretrained, merge_and_unload)."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
 
-    torch.manual_seed(0)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-            vocab_size=40, tie_word_embeddings=False, attention_bias=True))
-        targets, feedforward = ["q_proj", "v_proj", "down_proj"], ["down_proj"]
-    elif kind == "t5":  # T5's wo stays float32 in a float16 model (its class's _keep_in_fp32_modules)
-        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
-            d_model=32, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=40,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0))
-        targets, feedforward = ["k", "v", "wo"], ["wo"]
-    else:
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=8,
-                                                                     vocab_size=30))
-        targets, feedforward = ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]
+    from test_hostile_fortyeighth_pass import tiny_model
+
+    model = tiny_model(kind, **({"attention_bias": True} if kind == "llama" else {}))
+    targets, feedforward = {"llama": (["q_proj", "v_proj", "down_proj"], ["down_proj"]),
+                            "t5": (["k", "v", "wo"], ["wo"]),  # T5's wo stays float32 in a float16 model
+                            "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}[kind]
     if modules is not None:  # (targets, feedforward) of the adapter's own
         targets, feedforward = modules
     if not (tmp_path / "base").exists():

@@ -176,30 +176,37 @@ def test_a_resumed_search_whose_evaluator_reads_another_file_now_is_refused(tmp_
     assert log.read_bytes() == logged  # nothing appended: the checked candidate is logged already
 
 
+def tiny_model(kind, **llama):
+    """A one-layer transformers model, seeded: a Llama (``llama``: more LlamaConfig fields), a gated T5, or a GPT-2
+    (Conv1D layers)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+            vocab_size=40, tie_word_embeddings=False, **llama))
+    if kind == "t5":
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            d_model=32, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=40,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0))
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=8,
+                                                                vocab_size=30))
+
+
 def _peft_folded_reference(tmp_path, dtype, kind, config_dtype=None):
     """A tiny base saved in ``dtype``, a trained LoRA on it (an embedding among its targets, a head in modules_to_save
     saved in float32), and PEFT's fold of it as mergekit 0.1.5 makes it for a MODEL+LORA entry: the base loaded with
     ``torch_dtype=None`` (its config's dtype, else its weights'), PeftModel.from_pretrained, merge_and_unload.
     ``config_dtype``: the dtype its config.json names instead of ``dtype`` (the weights stay in ``dtype``)."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
     import torch
 
-    torch.manual_seed(0)
-    if kind == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-            vocab_size=40, tie_word_embeddings=False))
-        targets, saved = ["q_proj", "v_proj", "up_proj", "embed_tokens"], ["lm_head"]
-    elif kind == "t5":  # gated T5: transformers keeps `wo` in float32 in a float16 model (hp49 c54)
-        model = transformers.T5ForConditionalGeneration(transformers.T5Config(
-            d_model=32, d_ff=64, d_kv=8, num_layers=1, num_decoder_layers=1, num_heads=2, vocab_size=40,
-            feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=0))
-        targets, saved = ["q", "wo"], []
-    else:  # GPT-2's Conv1D: fan_in_fan_out, ΔW transposed
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=8,
-                                                                     vocab_size=30))
-        targets, saved = ["c_attn", "mlp.c_fc", "wte"], ["ln_f"]
+    model = tiny_model(kind)
+    targets, saved = {"llama": (["q_proj", "v_proj", "up_proj", "embed_tokens"], ["lm_head"]),
+                      "t5": (["q", "wo"], []),  # gated T5: transformers keeps `wo` in float32 in float16 (hp49 c54)
+                      "gpt2": (["c_attn", "mlp.c_fc", "wte"], ["ln_f"])}[kind]  # Conv1D: fan_in_fan_out
     model.to(dtype).save_pretrained(tmp_path / "base")
     if config_dtype is not None:
         import json
@@ -449,21 +456,28 @@ def test_an_exclude_pattern_matches_each_name_once(tmp_path, monkeypatch):
     assert sorted(asked) == sorted(set(asked)) and len(asked) == 6
 
 
+def _search_scoring_with(tmp_path, monkeypatch, evaluator, lams):
+    """``tiesmerge search`` of a tiny family at density 0.2 and ``lams``, scored by ``evaluator`` (a module written in
+    tmp_path); its exit status."""
+    from tiesmerge.cli.main import main
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, a, b = (write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (lambda f: (f[0], *f[1]))(
+        make_family(2))))
+    return main(["search", "--base", str(base), "--model", str(a), "--model", str(b), "--grid", "density=0.2",
+                 "--grid", lams, "--dir", str(tmp_path / "s"), "--evaluator", evaluator])
+
+
 def test_an_evaluators_fork_pool_ends_without_tracebacks(tmp_path, monkeypatch, capfd):
     """hp48 c40: an evaluator scoring with ``with multiprocessing.get_context("fork").Pool(2)`` made a successful run
     print tracebacks ending in "tiesmerge.cli.main.Terminated: 15": the forked workers inherited tiesmerge's stop
     handler, and the pool ends its workers with SIGTERM. In a forked child the signal does what it would there."""
-    from tiesmerge.cli.main import main
 
     (tmp_path / "evpool.py").write_text(
         "import multiprocessing as mp\nimport time\n\n\ndef _double(x):\n    time.sleep(0.1)\n    return 2 * x\n\n\n"
         "def score(state):\n    with mp.get_context('fork').Pool(2) as pool:\n"
         "        pool.map(_double, [1, 2, 3, 4])\n    return 0.5\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    base, a, b = (write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (lambda f: (f[0], *f[1]))(
-        make_family(2))))
-    assert main(["search", "--base", str(base), "--model", str(a), "--model", str(b), "--grid", "density=0.2",
-                 "--grid", "lam=1,2,3,4,5,6", "--dir", str(tmp_path / "s"), "--evaluator", "evpool:score"]) == 0
+    assert _search_scoring_with(tmp_path, monkeypatch, "evpool:score", "lam=1,2,3,4,5,6") == 0
     captured = capfd.readouterr()  # the file descriptors: the workers' own writes too
     assert "Terminated" not in captured.err and "Traceback" not in captured.err, captured.err
 
@@ -472,7 +486,6 @@ def test_a_forked_child_blocked_in_c_ends_at_sigterm(tmp_path, monkeypatch):
     """A CI run of the test above hung in the pool's end: a worker stuck in C (a lock another thread held at the
     fork) never ran tiesmerge's Python handler, so it outlived the pool's SIGTERM and ``join`` waited for ever.
     A child forked during a command has Python's own handling: ``sigwait`` stands for any wait in C."""
-    from tiesmerge.cli.main import main
 
     (tmp_path / "evwait.py").write_text(
         "import multiprocessing as mp\nimport signal\nimport time\n\n\n"
@@ -483,11 +496,7 @@ def test_a_forked_child_blocked_in_c_ends_at_sigterm(tmp_path, monkeypatch):
         f"    with open({str(tmp_path / 'ended.txt')!r}, 'a') as f:\n"
         "        f.write(f'{ended} {child.exitcode}\\n')\n"
         "    return 0.5\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    base, a, b = (write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (lambda f: (f[0], *f[1]))(
-        make_family(2))))
-    assert main(["search", "--base", str(base), "--model", str(a), "--model", str(b), "--grid", "density=0.2",
-                 "--grid", "lam=1", "--dir", str(tmp_path / "s"), "--evaluator", "evwait:score"]) == 0
+    assert _search_scoring_with(tmp_path, monkeypatch, "evwait:score", "lam=1") == 0
     assert (tmp_path / "ended.txt").read_text() == f"True {-signal.SIGTERM}\n"
 
 
