@@ -365,6 +365,7 @@ def test_a_second_stop_signal_during_the_cleanup_is_let_through_quietly(first, s
     finally:
         for signum, handler in {**previous, **saved}.items():
             signal.signal(signum, handler)
+        cli._watchdog.finish()  # as main() does at the command's end: its stop would end pytest 60 s later
 
 
 @pytest.mark.parametrize("line,needle", [("[" * 100000 + "]" * 100000, "(not a scored candidate: JSON nested too deep"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import sys
@@ -544,6 +545,7 @@ def test_a_stop_signal_inside_a_forks_hooks_leaves_no_lock_held(monkeypatch):
             signal.signal(signum, handler)
         sys.unraisablehook = cli_main._previous_unraisable
         cli_main._stopping, cli_main._stopped_by = False, None
+        cli_main._watchdog.finish()  # as main() does at the command's end: its stop would end pytest 60 s later
     assert free == [True]  # another thread can take logging's lock: the fork's hooks released it
     assert stopped is not None and stopped.signum == signal.SIGTERM  # and the stop still came, after them
 
@@ -1149,3 +1151,40 @@ def test_a_lambda_holding_a_huge_integer_is_named(tmp_path):
     namespace: dict = {"__name__": "evhuge"}
     exec("score = lambda state: len(state) + 0x" + "f" * 5000, namespace)  # noqa: S102 - a test's own text
     assert "<lambda>#" in evaluator_name(namespace["score"])
+
+
+def test_a_stop_whose_cleanup_blocks_ends_the_process_after_the_grace(tmp_path):
+    """hp59b c39's lesson: the stop raises where the program is, and code it unwinds through may block for ever (an
+    evaluator that catches it and waits; a pool waiting on a lock the stop left held), every later signal being taken
+    as the first one's cleanup: only SIGKILL ended it. A watchdog ends the process STOP_GRACE_S after the stop,
+    with the signal's status and a word, and the next run removes the temporary output it left."""
+    import subprocess
+    import time
+
+    base, a, b = (write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (lambda f: (f[0], *f[1]))(
+        make_family(2))))
+    (tmp_path / "evstuck.py").write_text(
+        "import pathlib\nimport time\n\n\ndef score(state):\n"
+        f"    pathlib.Path({str(tmp_path / 'scoring')!r}).touch()\n"
+        "    try:\n        time.sleep(120)\n    except BaseException:\n        while True:  # swallows every stop\n"
+        "            try:\n                time.sleep(120)\n            except BaseException:\n                pass\n")
+    code = ("import importlib\nimport sys\nm = importlib.import_module('tiesmerge.cli.main')\nm.STOP_GRACE_S = 2.0\n"
+            "sys.exit(m.main(sys.argv[1:]))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    child = subprocess.Popen([sys.executable, "-c", code, "search", "--base", str(base), "--model", str(a), "--model",
+                              str(b), "--grid", "density=0.2", "--grid", "lam=1", "--dir", str(tmp_path / "s"),
+                              "-o", str(tmp_path / "best"), "--evaluator", "evstuck:score"],
+                             env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if (tmp_path / "scoring").exists() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        child.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        child.send_signal(signal.SIGTERM)  # a second one: taken as the first one's cleanup, as before
+        err = child.communicate(timeout=60)[1]
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert "terminated by SIGTERM; its cleanup did not end within 2 s" in err and "Traceback" not in err, err

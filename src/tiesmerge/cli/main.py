@@ -556,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
         for signum, handler in previous.items():
             if handler is not None:  # None: a handler set outside Python, which cannot be put back from here
                 signal.signal(signum, handler)
+        if _watchdog is not None:  # the command's cleanup is done, stopped or not
+            _watchdog.finish()
         if sys.unraisablehook is _swallowed_stop:
             sys.unraisablehook = _previous_unraisable
 
@@ -589,6 +591,51 @@ _stopping = False  # a stop signal (or Ctrl-C) arrived: its cleanup is running
 _stopped_by: Terminated | None = None  # the stop signal other than Ctrl-C that arrived first, for the exit status
 
 
+STOP_GRACE_S = 60.0  # seconds a stop's cleanup may take before the process ends without it
+
+
+class _StopWatchdog:
+    """Bounds a stop's cleanup. The stop signal raises where the program is, and code it unwinds through may block
+    for ever (an evaluator's pool waiting on a lock the interrupted code left held: hp59b c39; user code catching
+    the stop and waiting), while every later signal is taken as the first one's cleanup. ``STOP_GRACE_S`` after the
+    stop, the process ends with the signal's status, saying so; a temporary output it leaves is removed by a later
+    run. A thread of its own per command, started with the command (never from the signal handler: starting a thread
+    there could wait on a lock the interrupted code holds); the handler only sets an event no other code touches."""
+
+    def __init__(self) -> None:
+        self._stopped = threading.Event()
+        self._finished = threading.Event()
+        self._signum = int(signal.SIGINT)
+        self._thread = threading.Thread(target=self._watch, name="tiesmerge-stop-watchdog", daemon=True)
+        self._thread.start()
+
+    def arm(self, signum: int) -> None:
+        self._signum = int(signum)
+        self._stopped.set()
+
+    def finish(self) -> None:
+        self._finished.set()
+        self._stopped.set()  # wakes the thread, which ends
+
+    def _watch(self) -> None:
+        self._stopped.wait()
+        if self._finished.wait(STOP_GRACE_S) or _watchdog is not self:  # done, or another command runs now
+            return
+        name = signal.Signals(self._signum).name if self._signum in signal.Signals._value2member_map_ else \
+            str(self._signum)
+        try:
+            os.write(2, (f"\nerror: {'interrupted' if self._signum == signal.SIGINT else 'terminated by ' + name}; "
+                         f"its cleanup did not end within {STOP_GRACE_S:g} s (blocked, e.g. in an evaluator's code), "
+                         "so the process ends without it; a temporary output it left is removed by the next run "
+                         "that writes there\n").encode())
+        except OSError:
+            pass
+        os._exit(128 + self._signum)
+
+
+_watchdog: _StopWatchdog | None = None  # the running command's
+
+
 def _on_stop_signal(signum: int, frame: Any) -> None:
     global _stopping, _stopped_by
     if os.getpid() != _handler_pid:  # a child forked by an evaluator (a multiprocessing pool's worker, stopped by
@@ -601,6 +648,8 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
     if stops.hold(signum):  # inside an import that would swallow it (tiesmerge.stops): delivered after it
         return
     _stopping = True
+    if _watchdog is not None:
+        _watchdog.arm(signum)
     if signum == signal.SIGINT:
         raise KeyboardInterrupt
     _stopped_by = Terminated(signum)
@@ -693,8 +742,10 @@ def _terminate_like_interrupt() -> dict[int, Any]:
     """Handle the stop signals as Ctrl-C for the command's duration, and any second one as nothing while the
     first one's cleanup runs; the handlers they replace (only the main thread may set handlers: elsewhere the
     caller's stay)."""
-    global _stopping, _stopped_by, _handler_pid
+    global _stopping, _stopped_by, _handler_pid, _watchdog
     _stopping, _stopped_by, _handler_pid = False, None, os.getpid()
+    if threading.current_thread() is threading.main_thread():  # where the handlers are set
+        _watchdog = _StopWatchdog()
     previous: dict[int, Any] = {}
     for signum in (signal.SIGINT, *STOP_SIGNALS):
         try:
