@@ -1199,3 +1199,139 @@ def test_the_notes_of_pass_59_each_fixed(tmp_path):
                    ranges={"lam": (0.5, 1.5)}, log=str(tmp_path / "r.jsonl"))
         run_search(base, models, "ties", score, strategy="random", budget=2, axes=("density", "lam"),
                    ranges={"lam": (0.5, 2.5)}, log=str(tmp_path / "r.jsonl"))
+
+
+@pytest.mark.parametrize("value", [1.7e308, 1e308, -0.5])
+def test_an_adapt_checkpoints_entropy_out_of_range_is_damaged(tmp_path, value):
+    """hp60b c10, c13: an adapt checkpoint whose entropy history held 1.7e308 (finite) resumed, and failed after the
+    whole training as "unexpected ValueError ... a bug"; 1e308 each wrote a mean of Infinity into the report's JSON.
+    An entropy (or cross-entropy) lies in [0, 1e6]."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from test_adapt import _data
+    from test_hostile_fifth_pass import adapt_checkpoint_of_two_steps
+    from tiesmerge.errors import ConfigError
+
+    base, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path)
+    rows = json.loads(meta["entropy"])
+    meta["entropy"] = json.dumps([[value] * len(r) for r in rows])
+    save_file(tensors, str(ck), metadata=meta)
+    with pytest.raises(ConfigError, match=r"the checkpoint is damaged \(its entropy history is not 2 rows of 2 numbers "
+                                          r"from 0 to 1e\+06"):
+        tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
+
+
+def test_a_search_log_that_cannot_be_made_is_refused_before_any_scoring(tmp_path):
+    """hp60b c20, c21: run_search(log=...) under a file, with a 300-byte name, or in /proc failed with an untyped
+    FileExistsError / NotADirectoryError / ENAMETOOLONG once the first candidate was scored (the log is made with
+    it), leaving the folders it had made."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.tuning import run_search
+
+    base, models = make_family(2)
+    calls = []
+
+    def score(state):
+        calls.append(1)
+        return 0.5
+
+    (tmp_path / "file").write_text("x")
+    for log, said in [(tmp_path / "file" / "log.jsonl", "is not a folder"),
+                      (tmp_path / "file" / "sub" / "log.jsonl", "is not a folder"),
+                      (tmp_path / "new" / ("y" * 300) / "log.jsonl", "is 300 bytes, past the file system's")]:
+        with pytest.raises(OutputError, match=said):
+            run_search(base, models, "ties", score, grid={"density": [0.1], "lam": [1.0]}, log=str(log))
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    # /proc refuses the folder only when it is made (root may "write" there by its mode): typed, nothing left
+    with pytest.raises(OutputError, match="cannot create the search log"):
+        run_search(base, models, "ties", score, grid={"density": [0.1], "lam": [1.0]},
+                   log="/proc/tiesmerge-none/log.jsonl")
+
+
+@pytest.mark.parametrize("method", [5, None, b"ties", {"name": "ties"}, ("ties",), ["x"]])
+def test_a_method_spec_of_another_type_is_a_typed_error(method):
+    """hp60a c22, c42: analyze(methods=[5]) failed as "'int' object has no attribute 'name'", describe_plan(plan,
+    ['ties'], 2) as "must be called with a dataclass type or instance" (untyped)."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    base, models = make_family(2)
+    with pytest.raises(ConfigError, match="method must be a name or a method config"):
+        tiesmerge.analyze(base, models, methods=[method])
+    with pytest.raises(ConfigError, match="method must be a name or a method config"):
+        tiesmerge.describe_plan(tiesmerge.plan_merge(base, models), method, 2)
+
+
+def test_a_merged_ia3_adapter_beyond_what_an_adapter_holds_is_refused(tmp_path, capsys):
+    """hp60a c37: --lam 1e30 over (IA)³ adapters wrote vectors of up to 3.5e29 into the merged adapter without a word,
+    which tiesmerge itself then refused as "damaged" (beyond any trained adapter's 1e6)."""
+    from helpers_adapters import random_ia3, write_ia3_dir
+    from helpers_ckpt import make_base
+
+    base = make_base(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    adapters = [write_ia3_dir(tmp_path / f"ia3_{k}", random_ia3(base, k)) for k in range(2)]
+    rc, _, err = run_cli(["merge", "--base", b, "--model", adapters[0], "--model", adapters[1], "--method",
+                          "task_arithmetic", "--lam", "1e30", "--output-format", "adapter", "-o", tmp_path / "out"],
+                         capsys)
+    assert rc == 1 and "scales the weights by up to" in err and "lower --lam" in err and "Traceback" not in err, err
+    assert_no_output(tmp_path / "out")
+
+
+def test_pass_60_merge_side_messages(tmp_path, capsys):
+    """hp60a c11, c38: a flag's bad value over a recipe was blamed on the recipe file ("r8.yaml: device 'tpu' ...",
+    which names no device); c52: slerp called a last catch-all rule "shadowed" when a LoRA entry's few tensors all
+    matched the filter before it, advising to put it first; c60: a BASE+ADAPTER whose adapter_config.json is a FIFO
+    was "no adapter_config.json ... list a full model"."""
+    import os
+    import warnings
+
+    from tiesmerge.registry import make_method
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    recipe = tmp_path / "t1.yaml"
+    recipe.write_text(f"method: ties\nbase: {b}\nmodels: [{{path: {ms[0]}}}, {{path: {ms[1]}}}]\n")
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o", "--device", "tpu"], capsys)
+    assert rc == 2 and f"{recipe} with --device from the command line" in err, err
+
+    slerp = make_method("slerp", {"t_by_name": "self_attn=0.3;*=0.5"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        slerp.check_tensors({"model.layers.0.self_attn.q_proj.weight": (4, 4)})
+    assert not [w for w in caught if "shadowed" in str(w.message)], [str(w.message) for w in caught]
+
+    lora = write_lora_dir(tmp_path / "ad", random_lora(base, 2, 0), alpha=4)
+    (lora / "adapter_config.json").unlink()
+    os.mkfifo(lora / "adapter_config.json")
+    mk = tmp_path / "mk.yaml"
+    mk.write_text(f"merge_method: task_arithmetic\nbase_model: {b}\nmodels:\n"
+                  f"  - {{model: {b}+{lora}, parameters: {{weight: 1.0}}}}\n")
+    rc, _, err = run_cli(["merge", mk, "-o", tmp_path / "o2"], capsys)
+    assert rc != 0 and "FIFO" in err and "no adapter_config.json" not in err, err
+
+
+def test_outputs_that_cannot_be_made_are_refused_before_the_work(classifiers, tmp_path, capsys, monkeypatch):
+    """hp60b c41, c43, c45: `adapt -o .` failed as "unexpected ValueError: PosixPath('.') has an empty name";
+    adapt and tune with -o NEW/<a 300-byte name> trained (scored the whole grid), then failed, leaving NEW/ and the
+    checkpoint (a rerun with --resume failed the same way at once)."""
+    root, base, fts, data = classifiers
+    common = ["--base", str(base), *sum((["--model", str(f)] for f in fts), [])]
+    adapt = ["adapt", *common, "--data", str(data), "--data", str(data), "--steps", "2", "--batch-size", "2"]
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    rc, _, err = run_cli([*adapt, "-o", "."], capsys)
+    assert rc == 1 and "working" in err and "Traceback" not in err and "a bug" not in err, err
+    long = tmp_path / "new" / ("x" * 300)
+    rc, _, err = run_cli([*adapt, "-o", long], capsys)
+    assert rc == 1 and "is 300 bytes, past the file system's" in err and "checkpoint" not in err, err
+    (tmp_path / "ev60.py").write_text("def score(state):\n    raise SystemExit('scored')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc, _, err = run_cli(["tune", *common, "--evaluator", "ev60:score", "--grid", "density=0.1", "--grid", "lam=1",
+                          "-o", long], capsys)
+    assert rc == 1 and "is 300 bytes, past the file system's" in err and "scored" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ev60.py", "work"] and not any((tmp_path / "work").iterdir())

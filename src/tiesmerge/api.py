@@ -636,6 +636,9 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
                           hint=f"pass an instance, {spec.__name__}() or {spec.__name__}(density=0.2, ...), or the "
                                f"name {name!r}")
     if not isinstance(spec, str):
+        if not isinstance(spec, MergeMethod):  # 5, None, ['ties']: an AttributeError or a TypeError of dataclasses
+            raise ConfigError(f"method must be a name or a method config such as tiesmerge.methods.Ties(), got "
+                              f"{_shown(spec)}")  # (hp60a c22, c42)
         return spec
     name, _, rest = spec.partition(":")
     options: dict[str, Any] = {}
@@ -705,7 +708,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                                 **({"curve": tuple(curve)} if curve is not None else {}))
     settings.check(len(models))
     device_t, budget = device_of(device), budget_of(memory_budget)
-    extra = [(spec if isinstance(spec, str) else spec.name, method_of_spec(spec)) for spec in methods]
+    extra = [(spec if isinstance(spec, str) else m.name, m) for spec in methods for m in [method_of_spec(spec)]]
     if output is not None:  # the models the methods name (sign_from) are inputs too
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
                                         *(i for _, m in extra for i in method_inputs(m))])

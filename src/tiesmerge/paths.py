@@ -1005,16 +1005,34 @@ def _check_path_length(output: str | os.PathLike, final: Path) -> None:
 
 def _check_writable_parent(output: str | os.PathLike, final: Path) -> None:
     """A new output is created beside its folders: the nearest folder that exists must be a directory
-    this process may write, checked now rather than when the merge (or a whole tune) is done."""
-    folder = final.parent
+    this process may write, and each name to be made there fit the file system, checked now rather than when the
+    merge (or a whole tune, a whole adapt run: hp60b c43, c45) is done."""
+    check_creatable(output, "the output directory", "choose a location you can write to", target=final)
+
+
+def check_creatable(path: str | os.PathLike, what: str, hint: str, target: Path | None = None) -> None:
+    """A file a run creates later (a search's log, with its first scored candidate), checked now without creating
+    anything: the nearest existing folder on its path is a folder this process may write, and no name to be made
+    there passes the file system's limit (hp60b c20, c21: a parent that is a file, a 300-byte name: an
+    untyped FileExistsError or ENAMETOOLONG after the first candidate, its new folders left behind)."""
+    target = target or Path(os.path.abspath(path))
+    folder, made = target.parent, [target.name]
     while not os.path.lexists(folder) and folder != folder.parent:
+        made.append(folder.name)
         folder = folder.parent
     if not os.path.isdir(folder):
-        raise OutputError(f"{output}: cannot create the output directory: {folder} is not a folder",
-                          hint="choose a location you can write to")
+        raise OutputError(f"{path}: cannot create {what}: {folder} is not a folder", hint=hint)
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{output}: cannot create the output directory: {folder} is not writable",
-                          hint="choose a location you can write to")
+        raise OutputError(f"{path}: cannot create {what}: {folder} is not writable", hint=hint)
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    long_name = next((n for n in made if len(os.fsencode(n)) > longest), None)
+    if long_name is not None:
+        raise OutputError(f"{path}: cannot create {what}: the name {long_name[:40]!r}... is "
+                          f"{len(os.fsencode(long_name))} bytes, past the file system's {longest}",
+                          hint=f"use a shorter name; {hint}")
 
 
 def identity(path: str | os.PathLike) -> tuple[int, int] | None:

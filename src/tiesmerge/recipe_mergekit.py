@@ -253,7 +253,9 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
             return None
         if base is not None and os.path.realpath(_path(model)) == os.path.realpath(base):
             folder = Path(_path(adapter))
-            if folder.is_dir() and not (folder / "adapter_config.json").is_file():  # hp30 N5: merged as a full model
+            # an adapter_config.json that is there but no regular file (a FIFO, a folder) is the IO layer's to name
+            # (hp60a c60: "no adapter_config.json", of one that is there)
+            if folder.is_dir() and not os.path.lexists(folder / "adapter_config.json"):  # hp30 N5: a full model
                 problems.append(f"{where}: {ref!r}: {adapter!r} after '+' is no PEFT adapter (no "
                                 "adapter_config.json); mergekit applies an adapter there (list a full model on its "
                                 "own)")
@@ -273,7 +275,7 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
             problems.append(f"{where}: {ref!r} applies an adapter to a model other than base_model; tiesmerge reads "
                             "an adapter as a task vector of the base it was trained on")
         return None
-    if where != "base_model" and base is not None and os.path.isfile(os.path.join(_path(ref), "adapter_config.json")):
+    if where != "base_model" and base is not None and os.path.lexists(os.path.join(_path(ref), "adapter_config.json")):
         # hp52 c35: mergekit reads a model entry as a full model and stops on a bare adapter ("Unrecognized model";
         # with a config.json beside it, "Unable to find model files": hp53 c42); a folder holding model weights too
         # is refused when it is opened. Without a base_model the recipe is refused below (hp53 c05)

@@ -48,6 +48,7 @@ MAX_INIT = 1000.0
 MAX_BATCH = 65536  # examples per task and step: AdaMerging uses 16; one forward pass holds them all
 
 
+MAX_OBJECTIVE = 1e6  # an entropy (at most ln classes) or a cross-entropy of float32 logits: far below
 MAX_STEPS = 10**9  # optimizer steps of one run: far past any (the paper's: 500), and exact in a checkpoint's count
 
 
@@ -477,10 +478,13 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
         raise damaged(f"coefficients reach {largest:.3g}, past what a run reaches in {step} steps (|--init| <= "
                       f"{MAX_INIT:g}, Adam moves a coefficient by about lr <= {MAX_LR:g} a step)")
     if not (isinstance(entropy, list) and len(entropy) == step
-            and all(isinstance(r, list) and len(r) == n_tasks and all(isinstance(x, (int, float))
-                                                                     and _finite(x) for x in r)
-                    for r in entropy)):
-        raise damaged(f"its entropy history is not {step} rows of {n_tasks} finite numbers")
+            and all(isinstance(r, list) and len(r) == n_tasks and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and _finite(x) and 0 <= x <= MAX_OBJECTIVE
+                for x in r) for r in entropy)):
+        # an entropy is within [0, ln classes], a cross-entropy of float32 logits far below the bound: 1.7e308 each
+        # overflowed their mean to inf, written as Infinity (no JSON) or failing the report's axis (hp60b c10, c13)
+        raise damaged(f"its entropy history is not {step} rows of {n_tasks} numbers from 0 to {MAX_OBJECTIVE:g} "
+                      "(an entropy or cross-entropy)")
 
 
 def _check_moments_agree(first: torch.Tensor, second: torch.Tensor, betas: tuple[float, float],

@@ -639,6 +639,10 @@ CHECKPOINT_SUFFIX = ".adapt-checkpoint.safetensors"
 def default_checkpoint(output: Path) -> Path:
     """``OUTPUT.adapt-checkpoint.safetensors`` beside the output; for an output name so long that the
     suffix would pass the file system's 255 bytes, its first bytes and a digest of the whole name."""
+    if output.name in ("", ".", ".."):  # its absolute path's (hp60b c41: "PosixPath('.') has an empty name")
+        output = Path(os.path.abspath(output))
+    if not output.name:  # '/', refused as an output by the checks that follow
+        return output / CHECKPOINT_SUFFIX.lstrip(".")
     name = output.name
     if len(os.fsencode(name + CHECKPOINT_SUFFIX)) > 255:
         digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]

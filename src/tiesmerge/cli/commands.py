@@ -428,6 +428,7 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"warning: --{key.replace('_', '-')} {terminal_safe(str(getattr(args, key)))} replaces the "
                       f"recipe's {key} {terminal_safe(str(data[key]))}", file=sys.stderr)
             data[key] = getattr(args, key)
+            flags.append(f"--{key.replace('_', '-')}")  # its errors name the flag too (hp60a c11: "r8.yaml: rank")
     given = {k.removeprefix("opt_"): v for k, v in vars(args).items() if k.startswith("opt_")}
     if given:
         fields = [f.name for f in dataclasses.fields(method_class(data["method"]))]

@@ -23,10 +23,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..dtypes import DType, as_dtype
-from ..errors import MergeWarning
+from ..errors import InvalidTensorError, MergeWarning
 from ..finite import check_finite
 from ..paths import as_if_created
 from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoraCheckpoint, LoraTarget
+from .ia3 import MAX_IA3_FACTOR
 
 __all__ = ["Factored", "truncated_factors", "LoraFactorSink", "write_lora_adapter", "write_ia3_adapter"]
 
@@ -264,6 +265,12 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
                    "inference_mode": True})
     for key, value in tensors.items():
         check_finite(key, value, as_dtype(dtype).code or "")
+        largest = float(value.float().abs().max()) if value.numel() else 0.0
+        if largest > MAX_IA3_FACTOR:  # an adapter tiesmerge (and any reader trusting trained factors) refuses back
+            raise InvalidTensorError(  # (hp60a c37: written at 3.47e29 with --lam 1e30, refused as "damaged")
+                f"the merged (IA)³ vector {key!r} scales the weights by up to {largest:.3g}, beyond any trained "
+                f"adapter (at most {MAX_IA3_FACTOR:g}; tiesmerge refuses such an adapter as an input)",
+                hint="lower --lam (the merged vector is 1 + λ·τ)")
     _save(tensors, directory / ADAPTER_WEIGHTS)
     as_if_created(directory / ADAPTER_WEIGHTS)  # safetensors writes 0600: the umask's mode, as the other files
     _atomic_json(directory / ADAPTER_CONFIG, config)

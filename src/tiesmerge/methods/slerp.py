@@ -234,7 +234,9 @@ def _shadowed_rules(rules: tuple[tuple[str | None, tuple[float, ...]], ...], nam
 
     shadowed = []
     for i, (pattern, _) in enumerate(rules):
-        if pattern in unmatched:
+        # a catch-all is the default for tensors no filter names: with every interpolated tensor named (a LoRA
+        # entry's few, hp60a c52), it sets nothing, and "put the more specific filter first" would be wrong advice
+        if pattern in unmatched or pattern is None:
             continue
         mine = [n for n in names if pattern is None or pattern in n]
         first = {n: next(j for j, (p, _) in enumerate(rules) if p is None or p in n) for n in mine}

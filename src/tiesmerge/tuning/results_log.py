@@ -48,11 +48,20 @@ class ResultsLog:
         # before scoring anything leaves no log.jsonl (nor ./tiesmerge-search) behind
         if os.path.lexists(self.path):
             self._start()
+        else:  # made with the first scored candidate: whether it can be is checked now, before any scoring
+            from ..paths import check_creatable
+
+            check_creatable(self.path, "the search log", "choose another --dir (log= in Python)")
 
     def _start(self) -> None:
         created = [p for p in (self.path.parent, *self.path.parent.parents) if not os.path.lexists(p)]  # innermost 1st
         existed = os.path.lexists(self.path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # changed since the check at the start (a file put where a folder goes)
+            _remove_new(self.path, created)
+            raise OutputError(f"{self.path}: cannot create the search log's folder ({exc.strerror or exc})",
+                              hint="choose another --dir (log= in Python)") from None
         self._fd = self._open()
         try:  # one search writes a log at a time: two on one --dir scored every candidate twice, each logged twice
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (hp34 D77); released when the log is closed
