@@ -635,6 +635,7 @@ def test_a_killed_runs_temporary_directory_is_removed_later(family, tmp_path, ca
     dead.wait()
     stale = tmp_path / f".tiesmerge-tmp-{_host()}-{dead.pid}-abc123"
     stale.mkdir()
+    (stale / ".tiesmerge-temporary").touch()  # as tiesmerge makes its temporaries (io.writer.OWNED)
     (stale / "model.safetensors").write_bytes(b"half written")
     alive = tmp_path / f".tiesmerge-tmp-{_host()}-{os.getpid()}-xyz789"  # this process: alive, kept
     alive.mkdir()

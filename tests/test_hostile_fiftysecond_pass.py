@@ -1335,3 +1335,35 @@ def test_outputs_that_cannot_be_made_are_refused_before_the_work(classifiers, tm
                           "-o", long], capsys)
     assert rc == 1 and "is 300 bytes, past the file system's" in err and "scored" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ev60.py", "work"] and not any((tmp_path / "work").iterdir())
+
+
+def test_a_users_folder_named_like_a_dead_runs_temporary_is_kept(tmp_path, capsys, monkeypatch):
+    """hp60b c51, c53: the next write into a folder removed every `.tiesmerge-tmp-<host>-<dead pid>-*` folder there:
+    one holding a tune's validation data, an evaluator's module, the working folder or a search's --dir and its log
+    went with it. Only what proves to be tiesmerge's (its mark, nothing at all, or a finished output whose manifest
+    lists every file) is removed, and never a folder holding the working folder or an import path."""
+    import tiesmerge
+    from tiesmerge.io.writer import OWNED, remove_stale
+    from tiesmerge.scratch import host_tag
+
+    def named(tag):
+        return tmp_path / f".tiesmerge-tmp-{host_tag()}-999999-{tag}"  # pid 999999: no such process
+
+    data, work, module, ours, empty = (named(t) for t in ("data", "work", "mod", "ours", "empty"))
+    for folder in (data, work, module, ours, empty):
+        folder.mkdir()
+    (data / "val.jsonl").write_text('{"text": "x", "label": 0}\n')
+    (data / "log.jsonl").write_text("{}\n")
+    (module / "ev.py").write_text("def score(state):\n    return 0.5\n")
+    (work / OWNED).touch()  # even a marked one, while it holds the working folder
+    (ours / OWNED).touch()
+    (ours / "model.safetensors").write_bytes(b"half written")
+    monkeypatch.chdir(work)
+    monkeypatch.syspath_prepend(str(module))
+    assert sorted(remove_stale(tmp_path)) == sorted([ours.name, empty.name])
+    assert (data / "val.jsonl").is_file() and (data / "log.jsonl").is_file() and (module / "ev.py").is_file()
+    assert work.is_dir()
+    base, models = make_family(2)
+    tiesmerge.merge(base, models, "ties", output=tmp_path / "out")  # a merge beside them: they stay
+    assert (data / "val.jsonl").is_file() and (module / "ev.py").is_file() and work.is_dir()
+    assert not (tmp_path / "out" / OWNED).exists() and OWNED not in (tmp_path / "out" / "tiesmerge.json").read_text()

@@ -126,6 +126,7 @@ def test_a_parked_previous_output_of_a_killed_run_is_put_back(tmp_path):
     parked = tmp_path / f".tiesmerge-old-{_host()}-{dead.pid}-q1"
     (parked / "merged").mkdir(parents=True)
     write_earlier_manifest(parked / "merged")
+    (parked / ".tiesmerge-temporary").touch()  # as tiesmerge makes its temporaries (io.writer.OWNED)
     tmp = tmp_path / f".tiesmerge-tmp-{_host()}-{dead.pid}-q2"
     tmp.mkdir()
     other_host = tmp_path / f".tiesmerge-tmp-00000000-{dead.pid}-q3"  # another machine's run: not ours to judge
@@ -133,6 +134,7 @@ def test_a_parked_previous_output_of_a_killed_run_is_put_back(tmp_path):
     cleaned = remove_stale(tmp_path)
     assert sorted(cleaned) == sorted([parked.name, tmp.name])
     assert (tmp_path / "merged" / "tiesmerge.json").is_file() and other_host.exists()
+    assert not (tmp_path / ".tiesmerge-temporary").exists()  # the parking folder's own mark is not put back
 
 
 def test_write_file_replaces_a_link_never_writes_through_it(tmp_path):

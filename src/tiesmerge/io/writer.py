@@ -261,8 +261,45 @@ def _check_output_path(final: Path, force: bool, marker: str = "tiesmerge.json")
 _TMP = re.compile(r"^\.tiesmerge-(tmp|old|file)-([0-9a-f]{8})-(\d+)-[A-Za-z0-9_]+$")
 
 
+# A temporary folder holds this file from its creation until just before it is renamed into place: what proves a
+# dead run's folder of that name is tiesmerge's to remove (hp60b c51, c53: a user's folder named like one, holding a
+# tune's data, an evaluator's module, the working folder or a search's --dir, was removed with them)
+OWNED = ".tiesmerge-temporary"
+
+
 def _sibling(parent: Path, kind: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f".tiesmerge-{kind}-{host_tag()}-{os.getpid()}-", dir=parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".tiesmerge-{kind}-{host_tag()}-{os.getpid()}-", dir=parent))
+    try:
+        (folder / OWNED).touch()
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
+def _ours(path: Path) -> bool:
+    """Whether a dead run's temporary-named folder is tiesmerge's: it holds OWNED, or nothing, or only a finished
+    output whose manifest lists every file in it (the moment between OWNED's removal and the rename into place)."""
+    if os.path.isfile(path / OWNED) and not os.path.islink(path / OWNED):
+        return True
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return False
+    if not entries:
+        return True
+    from ..paths import unlisted_files
+
+    return any(os.path.isfile(path / m) for m in OUTPUT_MARKERS) and unlisted_files(path) == []
+
+
+def _holds_the_run(path: Path) -> bool:
+    """Whether ``path`` holds the working folder or a folder Python imports from (an evaluator's module)."""
+    import sys
+
+    real = os.path.realpath(path)
+    held = [os.getcwd() if os.path.exists(".") else None, *(p or "." for p in sys.path)]
+    return any(h is not None and (os.path.realpath(h) + os.sep).startswith(real + os.sep) for h in held)
 
 
 def _in_use(path: Path) -> bool:
@@ -309,11 +346,11 @@ def remove_stale(parent: Path) -> list[str]:
         if not entry.is_dir(follow_symlinks=False):
             continue
         path = Path(entry.path)
-        if _in_use(path):  # a dead run's name, but an input of this run (a salvaged output given as a model)
-            continue
+        if _in_use(path) or _holds_the_run(path) or not _ours(path):  # a dead run's name, but an input of this
+            continue  # run (a salvaged output given as a model), the working folder, or a folder of the user's
         if m.group(1) == "old":
             for parked in path.iterdir():
-                if not os.path.lexists(parent / parked.name):
+                if parked.name != OWNED and not os.path.lexists(parent / parked.name):
                     os.replace(parked, parent / parked.name)  # the previous output, back where it was
         shutil.rmtree(path, ignore_errors=True)
         cleaned.append(entry.name)
@@ -393,7 +430,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
             if named is not None and (named == tmp or tmp in named.parents):
                 named = final / named.relative_to(tmp)
             raise write_error(named or _being_written(tmp, final), exc) from None
-        _record_listing(tmp)
+        _record_listing(tmp)  # (OWNED is no file of the output: left out of its listing)
         _check_output_path(final, force, marker)  # the path may have changed while we worked
         old = None
         if os.path.lexists(final):
@@ -404,6 +441,8 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
                 shutil.rmtree(old, ignore_errors=True)
                 raise
         try:
+            with contextlib.suppress(FileNotFoundError):  # the output's own files only, from here on (_ours: a
+                os.unlink(tmp / OWNED)  # listed output is ours too)
             os.replace(tmp, final)
         except BaseException:
             if old is not None:  # put the previous output back instead of leaving it hidden in a dot-folder
@@ -432,7 +471,7 @@ def _record_listing(tmp: Path) -> None:
     """Write into each marker of the finished output (its manifest) the list of every file in it,
     the marker itself included, so that a later ``--force`` can tell the files tiesmerge wrote
     from ones a user added since, and delete only the former's folder (tiesmerge.paths)."""
-    names = listing(tmp)
+    names = [n for n in listing(tmp) if n != OWNED]
     stamps = {name: file_stamp(tmp / name) for name in names if name not in OUTPUT_MARKERS}
     for marker in OUTPUT_MARKERS:
         path = tmp / marker
