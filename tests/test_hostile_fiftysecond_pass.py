@@ -1367,3 +1367,36 @@ def test_a_users_folder_named_like_a_dead_runs_temporary_is_kept(tmp_path, capsy
     tiesmerge.merge(base, models, "ties", output=tmp_path / "out")  # a merge beside them: they stay
     assert (data / "val.jsonl").is_file() and (module / "ev.py").is_file() and work.is_dir()
     assert not (tmp_path / "out" / OWNED).exists() and OWNED not in (tmp_path / "out" / "tiesmerge.json").read_text()
+
+
+def test_pass_61_merge_side(tmp_path, capsys):
+    """hp61a c31: a new output where a killed --force run parked the previous one was refused only after its whole
+    merge ("exists and is not empty", the parked output never named); c41: a statistics folder given as a model had
+    its Fisher values merged as weights."""
+    import subprocess
+    import sys
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.writer import OWNED
+    from tiesmerge.scratch import host_tag
+
+    base, models = make_family(2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parked = tmp_path / f".tiesmerge-old-{host_tag()}-{dead.pid}-abc"
+    tiesmerge.merge(base, models, "ties", output=parked / "out")
+    (parked / OWNED).touch()
+    rc, _, err = run_cli(["merge", *cli_flags(write_hf_dir(tmp_path / "b", base),
+                                                [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]),
+                          "-o", tmp_path / "out"], capsys)
+    assert rc == 1 and "left the previous output parked in" in err and "mv " in err, err
+    assert (parked / "out" / "tiesmerge.json").is_file() and not (tmp_path / "out").exists()
+
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    write_hf_dir(stats, models[0])
+    (stats / "tiesmerge_stats.json").write_text('{"kind": "fisher"}')
+    for given in (stats, stats / "model.safetensors"):
+        with pytest.raises(CheckpointError, match="is a statistics folder .tiesmerge_stats.json"):
+            tiesmerge.merge(base, [given, models[1]], "ties")

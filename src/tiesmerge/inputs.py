@@ -24,7 +24,7 @@ from .dtypes import BY_NAME, FLOAT32, DType, as_dtype
 from .engine.executor import Executor
 from .engine.reader import EngineInputs
 from .engine.side import SideInputs
-from .errors import ConfigError, IncompatibleCheckpointsError, MergeWarning
+from .errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, MergeWarning
 from .hub import HubPath, resolve_source
 from .io.adapters import adapter_kind, yields_task_vector
 from .io.align import Alignment, align, with_parts
@@ -214,6 +214,13 @@ def resolve_sources(base: Any, models: Any) -> tuple[Any, Any]:
 
 
 def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str, role: str = "the model") -> Checkpoint:
+    if isinstance(source, (str, os.PathLike)):  # a statistics folder's Fisher values merged as weights (hp61a c41)
+        folder = Path(source) if os.path.isdir(source) else Path(source).parent
+        if os.path.lexists(folder / "tiesmerge_stats.json"):
+            raise CheckpointError(f"{source}: {role} is a statistics folder (tiesmerge_stats.json: what tiesmerge "
+                                  "stats wrote), not a model: its tensors are Fisher or Gram values",
+                                  hint="give the model folder the statistics were computed from; statistics go to "
+                                       "--stats (stats: in a recipe)")
     ckpt = open_checkpoint(source, allow_pickle=allow_pickle, label=label, role=role)
     stack.callback(ckpt.close)
     return ckpt

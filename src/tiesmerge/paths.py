@@ -682,6 +682,7 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
         st = os.stat(final)
     except FileNotFoundError:
         _check_writable_parent(output, final)
+        _check_no_parked_output(output, final)
         return
     except NotADirectoryError:
         raise OutputError(f"{output}: cannot create the output directory: a folder on its path is a file",
@@ -1008,6 +1009,26 @@ def _check_writable_parent(output: str | os.PathLike, final: Path) -> None:
     this process may write, and each name to be made there fit the file system, checked now rather than when the
     merge (or a whole tune, a whole adapt run: hp60b c43, c45) is done."""
     check_creatable(output, "the output directory", "choose a location you can write to", target=final)
+
+
+def _check_no_parked_output(output: str | os.PathLike, final: Path) -> None:
+    """A run killed between a --force's two renames parks the previous output in a dead ``.tiesmerge-old-`` folder
+    beside it; the next write there puts it back, so a new output at that path was refused only after its whole merge
+    (hp61a c31: "exists and is not empty", the parked output never named). Said now instead."""
+    from .scratch import host_tag, process_is_dead
+
+    pattern = re.compile(rf"^\.tiesmerge-old-{host_tag()}-(\d+)-[A-Za-z0-9_]+$")
+    try:
+        entries = list(os.scandir(final.parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and process_is_dead(m.group(1)) and os.path.lexists(os.path.join(entry.path, final.name)):
+            raise OutputError(f"{output}: a run killed while replacing it left the previous output parked in "
+                              f"{entry.path}; the next write there puts it back at this path",
+                              hint=f"move it back yourself (mv {os.path.join(entry.path, final.name)} {output}), "
+                                   "then run again with --force to replace it, or choose another output path")
 
 
 def check_creatable(path: str | os.PathLike, what: str, hint: str, target: Path | None = None) -> None:

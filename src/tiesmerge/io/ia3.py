@@ -286,7 +286,8 @@ class Ia3Folded(_AdapterView):
         raise fold_overflow(str(self.adapter.path / ADAPTER_WEIGHTS), "folding the (IA)³ vector of module "
                             f"{self.adapter.modules[self._scaled[name][0]]!r}", name, stored,
                             self._load_dtype(name, stored), "MODEL+ADAPTER",
-                            "which merges the adapters' vectors in float32")
+                            "which merges (IA)³ adapters' vectors in float32 where every model is an (IA)³ "
+                            "adapter of the base")
 
 
 class _Ia3Union(_AdapterView):
