@@ -1400,3 +1400,23 @@ def test_pass_61_merge_side(tmp_path, capsys):
     for given in (stats, stats / "model.safetensors"):
         with pytest.raises(CheckpointError, match="is a statistics folder .tiesmerge_stats.json"):
             tiesmerge.merge(base, [given, models[1]], "ties")
+
+
+def test_a_dry_runs_free_space_counts_the_dead_temporaries_the_write_removes(tmp_path, monkeypatch):
+    """hp61a c38: on a nearly full file system holding a dead run's temporary, the dry run refused the output for
+    lack of space, and the real run (which removes that temporary first) wrote it."""
+    import collections
+
+    from tiesmerge.errors import OutputError
+    from tiesmerge.io import writer
+    from tiesmerge.scratch import host_tag
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: usage(1 << 20, 1 << 20, 8192))
+    with pytest.raises(OutputError, match="but only 8.00 KiB is free there"):
+        writer.check_free_space(tmp_path / "out", 40000, tmp_path)
+    dead = tmp_path / f".tiesmerge-tmp-{host_tag()}-999999-x"  # pid 999999: no such process
+    dead.mkdir()
+    (dead / writer.OWNED).touch()
+    (dead / "model.safetensors").write_bytes(b"\1" * 65536)
+    writer.check_free_space(tmp_path / "out", 40000, tmp_path)  # its 64 KiB are freed before the write

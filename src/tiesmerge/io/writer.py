@@ -378,10 +378,35 @@ def output_footprint(data_bytes: int, *, copied: Sequence[int] = (), tensors: in
             + blocks(_MANIFEST_BYTES + _BYTES_PER_TENSOR * tensors) + (_BLOCK if shards > 1 else 0))
 
 
+def _stale_bytes(parent: Path) -> int:
+    """Bytes that :func:`remove_stale` would free in ``parent``: its dead runs' temporaries proven tiesmerge's."""
+    total = 0
+    host = host_tag()
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        m = _TMP.match(entry.name)
+        if not m or m.group(1) == "old" or m.group(2) != host or not process_is_dead(m.group(3)):
+            continue  # a parked output is put back, not freed
+        path = Path(entry.path)
+        if entry.is_file(follow_symlinks=False):
+            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        elif entry.is_dir(follow_symlinks=False) and _ours(path) and not _in_use(path) and not _holds_the_run(path):
+            for folder, _, files in os.walk(path):
+                for name in files:
+                    with contextlib.suppress(OSError):
+                        total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+    return total
+
+
 def check_free_space(final: str | os.PathLike, needed_bytes: int, where: str | os.PathLike) -> None:
     """Refuse an output of ``needed_bytes`` where the file system holding ``where`` has less free (a dry run asks it
     of the folder the output would go in, the real run of its temporary)."""
     free = shutil.disk_usage(where).free
+    if needed_bytes > free:  # a dead run's temporaries beside the output go before the write (a dry run counts them:
+        free += _stale_bytes(Path(final).parent)  # hp61a c38, refused by the dry run, written by the real one)
     if needed_bytes > free:
         raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} (its weights, model card, "
                           f"manifest and copied files, in whole blocks) but only {format_size(free)} is free there",
