@@ -268,9 +268,9 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
         largest = float(value.float().abs().max()) if value.numel() else 0.0
         if largest > MAX_IA3_FACTOR:  # an adapter tiesmerge (and any reader trusting trained factors) refuses back
             raise InvalidTensorError(  # (hp60a c37: written at 3.47e29 with --lam 1e30, refused as "damaged")
-                f"the merged (IA)³ vector {key!r} scales the weights by up to {largest:.3g}, beyond any trained "
+                f"the merged (IA)³ vector {key!r} scales the weights by up to {largest:.9g}, beyond any trained "
                 f"adapter (at most {MAX_IA3_FACTOR:g}; tiesmerge refuses such an adapter as an input)",
-                hint="lower --lam (the merged vector is 1 + λ·τ)")
+                hint="bring --lam closer to 0 (the merged vector is 1 + λ·τ)")
     _save(tensors, directory / ADAPTER_WEIGHTS)
     as_if_created(directory / ADAPTER_WEIGHTS)  # safetensors writes 0600: the umask's mode, as the other files
     _atomic_json(directory / ADAPTER_CONFIG, config)
