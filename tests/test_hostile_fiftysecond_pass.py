@@ -1420,3 +1420,19 @@ def test_a_dry_runs_free_space_counts_the_dead_temporaries_the_write_removes(tmp
     (dead / writer.OWNED).touch()
     (dead / "model.safetensors").write_bytes(b"\1" * 65536)
     writer.check_free_space(tmp_path / "out", 40000, tmp_path)  # its 64 KiB are freed before the write
+
+
+def test_a_numpy_array_of_grid_values_is_a_list_of_numbers():
+    """hp61b c15b: tune(grid={"density": np.array([0.2]), ...}) was "array([0.2]), not a list" (np.linspace grids)."""
+    import numpy as np
+
+    from tiesmerge.tuning import tune
+
+    base, models = make_family(2)
+
+    def score(state):
+        return float(sum(v.float().sum() for v in state.values()))
+
+    got = tune(base, models, "ties", score, grid={"density": np.linspace(0.1, 0.2, 2), "lam": np.array([1.0])})
+    want = tune(base, models, "ties", score, grid={"density": [0.1, 0.2], "lam": [1.0]})
+    assert [p.score for p in got.points] == [p.score for p in want.points] and len(got.points) == 2

@@ -105,6 +105,9 @@ def plain_numbers(value: Any, depth: int = 2) -> Any:
     the lists, tuples and mappings it holds ``depth`` levels down (a grid's lists, a range's pair): the API's checks
     and the search log take Python numbers, and refused these as "not a finite number" (hp59b c24, c25)."""
     numpy = sys.modules.get("numpy")  # a numpy scalar exists only once numpy is imported
+    if numpy is not None and isinstance(value, numpy.ndarray) and value.ndim == 1 and depth > 0 \
+            and value.dtype.kind in "biuf":  # np.linspace's grid (hp61b c15b): its numbers, as a list
+        return [plain_numbers(v, 0) for v in value.tolist()]
     if numpy is not None and isinstance(value, numpy.generic):
         if isinstance(value, (numpy.bool_, numpy.integer, numpy.floating)):
             return value.item()
