@@ -1188,3 +1188,36 @@ def test_a_stop_whose_cleanup_blocks_ends_the_process_after_the_grace(tmp_path):
         child.kill()
     assert child.returncode == 128 + signal.SIGTERM, err
     assert "terminated by SIGTERM; its cleanup did not end within 2 s" in err and "Traceback" not in err, err
+
+
+def test_an_evaluators_own_sigterm_handler_does_not_outlive_its_call(tmp_path):
+    """hp61b c25: an evaluator that sets its own SIGTERM handler replaced the command's for the rest of the search:
+    a SIGTERM between its calls was ignored, and the search ran on and exited 0. The command's handler is put back
+    after each call (said once)."""
+    import subprocess
+    import time
+
+    base, a, b = (write_hf_dir(tmp_path / n, s) for n, s in zip(("base", "a", "b"), (lambda f: (f[0], *f[1]))(
+        make_family(2))))
+    (tmp_path / "evown.py").write_text(
+        "import pathlib\nimport signal\n\n\ndef score(state):\n"
+        "    signal.signal(signal.SIGTERM, lambda *args: None)\n"
+        f"    pathlib.Path({str(tmp_path / 'called')!r}).touch()\n    return 0.5\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    lams = ",".join(str(k) for k in range(1, 200))
+    child = subprocess.Popen([sys.executable, "-m", "tiesmerge", "search", "--base", str(base), "--model", str(a),
+                              "--model", str(b), "--grid", "density=0.2", "--grid", f"lam={lams}", "--dir",
+                              str(tmp_path / "s"), "--evaluator", "evown:score"],
+                             env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for _ in range(600):
+            if (tmp_path / "called").exists() or child.poll() is not None:
+                break
+            time.sleep(0.1)
+        time.sleep(0.3)
+        child.send_signal(signal.SIGTERM)
+        err = child.communicate(timeout=90)[1]
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signal.SIGTERM, err
+    assert "set its own handler for SIGTERM; tiesmerge put its own back" in err, err

@@ -269,12 +269,47 @@ def process_state_kept(label: str, when: str = "after each call") -> Iterator[No
     cwd = _working_folder()
     umask = _current_umask()
     torch_defaults = torch_defaults_now()
+    handlers = _stop_handlers()
     try:
         yield
     finally:
         _restore_working_folder(cwd, label, when)
         _restore_umask(umask, label, when)
         restore_torch_defaults(torch_defaults, label, when)
+        _restore_stop_handlers(handlers, label, when)
+
+
+def _stop_handlers() -> dict[int, Any]:
+    """The command's own stop handlers now (tiesmerge.cli.main's), where they are set: {} outside a command."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    main = sys.modules.get("tiesmerge.cli.main")
+    ours = getattr(main, "_on_stop_signal", None)
+    stops = (signal.SIGINT, *getattr(main, "STOP_SIGNALS", ()))
+    return {int(n): ours for n in stops if ours is not None and signal.getsignal(n) is ours}
+
+
+def _restore_stop_handlers(before: dict[int, Any], label: str, when: str = "after each call") -> None:
+    """An evaluator that sets its own SIGTERM (or SIGINT) handler replaced the command's, so a later stop was
+    ignored: the search ran on and exited 0 (hp61b c25). Put back, said once per evaluator."""
+    import signal
+
+    changed = []
+    for signum, handler in before.items():
+        try:
+            if signal.getsignal(signum) is not handler:
+                signal.signal(signum, handler)
+                changed.append(signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else
+                               str(signum))
+        except (ValueError, OSError):
+            continue
+    if changed:
+        _said_once(("signals", label), f"{label} set its own handler for {', '.join(changed[:4])}; tiesmerge put "
+                                       f"its own back {when}, so that a stop still ends the command (a stop while "
+                                       "the evaluator runs is the evaluator's to handle)")
 
 
 def _restore_umask(before: int, label: str, when: str = "after each call") -> None:
