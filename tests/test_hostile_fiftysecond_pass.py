@@ -1436,3 +1436,40 @@ def test_a_numpy_array_of_grid_values_is_a_list_of_numbers():
     got = tune(base, models, "ties", score, grid={"density": np.linspace(0.1, 0.2, 2), "lam": np.array([1.0])})
     want = tune(base, models, "ties", score, grid={"density": [0.1, 0.2], "lam": [1.0]})
     assert [p.score for p in got.points] == [p.score for p in want.points] and len(got.points) == 2
+
+
+def test_pass_62_merge_side(tmp_path):
+    """hp62a c21: a dead run's parked previous output whose place had been taken since was deleted by the next write
+    beside it, without a word; c31: a dead temporary's hard-linked file was counted as space its removal frees;
+    c06: rank=np.int64(1) was "not a positive integer"."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import tiesmerge
+    from tiesmerge.io.writer import OWNED, _stale_bytes, remove_stale
+    from tiesmerge.scratch import host_tag
+
+    base, models = make_family(2)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parked = tmp_path / f".tiesmerge-old-{host_tag()}-{dead.pid}-abc"
+    tiesmerge.merge(base, models, "ties", output=parked / "out")
+    (parked / OWNED).touch()
+    (tmp_path / "out").mkdir()  # the user's folder, made at that path since
+    assert remove_stale(tmp_path) == []
+    assert (parked / "out" / "tiesmerge.json").is_file()  # kept, never deleted
+
+    linked = tmp_path / f".tiesmerge-tmp-{host_tag()}-{dead.pid}-lnk"
+    linked.mkdir()
+    (linked / OWNED).touch()
+    (tmp_path / "data.bin").write_bytes(b"\1" * 65536)
+    os.link(tmp_path / "data.bin", linked / "data.bin")
+    assert _stale_bytes(tmp_path) == 0  # removing the link frees nothing
+
+    lora = write_lora_dir(tmp_path / "l0", random_lora(base, 2, 0), alpha=4)
+    lora1 = write_lora_dir(tmp_path / "l1", random_lora(base, 2, 1), alpha=4)
+    b = write_hf_dir(tmp_path / "b", base)
+    plan = tiesmerge.plan_merge(b, [lora, lora1], "ties", output_format="adapter", rank=np.int64(1))
+    assert plan.adapter_output

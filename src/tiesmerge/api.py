@@ -53,6 +53,7 @@ from .io.writer import (
 )
 from .io.writer import _check_output_path as check_output_path
 from .lazy import torch
+from .limits import plain_numbers
 from .manifest import check_stats_digests, merge_manifest, reference_option
 from .methods.base import MergeMethod, _shown
 from .paths import FileStamps, fs_text, input_roots
@@ -114,6 +115,7 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
     (('count (trim)', 'merge'), 2948201472, 402653184)
     """
     m = as_method(method, method_options)
+    rank = plain_numbers(rank)  # np.int64(1) is the rank 1 (hp62a c06)
     if rank is not None and output_format != "adapter":  # as merge refuses it
         raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the output is a full model",
                           hint="add --output-format adapter (output_format='adapter'), or leave --rank out")
@@ -407,6 +409,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         raise ConfigError(f"shard_size {shard_size!r} applies to a full model's weights, and the output is an adapter "
                           "(written as one adapter_model.safetensors, as PEFT reads it)",
                           hint="leave --shard-size out with --output-format adapter")
+    rank = plain_numbers(rank)  # np.int64(1) is the rank 1 (hp62a c06)
     if rank is not None and output_format != "adapter":  # a full model is written whole: no rank to cut it to
         raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the output is a full model",
                           hint="add --output-format adapter (output_format='adapter'), or leave --rank out")

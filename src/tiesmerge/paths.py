@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shlex
 import shutil
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1027,7 +1028,8 @@ def _check_no_parked_output(output: str | os.PathLike, final: Path) -> None:
         if m and process_is_dead(m.group(1)) and os.path.lexists(os.path.join(entry.path, final.name)):
             raise OutputError(f"{output}: a run killed while replacing it left the previous output parked in "
                               f"{entry.path}; the next write there puts it back at this path",
-                              hint=f"move it back yourself (mv {os.path.join(entry.path, final.name)} {output}), "
+                              hint=f"move it back yourself (mv {shlex.quote(os.path.join(entry.path, final.name))} "
+                                   f"{shlex.quote(str(output))}), "
                                    "then run again with --force to replace it, or choose another output path")
 
 

@@ -352,6 +352,8 @@ def remove_stale(parent: Path) -> list[str]:
             for parked in path.iterdir():
                 if parked.name != OWNED and not os.path.lexists(parent / parked.name):
                     os.replace(parked, parent / parked.name)  # the previous output, back where it was
+            if any(p.name != OWNED for p in path.iterdir()):  # its place is taken since: the parked output is
+                continue  # kept where it is, never removed (hp62a c21: a previous model deleted without a word)
         shutil.rmtree(path, ignore_errors=True)
         cleaned.append(entry.name)
     return cleaned
@@ -391,13 +393,15 @@ def _stale_bytes(parent: Path) -> int:
         if not m or m.group(1) == "old" or m.group(2) != host or not process_is_dead(m.group(3)):
             continue  # a parked output is put back, not freed
         path = Path(entry.path)
-        if entry.is_file(follow_symlinks=False):
-            total += entry.stat(follow_symlinks=False).st_blocks * 512
+        if entry.is_file(follow_symlinks=False):  # a file with other links frees nothing (hp62a c31)
+            st = entry.stat(follow_symlinks=False)
+            total += st.st_blocks * 512 if st.st_nlink == 1 else 0
         elif entry.is_dir(follow_symlinks=False) and _ours(path) and not _in_use(path) and not _holds_the_run(path):
             for folder, _, files in os.walk(path):
                 for name in files:
                     with contextlib.suppress(OSError):
-                        total += os.lstat(os.path.join(folder, name)).st_blocks * 512
+                        st = os.lstat(os.path.join(folder, name))
+                        total += st.st_blocks * 512 if st.st_nlink == 1 else 0
     return total
 
 
