@@ -1373,20 +1373,12 @@ def test_pass_61_merge_side(tmp_path, capsys):
     """hp61a c31: a new output where a killed --force run parked the previous one was refused only after its whole
     merge ("exists and is not empty", the parked output never named); c41: a statistics folder given as a model had
     its Fisher values merged as weights."""
-    import subprocess
-    import sys
 
     import tiesmerge
     from tiesmerge.errors import CheckpointError
-    from tiesmerge.io.writer import OWNED
-    from tiesmerge.scratch import host_tag
 
     base, models = make_family(2)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    parked = tmp_path / f".tiesmerge-old-{host_tag()}-{dead.pid}-abc"
-    tiesmerge.merge(base, models, "ties", output=parked / "out")
-    (parked / OWNED).touch()
+    parked, dead = _parked_output(tmp_path, base, models)
     rc, _, err = run_cli(["merge", *cli_flags(write_hf_dir(tmp_path / "b", base),
                                                 [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]),
                           "-o", tmp_path / "out"], capsys)
@@ -1442,8 +1434,6 @@ def test_pass_62_merge_side(tmp_path):
     """hp62a c21: a dead run's parked previous output whose place had been taken since was deleted by the next write
     beside it, without a word; c31: a dead temporary's hard-linked file was counted as space its removal frees;
     c06: rank=np.int64(1) was "not a positive integer"."""
-    import subprocess
-    import sys
 
     import numpy as np
 
@@ -1452,11 +1442,7 @@ def test_pass_62_merge_side(tmp_path):
     from tiesmerge.scratch import host_tag
 
     base, models = make_family(2)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    parked = tmp_path / f".tiesmerge-old-{host_tag()}-{dead.pid}-abc"
-    tiesmerge.merge(base, models, "ties", output=parked / "out")
-    (parked / OWNED).touch()
+    parked, dead = _parked_output(tmp_path, base, models)
     (tmp_path / "out").mkdir()  # the user's folder, made at that path since
     assert remove_stale(tmp_path) == []
     assert (parked / "out" / "tiesmerge.json").is_file()  # kept, never deleted
@@ -1473,3 +1459,21 @@ def test_pass_62_merge_side(tmp_path):
     b = write_hf_dir(tmp_path / "b", base)
     plan = tiesmerge.plan_merge(b, [lora, lora1], "ties", output_format="adapter", rank=np.int64(1))
     assert plan.adapter_output
+
+
+def _parked_output(tmp_path, base, models):
+    """A merged output parked as a --force run killed between its two renames leaves it (named for a dead process),
+    its folder and that process."""
+    import subprocess
+    import sys
+
+    import tiesmerge
+    from tiesmerge.io.writer import OWNED
+    from tiesmerge.scratch import host_tag
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    parked = tmp_path / f".tiesmerge-old-{host_tag()}-{dead.pid}-abc"
+    tiesmerge.merge(base, models, "ties", output=parked / "out")
+    (parked / OWNED).touch()
+    return parked, dead
