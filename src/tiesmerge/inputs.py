@@ -566,7 +566,6 @@ def _warn_other_architecture(base: Checkpoint, models: Sequence[Checkpoint]) -> 
     """A fine-tune whose config.json names another architecture than the base's (model_type, number of layers),
     though its tensors fit: the wrong folder, or a hand-edited config. The merge runs (the tensors decide, and the
     output carries the base's config), but not silently (hostile pass 24, N6)."""
-    from .errors import CheckpointError
     from .io.align import read_model_config
 
     try:

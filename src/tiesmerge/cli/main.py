@@ -638,9 +638,9 @@ _watchdog: _StopWatchdog | None = None  # the running command's
 
 def _on_stop_signal(signum: int, frame: Any) -> None:
     global _stopping, _stopped_by
-    if os.getpid() != _handler_pid:  # a child forked by an evaluator (a multiprocessing pool's worker, stopped by
-        _as_by_default(signum)  # SIGTERM at the pool's end): the signal does what it would have done there (hp48 c40)
-        return
+    if os.getpid() != _handler_pid:  # a child forked without Python's at-fork hooks (a C library's fork), which
+        _as_by_default(signum)  # kept this handler (_default_handlers_in_child resets it at every os.fork): the
+        return  # signal does what it would have done there (hp48 c40)
     if signum == getattr(signal, "SIGIO", None) and leases.on_signal():  # a read lease breaking, not a stop
         return
     if _stopping:  # a second signal during the first one's cleanup (Ctrl-C, then the scheduler's TERM): let it finish

@@ -216,6 +216,8 @@ class Ia3Folded(_AdapterView):
         self._base: Checkpoint | None = None
         self._scaled: dict[str, tuple[str, bool]] = {}  # base tensor -> (its weight's name, a bias)
         self._dtypes: Any = None
+        self._vectors: dict[str, torch.Tensor] = {}  # weight -> l as stored: read once (a weight's row chunks and
+        # its bias share it; a few KB each)
 
     def bind(self, base: Checkpoint) -> None:
         from .load_dtypes import LoadDtypes
@@ -247,7 +249,9 @@ class Ia3Folded(_AdapterView):
         """l of ``name``'s weight shaped to broadcast against ``name``'s rows: (rows, 1) for outputs, (1, in) for
         inputs, transposed for a Conv1D (PEFT's fan_in_fan_out), (rows,) for a bias; in PEFT's dtype ``wide``."""
         weight, is_bias = self._scaled[name]
-        vector = self.adapter.scaling_vector(weight).to(wide)  # PEFT copies the file's l into its parameter
+        if weight not in self._vectors:
+            self._vectors[weight] = self.adapter.scaling_vector(weight)
+        vector = self._vectors[weight].to(wide)  # PEFT copies the file's l into its parameter
         if is_bias:
             vector = vector.reshape(-1)  # (out,)
         elif weight in self.adapter.transposed:

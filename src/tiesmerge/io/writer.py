@@ -324,37 +324,44 @@ def _in_use(path: Path) -> bool:
         return False
 
 
-def remove_stale(parent: Path) -> list[str]:
-    """Remove temporary siblings left in ``parent`` by runs of this host whose process is dead.
-    A replaced output parked by a run killed between its two renames is put back if its place
-    is still free, else removed. Returns what was cleaned."""
-    cleaned = []
+def _dead_temporaries(parent: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """(kind, entry) of each temporary sibling in ``parent`` that a dead run of this host left and tiesmerge may
+    remove: a staged file not in use, or a folder proven its own (:func:`_ours`) that holds no input of this run, nor
+    the working folder or an import path. What :func:`remove_stale` removes and :func:`_stale_bytes` counts."""
     try:
         entries = list(os.scandir(parent))
     except OSError:
-        return cleaned
+        return
     host = host_tag()
     for entry in entries:
         m = _TMP.match(entry.name)
         if not m or m.group(2) != host or m.group(3) == str(os.getpid()) or not process_is_dead(m.group(3)):
             continue
-        if m.group(1) == "file":
-            if entry.is_file(follow_symlinks=False) and not _in_use(Path(entry.path)):
-                os.unlink(entry.path)
-                cleaned.append(entry.name)
-            continue
-        if not entry.is_dir(follow_symlinks=False):
-            continue
         path = Path(entry.path)
-        if _in_use(path) or _holds_the_run(path) or not _ours(path):  # a dead run's name, but an input of this
-            continue  # run (a salvaged output given as a model), the working folder, or a folder of the user's
-        if m.group(1) == "old":
-            for parked in path.iterdir():
-                if parked.name != OWNED and not os.path.lexists(parent / parked.name):
-                    os.replace(parked, parent / parked.name)  # the previous output, back where it was
-            if any(p.name != OWNED for p in path.iterdir()):  # its place is taken since: the parked output is
-                continue  # kept where it is, never removed (hp62a c21: a previous model deleted without a word)
-        shutil.rmtree(path, ignore_errors=True)
+        if m.group(1) == "file":
+            if entry.is_file(follow_symlinks=False) and not _in_use(path):
+                yield "file", entry
+        elif entry.is_dir(follow_symlinks=False) and not _in_use(path) and not _holds_the_run(path) and _ours(path):
+            yield m.group(1), entry  # (in use: a salvaged output given as a model; not ours: a folder of the user's)
+
+
+def remove_stale(parent: Path) -> list[str]:
+    """Remove temporary siblings left in ``parent`` by runs of this host whose process is dead.
+    A replaced output parked by a run killed between its two renames is put back if its place
+    is still free, else kept where it is. Returns what was cleaned."""
+    cleaned = []
+    for kind, entry in list(_dead_temporaries(parent)):
+        path = Path(entry.path)
+        if kind == "file":
+            os.unlink(path)
+        else:
+            if kind == "old":
+                for parked in path.iterdir():
+                    if parked.name != OWNED and not os.path.lexists(parent / parked.name):
+                        os.replace(parked, parent / parked.name)  # the previous output, back where it was
+                if any(p.name != OWNED for p in path.iterdir()):  # its place is taken since: the parked output is
+                    continue  # kept where it is, never removed (hp62a c21: a previous model deleted without a word)
+            shutil.rmtree(path, ignore_errors=True)
         cleaned.append(entry.name)
     return cleaned
 
@@ -381,27 +388,21 @@ def output_footprint(data_bytes: int, *, copied: Sequence[int] = (), tensors: in
 
 
 def _stale_bytes(parent: Path) -> int:
-    """Bytes that :func:`remove_stale` would free in ``parent``: its dead runs' temporaries proven tiesmerge's."""
-    total = 0
-    host = host_tag()
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
+    """Bytes that :func:`remove_stale` would free in ``parent`` (a parked output is put back, not freed; a file
+    with other links frees nothing: hp62a c31)."""
+    def freed(path: str) -> int:
+        with contextlib.suppress(OSError):
+            st = os.lstat(path)
+            return st.st_blocks * 512 if st.st_nlink == 1 else 0
         return 0
-    for entry in entries:
-        m = _TMP.match(entry.name)
-        if not m or m.group(1) == "old" or m.group(2) != host or not process_is_dead(m.group(3)):
-            continue  # a parked output is put back, not freed
-        path = Path(entry.path)
-        if entry.is_file(follow_symlinks=False):  # a file with other links frees nothing (hp62a c31)
-            st = entry.stat(follow_symlinks=False)
-            total += st.st_blocks * 512 if st.st_nlink == 1 else 0
-        elif entry.is_dir(follow_symlinks=False) and _ours(path) and not _in_use(path) and not _holds_the_run(path):
-            for folder, _, files in os.walk(path):
-                for name in files:
-                    with contextlib.suppress(OSError):
-                        st = os.lstat(os.path.join(folder, name))
-                        total += st.st_blocks * 512 if st.st_nlink == 1 else 0
+
+    total = 0
+    for kind, entry in _dead_temporaries(parent):
+        if kind == "file":
+            total += freed(entry.path)
+        elif kind == "tmp":
+            total += sum(freed(os.path.join(folder, name)) for folder, _, files in os.walk(entry.path)
+                         for name in files)
     return total
 
 
