@@ -1477,3 +1477,36 @@ def _parked_output(tmp_path, base, models):
     tiesmerge.merge(base, models, "ties", output=parked / "out")
     (parked / OWNED).touch()
     return parked, dead
+
+
+def test_pass_62_merge_side_messages(tmp_path):
+    """hp62a c10: an adapter's weights file in a folder that also holds a full model was told to give that folder,
+    which is then refused as ambiguous; c24: an index putting a tensor in the wrong shard was "its shards do not
+    hold" with advice to fetch the shards again (they hold it: the index is wrong)."""
+    import json
+    import shutil
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.checkpoint import open_checkpoint
+
+    base, models = make_family(2)
+    both = write_hf_dir(tmp_path / "both", models[0])
+    lora = write_lora_dir(tmp_path / "l0", random_lora(base, 2, 0), alpha=4)
+    for f in lora.iterdir():
+        shutil.copy(f, both / f.name)
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint(both / "adapter_model.safetensors")
+    assert "also holds a full model" in err.value.hint and "folder of their own" in err.value.hint
+
+    sharded = write_hf_dir(tmp_path / "sharded", models[0], shards=2)
+    index = sharded / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    first = sorted(doc["weight_map"])[0]
+    held = doc["weight_map"][first]
+    other = next(s for s in sorted(set(doc["weight_map"].values())) if s != held)
+    doc["weight_map"][first] = other
+    index.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint(sharded)
+    assert f"the index says {other}, it is stored in {held}" in str(err.value)
+    assert "regenerate" in err.value.hint and "fetch the shards" not in err.value.hint

@@ -97,6 +97,12 @@ def _read_index(index: Path) -> dict[str, Path]:
     return files
 
 
+def _full_model_files(folder: Path) -> list[str]:
+    """The names of a full model's weight files present in ``folder`` (beside an adapter: ambiguous)."""
+    return [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json") if os.path.lexists(folder / n)]
+
+
 def open_checkpoint(
     source: str | os.PathLike | Mapping[str, torch.Tensor], *, allow_pickle: bool = False, label: str | None = None,
     role: str = "the model",
@@ -124,10 +130,13 @@ def open_checkpoint(
     if path.is_file():
         if path.name == "adapter_model.safetensors" and os.path.lexists(path.parent / ADAPTER_CONFIG):
             # a PEFT adapter's weights alone read as a model's: "tensor names differ" (hp54 c12)
+            hint = (f"give its folder as a model: {path.parent} (an adapter is never the base, which is the full "
+                    "model it was trained on)")  # (hp55 c03: a circular hint)
+            if _full_model_files(path.parent):  # that folder would be refused as ambiguous (hp62a c10)
+                hint = (f"{path.parent} also holds a full model: move the adapter's files ({ADAPTER_CONFIG}, "
+                        f"{path.name}) into a folder of their own and give that folder as a model")
             raise CheckpointError(f"{path}: {role} is a PEFT adapter's weights file, which is read with its "
-                                  f"{ADAPTER_CONFIG} (rank, alpha, targets)",
-                                  hint=f"give its folder as a model: {path.parent} (an adapter is never the base, "
-                                       "which is the full model it was trained on)")  # (hp55 c03: a circular hint)
+                                  f"{ADAPTER_CONFIG} (rank, alpha, targets)", hint=hint)
         if path.suffix == ".safetensors":
             return SafetensorsCheckpoint(path, [path], {}, label)
         if path.suffix in PICKLE_SUFFIXES:
@@ -138,8 +147,7 @@ def open_checkpoint(
     if os.path.lexists(path / ADAPTER_CONFIG):  # a PEFT adapter: read as task vectors (a FIFO, a dangling link
         # or a folder there is named by the limited reader, not misread); beside a full model's weights, which of
         # the two is meant cannot be told (hp53 c25: tiesmerge read the adapter, mergekit and transformers the model)
-        full = [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                            "pytorch_model.bin.index.json") if os.path.lexists(path / n)]
+        full = _full_model_files(path)
         if full:
             raise CheckpointError(
                 f"{path}: holds both a full model ({full[0]}) and a PEFT adapter ({ADAPTER_CONFIG}): which of them "

@@ -66,6 +66,16 @@ class SafetensorsCheckpoint:
             self.close()
             raise
         missing = [name for name in weight_map if name not in self._where]
+        misplaced = [name for name in missing if name in self._copies]  # stored, but in another shard (hp62a c24)
+        if misplaced:
+            self.close()
+            first = misplaced[0]
+            raise CheckpointError(
+                f"{path}: the index puts {len(misplaced)} tensor(s) in a shard that does not hold them, first "
+                f"{first!r} (the index says {weight_map[first].name}, it is stored in "
+                f"{self._copies[first][0][0].name})",
+                hint="the index does not match its shards: regenerate model.safetensors.index.json from the shards' "
+                     "headers (or fetch the index again); the shards themselves are not at fault")
         if missing:
             self.close()
             raise CheckpointError(
