@@ -286,7 +286,7 @@ def test_a_tampered_adapt_checkpoint_is_refused_as_damaged(tmp_path, tamper, nee
         tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
 
 
-@pytest.mark.parametrize("extra,needle", [(["--strategy", "random", "--budget", "3", "--seed", "-1"], "--seed -1"),
+@pytest.mark.parametrize("extra,needle", [(["--strategy", "random", "--budget", "3", "--seed", "-1"], "seed -1"),
                                           (["--strategy", "cmaes", "--budget", "3", "--popsize", "1000000000"],
                                            "--popsize 1000000000")])
 def test_search_seeds_and_generation_sizes_out_of_range_are_refused(family, tmp_path, capsys, extra, needle):

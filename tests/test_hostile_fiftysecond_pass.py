@@ -1510,3 +1510,61 @@ def test_pass_62_merge_side_messages(tmp_path):
         open_checkpoint(sharded)
     assert f"the index says {other}, it is stored in {held}" in str(err.value)
     assert "regenerate" in err.value.hint and "fetch the shards" not in err.value.hint
+
+
+def test_pass_62_tune_side_notes(tmp_path, capsys, monkeypatch):
+    """hp62b's notes: c19 a search's --dir given as -o was "tiesmerge did not write it"; s05 a statistics output
+    written inside another was "files that tiesmerge did not write"; a11 an optimizer weight_decay of 1e300 was
+    worded as "not finite numbers with a positive lr"; api a 1-D torch tensor as grid values was refused (numpy's
+    were taken); api-seed run_search(seed=2**80) named "--seed"; g6 a grid too large to sweep did not point at
+    sampling it."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from test_adapt import _data
+    from test_hostile_fifth_pass import adapt_checkpoint_of_two_steps
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import parse_grid, tune
+    from tiesmerge.tuning.strategies import make_strategy
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "ev_dir.py").write_text("def score(state):\n    return 0.5\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc, _, err = run_cli(["search", *cli_flags(b, ms), "--evaluator", "ev_dir:score", "--grid", "lam=1",
+                          "--grid", "density=0.2", "--dir", tmp_path / "s"], capsys)
+    assert rc == 0, err
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", tmp_path / "s"], capsys)
+    assert rc == 1 and "is a search's folder" in err and "did not write" not in err, err
+
+    merged = tmp_path / "out"
+    tiesmerge.merge(base, models, "ties", output=merged)
+    tiesmerge.merge(base, models, "ties", output=merged / "inner")
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", merged, "--force"], capsys)
+    assert rc == 1 and "inner is another tiesmerge output written inside this one" in err, err
+    assert (merged / "inner" / "tiesmerge.json").is_file()
+
+    (tmp_path / "adapt").mkdir()
+    abase, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path / "adapt")
+    groups = json.loads(meta["adam_param_groups"])
+    groups[0]["weight_decay"] = 1e300
+    meta["adam_param_groups"] = json.dumps(groups)
+    save_file(tensors, str(ck), metadata=meta)
+    with pytest.raises(ConfigError, match=r"setting 'weight_decay' \(adam_param_groups\) is 1e\+300"):
+        tiesmerge.adapt(abase, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
+
+    def score(state):
+        return float(sum(v.float().sum() for v in state.values()))
+
+    got = tune(base, models, "ties", score, grid={"density": torch.tensor([0.1, 0.2]), "lam": torch.tensor([1.0])})
+    assert [p.options["density"] for p in got.points] == [0.1, 0.2] and got.points[0].lam == 1.0
+
+    with pytest.raises(ConfigError) as err:
+        make_strategy("random", None, budget=3, seed=2**80)
+    assert "--seed 1208" not in str(err.value) and "seed=N from Python" in err.value.hint
+    with pytest.raises(ConfigError) as err:
+        parse_grid("ties", ["density=0.0001:1:0.0001", "lam=0.8:3.0:0.0001"])
+    assert "--strategy random" in err.value.hint

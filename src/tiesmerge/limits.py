@@ -101,14 +101,26 @@ class _RepeatedKey(ValueError):
 
 
 def plain_numbers(value: Any, depth: int = 2) -> Any:
-    """numpy's scalars (np.float32(1.0), np.int64(2), np.bool_) as the Python numbers they stand for, in ``value`` and
-    the lists, tuples and mappings it holds ``depth`` levels down (a grid's lists, a range's pair): the API's checks
-    and the search log take Python numbers, and refused these as "not a finite number" (hp59b c24, c25)."""
+    """numpy's scalars (np.float32(1.0), np.int64(2), np.bool_) and torch's 0-d tensors as the Python numbers they
+    stand for, in ``value`` and the lists, tuples and mappings it holds ``depth`` levels down (a grid's lists, a
+    range's pair): the API's checks and the search log take Python numbers, and refused these as "not a finite
+    number" (hp59b c24, c25); 1-D arrays and tensors of real numbers as lists of them."""
     numpy = sys.modules.get("numpy")  # a numpy scalar exists only once numpy is imported
     if numpy is not None and isinstance(value, numpy.ndarray) and value.ndim == 1 and depth > 0 \
             and value.dtype.kind in "biuf":  # np.linspace's grid (hp61b c15b): its numbers, as a list
-        return [plain_numbers(v, 0) for v in value.tolist()]
+        return [plain_numbers(v, 0) for v in value]
+    torch = sys.modules.get("torch")  # torch.linspace's grid, and a 0-d tensor's number (hp62b: numpy's were taken)
+    if torch is not None and isinstance(value, torch.Tensor) and value.ndim <= 1 and not value.is_complex() \
+            and value.device.type != "meta" and (value.ndim == 0 or depth > 0):
+        if value.is_floating_point() and value.dtype != torch.float64:  # 0.1 as 0.1, not float32's 0.10000000149
+            half = value.dtype == torch.float16
+            numbers = [_shortest(x, half) for x in value.reshape(-1).float().tolist()]
+        else:
+            numbers = value.reshape(-1).tolist()
+        return numbers if value.ndim else numbers[0]
     if numpy is not None and isinstance(value, numpy.generic):
+        if isinstance(value, numpy.floating) and value.dtype.itemsize < 8 and numpy.isfinite(value):
+            return float(str(value))  # numpy's str is the shortest decimal that reads back as the value
         if isinstance(value, (numpy.bool_, numpy.integer, numpy.floating)):
             return value.item()
         return value
@@ -117,6 +129,14 @@ def plain_numbers(value: Any, depth: int = 2) -> Any:
     if depth > 0 and isinstance(value, (list, tuple)):
         return type(value)(plain_numbers(v, depth - 1) for v in value) if type(value) in (list, tuple) else value
     return value
+
+
+def _shortest(x: float, half: bool = False) -> float:
+    """A float32 (``half``: float16) number as the shortest decimal that reads back as it: torch.tensor(0.1) is 0.1,
+    not 0.10000000149011612, in a grid, a log and a table."""
+    import numpy
+
+    return float(str((numpy.float16 if half else numpy.float32)(x))) if math.isfinite(x) else x
 
 
 def finite_float(x: Any) -> bool:
@@ -192,6 +212,7 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
     """(line number, object) of the non-empty lines of a JSON-lines file (a regular UTF-8 file of at
     most ``max_bytes``; each line parsed with :func:`loads_json` and required to be an object), up to
     ``limit`` rows; an error naming the file when it holds none."""
+    hint = hint or "write one JSON object per line, one example each"  # about the file, not --help's (hp62b v5)
     fd = open_regular(path, what, error)
     try:
         _not_being_written(fd, path, error)  # rows still appended by an export under way: not learned half-made
@@ -223,7 +244,7 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
                 _check_surrogates(row, f"{path}:{number}", error)
             rows.append((number, row))
     if not rows:
-        raise error(f"{path}: {what} holds no examples", hint=hint)
+        raise error(f"{path}: {what} holds no examples (it is empty or holds only blank lines)", hint=hint)
     return rows
 
 

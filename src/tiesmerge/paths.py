@@ -715,6 +715,11 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
         raise OutputError(f"{output}: the output directory exists and is not empty (an earlier tiesmerge output)",
                           hint="choose another path, or pass --force (force=True) to replace it")
     if not force:  # no hint at --force: it would refuse this folder too
+        if _own_file_kind(final / SEARCH_LOG) == "a search's log":  # (hp62b c19: "tiesmerge did not write it")
+            raise OutputError(f"{output}: the output directory exists and is a search's folder (its --dir, holding "
+                              f"{shown}), not an output that --force may replace",
+                              hint="choose another path for the output (e.g. a folder inside the search's, such as "
+                                   f"{os.path.join(str(output), 'best')})")
         raise OutputError(f"{output}: the output directory exists and is not empty, and tiesmerge did not write it "
                           f"(it holds {shown})", hint="choose another path: --force replaces only a directory that "
                                                       "tiesmerge wrote")
@@ -777,8 +782,14 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                           hint="remove that directory yourself if nothing in it is yours, or choose another path")
     if added:
         more = ", ..." if len(added) > 5 else ""
-        raise OutputError(f"{output}: --force would delete {len(added)} file(s) that tiesmerge did not write there "
-                          f"(added since: {', '.join(added[:5])}{more})",
+        # a folder another tiesmerge run wrote inside this output is not this output's either (hp62b s05: it was
+        # "files that tiesmerge did not write")
+        nested_outputs = sorted({a.split(os.sep, 1)[0] for a in added if os.sep in a.rstrip(os.sep)
+                                 and any(_is_marker(final / a.split(os.sep, 1)[0] / m) for m in OUTPUT_MARKERS)})
+        raise OutputError(f"{output}: --force would delete {len(added)} file(s) that this output's manifest does not "
+                          f"list (added since: {', '.join(added[:5])}{more})"
+                          + (f"; {', '.join(nested_outputs[:3])} is another tiesmerge output written inside this one"
+                             if nested_outputs else ""),
                           hint="move them out of that directory first, or choose another path")
 
 

@@ -442,11 +442,19 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
     if "exp_avg" in moments and "exp_avg_sq" in moments:
         _check_moments_agree(moments["exp_avg"], moments["exp_avg_sq"], betas, damaged)
     for group in state["optimizer"]["param_groups"] if isinstance(state["optimizer"]["param_groups"], list) else [None]:
-        numbers = [v for k, v in group.items() if k != "params" for v in (v if isinstance(v, (list, tuple)) else [v])
-                   if isinstance(v, (int, float)) and not isinstance(v, bool)] if isinstance(group, dict) else None
-        if numbers is None or not all(_finite(x) and abs(x) <= FLOAT32_MAX for x in numbers) \
-                or not (isinstance(group.get("lr"), (int, float)) and group["lr"] > 0):
-            raise damaged("the optimizer's settings (adam_param_groups) are not finite numbers with a positive lr")
+        if not isinstance(group, dict):
+            raise damaged("the optimizer's settings (adam_param_groups) are not a list of settings")
+        # the first setting out of range is named (hp62b a11: a weight_decay of 1e300 was worded as the lr)
+        for key, value in group.items():
+            numbers = [v for v in (value if isinstance(value, (list, tuple)) else [value])
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if key != "params" and not all(_finite(x) and abs(x) <= FLOAT32_MAX for x in numbers):
+                raise damaged(f"the optimizer's setting {_bounded(key)} (adam_param_groups) is {_bounded(value)}, "
+                              "beyond float32's range")
+        if not (isinstance(group.get("lr"), (int, float)) and not isinstance(group.get("lr"), bool)
+                and group["lr"] > 0):
+            raise damaged(f"the optimizer's lr (adam_param_groups) is {_bounded(group.get('lr'))}, not a positive "
+                          "number")
     step = state["step"]
     entropy = state["entropy"]
     if step < 0:  # past the run's steps is fine: nothing is left to learn

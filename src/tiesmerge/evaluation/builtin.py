@@ -78,6 +78,10 @@ def _lines(path: Path, what: str) -> list[tuple[int, dict]]:
 def _int_label(row: dict, where: str, classes: int | None = None, of: str = "") -> int:
     """The line's label, an index below ``classes`` (``of``: what they are, for the hint). A data error's hint is
     about the data file, not the command's options (hp40 B3)."""
+    if "label" not in row:  # said as absent, not as "got None" (hp62b v3)
+        keys = ", ".join(repr(k)[:40] for k in list(row)[:6])
+        raise ConfigError(f"{where}: the line has no 'label' (its keys: {keys or 'none'})",
+                          hint=f"give every line a 'label': the index of the right answer{f' ({of})' if of else ''}")
     label = row.get("label")
     if not isinstance(label, int) or isinstance(label, bool) or label < 0 or (classes is not None and label >= classes):
         # "an integer": 1.0 and true were told they must be 0..1 (hp41 C23), a range they are in

@@ -115,7 +115,9 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
         problems.append(f"--grid: the grid has {total:,} points (the product of its axes' lengths), more than "
                         f"the {MAX_AXIS_POINTS:,} a sweep may hold")
     if problems:
-        raise ConfigError(problems, hint="narrow the axes or use larger steps" if total > MAX_AXIS_POINTS else
+        too_many = ("narrow the axes or use larger steps, or sample the space: `tiesmerge search --strategy random` "
+                    "(or cmaes) with --range and a --budget")  # (hp62b g6)
+        raise ConfigError(problems, hint=too_many if total > MAX_AXIS_POINTS else
                           f"each --grid is NAME=v1,v2,... or NAME=start:stop:step over a numeric option of "
                           f"{cls.name}; `tiesmerge methods {cls.name}` lists its options, their ranges and grid")
     return grid

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import ConfigError
-from ..methods.base import MAX_AXIS_POINTS
+from ..methods.base import MAX_AXIS_POINTS, _shown
 from .space import SearchSpace
 
 __all__ = ["Strategy", "GridStrategy", "RandomStrategy", "CmaesStrategy", "STRATEGIES", "make_strategy"]
@@ -157,7 +157,8 @@ def make_strategy(name: str, space: SearchSpace, *, budget: int | None, seed: in
                           f"{MAX_AXIS_POINTS:,}: each is a whole merge and an evaluation)",
                           hint="a few hundred candidates are plenty for the few options a method has")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32 - 1:
-        raise ConfigError(f"--seed {seed!r}: a seed is a whole number from 0 to {2**32 - 2:,}")
+        raise ConfigError(f"seed {_shown(seed)}: a seed is a whole number from 0 to {2**32 - 2:,}",  # an API call's
+                          hint="pass --seed N on the command line (seed=N from Python) in that range")  # too (hp62b)
     if popsize is not None and not (isinstance(popsize, int) and 2 <= popsize <= budget):
         raise ConfigError(f"--popsize {popsize!r}: a CMA-ES generation holds 2 to --budget ({budget:,}) candidates "
                           "(each is a merge and an evaluation; cma's default is 4 + 3 ln d)")
