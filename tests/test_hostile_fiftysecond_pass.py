@@ -1568,3 +1568,32 @@ def test_pass_62_tune_side_notes(tmp_path, capsys, monkeypatch):
     with pytest.raises(ConfigError) as err:
         parse_grid("ties", ["density=0.0001:1:0.0001", "lam=0.8:3.0:0.0001"])
     assert "--strategy random" in err.value.hint
+
+
+def test_pass_62_merge_side_notes(tmp_path, monkeypatch):
+    """hp62a c14: a --force over an output on a nearly full file system was told to "free some space", not that the
+    output it replaces stays until the new one is complete; c26: a statistics folder as the base was "the model",
+    with a hint naming --stats (which analyze lacks)."""
+    import collections
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError, OutputError
+    from tiesmerge.io import writer
+
+    base, models = make_family(2)
+    tiesmerge.merge(base, models, "ties", output=tmp_path / "out")
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(writer.shutil, "disk_usage", lambda _: usage(1 << 20, 1 << 20, 8192))
+    with pytest.raises(OutputError) as err:
+        writer.check_free_space(tmp_path / "out", 40000, tmp_path)
+    assert "the output it replaces" in err.value.hint and "kept until the new one is complete" in err.value.hint
+    with pytest.raises(OutputError) as err:
+        writer.check_free_space(tmp_path / "new", 40000, tmp_path)
+    assert err.value.hint == "free some space or write elsewhere"
+    monkeypatch.undo()
+
+    stats = write_hf_dir(tmp_path / "stats", models[0])
+    (stats / "tiesmerge_stats.json").write_text('{"kind": "fisher"}')
+    with pytest.raises(CheckpointError, match="the base is a statistics folder") as err:
+        tiesmerge.merge(stats, models, "ties")
+    assert "--method fisher or regmean with --stats" in err.value.hint

@@ -131,7 +131,10 @@ def test_a_parked_previous_output_of_a_killed_run_is_put_back(tmp_path):
     tmp.mkdir()
     other_host = tmp_path / f".tiesmerge-tmp-00000000-{dead.pid}-q3"  # another machine's run: not ours to judge
     other_host.mkdir()
-    cleaned = remove_stale(tmp_path)
+    from tiesmerge.errors import MergeWarning
+
+    with pytest.warns(MergeWarning, match=r"merged: put back: a run killed while replacing it"):  # said (hp62a c20)
+        cleaned = remove_stale(tmp_path)
     assert sorted(cleaned) == sorted([parked.name, tmp.name])
     assert (tmp_path / "merged" / "tiesmerge.json").is_file() and other_host.exists()
     assert not (tmp_path / ".tiesmerge-temporary").exists()  # the parking folder's own mark is not put back

@@ -219,8 +219,9 @@ def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str, role: s
         if os.path.lexists(folder / "tiesmerge_stats.json"):
             raise CheckpointError(f"{source}: {role} is a statistics folder (tiesmerge_stats.json: what tiesmerge "
                                   "stats wrote), not a model: its tensors are Fisher or Gram values",
-                                  hint="give the model folder the statistics were computed from; statistics go to "
-                                       "--stats (stats: in a recipe)")
+                                  hint="give the model folder the statistics were computed from; statistics are "
+                                       "read by the methods that use them (merge --method fisher or regmean with "
+                                       "--stats, or stats: in a recipe)")  # analyze has no --stats (hp62a c26)
     ckpt = open_checkpoint(source, allow_pickle=allow_pickle, label=label, role=role)
     stack.callback(ckpt.close)
     return ckpt
@@ -229,7 +230,7 @@ def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str, role: s
 def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle: bool
                 ) -> tuple[Checkpoint, list[Checkpoint]]:
     """The base and the models, opened (and closed by ``stack``)."""
-    base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"))
+    base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"), role="the base")
     if yields_task_vector(base_ckpt):  # an adapter holds changes to a model, not the model itself
         kind = getattr(base_ckpt, "adapter_kind", None) or "adapter"
         raise ConfigError(f"{base_ckpt.label}: the base is a PEFT {kind} adapter, not a model",

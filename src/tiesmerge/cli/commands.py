@@ -803,7 +803,7 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
                 problems.append(said)
 
     try:
-        open_checkpoint(str(base), allow_pickle=allow).close()
+        open_checkpoint(str(base), allow_pickle=allow, role="the base").close()  # worded as the merge words it
         base_opens = True
     except TiesMergeError as exc:  # every model's check would stop there too
         add(exc, None)

@@ -359,6 +359,8 @@ def remove_stale(parent: Path) -> list[str]:
                 for parked in path.iterdir():
                     if parked.name != OWNED and not os.path.lexists(parent / parked.name):
                         os.replace(parked, parent / parked.name)  # the previous output, back where it was
+                        warnings.warn(f"{parent / parked.name}: put back: a run killed while replacing it (--force) "
+                                      f"had set it aside as {path.name}", MergeWarning, stacklevel=2)  # (hp62a c20)
                 if any(p.name != OWNED for p in path.iterdir()):  # its place is taken since: the parked output is
                     continue  # kept where it is, never removed (hp62a c21: a previous model deleted without a word)
             shutil.rmtree(path, ignore_errors=True)
@@ -413,9 +415,27 @@ def check_free_space(final: str | os.PathLike, needed_bytes: int, where: str | o
     if needed_bytes > free:  # a dead run's temporaries beside the output go before the write (a dry run counts them:
         free += _stale_bytes(Path(final).parent)  # hp61a c38, refused by the dry run, written by the real one)
     if needed_bytes > free:
+        hint = "free some space or write elsewhere"
+        replaced = 0
+        with contextlib.suppress(OSError):  # a --force over an earlier output on the same file system (hp62a c14)
+            if os.path.isdir(final) and not os.path.islink(final) and os.stat(final).st_dev == os.stat(where).st_dev:
+                replaced = _tree_bytes(final)
+        if replaced:
+            hint = (f"the output it replaces ({format_size(replaced)}) is kept until the new one is complete, so "
+                    "both must fit at once: free some space, remove the old output yourself first, or write elsewhere")
         raise OutputError(f"{final}: the output needs {format_size(needed_bytes)} (its weights, model card, "
                           f"manifest and copied files, in whole blocks) but only {format_size(free)} is free there",
-                          hint="free some space or write elsewhere")
+                          hint=hint)
+
+
+def _tree_bytes(folder: str | os.PathLike) -> int:
+    """Bytes the files under ``folder`` take on disk (links not followed)."""
+    total = 0
+    for path, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(path, name)).st_blocks * 512
+    return total
 
 
 @contextmanager
