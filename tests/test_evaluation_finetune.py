@@ -124,3 +124,47 @@ def test_without_patience_every_epoch_runs_and_a_last_best_is_kept(bert_tokenize
     assert plain.best_epoch is None and [r.validation for r in plain.curve] == [None, None]
     with pytest.raises(ValueError, match="patience"):
         finetune(enc, heads, FT_DATA, dataclasses.replace(FT_CONFIG, patience=-1))
+
+
+class _Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", [3, 4, 5, 9])  # in epoch 1, its last step, epoch 2 (from its start), 3
+def test_a_training_killed_part_way_resumes_to_the_same_weights(bert_tokenizer, tmp_path, kill_at):
+    """With a checkpoint file, a run killed part-way goes on from its last save and ends with the weights, curve and
+    best epoch of an unbroken run (the benchmark's hour-long multitask model lost its progress with each session)."""
+    config = dataclasses.replace(FT_CONFIG, patience=2)
+    enc, heads = _ft_setup(bert_tokenizer)
+
+    def validate(encoder):  # higher is better; the heads are frozen, the same in every set-up
+        return -_dataset_loss(encoder, heads)
+
+    whole = finetune(enc, heads, FT_DATA, config, validate=validate)
+    want = {k: v.clone() for k, v in enc.state_dict().items()}
+
+    ck = tmp_path / "train.pt"
+
+    def kill(step, total, loss):
+        if step == kill_at:
+            raise _Killed
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.raises(_Killed):
+        finetune(enc, heads, FT_DATA, config, validate=validate, on_step=kill, checkpoint=ck, checkpoint_seconds=0)
+    assert ck.is_file()
+    enc, heads = _ft_setup(bert_tokenizer)  # a new process: fresh weights, the checkpoint's state
+    steps = []
+    again = finetune(enc, heads, FT_DATA, config, validate=validate, checkpoint=ck, checkpoint_seconds=0,
+                     on_step=lambda s, total, loss: steps.append(s))
+    assert steps[0] == kill_at and again.steps == whole.steps  # the killed step is trained again, none before it
+    assert [(r.epoch, r.train_loss, r.validation) for r in again.curve] == \
+        [(r.epoch, r.train_loss, r.validation) for r in whole.curve]
+    assert again.best_epoch == whole.best_epoch
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    enc, heads = _ft_setup(bert_tokenizer)
+    other = dataclasses.replace(config, seed=config.seed + 1)
+    with pytest.raises(ValueError, match="a training checkpoint of another run"):
+        finetune(enc, heads, FT_DATA, other, validate=validate, checkpoint=ck)
+

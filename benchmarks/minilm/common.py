@@ -118,14 +118,20 @@ def finetuned_dir(name: str, tasks: list[TaskData], heads: dict[str, CosineHead]
             f"{record.validation if record.validation is None else round(record.validation, 4)} "
             f"({record.seconds:.0f} s)")
 
+    # the training state is saved every 5 minutes beside the model's folder: a run killed part-way (the multitask
+    # model takes an hour on a loaded CPU) goes on from there, to the weights an unbroken run ends with
+    partial = out.parent / f"{out.name}.training.pt"
+    if partial.exists():
+        log(f"    [{name}] resuming from {partial.name}")
     result = finetune(encoder, heads, examples, config, on_step=report,
-                      validate=validate if early_stopping else None, on_epoch=epoch_done)
+                      validate=validate if early_stopping else None, on_epoch=epoch_done, checkpoint=partial)
     _save(encoder, out)
     (out / "train_log.json").write_text(json.dumps({**asdict(result), "config": asdict(config),
                                                     "max_length": MAX_LENGTH, "train_limit": train_limit,
                                                     "early_stopping": early_stopping, "val_limit": val_limit,
                                                     "tasks": [t.name for t in tasks], "device": device,
                                                     "torch_threads": torch.get_num_threads()}, indent=2))
+    partial.unlink(missing_ok=True)
     return out
 
 

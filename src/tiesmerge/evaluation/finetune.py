@@ -12,6 +12,8 @@ row fail to beat the best), and the log carries the per-epoch curve (mean train 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -70,11 +72,18 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
              examples: Mapping[str, Sequence[tuple[str, int]]], config: TrainConfig = TrainConfig(), *,
              on_step: Callable[[int, int, float], None] | None = None,
              validate: Callable[[SentenceEncoder], float] | None = None,
-             on_epoch: Callable[[EpochRecord], None] | None = None) -> TrainLog:
+             on_epoch: Callable[[EpochRecord], None] | None = None,
+             checkpoint: str | os.PathLike | None = None, checkpoint_seconds: float = 300.0) -> TrainLog:
     """Train ``encoder`` in place with AdamW on cross-entropy through the frozen heads.
 
     ``validate(encoder)`` (higher is better, e.g. validation accuracy) runs after every epoch in
     eval mode; the encoder ends with its best epoch's weights. Without it, it ends with the last.
+
+    ``checkpoint``: a file the training state is saved to every ``checkpoint_seconds`` (weights, AdamW's
+    and the schedule's state, torch's random state, the epoch curve and the best epoch's weights), and
+    resumed from when it exists: a run killed part-way (an hour-long multitask model on a CPU) goes on
+    from its last save and ends with the weights an unbroken run ends with. The caller removes it
+    once the model is saved. Read with ``weights_only`` (no code runs).
     """
     if config.epochs < 1:
         raise ValueError(f"TrainConfig.epochs must be >= 1, got {config.epochs}")
@@ -100,9 +109,46 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     step, loss_value, seen = 0, float("nan"), 0
     curve: list[EpochRecord] = []
     best_epoch, best_score, best_state, stale = None, None, None, 0
+    resumed: dict | None = None
+    if checkpoint is not None and os.path.exists(checkpoint):
+        resumed = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if resumed["total"] != total or resumed["seed"] != config.seed:
+            raise ValueError(f"{checkpoint}: a training checkpoint of another run ({resumed['total']} steps, seed "
+                             f"{resumed['seed']}; this run: {total}, seed {config.seed}): remove it")
+        encoder.load_state_dict(resumed["encoder"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        schedule.load_state_dict(resumed["schedule"])
+        torch.set_rng_state(resumed["rng"])
+        step, loss_value, seen = resumed["step"], resumed["loss_value"], resumed["seen"]
+        curve = [EpochRecord(*r) for r in resumed["curve"]]
+        best_epoch, best_score, stale = resumed["best_epoch"], resumed["best_score"], resumed["stale"]
+        best_state = resumed["best_state"]
+        started -= resumed["seconds"]
+    saved_at = time.perf_counter()
+
+    def save(index: int, done: int, losses: list[float], epoch_seconds: float) -> None:
+        state = {"total": total, "seed": config.seed, "encoder": encoder.state_dict(),
+                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+                 "step": step, "loss_value": loss_value, "seen": seen, "epoch": index, "done": done,
+                 "losses": losses, "epoch_seconds": epoch_seconds,
+                 "curve": [dataclasses.astuple(r) for r in curve], "best_epoch": best_epoch,
+                 "best_score": best_score, "stale": stale, "best_state": best_state,
+                 "seconds": time.perf_counter() - started}
+        partial = f"{checkpoint}.{os.getpid()}.partial"  # workers training the same model write their own
+        torch.save(state, partial)
+        os.replace(partial, checkpoint)  # a kill while saving leaves the last whole checkpoint
+
     for index, batches in enumerate(epochs, start=1):
+        if index <= len(curve):  # an epoch the resumed run finished
+            continue
         epoch_started, losses = time.perf_counter(), []
-        for task, batch in batches:
+        skip = 0
+        if resumed is not None and resumed["epoch"] == index:  # part-way through this epoch
+            skip, losses = resumed["done"], list(resumed["losses"])
+            epoch_started -= resumed["epoch_seconds"]
+        for done, (task, batch) in enumerate(batches):
+            if done < skip:
+                continue
             texts = [t for t, _ in batch]
             labels = torch.tensor([y for _, y in batch], device=device)
             logits = heads[task].logits(encoder(encoder.tokenize(texts)))  # (B, C)
@@ -118,6 +164,10 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
             losses.append(loss_value)
             if on_step is not None:
                 on_step(step, total, loss_value)
+            due = checkpoint is not None and time.perf_counter() - saved_at >= checkpoint_seconds
+            if due and done + 1 < len(batches):  # (the epoch's last batch: saved after its validation, below)
+                save(index, done + 1, losses, time.perf_counter() - epoch_started)
+                saved_at = time.perf_counter()
         score = None
         if validate is not None:
             encoder.eval()
@@ -137,6 +187,9 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
             stale += 1
             if config.patience and stale >= config.patience:
                 break
+        if checkpoint is not None and index < len(epochs):  # the epoch's end, its validation done: a safe point
+            save(index + 1, 0, [], 0.0)
+            saved_at = time.perf_counter()
     if best_state is not None and best_epoch != len(curve):
         encoder.load_state_dict(best_state)
     encoder.eval()
