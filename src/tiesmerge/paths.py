@@ -714,12 +714,13 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                               hint="choose another path: --force replaces only an earlier output of the same command")
         raise OutputError(f"{output}: the output directory exists and is not empty (an earlier tiesmerge output)",
                           hint="choose another path, or pass --force (force=True) to replace it")
+    if not ours and _own_file_kind(final / SEARCH_LOG) == "a search's log":  # (hp62b c19: "tiesmerge did not
+        # write it", of a folder tiesmerge search wrote)
+        raise OutputError(f"{output}: the output directory exists and is a search's folder (its --dir, holding "
+                          f"{shown}), not an output that --force may replace",
+                          hint="choose another path for the output (e.g. a folder inside the search's, such as "
+                               f"{os.path.join(str(output), 'best')})")
     if not force:  # no hint at --force: it would refuse this folder too
-        if _own_file_kind(final / SEARCH_LOG) == "a search's log":  # (hp62b c19: "tiesmerge did not write it")
-            raise OutputError(f"{output}: the output directory exists and is a search's folder (its --dir, holding "
-                              f"{shown}), not an output that --force may replace",
-                              hint="choose another path for the output (e.g. a folder inside the search's, such as "
-                                   f"{os.path.join(str(output), 'best')})")
         raise OutputError(f"{output}: the output directory exists and is not empty, and tiesmerge did not write it "
                           f"(it holds {shown})", hint="choose another path: --force replaces only a directory that "
                                                       "tiesmerge wrote")
@@ -788,8 +789,9 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
                                  and any(_is_marker(final / a.split(os.sep, 1)[0] / m) for m in OUTPUT_MARKERS)})
         raise OutputError(f"{output}: --force would delete {len(added)} file(s) that this output's manifest does not "
                           f"list (added since: {', '.join(added[:5])}{more})"
-                          + (f"; {', '.join(nested_outputs[:3])} is another tiesmerge output written inside this one"
-                             if nested_outputs else ""),
+                          + (f"; {', '.join(nested_outputs[:3])} "
+                             + ("is another tiesmerge output" if len(nested_outputs) == 1 else
+                                "are other tiesmerge outputs") + " written inside this one" if nested_outputs else ""),
                           hint="move them out of that directory first, or choose another path")
 
 
