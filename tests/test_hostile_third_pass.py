@@ -583,14 +583,22 @@ def test_a_killed_runs_scratch_folder_is_removed_by_the_next_run(tmp_path):
     from tiesmerge.scratch import host_tag
 
     stale = tmp_path / f"tiesmerge-torch-{host_tag()}-{dead.stdout.strip()}-abc123"
-    stale.mkdir()
-    (stale / "x").write_text("left by a killed run")
+    (stale / "sub").mkdir(parents=True)  # torch's folder, as torch leaves it: no file in it
+    marked = tmp_path / f"tiesmerge-numba-{host_tag()}-{dead.stdout.strip()}-abc124"
+    marked.mkdir()
+    (marked / ".tiesmerge-temporary").touch()  # as tiesmerge makes its own (scratch.MARK)
+    (marked / "x").write_text("left by a killed run")
+    # a user's folder of such a name, holding data and no mark, is never removed (a known-left item of hp62)
+    users = tmp_path / f"tiesmerge-torch-{host_tag()}-{dead.stdout.strip()}-mine"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
     # sixth pass (pf1): a folder of another host sharing TMPDIR (its pid means nothing here) is never removed
     elsewhere = tmp_path / f"tiesmerge-torch-{'0' * 8 if host_tag() != '0' * 8 else '1' * 8}-{dead.stdout.strip()}-abc"
     elsewhere.mkdir()
     done = subprocess.run([sys.executable, "-m", "tiesmerge", "methods"], env=env, capture_output=True, text=True,
                           timeout=120)
-    assert done.returncode == 0 and not stale.exists() and list(tmp_path.iterdir()) == [elsewhere]
+    assert done.returncode == 0 and not stale.exists() and not marked.exists(), done.stderr
+    assert sorted(tmp_path.iterdir()) == sorted([elsewhere, users]) and (users / "notes.txt").read_text() == "mine"
 
 
 def test_a_tokenizer_config_naming_a_missing_file_is_a_typed_error(classifiers, tmp_path, capsys):

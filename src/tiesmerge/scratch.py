@@ -19,6 +19,10 @@ _FOLDERS: list[str] = []
 # tiesray-: Ray's folder, short since Ray's socket paths under it must fit 107 bytes (tiesmerge-ray-: before pass 34)
 _OURS = re.compile(r"^(tiesmerge-(?:torch|matplotlib|ray|numba)|tiesray)-([0-9a-f]{8})-([0-9]{1,7})-[A-Za-z0-9_]+$")
 MAX_PID = 2**22  # Linux's largest pid_max: a name holding a larger number was never made by a tiesmerge process
+# the file each private folder tiesmerge makes holds from its creation on (as io.writer marks its temporaries): a dead
+# run's folder is removed only with it, or when it holds no file at all (torch's, which torch makes itself), never a
+# user's folder that merely has such a name, with data in it
+MARK = ".tiesmerge-temporary"
 
 
 def private_folder_for(env_var: str, prefix: str, *, create: bool = True) -> None:
@@ -38,6 +42,8 @@ def private_folder(prefix: str) -> str:
     _remove_stale(tempfile.gettempdir())
     folder = tempfile.mkdtemp(prefix=f"{prefix}{host_tag()}-{os.getpid()}-")
     _FOLDERS.append(folder)
+    with open(os.path.join(folder, MARK), "x"):  # what lets a later run tell it from a user's folder of that name
+        pass
     return folder
 
 
@@ -106,8 +112,19 @@ def _remove_stale(parent: str) -> None:
         m = _OURS.match(entry.name)
         if m is None or m.group(2) != host or m.group(3) == str(os.getpid()) or not entry.is_dir(follow_symlinks=False):
             continue
-        if process_is_dead(m.group(3)):  # its folder is left from a run killed before it could remove it
-            shutil.rmtree(entry.path, ignore_errors=True)
+        if process_is_dead(m.group(3)) and _ours_to_remove(entry.path):  # left by a run killed before it could
+            shutil.rmtree(entry.path, ignore_errors=True)  # remove it
+
+
+def _ours_to_remove(folder: str) -> bool:
+    """Whether a dead run's private folder may go: it holds tiesmerge's mark (a regular file, not a link), or no file
+    at all (removing it loses nothing)."""
+    try:
+        if os.path.isfile(os.path.join(folder, MARK)) and not os.path.islink(os.path.join(folder, MARK)):
+            return True
+        return not any(files for _, _, files in os.walk(folder))
+    except OSError:
+        return False
 
 
 @atexit.register
