@@ -1597,3 +1597,25 @@ def test_pass_62_merge_side_notes(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="the base is a statistics folder") as err:
         tiesmerge.merge(stats, models, "ties")
     assert "--method fisher or regmean with --stats" in err.value.hint
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_an_output_in_the_kernels_file_systems_is_refused_before_the_work(tmp_path, capsys):
+    """The known-left item of passes 60-62: `-o /proc/x` as root passed os.access's check (root may write anything)
+    and was refused only when the output was made, after the whole merge; /sys/fs/cgroup's folders are control
+    groups. Refused up front, naming the file system."""
+    from tiesmerge.paths import kernel_file_system
+
+    assert kernel_file_system("/proc/self") == "proc" and kernel_file_system(tmp_path) is None
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    for dry in (["--dry-run"], []):
+        rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", "/proc/tiesmerge-test-out", *dry], capsys)
+        said = "the kernel's proc file system" if os.geteuid() == 0 else "is not writable"
+        assert rc == 1 and said in err and "Traceback" not in err, err
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    with pytest.raises(OutputError, match="kernel's proc file system" if os.geteuid() == 0 else "not writable"):
+        check_output_file("/proc/tiesmerge-test.json", False, [], "the scores file")  # tune --json, a checkpoint

@@ -1060,6 +1060,11 @@ def check_creatable(path: str | os.PathLike, what: str, hint: str, target: Path 
         raise OutputError(f"{path}: cannot create {what}: {folder} is not a folder", hint=hint)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OutputError(f"{path}: cannot create {what}: {folder} is not writable", hint=hint)
+    kind = kernel_file_system(folder)
+    if kind is not None:  # os.access says root may write there; the kernel refuses files only at the write, after the
+        # work (or, in cgroup2, makes a control group of a folder): refused now
+        raise OutputError(f"{path}: cannot create {what}: {folder} lies in the kernel's {kind} file system, which "
+                          "holds no files of yours", hint=hint)
     try:
         longest = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -1069,6 +1074,35 @@ def check_creatable(path: str | os.PathLike, what: str, hint: str, target: Path 
         raise OutputError(f"{path}: cannot create {what}: the name {long_name[:40]!r}... is "
                           f"{len(os.fsencode(long_name))} bytes, past the file system's {longest}",
                           hint=f"use a shorter name; {hint}")
+
+
+# file systems through which the kernel shows and takes its own state: no user file can be made in them (as root, a
+# folder made in cgroup2 is a new control group)
+_KERNEL_FILE_SYSTEMS = frozenset({"proc", "sysfs", "cgroup", "cgroup2", "debugfs", "tracefs", "securityfs", "pstore",
+                                  "bpf", "fusectl", "efivarfs", "binfmt_misc", "devpts", "selinuxfs", "configfs",
+                                  "mqueue"})
+
+
+def kernel_file_system(folder: str | os.PathLike) -> str | None:
+    """The type of the kernel's own file system (/proc, /sys, ...) that ``folder`` lies in, from
+    /proc/self/mountinfo (the innermost mount holding it); None for any other, or where it cannot be told."""
+    real = os.path.realpath(folder)
+    best, kind = "", None
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            lines = f.read(1 << 22).splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields, _, tail = line.partition(" - ")
+        parts = fields.split(" ")
+        if len(parts) < 5 or not tail:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])  # "\040" is a space
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, tail.split(" ", 1)[0]
+    return kind if kind in _KERNEL_FILE_SYSTEMS else None
 
 
 def identity(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -1284,6 +1318,10 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     if not os.access(parent, os.W_OK | os.X_OK):  # EROFS too: said now, not after the work
         raise OutputError(f"{path}: {what}'s folder {parent} is not writable",
                           hint="choose a location you can write to")
+    kind = kernel_file_system(parent)
+    if kind is not None:  # root may "write" /proc, as os.access tells it: refused at the write, after the work
+        raise OutputError(f"{path}: {what}'s folder {parent} lies in the kernel's {kind} file system, which holds no "
+                          "files of yours", hint="choose a location you can write to")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
