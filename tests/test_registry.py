@@ -227,6 +227,9 @@ def test_unknown_method_names_suggest_and_list() -> None:
         method_class(3)  # type: ignore[arg-type]
     assert info.value.message == "unknown method 3"
     assert did_you_mean("xyz", ["ties", "average"]) == ""
+    # another case or a dash for the underscore (hp61: `--method TIES` had no suggestion)
+    assert did_you_mean("TIES", ["ties", "average"]) == " (did you mean 'ties'?)"
+    assert did_you_mean("Task-Arithmetic", ["ties", "task_arithmetic"]) == " (did you mean 'task_arithmetic'?)"
 
 
 def test_the_methods_command_lists_the_rest_and_warns_of_a_broken_plugin(install, capsys) -> None:

@@ -142,7 +142,9 @@ _BUILTIN_NAMES = frozenset(cls.name for cls in BUILTIN)
 def did_you_mean(word: object, choices: list[str] | tuple[str, ...]) -> str:
     if not isinstance(word, str):  # a YAML key may be a date, a number, null: nothing to suggest from
         return ""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    folded = {c.lower().replace("-", "_"): c for c in choices}  # TIES, Task-Arithmetic: another case or dash
+    same = folded.get(word.lower().replace("-", "_"))
+    close = [same] if same is not None else difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
