@@ -1619,3 +1619,21 @@ def test_an_output_in_the_kernels_file_systems_is_refused_before_the_work(tmp_pa
 
     with pytest.raises(OutputError, match="kernel's proc file system" if os.geteuid() == 0 else "not writable"):
         check_output_file("/proc/tiesmerge-test.json", False, [], "the scores file")  # tune --json, a checkpoint
+
+
+def test_an_adapt_checkpoints_field_nested_too_deep_is_said_in_words(tmp_path):
+    """A known-left item of passes 61-62: an adapt checkpoint whose entropy history was JSON nested 100,000 deep was
+    "its fields are missing or damaged: RecursionError: maximum recursion depth exceeded ..."."""
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from test_adapt import _data
+    from test_hostile_fifth_pass import adapt_checkpoint_of_two_steps
+    from tiesmerge.errors import ConfigError
+
+    base, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path)
+    meta["entropy"] = "[" * 100000 + "]" * 100000
+    save_file(tensors, str(ck), metadata=meta)
+    with pytest.raises(ConfigError, match="one holds JSON nested too deep to read") as err:
+        tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
+    assert "RecursionError" not in str(err.value)

@@ -411,7 +411,9 @@ def load_checkpoint(path: Path) -> dict:
         groups = json.loads(meta["adam_param_groups"])
         # on the CPU: lam.copy_ and Adam's load_state_dict move each to where it belongs (step stays)
         moments = {k: tensors[f"adam.{k}"] for k in _ADAM_TENSORS if f"adam.{k}" in tensors}
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, RecursionError) as exc:
+    except RecursionError:  # said in words, not as Python's exception (hp61b: "RecursionError: maximum ...")
+        raise foreign("its fields are damaged: one holds JSON nested too deep to read") from None
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise foreign(f"its fields are missing or damaged: {type(exc).__name__}: {str(exc)[:160]}") from None
     except Exception as exc:  # safetensors' own error type for a malformed header or body
         raise foreign(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}") \
