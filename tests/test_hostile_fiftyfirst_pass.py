@@ -993,6 +993,10 @@ def test_damaged_records_of_tiesmerges_own_files_are_said_damaged(tmp_path):
     with pytest.raises(OutputError, match="record of its report files is damaged, so whether results.md and "
                                           "report.html changed .* cannot be told"):
         check_report_unchanged(tmp_path)
+    (tmp_path / SEARCH_STAMPS).unlink()  # deleted: said as missing, not as the user's edits (hp61b)
+    with pytest.raises(OutputError, match="record of its report files is missing, so whether") as err:
+        check_report_unchanged(tmp_path)
+    assert SEARCH_STAMPS not in err.value.hint
     scores = tmp_path / "t.json"
     scores.write_text('{"method": "ties", "points": [], "x": ' + "[" * 100000 + "]" * 100000 + "}")
     with pytest.raises(OutputError, match="tune's --json scores, which no longer reads as one"):

@@ -1518,9 +1518,10 @@ def _check_report_unchanged(directory: Path) -> None:
     from .limits import read_json
 
     stamps_file = directory / SEARCH_STAMPS
-    damaged = False
+    damaged = missing = False
     if not os.path.lexists(stamps_file):
         stamped: dict = {}
+        missing = True  # a record deleted since: said as such, not as the user's edits (hp61b)
     else:
         try:
             stamped = read_json(stamps_file, "the search's report stamps", error=OutputError)
@@ -1539,12 +1540,13 @@ def _check_report_unchanged(directory: Path) -> None:
             continue
         if not stamp_holds(stamped.get(name), path):
             changed.append(name)
-    if changed and damaged:  # nothing to tell an edit by (hp55 c38: blamed on the user's files)
+    if changed and (damaged or missing):  # nothing to tell an edit by (hp55 c38: blamed on the user's files)
         them = "it" if len(changed) == 1 else "them"
-        raise OutputError(f"{stamps_file}: the search's record of its report files is damaged, so whether "
+        raise OutputError(f"{stamps_file}: the search's record of its report files is "
+                          f"{'missing' if missing else 'damaged'}, so whether "
                           f"{' and '.join(changed)} changed since the search wrote {them} cannot be told, and this "
                           f"run would replace {them} at its end",
-                          hint=f"keep any changes elsewhere, then delete {SEARCH_STAMPS} and "
+                          hint=f"keep any changes elsewhere, then delete {'' if missing else SEARCH_STAMPS + ' and '}"
                                f"{' and '.join(changed)}: the search resumes from log.jsonl and writes {them} again")
     if changed:
         them = "it" if len(changed) == 1 else "them"
