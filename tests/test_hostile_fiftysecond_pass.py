@@ -1637,3 +1637,74 @@ def test_an_adapt_checkpoints_field_nested_too_deep_is_said_in_words(tmp_path):
     with pytest.raises(ConfigError, match="one holds JSON nested too deep to read") as err:
         tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
     assert "RecursionError" not in str(err.value)
+
+
+def test_pass_63_merge_side(tmp_path, capsys):
+    """hp63a c03, c22, c24: DELLA's epsilon, rescale and seed (and breadcrumbs' rescale) at density 1, where nothing is
+    drawn, were ignored without a word, from flags and from a mergekit recipe; c04: TSV-M's power_iters and seed
+    without a randomized SVD, and a randomized_above no matrix passes, the same; c06: an average that overflowed
+    float16 was told to use a smaller lam, which average refuses; c18: a per-model weight in a recipe of a method
+    without weights was "unknown option 'weights' (did you mean 'power_iters'?)"; c21: `--exclude ''` (documented
+    "empty: none") was refused as empty."""
+    import yaml
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    cases = [
+        (["--method", "della", "--density", "1", "--epsilon", "0.1", "--rescale", "l1", "--seed", "7"],
+         ["epsilon = 0.1 is not used: density 1 drops nothing", "rescale = 'l1' is not used", "seed = 7 is not used"]),
+        (["--method", "breadcrumbs", "--density", "1", "--rescale", "l1"], ["rescale = 'l1' is not used"]),
+        (["--method", "tsv_m", "--power-iters", "7", "--seed", "9"],
+         ["power_iters = 7 is not used: randomized_above 0", "seed = 9 is not used"]),
+        (["--method", "tsv_m", "--randomized-above", "100000000"],
+         ["randomized_above = 100,000,000 is not used: no matrix it decomposes has more entries"]),
+        (["--method", "iso_c", "--exclude", ""], []),
+    ]
+    for k, (flags, said) in enumerate(cases):
+        rc, _, err = run_cli(["merge", *cli_flags(b, ms), *flags, "-o", tmp_path / f"o{k}"], capsys)
+        assert rc == 0 and all(s in err for s in said), (flags, err)
+    recipe = tmp_path / "mk_della.yaml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "della", "base_model": str(b), "dtype": "float32",
+                                      "models": [{"model": str(m), "parameters": {"density": 1, "epsilon": 0.3,
+                                                                                   "weight": 1}} for m in ms]}))
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "mk"], capsys)
+    assert rc == 0 and "epsilon = 0.3 is not used" in err and "rescale = " not in err, err  # (never written)
+    assert "nothing dropped or rescaled" in (tmp_path / "mk" / "README.md").read_text() + err
+    ours = tmp_path / "t.yaml"
+    ours.write_text(yaml.safe_dump({"method": "tsv_m", "base": str(b),
+                                    "models": [{"path": str(m), "weight": w} for m, w in zip(ms, (2, 1))]}))
+    rc, _, err = run_cli(["merge", ours, "-o", tmp_path / "t"], capsys)
+    assert rc == 2 and "models[0].weight: tsv_m takes no per-model weight" in err and "power_iters" not in err, err
+
+    half = {n: (v.half() if v.is_floating_point() else v) for n, v in base.items()}
+    name = next(n for n, v in half.items() if v.is_floating_point() and v.dim() == 2)
+    half[name] = torch.full_like(half[name], 60000.0)
+    big = [{**half, name: torch.full_like(half[name], v)} for v in (65000.0, 65504.0)]
+    hb = write_hf_dir(tmp_path / "hb", half)
+    hms = [write_hf_dir(tmp_path / f"hm{k}", m) for k, m in enumerate(big)]
+    rc, _, err = run_cli(["merge", *cli_flags(hb, hms), "--method", "average", "--base-weight", "1", "--weights", "1",
+                          "1", "--no-normalize-weights", "--allow-distant", "-o", tmp_path / "ov"], capsys)
+    assert rc == 1 and "smaller per-model weights" in err and "lam" not in err.split("hint:")[1], err
+
+
+@pytest.mark.parametrize("manifest, said", [
+    (dict(kind="bogus", examples=3), "not a tiesmerge statistics manifest"),
+    (dict(kind="fisher", examples=-1), "field 'examples' is -1, not a count of examples"),
+    (dict(kind="fisher", examples="3"), "field 'examples' is '3', not a count of examples"),
+    (dict(kind="fisher", examples=3, model_digest=5), "field 'model_digest' is 5, of the wrong type"),
+    (dict(kind="fisher", examples=3, options={"x": {1, 2}}), "cannot be written as JSON"),
+    (dict(kind="fisher", examples=3, options={"x": float("nan")}), "cannot be written as JSON"),
+    (dict(kind="fisher", examples=3), None),  # no tensor
+])
+def test_statistics_that_would_not_read_back_are_not_written(tmp_path, manifest, said):
+    """hp63b c20: save_stats wrote a manifest of kind "bogus", examples -1 or "3", a model_digest 5 or no tensor at all,
+    which load_stats and merge --stats then refused in a folder tiesmerge itself wrote; a set in its options was a raw
+    TypeError after the folder was begun, a NaN written as bare NaN (no JSON)."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats.files import Statistics, StatsManifest, save_stats
+
+    tensors = {"w": torch.ones(2)} if said else {}
+    with pytest.raises(ConfigError, match=said or "hold no tensor"):
+        save_stats(tmp_path / "st", Statistics(StatsManifest(**manifest), tensors))
+    assert not (tmp_path / "st").exists() and list(tmp_path.iterdir()) == []

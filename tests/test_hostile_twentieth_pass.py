@@ -32,6 +32,8 @@ def test_fisher_values_whose_sum_overflows_float32_still_weight_the_models():
     assert torch.equal(huge, torch.tensor([2.0, 3.0, 4.0]))  # equal weights: the mean
     lopsided = Fisher().merge(tau.clone(), _Chunk(torch.tensor([[3e38] * 3, [1e38] * 3])))
     assert torch.allclose(lopsided, 0.75 * tau[0] + 0.25 * tau[1])
+    small = tau / 100  # hp63b c03: F_t tau_t finite while sum F overflows: x / inf = 0 (the base) passed the check
+    assert torch.allclose(Fisher().merge(small.clone(), _Chunk(torch.full((2, 3), 3e38))), small.mean(dim=0))
     plain = Fisher().merge(tau.clone(), _Chunk(torch.tensor([[1.0] * 3, [3.0] * 3])))
     assert torch.equal(plain, (tau[0] + 3 * tau[1]) / 4)  # the ordinary path, unchanged
 

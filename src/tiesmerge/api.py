@@ -585,7 +585,12 @@ def _overflow_hint_for(method: MergeMethod):
     except NotFiniteError as exc:
         if exc.base_value is None:  # else the base's own value is past the range: a wider dtype is the hint
             scaled = hasattr(method, "lam") or not method.requirements().whole_tensors
-            exc.hint = overflow_hint(exc.code, scaled=scaled)
+            levers = None
+            if not hasattr(method, "lam") and hasattr(method, "weights"):  # average: its weights are the scaling
+                levers = "smaller per-model weights (--weights" + (
+                    "; or --normalize-weights, dividing by their sum)" if getattr(method, "normalize_weights", True)
+                    is False else ")")
+            exc.hint = overflow_hint(exc.code, scaled=scaled, levers=levers)
         raise
 
 

@@ -93,14 +93,23 @@ def check_finite(name: str, chunk: Any, code: str, offset: int = 0) -> None:
         element=offset + where)
 
 
-def overflow_hint(code: str, *, scaled: bool) -> str:
+def overflow_hint(code: str, *, scaled: bool, levers: str | None = None) -> str:
     """What helps against an overflow in output dtype ``code``; ``scaled``: the method has a scaling factor (lam) or
-    per-model weights to lower (SLERP, NuSLERP and Model Stock interpolate: only the inputs can be to blame)."""
+    per-model weights to lower (SLERP, NuSLERP and Model Stock interpolate: only the inputs can be to blame);
+    ``levers``: the method's own words for them where it has no lam (average: "smaller per-model weights ...": hp63a
+    c06, told to use a smaller lam, which average refuses)."""
     if not scaled:
         wider = "write a wider dtype (--dtype bfloat16 or float32), and " if code == "F16" else ""
         return (f"{wider}check the inputs for huge values: this method interpolates between them and has no scaling "
                 "factor, so a merged value past the dtype's range comes from values near that range in a model")
-    return _HINTS.get(code, _HINTS["F32"])
+    hint = _HINTS.get(code, _HINTS["F32"])
+    if levers is not None:
+        hint = hint.replace(_LAM_OR_WEIGHTS, levers).replace(_LAM, levers)
+    return hint
+
+
+_LAM = "a smaller lam (scaling factor)"
+_LAM_OR_WEIGHTS = "a smaller lam (scaling factor) or smaller per-model weights"
 
 
 # What helps depends on the dtype: float16 stops at 65504, so a wider dtype holds what a sensible merge

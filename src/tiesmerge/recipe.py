@@ -216,6 +216,12 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             problems.append("weights are given both per model and in parameters.weights; keep one")
         elif any(w is None for w in weights):
             problems.append("give a weight to every model or to none")
+        elif isinstance(name, str) and name in METHODS and "weights" not in {
+                f.name for f in dataclasses.fields(METHODS[name])}:  # (hp63a c18: "unknown option 'weights' (did
+            # you mean 'power_iters'?)", of an option the recipe does not name)
+            first = next(i for i, w in enumerate(weights) if w is not None)
+            problems.append(f"models[{first}].weight: {name} takes no per-model weight; remove the models' weight: "
+                            f"keys (`tiesmerge methods {name}` lists its options)")
         else:
             params["weights"] = weights
     top_stats = data.get("stats")

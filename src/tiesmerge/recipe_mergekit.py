@@ -793,6 +793,10 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
             return "", {}, ""
         params = {"density": min(1.0, density), "gamma": gamma, "lam": lam, "weights": weights, "scope": "per_tensor",
                   "threshold_ties": "sort", "rescale": "l1" if options["rescale"] else "none"}
+        if density >= 1:  # every entry kept: the translation's own settings for a cut are not the recipe's words
+            params.update(threshold_ties="keep", rescale="none")
+            if gamma == _OPTIONS[method]["gamma"]:
+                del params["gamma"]
         params.update(agreement if ties else {"normalize_weights": normalize})
         return method, params, (f"mergekit {method}: per tensor, the int(gamma n) largest |delta| and the smallest "
                                 "dropped (exact counts in torch.sort's order), then " + (
@@ -805,6 +809,14 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
     params = {"density": min(1.0, density), "epsilon": epsilon, "lam": lam, "weights": weights,
               "rescale": "l1" if options["rescale"] else "none"}
     params.update(agreement if ties else {"normalize_weights": normalize})
+    if density >= 1:  # nothing is drawn or rescaled: an epsilon the recipe gives is said unused (hp63a c24), not
+        # mergekit's defaults it never wrote
+        params["rescale"] = "inverse_p"
+        if epsilon == _OPTIONS[method]["epsilon"]:
+            del params["epsilon"]
+        return method, params, (f"mergekit {method} at density 1: nothing dropped or rescaled (mergekit's rule), "
+                                + ("sign election, agreeing deltas " if ties else "weighted deltas ")
+                                + ("averaged by weight" if normalize else "summed") + ", × λ")
     if density < 1:
         warnings.append(f"{method}: the random draws differ from mergekit's (torch.bernoulli); the keep "
                         "probabilities and the rescale are mergekit's, so the two agree in distribution, not "

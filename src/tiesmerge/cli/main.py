@@ -350,6 +350,9 @@ def _private_torch_cache() -> None:
     private_folder_for("TORCHINDUCTOR_CACHE_DIR", "tiesmerge-torch-", create=False)  # torch makes it when needed
 
 
+_EMPTY_MEANS_NONE = frozenset({"--exclude"})
+
+
 def _empty_values(argv: list[str], multi: frozenset[str] = frozenset()) -> list[str]:
     """The options (and positional arguments) given an empty string: `--stats ''` was taken for the working folder
     ("the output lies inside the statistics (.)") and `-o ''` for nothing at all. ``multi``: the command's options
@@ -452,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    empty = _empty_values(given, _multi_value_options(parser, args.command))
+    # an option whose empty value means something of its own (exclude: "empty: none", as a recipe's exclude: "" and
+    # the API's exclude="" say it; hp63a c21 refused `--exclude ''` as empty)
+    empty = [flag for flag in _empty_values(given, _multi_value_options(parser, args.command))
+             if flag not in _EMPTY_MEANS_NONE]
     if empty:
         return _report(ConfigError([f"{flag} is empty" for flag in empty],
                                    hint="give a value (a path, a name or a number), or leave the option out"), debug)

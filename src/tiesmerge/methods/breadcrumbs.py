@@ -110,9 +110,13 @@ class _BreadcrumbsBase:
     weights: tuple[float, ...] | None
 
     def unused_options(self) -> dict[str, str]:
-        """gamma, where density 1 keeps every entry (mergekit's rule: no band is cut, outliers included)."""
-        return {"gamma": "density 1 keeps every entry, outliers included (mergekit's rule)"} if self.density >= 1 \
-            else {}
+        """gamma and rescale, where density 1 keeps every entry (mergekit's rule: no band is cut, outliers included,
+        so the L1 norm is the task vector's own); threshold_ties there too, where no threshold is drawn."""
+        if self.density < 1:
+            return {}
+        return {"gamma": "density 1 keeps every entry, outliers included (mergekit's rule)",
+                "rescale": "density 1 keeps every entry, so the L1 norm restored is the one already there",
+                "threshold_ties": "density 1 keeps every entry, so no threshold is drawn"}
 
     def _problems(self) -> list[str]:
         problems = []

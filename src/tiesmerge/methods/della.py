@@ -53,6 +53,11 @@ class _DellaBase:
     seed: int
     weights: tuple[float, ...] | None
 
+    def unused_options(self) -> dict[str, str]:
+        """epsilon, rescale and seed, where density 1 drops nothing (mergekit's rule: no draw, no rescale)."""
+        why = "density 1 drops nothing, so no keep probability is drawn and nothing is rescaled (mergekit's rule)"
+        return dict.fromkeys(("epsilon", "rescale", "seed"), why) if self.density >= 1 else {}
+
     def _requirements(self, kernel: TiesKernel | LinearKernel | None = None) -> Requirements:
         """``kernel``: the fused merge where nothing is dropped (density 1: mergekit's deterministic case)."""
         if self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):

@@ -43,10 +43,12 @@ class Fisher:
         if ctx.statistics is None:
             return tau.mean(dim=0)
         fisher = ctx.statistics.clamp_min(self.epsilon)  # (n, *S)
-        merged = (fisher * tau).sum(dim=0).div_(fisher.sum(dim=0))  # (*S)
-        if bool(merged.isfinite().all()):
-            return merged
-        # Fisher values near float32's top (finite, ~1e38) overflow the sums (x / inf = 0: silently the base); the
+        total = fisher.sum(dim=0)  # (*S)
+        weighted = (fisher * tau).sum(dim=0)  # (*S)
+        if bool(total.isfinite().all()) and bool(weighted.isfinite().all()):
+            return weighted.div_(total)
+        # Fisher values near float32's top (finite, ~1e38) overflow the sums: x / inf = 0 is finite, so the merged
+        # values' own check passed it and the entry was silently the base (hp63b c03: F = 3e38 everywhere). The
         # weights F_t / sum F are the same divided first by each entry's largest F, whose sums cannot overflow
         scaled = fisher / fisher.amax(dim=0, keepdim=True)  # (n, *S), in (0, 1]
         return (scaled * tau).sum(dim=0).div_(scaled.sum(dim=0))

@@ -94,9 +94,27 @@ class TsvMerge:
     seed: int = option(0, "seed of the randomized SVD's sketches (one stream per tensor)", unit="integer",
                        check=seed_value)
 
+    def unused_options(self) -> dict[str, str]:
+        """power_iters and seed, where no SVD is randomized (randomized_above 0)."""
+        why = "randomized_above 0 makes every SVD exact, so no sketch is drawn or refined"
+        return dict.fromkeys(("power_iters", "seed"), why) if self.randomized_above == 0 else {}
+
     def check_tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        """exclude against the model's merged tensors (see :func:`.svd.check_exclude`)."""
+        """exclude against the model's merged tensors (see :func:`.svd.check_exclude`); a randomized_above that no
+        decomposed matrix passes (its options then change nothing: hp63a c04) is said."""
         linalg.check_exclude(self.name, self.exclude, shapes, default=EXCLUDE_DEFAULT)
+        pattern = linalg.exclude_pattern(self.exclude)
+        sizes = [m * n for name, shape in shapes.items()
+                 if (dims := linalg.matrix_shape(tuple(shape), name, pattern)) is not None for m, n in [dims]]
+        if self.randomized_above > 0 and sizes and max(sizes) <= self.randomized_above:
+            import warnings
+
+            from ..errors import MergeWarning
+
+            warnings.warn(MergeWarning(
+                f"{self.name}: randomized_above = {self.randomized_above:,} is not used: no matrix it decomposes has "
+                f"more entries (the largest has {max(sizes):,}), so every SVD is exact, and power_iters and seed "
+                "change nothing"), stacklevel=3)
 
     def requirements(self) -> Requirements:
         return Requirements(whole_tensors=True, workspace=self.workspace, temporaries=0)

@@ -54,18 +54,24 @@ class StatsManifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str) -> StatsManifest:
         known = {f for f in cls.__dataclass_fields__}
-        if not isinstance(data, Mapping) or data.get("kind") not in STATS_KINDS or not isinstance(
-                data.get("examples"), int):
+        if not isinstance(data, Mapping) or data.get("kind") not in STATS_KINDS or "examples" not in data:
             raise CheckpointError(f"{source}: not a tiesmerge statistics manifest (needs kind "
                                   f"{'|'.join(STATS_KINDS)} and examples)",
                                   hint="statistics directories are written by tiesmerge stats fisher|gram")
+        from ..methods.base import _shown  # (bounded: a value of thousands of digits or levels is shown short)
+
+        examples = data["examples"]
+        if not isinstance(examples, int) or isinstance(examples, bool) or examples < 0:  # the value said (hp63a c16)
+            raise CheckpointError(f"{source}: statistics manifest field 'examples' is {_shown(examples)}, not a "
+                                  "count of examples (a whole number)",
+                                  hint="recompute the statistics with tiesmerge stats fisher|gram")
         types = {"options": dict, "model_digest": (str, type(None)), "model": (str, type(None)),
                  "tokenizer_digest": (str, type(None)), "config_digest": (str, type(None)),
                  "tiesmerge_version": str, "created": str}
         wrong = [k for k, t in types.items() if k in data and not isinstance(data[k], t)]
-        if wrong or isinstance(data["examples"], bool) or data["examples"] < 0:
-            raise CheckpointError(f"{source}: statistics manifest field {(wrong or ['examples'])[0]!r} has the wrong "
-                                  "type or value", hint="recompute the statistics with tiesmerge stats fisher|gram")
+        if wrong:
+            raise CheckpointError(f"{source}: statistics manifest field {wrong[0]!r} is {_shown(data[wrong[0]])}, of "
+                                  "the wrong type", hint="recompute the statistics with tiesmerge stats fisher|gram")
         if data["examples"] == 0:  # tiesmerge stats refuses empty data: statistics of nothing weigh nothing
             raise CheckpointError(f"{source}: the statistics were computed from 0 examples, so they describe no data",
                                   hint="recompute the statistics with tiesmerge stats fisher|gram on the task's data")
@@ -192,6 +198,10 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
     bad = [k for k, v in stats.tensors.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point()]
     if bad:
         raise ConfigError(f"statistics tensor {bad[0]!r} is not a floating torch.Tensor")
+    if not stats.tensors:  # written, then refused by every reader as "no model weights found" (hp63b c20)
+        raise ConfigError("save_stats: the statistics hold no tensor", hint="statistics are one tensor per parameter "
+                          "(fisher) or per Linear weight (gram): compute them with tiesmerge.stats")
+    _check_manifest(stats.manifest)
     manifest = stats.manifest
     if not manifest.created:
         manifest = StatsManifest(**{**manifest.to_dict(),
@@ -218,6 +228,25 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
         writer.close()
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return Path(directory)
+
+
+def _check_manifest(manifest: Any) -> None:
+    """A manifest :func:`save_stats` writes must read back as one (hp63b c20: kind "bogus", examples -1 or "3",
+    model_digest 5 were written, then refused by load_stats; a set in options was a raw TypeError, a NaN written as
+    bare NaN, which is no JSON): its own reader's checks, before anything is written."""
+    if not isinstance(manifest, StatsManifest):
+        raise ConfigError(f"save_stats: the manifest is a {type(manifest).__name__}, not a StatsManifest",
+                          hint="Statistics(StatsManifest(kind, examples, ...), tensors)")
+    try:
+        text = json.dumps(manifest.to_dict(), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ConfigError(f"save_stats: the manifest cannot be written as JSON ({str(exc)[:160]})",
+                          hint="options hold plain values: numbers (finite), strings, lists and mappings") from None
+    try:
+        StatsManifest.from_dict(json.loads(text), "save_stats: the manifest")
+    except CheckpointError as exc:
+        raise ConfigError(exc.message, hint=f"kind is one of {'|'.join(STATS_KINDS)}, examples the count of "
+                                            "examples (at least 1), digests texts or None") from None
 
 
 def _read_manifest(directory: Path) -> StatsManifest:
