@@ -390,3 +390,18 @@ def test_results_edited_while_the_search_runs_are_not_overwritten(tmp_path, monk
     (tmp_path / "dir" / "results.md").write_text("# results\nmy notes\n")
     with pytest.raises(OutputError, match="results.md changed since the search wrote"):
         check_report_unchanged(tmp_path / "dir")
+
+
+def test_a_cache_snapshots_link_leaving_the_repository_names_both_limits(tmp_path):
+    """hp63a c39: a Hugging Face cache snapshot's weights linked outside the repository were said to resolve "outside"
+    the snapshot folder, which every blob of the cache leaves: the limit applied is the snapshot and its blobs."""
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.paths import inside
+
+    repo = tmp_path / "hub" / "models--org--name"
+    snap = write_hf_dir(repo / "snapshots" / ("a" * 40), make_family(1)[1][0])
+    (repo / "blobs").mkdir()
+    os.replace(snap / "model.safetensors", tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", snap / "model.safetensors")
+    with pytest.raises(CheckpointError, match="outside its snapshot .* and its repository's blobs folder"):
+        inside(snap / "model.safetensors", snap, "the model's weights")

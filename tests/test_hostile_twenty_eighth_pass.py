@@ -621,8 +621,15 @@ def test_a_spec_list_of_non_json_numbers_is_checked_as_numbers():
     with pytest.raises(ConfigError, match=r"weights must be a finite number, got inf in \[inf, 1.0\]"):
         method_of_spec("task_arithmetic:weights=[inf,1]")
     assert method_of_spec("task_arithmetic:weights=[1,2]").weights == (1.0, 2.0)
-    with pytest.raises(ConfigError, match="must be a list with one value per model"):
-        method_of_spec("task_arithmetic:weights=[a,1]")
+    with pytest.raises(ConfigError, match=r"weights must be a finite number, got 'a' in \['a', '1'\]") as err:
+        method_of_spec("task_arithmetic:weights=[a,1]")  # (a list of words since hp63a c35: its word is named)
+    assert "quotes" not in err.value.hint  # (a text option's hint)
+    with pytest.raises(ConfigError, match=r"exclude must be a regular expression \(a string\), got \('a', 'b'\)") \
+            as err:  # hp63a c35: an unquoted [a,b] was the regex character class, silently
+        method_of_spec("tsv_m:exclude=[a,b]")
+    assert 'a text that holds commas goes in quotes, exclude="..."' in err.value.hint
+    assert method_of_spec('tsv_m:exclude="[a,b]"').exclude == "[a,b]" and method_of_spec("tsv_m:exclude=[ab]").exclude \
+        == "[ab]"
 
 
 @pytest.mark.parametrize("target", ["all-linear", "ALL-LINEAR"])

@@ -632,6 +632,14 @@ def _numbers(text: str) -> list[float] | None:
         return None
 
 
+def _words(text: str) -> list[str] | None:
+    """An unquoted ``[a,b]`` as the list --help says it is ("a value holding commas goes in [...]"), not the text
+    "[a,b]": a regex option read it as a character class, silently (hp63a c35); quoted, it is text."""
+    if not (text.startswith("[") and text.endswith("]") and "," in text):
+        return None
+    return [item.strip() for item in text[1:-1].split(",")]
+
+
 def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
     """A method config from ``"name"`` or ``"name:key=value,key=value"`` (values read as JSON where
     they parse: numbers, true/false, [lists], "quoted text"; else as text), or the config itself. Commas
@@ -661,7 +669,7 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
         except ValueError:
             text = value.strip()  # 'single-quoted text' is text, as "double-quoted" is
             options[key.strip()] = text[1:-1] if len(text) >= 2 and text[0] == text[-1] == "'" else \
-                _numbers(text) or text
+                _numbers(text) or _words(text) or text
         except RecursionError:  # [[[[... 50,000 deep: no option holds that
             raise ConfigError(f"method {spec[:80]!r}: the value of {key.strip()} is nested too deep to read",
                               hint="give a number, a word, or a flat [list]") from None
@@ -670,6 +678,13 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
     except ConfigError as exc:  # an option's check: the method's own help says what each option accepts
         if exc.hint is None and name.strip() in _registered():
             exc.hint = f"`tiesmerge methods {name.strip()}` lists its options, their units and ranges"
+            from .methods.base import option_types
+            from .registry import method_class
+
+            texts = {k for k, t in option_types(method_class(name.strip())).items() if t is str}
+            words = next((k for k, v in options.items() if k in texts and isinstance(v, list)), None)
+            if words is not None:  # [a,b] unquoted is a list; text holding commas goes in quotes
+                exc.hint += f'; an unquoted [x,y] is a list: a text that holds commas goes in quotes, {words}="..."'
         raise
 
 

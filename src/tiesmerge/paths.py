@@ -248,11 +248,17 @@ def inside(path: str | os.PathLike, root: str | os.PathLike, what: str,
     reach outside it through ``../``, an absolute path or a link (the Hugging Face cache's own
     links into its blobs folder excepted, when that folder is a real directory, not a link)."""
     real = resolve(path, what, error)
-    if not any(real == top or top in real.parents for top in _roots(root)):
-        _, why = _blobs(root)
+    roots = _roots(root)
+    if not any(real == top or top in real.parents for top in roots):
+        blobs, why = _blobs(root)
         if why is not None:
             raise error(f"{path}: {what} resolves to {real}, outside {root}; {why}",
                         hint="a Hugging Face cache's blobs folder must be a real directory inside the repository")
+        if blobs is not None:  # a cache snapshot's files may lie in its repository's blobs too: both limits said
+            raise error(f"{path}: {what} resolves to {real}, outside its snapshot {root} and its repository's blobs "
+                        f"folder {blobs}",  # (hp63a c39: the snapshot alone was named, which every blob leaves)
+                        hint="a cache snapshot's files are links into its repository's blobs folder; fetch the "
+                             "model again (huggingface-cli download) or fix the link")
         raise error(f"{path}: {what} resolves to {real}, outside {root}",
                     hint="a model's files must lie inside its own directory; fix the index or the link")
     return real
