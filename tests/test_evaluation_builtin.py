@@ -212,3 +212,43 @@ def test_a_builtin_that_does_not_fit_the_bases_kind_says_which_does(classifiers,
     assert "needs a sequence classifier" in str(info.value) and "lm-perplexity or choice-accuracy" in info.value.hint
     captured = capsys.readouterr()
     assert "LOAD REPORT" not in captured.err + captured.out and "\x1b[" not in captured.err + captured.out
+
+
+def test_choice_accuracy_says_how_many_prompts_lose_their_first_tokens(causal_lm, tmp_path):
+    """hp63b c15: a prompt of 90 tokens on a 32-position model lost its first tokens without a word, where the
+    other evaluators and the statistics say how many examples they cut."""
+    from tiesmerge.errors import MergeWarning
+
+    base, _ = causal_lm
+    rows = [{"prompt": "very good film " * 30, "choices": ["good", "bad"], "label": 0},
+            {"prompt": "not", "choices": ["good", "bad"], "label": 1}]
+    with pytest.warns(MergeWarning, match=r"1 of the 2 examples' prompts with their longest choice are longer than "
+                                          r"32 tokens \(the model's positions\)"):
+        builtin_evaluator(f"choice-accuracy:{_jsonl(tmp_path / 'c.jsonl', rows)}", base, device="cpu")
+
+
+def test_texts_the_tokenizer_reads_as_unknown_are_said(tmp_path):
+    """hp63b c25: a tokenizer whose vocabulary is its special tokens read every text as [UNK]: accuracies, statistics
+    and AdaMerging's coefficients were computed on that without a word (lm-perplexity alone said so)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.stats.hf import hf_statistics
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                                cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    cfg = transformers.BertConfig(vocab_size=5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, num_labels=2)
+    model = tmp_path / "ub"
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(model)
+    fast.save_pretrained(model)
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": "hello world good film", "label": k % 2} for k in range(4)])
+    with pytest.warns(MergeWarning, match=r"d.jsonl: 100% of the 16 tokens of its first 4 examples are unknown to the "
+                                          r"base's tokenizer \(\[UNK\]\), so the scores"):
+        builtin_evaluator(f"classifier-accuracy:{data}", model, device="cpu")
+    with pytest.warns(MergeWarning, match=r"unknown to the base's tokenizer \(\[UNK\]\), so the statistics"):
+        hf_statistics("fisher", model, data)

@@ -1708,3 +1708,35 @@ def test_statistics_that_would_not_read_back_are_not_written(tmp_path, manifest,
     with pytest.raises(ConfigError, match=said or "hold no tensor"):
         save_stats(tmp_path / "st", Statistics(StatsManifest(**manifest), tensors))
     assert not (tmp_path / "st").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_pass_63_merge_side_messages(tmp_path, capsys):
+    """hp63a c09: an index entry naming a shard in another case was "fetch the missing shard(s) again"; c20: `--base
+    B --model M --method slerp` said "merged 2 models"; c31: weights summing to 2e-30 were said to "sum to 0"."""
+    import json
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError, MergeWarning
+    from tiesmerge.io.checkpoint import open_checkpoint
+    from tiesmerge.methods.task_arithmetic import warn_unnormalised
+
+    base, models = make_family(2)
+    sharded = write_hf_dir(tmp_path / "sharded", models[0], shards=2)
+    index = sharded / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    doc["weight_map"] = {k: v.upper().replace(".SAFETENSORS", ".safetensors") if v.startswith("model-00002") else v
+                         for k, v in doc["weight_map"].items()}
+    index.write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match="whose name differs from MODEL-00002-OF-00002.safetensors only in case"
+                       ) as err:
+        open_checkpoint(sharded)
+    assert "case-sensitive" in err.value.hint and "fetch" not in err.value.hint
+
+    b = write_hf_dir(tmp_path / "b", base)
+    m = write_hf_dir(tmp_path / "m", models[0])
+    rc, out, err = run_cli(["merge", "--base", b, "--model", m, "--method", "slerp", "--anchor", "base", "-o",
+                            tmp_path / "s"], capsys)
+    assert rc == 0 and "merged the base and 1 model with slerp" in out, out + err
+    with pytest.warns(MergeWarning, match=r"weights that sum to 2e-30, below mergekit's cut of 1e-8 \(1e-30, 1e-30\)"):
+        warn_unnormalised("dare_linear", (1e-30, 1e-30), True)
+    assert tiesmerge  # (imported for the family's writers)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError, MergeWarning, OutputError
 from ..evaluation.forward import ChoiceLogits, TaskForward, as_rows, load_forward
+from ..evaluation.loading import warn_unknown
 from ..evaluation.rank_classification import MAX_CHOICES
 from ..inputs import (
     Source,
@@ -559,6 +560,12 @@ def _warn_unread_by_forward(kind: str, task_data: Mapping[str, Sequence[Any]]) -
 def _warn_cut(forward: Any, task_data: Mapping[str, Sequence[Any]], asked: int) -> dict[str, int]:
     """Per task, how many examples the built-in forward cuts to its token limit, said in one warning (hp39 C23:
     --max-length 4 cut every example without a word, and the coefficients were learned on the cut texts)."""
+    tokenizer = getattr(forward, "tokenizer", None) or getattr(getattr(forward, "encoder", None), "tokenizer", None)
+    if tokenizer is not None:  # texts the tokenizer reads as its unknown token (hp63b c25)
+        texts = [r["text"] for rows in task_data.values() for r in rows if isinstance(r, Mapping)
+                 and isinstance(r.get("text"), str)]
+        warn_unknown(tokenizer, texts, max_length=getattr(forward, "max_length", asked), where="the data",
+                     effect="the coefficients are learned on how the model reads that token", stacklevel=4)
     counter = getattr(forward, "count_cut", None)
     if counter is None:
         return {}

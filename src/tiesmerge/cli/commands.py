@@ -582,11 +582,15 @@ def cmd_merge(args: argparse.Namespace) -> int:
     t = manifest["tensors"]
     n = len(recipe.models)
     req = recipe.method.requirements()
+    what = None
     if req.n_models == 1 and req.base_values:  # the base is an endpoint of the interpolation (slerp from the base;
         n += 1                                  # mergekit's nuslerp without a base_model): two models merged
+        if not recipe.origin:  # --base B --model M: "the base and 1 model", as the command named them (hp63a c20)
+            what = "the base and 1 model"
     elif getattr(recipe.method, "base_weight", None):  # average with the base weighted in (a mergekit linear): it
         n += 1                                         # counts among the merged models (hp44 c02: "merged 2" of 3)
-    print(f"merged {n} model{'s' if n != 1 else ''} with {recipe.method.name} into {shown(out)}")
+    what = what or f"{n} model{'s' if n != 1 else ''}"
+    print(f"merged {what} with {recipe.method.name} into {shown(out)}")
     if recipe.origin and recipe.origin.get("semantics"):  # a hand-written origin may not say
         print(f"  semantics: {terminal_safe(str(recipe.origin['semantics']))}")
     adapter = manifest.get("adapters", {})

@@ -54,6 +54,7 @@ from .loading import (
     is_encoder_decoder,
     refuse_alike,
     refuse_converted,
+    warn_unknown,
 )
 from .rank_classification import ChoiceExample, check_choice_count, choice_hits, fit_choice, score_choices
 
@@ -287,6 +288,11 @@ class ChoiceAccuracy(_Scorer):
         if is_encoder_decoder(self.model_dir):
             return
         limit = fitted_length_of(self.model_dir, self.max_length)  # a sequence's tokens, the model's positions too
+        warn_unknown(tokenizer, [e.prompt for e in self.examples] + [c for e in self.examples for c in e.choices],
+                     max_length=limit, where=str(self.data), stacklevel=5,
+                     effect="the scores rank merges on how they read that token")
+        cut = 0  # examples whose prompt loses its first tokens to fit its longest choice: said, as the other
+        # evaluators say theirs (hp63b c15: a 90-token prompt on a 32-position model scored without a word)
         for where, example in zip(lines, self.examples):
             with forward_checked(self.model_dir, "the base"):
                 prompt = tokenizer(clipped_tail(example.prompt, self.max_length), add_special_tokens=True)["input_ids"]
@@ -305,6 +311,12 @@ class ChoiceAccuracy(_Scorer):
             if empty:
                 raise ConfigError(f"{where}: the choice {empty[0][:60]!r} has no tokens, so it would score 0, above "
                                   "every other choice", hint="give every choice some text")
+            cut += len(prompt) + max(len(ids) for ids in tokens) > limit
+        if cut:
+            why = "the model's positions" if limit < self.max_length else "max_length"
+            warnings.warn(MergeWarning(f"{self.data}: {cut:,} of the {len(self.examples):,} examples' prompts with "
+                                       f"their longest choice are longer than {limit:,} tokens ({why}), so the prompts "
+                                       "lose their first tokens: the scores are of what is left"), stacklevel=4)
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         model, tokenizer = self._model("lm", _lm_loader)
@@ -528,6 +540,8 @@ def _warn_cut(data: Path, tokenizer: Any, texts: Sequence[str], pairs: Sequence[
     say it (hp42 D19: 101-word examples on a 64-position model, their label word last, all scored 0.5 without a
     word)."""
     limit = fitted_length_of(model_dir, max_length)
+    warn_unknown(tokenizer, list(texts), max_length=limit, where=str(data), stacklevel=5,
+                 effect="the scores rank merges on how they read that token")
     cut = count_cut(tokenizer, list(texts), list(pairs) if pairs is not None else None, max_length=limit)
     if cut:
         why = "the model's positions" if limit < max_length else "max_length"

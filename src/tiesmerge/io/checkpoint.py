@@ -90,6 +90,16 @@ def _read_index(index: Path) -> dict[str, Path]:
         files[name] = root / shard
     missing = sorted({str(root / s) for s in weight_map.values() if s not in real})
     if missing:
+        try:  # a name that differs only in case from a file there is the index's error, not a missing download
+            here = {n.lower(): n for n in os.listdir(root)}
+        except OSError:
+            here = {}
+        cased = [(m, here[Path(m).name.lower()]) for m in missing if Path(m).name.lower() in here]
+        if cased:  # (hp63a c09: "fetch the missing shard(s) again" of a shard that is there as model-…)
+            raise CheckpointError(
+                f"{index}: names shard(s) that do not exist: {', '.join(missing[:8])}; the folder holds "
+                f"{cased[0][1]}, whose name differs from {Path(cased[0][0]).name} only in case",
+                hint="fix the index's names (or the file's): file names are case-sensitive here")
         raise CheckpointError(
             f"{index}: names shard(s) that do not exist: {', '.join(missing[:8])}",
             hint="the download is incomplete; fetch the missing shard(s) again",

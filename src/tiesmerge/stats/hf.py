@@ -28,6 +28,7 @@ from ..evaluation.loading import (
     input_rows,
     is_encoder_decoder,
     refuse_converted,
+    warn_unknown,
 )
 from ..io.checkpoint import open_checkpoint
 from ..limits import check_text_pairs, read_json, read_json_lines, warn_unread_keys
@@ -197,6 +198,8 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
         # real token by the pad id), so each example goes alone: exact, only slower
         batch_size, padding = 1, "none: the tokenizer has no pad token, so one example per batch"
     pairs_all = [r["text_pair"] for r in rows] if rows and all("text_pair" in r for r in rows) else None
+    warn_unknown(tokenizer, [r["text"] for r in rows], max_length=max_length, where=str(data), stacklevel=3,
+                 effect="the statistics describe how the model reads that token, not the texts")
     cut = count_cut(tokenizer, [r["text"] for r in rows], pairs_all, max_length=max_length)
     if cut:  # as adapt says it (hp41 C12: every example cut silently)
         import warnings
