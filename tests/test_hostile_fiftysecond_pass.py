@@ -470,6 +470,21 @@ def test_fisher_information_of_a_function_without_usable_logits_is_a_typed_error
         fisher_information(module, batches, fn, kind="exact")
 
 
+@pytest.mark.parametrize("per_example, kind", [("loop", "exact"), ("loop", "empirical"), ("vmap", "batched")])
+def test_fisher_information_of_detached_logits_is_typed_on_every_path(per_example, kind):
+    """hp63b c35: per_example="loop" (and the batched shortcut) on logits without a graph was autograd's bare
+    RuntimeError "element 0 of tensors does not require grad"; vmap's path said it in words."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import fisher_information
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    batches = [{"x": torch.randn(3, 4), "y": torch.tensor([0, 1, 2])}]
+    with pytest.raises(ConfigError, match="logits_fn's output does not depend on the module's parameters"):
+        fisher_information(module, batches, lambda m, b: m(b["x"]).detach(), kind=kind, per_example=per_example,
+                           targets=lambda b: b["y"])
+
+
 def test_gram_matrices_with_every_row_masked_is_a_typed_error(tmp_path):
     """hp56b c51: a token_mask dropping every row returned statistics of no tensor, and save() wrote a folder holding
     only its manifest."""
@@ -1740,3 +1755,35 @@ def test_pass_63_merge_side_messages(tmp_path, capsys):
     with pytest.warns(MergeWarning, match=r"weights that sum to 2e-30, below mergekit's cut of 1e-8 \(1e-30, 1e-30\)"):
         warn_unnormalised("dare_linear", (1e-30, 1e-30), True)
     assert tiesmerge  # (imported for the family's writers)
+
+
+def test_pass_63_slerp_and_breadcrumbs(tmp_path, capsys):
+    """hp63a c44: slerp between a model and its negation wrote an all-zero model without a word; c52: slerp with
+    --layers and no gradient said both "layers is not used" and "set --layers 2"; c53: a second '*' rule was dead
+    silently; c47: breadcrumbs at density + gamma past 1 kept 1 - gamma under 'keep' and the density under 'sort'."""
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.registry import method_class
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    neg = write_hf_dir(tmp_path / "neg", {k: (-v if v.is_floating_point() else v) for k, v in models[0].items()})
+    rc, _, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", neg, "--method", "slerp", "-o",
+                          tmp_path / "z"], capsys)
+    assert rc == 0 and "point opposite ways" in err, err
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "--method", "slerp", "--t-by-name", "self_attn=0.5",
+                          "--layers", "3", "-o", tmp_path / "l"], capsys)
+    assert rc == 0 and "layers = 3 is not used" in err and "--layers 2" not in err, err
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "--method", "slerp", "--t-by-name", "*=0.5;*=0.3", "-o",
+                          tmp_path / "s"], capsys)
+    assert rc == 0 and "rule 2 ('*') is shadowed by rule 1 ('*')" in err, err
+
+    torch.manual_seed(0)
+    zero, one = {"w": torch.zeros(64, 64)}, [{"w": torch.randn(64, 64)}]
+    kept = []
+    for ties in ("keep", "sort"):
+        with pytest.warns(MergeWarning, match=r"density 0.9 \+ gamma 0.5 is past 1"):
+            out = tiesmerge.merge(zero, one, method_class("breadcrumbs")(density=0.9, gamma=0.5, threshold_ties=ties))
+        kept.append(int((out["w"] != 0).sum()))
+    assert abs(kept[0] - kept[1]) <= 2 and abs(kept[0] - 0.9 * 4096) <= 2, kept  # the density, both rules

@@ -61,10 +61,12 @@ def test_an_index_that_leaves_out_a_tensor_its_shard_holds_is_named(tmp_path, ca
     assert "'lm_head.weight'" in err and "regenerate it" in err
 
 
-def test_breadcrumbs_gamma_one_warns_once_that_the_merge_is_the_base(family, tmp_path, capsys):
+def test_breadcrumbs_gamma_one_warns_once_that_density_and_gamma_pass_one(family, tmp_path, capsys):
+    """gamma 1 dropped every entry under threshold_ties 'keep' (the merge the base), while 'sort' (mergekit) kept the
+    smallest density: both keep the density now, as mergekit does, and say so once (hp63a c47)."""
     inputs, b, ms = family
     rc, _, err = run_cli(_merge(b, ms, tmp_path / "out", "--method", "breadcrumbs", "--gamma", "1"), capsys)
-    assert rc == 0 and err.count("warning: breadcrumbs: gamma 1 drops every entry as an outlier") == 1, err
+    assert rc == 0 and err.count("warning: breadcrumbs: density 0.") == 1 and "+ gamma 1 is past 1" in err, err
     rc, _, err = run_cli(_merge(b, ms, tmp_path / "out2", "--method", "breadcrumbs", "--gamma", "0.5"), capsys)
     assert rc == 0 and "warning" not in err, err
 

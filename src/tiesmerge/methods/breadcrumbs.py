@@ -118,6 +118,18 @@ class _BreadcrumbsBase:
                 "rescale": "density 1 keeps every entry, so the L1 norm restored is the one already there",
                 "threshold_ties": "density 1 keeps every entry, so no threshold is drawn"}
 
+    def _gamma(self) -> float:
+        """The outliers' share that is dropped: gamma, or 1 - density where the two pass 1 together (see notices)."""
+        return min(self.gamma, 1.0 - self.density) if self.density < 1 else self.gamma
+
+    def notices(self) -> list[str]:
+        """density + gamma past 1 (said once per merge, by methods.base.warn_unused)."""
+        if self._gamma() >= self.gamma:
+            return []
+        return [f"density {self.density:g} + gamma {self.gamma:g} is past 1, so not both can hold: the smallest "
+                f"{self.density:g} of each tensor is kept and only the rest, {1 - self.density:.3g}, dropped as "
+                "outliers (mergekit's rule)"]
+
     def _problems(self) -> list[str]:
         problems = []
         if self.threshold_ties == "sort" and self.scope != "per_tensor":
@@ -134,19 +146,15 @@ class _BreadcrumbsBase:
         if problems:
             raise ConfigError(problems)
         whole = self.threshold_ties == "sort" or self.rescale == "l1"
+        # density + gamma past 1: both cannot hold; mergekit keeps the density (the band starts at the smallest entry)
+        # and drops only the rest as outliers. The 'keep' rule cut gamma's outliers and so kept 1 - gamma (hp63a c47:
+        # 50 % against sort's 89 %, without a word): both keep the density now, and it is said
+        gamma = self._gamma()
         if self.threshold_ties == "sort" or self.density >= 1:
             fused = kernel if self.threshold_ties == "sort" and self.density < 1 and self.rescale == "none" else None
             return Requirements(scope=self.scope, whole_tensors=whole, weights=self.weights, kernel=fused)
-        if self.gamma >= 1:  # every entry is among the largest gamma: all dropped as outliers
-            import warnings
-
-            from ..errors import MergeWarning
-
-            warnings.warn(MergeWarning(f"{self.name}: gamma {self.gamma:g} drops every "
-                                       "entry as an outlier, so the merge is the base itself; a gamma below 1 keeps "
-                                       "the band under the largest entries (mergekit uses 0.01)"), stacklevel=3)
-        cuts = (Cut("outliers", TopK(self.gamma)),) if self.gamma > 0 else ()
-        return Requirements(trim=TopK(min(1.0, self.density + self.gamma)), cuts=cuts, scope=self.scope,
+        cuts = (Cut("outliers", TopK(gamma)),) if gamma > 0 else ()
+        return Requirements(trim=TopK(min(1.0, self.density + gamma)), cuts=cuts, scope=self.scope,
                             whole_tensors=whole, weights=self.weights)
 
     def _mask(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:

@@ -46,6 +46,8 @@ def slerp_scalars(t: float, norms_a: torch.Tensor, norms_b: torch.Tensor,
     norm_a = torch.where(norm_a > _EPS, norm_a, 1)
     norm_b = torch.where(norm_b > _EPS, norm_b, 1)
     dot = dots(norm_a, norm_b).sum(dim=0).clamp(-1, 1)  # (1, 1)
+    if bool((dot < -_DOT_THRESHOLD).any()):
+        _warn_opposite(t)
     linear = dot.abs() > _DOT_THRESHOLD
     theta = torch.acos(torch.where(linear, 0, dot))
     sin_theta = torch.sin(theta)
@@ -66,12 +68,24 @@ def slerp_scalars_f32(t: float, norms_a: np.ndarray, norms_b: np.ndarray,
     norm_b = norm_b if norm_b > f32(_EPS) else f32(1)
     dot = np.clip(numerics.sum(dots(norm_a, norm_b)), f32(-1), f32(1))
     if abs(dot) > f32(_DOT_THRESHOLD):
+        if dot < 0:
+            _warn_opposite(t)
         return f32(1) - tt, tt
     theta = numerics.acos(np.array([dot], f32))  # (1,)
     with np.errstate(all="ignore"):  # sin(theta) is 0 where dot is NaN: torch divides the same way
         sin_theta = numerics.sin(theta)[0]
         return (numerics.sin((f32(1) - tt) * theta)[0] / sin_theta,
                 numerics.sin(tt * theta)[0] / sin_theta)
+
+
+def _warn_opposite(t: float) -> None:
+    """Two tensors pointing opposite ways have no great circle between them: mergekit's rule (and so this one) takes
+    the straight line, through 0 at t = 0.5, where the merge keeps neither model's values (hp63a c44: an all-zero
+    model written without a word). Said once per merge site (Python's default filter), not per tensor."""
+    warnings.warn(MergeWarning(
+        f"slerp: tensors of the two endpoints point opposite ways (cosine below -{_DOT_THRESHOLD}): there the "
+        f"interpolation is the straight line between them (mergekit's rule), so at t = {t:g} they partly cancel "
+        "(all zeros at t = 0.5 where one is the other's negation); check the models"), stacklevel=5)
 
 
 def slerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
@@ -194,14 +208,16 @@ class Slerp:
                 "interpolates (a filter is a part of a tensor's name, e.g. self_attn or mlp), so they set nothing"),
                 stacklevel=3)
         shadowed = _shadowed_rules(rules, names, unmatched)
+        catch_alls = [i for i, (p, _) in enumerate(rules, 1) if p is None]
+        shadowed += [(f"{i} ('*')", f"rule {catch_alls[0]} ('*')") for i in catch_alls[1:]]  # '*=0.5;*=0.3' (c53)
         if shadowed:  # first match wins (mergekit's rule): a later rule whose tensors all match an earlier one is dead
             dead = listed([f"rule {rule} is shadowed by {by}" for rule, by in shadowed], sep="; ")
             warnings.warn(MergeWarning(
                 f"slerp: in t_by_name (a mergekit recipe's parameters.t, rules in its order), {dead}: the first "
                 "rule that matches a tensor sets its t, so those rules set nothing; put the more specific filter "
                 "first"), stacklevel=3)
-        if not self.layers:
-            return
+        if not self.layers or not any(len(values) > 1 for _, values in rules):  # no gradient to spread: layers is
+            return  # said unused by unused_options, not also "set --layers 2" (hp63a c52: two contradicting words)
         indices = {i for i in map(layer_index, names) if i is not None}
         if indices and max(indices) + 1 != self.layers:  # a warning: a model with two stacks (a vision tower
             # beside the text layers) names more layer indices than num_hidden_layers, as mergekit merges it

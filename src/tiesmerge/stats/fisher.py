@@ -176,9 +176,7 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     if not examples:
         raise ConfigError("no examples: the batches were empty")
     if total and not any(bool(t.any()) for t in total.values()):  # (hp56 c50: detached logits, written as a Fisher)
-        raise ConfigError(f"the Fisher is zero for every parameter over {examples:,} examples: logits_fn's output does "
-                          "not depend on the module's parameters (detached, computed under no_grad, or from another "
-                          "module)", hint="return logits computed by the module passed to logits_fn, with gradients")
+        raise _no_graph(f"the Fisher is zero for every parameter over {examples:,} examples")
     tensors = {n.removeprefix("module."): (t / examples) for n, t in total.items()}
     manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": per_example,
                                                   "embedding_rows": embedding_rows},
@@ -238,6 +236,19 @@ def _row_embeddings(bound: _Bound, params: dict[str, torch.Tensor]) -> dict[str,
     return found
 
 
+def _no_graph(what: str) -> ConfigError:
+    return ConfigError(f"{what}: logits_fn's output does not depend on the module's parameters (detached, computed "
+                       "under no_grad, or from another module)",
+                       hint="return logits computed by the module passed to logits_fn, with gradients")
+
+
+def _check_graph(logp: torch.Tensor) -> None:
+    """Logits without a graph: autograd.grad's bare RuntimeError ("element 0 of tensors does not require grad") in the
+    loop and batched paths, where vmap's path gives the typed error below (hp63b c35)."""
+    if not logp.requires_grad:
+        raise _no_graph("the log-probabilities have no gradient")
+
+
 def _add_loop(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,
               total: dict[str, torch.Tensor], size: int, class_chunk: int, embedding_rows: bool, kind: str) -> None:
     """The same per-example sums with ordinary autograd, one example at a time; the classes'
@@ -257,6 +268,7 @@ def _add_loop(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels
             for calls in captured.values():
                 calls.clear()
             logp = bound(example(batch, i))[0]  # (C,) log-probabilities, or () a log-likelihood
+            _check_graph(logp)
             rows, weights = _directions(logp, labels[i] if labels is not None else None, kind)  # (k, *), (k,)
             outputs = [out for key in rowwise for _, out in captured[key]]
             for start in range(0, rows.shape[0], class_chunk):
@@ -298,6 +310,7 @@ def _add_batched(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, lab
     """The shortcut: the square of the gradient of the batch's summed log-likelihood."""
     names = list(params)
     logp = bound(batch)  # (B, C) or (B,)
+    _check_graph(logp)
     if logp.dim() == 1:
         picked = logp.sum()
     else:
