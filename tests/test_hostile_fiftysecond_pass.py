@@ -1787,3 +1787,59 @@ def test_pass_63_slerp_and_breadcrumbs(tmp_path, capsys):
             out = tiesmerge.merge(zero, one, method_class("breadcrumbs")(density=0.9, gamma=0.5, threshold_ties=ties))
         kept.append(int((out["w"] != 0).sum()))
     assert abs(kept[0] - kept[1]) <= 2 and abs(kept[0] - 0.9 * 4096) <= 2, kept  # the density, both rules
+
+
+def test_pass_63_notes(tmp_path, capsys):
+    """hp63a c48: a model folder holding a stray adapter_config.json (no adapter weights) was told to move "the
+    adapter's files"; c50: a base saved with a rotary inv_freq buffer (older transformers) against fine-tunes without
+    it was "tensor names differ ... same base architecture"; c29: analyze at density 1 said "most of a task vector
+    sits in its largest entries" and, of 2 models, compared pairs with themselves; hp63b c31: --json (and log=) ending
+    in '/' wrote a file; c36: fisher_information returned NaN statistics without a word; c40: float64 statistics past
+    float32 were "NaN or Inf"; c34: a label of 10**27 was "no ... integer from 0"."""
+    import shutil
+
+    import tiesmerge
+    from tiesmerge.adamerging.learn import check_labels
+    from tiesmerge.errors import CheckpointError, ConfigError, InvalidTensorError, OutputError
+    from tiesmerge.paths import check_output_file
+    from tiesmerge.stats import fisher_information
+    from tiesmerge.stats.files import Statistics, StatsManifest
+
+    base, models = make_family(2)
+    mix = write_hf_dir(tmp_path / "mix", models[0])
+    lora = write_lora_dir(tmp_path / "l0", random_lora(base, 2, 0), alpha=4)
+    shutil.copy(lora / "adapter_config.json", mix / "adapter_config.json")
+    with pytest.raises(CheckpointError, match="without adapter weights") as err:
+        tiesmerge.merge(base, [mix, models[1]], "ties")
+    assert "move adapter_config.json out of it" in err.value.hint
+
+    inv = "model.layers.0.self_attn.rotary_emb.inv_freq"
+    old = {**base, inv: torch.arange(4, dtype=torch.float32)}
+    out = tiesmerge.merge(old, models, "ties")
+    assert torch.equal(out[inv], old[inv])  # the base's, copied
+    assert inv not in tiesmerge.merge(base, [{**m, inv: old[inv]} for m in models], "ties")
+
+    from tiesmerge.analysis.summary import summarise
+
+    text = " ".join(summarise(tiesmerge.analyze(base, models, density=1.0)))
+    assert "Density 1 keeps every entry" in text and "sits in its largest entries" not in text
+    assert "grow with the number of models" not in text  # two models: the pairs are all of them
+    assert "grow with the number of models" in " ".join(summarise(tiesmerge.analyze(base, make_family(3)[1])))
+
+    for bad in ("scores.json/", str(tmp_path / "s.json") + "/"):
+        with pytest.raises(OutputError, match="ends with '/', which names a folder"):
+            check_output_file(bad, False, [], "--json")
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    with pytest.raises(InvalidTensorError, match="entries are not finite"):
+        fisher_information(module, [{"x": torch.randn(3, 4)}], lambda m, b: m(b["x"]) * float("nan"))
+
+    huge = Statistics(StatsManifest("fisher", 3), {n: torch.full(v.shape, 1e300, dtype=torch.float64)
+                                                   for n, v in base.items() if v.is_floating_point()})
+    with pytest.raises(InvalidTensorError, match="holds values past float32's range"):
+        tiesmerge.merge(base, models, "fisher", stats=[huge, huge])
+
+    with pytest.raises(ConfigError, match=r"'label' 1000000000000000000000000000 is past any class index"):
+        check_labels({"t": [{"text": "a", "label": 10**27}]})
+    assert capsys is not None

@@ -180,9 +180,16 @@ def check_forward_names(forward: TaskForward, names: Sequence[str]) -> frozenset
     return unused | frozenset(missing)
 
 
-def _warn_stuck(row: list[float], config: AdaptConfig) -> None:
+def _warn_stuck(row: list[float], config: AdaptConfig, merger: Merger | None = None) -> None:
     """Every coefficient's gradient is exactly 0 at the first step: nothing will move them (hp40 X2: models whose
-    logits were huge gave entropy 0 on every input, and the run ended at --init without a word)."""
+    logits were huge gave entropy 0 on every input, and the run ended at --init without a word). Task vectors that
+    are all zero (the method's options keep nothing) are that cause, said as such (hp63b c33: "check the logits")."""
+    if merger is not None and not any(bool(v.any()) for v in merger.vectors.values()):
+        warnings.warn(MergeWarning(
+            "every task vector the method hands AdaMerging is zero (its options keep no entry: a density too small "
+            "for the model?), so there is nothing to weigh and the coefficients stay at --init "
+            f"{config.init:g}; the merge is the base itself"), stacklevel=4)
+        return
     saturated = config.objective == "entropy" and max(row) < 1e-6
     warnings.warn(MergeWarning(
         "every coefficient's gradient is 0 at the first step, so the coefficients stay at --init "
@@ -220,9 +227,13 @@ def check_labels(data: Mapping[str, Sequence[Any]], sources: Mapping[str, str] |
         where = (sources or {}).get(task) or f"task {task!r}"
         for k, row in enumerate(rows):
             label = row.get("label") if isinstance(row, Mapping) else None
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < 2**31:  # no model has more
+            if isinstance(label, int) and not isinstance(label, bool) and label >= 2**31:  # (hp63b c34: "an integer
+                # from 0" said of one that is)
+                raise ConfigError(f"{where}: example {k + 1}'s 'label' {_bounded(label)} is past any class index (no "
+                                  "model has 2^31 classes)", hint="labels are class indices from 0")
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label:
                 raise ConfigError(f"{where}: example {k + 1} has no class index as its 'label' (an integer from "
-                                  f"0; got {label!r}), which "
+                                  f"0; got {_bounded(label)}), which "
                                   "the cross_entropy objective needs on every example",
                                   hint='rows like {"text": "...", "label": 2} (the class index); or the default '
                                        "objective, entropy, which needs no labels")
@@ -727,7 +738,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
             # never reads (a BertModel's pooler under the encoder forward, merger.unused) are no leaves (hp34 D47)
             torch.autograd.backward([params[n] for n in used], [leaves[n].grad for n in used])
             if step == start and lam.grad is not None and not bool(lam.grad.any()):
-                _warn_stuck(row, config)
+                _warn_stuck(row, config, merger)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if config.clamp is not None:

@@ -36,23 +36,29 @@ def summarise(data: dict) -> list[str]:
     if twins:
         lines.append(f"Model(s) {', '.join(f'{s} and {t}' for s, t in twins)} have the same task vector, entry for "
                      "entry: the same model given twice (was another folder meant?); in a merge it counts twice.")
-    lines += [
+    lines.append(
         f"With all {n} models trimmed to their top {percent(k)}, {percent(everyone['mean_of_kept_by_two_or_more'])} of "
         f"the parameters that two or more models keep conflict in sign; that is "
-        f"{percent(everyone['mean_of_parameters'])} of all {data['parameters']:,} parameters.",
-        f"Conflicts {'grow' if everyone['mean_of_parameters'] > first['mean_of_parameters'] else 'do not grow'} with "
-        f"the number of models merged: {percent(first['mean_of_parameters'])} of all parameters "
-        f"for pairs of models (mean over {len(first['subsets'])} pair(s)), {percent(everyone['mean_of_parameters'])} "
-        f"for all {n}.",
-    ]
+        f"{percent(everyone['mean_of_parameters'])} of all {data['parameters']:,} parameters.")
+    if n > 2:  # with two models the pairs are all of them: nothing to compare (hp63a c29)
+        lines.append(
+            f"Conflicts {'grow' if everyone['mean_of_parameters'] > first['mean_of_parameters'] else 'do not grow'} "
+            f"with the number of models merged: {percent(first['mean_of_parameters'])} of all parameters "
+            f"for pairs of models (mean over {len(first['subsets'])} pair(s)), "
+            f"{percent(everyone['mean_of_parameters'])} for all {n}.")
     live = [i for i in range(n) if i not in zero]  # the models whose figures are described (a zero one keeps nothing)
     at = data["redundancy"]["at_density"]
     l1, l2 = [at["l1_share"][i] for i in live], [at["l2_share"][i] for i in live]
-    lines.append(f"Density {k:g} keeps {percent(sum(l1) / len(l1))} of each task vector's L1 mass "
-                 f"(from {percent(min(l1))} to {percent(max(l1))} across models) and {percent(sum(l2) / len(l2))} "
-                 "of its L2 mass (squared norm): "
-                 + ("most of a task vector sits in its largest entries." if sum(l1) / len(l1) >= 0.5 else
-                    "a task vector's mass is spread over many entries, beyond the ones kept."))
+    if k < 1:  # density 1 keeps every entry: all of the mass, by definition (hp63a c29: "most ... sits in its
+        # largest entries" said of that)
+        lines.append(f"Density {k:g} keeps {percent(sum(l1) / len(l1))} of each task vector's L1 mass "
+                     f"(from {percent(min(l1))} to {percent(max(l1))} across models) and {percent(sum(l2) / len(l2))} "
+                     "of its L2 mass (squared norm): "
+                     + ("most of a task vector sits in its largest entries." if sum(l1) / len(l1) >= 0.5 else
+                        "a task vector's mass is spread over many entries, beyond the ones kept."))
+    else:
+        lines.append("Density 1 keeps every entry, so nothing is trimmed: the figures describe the untrimmed task "
+                     "vectors (a density below 1 shows how their mass sits in their largest entries).")
     overlap = data["overlap"]
     shares = [overlap["intersections"][i][i] / data["parameters"] for i in live]  # entries kept, ties included
     # merge's own warning's rule (engine.reduce.TIES_EXCESS): float32 rounding of tiny task vectors leaves a few

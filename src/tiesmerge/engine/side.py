@@ -114,7 +114,10 @@ class SideInputs:
             value = raw.to(self.device, torch.float32)
             if not self._nonzero[k]:
                 self._nonzero[k] = bool(value.any())
-            why = self._invalid(value, {torch.float16: "F16", torch.bfloat16: "BF16"}.get(raw.dtype, ""))  # as stored
+            stored = {torch.float16: "F16", torch.bfloat16: "BF16"}.get(raw.dtype, "")  # as stored
+            if raw.dtype == torch.float64 and bool(torch.isfinite(raw).all()):
+                stored = "F64"  # finite as given: what is not finite came of the cast to float32 (hp63b c40)
+            why = self._invalid(value, stored)
             if why:
                 raise InvalidTensorError(f"{stats.location(self.names[k][name])}: {self.spec.kind} statistic "
                                          f"{name!r} {why}",
@@ -147,6 +150,8 @@ class SideInputs:
         """What makes one model's statistic unusable, or None: NaN or Inf; a negative Fisher value
         (a mean of squares); a Gram matrix X^T X / N that is not positive semi-definite."""
         if not bool(torch.isfinite(value).all()):
+            if stored_dtype == "F64":  # finite as given, past float32 in the read's cast
+                return "holds values past float32's range (3.4e38; the merge computes in float32)"  # (hp63b c40)
             return "holds NaN or Inf values"
         if self.spec.kind == "fisher":
             return "holds negative values (a Fisher diagonal is a mean of squares)" if bool((value < 0).any()) else None

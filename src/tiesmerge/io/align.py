@@ -333,6 +333,9 @@ def _same_bytes(x: Checkpoint, x_name: str, y: Checkpoint, y_name: str) -> bool:
 
 
 # a PEFT LoRA factor's name: "base_model.model.<module>.lora_A.weight", ".lora_embedding_B", "lora_A.default.weight"
+# buffers that transformers recomputes from the config when it builds a model (non-persistent since 4.31), which
+# checkpoints saved by older versions hold: not weights, so a model that lacks one still matches its base
+_RECOMPUTED = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
 _PEFT_FACTOR = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)")
 
 
@@ -403,7 +406,11 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
         have = model_names[k]
         missing = [] if yields_task_vector(model) else \
             [n for n in names if n not in have and base.info(n).is_floating]
-        extra = [n for n in model.names() if n not in base_set]
+        # a buffer transformers recomputes at load, which older versions saved (rotary inv_freq): the base's is kept
+        # where a model lacks it, one a model has and the base lacks is left out, as loading would (hp63a c50)
+        covered -= {n for n in missing if _RECOMPUTED.search(n)}
+        missing = [n for n in missing if not _RECOMPUTED.search(n)]
+        extra = [n for n in model.names() if n not in base_set and not _RECOMPUTED.search(n)]
         extra = _untied_copies(base, model, k, extra)  # a tied head stored anyway (writers that keep both names)
         if missing or extra:
             parts = []

@@ -158,6 +158,13 @@ def open_checkpoint(
         # or a folder there is named by the limited reader, not misread); beside a full model's weights, which of
         # the two is meant cannot be told (hp53 c25: tiesmerge read the adapter, mergekit and transformers the model)
         full = _full_model_files(path)
+        weights = [n for n in ("adapter_model.safetensors", "adapter_model.bin") if os.path.lexists(path / n)]
+        if full and not weights:  # a config alone beside a model: a stray file more likely than an adapter (hp63a c48)
+            raise CheckpointError(
+                f"{path}: holds a full model ({full[0]}) and a PEFT {ADAPTER_CONFIG} without adapter weights (no "
+                "adapter_model.safetensors): which is meant cannot be told",
+                hint=f"if the folder is the full model, move {ADAPTER_CONFIG} out of it (a leftover of training?); if "
+                     "the adapter is meant, put its weights beside the config in a folder of their own")
         if full:
             raise CheckpointError(
                 f"{path}: holds both a full model ({full[0]}) and a PEFT adapter ({ADAPTER_CONFIG}): which of them "

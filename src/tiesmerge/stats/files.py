@@ -182,6 +182,19 @@ def model_digest(module: torch.nn.Module, model: str | os.PathLike | None = None
     return "tensors:" + combine_digests(named)
 
 
+def check_finite_statistics(kind: str, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Statistics whose float32 values are not finite cannot weigh a merge: refused where they are computed
+    (fisher_information, gram_matrices: hp63b c36, returned with NaN and Inf without a word) and saved."""
+    for name, value in tensors.items():
+        finite = torch.isfinite(value.float())  # float32: a float64 value past its range is said here too (c40)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise InvalidTensorError(
+                f"{kind} statistic {name!r} {tuple(value.shape)}: {bad:,} entries are not finite (Inf or NaN) "
+                "in float32", hint="the model's activations (or gradients) overflow float32 on these texts: its "
+                "weights are likely damaged (check the model); statistics that overflow cannot weigh a merge")
+
+
 def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool = False,
                shard_size: int | str = DEFAULT_SHARD_SIZE) -> Path:
     """Write ``stats`` to ``directory`` atomically (safetensors + ``tiesmerge_stats.json``)."""
@@ -207,13 +220,7 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
         manifest = StatsManifest(**{**manifest.to_dict(),
                                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in stats.tensors.items()}
-    for name, value in tensors.items():  # before anything is written: statistics a merge would refuse are no output
-        if not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise InvalidTensorError(
-                f"{manifest.kind} statistic {name!r} {tuple(value.shape)}: {bad:,} entries are not finite (Inf or NaN) "
-                "in float32", hint="the model's activations (or gradients) overflow float32 on these texts: its "
-                "weights are likely damaged (check the model); statistics that overflow cannot weigh a merge")
+    check_finite_statistics(manifest.kind, tensors)  # before anything is written: a merge would refuse them
     if manifest.model:  # never inside (or over) the model the statistics describe, as `tiesmerge stats -o` refuses
         check_not_input(directory, [("the model these statistics describe", manifest.model)])
     groups = [[OutputEntry(k, tuple(v.shape), v.dtype)] for k, v in tensors.items()]

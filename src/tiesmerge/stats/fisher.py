@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .batches import batch_size, check_collection, example, map_tensors
-from .files import Statistics, StatsManifest, config_digest, model_digest, tokenizer_digest
+from .files import Statistics, StatsManifest, check_finite_statistics, config_digest, model_digest, tokenizer_digest
 
 __all__ = ["FISHER_KINDS", "PER_EXAMPLE", "fisher_information"]
 
@@ -183,6 +183,7 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
                              model_digest=model_digest(module, model), model=str(model) if model is not None else None,
                              tokenizer_digest=tokenizer_digest(model),
                              config_digest=config_digest(model))
+    check_finite_statistics("fisher", tensors)
     return Statistics(manifest, tensors)
 
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .batches import batch_size, check_collection
-from .files import Statistics, StatsManifest, config_digest, model_digest, tokenizer_digest
+from .files import Statistics, StatsManifest, check_finite_statistics, config_digest, model_digest, tokenizer_digest
 
 __all__ = ["gram_matrices"]
 
@@ -90,4 +90,5 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
     manifest = StatsManifest("gram", examples, options, model_digest=model_digest(module, model),
                              model=str(model) if model is not None else None, tokenizer_digest=tokenizer_digest(model),
                              config_digest=config_digest(model))
+    check_finite_statistics("gram", tensors)
     return Statistics(manifest, tensors)

@@ -40,6 +40,12 @@ class ResultsLog:
         from ..paths import check_walkable
 
         check_walkable(path, "the search log")  # a NUL byte or an unwalkable '..': typed, before anything
+        text = os.fspath(path)
+        if isinstance(text, str) and text.endswith(("/", os.sep)):  # Path() drops it: a folder meant, or a typo
+            from ..errors import OutputError
+
+            raise OutputError(f"{os.fspath(path)}: ends with '/', which names a folder, and the search log is a file",
+                              hint="name the file itself (e.g. .../log.jsonl), or give the folder as --dir")
         self.path = Path(path)
         self.header = {"format": FORMAT, **header}
         self.records: dict[str, dict[str, Any]] = {}
