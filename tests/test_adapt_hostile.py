@@ -212,3 +212,14 @@ def test_resuming_another_runs_checkpoint_names_the_settings_that_differ(tmp_pat
     # the method is named too, since hp39 C24 (it said "other models, data, method or forward settings")
     with pytest.raises(ConfigError, match=r"another run \(the method 'task_arithmetic' there, 'ties' now\)"):
         tiesmerge.adapt(base, fts, files, "ties", forward=_forward(), steps=4, checkpoint=ck, resume=True)
+
+
+def test_task_vectors_that_are_all_zero_are_named_as_the_stuck_gradients_cause(tmp_path):
+    """hp63b c33: a density that keeps no entry made every task vector zero; the first warning said "check the
+    models' logits (huge weights) or start from another --init", advice that cannot help."""
+    from tiesmerge.errors import MergeWarning
+
+    base, fts, files = _setup(tmp_path)
+    with pytest.warns(MergeWarning, match="every task vector the method hands AdaMerging is zero") as caught:
+        tiesmerge.adapt(base, fts, files, "ties", forward=_forward(), steps=2, density=1e-9)
+    assert not any("check the models' logits" in str(w.message) for w in caught)
