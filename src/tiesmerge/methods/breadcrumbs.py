@@ -186,7 +186,8 @@ class Breadcrumbs(_BreadcrumbsBase):
     thresholds, keeps every entry tied at a threshold and may run over the whole model (the
     paper masks per layer). Where mergekit keeps k = int(density n) exactly, ``keep`` keeps
     floor((density + gamma) n) minus the outliers. A density of 1 keeps everything, outliers
-    included (mergekit's rule).
+    included (mergekit's rule); where density + gamma pass 1, the density holds and only the largest
+    1 - density are dropped as outliers (mergekit's rule too, under both threshold_ties rules).
     """
 
     name: ClassVar[str] = "breadcrumbs"
