@@ -168,3 +168,65 @@ def test_a_training_killed_part_way_resumes_to_the_same_weights(bert_tokenizer, 
     with pytest.raises(ValueError, match="a training checkpoint of another run"):
         finetune(enc, heads, FT_DATA, other, validate=validate, checkpoint=ck)
 
+
+
+def test_a_training_checkpoint_is_checked_before_any_training(bert_tokenizer, tmp_path):
+    """hp64b c01, c03, c05, c11, c12, c13, c25: a text file as the checkpoint was a bare KeyError of torch's pickle
+    reader; another run's checkpoint (other examples, same step count and seed) was resumed; a FIFO blocked
+    torch.load; a missing folder and an empty name failed at the first save, an epoch's work lost; a NaN interval
+    never saved; a task without a head, a label past the classes, batch_size 0 and an lr of NaN were bare errors."""
+    import os
+
+    from tiesmerge.errors import ConfigError
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    (tmp_path / "text.pt").write_text("hello")
+    os.mkfifo(tmp_path / "fifo.pt")
+    cases = [(dict(checkpoint=tmp_path / "text.pt"), "not a training checkpoint"),
+             (dict(checkpoint=tmp_path / "fifo.pt"), "not a regular file"),
+             (dict(checkpoint=tmp_path / "nodir" / "ck.pt"), "folder .* does not exist"),
+             (dict(checkpoint=""), "is not the path of a file"),
+             (dict(checkpoint=tmp_path / "ck.pt", checkpoint_seconds=float("nan")), "not a number of seconds")]
+    for kwargs, said in cases:
+        with pytest.raises(ConfigError, match=said):
+            finetune(enc, heads, FT_DATA, FT_CONFIG, **kwargs)
+    for config, data, said in [
+        (dataclasses.replace(FT_CONFIG, batch_size=0), FT_DATA, "batch_size must be a whole number >= 1"),
+        (dataclasses.replace(FT_CONFIG, lr=float("nan")), FT_DATA, "lr must be a finite number > 0"),
+        (dataclasses.replace(FT_CONFIG, warmup_fraction=5), FT_DATA, r"warmup_fraction must be a fraction in \[0, 1\]"),
+        (FT_CONFIG, {"other": [("x", 0)]}, "task 'other' has no head"),
+        (FT_CONFIG, {"animals": [("x", 5)]}, r"label 5 is not a class index of its head \(0 to 1\)"),
+        (FT_CONFIG, {"animals": []}, "no examples to train on"),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            finetune(enc, heads, data, config)
+
+    ck = tmp_path / "ck.pt"
+
+    def stop(step, total, loss):
+        if step == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0)
+    other = {task: [(text + " again", label) for text, label in rows] for task, rows in FT_DATA.items()}
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.raises(ConfigError, match="a training checkpoint of another run"):  # same steps and seed, other data
+        finetune(enc, heads, other, FT_CONFIG, checkpoint=ck)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_training_checkpoint_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
+    """hp64b c04: a full disk while saving was torch's bare RuntimeError, its partial file left beside the checkpoint."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.evaluation import train_checkpoint
+
+    def full(state, path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 20224 vs 20112")
+
+    monkeypatch.setattr(train_checkpoint.torch, "save", full)
+    with pytest.raises(OutputError, match="cannot save the training checkpoint"):
+        train_checkpoint.save_training_state(str(tmp_path / "ck.pt"), {"x": 1})
+    assert list(tmp_path.iterdir()) == []

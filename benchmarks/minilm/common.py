@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from tiesmerge.errors import ConfigError  # noqa: E402
 from tiesmerge.evaluation import evaluate_encoder  # noqa: E402
 from tiesmerge.evaluation.encoder import CosineHead, SentenceEncoder, build_head  # noqa: E402
 from tiesmerge.evaluation.finetune import TrainConfig, finetune  # noqa: E402
@@ -123,8 +124,17 @@ def finetuned_dir(name: str, tasks: list[TaskData], heads: dict[str, CosineHead]
     partial = out.parent / f"{out.name}.training.pt"
     if partial.exists():
         log(f"    [{name}] resuming from {partial.name}")
-    result = finetune(encoder, heads, examples, config, on_step=report,
-                      validate=validate if early_stopping else None, on_epoch=epoch_done, checkpoint=partial)
+    try:
+        result = finetune(encoder, heads, examples, config, on_step=report,
+                          validate=validate if early_stopping else None, on_epoch=epoch_done, checkpoint=partial)
+    except ConfigError as exc:  # a checkpoint of an older format (or damaged): trained afresh, not a failed benchmark
+        if not partial.exists() or "training checkpoint" not in str(exc):
+            raise
+        log(f"    [{name}] {partial.name} cannot be resumed ({exc.message}): training from the start")
+        partial.unlink()
+        encoder = load_encoder(base_dir(), device)
+        result = finetune(encoder, heads, examples, config, on_step=report,
+                          validate=validate if early_stopping else None, on_epoch=epoch_done, checkpoint=partial)
     _save(encoder, out)
     (out / "train_log.json").write_text(json.dumps({**asdict(result), "config": asdict(config),
                                                     "max_length": MAX_LENGTH, "train_limit": train_limit,

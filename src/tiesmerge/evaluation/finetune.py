@@ -13,15 +13,19 @@ row fail to beat the best), and the log carries the per-epoch curve (mean train 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from .encoder import CosineHead, SentenceEncoder
+from .train_checkpoint import check_checkpoint_path, load_training_state, run_fingerprint, save_training_state
 
 __all__ = ["TrainConfig", "TrainLog", "EpochRecord", "finetune"]
 
@@ -68,6 +72,41 @@ def _batches(examples: Mapping[str, Sequence[tuple[str, int]]], batch_size: int,
     return batches
 
 
+def _check_training(heads: Mapping[str, CosineHead], examples: Mapping[str, Sequence[tuple[str, int]]],
+                    config: TrainConfig) -> None:
+    """The settings, and every example against its task's head, before any step (hp64b c25: a task without a head
+    was a bare KeyError, a label past the classes torch's IndexError, batch_size 0 a ValueError of range(), an lr of
+    NaN torch's own words; a warm-up fraction of 5 and no examples at all ran silently)."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    problems = []
+    if not isinstance(config.epochs, int) or config.epochs < 1:
+        problems.append(f"TrainConfig.epochs must be a whole number >= 1, got {config.epochs!r}")
+    if not isinstance(config.patience, int) or config.patience < 0:
+        problems.append(f"TrainConfig.patience must be a whole number >= 0, got {config.patience!r}")
+    if not isinstance(config.batch_size, int) or isinstance(config.batch_size, bool) or config.batch_size < 1:
+        problems.append(f"TrainConfig.batch_size must be a whole number >= 1, got {config.batch_size!r}")
+    if not number(config.lr) or config.lr <= 0:
+        problems.append(f"TrainConfig.lr must be a finite number > 0, got {config.lr!r}")
+    if not number(config.weight_decay) or config.weight_decay < 0:
+        problems.append(f"TrainConfig.weight_decay must be a finite number >= 0, got {config.weight_decay!r}")
+    if not number(config.warmup_fraction) or not 0 <= config.warmup_fraction <= 1:
+        problems.append(f"TrainConfig.warmup_fraction must be a fraction in [0, 1], got {config.warmup_fraction!r}")
+    if problems:
+        raise ConfigError(problems)
+    if not any(len(rows) for rows in examples.values()):
+        raise ConfigError("there are no examples to train on")
+    for task, rows in examples.items():
+        if task not in heads:
+            raise ConfigError(f"task {task!r} has no head (the heads are for {', '.join(map(repr, heads)) or 'none'})")
+        classes = int(heads[task].class_embeddings.shape[0])
+        for k, (_, label) in enumerate(rows):
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < classes:
+                raise ConfigError(f"task {task!r}, example {k + 1}: label {label!r} is not a class index of its head "
+                                  f"(0 to {classes - 1})")
+
+
 def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
              examples: Mapping[str, Sequence[tuple[str, int]]], config: TrainConfig = TrainConfig(), *,
              on_step: Callable[[int, int, float], None] | None = None,
@@ -85,10 +124,12 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     from its last save and ends with the weights an unbroken run ends with. The caller removes it
     once the model is saved. Read with ``weights_only`` (no code runs).
     """
-    if config.epochs < 1:
-        raise ValueError(f"TrainConfig.epochs must be >= 1, got {config.epochs}")
-    if config.patience < 0:
-        raise ValueError(f"TrainConfig.patience must be >= 0, got {config.patience}")
+    _check_training(heads, examples, config)
+    fingerprint = ""
+    if checkpoint is not None:  # checked before any training, not at its first save
+        checkpoint = check_checkpoint_path(checkpoint, checkpoint_seconds)
+        fingerprint = run_fingerprint(config, examples, {t: int(h.class_embeddings.shape[0]) for t, h in
+                                                          heads.items() if t in examples})
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     # every epoch's order is drawn up front, so a run stopped early saw the same batches as the
@@ -111,10 +152,7 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     best_epoch, best_score, best_state, stale = None, None, None, 0
     resumed: dict | None = None
     if checkpoint is not None and os.path.exists(checkpoint):
-        resumed = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if resumed["total"] != total or resumed["seed"] != config.seed:
-            raise ValueError(f"{checkpoint}: a training checkpoint of another run ({resumed['total']} steps, seed "
-                             f"{resumed['seed']}; this run: {total}, seed {config.seed}): remove it")
+        resumed = load_training_state(checkpoint, fingerprint)
         encoder.load_state_dict(resumed["encoder"])
         optimizer.load_state_dict(resumed["optimizer"])
         schedule.load_state_dict(resumed["schedule"])
@@ -127,16 +165,14 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     saved_at = time.perf_counter()
 
     def save(index: int, done: int, losses: list[float], epoch_seconds: float) -> None:
-        state = {"total": total, "seed": config.seed, "encoder": encoder.state_dict(),
+        state = {"fingerprint": fingerprint, "total": total, "encoder": encoder.state_dict(),
                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
                  "step": step, "loss_value": loss_value, "seen": seen, "epoch": index, "done": done,
                  "losses": losses, "epoch_seconds": epoch_seconds,
                  "curve": [dataclasses.astuple(r) for r in curve], "best_epoch": best_epoch,
                  "best_score": best_score, "stale": stale, "best_state": best_state,
                  "seconds": time.perf_counter() - started}
-        partial = f"{checkpoint}.{os.getpid()}.partial"  # workers training the same model write their own
-        torch.save(state, partial)
-        os.replace(partial, checkpoint)  # a kill while saving leaves the last whole checkpoint
+        save_training_state(checkpoint, state)
 
     for index, batches in enumerate(epochs, start=1):
         if index <= len(curve):  # an epoch the resumed run finished
