@@ -217,7 +217,7 @@ def test_a_training_checkpoint_is_checked_before_any_training(bert_tokenizer, tm
 
 
 def test_a_training_checkpoint_that_cannot_be_written_leaves_nothing(tmp_path, monkeypatch):
-    """hp64b c04: a full disk while saving was torch's bare RuntimeError, its partial file left beside the checkpoint."""
+    """hp64b c04: a full disk while saving was torch's bare RuntimeError, its partial file left beside it."""
     from tiesmerge.errors import OutputError
     from tiesmerge.evaluation import train_checkpoint
 
