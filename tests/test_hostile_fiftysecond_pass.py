@@ -1843,3 +1843,32 @@ def test_pass_63_notes(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"'label' 1000000000000000000000000000 is past any class index"):
         check_labels({"t": [{"text": "a", "label": 10**27}]})
     assert capsys is not None
+
+
+def test_pass_64_statistics_api(tmp_path):
+    """hp64b c07: fisher's epsilon of 1e-50 (0 in float32) made entries 0 / 0, said as an overflow with advice about a
+    lam; c18: gram_matrices on a Linear called by keyword was a bare IndexError; c19: an empty batch among others was
+    a bare IndexError under vmap; c20: gram_matrices of a module that is itself a Linear keyed it '.weight'; c21: one
+    class was said to be detached logits."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.registry import make_method
+    from tiesmerge.stats import fisher_information, gram_matrices
+
+    with pytest.raises(ConfigError, match="epsilon must be at least 1.18e-38"):
+        make_method("fisher", {"epsilon": 1e-50})
+
+    class ByKeyword(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.l(input=x)
+
+    torch.manual_seed(0)
+    assert list(gram_matrices(ByKeyword(), [torch.randn(5, 4)], lambda m, b: m(b)).tensors) == ["l.weight"]
+    assert list(gram_matrices(torch.nn.Linear(4, 3), [torch.randn(5, 4)], lambda m, b: m(b)).tensors) == ["weight"]
+    stats = fisher_information(ByKeyword(), [torch.randn(0, 4), torch.randn(3, 4)], lambda m, b: m(b))
+    assert stats.manifest.examples == 3
+    with pytest.raises(ConfigError, match="gives every class the same logit"):
+        fisher_information(torch.nn.Linear(4, 1), [torch.randn(5, 4)], lambda m, b: m(b))

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .base import ChunkContext, Requirements, SideInput, method_config, option, positive
+from .base import FLOAT32_TINY, ChunkContext, Requirements, SideInput, method_config, option, positive
 
 if TYPE_CHECKING:
     import torch
 
 NORMALIZATIONS = ("none", "rms")
+
+
+def _float32_floor(value: Any) -> str | None:
+    """A positive number float32 holds as a normal number: a floor below 1.2e-38 is 0 (or a subnormal flushed to 0)
+    where the merge computes, and every entry with all Fisher values 0 was 0 / 0 (hp64b c07: "the merge
+    overflowed", with advice about a lam fisher has not)."""
+    return positive(value) or (f"must be at least {FLOAT32_TINY:.3g} (float32's smallest normal number; the merge "
+                               "computes in float32, where a smaller floor is 0)" if value < FLOAT32_TINY else None)
 
 
 @method_config
@@ -31,7 +39,7 @@ class Fisher:
     summary: ClassVar[str] = "Fisher merging: each entry a mean of the models weighted by their diagonal Fisher"
 
     epsilon: float = option(1e-6, "floor on every Fisher value (where all are below it, the mean)",
-                            unit="Fisher units (after normalize)", check=positive)
+                            unit="Fisher units (after normalize)", check=_float32_floor)
     normalize: str = option("none", "divide each model's Fisher by its root mean square over the whole model first",
                             choices=NORMALIZATIONS)
 

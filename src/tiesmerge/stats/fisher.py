@@ -150,6 +150,8 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     try:
         for batch in tqdm(batches, desc=f"fisher ({kind})", unit="batch", disable=not progress):
             size = batch_size(batch)
+            if not size:  # an empty batch (a filtered loader's) adds nothing; vmap's path failed on it (hp64b c19)
+                continue
             labels = targets(batch) if kind != "exact" and targets is not None else None  # exact: y ~ p
             if labels is not None:
                 if classes is None:  # the number of classes, from one forward pass without gradients
@@ -176,7 +178,13 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     if not examples:
         raise ConfigError("no examples: the batches were empty")
     if total and not any(bool(t.any()) for t in total.values()):  # (hp56 c50: detached logits, written as a Fisher)
-        raise _no_graph(f"the Fisher is zero for every parameter over {examples:,} examples")
+        # (hp64b c21: one class, or equal logits, was said to be detached: the softmax is constant there)
+        raise ConfigError(f"the Fisher is zero for every parameter over {examples:,} examples: the log-probabilities "
+                          "do not change with the module's parameters: logits_fn's output is detached (computed "
+                          "under no_grad, or from another module), or it gives every class the same logit (a single "
+                          "class, or equal columns), so the softmax is constant",
+                          hint="return (B, C) logits of at least two classes, computed by the module passed to "
+                               "logits_fn, with gradients")
     tensors = {n.removeprefix("module."): (t / examples) for n, t in total.items()}
     manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": per_example,
                                                   "embedding_rows": embedding_rows},

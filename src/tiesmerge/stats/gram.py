@@ -52,8 +52,14 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
     current_mask: list[torch.Tensor | None] = [None]
 
     def hook(name: str) -> Callable:
-        def collect(layer: torch.nn.Module, inputs: tuple, output: Any) -> None:
-            x = inputs[0].detach()  # (*lead, in)
+        def collect(layer: torch.nn.Module, inputs: tuple, kwargs: dict, output: Any) -> None:
+            # a Linear called by keyword (self.l(input=x), legal PyTorch) has no positional input (hp64b c18: a bare
+            # IndexError of inputs[0])
+            x = (inputs[0] if inputs else kwargs.get("input", next(iter(kwargs.values()), None)))
+            if not isinstance(x, torch.Tensor):
+                raise ConfigError(f"the Linear layer {name or 'module'!r} was called without a tensor input",
+                                  hint="call nn.Linear layers with their input tensor")
+            x = x.detach()  # (*lead, in)
             mask = current_mask[0]
             if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
                 x = x[mask.to(x.device)]  # (real rows, in)
@@ -65,7 +71,7 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
             rows[name] += x.shape[0]
         return collect
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in linears.items()]
+    handles = [layer.register_forward_hook(hook(name), with_kwargs=True) for name, layer in linears.items()]
     was_training = module.training
     module.eval()
     examples = 0
@@ -80,13 +86,16 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
         module.train(was_training)
     if not examples:
         raise ConfigError("no examples: the batches were empty")
-    tensors = {f"{name}.weight": (sums[name] / max(rows[name], 1)).float() for name in sums if rows[name]}
+    def key(name: str) -> str:  # the module itself a Linear: its weight is "weight", not ".weight" (hp64b c20)
+        return f"{name}.weight" if name else "weight"
+
+    tensors = {key(name): (sums[name] / max(rows[name], 1)).float() for name in sums if rows[name]}
     if not tensors:  # every row masked out: statistics of nothing, written as a folder of a manifest (hp56 c51)
         raise ConfigError(f"no input rows reached any Linear layer over {examples:,} examples"
                           + (": token_mask kept none" if token_mask is not None else ""),
                           hint="check token_mask (True keeps a row), or that the model has Linear layers the "
                                "batches run through")
-    options = {"token_mask": token_mask is not None, "rows": {f"{n}.weight": rows[n] for n in sums}}
+    options = {"token_mask": token_mask is not None, "rows": {key(n): rows[n] for n in sums}}
     manifest = StatsManifest("gram", examples, options, model_digest=model_digest(module, model),
                              model=str(model) if model is not None else None, tokenizer_digest=tokenizer_digest(model),
                              config_digest=config_digest(model))
