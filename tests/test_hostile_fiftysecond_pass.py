@@ -1872,3 +1872,18 @@ def test_pass_64_statistics_api(tmp_path):
     assert stats.manifest.examples == 3
     with pytest.raises(ConfigError, match="gives every class the same logit"):
         fisher_information(torch.nn.Linear(4, 1), [torch.randn(5, 4)], lambda m, b: m(b))
+
+
+def test_exact_numbers_are_option_values(tmp_path):
+    """hp64a c53: density=Fraction(1, 3) (or Decimal("0.3")) was "density must be a fraction in (0, 1], got
+    Fraction(1, 3)", the same for densities, drop_rate, rank_fraction and gamma."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from tiesmerge.registry import make_method
+
+    assert make_method("ties", {"density": Fraction(1, 3)}).density == pytest.approx(1 / 3)
+    assert make_method("ties", {"densities": [Fraction(1, 3), Decimal("0.5")]}).densities == (pytest.approx(1 / 3),
+                                                                                              0.5)
+    assert make_method("dare_ties", {"drop_rate": Decimal("0.9")}).drop_rate == 0.9
+    assert make_method("breadcrumbs", {"gamma": Fraction(1, 100)}).gamma == 0.01

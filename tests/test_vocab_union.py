@@ -298,3 +298,33 @@ def test_a_token_id_that_is_no_small_integer_is_named(tmp_path, bad):
     (fts[1] / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(tiesmerge.errors.CheckpointError, match=r"token id .* is not an integer from 0 to"):
         tiesmerge.plan_merge(base, fts, "ties", vocab_policy="union")
+
+
+def test_added_rows_past_the_output_dtype_blame_the_models_not_the_base(tmp_path):
+    """hp64a c48, c52: a model's added-token row past float16 (1e5), merged with --dtype float16, was "copied from the
+    base ... the base checkpoint is damaged"."""
+    from safetensors.torch import load_file, save_file
+
+    from tiesmerge.errors import InvalidTensorError
+
+    base, fts = _family(tmp_path)
+    state = load_file(str(fts[0] / "model.safetensors"))
+    state[HEAD][len(WORDS) + 1] = 1e5  # <|im_end|>, model 0's own token
+    save_file(state, str(fts[0] / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidTensorError) as err:
+        tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union", dtype="float16")
+    assert "the tokens the models added" in err.value.message and "damaged" not in err.value.hint
+    assert "--dtype bfloat16 or float32" in err.value.hint and not (tmp_path / "out").exists()
+
+
+def test_a_token_holding_a_lone_surrogate_is_refused_before_the_merge(tmp_path):
+    """hp64a c108: a tokenizer.json token "\\ud800" (valid JSON, no UTF-8 text) failed the union's tokenizer write after
+    the whole merge, as "unexpected UnicodeEncodeError ... a bug"."""
+    from tiesmerge.errors import CheckpointError
+
+    base, fts = _family(tmp_path)
+    tj = fts[0] / "tokenizer.json"
+    tj.write_text(tj.read_text().replace('"<|im_end|>"', '"\\ud800"'))
+    with pytest.raises(CheckpointError, match="holds a lone UTF-16 surrogate"):
+        tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union")
+    assert not (tmp_path / "out").exists()

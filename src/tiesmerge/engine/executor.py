@@ -33,6 +33,7 @@ from ..finite import NotFiniteError, check_copy_fits, check_finite, check_fits_f
 from ..io import leases
 from ..io.align import Alignment, TensorJob
 from ..io.protocol import rank_bound
+from ..io.vocab_rows import is_part
 from ..lazy import torch
 from ..methods.base import ChunkContext, LinearKernel, MergeMethod, Requirements, TensorKernel, TiesKernel
 from ..sizes import DEFAULT_MEMORY_BUDGET, parse_size
@@ -106,11 +107,24 @@ def _check_copy_finite(job: TensorJob, value: np.ndarray | torch.Tensor, base: A
     flat = value.reshape(-1)[where]
     raw = float(widen(np.asarray(flat).reshape(1), job.dtype_info)[0]) if isinstance(value, np.ndarray) else \
         float(flat)
+    if is_part(job.name):  # the rows of tokens the models added: their mean, built in the output's dtype, is not
+        # the base's (hp64a c48, c52: "the base checkpoint is damaged", of a model's row past float16)
+        return _refuse_added_rows(job, where, raw)
     where_from = base.location(job.name) if hasattr(base, "location") else "the base"
     raise InvalidTensorError(
         f"{where_from}: tensor {job.name!r} {tuple(job.shape)}, copied from the base into the output (no model "
         f"changes it), holds {'NaN' if raw != raw else 'Inf'} at element {where:,}",
         hint="the base checkpoint is damaged or was saved after a diverged training step; merge onto another copy")
+
+
+def _refuse_added_rows(job: TensorJob, where: int, raw: float) -> None:
+    name, _, rows = job.name.partition(" [union rows ")
+    raise InvalidTensorError(
+        f"tensor {name!r}, rows {rows.rstrip(']')} (the tokens the models added: each row the mean of the models that "
+        f"have that token) holds {'NaN' if raw != raw else 'Inf'} at element {where:,} in "
+        f"{job.dtype_info.name}: a model's row there is past that dtype's range, or not finite",
+        hint="write a wider dtype (--dtype bfloat16 or float32; out_dtype in a mergekit recipe), and check that "
+             "model's rows for those tokens")
 
 
 def _cast_copy(job: TensorJob, value: np.ndarray | torch.Tensor, out: DType) -> torch.Tensor:

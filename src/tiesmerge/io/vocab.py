@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,15 @@ def _as_id(value: Any, where: str, *, key: bool = False) -> int:
     return out
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _put(tokens: dict[int, str], i: int, text: str, where: str) -> None:
+    if _SURROGATE.search(text):  # valid JSON ("\ud800"), but no UTF-8 text: writing the union's tokenizer failed
+        # after the whole merge, "a bug" (hp64a c108)
+        raise CheckpointError(f"{where}: token id {i} is {text[:40]!r}, which holds a lone UTF-16 surrogate: no "
+                              "tokenizer can encode it as UTF-8", hint="the tokenizer file is damaged (an escape "
+                              "\\ud800 without its pair); save the tokenizer again")
     if tokens.get(i, text) != text:
         raise CheckpointError(f"{where}: id {i} is both {tokens[i]!r} and {text!r} in this tokenizer",
                               hint="the tokenizer files disagree with each other; save the tokenizer again")

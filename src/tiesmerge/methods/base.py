@@ -631,8 +631,19 @@ def plain_value(value: Any) -> Any:
     except (RuntimeError, TypeError, ValueError):  # a tensor on the meta device holds no number: judged as it is
         return value
     if isinstance(value, (list, tuple)):
-        return tuple(plain_value(v) if _array_like(v) else v for v in value)
+        return tuple(plain_value(v) if _array_like(v) or _exact(v) else v for v in value)
+    if _exact(value):  # Fraction(1, 3), Decimal("0.3"): the number they are (hp64a c53: "must be a fraction in (0, 1],
+        try:  # got Fraction(1, 3)")
+            return float(value)
+        except (ValueError, OverflowError):  # Decimal("sNaN"): judged as it is
+            return value
     return value
+
+
+def _exact(value: Any) -> bool:
+    """A fractions.Fraction or decimal.Decimal (exact numbers that are no float)."""
+    return type(value).__name__ in ("Fraction", "Decimal") and type(value).__module__ in ("fractions", "decimal",
+                                                                                          "_pydecimal")
 
 
 def check_options(method: Any) -> None:
