@@ -1887,3 +1887,16 @@ def test_exact_numbers_are_option_values(tmp_path):
                                                                                               0.5)
     assert make_method("dare_ties", {"drop_rate": Decimal("0.9")}).drop_rate == 0.9
     assert make_method("breadcrumbs", {"gamma": Fraction(1, 100)}).gamma == 0.01
+
+
+def test_a_model_tying_its_head_beside_an_untied_base_is_named(tmp_path):
+    """hp64a c19: following the hint to use an untied base, a tied model among the inputs was "lacks lm_head.weight
+    ... all models must be fine-tunes of the same base architecture"."""
+    import tiesmerge
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    base, models = make_family(2)
+    tied = {n: v for n, v in models[0].items() if n != "lm_head.weight"}
+    with pytest.raises(IncompatibleCheckpointsError) as err:
+        tiesmerge.merge(base, [tied, models[1]], "ties")
+    assert "ties its head to its input embedding" in err.value.hint

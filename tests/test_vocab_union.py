@@ -328,3 +328,34 @@ def test_a_token_holding_a_lone_surrogate_is_refused_before_the_merge(tmp_path):
     with pytest.raises(CheckpointError, match="holds a lone UTF-16 surrogate"):
         tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy="union")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fine_tune_standing_as_the_base_is_named_as_such(tmp_path):
+    """hp64a c22, c23, c123: a mergekit recipe without base_model merges onto its first model, whose added tokens
+    then disagree with another model's: the hint said "the model was not fine-tuned with the base's tokenizer"."""
+    base, fts = _family(tmp_path)
+    with pytest.raises(IncompatibleCheckpointsError) as err:
+        tiesmerge.merge(fts[0], [fts[1], base], "task_arithmetic", output=tmp_path / "out", vocab_policy="union")
+    assert "a token the base itself added" in err.value.hint and "base_model" in err.value.hint
+
+
+def test_a_reference_that_added_tokens_merges_under_truncate(tmp_path):
+    """hp64a c120, c121: --vocab-policy truncate --sign-from <a model that added tokens> (the hint of the union's
+    refusal) was refused as "the reference must be fine-tuned from the same base"; without a policy that hint named
+    no way out."""
+    base, fts = _family(tmp_path)
+    from tiesmerge.methods import Ties
+
+    out = tiesmerge.merge(base, fts, Ties(sign_from=str(fts[0])), output=tmp_path / "out", vocab_policy="truncate")
+    assert load_dir(out)[EMBED].shape[0] == len(WORDS)
+    plain = []
+    for k in range(2):  # fine-tunes that kept the base's vocabulary
+        model = transformers.LlamaForCausalLM.from_pretrained(base)
+        _fine_tune(model, seed=30 + k).save_pretrained(tmp_path / f"plain{k}")
+        _tokenizer().save_pretrained(tmp_path / f"plain{k}")
+        plain.append(tmp_path / f"plain{k}")
+    with pytest.raises(IncompatibleCheckpointsError) as err:
+        tiesmerge.merge(base, plain, Ties(sign_from=str(fts[1])), output=tmp_path / "o2")
+    assert "--vocab-policy truncate" in err.value.hint
+    out = tiesmerge.merge(base, plain, Ties(sign_from=str(fts[1])), output=tmp_path / "o3", vocab_policy="truncate")
+    assert load_dir(out)[EMBED].shape[0] == len(WORDS)

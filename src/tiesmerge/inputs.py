@@ -30,6 +30,7 @@ from .io.adapters import adapter_kind, yields_task_vector
 from .io.align import Alignment, align, with_parts
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.ia3 import Ia3Checkpoint, Ia3Folded
+from .io.vocab_rows import VOCAB_SUFFIXES
 from .lazy import torch
 from .methods import TaskArithmetic
 from .methods.base import MergeMethod, check_models, warn_unused
@@ -262,9 +263,11 @@ def _open_reference(stack: ExitStack, path: str | None, base: Any, base_ckpt: Ch
     return reference
 
 
-def _check_reference(reference: Checkpoint, alignment: Alignment) -> None:
+def _check_reference(reference: Checkpoint, alignment: Alignment, vocab_policy: str = "error") -> None:
     """The reference must hold every merged tensor with its shape (it is never aligned as a model,
-    so its other tensors, and tensors the models do not change, do not matter)."""
+    so its other tensors, and tensors the models do not change, do not matter); under ``truncate`` a vocabulary
+    tensor of more rows gives its first ones, as a model's does (hp64a c120: refused, though the hint that led
+    there promised it)."""
     names = set(reference.names())
     if yields_task_vector(reference):  # an adapter changes only the tensors it targets: its sign is 0 elsewhere
         merged = [j.name for j in alignment.jobs if j.merge]
@@ -285,11 +288,19 @@ def _check_reference(reference: Checkpoint, alignment: Alignment) -> None:
                 f"{reference.label}: the reference lacks tensor {job.name!r} {job.shape}, which is merged",
                 hint="the reference must be fine-tuned from the same base as the models")
         info = reference.info(job.name)
-        if tuple(info.shape) != tuple(job.shape) or not info.dtype.is_floating_point:
+        shape = tuple(info.shape)
+        more_rows = len(shape) == len(job.shape) >= 1 and shape[1:] == tuple(job.shape[1:]) and \
+            shape[0] > job.shape[0] and job.name.endswith(VOCAB_SUFFIXES)
+        if more_rows and vocab_policy == "truncate" and info.dtype.is_floating_point:
+            continue  # its first rows are the base's tokens' (read by row, as a model's)
+        if shape != tuple(job.shape) or not info.dtype.is_floating_point:
+            hint = "the reference must be fine-tuned from the same base as the models"
+            if more_rows:  # a reference that added tokens (hp64a c121)
+                hint = (f"the reference's vocabulary grew ({shape[0]} rows, the base's {job.shape[0]}): "
+                        "--vocab-policy truncate merges the base's rows, the reference's first rows among them")
             raise IncompatibleCheckpointsError(
-                f"{reference.location(job.name)}: tensor {job.name!r} of the reference is {tuple(info.shape)} "
-                f"{str(info.dtype).removeprefix('torch.')}, but the base's is {job.shape}",
-                hint="the reference must be fine-tuned from the same base as the models")
+                f"{reference.location(job.name)}: tensor {job.name!r} of the reference is {shape} "
+                f"{str(info.dtype).removeprefix('torch.')}, but the base's is {job.shape}", hint=hint)
 
 
 # How the caller passes statistics, for the hint when a data-aware method has none: the Python API's keyword by
@@ -524,7 +535,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
         method.check_tensors({j.name: tuple(j.shape) for j in alignment.jobs if j.merge})
     _warn_float64([j.name for j in alignment.jobs if j.merge and j.dtype_info.code == "F64"], out_dtype)
     if reference is not None:
-        _check_reference(reference, alignment)
+        _check_reference(reference, alignment, vocab_policy)
     distances: tuple = ()
     if engine_base is base_ckpt or layout is not None:  # adapters merged against a stand-in base: not measured
         distances = tuple(measure(engine_base, engine_models, alignment.jobs))

@@ -438,6 +438,12 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             elif base_peft and len(base_peft) == len(missing):
                 hint = (f"the base's tensors are a PEFT LoRA adapter's factors ({base_peft[0]!r}): the base is the "
                         "full model the fine-tunes and adapters were trained from, never an adapter")
+            heads = [n for n in missing if n.endswith(_HEAD_SUFFIXES)]
+            if heads and len(heads) == len(missing) and not extra and any(n.endswith(_EMBED_SUFFIXES) for n in have):
+                # a model that ties its head to its embedding beside a base that stores its own (hp64a c19)
+                hint = (f"model {k} stores no {heads[0]!r}: it ties its head to its input embedding, while the base "
+                        "stores a head of its own; merge models that tie alike (save model "
+                        f"{k} with its head untied, a copy of its embedding, or use a base that ties it too)")
             if left_out:
                 hint = (f"{role} folder holds {', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}, "
                         "which its index (model.safetensors.index.json) never names: the index is incomplete or "
@@ -503,10 +509,14 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             union = (f"{policy_words['union']} keeps every model's added tokens (their rows: the "
                      "mean of the models that have them)") if union_offered else None
             if rows_only and mi.shape[0] < info.shape[0]:  # truncate cuts a model's extra rows; these are missing
+                # union merges by token only where the model keeps every token of the base's (the base's extra rows
+                # being padding); a model that dropped some of them no policy merges (hp64a c161, c164)
                 hint = (f"model {k}'s table has fewer rows ({mi.shape[0]}) than the base's ({info.shape[0]}), so "
-                        "truncating cannot help; " + (
+                        "truncating cannot help; if its tokenizer keeps every token of the base's (the base's extra "
+                        "rows are padding), " + (
                             f"{union}, each token's row from the models that have it" if union else
-                            "merge them with `tiesmerge merge --vocab-policy union`, which merges by token"))
+                            "`tiesmerge merge --vocab-policy union` merges by token") + "; if it dropped some of "
+                        "them, no policy can merge it: give the base it was fine-tuned from")
             elif rows_only:
                 hint = "the vocabulary sizes differ; " + (f"{union}, " if union else "") + (
                     f"{policy_words['truncate']} keeps only the base's first rows of every model, if the added "

@@ -355,10 +355,16 @@ def union_of(base: TokenizerVocab, models: list[TokenizerVocab]) -> VocabUnion:
                     f"token id {i} means {theirs!r} in model {k} ({m.label}) but {o.tokens[i]!r} in model {other} "
                     f"({o.label}); the base ({base.label}) has {mine!r}",
                     hint="the models' tokenizers are not extensions of the base's; merge models that share it")
+            hint = ("the model was not fine-tuned with the base's tokenizer (another model family, or a re-trained "
+                    "tokenizer); merge models that share it")
+            if i in base.added and i not in base.model_ids:  # the base's own added token: the base is a fine-tune
+                # (a mergekit recipe without base_model merges onto its first model: hp64a c22, c23, c123)
+                hint = (f"{mine!r} is a token the base itself added (at id {i}): the base looks like a fine-tune "
+                        "of another model; give the model they were all fine-tuned from as the base (base_model: "
+                        "in a mergekit recipe, which otherwise merges onto its first model)")
             raise IncompatibleCheckpointsError(
                 f"token id {i} means {mine!r} in the base ({base.label}) but {theirs!r} in model {k} ({m.label})",
-                hint="the model was not fine-tuned with the base's tokenizer (another model family, or a re-trained "
-                     "tokenizer); merge models that share it")
+                hint=hint)
     new: dict[str, NewToken] = {}
     maps: list[dict[int, int]] = []
     for k, m in enumerate(models):
