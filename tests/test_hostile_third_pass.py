@@ -64,7 +64,7 @@ def test_force_keeps_an_earlier_output_that_holds_a_users_file(family, capsys):
     Path("out/plots/curve.png").write_bytes(b"png")
     before, kept = snapshot(inputs), snapshot(Path("out"))
     rc, err = _run(_merge(b, ms, "out", "--force"), capsys)
-    check(rc, err, want_rc=1, needle=("2 file(s) that tiesmerge did not write", "my_eval_notes.txt",
+    check(rc, err, want_rc=1, needle=("2 file(s) that this output's manifest does not list", "my_eval_notes.txt",
                                       "plots/curve.png", "move them out"),
           output=None, inputs=inputs, before=before)
     assert snapshot(Path("out")) == kept
