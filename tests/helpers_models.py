@@ -57,14 +57,14 @@ ENCODER_WORDS = ("the cat sat on a mat dog ran far away bird sang song tree gree
                  "old new river fast slow sun moon star night day rain snow cold warm").split()
 
 
-def tiny_bert_encoder(tokenizer, seed: int = 0):
-    """A 2-layer, 32-wide random BERT as a :class:`~tiesmerge.evaluation.encoder.SentenceEncoder`."""
+def tiny_bert_encoder(tokenizer, seed: int = 0, hidden: int = 32):
+    """A 2-layer, ``hidden``-wide random BERT as a :class:`~tiesmerge.evaluation.encoder.SentenceEncoder`."""
     import transformers
 
     from tiesmerge.evaluation.encoder import SentenceEncoder
 
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    cfg = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=2 * hidden, max_position_embeddings=64)
     model = transformers.BertModel(cfg, add_pooling_layer=False)
     return SentenceEncoder(model, tokenizer, max_length=32)

@@ -252,3 +252,25 @@ def test_texts_the_tokenizer_reads_as_unknown_are_said(tmp_path):
         builtin_evaluator(f"classifier-accuracy:{data}", model, device="cpu")
     with pytest.warns(MergeWarning, match=r"unknown to the base's tokenizer \(\[UNK\]\), so the statistics"):
         hf_statistics("fisher", model, data)
+
+
+def test_a_gpt2_configs_positions_and_its_pad_token_are_read(tmp_path):
+    """hp64b c34, c35: a GPT-2 config names its positions n_positions, which the evaluators' checks missed (texts cut
+    to its 32 positions without a word); c27: following the hint to set pad_token_id in config.json, the tokenizer
+    still had no pad token ("Asking to pad but the tokenizer does not have a padding token", blamed on the config)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tiesmerge.evaluation.loading import align_pad_token, fitted_length_of
+
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=32, n_embd=16, n_layer=1, n_head=2, num_labels=2,
+                                  pad_token_id=0)
+    model = transformers.GPT2ForSequenceClassification(cfg)
+    model.save_pretrained(tmp_path / "gpt")
+    assert fitted_length_of(tmp_path / "gpt", 128) == 32
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(20)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w1")
+    assert fast.pad_token_id is None
+    align_pad_token(model, fast, tmp_path / "gpt")
+    assert fast.pad_token_id == 0
+    fast(["w2 w3", "w4"], padding=True)  # pads now

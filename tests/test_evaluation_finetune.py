@@ -230,3 +230,37 @@ def test_a_training_checkpoint_that_cannot_be_written_leaves_nothing(tmp_path, m
     with pytest.raises(OutputError, match="cannot save the training checkpoint"):
         train_checkpoint.save_training_state(str(tmp_path / "ck.pt"), {"x": 1})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_checkpoint_of_another_encoder_or_without_validation_is_refused(bert_tokenizer, tmp_path):
+    """hp64b c14, c43, c26: a checkpoint of another encoder was torch's bare load_state_dict error; one of a run with
+    validation resumed by a run without it ended with the old run's best epoch, not its last; a dead run's
+    <checkpoint>.<pid>.partial stayed for good."""
+    import subprocess
+    import sys
+
+    from tiesmerge.errors import ConfigError
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    ck = tmp_path / "ck.pt"
+
+    def stop(step, total, loss):
+        if step == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0,
+                 validate=lambda e: 0.5)
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.raises(ConfigError, match="a training checkpoint of another run"):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=ck)  # no validate
+    other = tiny_bert_encoder(bert_tokenizer, seed=5, hidden=16)
+    with pytest.raises(ConfigError, match="a training checkpoint of another run"):
+        finetune(other, {t: build_head(other, d) for t, d in FT_DESCRIPTIONS.items()}, FT_DATA, FT_CONFIG,
+                 checkpoint=ck, validate=lambda e: 0.5)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"ck.pt.{dead.stdout.strip()}.partial"
+    stale.write_bytes(b"half a save")
+    enc, heads = _ft_setup(bert_tokenizer)
+    finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=ck, validate=lambda e: 0.5)
+    assert not stale.exists()

@@ -1900,3 +1900,19 @@ def test_a_model_tying_its_head_beside_an_untied_base_is_named(tmp_path):
     with pytest.raises(IncompatibleCheckpointsError) as err:
         tiesmerge.merge(base, [tied, models[1]], "ties")
     assert "ties its head to its input embedding" in err.value.hint
+
+
+def test_statistics_saved_from_another_working_folder_are_not_refused(tmp_path, monkeypatch):
+    """hp64b c30: statistics whose manifest names the model relative to the folder they were computed in ("fx/a")
+    were refused by save() from another working folder: "the output contains the model ... (fx/a)", resolved there."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.stats.files import Statistics, StatsManifest, save_stats
+
+    stats = Statistics(StatsManifest("fisher", 3, model="fx/a"), {"w": torch.ones(2)})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    save_stats(tmp_path / "elsewhere" / "st", stats)  # fx/a names nothing here
+    assert (tmp_path / "elsewhere" / "st" / "tiesmerge_stats.json").is_file()
+    (tmp_path / "elsewhere" / "fx" / "a").mkdir(parents=True)  # a folder of that name here is still guarded
+    with pytest.raises(OutputError, match="the model these statistics describe"):
+        save_stats(tmp_path / "elsewhere" / "fx", stats)

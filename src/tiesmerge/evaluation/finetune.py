@@ -129,7 +129,9 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     if checkpoint is not None:  # checked before any training, not at its first save
         checkpoint = check_checkpoint_path(checkpoint, checkpoint_seconds)
         fingerprint = run_fingerprint(config, examples, {t: int(h.class_embeddings.shape[0]) for t, h in
-                                                          heads.items() if t in examples})
+                                                          heads.items() if t in examples},
+                                      shapes={k: tuple(v.shape) for k, v in encoder.state_dict().items()},
+                                      validated=validate is not None)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     # every epoch's order is drawn up front, so a run stopped early saw the same batches as the

@@ -269,8 +269,20 @@ def align_pad_token(model: Any, tokenizer: Any, directory: str | os.PathLike) ->
     handle batch sizes > 1 if no padding token is defined", blamed on its config, hp35 E51). The tokenizer's pad
     token is the one its batches are padded with: the config takes it; with none on either side, a typed error."""
     config = getattr(model, "config", None)
-    if not type(model).__name__.endswith("ForSequenceClassification") or config is None \
-            or getattr(config, "pad_token_id", None) is not None:
+    if not type(model).__name__.endswith("ForSequenceClassification") or config is None:
+        return
+    named = getattr(config, "pad_token_id", None)
+    if named is not None:
+        if getattr(tokenizer, "pad_token_id", None) is None:  # config.json names it, the tokenizer has none: its
+            # batches pad with the config's token (hp64b c27: following the hint, "Asking to pad but the tokenizer
+            # does not have a padding token", blamed on the config)
+            token = tokenizer.convert_ids_to_tokens(named) if isinstance(named, int) and not isinstance(named, bool) \
+                and 0 <= named < len(tokenizer) else None
+            if token is None:
+                raise ConfigError(f"{directory}: config.json's pad_token_id {named!r} is no token of the tokenizer "
+                                  f"({len(tokenizer)} tokens)", hint="set pad_token_id to a token's id (e.g. the eos "
+                                                                     "token's)")
+            tokenizer.pad_token = token
         return
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is not None:
@@ -408,9 +420,11 @@ def fitted_length_of(directory: str | os.PathLike, max_length: int) -> int:
     from types import SimpleNamespace
 
     config = _json_object(Path(directory) / "config.json") or {}
+    # transformers maps other names onto max_position_embeddings (GPT-2's n_positions, GPT-J's n_ctx): read as the
+    # built config reads them (hp64b c34, c35: a GPT-2's 32 positions went unseen, its texts cut without a word)
+    positions = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if k in config), None)
     return fitted_length(SimpleNamespace(config=SimpleNamespace(
-        max_position_embeddings=config.get("max_position_embeddings"), model_type=config.get("model_type"))),
-        max_length)
+        max_position_embeddings=positions, model_type=config.get("model_type"))), max_length)
 
 
 def refuse_alike(tokenizer: Any, texts: Sequence[str], *, where: str, what: str,

@@ -35,6 +35,7 @@ def check_checkpoint_path(checkpoint: str | os.PathLike, seconds: float) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"{path}: the checkpoint's folder {folder} does not exist", hint="create it first")
+    _remove_dead_partials(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -45,11 +46,34 @@ def check_checkpoint_path(checkpoint: str | os.PathLike, seconds: float) -> str:
     return path
 
 
-def run_fingerprint(config: Any, examples: Mapping[str, Sequence[tuple[str, int]]], classes: Mapping[str, int]) -> str:
-    """sha256 of what decides a training run: its settings, every example (text and label, in order) and each
-    task's number of classes. A checkpoint of another run is refused by it (hp64b c03: only the step count and the
-    seed were compared, and a run on other data resumed from another's weights)."""
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True, default=str).encode())
+def _remove_dead_partials(path: str) -> None:
+    """A save killed between its write and its rename leaves ``<checkpoint>.<pid>.partial``: one of a process of
+    this machine that is gone is removed by the next run (hp64b c26: each killed save left one for good)."""
+    from ..scratch import process_is_dead
+
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return
+    for entry in entries:
+        pid = entry[len(name) + 1:-len(".partial")] if entry.startswith(name + ".") and entry.endswith(".partial") \
+            else ""
+        if pid.isdigit() and process_is_dead(pid) and os.path.isfile(os.path.join(folder, entry)):
+            try:
+                os.unlink(os.path.join(folder, entry))
+            except OSError:
+                pass
+
+
+def run_fingerprint(config: Any, examples: Mapping[str, Sequence[tuple[str, int]]], classes: Mapping[str, int], *,
+                    shapes: Mapping[str, tuple[int, ...]], validated: bool) -> str:
+    """sha256 of what decides a training run: its settings, every example (text and label, in order), each task's
+    number of classes, the encoder's parameter shapes, and whether epochs are validated (the best epoch kept, or the
+    last). A checkpoint of another run is refused by it (hp64b c03, c14, c43: only the step count and the seed were
+    compared: a run on other data, another encoder, or without validation resumed from another's state)."""
+    digest = hashlib.sha256(json.dumps([asdict(config), sorted((k, list(v)) for k, v in shapes.items()), validated],
+                                       sort_keys=True, default=str).encode())
     for task in sorted(examples):
         digest.update(json.dumps([task, classes.get(task), [[t, y] for t, y in examples[task]]],
                                  ensure_ascii=False).encode("utf-8", "surrogatepass"))

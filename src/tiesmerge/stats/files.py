@@ -221,7 +221,9 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
                                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in stats.tensors.items()}
     check_finite_statistics(manifest.kind, tensors)  # before anything is written: a merge would refuse them
-    if manifest.model:  # never inside (or over) the model the statistics describe, as `tiesmerge stats -o` refuses
+    if manifest.model and os.path.exists(manifest.model):  # never inside (or over) the model the statistics
+        # describe, as `tiesmerge stats -o` refuses; a relative path recorded from another working folder that names
+        # nothing here guards nothing (hp64b c30: it was resolved here, and named a folder that does not exist)
         check_not_input(directory, [("the model these statistics describe", manifest.model)])
     groups = [[OutputEntry(k, tuple(v.shape), v.dtype)] for k, v in tensors.items()]
     needed = output_footprint(sum(v.numel() * 4 for v in tensors.values()), tensors=len(tensors),
