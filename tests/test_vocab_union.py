@@ -359,3 +359,15 @@ def test_a_reference_that_added_tokens_merges_under_truncate(tmp_path):
     assert "--vocab-policy truncate" in err.value.hint
     out = tiesmerge.merge(base, plain, Ties(sign_from=str(fts[1])), output=tmp_path / "o3", vocab_policy="truncate")
     assert load_dir(out)[EMBED].shape[0] == len(WORDS)
+
+
+@pytest.mark.parametrize("policy", ["error", "truncate"])
+def test_models_filling_the_bases_padding_rows_with_other_tokens_are_refused(tmp_path, policy):
+    """hp64a c72, c74: a base padded past its tokenizer, two models putting different added tokens in the same padding
+    rows: the rows were merged silently (two tokens' embeddings mixed) under the default policy and truncate."""
+    base, fts = _family(tmp_path, pad_to=24)
+    with pytest.raises(IncompatibleCheckpointsError, match="a row the base's tokenizer leaves unused") as err:
+        tiesmerge.merge(base, fts, "ties", output=tmp_path / "out", vocab_policy=policy)
+    assert "--vocab-policy union" in err.value.hint
+    same, _ = _family(tmp_path / "same", pad_to=24, added=(("<a>",), ("<a>",)))
+    tiesmerge.merge(same, _, "ties", output=tmp_path / "ok", vocab_policy=policy)  # the same token there: fine

@@ -309,10 +309,21 @@ def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]
     vb = vocab(*base)
     if vb is None:
         return
+    beyond: dict[int, tuple[int, str, str]] = {}  # an id the base leaves unused -> (model, its token, its label)
     for k, directory, label in models:  # k: the model's position among all the models
         vm = vocab(directory, label)
         if vm is None:
             continue
+        for i, text in sorted(vm.tokens.items()):  # the base's padding rows, filled by the models' added tokens: the
+            if i in vb.tokens:  # same row must be the same token in each (hp64a c72, c74: two tokens' rows mixed)
+                continue
+            first = beyond.setdefault(i, (k, text, label))
+            if first[1] != text:
+                raise IncompatibleCheckpointsError(
+                    f"id {i}, a row the base's tokenizer leaves unused (padding), is {first[1]!r} in model {first[0]} "
+                    f"({first[2]}) but {text!r} in model {k} ({label}): merging row by row would mix the two tokens' "
+                    "embeddings", hint="--vocab-policy union merges the models' added tokens by token, each in a "
+                                       "row of its own")
         differ = [i for i in sorted(vb.tokens) if i in vm.tokens and vm.tokens[i] != vb.tokens[i]]
         if differ:
             shown = ", ".join(f"id {i}: {vb.tokens[i]!r} in the base, {vm.tokens[i]!r} in model {k}"
