@@ -415,9 +415,10 @@ def _check_tokenizers(base: Checkpoint, models: list[Checkpoint]) -> None:
 
     if base.directory() is None or yields_task_vector(base):
         return
+    tables = [base.info(n).shape[0] for n in base.names() if n.endswith(VOCAB_SUFFIXES) and base.info(n).shape]
     check_same_tokens((Path(base.directory()), base.label),
                       [(k, Path(m.directory()), m.label) for k, m in enumerate(models)
-                       if m.directory() is not None and not yields_task_vector(m)])
+                       if m.directory() is not None and not yields_task_vector(m)], rows=min(tables, default=None))
 
 
 def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMethod, stats: Sequence[Any] | None,

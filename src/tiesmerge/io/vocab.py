@@ -292,7 +292,7 @@ class VocabUnion:
 _VOCAB_FILES = ("tokenizer.json", "vocab.txt", "vocab.json")
 
 
-def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]]) -> None:
+def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]], rows: int | None = None) -> None:
     """Without ``--vocab-policy union``, row i of every embedding is merged with row i: the same token
     only when every tokenizer gives id i the same string. When the base and a model both hold a
     tokenizer (read as data), the ids they share must agree; a swap of two ids (another tokenizer of the
@@ -314,9 +314,9 @@ def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]
         vm = vocab(directory, label)
         if vm is None:
             continue
-        for i, text in sorted(vm.tokens.items()):  # the base's padding rows, filled by the models' added tokens: the
-            if i in vb.tokens:  # same row must be the same token in each (hp64a c72, c74: two tokens' rows mixed)
-                continue
+        for i, text in sorted(vm.tokens.items()):  # the base's padding rows (ids below its embedding's ``rows``),
+            if i in vb.tokens or rows is None or i >= rows:  # filled by the models' added tokens: the same row must be
+                continue  # the same token in each (hp64a c72, c74: two tokens' rows mixed); rows past it are cut
             first = beyond.setdefault(i, (k, text, label))
             if first[1] != text:
                 raise IncompatibleCheckpointsError(
