@@ -1916,3 +1916,26 @@ def test_statistics_saved_from_another_working_folder_are_not_refused(tmp_path, 
     (tmp_path / "elsewhere" / "fx" / "a").mkdir(parents=True)  # a folder of that name here is still guarded
     with pytest.raises(OutputError, match="the model these statistics describe"):
         save_stats(tmp_path / "elsewhere" / "fx", stats)
+
+
+def test_a_merge_refused_midway_closes_its_output_file(tmp_path):
+    """hp64b c06: every refusal met mid-merge (regmean's statistics checked as they are read) left the output's
+    open shard to the garbage collector: a ResourceWarning of an unclosed file."""
+    import gc
+    import warnings
+
+    import tiesmerge
+    from tiesmerge.errors import InvalidTensorError
+    from tiesmerge.stats.files import Statistics, StatsManifest
+
+    base, models = make_family(2)
+    grams = {k: torch.eye(v.shape[1]) for k, v in base.items() if v.is_floating_point() and v.dim() == 2}
+    grams[list(grams)[-1]] = -grams[list(grams)[-1]]  # refused when its tensor is read: after others were written
+    stats = [Statistics(StatsManifest("gram", 3), grams)] * 2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InvalidTensorError):
+            tiesmerge.merge(base, models, "regmean", stats=stats, output=tmp_path / "out")
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
+    assert not (tmp_path / "out").exists()

@@ -371,3 +371,18 @@ def test_models_filling_the_bases_padding_rows_with_other_tokens_are_refused(tmp
     assert "--vocab-policy union" in err.value.hint
     same, _ = _family(tmp_path / "same", pad_to=24, added=(("<a>",), ("<a>",)))
     tiesmerge.merge(same, _, "ties", output=tmp_path / "ok", vocab_policy=policy)  # the same token there: fine
+
+
+def test_a_models_tokenizer_behind_a_link_leaving_it_is_refused_not_skipped(tmp_path):
+    """hp64a c101, c105: a model's tokenizer.json linked outside its folder (a swapped tokenizer, or a FIFO) was
+    skipped by the default policy's tokenizer check, and the model merged silently."""
+    import os
+
+    from tiesmerge.errors import CheckpointError
+
+    base, fts = _family(tmp_path, added=((), ()))
+    outside = tmp_path / "elsewhere.json"
+    (fts[0] / "tokenizer.json").rename(outside)
+    os.symlink(outside, fts[0] / "tokenizer.json")
+    with pytest.raises(CheckpointError, match="outside"):
+        tiesmerge.merge(base, fts, "ties", output=tmp_path / "out")

@@ -500,7 +500,11 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             else:
                 writer = ShardedWriter(tmp, groups, shard_bytes, metadata={"format": "pt", "tiesmerge": __version__},
                                        finite=merged_names)
-                run_stats = executor.run(executor.alignment.route(writer))
+                try:
+                    run_stats = executor.run(executor.alignment.route(writer))
+                except BaseException:
+                    writer.abort()
+                    raise
                 writer.close()
                 files = writer.files
             if executor.side is not None:

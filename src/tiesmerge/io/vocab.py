@@ -299,8 +299,15 @@ def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]
     same size) would otherwise merge silently into nonsense. A tokenizer not readable as data is
     skipped: this check only refuses what it can see."""
     def vocab(directory: Path, label: str) -> TokenizerVocab | None:
-        if not any(os.path.lexists(directory / n) for n in _VOCAB_FILES):
+        present = [n for n in _VOCAB_FILES if os.path.lexists(directory / n)]
+        if not present:
             return None
+        for name in present:  # a link leaving the model or a FIFO is refused, not skipped as "unreadable": a
+            # swapped tokenizer behind a link merged silently (hp64a c101, c105)
+            real = inside(directory / name, directory, f"{label}'s {name}")
+            if not real.is_file():
+                raise CheckpointError(f"{directory / name}: {label}'s {name} is not a regular file",
+                                      hint="replace it by the tokenizer file itself")
         try:
             return read_vocab(directory, label)
         except CheckpointError:

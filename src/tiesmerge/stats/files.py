@@ -232,8 +232,12 @@ def save_stats(directory: str | os.PathLike, stats: Statistics, *, force: bool =
                           marker="tiesmerge_stats.json") as tmp:
         writer = ShardedWriter(tmp, groups, shard_bytes,
                                metadata={"format": "pt", "tiesmerge_stats": manifest.kind})
-        for name, value in tensors.items():
-            writer.write(name, None, value)
+        try:
+            for name, value in tensors.items():
+                writer.write(name, None, value)
+        except BaseException:
+            writer.abort()
+            raise
         writer.close()
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
     return Path(directory)
