@@ -1939,3 +1939,15 @@ def test_a_merge_refused_midway_closes_its_output_file(tmp_path):
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_lists_a_missing_base_once_with_the_recipes_hint(tmp_path, capsys, monkeypatch):
+    """hp64a c62: validate of a mergekit recipe whose ../ paths miss from this folder listed the base twice ("cannot
+    read the model", "cannot read the base") with a generic hint, where merge names the working folder."""
+    (tmp_path / "y").mkdir()
+    recipe = tmp_path / "y" / "mk.yaml"
+    recipe.write_text("merge_method: ties\nbase_model: ../base\nmodels:\n  - model: ../a\n    parameters: {weight: 1, "
+                      "density: 0.5}\n  - model: ../b\n    parameters: {weight: 1, density: 0.5}\n")
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc != 0 and err.count("../base: no such file") == 1 and "relative to the working folder" in err, err

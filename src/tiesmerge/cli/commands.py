@@ -795,15 +795,19 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
     # by their first line: a problem said with the inputs together, said again of one model alone, differs only in
     # its shapes table (hp45 c51: one mismatch listed three times). Sets, not scans of the lists: 20,000 models took
     # 45.8 s (hp40b C30)
-    said_before = {p.split("\n", 1)[0] for p in problems}
+    def first_line(message: str) -> str:  # the role a missing path was read in is no other problem (hp64a c62:
+        # "../base: no such file ... (cannot read the model)" and "(cannot read the base)" both listed)
+        return re.sub(r" \(cannot read the [^)]*\)$", "", message.split("\n", 1)[0])
+
+    said_before = {first_line(p) for p in problems}
     allow = allow_pickle and bool(getattr(args, "allow_pickle", False))  # a recipe's own consent needs the flag
 
     def add(exc: TiesMergeError, k: int | None) -> None:
         for message in getattr(exc, "problems", None) or [exc.message]:
             # checked alone, a model is model 0: its place in the recipe is said instead
             said = message if k is None else re.sub(r"\bmodel 0\b", f"model {k}", message)
-            if said.split("\n", 1)[0] not in said_before:
-                said_before.add(said.split("\n", 1)[0])
+            if first_line(said) not in said_before:
+                said_before.add(first_line(said))
                 problems.append(said)
 
     try:
