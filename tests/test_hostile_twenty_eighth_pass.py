@@ -630,6 +630,9 @@ def test_a_spec_list_of_non_json_numbers_is_checked_as_numbers():
     assert 'a text that holds commas goes in quotes, exclude="..."' in err.value.hint
     assert method_of_spec('tsv_m:exclude="[a,b]"').exclude == "[a,b]" and method_of_spec("tsv_m:exclude=[ab]").exclude \
         == "[ab]"
+    with pytest.raises(ConfigError, match="'1;\\*=0.5' is no option: the comma before it") as err:  # (hp64a c171)
+        method_of_spec("slerp:t_by_name=self_attn=0,1;*=0.5,layers=2")
+    assert 't_by_name="self_attn=0,1;*=0.5"' in err.value.hint
 
 
 @pytest.mark.parametrize("target", ["all-linear", "ALL-LINEAR"])

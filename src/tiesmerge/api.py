@@ -666,6 +666,11 @@ def method_of_spec(spec: str | MergeMethod) -> MergeMethod:
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"method {spec!r}: {item!r} is not KEY=VALUE", hint="e.g. slerp:t=0.3,anchor=models")
+        if not key.strip().isidentifier():  # a value's comma split it: '1;*=0.5' (hp64a c171: "unknown option")
+            raise ConfigError(f"method {spec[:120]!r}: {item[:60]!r} is no option: the comma before it likely "
+                              "belongs to the previous option's value",
+                              hint='a value holding commas goes in double quotes, e.g. '
+                                   'slerp:t_by_name="self_attn=0,1;*=0.5",layers=2')
         if key.strip() in options:  # as a key given twice in a recipe: which one was meant cannot be told
             raise ConfigError(f"method {spec!r}: {key.strip()} is given twice", hint="give each option once")
         try:
