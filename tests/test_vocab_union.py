@@ -386,3 +386,26 @@ def test_a_models_tokenizer_behind_a_link_leaving_it_is_refused_not_skipped(tmp_
     os.symlink(outside, fts[0] / "tokenizer.json")
     with pytest.raises(CheckpointError, match="outside"):
         tiesmerge.merge(base, fts, "ties", output=tmp_path / "out")
+
+
+def test_a_base_whose_tokenizer_outgrows_its_rows_is_named(tmp_path):
+    """hp64a c173, c174: a base carrying a fine-tune's tokenizer (more tokens than its rows) merged silently, and under
+    union the models were blamed for the tokens the base has no rows for."""
+    import shutil
+
+    from tiesmerge.errors import MergeWarning
+
+    base, fts = _family(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (fts[0] / name).exists():
+            shutil.copy(fts[0] / name, base / name)
+    plain = []
+    for k in range(2):
+        model = transformers.LlamaForCausalLM.from_pretrained(base)
+        _fine_tune(model, seed=40 + k).save_pretrained(tmp_path / f"plain{k}")
+        _tokenizer().save_pretrained(tmp_path / f"plain{k}")
+        plain.append(tmp_path / f"plain{k}")
+    with pytest.warns(MergeWarning, match="the base's tokenizer holds 20 tokens, but its token tables have 18 rows"):
+        tiesmerge.merge(base, plain, "ties", output=tmp_path / "out")
+    with pytest.raises(IncompatibleCheckpointsError, match="the base's tokenizer holds 20 tokens"):
+        tiesmerge.merge(base, fts, "ties", output=tmp_path / "u", vocab_policy="union")

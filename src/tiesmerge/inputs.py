@@ -415,10 +415,9 @@ def _check_tokenizers(base: Checkpoint, models: list[Checkpoint]) -> None:
 
     if base.directory() is None or yields_task_vector(base):
         return
-    tables = [base.info(n).shape[0] for n in base.names() if n.endswith(VOCAB_SUFFIXES) and base.info(n).shape]
     check_same_tokens((Path(base.directory()), base.label),
                       [(k, Path(m.directory()), m.label) for k, m in enumerate(models)
-                       if m.directory() is not None and not yields_task_vector(m)], rows=min(tables, default=None))
+                       if m.directory() is not None and not yields_task_vector(m)], rows=_vocab_rows(base))
 
 
 def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMethod, stats: Sequence[Any] | None,
@@ -449,13 +448,32 @@ def _union_inputs(base: Checkpoint, models: list[Checkpoint], method: MergeMetho
     if unread is not None:
         raise ConfigError(f"--vocab-policy union reads each model's tokenizer, but {unread.label} is not a model "
                           "directory", hint="give the base and the models as Hugging Face model directories")
-    union = union_of(read_vocab(base.directory(), base.label),
-                     [read_vocab(m.directory(), m.label) for m in models])
+    base_vocab = read_vocab(base.directory(), base.label)
+    _check_base_rows(base, base_vocab.size)
+    union = union_of(base_vocab, [read_vocab(m.directory(), m.label) for m in models])
     layout = layout_of(base, models, union)
     if layout is None:
         return base, models, None, {}
     base_view, model_views, routes = views_of(base, models, layout, out_dtype)
     return base_view, model_views, layout, routes
+
+
+def _vocab_rows(base: Checkpoint) -> int | None:
+    """The fewest rows among the base's token tables (embeddings, heads), or None where it has none."""
+    tables = [base.info(n).shape[0] for n in base.names() if n.endswith(VOCAB_SUFFIXES) and base.info(n).shape]
+    return min(tables, default=None)
+
+
+def _check_base_rows(base: Checkpoint, tokens: int) -> None:
+    """A base whose tokenizer holds more tokens than its token tables have rows (a tokenizer of another model saved
+    beside it): the union placed tokens past them and blamed the models (hp64a c173, c174)."""
+    rows = _vocab_rows(base)
+    if rows is not None and tokens > rows:
+        raise IncompatibleCheckpointsError(
+            f"{base.label}: the base's tokenizer holds {tokens:,} tokens, but its token tables have {rows:,} rows: "
+            f"ids {rows:,} and up have no row in the base itself",
+            hint="the base's tokenizer files are another model's (a fine-tune's with added tokens?): put the base's "
+                 "own tokenizer beside its weights")
 
 
 def check_booleans(**flags: Any) -> None:

@@ -316,6 +316,15 @@ def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]
     vb = vocab(*base)
     if vb is None:
         return
+    if rows is not None and vb.size > rows:  # the output takes the base's tokenizer: ids past its rows crash a model
+        import warnings  # (hp64a c173: said nowhere)
+
+        from ..errors import MergeWarning
+
+        warnings.warn(MergeWarning(
+            f"{base[1]}: the base's tokenizer holds {vb.size:,} tokens, but its token tables have {rows:,} rows: ids "
+            f"{rows:,} and up have no row, in the base and in the merged model, which takes its tokenizer (is it "
+            "another model's tokenizer?)"), stacklevel=4)
     beyond: dict[int, tuple[int, str, str]] = {}  # an id the base leaves unused -> (model, its token, its label)
     for k, directory, label in models:  # k: the model's position among all the models
         vm = vocab(directory, label)
