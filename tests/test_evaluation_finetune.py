@@ -264,3 +264,64 @@ def test_a_checkpoint_of_another_encoder_or_without_validation_is_refused(bert_t
     enc, heads = _ft_setup(bert_tokenizer)
     finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=ck, validate=lambda e: 0.5)
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda s: s.update(curve=[[1, 0.5, 0.5]]), "curve is not one"),
+    (lambda s: s.update(step="x"), "step 'x' is out of the run's range"),
+    (lambda s: s.update(epoch="1"), "epoch '1' is not one of the run's"),
+    (lambda s: s.update(done=10**30), "is not a batch of epoch"),
+    (lambda s: s.update(losses="abc"), "losses is not a list of numbers"),
+    (lambda s: s.update(seconds="1"), "seconds '1' is not a number of seconds"),
+    (lambda s: s.update(optimizer={}), "the optimizer's state"),
+    (lambda s: s.update(rng=torch.zeros(3, dtype=torch.uint8)), "rng is not torch's random state"),
+    (lambda s: s["encoder"].update({k: torch.full_like(v, float("nan")) for k, v in s["encoder"].items()
+                                    if v.is_floating_point()}), "holds values that are not finite"),
+    (lambda s: s["encoder"].update({next(iter(s["encoder"])): torch.zeros(1)}), "does not hold the encoder's"),
+])
+def test_an_edited_training_checkpoint_is_refused_as_damaged(bert_tokenizer, tmp_path, edit, said):
+    """hp65b c02-c04: a checkpoint edited with its fingerprint kept was a bare TypeError, KeyError or RuntimeError,
+    an epoch of '1' or a done of 10**30 resumed the wrong steps silently, and NaN weights were trained on."""
+    from tiesmerge.errors import ConfigError
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    ck = tmp_path / "ck.pt"
+
+    def stop(step, total, loss):
+        if step == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0)
+    state = torch.load(ck, weights_only=True)
+    edit(state)
+    torch.save(state, ck)
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.raises(ConfigError, match=said):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=ck)
+
+
+def test_other_starting_weights_a_long_name_and_a_nan_score_are_refused(bert_tokenizer, tmp_path):
+    """hp65b c05: another encoder of the same shapes (or other heads) resumed another run's checkpoint; c01: a name
+    too long for its staged save was refused after training; c06, c07: a NaN or a text from validate kept epoch 1
+    for good, or was a bare ValueError."""
+    from tiesmerge.errors import ConfigError
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    ck = tmp_path / "ck.pt"
+
+    def stop(step, total, loss):
+        if step == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0)
+    other = tiny_bert_encoder(bert_tokenizer, seed=6)  # same shapes, other weights
+    with pytest.raises(ConfigError, match="a training checkpoint of another run"):
+        finetune(other, heads, FT_DATA, FT_CONFIG, checkpoint=ck)
+    with pytest.raises(ConfigError, match="the checkpoint's name is too long"):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=tmp_path / ("x" * 245))
+    for score, said in ((float("nan"), "validate returned 'nan'"), ("high", "validate returned 'high'")):
+        enc, heads = _ft_setup(bert_tokenizer)
+        with pytest.raises(ConfigError, match=said):
+            finetune(enc, heads, FT_DATA, FT_CONFIG, validate=lambda e, s=score: s)

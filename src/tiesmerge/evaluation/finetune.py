@@ -25,7 +25,13 @@ import torch
 
 from ..errors import ConfigError
 from .encoder import CosineHead, SentenceEncoder
-from .train_checkpoint import check_checkpoint_path, load_training_state, run_fingerprint, save_training_state
+from .train_checkpoint import (
+    check_checkpoint_path,
+    check_training_state,
+    load_training_state,
+    run_fingerprint,
+    save_training_state,
+)
 
 __all__ = ["TrainConfig", "TrainLog", "EpochRecord", "finetune"]
 
@@ -131,7 +137,9 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
         fingerprint = run_fingerprint(config, examples, {t: int(h.class_embeddings.shape[0]) for t, h in
                                                           heads.items() if t in examples},
                                       shapes={k: tuple(v.shape) for k, v in encoder.state_dict().items()},
-                                      validated=validate is not None)
+                                      validated=validate is not None,
+                                      tensors=[*(v for _, v in sorted(encoder.state_dict().items())),
+                                               *(heads[t].class_embeddings for t in sorted(examples))])
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     # every epoch's order is drawn up front, so a run stopped early saw the same batches as the
@@ -155,9 +163,15 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     resumed: dict | None = None
     if checkpoint is not None and os.path.exists(checkpoint):
         resumed = load_training_state(checkpoint, fingerprint)
+        check_training_state(resumed, checkpoint, epochs=[len(e) for e in epochs], expected=encoder.state_dict())
         encoder.load_state_dict(resumed["encoder"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        schedule.load_state_dict(resumed["schedule"])
+        try:  # their own contents: torch checks them as it loads them
+            optimizer.load_state_dict(resumed["optimizer"])
+            schedule.load_state_dict(resumed["schedule"])
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+            raise ConfigError(f"{checkpoint}: the training checkpoint is damaged (the optimizer's state: "
+                              f"{type(exc).__name__}: {str(exc)[:120]})",
+                              hint="remove it (or name another checkpoint) to train from the start") from None
         torch.set_rng_state(resumed["rng"])
         step, loss_value, seen = resumed["step"], resumed["loss_value"], resumed["seen"]
         curve = [EpochRecord(*r) for r in resumed["curve"]]
@@ -209,7 +223,12 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
         score = None
         if validate is not None:
             encoder.eval()
-            score = float(validate(encoder))
+            score = validate(encoder)
+            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+                # a NaN never loses "score > best" and never wins it: epoch 1 kept for good (hp65b c06, c07)
+                raise ConfigError(f"validate returned {str(score)[:40]!r} after epoch {index}, not a finite number",
+                                  hint="return a score (higher is better), e.g. the validation accuracy")
+            score = float(score)
             encoder.train()
         record = EpochRecord(index, sum(losses) / max(1, len(losses)), score, time.perf_counter() - epoch_started)
         curve.append(record)

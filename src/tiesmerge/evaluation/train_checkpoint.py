@@ -16,7 +16,8 @@ import torch
 
 from ..errors import ConfigError, OutputError
 
-__all__ = ["check_checkpoint_path", "run_fingerprint", "load_training_state", "save_training_state"]
+__all__ = ["check_checkpoint_path", "run_fingerprint", "load_training_state", "check_training_state",
+           "save_training_state"]
 
 # what a state holds; a file lacking one is no checkpoint of finetune's
 _KEYS = ("fingerprint", "total", "encoder", "optimizer", "schedule", "rng", "step", "loss_value", "seen", "epoch",
@@ -35,6 +36,15 @@ def check_checkpoint_path(checkpoint: str | os.PathLike, seconds: float) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ConfigError(f"{path}: the checkpoint's folder {folder} does not exist", hint="create it first")
+    try:
+        longest = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        longest = 255
+    staged = f"{os.path.basename(path)}.{4 * 10**6}.partial"  # the save's staged name, with the longest pid
+    if len(os.fsencode(staged)) > longest:  # (hp65b c01: refused at the first save, after training)
+        raise ConfigError(f"{path}: the checkpoint's name is too long: saving stages it as {staged[:40]}..., "
+                          f"{len(os.fsencode(staged))} bytes, past the file system's {longest}",
+                          hint="name the checkpoint in fewer characters")
     _remove_dead_partials(path)
     try:
         mode = os.stat(path).st_mode
@@ -67,13 +77,18 @@ def _remove_dead_partials(path: str) -> None:
 
 
 def run_fingerprint(config: Any, examples: Mapping[str, Sequence[tuple[str, int]]], classes: Mapping[str, int], *,
-                    shapes: Mapping[str, tuple[int, ...]], validated: bool) -> str:
+                    shapes: Mapping[str, tuple[int, ...]], validated: bool,
+                    tensors: Sequence[torch.Tensor] = ()) -> str:
     """sha256 of what decides a training run: its settings, every example (text and label, in order), each task's
-    number of classes, the encoder's parameter shapes, and whether epochs are validated (the best epoch kept, or the
-    last). A checkpoint of another run is refused by it (hp64b c03, c14, c43: only the step count and the seed were
-    compared: a run on other data, another encoder, or without validation resumed from another's state)."""
+    number of classes, the encoder's parameter shapes, whether epochs are validated (the best epoch kept, or the
+    last), and ``tensors`` (the starting weights, the heads). A checkpoint of another run is refused by it (hp64b
+    c03, c14, c43: only the step count and the seed were compared: a run on other data, another encoder, or without
+    validation resumed from another's state)."""
     digest = hashlib.sha256(json.dumps([asdict(config), sorted((k, list(v)) for k, v in shapes.items()), validated],
                                        sort_keys=True, default=str).encode())
+    for tensor in tensors:  # the starting weights and the heads' values (hp65b c05: another encoder of the same
+        # shapes, or heads of other class descriptions, resumed another run)
+        digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for task in sorted(examples):
         digest.update(json.dumps([task, classes.get(task), [[t, y] for t, y in examples[task]]],
                                  ensure_ascii=False).encode("utf-8", "surrogatepass"))
@@ -95,6 +110,65 @@ def load_training_state(path: str, fingerprint: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: a training checkpoint of another run (its settings, examples or heads differ "
                           "from this run's)", hint="remove it, or resume with the run that wrote it")
     return state
+
+
+def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[int], expected: Mapping[str, Any]
+                         ) -> None:
+    """Every field of a loaded state of the right type and within the run, before any is applied (hp65b c02-c04: a
+    field edited with the fingerprint kept was a bare TypeError, KeyError or RuntimeError, an epoch of '1' or a
+    done of 10**30 resumed the wrong steps silently, NaN weights trained on). ``epochs``: the batches of each
+    epoch; ``expected``: the encoder's state dict (names and shapes)."""
+    def damaged(why: str) -> ConfigError:
+        return ConfigError(f"{path}: the training checkpoint is damaged ({why})",
+                           hint="remove it (or name another checkpoint) to train from the start")
+
+    def whole(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    def real(value: Any, allow_none: bool = False) -> bool:
+        return (value is None and allow_none) or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                                  and not math.isinf(value))
+
+    total = sum(epochs)
+    if not whole(state["epoch"], 1, len(epochs)):
+        raise damaged(f"epoch {str(state['epoch'])[:40]!r} is not one of the run's {len(epochs)}")
+    if not whole(state["done"], 0, epochs[state["epoch"] - 1] - 1):
+        raise damaged(f"done {str(state['done'])[:40]!r} is not a batch of epoch {state['epoch']}")
+    for key, high in (("step", total), ("seen", 1 << 62), ("stale", len(epochs))):
+        if not whole(state[key], 0, high):
+            raise damaged(f"{key} {str(state[key])[:40]!r} is out of the run's range")
+    for key in ("seconds", "epoch_seconds"):
+        if not real(state[key]) or state[key] < 0 or state[key] != state[key]:
+            raise damaged(f"{key} {str(state[key])[:40]!r} is not a number of seconds")
+    if not real(state["loss_value"]):
+        raise damaged("loss_value is not a number")
+    losses, curve = state["losses"], state["curve"]
+    if not isinstance(losses, list) or not all(real(x) for x in losses):
+        raise damaged("losses is not a list of numbers")
+    if not isinstance(curve, list) or len(curve) != state["epoch"] - 1 or not all(
+            isinstance(r, (list, tuple)) and len(r) == 4 and whole(r[0], 1, len(epochs)) and real(r[1])
+            and real(r[2], allow_none=True) and real(r[3]) for r in curve):
+        raise damaged("curve is not one (epoch, loss, validation, seconds) row per finished epoch")
+    if not (state["best_epoch"] is None or whole(state["best_epoch"], 1, len(curve))) or not real(
+            state["best_score"], allow_none=True):
+        raise damaged("best_epoch or best_score is out of the run's range")
+    for key in ("encoder", "best_state"):
+        weights = state[key]
+        if key == "best_state" and weights is None:
+            continue
+        if not isinstance(weights, dict) or set(weights) != set(expected) or any(
+                not isinstance(weights[k], torch.Tensor) or tuple(weights[k].shape) != tuple(expected[k].shape)
+                for k in expected):
+            raise damaged(f"{key} does not hold the encoder's tensors and shapes")
+        bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())),
+                   None)
+        if bad is not None:
+            raise damaged(f"{key}'s {bad!r} holds values that are not finite")
+    if not isinstance(state["rng"], torch.Tensor) or state["rng"].dtype != torch.uint8 or \
+            state["rng"].shape != torch.get_rng_state().shape:
+        raise damaged("rng is not torch's random state")
+    if not isinstance(state["optimizer"], dict) or not isinstance(state["schedule"], dict):
+        raise damaged("the optimizer's or the schedule's state is not a mapping")
 
 
 def save_training_state(path: str, state: dict[str, Any]) -> None:
