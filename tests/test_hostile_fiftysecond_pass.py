@@ -1951,3 +1951,25 @@ def test_validate_lists_a_missing_base_once_with_the_recipes_hint(tmp_path, caps
     monkeypatch.chdir(tmp_path)
     rc, _, err = run_cli(["validate", recipe], capsys)
     assert rc != 0 and err.count("../base: no such file") == 1 and "relative to the working folder" in err, err
+
+
+def test_pass_65_statistics_api():
+    """hp65b c08: a token_mask returning a list was an AttributeError; c09: tensors of different batch sizes a bare
+    ValueError; c10: a batch carrying texts under vmap torch's bare ValueError; c11: 2 labels for 6 examples a bare
+    error, or under kind='batched' a silently wrong Fisher."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import fisher_information, gram_matrices
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x = torch.randn(6, 4)
+    with pytest.raises(ConfigError, match="token_mask\\(batch\\) returned a list"):
+        gram_matrices(module, [{"x": x}], lambda m, b: m(b["x"]), token_mask=lambda b: [True] * 6)
+    with pytest.raises(ConfigError, match="batch dimensions \\[2, 6\\]"):
+        gram_matrices(module, [{"x": x, "y": torch.zeros(2)}], lambda m, b: m(b["x"]))
+    with pytest.raises(ConfigError, match="cannot run under torch.func.vmap"):
+        fisher_information(module, [{"x": x, "text": ["a"] * 6}], lambda m, b: m(b["x"]))
+    for kind in ("empirical", "batched"):
+        with pytest.raises(ConfigError, match="labels of shape \\(2,\\) for a batch of 6"):
+            fisher_information(module, [{"x": x}], lambda m, b: m(b["x"]), kind=kind,
+                               targets=lambda b: torch.tensor([0, 1]))

@@ -50,9 +50,9 @@ def batch_size(batch: Any) -> int:
     """The leading dimension shared by every tensor of ``batch``."""
     sizes: set[int] = set()
     map_tensors(batch, lambda t: sizes.add(int(t.shape[0])) if t.dim() else None)
-    if len(sizes) != 1:
-        raise ValueError(f"a batch holds tensors with batch dimensions {sorted(sizes) or 'none'}; "
-                         "every tensor needs the same leading (batch) dimension")
+    if len(sizes) != 1:  # a typed error: the API's callers' input (hp65b c09: a bare ValueError)
+        raise ConfigError(f"a batch holds tensors with batch dimensions {sorted(sizes) or 'none'}; "
+                          "every tensor needs the same leading (batch) dimension")
     return sizes.pop()
 
 

@@ -84,12 +84,20 @@ def _directions(logp: torch.Tensor, label: torch.Tensor | None, kind: str) -> tu
     return eye[int(label)].unsqueeze(0), ones
 
 
-def _check_labels(labels: Any, classes: int, first: int) -> None:
+def _check_labels(labels: Any, classes: int, first: int, size: int | None = None) -> None:
     """True labels must be classes of the model, 0 .. C - 1 (C = 0: log-likelihoods, no classes):
-    a label of -1 would silently pick the last class, one of C or more no class at all."""
+    a label of -1 would silently pick the last class, one of C or more no class at all; one per example of the
+    batch (``size``: hp65b c11, 2 labels for 6 examples were a bare error or, batched, a silently wrong Fisher)."""
     if not classes:  # (B,) log-likelihoods: each example's own target is inside them, no label is read
         return
-    labels = torch.as_tensor(labels)
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"targets(batch) must give a (B,) integer tensor of class labels, got "
+                          f"{type(labels).__name__} {str(labels)[:60]}") from None
+    if size is not None and tuple(labels.shape) not in ((size,), (size, 1)):
+        raise ConfigError(f"targets(batch) gave labels of shape {tuple(labels.shape)} for a batch of {size} examples: "
+                          "one class label per example, (B,)")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ConfigError(f"targets(batch) must give a (B,) integer tensor of class labels, got {tuple(labels.shape)} "
                           f"{str(labels.dtype).removeprefix('torch.')}")
@@ -158,13 +166,13 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
                     with torch.no_grad():
                         out = bound(batch)
                     classes = int(out.shape[-1]) if out.dim() == 2 else 0
-                _check_labels(labels, classes, examples)
+                _check_labels(labels, classes, examples, size)
             if kind == "batched":
                 _add_batched(bound, params, batch, labels, total, kind)
             elif per_example == "vmap":
                 try:
                     _add_vmap(bound, params, batch, labels, total, kind)
-                except RuntimeError as exc:
+                except (RuntimeError, ValueError) as exc:  # (ValueError: a batch holding texts, hp65b c10)
                     if "vmap" not in str(exc):
                         raise
                     raise ConfigError(f"the model cannot run under torch.func.vmap ({str(exc).splitlines()[0][:160]})",

@@ -77,7 +77,11 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
     examples = 0
     try:
         for batch in tqdm(batches, desc="gram", unit="batch", disable=not progress):
-            current_mask[0] = token_mask(batch).bool() if token_mask is not None else None
+            mask = token_mask(batch) if token_mask is not None else None
+            if mask is not None and not isinstance(mask, torch.Tensor):  # (hp65b c08: a list, an AttributeError)
+                raise ConfigError(f"token_mask(batch) returned a {type(mask).__name__}, not a (B, T) tensor",
+                                  hint="return a tensor, e.g. lambda b: b['attention_mask'].bool()")
+            current_mask[0] = mask.bool() if mask is not None else None
             forward_fn(module, batch)
             examples += batch_size(batch)
     finally:
