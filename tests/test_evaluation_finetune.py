@@ -186,6 +186,7 @@ def test_a_training_checkpoint_is_checked_before_any_training(bert_tokenizer, tm
              (dict(checkpoint=tmp_path / "fifo.pt"), "not a regular file"),
              (dict(checkpoint=tmp_path / "nodir" / "ck.pt"), "folder .* does not exist"),
              (dict(checkpoint=""), "is not the path of a file"),
+             (dict(checkpoint=f"{tmp_path / 'ck.pt'}/"), "is not the path of a file"),  # (hp65b c21)
              (dict(checkpoint=tmp_path / "ck.pt", checkpoint_seconds=float("nan")), "not a number of seconds")]
     for kwargs, said in cases:
         with pytest.raises(ConfigError, match=said):
@@ -325,3 +326,14 @@ def test_other_starting_weights_a_long_name_and_a_nan_score_are_refused(bert_tok
         enc, heads = _ft_setup(bert_tokenizer)
         with pytest.raises(ConfigError, match=said):
             finetune(enc, heads, FT_DATA, FT_CONFIG, validate=lambda e, s=score: s)
+
+
+def test_training_on_texts_the_tokenizer_reads_as_unknown_is_said(bert_tokenizer):
+    """hp65b c27: finetune on texts every word of which the tokenizer reads as [UNK] gave no word, where tune, stats
+    and adapt warn of the same data."""
+    from tiesmerge.errors import MergeWarning
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    unknown = {"animals": [("zzqx vvwy", 0), ("qqzz xxvy", 1)]}
+    with pytest.warns(MergeWarning, match="the training examples: .* unknown to the base's tokenizer"):
+        finetune(enc, heads, unknown, dataclasses.replace(FT_CONFIG, epochs=1))

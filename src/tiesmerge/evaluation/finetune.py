@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from .encoder import CosineHead, SentenceEncoder
+from .loading import warn_unknown
 from .train_checkpoint import (
     check_checkpoint_path,
     check_training_state,
@@ -131,6 +132,11 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     once the model is saved. Read with ``weights_only`` (no code runs).
     """
     _check_training(heads, examples, config)
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if tokenizer is not None:  # as tune, stats and adapt say it (hp65b c27)
+        warn_unknown(tokenizer, [t for rows in examples.values() for t, _ in rows],
+                     max_length=int(getattr(encoder, "max_length", 128)), where="the training examples",
+                     effect="the encoder learns to read that token, not the texts")
     fingerprint = ""
     if checkpoint is not None:  # checked before any training, not at its first save
         checkpoint = check_checkpoint_path(checkpoint, checkpoint_seconds)

@@ -29,7 +29,7 @@ def check_checkpoint_path(checkpoint: str | os.PathLike, seconds: float) -> str:
     missing folder or an empty name failed only at the first save, an epoch's work lost): a non-empty name, in a
     folder that exists, naming nothing or a regular file. ``seconds``: a finite number >= 0 (NaN never saved)."""
     path = os.fspath(checkpoint)
-    if not isinstance(path, str) or not path:
+    if not isinstance(path, str) or not path or path.endswith(("/", os.sep)):  # "ck.pt/" names a folder (hp65b c21)
         raise ConfigError(f"checkpoint={checkpoint!r} is not the path of a file", hint="name a file, e.g. train.pt")
     if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
         raise ConfigError(f"checkpoint_seconds={seconds!r} is not a number of seconds (a finite number >= 0)")
