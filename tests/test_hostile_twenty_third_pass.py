@@ -70,9 +70,8 @@ def test_notes_of_the_twenty_third_pass(tmp_path, capsys, monkeypatch):
                                capsys)
         assert rc == 2 and f"NUMBA_NUM_THREADS={value!r} is not a number of threads from 1 to 1024" in err, err
         assert not (tmp_path / "o").exists()
-    for value in (Decimal("0.3"), Fraction(1, 3)):
-        with pytest.raises(ConfigError, match=f"must be an int or a float, not a {type(value).__name__}"):
-            Slerp(t=value)
+    for value in (Decimal("0.3"), Fraction(1, 3)):  # the numbers they are since hp64a c53 (density was refused in
+        assert Slerp(t=value).t == float(value)     # contradictory words, t with "give float(value)")
 
 
 def test_a_standard_mergekit_ties_recipe_warns_of_no_unused_option(tmp_path, capsys):
