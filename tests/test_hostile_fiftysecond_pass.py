@@ -1973,3 +1973,36 @@ def test_pass_65_statistics_api():
         with pytest.raises(ConfigError, match="labels of shape \\(2,\\) for a batch of 6"):
             fisher_information(module, [{"x": x}], lambda m, b: m(b["x"]), kind=kind,
                                targets=lambda b: torch.tensor([0, 1]))
+
+
+def test_an_input_renamed_over_during_the_merge_is_refused(tmp_path, monkeypatch):
+    """hp65a c43, c47: a model's weights file replaced by a rename while the merge ran: the merge read the old file,
+    the manifest recorded the new one's digest, and a false "the same files as model 0" warning followed."""
+    import shutil
+
+    import tiesmerge
+    import tiesmerge.api as api
+    from tiesmerge.errors import CheckpointError
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    from tiesmerge.io.card import _digest
+
+    done = []
+
+    class Late:  # a digest still being worked out when the merge ends: the file is renamed over before it is read
+        def __init__(self, path):
+            self.path = path
+
+        def result(self):
+            if not done and self.path.parent == ms[1]:
+                shutil.copy(ms[0] / "model.safetensors", tmp_path / "swap.safetensors")
+                os.replace(tmp_path / "swap.safetensors", ms[1] / "model.safetensors")
+                done.append(1)
+            return _digest(self.path)
+
+    monkeypatch.setattr(api, "hash_files", lambda paths, pool: [Late(p) for p in paths])
+    with pytest.raises(CheckpointError, match="was replaced by another file while tiesmerge read it"):
+        tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
+    assert done and not (tmp_path / "out").exists()

@@ -526,10 +526,12 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 if prepared.vocab is not None:  # the merged tokenizer and vocab_size replace the base's
                     rows = next(ro for _, _, ro in prepared.vocab.tensors)
                     vocab_files, chat_from = write_tokenizer_files(prepared.vocab.union, tmp, rows)
-            stamps.check("an input file")
             hashed = {"base": [f.result() for f in digests["base"]],
                       "models": [[f.result() for f in d] for d in digests["models"]],
                       "reference": [f.result() for f in digests["reference"]] if digests["reference"] else None}
+            # after the digests: a file renamed over while they were still hashed would be recorded by its
+            # successor's digest, and a false "the same files as ..." warning follow (hp65a c43, c47)
+            stamps.check("an input file")
             flush_digests()  # the digests worked out, remembered in one write (never into an input or the output)
             check_stats_digests(prepared.stats, hashed["models"], [c.label for c in prepared.models])
             _warn_copies_of_base(hashed, [c.label for c in prepared.models], weighted=hasattr(m, "weights"),

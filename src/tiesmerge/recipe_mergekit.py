@@ -597,8 +597,8 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     # dare_ties / dare_linear
     if len(set(density_values)) > 1:
         problems.append(f"{method}: per-model densities {density_values} differ; tiesmerge's DARE drops every "
-                        "model at one rate: give every model the same density (ties and breadcrumbs take one per "
-                        "model)")
+                        "model at one rate: give every model the same density (ties takes one per model; "
+                        "breadcrumbs, DELLA and DARE one for all)")  # (hp65a c24: breadcrumbs was said to take one)
         return "", {}, ""
     density = density_values[0] if density_values else 1.0
     # at density 1 nothing is dropped, so nothing is rescaled: rescale: false is read there (hp45 c50: refused)
