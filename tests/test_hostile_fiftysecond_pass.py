@@ -2006,3 +2006,19 @@ def test_an_input_renamed_over_during_the_merge_is_refused(tmp_path, monkeypatch
     with pytest.raises(CheckpointError, match="was replaced by another file while tiesmerge read it"):
         tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
     assert done and not (tmp_path / "out").exists()
+
+
+def test_statistics_of_a_submodule_are_named_as_such():
+    """hp65b c18: Fisher statistics computed on a submodule (names without the model's prefix) were refused with "must
+    be computed with the model they are given for", though they were."""
+    import tiesmerge
+    from tiesmerge.errors import IncompatibleCheckpointsError
+    from tiesmerge.stats.files import Statistics, StatsManifest
+
+    base, models = make_family(2)
+    inner = {n.removeprefix("model."): torch.ones(v.shape) for n, v in base.items()
+             if v.is_floating_point() and n.startswith("model.")}
+    stats = [Statistics(StatsManifest("fisher", 3), inner)] * 2
+    with pytest.raises(IncompatibleCheckpointsError) as err:
+        tiesmerge.merge(base, models, "fisher", stats=stats)
+    assert "computed on a submodule (their names lack the prefix 'model.')" in err.value.hint

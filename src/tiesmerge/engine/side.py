@@ -70,10 +70,16 @@ class SideInputs:
             job = owner.get(name)
             if job is None:
                 why = "is not a tensor of the model" if name not in model.names() else "is not merged (not floating)"
+                hint = "statistics must be computed with the model they are given for, in the models' order"
+                prefixed = [n for n in owner if n.endswith("." + name)]  # computed on a submodule (hp65b c18)
+                if prefixed:
+                    prefix = prefixed[0][:-len(name)]
+                    hint = (f"the model names it {prefixed[0]!r}: the statistics were computed on a submodule "
+                            f"(their names lack the prefix {prefix!r}); compute them on the whole model, or rename "
+                            "their tensors")
                 raise IncompatibleCheckpointsError(
                     f"{stats.location(name)}: statistic {name!r} {tuple(info.shape)} {why} "
-                    f"(model {k}: {model.label})",
-                    hint="statistics must be computed with the model they are given for, in the models' order")
+                    f"(model {k}: {model.label})", hint=hint)
             want = self.expected_shape(job)
             if want is not None and info.shape == want and not info.dtype.is_floating_point:  # the shape is right
                 raise IncompatibleCheckpointsError(
