@@ -299,7 +299,8 @@ def test_api_output_and_origin_are_checked_before_any_work(family, tmp_path):
     inputs, b, ms = family
     with pytest.raises(ConfigError, match="output is a int, not a path"):  # bytes are a path (hp37b A30)
         tiesmerge.merge(b, ms, "ties", output=123)
-    with pytest.raises(ConfigError, match="origin holds a value that cannot be written"):
+    with pytest.raises(ConfigError, match="origin holds a value that cannot be written to the manifest, under its "
+                                          "key 'x'"):  # the key named (hp65a c33)
         tiesmerge.merge(b, ms, "ties", output=tmp_path / "out", origin={"x": object()})
     assert not (tmp_path / "out").exists()
 

@@ -421,9 +421,12 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         try:  # allow_nan: a NaN or Infinity made the manifest JSON no strict reader reads (hp59a c11)
             yaml.safe_dump(dict(origin)), json.dumps(dict(origin), allow_nan=False)
         except (TypeError, ValueError, RecursionError, yaml.YAMLError) as exc:  # RecursionError: nested too deep
-            raise ConfigError(f"origin holds a value that cannot be written to the manifest ({type(exc).__name__}: "
-                              f"{str(exc)[:120]})", hint="give origin plain strings, numbers, lists and mappings") \
-                from None
+            key = next((k for k, v in dict(origin).items() if not _writable(v)), None)  # which one (hp65a c33)
+            under = f", under its key {str(key)[:60]!r}" if key is not None else ""
+            raise ConfigError(f"origin holds a value that cannot be written to the manifest{under} "
+                              f"({type(exc).__name__}: {str(exc)[:120]})",
+                              hint="give origin plain strings, numbers, lists and mappings (in a recipe: its "
+                                   "origin: mapping)") from None
     if output is not None:
         check_inputs(base, models)  # first: a single path given as `models` would be read letter by letter
         reference = m.requirements().reference
@@ -580,6 +583,18 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                 finish(tmp, manifest)
             (tmp / "tiesmerge.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return Path(output)
+
+
+def _writable(value: Any) -> bool:
+    """Whether ``value`` is written as JSON and YAML (origin's values)."""
+    import yaml
+
+    try:
+        yaml.safe_dump(value)
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError, yaml.YAMLError):
+        return False
+    return True
 
 
 @contextmanager
