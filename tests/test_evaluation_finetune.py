@@ -279,6 +279,15 @@ def test_a_checkpoint_of_another_encoder_or_without_validation_is_refused(bert_t
     (lambda s: s["encoder"].update({k: torch.full_like(v, float("nan")) for k, v in s["encoder"].items()
                                     if v.is_floating_point()}), "holds values that are not finite"),
     (lambda s: s["encoder"].update({next(iter(s["encoder"])): torch.zeros(1)}), "does not hold the encoder's"),
+    # hp66b c01-c10
+    (lambda s: s.update(seconds=10**400), "seconds .* is not a number of seconds"),
+    (lambda s: s.update(loss_value=float("nan")), "loss_value is not a number"),
+    (lambda s: s["optimizer"]["param_groups"][0].update(lr="x"), "the optimizer's state.* holds 'x'"),
+    (lambda s: s["schedule"].update(step=1), "the schedule's state has other fields"),
+    (lambda s: s["schedule"].update(last_epoch="x"), "the schedule's state's last_epoch holds 'x'"),
+    (lambda s: s.update(rng=torch.randint(0, 256, s["rng"].shape, dtype=torch.uint8)), "the random state"),
+    (lambda s: [v.fill_(float("nan")) for v in s["optimizer"]["state"][0].values() if v.dim()],
+     "the optimizer's state holds values that are not finite"),
 ])
 def test_an_edited_training_checkpoint_is_refused_as_damaged(bert_tokenizer, tmp_path, edit, said):
     """hp65b c02-c04: a checkpoint edited with its fingerprint kept was a bare TypeError, KeyError or RuntimeError,
@@ -337,3 +346,28 @@ def test_training_on_texts_the_tokenizer_reads_as_unknown_is_said(bert_tokenizer
     unknown = {"animals": [("zzqx vvwy", 0), ("qqzz xxvy", 1)]}
     with pytest.warns(MergeWarning, match="the training examples: .* unknown to the base's tokenizer"):
         finetune(enc, heads, unknown, dataclasses.replace(FT_CONFIG, epochs=1))
+
+
+def test_finetunes_settings_and_examples_are_checked_before_any_step(bert_tokenizer):
+    """hp66b c11-c18: a seed of 2**70 or "x" was torch's bare error, 1.5 trained; 10**8 epochs drew batches for
+    minutes, then a MemoryError; a text of None, examples as an iterator, a bytes text and a numpy label were bare
+    errors or blamed on the model's config."""
+    import numpy as np
+
+    from tiesmerge.errors import ConfigError
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    for config, said in [(dataclasses.replace(FT_CONFIG, seed=2**70), "seed must be a whole number"),
+                         (dataclasses.replace(FT_CONFIG, seed="x"), "seed must be a whole number"),
+                         (dataclasses.replace(FT_CONFIG, seed=1.5), "seed must be a whole number"),
+                         (dataclasses.replace(FT_CONFIG, epochs=10**8), "epochs must be a whole number from 1 to"),
+                         (dataclasses.replace(FT_CONFIG, epochs=True), "epochs must be a whole number")]:
+        with pytest.raises(ConfigError, match=said):
+            finetune(enc, heads, FT_DATA, config)
+    for data, said in [({"animals": [(None, 0)]}, "the text is 'None'"),
+                       ({"animals": iter([("a cat", 0)])}, "not a list of \\(text, label\\) pairs"),
+                       ({"animals": [(b"good", 0)]}, "not a non-empty text"),
+                       ({"animals": [("bad \ud800 text", 0)]}, "not a non-empty text"),
+                       ({"animals": [("a cat", np.int64(0))]}, "is a int64, not a Python int")]:
+        with pytest.raises(ConfigError, match=said):
+            finetune(enc, heads, data, FT_CONFIG)

@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ def _batches(examples: Mapping[str, Sequence[tuple[str, int]]], batch_size: int,
     return batches
 
 
+MAX_EPOCHS = 100_000  # the batches of every epoch are drawn up front
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no tokenizer takes it
+
+
 def _check_training(heads: Mapping[str, CosineHead], examples: Mapping[str, Sequence[tuple[str, int]]],
                     config: TrainConfig) -> None:
     """The settings, and every example against its task's head, before any step (hp64b c25: a task without a head
@@ -88,10 +93,16 @@ def _check_training(heads: Mapping[str, CosineHead], examples: Mapping[str, Sequ
         return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     problems = []
-    if not isinstance(config.epochs, int) or config.epochs < 1:
-        problems.append(f"TrainConfig.epochs must be a whole number >= 1, got {config.epochs!r}")
-    if not isinstance(config.patience, int) or config.patience < 0:
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not whole(config.epochs) or not 1 <= config.epochs <= MAX_EPOCHS:  # every epoch's order is drawn up front
+        # (hp66b c14: 10**8 epochs drew for minutes, then a MemoryError)
+        problems.append(f"TrainConfig.epochs must be a whole number from 1 to {MAX_EPOCHS:,}, got {config.epochs!r}")
+    if not whole(config.patience) or config.patience < 0:
         problems.append(f"TrainConfig.patience must be a whole number >= 0, got {config.patience!r}")
+    if not whole(config.seed) or not 0 <= config.seed < 2**63:  # (hp66b c11-c13: torch.manual_seed's bare errors)
+        problems.append(f"TrainConfig.seed must be a whole number from 0 to 2**63 - 1, got {str(config.seed)[:40]!r}")
     if not isinstance(config.batch_size, int) or isinstance(config.batch_size, bool) or config.batch_size < 1:
         problems.append(f"TrainConfig.batch_size must be a whole number >= 1, got {config.batch_size!r}")
     if not number(config.lr) or config.lr <= 0:
@@ -102,16 +113,28 @@ def _check_training(heads: Mapping[str, CosineHead], examples: Mapping[str, Sequ
         problems.append(f"TrainConfig.warmup_fraction must be a fraction in [0, 1], got {config.warmup_fraction!r}")
     if problems:
         raise ConfigError(problems)
+    for task, rows in examples.items():
+        if not isinstance(rows, Sequence) or isinstance(rows, (str, bytes)):  # an iterator is read once (hp66b c16)
+            raise ConfigError(f"examples[{task!r}] is a {type(rows).__name__}, not a list of (text, label) pairs")
     if not any(len(rows) for rows in examples.values()):
         raise ConfigError("there are no examples to train on")
     for task, rows in examples.items():
         if task not in heads:
             raise ConfigError(f"task {task!r} has no head (the heads are for {', '.join(map(repr, heads)) or 'none'})")
         classes = int(heads[task].class_embeddings.shape[0])
-        for k, (_, label) in enumerate(rows):
-            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < classes:
-                raise ConfigError(f"task {task!r}, example {k + 1}: label {label!r} is not a class index of its head "
-                                  f"(0 to {classes - 1})")
+        for k, row in enumerate(rows):
+            where = f"task {task!r}, example {k + 1}"
+            if not isinstance(row, (tuple, list)) or len(row) != 2:
+                raise ConfigError(f"{where} is {str(row)[:60]!r}, not a (text, label) pair")
+            text, label = row
+            if not isinstance(text, str) or not text or _SURROGATE.search(text):  # (hp66b c15, c17: bare errors, or
+                # "the model fails in its forward pass" blamed on its config)
+                raise ConfigError(f"{where}: the text is {str(text)[:40]!r}, not a non-empty text of UTF-8 characters")
+            if not isinstance(label, int) or isinstance(label, bool):
+                raise ConfigError(f"{where}: label {label!r} is a {type(label).__name__}, not a Python int "
+                                  "(a numpy integer: int(label))")  # (hp66b c18: "not a class index" of 0)
+            if not 0 <= label < classes:
+                raise ConfigError(f"{where}: label {label!r} is not a class index of its head (0 to {classes - 1})")
 
 
 def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
@@ -169,16 +192,17 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     resumed: dict | None = None
     if checkpoint is not None and os.path.exists(checkpoint):
         resumed = load_training_state(checkpoint, fingerprint)
-        check_training_state(resumed, checkpoint, epochs=[len(e) for e in epochs], expected=encoder.state_dict())
+        check_training_state(resumed, checkpoint, epochs=[len(e) for e in epochs], expected=encoder.state_dict(),
+                             fresh={"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
         encoder.load_state_dict(resumed["encoder"])
         try:  # their own contents: torch checks them as it loads them
             optimizer.load_state_dict(resumed["optimizer"])
             schedule.load_state_dict(resumed["schedule"])
+            torch.set_rng_state(resumed["rng"])  # (hp66b c09: "Invalid mt19937 state", bare)
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
-            raise ConfigError(f"{checkpoint}: the training checkpoint is damaged (the optimizer's state: "
-                              f"{type(exc).__name__}: {str(exc)[:120]})",
+            raise ConfigError(f"{checkpoint}: the training checkpoint is damaged (the optimizer's, the schedule's "
+                              f"or the random state: {type(exc).__name__}: {str(exc)[:120]})",
                               hint="remove it (or name another checkpoint) to train from the start") from None
-        torch.set_rng_state(resumed["rng"])
         step, loss_value, seen = resumed["step"], resumed["loss_value"], resumed["seen"]
         curve = [EpochRecord(*r) for r in resumed["curve"]]
         best_epoch, best_score, stale = resumed["best_epoch"], resumed["best_score"], resumed["stale"]

@@ -112,12 +112,74 @@ def load_training_state(path: str, fingerprint: str) -> dict[str, Any]:
     return state
 
 
-def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[int], expected: Mapping[str, Any]
-                         ) -> None:
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _check_like(value: Any, fresh: Any, what: str, damaged: Any, depth: int = 0) -> None:
+    """``value`` shaped as ``fresh`` (a new optimizer's or schedule's state_dict): the same keys, the same types of
+    leaves (a number where a number is, finite; a tensor where a tensor is, of its shape): an edited "lr" of "x" or a
+    schedule "step" of 1 failed at the first step, inside torch (hp66b c06-c08)."""
+    if depth > 8:
+        raise damaged(f"{what} is nested too deep")
+    if isinstance(fresh, dict):
+        if not isinstance(value, dict):
+            raise damaged(f"{what} is not a mapping")
+        if fresh and "state" in fresh and "param_groups" in fresh:  # an optimizer: its per-parameter state is
+            # empty before the first step, so only its groups are shaped like a fresh one's
+            _check_like(value.get("param_groups"), fresh["param_groups"], what, damaged, depth + 1)
+            if not isinstance(value.get("state"), dict):
+                raise damaged(f"{what} has no per-parameter state")
+            return
+        if set(value) != set(fresh):
+            raise damaged(f"{what} has other fields than this run's ({sorted(map(str, set(value) ^ set(fresh)))[:3]}; "
+                          "written by another torch version?)")
+        for key in fresh:
+            _check_like(value[key], fresh[key], f"{what}'s {key}", damaged, depth + 1)
+        return
+    if isinstance(fresh, (list, tuple)):
+        if not isinstance(value, (list, tuple)) or len(value) != len(fresh):
+            raise damaged(f"{what} is not a list of {len(fresh)}")
+        for v, f in zip(value, fresh):
+            _check_like(v, f, what, damaged, depth + 1)
+        return
+    if isinstance(fresh, bool) or fresh is None:
+        if type(value) is not type(fresh) and not (fresh is None and value is None):
+            if fresh is None and value is not None and not isinstance(value, (bool, int, float, str)):
+                raise damaged(f"{what} holds {type(value).__name__}")
+            if isinstance(fresh, bool):
+                raise damaged(f"{what} holds {str(value)[:40]!r} where a true or false goes")
+        return
+    if isinstance(fresh, (int, float)):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            finite = number and math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite or (isinstance(fresh, int) and not isinstance(value, int)):
+            raise damaged(f"{what} holds {str(value)[:40]!r} where a {type(fresh).__name__} goes")
+        return
+    if isinstance(fresh, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or value.shape != fresh.shape:
+            raise damaged(f"{what} holds no tensor of shape {tuple(fresh.shape)}")
+        return
+    if callable(fresh) or type(value) is not type(fresh):  # (a schedule's own callables are not in its state)
+        raise damaged(f"{what} holds {type(value).__name__} where a {type(fresh).__name__} goes")
+
+
+def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[int], expected: Mapping[str, Any],
+                         fresh: Mapping[str, Any]) -> None:
     """Every field of a loaded state of the right type and within the run, before any is applied (hp65b c02-c04: a
     field edited with the fingerprint kept was a bare TypeError, KeyError or RuntimeError, an epoch of '1' or a
     done of 10**30 resumed the wrong steps silently, NaN weights trained on). ``epochs``: the batches of each
-    epoch; ``expected``: the encoder's state dict (names and shapes)."""
+    epoch; ``expected``: the encoder's state dict (names and shapes); ``fresh``: this run's new optimizer's and
+    schedule's state dicts, which the saved ones must be shaped like."""
     def damaged(why: str) -> ConfigError:
         return ConfigError(f"{path}: the training checkpoint is damaged ({why})",
                            hint="remove it (or name another checkpoint) to train from the start")
@@ -125,9 +187,16 @@ def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[i
     def whole(value: Any, low: int, high: int) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
-    def real(value: Any, allow_none: bool = False) -> bool:
-        return (value is None and allow_none) or (isinstance(value, (int, float)) and not isinstance(value, bool)
-                                                  and not math.isinf(value))
+    def real(value: Any, allow_none: bool = False) -> bool:  # finite: a NaN score never loses, nor a NaN loss
+        # shows (hp66b c01-c04: 10**400 an OverflowError, NaN let through)
+        if value is None:
+            return allow_none
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:
+            return False
 
     total = sum(epochs)
     if not whole(state["epoch"], 1, len(epochs)):
@@ -152,6 +221,9 @@ def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[i
     if not (state["best_epoch"] is None or whole(state["best_epoch"], 1, len(curve))) or not real(
             state["best_score"], allow_none=True):
         raise damaged("best_epoch or best_score is out of the run's range")
+    if len({state["best_epoch"] is None, state["best_score"] is None, state["best_state"] is None}) != 1:
+        raise damaged("best_epoch, best_score and best_state do not go together")  # (hp66b c05: log and weights
+        # disagreed)
     for key in ("encoder", "best_state"):
         weights = state[key]
         if key == "best_state" and weights is None:
@@ -167,8 +239,11 @@ def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[i
     if not isinstance(state["rng"], torch.Tensor) or state["rng"].dtype != torch.uint8 or \
             state["rng"].shape != torch.get_rng_state().shape:
         raise damaged("rng is not torch's random state")
-    if not isinstance(state["optimizer"], dict) or not isinstance(state["schedule"], dict):
-        raise damaged("the optimizer's or the schedule's state is not a mapping")
+    _check_like(state["optimizer"], fresh["optimizer"], "the optimizer's state", damaged)
+    _check_like(state["schedule"], fresh["schedule"], "the schedule's state", damaged)
+    for tensor in _tensors(state["optimizer"].get("state")):  # AdamW's moments (hp66b c10: NaN trained on)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise damaged("the optimizer's state holds values that are not finite")
 
 
 def save_training_state(path: str, state: dict[str, Any]) -> None:
