@@ -2022,3 +2022,24 @@ def test_statistics_of_a_submodule_are_named_as_such():
     with pytest.raises(IncompatibleCheckpointsError) as err:
         tiesmerge.merge(base, models, "fisher", stats=stats)
     assert "computed on a submodule (their names lack the prefix 'model.')" in err.value.hint
+
+
+def test_analyze_takes_exact_and_numpy_numbers_and_refuses_booleans():
+    """hp66a c22: analyze(density=Fraction(1, 5)) (or Decimal, np.float32) was "must be a fraction in (0, 1], got
+    Fraction(1, 5)", where merge takes them; c23: density=True, curve=[True, 0.5], subsets_per_size=True or 2.5 were
+    accepted and written into the report."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    import numpy as np
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    base, models = make_family(2)
+    for density in (Fraction(1, 5), Decimal("0.2"), np.float32(0.2)):
+        assert tiesmerge.analyze(base, models, density=density)["settings"]["density"] == 0.2
+    for kwargs in (dict(density=True), dict(curve=[True, 0.5]), dict(subsets_per_size=True),
+                   dict(subsets_per_size=2.5)):
+        with pytest.raises(ConfigError):
+            tiesmerge.analyze(base, models, **kwargs)

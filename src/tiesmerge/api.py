@@ -753,8 +753,15 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
         if value is not None and (isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable)):
             raise ConfigError(f"{name} must be a list, got {type(value).__name__} {_shown(value)}",
                               hint=f"e.g. {name}={example}")  # a string was read letter by letter (hp59a c56)
+    from .methods.base import plain_value
+
+    # Fraction, Decimal and numpy numbers are the numbers they are, as merge's options take them (hp66a c22)
+    def number(value: Any) -> Any:
+        return plain_value(plain_numbers(value, 0))
+
+    density, subsets_per_size, seed = number(density), number(subsets_per_size), number(seed)
     settings = AnalysisSettings(density=density, subsets_per_size=subsets_per_size, seed=seed,
-                                **({"curve": tuple(curve)} if curve is not None else {}))
+                                **({"curve": tuple(number(k) for k in curve)} if curve is not None else {}))
     settings.check(len(models))
     device_t, budget = device_of(device), budget_of(memory_budget)
     extra = [(spec if isinstance(spec, str) else m.name, m) for spec in methods for m in [method_of_spec(spec)]]

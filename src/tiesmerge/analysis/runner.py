@@ -49,16 +49,21 @@ class AnalysisSettings:
 
     def check(self, n_models: int) -> None:
         problems: list[str] = []
-        if not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
+        def number(value: object) -> bool:  # True is no density (hp66a c23: written into the report as true)
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        if not (number(self.density) and 0 < self.density <= 1):
             problems.append(f"density must be a fraction in (0, 1], got {self.density!r}"
                             + (" (a fraction, not a percent)" if isinstance(self.density, (int, float))
                                and self.density > 1 else ""))
-        if not self.curve or not all(isinstance(k, (int, float)) and 0 < k <= 1 for k in self.curve):
+        if not self.curve or not all(number(k) and 0 < k <= 1 for k in self.curve):
             problems.append(f"curve densities must be fractions in (0, 1], got {self.curve!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             problems.append(f"seed must be a whole number from 0 to {2**32 - 1:,}, got {_shown(self.seed)}")  # c57
-        if self.subsets_per_size is not None and self.subsets_per_size < 1:
-            problems.append(f"subsets_per_size must be at least 1 (or None for all), got {self.subsets_per_size}")
+        if self.subsets_per_size is not None and not (isinstance(self.subsets_per_size, int) and not isinstance(
+                self.subsets_per_size, bool) and self.subsets_per_size >= 1):
+            problems.append(f"subsets_per_size must be a whole number of at least 1 (or None for all), got "
+                            f"{_shown(self.subsets_per_size)}")
         if n_models < 2:
             problems.append(f"interference needs at least 2 fine-tuned models, got {n_models}")
         if n_models > stats.MAX_MODELS:
