@@ -288,6 +288,7 @@ def test_a_checkpoint_of_another_encoder_or_without_validation_is_refused(bert_t
     (lambda s: s.update(rng=torch.randint(0, 256, s["rng"].shape, dtype=torch.uint8)), "the random state"),
     (lambda s: [v.fill_(float("nan")) for v in s["optimizer"]["state"][0].values() if v.dim()],
      "the optimizer's state holds values that are not finite"),
+    (lambda s: s.update(step=s["step"] - 1), "is not the batches of the epochs before it"),  # hp66b c23
 ])
 def test_an_edited_training_checkpoint_is_refused_as_damaged(bert_tokenizer, tmp_path, edit, said):
     """hp65b c02-c04: a checkpoint edited with its fingerprint kept was a bare TypeError, KeyError or RuntimeError,
@@ -371,3 +372,29 @@ def test_finetunes_settings_and_examples_are_checked_before_any_step(bert_tokeni
                        ({"animals": [("a cat", np.int64(0))]}, "is a int64, not a Python int")]:
         with pytest.raises(ConfigError, match=said):
             finetune(enc, heads, data, FT_CONFIG)
+
+
+def test_heads_frozen_encoders_and_overflowing_training_are_typed(bert_tokenizer, tmp_path):
+    """hp66b c27-c30, c38, c43: NaN heads or a huge lr ended with NaN weights without a word; a head of another width
+    was torch's "mat1 and mat2 shapes cannot be multiplied"; a frozen encoder autograd's bare error; a checkpoint
+    interval of 10**400 an OverflowError."""
+    from tiesmerge.errors import ConfigError, TrainingError
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.raises(TrainingError, match="the training loss is .* at step"):
+        finetune(enc, heads, FT_DATA, dataclasses.replace(FT_CONFIG, lr=1e30))
+    enc, heads = _ft_setup(bert_tokenizer)
+    bad = dict(heads)
+    bad["animals"] = dataclasses.replace(heads["animals"], class_embeddings=torch.full_like(
+        heads["animals"].class_embeddings, float("nan")))
+    with pytest.raises(ConfigError, match="its head holds values that are not finite"):
+        finetune(enc, bad, FT_DATA, FT_CONFIG)
+    bad["animals"] = dataclasses.replace(heads["animals"], class_embeddings=torch.ones(2, 8))
+    with pytest.raises(ConfigError, match=r"its head is \(2, 8\), but the encoder's embeddings have 32"):
+        finetune(enc, bad, FT_DATA, FT_CONFIG)
+    with pytest.raises(ConfigError, match="not a number of seconds"):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=tmp_path / "ck.pt", checkpoint_seconds=10**400)
+    for p in enc.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ConfigError, match="no trainable parameter"):
+        finetune(enc, heads, FT_DATA, FT_CONFIG)

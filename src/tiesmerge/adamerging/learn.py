@@ -654,8 +654,9 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
             start = int(state["step"])
             if start > config.steps:  # steps are left out of the fingerprint (a run may be extended), not shortened
                 warnings.warn(MergeWarning(f"{path}: the checkpoint is at step {start}, past --steps {config.steps}: "
-                                           f"the result is the {start}-step one (start afresh, without --resume, for "
-                                           f"{config.steps} steps)"), stacklevel=3)
+                                           f"the result is the {start}-step one (for {config.steps} steps, start "
+                                           "afresh: remove the checkpoint, or name another --checkpoint)"),
+                              stacklevel=3)  # (hp66b c46: "without --resume" was refused as "already exists")
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise ConfigError(f"{path}: not a checkpoint tiesmerge adapt wrote for this run "
                               f"({type(exc).__name__}: {str(exc)[:200]})",

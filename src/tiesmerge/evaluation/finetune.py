@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingError
 from .encoder import CosineHead, SentenceEncoder
 from .loading import warn_unknown
 from .train_checkpoint import (
@@ -84,8 +84,8 @@ MAX_EPOCHS = 100_000  # the batches of every epoch are drawn up front
 _SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: no tokenizer takes it
 
 
-def _check_training(heads: Mapping[str, CosineHead], examples: Mapping[str, Sequence[tuple[str, int]]],
-                    config: TrainConfig) -> None:
+def _check_training(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
+                    examples: Mapping[str, Sequence[tuple[str, int]]], config: TrainConfig) -> None:
     """The settings, and every example against its task's head, before any step (hp64b c25: a task without a head
     was a bare KeyError, a label past the classes torch's IndexError, batch_size 0 a ValueError of range(), an lr of
     NaN torch's own words; a warm-up fraction of 5 and no examples at all ran silently)."""
@@ -118,9 +118,16 @@ def _check_training(heads: Mapping[str, CosineHead], examples: Mapping[str, Sequ
             raise ConfigError(f"examples[{task!r}] is a {type(rows).__name__}, not a list of (text, label) pairs")
     if not any(len(rows) for rows in examples.values()):
         raise ConfigError("there are no examples to train on")
+    width = getattr(getattr(getattr(encoder, "model", None), "config", None), "hidden_size", None)
     for task, rows in examples.items():
         if task not in heads:
             raise ConfigError(f"task {task!r} has no head (the heads are for {', '.join(map(repr, heads)) or 'none'})")
+        head = heads[task].class_embeddings
+        if isinstance(width, int) and (head.dim() != 2 or head.shape[1] != width):  # (hp66b c30: mat1 and mat2)
+            raise ConfigError(f"task {task!r}: its head is {tuple(head.shape)}, but the encoder's embeddings have "
+                              f"{width} dimensions", hint="build the heads from this encoder (build_head)")
+        if not bool(torch.isfinite(head).all()) or not math.isfinite(float(heads[task].scale)):
+            raise ConfigError(f"task {task!r}: its head holds values that are not finite")
         classes = int(heads[task].class_embeddings.shape[0])
         for k, row in enumerate(rows):
             where = f"task {task!r}, example {k + 1}"
@@ -154,7 +161,7 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     from its last save and ends with the weights an unbroken run ends with. The caller removes it
     once the model is saved. Read with ``weights_only`` (no code runs).
     """
-    _check_training(heads, examples, config)
+    _check_training(encoder, heads, examples, config)
     tokenizer = getattr(encoder, "tokenizer", None)
     if tokenizer is not None:  # as tune, stats and adapt say it (hp65b c27)
         warn_unknown(tokenizer, [t for rows in examples.values() for t, _ in rows],
@@ -176,6 +183,9 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     epochs = [_batches(examples, config.batch_size, rng) for _ in range(config.epochs)]
     total = sum(len(e) for e in epochs)
     params = [p for p in encoder.parameters() if p.requires_grad]
+    if not params:  # (hp66b c43: autograd's bare "does not require grad" at the first backward)
+        raise ConfigError("the encoder has no trainable parameter (every one has requires_grad False)",
+                          hint="unfreeze the layers to fine-tune (param.requires_grad_(True))")
     decay = [p for p in params if p.dim() >= 2]  # no weight decay on biases and norms
     rest = [p for p in params if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
@@ -235,6 +245,12 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
             labels = torch.tensor([y for _, y in batch], device=device)
             logits = heads[task].logits(encoder(encoder.tokenize(texts)))  # (B, C)
             loss = torch.nn.functional.cross_entropy(logits, labels)
+            if not bool(torch.isfinite(loss)):  # NaN heads, an infinite scale, a huge lr, float16 weights: the
+                # weights would end NaN without a word (hp66b c27-c29, c44)
+                raise TrainingError(f"the training loss is {float(loss)} at step {step + 1} (task {task!r}): the "
+                                    "encoder's weights or the heads overflowed",
+                                    hint="lower the learning rate, check the heads' values, and train a float16 "
+                                         "encoder in float32")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

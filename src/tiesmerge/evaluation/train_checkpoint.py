@@ -31,7 +31,11 @@ def check_checkpoint_path(checkpoint: str | os.PathLike, seconds: float) -> str:
     path = os.fspath(checkpoint)
     if not isinstance(path, str) or not path or path.endswith(("/", os.sep)):  # "ck.pt/" names a folder (hp65b c21)
         raise ConfigError(f"checkpoint={checkpoint!r} is not the path of a file", hint="name a file, e.g. train.pt")
-    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds) or seconds < 0:
+    try:  # 10**400: math.isfinite's OverflowError (hp66b c38)
+        finite = isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+    except OverflowError:
+        finite = False
+    if not finite or seconds < 0:
         raise ConfigError(f"checkpoint_seconds={seconds!r} is not a number of seconds (a finite number >= 0)")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -215,9 +219,12 @@ def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[i
     if not isinstance(losses, list) or not all(real(x) for x in losses):
         raise damaged("losses is not a list of numbers")
     if not isinstance(curve, list) or len(curve) != state["epoch"] - 1 or not all(
-            isinstance(r, (list, tuple)) and len(r) == 4 and whole(r[0], 1, len(epochs)) and real(r[1])
-            and real(r[2], allow_none=True) and real(r[3]) for r in curve):
-        raise damaged("curve is not one (epoch, loss, validation, seconds) row per finished epoch")
+            isinstance(r, (list, tuple)) and len(r) == 4 and r[0] == k and real(r[1])
+            and real(r[2], allow_none=True) and real(r[3]) for k, r in enumerate(curve, 1)):
+        raise damaged("curve is not one (epoch, loss, validation, seconds) row per finished epoch, in order")
+    if state["step"] != sum(epochs[:state["epoch"] - 1]) + state["done"] or len(losses) != state["done"]:
+        raise damaged(f"step {state['step']} is not the batches of the epochs before it and the {state['done']} of "
+                      "this one")  # (hp66b c23: a log of 2 steps and epoch 2 twice)
     if not (state["best_epoch"] is None or whole(state["best_epoch"], 1, len(curve))) or not real(
             state["best_score"], allow_none=True):
         raise damaged("best_epoch or best_score is out of the run's range")
