@@ -2043,3 +2043,39 @@ def test_analyze_takes_exact_and_numpy_numbers_and_refuses_booleans():
                    dict(subsets_per_size=2.5)):
         with pytest.raises(ConfigError):
             tiesmerge.analyze(base, models, **kwargs)
+
+
+def test_a_stop_during_the_outputs_swap_is_delivered_after_it(tmp_path, capsys, monkeypatch):
+    """hp66a c14-c16, c32: a SIGTERM the instant the output was renamed into place exited 143 with "no output
+    directory was left behind" beside a complete output; with --force it left half of the replaced output parked for
+    good, which no later run removed."""
+    import signal
+
+    from tiesmerge.io import writer
+    from tiesmerge.io.writer import OWNED, remove_stale
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    argv = ["merge", *cli_flags(b, ms), "-o", tmp_path / "out"]
+    assert run_cli(argv, capsys)[0] == 0
+    real = os.replace
+
+    def replace_then_stop(src, dst):
+        real(src, dst)
+        if str(dst) == str(tmp_path / "out") and ".tiesmerge-tmp-" in str(src):
+            signal.raise_signal(signal.SIGTERM)  # the new output just in place, the old one still parked
+
+    monkeypatch.setattr(writer.os, "replace", replace_then_stop)
+    rc, _, err = run_cli([*argv, "--force"], capsys)
+    monkeypatch.setattr(writer.os, "replace", real)
+    assert rc == 143 and "was complete before the stop and is kept" in err, err
+    assert (tmp_path / "out" / "tiesmerge.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiesmerge-")], list(tmp_path.iterdir())
+
+    # a dead run's parked fragment beside a newer output of tiesmerge's is what its --force replaced: removed
+    parked, dead = _parked_output(tmp_path / "x", base, models)
+    (parked.parent / "out").mkdir()
+    (parked.parent / "out" / "tiesmerge.json").write_text((tmp_path / "out" / "tiesmerge.json").read_text())
+    assert remove_stale(parked.parent) == [parked.name] and not parked.exists()
+    assert OWNED

@@ -431,6 +431,9 @@ MAX_NUMBA_THREADS = 1024  # numba starts that many workers: 20,000 took 1 GB and
 def main(argv: list[str] | None = None) -> int:
     global left_on_stop
     left_on_stop = NOTHING_LEFT  # a command that writes in place sets its own (tests run many commands in one process)
+    placed = getattr(sys.modules.get("tiesmerge.io.writer"), "PLACED", None)  # (not imported for it: it reads numpy)
+    if placed is not None:
+        placed.clear()
     debug = "--debug" in (sys.argv[1:] if argv is None else argv)
     # a standard stream closed by the caller (`2>&-` in a cron job) is None here: write nowhere, never crash
     if sys.stdout is None:
@@ -866,10 +869,14 @@ def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
     # own (Ray's ray.get cancels its tasks so), or code it interrupted may fail with another error (a lock released
     # twice), and the exit status must still say which signal it was
     stopped = exc if isinstance(exc, Terminated) else _stopped_by
+    left = left_on_stop
+    placed = getattr(sys.modules.get("tiesmerge.io.writer"), "PLACED", None)
+    if placed and left == NOTHING_LEFT:  # the output was in place before the stop (hp66a c14, c32: "no output was
+        left = f"the output {placed[-1]} was complete before the stop and is kept"  # left", of a complete one)
     if stopped is not None:
-        print(f"error: terminated by {stopped.name}; {left_on_stop}", file=sys.stderr)
+        print(f"error: terminated by {stopped.name}; {left}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention for a process ended by that signal
-    print(f"error: interrupted; {left_on_stop}", file=sys.stderr)
+    print(f"error: interrupted; {left}", file=sys.stderr)
     return 130
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .. import stops
 from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, ConfigError, MergeWarning, OutputError
 from ..finite import check_finite
@@ -357,6 +358,10 @@ def _dead_temporaries(parent: Path) -> Iterator[tuple[str, os.DirEntry]]:
             yield m.group(1), entry  # (in use: a salvaged output given as a model; not ours: a folder of the user's)
 
 
+# the outputs put in place in this process (a command's stop message says what was written before it)
+PLACED: list[Path] = []
+
+
 def remove_stale(parent: Path) -> list[str]:
     """Remove temporary siblings left in ``parent`` by runs of this host whose process is dead.
     A replaced output parked by a run killed between its two renames is put back if its place
@@ -373,11 +378,23 @@ def remove_stale(parent: Path) -> list[str]:
                         os.replace(parked, parent / parked.name)  # the previous output, back where it was
                         warnings.warn(f"{parent / parked.name}: put back: a run killed while replacing it (--force) "
                                       f"had set it aside as {path.name}", MergeWarning, stacklevel=2)  # (hp62a c20)
+                for parked in path.iterdir():  # its place taken by a newer output of tiesmerge's: the --force that
+                    # parked it completed, and this is what it was replacing (a kill cut its removal short: hp66a
+                    # c16), so it goes; taken by a folder of the user's, it stays (hp62a c21)
+                    if parked.name != OWNED and _is_output(parent / parked.name):
+                        shutil.rmtree(parked, ignore_errors=True)
                 if any(p.name != OWNED for p in path.iterdir()):  # its place is taken since: the parked output is
                     continue  # kept where it is, never removed (hp62a c21: a previous model deleted without a word)
             shutil.rmtree(path, ignore_errors=True)
         cleaned.append(entry.name)
     return cleaned
+
+
+def _is_output(path: Path) -> bool:
+    """Whether ``path`` is a folder holding one of tiesmerge's output markers (a manifest it wrote)."""
+    from ..paths import OUTPUT_MARKERS, _is_marker
+
+    return path.is_dir() and not path.is_symlink() and any(_is_marker(path / m) for m in OUTPUT_MARKERS)
 
 
 # what an output takes on disk beside its weights' data, for the free-space check (hp56 c38: a dry run's 26 KiB for an
@@ -494,25 +511,29 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
             raise write_error(named or _being_written(tmp, final), exc) from None
         _record_listing(tmp)  # (OWNED is no file of the output: left out of its listing)
         _check_output_path(final, force, marker)  # the path may have changed while we worked
-        old = None
-        if os.path.lexists(final):
-            old = _sibling(final.parent, "old")
+        # the swap runs whole: a stop signal arriving in it is delivered once the new output is in place and the
+        # old one gone (hp66a c14-c16: a SIGTERM between the renames left half of the replaced output parked)
+        with stops.held():
+            old = None
+            if os.path.lexists(final):
+                old = _sibling(final.parent, "old")
+                try:
+                    os.replace(final, old / final.name)
+                except BaseException:  # nothing moved (a mount point, a busy folder): the parking folder goes too
+                    shutil.rmtree(old, ignore_errors=True)
+                    raise
             try:
-                os.replace(final, old / final.name)
-            except BaseException:  # nothing moved (a mount point, a busy folder): the parking folder goes too
-                shutil.rmtree(old, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):  # the output's own files only, from here on (_ours: a
+                    os.unlink(tmp / OWNED)  # listed output is ours too)
+                os.replace(tmp, final)
+            except BaseException:
+                if old is not None:  # put the previous output back instead of leaving it hidden in a dot-folder
+                    os.replace(old / final.name, final)
+                    shutil.rmtree(old, ignore_errors=True)
                 raise
-        try:
-            with contextlib.suppress(FileNotFoundError):  # the output's own files only, from here on (_ours: a
-                os.unlink(tmp / OWNED)  # listed output is ours too)
-            os.replace(tmp, final)
-        except BaseException:
-            if old is not None:  # put the previous output back instead of leaving it hidden in a dot-folder
-                os.replace(old / final.name, final)
+            PLACED.append(final)  # complete, whatever stops the command after this: said so (cli.main)
+            if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(created)
