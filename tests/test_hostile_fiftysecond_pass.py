@@ -2079,3 +2079,16 @@ def test_a_stop_during_the_outputs_swap_is_delivered_after_it(tmp_path, capsys, 
     (parked.parent / "out" / "tiesmerge.json").write_text((tmp_path / "out" / "tiesmerge.json").read_text())
     assert remove_stale(parked.parent) == [parked.name] and not parked.exists()
     assert OWNED
+
+
+def test_validate_of_a_mergekit_slerp_listing_its_base_names_only_the_real_problem(tmp_path, capsys):
+    """hp66a c19: a mergekit slerp recipe listing base_model among its models (its usual form) with one bad parameter
+    was also told "model 0 (...base) is the base itself", advice that would break the slerp."""
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    m = write_hf_dir(tmp_path / "m", models[0])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {b}\nmodels:\n  - model: {b}\n  - model: {m}\n"
+                      "parameters:\n  t: 0.5\n  foo: 1\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc != 0 and "foo" in err and "is the base itself" not in err, err

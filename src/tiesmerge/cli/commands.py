@@ -709,7 +709,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         written = _inputs_as_written(args.recipe)
         if written is None:
             raise
-        raise _with_input_problems(exc, *written, args) from None
+        raise _with_input_problems(exc, *written, args, mergekit=True) from None
     _mergekit_words(data)
     try:
         recipe = recipe_from_dict(data, source=str(args.recipe))
@@ -779,7 +779,8 @@ def _inputs_as_written(recipe: str) -> tuple[str, list[str]] | None:
 
 
 def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], args: argparse.Namespace, *,
-                         allow_pickle: bool = False, vocab_policy: str = "error") -> TiesMergeError:
+                         allow_pickle: bool = False, vocab_policy: str = "error", mergekit: bool = False
+                         ) -> TiesMergeError:
     """``first`` (a recipe's or its inputs' first problem) with every input problem found beside it: the base, then
     each model checked against it on its own (its files, its shapes, an adapter's binding), as `validate` promises
     every problem at once (hostile pass 31, C74). Returns ``first`` itself where nothing else is found."""
@@ -790,6 +791,9 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
 
     if not isinstance(base, (str, Path)) or not str(base):
         return first
+    if mergekit:  # a mergekit recipe lists its base_model among its models (slerp's usual form), as mergekit reads
+        # it: no problem of its own (hp66a c19: "model 0 is the base itself" beside the real one)
+        models = [m for m in models if os.path.realpath(m) != os.path.realpath(str(base))]
     problems = list(getattr(first, "problems", None) or [first.message])
     known = len(problems)
     # by their first line: a problem said with the inputs together, said again of one model alone, differs only in
