@@ -130,6 +130,20 @@ class _Killed(Exception):
     pass
 
 
+def _interrupted_run(tokenizer, tmp_path, **kwargs):
+    """A run killed at its second step, its checkpoint saved after each: (encoder, heads, checkpoint path)."""
+    enc, heads = _ft_setup(tokenizer)
+    ck = tmp_path / "ck.pt"
+
+    def stop(step, total, loss):
+        if step == 2:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0, **kwargs)
+    return enc, heads, ck
+
+
 @pytest.mark.parametrize("kill_at", [3, 4, 5, 9])  # in epoch 1, its last step, epoch 2 (from its start), 3
 def test_a_training_killed_part_way_resumes_to_the_same_weights(bert_tokenizer, tmp_path, kill_at):
     """With a checkpoint file, a run killed part-way goes on from its last save and ends with the weights, curve and
@@ -202,14 +216,7 @@ def test_a_training_checkpoint_is_checked_before_any_training(bert_tokenizer, tm
         with pytest.raises(ConfigError, match=said):
             finetune(enc, heads, data, config)
 
-    ck = tmp_path / "ck.pt"
-
-    def stop(step, total, loss):
-        if step == 2:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0)
+    _, _, ck = _interrupted_run(bert_tokenizer, tmp_path)
     other = {task: [(text + " again", label) for text, label in rows] for task, rows in FT_DATA.items()}
     enc, heads = _ft_setup(bert_tokenizer)
     with pytest.raises(ConfigError, match="a training checkpoint of another run"):  # same steps and seed, other data
@@ -242,16 +249,7 @@ def test_a_checkpoint_of_another_encoder_or_without_validation_is_refused(bert_t
 
     from tiesmerge.errors import ConfigError
 
-    enc, heads = _ft_setup(bert_tokenizer)
-    ck = tmp_path / "ck.pt"
-
-    def stop(step, total, loss):
-        if step == 2:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0,
-                 validate=lambda e: 0.5)
+    _, _, ck = _interrupted_run(bert_tokenizer, tmp_path, validate=lambda e: 0.5)
     enc, heads = _ft_setup(bert_tokenizer)
     with pytest.raises(ConfigError, match="a training checkpoint of another run"):
         finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=ck)  # no validate
@@ -295,15 +293,7 @@ def test_an_edited_training_checkpoint_is_refused_as_damaged(bert_tokenizer, tmp
     an epoch of '1' or a done of 10**30 resumed the wrong steps silently, and NaN weights were trained on."""
     from tiesmerge.errors import ConfigError
 
-    enc, heads = _ft_setup(bert_tokenizer)
-    ck = tmp_path / "ck.pt"
-
-    def stop(step, total, loss):
-        if step == 2:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0)
+    enc, heads, ck = _interrupted_run(bert_tokenizer, tmp_path)
     state = torch.load(ck, weights_only=True)
     edit(state)
     torch.save(state, ck)
@@ -318,15 +308,7 @@ def test_other_starting_weights_a_long_name_and_a_nan_score_are_refused(bert_tok
     for good, or was a bare ValueError."""
     from tiesmerge.errors import ConfigError
 
-    enc, heads = _ft_setup(bert_tokenizer)
-    ck = tmp_path / "ck.pt"
-
-    def stop(step, total, loss):
-        if step == 2:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0)
+    enc, heads, ck = _interrupted_run(bert_tokenizer, tmp_path)
     other = tiny_bert_encoder(bert_tokenizer, seed=6)  # same shapes, other weights
     with pytest.raises(ConfigError, match="a training checkpoint of another run"):
         finetune(other, heads, FT_DATA, FT_CONFIG, checkpoint=ck)
