@@ -65,3 +65,10 @@ def test_format_then_parse_round_trips_within_rounding() -> None:
     for n in (1, 1000, 123_456, 7 * GiB + 12345):
         text = format_size(n).replace(" ", "")
         assert abs(parse_size(text) - n) <= max(1, n * 0.005)
+
+
+def test_a_fractional_count_of_bytes_is_refused_not_truncated():
+    """hp66a c25: --memory-budget 1.5B was said as "1 B is below ...": the half byte dropped without a word."""
+    with pytest.raises(ValueError, match="a count of bytes is a whole number"):
+        parse_size("1.5B")
+    assert parse_size("1.5KiB") == 1536 and parse_size("2B") == 2
