@@ -791,9 +791,11 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
 
     if not isinstance(base, (str, Path)) or not str(base):
         return first
-    if mergekit:  # a mergekit recipe lists its base_model among its models (slerp's usual form), as mergekit reads
-        # it: no problem of its own (hp66a c19: "model 0 is the base itself" beside the real one)
-        models = [m for m in models if os.path.realpath(m) != os.path.realpath(str(base))]
+    if mergekit and "\0" not in str(base):  # a mergekit recipe lists its base_model among its models (slerp's
+        # usual form), as mergekit reads it: no problem of its own (hp66a c19: "model 0 is the base itself" beside the
+        # real one); a path holding a NUL byte is named by its own check below, never resolved here
+        models = [m for m in models if not isinstance(m, str) or "\0" in m
+                  or os.path.realpath(m) != os.path.realpath(str(base))]
     problems = list(getattr(first, "problems", None) or [first.message])
     known = len(problems)
     # by their first line: a problem said with the inputs together, said again of one model alone, differs only in
