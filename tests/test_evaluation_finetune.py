@@ -259,10 +259,12 @@ def test_a_checkpoint_of_another_encoder_or_without_validation_is_refused(bert_t
                  checkpoint=ck, validate=lambda e: 0.5)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f"ck.pt.{dead.stdout.strip()}.partial"
-    stale.write_bytes(b"half a save")
+    stale.write_bytes(b"PK\x03\x04half a save")  # what torch.save begins: a zip archive
+    mine = tmp_path / f"ck.pt.{int(dead.stdout) + 1}.partial"  # (no process: the pid after a dead one's, likely)
+    mine.write_text("my notes")  # a user's file so named stays (hp66b c42)
     enc, heads = _ft_setup(bert_tokenizer)
     finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=ck, validate=lambda e: 0.5)
-    assert not stale.exists()
+    assert not stale.exists() and mine.read_text() == "my notes"
 
 
 @pytest.mark.parametrize("edit, said", [

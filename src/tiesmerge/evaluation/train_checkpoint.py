@@ -73,11 +73,23 @@ def _remove_dead_partials(path: str) -> None:
     for entry in entries:
         pid = entry[len(name) + 1:-len(".partial")] if entry.startswith(name + ".") and entry.endswith(".partial") \
             else ""
-        if pid.isdigit() and process_is_dead(pid) and os.path.isfile(os.path.join(folder, entry)):
+        full = os.path.join(folder, entry)
+        if pid.isdigit() and process_is_dead(pid) and os.path.isfile(full) and not os.path.islink(full) \
+                and _torch_archive_or_empty(full):  # a file of the user's so named stays (hp66b c42)
             try:
-                os.unlink(os.path.join(folder, entry))
+                os.unlink(full)
             except OSError:
                 pass
+
+
+def _torch_archive_or_empty(path: str) -> bool:
+    """Whether ``path`` is what torch.save begins (a zip archive) or nothing yet: a save's own staged file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head in (b"", b"PK\x03\x04")
 
 
 def run_fingerprint(config: Any, examples: Mapping[str, Sequence[tuple[str, int]]], classes: Mapping[str, int], *,
