@@ -328,8 +328,10 @@ def test_training_on_texts_the_tokenizer_reads_as_unknown_is_said(bert_tokenizer
     from tiesmerge.errors import MergeWarning
 
     enc, heads = _ft_setup(bert_tokenizer)
-    unknown = {"animals": [("zzqx vvwy", 0), ("qqzz xxvy", 1)]}
-    with pytest.warns(MergeWarning, match="the training examples: .* unknown to the base's tokenizer"):
+    # task by task: a task of unknown words after a larger one of known words is said too (hp66b c35)
+    unknown = {"weather": FT_DATA["weather"] * 40, "animals": [("zzqx vvwy", 0), ("qqzz xxvy", 1)]}
+    with pytest.warns(MergeWarning, match="the training examples of task 'animals': .* unknown to the base's "
+                                          "tokenizer"):
         finetune(enc, heads, unknown, dataclasses.replace(FT_CONFIG, epochs=1))
 
 

@@ -561,10 +561,10 @@ def _warn_cut(forward: Any, task_data: Mapping[str, Sequence[Any]], asked: int) 
     """Per task, how many examples the built-in forward cuts to its token limit, said in one warning (hp39 C23:
     --max-length 4 cut every example without a word, and the coefficients were learned on the cut texts)."""
     tokenizer = getattr(forward, "tokenizer", None) or getattr(getattr(forward, "encoder", None), "tokenizer", None)
-    if tokenizer is not None:  # texts the tokenizer reads as its unknown token (hp63b c25)
-        texts = [r["text"] for rows in task_data.values() for r in rows if isinstance(r, Mapping)
-                 and isinstance(r.get("text"), str)]
-        warn_unknown(tokenizer, texts, max_length=getattr(forward, "max_length", asked), where="the data",
+    for task, rows in task_data.items() if tokenizer is not None else ():  # texts the tokenizer reads as its
+        # unknown token (hp63b c25), task by task (hp66b c35)
+        texts = [r["text"] for r in rows if isinstance(r, Mapping) and isinstance(r.get("text"), str)]
+        warn_unknown(tokenizer, texts, max_length=getattr(forward, "max_length", asked), where=f"task {task!r}'s data",
                      effect="the coefficients are learned on how the model reads that token", stacklevel=4)
     counter = getattr(forward, "count_cut", None)
     if counter is None:

@@ -163,9 +163,10 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     """
     _check_training(encoder, heads, examples, config)
     tokenizer = getattr(encoder, "tokenizer", None)
-    if tokenizer is not None:  # as tune, stats and adapt say it (hp65b c27)
-        warn_unknown(tokenizer, [t for rows in examples.values() for t, _ in rows],
-                     max_length=int(getattr(encoder, "max_length", 128)), where="the training examples",
+    for task, rows in examples.items() if tokenizer is not None else ():  # as tune, stats and adapt say it (hp65b
+        # c27), task by task: a whole task of unknown words after a larger one was not in the sample (hp66b c35)
+        warn_unknown(tokenizer, [t for t, _ in rows], max_length=int(getattr(encoder, "max_length", 128)),
+                     where=f"the training examples of task {task!r}",
                      effect="the encoder learns to read that token, not the texts")
     fingerprint = ""
     if checkpoint is not None:  # checked before any training, not at its first save
