@@ -384,3 +384,43 @@ def test_heads_frozen_encoders_and_overflowing_training_are_typed(bert_tokenizer
         p.requires_grad_(False)
     with pytest.raises(ConfigError, match="no trainable parameter"):
         finetune(enc, heads, FT_DATA, FT_CONFIG)
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda s: s.update(seen=10**15), "more examples than"),
+    (lambda s: s.update(best_score=-5.0), "not the curve's best validation score"),
+    (lambda s: s.update(best_score=1e300), "not the curve's best validation score"),
+])
+def test_a_validated_checkpoints_best_epoch_must_be_its_curves(bert_tokenizer, tmp_path, edit, said):
+    """hp67b c03-c06: seen of 10**15, or a best score that is not the curve's best, resumed silently (another epoch's
+    weights kept, a score no epoch had reported)."""
+    from tiesmerge.errors import ConfigError
+
+    scores = iter([0.5, 0.9, 0.1, 0.1])
+    config = dataclasses.replace(FT_CONFIG, epochs=3)
+    enc, heads = _ft_setup(bert_tokenizer)
+    ck = tmp_path / "ck.pt"
+
+    def stop(step, total, loss):
+        if step == 9:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        finetune(enc, heads, FT_DATA, config, on_step=stop, checkpoint=ck, checkpoint_seconds=0,
+                 validate=lambda e: next(scores))
+    state = torch.load(ck, weights_only=True)
+    edit(state)
+    torch.save(state, ck)
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.raises(ConfigError, match=said):
+        finetune(enc, heads, FT_DATA, config, checkpoint=ck, validate=lambda e: 0.5)
+
+
+def test_the_same_examples_in_another_task_order_are_another_run(bert_tokenizer, tmp_path):
+    """hp67b c33: the batches follow the tasks' order, the fingerprint sorted them: another order resumed."""
+    from tiesmerge.errors import ConfigError
+
+    _, _, ck = _interrupted_run(bert_tokenizer, tmp_path)
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.raises(ConfigError, match="a training checkpoint of another run"):
+        finetune(enc, heads, dict(reversed(list(FT_DATA.items()))), FT_CONFIG, checkpoint=ck)

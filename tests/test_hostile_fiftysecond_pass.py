@@ -2092,3 +2092,28 @@ def test_validate_of_a_mergekit_slerp_listing_its_base_names_only_the_real_probl
                       "parameters:\n  t: 0.5\n  foo: 1\n")
     rc, _, err = run_cli(["validate", recipe], capsys)
     assert rc != 0 and "foo" in err and "is the base itself" not in err, err
+
+
+def test_pass_67_statistics_api():
+    """hp67b c16-c19: targets giving a list or a numpy array failed under vmap and the batched path (the loop path
+    took them), complex labels were torch's bare error; c29: a token_mask fitting no Linear input was ignored."""
+    import numpy as np
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import fisher_information, gram_matrices
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x = torch.randn(6, 4)
+    labels = [0, 1, 2, 0, 1, 2]
+    want = fisher_information(module, [x], lambda m, b: m(b), kind="empirical", targets=lambda b: torch.tensor(labels))
+    for given in (labels, np.array(labels)):
+        for kind in ("empirical", "batched"):
+            got = fisher_information(module, [x], lambda m, b: m(b), kind=kind, targets=lambda b, g=given: g)
+            if kind == "empirical":
+                assert all(torch.allclose(got.tensors[k], want.tensors[k]) for k in want.tensors)
+    with pytest.raises(ConfigError, match="integer tensor of class labels"):
+        fisher_information(module, [x], lambda m, b: m(b), kind="empirical",
+                           targets=lambda b: torch.zeros(6, dtype=torch.complex64))
+    with pytest.raises(ConfigError, match="fits no Linear layer's input"):
+        gram_matrices(module, [x.reshape(2, 3, 4)], lambda m, b: m(b), token_mask=lambda b: torch.ones(3, 2).bool())

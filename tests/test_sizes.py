@@ -72,3 +72,7 @@ def test_a_fractional_count_of_bytes_is_refused_not_truncated():
     with pytest.raises(ValueError, match="a count of bytes is a whole number"):
         parse_size("1.5B")
     assert parse_size("1.5KiB") == 1536 and parse_size("2B") == 2
+    for text in ("0.0015KB", "1.0001KB", "1.5e-12TB"):  # any unit, below a KiB (hp67a c66)
+        with pytest.raises(ValueError, match="a count of bytes is a whole number"):
+            parse_size(text)
+    assert parse_size("0.1GiB") == 107374182  # past a KiB, the fraction of a byte is rounded away

@@ -42,8 +42,9 @@ def parse_size(text: str | int) -> int:
             value = float(number) * _UNITS[unit]
         except (KeyError, ValueError):
             raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)") from None
-        if _UNITS[unit] == 1 and math.isfinite(value) and value >= 1 and not value.is_integer():  # '1.5B' was
-            raise ValueError(f"not a size: {text!r}: a count of bytes is a whole number")  # said as 1 B (hp66a c25)
+        if math.isfinite(value) and 1 <= value < 1024 and not value.is_integer():  # '1.5B', '0.0015KB' were said as
+            raise ValueError(f"not a size: {text!r} is {value:g} bytes: a count of bytes is a whole number")  # 1 B
+            # (hp66a c25, hp67a c66); past a KiB a fraction of a byte is rounded away
     # checked after truncation to whole bytes: '0.5' would otherwise become a budget of 0
     if math.isfinite(value) and 0 < value < 1:  # '0.5B': positive, but no whole byte (hostile pass 27, N2)
         raise ValueError(f"size must be at least 1 byte: {text!r} is {value:g} bytes")

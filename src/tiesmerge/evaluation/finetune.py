@@ -204,7 +204,8 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     if checkpoint is not None and os.path.exists(checkpoint):
         resumed = load_training_state(checkpoint, fingerprint)
         check_training_state(resumed, checkpoint, epochs=[len(e) for e in epochs], expected=encoder.state_dict(),
-                             fresh={"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()})
+                             fresh={"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict()},
+                             validated=validate is not None, max_batch=config.batch_size)
         encoder.load_state_dict(resumed["encoder"])
         try:  # their own contents: torch checks them as it loads them
             optimizer.load_state_dict(resumed["optimizer"])

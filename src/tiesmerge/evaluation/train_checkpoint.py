@@ -105,7 +105,7 @@ def run_fingerprint(config: Any, examples: Mapping[str, Sequence[tuple[str, int]
     for tensor in tensors:  # the starting weights and the heads' values (hp65b c05: another encoder of the same
         # shapes, or heads of other class descriptions, resumed another run)
         digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    for task in sorted(examples):
+    for task in examples:  # in the order given: the batches follow it (hp67b c33: sorted, another order resumed)
         digest.update(json.dumps([task, classes.get(task), [[t, y] for t, y in examples[task]]],
                                  ensure_ascii=False).encode("utf-8", "surrogatepass"))
     return digest.hexdigest()
@@ -118,10 +118,12 @@ def load_training_state(path: str, fingerprint: str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle's and torch's own errors: the file is not a checkpoint of finetune's
         raise ConfigError(f"{path}: not a training checkpoint ({type(exc).__name__}: {str(exc)[:160]})",
-                          hint="remove it (or name another checkpoint) to train from the start") from None
+                          hint="name another checkpoint file (this one is left as it is: it may be yours, or a "
+                               "model's weights)") from None
     if not isinstance(state, dict) or any(k not in state for k in _KEYS):
         raise ConfigError(f"{path}: not a training checkpoint of this version (its fields are missing)",
-                          hint="remove it (or name another checkpoint) to train from the start")
+                          hint="name another checkpoint file (this one is left as it is: it may be yours, or a "
+                               "model's weights); an old training checkpoint of yours may be removed")  # (hp67b c24)
     if state["fingerprint"] != fingerprint:
         raise ConfigError(f"{path}: a training checkpoint of another run (its settings, examples or heads differ "
                           "from this run's)", hint="remove it, or resume with the run that wrote it")
@@ -190,7 +192,7 @@ def _check_like(value: Any, fresh: Any, what: str, damaged: Any, depth: int = 0)
 
 
 def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[int], expected: Mapping[str, Any],
-                         fresh: Mapping[str, Any]) -> None:
+                         fresh: Mapping[str, Any], validated: bool = False, max_batch: int = 1 << 30) -> None:
     """Every field of a loaded state of the right type and within the run, before any is applied (hp65b c02-c04: a
     field edited with the fingerprint kept was a bare TypeError, KeyError or RuntimeError, an epoch of '1' or a
     done of 10**30 resumed the wrong steps silently, NaN weights trained on). ``epochs``: the batches of each
@@ -243,6 +245,16 @@ def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[i
     if len({state["best_epoch"] is None, state["best_score"] is None, state["best_state"] is None}) != 1:
         raise damaged("best_epoch, best_score and best_state do not go together")  # (hp66b c05: log and weights
         # disagreed)
+    scores = [r[2] for r in curve]
+    if any(isinstance(r[0], bool) for r in curve) or (validated and any(v is None for v in scores)) or (
+            not validated and any(v is not None for v in scores)):  # (hp67b c07, c08)
+        raise damaged("curve's rows do not match this run (its epochs, or its validation scores)")
+    best = max(range(len(scores)), key=lambda i: scores[i], default=None) if validated and scores else None
+    if validated and scores and (state["best_epoch"] is None or state["best_score"] != scores[state["best_epoch"] - 1]
+                                 or state["best_score"] != scores[best]):  # (hp67b c04-c06: another epoch kept)
+        raise damaged("best_epoch and best_score are not the curve's best validation score")
+    if state["seen"] > state["step"] * max_batch:  # (hp67b c03: examples 10**15)
+        raise damaged(f"seen {state['seen']} is more examples than {state['step']} steps hold")
     for key in ("encoder", "best_state"):
         weights = state[key]
         if key == "best_state" and weights is None:

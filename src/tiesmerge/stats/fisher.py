@@ -84,17 +84,27 @@ def _directions(logp: torch.Tensor, label: torch.Tensor | None, kind: str) -> tu
     return eye[int(label)].unsqueeze(0), ones
 
 
+def as_labels(labels: Any) -> torch.Tensor:
+    """targets(batch) as the (B,) integer tensor every path reads: a list or a numpy array of ints too (vmap's and the
+    batched path failed on them with AttributeError: hp67b c16-c18); a complex or floating one refused (c19)."""
+    try:
+        labels = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise ConfigError(f"targets(batch) must give a (B,) integer tensor of class labels, got "
+                          f"{type(labels).__name__} {str(labels)[:60]}") from None
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ConfigError(f"targets(batch) must give a (B,) integer tensor of class labels, got {tuple(labels.shape)} "
+                          f"{str(labels.dtype).removeprefix('torch.')}")
+    return labels
+
+
 def _check_labels(labels: Any, classes: int, first: int, size: int | None = None) -> None:
     """True labels must be classes of the model, 0 .. C - 1 (C = 0: log-likelihoods, no classes):
     a label of -1 would silently pick the last class, one of C or more no class at all; one per example of the
     batch (``size``: hp65b c11, 2 labels for 6 examples were a bare error or, batched, a silently wrong Fisher)."""
     if not classes:  # (B,) log-likelihoods: each example's own target is inside them, no label is read
         return
-    try:
-        labels = torch.as_tensor(labels)
-    except (TypeError, ValueError, RuntimeError):
-        raise ConfigError(f"targets(batch) must give a (B,) integer tensor of class labels, got "
-                          f"{type(labels).__name__} {str(labels)[:60]}") from None
+    labels = as_labels(labels)
     if size is not None and tuple(labels.shape) not in ((size,), (size, 1)):
         raise ConfigError(f"targets(batch) gave labels of shape {tuple(labels.shape)} for a batch of {size} examples: "
                           "one class label per example, (B,)")
@@ -160,7 +170,7 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
             size = batch_size(batch)
             if not size:  # an empty batch (a filtered loader's) adds nothing; vmap's path failed on it (hp64b c19)
                 continue
-            labels = targets(batch) if kind != "exact" and targets is not None else None  # exact: y ~ p
+            labels = as_labels(targets(batch)) if kind != "exact" and targets is not None else None  # exact: y ~ p
             if labels is not None:
                 if classes is None:  # the number of classes, from one forward pass without gradients
                     with torch.no_grad():

@@ -50,6 +50,7 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
     sums: dict[str, torch.Tensor] = {}
     rows: dict[str, int] = {}
     current_mask: list[torch.Tensor | None] = [None]
+    masked = [False]  # whether the mask fitted any Linear's input (hp67b c29: one that fits none was ignored)
 
     def hook(name: str) -> Callable:
         def collect(layer: torch.nn.Module, inputs: tuple, kwargs: dict, output: Any) -> None:
@@ -63,6 +64,7 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
             mask = current_mask[0]
             if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
                 x = x[mask.to(x.device)]  # (real rows, in)
+                masked[0] = True
             x = x.reshape(-1, x.shape[-1]).double()
             if name not in sums:
                 sums[name] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64, device=x.device)
@@ -90,6 +92,11 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
         module.train(was_training)
     if not examples:
         raise ConfigError("no examples: the batches were empty")
+    if token_mask is not None and not masked[0]:
+        raise ConfigError("token_mask(batch) fits no Linear layer's input: its shape is none of the inputs' leading "
+                          "dimensions (B, T), so every padding row would count",
+                          hint="return a (B, T) mask, e.g. lambda b: b['attention_mask'].bool()")
+
     def key(name: str) -> str:  # the module itself a Linear: its weight is "weight", not ".weight" (hp64b c20)
         return f"{name}.weight" if name else "weight"
 
