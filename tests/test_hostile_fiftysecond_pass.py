@@ -2117,3 +2117,25 @@ def test_pass_67_statistics_api():
                            targets=lambda b: torch.zeros(6, dtype=torch.complex64))
     with pytest.raises(ConfigError, match="fits no Linear layer's input"):
         gram_matrices(module, [x.reshape(2, 3, 4)], lambda m, b: m(b), token_mask=lambda b: torch.ones(3, 2).bool())
+
+
+def test_a_stop_during_a_force_merge_says_the_existing_output_is_unchanged(tmp_path, capsys, monkeypatch):
+    """hp67a c32: a SIGTERM during `merge -o OUT --force` over an earlier output said "no output directory was left
+    behind" while OUT (the earlier output, rightly kept) was there."""
+    import signal
+
+    import tiesmerge.api as api
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    argv = ["merge", *cli_flags(b, ms), "-o", tmp_path / "out"]
+    assert run_cli(argv, capsys)[0] == 0
+
+    def stop(paths, pool):
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(api, "hash_files", stop)
+    rc, _, err = run_cli([*argv, "--force"], capsys)
+    assert rc == 143 and "nothing new was written, and the existing output" in err and "is unchanged" in err, err
+    assert (tmp_path / "out" / "tiesmerge.json").is_file()

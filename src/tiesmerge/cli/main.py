@@ -871,8 +871,9 @@ def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
     stopped = exc if isinstance(exc, Terminated) else _stopped_by
     left = left_on_stop
     placed = getattr(sys.modules.get("tiesmerge.io.writer"), "PLACED", None)
-    if placed and left == NOTHING_LEFT:  # the output was in place before the stop (hp66a c14, c32: "no output was
-        left = f"the output {placed[-1]} was complete before the stop and is kept"  # left", of a complete one)
+    if placed and (left == NOTHING_LEFT or left.startswith("nothing new was written")):  # the output was in place
+        # before the stop (hp66a c14, c32: "no output was left", of a complete one); the demo says its own
+        left = f"the output {placed[-1]} was complete before the stop and is kept"
     if stopped is not None:
         print(f"error: terminated by {stopped.name}; {left}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention for a process ended by that signal
