@@ -130,17 +130,17 @@ class _Killed(Exception):
     pass
 
 
-def _interrupted_run(tokenizer, tmp_path, **kwargs):
-    """A run killed at its second step, its checkpoint saved after each: (encoder, heads, checkpoint path)."""
+def _interrupted_run(tokenizer, tmp_path, *, at: int = 2, config=FT_CONFIG, **kwargs):
+    """A run killed at step ``at``, its checkpoint saved after each step: (encoder, heads, checkpoint path)."""
     enc, heads = _ft_setup(tokenizer)
     ck = tmp_path / "ck.pt"
 
     def stop(step, total, loss):
-        if step == 2:
+        if step == at:
             raise _Killed
 
     with pytest.raises(_Killed):
-        finetune(enc, heads, FT_DATA, FT_CONFIG, on_step=stop, checkpoint=ck, checkpoint_seconds=0, **kwargs)
+        finetune(enc, heads, FT_DATA, config, on_step=stop, checkpoint=ck, checkpoint_seconds=0, **kwargs)
     return enc, heads, ck
 
 
@@ -398,16 +398,7 @@ def test_a_validated_checkpoints_best_epoch_must_be_its_curves(bert_tokenizer, t
 
     scores = iter([0.5, 0.9, 0.1, 0.1])
     config = dataclasses.replace(FT_CONFIG, epochs=3)
-    enc, heads = _ft_setup(bert_tokenizer)
-    ck = tmp_path / "ck.pt"
-
-    def stop(step, total, loss):
-        if step == 9:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        finetune(enc, heads, FT_DATA, config, on_step=stop, checkpoint=ck, checkpoint_seconds=0,
-                 validate=lambda e: next(scores))
+    _, _, ck = _interrupted_run(bert_tokenizer, tmp_path, at=9, config=config, validate=lambda e: next(scores))
     state = torch.load(ck, weights_only=True)
     edit(state)
     torch.save(state, ck)
