@@ -93,8 +93,9 @@ def _norm_overflow(name: str) -> InvalidTensorError:
         f"model_stock: tensor {name!r}: a task vector's norm is infinite (a value there is Inf, or about 1e19 or "
         "more), so the angle between the fine-tunes, and with it Model Stock's interpolation weight, cannot be "
         "computed",  # (hp67a c101: an Inf in an input was said as large finite values only)
-        hint=f"check tensor {name!r} of each model for Inf or huge values (a damaged file, a diverged training step, "
-             "a wrong dtype read); --dtype does not help, the angle is computed in float32 as mergekit does")
+        hint=f"check the inputs: tensor {name!r} of each model for Inf or huge values (a damaged file, a diverged "
+             "training step, a wrong dtype read); --dtype does not help, the angle is computed in float32 as mergekit "
+             "does")
 
 
 def _warn_if_extrapolating(name: str, k: int, low: float, high: float | None = None) -> None:
