@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -109,7 +109,7 @@ def _check_copy_finite(job: TensorJob, value: np.ndarray | torch.Tensor, base: A
         float(flat)
     if is_part(job.name):  # the rows of tokens the models added: their mean, built in the output's dtype, is not
         # the base's (hp64a c48, c52: "the base checkpoint is damaged", of a model's row past float16)
-        return _refuse_added_rows(job, where, raw)
+        _refuse_added_rows(job, where, raw)
     where_from = base.location(job.name) if hasattr(base, "location") else "the base"
     raise InvalidTensorError(
         f"{where_from}: tensor {job.name!r} {tuple(job.shape)}, copied from the base into the output (no model "
@@ -117,7 +117,7 @@ def _check_copy_finite(job: TensorJob, value: np.ndarray | torch.Tensor, base: A
         hint="the base checkpoint is damaged or was saved after a diverged training step; merge onto another copy")
 
 
-def _refuse_added_rows(job: TensorJob, where: int, raw: float) -> None:
+def _refuse_added_rows(job: TensorJob, where: int, raw: float) -> NoReturn:
     name, _, rows = job.name.partition(" [union rows ")
     raise InvalidTensorError(
         f"tensor {name!r}, rows {rows.rstrip(']')} (the tokens the models added: each row the mean of the models that "

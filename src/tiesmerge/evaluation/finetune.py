@@ -31,6 +31,7 @@ from .train_checkpoint import (
     check_checkpoint_path,
     check_training_state,
     load_training_state,
+    remove_dead_partials,
     run_fingerprint,
     save_training_state,
 )
@@ -171,6 +172,7 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     fingerprint = ""
     if checkpoint is not None:  # checked before any training, not at its first save
         checkpoint = check_checkpoint_path(checkpoint, checkpoint_seconds)
+        remove_dead_partials(checkpoint)  # a killed save's staged file, beside it
         fingerprint = run_fingerprint(config, examples, {t: int(h.class_embeddings.shape[0]) for t, h in
                                                           heads.items() if t in examples},
                                       shapes={k: tuple(v.shape) for k, v in encoder.state_dict().items()},
@@ -223,7 +225,7 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     saved_at = time.perf_counter()
 
     def save(index: int, done: int, losses: list[float], epoch_seconds: float) -> None:
-        state = {"fingerprint": fingerprint, "total": total, "encoder": encoder.state_dict(),
+        state = {"fingerprint": fingerprint, "encoder": encoder.state_dict(),
                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
                  "step": step, "loss_value": loss_value, "seen": seen, "epoch": index, "done": done,
                  "losses": losses, "epoch_seconds": epoch_seconds,

@@ -16,11 +16,11 @@ import torch
 
 from ..errors import ConfigError, OutputError
 
-__all__ = ["check_checkpoint_path", "run_fingerprint", "load_training_state", "check_training_state",
-           "save_training_state"]
+__all__ = ["check_checkpoint_path", "remove_dead_partials", "run_fingerprint", "load_training_state",
+           "check_training_state", "save_training_state"]
 
 # what a state holds; a file lacking one is no checkpoint of finetune's
-_KEYS = ("fingerprint", "total", "encoder", "optimizer", "schedule", "rng", "step", "loss_value", "seen", "epoch",
+_KEYS = ("fingerprint", "encoder", "optimizer", "schedule", "rng", "step", "loss_value", "seen", "epoch",
          "done", "losses", "epoch_seconds", "curve", "best_epoch", "best_score", "stale", "best_state", "seconds")
 
 
@@ -49,7 +49,6 @@ def check_checkpoint_path(checkpoint: str | os.PathLike, seconds: float) -> str:
         raise ConfigError(f"{path}: the checkpoint's name is too long: saving stages it as {staged[:40]}..., "
                           f"{len(os.fsencode(staged))} bytes, past the file system's {longest}",
                           hint="name the checkpoint in fewer characters")
-    _remove_dead_partials(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -60,7 +59,7 @@ def check_checkpoint_path(checkpoint: str | os.PathLike, seconds: float) -> str:
     return path
 
 
-def _remove_dead_partials(path: str) -> None:
+def remove_dead_partials(path: str) -> None:
     """A save killed between its write and its rename leaves ``<checkpoint>.<pid>.partial``: one of a process of
     this machine that is gone is removed by the next run (hp64b c26: each killed save left one for good)."""
     from ..scratch import process_is_dead
@@ -167,12 +166,13 @@ def _check_like(value: Any, fresh: Any, what: str, damaged: Any, depth: int = 0)
         for v, f in zip(value, fresh):
             _check_like(v, f, what, damaged, depth + 1)
         return
-    if isinstance(fresh, bool) or fresh is None:
-        if type(value) is not type(fresh) and not (fresh is None and value is None):
-            if fresh is None and value is not None and not isinstance(value, (bool, int, float, str)):
-                raise damaged(f"{what} holds {type(value).__name__}")
-            if isinstance(fresh, bool):
-                raise damaged(f"{what} holds {str(value)[:40]!r} where a true or false goes")
+    if isinstance(fresh, bool):  # (before the numbers: a bool is an int)
+        if not isinstance(value, bool):
+            raise damaged(f"{what} holds {str(value)[:40]!r} where a true or false goes")
+        return
+    if fresh is None:  # a setting left unset (AdamW's foreach, fused): a plain value, if any
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise damaged(f"{what} holds {type(value).__name__}")
         return
     if isinstance(fresh, (int, float)):
         number = isinstance(value, (int, float)) and not isinstance(value, bool)

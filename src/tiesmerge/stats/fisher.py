@@ -98,20 +98,17 @@ def as_labels(labels: Any) -> torch.Tensor:
     return labels
 
 
-def _check_labels(labels: Any, classes: int, first: int, size: int | None = None) -> None:
+def _check_labels(labels: torch.Tensor, classes: int, first: int, size: int | None = None) -> None:
     """True labels must be classes of the model, 0 .. C - 1 (C = 0: log-likelihoods, no classes):
     a label of -1 would silently pick the last class, one of C or more no class at all; one per example of the
-    batch (``size``: hp65b c11, 2 labels for 6 examples were a bare error or, batched, a silently wrong Fisher)."""
+    batch (``size``: hp65b c11, 2 labels for 6 examples were a bare error or, batched, a silently wrong Fisher).
+    ``labels``: as :func:`as_labels` gives them."""
     if not classes:  # (B,) log-likelihoods: each example's own target is inside them, no label is read
         return
-    labels = as_labels(labels)
     if size is not None and tuple(labels.shape) not in ((size,), (size, 1)):
         raise ConfigError(f"targets(batch) gave labels of shape {tuple(labels.shape)} for a batch of {size} examples: "
                           "one class label per example, (B,)")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ConfigError(f"targets(batch) must give a (B,) integer tensor of class labels, got {tuple(labels.shape)} "
-                          f"{str(labels.dtype).removeprefix('torch.')}")
-    labels = labels.reshape(-1)
+    labels = labels.reshape(-1)  # (as_labels made it an integer tensor)
     if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < classes):
         bad = next(i for i, v in enumerate(labels.tolist()) if not 0 <= v < classes)
         raise ConfigError(f"example {first + bad}: label {labels[bad].item()} is not a class of the model, which has "
