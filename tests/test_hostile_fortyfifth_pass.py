@@ -274,6 +274,29 @@ def test_validate_checks_that_statistics_belong_to_their_models(tmp_path, capsys
             assert "ok — fisher of 2 models" in out.out
 
 
+
+def test_validate_names_every_bad_statistics_folder(tmp_path, capsys):
+    """hp67a c46: validate of a fisher recipe named only the first bad ``stats:`` folder (or only a missing model, the
+    statistics unnamed): the second showed on the next run. Every folder is opened on its own, as the models are."""
+    from tiesmerge.cli.main import main
+
+    base, models = make_family(2)
+    write_hf_dir(tmp_path / "base", base)
+    for k, m in enumerate(models):
+        write_hf_dir(tmp_path / f"ft{k}", m)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: fisher\nbase: base\nmodels:\n  - {path: ft0, stats: nonexist1}\n"
+                      "  - {path: ft1, stats: ft1}\n")  # a model folder: no statistics manifest
+    assert main(["validate", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "nonexist1: not a statistics directory (no such path)" in err and re.search(r"ft1\b.*statistics", err)
+    recipe.write_text("method: fisher\nbase: base\nmodels:\n  - {path: ft0, stats: nonexist1}\n"
+                      "  - {path: nomodel, stats: nonexist2}\n")
+    assert main(["validate", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "nomodel: no such file or directory" in err
+    assert "nonexist1: not a statistics directory" in err and "nonexist2: not a statistics directory" in err
+
 # ------------------------------------------------------------------ the evaluator digest (pass 45b)
 _READS: list[str] = []  # what a user's code was asked: a digest that asks it could stall the search (or be caught)
 

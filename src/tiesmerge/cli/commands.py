@@ -734,7 +734,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           allow_distant=True)  # judged below, once the numbers are shown
     except TiesMergeError as exc:  # the first problem of the inputs: every other input's is looked for too
         raise _with_input_problems(exc, recipe.base, [str(m) for m in recipe.models], args,
-                                   allow_pickle=recipe.allow_pickle, vocab_policy=recipe.vocab_policy) from None
+                                   allow_pickle=recipe.allow_pickle, vocab_policy=recipe.vocab_policy,
+                                   stats=recipe.stats, method=recipe.method) from None
     check_budget(plan)
     # statistics are checked against their models' files, as the merge checks them (hp42 C42: swapped, "ok")
     check_statistics_owners(list(recipe.models), list(recipe.stats or ()), recipe.method,
@@ -785,11 +786,13 @@ def _inputs_as_written(recipe: str) -> tuple[str, list[str]] | None:
 
 
 def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], args: argparse.Namespace, *,
-                         allow_pickle: bool = False, vocab_policy: str = "error", mergekit: bool = False
-                         ) -> TiesMergeError:
+                         allow_pickle: bool = False, vocab_policy: str = "error", mergekit: bool = False,
+                         stats: Any = None, method: Any = None) -> TiesMergeError:
     """``first`` (a recipe's or its inputs' first problem) with every input problem found beside it: the base, then
-    each model checked against it on its own (its files, its shapes, an adapter's binding), as `validate` promises
-    every problem at once (hostile pass 31, C74). Returns ``first`` itself where nothing else is found."""
+    each model checked against it on its own (its files, its shapes, an adapter's binding), then each statistics
+    directory of a data-aware ``method`` opened on its own, as `validate` promises every problem at once (hostile pass
+    31, C74; hp67a c46: only the first bad stats: folder was named). Returns ``first`` itself where nothing else is
+    found."""
     from ..api import plan_merge
     from ..hub import resolve_source
     from ..inputs import _label
@@ -860,6 +863,16 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
             check_inputs(str(base), models)  # one given twice, or the base among the models
         except TiesMergeError as exc:
             add(exc, None)
+    spec = method.requirements().statistics if method is not None else None
+    if spec is not None and isinstance(stats, (list, tuple)):
+        from ..stats.files import open_stats
+
+        for source in stats:  # each folder as the plan opens it (its label the path), whether or not its model opens
+            if isinstance(source, (str, os.PathLike)):
+                try:
+                    open_stats(source, kind=spec.kind, label=str(source)).close()
+                except TiesMergeError as exc:
+                    add(exc, None)
     if len(problems) == known:
         return first
     return ConfigError(problems, hint="fix each problem named above (each model was checked against the base on its "
