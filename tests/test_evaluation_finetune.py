@@ -289,6 +289,7 @@ def test_a_checkpoint_of_another_encoder_or_without_validation_is_refused(bert_t
     (lambda s: [v.fill_(float("nan")) for v in s["optimizer"]["state"][0].values() if v.dim()],
      "the optimizer's state holds values that are not finite"),
     (lambda s: s.update(step=s["step"] - 1), "is not the batches of the epochs before it"),  # hp66b c23
+    (lambda s: s.update(cuda_rng=torch.zeros(2, 2)), "cuda_rng is not a CUDA generator's random state"),  # hp67b c34
 ])
 def test_an_edited_training_checkpoint_is_refused_as_damaged(bert_tokenizer, tmp_path, edit, said):
     """hp65b c02-c04: a checkpoint edited with its fingerprint kept was a bare TypeError, KeyError or RuntimeError,
@@ -415,3 +416,35 @@ def test_the_same_examples_in_another_task_order_are_another_run(bert_tokenizer,
     enc, heads = _ft_setup(bert_tokenizer)
     with pytest.raises(ConfigError, match="a training checkpoint of another run"):
         finetune(enc, heads, dict(reversed(list(FT_DATA.items()))), FT_CONFIG, checkpoint=ck)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_training_resumes_with_its_dropout_draws(bert_tokenizer, tmp_path):
+    """hp67b c34: the checkpoint held the CPU generator's state alone; on CUDA, dropout draws from the device's own
+    generator, re-seeded on resume, so a resumed run ended with other weights than an unbroken one."""
+    from tiesmerge.errors import MergeWarning
+
+    enc, heads = _ft_setup(bert_tokenizer)
+    finetune(enc.to("cuda"), heads, FT_DATA, FT_CONFIG)
+    want = {k: v.cpu() for k, v in enc.state_dict().items()}
+
+    def kill(step, total, loss):
+        if step == 5:
+            raise _Killed
+
+    ck = tmp_path / "train.pt"
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.raises(_Killed):
+        finetune(enc.to("cuda"), heads, FT_DATA, FT_CONFIG, on_step=kill, checkpoint=ck, checkpoint_seconds=0)
+    assert torch.load(ck, weights_only=True)["cuda_rng"] is not None
+    enc, heads = _ft_setup(bert_tokenizer)
+    finetune(enc.to("cuda"), heads, FT_DATA, FT_CONFIG, checkpoint=ck, checkpoint_seconds=0)
+    for k, v in enc.state_dict().items():
+        torch.testing.assert_close(v.cpu(), want[k], rtol=1e-4, atol=1e-5)  # atomics may reorder sums
+    # a checkpoint saved on the CPU goes on on CUDA, said to differ from an unbroken run
+    (tmp_path / "cpu").mkdir()
+    enc, heads, cpu_ck = _interrupted_run(bert_tokenizer, tmp_path / "cpu")
+    enc, heads = _ft_setup(bert_tokenizer)
+    with pytest.warns(MergeWarning, match="saved by a run on the CPU"):
+        finetune(enc.to("cuda"), heads, FT_DATA, FT_CONFIG, checkpoint=cpu_ck)

@@ -213,6 +213,17 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
             optimizer.load_state_dict(resumed["optimizer"])
             schedule.load_state_dict(resumed["schedule"])
             torch.set_rng_state(resumed["rng"])  # (hp66b c09: "Invalid mt19937 state", bare)
+            if device.type == "cuda" and resumed.get("cuda_rng") is not None:  # dropout on CUDA draws from the
+                # device's own generator, which torch.manual_seed re-seeded (hp67b c34)
+                torch.cuda.set_rng_state(resumed["cuda_rng"], device)
+            elif device.type == "cuda":
+                import warnings
+
+                from ..errors import MergeWarning
+
+                warnings.warn(MergeWarning(f"{checkpoint}: saved by a run on the CPU, resumed on {device}: the "
+                                           "remaining steps' dropout draws differ from an unbroken run's"),
+                              stacklevel=2)
         except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
             raise ConfigError(f"{checkpoint}: the training checkpoint is damaged (the optimizer's, the schedule's "
                               f"or the random state: {type(exc).__name__}: {str(exc)[:120]})",
@@ -227,6 +238,7 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
     def save(index: int, done: int, losses: list[float], epoch_seconds: float) -> None:
         state = {"fingerprint": fingerprint, "encoder": encoder.state_dict(),
                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                  "step": step, "loss_value": loss_value, "seen": seen, "epoch": index, "done": done,
                  "losses": losses, "epoch_seconds": epoch_seconds,
                  "curve": [dataclasses.astuple(r) for r in curve], "best_epoch": best_epoch,

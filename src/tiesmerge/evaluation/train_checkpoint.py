@@ -270,6 +270,11 @@ def check_training_state(state: dict[str, Any], path: str, *, epochs: Sequence[i
     if not isinstance(state["rng"], torch.Tensor) or state["rng"].dtype != torch.uint8 or \
             state["rng"].shape != torch.get_rng_state().shape:
         raise damaged("rng is not torch's random state")
+    # the CUDA generator's state, saved where the encoder trains on CUDA (absent from a CPU run's checkpoint)
+    cuda_rng = state.get("cuda_rng")
+    if cuda_rng is not None and (not isinstance(cuda_rng, torch.Tensor) or cuda_rng.dtype != torch.uint8
+                                 or cuda_rng.dim() != 1):
+        raise damaged("cuda_rng is not a CUDA generator's random state")
     _check_like(state["optimizer"], fresh["optimizer"], "the optimizer's state", damaged)
     _check_like(state["schedule"], fresh["schedule"], "the schedule's state", damaged)
     for tensor in _tensors(state["optimizer"].get("state")):  # AdamW's moments (hp66b c10: NaN trained on)
