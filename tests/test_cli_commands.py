@@ -269,6 +269,51 @@ def test_tune_finds_the_peak_and_writes_the_best_merge(tmp_path, monkeypatch, ca
     torch.testing.assert_close(merged["w"], target["w"])
 
 
+
+def test_tune_whose_output_fails_says_how_to_write_the_best_merge(tmp_path, monkeypatch, capsys):
+    """hp67b c26: a tune whose output could not be written (a full disk) lost the grid's scores with it (--json is
+    written with the merge or not at all). The error says the scores were printed and gives the merge command of the
+    best point; that command, run, writes the merge the tune would have."""
+    import re
+    import shlex
+
+    import tiesmerge.api
+    from tiesmerge.errors import OutputError
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(8, 8, generator=g)}
+    models = [{"w": base["w"] + torch.randn(8, 8, generator=g)} for _ in range(2)]
+    b = _write(tmp_path / "base.safetensors", base)
+    ms = [_write(tmp_path / f"m {i}.safetensors", m) for i, m in enumerate(models)]  # a space: quoted
+    target = tiesmerge.merge(base, models, "ties", density=0.2, lam=1.5)
+    torch.save(target, tmp_path / "target.pt")
+    (tmp_path / "my_eval2.py").write_text(textwrap.dedent(f"""
+        import torch
+        TARGET = torch.load({str(tmp_path / 'target.pt')!r})
+        def score(state):
+            return -float((state["w"].float() - TARGET["w"].float()).abs().sum())
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real_merge = tiesmerge.api.merge
+
+    def disk_full(*args, **kwargs):
+        raise OutputError("best: cannot write it (No space left on device)")
+
+    monkeypatch.setattr(tiesmerge.api, "merge", disk_full)
+    rc = main(["tune", "--base", b, "--model", ms[0], "--model", ms[1], "--evaluator", "my_eval2:score",
+               "--grid", "density=0.1,0.2", "--grid", "lam=1.0:2.0:0.5", "--json", str(tmp_path / "grid.json"),
+               "-o", str(tmp_path / "best")])
+    err = capsys.readouterr().err
+    assert rc != 0 and "No space left on device" in err and not (tmp_path / "grid.json").exists()
+    assert "the grid's scores were printed above" in err and "was not written" in err
+    command = re.search(r"write the best merge without the grid: (tiesmerge merge .*)", err).group(1)
+    words = shlex.split(command)
+    assert words[words.index("--density") + 1] == "0.2" and words[words.index("--lam") + 1] == "1.5"
+    monkeypatch.setattr(tiesmerge.api, "merge", real_merge)
+    assert main(words[1:]) == 0
+    torch.testing.assert_close(load_file(str(tmp_path / "best" / "model.safetensors"))["w"], target["w"])
+
 def test_tune_rejects_a_bad_evaluator_and_grid(tmp_path, capsys):
     assert main(["tune", "--base", "b", "--model", "m", "--evaluator", "nocolon"]) == 2
     assert "MODULE:FUNCTION" in capsys.readouterr().err

@@ -238,15 +238,49 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         indent=2) + "\n"
     # the scores appear with the best merge or not at all: staged beside their path (a full disk fails before the
     # merge), renamed into place once the merge is written, removed if it fails
-    with staged_file(args.json, scores) if args.json else contextlib.nullcontext():
-        if args.output:
-            merge(args.base, args.models, args.method, output=args.output, device=args.device,
-                  memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
-                  allow_distant=args.allow_distant, **best.options, **lam)
+    try:
+        with staged_file(args.json, scores) if args.json else contextlib.nullcontext():
+            if args.output:
+                merge(args.base, args.models, args.method, output=args.output, device=args.device,
+                      memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
+                      allow_distant=args.allow_distant, **best.options, **lam)
+    except TiesMergeError as exc:  # the grid's work is not lost with the output (hp67b c26: a full disk)
+        exc.hint = ((exc.hint + "; ") if exc.hint else "") + (
+            "the grid's scores were printed above" + (f" (--json {shown(args.json)} was not written)"
+                                                     if args.json else "")
+            + "; once fixed, write the best merge without the grid: " + _best_merge_command(args, {**best.options,
+                                                                                                   **lam}))
+        raise
     if args.output:
         completed(args.output)
         print(f"wrote the best merge to {shown(args.output)}")
     return 0
+
+
+def _best_merge_command(args: argparse.Namespace, options: dict[str, Any]) -> str:
+    """The `tiesmerge merge` command line that writes ``options``' merge of tune's inputs to its output."""
+    import shlex
+
+    words = ["tiesmerge", "merge", "--base", args.base, *(w for m in args.models for w in ("--model", m)),
+             "--method", args.method]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            words += [flag, *(str(v) for v in value)]
+        elif value is not None:
+            words += [flag, str(value)]
+    if args.device != "cpu":
+        words += ["--device", str(args.device)]
+    if args.memory_budget is not None:
+        words += ["--memory-budget", str(args.memory_budget)]
+    if args.vocab_policy != "error":
+        words += ["--vocab-policy", args.vocab_policy]
+    if args.allow_distant:
+        words.append("--allow-distant")
+    words += ["-o", args.output] + (["--force"] if args.force else [])
+    return " ".join(shlex.quote(str(w)) for w in words)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
