@@ -41,3 +41,23 @@ def test_a_head_tied_to_the_embedding_gets_no_gram_matrix():
 
     stats = gram_matrices(Tied(), [torch.tensor([[0, 1, 2]])], lambda m, b: m(b))
     assert set(stats.tensors) == {"proj.weight"}
+
+
+def test_a_mask_of_other_values_than_true_and_false_is_refused():
+    """hp67b c30: a float mask holding NaN was read as True by ``.bool()`` (every padding row counted); 0/1 masks of
+    any dtype (an attention mask's int64, a float one) keep working."""
+    import pytest
+
+    from tiesmerge.errors import ConfigError
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5))
+    x = torch.randn(2, 4, 3)  # (B, T, in)
+    ones = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    want = gram_matrices(model, [x], lambda m, b: m(b), token_mask=lambda b: ones.bool()).tensors["0.weight"]
+    for mask in (ones, ones.float(), ones.to(torch.uint8)):
+        got = gram_matrices(model, [x], lambda m, b: m(b), token_mask=lambda b, mask=mask: mask).tensors["0.weight"]
+        torch.testing.assert_close(got, want)
+    for bad in (torch.full((2, 4), float("nan")), ones * 0.5, ones * 2):
+        with pytest.raises(ConfigError, match="a mask holds True/False"):
+            gram_matrices(model, [x], lambda m, b: m(b), token_mask=lambda b, bad=bad: bad)

@@ -83,6 +83,12 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
             if mask is not None and not isinstance(mask, torch.Tensor):  # (hp65b c08: a list, an AttributeError)
                 raise ConfigError(f"token_mask(batch) returned a {type(mask).__name__}, not a (B, T) tensor",
                                   hint="return a tensor, e.g. lambda b: b['attention_mask'].bool()")
+            if mask is not None and mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+                # a float mask of NaN (or 0.5) read as True by .bool(): every row kept (hp67b c30)
+                bad = mask[(mask != 0) & (mask != 1)].flatten()[0].item()
+                raise ConfigError(f"token_mask(batch) returned a {str(mask.dtype).removeprefix('torch.')} mask holding "
+                                  f"{bad!r}: a mask holds True/False (or 1/0) per row",
+                                  hint="return a boolean tensor, e.g. lambda b: b['attention_mask'].bool()")
             current_mask[0] = mask.bool() if mask is not None else None
             forward_fn(module, batch)
             examples += batch_size(batch)
