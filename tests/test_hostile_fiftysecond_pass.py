@@ -2045,6 +2045,25 @@ def test_analyze_takes_exact_and_numpy_numbers_and_refuses_booleans():
             tiesmerge.analyze(base, models, **kwargs)
 
 
+
+def test_analyze_curve_is_capped_and_its_bad_value_named():
+    """hp67a c72: analyze(curve=100,000 densities) ran 55 s (linear in its length, no cap): the curve takes at most
+    1,000 distinct densities (read from 2^16-bin histograms, more add no detail); a bad value is named alone, not the
+    whole curve."""
+    import numpy as np
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    base, models = make_family(2)
+    curve = [float(k) for k in np.linspace(0.001, 1, 1001)]
+    with pytest.raises(ConfigError, match="curve holds 1,001 densities; at most 1,000"):
+        tiesmerge.analyze(base, models, curve=curve)
+    with pytest.raises(ConfigError, match=r"got 1\.5\n"):
+        tiesmerge.analyze(base, models, curve=[*curve[:999], 1.5])
+    report = tiesmerge.analyze(base, models, curve=curve[:1000] + curve[:5])  # repeats: 1,000 distinct
+    assert len(report["redundancy"]["densities"]) == 1000
+
 def test_a_stop_during_the_outputs_swap_is_delivered_after_it(tmp_path, capsys, monkeypatch):
     """hp66a c14-c16, c32: a SIGTERM the instant the output was renamed into place exited 143 with "no output
     directory was left behind" beside a complete output; with --force it left half of the replaced output parked for

@@ -37,6 +37,7 @@ from . import stats
 __all__ = ["AnalysisSettings", "run_analysis", "DEFAULT_CURVE"]
 
 DEFAULT_CURVE = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MAX_CURVE_POINTS = 1000  # densities of the redundancy curves one analysis draws
 _BLOCK = 1 << 18  # entries per block of statistics: bounded temporaries (about 40 n MB)
 
 
@@ -56,8 +57,13 @@ class AnalysisSettings:
             problems.append(f"density must be a fraction in (0, 1], got {self.density!r}"
                             + (" (a fraction, not a percent)" if isinstance(self.density, (int, float))
                                and self.density > 1 else ""))
-        if not self.curve or not all(number(k) and 0 < k <= 1 for k in self.curve):
-            problems.append(f"curve densities must be fractions in (0, 1], got {self.curve!r}")
+        bad = next((k for k in self.curve if not (number(k) and 0 < k <= 1)), None) if self.curve else ()
+        if bad is not None:  # the value at fault, not a curve of 100,000 densities
+            problems.append(f"curve densities must be fractions in (0, 1], got {_shown(bad)}"
+                            + (" (an empty curve)" if bad == () else ""))
+        elif len(set(self.curve)) > MAX_CURVE_POINTS:  # (hp67a c72: 100,000 points ran 55 s, unbounded)
+            problems.append(f"curve holds {len(set(self.curve)):,} densities; at most {MAX_CURVE_POINTS:,} (the curves "
+                            "are read from 2^16-bin magnitude histograms: more points add no detail)")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
             problems.append(f"seed must be a whole number from 0 to {2**32 - 1:,}, got {_shown(self.seed)}")  # c57
         if self.subsets_per_size is not None and not (isinstance(self.subsets_per_size, int) and not isinstance(
