@@ -729,6 +729,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
     top-k masks, and merged magnitudes by influence and sign agreement. Streamed like a merge.
     ``methods`` (configs, or specs ``"name"`` / ``"name:key=value,..."``) are merged too (into a
     temporary float32 directory) and their merged magnitudes join the paper's four merges.
+    ``curve``: the densities of the redundancy curves (at most 1,000; default 0.01 ... 1).
 
     Returns the statistics as a JSON-ready dict; with ``output``, also writes ``analysis.json``,
     PNG plots and a self-contained ``report.html`` there.
