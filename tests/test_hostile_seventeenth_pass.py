@@ -90,7 +90,7 @@ def test_norms_that_overflow_float32_are_named(tmp_path, monkeypatch, kernels):
         tiesmerge.merge(base, models, "model_stock", output=str(tmp_path / "ms"))
     assert "for Inf or huge values" in caught.value.hint
     assert not (tmp_path / "ms").exists()
-    with pytest.warns(MergeWarning, match="nuslerp: tensor .* its norm overflows float32"):
+    with pytest.warns(MergeWarning, match="nuslerp: tensor .* has an infinite norm in float32"):
         tiesmerge.merge(base, models, NuSlerp(of="models"), output=str(tmp_path / "nu"))
 
 
@@ -104,7 +104,24 @@ def test_a_nan_is_not_called_an_overflowing_norm(tmp_path):
         warnings.simplefilter("always")
         with pytest.raises(tiesmerge.errors.TiesMergeError):
             tiesmerge.merge(str(b), [str(m) for m in ms], Slerp(), output=str(tmp_path / "x"))
-    assert not [w for w in seen if "overflows" in str(w.message)]
+    assert not [w for w in seen if "infinite norm" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["slerp", "nuslerp"])
+def test_an_inf_input_is_not_worded_as_huge_finite_values(tmp_path, method):
+    """hp67a c102, c104: slerp and nuslerp on a tensor holding an Inf warned "values so large (about 1e19 or
+    more) that its norm overflows" before the Inf's own error: the warning names an Inf as one cause."""
+    base, fts = make_family(2, with_int=False)
+    name = "model.layers.0.mlp.up_proj.weight"
+    fts[1][name][3, 2] = float("inf")
+    b, ms = write_hf_dir(tmp_path / "b", base), [write_hf_dir(tmp_path / f"m{k}", ft) for k, ft in enumerate(fts)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(tiesmerge.errors.TiesMergeError, match="Inf"):
+            tiesmerge.merge(str(b), [str(m) for m in ms], method, output=str(tmp_path / "x"))
+    said = [str(w.message) for w in seen if "infinite norm" in str(w.message)]
+    assert all("or an Inf, which is refused as such" in s for s in said)
+    assert not any("so large" in str(w.message) for w in seen)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="read leases are Linux's")

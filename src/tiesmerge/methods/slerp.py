@@ -270,6 +270,7 @@ def warn_norm_overflow(name: str, method: str) -> None:
     """The spherical interpolations' warning where a norm overflows float32 (finite values of about 1e19 or more):
     the angle is then not measured, and the tensors are taken as orthogonal, as mergekit and torch compute it."""
     warnings.warn(MergeWarning(
-        f"{method}: tensor {name!r} holds values so large (about 1e19 or more) that its norm overflows float32: the "
-        "angle between the two tensors cannot be measured, and they are taken as orthogonal (as mergekit and torch "
-        "compute it)"), stacklevel=4)
+        f"{method}: tensor {name!r} has an infinite norm in float32 (a value of about 1e19 or more, or an Inf, "
+        "which is refused as such): the angle between the two tensors cannot be measured, and finite ones are taken "
+        "as orthogonal (as mergekit and torch compute it)"), stacklevel=4)  # (hp67a c102: said of an Inf input as
+    # huge finite values only, before the Inf's own error)
