@@ -215,6 +215,28 @@ def test_union_of_the_tokenizers_as_data(tmp_path):
     assert all(t.entry["special"] for t in u.new)
 
 
+
+def test_a_token_added_with_other_options_is_warned_of(tmp_path):
+    """hp64a c07: a chat token special in one model and plain in another took the first model's entry silently (a
+    special token is neither split nor decoded as a plain one). The first's is kept and the difference said; the
+    same token with the same options (the family above) is not."""
+    import warnings
+
+    from tiesmerge.errors import MergeWarning
+
+    base, fts = _family(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        union_of(read_vocab(base, "base"), [read_vocab(f, str(f)) for f in fts])
+    tok = _tokenizer()
+    tok.add_tokens(["<tool>", "<|im_start|>"])  # plain added tokens, not special
+    tok.save_pretrained(fts[1])
+    said = (r"'<\|im_start\|>' has other options in model 1 than in model 0 "
+            r"\(.*special True in model 0, False in model 1\)")
+    with pytest.warns(MergeWarning, match=said + ": the union keeps model 0's"):
+        u = union_of(read_vocab(base, "base"), [read_vocab(f, str(f)) for f in fts])
+    assert next(t for t in u.new if t.content == "<|im_start|>").entry["special"]
+
 def test_union_through_the_cli_and_its_error(tmp_path, capsys):
     base, fts = _family(tmp_path)
     code, out, err = run_cli(["merge", *cli_flags(base, fts), "--vocab-policy", "union", "-o", tmp_path / "out"],

@@ -11,7 +11,8 @@ The union (``--vocab-policy union``):
   else the error names the id, both strings and both inputs;
 * the tokens a model adds (its ids ``>= V_b``) are appended after the base's, model by model
   in the order the models are given, each model's in its own id order; a string that several
-  models added gets one id (the first model's entry: special flag, strip options);
+  models added gets one id (the first model's entry: special flag, strip options; other options in a later
+  model are warned of);
 * a model's tokenizer that grew its *base vocabulary* (new entries of the BPE/WordPiece model
   itself, not added tokens) is refused: added tokens can carry them only as whole strings.
 
@@ -410,13 +411,36 @@ def union_of(base: TokenizerVocab, models: list[TokenizerVocab]) -> VocabUnion:
                     f"model {k} ({m.label}) adds {text!r} at id {i}, but the base already has it at id "
                     f"{by_text[text]}", hint="a model's tokenizer must not hold one string at two ids")
             token = new.get(text)
+            entry = m.added.get(i, {"content": text, "special": False})
             if token is None:
-                entry = m.added.get(i, {"content": text, "special": False})
                 token = new[text] = NewToken(vb + len(new), text, entry, ())
+            else:
+                _warn_other_options(token, entry, k)
             new[text] = NewToken(token.id, text, token.entry, (*token.sources, (k, i)))
             mapping[i] = new[text].id
         maps.append(mapping)
     return VocabUnion(base, tuple(models), tuple(new.values()), tuple(maps))
+
+
+def _warn_other_options(token: NewToken, entry: dict[str, Any], k: int) -> None:
+    """A token added again by model ``k`` with other options (its special flag, strip options) than the first
+    model's entry, which the union keeps: said, since a special token is neither split nor decoded as a plain one
+    (hp64a c07: a chat token special in one model and plain in another took the first's silently)."""
+    def flags(e: dict[str, Any]) -> dict[str, bool]:  # the defaults _entry gives a file's missing keys
+        special = bool(e.get("special", False))
+        return {key: bool(e.get(key, not special if key == "normalized" else False)) for key in _ENTRY_KEYS[1:]}
+
+    mine, kept = flags(entry), flags(token.entry)
+    differ = [key for key in mine if mine[key] != kept[key]]
+    if differ:
+        import warnings
+
+        from ..errors import MergeWarning
+
+        first = token.sources[0][0]
+        said = ", ".join(f"{key} {kept[key]} in model {first}, {mine[key]} in model {k}" for key in differ)
+        warnings.warn(MergeWarning(f"the added token {token.content!r} has other options in model {k} than in model "
+                                   f"{first} ({said}): the union keeps model {first}'s"), stacklevel=3)
 
 
 # ------------------------------------------------------------------ the output's tokenizer files
