@@ -317,6 +317,21 @@ def test_model_file_linked_outside_is_refused_before_the_merge(family, tmp_path,
           before=before)
 
 
+def test_every_file_linked_outside_a_model_is_named_at_once(family, tmp_path, capsys):
+    """hp65a c58: a folder with four files linked out (vocab.txt, chat_template.jinja, ...) was refused one file per
+    run; every bad file of the folder is named in one error."""
+    inputs, b, ms = family
+    (tmp_path / "elsewhere.json").write_text('{"secret": 1}')
+    for name in ("tokenizer.json", "generation_config.json"):
+        if (b / name).exists():
+            (b / name).unlink()
+        (b / name).symlink_to(tmp_path / "elsewhere.json")
+    before = snapshot(inputs)
+    rc, err = _run(_merge(b, ms, tmp_path / "out"), capsys)
+    check(rc, err, want_rc=1, needle=("tokenizer.json", "outside"), output=tmp_path / "out", inputs=inputs,
+          before=before)
+    assert "generation_config.json" in err and "also:" in err
+
 @pytest.mark.parametrize("through", ["tokenizer", "shard"])
 def test_hf_cache_blobs_folder_that_is_a_link_is_refused(family, tmp_path, capsys, through):
     """``models--org--evil/snapshots/main/* -> ../../blobs/*`` (the hub's layout) with its ``blobs`` itself a link

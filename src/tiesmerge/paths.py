@@ -291,15 +291,28 @@ def model_dir_files(source: str | os.PathLike, role: str, error: type[TiesMergeE
         names = sorted(os.listdir(source))
     except OSError as exc:
         raise error(f"{source}: cannot list {role}'s directory ({exc.strerror or exc})") from None
-    files = []
+    files, refused = [], []
     for name in names:
-        if name == CHAT_TEMPLATES_DIR:  # transformers reads every *.jinja in it with the tokenizer
-            files += _chat_templates(source, role, error)
-            continue
-        if name not in MODEL_FILES and not name.endswith(MODEL_SUFFIXES + WEIGHT_SUFFIXES):
-            continue
-        files.append(_model_file(source / name, source, f"{role}'s {name}", error,
-                                 weights=name.endswith(WEIGHT_SUFFIXES) and not name.endswith(".json")))
+        try:
+            if name == CHAT_TEMPLATES_DIR:  # transformers reads every *.jinja in it with the tokenizer
+                files += _chat_templates(source, role, error)
+                continue
+            if name not in MODEL_FILES and not name.endswith(MODEL_SUFFIXES + WEIGHT_SUFFIXES):
+                continue
+            files.append(_model_file(source / name, source, f"{role}'s {name}", error,
+                                     weights=name.endswith(WEIGHT_SUFFIXES) and not name.endswith(".json")))
+        except TiesMergeError as exc:  # every bad file of the folder, not one per run (hp65a c58: four links out)
+            refused.append(exc)
+    if len(refused) == 1:
+        raise refused[0]
+    if refused:
+        first = refused[0]
+        others = "".join(f"\nalso: {e.message.splitlines()[0]}" for e in refused[1:])
+        try:
+            combined = type(first)(f"{first.message}{others}", hint=first.hint)
+        except TypeError:  # an error type built otherwise: its own words, the first file's
+            raise first from None
+        raise combined from None
     return files
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, IncompatibleCheckpointsError
+from ..errors import CheckpointError, IncompatibleCheckpointsError, TiesMergeError
 from ..limits import MAX_CONFIG_BYTES, loads_json, read_json
 from ..paths import inside, read_regular
 
@@ -140,7 +140,30 @@ def special_list(value: Any, where: str) -> list[Any]:
     return list(items)
 
 
+def with_other_files(directory: Path, label: str, exc: CheckpointError) -> TiesMergeError:
+    """``exc`` (a tokenizer file of ``directory`` refused) with every other refused file of the folder named too
+    (hp65a c58: four files linked out of one model were refused one per run), as the merge's own check of the
+    folder's files names them; ``exc`` itself where that check finds nothing else."""
+    from ..paths import model_dir_files
+
+    try:
+        model_dir_files(directory, label)
+    except TiesMergeError as every:
+        if exc.message.splitlines()[0] in every.message and "\nalso: " in every.message:
+            return every
+    return exc
+
+
 def read_vocab(directory: str | os.PathLike, label: str) -> TokenizerVocab:
+    """The tokenizer of a model directory, read as data (see the module's docstring); a refused file is said with
+    every other refused file of the folder."""
+    try:
+        return _read_vocab(Path(directory), label)
+    except CheckpointError as exc:
+        raise with_other_files(Path(directory), label, exc) from None
+
+
+def _read_vocab(directory: Path, label: str) -> TokenizerVocab:
     """The tokenizer of a model directory, read as data (see the module's docstring)."""
     directory = Path(directory)
     tokens: dict[int, str] = {}
@@ -303,12 +326,15 @@ def check_same_tokens(base: tuple[Path, str], models: list[tuple[int, Path, str]
         present = [n for n in _VOCAB_FILES if os.path.lexists(directory / n)]
         if not present:
             return None
-        for name in present:  # a link leaving the model or a FIFO is refused, not skipped as "unreadable": a
-            # swapped tokenizer behind a link merged silently (hp64a c101, c105)
-            real = inside(directory / name, directory, f"{label}'s {name}")
-            if not real.is_file():
-                raise CheckpointError(f"{directory / name}: {label}'s {name} is not a regular file",
-                                      hint="replace it by the tokenizer file itself")
+        try:
+            for name in present:  # a link leaving the model or a FIFO is refused, not skipped as "unreadable": a
+                # swapped tokenizer behind a link merged silently (hp64a c101, c105)
+                real = inside(directory / name, directory, f"{label}'s {name}")
+                if not real.is_file():
+                    raise CheckpointError(f"{directory / name}: {label}'s {name} is not a regular file",
+                                          hint="replace it by the tokenizer file itself")
+        except CheckpointError as exc:
+            raise with_other_files(directory, label, exc) from None
         try:
             return read_vocab(directory, label)
         except CheckpointError:
