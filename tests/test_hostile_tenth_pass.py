@@ -123,6 +123,18 @@ def test_a_quoted_tilde_in_the_output_is_named_as_the_working_folders(family, tm
     assert "did not expand" in err and str(written) in err, err
 
 
+
+def test_an_option_given_twice_is_said(family, tmp_path, capsys):
+    """hp66a c26: `--density 0.2 --density 0.3` merged at 0.3 silently (argparse keeps the last); said, as a recipe's
+    repeated key is. Repeatable options (--model) are not."""
+    import json
+
+    _, b, ms = family
+    rc, out, err = run_cli(_merge(b, ms, tmp_path / "out", "--density", "0.2", "--density=0.3"), capsys)
+    assert rc == 0, err
+    assert "--density given twice: only the last value counts" in err and "--model" not in err
+    assert json.loads((tmp_path / "out" / "tiesmerge.json").read_text())["recipe"]["parameters"]["density"] == 0.3
+
 def test_a_models_index_linked_outside_its_folder_is_not_read(family, tmp_path, capsys):
     """F3: a fine-tuned model's model.safetensors.index.json linking to a file elsewhere was opened (merged through,
     or its content echoed in the error); the base's was already refused."""

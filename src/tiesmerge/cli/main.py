@@ -387,6 +387,29 @@ def _multi_value_options(parser: argparse.ArgumentParser, command: str | None) -
                      for o in a.option_strings)
 
 
+def _warn_repeated_options(parser: argparse.ArgumentParser, command: str | None, argv: list[str]) -> None:
+    """An option that takes one value given more than once: argparse keeps the last silently (hp66a c26: `--density
+    0.2 --density 0.3` merged at 0.3 without a word); said, as a recipe's repeated key is. Repeatable options
+    (--model, --stats, --grid) append and are not counted."""
+    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    sub = commands.choices.get(command) if commands is not None and command else None
+    if sub is None:
+        return
+    single = {o: a for a in sub._actions if isinstance(a, (argparse._StoreAction, argparse.BooleanOptionalAction))
+              for o in a.option_strings}
+    words = argv[:argv.index("--")] if "--" in argv else argv
+    counts: dict[argparse.Action, list[str]] = {}
+    for word in words:
+        flag = word.split("=", 1)[0] if word.startswith("--") else word
+        if flag in single:
+            counts.setdefault(single[flag], []).append(flag)
+    for flags in counts.values():
+        if len(flags) > 1:
+            times = "twice" if len(flags) == 2 else f"{len(flags)} times"
+            warnings.warn(f"{' then '.join(dict.fromkeys(flags))} given {times}: only the last value counts",
+                          MergeWarning, stacklevel=2)
+
+
 _WRITTEN = {"output": "-o", "json": "--json", "dir": "--dir", "checkpoint": "--checkpoint"}  # paths a command writes
 
 
@@ -502,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
         _resolve_repo_ids(args)
         _warn_literal_tilde(args)
+        _warn_repeated_options(parser, args.command, given)
         with _library_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext(), \
                 digest_cache_kept_out_of(_command_paths(args)):
             return HANDLERS[args.command](args)
