@@ -11,6 +11,8 @@ A size is a number of bytes, written with a unit: ``2GiB`` (binary, 2^30) or ``5
 from __future__ import annotations
 
 import math
+import re
+from decimal import Decimal
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "DEFAULT_SHARD_SIZE", "OUTPUT_FORMATS", "parse_size", "format_size"]
 
@@ -23,14 +25,20 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "tib": 1 << 40, "pib": 1 << 50}
 
 
+MAX_SIZE = (1 << 63) - 1  # bytes: what a signed 64-bit count holds; past it no memory or file is meant
+
+
 def parse_size(text: str | int) -> int:
-    """'2GiB' -> 2147483648, '5GB' -> 5000000000, 1024 -> 1024; ValueError for anything else."""
+    """'2GiB' -> 2147483648, '5GB' -> 5000000000, 1024 -> 1024; ValueError for anything else.
+
+    Read in exact decimal arithmetic ('1.001KB' is 1001 bytes, not 1000.9999...). A fraction of a byte is refused
+    below a KiB ('1.5B', '0.0015KB': a budget of 1 B was never meant) and rounded down above ('0.3GiB', where it
+    is noise); sizes past 2^63 - 1 bytes are refused."""
     if isinstance(text, int) and not isinstance(text, bool):
-        try:
-            value = float(text)
-        except OverflowError:  # 10**400: past any float (hostile pass 28, N3)
-            raise ValueError(f"size must be a positive, finite number of bytes: an integer of {len(str(abs(text))):,} "
-                             "digits is past any size") from None
+        if text > MAX_SIZE:  # 10**400 too (hostile pass 28, N3)
+            raise ValueError(f"size must be a positive, finite number of bytes: {_digits(text)} is past any size "
+                             f"(at most {MAX_SIZE:,} bytes)")
+        value = Decimal(text)
     else:
         s = str(text).strip().lower().replace(" ", "")
         number = s.rstrip("abcdefghijklmnopqrstuvwxyz")
@@ -39,18 +47,37 @@ def parse_size(text: str | int) -> int:
             raise ValueError(f"not a size: {text!r}: unknown unit {unit!r} (B, KB, MB, GB, TB, PB or KiB, MiB, GiB, "
                              "TiB, PiB; e.g. 512MiB, 2GiB, 5GB)")
         try:
-            value = float(number) * _UNITS[unit]
-        except (KeyError, ValueError):
+            if not _NUMBER.fullmatch(number):  # what float() reads, short of inf/nan and hex
+                raise ValueError
+            value = Decimal(number) * _UNITS[unit]
+        except (KeyError, ValueError, ArithmeticError):
             raise ValueError(f"not a size: {text!r} (use e.g. 512MiB, 2GiB, 5GB)") from None
-        if math.isfinite(value) and 1 <= value < 1024 and not value.is_integer():  # '1.5B', '0.0015KB' were said as
-            raise ValueError(f"not a size: {text!r} is {value:g} bytes: a count of bytes is a whole number")  # 1 B
-            # (hp66a c25, hp67a c66); past a KiB a fraction of a byte is rounded away
+        if value > MAX_SIZE:  # (hp67a c67: 1e38 bytes accepted and printed in TiB)
+            raise ValueError(f"size must be a positive, finite number of bytes: {text!r} is past any size (at most "
+                             f"{MAX_SIZE:,} bytes)")
+        if 1 <= value < 1024 and value != value.to_integral_value():  # '1.5B', '0.0015KB' were said as 1 B
+            raise ValueError(f"not a size: {text!r} is {_plain(value)} bytes: a count of bytes is a whole number")
+            # (hp66a c25, hp67a c66, hp68a c02/c03: float arithmetic called 1.001KB fractional, and printed the
+            # fraction it refused rounded away); past a KiB a fraction of a byte is rounded away
     # checked after truncation to whole bytes: '0.5' would otherwise become a budget of 0
-    if math.isfinite(value) and 0 < value < 1:  # '0.5B': positive, but no whole byte (hostile pass 27, N2)
-        raise ValueError(f"size must be at least 1 byte: {text!r} is {value:g} bytes")
-    if not math.isfinite(value) or int(value) <= 0:
+    if 0 < value < 1:  # '0.5B': positive, but no whole byte (hostile pass 27, N2)
+        raise ValueError(f"size must be at least 1 byte: {text!r} is {_plain(value)} bytes")
+    if int(value) <= 0:
         raise ValueError(f"size must be a positive, finite number of bytes: {text!r}")
-    return int(text) if isinstance(text, int) else int(value)
+    return int(value)
+
+
+_NUMBER = re.compile(r"[+-]?(?:[0-9](?:_?[0-9])*)?(?:\.(?:[0-9](?:_?[0-9])*)?)?(?:e[+-]?[0-9](?:_?[0-9])*)?")
+
+
+def _plain(value: Decimal) -> str:
+    """A Decimal as people write it: 1000.0001, 0.0015, not 1.0000001E+3."""
+    text = format(value.normalize(), "f")
+    return text if len(text) <= 40 else f"{float(value):g}"
+
+
+def _digits(n: int) -> str:
+    return f"an integer of {len(str(abs(n))):,} digits" if abs(n) >= 10**30 else f"{n:,}"
 
 
 def budget_in_use(given: object) -> int | None:
