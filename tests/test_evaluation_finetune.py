@@ -317,10 +317,25 @@ def test_other_starting_weights_a_long_name_and_a_nan_score_are_refused(bert_tok
         finetune(other, heads, FT_DATA, FT_CONFIG, checkpoint=ck)
     with pytest.raises(ConfigError, match="the checkpoint's name is too long"):
         finetune(enc, heads, FT_DATA, FT_CONFIG, checkpoint=tmp_path / ("x" * 245))
-    for score, said in ((float("nan"), "validate returned 'nan'"), ("high", "validate returned 'high'")):
+    for score, said in ((float("nan"), r"validate \(after epoch 1\): returned nan, not a finite number"),
+                        ("high", r"validate \(after epoch 1\): returned 'high' \(str\), not a number"),
+                        (torch.tensor([0.5, 0.6]), "not a number"), (True, "not a number"), (1e301, "past the")):
         enc, heads = _ft_setup(bert_tokenizer)
         with pytest.raises(ConfigError, match=said):
             finetune(enc, heads, FT_DATA, FT_CONFIG, validate=lambda e, s=score: s)
+
+
+def test_validate_may_return_numpy_torch_and_exact_numbers(bert_tokenizer):
+    """hp68b c16: validate returning np.float32(0.5) or torch.tensor(0.5) was refused as "not a finite number",
+    where tune's evaluators may return them."""
+    from decimal import Decimal
+
+    import numpy as np
+
+    for score in (np.float32(0.5), torch.tensor(0.5), Decimal("0.5"), np.int64(1)):
+        enc, heads = _ft_setup(bert_tokenizer)
+        log = finetune(enc, heads, FT_DATA, dataclasses.replace(FT_CONFIG, epochs=1), validate=lambda e, s=score: s)
+        assert log.best_validation == float(score) and type(log.best_validation) is float
 
 
 def test_training_on_texts_the_tokenizer_reads_as_unknown_is_said(bert_tokenizer):

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, EvaluatorError, TrainingError
 from .encoder import CosineHead, SentenceEncoder
 from .loading import warn_unknown
 from .train_checkpoint import (
@@ -285,12 +285,14 @@ def finetune(encoder: SentenceEncoder, heads: Mapping[str, CosineHead],
         score = None
         if validate is not None:
             encoder.eval()
-            score = validate(encoder)
-            if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
-                # a NaN never loses "score > best" and never wins it: epoch 1 kept for good (hp65b c06, c07)
-                raise ConfigError(f"validate returned {str(score)[:40]!r} after epoch {index}, not a finite number",
-                                  hint="return a score (higher is better), e.g. the validation accuracy")
-            score = float(score)
+            from ..tuning.evaluator import read_score  # (here: the tuning package imports its search and reports)
+
+            try:  # numpy and torch scalars, Decimal too, as tune's evaluators return them (hp68b c16); a NaN
+                # never loses "score > best" and never wins it: epoch 1 kept for good (hp65b c06, c07)
+                score = read_score(validate(encoder), f"validate (after epoch {index})", finite=True)
+            except EvaluatorError as exc:
+                raise ConfigError(exc.message, hint="return a score (higher is better), e.g. the validation accuracy"
+                                  ) from None
             encoder.train()
         record = EpochRecord(index, sum(losses) / max(1, len(losses)), score, time.perf_counter() - epoch_started)
         curve.append(record)

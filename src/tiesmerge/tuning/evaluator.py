@@ -159,34 +159,41 @@ class GuardedEvaluator:
 
     def _read(self, score: Any) -> float:
         """The evaluator's return value as a float score, or an EvaluatorError saying why it is none."""
-        score = _detached(score)
-        if issubclass(type(score), (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
-                not _is_scalar(score):  # numpy.str_ is a 0-d str that float() reads: no score (hp41 C56)
-            raise EvaluatorError(f"{self.label}: returned {_text(score)!r} ({type(score).__name__}), not a number",
-                                 hint="the evaluator must return a validation score, higher is better")
-        try:
-            value = float(score)
-        except (OverflowError, ValueError, TypeError) as exc:  # an int past float's range (10**400)
-            raise EvaluatorError(f"{self.label}: returned {_magnitude(score)}, which cannot be read as a score ({exc})",
-                                 hint="the evaluator must return a validation score (a float), higher is better"
-                                 ) from None
-        if not math.isfinite(value) and _finite_number(score):  # hp55 c43-c45: a finite Decimal('1e999999') or
-            raise EvaluatorError(  # np.longdouble('1e4000') "returned inf": float() overflowed, not the score
-                f"{self.label}: returned {_magnitude(score)}, a finite number past a float's range (±1.8e308)",
-                hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
-        if self.finite and not math.isfinite(value):
-            raise EvaluatorError(f"{self.label}: returned {value}, not a finite number",
-                                 hint="the evaluator must return a validation score, higher is better")
-        if not math.isfinite(value):  # the API keeps it; a +inf silently not winning surprised (hp41 C3)
-            _said_once((f"score {value}", self.label),
-                       f"{self.label} returned {value}: a score that is not a finite number never wins (it is kept "
-                       f"among the trials, and in a log as {str(value)!r}), so the best is the best finite score",
-                       stacklevel=3)
-        if self.finite and abs(value) > MAX_SCORE:  # the report's axes span max - min: Inf past ~1.8e308
-            # repr: the value as returned (1.001e+300 showed as "1e+300, past the ±1e+300", hp40 E1)
-            raise EvaluatorError(f"{self.label}: returned {value!r}, past the ±{MAX_SCORE:.0e} a score may reach",
-                                 hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
-        return value
+        return read_score(score, self.label, finite=self.finite)
+
+
+def read_score(score: Any, label: str, *, finite: bool = False) -> float:
+    """A score as a float: Python's real numbers (Fraction, Decimal too), numpy and torch scalars; booleans, text,
+    arrays and (with ``finite``) NaN, Inf and numbers past ±MAX_SCORE are an EvaluatorError naming ``label``."""
+    # (the body of GuardedEvaluator._read, shared with finetune's validate: hp68b c16)
+    score = _detached(score)
+    if issubclass(type(score), (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
+            not _is_scalar(score):  # numpy.str_ is a 0-d str that float() reads: no score (hp41 C56)
+        raise EvaluatorError(f"{label}: returned {_text(score)!r} ({type(score).__name__}), not a number",
+                             hint="the evaluator must return a validation score, higher is better")
+    try:
+        value = float(score)
+    except (OverflowError, ValueError, TypeError) as exc:  # an int past float's range (10**400)
+        raise EvaluatorError(f"{label}: returned {_magnitude(score)}, which cannot be read as a score ({exc})",
+                             hint="the evaluator must return a validation score (a float), higher is better"
+                             ) from None
+    if not math.isfinite(value) and _finite_number(score):  # hp55 c43-c45: a finite Decimal('1e999999') or
+        raise EvaluatorError(  # np.longdouble('1e4000') "returned inf": float() overflowed, not the score
+            f"{label}: returned {_magnitude(score)}, a finite number past a float's range (±1.8e308)",
+            hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
+    if finite and not math.isfinite(value):
+        raise EvaluatorError(f"{label}: returned {value}, not a finite number",
+                             hint="the evaluator must return a validation score, higher is better")
+    if not math.isfinite(value):  # the API keeps it; a +inf silently not winning surprised (hp41 C3)
+        _said_once((f"score {value}", label),
+                   f"{label} returned {value}: a score that is not a finite number never wins (it is kept "
+                   f"among the trials, and in a log as {str(value)!r}), so the best is the best finite score",
+                   stacklevel=4)
+    if finite and abs(value) > MAX_SCORE:  # the report's axes span max - min: Inf past ~1.8e308
+        # repr: the value as returned (1.001e+300 showed as "1e+300, past the ±1e+300", hp40 E1)
+        raise EvaluatorError(f"{label}: returned {value!r}, past the ±{MAX_SCORE:.0e} a score may reach",
+                             hint="return a score of ordinary size (an accuracy, a negative loss or perplexity)")
+    return value
 
 
 def _magnitude(score: Any) -> str:
