@@ -126,6 +126,23 @@ def test_output_dtype_defaults_to_the_base(tmp_path):
     assert_same_state(got, tiesmerge.merge(base, fts, "ties"))
 
 
+
+@pytest.mark.parametrize("said", ["bfloat16", "int8", 5])
+def test_the_outputs_config_names_the_dtype_its_weights_are_written_in(tmp_path, said):
+    """hp68a c41: a base whose config.json said bfloat16 (or int8, or 5) over float32 weights passed it on to the
+    merged model, whose float32 weights transformers would then load as bfloat16. A config that already names the
+    written dtype is copied byte for byte."""
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base, config={"torch_dtype": said, "dtype": said})
+    ms = [write_safetensors(tmp_path / f"ft{k}.safetensors", ft) for k, ft in enumerate(fts)]
+    out = tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "float32" and load_dir(out)["lm_head.weight"].dtype == \
+        torch.float32
+    right = write_hf_dir(tmp_path / "right", base, config={"torch_dtype": "float32"})
+    tiesmerge.merge(right, ms, "ties", output=tmp_path / "out2")
+    assert (tmp_path / "out2" / "config.json").read_bytes() == (right / "config.json").read_bytes()
+
 def test_integer_and_bool_tensors_copied_from_the_base(tmp_path):
     base, fts = make_family(2)
     base["mask"] = torch.tensor([True, False, True])

@@ -516,10 +516,11 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
             clock = time.perf_counter()
             if output_format != "adapter":
                 written_dtype = executor.out_dtype
-                if written_dtype is None and files_from is not None:  # the weights take the base's dtype, the copied
+                if written_dtype is None:  # the weights take the base's dtype; the copied config (another model's:
+                    # C21, or the base's own, saying bfloat16 over float32 weights: hp68a c41) is made to agree
                     from .io.checkpoint import stored_float_dtype
 
-                    written_dtype = stored_float_dtype(prepared.base)  # the config another's: made to agree (C21)
+                    written_dtype = stored_float_dtype(prepared.base)
                 copied = copy_model_files(files_dir, tmp, files=extra,
                                           dtype=written_dtype if written_dtype else None)
                 if prepared.base.directory() is not None and not (tmp / "config.json").is_file():

@@ -626,8 +626,8 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
     files: contents only, never a link, never what a link outside the directory points at.
     Returns their names (the manifest lists them).
 
-    When the output dtype differs from the base's, config.json's ``torch_dtype`` follows it
-    (``dtype``: a ``DType``, a torch dtype or a name such as ``bf16``).
+    config.json's ``torch_dtype`` (and ``dtype``) follow ``dtype``, the dtype the weights are written in (a
+    ``DType``, a torch dtype or a name such as ``bf16``), where the config says otherwise.
     """
     if source is None:
         return []
@@ -649,8 +649,10 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
     if dtype is not None and "config.json" in copied:
         data = loads_json(config.read_bytes(), str(config))
         if isinstance(data, dict):
+            before = json.dumps(data)
             _set_dtype(data, as_dtype(dtype).name)
-            config.write_text(json.dumps(data, indent=2) + "\n")
+            if json.dumps(data) != before:  # a config that already says so is copied byte for byte
+                config.write_text(json.dumps(data, indent=2) + "\n")
     return copied
 
 
