@@ -611,6 +611,25 @@ def test_analyze_names_the_method_whose_merge_overflowed(tmp_path):
     assert_no_output(tmp_path / "an")
 
 
+
+def test_analyze_says_nothing_of_its_compared_merges_folders(tmp_path):
+    """hp68a c38: analyze --method over a base folder without config.json warned "the output has none: transformers
+    cannot load it as a model" of the temporary merge it reads back and deletes; the merge's other warnings stay."""
+    import warnings
+
+    import tiesmerge
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    (b / "config.json").unlink()
+    ms = [write_hf_dir(tmp_path / f"m{k}", ft) for k, ft in enumerate(fts)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tiesmerge.analyze(b, ms, methods=["ties"])
+    assert not [w for w in seen if "config.json" in str(w.message)]
+    with pytest.warns(UserWarning, match="has no config.json"):  # a merge of one's own still says it
+        tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
+
 @pytest.mark.parametrize("scaling, said, unsaid", [
     ({"lambda": 1e5, "normalize": True}, "lower parameters.lambda (100000)", ("parameters.weight", "normalize: true")),
     ({"lambda": 1.0, "normalize": False}, "lower the models' weight (parameters.weight) in the recipe, or set "

@@ -719,6 +719,11 @@ IA3_MEASURED = ("(IA)³ scaling vectors: task vector l − 1 per adapted module,
                 "(not their effect W·(l − 1) on the weights)")
 
 
+# what a merge warns of its output folder, which analyze's compared merges (read back, then deleted) never show
+_SCRATCH_OUTPUT_WARNINGS = (r"the base \(.*\) has no config\.json, so the output has none|the base's .* names custom "
+                            r"code \(auto_map")
+
+
 def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike | None = None, density: float = 0.2,
             subsets_per_size: int | None = 10, seed: int = 0, curve: Sequence[float] | None = None,
             device: str = "cpu", memory_budget: int | str | None = None, vocab_policy: str = "error",
@@ -791,8 +796,12 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesmerge-analyze-")))
             for i, (label, method) in enumerate(extra):
                 try:
-                    path = merge(base, models, method, output=scratch / f"m{i}", device=device, memory_budget=budget,
-                                 dtype="float32", allow_pickle=allow_pickle, vocab_policy=vocab_policy)
+                    with warnings.catch_warnings():  # of the model folder no one sees (hp68a c38: "the output has
+                        # no config.json, transformers cannot load it" said of this temporary merge)
+                        warnings.filterwarnings("ignore", message=_SCRATCH_OUTPUT_WARNINGS)
+                        path = merge(base, models, method, output=scratch / f"m{i}", device=device,
+                                     memory_budget=budget, dtype="float32", allow_pickle=allow_pickle,
+                                     vocab_policy=vocab_policy)
                 except NotFiniteError as exc:  # which of the methods (hp48 c31); analyze writes no model
                     said = exc.message.replace("no merged model was written or returned", "no report was written")
                     exc.message = f"--method {label} (methods[{i}]): {said}"
