@@ -297,6 +297,24 @@ def test_validate_names_every_bad_statistics_folder(tmp_path, capsys):
     assert "nomodel: no such file or directory" in err
     assert "nonexist1: not a statistics directory" in err and "nonexist2: not a statistics directory" in err
 
+
+def test_one_statistics_folder_given_for_two_models_is_refused(tmp_path):
+    """hp68a c29: a fisher merge given the same statistics folder for both models (computed through the API, so its
+    digest could not be checked against either model's files) merged."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import Statistics, StatsManifest, save_stats
+
+    base, models = make_family(2)
+    write_hf_dir(tmp_path / "base", base)
+    dirs = [write_hf_dir(tmp_path / f"ft{k}", m) for k, m in enumerate(models)]
+    shared = save_stats(tmp_path / "fisher", Statistics(StatsManifest("fisher", 1), {
+        n: torch.rand(v.shape) for n, v in base.items() if v.is_floating_point()}))
+    with pytest.raises(ConfigError, match=r"the statistics of model 1 \(.*fisher\) are those of model 0 \(the same "
+                                          r"folder\)"):
+        tiesmerge.merge(tmp_path / "base", dirs, "fisher", stats=[shared, tmp_path / "." / "fisher"],
+                        output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
 # ------------------------------------------------------------------ the evaluator digest (pass 45b)
 _READS: list[str] = []  # what a user's code was asked: a digest that asks it could stall the search (or be caught)
 

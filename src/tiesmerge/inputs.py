@@ -346,6 +346,7 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
     from .paths import fs_text
 
     stats = [fs_text(s) for s in stats]  # bytes paths, as the models' (hp45 c24)
+    _refuse_shared_stats(stats)
     opened = []
     for k, source in enumerate(stats):
         label = f"stats[{k}]" if isinstance(source, (Mapping, Statistics)) else str(source)
@@ -357,6 +358,22 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
             _check_recorded_digest(source, src.manifest.model_digest, k, models[k].label)
     side = SideInputs(spec, [o.checkpoint for o in opened], models, alignment, device=device, progress=progress)
     return side, opened
+
+
+def _refuse_shared_stats(stats: Sequence[Any]) -> None:
+    """One statistics folder given for two models: statistics are one model's (its Fisher values, its inputs' Gram
+    matrices), and where their digest was of in-memory tensors nothing else would tell (hp68a c29: merged)."""
+    seen: dict[str, int] = {}
+    for k, source in enumerate(stats):
+        if not isinstance(source, (str, os.PathLike)) or not os.path.isdir(source):
+            continue
+        real = os.path.realpath(source)
+        if real in seen:
+            raise ConfigError(f"the statistics of model {k} ({os.fspath(source)}) are those of model {seen[real]} "
+                              "(the same folder): statistics belong to one model",
+                              hint="compute each model's own statistics (tiesmerge stats ... --model MODEL) and give "
+                                   "them in the models' order")
+        seen[real] = k
 
 
 _DIGEST = re.compile(r"(files|tensors):[0-9a-f]{64}")  # what tiesmerge stats records (stats.files.model_digest)

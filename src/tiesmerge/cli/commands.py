@@ -264,9 +264,10 @@ def _best_merge_command(args: argparse.Namespace, options: dict[str, Any]) -> st
     words = ["tiesmerge", "merge", "--base", args.base, *(w for m in args.models for w in ("--model", m)),
              "--method", args.method]
     for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            words.append(flag if value else "--no-" + flag[2:])
+        dashed = name.replace("_", "-")
+        flag = "--" + dashed
+        if isinstance(value, bool):  # (argparse.BooleanOptionalAction's negative form)
+            words.append(flag if value else "--" + "no-" + dashed)
         elif isinstance(value, (list, tuple)):
             words += [flag, *(str(v) for v in value)]
         elif value is not None:

@@ -647,7 +647,10 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
     _warn_of_custom_code(target, copied)
     config = target / "config.json"
     if dtype is not None and "config.json" in copied:
-        data = loads_json(config.read_bytes(), str(config))
+        try:
+            data = loads_json(config.read_bytes(), str(config))
+        except CheckpointError:  # read whole before the merge (model_files): changed since, which the check of the
+            data = None  # inputs' stamps names with the base's own path, not this private copy's
         if isinstance(data, dict):
             before = json.dumps(data)
             _set_dtype(data, as_dtype(dtype).name)
