@@ -2158,3 +2158,57 @@ def test_a_stop_during_a_force_merge_says_the_existing_output_is_unchanged(tmp_p
     rc, _, err = run_cli([*argv, "--force"], capsys)
     assert rc == 143 and "nothing new was written, and the existing output" in err and "is unchanged" in err, err
     assert (tmp_path / "out" / "tiesmerge.json").is_file()
+
+
+def test_a_stop_during_any_force_command_says_the_existing_output_is_unchanged(tmp_path, capsys, monkeypatch):
+    """hp68a c12, c61, c67: the wording of hp67a c32 was set by merge only, after its imports: a stop while a merge
+    read its recipe, or during analyze --force, said "no output directory was left behind" beside the earlier output;
+    a stop after analyze --method's compared merge said that private folder (deleted) "was complete and is kept"."""
+    import signal
+
+    import tiesmerge.analysis
+    import tiesmerge.cli.commands as commands
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    argv = ["merge", *cli_flags(b, ms), "-o", tmp_path / "out"]
+    analyze = ["analyze", *cli_flags(b, ms), "-o", tmp_path / "an", "--method", "ties"]
+    assert run_cli(argv, capsys)[0] == 0 and run_cli(analyze, capsys)[0] == 0
+
+    def stop(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+
+    with monkeypatch.context() as m:
+        m.setattr(commands, "recipe_from_dict", stop)  # the merge's first steps, before any import of its own
+        rc, _, err = run_cli([*argv, "--force"], capsys)
+    assert rc == 143 and f"nothing new was written, and the existing output {tmp_path / 'out'} is unchanged" in err
+    monkeypatch.setattr(tiesmerge.analysis, "run_analysis", stop)  # after the compared merge was placed
+    rc, _, err = run_cli([*analyze, "--force"], capsys)
+    assert rc == 143 and f"the existing output {tmp_path / 'an'} is unchanged" in err and "tiesmerge-analyze" not \
+        in err, err
+    assert (tmp_path / "an" / "analysis.json").is_file()
+
+
+def test_a_killed_analyzes_compared_merges_are_removed_by_the_next_run(tmp_path, monkeypatch):
+    """hp68a c60: analyze --method's compared merges lay in a tempfile.TemporaryDirectory, which a SIGKILL left in
+    /tmp for good (whole float32 models). They lie in a private folder a later run removes once its process is dead."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import tiesmerge
+    from tiesmerge.scratch import MARK, host_tag
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f"tiesmerge-analyze-{host_tag()}-{dead.stdout.strip()}-x1"
+    (left / "m0").mkdir(parents=True)
+    (left / MARK).touch()
+    (left / "m0" / "model.safetensors").write_bytes(b"a killed run's merge")
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    tiesmerge.analyze(b, ms, methods=["ties"])
+    assert not left.exists()
+    assert not list(tmp_path.glob("tiesmerge-analyze-*"))  # its own removed at the end

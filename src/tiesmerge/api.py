@@ -6,7 +6,6 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -793,7 +792,10 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
                                    "-o FOLDED: the adapter's own fold, nothing trimmed) and analyze the folded models")
         merged: list[tuple[str, Checkpoint]] = []
         if extra:  # each extra method's merge, float32, read back beside the models in the statistics pass
-            scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tiesmerge-analyze-")))
+            from .scratch import discard, private_folder
+
+            scratch = Path(private_folder("tiesmerge-analyze-"))  # a killed run's: removed by the next run
+            stack.callback(discard, str(scratch))
             for i, (label, method) in enumerate(extra):
                 try:
                     with warnings.catch_warnings():  # of the model folder no one sees (hp68a c38: "the output has

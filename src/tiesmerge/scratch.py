@@ -16,8 +16,10 @@ _FOLDERS: list[str] = []
 # "<prefix><host>-<pid>-<random>": a folder of this host whose process is dead (a run killed outright) is removed by
 # the next run; another host's (a TMPDIR shared by a cluster's nodes, or by containers) is never touched, since its
 # pid means nothing here
+# tiesmerge-analyze-: analyze --method's compared merges (hp68a c60: a killed run's stayed in /tmp for good)
 # tiesray-: Ray's folder, short since Ray's socket paths under it must fit 107 bytes (tiesmerge-ray-: before pass 34)
-_OURS = re.compile(r"^(tiesmerge-(?:torch|matplotlib|ray|numba)|tiesray)-([0-9a-f]{8})-([0-9]{1,7})-[A-Za-z0-9_]+$")
+_OURS = re.compile(r"^(tiesmerge-(?:torch|matplotlib|ray|numba|analyze)|tiesray)-"
+                   r"([0-9a-f]{8})-([0-9]{1,7})-[A-Za-z0-9_]+$")
 MAX_PID = 2**22  # Linux's largest pid_max: a name holding a larger number was never made by a tiesmerge process
 # the file each private folder tiesmerge makes holds from its creation on (as io.writer marks its temporaries): a dead
 # run's folder is removed only with it, or when it holds no file at all (torch's, which torch makes itself), never a

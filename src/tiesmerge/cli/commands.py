@@ -574,12 +574,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     source = f"{args.recipe} with {', '.join(flags)} from the command line" if flags else args.recipe or "command line"
     recipe = recipe_from_dict(data, source=source)
     _recipe_pickle_consent(recipe, args)
-    if args.force and getattr(args, "output", None) and os.path.isdir(args.output):  # a stop before the swap leaves
-        # the earlier output as it was: said so, not "no output directory was left behind" (hp67a c32)
-        import importlib
-
-        importlib.import_module("tiesmerge.cli.main").left_on_stop = (
-            f"nothing new was written, and the existing output {args.output} is unchanged")
     common = dict(device=recipe.device, memory_budget=recipe.memory_budget, dtype=recipe.dtype,
                   vocab_policy=recipe.vocab_policy, allow_pickle=args.allow_pickle,
                   allow_distant=recipe.allow_distant)

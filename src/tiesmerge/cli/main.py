@@ -481,6 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    output = getattr(args, "output", None)
+    if getattr(args, "force", False) and isinstance(output, str) and output and os.path.isdir(output):
+        # a stop before the new output is swapped in leaves the earlier one as it was: said so, not "no output
+        # directory was left behind", whichever command writes it and however early the stop (hp67a c32; hp68a c12,
+        # c67, c68: a stop while merge imported torch, and analyze's and stats' --force)
+        left_on_stop = f"nothing new was written, and the existing output {shown(output)} is unchanged"
     # an option whose empty value means something of its own (exclude: "empty: none", as a recipe's exclude: "" and
     # the API's exclude="" say it; hp63a c21 refused `--exclude ''` as empty)
     empty = [flag for flag in _empty_values(given, _multi_value_options(parser, args.command))
@@ -895,6 +901,8 @@ def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
     stopped = exc if isinstance(exc, Terminated) else _stopped_by
     left = left_on_stop
     placed = getattr(sys.modules.get("tiesmerge.io.writer"), "PLACED", None)
+    placed = [p for p in placed or () if os.path.isdir(p)]  # not a folder a command made and removed since (hp68a
+    # c61: analyze --method's compared merges, "complete and kept" in a private folder already deleted)
     if placed and (left == NOTHING_LEFT or left.startswith("nothing new was written")):  # the output was in place
         # before the stop (hp66a c14, c32: "no output was left", of a complete one); the demo says its own
         left = f"the output {placed[-1]} was complete before the stop and is kept"
