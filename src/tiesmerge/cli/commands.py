@@ -438,6 +438,9 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         flags.append("--model")
     if args.stats:
         _drop_per_model(data, "stats", "--stats")  # the flag replaces the recipe's per-model stats: (hp40b C53)
+        if args.recipe and isinstance(data.get("stats"), list) and data["stats"] and data["stats"] != args.stats:
+            print(f"warning: --stats replaces the recipe's stats ({len(data['stats'])} folder(s))",  # (hp68a c48)
+                  file=sys.stderr)
         data["stats"] = args.stats
         flags.append("--stats")
     if getattr(args, "allow_distant", False):
@@ -477,7 +480,8 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
         if "weights" in given:  # as parameters.weights is replaced, the models' own weight: entries are (hp40b C53)
             _drop_per_model(data, "weight", "--weights")
         for key, value in given.items():  # a recipe's own value replaced by a flag: said (hp44 c21)
-            if args.recipe and key in recipe_params and recipe_params[key] != value and key != "weights":
+            if args.recipe and key in recipe_params and recipe_params[key] != value:  # parameters.weights too
+                # (hp68a c49; the models' own weight: entries are said by _drop_per_model above)
                 print(f"warning: --{key.replace('_', '-')} {terminal_safe(str(value))} replaces the recipe's "
                       f"{key} {terminal_safe(str(recipe_params[key]))}", file=sys.stderr)
         data["parameters"] = {**recipe_params, **given}
