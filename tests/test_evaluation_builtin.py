@@ -254,6 +254,20 @@ def test_texts_the_tokenizer_reads_as_unknown_are_said(tmp_path):
         hf_statistics("fisher", model, data)
 
 
+
+def test_choice_accuracys_unknown_words_are_counted_per_example(causal_lm, tmp_path):
+    """hp68b c33, c43: choice-accuracy listed every prompt, then every choice, as the "examples" of its unknown-word
+    check: one line was "its first 3 examples", and with 300 examples the 256 sampled were prompts alone, so choices
+    of unknown words went unsaid. Each example is its prompt with its choices."""
+    from tiesmerge.errors import MergeWarning
+
+    base, _ = causal_lm
+    row = {"prompt": "very", "choices": ["zork blat quux good", "zork blat quux bad"], "label": 0}
+    with pytest.warns(MergeWarning, match=r"of its first 256 examples are unknown to the base's tokenizer"):
+        builtin_evaluator(f"choice-accuracy:{_jsonl(tmp_path / 'many.jsonl', [row] * 300)}", base, device="cpu")
+    with pytest.warns(MergeWarning, match=r"of its first 1 examples are unknown"):
+        builtin_evaluator(f"choice-accuracy:{_jsonl(tmp_path / 'one.jsonl', [row])}", base, device="cpu")
+
 def test_a_gpt2_configs_positions_and_its_pad_token_are_read(tmp_path):
     """hp64b c34, c35: a GPT-2 config names its positions n_positions, which the evaluators' checks missed (texts cut
     to its 32 positions without a word); c27: following the hint to set pad_token_id in config.json, the tokenizer

@@ -288,7 +288,7 @@ class ChoiceAccuracy(_Scorer):
         if is_encoder_decoder(self.model_dir):
             return
         limit = fitted_length_of(self.model_dir, self.max_length)  # a sequence's tokens, the model's positions too
-        warn_unknown(tokenizer, [e.prompt for e in self.examples] + [c for e in self.examples for c in e.choices],
+        warn_unknown(tokenizer, [(e.prompt, *e.choices) for e in self.examples],
                      max_length=limit, where=str(self.data), stacklevel=5,
                      effect="the scores rank merges on how they read that token")
         cut = 0  # examples whose prompt loses its first tokens to fit its longest choice: said, as the other

@@ -531,16 +531,19 @@ def count_cut(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None 
     return cut
 
 
-def warn_unknown(tokenizer: Any, texts: Sequence[str], *, max_length: int, where: str, effect: str,
+def warn_unknown(tokenizer: Any, texts: Sequence[str | Sequence[str]], *, max_length: int, where: str, effect: str,
                  stacklevel: int = 3) -> None:
-    """Said when most tokens of ``texts`` (the first 256) are the tokenizer's unknown token: a model then reads every
-    example as the same few tokens, and what is computed from them (``effect``) describes that token, not the texts
-    (hp63b c25: statistics, AdaMerging and accuracies on texts a 5-token vocabulary read as [UNK], without a word;
-    lm-perplexity alone said so)."""
+    """Said when most tokens of ``texts`` (the first 256 examples) are the tokenizer's unknown token: a model then
+    reads every example as the same few tokens, and what is computed from them (``effect``) describes that token, not
+    the texts (hp63b c25: statistics, AdaMerging and accuracies on texts a 5-token vocabulary read as [UNK], without a
+    word; lm-perplexity alone said so). An example of several texts (a prompt and its choices) is a tuple of them
+    (hp68b c33, c43: prompts and choices listed apart were counted as examples, and 256 prompts hid every choice)."""
     unknown = getattr(tokenizer, "unk_token_id", None)
     if unknown is None or not texts:  # byte-level tokenizers (GPT-2's) know every text
         return
-    sample = [clipped(t, max_length) for t in texts[:256] if isinstance(t, str)]
+    examples = list(texts[:256])
+    sample = [clipped(t, max_length) for e in examples for t in (e if isinstance(e, (list, tuple)) else [e])
+              if isinstance(t, str)]
     with forward_checked(None):
         ids = tokenizer(sample, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
     total = sum(len(i) for i in ids)
@@ -551,7 +554,7 @@ def warn_unknown(tokenizer: Any, texts: Sequence[str], *, max_length: int, where
         from ..errors import MergeWarning
 
         warnings.warn(MergeWarning(
-            f"{where}: {share:.0%} of the {total:,} tokens of its first {len(sample):,} examples are unknown to the "
+            f"{where}: {share:.0%} of the {total:,} tokens of its first {len(examples):,} examples are unknown to the "
             f"base's tokenizer ({tokenizer.unk_token!s}), so {effect}: the texts are not of the language or "
             "vocabulary the model was trained on (or the tokenizer lacks its vocabulary)"), stacklevel=stacklevel)
 
