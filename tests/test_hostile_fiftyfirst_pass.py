@@ -918,6 +918,9 @@ def test_a_damaged_heads_file_exits_as_a_data_file_does(tmp_path):
     heads.write_text("[" * 3000 + "]" * 3000)
     with pytest.raises(ConfigError, match="nested too deep"):
         _json_mapping(str(heads), "the heads")
+    heads.write_text('{"sst2": ["bad", "good"], "sst2": ["good", "bad"]}')  # hp68b c37: the last kept silently
+    with pytest.raises(ConfigError, match="gives the key 'sst2' twice"):
+        _json_mapping(str(heads), "the heads")
 
 
 def test_a_dry_run_with_an_output_checks_its_free_space(tmp_path, capsys, monkeypatch):

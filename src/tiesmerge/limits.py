@@ -201,9 +201,10 @@ def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
 
 
 def read_json(path: str | os.PathLike, what: str, *, error: type[TiesMergeError] = CheckpointError,
-              max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+              max_bytes: int = MAX_CONFIG_BYTES, unique_keys: bool = False) -> Any:
     """A JSON file (a regular file, at most ``max_bytes``), parsed with :func:`loads_json`."""
-    return loads_json(read_regular(path, what, max_bytes=max_bytes, error=error), f"{path}", error=error)
+    return loads_json(read_regular(path, what, max_bytes=max_bytes, error=error), f"{path}", error=error,
+                      unique_keys=unique_keys)
 
 
 def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,

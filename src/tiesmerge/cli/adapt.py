@@ -114,7 +114,9 @@ def add_adapt_parser(sub: Any, method_flags: Callable[[argparse.ArgumentParser],
 def _json_mapping(path: str | None, what: str) -> dict[str, list[str]] | None:
     if path is None:
         return None
-    data = read_json(Path(path), what, error=ConfigError)  # a file the user writes: exit 2, as data files (hp54 c12)
+    # a file the user writes: exit 2, as data files (hp54 c12); a task given twice is refused as they refuse a key
+    # given twice (hp68b c37: the last kept silently)
+    data = read_json(Path(path), what, error=ConfigError, unique_keys=True)
     if not isinstance(data, dict) or not all(isinstance(v, list) and all(isinstance(x, str) for x in v)
                                              for v in data.values()):
         raise ConfigError(f"{path}: {what} must be a JSON object of lists of strings, e.g. "
