@@ -61,3 +61,26 @@ def test_a_mask_of_other_values_than_true_and_false_is_refused():
     for bad in (torch.full((2, 4), float("nan")), ones * 0.5, ones * 2):
         with pytest.raises(ConfigError, match="a mask holds True/False"):
             gram_matrices(model, [x], lambda m, b: m(b), token_mask=lambda b, bad=bad: bad)
+
+
+def test_a_layer_whose_every_row_is_masked_is_said():
+    """hp68b c23: a Linear whose every input row the token mask dropped was left out of the statistics silently."""
+    import pytest
+
+    from tiesmerge.errors import MergeWarning
+
+    class Pooled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.l = torch.nn.Linear(4, 4)
+            self.h = torch.nn.Linear(4, 2)
+
+        def forward(self, x):  # (B, T, 4) -> (B, 2): h reads the pooled rows, which no (B, T) mask fits
+            return self.h(self.l(x).mean(dim=1))
+
+    x, none = torch.randn(2, 5, 4), torch.zeros(2, 5, dtype=torch.bool)
+    said = (r"1 Linear layer\(s\) saw no input row over 2 examples \(token_mask kept none of theirs\), so the "
+            r"statistics hold no Gram matrix for them: l.weight")
+    with pytest.warns(MergeWarning, match=said):
+        stats = gram_matrices(Pooled(), [x], lambda m, b: m(b), token_mask=lambda b: none)
+    assert set(stats.tensors) == {"h.weight"}

@@ -112,6 +112,17 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
                           + (": token_mask kept none" if token_mask is not None else ""),
                           hint="check token_mask (True keeps a row), or that the model has Linear layers the "
                                "batches run through")
+    empty = [key(n) for n in sums if not rows[n]]
+    if empty:  # (hp68b c23: a layer whose every input row was masked was left out without a word)
+        import warnings
+
+        from ..errors import MergeWarning
+
+        warnings.warn(MergeWarning(
+            f"{len(empty)} Linear layer(s) saw no input row over {examples:,} examples"
+            + (" (token_mask kept none of theirs)" if token_mask is not None else "")
+            + f", so the statistics hold no Gram matrix for them: {', '.join(empty[:5])}"
+            + (f", ... ({len(empty) - 5} more)" if len(empty) > 5 else "")), stacklevel=2)
     options = {"token_mask": token_mask is not None, "rows": {key(n): rows[n] for n in sums}}
     manifest = StatsManifest("gram", examples, options, model_digest=model_digest(module, model),
                              model=str(model) if model is not None else None, tokenizer_digest=tokenizer_digest(model),
