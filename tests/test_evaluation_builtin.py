@@ -153,6 +153,10 @@ def test_a_bad_classifier_file_names_the_line(classifiers, tmp_path, rows, messa
     ("encoder-accuracy", [{"task": "t", "classes": ["a", "b"]}], "have classes but no examples"),
     ("encoder-accuracy", [{"task": "t", "classes": ["a", "b"]}, {"task": "t", "text": "x", "label": 2}],
      r"'label' must be an integer from 0 to 1"),
+    # hp68b c29: two strings, one empty, said as "at least two"
+    ("encoder-accuracy", [{"task": "t", "classes": ["bad", ""]}], r"\(class 1's is empty\)"),
+    ("encoder-accuracy", [{"task": "t", "classes": ["bad", " ", "good"]}], r"\(class 1's is empty\)"),
+    ("encoder-accuracy", [{"task": "t", "classes": [3, "good"]}], r"\(class 0's is not text but int\)"),
 ])
 def test_bad_choice_and_encoder_files_name_the_problem(classifiers, tmp_path, name, rows, message):
     _, base, _, _ = classifiers

@@ -459,9 +459,14 @@ class EncoderAccuracy(_Scorer):
                                                    'review", "label": 1}')
             if "classes" in row:
                 classes = row["classes"]
-                if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c
-                                                                                for c in classes):
-                    raise ConfigError(f"{where}: 'classes' must list at least two class descriptions (strings)",
+                bad = next((k for k, c in enumerate(classes) if not (isinstance(c, str) and c.strip())), None) \
+                    if isinstance(classes, list) else None
+                if not isinstance(classes, list) or len(classes) < 2 or bad is not None:
+                    which = (f" (class {bad}'s is " + ("empty" if isinstance(classes[bad], str) else
+                                                      f"not text but {type(classes[bad]).__name__}") + ")"
+                             if bad is not None else "")  # (hp68b c29: ["bad", ""] said as fewer than two)
+                    raise ConfigError(f"{where}: 'classes' must list at least two class descriptions (strings)"
+                                      + which,
                                       hint='e.g. {"task": "sentiment", "classes": ["negative", "positive"]}')
                 if task in self.classes:
                     raise ConfigError(f"{where}: task {task!r} has its classes twice",
