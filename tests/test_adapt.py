@@ -267,8 +267,8 @@ def test_the_cross_entropy_objective_names_a_missing_or_foreign_label():
     data[1][4] = {**data[1][4], "label": 2**64}  # past what a tensor holds (pass 18 F1: an untyped overflow)
     with pytest.raises(ConfigError, match=r"example 5's 'label' 18446744073709551616 is past any class index"):
         tiesmerge.adapt(base, fts, data, forward=_forward(), steps=2, objective="cross_entropy")  # (hp63b c34)
-    data[1][4] = {**data[1][4], "label": 7}  # 3 classes: found before the first step, whatever batch draws it
-    with pytest.raises(ConfigError, match="label 7 is past the model's 3 classes"):
+    data[1][4] = {**data[1][4], "label": 7}  # 3 classes: found before the first step (its example named: hp68b c30)
+    with pytest.raises(ConfigError, match="task 'task1': example 5's label 7 is past the model's 3 classes"):
         tiesmerge.adapt(base, fts, data, forward=_forward(), steps=2, batch_size=1, objective="cross_entropy")
     with pytest.raises(ConfigError, match="objective='hinge' is not one of entropy, cross_entropy"):
         tiesmerge.adapt(base, fts, data, forward=_forward(), steps=2, objective="hinge")

@@ -701,10 +701,13 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
                                           f"{len(own)} choices (0 .. {len(own) - 1})",
                                           hint="labels are indices into the row's choices, from 0")
                 classes = logits(forward, forward.encode(list(data[task][:1]), task), task, params).shape[-1]
-                worst = max(int(row["label"]) for row in data[task])
-                if worst >= classes:
-                    raise ConfigError(f"task {task!r}: label {worst} is past the model's {classes} classes for this "
-                                      f"task (0 .. {classes - 1})", hint="labels are class indices from 0")
+                past = [(k, int(row["label"])) for k, row in enumerate(data[task]) if int(row["label"]) >= classes]
+                if past:  # the first such example named, as the data files' other checks name theirs (hp68b c30)
+                    k, label = past[0]
+                    raise ConfigError(f"task {task!r}: example {k + 1}'s label {label} is past the model's {classes} "
+                                      f"classes for this task (0 .. {classes - 1})"
+                                      + (f"; {len(past) - 1} more example(s) likewise" if len(past) > 1 else ""),
+                                      hint="labels are class indices from 0")
     bar = None
     if progress and config.steps > start:
         from tqdm.auto import tqdm
