@@ -287,3 +287,17 @@ def test_a_label_problem_in_a_data_file_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"d1\.jsonl: example 4 has no class index"):
         tiesmerge.adapt(base, fts, files, tasks=["t0", "t1"], forward=_forward(), steps=2,
                         objective="cross_entropy")
+    rows[3] = {**rows[1], "label": 7}  # past the model's 3 classes (hp68b c30: "task 't1': label 7", no file)
+    files[1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"d1\.jsonl: example 4's label 7 is past the model's 3 classes"):
+        tiesmerge.adapt(base, fts, files, tasks=["t0", "t1"], forward=_forward(), steps=2,
+                        objective="cross_entropy")
+    for tasks, said in ((["x", "x"], "two tasks are named 'x' \\(the names given\\)"),
+                        (None, "two tasks are named 'd' \\(their data files' names\\)")):  # hp68b c41
+        named = files if tasks else [tmp_path / "a" / "d.jsonl", tmp_path / "b" / "d.jsonl"]
+        for f, g in zip(named, files):
+            f.parent.mkdir(exist_ok=True)
+            if f != g:
+                f.write_text(g.read_text())
+        with pytest.raises(ConfigError, match=said):
+            tiesmerge.adapt(base, fts, named, tasks=tasks, forward=_forward(), steps=2)

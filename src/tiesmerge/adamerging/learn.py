@@ -615,12 +615,13 @@ def _save(path: Path, state: dict) -> None:
 def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]], config: AdaptConfig, *,
           checkpoint: str | os.PathLike | None = None, resume: bool = False, fingerprint: str = "",
           progress: bool = False, on_step: Callable[[int, list[float]], None] | None = None,
-          ) -> tuple[torch.Tensor, History, dict[str, float]]:
+          sources: Mapping[str, str] | None = None) -> tuple[torch.Tensor, History, dict[str, float]]:
     """Learn the (T, L) coefficients; return them (on the CPU), the entropy history and seconds.
 
     ``data``: task -> its unlabeled rows, in the models' order. ``checkpoint``: a file written
     every ``config.checkpoint_every`` steps and at the end; with ``resume`` an existing one (of the
-    same ``fingerprint``) is continued from its step, drawing the same batches as an unbroken run."""
+    same ``fingerprint``) is continued from its step, drawing the same batches as an unbroken run. ``sources``: the
+    data file of each task (task -> path), named in the labels' errors."""
     problems = config.problems()
     if problems:
         raise ConfigError(problems)
@@ -694,17 +695,18 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
         with torch.no_grad():
             params = merger.params(lam)
             for task in tasks:
+                where = (sources or {}).get(task) or f"task {task!r}"
                 for k, row in enumerate(data[task]):  # a row's own choices bound its label (hp45 c78: an IndexError
                     own = row.get("choices") if isinstance(row, Mapping) else None  # in the first step)
                     if isinstance(own, list) and int(row["label"]) >= len(own):
-                        raise ConfigError(f"task {task!r}: example {k + 1}'s label {row['label']} is past its own "
+                        raise ConfigError(f"{where}: example {k + 1}'s label {row['label']} is past its own "
                                           f"{len(own)} choices (0 .. {len(own) - 1})",
                                           hint="labels are indices into the row's choices, from 0")
                 classes = logits(forward, forward.encode(list(data[task][:1]), task), task, params).shape[-1]
                 past = [(k, int(row["label"])) for k, row in enumerate(data[task]) if int(row["label"]) >= classes]
                 if past:  # the first such example named, as the data files' other checks name theirs (hp68b c30)
                     k, label = past[0]
-                    raise ConfigError(f"task {task!r}: example {k + 1}'s label {label} is past the model's {classes} "
+                    raise ConfigError(f"{where}: example {k + 1}'s label {label} is past the model's {classes} "
                                       f"classes for this task (0 .. {classes - 1})"
                                       + (f"; {len(past) - 1} more example(s) likewise" if len(past) > 1 else ""),
                                       hint="labels are class indices from 0")

@@ -132,7 +132,12 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
         name = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") \
             if isinstance(name, str) else name
         if name in out:
-            raise ConfigError(f"two tasks are named {name!r}", hint="name the tasks (--task-names / tasks=)")
+            # named by the stems of two files, or given the same name twice (hp68b c41: the hint to name them said
+            # to one who had)
+            raise ConfigError(f"two tasks are named {name!r}" + (" (the names given)" if tasks is not None else
+                                                                 " (their data files' names)"),
+                              hint="give each task its own name (--task-names / tasks=)" if tasks is not None else
+                              "name the tasks (--task-names / tasks=), or give the data files other names")
         if is_path:
             rows = read_jsonl(item, limit=limit, empty_texts=True, unread_said=False)  # an empty file: named
         elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
@@ -423,10 +428,11 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
 
     granularity = config.granularity
     task_data = read_task_data(data, tasks, limit=limit)
+    sources = {t: str(d) for t, d in zip(task_data, data) if isinstance(d, (str, os.PathLike))}  # task -> its file
     if config.objective == "cross_entropy":  # labels checked now, each error naming its data file (learn checks too)
         from .learn import check_labels as check_targets
 
-        check_targets(task_data, {t: str(d) for t, d in zip(task_data, data) if isinstance(d, (str, os.PathLike))})
+        check_targets(task_data, sources)
     largest = max(len(rows) for rows in task_data.values())
     # a batch draws its rows from endless reshuffles: far past the data (not the default 16 on a small file), it
     # repeats each row many times a step
@@ -481,7 +487,7 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
     fingerprint = _fingerprint(base, [*models, *references], method_spec(m), config, task_data, kind,
                                {"max_length": max_length, "heads": heads, "choices": choices})
     coefficients, history, learn_seconds = learn(fwd, merger, task_data, config, checkpoint=checkpoint, resume=resume,
-                                                 fingerprint=fingerprint, progress=progress)
+                                                 fingerprint=fingerprint, progress=progress, sources=sources)
     seconds.update({f"learn_{k}": v for k, v in learn_seconds.items()})
     layers = list(tv.names)
     del merger, tv  # the final merge streams again: the vectors need not stay in memory
