@@ -143,6 +143,21 @@ def test_the_outputs_config_names_the_dtype_its_weights_are_written_in(tmp_path,
     tiesmerge.merge(right, ms, "ties", output=tmp_path / "out2")
     assert (tmp_path / "out2" / "config.json").read_bytes() == (right / "config.json").read_bytes()
 
+
+def test_a_copied_json_file_holding_nan_is_said(tmp_path):
+    """hp68a c42: a base's generation_config.json holding NaN and 1e400 was copied without a word (a truncated one is
+    refused)."""
+    from tiesmerge.errors import MergeWarning
+
+    base, fts = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    (b / "generation_config.json").write_text('{"bos_token_id": 1e400, "max_length": NaN, "eos": [1, 2]}')
+    ms = [write_safetensors(tmp_path / f"ft{k}.safetensors", ft) for k, ft in enumerate(fts)]
+    with pytest.warns(MergeWarning, match=r"generation_config.json holds 2 number\(s\) that are not finite "
+                                          r"\(bos_token_id = inf, max_length = nan: "):
+        tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
+    assert "NaN" in (tmp_path / "out" / "generation_config.json").read_text()  # carried as it is
+
 def test_integer_and_bool_tensors_copied_from_the_base(tmp_path):
     base, fts = make_family(2)
     base["mask"] = torch.tensor([True, False, True])

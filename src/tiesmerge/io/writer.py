@@ -23,7 +23,7 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -610,14 +610,40 @@ def check_model_files(files: Sequence[Path], role: str = "the base") -> None:
                 with os.fdopen(os.dup(fd), "rb") as f:
                     data = f.read()
                 try:
-                    if not isinstance(loads_json(data, str(path)), dict):  # every such file is an object
+                    parsed = loads_json(data, str(path))
+                    if not isinstance(parsed, dict):  # every such file is an object
                         raise CheckpointError(f"{path}: holds JSON that is not an object (e.g. null)")
                 except CheckpointError as exc:
                     raise CheckpointError(f"{exc.message}: {role}'s {path.name} is damaged or incomplete (a download "
                                           "cut short?), and the output would carry it",
                                           hint=f"restore {path.name} (download it again), then run again") from None
+                _warn_non_finite(parsed, path, role)
         finally:
             os.close(fd)
+
+
+def _warn_non_finite(data: Any, path: Path, role: str) -> None:
+    """A copied JSON file holding NaN, Infinity or a number past a float's range (1e400), which Python's JSON reader
+    takes and no JSON standard allows: said, since the output carries it as it is (hp68a c42: a generation_config's
+    max_length of NaN copied without a word)."""
+    found: list[str] = []
+
+    def walk(value: Any, where: str, depth: int) -> None:
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(f"{where or 'the top'} = {value}")
+        elif isinstance(value, dict) and depth < 64:
+            for key, item in value.items():
+                walk(item, f"{where}.{key}" if where else str(key), depth + 1)
+        elif isinstance(value, list) and depth < 64:
+            for k, item in enumerate(value):
+                walk(item, f"{where}[{k}]", depth + 1)
+
+    walk(data, "", 0)
+    if found:
+        warnings.warn(MergeWarning(
+            f"{path}: {role}'s {path.name} holds {len(found)} number(s) that are not finite ({', '.join(found[:3])}"
+            f"{', ...' if len(found) > 3 else ''}: NaN, Infinity or past a float's range), which the output carries "
+            "as they are; libraries reading them may fail"), stacklevel=3)
 
 
 def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | torch.dtype | None = None,
