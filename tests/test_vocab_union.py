@@ -205,6 +205,22 @@ def test_union_without_a_tokenizer_names_the_model(tmp_path):
         tiesmerge.plan_merge(base, fts, "ties", vocab_policy="union")
 
 
+def test_a_recipes_vocab_policy_is_named_as_its_key(tmp_path, capsys):
+    """hp68a c64: a recipe's vocab_policy: union was worded as the flag ("--vocab-policy union needs every model's
+    tokenizer"), never given; the flag over the recipe is named as the flag."""
+    base, fts = _family(tmp_path)
+    for f in fts[1].glob("tokenizer*"):
+        f.unlink()
+    (fts[1] / "special_tokens_map.json").unlink(missing_ok=True)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{fts[0]}, {fts[1]}]\nvocab_policy: union\n")
+    rc, _, err = run_cli(["merge", str(recipe), "-o", str(tmp_path / "out")], capsys)
+    assert rc != 0 and "vocab_policy: union needs every model's tokenizer" in err and "--vocab-policy" not in err, err
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{fts[0]}, {fts[1]}]\nvocab_policy: truncate\n")
+    rc, _, err = run_cli(["merge", str(recipe), "--vocab-policy", "union", "-o", str(tmp_path / "out")], capsys)
+    assert rc != 0 and "--vocab-policy union needs every model's tokenizer" in err, err
+
+
 def test_union_of_the_tokenizers_as_data(tmp_path):
     base, fts = _family(tmp_path)
     u = union_of(read_vocab(base, "base"), [read_vocab(f, str(f)) for f in fts])
@@ -213,7 +229,6 @@ def test_union_of_the_tokenizers_as_data(tmp_path):
         ("<|im_start|>", ((0, len(WORDS)), (1, len(WORDS) + 1))), ("<|im_end|>", ((0, len(WORDS) + 1),)),
         ("<tool>", ((1, len(WORDS)),))]
     assert all(t.entry["special"] for t in u.new)
-
 
 
 def test_a_token_added_with_other_options_is_warned_of(tmp_path):

@@ -34,8 +34,8 @@ from .sizes import OUTPUT_FORMATS
 __all__ = ["engine_inputs", "needs_fold", "Ia3Fold", "fold_ia3", "write_adapter", "check_rank", "adapter_size"]
 
 # both spellings: the hint reaches command-line and Python users alike
-FULL_MODEL_HINT = ("write a full model, the default (leave out --output-format adapter; in Python, "
-                   "output_format='model')")
+FULL_MODEL_HINT = ("write a full model, the default (leave out --output-format adapter, or a recipe's "
+                   "output_format: adapter; in Python, output_format='model')")  # (hp68a c23: the key unnamed)
 
 
 

@@ -532,8 +532,9 @@ def _recipe_pickle_consent(recipe: Any, args: argparse.Namespace) -> None:
                                "safetensors")
 
 
-def _mergekit_words(data: dict[str, Any]) -> None:
-    """A mergekit recipe's hints name its own keys: tokenizer_source, not the --vocab-policy it refuses (hp45 c04)."""
+def _mergekit_words(data: dict[str, Any], own_policy: bool = True) -> None:
+    """A mergekit recipe's hints name its own keys: tokenizer_source, not the --vocab-policy it refuses (hp45 c04);
+    a tiesmerge recipe's, its vocab_policy key where ``own_policy`` (the recipe's value, no flag's)."""
     from .. import inputs
     from ..io import align
 
@@ -547,6 +548,10 @@ def _mergekit_words(data: dict[str, Any]) -> None:
         # a model listed twice: counted more by its weight where the method has weights (hp45 c12: "--weights")
         weighted = origin.get("merge_method") not in ("slerp", "nuslerp", "model_stock")
         inputs.weights_option = "a larger weight (models[i].parameters.weight in the recipe)" if weighted else None
+    elif own_policy and data.get("vocab_policy") in ("union", "truncate"):  # a tiesmerge recipe's own key, where no
+        # flag replaced it (hp68a c64: "--vocab-policy union needs ..." of a recipe's vocab_policy: union)
+        align.policy_words = {**align.policy_words, data["vocab_policy"]: f"vocab_policy: {data['vocab_policy']} "
+                                                                          "(the recipe's)"}
 
 
 @contextlib.contextmanager
@@ -573,7 +578,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from ..inputs import check_budget
 
     data = _recipe_data(args)
-    _mergekit_words(data)
+    _mergekit_words(data, own_policy=bool(args.recipe) and "--vocab-policy" not in args.flags_over_recipe)
     flags = args.flags_over_recipe  # a problem may be the flags': the source says they were applied (hp40b C53)
     source = f"{args.recipe} with {', '.join(flags)} from the command line" if flags else args.recipe or "command line"
     recipe = recipe_from_dict(data, source=source)
