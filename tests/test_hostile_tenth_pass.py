@@ -133,6 +133,11 @@ def test_an_option_given_twice_is_said(family, tmp_path, capsys):
     rc, out, err = run_cli(_merge(b, ms, tmp_path / "out", "--density", "0.2", "--density=0.3"), capsys)
     assert rc == 0, err
     assert "--density given twice: only the last value counts" in err and "--model" not in err
+    # hp69a c06, c18, c19: a prefix argparse takes for the flag, a short option with its value attached
+    for extra, said in ((["--memory", "1GiB", "--memory-budget", "2GiB"], "--memory then --memory-budget given twice"),
+                        (["-o" + str(tmp_path / "x")], "-o given twice")):
+        rc, out, err = run_cli(_merge(b, ms, tmp_path / "out2", "--dry-run", *extra), capsys)
+        assert rc == 0 and said in err, err
     assert json.loads((tmp_path / "out" / "tiesmerge.json").read_text())["recipe"]["parameters"]["density"] == 0.3
 
 def test_a_models_index_linked_outside_its_folder_is_not_read(family, tmp_path, capsys):

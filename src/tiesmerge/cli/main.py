@@ -397,12 +397,21 @@ def _warn_repeated_options(parser: argparse.ArgumentParser, command: str | None,
         return
     single = {o: a for a in sub._actions if isinstance(a, (argparse._StoreAction, argparse.BooleanOptionalAction))
               for o in a.option_strings}
+    every = {o: a for a in sub._actions for o in a.option_strings}
     words = argv[:argv.index("--")] if "--" in argv else argv
     counts: dict[argparse.Action, list[str]] = {}
     for word in words:
-        flag = word.split("=", 1)[0] if word.startswith("--") else word
-        if flag in single:
-            counts.setdefault(single[flag], []).append(flag)
+        action = None
+        if word.startswith("--"):  # --flag, --flag=value, or a prefix argparse takes for it (hp69a c06: --memory)
+            name = word.split("=", 1)[0]
+            action = every.get(name)
+            if action is None:
+                prefixed = {a for o, a in every.items() if o.startswith("--") and o.startswith(name)}
+                action = prefixed.pop() if len(prefixed) == 1 else None
+        elif word.startswith("-") and len(word) > 1 and word[1] != "-":  # -o, -oX, -o=X (hp69a c18, c19)
+            action = every.get(word[:2])
+        if action is not None and action in single.values():
+            counts.setdefault(action, []).append(word.split("=", 1)[0] if word.startswith("--") else word[:2])
     for flags in counts.values():
         if len(flags) > 1:
             times = "twice" if len(flags) == 2 else f"{len(flags)} times"
