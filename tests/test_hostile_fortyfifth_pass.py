@@ -315,6 +315,25 @@ def test_one_statistics_folder_given_for_two_models_is_refused(tmp_path):
                         output=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
+
+@pytest.mark.parametrize("bad", [None, 5, 1.5, ["x"]])
+def test_statistics_of_no_type_they_can_be_are_refused(tmp_path, bad):
+    """hp69a c25-c27: stats=[dir, None] (or 5, 1.5, a list) and load_stats(None) were bare TypeErrors, and
+    load_stats({"a": tensor}) a bare AssertionError."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import load_stats
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    dirs = [write_hf_dir(tmp_path / f"ft{k}", m) for k, m in enumerate(models)]
+    good = {n: torch.rand(v.shape) for n, v in base.items() if v.is_floating_point()}
+    with pytest.raises(ConfigError, match=rf"stats\[1\]: a {type(bad).__name__} is no statistics"):
+        tiesmerge.merge(b, dirs, "fisher", stats=[good, bad])
+    with pytest.raises(ConfigError, match=f"load_stats reads a statistics directory, got {type(bad).__name__}"):
+        load_stats(bad)
+    with pytest.raises(ConfigError, match="load_stats reads a statistics directory, got dict"):
+        load_stats(good)
+
 # ------------------------------------------------------------------ the evaluator digest (pass 45b)
 _READS: list[str] = []  # what a user's code was asked: a digest that asks it could stall the search (or be caught)
 

@@ -349,7 +349,7 @@ def _open_side(stack: ExitStack, method: MergeMethod, stats: Sequence[Any] | Non
     _refuse_shared_stats(stats)
     opened = []
     for k, source in enumerate(stats):
-        label = f"stats[{k}]" if isinstance(source, (Mapping, Statistics)) else str(source)
+        label = str(source) if isinstance(source, (str, os.PathLike)) else f"stats[{k}]"
         src = open_stats(source, kind=spec.kind, label=label)
         stack.callback(src.close)
         opened.append(src)

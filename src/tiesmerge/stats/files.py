@@ -281,6 +281,10 @@ def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tenso
         ckpt: Checkpoint = StateDictCheckpoint(source.tensors, label or f"{source.kind} statistics")
     elif isinstance(source, Mapping):
         manifest, ckpt = None, StateDictCheckpoint(source, label or "statistics state dict")
+    elif not isinstance(fs_text(source), (str, os.PathLike)):  # (hp69a c25: None, 5, a list: a bare TypeError)
+        raise ConfigError(f"{label or 'statistics'}: a {type(source).__name__} is no statistics (a directory written "
+                          "by tiesmerge stats, a Statistics object, or a mapping of tensors)",
+                          hint="give one statistics directory per model, in the models' order")
     else:
         path = Path(fs_text(source))  # bytes, as every path of the API may be (hp45 c24)
         if os.path.lexists(path):
@@ -301,9 +305,12 @@ def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tenso
 
 def load_stats(directory: str | os.PathLike) -> Statistics:
     """Read a statistics directory fully into memory."""
+    if not isinstance(fs_text(directory), (str, os.PathLike)):  # (hp69a c26, c27: None a TypeError, a mapping
+        # of tensors a bare AssertionError)
+        raise ConfigError(f"load_stats reads a statistics directory, got {type(directory).__name__}",
+                          hint="pass the directory written by tiesmerge stats (or Statistics.save)")
     opened = open_stats(directory)
     try:
-        assert opened.manifest is not None
         return Statistics(opened.manifest, {n: opened.checkpoint.read(n) for n in opened.checkpoint.names()})
     finally:
         opened.close()
