@@ -91,6 +91,7 @@ def _merged_output(tmp_path, capsys):
     ({"written_stamps": {"README.md": [10 ** 40, 1, 2]}}, "records 'README.md' as [1000000000"),
     ({"written_stamps": {"README.md": [1.5, 1, 2]}}, "records 'README.md' as [1.5, 1, 2], not its size"),
     ({"written": "README.md"}, "gives 'written' as a text, not a list of the files it wrote"),
+    ({"written_stamps": None}, "has no 'written_stamps' (their sizes and times: null)"),  # hp69a c34, c38
 ])
 def test_force_over_an_output_whose_record_of_its_files_was_edited_says_the_manifest_is_damaged(tmp_path, capsys,
                                                                                              edit, said):
@@ -2212,3 +2213,17 @@ def test_a_killed_analyzes_compared_merges_are_removed_by_the_next_run(tmp_path,
     tiesmerge.analyze(b, ms, methods=["ties"])
     assert not left.exists()
     assert not list(tmp_path.glob("tiesmerge-analyze-*"))  # its own removed at the end
+
+
+def test_force_over_an_output_whose_stamps_were_removed_says_the_manifest_is_damaged(tmp_path, capsys):
+    """hp69a c34, c38: the manifest's written_stamps removed made --force say "5 of another size" of files nobody had
+    touched."""
+    import json
+
+    b, ms, out = _merged_output(tmp_path, capsys)
+    marker = json.loads((out / "tiesmerge.json").read_text())
+    del marker["written_stamps"]
+    (out / "tiesmerge.json").write_text(json.dumps(marker))
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)
+    assert rc != 0 and "has no 'written_stamps' (their sizes and times: removed)" in err and "the manifest is " \
+        "damaged" in err and "of another size" not in err, err

@@ -909,6 +909,10 @@ def _damaged_record(directory: Path) -> str | None:
             return f"gives {WRITTEN_FIELD!r} as {_json_kind(written)}, not a list of the files it wrote"
         if stamps is not None and not isinstance(stamps, dict):
             return f"gives {STAMPS_FIELD!r} as {_json_kind(stamps)}, not each file's size and times"
+        listed = [r for r in written or () if isinstance(r, str) and r not in OUTPUT_MARKERS]
+        if stamps is None and listed:  # removed or null: every file was then "of another size" (hp69a c34, c38)
+            return (f"lists {len(listed)} file(s) it wrote but has no {STAMPS_FIELD!r} (their sizes and times: "
+                    f"{'removed' if STAMPS_FIELD not in data else 'null'})")
         for rel in [*(written or ()), *(stamps or ())]:
             if not isinstance(rel, str) or not rel or os.path.isabs(rel) or ".." in Path(rel).parts \
                     or os.path.normpath(rel) == ".":
