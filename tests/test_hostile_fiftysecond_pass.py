@@ -1676,6 +1676,10 @@ def test_pass_63_merge_side(tmp_path, capsys):
         (["--method", "tsv_m", "--randomized-above", "100000000"],
          ["randomized_above = 100,000,000 is not used: no matrix it decomposes has more entries"]),
         (["--method", "iso_c", "--exclude", ""], []),
+        # hp69a c41: every matrix averaged without a word
+        (["--method", "tsv_m", "--rank-fraction", "0.01"],
+         ["rank_fraction 0.01 keeps no singular triplet of 6 of the 6 matrices it decomposes (rank 8 or less",
+          "rank_fraction 0.125 or more keeps one of each"]),
     ]
     for k, (flags, said) in enumerate(cases):
         rc, _, err = run_cli(["merge", *cli_flags(b, ms), *flags, "-o", tmp_path / f"o{k}"], capsys)

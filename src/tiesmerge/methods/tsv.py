@@ -106,11 +106,20 @@ class TsvMerge:
         pattern = linalg.exclude_pattern(self.exclude)
         sizes = [m * n for name, shape in shapes.items()
                  if (dims := linalg.matrix_shape(tuple(shape), name, pattern)) is not None for m, n in [dims]]
+        import warnings
+
+        from ..errors import MergeWarning
+
+        ranks = [min(dims) for name, shape in shapes.items()
+                 if (dims := linalg.matrix_shape(tuple(shape), name, pattern)) is not None]
+        none_kept = [r for r in ranks if self.rank_fraction is not None and self.rank_per_task(r, 1) == 0]
+        if none_kept:  # (hp69a c41: rank_fraction 0.01 on 32 x 32 matrices averaged every one without a word)
+            warnings.warn(MergeWarning(
+                f"{self.name}: rank_fraction {self.rank_fraction:g} keeps no singular triplet of {len(none_kept):,} of "
+                f"the {len(ranks):,} matrices it decomposes (rank {max(none_kept):,} or less: floor(rank x "
+                f"{self.rank_fraction:g}) is 0), so those are averaged, not merged by their singular vectors; "
+                f"rank_fraction {math.ceil(1000 / min(none_kept)) / 1000:g} or more keeps one of each"), stacklevel=3)
         if self.randomized_above > 0 and sizes and max(sizes) <= self.randomized_above:
-            import warnings
-
-            from ..errors import MergeWarning
-
             warnings.warn(MergeWarning(
                 f"{self.name}: randomized_above = {self.randomized_above:,} is not used: no matrix it decomposes has "
                 f"more entries (the largest has {max(sizes):,}), so every SVD is exact, and power_iters and seed "
