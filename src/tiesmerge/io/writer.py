@@ -685,12 +685,17 @@ def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | 
     return copied
 
 
+_FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64", "half", "float", "double", "fp16", "bf16", "fp32")
+
+
 def _set_dtype(config: dict, name: str, depth: int = 0) -> None:
     """The dtype keys of a config and of its sub-configs (a composite model's text_config, vision_config, ...: each
     names the dtype its part loads in; every weight is written in ``name``)."""
     for key in ("torch_dtype", "dtype"):
-        if key in config and (depth == 0 or isinstance(config[key], str)):  # nested: only a dtype's name, not a
-            config[key] = name  # field of another meaning that happens to be called dtype
+        # nested: only a floating dtype's name, not a field of another meaning that happens to be called dtype (a
+        # quantization config's "dtype": "int8": hp69a c51)
+        if key in config and (depth == 0 or config[key] in _FLOAT_DTYPE_NAMES):
+            config[key] = name
     if depth < 4:  # configs nest a level or two; the JSON reader bounds the depth anyway
         for value in config.values():
             if isinstance(value, dict):
