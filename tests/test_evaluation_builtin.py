@@ -272,6 +272,30 @@ def test_choice_accuracys_unknown_words_are_counted_per_example(causal_lm, tmp_p
     with pytest.warns(MergeWarning, match=r"of its first 1 examples are unknown"):
         builtin_evaluator(f"choice-accuracy:{_jsonl(tmp_path / 'one.jsonl', [row])}", base, device="cpu")
 
+
+def test_unknown_choices_and_classes_are_said_and_tokenless_ones_refused(causal_lm, bert_tokenizer, tmp_path):
+    """hp69b c09: choices of unknown words went unsaid where long known prompts outweighed them; c10: nothing looked
+    at encoder-accuracy's class descriptions; c33: a class of a zero-width space (no tokens: [CLS] [SEP] alone) was
+    scored."""
+    from tiesmerge.errors import MergeWarning
+
+    base, _ = causal_lm
+    rows = [{"prompt": "very good film not bad plot very good", "choices": ["zork blat", "quux"], "label": 0}] * 2
+    with pytest.warns(MergeWarning, match=r"c\.jsonl's answer choices: 100% of the 6 tokens of its first 2 examples "
+                                          r"are unknown"):
+        builtin_evaluator(f"choice-accuracy:{_jsonl(tmp_path / 'c.jsonl', rows)}", base, device="cpu")
+    encoder_base = tmp_path / "enc"
+    tiny_bert_encoder(bert_tokenizer, seed=0).model.save_pretrained(encoder_base, safe_serialization=True)
+    bert_tokenizer.save_pretrained(encoder_base)
+    rows = [{"task": "t", "classes": ["zork blat", "quux"]}, {"task": "t", "text": "the sun", "label": 0}]
+    with pytest.warns(MergeWarning, match=r"e\.jsonl's class descriptions: 100% of the 3 tokens of its first 1 tasks"):
+        builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'e.jsonl', rows)}", encoder_base, device="cpu",
+                          max_length=16)
+    rows[0] = {"task": "t", "classes": ["sun", "\u200b"]}
+    with pytest.raises(ConfigError, match=r"task 't': the class '\\u200b' has no tokens to the base's tokenizer"):
+        builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'z.jsonl', rows)}", encoder_base, device="cpu",
+                          max_length=16)
+
 def test_a_gpt2_configs_positions_and_its_pad_token_are_read(tmp_path):
     """hp64b c34, c35: a GPT-2 config names its positions n_positions, which the evaluators' checks missed (texts cut
     to its 32 positions without a word); c27: following the hint to set pad_token_id in config.json, the tokenizer

@@ -291,6 +291,10 @@ class ChoiceAccuracy(_Scorer):
         warn_unknown(tokenizer, [(e.prompt, *e.choices) for e in self.examples],
                      max_length=limit, where=str(self.data), stacklevel=5,
                      effect="the scores rank merges on how they read that token")
+        # the choices on their own: what is scored, which long known prompts hid (hp69b c09)
+        warn_unknown(tokenizer, [tuple(e.choices) for e in self.examples], max_length=limit,
+                     where=f"{self.data}'s answer choices", stacklevel=5,
+                     effect="the scores rank merges on how they read that token")
         cut = 0  # examples whose prompt loses its first tokens to fit its longest choice: said, as the other
         # evaluators say theirs (hp63b c15: a 90-token prompt on a 32-position model scored without a word)
         for where, example in zip(lines, self.examples):
@@ -503,6 +507,10 @@ class EncoderAccuracy(_Scorer):
             refuse_alike(tokenizer, classes, where=f"{self.data}: task {task!r}", what="class",
                          directory=self.model_dir, max_length=fitted_length_of(self.model_dir, self.max_length),
                          special_tokens=True, truncate=True)  # as the encoder reads them: cut at its positions
+        warn_unknown(tokenizer, [tuple(c) for c in self.classes.values()], what="tasks",  # (hp69b c10)
+                     max_length=fitted_length_of(self.model_dir, self.max_length),
+                     where=f"{self.data}'s class descriptions", stacklevel=4,
+                     effect="the heads tell classes apart by how the encoder reads that token")
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         from .encoder import SentenceEncoder, build_head

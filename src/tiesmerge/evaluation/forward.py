@@ -51,6 +51,7 @@ from .loading import (
     is_encoder_decoder,
     refuse_alike,
     refuse_converted,
+    warn_unknown,
 )
 from .rank_classification import check_choice_count, fit_choice
 
@@ -266,6 +267,10 @@ class ChoiceLogits(torch.nn.Module):
             if isinstance(own, (list, tuple)) and all(isinstance(c, str) for c in own):
                 refuse_alike(self.tokenizer, list(own), where=f"task {task!r}, example {k + 1}", what="choice",
                              directory=None, max_length=self.max_length, special_tokens=False, truncate=False)
+        warn_unknown(self.tokenizer, [tuple(r["choices"]) for r in rows if isinstance(r, Mapping)  # (hp69b c10)
+                                      and isinstance(r.get("choices"), (list, tuple))],
+                     max_length=self.max_length, where=f"task {task!r}'s answer choices", stacklevel=4,
+                     effect="the learned coefficients follow how the model reads that token")
 
     def count_cut(self, rows: Sequence[Row], task: str) -> int:
         """How many of ``rows`` lose their prompt's first tokens: the prompt and its longest choice are past
@@ -398,6 +403,9 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         for task, desc in heads.items():  # as the encoder reads them (hp42 D3, D27: a task whose entropy never moved)
             refuse_alike(encoder.tokenizer, list(desc), where=f"--heads, task {task!r}", what="class",
                          directory=model_dir, max_length=encoder.max_length, special_tokens=True, truncate=True)
+        warn_unknown(encoder.tokenizer, [tuple(d) for d in heads.values()], what="tasks",  # (hp69b c10)
+                     max_length=encoder.max_length, where="--heads (the class descriptions)", stacklevel=4,
+                     effect="the heads tell classes apart by how the encoder reads that token")
         built = {task: build_head(encoder, list(desc)) for task, desc in heads.items()}
         forward = EncoderHeadLogits(encoder, built)
     else:
@@ -408,5 +416,9 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         for task, texts in (choices or {}).items():  # hp42 D3: ["zzz", "qqq"], both <unk>, steered nothing
             refuse_alike(tokenizer, list(texts), where=f"--choices, task {task!r}", what="choice",
                          directory=model_dir, max_length=max_length, special_tokens=False, truncate=False)
+        if choices:  # (hp69b c10)
+            warn_unknown(tokenizer, [tuple(t) for t in choices.values()], what="tasks", max_length=max_length,
+                         where="--choices (the answer choices)", stacklevel=4,
+                         effect="the learned coefficients follow how the model reads that token")
         forward = ChoiceLogits(model, tokenizer, choices=choices, max_length=max_length)
     return forward.eval()

@@ -439,7 +439,15 @@ def refuse_alike(tokenizer: Any, texts: Sequence[str], *, where: str, what: str,
         with forward_checked(directory, "the base"):
             ids = tuple(tokenizer(clipped(text, max_length), add_special_tokens=special_tokens, truncation=truncate,
                                   **({"max_length": max_length} if truncate else {}))["input_ids"])
+            own = tokenizer(clipped(text, max_length), add_special_tokens=False)["input_ids"] if special_tokens \
+                else ids
         plural = {"class": "class descriptions"}.get(what, f"{what}s")
+        if not own:  # zero-width or control characters the tokenizer drops: a class read as [CLS] [SEP] alone
+            # (hp69b c33: "\u200b" passed the empty-text check)
+            raise ConfigError(f"{where}: the {what} {text[:40]!r} has no tokens to the base's tokenizer (it drops "
+                              "every character of it: spaces, zero-width or control characters), so it holds nothing "
+                              "to score",
+                              hint=f"give each {what} words the tokenizer reads")
         if ids in seen and seen[ids].strip() == text.strip():  # the same, or the same but for spaces (hp46 c41)
             how = "is listed twice" if seen[ids] == text else \
                 f"and {seen[ids][:40]!r} differ only in spaces"
@@ -532,12 +540,13 @@ def count_cut(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None 
 
 
 def warn_unknown(tokenizer: Any, texts: Sequence[str | Sequence[str]], *, max_length: int, where: str, effect: str,
-                 stacklevel: int = 3) -> None:
+                 stacklevel: int = 3, what: str = "examples") -> None:
     """Said when most tokens of ``texts`` (the first 256 examples) are the tokenizer's unknown token: a model then
     reads every example as the same few tokens, and what is computed from them (``effect``) describes that token, not
     the texts (hp63b c25: statistics, AdaMerging and accuracies on texts a 5-token vocabulary read as [UNK], without a
     word; lm-perplexity alone said so). An example of several texts (a prompt and its choices) is a tuple of them
-    (hp68b c33, c43: prompts and choices listed apart were counted as examples, and 256 prompts hid every choice)."""
+    (hp68b c33, c43: prompts and choices listed apart were counted as examples, and 256 prompts hid every choice).
+    ``what`` the items are called (a task's class descriptions: "tasks")."""
     unknown = getattr(tokenizer, "unk_token_id", None)
     if unknown is None or not texts:  # byte-level tokenizers (GPT-2's) know every text
         return
@@ -554,7 +563,7 @@ def warn_unknown(tokenizer: Any, texts: Sequence[str | Sequence[str]], *, max_le
         from ..errors import MergeWarning
 
         warnings.warn(MergeWarning(
-            f"{where}: {share:.0%} of the {total:,} tokens of its first {len(examples):,} examples are unknown to the "
+            f"{where}: {share:.0%} of the {total:,} tokens of its first {len(examples):,} {what} are unknown to the "
             f"base's tokenizer ({tokenizer.unk_token!s}), so {effect}: the texts are not of the language or "
             "vocabulary the model was trained on (or the tokenizer lacks its vocabulary)"), stacklevel=stacklevel)
 
