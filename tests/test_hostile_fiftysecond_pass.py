@@ -2231,3 +2231,30 @@ def test_force_over_an_output_whose_stamps_were_removed_says_the_manifest_is_dam
     rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", out, "--force"], capsys)
     assert rc != 0 and "has no 'written_stamps' (their sizes and times: removed)" in err and "the manifest is " \
         "damaged" in err and "of another size" not in err, err
+
+
+@pytest.mark.parametrize("where", ["hash", "write"])
+def test_numbas_cache_failing_to_write_is_said_as_such(tmp_path, capsys, monkeypatch, where):
+    """hp69b c04: numba's first compile saves its kernel cache; under a full disk or `ulimit -f` its OSError (no file
+    named) was said as "cannot write to standard output ... redirect it elsewhere" (stdout at /dev/null), or, inside
+    the output's writing, blamed on the output's newest file (.tiesmerge-temporary)."""
+    import importlib.util
+
+    import tiesmerge.api as api
+    from tiesmerge.io import writer
+
+    fake = tmp_path / "site" / "numba" / "core" / "caching.py"  # a frame of numba's, as its cache raises
+    fake.parent.mkdir(parents=True)
+    fake.write_text("import errno\ndef save(*args, **kwargs):\n    raise OSError(errno.EFBIG, 'File too large')\n")
+    spec = importlib.util.spec_from_file_location("fake_numba_caching", fake)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    monkeypatch.setattr(api if where == "hash" else writer.SafetensorsStreamWriter,
+                        "hash_files" if where == "hash" else "write", module.save)
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", tmp_path / "out"], capsys)
+    assert rc == 1 and "numba could not save its cache of the kernels it compiled (File too large)" in err, err
+    assert "standard output" not in err and ".tiesmerge-temporary" not in err
+    assert not (tmp_path / "out").exists()

@@ -163,6 +163,29 @@ def is_library_load(exc: BaseException) -> bool:
     return isinstance(exc, (ImportError, OSError)) and "shared object" in text and _address_space_limited()
 
 
+def kernel_cache_error(exc: BaseException) -> OutputError | None:
+    """``exc`` as numba's failure to write its cache of compiled kernels (the first run after an install compiles
+    them and saves them beside the package, or in NUMBA_CACHE_DIR), where the disk or the file-size limit is full: an
+    OSError raised inside numba names no file, and was said as standard output's or as the output's newest file
+    (hp69b c04: "redirect standard output" with stdout at /dev/null). None for any other error."""
+    import errno
+    import os
+
+    if not isinstance(exc, OSError) or exc.filename is not None or exc.errno not in (
+            errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES):
+        return None
+    tb = exc.__traceback__
+    marker = f"{os.sep}numba{os.sep}"
+    while tb is not None and marker not in tb.tb_frame.f_code.co_filename:
+        tb = tb.tb_next
+    if tb is None:
+        return None
+    return OutputError(f"numba could not save its cache of the kernels it compiled ({exc.strerror or exc}): the disk, "
+                       "or the file-size limit (ulimit -f), is full where it keeps them",
+                       hint="free some space (or raise the file-size limit), or point NUMBA_CACHE_DIR at a folder "
+                            "with room, then run again (nothing was written at the output)")
+
+
 def address_space_limit() -> int | None:
     """The process's soft address-space limit (ulimit -v) in bytes, None where there is none."""
     import resource

@@ -29,6 +29,7 @@ from ..errors import (
     TiesMergeError,
     is_library_load,
     is_out_of_memory,
+    kernel_cache_error,
     library_out_of_memory,
     memory_hint,
 )
@@ -554,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the disk filled, a file vanished, a permission changed under us
         if is_out_of_memory(exc):  # ENOMEM: a mapping or allocation the address-space limit refused (hp40b C60)
             return _out_of_memory(exc, args)
+        cache = kernel_cache_error(exc)
+        if cache is not None:
+            return _report(cache, args.debug)
         if exc.filename is None and _is_stdout_error(exc):
             done = (f"; the output {shown(COMPLETED[-1])} was written completely before, only the summary was lost"
                     if COMPLETED else "")

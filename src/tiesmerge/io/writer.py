@@ -29,7 +29,7 @@ import numpy as np
 
 from .. import stops
 from ..dtypes import DType, as_dtype
-from ..errors import CheckpointError, ConfigError, MergeWarning, OutputError
+from ..errors import CheckpointError, ConfigError, MergeWarning, OutputError, kernel_cache_error
 from ..finite import check_finite
 from ..limits import MAX_CONFIG_BYTES, loads_json, read_json
 from ..paths import (
@@ -503,7 +503,7 @@ def atomic_directory(final: str | os.PathLike, *, force: bool = False, needed_by
                 raise
             raise OutputError(exc.message.replace(str(tmp), str(final)), hint=exc.hint) from None
         except OSError as exc:  # a file the caller wrote into tmp (the manifest, the card): name it and the space
-            if exc.errno not in _SPACE:
+            if exc.errno not in _SPACE or kernel_cache_error(exc) is not None:  # numba's own cache: its error
                 raise
             named = Path(exc.filename) if exc.filename else None
             if named is not None and (named == tmp or tmp in named.parents):
