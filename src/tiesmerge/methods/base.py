@@ -664,7 +664,10 @@ def check_options(method: Any) -> None:
         try:
             method.requirements()
         except ConfigError as exc:
-            problems += [f"{method.name}: {p}" for p in exc.problems]
+            # a requirement's own message may name its method already (hp69a c40: "average: average: ...")
+            problems += [p if p.startswith(f"{method.name}: ") else f"{method.name}: {p}" for p in exc.problems]
+            if exc.hint:
+                raise ConfigError(problems, hint=exc.hint) from None
     if problems:
         raise ConfigError(problems)
 
