@@ -996,6 +996,10 @@ def test_damaged_records_of_tiesmerges_own_files_are_said_damaged(tmp_path):
     with pytest.raises(OutputError, match="record of its report files is damaged, so whether results.md and "
                                           "report.html changed .* cannot be told"):
         check_report_unchanged(tmp_path)
+    for entry in ('["a", 1, 2]', "[1e400, 1, 2]", "null", "[-1, -1, -1]"):  # hp69b c36: entries that are no stamp
+        (tmp_path / SEARCH_STAMPS).write_text(f'{{"results.md": {entry}, "report.html": {entry}}}')
+        with pytest.raises(OutputError, match="record of its report files is damaged"):
+            check_report_unchanged(tmp_path)
     (tmp_path / SEARCH_STAMPS).unlink()  # deleted: said as missing, not as the user's edits (hp61b)
     with pytest.raises(OutputError, match="record of its report files is missing, so whether") as err:
         check_report_unchanged(tmp_path)

@@ -918,8 +918,7 @@ def _damaged_record(directory: Path) -> str | None:
                     or os.path.normpath(rel) == ".":
                 bad.append(str(rel))
         for rel, stamp in (stamps or {}).items():
-            if not (isinstance(stamp, list) and len(stamp) in (2, 3)
-                    and all(type(v) is int and -(1 << 63) <= v < 1 << 63 for v in stamp) and stamp[0] >= 0):
+            if not _is_stamp(stamp):
                 shown = json.dumps(stamp)
                 shown = shown if len(shown) <= 60 else shown[:57] + "..."
                 return f"records {str(rel)[:80]!r} as {shown}, not its size and times (two or three whole numbers)"
@@ -1540,6 +1539,12 @@ def check_report_unchanged(directory: str | os.PathLike) -> None:
         _check_report_unchanged(Path(directory))
 
 
+def _is_stamp(value: object) -> bool:
+    """A file's stamp as tiesmerge records it: two or three whole numbers, the size first and not negative."""
+    return isinstance(value, list) and len(value) in (2, 3) and all(
+        type(v) is int and -(1 << 63) <= v < 1 << 63 for v in value) and value[0] >= 0
+
+
 def _check_report_unchanged(directory: Path) -> None:
     """The report files a search rewrites at its end, as it wrote them: a results.md with the user's notes (changed
     since, by its size or time) stops the run now, not after the search replaced it."""
@@ -1557,6 +1562,8 @@ def _check_report_unchanged(directory: Path) -> None:
             stamped, damaged = {}, True
         damaged = damaged or not isinstance(stamped, dict)
         stamped = stamped if isinstance(stamped, dict) else {}
+        # an entry that is no stamp (null, text, 1e400, negatives): damage, not the files' change (hp69b c36)
+        damaged = damaged or any(not _is_stamp(v) for k, v in stamped.items() if k in ("results.md", "report.html"))
     changed = []
     for name in ("results.md", "report.html"):
         path = directory / name
