@@ -153,6 +153,16 @@ def test_custom_grid_and_fixed_options(merges):
     assert all(isinstance(p.lam, float) for p in result.points)
 
 
+def test_a_value_given_twice_is_one_point(merges):
+    """hp69b c32: the API's tune merged density 0.5 twice and scored lam 1 twice where the CLI (parse_grid) keeps each
+    value once; 1 and 1.0 are one value."""
+    base, models = _states()
+    scored = []
+    result = tune(base, models, "ties", lambda s: scored.append(1) or 0.0,
+                  grid={"density": [0.5, 0.5], "lam": [1, 1.0]})
+    assert len(merges) == 1 and len(scored) == 1 and [p.lam for p in result.points] == [1.0]
+
+
 def test_grid_without_lam_raises(merges):
     base, models = _states()
     with pytest.raises(ConfigError, match="lam"):

@@ -155,6 +155,15 @@ def _scaled(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],
     return {k: (base[k] + lam * delta[k]).to(dtypes[k]) if k in delta else base[k].clone() for k in base}
 
 
+def _once(values: Any) -> Any:
+    """A grid axis with each value once, in order (1 and 1.0 are one); an axis of unhashable values (per-model lists)
+    as it is."""
+    try:
+        return tuple(dict.fromkeys(values))
+    except TypeError:
+        return values
+
+
 def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, evaluate: Evaluator, *,
          grid: Mapping[str, Sequence[float]] | None = None, fixed: Mapping[str, Any] | None = None,
          device: str = "cpu", memory_budget: int | str | None = None, vocab_policy: str = "error",
@@ -193,7 +202,9 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     if has_lam and "lam" not in grid:
         raise ConfigError("the grid must include lam (the values swept on top of each merge)")
     # a method without lam (SLERP, Model Stock) is merged and scored once per grid point
-    lams: tuple[float | None, ...] = tuple(float(x) for x in grid.pop("lam")) if has_lam else (None,)
+    # a value given twice is one point, merged and scored once, as parse_grid makes it (hp69b c32: lam [1, 1] twice)
+    grid = {k: _once(v) for k, v in grid.items()}
+    lams: tuple[float | None, ...] = tuple(dict.fromkeys(float(x) for x in grid.pop("lam"))) if has_lam else (None,)
     wrong = [f"lam={lam!r}: {why}" for lam in lams if lam is not None and (why := option_problem(cls, "lam", lam))]
     if wrong:  # the lams are swept on top of each merge, never set on a method: checked here
         raise ConfigError(wrong)
