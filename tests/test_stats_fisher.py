@@ -61,6 +61,7 @@ def test_batched_fisher_is_the_square_of_each_batch_gradient():
             acc[n] += p.grad ** 2
     for n, v in acc.items():
         torch.testing.assert_close(stats.tensors[n], (v / 10).float(), rtol=1e-5, atol=1e-8)
+    assert stats.manifest.options["per_example"] is None  # no per-example gradient (hp69b c20: recorded "vmap")
     # batches of one: the batched shortcut is the empirical Fisher
     single = fisher_information(model, batches(x, y, 1), logits, kind="batched", targets=lambda b: b[1])
     empirical = fisher_information(model, batches(x, y, 4), logits, kind="empirical", targets=lambda b: b[1])

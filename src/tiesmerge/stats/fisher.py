@@ -201,8 +201,9 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
                           hint="return (B, C) logits of at least two classes, computed by the module passed to "
                                "logits_fn, with gradients")
     tensors = {n.removeprefix("module."): (t / examples) for n, t in total.items()}
-    manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": per_example,
-                                                  "embedding_rows": embedding_rows},
+    # batched runs one backward per batch: no per-example gradient, so none was used (hp69b c20: recorded as vmap)
+    used = None if kind == "batched" else per_example
+    manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": used, "embedding_rows": embedding_rows},
                              model_digest=model_digest(module, model), model=str(model) if model is not None else None,
                              tokenizer_digest=tokenizer_digest(model),
                              config_digest=config_digest(model))
