@@ -205,6 +205,16 @@ def test_union_without_a_tokenizer_names_the_model(tmp_path):
         tiesmerge.plan_merge(base, fts, "ties", vocab_policy="union")
 
 
+
+def test_a_base_that_added_tokens_a_model_lacks_is_said_to_be_a_fine_tune(tmp_path):
+    """hp69a c24: a base-less mergekit recipe merges onto its first model; where that one added tokens the others
+    lack, union said only "every model must keep the base's tokens": the base is a fine-tune, and base_model fixes
+    it (the order of the models did, by chance)."""
+    base, fts = _family(tmp_path)
+    with pytest.raises(IncompatibleCheckpointsError, match="is missing from model 0's tokenizer") as caught:
+        tiesmerge.plan_merge(fts[0], [base], "ties", vocab_policy="union")
+    assert "the base looks like a fine-tune" in caught.value.hint and "base_model:" in caught.value.hint
+
 def test_a_recipes_vocab_policy_is_named_as_its_key(tmp_path, capsys):
     """hp68a c64: a recipe's vocab_policy: union was worded as the flag ("--vocab-policy union needs every model's
     tokenizer"), never given; the flag over the recipe is named as the flag."""

@@ -394,9 +394,15 @@ def union_of(base: TokenizerVocab, models: list[TokenizerVocab]) -> VocabUnion:
             if mine == theirs:
                 continue
             if theirs is None:
+                own = i in base.added and i not in base.model_ids  # a token the base itself added: a fine-tune (a
+                # base-less mergekit recipe's first model: hp69a c24, where union was hinted and failed)
                 raise IncompatibleCheckpointsError(
                     f"token id {i} ({mine!r} in {_who(base, None)}) is missing from model {k}'s tokenizer "
-                    f"({m.label}: {m.size} tokens)", hint="every model must keep the base's tokens at their ids")
+                    f"({m.label}: {m.size} tokens)",
+                    hint=(f"{mine!r} is a token the base itself added (at id {i}): the base looks like a fine-tune "
+                          "of another model; give the model they were all fine-tuned from as the base (base_model: "
+                          "in a mergekit recipe, which otherwise merges onto its first model)"
+                          if own else "every model must keep the base's tokens at their ids"))
             other = next((j for j, o in enumerate(models) if j != k and o.tokens.get(i) not in (None, theirs)), None)
             if mine is None:
                 raise IncompatibleCheckpointsError(
