@@ -240,15 +240,17 @@ def _write(path, state):
     return str(path)
 
 
-def test_tune_finds_the_peak_and_writes_the_best_merge(tmp_path, monkeypatch, capsys):
+def _tune_family(tmp_path, monkeypatch, module: str, names: str = "m{}.safetensors"):
+    """A base and two models in files, and an evaluator ``module:score`` whose peak is TIES at density 0.2, lam 1.5:
+    (base path, model paths, that merge)."""
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randn(8, 8, generator=g)}
     models = [{"w": base["w"] + torch.randn(8, 8, generator=g)} for _ in range(2)]
     b = _write(tmp_path / "base.safetensors", base)
-    ms = [_write(tmp_path / f"m{i}.safetensors", m) for i, m in enumerate(models)]
+    ms = [_write(tmp_path / names.format(i), m) for i, m in enumerate(models)]
     target = tiesmerge.merge(base, models, "ties", density=0.2, lam=1.5)
     torch.save(target, tmp_path / "target.pt")
-    (tmp_path / "my_eval.py").write_text(textwrap.dedent(f"""
+    (tmp_path / f"{module}.py").write_text(textwrap.dedent(f"""
         import torch
         TARGET = torch.load({str(tmp_path / 'target.pt')!r})
         def score(state):
@@ -256,7 +258,12 @@ def test_tune_finds_the_peak_and_writes_the_best_merge(tmp_path, monkeypatch, ca
     """))
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    sys.modules.pop("my_eval", None)
+    sys.modules.pop(module, None)
+    return b, ms, target
+
+
+def test_tune_finds_the_peak_and_writes_the_best_merge(tmp_path, monkeypatch, capsys):
+    b, ms, target = _tune_family(tmp_path, monkeypatch, "my_eval")
     rc = main(["tune", "--base", b, "--model", ms[0], "--model", ms[1], "--evaluator", "my_eval:score",
                "--grid", "density=0.1,0.2", "--grid", "lam=1.0:2.0:0.5", "--json", str(tmp_path / "grid.json"),
                "-o", str(tmp_path / "best")])
@@ -280,21 +287,7 @@ def test_tune_whose_output_fails_says_how_to_write_the_best_merge(tmp_path, monk
     import tiesmerge.api
     from tiesmerge.errors import OutputError
 
-    g = torch.Generator().manual_seed(0)
-    base = {"w": torch.randn(8, 8, generator=g)}
-    models = [{"w": base["w"] + torch.randn(8, 8, generator=g)} for _ in range(2)]
-    b = _write(tmp_path / "base.safetensors", base)
-    ms = [_write(tmp_path / f"m {i}.safetensors", m) for i, m in enumerate(models)]  # a space: quoted
-    target = tiesmerge.merge(base, models, "ties", density=0.2, lam=1.5)
-    torch.save(target, tmp_path / "target.pt")
-    (tmp_path / "my_eval2.py").write_text(textwrap.dedent(f"""
-        import torch
-        TARGET = torch.load({str(tmp_path / 'target.pt')!r})
-        def score(state):
-            return -float((state["w"].float() - TARGET["w"].float()).abs().sum())
-    """))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    b, ms, target = _tune_family(tmp_path, monkeypatch, "my_eval2", names="m {}.safetensors")  # a space: quoted
     real_merge = tiesmerge.api.merge
 
     def disk_full(*args, **kwargs):

@@ -406,27 +406,16 @@ def test_weights_and_stats_flags_replace_a_recipes_per_model_entries(tmp_path, c
     rc, out, err = run_cli(["merge", str(stats), "--stats", str(tmp_path / "x"), "--stats", str(tmp_path / "y"), "-o",
                             str(tmp_path / "o"), "--dry-run"], capsys)
     assert "given both per model" not in err and "--stats replaces the recipe's per-model stats" in err, err
-
-
-
-def test_weights_and_stats_flags_over_a_recipes_lists_are_said(tmp_path, capsys):
-    """hp68a c48, c49: --weights over a recipe's parameters.weights and --stats over its top-level stats: list replaced
-    them without the warning the per-model forms (above) and every other flag give."""
-    from helpers_ckpt import make_family, run_cli
-
-    base, models = make_family(2)
-    for name, state in zip(("base", "a", "b"), (base, *models)):
-        write_hf_dir(tmp_path / name, state)
-    recipe = tmp_path / "top.yaml"
+    # hp68a c48, c49: the recipe's parameters.weights and top-level stats: list, replaced without a word
     recipe.write_text("method: task_arithmetic\nbase: base\nmodels: [a, b]\nparameters: {weights: [0.3, 0.7]}\n")
     rc, out, err = run_cli(["merge", str(recipe), "--weights", "0.5", "0.5", "-o", str(tmp_path / "o"), "--dry-run"],
                            capsys)
     assert rc == 0 and "--weights [0.5, 0.5] replaces the recipe's weights [0.3, 0.7]" in err, err
-    stats = tmp_path / "st.yaml"
     stats.write_text("method: regmean\nbase: base\nmodels: [a, b]\nstats: [sa, sb]\n")
     rc, out, err = run_cli(["merge", str(stats), "--stats", str(tmp_path / "x"), "--stats", str(tmp_path / "y"), "-o",
                             str(tmp_path / "o"), "--dry-run"], capsys)
     assert "--stats replaces the recipe's stats (2 folder(s))" in err, err
+
 
 def test_a_tmpdir_inside_an_input_is_refused_before_anything_is_made_there(tmp_path):
     """hp40b C16: TMPDIR inside an input model was refused, but only after tempfile's probe file and the private torch
