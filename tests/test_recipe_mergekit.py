@@ -119,6 +119,11 @@ def test_documentation_linear_becomes_a_weighted_mean_on_the_first_model(tmp_pat
     # Σ w θ over the models' own values, undivided, in mergekit's order (hp40b C61: not θ_0 + Σ w (θ − θ_0))
     assert isinstance(not_normalized.method, Average) and not_normalized.method.normalize_weights is False
     assert (not_normalized.method.base_weight, not_normalized.method.weights) == (0.7, (0.3,))
+    # hp70a c16: weights of 1e-9 and 2e-9 (a sum of 3e-9, which mergekit divides by) were refused as summing to 0
+    tiny = _load(tmp_path, DOC_LINEAR.replace("weight: 1.0", "weight: 1e-9").replace("weight: 0.3", "weight: 2e-9"))
+    assert (tiny.method.base_weight, tiny.method.weights) == (1e-9, (2e-9,))
+    with pytest.raises(ConfigError, match="the weights sum to 0"):
+        _load(tmp_path, DOC_LINEAR.replace("weight: 0.3", "weight: -1.0"))
 
 
 def test_documentation_task_arithmetic_drops_the_listed_base(tmp_path):

@@ -531,7 +531,8 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
                             "adapter into its model first, or use merge_method: task_arithmetic (normalize: true "
                             "divides by the weights' sum) on base_model")
             return "", {}, ""
-        if normalize and math.isclose(total, 0.0, abs_tol=1e-8):
+        if normalize and total == 0:  # mergekit divides by the sum whatever it is: 3e-9 is a sum (hp70a c16: refused
+            # as 0 under a 1e-8 tolerance of tiesmerge's own)
             problems.append("linear: the weights sum to 0, so normalize has nothing to divide by; give weights "
                             "with a nonzero sum (or normalize: false, which sums w_i θ_i undivided)")
             return "", {}, ""
