@@ -334,6 +334,34 @@ def test_statistics_of_no_type_they_can_be_are_refused(tmp_path, bad):
     with pytest.raises(ConfigError, match="load_stats reads a statistics directory, got dict"):
         load_stats(good)
 
+
+def test_files_tiesmerge_writes_again_must_hold_json_numbers(tmp_path):
+    """hp70a c34: a statistics manifest's options edited to NaN went into the merged model's tiesmerge.json (no JSON
+    to strict readers); c46: an adapter config's lora_dropout Infinity into the merged adapter's config (PEFT's
+    Dropout(p=inf) fails). Both are refused as damaged, naming the key."""
+    import json
+
+    from helpers_adapters import random_lora, write_lora_dir
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.stats import Statistics, StatsManifest, save_stats
+    from tiesmerge.stats.files import open_stats
+
+    base, models = make_family(2)
+    folder = save_stats(tmp_path / "fisher", Statistics(StatsManifest("fisher", 1), {
+        n: torch.rand(v.shape) for n, v in base.items() if v.is_floating_point()}))
+    manifest = folder / "tiesmerge_stats.json"
+    record = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**record, "options": {**record.get("options", {}), "a": float("nan")}}))
+    with pytest.raises(CheckpointError, match=r"holds nan at options\.a, which is no JSON number"):
+        open_stats(folder)
+    b = write_hf_dir(tmp_path / "base", base)
+    loras = [write_lora_dir(tmp_path / f"lora{k}", random_lora(base, 2, k), alpha=4.0) for k in range(2)]
+    config = json.loads((loras[1] / "adapter_config.json").read_text())
+    (loras[1] / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": float("inf")}))
+    with pytest.raises(CheckpointError, match="holds inf at lora_dropout"):
+        tiesmerge.merge(b, loras, "ties", output=tmp_path / "out", output_format="adapter")
+    assert not (tmp_path / "out").exists()
+
 # ------------------------------------------------------------------ the evaluator digest (pass 45b)
 _READS: list[str] = []  # what a user's code was asked: a digest that asks it could stall the search (or be caught)
 

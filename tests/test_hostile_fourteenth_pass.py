@@ -667,7 +667,7 @@ def test_notes_of_the_sixteenth_pass_on_messages(family, tmp_path, capsys):
     __metadata__ was called truncated ("download it again"); a base-less mergekit nuslerp of two models said
     "merged 1 model"."""
     b, ms = family
-    with pytest.warns(MergeWarning, match="both weights are 0 .* t = 0.5 is taken"):
+    with pytest.warns(MergeWarning, match="the weights sum to 0 .* t = 0.5 is taken"):
         tiesmerge.merge(str(b), [str(m) for m in ms], NuSlerp(weights=(0.0, 0.0)), output=str(tmp_path / "zero"))
     header = {"__metadata__": {"format": "pt", "step": 1}, "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
     raw = json.dumps(header).encode()

@@ -176,10 +176,12 @@ def not_utf8_hint(raw: bytes) -> str:
 
 
 def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = CheckpointError,
-               max_depth: int = MAX_DEPTH, unique_keys: bool = False) -> Any:
-    """Parse JSON text: a typed error for bad syntax, bad encoding or nesting deeper than ``max_depth``, and with
+               max_depth: int = MAX_DEPTH, unique_keys: bool = False, finite: bool = False) -> Any:
+    """Parse JSON text: a typed error for bad syntax, bad encoding or nesting deeper than ``max_depth``, with
     ``unique_keys`` for an object naming a key twice (JSON keeps the last silently; a data row
-    ``{"label": 1, "label": 0}`` is a mistake whichever was meant: hp41 C24)."""
+    ``{"label": 1, "label": 0}`` is a mistake whichever was meant: hp41 C24), and with ``finite`` for NaN, Infinity
+    or a number past a float's range, which Python's reader takes and no JSON standard allows (a file tiesmerge
+    writes again into its output: hp70a c34, c46)."""
     try:
         data = json.loads(text, object_pairs_hook=_unique_keys) if unique_keys else json.loads(text)
     except _RepeatedKey as exc:
@@ -197,14 +199,32 @@ def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
     if deepest > max_depth:
         raise error(f"{source}: JSON nested more than {max_depth} levels deep; no config is", hint=_FIX_FILE)
     _check_numbers(big, source, error)
+    if finite:
+        where = _non_finite(data, "", 0)
+        if where is not None:
+            raise error(f"{source}: holds {where[1]} at {where[0] or 'its top'}, which is no JSON number (NaN, "
+                        "Infinity, or past a float's range)", hint=_FIX_FILE)
     return data
 
 
+def _non_finite(value: Any, where: str, depth: int) -> tuple[str, float] | None:
+    """The first float of ``value`` that is not finite, with its key path."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items if depth < MAX_DEPTH else ():
+        found = _non_finite(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else
+                            str(key), depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
 def read_json(path: str | os.PathLike, what: str, *, error: type[TiesMergeError] = CheckpointError,
-              max_bytes: int = MAX_CONFIG_BYTES, unique_keys: bool = False) -> Any:
+              max_bytes: int = MAX_CONFIG_BYTES, unique_keys: bool = False, finite: bool = False) -> Any:
     """A JSON file (a regular file, at most ``max_bytes``), parsed with :func:`loads_json`."""
     return loads_json(read_regular(path, what, max_bytes=max_bytes, error=error), f"{path}", error=error,
-                      unique_keys=unique_keys)
+                      unique_keys=unique_keys, finite=finite)
 
 
 def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,

@@ -787,7 +787,7 @@ class ZeroBase:
 def open_adapter(path: Path, label: str) -> LoraCheckpoint | Ia3Checkpoint:
     """A PEFT adapter directory, by its ``peft_type``."""
     inside(path / ADAPTER_CONFIG, path, "the adapter config")  # a link leaving the adapter is not read
-    config = read_json(path / ADAPTER_CONFIG, "the adapter config")
+    config = read_json(path / ADAPTER_CONFIG, "the adapter config", finite=True)  # written again (hp70a c46)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a JSON object",
                               hint="an adapter config is the adapter_config.json PEFT writes")

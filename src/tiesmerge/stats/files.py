@@ -268,7 +268,8 @@ def _read_manifest(directory: Path) -> StatsManifest:
         raise CheckpointError(f"{directory}: no {MANIFEST_NAME}; this is not a statistics directory",
                               hint="compute statistics with tiesmerge stats fisher|gram --model ... -o DIR")
     inside(path, directory, "the statistics manifest")  # never read through a link that leaves the folder
-    return StatsManifest.from_dict(read_json(path, "the statistics manifest"), str(path))
+    # finite: its values go into the merged model's manifest, which strict JSON readers read (hp70a c34)
+    return StatsManifest.from_dict(read_json(path, "the statistics manifest", finite=True), str(path))
 
 
 def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tensor], *, kind: str | None = None,
