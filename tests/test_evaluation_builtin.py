@@ -288,9 +288,16 @@ def test_unknown_choices_and_classes_are_said_and_tokenless_ones_refused(causal_
     tiny_bert_encoder(bert_tokenizer, seed=0).model.save_pretrained(encoder_base, safe_serialization=True)
     bert_tokenizer.save_pretrained(encoder_base)
     rows = [{"task": "t", "classes": ["zork blat", "quux"]}, {"task": "t", "text": "the sun", "label": 0}]
-    with pytest.warns(MergeWarning, match=r"e\.jsonl's class descriptions: 100% of the 3 tokens of its first 1 tasks"):
+    with pytest.warns(MergeWarning, match=r"e\.jsonl: the class descriptions of task 't': 100% of the 3 tokens of "
+                                          r"its first 2 class descriptions"):
         builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'e.jsonl', rows)}", encoder_base, device="cpu",
                           max_length=16)
+    # task by task: one task's unknown classes are not hidden by another's known ones (hp70b c24)
+    known = [{"task": "k", "classes": ["the sun is a red thing", "the house is a blue thing"]},
+             {"task": "k", "text": "the sun", "label": 0}]
+    with pytest.warns(MergeWarning, match=r"the class descriptions of task 't': 100%"):
+        builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'e2.jsonl', known + rows)}", encoder_base,
+                          device="cpu", max_length=16)
     rows[0] = {"task": "t", "classes": ["sun", "\u200b"]}
     with pytest.raises(ConfigError, match=r"task 't': the class '\\u200b' has no tokens to the base's tokenizer"):
         builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'z.jsonl', rows)}", encoder_base, device="cpu",

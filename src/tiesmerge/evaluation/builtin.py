@@ -507,10 +507,11 @@ class EncoderAccuracy(_Scorer):
             refuse_alike(tokenizer, classes, where=f"{self.data}: task {task!r}", what="class",
                          directory=self.model_dir, max_length=fitted_length_of(self.model_dir, self.max_length),
                          special_tokens=True, truncate=True)  # as the encoder reads them: cut at its positions
-        warn_unknown(tokenizer, [tuple(c) for c in self.classes.values()], what="tasks",  # (hp69b c10)
-                     max_length=fitted_length_of(self.model_dir, self.max_length),
-                     where=f"{self.data}'s class descriptions", stacklevel=4,
-                     effect="the heads tell classes apart by how the encoder reads that token")
+        for task, classes in self.classes.items():  # (hp69b c10; task by task: hp70b c24)
+            warn_unknown(tokenizer, list(classes), what="class descriptions",
+                         max_length=fitted_length_of(self.model_dir, self.max_length),
+                         where=f"{self.data}: the class descriptions of task {task!r}", stacklevel=4,
+                         effect="the heads tell classes apart by how the encoder reads that token")
 
     def __call__(self, state: Mapping[str, torch.Tensor]) -> float:
         from .encoder import SentenceEncoder, build_head

@@ -403,9 +403,10 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         for task, desc in heads.items():  # as the encoder reads them (hp42 D3, D27: a task whose entropy never moved)
             refuse_alike(encoder.tokenizer, list(desc), where=f"--heads, task {task!r}", what="class",
                          directory=model_dir, max_length=encoder.max_length, special_tokens=True, truncate=True)
-        warn_unknown(encoder.tokenizer, [tuple(d) for d in heads.values()], what="tasks",  # (hp69b c10)
-                     max_length=encoder.max_length, where="--heads (the class descriptions)", stacklevel=4,
-                     effect="the heads tell classes apart by how the encoder reads that token")
+        for task, desc in heads.items():  # task by task: one task's unknown words hid behind another's (hp70b c24)
+            warn_unknown(encoder.tokenizer, list(desc), what="class descriptions",  # (hp69b c10)
+                         max_length=encoder.max_length, where=f"--heads, task {task!r}", stacklevel=4,
+                         effect="the heads tell classes apart by how the encoder reads that token")
         built = {task: build_head(encoder, list(desc)) for task, desc in heads.items()}
         forward = EncoderHeadLogits(encoder, built)
     else:
@@ -416,9 +417,9 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         for task, texts in (choices or {}).items():  # hp42 D3: ["zzz", "qqq"], both <unk>, steered nothing
             refuse_alike(tokenizer, list(texts), where=f"--choices, task {task!r}", what="choice",
                          directory=model_dir, max_length=max_length, special_tokens=False, truncate=False)
-        if choices:  # (hp69b c10)
-            warn_unknown(tokenizer, [tuple(t) for t in choices.values()], what="tasks", max_length=max_length,
-                         where="--choices (the answer choices)", stacklevel=4,
+        for task, texts in (choices or {}).items():  # (hp69b c10; task by task: hp70b c24)
+            warn_unknown(tokenizer, list(texts), what="choices", max_length=max_length,
+                         where=f"--choices, task {task!r}", stacklevel=4,
                          effect="the learned coefficients follow how the model reads that token")
         forward = ChoiceLogits(model, tokenizer, choices=choices, max_length=max_length)
     return forward.eval()
