@@ -2258,3 +2258,29 @@ def test_numbas_cache_failing_to_write_is_said_as_such(tmp_path, capsys, monkeyp
     assert rc == 1 and "numba could not save its cache of the kernels it compiled (File too large)" in err, err
     assert "standard output" not in err and ".tiesmerge-temporary" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_library_cache_folder_set_inside_the_output_is_not_used(tmp_path, monkeypatch):
+    """hp70b c33, c42: NUMBA_CACHE_DIR (or MPLCONFIGDIR) set to the output folder had numba (or matplotlib) write its
+    cache there during the run, and the finished output was refused as holding files tiesmerge did not write. Such a
+    folder is said, and a private one used for the run; one elsewhere is the user's to keep."""
+    import os
+
+    from tiesmerge.engine import numba_cache
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.io.card import digest_cache_kept_out_of
+    from tiesmerge.scratch import private_folder_for
+
+    out = tmp_path / "out"
+    with digest_cache_kept_out_of([out]):
+        monkeypatch.setenv("NUMBA_CACHE_DIR", str(out / "numba"))
+        with pytest.warns(MergeWarning, match=r"NUMBA_CACHE_DIR=.*out/numba lies in this command's inputs or output"):
+            numba_cache.place()
+        assert not os.environ["NUMBA_CACHE_DIR"].startswith(str(out))
+        monkeypatch.setenv("MPLCONFIGDIR", str(out))
+        with pytest.warns(MergeWarning, match="MPLCONFIGDIR="):
+            private_folder_for("MPLCONFIGDIR", "tiesmerge-matplotlib-")
+        assert os.environ["MPLCONFIGDIR"] != str(out)
+        monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mine"))
+        private_folder_for("MPLCONFIGDIR", "tiesmerge-matplotlib-")
+        assert os.environ["MPLCONFIGDIR"] == str(tmp_path / "mine")

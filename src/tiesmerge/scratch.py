@@ -33,9 +33,27 @@ def private_folder_for(env_var: str, prefix: str, *, create: bool = True) -> Non
     first reads the variable. ``create=False``: only its name, for a library that makes its folder when it first
     needs it (torch's inductor cache): a command refused before then made nothing in $TMPDIR, which may lie in an
     input (hp40b C16)."""
-    if os.environ.get(env_var):
+    given = os.environ.get(env_var)
+    if given and not _inside_an_input_or_output(env_var, given):
         return
     os.environ[env_var] = private_folder(prefix) if create else _private_name(prefix)
+
+
+def _inside_an_input_or_output(env_var: str, folder: str) -> bool:
+    """A user's cache folder that lies in the running command's inputs or output (``NUMBA_CACHE_DIR=OUT``): the
+    library's files would land there, and the finished output be refused as holding files tiesmerge did not write
+    (hp70b c33, c42). Said, and a private folder taken instead for this run."""
+    from .io.card import kept_out
+
+    if not kept_out(folder):
+        return False
+    import warnings
+
+    from .errors import MergeWarning
+
+    warnings.warn(MergeWarning(f"{env_var}={folder} lies in this command's inputs or output, where nothing else may "
+                               "be written: a private temporary folder is used instead for this run"), stacklevel=4)
+    return True
 
 
 def private_folder(prefix: str) -> str:

@@ -34,7 +34,10 @@ _UNPARSED = re.compile(r"Environment variable '(\w+)' is defined but its associa
 
 def place() -> None:
     """Set ``NUMBA_CACHE_DIR`` where numba's own choice would leave the promised folders (see above)."""
-    if os.environ.get("NUMBA_CACHE_DIR"):
+    if os.environ.get("NUMBA_CACHE_DIR"):  # the user's, unless it lies in an input or the output (hp70b c33)
+        from ..scratch import private_folder_for
+
+        private_folder_for("NUMBA_CACHE_DIR", "tiesmerge-numba-")
         return
     engine = os.path.dirname(os.path.abspath(__file__))
     pycache = os.path.join(engine, "__pycache__")
