@@ -298,6 +298,11 @@ def test_unknown_choices_and_classes_are_said_and_tokenless_ones_refused(causal_
     with pytest.warns(MergeWarning, match=r"the class descriptions of task 't': 100%"):
         builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'e2.jsonl', known + rows)}", encoder_base,
                           device="cpu", max_length=16)
+    texts = [{"task": "t", "classes": ["the sun", "a house"]}, {"task": "t", "text": "\u200b\u200b", "label": 0},
+             {"task": "t", "text": "the sun", "label": 1}]  # hp70b c47: a text of no tokens, counted silently
+    with pytest.warns(MergeWarning, match=r"1 of its first 2 examples are no tokens to the base's tokenizer"):
+        builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'zt.jsonl', texts)}", encoder_base, device="cpu",
+                          max_length=16)
     rows[0] = {"task": "t", "classes": ["sun", "\u200b"]}
     with pytest.raises(ConfigError, match=r"task 't': the class '\\u200b' has no tokens to the base's tokenizer"):
         builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'z.jsonl', rows)}", encoder_base, device="cpu",

@@ -555,13 +555,21 @@ def warn_unknown(tokenizer: Any, texts: Sequence[str | Sequence[str]], *, max_le
               if isinstance(t, str)]
     with forward_checked(None):
         ids = tokenizer(sample, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+    import warnings
+
+    from ..errors import MergeWarning
+
+    # a plain text of no tokens (zero-width or control characters the tokenizer drops): the model reads the special
+    # tokens alone, one example of nothing counted like the others (hp70b c47)
+    empty = [k for k, (t, i) in enumerate(zip(sample, ids)) if not i and t.strip()]
+    if empty and all(isinstance(e, str) for e in examples):
+        warnings.warn(MergeWarning(
+            f"{where}: {len(empty):,} of its first {len(examples):,} {what} are no tokens to the base's tokenizer (it "
+            f"drops every character: zero-width or control characters), first {sample[empty[0]][:40]!r}, so each "
+            f"is read as nothing, and counted all the same"), stacklevel=stacklevel)
     total = sum(len(i) for i in ids)
     share = sum(1 for i in ids for x in i if x == unknown) / max(1, total)
     if share >= 0.5:
-        import warnings
-
-        from ..errors import MergeWarning
-
         warnings.warn(MergeWarning(
             f"{where}: {share:.0%} of the {total:,} tokens of its first {len(examples):,} {what} are unknown to the "
             f"base's tokenizer ({tokenizer.unk_token!s}), so {effect}: the texts are not of the language or "
