@@ -953,7 +953,9 @@ def test_paths_of_undecodable_bytes_are_recorded_escaped(family, tmp_path, capsy
     ({"r": "2"}, "r is '2', not a positive integer"),
     ({"r": 4}, "r is 4 but the LoRA factors of"),
     ({"lora_alpha": 1e300}, "scale for 'model.layers.0.self_attn.q_proj' (lora_alpha 1e+300 / r 2) is 5e+299, out of "
-                            "range")])
+                            "range"),
+    # hp70a c21: "(lora_alpha 1e+300 / sqrt(r) 4)" of r = 4 read as sqrt(r) = 4
+    ({"lora_alpha": 1e300, "use_rslora": True}, "(lora_alpha 1e+300 / sqrt(r 2)) is 7.07e+299")])
 def test_an_adapter_config_whose_rank_or_scale_is_wrong_is_refused(tmp_path, capsys, monkeypatch, config, needle):
     """r=0 and r=-4 merged silently (the rank came from the tensors); lora_alpha 1e300 blamed a damaged
     checkpoint (n19)."""

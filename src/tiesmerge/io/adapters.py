@@ -483,7 +483,8 @@ class LoraCheckpoint:
                 field = "lora_alpha" if from_pattern is None else "alpha_pattern"
                 raise CheckpointError(
                     f"{source}: the adapter's scale for {module!r} ({field} {module_alpha:g} / "
-                    f"{'sqrt(r)' if rs else 'r'} {rank}) is {scale:.3g}, out of range (at most {MAX_LORA_SCALE:g})",
+                    + (f"sqrt(r {rank})" if rs else f"r {rank}")  # (hp70a c21: "sqrt(r) 4" of r = 4)
+                    + f") is {scale:.3g}, out of range (at most {MAX_LORA_SCALE:g})",
                     hint=f"fix {field} in the adapter config (PEFT's default lora_alpha is 8; a scale is a few units)")
             targets[name] = LoraTarget(module, a_key, b_key, rank, scale, transposed, embedding)
         if reversed_or_off:
