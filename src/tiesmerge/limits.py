@@ -197,7 +197,8 @@ def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         raise error(f"{source}: not valid JSON ({str(exc)[:200]})", hint=_FIX_FILE) from None
     deepest, big = scan(data, max_depth)
     if deepest > max_depth:
-        raise error(f"{source}: JSON nested more than {max_depth} levels deep; no config is", hint=_FIX_FILE)
+        raise error(f"{source}: JSON nested more than {max_depth} levels deep, deeper than any config, manifest or "
+                    "data file nests", hint=_FIX_FILE)  # (hp70a c35: "...; no config is", cut short)
     _check_numbers(big, source, error)
     if finite:
         where = _non_finite(data, "", 0)
