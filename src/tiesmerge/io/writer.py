@@ -643,7 +643,8 @@ def _warn_non_finite(data: Any, path: Path, role: str) -> None:
         warnings.warn(MergeWarning(
             f"{path}: {role}'s {path.name} holds {len(found)} number(s) that are not finite ({', '.join(found[:3])}"
             f"{', ...' if len(found) > 3 else ''}: NaN, Infinity or past a float's range), which the output carries "
-            "as they are; libraries reading them may fail"), stacklevel=3)
+            "(a number past a float's range as Infinity, where the file is rewritten); libraries reading them may "
+            "fail"), stacklevel=3)  # (hp70a c47: "as they are" of a 1e400 rewritten as Infinity)
 
 
 def copy_model_files(source: Path | None, target: Path, *, dtype: DType | str | torch.dtype | None = None,
