@@ -209,7 +209,9 @@ def test_api_writers_take_force_as_a_boolean_and_stats_stay_out_of_their_model(t
 
 @pytest.mark.parametrize("rules", ["[{filter: self_attn, value: [0, 0.5, 1.0e+30]}, {value: 0.5}]",
                                    "[{filter: self_attn, value: .inf}, {value: 0.5}]",  # 1e400: refused as written
-                                   "[{filter: mlp, value: 0.3}, {value: -5}]"])
+                                   "[{filter: mlp, value: 0.3}, {value: -5}]",
+                                   # hp70a c15: every bad value at once (2.5 was said only on a second run)
+                                   "[{filter: self_attn, value: [0, .nan]}, {value: 2.5}]"])
 def test_slerp_t_out_of_range_is_refused_in_filters_and_gradients_too(family, tmp_path, capsys, rules):
     """F12: the scalar t was held to [0, 1], its filters and gradients were not."""
     import json
@@ -223,6 +225,8 @@ def test_slerp_t_out_of_range_is_refused_in_filters_and_gradients_too(family, tm
     rc, _, err = run_cli(["validate", str(recipe)], capsys)
     # named as the recipe writes it (pass 18 N6), not as the t_by_name it is translated into
     assert rc == 2 and "parameters.t:" in err and "must be a finite number in [0, 1]" in err, err
+    if "2.5" in rules:
+        assert "parameters.t: nan must be" in err and "parameters.t: 2.5 must be" in err, err
 
 
 def test_numbas_kernel_cache_stays_in_the_promised_folders_when_the_package_is_read_only(tmp_path, monkeypatch):

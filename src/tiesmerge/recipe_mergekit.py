@@ -696,28 +696,32 @@ def _schedule(setting: Any, problems: list[str]) -> str | None:
     if isinstance(setting, dict):
         rules = [setting]
     parts = []
+    found = len(problems)  # every rule's problems at once, as validate promises (hp70a c15: 2.5 only on a rerun)
     for rule in rules:
         if not isinstance(rule, dict) or "value" not in rule or set(rule) - {"filter", "value"}:
             problems.append(f"parameters.t: {rule!r} is not a {{filter: NAME, value: V}} rule")
-            return None
+            continue
         pattern = rule.get("filter") or "*"
         if not isinstance(pattern, str) or any(c in pattern for c in ";=,"):
             problems.append(f"parameters.t: filter {pattern!r} must be a name fragment without ';', '=' or ','")
-            return None
+            continue
         value = rule["value"]
         values = value if isinstance(value, list) else [value]
         if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             problems.append(f"parameters.t: {value!r} must be a number or a list of numbers")
-            return None
-        bad = next((v for v in values if not 0 <= v <= 1), None)  # NaN and infinities fail the comparison too
-        if bad is not None:  # said here, in the recipe's words, not later as a t_by_name flag
-            problems.append(f"parameters.t: {bad} must be a finite number in [0, 1] (0 is base_model, 1 the model)")
-            return None
+            continue
+        bad = [v for v in values if not 0 <= v <= 1]  # NaN and infinities fail the comparison too
+        if bad:  # said here, in the recipe's words, not later as a t_by_name flag
+            problems += [f"parameters.t: {v} must be a finite number in [0, 1] (0 is base_model, 1 the model)"
+                         for v in bad[:5]]
+            continue
         tiny = next((v for v in values if finite(v)), None)  # 1e-300 is 0 in float32 (hostile pass 26, N3)
         if tiny is not None:
             problems.append(f"parameters.t: {tiny!r} {finite(tiny)}")
-            return None
+            continue
         parts.append(f"{pattern}=" + ",".join(repr(float(v)) for v in values))
+    if len(problems) > found:
+        return None
     if not any(p.startswith("*=") for p in parts):
         problems.append("parameters.t: no rule matches every tensor; end the list with {value: V}")
         return None
