@@ -851,6 +851,21 @@ def test_an_edited_adapt_checkpoint_is_refused_as_such_not_as_a_bug():
     now = json.dumps({"format": "f", "data": [["task0", "abc"]]})
     assert _differing_parts(there, now) == ["its fingerprint is not one tiesmerge writes (edited or damaged)"]
     assert not _finite(10 ** 400) and _finite(3) and not _finite(float("nan"))
+    # hp70b c46: nested past Python's limit, or a key given twice: damage, never "another run" to resume
+    for damaged in ("[" * 100000 + "]" * 100000, '{"format": "f", "forward": 1, "forward": 2}'):
+        wrapped = damaged if damaged.startswith("{") else '{"format": "f", "data": ' + damaged + "}"
+        assert _differing_parts(wrapped, now) == ["its fingerprint is not one tiesmerge writes (edited or damaged)"]
+    assert _differing_parts("0123abcd", now) == []  # a bare digest of an older checkpoint: no parts to compare
+    from pathlib import Path
+
+    import pytest
+
+    from tiesmerge.adamerging.learn import _fingerprint_check
+    from tiesmerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ck.pt: the checkpoint's fingerprint is not one tiesmerge writes") as caught:
+        _fingerprint_check('{"format": "f", "forward": 1, "forward": 2}', now, Path("ck.pt"))
+    assert "remove the checkpoint" in caught.value.hint and "same command" not in caught.value.hint
 
 
 def test_integer_grid_values_are_read_as_written():

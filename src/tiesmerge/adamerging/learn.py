@@ -291,7 +291,11 @@ def _fingerprint_check(saved: str, expected: str, path: Path, saved_config: Any 
         # the checkpoints' spacing may change on a resume, so they are never why one is refused
         differ = [f"{_OPTION_NAMES.get(k, k)} {_shown(saved_config[k])} there, {_shown(mine[k])} now" for k in mine
                   if k not in ("steps", "checkpoint_every") and k in saved_config and saved_config[k] != mine[k]]
-    differ += _differing_parts(saved, expected)
+    parts = _differing_parts(saved, expected)
+    if parts == [_DAMAGED]:  # not another run's: no command resumes it (hp70b c46: "resume with the same command")
+        raise ConfigError(f"{path}: the checkpoint's fingerprint is {_DAMAGED.removeprefix('its fingerprint is ')}",
+                          hint="remove the checkpoint (or restore it) to start afresh")
+    differ += parts
     raise ConfigError(f"{path}: this checkpoint is of another run ("
                       + ("; ".join(dict.fromkeys(differ)) if differ else "other models, data, method or forward "
                          "settings: --max-length, --heads, --choices")
@@ -308,13 +312,23 @@ def _shown(value: Any) -> str:
     return "not set" if value is None else repr(value)
 
 
+_DAMAGED = "its fingerprint is not one tiesmerge writes (edited or damaged)"
+
+
 def _differing_parts(saved: str, expected: str) -> list[str]:
     """What differs between two fingerprints of parts (run._fingerprint's JSON), in words; nothing for a digest."""
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        if len({k for k, _ in pairs}) < len(pairs):
+            raise ValueError("a key given twice")
+        return dict(pairs)
+
     try:
-        there, now = json.loads(saved), json.loads(expected)
+        now = json.loads(expected)
+        there = json.loads(saved, object_pairs_hook=unique)
     except (ValueError, RecursionError):  # a bare digest (a checkpoint written before the parts were kept), or a
-        # fingerprint nested past Python's limit (hp54 c09)
-        return []
+        # fingerprint nested past Python's limit (hp54 c09), or one holding a key twice: damage where it looked like
+        # one of tiesmerge's (a JSON object)
+        return [_DAMAGED] if isinstance(saved, str) and saved.lstrip().startswith("{") else []
     if not (isinstance(there, dict) and isinstance(now, dict)):
         return []
     if there.get("format") != now.get("format"):
@@ -322,7 +336,7 @@ def _differing_parts(saved: str, expected: str) -> list[str]:
     try:
         return _parts_apart(there, now)
     except (TypeError, KeyError, IndexError, AttributeError, ValueError):  # parts of other shapes (hp54 c24)
-        return ["its fingerprint is not one tiesmerge writes (edited or damaged)"]
+        return [_DAMAGED]
 
 
 def _parts_apart(there: dict, now: dict) -> list[str]:
