@@ -2258,6 +2258,18 @@ def test_numbas_cache_failing_to_write_is_said_as_such(tmp_path, capsys, monkeyp
     assert rc == 1 and "numba could not save its cache of the kernels it compiled (File too large)" in err, err
     assert "standard output" not in err and ".tiesmerge-temporary" not in err
     assert not (tmp_path / "out").exists()
+    # hp71b c24: a cache file numba cannot read back was "an unexpected UnpicklingError ... a bug in tiesmerge"
+    damaged = tmp_path / "site2" / "numba" / "core" / "caching.py"
+    damaged.parent.mkdir(parents=True)
+    damaged.write_text("import pickle\ndef load(*args, **kwargs):\n    raise pickle.UnpicklingError('truncated')\n")
+    spec = importlib.util.spec_from_file_location("fake_numba_caching_load", damaged)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(api if where == "hash" else writer.SafetensorsStreamWriter,
+                        "hash_files" if where == "hash" else "write", module.load)
+    rc, _, err = run_cli(["merge", *cli_flags(b, ms), "-o", tmp_path / "out"], capsys)
+    assert rc == 1 and "numba's cache of the kernels it compiled is damaged (UnpicklingError: truncated)" in err, err
+    assert "bug" not in err and not (tmp_path / "out").exists()
 
 
 def test_a_library_cache_folder_set_inside_the_output_is_not_used(tmp_path, monkeypatch):

@@ -167,18 +167,27 @@ def kernel_cache_error(exc: BaseException) -> OutputError | None:
     """``exc`` as numba's failure to write its cache of compiled kernels (the first run after an install compiles
     them and saves them beside the package, or in NUMBA_CACHE_DIR), where the disk or the file-size limit is full: an
     OSError raised inside numba names no file, and was said as standard output's or as the output's newest file
-    (hp69b c04: "redirect standard output" with stdout at /dev/null). None for any other error."""
+    (hp69b c04: "redirect standard output" with stdout at /dev/null); and any error raised in numba's caching module
+    as its cache being damaged. None for any other error."""
     import errno
     import os
 
-    if not isinstance(exc, OSError) or exc.filename is not None or exc.errno not in (
-            errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES):
-        return None
     tb = exc.__traceback__
     marker = f"{os.sep}numba{os.sep}"
-    while tb is not None and marker not in tb.tb_frame.f_code.co_filename:
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
         tb = tb.tb_next
-    if tb is None:
+    if not any(marker in f for f in frames):
+        return None
+    if not isinstance(exc, OSError) and any(f.endswith(f"{os.sep}caching.py") for f in frames if marker in f):
+        # a cache file numba cannot read back (truncated, garbled: hp71b c24, an "unexpected UnpicklingError")
+        return OutputError(f"numba's cache of the kernels it compiled is damaged ({type(exc).__name__}: "
+                           f"{str(exc)[:120]})",
+                           hint="remove the cache (the folder NUMBA_CACHE_DIR names, or the *.nbi and *.nbc files "
+                                "in tiesmerge/engine/__pycache__), then run again: the kernels are compiled afresh")
+    if not isinstance(exc, OSError) or exc.filename is not None or exc.errno not in (
+            errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES):
         return None
     return OutputError(f"numba could not save its cache of the kernels it compiled ({exc.strerror or exc}): the disk, "
                        "or the file-size limit (ulimit -f), is full where it keeps them",

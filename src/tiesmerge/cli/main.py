@@ -586,6 +586,9 @@ def main(argv: list[str] | None = None) -> int:
             return _stopped(None, args.debug)
         if is_out_of_memory(exc):  # torch's allocator fails with a RuntimeError, not MemoryError (hp40b C60)
             return _out_of_memory(exc, args)
+        cache = kernel_cache_error(exc)
+        if cache is not None:
+            return _report(cache, args.debug)
         return _report(InternalError(f"unexpected {type(exc).__name__}: {str(exc)[:500]}",
                                      hint="this is a bug in tiesmerge; run again with --debug for the traceback "
                                           "and report it"), args.debug)
