@@ -1139,3 +1139,18 @@ def test_a_fifo_at_a_search_log_beside_a_json_output_does_not_block(tmp_path):
     worker = threading.Thread(target=check, daemon=True)
     worker.start(), worker.join(20)
     assert not worker.is_alive() and raised and "tiesmerge did not write" in str(raised[0])
+
+
+def test_tensor_names_apart_only_in_unicode_normalization_are_said_so():
+    """hp71a c38: a base's 'café.w' (composed é) and a model's 'café.w' (e + a combining accent) were named as missing
+    and extra in words that print alike; the hint now says how they differ."""
+    import unicodedata
+
+    import tiesmerge
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    nfc, nfd = unicodedata.normalize("NFC", "café.w"), unicodedata.normalize("NFD", "café.w")
+    with pytest.raises(IncompatibleCheckpointsError) as caught:
+        tiesmerge.merge({nfc: torch.zeros(3)}, [{nfd: torch.ones(3)}], "ties")
+    assert "(U+00E9)" in caught.value.hint and "(U+0301)" in caught.value.hint
+    assert "differ only in Unicode normalization" in caught.value.hint

@@ -13,6 +13,7 @@ import functools
 import math
 import os
 import re
+import unicodedata
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -339,6 +340,11 @@ _RECOMPUTED = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
 _PEFT_FACTOR = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)")
 
 
+def _code_points(name: str) -> str:
+    """The non-ASCII characters of ``name`` as code points (U+00E9), where two names print alike."""
+    return " ".join(f"U+{ord(c):04X}" for c in name if ord(c) > 127) or "ASCII only"
+
+
 def _prefix_apart(missing: list[str], extra: list[str]) -> str | None:
     """The one leading component (``model.``) by which every missing name differs from an extra one, or None."""
     if not missing or len(missing) != len(extra):
@@ -424,7 +430,14 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             lacking, role = (model, f"model {k}'s") if missing else (base, "the base's")
             left_out = lacking.shards_left_out() if hasattr(lacking, "shards_left_out") else []
             prefix = _prefix_apart(missing, extra)
-            if prefix is not None and not left_out:  # hp53 c44: the same model, saved with and without its head's
+            alike = {unicodedata.normalize("NFC", n): n for n in missing}
+            twin = next(((alike[unicodedata.normalize("NFC", e)], e) for e in extra
+                         if unicodedata.normalize("NFC", e) in alike), None)
+            if twin is not None:  # 'café.w' and 'café.w' printed alike (hp71a c38): their code points said
+                hint = (f"{twin[0]!r} ({_code_points(twin[0])}) and {twin[1]!r} ({_code_points(twin[1])}) differ only "
+                        "in Unicode normalization (a composed é beside e + a combining accent): save both models' "
+                        "tensor names in one form (NFC)")
+            elif prefix is not None and not left_out:  # hp53 c44: the same model, saved with and without its head's
                 hint = (f"every name differs only by the prefix {prefix!r} (a model saved as its bare body, e.g. "
                         "LlamaModel, beside one saved with its head's wrapper, LlamaForCausalLM): load and save both "
                         "through the same class, or rename the tensors of one")
