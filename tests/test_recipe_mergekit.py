@@ -124,6 +124,9 @@ def test_documentation_linear_becomes_a_weighted_mean_on_the_first_model(tmp_pat
     assert (tiny.method.base_weight, tiny.method.weights) == (1e-9, (2e-9,))
     with pytest.raises(ConfigError, match="the weights sum to 0"):
         _load(tmp_path, DOC_LINEAR.replace("weight: 0.3", "weight: -1.0"))
+    # hp71a c09: weights of 3e38 each sum past float32 (found only after the merge, as a non-finite value)
+    with pytest.raises(ConfigError, match=r"must sum to at most 3\.4e38 in magnitude"):
+        _load(tmp_path, DOC_LINEAR.replace("weight: 1.0", "weight: 3.0e+38").replace("weight: 0.3", "weight: 3.0e+38"))
 
 
 def test_documentation_task_arithmetic_drops_the_listed_base(tmp_path):

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError, MergeWarning
 from . import ops
-from .base import ChunkContext, LinearKernel, Requirements, finite, method_config, nonzero_sum, option
+from .base import (
+    FLOAT32_MAX,
+    ChunkContext,
+    LinearKernel,
+    Requirements,
+    finite,
+    method_config,
+    nonzero_sum,
+    option,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +61,13 @@ class Average:
             if self.weights is None:
                 raise ConfigError("base_weight needs the models' weights too", hint="give weights, one per model")
             w = (self.base_weight, *self.weights)
+            if math.fsum(abs(x) for x in w) > FLOAT32_MAX:  # the sum is taken in float32, as mergekit's linear
+                # takes it: Inf there, found only after the merge (hp71a c09: weight 3e38 on both models)
+                raise ConfigError(f"the weights {', '.join(f'{x:.10g}' for x in w)} (base_weight first) must sum to "
+                                  "at most 3.4e38 in magnitude (the merge adds them in float32)",
+                                  hint="give weights of ordinary size"
+                                  + ("; only their ratios matter (they are normalized)" if self.normalize_weights
+                                     else ""))
             if not self.normalize_weights:  # hp40b C61: mergekit's linear with normalize: false, nothing divided
                 return Requirements(weights=self.weights, base_values=True, model_values=True, kernel=LinearKernel(
                     self.weights, base_coefficient=self.base_weight, divisor=1.0))  # x / 1.0 is x: the sum's bits
