@@ -308,6 +308,25 @@ def test_unknown_choices_and_classes_are_said_and_tokenless_ones_refused(causal_
         builtin_evaluator(f"encoder-accuracy:{_jsonl(tmp_path / 'z.jsonl', rows)}", encoder_base, device="cpu",
                           max_length=16)
 
+
+def test_a_multi_label_classifier_is_refused_where_a_softmax_is_read(classifiers, tmp_path):
+    """hp71b c32, c41: a classifier whose config says problem_type multi_label_classification (a sigmoid per label)
+    was scored by classifier-accuracy, and its Fisher computed, as a softmax over exclusive classes, without a word."""
+    import json
+    import shutil
+
+    from tiesmerge.stats.hf import hf_statistics
+
+    _, base, _, data = classifiers
+    multi = tmp_path / "multi"
+    shutil.copytree(base, multi)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    with pytest.raises(ConfigError, match="problem_type multi_label_classification: classifier-accuracy reads"):
+        builtin_evaluator(f"classifier-accuracy:{data}", multi)
+    with pytest.raises(ConfigError, match="problem_type multi_label_classification: the Fisher of stats fisher"):
+        hf_statistics("fisher", multi, data)
+
 def test_a_gpt2_configs_positions_and_its_pad_token_are_read(tmp_path):
     """hp64b c34, c35: a GPT-2 config names its positions n_positions, which the evaluators' checks missed (texts cut
     to its 32 positions without a word); c27: following the hint to set pad_token_id in config.json, the tokenizer

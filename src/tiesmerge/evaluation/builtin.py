@@ -54,6 +54,7 @@ from .loading import (
     is_encoder_decoder,
     refuse_alike,
     refuse_converted,
+    refuse_multi_label,
     warn_unknown,
 )
 from .rank_classification import ChoiceExample, check_choice_count, choice_hits, fit_choice, score_choices
@@ -192,6 +193,7 @@ class ClassifierAccuracy(_Scorer):
     def __post_init__(self) -> None:
         self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer
         check_kind(self.model_dir, "seq-cls", "classifier-accuracy")  # from config.json: before any merge
+        refuse_multi_label(self.model_dir, "classifier-accuracy")
         classes = config_num_labels(self.model_dir)  # as transformers reads it: id2label's size, else num_labels
         if classes < 2:  # hp40 V2: the argmax of one logit is class 0 whatever the weights: every candidate 1.0
             raise ConfigError(f"{self.model_dir}: a head of 1 output (num_labels 1: a regression head) gives no "

@@ -51,6 +51,7 @@ from .loading import (
     is_encoder_decoder,
     refuse_alike,
     refuse_converted,
+    refuse_multi_label,
     warn_unknown,
 )
 from .rank_classification import check_choice_count, fit_choice
@@ -384,6 +385,7 @@ def load_forward(kind: str, model_dir: str | os.PathLike, *, heads: Mapping[str,
         if not any(a.endswith("ForSequenceClassification") for a in archs):
             raise ConfigError(f"{model_dir}: not a sequence classifier (architectures: {', '.join(archs) or 'none'})",
                               hint="--forward encoder (with --heads) or choice (with answer choices) may fit")
+        refuse_multi_label(model_dir, "adapt's classifier forward (its entropy and cross-entropy)")
         model = from_pretrained(AutoModelForSequenceClassification, model_dir).to(device)
         if int(getattr(model.config, "num_labels", 2)) < 2:  # hp35 E38: entropy 0 -> 0, nothing learned
             raise ConfigError(f"{model_dir}: a head of 1 output (num_labels 1: a regression head) gives no "

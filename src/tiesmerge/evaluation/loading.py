@@ -16,7 +16,7 @@ from ..errors import CheckpointError, ConfigError, TiesMergeError
 from ..limits import read_json
 
 __all__ = ["align_pad_token", "check_vocabulary", "config_num_labels", "config_vocab_size", "converted_on_load",
-           "from_pretrained", "input_rows", "is_encoder_decoder", "refuse_converted"]
+           "from_pretrained", "input_rows", "is_encoder_decoder", "refuse_converted", "refuse_multi_label"]
 
 
 def _check_config(directory: Path) -> int | None:
@@ -182,6 +182,20 @@ def config_num_labels(directory: str | os.PathLike, config: dict | None = None) 
     if not isinstance(num, int) or isinstance(num, bool) or num < 1:
         raise CheckpointError(f"{directory / 'config.json'}: num_labels must be a positive integer, got {num!r}")
     return num
+
+
+def refuse_multi_label(directory: str | os.PathLike, purpose: str) -> None:
+    """A classifier whose config.json says ``problem_type: multi_label_classification`` scores each label on its own
+    (a sigmoid each, several labels true at once), where ``purpose`` reads its logits as one softmax over exclusive
+    classes and a label as one class index: refused (hp71b c32, c41: a softmax Fisher, accuracies and entropies of a
+    multi-label model, computed without a word)."""
+    config = _json_object(Path(directory) / "config.json") or {}
+    if config.get("problem_type") == "multi_label_classification":
+        raise ConfigError(f"{Path(directory) / 'config.json'}: problem_type multi_label_classification: {purpose} "
+                          "reads a classifier's logits as one softmax over exclusive classes (a label is one class "
+                          "index), while this head scores each label on its own (a sigmoid each)",
+                          hint="give a single-label classifier, or score this model with an evaluator of your own "
+                               "(module:function)")
 
 
 def config_vocab_size(directory: str | os.PathLike) -> int | None:

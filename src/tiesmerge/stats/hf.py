@@ -28,6 +28,7 @@ from ..evaluation.loading import (
     input_rows,
     is_encoder_decoder,
     refuse_converted,
+    refuse_multi_label,
     warn_unknown,
 )
 from ..io.checkpoint import open_checkpoint
@@ -171,6 +172,8 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
                           "distribution: the log-probability of its one class is 0, so its Fisher would be 0 "
                           "everywhere", hint="the Fisher needs a classifier of 2 or more classes; for this model "
                                              "use stats gram and --method regmean, or a method without statistics")
+    if kind == "fisher" and classifier:
+        refuse_multi_label(model_dir, "the Fisher of stats fisher (the log-likelihood of a softmax)")
     uses_labels = kind == "fisher" and fisher != "exact"
     rows = read_jsonl(data, limit=limit, need_labels=uses_labels,
                       num_labels=_num_labels(model_dir, config) if uses_labels else None)
