@@ -471,6 +471,21 @@ def test_fisher_information_of_a_function_without_usable_logits_is_a_typed_error
         fisher_information(module, batches, fn, kind="exact")
 
 
+
+def test_a_zero_fisher_of_a_saturated_model_names_saturation_first():
+    """hp71b c35: a model certain of one class on every example has a Fisher of zeros; the error blamed logits_fn's
+    output as detached, and its hint named logits_fn, which the command line does not have."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats import fisher_information
+
+    module = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        module.weight.zero_()
+        module.bias.copy_(torch.tensor([1e4, 0.0, 0.0]))  # class 0 certain, whatever the input
+    with pytest.raises(ConfigError, match="certain of one class on every example") as caught:
+        fisher_information(module, [torch.randn(3, 4)], lambda m, b: m(b), kind="exact", per_example="loop")
+    assert "check the model's outputs" in caught.value.hint
+
 @pytest.mark.parametrize("per_example, kind", [("loop", "exact"), ("loop", "empirical"), ("vmap", "batched")])
 def test_fisher_information_of_detached_logits_is_typed_on_every_path(per_example, kind):
     """hp63b c35: per_example="loop" (and the batched shortcut) on logits without a graph was autograd's bare

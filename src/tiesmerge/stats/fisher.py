@@ -195,11 +195,12 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     if total and not any(bool(t.any()) for t in total.values()):  # (hp56 c50: detached logits, written as a Fisher)
         # (hp64b c21: one class, or equal logits, was said to be detached: the softmax is constant there)
         raise ConfigError(f"the Fisher is zero for every parameter over {examples:,} examples: the log-probabilities "
-                          "do not change with the module's parameters: logits_fn's output is detached (computed "
-                          "under no_grad, or from another module), or it gives every class the same logit (a single "
-                          "class, or equal columns), so the softmax is constant",
-                          hint="return (B, C) logits of at least two classes, computed by the module passed to "
-                               "logits_fn, with gradients")
+                          "do not change with the module's parameters: the model is certain of one class on every "
+                          "example (a saturated softmax, whose gradients round to 0), or the logits are detached "
+                          "(computed under no_grad, or from another module), or every class has the same logit (a "
+                          "single class, or equal columns)",  # (hp71b c35: a saturated model blamed on logits_fn)
+                          hint="check the model's outputs on these examples (their probabilities), and through the "
+                               "API that logits_fn returns (B, C) logits of the module passed to it, with gradients")
     tensors = {n.removeprefix("module."): (t / examples) for n, t in total.items()}
     # batched runs one backward per batch: no per-example gradient, so none was used (hp69b c20: recorded as vmap)
     used = None if kind == "batched" else per_example
