@@ -1890,7 +1890,7 @@ def test_pass_64_statistics_api(tmp_path):
     assert list(gram_matrices(torch.nn.Linear(4, 3), [torch.randn(5, 4)], lambda m, b: m(b)).tensors) == ["weight"]
     stats = fisher_information(ByKeyword(), [torch.randn(0, 4), torch.randn(3, 4)], lambda m, b: m(b))
     assert stats.manifest.examples == 3
-    with pytest.raises(ConfigError, match="gives every class the same logit"):
+    with pytest.raises(ConfigError, match="every class has the same logit"):
         fisher_information(torch.nn.Linear(4, 1), [torch.randn(5, 4)], lambda m, b: m(b))
 
 
