@@ -362,6 +362,23 @@ def test_files_tiesmerge_writes_again_must_hold_json_numbers(tmp_path):
         tiesmerge.merge(b, loras, "ties", output=tmp_path / "out", output_format="adapter")
     assert not (tmp_path / "out").exists()
 
+
+def test_a_model_twice_is_hinted_to_a_weight_only_where_the_method_takes_weights(tmp_path):
+    """hp71a c49: "use weights= to count one more" was hinted for slerp, model_stock, fisher and analyze, which take
+    no weights (following it failed)."""
+    from tiesmerge.errors import ConfigError
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "base", base)
+    m = write_hf_dir(tmp_path / "ft0", models[0])
+    for method, hinted in (("ties", True), ("model_stock", False)):
+        with pytest.raises(ConfigError, match="listed twice") as caught:
+            tiesmerge.merge(b, [m, m], method, output=tmp_path / "out")
+        assert ("to count one more" in caught.value.hint) == hinted, (method, caught.value.hint)
+    with pytest.raises(ConfigError, match="listed twice") as caught:
+        tiesmerge.analyze(b, [m, m])
+    assert "to count one more" not in caught.value.hint
+
 # ------------------------------------------------------------------ the evaluator digest (pass 45b)
 _READS: list[str] = []  # what a user's code was asked: a digest that asks it could stall the search (or be caught)
 

@@ -35,6 +35,7 @@ from .inputs import (
     prepare,
     requested_dtype,
     resolve_sources,
+    takes_weights,
 )
 from .io.align import align
 from .io.card import digest_cache_kept_out_of, flush_digests, hash_files, model_card
@@ -427,7 +428,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                               hint="give origin plain strings, numbers, lists and mappings (in a recipe: its "
                                    "origin: mapping)") from None
     if output is not None:
-        check_inputs(base, models)  # first: a single path given as `models` would be read letter by letter
+        check_inputs(base, models, takes_weights(m))  # first: a single path given as `models` would be read letter
+        # by letter
         reference = m.requirements().reference
         check_output_not_input(output, [("the base", base), *((f"model {k}", s) for k, s in enumerate(models)),
                                         (f"the reference model ({reference_option(m)})", reference),
@@ -748,7 +750,7 @@ def analyze(base: Source, models: Sequence[Source], *, output: str | os.PathLike
 
     started = time.perf_counter()
     base, models = resolve_sources(base, models)
-    check_inputs(base, models)
+    check_inputs(base, models, weighted=False)  # (analyze takes no weights: hp71a c49)
     output = fs_text(output)
     if output is not None and not isinstance(output, (str, os.PathLike)):
         raise ConfigError(f"output is a {type(output).__name__}, not a path", hint="pass a str or pathlib.Path")

@@ -104,7 +104,15 @@ def _check_source(role: str, source: Any) -> None:
                           hint="fix the path (in a YAML recipe, a \\0 escape writes one)")
 
 
-def check_inputs(base: Any, models: Sequence[Any]) -> None:
+def takes_weights(method: Any) -> bool:
+    """Whether a method config has per-model weights (a model given twice can be counted more by one)."""
+    return "weights" in getattr(method, "__dataclass_fields__", {})
+
+
+def check_inputs(base: Any, models: Sequence[Any], weighted: bool = True) -> None:
+    """The base and models as inputs of one merge: a non-empty ordered list, none given twice, the base not among
+    them. ``weighted``: whether the method takes weights, so a model given twice may be counted more by one (hp71a
+    c49: "use --weights" was hinted to slerp, model_stock, fisher and analyze, which take none)."""
     check_ordered(models)
     if isinstance(models, (str, bytes, os.PathLike, Mapping)) or not len(models):  # one path: letter by letter
         raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
@@ -125,7 +133,8 @@ def check_inputs(base: Any, models: Sequence[Any]) -> None:
             raise ConfigError(f"model {k} is listed twice (also model {other}){how}: "
                               f"{m if not isinstance(m, Mapping) else 'the same state dict object'}",
                               hint="each fine-tuned model should appear once" + (
-                                  f"; use {weights_option} to count one more" if weights_option else ""))
+                                  f"; use {weights_option} to count one more" if weights_option and weighted
+                                  else ""))
         seen[ident] = k
         if files is not None:
             files_seen[files] = k
@@ -527,7 +536,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     ``fold_like_peft``: adapters read as mergekit reads a MODEL+LORA entry (folded into the base in its dtype; a merged
     adapter's output merges LoRA's task vectors and (IA)³'s vectors as the command line does)."""
     check_booleans(allow_pickle=allow_pickle, allow_distant=allow_distant)
-    check_inputs(base, models)
+    check_inputs(base, models, takes_weights(method))
     problems = check_models(method, len(models))
     if problems:
         raise ConfigError(problems)
