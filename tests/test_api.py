@@ -158,7 +158,7 @@ def test_a_copied_json_file_holding_nan_is_said(tmp_path):
     b = write_hf_dir(tmp_path / "base", base)
     (b / "generation_config.json").write_text('{"bos_token_id": 1e400, "max_length": NaN, "eos": [1, 2]}')
     ms = [write_safetensors(tmp_path / f"ft{k}.safetensors", ft) for k, ft in enumerate(fts)]
-    with pytest.warns(MergeWarning, match=r"generation_config.json holds 2 number\(s\) that are not finite "
+    with pytest.warns(MergeWarning, match=r"generation_config.json holds number\(s\) that are not finite "
                                           r"\(bos_token_id = inf, max_length = nan: "):
         tiesmerge.merge(b, ms, "ties", output=tmp_path / "out")
     assert "NaN" in (tmp_path / "out" / "generation_config.json").read_text()  # carried as it is

@@ -200,25 +200,31 @@ def loads_json(text: str | bytes, source: str, *, error: type[TiesMergeError] = 
         raise error(f"{source}: JSON nested more than {max_depth} levels deep, deeper than any config, manifest or "
                     "data file nests", hint=_FIX_FILE)  # (hp70a c35: "...; no config is", cut short)
     _check_numbers(big, source, error)
-    if finite:
-        where = _non_finite(data, "", 0)
-        if where is not None:
-            raise error(f"{source}: holds {where[1]} at {where[0] or 'its top'}, which is no JSON number (NaN, "
-                        "Infinity, or past a float's range)", hint=_FIX_FILE)
+    if finite and (bad := non_finite(data, limit=1)):
+        where, value = bad[0]
+        raise error(f"{source}: holds {value} at {where or 'its top'}, which is no JSON number (NaN, Infinity, or "
+                    "past a float's range)", hint=_FIX_FILE)
     return data
 
 
-def _non_finite(value: Any, where: str, depth: int) -> tuple[str, float] | None:
-    """The first float of ``value`` that is not finite, with its key path."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return where, value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
-    for key, item in items if depth < MAX_DEPTH else ():
-        found = _non_finite(item, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else
-                            str(key), depth + 1)
-        if found is not None:
-            return found
-    return None
+def non_finite(value: Any, limit: int = 3) -> list[tuple[str, float]]:
+    """The floats of parsed JSON ``value`` that are not finite (NaN, Infinity, a number past a float's range), with
+    their key paths (``a.b[1]``), the first ``limit`` of them; the depth is bounded as the reader bounds it."""
+    found: list[tuple[str, float]] = []
+
+    def walk(item: Any, where: str, depth: int) -> None:
+        if len(found) >= limit:
+            return
+        if isinstance(item, float) and not math.isfinite(item):
+            found.append((where, item))
+            return
+        items = item.items() if isinstance(item, dict) else enumerate(item) if isinstance(item, list) else ()
+        for key, child in items if depth < MAX_DEPTH else ():
+            walk(child, f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key),
+                 depth + 1)
+
+    walk(value, "", 0)
+    return found
 
 
 def read_json(path: str | os.PathLike, what: str, *, error: type[TiesMergeError] = CheckpointError,

@@ -31,7 +31,7 @@ from .. import stops
 from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, ConfigError, MergeWarning, OutputError, kernel_cache_error
 from ..finite import check_finite
-from ..limits import MAX_CONFIG_BYTES, loads_json, read_json
+from ..limits import MAX_CONFIG_BYTES, loads_json, non_finite, read_json
 from ..paths import (
     _SPACE,
     CHAT_TEMPLATES_DIR,
@@ -626,22 +626,10 @@ def _warn_non_finite(data: Any, path: Path, role: str) -> None:
     """A copied JSON file holding NaN, Infinity or a number past a float's range (1e400), which Python's JSON reader
     takes and no JSON standard allows: said, since the output carries it as it is (hp68a c42: a generation_config's
     max_length of NaN copied without a word)."""
-    found: list[str] = []
-
-    def walk(value: Any, where: str, depth: int) -> None:
-        if isinstance(value, float) and not math.isfinite(value):
-            found.append(f"{where or 'the top'} = {value}")
-        elif isinstance(value, dict) and depth < 64:
-            for key, item in value.items():
-                walk(item, f"{where}.{key}" if where else str(key), depth + 1)
-        elif isinstance(value, list) and depth < 64:
-            for k, item in enumerate(value):
-                walk(item, f"{where}[{k}]", depth + 1)
-
-    walk(data, "", 0)
+    found = [f"{where or 'the top'} = {value}" for where, value in non_finite(data, limit=4)]
     if found:
         warnings.warn(MergeWarning(
-            f"{path}: {role}'s {path.name} holds {len(found)} number(s) that are not finite ({', '.join(found[:3])}"
+            f"{path}: {role}'s {path.name} holds number(s) that are not finite ({', '.join(found[:3])}"
             f"{', ...' if len(found) > 3 else ''}: NaN, Infinity or past a float's range), which the output carries "
             "(a number past a float's range as Infinity, where the file is rewritten); libraries reading them may "
             "fail"), stacklevel=3)  # (hp70a c47: "as they are" of a 1e400 rewritten as Infinity)
