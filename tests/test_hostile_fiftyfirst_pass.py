@@ -1154,3 +1154,27 @@ def test_tensor_names_apart_only_in_unicode_normalization_are_said_so():
         tiesmerge.merge({nfc: torch.zeros(3)}, [{nfd: torch.ones(3)}], "ties")
     assert "(U+00E9)" in caught.value.hint and "(U+0301)" in caught.value.hint
     assert "differ only in Unicode normalization" in caught.value.hint
+
+
+def test_an_exact_density_that_no_float_is_says_which_float_counts():
+    """hp70a c13: density=Fraction(1, 3) became the float 0.3333333333333333 and ⌊that · 3⌋ kept no entry of 3 (not
+    the 1 of the exact number), said only as "the density keeps no entry"; a float that is the number written
+    (Decimal("0.5")) or an option that counts nothing (weights) is not warned of."""
+    import warnings
+    from decimal import Decimal
+    from fractions import Fraction
+
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+
+    base, models = {"w": torch.zeros(3)}, [{"w": torch.tensor([1.0, 2.0, 3.0])}]
+    two = [{"w": torch.tensor([1.0, 2.0, 3.0])}, {"w": torch.tensor([3.0, 2.0, 1.0])}]
+    with pytest.warns(MergeWarning, match=r"density = Fraction\(1, 3\) is used as the float 0\.3333333333333333"):
+        tiesmerge.merge(base, models, "magnitude_prune", density=Fraction(1, 3), scope="per_tensor")
+    with pytest.warns(MergeWarning, match=r"densities\[0\] = Fraction\(1, 3\)"):
+        tiesmerge.merge(base, two, "ties", densities=[Fraction(1, 3), Decimal("0.5")])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tiesmerge.merge(base, models, "magnitude_prune", density=Decimal("0.5"), scope="per_tensor")
+        tiesmerge.merge(base, two, "task_arithmetic", weights=[Fraction(1, 3), Fraction(2, 3)])
+    assert not [w for w in seen if "is used as the float" in str(w.message)]

@@ -24,6 +24,7 @@ Nothing here imports torch: ``tiesmerge methods``, ``--help`` and ``validate`` s
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import functools
 import math
 import numbers
@@ -640,6 +641,28 @@ def plain_value(value: Any) -> Any:
     return value
 
 
+_COUNTED = ("densities", "rank_fraction")  # fractions that a count of entries or singular triplets is floored from
+
+
+def _warn_rounded(method_name: str, name: str, given: Any, value: Any) -> None:
+    """Say when an exact number (Fraction(1, 3)) became a float that is not the number written: every count is taken
+    of the float as written (⌊0.3333333333333333 · 3⌋ = 0, not 1), and the recipe records the float (hp70a c13)."""
+    many = isinstance(given, (list, tuple)) and isinstance(value, tuple)
+    for i, (exact, number) in enumerate(zip(given, value) if many else [(given, value)]):
+        if not (_exact(exact) and isinstance(number, float) and math.isfinite(number)):
+            continue
+        try:
+            if fractions.Fraction(exact) == fractions.Fraction(repr(number)):
+                continue  # Decimal("0.3") is the float 0.3 as written
+        except (ValueError, OverflowError, TypeError):
+            continue
+        warnings.warn(MergeWarning(
+            f"{method_name}: {name}{f'[{i}]' if many else ''} = {exact!r} is used as the float {number!r}, which is "
+            f"not the same number; counts are taken of that float as it is written (⌊{number!r} · n⌋ of n) and the "
+            "recipe records it, so a count can be one less than of the exact number: give the float you mean"),
+            stacklevel=4)
+
+
 def _exact(value: Any) -> bool:
     """A fractions.Fraction or decimal.Decimal (exact numbers that are no float)."""
     return type(value).__name__ in ("Fraction", "Decimal") and type(value).__module__ in ("fractions", "decimal",
@@ -651,7 +674,10 @@ def check_options(method: Any) -> None:
     problems: list[str] = []
     kinds = option_types(type(method))
     for f in dataclasses.fields(method):
-        value = plain_value(getattr(method, f.name))
+        given = getattr(method, f.name)
+        value = plain_value(given)
+        if f.name in _COUNTED or str(f.metadata.get("unit", "")).startswith(("fraction kept", "fraction dropped")):
+            _warn_rounded(method.name, f.name, given, value)
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         object.__setattr__(method, f.name, value)
