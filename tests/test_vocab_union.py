@@ -456,3 +456,43 @@ def test_a_base_whose_tokenizer_outgrows_its_rows_is_named(tmp_path):
         tiesmerge.merge(base, plain, "ties", output=tmp_path / "out")
     with pytest.raises(IncompatibleCheckpointsError, match="the base's tokenizer holds 20 tokens"):
         tiesmerge.merge(base, fts, "ties", output=tmp_path / "u", vocab_policy="union")
+
+
+def _baseless(tmp_path, name, method, first, second, tokenizer=None):
+    recipe = tmp_path / name
+    recipe.write_text(f"merge_method: {method}\nmodels:\n  - model: {first}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {second}\n    parameters: {{weight: 0.5}}\n"
+                      + (f"tokenizer_source: {tokenizer}\n" if tokenizer else ""))
+    return recipe
+
+
+def test_a_baseless_recipe_of_other_vocabularies_is_said_in_its_terms(tmp_path, capsys):
+    """hp69a c24: a base-less mergekit linear (or nuslerp) of a model that added tokens, then one that did not, was
+    "shapes differ between the base and model 0" (its models[0] and models[1]), hinting tokenizer_source: union,
+    which then failed: "missing from model 0's tokenizer". Now the shapes are named by the recipe's entries, and
+    linear under union reads as the base the model whose tokens every other holds (mergekit's union does not depend
+    on the order); nuslerp, whose interpolation has an order, is told to swap; models that each lack another's
+    tokens are told to give base_model."""
+    base, fts = _family(tmp_path)
+    out = tmp_path / "out"
+    for method in ("linear", "nuslerp"):
+        rc, _, err = run_cli(["merge", str(_baseless(tmp_path, f"{method}.yaml", method, fts[0], base)),
+                              "-o", str(out)], capsys)
+        assert rc != 0 and f"models[0] ({fts[0]}) and models[1] ({base}) differ in shape" in err, err
+        assert "tokenizer_source: union" in err and "the base" not in err, err
+    rc, _, err = run_cli(["merge", str(_baseless(tmp_path, "l.yaml", "linear", fts[0], base, "union")),
+                          "-o", str(out)], capsys)
+    assert rc == 0 and f"{base} (models[1]) is read as the base" in err, err
+    swapped = tmp_path / "swapped"
+    assert run_cli(["merge", str(_baseless(tmp_path, "s.yaml", "linear", base, fts[0], "union")),
+                    "-o", str(swapped)], capsys)[0] == 0
+    merged, reference = load_dir(out), load_dir(swapped)
+    assert merged.keys() == reference.keys()
+    for name in merged:  # the same merge up to the order of a float32 sum of two
+        torch.testing.assert_close(merged[name], reference[name], rtol=0, atol=1e-6)
+    rc, _, err = run_cli(["merge", str(_baseless(tmp_path, "n.yaml", "nuslerp", fts[0], base, "union")),
+                          "-o", str(tmp_path / "n")], capsys)
+    assert rc != 0 and f"models[1] ({base}) lacks some of models[0]'s tokens: list models[1] first" in err, err
+    rc, _, err = run_cli(["merge", str(_baseless(tmp_path, "b.yaml", "linear", fts[1], fts[0], "union")),
+                          "-o", str(tmp_path / "b")], capsys)
+    assert rc != 0 and "no model's tokens are all held by every other model" in err and "base_model" in err, err

@@ -437,13 +437,16 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                                f"{', '.join(MERGEKIT_METHODS)} with scalar parameters (slerp's t also with filters "
                                "and gradients): see tiesmerge merge --help")
     weights = [float(w) for w in per_model["weight"]] if "weight" in defaults else []
+    if base is None and tok is None and method in ("linear", "nuslerp"):
+        _refuse_unaligned(paths, problems)
     if method in _FAMILY:
         method_name, params, semantics = _translate_family(method, options, weights, per_model, paths, base,
-                                                           problems, warnings)
+                                                           problems, warnings, union=tok == "union")
     else:
         method_name, params, semantics = _translate(method, options, weights, per_model["density"], paths, base,
                                                     problems, warnings, base_anchor=method == "linear" and (
-                                                        tok is not None or _shapes_differ(paths, base)))
+                                                        tok is not None or _shapes_differ(paths, base)),
+                                                    union=tok == "union")
     problems += dtype_problems
     if problems:  # the recipe's values break the method's rules: each message says which, and how
         raise ConfigError([f"{source}: {p}" for p in problems], hint=f"fix the values named above in {source}")
@@ -517,9 +520,48 @@ def _shapes_differ(paths: list[str], base: str | None) -> bool:
     return shapes[0] != shapes[1]
 
 
+def _refuse_unaligned(paths: list[str], problems: list[str]) -> None:
+    """A base-less recipe whose models' tensors differ in shape (vocabularies that differ) and that gives no
+    tokenizer_source: said in the recipe's terms (hp69a c24: "shapes differ between the base and model 0", of a
+    recipe that has no base, its models[1] called model 0)."""
+    shapes = [_probe(p, lambda c: {n: tuple(c.info(n).shape) for n in c.names()}) for p in paths]
+    if any(found is None for found in shapes):
+        return  # a folder that cannot be read: the merge names it
+    for k in range(1, len(paths)):
+        differ = sorted(n for n in shapes[0].keys() & shapes[k].keys() if shapes[0][n] != shapes[k][n])
+        if differ:
+            name, more = differ[0], f", and {len(differ) - 1} more" if len(differ) > 1 else ""
+            problems.append(f"models[0] ({paths[0]}) and models[{k}] ({paths[k]}) differ in shape ({name!r}: "
+                            f"{shapes[0][name]} and {shapes[k][name]}{more}): "
+                            "their vocabularies differ, and the recipe aligns none: add tokenizer_source: union "
+                            "(the output's tokenizer holds every model's tokens)" + (
+                                ", or tokenizer_source: base (models[0]'s tokenizer: the others' rows cut to it)"
+                                if shapes[0][name] < shapes[k][name] else ""))
+            return
+
+
+def _union_anchor(paths: list[str]) -> int | None:
+    """Which model a base-less linear merge under tokenizer_source: union reads as the engine's base: the first
+    whose tokens every other model holds at the same ids (union extends the base's vocabulary by the others' added
+    tokens, so the base must be a common part; mergekit's union does not depend on the order, hp69a c24). None where
+    no model is (or a tokenizer cannot be read: the merge names it)."""
+    from .io.vocab import read_vocab
+
+    try:
+        vocabs = [read_vocab(p, p) for p in paths]
+    except TiesMergeError:
+        return None
+    for k in sorted(range(len(paths)), key=lambda k: vocabs[k].size):
+        own = vocabs[k].tokens
+        if all(all(other.tokens.get(i) == text for i, text in own.items())
+               for j, other in enumerate(vocabs) if j != k):
+            return k
+    return None
+
+
 def _translate(method: str, options: dict[str, Any], weights: list[float], densities: list[Any], paths: list[str],
                base: str | None, problems: list[str], warnings: list[str], *,
-               base_anchor: bool = False) -> tuple[str, dict[str, Any], str]:
+               base_anchor: bool = False, union: bool = False) -> tuple[str, dict[str, Any], str]:
     lam = options.get("lambda", 1.0)
     normalize = options["normalize"]
     total = sum(weights)
@@ -555,6 +597,19 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
             warnings.append("linear: base_model is read as the base (the models' vocabularies differ, or a "
                             "tokenizer_source is given), so the float32 sum runs in another order than mergekit's and "
                             "may differ from its output by an ulp")
+        if base is None and union:
+            common = _union_anchor(paths)
+            if common is None:
+                problems.append("linear with tokenizer_source: union and no base_model: no model's tokens are all "
+                                "held by every other model, and tiesmerge's union extends the vocabulary of the "
+                                "model it reads as the base; give base_model: the model they were fine-tuned from")
+                return "", {}, ""
+            if common != 0:  # the first model added tokens another lacks: the common one stands as the base
+                at, anchor = common, paths[common]
+                warnings.append(f"linear: {anchor} (models[{at}]) is read as the base, since every other model "
+                                "holds its tokens (tokenizer_source: union extends the base's vocabulary), so the "
+                                "float32 sum runs in another order than mergekit's and may differ from its output "
+                                "by an ulp")
         others = [(p, w) for k, (p, w) in enumerate(zip(paths, weights)) if k != at]
         if not others:
             problems.append("linear needs at least one model besides the base")
@@ -729,8 +784,8 @@ def _schedule(setting: Any, problems: list[str]) -> str | None:
 
 
 def _translate_family(method: str, options: dict[str, Any], weights: list[float], per_model: dict[str, list[Any]],
-                      paths: list[str], base: str | None, problems: list[str], warnings: list[str]
-                      ) -> tuple[str, dict[str, Any], str]:
+                      paths: list[str], base: str | None, problems: list[str], warnings: list[str], *,
+                      union: bool = False) -> tuple[str, dict[str, Any], str]:
     """The issue-12 methods: slerp, nuslerp, breadcrumbs(_ties), della(_linear), model_stock."""
     if method == "slerp":
         if len(paths) != 1:
@@ -774,6 +829,15 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
                 return "", {}, ""
             probe.check_tensors({})  # both weights ~0: the midpoint, said
             t = probe.interpolation()  # mergekit's t, in its arithmetic
+            common = _union_anchor(paths) if union else 0
+            if common != 0:  # union extends the first model's vocabulary, which the second lacks (hp69a c24)
+                problems.append("nuslerp with tokenizer_source: union and no base_model: tiesmerge's union extends "
+                                "the first model's vocabulary, and " + (
+                                    f"models[1] ({paths[1]}) lacks some of models[0]'s tokens: list models[1] first "
+                                    "(with the weights swapped too, the interpolation is the same)" if common == 1
+                                    else "each model lacks some of the other's tokens: give base_model, the model "
+                                    "they were fine-tuned from"))
+                return "", {}, ""
             params.update(of="base_and_model", weights=None, t=t, _anchor=paths[0], _models=paths[1:])
         return "nuslerp", params, ("mergekit nuslerp of the two " + ("task vectors, added to base_model"
                                                                      if base is not None else "models"))
