@@ -223,19 +223,19 @@ def _add_vmap(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels
         if logp.dim() == 0:  # a log-likelihood: its own gradient
             _directions(logp, None, kind)  # refuses the exact kind
             (g,) = pullback(torch.ones_like(logp))
-            return {n: g[n] ** 2 for n in g}
+            return {n: g[n].float() ** 2 for n in g}  # squared in float32: a float16 model's 300 overflows (hp71b c36)
         classes = logp.shape[0]
-        out = {n: torch.zeros_like(v) for n, v in p.items()}
+        out = {n: torch.zeros_like(v, dtype=torch.float32) for n, v in p.items()}
         if kind != "exact":  # empirical: the true label's gradient only
             if labels is None:
                 _directions(logp, None, kind)  # raises: no labels
             (g,) = pullback((torch.arange(classes, device=logp.device) == label).to(logp.dtype))
-            return {n: g[n] ** 2 for n in out}
+            return {n: g[n].float() ** 2 for n in out}
         probs = logp.detach().exp()  # (C,)
         for c in range(classes):  # E_y exactly: sum_c p_c (d log p_c)^2
             (g,) = pullback((torch.arange(classes, device=logp.device) == c).to(logp.dtype))
             for n in out:
-                out[n] = out[n] + probs[c] * g[n] ** 2
+                out[n] = out[n] + probs[c].float() * g[n].float() ** 2
         return out
 
     size = batch_size(batch)
@@ -304,7 +304,8 @@ def _add_loop(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels
                                             retain_graph=True, is_grads_batched=True, allow_unused=True)
                 for n, g in zip(dense, grads):
                     if g is not None:  # total += sum_k w_k g_k^2, one pass over the (k, *shape) squares
-                        total[n] += torch.tensordot(w.to(g.dtype), g.square_(), dims=1).float()
+                        # squared in float32: a float16 model's gradient of 300 squares past float16 (hp71b c36)
+                        total[n] += torch.tensordot(w.float(), g.float().square_(), dims=1)
                 _add_embedding_rows(rowwise, captured, list(grads[len(dense):]), w, total)
     finally:
         for h in hooks:
@@ -328,7 +329,7 @@ def _add_embedding_rows(rowwise: dict[str, torch.nn.Embedding], captured: dict[s
             ids, g = ids[keep], g[:, keep]
         unique, inverse = ids.unique(return_inverse=True)  # (U,), (L,)
         per_row = g.new_zeros(g.shape[0], unique.numel(), g.shape[-1]).index_add_(1, inverse, g)  # (k, U, D)
-        total[key].index_add_(0, unique, torch.tensordot(w.to(g.dtype), per_row.square_(), dims=1))
+        total[key].index_add_(0, unique, torch.tensordot(w.float(), per_row.square_(), dims=1))
 
 
 def _add_batched(bound: _Bound, params: dict[str, torch.Tensor], batch: Any, labels: torch.Tensor | None,

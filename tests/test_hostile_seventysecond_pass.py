@@ -1,0 +1,33 @@
+"""Hostile passes 71 (its notes) and 72: what a careless user's inputs still got wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.mark.parametrize("kind", ["exact", "empirical", "batched"])
+@pytest.mark.parametrize("per_example", ["loop", "vmap"])
+def test_a_float16_models_fisher_is_squared_in_float32(kind, per_example):
+    """hp71b c36: the per-example gradients of a float16 model were squared in float16 before the float32 sum, so a
+    gradient of 300 (a square of 9e4, past float16's 65504) made the statistic Inf, refused as "not finite in
+    float32" with a hint that the weights were damaged. The float16 model's Fisher is now the float32 model's, up
+    to float16's rounding of the forward pass."""
+    from tiesmerge.stats.fisher import fisher_information
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.mul_(0.002)
+    x = torch.full((2, 4), 600.0)  # gradients of about 600 * (1 - p): squares past float16's range
+
+    def fisher(module, batch):
+        return fisher_information(module, [batch], lambda m, b: m(b), kind=kind, per_example=per_example,
+                                  targets=lambda b: torch.tensor([0, 1]))
+
+    reference = fisher(model, x).tensors
+    half = fisher(model.half(), x.half()).tensors
+    assert reference["weight"].max() > 65504  # the case: squares float16 cannot hold
+    for name in reference:
+        assert half[name].dtype == torch.float32
+        torch.testing.assert_close(half[name], reference[name], rtol=2e-2, atol=1e-3)
