@@ -31,3 +31,24 @@ def test_a_float16_models_fisher_is_squared_in_float32(kind, per_example):
     for name in reference:
         assert half[name].dtype == torch.float32
         torch.testing.assert_close(half[name], reference[name], rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("argv", [
+    ["tune", "--method", "ties", "--grid", "lam=1_0", "--base", "b", "--model", "m", "--evaluator", "e:f"],
+    ["tune", "--method", "ties", "--grid", "lam=\u0663", "--base", "b", "--model", "m", "--evaluator", "e:f"],
+    ["merge", "--base", "b", "--model", "m", "-o", "out", "--lam", "1_0"],
+    ["analyze", "--base", "b", "--model", "m", "-o", "out", "--seed", "1_0"],
+    ["search", "--method", "ties", "--range", "lam=0:1_0", "--base", "b", "--model", "m", "--evaluator", "e:f"],
+])
+def test_numbers_pythons_grammar_reads_but_no_one_means_are_refused(argv, capsys, tmp_path, monkeypatch):
+    """hp71b c38: `--grid lam=1_0` (a typo of 1.0) swept lam = 10, and Arabic-Indic digits read as 3: Python's
+    float() and int() grammar leaked into the command line. Such numbers are refused, naming the text."""
+    from helpers_ckpt import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        rc, _, err = run_cli(argv, capsys)
+    except SystemExit as stop:  # argparse's own refusal of a flag's value
+        rc, err = stop.code, capsys.readouterr().err
+    assert rc != 0 and "is not a number as tiesmerge reads one" in err, err
+    assert not (tmp_path / "out").exists()

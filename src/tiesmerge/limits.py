@@ -409,9 +409,29 @@ def out_of_range(text: str, value: float, where: str = "") -> OutOfFloatRange | 
     return None
 
 
+class NotPlainDigits(OutOfFloatRange):
+    """A number written with '_' or with digits other than ASCII's, which Python's float() and int() read (``1_0`` is
+    10, a typo of 1.0; Arabic-Indic ``٣`` is 3): refused on the command line, where such a number is a typo."""
+
+
+def check_plain_digits(text: str) -> None:
+    """Raise :class:`NotPlainDigits` for number text holding '_' or a character outside ASCII (hp71b c38)."""
+    if "_" in text or not text.isascii():
+        raise NotPlainDigits(f"{text.strip()!r} is not a number as tiesmerge reads one: write it in ASCII digits, "
+                             "without '_' (1_0 reads as 10 in Python)",
+                             hint="write numbers as 0.5, 10, 1e-3")
+
+
+def parse_int(text: str) -> int:
+    """``int(text)`` of ASCII digits without '_' (:class:`NotPlainDigits` otherwise, a ValueError)."""
+    check_plain_digits(text)
+    return int(text)
+
+
 def parse_float(text: str) -> float:
     """``float(text)``; :class:`OutOfFloatRange` (a ValueError) for a nonzero number that reads as 0 or digits that
-    read as an infinity."""
+    read as an infinity, or written with '_' or non-ASCII digits (:class:`NotPlainDigits`)."""
+    check_plain_digits(text)
     value = float(text)
     problem = out_of_range(text, value)
     if problem is not None:

@@ -17,6 +17,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..io.align import VOCAB_POLICIES
 from ..limits import read_json
+from .numbers import float_flag, int_flag
 from .terminal import completed, shown
 
 __all__ = ["ADAPT_EXAMPLES", "add_adapt_parser", "cmd_adapt"]
@@ -82,17 +83,17 @@ def add_adapt_parser(sub: Any, method_flags: Callable[[argparse.ArgumentParser],
                    help="what the coefficients minimise: entropy of the predictions on unlabeled inputs (default, "
                         "the paper's) or cross-entropy against each row's integer 'label' (labelled data, e.g. a "
                         "validation split)")
-    p.add_argument("--steps", type=int, default=500, help="optimizer steps, each on one batch of every task (500)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3, the paper's)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per task and step (default 16)")
-    p.add_argument("--init", type=float, default=0.3, help="every coefficient's initial value (default 0.3)")
-    p.add_argument("--shuffle-seed", type=int, default=0,
+    p.add_argument("--steps", type=int_flag, default=500, help="optimizer steps, each on one batch of every task (500)")
+    p.add_argument("--lr", type=float_flag, default=1e-3, help="Adam's learning rate (default 1e-3, the paper's)")
+    p.add_argument("--batch-size", type=int_flag, default=16, help="examples per task and step (default 16)")
+    p.add_argument("--init", type=float_flag, default=0.3, help="every coefficient's initial value (default 0.3)")
+    p.add_argument("--shuffle-seed", type=int_flag, default=0,
                    help="the run's seed: of the batches' shuffling, its only randomness (default 0; --seed is a "
                         "method option, e.g. DARE's)")
-    p.add_argument("--clamp", type=float, nargs=2, metavar=("LOW", "HIGH"),
+    p.add_argument("--clamp", type=float_flag, nargs=2, metavar=("LOW", "HIGH"),
                    help="keep the coefficients in [LOW, HIGH] (default: unbounded, as the paper)")
-    p.add_argument("--limit", type=int, help="use each data file's first N examples (default all)")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
+    p.add_argument("--limit", type=int_flag, help="use each data file's first N examples (default all)")
+    p.add_argument("--max-length", type=int_flag, default=128, help="tokens per example (longer ones are truncated)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--memory-budget", help="the merge engine's working memory, e.g. 512MiB")
     p.add_argument("-o", "--output", help="output directory (an HF model directory)")
@@ -101,7 +102,7 @@ def add_adapt_parser(sub: Any, method_flags: Callable[[argparse.ArgumentParser],
     p.add_argument("--checkpoint", metavar="FILE",
                    help="coefficients and optimizer state, written each pass over the data "
                         "(default OUTPUT.adapt-checkpoint.safetensors beside the output)")
-    p.add_argument("--checkpoint-every", type=int, metavar="N", help="steps between checkpoints (default: a pass)")
+    p.add_argument("--checkpoint-every", type=int_flag, metavar="N", help="steps between checkpoints (default: a pass)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint, if there is one")
     p.add_argument("--dry-run", action="store_true", help="print the coefficients and memory a run needs, and stop")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

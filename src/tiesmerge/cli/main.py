@@ -45,6 +45,8 @@ from ..version import __version__
 from .adapt import add_adapt_parser
 from .commands import HANDLERS
 from .examples import ANALYZE_EXAMPLES, MERGE_EXAMPLES, SEARCH_EXAMPLES, STATS_EXAMPLES, TUNE_EXAMPLES
+from .numbers import float_flag as _float
+from .numbers import int_flag as _int
 from .terminal import COMPLETED, SafeStream, abridged, shown, terminal_safe
 
 EVALUATOR_HELP = ("a function taking a state dict and returning a validation score (higher is better), or a "
@@ -56,7 +58,7 @@ def _number(text: str) -> int | float | bool | str:
     """A flag value for an option whose type differs between methods: an int if it reads as one,
     else a float, true/false as a bool, else the word; the chosen method's own checks then say
     whether it fits (a clearer message than argparse's "invalid value")."""
-    for convert in (int, _float):
+    for convert in (_int, _float):
         try:
             return convert(text)
         except argparse.ArgumentTypeError:
@@ -71,21 +73,10 @@ def _number(text: str) -> int | float | bool | str:
     return text
 
 
-def _float(text: str) -> float:
-    """A float flag's value; a nonzero number that reads as 0 (1e-400) is refused, not taken as 0."""
-    from ..limits import OutOfFloatRange, parse_float
-
-    try:
-        return parse_float(text)
-    except OutOfFloatRange as exc:  # argparse would print only "invalid float value"
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-_float.__name__ = "float"  # argparse names the type in "invalid float value: 'x'"
 
 _FLAG_TYPES: dict[Any, dict[str, Any]] = {
     float: {"type": _float, "metavar": "X"},
-    int: {"type": int, "metavar": "N"},
+    int: {"type": _int, "metavar": "N"},
     str: {"type": str, "metavar": "TEXT"},
     ModelPath: {"type": str, "metavar": "DIR"},
     tuple: {"type": _float, "nargs": "+", "metavar": "W"},
@@ -164,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.add_argument("--output-format", choices=OUTPUT_FORMATS,
                    help="model (default): a full HF model; adapter: a merged PEFT adapter (adapters in)")
-    m.add_argument("--rank", type=int, help="--output-format adapter with LoRA: rank of the SVD re-factoring "
+    m.add_argument("--rank", type=_int, help="--output-format adapter with LoRA: rank of the SVD re-factoring "
                                             "(default: the largest input rank)")
     _method_flags(m)
 
@@ -174,12 +165,12 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--model", action="append", dest="models", required=True, metavar="PATH",
                    help="a fine-tuned model; repeat (2 to 12)")
     a.add_argument("-o", "--output", required=True, help="report directory: analysis.json, PNGs, report.html")
-    a.add_argument("--density", type=float, default=0.2,
+    a.add_argument("--density", type=_float, default=0.2,
                    help="top-k fraction of each task vector that counts as kept (default 0.2, the paper's k)")
-    a.add_argument("--subsets-per-size", type=int, default=10, metavar="N",
+    a.add_argument("--subsets-per-size", type=_int, default=10, metavar="N",
                    help="sign conflicts: seeded sample of N subsets per number of models; "
                         "0 = every subset (default 10)")
-    a.add_argument("--seed", type=int, default=0, help="seed of the subset sample (default 0)")
+    a.add_argument("--seed", type=_int, default=0, help="seed of the subset sample (default 0)")
     a.add_argument("--memory-budget",
                    help=f"working memory for tensor chunks, e.g. 512MiB (default {DEFAULT_MEMORY_BUDGET})")
     a.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -239,9 +230,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--per-example", choices=("loop", "vmap"),
                     help="per-example gradients by a loop (any model, the default) or torch.func.vmap (faster where it "
                          "works)")
-    st.add_argument("--limit", type=int, help="use the first N examples (default all)")
-    st.add_argument("--batch-size", type=int, default=8)
-    st.add_argument("--max-length", type=int, default=128, help="tokens per example (longer ones are truncated)")
+    st.add_argument("--limit", type=_int, help="use the first N examples (default all)")
+    st.add_argument("--batch-size", type=_int, default=8)
+    st.add_argument("--max-length", type=_int, default=128, help="tokens per example (longer ones are truncated)")
     st.add_argument("--device", default="cpu")
     st.add_argument("--force", action="store_true",
                     help="replace an output directory tiesmerge wrote before (never an input)")
@@ -254,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--workdir", help="where to write the demo models (default: a temporary directory)")
     d.add_argument("--synthetic", action="store_true",
                    help="no downloads: synthetic Llama-shaped fine-tunes with known sparse skills")
-    d.add_argument("--params", type=float, default=None, help="--synthetic: model size, millions of parameters "
+    d.add_argument("--params", type=_float, default=None, help="--synthetic: model size, millions of parameters "
                    "(default 50)")
     for p in (parser, *sub.choices.values()):
         # argparse takes "-1e-1" for an option (it knows only -3 and -0.5 as negative numbers): "--lam -1e-1"
@@ -276,8 +267,8 @@ def _search_parser(sub) -> None:
     s.add_argument("--evaluator", required=True, metavar="MODULE:FUNCTION|NAME:FILE",
                    help=EVALUATOR_HELP)
     s.add_argument("--strategy", default="grid", choices=("grid", "random", "cmaes"), help="default grid")
-    s.add_argument("--budget", type=int, help="candidates to score (random, cmaes; grid: the first N points)")
-    s.add_argument("--seed", type=int, default=0, help="seed of the random and CMA-ES proposals (default 0)")
+    s.add_argument("--budget", type=_int, help="candidates to score (random, cmaes; grid: the first N points)")
+    s.add_argument("--seed", type=_int, default=0, help="seed of the random and CMA-ES proposals (default 0)")
     s.add_argument("--axis", action="append", dest="axes", metavar="OPTION",
                    help="an option to search, e.g. densities, weights (per model), density, lam; repeat "
                         "(default: the grid's axes)")
@@ -288,11 +279,12 @@ def _search_parser(sub) -> None:
                         "[0.1, 1] for per-model weights)")
     s.add_argument("--set", action="append", dest="fixed", default=[], metavar="NAME=VALUE",
                    help="hold an option, e.g. --set scope=per_tensor")
-    s.add_argument("--popsize", type=int, help="CMA-ES generation size (default 4 + 3 ln d)")
+    s.add_argument("--popsize", type=_int, help="CMA-ES generation size (default 4 + 3 ln d)")
     s.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run on Ray: join the cluster at ADDRESS, or without one start a local cluster")
-    s.add_argument("--workers", type=int, help="--ray without ADDRESS: candidates scored at once on the local cluster, "
-                                               "each with CPUs / workers threads (default: one per CPU)")
+    s.add_argument("--workers", type=_int,
+                   help="--ray without ADDRESS: candidates scored at once on the local cluster, each with CPUs / "
+                        "workers threads (default: one per CPU)")
     s.add_argument("--dir", default="tiesmerge-search", type=Path,
                    help="log.jsonl (resumable), results.md and report.html go here (default ./tiesmerge-search)")
     s.add_argument("--device", default="cpu")
