@@ -52,3 +52,25 @@ def test_numbers_pythons_grammar_reads_but_no_one_means_are_refused(argv, capsys
         rc, err = stop.code, capsys.readouterr().err
     assert rc != 0 and "is not a number as tiesmerge reads one" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_statistics_given_as_a_generator_are_counted_once(tmp_path):
+    """hp71a c50: `stats=(s for s in [...])` was used up by the check of the output's inputs, then read as "0
+    statistics given for 2 models"; a set of statistics (no order) is refused as a set of models is."""
+    import tiesmerge
+    from helpers_merge import fisher_stats
+    from tiesmerge.errors import ConfigError
+
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.tensor([1.0, 0.0, 2.0, 0.0])}, {"w": torch.tensor([0.0, 3.0, 2.0, 1.0])}]
+    stats = [fisher_stats({"w": torch.tensor([1.0, 1.0, 1.0, 1.0])}),
+             fisher_stats({"w": torch.tensor([1.0, 3.0, 1.0, 1.0])})]
+    expected = tiesmerge.merge(base, models, "fisher", stats=stats)
+    out = tiesmerge.merge(base, models, "fisher", stats=(s for s in stats), output=tmp_path / "out")
+    from safetensors.torch import load_file
+
+    torch.testing.assert_close(load_file(out / "model.safetensors")["w"], expected["w"], rtol=0, atol=0)
+    plan = tiesmerge.plan_merge(base, models, "fisher", stats=iter(stats))
+    assert plan is not None
+    with pytest.raises(ConfigError, match="stats must be a list or tuple, not a set"):
+        tiesmerge.merge(base, models, "fisher", stats={"fs0", "fs1"})

@@ -30,6 +30,7 @@ from .inputs import (
     check_inputs,
     check_output_not_input,
     device_of,
+    listed_stats,
     method_inputs,
     open_models,
     prepare,
@@ -120,6 +121,7 @@ def plan_merge(base: Source, models: Sequence[Source], method: str | MergeMethod
         raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the output is a full model",
                           hint="add --output-format adapter (output_format='adapter'), or leave --rank out")
     base, models = resolve_sources(base, models)
+    stats = listed_stats(stats)
     _all_input_problems(base, models, allow_pickle)
     with ExitStack() as stack:
         prepared = prepare(stack, base, models, m, device=device, memory_budget=memory_budget, dtype=dtype,
@@ -398,6 +400,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
         except TiesMergeError:  # options the method refuses: said below, in the order the checks come
             pass
     base, models = resolve_sources(base, models)  # org/name[@revision]: from the local Hugging Face cache
+    stats = listed_stats(stats)
     try:
         shard_bytes = parse_size(shard_size)
     except ValueError as exc:

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import re
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from .stats.files import StatsSource
 
 __all__ = ["Source", "StatsInput", "Prepared", "as_method", "check_inputs", "check_output_not_input", "device_of",
-           "budget_of", "check_budget", "check_ordered", "open_models", "prepare", "resolve_sources"]
+           "budget_of", "check_budget", "check_ordered", "listed_stats", "open_models", "prepare", "resolve_sources"]
 
 Source = "str | os.PathLike | Mapping[str, torch.Tensor]"  # a path, or a state dict
 StatsInput = "str | os.PathLike | Statistics | Mapping[str, torch.Tensor]"  # a directory, or statistics in memory
@@ -206,6 +206,19 @@ def check_ordered(models: Any) -> None:
         raise ConfigError(f"models must be a list or tuple, not a {type(models).__name__}: a set has no order, and "
                           "per-model options (weights, densities, statistics) are matched to the models by position",
                           hint="pass the models as a list, in the order of their per-model options")
+
+
+def listed_stats(stats: Any) -> Any:
+    """``stats`` with an iterator (a generator) read into a list once: counted against the models, it was used up
+    and then read as "0 statistics given for 2 models" (hp71a c50); a set refused as models' is (no order); anything
+    else as given, for the checks to name."""
+    if isinstance(stats, (set, frozenset)):
+        raise ConfigError(f"stats must be a list or tuple, not a {type(stats).__name__}: a set has no order, and "
+                          "statistics are matched to the models by position",
+                          hint="pass the statistics as a list, in the models' order")
+    if isinstance(stats, Iterator):
+        return list(stats)
+    return stats
 
 
 def resolve_sources(base: Any, models: Any) -> tuple[Any, Any]:
