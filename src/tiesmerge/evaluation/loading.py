@@ -554,13 +554,14 @@ def count_cut(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None 
 
 
 def warn_unknown(tokenizer: Any, texts: Sequence[str | Sequence[str]], *, max_length: int, where: str, effect: str,
-                 stacklevel: int = 3, what: str = "examples") -> None:
+                 stacklevel: int = 3, what: str = "examples", whose: str = "the base's tokenizer") -> None:
     """Said when most tokens of ``texts`` (the first 256 examples) are the tokenizer's unknown token: a model then
     reads every example as the same few tokens, and what is computed from them (``effect``) describes that token, not
     the texts (hp63b c25: statistics, AdaMerging and accuracies on texts a 5-token vocabulary read as [UNK], without a
     word; lm-perplexity alone said so). An example of several texts (a prompt and its choices) is a tuple of them
     (hp68b c33, c43: prompts and choices listed apart were counted as examples, and 256 prompts hid every choice).
-    ``what`` the items are called (a task's class descriptions: "tasks")."""
+    ``what`` the items are called (a task's class descriptions: "tasks"); ``whose`` the tokenizer (statistics read
+    the model's own, hp71b c03: "the base's tokenizer" of a command that has no base)."""
     unknown = getattr(tokenizer, "unk_token_id", None)
     if unknown is None or not texts:  # byte-level tokenizers (GPT-2's) know every text
         return
@@ -578,15 +579,15 @@ def warn_unknown(tokenizer: Any, texts: Sequence[str | Sequence[str]], *, max_le
     empty = [k for k, (t, i) in enumerate(zip(sample, ids)) if not i and t.strip()]
     if empty and all(isinstance(e, str) for e in examples):
         warnings.warn(MergeWarning(
-            f"{where}: {len(empty):,} of its first {len(examples):,} {what} are no tokens to the base's tokenizer (it "
+            f"{where}: {len(empty):,} of its first {len(examples):,} {what} are no tokens to {whose} (it "
             f"drops every character: zero-width or control characters), first {sample[empty[0]][:40]!r}, so each "
             f"is read as nothing, and counted all the same"), stacklevel=stacklevel)
     total = sum(len(i) for i in ids)
     share = sum(1 for i in ids for x in i if x == unknown) / max(1, total)
     if share >= 0.5:
         warnings.warn(MergeWarning(
-            f"{where}: {share:.0%} of the {total:,} tokens of its first {len(examples):,} {what} are unknown to the "
-            f"base's tokenizer ({tokenizer.unk_token!s}), so {effect}: the texts are not of the language or "
+            f"{where}: {share:.0%} of the {total:,} tokens of its first {len(examples):,} {what} are unknown to "
+            f"{whose} ({tokenizer.unk_token!s}), so {effect}: the texts are not of the language or "
             "vocabulary the model was trained on (or the tokenizer lacks its vocabulary)"), stacklevel=stacklevel)
 
 

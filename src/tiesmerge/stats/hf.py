@@ -202,7 +202,8 @@ def hf_statistics(kind: str, model_dir: str | os.PathLike, data: str | os.PathLi
         batch_size, padding = 1, "none: the tokenizer has no pad token, so one example per batch"
     pairs_all = [r["text_pair"] for r in rows] if rows and all("text_pair" in r for r in rows) else None
     warn_unknown(tokenizer, [r["text"] for r in rows], max_length=max_length, where=str(data), stacklevel=3,
-                 effect="the statistics describe how the model reads that token, not the texts")
+                 effect="the statistics describe how the model reads that token, not the texts",
+                 whose="the model's tokenizer")
     cut = count_cut(tokenizer, [r["text"] for r in rows], pairs_all, max_length=max_length)
     if cut:  # as adapt says it (hp41 C12: every example cut silently)
         import warnings
