@@ -74,3 +74,18 @@ def test_statistics_given_as_a_generator_are_counted_once(tmp_path):
     assert plan is not None
     with pytest.raises(ConfigError, match="stats must be a list or tuple, not a set"):
         tiesmerge.merge(base, models, "fisher", stats={"fs0", "fs1"})
+
+
+def test_a_statistics_folder_given_as_the_model_of_stats_is_named(tmp_path, capsys):
+    """hp71b c18: `stats fisher --model <a statistics folder>` was "the model holds no tokenizer ... copy the
+    tokenizer files of the model's base into it", and following that "config.json: no such file"."""
+    from helpers_ckpt import run_cli
+    from tiesmerge.stats.files import Statistics, StatsManifest, save_stats
+
+    folder = tmp_path / "fs"
+    save_stats(folder, Statistics(StatsManifest("fisher", 1), {"w": torch.ones(2)}))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "label": 0}\n')
+    for kind in ("fisher", "gram"):
+        rc, _, err = run_cli(["stats", kind, "--model", folder, "--data", data, "-o", tmp_path / f"o{kind}"], capsys)
+        assert rc != 0 and "is a statistics folder" in err and "tokenizer" not in err, err

@@ -86,6 +86,11 @@ def _config(model_dir: Path) -> dict:
     check_input(model_dir, "the model")
     if not model_dir.is_dir():
         raise CheckpointError(f"{model_dir}: not a directory", hint="--model takes a Hugging Face model directory")
+    if os.path.lexists(model_dir / "tiesmerge_stats.json"):  # (hp71b c18: "holds no tokenizer", then no config)
+        raise CheckpointError(f"{model_dir}: is a statistics folder (tiesmerge_stats.json: what tiesmerge stats "
+                              "wrote), not a model: its tensors are Fisher or Gram values",
+                              hint="--model takes the model the statistics are to be computed of (a Hugging Face "
+                                   "model directory)")
     try:
         open_checkpoint(model_dir).close()
     except CheckpointError as exc:
