@@ -89,3 +89,25 @@ def test_a_statistics_folder_given_as_the_model_of_stats_is_named(tmp_path, caps
     for kind in ("fisher", "gram"):
         rc, _, err = run_cli(["stats", kind, "--model", folder, "--data", data, "-o", tmp_path / f"o{kind}"], capsys)
         assert rc != 0 and "is a statistics folder" in err and "tokenizer" not in err, err
+
+
+def test_adapt_says_when_no_coefficient_moved():
+    """hp71b c40: classifiers whose softmax is saturated on every example gave gradients that were not exactly 0 (so
+    the first step's warning stayed silent) but too small for Adam to move any coefficient: "mean entropy 0.0 ->
+    0.0", every coefficient at --init, nothing said. A run that moved none says so; one that moved them does not."""
+    import warnings
+
+    import tiesmerge
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.errors import MergeWarning
+
+    base, fts = _family(2)
+    saturated = [{k: v * 1e3 for k, v in ft.items()} for ft in fts]
+    with pytest.warns(MergeWarning, match=r"no coefficient moved over the 3 steps.*saturated"):
+        result = tiesmerge.adapt(base, saturated, _data(), forward=_forward(), steps=3, granularity="task")
+    assert torch.all(result.coefficients == torch.tensor(0.3))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        moved = tiesmerge.adapt(base, fts, _data(), forward=_forward(), steps=3, granularity="task")
+    assert not torch.all(moved.coefficients == torch.tensor(0.3))
+    assert not [w for w in seen if "no coefficient moved" in str(w.message)]

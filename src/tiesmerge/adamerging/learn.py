@@ -198,6 +198,21 @@ def _warn_stuck(row: list[float], config: AdaptConfig, merger: Merger | None = N
         "; check the models' logits (huge weights) or start from another --init"), stacklevel=4)
 
 
+def _warn_unmoved(steps: int, rows: list[list[float]], config: AdaptConfig) -> None:
+    """No coefficient moved over the run's steps, though the first gradient was not exactly 0: gradients so small
+    (a saturated softmax: entropy ~0 everywhere) that Adam's steps vanish in float32 (hp71b c40: "mean entropy 0.0
+    -> 0.0", every coefficient at --init, said nowhere)."""
+    largest = max((max(r) for r in rows), default=0.0)
+    saturated = config.objective == "entropy" and largest < 1e-6
+    warnings.warn(MergeWarning(
+        f"no coefficient moved over the {steps:,} step{'s' if steps != 1 else ''}: they are their starting values "
+        "(--init, or the checkpoint's)" + (f", since the merged model's predictions are saturated (entropy at most "
+                                           f"{largest:.3g} on every task: one class takes all the probability, so "
+                                           "the gradients are too small to move them)" if saturated else
+                                           ", the gradients too small to move them") +
+        "; check the models' logits (huge weights), or start from another --init"), stacklevel=4)
+
+
 def batch_rows(rows: Sequence[Any], step: int, batch_size: int, seed: int, task_index: int) -> list[Any]:
     """The rows of ``step``'s batch of one task: positions step*B .. step*B+B-1 of the endless
     sequence of per-pass permutations (pass p shuffled by a generator seeded from (seed, task, p))."""
@@ -732,6 +747,8 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
                    dynamic_ncols=True)
     was_training = forward.training  # type: ignore[attr-defined]
     forward.eval()  # type: ignore[attr-defined]  # dropout off: the entropy of the model that will be written
+    started_at = lam.detach().clone()  # (T, ...) the coefficients this run starts from
+    stuck_said = False
     try:
         for step in range(start, config.steps):
             clock = time.perf_counter()
@@ -759,6 +776,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
             torch.autograd.backward([params[n] for n in used], [leaves[n].grad for n in used])
             if step == start and lam.grad is not None and not bool(lam.grad.any()):
                 _warn_stuck(row, config, merger)
+                stuck_said = True
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if config.clamp is not None:
@@ -775,6 +793,8 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
                 save(step + 1)
         if config.steps > start or (path is not None and not path.is_file()):
             save(max(config.steps, start))
+        if config.steps > start and not stuck_said and torch.equal(lam.detach(), started_at):
+            _warn_unmoved(config.steps - start, history.entropy[start:], config)
     finally:
         if bar is not None:
             bar.close()
