@@ -111,3 +111,18 @@ def test_adapt_says_when_no_coefficient_moved():
         moved = tiesmerge.adapt(base, fts, _data(), forward=_forward(), steps=3, granularity="task")
     assert not torch.all(moved.coefficients == torch.tensor(0.3))
     assert not [w for w in seen if "no coefficient moved" in str(w.message)]
+
+
+def test_a_subnormal_lora_alpha_warns_as_zero_does(tmp_path):
+    """hp71a c19: lora_alpha 1e-320 (scale 2.5e-321: 0 in float32) merged an adapter that changed nothing without the
+    warning lora_alpha 0 gets."""
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import MergeWarning
+
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, 1), alpha=1e-320)
+    with pytest.warns(MergeWarning, match=r"lora_alpha is 9.99989e-321, below float32's smallest normal number"):
+        tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "out"))

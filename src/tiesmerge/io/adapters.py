@@ -399,6 +399,11 @@ class LoraCheckpoint:
                 + ("0 and it changes nothing: the merge gets nothing from it" if alpha == 0 else
                    "negative and its change is applied reversed")
                 + " (PEFT's default lora_alpha is 8; trained adapters use a positive one)"), stacklevel=3)
+        elif alpha < np.finfo(np.float32).tiny:  # 1e-320: the float32 scale is 0 or subnormal (hp71a c19)
+            warnings.warn(MergeWarning(
+                f"{source}: lora_alpha is {alpha:g}, below float32's smallest normal number, so the adapter's scale "
+                "alpha / r is 0 or nearly in float32 and it changes nothing: the merge gets nothing from it (PEFT's "
+                "default lora_alpha is 8)"), stacklevel=3)
         alpha_pattern = _patterns(self.config, "alpha_pattern", source)
         reversed_or_off: list[tuple[str, float]] = []  # modules alpha_pattern gives an alpha <= 0 (hp26 N2)
         rank_pattern = _patterns(self.config, "rank_pattern", source)  # PEFT: a module's r, where a key matches
