@@ -126,3 +126,23 @@ def test_a_subnormal_lora_alpha_warns_as_zero_does(tmp_path):
     lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, 1), alpha=1e-320)
     with pytest.warns(MergeWarning, match=r"lora_alpha is 9.99989e-321, below float32's smallest normal number"):
         tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "out"))
+
+
+def test_a_normalization_twin_beside_both_forms_is_said():
+    """hp72a c10, c35: an input holding both the composed and the decomposed 'café.w' got the generic hint, its
+    table calling a name that prints like one present "missing"; the twin is now found beside names both hold."""
+    import unicodedata
+
+    import tiesmerge
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    nfc, nfd = unicodedata.normalize("NFC", "café.w"), unicodedata.normalize("NFD", "café.w")
+    cases = [({nfc: torch.zeros(3), "x.w": torch.zeros(2)}, {nfc: torch.ones(3), nfd: torch.ones(3),
+                                                              "x.w": torch.ones(2)}, "model 0 holds both"),
+             ({nfc: torch.zeros(3), nfd: torch.zeros(3)}, {nfc: torch.ones(3), "o.w": torch.ones(2)},
+              "the base holds both")]
+    for base, model, who in cases:
+        with pytest.raises(IncompatibleCheckpointsError) as caught:
+            tiesmerge.merge(base, [model], "ties")
+        hint = caught.value.hint
+        assert "differ only in Unicode normalization" in hint and "(U+0301)" in hint and who in hint, hint

@@ -15,7 +15,7 @@ import os
 import re
 import unicodedata
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -340,6 +340,26 @@ _RECOMPUTED = re.compile(r"(?:^|\.)rotary_emb\.inv_freq$")
 _PEFT_FACTOR = re.compile(r"\.lora_(?:A|B|embedding_A|embedding_B|magnitude_vector)(?:\.|$)")
 
 
+def _normalization_twin(missing: list[str], extra: list[str], base_names: Iterable[str], model_names: Iterable[str]
+                        ) -> tuple[str, str] | None:
+    """(a name one input lacks, the name it holds instead) that differ only in Unicode normalization: a missing name
+    and an extra one, or either beside a name both inputs hold (hp72a c10, c35: a model holding both forms)."""
+    def nfc(name: str) -> str:
+        return unicodedata.normalize("NFC", name)
+
+    in_model = {nfc(n): n for n in model_names if n not in missing}
+    for name in missing:  # the base's name; the model holds another form of it
+        other = in_model.get(nfc(name))
+        if other is not None and other != name:
+            return name, other
+    in_base = {nfc(n): n for n in base_names if n not in extra}
+    for name in extra:  # the model's name; the base holds another form of it
+        other = in_base.get(nfc(name))
+        if other is not None and other != name:
+            return other, name
+    return None
+
+
 def _code_points(name: str) -> str:
     """The non-ASCII characters of ``name`` as code points (U+00E9), where two names print alike."""
     return " ".join(f"U+{ord(c):04X}" for c in name if ord(c) > 127) or "ASCII only"
@@ -430,13 +450,14 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             lacking, role = (model, f"model {k}'s") if missing else (base, "the base's")
             left_out = lacking.shards_left_out() if hasattr(lacking, "shards_left_out") else []
             prefix = _prefix_apart(missing, extra)
-            alike = {unicodedata.normalize("NFC", n): n for n in missing}
-            twin = next(((alike[unicodedata.normalize("NFC", e)], e) for e in extra
-                         if unicodedata.normalize("NFC", e) in alike), None)
+            twin = _normalization_twin(missing, extra, names, have)
             if twin is not None:  # 'café.w' and 'café.w' printed alike (hp71a c38): their code points said
+                both = [who for who, held in (("the base", names), (f"model {k}", have))
+                        if twin[0] in held and twin[1] in held]
                 hint = (f"{twin[0]!r} ({_code_points(twin[0])}) and {twin[1]!r} ({_code_points(twin[1])}) differ only "
-                        "in Unicode normalization (a composed é beside e + a combining accent): save both models' "
-                        "tensor names in one form (NFC)")
+                        "in Unicode normalization (a composed é beside e + a combining accent)"
+                        + (f", and {both[0]} holds both: two tensors whose names print alike" if both else "")
+                        + ": save every model's tensor names in one form (NFC)")
             elif prefix is not None and not left_out:  # hp53 c44: the same model, saved with and without its head's
                 hint = (f"every name differs only by the prefix {prefix!r} (a model saved as its bare body, e.g. "
                         "LlamaModel, beside one saved with its head's wrapper, LlamaForCausalLM): load and save both "
