@@ -496,3 +496,37 @@ def test_a_baseless_recipe_of_other_vocabularies_is_said_in_its_terms(tmp_path, 
     rc, _, err = run_cli(["merge", str(_baseless(tmp_path, "b.yaml", "linear", fts[1], fts[0], "union")),
                           "-o", str(tmp_path / "b")], capsys)
     assert rc != 0 and "no model's tokens are all held by every other model" in err and "base_model" in err, err
+
+
+def test_a_baseless_recipes_tokenizer_source_is_checked_against_every_model(tmp_path, capsys):
+    """hp72a c02, c03, c39: union over models whose tokenizers cannot be read was said as "no model's tokens are all
+    held by every other model" (the merge now names the missing tokenizer); tokenizer_source: base over a model of
+    fewer rows than models[0] failed at merge time in the engine's words ("the base", "model 0"); and the shape
+    check offered tokenizer_source: base from the first model that differs, while a third had fewer rows."""
+    from safetensors.torch import load_file, save_file
+
+    base, fts = _family(tmp_path)
+    out = tmp_path / "out"
+    rc, _, err = run_cli(["merge", str(_baseless(tmp_path, "b.yaml", "linear", fts[0], base, "base")),
+                          "-o", str(out)], capsys)
+    assert rc != 0 and f"models[1] ({base}) has " in err, err
+    assert "of shape (18, 16) against models[0]'s (20, 16)" in err, err
+    assert "a cut cannot give it rows it lacks" in err and "model 0" not in err, err
+    small = tmp_path / "small"  # the base with its token tables cut to 16 rows: fewer than every other model's
+    small.mkdir()
+    state = load_file(str(base / "model.safetensors"))
+    save_file({n: (t[:16].clone() if t.shape[0] == 18 else t) for n, t in state.items()},
+              str(small / "model.safetensors"), metadata={"format": "pt"})
+    (small / "config.json").write_text((base / "config.json").read_text())
+    three = tmp_path / "three.yaml"
+    three.write_text("merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {p}\n    parameters: {{weight: 1.0}}\n" for p in (base, fts[0], small)))
+    rc, _, err = run_cli(["merge", str(three), "-o", str(out)], capsys)
+    assert rc != 0 and "differ in shape" in err and "tokenizer_source: union" in err, err
+    assert "tokenizer_source: base" not in err, err  # small has fewer rows than models[0]: a cut cannot help
+    for folder in (base, fts[0]):  # no tokenizer at all: named as such, not as tokens no model shares
+        for f in list(folder.glob("tokenizer*")) + list(folder.glob("special_tokens_map.json")):
+            f.unlink()
+    rc, _, err = run_cli(["merge", str(_baseless(tmp_path, "u.yaml", "linear", fts[0], base, "union")),
+                          "-o", str(out)], capsys)
+    assert rc != 0 and "no model's tokens" not in err and "tokenizer" in err, err

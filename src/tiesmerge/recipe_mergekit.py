@@ -437,8 +437,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                                f"{', '.join(MERGEKIT_METHODS)} with scalar parameters (slerp's t also with filters "
                                "and gradients): see tiesmerge merge --help")
     weights = [float(w) for w in per_model["weight"]] if "weight" in defaults else []
-    if base is None and tok is None and method in ("linear", "nuslerp"):
-        _refuse_unaligned(paths, problems)
+    if base is None and tok in (None, "base") and method in ("linear", "nuslerp"):
+        _refuse_unaligned(paths, tok, problems)
     if method in _FAMILY:
         method_name, params, semantics = _translate_family(method, options, weights, per_model, paths, base,
                                                            problems, warnings, union=tok == "union")
@@ -520,37 +520,50 @@ def _shapes_differ(paths: list[str], base: str | None) -> bool:
     return shapes[0] != shapes[1]
 
 
-def _refuse_unaligned(paths: list[str], problems: list[str]) -> None:
-    """A base-less recipe whose models' tensors differ in shape (vocabularies that differ) and that gives no
-    tokenizer_source: said in the recipe's terms (hp69a c24: "shapes differ between the base and model 0", of a
-    recipe that has no base, its models[1] called model 0)."""
+def _refuse_unaligned(paths: list[str], tok: str | None, problems: list[str]) -> None:
+    """A base-less recipe whose models' tensors differ in shape (vocabularies that differ) said in the recipe's terms
+    (hp69a c24: "shapes differ between the base and model 0", of a recipe that has no base, its models[1] called
+    model 0): without a tokenizer_source, and under tokenizer_source: base where a model has fewer rows than
+    models[0], whose tokenizer it keeps (hp72a c03, c39: its cut cannot give a model rows it lacks)."""
     shapes = [_probe(p, lambda c: {n: tuple(c.info(n).shape) for n in c.names()}) for p in paths]
     if any(found is None for found in shapes):
         return  # a folder that cannot be read: the merge names it
-    for k in range(1, len(paths)):
-        differ = sorted(n for n in shapes[0].keys() & shapes[k].keys() if shapes[0][n] != shapes[k][n])
-        if differ:
-            name, more = differ[0], f", and {len(differ) - 1} more" if len(differ) > 1 else ""
-            problems.append(f"models[0] ({paths[0]}) and models[{k}] ({paths[k]}) differ in shape ({name!r}: "
-                            f"{shapes[0][name]} and {shapes[k][name]}{more}): "
-                            "their vocabularies differ, and the recipe aligns none: add tokenizer_source: union "
-                            "(the output's tokenizer holds every model's tokens)" + (
-                                ", or tokenizer_source: base (models[0]'s tokenizer: the others' rows cut to it)"
-                                if shapes[0][name] < shapes[k][name] else ""))
-            return
+    differ = [(k, n) for k in range(1, len(paths)) for n in sorted(shapes[0].keys() & shapes[k].keys())
+              if shapes[0][n] != shapes[k][n]]
+    # rows models[0]'s tokenizer can cut the others' tables to: theirs are longer, the rest of the shape the same
+    shorter = [(k, n) for k, n in differ if len(shapes[k][n]) != len(shapes[0][n]) or shapes[k][n][0] <
+               shapes[0][n][0] or shapes[k][n][1:] != shapes[0][n][1:]]
+    if tok == "base":
+        if shorter:
+            k, name = shorter[0]
+            problems.append(f"tokenizer_source: base keeps models[0]'s tokenizer ({paths[0]}) and cuts every other "
+                            f"model's token tables to it, but models[{k}] ({paths[k]}) has {name!r} of shape "
+                            f"{shapes[k][name]} against models[0]'s {shapes[0][name]}: a cut cannot give it rows it "
+                            "lacks; use tokenizer_source: union, or list first the model of the smallest vocabulary")
+        return
+    if differ:
+        k, name = differ[0]
+        more = sum(1 for j, _ in differ if j == k) - 1
+        problems.append(f"models[0] ({paths[0]}) and models[{k}] ({paths[k]}) differ in shape ({name!r}: "
+                        f"{shapes[0][name]} and {shapes[k][name]}{f', and {more} more' if more else ''}): "
+                        "their vocabularies differ, and the recipe aligns none: add tokenizer_source: union "
+                        "(the output's tokenizer holds every model's tokens)" + (
+                            ", or tokenizer_source: base (models[0]'s tokenizer: the others' rows cut to it)"
+                            if not shorter else ""))
 
 
 def _union_anchor(paths: list[str]) -> int | None:
     """Which model a base-less linear merge under tokenizer_source: union reads as the engine's base: the first
     whose tokens every other model holds at the same ids (union extends the base's vocabulary by the others' added
     tokens, so the base must be a common part; mergekit's union does not depend on the order, hp69a c24). None where
-    no model is (or a tokenizer cannot be read: the merge names it)."""
+    no model is; 0 where a tokenizer cannot be read, which the merge names (hp72a c02: said as tokens no model
+    shares)."""
     from .io.vocab import read_vocab
 
     try:
         vocabs = [read_vocab(p, p) for p in paths]
     except TiesMergeError:
-        return None
+        return 0
     for k in sorted(range(len(paths)), key=lambda k: vocabs[k].size):
         own = vocabs[k].tokens
         if all(all(other.tokens.get(i) == text for i, text in own.items())
