@@ -146,3 +146,23 @@ def test_a_normalization_twin_beside_both_forms_is_said():
             tiesmerge.merge(base, [model], "ties")
         hint = caught.value.hint
         assert "differ only in Unicode normalization" in hint and "(U+0301)" in hint and who in hint, hint
+
+
+def test_the_card_of_an_in_memory_merge_offers_no_rerun_of_labels(tmp_path):
+    """hp72a c37: state dicts merged from Python into a folder got a card saying "Re-run with `tiesmerge merge
+    recipe.yaml`" over `base: base state dict` (and front matter base_model: base state dict); followed, it failed
+    as "no such file" (or read a folder of that name). The card now says which inputs were in memory."""
+    import tiesmerge
+    from helpers_ckpt import make_family, write_hf_dir
+
+    base, models = make_family(2)
+    on_disk = write_hf_dir(tmp_path / "ft1", models[1])
+    out = tiesmerge.merge(base, [models[0], str(on_disk)], "ties", output=tmp_path / "out")
+    card = (out / "README.md").read_text()
+    assert "inputs held in memory (base state dict, models[0] state dict)" in card, card
+    assert "Re-run with" not in card and "base_model:" not in card.split("---")[1]
+    paths = tiesmerge.merge(str(write_hf_dir(tmp_path / "base", base)),
+                            [str(write_hf_dir(tmp_path / "ft0", models[0])), str(on_disk)], "ties",
+                            output=tmp_path / "out2")
+    card = (paths / "README.md").read_text()
+    assert "Re-run with" in card and "base_model:" in card and "in memory" not in card

@@ -565,7 +565,10 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                     recipe, base=_pinned(base, recipe.base),
                     models=tuple(_pinned(s, label) for s, label in zip(models, recipe.models))).to_yaml(),
                 method_name=m.name, paper=m.paper, summary=m.summary,
-                version=__version__, adapter=adapter_part["kind"] if adapter_part else False),
+                version=__version__, adapter=adapter_part["kind"] if adapter_part else False,
+                in_memory=[label for source, label in zip([base, *models, *(stats or ())],
+                                                          [recipe.base, *recipe.models, *(recipe.stats or ())])
+                           if not isinstance(source, (str, os.PathLike))]),
                 encoding="utf-8", errors="backslashreplace")  # a path's undecodable bytes: \xff
             run_stats.seconds["total"] = time.perf_counter() - started
             manifest = merge_manifest(recipe, executor, run_stats, hashed, files, copied)

@@ -11,7 +11,7 @@ import stat
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -297,13 +297,19 @@ def _fence(text: str) -> str:
     return "`" * max(3, max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
 
 
-def _rerun(method_name: str) -> str:
+def _rerun(method_name: str, in_memory: Sequence[str] = ()) -> str:
     """How the recipe below is run again. An AdaMerging merge is learned by ``tiesmerge adapt``, which no recipe
-    runs: "Re-run with tiesmerge merge recipe.yaml" failed as "unknown method 'adamerging'" (hp36 C45)."""
+    runs: "Re-run with tiesmerge merge recipe.yaml" failed as "unknown method 'adamerging'" (hp36 C45). Inputs
+    that were state dicts in memory have no path a recipe can name: said, not offered as paths (hp72a c37)."""
     if method_name == "adamerging":
         return ("Learned by `tiesmerge adapt` (the coefficients are in `adamerging_coefficients.json` beside this "
                 "card). The record below is not a recipe `tiesmerge merge` runs: `tiesmerge adapt` with the same "
                 "models, data and options (in `tiesmerge.json`) learns the merge again:")
+    if in_memory:
+        return (f"Merged from Python (`tiesmerge.merge`) with inputs held in memory ({', '.join(in_memory)}), which "
+                "no file names: the record below is a recipe only once each of them is saved "
+                "(`safetensors.torch.save_file`, or `tiesmerge.save_stats` for statistics) and its label is "
+                "replaced by that path; then `tiesmerge merge recipe.yaml -o OUT` runs it:")
     return ("Re-run with `tiesmerge merge recipe.yaml -o OUT` (its paths are as they were typed: save it in the "
             "folder the merge ran from):")
 
@@ -313,13 +319,15 @@ _ADAPTER_NAMES = {"lora": "LoRA", "ia3": "(IA)³"}
 
 def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, method_name: str, paper: str,
                summary: str, version: str, base_revision: str | None = None, base_commit: str | None = None,
-               adapter: bool | str = False) -> str:
+               adapter: bool | str = False, in_memory: Sequence[str] = ()) -> str:
     """``base_label``: the base's path, or its Hugging Face repo id (then ``base_revision`` as asked
     and the ``base_commit`` read from the local cache, when it was named by id). ``adapter``: the output is a merged
     PEFT adapter (``--output-format adapter``), its kind ("lora", "ia3"; True: LoRA), which PEFT loads on the base,
-    not transformers alone (hp36 C57; hp57 c80: an (IA)³ one was titled and tagged LoRA)."""
+    not transformers alone (hp36 C57; hp57 c80: an (IA)³ one was titled and tagged LoRA). ``in_memory``: the labels
+    of inputs given as state dicts or statistics in memory (no path; a base among them gets no base_model)."""
     kind = ("lora" if adapter is True else adapter) if adapter else None
-    front = yaml.safe_dump({"base_model": base_label, "tags": ["merge", "tiesmerge", method_name,
+    named = {} if base_label in in_memory else {"base_model": base_label}  # "base state dict" is no model id
+    front = yaml.safe_dump({**named, "tags": ["merge", "tiesmerge", method_name,
                                                                *([kind] if kind else [])],
                             "library_name": "peft" if adapter else "transformers"}, sort_keys=False)
     title = f"{_ADAPTER_NAMES.get(kind, str(kind))} adapter (load it on the base with PEFT)" if kind else "model"
@@ -342,7 +350,7 @@ Models merged:
 
 ## {"How it was made" if method_name == "adamerging" else "Recipe"}
 
-{_rerun(method_name)}
+{_rerun(method_name, in_memory)}
 
 {fence}yaml
 {recipe_yaml.rstrip()}
