@@ -166,3 +166,38 @@ def test_the_card_of_an_in_memory_merge_offers_no_rerun_of_labels(tmp_path):
                             output=tmp_path / "out2")
     card = (paths / "README.md").read_text()
     assert "Re-run with" in card and "base_model:" in card and "in memory" not in card
+
+
+def test_fine_tunes_that_are_no_softmax_classifiers_are_refused(classifiers, tmp_path, capsys):
+    """hp72b c03, c04, c52: fine-tunes trained multi-label (problem_type multi_label_classification) beside a base
+    whose config says nothing were scored by tune's and search's classifier-accuracy and weighed by adapt as
+    softmax classifiers; c37: a base saying problem_type regression (2 outputs) was read as a 2-class softmax by
+    classifier-accuracy and stats fisher. Every model's config is read now, and regression is refused too."""
+    import json
+    import shutil
+
+    import tiesmerge
+    from helpers_ckpt import run_cli
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+    from tiesmerge.stats.hf import hf_statistics
+
+    _, base, fts, data = classifiers
+    multi = tmp_path / "multi"
+    shutil.copytree(fts[0], multi)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    (tmp_path / "ev.py").write_text("def score(state):\n    return 1.0\n")
+    for command in (["tune", "--grid", "lam=1"], ["search", "--grid", "lam=1", "--dir", str(tmp_path / "s")]):
+        rc, _, err = run_cli([*command, "--method", "task_arithmetic", "--base", base, "--model", multi,
+                              "--model", fts[1], "--evaluator", f"classifier-accuracy:{data}"], capsys)
+        assert rc != 0 and "model 0 problem_type multi_label_classification" in err, err
+    with pytest.raises(ConfigError, match="model 0 problem_type multi_label_classification: adapt's classifier"):
+        tiesmerge.adapt(base, [multi, fts[1]], [data, data], tasks=["a", "b"], steps=1)
+    regression = tmp_path / "regression"
+    shutil.copytree(base, regression)
+    (regression / "config.json").write_text(json.dumps({**config, "num_labels": 2, "problem_type": "regression"}))
+    for call in (lambda: builtin_evaluator(f"classifier-accuracy:{data}", regression),
+                 lambda: hf_statistics("fisher", regression, data)):
+        with pytest.raises(ConfigError, match="problem_type regression: .* gives each output as a value"):
+            call()

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from ..errors import ConfigError, MergeWarning, OutputError
 from ..evaluation.forward import ChoiceLogits, TaskForward, as_rows, load_forward
-from ..evaluation.loading import warn_unknown
+from ..evaluation.loading import refuse_multi_label, warn_unknown
 from ..evaluation.rank_classification import MAX_CHOICES
 from ..inputs import (
     Source,
@@ -453,6 +453,8 @@ def _adapt(started: float, config: AdaptConfig, m: MergeMethod, base: Source, mo
             raise ConfigError("a forward built from a directory needs the base as a directory",
                               hint="pass forward= a task forward module holding the base's weights")
         kind = forward
+        if forward == "classifier":  # the fine-tunes' heads too, not only the base's config (hp72b c52)
+            refuse_multi_label(base, "adapt's classifier forward (its entropy and cross-entropy)", models)
         fwd: TaskForward = load_forward(forward, base, heads=heads, choices=choices, max_length=max_length,
                                         device=device)  # type: ignore[assignment]
         if forward == "choice":  # (a causal LM: checked by load_forward) a task without choices needs them per row

@@ -14,6 +14,7 @@ import re
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +119,14 @@ def _module_file(module: str) -> str:
     return spec.origin if spec is not None and spec.origin else module
 
 
-def _evaluator(spec: str, base: Any, device: str) -> Any:
+def _evaluator(spec: str, base: Any, device: str, models: Sequence[Any] = ()) -> Any:
     """A built-in evaluator (``NAME:FILE``, its file read and checked now) or the user's ``module:function``."""
     from ..evaluation.builtin import builtin_evaluator
+    from ..evaluation.loading import refuse_multi_label
 
     builtin = builtin_evaluator(spec, base, device=device)  # scored where the candidates are merged
+    if builtin is not None and spec.partition(":")[0] == "classifier-accuracy":  # the fine-tunes' heads too
+        refuse_multi_label(base, "classifier-accuracy", models)  # (hp72b c03: a base that says nothing)
     return builtin if builtin is not None else _load_callable(spec)
 
 
@@ -214,7 +218,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
                               + (", reached through another mount of it," if not nested(args.json, args.output)
                                  else ",") + " which the best merge replaces",
                               hint="write the scores beside the output, not into it")
-    evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
+    evaluate = guard(_evaluator(args.evaluator, args.base, args.device, args.models), f"--evaluator {args.evaluator}",
+                     finite=True)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
     if args.json:
@@ -319,7 +324,8 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other, "
                               "or the output names a file the search writes there (its log, results.md, report.html)",
                               hint="choose separate paths, or a folder of its own inside --dir (e.g. DIR/best)")
-    evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}", finite=True)
+    evaluate = guard(_evaluator(args.evaluator, args.base, args.device, args.models), f"--evaluator {args.evaluator}",
+                     finite=True)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
     _check_writes(args.output, args.force, module)
     _check_copies(args.output, args.base)

@@ -184,18 +184,28 @@ def config_num_labels(directory: str | os.PathLike, config: dict | None = None) 
     return num
 
 
-def refuse_multi_label(directory: str | os.PathLike, purpose: str) -> None:
-    """A classifier whose config.json says ``problem_type: multi_label_classification`` scores each label on its own
-    (a sigmoid each, several labels true at once), where ``purpose`` reads its logits as one softmax over exclusive
-    classes and a label as one class index: refused (hp71b c32, c41: a softmax Fisher, accuracies and entropies of a
-    multi-label model, computed without a word)."""
-    config = _json_object(Path(directory) / "config.json") or {}
-    if config.get("problem_type") == "multi_label_classification":
-        raise ConfigError(f"{Path(directory) / 'config.json'}: problem_type multi_label_classification: {purpose} "
-                          "reads a classifier's logits as one softmax over exclusive classes (a label is one class "
-                          "index), while this head scores each label on its own (a sigmoid each)",
-                          hint="give a single-label classifier, or score this model with an evaluator of your own "
-                               "(module:function)")
+_NOT_SOFTMAX = {"multi_label_classification": "scores each label on its own (a sigmoid each)",
+                "regression": "gives each output as a value to regress, not a class's logit"}
+
+
+def refuse_multi_label(directory: str | os.PathLike, purpose: str, models: Sequence[Any] = ()) -> None:
+    """A classifier whose config.json says ``problem_type: multi_label_classification`` (a sigmoid per label, several
+    true at once) or ``regression`` (outputs as values) where ``purpose`` reads its logits as one softmax over
+    exclusive classes and a label as one class index: refused (hp71b c32, c41: a softmax Fisher, accuracies and
+    entropies of a multi-label model, computed without a word). The base's config and every model folder's in
+    ``models`` (hp72b c03, c37, c52: fine-tunes trained multi-label beside a base that says nothing)."""
+    folders = [("", Path(directory)), *((f"model {k} ", Path(m)) for k, m in enumerate(models)
+                                        if isinstance(m, (str, os.PathLike)) and os.path.isdir(m))]
+    for who, folder in folders:
+        config = _json_object(folder / "config.json") or {}
+        kind = config.get("problem_type")
+        if isinstance(kind, str) and kind in _NOT_SOFTMAX:
+            raise ConfigError(f"{folder / 'config.json'}: {who}problem_type {kind}: {purpose} reads a classifier's "
+                              "logits as one softmax over exclusive classes (a label is one class index), while "
+                              f"this head {_NOT_SOFTMAX[kind]}",
+                              hint="give single-label classifiers (problem_type single_label_classification, or "
+                                   "none)" + (", or score them with an evaluator of your own (module:function)"
+                                              if purpose == "classifier-accuracy" else ""))
 
 
 def config_vocab_size(directory: str | os.PathLike) -> int | None:
