@@ -201,3 +201,20 @@ def test_fine_tunes_that_are_no_softmax_classifiers_are_refused(classifiers, tmp
                  lambda: hf_statistics("fisher", regression, data)):
         with pytest.raises(ConfigError, match="problem_type regression: .* gives each output as a value"):
             call()
+
+
+def test_tunes_json_with_a_trailing_slash_is_refused(tmp_path, capsys, monkeypatch):
+    """hp72b c22: `tune --json tjd/` (a folder's spelling) wrote the file tjd: argparse's Path dropped the slash before
+    the output-file check that refuses it (as adapt --checkpoint's does)."""
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    base, models = make_family(2)
+    for name, state in zip(("base", "a", "b"), (base, *models)):
+        write_hf_dir(tmp_path / name, state)
+    (tmp_path / "evt.py").write_text("def score(state):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rc, _, err = run_cli(["tune", "--base", "base", "--model", "a", "--model", "b", "--method", "task_arithmetic",
+                          "--grid", "lam=1", "--evaluator", "evt:score", "--json", "tjd/"], capsys)
+    assert rc != 0 and "ends with '/', which names a folder" in err, err
+    assert not (tmp_path / "tjd").exists()

@@ -212,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-budget", default=None)
     _tuning_input_flags(t)
     t.add_argument("-o", "--output", help="write the best merge here as an HF directory")
-    t.add_argument("--json", type=Path, help="write every grid point's score here")
+    t.add_argument("--json", metavar="FILE", help="write every grid point's score here")
     t.add_argument("--force", action="store_true",
                    help="replace an output directory tiesmerge wrote before (never an input)")
 
