@@ -218,3 +218,19 @@ def test_tunes_json_with_a_trailing_slash_is_refused(tmp_path, capsys, monkeypat
                           "--grid", "lam=1", "--evaluator", "evt:score", "--json", "tjd/"], capsys)
     assert rc != 0 and "ends with '/', which names a folder" in err, err
     assert not (tmp_path / "tjd").exists()
+
+
+def test_stats_options_refused_together_and_a_data_folder_named(tmp_path, capsys, monkeypatch):
+    """hp72b c39: stats gram with --fisher and --per-example hinted "leave --fisher out", then refused the next run
+    for --per-example; c14: `--data .` was "the output lies inside the data file (.)", a folder called a file, with
+    advice to move the output."""
+    from helpers_ckpt import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 0}\n')
+    rc, _, err = run_cli(["stats", "gram", "--model", "m", "--data", "d.jsonl", "-o", "s", "--fisher", "batched",
+                          "--per-example", "vmap"], capsys)
+    assert rc != 0 and "leave --fisher and --per-example out" in err, err
+    rc, _, err = run_cli(["stats", "fisher", "--model", "m", "--data", ".", "-o", "s1"], capsys)
+    assert rc != 0 and "--data .: is a directory" in err and "lies inside" not in err, err

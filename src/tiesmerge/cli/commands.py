@@ -671,7 +671,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.kind != "fisher" and given:  # hp29 N7: they were ignored without a word
         raise ConfigError(f"{' and '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to fisher statistics "
                           f"(per-example gradients), and {args.kind} "
-                          "statistics are input Gram matrices from a forward pass", hint=f"leave {given[0]} out")
+                          "statistics are input Gram matrices from a forward pass",
+                          hint=f"leave {' and '.join(given)} out")  # both, where both were given (hp72b c39)
+    if os.path.isdir(args.data):  # said as what it is, before "the output lies inside the data file (.)" (hp72b c14)
+        raise ConfigError(f"--data {args.data}: is a directory, and --data takes a JSONL file of examples",
+                          hint='give the file itself: one {"text": ..., "label": ...} object per line')
     _check_writes(args.output, args.force, [("the model", args.model), ("the data file", args.data)],
                   "tiesmerge_stats.json")
     started = time.perf_counter()
