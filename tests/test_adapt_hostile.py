@@ -210,7 +210,8 @@ def test_resuming_another_runs_checkpoint_names_the_settings_that_differ(tmp_pat
     with pytest.raises(ConfigError, match=r"another run \(--lr 0\.001 there, 0\.002 now\)"):
         tiesmerge.adapt(base, fts, files, forward=_forward(), steps=4, checkpoint=ck, resume=True, lr=0.002)
     # the method is named too, since hp39 C24 (it said "other models, data, method or forward settings")
-    with pytest.raises(ConfigError, match=r"another run \(the method 'task_arithmetic' there, 'ties' now\)"):
+    with pytest.raises(ConfigError, match=r"another run \(the method `--method task_arithmetic` \(its defaults\) "
+                                          r"there, `--method ties` \(its defaults\) now\)"):
         tiesmerge.adapt(base, fts, files, "ties", forward=_forward(), steps=4, checkpoint=ck, resume=True)
 
 

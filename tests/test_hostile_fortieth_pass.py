@@ -30,7 +30,8 @@ def test_adapt_resumes_with_the_same_folders_spelled_otherwise_and_names_what_di
     data[1][0]["x"] = [9.0, 9.0, 9.0, 9.0]
     with pytest.raises(ConfigError, match=r"another run \(the data of task\(s\) 'task1' \(another file"):
         tiesmerge.adapt("base", ["a", "b"], data, "task_arithmetic", steps=4, resume=True, **kwargs)
-    with pytest.raises(ConfigError, match=r"another run \(the method 'task_arithmetic.*' there, 'ties.*' now\)"):
+    with pytest.raises(ConfigError, match=r"another run \(the method `--method task_arithmetic.* there, "
+                                          r"`--method ties.* now\)"):
         tiesmerge.adapt("base", ["a", "b"], _data(), "ties", steps=4, resume=True, **kwargs)
     # the model that differs is named (hp41 C69)
     with pytest.raises(ConfigError, match=r"another run \(model 0 \S+/a there, \S+/b now; model 1 \S+/b there, "):

@@ -234,3 +234,14 @@ def test_stats_options_refused_together_and_a_data_folder_named(tmp_path, capsys
     assert rc != 0 and "leave --fisher and --per-example out" in err, err
     rc, _, err = run_cli(["stats", "fisher", "--model", "m", "--data", ".", "-o", "s1"], capsys)
     assert rc != 0 and "--data .: is a directory" in err and "lies inside" not in err, err
+
+
+def test_another_runs_method_is_named_as_flags():
+    """hp72b c41: adapt's "another run" named the method as 'ties:density=0.5' (no command takes that) beside 'ties'
+    (which hid that its density is the default); both are the flags that give them now."""
+    from tiesmerge.adamerging.learn import _method_flags
+
+    assert _method_flags("ties:density=0.5") == "`--method ties --density 0.5`"
+    assert _method_flags("ties") == "`--method ties` (its defaults)"
+    assert _method_flags("ties:densities=[0.1, 0.2],lam=2.0") == "`--method ties --densities 0.1 0.2 --lam 2.0`"
+    assert _method_flags("dare_ties:rescale=false") == "`--method dare_ties --no-rescale`"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -354,13 +355,34 @@ def _differing_parts(saved: str, expected: str) -> list[str]:
         return [_DAMAGED]
 
 
+def _method_flags(spec: Any) -> str:
+    """A fingerprint's method (``ties:density=0.5``, the options that differ from the defaults) as the flags that
+    give it (``--method ties --density 0.5``): the spec is no syntax any command takes (hp72b c41)."""
+    if not isinstance(spec, str):
+        return repr(spec)
+    name, _, options = spec.partition(":")
+    flags = [f"--method {name}"]
+    for item in re.split(r",(?=[A-Za-z_][A-Za-z0-9_]*=)", options) if options else []:
+        key, _, text = item.partition("=")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):  # --rescale / --no-rescale
+            flags.append(f"--{'' if value else 'no-'}{flag}")
+        else:
+            flags.append(f"--{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return f"`{' '.join(flags)}`" + ("" if options else " (its defaults)")
+
+
 def _parts_apart(there: dict, now: dict) -> list[str]:
     out = []
     old_inputs, new_inputs = there.get("inputs"), now.get("inputs")  # [[name, stamp of its files], ...], base first
     if old_inputs != new_inputs:
         out.append(_differing_inputs(old_inputs, new_inputs))
     if there.get("method") != now.get("method"):
-        out.append(f"the method {there.get('method')!r} there, {now.get('method')!r} now")
+        out.append(f"the method {_method_flags(there.get('method'))} there, {_method_flags(now.get('method'))} now")
     if there.get("forward") != now.get("forward"):
         out.append(f"the forward {there.get('forward')!r} there, {now.get('forward')!r} now")
     old_settings, new_settings = there.get("forward_settings"), now.get("forward_settings")
