@@ -245,3 +245,20 @@ def test_another_runs_method_is_named_as_flags():
     assert _method_flags("ties") == "`--method ties` (its defaults)"
     assert _method_flags("ties:densities=[0.1, 0.2],lam=2.0") == "`--method ties --densities 0.1 0.2 --lam 2.0`"
     assert _method_flags("dare_ties:rescale=false") == "`--method dare_ties --no-rescale`"
+
+
+def test_base_weight_is_checked_on_the_running_float32_sum():
+    """hp72a c07: average with base_weight 2e38 and weights -1e38, -1e38 was refused as "must sum to at most 3.4e38
+    in magnitude": their sum is 0 (never past float32 on the way), which is what is wrong with them; 2e38, -1e38,
+    -0.5e38 (a sum of 5e37) merges."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    base = {"w": torch.zeros(2)}
+    models = [{"w": torch.ones(2)}, {"w": torch.full((2,), 2.0)}]
+    with pytest.raises(ConfigError, match="sum to 0"):
+        tiesmerge.merge(base, models, "average", base_weight=2e38, weights=[-1e38, -1e38])
+    merged = tiesmerge.merge(base, models, "average", base_weight=2e38, weights=[-1e38, -0.5e38])
+    assert torch.isfinite(merged["w"]).all()
+    with pytest.raises(ConfigError, match=r"add up, in this order, to 6e\+38 after 2 of them"):
+        tiesmerge.merge(base, models, "average", base_weight=3e38, weights=[3e38, 1.0])

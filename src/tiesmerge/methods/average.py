@@ -61,10 +61,15 @@ class Average:
             if self.weights is None:
                 raise ConfigError("base_weight needs the models' weights too", hint="give weights, one per model")
             w = (self.base_weight, *self.weights)
-            if math.fsum(abs(x) for x in w) > FLOAT32_MAX:  # the sum is taken in float32, as mergekit's linear
-                # takes it: Inf there, found only after the merge (hp71a c09: weight 3e38 on both models)
-                raise ConfigError(f"the weights {', '.join(f'{x:.10g}' for x in w)} (base_weight first) must sum to "
-                                  "at most 3.4e38 in magnitude (the merge adds them in float32)",
+            # the sum is taken in float32, in this order, as mergekit's linear takes it: a running sum past 3.4e38 is
+            # Inf there, found only after the merge (hp71a c09: weight 3e38 on both models); 2e38, -1e38, -1e38 never
+            # leaves float32's range, and sums to 0, which the rule below names (hp72a c07: "must sum to at most")
+            running = [math.fsum(w[:k + 1]) for k in range(len(w))]
+            past = next((k for k, total in enumerate(running) if abs(total) > FLOAT32_MAX), None)
+            if past is not None:
+                raise ConfigError(f"the weights {', '.join(f'{x:.10g}' for x in w)} (base_weight first) add up, in "
+                                  f"this order, to {running[past]:.3g} after {past + 1} of them, past float32's "
+                                  "3.4e38 (the merge adds them in float32)",
                                   hint="give weights of ordinary size"
                                   + ("; only their ratios matter (they are normalized)" if self.normalize_weights
                                      else ""))
