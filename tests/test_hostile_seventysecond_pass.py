@@ -262,3 +262,22 @@ def test_base_weight_is_checked_on_the_running_float32_sum():
     assert torch.isfinite(merged["w"]).all()
     with pytest.raises(ConfigError, match=r"add up, in this order, to 6e\+38 after 2 of them"):
         tiesmerge.merge(base, models, "average", base_weight=3e38, weights=[3e38, 1.0])
+
+
+@pytest.mark.parametrize("make", ["fifo", "folder"])
+def test_a_kernel_cache_entry_that_is_no_file_is_refused(tmp_path, make):
+    """hp72b c08: a FIFO at a kernel's place in numba's cache (NUMBA_CACHE_DIR) hung the run (numba opened it and
+    waited); c07: a folder there failed numba's write naming its temporary file, gone by then. Both are refused
+    before numba reads its cache, naming the entry."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "nc" / "some_package_dir"
+    cache.mkdir(parents=True)
+    entry = cache / "kernels._ties_kernel-312.py311.1.nbc"
+    os.mkfifo(entry) if make == "fifo" else entry.mkdir()
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "nc")}
+    done = subprocess.run([sys.executable, "-c", "import tiesmerge.engine.kernels"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and f"{entry}: is a {'FIFO' if make == 'fifo' else 'folder'}" in done.stderr

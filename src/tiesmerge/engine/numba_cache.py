@@ -55,6 +55,45 @@ def place() -> None:
         os.environ["NUMBA_CACHE_DIR"] = str(folder / "numba")
 
 
+_MAX_SCANNED = 20_000  # entries of a shared NUMBA_CACHE_DIR looked at, at most: a bound on the start-up cost
+_checked = False
+
+
+def check_cache_files() -> None:
+    """Refuse a cache entry of tiesmerge's kernels (``kernels.*.nbi``/``.nbc``, ``exactk.*``) that is no regular file:
+    numba opens a FIFO there and waits on it for good (hp72b c08: the run hung), and a folder there fails its write
+    naming a temporary file that is gone (c07). Once per process, before numba reads its cache."""
+    global _checked
+    if _checked:
+        return
+    import stat
+
+    folder = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                               "__pycache__")
+    seen = 0
+    for root, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            seen += 1
+            if not name.startswith(("kernels.", "exactk.")) or not name.endswith((".nbi", ".nbc")):
+                continue
+            path = os.path.join(root, name)
+            try:
+                mode = os.stat(path).st_mode  # a link followed, as numba follows it
+            except OSError:
+                continue  # a dangling link: numba's own write replaces it
+            if not stat.S_ISREG(mode):
+                from ..errors import OutputError
+
+                what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "no regular file"
+                raise OutputError(f"{path}: is {what}, in numba's cache of the kernels tiesmerge compiled, where "
+                                  "numba keeps a file (it would wait on a FIFO for good, and fail to write over a "
+                                  "folder)", hint=f"remove it (or the cache folder {folder}), then run again: the "
+                                                  "kernels are compiled afresh")
+        if seen > _MAX_SCANNED:
+            break
+    _checked = True  # only once the scan passed: a refused import is tried again, and checked again
+
+
 def import_numba() -> None:
     """Import numba with its settings taken from the environment's ``NUMBA_*`` variables only.
 
@@ -67,6 +106,7 @@ def import_numba() -> None:
     and told to look for no file afterwards. Its complaint about a ``NUMBA_*`` value it cannot
     parse (a warning carrying a whole traceback; numba then uses its default) becomes one line naming
     the variable. Raises ImportError where numba is not installed or fails to import."""
+    check_cache_files()
     if "numba.core.config" in sys.modules:
         return
     absent = object()
