@@ -281,3 +281,20 @@ def test_a_kernel_cache_entry_that_is_no_file_is_refused(tmp_path, make):
     done = subprocess.run([sys.executable, "-c", "import tiesmerge.engine.kernels"], env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and f"{entry}: is a {'FIFO' if make == 'fifo' else 'folder'}" in done.stderr
+
+
+@pytest.mark.parametrize("convert", ["tolist", "numpy"])
+def test_a_logits_fn_leaving_torch_under_vmap_is_told_to_loop(convert):
+    """hp72b c45: under the default per_example="vmap", a logits_fn returning .tolist() or .numpy() of its logits
+    raised torch's own RuntimeError ("Cannot access data pointer of Tensor that doesn't have storage"), where
+    .item() is said as a model that cannot run under vmap, with the loop as the way out."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats.fisher import fisher_information
+
+    def logits_fn(module, batch):
+        out = module(batch)
+        return torch.tensor(getattr(out, convert)())
+
+    with pytest.raises(ConfigError, match="cannot run under torch.func.vmap") as caught:
+        fisher_information(torch.nn.Linear(4, 3), [torch.randn(2, 4)], logits_fn)
+    assert "per_example='loop'" in caught.value.hint
