@@ -298,3 +298,24 @@ def test_a_logits_fn_leaving_torch_under_vmap_is_told_to_loop(convert):
     with pytest.raises(ConfigError, match="cannot run under torch.func.vmap") as caught:
         fisher_information(torch.nn.Linear(4, 3), [torch.randn(2, 4)], logits_fn)
     assert "per_example='loop'" in caught.value.hint
+
+
+def test_a_config_of_other_classes_than_the_head_is_named(tmp_path):
+    """hp72b c26: config.json's id2label of 3 classes over a 2-row classifier was "the weights' shapes are not those
+    of the model its config.json describes", hinting hidden_size and the like: neither the tensor nor num_labels."""
+    import json
+
+    import transformers
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.evaluation.loading import from_pretrained
+
+    cfg = transformers.BertConfig(vocab_size=20, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(id2label={"0": "a", "1": "b", "2": "c"}, label2id={"a": 0, "b": 1, "c": 2})
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"classifier.weight is \[2, 16\] in the weights, \[3, 16\]") as caught:
+        from_pretrained(transformers.AutoModelForSequenceClassification, tmp_path / "m")
+    assert "num_labels" in caught.value.hint and "2 rows" in caught.value.hint

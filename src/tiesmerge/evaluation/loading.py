@@ -161,6 +161,38 @@ def _check_built(loader: Any, directory: Path, stored: int) -> None:
                                    "intermediate_size, num_hidden_layers, vocab_size, ...) must describe them")
 
 
+def _first_mismatch(loader: Any, directory: Path) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
+    """(tensor name, its shape in the weights, its shape in the model config.json describes) of the first tensor
+    whose shapes differ, built on the meta device; None where it cannot be told."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from ..io.checkpoint import open_checkpoint
+
+    build = getattr(loader, "from_config", None) or AutoModel.from_config
+    try:
+        with _transformers_quiet(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
+            with torch.device("meta"):
+                model = build(config)
+        checkpoint = open_checkpoint(directory)
+    except Exception:  # noqa: BLE001 - a probe for the message only
+        return None
+    try:
+        stored = {n: tuple(checkpoint.info(n).shape) for n in checkpoint.names()}
+    finally:
+        checkpoint.close()
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    for name, param in model.state_dict().items():
+        for key in (name, name.removeprefix(prefix), prefix + name):
+            if key in stored:
+                if stored[key] != tuple(param.shape):
+                    return key, stored[key], tuple(param.shape)
+                break
+    return None
+
+
 def is_encoder_decoder(directory: str | os.PathLike) -> bool:
     """Whether the model of ``directory`` is an encoder-decoder (its config says ``is_encoder_decoder``: T5, BART):
     a text alone cannot run it, it needs decoder inputs too."""
@@ -391,11 +423,17 @@ def from_pretrained(loader: Any, directory: str | os.PathLike, role: str = "the 
         hint = "check its config.json and tokenizer files (a tokenizer_config.json naming a file that is not there, " \
                "a config of another architecture)"
         if "ignore_mismatched_sizes" in str(exc):  # its text points at a load report tiesmerge keeps quiet
+            apart = _first_mismatch(loader, Path(directory))  # named here (hp72b c26: neither tensor nor field)
+            head = apart is not None and apart[0].rsplit(".", 2)[-2] in ("classifier", "score", "out_proj")
             raise CheckpointError(f"{directory}: the weights' shapes are not those of the model its config.json "
-                                  f"describes, so {what} cannot load {role}",
-                                  hint="use the config.json that came with these weights (its sizes: hidden_size, "
-                                       "intermediate_size, head_dim, num_attention_heads, ... must describe them)") \
-                from None
+                                  f"describes, so {what} cannot load {role}"
+                                  + (f" ({apart[0]} is {list(apart[1])} in the weights, {list(apart[2])} in that "
+                                     "model)" if apart is not None else ""),
+                                  hint="use the config.json that came with these weights ("
+                                       + (f"num_labels, and id2label / label2id if given, must be the classifier's "
+                                          f"{apart[1][0]} rows)" if head and apart is not None else
+                                          "its sizes: hidden_size, intermediate_size, head_dim, num_attention_heads, "
+                                          "... must describe them)")) from None
         try:
             str(directory).encode("utf-8")
         except UnicodeEncodeError:  # safetensors' and tokenizers' readers take UTF-8 paths only (hostile pass 25, N7)
