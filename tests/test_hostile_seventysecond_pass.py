@@ -319,3 +319,20 @@ def test_a_config_of_other_classes_than_the_head_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"classifier.weight is \[2, 16\] in the weights, \[3, 16\]") as caught:
         from_pretrained(transformers.AutoModelForSequenceClassification, tmp_path / "m")
     assert "num_labels" in caught.value.hint and "2 rows" in caught.value.hint
+
+
+def test_encoder_accuracy_on_a_classifier_says_its_head_is_unused(classifiers, tmp_path):
+    """hp72b c28: encoder-accuracy over classifiers scored their encoders with heads made from class descriptions,
+    the merged classification head ignored without a word (0.5 where classifier-accuracy would score the head)."""
+    import json
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+
+    _, base, _, _ = classifiers
+    data = tmp_path / "enc.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in [
+        {"task": "t", "classes": ["good", "bad"]}, {"task": "t", "text": "good", "label": 0},
+        {"task": "t", "text": "bad", "label": 1}]) + "\n")
+    with pytest.warns(MergeWarning, match="the base is a classifier .* the merged classification head is not used"):
+        builtin_evaluator(f"encoder-accuracy:{data}", base)

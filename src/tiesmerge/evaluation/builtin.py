@@ -40,6 +40,7 @@ from ..limits import check_text_pairs, not_utf8_hint, not_utf8_kind, read_json_l
 from ..paths import check_model_dir, read_regular
 from .loading import (
     align_pad_token,
+    architectures,
     check_kind,
     check_vocabulary,
     clipped,
@@ -449,6 +450,13 @@ class EncoderAccuracy(_Scorer):
             raise ConfigError(f"{self.model_dir}: encoder-accuracy embeds texts by an encoder's mean pooling, and the "
                               "base is an encoder-decoder model, which needs decoder inputs too",
                               hint="choice-accuracy:FILE scores encoder-decoder language models")
+        heads = [a for a in architectures(self.model_dir) if a.endswith("ForSequenceClassification")] \
+            if (self.model_dir / "config.json").is_file() else []  # (no config: the loader names it)
+        if heads:  # its trained head never scores here (hp72b c28: a classifier scored 0.5 without a word)
+            warnings.warn(MergeWarning(
+                f"{self.model_dir}: the base is a classifier ({heads[0]}), and encoder-accuracy scores its encoder "
+                "alone, with heads made from the class descriptions: the merged classification head is not "
+                "used; classifier-accuracy:FILE scores the classifiers as they predict"), stacklevel=3)
         self.classes: dict[str, tuple[str, ...]] = {}
         self.examples: dict[str, list[tuple[str, int]]] = {}
         pending: list[tuple[str, dict, str]] = []
