@@ -336,3 +336,25 @@ def test_encoder_accuracy_on_a_classifier_says_its_head_is_unused(classifiers, t
         {"task": "t", "text": "bad", "label": 1}]) + "\n")
     with pytest.warns(MergeWarning, match="the base is a classifier .* the merged classification head is not used"):
         builtin_evaluator(f"encoder-accuracy:{data}", base)
+
+
+def test_an_exact_number_a_float_reads_as_zero_is_refused():
+    """hp73a c57, c04: weights=[Fraction(1, 10**400), 1] dropped the first model without a word (the float of it is
+    0), where the command line and recipes refuse 1e-400 as too small for a float; a density so was refused as "got
+    0.0", a value never given, after a warning printing 400 digits."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    base = {"w": torch.zeros(3)}
+    models = [{"w": torch.ones(3)}, {"w": torch.full((3,), 2.0)}]
+    for options, shown in (({"weights": [Fraction(1, 10 ** 400), 1]}, r"weights\[0\] = a Fraction of about 1e-400"),
+                           ({"lam": Fraction(1, 10 ** 400)}, "lam = a Fraction of about 1e-400"),
+                           ({"density": Fraction(1, 10 ** 400)}, "density = a Fraction of about 1e-400"),
+                           ({"weights": [Decimal("1e-400"), 1]}, r"weights\[0\] = Decimal\('1E-400'\)")):
+        with pytest.raises(ConfigError, match=shown + " is too small for a float: it reads as 0"):
+            tiesmerge.merge(base, models, "ties", **options)
+    merged = tiesmerge.merge(base, models, "ties", weights=[Fraction(0), 1])  # an exact 0 is 0
+    assert torch.isfinite(merged["w"]).all()

@@ -547,6 +547,12 @@ def _out_of_range(unit: str, value: Any) -> str | None:
 
 def _shown(value: Any) -> str:
     """A value as an error shows it: a 400-digit number or a huge list cut short."""
+    if type(value).__name__ == "Fraction" and len(repr(value)) > 80:  # Fraction(1, 10**400) by its size
+        import decimal
+
+        with decimal.localcontext() as context:
+            context.prec, context.Emin, context.Emax = 4, -decimal.MAX_EMAX, decimal.MAX_EMAX
+            return f"a Fraction of about {decimal.Decimal(value.numerator) / decimal.Decimal(value.denominator):.3g}"
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** 40:
         digits = len(str(abs(value))) if abs(value) < 10 ** 4000 else "thousands of"
         text = f"{float(value):.3g}" if abs(value) <= 1.7e308 else f"an integer of {digits} digits"
@@ -641,6 +647,20 @@ def plain_value(value: Any) -> Any:
     return value
 
 
+def _underflowed(given: Any, value: Any) -> str | None:
+    """`` = <the exact number>`` (``[i] = ...`` of a list) where an exact number that is not 0 became the float 0."""
+    many = isinstance(given, (list, tuple)) and isinstance(value, tuple)
+    for i, (exact, number) in enumerate(zip(given, value) if many else [(given, value)]):
+        if _exact(exact) and isinstance(number, float) and number == 0.0:
+            try:
+                nonzero = exact != 0
+            except (ArithmeticError, TypeError):  # Decimal("sNaN")
+                continue
+            if nonzero:
+                return f"{f'[{i}]' if many else ''} = {_shown(exact)}"
+    return None
+
+
 _COUNTED = ("densities", "rank_fraction")  # fractions that a count of entries or singular triplets is floored from
 
 
@@ -657,8 +677,8 @@ def _warn_rounded(method_name: str, name: str, given: Any, value: Any) -> None:
         except (ValueError, OverflowError, TypeError):
             continue
         warnings.warn(MergeWarning(
-            f"{method_name}: {name}{f'[{i}]' if many else ''} = {exact!r} is used as the float {number!r}, which is "
-            f"not the same number; counts are taken of that float as it is written (⌊{number!r} · n⌋ of n) and the "
+            f"{method_name}: {name}{f'[{i}]' if many else ''} = {_shown(exact)} is used as the float {number!r}, which "
+            f"is not the same number; counts are taken of that float as it is written (⌊{number!r} · n⌋ of n) and the "
             "recipe records it, so a count can be one less than of the exact number: give the float you mean"),
             stacklevel=4)
 
@@ -676,6 +696,12 @@ def check_options(method: Any) -> None:
     for f in dataclasses.fields(method):
         given = getattr(method, f.name)
         value = plain_value(given)
+        underflowed = _underflowed(given, value)
+        if underflowed is not None:  # Fraction(1, 10**400): a float 0 where the number is not (hp73a c57: a weight
+            # dropped silently, where the command line and recipes refuse 1e-400)
+            problems.append(f"{method.name}: {f.name}{underflowed} is too small for a float: it reads as 0 (the "
+                            "smallest is 5e-324); give 0 if 0 is meant")
+            continue
         if f.name in _COUNTED or str(f.metadata.get("unit", "")).startswith(("fraction kept", "fraction dropped")):
             _warn_rounded(method.name, f.name, given, value)
         if isinstance(value, os.PathLike):
