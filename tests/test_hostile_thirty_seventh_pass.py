@@ -369,10 +369,11 @@ def test_a_method_class_or_name_where_a_config_is_expected_is_handled():
         tiesmerge.analyze(base, models, methods=[Ties])
 
 
-@pytest.mark.parametrize("method", ["linear", "ties"])  # ties: the inputs' own check says it
+@pytest.mark.parametrize("method", ["linear", "nuslerp", "ties"])  # ties: the inputs' own check says it
 def test_a_mergekit_recipe_listing_a_model_twice_says_so(tmp_path, capsys, method):
     """hp37b M10: a mergekit linear recipe (no base_model) listing ft-a twice was refused as "model 0 (ft-a) is the
-    base itself" / "list only the fine-tuned models after the base": the recipe has no base."""
+    base itself" / "list only the fine-tuned models after the base": the recipe has no base (hp73a c12: nuslerp
+    too)."""
     from helpers_ckpt import make_family, run_cli
 
     base, models = make_family(1)
@@ -381,7 +382,7 @@ def test_a_mergekit_recipe_listing_a_model_twice_says_so(tmp_path, capsys, metho
     (tmp_path / "r.yaml").write_text(f"merge_method: {method}\n{extra}models:\n"
                                      f"  - model: {a}\n    parameters: {{weight: 0.3, density: 0.5}}\n"
                                      f"  - model: {a}\n    parameters: {{weight: 0.7, density: 0.5}}\n"
-                                     .replace(", density: 0.5", "" if method == "linear" else ", density: 0.5"))
+                                     .replace(", density: 0.5", "" if method != "ties" else ", density: 0.5"))
     rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "o"], capsys)
     assert rc == 2 and "is listed twice" in err and "is the base itself" not in err, err
 

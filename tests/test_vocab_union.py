@@ -496,6 +496,7 @@ def test_a_baseless_recipe_of_other_vocabularies_is_said_in_its_terms(tmp_path, 
     rc, _, err = run_cli(["merge", str(_baseless(tmp_path, "b.yaml", "linear", fts[1], fts[0], "union")),
                           "-o", str(tmp_path / "b")], capsys)
     assert rc != 0 and "no model's tokens are all held by every other model" in err and "base_model" in err, err
+    assert "at the same ids" in err, err  # (hp73a c49: the same tokens at other ids were refused in words of none)
 
 
 def test_a_baseless_recipes_tokenizer_source_is_checked_against_every_model(tmp_path, capsys):

@@ -393,7 +393,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     seen: dict[str, int] = {}
     # linear without base_model reads its first model as the base: a duplicate of it was "the base itself" (hp37b
     # M10); elsewhere the inputs' own check names a duplicate ("model 1 is listed twice")
-    for k, p in enumerate(paths if method == "linear" and base is None else []):
+    # (hp73a c12: a base-less nuslerp listing one folder twice was "model 0 is the base itself")
+    for k, p in enumerate(paths if method in ("linear", "nuslerp") and base is None else []):
         key = os.path.realpath(p) if os.path.exists(p) else p
         if key in seen:
             first = paths[seen[key]]
@@ -614,8 +615,9 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
             common = _union_anchor(paths)
             if common is None:
                 problems.append("linear with tokenizer_source: union and no base_model: no model's tokens are all "
-                                "held by every other model, and tiesmerge's union extends the vocabulary of the "
-                                "model it reads as the base; give base_model: the model they were fine-tuned from")
+                                "held by every other model at the same ids, and tiesmerge's union extends the "
+                                "vocabulary of the model it reads as the base, id for id; give base_model: the model "
+                                "they were fine-tuned from")  # (hp73a c49: tokens held at other ids)
                 return "", {}, ""
             if common != 0:  # the first model added tokens another lacks: the common one stands as the base
                 at, anchor = common, paths[common]
