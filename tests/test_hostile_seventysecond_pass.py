@@ -358,3 +358,20 @@ def test_an_exact_number_a_float_reads_as_zero_is_refused():
             tiesmerge.merge(base, models, "ties", **options)
     merged = tiesmerge.merge(base, models, "ties", weights=[Fraction(0), 1])  # an exact 0 is 0
     assert torch.isfinite(merged["w"]).all()
+
+
+@pytest.mark.parametrize("options, cause", [
+    ({"lr": 1e-12}, r"--lr 1e-12 is below float32's spacing at the coefficients"),
+    ({"clamp": (0.3, 0.300000001)}, r"--clamp 0.3 0.3 is one value in float32"),
+])
+def test_coefficients_that_never_moved_are_said_with_their_cause(options, cause):
+    """hp73b c12, c23: an --lr below float32's spacing at 0.3, or --clamp bounds that are one float32 value, left
+    every coefficient at --init and were said as "the gradients too small", with hints (the logits, --init) that
+    cannot help."""
+    import tiesmerge
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.errors import MergeWarning
+
+    base, fts = _family(2)
+    with pytest.warns(MergeWarning, match=r"no coefficient moved over the 2 steps.*" + cause):
+        tiesmerge.adapt(base, fts, _data(), forward=_forward(), steps=2, granularity="task", **options)

@@ -199,19 +199,30 @@ def _warn_stuck(row: list[float], config: AdaptConfig, merger: Merger | None = N
         "; check the models' logits (huge weights) or start from another --init"), stacklevel=4)
 
 
-def _warn_unmoved(steps: int, rows: list[list[float]], config: AdaptConfig) -> None:
-    """No coefficient moved over the run's steps, though the first gradient was not exactly 0: gradients so small
-    (a saturated softmax: entropy ~0 everywhere) that Adam's steps vanish in float32 (hp71b c40: "mean entropy 0.0
-    -> 0.0", every coefficient at --init, said nowhere)."""
+def _warn_unmoved(steps: int, rows: list[list[float]], config: AdaptConfig, start: torch.Tensor) -> None:
+    """No coefficient moved over the run's steps, though the first gradient was not exactly 0. Said with its cause:
+    a --clamp whose bounds are one float32 value, an --lr below float32's spacing at the coefficients (Adam's step
+    is about lr, hp73b c12, c23), or gradients so small (a saturated softmax: entropy ~0 everywhere) that Adam's
+    steps vanish (hp71b c40: "mean entropy 0.0 -> 0.0", every coefficient at --init, said nowhere)."""
     largest = max((max(r) for r in rows), default=0.0)
-    saturated = config.objective == "entropy" and largest < 1e-6
+    spacing = float(torch.finfo(torch.float32).eps) * float(start.abs().max()) / 2  # half an ulp: rounds away
+    if config.clamp is not None and torch.tensor(config.clamp[0], dtype=torch.float32) == torch.tensor(
+            config.clamp[1], dtype=torch.float32):
+        why = (f", since --clamp {config.clamp[0]:g} {config.clamp[1]:g} is one value in float32, which the "
+               "coefficients are clamped to after every step; give bounds apart")
+    elif config.lr <= spacing:
+        why = (f", since --lr {config.lr:g} is below float32's spacing at the coefficients ({spacing:.2g}): Adam's "
+               "steps, about lr each, round away; give a larger --lr (the paper's is 1e-3)")
+    elif config.objective == "entropy" and largest < 1e-6:
+        why = (f", since the merged model's predictions are saturated (entropy at most {largest:.3g} on every task: "
+               "one class takes all the probability, so the gradients are too small to move them); check the "
+               "models' logits (huge weights), or start from another --init")
+    else:
+        why = (", the gradients too small to move them; check the models' logits (huge weights), or start from "
+               "another --init")
     warnings.warn(MergeWarning(
         f"no coefficient moved over the {steps:,} step{'s' if steps != 1 else ''}: they are their starting values "
-        "(--init, or the checkpoint's)" + (f", since the merged model's predictions are saturated (entropy at most "
-                                           f"{largest:.3g} on every task: one class takes all the probability, so "
-                                           "the gradients are too small to move them)" if saturated else
-                                           ", the gradients too small to move them") +
-        "; check the models' logits (huge weights), or start from another --init"), stacklevel=4)
+        f"(--init, or the checkpoint's){why}"), stacklevel=4)
 
 
 def batch_rows(rows: Sequence[Any], step: int, batch_size: int, seed: int, task_index: int) -> list[Any]:
@@ -816,7 +827,7 @@ def learn(forward: TaskForward, merger: Merger, data: Mapping[str, Sequence[Any]
         if config.steps > start or (path is not None and not path.is_file()):
             save(max(config.steps, start))
         if config.steps > start and not stuck_said and torch.equal(lam.detach(), started_at):
-            _warn_unmoved(config.steps - start, history.entropy[start:], config)
+            _warn_unmoved(config.steps - start, history.entropy[start:], config, started_at)
     finally:
         if bar is not None:
             bar.close()
