@@ -375,3 +375,34 @@ def test_coefficients_that_never_moved_are_said_with_their_cause(options, cause)
     base, fts = _family(2)
     with pytest.warns(MergeWarning, match=r"no coefficient moved over the 2 steps.*" + cause):
         tiesmerge.adapt(base, fts, _data(), forward=_forward(), steps=2, granularity="task", **options)
+
+
+def test_multi_label_fine_tunes_are_refused_through_the_api_and_as_files(classifiers, tmp_path, capsys):
+    """hp73b c05, c06: builtin_evaluator("classifier-accuracy:...") handed to tiesmerge.tune or run_search scored
+    multi-label fine-tunes silently (only the command line read their configs); c18, c29: a fine-tune given as its
+    weights file (m/model.safetensors) was not looked at."""
+    import json
+    import shutil
+
+    import tiesmerge
+    from helpers_ckpt import run_cli
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+    from tiesmerge.tuning.driver import run_search
+
+    _, base, fts, data = classifiers
+    multi = tmp_path / "multi"
+    shutil.copytree(fts[0], multi)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    score = builtin_evaluator(f"classifier-accuracy:{data}", base)
+    with pytest.raises(ConfigError, match="model 0 problem_type multi_label_classification"):
+        tiesmerge.tune(base, [multi, fts[1]], "task_arithmetic", score, grid={"lam": [1.0]})
+    with pytest.raises(ConfigError, match="model 0 problem_type multi_label_classification"):
+        run_search(base, [multi, fts[1]], "task_arithmetic", score, grid={"lam": [1.0]}, log=str(tmp_path / "s.jsonl"))
+    rc, _, err = run_cli(["tune", "--method", "task_arithmetic", "--grid", "lam=1", "--base", base, "--model",
+                          multi / "model.safetensors", "--model", fts[1], "--evaluator",
+                          f"classifier-accuracy:{data}"], capsys)
+    assert rc != 0 and "model 0 problem_type multi_label_classification" in err, err
+    with pytest.raises(ConfigError, match="model 0 problem_type multi_label_classification: adapt's classifier"):
+        tiesmerge.adapt(base, [multi / "model.safetensors", fts[1]], [data, data], tasks=["a", "b"], steps=1)

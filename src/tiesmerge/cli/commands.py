@@ -122,11 +122,10 @@ def _module_file(module: str) -> str:
 def _evaluator(spec: str, base: Any, device: str, models: Sequence[Any] = ()) -> Any:
     """A built-in evaluator (``NAME:FILE``, its file read and checked now) or the user's ``module:function``."""
     from ..evaluation.builtin import builtin_evaluator
-    from ..evaluation.loading import refuse_multi_label
 
     builtin = builtin_evaluator(spec, base, device=device)  # scored where the candidates are merged
-    if builtin is not None and spec.partition(":")[0] == "classifier-accuracy":  # the fine-tunes' heads too
-        refuse_multi_label(base, "classifier-accuracy", models)  # (hp72b c03: a base that says nothing)
+    if builtin is not None and hasattr(builtin, "check_models"):  # now, before the search's other checks
+        builtin.check_models(models)  # (hp72b c03: multi-label fine-tunes beside a base that says nothing)
     return builtin if builtin is not None else _load_callable(spec)
 
 

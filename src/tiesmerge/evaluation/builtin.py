@@ -160,6 +160,9 @@ class _Scorer:
     batch_size: int = 32
     limit: int | None = None  # the first examples of the file (encoder-accuracy: of each task)
 
+    def check_models(self, models: Sequence[Any]) -> None:
+        """Refuse fine-tunes this evaluator cannot score as it scores the base (tune and search call it)."""
+
     def _tokenizer(self) -> Any:
         """The base's tokenizer, its ids checked against the embedding rows config.json declares when the evaluator
         is made (hp40 V1: a tokenizer of 17 tokens over 8 rows failed after the first merge, as "fix the
@@ -190,6 +193,11 @@ class ClassifierAccuracy(_Scorer):
     """Accuracy of ``AutoModelForSequenceClassification`` (the base's) on labeled JSONL."""
 
     max_length: int = 128
+
+    def check_models(self, models: Sequence[Any]) -> None:
+        """The fine-tunes' heads are softmax classifiers too (tune and search call this with their models: hp73b
+        c05, c06, multi-label fine-tunes beside a base that says nothing, scored through the API silently)."""
+        refuse_multi_label(self.model_dir, "classifier-accuracy", models)
 
     def __post_init__(self) -> None:
         self.model_dir, self.data = Path(self.model_dir).absolute(), Path(self.data)  # absolute: see _Scorer

@@ -226,8 +226,10 @@ def refuse_multi_label(directory: str | os.PathLike, purpose: str, models: Seque
     exclusive classes and a label as one class index: refused (hp71b c32, c41: a softmax Fisher, accuracies and
     entropies of a multi-label model, computed without a word). The base's config and every model folder's in
     ``models`` (hp72b c03, c37, c52: fine-tunes trained multi-label beside a base that says nothing)."""
-    folders = [("", Path(directory)), *((f"model {k} ", Path(m)) for k, m in enumerate(models)
-                                        if isinstance(m, (str, os.PathLike)) and os.path.isdir(m))]
+    # a model given as its weights file (m/model.safetensors): its folder's config (hp73b c18, c29)
+    folders = [("", Path(directory)), *((f"model {k} ", Path(m) if os.path.isdir(m) else Path(m).parent)
+                                        for k, m in enumerate(models) if isinstance(m, (str, os.PathLike))
+                                        and os.path.exists(m))]
     for who, folder in folders:
         config = _json_object(folder / "config.json") or {}
         kind = config.get("problem_type")

@@ -381,6 +381,8 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
                           hint="e.g. log='search/log.jsonl', or leave it out")
     started = time.perf_counter()
     evaluator_name = _evaluator_name(evaluate)
+    if type(evaluate).__module__ == "tiesmerge.evaluation.builtin" and isinstance(models, Sequence):  # a built-in
+        evaluate.check_models(models)  # (classifier-accuracy: heads that are no softmax, hp73b c05, c06)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     cls = method_class(method) if isinstance(method, str) else type(method)
     if strategy == "grid" and ranges:  # hp36 C42: ignored without a word, the log recording them beside the grid

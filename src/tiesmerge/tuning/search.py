@@ -183,6 +183,8 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     grid, fixed = plain_numbers(grid), plain_numbers(fixed, 1)  # numpy's scalars are numbers (hp59b c24)
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
+    if type(evaluate).__module__ == "tiesmerge.evaluation.builtin" and isinstance(models, Sequence):  # a built-in
+        evaluate.check_models(models)  # (classifier-accuracy: heads that are no softmax, hp73b c05, c06)
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     from ..inputs import resolve_sources
 
