@@ -406,3 +406,19 @@ def test_multi_label_fine_tunes_are_refused_through_the_api_and_as_files(classif
     assert rc != 0 and "model 0 problem_type multi_label_classification" in err, err
     with pytest.raises(ConfigError, match="model 0 problem_type multi_label_classification: adapt's classifier"):
         tiesmerge.adapt(base, [multi / "model.safetensors", fts[1]], [data, data], tasks=["a", "b"], steps=1)
+
+
+def test_an_integer_grid_range_is_counted_in_integers():
+    """hp73b c41: `--grid seed=1000000000000:1000000000003:1` was parsed as floats and refused as "a step this fine
+    repeats points at 12 significant digits", where the same seeds listed with commas were taken."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.search import parse_grid
+
+    assert parse_grid("dare_ties", ["seed=1000000000000:1000000000003:1"])["seed"] == tuple(
+        range(10 ** 12, 10 ** 12 + 4))
+    assert parse_grid("dare_ties", ["seed=7:1:-2"])["seed"] == (7, 5, 3, 1)
+    assert parse_grid("dare_ties", ["seed=9007199254740993:9007199254740994:1"])["seed"] == (2 ** 53 + 1, 2 ** 53 + 2)
+    with pytest.raises(ConfigError, match="more than the 100,000 a grid axis may hold"):
+        parse_grid("dare_ties", ["seed=0:10000000:1"])
+    with pytest.raises(ConfigError, match="expected NAME=v1,v2,... or NAME=start:stop:step"):
+        parse_grid("dare_ties", ["seed=5:1:1"])

@@ -86,11 +86,22 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
                             f"(it has: {', '.join(k for k, t in types.items() if t in (float, int))})")
             continue
         try:
-            if ":" in values:
+            integer = r"\s*[+-]?[0-9]{1,30}\s*"
+            if ":" in values and kind is int and all(re.fullmatch(integer, x) for x in values.split(":")):
+                # integers counted as integers: 1000000000000:1000000000003:1 as floats at 12 digits "repeats points"
+                # (hp73b c41), and past 2**53 a float merges two seeds into one
+                start, stop, step = (int(x) for x in values.split(":"))
+                if step == 0 or (stop - start) * step < 0:
+                    raise ValueError
+                if (stop - start) // step + 1 > MAX_AXIS_POINTS:
+                    raise ConfigError(f"start:stop:step {values}: {(stop - start) // step + 1:,} points, more than "
+                                      f"the {MAX_AXIS_POINTS:,} a grid axis may hold", hint="use a larger step")
+                axis = tuple(range(start, stop + (1 if step > 0 else -1), step))
+            elif ":" in values:
                 start, stop, step = (parse_float(x) for x in values.split(":"))
                 axis = steps(start, stop, step)
             elif kind is int:  # integers as written: past 2**53 a float merges two seeds into one (hp54 c30)
-                axis = tuple(int(x) if re.fullmatch(r"\s*[+-]?[0-9]{1,30}\s*", x) else parse_float(x)
+                axis = tuple(int(x) if re.fullmatch(integer, x) else parse_float(x)
                              for x in values.split(","))
             else:
                 axis = tuple(parse_float(x) for x in values.split(","))
