@@ -422,3 +422,30 @@ def test_an_integer_grid_range_is_counted_in_integers():
         parse_grid("dare_ties", ["seed=0:10000000:1"])
     with pytest.raises(ConfigError, match="expected NAME=v1,v2,... or NAME=start:stop:step"):
         parse_grid("dare_ties", ["seed=5:1:1"])
+
+
+def test_names_apart_only_in_unicode_normalization_are_said_in_paths_and_indexes(tmp_path):
+    """hp73a c76: a folder stored with a decomposed é (as macOS writes names), typed with the composed one, was "no
+    such file or directory ... check the path"; c02: an index naming 'café.w' in one form over a shard holding it in
+    the other was "the download is incomplete ... fetch the shards again"."""
+    import json
+    import unicodedata
+
+    from helpers_ckpt import write_hf_dir
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.checkpoint import open_checkpoint
+    from tiesmerge.paths import resolve
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    (tmp_path / nfd).mkdir()
+    with pytest.raises(CheckpointError) as caught:
+        resolve(tmp_path / nfc / "model.safetensors", "the model")
+    assert "differs from the" in caught.value.hint and "U+0301 there, U+00E9 typed" in caught.value.hint
+    model = write_hf_dir(tmp_path / "sharded", {f"{nfc}.w": torch.ones(4), "x.w": torch.ones(4)}, shards=2)
+    index = model / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"] = {(f"{nfd}.w" if k == f"{nfc}.w" else k): v for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(model)
+    assert "differ only in Unicode normalization" in caught.value.hint and "(U+0301)" in caught.value.hint

@@ -120,6 +120,38 @@ def _dangling_target(path: str | os.PathLike) -> str:
     return target
 
 
+def _normalization_twin(path: str | os.PathLike) -> str | None:
+    """A hint where a component of ``path`` is missing but its folder holds a name apart from it only in Unicode
+    normalization (a folder macOS named with e + a combining accent, typed with the composed é: hp73a c76, "no such
+    file" of a name ``ls`` prints alike); None otherwise."""
+    import unicodedata
+
+    text = os.fspath(path)
+    if not isinstance(text, str) or text.isascii():
+        return None
+    parts = Path(text).parts
+    absolute = bool(parts) and bool(Path(parts[0]).anchor)
+    current = Path(parts[0]) if absolute else Path()
+    for part in parts[1:] if absolute else parts:
+        candidate = current / part
+        if not os.path.lexists(candidate):
+            try:
+                names = os.listdir(current)[:100_000]
+            except OSError:
+                return None
+            want = unicodedata.normalize("NFC", part)
+            other = next((n for n in names if n != part and unicodedata.normalize("NFC", n) == want), None)
+            if other is None:
+                return None
+            points = " ".join(f"U+{ord(c):04X}" for c in other if ord(c) > 127)
+            typed = " ".join(f"U+{ord(c):04X}" for c in part if ord(c) > 127)
+            return (f"{current / other} exists: its name differs from the {part!r} typed only in Unicode "
+                    f"normalization ({points} there, {typed} typed; a composed é beside e + a combining accent, as "
+                    "macOS writes names): type the path as it is stored (tab completion does), or rename the folder")
+        current = candidate
+    return None
+
+
 def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = CheckpointError) -> Path:
     """``path`` with every link followed (it must exist): typed errors for loops and dangling links."""
     try:
@@ -138,8 +170,9 @@ def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = Ch
             raise error(f"{path}: {what} is a link to {target}, which does not exist",
                         hint="fix or remove the dangling link") from None
         if code in (errno.ENOENT, errno.ENOTDIR):  # a newline in the name on one line (hp49 c61)
+            twin = _normalization_twin(path)
             raise error(f"{str(path).replace(chr(10), chr(92) + 'n')}: no such file or directory (cannot read {what})",
-                        hint=f"check the path of {what}") from None
+                        hint=twin or f"check the path of {what}") from None
         if code == errno.ENAMETOOLONG:
             raise error(f"{path}: cannot read {what} ({exc.strerror or exc})",
                         hint=f"check the path of {what}: a path holds at most {os.pathconf('/', 'PC_PATH_MAX')} bytes, "

@@ -78,11 +78,24 @@ class SafetensorsCheckpoint:
                      "headers (or fetch the index again); the shards themselves are not at fault")
         if missing:
             self.close()
+            import unicodedata
+
+            # a name the shards hold in another Unicode normalization prints alike (hp73a c02: "fetch the shards
+            # again" of a shard that holds it): the code points said
+            stored = {unicodedata.normalize("NFC", n): n for n in (*self._where, *self.unindexed)}
+            twin = next(((m, stored[unicodedata.normalize("NFC", m)]) for m in missing
+                         if unicodedata.normalize("NFC", m) in stored), None)
+            hint = "the download is incomplete or the index belongs to another model; fetch the shards again"
+            if twin is not None:
+                def points(name: str) -> str:
+                    return " ".join(f"U+{ord(c):04X}" for c in name if ord(c) > 127) or "ASCII only"
+
+                hint = (f"the index's {twin[0]!r} ({points(twin[0])}) and the shards' {twin[1]!r} ({points(twin[1])}) "
+                        "differ only in Unicode normalization (a composed é beside e + a combining accent): write the "
+                        "index's weight_map with the names as the shards store them")
             raise CheckpointError(
                 f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, first {missing[0]!r} "
-                f"(expected in {weight_map[missing[0]].name})",
-                hint="the download is incomplete or the index belongs to another model; fetch the shards again",
-            )
+                f"(expected in {weight_map[missing[0]].name})", hint=hint)
 
     def _index_file(self, file: Path, weight_map: dict[str, Path]) -> None:
         fd = open_regular(file, "a weights file")  # a FIFO or device is refused here, never read (it would block)
