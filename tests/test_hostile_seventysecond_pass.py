@@ -449,3 +449,22 @@ def test_names_apart_only_in_unicode_normalization_are_said_in_paths_and_indexes
     with pytest.raises(CheckpointError) as caught:
         open_checkpoint(model)
     assert "differ only in Unicode normalization" in caught.value.hint and "(U+0301)" in caught.value.hint
+
+
+def test_a_float16_adapter_whose_factors_underflow_is_refused(tmp_path):
+    """hp73a c15: a merged LoRA written in float16 whose factors underflow (lora_alpha 1e-30) was written with every
+    factor 0 (an adapter that changes nothing), exit 0, with a warning to pass a larger --rank, which gave the same
+    zeros. It is refused, naming the module and the dtype."""
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import InvalidTensorError
+
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, 1), alpha=1e-30)
+    with pytest.raises(InvalidTensorError, match="underflows float16: its LoRA factors round to 0") as caught:
+        tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "out"), output_format="adapter",
+                        dtype="float16")
+    assert "float32" in caught.value.hint
+    assert not (tmp_path / "out").exists()

@@ -184,6 +184,14 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
             # ‖τ − B'A'‖ ≤ ‖τ − BA‖ + ‖BA − B'A'‖, the rounding of float16 factors (3e-4) past the truncation's 4e-8
             # in float64: factors of a huge lam (1e36) overflow float32 in the product's norm (hp39 C29: "inf")
             rounded = tensors[key + b_suffix].double() @ tensors[key + a_suffix].double()  # (out, in)
+            if not bool(rounded.any()):  # every factor rounded to 0: the adapter changes nothing there, which no rank
+                # helps (hp73a c15: lora_alpha 1e-30 in float16, said as "pass a larger --rank", exit 0)
+                exact = factored.b.double() @ factored.a.double()
+                raise InvalidTensorError(
+                    f"{target.module}: the merged update (largest |ΔW| {float(exact.abs().max()):.2g}) underflows "
+                    f"{as_dtype(dtype).name}: its LoRA factors round to 0 there, so the adapter would change nothing",
+                    hint="write the adapter in float32 (--dtype float32), or check the adapters' lora_alpha and "
+                         "factors (an update this small is no training)")
             drift = float(torch.linalg.matrix_norm(factored.b.double() @ factored.a.double() - rounded)) / factored.norm
             errors[target.module] = factored.relative_error + drift
     _warn_products_past(past, out_dtype)
