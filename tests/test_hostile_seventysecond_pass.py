@@ -468,3 +468,24 @@ def test_a_float16_adapter_whose_factors_underflow_is_refused(tmp_path):
                         dtype="float16")
     assert "float32" in caught.value.hint
     assert not (tmp_path / "out").exists()
+
+
+def test_an_ia3_adapter_rounding_to_ones_is_refused(tmp_path):
+    """hp73a c61: an (IA)³ merge written in float16 or bfloat16 whose vectors differ from 1 by 1e-4 was written as
+    vectors of exactly 1 (an adapter that changes nothing), exit 0, no word."""
+    import tiesmerge
+    from helpers_adapters import random_ia3, write_ia3_dir
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import InvalidTensorError
+
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    close = {m: 1 + (v - 1) * 5e-4 for m, v in random_ia3(base, 1).items()}  # within 1e-3 of 1
+    adapter = write_ia3_dir(tmp_path / "ia3", close)
+    for dtype in ("float16", "bfloat16"):
+        with pytest.raises(InvalidTensorError, match=f"below {dtype}'s spacing at 1: every one rounds to exactly 1"):
+            tiesmerge.merge(str(b), [str(adapter)], "task_arithmetic", lam=1.0, output=str(tmp_path / dtype),
+                            output_format="adapter", dtype=dtype)
+    written = tiesmerge.merge(str(b), [str(adapter)], "task_arithmetic", lam=1.0, output=str(tmp_path / "f32"),
+                              output_format="adapter", dtype="float32")
+    assert (written / "adapter_model.safetensors").is_file()

@@ -271,6 +271,15 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
     config = _merged_config(first_config, base_label)
     config.update({"target_modules": sorted(modules[n] for n in vectors), "feedforward_modules": feedforward,
                    "inference_mode": True})
+    lost = [key for (name, exact), key in zip(vectors.items(), tensors)
+            if out_dtype != torch.float32 and bool((exact.float() != 1).any()) and not bool((tensors[key] != 1).any())]
+    if lost and len(lost) == len(tensors):  # every vector rounds to exactly 1: an adapter that changes nothing
+        # (hp73a c61: l = 1 + 1e-4 in float16 and bfloat16, written as ones, exit 0)
+        worst = max(float((vectors[name].float() - 1).abs().max()) for name in vectors)
+        raise InvalidTensorError(
+            f"the merged (IA)³ vectors differ from 1 by at most {worst:.2g}, below {as_dtype(dtype).name}'s spacing "
+            f"at 1: every one rounds to exactly 1 there, so the adapter would change nothing (first {lost[0]!r})",
+            hint="write the adapter in float32 (--dtype float32)")
     for key, value in tensors.items():
         check_finite(key, value, as_dtype(dtype).code or "")
         largest = float(value.float().abs().max()) if value.numel() else 0.0
