@@ -489,3 +489,23 @@ def test_an_ia3_adapter_rounding_to_ones_is_refused(tmp_path):
     written = tiesmerge.merge(str(b), [str(adapter)], "task_arithmetic", lam=1.0, output=str(tmp_path / "f32"),
                               output_format="adapter", dtype="float32")
     assert (written / "adapter_model.safetensors").is_file()
+
+
+def test_an_adapter_merged_on_an_in_memory_base_names_no_base(tmp_path):
+    """hp73a c69: a merged adapter of a base given as a state dict named it "base state dict" in its
+    base_model_name_or_path, which AutoPeftModel would try to load as a hub id; a base folder is named as typed."""
+    import json
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_family, write_hf_dir
+
+    base, _ = make_family(1, with_int=False)
+    lora = write_lora_dir(tmp_path / "lora", random_lora(base, 2, 1), alpha=8,
+                          config={"base_model_name_or_path": "org/another-base"})
+    out = tiesmerge.merge(base, [str(lora)], "task_arithmetic", output=str(tmp_path / "out"), output_format="adapter")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    folder = str(write_hf_dir(tmp_path / "base", base))
+    out = tiesmerge.merge(folder, [str(lora)], "task_arithmetic", output=str(tmp_path / "out2"),
+                          output_format="adapter")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == folder

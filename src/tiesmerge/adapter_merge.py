@@ -138,6 +138,13 @@ def fold_ia3(base: Checkpoint, l_executor: Executor, make_executor: Callable[[Ch
     return make_executor(base, [Ia3Fold(base, dict(sink.state), transposed)]), stats
 
 
+def _named(base: Checkpoint) -> str | None:
+    """The base as a merged adapter's config names it: its path as typed, or None for a state dict in memory."""
+    from .io.state_dict import StateDictCheckpoint
+
+    return None if type(base) is StateDictCheckpoint else base.label
+
+
 def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models: list[Checkpoint], *,
                   rank: int | None, dtype: DType | None) -> tuple[RunStats, dict]:
     """Run the engine into a merged adapter in ``directory``; return its stats and manifest part."""
@@ -150,7 +157,7 @@ def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models:
         stats = executor.run(sink)
         modules = {n: m for a in adapters for n, m in a.modules.items()}  # type: ignore[attr-defined]
         part = write_ia3_adapter(directory, adapters[0].config, {n: sink.state[n] for n in modules},  # type: ignore
-                                 modules, out_dtype, base_label=base.label)
+                                 modules, out_dtype, base_label=_named(base))
         return stats, part
     loras = [a for a in adapters if isinstance(a, LoraCheckpoint)]
     targets, full, shapes, rank = _lora_layout(base, loras, rank)
@@ -160,7 +167,7 @@ def write_adapter(directory: Path, executor: Executor, base: Checkpoint, models:
     base_values = {n: base.read(n) for n in full}
     narrow = {n: base.info(n).dtype_info.torch for n in targets if base.info(n).dtype_info.name in ("float16",
                                                                                                   "bfloat16")}
-    part = write_lora_adapter(directory, loras[0], loras, sink, base_values, out_dtype, base_label=base.label,
+    part = write_lora_adapter(directory, loras[0], loras, sink, base_values, out_dtype, base_label=_named(base),
                               base_dtypes=narrow)
     stats.seconds["factor_write"] = time.perf_counter() - clock
     return stats, part

@@ -108,8 +108,9 @@ def _merged_config(config: dict, base_label: str | None) -> dict:
     """A merged adapter's config from the first adapter's: it describes the base the merge used, not what that
     adapter named (another repo, a revision, an ``auto_mapping`` naming a package AutoPeftModel would import)."""
     out = dict(config)
-    if base_label is not None:
-        out["base_model_name_or_path"] = base_label
+    # None: a base held in memory (a state dict), which no path names: not its label "base state dict", which
+    # AutoPeftModel would try as a hub id (hp73a c69), nor the first adapter's base, which the merge did not use
+    out["base_model_name_or_path"] = base_label
     out["revision"] = None  # the base above is named as merged: a local folder or the cache snapshot read
     out.pop("auto_mapping", None)
     # the merged modules are named one by one in target_modules: the first adapter's own selection must not drop any
