@@ -509,3 +509,14 @@ def test_an_adapter_merged_on_an_in_memory_base_names_no_base(tmp_path):
     out = tiesmerge.merge(folder, [str(lora)], "task_arithmetic", output=str(tmp_path / "out2"),
                           output_format="adapter")
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == folder
+
+
+def test_a_size_with_an_underscore_is_refused():
+    """hp73b c03: --memory-budget 1_0MiB was read as 10 MiB (Python's digit grouping), where every other number flag
+    refuses '_' as a typo; non-ASCII digits too."""
+    from tiesmerge.sizes import parse_size
+
+    for text in ("1_0MiB", "1_000", "\u0663MiB", "1e1_0KB"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_size(text)
+    assert parse_size("10MiB") == 10 << 20 and parse_size(".5KiB") == 512 and parse_size("1e3KB") == 10 ** 6

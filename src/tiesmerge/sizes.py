@@ -67,7 +67,9 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
-_NUMBER = re.compile(r"[+-]?(?:[0-9](?:_?[0-9])*)?(?:\.(?:[0-9](?:_?[0-9])*)?)?(?:e[+-]?[0-9](?:_?[0-9])*)?")
+# what float() reads, short of inf/nan, hex and '_' between digits (1_0MiB read as 10 MiB, hp73b c03: a typo, refused
+# as the other number flags refuse it)
+_NUMBER = re.compile(r"[+-]?[0-9]*(?:\.[0-9]*)?(?:e[+-]?[0-9]+)?")
 
 
 def _plain(value: Decimal) -> str:
