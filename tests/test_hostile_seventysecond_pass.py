@@ -520,3 +520,27 @@ def test_a_size_with_an_underscore_is_refused():
         with pytest.raises(ValueError, match="not a size"):
             parse_size(text)
     assert parse_size("10MiB") == 10 << 20 and parse_size(".5KiB") == 512 and parse_size("1e3KB") == 10 ** 6
+
+
+def test_float16_factors_below_its_normal_range_are_said_as_rounding(tmp_path):
+    """hp74a c11, c12, c59: factors in float16's subnormals lost a third of a module, said as "pass a larger --rank
+    (at most 8)", which gave the same at rank 8; the dtype's rounding is said as the cause now."""
+    import warnings
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import MergeWarning
+
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    loras = [write_lora_dir(tmp_path / f"l{k}", {m: (a * 1e-7 / a.abs().max(), f * 1e-7 / f.abs().max())
+                                                 for m, (a, f) in random_lora(base, 2, k).items()}, alpha=2)
+             for k in range(2)]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tiesmerge.merge(str(b), [str(p) for p in loras], "task_arithmetic", output=str(tmp_path / "out"),
+                        output_format="adapter", dtype="float16", rank=8)
+    said = [str(w.message) for w in seen]
+    assert any("of float16's rounding" in m and "--dtype float32" in m for m in said), said
+    assert not any("pass a larger --rank" in m for m in said), said

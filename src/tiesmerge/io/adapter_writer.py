@@ -163,6 +163,7 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
     tensors: dict[str, torch.Tensor] = {}
     modules: list[str] = []
     errors: dict[str, float] = {}
+    rounding: dict[str, float] = {}  # modules whose error is mostly the output dtype's rounding of the factors
     past: dict[str, float] = {}  # tensors whose factors fit out_dtype but whose product does not
     past_base: dict[torch.dtype, dict[str, float]] = {}  # ... whose product does not fit the base's narrow dtype
     for name, factored in sink.factors.items():
@@ -195,8 +196,12 @@ def write_lora_adapter(directory: Path, first: LoraCheckpoint, adapters: list[Lo
                          "factors (an update this small is no training)")
             drift = float(torch.linalg.matrix_norm(factored.b.double() @ factored.a.double() - rounded)) / factored.norm
             errors[target.module] = factored.relative_error + drift
+            if drift > factored.relative_error:  # the dtype's rounding, not the rank, loses the most (hp74a c11, c12)
+                rounding[target.module] = drift
     _warn_products_past(past, out_dtype)
-    _warn_truncation(errors, sink, sum(max((t.rank for t in a.targets.values()), default=0) for a in adapters))
+    _warn_truncation({k: v for k, v in errors.items() if k not in rounding}, sink,
+                     sum(max((t.rank for t in a.targets.values()), default=0) for a in adapters))
+    _warn_rounding(rounding, dtype)
     for narrow, tensors_past in past_base.items():
         _warn_products_past(tensors_past, narrow, base=True)
     saved_whole: list[str] = []
@@ -243,6 +248,21 @@ def _warn_truncation(errors: dict[str, float], sink: Any, summed: int = 0) -> No
         f"ranks ({summed} here; a sum of them is exact at that rank), and a trimmed one more; pass a larger --rank "
         f"(rank=..., at most {most}), or write a full model"),
         stacklevel=3)
+
+
+def _warn_rounding(rounding: dict[str, float], dtype: DType | torch.dtype) -> None:
+    """Modules whose merged update the output dtype's rounding of the factors loses more of than the rank does
+    (factors in float16's subnormals: 0.33 of a module, said as "pass a larger --rank", which gave the same at the
+    largest rank, hp74a c11, c12, c59)."""
+    worst = max(rounding, key=rounding.get, default=None)
+    if worst is None or rounding[worst] <= TRUNCATION_WARNING:
+        return
+    name = as_dtype(dtype).name
+    warnings.warn(MergeWarning(
+        f"the merged LoRA adapter holds {worst!r} only to a relative error of {rounding[worst]:.2g} of {name}'s "
+        f"rounding ({sum(e > TRUNCATION_WARNING for e in rounding.values())} module(s) above {TRUNCATION_WARNING:g}): "
+        f"its factors are too small for {name}'s precision (below its normal range), which no rank changes; write "
+        "the adapter in float32 (--dtype float32)"), stacklevel=3)
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
