@@ -544,3 +544,27 @@ def test_float16_factors_below_its_normal_range_are_said_as_rounding(tmp_path):
     said = [str(w.message) for w in seen]
     assert any("of float16's rounding" in m and "--dtype float32" in m for m in said), said
     assert not any("pass a larger --rank" in m for m in said), said
+
+
+@pytest.mark.parametrize("method", ["linear", "nuslerp"])
+def test_a_baseless_recipe_listing_one_weights_file_twice_says_so(tmp_path, capsys, method):
+    """hp74a c18, c41: a base-less mergekit recipe listing a folder and its own model.safetensors, or a folder and a
+    hard-linked copy of it, was refused as "model 0 is the base itself" / "list only the fine-tuned models after the
+    base", in a recipe that has no base."""
+    import os
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    base, models = make_family(1)
+    a = write_hf_dir(tmp_path / "a", models[0])
+    copy = tmp_path / "hl"
+    copy.mkdir()
+    for f in a.iterdir():
+        os.link(f, copy / f.name)
+    for second in (a / "model.safetensors", copy):
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(f"merge_method: {method}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+                          f"  - model: {second}\n    parameters: {{weight: 0.5}}\n")
+        rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o"], capsys)
+        assert rc == 2 and "are one model (one weights file under two names" in err, err
+        assert "is the base itself" not in err, err

@@ -824,7 +824,7 @@ def test_two_spellings_of_one_model_in_a_mergekit_linear_recipe_are_both_named(t
                                      f"  - model: {tmp_path / 'ftA_link'}\n    parameters: {{weight: 1}}\n"
                                      f"  - model: {b}\n    parameters: {{weight: 1}}\n")
     rc, _, err = run_cli(["merge", tmp_path / "r.yaml", "-o", tmp_path / "o"], capsys)
-    assert rc == 2 and "are one model (two spellings of one folder" in err and "ftA_link" in err, err
+    assert rc == 2 and "are one model (one weights file under two names" in err and "ftA_link" in err, err
     assert "mergekit refuses" not in err
 
 

@@ -390,18 +390,19 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                         problems.append(problem)
                     read = None
                 per_model[key].append(read)
-    seen: dict[str, int] = {}
+    seen: dict[Any, int] = {}
     # linear without base_model reads its first model as the base: a duplicate of it was "the base itself" (hp37b
     # M10); elsewhere the inputs' own check names a duplicate ("model 1 is listed twice")
     # (hp73a c12: a base-less nuslerp listing one folder twice was "model 0 is the base itself")
     for k, p in enumerate(paths if method in ("linear", "nuslerp") and base is None else []):
-        key = os.path.realpath(p) if os.path.exists(p) else p
+        key = _model_key(p)
         if key in seen:
             first = paths[seen[key]]
             problems.append(f"models: {p!r} is listed twice; mergekit refuses duplicate merge inputs too: list each "
                             "model once (with the sum of its weights)" if first == p else
-                            f"models: {first!r} and {p!r} are one model (two spellings of one folder: mergekit would "
-                            "merge it twice as two inputs); list it once, with the sum of its weights")
+                            f"models: {first!r} and {p!r} are one model (one weights file under two names: a link, a "
+                            "hard-linked copy, or a folder and its own file; mergekit would merge it twice as two "
+                            "inputs); list it once, with the sum of its weights")
         seen.setdefault(key, k)
     if method == "linear" and base is not None and entries and \
             not any(os.path.realpath(p) == os.path.realpath(base) for p in paths) and \
@@ -519,6 +520,19 @@ def _shapes_differ(paths: list[str], base: str | None) -> bool:
             return False
         shapes.append(found)
     return shapes[0] != shapes[1]
+
+
+def _model_key(path: str) -> Any:
+    """What makes two entries one model: the weights file the entry reads (a folder's model.safetensors, or the file
+    itself), by device and inode, so a folder and its own weights file, or a hard-linked copy, are one (hp74a c18,
+    c41: "model 0 is the base itself" in a recipe without a base); the resolved path where there is no such file."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    weights = os.path.join(folder, "model.safetensors") if os.path.isdir(path) else path
+    try:
+        found = os.stat(weights)
+        return found.st_dev, found.st_ino
+    except OSError:
+        return os.path.realpath(path) if os.path.exists(path) else path
 
 
 def _refuse_unaligned(paths: list[str], tok: str | None, problems: list[str]) -> None:
