@@ -568,3 +568,53 @@ def test_a_baseless_recipe_listing_one_weights_file_twice_says_so(tmp_path, caps
         rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o"], capsys)
         assert rc == 2 and "are one model (one weights file under two names" in err, err
         assert "is the base itself" not in err, err
+
+
+def test_other_lookups_say_names_apart_only_in_normalization(tmp_path):
+    """hp74a c05, c30, c56, c62, c63: an index's shard file, an adapter's module, a statistics folder, a statistic's
+    key and a --sign-from reference's tensor named in the other Unicode normalization were each blamed on another
+    cause (an incomplete download, another base, another model), in names printed alike."""
+    import json
+    import unicodedata
+
+    import tiesmerge
+    from helpers_adapters import write_lora_dir
+    from helpers_ckpt import write_hf_dir
+    from helpers_merge import fisher_stats
+    from tiesmerge.errors import CheckpointError, IncompatibleCheckpointsError
+
+    nfc, nfd = unicodedata.normalize("NFC", "é"), unicodedata.normalize("NFD", "é")
+    base = {f"w{nfc}.weight": torch.zeros(4, 4), "x.weight": torch.zeros(4, 4)}
+    models = [{k: v + k2 for k, v in base.items()} for k2 in (1.0, 2.0)]
+    # a statistic keyed in the other form
+    with pytest.raises(IncompatibleCheckpointsError) as caught:
+        tiesmerge.merge(base, models, "fisher", stats=[fisher_stats({f"w{nfd}.weight": torch.ones(4, 4)}),
+                                                       fisher_stats({f"w{nfc}.weight": torch.ones(4, 4)})])
+    assert "differ only in Unicode normalization" in caught.value.hint
+    # a --sign-from reference whose tensors are named in the other form
+    folders = [write_hf_dir(tmp_path / f"m{k}", state) for k, state in enumerate([base, *models])]
+    ref = write_hf_dir(tmp_path / "ref", {k.replace(nfc, nfd): v for k, v in models[0].items()})
+    with pytest.raises(IncompatibleCheckpointsError) as caught:
+        tiesmerge.merge(str(folders[0]), [str(f) for f in folders[1:]], "ties", sign_from=str(ref))
+    assert "differ only in Unicode normalization" in caught.value.hint
+    # an adapter's module in the other form
+    lora = write_lora_dir(tmp_path / "lora", {f"w{nfd}": (torch.ones(2, 4), torch.ones(4, 2))}, alpha=2)
+    with pytest.raises(IncompatibleCheckpointsError, match="differ only in Unicode normalization"):
+        tiesmerge.merge(str(folders[0]), [str(lora), str(folders[1])], "ties")
+    # a statistics folder stored in the other form, typed in this one
+    (tmp_path / f"st{nfd}").mkdir()
+    with pytest.raises(CheckpointError) as caught:
+        tiesmerge.load_stats(tmp_path / f"st{nfc}")
+    assert "differs from the" in caught.value.hint
+    # an index naming a shard in the other form
+    sharded = write_hf_dir(tmp_path / "sh", base, shards=2)
+    index = sharded / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    (sharded / first).rename(sharded / first.replace("model", f"mod{nfc}l"))
+    data["weight_map"] = {k: v.replace("model", f"mod{nfd}l") if v == first else v
+                          for k, v in data["weight_map"].items()}
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError) as caught:
+        tiesmerge.merge(str(sharded), [str(f) for f in folders[1:]], "ties")
+    assert "differ only in Unicode normalization" in caught.value.hint

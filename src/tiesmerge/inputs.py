@@ -37,6 +37,7 @@ from .methods.base import MergeMethod, check_models, warn_unused
 from .paths import check_not_input
 from .registry import make_method
 from .sizes import DEFAULT_MEMORY_BUDGET, parse_size
+from .unicode_names import apart, normalization_twin
 
 if TYPE_CHECKING:
     from .stats.files import StatsSource
@@ -306,9 +307,11 @@ def _check_reference(reference: Checkpoint, alignment: Alignment, vocab_policy: 
         if not job.merge:
             continue
         if job.name not in names:
+            twin = normalization_twin(job.name, names)  # (hp74a c63: names printed alike, "another base")
             raise IncompatibleCheckpointsError(
                 f"{reference.label}: the reference lacks tensor {job.name!r} {job.shape}, which is merged",
-                hint="the reference must be fine-tuned from the same base as the models")
+                hint=f"{apart(job.name, twin)}: save the reference's tensor names in the models' form" if twin else
+                "the reference must be fine-tuned from the same base as the models")
         info = reference.info(job.name)
         shape = tuple(info.shape)
         more_rows = len(shape) == len(job.shape) >= 1 and shape[1:] == tuple(job.shape[1:]) and \

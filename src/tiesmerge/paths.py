@@ -120,11 +120,11 @@ def _dangling_target(path: str | os.PathLike) -> str:
     return target
 
 
-def _normalization_twin(path: str | os.PathLike) -> str | None:
+def normalization_twin_hint(path: str | os.PathLike) -> str | None:
     """A hint where a component of ``path`` is missing but its folder holds a name apart from it only in Unicode
     normalization (a folder macOS named with e + a combining accent, typed with the composed é: hp73a c76, "no such
     file" of a name ``ls`` prints alike); None otherwise."""
-    import unicodedata
+    from .unicode_names import code_points, normalization_twin
 
     text = os.fspath(path)
     if not isinstance(text, str) or text.isascii():
@@ -139,15 +139,13 @@ def _normalization_twin(path: str | os.PathLike) -> str | None:
                 names = os.listdir(current)[:100_000]
             except OSError:
                 return None
-            want = unicodedata.normalize("NFC", part)
-            other = next((n for n in names if n != part and unicodedata.normalize("NFC", n) == want), None)
+            other = normalization_twin(part, names)
             if other is None:
                 return None
-            points = " ".join(f"U+{ord(c):04X}" for c in other if ord(c) > 127)
-            typed = " ".join(f"U+{ord(c):04X}" for c in part if ord(c) > 127)
             return (f"{current / other} exists: its name differs from the {part!r} typed only in Unicode "
-                    f"normalization ({points} there, {typed} typed; a composed é beside e + a combining accent, as "
-                    "macOS writes names): type the path as it is stored (tab completion does), or rename the folder")
+                    f"normalization ({code_points(other)} there, {code_points(part)} typed; a composed character "
+                    "beside a letter + a combining mark, as macOS writes names): type the path as it is stored (tab "
+                    "completion does), or rename it")
         current = candidate
     return None
 
@@ -170,7 +168,7 @@ def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = Ch
             raise error(f"{path}: {what} is a link to {target}, which does not exist",
                         hint="fix or remove the dangling link") from None
         if code in (errno.ENOENT, errno.ENOTDIR):  # a newline in the name on one line (hp49 c61)
-            twin = _normalization_twin(path)
+            twin = normalization_twin_hint(path)
             raise error(f"{str(path).replace(chr(10), chr(92) + 'n')}: no such file or directory (cannot read {what})",
                         hint=twin or f"check the path of {what}") from None
         if code == errno.ENAMETOOLONG:

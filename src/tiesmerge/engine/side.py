@@ -18,6 +18,7 @@ from ..io.align import Alignment, TensorJob
 from ..io.checkpoint import Checkpoint
 from ..lazy import torch
 from ..methods.base import SideInput
+from ..unicode_names import apart, normalization_twin
 from .plan import Chunk, Plan
 from .reduce import rms_scales
 
@@ -72,7 +73,10 @@ class SideInputs:
                 why = "is not a tensor of the model" if name not in model.names() else "is not merged (not floating)"
                 hint = "statistics must be computed with the model they are given for, in the models' order"
                 prefixed = [n for n in owner if n.endswith("." + name)]  # computed on a submodule (hp65b c18)
-                if prefixed:
+                twin = normalization_twin(name, owner)  # (hp74a c62: names printed alike, "another model")
+                if twin is not None:
+                    hint = f"{apart(name, twin)}: save the statistics' names in the model's form"
+                elif prefixed:
                     prefix = prefixed[0][:-len(name)]
                     hint = (f"the model names it {prefixed[0]!r}: the statistics were computed on a submodule "
                             f"(their names lack the prefix {prefix!r}); compute them on the whole model, or rename "

@@ -23,6 +23,7 @@ from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, MergeWarning
 from ..limits import read_json
 from ..paths import inside
+from ..unicode_names import code_points
 from .peft import yields_task_vector
 from .protocol import Checkpoint, read_rows_into, rows_shape
 from .vocab_rows import VOCAB_SUFFIXES
@@ -360,11 +361,6 @@ def _normalization_twin(missing: list[str], extra: list[str], base_names: Iterab
     return None
 
 
-def _code_points(name: str) -> str:
-    """The non-ASCII characters of ``name`` as code points (U+00E9), where two names print alike."""
-    return " ".join(f"U+{ord(c):04X}" for c in name if ord(c) > 127) or "ASCII only"
-
-
 def _prefix_apart(missing: list[str], extra: list[str]) -> str | None:
     """The one leading component (``model.``) by which every missing name differs from an extra one, or None."""
     if not missing or len(missing) != len(extra):
@@ -454,7 +450,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             if twin is not None:  # 'café.w' and 'café.w' printed alike (hp71a c38): their code points said
                 both = [who for who, held in (("the base", names), (f"model {k}", have))
                         if twin[0] in held and twin[1] in held]
-                hint = (f"{twin[0]!r} ({_code_points(twin[0])}) and {twin[1]!r} ({_code_points(twin[1])}) differ only "
+                hint = (f"{twin[0]!r} ({code_points(twin[0])}) and {twin[1]!r} ({code_points(twin[1])}) differ only "
                         "in Unicode normalization (a composed é beside e + a combining accent)"
                         + (f", and {both[0]} holds both: two tensors whose names print alike" if both else "")
                         + ": save every model's tensor names in one form (NFC)")

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import CheckpointError, IncompatibleCheckpointsError
 from ..limits import read_json
 from ..paths import inside
+from ..unicode_names import apart, normalization_twin
 from .protocol import Checkpoint
 from .safetensors_reader import SafetensorsCheckpoint
 
@@ -91,6 +92,12 @@ class BaseNames:
                 "tied matrix", hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full "
                                     "model, or adapt the shared embedding itself (target_modules: shared)")
         renamed = self._renamed(whole) if not ending else None
+        twin = normalization_twin(whole, self.base.names()) if not ending else None  # (hp74a c30)
+        if twin is not None:
+            raise IncompatibleCheckpointsError(
+                f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({self.base.label}) has no "
+                f"tensor {whole!r}: {apart(whole, twin)}",
+                hint="save the adapter's module names in the base's form (NFC, as Python writes them)")
         raise IncompatibleCheckpointsError(
             f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({self.base.label}) has "
             + (f"{len(ending)} tensors ending in {whole!r}" if ending else f"no tensor {whole!r}")

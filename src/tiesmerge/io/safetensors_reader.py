@@ -87,12 +87,10 @@ class SafetensorsCheckpoint:
                          if unicodedata.normalize("NFC", m) in stored), None)
             hint = "the download is incomplete or the index belongs to another model; fetch the shards again"
             if twin is not None:
-                def points(name: str) -> str:
-                    return " ".join(f"U+{ord(c):04X}" for c in name if ord(c) > 127) or "ASCII only"
+                from ..unicode_names import apart
 
-                hint = (f"the index's {twin[0]!r} ({points(twin[0])}) and the shards' {twin[1]!r} ({points(twin[1])}) "
-                        "differ only in Unicode normalization (a composed é beside e + a combining accent): write the "
-                        "index's weight_map with the names as the shards store them")
+                hint = (f"the index's and the shards' names {apart(*twin)}: write the index's weight_map with the "
+                        "names as the shards store them")
             raise CheckpointError(
                 f"{path}: the index names {len(missing)} tensor(s) its shards do not hold, first {missing[0]!r} "
                 f"(expected in {weight_map[missing[0]].name})", hint=hint)

@@ -1,0 +1,30 @@
+"""Names that differ only in Unicode normalization: a composed é (U+00E9) beside e + a combining accent (U+0301)
+print alike, so a lookup that misses one of them must say so, with the code points, or the message names two
+strings no reader can tell apart ("lacks 'café.w'" of an input that holds 'café.w'). macOS writes file names
+decomposed; Python and most tools write them composed."""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterable
+
+__all__ = ["code_points", "normalization_twin", "apart"]
+
+
+def code_points(name: str) -> str:
+    """The non-ASCII characters of ``name`` as code points (U+00E9), where two names print alike."""
+    return " ".join(f"U+{ord(c):04X}" for c in name if ord(c) > 127) or "ASCII only"
+
+
+def normalization_twin(name: str, names: Iterable[str]) -> str | None:
+    """The first of ``names`` that is not ``name`` but equals it under NFC, or None (ASCII names have none)."""
+    if name.isascii():
+        return None
+    want = unicodedata.normalize("NFC", name)
+    return next((n for n in names if n != name and unicodedata.normalize("NFC", n) == want), None)
+
+
+def apart(missing: str, held: str) -> str:
+    """The sentence saying two names differ only in normalization, code points included."""
+    return (f"{missing!r} ({code_points(missing)}) and {held!r} ({code_points(held)}) differ only in Unicode "
+            "normalization (a composed character beside a letter + a combining mark, as macOS writes names)")
