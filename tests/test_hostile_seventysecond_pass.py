@@ -618,3 +618,27 @@ def test_other_lookups_say_names_apart_only_in_normalization(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         tiesmerge.merge(str(sharded), [str(f) for f in folders[1:]], "ties")
     assert "differ only in Unicode normalization" in caught.value.hint
+
+
+def test_a_lora_update_below_float32_is_said(tmp_path):
+    """hp74a c42, c43: LoRA factors of 1e-23 (normal floats) whose product, 1e-46, is below float32's range merged
+    to the base silently (a full model equal to it byte for byte, or an all-zero adapter of error 0.0)."""
+    import warnings
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import MergeWarning
+
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    tiny = write_lora_dir(tmp_path / "tiny", {m: (a * 1e-23, f * 1e-23) for m, (a, f) in
+                                              random_lora(base, 2, 1).items()}, alpha=2)
+    with pytest.warns(MergeWarning, match=r"is below float32's range, so it is 0 there"):
+        tiesmerge.merge(str(b), [str(tiny)], "task_arithmetic", output=str(tmp_path / "out"))
+    untrained = write_lora_dir(tmp_path / "untrained", {m: (a, torch.zeros_like(f)) for m, (a, f) in
+                                                        random_lora(base, 2, 1).items()}, alpha=2)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        tiesmerge.merge(str(b), [str(untrained), str(tiny)], "task_arithmetic", output=str(tmp_path / "out2"))
+    assert sum("below float32's range" in str(w.message) for w in seen) == 1  # the tiny one, once

@@ -599,6 +599,8 @@ class LoraCheckpoint:
                 b = self._file.read(target.b_key, window).float()  # (window rows, r)
                 delta = b @ self._file.read(target.a_key).float()  # (window rows, in)
             delta = _cut(delta, rows, window, total).mul_(target.scale)  # (rows, ...)
+            if not self._underflow_said and not bool(delta.any()) and bool(b.any()):  # B = 0: untrained, not lost
+                self._say_underflow(name, target)
             # a saved copy of the adapted weight (an embedding's base_layer) adds its own change
             return delta if saved is None else delta.add_(saved)
         if saved is not None:
@@ -606,6 +608,22 @@ class LoraCheckpoint:
         import torch
 
         return torch.zeros(rows_shape(base.info(name).shape, rows), dtype=torch.float32)
+
+    _underflow_said = False
+
+    def _say_underflow(self, name: str, target: LoraTarget) -> None:
+        """Once per adapter: its update s·B·A of a tensor is 0 in float32 though B and A are not (factors of 1e-23
+        whose product, 1e-46, is below float32's range: the merge then equals the base there, hp74a c42, c43)."""
+        a = self._file.read(target.a_key).double()
+        b = self._file.read(target.b_key).double()
+        exact = float(((a.T @ b.T) if target.transposed else (b @ a)).abs().max()) * abs(target.scale)
+        if exact == 0.0:  # B·A is 0 itself (rows of B zero where A's columns are): nothing lost
+            return
+        self._underflow_said = True
+        warnings.warn(MergeWarning(
+            f"{self.path / ADAPTER_WEIGHTS}: the adapter's update of {name!r} (s·B·A, at most {exact:.2g}) is below "
+            "float32's range, so it is 0 there and the adapter changes nothing of it (said once per adapter); "
+            "factors this small are no training: check the adapter's factors and lora_alpha"), stacklevel=4)
 
     def _folded(self, base: Checkpoint, name: str, target: LoraTarget | None, key: str | None,
                 rows: slice | None) -> torch.Tensor:
