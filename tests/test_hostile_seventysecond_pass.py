@@ -264,23 +264,33 @@ def test_base_weight_is_checked_on_the_running_float32_sum():
         tiesmerge.merge(base, models, "average", base_weight=3e38, weights=[3e38, 1.0])
 
 
-@pytest.mark.parametrize("make", ["fifo", "folder"])
+@pytest.mark.parametrize("make", ["fifo", "folder", "loop", "crowded"])
 def test_a_kernel_cache_entry_that_is_no_file_is_refused(tmp_path, make):
     """hp72b c08: a FIFO at a kernel's place in numba's cache (NUMBA_CACHE_DIR) hung the run (numba opened it and
-    waited); c07: a folder there failed numba's write naming its temporary file, gone by then. Both are refused
-    before numba reads its cache, naming the entry."""
+    waited); c07: a folder there failed numba's write naming its temporary file, gone by then; hp74b c12: a link
+    loop failed as a bare "Too many levels of symbolic links"; c13: 20,100 files beside numba's engine_<hash>
+    folder hid a FIFO there from a scan capped at 20,000 entries. Each is refused before numba reads its cache."""
     import os
     import subprocess
     import sys
 
-    cache = tmp_path / "nc" / "some_package_dir"
+    cache = tmp_path / "nc" / "engine_0123abcd"  # numba's folder for the engine's sources: their folder's name
     cache.mkdir(parents=True)
     entry = cache / "kernels._ties_kernel-312.py311.1.nbc"
-    os.mkfifo(entry) if make == "fifo" else entry.mkdir()
+    if make == "loop":
+        entry.symlink_to(entry.name)
+    elif make == "folder":
+        entry.mkdir()
+    else:
+        os.mkfifo(entry)
+    if make == "crowded":
+        for k in range(20_100):
+            (tmp_path / "nc" / f"a{k:05d}").touch()
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "nc")}
     done = subprocess.run([sys.executable, "-c", "import tiesmerge.engine.kernels"], env=env, capture_output=True,
                           text=True, timeout=120)
-    assert done.returncode != 0 and f"{entry}: is a {'FIFO' if make == 'fifo' else 'folder'}" in done.stderr
+    what = {"fifo": "a FIFO", "crowded": "a FIFO", "folder": "a folder", "loop": "a link loop"}[make]
+    assert done.returncode != 0 and f"{entry}: is {what}" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("convert", ["tolist", "numpy"])
@@ -642,3 +652,37 @@ def test_a_lora_update_below_float32_is_said(tmp_path):
         warnings.simplefilter("always")
         tiesmerge.merge(str(b), [str(untrained), str(tiny)], "task_arithmetic", output=str(tmp_path / "out2"))
     assert sum("below float32's range" in str(w.message) for w in seen) == 1  # the tiny one, once
+
+
+def test_pass_74_tune_side_refusals(tmp_path, capsys, monkeypatch):
+    """hp74b c14: --json out.json/. wrote the file out.json; c16: an empty or zero-step integer grid range was a
+    generic "expected ... with integers"; c20: adapt --data . was "the output lies inside data file 0 (.)"; c23:
+    --lr 1e-50 with --init 0 (no coefficient moved) blamed the gradients; c09, c10, c31: a length leaving no token
+    beside the special ones read every example as [CLS] [SEP] (or said texts it never cut were cut)."""
+    import tiesmerge
+    from helpers_ckpt import run_cli
+    from test_adapt import _data, _family, _forward
+    from tiesmerge.errors import ConfigError, MergeWarning, OutputError
+    from tiesmerge.evaluation.loading import count_cut
+    from tiesmerge.paths import check_output_file
+    from tiesmerge.tuning.search import parse_grid
+
+    with pytest.raises(OutputError, match="ends with '/.', which names a folder"):
+        check_output_file(str(tmp_path / "tj.json") + "/.", False, [], "--json")
+    for values, why in (("3:0:1", "the step leads away from stop"), ("0:3:0", "the step must be a non-zero")):
+        with pytest.raises(ConfigError, match=why):
+            parse_grid("dare_ties", [f"seed={values}"])
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["adapt", "--base", "b", "--model", "m", "--model", "n", "--data", ".", "--data", ".",
+                          "-o", "ad1"], capsys)
+    assert rc != 0 and "is a directory, and each --data is a JSONL file" in err, err
+    base, fts = _family(2)
+    with pytest.warns(MergeWarning, match=r"--lr 1e-50 is 0 in float32"):
+        tiesmerge.adapt(base, fts, _data(), forward=_forward(), steps=2, granularity="task", init=0.0, lr=1e-50)
+
+    class Tokenizer:  # two special tokens, as BERT's [CLS] [SEP]
+        def num_special_tokens_to_add(self, pair=False):
+            return 3 if pair else 2
+
+    with pytest.raises(ConfigError, match="a length of 2 tokens leaves no token of the text"):
+        count_cut(Tokenizer(), ["a text"], max_length=2)

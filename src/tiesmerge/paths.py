@@ -1344,10 +1344,12 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     user's file that happens to sit at that path."""
     check_walkable(path, what)
     text = os.fspath(path)
-    if isinstance(text, str) and text.endswith(("/", os.sep)):  # Path() drops it: "out.json/" was written as the
-        # file out.json, where the shell (and the user) read a folder (hp63b c31)
-        raise OutputError(f"{os.fspath(path)}: ends with '/', which names a folder, and {what} is a file",
-                          hint=f"name the file itself, e.g. {os.fspath(path).rstrip('/' + os.sep) or 'scores.json'}")
+    if isinstance(text, str) and (text.endswith(("/", os.sep)) or os.path.basename(text) in (".", "..")):
+        # Path() drops it: "out.json/" (or "out.json/.", hp74b c14) was written as the file out.json, where the shell
+        # (and the user) read a folder (hp63b c31)
+        ending = "/" if text.endswith(("/", os.sep)) else "/" + os.path.basename(text)
+        raise OutputError(f"{os.fspath(path)}: ends with '{ending}', which names a folder, and {what} is a file",
+                          hint=f"name the file itself, e.g. {os.fspath(path).rstrip('/.' + os.sep) or 'scores.json'}")
     path = Path(path)
     if path.name.startswith(".tiesmerge-"):  # the names of tiesmerge's staged files, which a later run removes
         raise OutputError(f"{path}: names starting with '.tiesmerge-' are tiesmerge's own temporary files, which a "

@@ -206,7 +206,10 @@ def _warn_unmoved(steps: int, rows: list[list[float]], config: AdaptConfig, star
     steps vanish (hp71b c40: "mean entropy 0.0 -> 0.0", every coefficient at --init, said nowhere)."""
     largest = max((max(r) for r in rows), default=0.0)
     spacing = float(torch.finfo(torch.float32).eps) * float(start.abs().max()) / 2  # half an ulp: rounds away
-    if config.clamp is not None and torch.tensor(config.clamp[0], dtype=torch.float32) == torch.tensor(
+    if float(torch.tensor(config.lr, dtype=torch.float32)) == 0.0:  # 1e-50: 0 in float32 (hp74b c23: with --init 0
+        # the spacing test below has nothing to compare against)
+        why = f", since --lr {config.lr:g} is 0 in float32, where the coefficients are kept; give a larger --lr"
+    elif config.clamp is not None and torch.tensor(config.clamp[0], dtype=torch.float32) == torch.tensor(
             config.clamp[1], dtype=torch.float32):
         why = (f", since --clamp {config.clamp[0]:g} {config.clamp[1]:g} is one value in float32, which the "
                "coefficients are clamped to after every step; give bounds apart")

@@ -359,6 +359,11 @@ def check_adapt_outputs(base: Source, models: Sequence[Source], data: Sequence[A
               *((f"data file {k}", d) for k, d in enumerate(data) if isinstance(d, (str, os.PathLike))),
               *(method_inputs(method) if method is not None else ())]  # e.g. TIES' sign_from
     defaulted = checkpoint is None and output is not None
+    folder = next((k for k, d in enumerate(data) if isinstance(d, (str, os.PathLike)) and os.path.isdir(d)), None)
+    if folder is not None:  # said as what it is, before "the output lies inside data file 0 (.)" (hp74b c20)
+        raise ConfigError(f"data file {folder} ({os.fspath(data[folder])}): is a directory, and each --data is a "
+                          "JSONL file of one task's examples",
+                          hint='give the file itself: one {"text": ...} object per line')
     if output is not None:
         check_output_not_input(output, inputs)
         check_output_path(Path(output).absolute(), force)  # before the training, not after it

@@ -55,42 +55,60 @@ def place() -> None:
         os.environ["NUMBA_CACHE_DIR"] = str(folder / "numba")
 
 
-_MAX_SCANNED = 20_000  # entries of a shared NUMBA_CACHE_DIR looked at, at most: a bound on the start-up cost
 _checked = False
+
+
+def _kernel_folders(folder: str) -> list[str]:
+    """Where numba keeps tiesmerge's kernels under ``folder``: the package's ``__pycache__`` itself, or a
+    NUMBA_CACHE_DIR's ``engine_<hash>`` folders (numba names them after the source's folder): listed by name only,
+    so a shared cache of 20,000 entries is no cost and hides nothing (hp74b c13: a scan capped there missed them)."""
+    if os.path.basename(folder) == "__pycache__":
+        return [folder]
+    try:
+        with os.scandir(folder) as entries:
+            return [folder, *(e.path for e in entries if e.name.startswith("engine"))]
+    except OSError:
+        return []
 
 
 def check_cache_files() -> None:
     """Refuse a cache entry of tiesmerge's kernels (``kernels.*.nbi``/``.nbc``, ``exactk.*``) that is no regular file:
-    numba opens a FIFO there and waits on it for good (hp72b c08: the run hung), and a folder there fails its write
-    naming a temporary file that is gone (c07). Once per process, before numba reads its cache."""
+    numba opens a FIFO there and waits on it for good (hp72b c08: the run hung), a folder there fails its write
+    naming a temporary file that is gone (c07), and a link loop fails as a bare "Too many levels of symbolic links"
+    (hp74b c12). Once per process, before numba reads its cache."""
     global _checked
     if _checked:
         return
+    import errno
     import stat
 
     folder = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                "__pycache__")
-    seen = 0
-    for root, dirs, files in os.walk(folder):
-        for name in (*dirs, *files):
-            seen += 1
-            if not name.startswith(("kernels.", "exactk.")) or not name.endswith((".nbi", ".nbc")):
+    for place in _kernel_folders(folder):
+        try:
+            with os.scandir(place) as entries:
+                names = [e.name for e in entries]
+        except OSError:
+            continue
+        for name in names:
+            if not name.startswith(("kernels.", "exactk.")) or ".nb" not in name:
                 continue
-            path = os.path.join(root, name)
+            path = os.path.join(place, name)
             try:
                 mode = os.stat(path).st_mode  # a link followed, as numba follows it
-            except OSError:
-                continue  # a dangling link: numba's own write replaces it
-            if not stat.S_ISREG(mode):
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    continue  # a dangling link: numba's own write replaces it
+                mode = None
+            if mode is None or not stat.S_ISREG(mode):
                 from ..errors import OutputError
 
-                what = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "no regular file"
+                what = ("a link loop" if mode is None else "a folder" if stat.S_ISDIR(mode) else
+                        "a FIFO" if stat.S_ISFIFO(mode) else "no regular file")
                 raise OutputError(f"{path}: is {what}, in numba's cache of the kernels tiesmerge compiled, where "
-                                  "numba keeps a file (it would wait on a FIFO for good, and fail to write over a "
-                                  "folder)", hint=f"remove it (or the cache folder {folder}), then run again: the "
-                                                  "kernels are compiled afresh")
-        if seen > _MAX_SCANNED:
-            break
+                                  "numba keeps a file (it would wait on a FIFO for good, and fail to read or write "
+                                  "the others)", hint=f"remove it (or the cache folder {folder}), then run again: "
+                                                      "the kernels are compiled afresh")
     _checked = True  # only once the scan passed: a refused import is tried again, and checked again
 
 

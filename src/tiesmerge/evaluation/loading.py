@@ -592,7 +592,19 @@ def clipped_tail(text: str, max_length: int) -> str:
 def count_cut(tokenizer: Any, texts: Sequence[str], pairs: Sequence[str] | None = None, *, max_length: int) -> int:
     """How many of ``texts`` (with their ``pairs``) :func:`encode` cuts at ``max_length`` tokens: what a run that
     truncates says, rather than cutting without a word (hp39 C23). Tokenizes each text once more, unpadded, to one
-    token past the cut (no longer: a tokenizer warns of sequences past the model's length)."""
+    token past the cut (no longer: a tokenizer warns of sequences past the model's length). A length that leaves no
+    token of the text beside the tokenizer's special ones is refused: every example read as [CLS] [SEP] (at 2), or,
+    below that, not cut at all, though said as cut (hp74b c09, c10, c31)."""
+    try:
+        special = int(tokenizer.num_special_tokens_to_add(pair=pairs is not None))
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say: its own truncation then
+        special = 0
+    if texts and max_length <= special:
+        raise ConfigError(f"a length of {max_length} tokens leaves no token of the text beside the tokenizer's "
+                          f"{special} special tokens{' (a text pair)' if pairs is not None else ''}: every example "
+                          "would be read as those alone",
+                          hint=f"give --max-length (max_length) of at least {special + 1}, or a model of more "
+                               "positions")
     cut = 0
     for k in range(0, len(texts), 256):  # batches: a fast tokenizer's per-call cost, bounded memory
         chunk = [clipped(t, max_length + 1) for t in texts[k:k + 256]]

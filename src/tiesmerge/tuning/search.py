@@ -91,8 +91,10 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
                 # integers counted as integers: 1000000000000:1000000000003:1 as floats at 12 digits "repeats points"
                 # (hp73b c41), and past 2**53 a float merges two seeds into one
                 start, stop, step = (int(x) for x in values.split(":"))
-                if step == 0 or (stop - start) * step < 0:
-                    raise ValueError
+                if step == 0 or (stop - start) * step < 0:  # said as the float ranges say it (hp74b c16)
+                    raise ConfigError(f"start:stop:step {values}: " + (
+                        "the step must be a non-zero number" if step == 0 else "the step leads away from stop (the "
+                        "grid would be empty); a falling grid takes a negative step"))
                 if (stop - start) // step + 1 > MAX_AXIS_POINTS:
                     raise ConfigError(f"start:stop:step {values}: {(stop - start) // step + 1:,} points, more than "
                                       f"the {MAX_AXIS_POINTS:,} a grid axis may hold", hint="use a larger step")
