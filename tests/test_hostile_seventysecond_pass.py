@@ -540,7 +540,6 @@ def test_float16_factors_below_its_normal_range_are_said_as_rounding(tmp_path):
     import tiesmerge
     from helpers_adapters import random_lora, write_lora_dir
     from helpers_ckpt import make_family, write_hf_dir
-    from tiesmerge.errors import MergeWarning
 
     base, _ = make_family(1, with_int=False)
     b = write_hf_dir(tmp_path / "base", base)
