@@ -131,25 +131,32 @@ def _check_sizes(directory: Path, path: Path, config: dict) -> int | None:
 BUILT_SLACK = 1 << 22
 
 
-def _check_built(loader: Any, directory: Path, stored: int) -> None:
-    """Build the model config.json describes on the meta device (no memory, no values) and refuse it when it holds
-    far more parameters than the weights store: transformers allocates the whole model before it compares shapes,
-    so a config claiming ``intermediate_size: 200000000`` beside 32-wide weights took 24 GB and the machine's
-    OOM killer (hostile pass 34, D21). One check of every field that sizes a tensor, named or not."""
+def _built_on_meta(loader: Any, directory: Path) -> Any:
+    """The model config.json describes, built on the meta device (no memory, no values), or None where transformers
+    cannot build it. A function choosing its class (the LM evaluators') builds the backbone alone."""
     import torch
     from transformers import AutoConfig, AutoModel
 
-    # a function choosing its class (the LM evaluators'): the backbone alone, which a head only adds to
     build = getattr(loader, "from_config", None) or AutoModel.from_config
     try:
         with _transformers_quiet(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
             with torch.device("meta"):
-                model = build(config)
+                return build(config)
     except (KeyboardInterrupt, MemoryError):
         raise
-    except Exception:  # noqa: BLE001 - what transformers cannot build, from_pretrained names in its own words
+    except Exception:  # noqa: BLE001 - the caller's own words say what cannot be loaded
+        return None
+
+
+def _check_built(loader: Any, directory: Path, stored: int) -> None:
+    """Build the model config.json describes on the meta device (no memory, no values) and refuse it when it holds
+    far more parameters than the weights store: transformers allocates the whole model before it compares shapes,
+    so a config claiming ``intermediate_size: 200000000`` beside 32-wide weights took 24 GB and the machine's
+    OOM killer (hostile pass 34, D21). One check of every field that sizes a tensor, named or not."""
+    model = _built_on_meta(loader, directory)
+    if model is None:  # what transformers cannot build, from_pretrained names in its own words
         return
     built = sum(p.numel() for p in model.parameters())  # a tied parameter once
     if built > 2 * stored + BUILT_SLACK:
@@ -164,18 +171,12 @@ def _check_built(loader: Any, directory: Path, stored: int) -> None:
 def _first_mismatch(loader: Any, directory: Path) -> tuple[str, tuple[int, ...], tuple[int, ...]] | None:
     """(tensor name, its shape in the weights, its shape in the model config.json describes) of the first tensor
     whose shapes differ, built on the meta device; None where it cannot be told."""
-    import torch
-    from transformers import AutoConfig, AutoModel
-
     from ..io.checkpoint import open_checkpoint
 
-    build = getattr(loader, "from_config", None) or AutoModel.from_config
+    model = _built_on_meta(loader, directory)
+    if model is None:
+        return None
     try:
-        with _transformers_quiet(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            config = AutoConfig.from_pretrained(directory, trust_remote_code=False)
-            with torch.device("meta"):
-                model = build(config)
         checkpoint = open_checkpoint(directory)
     except Exception:  # noqa: BLE001 - a probe for the message only
         return None
