@@ -430,7 +430,7 @@ def test_an_integer_grid_range_is_counted_in_integers():
     assert parse_grid("dare_ties", ["seed=9007199254740993:9007199254740994:1"])["seed"] == (2 ** 53 + 1, 2 ** 53 + 2)
     with pytest.raises(ConfigError, match="more than the 100,000 a grid axis may hold"):
         parse_grid("dare_ties", ["seed=0:10000000:1"])
-    with pytest.raises(ConfigError, match="expected NAME=v1,v2,... or NAME=start:stop:step"):
+    with pytest.raises(ConfigError, match="the step leads away from stop"):
         parse_grid("dare_ties", ["seed=5:1:1"])
 
 
@@ -685,3 +685,23 @@ def test_pass_74_tune_side_refusals(tmp_path, capsys, monkeypatch):
 
     with pytest.raises(ConfigError, match="a length of 2 tokens leaves no token of the text"):
         count_cut(Tokenizer(), ["a text"], max_length=2)
+
+
+def test_target_modules_apart_only_in_normalization_are_said(tmp_path):
+    """hp74a c31: target_modules naming 'prój' composed while the adapter's weights hold it decomposed was "weights for
+    1 module(s) its config does not adapt, e.g. '...prój' (target_modules ['prój'] does not select it)": alike."""
+    import unicodedata
+
+    import tiesmerge
+    from helpers_adapters import write_lora_dir
+    from helpers_ckpt import write_hf_dir
+    from tiesmerge.errors import IncompatibleCheckpointsError
+
+    nfc, nfd = unicodedata.normalize("NFC", "prój"), unicodedata.normalize("NFD", "prój")
+    base = {f"layer.{nfd}.weight": torch.zeros(4, 4)}
+    b = write_hf_dir(tmp_path / "base", base)
+    lora = write_lora_dir(tmp_path / "lora", {f"layer.{nfd}": (torch.ones(2, 4), torch.ones(4, 2))}, alpha=2,
+                          config={"target_modules": [nfc]})
+    with pytest.raises(IncompatibleCheckpointsError) as caught:
+        tiesmerge.merge(str(b), [str(lora)], "task_arithmetic")
+    assert "differ only in Unicode normalization" in caught.value.hint

@@ -499,10 +499,21 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
         outcome = ("PEFT adapts none of them (the adapter it loads does nothing, or it refuses to load one whose "
                    "config selects no module of the base at all)" if none_adapted else  # hp31 C62
                    "PEFT would load the adapter without them, so the merge would not be of the adapter that runs")
+        # a module name and a target_modules entry printed alike (hp74a c31): the code points said
+        import unicodedata
+
+        from ..unicode_names import apart
+
+        listed = config.get("target_modules")
+        entries = [listed] if isinstance(listed, str) else list(listed) if isinstance(listed, (list, tuple)) else []
+        last = first.rsplit(".", 1)[-1]
+        twin = next((e for e in entries if isinstance(e, str) and e != last and
+                     unicodedata.normalize("NFC", e) == unicodedata.normalize("NFC", last)), None)
         raise IncompatibleCheckpointsError(
             f"{source}: the adapter has weights for {len(stray)} module(s) its config does not adapt, e.g. "
             f"{first!r} ({why}); {outcome}",
-            hint="the config does not describe these weights: fix target_modules (or exclude_modules, "
+            hint=f"{apart(last, twin)}: write target_modules with the module names as the weights hold them" if twin
+            else "the config does not describe these weights: fix target_modules (or exclude_modules, "
                  "modules_to_save, layers_to_transform) to name the adapted modules, or save the adapter again")
     beside = [k for k in ("layers_to_transform", "layers_pattern") if config.get(k) is not None]
     if isinstance(config.get("target_modules"), str) and beside:  # hp29 N12
