@@ -92,7 +92,7 @@ class BaseNames:
                 "tied matrix", hint="merge the adapter into its base with PEFT (merge_and_unload) and merge the full "
                                     "model, or adapt the shared embedding itself (target_modules: shared)")
         renamed = self._renamed(whole) if not ending else None
-        twin = normalization_twin(whole, self.base.names()) if not ending else None  # (hp74a c30)
+        twin = normalization_twin(whole, self.names) if not ending else None  # (hp74a c30)
         if twin is not None:
             raise IncompatibleCheckpointsError(
                 f"{label}: adapter tensor {key!r} targets module {module!r}, but the base ({self.base.label}) has no "
