@@ -705,3 +705,14 @@ def test_target_modules_apart_only_in_normalization_are_said(tmp_path):
     with pytest.raises(IncompatibleCheckpointsError) as caught:
         tiesmerge.merge(str(b), [str(lora)], "task_arithmetic")
     assert "differ only in Unicode normalization" in caught.value.hint
+
+
+def test_an_output_file_named_dash_is_refused(tmp_path, monkeypatch):
+    """hp74b c15: `--json -` (standard output, to most tools) wrote a file named '-' in the working folder."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match="would be a file named '-'"):
+        check_output_file("-", False, [], "--json")
+    assert not (tmp_path / "-").exists()

@@ -1344,6 +1344,9 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     user's file that happens to sit at that path."""
     check_walkable(path, what)
     text = os.fspath(path)
+    if text == "-":  # the shell's "standard output": written as a file named '-' (hp74b c15)
+        raise OutputError(f"-: {what} is written to a file, and '-' (standard output, to most tools) would be a file "
+                          "named '-' in the working folder", hint=f"give {what} a file name, e.g. scores.json")
     if isinstance(text, str) and (text.endswith(("/", os.sep)) or os.path.basename(text) in (".", "..")):
         # Path() drops it: "out.json/" (or "out.json/.", hp74b c14) was written as the file out.json, where the shell
         # (and the user) read a folder (hp63b c31)
