@@ -716,3 +716,13 @@ def test_an_output_file_named_dash_is_refused(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="would be a file named '-'"):
         check_output_file("-", False, [], "--json")
     assert not (tmp_path / "-").exists()
+
+
+def test_a_builtin_evaluator_spelled_with_underscores_is_suggested(tmp_path, capsys, monkeypatch):
+    """hp74b c40: `--evaluator classifier_accuracy:FILE` was read as a Python module, with no "did you mean"."""
+    from helpers_ckpt import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["tune", "--base", "b", "--model", "m", "--model", "n", "--evaluator",
+                          "classifier_accuracy:val.jsonl"], capsys)
+    assert rc != 0 and "did you mean the built-in classifier-accuracy:val.jsonl" in err, err

@@ -76,6 +76,10 @@ def _load_callable(spec: str):
                               hint=f"pass --evaluator {stem}:{name} from "
                                    + (f"the folder {folder}, or add {folder}" if str(folder) != "." else
                                       "its folder, or add that folder") + " to PYTHONPATH") from None
+        if isinstance(exc, ModuleNotFoundError) and module.replace("_", "-") in BUILTIN_EVALUATORS:
+            # classifier_accuracy:val.jsonl: the built-in's name with '_' (hp74b c40: read as a Python module)
+            raise ConfigError(f"--evaluator {spec!r}: no module {module!r}; did you mean the built-in "
+                              f"{module.replace('_', '-')}:{name}?", hint=f"built-ins are {builtins}") from None
         if "-" in module:  # no Python module has a hyphen: a built-in's name, mistyped
             raise ConfigError(f"--evaluator {spec!r}: {module!r} is not a built-in evaluator (they are {builtins})",
                               hint="e.g. --evaluator classifier-accuracy:val.jsonl") from None
