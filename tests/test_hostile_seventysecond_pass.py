@@ -726,3 +726,35 @@ def test_a_builtin_evaluator_spelled_with_underscores_is_suggested(tmp_path, cap
     rc, _, err = run_cli(["tune", "--base", "b", "--model", "m", "--model", "n", "--evaluator",
                           "classifier_accuracy:val.jsonl"], capsys)
     assert rc != 0 and "did you mean the built-in classifier-accuracy:val.jsonl" in err, err
+
+
+def test_pass_75_merge_side_words(tmp_path, capsys):
+    """hp75a c04, c05: a hard-linked copy of a sharded model (no model.safetensors) listed beside it in a base-less
+    mergekit recipe was "model 0 is the base itself"; c09: validate's hint "use weights: to count one more" named a
+    top-level key a recipe refuses (the weights are under parameters:); c28: a dare_ties density of 1e-300 was refused
+    as "drop_rate ... got 1.0", a key mergekit recipes have not."""
+    import os
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    base, models = make_family(2)
+    sharded = write_hf_dir(tmp_path / "sh", models[0], shards=2)
+    copy = tmp_path / "shh"
+    copy.mkdir()
+    for f in sharded.iterdir():
+        os.link(f, copy / f.name)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {sharded}\n    parameters: {{weight: 0.5}}\n"
+                      f"  - model: {copy}\n    parameters: {{weight: 0.5}}\n")
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "are one model (one weights file under two names" in err, err
+    b, a = write_hf_dir(tmp_path / "base", base), write_hf_dir(tmp_path / "a", models[1])
+    own = tmp_path / "own.yaml"
+    own.write_text(f"method: task_arithmetic\nbase: {b}\nmodels: [{a}, {a}]\n")
+    rc, _, err = run_cli(["validate", own], capsys)
+    assert rc != 0 and "weights: [...] under parameters:" in err, err
+    dare = tmp_path / "dare.yaml"
+    dare.write_text(f"merge_method: dare_ties\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                    "    parameters: {weight: 1.0, density: 1.0e-300}\n")
+    rc, _, err = run_cli(["merge", dare, "-o", tmp_path / "o2"], capsys)
+    assert rc != 0 and "density 1e-300 keeps a fraction too small" in err and "drop_rate" not in err, err

@@ -526,8 +526,9 @@ def _model_key(path: str) -> Any:
     """What makes two entries one model: the weights file the entry reads (a folder's model.safetensors, or the file
     itself), by device and inode, so a folder and its own weights file, or a hard-linked copy, are one (hp74a c18,
     c41: "model 0 is the base itself" in a recipe without a base); the resolved path where there is no such file."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    weights = os.path.join(folder, "model.safetensors") if os.path.isdir(path) else path
+    # a sharded folder by its index (hp75a c04, c05: a hard-linked copy of one was "model 0 is the base itself")
+    weights = next((os.path.join(path, n) for n in ("model.safetensors", "model.safetensors.index.json")
+                    if os.path.exists(os.path.join(path, n))), path) if os.path.isdir(path) else path
     try:
         found = os.stat(weights)
         return found.st_dev, found.st_ino
@@ -694,6 +695,11 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
         return "", {}, ""
     if not 0 < density <= 1:
         problems.append(f"{method}: density {density} must be a fraction in (0, 1]")
+        return "", {}, ""
+    if 1.0 - density == 1.0 or 1.0 / (1.0 - (1.0 - density)) > 1e15:  # 1e-300: the drop rate 1 − density rounds
+        # to 1 (hp75a c28: said as "drop_rate ... got 1.0", a key mergekit recipes have not)
+        problems.append(f"{method}: density {density:g} keeps a fraction too small for float arithmetic (1 − density "
+                        "rounds to 1, or its rescaling 1/density is past 1e15); give a density of at least 1e-15")
         return "", {}, ""
     if density < 1:  # at density 1 nothing is dropped or rescaled on either side: equal entry by entry (hp47 c15)
         warnings.append(f"{method}: the random masks differ from mergekit's (torch.bernoulli) and the survivors are "

@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             (align, "union_offered"), (align, "policy_words"))]
         sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
         inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: it has none
-        inputs.weights_option = {"merge": "--weights", "validate": "weights:"}.get(args.command)
+        inputs.weights_option = {"merge": "--weights", "validate": "weights: [...] under parameters:"}.get(args.command)
         align.union_offered = args.command in ("merge", "validate")
         align.policy_words = dict(align.POLICY_FLAGS)  # a mergekit recipe's merge sets its own words
         warnings.showwarning = _warning_printer(shown_before)
