@@ -758,3 +758,19 @@ def test_pass_75_merge_side_words(tmp_path, capsys):
                     "    parameters: {weight: 1.0, density: 1.0e-300}\n")
     rc, _, err = run_cli(["merge", dare, "-o", tmp_path / "o2"], capsys)
     assert rc != 0 and "density 1e-300 keeps a fraction too small" in err and "drop_rate" not in err, err
+
+
+def test_output_file_spellings_through_files_and_folders(tmp_path):
+    """hp75b c07: --json a/config.json/.. was "goes through a/config.json, which does not exist" (a file that does);
+    c06: --json od/. for an existing folder od hinted "e.g. od", which is refused in turn."""
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "config.json").write_text("{}")
+    with pytest.raises(OutputError, match="which is a file, not a folder"):
+        check_output_file(str(tmp_path / "a" / "config.json" / ".."), False, [], "--json")
+    (tmp_path / "od").mkdir()
+    with pytest.raises(OutputError) as caught:
+        check_output_file(str(tmp_path / "od") + "/.", False, [], "--json")
+    assert caught.value.hint.endswith(f"{tmp_path / 'od' / 'scores.json'}")

@@ -698,9 +698,12 @@ def check_walkable(path: str | os.PathLike, what: str = "the output") -> None:
     parts = Path(os.fspath(path)).parts
     for i, part in enumerate(parts):
         if part == ".." and i and not os.path.isdir(os.path.join(*parts[:i])):
-            raise OutputError(f"{path}: {what}'s path goes through {os.path.join(*parts[:i])}, which does not exist, "
-                              "and then back out of it with '..'", hint="name the path without the '..' (or create "
-                                                                        "that folder first)")
+            through = os.path.join(*parts[:i])
+            # a file there is no folder to walk out of (hp75b c07: a file called "does not exist")
+            kind = "is a file, not a folder" if os.path.lexists(through) else "does not exist"
+            raise OutputError(f"{path}: {what}'s path goes through {through}, which {kind}, and then back out of it "
+                              "with '..'", hint="name the path without the '..'" + (
+                                  "" if os.path.lexists(through) else " (or create that folder first)"))
 
 
 def check_output_location(output: str | os.PathLike, force: bool, marker: str = "tiesmerge.json") -> None:
@@ -1335,6 +1338,15 @@ def _own_file_kind(path: Path) -> str | None:
     return None
 
 
+def _file_example(text: str) -> str:
+    """A file name for an output file given as a folder's spelling (``out.json/``, ``od/.``): the name without its
+    ending, or a file inside it where that is an existing folder (hp75b c06: "e.g. od", itself refused)."""
+    stripped = text.rstrip("/." + os.sep)
+    if not stripped:
+        return "scores.json"
+    return os.path.join(stripped, "scores.json") if os.path.isdir(stripped) else stripped
+
+
 def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tuple[str, Any]], what: str,
                       ours: Callable[[Path], bool] | None = None) -> None:
     """A single output file (``tune --json``, ``adapt --checkpoint``), checked before any work: it is
@@ -1352,7 +1364,7 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
         # (and the user) read a folder (hp63b c31)
         ending = "/" if text.endswith(("/", os.sep)) else "/" + os.path.basename(text)
         raise OutputError(f"{os.fspath(path)}: ends with '{ending}', which names a folder, and {what} is a file",
-                          hint=f"name the file itself, e.g. {os.fspath(path).rstrip('/.' + os.sep) or 'scores.json'}")
+                          hint=f"name the file itself, e.g. {_file_example(os.fspath(path))}")
     path = Path(path)
     if path.name.startswith(".tiesmerge-"):  # the names of tiesmerge's staged files, which a later run removes
         raise OutputError(f"{path}: names starting with '.tiesmerge-' are tiesmerge's own temporary files, which a "
