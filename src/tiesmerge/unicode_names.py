@@ -8,7 +8,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable
 
-__all__ = ["code_points", "normalization_twin", "apart"]
+__all__ = ["code_points", "normalization_twin", "first_twin", "apart"]
 
 
 def code_points(name: str) -> str:
@@ -22,6 +22,20 @@ def normalization_twin(name: str, names: Iterable[str]) -> str | None:
         return None
     want = unicodedata.normalize("NFC", name)
     return next((n for n in names if n != name and unicodedata.normalize("NFC", n) == want), None)
+
+
+def first_twin(wanted: Iterable[str], held: Iterable[str]) -> tuple[str, str] | None:
+    """(a name of ``wanted``, the name of ``held`` apart from it only in normalization) for the first such name, or
+    None: ``held`` indexed once, so many wanted names cost one pass each."""
+    wanted = [n for n in wanted if not n.isascii()]
+    if not wanted:
+        return None
+    index = {unicodedata.normalize("NFC", n): n for n in held if not n.isascii()}
+    for name in wanted:
+        other = index.get(unicodedata.normalize("NFC", name))
+        if other is not None and other != name:
+            return name, other
+    return None
 
 
 def apart(missing: str, held: str) -> str:

@@ -14,7 +14,6 @@ import re
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,13 +122,12 @@ def _module_file(module: str) -> str:
     return spec.origin if spec is not None and spec.origin else module
 
 
-def _evaluator(spec: str, base: Any, device: str, models: Sequence[Any] = ()) -> Any:
-    """A built-in evaluator (``NAME:FILE``, its file read and checked now) or the user's ``module:function``."""
+def _evaluator(spec: str, base: Any, device: str) -> Any:
+    """A built-in evaluator (``NAME:FILE``, its file read and checked now) or the user's ``module:function``; a
+    built-in's check of the fine-tunes runs in tune and run_search (``check_models``)."""
     from ..evaluation.builtin import builtin_evaluator
 
     builtin = builtin_evaluator(spec, base, device=device)  # scored where the candidates are merged
-    if builtin is not None and hasattr(builtin, "check_models"):  # now, before the search's other checks
-        builtin.check_models(models)  # (hp72b c03: multi-label fine-tunes beside a base that says nothing)
     return builtin if builtin is not None else _load_callable(spec)
 
 
@@ -221,7 +219,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
                               + (", reached through another mount of it," if not nested(args.json, args.output)
                                  else ",") + " which the best merge replaces",
                               hint="write the scores beside the output, not into it")
-    evaluate = guard(_evaluator(args.evaluator, args.base, args.device, args.models), f"--evaluator {args.evaluator}",
+    evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}",
                      finite=True)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
@@ -327,7 +325,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise OutputError(f"{args.output}: the output and --dir {args.dir} are the same or one holds the other, "
                               "or the output names a file the search writes there (its log, results.md, report.html)",
                               hint="choose separate paths, or a folder of its own inside --dir (e.g. DIR/best)")
-    evaluate = guard(_evaluator(args.evaluator, args.base, args.device, args.models), f"--evaluator {args.evaluator}",
+    evaluate = guard(_evaluator(args.evaluator, args.base, args.device), f"--evaluator {args.evaluator}",
                      finite=True)
     module = _evaluator_file(args.evaluator)  # an input too: neither output may replace it
     _check_writes(args.output, args.force, module)

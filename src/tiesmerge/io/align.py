@@ -13,7 +13,6 @@ import functools
 import math
 import os
 import re
-import unicodedata
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from ..dtypes import DType, as_dtype
 from ..errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, MergeWarning
 from ..limits import read_json
 from ..paths import inside
-from ..unicode_names import code_points
+from ..unicode_names import code_points, first_twin
 from .peft import yields_task_vector
 from .protocol import Checkpoint, read_rows_into, rows_shape
 from .vocab_rows import VOCAB_SUFFIXES
@@ -345,20 +344,13 @@ def _normalization_twin(missing: list[str], extra: list[str], base_names: Iterab
                         ) -> tuple[str, str] | None:
     """(a name one input lacks, the name it holds instead) that differ only in Unicode normalization: a missing name
     and an extra one, or either beside a name both inputs hold (hp72a c10, c35: a model holding both forms)."""
-    def nfc(name: str) -> str:
-        return unicodedata.normalize("NFC", name)
-
-    in_model = {nfc(n): n for n in model_names if n not in missing}
-    for name in missing:  # the base's name; the model holds another form of it
-        other = in_model.get(nfc(name))
-        if other is not None and other != name:
-            return name, other
-    in_base = {nfc(n): n for n in base_names if n not in extra}
-    for name in extra:  # the model's name; the base holds another form of it
-        other = in_base.get(nfc(name))
-        if other is not None and other != name:
-            return other, name
-    return None
+    lacked = set(missing)
+    found = first_twin(missing, (n for n in model_names if n not in lacked))  # the base's name; the model's form
+    if found is not None:
+        return found
+    added = set(extra)
+    found = first_twin(extra, (n for n in base_names if n not in added))  # the model's name; the base's form
+    return (found[1], found[0]) if found is not None else None
 
 
 def _prefix_apart(missing: list[str], extra: list[str]) -> str | None:

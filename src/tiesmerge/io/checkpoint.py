@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import CheckpointError
 from ..limits import read_json
 from ..paths import check_input, fs_text, inside
-from ..unicode_names import apart, normalization_twin
+from ..unicode_names import apart, first_twin
 from .adapters import open_adapter
 from .peft import ADAPTER_CONFIG
 from .protocol import Checkpoint, TensorInfo, read_rows_into
@@ -101,8 +101,8 @@ def _read_index(index: Path) -> dict[str, Path]:
                 f"{index}: names shard(s) that do not exist: {', '.join(missing[:8])}; the folder holds "
                 f"{cased[0][1]}, whose name differs from {Path(cased[0][0]).name} only in case",
                 hint="fix the index's names (or the file's): file names are case-sensitive here")
-        twin = next(((Path(m).name, t) for m in missing if (t := normalization_twin(Path(m).name, here.values()))),
-                    None)  # (hp74a c05: a shard named in the other Unicode normalization, "fetch it again")
+        # (hp74a c05: a shard named in the other Unicode normalization, "fetch it again")
+        twin = first_twin((Path(m).name for m in missing), here.values())
         raise CheckpointError(
             f"{index}: names shard(s) that do not exist: {', '.join(missing[:8])}",
             hint=f"{apart(*twin)}: write the index's weight_map with the names the files have" if twin else

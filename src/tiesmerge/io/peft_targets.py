@@ -500,15 +500,12 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
                    "config selects no module of the base at all)" if none_adapted else  # hp31 C62
                    "PEFT would load the adapter without them, so the merge would not be of the adapter that runs")
         # a module name and a target_modules entry printed alike (hp74a c31): the code points said
-        import unicodedata
-
-        from ..unicode_names import apart
+        from ..unicode_names import apart, normalization_twin
 
         listed = config.get("target_modules")
         entries = [listed] if isinstance(listed, str) else list(listed) if isinstance(listed, (list, tuple)) else []
         last = first.rsplit(".", 1)[-1]
-        twin = next((e for e in entries if isinstance(e, str) and e != last and
-                     unicodedata.normalize("NFC", e) == unicodedata.normalize("NFC", last)), None)
+        twin = normalization_twin(last, (e for e in entries if isinstance(e, str)))
         raise IncompatibleCheckpointsError(
             f"{source}: the adapter has weights for {len(stray)} module(s) its config does not adapt, e.g. "
             f"{first!r} ({why}); {outcome}",

@@ -78,17 +78,13 @@ class SafetensorsCheckpoint:
                      "headers (or fetch the index again); the shards themselves are not at fault")
         if missing:
             self.close()
-            import unicodedata
+            from ..unicode_names import apart, first_twin
 
             # a name the shards hold in another Unicode normalization prints alike (hp73a c02: "fetch the shards
             # again" of a shard that holds it): the code points said
-            stored = {unicodedata.normalize("NFC", n): n for n in (*self._where, *self.unindexed)}
-            twin = next(((m, stored[unicodedata.normalize("NFC", m)]) for m in missing
-                         if unicodedata.normalize("NFC", m) in stored), None)
+            twin = first_twin(missing, (*self._where, *self.unindexed))
             hint = "the download is incomplete or the index belongs to another model; fetch the shards again"
             if twin is not None:
-                from ..unicode_names import apart
-
                 hint = (f"the index's and the shards' names {apart(*twin)}: write the index's weight_map with the "
                         "names as the shards store them")
             raise CheckpointError(

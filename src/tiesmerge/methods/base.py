@@ -33,7 +33,7 @@ import re
 import types as types_module
 import typing
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, NewType, Protocol, runtime_checkable
 
@@ -647,17 +647,25 @@ def plain_value(value: Any) -> Any:
     return value
 
 
-def _underflowed(given: Any, value: Any) -> str | None:
-    """`` = <the exact number>`` (``[i] = ...`` of a list) where an exact number that is not 0 became the float 0."""
+def _exact_floats(given: Any, value: Any) -> Iterator[tuple[str, Any, float]]:
+    """(``""`` or ``"[i]"``, the exact number given, the float it became) for each Fraction or Decimal of an option,
+    alone or in a list, that :func:`plain_value` made a float."""
     many = isinstance(given, (list, tuple)) and isinstance(value, tuple)
     for i, (exact, number) in enumerate(zip(given, value) if many else [(given, value)]):
-        if _exact(exact) and isinstance(number, float) and number == 0.0:
+        if _exact(exact) and isinstance(number, float):
+            yield (f"[{i}]" if many else ""), exact, number
+
+
+def _underflowed(given: Any, value: Any) -> str | None:
+    """`` = <the exact number>`` (``[i] = ...`` of a list) where an exact number that is not 0 became the float 0."""
+    for where, exact, number in _exact_floats(given, value):
+        if number == 0.0:
             try:
                 nonzero = exact != 0
             except (ArithmeticError, TypeError):  # Decimal("sNaN")
                 continue
             if nonzero:
-                return f"{f'[{i}]' if many else ''} = {_shown(exact)}"
+                return f"{where} = {_shown(exact)}"
     return None
 
 
@@ -667,9 +675,8 @@ _COUNTED = ("densities", "rank_fraction")  # fractions that a count of entries o
 def _warn_rounded(method_name: str, name: str, given: Any, value: Any) -> None:
     """Say when an exact number (Fraction(1, 3)) became a float that is not the number written: every count is taken
     of the float as written (⌊0.3333333333333333 · 3⌋ = 0, not 1), and the recipe records the float (hp70a c13)."""
-    many = isinstance(given, (list, tuple)) and isinstance(value, tuple)
-    for i, (exact, number) in enumerate(zip(given, value) if many else [(given, value)]):
-        if not (_exact(exact) and isinstance(number, float) and math.isfinite(number)):
+    for where, exact, number in _exact_floats(given, value):
+        if not math.isfinite(number):
             continue
         try:
             if fractions.Fraction(exact) == fractions.Fraction(repr(number)):
@@ -677,7 +684,7 @@ def _warn_rounded(method_name: str, name: str, given: Any, value: Any) -> None:
         except (ValueError, OverflowError, TypeError):
             continue
         warnings.warn(MergeWarning(
-            f"{method_name}: {name}{f'[{i}]' if many else ''} = {_shown(exact)} is used as the float {number!r}, which "
+            f"{method_name}: {name}{where} = {_shown(exact)} is used as the float {number!r}, which "
             f"is not the same number; counts are taken of that float as it is written (⌊{number!r} · n⌋ of n) and the "
             "recipe records it, so a count can be one less than of the exact number: give the float you mean"),
             stacklevel=4)

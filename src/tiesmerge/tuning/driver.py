@@ -35,7 +35,7 @@ from .candidates import (
     float32,
     merged_delta,
 )
-from .evaluator import evaluator_name, format_score, guard
+from .evaluator import check_evaluated_models, evaluator_name, format_score, guard
 from .evaluator_digest import evaluator_module, evaluator_objects, evaluator_state
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
@@ -381,8 +381,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
                           hint="e.g. log='search/log.jsonl', or leave it out")
     started = time.perf_counter()
     evaluator_name = _evaluator_name(evaluate)
-    if type(evaluate).__module__ == "tiesmerge.evaluation.builtin" and isinstance(models, Sequence):  # a built-in
-        evaluate.check_models(models)  # (classifier-accuracy: heads that are no softmax, hp73b c05, c06)
+    check_evaluated_models(evaluate, models)  # a built-in's check of the fine-tunes, before any merge
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     cls = method_class(method) if isinstance(method, str) else type(method)
     if strategy == "grid" and ranges:  # hp36 C42: ignored without a word, the log recording them beside the grid

@@ -460,6 +460,14 @@ def _is_scalar(score: Any) -> bool:
     return not getattr(getattr(score, "dtype", None), "is_complex", False)
 
 
+def check_evaluated_models(evaluate: Any, models: Any) -> None:
+    """A built-in evaluator's check of the models it will score (classifier-accuracy: heads that are no softmax,
+    hp73b c05, c06), guarded or not; a user's evaluator is not asked (its attributes are its own)."""
+    inner = evaluate.evaluate if issubclass(type(evaluate), GuardedEvaluator) else evaluate
+    if type(inner).__module__ == "tiesmerge.evaluation.builtin" and isinstance(models, (list, tuple)):
+        inner.check_models(models)
+
+
 def guard(evaluate: Callable[[Mapping[str, Any]], float], label: str | None = None, *,
           finite: bool = False) -> GuardedEvaluator:
     """``evaluate`` guarded (once: a guarded evaluator is returned as it is)."""

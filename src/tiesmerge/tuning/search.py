@@ -26,7 +26,7 @@ from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_pr
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
 from .candidates import check_candidate, check_tuning_vocab_policy
-from .evaluator import format_score, guard
+from .evaluator import check_evaluated_models, format_score, guard
 from .space import check_axes_and_fixed, check_grid, fit_counts
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
@@ -196,8 +196,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     grid, fixed = plain_numbers(grid), plain_numbers(fixed, 1)  # numpy's scalars are numbers (hp59b c24)
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
-    if type(evaluate).__module__ == "tiesmerge.evaluation.builtin" and isinstance(models, Sequence):  # a built-in
-        evaluate.check_models(models)  # (classifier-accuracy: heads that are no softmax, hp73b c05, c06)
+    check_evaluated_models(evaluate, models)  # a built-in's check of the fine-tunes, before any merge
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
     from ..inputs import resolve_sources
 
