@@ -758,6 +758,11 @@ def test_pass_75_merge_side_words(tmp_path, capsys):
                     "    parameters: {weight: 1.0, density: 1.0e-300}\n")
     rc, _, err = run_cli(["merge", dare, "-o", tmp_path / "o2"], capsys)
     assert rc != 0 and "density 1e-300 keeps a fraction too small" in err and "drop_rate" not in err, err
+    # c29: a density of 1e-10 merges (almost surely to the base), its warning's advice said as a density too
+    dare.write_text(f"merge_method: dare_ties\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                    "    parameters: {weight: 1.0, density: 1.0e-10}\n")
+    rc, _, err = run_cli(["merge", dare, "-o", tmp_path / "o3"], capsys)
+    assert rc == 0 and "(density 1e-10) leaves" in err and "(a density of at least " in err, err
 
 
 def test_output_file_spellings_through_files_and_folders(tmp_path):

@@ -220,10 +220,14 @@ def _warn_if_drop_keeps_nothing(method: MergeMethod, alignment: Alignment, n: in
     entries = n * sum(j.numel for j in alignment.jobs if j.merge)
     expected = entries * (1.0 - drop_rate)
     if entries and expected < 1.0:
+        # said in both spellings: tiesmerge's own DARE takes drop_rate, a mergekit recipe its complement density
+        # (hp75a c29: a recipe's density 1e-10 was said as a drop_rate the recipe cannot hold)
+        least = _rounded_up(1 / entries)
         warnings.warn(MergeWarning(
-            f"{method.name}: drop_rate {drop_rate:.12g} leaves {expected:.2g} of the models' {entries:,} task-vector "
-            f"entries on average, so the merge is almost surely the base itself; a drop_rate of at most "
-            f"{1 - _rounded_up(1 / entries):.6g} keeps one on average"), stacklevel=3)
+            f"{method.name}: drop_rate {drop_rate:.12g} (density {1 - drop_rate:.3g}) leaves {expected:.2g} of the "
+            f"models' {entries:,} task-vector entries on average, so the merge is almost surely the base itself; a "
+            f"drop_rate of at most {1 - least:.6g} (a density of at least {least:.3g}) keeps one on average"),
+            stacklevel=3)
         return True
     return False
 
