@@ -779,3 +779,24 @@ def test_output_file_spellings_through_files_and_folders(tmp_path):
     with pytest.raises(OutputError) as caught:
         check_output_file(str(tmp_path / "od") + "/.", False, [], "--json")
     assert caught.value.hint.endswith(f"{tmp_path / 'od' / 'scores.json'}")
+
+
+def test_a_file_of_a_model_folder_given_as_a_model_hints_the_folder(tmp_path):
+    """hp75a c36: an index (or config.json) given as a model path was "not a .safetensors file or a model directory"
+    with only --help's generic hint; a file of a model folder now points at that folder."""
+    from helpers_ckpt import make_family, write_hf_dir
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.checkpoint import open_checkpoint
+
+    _, models = make_family(1)
+    sharded = write_hf_dir(tmp_path / "sh", models[0], shards=2)
+    for name in ("model.safetensors.index.json", "config.json"):
+        with pytest.raises(CheckpointError, match="not a .safetensors file") as caught:
+            open_checkpoint(sharded / name)
+        assert caught.value.hint == f"give the model's folder instead: {sharded}"
+    stray = tmp_path / "notes.txt"
+    stray.write_text("x")
+    with pytest.raises(CheckpointError) as caught:
+        open_checkpoint(stray)
+    assert "give a model directory" in caught.value.hint

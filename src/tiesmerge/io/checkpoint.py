@@ -157,7 +157,12 @@ def open_checkpoint(
             if not allow_pickle:
                 raise _refuse_pickle(path)
             return PickleCheckpoint(path, [path], label)
-        raise CheckpointError(f"{path}: not a .safetensors file or a model directory")
+        # a file of a model folder (its index, config.json): the folder is what is meant (hp75a c36: an index
+        # given as a model had only --help's generic hint)
+        hint = (f"give the model's folder instead: {path.parent}" if _full_model_files(path.parent)
+                else "give a model directory (config.json and model.safetensors, or a sharded model's index and "
+                "shards) or a single .safetensors file")
+        raise CheckpointError(f"{path}: not a .safetensors file or a model directory", hint=hint)
     if os.path.lexists(path / ADAPTER_CONFIG):  # a PEFT adapter: read as task vectors (a FIFO, a dangling link
         # or a folder there is named by the limited reader, not misread); beside a full model's weights, which of
         # the two is meant cannot be told (hp53 c25: tiesmerge read the adapter, mergekit and transformers the model)
