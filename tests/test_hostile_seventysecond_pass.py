@@ -800,3 +800,18 @@ def test_a_file_of_a_model_folder_given_as_a_model_hints_the_folder(tmp_path):
     with pytest.raises(CheckpointError) as caught:
         open_checkpoint(stray)
     assert "give a model directory" in caught.value.hint
+
+
+def test_a_look_alike_letter_in_target_modules_is_named():
+    """hp75a c39: target_modules ['q_prоj'] with a Cyrillic 'о' (U+043E) was "does not select it" of a module
+    q_proj, which reads as nonsense; the character is now named."""
+    from tiesmerge.io.peft_targets import Targeting
+
+    targeting = Targeting.of({"target_modules": ["q_pr\u043ej", "v_proj"]}, "cfg")
+    why = targeting.why_not("model.layers.0.self_attn.q_proj")
+    assert "U+043E CYRILLIC SMALL LETTER O" in why and "'q_pr\u043ej' holds" in why, why
+    assert targeting.why_not("model.layers.0.self_attn.v_proj") is None
+    regex = Targeting.of({"target_modules": ".*q_pr\u043ej"}, "cfg").why_not("model.layers.0.self_attn.q_proj")
+    assert "'.*q_pr\u043ej' holds U+043E" in regex, regex
+    plain = Targeting.of({"target_modules": ["k_proj"]}, "cfg").why_not("model.layers.0.self_attn.q_proj")
+    assert plain == "target_modules ['k_proj'] does not select it"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import unicodedata
 from collections.abc import Iterable
 
-__all__ = ["code_points", "normalization_twin", "first_twin", "apart"]
+__all__ = ["code_points", "normalization_twin", "first_twin", "apart", "non_ascii_note"]
 
 
 def code_points(name: str) -> str:
@@ -42,3 +42,14 @@ def apart(missing: str, held: str) -> str:
     """The sentence saying two names differ only in normalization, code points included."""
     return (f"{missing!r} ({code_points(missing)}) and {held!r} ({code_points(held)}) differ only in Unicode "
             "normalization (a composed character beside a letter + a combining mark, as macOS writes names)")
+
+
+def non_ascii_note(names: Iterable[str]) -> str:
+    """'' where every name is ASCII; else a clause naming the first non-ASCII name's characters with their Unicode
+    names: a Cyrillic 'о' (U+043E) in 'q_prоj' prints like the Latin 'o', so "'q_prоj' does not select q_proj"
+    reads as nonsense without it."""
+    name = next((n for n in names if not n.isascii()), None)
+    if name is None:
+        return ""
+    chars = ", ".join(dict.fromkeys(f"U+{ord(c):04X} {unicodedata.name(c, 'unnamed')}" for c in name if ord(c) > 127))
+    return f" ({name!r} holds {chars}, which may look like an ASCII letter but is not one)"

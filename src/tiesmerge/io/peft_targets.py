@@ -38,6 +38,7 @@ from typing import Any
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError, MergeWarning
 from .patterns import MatchClock, ModulePattern, boundary_suffixes, classes_read_alike, read_alike
+from ..unicode_names import apart, non_ascii_note, normalization_twin
 
 try:  # Python 3.11+: the parser moved under re
     from re import _parser as _sre  # type: ignore[attr-defined]
@@ -270,11 +271,12 @@ class Targeting:
         if self.targets is None:
             return None
         if not isinstance(self.targets, frozenset):  # a regex: layers_to_transform plays no part
-            return None if self.targets.matches(module) else f"target_modules {self.shown} does not select it"
+            return None if self.targets.matches(module) else (
+                f"target_modules {self.shown} does not select it{self._look_alike(module)}")
         if module in self.targets:  # named whole: no layer test either
             return None
         if not _selects(self.targets, module):
-            return f"target_modules {self.shown} does not select it"
+            return f"target_modules {self.shown} does not select it{self._look_alike(module)}"
         if self.layers is None:
             return None
         index = self.layer_of(module)
@@ -283,6 +285,14 @@ class Targeting:
             where = "no layer index PEFT finds" if index is None else f"layer {index}"
             return f"layers_to_transform is {sorted(chosen)[:20]}, and its path has {where}"
         return None
+
+    def _look_alike(self, module: str) -> str:
+        """A non-ASCII character of target_modules named, where the module's path is ASCII (hp75a c39: a Cyrillic
+        'о' in 'q_prоj' was "target_modules ['q_prоj'] does not select" a q_proj)."""
+        if not module.isascii():
+            return ""
+        entries = self.targets if isinstance(self.targets, frozenset) else [getattr(self.targets, "key", "")]
+        return non_ascii_note(sorted(entries))
 
     def layer_of(self, module: str) -> int | None:
         """The layer index PEFT reads from ``module``'s path: the first ``<list>.<N>.``, the list matching one of
@@ -500,8 +510,6 @@ def check_adapted(config: dict, modules: Sequence[str], source: str, *, whole: S
                    "config selects no module of the base at all)" if none_adapted else  # hp31 C62
                    "PEFT would load the adapter without them, so the merge would not be of the adapter that runs")
         # a module name and a target_modules entry printed alike (hp74a c31): the code points said
-        from ..unicode_names import apart, normalization_twin
-
         listed = config.get("target_modules")
         entries = [listed] if isinstance(listed, str) else list(listed) if isinstance(listed, (list, tuple)) else []
         last = first.rsplit(".", 1)[-1]
