@@ -815,3 +815,19 @@ def test_a_look_alike_letter_in_target_modules_is_named():
     assert "'.*q_pr\u043ej' holds U+043E" in regex, regex
     plain = Targeting.of({"target_modules": ["k_proj"]}, "cfg").why_not("model.layers.0.self_attn.q_proj")
     assert plain == "target_modules ['k_proj'] does not select it"
+
+
+def test_a_tiesmerge_recipe_listing_a_model_twice_hints_its_own_key(tmp_path, capsys):
+    """hp75a c10: `merge recipe.yaml` of a tiesmerge recipe listing a model twice hinted "use --weights to count one
+    more", a flag, where validate names the recipe's key."""
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    base, models = make_family(1)
+    b, a = write_hf_dir(tmp_path / "base", base), write_hf_dir(tmp_path / "a", models[0])
+    own = tmp_path / "own.yaml"
+    own.write_text(f"method: task_arithmetic\nbase: {b}\nmodels: [{a}, {a}/model.safetensors]\n")
+    rc, _, err = run_cli(["merge", own, "-o", tmp_path / "o"], capsys)
+    assert rc != 0 and "weights: [...] under the recipe's parameters: (or --weights) to count one more" in err, err
+    assert not (tmp_path / "o").exists()
+    rc, _, err = run_cli(["merge", "--base", b, "--model", a, "--model", a, "-o", tmp_path / "o"], capsys)
+    assert rc != 0 and "use --weights to count one more" in err, err

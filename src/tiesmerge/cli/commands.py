@@ -586,6 +586,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     data = _recipe_data(args)
     _mergekit_words(data, own_policy=bool(args.recipe) and "--vocab-policy" not in args.flags_over_recipe)
+    origin = data.get("origin")
+    if args.recipe and not (isinstance(origin, dict) and origin.get("format") == "mergekit"):
+        # a tiesmerge recipe's duplicate model: its own key first (hp75a c10: "use --weights" over a recipe)
+        from .. import inputs
+
+        inputs.weights_option = "weights: [...] under the recipe's parameters: (or --weights)"
     flags = args.flags_over_recipe  # a problem may be the flags': the source says they were applied (hp40b C53)
     source = f"{args.recipe} with {', '.join(flags)} from the command line" if flags else args.recipe or "command line"
     recipe = recipe_from_dict(data, source=source)
