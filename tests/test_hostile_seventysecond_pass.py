@@ -831,3 +831,31 @@ def test_a_tiesmerge_recipe_listing_a_model_twice_hints_its_own_key(tmp_path, ca
     assert not (tmp_path / "o").exists()
     rc, _, err = run_cli(["merge", "--base", b, "--model", a, "--model", a, "-o", tmp_path / "o"], capsys)
     assert rc != 0 and "use --weights to count one more" in err, err
+
+
+def test_an_ia3_adapter_losing_most_of_its_change_to_rounding_warns(tmp_path):
+    """hp75a c24: a bfloat16 (IA)³ merge whose vectors mostly differ from 1 by less than bfloat16's spacing there
+    (1.0015 written as 1.0) was written silently; only where every entry rounded to 1 was it refused."""
+    import warnings
+
+    import tiesmerge
+    from helpers_adapters import random_ia3, write_ia3_dir
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import MergeWarning
+
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    vectors = {m: 1 + (v - 1) * 5e-3 for m, v in random_ia3(base, 1).items()}  # mostly within 3e-3 of 1
+    first = next(iter(vectors))
+    vectors[first].view(-1)[0] = 1.05  # one entry bfloat16 holds: not every vector rounds to ones
+    adapter = write_ia3_dir(tmp_path / "ia3", vectors)
+    with pytest.warns(MergeWarning, match="of bfloat16's rounding at 1 .* round to exactly 1 and change nothing"):
+        tiesmerge.merge(str(b), [str(adapter)], "task_arithmetic", lam=1.0, output=str(tmp_path / "bf16"),
+                        output_format="adapter", dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)  # float32 holds the change; a large change in bfloat16 too
+        tiesmerge.merge(str(b), [str(adapter)], "task_arithmetic", lam=1.0, output=str(tmp_path / "f32"),
+                        output_format="adapter", dtype="float32")
+        wide = write_ia3_dir(tmp_path / "wide", random_ia3(base, 2))
+        tiesmerge.merge(str(b), [str(wide)], "task_arithmetic", lam=1.0, output=str(tmp_path / "wide-bf16"),
+                        output_format="adapter", dtype="bfloat16")

@@ -301,6 +301,8 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
             f"the merged (IA)³ vectors differ from 1 by at most {worst:.2g}, below {as_dtype(dtype).name}'s spacing "
             f"at 1: every one rounds to exactly 1 there, so the adapter would change nothing (first {lost[0]!r})",
             hint="write the adapter in float32 (--dtype float32)")
+    if out_dtype != torch.float32:
+        _warn_ia3_rounding(vectors, tensors, dtype)
     for key, value in tensors.items():
         check_finite(key, value, as_dtype(dtype).code or "")
         largest = float(value.float().abs().max()) if value.numel() else 0.0
@@ -313,3 +315,31 @@ def write_ia3_adapter(directory: Path, first_config: dict, vectors: dict[str, to
     as_if_created(directory / ADAPTER_WEIGHTS)  # safetensors writes 0600: the umask's mode, as the other files
     _atomic_json(directory / ADAPTER_CONFIG, config)
     return {"kind": "ia3", "files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS], "vectors": len(tensors)}
+
+
+def _warn_ia3_rounding(vectors: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                       dtype: DType | torch.dtype) -> None:
+    """(IA)³ vectors l = 1 + change whose change the output dtype's spacing at 1 (bfloat16: 0.0078) mostly rounds
+    away: the adapter is another one than the merge (hp75a c24: seven of eight entries at 1.0015 written as 1.0 in
+    bfloat16, exit 0). Said where the change of a vector is off by more than TRUNCATION_WARNING, as LoRA's rounding."""
+    worst_key, worst, lost, changed = None, 0.0, 0, 0
+    for (name, exact), key in zip(vectors.items(), tensors):
+        change = exact.double() - 1  # (d,)
+        norm = float(torch.linalg.vector_norm(change))
+        if norm == 0.0:
+            continue
+        written = tensors[key].double() - 1
+        error = float(torch.linalg.vector_norm(written - change)) / norm
+        moved = change != 0
+        changed += int(moved.sum())
+        lost += int((moved & (written == 0)).sum())
+        if error > worst:
+            worst_key, worst = key, error
+    if worst_key is None or worst <= TRUNCATION_WARNING:
+        return
+    name = as_dtype(dtype).name
+    spacing = float(torch.finfo(as_dtype(dtype).torch).eps)
+    warnings.warn(MergeWarning(
+        f"the merged (IA)³ adapter holds the change of {worst_key!r} only to a relative error of {worst:.2g} of "
+        f"{name}'s rounding at 1 (spacing {spacing:.2g}); {lost} of the {changed} entries that change the weights "
+        f"round to exactly 1 and change nothing; write the adapter in float32 (--dtype float32)"), stacklevel=3)
