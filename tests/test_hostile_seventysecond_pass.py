@@ -859,3 +859,35 @@ def test_an_ia3_adapter_losing_most_of_its_change_to_rounding_warns(tmp_path):
         wide = write_ia3_dir(tmp_path / "wide", random_ia3(base, 2))
         tiesmerge.merge(str(b), [str(wide)], "task_arithmetic", lam=1.0, output=str(tmp_path / "wide-bf16"),
                         output_format="adapter", dtype="bfloat16")
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_a_narrower_output_whose_whole_change_rounds_away_warns(tmp_path, monkeypatch, kernels):
+    """hp74a c38: a float32 merge written in float16 whose every change is below float16's spacing at the base's
+    values was written as the base, silently: the fused kernel's watch assumed a change wherever the output's dtype
+    was not the inputs'."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+
+    monkeypatch.setenv("TIESMERGE_KERNELS", kernels)
+
+    def files(name, models):
+        paths = []
+        for k, m in enumerate(models):
+            save_file(m, str(tmp_path / f"{name}{k}.safetensors"))
+            paths.append(str(tmp_path / f"{name}{k}.safetensors"))
+        return paths
+
+    base = files("base", [{"w": torch.ones(64, 64)}])[0]
+    small = files("small", [{"w": torch.ones(64, 64) + 1e-5 * (k + 1)} for k in range(2)])  # float16: 9.8e-4 at 1
+    with pytest.warns(MergeWarning, match="or its change is below float16's spacing"):
+        tiesmerge.merge(base, small, "task_arithmetic", output=str(tmp_path / "h"), dtype="float16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        tiesmerge.merge(base, small, "task_arithmetic", output=str(tmp_path / "f"), dtype="float32")
+        wide = files("wide", [{"w": torch.ones(64, 64) + 0.1 * (k + 1)} for k in range(2)])
+        tiesmerge.merge(base, wide, "task_arithmetic", output=str(tmp_path / "w"), dtype="float16")

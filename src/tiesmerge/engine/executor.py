@@ -476,10 +476,16 @@ class Executor:
                     "meant, e.g. a multitask one?)"), stacklevel=3)
                 self.stats.reference_zero = True
             else:
+                # written in another dtype: its rounding may be the cause (hp74a c38: a float32 merge's change
+                # below float16's spacing)
+                narrowed = self.out_dtype is not None and any(
+                    j.merge and j.dtype_info.itemsize > self.out_dtype.itemsize for j in self.alignment.jobs)
+                cause = (f"with these options the method keeps nothing, or its change is below {self.out_dtype.name}'s "
+                         "spacing at the base's values: a wider output dtype (float32) keeps it" if narrowed else
+                         "with these options the method keeps nothing")
                 warnings.warn(MergeWarning(
                     f"{self.method.name}: the merge changed no entry of any tensor although the models differ from "
-                    "the base (with these options the method keeps nothing), so the output is the base itself"),
-                    stacklevel=3)
+                    f"the base ({cause}), so the output is the base itself"), stacklevel=3)
         self.stats.seconds["merge"] = time.perf_counter() - clock
         self.stats.bytes_read = self.reader.bytes_read
         self.stats.sample_bytes = self.reader.sample_bytes
@@ -593,14 +599,24 @@ class Executor:
     def _watch_fused(self, raw: RawRows, merged: np.ndarray, out_dtype: DType) -> None:
         """The torch path's watch for a merge that changes nothing, on a fused chunk (until the first that changed):
         whether a model differs from the base here, and whether the output's bytes differ from the base's. Where the
-        output is written in another dtype than stored, a change is assumed: a missed warning beats a false one."""
+        output is written in another dtype than stored, the base is cast to it first, block by block (hp74a c38: a
+        float32 merge written in float16, its whole change below float16's spacing, was assumed changed: no word)."""
         base = raw.inputs[0]
         moved = any(_differ(row, base) for row in raw.inputs[1:1 + self.n])
         self._moved_inputs = self._moved_inputs or moved
-        if out_dtype.code != raw.dtype.code:
-            self._changed = True
-        elif moved:
-            self._changed = _differ(np.ascontiguousarray(merged).reshape(-1), base)
+        if not moved:
+            return
+        written = np.ascontiguousarray(merged).reshape(-1)
+        if out_dtype.code == raw.dtype.code:
+            self._changed = _differ(written, base)
+            return
+        stored = raw.tensors()[0].reshape(-1)  # (E,) in the stored dtype
+        step = max(1, (1 << 20) // out_dtype.itemsize)  # entries a block
+        written_bytes = written.view(np.uint8)
+        self._changed = any(
+            not np.array_equal(stored[s:s + step].to(out_dtype.torch).view(torch.uint8).numpy(),
+                               written_bytes[s * out_dtype.itemsize:(s + step) * out_dtype.itemsize])
+            for s in range(0, stored.numel(), step))
 
     def _fused_chunk(self, chunk: Chunk, raw: RawRows, scope: _Scope, out_dtype: DType, slot: int) -> np.ndarray:
         """One chunk through the method's fused kernel, into output buffer ``slot``: (*S) stored
