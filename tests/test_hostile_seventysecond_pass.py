@@ -785,7 +785,6 @@ def test_a_file_of_a_model_folder_given_as_a_model_hints_the_folder(tmp_path):
     """hp75a c36: an index (or config.json) given as a model path was "not a .safetensors file or a model directory"
     with only --help's generic hint; a file of a model folder now points at that folder."""
     from helpers_ckpt import make_family, write_hf_dir
-
     from tiesmerge.errors import CheckpointError
     from tiesmerge.io.checkpoint import open_checkpoint
 
@@ -891,3 +890,22 @@ def test_a_narrower_output_whose_whole_change_rounds_away_warns(tmp_path, monkey
         tiesmerge.merge(base, small, "task_arithmetic", output=str(tmp_path / "f"), dtype="float32")
         wide = files("wide", [{"w": torch.ones(64, 64) + 0.1 * (k + 1)} for k in range(2)])
         tiesmerge.merge(base, wide, "task_arithmetic", output=str(tmp_path / "w"), dtype="float16")
+
+
+def test_an_exact_number_in_the_apis_grid_is_said_as_one():
+    """hp74b c26: grid={'lam': [Decimal('1.5')]} was refused as "not a finite number"; it is one, an exact one the
+    grid does not take: said so, with the float to write."""
+    from decimal import Decimal
+    from fractions import Fraction
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import check_grid
+
+    with pytest.raises(ConfigError, match=r"grid\['lam'\] holds Decimal\('1.5'\), an exact Decimal: a grid takes int "
+                                          r"and float values \(write 1.5\)"):
+        check_grid({"lam": [Decimal("1.5")]})
+    with pytest.raises(ConfigError, match=r"grid\['density'\] holds Fraction\(1, 5\), an exact Fraction.*write 0.2"):
+        check_grid({"density": [0.1, Fraction(1, 5)]})
+    with pytest.raises(ConfigError, match=r"an exact Fraction: a grid takes int and float values\n"):
+        check_grid({"lam": [Fraction(10 ** 400)]})
+    check_grid({"lam": [1, 1.5], "density": [0.2]})

@@ -323,7 +323,7 @@ def _warn_ia3_rounding(vectors: dict[str, torch.Tensor], tensors: dict[str, torc
     away: the adapter is another one than the merge (hp75a c24: seven of eight entries at 1.0015 written as 1.0 in
     bfloat16, exit 0). Said where the change of a vector is off by more than TRUNCATION_WARNING, as LoRA's rounding."""
     worst_key, worst, lost, changed = None, 0.0, 0, 0
-    for (name, exact), key in zip(vectors.items(), tensors):
+    for exact, key in zip(vectors.values(), tensors):
         change = exact.double() - 1  # (d,)
         norm = float(torch.linalg.vector_norm(change))
         if norm == 0.0:

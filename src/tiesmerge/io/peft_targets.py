@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CheckpointError, IncompatibleCheckpointsError, MergeWarning
-from .patterns import MatchClock, ModulePattern, boundary_suffixes, classes_read_alike, read_alike
 from ..unicode_names import apart, non_ascii_note, normalization_twin
+from .patterns import MatchClock, ModulePattern, boundary_suffixes, classes_read_alike, read_alike
 
 try:  # Python 3.11+: the parser moved under re
     from re import _parser as _sre  # type: ignore[attr-defined]

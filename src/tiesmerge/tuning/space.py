@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -232,6 +233,12 @@ def check_grid(grid: Any) -> None:
             problems.append(f"grid[{name!r}] is {_shown(values)}, not a list of values (e.g. [{_example(name)}])")
         elif not values:
             problems.append(f"grid[{name!r}] is empty: give at least one value")
+        elif exact := [v for v in values if isinstance(v, numbers.Number)
+                       and not isinstance(v, (int, float, complex))]:
+            # a Decimal or Fraction: a number, said as one (hp74b c26: "not a finite number"); the grid's values are
+            # written to the scores' JSON and compared as floats, so they are given as floats
+            problems.append(f"grid[{name!r}] holds {_shown(exact[0])}, an exact {type(exact[0]).__name__}: a grid "
+                            f"takes int and float values{_as_float_example(exact[0])}")
         elif name == "lam":
             problems += [f"grid['lam'] holds {_shown(v)}, not a finite number" for v in values
                          if isinstance(v, bool) or not isinstance(v, (int, float)) or not finite_float(v)]
@@ -240,6 +247,15 @@ def check_grid(grid: Any) -> None:
                          if isinstance(v, int) and not isinstance(v, bool) and not finite_float(v)]
     if problems:
         raise ConfigError(problems, hint="e.g. grid={'lam': [0.8, 1.0], 'density': [0.1, 0.2]}")
+
+
+def _as_float_example(value: numbers.Number) -> str:
+    """' (write 1.5)' for an exact number float holds (near enough), '' past float's range."""
+    try:
+        as_float = float(value)
+    except (OverflowError, ValueError):
+        return ""
+    return f" (write {as_float!r})" if math.isfinite(as_float) else ""
 
 
 def check_ranges(ranges: Any) -> None:
