@@ -909,3 +909,30 @@ def test_an_exact_number_in_the_apis_grid_is_said_as_one():
     with pytest.raises(ConfigError, match=r"an exact Fraction: a grid takes int and float values\n"):
         check_grid({"lam": [Fraction(10 ** 400)]})
     check_grid({"lam": [1, 1.5], "density": [0.2]})
+
+
+def test_encoder_accuracy_on_a_causal_lm_says_its_head_is_unused(tmp_path):
+    """hp74b c19: encoder-accuracy over a GPT-2 language model scored the mean of its hidden states without a word
+    (its LM head unused), where a classifier base is warned about."""
+    import json
+
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+
+    words = ["[PAD]", "[UNK]", "good", "bad", "fine"]
+    cfg = transformers.GPT2Config(vocab_size=len(words), n_positions=16, n_embd=8, n_layer=1, n_head=2)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt")
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
+        tmp_path / "gpt")
+    data = tmp_path / "enc.jsonl"
+    data.write_text("\n".join(json.dumps(row) for row in [
+        {"task": "t", "classes": ["good", "bad"]}, {"task": "t", "text": "good fine", "label": 0},
+        {"task": "t", "text": "bad", "label": 1}]) + "\n")
+    with pytest.warns(MergeWarning, match=r"the base is a causal language model \(GPT2LMHeadModel\).* language-model "
+                                          r"head is not used; choice-accuracy:FILE"):
+        builtin_evaluator(f"encoder-accuracy:{data}", tmp_path / "gpt")

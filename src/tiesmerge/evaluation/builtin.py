@@ -465,6 +465,13 @@ class EncoderAccuracy(_Scorer):
                 f"{self.model_dir}: the base is a classifier ({heads[0]}), and encoder-accuracy scores its encoder "
                 "alone, with heads made from the class descriptions: the merged classification head is not "
                 "used; classifier-accuracy:FILE scores the classifiers as they predict"), stacklevel=3)
+        causal = [a for a in architectures(self.model_dir) if a.endswith(("ForCausalLM", "LMHeadModel"))] \
+            if (self.model_dir / "config.json").is_file() else []
+        if causal:  # a causal LM's states averaged: a weak embedding, its LM head unused (hp74b c19: no word)
+            warnings.warn(MergeWarning(
+                f"{self.model_dir}: the base is a causal language model ({causal[0]}), and encoder-accuracy scores "
+                "the mean of its hidden states against the class descriptions': its language-model head is not "
+                "used; choice-accuracy:FILE (or lm-perplexity:FILE) scores it as it generates"), stacklevel=3)
         self.classes: dict[str, tuple[str, ...]] = {}
         self.examples: dict[str, list[tuple[str, int]]] = {}
         pending: list[tuple[str, dict, str]] = []
