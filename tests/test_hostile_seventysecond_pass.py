@@ -936,3 +936,27 @@ def test_encoder_accuracy_on_a_causal_lm_says_its_head_is_unused(tmp_path):
     with pytest.warns(MergeWarning, match=r"the base is a causal language model \(GPT2LMHeadModel\).* language-model "
                                           r"head is not used; choice-accuracy:FILE"):
         builtin_evaluator(f"encoder-accuracy:{data}", tmp_path / "gpt")
+
+
+def test_an_output_beside_a_look_alike_name_is_refused(tmp_path):
+    """hp74a c57: -o fx/dür/new typed with a composed ü, where fx holds 'dür' decomposed, created a second 'dür'
+    (ls shows two); an output file's folder or name likewise."""
+    import unicodedata
+
+    from tiesmerge.errors import OutputError
+    from tiesmerge.paths import check_output_file, check_output_location
+
+    composed, decomposed = "d\u00fcr", unicodedata.normalize("NFD", "d\u00fcr")
+    (tmp_path / decomposed).mkdir()
+    for typed in (tmp_path / composed / "new", tmp_path / composed):
+        with pytest.raises(OutputError, match="would be created beside a name that prints alike") as caught:
+            check_output_location(typed, False)
+        assert "U+0308" in caught.value.hint and "U+00FC" in caught.value.hint
+    with pytest.raises(OutputError, match="folder .* does not exist") as caught:
+        check_output_file(tmp_path / composed / "s.json", False, [], "--json")
+    assert "differs from the" in caught.value.hint
+    (tmp_path / decomposed / unicodedata.normalize("NFD", "\u00fc.json")).write_text("{}")
+    with pytest.raises(OutputError, match="--json would be created beside a name that prints alike"):
+        check_output_file(tmp_path / decomposed / "\u00fc.json", False, [], "--json")
+    check_output_location(tmp_path / decomposed / "new", False)  # typed as stored: fine
+    check_output_location(tmp_path / "plain", False)

@@ -706,6 +706,15 @@ def check_walkable(path: str | os.PathLike, what: str = "the output") -> None:
                                   "" if os.path.lexists(through) else " (or create that folder first)"))
 
 
+def _refuse_look_alike(path: str | os.PathLike, what: str) -> None:
+    """A new output whose name (or a folder on its way) is missing but printed alike by one there in the other
+    Unicode normalization: created, it would sit beside a look-alike (hp74a c57: -o fx/dür/new typed composed made a
+    second 'dür' beside the decomposed one, which `ls` shows twice)."""
+    hint = normalization_twin_hint(path)
+    if hint is not None:
+        raise OutputError(f"{os.fspath(path)}: {what} would be created beside a name that prints alike", hint=hint)
+
+
 def check_output_location(output: str | os.PathLike, force: bool, marker: str = "tiesmerge.json") -> None:
     """The output may be created, or (``force``) replace a directory tiesmerge wrote; never a
     protected folder, a file, or a folder of someone else's files."""
@@ -735,6 +744,7 @@ def check_output_location(output: str | os.PathLike, force: bool, marker: str = 
     try:
         st = os.stat(final)
     except FileNotFoundError:
+        _refuse_look_alike(output, "the output")
         _check_writable_parent(output, final)
         _check_no_parked_output(output, final)
         return
@@ -1389,7 +1399,8 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
         if blocker is not None and not os.path.isdir(blocker):  # hp41 C36: "does not exist" of an existing file
             raise OutputError(f"{path}: {what}'s folder {parent} does not exist: {blocker} is a file, not a folder",
                               hint="name a path whose folders are folders")
-        raise OutputError(f"{path}: {what}'s folder {parent} does not exist", hint="create it first or name another")
+        raise OutputError(f"{path}: {what}'s folder {parent} does not exist",
+                          hint=normalization_twin_hint(path) or "create it first or name another")
     if not os.access(parent, os.W_OK | os.X_OK):  # EROFS too: said now, not after the work
         raise OutputError(f"{path}: {what}'s folder {parent} is not writable",
                           hint="choose a location you can write to")
@@ -1400,6 +1411,7 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
     try:
         st = os.lstat(path)
     except FileNotFoundError:
+        _refuse_look_alike(path, what)
         st = None
     except OSError as exc:
         raise OutputError(f"{path}: cannot check {what} ({exc.strerror or exc})", hint=_write_hint(exc)) from None
