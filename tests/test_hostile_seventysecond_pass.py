@@ -960,3 +960,44 @@ def test_an_output_beside_a_look_alike_name_is_refused(tmp_path):
         check_output_file(tmp_path / decomposed / "\u00fc.json", False, [], "--json")
     check_output_location(tmp_path / decomposed / "new", False)  # typed as stored: fine
     check_output_location(tmp_path / "plain", False)
+
+
+@pytest.mark.parametrize("text", [b"my notes line1\nmy precious line2 no newline",
+                                  b'{"task": "t", "text": "good", "label": 0}\n{"task": "t", "text": "bad"',
+                                  b'{"a": 1, "b": [2, 3]}'])
+def test_a_file_given_as_the_search_log_is_never_cut_or_replaced(tmp_path, text):
+    """hp76b c95, c96, c97: a file given as run_search's log= that is no search log lost its last line (no final
+    newline: read as a line cut mid-write and truncated) before the "not a search log" refusal; a one-line file
+    was truncated to nothing and replaced by a log."""
+    import hashlib
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    path = tmp_path / "victim.txt"
+    path.write_bytes(text)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(ConfigError, match="not a search log"):
+        ResultsLog(path, {"space": {"lam": [1.0]}})
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_a_search_logs_cut_lines_are_still_dropped(tmp_path):
+    """The cut last line of the search's own log (or its cut header alone) is dropped as before."""
+    import json
+
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    header = {"space": {"lam": [1.0]}}
+    path = tmp_path / "log.jsonl"
+    log = ResultsLog(path, header)
+    log.append({"key": json.dumps({"lam": 1.0}), "options": {"lam": 1.0}, "score": 0.5, "seconds": 1.0})
+    log.close()
+    whole = path.read_bytes()
+    path.write_bytes(whole + b'{"key": "{\\"lam\\": 2')  # a record cut mid-write
+    again = ResultsLog(path, header)
+    again.close()
+    assert path.read_bytes() == whole and len(again.records) == 1
+    path.write_bytes(whole[:25])  # the header alone, cut
+    ResultsLog(path, header).close()
+    assert path.read_bytes() == whole.split(b"\n")[0] + b"\n"

@@ -135,20 +135,24 @@ class ResultsLog:
     def _read(self) -> None:
         size = os.fstat(self._fd).st_size
         raw = os.pread(self._fd, size, 0)
-        if not raw.endswith(b"\n"):
-            # the last line was cut by an interruption mid-write: drop it (its candidate is scored again)
-            raw = raw[:raw.rfind(b"\n") + 1]
-            os.ftruncate(self._fd, len(raw))
+        # a last line cut by an interruption mid-write is dropped (its candidate is scored again), but only once the
+        # header says the file is this search's log: a user's file given as log= lost its last line to the cut
+        # before the "not a search log" refusal, and a one-line file was replaced whole (hp76b c95, c96, c97)
+        complete = raw[:raw.rfind(b"\n") + 1]
+        if not complete:
+            if self._cut_header(raw):  # only this search's header, cut: start afresh
+                os.ftruncate(self._fd, 0)
+                self._write_line(self.header)
+                return
+            complete = raw + b"\n"  # one line, read (never written) to say what the file is
+        torn = len(complete) < len(raw)
         try:
             # lines end at "\n" only, as the log writes them: splitlines() also cut a line inside a text holding
             # U+2028 or U+0085 (jq writes them raw), and called the halves corrupt (hp57 c10)
             # a byte-order mark an editor saved first is no content: read past it (hp59b c45: "damaged")
-            lines = raw.decode("utf-8").removeprefix("\ufeff").split("\n")[:-1]
+            lines = complete.decode("utf-8").removeprefix("\ufeff").split("\n")[:-1]
         except UnicodeDecodeError as exc:
             raise self._corrupt(raw[:exc.start].count(b"\n") + 1, "not UTF-8 text") from None
-        if not lines:  # only a cut header: start afresh
-            self._write_line(self.header)
-            return
         try:
             found = json.loads(lines[0])
         except (ValueError, RecursionError):  # nested past Python's limit, an int of 5,000 digits: damaged too
@@ -176,6 +180,8 @@ class ResultsLog:
                               + "; ".join(_header_difference(k, found.get(k), mine.get(k)) for k in different) + ")",
                               hint="choose another --dir (log= in Python) for this search, or delete this log to "
                                    "start afresh")
+        if torn:  # this search's log: its cut last line goes
+            os.ftruncate(self._fd, len(complete))
         for n, line in enumerate(lines[1:], start=2):
             try:
                 record = loads_json(line, str(self.path), error=ConfigError)
@@ -201,6 +207,15 @@ class ResultsLog:
                 raise self._corrupt(n, f"the key {record['key'][:80]!r} is logged twice, with scores {twin['score']!r} "
                                        f"and {score!r}")
             self.records[record["key"]] = record
+
+    def _cut_header(self, raw: bytes) -> bool:
+        """Whether ``raw`` (a file without a full line) is the start of this search's own header line, as a search
+        killed while writing it leaves it."""
+        try:
+            text = raw.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError:
+            return False
+        return json.dumps(self.header, sort_keys=True).startswith(text)
 
     def _check_key(self, line: int, record: Mapping[str, Any]) -> None:
         """A record's key is its options as the search wrote them (sorted, canonical JSON): a key edited or swapped
