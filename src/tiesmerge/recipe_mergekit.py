@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,6 +76,7 @@ from .errors import ConfigError, MergeWarning, TiesMergeError, listed
 from .limits import read_json
 from .methods.base import FLOAT32_MAX, finite
 from .paths import inside
+from .unicode_names import apart
 
 __all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
 
@@ -251,7 +253,7 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
                             f"as MODEL+LORA ({model!r} with the LoRA {adapter!r}, neither of which exists): rename "
                             "the folder without '+', or link to it under another name")  # hostile pass 31, C47
             return None
-        if base is not None and os.path.realpath(_path(model)) == os.path.realpath(base):
+        if base is not None and _is_base(_path(model), base):
             folder = Path(_path(adapter))
             # an adapter_config.json that is there but no regular file (a FIFO, a folder) is the IO layer's to name
             # (hp60a c60: "no adapter_config.json", of one that is there)
@@ -369,7 +371,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
             if key not in _PER_MODEL or key not in defaults:
                 problems.append(f"models[{i}].parameters.{key} is not a per-model parameter of {method} that "
                                 "tiesmerge supports")
-        if base is not None and os.path.realpath(path) == os.path.realpath(base) and method not in ("linear",):
+        if base is not None and _is_base(path, base) and method not in ("linear",):
             dropped_base = True  # mergekit lists the base among the models; its delta is 0
             continue
         paths.append(path)
@@ -394,18 +396,28 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     # linear without base_model reads its first model as the base: a duplicate of it was "the base itself" (hp37b
     # M10); elsewhere the inputs' own check names a duplicate ("model 1 is listed twice")
     # (hp73a c12: a base-less nuslerp listing one folder twice was "model 0 is the base itself")
-    for k, p in enumerate(paths if method in ("linear", "nuslerp") and base is None else []):
+    checked = paths if method in ("linear", "nuslerp") and base is None else []
+    # one model under every name: "list it once" leaves a merge of one model, which linear and nuslerp refuse; the
+    # merge of a model with itself is that model (hp76a c01, c02: the hint followed was refused in turn)
+    alone = len({_model_key(p) for p in checked}) == 1
+    remedy = ("every entry is this one model, and a merge of a model with itself is that model: use the model "
+              "itself (or list the other models this merge is meant for)" if alone else
+              "list it once, with the sum of its weights")
+    for k, p in enumerate(checked):
         key = _model_key(p)
         if key in seen:
             first = paths[seen[key]]
-            problems.append(f"models: {p!r} is listed twice; mergekit refuses duplicate merge inputs too: list each "
-                            "model once (with the sum of its weights)" if first == p else
-                            f"models: {first!r} and {p!r} are one model (one weights file under two names: a link, a "
-                            "hard-linked copy, or a folder and its own file; mergekit would merge it twice as two "
-                            "inputs); list it once, with the sum of its weights")
+            twin = (f" ({apart(first, p)})" if first != p and unicodedata.normalize("NFC", first)
+                    == unicodedata.normalize("NFC", p) else "")  # names that print alike (hp76a c38)
+            problems.append(f"models: {p!r} is listed twice; mergekit refuses duplicate merge inputs too: "
+                            + ("list each model once (with the sum of its weights)" if not alone else remedy)
+                            if first == p else
+                            f"models: {first!r} and {p!r} are one model{twin} (one weights file under two names: a "
+                            "link, a hard-linked copy, or a folder and its own file; mergekit would merge it twice as "
+                            f"two inputs); {remedy}")
         seen.setdefault(key, k)
     if method == "linear" and base is not None and entries and \
-            not any(os.path.realpath(p) == os.path.realpath(base) for p in paths) and \
+            not any(_is_base(p, base) for p in paths) and \
             not any((Path(p) / "adapter_config.json").is_file() for p in paths):  # LoRA entries: refused below
         # mergekit's planner adds a base_model the models do not list as one more input, after them, with the shared
         # parameters only: without a shared weight mergekit stops ("Missing required parameter weight"); tiesmerge
@@ -456,8 +468,10 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     if "_anchor" in params:
         # the engine's base is the first listed model; the output's config and tokenizer are base_model's, as
         # mergekit writes them (hp42 C54: the first model's were copied)
-        files_from = base if base is not None and method == "linear" else None
+        named = base if base is not None and method == "linear" else None
         base, paths = params.pop("_anchor"), params.pop("_models")
+        # as the models spell it: a hard-linked copy of base_model among them is its entry (hp76a c32)
+        files_from = next((p for p in (base, *paths) if _is_base(p, named)), named) if named is not None else None
     named_base = files_from or base  # the recipe's base_model: whose dtype a reader expects the output in
     out_name = out_dtype or dtype
     if out_name is None and base is not None:  # every method: mergekit computes in the promoted dtype (hp44 c17)
@@ -511,7 +525,7 @@ def tokenizer_words(source: str, newer_spelling: bool) -> str:
 def _shapes_differ(paths: list[str], base: str | None) -> bool:
     """Whether the first listed model's tensors differ in names or shapes from base_model's (a vocabulary a fine-tune
     grew): read from the safetensors headers only; False where either cannot be opened (the merge names that)."""
-    if base is None or not paths or os.path.realpath(paths[0]) == os.path.realpath(base):
+    if base is None or not paths or _is_base(paths[0], base):
         return False
     shapes = []
     for path in (paths[0], base):
@@ -520,6 +534,13 @@ def _shapes_differ(paths: list[str], base: str | None) -> bool:
             return False
         shapes.append(found)
     return shapes[0] != shapes[1]
+
+
+def _is_base(path: str, base: str) -> bool:
+    """Whether an entry reads base_model's weights: by the weights file, as duplicates are told (hp76a c12, c32,
+    c38: a hard-linked copy of the base, its index file, or its name in the other Unicode normalization was "a model
+    other than base_model", where a link to it was read as the base)."""
+    return os.path.realpath(path) == os.path.realpath(base) or _model_key(path) == _model_key(base)
 
 
 def _model_key(path: str) -> Any:
@@ -615,7 +636,7 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
         # models' own values are summed in the list's order, as mergekit does (a base_model the models do
         # not list was appended last above, with the shared weight, as mergekit's planner adds it)
         anchor, at = paths[0], 0
-        listed = [k for k, p in enumerate(paths) if base is not None and os.path.realpath(p) == os.path.realpath(base)]
+        listed = [k for k, p in enumerate(paths) if base is not None and _is_base(p, base)]
         if base_anchor and listed and listed[0] != 0:
             # base_model as the engine's base where the models' vocabularies differ (or a tokenizer_source is given):
             # the vocabulary is aligned on the base, as mergekit aligns it on base_model (hp43 C25, C26: the first
