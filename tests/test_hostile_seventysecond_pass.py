@@ -758,11 +758,17 @@ def test_pass_75_merge_side_words(tmp_path, capsys):
                     "    parameters: {weight: 1.0, density: 1.0e-300}\n")
     rc, _, err = run_cli(["merge", dare, "-o", tmp_path / "o2"], capsys)
     assert rc != 0 and "density 1e-300 keeps a fraction too small" in err and "drop_rate" not in err, err
-    # c29: a density of 1e-10 merges (almost surely to the base), its warning's advice said as a density too
+    # c29: a density of 1e-7 merges (almost surely to the base), its warning's advice said as a density too
     dare.write_text(f"merge_method: dare_ties\nbase_model: {b}\nmodels:\n  - model: {a}\n"
-                    "    parameters: {weight: 1.0, density: 1.0e-10}\n")
+                    "    parameters: {weight: 1.0, density: 1.0e-7}\n")
     rc, _, err = run_cli(["merge", dare, "-o", tmp_path / "o3"], capsys)
-    assert rc == 0 and "(density 1e-10) leaves" in err and "(a density of at least " in err, err
+    assert rc == 0 and "(density 1e-07) leaves" in err and "(a density of at least " in err, err
+    # hp76a c09: the least density the refusal names is taken; below it, every entry would drop
+    for density, ok in (("3.0e-8", True), ("2.9e-8", False), ("1.0e-15", False)):
+        dare.write_text(f"merge_method: dare_ties\nbase_model: {b}\nmodels:\n  - model: {a}\n"
+                        f"    parameters: {{weight: 1.0, density: {density}}}\n")
+        rc, _, err = run_cli(["validate", dare], capsys)
+        assert (rc == 0) is ok and (ok or "give a density of at least 3e-08" in err), (density, err)
 
 
 def test_output_file_spellings_through_files_and_folders(tmp_path):

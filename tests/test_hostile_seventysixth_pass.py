@@ -92,3 +92,43 @@ def test_names_apart_only_in_normalization_are_said_so_in_a_recipe(family, capsy
                     f"  - model: {m1}\n    parameters: {{weight: 1.0, density: 0.5}}\n", encoding="utf-8")
     rc, _, err = run_cli(["merge", ties, "-o", tmp_path / "o"], capsys)
     assert rc == 0, err
+
+
+def test_a_drop_rate_that_rounds_to_one_in_float32_is_refused():
+    """hp76a c09, c10, c18: DARE's uniforms are multiples of 2^-24, compared with the drop rate rounded to float32:
+    a rate of 0.999999999 drops every entry of every model, however many, and was taken (said as "leaves a few on
+    average", or printed as "drop_rate 1"). The largest rate that can keep an entry is the limit, on both paths."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.methods import ops
+    from tiesmerge.methods.dare import MAX_DROP_RATE, MIN_DENSITY, drop_rate_check
+
+    uniforms = ops.hash_uniform(0, 1, 0, 1 << 20, "cpu")
+    assert float(uniforms.max()) <= MAX_DROP_RATE  # the top level, 1 - 2^-24: kept at MAX_DROP_RATE, at no rate above
+    top = torch.tensor([MAX_DROP_RATE], dtype=torch.float32)
+    assert bool(ops.dare_drop(torch.ones(1, 1), MAX_DROP_RATE, top.view(1, 1)).all())
+    assert not bool(ops.dare_drop(torch.ones(1, 1), 1 - 1e-9, top.view(1, 1)).any())  # 1 - 1e-9 rounds to 1
+    assert drop_rate_check(MAX_DROP_RATE) is None and drop_rate_check(1 - MIN_DENSITY) is None
+    assert "at most 0.99999994" in drop_rate_check(1 - 1e-9)
+    base, models = {"w": torch.zeros(8)}, [{"w": torch.ones(8)}]
+    for method in ("dare_ties", "dare_linear"):
+        with pytest.raises(ConfigError, match="24-bit uniform numbers"):
+            tiesmerge.merge(base, models, method, drop_rate=0.999999999)
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_a_della_keep_probability_below_the_draws_step_is_refused(method, capsys, tmp_path):
+    """hp76a c37: della at density 1e-46, epsilon 0 (a keep probability that is 0 in float32) kept nothing and
+    divided by 0: "the merged value is not finite ... the merge overflowed ... use a smaller lam"."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    base, models = {"w": torch.zeros(8, 8)}, [{"w": torch.randn(8, 8)} for _ in range(2)]
+    with pytest.raises(ConfigError, match="the smallest keep probability is below 3e-08") as caught:
+        tiesmerge.merge(base, models, method, density=1e-46, epsilon=0.0)
+    assert "at least epsilon + 3e-08" in caught.value.hint
+    tiesmerge.merge(base, models, method, density=0.5, epsilon=0.1)

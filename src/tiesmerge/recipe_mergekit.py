@@ -75,6 +75,7 @@ from .dtypes import BY_NAME
 from .errors import ConfigError, MergeWarning, TiesMergeError, listed
 from .limits import read_json
 from .methods.base import FLOAT32_MAX, finite
+from .methods.dare import MIN_DENSITY, as_float32
 from .paths import inside
 from .unicode_names import apart
 
@@ -717,10 +718,12 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     if not 0 < density <= 1:
         problems.append(f"{method}: density {density} must be a fraction in (0, 1]")
         return "", {}, ""
-    if 1.0 - density == 1.0 or 1.0 / (1.0 - (1.0 - density)) > 1e15:  # 1e-300: the drop rate 1 − density rounds
-        # to 1 (hp75a c28: said as "drop_rate ... got 1.0", a key mergekit recipes have not)
-        problems.append(f"{method}: density {density:g} keeps a fraction too small for float arithmetic (1 − density "
-                        "rounds to 1, or its rescaling 1/density is past 1e15); give a density of at least 1e-15")
+    if as_float32(1.0 - density) >= 1.0:  # the drop rate 1 − density rounds to 1 where DARE compares it: every
+        # entry drops (hp75a c28: said as "drop_rate ... got 1.0", a key mergekit recipes have not; hp76a c09: the
+        # bound then said, 1e-15, was refused itself)
+        problems.append(f"{method}: density {density:g} keeps a fraction too small for DARE's 24-bit random draw (1 − "
+                        "density rounds to 1 in float32, so every entry would drop); give a density of at least "
+                        f"{MIN_DENSITY:g}")
         return "", {}, ""
     if density < 1:  # at density 1 nothing is dropped or rescaled on either side: equal entry by entry (hp47 c15)
         warnings.append(f"{method}: the random masks differ from mergekit's (torch.bernoulli) and the survivors are "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import ClassVar
 
 from ..lazy import torch
@@ -23,10 +24,32 @@ from .ties import AGGREGATES, ELECT_RULES
 _DARE_PAPER = "https://arxiv.org/abs/2311.03099"
 
 
+# the largest drop rate DARE can draw: its uniforms are multiples of 2^-24 below 1, kept where at least the drop rate
+# rounded to float32 (ops.hash_uniform, dare_drop; the fused kernel's integer comparison is the same), so a rate that
+# rounds to 1 there dropped every entry of every model, however large (hp76a c09, c10: densities of 1e-10 to 1e-15
+# in mergekit recipes were taken, said as keeping a few entries on average)
+MAX_DROP_RATE = 1.0 - 2.0 ** -24  # 0.99999994, a float32 exactly
+MIN_DENSITY = 3e-8  # 1 - 3e-8 rounds to MAX_DROP_RATE in float32; anything below 2^-25 rounds to 1
+
+
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32, as torch rounds a Python float compared with a float32 tensor."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def drop_rate_check(value: object) -> str | None:
+    """A probability DARE's 24-bit draw can keep entries at: below 1 after float32's rounding too."""
+    problem = probability(value)
+    if problem is None and as_float32(float(value)) >= 1.0:  # type: ignore[arg-type]
+        return (f"must be at most {MAX_DROP_RATE:.8g} (a density of at least {MIN_DENSITY:g}): DARE draws 24-bit "
+                "uniform numbers, and a drop rate closer to 1 rounds to 1 in float32, which drops every entry")
+    return problem
+
+
 def _drop_rate() -> float:
     """DARE's drop rate, the same option in both methods (a field object cannot be shared)."""
     return option(0.9, "probability of dropping each task-vector entry", unit="probability, [0, 1)",
-                  check=probability, grid=(0.7, 0.8, 0.9))
+                  check=drop_rate_check, grid=(0.7, 0.8, 0.9))
 
 
 def _seed() -> int:

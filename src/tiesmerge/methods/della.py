@@ -23,6 +23,7 @@ from .base import (
     unit_interval,
 )
 from .breadcrumbs import combine, l1_rescale, per_task
+from .dare import MIN_DENSITY
 from .task_arithmetic import sum_kernel
 from .ties import AGGREGATES, ELECT_RULES, ZERO_SIGNS
 
@@ -63,6 +64,14 @@ class _DellaBase:
         if self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon < 1):
             raise ConfigError(f"density {self.density} +/- epsilon {self.epsilon} must lie in (0, 1) "
                               "(keep probabilities)")
+        if self.density < 1 and self.density - self.epsilon < MIN_DENSITY:
+            # a keep probability that rounds to 0 in float32 kept nothing and divided by 0 (inverse_p): "the merge
+            # overflowed" (hp76a c37, density 1e-46); one below 2^-24 is kept at the draw's least step, 2^-24
+            raise ConfigError(f"density {self.density:g} - epsilon {self.epsilon:g} = {self.density - self.epsilon:g}: "
+                              f"the smallest keep probability is below {MIN_DENSITY:g}, the least DELLA's 24-bit "
+                              "random draw can keep entries at (a smaller one rounds to 0 in float32: every entry "
+                              "dropped, and inverse_p divides by it)",
+                              hint=f"give a density of at least epsilon + {MIN_DENSITY:g} (or a smaller epsilon)")
         # ranks run along each row and the L1 rescale over the tensor: each tensor is merged whole;
         # the random drop stays on the torch path (its ranks need every entry's place in the sort)
         if self.density >= 1:
