@@ -818,7 +818,7 @@ def test_recipe_hints_speak_in_recipe_terms(tmp_path, capsys):
     recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}\nmodels:\n"
                       f"  - {{model: {tmp_path / 'ft'}, parameters: {{weight: 1.0}}}}\ndtype: float32\n")
     assert main(["merge", str(recipe), "-o", str(tmp_path / "out"), "--vocab-policy", "truncate"]) == 2
-    assert "tokenizer_source (base, union or a model) is its vocabulary policy" in capsys.readouterr().err
+    assert "--vocab-policy is tokenizer_source: base or union" in capsys.readouterr().err
     recipe.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'lora'}\nmodels:\n"
                       f"  - {{model: {tmp_path / 'ft'}, parameters: {{weight: 1.0}}}}\ndtype: float32\n")
     main(["merge", str(recipe), "-o", str(tmp_path / "out")])

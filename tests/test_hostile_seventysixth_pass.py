@@ -132,3 +132,41 @@ def test_a_della_keep_probability_below_the_draws_step_is_refused(method, capsys
         tiesmerge.merge(base, models, method, density=1e-46, epsilon=0.0)
     assert "at least epsilon + 3e-08" in caught.value.hint
     tiesmerge.merge(base, models, method, density=0.5, epsilon=0.1)
+
+
+def test_a_mergekit_nuslerp_is_not_offered_t(family, capsys):
+    """hp76a c39: mergekit nuslerp with weights 1 and -1 hinted "or t itself", and parameters.t is refused in a
+    mergekit recipe; tiesmerge's own nuslerp still offers it."""
+    from helpers_ckpt import run_cli
+
+    tmp_path, b, _, m1, _ = family
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(f"merge_method: nuslerp\nmodels:\n  - model: {b}\n    parameters: {{weight: 1.0}}\n"
+                      f"  - model: {m1}\n    parameters: {{weight: -1.0}}\n")
+    for command in (["validate", recipe], ["merge", recipe, "-o", tmp_path / "o"]):
+        rc, _, err = run_cli(command, capsys)
+        assert rc != 0 and "give weights of one sign" in err and "or t itself" not in err, err
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.registry import make_method
+
+    with pytest.raises(ConfigError, match="or t itself"):  # tiesmerge's own nuslerp takes t
+        make_method("nuslerp", {"weights": (1.0, -1.0)}).requirements()
+
+
+def test_flags_over_a_mergekit_recipe_hint_its_own_keys(family, capsys):
+    """hp76a c47: --vocab-policy/--lam/--density over a mergekit recipe got one fixed hint, offering
+    "tokenizer_source: a model" (refused) and base_model's weight for --lam; c48: tokenizer_source naming base_model's
+    own path was refused, where mergekit reads that model's tokenizer: base's."""
+    from helpers_ckpt import run_cli
+
+    tmp_path, b, _, m1, _ = family
+    recipe = tmp_path / "mx.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: {m1}\n"
+                      "    parameters: {weight: 1.0, density: 0.5}\n")
+    rc, _, err = run_cli(["merge", recipe, "--lam", "2", "-o", tmp_path / "o"], capsys)
+    assert rc != 0 and "--lam is parameters.lambda" in err and "base_model's" not in err, err
+    rc, _, err = run_cli(["merge", recipe, "--vocab-policy", "union", "-o", tmp_path / "o"], capsys)
+    assert rc != 0 and "--vocab-policy is tokenizer_source: base or union" in err and "a model" not in err, err
+    recipe.write_text(recipe.read_text() + f"tokenizer_source: {b}\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc == 0, err

@@ -326,6 +326,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
     if data.get("base_model") is None and method not in _NEEDS_NO_BASE:  # a wrong value was reported just above
         problems.append(f"base_model is required by {method}")
     tok = data.get("tokenizer_source")
+    if isinstance(tok, str) and tok not in ("base", "union") and base is not None and os.path.exists(_path(tok)) \
+            and _is_base(_path(tok), base):  # base_model's own path: its tokenizer, as "base" (hp76a c48)
+        tok = "base"
     if tok not in (None, "base", "union"):
         problems.append(f"tokenizer_source {tok!r} is not supported (tiesmerge copies the base's tokenizer, "
                         "tokenizer_source: base, or unites the models' vocabularies, tokenizer_source: union, as "
@@ -878,15 +881,17 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         params = {"weights": weights, "flatten": options["nuslerp_flatten"], "row_wise": options["nuslerp_row_wise"],
                   "of": "task_vectors"}
         if base is None:  # the engine needs a base: the first model stands as it, the first endpoint
-            from .methods.nuslerp import NuSlerp
+            from .methods.nuslerp import NuSlerp, t_not_offered
 
             try:  # the weights' checks, as given by flags: opposite signs summing to ~0, a t outside [0, 1]
-                probe = NuSlerp(weights=tuple(float(w) for w in weights))  # (hostile pass 26, F4)
-                probe.requirements()
+                with t_not_offered():  # mergekit's nuslerp has no t (hp76a c39)
+                    probe = NuSlerp(weights=tuple(float(w) for w in weights))  # (hostile pass 26, F4)
+                    probe.requirements()
             except ConfigError as exc:
                 problems.append(f"the models' weight values: {exc.message}")  # the message names nuslerp
                 return "", {}, ""
-            probe.check_tensors({})  # both weights ~0: the midpoint, said
+            with t_not_offered():
+                probe.check_tensors({})  # both weights ~0: the midpoint, said
             t = probe.interpolation()  # mergekit's t, in its arithmetic
             common = _union_anchor(paths) if union else 0
             if common != 0:  # union extends the first model's vocabulary, which the second lacks (hp69a c24)

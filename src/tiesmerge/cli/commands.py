@@ -437,10 +437,7 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
                               + (", which make the first listed model the engine's base (with its own weight), so "
                                  "--base-weight would set that model's weight, not base_model's"
                                  if "--base-weight" in method_flags else ""),
-                              hint=("say it in the recipe: tokenizer_source (base, union or a model) is its "
-                                    "vocabulary policy; " if "--vocab-policy" in method_flags else "")
-                              + "change merge_method or the parameters in the recipe (base_model's weight is its "
-                                "parameters.weight), or give the whole merge as flags, without it")
+                              hint=_recipe_keys_hint(method_flags))
     if args.models and args.recipe:
         flags.append("--model")
     if args.stats:
@@ -539,6 +536,21 @@ def _recipe_pickle_consent(recipe: Any, args: argparse.Namespace) -> None:
                                "safetensors")
 
 
+# a flag over a mergekit recipe -> the recipe's own key for it (hp76a c47: one fixed hint offered
+# "tokenizer_source: a model", which is refused, and base_model's weight for --lam)
+_RECIPE_KEYS = {"--vocab-policy": "tokenizer_source: base or union", "--method": "merge_method",
+                "--base-weight": "base_model's parameters.weight (list it under models:)", "--lam": "parameters.lambda",
+                "--density": "parameters.density", "--weights": "models[i].parameters.weight",
+                "--normalize-weights": "parameters.normalize", "--epsilon": "parameters.epsilon",
+                "--gamma": "parameters.gamma", "--t": "parameters.t"}
+
+
+def _recipe_keys_hint(flags: list[str]) -> str:
+    keys = [f"{flag} is {_RECIPE_KEYS[flag]}" for flag in flags if flag in _RECIPE_KEYS]
+    return (f"say it in the recipe ({'; '.join(keys)}), or give the whole merge as flags, without it" if keys else
+            "change merge_method or its parameters in the recipe, or give the whole merge as flags, without it")
+
+
 def _mergekit_words(data: dict[str, Any], own_policy: bool = True) -> None:
     """A mergekit recipe's hints name its own keys: tokenizer_source, not the --vocab-policy it refuses (hp45 c04);
     a tiesmerge recipe's, its vocab_policy key where ``own_policy`` (the recipe's value, no flag's)."""
@@ -555,6 +567,9 @@ def _mergekit_words(data: dict[str, Any], own_policy: bool = True) -> None:
         # a model listed twice: counted more by its weight where the method has weights (hp45 c12: "--weights")
         weighted = origin.get("merge_method") not in ("slerp", "nuslerp", "model_stock")
         inputs.weights_option = "a larger weight (models[i].parameters.weight in the recipe)" if weighted else None
+        from ..methods import nuslerp
+
+        nuslerp.t_offered = False  # mergekit's nuslerp has per-model weights, no t (hp76a c39)
     elif own_policy and data.get("vocab_policy") in ("union", "truncate"):  # a tiesmerge recipe's own key, where no
         # flag replaced it (hp68a c64: "--vocab-policy union needs ..." of a recipe's vocab_policy: union)
         align.policy_words = {**align.policy_words, data["vocab_policy"]: f"vocab_policy: {data['vocab_policy']} "

@@ -519,11 +519,12 @@ def main(argv: list[str] | None = None) -> int:
             _private_torch_cache()
             from .. import inputs, sizes
             from ..io import align
+            from ..methods import nuslerp
         # the command's words in hints: an API call after main() in one process gets the library's again (a
         # mergekit recipe's "tokenizer_source" named in a later tiesmerge.merge's hint, seen in pass 48's tests)
         wording[:] = [(module, name, getattr(module, name)) for module, name in (
             (sizes, "shard_size_option"), (inputs, "stats_option"), (inputs, "weights_option"),
-            (align, "union_offered"), (align, "policy_words"))]
+            (align, "union_offered"), (align, "policy_words"), (nuslerp, "t_offered"))]
         sizes.shard_size_option = "--shard-size" if args.command == "merge" else None  # for the hints
         inputs.stats_option = {"merge": "--stats", "validate": "stats:"}.get(args.command)  # None: it has none
         inputs.weights_option = {"merge": "--weights", "validate": "weights: [...] under parameters:"}.get(args.command)

@@ -3,8 +3,9 @@ whole tensors, rows or columns, the interpolation weight from per-model weights.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -59,6 +60,21 @@ def nuslerp_tensor(t: float, v0: torch.Tensor, v1: torch.Tensor, *, row_wise: bo
     return out.reshape(shape)
 
 
+# whether hints may offer t: a mergekit recipe's nuslerp has per-model weights only (hp76a c39: "or t itself" of a
+# recipe that refuses parameters.t); the command line sets it for a mergekit recipe's run, and puts it back after
+t_offered = True
+
+
+@contextlib.contextmanager
+def t_not_offered() -> Iterator[None]:
+    """Hints without t while a mergekit recipe's nuslerp is checked (the translator's own probe)."""
+    global t_offered
+    before, t_offered = t_offered, False
+    try:
+        yield
+    finally:
+        t_offered = before
+
 @method_config
 class NuSlerp:
     """theta = base + nuslerp(t, tau_0, tau_1) (``of=task_vectors``, mergekit with a base_model) or
@@ -97,7 +113,7 @@ class NuSlerp:
                        "interpolation would extrapolate far beyond both models" if not 0 <= t <= 1 else
                        "are of opposite signs and sum to about 0, where t = w_1 / (w_0 + w_1) is not defined "
                        "(mergekit takes 0.5)")
-                    + "; give weights of one sign (t then lies in [0, 1]), or t itself")
+                    + "; give weights of one sign (t then lies in [0, 1])" + (", or t itself" if t_offered else ""))
         one = self.of == "base_and_model"
         # flattened: the fused engine (the same reductions on the same float32 values, one pass over the raw rows)
         kernel = TensorKernel("interp", self._coefficients, pair=(0, 1) if one else (1, 2),
@@ -113,7 +129,8 @@ class NuSlerp:
             warnings.warn(MergeWarning(
                 f"nuslerp: the weights sum to 0 or nearly ({', '.join(f'{w:g}' for w in self.weights)}: their sum is "
                 "below 1e-6 in size, too small to form a ratio), which names neither model; t = 0.5 is taken "
-                "(mergekit's rule), the midpoint; give the weights you mean, or t"), stacklevel=3)
+                "(mergekit's rule), the midpoint; give the weights you mean" + (", or t" if t_offered else "")),
+                stacklevel=3)
         elif self.interpolation() in (0, 1):  # as slerp's t = 0 or 1: one endpoint itself (hostile pass 25, N8)
             t = self.interpolation()
             which = {"base_and_model": ("the base", "the model"), "models": ("the first model", "the second model"),
