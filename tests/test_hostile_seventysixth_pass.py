@@ -170,3 +170,50 @@ def test_flags_over_a_mergekit_recipe_hint_its_own_keys(family, capsys):
     recipe.write_text(recipe.read_text() + f"tokenizer_source: {b}\n")
     rc, _, err = run_cli(["validate", recipe], capsys)
     assert rc == 0, err
+
+
+def test_a_multi_label_fine_tune_given_as_a_link_to_its_weights_is_refused(classifiers, tmp_path):
+    """hp76b c132: a link (in another folder) to a multi-label fine-tune's model.safetensors was scored by
+    classifier-accuracy; its config lies beside the link's target."""
+    import json
+    import shutil
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+
+    _, base, fts, data = classifiers
+    multi = tmp_path / "multi"
+    shutil.copytree(fts[0], multi)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "m.safetensors"
+    link.symlink_to(multi / "model.safetensors")
+    score = builtin_evaluator(f"classifier-accuracy:{data}", base)
+    with pytest.raises(ConfigError, match="model 0 problem_type multi_label_classification"):
+        tiesmerge.tune(base, [link, fts[1]], "task_arithmetic", score, grid={"lam": [1.0]})
+
+
+@pytest.mark.parametrize("problem", ["multi_label_classification", "regression"])
+def test_the_apis_fisher_of_a_multi_label_module_is_refused(problem):
+    """hp76b c134: fisher_information computed a softmax Fisher of a multi-label (or regression) module without a
+    word, where `tiesmerge stats fisher` refuses the model; a log-likelihood of the caller's own is still taken."""
+    import torch
+    import transformers
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats.fisher import fisher_information
+
+    cfg = transformers.BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, num_labels=3, problem_type=problem)
+    module = transformers.BertForSequenceClassification(cfg)
+    batch = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with pytest.raises(ConfigError, match=f"problem_type {problem}: fisher_information"):
+        fisher_information(module, [batch], lambda m, b: m(input_ids=b).logits, per_example="loop")
+
+    def own_likelihood(m, b):  # (B,): the caller's own sigmoid log-likelihood of all-zero labels
+        return torch.nn.functional.logsigmoid(-m(input_ids=b).logits).sum(-1)
+
+    stats = fisher_information(module, [batch], own_likelihood, kind="empirical", per_example="loop")
+    assert stats.tensors

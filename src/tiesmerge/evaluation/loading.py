@@ -221,6 +221,17 @@ _NOT_SOFTMAX = {"multi_label_classification": "scores each label on its own (a s
                 "regression": "gives each output as a value to regress, not a class's logit"}
 
 
+def refuse_not_softmax(problem_type: object, where: str, purpose: str) -> None:
+    """The refusal of :func:`refuse_multi_label` for a problem_type read elsewhere (a loaded module's config)."""
+    if isinstance(problem_type, str) and problem_type in _NOT_SOFTMAX:
+        raise ConfigError(f"{where}: problem_type {problem_type}: {purpose} reads a classifier's logits as one softmax "
+                          f"over exclusive classes (a label is one class index), while this head "
+                          f"{_NOT_SOFTMAX[problem_type]}",
+                          hint="give single-label classifiers (problem_type single_label_classification, or none), "
+                               "or have logits_fn return each example's own log-likelihood, (B,), with "
+                               "kind='empirical' and no targets")
+
+
 def refuse_multi_label(directory: str | os.PathLike, purpose: str, models: Sequence[Any] = ()) -> None:
     """A classifier whose config.json says ``problem_type: multi_label_classification`` (a sigmoid per label, several
     true at once) or ``regression`` (outputs as values) where ``purpose`` reads its logits as one softmax over
@@ -228,9 +239,13 @@ def refuse_multi_label(directory: str | os.PathLike, purpose: str, models: Seque
     entropies of a multi-label model, computed without a word). The base's config and every model folder's in
     ``models`` (hp72b c03, c37, c52: fine-tunes trained multi-label beside a base that says nothing)."""
     # a model given as its weights file (m/model.safetensors): its folder's config (hp73b c18, c29)
-    folders = [("", Path(directory)), *((f"model {k} ", Path(m) if os.path.isdir(m) else Path(m).parent)
-                                        for k, m in enumerate(models) if isinstance(m, (str, os.PathLike))
-                                        and os.path.exists(m))]
+    # a weights file that is a link: the folder it lies in and the one its target lies in (hp76b c132: a link to a
+    # multi-label fine-tune's model.safetensors was scored)
+    folders = [("", Path(directory))]
+    for k, m in enumerate(models):
+        if isinstance(m, (str, os.PathLike)) and os.path.exists(m):
+            places = [Path(m)] if os.path.isdir(m) else [Path(m).parent, Path(os.path.realpath(m)).parent]
+            folders += [(f"model {k} ", p) for p in dict.fromkeys(places)]
     for who, folder in folders:
         config = _json_object(folder / "config.json") or {}
         kind = config.get("problem_type")

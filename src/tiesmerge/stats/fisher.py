@@ -155,6 +155,15 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
         raise ConfigError(f"class_chunk must be at least 1, got {class_chunk}")
     if not any(p.requires_grad for p in module.parameters()):
         raise ConfigError("the module has no trainable parameters to compute a Fisher for")
+    if kind == "exact" or targets is not None:  # a softmax over (B, C) logits: not a multi-label or regression head's
+        # likelihood (hp76b c134: the API computed one silently where `tiesmerge stats fisher` refuses the model)
+        from ..evaluation.loading import refuse_multi_label, refuse_not_softmax
+
+        purpose = f"fisher_information (kind={kind!r}, the log-likelihood of a softmax)"
+        refuse_not_softmax(getattr(getattr(module, "config", None), "problem_type", None), "the module's config",
+                           purpose)
+        if model is not None and os.path.isdir(model):
+            refuse_multi_label(model, purpose)
     was_training = module.training
     module.eval()
     bound = _Bound(module, logits_fn)
