@@ -217,3 +217,22 @@ def test_the_apis_fisher_of_a_multi_label_module_is_refused(problem):
 
     stats = fisher_information(module, [batch], own_likelihood, kind="empirical", per_example="loop")
     assert stats.tensors
+
+
+def test_statistics_record_where_their_model_is_wherever_they_were_made(tmp_path, monkeypatch):
+    """hp76b c76: statistics of a model typed '.' recorded '.', and a later refusal named "another model (.)",
+    the caller's working folder then; an existing path is recorded absolute, other labels as given."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tiesmerge.stats.files import recorded_place
+    from tiesmerge.stats.gram import gram_matrices
+
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path / "m")
+    assert recorded_place(".") == str(tmp_path / "m")
+    assert recorded_place("org/some-model") == "org/some-model"
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    save_file(module.state_dict(), str(tmp_path / "m" / "model.safetensors"))
+    stats = gram_matrices(module, [torch.ones(2, 3)], lambda m, b: m(b), model=".")
+    assert stats.manifest.model == str(tmp_path / "m")

@@ -137,6 +137,15 @@ def files_digest(source: str | os.PathLike) -> str:
 TOKENIZER_FILES = TOKENIZER_FILE_NAMES  # paths' list: what a merge copies and a resume stamps too (hp40 P1)
 
 
+def recorded_place(model: str | os.PathLike | None) -> str | None:
+    """Where the model was read from, as the manifest records it: an existing path made absolute, so that a later
+    message names it wherever it runs (hp76b c76: a --model typed '.' was later "another model (.)", the caller's
+    working folder), anything else as given."""
+    if model is None:
+        return None
+    return os.path.abspath(model) if os.path.exists(model) else os.fspath(model)
+
+
 def tokenizer_digest(model: str | os.PathLike | None) -> str | None:
     """sha256 over the names and contents of the tokenizer files in the model folder ``model``, or None (no folder, or
     no tokenizer file)."""

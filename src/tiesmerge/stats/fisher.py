@@ -30,7 +30,15 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .batches import batch_size, check_collection, example, map_tensors
-from .files import Statistics, StatsManifest, check_finite_statistics, config_digest, model_digest, tokenizer_digest
+from .files import (
+    Statistics,
+    StatsManifest,
+    check_finite_statistics,
+    config_digest,
+    model_digest,
+    recorded_place,
+    tokenizer_digest,
+)
 
 __all__ = ["FISHER_KINDS", "PER_EXAMPLE", "fisher_information"]
 
@@ -216,7 +224,7 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
     # batched runs one backward per batch: no per-example gradient, so none was used (hp69b c20: recorded as vmap)
     used = None if kind == "batched" else per_example
     manifest = StatsManifest("fisher", examples, {"kind": kind, "per_example": used, "embedding_rows": embedding_rows},
-                             model_digest=model_digest(module, model), model=str(model) if model is not None else None,
+                             model_digest=model_digest(module, model), model=recorded_place(model),
                              tokenizer_digest=tokenizer_digest(model),
                              config_digest=config_digest(model))
     check_finite_statistics("fisher", tensors)

@@ -16,7 +16,15 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .batches import batch_size, check_collection
-from .files import Statistics, StatsManifest, check_finite_statistics, config_digest, model_digest, tokenizer_digest
+from .files import (
+    Statistics,
+    StatsManifest,
+    check_finite_statistics,
+    config_digest,
+    model_digest,
+    recorded_place,
+    tokenizer_digest,
+)
 
 __all__ = ["gram_matrices"]
 
@@ -125,7 +133,7 @@ def gram_matrices(module: torch.nn.Module, batches: Iterable[Any], forward_fn: F
             + (f", ... ({len(empty) - 5} more)" if len(empty) > 5 else "")), stacklevel=2)
     options = {"token_mask": token_mask is not None, "rows": {key(n): rows[n] for n in sums}}
     manifest = StatsManifest("gram", examples, options, model_digest=model_digest(module, model),
-                             model=str(model) if model is not None else None, tokenizer_digest=tokenizer_digest(model),
+                             model=recorded_place(model), tokenizer_digest=tokenizer_digest(model),
                              config_digest=config_digest(model))
     check_finite_statistics("gram", tensors)
     return Statistics(manifest, tensors)
