@@ -236,3 +236,11 @@ def test_statistics_record_where_their_model_is_wherever_they_were_made(tmp_path
     save_file(module.state_dict(), str(tmp_path / "m" / "model.safetensors"))
     stats = gram_matrices(module, [torch.ones(2, 3)], lambda m, b: m(b), model=".")
     assert stats.manifest.model == str(tmp_path / "m")
+
+
+def test_stats_takes_no_progress_as_merge_does():
+    """hp76a c20: `tiesmerge stats gram ... --no-progress` was a usage error; merge and analyze take it."""
+    from tiesmerge.cli.main import _parser
+
+    args = _parser().parse_args(["stats", "gram", "--model", "m", "--data", "d.jsonl", "-o", "g", "--no-progress"])
+    assert args.no_progress is True

@@ -704,7 +704,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     stats = hf_statistics(args.kind, args.model, args.data, fisher=args.fisher or "exact",
                           per_example=args.per_example or "loop",
                           batch_size=args.batch_size, limit=args.limit, max_length=args.max_length, device=args.device,
-                          progress=sys.stderr.isatty())
+                          progress=not args.no_progress and sys.stderr.isatty())
     out = save_stats(args.output, stats, force=args.force)
     completed(out)
     # the files as written (headers and manifest too): the tensors' bytes alone understated them (hp39 C42)

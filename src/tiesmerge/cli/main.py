@@ -236,6 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--device", default="cpu")
     st.add_argument("--force", action="store_true",
                     help="replace an output directory tiesmerge wrote before (never an input)")
+    st.add_argument("--no-progress", action="store_true", help="no progress bar")  # as merge's (hp76a c20)
 
     add_adapt_parser(sub, _method_flags)
 
