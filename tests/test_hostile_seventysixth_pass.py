@@ -244,3 +244,16 @@ def test_stats_takes_no_progress_as_merge_does():
 
     args = _parser().parse_args(["stats", "gram", "--model", "m", "--data", "d.jsonl", "-o", "g", "--no-progress"])
     assert args.no_progress is True
+
+
+def test_a_model_count_refusal_names_the_option_that_takes_it():
+    """hp76a c51: slerp (or nuslerp) of one model was "merges exactly 2 models, got 1" with a generic hint, where
+    --anchor base (--of base_and_model) interpolates the base and that model."""
+    from tiesmerge.methods.base import check_models
+    from tiesmerge.registry import make_method
+
+    assert "--anchor base" in check_models(make_method("slerp", {}), 1)[0]
+    assert "anchor=models (the default)" in check_models(make_method("slerp", {"anchor": "base"}), 2)[0]
+    assert "--of base_and_model" in check_models(make_method("nuslerp", {}), 1)[0]
+    assert check_models(make_method("slerp", {}), 2) == []
+    assert check_models(make_method("slerp", {}), 3) == ["slerp merges exactly 2 models, got 3"]

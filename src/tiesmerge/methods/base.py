@@ -737,7 +737,11 @@ def check_models(method: Any, n_models: int) -> list[str]:
     problems = []
     wanted = method.requirements().n_models
     if wanted is not None and wanted != n_models:
-        problems.append(f"{method.name} merges exactly {wanted} model{'s' if wanted != 1 else ''}, got {n_models}")
+        # the option that takes this many, where the method has one (hp76a c51: slerp of one model did not name
+        # --anchor base, which interpolates the base and that model)
+        other = method.other_count(n_models) if hasattr(method, "other_count") else None
+        problems.append(f"{method.name} merges exactly {wanted} model{'s' if wanted != 1 else ''}, got {n_models}"
+                        + (f"; {other}" if other else ""))
     for f in dataclasses.fields(method):
         value = getattr(method, f.name)
         if f.metadata.get("per_model") and isinstance(value, tuple) and len(value) != n_models:

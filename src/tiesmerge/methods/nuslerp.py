@@ -100,6 +100,14 @@ class NuSlerp:
     flatten: bool = option(True, "each tensor as one vector (mergekit's nuslerp_flatten)")
     row_wise: bool = option(False, "without flatten: per column, not per row (mergekit's nuslerp_row_wise)")
 
+    def other_count(self, n_models: int) -> str | None:
+        """The ``of`` that takes ``n_models`` models, for the count's refusal."""
+        if n_models == 1 and self.of != "base_and_model":
+            return "of=base_and_model (--of base_and_model) interpolates the base and one model"
+        if n_models == 2 and self.of == "base_and_model":
+            return "of=task_vectors (the default) or of=models interpolates two models"
+        return None
+
     def requirements(self) -> Requirements:
         if self.t is not None and self.weights is not None:
             raise ConfigError("give t or weights, not both")

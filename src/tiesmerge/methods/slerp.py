@@ -146,6 +146,14 @@ class Slerp:
     layers: int = option(0, "the model's number of layers, where t_by_name has a gradient "
                          "(e.g. num_hidden_layers)", unit="layers", check=non_negative_int)
 
+    def other_count(self, n_models: int) -> str | None:
+        """The anchor that takes ``n_models`` models, for the count's refusal."""
+        if n_models == 1 and self.anchor != "base":
+            return "anchor=base (--anchor base) interpolates the base and one model"
+        if n_models == 2 and self.anchor == "base":
+            return "anchor=models (the default) interpolates two models"
+        return None
+
     def requirements(self) -> Requirements:
         if self.t_by_name is not None and self.layers == 0:
             if any(len(values) > 1 for _, values in parse_schedule(self.t_by_name).rules):
