@@ -257,3 +257,32 @@ def test_a_model_count_refusal_names_the_option_that_takes_it():
     assert "--of base_and_model" in check_models(make_method("nuslerp", {}), 1)[0]
     assert check_models(make_method("slerp", {}), 2) == []
     assert check_models(make_method("slerp", {}), 3) == ["slerp merges exactly 2 models, got 3"]
+
+
+def test_a_model_plus_lora_entry_without_a_model_is_said_so(family, capsys):
+    """hp76a c58: a mergekit entry "+l0" (nothing before '+') was "applies an adapter to a model other than
+    base_model"."""
+    from helpers_ckpt import run_cli
+
+    tmp_path, b, _, m1, loras = family
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(f"merge_method: ties\nbase_model: {b}\nmodels:\n  - model: +{loras[0]}\n"
+                      f"    parameters: {{weight: 1.0, density: 0.5}}\n  - model: {m1}\n"
+                      "    parameters: {weight: 1.0, density: 0.5}\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc != 0 and "names no model before '+'" in err and "other than base_model" not in err, err
+
+
+def test_a_per_model_density_in_a_tiesmerge_recipe_points_at_densities(family, capsys):
+    """hp76a c40: `models: [{path: m, density: 0.5}]` in a tiesmerge recipe was "unknown key 'density'" with no
+    pointer to parameters.densities."""
+    from helpers_ckpt import run_cli
+
+    tmp_path, b, _, m1, _ = family
+    recipe = tmp_path / "s.yaml"
+    recipe.write_text(f"method: ties\nbase: {b}\nmodels:\n  - {{path: {m1}, weight: 1, density: 0.5}}\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc != 0 and "one density per model is parameters: {densities: [...]}" in err, err
+    recipe.write_text(f"method: ties\nbase: {b}\nmodels:\n  - {{path: {m1}, lam: 2}}\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc != 0 and "method options go under parameters:" in err, err

@@ -254,6 +254,10 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
                             f"as MODEL+LORA ({model!r} with the LoRA {adapter!r}, neither of which exists): rename "
                             "the folder without '+', or link to it under another name")  # hostile pass 31, C47
             return None
+        if not model.strip():  # "+lora": no model named (hp76a c58: "a model other than base_model")
+            problems.append(f"{where}: {ref!r} names no model before '+' (MODEL+LORA: the model the adapter was "
+                            "trained on, base_model's path" + (f", {base}" if base is not None else "") + ")")
+            return None
         if base is not None and _is_base(_path(model), base):
             folder = Path(_path(adapter))
             # an adapter_config.json that is there but no regular file (a FIFO, a folder) is the IO layer's to name
