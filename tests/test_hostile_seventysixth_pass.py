@@ -286,3 +286,18 @@ def test_a_per_model_density_in_a_tiesmerge_recipe_points_at_densities(family, c
     recipe.write_text(f"method: ties\nbase: {b}\nmodels:\n  - {{path: {m1}, lam: 2}}\n")
     rc, _, err = run_cli(["validate", recipe], capsys)
     assert rc != 0 and "method options go under parameters:" in err, err
+
+
+def test_a_slerp_filter_matching_nothing_is_said_in_a_recipes_terms_too():
+    """hp76a c43: a mergekit slerp's parameters.t filter matching no tensor was warned of as "t_by_name's filter(s)",
+    a key the recipe does not hold; both names are said."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+
+    base = {"a.mlp.w": torch.zeros(4, 4)}
+    models = [{"a.mlp.w": torch.randn(4, 4)} for _ in range(2)]
+    with pytest.warns(MergeWarning, match=r"t_by_name's filter\(s\) \(a mergekit recipe's parameters.t filters\) "
+                                          r"'self_atn' match no tensor"):
+        tiesmerge.merge(base, models, "slerp", t_by_name="self_atn=0.3;*=0.5")

@@ -212,7 +212,8 @@ class Slerp:
         unmatched = [p for p, _ in rules if p is not None and not any(p in n for n in names)]
         if unmatched:  # a typo (self_atn) would leave every tensor at the default t, silently
             warnings.warn(MergeWarning(
-                f"slerp: t_by_name's filter(s) {listed([repr(p) for p in unmatched])} match no tensor the merge "
+                f"slerp: t_by_name's filter(s) (a mergekit recipe's parameters.t filters) "
+                f"{listed([repr(p) for p in unmatched])} match no tensor the merge "
                 "interpolates (a filter is a part of a tensor's name, e.g. self_attn or mlp), so they set nothing"),
                 stacklevel=3)
         shadowed = _shadowed_rules(rules, names, unmatched)
