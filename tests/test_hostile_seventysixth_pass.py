@@ -301,3 +301,21 @@ def test_a_slerp_filter_matching_nothing_is_said_in_a_recipes_terms_too():
     with pytest.warns(MergeWarning, match=r"t_by_name's filter\(s\) \(a mergekit recipe's parameters.t filters\) "
                                           r"'self_atn' match no tensor"):
         tiesmerge.merge(base, models, "slerp", t_by_name="self_atn=0.3;*=0.5")
+
+
+@pytest.mark.parametrize("command", [["validate"], ["merge", "--dry-run", "-o", "out"]])
+def test_validate_says_against_which_folder_a_mergekit_recipes_paths_are_read(family, capsys, monkeypatch, command):
+    """hp76a c25: validate (and merge --dry-run) run from another folder listed "../base: no such file" with no
+    hint, where merge says a mergekit recipe's paths are read against the working folder."""
+    from helpers_ckpt import run_cli
+
+    tmp_path, b, _, m1, _ = family
+    (tmp_path / "d").mkdir()
+    recipe = tmp_path / "d" / "r.yaml"
+    monkeypatch.chdir(tmp_path)  # the recipe was written for tmp_path/d
+    # the missing paths alone, or (validate lists every problem) beside a problem of the recipe's values
+    for density in ("0.5", "1e-9") if command[0] == "validate" else ("0.5",):
+        recipe.write_text("merge_method: della\nbase_model: ../b\nmodels:\n  - model: ../m1\n"
+                          f"    parameters: {{weight: 1.0, density: {density}}}\nparameters: {{epsilon: 0.0}}\n")
+        rc, _, err = run_cli([command[0], "d/r.yaml", *command[1:]], capsys)
+        assert rc != 0 and "paths in a mergekit recipe are relative to the working folder" in err, err

@@ -882,7 +882,9 @@ def _recipe_paths_hint(exc: TiesMergeError, recipe: str | None) -> None:
     """A path of a recipe that does not exist: say against which folder the recipe's paths were read. tiesmerge
     recipes read theirs against the recipe's folder, mergekit's against the working folder (as mergekit does), and
     neither error said so (hp37 C05)."""
-    if not recipe or "no such file or directory" not in exc.message or not (exc.hint or "").startswith("check the"):
+    # (hp76a c25: validate and --dry-run list the inputs' problems without a hint: said there too)
+    if not recipe or "no such file or directory" not in exc.message or \
+            not (not exc.hint or exc.hint.startswith(("check the", "fix each problem named above"))):
         return
     try:
         from ..limits import read_yaml
@@ -897,7 +899,9 @@ def _recipe_paths_hint(exc: TiesMergeError, recipe: str | None) -> None:
     else:
         where = (f"paths in a tiesmerge recipe are relative to the recipe's folder "
                  f"({os.path.dirname(os.path.abspath(recipe))})")
-    if where.split(" (")[0] not in exc.hint:
+    if not exc.hint:
+        exc.hint = where
+    elif where.split(" (")[0] not in exc.hint:
         exc.hint = f"{exc.hint.rstrip('.')}; {where}"
 
 
