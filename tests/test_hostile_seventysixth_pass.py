@@ -319,3 +319,21 @@ def test_validate_says_against_which_folder_a_mergekit_recipes_paths_are_read(fa
                           f"    parameters: {{weight: 1.0, density: {density}}}\nparameters: {{epsilon: 0.0}}\n")
         rc, _, err = run_cli([command[0], "d/r.yaml", *command[1:]], capsys)
         assert rc != 0 and "paths in a mergekit recipe are relative to the working folder" in err, err
+
+
+def test_an_outputs_manifest_or_card_given_as_a_recipe_is_said_so(tmp_path, capsys):
+    """hp76a c35: `merge OUT/tiesmerge.json` was "16 problems: unknown key 'tiesmerge_version' ..." and `merge
+    OUT/README.md` "not valid YAML"; both are files of an output, and the card shows the recipe to save."""
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    rc, _, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "o"], capsys)
+    assert rc == 0, err
+    for name, what in (("tiesmerge.json", "the manifest (a merged model"), ("README.md", "the model card")):
+        rc, _, err = run_cli(["merge", tmp_path / "o" / name, "-o", tmp_path / "again"], capsys)
+        assert rc != 0 and f"{what}" in err and "not a recipe" in err and "```yaml block" in err, err
+    (tmp_path / "README.md").write_text("method: ties\n")  # a README.md elsewhere is read as the recipe it is
+    rc, _, err = run_cli(["validate", tmp_path / "README.md"], capsys)
+    assert "not a recipe" not in err

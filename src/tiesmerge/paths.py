@@ -1032,6 +1032,12 @@ def changed_files(directory: Path) -> list[str]:
     return sorted(changed)
 
 
+def is_output_marker(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a marker file (``tiesmerge.json``, ...) that tiesmerge wrote into an output."""
+    path = Path(path)
+    return path.name in OUTPUT_MARKERS and _is_marker(path)
+
+
 def _is_marker(path: Path) -> bool:
     """``path`` is a marker tiesmerge wrote: a regular file (not a link), JSON holding every field
     its writer always writes (a merge's ``output`` with its ``files`` list). Read with the limited

@@ -341,6 +341,22 @@ def _check_strings(data: Any, path: Path, where: str = "") -> None:
             raise ConfigError(f"{path}: {where} is empty", hint="give the model's path")
 
 
+def _refuse_output_file(path: Path) -> None:
+    """A file tiesmerge wrote into an output given as a recipe: its manifest, or a merge's model card (hp76a c35:
+    "16 problems: unknown key 'tiesmerge_version'", and "not valid YAML" of the card, which shows the recipe)."""
+    from .paths import OUTPUT_KINDS, is_output_marker
+
+    card = path.name == "README.md" and is_output_marker(path.parent / "tiesmerge.json")
+    if not (card or is_output_marker(path)):
+        return
+    what = "model card" if card else f"manifest ({OUTPUT_KINDS[path.name]})"
+    hint = ("a merge's README.md shows the recipe it ran (its ```yaml block, where the merge read files): save that "
+            "block as recipe.yaml in the folder the merge ran from, and give that file" if path.name in
+            ("README.md", "tiesmerge.json") else "give a recipe (method:, base:, models:); tiesmerge merge --help "
+            "shows one")
+    raise ConfigError(f"{path}: the {what} of a tiesmerge output, not a recipe", hint=hint)
+
+
 def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe file as a mapping, its relative paths resolved against the file's folder."""
     from .paths import fs_text
@@ -349,6 +365,7 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(path, (str, os.PathLike)):  # load_recipe(5), (None): pathlib's TypeError (hp59a c10)
         raise ConfigError(f"the recipe is a {type(path).__name__}, not the path of a YAML file")
     path = Path(path)
+    _refuse_output_file(path)
     # the safe loader with size, depth and alias limits: a recipe never runs code, and a
     # "billion laughs" of aliases is refused before it is built (or printed in an error)
     data = read_yaml(path, "the recipe", error=ConfigError)
