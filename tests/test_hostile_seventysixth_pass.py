@@ -337,3 +337,18 @@ def test_an_outputs_manifest_or_card_given_as_a_recipe_is_said_so(tmp_path, caps
     (tmp_path / "README.md").write_text("method: ties\n")  # a README.md elsewhere is read as the recipe it is
     rc, _, err = run_cli(["validate", tmp_path / "README.md"], capsys)
     assert "not a recipe" not in err
+
+
+def test_a_card_tells_apart_models_whose_names_print_alike(tmp_path, capsys):
+    """hp76a c23: two model folders 'café' (composed) and 'café' (decomposed) were listed alike in the card."""
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    composed = write_hf_dir(tmp_path / "caf\u00e9", models[0])
+    decomposed = write_hf_dir(tmp_path / unicodedata.normalize("NFD", "caf\u00e9"), models[1])
+    rc, _, err = run_cli(["merge", "--base", b, "--model", composed, "--model", decomposed, "-o", tmp_path / "o"],
+                         capsys)
+    assert rc == 0, err
+    card = (tmp_path / "o" / "README.md").read_text(encoding="utf-8")
+    assert "(U+00E9)" in card and "(U+0301)" in card

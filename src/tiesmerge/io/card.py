@@ -292,6 +292,14 @@ def _code(text: str) -> str:
     return f"{ticks}{pad}{text}{pad}{ticks}"
 
 
+def _twin_note(label: str, labels: list[str]) -> str:
+    """The code points of a label printed like another one (another Unicode normalization: hp76a c23, two folders
+    'café' listed alike), so a reader can tell the two inputs apart."""
+    from ..unicode_names import code_points, normalization_twin
+
+    return f" ({code_points(label)})" if normalization_twin(label, labels) is not None else ""
+
+
 def _fence(text: str) -> str:
     """A code fence longer than any run of backticks in ``text``."""
     return "`" * max(3, max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
@@ -334,7 +342,8 @@ def model_card(*, base_label: str, model_labels: list[str], recipe_yaml: str, me
     at = ""
     if base_commit:
         at = f" at revision {_code(base_revision or 'main')} (commit {_code(base_commit)})"
-    models = "\n".join(f"- {_code(m)}" for m in model_labels)
+    models = "\n".join(f"- {_code(m)}{_twin_note(str(m), [str(x) for x in (base_label, *model_labels)])}"
+                       for m in model_labels)
     fence = _fence(recipe_yaml)
     return f"""---
 {front}---
