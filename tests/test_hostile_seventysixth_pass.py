@@ -352,3 +352,29 @@ def test_a_card_tells_apart_models_whose_names_print_alike(tmp_path, capsys):
     assert rc == 0, err
     card = (tmp_path / "o" / "README.md").read_text(encoding="utf-8")
     assert "(U+00E9)" in card and "(U+0301)" in card
+
+
+def test_files_from_a_model_without_a_tokenizer_is_warned(tmp_path):
+    """hp76a c30: files_from a model folder without tokenizer files, where the base has them, wrote an output with
+    no tokenizer, silently."""
+    import shutil
+    import warnings
+
+    import tiesmerge
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import MergeWarning
+    from tiesmerge.paths import TOKENIZER_FILES
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    assert any((b / n).is_file() for n in TOKENIZER_FILES)
+    for n in TOKENIZER_FILES:
+        if (ms[1] / n).exists():
+            (ms[1] / n).unlink()
+    with pytest.warns(MergeWarning, match="holds no tokenizer, while the base"):
+        tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(tmp_path / "o"), files_from=str(ms[1]))
+    shutil.rmtree(tmp_path / "o")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MergeWarning)
+        tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(tmp_path / "o"), files_from=str(ms[0]))

@@ -324,6 +324,20 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
                       stacklevel=3)
 
 
+def _warn_tokenizer_left_out(folder: Path, base_folder: Path | None) -> None:
+    """files_from a folder without a tokenizer, where the base has one: the output gets none (hp76a c30: silent)."""
+    from .paths import TOKENIZER_FILES
+
+    def holds(where: Path | None) -> bool:
+        return where is not None and any(os.path.isfile(os.path.join(where, n)) for n in TOKENIZER_FILES)
+
+    if base_folder is not None and not holds(folder) and holds(base_folder):
+        warnings.warn(MergeWarning(
+            f"files_from {str(folder)!r} holds no tokenizer, while the base ({base_folder}) does: the output copies "
+            "files_from's files only, so it has no tokenizer; name a folder that holds one (or leave files_from out "
+            "to copy the base's)"), stacklevel=3)
+
+
 def _files_source(files_from: Source | None, base: Source, models: Sequence[Source], prepared: Any) -> Path | None:
     """The folder whose config and tokenizer files the output copies: the base's, or ``files_from``'s, which must be
     one of the merge's own inputs (never a new one, which the output checks would not have seen)."""
@@ -343,6 +357,7 @@ def _files_source(files_from: Source | None, base: Source, models: Sequence[Sour
                                   "tokenizer files are copied from a model folder that holds them",
                                   hint="name the model folder (the base, or a full model among the inputs), or leave "
                                        "files_from out to copy the base's")
+            _warn_tokenizer_left_out(Path(folder), prepared.base.directory())
             return folder
     raise ConfigError(f"files_from {os.fspath(files_from)!r} is neither the base nor one of the models",
                       hint="name the input whose config and tokenizer files the output should copy")
