@@ -554,4 +554,4 @@ def test_dare_kernel_drops_the_entries_of_the_torch_paths_hash_at_any_offset(dro
                                   None, (kernels.dare_keys(11, 77, 1), drop, offset))
         keep = ops.hash_uniform(11, 77, offset, n, "cpu") >= drop
         assert np.array_equal(out != 0, keep.numpy()), offset
-        assert np.all(out[out != 0] == np.float32(1.0 / (1.0 - drop)))
+        assert np.all(out[out != 0] == np.float32(1.0 / ops.dare_keep_probability(drop)))

@@ -97,25 +97,59 @@ def test_names_apart_only_in_normalization_are_said_so_in_a_recipe(family, capsy
 def test_a_drop_rate_that_rounds_to_one_in_float32_is_refused():
     """hp76a c09, c10, c18: DARE's uniforms are multiples of 2^-24, compared with the drop rate rounded to float32:
     a rate of 0.999999999 drops every entry of every model, however many, and was taken (said as "leaves a few on
-    average", or printed as "drop_rate 1"). The largest rate that can keep an entry is the limit, on both paths."""
+    average", or printed as "drop_rate 1"). hp77a c03: the bound said is the bound applied."""
     import torch
 
     import tiesmerge
     from tiesmerge.errors import ConfigError
-    from tiesmerge.methods import ops
-    from tiesmerge.methods.dare import MAX_DROP_RATE, MIN_DENSITY, drop_rate_check
+    from tiesmerge.methods.dare import DROP_RATE_BOUND, MIN_DENSITY, drop_rate_check
 
-    uniforms = ops.hash_uniform(0, 1, 0, 1 << 20, "cpu")
-    assert float(uniforms.max()) <= MAX_DROP_RATE  # the top level, 1 - 2^-24: kept at MAX_DROP_RATE, at no rate above
-    top = torch.tensor([MAX_DROP_RATE], dtype=torch.float32)
-    assert bool(ops.dare_drop(torch.ones(1, 1), MAX_DROP_RATE, top.view(1, 1)).all())
-    assert not bool(ops.dare_drop(torch.ones(1, 1), 1 - 1e-9, top.view(1, 1)).any())  # 1 - 1e-9 rounds to 1
-    assert drop_rate_check(MAX_DROP_RATE) is None and drop_rate_check(1 - MIN_DENSITY) is None
-    assert "at most 0.99999994" in drop_rate_check(1 - 1e-9)
+    below = DROP_RATE_BOUND - 1e-16  # the largest float64 under the bound
+    assert drop_rate_check(below) is None and drop_rate_check(1 - MIN_DENSITY) is None
+    assert "below 1 - 2^-25 = 0.99999997019768" in drop_rate_check(DROP_RATE_BOUND)
+    assert drop_rate_check(1 - 1e-9) == drop_rate_check(DROP_RATE_BOUND)
     base, models = {"w": torch.zeros(8)}, [{"w": torch.ones(8)}]
     for method in ("dare_ties", "dare_linear"):
-        with pytest.raises(ConfigError, match="24-bit uniform numbers"):
+        with pytest.raises(ConfigError, match="steps of 2\\^-24"):
             tiesmerge.merge(base, models, method, drop_rate=0.999999999)
+
+
+@pytest.mark.parametrize("kernels", ["1", "0"])
+@pytest.mark.parametrize("drop_rate", [0.9, 0.99999996, 0.9999999701])
+def test_dare_rescales_by_the_draws_own_keep_probability(monkeypatch, tmp_path, kernels, drop_rate):
+    """hp77a c02: kept entries were rescaled by 1 / (1 - drop_rate) while the 24-bit draw keeps at a probability
+    rounded to its step (2^-24 for a rate of 0.9999999701: twice 1 - drop_rate), so the merge's expectation was 2x
+    the task vector. The rescale is now the draw's own, on the fused path and the torch path alike."""
+    import torch
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from tiesmerge.methods import ops
+
+    monkeypatch.setenv("TIESMERGE_KERNELS", kernels)
+    kept = ops.dare_keep_probability(drop_rate)
+    assert abs(kept - (1 - drop_rate)) <= 2.0 ** -24
+    save_file({"w": torch.zeros(1 << 16)}, str(tmp_path / "b.safetensors"))
+    save_file({"w": torch.ones(1 << 16)}, str(tmp_path / "m.safetensors"))
+    merged = tiesmerge.merge(str(tmp_path / "b.safetensors"), [str(tmp_path / "m.safetensors")], "dare_linear",
+                             drop_rate=drop_rate, allow_distant=True)["w"]
+    survivors = merged[merged != 0]
+    assert survivors.numel() == 0 or torch.all(survivors == torch.tensor(1.0 / kept, dtype=torch.float32))
+
+
+def test_della_rescales_by_the_draws_own_keep_probability():
+    """hp77a c22: DELLA's inverse_p divided by p where the draw keeps at ceil(p 2^24) / 2^24 (2^-24 for p = 3e-8)."""
+    import torch
+
+    from tiesmerge.methods import ops
+
+    p = torch.tensor([3e-8, 0.35, 1.0, 2.0 ** -24], dtype=torch.float32)
+    drawn = ops.draw_keep_probability(p)
+    assert drawn.tolist() == [2.0 ** -24, float(torch.ceil(p[1] * 2 ** 24) / 2 ** 24), 1.0, 2.0 ** -24]
+    uniforms = ops.hash_uniform(5, 9, 0, 1 << 20, "cpu")
+    for value in p.tolist():  # the share kept is the drawn probability, not p, where they differ
+        share = float((uniforms < torch.tensor(value, dtype=torch.float32)).double().mean())
+        assert abs(share - float(ops.draw_keep_probability(torch.tensor(value)))) < 5e-3 + 3 * (value / 2 ** 20) ** .5
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])

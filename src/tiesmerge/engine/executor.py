@@ -217,8 +217,11 @@ def _warn_if_drop_keeps_nothing(method: MergeMethod, alignment: Alignment, n: in
     drop_rate = getattr(method, "drop_rate", None)
     if not isinstance(drop_rate, float) or drop_rate >= 1.0:
         return False
+    from ..methods.ops import dare_keep_probability
+
     entries = n * sum(j.numel for j in alignment.jobs if j.merge)
-    expected = entries * (1.0 - drop_rate)
+    expected = entries * dare_keep_probability(drop_rate)  # the draw's own (hp77a c04: 1 - drop_rate said 0.5 of
+    # what kept 1.0 on average)
     if entries and expected < 1.0:
         # said in both spellings: tiesmerge's own DARE takes drop_rate, a mergekit recipe its complement density
         # (hp75a c29: a recipe's density 1e-10 was said as a drop_rate the recipe cannot hold)
@@ -226,7 +229,7 @@ def _warn_if_drop_keeps_nothing(method: MergeMethod, alignment: Alignment, n: in
         warnings.warn(MergeWarning(
             f"{method.name}: drop_rate {drop_rate:.12g} (density {1 - drop_rate:.3g}) leaves {expected:.2g} of the "
             f"models' {entries:,} task-vector entries on average, so the merge is almost surely the base itself; a "
-            f"drop_rate of at most {1 - least:.6g} (a density of at least {least:.3g}) keeps one on average"),
+            f"drop_rate of at most {1 - least:.10g} (a density of at least {least:.3g}) keeps one on average"),
             stacklevel=3)
         return True
     return False

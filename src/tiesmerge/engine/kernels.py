@@ -17,7 +17,6 @@ and thread count, and counts the vector registers they use.
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 
@@ -782,10 +781,13 @@ def ties_merge(inputs: Sequence[np.ndarray], thresholds: np.ndarray | None, weig
     use_masks = masks is not None
     thr = np.zeros(n, np.float32) if thresholds is None else thresholds.astype(np.float32)
     keys, drop, offset = dare if dare is not None else (np.zeros(0, np.uint64), 0.0, 0)
-    rescale = 1.0 / (1.0 - drop) if dare is not None else 1.0  # the torch path's python-float factor
     # torch keeps u >= drop with u = k 2^-24 (k < 2^24, exact in float32) and drop rounded to float32:
-    # k >= ceil(float32(drop) 2^24), an integer comparison
-    keep_from = min(max(math.ceil(float(np.float32(drop)) * 2.0**24), 0), 1 << 24)
+    # k >= ceil(float32(drop) 2^24), an integer comparison; the kept are rescaled by 1 / P(keep), as the torch path
+    from ..methods.ops import dare_keep_from, dare_keep_probability
+
+    kept = dare_keep_probability(drop) if dare is not None else 1.0
+    rescale = 1.0 / kept if kept > 0 else 0.0
+    keep_from = dare_keep_from(drop) if dare is not None else 0
     _ties_kernel(*_rows_of(inputs), _f16_table(), thr, masks if use_masks else np.zeros((n, 0), np.uint8),
                  use_masks, keys, keep_from, float(rescale), int(offset), weights.astype(np.float32), float(lam),
                  ELECT_CODES[elect], ZERO_CODES[zero_sign], float(majority or 0.0), AGGREGATE_CODES[aggregate], out,

@@ -24,12 +24,13 @@ from .ties import AGGREGATES, ELECT_RULES
 _DARE_PAPER = "https://arxiv.org/abs/2311.03099"
 
 
-# the largest drop rate DARE can draw: its uniforms are multiples of 2^-24 below 1, kept where at least the drop rate
-# rounded to float32 (ops.hash_uniform, dare_drop; the fused kernel's integer comparison is the same), so a rate that
-# rounds to 1 there dropped every entry of every model, however large (hp76a c09, c10: densities of 1e-10 to 1e-15
-# in mergekit recipes were taken, said as keeping a few entries on average)
-MAX_DROP_RATE = 1.0 - 2.0 ** -24  # 0.99999994, a float32 exactly
-MIN_DENSITY = 3e-8  # 1 - 3e-8 rounds to MAX_DROP_RATE in float32; anything below 2^-25 rounds to 1
+# DARE's uniforms are multiples of 2^-24 below 1, kept where at least the drop rate rounded to float32
+# (ops.hash_uniform, dare_drop; the fused kernel's integer test is the same): a rate that rounds to 1 there drops every
+# entry of every model, however large (hp76a c09, c10: densities of 1e-10 to 1e-15 in mergekit recipes were taken).
+# A rate rounds to 1 from 1 - 2^-25 up (ties to even); any lower rate keeps at least one step, 2^-24, and the kept
+# entries are rescaled by the draw's own keep probability (ops.dare_keep_probability), so the merge stays unbiased
+DROP_RATE_BOUND = 1.0 - 2.0 ** -25  # 0.99999997019767: refused from here on
+MIN_DENSITY = 3e-8  # a round density above 2^-25 (2.98e-8): 1 - 3e-8 rounds to 1 - 2^-24 in float32, and is kept
 
 
 def as_float32(value: float) -> float:
@@ -41,8 +42,9 @@ def drop_rate_check(value: object) -> str | None:
     """A probability DARE's 24-bit draw can keep entries at: below 1 after float32's rounding too."""
     problem = probability(value)
     if problem is None and as_float32(float(value)) >= 1.0:  # type: ignore[arg-type]
-        return (f"must be at most {MAX_DROP_RATE:.8g} (a density of at least {MIN_DENSITY:g}): DARE draws 24-bit "
-                "uniform numbers, and a drop rate closer to 1 rounds to 1 in float32, which drops every entry")
+        return (f"must be below 1 - 2^-25 = {DROP_RATE_BOUND:.14g} (a density of at least {MIN_DENSITY:g}): DARE "
+                "draws uniform numbers in steps of 2^-24, and a drop rate this close to 1 rounds to 1 in float32, "
+                "which drops every entry")
     return problem
 
 

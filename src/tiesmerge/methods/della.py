@@ -95,8 +95,9 @@ class _DellaBase:
             mask = (uniforms < probs).to(tau.dtype)
             if self.rescale == "l1":
                 tau[t] = l1_rescale(tau[t], tau[t] * mask)
-            elif self.rescale == "inverse_p":
-                tau[t].mul_(mask).div_(probs)
+            elif self.rescale == "inverse_p":  # by the draw's own keep probability, p up to its step of 2^-24:
+                # 1/p scaled a p of 3e-8 (kept at 2^-24) 2x too much (hp77a c22)
+                tau[t].mul_(mask).div_(ops.draw_keep_probability(probs))
             else:
                 tau[t].mul_(mask)
         return tau

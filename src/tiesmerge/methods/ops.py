@@ -7,6 +7,7 @@ every function returns ``(*S)`` or ``(n, *S)`` as stated. ``weights`` is ``(n,)`
 from __future__ import annotations
 
 import math
+import struct
 from fractions import Fraction
 
 from ..lazy import torch
@@ -21,6 +22,9 @@ __all__ = [
     "disjoint_aggregate",
     "hash_uniform",
     "dare_drop",
+    "dare_keep_from",
+    "dare_keep_probability",
+    "draw_keep_probability",
     "sign",
 ]
 
@@ -175,14 +179,44 @@ def hash_uniform(seed: int, stream: int, offset: int, numel: int, device: torch.
     return (x >> 8).to(torch.float32).mul_(2.0**-24)
 
 
+DRAW_STEPS = 1 << 24  # hash_uniform's values: k * 2^-24, k = 0 .. 2^24 - 1
+
+
+def _as_float32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def dare_keep_from(drop_rate: float) -> int:
+    """The least k whose uniform k * 2^-24 is kept (u >= drop_rate, the rate rounded to float32 as torch compares a
+    Python float with a float32 tensor): k >= ceil(float32(drop_rate) * 2^24), an integer test."""
+    return min(max(math.ceil(_as_float32(drop_rate) * DRAW_STEPS), 0), DRAW_STEPS)
+
+
+def dare_keep_probability(drop_rate: float) -> float:
+    """The probability that DARE's draw keeps an entry: (2^24 - keep_from) / 2^24, which is 1 - drop_rate up to the
+    draw's step of 2^-24. Kept entries are rescaled by its inverse, so the merge is unbiased at every rate (1 / (1 -
+    drop_rate) scaled them 2x too much where the step rounds the keep probability from 3e-8 up to 6e-8: hp77a c02)."""
+    return (DRAW_STEPS - dare_keep_from(drop_rate)) / DRAW_STEPS
+
+
 def dare_drop(tau: torch.Tensor, drop_rate: float, uniforms: torch.Tensor) -> torch.Tensor:
     """DARE (Yu et al. 2023): drop each entry with probability ``drop_rate``, rescale the rest
-    by 1 / (1 - drop_rate) so the expected task vector is unchanged. In place on ``tau``.
+    by 1 / P(keep) (:func:`dare_keep_probability`, 1 / (1 - drop_rate) up to the draw's step)
+    so the expected task vector is unchanged. In place on ``tau``.
 
     tau: (n, *S); uniforms: (n, *S) from :func:`hash_uniform`.
     """
+    kept = dare_keep_probability(drop_rate)
+    if kept == 0.0:  # a rate that rounds to 1 in float32 (refused by the option's check): nothing kept
+        return tau.zero_()
     keep = uniforms >= drop_rate
-    return tau.mul_(keep).mul_(1.0 / (1.0 - drop_rate))
+    return tau.mul_(keep).mul_(1.0 / kept)
+
+
+def draw_keep_probability(probs: torch.Tensor) -> torch.Tensor:
+    """(*S) float32 keep probabilities p -> the probability that ``uniforms < p`` keeps an entry with
+    :func:`hash_uniform`'s uniforms: ceil(p * 2^24) / 2^24 (exact in float32), p up to the draw's step."""
+    return torch.ceil(probs * DRAW_STEPS).clamp_(max=DRAW_STEPS).div_(DRAW_STEPS)
 
 
 def sign(total: torch.Tensor) -> torch.Tensor:
