@@ -412,3 +412,20 @@ def test_files_from_a_model_without_a_tokenizer_is_warned(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", MergeWarning)
         tiesmerge.merge(str(b), [str(m) for m in ms], "ties", output=str(tmp_path / "o"), files_from=str(ms[0]))
+
+
+@pytest.mark.parametrize("text", [b"my notes\nline2\ncaf\xe9 recipe\n", b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe",
+                                  b"notes on tiesmerge-search/1 runs\nline2\n", b"{", b"\xef\xbb\xbf"])
+def test_a_users_file_as_the_search_log_is_never_called_a_damaged_log(tmp_path, text):
+    """hp77b c38, c39: a Latin-1 notes file or a binary file given as log= was "the search log is corrupt (not UTF-8
+    text)", with advice to delete a line or the file; c05: notes naming the log format were "its header is damaged";
+    c03, c04: a file holding only '{' or a byte-order mark was replaced as a cut header."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    path = tmp_path / "victim"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match="not a search log") as caught:
+        ResultsLog(path, {"space": {"lam": [1.0]}})
+    assert "corrupt" not in str(caught.value)
+    assert path.read_bytes() == text

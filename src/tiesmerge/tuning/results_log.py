@@ -146,20 +146,19 @@ class ResultsLog:
                 return
             complete = raw + b"\n"  # one line, read (never written) to say what the file is
         torn = len(complete) < len(raw)
+        # the first line alone says whose file this is, before the rest is decoded: a user's Latin-1 notes, a PNG or
+        # an adapt checkpoint were "corrupt (not UTF-8 text)", with advice to delete a line, or the file (hp77b c38,
+        # c39); a byte-order mark an editor saved first is no content: read past it (hp59b c45: "damaged")
+        first = complete[:complete.find(b"\n")].decode("utf-8", errors="replace").removeprefix("\ufeff")
         try:
-            # lines end at "\n" only, as the log writes them: splitlines() also cut a line inside a text holding
-            # U+2028 or U+0085 (jq writes them raw), and called the halves corrupt (hp57 c10)
-            # a byte-order mark an editor saved first is no content: read past it (hp59b c45: "damaged")
-            lines = complete.decode("utf-8").removeprefix("\ufeff").split("\n")[:-1]
-        except UnicodeDecodeError as exc:
-            raise self._corrupt(raw[:exc.start].count(b"\n") + 1, "not UTF-8 text") from None
-        try:
-            found = json.loads(lines[0])
+            found = json.loads(first)
         except (ValueError, RecursionError):  # nested past Python's limit, an int of 5,000 digits: damaged too
             # (hp54 c01, hp55 c04)
             found = None
-        if (not isinstance(found, dict) or found.get("format") != FORMAT) and FORMAT in lines[0][:200]:
-            raise self._corrupt(1, f"its header is damaged: {lines[0][:80]!r}")  # ours, cut or edited
+        # ours, cut or edited: a JSON object naming the format (hp77b c05: a user's notes naming it were "damaged")
+        json_like = first.lstrip(" \t\ufffd").startswith("{")  # (bytes before it undecodable: still ours)
+        if (not isinstance(found, dict) or found.get("format") != FORMAT) and json_like and FORMAT in first[:200]:
+            raise self._corrupt(1, f"its header is damaged: {first[:80]!r}")
         other = found.get("format") if isinstance(found, dict) else None
         if isinstance(other, str) and other != FORMAT and other.startswith(FORMAT.split("/")[0] + "/"):  # (hp56 c28)
             raise ConfigError(f"{self.path}: a search log of another format ({other[:40]!r}; this tiesmerge reads "
@@ -168,7 +167,7 @@ class ResultsLog:
                                    "(log= in Python) to start afresh")
         if not isinstance(found, dict) or found.get("format") != FORMAT:  # never a log: someone's file, not ours
             raise ConfigError(f"{self.path}: not a search log (its first line is not the header of a {FORMAT} log: "
-                              f"{lines[0][:80]!r}); the search would append to it",
+                              f"{first[:80]!r}); the search would append to it",
                               hint="choose another --dir (log= in Python): a search log is a file the search "
                                    "itself started")
         if found != json.loads(json.dumps(self.header)):
@@ -182,6 +181,12 @@ class ResultsLog:
                                    "start afresh")
         if torn:  # this search's log: its cut last line goes
             os.ftruncate(self._fd, len(complete))
+        try:
+            # lines end at "\n" only, as the log writes them: splitlines() also cut a line inside a text holding
+            # U+2028 or U+0085 (jq writes them raw), and called the halves corrupt (hp57 c10)
+            lines = complete.decode("utf-8").removeprefix("\ufeff").split("\n")[:-1]
+        except UnicodeDecodeError as exc:
+            raise self._corrupt(raw[:exc.start].count(b"\n") + 1, "not UTF-8 text") from None
         for n, line in enumerate(lines[1:], start=2):
             try:
                 record = loads_json(line, str(self.path), error=ConfigError)
@@ -215,7 +220,9 @@ class ResultsLog:
             text = raw.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError:
             return False
-        return json.dumps(self.header, sort_keys=True).startswith(text)
+        # at least a few bytes of it: a lone '{' or byte-order mark is a user's file as much as a cut header (hp77b c03,
+        # c04: replaced silently)
+        return len(text) >= 16 and json.dumps(self.header, sort_keys=True).startswith(text)
 
     def _check_key(self, line: int, record: Mapping[str, Any]) -> None:
         """A record's key is its options as the search wrote them (sorted, canonical JSON): a key edited or swapped
