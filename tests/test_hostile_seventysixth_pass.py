@@ -429,3 +429,53 @@ def test_a_users_file_as_the_search_log_is_never_called_a_damaged_log(tmp_path, 
         ResultsLog(path, {"space": {"lam": [1.0]}})
     assert "corrupt" not in str(caught.value)
     assert path.read_bytes() == text
+
+
+def test_tune_and_search_callbacks_and_bytes_models_are_checked_first(classifiers, tmp_path):
+    """hp77b c18, c19: on_point=5 / on_trial=5 were TypeError tracebacks after the first candidate was scored;
+    c07: the API's tune skipped the multi-label check for models given as bytes paths or a generator; c08:
+    fisher_information(model=".../model.safetensors") skipped it too."""
+    import json
+    import shutil
+
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.evaluation.builtin import builtin_evaluator
+    from tiesmerge.stats.fisher import fisher_information
+    from tiesmerge.tuning.driver import run_search
+
+    _, base, fts, data = classifiers
+    with pytest.raises(ConfigError, match="on_point is 5, not a function"):
+        tiesmerge.tune(base, fts, "task_arithmetic", lambda s: 1.0, grid={"lam": [1.0]}, on_point=5)
+    with pytest.raises(ConfigError, match="on_trial is 5, not a function"):
+        run_search(base, fts, "task_arithmetic", lambda s: 1.0, grid={"lam": [1.0]}, on_trial=5)
+    multi = tmp_path / "multi"
+    shutil.copytree(fts[0], multi)
+    config = json.loads((multi / "config.json").read_text())
+    (multi / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    score = builtin_evaluator(f"classifier-accuracy:{data}", base)
+    for models in ([bytes(multi), bytes(fts[1])], (m for m in [str(multi), str(fts[1])])):
+        with pytest.raises(ConfigError, match="model 0 problem_type multi_label_classification"):
+            tiesmerge.tune(base, models, "task_arithmetic", score, grid={"lam": [1.0]})
+    module = torch.nn.Linear(3, 2)
+    with pytest.raises(ConfigError, match="problem_type multi_label_classification"):
+        fisher_information(module, [torch.ones(2, 3)], lambda m, b: m(b), per_example="loop",
+                           model=str(multi / "model.safetensors"))
+
+
+def test_adapt_takes_models_as_merge_does_and_names_a_row_that_is_none(classifiers, tmp_path):
+    """hp77b c24, c25: the API's adapt with bytes model paths, or models as a generator, were TypeError tracebacks;
+    c26: an int or None among in-memory rows was one too."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    _, base, fts, data = classifiers
+    for models in ([bytes(m) for m in fts], (str(m) for m in fts)):
+        result = tiesmerge.adapt(base, models, [data, data], tasks=["a", "b"], steps=1, batch_size=2)
+        assert result is not None
+    with pytest.raises(ConfigError, match="example 1 is int '5', not a row"):
+        tiesmerge.adapt(base, fts, [[{"text": "good"}, 5], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
+    with pytest.raises(ConfigError, match="example 0 is NoneType"):
+        tiesmerge.adapt(base, fts, [[None], [{"text": "bad"}]], tasks=["a", "b"], steps=1)

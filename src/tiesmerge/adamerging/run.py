@@ -329,6 +329,10 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
                                    max_length))
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:  # 0 truncated every
         raise ConfigError(f"max_length must be a whole number of tokens >= 1, got {_shown(max_length)}")  # input
+    from ..inputs import resolve_sources
+
+    # bytes paths and a generator of models, as merge and tune take them (hp77b c24, c25: TypeError tracebacks)
+    base, models = resolve_sources(base, models)
     config, m = check_adapt_request(base, models, data, method, forward=forward, heads=heads, choices=choices,
                                     tasks=tasks, granularity=granularity, steps=steps, lr=lr, batch_size=batch_size,
                                     init=init, shuffle_seed=shuffle_seed, clamp=clamp,

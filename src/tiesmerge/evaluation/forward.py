@@ -79,8 +79,18 @@ class TaskForward(Protocol):
 
 
 def as_rows(examples: Sequence[Row | str]) -> list[dict[str, Any]]:
-    """Examples as rows: a plain string is ``{"text": string}``."""
-    return [{"text": e} if isinstance(e, str) else dict(e) for e in examples]
+    """Examples as rows: a plain string is ``{"text": string}``; anything else but a mapping is refused, naming it
+    (hp77b c26: an int or None among in-memory rows was a TypeError traceback)."""
+    rows = []
+    for k, e in enumerate(examples):
+        if isinstance(e, str):
+            rows.append({"text": e})
+        elif isinstance(e, Mapping):
+            rows.append(dict(e))
+        else:
+            raise ConfigError(f"example {k} is {type(e).__name__} {str(e)[:40]!r}, not a row (a mapping such as "
+                              "{'text': ...}) or a text", hint="give each task's examples as texts or rows")
+    return rows
 
 
 def logits(forward: TaskForward, batch: Any, task: str,

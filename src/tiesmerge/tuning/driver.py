@@ -35,7 +35,7 @@ from .candidates import (
     float32,
     merged_delta,
 )
-from .evaluator import check_evaluated_models, evaluator_name, format_score, guard
+from .evaluator import check_callback, check_evaluated_models, evaluator_name, format_score, guard
 from .evaluator_digest import evaluator_module, evaluator_objects, evaluator_state
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
@@ -383,6 +383,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     evaluator_name = _evaluator_name(evaluate)
     check_evaluated_models(evaluate, models)  # a built-in's check of the fine-tunes, before any merge
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
+    check_callback(on_trial, "on_trial", "a scored candidate")
     cls = method_class(method) if isinstance(method, str) else type(method)
     if strategy == "grid" and ranges:  # hp36 C42: ignored without a word, the log recording them beside the grid
         raise ConfigError(f"--range {', '.join(ranges)}: ranges are where the random and cmaes strategies draw; the "

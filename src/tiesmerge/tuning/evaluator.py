@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from ..errors import EvaluatorError, MergeWarning, TiesMergeError
+from ..errors import ConfigError, EvaluatorError, MergeWarning, TiesMergeError
 
 __all__ = ["GuardedEvaluator", "guard", "evaluator_name"]
 
@@ -458,6 +458,14 @@ def _is_scalar(score: Any) -> bool:
     except (TypeError, ValueError, RuntimeError, NotImplementedError):
         return False
     return not getattr(getattr(score, "dtype", None), "is_complex", False)
+
+
+def check_callback(callback: Any, name: str, what: str) -> None:
+    """A progress callback (tune's on_point, run_search's on_trial) that is None or callable, said before any merge
+    (hp77b c18, c19: on_point=5 was a TypeError traceback after the first candidate was scored)."""
+    if callback is not None and not callable(callback):
+        raise ConfigError(f"{name} is {_shown(callback)}, not a function", hint=f"give a function taking {what} "
+                          f"(called after each is scored), or leave {name} out")
 
 
 def check_evaluated_models(evaluate: Any, models: Any) -> None:

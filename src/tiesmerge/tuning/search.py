@@ -26,7 +26,7 @@ from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_pr
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
 from .candidates import check_candidate, check_tuning_vocab_policy
-from .evaluator import check_evaluated_models, format_score, guard
+from .evaluator import check_callback, check_evaluated_models, format_score, guard
 from .space import check_axes_and_fixed, check_grid, fit_counts
 
 __all__ = ["GridPoint", "TuningResult", "steps", "paper_grid", "parse_grid", "tune"]
@@ -196,12 +196,15 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     grid, fixed = plain_numbers(grid), plain_numbers(fixed, 1)  # numpy's scalars are numbers (hp59b c24)
     name = method if isinstance(method, str) else method.name
     cls = method_class(method) if isinstance(method, str) else type(method)
-    check_evaluated_models(evaluate, models)  # a built-in's check of the fine-tunes, before any merge
     evaluate = guard(evaluate)  # its failures: an EvaluatorError naming it, the cause chained
+    check_callback(on_point, "on_point", "a grid point")
     from ..inputs import resolve_sources
 
     base, models = resolve_sources(base, models)  # bytes paths and hub names, as merge takes them (hp45 c24)
     check_inputs(base, models)  # before len(models) below: a single path would be counted letter by letter
+    # a built-in's check of the fine-tunes, before any merge, on the models as paths (hp77b c07: bytes paths or a
+    # generator were not looked at)
+    check_evaluated_models(evaluate, models)
     _check_tunable(cls)
     check_grid(grid)
     check_axes_and_fixed(None, fixed)
