@@ -479,3 +479,24 @@ def test_adapt_takes_models_as_merge_does_and_names_a_row_that_is_none(classifie
         tiesmerge.adapt(base, fts, [[{"text": "good"}, 5], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
     with pytest.raises(ConfigError, match="example 0 is NoneType"):
         tiesmerge.adapt(base, fts, [[None], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
+
+
+@pytest.mark.parametrize("typed", ["out1\u200b", "out1 ", "out1\u00a0", "\u043eut1"])
+def test_names_that_print_alike_beyond_normalization_are_told(tmp_path, capsys, typed):
+    """hp77a c31, c32: only the two Unicode normalizations were caught: -o 'out1' + a zero-width space (a trailing
+    space, a no-break space, a Cyrillic 'о') beside out1 made a second folder printed 'out1', and --model 'm0' + a
+    zero-width space was "no such file" although m0 prints alike."""
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    base, models = make_family(2)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "out1").mkdir()
+    rc, _, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / typed], capsys)
+    assert rc != 0 and "would be created beside a name that prints alike" in err and "out1 exists" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "m0", "m1", "out1"]
+    model = tmp_path / ("m0" + typed[len("out1"):] if typed.startswith("out1") else "m\u043e".replace("m", "m0"))
+    rc, _, err = run_cli(["merge", "--base", b, "--model", model, "--model", ms[1], "-o", tmp_path / "o"], capsys)
+    assert rc != 0 and ("m0 exists: its name prints like" in err or not typed.startswith("out1")), err
+    rc, _, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "out2"], capsys)
+    assert rc == 0, err

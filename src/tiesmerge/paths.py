@@ -121,13 +121,16 @@ def _dangling_target(path: str | os.PathLike) -> str:
 
 
 def normalization_twin_hint(path: str | os.PathLike) -> str | None:
-    """A hint where a component of ``path`` is missing but its folder holds a name apart from it only in Unicode
-    normalization (a folder macOS named with e + a combining accent, typed with the composed é: hp73a c76, "no such
-    file" of a name ``ls`` prints alike); None otherwise."""
-    from .unicode_names import code_points, normalization_twin
+    """A hint where a component of ``path`` is missing but its folder holds a name that prints alike: apart only in
+    Unicode normalization (a folder macOS named with e + a combining accent, typed with the composed é: hp73a c76,
+    "no such file" of a name ``ls`` prints alike), or in invisible characters, spaces at an end, a no-break space or
+    a look-alike letter of another script (hp77a c31, c32); None otherwise."""
+    import unicodedata
+
+    from .unicode_names import code_points, look_alike_twin
 
     text = os.fspath(path)
-    if not isinstance(text, str) or text.isascii():
+    if not isinstance(text, str) or (text.isascii() and all(p == p.strip() for p in Path(text).parts)):
         return None
     parts = Path(text).parts
     absolute = bool(parts) and bool(Path(parts[0]).anchor)
@@ -139,15 +142,24 @@ def normalization_twin_hint(path: str | os.PathLike) -> str | None:
                 names = os.listdir(current)[:100_000]
             except OSError:
                 return None
-            other = normalization_twin(part, names)
+            other = look_alike_twin(part, names)
             if other is None:
                 return None
-            return (f"{current / other} exists: its name differs from the {part!r} typed only in Unicode "
-                    f"normalization ({code_points(other)} there, {code_points(part)} typed; a composed character "
-                    "beside a letter + a combining mark, as macOS writes names): type the path as it is stored (tab "
-                    "completion does), or rename it")
+            if unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", part):
+                return (f"{current / other} exists: its name differs from the {part!r} typed only in Unicode "
+                        f"normalization ({code_points(other)} there, {code_points(part)} typed; a composed character "
+                        "beside a letter + a combining mark, as macOS writes names): type the path as it is stored "
+                        "(tab completion does), or rename it")
+            return (f"{current / other} exists: its name prints like the {part!r} typed but differs in invisible "
+                    f"characters, spaces or letters of another script ({_odd_points(other)} there, "
+                    f"{_odd_points(part)} typed): type the path as it is stored (tab completion does), or rename it")
         current = candidate
     return None
+
+
+def _odd_points(name: str) -> str:
+    odd = [f"U+{ord(c):04X}" for c in name if ord(c) > 127]
+    return " ".join(odd + (["a space at an end"] if name != name.strip() else [])) or "ASCII only"
 
 
 def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = CheckpointError) -> Path:
