@@ -500,3 +500,20 @@ def test_names_that_print_alike_beyond_normalization_are_told(tmp_path, capsys, 
     assert rc != 0 and ("m0 exists: its name prints like" in err or not typed.startswith("out1")), err
     rc, _, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "out2"], capsys)
     assert rc == 0, err
+
+
+def test_a_shard_given_as_a_model_hints_its_folder(tmp_path):
+    """hp77a c27: one shard of a sharded model given as a model was "tensor names differ: model 0 lacks 9 of the
+    base's tensors"; it is refused as a shard, its folder hinted."""
+    from helpers_ckpt import make_family, write_hf_dir
+
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.checkpoint import open_checkpoint
+
+    _, models = make_family(1)
+    sharded = write_hf_dir(tmp_path / "sh", models[0], shards=2)
+    shard = next(sharded.glob("model-00001-of-*.safetensors"))
+    with pytest.raises(CheckpointError, match="one shard of the sharded model") as caught:
+        open_checkpoint(shard)
+    assert caught.value.hint == f"give the model's folder instead: {sharded}"
+    open_checkpoint(sharded)

@@ -9,6 +9,7 @@ Pickle files can run arbitrary code when loaded, so they are refused unless the 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -152,6 +153,12 @@ def open_checkpoint(
             raise CheckpointError(f"{path}: {role} is a PEFT adapter's weights file, which is read with its "
                                   f"{ADAPTER_CONFIG} (rank, alpha, targets)", hint=hint)
         if path.suffix == ".safetensors":
+            if re.search(r"-\d+-of-\d+\.safetensors$", path.name) and \
+                    os.path.lexists(path.parent / "model.safetensors.index.json"):
+                # one shard read as a whole model: "lacks 9 of the base's tensors" (hp77a c27)
+                raise CheckpointError(f"{path}: {role} is one shard of the sharded model in {path.parent} (its "
+                                      "model.safetensors.index.json lists the shards), not a whole model",
+                                      hint=f"give the model's folder instead: {path.parent}")
             return SafetensorsCheckpoint(path, [path], {}, label)
         if path.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:
