@@ -506,7 +506,6 @@ def test_a_shard_given_as_a_model_hints_its_folder(tmp_path):
     """hp77a c27: one shard of a sharded model given as a model was "tensor names differ: model 0 lacks 9 of the
     base's tensors"; it is refused as a shard, its folder hinted."""
     from helpers_ckpt import make_family, write_hf_dir
-
     from tiesmerge.errors import CheckpointError
     from tiesmerge.io.checkpoint import open_checkpoint
 
