@@ -516,3 +516,69 @@ def test_a_shard_given_as_a_model_hints_its_folder(tmp_path):
         open_checkpoint(shard)
     assert caught.value.hint == f"give the model's folder instead: {sharded}"
     open_checkpoint(sharded)
+
+
+def test_pass_78_short_fixes(tmp_path, capsys):
+    """hp78a c11: a link to one shard given as a model was "tensor names differ"; c36: a base-less mergekit linear
+    with weights 1 and 0 warned "every model's weight is 0, so the merge is the base itself"; hp78b c23: a damaged
+    header of a search whose long base path puts "format" past 200 characters was "not a search log"."""
+    import json
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from tiesmerge.errors import CheckpointError, ConfigError
+    from tiesmerge.io.checkpoint import open_checkpoint
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    _, models = make_family(2)
+    sharded = write_hf_dir(tmp_path / "sh", models[0], shards=2)
+    link = tmp_path / "lnk.safetensors"
+    link.symlink_to(next(sharded.glob("model-00001-of-*.safetensors")))
+    with pytest.raises(CheckpointError, match="one shard of the sharded model .* links to") as caught:
+        open_checkpoint(link)
+    assert caught.value.hint == f"give the model's folder instead: {sharded}"
+    m1 = write_hf_dir(tmp_path / "m1", models[1])
+    recipe = tmp_path / "lin.yaml"
+    recipe.write_text(f"merge_method: linear\nmodels:\n  - model: {sharded}\n    parameters: {{weight: 1.0}}\n"
+                      f"  - model: {m1}\n    parameters: {{weight: 0.0}}\n")
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o"], capsys)
+    assert rc == 0 and "every model's weight is 0 but the base's (base_weight 1" in err, err
+    header = {"base": "/" + "deep/" * 60 + "base", "space": {"lam": [1.0]}}
+    log = tmp_path / "log.jsonl"
+    ResultsLog(log, header).append({"key": json.dumps({"lam": 1.0}), "options": {"lam": 1.0}, "score": 0.5,
+                                    "seconds": 1.0})
+    text = log.read_text()
+    log.write_text(text.replace('"format"', '"format",', 1))
+    with pytest.raises(ConfigError, match="its header is damaged"):
+        ResultsLog(log, header)
+
+
+def test_run_search_takes_a_generator_of_models(classifiers):
+    """hp78b c08: run_search(models=(m for m in ...)) was "TypeError: object of type 'generator' has no len()"."""
+    from tiesmerge.tuning.driver import run_search
+
+    _, base, fts, _ = classifiers
+    result = run_search(base, (str(m) for m in fts), "task_arithmetic", lambda s: 1.0, grid={"lam": [1.0]})
+    assert result.best is not None
+
+
+def test_fisher_of_a_cache_style_link_reads_the_links_folder_config(classifiers, tmp_path):
+    """hp78b c19: fisher_information(model=snap/model.safetensors), a link into blobs/ as the Hugging Face cache
+    keeps it, beside a config saying multi_label_classification, was computed: only the target's folder was read."""
+    import json
+    import shutil
+
+    import torch
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats.fisher import fisher_information
+
+    _, _, fts, _ = classifiers
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "snap").mkdir()
+    shutil.copy(fts[0] / "model.safetensors", tmp_path / "blobs" / "abc")
+    (tmp_path / "snap" / "model.safetensors").symlink_to(tmp_path / "blobs" / "abc")
+    config = json.loads((fts[0] / "config.json").read_text())
+    (tmp_path / "snap" / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    with pytest.raises(ConfigError, match="problem_type multi_label_classification"):
+        fisher_information(torch.nn.Linear(3, 2), [torch.ones(2, 3)], lambda m, b: m(b), per_example="loop",
+                           model=str(tmp_path / "snap" / "model.safetensors"))

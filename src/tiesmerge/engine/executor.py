@@ -275,8 +275,12 @@ class Executor:
         self._said_base = _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
         self._said_base = _warn_if_drop_keeps_nothing(method, alignment, self.n) or self._said_base
         if self.req.weights is not None and not any(self.req.weights):
-            warnings.warn(MergeWarning(f"{method.name}: every model's weight is 0, so the merge is the base itself"),
-                          stacklevel=2)
+            anchor = getattr(method, "base_weight", None)  # average counting its base: the base's weight is not 0
+            # (hp78a c36: a base-less mergekit linear, weights 1 and 0: "every model's weight is 0", of a weight 1)
+            warnings.warn(MergeWarning(
+                f"{method.name}: every model's weight is 0 but the base's (base_weight {anchor:g}; in a base-less "
+                "mergekit linear, the first listed model), so the merge is that model itself" if anchor else
+                f"{method.name}: every model's weight is 0, so the merge is the base itself"), stacklevel=2)
             self._said_base = True
         lam = getattr(method, "lam", None)  # it scales the merged task vector
         if lam == 0:  # the base itself

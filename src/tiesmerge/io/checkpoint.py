@@ -153,12 +153,14 @@ def open_checkpoint(
             raise CheckpointError(f"{path}: {role} is a PEFT adapter's weights file, which is read with its "
                                   f"{ADAPTER_CONFIG} (rank, alpha, targets)", hint=hint)
         if path.suffix == ".safetensors":
-            if re.search(r"-\d+-of-\d+\.safetensors$", path.name) and \
-                    os.path.lexists(path.parent / "model.safetensors.index.json"):
-                # one shard read as a whole model: "lacks 9 of the base's tensors" (hp77a c27)
-                raise CheckpointError(f"{path}: {role} is one shard of the sharded model in {path.parent} (its "
-                                      "model.safetensors.index.json lists the shards), not a whole model",
-                                      hint=f"give the model's folder instead: {path.parent}")
+            real = Path(os.path.realpath(path))  # a link to a shard too (hp78a c11)
+            shard = next((p for p in dict.fromkeys((path, real)) if re.search(r"-\d+-of-\d+\.safetensors$", p.name)
+                          and os.path.lexists(p.parent / "model.safetensors.index.json")), None)
+            if shard is not None:  # one shard read as a whole model: "lacks 9 of the base's tensors" (hp77a c27)
+                which = "" if shard == path else f" (it links to {shard})"
+                raise CheckpointError(f"{path}: {role} is one shard of the sharded model in {shard.parent}{which} "
+                                      "(its model.safetensors.index.json lists the shards), not a whole model",
+                                      hint=f"give the model's folder instead: {shard.parent}")
             return SafetensorsCheckpoint(path, [path], {}, label)
         if path.suffix in PICKLE_SUFFIXES:
             if not allow_pickle:

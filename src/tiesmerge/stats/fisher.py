@@ -170,8 +170,12 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
         purpose = f"fisher_information (kind={kind!r}, the log-likelihood of a softmax)"
         refuse_not_softmax(getattr(getattr(module, "config", None), "problem_type", None), "the module's config",
                            purpose)
-        if model is not None and os.path.exists(model):  # a weights file: its folder's config (hp77b c08)
-            refuse_multi_label(model if os.path.isdir(model) else os.path.dirname(os.path.realpath(model)), purpose)
+        if model is not None and os.path.exists(model):  # a weights file: its folder's config (hp77b c08), the
+            # link's folder and its target's (hp78b c19: a Hugging Face cache's snapshot link into blobs/)
+            folders = [model] if os.path.isdir(model) else [os.path.dirname(os.path.abspath(model)),
+                                                            os.path.dirname(os.path.realpath(model))]
+            for folder in dict.fromkeys(folders):
+                refuse_multi_label(folder, purpose)
     was_training = module.training
     module.eval()
     bound = _Bound(module, logits_fn)

@@ -14,7 +14,7 @@ import re
 import time
 import types
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,6 +372,8 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     grid, ranges, fixed, start = (plain_numbers(grid), plain_numbers(ranges), plain_numbers(fixed),
                                   plain_numbers(start))
     check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
+    if isinstance(models, Iterator):  # a generator, as tune takes one (hp78b c08: "has no len()")
+        models = list(models)
     if isinstance(models, (str, bytes, os.PathLike, Mapping)) or not len(models):  # "ab": models a and b (hp57 c36)
         raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
     base, models = fs_text(base), [fs_text(m) for m in models]  # bytes paths, as merge takes them (hp45 c24)

@@ -157,7 +157,8 @@ class ResultsLog:
             found = None
         # ours, cut or edited: a JSON object naming the format (hp77b c05: a user's notes naming it were "damaged")
         json_like = first.lstrip(" \t\ufffd").startswith("{")  # (bytes before it undecodable: still ours)
-        if (not isinstance(found, dict) or found.get("format") != FORMAT) and json_like and FORMAT in first[:200]:
+        # (the whole line: keys are sorted, and a long base path puts "format" past 200 characters, hp78b c23)
+        if (not isinstance(found, dict) or found.get("format") != FORMAT) and json_like and FORMAT in first:
             raise self._corrupt(1, f"its header is damaged: {first[:80]!r}")
         other = found.get("format") if isinstance(found, dict) else None
         if isinstance(other, str) and other != FORMAT and other.startswith(FORMAT.split("/")[0] + "/"):  # (hp56 c28)
