@@ -582,3 +582,22 @@ def test_fisher_of_a_cache_style_link_reads_the_links_folder_config(classifiers,
     with pytest.raises(ConfigError, match="problem_type multi_label_classification"):
         fisher_information(torch.nn.Linear(3, 2), [torch.ones(2, 3)], lambda m, b: m(b), per_example="loop",
                            model=str(tmp_path / "snap" / "model.safetensors"))
+
+
+def test_a_lora_alpha_past_float32_raises_no_numpy_warning(tmp_path):
+    """hp78a c29: lora_alpha 1e39 printed numpy's "RuntimeWarning: overflow encountered in cast" (with a source
+    line) before the typed error: the comparison cast the Python float to float32."""
+    import warnings
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import TiesMergeError
+
+    base, _ = make_family(1, with_int=False)
+    b = write_hf_dir(tmp_path / "b", base)
+    lora = write_lora_dir(tmp_path / "l", random_lora(base, 2, 0), alpha=1e39)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with pytest.raises(TiesMergeError, match="out of range"):
+            tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "o"))

@@ -399,7 +399,9 @@ class LoraCheckpoint:
                 + ("0 and it changes nothing: the merge gets nothing from it" if alpha == 0 else
                    "negative and its change is applied reversed")
                 + " (PEFT's default lora_alpha is 8; trained adapters use a positive one)"), stacklevel=3)
-        elif alpha < np.finfo(np.float32).tiny:  # 1e-320: the float32 scale is 0 or subnormal (hp71a c19)
+        # 1e-320: the float32 scale is 0 or subnormal (hp71a c19); compared as Python floats: numpy cast 1e39 to
+        # float32 for the comparison and printed its overflow warning before the typed error (hp78a c29)
+        elif alpha < float(np.finfo(np.float32).tiny):
             warnings.warn(MergeWarning(
                 f"{source}: lora_alpha is {alpha:g}, below float32's smallest normal number, so the adapter's scale "
                 "alpha / r is 0 or nearly in float32 and it changes nothing: the merge gets nothing from it (PEFT's "
