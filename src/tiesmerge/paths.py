@@ -120,14 +120,12 @@ def _dangling_target(path: str | os.PathLike) -> str:
     return target
 
 
-def normalization_twin_hint(path: str | os.PathLike) -> str | None:
+def look_alike_hint(path: str | os.PathLike) -> str | None:
     """A hint where a component of ``path`` is missing but its folder holds a name that prints alike: apart only in
     Unicode normalization (a folder macOS named with e + a combining accent, typed with the composed é: hp73a c76,
     "no such file" of a name ``ls`` prints alike), or in invisible characters, spaces at an end, a no-break space or
     a look-alike letter of another script (hp77a c31, c32); None otherwise."""
-    import unicodedata
-
-    from .unicode_names import code_points, look_alike_twin
+    from .unicode_names import code_points, look_alike_twin, normalization_twin
 
     text = os.fspath(path)
     if not isinstance(text, str) or (text.isascii() and all(p == p.strip() for p in Path(text).parts)):
@@ -145,21 +143,16 @@ def normalization_twin_hint(path: str | os.PathLike) -> str | None:
             other = look_alike_twin(part, names)
             if other is None:
                 return None
-            if unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", part):
+            if normalization_twin(part, [other]) is not None:
                 return (f"{current / other} exists: its name differs from the {part!r} typed only in Unicode "
                         f"normalization ({code_points(other)} there, {code_points(part)} typed; a composed character "
                         "beside a letter + a combining mark, as macOS writes names): type the path as it is stored "
                         "(tab completion does), or rename it")
             return (f"{current / other} exists: its name prints like the {part!r} typed but differs in invisible "
-                    f"characters, spaces or letters of another script ({_odd_points(other)} there, "
-                    f"{_odd_points(part)} typed): type the path as it is stored (tab completion does), or rename it")
+                    f"characters, spaces or letters of another script ({code_points(other)} there, "
+                    f"{code_points(part)} typed): type the path as it is stored (tab completion does), or rename it")
         current = candidate
     return None
-
-
-def _odd_points(name: str) -> str:
-    odd = [f"U+{ord(c):04X}" for c in name if ord(c) > 127]
-    return " ".join(odd + (["a space at an end"] if name != name.strip() else [])) or "ASCII only"
 
 
 def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = CheckpointError) -> Path:
@@ -180,7 +173,7 @@ def resolve(path: str | os.PathLike, what: str, error: type[TiesMergeError] = Ch
             raise error(f"{path}: {what} is a link to {target}, which does not exist",
                         hint="fix or remove the dangling link") from None
         if code in (errno.ENOENT, errno.ENOTDIR):  # a newline in the name on one line (hp49 c61)
-            twin = normalization_twin_hint(path)
+            twin = look_alike_hint(path)
             raise error(f"{str(path).replace(chr(10), chr(92) + 'n')}: no such file or directory (cannot read {what})",
                         hint=twin or f"check the path of {what}") from None
         if code == errno.ENAMETOOLONG:
@@ -719,10 +712,10 @@ def check_walkable(path: str | os.PathLike, what: str = "the output") -> None:
 
 
 def _refuse_look_alike(path: str | os.PathLike, what: str) -> None:
-    """A new output whose name (or a folder on its way) is missing but printed alike by one there in the other
-    Unicode normalization: created, it would sit beside a look-alike (hp74a c57: -o fx/dür/new typed composed made a
-    second 'dür' beside the decomposed one, which `ls` shows twice)."""
-    hint = normalization_twin_hint(path)
+    """A new output whose name (or a folder on its way) is missing but printed alike by one there (the other Unicode
+    normalization, an invisible character, a look-alike letter): created, it would sit beside a look-alike (hp74a
+    c57: -o fx/dür/new typed composed made a second 'dür' beside the decomposed one, which `ls` shows twice)."""
+    hint = look_alike_hint(path)
     if hint is not None:
         raise OutputError(f"{os.fspath(path)}: {what} would be created beside a name that prints alike", hint=hint)
 
@@ -1418,7 +1411,7 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
             raise OutputError(f"{path}: {what}'s folder {parent} does not exist: {blocker} is a file, not a folder",
                               hint="name a path whose folders are folders")
         raise OutputError(f"{path}: {what}'s folder {parent} does not exist",
-                          hint=normalization_twin_hint(path) or "create it first or name another")
+                          hint=look_alike_hint(path) or "create it first or name another")
     if not os.access(parent, os.W_OK | os.X_OK):  # EROFS too: said now, not after the work
         raise OutputError(f"{path}: {what}'s folder {parent} is not writable",
                           hint="choose a location you can write to")

@@ -199,11 +199,10 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             extra = [k for k in entry if k not in ("path", "weight", "stats")]
             if extra:
                 # a method option per model (hp76a c40: a model's density: said as unknown, with no way to say it)
-                where = (" ; one density per model is parameters: {densities: [...]}, in the models' order"
+                where = ("; one density per model is parameters: {densities: [...]}, in the models' order"
                          if extra[0] in ("density", "densities") else
-                         " ; method options go under parameters:" if extra[0] not in ("model", "parameters") else "")
-                problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path, weight and stats)"
-                                + where.replace(" ;", ";"))
+                         "; method options go under parameters:" if extra[0] not in ("model", "parameters") else "")
+                problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path, weight and stats){where}")
             paths.append(_path(entry["path"], root))
             weights.append(entry.get("weight"))
             if entry.get("stats") is not None and not isinstance(entry["stats"], (str, os.PathLike)):

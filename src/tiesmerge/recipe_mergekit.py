@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import math
 import os
-import unicodedata
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,9 +74,10 @@ from .dtypes import BY_NAME
 from .errors import ConfigError, MergeWarning, TiesMergeError, listed
 from .limits import read_json
 from .methods.base import FLOAT32_MAX, finite
-from .methods.dare import MIN_DENSITY, as_float32
+from .methods.dare import MIN_DENSITY
+from .methods.ops import dare_keep_probability
 from .paths import inside
-from .unicode_names import apart
+from .unicode_names import apart, normalization_twin
 
 __all__ = ["MERGEKIT_METHODS", "is_mergekit", "translate_mergekit"]
 
@@ -415,8 +415,7 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         key = _model_key(p)
         if key in seen:
             first = paths[seen[key]]
-            twin = (f" ({apart(first, p)})" if first != p and unicodedata.normalize("NFC", first)
-                    == unicodedata.normalize("NFC", p) else "")  # names that print alike (hp76a c38)
+            twin = f" ({apart(first, p)})" if normalization_twin(p, [first]) else ""  # printed alike (hp76a c38)
             problems.append(f"models: {p!r} is listed twice; mergekit refuses duplicate merge inputs too: "
                             + ("list each model once (with the sum of its weights)" if not alone else remedy)
                             if first == p else
@@ -725,7 +724,7 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     if not 0 < density <= 1:
         problems.append(f"{method}: density {density} must be a fraction in (0, 1]")
         return "", {}, ""
-    if as_float32(1.0 - density) >= 1.0:  # the drop rate 1 − density rounds to 1 where DARE compares it: every
+    if dare_keep_probability(1.0 - density) == 0.0:  # the drop rate 1 − density rounds to 1 where DARE draws: every
         # entry drops (hp75a c28: said as "drop_rate ... got 1.0", a key mergekit recipes have not; hp76a c09: the
         # bound then said, 1e-15, was refused itself)
         problems.append(f"{method}: density {density:g} keeps a fraction too small for DARE's 24-bit random draw (1 − "
@@ -887,14 +886,13 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         if base is None:  # the engine needs a base: the first model stands as it, the first endpoint
             from .methods.nuslerp import NuSlerp, t_not_offered
 
-            try:  # the weights' checks, as given by flags: opposite signs summing to ~0, a t outside [0, 1]
-                with t_not_offered():  # mergekit's nuslerp has no t (hp76a c39)
+            with t_not_offered():  # mergekit's nuslerp has no t (hp76a c39)
+                try:  # the weights' checks, as given by flags: opposite signs summing to ~0, a t outside [0, 1]
                     probe = NuSlerp(weights=tuple(float(w) for w in weights))  # (hostile pass 26, F4)
                     probe.requirements()
-            except ConfigError as exc:
-                problems.append(f"the models' weight values: {exc.message}")  # the message names nuslerp
-                return "", {}, ""
-            with t_not_offered():
+                except ConfigError as exc:
+                    problems.append(f"the models' weight values: {exc.message}")  # the message names nuslerp
+                    return "", {}, ""
                 probe.check_tensors({})  # both weights ~0: the midpoint, said
             t = probe.interpolation()  # mergekit's t, in its arithmetic
             common = _union_anchor(paths) if union else 0

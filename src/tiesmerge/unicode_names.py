@@ -1,7 +1,7 @@
-"""Names that differ only in Unicode normalization: a composed é (U+00E9) beside e + a combining accent (U+0301)
-print alike, so a lookup that misses one of them must say so, with the code points, or the message names two
-strings no reader can tell apart ("lacks 'café.w'" of an input that holds 'café.w'). macOS writes file names
-decomposed; Python and most tools write them composed."""
+"""Names that print alike but differ: a composed é (U+00E9) beside e + a combining accent (U+0301) (macOS writes file
+names decomposed; Python and most tools composed), or a zero-width space, a space at an end, a Cyrillic 'о' beside a
+Latin 'o'. A lookup that misses one of them must say so, with the code points, or the message names two strings no
+reader can tell apart ("lacks 'café.w'" of an input that holds 'café.w')."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ __all__ = ["code_points", "normalization_twin", "first_twin", "apart", "non_asci
 
 
 def code_points(name: str) -> str:
-    """The non-ASCII characters of ``name`` as code points (U+00E9), where two names print alike."""
-    return " ".join(f"U+{ord(c):04X}" for c in name if ord(c) > 127) or "ASCII only"
+    """The characters of ``name`` a reader cannot see or tell apart, where two names print alike: its non-ASCII ones
+    as code points (U+00E9), and spaces at either end."""
+    odd = [f"U+{ord(c):04X}" for c in name if ord(c) > 127]
+    odd += ["a space at an end"] if name != name.strip() else []
+    return " ".join(odd) or "ASCII only"
 
 
 def normalization_twin(name: str, names: Iterable[str]) -> str | None:

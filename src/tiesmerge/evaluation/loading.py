@@ -221,41 +221,44 @@ _NOT_SOFTMAX = {"multi_label_classification": "scores each label on its own (a s
                 "regression": "gives each output as a value to regress, not a class's logit"}
 
 
-def refuse_not_softmax(problem_type: object, where: str, purpose: str) -> None:
-    """The refusal of :func:`refuse_multi_label` for a problem_type read elsewhere (a loaded module's config)."""
+_SINGLE_LABEL = "give single-label classifiers (problem_type single_label_classification, or none)"
+
+
+def refuse_not_softmax(problem_type: object, where: str, purpose: str, hint: str = _SINGLE_LABEL) -> None:
+    """Refuse a head whose ``problem_type`` (multi-label, regression) is no softmax over exclusive classes, where
+    ``purpose`` reads its logits as one; ``where`` names whose config said so."""
     if isinstance(problem_type, str) and problem_type in _NOT_SOFTMAX:
-        raise ConfigError(f"{where}: problem_type {problem_type}: {purpose} reads a classifier's logits as one softmax "
-                          f"over exclusive classes (a label is one class index), while this head "
-                          f"{_NOT_SOFTMAX[problem_type]}",
-                          hint="give single-label classifiers (problem_type single_label_classification, or none), "
-                               "or have logits_fn return each example's own log-likelihood, (B,), with "
-                               "kind='empirical' and no targets")
+        raise ConfigError(f"{where}problem_type {problem_type}: {purpose} reads a classifier's logits as one softmax "
+                          "over exclusive classes (a label is one class index), while this head "
+                          f"{_NOT_SOFTMAX[problem_type]}", hint=hint)
 
 
-def refuse_multi_label(directory: str | os.PathLike, purpose: str, models: Sequence[Any] = ()) -> None:
+def _config_folders(source: str | os.PathLike) -> list[Path]:
+    """The folders whose config.json describes ``source``: a model folder itself; a weights file's folder (hp73b c18,
+    c29), and where it is a link, its target's too (hp76b c132, hp78b c19: a link to a multi-label fine-tune's
+    model.safetensors, or a Hugging Face cache snapshot's link into blobs/, whose config lies beside the link)."""
+    if os.path.isdir(source):
+        return [Path(source)]
+    return list(dict.fromkeys((Path(source).parent, Path(os.path.realpath(source)).parent)))
+
+
+def refuse_multi_label(source: str | os.PathLike, purpose: str, models: Sequence[Any] = (),
+                       hint: str | None = None) -> None:
     """A classifier whose config.json says ``problem_type: multi_label_classification`` (a sigmoid per label, several
     true at once) or ``regression`` (outputs as values) where ``purpose`` reads its logits as one softmax over
     exclusive classes and a label as one class index: refused (hp71b c32, c41: a softmax Fisher, accuracies and
-    entropies of a multi-label model, computed without a word). The base's config and every model folder's in
-    ``models`` (hp72b c03, c37, c52: fine-tunes trained multi-label beside a base that says nothing)."""
-    # a model given as its weights file (m/model.safetensors): its folder's config (hp73b c18, c29)
-    # a weights file that is a link: the folder it lies in and the one its target lies in (hp76b c132: a link to a
-    # multi-label fine-tune's model.safetensors was scored)
-    folders = [("", Path(directory))]
-    for k, m in enumerate(models):
-        if isinstance(m, (str, os.PathLike)) and os.path.exists(m):
-            places = [Path(m)] if os.path.isdir(m) else [Path(m).parent, Path(os.path.realpath(m)).parent]
-            folders += [(f"model {k} ", p) for p in dict.fromkeys(places)]
-    for who, folder in folders:
-        config = _json_object(folder / "config.json") or {}
-        kind = config.get("problem_type")
-        if isinstance(kind, str) and kind in _NOT_SOFTMAX:
-            raise ConfigError(f"{folder / 'config.json'}: {who}problem_type {kind}: {purpose} reads a classifier's "
-                              "logits as one softmax over exclusive classes (a label is one class index), while "
-                              f"this head {_NOT_SOFTMAX[kind]}",
-                              hint="give single-label classifiers (problem_type single_label_classification, or "
-                                   "none)" + (", or score them with an evaluator of your own (module:function)"
-                                              if purpose == "classifier-accuracy" else ""))
+    entropies of a multi-label model, computed without a word). The base's config (``source``: its folder or weights
+    file) and every model's in ``models`` (hp72b c03, c37, c52: fine-tunes trained multi-label beside a base that says
+    nothing)."""
+    hint = hint or _SINGLE_LABEL + (", or score them with an evaluator of your own (module:function)"
+                                    if purpose == "classifier-accuracy" else "")
+    sources = [("", source), *((f"model {k} ", m) for k, m in enumerate(models) if isinstance(m, (str, os.PathLike)))]
+    for who, where in sources:
+        if not os.path.exists(where):
+            continue
+        for folder in _config_folders(where):
+            config = _json_object(folder / "config.json") or {}
+            refuse_not_softmax(config.get("problem_type"), f"{folder / 'config.json'}: {who}", purpose, hint)
 
 
 def config_vocab_size(directory: str | os.PathLike) -> int | None:

@@ -293,11 +293,11 @@ def _code(text: str) -> str:
 
 
 def _twin_note(label: str, labels: list[str]) -> str:
-    """The code points of a label printed like another one (another Unicode normalization: hp76a c23, two folders
-    'café' listed alike), so a reader can tell the two inputs apart."""
-    from ..unicode_names import code_points, normalization_twin
+    """The code points of a label printed like another one (another Unicode normalization, an invisible character:
+    hp76a c23, two folders 'café' listed alike), so a reader can tell the two inputs apart."""
+    from ..unicode_names import code_points, look_alike_twin
 
-    return f" ({code_points(label)})" if normalization_twin(label, labels) is not None else ""
+    return f" ({code_points(label)})" if look_alike_twin(label, labels) is not None else ""
 
 
 def _fence(text: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import struct
 from typing import ClassVar
 
 from ..lazy import torch
@@ -33,15 +32,10 @@ DROP_RATE_BOUND = 1.0 - 2.0 ** -25  # 0.99999997019767: refused from here on
 MIN_DENSITY = 3e-8  # a round density above 2^-25 (2.98e-8): 1 - 3e-8 rounds to 1 - 2^-24 in float32, and is kept
 
 
-def as_float32(value: float) -> float:
-    """``value`` rounded to float32, as torch rounds a Python float compared with a float32 tensor."""
-    return struct.unpack("f", struct.pack("f", value))[0]
-
-
 def drop_rate_check(value: object) -> str | None:
     """A probability DARE's 24-bit draw can keep entries at: below 1 after float32's rounding too."""
     problem = probability(value)
-    if problem is None and as_float32(float(value)) >= 1.0:  # type: ignore[arg-type]
+    if problem is None and ops.dare_keep_probability(float(value)) == 0.0:  # type: ignore[arg-type]
         return (f"must be below 1 - 2^-25 = {DROP_RATE_BOUND:.14g} (a density of at least {MIN_DENSITY:g}): DARE "
                 "draws uniform numbers in steps of 2^-24, and a drop rate this close to 1 rounds to 1 in float32, "
                 "which drops every entry")

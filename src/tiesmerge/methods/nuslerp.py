@@ -75,6 +75,7 @@ def t_not_offered() -> Iterator[None]:
     finally:
         t_offered = before
 
+
 @method_config
 class NuSlerp:
     """theta = base + nuslerp(t, tau_0, tau_1) (``of=task_vectors``, mergekit with a base_model) or

@@ -21,6 +21,7 @@ __all__ = [
     "resolve_zero_sign",
     "disjoint_aggregate",
     "hash_uniform",
+    "as_float32",
     "dare_drop",
     "dare_keep_from",
     "dare_keep_probability",
@@ -182,14 +183,15 @@ def hash_uniform(seed: int, stream: int, offset: int, numel: int, device: torch.
 DRAW_STEPS = 1 << 24  # hash_uniform's values: k * 2^-24, k = 0 .. 2^24 - 1
 
 
-def _as_float32(value: float) -> float:
+def as_float32(value: float) -> float:
+    """``value`` rounded to float32, as torch rounds a Python float compared with a float32 tensor."""
     return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def dare_keep_from(drop_rate: float) -> int:
     """The least k whose uniform k * 2^-24 is kept (u >= drop_rate, the rate rounded to float32 as torch compares a
     Python float with a float32 tensor): k >= ceil(float32(drop_rate) * 2^24), an integer test."""
-    return min(max(math.ceil(_as_float32(drop_rate) * DRAW_STEPS), 0), DRAW_STEPS)
+    return min(max(math.ceil(as_float32(drop_rate) * DRAW_STEPS), 0), DRAW_STEPS)
 
 
 def dare_keep_probability(drop_rate: float) -> float:

@@ -301,10 +301,10 @@ def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tenso
             check_input(path, "the statistics")  # loops, dangling links, FIFOs: typed errors
         if not path.is_dir():
             why = " (no such path)" if not path.exists() else ""
-            from ..paths import normalization_twin_hint  # (hp74a c56: a folder stored decomposed, typed composed)
+            from ..paths import look_alike_hint  # (hp74a c56: a folder stored decomposed, typed composed)
 
             raise CheckpointError(f"{path}: not a statistics directory{why}",
-                                  hint=(normalization_twin_hint(path) if why else None)
+                                  hint=(look_alike_hint(path) if why else None)
                                   or "pass the directory written by tiesmerge stats fisher|gram")
         manifest = _read_manifest(path)
         ckpt = open_checkpoint(path, label=label or str(path))

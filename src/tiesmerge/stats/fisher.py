@@ -168,14 +168,12 @@ def fisher_information(module: torch.nn.Module, batches: Iterable[Any], logits_f
         from ..evaluation.loading import refuse_multi_label, refuse_not_softmax
 
         purpose = f"fisher_information (kind={kind!r}, the log-likelihood of a softmax)"
-        refuse_not_softmax(getattr(getattr(module, "config", None), "problem_type", None), "the module's config",
-                           purpose)
-        if model is not None and os.path.exists(model):  # a weights file: its folder's config (hp77b c08), the
-            # link's folder and its target's (hp78b c19: a Hugging Face cache's snapshot link into blobs/)
-            folders = [model] if os.path.isdir(model) else [os.path.dirname(os.path.abspath(model)),
-                                                            os.path.dirname(os.path.realpath(model))]
-            for folder in dict.fromkeys(folders):
-                refuse_multi_label(folder, purpose)
+        hint = ("give single-label classifiers, or have logits_fn return each example's own log-likelihood, (B,), "
+                "with kind='empirical' and no targets")
+        refuse_not_softmax(getattr(getattr(module, "config", None), "problem_type", None), "the module's config: ",
+                           purpose, hint)
+        if model is not None:  # a folder, or a weights file (hp77b c08) or link to one (hp78b c19)
+            refuse_multi_label(model, purpose, hint=hint)
     was_training = module.training
     module.eval()
     bound = _Bound(module, logits_fn)
