@@ -647,7 +647,7 @@ def test_a_mergekit_overflow_hint_offers_what_can_help(scaling, said, unsaid):
     assert not any(u in hint for u in unsaid), hint
     _, origin = translate_mergekit({"merge_method": "ties", "base_model": "b", "parameters": {"lambda": 3.0},
                                     "models": [{"model": "m", "parameters": {"weight": 1.0, "density": 0.5}}]})
-    assert origin["scaling"] == {"lambda": 3.0, "normalize": True}
+    assert origin["scaling"] == {"lambda": 3.0, "normalize": True, "largest_weight": 1.0}
 
 
 def test_a_resume_with_the_models_swapped_names_the_models_only(tmp_path):

@@ -601,3 +601,40 @@ def test_a_lora_alpha_past_float32_raises_no_numpy_warning(tmp_path):
         warnings.simplefilter("error", RuntimeWarning)
         with pytest.raises(TiesMergeError, match="out of range"):
             tiesmerge.merge(str(b), [str(lora)], "task_arithmetic", output=str(tmp_path / "o"))
+
+
+def test_pass_78_leftovers(tmp_path, capsys):
+    """hp78a c33: a shard its index names part1.safetensors (no -NNNNN-of-NNNNN) given as a model was "tensor names
+    differ"; c35: a base-less mergekit linear with weight 3e38 overflowed with the hint "the weights are normalized,
+    so lowering them changes nothing"; c37: a 1e-320 weight was said as the translation's "base_weight"."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.io.checkpoint import open_checkpoint
+
+    _, models = make_family(2, with_int=False)
+    sharded = write_hf_dir(tmp_path / "sh", models[0], shards=2)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    renamed = {}
+    for old in sorted(set(index["weight_map"].values())):
+        renamed[old] = f"part{len(renamed) + 1}.safetensors"
+        save_file(load_file(sharded / old), sharded / renamed[old])
+        (sharded / old).unlink()
+    index["weight_map"] = {k: renamed[v] for k, v in index["weight_map"].items()}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="one shard of the sharded model"):
+        open_checkpoint(sharded / "part1.safetensors")
+    open_checkpoint(sharded)
+    m1 = write_hf_dir(tmp_path / "m1", models[1])
+    recipe = tmp_path / "lin.yaml"
+    for weights, said in (((3e38, 1), "all by one factor"), (("1e-320", 1), "models[0].parameters.weight: 1e-320 is "
+                                                                           "below float32's smallest normal")):
+        recipe.write_text(f"merge_method: linear\nparameters: {{normalize: true}}\nmodels:\n  - model: {sharded}\n"
+                          f"    parameters: {{weight: {weights[0]}}}\n  - model: {m1}\n"
+                          f"    parameters: {{weight: {weights[1]}}}\ndtype: float32\n")
+        rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o"], capsys)
+        assert rc != 0 and said in err and "changes nothing" not in err and "base_weight" not in err, err
+        assert not (tmp_path / "o").exists()

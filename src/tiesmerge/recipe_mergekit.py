@@ -73,7 +73,7 @@ from typing import Any
 from .dtypes import BY_NAME
 from .errors import ConfigError, MergeWarning, TiesMergeError, listed
 from .limits import read_json
-from .methods.base import FLOAT32_MAX, finite
+from .methods.base import FLOAT32_MAX, FLOAT32_TINY, finite
 from .methods.dare import MIN_DENSITY
 from .methods.ops import dare_keep_probability
 from .paths import inside
@@ -197,6 +197,11 @@ def _scalar(value: Any, where: str, problems: list[str]) -> Any:
     if abs(value) > FLOAT32_MAX:  # said with the recipe's key: the method's own check names its translated options
         problems.append(f"{where}: {value:g} is past float32's range (at most {FLOAT32_MAX:.3g}), in which tiesmerge "
                         "(as mergekit) merges")
+        return None
+    if key != "density" and 0 < abs(value) < FLOAT32_TINY:  # the recipe's key, not "base_weight" (hp78a c37); a
+        # density this small has its own words (a fraction too small to keep anything)
+        problems.append(f"{where}: {value!r} is below float32's smallest normal number (1.2e-38), in which tiesmerge "
+                        "(as mergekit) merges: a product with it is 0; give 0 or at least 1.2e-38")
         return None
     return value
 
@@ -521,6 +526,8 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
         origin["tokenizer_key"] = "tokenizer.source"
     # what an overflow's hint may name: the recipe's own scaling and whether its weights cancel (hp48 c50)
     origin["scaling"] = {k: options[k] for k in ("lambda", "normalize") if k in options}
+    if weights:  # normalize divides after the weighted sum: a huge weight overflows before it (hp78a c35)
+        origin["scaling"]["largest_weight"] = max(abs(w) for w in weights)
     return recipe, origin
 
 
@@ -752,6 +759,10 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
 
 # ------------------------------------------------------------------------------------------------ issue 12
 
+# a normalized weight from which Σ w θ can leave float32's range on values a model plausibly holds (~1e8 at most)
+_HUGE_WEIGHT = 1e30
+
+
 def overflow_hint(code: str, merge_method: str, scaling: Mapping[str, Any] | None = None) -> str:
     """What helps against an overflow (output dtype ``code``) in a mergekit recipe's terms: its ``dtype``/``out_dtype``,
     its ``lambda`` and its models' weights, never tiesmerge's lam or --dtype, which the recipe does not have or refuses
@@ -767,9 +778,19 @@ def overflow_hint(code: str, merge_method: str, scaling: Mapping[str, Any] | Non
     lam = scaling.get("lambda")
     normalized = scaling.get("normalize") is True
     lowered = f"lower parameters.lambda ({lam:g})" if isinstance(lam, (int, float)) and abs(lam) > 1 else ""
-    weights = "" if normalized else "lower the models' weight (parameters.weight) in the recipe" + (
-        ", or set normalize: true" if merge_method in ("linear", "ties", "dare_ties", "breadcrumbs_ties", "della")
-        else "")
+    largest = scaling.get("largest_weight")
+    if not normalized:
+        weights = "lower the models' weight (parameters.weight) in the recipe" + (
+            ", or set normalize: true" if merge_method in ("linear", "ties", "dare_ties", "breadcrumbs_ties", "della")
+            else "")
+    elif isinstance(largest, (int, float)) and largest >= _HUGE_WEIGHT:
+        # mergekit multiplies each model's values by its weight and divides the sum by the weights' sum: only the
+        # ratio counts, yet a weight of 3e38 overflows float32 before the division (hp78a c35)
+        weights = (f"lower the models' weight (parameters.weight) in the recipe, all by one factor (normalize keeps "
+                   f"the result the same): each model's values are multiplied by its weight before the division by "
+                   f"their sum, and a weight as large as {largest:.3g} overflows there")
+    else:
+        weights = ""
     weights = ", or ".join(p for p in (lowered, weights) if p)
     if not weights:  # normalized weights and no lambda to lower: only the inputs remain
         inputs = ("the weights are normalized, so lowering them changes nothing: a merged value past the dtype's "

@@ -112,6 +112,23 @@ def _read_index(index: Path) -> dict[str, Path]:
     return files
 
 
+def _is_listed_shard(file: Path) -> bool:
+    """Whether ``file`` is one shard of the sharded model in its folder: its index lists it. Shards are
+    mostly named model-00001-of-00002.safetensors, but an index may name them anything (hp78a c33: a
+    shard called part1.safetensors read as a whole model, "lacks 1 of the base's tensors")."""
+    index = file.parent / "model.safetensors.index.json"
+    if not os.path.lexists(index):
+        return False
+    if re.search(r"-\d+-of-\d+\.safetensors$", file.name):
+        return True
+    try:  # an index that cannot be read says nothing about this file: it is then read as what it is
+        data = read_json(index, "the index file")
+    except (CheckpointError, OSError, ValueError):
+        return False
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    return isinstance(weight_map, dict) and file.name in {v for v in weight_map.values() if isinstance(v, str)}
+
+
 def _full_model_files(folder: Path) -> list[str]:
     """The names of a full model's weight files present in ``folder`` (beside an adapter: ambiguous)."""
     return [n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -154,8 +171,7 @@ def open_checkpoint(
                                   f"{ADAPTER_CONFIG} (rank, alpha, targets)", hint=hint)
         if path.suffix == ".safetensors":
             real = Path(os.path.realpath(path))  # a link to a shard too (hp78a c11)
-            shard = next((p for p in dict.fromkeys((path, real)) if re.search(r"-\d+-of-\d+\.safetensors$", p.name)
-                          and os.path.lexists(p.parent / "model.safetensors.index.json")), None)
+            shard = next((p for p in dict.fromkeys((path, real)) if _is_listed_shard(p)), None)
             if shard is not None:  # one shard read as a whole model: "lacks 9 of the base's tensors" (hp77a c27)
                 which = "" if shard == path else f" (it links to {shard})"
                 raise CheckpointError(f"{path}: {role} is one shard of the sharded model in {shard.parent}{which} "
