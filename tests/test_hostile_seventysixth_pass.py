@@ -475,9 +475,9 @@ def test_adapt_takes_models_as_merge_does_and_names_a_row_that_is_none(classifie
     for models in ([bytes(m) for m in fts], (str(m) for m in fts)):
         result = tiesmerge.adapt(base, models, [data, data], tasks=["a", "b"], steps=1, batch_size=2)
         assert result is not None
-    with pytest.raises(ConfigError, match="example 1 is int '5', not a row"):
+    with pytest.raises(ConfigError, match="task 'a': example 2 is int '5', not a row"):
         tiesmerge.adapt(base, fts, [[{"text": "good"}, 5], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
-    with pytest.raises(ConfigError, match="example 0 is NoneType"):
+    with pytest.raises(ConfigError, match="task 'a': example 1 is NoneType"):
         tiesmerge.adapt(base, fts, [[None], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
 
 
@@ -638,3 +638,42 @@ def test_pass_78_leftovers(tmp_path, capsys):
         rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o"], capsys)
         assert rc != 0 and said in err and "changes nothing" not in err and "base_weight" not in err, err
         assert not (tmp_path / "o").exists()
+
+
+def test_pass_78_notes(tmp_path, capsys):
+    """hp78a c38: a new output whose name prints like the input 'base' was hinted "type the path as it is stored"
+    (the base's name); c14: a model's config.json as the recipe listed its keys as typos ("did you mean 'dtype'?");
+    c09: the duplicate-weights warning printed 'm1' and 'm1' + a no-break space alike; c05: DELLA's epsilon
+    0.19999998 printed as 0.2 ("0.2 - 0.2 = 2e-08")."""
+    import shutil
+
+    import tiesmerge
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.methods.della import Della
+
+    base, models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "base", base)
+    ms = [str(write_hf_dir(tmp_path / f"m{k}", m)) for k, m in enumerate(models)]
+    rc, _, err = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "-o", tmp_path / "b\u0430se"],
+                         capsys)
+    assert rc != 0 and "choose a name for the output that prints unlike" in err and "as it is stored" not in err, err
+    rc, _, err = run_cli(["merge", b / "config.json", "-o", tmp_path / "o"], capsys)
+    assert rc != 0 and "a model's configuration" in err and f"--base {b}" in err and "did you mean" not in err, err
+    twin = tmp_path / "m0\u00a0"
+    shutil.copytree(ms[0], twin)
+    with pytest.warns(UserWarning, match=r"m0\\xa0': U\+00A0 a space at an end\) hold the same weights"):
+        tiesmerge.merge(str(b), [ms[0], str(twin)], "ties", output=str(tmp_path / "o2"))
+    with pytest.raises(ConfigError, match=r"density 0\.2 - epsilon 0\.19999998 = "):
+        Della(density=0.2, epsilon=0.19999998, weights=None)._requirements()
+
+
+def test_adapt_names_text_of_another_type(classifiers):
+    """hp78b c17: an in-memory adapt row whose text was bytes was said as "an empty or missing 'text'"."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    _, base, fts, _ = classifiers
+    with pytest.raises(ConfigError, match="example 1's 'text' is a bytes, not a string") as caught:
+        tiesmerge.adapt(base, fts, [[{"text": b"good"}], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
+    assert "decode" in caught.value.hint

@@ -60,6 +60,7 @@ from .methods.base import MergeMethod, _shown
 from .paths import FileStamps, fs_text, input_roots
 from .recipe import MergeRecipe
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, budget_in_use, format_size, parse_size
+from .unicode_names import code_points
 from .version import __version__
 
 __all__ = ["merge", "analyze", "plan_merge", "describe_plan", "base_distance"]
@@ -292,7 +293,11 @@ def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weigh
         if key == base:
             same.append(f"{k} ({labels[k]})")
         elif key in seen:
-            warnings.warn(f"models {seen[key]} ({labels[seen[key]]}) and {k} ({labels[k]}) hold the same weights "
+            first, this = labels[seen[key]], labels[k]
+            if first != this and (not (first + this).isascii() or first.strip() != first or this.strip() != this):
+                # two names that may print alike (m1 and 'm1' + a no-break space): told apart (hp78a c09)
+                first, this = (f"{n!r}: {code_points(n)}" for n in (first, this))
+            warnings.warn(f"models {seen[key]} ({first}) and {k} ({this}) hold the same weights "
                           "files, byte for byte: " + ("that task vector counts twice in the merge (give a weight "
                                                       "instead if that is meant)" if weighted else
                                                       "the merge combines a model with itself (was another folder "

@@ -120,11 +120,13 @@ def _dangling_target(path: str | os.PathLike) -> str:
     return target
 
 
-def look_alike_hint(path: str | os.PathLike) -> str | None:
+def look_alike_hint(path: str | os.PathLike, *, new_leaf: bool = False) -> str | None:
     """A hint where a component of ``path`` is missing but its folder holds a name that prints alike: apart only in
     Unicode normalization (a folder macOS named with e + a combining accent, typed with the composed é: hp73a c76,
     "no such file" of a name ``ls`` prints alike), or in invisible characters, spaces at an end, a no-break space or
-    a look-alike letter of another script (hp77a c31, c32); None otherwise."""
+    a look-alike letter of another script (hp77a c31, c32); None otherwise. ``new_leaf``: the path's last name is
+    one to be created (an output), so typing it as stored would name the existing look-alike, not a new one (hp78a
+    c38: -o 'bаse' with a Cyrillic а was told to type 'base', the merge's input)."""
     from .unicode_names import code_points, look_alike_twin, normalization_twin
 
     text = os.fspath(path)
@@ -133,7 +135,8 @@ def look_alike_hint(path: str | os.PathLike) -> str | None:
     parts = Path(text).parts
     absolute = bool(parts) and bool(Path(parts[0]).anchor)
     current = Path(parts[0]) if absolute else Path()
-    for part in parts[1:] if absolute else parts:
+    walked = parts[1:] if absolute else parts
+    for at, part in enumerate(walked):
         candidate = current / part
         if not os.path.lexists(candidate):
             try:
@@ -143,14 +146,15 @@ def look_alike_hint(path: str | os.PathLike) -> str | None:
             other = look_alike_twin(part, names)
             if other is None:
                 return None
+            remedy = ("choose a name for the output that prints unlike every name there" if new_leaf and
+                      at == len(walked) - 1 else "type the path as it is stored (tab completion does), or rename it")
             if normalization_twin(part, [other]) is not None:
                 return (f"{current / other} exists: its name differs from the {part!r} typed only in Unicode "
                         f"normalization ({code_points(other)} there, {code_points(part)} typed; a composed character "
-                        "beside a letter + a combining mark, as macOS writes names): type the path as it is stored "
-                        "(tab completion does), or rename it")
+                        f"beside a letter + a combining mark, as macOS writes names): {remedy}")
             return (f"{current / other} exists: its name prints like the {part!r} typed but differs in invisible "
                     f"characters, spaces or letters of another script ({code_points(other)} there, "
-                    f"{code_points(part)} typed): type the path as it is stored (tab completion does), or rename it")
+                    f"{code_points(part)} typed): {remedy}")
         current = candidate
     return None
 
@@ -715,7 +719,7 @@ def _refuse_look_alike(path: str | os.PathLike, what: str) -> None:
     """A new output whose name (or a folder on its way) is missing but printed alike by one there (the other Unicode
     normalization, an invisible character, a look-alike letter): created, it would sit beside a look-alike (hp74a
     c57: -o fx/dür/new typed composed made a second 'dür' beside the decomposed one, which `ls` shows twice)."""
-    hint = look_alike_hint(path)
+    hint = look_alike_hint(path, new_leaf=True)
     if hint is not None:
         raise OutputError(f"{os.fspath(path)}: {what} would be created beside a name that prints alike", hint=hint)
 

@@ -356,6 +356,22 @@ def _refuse_output_file(path: Path) -> None:
     raise ConfigError(f"{path}: the {what} of a tiesmerge output, not a recipe", hint=hint)
 
 
+# keys of a Hugging Face model's config.json that no recipe (tiesmerge's or mergekit's) holds
+_MODEL_CONFIG_KEYS = ("model_type", "architectures", "_name_or_path", "transformers_version")
+
+
+def _refuse_model_config(data: dict[str, Any], path: Path) -> None:
+    """A model's config.json given as the recipe (YAML reads JSON): "4 problems: unknown key 'model_type' (did you
+    mean 'dtype'?)" listed its keys as a recipe's typos (hp78a c14)."""
+    found = [k for k in _MODEL_CONFIG_KEYS if k in data]
+    if not found or "method" in data or is_mergekit(data):
+        return
+    raise ConfigError(f"{path}: a model's configuration ({', '.join(found)}), not a recipe",
+                      hint=f"give the model's folder as an input (--base {path.parent} or --model {path.parent}), "
+                           "and a recipe as a YAML file with method:, base:, models: (tiesmerge merge --help shows "
+                           "one)")
+
+
 def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
     """The recipe file as a mapping, its relative paths resolved against the file's folder."""
     from .paths import fs_text
@@ -372,6 +388,7 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"{path}: a recipe is a YAML mapping, got "
                           f"{'an empty file' if data is None else type(data).__name__}",
                           hint="start from an example: tiesmerge merge --help shows one (method:, base:, models:)")
+    _refuse_model_config(data, path)
     _check_strings(data, path)
     if is_mergekit(data):  # mergekit's paths are relative to the working directory, as mergekit reads them
         return from_mergekit(data, source=str(path))

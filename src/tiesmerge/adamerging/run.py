@@ -141,7 +141,7 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
         if is_path:
             rows = read_jsonl(item, limit=limit, empty_texts=True, unread_said=False)  # an empty file: named
         elif isinstance(item, Sequence) and not isinstance(item, (str, bytes)):
-            rows = as_rows(list(item)[:limit] if limit is not None else list(item))
+            rows = as_rows(list(item)[:limit] if limit is not None else list(item), f"task {name!r}")
             if not rows:
                 raise ConfigError(f"task {name!r}: no examples")
         else:
@@ -149,7 +149,12 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
         where = str(item) if is_path else f"task {name!r}"
         for k, row in enumerate(rows):
             # an empty text has no tokens: the forward could not score it (a tokenizer may even give (B, 0))
-            if not isinstance(row.get("text"), str) or not row["text"].strip():
+            text = row.get("text")
+            if text is not None and not isinstance(text, str):  # bytes, a number: there, but not text (hp78b c17)
+                raise ConfigError(f"{where}: example {k + 1}'s 'text' is a {type(text).__name__}, not a string",
+                                  hint="give each example's text as a str (decode bytes first: text.decode('utf-8'))"
+                                  if isinstance(text, (bytes, bytearray)) else "give each example's text as a str")
+            if text is None or not text.strip():
                 raise ConfigError(f"{where}: example {k + 1} has an empty or missing 'text'",
                                   hint="every example needs some text; drop the empty ones")
         out[name] = rows

@@ -78,9 +78,10 @@ class TaskForward(Protocol):
     def __call__(self, batch: Any, task: str) -> torch.Tensor: ...
 
 
-def as_rows(examples: Sequence[Row | str]) -> list[dict[str, Any]]:
+def as_rows(examples: Sequence[Row | str], where: str = "") -> list[dict[str, Any]]:
     """Examples as rows: a plain string is ``{"text": string}``; anything else but a mapping is refused, naming it
-    (hp77b c26: an int or None among in-memory rows was a TypeError traceback)."""
+    (hp77b c26: an int or None among in-memory rows was a TypeError traceback) and counting from 1, as the checks of
+    the rows' texts do; ``where``: whose examples (e.g. "task 'a'")."""
     rows = []
     for k, e in enumerate(examples):
         if isinstance(e, str):
@@ -88,8 +89,9 @@ def as_rows(examples: Sequence[Row | str]) -> list[dict[str, Any]]:
         elif isinstance(e, Mapping):
             rows.append(dict(e))
         else:
-            raise ConfigError(f"example {k} is {type(e).__name__} {str(e)[:40]!r}, not a row (a mapping such as "
-                              "{'text': ...}) or a text", hint="give each task's examples as texts or rows")
+            whose = f"{where}: " if where else ""
+            raise ConfigError(f"{whose}example {k + 1} is {type(e).__name__} {str(e)[:40]!r}, not a row (a mapping "
+                              "such as {'text': ...}) or a text", hint="give each task's examples as texts or rows")
     return rows
 
 

@@ -67,7 +67,8 @@ class _DellaBase:
         if self.density < 1 and self.density - self.epsilon < MIN_DENSITY:
             # a keep probability that rounds to 0 in float32 kept nothing and divided by 0 (inverse_p): "the merge
             # overflowed" (hp76a c37, density 1e-46); one below 2^-24 is kept at the draw's least step, 2^-24
-            raise ConfigError(f"density {self.density:g} - epsilon {self.epsilon:g} = {self.density - self.epsilon:g}: "
+            # (each printed whole: epsilon 0.19999998 as 0.2 read "0.2 - 0.2 = 2e-08", hp78a c05)
+            raise ConfigError(f"density {self.density!r} - epsilon {self.epsilon!r} = {self.density - self.epsilon:g}: "
                               f"the smallest keep probability is below {MIN_DENSITY:g}, the least DELLA's 24-bit "
                               "random draw can keep entries at (a smaller one rounds to 0 in float32: every entry "
                               "dropped, and inverse_p divides by it)",
