@@ -677,3 +677,21 @@ def test_adapt_names_text_of_another_type(classifiers):
     with pytest.raises(ConfigError, match="example 1's 'text' is a bytes, not a string") as caught:
         tiesmerge.adapt(base, fts, [[{"text": b"good"}], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
     assert "decode" in caught.value.hint
+
+
+def test_a_cut_adapt_checkpoint_is_said_as_damaged(classifiers, tmp_path):
+    """hp78b c27: the first 100 bytes of an adapt checkpoint given as --checkpoint were "a file tiesmerge wrote as an
+    adapt checkpoint, not as the checkpoint", and the hint offered --force, refused the same."""
+    import tiesmerge
+    from tiesmerge.errors import OutputError
+
+    _, base, fts, data = classifiers
+    ckpt = tmp_path / "ck.json"
+    tiesmerge.adapt(base, fts, [data, data], tasks=["a", "b"], steps=1, batch_size=2, checkpoint=ckpt)
+    raw = ckpt.read_bytes()
+    ckpt.write_bytes(raw[:raw.index(b"tiesmerge-adapt-checkpoint/") + 40])  # cut inside its header
+    for force in (False, True):
+        with pytest.raises(OutputError, match="wrote as an adapt checkpoint, which no longer reads as one") as caught:
+            tiesmerge.adapt(base, fts, [data, data], tasks=["a", "b"], steps=1, batch_size=2, checkpoint=ckpt,
+                            force=force)
+        assert "delete it yourself" in caught.value.hint

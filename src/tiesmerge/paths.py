@@ -1338,6 +1338,11 @@ def held_through_mount(path: str | os.PathLike, output: str | os.PathLike) -> bo
     return theirs in identities(physical(path))  # ``path``, or a folder above it, is the output
 
 
+# a file of the kind ``what`` writes that its own check no longer takes: cut or edited, not another command's (hp78b
+# c27: a cut adapt checkpoint was "a file tiesmerge wrote as an adapt checkpoint, not as the checkpoint")
+_SAME_KIND = {("tune's --json scores", "--json"), ("an adapt checkpoint", "the checkpoint")}
+
+
 def _own_file_kind(path: Path) -> str | None:
     """What another tiesmerge command wrote at ``path``, from its first bytes: its refusal as --json or a checkpoint
     named it "a file tiesmerge did not write" (hp40 C2)."""
@@ -1446,11 +1451,13 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
                               + (f"a file of the tiesmerge output {folder} ({OUTPUT_KINDS[inside]}), which only a run "
                                  "writing that whole output replaces" if inside else
                                  (f"a file tiesmerge wrote as {kind}, which no longer reads as one (edited or "
-                                  "damaged)" if kind == "tune's --json scores" and what == "--json" else
+                                  "damaged)" if (kind, what) in _SAME_KIND else
                                   f"a file tiesmerge wrote as {kind}, not as {what}") if kind else
                                  "a file tiesmerge did not write"),
-                              hint="choose another path (--force replaces only a file tiesmerge wrote there as "
-                                   f"{what})")
+                              hint=("delete it yourself if it is no longer needed (--force replaces only a file "
+                                    "that still reads as one), or choose another path"
+                                    if (kind, what) in _SAME_KIND else "choose another path (--force replaces only a "
+                                    f"file tiesmerge wrote there as {what})"))
         if stat.S_ISLNK(st.st_mode):  # never replaced, --force included (hp47 c56)
             raise OutputError(f"{path}: {what} already exists as a link (to {os.readlink(path)!r}); tiesmerge never "
                               "replaces a link, --force included",
