@@ -695,3 +695,22 @@ def test_a_cut_adapt_checkpoint_is_said_as_damaged(classifiers, tmp_path):
             tiesmerge.adapt(base, fts, [data, data], tasks=["a", "b"], steps=1, batch_size=2, checkpoint=ckpt,
                             force=force)
         assert "delete it yourself" in caught.value.hint
+
+
+def test_statistics_of_a_weights_file_record_its_folders_digests(classifiers):
+    """hp78b c20: fisher_information(model=folder/model.safetensors) recorded no tokenizer or config digest, where
+    model=folder records both (a merge reading that file compares them)."""
+    import torch
+
+    from tiesmerge.stats.fisher import fisher_information
+
+    _, _, fts, _ = classifiers
+    module = torch.nn.Linear(3, 2)
+    seen = {}
+    for model in (fts[0], fts[0] / "model.safetensors"):
+        torch.manual_seed(0)
+        stats = fisher_information(module, [torch.randn(2, 3)], lambda m, b: m(b), per_example="loop",
+                                   model=str(model))
+        seen[str(model)] = (stats.manifest.tokenizer_digest, stats.manifest.config_digest)
+    folder, file = seen.values()
+    assert folder == file and folder[1] is not None, seen

@@ -146,10 +146,23 @@ def recorded_place(model: str | os.PathLike | None) -> str | None:
     return os.path.abspath(model) if os.path.exists(model) else os.fspath(model)
 
 
+def _model_folder(model: str | os.PathLike | None) -> Path | None:
+    """The folder whose config and tokenizer go with ``model``: the folder itself, or a weights file's own folder
+    (the link's, for a Hugging Face cache's link into blobs/), as a merge reading that file compares them (hp78b c20:
+    statistics of model=folder/model.safetensors recorded neither digest)."""
+    if model is None:
+        return None
+    path = Path(os.fspath(model))
+    if path.is_dir():
+        return path
+    return path.parent if path.is_file() else None
+
+
 def tokenizer_digest(model: str | os.PathLike | None) -> str | None:
-    """sha256 over the names and contents of the tokenizer files in the model folder ``model``, or None (no folder, or
-    no tokenizer file)."""
-    if model is None or not Path(model).is_dir():
+    """sha256 over the names and contents of the tokenizer files in the model folder ``model`` (or the folder of the
+    weights file ``model``), or None (no folder, or no tokenizer file)."""
+    model = _model_folder(model)
+    if model is None:
         return None
     named = []
     for name in TOKENIZER_FILES:
@@ -167,7 +180,8 @@ def config_digest(model: str | os.PathLike | None) -> str | None:
     """sha256 of the model folder's config.json as JSON (keys sorted; where it came from left out), or None (no folder
     or no config): statistics are the activations or gradients of the model the config builds, and the same weights
     under another config (hidden_act gelu -> relu) are another function (hp40 D12)."""
-    if model is None or not Path(model).is_dir() or not (Path(model) / "config.json").is_file():
+    model = _model_folder(model)
+    if model is None or not (model / "config.json").is_file():
         return None
     try:
         config = read_json(Path(model) / "config.json", "the model's config.json")
