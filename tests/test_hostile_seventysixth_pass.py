@@ -714,3 +714,22 @@ def test_statistics_of_a_weights_file_record_its_folders_digests(classifiers):
         seen[str(model)] = (stats.manifest.tokenizer_digest, stats.manifest.config_digest)
     folder, file = seen.values()
     assert folder == file and folder[1] is not None, seen
+
+
+def test_a_base_given_as_its_weights_file_warns_of_the_missing_config(tmp_path):
+    """hp77a c01: --base b/model.safetensors (a folder holding config.json) wrote an output without config.json,
+    silently; the folder itself copies it."""
+    import tiesmerge
+    from helpers_ckpt import make_family, write_hf_dir
+
+    base, models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [str(write_hf_dir(tmp_path / f"m{k}", m)) for k, m in enumerate(models)]
+    with pytest.warns(UserWarning, match=rf"given as its weights file .* give the base's folder \({b}\)"):
+        tiesmerge.merge(str(b / "model.safetensors"), ms, "ties", output=str(tmp_path / "o"))
+    assert not (tmp_path / "o" / "config.json").exists()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiesmerge.merge(str(b), ms, "ties", output=str(tmp_path / "o2"))
+    assert (tmp_path / "o2" / "config.json").is_file()

@@ -278,6 +278,19 @@ _ZERO_ADDS_NOTHING = frozenset({"task_arithmetic", "ties", "dare_ties", "dare_li
                                 "breadcrumbs_ties", "magnitude_prune"})
 
 
+def _warn_base_file_beside_config(base: Checkpoint, output: Path) -> None:
+    """A base given as its weights file, in a folder holding the model's config.json: the output gets no config (the
+    files of a model are copied from a folder given as one), which was silent (hp77a c01: ``--base b/model.safetensors``
+    wrote weights transformers cannot load)."""
+    files = base.files()
+    if base.directory() is not None or len(files) != 1 or (output / "config.json").is_file():
+        return
+    folder = Path(files[0]).parent
+    if (folder / "config.json").is_file():
+        warnings.warn(f"the base was given as its weights file ({base.label}), so the output has no config.json or "
+                      f"tokenizer: give the base's folder ({folder}) to have them copied", MergeWarning, stacklevel=3)
+
+
 def _warn_copies_of_base(hashed: Mapping[str, Any], labels: Sequence[str], weighted: bool = True,
                          interpolates: bool = False, method: str = "", distances: Sequence[Any] = (),
                          reference_said: bool = False) -> None:
@@ -551,6 +564,7 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
                     warnings.warn(f"the base ({prepared.base.label}) has no config.json, so the output has none: "
                                   "transformers cannot load it as a model until one is put beside the weights",
                                   MergeWarning, stacklevel=2)
+                _warn_base_file_beside_config(prepared.base, tmp)
                 if prepared.vocab is not None:  # the merged tokenizer and vocab_size replace the base's
                     rows = next(ro for _, _, ro in prepared.vocab.tensors)
                     vocab_files, chat_from = write_tokenizer_files(prepared.vocab.union, tmp, rows)
