@@ -140,10 +140,10 @@ def test_the_outputs_config_names_the_dtype_its_weights_are_written_in(tmp_path,
     assert config["torch_dtype"] == config["dtype"] == "float32" and load_dir(out)["lm_head.weight"].dtype == \
         torch.float32
     nested = write_hf_dir(tmp_path / "nested", base, config={"torch_dtype": "bfloat16", "text_config": {
-        "torch_dtype": "bfloat16"}, "quantization_config": {"dtype": "int8"}})  # hp69a c51: not a weights' dtype
+        "torch_dtype": "bfloat16"}, "kv_cache_config": {"dtype": "int8"}})  # hp69a c51: not a weights' dtype
     tiesmerge.merge(nested, ms, "ties", output=tmp_path / "out3")
     config = json.loads((tmp_path / "out3" / "config.json").read_text())
-    assert config["text_config"]["torch_dtype"] == "float32" and config["quantization_config"]["dtype"] == "int8"
+    assert config["text_config"]["torch_dtype"] == "float32" and config["kv_cache_config"]["dtype"] == "int8"
     right = write_hf_dir(tmp_path / "right", base, config={"torch_dtype": "float32"})
     tiesmerge.merge(right, ms, "ties", output=tmp_path / "out2")
     assert (tmp_path / "out2" / "config.json").read_bytes() == (right / "config.json").read_bytes()

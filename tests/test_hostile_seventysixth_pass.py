@@ -733,3 +733,30 @@ def test_a_base_given_as_its_weights_file_warns_of_the_missing_config(tmp_path):
         warnings.simplefilter("error")
         tiesmerge.merge(str(b), ms, "ties", output=str(tmp_path / "o2"))
     assert (tmp_path / "o2" / "config.json").is_file()
+
+
+def test_quantized_checkpoints_are_refused_before_the_merge(tmp_path):
+    """hp77a c14: a bitsandbytes 8-bit model (int8 weights and their .SCB scales) merged silently, its int8 layer the
+    base's and its scales averaged as floats; c15: a base whose config declared quantization_config over plain
+    weights passed it into the float output, which transformers then loaded as quantized."""
+    import json
+
+    import tiesmerge
+    from helpers_ckpt import make_family, write_hf_dir
+    from tiesmerge.errors import CheckpointError
+
+    base, models = make_family(2, with_int=False)
+    declared = write_hf_dir(tmp_path / "qb", base, config={"quantization_config": {"quant_method": "bitsandbytes"}})
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [str(write_hf_dir(tmp_path / f"m{k}", m)) for k, m in enumerate(models)]
+    with pytest.raises(CheckpointError, match="the base is a quantized checkpoint .* quant_method bitsandbytes") as c:
+        tiesmerge.merge(str(declared), ms, "ties", output=str(tmp_path / "o"))
+    assert "remove quantization_config" in c.value.hint
+    packed = dict(models[0])
+    name = next(iter(packed))
+    packed[name.removesuffix(".weight") + ".SCB"] = packed[name].flatten()[:4].float()
+    q = write_hf_dir(tmp_path / "q", packed)
+    with pytest.raises(CheckpointError, match=r"a model is a quantized checkpoint \(it holds .*\.SCB"):
+        tiesmerge.merge(str(b), [str(q), ms[1]], "ties", output=str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+    assert json.loads((declared / "config.json").read_text())["quantization_config"]

@@ -560,6 +560,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     device_t, budget = device_of(device), budget_of(memory_budget)
     out_dtype = requested_dtype(dtype)
     base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
+    _refuse_quantized([base_ckpt] if output_format == "model" else [], model_ckpts)
     for ckpt in model_ckpts if fold_like_peft else ():
         if hasattr(ckpt, "fold_like_peft"):
             ckpt.fold_like_peft = True
@@ -633,6 +634,43 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
 
 
 _ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers")  # what says which model a config describes
+
+
+# tensors only a quantized checkpoint holds: bitsandbytes' scales and 4-bit state, GPTQ/AWQ's packed weights, zeros
+# and group indices, FP8 block scales (their weights are codes, not values a float merge may average)
+_QUANTIZED_SUFFIXES = (".SCB", ".weight_format", ".absmax", ".quant_map", ".qweight", ".qzeros", ".g_idx",
+                       ".weight_scale_inv")
+
+
+def _refuse_quantized(bases: Sequence[Checkpoint], models: Sequence[Checkpoint]) -> None:
+    """A quantized checkpoint (its config's quantization_config, or its tensors'): its int8 codes were copied from the
+    base and its scales averaged as floats, silently (hp77a c14), and a config saying quantized over plain weights was
+    copied into a float output transformers then refused to load without bitsandbytes (hp77a c15). A merged adapter
+    (``bases`` empty) needs no values of the base, so a QLoRA base is read there for its shapes only."""
+    from .io.align import read_model_config
+
+    for role, ckpt in [("the base", c) for c in bases] + [("a model", c) for c in models]:
+        if yields_task_vector(ckpt):
+            continue  # an adapter: its factors are plain floats whatever base it was trained on
+        try:
+            config = read_model_config(ckpt)
+        except CheckpointError:
+            config = {}  # a damaged config is named where the output's config is read
+        declared = config.get("quantization_config")
+        packed = next((n for n in ckpt.names() if n.endswith(_QUANTIZED_SUFFIXES)), None)
+        if declared is None and packed is None:
+            continue
+        method = declared.get("quant_method", "?") if isinstance(declared, dict) else "?"
+        why = (f"its config.json declares quantization_config, quant_method {method}" if declared is not None else
+               f"it holds {packed!r}, a tensor only quantized checkpoints hold")
+        hint = ("merge the unquantized (float) checkpoints: dequantize it first (transformers: load it, "
+                "model.dequantize(), save_pretrained), then merge")
+        if declared is not None and packed is None:
+            hint += ("; if its weights are plain floats already, remove quantization_config from its config.json "
+                     "(the output would carry it, and transformers would load the float weights as quantized)")
+        raise CheckpointError(f"{ckpt.label}: {role} is a quantized checkpoint ({why}); merging quantized weights "
+                              "is not supported: their stored codes and scales are not values that can be averaged",
+                              hint=hint)
 
 
 def _warn_other_architecture(base: Checkpoint, models: Sequence[Checkpoint]) -> None:
