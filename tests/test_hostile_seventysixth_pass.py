@@ -760,3 +760,11 @@ def test_quantized_checkpoints_are_refused_before_the_merge(tmp_path):
         tiesmerge.merge(str(b), [str(q), ms[1]], "ties", output=str(tmp_path / "o"))
     assert not (tmp_path / "o").exists()
     assert json.loads((declared / "config.json").read_text())["quantization_config"]
+
+
+def test_unknown_method_suggests_only_a_near_name():
+    """hp77a c26: `tiesmerge methods nonexistent` asked "did you mean 'consensus'?"."""
+    from tiesmerge.registry import did_you_mean
+
+    assert did_you_mean("nonexistent", ["consensus", "ties"]) == ""
+    assert did_you_mean("tie", ["consensus", "ties"]) == " (did you mean 'ties'?)"
