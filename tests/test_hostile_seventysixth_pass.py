@@ -768,3 +768,15 @@ def test_unknown_method_suggests_only_a_near_name():
 
     assert did_you_mean("nonexistent", ["consensus", "ties"]) == ""
     assert did_you_mean("tie", ["consensus", "ties"]) == " (did you mean 'ties'?)"
+
+
+def test_a_regex_target_modules_says_it_matches_whole_paths():
+    """hp77a c06: a target_modules string 'q_proj|v_proj' refused with "does not select it" and no word that PEFT
+    matches a string against the module's whole path."""
+    from tiesmerge.io.peft_targets import Targeting
+
+    selection = Targeting.of({"target_modules": "query|value"}, "cfg")
+    why = selection.why_not("encoder.layer.0.attention.self.query")
+    assert why is not None and "whole path must match (PEFT's re.fullmatch)" in why, why
+    assert Targeting.of({"target_modules": ".*\\.(query|value)"}, "cfg").why_not(
+        "encoder.layer.0.attention.self.query") is None

@@ -271,8 +271,12 @@ class Targeting:
         if self.targets is None:
             return None
         if not isinstance(self.targets, frozenset):  # a regex: layers_to_transform plays no part
+            # PEFT matches a string against the whole path (re.fullmatch): 'query|value' selects no
+            # 'encoder.layer.0.attention.self.query', which a reader of the regex expects it to (hp77a c06)
             return None if self.targets.matches(module) else (
-                f"target_modules {self.shown} does not select it{self._look_alike(module)}")
+                f"target_modules {self.shown} does not select it{self._look_alike(module)}: a target_modules string "
+                "is a regular expression the module's whole path must match (PEFT's re.fullmatch), e.g. "
+                "'.*\\.(q_proj|v_proj)' for every q_proj and v_proj")
         if module in self.targets:  # named whole: no layer test either
             return None
         if not _selects(self.targets, module):
