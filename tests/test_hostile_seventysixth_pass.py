@@ -780,3 +780,14 @@ def test_a_regex_target_modules_says_it_matches_whole_paths():
     assert why is not None and "whole path must match (PEFT's re.fullmatch)" in why, why
     assert Targeting.of({"target_modules": ".*\\.(query|value)"}, "cfg").why_not(
         "encoder.layer.0.attention.self.query") is None
+
+
+def test_a_mergekit_slerp_t_out_of_range_is_said_with_its_key(tmp_path):
+    """hp77a c18: `t: 1.5` in a mergekit slerp recipe was "slerp: t must be in [0, 1] (fraction)" with a hint about
+    the command line's flags, where a rule's t says "parameters.t"."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    with pytest.raises(ConfigError, match=r"parameters\.t: 1\.5 must be a finite number in \[0, 1\]"):
+        translate_mergekit({"merge_method": "slerp", "base_model": "b", "parameters": {"t": 1.5},
+                            "models": [{"model": "b"}, {"model": "m"}]})

@@ -881,6 +881,10 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         if t is None:
             problems.append("slerp needs parameters.t")
             return "", {}, ""
+        if not isinstance(t, (list, dict)) and not 0 <= t <= 1:  # in the recipe's words, as a rule's t is (hp77a
+            # c18: "slerp: t must be in [0, 1] (fraction)" with a hint about flags)
+            problems.append(f"parameters.t: {t} must be a finite number in [0, 1] (0 is base_model, 1 the model)")
+            return "", {}, ""
         if not isinstance(t, (list, dict)):
             return "slerp", {"anchor": "base", "t": float(t)}, (
                 f"mergekit slerp: each tensor interpolated on the sphere from base_model (t = 0) at t = {t}, "
