@@ -791,3 +791,25 @@ def test_a_mergekit_slerp_t_out_of_range_is_said_with_its_key(tmp_path):
     with pytest.raises(ConfigError, match=r"parameters\.t: 1\.5 must be a finite number in \[0, 1\]"):
         translate_mergekit({"merge_method": "slerp", "base_model": "b", "parameters": {"t": 1.5},
                             "models": [{"model": "b"}, {"model": "m"}]})
+
+
+@pytest.mark.parametrize("step", ["3.5", "99999999999999999999"])
+def test_an_adapt_checkpoints_edited_step_is_said_as_damage(classifiers, tmp_path, step):
+    """hp77b c13: an adapt checkpoint whose step was edited to "3.5" was "not a checkpoint tiesmerge adapt wrote (its
+    fields are missing or damaged: ValueError: invalid literal for int() ...)", hinting at another checkpoint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    _, base, fts, data = classifiers
+    ckpt = tmp_path / "ck.safetensors"
+    run = {"tasks": ["a", "b"], "steps": 1, "batch_size": 2, "checkpoint": ckpt}
+    tiesmerge.adapt(base, fts, [data, data], **run)
+    with safe_open(ckpt, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, ckpt, metadata={**meta, "step": step})
+    with pytest.raises(ConfigError, match=f"the checkpoint is damaged \\(step '{step}' is no count of steps") as c:
+        tiesmerge.adapt(base, fts, [data, data], resume=True, **run)
+    assert "remove it to start afresh" in c.value.hint

@@ -478,9 +478,10 @@ def load_checkpoint(path: Path) -> dict:
         raise foreign("its fields are missing: no tiesmerge adapt metadata")
     try:
         tensors = load_tensors(raw)
-        step = int(meta["step"])
-        if step >= 1 << 53:  # a step count past any run (hp54 c25: 10**400 overflowed later, "a bug")
-            raise ValueError(f"step {str(meta['step'])[:40]} is no step count")
+        # a step that is no whole count ("3.5", 10**20: hp77b c13, and hp54 c25: 10**400 overflowed later, "a bug")
+        # is this run's checkpoint damaged, said by _check_resumable, not "not a checkpoint tiesmerge adapt wrote"
+        written = str(meta["step"])
+        step: int | str = int(written) if re.fullmatch(r"-?[0-9]{1,16}", written) else written[:40]
         state = {"fingerprint": meta["fingerprint"], "step": step,
                  "entropy": json.loads(meta["entropy"]), "config": json.loads(meta["config"]),
                  "coefficients": tensors["coefficients"]}
@@ -535,6 +536,8 @@ def _check_resumable(state: dict, shape: tuple[int, ...], n_tasks: int, path: Pa
                           "number")
     step = state["step"]
     entropy = state["entropy"]
+    if not isinstance(step, int) or step >= 1 << 53:  # a count past any run too
+        raise damaged(f"step {step!r} is no count of steps")
     if step < 0:  # past the run's steps is fine: nothing is left to learn
         raise damaged(f"step {step} is negative")
     # Adam's state is its step count and both moments, all three once it has taken a step: a part of them failed in
