@@ -1665,7 +1665,7 @@ def test_an_adapt_checkpoints_field_nested_too_deep_is_said_in_words(tmp_path):
     base, fts, kwargs, ck, tensors, meta = adapt_checkpoint_of_two_steps(tmp_path)
     meta["entropy"] = "[" * 100000 + "]" * 100000
     save_file(tensors, str(ck), metadata=meta)
-    with pytest.raises(ConfigError, match="one holds JSON nested too deep to read") as err:
+    with pytest.raises(ConfigError, match="a field holds JSON nested too deep to read") as err:
         tiesmerge.adapt(base, fts, _data(), "task_arithmetic", steps=4, checkpoint=ck, resume=True, **kwargs)
     assert "RecursionError" not in str(err.value)
 

@@ -813,3 +813,122 @@ def test_an_adapt_checkpoints_edited_step_is_said_as_damage(classifiers, tmp_pat
     with pytest.raises(ConfigError, match=f"the checkpoint is damaged \\(step '{step}' is no count of steps") as c:
         tiesmerge.adapt(base, fts, [data, data], resume=True, **run)
     assert "remove it to start afresh" in c.value.hint
+
+
+def test_undivided_and_opposite_weights_are_said_as_what_they_scale(tmp_path, capsys):
+    """hp79a c23, c36: average with normalize_weights off, every model's weight 0 and base_weight 2, was "the merge is
+    that model itself" (it is twice that model); c29: every weight 0 made an all-zero model "the base itself"; c34:
+    weights summing to 2001 undivided were silent on the command line (a mergekit recipe warned); c30: ties with
+    weights 1000 and -1000 multiplied the agreeing task vectors by 1000, silently."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from tiesmerge.errors import ConfigError
+
+    base = {"w": torch.ones(3)}
+    models = [{"w": torch.full((3,), 1.5)}, {"w": torch.full((3,), 2.0)}]
+    with pytest.warns(UserWarning, match="so the merge is that model times 2 ") as seen:
+        out = tiesmerge.merge(base, models, "average", weights=[0, 0], base_weight=2, normalize_weights=False)
+    assert torch.equal(out["w"], torch.full((3,), 2.0)) and not any("itself" in str(w.message) for w in seen)
+    with pytest.raises(ConfigError, match="the merge would be an all-zero model"):
+        tiesmerge.merge(base, models, "average", weights=[0, 0], base_weight=0, normalize_weights=False)
+    with pytest.warns(UserWarning, match="sum to 2001, not 1"):
+        tiesmerge.merge(base, models, "average", weights=[1000, 1000], base_weight=1, normalize_weights=False)
+    with pytest.warns(UserWarning, match=r"weights of opposite signs \(1000, -1000\).* up to 2000 times"):
+        tiesmerge.merge(base, models, "ties", weights=[1000, -1000], density=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # τ1 − τ2 where they agree: no scale to speak of; one sign: a mean
+        tiesmerge.merge(base, models, "ties", weights=[1, -1], density=1.0)
+        tiesmerge.merge(base, models, "ties", weights=[1000, 1000], density=1.0)
+    fam_base, fam_models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "b", fam_base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(fam_models)]
+    rc, out_text, _ = run_cli(["merge", "--base", b, "--model", ms[0], "--model", ms[1], "--method", "average",
+                               "--weights", "1", "1", "--base-weight", "1", "-o", tmp_path / "o"], capsys)
+    assert rc == 0 and "merged the base and 2 models with average" in out_text, out_text
+
+
+@pytest.mark.parametrize("damage, said", [("coefficients", "it lacks its 'coefficients' tensor"),
+                                          ("entropy", "a field is not valid JSON"),
+                                          ("config", "it lacks its 'config' field")])
+def test_an_adapt_checkpoints_damaged_fields_are_said_as_damage(classifiers, tmp_path, damage, said):
+    """hp79b c36, c25: an adapt checkpoint (its format field intact) without its coefficients tensor or config field,
+    or with invalid JSON in a field, was "not a checkpoint tiesmerge adapt wrote (... KeyError: 'coefficients')"."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    _, base, fts, data = classifiers
+    ckpt = tmp_path / "ck.safetensors"
+    run = {"tasks": ["a", "b"], "steps": 1, "batch_size": 2, "checkpoint": ckpt}
+    tiesmerge.adapt(base, fts, [data, data], **run)
+    with safe_open(ckpt, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    if damage == "coefficients":
+        del tensors["coefficients"]
+    elif damage == "entropy":
+        meta["entropy"] = "[1,"
+    else:
+        del meta["config"]
+    save_file(tensors, ckpt, metadata=meta)
+    with pytest.raises(ConfigError, match=f"the checkpoint is damaged \\({said}") as c:
+        tiesmerge.adapt(base, fts, [data, data], resume=True, **run)
+    assert "Error" not in str(c.value) and "start afresh" in c.value.hint
+
+
+def test_a_chain_of_links_shows_the_multi_label_config_beside_its_middle_link(classifiers, tmp_path):
+    """hp79b c06, c19, c20: M1/model.safetensors -> M2/model.safetensors -> the weights (a link into a Hugging Face
+    cache snapshot, whose own file links on into blobs/), M2/config.json multi-label: fisher_information, tune's
+    built-in evaluators and adapt read it as single-label, where one link was refused."""
+    import json
+
+    import torch
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.stats.fisher import fisher_information
+
+    _, _, fts, _ = classifiers
+    (tmp_path / "M1").mkdir()
+    (tmp_path / "M2").mkdir()
+    config = json.loads((fts[0] / "config.json").read_text())
+    (tmp_path / "M2" / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    (tmp_path / "M2" / "model.safetensors").symlink_to(fts[0] / "model.safetensors")
+    (tmp_path / "M1" / "model.safetensors").symlink_to("../M2/model.safetensors")
+    with pytest.raises(ConfigError, match="problem_type multi_label_classification"):
+        fisher_information(torch.nn.Linear(3, 2), [torch.ones(2, 3)], lambda m, b: m(b), per_example="loop",
+                           model=str(tmp_path / "M1" / "model.safetensors"))
+
+
+def test_run_search_lists_any_iterable_of_models(classifiers):
+    """hp79b c02, c03: run_search with models as a class having only __iter__ (or only __getitem__) was a TypeError
+    "object of type 'OnePass' has no len()"; tune lists the first and names the second."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    _, base, fts, _ = classifiers
+
+    class OnePass:
+        def __init__(self, xs):
+            self.it = iter(xs)
+
+        def __iter__(self):
+            return self.it
+
+    class Indexed:
+        def __init__(self, xs):
+            self.xs = xs
+
+        def __getitem__(self, i):
+            return self.xs[i]
+
+    result = run_search(base, OnePass([str(m) for m in fts]), "ties", lambda sd: 0.5,
+                        grid={"density": [0.2], "lam": [1.0]})
+    assert result is not None
+    with pytest.raises(ConfigError, match="got Indexed"):
+        run_search(base, Indexed([str(m) for m in fts]), "ties", lambda sd: 0.5, grid={"density": [0.2], "lam": [1.0]})

@@ -642,10 +642,8 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
             problems.append("linear: the weights sum to 0, so normalize has nothing to divide by; give weights "
                             "with a nonzero sum (or normalize: false, which sums w_i θ_i undivided)")
             return "", {}, ""
-        if not normalize and not math.isclose(total, 1.0):  # merged as mergekit merges it (hp41 C19: it was
-            # refused as inexpressible, while average --no-normalize-weights --base-weight computes exactly this)
-            warnings.append(f"linear with normalize: false: the weights sum to {total:.6g}, not 1, so the merge "
-                            f"Σ w_i θ_i is the models' values scaled by about {total:.6g} (mergekit computes the same)")
+        # normalize: false with weights not summing to 1 is merged as mergekit merges it (hp41 C19: it was refused
+        # as inexpressible), and the engine says what it scales by, for flags and recipes alike (hp79a c34)
         # the engine needs a base: the first listed model stands as it, with its weight, so that the
         # models' own values are summed in the list's order, as mergekit does (a base_model the models do
         # not list was appended last above, with the shared weight, as mergekit's planner adds it)

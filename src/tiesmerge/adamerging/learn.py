@@ -462,6 +462,10 @@ def load_checkpoint(path: Path) -> dict:
                            hint="name this run's checkpoint, or another path to start afresh (tiesmerge leaves this "
                                 "file as it is)")
 
+    def damaged(why: str) -> ConfigError:  # ours (its format field says so), but no longer whole
+        return ConfigError(f"{path}: the checkpoint is damaged ({why})",
+                           hint="remove it (or name another --checkpoint) to start afresh")
+
     check_input(path, "the checkpoint", error=ConfigError)
     raw = read_regular(path, "the checkpoint", max_bytes=_CHECKPOINT_MAX_BYTES, error=ConfigError)
     if len(raw) < 8 or struct.unpack("<Q", raw[:8])[0] > len(raw) - 8:
@@ -488,12 +492,20 @@ def load_checkpoint(path: Path) -> dict:
         groups = json.loads(meta["adam_param_groups"])
         # on the CPU: lam.copy_ and Adam's load_state_dict move each to where it belongs (step stays)
         moments = {k: tensors[f"adam.{k}"] for k in _ADAM_TENSORS if f"adam.{k}" in tensors}
-    except RecursionError:  # said in words, not as Python's exception (hp61b: "RecursionError: maximum ...")
-        raise foreign("its fields are damaged: one holds JSON nested too deep to read") from None
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        raise foreign(f"its fields are missing or damaged: {type(exc).__name__}: {str(exc)[:160]}") from None
+    # past the format field the file is an adapt checkpoint: what fails now is damage to it, said as such, not as
+    # "not a checkpoint tiesmerge adapt wrote" with Python's words (hp79b c36: KeyError: 'coefficients')
+    except RecursionError:  # (hp61b: "RecursionError: maximum ...")
+        raise damaged("a field holds JSON nested too deep to read") from None
+    except KeyError as exc:
+        raise damaged(f"it lacks its {exc.args[0]!r} " + ("tensor" if exc.args[0] in ("coefficients", *(
+            f"adam.{k}" for k in _ADAM_TENSORS)) else "field")) from None
+    except json.JSONDecodeError as exc:
+        raise damaged(f"a field is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise damaged(f"its fields do not read: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}") \
+            from None
     except Exception as exc:  # safetensors' own error type for a malformed header or body
-        raise foreign(f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}") \
+        raise damaged(f"its tensors do not read: {str(exc).splitlines()[0][:160] if str(exc) else 'unreadable'}") \
             from None
     state["optimizer"] = {"state": {0: moments} if moments else {}, "param_groups": groups}
     return state

@@ -661,6 +661,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
             what = "the base and 1 model"
     elif getattr(recipe.method, "base_weight", None):  # average with the base weighted in (a mergekit linear): it
         n += 1                                         # counts among the merged models (hp44 c02: "merged 2" of 3)
+        if not recipe.origin:  # --base-weight: as the command named them (hp79a c23: "merged 3 models" of two)
+            what = f"the base and {n - 1} model{'s' if n != 2 else ''}"
     what = what or f"{n} model{'s' if n != 1 else ''}"
     print(f"merged {what} with {recipe.method.name} into {shown(out)}")
     if recipe.origin and recipe.origin.get("semantics"):  # a hand-written origin may not say

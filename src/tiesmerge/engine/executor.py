@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, Protocol
@@ -182,6 +182,37 @@ class _Scope:
     masks: np.ndarray | None = None  # (n, E) uint8: the exact-k trim of a whole tensor, for the fused merge
 
 
+def _mean_amplification(weights: Sequence[float]) -> float:
+    """How many times a weighted mean over the models that agree in sign can exceed the largest task vector entry:
+    max over subsets S of Σ_S |w_i| / |Σ_S w_i| (a sum of 0 divides by 1, as mergekit does). 1 for weights of one
+    sign; (1000, -1000) gives 2000. Every subset for up to 12 models, else pairs and the whole set."""
+    n = len(weights)
+    subsets: Iterable[Sequence[int]] = (
+        [i for i in range(n) if mask >> i & 1] for mask in range(1, 1 << n)) if n <= 12 else (
+        [*([i] for i in range(n)), *([i, j] for i in range(n) for j in range(i + 1, n)), list(range(n))])
+    worst = 1.0
+    for subset in subsets:
+        total = math.fsum(weights[i] for i in subset)
+        worst = max(worst, math.fsum(abs(weights[i]) for i in subset) / (abs(total) if total else 1.0))
+    return worst
+
+
+def _warn_if_weights_cancel(name: str, lam: float, weights: Sequence[float]) -> None:
+    """Weights of opposite signs under a weighted mean (ties, dare_ties, della): where the weighted deltas agree,
+    their weights cancel in the divisor, and (1000, -1000) multiplied the task vectors by 1000, silently, where
+    aggregate=sum said the same scale (hp79a c30)."""
+    if not (any(w < 0 for w in weights) and any(w > 0 for w in weights)):
+        return
+    scale = abs(lam) * _mean_amplification(weights)
+    if scale > LARGE_LAM:
+        shown = ", ".join(f"{w:g}" for w in weights[:8]) + (", ..." if len(weights) > 8 else "")
+        warnings.warn(MergeWarning(
+            f"{name}: weights of opposite signs ({shown}) under a weighted mean: where the weighted task vectors "
+            "agree in sign, their weights nearly cancel in the mean's divisor (a sum of 0 divides by 1, as mergekit "
+            f"does), which scales the merged task vector up to {scale:.4g} times, far past every model; give weights "
+            "of one sign (a negative weight flips a task vector: task arithmetic's negation)"), stacklevel=3)
+
+
 LARGE_LAM = 100.0  # a scale of the merged task vector no merge means (tune's grids stop at 3.0)
 
 
@@ -274,19 +305,33 @@ class Executor:
         # a cause of "the merge is the base itself" said now: the general warning at the end would only repeat it
         self._said_base = _warn_if_trim_keeps_nothing(self.req, alignment, self.n, method.name)
         self._said_base = _warn_if_drop_keeps_nothing(method, alignment, self.n) or self._said_base
+        anchor = getattr(method, "base_weight", None)  # average counting its base: the base's weight is not 0
+        undivided = getattr(method, "normalize_weights", True) is False  # Σ w_i θ_i itself: not a mean
         if self.req.weights is not None and not any(self.req.weights):
-            anchor = getattr(method, "base_weight", None)  # average counting its base: the base's weight is not 0
-            # (hp78a c36: a base-less mergekit linear, weights 1 and 0: "every model's weight is 0", of a weight 1)
+            # (hp78a c36: a base-less mergekit linear, weights 1 and 0: "every model's weight is 0", of a weight 1;
+            # hp79a c23: undivided, the merge is that model times its weight, not "that model itself")
+            scaled = f" times {anchor:g} (normalize_weights is off: nothing divides the sum)" if undivided and \
+                anchor != 1 else " itself"
             warnings.warn(MergeWarning(
                 f"{method.name}: every model's weight is 0 but the base's (base_weight {anchor:g}; in a base-less "
-                "mergekit linear, the first listed model), so the merge is that model itself" if anchor else
+                f"mergekit linear, the first listed model), so the merge is that model{scaled}" if anchor else
                 f"{method.name}: every model's weight is 0, so the merge is the base itself"), stacklevel=2)
-            self._said_base = True
+            self._said_base = not undivided or anchor == 1
+        elif undivided and anchor is not None:
+            total = float(anchor) + sum(float(w) for w in self.req.weights or ())
+            if not math.isclose(total, 1.0):  # said for flags and the API as for a mergekit recipe (hp79a c34)
+                warnings.warn(MergeWarning(
+                    f"{method.name} with normalize_weights off: the weights (base_weight {anchor:g} first; in a "
+                    f"base-less mergekit linear, the first listed model's) sum to {total:.6g}, not 1, so the merge "
+                    f"Σ w_i θ_i is the models' values scaled by about {total:.6g} (mergekit's linear with normalize: "
+                    "false computes the same)"), stacklevel=2)
         lam = getattr(method, "lam", None)  # it scales the merged task vector
         if lam == 0:  # the base itself
             warnings.warn(MergeWarning(f"{method.name}: lam is 0, so the merge is the base itself"), stacklevel=2)
             self._said_base = True
         weights = self.req.weights if getattr(method, "weights_multiply", False) and self.req.weights else None
+        if weights is None and self.req.weights and isinstance(lam, (int, float)):
+            _warn_if_weights_cancel(method.name, lam, self.req.weights)
         if isinstance(lam, (int, float)):  # finite, but far past every model (hp27 N3); lam 1 by weight 1000 (hp28 N1)
             k = max(range(len(weights)), key=lambda i: abs(weights[i])) if weights else None
             scale = abs(lam) * (abs(weights[k]) if weights and k is not None else 1.0)

@@ -239,7 +239,17 @@ def _config_folders(source: str | os.PathLike) -> list[Path]:
     model.safetensors, or a Hugging Face cache snapshot's link into blobs/, whose config lies beside the link)."""
     if os.path.isdir(source):
         return [Path(source)]
-    return list(dict.fromkeys((Path(source).parent, Path(os.path.realpath(source)).parent)))
+    # every hop of a chain of links (hp79b c06: a link to a snapshot's link, whose config lies beside the middle
+    # link), bounded as the kernel bounds a chain (40 hops)
+    folders, hop = [Path(source).parent], Path(source)
+    for _ in range(40):
+        if not hop.is_symlink():
+            break
+        target = Path(os.readlink(hop))
+        hop = target if target.is_absolute() else hop.parent / target
+        folders.append(Path(os.path.realpath(hop.parent)))  # the folder the link sits in, as the kernel finds it
+    folders.append(Path(os.path.realpath(source)).parent)
+    return list(dict.fromkeys(folders))
 
 
 def refuse_multi_label(source: str | os.PathLike, purpose: str, models: Sequence[Any] = (),

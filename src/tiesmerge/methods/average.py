@@ -74,6 +74,10 @@ class Average:
                                   + ("; only their ratios matter (they are normalized)" if self.normalize_weights
                                      else ""))
             if not self.normalize_weights:  # hp40b C61: mergekit's linear with normalize: false, nothing divided
+                if not any(w):  # Σ 0·θ_i: an all-zero model, which the merge said was "the base itself" (hp79a c29)
+                    raise ConfigError("every weight is 0, base_weight included (in a base-less mergekit linear, the "
+                                      "first listed model's), and normalize_weights is off: the merge would be an "
+                                      "all-zero model", hint="give the models (or the base) nonzero weights")
                 return Requirements(weights=self.weights, base_values=True, model_values=True, kernel=LinearKernel(
                     self.weights, base_coefficient=self.base_weight, divisor=1.0))  # x / 1.0 is x: the sum's bits
             why = nonzero_sum(w)  # the rule the weights alone follow, with the base counted among them

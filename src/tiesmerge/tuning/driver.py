@@ -14,7 +14,7 @@ import re
 import time
 import types
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -372,10 +372,14 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     grid, ranges, fixed, start = (plain_numbers(grid), plain_numbers(ranges), plain_numbers(fixed),
                                   plain_numbers(start))
     check_ordered(models)  # a set's order binds per-model options at random (hp40b C43)
-    if isinstance(models, Iterator):  # a generator, as tune takes one (hp78b c08: "has no len()")
+    # any iterable, listed once, as tune takes it: a generator (hp78b c08: "has no len()"), a class with __iter__
+    # only (hp79b c02); a thing that is none is named by its type (hp79b c03: a TypeError of len())
+    whole = isinstance(models, (str, bytes, os.PathLike, Mapping))  # "ab": models a and b (hp57 c36)
+    if not whole and isinstance(models, Iterable) and not isinstance(models, Sequence):
         models = list(models)
-    if isinstance(models, (str, bytes, os.PathLike, Mapping)) or not len(models):  # "ab": models a and b (hp57 c36)
-        raise ConfigError("models must be a non-empty list of fine-tuned models (paths or state dicts)")
+    if whole or not isinstance(models, Sequence) or not len(models):
+        got = "" if isinstance(models, Sequence) else f", got {type(models).__name__}"
+        raise ConfigError(f"models must be a non-empty list of fine-tuned models (paths or state dicts){got}")
     base, models = fs_text(base), [fs_text(m) for m in models]  # bytes paths, as merge takes them (hp45 c24)
     check_axes_and_fixed(axes, fixed)
     if log is not None and not isinstance(log, (str, bytes, os.PathLike)):  # (hp58 c32: log=5, a TypeError)
