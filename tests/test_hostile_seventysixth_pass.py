@@ -932,3 +932,32 @@ def test_run_search_lists_any_iterable_of_models(classifiers):
     assert result is not None
     with pytest.raises(ConfigError, match="got Indexed"):
         run_search(base, Indexed([str(m) for m in fts]), "ties", lambda sd: 0.5, grid={"density": [0.2], "lam": [1.0]})
+
+
+def test_pass_79_merge_notes(tmp_path):
+    """hp79a c07: a subnormal DARE density in a mergekit recipe printed as 9.99989e-321; c38: a slerp t gradient over
+    a base config without num_hidden_layers was hinted "fix the values named above in the recipe"."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    with pytest.raises(ConfigError, match="density 1e-320 keeps a fraction too small"):
+        translate_mergekit({"merge_method": "dare_ties", "base_model": "b", "models": [
+            {"model": "m", "parameters": {"weight": 1.0, "density": 1e-320}}]})
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="add num_hidden_layers to that config.json") as caught:
+        translate_mergekit({"merge_method": "slerp", "base_model": str(tmp_path / "b"), "parameters": {"t": [0, 1]},
+                            "models": [{"model": str(tmp_path / "b")}, {"model": "m"}]})
+    assert "in the recipe" not in caught.value.hint or "not only the recipe" in caught.value.hint
+
+
+def test_an_evaluator_module_that_is_a_fifo_is_named_so(tmp_path, monkeypatch):
+    """hp79b c37: --evaluator ffm:score with ffm.py a FIFO in the working folder was "No module named 'ffm'", hinting
+    to run from its folder (it was run from there)."""
+    from tiesmerge.cli.commands import _load_callable
+    from tiesmerge.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "fifo_evaluator_mod.py")
+    with pytest.raises(ConfigError, match="fifo_evaluator_mod.py in the working folder is not a regular file"):
+        _load_callable("fifo_evaluator_mod:score")

@@ -475,7 +475,9 @@ def translate_mergekit(data: dict[str, Any], *, source: str = "recipe") -> tuple
                                                     union=tok == "union")
     problems += dtype_problems
     if problems:  # the recipe's values break the method's rules: each message says which, and how
-        raise ConfigError([f"{source}: {p}" for p in problems], hint=f"fix the values named above in {source}")
+        hint = (f"fix the values named above in {source}" if not any("config.json" in p for p in problems) else
+                "fix what each problem above names (a model's config.json among them, not only the recipe)")
+        raise ConfigError([f"{source}: {p}" for p in problems], hint=hint)
     files_from = None
     if "_anchor" in params:
         # the engine's base is the first listed model; the output's config and tokenizer are base_model's, as
@@ -732,7 +734,7 @@ def _translate(method: str, options: dict[str, Any], weights: list[float], densi
     if dare_keep_probability(1.0 - density) == 0.0:  # the drop rate 1 − density rounds to 1 where DARE draws: every
         # entry drops (hp75a c28: said as "drop_rate ... got 1.0", a key mergekit recipes have not; hp76a c09: the
         # bound then said, 1e-15, was refused itself)
-        problems.append(f"{method}: density {density:g} keeps a fraction too small for DARE's 24-bit random draw (1 − "
+        problems.append(f"{method}: density {density!r} keeps a fraction too small for DARE's 24-bit random draw (1 − "
                         "density rounds to 1 in float32, so every entry would drop); give a density of at least "
                         f"{MIN_DENSITY:g}")
         return "", {}, ""
@@ -894,7 +896,10 @@ def _translate_family(method: str, options: dict[str, Any], weights: list[float]
         if any("," in part for part in text.split(";")):
             layers = _layers(base)
             if layers is None:
-                problems.append(f"slerp: t has a gradient, and {base}/config.json gives no num_hidden_layers")
+                # nothing in the recipe can fix that (hp79a c38: "fix the values named above in the recipe")
+                problems.append(f"slerp: t has a gradient, and {base}/config.json gives no num_hidden_layers, which "
+                                "spreads it over the layers: add num_hidden_layers to that config.json, or give t as "
+                                "plain numbers (a gradient is mergekit's layer-by-layer interpolation)")
                 return "", {}, ""
             params["layers"] = layers
         rules = text.split(";")  # thousands of filters made a 431,000-character line (hp41 C64): the first few

@@ -103,6 +103,14 @@ def _load_callable(spec: str):
                               f"{type(exc).__name__}: {str(exc)[:300]}",
                               hint=f"fix the module ({where}): importing it must define {name!r} without errors "
                                    "(--debug shows the traceback)") from None
+        if isinstance(exc, ModuleNotFoundError) and os.path.lexists(mine) and not mine.is_file():
+            # a FIFO (or a folder, a dangling link) named like the module: Python skips it, "No module named" (hp79b
+            # c37, with a hint to run from the folder it was run from)
+            kind = "a folder" if mine.is_dir() else "a link whose target does not exist" if mine.is_symlink() and \
+                not mine.exists() else "not a regular file (a FIFO, a device or a socket)"
+            raise ConfigError(f"--evaluator {spec!r}: {mine.name} in the working folder is {kind}, which Python does "
+                              "not import as a module", hint=f"make {mine.name} a regular Python file defining "
+                                                             f"{name!r}") from None
         raise ConfigError(f"--evaluator {spec!r}: cannot load it ({type(exc).__name__}: {str(exc)[:300]})",
                           hint=f"the module must be importable from here (run from its folder, or add that folder to "
                                f"PYTHONPATH) and define {name!r}; or name a built-in ({builtins}) as NAME:FILE"
