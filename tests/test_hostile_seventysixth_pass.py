@@ -961,3 +961,37 @@ def test_an_evaluator_module_that_is_a_fifo_is_named_so(tmp_path, monkeypatch):
     os.mkfifo(tmp_path / "fifo_evaluator_mod.py")
     with pytest.raises(ConfigError, match="fifo_evaluator_mod.py in the working folder is not a regular file"):
         _load_callable("fifo_evaluator_mod:score")
+
+
+def test_a_search_folder_with_its_log_deleted_or_damaged_is_still_its_own(tmp_path):
+    """hp79b c15: a search log whose header had one 0xff byte inside the base path was "the log of another search"
+    (its base differing by a U+FFFD); c16 (and hp77b c16, c33): a search's --dir whose log was deleted, cut early or
+    its marker damaged was "--dir exists and holds files that are not a tiesmerge search's (results.md, ...)", its
+    own report files."""
+    import json
+
+    from tiesmerge.errors import ConfigError, OutputError
+    from tiesmerge.paths import SEARCH_STAMPS, check_search_dir, file_stamp
+    from tiesmerge.tuning.results_log import ResultsLog
+
+    header = {"base": "/models/base-model", "space": {"lam": [1.0]}}
+    log = tmp_path / "log.jsonl"
+    ResultsLog(log, header).append({"key": json.dumps({"lam": 1.0}), "options": {"lam": 1.0}, "score": 0.5,
+                                    "seconds": 1.0})
+    raw = log.read_bytes()
+    at = raw.index(b"base-model")
+    log.write_bytes(raw[:at] + b"\xff" + raw[at + 1:])
+    with pytest.raises(ConfigError, match="its header is damaged: byte .* is not UTF-8"):
+        ResultsLog(log, header)
+    folder = tmp_path / "s"
+    folder.mkdir()
+    for name in ("results.md", "report.html"):
+        (folder / name).write_text("report")
+    (folder / SEARCH_STAMPS).write_text(json.dumps({n: file_stamp(folder / n) for n in ("results.md", "report.html")}))
+    check_search_dir(folder)  # its log deleted: the search starts afresh there
+    (folder / "log.jsonl").write_text('{"format": "tiesmerge-searcX/1"}\n')
+    check_search_dir(folder)  # judged as the log is opened
+    (folder / SEARCH_STAMPS).unlink()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="holds files that are not a tiesmerge search's"):
+        check_search_dir(folder)

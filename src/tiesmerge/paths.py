@@ -1607,11 +1607,28 @@ def check_search_dir(directory: str | os.PathLike) -> None:
             # puts the format marker past its first 4 KiB (hp55 c59: the search's own --dir refused)
         finally:
             os.close(fd)
-    if b'"tiesmerge-search/' not in header:
+    if b'"tiesmerge-search/' not in header and not _search_wrote_all(directory, entries):
         shown = ", ".join(sorted(entries)[:5]) + (", ..." if len(entries) > 5 else "")
         raise OutputError(f"{directory}: --dir exists and holds files that are not a tiesmerge search's ({shown})",
                           hint="choose a new or empty --dir, or the --dir of the same search to resume it")
     _check_report_unchanged(directory)
+
+
+def _search_wrote_all(directory: Path, entries: Sequence[str]) -> bool:
+    """Whether every entry of ``directory`` is a search's own (its report files, their stamps, merged models it wrote
+    with -o inside), the stamps readable: a search's folder whose log the user deleted, or whose log's marker is
+    damaged, was "--dir holds files that are not a tiesmerge search's (results.md, report.html, ...)", its own (hp79b
+    c16, and the cut and deleted logs of hp77b). The log itself is then judged as it is opened (missing: the search
+    starts afresh; cut in its header: afresh; damaged: said so)."""
+    from .limits import read_json
+
+    try:
+        stamped = read_json(directory / SEARCH_STAMPS, "the search's report stamps", error=OutputError)
+    except (OutputError, OSError):
+        return False
+    if not isinstance(stamped, dict):
+        return False
+    return all(name in SEARCH_FILES or is_output_marker(directory / name / "tiesmerge.json") for name in entries)
 
 
 def check_report_unchanged(directory: str | os.PathLike) -> None:

@@ -171,6 +171,11 @@ class ResultsLog:
                               f"{first[:80]!r}); the search would append to it",
                               hint="choose another --dir (log= in Python): a search log is a file the search "
                                    "itself started")
+        try:  # this search's header with a byte that is no UTF-8: damaged, not "the log of another search" whose
+            # base path differs by a U+FFFD (hp79b c15)
+            complete[:complete.find(b"\n")].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self._corrupt(1, f"its header is damaged: byte {exc.start} is not UTF-8 text") from None
         if found != json.loads(json.dumps(self.header)):
             mine = json.loads(json.dumps(self.header))
             different = sorted(k for k in {*found, *mine} if found.get(k) != mine.get(k))
