@@ -995,3 +995,26 @@ def test_a_search_folder_with_its_log_deleted_or_damaged_is_still_its_own(tmp_pa
     (folder / "notes.txt").write_text("mine")
     with pytest.raises(OutputError, match="holds files that are not a tiesmerge search's"):
         check_search_dir(folder)
+
+
+def test_statistics_through_a_re_pointed_link_say_the_link_may_name_another_model(tmp_path):
+    """hp77b c12: statistics computed through a link (kk/la -> a), the link then re-pointed at model b: "its weight
+    files changed since", where no file changed."""
+    from pathlib import Path
+
+    from tiesmerge.errors import IncompatibleCheckpointsError
+    from tiesmerge.io.checkpoint import open_checkpoint
+    from tiesmerge.manifest import check_stats_digests
+    from tiesmerge.stats import StatsManifest, StatsSource
+    from tiesmerge.stats.files import combine_digests
+
+    (tmp_path / "b").mkdir()
+    link = tmp_path / "la"
+    link.symlink_to(tmp_path / "b")
+    then = [{"path": str(link / "model.safetensors"), "sha256": "a" * 64}]
+    now = [{"path": str(link / "model.safetensors"), "sha256": "b" * 64}]
+    digest = "files:" + combine_digests([(Path(f["path"]).name, f["sha256"]) for f in then])
+    source = StatsSource(open_checkpoint({}, label="s0"), StatsManifest("fisher", 4, model_digest=digest,
+                                                                        model=str(link)), "s0")
+    with pytest.raises(IncompatibleCheckpointsError, match="or the link now names another model"):
+        check_stats_digests([source], [now], [str(link)])

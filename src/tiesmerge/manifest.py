@@ -49,9 +49,12 @@ def check_stats_digests(opened: list[StatsSource], hashed_models: list[list[dict
             same_place = src.manifest.model is not None and os.path.realpath(str(src.manifest.model)) == \
                 os.path.realpath(str(Path(files[0]["path"]).parent))
             if same_place:  # the same folder, its weights re-saved since (hp58 c48: "another model (m), not (m)")
+                # the path is the same; what it names may not be (a link re-pointed since: hp77b c12)
+                relinked = any(os.path.islink(p) for p in (str(src.manifest.model), labels[k]))
                 raise IncompatibleCheckpointsError(
                     f"{src.label}: these statistics were computed with model {k} ({labels[k]}) as its weights were "
-                    "then: its weight files changed since (their digests differ)",
+                    "then: its weight files changed since (their digests differ)"
+                    + (", or the link now names another model" if relinked else ""),
                     hint="recompute the statistics with the model as it is now (tiesmerge stats)")
             raise IncompatibleCheckpointsError(
                 f"{src.label}: these statistics were computed with another model ({src.manifest.model}), "
