@@ -1018,3 +1018,73 @@ def test_statistics_through_a_re_pointed_link_say_the_link_may_name_another_mode
                                                                         model=str(link)), "s0")
     with pytest.raises(IncompatibleCheckpointsError, match="or the link now names another model"):
         check_stats_digests([source], [now], [str(link)])
+
+
+def test_pass_80_weights_say_what_they_scale_by():
+    """hp80a c03: 13 models with weights 1, 1, -1.9999 (and ten more) under ties skipped the cancelling-weights check
+    (pairs only past 12); c21: task_arithmetic normalized with weights 1, -0.999 multiplied the task vector ~1000
+    times, silently; c22: normalized weights 1000, 1000 were said to scale a task vector 1000 times; c25: the advice
+    "a negative weight flips a task vector" under ties, where (-1, -1) merges as (1, 1); c29: average undivided with
+    base_weight 1 and weights 1000, -1000 (sum 1) extrapolated far, silently."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+
+    base = {"w": torch.zeros(4)}
+    two = [{"w": torch.tensor([1.0, -1.0, 0.5, 0.2])}, {"w": torch.tensor([0.5, -0.5, 1.0, -0.2])}]
+    many = [{"w": torch.randn(4, generator=torch.Generator().manual_seed(k))} for k in range(13)]
+    with pytest.warns(UserWarning, match="with 13 models can scale the merged task vector without bound"):
+        tiesmerge.merge(base, many, "ties", weights=[1, 1, -1.9999] + [1] * 10, density=1.0)
+    with pytest.warns(UserWarning, match=r"task_arithmetic: weights of opposite signs \(1, -0.999\): the weights "
+                                         r"nearly cancel"):
+        tiesmerge.merge(base, two, "task_arithmetic", weights=[1, -0.999], normalize_weights=True, lam=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiesmerge.merge(base, two, "task_arithmetic", weights=[1000, 1000], normalize_weights=True, lam=1.0)
+    with pytest.warns(UserWarning, match="every weight is negative .* undoes their sign") as seen:
+        tiesmerge.merge(base, two, "ties", weights=[-1, -1], density=1.0)
+    assert not any("flips" in str(w.message) for w in seen)
+    with pytest.warns(UserWarning, match=r"as they stand they reach ±1e\+03"):
+        tiesmerge.merge(base, two, "average", weights=[1000, -1000], base_weight=1, normalize_weights=False)
+
+
+def test_compressed_tensors_fp8_checkpoints_are_refused(tmp_path):
+    """hp80a c07: float8_e4m3 weights with a .weight_scale beside them (compressed-tensors, no quantization_config)
+    merged silently; a float32 weight beside a tensor called weight_scale is a model's own and merges."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError
+
+    base = {"l.weight": torch.zeros(2, 2), "l.weight_scale": torch.ones(1)}
+    fine = [{"l.weight": torch.ones(2, 2) * k, "l.weight_scale": torch.ones(1)} for k in (1, 2)]
+    tiesmerge.merge(base, fine, "task_arithmetic")
+    fp8 = {"l.weight": torch.ones(2, 2).to(torch.float8_e4m3fn), "l.weight_scale": torch.ones(1)}
+    with pytest.raises(CheckpointError, match="it holds 'l.weight_scale', a tensor only quantized checkpoints hold"):
+        tiesmerge.merge(base, [fp8, fine[0]], "task_arithmetic")
+
+
+def test_pass_80_merge_notes(tmp_path, capsys):
+    """hp80a c36: an adapter_config.json given as the recipe listed 10 problems ("did you mean 'base'?"); c27:
+    `--memory-budget=--` was "not a size: []"; c26: a mergekit entry "base + la1" (spaces around '+') was "applies an
+    adapter to a model other than base_model"."""
+    import json
+
+    from helpers_ckpt import run_cli
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    (tmp_path / "la").mkdir()
+    (tmp_path / "la" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
+    rc, _, err = run_cli(["merge", tmp_path / "la" / "adapter_config.json", "-o", tmp_path / "o"], capsys)
+    assert rc != 0 and "a PEFT adapter's configuration" in err and "did you mean" not in err, err
+    rc, _, err = run_cli(["merge", "--base", tmp_path, "--model", tmp_path, "-o", tmp_path / "o",
+                          "--memory-budget=--"], capsys)
+    assert rc == 2 and "--memory-budget=-- gives '--'" in err and "[]" not in err, err
+    (tmp_path / "base").mkdir()
+    with pytest.raises(ConfigError, match="has spaces around '[+]'") as caught:
+        translate_mergekit({"merge_method": "ties", "base_model": str(tmp_path / "base"), "models": [
+            {"model": f"{tmp_path / 'base'} + {tmp_path / 'la'}", "parameters": {"weight": 1.0, "density": 0.5}}]})
+    assert "other than base_model" not in str(caught.value)

@@ -639,7 +639,25 @@ _ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers")  # what says which mo
 # tensors only a quantized checkpoint holds: bitsandbytes' scales and 4-bit state, GPTQ/AWQ's packed weights, zeros
 # and group indices, FP8 block scales (their weights are codes, not values a float merge may average)
 _QUANTIZED_SUFFIXES = (".SCB", ".weight_format", ".absmax", ".quant_map", ".qweight", ".qzeros", ".g_idx",
-                       ".weight_scale_inv")
+                       ".weight_scale_inv", ".weight_packed", ".weight_zero_point", ".W_q")
+# a scale beside a weight stored in 8 bits (compressed-tensors' FP8 and INT8: hp80a c07); beside a float16/float32
+# weight a tensor of that name may be a model's own (a layer scale), so the weight's dtype decides
+_SCALE_SUFFIXES = (".weight_scale", ".input_scale")
+_EIGHT_BIT = ("F8_E4M3", "F8_E5M2", "I8", "U8")
+
+
+def _quantized_tensor(ckpt: Checkpoint) -> str | None:
+    """The first tensor of ``ckpt`` that only a quantized checkpoint holds, or None."""
+    names = ckpt.names()
+    held = set(names)
+    for name in names:
+        if name.endswith(_QUANTIZED_SUFFIXES):
+            return name
+        if name.endswith(_SCALE_SUFFIXES):
+            weight = name.rsplit(".", 1)[0] + ".weight"
+            if weight in held and ckpt.info(weight).dtype_info.code in _EIGHT_BIT:
+                return name
+    return None
 
 
 def _refuse_quantized(bases: Sequence[Checkpoint], models: Sequence[Checkpoint]) -> None:
@@ -657,7 +675,7 @@ def _refuse_quantized(bases: Sequence[Checkpoint], models: Sequence[Checkpoint])
         except CheckpointError:
             config = {}  # a damaged config is named where the output's config is read
         declared = config.get("quantization_config")
-        packed = next((n for n in ckpt.names() if n.endswith(_QUANTIZED_SUFFIXES)), None)
+        packed = _quantized_tensor(ckpt)
         if declared is None and packed is None:
             continue
         method = declared.get("quant_method", "?") if isinstance(declared, dict) else "?"

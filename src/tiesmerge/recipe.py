@@ -363,8 +363,15 @@ _MODEL_CONFIG_KEYS = ("model_type", "architectures", "_name_or_path", "transform
 def _refuse_model_config(data: dict[str, Any], path: Path) -> None:
     """A model's config.json given as the recipe (YAML reads JSON): "4 problems: unknown key 'model_type' (did you
     mean 'dtype'?)" listed its keys as a recipe's typos (hp78a c14)."""
+    if "method" in data or is_mergekit(data):
+        return
+    if "peft_type" in data:  # an adapter_config.json: "10 problems ... did you mean 'base'?" (hp80a c36)
+        raise ConfigError(f"{path}: a PEFT adapter's configuration (peft_type {str(data['peft_type'])[:40]!r}), not "
+                          "a recipe", hint=f"give the adapter's folder as a model (--model {path.parent}), and a "
+                                           "recipe as a YAML file with method:, base:, models: (tiesmerge merge "
+                                           "--help shows one)")
     found = [k for k in _MODEL_CONFIG_KEYS if k in data]
-    if not found or "method" in data or is_mergekit(data):
+    if not found:
         return
     raise ConfigError(f"{path}: a model's configuration ({', '.join(found)}), not a recipe",
                       hint=f"give the model's folder as an input (--base {path.parent} or --model {path.parent}), "

@@ -259,6 +259,13 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
                             f"as MODEL+LORA ({model!r} with the LoRA {adapter!r}, neither of which exists): rename "
                             "the folder without '+', or link to it under another name")  # hostile pass 31, C47
             return None
+        if any(part != part.strip() and not os.path.lexists(_path(part)) for part in (model, adapter)):
+            # "base + la1": mergekit splits at '+' as it stands, so 'base ' names no folder (hp80a c26: "applies an
+            # adapter to a model other than base_model")
+            problems.append(f"{where}: {ref!r} has spaces around '+'; MODEL+LORA is read as it stands, so "
+                            f"{model!r} and {adapter!r} name paths with those spaces: write "
+                            f"{model.strip()}+{adapter.strip()}")
+            return None
         if not model.strip():  # "+lora": no model named (hp76a c58: "a model other than base_model")
             problems.append(f"{where}: {ref!r} names no model before '+' (MODEL+LORA: the model the adapter was "
                             "trained on, base_model's path" + (f", {base}" if base is not None else "") + ")")

@@ -484,6 +484,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    for key, value in vars(args).items():  # `--memory-budget=--`: argparse takes the '--' as the end of options and
+        if isinstance(value, list) and not value and key in _ONE_VALUE:  # leaves [], said as "not a size: []"
+            flag = "--" + key.replace("_", "-")  # (hp80a c27)
+            return _report(ConfigError(f"{flag}=-- gives '--', which the command line reads as the end of its "
+                                       "options, not as a value", hint=f"give {flag} a value"
+                                       + (", e.g. 2GiB" if key in ("memory_budget", "shard_size") else
+                                          f" (tiesmerge {args.command} --help lists them)")), debug)
     output = getattr(args, "output", None)
     if getattr(args, "force", False) and isinstance(output, str) and output and os.path.isdir(output):
         # a stop before the new output is swapped in leaves the earlier one as it was: said so, not "no output
@@ -926,6 +933,9 @@ def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
     print(f"error: interrupted; {left}", file=sys.stderr)
     return 130
 
+
+# options taking one value, never a list: an empty list there is argparse's reading of '--' (see main)
+_ONE_VALUE = ("memory_budget", "shard_size", "dtype", "device", "output", "lam", "density", "seed", "threads")
 
 MEMORY_BUDGET_COMMANDS = ("merge", "analyze", "tune", "search", "adapt")  # those with a --memory-budget
 

@@ -74,6 +74,8 @@ class Average:
                                   + ("; only their ratios matter (they are normalized)" if self.normalize_weights
                                      else ""))
             if not self.normalize_weights:  # hp40b C61: mergekit's linear with normalize: false, nothing divided
+                if math.isclose(math.fsum(w), 1.0):  # (another sum is said by the engine: what it scales by)
+                    _warn_if_far(w, "the weights with base_weight")  # 1, 1000, -1000: far out, silent (hp80a c29)
                 if not any(w):  # Σ 0·θ_i: an all-zero model, which the merge said was "the base itself" (hp79a c29)
                     raise ConfigError("every weight is 0, base_weight included (in a base-less mergekit linear, the "
                                       "first listed model's), and normalize_weights is off: the merge would be an "
@@ -123,6 +125,7 @@ def _warn_if_far(weights: tuple[float, ...], what: str) -> None:
     reach = max(abs(x) for x in weights) / abs(total) if total else 0.0
     if reach > FAR:
         warnings.warn(MergeWarning(
-            f"average: {what} ({', '.join(f'{x:.6g}' for x in weights)}) sum to {total:.4g}, so normalised by their "
-            f"sum they reach ±{reach:.3g}: the merge extrapolates far past the models rather than averaging them; "
+            f"average: {what} ({', '.join(f'{x:.6g}' for x in weights)}) sum to {total:.4g}, so "
+            + ("normalised by their sum they" if not math.isclose(total, 1.0) else "as they stand they")
+            + f" reach ±{reach:.3g}: the merge extrapolates far past the models rather than averaging them; "
             "weights of one sign (or a sum not nearly cancelled) give a mean"), stacklevel=3)

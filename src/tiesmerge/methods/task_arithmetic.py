@@ -43,14 +43,18 @@ class TaskArithmetic:
     name: ClassVar[str] = "task_arithmetic"
     paper: ClassVar[str] = "https://arxiv.org/abs/2212.04089"
     summary: ClassVar[str] = "add the scaled sum of the task vectors to the base"
-    weights_multiply: ClassVar[bool] = True  # lam * w_t scales model t's task vector (the executor's large-lam check)
-
     lam: float = option(0.4, "scale of the summed task vectors (lambda)", unit="multiplier", check=finite,
                         grid=steps(0.1, 1.0, 0.1))  # the TIES paper's search for this baseline
     weights: tuple[float, ...] | None = option(None, "per-model weights multiplying each task vector",
                                                unit="one per model", per_model=True)
     normalize_weights: bool = option(False, "divide the weighted sum by the sum of the weights (mergekit's "
                                             "normalize: the division after the sum, in float32, as mergekit does)")
+
+    @property
+    def weights_multiply(self) -> bool:
+        """Whether lam * w_t scales model t's task vector (the executor's large-lam check): not when normalised
+        (hp80a c22: weights 1000, 1000 normalized were said to scale a task vector 1000 times)."""
+        return not self.normalize_weights
 
     def requirements(self) -> Requirements:
         warn_unnormalised(self.name, self.weights, self.normalize_weights)
