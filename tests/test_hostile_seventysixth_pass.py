@@ -1088,3 +1088,33 @@ def test_pass_80_merge_notes(tmp_path, capsys):
         translate_mergekit({"merge_method": "ties", "base_model": str(tmp_path / "base"), "models": [
             {"model": f"{tmp_path / 'base'} + {tmp_path / 'la'}", "parameters": {"weight": 1.0, "density": 0.5}}]})
     assert "other than base_model" not in str(caught.value)
+
+
+def test_pass_80_tune_side(classifiers, tmp_path):
+    """hp80b c04, c21: run_search and adapt with a model None, 5 or a module were TypeError tracebacks (tune says them);
+    c05: a base state dict holding {"x": 1} was an AttributeError in tune and run_search; c18: a statistics manifest
+    whose model field held a NUL byte was "unexpected ValueError: embedded null byte"; c12: an in-memory adapt row
+    with a lone surrogate was "the model fails in its forward pass", hinting at its config.json."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError, ConfigError
+    from tiesmerge.stats.files import StatsManifest
+    from tiesmerge.tuning import run_search
+
+    _, base, fts, data = classifiers
+    grid = {"density": [0.2], "lam": [1.0]}
+    for bad in (None, 5, torch.nn.Linear(2, 2)):
+        with pytest.raises(ConfigError, match="not a path or a state dict"):
+            run_search(base, [fts[0], bad], "ties", lambda sd: 0.5, grid=grid)
+        with pytest.raises(ConfigError, match="not a path or a state dict"):
+            tiesmerge.adapt(base, [fts[0], bad], [data, data], tasks=["a", "b"], steps=1)
+    state = {"x": torch.ones(2), "y": 1}
+    models = [{"x": torch.ones(2) * 2, "y": torch.ones(1)}, {"x": torch.ones(2) * 3, "y": torch.ones(1)}]
+    for call in (tiesmerge.tune, run_search):
+        with pytest.raises(CheckpointError, match="entry 'y' is a int, not a torch.Tensor"):
+            call(state, models, "ties", lambda sd: 0.5, grid=grid)
+    with pytest.raises(CheckpointError, match="field 'model' holds a NUL byte"):
+        StatsManifest.from_dict({"kind": "fisher", "examples": 3, "model": "/a\0b"}, "m.json")
+    with pytest.raises(ConfigError, match="task 'a': example 1: a string holds .udc80"):
+        tiesmerge.adapt(base, fts, [[{"text": "good \udc80"}], [{"text": "bad"}]], tasks=["a", "b"], steps=1)

@@ -269,7 +269,7 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
                 raise error(f"{path}:{number}: each line must be a JSON object, not {type(row).__name__}",
                             hint=hint)
             if "\\u" in line:  # an escape may be half a UTF-16 pair, which no tokenizer takes (hostile pass 25, F6)
-                _check_surrogates(row, f"{path}:{number}", error)
+                check_surrogates(row, f"{path}:{number}", error)
             rows.append((number, row))
     if not rows:
         raise error(f"{path}: {what} holds no examples (it is empty or holds only blank lines)", hint=hint)
@@ -339,7 +339,7 @@ def check_text_pairs(rows: Sequence[tuple[int, dict]], path: str | os.PathLike,
     return bool(paired)
 
 
-def _check_surrogates(row: dict, where: str, error: type[TiesMergeError]) -> None:
+def check_surrogates(row: dict, where: str, error: type[TiesMergeError]) -> None:
     """Refuse a row holding a lone UTF-16 surrogate (``"\\ud800"``: valid JSON, but no text a tokenizer encodes)."""
     try:
         json.dumps(row, ensure_ascii=False).encode("utf-8")

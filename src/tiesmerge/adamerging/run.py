@@ -37,7 +37,7 @@ from ..inputs import (
 from ..io.writer import _check_output_path as check_output_path
 from ..io.writer import _remove_empty
 from ..lazy import torch
-from ..limits import plain_numbers
+from ..limits import check_surrogates, plain_numbers
 from ..methods.base import ChunkContext, MergeMethod, Requirements, _shown
 from ..paths import check_output_file, fs_text, held_through_mount, nested, physical
 from ..sizes import format_size
@@ -157,6 +157,9 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
             if text is None or not text.strip():
                 raise ConfigError(f"{where}: example {k + 1} has an empty or missing 'text'",
                                   hint="every example needs some text; drop the empty ones")
+            # a lone surrogate ("\udc80") no tokenizer encodes: named as a data file's is, not as the model failing in
+            # its forward pass with a hint at its config.json (hp80b c12)
+            check_surrogates(row, f"{where}: example {k + 1}", ConfigError)
         out[name] = rows
     return out
 
@@ -334,10 +337,11 @@ def adapt(base: Source, models: Sequence[Source], data: Sequence[Any], method: s
                                    max_length))
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:  # 0 truncated every
         raise ConfigError(f"max_length must be a whole number of tokens >= 1, got {_shown(max_length)}")  # input
-    from ..inputs import resolve_sources
+    from ..inputs import check_inputs, resolve_sources
 
     # bytes paths and a generator of models, as merge and tune take them (hp77b c24, c25: TypeError tracebacks)
     base, models = resolve_sources(base, models)
+    check_inputs(base, models)  # None, 5, a module: typed, as tune says them (hp80b c21: a TypeError traceback)
     config, m = check_adapt_request(base, models, data, method, forward=forward, heads=heads, choices=choices,
                                     tasks=tasks, granularity=granularity, steps=steps, lr=lr, batch_size=batch_size,
                                     init=init, shuffle_seed=shuffle_seed, clamp=clamp,

@@ -72,6 +72,10 @@ class StatsManifest:
         if wrong:
             raise CheckpointError(f"{source}: statistics manifest field {wrong[0]!r} is {_shown(data[wrong[0]])}, of "
                                   "the wrong type", hint="recompute the statistics with tiesmerge stats fisher|gram")
+        if isinstance(data.get("model"), str) and "\0" in data["model"]:  # no path holds one: os calls on it raised
+            raise CheckpointError(f"{source}: statistics manifest field 'model' holds a NUL byte, which no path can "
+                                  "(the manifest was edited or damaged)",  # ValueError, "a bug" (hp80b c18)
+                                  hint="recompute the statistics with tiesmerge stats fisher|gram")
         if data["examples"] == 0:  # tiesmerge stats refuses empty data: statistics of nothing weigh nothing
             raise CheckpointError(f"{source}: the statistics were computed from 0 examples, so they describe no data",
                                   hint="recompute the statistics with tiesmerge stats fisher|gram on the task's data")

@@ -153,10 +153,11 @@ def better(score: float, best: float | None) -> bool:
 
 def as_state(source: Any) -> dict[str, torch.Tensor]:
     """A path or a state dict, as a state dict (the base is held in memory to scale candidates)."""
-    if isinstance(source, Mapping):
-        return dict(source)
     from ..io.checkpoint import open_checkpoint
 
+    if isinstance(source, Mapping):  # its entries checked as merge checks them: {"x": 1} was an AttributeError of
+        open_checkpoint(source, label="the base").close()  # .dtype in tune and run_search (hp80b c05)
+        return dict(source)
     ckpt = open_checkpoint(source)
     try:
         return {name: ckpt.read(name) for name in ckpt.names()}

@@ -359,7 +359,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     ...                     axes=("densities", "weights", "lam"), log="search.jsonl")  # doctest: +SKIP
     >>> result.best.options, result.best.score                                       # doctest: +SKIP
     """
-    from ..inputs import as_method, check_ordered
+    from ..inputs import as_method, check_inputs, check_ordered
     from ..paths import fs_text
 
     if not isinstance(method, str):
@@ -381,6 +381,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
         got = "" if isinstance(models, Sequence) else f", got {type(models).__name__}"
         raise ConfigError(f"models must be a non-empty list of fine-tuned models (paths or state dicts){got}")
     base, models = fs_text(base), [fs_text(m) for m in models]  # bytes paths, as merge takes them (hp45 c24)
+    check_inputs(base, models)  # None, 5, a module, an open file: typed, as tune says them (hp80b c04)
     check_axes_and_fixed(axes, fixed)
     if log is not None and not isinstance(log, (str, bytes, os.PathLike)):  # (hp58 c32: log=5, a TypeError)
         raise ConfigError(f"log is a {type(log).__name__}, not a path of the search's log file",

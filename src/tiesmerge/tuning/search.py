@@ -25,7 +25,7 @@ from ..limits import OutOfFloatRange, parse_float, plain_numbers
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
-from .candidates import check_candidate, check_tuning_vocab_policy
+from .candidates import as_state, check_candidate, check_tuning_vocab_policy
 from .evaluator import check_callback, check_evaluated_models, format_score, guard
 from .space import check_axes_and_fixed, check_grid, fit_counts
 
@@ -242,7 +242,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     best: GridPoint | None = None
     best_delta: dict[str, torch.Tensor] = {}  # the best merge's float32 delta, never handed to the evaluator
     best_whole: dict[str, torch.Tensor] = {}
-    base_sd = _as_state(base)
+    base_sd = as_state(base)  # (the base as a state dict: tuning evaluates in-memory models)
     dtypes = {k: v.dtype for k, v in base_sd.items()}
     base32 = {k: v.float() if v.is_floating_point() else v for k, v in base_sd.items()}
     from .driver import InputWatch
@@ -283,15 +283,4 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     return TuningResult(name, best, tuple(points), len(combos), time.perf_counter() - started, best_state)
 
 
-def _as_state(source: Source) -> dict[str, torch.Tensor]:
-    """The base as a state dict (tuning evaluates in-memory models)."""
-    if isinstance(source, Mapping):
-        return dict(source)
-    from ..io.checkpoint import open_checkpoint
-
-    ckpt = open_checkpoint(source)
-    try:
-        return {name: ckpt.read(name) for name in ckpt.names()}
-    finally:
-        ckpt.close()
 
