@@ -793,23 +793,31 @@ def test_a_mergekit_slerp_t_out_of_range_is_said_with_its_key(tmp_path):
                             "models": [{"model": "b"}, {"model": "m"}]})
 
 
+def _adapt_checkpoint(classifiers, tmp_path):
+    """A one-step adapt run's settings (its checkpoint among them), and the checkpoint's tensors and metadata."""
+    from safetensors import safe_open
+
+    import tiesmerge
+
+    _, base, fts, data = classifiers
+    run = {"tasks": ["a", "b"], "steps": 1, "batch_size": 2, "checkpoint": tmp_path / "ck.safetensors"}
+    tiesmerge.adapt(base, fts, [data, data], **run)
+    with safe_open(run["checkpoint"], "pt") as f:
+        return run, {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
 @pytest.mark.parametrize("step", ["3.5", "99999999999999999999"])
 def test_an_adapt_checkpoints_edited_step_is_said_as_damage(classifiers, tmp_path, step):
     """hp77b c13: an adapt checkpoint whose step was edited to "3.5" was "not a checkpoint tiesmerge adapt wrote (its
     fields are missing or damaged: ValueError: invalid literal for int() ...)", hinting at another checkpoint."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     import tiesmerge
     from tiesmerge.errors import ConfigError
 
     _, base, fts, data = classifiers
-    ckpt = tmp_path / "ck.safetensors"
-    run = {"tasks": ["a", "b"], "steps": 1, "batch_size": 2, "checkpoint": ckpt}
-    tiesmerge.adapt(base, fts, [data, data], **run)
-    with safe_open(ckpt, "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    save_file(tensors, ckpt, metadata={**meta, "step": step})
+    run, tensors, meta = _adapt_checkpoint(classifiers, tmp_path)
+    save_file(tensors, run["checkpoint"], metadata={**meta, "step": step})
     with pytest.raises(ConfigError, match=f"the checkpoint is damaged \\(step '{step}' is no count of steps") as c:
         tiesmerge.adapt(base, fts, [data, data], resume=True, **run)
     assert "remove it to start afresh" in c.value.hint
@@ -858,25 +866,20 @@ def test_undivided_and_opposite_weights_are_said_as_what_they_scale(tmp_path, ca
 def test_an_adapt_checkpoints_damaged_fields_are_said_as_damage(classifiers, tmp_path, damage, said):
     """hp79b c36, c25: an adapt checkpoint (its format field intact) without its coefficients tensor or config field,
     or with invalid JSON in a field, was "not a checkpoint tiesmerge adapt wrote (... KeyError: 'coefficients')"."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     import tiesmerge
     from tiesmerge.errors import ConfigError
 
     _, base, fts, data = classifiers
-    ckpt = tmp_path / "ck.safetensors"
-    run = {"tasks": ["a", "b"], "steps": 1, "batch_size": 2, "checkpoint": ckpt}
-    tiesmerge.adapt(base, fts, [data, data], **run)
-    with safe_open(ckpt, "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    run, tensors, meta = _adapt_checkpoint(classifiers, tmp_path)
     if damage == "coefficients":
         del tensors["coefficients"]
     elif damage == "entropy":
         meta["entropy"] = "[1,"
     else:
         del meta["config"]
-    save_file(tensors, ckpt, metadata=meta)
+    save_file(tensors, run["checkpoint"], metadata=meta)
     with pytest.raises(ConfigError, match=f"the checkpoint is damaged \\({said}") as c:
         tiesmerge.adapt(base, fts, [data, data], resume=True, **run)
     assert "Error" not in str(c.value) and "start afresh" in c.value.hint
