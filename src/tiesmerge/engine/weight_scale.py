@@ -1,0 +1,70 @@
+"""Weights whose divisor can nearly cancel: what scale a weighted merge can reach, said before it runs.
+
+A weighted mean divides by a sum of weights. Where the weights have opposite signs that sum can be near 0 and the
+"mean" lies far past every model; mergekit's rule divides a sum of exactly 0 by 1. The executor calls
+:func:`warn_if_weights_cancel` once per merge, beside its other warnings about scales (``LARGE_LAM``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import MergeWarning
+
+LARGE_LAM = 100.0  # a scale of the merged task vector no merge means (tune's grids stop at 3.0)
+
+
+def _mean_amplification(weights: Sequence[float]) -> float | None:
+    """How many times a weighted mean over the models that agree in sign can exceed the largest task vector entry:
+    max over subsets S of Σ_S |w_i| / |Σ_S w_i| (a sum of 0 divides by 1, as mergekit does). 1 for weights of one
+    sign; (1000, -1000) gives 2000. Every subset up to 12 models; past that None, unbounded as far as is known (a
+    subset summing near 0 is a subset-sum search: 1, 1, -1.9999 among 13 models reached 39992, hp80a c03)."""
+    n = len(weights)
+    if n > 12:
+        return None
+    worst = 1.0
+    for mask in range(1, 1 << n):
+        subset = [weights[i] for i in range(n) if mask >> i & 1]
+        total = math.fsum(subset)
+        worst = max(worst, math.fsum(abs(w) for w in subset) / (abs(total) if total else 1.0))
+    return worst
+
+
+def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) -> None:
+    """Weights of opposite signs where a divisor sums them: under an elected weighted mean (ties, dare_ties, della,
+    breadcrumbs_ties with aggregate mean) the agreeing models' weights, and (1000, -1000) multiplied the task vectors
+    by 1000, silently (hp79a c30); under a normalized linear merge (task_arithmetic, dare_linear, della_linear,
+    breadcrumbs with normalize) all of them (1, -0.999: 1000 times, hp80a c21). Negative weights alone under an
+    elected mean change nothing: the division by the agreeing weights undoes their sign (hp80a c25)."""
+    elected = hasattr(method, "elect") and getattr(method, "aggregate", None) == "mean"
+    if not elected and not (getattr(method, "normalize_weights", False) and method.name != "average"):
+        return  # average says its own (_warn_if_far); sums without a divisor scale by the weights themselves
+    negative = [w < 0 for w in weights]
+    shown = ", ".join(f"{w:g}" for w in weights[:8]) + (", ..." if len(weights) > 8 else "")
+    if elected and all(negative):
+        warnings.warn(MergeWarning(
+            f"{method.name}: every weight is negative ({shown}), and the weighted mean divides by the agreeing "
+            "weights' sum, which undoes their sign: the merge equals the one with the weights' magnitudes; to "
+            "subtract task vectors, use task_arithmetic with negative weights"), stacklevel=3)
+        return
+    if not any(negative) or all(negative):
+        return
+    if elected:
+        amplification = _mean_amplification(weights)
+        where = ("where the weighted task vectors agree in sign, their weights can nearly cancel in the mean's "
+                 "divisor (a sum of 0 divides by 1, as mergekit does)")
+    else:
+        total = math.fsum(weights)
+        amplification = math.fsum(abs(w) for w in weights) / (abs(total) if abs(total) >= 1e-8 else 1.0)
+        where = "the weights nearly cancel in the divisor that normalizes them"
+    if amplification is not None and abs(lam) * amplification <= LARGE_LAM:
+        return
+    scale = (f"which scales the merged task vector up to {abs(lam) * amplification:.4g} times" if amplification
+             is not None else f"which with {len(weights)} models can scale the merged task vector without bound")
+    warnings.warn(MergeWarning(
+        f"{method.name}: weights of opposite signs ({shown}): {where}, {scale}, far past every model; give weights "
+        "of one sign (to subtract a task vector, use task_arithmetic with a negative weight, unnormalized)"),
+        stacklevel=3)
