@@ -1121,3 +1121,68 @@ def test_pass_80_tune_side(classifiers, tmp_path):
         StatsManifest.from_dict({"kind": "fisher", "examples": 3, "model": "/a\0b"}, "m.json")
     with pytest.raises(ConfigError, match="task 'a': example 1: a string holds .udc80"):
         tiesmerge.adapt(base, fts, [[{"text": "good \udc80"}], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
+
+
+@pytest.mark.parametrize("words", [["merge", "--base", "b", "--model", "m", "-o", "o", "--method=--"],
+                                   ["merge", "--base=--", "--model", "m", "-o", "o"],
+                                   ["stats", "fisher", "--model", "b", "--data", "d.jsonl", "-o", "s", "--limit=--"],
+                                   ["analyze", "--base", "b", "--model", "m", "-o", "a", "--subsets-per-size=--"]])
+def test_any_option_given_as_equals_dashes_is_refused_first(tmp_path, capsys, monkeypatch, words):
+    """hp81a c14-c17, c36-c39: `--X=--` (argparse reads the '--' as the end of options and leaves []) was a TypeError
+    "'<' not supported between list and int", a default silently used (--method=-- merged ties), or "not a size: []"
+    for every option but the few checked by name."""
+    from helpers_ckpt import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(words, capsys)
+    flag = next(w for w in words if w.endswith("=--"))[:-3]
+    assert rc == 2 and f"{flag}=-- gives '--'" in err and "unexpected" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_pass_81_merge_side(tmp_path, capsys):
+    """hp81a c02, c24: twelve weights 1 and one -0.001 under ties were said to scale "without bound" (it is 1.002),
+    naming no negative weight; c07, c08: a compressed-tensors compression_config, or a quantization_config nested in
+    text_config, merged silently; c11, c12, c33: adapters merged over a quantized base failed as "the base has no
+    tensor" or a traceback; c40: an int8 base tensor that LoRAs change kept the base's values silently; c19, c20: a
+    weights file or a shard index as the recipe was "not UTF-8 text ... iconv" or "unknown key 'weight_map'"."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from helpers_adapters import random_lora, write_lora_dir
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from tiesmerge.errors import CheckpointError, IncompatibleCheckpointsError
+
+    base = {"w": torch.zeros(4)}
+    many = [{"w": torch.randn(4, generator=torch.Generator().manual_seed(k))} for k in range(13)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiesmerge.merge(base, many, "ties", weights=[1] * 12 + [-0.001], density=1.0)
+    with pytest.warns(UserWarning, match=r"13 weights, 2 negative: model 1: -1, model 2: -0.5"):
+        tiesmerge.merge(base, many, "ties", weights=[1, -1, -0.5] + [1] * 10, density=1.0)
+    fam_base, fam_models = make_family(2, with_int=False)
+    for extra in ({"compression_config": {"sparsity_config": {"format": "sparse-bitmask"}}},
+                  {"text_config": {"quantization_config": {"quant_method": "bitsandbytes"}}}):
+        q = write_hf_dir(tmp_path / f"q{len(list(tmp_path.iterdir()))}", fam_base, config=extra)
+        with pytest.raises(CheckpointError, match="the base is a quantized checkpoint"):
+            tiesmerge.merge(str(q), [{k: v + 1 for k, v in fam_base.items()}], "task_arithmetic")
+    loras = [str(write_lora_dir(tmp_path / f"l{k}", random_lora(fam_base, 2, k), alpha=4)) for k in range(2)]
+    with pytest.raises(CheckpointError, match="quantized") as caught:
+        tiesmerge.merge(str(q), loras, "task_arithmetic", output=str(tmp_path / "ad"), output_format="adapter")
+    assert "unquantized base the adapters were trained from" in caught.value.hint
+    adapted = next(n for n in tiesmerge.merge(fam_base, [loras[0]], "task_arithmetic") if n.endswith("proj.weight")
+                   and not torch.equal(fam_base[n], tiesmerge.merge(fam_base, [loras[0]], "task_arithmetic")[n]))
+    int_base = {**fam_base, adapted: fam_base[adapted].to(torch.int8)}
+    ib = write_hf_dir(tmp_path / "ib", int_base)
+    with pytest.raises(IncompatibleCheckpointsError, match="changes it \\(an adapter of that layer\\)"):
+        tiesmerge.merge(str(ib), loras, "task_arithmetic", output=str(tmp_path / "o"))
+    b = write_hf_dir(tmp_path / "b", fam_base, shards=2)
+    rc, _, err = run_cli(["merge", b / "model-00001-of-00002.safetensors", "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "a weights file, not a recipe" in err and "iconv" not in err, err
+    rc, _, err = run_cli(["merge", b / "model.safetensors.index.json", "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "a sharded model's index" in err, err
+    (tmp_path / "report.html").write_text("<html></html>")
+    rc, _, err = run_cli(["merge", tmp_path / "report.html", "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "a report or a plot (.html file), not a recipe" in err, err

@@ -560,7 +560,7 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     device_t, budget = device_of(device), budget_of(memory_budget)
     out_dtype = requested_dtype(dtype)
     base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
-    _refuse_quantized([base_ckpt] if output_format == "model" else [], model_ckpts)
+    _refuse_quantized(base_ckpt, model_ckpts, adapters_only=output_format == "adapter")
     for ckpt in model_ckpts if fold_like_peft else ():
         if hasattr(ckpt, "fold_like_peft"):
             ckpt.fold_like_peft = True
@@ -639,7 +639,8 @@ _ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers")  # what says which mo
 # tensors only a quantized checkpoint holds: bitsandbytes' scales and 4-bit state, GPTQ/AWQ's packed weights, zeros
 # and group indices, FP8 block scales (their weights are codes, not values a float merge may average)
 _QUANTIZED_SUFFIXES = (".SCB", ".weight_format", ".absmax", ".quant_map", ".qweight", ".qzeros", ".g_idx",
-                       ".weight_scale_inv", ".weight_packed", ".weight_zero_point", ".W_q")
+                       ".weight_scale_inv", ".weight_packed", ".weight_zero_point", ".W_q",
+                       ".compressed", ".bitmask", ".row_offsets")  # (compressed-tensors' sparse bitmask: hp81a c07)
 # a scale beside a weight stored in 8 bits (compressed-tensors' FP8 and INT8: hp80a c07); beside a float16/float32
 # weight a tensor of that name may be a model's own (a layer scale), so the weight's dtype decides
 _SCALE_SUFFIXES = (".weight_scale", ".input_scale")
@@ -660,31 +661,49 @@ def _quantized_tensor(ckpt: Checkpoint) -> str | None:
     return None
 
 
-def _refuse_quantized(bases: Sequence[Checkpoint], models: Sequence[Checkpoint]) -> None:
+def _declared_quantization(config: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(where, value) of a quantization or compression config in a model's config.json, its own or a sub-model's
+    (a composite model's text_config: hp81a c08), or None."""
+    for where, sub in [("", config), *((f"{k}.", v) for k, v in config.items() if isinstance(v, Mapping))]:
+        for key in ("quantization_config", "compression_config"):  # (compression_config: compressed-tensors, c07)
+            if sub.get(key) is not None:
+                return where + key, sub[key]
+    return None
+
+
+def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_only: bool = False) -> None:
     """A quantized checkpoint (its config's quantization_config, or its tensors'): its int8 codes were copied from the
     base and its scales averaged as floats, silently (hp77a c14), and a config saying quantized over plain weights was
-    copied into a float output transformers then refused to load without bitsandbytes (hp77a c15). A merged adapter
-    (``bases`` empty) needs no values of the base, so a QLoRA base is read there for its shapes only."""
+    copied into a float output transformers then refused to load without bitsandbytes (hp77a c15). A quantized base
+    under a merge of its adapters (QLoRA's) is refused too: its packed weights do not have the shapes the adapters
+    apply to ("the base has no tensor 'layer.0.weight'" of a GPTQ base, a traceback of a bitsandbytes one: hp81a c11,
+    c12, c33), and the float base they were trained from is what to give."""
     from .io.align import read_model_config
 
-    for role, ckpt in [("the base", c) for c in bases] + [("a model", c) for c in models]:
+    for role, ckpt in [("the base", base)] + [("a model", c) for c in models]:
         if yields_task_vector(ckpt):
             continue  # an adapter: its factors are plain floats whatever base it was trained on
         try:
             config = read_model_config(ckpt)
         except CheckpointError:
             config = {}  # a damaged config is named where the output's config is read
-        declared = config.get("quantization_config")
+        declared = _declared_quantization(config)
         packed = _quantized_tensor(ckpt)
         if declared is None and packed is None:
             continue
-        method = declared.get("quant_method", "?") if isinstance(declared, dict) else "?"
-        why = (f"its config.json declares quantization_config, quant_method {method}" if declared is not None else
+        value = declared[1] if declared is not None else None
+        method = value.get("quant_method") if isinstance(value, Mapping) else None
+        named = f", quant_method {method}" if isinstance(method, str) else ""
+        why = (f"its config.json declares {declared[0]}{named}" if declared is not None else
                f"it holds {packed!r}, a tensor only quantized checkpoints hold")
         hint = ("merge the unquantized (float) checkpoints: dequantize it first (transformers: load it, "
                 "model.dequantize(), save_pretrained), then merge")
-        if declared is not None and packed is None:
-            hint += ("; if its weights are plain floats already, remove quantization_config from its config.json "
+        if role == "the base" and adapters_only:
+            hint = ("give the unquantized base the adapters were trained from (QLoRA quantizes a float base: its "
+                    "float weights have the shapes the adapters apply to); the merged adapter applies to the "
+                    "quantized model as well")
+        elif declared is not None and packed is None:
+            hint += (f"; if its weights are plain floats already, remove {declared[0]} from its config.json "
                      "(the output would carry it, and transformers would load the float weights as quantized)")
         raise CheckpointError(f"{ckpt.label}: {role} is a quantized checkpoint ({why}); merging quantized weights "
                               "is not supported: their stored codes and scales are not values that can be averaged",

@@ -365,18 +365,26 @@ def _refuse_model_config(data: dict[str, Any], path: Path) -> None:
     mean 'dtype'?)" listed its keys as a recipe's typos (hp78a c14)."""
     if "method" in data or is_mergekit(data):
         return
+    recipe = "and a recipe as a YAML file with method:, base:, models: (tiesmerge merge --help shows one)"
+    if "weight_map" in data:  # a sharded model's index: "unknown key 'metadata' / 'weight_map'" (hp81a c20)
+        raise ConfigError(f"{path}: a sharded model's index (weight_map), not a recipe",
+                          hint=f"give the model's folder as an input (--base {path.parent} or --model {path.parent}), "
+                               + recipe)
     if "peft_type" in data:  # an adapter_config.json: "10 problems ... did you mean 'base'?" (hp80a c36)
+        # (a copy saved elsewhere, ac.yaml, is no adapter's folder: hp81a c35 was told --model .)
+        folder = (f"the adapter's folder as a model (--model {path.parent})" if path.name == "adapter_config.json"
+                  else "the adapter's folder (the one holding adapter_config.json and adapter_model.safetensors) as "
+                       "a model")
         raise ConfigError(f"{path}: a PEFT adapter's configuration (peft_type {str(data['peft_type'])[:40]!r}), not "
-                          "a recipe", hint=f"give the adapter's folder as a model (--model {path.parent}), and a "
-                                           "recipe as a YAML file with method:, base:, models: (tiesmerge merge "
-                                           "--help shows one)")
+                          f"a recipe", hint=f"give {folder}, {recipe}")
     found = [k for k in _MODEL_CONFIG_KEYS if k in data]
     if not found:
         return
+    folder = (f"the model's folder as an input (--base {path.parent} or --model {path.parent})"
+              if path.name == "config.json" else "the model's folder (the one holding config.json and its weights) "
+                                                 "as an input")
     raise ConfigError(f"{path}: a model's configuration ({', '.join(found)}), not a recipe",
-                      hint=f"give the model's folder as an input (--base {path.parent} or --model {path.parent}), "
-                           "and a recipe as a YAML file with method:, base:, models: (tiesmerge merge --help shows "
-                           "one)")
+                      hint=f"give {folder}, {recipe}")
 
 
 def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
@@ -388,6 +396,16 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"the recipe is a {type(path).__name__}, not the path of a YAML file")
     path = Path(path)
     _refuse_output_file(path)
+    if path.suffix.lower() in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):  # "not UTF-8 text ...
+        # iconv -f LATIN1" of a model's weights given as the recipe (hp81a c19)
+        raise ConfigError(f"{path}: a weights file, not a recipe", hint=f"give it (or its folder, {path.parent}) as "
+                          "an input: --base or --model; a recipe is a YAML file with method:, base:, models: "
+                          "(tiesmerge merge --help shows one)")
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".svg", ".pdf", ".html", ".htm"):  # analyze's report and
+        # plots: "not valid YAML ... the file is damaged" (hp81a c19, c54)
+        raise ConfigError(f"{path}: a report or a plot ({path.suffix.lower()} file), not a recipe",
+                          hint="a recipe is a YAML file with method:, base:, models: (tiesmerge merge --help shows "
+                               "one); a merge's README.md shows the recipe it ran")
     # the safe loader with size, depth and alias limits: a recipe never runs code, and a
     # "billion laughs" of aliases is refused before it is built (or printed in an error)
     data = read_yaml(path, "the recipe", error=ConfigError)

@@ -477,6 +477,16 @@ def main(argv: list[str] | None = None) -> int:
     if "--debug" in given[1:]:  # after the command, where the hints' "run again with --debug" gets appended
         given.remove("--debug")
         given.insert(0, "--debug")
+    # `--memory-budget=--`: argparse reads the '--' as the end of the options and leaves the option [] (said as "not a
+    # size: []", hp80a c27), a TypeError of '<' (hp81a c36, c37), a default silently used (c17): refused first
+    dashed = next((g for g in given if re.fullmatch(r"--[\w-]+=--", g)), None)
+    if dashed is not None:
+        flag = dashed[:-3]
+        command = next((g for g in given if not g.startswith("-")), None)
+        return _report(ConfigError(f"{flag}=-- gives '--', which the command line reads as the end of its options, "
+                                   "not as a value", hint=f"give {flag} a value"
+                                   + (", e.g. 2GiB" if flag in ("--memory-budget", "--shard-size") else
+                                      f" (tiesmerge {command or ''} --help lists them)".replace("  ", " "))), debug)
     args, extras = parser.parse_known_args(given)
     if extras:  # said by the command's own parser: its usage, not the top level's (`tiesmerge validate BASE --model`)
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -484,13 +494,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    for key, value in vars(args).items():  # `--memory-budget=--`: argparse takes the '--' as the end of options and
-        if isinstance(value, list) and not value and key in _ONE_VALUE:  # leaves [], said as "not a size: []"
-            flag = "--" + key.replace("_", "-")  # (hp80a c27)
-            return _report(ConfigError(f"{flag}=-- gives '--', which the command line reads as the end of its "
-                                       "options, not as a value", hint=f"give {flag} a value"
-                                       + (", e.g. 2GiB" if key in ("memory_budget", "shard_size") else
-                                          f" (tiesmerge {args.command} --help lists them)")), debug)
     output = getattr(args, "output", None)
     if getattr(args, "force", False) and isinstance(output, str) and output and os.path.isdir(output):
         # a stop before the new output is swapped in leaves the earlier one as it was: said so, not "no output
@@ -933,9 +936,6 @@ def _stopped(exc: KeyboardInterrupt | None, debug: bool) -> int:
     print(f"error: interrupted; {left}", file=sys.stderr)
     return 130
 
-
-# options taking one value, never a list: an empty list there is argparse's reading of '--' (see main)
-_ONE_VALUE = ("memory_budget", "shard_size", "dtype", "device", "output", "lam", "density", "seed", "threads")
 
 MEMORY_BUDGET_COMMANDS = ("merge", "analyze", "tune", "search", "adapt")  # those with a --memory-budget
 

@@ -23,7 +23,12 @@ def _mean_amplification(weights: Sequence[float]) -> float | None:
     sign; (1000, -1000) gives 2000. Every subset up to 12 models; past that None, unbounded as far as is known (a
     subset summing near 0 is a subset-sum search: 1, 1, -1.9999 among 13 models reached 39992, hp80a c03)."""
     n = len(weights)
-    if n > 12:
+    if n > 12:  # a bound, where one sign's smallest weight outweighs the other sign's whole mass (hp81a c02: twelve
+        # 1s and a -0.001 were said "without bound"): a subset holding some of it sums at least that difference
+        positive, negative = [w for w in weights if w > 0], [-w for w in weights if w < 0]
+        for few, many in ((positive, negative), (negative, positive)):
+            if few and min(few) > sum(many):
+                return max(1.0, (min(few) + sum(many)) / (min(few) - sum(many)))
         return None
     worst = 1.0
     for mask in range(1, 1 << n):
@@ -43,12 +48,13 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
     if not elected and not (getattr(method, "normalize_weights", False) and method.name != "average"):
         return  # average says its own (_warn_if_far); sums without a divisor scale by the weights themselves
     negative = [w < 0 for w in weights]
-    shown = ", ".join(f"{w:g}" for w in weights[:8]) + (", ..." if len(weights) > 8 else "")
+    shown = _shown(weights)
     if elected and all(negative):
         warnings.warn(MergeWarning(
             f"{method.name}: every weight is negative ({shown}), and the weighted mean divides by the agreeing "
-            "weights' sum, which undoes their sign: the merge equals the one with the weights' magnitudes; to "
-            "subtract task vectors, use task_arithmetic with negative weights"), stacklevel=3)
+            "weights' sum, which undoes their sign: negative weights do not negate task vectors here (the merge is "
+            "the one with the weights' magnitudes, but where the sign vote ties and zero_sign decides); to subtract "
+            "task vectors, use task_arithmetic with negative weights"), stacklevel=3)
         return
     if not any(negative) or all(negative):
         return
@@ -68,3 +74,16 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
         f"{method.name}: weights of opposite signs ({shown}): {where}, {scale}, far past every model; give weights "
         "of one sign (to subtract a task vector, use task_arithmetic with a negative weight, unnormalized)"),
         stacklevel=3)
+
+
+def _shown(weights: Sequence[float]) -> str:
+    """The weights as the warning names them: each to 10 digits (-1.0000001 printed as -1 read as a sum of 0, hp81a
+    c04); past 8, the models of the rarer sign by number (the first 8 of twelve 1s and a -0.001 showed no negative
+    weight, c24)."""
+    if len(weights) <= 8:
+        return ", ".join(f"{w:.10g}" for w in weights)
+    negative = [k for k, w in enumerate(weights) if w < 0]
+    positive = [k for k, w in enumerate(weights) if w > 0]
+    rare, sign = (negative, "negative") if len(negative) <= len(positive) else (positive, "positive")
+    listed = ", ".join(f"model {k}: {weights[k]:.10g}" for k in rare[:8]) + (", ..." if len(rare) > 8 else "")
+    return f"{len(weights)} weights, {len(rare)} {sign}: {listed}"

@@ -494,14 +494,16 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
         info = base.info(name)
         aliases = next((g[1:] for g in tied if g[0] == name), ())
         if not info.is_floating and info.dtype_info.code in ("I8", "U8"):  # quantized weights, not a buffer
-            floating = [k for k, m in enumerate(models) if not yields_task_vector(m) and name in model_names[k]
-                        and m.info(name).is_floating]  # a model may lack an integer buffer: the base's is kept
-            if floating:  # a quantized base (int8) under float fine-tunes: nothing would merge, the base copied
-                k = floating[0]
+            floating = [k for k, m in enumerate(models) if name in model_names[k] and (
+                yields_task_vector(m) or m.info(name).is_floating)]  # a model may lack an integer buffer: kept
+            if floating:  # a quantized base (int8) under float fine-tunes, or adapters of that layer: nothing would
+                k = floating[0]  # merge there, the base copied (hp81a c40: an adapter's change dropped silently)
+                theirs = ("changes it (an adapter of that layer)" if yields_task_vector(models[k]) else
+                          f"as {models[k].info(name).dtype_info.name}")
                 raise IncompatibleCheckpointsError(
-                    f"tensor {name!r}: the base stores it as {info.dtype_info.name} but model {k} as "
-                    f"{models[k].info(name).dtype_info.name}: the base is not the model the others were fine-tuned "
-                    "from in that form (a quantized base?)\n" + _shapes_table(name, base, models),
+                    f"tensor {name!r}: the base stores it as {info.dtype_info.name} but model {k} {theirs}: the base "
+                    "is not the model the others were fine-tuned from in that form (a quantized base?)\n"
+                    + _shapes_table(name, base, models),
                     hint="pass the unquantized base (floating weights), as the fine-tunes were trained from it")
         if not info.is_floating or name not in covered:
             jobs.append(TensorJob(name, info.shape, info.dtype_info, merge=False, aliases=aliases))
