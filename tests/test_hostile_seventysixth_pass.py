@@ -1186,3 +1186,33 @@ def test_pass_81_merge_side(tmp_path, capsys):
     (tmp_path / "report.html").write_text("<html></html>")
     rc, _, err = run_cli(["merge", tmp_path / "report.html", "-o", tmp_path / "o"], capsys)
     assert rc == 2 and "a report or a plot (.html file), not a recipe" in err, err
+
+
+def test_pass_81_tune_side(classifiers):
+    """hp81b c01: run_search with a base state dict holding a meta or sparse tensor or an int key was a
+    NotImplementedError / RuntimeError (tune says them); c26: one holding zeros(1).expand(3e9) tried to allocate
+    12 GB for its digest; c11: a float8_e4m3fn base tensor in tune was "isfinite not implemented", "a bug"; c27: a
+    float8_e4m3fnuz tensor in an in-memory merge was an AttributeError."""
+    import torch
+    from safetensors.torch import load_file
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError, IncompatibleCheckpointsError
+    from tiesmerge.tuning import run_search
+
+    _, base, fts, _ = classifiers
+    state = load_file(str(base / "model.safetensors"))
+    name = next(k for k, v in state.items() if v.dim() == 2)
+    grid = {"density": [0.2], "lam": [1.0]}
+    for odd, said in ((state[name].to("meta"), "on the meta device"), (state[name].to_sparse(), "layout")):
+        with pytest.raises(CheckpointError, match=said):
+            run_search({**state, name: odd}, [str(m) for m in fts], "ties", lambda sd: 0.5, grid=grid)
+    with pytest.raises(IncompatibleCheckpointsError, match="tensor names differ"):
+        run_search({**state, "huge": torch.zeros(1).expand(3_000_000_000)}, [str(m) for m in fts], "ties",
+                   lambda sd: 0.5, grid=grid)
+    result = tiesmerge.tune({**state, name: state[name].to(torch.float8_e4m3fn)}, [str(m) for m in fts], "ties",
+                            lambda sd: 0.5, grid=grid)
+    assert result.best is not None
+    if hasattr(torch, "float8_e4m3fnuz"):
+        with pytest.raises(CheckpointError, match="float8_e4m3fnuz, which tiesmerge cannot read"):
+            tiesmerge.merge({**state, name: state[name].to(torch.float8_e4m3fnuz)}, [str(m) for m in fts], "ties")

@@ -38,7 +38,10 @@ def first_nonfinite(chunk: Any, code: str) -> int | None:
     if not isinstance(chunk, np.ndarray):  # a torch tensor in the output dtype (torch is loaded)
         import torch
 
-        bad = ~torch.isfinite(chunk.detach())
+        values = chunk.detach()
+        if values.is_floating_point() and values.element_size() == 1:  # float8: torch has no isfinite for it
+            values = values.float()  # (hp81b c11: "isfinite not implemented for 'Float8_e4m3fn'", "a bug")
+        bad = ~torch.isfinite(values)
         if not bool(bad.any()):
             return None
         return int(bad.reshape(-1).nonzero()[0, 0])

@@ -100,7 +100,13 @@ def _check_source(role: str, source: Any) -> None:
                           hint="pass a model directory, a .safetensors file or a {name: tensor} mapping")
     if isinstance(source, str) and not source.strip():
         raise ConfigError(f"{role} is an empty path", hint="give the model's directory or file")
-    if not isinstance(source, Mapping) and "\0" in os.fspath(source):
+    if isinstance(source, Mapping):  # its entries, before anything reads them: a meta, sparse or 12 GB expanded
+        # tensor failed in run_search's digest as a NotImplementedError or an allocation (hp81b c01, c26)
+        from .io.state_dict import StateDictCheckpoint
+
+        StateDictCheckpoint(source, f"the {role}" if role == "base" else role)
+        return
+    if "\0" in os.fspath(source):
         raise ConfigError(f"{role}: the path {os.fspath(source)!r} holds a NUL byte, which no file name can",
                           hint="fix the path (in a YAML recipe, a \\0 escape writes one)")
 

@@ -328,8 +328,15 @@ def _state_digest(state: Mapping[str, Any]) -> str:
     for name in sorted(state):
         value = state[name]
         if isinstance(value, torch.Tensor):
-            flat = value.detach().cpu().contiguous().reshape(-1)
             digest.update(f"{name}\0{tuple(value.shape)}\0{value.dtype}\0".encode())
+            value = value.detach().cpu()
+            if value.numel() * value.element_size() > value.untyped_storage().nbytes():
+                # an expanded view (zeros(1).expand(3e9)) holds less than it shows: its storage and strides say it
+                # whole, where .contiguous() allocated 12 GB (hp81b c26)
+                digest.update(f"expanded\0{value.stride()}\0{value.storage_offset()}\0".encode())
+                digest.update(bytes(value.untyped_storage()))
+                continue
+            flat = value.contiguous().reshape(-1)
             digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
         else:
             digest.update(f"{name}\0{value!r}\0".encode())
