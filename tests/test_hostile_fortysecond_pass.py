@@ -82,11 +82,14 @@ def test_a_search_logs_refusal_names_the_model_that_differs(tmp_path, monkeypatc
     grid, log = {"density": (0.5,), "lam": (1.0,)}, str(tmp_path / "log.jsonl")
     run_search(base, ["cur", b], "ties", lambda state: 1.0, grid=grid, log=log)
     os.remove("cur")
-    os.symlink("ft1", "cur")
+    import shutil
+
+    shutil.copytree(b, tmp_path / "ft2")  # another model (pointing at b would list it twice: refused first)
+    os.symlink("ft2", "cur")
     with pytest.raises(ConfigError) as caught:
         run_search(base, ["cur", b], "ties", lambda state: 1.0, grid=grid, log=log)
     message = str(caught.value)
-    assert f"model 0 {a} there, {b} now" in message, message
+    assert f"model 0 {a} there, {tmp_path / 'ft2'} now" in message, message
     # another model: its files' stamps differ with it, not said again as "changed" (hp48 c43)
     assert "changed since the log was started" not in message
     assert "model 1" not in message
