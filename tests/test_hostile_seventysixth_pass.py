@@ -1216,3 +1216,28 @@ def test_pass_81_tune_side(classifiers):
     if hasattr(torch, "float8_e4m3fnuz"):
         with pytest.raises(CheckpointError, match="float8_e4m3fnuz, which tiesmerge cannot read"):
             tiesmerge.merge({**state, name: state[name].to(torch.float8_e4m3fnuz)}, [str(m) for m in fts], "ties")
+
+
+def test_pass_81_tune_side_notes(classifiers, tmp_path):
+    """hp81b c36: run_search's start= was not in the log's header, so another start resumed the log silently (two
+    searches' candidates in one log); c37: start= under the grid strategy was ignored silently; c30: --json naming
+    a search's report stamps was said to be a temporary file; c08: an emptied tokenizer_digest was "its tokenizer
+    files changed since"."""
+    from tiesmerge.errors import CheckpointError, ConfigError, OutputError
+    from tiesmerge.paths import SEARCH_STAMPS, check_output_file
+    from tiesmerge.stats.files import StatsManifest
+    from tiesmerge.tuning import run_search
+
+    _, base, fts, _ = classifiers
+    log = tmp_path / "log.jsonl"
+    search = {"strategy": "cmaes", "budget": 2, "axes": ["lam", "density"], "log": log}
+    run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, start={"lam": 1.0, "density": 0.2}, **search)
+    with pytest.raises(ConfigError, match="the log of another search"):
+        run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, start={"lam": 2.0, "density": 0.2}, **search)
+    with pytest.raises(ConfigError, match="a starting point is CMA-ES's; the grid strategy has none"):
+        run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, grid={"lam": [1.0], "density": [0.2]},
+                   start={"lam": 1.0})
+    with pytest.raises(OutputError, match="a search's record of its report files"):
+        check_output_file(tmp_path / SEARCH_STAMPS, True, [], "--json")
+    with pytest.raises(CheckpointError, match="'tokenizer_digest' is '', not a sha256 digest"):
+        StatsManifest.from_dict({"kind": "fisher", "examples": 3, "tokenizer_digest": ""}, "m.json")

@@ -1396,6 +1396,9 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
         raise OutputError(f"{os.fspath(path)}: ends with '{ending}', which names a folder, and {what} is a file",
                           hint=f"name the file itself, e.g. {_file_example(os.fspath(path))}")
     path = Path(path)
+    if path.name == SEARCH_STAMPS:  # a search's lasting record, no temporary (hp81b c30)
+        raise OutputError(f"{path}: is a search's record of its report files ({SEARCH_STAMPS}), which the search "
+                          "reads back when it resumes", hint=f"choose another name for {what}")
     if path.name.startswith(".tiesmerge-"):  # the names of tiesmerge's staged files, which a later run removes
         raise OutputError(f"{path}: names starting with '.tiesmerge-' are tiesmerge's own temporary files, which a "
                           "later run removes when their process is gone", hint=f"choose another name for {what}")

@@ -14,6 +14,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +73,12 @@ class StatsManifest:
         if wrong:
             raise CheckpointError(f"{source}: statistics manifest field {wrong[0]!r} is {_shown(data[wrong[0]])}, of "
                                   "the wrong type", hint="recompute the statistics with tiesmerge stats fisher|gram")
+        odd = next((k for k in ("tokenizer_digest", "config_digest") if isinstance(data.get(k), str)
+                    and not re.fullmatch(r"[0-9a-f]{64}", data[k])), None)
+        if odd is not None:  # "" or an edit: not a sha256, said as damage, not as "its tokenizer changed" (hp81b c08)
+            raise CheckpointError(f"{source}: statistics manifest field {odd!r} is {_shown(data[odd])}, not a sha256 "
+                                  "digest (the manifest was edited or damaged)",
+                                  hint="recompute the statistics with tiesmerge stats fisher|gram")
         if isinstance(data.get("model"), str) and "\0" in data["model"]:  # no path holds one: os calls on it raised
             raise CheckpointError(f"{source}: statistics manifest field 'model' holds a NUL byte, which no path can "
                                   "(the manifest was edited or damaged)",  # ValueError, "a bug" (hp80b c18)

@@ -407,8 +407,12 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     if strategy != "cmaes" and popsize is not None:  # ignored, yet logged: a resume without it was "another search"
         raise ConfigError(f"--popsize {popsize}: a generation's size is CMA-ES's; the {strategy} strategy has none",
                           hint="leave --popsize out, or choose --strategy cmaes")  # (hp56 c22)
+    if strategy != "cmaes" and start is not None:  # ignored silently (hp81b c37), as --popsize would be
+        raise ConfigError(f"start: a starting point is CMA-ES's; the {strategy} strategy has none",
+                          hint="leave start out, or choose strategy='cmaes'")
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
     check_start(space, start)
+    given_start = dict(start) if start is not None else None
     from ..inputs import option_inputs
 
     references = option_inputs(cls, fixed or {})  # a --set sign_from model is an input too (hp37 C74)
@@ -419,6 +423,8 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     chooser = make_strategy(strategy, space, budget=budget, seed=seed, popsize=popsize, start=dict(start))
     header = {"space": space.describe(), "strategy": strategy, "seed": seed,
               **({"popsize": popsize} if popsize else {}),
+              # another start is another search: its candidates in one log clashed (hp81b c36)
+              **({"start": {k: given_start[k] for k in sorted(given_start)}} if given_start else {}),
               "base": source_label(base), "models": [source_label(m) for m in models],
               # a reference model a fixed option names (--set sign_from=DIR) is an input too: its weights replaced
               # at the same path resumed with scores of two references (hp37 C74)
