@@ -1230,10 +1230,13 @@ def test_pass_81_tune_side_notes(classifiers, tmp_path):
 
     _, base, fts, _ = classifiers
     log = tmp_path / "log.jsonl"
-    search = {"strategy": "cmaes", "budget": 2, "axes": ["lam", "density"], "log": log}
+    search = {"strategy": "cmaes", "budget": 6, "axes": ["lam", "density"], "log": log}
     run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, start={"lam": 1.0, "density": 0.2}, **search)
     with pytest.raises(ConfigError, match="the log of another search"):
         run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, start={"lam": 2.0, "density": 0.2}, **search)
+    # c04: cma's own generation size (6 for 2 axes), given explicitly, is the same search
+    run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, start={"lam": 1.0, "density": 0.2}, popsize=6,
+               **search)
     with pytest.raises(ConfigError, match="a starting point is CMA-ES's; the grid strategy has none"):
         run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, grid={"lam": [1.0], "density": [0.2]},
                    start={"lam": 1.0})

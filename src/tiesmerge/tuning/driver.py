@@ -40,7 +40,7 @@ from .evaluator_digest import evaluator_module, evaluator_objects, evaluator_sta
 from .executors import Executor, LocalExecutor
 from .results_log import ResultsLog
 from .space import SearchSpace, build_space, canonical, check_axes_and_fixed, check_start
-from .strategies import make_strategy
+from .strategies import default_popsize, make_strategy
 
 __all__ = ["Trial", "SearchResult", "run_search"]
 
@@ -421,10 +421,14 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     if start is None:
         start = space.defaults()
     chooser = make_strategy(strategy, space, budget=budget, seed=seed, popsize=popsize, start=dict(start))
+    # what changes the candidates, and only that: cma's own popsize, or a start at the defaults, given explicitly
+    # is the search run without them (hp81b c04: --popsize 6 for 2 axes was "another search"); another start is
+    # another search, whose candidates clashed in one log (hp81b c36)
+    popsize_said = popsize if popsize and popsize != default_popsize(space.dimension) else None
+    start_said = given_start if given_start and given_start != space.defaults() else None
     header = {"space": space.describe(), "strategy": strategy, "seed": seed,
-              **({"popsize": popsize} if popsize else {}),
-              # another start is another search: its candidates in one log clashed (hp81b c36)
-              **({"start": {k: given_start[k] for k in sorted(given_start)}} if given_start else {}),
+              **({"popsize": popsize_said} if popsize_said else {}),
+              **({"start": {k: start_said[k] for k in sorted(start_said)}} if start_said else {}),
               "base": source_label(base), "models": [source_label(m) for m in models],
               # a reference model a fixed option names (--set sign_from=DIR) is an input too: its weights replaced
               # at the same path resumed with scores of two references (hp37 C74)

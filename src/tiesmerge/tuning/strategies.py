@@ -81,6 +81,11 @@ class RandomStrategy:
         pass
 
 
+def default_popsize(dimension: int) -> int:
+    """cma's own generation size for ``dimension`` axes: 4 + ⌊3 ln d⌋ (6 for 2 axes)."""
+    return 4 + int(3 * math.log(dimension)) if dimension >= 1 else 4
+
+
 @dataclass
 class CmaesStrategy:
     """CMA-ES (``cma``) maximising the score in the unit cube; one generation per batch.
