@@ -1244,3 +1244,28 @@ def test_pass_81_tune_side_notes(classifiers, tmp_path):
         check_output_file(tmp_path / SEARCH_STAMPS, True, [], "--json")
     with pytest.raises(CheckpointError, match="'tokenizer_digest' is '', not a sha256 digest"):
         StatsManifest.from_dict({"kind": "fisher", "examples": 3, "tokenizer_digest": ""}, "m.json")
+
+
+def test_pass_82_merge_side(tmp_path):
+    """hp82a c06, c09: della_linear and breadcrumbs with normalized weights summing to 0 divided by 1 silently
+    (task_arithmetic and dare_linear say it); c87: with 16 models the warnings summed the weights otherwise than the
+    merge (a sequential float32 sum of 0, an exact 56, torch's 48); c95: an adapter_config.json given as a model was
+    hinted at a full model's folder."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError
+    from tiesmerge.methods.ops import float32_sum
+
+    base = {"w": torch.zeros(4)}
+    two = [{"w": torch.tensor([1.0, -1.0, 0.5, 0.2])}, {"w": torch.tensor([0.5, -0.5, 1.0, -0.2])}]
+    for method in ("della_linear", "breadcrumbs"):
+        with pytest.warns(UserWarning, match="weights that sum to 0 .* divides by 1"):
+            tiesmerge.merge(base, two, method, weights=[1, -1], normalize_weights=True, density=1.0)
+    weights = [1e8] + [4.0] * 14 + [-1e8]
+    assert float32_sum(weights) == float(torch.tensor(weights, dtype=torch.float32).sum())
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="a PEFT adapter's config file") as caught:
+        tiesmerge.merge(base, [str(tmp_path / "ad" / "adapter_config.json"), two[0]], "ties")
+    assert caught.value.hint == f"give the adapter's folder instead: {tmp_path / 'ad'}"

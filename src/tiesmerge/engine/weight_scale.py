@@ -62,8 +62,11 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
         amplification = _mean_amplification(weights)
         where = ("where the weighted task vectors agree in sign, their weights can nearly cancel in the mean's "
                  "divisor (a sum of 0 divides by 1, as mergekit does)")
-    else:
-        total = math.fsum(weights)
+    else:  # the divisor the merge uses: torch's float32 sum, 1 below mergekit's cut (hp82a c87: an exact sum of 56
+        # was said where the merge divided by float32's 48)
+        from ..methods.ops import float32_sum
+
+        total = float32_sum(weights)
         amplification = math.fsum(abs(w) for w in weights) / (abs(total) if abs(total) >= 1e-8 else 1.0)
         where = "the weights nearly cancel in the divisor that normalizes them"
     if amplification is not None and abs(lam) * amplification <= LARGE_LAM:

@@ -182,6 +182,10 @@ def open_checkpoint(
             if not allow_pickle:
                 raise _refuse_pickle(path)
             return PickleCheckpoint(path, [path], label)
+        if path.name == ADAPTER_CONFIG:  # (hp82a c95, c99: hinted at a full model's folder, refused in that slot)
+            raise CheckpointError(f"{path}: {role} is a PEFT adapter's config file; an adapter is read from its folder "
+                                  "(the config with adapter_model.safetensors)",
+                                  hint=f"give the adapter's folder instead: {path.parent}")
         # a file of a model folder (its index, config.json): the folder is what is meant (hp75a c36: an index
         # given as a model had only --help's generic hint)
         hint = (f"give the model's folder instead: {path.parent}" if _full_model_files(path.parent)

@@ -24,7 +24,7 @@ from .base import (
     steps,
     unit_interval,
 )
-from .task_arithmetic import sum_kernel, weighted_sum
+from .task_arithmetic import sum_kernel, warn_unnormalised, weighted_sum
 from .ties import AGGREGATES, ELECT_RULES, ZERO_SIGNS
 
 _PAPER = "https://arxiv.org/abs/2312.06795"
@@ -212,6 +212,8 @@ class Breadcrumbs(_BreadcrumbsBase):
         return not self.normalize_weights
 
     def requirements(self) -> Requirements:
+        # weights summing to 0 divide by 1, as dare_linear and task_arithmetic say (hp82a c09: silent here)
+        warn_unnormalised(self.name, self.weights, self.normalize_weights)
         kernel = sum_kernel(self.weights, self.lam, self.normalize_weights, Band(self.density, self.gamma))
         return self._requirements(kernel)
 

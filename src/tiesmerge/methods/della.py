@@ -24,7 +24,7 @@ from .base import (
 )
 from .breadcrumbs import combine, l1_rescale, per_task
 from .dare import MIN_DENSITY
-from .task_arithmetic import sum_kernel
+from .task_arithmetic import sum_kernel, warn_unnormalised
 from .ties import AGGREGATES, ELECT_RULES, ZERO_SIGNS
 
 _PAPER = "https://arxiv.org/abs/2406.11617"
@@ -212,6 +212,8 @@ class DellaLinear(_DellaBase):
         return not self.normalize_weights
 
     def requirements(self) -> Requirements:
+        # weights summing to 0 divide by 1, as dare_linear and task_arithmetic say (hp82a c06: silent here)
+        warn_unnormalised(self.name, self.weights, self.normalize_weights)
         return self._requirements(sum_kernel(self.weights, self.lam, self.normalize_weights))
 
     def merge(self, tau: torch.Tensor, ctx: ChunkContext) -> torch.Tensor:

@@ -31,8 +31,14 @@ __all__ = [
 
 
 def float32_sum(values: tuple[float, ...] | list[float]) -> float:
-    """The float32 sum torch computes for a short float32 vector (under 16 entries: from 0, in
-    order), e.g. mergekit's ``weight.sum()``; a fused kernel's divisor must be these bits."""
+    """The float32 sum torch computes for a float32 vector, e.g. mergekit's ``weight.sum()``; a fused kernel's
+    divisor must be these bits. Under 16 entries torch adds from 0, in order (done here without torch); from 16 on
+    it keeps several partial sums, so torch itself is asked (hp82a c87: a sequential sum of 0 warned "divides by
+    1" where the merge divided by torch's 48)."""
+    if len(values) >= 16:
+        import torch
+
+        return float(torch.tensor(list(values), dtype=torch.float32).sum())
     import struct
 
     def f32(x: float) -> float:
