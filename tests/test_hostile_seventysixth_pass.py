@@ -1269,3 +1269,48 @@ def test_pass_82_merge_side(tmp_path):
     with pytest.raises(CheckpointError, match="a PEFT adapter's config file") as caught:
         tiesmerge.merge(base, [str(tmp_path / "ad" / "adapter_config.json"), two[0]], "ties")
     assert caught.value.hint == f"give the adapter's folder instead: {tmp_path / 'ad'}"
+
+
+def test_pass_82_tune_side(classifiers, tmp_path):
+    """hp82b c01, c03, c04: run_search with start={} began CMA-ES at the ranges' middles, unrecorded; a start equal
+    to the defaults, or a partial one, was recorded as given; c19, c20: in-memory adapt rows with object(), a set or
+    an int key beside the text were tracebacks; c24: popsize=2.0 was said to be out of range."""
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    _, base, fts, data = classifiers
+    models = [str(m) for m in fts]
+    search = {"strategy": "cmaes", "budget": 6, "axes": ["lam", "density"], "log": tmp_path / "log.jsonl"}
+    seen = []
+    run_search(base, models, "ties", lambda sd: 0.5, start={}, on_trial=lambda t: seen.append(t.options), **search)
+    again = []
+    run_search(base, models, "ties", lambda sd: 0.5, on_trial=lambda t: again.append(t.options),
+               **{**search, "log": tmp_path / "log2.jsonl"})
+    assert seen == again  # {} is the defaults, as no start is
+    run_search(base, models, "ties", lambda sd: 0.5, start={"lam": 1.0}, **search)  # the defaults: the same search
+    for odd in ({"text": "good", "x": object()}, {"text": "good", 5: 1}, {"text": "good", "s": {1, 2}}):
+        with pytest.raises(ConfigError, match="example 1 holds a field that is not JSON data"):
+            tiesmerge.adapt(base, fts, [[odd], [{"text": "bad"}]], tasks=["a", "b"], steps=1)
+    with pytest.raises(ConfigError, match="a CMA-ES generation's size is a whole number"):
+        run_search(base, models, "ties", lambda sd: 0.5, popsize=2.0, **{**search, "log": None})
+
+
+def test_the_calling_script_is_no_helper_of_the_evaluator(tmp_path, monkeypatch):
+    """hp82b c11, c12: the evaluator's code digest took in the script that called run_search (beside my_eval.py), so a
+    comment added to it was "its module's source changed"."""
+    import importlib
+    import sys
+    import types
+
+    from tiesmerge.tuning.driver import _evaluator_code
+
+    (tmp_path / "ev_main_probe.py").write_text("def score(state):\n    return 0.5\n")
+    (tmp_path / "drive.py").write_text("# the user's script\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("ev_main_probe")
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "drive.py")
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    files = _evaluator_code(module.score)
+    assert files and not any(f.endswith("drive.py") for f in files), files

@@ -157,6 +157,15 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
             if text is None or not text.strip():
                 raise ConfigError(f"{where}: example {k + 1} has an empty or missing 'text'",
                                   hint="every example needs some text; drop the empty ones")
+            # fields a data file could hold: JSON's (hp82b c19, c20: object(), a set, an int key or a list nested
+            # 5000 deep beside the text were tracebacks of the digest's json.dumps)
+            try:
+                json.dumps(row, sort_keys=True, allow_nan=True)
+            except (TypeError, ValueError, RecursionError) as exc:
+                reason = "nested too deep" if isinstance(exc, RecursionError) else str(exc).splitlines()[0][:120]
+                raise ConfigError(f"{where}: example {k + 1} holds a field that is not JSON data ({reason})",
+                                  hint="give each example as a data file's line would hold it: text keys, and "
+                                       "strings, numbers, booleans, lists or mappings of them") from None
             # a lone surrogate ("\udc80") no tokenizer encodes: named as a data file's is, not as the model failing in
             # its forward pass with a hint at its config.json (hp80b c12)
             check_surrogates(row, f"{where}: example {k + 1}", ConfigError)

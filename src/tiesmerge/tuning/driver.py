@@ -163,6 +163,8 @@ def _evaluator_code(evaluate: Any) -> list[str] | None:
     installed = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix})
     helpers = set()
     for loaded in list(sys.modules.values()):  # a copy: another thread may import meanwhile
+        if getattr(loaded, "__name__", None) == "__main__":  # the script that calls the search, not a helper the
+            continue  # evaluator imports: a comment added to it was "its module's source changed" (hp82b c11, c12)
         file = getattr(loaded, "__file__", None)
         # an absolute path of a file that exists: torch.ops and torch.classes name "_ops.py" and "_classes.py",
         # relative, which abspath placed in the working folder, so the code changed with it (hp56 c62)
@@ -412,14 +414,15 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
                           hint="leave start out, or choose strategy='cmaes'")
     space = build_space(cls, len(models), axes=axes, grid=grid, ranges=ranges, fixed=fixed)
     check_start(space, start)
-    given_start = dict(start) if start is not None else None
+    # the start resolved over the method's defaults: {} began at the ranges' middles, unrecorded (hp82b c01), and a
+    # partial start was recorded as given (c04)
+    given_start = {**space.defaults(), **start} if start is not None else None
     from ..inputs import option_inputs
 
     references = option_inputs(cls, fixed or {})  # a --set sign_from model is an input too (hp37 C74)
     check_tuning_vocab_policy(vocab_policy)
     job = Job(method, base, tuple(models), device, memory_budget, vocab_policy, allow_distant)
-    if start is None:
-        start = space.defaults()
+    start = given_start if given_start is not None else space.defaults()
     chooser = make_strategy(strategy, space, budget=budget, seed=seed, popsize=popsize, start=dict(start))
     # what changes the candidates, and only that: cma's own popsize, or a start at the defaults, given explicitly
     # is the search run without them (hp81b c04: --popsize 6 for 2 axes was "another search"); another start is

@@ -164,7 +164,10 @@ def make_strategy(name: str, space: SearchSpace, *, budget: int | None, seed: in
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32 - 1:
         raise ConfigError(f"seed {_shown(seed)}: a seed is a whole number from 0 to {2**32 - 2:,}",  # an API call's
                           hint="pass --seed N on the command line (seed=N from Python) in that range")  # too (hp62b)
-    if popsize is not None and not (isinstance(popsize, int) and 2 <= popsize <= budget):
+    if popsize is not None and (not isinstance(popsize, int) or isinstance(popsize, bool)):  # 2.0, True: in range,
+        raise ConfigError(f"--popsize {_shown(popsize)}: a CMA-ES generation's size is a whole number (an int), "  # but
+                          f"not a {type(popsize).__name__}")  # no count (hp82b c24: said as out of range)
+    if popsize is not None and not 2 <= popsize <= budget:
         raise ConfigError(f"--popsize {popsize!r}: a CMA-ES generation holds 2 to --budget ({budget:,}) candidates "
                           "(each is a merge and an evaluation; cma's default is 4 + 3 ln d)")
     if name == "random":
