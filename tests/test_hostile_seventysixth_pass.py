@@ -1314,3 +1314,41 @@ def test_the_calling_script_is_no_helper_of_the_evaluator(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "__main__", script)
     files = _evaluator_code(module.score)
     assert files and not any(f.endswith("drive.py") for f in files), files
+
+
+def test_tuning_candidates_carry_no_autograd_graph():
+    """hp82b c16: a base state dict whose tensors require grad gave the evaluator candidates with AddBackward0
+    graphs attached (merged with gradient tracking on)."""
+    import torch
+
+    import tiesmerge
+
+    base = {"w": torch.zeros(4, requires_grad=True)}
+    models = [{"w": torch.tensor([1.0, -1.0, 0.5, 0.2])}, {"w": torch.tensor([0.5, -0.5, 1.0, -0.2])}]
+    seen = []
+
+    def score(state):
+        seen.append(state["w"].requires_grad or state["w"].grad_fn is not None)
+        return 0.5
+
+    tiesmerge.tune(base, models, "ties", score, grid={"density": [1.0], "lam": [1.0]})
+    assert seen and not any(seen)
+
+
+def test_pass_82_merge_notes(tmp_path):
+    """hp82a c117: a weight of -0.999999999 was printed as -1 in the sum-0 warning; c89: a mergekit entry 'base+' was
+    "'' ... is no PEFT adapter"."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.recipe_mergekit import translate_mergekit
+
+    base = {"w": torch.zeros(4)}
+    two = [{"w": torch.tensor([1.0, -1.0, 0.5, 0.2])}, {"w": torch.tensor([0.5, -0.5, 1.0, -0.2])}]
+    with pytest.warns(UserWarning, match=r"\(1, -0.999999999\)"):
+        tiesmerge.merge(base, two, "task_arithmetic", weights=[1, -0.999999999], normalize_weights=True)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(ConfigError, match="names no adapter after"):
+        translate_mergekit({"merge_method": "ties", "base_model": str(tmp_path / "b"), "models": [
+            {"model": f"{tmp_path / 'b'}+", "parameters": {"weight": 1.0, "density": 0.5}}]})

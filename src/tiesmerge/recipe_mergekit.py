@@ -266,6 +266,10 @@ def _model_ref(ref: Any, base: str | None, where: str, problems: list[str], *,
                             f"{model!r} and {adapter!r} name paths with those spaces: write "
                             f"{model.strip()}+{adapter.strip()}")
             return None
+        if not adapter.strip():  # "base+": no adapter named (hp82a c89: "'' ... is no PEFT adapter")
+            problems.append(f"{where}: {ref!r} names no adapter after '+' (MODEL+LORA: the LoRA's folder); list the "
+                            "model on its own if no adapter is meant")
+            return None
         if not model.strip():  # "+lora": no model named (hp76a c58: "a model other than base_model")
             problems.append(f"{where}: {ref!r} names no model before '+' (MODEL+LORA: the model the adapter was "
                             "trained on, base_model's path" + (f", {base}" if base is not None else "") + ")")

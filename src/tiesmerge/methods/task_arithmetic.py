@@ -77,7 +77,7 @@ def warn_unnormalised(method: str, weights: tuple[float, ...] | None, normalize:
 
     from ..errors import MergeWarning
 
-    shown = ", ".join(f"{w:g}" for w in weights)
+    shown = ", ".join(f"{w:.10g}" for w in weights)  # (-0.999999999 as -1 read as an exact cancel: hp82a c117)
     total = ops.float32_sum(weights)
     said = "0" if total == 0 else f"{total:g}, below mergekit's cut of 1e-8"  # (hp63a c31: 2e-30 said as 0)
     warnings.warn(MergeWarning(f"{method}: normalize_weights with weights that sum to {said} ({shown}) divides by 1, "

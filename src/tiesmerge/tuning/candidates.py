@@ -157,7 +157,8 @@ def as_state(source: Any) -> dict[str, torch.Tensor]:
 
     if isinstance(source, Mapping):  # its entries checked as merge checks them: {"x": 1} was an AttributeError of
         open_checkpoint(source, label="the base").close()  # .dtype in tune and run_search (hp80b c05)
-        return dict(source)
+        # detached: a base whose tensors require grad gave the evaluator candidates carrying autograd graphs
+        return {name: value.detach() for name, value in source.items()}  # (hp82b c16)
     ckpt = open_checkpoint(source)
     try:
         return {name: ckpt.read(name) for name in ckpt.names()}
