@@ -1124,6 +1124,8 @@ def test_pass_80_tune_side(classifiers, tmp_path):
 
 
 @pytest.mark.parametrize("words", [["merge", "--base", "b", "--model", "m", "-o", "o", "--method=--"],
+                                   ["merge", "--base", "b", "--model", "m", "-o--"],
+                                   ["analyze", "--base", "b", "--model", "m", "-o=--"],
                                    ["merge", "--base=--", "--model", "m", "-o", "o"],
                                    ["stats", "fisher", "--model", "b", "--data", "d.jsonl", "-o", "s", "--limit=--"],
                                    ["analyze", "--base", "b", "--model", "m", "-o", "a", "--subsets-per-size=--"]])
@@ -1135,7 +1137,7 @@ def test_any_option_given_as_equals_dashes_is_refused_first(tmp_path, capsys, mo
 
     monkeypatch.chdir(tmp_path)
     rc, _, err = run_cli(words, capsys)
-    flag = next(w for w in words if w.endswith("=--"))[:-3]
+    flag = next(w for w in words if w.endswith("--") and w != "--")[:-2].removesuffix("=")
     assert rc == 2 and f"{flag}=-- gives '--'" in err and "unexpected" not in err, err
     assert os.listdir(tmp_path) == []
 

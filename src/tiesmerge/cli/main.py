@@ -479,9 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         given.insert(0, "--debug")
     # `--memory-budget=--`: argparse reads the '--' as the end of the options and leaves the option [] (said as "not a
     # size: []", hp80a c27), a TypeError of '<' (hp81a c36, c37), a default silently used (c17): refused first
-    dashed = next((g for g in given if re.fullmatch(r"--[\w-]+=--", g)), None)
+    # (the short form too: -o-- and -o=-- were "output is a list" and "missing -o/--output", hp83a c08, c20)
+    dashed = next((g for g in given if re.fullmatch(r"--[\w-]+=--|-[A-Za-z]=?--", g)), None)
     if dashed is not None:
-        flag = dashed[:-3]
+        flag = dashed[:-2].removesuffix("=")
         command = next((g for g in given if not g.startswith("-")), None)
         return _report(ConfigError(f"{flag}=-- gives '--', which the command line reads as the end of its options, "
                                    "not as a value", hint=f"give {flag} a value"

@@ -68,7 +68,9 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
 
         total = float32_sum(weights)
         amplification = math.fsum(abs(w) for w in weights) / (abs(total) if abs(total) >= 1e-8 else 1.0)
-        where = "the weights nearly cancel in the divisor that normalizes them"
+        where = "the weights nearly cancel in the divisor that normalizes them" + (
+            f" (they sum to 0 as written, but to {total:.3g} in float32, in which the merge divides: over mergekit's "
+            "cut of 1e-8)" if math.fsum(weights) == 0 and total else "")  # (hp83a c23: the cause unsaid)
     if amplification is not None and abs(lam) * amplification <= LARGE_LAM:
         return
     scale = (f"which scales the merged task vector up to {abs(lam) * amplification:.4g} times" if amplification
