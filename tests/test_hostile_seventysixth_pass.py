@@ -1354,3 +1354,19 @@ def test_pass_82_merge_notes(tmp_path):
     with pytest.raises(ConfigError, match="names no adapter after"):
         translate_mergekit({"merge_method": "ties", "base_model": str(tmp_path / "b"), "models": [
             {"model": f"{tmp_path / 'b'}+", "parameters": {"weight": 1.0, "density": 0.5}}]})
+
+
+def test_pass_83_tune_notes(classifiers, tmp_path):
+    """hp83b c08: an in-memory adapt row whose label was np.int64(1) was "not JSON data"; c03: a CMA-ES start as the
+    log records it (a per-model axis None: its default) given back was "None, not 2 values"."""
+    import numpy as np
+
+    import tiesmerge
+    from tiesmerge.tuning import run_search
+
+    _, base, fts, _ = classifiers
+    result = tiesmerge.adapt(base, fts, [[{"text": "good", "label": np.int64(1)}], [{"text": "bad", "label": 0}]],
+                             tasks=["a", "b"], steps=1)
+    assert result is not None
+    run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, strategy="cmaes", budget=6,
+               axes=["lam", "densities"], start={"densities": None, "lam": 2.0})

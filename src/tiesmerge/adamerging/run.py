@@ -159,6 +159,7 @@ def read_task_data(data: Sequence[Any], tasks: Sequence[str] | None = None, *,
                                   hint="every example needs some text; drop the empty ones")
             # fields a data file could hold: JSON's (hp82b c19, c20: object(), a set, an int key or a list nested
             # 5000 deep beside the text were tracebacks of the digest's json.dumps)
+            row = rows[k] = plain_numbers(row)  # numpy's scalars (a label np.int64(1)) are numbers (hp83b c08)
             try:
                 json.dumps(row, sort_keys=True, allow_nan=True)
             except (TypeError, ValueError, RecursionError) as exc:

@@ -308,6 +308,8 @@ def check_start(space: SearchSpace, start: Any) -> None:
         if axis is None:
             problems.append(f"start[{name!r}]: not an option this search varies (it varies {', '.join(axes)})")
             continue
+        if value is None and axis.per_model:  # the method's default, as the log records a start resolved over the
+            continue  # defaults (hp83b c03: the recorded start given back was "None, not 2 values")
         values = value if axis.per_model and isinstance(value, (list, tuple)) else (value,)
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if axis.per_model and not (isinstance(value, (list, tuple)) and len(value) == axis.per_model):
