@@ -1370,3 +1370,11 @@ def test_pass_83_tune_notes(classifiers, tmp_path):
     assert result is not None
     run_search(base, [str(m) for m in fts], "ties", lambda sd: 0.5, strategy="cmaes", budget=6,
                axes=["lam", "densities"], start={"densities": None, "lam": 2.0})
+
+
+def test_an_evaluator_code_change_names_its_helpers_too():
+    """hp83b c11: an edit to a helper module the evaluator imports was said as "its module's source changed"."""
+    from tiesmerge.tuning.results_log import _header_difference
+
+    said = _header_difference("evaluator_code", ["a"], ["b"])
+    assert "or a helper module's it imports from its folder" in said

@@ -296,7 +296,10 @@ _HEADER_WORDS = {
     "weights": "the models' files (weights, configs, tokenizer files): changed since the log was started (their "
                "inode, size, modification or change time: a chmod, a new hard link or a copy changes the last too)",
     "evaluator_data": "the evaluator's data file: its contents changed",
-    "evaluator_code": "the evaluator's code: its module's source changed",
+    # one digest over the module and the helpers it imports from its folder: which changed cannot be told (hp83b c11:
+    # a helper's edit was said as the module's)
+    "evaluator_code": "the evaluator's code: its module's source, or a helper module's it imports from its folder, "
+                      "changed",
     "evaluator_state": "what the evaluator was built with (a partial's arguments, closure values, defaults)",
     "space": "the search space (--axis, --grid, --range, --set, the method's options)",
 }
