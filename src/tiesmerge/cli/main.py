@@ -427,6 +427,17 @@ def _warn_literal_tilde(args: argparse.Namespace) -> None:
                           f"{flag} ~/... unquoted, or $HOME/..., for the home folder", MergeWarning, stacklevel=2)
 
 
+def _refuse_dash(args: argparse.Namespace) -> None:
+    """A written path of "-" is the usual word for standard output, which no command writes to (a merge is a folder,
+    a --json file is written whole and atomically): refused rather than making a file or folder named "-" that the
+    user looks for on the terminal. "./-" still names such a folder, for whoever wants one."""
+    dashed = [flag for field, flag in _WRITTEN.items() if getattr(args, field, None) == "-"]
+    if dashed:
+        raise ConfigError([f"{flag} - would write a {'file' if flag in ('--json', '--checkpoint') else 'folder'} "
+                           "named '-': tiesmerge never writes to standard output" for flag in dashed],
+                          hint="give a path to write (./- for one named '-')")
+
+
 @contextlib.contextmanager
 def _library_bars_off() -> Iterator[None]:
     """--no-progress for the libraries' bars too (transformers' "Loading weights", the hub's): their switch is
@@ -545,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = _warning_printer(shown_before)
         sys.stdout = SafeStream(stdout)  # type: ignore[assignment]
         _resolve_repo_ids(args)
+        _refuse_dash(args)
         _warn_literal_tilde(args)
         _warn_repeated_options(parser, args.command, given)
         with _library_bars_off() if getattr(args, "no_progress", False) else contextlib.nullcontext(), \
