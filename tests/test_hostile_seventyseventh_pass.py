@@ -15,3 +15,77 @@ def test_a_dash_as_a_written_path_is_refused_not_made_a_folder(tmp_path, capsys,
     rc, _, err = run_cli(argv, capsys)
     assert rc == 2 and "named '-'" in err and "standard output" in err and "./-" in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def _save_model(folder, tensors, config):
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["mlx", "quanto", "int32 weight"])
+def test_mlx_quanto_and_integer_weights_are_refused_as_quantized(tmp_path, capsys, kind):
+    """hp84a c03, c04, c17: MLX checkpoints (config `quantization`, packed uint32 weights, `.scales`/`.biases`),
+    optimum-quanto's (`weight._data`, `weight._scale`) and a layer's weight stored as int32 merged with exit 0: the
+    scales averaged, the codes (and a LoRA's change to them) copied from the base."""
+    import torch
+
+    from helpers_ckpt import run_cli
+
+    torch.manual_seed(0)
+    codes = torch.randint(0, 2**31 - 1, (8, 1), dtype=torch.int32)
+    config = {"model_type": "llama", "num_hidden_layers": 1}
+    for name, noise in (("b", 0.0), ("x", 0.1), ("y", 0.2)):
+        tensors = {"model.norm.weight": torch.ones(8) + noise}
+        if kind == "mlx":
+            tensors.update({"l.weight": codes, "l.scales": (torch.rand(8, 1) + noise).half(),
+                            "l.biases": (torch.rand(8, 1) + noise).half()})
+        elif kind == "quanto":
+            tensors.update({"l.weight._data": codes.to(torch.int8), "l.weight._scale": torch.rand(8, 1) + noise})
+        else:
+            tensors["l.weight"] = codes if name == "b" else torch.randn(8, 1)
+        _save_model(tmp_path / name, tensors, {**config, "quantization": {"group_size": 64, "bits": 4}}
+                    if kind == "mlx" else config)
+    rc, _, err = run_cli(["merge", "--method", "average", "--base", tmp_path / "b", "--model", tmp_path / "x",
+                          "--model", tmp_path / "y", "-o", tmp_path / "o"], capsys)
+    assert rc == 1 and "is a quantized checkpoint" in err and "dequantize" in err, err
+    assert {"mlx": "declares quantization", "quanto": "'l.weight._data'",
+            "int32 weight": "stores 'l.weight' as int32"}[kind] in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_integer_tensor_a_model_changes_as_floats_is_refused_or_said(tmp_path):
+    """hp84a c17: only int8/uint8 base tensors were checked against models changing them as floats: a LoRA of an
+    int16/int32 one, or a fine-tune storing floats there, kept the base's values silently."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from helpers_adapters import write_lora_dir
+    from tiesmerge.errors import IncompatibleCheckpointsError, MergeWarning
+    from tiesmerge.io.align import align
+    from tiesmerge.io.checkpoint import open_checkpoint
+
+    base = {"model.buf": torch.arange(8, dtype=torch.int16), "model.w.weight": torch.randn(8, 8)}
+    model = {"model.buf": torch.randn(8), "model.w.weight": base["model.w.weight"] + 0.1}
+    with pytest.warns(MergeWarning, match=r"1 integer tensor\(s\) of the base \('model.buf'\) are stored as floats by "
+                                          r"model\(s\) 0: .* the output keeps the base's values"):
+        out = tiesmerge.merge(base, [model], "task_arithmetic")
+    assert torch.equal(out["model.buf"], base["model.buf"])
+    with warnings.catch_warnings():  # the same integers: nothing to say
+        warnings.simplefilter("error")
+        tiesmerge.merge(base, [{**model, "model.buf": base["model.buf"]}], "task_arithmetic")
+    # an adapter of an integer tensor (align's own check, behind the quantized-base refusal of integer weights)
+    packed = {"model.w.weight": torch.randint(0, 99, (8, 8), dtype=torch.int32), "model.v.weight": torch.randn(8, 8)}
+    b = _save_model(tmp_path / "b", packed, {"model_type": "llama"})
+    lora = write_lora_dir(tmp_path / "l", {"model.w": (torch.randn(2, 8), torch.randn(8, 2))}, alpha=4)
+    base_ckpt, adapter = open_checkpoint(b), open_checkpoint(str(lora))
+    adapter.bind(base_ckpt)
+    with pytest.raises(IncompatibleCheckpointsError, match="the base stores it as int32 but model 0 changes it"):
+        align(base_ckpt, [adapter])

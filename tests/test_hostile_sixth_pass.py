@@ -283,12 +283,12 @@ def test_a_recipe_path_under_an_existing_folder_is_not_taken_for_a_repo_id(famil
 
 def test_a_quantized_base_under_float_fine_tunes_is_refused(tmp_path):
     import tiesmerge
-    from tiesmerge.errors import IncompatibleCheckpointsError
+    from tiesmerge.errors import CheckpointError
 
     base, fts = make_family(2)
     name = "model.layers.0.self_attn.q_proj.weight"
     base[name] = base[name].to(torch.int8)
-    with pytest.raises(IncompatibleCheckpointsError, match="the base stores it as int8 but model 0 as float32"):
+    with pytest.raises(CheckpointError, match=f"the base is a quantized checkpoint \\(it stores '{name}' as int8"):
         tiesmerge.merge(base, fts, "ties")
 
 

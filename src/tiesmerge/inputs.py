@@ -646,24 +646,36 @@ _ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers")  # what says which mo
 # and group indices, FP8 block scales (their weights are codes, not values a float merge may average)
 _QUANTIZED_SUFFIXES = (".SCB", ".weight_format", ".absmax", ".quant_map", ".qweight", ".qzeros", ".g_idx",
                        ".weight_scale_inv", ".weight_packed", ".weight_zero_point", ".W_q",
-                       ".compressed", ".bitmask", ".row_offsets")  # (compressed-tensors' sparse bitmask: hp81a c07)
+                       ".compressed", ".bitmask", ".row_offsets",  # (compressed-tensors' sparse bitmask: hp81a c07)
+                       ".weight._data", ".weight._scale")  # optimum-quanto's codes and scales (hp84a c04)
 # a scale beside a weight stored in 8 bits (compressed-tensors' FP8 and INT8: hp80a c07); beside a float16/float32
 # weight a tensor of that name may be a model's own (a layer scale), so the weight's dtype decides
 _SCALE_SUFFIXES = (".weight_scale", ".input_scale")
 _EIGHT_BIT = ("F8_E4M3", "F8_E5M2", "I8", "U8")
+# MLX's group scales and biases, beside its packed integer weight (hp84a c03); beside a float weight they may be a
+# model's own
+_GROUP_SUFFIXES = (".scales", ".biases")
 
 
-def _quantized_tensor(ckpt: Checkpoint) -> str | None:
-    """The first tensor of ``ckpt`` that only a quantized checkpoint holds, or None."""
+def _quantized_tensor(ckpt: Checkpoint, integer_weights: bool) -> str | None:
+    """The first tensor of ``ckpt`` that only a quantized checkpoint holds, or None (``integer_weights``: a layer's
+    weight stored as integers counts; for a fine-tune, whose base stores it as float, align names the dtypes)."""
     names = ckpt.names()
     held = set(names)
     for name in names:
         if name.endswith(_QUANTIZED_SUFFIXES):
             return name
-        if name.endswith(_SCALE_SUFFIXES):
+        if name.endswith(_SCALE_SUFFIXES + _GROUP_SUFFIXES):
             weight = name.rsplit(".", 1)[0] + ".weight"
-            if weight in held and ckpt.info(weight).dtype_info.code in _EIGHT_BIT:
+            code = ckpt.info(weight).dtype_info.code if weight in held else None
+            if code in _EIGHT_BIT or (name.endswith(_GROUP_SUFFIXES) and code is not None
+                                      and not ckpt.info(weight).is_floating):
                 return name
+        # a layer's weight stored as integers is codes whatever the format (MLX and GPTQ pack them into int32, hp84a
+        # c03, c17): no model trains integer weights (booleans are masks, not codes)
+        if integer_weights and name.endswith(".weight") and not ckpt.info(name).is_floating \
+                and ckpt.info(name).dtype_info.code != "BOOL":
+            return name
     return None
 
 
@@ -674,6 +686,8 @@ def _declared_quantization(config: Mapping[str, Any]) -> tuple[str, Any] | None:
         for key in ("quantization_config", "compression_config"):  # (compression_config: compressed-tensors, c07)
             if sub.get(key) is not None:
                 return where + key, sub[key]
+        if isinstance(sub.get("quantization"), Mapping) and sub["quantization"]:  # MLX's {group_size, bits}: c03
+            return where + "quantization", sub["quantization"]
     return None
 
 
@@ -694,13 +708,15 @@ def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_o
         except CheckpointError:
             config = {}  # a damaged config is named where the output's config is read
         declared = _declared_quantization(config)
-        packed = _quantized_tensor(ckpt)
+        packed = _quantized_tensor(ckpt, integer_weights=ckpt is base)
         if declared is None and packed is None:
             continue
         value = declared[1] if declared is not None else None
         method = value.get("quant_method") if isinstance(value, Mapping) else None
         named = f", quant_method {method}" if isinstance(method, str) else ""
         why = (f"its config.json declares {declared[0]}{named}" if declared is not None else
+               f"it stores {packed!r} as {ckpt.info(packed).dtype_info.name}: a layer's weights stored as integers "
+               "are quantized codes" if packed.endswith(".weight") else
                f"it holds {packed!r}, a tensor only quantized checkpoints hold")
         hint = ("merge the unquantized (float) checkpoints: dequantize it first (transformers: load it, "
                 "model.dequantize(), save_pretrained), then merge")

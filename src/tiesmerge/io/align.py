@@ -488,16 +488,23 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
     jobs: list[TensorJob] = []
     truncated: list[dict] = []
     changed: list[tuple[str, int]] = []  # (integer tensor, model) where the model holds other values than the base
+    as_floats: list[tuple[str, int]] = []  # (integer tensor, model) where the model stores floats
     for name in names:
         if name in alias_of:
             continue
         info = base.info(name)
         aliases = next((g[1:] for g in tied if g[0] == name), ())
-        if not info.is_floating and info.dtype_info.code in ("I8", "U8"):  # quantized weights, not a buffer
+        # an integer base tensor that a model changes as floats: nothing merges there, the base is copied. An adapter
+        # of it (hp81a c40: int8; hp84a c17: int16/int32, a LoRA's change dropped silently) or a float fine-tune of
+        # 8-bit codes says the base is quantized: refused. A wider integer buffer a full model stores as floats (its
+        # state dict cast whole) is copied from the base, with a warning below
+        if not info.is_floating:
             floating = [k for k, m in enumerate(models) if name in model_names[k] and (
                 yields_task_vector(m) or m.info(name).is_floating)]  # a model may lack an integer buffer: kept
-            if floating:  # a quantized base (int8) under float fine-tunes, or adapters of that layer: nothing would
-                k = floating[0]  # merge there, the base copied (hp81a c40: an adapter's change dropped silently)
+            if not any(yields_task_vector(models[k]) for k in floating) and info.dtype_info.code not in ("I8", "U8"):
+                as_floats.extend((name, k) for k in floating)
+            elif floating:
+                k = next(k for k in floating if yields_task_vector(models[k]) or info.dtype_info.code in ("I8", "U8"))
                 theirs = ("changes it (an adapter of that layer)" if yields_task_vector(models[k]) else
                           f"as {models[k].info(name).dtype_info.name}")
                 raise IncompatibleCheckpointsError(
@@ -559,11 +566,22 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                       f"{', '.join(str(k) for k in sorted({k for _, k in changed}))} hold other values there "
                       f"({', '.join(repr(n) for n in tensors[:5])}{', ...' if len(tensors) > 5 else ''}): such "
                       "tensors are not merged, so the output keeps the base's values", MergeWarning, stacklevel=2)
+    if as_floats:
+        tensors = list(dict.fromkeys(n for n, _ in as_floats))
+        warnings.warn(f"{len(tensors)} integer tensor(s) of the base ({', '.join(repr(n) for n in tensors[:5])}"
+                      f"{', ...' if len(tensors) > 5 else ''}) are stored as floats by model(s) "
+                      f"{', '.join(str(k) for k in sorted({k for _, k in as_floats}))}: integer tensors are not "
+                      "merged, so the output keeps the base's values there, whatever the models hold",
+                      MergeWarning, stacklevel=2)
     if not any(j.merge for j in jobs):  # integer tensors only: the output is the base, whatever the models hold
+        integers = sum(1 for j in jobs if not j.dtype_info.is_floating)
         empty = sum(1 for j in jobs if 0 in j.shape and j.dtype_info.is_floating)  # copied too (hp30 N1)
-        what = "integers or booleans (buffers, quantized weights)" if not empty else \
-            f"integers or booleans, or tensors of no entries ({empty})"
-        warnings.warn(f"nothing to merge: the base's {len(jobs)} tensor(s) are {what}, which are copied from the "
-                      "base; the output is the base", MergeWarning, stacklevel=2)
+        # floating tensors no adapter changes (hp84a c17: one was counted among "integers or booleans")
+        unchanged = len(jobs) - integers - empty
+        kinds = [("integers or booleans (buffers, quantized weights)", integers), ("tensors of no entries", empty),
+                 ("tensors no model changes", unchanged)]
+        what = [f"{kind}{f' ({n})' if n != len(jobs) or kind != kinds[0][0] else ''}" for kind, n in kinds if n]
+        warnings.warn(f"nothing to merge: the base's {len(jobs)} tensor(s) are {', or '.join(what)}, which are "
+                      "copied from the base; the output is the base", MergeWarning, stacklevel=2)
     return Alignment(tuple(jobs), tuple(tied), tuple(truncated))
 
