@@ -89,3 +89,32 @@ def test_an_integer_tensor_a_model_changes_as_floats_is_refused_or_said(tmp_path
     adapter.bind(base_ckpt)
     with pytest.raises(IncompatibleCheckpointsError, match="the base stores it as int32 but model 0 changes it"):
         align(base_ckpt, [adapter])
+
+
+def test_a_switch_given_true_or_false_is_taken_as_meant(tmp_path, capsys, monkeypatch):
+    """hp84a c42: `tiesmerge methods` showed boolean options as (true|false); given so on the command line, the word
+    was read as the recipe ("false: no such file or directory (cannot read the recipe)")."""
+    from safetensors.torch import load_file
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    monkeypatch.chdir(tmp_path)
+    base, models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [str(write_hf_dir(tmp_path / f"m{k}", m)) for k, m in enumerate(models)]
+    common = ["merge", "--method", "task_arithmetic", "--base", b, "--model", ms[0], "--model", ms[1],
+              "--weights", "1", "3"]
+    outputs = {}
+    for given in (["--normalize-weights"], ["--normalize-weights", "true"], ["--normalize-weights=yes"],
+                  ["--no-normalize-weights"], ["--normalize-weights", "false"], ["--normalize-weights=0"]):
+        out = tmp_path / f"o{len(outputs)}"
+        rc, _, err = run_cli([*common, *given, "-o", out], capsys)
+        assert rc == 0, (given, err)
+        outputs[" ".join(given)] = load_file(str(out / "model.safetensors"))
+    on, off = outputs["--normalize-weights"], outputs["--no-normalize-weights"]
+    name = next(n for n in on if not (on[n] == off[n]).all())
+    for given, state in outputs.items():
+        expected = on if any(w in given for w in ("true", "yes")) or given == "--normalize-weights" else off
+        assert (state[name] == expected[name]).all(), given
+    rc, out, _ = run_cli(["methods", "task_arithmetic"], capsys)
+    assert "a switch: --normalize-weights or --no-normalize-weights; true|false in a recipe" in out

@@ -761,8 +761,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(cls):
             meta = f.metadata
             default = "—" if f.default is None else f.default
-            kind = {float: "number", int: "integer", str: "text", bool: "true|false", ModelPath: "path",
-                    tuple: "list, one per model"}[types[f.name]]
+            flag = f.name.replace('_', '-')
+            # a switch on the command line, true|false in a recipe (hp84a c42: shown as true|false only)
+            kind = {float: "number", int: "integer", str: "text", ModelPath: "path", tuple: "list, one per model",
+                    bool: f"a switch: --{flag} or --no-{flag}; true|false in a recipe"}[types[f.name]]
             extra = f" one of {'|'.join(meta['choices'])}" if meta.get("choices") else f" ({kind})"
             unit = f" [{meta['unit']}]" if meta.get("unit") else ""
             grid = meta.get("grid")

@@ -381,6 +381,40 @@ def _multi_value_options(parser: argparse.ArgumentParser, command: str | None) -
                      for o in a.option_strings)
 
 
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """A method's boolean option is a switch on the command line (--flatten, --no-flatten) but true|false in a
+    recipe: `--flatten false` read "false" as the recipe (hp84a c42: "false: no such file"), `--flatten=false` was
+    argparse's "ignored explicit argument". A true/false word given to a switch is taken as meant: --flatten or
+    --no-flatten (a file of that name in the working folder stays the recipe it may be)."""
+    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = next((w for w in argv if not w.startswith("-")), None)
+    sub = commands.choices.get(command) if commands is not None and command else None
+    if sub is None:
+        return argv
+    switches = {o: a.option_strings[0] for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction)
+                for o in a.option_strings if not o.startswith("--no-")}
+    end = argv.index("--") if "--" in argv else len(argv)
+    out: list[str] = []
+    k = 0
+    while k < len(argv):
+        word = argv[k]
+        flag, eq, value = word.partition("=")
+        if k < end and flag in switches:
+            if not eq and k + 1 < end and argv[k + 1].lower() in _TRUE_WORDS + _FALSE_WORDS \
+                    and not os.path.exists(argv[k + 1]):
+                value, k = argv[k + 1], k + 1
+            if value.lower() in _FALSE_WORDS:
+                word = "--no-" + switches[flag][2:]
+            elif value.lower() in _TRUE_WORDS:
+                word = switches[flag]
+        out.append(word)
+        k += 1
+    return out
+
+
 def _warn_repeated_options(parser: argparse.ArgumentParser, command: str | None, argv: list[str]) -> None:
     """An option that takes one value given more than once: argparse keeps the last silently (hp66a c26: `--density
     0.2 --density 0.3` merged at 0.3 without a word); said, as a recipe's repeated key is. Repeatable options
@@ -499,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "not as a value", hint=f"give {flag} a value"
                                    + (", e.g. 2GiB" if flag in ("--memory-budget", "--shard-size") else
                                       f" (tiesmerge {command or ''} --help lists them)".replace("  ", " "))), debug)
+    given = _switch_values(parser, given)
     args, extras = parser.parse_known_args(given)
     if extras:  # said by the command's own parser: its usage, not the top level's (`tiesmerge validate BASE --model`)
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
