@@ -118,3 +118,26 @@ def test_a_switch_given_true_or_false_is_taken_as_meant(tmp_path, capsys, monkey
         assert (state[name] == expected[name]).all(), given
     rc, out, _ = run_cli(["methods", "task_arithmetic"], capsys)
     assert "a switch: --normalize-weights or --no-normalize-weights; true|false in a recipe" in out
+
+
+def test_gguf_is_said_not_read_wherever_it_is_given(tmp_path, capsys):
+    """hp84a c59: a .gguf recipe was told to be given as --base/--model, where it then failed as "not a .safetensors
+    file" (the file) or "give the directory that holds the weights" (its folder, which did)."""
+    import torch
+
+    from helpers_ckpt import run_cli
+
+    base = _save_model(tmp_path / "b", {"w": torch.randn(4, 4)}, {"model_type": "x"})
+    other = _save_model(tmp_path / "m", {"w": torch.randn(4, 4)}, {"model_type": "x"})
+    (tmp_path / "gg").mkdir()
+    (tmp_path / "gg" / "model.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 16)
+    (tmp_path / "gg" / "config.json").write_text('{"model_type": "x"}')
+    for argv, rc_wanted, said in (
+            (["merge", tmp_path / "gg" / "model.gguf"], 2, "a GGUF weights file, not a recipe"),
+            (["merge", "--base", base, "--model", tmp_path / "gg" / "model.gguf", "--model", other], 1,
+             "is a GGUF file, which tiesmerge does not read"),
+            (["merge", "--base", base, "--model", tmp_path / "gg", "--model", other], 1,
+             "its weights are GGUF (model.gguf), which tiesmerge does not read")):
+        rc, _, err = run_cli([*argv, "-o", tmp_path / "o"], capsys)
+        assert rc == rc_wanted and said in err and "convert_hf_to_gguf" in err, err
+        assert "--base or --model" not in err and not (tmp_path / "o").exists()

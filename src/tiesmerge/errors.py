@@ -39,6 +39,10 @@ class TiesMergeError(Exception):
         return self.message if not self.hint else f"{self.message}\nhint: {self.hint}"
 
 
+# GGUF (llama.cpp's format) is read nowhere: said wherever such a file arrives (a model, its folder, the recipe)
+GGUF_HINT = ("tiesmerge reads safetensors (PyTorch pickles with --allow-pickle), not GGUF: merge the safetensors "
+             "model the GGUF file was made from, or convert it back (transformers: from_pretrained(folder, "
+             "gguf_file=...), then save_pretrained), and convert the merge with llama.cpp's convert_hf_to_gguf.py")
 MAX_LISTED = 50  # problems a ConfigError's message lists (a recipe naming 10,000 missing paths printed 10,004 lines)
 
 

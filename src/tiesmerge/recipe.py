@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from .dtypes import BY_NAME
-from .errors import ConfigError
+from .errors import GGUF_HINT, ConfigError
 from .hub import split_repo_id
 from .io.align import VOCAB_POLICIES
 from .limits import read_yaml
@@ -396,7 +396,9 @@ def read_recipe_data(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"the recipe is a {type(path).__name__}, not the path of a YAML file")
     path = Path(path)
     _refuse_output_file(path)
-    if path.suffix.lower() in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf"):  # "not UTF-8 text ...
+    if path.suffix.lower() == ".gguf":  # hinted as an input, which then failed as "not a .safetensors file" (hp84a c59)
+        raise ConfigError(f"{path}: a GGUF weights file, not a recipe", hint=GGUF_HINT)
+    if path.suffix.lower() in (".safetensors", ".bin", ".pt", ".pth", ".ckpt"):  # "not UTF-8 text ...
         # iconv -f LATIN1" of a model's weights given as the recipe (hp81a c19)
         raise ConfigError(f"{path}: a weights file, not a recipe", hint=f"give it (or its folder, {path.parent}) as "
                           "an input: --base or --model; a recipe is a YAML file with method:, base:, models: "

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CheckpointError
+from ..errors import GGUF_HINT, CheckpointError
 from ..limits import read_json
 from ..paths import check_input, fs_text, inside
 from ..unicode_names import apart, first_twin
@@ -182,6 +182,8 @@ def open_checkpoint(
             if not allow_pickle:
                 raise _refuse_pickle(path)
             return PickleCheckpoint(path, [path], label)
+        if path.suffix.lower() == ".gguf":  # (hp84a c59: "not a .safetensors file or a model directory")
+            raise CheckpointError(f"{path}: {role} is a GGUF file, which tiesmerge does not read", hint=GGUF_HINT)
         if path.name == ADAPTER_CONFIG:  # (hp82a c95, c99: hinted at a full model's folder, refused in that slot)
             raise CheckpointError(f"{path}: {role} is a PEFT adapter's config file; an adapter is read from its folder "
                                   "(the config with adapter_model.safetensors)",
@@ -250,6 +252,10 @@ def open_checkpoint(
             "tensors each shard holds and that they are one model",
             hint="the index is missing (a partial download, or a copy that skipped the JSON files): fetch or copy "
                  "model.safetensors.index.json too; or give one .safetensors file itself as the model")
+    gguf = sorted(p.name for p in path.glob("*.gguf")) + sorted(p.name for p in path.glob("*.GGUF"))
+    if gguf:  # (hp84a c59: "give the directory that holds the weights", which it was)
+        raise CheckpointError(f"{path}: its weights are GGUF ({', '.join(gguf[:3])}{', ...' if len(gguf) > 3 else ''}"
+                              "), which tiesmerge does not read; no safetensors weights found", hint=GGUF_HINT)
     raise CheckpointError(
         f"{path}: no model weights found (looked for model.safetensors.index.json, model.safetensors, *.safetensors); "
         f"the directory holds: {found}", hint=_shadow_hint(path) or "give the directory that holds the weights",
