@@ -141,3 +141,27 @@ def test_gguf_is_said_not_read_wherever_it_is_given(tmp_path, capsys):
         rc, _, err = run_cli([*argv, "-o", tmp_path / "o"], capsys)
         assert rc == rc_wanted and said in err and "convert_hf_to_gguf" in err, err
         assert "--base or --model" not in err and not (tmp_path / "o").exists()
+
+
+def test_negative_weights_under_sign_from_are_said_to_oppose_the_reference(tmp_path):
+    """hp84a c32: with sign_from, weights -1, -1 were said to change nothing (the elected mean's division undoes their
+    sign), but the reference's sign is not elected: the merge kept the entries that oppose it."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import MergeWarning
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(16, 16, generator=g)}
+    models = [{"w": base["w"] + 0.1 * torch.randn(16, 16, generator=g)} for _ in range(2)]
+    ref = {"w": base["w"] + 0.1 * torch.randn(16, 16, generator=g)}
+    reference = _save_model(tmp_path / "ref", ref, {"model_type": "x"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        neg = tiesmerge.merge(base, models, "ties", sign_from=reference, weights=[-1, -1], density=1.0)["w"] - base["w"]
+    said = [str(w.message) for w in caught if issubclass(w.category, MergeWarning)]
+    assert any("with sign_from" in m and "oppose the reference" in m for m in said), said
+    assert not any("do not negate" in m for m in said), said
+    assert ((neg.sign() != (ref["w"] - base["w"]).sign()) & (neg != 0)).any()  # what the warning says, it does

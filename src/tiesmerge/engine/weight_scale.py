@@ -49,6 +49,19 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
         return  # average says its own (_warn_if_far); sums without a divisor scale by the weights themselves
     negative = [w < 0 for w in weights]
     shown = _shown(weights)
+    if elected and any(negative) and getattr(method, "sign_from", None) is not None:
+        # the sign is the reference's, not elected from the weighted task vectors, so a weight's sign is not undone:
+        # w·τ agrees with the reference where τ opposes it (hp84a c32: said to change nothing, the merge kept the
+        # entries that oppose the reference, 23% agreeing with it)
+        models = [str(k) for k, n in enumerate(negative) if n]
+        warnings.warn(MergeWarning(
+            f"{method.name}: model(s) {', '.join(models[:8])}{', ...' if len(models) > 8 else ''} have a negative "
+            f"weight ({shown}); with sign_from, an entry is kept where the weighted task vector agrees with the "
+            "reference's sign, so a negative weight keeps that model's entries that oppose the reference (and the "
+            "mean's division by the weights leaves them opposed in the merge)"
+            + ("" if all(negative) else "; the weights of opposite signs can also nearly cancel in its divisor")
+            + ": give positive weights to follow the reference"), stacklevel=3)
+        return
     if elected and all(negative):
         warnings.warn(MergeWarning(
             f"{method.name}: every weight is negative ({shown}), and the weighted mean divides by the agreeing "
