@@ -201,9 +201,10 @@ def test_validate_reports_every_problem_and_exits_2(tmp_path, capsys):
                       "parameters: {density: 20, lam: .inf, zero_sign: negative}\ndtype: fp8\nvocab_polcy: error\n")
     rc, stdout, err = run_cli(["validate", recipe], capsys)
     assert rc == 2
-    assert err.startswith("error: 6 problems")  # the recipe's five, and its base that does not exist (hp31 C74)
+    # the recipe's five, its base that does not exist (hp31 C74), and its two models that do not (hp84a c29)
+    assert err.startswith("error: 8 problems")
     for needle in ("density", "percent", "lam", "zero_sign", "'fp8'", "vocab_polcy", "did you mean 'vocab_policy'",
-                   "b: no such file or directory"):
+                   "b: no such file or directory", "x: no such file or directory", "y: no such file or directory"):
         assert needle in err, err
     assert str(recipe) in err
 

@@ -165,3 +165,25 @@ def test_negative_weights_under_sign_from_are_said_to_oppose_the_reference(tmp_p
     assert any("with sign_from" in m and "oppose the reference" in m for m in said), said
     assert not any("do not negate" in m for m in said), said
     assert ((neg.sign() != (ref["w"] - base["w"]).sign()) & (neg != 0)).any()  # what the warning says, it does
+
+
+@pytest.mark.parametrize("where", ["here", "sub"])
+def test_validate_names_a_missing_base_once_and_every_missing_model(tmp_path, capsys, monkeypatch, where):
+    """hp84a c29: from the recipe's parent folder the missing base was listed twice (in two wordings) and the missing
+    models never named (exit 2), though the hint said each model was checked; from the recipe's folder the base was
+    "(cannot read the model)" (exit 1)."""
+    from helpers_ckpt import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rr").mkdir()
+    recipe = tmp_path / "rr" / "r.yaml" if where == "sub" else tmp_path / "r.yaml"
+    recipe.write_text("method: ties\nbase: nothere\nmodels: [missing1, missing2]\n")
+    rc, _, err = run_cli(["validate", str(recipe.relative_to(tmp_path))], capsys)
+    assert rc == 1 and "3 problems with the inputs" in err, err
+    listed = [line for line in err.splitlines() if line.startswith("  - ")]
+    assert len(listed) == 3 and sum("nothere" in line for line in listed) == 1, err
+    assert "missing1" in listed[1] and "missing2" in listed[2], err
+    if where == "here":
+        assert "nothere: no such file or directory (cannot read the base)" in err, err
+    else:
+        assert "was only opened, not checked against it" in err and "checked against the base on its own" not in err

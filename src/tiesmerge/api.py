@@ -142,7 +142,7 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
     """Every input that cannot be opened (missing, not a model, a damaged header) and every one given twice,
     reported together when there are several: ``validate`` and ``--dry-run`` list all problems at once, as they
     do for options. One problem is left to the checks that follow, which name it the usual way."""
-    from .errors import MAX_LISTED, CheckpointError, OutOfMemoryError, TiesMergeError, more_problems
+    from .errors import OutOfMemoryError, TiesMergeError, input_problems
     from .io.checkpoint import open_checkpoint
 
     if isinstance(models, (str, os.PathLike, Mapping)) or not models:
@@ -160,8 +160,9 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
             continue
         if key is not None:
             opened.add(key)
-        try:
-            open_checkpoint(source, allow_pickle=allow_pickle).close()
+        try:  # the base named as the base (hp84a c29: "nothere: ... (cannot read the model)")
+            open_checkpoint(source, allow_pickle=allow_pickle, role="the base" if source is base else "the model"
+                            ).close()
         except OutOfMemoryError:  # the process's memory, not an input's problem: said as it is (hp43 C51)
             raise
         except TiesMergeError as exc:
@@ -172,12 +173,7 @@ def _all_input_problems(base: Any, models: Any, allow_pickle: bool) -> None:
         errors.append(exc)
     if len(errors) > 1:
         # the first MAX_LISTED, as a ConfigError lists them (hp40b C31: 20,000 missing models printed 20,002 lines)
-        error = CheckpointError(f"{len(errors)} problems with the inputs:\n"
-                                + "\n".join("  - " + e.message.replace("\n", "\n    ") for e in errors[:MAX_LISTED])
-                                + more_problems(len(errors) - MAX_LISTED),
-                                hint=next((e.hint for e in errors if e.hint), None))
-        error.problems = [e.message for e in errors]  # type: ignore[attr-defined]  # each, as a ConfigError's
-        raise error
+        raise input_problems([e.message for e in errors], next((e.hint for e in errors if e.hint), None))
 
 
 def base_distance(base: Source, models: Sequence[Source], *, vocab_policy: str = "error",

@@ -80,6 +80,16 @@ class CheckpointError(TiesMergeError):
     """A checkpoint cannot be found or read (missing path, corrupt header, truncated shard, pickle)."""
 
 
+def input_problems(messages: Sequence[str], hint: str | None) -> CheckpointError:
+    """Several inputs' problems (missing, damaged: none the user's writing) as one CheckpointError, listed as a
+    ConfigError lists its problems, each in ``.problems``; its exit status is a damaged input's, not a usage error's."""
+    shown = "\n".join("  - " + m.replace("\n", "\n    ") for m in messages[:MAX_LISTED])
+    error = CheckpointError(f"{len(messages)} problems with the inputs:\n{shown}"
+                            + more_problems(len(messages) - MAX_LISTED), hint=hint)
+    error.problems = list(messages)  # type: ignore[attr-defined]  # each, as a ConfigError's
+    return error
+
+
 class IncompatibleCheckpointsError(TiesMergeError):
     """The inputs cannot be merged together (names, shapes or dtypes differ)."""
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, OutputError, TiesMergeError
+from ..errors import ConfigError, OutputError, TiesMergeError, input_problems
 from ..methods.base import ModelPath, option_types
 from ..paths import (
     check_not_input,
@@ -761,10 +761,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         for f in dataclasses.fields(cls):
             meta = f.metadata
             default = "—" if f.default is None else f.default
-            flag = f.name.replace('_', '-')
+            flag, negated = f.name.replace('_', '-'), "no-" + f.name.replace('_', '-')
             # a switch on the command line, true|false in a recipe (hp84a c42: shown as true|false only)
             kind = {float: "number", int: "integer", str: "text", ModelPath: "path", tuple: "list, one per model",
-                    bool: f"a switch: --{flag} or --no-{flag}; true|false in a recipe"}[types[f.name]]
+                    bool: f"a switch: --{flag} or --{negated}; true|false in a recipe"}[types[f.name]]
             extra = f" one of {'|'.join(meta['choices'])}" if meta.get("choices") else f" ({kind})"
             unit = f" [{meta['unit']}]" if meta.get("unit") else ""
             grid = meta.get("grid")
@@ -893,13 +893,17 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
     # its shapes table (hp45 c51: one mismatch listed three times). Sets, not scans of the lists: 20,000 models took
     # 45.8 s (hp40b C30)
     def first_line(message: str) -> str:  # the role a missing path was read in is no other problem (hp64a c62:
-        # "../base: no such file ... (cannot read the model)" and "(cannot read the base)" both listed)
-        return re.sub(r" \(cannot read the [^)]*\)$", "", message.split("\n", 1)[0])
+        # "../base: no such file ... (cannot read the model)" and "(cannot read the base)" both listed), nor where
+        # else it was looked for (hp84a c29: "(the folder rr exists here, ...; no Hugging Face repo ...)")
+        line = re.sub(r" \(cannot read the [^)]*\)$", "", message.split("\n", 1)[0])
+        return re.sub(r": no such file or directory \(.*\)$", ": no such file or directory", line)
 
     said_before = {first_line(p) for p in problems}
     allow = allow_pickle and bool(getattr(args, "allow_pickle", False))  # a recipe's own consent needs the flag
+    usage = [isinstance(first, ConfigError)]  # whether any problem is the user's writing (exit 2), not an input's
 
     def add(exc: TiesMergeError, k: int | None) -> None:
+        usage[0] |= isinstance(exc, ConfigError)
         for message in getattr(exc, "problems", None) or [exc.message]:
             # checked alone, a model is model 0: its place in the recipe is said instead
             said = message if k is None else re.sub(r"\bmodel 0\b", f"model {k}", message)
@@ -916,9 +920,19 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
     checked: set[str] = set()
     planned = False  # whether a model was planned against the base yet: that plan names the base's own problems
     for k, model in enumerate(models):
-        if model in checked or not base_opens:
+        if model in checked:
             continue
         checked.add(model)
+        if not base_opens:  # each model opened on its own: a missing one is named all the same (hp84a c29)
+            if "\0" not in model:
+                try:
+                    source = resolve_source(model)
+                    open_checkpoint(source, allow_pickle=allow, label=_label(source, model)).close()
+                except TiesMergeError as exc:
+                    add(exc, k)
+                except (OSError, ValueError):
+                    pass  # not a TiesMergeError: named once the base opens
+            continue
         if "\0" not in model:  # a NUL byte: the plan names it, as the recipe's own check does
             # a model that does not open is named by its own open, as its plan would name it: each plan opened the
             # base twice more, 20,002 opens for 10,000 missing models (hp40b C30). One plan is made all the same,
@@ -957,8 +971,13 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
                     add(exc, None)
     if len(problems) == known:
         return first
-    return ConfigError(problems, hint="fix each problem named above (each model was checked against the base on its "
-                                      "own; run validate again to check them together)")
+    hint = ("fix each problem named above (each model was checked against the base on its own; run validate again to "
+            "check them together)" if base_opens else
+            "fix each problem named above (the base does not open, so each model was only opened, not checked "
+            "against it; run validate again once the base opens)")
+    # missing or damaged inputs alone exit as a damaged input does (1), wherever the recipe lies (hp84a c29: 2 from
+    # one folder, 1 from another, for the same inputs)
+    return ConfigError(problems, hint=hint) if usage[0] else input_problems(problems, hint)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

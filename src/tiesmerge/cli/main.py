@@ -394,8 +394,9 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     sub = commands.choices.get(command) if commands is not None and command else None
     if sub is None:
         return argv
-    switches = {o: a.option_strings[0] for a in sub._actions if isinstance(a, argparse.BooleanOptionalAction)
-                for o in a.option_strings if not o.startswith("--no-")}
+    # each switch's (positive, negative) option strings, as argparse.BooleanOptionalAction makes them
+    switches = {a.option_strings[0]: a.option_strings for a in sub._actions
+                if isinstance(a, argparse.BooleanOptionalAction) and len(a.option_strings) == 2}
     end = argv.index("--") if "--" in argv else len(argv)
     out: list[str] = []
     k = 0
@@ -407,9 +408,9 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
                     and not os.path.exists(argv[k + 1]):
                 value, k = argv[k + 1], k + 1
             if value.lower() in _FALSE_WORDS:
-                word = "--no-" + switches[flag][2:]
+                word = switches[flag][1]
             elif value.lower() in _TRUE_WORDS:
-                word = switches[flag]
+                word = switches[flag][0]
         out.append(word)
         k += 1
     return out
