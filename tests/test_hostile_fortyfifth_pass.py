@@ -623,7 +623,7 @@ def test_a_model_replaced_during_tunes_last_evaluation_stops_it(tmp_path):
             _replace_weights(b, tmp_path)
         return float(len(calls))
 
-    with pytest.raises(CheckpointError, match=r"ft1: model 1 changed while the search ran"):
+    with pytest.raises(CheckpointError, match=r"ft1: model 1 changed while tune ran"):
         tune(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5), "lam": (1.0,)})
 
 
@@ -958,7 +958,7 @@ def test_a_tokenizer_rewritten_during_tunes_last_evaluation_stops_it(tmp_path):
             (tmp_path / "base" / "tokenizer.json").write_text('{"added_tokens": ["[EVIL]"]}')
         return 1.0
 
-    with pytest.raises(CheckpointError, match=r"base: the base changed while the search ran"):
+    with pytest.raises(CheckpointError, match=r"base: the base changed while tune ran"):
         tune(base, [a, b], "ties", evaluate, grid={"density": (0.2, 0.5), "lam": (1.0,)})
 
 

@@ -187,3 +187,31 @@ def test_validate_names_a_missing_base_once_and_every_missing_model(tmp_path, ca
         assert "nothere: no such file or directory (cannot read the base)" in err, err
     else:
         assert "was only opened, not checked against it" in err and "checked against the base on its own" not in err
+
+
+def test_a_user_evaluators_tiesmerge_error_is_said_as_the_evaluators(tmp_path, capsys, monkeypatch):
+    """hp84b c07: an evaluator raising one of tiesmerge's errors was printed bare ("error: evaluator said no"), with
+    the command's --help as the hint; c11: a model replaced during tune was hinted to "run the search again in a new
+    --dir", which tune has not."""
+    import sys
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "ev84.py").write_text(
+        "calls = []\n"
+        "def no(sd):\n    from tiesmerge.errors import TiesMergeError\n    raise TiesMergeError('evaluator said no')\n"
+        "def touch(sd):\n    calls.append(1)\n"
+        f"    open({str(ms[1] / 'model.safetensors')!r}, 'ab').write(b'x')\n    return 0.5\n")
+    common = ["tune", "--base", b, "--model", ms[0], "--model", ms[1], "--grid", "density=0.2", "--grid", "lam=1,2"]
+    rc, _, err = run_cli([*common, "--evaluator", "ev84:no"], capsys)
+    assert rc == 1 and "--evaluator ev84:no: raised TiesMergeError: evaluator said no" in err, err
+    assert "--help" not in err and "fix the evaluator" in err, err
+    rc, _, err = run_cli([*common, "--evaluator", "ev84:touch"], capsys)
+    assert rc == 1 and "model 1 changed while tune ran" in err and "run tune again" in err, err
+    assert "--dir" not in err, err
+    sys.modules.pop("ev84", None)

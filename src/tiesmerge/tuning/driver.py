@@ -305,8 +305,8 @@ class InputWatch:
 
     def __init__(self, named: Sequence[tuple[str, Any]], *, during: str = "the search",
                  harm: str = "later candidates would merge another model than the earlier ones",
-                 hint: str = "let whatever writes it finish, then run the search again in a new --dir (the scores so "
-                             "far are of the model as it was)") -> None:
+                 hint: str = "let whatever writes it finish, then run the search again with a new log (search's "
+                             "--dir, run_search's log=): the scores so far are of the model as it was") -> None:
         self.named = [(who, source) for who, source in named if not isinstance(source, Mapping)]
         self.stamps = [weights_stamp([source]) for _, source in self.named]
         self.during, self.harm, self.hint = during, harm, hint

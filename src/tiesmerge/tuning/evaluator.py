@@ -13,6 +13,7 @@ with the evaluator's exit status); Ctrl-C and a termination signal still stop th
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import os
 import sys
@@ -108,6 +109,14 @@ def _said(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _builtin(evaluate: Any) -> bool:
+    """Whether ``evaluate`` is one of tiesmerge's own evaluators, whose typed errors say what is wrong themselves."""
+    target = evaluate.__func__ if inspect.ismethod(evaluate) else evaluate
+    # (a function's module, else its class's: never an attribute an object of the user's answers itself)
+    module = target.__module__ if inspect.isfunction(target) else type(evaluate).__module__
+    return isinstance(module, str) and (module == "tiesmerge" or module.startswith("tiesmerge."))
+
+
 class GuardedEvaluator:
     """``evaluate`` whose failures are typed. A class, not a closure, so that it pickles wherever
     the evaluator does (search's Ray workers). ``finite``: a NaN or infinite score is an error too
@@ -131,7 +140,15 @@ class GuardedEvaluator:
     def _call(self, state: Mapping[str, Any]) -> float:
         try:
             with process_state_kept(self.label):
-                score = self.evaluate(state)
+                try:
+                    score = self.evaluate(state)
+                except TiesMergeError as exc:
+                    if _builtin(self.evaluate):
+                        raise
+                    # a user's evaluator raising one of tiesmerge's errors (its own, or a merge's it ran): printed
+                    # bare, with the command's --help as the hint, it did not say where it came from (hp84b c07)
+                    raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {_said(exc)}",
+                                         hint=exc.hint or "fix the evaluator (--debug shows its traceback)") from exc
         except (TiesMergeError, KeyboardInterrupt):  # ours already say what is wrong; Ctrl-C stays Ctrl-C
             raise
         except SystemExit as exc:

@@ -247,7 +247,10 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     base32 = {k: v.float() if v.is_floating_point() else v for k, v in base_sd.items()}
     from .driver import InputWatch
 
-    watch = InputWatch([("the base", base), *((f"model {k}", m) for k, m in enumerate(models))])
+    # tune has no --dir to start again in (hp84b c11: the search's hint named one)
+    watch = InputWatch([("the base", base), *((f"model {k}", m) for k, m in enumerate(models))], during="tune",
+                       hint="let whatever writes it finish, then run tune again (the scores so far are of the model "
+                            "as it was)")
     for combo, m in zip(combos, methods):
         # lam = 1 and float32 output: base + tau_m without a rounding that lam would amplify
         merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32,
