@@ -215,3 +215,23 @@ def test_a_user_evaluators_tiesmerge_error_is_said_as_the_evaluators(tmp_path, c
     assert rc == 1 and "model 1 changed while tune ran" in err and "run tune again" in err, err
     assert "--dir" not in err, err
     sys.modules.pop("ev84", None)
+
+
+@pytest.mark.parametrize("how", ["run_search", "tune"])
+def test_an_api_grid_past_the_sweeps_limit_is_refused_before_it_is_built(how):
+    """hp84b c25: run_search's grid of 10^5 x 10^5 values was built whole before the budget cut it (memory until
+    killed, or a bare MemoryError), and tune took any grid, where the command line refuses past 100,000 points."""
+    import torch
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search, tune
+
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.randn(4)} for _ in range(2)]
+    n = 100_000
+    grid = {"lam": [1.0 + i / n for i in range(n)], "density": [(i + 1) / (n + 1) for i in range(n)]}
+    with pytest.raises(ConfigError, match=r"the grid has 10,000,000,000 points .* more than the 100,000"):
+        if how == "tune":
+            tune(base, models, "ties", lambda sd: 0.5, grid=grid)
+        else:
+            run_search(base, models, "ties", lambda sd: 0.5, strategy="grid", grid=grid, budget=1)

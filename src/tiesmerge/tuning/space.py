@@ -22,6 +22,7 @@ from typing import Any
 from ..errors import ConfigError, MergeWarning
 from ..limits import OutOfFloatRange, finite_float, parse_float
 from ..methods.base import (
+    MAX_AXIS_POINTS,
     MODEL_COUNT_UNITS,
     NORMALISED_WEIGHT_LIMIT,
     _shown,
@@ -247,6 +248,14 @@ def check_grid(grid: Any) -> None:
                          if isinstance(v, int) and not isinstance(v, bool) and not finite_float(v)]
     if problems:
         raise ConfigError(problems, hint="e.g. grid={'lam': [0.8, 1.0], 'density': [0.1, 0.2]}")
+    # every point a merge and an evaluation, and the combinations built up front: 10^5 x 10^5 values grew memory until
+    # killed (a bare MemoryError under a limit), where the command line refuses past MAX_AXIS_POINTS (hp84b c25)
+    total = math.prod(len(values) for values in grid.values())
+    if total > MAX_AXIS_POINTS:
+        raise ConfigError(f"the grid has {total:,} points (the product of its axes' lengths), more than the "
+                          f"{MAX_AXIS_POINTS:,} a sweep may hold",
+                          hint="narrow the axes or use larger steps, or sample the space: run_search with strategy "
+                               "'random' (or 'cmaes'), ranges and a budget")
 
 
 def _as_float_example(value: numbers.Number) -> str:
