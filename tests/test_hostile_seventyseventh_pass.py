@@ -235,3 +235,41 @@ def test_an_api_grid_past_the_sweeps_limit_is_refused_before_it_is_built(how):
             tune(base, models, "ties", lambda sd: 0.5, grid=grid)
         else:
             run_search(base, models, "ties", lambda sd: 0.5, strategy="grid", grid=grid, budget=1)
+
+
+def test_a_negative_fisher_value_is_not_blamed_on_an_older_overflow():
+    """hp84b c42: negative Fisher values were hinted as "damaged, or an older tiesmerge wrote statistics that
+    overflow", though overflow makes NaN or Inf, never a negative value."""
+    import torch
+
+    from helpers_ckpt import make_family
+    from helpers_merge import fisher_stats, float_names, merge
+    from tiesmerge.errors import InvalidTensorError
+    from tiesmerge.methods.fisher import Fisher
+
+    base, models = make_family(2)
+    names = float_names(base)
+    stats = [fisher_stats({n: torch.ones(base[n].shape) for n in names}) for _ in range(2)]
+    stats[1].tensors[names[0]][(0,) * base[names[0]].dim()] = -1.0
+    with pytest.raises(InvalidTensorError, match="holds negative values") as caught:
+        merge(base, models, Fisher(), stats)
+    assert "older tiesmerge" not in caught.value.hint and "recompute" in caught.value.hint
+
+
+def test_one_merge_is_said_in_the_singular(tmp_path, capsys, monkeypatch):
+    """hp84b c57: "2 scored and 1 merges in this run"."""
+    import sys
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "ev84s.py").write_text("def score(sd):\n    return 0.5\n")
+    rc, out, err = run_cli(["search", "--base", b, "--model", ms[0], "--model", ms[1], "--evaluator", "ev84s:score",
+                            "--strategy", "random", "--budget", "2", "--axis", "lam", "--dir", tmp_path / "s"], capsys)
+    sys.modules.pop("ev84s", None)
+    assert rc == 0 and "2 scored and 1 merge in this run" in out, (out, err)
+    assert "and 1 merge in this run" in (tmp_path / "s" / "results.md").read_text()

@@ -363,7 +363,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"best: [{best.index}] {options} score {format_score(best.score)} "
           f"({len(result.trials)} candidates, {result.evaluations} scored"
           f"{f' ({result.log_checked} of them to check the log it resumed)' if result.log_checked else ''} and "
-          f"{result.merges} merges "
+          f"{result.merges} merge{'' if result.merges == 1 else 's'} "  # (hp84b c57: "1 merges")
           "in this run, "
           f"{result.seconds:.1f} s)")
     from ..paths import check_report_unchanged

@@ -131,8 +131,12 @@ class SideInputs:
             if why:
                 raise InvalidTensorError(f"{stats.location(self.names[k][name])}: {self.spec.kind} statistic "
                                          f"{name!r} {why}",
-                                         hint="the statistics file is damaged, or an older tiesmerge wrote statistics "
-                                              "that overflow (it now refuses them, naming the tensor): recompute them")
+                                         # (an older tiesmerge's overflow is NaN or Inf, never a negative value:
+                                         # hp84b c42)
+                                         hint="the statistics file is damaged" + (
+                                             "" if "negative" in why else ", or an older tiesmerge wrote statistics "
+                                             "that overflow (it now refuses them, naming the tensor)")
+                                         + ": recompute them")
             scale = self.scales[k]
             if 1e-30 <= scale <= 1e30:
                 values.append(value.mul_(scale))

@@ -83,7 +83,7 @@ def _markdown(result: SearchResult) -> str:
             f"Best: candidate {best.index}, score {format_score(best.score)} ({options}).\n\n"
             f"{len(result.trials)} candidates; {result.evaluations} scored"
             f"{f' ({result.log_checked} of them to check the log it resumed)' if result.log_checked else ''} and "
-            f"{result.merges} merges "
+            f"{result.merges} merge{'' if result.merges == 1 else 's'} "  # (hp84b c57: "1 merges")
             "in this run, "
             f"{reused} scores taken from the log or an identical candidate; {result.seconds:.1f} s.\n\n"
             f"{result.table()}\n")
