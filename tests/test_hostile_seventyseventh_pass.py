@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 
@@ -273,3 +275,22 @@ def test_one_merge_is_said_in_the_singular(tmp_path, capsys, monkeypatch):
     sys.modules.pop("ev84s", None)
     assert rc == 0 and "2 scored and 1 merge in this run" in out, (out, err)
     assert "and 1 merge in this run" in (tmp_path / "s" / "results.md").read_text()
+
+
+def test_run_search_checks_its_fixed_options_before_the_first_candidate():
+    """hp84b c27: fixed={"zzz": 2.0} was said per candidate, after merges, with a hint to narrow the ranges and a
+    log that did not exist; the command line's --set said it up front."""
+    import torch
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, calls = {"w": torch.zeros(4)}, []
+    models = [{"w": torch.randn(4)} for _ in range(2)]
+    for fixed, said in (({"zzz": 2.0}, "fixed['zzz']: ties has no option 'zzz' (it has: density, lam"),
+                        ({"density": 5.0}, "fixed['density']: density must be a fraction in (0, 1]")):
+        with pytest.raises(ConfigError, match=re.escape(said)) as caught:
+            run_search(base, models, "ties", lambda sd: calls.append(1) or 0.5, strategy="random", budget=2,
+                       axes=("lam",), fixed=fixed)
+        assert "--range" not in str(caught.value) and "log" not in str(caught.value)
+    assert calls == []

@@ -379,6 +379,13 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     for name in names:
         if name in fixed:
             problems.append(f"{name!r} is both searched and fixed; drop one")
+    for name, value in fixed.items():  # an option the method lacks, or a value it refuses: said now, as --set's are,
+        # not by every candidate's merge with "narrow the searched ranges" for a hint (hp84b c27)
+        if name not in fields:
+            problems.append(f"fixed[{name!r}]: {cls.name} has no option {name!r} (it has: {', '.join(fields)})")
+        elif not (fields[name].metadata.get("per_model") and isinstance(value, (tuple, list))) \
+                and (why := option_problem(cls, name, value)):
+            problems.append(f"fixed[{name!r}]: {name} {why}")
     for name, value in fixed.items():  # a held per-model option of the wrong count: said now, not by candidate 0's
         # merge ("candidate 0: ties: 1 weights given for 2 models", hp41 C84)
         if name in fields and fields[name].metadata.get("per_model") and isinstance(value, (tuple, list)) \
