@@ -294,3 +294,21 @@ def test_run_search_checks_its_fixed_options_before_the_first_candidate():
                        axes=("lam",), fixed=fixed)
         assert "--range" not in str(caught.value) and "log" not in str(caught.value)
     assert calls == []
+
+
+@pytest.mark.parametrize("method", ["ties", "average"])
+def test_searching_one_models_weight_that_divides_out_is_refused(method):
+    """hp84b c29: search --axis weights with one model merged and scored every candidate alike (its weight divides
+    out of the weighted mean); task_arithmetic's unnormalised weight still scales the task vector, and is searched."""
+    import torch
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    base, models = {"w": torch.zeros(4)}, [{"w": torch.randn(4)}]
+    with pytest.raises(ConfigError, match="searching weights changes nothing: with one model, its weight divides out"):
+        run_search(base, models, method, lambda sd: 0.5, strategy="random", budget=2, axes=("weights",))
+    scores = []
+    run_search(base, models, "task_arithmetic", lambda sd: scores.append(float(sd["w"].sum())) or 0.5,
+               strategy="random", budget=2, axes=("weights",))
+    assert len(set(scores)) == 2

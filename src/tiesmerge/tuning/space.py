@@ -397,6 +397,13 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
     if problems:
         raise ConfigError(problems)
     unused = _unused_options(cls, fixed)
+    if n_models == 1:  # one model's weight divides out of a normalised sum or an elected mean (hp84b c29: every
+        # candidate the same merge, the same score)
+        for name in names:
+            if name == "weights" and fields[name].metadata.get("per_model") and (
+                    _normalised(fields[name].metadata) or _elected_mean(cls, fixed)):
+                unused.setdefault(name, "with one model, its weight divides out (the merge divides by the weights' "
+                                        "sum)")
     for name in names:
         if name in unused:  # every candidate would be the same merge, scored again and again
             problems.append(f"searching {name} changes nothing: {unused[name]}, so every candidate is the same "
@@ -564,6 +571,16 @@ def _total_crossing(fields: Mapping[str, Any], name: str, n: int, bounds: tuple[
             f"{low:g}:{high:g}, which crosses 0, so candidates inside it nearly cancel (a sum near 0 scales the merge "
             f"far past the models) and would be refused mid-search; narrow --range {name} (or change {change}) so "
             "the total keeps one sign")
+
+
+def _elected_mean(cls: type, fixed: Mapping[str, Any]) -> bool:
+    """Whether the method, with the fixed options, merges by an elected weighted mean (ties and its kin with aggregate
+    mean), which divides by the agreeing models' weights."""
+    try:
+        method = cls(**fixed)
+    except (ConfigError, TypeError, ValueError):
+        return False
+    return hasattr(method, "elect") and getattr(method, "aggregate", None) == "mean"
 
 
 def _unused_options(cls: type, fixed: Mapping[str, Any]) -> dict[str, str]:
