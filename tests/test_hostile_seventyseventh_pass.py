@@ -312,3 +312,42 @@ def test_searching_one_models_weight_that_divides_out_is_refused(method):
     run_search(base, models, "task_arithmetic", lambda sd: scores.append(float(sd["w"].sum())) or 0.5,
                strategy="random", budget=2, axes=("weights",))
     assert len(set(scores)) == 2
+
+
+def test_a_second_search_on_a_log_is_refused_before_the_firsts_first_score(tmp_path):
+    """hp84b c54: the first search made its --dir and took the log's lock only with its first score: a second search
+    on the same --dir started meanwhile ran, and the first then lost its first evaluation ("the log of another
+    search"). A search that stops before scoring still leaves no log behind."""
+    import torch
+
+    from tiesmerge.errors import EvaluatorError, OutputError
+    from tiesmerge.tuning import run_search
+
+    base = {"w": torch.zeros(4)}
+    models = [{"w": torch.randn(4)} for _ in range(2)]
+    log = tmp_path / "dir" / "sub" / "log.jsonl"
+    refused = []
+
+    def first(state):
+        if not refused:
+            with pytest.raises(OutputError, match="another search is writing this log now") as caught:
+                run_search(base, models, "ties", lambda sd: 0.1, strategy="random", budget=1, axes=["lam"],
+                           log=str(log))
+            refused.append(caught.value)
+        return 0.5
+
+    result = run_search(base, models, "ties", first, strategy="random", budget=2, axes=["lam"], log=str(log))
+    assert refused and len(result.trials) == 2 and len(log.read_text().splitlines()) == 3
+
+    def fails(state):
+        raise RuntimeError("no")
+
+    other = tmp_path / "other" / "log.jsonl"
+    with pytest.raises(EvaluatorError):
+        run_search(base, models, "ties", fails, strategy="random", budget=2, axes=["lam"], log=str(other))
+    assert not (tmp_path / "other").exists()
+    (tmp_path / "empty.jsonl").write_text("")  # an empty file of the user's is no log this search made: it stays
+    with pytest.raises(EvaluatorError):
+        run_search(base, models, "ties", fails, strategy="random", budget=2, axes=["lam"],
+                   log=str(tmp_path / "empty.jsonl"))
+    assert (tmp_path / "empty.jsonl").exists()

@@ -461,7 +461,7 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
         if owned:
             executor.close()
         if results is not None:
-            results.close()
+            results.finish()
 
 
 def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, space: SearchSpace,

@@ -50,14 +50,16 @@ class ResultsLog:
         self.header = {"format": FORMAT, **header}
         self.records: dict[str, dict[str, Any]] = {}
         self._fd = -1
-        # a new log (and its folder) is created with the first scored candidate: a search that fails
-        # before scoring anything leaves no log.jsonl (nor ./tiesmerge-search) behind
-        if os.path.lexists(self.path):
-            self._start()
-        else:  # made with the first scored candidate: whether it can be is checked now, before any scoring
+        self._made: list[Path] | None = None  # the folders made for a new log (innermost first), until a record is in
+        # a new log (and its folder) is made and locked now, not with the first score: a second search on the same
+        # --dir started meanwhile ran, and the first then lost its first evaluation to "the log of another search"
+        # (hp84b c54). A search that ends before scoring anything removes it again (finish): no log.jsonl (nor
+        # ./tiesmerge-search) is left behind
+        if not os.path.lexists(self.path):
             from ..paths import check_creatable
 
             check_creatable(self.path, "the search log", "choose another --dir (log= in Python)")
+        self._start()
 
     def _start(self) -> None:
         created = [p for p in (self.path.parent, *self.path.parent.parents) if not os.path.lexists(p)]  # innermost 1st
@@ -89,6 +91,7 @@ class ResultsLog:
                     if not existed:  # folders made for it, so the same search run again starts afresh (hp57 c11: an
                         _remove_new(self.path, created)  # empty log.jsonl made --dir "not a search's")
                     raise
+                self._made = None if existed else created  # (an empty file of the user's stays, header and all)
         except BaseException:  # a refused log (another search's, corrupt) is let go at once: in-process, the refused
             self.close()  # object stayed locked until collected, and the corrected call was "another search is
             raise  # writing this log now" (hp41 C38's neighbour, found by its test)
@@ -114,6 +117,20 @@ class ResultsLog:
                               hint="remove it, or choose another --dir (log= in Python)")
         os.set_blocking(fd, True)
         return fd
+
+    def finish(self) -> None:
+        """Close the log; one this search made and scored nothing into (it stopped first) is removed, with the
+        folders made for it, as though it had never begun."""
+        made, self._made = self._made, None
+        if made is not None and self._fd >= 0 and \
+                os.fstat(self._fd).st_size == len(_line(self.header)):  # the header alone, as written here
+            try:  # while the lock is held: no other search can have begun writing it
+                os.unlink(self.path)
+                for folder in made:
+                    os.rmdir(folder)  # only an empty one: a file of the search's (a report) or the user's stops it
+            except OSError:
+                pass
+        self.close()
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -257,9 +274,10 @@ class ResultsLog:
         if isinstance(score, float) and not math.isfinite(score):  # hp40 E4: a bare NaN made the log unreadable
             record = {**record, "score": repr(score)}  # 'nan', 'inf' or '-inf'
         self._write_line(record)
+        self._made = None  # a scored candidate: the log is kept, whatever follows
 
     def _write_line(self, data: Mapping[str, Any]) -> None:
-        line = memoryview((json.dumps(data, sort_keys=True) + "\n").encode())
+        line = memoryview(_line(data))
         end = os.lseek(self._fd, 0, os.SEEK_END)
         try:
             while line:  # a write may take part of the line (a disk filling up): the rest follows, or the error
@@ -277,6 +295,11 @@ class ResultsLog:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.records.values())
+
+
+def _line(data: Mapping[str, Any]) -> bytes:
+    """One record of the log as written: JSON with sorted keys, one line."""
+    return (json.dumps(data, sort_keys=True) + "\n").encode()
 
 
 def _remove_new(path: Path, folders: list[Path]) -> None:
