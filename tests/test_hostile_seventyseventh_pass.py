@@ -351,3 +351,105 @@ def test_a_second_search_on_a_log_is_refused_before_the_firsts_first_score(tmp_p
         run_search(base, models, "ties", fails, strategy="random", budget=2, axes=["lam"],
                    log=str(tmp_path / "empty.jsonl"))
     assert (tmp_path / "empty.jsonl").exists()
+
+
+def test_pass_84_merge_side_notes(tmp_path, capsys):
+    """hp84a notes: c19 an empty weight_map beside whole shards was blamed on the architecture; c28 a key twice in
+    one flow mapping was "lines 4 and 4"; c36 shard_size and force without output= were ignored; c38 a reference of
+    another dtype omitted the base's; c51 thirteen models weighted 1 and -1 were "without bound" (the bound is 3);
+    c52 base_model in a tiesmerge recipe hinted 'models'; c58 a recipe's device: was hinted with --device."""
+    import json
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from helpers_ckpt import run_cli
+    from tiesmerge.errors import CheckpointError, ConfigError, IncompatibleCheckpointsError
+
+    b = torch.randn(8, 8)
+    base = _save_model(tmp_path / "b", {"w": b, "v": b + 1}, {"model_type": "x"})
+    model = _save_model(tmp_path / "m", {"w": b + 0.1, "v": b + 1.1}, {"model_type": "x"})
+    sharded = _save_model(tmp_path / "s", {"w": b + 0.2}, {"model_type": "x"})
+    (tmp_path / "s" / "model.safetensors").rename(tmp_path / "s" / "model-00001-of-00002.safetensors")
+    _save_model(tmp_path / "s2", {"v": b + 1.2}, {})
+    (tmp_path / "s2" / "model.safetensors").rename(tmp_path / "s" / "model-00002-of-00002.safetensors")
+    (tmp_path / "s" / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {}}))
+    with pytest.raises(CheckpointError, match="weight_map is empty, so it names no tensor, though the folder holds 2 "
+                                              "weights file") as caught:
+        tiesmerge.merge(base, [sharded, model], "ties")
+    assert "fetch it again" in caught.value.hint
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{model}]\nparameters: {{density: 0.3, density: 0.4}}\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc == 2 and "(line 4, columns 14 and 28)" in err, err
+    recipe.write_text(f"method: ties\nbase_model: {base}\nmodels: [{model}]\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc == 2 and "base_model is mergekit's key: a tiesmerge recipe writes base:" in err, err
+    assert "did you mean 'models'" not in err
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{model}]\ndevice: 'cpu:0'\n")
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "the CPU takes no index" in err and "--device" not in err, err
+
+    for options in ({"shard_size": "1KB"}, {"force": True}):
+        with pytest.raises(ConfigError, match=f"{next(iter(options))} apply to a written output"):
+            tiesmerge.merge(base, [model], "ties", **options)
+
+    _save_model(tmp_path / "ref", {"w": torch.randint(-9, 9, (8, 8), dtype=torch.int8), "v": b}, {"model_type": "x"})
+    with pytest.raises(IncompatibleCheckpointsError, match=r"of the reference is \(8, 8\) int8, but the base's is "
+                                                          r"\(8, 8\) float32: a reference's tensors must be floating"):
+        tiesmerge.merge(base, [model], "ties", sign_from=str(tmp_path / "ref"))
+
+    zero = {"w": torch.zeros(16)}
+    many = [{"w": torch.randn(16, generator=torch.Generator().manual_seed(k))} for k in range(13)]
+    with warnings.catch_warnings(record=True) as caught:  # twelve 1s and a -1 reach 3 at most, as with 12 models
+        warnings.simplefilter("always")
+        tiesmerge.merge(zero, many, "ties", weights=[1.0] * 12 + [-1.0], density=1.0)
+    assert not [w for w in caught if "opposite signs" in str(w.message)]
+    # hp85a c23: the -1 itself is undone where model 12's entry is elected alone: said
+    assert [w for w in caught if "model(s) 12 have a negative weight" in str(w.message) and "added, not subtracted"
+            in str(w.message)]
+
+
+def test_pass_85_merge_side(tmp_path, capsys, monkeypatch):
+    """hp85a c08: `--normalize-w false` (a prefix argparse takes) and `--no-normalize-weights false` sent "false" to
+    the recipe; c12: a quantized sign_from reference (FP8 codes, or a config declaring it) gave the elected signs
+    from its codes; c23: ties with weights 1, -0.5 kept model 1's own task vector where it was elected alone,
+    without a word."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from tiesmerge.errors import CheckpointError
+
+    monkeypatch.chdir(tmp_path)
+    base, models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [str(write_hf_dir(tmp_path / f"m{k}", m)) for k, m in enumerate(models)]
+    common = ["merge", "--method", "task_arithmetic", "--base", b, "--model", ms[0], "--model", ms[1], "--dry-run",
+              "-o", tmp_path / "o"]
+    for given in (["--normalize-w", "false"], ["--normalize-w=yes"]):
+        rc, out, err = run_cli([*common, *given], capsys)
+        assert rc == 0 and f"normalize_weights={'yes' in given[0]}" in out, (given, out, err)
+    rc, _, err = run_cli([*common, "--no-normalize-weights", "false"], capsys)
+    assert rc == 2 and "the negative form of a switch takes no value" in err and "recipe" not in err, err
+
+    name = next(n for n in base if n.endswith("proj.weight"))
+    fp8 = {**models[0], name: (models[0][name] * 100).to(torch.float8_e4m3fn),
+           name.removesuffix("weight") + "weight_scale": torch.tensor([0.01])}
+    for label, tensors, config in (("fp8", fp8, None),
+                                   ("qcfg", models[0], {"quantization_config": {"quant_method": "bitsandbytes"}})):
+        ref = write_hf_dir(tmp_path / label, tensors, config=config)
+        with pytest.raises(CheckpointError, match=r"the reference model \(sign_from\) is a quantized checkpoint"):
+            tiesmerge.merge(str(b), ms, "ties", sign_from=str(ref), output=str(tmp_path / f"out-{label}"))
+        assert not (tmp_path / f"out-{label}").exists()
+    zero, one = {"w": torch.zeros(4)}, {"w": torch.tensor([1.0, 0.0, 2.0, 0.0])}
+    two = {"w": torch.tensor([0.0, 1.0, 1.0, -3.0])}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = tiesmerge.merge(zero, [one, two], "ties", density=1.0, weights=[1.0, -0.5])["w"]
+    assert out[1] == 1.0  # model 1 alone there: its own +1, added
+    assert any("model(s) 1 have a negative weight" in str(w.message) for w in caught)

@@ -445,6 +445,13 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     if rank is not None and output_format != "adapter":  # a full model is written whole: no rank to cut it to
         raise ConfigError(f"rank {rank!r} applies to a merged LoRA adapter only, and the output is a full model",
                           hint="add --output-format adapter (output_format='adapter'), or leave --rank out")
+    unwritten = [name for name, given in (("shard_size", shard_bytes != parse_size(DEFAULT_SHARD_SIZE)),
+                                          ("force", force is True)) if given]
+    if output is None and unwritten:  # accepted and ignored, where rank is refused (hp84a c36)
+        raise ConfigError(f"{' and '.join(unwritten)} apply to a written output, and without output= the merge is "
+                          "returned as a state dict",
+                          hint="give output= a folder to write the merge there, or leave "
+                               f"{' and '.join(unwritten)} out")
     if finish is not None and not callable(finish):  # called at the end, after the whole merge (hp59a c09)
         raise ConfigError(f"finish must be a function of (staging folder, manifest), got {type(finish).__name__}")
     if origin is not None:  # written into the manifest and the card at the end: a value YAML cannot hold fails now

@@ -175,20 +175,24 @@ def check_output_not_input(output: str | os.PathLike, named: Sequence[tuple[str,
     check_not_input(output, named)
 
 
+# the device's hints name the value, not a flag: it may come from a recipe's device: or the API (hp84a c58)
+_CPU_OR_CUDA = "give cpu or cuda (--device on the command line, device: in a recipe)"
+
+
 def device_of(device: Any) -> str | torch.device:
     """"cpu" (a string: the fused CPU path never imports torch), or a CUDA torch.device."""
     if str(device).split(":")[0] not in ("cpu", "cuda"):
-        raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda")
+        raise ConfigError(f"device {device!r} is not cpu or cuda", hint=_CPU_OR_CUDA)
     if str(device) == "cpu":
         return "cpu"
     if str(device).startswith("cpu:"):  # torch takes and ignores an index for the CPU: a typo, not a device
-        raise ConfigError(f"device {device!r}: the CPU takes no index", hint="use --device cpu")
+        raise ConfigError(f"device {device!r}: the CPU takes no index", hint="give cpu, without an index")
     try:
         device_t = torch.device(device)
     except (RuntimeError, TypeError):  # torch's own message lists every backend it knows, not what we take
-        raise ConfigError(f"device {device!r} is not cpu or cuda", hint="use --device cpu or --device cuda") from None
+        raise ConfigError(f"device {device!r} is not cpu or cuda", hint=_CPU_OR_CUDA) from None
     if device_t.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but no CUDA device is available", hint="use --device cpu")
+        raise ConfigError("device 'cuda' was asked for but no CUDA device is available", hint="give cpu instead")
     return device_t
 
 
@@ -329,9 +333,13 @@ def _check_reference(reference: Checkpoint, alignment: Alignment, vocab_policy: 
             if more_rows:  # a reference that added tokens (hp64a c121)
                 hint = (f"the reference's vocabulary grew ({shape[0]} rows, the base's {job.shape[0]}): "
                         "--vocab-policy truncate merges the base's rows, the reference's first rows among them")
+            # both dtypes said: "(8, 8) int8, but the base's is (8, 8)" read as equal shapes refused (hp84a c38)
             raise IncompatibleCheckpointsError(
                 f"{reference.location(job.name)}: tensor {job.name!r} of the reference is {shape} "
-                f"{str(info.dtype).removeprefix('torch.')}, but the base's is {job.shape}", hint=hint)
+                f"{str(info.dtype).removeprefix('torch.')}, but the base's is {tuple(job.shape)} "
+                f"{job.dtype_info.name}" + ("" if info.dtype.is_floating_point else
+                                            ": a reference's tensors must be floating, as the models' are"),
+                hint=hint)
 
 
 # How the caller passes statistics, for the hint when a data-aware method has none: the Python API's keyword by
@@ -588,6 +596,10 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
+    if reference is not None:
+        from .manifest import reference_option
+
+        _refuse_quantized(base_ckpt, (), others=[(f"the reference model ({reference_option(method)})", reference)])
     layout, routes = None, {}
     if vocab_policy != "union":  # union compares the tokenizers itself (io.vocab.union_of)
         _check_tokenizers(engine_base, engine_models)
@@ -691,7 +703,8 @@ def _declared_quantization(config: Mapping[str, Any]) -> tuple[str, Any] | None:
     return None
 
 
-def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_only: bool = False) -> None:
+def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_only: bool = False, *,
+                      others: Sequence[tuple[str, Checkpoint]] | None = None) -> None:
     """A quantized checkpoint (its config's quantization_config, or its tensors'): its int8 codes were copied from the
     base and its scales averaged as floats, silently (hp77a c14), and a config saying quantized over plain weights was
     copied into a float output transformers then refused to load without bitsandbytes (hp77a c15). A quantized base
@@ -700,7 +713,10 @@ def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_o
     c12, c33), and the float base they were trained from is what to give."""
     from .io.align import read_model_config
 
-    for role, ckpt in [("the base", base)] + [("a model", c) for c in models]:
+    # ``others``: (role, checkpoint) pairs checked instead, e.g. a sign_from reference, whose stored codes gave the
+    # elected signs (hp85a c12: 61% of them the real weights')
+    named = others if others is not None else [("the base", base)] + [("a model", c) for c in models]
+    for role, ckpt in named:
         if yields_task_vector(ckpt):
             continue  # an adapter: its factors are plain floats whatever base it was trained on
         try:
@@ -725,8 +741,9 @@ def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_o
                     "float weights have the shapes the adapters apply to); the merged adapter applies to the "
                     "quantized model as well")
         elif declared is not None and packed is None:
-            hint += (f"; if its weights are plain floats already, remove {declared[0]} from its config.json "
-                     "(the output would carry it, and transformers would load the float weights as quantized)")
+            hint += (f"; if its weights are plain floats already, remove {declared[0]} from its config.json"
+                     + (" (the output would carry it, and transformers would load the float weights as quantized)"
+                        if role == "the base" else ""))  # (only the base's config is the output's)
         raise CheckpointError(f"{ckpt.label}: {role} is a quantized checkpoint ({why}); merging quantized weights "
                               "is not supported: their stored codes and scales are not values that can be averaged",
                               hint=hint)

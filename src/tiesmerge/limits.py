@@ -508,16 +508,21 @@ _CountingLoader.add_implicit_resolver(
 def _no_duplicate_keys(node: yaml.MappingNode, source: str, error: type[TiesMergeError]) -> None:
     """A key given twice in one mapping is an error naming it and both lines: YAML loaders keep
     the last silently, so ``density: 0.2`` further down would override the one the user reads."""
-    seen: dict[tuple[str, str], int] = {}
+    seen: dict[tuple[str, str], tuple[int, int]] = {}
     for key, _ in node.value:
         if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":  # `<<:` merges
             continue
-        line = key.start_mark.line + 1
+        here = (key.start_mark.line + 1, key.start_mark.column + 1)
         if (key.tag, key.value) in seen:
             shown = key.value if len(key.value) <= 80 else key.value[:80] + "..."
-            raise error(f"{source}: key {shown!r} is given twice in one mapping (lines {seen[key.tag, key.value]} "
-                        f"and {line})", hint="keep one of them: YAML would silently use the last")
-        seen[key.tag, key.value] = line
+            first = seen[key.tag, key.value]
+            # both on one line (a flow mapping, {density: 0.3, density: 0.4}): their columns (hp84a c28: "lines 4
+            # and 4")
+            where = (f"line {here[0]}, columns {first[1]} and {here[1]}" if first[0] == here[0] else
+                     f"lines {first[0]} and {here[0]}")
+            raise error(f"{source}: key {shown!r} is given twice in one mapping ({where})",
+                        hint="keep one of them: YAML would silently use the last")
+        seen[key.tag, key.value] = here
 
 
 def _expanded_size(node: yaml.Node, limit: int, max_depth: int, source: str, error: type[TiesMergeError]) -> int:

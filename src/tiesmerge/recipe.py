@@ -142,6 +142,11 @@ def _suggest_key(key: str, method: Any) -> str:
     options are compared first, with a strict cutoff, since they belong under ``parameters``."""
     if key.lower() in ("output", "out", "output_dir", "output_path", "out_path", "destination"):
         return " (a recipe does not name its output: give it on the command line, tiesmerge merge RECIPE -o DIR)"
+    # mergekit's own keys beside tiesmerge's method: (hp84a c52: base_model was "did you mean 'models'?")
+    mergekit = {"base_model": "base", "merge_method": "method"}.get(key)
+    if mergekit is not None:
+        return (f" ({key} is mergekit's key: a tiesmerge recipe writes {mergekit}:; or write the whole recipe in "
+                "mergekit's form, with merge_method: instead of method:)")
     classes = [METHODS[method]] if isinstance(method, str) and method in METHODS else list(METHODS.values())
     options = sorted({f.name for cls in classes for f in dataclasses.fields(cls)})
     if key in options:

@@ -387,30 +387,44 @@ _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "
 def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """A method's boolean option is a switch on the command line (--flatten, --no-flatten) but true|false in a
     recipe: `--flatten false` read "false" as the recipe (hp84a c42: "false: no such file"), `--flatten=false` was
-    argparse's "ignored explicit argument". A true/false word given to a switch is taken as meant: --flatten or
-    --no-flatten (a file of that name in the working folder stays the recipe it may be)."""
+    argparse's "ignored explicit argument". A true/false word given to a switch, or to a prefix argparse takes for
+    it (hp85a c08: --normalize-w false), is taken as meant: --flatten or --no-flatten (a file of that name in the
+    working folder stays the recipe it may be); given to the negative form (--no-flatten false) it is refused, as
+    its meaning cannot be told."""
     commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     command = next((w for w in argv if not w.startswith("-")), None)
     sub = commands.choices.get(command) if commands is not None and command else None
     if sub is None:
         return argv
-    # each switch's (positive, negative) option strings, as argparse.BooleanOptionalAction makes them
-    switches = {a.option_strings[0]: a.option_strings for a in sub._actions
-                if isinstance(a, argparse.BooleanOptionalAction) and len(a.option_strings) == 2}
+    # each switch's option strings -> (its positive and negative strings, whether this one is the negative)
+    switches = {o: (a.option_strings, o == a.option_strings[1]) for a in sub._actions
+                if isinstance(a, argparse.BooleanOptionalAction) and len(a.option_strings) == 2
+                for o in a.option_strings}
+    every = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
+
+    def switch(flag: str) -> str | None:  # the switch `flag` names, exactly or as argparse's unique prefix
+        if flag in switches:
+            return flag
+        matches = [o for o in every if o.startswith(flag)] if flag.startswith("--") and len(flag) > 2 else []
+        return matches[0] if len(matches) == 1 and matches[0] in switches else None
+
     end = argv.index("--") if "--" in argv else len(argv)
     out: list[str] = []
     k = 0
     while k < len(argv):
         word = argv[k]
         flag, eq, value = word.partition("=")
-        if k < end and flag in switches:
+        name = switch(flag) if k < end else None
+        if name is not None:
             if not eq and k + 1 < end and argv[k + 1].lower() in _TRUE_WORDS + _FALSE_WORDS \
                     and not os.path.exists(argv[k + 1]):
                 value, k = argv[k + 1], k + 1
-            if value.lower() in _FALSE_WORDS:
-                word = switches[flag][1]
-            elif value.lower() in _TRUE_WORDS:
-                word = switches[flag][0]
+            (positive, negative), is_negative = switches[name]
+            if value.lower() in _TRUE_WORDS + _FALSE_WORDS:
+                if is_negative:
+                    raise ConfigError(f"{flag} {value}: the negative form of a switch takes no value",
+                                      hint=f"write {positive} (true) or {negative} (false)")
+                word = negative if value.lower() in _FALSE_WORDS else positive
         out.append(word)
         k += 1
     return out
@@ -534,7 +548,10 @@ def main(argv: list[str] | None = None) -> int:
                                    "not as a value", hint=f"give {flag} a value"
                                    + (", e.g. 2GiB" if flag in ("--memory-budget", "--shard-size") else
                                       f" (tiesmerge {command or ''} --help lists them)".replace("  ", " "))), debug)
-    given = _switch_values(parser, given)
+    try:
+        given = _switch_values(parser, given)
+    except ConfigError as exc:
+        return _report(exc, debug)
     args, extras = parser.parse_known_args(given)
     if extras:  # said by the command's own parser: its usage, not the top level's (`tiesmerge validate BASE --model`)
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

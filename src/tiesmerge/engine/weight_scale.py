@@ -7,8 +7,10 @@ A weighted mean divides by a sum of weights. Where the weights have opposite sig
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,21 +22,26 @@ LARGE_LAM = 100.0  # a scale of the merged task vector no merge means (tune's gr
 def _mean_amplification(weights: Sequence[float]) -> float | None:
     """How many times a weighted mean over the models that agree in sign can exceed the largest task vector entry:
     max over subsets S of Σ_S |w_i| / |Σ_S w_i| (a sum of 0 divides by 1, as mergekit does). 1 for weights of one
-    sign; (1000, -1000) gives 2000. Every subset up to 12 models; past that None, unbounded as far as is known (a
-    subset summing near 0 is a subset-sum search: 1, 1, -1.9999 among 13 models reached 39992, hp80a c03)."""
-    n = len(weights)
-    if n > 12:  # a bound, where one sign's smallest weight outweighs the other sign's whole mass (hp81a c02: twelve
-        # 1s and a -0.001 were said "without bound"): a subset holding some of it sums at least that difference
+    sign; (1000, -1000) gives 2000. Exact over every subset, counted by how many of each distinct weight it holds,
+    while those are at most 4096 (any 12 models; twelve 1s and a -1 are 26, hp84a c51: said "without bound" where
+    the bound is 3); past that a bound where one exists, else None, unbounded as far as is known (a subset summing
+    near 0 is a subset-sum search: 1, 1, -1.9999 among 13 models reached 39992, hp80a c03)."""
+    counts = Counter(weights)
+    if math.prod(c + 1 for c in counts.values()) > 1 << 12:  # a bound, where one sign's smallest weight outweighs the
+        # other sign's whole mass (hp81a c02: twelve 1s and a -0.001 were said "without bound"): a subset holding
+        # some of it sums at least that difference
         positive, negative = [w for w in weights if w > 0], [-w for w in weights if w < 0]
         for few, many in ((positive, negative), (negative, positive)):
             if few and min(few) > sum(many):
                 return max(1.0, (min(few) + sum(many)) / (min(few) - sum(many)))
         return None
     worst = 1.0
-    for mask in range(1, 1 << n):
-        subset = [weights[i] for i in range(n) if mask >> i & 1]
-        total = math.fsum(subset)
-        worst = max(worst, math.fsum(abs(w) for w in subset) / (abs(total) if total else 1.0))
+    values = list(counts)
+    for taken in itertools.product(*(range(counts[v] + 1) for v in values)):
+        if any(taken):  # k copies of a weight v as k·v: 4096 models of one weight are 4097 sums, not 8 million terms
+            total = math.fsum(v * k for v, k in zip(values, taken))
+            mass = math.fsum(abs(v) * k for v, k in zip(values, taken))
+            worst = max(worst, mass / (abs(total) if total else 1.0))
     return worst
 
 
@@ -71,7 +78,14 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
         return
     if not any(negative) or all(negative):
         return
-    if elected:
+    if elected:  # a negative weight among positive ones is undone where its model's entry is elected alone: the
+        # merge keeps that model's own task vector there, added, not subtracted (hp85a c23: no word)
+        models = [str(k) for k, n in enumerate(negative) if n]
+        warnings.warn(MergeWarning(
+            f"{method.name}: model(s) {', '.join(models[:8])}{', ...' if len(models) > 8 else ''} have a negative "
+            f"weight ({shown}), and the weighted mean divides by the agreeing weights' sum, which undoes a weight's "
+            "sign: where such a model's entry is elected alone, the merge keeps its own task vector (added, not "
+            "subtracted); to subtract task vectors, use task_arithmetic with negative weights"), stacklevel=3)
         amplification = _mean_amplification(weights)
         where = ("where the weighted task vectors agree in sign, their weights can nearly cancel in the mean's "
                  "divisor (a sum of 0 divides by 1, as mergekit does)")

@@ -60,6 +60,15 @@ def _read_index(index: Path) -> dict[str, Path]:
         raise CheckpointError(f"{index}: not a valid index file (it needs a 'weight_map' mapping tensor names to "
                               f"shard files; got {got})",
                               hint="the download is incomplete or corrupt; fetch the index again")
+    if not weight_map:  # its shards' tensors then looked missing: "lacks every tensor ... the same base
+        # architecture" (hp84a c19)
+        shards = sorted(p.name for p in index.parent.glob("*" + (".bin" if index.name.startswith("pytorch_model")
+                                                                    else ".safetensors")))
+        raise CheckpointError(f"{index}: the index's weight_map is empty, so it names no tensor"
+                              + (f", though the folder holds {len(shards)} weights file(s) ({', '.join(shards[:3])}"
+                                 f"{', ...' if len(shards) > 3 else ''})" if shards else ""),
+                              hint="the index is incomplete or corrupt: fetch it again (or regenerate it from the "
+                                   "shards, so that weight_map names every tensor)")
     bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
     if bad is not None:
         raise CheckpointError(f"{index}: weight_map entry {bad[0][:200]!r} names {str(bad[1])[:80]!r}, not a shard "
