@@ -443,7 +443,7 @@ def test_pass_85_merge_side(tmp_path, capsys, monkeypatch):
     for label, tensors, config in (("fp8", fp8, None),
                                    ("qcfg", models[0], {"quantization_config": {"quant_method": "bitsandbytes"}})):
         ref = write_hf_dir(tmp_path / label, tensors, config=config)
-        with pytest.raises(CheckpointError, match=r"the reference model \(sign_from\) is a quantized checkpoint"):
+        with pytest.raises(CheckpointError, match=r"\(reference\): the reference model is a quantized checkpoint"):
             tiesmerge.merge(str(b), ms, "ties", sign_from=str(ref), output=str(tmp_path / f"out-{label}"))
         assert not (tmp_path / f"out-{label}").exists()
     zero, one = {"w": torch.zeros(4)}, {"w": torch.tensor([1.0, 0.0, 2.0, 0.0])}
@@ -453,3 +453,42 @@ def test_pass_85_merge_side(tmp_path, capsys, monkeypatch):
         out = tiesmerge.merge(zero, [one, two], "ties", density=1.0, weights=[1.0, -0.5])["w"]
     assert out[1] == 1.0  # model 1 alone there: its own +1, added
     assert any("model(s) 1 have a negative weight" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("grid", [{"lam": range(10**20)}, {"density": range(10**8)}])
+def test_a_huge_range_as_a_grid_axis_is_refused_at_once(grid):
+    """hp85b c15: check_grid looked at every value before the grid's size: range(10**20) never returned, range(10**8)
+    took 65 s to be refused."""
+    import time
+
+    import torch
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import tune
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match="more than the 100,000 a sweep may hold"):
+        tune({"w": torch.zeros(4)}, [{"w": torch.randn(4)}, {"w": torch.randn(4)}], "ties", lambda sd: 1.0, grid=grid)
+    assert time.perf_counter() - started < 5
+
+
+def test_a_refused_demo_leaves_the_marker_guarding_the_users_edits(tmp_path, capsys, monkeypatch):
+    """hp85b c36: a demo refused before writing (a note of the user's in merged-ties/) left its marker "writing", and
+    the next demo then overwrote base/config.json the user had edited since, without a word."""
+    from helpers_ckpt import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    work = tmp_path / "w"
+    demo = ["demo", "--synthetic", "--params", "0.05", "--workdir", work]
+    rc, _, err = run_cli(demo, capsys)
+    assert rc == 0, err
+    (work / "merged-ties" / "notes.txt").write_text("mine")
+    rc, _, err = run_cli(demo, capsys)
+    assert rc == 1 and "notes.txt" in err, err
+    (work / "merged-ties" / "notes.txt").unlink()
+    with open(work / "base" / "config.json", "a") as f:
+        f.write("\n")
+    edited = (work / "base" / "config.json").read_text()
+    rc, _, err = run_cli(demo, capsys)
+    assert rc != 0 and "changed since (base/config.json)" in err, err
+    assert (work / "base" / "config.json").read_text() == edited

@@ -596,10 +596,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
-    if reference is not None:
-        from .manifest import reference_option
-
-        _refuse_quantized(base_ckpt, (), others=[(f"the reference model ({reference_option(method)})", reference)])
+    if reference is not None:  # (named by role: a wrapping method, as adapt's, declares no option for it)
+        _refuse_quantized(base_ckpt, (), others=[("the reference model", reference)])
     layout, routes = None, {}
     if vocab_policy != "union":  # union compares the tokenizers itself (io.vocab.union_of)
         _check_tokenizers(engine_base, engine_models)

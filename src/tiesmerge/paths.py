@@ -661,6 +661,16 @@ def demo_models_written(root: str | os.PathLike) -> None:
     _write_demo_record(root, {"written": written}, writing=False)
 
 
+def demo_models_untouched(root: str | os.PathLike) -> None:
+    """A demo that stopped before writing any model: its marker back as the earlier demo left it (not ``writing``,
+    which lets a later demo replace any file a demo writes whatever its stamps: hp85b c36, a refused demo's marker
+    let the next one overwrite base/config.json the user had edited since)."""
+    root = Path(root)
+    marker = root / DEMO_MARKER
+    if os.path.lexists(marker) and stat.S_ISREG(os.lstat(marker).st_mode):
+        _write_demo_record(root, _demo_record(marker), writing=False)
+
+
 def _final(output: str | os.PathLike) -> Path:
     try:
         return Path(os.path.realpath(output))

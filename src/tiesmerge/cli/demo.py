@@ -25,7 +25,14 @@ from safetensors.torch import save_file
 from ..api import describe_plan, merge, plan_merge
 from ..errors import OutputError
 from ..methods import Average, TaskArithmetic, Ties
-from ..paths import DEMO_MARKER, as_if_created, check_output_location, demo_models_written, write_error
+from ..paths import (
+    DEMO_MARKER,
+    as_if_created,
+    check_output_location,
+    demo_models_untouched,
+    demo_models_written,
+    write_error,
+)
 from ..sizes import format_size
 
 __all__ = ["synthetic_llama_shapes", "make_demo_models", "run_demo"]
@@ -201,17 +208,22 @@ def _free_bytes(root: Path) -> int:
 
 def run_demo(workdir: str | None = None, million_params: float = 50.0) -> int:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="tiesmerge-demo-"))
-    needed, replaced = _space_needed(root, million_params)
-    free = _free_bytes(root)
-    if needed > free + replaced:  # a --workdir this run made is removed by the command (cmd_demo), a temporary one
-        if not workdir:  # here: the finally below is not reached yet
-            shutil.rmtree(root, ignore_errors=True)
-        mine = f" (and {format_size(replaced)} of the earlier demo's files it replaces)" if replaced else ""
-        raise OutputError(f"{root}: the demo's models and merges need {format_size(needed)} but only "
-                          f"{format_size(free)} is free there{mine}",
-                          hint="a smaller --params, or a --workdir on a larger disk")
     try:
+        needed, replaced = _space_needed(root, million_params)
+        free = _free_bytes(root)
+        if needed > free + replaced:  # a --workdir this run made is removed by the command (cmd_demo), a temporary
+            if not workdir:  # one here: the finally below is not reached yet
+                shutil.rmtree(root, ignore_errors=True)
+            mine = f" (and {format_size(replaced)} of the earlier demo's files it replaces)" if replaced else ""
+            raise OutputError(f"{root}: the demo's models and merges need {format_size(needed)} but only "
+                              f"{format_size(free)} is free there{mine}",
+                              hint="a smaller --params, or a --workdir on a larger disk")
         _check_merged_outputs(root)
+    except BaseException:  # refused before any model was written: the marker as the earlier demo left it, not
+        if workdir:  # "writing" (hp85b c36: the next demo then overwrote a base/config.json edited meanwhile)
+            demo_models_untouched(root)
+        raise
+    try:
         for _, method in METHODS:  # an earlier demo's merges go before its models are rewritten: a demo stopped
             # midway leaves new models beside no merge, never beside merges of other models (hp38 C21)
             if os.path.isdir(root / f"merged-{method.name}"):

@@ -219,6 +219,17 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
     return fixed
 
 
+def _too_many(total: float) -> ConfigError:
+    """A grid past the sweep's bound: every point a merge and an evaluation, and the combinations built up front
+    (10^5 x 10^5 values grew memory until killed, a bare MemoryError under a limit, where the command line refuses
+    past MAX_AXIS_POINTS: hp84b c25)."""
+    size = f"{total:,}" if math.isfinite(total) else "more than 9.2e18"
+    return ConfigError(f"the grid has {size} points (the product of its axes' lengths), more than the "
+                       f"{MAX_AXIS_POINTS:,} a sweep may hold",
+                       hint="narrow the axes or use larger steps, or sample the space: run_search with strategy "
+                            "'random' (or 'cmaes'), ranges and a budget")
+
+
 def check_grid(grid: Any) -> None:
     """A grid from the API ({option: values}) of the shape the command line builds: each option's values a non-empty
     list or tuple, lam's real numbers. A text was read letter by letter ("12": lam 1 and 2; "0.5": a ValueError on
@@ -228,6 +239,16 @@ def check_grid(grid: Any) -> None:
     if not isinstance(grid, Mapping):
         raise ConfigError(f"grid is a {type(grid).__name__}, not a mapping of option names to lists of values",
                           hint="e.g. grid={'lam': [0.8, 1.0], 'density': [0.1, 0.2]}")
+    # the size first: each value is looked at below, and range(10**20) never came back (hp85b c15)
+    sizes = []
+    for values in grid.values():
+        if isinstance(values, (list, tuple, range)):
+            try:
+                sizes.append(len(values))
+            except OverflowError:  # len() of a range past sys.maxsize
+                sizes.append(math.inf)
+    if math.prod(sizes) > MAX_AXIS_POINTS:
+        raise _too_many(math.prod(sizes))
     problems = []
     for name, values in grid.items():
         if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, (list, tuple, range)):
@@ -248,14 +269,6 @@ def check_grid(grid: Any) -> None:
                          if isinstance(v, int) and not isinstance(v, bool) and not finite_float(v)]
     if problems:
         raise ConfigError(problems, hint="e.g. grid={'lam': [0.8, 1.0], 'density': [0.1, 0.2]}")
-    # every point a merge and an evaluation, and the combinations built up front: 10^5 x 10^5 values grew memory until
-    # killed (a bare MemoryError under a limit), where the command line refuses past MAX_AXIS_POINTS (hp84b c25)
-    total = math.prod(len(values) for values in grid.values())
-    if total > MAX_AXIS_POINTS:
-        raise ConfigError(f"the grid has {total:,} points (the product of its axes' lengths), more than the "
-                          f"{MAX_AXIS_POINTS:,} a sweep may hold",
-                          hint="narrow the axes or use larger steps, or sample the space: run_search with strategy "
-                               "'random' (or 'cmaes'), ranges and a budget")
 
 
 def _as_float_example(value: numbers.Number) -> str:
