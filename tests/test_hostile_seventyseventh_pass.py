@@ -492,3 +492,28 @@ def test_a_refused_demo_leaves_the_marker_guarding_the_users_edits(tmp_path, cap
     rc, _, err = run_cli(demo, capsys)
     assert rc != 0 and "changed since (base/config.json)" in err, err
     assert (work / "base" / "config.json").read_text() == edited
+
+
+def test_evaluator_names_and_hints_are_said_once_and_as_given(tmp_path, capsys, monkeypatch):
+    """hp84b c08 (hp85b c45): `--evaluator mod:x` with x = 5 was "the evaluator 5 is not callable" (exit 1, the value
+    named, a Python hint); hp85b c05, c06: a user evaluator's tiesmerge error showed its hint twice (once as a
+    literal \\nhint: in the error line), and a nested merge's hint read as one about the command's --base."""
+    import sys
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    (tmp_path / "ev85.py").write_text(
+        "x = 5\n"
+        "def nested(sd):\n    import tiesmerge\n    tiesmerge.merge('nowhere', ['x'], 'ties')\n")
+    common = ["tune", "--base", b, "--model", ms[0], "--model", ms[1], "--grid", "density=0.2", "--grid", "lam=1"]
+    rc, _, err = run_cli([*common, "--evaluator", "ev85:x"], capsys)
+    assert rc == 2 and "--evaluator 'ev85:x': ev85.x is int, not a function" in err, err
+    rc, _, err = run_cli([*common, "--evaluator", "ev85:nested"], capsys)
+    sys.modules.pop("ev85", None)
+    assert rc == 1 and "raised CheckpointError: nowhere: no such file" in err, err
+    assert "\\nhint" not in err and err.count("\nhint:") == 1 and "hint: the evaluator's own hint: " in err, err

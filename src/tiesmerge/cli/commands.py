@@ -61,7 +61,13 @@ def _load_callable(spec: str):
             loaded: Any = importlib.import_module(module)
             for part in name.split("."):  # module:obj.score, a bound method of an object the module makes (hp46 c47)
                 loaded = getattr(loaded, part)
+            if not callable(loaded):  # "the evaluator 5 is not callable", exit 1, said of the value (hp84b c08)
+                raise ConfigError(f"--evaluator {spec!r}: {module}.{name} is {type(loaded).__name__}, not a function",
+                                  hint=f"name a function of {module} that takes a state dict and returns a score, "
+                                       "higher is better")
             return loaded
+    except ConfigError:  # said above, of the loaded name
+        raise
     except (Exception, SystemExit) as exc:  # an import runs the module: any error of it (a sys.exit too) is its own
         from ..evaluation.builtin import BUILTIN_EVALUATORS
 

@@ -147,8 +147,13 @@ class GuardedEvaluator:
                         raise
                     # a user's evaluator raising one of tiesmerge's errors (its own, or a merge's it ran): printed
                     # bare, with the command's --help as the hint, it did not say where it came from (hp84b c07)
-                    raise EvaluatorError(f"{self.label}: raised {type(exc).__name__}: {_said(exc)}",
-                                         hint=exc.hint or "fix the evaluator (--debug shows its traceback)") from exc
+                    # its message alone (str() holds the hint too, said twice: hp85b c05); the hint marked as the
+                    # evaluator's own, not one about the command's options (c06: a nested merge's "check the path
+                    # of the base" read as about --base)
+                    raise EvaluatorError(
+                        f"{self.label}: raised {type(exc).__name__}: {_said(exc.message)}",
+                        hint=(f"the evaluator's own hint: {exc.hint}" if exc.hint else
+                              "fix the evaluator (--debug shows its traceback)")) from exc
         except (TiesMergeError, KeyboardInterrupt):  # ours already say what is wrong; Ctrl-C stays Ctrl-C
             raise
         except SystemExit as exc:
