@@ -388,7 +388,7 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     """A method's boolean option is a switch on the command line (--flatten, --no-flatten) but true|false in a
     recipe: `--flatten false` read "false" as the recipe (hp84a c42: "false: no such file"), `--flatten=false` was
     argparse's "ignored explicit argument". A true/false word given to a switch, or to a prefix argparse takes for
-    it (hp85a c08: --normalize-w false), is taken as meant: --flatten or --no-flatten (a file of that name in the
+    it (hp85a c08), is taken as meant: --flatten or --no-flatten (a file of that name in the
     working folder stays the recipe it may be); given to the negative form (--no-flatten false) it is refused, as
     its meaning cannot be told."""
     commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
