@@ -517,3 +517,27 @@ def test_evaluator_names_and_hints_are_said_once_and_as_given(tmp_path, capsys, 
     sys.modules.pop("ev85", None)
     assert rc == 1 and "raised CheckpointError: nowhere: no such file" in err, err
     assert "\\nhint" not in err and err.count("\nhint:") == 1 and "hint: the evaluator's own hint: " in err, err
+
+
+def test_pass_86_merge_side(tmp_path, capsys, monkeypatch):
+    """hp86a c05: `--dry-run no`, `--force false` sent the word to the recipe ("false: no such file"), and
+    `--dry-run=false` was argparse's "ignored explicit argument"; c39: a FIFO given as --stats was hinted "pass a model
+    directory or a .safetensors file", which --stats then refused."""
+    import os
+
+    from helpers_ckpt import make_family, run_cli, write_hf_dir
+
+    monkeypatch.chdir(tmp_path)
+    base, models = make_family(2, with_int=False)
+    b = write_hf_dir(tmp_path / "b", base)
+    ms = [str(write_hf_dir(tmp_path / f"m{k}", m)) for k, m in enumerate(models)]
+    common = ["merge", "--base", b, "--model", ms[0], "--model", ms[1]]
+    rc, out, err = run_cli([*common, "-o", tmp_path / "o1", "--dry-run", "yes"], capsys)
+    assert rc == 0 and not (tmp_path / "o1").exists() and "method" in out, err
+    rc, out, err = run_cli([*common, "-o", tmp_path / "o2", "--dry-run=false", "--force", "no"], capsys)
+    assert rc == 0 and (tmp_path / "o2" / "tiesmerge.json").is_file(), err
+    os.mkfifo(tmp_path / "st")
+    rc, _, err = run_cli([*common, "--method", "fisher", "--stats", tmp_path / "st", "--stats", tmp_path / "st2",
+                          "-o", tmp_path / "o3"], capsys)
+    assert rc == 1 and "the statistics folder is a FIFO" in err and "tiesmerge stats fisher|gram -o DIR" in err, err
+    assert ".safetensors file" not in err

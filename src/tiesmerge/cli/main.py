@@ -397,9 +397,13 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     if sub is None:
         return argv
     # each switch's option strings -> (its positive and negative strings, whether this one is the negative)
-    switches = {o: (a.option_strings, o == a.option_strings[1]) for a in sub._actions
-                if isinstance(a, argparse.BooleanOptionalAction) and len(a.option_strings) == 2
-                for o in a.option_strings}
+    switches: dict[str, tuple[tuple[str, str | None], bool]] = {
+        o: ((a.option_strings[0], a.option_strings[1]), o == a.option_strings[1]) for a in sub._actions
+        if isinstance(a, argparse.BooleanOptionalAction) and len(a.option_strings) == 2 for o in a.option_strings}
+    # a plain flag (--force, --dry-run) given a word: true keeps it, false leaves it out (hp86a c05: "--force false"
+    # read "false" as the recipe)
+    switches.update({o: ((o, None), False) for a in sub._actions if isinstance(a, argparse._StoreTrueAction)
+                     for o in a.option_strings if o.startswith("--")})
     every = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
 
     def switch(flag: str) -> str | None:  # the switch `flag` names, exactly or as argparse's unique prefix
@@ -412,8 +416,8 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     out: list[str] = []
     k = 0
     while k < len(argv):
-        word = argv[k]
-        flag, eq, value = word.partition("=")
+        word: str | None = argv[k]
+        flag, eq, value = argv[k].partition("=")
         name = switch(flag) if k < end else None
         if name is not None:
             if not eq and k + 1 < end and argv[k + 1].lower() in _TRUE_WORDS + _FALSE_WORDS \
@@ -425,7 +429,8 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
                     raise ConfigError(f"{flag} {value}: the negative form of a switch takes no value",
                                       hint=f"write {positive} (true) or {negative} (false)")
                 word = negative if value.lower() in _FALSE_WORDS else positive
-        out.append(word)
+        if word is not None:
+            out.append(word)
         k += 1
     return out
 

@@ -323,7 +323,8 @@ def open_stats(source: str | os.PathLike | Statistics | Mapping[str, torch.Tenso
     else:
         path = Path(fs_text(source))  # bytes, as every path of the API may be (hp45 c24)
         if os.path.lexists(path):
-            check_input(path, "the statistics")  # loops, dangling links, FIFOs: typed errors
+            check_input(path, "the statistics folder",  # loops, dangling links, FIFOs: typed errors
+                        hint="pass the folder `tiesmerge stats fisher|gram -o DIR` wrote")
         if not path.is_dir():
             why = " (no such path)" if not path.exists() else ""
             from ..paths import look_alike_hint  # (hp74a c56: a folder stored decomposed, typed composed)
