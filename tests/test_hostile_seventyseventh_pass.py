@@ -19,6 +19,17 @@ def test_a_dash_as_a_written_path_is_refused_not_made_a_folder(tmp_path, capsys,
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture()
+def tune_family(tmp_path, monkeypatch):
+    """A base and two fine-tunes as folders, the working folder tmp_path (importable: evaluator modules go there)."""
+    from helpers_ckpt import make_family, write_hf_dir
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    base, models = make_family(2, with_int=False)
+    return write_hf_dir(tmp_path / "b", base), [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+
+
 def _save_model(folder, tensors, config):
     import json
 
@@ -191,19 +202,15 @@ def test_validate_names_a_missing_base_once_and_every_missing_model(tmp_path, ca
         assert "was only opened, not checked against it" in err and "checked against the base on its own" not in err
 
 
-def test_a_user_evaluators_tiesmerge_error_is_said_as_the_evaluators(tmp_path, capsys, monkeypatch):
+def test_a_user_evaluators_tiesmerge_error_is_said_as_the_evaluators(tmp_path, capsys, tune_family):
     """hp84b c07: an evaluator raising one of tiesmerge's errors was printed bare ("error: evaluator said no"), with
     the command's --help as the hint; c11: a model replaced during tune was hinted to "run the search again in a new
     --dir", which tune has not."""
     import sys
 
-    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from helpers_ckpt import run_cli
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    base, models = make_family(2, with_int=False)
-    b = write_hf_dir(tmp_path / "b", base)
-    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    b, ms = tune_family
     (tmp_path / "ev84.py").write_text(
         "calls = []\n"
         "def no(sd):\n    from tiesmerge.errors import TiesMergeError\n    raise TiesMergeError('evaluator said no')\n"
@@ -258,17 +265,13 @@ def test_a_negative_fisher_value_is_not_blamed_on_an_older_overflow():
     assert "older tiesmerge" not in caught.value.hint and "recompute" in caught.value.hint
 
 
-def test_one_merge_is_said_in_the_singular(tmp_path, capsys, monkeypatch):
+def test_one_merge_is_said_in_the_singular(tmp_path, capsys, tune_family):
     """hp84b c57: "2 scored and 1 merges in this run"."""
     import sys
 
-    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from helpers_ckpt import run_cli
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    base, models = make_family(2, with_int=False)
-    b = write_hf_dir(tmp_path / "b", base)
-    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    b, ms = tune_family
     (tmp_path / "ev84s.py").write_text("def score(sd):\n    return 0.5\n")
     rc, out, err = run_cli(["search", "--base", b, "--model", ms[0], "--model", ms[1], "--evaluator", "ev84s:score",
                             "--strategy", "random", "--budget", "2", "--axis", "lam", "--dir", tmp_path / "s"], capsys)
@@ -494,19 +497,15 @@ def test_a_refused_demo_leaves_the_marker_guarding_the_users_edits(tmp_path, cap
     assert (work / "base" / "config.json").read_text() == edited
 
 
-def test_evaluator_names_and_hints_are_said_once_and_as_given(tmp_path, capsys, monkeypatch):
+def test_evaluator_names_and_hints_are_said_once_and_as_given(tmp_path, capsys, tune_family):
     """hp84b c08 (hp85b c45): `--evaluator mod:x` with x = 5 was "the evaluator 5 is not callable" (exit 1, the value
     named, a Python hint); hp85b c05, c06: a user evaluator's tiesmerge error showed its hint twice (once as a
     literal \\nhint: in the error line), and a nested merge's hint read as one about the command's --base."""
     import sys
 
-    from helpers_ckpt import make_family, run_cli, write_hf_dir
+    from helpers_ckpt import run_cli
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    base, models = make_family(2, with_int=False)
-    b = write_hf_dir(tmp_path / "b", base)
-    ms = [write_hf_dir(tmp_path / f"m{k}", m) for k, m in enumerate(models)]
+    b, ms = tune_family
     (tmp_path / "ev85.py").write_text(
         "x = 5\n"
         "def nested(sd):\n    import tiesmerge\n    tiesmerge.merge('nowhere', ['x'], 'ties')\n")
