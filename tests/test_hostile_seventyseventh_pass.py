@@ -266,7 +266,7 @@ def test_a_negative_fisher_value_is_not_blamed_on_an_older_overflow():
 
 
 def test_one_merge_is_said_in_the_singular(tmp_path, capsys, tune_family):
-    """hp84b c57: "2 scored and 1 merges in this run"."""
+    """hp84b c57: "2 scored and 1 merges in this run"; hp86b c23n: "(1 candidates, ...)"."""
     import sys
 
     from helpers_ckpt import run_cli
@@ -278,6 +278,10 @@ def test_one_merge_is_said_in_the_singular(tmp_path, capsys, tune_family):
     sys.modules.pop("ev84s", None)
     assert rc == 0 and "2 scored and 1 merge in this run" in out, (out, err)
     assert "and 1 merge in this run" in (tmp_path / "s" / "results.md").read_text()
+    rc, out, err = run_cli(["search", "--base", b, "--model", ms[0], "--model", ms[1], "--evaluator", "ev84s:score",
+                            "--strategy", "random", "--budget", "1", "--axis", "lam", "--dir", tmp_path / "s1"], capsys)
+    sys.modules.pop("ev84s", None)
+    assert rc == 0 and "(1 candidate, 1 scored and 1 merge in this run" in out, (out, err)
 
 
 def test_run_search_checks_its_fixed_options_before_the_first_candidate():

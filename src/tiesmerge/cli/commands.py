@@ -367,7 +367,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     best = result.best
     options = " ".join(f"{k}={v}" for k, v in best.options.items())
     print(f"best: [{best.index}] {options} score {format_score(best.score)} "
-          f"({len(result.trials)} candidates, {result.evaluations} scored"
+          f"({len(result.trials)} candidate{'' if len(result.trials) == 1 else 's'}, {result.evaluations} scored"
           f"{f' ({result.log_checked} of them to check the log it resumed)' if result.log_checked else ''} and "
           f"{result.merges} merge{'' if result.merges == 1 else 's'} "  # (hp84b c57: "1 merges")
           "in this run, "

@@ -81,7 +81,7 @@ def _markdown(result: SearchResult) -> str:
     reused = sum(t.reused for t in result.trials)
     return (f"# {result.method}: {result.strategy} search\n\n"
             f"Best: candidate {best.index}, score {format_score(best.score)} ({options}).\n\n"
-            f"{len(result.trials)} candidates; {result.evaluations} scored"
+            f"{len(result.trials)} candidate{'' if len(result.trials) == 1 else 's'}; {result.evaluations} scored"
             f"{f' ({result.log_checked} of them to check the log it resumed)' if result.log_checked else ''} and "
             f"{result.merges} merge{'' if result.merges == 1 else 's'} "  # (hp84b c57: "1 merges")
             "in this run, "
