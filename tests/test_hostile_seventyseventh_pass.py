@@ -85,12 +85,15 @@ def test_an_integer_tensor_a_model_changes_as_floats_is_refused_or_said(tmp_path
     from tiesmerge.io.align import align
     from tiesmerge.io.checkpoint import open_checkpoint
 
-    base = {"model.buf": torch.arange(8, dtype=torch.int16), "model.w.weight": torch.randn(8, 8)}
-    model = {"model.buf": torch.randn(8), "model.w.weight": base["model.w.weight"] + 0.1}
-    with pytest.warns(MergeWarning, match=r"1 integer tensor\(s\) of the base \('model.buf'\) are stored as floats by "
-                                          r"model\(s\) 0: .* the output keeps the base's values"):
-        out = tiesmerge.merge(base, [model], "task_arithmetic")
-    assert torch.equal(out["model.buf"], base["model.buf"])
+    # any width, and booleans (hp85a c17, c69: a uint8 buffer was refused as "a quantized base?", a bool one said as
+    # an "integer tensor")
+    for dtype in (torch.int16, torch.uint8, torch.bool):
+        base = {"model.buf": torch.arange(8).to(dtype), "model.w.weight": torch.randn(8, 8)}
+        model = {"model.buf": torch.randn(8), "model.w.weight": base["model.w.weight"] + 0.1}
+        with pytest.warns(MergeWarning, match=r"1 integer or boolean tensor\(s\) of the base \('model.buf'\) are "
+                                              r"stored as floats by model\(s\) 0: .* the output keeps the base's"):
+            out = tiesmerge.merge(base, [model], "task_arithmetic")
+        assert torch.equal(out["model.buf"], base["model.buf"])
     with warnings.catch_warnings():  # the same integers: nothing to say
         warnings.simplefilter("error")
         tiesmerge.merge(base, [{**model, "model.buf": base["model.buf"]}], "task_arithmetic")
@@ -460,6 +463,20 @@ def test_pass_85_merge_side(tmp_path, capsys, monkeypatch):
         out = tiesmerge.merge(zero, [one, two], "ties", density=1.0, weights=[1.0, -0.5])["w"]
     assert out[1] == 1.0  # model 1 alone there: its own +1, added
     assert any("model(s) 1 have a negative weight" in str(w.message) for w in caught)
+    # hp86a c08: with sign_from, weights 1, -0.999 can still cancel in the divisor: measured, not "can also cancel";
+    # hp86a c11: thirteen distinct weights 1..12, -5 are measured (bound 11: no scale warning), not "without bound"
+    reference = write_hf_dir(tmp_path / "ref", models[1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiesmerge.merge(base, models, "ties", sign_from=str(reference), weights=[1.0, -0.999], density=1.0)
+    said = [str(w.message) for w in caught]
+    assert any("with sign_from" in m for m in said) and any("up to 1999 times" in m for m in said), said
+    many = [{"w": torch.randn(4, generator=torch.Generator().manual_seed(k))} for k in range(13)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tiesmerge.merge({"w": torch.zeros(4)}, many, "ties", weights=[float(k) for k in range(1, 13)] + [-5.0],
+                        density=1.0)
+    assert not [w for w in caught if "opposite signs" in str(w.message)]
 
 
 @pytest.mark.parametrize("grid", [{"lam": range(10**20)}, {"density": range(10**8)}])

@@ -574,7 +574,8 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     device_t, budget = device_of(device), budget_of(memory_budget)
     out_dtype = requested_dtype(dtype)
     base_ckpt, model_ckpts = open_models(stack, base, models, allow_pickle)
-    _refuse_quantized(base_ckpt, model_ckpts, adapters_only=output_format == "adapter")
+    _refuse_quantized([("the base", base_ckpt), *(("a model", c) for c in model_ckpts)],
+                      adapters_only=output_format == "adapter")
     for ckpt in model_ckpts if fold_like_peft else ():
         if hasattr(ckpt, "fold_like_peft"):
             ckpt.fold_like_peft = True
@@ -596,8 +597,9 @@ def prepare(stack: ExitStack, base: Any, models: Sequence[Any], method: MergeMet
     # PEFT adapters: a zero or an (IA)³ identity base where the output needs one (adapter_merge.py)
     engine_base, engine_models = adapter_merge.engine_inputs(base_ckpt, model_ckpts, output_format)
     reference = _open_reference(stack, req.reference, base, base_ckpt, model_ckpts, allow_pickle)
-    if reference is not None:  # (named by role: a wrapping method, as adapt's, declares no option for it)
-        _refuse_quantized(base_ckpt, (), others=[("the reference model", reference)])
+    if reference is not None:  # its stored codes gave the elected signs (hp85a c12: 61% of them the real weights');
+        # named by role: a wrapping method, as adapt's, declares no option for it
+        _refuse_quantized([("the reference model", reference)])
     layout, routes = None, {}
     if vocab_policy != "union":  # union compares the tokenizers itself (io.vocab.union_of)
         _check_tokenizers(engine_base, engine_models)
@@ -701,8 +703,7 @@ def _declared_quantization(config: Mapping[str, Any]) -> tuple[str, Any] | None:
     return None
 
 
-def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_only: bool = False, *,
-                      others: Sequence[tuple[str, Checkpoint]] | None = None) -> None:
+def _refuse_quantized(named: Sequence[tuple[str, Checkpoint]], adapters_only: bool = False) -> None:
     """A quantized checkpoint (its config's quantization_config, or its tensors'): its int8 codes were copied from the
     base and its scales averaged as floats, silently (hp77a c14), and a config saying quantized over plain weights was
     copied into a float output transformers then refused to load without bitsandbytes (hp77a c15). A quantized base
@@ -711,10 +712,7 @@ def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_o
     c12, c33), and the float base they were trained from is what to give."""
     from .io.align import read_model_config
 
-    # ``others``: (role, checkpoint) pairs checked instead, e.g. a sign_from reference, whose stored codes gave the
-    # elected signs (hp85a c12: 61% of them the real weights')
-    named = others if others is not None else [("the base", base)] + [("a model", c) for c in models]
-    for role, ckpt in named:
+    for role, ckpt in named:  # (role, checkpoint): the base, the models, a sign_from reference
         if yields_task_vector(ckpt):
             continue  # an adapter: its factors are plain floats whatever base it was trained on
         try:
@@ -722,13 +720,13 @@ def _refuse_quantized(base: Checkpoint, models: Sequence[Checkpoint], adapters_o
         except CheckpointError:
             config = {}  # a damaged config is named where the output's config is read
         declared = _declared_quantization(config)
-        packed = _quantized_tensor(ckpt, integer_weights=ckpt is base)
+        packed = _quantized_tensor(ckpt, integer_weights=role == "the base")
         if declared is None and packed is None:
             continue
         value = declared[1] if declared is not None else None
         method = value.get("quant_method") if isinstance(value, Mapping) else None
-        named = f", quant_method {method}" if isinstance(method, str) else ""
-        why = (f"its config.json declares {declared[0]}{named}" if declared is not None else
+        which = f", quant_method {method}" if isinstance(method, str) else ""
+        why = (f"its config.json declares {declared[0]}{which}" if declared is not None else
                f"it stores {packed!r} as {ckpt.info(packed).dtype_info.name}: a layer's weights stored as integers "
                "are quantized codes" if packed.endswith(".weight") else
                f"it holds {packed!r}, a tensor only quantized checkpoints hold")

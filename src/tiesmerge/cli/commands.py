@@ -929,16 +929,7 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
         if model in checked:
             continue
         checked.add(model)
-        if not base_opens:  # each model opened on its own: a missing one is named all the same (hp84a c29)
-            if "\0" not in model:
-                try:
-                    source = resolve_source(model)
-                    open_checkpoint(source, allow_pickle=allow, label=_label(source, model)).close()
-                except TiesMergeError as exc:
-                    add(exc, k)
-                except (OSError, ValueError):
-                    pass  # not a TiesMergeError: named once the base opens
-            continue
+        opened = True
         if "\0" not in model:  # a NUL byte: the plan names it, as the recipe's own check does
             # a model that does not open is named by its own open, as its plan would name it: each plan opened the
             # base twice more, 20,002 opens for 10,000 missing models (hp40b C30). One plan is made all the same,
@@ -948,10 +939,12 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
                 open_checkpoint(source, allow_pickle=allow, label=_label(source, model)).close()
             except TiesMergeError as exc:
                 add(exc, k)
-                if planned:
-                    continue
+                opened = False
             except (OSError, ValueError):
                 pass  # not a TiesMergeError: left to the plan, as before
+        # where the base does not open, each model is only opened (hp84a c29: the missing ones were never named)
+        if not base_opens or (planned and not opened):
+            continue
         planned = True
         try:
             plan_merge(str(base), [model], "task_arithmetic", vocab_policy=vocab_policy, allow_pickle=allow,

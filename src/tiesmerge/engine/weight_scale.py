@@ -23,11 +23,12 @@ def _mean_amplification(weights: Sequence[float]) -> float | None:
     """How many times a weighted mean over the models that agree in sign can exceed the largest task vector entry:
     max over subsets S of Σ_S |w_i| / |Σ_S w_i| (a sum of 0 divides by 1, as mergekit does). 1 for weights of one
     sign; (1000, -1000) gives 2000. Exact over every subset, counted by how many of each distinct weight it holds,
-    while those are at most 4096 (any 12 models; twelve 1s and a -1 are 26, hp84a c51: said "without bound" where
-    the bound is 3); past that a bound where one exists, else None, unbounded as far as is known (a subset summing
-    near 0 is a subset-sum search: 1, 1, -1.9999 among 13 models reached 39992, hp80a c03)."""
+    while those are at most 16,384 (any 14 models; twelve 1s and a -1 are 26, hp84a c51: said "without bound" where
+    the bound is 3; thirteen distinct weights, hp86a c11); past that a bound where one exists, else None, unbounded
+    as far as is known (a subset summing near 0 is a subset-sum search: 1, 1, -1.9999 among 13 models reached 39992,
+    hp80a c03)."""
     counts = Counter(weights)
-    if math.prod(c + 1 for c in counts.values()) > 1 << 12:  # a bound, where one sign's smallest weight outweighs the
+    if math.prod(c + 1 for c in counts.values()) > 1 << 14:  # a bound, where one sign's smallest weight outweighs the
         # other sign's whole mass (hp81a c02: twelve 1s and a -0.001 were said "without bound"): a subset holding
         # some of it sums at least that difference
         positive, negative = [w for w in weights if w > 0], [-w for w in weights if w < 0]
@@ -38,7 +39,7 @@ def _mean_amplification(weights: Sequence[float]) -> float | None:
     worst = 1.0
     values = list(counts)
     for taken in itertools.product(*(range(counts[v] + 1) for v in values)):
-        if any(taken):  # k copies of a weight v as k·v: 4096 models of one weight are 4097 sums, not 8 million terms
+        if any(taken):  # k copies of a weight v as k·v: 16,383 models of one weight are 16,384 short sums
             total = math.fsum(v * k for v, k in zip(values, taken))
             mass = math.fsum(abs(v) * k for v, k in zip(values, taken))
             worst = max(worst, mass / (abs(total) if total else 1.0))
@@ -56,36 +57,37 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
         return  # average says its own (_warn_if_far); sums without a divisor scale by the weights themselves
     negative = [w < 0 for w in weights]
     shown = _shown(weights)
-    if elected and any(negative) and getattr(method, "sign_from", None) is not None:
-        # the sign is the reference's, not elected from the weighted task vectors, so a weight's sign is not undone:
-        # w·τ agrees with the reference where τ opposes it (hp84a c32: said to change nothing, the merge kept the
-        # entries that oppose the reference, 23% agreeing with it)
-        models = [str(k) for k, n in enumerate(negative) if n]
-        warnings.warn(MergeWarning(
-            f"{method.name}: model(s) {', '.join(models[:8])}{', ...' if len(models) > 8 else ''} have a negative "
-            f"weight ({shown}); with sign_from, an entry is kept where the weighted task vector agrees with the "
-            "reference's sign, so a negative weight keeps that model's entries that oppose the reference (and the "
-            "mean's division by the weights leaves them opposed in the merge)"
-            + ("" if all(negative) else "; the weights of opposite signs can also nearly cancel in its divisor")
-            + ": give positive weights to follow the reference"), stacklevel=3)
-        return
-    if elected and all(negative):
-        warnings.warn(MergeWarning(
-            f"{method.name}: every weight is negative ({shown}), and the weighted mean divides by the agreeing "
-            "weights' sum, which undoes their sign: negative weights do not negate task vectors here (the merge is "
-            "the one with the weights' magnitudes, but where the sign vote ties and zero_sign decides); to subtract "
-            "task vectors, use task_arithmetic with negative weights"), stacklevel=3)
-        return
-    if not any(negative) or all(negative):
-        return
-    if elected:  # a negative weight among positive ones is undone where its model's entry is elected alone: the
-        # merge keeps that model's own task vector there, added, not subtracted (hp85a c23: no word)
-        models = [str(k) for k, n in enumerate(negative) if n]
-        warnings.warn(MergeWarning(
-            f"{method.name}: model(s) {', '.join(models[:8])}{', ...' if len(models) > 8 else ''} have a negative "
-            f"weight ({shown}), and the weighted mean divides by the agreeing weights' sum, which undoes a weight's "
-            "sign: where such a model's entry is elected alone, the merge keeps its own task vector (added, not "
-            "subtracted); to subtract task vectors, use task_arithmetic with negative weights"), stacklevel=3)
+    if not any(negative) or (all(negative) and not elected):
+        return  # (all negative and normalized: the division by their sum gives the positive weights' merge exactly)
+    if elected:  # what a negative weight does under an elected mean, said once per merge
+        listed = [str(k) for k, n in enumerate(negative) if n]
+        models = f"{method.name}: model(s) {', '.join(listed[:8])}{', ...' if len(listed) > 8 else ''}"
+        if getattr(method, "sign_from", None) is not None:
+            # the sign is the reference's, not elected from the weighted task vectors, so a weight's sign is not
+            # undone: w·τ agrees with the reference where τ opposes it (hp84a c32: said to change nothing, the merge
+            # kept the entries that oppose the reference, 23% agreeing with it)
+            warnings.warn(MergeWarning(
+                f"{models} have a negative weight ({shown}); with sign_from, an entry is kept where the weighted task "
+                "vector agrees with the reference's sign, so a negative weight keeps that model's entries that oppose "
+                "the reference (and the mean's division by the weights leaves them opposed in the merge): give "
+                "positive weights to follow the reference"), stacklevel=3)
+        elif all(negative):
+            warnings.warn(MergeWarning(
+                f"{method.name}: every weight is negative ({shown}), and the weighted mean divides by the agreeing "
+                "weights' sum, which undoes their sign: negative weights do not negate task vectors here (the merge "
+                "is the one with the weights' magnitudes, but where the sign vote ties and zero_sign decides); to "
+                "subtract task vectors, use task_arithmetic with negative weights"), stacklevel=3)
+        else:  # among positive ones, undone where its model's entry is elected alone: that model's own task vector,
+            # added, not subtracted (hp85a c23: no word)
+            warnings.warn(MergeWarning(
+                f"{models} have a negative weight ({shown}), and the weighted mean divides by the agreeing weights' "
+                "sum, which undoes a weight's sign: where such a model's entry is elected alone, the merge keeps its "
+                "own task vector (added, not subtracted); to subtract task vectors, use task_arithmetic with negative "
+                "weights"), stacklevel=3)
+        if all(negative):
+            return  # one sign: no divisor can cancel
+        # weights of both signs can also nearly cancel in the divisor, with sign_from too (hp86a c08: 1, -0.999
+        # reached 940 times, said only as "can also nearly cancel")
         amplification = _mean_amplification(weights)
         where = ("where the weighted task vectors agree in sign, their weights can nearly cancel in the mean's "
                  "divisor (a sum of 0 divides by 1, as mergekit does)")

@@ -494,22 +494,20 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
             continue
         info = base.info(name)
         aliases = next((g[1:] for g in tied if g[0] == name), ())
-        # an integer base tensor that a model changes as floats: nothing merges there, the base is copied. An adapter
-        # of it (hp81a c40: int8; hp84a c17: int16/int32, a LoRA's change dropped silently) or a float fine-tune of
-        # 8-bit codes says the base is quantized: refused. A wider integer buffer a full model stores as floats (its
-        # state dict cast whole) is copied from the base, with a warning below
+        # an integer (or boolean) base tensor that a model changes as floats: nothing merges there, the base is copied.
+        # An adapter of it (hp81a c40: int8; hp84a c17: int16/int32, a LoRA's change dropped silently) says the base
+        # is quantized: refused. A buffer a full model stores as floats (its state dict cast whole) is copied, with a
+        # warning below, whatever its integer width (hp85a c69: a uint8 one was "a quantized base?"); a base whose
+        # layer weights are integers was refused as quantized before (inputs._refuse_quantized)
         if not info.is_floating:
-            floating = [k for k, m in enumerate(models) if name in model_names[k] and (
-                yields_task_vector(m) or m.info(name).is_floating)]  # a model may lack an integer buffer: kept
-            if not any(yields_task_vector(models[k]) for k in floating) and info.dtype_info.code not in ("I8", "U8"):
-                as_floats.extend((name, k) for k in floating)
-            elif floating:
-                k = next(k for k in floating if yields_task_vector(models[k]) or info.dtype_info.code in ("I8", "U8"))
-                theirs = ("changes it (an adapter of that layer)" if yields_task_vector(models[k]) else
-                          f"as {models[k].info(name).dtype_info.name}")
+            held = [k for k in range(len(models)) if name in model_names[k]]  # a model may lack a buffer: kept
+            adapted = [k for k in held if yields_task_vector(models[k])]
+            as_floats.extend((name, k) for k in held if k not in adapted and models[k].info(name).is_floating)
+            if adapted:
                 raise IncompatibleCheckpointsError(
-                    f"tensor {name!r}: the base stores it as {info.dtype_info.name} but model {k} {theirs}: the base "
-                    "is not the model the others were fine-tuned from in that form (a quantized base?)\n"
+                    f"tensor {name!r}: the base stores it as {info.dtype_info.name} but model {adapted[0]} changes it "
+                    "(an adapter of that layer): the base is not the model the others were fine-tuned from in that "
+                    "form (a quantized base?)\n"
                     + _shapes_table(name, base, models),
                     hint="pass the unquantized base (floating weights), as the fine-tunes were trained from it")
         if not info.is_floating or name not in covered:
@@ -568,10 +566,10 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                       "tensors are not merged, so the output keeps the base's values", MergeWarning, stacklevel=2)
     if as_floats:
         tensors = list(dict.fromkeys(n for n, _ in as_floats))
-        warnings.warn(f"{len(tensors)} integer tensor(s) of the base ({', '.join(repr(n) for n in tensors[:5])}"
-                      f"{', ...' if len(tensors) > 5 else ''}) are stored as floats by model(s) "
-                      f"{', '.join(str(k) for k in sorted({k for _, k in as_floats}))}: integer tensors are not "
-                      "merged, so the output keeps the base's values there, whatever the models hold",
+        warnings.warn(f"{len(tensors)} integer or boolean tensor(s) of the base ("
+                      f"{', '.join(repr(n) for n in tensors[:5])}{', ...' if len(tensors) > 5 else ''}) are stored "
+                      f"as floats by model(s) {', '.join(str(k) for k in sorted({k for _, k in as_floats}))}: such "
+                      "tensors are not merged, so the output keeps the base's values there, whatever the models hold",
                       MergeWarning, stacklevel=2)
     if not any(j.merge for j in jobs):  # integer tensors only: the output is the base, whatever the models hold
         integers = sum(1 for j in jobs if not j.dtype_info.is_floating)
