@@ -1225,7 +1225,7 @@ def test_the_notes_of_pass_59_each_fixed(tmp_path):
                       (dict(max_length=0), "max_length must be a whole number of tokens >= 1")]:
         with pytest.raises(ConfigError, match=said):
             tiesmerge.adapt(ab, fts, _data(), "task_arithmetic", forward=_forward(), **{"steps": 2, **bad})
-    with pytest.raises(ConfigError, match=r"the search space \(--axis, --grid, --range, --set"):
+    with pytest.raises(ConfigError, match=r"axis lam: range 0.5:1.5 there, 0.5:2.5 now"):  # (hp85b c14: named)
         run_search(base, models, "ties", score, strategy="random", budget=2, axes=("density", "lam"),
                    ranges={"lam": (0.5, 1.5)}, log=str(tmp_path / "r.jsonl"))
         run_search(base, models, "ties", score, strategy="random", budget=2, axes=("density", "lam"),

@@ -93,7 +93,7 @@ def test_a_search_logs_refusal_names_the_model_that_differs(tmp_path, monkeypatc
     # another model: its files' stamps differ with it, not said again as "changed" (hp48 c43)
     assert "changed since the log was started" not in message
     assert "model 1" not in message
-    with pytest.raises(ConfigError, match=r"differs in: the search space \(--axis, --grid, --range, --set"):
+    with pytest.raises(ConfigError, match=r"differs in: axis density: values \[0.5\] there, \[0.3\] now\)"):
         run_search(base, ["ft0", b], "ties", lambda state: 1.0, grid={"density": (0.3,), "lam": (1.0,)}, log=log)
 
 

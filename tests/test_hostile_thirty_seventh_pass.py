@@ -637,7 +637,7 @@ def test_a_search_resumed_after_its_sign_from_reference_changed_is_refused(tmp_p
     run()
     run()  # the same reference: resumes
     write_hf_dir(dirs[3], fts[0])  # another model's weights at the reference's path
-    with pytest.raises(ConfigError, match="is the log of another search .*the models. files"):
+    with pytest.raises(ConfigError, match="is the log of another search .*the inputs. files"):
         run()
 
 
@@ -752,7 +752,7 @@ def test_a_search_resumed_after_a_tokenizer_file_changed_is_refused(tmp_path):
     run()
     run()  # nothing changed: resumes
     (dirs[0] / "vocab.txt").write_text("[PAD]\n[UNK]\ndog\ncat\n")
-    with pytest.raises(ConfigError, match="is the log of another search .*the models. files"):
+    with pytest.raises(ConfigError, match="is the log of another search .*the inputs. files"):
         run()
 
 

@@ -194,4 +194,4 @@ def test_recipe_with_per_model_statistics(classifiers, tmp_path, capsys):
     assert (tmp_path / "out" / "model.safetensors").is_file()
     recipe.write_text(f"method: regmean\nbase: {base}\nmodels: [{fts[0]}, {fts[1]}]\nstats: [g0]\n")
     assert main(["validate", str(recipe)]) == 2
-    assert "'stats' lists 1 directories for 2 models" in capsys.readouterr().err
+    assert "'stats' lists 1 statistics directory for 2 models: list one per model" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from .engine.side import SideInputs
 from .errors import CheckpointError, ConfigError, IncompatibleCheckpointsError, MergeWarning
 from .hub import HubPath, resolve_source
 from .io.adapters import adapter_kind, yields_task_vector
-from .io.align import Alignment, align, with_parts
+from .io.align import _RECOMPUTED, Alignment, align, with_parts
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.ia3 import Ia3Checkpoint, Ia3Folded
 from .io.vocab_rows import VOCAB_SUFFIXES
@@ -340,6 +340,15 @@ def _check_reference(reference: Checkpoint, alignment: Alignment, vocab_policy: 
                 f"{job.dtype_info.name}" + ("" if info.dtype.is_floating_point else
                                             ": a reference's tensors must be floating, as the models' are"),
                 hint=hint)
+    # tensors the base lacks are never read (a multitask reference's own heads are fine), but not unseen: a reference
+    # of a bigger architecture passed silently where the same checkpoint as a model is refused (hp85a c57)
+    held = {j.name for j in alignment.jobs} | {a for j in alignment.jobs for a in j.aliases}
+    extra = sorted(n for n in names - held if not _RECOMPUTED.search(n))
+    if extra:
+        warnings.warn(MergeWarning(
+            f"{reference.label}: the reference holds {len(extra)} tensor(s) the base lacks, first {extra[0]!r}; they "
+            "are not read (only the merged tensors take their signs from it): check that it was fine-tuned from this "
+            "base"), stacklevel=3)
 
 
 # How the caller passes statistics, for the hint when a data-aware method has none: the Python API's keyword by
@@ -656,10 +665,14 @@ _ARCHITECTURE_FIELDS = ("model_type", "num_hidden_layers")  # what says which mo
 
 # tensors only a quantized checkpoint holds: bitsandbytes' scales and 4-bit state, GPTQ/AWQ's packed weights, zeros
 # and group indices, FP8 block scales (their weights are codes, not values a float merge may average)
-_QUANTIZED_SUFFIXES = (".SCB", ".weight_format", ".absmax", ".quant_map", ".qweight", ".qzeros", ".g_idx",
+_QUANTIZED_SUFFIXES = (".SCB", ".weight_format", ".qweight", ".qzeros",
                        ".weight_scale_inv", ".weight_packed", ".weight_zero_point", ".W_q",
-                       ".compressed", ".bitmask", ".row_offsets",  # (compressed-tensors' sparse bitmask: hp81a c07)
                        ".weight._data", ".weight._scale")  # optimum-quanto's codes and scales (hp84a c04)
+# common words a float model may name its own buffers with (a float 'norm.absmax', a bool 'attn.bitmask': hp86a
+# c26): they count only beside integer codes of the same stem, as bitsandbytes' 4-bit state (float absmax and
+# quant_map of a uint8 '.weight'), compressed-tensors' sparse bitmask (a uint8 '.bitmask' and integer
+# '.row_offsets' beside '.compressed': hp81a c07) and GPTQ's integer '.g_idx' store them
+_CODE_SUFFIXES = (".absmax", ".quant_map", ".compressed", ".bitmask", ".row_offsets", ".g_idx")
 # a scale beside a weight stored in 8 bits (compressed-tensors' FP8 and INT8: hp80a c07); beside a float16/float32
 # weight a tensor of that name may be a model's own (a layer scale), so the weight's dtype decides
 _SCALE_SUFFIXES = (".weight_scale", ".input_scale")
@@ -669,14 +682,25 @@ _EIGHT_BIT = ("F8_E4M3", "F8_E5M2", "I8", "U8")
 _GROUP_SUFFIXES = (".scales", ".biases")
 
 
+def _integer_codes(ckpt: Checkpoint, name: str) -> bool:
+    """Whether ``name`` is stored as integers (booleans are masks, not codes)."""
+    info = ckpt.info(name)
+    return not info.is_floating and info.dtype_info.code != "BOOL"
+
+
 def _quantized_tensor(ckpt: Checkpoint, integer_weights: bool) -> str | None:
     """The first tensor of ``ckpt`` that only a quantized checkpoint holds, or None (``integer_weights``: a layer's
-    weight stored as integers counts; for a fine-tune, whose base stores it as float, align names the dtypes)."""
+    weight stored as integers counts; for a fine-tune, whose base stores it as float, align names the file, the
+    tensor and both dtypes)."""
     names = ckpt.names()
     held = set(names)
     for name in names:
         if name.endswith(_QUANTIZED_SUFFIXES):
             return name
+        if name.endswith(_CODE_SUFFIXES):
+            stem = name.rsplit(".", 1)[0]
+            if any(n in held and _integer_codes(ckpt, n) for n in (stem, *(stem + s for s in _CODE_SUFFIXES))):
+                return name
         if name.endswith(_SCALE_SUFFIXES + _GROUP_SUFFIXES):
             weight = name.rsplit(".", 1)[0] + ".weight"
             code = ckpt.info(weight).dtype_info.code if weight in held else None
@@ -684,9 +708,9 @@ def _quantized_tensor(ckpt: Checkpoint, integer_weights: bool) -> str | None:
                                       and not ckpt.info(weight).is_floating):
                 return name
         # a layer's weight stored as integers is codes whatever the format (MLX and GPTQ pack them into int32, hp84a
-        # c03, c17): no model trains integer weights (booleans are masks, not codes)
-        if integer_weights and name.endswith(".weight") and not ckpt.info(name).is_floating \
-                and ckpt.info(name).dtype_info.code != "BOOL":
+        # c03, c17): no model trains integer weights, the base or a sign_from reference (whose int8 codes were
+        # hinted "fine-tuned from the same base": hp86a c25)
+        if integer_weights and name.endswith(".weight") and _integer_codes(ckpt, name):
             return name
     return None
 
@@ -694,12 +718,17 @@ def _quantized_tensor(ckpt: Checkpoint, integer_weights: bool) -> str | None:
 def _declared_quantization(config: Mapping[str, Any]) -> tuple[str, Any] | None:
     """(where, value) of a quantization or compression config in a model's config.json, its own or a sub-model's
     (a composite model's text_config: hp81a c08), or None."""
-    for where, sub in [("", config), *((f"{k}.", v) for k, v in config.items() if isinstance(v, Mapping))]:
-        for key in ("quantization_config", "compression_config"):  # (compression_config: compressed-tensors, c07)
-            if sub.get(key) is not None:
-                return where + key, sub[key]
-        if isinstance(sub.get("quantization"), Mapping) and sub["quantization"]:  # MLX's {group_size, bits}: c03
-            return where + "quantization", sub["quantization"]
+    # breadth first, three levels of sub-configs deep (text_config.vision_config.quantization_config was not seen:
+    # hp85a c13); the reader has bounded the config's depth already
+    level: list[tuple[str, Mapping[str, Any]]] = [("", config)]
+    for _ in range(4):
+        for where, sub in level:
+            for key in ("quantization_config", "compression_config"):  # (compression_config: compressed-tensors)
+                if sub.get(key) is not None:
+                    return where + key, sub[key]
+            if isinstance(sub.get("quantization"), Mapping) and sub["quantization"]:  # MLX's {group_size, bits}
+                return where + "quantization", sub["quantization"]
+        level = [(f"{where}{k}.", v) for where, sub in level for k, v in sub.items() if isinstance(v, Mapping)]
     return None
 
 
@@ -720,7 +749,7 @@ def _refuse_quantized(named: Sequence[tuple[str, Checkpoint]], adapters_only: bo
         except CheckpointError:
             config = {}  # a damaged config is named where the output's config is read
         declared = _declared_quantization(config)
-        packed = _quantized_tensor(ckpt, integer_weights=role == "the base")
+        packed = _quantized_tensor(ckpt, integer_weights=role != "a model")
         if declared is None and packed is None:
             continue
         value = declared[1] if declared is not None else None
@@ -794,5 +823,5 @@ def check_budget(plan: Any) -> None:
     if budget < floor:
         raise ConfigError(f"memory budget {format_size(budget)} is below the {format_size(floor)} this merge needs at "
                           "the least (its largest chunk, a row of a tensor or a tensor kept whole, with its working "
-                          "copies)", hint=f"raise --memory-budget to {format_size(floor, up=True)} or more (the "
-                                          f"default is {DEFAULT_MEMORY_BUDGET})")
+                          "copies)", hint=f"raise --memory-budget to {format_size(floor, up=True)} or more "
+                                          f"(memory_budget: in a recipe; the default is {DEFAULT_MEMORY_BUDGET})")

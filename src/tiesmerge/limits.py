@@ -163,7 +163,25 @@ def not_utf8_kind(raw: bytes) -> str:
         return ": it is gzip-compressed"
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return ": it is UTF-16 (it starts with UTF-16's byte-order mark)"
+    if (binary := _binary_kind(raw)) is not None:  # a weights file given as data: "convert it from Latin-1" (hp85b
+        return f": it is {binary}, not text"  # c28)
     return ""
+
+
+def _binary_kind(raw: bytes, nul: bool = True) -> str | None:
+    """What binary file ``raw`` starts as (weights given where text is read), or None; ``nul``: any file holding a
+    NUL byte counts (after gzip's and UTF-16's marks are told, which hold them too)."""
+    # safetensors: an 8-byte little-endian header length, then the header's JSON (eight spaces before a '{"' read
+    # as a length past any header)
+    if len(raw) >= 10 and raw[8:10] == b'{"' and int.from_bytes(raw[:8], "little") < 2**30:
+        return "a safetensors weights file"
+    if raw[:4] == b"GGUF":
+        return "a GGUF weights file"
+    if raw[:4] == b"PK\x03\x04":
+        return "a zip archive (a PyTorch checkpoint?)"
+    if nul and b"\x00" in raw[:4096]:
+        return "a binary file (it holds NUL bytes)"
+    return None
 
 
 def not_utf8_hint(raw: bytes) -> str:
@@ -171,6 +189,8 @@ def not_utf8_hint(raw: bytes) -> str:
         return "decompress it first (`gunzip FILE.gz`): tiesmerge reads text files as they are"
     if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
         return "convert it to UTF-8 (`iconv -f UTF-16 -t UTF-8 FILE > FILE.utf8`)"
+    if _binary_kind(raw) is not None:
+        return "check the path: a text file (UTF-8) is read here, not a binary one"
     return ("save the file as UTF-8 (an editor's \"UTF-8\" encoding; `iconv -f LATIN1 -t UTF-8` converts a Latin-1 "
             "file)")
 
@@ -251,6 +271,8 @@ def read_json_lines(path: str | os.PathLike, what: str, *, max_bytes: int,
         os.close(fd)
     if limit is None:
         raw = read_regular(path, what, max_bytes=max_bytes, error=error)
+    if (binary := _binary_kind(raw, nul=False)) is not None:  # said before its bytes decode by chance (c28)
+        raise error(f"{path}: {what} is not text: it is {binary}", hint=not_utf8_hint(raw))
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not part of the data
     except UnicodeDecodeError as exc:

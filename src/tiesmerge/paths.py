@@ -58,7 +58,8 @@ _MARKER_FIELDS = {"tiesmerge.json": ("tiesmerge_version", "output", "inputs", "m
 _MARKER_MAX_BYTES = 256 << 20  # a manifest lists files and thresholds: far below this
 
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-          stat.S_IFSOCK: "a socket"}
+          stat.S_IFSOCK: "a socket", stat.S_IFDIR: "a directory"}  # (a folder at DIR/log.jsonl was "not a regular
+# file, not a regular file": hp85b c51)
 
 
 def undecodable_as_bytes(text: str) -> str:
@@ -102,7 +103,7 @@ def _loops(path: str | os.PathLike) -> bool:
 
 
 def _kind(mode: int) -> str:
-    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+    return _KINDS.get(stat.S_IFMT(mode), "another kind of file")
 
 
 def _dangling_target(path: str | os.PathLike) -> str:

@@ -202,12 +202,13 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
                 problems.append(f"models[{i}].path must be the path of a model (text), got {_short(entry['path'])}")
                 continue
             extra = [k for k in entry if k not in ("path", "weight", "stats")]
-            if extra:
+            for key in extra:  # each named (hp85a c56b: the second of two was not)
                 # a method option per model (hp76a c40: a model's density: said as unknown, with no way to say it)
                 where = ("; one density per model is parameters: {densities: [...]}, in the models' order"
-                         if extra[0] in ("density", "densities") else
-                         "; method options go under parameters:" if extra[0] not in ("model", "parameters") else "")
-                problems.append(f"models[{i}]: unknown key {extra[0]!r} (a model takes path, weight and stats){where}")
+                         if key in ("density", "densities") else
+                         "; method options go under parameters:" if key not in ("model", "parameters") else "")
+                problems.append(f"models[{i}]: unknown key {_short(key)} (a model takes path, weight and stats)"
+                                f"{where}")
             paths.append(_path(entry["path"], root))
             weights.append(entry.get("weight"))
             if entry.get("stats") is not None and not isinstance(entry["stats"], (str, os.PathLike)):
@@ -240,7 +241,12 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         elif any(x is not None for x in stats):
             problems.append("statistics are given both per model (stats:) and in the top-level stats list; keep one")
         elif len(top_stats) != len(paths):
-            problems.append(f"'stats' lists {len(top_stats)} directories for {len(paths)} models")
+            # (hp85b c32: "lists 1 directories", hinted about sizes)
+            counted = f"{len(top_stats)} statistics director{'y' if len(top_stats) == 1 else 'ies'} for " \
+                      f"{len(paths)} model{'' if len(paths) == 1 else 's'}"
+            problems.append(f"--stats is given {counted}: give one --stats per --model, in the models' order"
+                            if source == "command line" or "--stats" in source else
+                            f"'stats' lists {counted}: list one per model, in the models' order")
         else:
             stats = [_path(x, root) for x in top_stats]
     if any(x is not None for x in stats) and any(x is None for x in stats):

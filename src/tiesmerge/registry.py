@@ -165,6 +165,22 @@ def method_class(name: str) -> type:
     return table[name]
 
 
+def _mergekit_word(key: object, known: list[str]) -> str:
+    """Where a mergekit option a recipe's method parameters carry lives here ('normalize' under a tiesmerge ties
+    recipe had no pointer: hp86a c38), or ""."""
+    if key == "normalize" and "normalize_weights" in known:
+        return " (mergekit's normalize is normalize_weights here)"
+    if key == "normalize" and "aggregate" in known:
+        return " (mergekit's normalize true is aggregate mean here, the default; its normalize false is aggregate sum)"
+    if key == "int8_mask":
+        return " (mergekit's int8_mask only saves its memory; tiesmerge needs no such option: remove it)"
+    if key == "weight" and "weights" in known:
+        return " (mergekit's per-model weight is weights here, one per model in the models' order)"
+    if key == "lambda" and "lam" in known:
+        return " (mergekit's lambda is lam here)"
+    return ""
+
+
 def make_method(name: str, options: Mapping[str, Any] | None = None) -> MergeMethod:
     """Build a method config from its name and options, reporting every problem at once."""
     cls = method_class(name)
@@ -173,7 +189,7 @@ def make_method(name: str, options: Mapping[str, Any] | None = None) -> MergeMet
     unknown = [k for k in options if k not in known]
     if unknown:
         raise ConfigError(
-            [f"{name}: unknown option {k!r}{did_you_mean(k, known)}" for k in unknown],
+            [f"{name}: unknown option {k!r}{_mergekit_word(k, known) or did_you_mean(k, known)}" for k in unknown],
             hint=f"{name} takes: {', '.join(known)}",
         )
     return cls(**options)

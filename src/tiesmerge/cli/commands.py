@@ -101,6 +101,17 @@ def _load_callable(spec: str):
                               hint=f"rename your file (e.g. my_{mine.name}) and pass --evaluator "
                                    f"my_{module}:{name}") from None
         found = sys.modules.get(module)
+        if isinstance(exc, AttributeError) and found is not None:
+            # the module imported; the name is what is missing (hp86b c09: hinted PYTHONPATH and the folder)
+            where = getattr(found, "__file__", None) or module
+            defined = sorted(k for k, v in vars(found).items() if not k.startswith("_") and callable(v)
+                             and getattr(v, "__module__", None) == found.__name__)
+            raise ConfigError(f"--evaluator {spec!r}: the module {module!r} imports ({where}), but {name!r} is not "
+                              f"in it ({exc})",
+                              hint=(f"its own functions and classes: {', '.join(defined[:12])}"
+                                    + (", ..." if len(defined) > 12 else "") if defined else
+                                    f"{module} defines no function of its own")
+                                   + f"; pass --evaluator {module}:FUNCTION") from None
         if not isinstance(exc, (ModuleNotFoundError, AttributeError)) or (isinstance(exc, ModuleNotFoundError) and
                                                                           exc.name not in (None, module)):
             # the module was found and its own code failed as it ran (hp45 c64: "must be importable from here")
@@ -968,6 +979,17 @@ def _with_input_problems(first: TiesMergeError, base: Any, models: list[str], ar
                     open_stats(source, kind=spec.kind, label=str(source)).close()
                 except TiesMergeError as exc:
                     add(exc, None)
+    reference = getattr(method, "sign_from", None)  # a sign_from reference is an input too (hp85a c56a: a missing
+    # one was not named beside a missing model)
+    if isinstance(reference, (str, os.PathLike)) and str(reference) and "\0" not in str(reference):
+        try:
+            source = resolve_source(str(reference))
+            open_checkpoint(source, allow_pickle=allow, label=f"{_label(source, str(reference))} (reference)",
+                            role="the reference model").close()
+        except TiesMergeError as exc:
+            add(exc, None)
+        except (OSError, ValueError):
+            pass  # not a TiesMergeError: left to the plan
     if len(problems) == known:
         return first
     hint = ("fix each problem named above (each model was checked against the base on its own; run validate again to "

@@ -347,11 +347,12 @@ def _private_torch_cache() -> None:
 _EMPTY_MEANS_NONE = frozenset({"--exclude"})
 
 
-def _empty_values(argv: list[str], multi: frozenset[str] = frozenset()) -> list[str]:
+def _empty_values(argv: list[str], multi: frozenset[str] = frozenset(), positional: str | None = None) -> list[str]:
     """The options (and positional arguments) given an empty string: `--stats ''` was taken for the working folder
     ("the output lies inside the statistics (.)") and `-o ''` for nothing at all. ``multi``: the command's options
     that take several values, whose empty one is named by its place (hp41 C58: `--task-names '' y` was "--task-names
-    is empty", though one of its two names is)."""
+    is empty", though one of its two names is). ``positional``: the name of the command's one positional argument,
+    said for an empty one (hp85a c18: "argument 2 is empty" of `merge ''`)."""
     empty = []
     for k, arg in enumerate(argv):
         if arg != "":
@@ -364,11 +365,21 @@ def _empty_values(argv: list[str], multi: frozenset[str] = frozenset()) -> list[
             empty.append(argv[flag] if count == 1 else f"{argv[flag]}: value {k - flag} of {count}")
             continue
         before = argv[k - 1] if k else ""
-        empty.append(before if before.startswith("-") else f"argument {k + 1}")
+        empty.append(before if before.startswith("-") else
+                     f"the {positional} argument" if positional and k else f"argument {k + 1}")
     for arg in argv:
         if arg.startswith("--") and arg.endswith("=") and "=" not in arg[:-1]:  # --stats=
             empty.append(arg[:-1])
     return empty
+
+
+def _positional_name(parser: argparse.ArgumentParser, command: str | None) -> str | None:
+    """The metavar (or name) of ``command``'s positional argument, where it has exactly one."""
+    commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    sub = commands.choices.get(command) if commands is not None and command else None
+    found = [a for a in sub._actions if not a.option_strings] if sub is not None else []
+    return (found[0].metavar or found[0].dest).upper() if len(found) == 1 and isinstance(found[0].dest, str) \
+        else None
 
 
 def _multi_value_options(parser: argparse.ArgumentParser, command: str | None) -> frozenset[str]:
@@ -560,7 +571,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(given)
     if extras:  # said by the command's own parser: its usage, not the top level's (`tiesmerge validate BASE --model`)
         commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        (commands.choices.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(extras)}")
+        said = ""
+        if args.command == "validate" and any(e.split("=")[0] in ("--base", "--model", "--method") for e in extras):
+            # (hp85a c18: `validate --base B --model M` took B for the recipe, the flags as unrecognized)
+            said = ("; validate checks a recipe file: to check flags without merging, run `tiesmerge merge --base "
+                    "... --model ... -o OUT --dry-run`")
+        (commands.choices.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(extras)}{said}")
     if args.command is None:
         parser.print_help()
         return 2
@@ -572,11 +588,12 @@ def main(argv: list[str] | None = None) -> int:
         left_on_stop = f"nothing new was written, and the existing output {shown(output)} is unchanged"
     # an option whose empty value means something of its own (exclude: "empty: none", as a recipe's exclude: "" and
     # the API's exclude="" say it; hp63a c21 refused `--exclude ''` as empty)
-    empty = [flag for flag in _empty_values(given, _multi_value_options(parser, args.command))
+    empty = [flag for flag in _empty_values(given, _multi_value_options(parser, args.command),
+                                            _positional_name(parser, args.command))
              if flag not in _EMPTY_MEANS_NONE]
     if empty:
         return _report(ConfigError([f"{flag} is empty" for flag in empty],
-                                   hint="give a value (a path, a name or a number), or leave the option out"), debug)
+                                   hint="give a value (a path, a name or a number), or leave it out"), debug)
     try:
         os.getcwd()
     except FileNotFoundError:  # relative paths, and the check that -o is not the working folder, need it

@@ -167,10 +167,13 @@ def make_plan(alignment: Alignment, n_models: int, requirements: Requirements | 
             core = max(j.numel * entry_bytes(j) + workspace_bytes(j) for j in alignment.jobs if j.merge)
             needed = 2 * core if core <= FIXED_OVERHEAD else core + FIXED_OVERHEAD
             why = "threshold_ties='sort' (mergekit's exact k)" if req.exact_k else "the method"
-            held = f" (with {format_size(workspace)} of workspace, e.g. for its SVDs)" if workspace else ""
+            # (the workspace is the method's own: an SVD's factors, DELLA's ranks; "e.g. for its SVDs" was said of
+            # DELLA too, hp85a c51)
+            held = f" (with {format_size(workspace)} of workspace the method needs beside it)" if workspace else ""
             raise ConfigError(f"tensor {job.name!r} {tuple(job.shape)} does not fit one chunk under the memory budget "
                               f"of {format_size(memory_budget)}, and {why} needs each tensor whole{held}",
-                              hint=f"raise --memory-budget to {format_size(needed, up=True)} or more")
+                              hint=f"raise --memory-budget to {format_size(needed, up=True)} or more "
+                                   "(memory_budget: in a recipe, memory_budget= from Python)")
         # the chunk's rows fit beside the tensor's workspace (RegMean's Gram matrices): sized as if it were not there,
         # the peak passed the budget by it, and the floor the command line names moved with the budget (hp37 C110)
         budget = (work_budget if prefer_whole else min(work_budget, SPEED_CHUNK_ENTRIES * per_entry)) - workspace

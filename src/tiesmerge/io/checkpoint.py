@@ -53,7 +53,7 @@ def _read_index(index: Path) -> dict[str, Path]:
     directory (a ``../`` or absolute entry, or a link leaving the directory, is refused). The index itself
     is read only from inside the directory: a link to a file elsewhere is refused before it is opened."""
     inside(index, index.parent, "the index file")
-    data = read_json(index, "the index file")
+    data = read_json(index, "the index file", unique_keys=True)  # a key twice: the first entry lost (hp85a c54)
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         got = f"a {type(weight_map).__name__} weight_map" if isinstance(data, dict) else f"a {type(data).__name__}"
@@ -131,7 +131,7 @@ def _is_listed_shard(file: Path) -> bool:
     if re.search(r"-\d+-of-\d+\.safetensors$", file.name):
         return True
     try:  # an index that cannot be read says nothing about this file: it is then read as what it is
-        data = read_json(index, "the index file")
+        data = read_json(index, "the index file", unique_keys=True)  # a key twice: the first entry lost (hp85a c54)
     except (CheckpointError, OSError, ValueError):
         return False
     weight_map = data.get("weight_map") if isinstance(data, dict) else None

@@ -21,7 +21,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from ..dtypes import BY_CODE
-from ..errors import CheckpointError, OutOfMemoryError, is_out_of_memory, memory_hint
+from ..errors import GGUF_HINT, CheckpointError, OutOfMemoryError, is_out_of_memory, memory_hint
 from ..paths import open_regular
 from . import leases
 from .protocol import TensorInfo
@@ -110,8 +110,12 @@ class SafetensorsCheckpoint:
                 hint="raise the address-space limit (ulimit -v unlimited): the mapping reserves addresses and reads "
                      "nothing; a smaller --memory-budget cannot help") from None
         except (SafetensorError, OSError, ValueError, struct.error, RecursionError) as exc:
+            foreign = _foreign_format(fd)
             hint = _metadata_hint(fd) or "the file is truncated or corrupt; download or copy it again"
             os.close(fd)
+            if foreign is not None:  # another format under a .safetensors name: not "truncated" (hp85a c75)
+                raise CheckpointError(f"{file}: not a safetensors file but {foreign[0]}, by its first bytes",
+                                      hint=foreign[1]) from None
             raise CheckpointError(f"{file}: not a readable safetensors file ({str(exc)[:300]})", hint=hint) from None
         except BaseException:
             os.close(fd)
@@ -292,6 +296,22 @@ class SafetensorsCheckpoint:
             os.close(fd)
         self._fds.clear()
         self._leased.clear()
+
+
+def _foreign_format(fd: int) -> tuple[str, str] | None:
+    """(format, hint) of a file whose first bytes are another weights format's magic (a file renamed by mistake), or
+    None."""
+    try:
+        head = os.pread(fd, 4, 0)
+    except OSError:
+        return None
+    if head == b"GGUF":
+        return "GGUF (llama.cpp's format)", GGUF_HINT
+    if head == b"PK\x03\x04":  # torch.save's zip archive: a pickle, never opened by default
+        return ("a PyTorch checkpoint (torch.save's zip archive, a pickle)",
+                "name it .bin or .pt and pass --allow-pickle (allow_pickle=True) to load it with weights_only=True, "
+                "or convert it to safetensors")
+    return None
 
 
 def _metadata_hint(fd: int) -> str | None:

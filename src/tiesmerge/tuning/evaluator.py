@@ -106,6 +106,8 @@ def _said(exc: BaseException, limit: int = 300) -> str:
     except Exception:  # noqa: BLE001 -- the user's __str__, whatever it raises
         return "(its message could not be shown: its __str__ raised)"
     text = text.replace("\r", "\\r").replace("\n", "\\n")
+    if not text.strip():  # a bare MemoryError() read "raised MemoryError: " and nothing (hp86b c05n)
+        return "(no message)"
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -316,7 +316,9 @@ def _remove_new(path: Path, folders: list[Path]) -> None:
 # a log header's parts, in words (hp41 C38: "it differs in: models, weights" named no model, and "weights" read as
 # the --weights option)
 _HEADER_WORDS = {
-    "weights": "the models' files (weights, configs, tokenizer files): changed since the log was started (their "
+    # (one stamp over every input: a --set sign_from reference's change was read as the models', hp85b c61)
+    "weights": "the inputs' files (the base's, the models' or a --set sign_from reference's weights, configs, "
+               "tokenizer files): changed since the log was started (their "
                "inode, size, modification or change time: a chmod, a new hard link or a copy changes the last too)",
     "evaluator_data": "the evaluator's data file: its contents changed",
     # one digest over the module and the helpers it imports from its folder: which changed cannot be told (hp83b c11:
@@ -332,7 +334,7 @@ _HEADER_OPTIONS = {"strategy": "--strategy", "seed": "--seed", "popsize": "--pop
 
 def _header_difference(key: str, there: Any, now: Any) -> str:
     """One differing header part, said as the user would check it: a model by its position and path."""
-    if key in _HEADER_WORDS:
+    if key in _HEADER_WORDS and key != "space":
         return _HEADER_WORDS[key]
     if key == "models" and isinstance(there, list) and isinstance(now, list):
         if len(there) != len(now):
@@ -341,9 +343,44 @@ def _header_difference(key: str, there: Any, now: Any) -> str:
                          for k, (a, b) in enumerate(zip(there, now)) if a != b)  # 0-based, as every other message
     if key == "base":
         return f"the base {there} there, {now} now"
+    if key == "space" and isinstance(there, dict) and isinstance(now, dict):
+        return _space_difference(there, now) or _HEADER_WORDS[key]
 
     def shown(value: Any) -> str:
         text = "not set" if value is None else repr(value)
         return text if len(text) <= 80 else text[:77] + "..."
 
     return f"{_HEADER_OPTIONS.get(key, key)} {shown(there)} there, {shown(now)} now"
+
+
+def _space_difference(there: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    """How two logged search spaces differ, by the option that differs (hp85b c14: "the search space (--axis, --grid,
+    --range, --set, the method's options)" for one --set), or "" where no part can be told."""
+    def shown(value: Any) -> str:
+        text = "not set" if value is None else repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    said = []
+    if there.get("method") != now.get("method"):
+        said.append(f"the method {shown(there.get('method'))} there, {shown(now.get('method'))} now")
+    held_there, held_now = there.get("fixed"), now.get("fixed")
+    if isinstance(held_there, dict) and isinstance(held_now, dict):
+        said += [f"--set {k}: {shown(held_there.get(k))} there, {shown(held_now.get(k))} now"
+                 for k in sorted({*held_there, *held_now}, key=str) if held_there.get(k) != held_now.get(k)]
+    axes_there, axes_now = there.get("axes"), now.get("axes")
+    if isinstance(axes_there, list) and isinstance(axes_now, list) and axes_there != axes_now:
+        def named(axes: list) -> dict:
+            return {a.get("name"): a for a in axes if isinstance(a, dict)}
+
+        a, b = named(axes_there), named(axes_now)
+        if list(a) != list(b):
+            said.append(f"the axes {', '.join(map(str, a)) or 'none'} there, {', '.join(map(str, b)) or 'none'} now")
+        else:
+            for name in a:
+                if a[name] != b[name]:
+                    old, new = a[name], b[name]
+                    what = (f"values {shown(old.get('values'))} there, {shown(new.get('values'))} now"
+                            if old.get("values") != new.get("values") else
+                            f"range {old.get('low')}:{old.get('high')} there, {new.get('low')}:{new.get('high')} now")
+                    said.append(f"axis {name}: {what}")
+    return "; ".join(said)

@@ -417,6 +417,12 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
                     _normalised(fields[name].metadata) or _elected_mean(cls, fixed)):
                 unused.setdefault(name, "with one model, its weight divides out (the merge divides by the weights' "
                                         "sum)")
+    held = fixed.get("weights")
+    if "weights" in fields and "base_weight" not in fields and isinstance(held, (tuple, list)) and held \
+            and all(isinstance(w, (int, float)) and w == 0 for w in held):
+        # every task vector weighted 0: each candidate is the base, the budget spent on one score (hp86b c24)
+        for name in names:
+            unused.setdefault(name, "the held weights are all 0 (the merge is the base itself)")
     for name in names:
         if name in unused:  # every candidate would be the same merge, scored again and again
             problems.append(f"searching {name} changes nothing: {unused[name]}, so every candidate is the same "

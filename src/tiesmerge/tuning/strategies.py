@@ -150,8 +150,9 @@ def make_strategy(name: str, space: SearchSpace, *, budget: int | None, seed: in
     if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
         # hp36 C38: a grid's budget of -1 was a Python slice, the grid less its last point, without a word
         raise ConfigError(f"--budget {budget!r}: the number of candidates to score is a whole number of at least 1",
-                          hint="leave --budget out for the whole grid" if name == "grid" else
-                          f"give the {name} strategy a budget of 1 or more candidates (e.g. --budget 40)")
+                          hint="leave --budget out (budget=None from Python) for the whole grid" if name == "grid"
+                          else f"give the {name} strategy a budget of 1 or more candidates (e.g. --budget 40 on the "
+                               "command line, budget=40 from Python)")  # (hp86b c25n: only the flag was named)
     if name == "grid":
         return GridStrategy(space, budget)
     if budget is None or budget < 1:
@@ -166,10 +167,13 @@ def make_strategy(name: str, space: SearchSpace, *, budget: int | None, seed: in
                           hint="pass --seed N on the command line (seed=N from Python) in that range")  # too (hp62b)
     if popsize is not None and (not isinstance(popsize, int) or isinstance(popsize, bool)):  # 2.0, True: in range,
         raise ConfigError(f"--popsize {_shown(popsize)}: a CMA-ES generation's size is a whole number (an int), "  # but
-                          f"not a {type(popsize).__name__}")  # no count (hp82b c24: said as out of range)
+                          f"not a {type(popsize).__name__}",  # no count (hp82b c24: said as out of range)
+                          hint="pass --popsize N on the command line (popsize=N from Python), or leave it out")
     if popsize is not None and not 2 <= popsize <= budget:
         raise ConfigError(f"--popsize {popsize!r}: a CMA-ES generation holds 2 to --budget ({budget:,}) candidates "
-                          "(each is a merge and an evaluation; cma's default is 4 + 3 ln d)")
+                          "(each is a merge and an evaluation; cma's default is 4 + 3 ln d)",
+                          hint="pass --popsize N on the command line (popsize=N from Python) in that range, or "
+                               "leave it out")
     if name == "random":
         return RandomStrategy(space, budget, seed)
     if name == "cmaes":
