@@ -334,3 +334,42 @@ def test_a_quantization_config_nested_deeper_is_seen(tmp_path):
     with pytest.raises(CheckpointError, match="declares text_config.vision_config.quantization_config, quant_method "
                                               "gptq"):
         tiesmerge.merge(base, [deep], "task_arithmetic")
+
+
+def test_a_search_over_a_methods_switch_points_to_tune(tmp_path):
+    """hp85b c56: `search --method model_stock` (its grid: filter_wise) said "its merge has no option to tune", which
+    tune, sweeping filter_wise, and `tiesmerge methods` contradict."""
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning.space import build_space
+
+    with pytest.raises(ConfigError, match=r"'filter_wise' to search \(filter_wise is a switch: `tiesmerge tune` "
+                                          r"sweeps it, search varies numbers; model_stock has none\)") as caught:
+        build_space("model_stock", 2)
+    assert "no option to tune" not in str(caught.value)
+
+
+def test_an_evaluator_closing_stdout_does_not_end_the_search_as_a_bug(monkeypatch):
+    """hp84b c53: an evaluator that closed sys.stdout ended tune with "unexpected ValueError: I/O operation on closed
+    file ... this is a bug in tiesmerge"."""
+    import io
+    import sys
+
+    import torch
+
+    import tiesmerge
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    closed = []
+
+    def closes_stdout_c53(state):
+        sys.stdout.close()
+        closed.append(sys.stdout)
+        return 1.0
+
+    g = torch.Generator().manual_seed(5)
+    models = [{"w": torch.randn(8, generator=g)} for _ in range(2)]
+    with pytest.warns(UserWarning, match="closed or replaced sys.stdout; tiesmerge put it back after each call"):
+        result = tiesmerge.tune({"w": torch.zeros(8)}, models, "ties", closes_stdout_c53,
+                                grid={"lam": [1.0, 2.0], "density": [0.5]})
+    assert len(closed) == 2 and not sys.stdout.closed and result.best.score == 1.0
+    print("still writable")

@@ -379,6 +379,9 @@ class LMPerplexity(_Scorer):
             raise ConfigError(f"max_length {self.max_length}: a window needs at least 2 tokens")
         if is_encoder_decoder(self.model_dir):  # from config.json, before the first merge (hp40 L7)
             raise ConfigError(_ENCODER_DECODER.format(self.model_dir), hint=_ENCODER_DECODER_HINT)
+        # the model's kind before the text's tokens: a classifier's tokenizer warned of unknown tokens, then the
+        # real error followed (hp84b c48)
+        check_kind(self.model_dir, "lm", "lm-perplexity")
         self._warn_unknown(self._tokenizer())
 
     def _warn_json_lines(self) -> None:

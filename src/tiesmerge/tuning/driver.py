@@ -363,6 +363,9 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     :class:`RayExecutor`, which scores the same candidates to the same numbers. ``log``: a JSONL
     file every score is appended to; a search run again with it resumes without re-scoring.
     ``vocab_policy`` ("error" or "truncate") and ``allow_distant`` as :func:`tiesmerge.merge` takes them.
+    ``on_trial`` is called with each scored :class:`Trial` as it comes (a progress hook of the caller's own: an
+    exception it raises ends the search as raised, the scores logged so far kept, unlike an evaluator's, which
+    becomes an EvaluatorError naming it).
 
     >>> result = run_search("base", ["ft-a", "ft-b"], "ties", score, strategy="cmaes", budget=60,
     ...                     axes=("densities", "weights", "lam"), log="search.jsonl")  # doctest: +SKIP

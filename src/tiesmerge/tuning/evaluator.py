@@ -297,6 +297,7 @@ def _current_umask() -> int:
 def process_state_kept(label: str, when: str = "after each call") -> Iterator[None]:
     """The working folder, the umask and torch's default device and dtype as they were, whatever the code inside
     (a user's evaluator, or its module's import: hp45 c35, hp46 c07, c08) changed; each change said once."""
+    streams = {"stdout": sys.stdout, "stderr": sys.stderr}
     cwd = _working_folder()
     umask = _current_umask()
     torch_defaults = torch_defaults_now()
@@ -304,10 +305,34 @@ def process_state_kept(label: str, when: str = "after each call") -> Iterator[No
     try:
         yield
     finally:
+        _restore_streams(streams, label, when)  # first: what is said below goes to them
         _restore_working_folder(cwd, label, when)
         _restore_umask(umask, label, when)
         restore_torch_defaults(torch_defaults, label, when)
         _restore_stop_handlers(handlers, label, when)
+
+
+def _restore_streams(before: dict[str, Any], label: str, when: str = "after each call") -> None:
+    """An evaluator that closed sys.stdout (or replaced it) made the search's next line fail as "unexpected
+    ValueError: I/O operation on closed file ... a bug in tiesmerge" (hp84b c53): the stream is put back (a closed
+    one reopened on its descriptor, which Python's standard streams never close), said once per evaluator."""
+    changed = []
+    for name, stream in before.items():
+        if getattr(sys, name) is stream and not getattr(stream, "closed", False):
+            continue
+        if getattr(stream, "closed", False):
+            try:
+                stream = open(1 if name == "stdout" else 2, "w", closefd=False,  # noqa: SIM115 - the process's own
+                              buffering=1,  # line by line, as a terminal's
+                              encoding=getattr(stream, "encoding", None) or "utf-8", errors="backslashreplace")
+            except (OSError, ValueError):
+                continue
+        setattr(sys, name, stream)
+        changed.append(f"sys.{name}")
+    if changed:
+        _said_once(("streams", label), f"{label} closed or replaced {' and '.join(changed)}; tiesmerge put "
+                                       f"{'them' if len(changed) > 1 else 'it'} back {when}, so that the search "
+                                       "can still report")
 
 
 def _stop_handlers() -> dict[int, Any]:

@@ -188,7 +188,9 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     config object, whose fields the grid then overrides (e.g. an ablation that is no registered
     method). Returns every point's score and the best merged state dict (``best_state``), ready
     to evaluate on test data. ``vocab_policy`` ("error" or "truncate") and ``allow_distant`` as
-    :func:`tiesmerge.merge` takes them.
+    :func:`tiesmerge.merge` takes them. ``on_point`` is called with each scored :class:`GridPoint` (a progress hook of
+    the caller's own: an exception it raises ends the sweep as raised, unlike an evaluator's, which becomes an
+    EvaluatorError naming it).
     """
     check_tuning_vocab_policy(vocab_policy)
     if not isinstance(method, str):

@@ -386,9 +386,15 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
                   if types[n] in (float, int) or (types[n] is tuple and f.metadata.get("per_model"))]
     for name in dict.fromkeys([*names, *ranges]):  # an option named by --axis and --range: said once (hp29 N5)
         if name not in searchable:
+            # a switch of the paper grid (model_stock's filter_wise) is tune's to sweep, not "no option to tune"
+            # (hp85b c56: contradicted tune and `tiesmerge methods`)
+            switch = name in fields and types[name] is bool
             problems.append(f"{cls.name} has no numeric or per-model option {name!r} to search "
-                            + (f"(it has: {', '.join(searchable)})" if searchable else
-                               "(it has none: its merge has no option to tune)"))
+                            + (f"({name} is a switch: `tiesmerge tune` sweeps it, search varies numbers"
+                               + (f"; {cls.name}'s numeric options are {', '.join(searchable)})" if searchable
+                                  else f"; {cls.name} has none)") if switch else
+                               f"(it has: {', '.join(searchable)})" if searchable else
+                               "(it has none: its merge has no numeric option to search)"))
     for name in names:
         if name in fixed:
             problems.append(f"{name!r} is both searched and fixed; drop one")
