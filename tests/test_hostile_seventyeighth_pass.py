@@ -263,7 +263,7 @@ def test_a_resume_refused_for_another_set_names_the_option(tmp_path):
                fixed={"sign_from": str(ref)}, log=log)
     with open(ref / "config.json", "a") as f:
         f.write("\n")
-    with pytest.raises(ConfigError, match="a --set sign_from reference's weights, configs"):
+    with pytest.raises(ConfigError, match=r"or the sign_from reference's files \(.*ref\) changed since"):
         run_search(base, models, "ties", lambda state: 1.0, grid={"lam": [1.0], "density": [0.5]},
                    fixed={"sign_from": str(ref)}, log=log)
 
@@ -373,3 +373,22 @@ def test_an_evaluator_closing_stdout_does_not_end_the_search_as_a_bug(monkeypatc
                                 grid={"lam": [1.0, 2.0], "density": [0.5]})
     assert len(closed) == 2 and not sys.stdout.closed and result.best.score == 1.0
     print("still writable")
+
+
+def test_a_resume_refused_for_changed_state_dicts_does_not_speak_of_files(tmp_path):
+    """hp85b c42: run_search on state dicts, one changed in memory: refused (right) as "the models' files ... their
+    inode, size, modification or change time: a chmod ..."."""
+    import torch
+
+    from tiesmerge.errors import ConfigError
+    from tiesmerge.tuning import run_search
+
+    g = torch.Generator().manual_seed(6)
+    base = {"w": torch.randn(8, 8, generator=g)}
+    models = [{"w": base["w"] + 0.01 * torch.randn(8, 8, generator=g)} for _ in range(2)]
+    log = str(tmp_path / "l.jsonl")
+    run_search(base, models, "ties", lambda state: 1.0, strategy="random", budget=2, axes=("lam",), log=log)
+    models[0]["w"] += 1e-3
+    with pytest.raises(ConfigError, match=r"the inputs' tensors \(state dicts given in memory\): they differ") as c:
+        run_search(base, models, "ties", lambda state: 1.0, strategy="random", budget=3, axes=("lam",), log=log)
+    assert "chmod" not in str(c.value)

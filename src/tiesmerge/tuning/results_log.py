@@ -199,7 +199,8 @@ class ResultsLog:
             if "weights" in different and ({"base", "models"} & set(different)):  # other inputs (or their order):
                 different.remove("weights")  # their files' stamps differ with them (hp48 c43: "files changed" too)
             raise ConfigError(f"{self.path} is the log of another search (it differs in: "
-                              + "; ".join(_header_difference(k, found.get(k), mine.get(k)) for k in different) + ")",
+                              + "; ".join(_header_difference(k, found.get(k), mine.get(k), mine)
+                                          for k in different) + ")",
                               hint="choose another --dir (log= in Python) for this search, or delete this log to "
                                    "start afresh")
         if torn:  # this search's log: its cut last line goes
@@ -332,8 +333,17 @@ _HEADER_OPTIONS = {"strategy": "--strategy", "seed": "--seed", "popsize": "--pop
                    "evaluator": "--evaluator", "format": "the log's format"}
 
 
-def _header_difference(key: str, there: Any, now: Any) -> str:
+def _header_difference(key: str, there: Any, now: Any, header: Mapping[str, Any] | None = None) -> str:
     """One differing header part, said as the user would check it: a model by its position and path."""
+    inputs = [(header or {}).get("base"), *((header or {}).get("models") or [])]
+    if key == "weights" and inputs and all(i is None for i in inputs):  # state dicts given in memory: no files
+        # (hp85b c42: said as files, inodes and chmod), but a sign_from reference may be a folder
+        space = (header or {}).get("space")
+        held = space.get("fixed") if isinstance(space, Mapping) else None
+        reference = held.get("sign_from") if isinstance(held, Mapping) else None
+        return ("the inputs' tensors (state dicts given in memory): they differ from those the log was written with"
+                + (f", or the sign_from reference's files ({reference}) changed since" if isinstance(reference, str)
+                   else ""))
     if key in _HEADER_WORDS and key != "space":
         return _HEADER_WORDS[key]
     if key == "models" and isinstance(there, list) and isinstance(now, list):
