@@ -392,3 +392,25 @@ def test_a_resume_refused_for_changed_state_dicts_does_not_speak_of_files(tmp_pa
     with pytest.raises(ConfigError, match=r"the inputs' tensors \(state dicts given in memory\): they differ") as c:
         run_search(base, models, "ties", lambda state: 1.0, strategy="random", budget=3, axes=("lam",), log=log)
     assert "chmod" not in str(c.value)
+
+
+def test_a_model_rewritten_during_tune_is_said_to_have_changed(tmp_path):
+    """hp85b c37: a model's weights appended to during tune: the next merge's read failed first, "not a readable
+    safetensors file ... download or copy it again", not "model 0 changed while tune ran"."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import TiesMergeError
+
+    g = torch.Generator().manual_seed(7)
+    base = _save_model(tmp_path / "b", {"w.weight": torch.randn(8, generator=g)})
+    models = [_save_model(tmp_path / f"m{k}", {"w.weight": torch.randn(8, generator=g)}) for k in range(2)]
+
+    def appends(state):
+        with open(tmp_path / "m0" / "model.safetensors", "ab") as f:
+            f.write(b"x")
+        return 1.0
+
+    with pytest.raises(TiesMergeError, match="model 0 changed while tune ran") as caught:
+        tiesmerge.tune(base, models, "ties", appends, grid={"density": [0.2, 0.3], "lam": [1.0]})
+    assert "download" not in str(caught.value) + str(caught.value.hint)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..api import Source, merge
-from ..errors import ConfigError, EvaluatorError
+from ..errors import ConfigError, EvaluatorError, TiesMergeError
 from ..inputs import as_method, check_inputs
 from ..limits import OutOfFloatRange, parse_float, plain_numbers
 from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
@@ -255,8 +255,14 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
                             "as it was)")
     for combo, m in zip(combos, methods):
         # lam = 1 and float32 output: base + tau_m without a rounding that lam would amplify
-        merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32,
-                       vocab_policy=vocab_policy, allow_distant=allow_distant)
+        try:
+            merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32,
+                           vocab_policy=vocab_policy, allow_distant=allow_distant)
+        except TiesMergeError:
+            # a model rewritten since the grid started fails its read first ("not a readable safetensors file ...
+            # download it again", hp85b c37): the change is the cause, said as such
+            watch.check()
+            raise
         watch.check()  # a model replaced since the grid started: its points are not scored beside the others (D50)
         if not has_lam:  # the merge as it is (base + (merged - base) could round)
             delta = {}
