@@ -414,3 +414,332 @@ def test_a_model_rewritten_during_tune_is_said_to_have_changed(tmp_path):
     with pytest.raises(TiesMergeError, match="model 0 changed while tune ran") as caught:
         tiesmerge.tune(base, models, "ties", appends, grid={"density": [0.2, 0.3], "lam": [1.0]})
     assert "download" not in str(caught.value) + str(caught.value.hint)
+
+
+@pytest.mark.parametrize("method, grid", [("slerp", {"t": [0.3, 0.6]}), ("ties", {"density": [0.5], "lam": [1.0]})])
+def test_an_evaluator_changing_its_argument_leaves_best_state_whole(method, grid):
+    """hp87b c41: tune with a method without lam (slerp) handed back as best_state the very state the evaluator had
+    zeroed in place (the lam path was protected since hp40 T1)."""
+    import torch
+
+    import tiesmerge
+
+    g = torch.Generator().manual_seed(8)
+    base = {"w": torch.randn(8, generator=g)}
+    models = [{"w": base["w"] + torch.randn(8, generator=g)} for _ in range(2)]
+
+    def zeroes(state):
+        for value in state.values():
+            value.mul_(0)
+        return 1.0
+
+    result = tiesmerge.tune(base, models, method, zeroes, grid=grid)
+    options = {k: v for k, v in result.best.options.items()}
+    lam = {"lam": result.best.lam} if result.best.lam is not None else {}
+    expected = tiesmerge.merge(base, models, method, **options, **lam)
+    assert torch.allclose(result.best_state["w"], expected["w"]) and result.best_state["w"].abs().sum() > 0
+
+
+def test_a_file_written_at_the_json_path_during_tune_is_kept(tmp_path, capsys, monkeypatch):
+    """hp87b c66: a file written at tune's --json path while tune ran (by the evaluator, or any process) was replaced
+    by the scores without a word: checked at the start only. The hint of the refusal wrote "-o None" without -o."""
+    import torch
+
+    from helpers_ckpt import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    g = torch.Generator().manual_seed(9)
+    _save_model(tmp_path / "b", {"w.weight": torch.randn(8, generator=g)})
+    for k in range(2):
+        _save_model(tmp_path / f"m{k}", {"w.weight": torch.randn(8, generator=g)})
+    (tmp_path / "ev_c66.py").write_text("def score(state):\n    open('scores.json', 'w').write('mine\\n')\n"
+                                        "    return 1.0\n")
+    rc, out, err = run_cli(["tune", "--base", "b", "--model", "m0", "--model", "m1", "--evaluator", "ev_c66:score",
+                            "--grid", "density=0.5", "--grid", "lam=1", "--json", "scores.json"], capsys)
+    assert rc == 1 and "scores.json: --json would replace a file tiesmerge did not write" in err, err
+    assert (tmp_path / "scores.json").read_text() == "mine\n" and "-o None" not in err and "-o OUT" in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiesmerge-")]
+
+
+@pytest.mark.parametrize("forward", [None, 5, "object", "linear"])
+def test_adapt_given_something_that_is_no_forward_says_so(tmp_path, forward):
+    """hp87b c57: adapt(forward=None / 5 / object() / nn.Linear) failed inside as a raw AttributeError ('NoneType'
+    object has no attribute 'to'; 'Linear' object has no attribute 'prefix')."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError
+
+    forward = {"object": object(), "linear": torch.nn.Linear(2, 2)}.get(forward, forward)
+    base = {"w": torch.zeros(2, 2)}
+    models = [{"w": torch.ones(2, 2)}, {"w": -torch.ones(2, 2)}]
+    rows = [{"text": "good fun"}, {"text": "bad film"}]
+    with pytest.raises(ConfigError, match=r"forward=.*: a forward is a kind's name \(classifier, encoder, choice\) or "
+                                          r"a task forward module"):
+        tiesmerge.adapt(base, models, [rows, rows], steps=1, batch_size=2, forward=forward)
+
+
+@pytest.mark.parametrize("stop", ["refused", "interrupted"])
+def test_a_demo_workdir_whose_parents_it_made_leaves_none_of_them(tmp_path, capsys, monkeypatch, stop):
+    """hp87b c75: `demo --workdir wd/x/y` refused (disk space) or interrupted removed y but left wd/ and wd/x/, which
+    it had made; a folder above that already held something stays."""
+    from pathlib import Path
+
+    from helpers_ckpt import run_cli
+    from tiesmerge.cli import demo
+    from tiesmerge.errors import OutputError
+
+    def fails(workdir, million_params):
+        (Path(workdir) / "base").mkdir()
+        if stop == "interrupted":
+            raise KeyboardInterrupt
+        raise OutputError(f"{workdir}: the demo's models and merges need 130 GiB but only 75 GiB is free there")
+
+    monkeypatch.setattr(demo, "run_demo", fails)
+    rc, _, err = run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", tmp_path / "wd" / "x" / "y"], capsys)
+    assert rc == (130 if stop == "interrupted" else 1), err
+    assert not (tmp_path / "wd").exists(), sorted(str(p) for p in tmp_path.rglob("*"))
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "mine.txt").write_text("mine")
+    run_cli(["demo", "--synthetic", "--params", "0.05", "--workdir", tmp_path / "keep" / "x" / "y"], capsys)
+    assert sorted(p.name for p in (tmp_path / "keep").iterdir()) == ["mine.txt"]
+
+
+def _tiny_family():
+    import torch
+
+    g = torch.Generator().manual_seed(10)
+    base = {"w": torch.randn(8, generator=g)}
+    return base, [{"w": base["w"] + torch.randn(8, generator=g)} for _ in range(3)]
+
+
+def test_the_search_notes_of_pass_87(tmp_path):
+    """hp87b c24: "scope ='bogus'"; c60: slerp with 3 models refused per candidate with a hint about ranges and "the
+    scores so far stay in the search's log" though none was scored; c83: a grid search recorded any --seed and refused
+    a resume with another; c90: no finite score was a ConfigError from run_search (tune: an EvaluatorError)."""
+    import warnings
+
+    from tiesmerge.errors import ConfigError, EvaluatorError
+    from tiesmerge.tuning import run_search
+
+    base, models = _tiny_family()
+    with pytest.raises(ConfigError, match=r"fixed\['scope'\]: scope='bogus' is not one of"):
+        run_search(base, models[:2], "ties", lambda s: 1.0, strategy="random", budget=2, axes=("lam",),
+                   fixed={"scope": "bogus"})
+    with pytest.raises(ConfigError, match="slerp merges exactly 2 models, got 3") as caught:
+        run_search(base, models, "slerp", lambda s: 1.0, strategy="random", budget=2, axes=("t",))
+    assert "candidates 0" not in str(caught.value) and "scores so far" not in caught.value.hint
+    log = str(tmp_path / "g.jsonl")
+    with pytest.warns(UserWarning, match="the grid strategy draws nothing, so the seed changes no candidate"):
+        run_search(base, models[:2], "ties", lambda s: 1.0, grid={"lam": [1.0], "density": [0.5]}, seed=2**32 - 1,
+                   log=log)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = run_search(base, models[:2], "ties", lambda s: 1.0, grid={"lam": [1.0], "density": [0.5]}, seed=5,
+                           log=log)
+    assert again.best.score == 1.0
+    with pytest.raises(EvaluatorError, match=r"no candidate got a finite score \(1 scored: nan\)"):
+        run_search(base, models[:2], "ties", lambda s: float("nan"), grid={"lam": [1.0], "density": [0.5]})
+
+
+def test_cli_wording_of_pass_87(tmp_path, capsys, monkeypatch):
+    """hp87b c87: `--evaluator pkg..m:f` said as a module whose code raised, hinted to fix it; c70: an async
+    evaluator's error followed by Python's "coroutine ... was never awaited" naming tiesmerge's own line; c80: a log
+    at /dev/null hinted "remove it", --json /dev/stdout "remove the link yourself"."""
+    from helpers_ckpt import run_cli
+    from tiesmerge.errors import EvaluatorError, OutputError
+    from tiesmerge.paths import check_output_file
+    from tiesmerge.tuning import run_search
+    from tiesmerge.tuning.evaluator import read_score
+
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_cli(["tune", "--base", "b", "--model", "m", "--evaluator", "pkg..m:f"], capsys)
+    assert rc == 2 and "'pkg..m' is not a Python module name" in err and "fix the module" not in err, err
+
+    async def scores(state):
+        return 1.0
+
+    coroutine = scores({})
+    with pytest.raises(EvaluatorError, match="returned a coroutine: it is an async function"):
+        read_score(coroutine, "ev")
+    assert coroutine.cr_frame is None  # closed: no "was never awaited" warning when it is collected
+    base, models = _tiny_family()
+    with pytest.raises(OutputError) as caught:
+        run_search(base, models[:2], "ties", lambda s: 1.0, grid={"lam": [1.0], "density": [0.5]}, log="/dev/null")
+    assert "remove it" not in caught.value.hint and "log=None keeps no log" in caught.value.hint
+    (tmp_path / "out").symlink_to("/proc/self/fd/1")
+    with pytest.raises(OutputError) as caught:
+        check_output_file(tmp_path / "out", False, [], "--json")
+    assert "remove the link yourself" not in caught.value.hint and "written to a regular file" in caught.value.hint
+
+
+def test_a_search_log_removed_while_the_search_runs_is_written_again(tmp_path):
+    """hp87b c62: the log removed while the search ran: every later score went to an unlinked file, lost at exit, and
+    the summary named a log that no longer existed."""
+    import json
+    import os
+
+    from tiesmerge.tuning import run_search
+
+    base, models = _tiny_family()
+    log = tmp_path / "s" / "log.jsonl"
+
+    def removes(state):
+        if log.exists():
+            os.unlink(log)
+        return 1.0
+
+    with pytest.warns(UserWarning, match="the search log was removed while the search ran; tiesmerge wrote it again"):
+        run_search(base, models[:2], "ties", removes, grid={"lam": [1.0, 2.0], "density": [0.5]}, log=str(log))
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert len(lines) == 3 and "format" in lines[0]  # the header and both scores
+
+
+def test_adapts_dry_run_refuses_what_the_run_refuses_at_once():
+    """hp87b c52: `adapt --task-names x x --dry-run` and `--forward encoder` without --heads passed the dry run (exit
+    0) that the run refuses at once; the encoder's refusal spoke of "class descriptions in --heads" never given."""
+    import torch
+
+    from tiesmerge.adamerging.run import check_adapt_request
+    from tiesmerge.errors import ConfigError
+
+    base = {"w": torch.zeros(2)}
+    models = [{"w": torch.ones(2)}, {"w": -torch.ones(2)}]
+    rows = [{"text": "good fun"}, {"text": "bad film"}]
+    with pytest.raises(ConfigError, match=r"two tasks are named 'x' \(the names given\)"):
+        check_adapt_request(base, models, [rows, rows], tasks=["x", "x"])
+    with pytest.raises(ConfigError, match="--forward encoder needs --heads FILE"):
+        check_adapt_request(base, models, [rows, rows], forward="encoder")
+
+
+def test_the_cancelling_weights_warning_measures_the_divisor_the_merge_uses():
+    """hp87a c77: the elected mean divides by the float32 sum of the agreeing weights (0 divides by 1); the warning
+    summed exactly: 1, -0.999999999 were "up to 2e+09 times" (float32's sum is 0: the merge moved 1.4 times), 0.1,
+    0.2, -0.3 "2.162e+16" (the bound is 5)."""
+    import warnings
+
+    import torch
+
+    import tiesmerge
+    from tiesmerge.engine.weight_scale import _mean_amplification
+
+    assert _mean_amplification([1, -0.999999999]) == 2.0
+    assert _mean_amplification([0.1, 0.2, -0.3]) == pytest.approx(5.0, rel=1e-6)
+    assert _mean_amplification([1, -0.999]) == pytest.approx(1999.03, rel=1e-5)  # float32's -0.999
+    g = torch.Generator().manual_seed(11)
+    base = {"w": torch.zeros(64)}
+    models = [{"w": torch.randn(64, generator=g)} for _ in range(3)]
+    for weights in ([1, -0.999999999, 1], [0.1, 0.2, -0.3]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            merged = tiesmerge.merge(base, models, "ties", weights=weights, density=1.0)
+        assert not [w for w in caught if "opposite signs" in str(w.message)], weights
+        reach = max(float(m["w"].abs().max()) for m in models)
+        assert float(merged["w"].abs().max()) <= 5.0 * reach
+
+
+def test_recipe_pointers_of_pass_87(tmp_path, capsys):
+    """hp87a c74: a per-model density: hinted "parameters: {densities: [...]}" under every method, though only ties
+    takes densities; c75: mergekit's `{model: ./a}` entry in a tiesmerge recipe got no pointer to path:; c90: a
+    tokenizer.json given as the recipe listed its keys as recipe typos ("did you mean 'device'?")."""
+    from helpers_ckpt import run_cli
+
+    recipe = tmp_path / "r.yaml"
+    for method, said in (("ties", "parameters: {densities: [...]}"),
+                         ("della", "della takes one density for every model: parameters: {density: ...}"),
+                         ("task_arithmetic", "task_arithmetic has no density option")):
+        recipe.write_text(f"method: {method}\nbase: b\nmodels:\n  - {{path: x, density: 0.5}}\n  - y\n")
+        rc, _, err = run_cli(["validate", recipe], capsys)
+        assert rc == 2 and said in err, (method, err)
+        if method != "ties":
+            assert "densities" not in err, err
+    recipe.write_text("method: ties\nbase: b\nmodels:\n  - {model: ./a, weight: 1}\n  - {model: ./c}\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc == 2 and "models[0]: model: is mergekit's key; a tiesmerge recipe's entry is {path: './a'" in err, err
+    tokenizer = tmp_path / "tokenizer.json"
+    tokenizer.write_text(json.dumps({"version": "1.0", "added_tokens": [], "pre_tokenizer": None, "decoder": None,
+                                     "model": {"type": "WordLevel"}}))
+    rc, _, err = run_cli(["merge", tokenizer, "-o", tmp_path / "o"], capsys)
+    assert rc == 2 and "a tokenizer's file (added_tokens, pre_tokenizer), not a recipe" in err, err
+    assert "did you mean" not in err
+
+
+def test_switch_words_and_small_wordings_of_pass_87(tmp_path, capsys, monkeypatch):
+    """hp87a c04: `--debug false` read "false" as the recipe; c86: `--filter-wise=maybe`, `--dry-run=` ended in
+    argparse's "ignored explicit argument" after the whole usage; c43: "shard_size apply to"; c110: analyze with 13
+    models hinted a generic example."""
+    import torch
+
+    import tiesmerge
+    from helpers_ckpt import run_cli
+    from tiesmerge.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    base = _save_model(tmp_path / "b", {"w.weight": torch.zeros(4)})
+    models = [_save_model(tmp_path / f"m{k}", {"w.weight": torch.full((4,), k + 1.0)}) for k in range(2)]
+    common = ["merge", "--base", base, "--model", models[0], "--model", models[1], "-o", tmp_path / "o", "--dry-run"]
+    rc, out, err = run_cli([*common, "--debug", "false"], capsys)
+    assert rc == 0 and "recipe" not in err, err
+    for given, flag in ((["--method", "model_stock", "--filter-wise=maybe"], "--filter-wise"), (["--dry-run="], None)):
+        rc, _, err = run_cli([*common, *given], capsys)
+        flag = flag or "--dry-run"
+        assert rc == 2 and f"{flag} is a switch: it takes no value, or true/false" in err, err
+        assert "ignored explicit argument" not in err and "usage:" not in err
+    with pytest.raises(ConfigError, match="shard_size applies to a written output"):
+        tiesmerge.merge(base, models, "ties", shard_size="1KB")
+    with pytest.raises(ConfigError) as caught:
+        tiesmerge.analyze({"w": torch.zeros(4)}, [{"w": torch.full((4,), k + 1.0)} for k in range(13)])
+    assert "analyze 12 models or fewer" in caught.value.hint
+
+
+def test_model_notes_of_pass_87(tmp_path):
+    """hp87a c83: iso_cts with common_fraction 1 is iso_c, without a word; c95: a float8 copy of a fine-tune merged
+    into a float16 base silently, its task vector mostly float8's rounding; c107: an MLX checkpoint hinted to
+    dequantize with transformers, which does not load it."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError
+
+    g = torch.Generator().manual_seed(12)
+    base = {"w": torch.randn(4, 4, generator=g)}
+    models = [{"w": base["w"] + torch.randn(4, 4, generator=g)} for _ in range(2)]
+    with pytest.warns(UserWarning, match="common_fraction = 1 gives the whole rank to the common subspace"):
+        tiesmerge.merge(base, models, "iso_cts", common_fraction=1)
+    half = {"w": base["w"].half()}
+    eight = [{"w": m["w"].to(torch.float8_e4m3fn)} for m in models]
+    with pytest.warns(UserWarning, match=r"model 0 stores 1 merged tensor\(s\) as float8_e4m3fn .* where the base is "
+                                         r"wider"):
+        tiesmerge.merge(half, eight, "ties")
+    b = _save_model(tmp_path / "b", {"l.weight": torch.zeros(4, 4)})
+    mlx = _save_model(tmp_path / "mlx", {"l.weight": torch.ones(4, 4)},
+                      {"model_type": "llama", "quantization": {"group_size": 64, "bits": 4}})
+    with pytest.raises(CheckpointError) as caught:
+        tiesmerge.merge(b, [mlx], "task_arithmetic")
+    assert "mlx_lm" in caught.value.hint and "transformers" not in caught.value.hint
+
+
+def test_adapter_errors_say_what_to_do(tmp_path):
+    """hp87a c113, c119: a rank_pattern given as a list, and a saved full tensor of another shape than the base's,
+    fell back to the command line's generic "`tiesmerge merge --help` lists the options" hint."""
+    import torch
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from tiesmerge.errors import TiesMergeError
+
+    base = {"model.layers.0.mlp.up_proj.weight": torch.zeros(8, 8), "model.norm.weight": torch.ones(8)}
+    prefix = "base_model.model.model.layers.0.mlp.up_proj"
+    for name, extra, tensors in (
+            ("list", {"rank_pattern": [["up_proj", 2]]}, {}),
+            ("mts", {"modules_to_save": ["norm"]}, {"base_model.model.model.norm.weight": torch.ones(12)})):
+        folder = tmp_path / name
+        folder.mkdir()
+        save_file({f"{prefix}.lora_A.weight": torch.ones(2, 8), f"{prefix}.lora_B.weight": torch.ones(8, 2),
+                   **tensors}, str(folder / "adapter_model.safetensors"))
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["up_proj"], **extra}))
+        with pytest.raises(TiesMergeError) as caught:
+            tiesmerge.merge(base, [str(folder)], "task_arithmetic")
+        assert caught.value.hint and "--help" not in caught.value.hint, (name, caught.value)

@@ -403,7 +403,7 @@ def test_pass_84_merge_side_notes(tmp_path, capsys):
     assert rc == 2 and "the CPU takes no index" in err and "--device" not in err, err
 
     for options in ({"shard_size": "1KB"}, {"force": True}):
-        with pytest.raises(ConfigError, match=f"{next(iter(options))} apply to a written output"):
+        with pytest.raises(ConfigError, match=f"{next(iter(options))} applies to a written output"):
             tiesmerge.merge(base, [model], "ties", **options)
 
     _save_model(tmp_path / "ref", {"w": torch.randint(-9, 9, (8, 8), dtype=torch.int8), "v": b}, {"model_type": "x"})

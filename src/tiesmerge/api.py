@@ -448,7 +448,8 @@ def merge(base: Source, models: Sequence[Source], method: str | MergeMethod = "t
     unwritten = [name for name, given in (("shard_size", shard_bytes != parse_size(DEFAULT_SHARD_SIZE)),
                                           ("force", force is True)) if given]
     if output is None and unwritten:  # accepted and ignored, where rank is refused (hp84a c36)
-        raise ConfigError(f"{' and '.join(unwritten)} apply to a written output, and without output= the merge is "
+        verb = "applies" if len(unwritten) == 1 else "apply"  # ("shard_size apply": hp87a c43)
+        raise ConfigError(f"{' and '.join(unwritten)} {verb} to a written output, and without output= the merge is "
                           "returned as a state dict",
                           hint="give output= a folder to write the merge there, or leave "
                                f"{' and '.join(unwritten)} out")

@@ -759,8 +759,12 @@ def _refuse_quantized(named: Sequence[tuple[str, Checkpoint]], adapters_only: bo
                f"it stores {packed!r} as {ckpt.info(packed).dtype_info.name}: a layer's weights stored as integers "
                "are quantized codes" if packed.endswith(".weight") else
                f"it holds {packed!r}, a tensor only quantized checkpoints hold")
-        hint = ("merge the unquantized (float) checkpoints: dequantize it first (transformers: load it, "
-                "model.dequantize(), save_pretrained), then merge")
+        mlx = (declared is not None and declared[0].endswith("quantization")) or \
+            (packed is not None and packed.endswith(_GROUP_SUFFIXES))
+        # MLX's checkpoints are not transformers' to load: its own tool dequantizes them (hp87a c107)
+        how = ("mlx_lm: python -m mlx_lm.convert --hf-path DIR --mlx-path OUT --dequantize" if mlx else
+               "transformers: load it, model.dequantize(), save_pretrained")
+        hint = f"merge the unquantized (float) checkpoints: dequantize it first ({how}), then merge"
         if role == "the base" and adapters_only:
             hint = ("give the unquantized base the adapters were trained from (QLoRA quantizes a float base: its "
                     "float weights have the shapes the adapters apply to); the merged adapter applies to the "

@@ -1474,9 +1474,13 @@ def check_output_file(path: str | os.PathLike, force: bool, named: Sequence[tupl
                                     if (kind, what) in _SAME_KIND else "choose another path (--force replaces only a "
                                     f"file tiesmerge wrote there as {what})"))
         if stat.S_ISLNK(st.st_mode):  # never replaced, --force included (hp47 c56)
-            raise OutputError(f"{path}: {what} already exists as a link (to {os.readlink(path)!r}); tiesmerge never "
+            target = os.readlink(path)
+            # a link into the kernel's files (/dev/stdout -> /proc/self/fd/1): no one means to remove it (hp87b c80)
+            system = os.path.isabs(target) and target.split(os.sep)[1:2] in (["proc"], ["dev"], ["sys"])
+            raise OutputError(f"{path}: {what} already exists as a link (to {target!r}); tiesmerge never "
                               "replaces a link, --force included",
-                              hint="choose another path, or remove the link yourself if you mean to write there")
+                              hint=f"{what} is written to a regular file: give a file's path" if system else
+                                   "choose another path, or remove the link yourself if you mean to write there")
         if not force:
             raise OutputError(f"{path}: {what} already exists (an earlier tiesmerge output)",
                               hint="choose another path, or pass --force to replace it")
@@ -1540,10 +1544,12 @@ def write_file(path: str | os.PathLike, text: str) -> None:
 
 
 @contextmanager
-def staged_file(path: str | os.PathLike, text: str) -> Iterator[None]:
+def staged_file(path: str | os.PathLike, text: str, recheck: Callable[[], None] | None = None) -> Iterator[None]:
     """``text`` written to a temporary sibling of ``path`` now (a full disk fails here, before the block),
     renamed over ``path`` when the block succeeds and deleted when it fails or is interrupted: a file that
-    belongs with another output (tune's scores beside the best merge) appears only with it."""
+    belongs with another output (tune's scores beside the best merge) appears only with it. ``recheck`` is called
+    just before the rename: the path's check at the start again (a user's file that appeared there while the work
+    ran was replaced without a word: hp87b c66)."""
     import tempfile
 
     from .io.writer import remove_stale
@@ -1562,6 +1568,8 @@ def staged_file(path: str | os.PathLike, text: str) -> Iterator[None]:
         except OSError as exc:
             raise write_error(path, exc) from None
         yield
+        if recheck is not None:
+            recheck()
         try:
             os.replace(tmp, path)
         except OSError as exc:

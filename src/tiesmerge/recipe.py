@@ -202,11 +202,18 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
                 problems.append(f"models[{i}].path must be the path of a model (text), got {_short(entry['path'])}")
                 continue
             extra = [k for k in entry if k not in ("path", "weight", "stats")]
+            options = {f.name for f in dataclasses.fields(METHODS[name])} if isinstance(name, str) and \
+                name in METHODS else None
             for key in extra:  # each named (hp85a c56b: the second of two was not)
-                # a method option per model (hp76a c40: a model's density: said as unknown, with no way to say it)
-                where = ("; one density per model is parameters: {densities: [...]}, in the models' order"
-                         if key in ("density", "densities") else
-                         "; method options go under parameters:" if key not in ("model", "parameters") else "")
+                # a method option per model (hp76a c40: a model's density: said as unknown, with no way to say it),
+                # pointed where this method takes it (hp87a c74: densities: hinted to methods that have none)
+                if key in ("density", "densities"):
+                    where = ("; one density per model is parameters: {densities: [...]}, in the models' order"
+                             if options is None or "densities" in options else
+                             f"; {name} takes one density for every model: parameters: {{density: ...}}"
+                             if "density" in options else f"; {name} has no density option")
+                else:
+                    where = "; method options go under parameters:" if key not in ("model", "parameters") else ""
                 problems.append(f"models[{i}]: unknown key {_short(key)} (a model takes path, weight and stats)"
                                 f"{where}")
             paths.append(_path(entry["path"], root))
@@ -214,6 +221,10 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
             if entry.get("stats") is not None and not isinstance(entry["stats"], (str, os.PathLike)):
                 problems.append(f"models[{i}].stats must be a statistics directory, got {_short(entry['stats'])}")
             stats.append(_path(entry["stats"], root) if isinstance(entry.get("stats"), (str, os.PathLike)) else None)
+        elif isinstance(entry, dict) and "model" in entry:  # mergekit's entry form (hp87a c75: no pointer)
+            problems.append(f"models[{i}]: model: is mergekit's key; a tiesmerge recipe's entry is {{path: "
+                            f"{_short(entry['model'], 60)}, weight: ...}} (or write the whole file as a mergekit "
+                            "recipe: merge_method:, base_model:, models: [{model: ...}])")
         else:
             problems.append(f"models[{i}]: expected a path or {{path:, weight:}}, got {_short(entry)}")
     params = data.get("parameters") or {}
@@ -388,6 +399,13 @@ def _refuse_model_config(data: dict[str, Any], path: Path) -> None:
                        "a model")
         raise ConfigError(f"{path}: a PEFT adapter's configuration (peft_type {str(data['peft_type'])[:40]!r}), not "
                           f"a recipe", hint=f"give {folder}, {recipe}")
+    tokenizer = [k for k in ("added_tokens", "pre_tokenizer", "tokenizer_class", "chat_template", "model_max_length",
+                             "added_tokens_decoder") if k in data]
+    if tokenizer:  # a tokenizer.json or tokenizer_config.json: "unknown key 'decoder' (did you mean 'device'?)"
+        # (hp87a c90)
+        raise ConfigError(f"{path}: a tokenizer's file ({', '.join(tokenizer[:3])}), not a recipe",
+                          hint=f"give the model's folder (the one holding its config.json and weights) as an input, "
+                               f"{recipe}")
     found = [k for k in _MODEL_CONFIG_KEYS if k in data]
     if not found:
         return

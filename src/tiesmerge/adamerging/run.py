@@ -286,8 +286,25 @@ def check_adapt_request(base: Source, models: Sequence[Source], data: Sequence[A
                           hint="give one unlabeled data file per model, in the models' order")
     if tasks is not None and len(tasks) != len(data):  # (hp46 c10: a dry run passed it)
         raise ConfigError(f"{len(tasks)} task name(s) for {len(data)} data file(s)")
+    if tasks is not None and (twice := next((t for i, t in enumerate(tasks) if t in list(tasks)[:i]), None)):
+        # (hp87b c52: the dry run passed what the run refuses at once)
+        raise ConfigError(f"two tasks are named {twice!r} (the names given)",
+                          hint="give each task its own name (--task-names / tasks=)")
+    if forward == "encoder" and heads is None:  # "task 'ua' has no class descriptions in --heads" of no --heads (c52)
+        raise ConfigError("--forward encoder needs --heads FILE (heads= in Python): each task's class descriptions, "
+                          "which the encoder's embeddings are compared with",
+                          hint='--heads is a JSON object: {"task": ["first", "second", ...], ...}, one entry per task')
     if isinstance(forward, str):  # a built-in forward named (the command line's); a module of the caller's is
         _refuse_unread_labels(forward, heads, choices)  # checked after the labels themselves, in _adapt
+    elif not (isinstance(getattr(forward, "prefix", None), str) and callable(getattr(forward, "encode", None))
+              and callable(forward) and callable(getattr(forward, "named_parameters", None))):
+        # None, a number, a plain nn.Linear: "'NoneType' object has no attribute 'to'" from inside (hp87b c57)
+        from ..evaluation.forward import FORWARD_KINDS
+
+        raise ConfigError(f"forward={_shown(forward)}: a forward is a kind's name ({', '.join(FORWARD_KINDS)}) or a "
+                          "task forward module (a torch.nn.Module with a prefix and encode(rows, task), as "
+                          "tiesmerge.evaluation.forward's FunctionLogits)",
+                          hint='leave forward out for "classifier", or name another kind')
     return config, m
 
 

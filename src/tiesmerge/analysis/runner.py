@@ -75,8 +75,12 @@ class AnalysisSettings:
         if n_models > stats.MAX_MODELS:
             problems.append(f"{n_models} models given; the analysis counts 3^n sign patterns and takes at most "
                             f"{stats.MAX_MODELS}")
+        hint = "e.g. tiesmerge analyze --base B --model A --model C --density 0.2 -o R"
+        if n_models > stats.MAX_MODELS:  # (hp87a c110: the example said nothing of the count)
+            hint = (f"analyze {stats.MAX_MODELS} models or fewer (a subset of them; --subsets-per-size thins the "
+                    "subsets each statistic averages over, not the sign patterns counted)")
         if problems:
-            raise ConfigError(problems, hint="e.g. tiesmerge analyze --base B --model A --model C --density 0.2 -o R")
+            raise ConfigError(problems, hint=hint)
 
 
 def _layer_and_module(name: str) -> tuple[int | None, str]:

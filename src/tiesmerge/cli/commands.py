@@ -14,6 +14,7 @@ import re
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,11 @@ def _load_callable(spec: str):
         raise ConfigError(f"--evaluator {spec!r}: expected MODULE:FUNCTION or a built-in NAME:FILE",
                           hint="e.g. --evaluator my_eval:score, or --evaluator classifier-accuracy:val.jsonl "
                                "(tiesmerge tune --help lists the built-ins)")
+    path_like = "/" in module or os.sep in module or module.startswith(".") or module.endswith(".py")
+    if not path_like and "-" not in module and not all(part.isidentifier() for part in module.split(".")):
+        # 'pkg..m' was said as a module whose code raised, hinted to fix a module that does not exist (hp87b c87)
+        raise ConfigError(f"--evaluator {spec!r}: {module!r} is not a Python module name (dotted names of letters, "
+                          "digits and _)", hint=f"e.g. --evaluator my_eval:{name}, or pkg.my_eval:{name}")
     if str(Path.cwd()) not in sys.path:
         # last, so a module in the current directory can be named but never shadows an installed one (a
         # matplotlib.py or scipy.py lying there would otherwise run when the search imports the real one)
@@ -163,7 +169,8 @@ def _evaluator_file(spec: str) -> list[tuple[str, Any]]:
 
     name, _, argument = spec.partition(":")
     if name in BUILTIN_EVALUATORS:
-        return [(f"the evaluator's file ({spec})", argument)]
+        # ("the evaluator's file (classifier-accuracy:val.jsonl) (val.jsonl)": the path followed it again, hp87b c25)
+        return [(f"the data file of --evaluator {name}", argument)]
     module = sys.modules.get(name)
     path = getattr(module, "__file__", None)
     if not path:
@@ -248,8 +255,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
                      finite=True)
     module = _evaluator_file(args.evaluator)  # fail now, before the tune, not before the last write
     _check_writes(args.output, args.force, module)
-    if args.json:
+    def check_json() -> None:
         check_output_file(args.json, args.force, [*inputs, *module], "--json", ours=_is_scores_file)
+
+    if args.json:
+        check_json()
     check_memory_budget(args.memory_budget, args.base, args.models, args.method, args.vocab_policy)
 
     def show(point) -> None:
@@ -270,7 +280,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # the scores appear with the best merge or not at all: staged beside their path (a full disk fails before the
     # merge), renamed into place once the merge is written, removed if it fails
     try:
-        with staged_file(args.json, scores) if args.json else contextlib.nullcontext():
+        with staged_file(args.json, scores, recheck=check_json) if args.json else contextlib.nullcontext():
             if args.output:
                 merge(args.base, args.models, args.method, output=args.output, device=args.device,
                       memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
@@ -279,8 +289,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         exc.hint = ((exc.hint + "; ") if exc.hint else "") + (
             "the grid's scores were printed above" + (f" (--json {shown(args.json)} was not written)"
                                                      if args.json else "")
-            + "; once fixed, write the best merge without the grid: " + _best_merge_command(args, {**best.options,
-                                                                                                   **lam}))
+            + ("; once fixed, write the best merge without the grid: " if args.output else
+               "; to write the best merge without the grid: ") + _best_merge_command(args, {**best.options, **lam}))
         raise
     if args.output:
         completed(args.output)
@@ -311,7 +321,8 @@ def _best_merge_command(args: argparse.Namespace, options: dict[str, Any]) -> st
         words += ["--vocab-policy", args.vocab_policy]
     if args.allow_distant:
         words.append("--allow-distant")
-    words += ["-o", args.output] + (["--force"] if args.force else [])
+    # no -o given (the --json path failed): a placeholder, never "-o None" (hp87b c66's neighbour)
+    words += ["-o", args.output if args.output is not None else "OUT"] + (["--force"] if args.force else [])
     return " ".join(shlex.quote(str(w)) for w in words)
 
 
@@ -1019,9 +1030,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     fresh = None  # a --workdir this run makes (or finds empty): emptied again if the demo fails or is stopped
     if args.workdir:
         existed = os.path.lexists(args.workdir)
+        # the folders above it that this run makes too (wd/x of --workdir wd/x/y), innermost first: removed with it
+        # (hp87b c75: left behind by a refused or stopped demo)
+        above = Path(os.path.abspath(args.workdir)).parents
+        parents = [p for p in above if not os.path.lexists(p)] if not existed else []
         args.workdir = str(demo_workdir(args.workdir))  # before anything is made: never over a user's files
         if not existed or sorted(os.listdir(args.workdir)) == [DEMO_MARKER]:
-            fresh = (Path(args.workdir), existed)
+            fresh = (Path(args.workdir), existed, parents)
         import importlib
 
         command_line = importlib.import_module("tiesmerge.cli.main")  # the module (the package's `main` is a function)
@@ -1046,15 +1061,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise
 
 
-def _empty_demo_workdir(root: Path, keep_folder: bool) -> None:
+def _empty_demo_workdir(root: Path, keep_folder: bool, parents: Sequence[Path] = ()) -> None:
     """Remove what this demo wrote in ``root`` (a folder it made, or found empty), and the folder too when it made
-    it and nothing else is left: a file someone put there meanwhile stays (paths.remove_demo_files)."""
+    it and nothing else is left, with the ``parents`` it made for it: a file someone put there meanwhile stays
+    (paths.remove_demo_files)."""
     from ..paths import remove_demo_files
 
     remove_demo_files(root)
     if not keep_folder:
-        with contextlib.suppress(OSError):
-            os.rmdir(root)  # only when empty
+        for folder in (root, *parents):
+            try:
+                os.rmdir(folder)  # only when empty: a file of someone else's stops it, and the folders above
+            except OSError:
+                break
 
 
 HANDLERS = {"merge": cmd_merge, "analyze": cmd_analyze, "methods": cmd_methods, "validate": cmd_validate,

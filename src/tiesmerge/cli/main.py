@@ -435,6 +435,11 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
                     and not os.path.exists(argv[k + 1]):
                 value, k = argv[k + 1], k + 1
             (positive, negative), is_negative = switches[name]
+            if eq and value.lower() not in _TRUE_WORDS + _FALSE_WORDS:  # argparse's bare "ignored explicit
+                # argument 'maybe'" after the whole usage (hp87a c86)
+                raise ConfigError(f"{argv[k]}: {positive} is a switch: it takes no value, or true/false",
+                                  hint=f"write {positive}" + (f" or {negative}" if negative else "")
+                                       + f" (or {positive}=true / {positive}=false)")
             if value.lower() in _TRUE_WORDS + _FALSE_WORDS:
                 if is_negative:
                     raise ConfigError(f"{flag} {value}: the negative form of a switch takes no value",
@@ -550,6 +555,20 @@ def main(argv: list[str] | None = None) -> int:
     except TiesMergeError as exc:
         return _report(exc, debug)
     given = list(sys.argv[1:] if argv is None else argv)
+    for k, word in enumerate(given):  # --debug given true/false, as the command's own flags take it (hp87a c04:
+        # `--debug false` read "false" as the recipe); its "=" form too
+        flag, eq, value = word.partition("=")
+        if flag == "--debug" and (eq or (k + 1 < len(given) and given[k + 1].lower() in _TRUE_WORDS + _FALSE_WORDS
+                                         and not os.path.exists(given[k + 1]))):
+            said = value if eq else given.pop(k + 1)
+            if said.lower() not in _TRUE_WORDS + _FALSE_WORDS:
+                return _report(ConfigError(f"{word}: --debug is a switch: it takes no value, or true/false",
+                                           hint="write --debug (or --debug=true / --debug=false)"), debug)
+            given[k] = "--debug"
+            if said.lower() in _FALSE_WORDS:
+                given.pop(k)
+            debug = "--debug" in given
+            break
     if "--debug" in given[1:]:  # after the command, where the hints' "run again with --debug" gets appended
         given.remove("--debug")
         given.insert(0, "--debug")

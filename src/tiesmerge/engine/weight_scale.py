@@ -21,13 +21,26 @@ LARGE_LAM = 100.0  # a scale of the merged task vector no merge means (tune's gr
 
 def _mean_amplification(weights: Sequence[float]) -> float | None:
     """How many times a weighted mean over the models that agree in sign can exceed the largest task vector entry:
-    max over subsets S of Σ_S |w_i| / |Σ_S w_i| (a sum of 0 divides by 1, as mergekit does). 1 for weights of one
-    sign; (1000, -1000) gives 2000. Exact over every subset, counted by how many of each distinct weight it holds,
-    while those are at most 16,384 (any 14 models; twelve 1s and a -1 are 26, hp84a c51: said "without bound" where
-    the bound is 3; thirteen distinct weights, hp86a c11); past that a bound where one exists, else None, unbounded
-    as far as is known (a subset summing near 0 is a subset-sum search: 1, 1, -1.9999 among 13 models reached 39992,
-    hp80a c03)."""
-    counts = Counter(weights)
+    max over subsets S of Σ_S |w_i| / |Σ_S w_i|, the divisor as the merge computes it: float32 weights summed in
+    float32, a sum of 0 divided by 1, as mergekit does (hp87b c77: 1, -0.999999999 were said "2e+09 times" from the
+    exact sum, where float32's is 0 and the merge moved 1.4 times). 1 for weights of one sign. Under 16 models every
+    subset in the models' order, as torch adds them (float32_sum); from 16 on, subsets counted by how many of each
+    distinct weight they hold while those are at most 16,384 (twelve 1s and a -1 are 26, hp84a c51), their divisor
+    the float32 of the float32 weights' sum; past that a bound where one exists, else None, unbounded as far as is
+    known (a subset summing near 0 is a subset-sum search: hp80a c03)."""
+    import numpy as np
+
+    w32 = np.asarray(weights, dtype=np.float32)  # (n,): the merge's weights tensor
+    if len(weights) < 16:
+        n = len(weights)
+        held = (np.arange(1, 1 << n)[:, None] >> np.arange(n)) & 1  # (2^n - 1, n): every non-empty subset
+        total = np.zeros(len(held), dtype=np.float32)
+        for i in range(n):  # in the models' order, rounded to float32 at each step, as torch's reduction adds them
+            total = (total + np.where(held[:, i] == 1, w32[i], np.float32(0))).astype(np.float32)
+        mass = (held * np.abs(w32.astype(np.float64))).sum(axis=1)
+        divisor = np.where(total == 0, 1.0, np.abs(total.astype(np.float64)))
+        return max(1.0, float((mass / divisor).max()))
+    counts = Counter(float(v) for v in w32)
     if math.prod(c + 1 for c in counts.values()) > 1 << 14:  # a bound, where one sign's smallest weight outweighs the
         # other sign's whole mass (hp81a c02: twelve 1s and a -0.001 were said "without bound"): a subset holding
         # some of it sums at least that difference
@@ -40,7 +53,7 @@ def _mean_amplification(weights: Sequence[float]) -> float | None:
     values = list(counts)
     for taken in itertools.product(*(range(counts[v] + 1) for v in values)):
         if any(taken):  # k copies of a weight v as k·v: 16,383 models of one weight are 16,384 short sums
-            total = math.fsum(v * k for v, k in zip(values, taken))
+            total = float(np.float32(math.fsum(v * k for v, k in zip(values, taken))))
             mass = math.fsum(abs(v) * k for v, k in zip(values, taken))
             worst = max(worst, mass / (abs(total) if total else 1.0))
     return worst
@@ -90,7 +103,7 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
         # reached 940 times, said only as "can also nearly cancel")
         amplification = _mean_amplification(weights)
         where = ("where the weighted task vectors agree in sign, their weights can nearly cancel in the mean's "
-                 "divisor (a sum of 0 divides by 1, as mergekit does)")
+                 "divisor (summed in float32; a sum of 0 divides by 1, as mergekit does)")
     else:  # the divisor the merge uses: torch's float32 sum, 1 below mergekit's cut (hp82a c87: an exact sum of 56
         # was said where the merge divided by float32's 48)
         from ..methods.ops import float32_sum

@@ -118,7 +118,9 @@ def _patterns(config: dict, key: str, source: str) -> PatternTable:
     table = config.get(key)
     table = {} if table is None else table  # [], '', 0, False: no mapping PEFT reads either (hostile pass 32, C145)
     if not isinstance(table, dict):
-        raise CheckpointError(f"{source}: {key} is a {type(table).__name__}, not a mapping of module patterns")
+        raise CheckpointError(f"{source}: {key} is a {type(table).__name__}, not a mapping of module patterns",
+                              hint=f'PEFT writes {key} as {{"module name or regex": value, ...}}: fix the adapter '
+                                   "config, or save the adapter again with PEFT")  # (hp87a c113: --help's hint)
     if key == "rank_pattern":  # a rank builds a layer: a whole number, as r itself (4.0 is refused there too)
         return PatternTable(table, key, source, lambda value, what: _rank(value, what, source))
     return PatternTable(table, key, source, lambda value, what: _number(value, what, source))
@@ -530,7 +532,9 @@ class LoraCheckpoint:
                     f"{self.label}: saved tensor {key!r} {theirs} does not fit the base tensor {name!r} {ours}"
                     + (f": the adapter was trained with a resized vocabulary ({theirs[0]:,} rows, the base "
                        f"{ours[0]:,})" if resized else ""),
-                    hint=_RESIZED_HINT if resized else None)  # hostile pass 32, C143
+                    hint=_RESIZED_HINT if resized else  # hostile pass 32, C143
+                    "the adapter was trained on another base model: pass the base it was trained from (its saved "
+                    "copy of this tensor, modules_to_save, has that base's shape)")  # (hp87a c119: --help's hint)
             full_bound[name] = key
         self.targets, self._full_bound, self._base = targets, full_bound, base
 

@@ -489,6 +489,7 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
     truncated: list[dict] = []
     changed: list[tuple[str, int]] = []  # (integer tensor, model) where the model holds other values than the base
     as_floats: list[tuple[str, int]] = []  # (integer tensor, model) where the model stores floats
+    narrowed: dict[int, list[str]] = {}  # model -> merged tensors it stores as float8 where the base is wider
     for name in names:
         if name in alias_of:
             continue
@@ -525,6 +526,8 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                     f"{mi.dtype_info.name}, not a floating dtype\n" + _shapes_table(name, base, models),
                     hint="floating tensors of the base are merged; the model's tensor must be floating too",
                 )
+            if mi.dtype_info.code.startswith("F8") and not info.dtype_info.code.startswith("F8"):
+                narrowed.setdefault(k, []).append(name)
             if mi.shape == info.shape:
                 continue
             # only a tensor whose rows are tokens (an embedding, an output head) may differ in rows: another
@@ -564,6 +567,14 @@ def align(base: Checkpoint, models: list[Checkpoint], *, vocab_policy: str = "er
                       f"{', '.join(str(k) for k in sorted({k for _, k in changed}))} hold other values there "
                       f"({', '.join(repr(n) for n in tensors[:5])}{', ...' if len(tensors) > 5 else ''}): such "
                       "tensors are not merged, so the output keeps the base's values", MergeWarning, stacklevel=2)
+    for k, names in narrowed.items():  # a float8 copy of a fine-tune (no scales): θ − θ_base is mostly float8's own
+        # rounding of the weights (3 mantissa bits), not the fine-tune's change (hp87a c95: 2.8 times its norm,
+        # cosine 0.19), merged without a word
+        code = models[k].info(names[0]).dtype_info.name
+        warnings.warn(f"model {k} stores {len(names)} merged tensor(s) as {code} ({', '.join(map(repr, names[:3]))}"
+                      f"{', ...' if len(names) > 3 else ''}) where the base is wider: its task vector (its weights "
+                      "minus the base's) is then mostly float8's rounding of the weights, not its fine-tuning; merge "
+                      "the model as it was trained (its float16/bfloat16/float32 weights)", MergeWarning, stacklevel=2)
     if as_floats:
         tensors = list(dict.fromkeys(n for n, _ in as_floats))
         warnings.warn(f"{len(tensors)} integer or boolean tensor(s) of the base ("

@@ -610,6 +610,12 @@ def warn_unused(method: Any) -> None:
                                        "value where it is read"), stacklevel=3)
 
 
+def said_of(name: str, why: str) -> str:
+    """An option's problem after its name: "scope='bogus' is not one of ..." (a choice's problem starts with '=');
+    "density must be ..." otherwise (hp87b c24: "scope ='bogus'")."""
+    return f"{name}{'' if why.startswith('=') else ' '}{why}"
+
+
 def option_problem(cls: type, name: str, value: Any) -> str | None:
     """What is wrong with ``value`` for option ``name`` of method class ``cls`` (its type, check and
     declared range), or None: for values set outside a method object (a tune grid, a search range)."""
@@ -718,7 +724,7 @@ def check_options(method: Any) -> None:
             continue
         why = _problem(f, kinds[f.name], value)
         if why:
-            problems.append(f"{method.name}: {f.name}{'' if why.startswith('=') else ' '}{why}")
+            problems.append(f"{method.name}: {said_of(f.name, why)}")
     if not problems:
         try:
             method.requirements()

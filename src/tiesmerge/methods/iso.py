@@ -116,6 +116,14 @@ class IsoCTS:
     exclude: str = exclude_option()
     svd_precision: str = precision_option()
 
+    def notices(self) -> list[str]:
+        """common_fraction 1 leaves no task-specific directions: the merge is Iso-C's (hp87a c83: said nothing, where
+        consensus' k = 0 says its own)."""
+        if self.common_fraction == 1:
+            return ["common_fraction = 1 gives the whole rank to the common subspace and none to the tasks' own, so "
+                    "the merge is iso_c's; the paper's Iso-CTS uses 0.8"]
+        return []
+
     def check_tensors(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
         """exclude against the model's merged tensors (see :func:`.svd.check_exclude`)."""
         linalg.check_exclude(self.name, self.exclude, shapes, default=EXCLUDE_DEFAULT)

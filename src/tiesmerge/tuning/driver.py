@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError, MergeWarning
+from ..errors import ConfigError, EvaluatorError, MergeWarning
 from ..limits import plain_numbers
-from ..methods.base import MergeMethod, check_models
+from ..methods.base import MergeMethod, _shown, check_models
 from ..registry import method_class
 from .candidates import (
     Candidate,
@@ -426,6 +426,19 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
     check_tuning_vocab_policy(vocab_policy)
     job = Job(method, base, tuple(models), device, memory_budget, vocab_policy, allow_distant)
     start = given_start if given_start is not None else space.defaults()
+    try:  # what no candidate can change (slerp's two models): said now, not as "candidates 0, 1" (hp87b c60)
+        at_start = check_models(job.method_at({**(fixed or {}), **start}), len(models))
+    except ConfigError:
+        at_start = []  # a value the candidates' own check names
+    unsearched = [p for p in at_start if not any(re.search(rf"\b{re.escape(a.name)}\b", p) for a in space.axes)]
+    if unsearched:
+        raise ConfigError(unsearched, hint="change the models or the fixed options (--set): no searched value "
+                                           "changes this")
+    if strategy == "grid" and seed != 0:  # the grid's candidates do not depend on it (hp87b c83: recorded, then a
+        # resume with another seed refused as "another search")
+        warnings.warn(MergeWarning(f"seed {_shown(seed)}: the grid strategy draws nothing, so the seed changes no "
+                                   "candidate; it is not recorded"), stacklevel=2)
+        seed = 0
     chooser = make_strategy(strategy, space, budget=budget, seed=seed, popsize=popsize, start=dict(start))
     # what changes the candidates, and only that: cma's own popsize, or a start at the defaults, given explicitly
     # is the search run without them (hp81b c04: --popsize 6 for 2 axes was "another search"); another start is
@@ -504,7 +517,7 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
         executor.score(to_check, on_checked)
     while batch := chooser.ask():
         candidates = [Candidate(len(trials) + i, options) for i, options in enumerate(batch)]
-        _check(job, candidates, n_models)  # a bad candidate fails before a merge
+        _check(job, candidates, n_models, scored_before=bool(trials))  # a bad candidate fails before a merge
         scored: dict[int, Trial] = {}
         todo = []
         first: dict[str, Candidate] = {}  # key -> the batch's first candidate with it (linear, not pairwise)
@@ -545,8 +558,11 @@ def _loop(chooser, executor: Executor, results: ResultsLog | None, job: Job, spa
                 best = t
         trials += new
         chooser.tell(batch, [t.score for t in new])
-    if best is None:
-        raise ConfigError("no candidate got a finite score", hint="check the evaluator on one merge first")
+    if best is None:  # the evaluator's failure, as tune says it (hp87b c90: a ConfigError, no scores named)
+        raise EvaluatorError(f"no candidate got a finite score ({len(trials)} scored: "
+                             f"{', '.join(sorted({str(t.score) for t in trials})[:8])})",
+                             hint="check the evaluator on one merge first: it must return a finite validation "
+                                  "score, higher is better")
     _warn_better_left_out(results, asked, best)
     best_state = _winner_state(executor, job, base32, dtypes, best)
     return SearchResult(space.method, strategy, space, best, tuple(trials), executor.merges - merges_before,
@@ -624,7 +640,7 @@ def _check_resumed_score(results: ResultsLog | None, c: Candidate, logged: float
              "score varies from call to call (unseeded sampling) cannot resume a search: seed it")
 
 
-def _check(job: Job, candidates: Sequence[Candidate], n_models: int) -> None:
+def _check(job: Job, candidates: Sequence[Candidate], n_models: int, scored_before: bool = True) -> None:
     found: dict[str, list[int]] = {}  # a problem -> the candidates that have it (a grid repeats one many times)
     for c in candidates:
         try:
@@ -636,7 +652,8 @@ def _check(job: Job, candidates: Sequence[Candidate], n_models: int) -> None:
     if found:  # up-front checks (tuning.space) keep the box's corners valid: an adaptive strategy can still go inside
         raise ConfigError([f"{_candidates(indices)}: {p}" for p, indices in found.items()],
                           hint="narrow the searched ranges (--range) or change the fixed options (--set) so the "
-                               "method accepts every candidate; the scores so far stay in the search's log")
+                               "method accepts every candidate" + ("; the scores so far stay in the search's log"
+                                                                   if scored_before else ""))  # (hp87b c60: none)
 
 
 def _candidates(indices: list[int]) -> str:

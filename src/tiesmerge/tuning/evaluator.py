@@ -190,6 +190,16 @@ def read_score(score: Any, label: str, *, finite: bool = False) -> float:
     """A score as a float: Python's real numbers (Fraction, Decimal too), numpy and torch scalars; booleans, text,
     arrays and (with ``finite``) NaN, Inf and numbers past ±MAX_SCORE are an EvaluatorError naming ``label``."""
     # (the body of GuardedEvaluator._read, shared with finetune's validate: hp68b c16)
+    if inspect.iscoroutine(score) or inspect.isawaitable(score):
+        # an async def evaluator: its coroutine closed, never awaited, so Python adds no "was never awaited" warning
+        # naming tiesmerge's own line after the error (hp87b c70)
+        close = getattr(score, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
+        raise EvaluatorError(f"{label}: returned a coroutine: it is an async function, and tiesmerge calls the "
+                             "evaluator as a plain one", hint="give a plain def returning the score (inside it, "
+                                                              "asyncio.run(your_coroutine(state)) awaits async code)")
     score = _detached(score)
     if issubclass(type(score), (bool, str, bytes)) or _is_boolean(score) or not _is_real(score) and \
             not _is_scalar(score):  # numpy.str_ is a 0-d str that float() reads: no score (hp41 C56)

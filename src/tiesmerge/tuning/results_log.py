@@ -15,11 +15,12 @@ import json
 import math
 import os
 import stat
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, OutputError
+from ..errors import ConfigError, MergeWarning, OutputError
 from ..limits import loads_json
 
 __all__ = ["ResultsLog", "FORMAT"]
@@ -50,6 +51,7 @@ class ResultsLog:
         self.header = {"format": FORMAT, **header}
         self.records: dict[str, dict[str, Any]] = {}
         self._fd = -1
+        self._lost = False  # removed while the search ran, and not written again
         self._made: list[Path] | None = None  # the folders made for a new log (innermost first), until a record is in
         # a new log (and its folder) is made and locked now, not with the first score: a second search on the same
         # --dir started meanwhile ran, and the first then lost its first evaluation to "the log of another search"
@@ -113,8 +115,11 @@ class ResultsLog:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             os.close(fd)
+            device = stat.S_ISCHR(mode) or stat.S_ISBLK(mode)  # /dev/null: "remove it" was the advice (hp87b c80)
             raise OutputError(f"{self.path}: the search log is not a regular file (a FIFO, device or folder)",
-                              hint="remove it, or choose another --dir (log= in Python)")
+                              hint="the log is a file a later search resumes from: give a regular file's path "
+                                   "(log=None keeps no log)" if device else
+                                   "remove it, or choose another --dir (log= in Python)")
         os.set_blocking(fd, True)
         return fd
 
@@ -276,6 +281,42 @@ class ResultsLog:
             record = {**record, "score": repr(score)}  # 'nan', 'inf' or '-inf'
         self._write_line(record)
         self._made = None  # a scored candidate: the log is kept, whatever follows
+        if os.fstat(self._fd).st_nlink == 0 and not self._lost:
+            self._write_again()
+
+    def _write_again(self) -> None:
+        """The log was removed while the search ran (rm, a clean-up job, the evaluator): every later score went to
+        a file no name reaches, lost at exit, and the summary named a log that was gone (hp87b c62). Written again
+        at its path with all it holds, locked, and said; where that cannot be done, said so."""
+        size = os.fstat(self._fd).st_size
+        held = os.pread(self._fd, size, 0)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as exc:  # a file put there meanwhile (never replaced), or the folder unmakeable
+            self._lost = True  # said once
+            warnings.warn(MergeWarning(
+                f"{self.path}: the search log was removed while the search ran, and cannot be written again there "
+                f"({exc.strerror or exc}); the scores of this run go on in the report, but a resume will score them "
+                "again"), stacklevel=3)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            view = memoryview(held)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            raise OutputError(f"{self.path}: the search log was removed while the search ran, and writing it again "
+                              f"failed ({exc.strerror or exc})", hint="free space there, then run the same search "
+                                                                      "again") from None
+        os.close(self._fd)
+        self._fd = fd
+        warnings.warn(MergeWarning(f"{self.path}: the search log was removed while the search ran; tiesmerge wrote it "
+                                   f"again with its {len(self.records):,} scores, so a resume still reuses them"),
+                      stacklevel=3)
 
     def _write_line(self, data: Mapping[str, Any]) -> None:
         line = memoryview(_line(data))

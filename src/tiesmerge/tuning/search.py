@@ -22,7 +22,7 @@ from ..api import Source, merge
 from ..errors import ConfigError, EvaluatorError, TiesMergeError
 from ..inputs import as_method, check_inputs
 from ..limits import OutOfFloatRange, parse_float, plain_numbers
-from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, steps
+from ..methods.base import MAX_AXIS_POINTS, MergeMethod, check_models, option_problem, option_types, said_of, steps
 from ..methods.base import paper_grid as declared_grid
 from ..registry import make_method, method_class
 from .candidates import as_state, check_candidate, check_tuning_vocab_policy
@@ -113,7 +113,7 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
                 axis = tuple(int(v) for v in axis)
             bad = next(((v, why) for v in axis if (why := option_problem(cls, name, v))), None)
             if bad is not None:  # out of the option's declared range: refused here, not after a merge
-                problems.append(f"--grid {item!r}: {name} {bad[1]}")
+                problems.append(f"--grid {item!r}: {said_of(name, bad[1])}")
                 continue
             grid[name] = tuple(dict.fromkeys(axis))  # lam=1,1,1 is one point: merged and scored once
         except ConfigError as exc:  # a range that is empty, unbounded or too long: its own words
@@ -243,7 +243,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     points: list[GridPoint] = []
     best: GridPoint | None = None
     best_delta: dict[str, torch.Tensor] = {}  # the best merge's float32 delta, never handed to the evaluator
-    best_whole: dict[str, torch.Tensor] = {}
+    best_method: MergeMethod | None = None  # a method without lam: its best merge is made again at the end
     base_sd = as_state(base)  # (the base as a state dict: tuning evaluates in-memory models)
     dtypes = {k: v.dtype for k, v in base_sd.items()}
     base32 = {k: v.float() if v.is_floating_point() else v for k, v in base_sd.items()}
@@ -253,7 +253,7 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     watch = InputWatch([("the base", base), *((f"model {k}", m) for k, m in enumerate(models))], during="tune",
                        hint="let whatever writes it finish, then run tune again (the scores so far are of the model "
                             "as it was)")
-    for combo, m in zip(combos, methods):
+    def merged_by(m: MergeMethod) -> dict[str, torch.Tensor]:
         # lam = 1 and float32 output: base + tau_m without a rounding that lam would amplify
         try:
             merged = merge(base, models, m, device=device, memory_budget=memory_budget, dtype=torch.float32,
@@ -264,9 +264,17 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
             watch.check()
             raise
         watch.check()  # a model replaced since the grid started: its points are not scored beside the others (D50)
-        if not has_lam:  # the merge as it is (base + (merged - base) could round)
+        return merged
+
+    def as_stored(merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The merge as it is, in the base's dtypes (base + (merged - base) could round)."""
+        return {k: merged[k].to(dtypes[k]) if k in dtypes else merged[k] for k in merged}
+
+    for combo, m in zip(combos, methods):
+        merged = merged_by(m)
+        if not has_lam:
             delta = {}
-            whole = {k: merged[k].to(dtypes[k]) if k in dtypes else merged[k] for k in merged}
+            whole = as_stored(merged)
         else:
             delta = {k: merged[k].float() - base32[k] for k in merged if merged[k].is_floating_point()}
         del merged
@@ -280,17 +288,21 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
                 on_point(point)
             # a NaN never wins: a NaN first point stayed "best", as no later score compares greater (hp37b A18)
             if math.isfinite(point.score) and (best is None or point.score > best.score):
-                best, best_delta, best_whole = point, delta, (whole if lam is None else {})
+                best, best_delta, best_method = point, delta, m
     if best is None:
         raise EvaluatorError(f"no grid point got a finite score ({len(points)} scored: "
                              f"{', '.join(sorted({str(p.score) for p in points}))})",
                              hint="check the evaluator on one merge first: it must return a finite validation "
                                   "score, higher is better")
     # scaled again from the best merge's delta, not the state the evaluator was handed: an evaluator that changes its
-    # argument in place (quantises, fine-tunes) left best_state zeroed (hp40 T1). (A method without lam: its merge is
-    # what was scored, as it is.)
+    # argument in place (quantises, fine-tunes) left best_state zeroed (hp40 T1); a method without lam merges its best
+    # again, as its scored state is the one handed over (hp87b c41: slerp's best_state all zeros). Each merge is
+    # deterministic (a random method's seed is one of its options).
     watch.check()  # replaced during the last point's evaluation: the best would be written from another model (c18)
-    best_state = best_whole if best.lam is None else _scaled(base32, best_delta, best.lam, dtypes)
+    whole = state = {}  # the last candidate's tensors let go before the best is merged again
+    assert best_method is not None
+    best_state = as_stored(merged_by(best_method)) if best.lam is None else \
+        _scaled(base32, best_delta, best.lam, dtypes)
     return TuningResult(name, best, tuple(points), len(combos), time.perf_counter() - started, best_state)
 
 

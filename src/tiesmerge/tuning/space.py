@@ -31,6 +31,7 @@ from ..methods.base import (
     option_problem,
     option_types,
     round_value,
+    said_of,
 )
 from ..methods.base import paper_grid as declared_grid
 
@@ -205,7 +206,7 @@ def parse_fixed(method: str | type, items: Sequence[str]) -> dict[str, Any]:
                 value = text
             why = option_problem(cls, name, value)
             if why:
-                problems.append(f"--set {item!r}: {name} {why}")
+                problems.append(f"--set {item!r}: {said_of(name, why)}")
                 continue
             fixed[name] = value
         except KeyError:
@@ -404,7 +405,7 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
             problems.append(f"fixed[{name!r}]: {cls.name} has no option {name!r} (it has: {', '.join(fields)})")
         elif not (fields[name].metadata.get("per_model") and isinstance(value, (tuple, list))) \
                 and (why := option_problem(cls, name, value)):
-            problems.append(f"fixed[{name!r}]: {name} {why}")
+            problems.append(f"fixed[{name!r}]: {said_of(name, why)}")
     for name, value in fixed.items():  # a held per-model option of the wrong count: said now, not by candidate 0's
         # merge ("candidate 0: ties: 1 weights given for 2 models", hp41 C84)
         if name in fields and fields[name].metadata.get("per_model") and isinstance(value, (tuple, list)) \
