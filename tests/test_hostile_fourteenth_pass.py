@@ -584,7 +584,7 @@ def test_notes_of_the_sixteenth_pass_on_grids():
     from tiesmerge.tuning.space import build_space
 
     assert parse_grid("ties", ["lam=1,1,1"])["lam"] == (1.0,)
-    with pytest.raises(ConfigError, match="it has none"):
+    with pytest.raises(ConfigError, match="model_stock has none"):  # (its switch: tune's, hp85b c56)
         build_space("model_stock", 3, axes=["filter_wise"])
 
 

@@ -350,7 +350,8 @@ def _cli_flags() -> set[str]:
 
 # options of other programs that messages may name, and the program each belongs to
 FOREIGN_OPTIONS = {"--head": "ray start", "--address": "ray start", "--revision": "hf download",
-                   "--export": "python -m tiesmerge_bench"}
+                   "--export": "python -m tiesmerge_bench", "--hf-path": "mlx_lm.convert",
+                   "--mlx-path": "mlx_lm.convert", "--dequantize": "mlx_lm.convert"}
 
 
 def test_every_option_a_message_or_hint_names_exists():
