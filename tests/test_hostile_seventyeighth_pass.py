@@ -743,3 +743,255 @@ def test_adapter_errors_say_what_to_do(tmp_path):
         with pytest.raises(TiesMergeError) as caught:
             tiesmerge.merge(base, [str(folder)], "task_arithmetic")
         assert caught.value.hint and "--help" not in caught.value.hint, (name, caught.value)
+
+
+def _mergekit_family(tmp_path):
+    import torch
+
+    g = torch.Generator().manual_seed(13)
+    base = _save_model(tmp_path / "base", {"w.weight": torch.randn(4, 4, generator=g)})
+    models = [_save_model(tmp_path / n, {"w.weight": torch.randn(4, 4, generator=g)}) for n in ("a", "b")]
+    return base, models
+
+
+def test_flags_over_a_mergekit_recipe_are_pointed_where_its_method_takes_them(tmp_path, capsys):
+    """hp88a c66: `--lam` over mergekit's linear was hinted "--lam is parameters.lambda", which linear then refused;
+    `--t` over ties likewise."""
+    from helpers_ckpt import run_cli
+
+    _mergekit_family(tmp_path)
+    linear = tmp_path / "lin.yaml"
+    linear.write_text("merge_method: linear\nmodels:\n  - model: ./a\n    parameters: {weight: 1}\n"
+                      "  - model: ./b\n    parameters: {weight: 1}\n")
+    rc, _, err = run_cli(["merge", linear, "-o", tmp_path / "o", "--lam", "2", "--dry-run"], capsys)
+    assert rc == 2 and "mergekit's linear has no --lam (lambda)" in err and "--lam is parameters.lambda" not in err
+    ties = tmp_path / "ties.yaml"
+    ties.write_text("merge_method: ties\nbase_model: ./base\nmodels:\n  - model: ./a\n    parameters: {weight: 1, "
+                    "density: 0.5}\n  - model: ./b\n    parameters: {weight: 1, density: 0.5}\n")
+    rc, _, err = run_cli(["merge", ties, "-o", tmp_path / "o", "--t", "0.3", "--density", "0.4", "--dry-run"], capsys)
+    assert rc == 2 and "--density is parameters.density" in err and "mergekit's ties has no --t (t)" in err, err
+
+
+def test_a_false_word_for_a_plain_flag_counts(tmp_path, capsys, monkeypatch):
+    """hp88a c67: `--allow-distant false` over a recipe's allow_distant: true was dropped, and the recipe's true merged
+    a model of another pretraining run; `--force --force=no` replaced the output; c85: `--force Y` was read as a
+    recipe that does not exist."""
+    from helpers_ckpt import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    base, models = _mergekit_family(tmp_path)
+    out = tmp_path / "o"
+    rc, _, _ = run_cli(["merge", "--base", base, "--model", models[0], "--model", models[1], "-o", out], capsys)
+    assert rc == 0
+    rc, _, err = run_cli(["merge", "--base", base, "--model", models[0], "--model", models[1], "-o", out, "--force",
+                          "--force=no"], capsys)
+    assert rc != 0 and "--force then --force=no given twice: only the last value counts" in err, err
+    assert "is not empty (an earlier tiesmerge output)" in err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{models[0]}, {models[1]}]\nallow_distant: true\n")
+    rc, _, err = run_cli(["merge", recipe, "-o", tmp_path / "o2", "--dry-run", "--allow-distant", "false"], capsys)
+    assert rc == 0 and "--allow-distant false replaces the recipe's allow_distant: true" in err, err
+    from tiesmerge.cli import commands
+
+    seen = {}
+    real = commands.recipe_from_dict
+
+    def spy(data, **kwargs):
+        seen.update(data)
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(commands, "recipe_from_dict", spy)
+    run_cli(["merge", recipe, "-o", tmp_path / "o2", "--dry-run", "--allow-distant=false"], capsys)
+    assert seen.get("allow_distant") is False
+    rc, _, err = run_cli(["merge", "--base", base, "--model", models[0], "--model", models[1], "-o", tmp_path / "o3",
+                          "--force", "Y"], capsys)
+    assert rc == 2 and "--force Y: --force is a switch: it takes no value, or true/false" in err, err
+
+
+def test_mergekit_words_for_methods_and_keys_point_to_ours(tmp_path, capsys):
+    """hp88a c68: `--method linear` (mergekit's name for average) was "did you mean 'dare_linear'?", which drops 90%
+    of the entries at random; c72: a mergekit per-model parameters: and c74: tokenizer_source: in a tiesmerge recipe
+    got no pointer; c73: special_tokens_map.json and vocab.json as the recipe were listed as unknown keys; c78: a
+    recipe of two YAML documents was "not valid YAML", "damaged"."""
+    from helpers_ckpt import run_cli
+
+    rc, _, err = run_cli(["methods", "linear"], capsys)
+    assert rc == 2 and "mergekit's linear is average" in err and "dare_linear'?" not in err, err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: ties\nbase: b\nmodels:\n  - {path: x, parameters: {weight: 1}}\n  - y\n"
+                      "tokenizer_source: union\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc == 2 and "mergekit's per-model parameters: are, here, the entry's weight:" in err, err
+    assert "tokenizer_source is mergekit's key: a tiesmerge recipe writes vocab_policy: union" in err, err
+    for name, data in (("special_tokens_map.json", {"bos_token": "<s>", "eos_token": "</s>"}),
+                       ("vocab.json", {f"t{k}": k for k in range(20)})):
+        (tmp_path / name).write_text(json.dumps(data))
+        rc, _, err = run_cli(["validate", tmp_path / name], capsys)
+        assert rc == 2 and "a tokenizer's file" in err and "unknown key" not in err, err
+    recipe.write_text("method: ties\nbase: b\nmodels: [x, y]\n---\nmethod: ties\n")
+    rc, _, err = run_cli(["validate", recipe], capsys)
+    assert rc == 2 and "holds more than one YAML document" in err and "damaged" not in err, err
+
+
+def test_warnings_and_wordings_of_pass_88_merge_side(tmp_path):
+    """hp88a c69: consensus tall_lambda 0 is task arithmetic, no word; c70: normalized linear merges with every weight
+    negative equal the positive ones', no word; c77: a quantized sign_from reference was told about "averaging";
+    c81: the large-lam warning quoted TIES's grid for every method."""
+    import torch
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError
+
+    g = torch.Generator().manual_seed(14)
+    base = {"w": torch.zeros(4, 4)}
+    models = [{"w": torch.randn(4, 4, generator=g)} for _ in range(2)]
+    with pytest.warns(UserWarning, match="tall_lambda = 0 makes each TALL mask keep every entry"):
+        tiesmerge.merge(base, models, "consensus", tall_lambda=0.0)
+    with pytest.warns(UserWarning, match="every weight is negative .* normalize_weights divides"):
+        tiesmerge.merge(base, models, "task_arithmetic", weights=[-1, -2], normalize_weights=True)
+    with pytest.warns(UserWarning, match=r"tsv_m searches lam 0.1 to 3, its default is 1\); check the value"):
+        tiesmerge.merge(base, models, "tsv_m", lam=500)
+    b = _save_model(tmp_path / "b", {"l.weight": torch.zeros(4, 4)})
+    ms = [_save_model(tmp_path / f"m{k}", {"l.weight": torch.randn(4, 4, generator=g)}) for k in range(2)]
+    ref = _save_model(tmp_path / "ref", {"l.weight": torch.ones(4, 4, dtype=torch.int8)})
+    with pytest.raises(CheckpointError, match="so their signs are not the reference's") as caught:
+        tiesmerge.merge(b, ms, "ties", sign_from=ref)
+    assert "averaged" not in str(caught.value)
+
+
+def test_statistics_and_buffers_of_pass_88(tmp_path):
+    """hp88a c75: a Gram statistic that is not symmetric was hinted "an older tiesmerge wrote statistics that
+    overflow"; c80: every model's Fisher all zeros merged as the plain mean without a word; c71: a model's integer
+    buffer of another shape was dropped without the warning a same-shape one gets; c76: a key twice in an
+    adapter_config.json (lora_alpha 16, then 1600) was taken silently."""
+    import torch
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from tiesmerge.errors import CheckpointError, TiesMergeError
+    from tiesmerge.stats import save_stats
+
+    g = torch.Generator().manual_seed(15)
+    base = {"l.weight": torch.randn(4, 4, generator=g)}
+    models = [{"l.weight": torch.randn(4, 4, generator=g)} for _ in range(2)]
+    zeros = [{"l.weight": torch.zeros(4, 4)} for _ in range(2)]
+    with pytest.warns(UserWarning, match="every model's fisher statistics are all zeros"):
+        tiesmerge.merge(base, models, "fisher", stats=zeros)
+    asym = torch.eye(4)
+    asym[0, 1] = 5.0
+    with pytest.raises(TiesMergeError) as caught:
+        tiesmerge.merge(base, models, "regmean", stats=[{"l.weight": asym}, {"l.weight": torch.eye(4)}])
+    assert "not symmetric" in str(caught.value) and "overflow" not in (caught.value.hint or "")
+    buffered = {**base, "pos_ids": torch.arange(4)}
+    longer = [{**m, "pos_ids": torch.arange(8)} for m in models]
+    with pytest.warns(UserWarning, match=r"integer or boolean tensor\(s\) are copied from the base, but model\(s\) "
+                                         r"0, 1 hold other values there \('pos_ids'\)"):
+        tiesmerge.merge(buffered, longer, "task_arithmetic")
+    adapter = tmp_path / "ad"
+    adapter.mkdir()
+    save_file({"base_model.model.l.lora_A.weight": torch.ones(2, 4), "base_model.model.l.lora_B.weight":
+               torch.ones(4, 2)}, str(adapter / "adapter_model.safetensors"))
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 2, "lora_alpha": 16, '
+                                                 '"target_modules": ["l"], "lora_alpha": 1600}')
+    with pytest.raises(CheckpointError, match="gives the key 'lora_alpha' twice"):
+        tiesmerge.merge(base, [str(adapter)], "task_arithmetic")
+    del save_stats
+
+
+def test_an_output_beside_a_recipe_in_a_folder_with_a_config_is_not_inside_it(tmp_path, capsys):
+    """hp88a c79: `merge proj/recipe.yaml -o proj/merged` was refused as "the output lies inside the recipe" when proj/
+    also held a config.json (the rule for a weights file given from a model's folder)."""
+    from helpers_ckpt import run_cli
+
+    base, models = _mergekit_family(tmp_path)
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    recipe = project / "recipe.yaml"
+    recipe.write_text(f"method: ties\nbase: {base}\nmodels: [{models[0]}, {models[1]}]\n")
+    rc, _, err = run_cli(["merge", recipe, "-o", project / "merged"], capsys)
+    assert rc == 0 and (project / "merged" / "model.safetensors").is_file(), err
+
+
+def test_search_inputs_of_pass_88(tmp_path):
+    """hp88b c34: run_search(fixed={"sign_from": REF}, log="REF/log.jsonl") wrote the log into the reference's folder
+    (c35: a log refused as "the output", hinted "an output directory"); c39: lam held at 0 searched density over the
+    base; c75: a LoRA adapter as the base failed as "unexpected RuntimeError: bind(base) the adapter"; c77: a damaged
+    base left a log holding only its header, which refused the same search once the base was mended."""
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    import tiesmerge
+    from tiesmerge.errors import ConfigError, OutputError, TiesMergeError
+    from tiesmerge.tuning import run_search
+
+    g = torch.Generator().manual_seed(16)
+    base_sd = {"a.weight": torch.randn(8, 8, generator=g)}
+    base = _save_model(tmp_path / "base", base_sd)
+    models = [_save_model(tmp_path / f"m{k}", {"a.weight": base_sd["a.weight"] + torch.randn(8, 8, generator=g)})
+              for k in range(3)]
+    with pytest.raises(OutputError, match="the search log lies inside the reference model") as caught:
+        run_search(base, models[:2], "ties", lambda s: 1.0, grid={"lam": [1.0], "density": [0.5]},
+                   fixed={"sign_from": models[2]}, log=os.path.join(models[2], "log.jsonl"))
+    assert "log= a path outside the inputs" in caught.value.hint and not os.path.exists(models[2] + "/log.jsonl")
+    with pytest.raises(ConfigError, match=r"searching density changes nothing: the held lam is 0"):
+        run_search(base, models[:2], "ties", lambda s: 1.0, strategy="random", budget=3, axes=("density",),
+                   fixed={"lam": 0.0})
+    with pytest.raises(ConfigError, match="lam 0, the grid's only lam, makes every point the base itself"):
+        tiesmerge.tune(base, models[:2], "ties", lambda s: 1.0, grid={"lam": [0.0], "density": [0.1, 0.2]})
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                          "target_modules": ["a"]}))
+    save_file({"base_model.model.a.lora_A.weight": torch.ones(2, 8), "base_model.model.a.lora_B.weight":
+               torch.ones(8, 2)}, str(lora / "adapter_model.safetensors"))
+    log = tmp_path / "s" / "log.jsonl"
+    for call in (lambda: tiesmerge.tune(str(lora), models[:2], "ties", lambda s: 1.0,
+                                        grid={"lam": [1.0], "density": [0.5]}),
+                 lambda: run_search(str(lora), models[:2], "ties", lambda s: 1.0, strategy="random", budget=2,
+                                    axes=("lam",), log=str(log))):
+        with pytest.raises(ConfigError, match="the base is a PEFT lora adapter, not a model"):
+            call()
+    assert not (tmp_path / "s").exists()
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    whole = (tmp_path / "base" / "model.safetensors").read_bytes()
+    (damaged / "model.safetensors").write_bytes(whole[:100])
+    with pytest.raises(TiesMergeError):
+        run_search(str(damaged), models[:2], "ties", lambda s: 1.0, strategy="random", budget=2, axes=("lam",),
+                   log=str(log))
+    assert not (tmp_path / "s").exists()
+
+
+def test_tune_and_adapt_notes_of_pass_88(tmp_path, capsys, monkeypatch):
+    """hp88b c44: `tune --method model_stock --grid filter_wise=true` was refused "(it has: )", though its own grid
+    sweeps filter_wise; c54, c55: adapt's dry run passed a missing data file and two tasks named by one file name,
+    which the run refuses at once; c16: a file taken at tune's --json path before the best merge is written is said
+    then, not after it."""
+    import torch
+
+    from helpers_ckpt import run_cli
+    from tiesmerge.tuning.search import parse_grid
+
+    assert parse_grid("model_stock", ["filter_wise=true"])["filter_wise"] == (True,)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    g = torch.Generator().manual_seed(17)
+    _save_model(tmp_path / "b", {"w.weight": torch.randn(8, generator=g)})
+    for k in range(2):
+        _save_model(tmp_path / f"m{k}", {"w.weight": torch.randn(8, generator=g)})
+    adapt = ["adapt", "--base", "b", "--model", "m0", "--model", "m1", "--dry-run", "-o", "out"]
+    rc, _, err = run_cli([*adapt, "--data", "missing.jsonl", "--data", "missing2.jsonl"], capsys)
+    assert rc == 2 and "missing.jsonl: no such file or directory" in err, err
+    (tmp_path / "sub").mkdir()
+    for path in ("d1.jsonl", "sub/d1.jsonl"):
+        (tmp_path / path).write_text('{"text": "good fun"}\n{"text": "bad film"}\n')
+    rc, _, err = run_cli([*adapt, "--data", "d1.jsonl", "--data", "sub/d1.jsonl"], capsys)
+    assert rc == 2 and "two tasks are named 'd1' (their data files' names)" in err, err
+    (tmp_path / "ev_c16.py").write_text("import os\ndef score(state):\n    if not os.path.lexists('s.json'):\n"
+                                        "        os.mkdir('s.json')\n    return 1.0\n")
+    rc, _, err = run_cli(["tune", "--base", "b", "--model", "m0", "--model", "m1", "--evaluator", "ev_c16:score",
+                          "--grid", "density=0.5", "--grid", "lam=1", "--json", "s.json", "-o", "best"], capsys)
+    assert rc != 0 and not (tmp_path / "best").exists() and "tiesmerge merge" in err, err

@@ -261,16 +261,22 @@ def _open(stack: ExitStack, source: Any, allow_pickle: bool, label: str, role: s
     return ckpt
 
 
-def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle: bool
-                ) -> tuple[Checkpoint, list[Checkpoint]]:
-    """The base and the models, opened (and closed by ``stack``)."""
-    base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"), role="the base")
-    if yields_task_vector(base_ckpt):  # an adapter holds changes to a model, not the model itself
+def refuse_adapter_base(base_ckpt: Checkpoint) -> None:
+    """An adapter given as the base: it holds changes to a model, not the model itself (refused by merge, and by tune
+    and search, where it was "unexpected RuntimeError: bind(base) the adapter", hp88b c75)."""
+    if yields_task_vector(base_ckpt):
         kind = getattr(base_ckpt, "adapter_kind", None) or "adapter"
         raise ConfigError(f"{base_ckpt.label}: the base is a PEFT {kind} adapter, not a model",
                           hint="the base is the full model the adapters were trained on (base_model_name_or_path in "
                                "their adapter_config.json); give adapters as models (--model, models: in a recipe, "
                                "BASE+ADAPTER in a mergekit recipe)")  # (hp54 c46: --base is refused over a recipe)
+
+
+def open_models(stack: ExitStack, base: Any, models: Sequence[Any], allow_pickle: bool
+                ) -> tuple[Checkpoint, list[Checkpoint]]:
+    """The base and the models, opened (and closed by ``stack``)."""
+    base_ckpt = _open(stack, base, allow_pickle, _label(base, "base state dict"), role="the base")
+    refuse_adapter_base(base_ckpt)
     return base_ckpt, [_open(stack, m, allow_pickle, _label(m, f"models[{k}] state dict"))
                        for k, m in enumerate(models)]
 
@@ -773,9 +779,11 @@ def _refuse_quantized(named: Sequence[tuple[str, Checkpoint]], adapters_only: bo
             hint += (f"; if its weights are plain floats already, remove {declared[0]} from its config.json"
                      + (" (the output would carry it, and transformers would load the float weights as quantized)"
                         if role == "the base" else ""))  # (only the base's config is the output's)
-        raise CheckpointError(f"{ckpt.label}: {role} is a quantized checkpoint ({why}); merging quantized weights "
-                              "is not supported: their stored codes and scales are not values that can be averaged",
-                              hint=hint)
+        harm = ("its stored codes are not its weights, so their signs are not the reference's"
+                if role == "the reference model" else  # (hp88a c77: "merging ... averaged" of a reference)
+                "merging quantized weights is not supported: their stored codes and scales are not values that can be "
+                "averaged")
+        raise CheckpointError(f"{ckpt.label}: {role} is a quantized checkpoint ({why}); {harm}", hint=hint)
 
 
 def _warn_other_architecture(base: Checkpoint, models: Sequence[Checkpoint]) -> None:

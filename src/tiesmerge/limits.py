@@ -620,6 +620,10 @@ def _not_yaml(exc: yaml.YAMLError, source: str, error: type[TiesMergeError]) -> 
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     problem = getattr(exc, "problem", None) or type(exc).__name__
+    if "expected a single document" in str(getattr(exc, "context", "")) + str(problem):
+        # two documents (a '---' between them): valid YAML, one recipe each; not "damaged" (hp88a c78)
+        return error(f"{source}: holds more than one YAML document (a '---' line{where}), and a recipe is one",
+                     hint="keep one recipe per file (remove the '---' line and what follows, or split the file)")
     return error(f"{source}: not valid YAML ({str(problem)[:200]}{where})", hint=_FIX_FILE)
 
 

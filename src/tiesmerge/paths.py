@@ -1232,32 +1232,34 @@ def _same_place(output: Path, src: Path) -> str | None:
     return "contains" if out is not None and out in identities(src) else None
 
 
-def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]]) -> None:
+def check_not_input(output: str | os.PathLike, named: Sequence[tuple[str, Any]], what: str = "the output",
+                    hint: str = "choose an output directory outside the inputs") -> None:
     """The output must not be, hold, or lie inside any input (``named``: (role, source) pairs;
     sources that are not paths, e.g. state dicts, are skipped), links followed, and the same
-    folder reached another way (a second mount) told by its device and inode."""
+    folder reached another way (a second mount) told by its device and inode. ``what`` and ``hint``: how the
+    output is named (a search's log is no "output directory": hp88b c35)."""
     check_path_text(output)
     final = _final(output)
     for who, source in named:
         for src in input_roots(source):
             how = _same_place(final, src)
             if how == "lies inside" and src not in final.parents:
-                raise OutputError(f"{output}: the output lies inside {who} ({source}), reached through another "
+                raise OutputError(f"{output}: {what} lies inside {who} ({source}), reached through another "
                                   "mount of the same folder; writing there would change an input",
-                                  hint="choose an output directory outside the inputs")
+                                  hint=hint)
             if how in ("is", "contains") and not (src == final or final in src.parents):
-                raise OutputError(f"{output}: the output {how} {who} ({source}), reached through another mount "
+                raise OutputError(f"{output}: {what} {how} {who} ({source}), reached through another mount "
                                   "of the same folder; writing there would replace an input of this command",
-                                  hint="choose an output directory outside the inputs")
+                                  hint=hint)
             if src == final or final in src.parents:
-                raise OutputError(f"{output}: the output {'is' if src == final else 'contains'} {who} ({source}); "
+                raise OutputError(f"{output}: {what} {'is' if src == final else 'contains'} {who} ({source}); "
                                   "writing there would replace an input of this command",
-                                  hint="choose an output directory outside the inputs")
+                                  hint=hint)
             if src in final.parents:
-                raise OutputError(f"{output}: the output lies inside {who} ({source})"
+                raise OutputError(f"{output}: {what} lies inside {who} ({source})"
                                   + (f" (its files live in {src})" if src != input_roots(source)[0] else "")
                                   + "; writing there would change an input",
-                                  hint="choose an output directory outside the inputs")
+                                  hint=hint)
     _check_scratch_outside(named)
 
 
@@ -1325,9 +1327,11 @@ def input_roots(source: Any) -> list[Path]:
         if len(roots) > 1:  # a snapshot of the cache: its whole repository folder (refs, blobs, snapshots)
             roots.append(Path(os.path.realpath(physical(source).parent.parent)))
         folder = Path(os.path.realpath(source)).parent
-        if os.path.isfile(source) and (folder / "config.json").is_file() and folder not in roots:
+        weights = os.fsdecode(source).lower().endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt"))
+        if weights and os.path.isfile(source) and (folder / "config.json").is_file() and folder not in roots:
             # a weights file given directly from a model's folder: that folder is the input's too (hp40b C64: -o
-            # base/sub wrote a folder into the model folder holding base/model.safetensors)
+            # base/sub wrote a folder into the model folder holding base/model.safetensors); a recipe or data file
+            # beside a config.json is itself only (hp88a c79: -o proj/merged "lies inside the recipe")
             roots.append(folder)
         return roots
     except (OSError, RuntimeError, ValueError):

@@ -42,7 +42,7 @@ from .io.align import VOCAB_POLICIES
 from .limits import read_yaml
 from .methods.base import MergeMethod, ModelPath, check_models, option_types
 from .recipe_mergekit import is_mergekit, translate_mergekit
-from .registry import METHODS, broken_plugins, did_you_mean, make_method
+from .registry import METHODS, broken_plugins, did_you_mean, make_method, method_suggestion
 from .sizes import DEFAULT_MEMORY_BUDGET, DEFAULT_SHARD_SIZE, OUTPUT_FORMATS, parse_size
 
 if TYPE_CHECKING:
@@ -143,6 +143,9 @@ def _suggest_key(key: str, method: Any) -> str:
     if key.lower() in ("output", "out", "output_dir", "output_path", "out_path", "destination"):
         return " (a recipe does not name its output: give it on the command line, tiesmerge merge RECIPE -o DIR)"
     # mergekit's own keys beside tiesmerge's method: (hp84a c52: base_model was "did you mean 'models'?")
+    if key in ("tokenizer_source", "tokenizer"):  # (hp88a c74: no pointer)
+        return (f" ({key} is mergekit's key: a tiesmerge recipe writes vocab_policy: union (every model's tokens) or "
+                "truncate (the base's); the base's tokenizer is the default)")
     mergekit = {"base_model": "base", "merge_method": "method"}.get(key)
     if mergekit is not None:
         return (f" ({key} is mergekit's key: a tiesmerge recipe writes {mergekit}:; or write the whole recipe in "
@@ -178,7 +181,7 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
         problems.append(f"'method' must be one method name, got {type(name).__name__} {_short(name)}{example}")
     elif name not in METHODS:
         broken = broken_plugins().get(name) if isinstance(name, str) else None  # a plugin that cannot load: why
-        unknown = f"unknown method {_short(name)}{did_you_mean(str(name)[:100], list(METHODS))}"
+        unknown = f"unknown method {_short(name)}{method_suggestion(name, list(METHODS))}"
         problems.append(broken.message if broken else unknown)
     base = data.get("base")
     if base is None:
@@ -212,8 +215,11 @@ def recipe_from_dict(data: Any, *, root: Path | None = None, source: str = "reci
                              if options is None or "densities" in options else
                              f"; {name} takes one density for every model: parameters: {{density: ...}}"
                              if "density" in options else f"; {name} has no density option")
+                elif key == "parameters":  # mergekit's per-model parameters: (hp88a c72: no pointer)
+                    where = ("; mergekit's per-model parameters: are, here, the entry's weight: and the recipe's "
+                             "top-level parameters: (densities: [...] in the models' order, where the method has it)")
                 else:
-                    where = "; method options go under parameters:" if key not in ("model", "parameters") else ""
+                    where = "; method options go under parameters:" if key != "model" else ""
                 problems.append(f"models[{i}]: unknown key {_short(key)} (a model takes path, weight and stats)"
                                 f"{where}")
             paths.append(_path(entry["path"], root))
@@ -400,7 +406,10 @@ def _refuse_model_config(data: dict[str, Any], path: Path) -> None:
         raise ConfigError(f"{path}: a PEFT adapter's configuration (peft_type {str(data['peft_type'])[:40]!r}), not "
                           f"a recipe", hint=f"give {folder}, {recipe}")
     tokenizer = [k for k in ("added_tokens", "pre_tokenizer", "tokenizer_class", "chat_template", "model_max_length",
-                             "added_tokens_decoder") if k in data]
+                             "added_tokens_decoder", "bos_token", "eos_token", "unk_token", "pad_token") if k in data]
+    if not tokenizer and data and len(data) > 8 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                        for v in data.values()):
+        tokenizer = ["a token -> id vocabulary"]  # vocab.json (hp88a c73), said by what it holds
     if tokenizer:  # a tokenizer.json or tokenizer_config.json: "unknown key 'decoder' (did you mean 'device'?)"
         # (hp87a c90)
         raise ConfigError(f"{path}: a tokenizer's file ({', '.join(tokenizer[:3])}), not a recipe",

@@ -159,6 +159,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
                             steps=args.steps, lr=args.lr, batch_size=args.batch_size, init=args.init,
                             shuffle_seed=args.shuffle_seed, clamp=tuple(args.clamp) if args.clamp else None,
                             checkpoint_every=args.checkpoint_every, objective=args.objective, limit=args.limit)
+        # the data files read as the run reads them first (a missing, empty or FIFO file; two tasks of one name from
+        # the files' names): the run refused each at once, the dry run passed them (hp88b c54, c55)
+        from ..adamerging.run import read_task_data
+
+        read_task_data(args.data, args.task_names, limit=args.limit)
         if args.output:  # the checks a real run makes before any work (nothing is created), refused as a run would be
             check_adapt_outputs(args.base, args.models, args.data, output=args.output, force=args.force,
                                 checkpoint=args.checkpoint, resume=args.resume, method=method)

@@ -279,13 +279,23 @@ def cmd_tune(args: argparse.Namespace) -> int:
                         indent=2) + "\n"
     # the scores appear with the best merge or not at all: staged beside their path (a full disk fails before the
     # merge), renamed into place once the merge is written, removed if it fails
+    written = False  # whether the best merge is in place (a --json refused after it: its hint is not to merge again)
     try:
         with staged_file(args.json, scores, recheck=check_json) if args.json else contextlib.nullcontext():
             if args.output:
+                if args.json:  # a path taken while tune ran: said before the merge is written (hp88b c16)
+                    check_json()
                 merge(args.base, args.models, args.method, output=args.output, device=args.device,
                       memory_budget=args.memory_budget, force=args.force, vocab_policy=args.vocab_policy,
                       allow_distant=args.allow_distant, **best.options, **lam)
+                written = True
     except TiesMergeError as exc:  # the grid's work is not lost with the output (hp67b c26: a full disk)
+        if written:  # only the scores' rename failed: the merge is complete where it belongs (hp88b c16: the hint
+            # then said to write it again at a path that now held it)
+            exc.hint = ((exc.hint + "; ") if exc.hint else "") + (
+                f"the best merge was written to {shown(args.output)}; the grid's scores were printed above "
+                f"(--json {shown(args.json)} was not written)")
+            raise
         exc.hint = ((exc.hint + "; ") if exc.hint else "") + (
             "the grid's scores were printed above" + (f" (--json {shown(args.json)} was not written)"
                                                      if args.json else "")
@@ -473,7 +483,7 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
                               + (", which make the first listed model the engine's base (with its own weight), so "
                                  "--base-weight would set that model's weight, not base_model's"
                                  if "--base-weight" in method_flags else ""),
-                              hint=_recipe_keys_hint(method_flags))
+                              hint=_recipe_keys_hint(method_flags, origin.get("merge_method")))
     if args.models and args.recipe:
         flags.append("--model")
     if args.stats:
@@ -483,8 +493,18 @@ def _recipe_data(args: argparse.Namespace) -> dict[str, Any]:
                   file=sys.stderr)
         data["stats"] = args.stats
         flags.append("--stats")
+    import importlib
+
+    command_line = importlib.import_module("tiesmerge.cli.main")  # the module (the package's `main` is a function)
     if getattr(args, "allow_distant", False):
+        if args.recipe and data.get("allow_distant") is False:  # said as the other flags over a recipe (hp88a c67)
+            print("warning: --allow-distant replaces the recipe's allow_distant: false", file=sys.stderr)
         data["allow_distant"] = True
+    elif "allow_distant" in command_line.switched_off and data.get("allow_distant") is True:
+        # `--allow-distant false` over a recipe's true: the false word was dropped, the recipe's true merged a model
+        # of another pretraining run without a word (hp88a c67)
+        print("warning: --allow-distant false replaces the recipe's allow_distant: true", file=sys.stderr)
+        data["allow_distant"] = False
     if args.method:
         if data.get("method") not in (None, args.method):
             dropped = data.get("parameters") or {}
@@ -581,9 +601,28 @@ _RECIPE_KEYS = {"--vocab-policy": "tokenizer_source: base or union", "--method":
                 "--gamma": "parameters.gamma", "--t": "parameters.t"}
 
 
-def _recipe_keys_hint(flags: list[str]) -> str:
-    keys = [f"{flag} is {_RECIPE_KEYS[flag]}" for flag in flags if flag in _RECIPE_KEYS]
-    return (f"say it in the recipe ({'; '.join(keys)}), or give the whole merge as flags, without it" if keys else
+def _recipe_keys_hint(flags: list[str], merge_method: Any = None) -> str:
+    """Where each flag goes in the mergekit recipe, for its ``merge_method``: a parameter that method lacks (--lam over
+    linear: "parameters.lambda", then refused as no parameter of linear, hp88a c66) is said as such."""
+    from ..recipe_mergekit import _OPTIONS
+
+    takes = _OPTIONS.get(merge_method) if isinstance(merge_method, str) else None
+    keys, lacking = [], []
+    for flag in flags:
+        key = _RECIPE_KEYS.get(flag)
+        if key is None:
+            continue
+        parameter = re.search(r"parameters\.(\w+)", key)
+        if takes is not None and parameter and parameter.group(1) not in takes:
+            lacking.append(f"{flag} ({parameter.group(1)})")
+        else:
+            keys.append(f"{flag} is {key}")
+    said = []
+    if keys:
+        said.append(f"say it in the recipe ({'; '.join(keys)})")
+    if lacking:
+        said.append(f"mergekit's {merge_method} has no {', '.join(lacking)}: change merge_method to one that has")
+    return (", or ".join(said) + ", or give the whole merge as flags, without it" if said else
             "change merge_method or its parameters in the recipe, or give the whole merge as flags, without it")
 
 
@@ -747,8 +786,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     completed(out)
     # the files as written (headers and manifest too): the tensors' bytes alone understated them (hp39 C42)
     size = sum(f.stat().st_size for f in Path(out).iterdir() if f.is_file() and not f.is_symlink())
-    print(f"wrote {args.kind} statistics of {shown(args.model)} ({stats.manifest.examples} examples, "
-          f"{len(stats.tensors)} tensors, {format_size(size)}) to {shown(out)} in "
+    print(f"wrote {args.kind} statistics of {shown(args.model)} ({_count(stats.manifest.examples, 'example')}, "
+          f"{_count(len(stats.tensors), 'tensor')}, {format_size(size)}) to {shown(out)} in "
           f"{time.perf_counter() - started:.1f} s")
     return 0
 

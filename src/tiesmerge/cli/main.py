@@ -395,6 +395,21 @@ def _multi_value_options(parser: argparse.ArgumentParser, command: str | None) -
 _TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+# the plain flags (store_true) whose last word on the command line was false: a recipe's own true is then replaced
+# (hp88a c67: a recipe's allow_distant: true stayed on under --allow-distant false), read by the commands
+switched_off: frozenset[str] = frozenset()
+
+
+def _looks_like_a_value(word: str) -> bool:
+    """A word after a switch that is a value, not the recipe the command would read it as (`--force Y`,
+    `--normalize-weights 2`: "no such file ... (cannot read the recipe)", hp88a c85)."""
+    try:
+        float(word)
+        return True
+    except ValueError:
+        return word.lower() in ("y", "n", "t", "f", "enable", "disable", "enabled", "disabled")
+
+
 def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """A method's boolean option is a switch on the command line (--flatten, --no-flatten) but true|false in a
     recipe: `--flatten false` read "false" as the recipe (hp84a c42: "false: no such file"), `--flatten=false` was
@@ -402,6 +417,8 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     it (hp85a c08), is taken as meant: --flatten or --no-flatten (a file of that name in the
     working folder stays the recipe it may be); given to the negative form (--no-flatten false) it is refused, as
     its meaning cannot be told."""
+    global switched_off
+    switched_off = frozenset()  # (one command per call: an earlier call's in-process run does not carry over)
     commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
     command = next((w for w in argv if not w.startswith("-")), None)
     sub = commands.choices.get(command) if commands is not None and command else None
@@ -412,9 +429,10 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
         o: ((a.option_strings[0], a.option_strings[1]), o == a.option_strings[1]) for a in sub._actions
         if isinstance(a, argparse.BooleanOptionalAction) and len(a.option_strings) == 2 for o in a.option_strings}
     # a plain flag (--force, --dry-run) given a word: true keeps it, false leaves it out (hp86a c05: "--force false"
-    # read "false" as the recipe)
-    switches.update({o: ((o, None), False) for a in sub._actions if isinstance(a, argparse._StoreTrueAction)
-                     for o in a.option_strings if o.startswith("--")})
+    # read "false" as the recipe); the last word counts, as for a switch (hp88a c67: `--force --force=no` replaced)
+    plain = {o: a.dest for a in sub._actions if isinstance(a, argparse._StoreTrueAction) for o in a.option_strings
+             if o.startswith("--")}
+    switches.update({o: ((o, None), False) for o in plain})
     every = [o for a in sub._actions for o in a.option_strings if o.startswith("--")]
 
     def switch(flag: str) -> str | None:  # the switch `flag` names, exactly or as argparse's unique prefix
@@ -425,6 +443,7 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
 
     end = argv.index("--") if "--" in argv else len(argv)
     out: list[str] = []
+    last: dict[str, tuple[bool, list[str]]] = {}  # a plain flag's dest -> (its last value, the words that gave it)
     k = 0
     while k < len(argv):
         word: str | None = argv[k]
@@ -434,6 +453,10 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
             if not eq and k + 1 < end and argv[k + 1].lower() in _TRUE_WORDS + _FALSE_WORDS \
                     and not os.path.exists(argv[k + 1]):
                 value, k = argv[k + 1], k + 1
+            elif not eq and k + 1 < end and _looks_like_a_value(argv[k + 1]) and not os.path.exists(argv[k + 1]):
+                raise ConfigError(f"{flag} {argv[k + 1]}: {switches[name][0][0]} is a switch: it takes no value, or "
+                                  "true/false (the word after it would be read as the recipe)",
+                                  hint=f"write {flag}, or {flag} true / {flag} false")
             (positive, negative), is_negative = switches[name]
             if eq and value.lower() not in _TRUE_WORDS + _FALSE_WORDS:  # argparse's bare "ignored explicit
                 # argument 'maybe'" after the whole usage (hp87a c86)
@@ -445,9 +468,20 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
                     raise ConfigError(f"{flag} {value}: the negative form of a switch takes no value",
                                       hint=f"write {positive} (true) or {negative} (false)")
                 word = negative if value.lower() in _FALSE_WORDS else positive
+            if positive in plain:  # placed once at the end, with its last value
+                said = f"{flag}={value}" if value else flag
+                last[plain[positive]] = (word is not None, [*last.get(plain[positive], (True, []))[1], said])
+                word = None
         if word is not None:
             out.append(word)
         k += 1
+    switched_off = frozenset(dest for dest, (on, _) in last.items() if not on)
+    flags = {a.dest: a.option_strings[-1] for a in sub._actions if isinstance(a, argparse._StoreTrueAction)}
+    for dest, (on, said) in last.items():
+        if len(said) > 1 and len({w.partition("=")[2].lower() in _FALSE_WORDS for w in said}) > 1:
+            print(f"warning: {' then '.join(said)} given twice: only the last value counts", file=sys.stderr)
+        if on:  # placed before the options' end, where argparse reads it as the flag
+            out.insert(out.index("--") if "--" in out else len(out), flags[dest])
     return out
 
 

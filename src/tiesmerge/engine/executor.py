@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NoReturn, Protocol
 
 import numpy as np
@@ -308,9 +308,16 @@ class Executor:
                 said = f"lam = {lam:g}" if not weights or k is None else \
                     f"lam = {lam:g} times model {k}'s weight {weights[k]:g}"
                 whose = "the merged task vector" if k is None else "its task vector"
+                # the method's own grid and default, not TIES's for every method (hp88a c81)
+                from ..methods.base import paper_grid
+
+                grid = paper_grid(type(method)).get("lam")
+                default = next((f.default for f in fields(method) if f.name == "lam"), None)
+                usual = ", ".join(([f"{method.name} searches lam {min(grid):g} to {max(grid):g}"] if grid else [])
+                                  + ([f"its default is {default:g}"] if isinstance(default, (int, float)) else []))
                 warnings.warn(MergeWarning(
-                    f"{method.name}: {said} scales {whose} {scale:g} times, far past every model (the paper searches "
-                    "lam 0.8 to 3.0, task arithmetic's default is 0.4); check the value"), stacklevel=2)
+                    f"{method.name}: {said} scales {whose} {scale:g} times, far past every model"
+                    + (f" ({usual})" if usual else "") + "; check the value"), stacklevel=2)
         self._changed = self._moved_inputs = False  # a merged delta not all zero / a task vector not all zero seen
         self._reference_moved = False  # a reference (sign_from) task vector not all zero seen (hp40b C51)
         self.side = side  # per-model statistics of data-aware methods (Fisher, RegMean)

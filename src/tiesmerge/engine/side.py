@@ -131,11 +131,11 @@ class SideInputs:
             if why:
                 raise InvalidTensorError(f"{stats.location(self.names[k][name])}: {self.spec.kind} statistic "
                                          f"{name!r} {why}",
-                                         # (an older tiesmerge's overflow is NaN or Inf, never a negative value:
-                                         # hp84b c42)
+                                         # (an older tiesmerge's overflow is NaN or Inf, never a negative value,
+                                         # nor an asymmetric or indefinite matrix: hp84b c42, hp88a c75)
                                          hint="the statistics file is damaged" + (
-                                             "" if "negative" in why else ", or an older tiesmerge wrote statistics "
-                                             "that overflow (it now refuses them, naming the tensor)")
+                                             ", or an older tiesmerge wrote statistics that overflow (it now refuses "
+                                             "them, naming the tensor)" if "NaN or Inf" in why else "")
                                          + ": recompute them")
             scale = self.scales[k]
             if 1e-30 <= scale <= 1e30:
@@ -151,10 +151,16 @@ class SideInputs:
     def warn_if_silent(self, method: str) -> None:
         """After the merge: a model whose statistics were zero everywhere they were read (a failed statistics run, a
         model whose loss had no gradient, an edited file) had no say in the merge; said once, naming it (hostile pass
-        25, N4). Every model's zero: the methods' plain mean, as documented, where nothing is lost (no word, as
-        RegMean's own per-tensor check)."""
+        25, N4). Every model's zero: the methods' plain mean, as documented, said too (statistics computed on
+        nothing: hp88a c80)."""
         silent = [k for k, seen in enumerate(self._nonzero) if not seen]
-        if silent and len(silent) < len(self._nonzero) and self.bytes_read:
+        if silent and len(silent) == len(self._nonzero) and self.bytes_read:  # every model's: statistics computed on
+            # nothing, and the merge is a plain mean, which nobody asked for by name (hp88a c80: said nowhere)
+            warnings.warn(MergeWarning(
+                f"{method}: every model's {self.spec.kind} statistics are all zeros wherever the merge read them, so "
+                "no model weighs more than another: the merge is the plain mean of the models; recompute the "
+                "statistics (tiesmerge stats) on data that reaches the models, or merge with average"), stacklevel=3)
+        elif silent and self.bytes_read:
             warnings.warn(MergeWarning(
                 f"{method}: the {self.spec.kind} statistics of model(s) {', '.join(map(str, silent))} are all zeros "
                 "wherever the merge read them, so those models had (almost) no say in it; recompute their "

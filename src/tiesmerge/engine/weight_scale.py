@@ -70,8 +70,15 @@ def warn_if_weights_cancel(method: Any, lam: float, weights: Sequence[float]) ->
         return  # average says its own (_warn_if_far); sums without a divisor scale by the weights themselves
     negative = [w < 0 for w in weights]
     shown = _shown(weights)
-    if not any(negative) or (all(negative) and not elected):
-        return  # (all negative and normalized: the division by their sum gives the positive weights' merge exactly)
+    if not any(negative):
+        return
+    if all(negative) and not elected:  # the division by their sum gives the positive weights' merge exactly: said,
+        # as the elected mean's case is (hp88a c70: weights -1, -2 merged as 1, 2 without a word)
+        warnings.warn(MergeWarning(
+            f"{method.name}: every weight is negative ({shown}), and normalize_weights divides the weighted sum by "
+            "the weights' sum, which undoes their sign: the merge is the one with the weights' magnitudes; to "
+            "subtract task vectors, turn normalize_weights off"), stacklevel=3)
+        return
     if elected:  # what a negative weight does under an elected mean, said once per merge
         listed = [str(k) for k, n in enumerate(negative) if n]
         models = f"{method.name}: model(s) {', '.join(listed[:8])}{', ...' if len(listed) > 8 else ''}"

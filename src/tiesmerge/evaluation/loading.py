@@ -677,7 +677,10 @@ def warn_unknown(tokenizer: Any, texts: Sequence[str | Sequence[str]], *, max_le
     share = sum(1 for i in ids for x in i if x == unknown) / max(1, total)
     if share >= 0.5:
         warnings.warn(MergeWarning(
-            f"{where}: {share:.0%} of the {total:,} tokens of its first {len(examples):,} {what} are unknown to "
+            # ("1 tokens of its first 1 examples": hp88b c67)
+            f"{where}: {share:.0%} of the {total:,} token{'' if total == 1 else 's'} of "
+            + (f"its first {len(examples):,} {what}" if len(examples) > 1 else f"its one {what.rstrip('s')}")
+            + (" is" if total == 1 else " are") + " unknown to "
             f"{whose} ({tokenizer.unk_token!s}), so {effect}: the texts are not of the language or "
             "vocabulary the model was trained on (or the tokenizer lacks its vocabulary)"), stacklevel=stacklevel)
 

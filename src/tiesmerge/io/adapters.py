@@ -817,7 +817,8 @@ class ZeroBase:
 def open_adapter(path: Path, label: str) -> LoraCheckpoint | Ia3Checkpoint:
     """A PEFT adapter directory, by its ``peft_type``."""
     inside(path / ADAPTER_CONFIG, path, "the adapter config")  # a link leaving the adapter is not read
-    config = read_json(path / ADAPTER_CONFIG, "the adapter config", finite=True)  # written again (hp70a c46)
+    config = read_json(path / ADAPTER_CONFIG, "the adapter config", finite=True,  # written again (hp70a c46)
+                       unique_keys=True)  # a key twice (lora_alpha 16, then 1600): refused (hp88a c76)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a JSON object",
                               hint="an adapter config is the adapter_config.json PEFT writes")

@@ -297,12 +297,15 @@ def _models_changing(base: Checkpoint, models: Sequence[Checkpoint], model_names
     """The models whose integer tensor ``name`` (of at most 16 MiB: a buffer) holds other bytes than the base's
     (``model_names``: each model's names)."""
     info = base.info(name)
+    held = [k for k, m in enumerate(models) if not yields_task_vector(m) and name in model_names[k]
+            and not m.info(name).is_floating]  # (one stored as floats is said by the caller's own warning)
+    # another shape or integer dtype holds other values too, told without reading (hp88a c71: dropped silently)
+    other = [k for k in held if models[k].info(name).dtype_info != info.dtype_info
+             or tuple(models[k].info(name).shape) != tuple(info.shape)]
     if info.nbytes > _COMPARE_BYTES:
-        return []
+        return other
     mine = _first_rows(base, name, None)
-    return [k for k, m in enumerate(models) if not yields_task_vector(m) and name in model_names[k]
-            and m.info(name).dtype_info == info.dtype_info and tuple(m.info(name).shape) == tuple(info.shape)
-            and _first_rows(m, name, None) != mine]
+    return sorted({*other, *(k for k in held if k not in other and _first_rows(models[k], name, None) != mine)})
 
 
 def _same_values(ckpts: list[Checkpoint], a: str, b: str) -> bool:

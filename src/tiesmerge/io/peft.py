@@ -188,7 +188,8 @@ def read_adapter_dir(path: Path, label: str) -> tuple[dict, SafetensorsCheckpoin
     # the adapter's files must resolve inside its directory, as a model's weights must (paths.inside):
     # a link to ~/secret.safetensors is refused, not read
     inside(path / ADAPTER_CONFIG, path, "the adapter config")
-    config = read_json(path / ADAPTER_CONFIG, "the adapter config", finite=True)  # written again (hp70a c46)
+    config = read_json(path / ADAPTER_CONFIG, "the adapter config", finite=True,  # written again (hp70a c46)
+                       unique_keys=True)  # a key twice: which one PEFT would read is unclear (hp88a c76)
     if not isinstance(config, dict):
         raise CheckpointError(f"{path / ADAPTER_CONFIG}: holds a {type(config).__name__}, not a mapping")
     for key in _FLAGS:  # read as truth values: bool("no") and bool("false") would be True

@@ -56,6 +56,11 @@ class Consensus:
         if self.k == 0:  # hostile pass 33, C76: it ran without a word
             return [f"k = 0 keeps every entry (each has at least 0 votes), so no mask is applied: the merge is task "
                     f"arithmetic with lam {self.lam:g}; the consensus merges of the paper use k = 2 or more"]
+        lambdas = self.tall_lambdas if self.tall_lambdas is not None else (self.tall_lambda,)
+        if lambdas and all(v == 0 for v in lambdas):  # every TALL mask all on (hp88a c69: no word)
+            return [f"tall_lambda{'s' if self.tall_lambdas is not None else ''} = 0 makes each TALL mask keep every "
+                    "entry its task vector changes, so with fine-tunes that change every entry each has every vote: "
+                    f"the merge is task arithmetic with lam {self.lam:g}; the authors choose lambda from 0.2 to 0.6"]
         return []
 
     def unused_options(self) -> dict[str, str]:

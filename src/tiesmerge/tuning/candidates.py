@@ -159,8 +159,11 @@ def as_state(source: Any) -> dict[str, torch.Tensor]:
         open_checkpoint(source, label="the base").close()  # .dtype in tune and run_search (hp80b c05)
         # detached: a base whose tensors require grad gave the evaluator candidates carrying autograd graphs
         return {name: value.detach() for name, value in source.items()}  # (hp82b c16)
-    ckpt = open_checkpoint(source)
+    from ..inputs import refuse_adapter_base
+
+    ckpt = open_checkpoint(source, role="the base")
     try:
+        refuse_adapter_base(ckpt)
         return {name: ckpt.read(name) for name in ckpt.names()}
     finally:
         ckpt.close()

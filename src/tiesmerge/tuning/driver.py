@@ -462,13 +462,23 @@ def run_search(base: Any, models: Sequence[Any], method: str | MergeMethod, eval
         from ..paths import check_not_input, fs_text
 
         log = fs_text(log)  # bytes, as every path of the API may be (hp45 c24)
-        check_not_input(log, [("the base", base), *((f"model {k}", m) for k, m in enumerate(models))])
-    results = ResultsLog(log, header) if log is not None else None
-    _warn_object_evaluator(evaluate, results)
+        # a --set sign_from reference is an input too (hp88b c34: the log written into its folder)
+        check_not_input(log, [("the base", base), *((f"model {k}", m) for k, m in enumerate(models)),
+                              *references],
+                        what="the search log", hint="give log= a path outside the inputs")
+    # the base read before the log is made: a damaged base left a log holding only its header, whose stamps then
+    # refused the same search once the base was mended (hp88b c77)
     base32, dtypes = float32(as_state(base))
+    results = ResultsLog(log, header) if log is not None else None
     owned = executor is None
-    executor = executor or LocalExecutor()
-    executor.start(job, evaluate, base32, dtypes)
+    try:
+        _warn_object_evaluator(evaluate, results)
+        executor = executor or LocalExecutor()
+        executor.start(job, evaluate, base32, dtypes)
+    except BaseException:  # nothing scored: the log this search made goes with it
+        if results is not None:
+            results.finish()
+        raise
     try:
         watch = InputWatch([("the base", base), *((f"model {k}", m) for k, m in enumerate(models)),
                             *references])  # "the reference model (sign_from)"

@@ -81,9 +81,19 @@ def parse_grid(method: str | type, items: Sequence[str]) -> dict[str, tuple[Any,
                             f"values; search it with `tiesmerge search --axis {name} --range {name}=LO:HI` (random or "
                             f"cmaes), or hold it there with --set {name}=v1,v2,...")
             continue
+        if kind is bool and name in grid:  # a switch the method's own grid sweeps (model_stock's filter_wise): its
+            # values as true/false words (hp88b c44: refused with "(it has: )")
+            words = [v.strip().lower() for v in values.split(",")]
+            if not words or any(w not in ("true", "false") for w in words):
+                problems.append(f"--grid {item!r}: {name} is a switch: give true, false or both (true,false)")
+                continue
+            grid[name] = tuple(dict.fromkeys(w == "true" for w in words))
+            continue
         if kind not in (float, int):
+            numeric = [k for k, t in types.items() if t in (float, int)]
             problems.append(f"--grid {item!r}: {cls.name} has no numeric option {name!r} to sweep "
-                            f"(it has: {', '.join(k for k, t in types.items() if t in (float, int))})")
+                            + (f"(it has: {', '.join(numeric)})" if numeric else
+                               f"(it has none{'; its grid sweeps ' + ', '.join(grid) if grid else ''})"))
             continue
         try:
             integer = r"\s*[+-]?[0-9]{1,30}\s*"
@@ -227,6 +237,12 @@ def tune(base: Source, models: Sequence[Source], method: str | MergeMethod, eval
     wrong = [f"lam={lam!r}: {why}" for lam in lams if lam is not None and (why := option_problem(cls, "lam", lam))]
     if wrong:  # the lams are swept on top of each merge, never set on a method: checked here
         raise ConfigError(wrong)
+    if has_lam and lams and all(lam == 0 for lam in lams) and any(len(v) > 1 for v in grid.values()):
+        # every point is the base: the other values merged and scored for nothing, a "best" reported (hp88b c39)
+        raise ConfigError(f"lam 0, the grid's only lam, makes every point the base itself, so the values of "
+                          f"{', '.join(k for k, v in grid.items() if len(v) > 1)} change nothing",
+                          hint="give lam values above 0 (--grid lam=..., grid={'lam': [...]} in Python), or leave "
+                               "lam to the method's own grid")
     unit = {"lam": 1.0} if has_lam else {}
     fixed = dict(fixed or {})
     started = time.perf_counter()

@@ -430,6 +430,10 @@ def build_space(method: str | type, n_models: int, *, axes: Sequence[str] | None
         # every task vector weighted 0: each candidate is the base, the budget spent on one score (hp86b c24)
         for name in names:
             unused.setdefault(name, "the held weights are all 0 (the merge is the base itself)")
+    if "lam" in fields and isinstance(fixed.get("lam"), (int, float)) and fixed["lam"] == 0:
+        # lam held at 0 scales every merged task vector to nothing: the same (hp88b c39)
+        for name in names:
+            unused.setdefault(name, "the held lam is 0 (the merge is the base itself)")
     for name in names:
         if name in unused:  # every candidate would be the same merge, scored again and again
             problems.append(f"searching {name} changes nothing: {unused[name]}, so every candidate is the same "
