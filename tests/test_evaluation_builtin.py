@@ -276,7 +276,7 @@ def test_choice_accuracys_unknown_words_are_counted_per_example(causal_lm, tmp_p
     row = {"prompt": "very", "choices": ["zork blat quux good", "zork blat quux bad"], "label": 0}
     with pytest.warns(MergeWarning, match=r"of its first 256 examples are unknown to the base's tokenizer"):
         builtin_evaluator(f"choice-accuracy:{_jsonl(tmp_path / 'many.jsonl', [row] * 300)}", base, device="cpu")
-    with pytest.warns(MergeWarning, match=r"of its first 1 examples are unknown"):
+    with pytest.warns(MergeWarning, match=r"of its one example are unknown"):
         builtin_evaluator(f"choice-accuracy:{_jsonl(tmp_path / 'one.jsonl', [row])}", base, device="cpu")
 
 
