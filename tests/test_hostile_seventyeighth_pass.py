@@ -16,6 +16,18 @@ def _save_model(folder, tensors, config=None):
     return str(folder)
 
 
+def _folder_family(tmp_path, monkeypatch, seed):
+    """A base b and models m0, m1 as folders in tmp_path, the working folder (importable: evaluators go there)."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    g = torch.Generator().manual_seed(seed)
+    _save_model(tmp_path / "b", {"w.weight": torch.randn(8, generator=g)})
+    for k in range(2):
+        _save_model(tmp_path / f"m{k}", {"w.weight": torch.randn(8, generator=g)})
+
+
 def test_integer_layer_weights_are_called_quantized_in_a_reference(tmp_path):
     """hp86a c25: a sign_from reference whose layer weights are int8 codes was told "must be fine-tuned from the same
     base as the models"; the base's own int8 weights are refused as quantized, so the reference's are too (a
@@ -443,16 +455,10 @@ def test_an_evaluator_changing_its_argument_leaves_best_state_whole(method, grid
 def test_a_file_written_at_the_json_path_during_tune_is_kept(tmp_path, capsys, monkeypatch):
     """hp87b c66: a file written at tune's --json path while tune ran (by the evaluator, or any process) was replaced
     by the scores without a word: checked at the start only. The hint of the refusal wrote "-o None" without -o."""
-    import torch
 
     from helpers_ckpt import run_cli
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    g = torch.Generator().manual_seed(9)
-    _save_model(tmp_path / "b", {"w.weight": torch.randn(8, generator=g)})
-    for k in range(2):
-        _save_model(tmp_path / f"m{k}", {"w.weight": torch.randn(8, generator=g)})
+    _folder_family(tmp_path, monkeypatch, 9)
     (tmp_path / "ev_c66.py").write_text("def score(state):\n    open('scores.json', 'w').write('mine\\n')\n"
                                         "    return 1.0\n")
     rc, out, err = run_cli(["tune", "--base", "b", "--model", "m0", "--model", "m1", "--evaluator", "ev_c66:score",
@@ -970,18 +976,12 @@ def test_tune_and_adapt_notes_of_pass_88(tmp_path, capsys, monkeypatch):
     sweeps filter_wise; c54, c55: adapt's dry run passed a missing data file and two tasks named by one file name,
     which the run refuses at once; c16: a file taken at tune's --json path before the best merge is written is said
     then, not after it."""
-    import torch
 
     from helpers_ckpt import run_cli
     from tiesmerge.tuning.search import parse_grid
 
     assert parse_grid("model_stock", ["filter_wise=true"])["filter_wise"] == (True,)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    g = torch.Generator().manual_seed(17)
-    _save_model(tmp_path / "b", {"w.weight": torch.randn(8, generator=g)})
-    for k in range(2):
-        _save_model(tmp_path / f"m{k}", {"w.weight": torch.randn(8, generator=g)})
+    _folder_family(tmp_path, monkeypatch, 17)
     adapt = ["adapt", "--base", "b", "--model", "m0", "--model", "m1", "--dry-run", "-o", "out"]
     rc, _, err = run_cli([*adapt, "--data", "missing.jsonl", "--data", "missing2.jsonl"], capsys)
     assert rc == 2 and "missing.jsonl: no such file or directory" in err, err
