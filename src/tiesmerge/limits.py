@@ -168,6 +168,12 @@ def not_utf8_kind(raw: bytes) -> str:
     return ""
 
 
+def weights_magic(head: bytes) -> str | None:
+    """"gguf" or "zip" (torch.save's archive) where ``head`` starts as another weights format does, else None: one
+    sniff for a weights file given where text is read and for one renamed to .safetensors."""
+    return {b"GGUF": "gguf", b"PK\x03\x04": "zip"}.get(head[:4])
+
+
 def _binary_kind(raw: bytes, nul: bool = True) -> str | None:
     """What binary file ``raw`` starts as (weights given where text is read), or None; ``nul``: any file holding a
     NUL byte counts (after gzip's and UTF-16's marks are told, which hold them too)."""
@@ -175,10 +181,9 @@ def _binary_kind(raw: bytes, nul: bool = True) -> str | None:
     # as a length past any header)
     if len(raw) >= 10 and raw[8:10] == b'{"' and int.from_bytes(raw[:8], "little") < 2**30:
         return "a safetensors weights file"
-    if raw[:4] == b"GGUF":
-        return "a GGUF weights file"
-    if raw[:4] == b"PK\x03\x04":
-        return "a zip archive (a PyTorch checkpoint?)"
+    magic = weights_magic(raw)
+    if magic is not None:
+        return "a GGUF weights file" if magic == "gguf" else "a zip archive (a PyTorch checkpoint?)"
     if nul and b"\x00" in raw[:4096]:
         return "a binary file (it holds NUL bytes)"
     return None

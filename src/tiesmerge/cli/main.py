@@ -476,7 +476,7 @@ def _switch_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
             out.append(word)
         k += 1
     switched_off = frozenset(dest for dest, (on, _) in last.items() if not on)
-    flags = {a.dest: a.option_strings[-1] for a in sub._actions if isinstance(a, argparse._StoreTrueAction)}
+    flags = {dest: option for option, dest in plain.items()}  # each plain flag's long form (its last)
     for dest, (on, said) in last.items():
         if len(said) > 1 and len({w.partition("=")[2].lower() in _FALSE_WORDS for w in said}) > 1:
             print(f"warning: {' then '.join(said)} given twice: only the last value counts", file=sys.stderr)

@@ -305,9 +305,12 @@ def _foreign_format(fd: int) -> tuple[str, str] | None:
         head = os.pread(fd, 4, 0)
     except OSError:
         return None
-    if head == b"GGUF":
+    from ..limits import weights_magic
+
+    magic = weights_magic(head)
+    if magic == "gguf":
         return "GGUF (llama.cpp's format)", GGUF_HINT
-    if head == b"PK\x03\x04":  # torch.save's zip archive: a pickle, never opened by default
+    if magic == "zip":  # torch.save's zip archive: a pickle, never opened by default
         return ("a PyTorch checkpoint (torch.save's zip archive, a pickle)",
                 "name it .bin or .pt and pass --allow-pickle (allow_pickle=True) to load it with weights_only=True, "
                 "or convert it to safetensors")
